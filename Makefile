@@ -1,0 +1,54 @@
+# Everything runs from a fresh clone with only Python 3.11+ and make:
+# the first target that needs it creates .venv and installs the package.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= config.example.yaml
+
+.PHONY: install run demo test style types unit integration bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,fast]'
+	@touch $@
+
+install: $(STAMP)
+
+# Dev certificates: generated on first use, never committed.
+certs/server.crt: | $(STAMP)
+	$(BIN)/lb certs --out certs
+
+# Dev-only secrets for config.example.yaml (${LB_COOKIE_KEY}, ${LB_ADMIN_TOKEN}):
+# generated once per checkout into .dev/ (git-ignored). Variables already set in
+# the environment win, so production keys never need to touch this file.
+.dev/secrets.env: | $(STAMP)
+	@mkdir -p .dev
+	@printf 'LB_COOKIE_KEY=%s\nLB_ADMIN_TOKEN=%s\n' "$$($(BIN)/lb keygen)" "$$($(BIN)/lb keygen)" > $@
+	@echo "wrote dev secrets to $@"
+
+run: $(STAMP) certs/server.crt .dev/secrets.env
+	$(BIN)/python -m backends_demo.stack --config $(CONFIG) --env-file .dev/secrets.env
+
+demo: $(STAMP) certs/server.crt .dev/secrets.env
+	$(BIN)/python -m backends_demo.stack --config $(CONFIG) --env-file .dev/secrets.env --demo
+
+style: $(STAMP)
+	$(BIN)/ruff check lb backends_demo tests
+
+types: $(STAMP)
+	$(BIN)/mypy --strict lb
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+integration: $(STAMP)
+	$(BIN)/pytest -q tests/integration
+
+test: style types
+	PYTHONASYNCIODEBUG=1 $(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .dev .mypy_cache .ruff_cache .pytest_cache .hypothesis

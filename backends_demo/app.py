@@ -1,0 +1,169 @@
+"""The demo gateway's aiohttp application: `/ws`, `/health` and `/whoami`.
+
+It owns what a backend behind the balancer shows to tests and to the demo:
+which server answered (`server_id`), which cookies and `X-Forwarded-*` headers
+reached it, and an echo that returns every WebSocket message and close frame
+unchanged.  With `app_cookie` it plays a gateway that sets its own session
+cookie (the balancer's rewrite mode).  Process start-up, flags and signals
+belong to `backends_demo.__main__`.
+
+WebSocket behaviour on `/ws`:
+
+- the first message is one text frame, the JSON `hello` (see `describe_request`);
+- every later text or binary message is sent back unchanged;
+- a close frame from the client is answered with the same code and reason;
+- the text message `{"type": "close", "code": N, "reason": "..."}` makes the
+  gateway close first, with that code and reason.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import weakref
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+# Subprotocols the gateway accepts, so negotiation through the balancer can be tested.
+SUBPROTOCOLS = ("chat", "superchat")
+# Room for the 16 MiB messages the pass-through tests send, plus headroom.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+SERVER_ID = web.AppKey("server_id", str)
+APP_COOKIE: web.AppKey[str | None] = web.AppKey("app_cookie")
+OPEN_SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("open_sockets")
+
+# Close codes an endpoint may put in a close frame (RFC 6455 §7.4.1, §7.4.2).
+_SENDABLE_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)))
+
+
+def make_app(server_id: str, app_cookie: str | None = None) -> web.Application:
+    """Build the gateway application.
+
+    Args:
+        server_id: the id every answer reports (`gw-1`).
+        app_cookie: if set, the name of a session cookie the gateway plants on
+            `/ws` and `/whoami` responses for requests that do not carry it.
+
+    Returns:
+        The application, ready for `web.run_app` or an `AppRunner`.
+    """
+    app = web.Application()
+    app[SERVER_ID] = server_id
+    app[APP_COOKIE] = app_cookie
+    app[OPEN_SOCKETS] = weakref.WeakSet()
+    app.router.add_get("/ws", handle_ws)
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/whoami", handle_whoami)
+    app.on_shutdown.append(_close_open_sockets)
+    return app
+
+
+def describe_request(request: web.Request, app_cookie_set: str | None) -> dict[str, Any]:
+    """What the gateway reports about a request in `hello` and `/whoami`.
+
+    `peer` is the TCP peer address (the balancer, or the client when connected
+    directly); `app_cookie` is the value of the app cookie the request carried;
+    `app_cookie_set` is the value this response sets (both null without one).
+    """
+    name = request.app[APP_COOKIE]
+    return {
+        "server_id": request.app[SERVER_ID],
+        "forwarded_for": request.headers.get("X-Forwarded-For"),
+        "forwarded_proto": request.headers.get("X-Forwarded-Proto"),
+        "forwarded_host": request.headers.get("X-Forwarded-Host"),
+        "peer": request.remote,
+        "cookies": sorted(request.cookies),
+        "app_cookie": request.cookies.get(name) if name else None,
+        "app_cookie_set": app_cookie_set,
+    }
+
+
+def _plant_app_cookie(request: web.Request, response: web.StreamResponse) -> str | None:
+    """Set the app cookie on `response` unless the request carries it; return the value set."""
+    name = request.app[APP_COOKIE]
+    if name is None or name in request.cookies:
+        return None
+    value = secrets.token_urlsafe(16)  # a fresh session id
+    response.set_cookie(name, value, path="/", httponly=True)
+    return value
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "server_id": request.app[SERVER_ID]})
+
+
+async def handle_whoami(request: web.Request) -> web.Response:
+    response = web.Response(content_type="application/json")
+    planted = _plant_app_cookie(request, response)
+    response.text = json.dumps(describe_request(request, planted))
+    return response
+
+
+async def handle_ws(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(
+        protocols=SUBPROTOCOLS,
+        compress=True,
+        max_msg_size=MAX_MESSAGE_BYTES,
+        autoclose=False,  # we answer close frames ourselves, echoing code and reason
+    )
+    # Headers set before prepare() go out on the 101 response.
+    planted = _plant_app_cookie(request, ws)
+    await ws.prepare(request)
+    sockets = request.app[OPEN_SOCKETS]
+    sockets.add(ws)
+    try:
+        await ws.send_str(json.dumps({"type": "hello", **describe_request(request, planted)}))
+        await _echo(ws)
+    finally:
+        sockets.discard(ws)
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+async def _echo(ws: web.WebSocketResponse) -> None:
+    while True:
+        msg = await ws.receive()
+        if msg.type is WSMsgType.TEXT:
+            command = _close_command(msg.data)
+            if command is None:
+                await ws.send_str(msg.data)
+            else:
+                await ws.close(code=command[0], message=command[1].encode())
+                return
+        elif msg.type is WSMsgType.BINARY:
+            await ws.send_bytes(msg.data)
+        elif msg.type is WSMsgType.CLOSE:
+            code = msg.data if msg.data in _SENDABLE_CLOSE_CODES else WSCloseCode.OK
+            await ws.close(code=code, message=(msg.extra or "").encode())
+            return
+        else:  # CLOSING, CLOSED, ERROR: the connection is gone
+            return
+
+
+def _close_command(text: str) -> tuple[int, str] | None:
+    """Parse `{"type": "close", "code": N, "reason": "..."}`; None for any other text."""
+    if not text.startswith("{"):
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if (
+        not isinstance(data, dict)
+        or data.get("type") != "close"
+        or not set(data) <= {"type", "code", "reason"}
+        or not isinstance(data.get("code"), int)
+        or not isinstance(data.get("reason", ""), str)
+    ):
+        return None
+    return data["code"], data.get("reason", "")
+
+
+async def _close_open_sockets(app: web.Application) -> None:
+    """On shutdown, close live WebSockets with 1001 so the server stops promptly."""
+    sockets = app[OPEN_SOCKETS]
+    for ws in list(sockets):  # a copy: handlers discard their socket as they finish
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")

@@ -1,0 +1,161 @@
+"""The affinity token: which backend a client belongs to, sealed so clients can neither read nor forge it.
+
+Layout (then base64url without padding):
+
+    version(1) | key id(2) | nonce(12) |
+        AES-256-GCM( issued_at(4) | session(8) | id_len(1) | backend id | app value )
+
+- The backend is named by its configured id, never its address, so a gateway
+  that moves keeps its clients.
+- `session` is random per client and survives re-issue: it is what redispatch
+  hashes on, so one player's tabs land together.
+- The key id picks the right key first during rotation; the first configured
+  key seals, every configured key opens.
+- AES-GCM with random 96-bit nonces stays within NIST's bound (2^32 messages
+  per key) for any realistic cookie-issue rate between key rotations.
+- `issued_at` is wall-clock seconds, so every balancer instance agrees on expiry.
+
+Pure: randomness (`nonce`, `session`) and time (`now`) are arguments.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import struct
+from base64 import urlsafe_b64decode, urlsafe_b64encode
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from lb.errors import InvalidToken
+
+VERSION = 1
+NONCE_BYTES = 12
+SESSION_BYTES = 8
+MAX_TOKEN_CHARS = 4096  # longer than any token we issue; refuse before decoding
+CLOCK_SKEW = 300  # seconds a token may appear to come from the future (other instances' clocks)
+
+_HEADER = struct.Struct(">BH")  # version, key id
+_CLAIM = struct.Struct(">I8sB")  # issued_at, session, backend id length
+_TAG_BYTES = 16
+_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a token says: the backend, when it was issued, and the client's session."""
+
+    backend_id: str
+    issued_at: int
+    session: bytes
+    app_value: str | None = None  # rewrite mode: the backend's own cookie value
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    key_id: int
+    aead: AESGCM
+
+
+def _derive(secret: str) -> _Key:
+    material = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"lb affinity token v1"
+    ).derive(secret.encode("utf-8"))
+    key_id = int.from_bytes(hashlib.sha256(b"key id" + material).digest()[:2], "big")
+    return _Key(key_id=key_id, aead=AESGCM(material))
+
+
+class TokenCodec:
+    """Seals and opens affinity tokens with a rotating list of secret keys."""
+
+    __slots__ = ("_keys", "_max_age")
+
+    def __init__(self, secret_keys: Sequence[str], max_age: float) -> None:
+        """Args:
+        secret_keys: the first seals; all of them open (rotation).
+        max_age: seconds after issue when a token stops opening.
+        """
+        if not secret_keys:
+            raise ValueError("at least one secret key is required")
+        self._keys = tuple(_derive(secret) for secret in secret_keys)
+        self._max_age = max_age
+
+    def seal(self, claim: Claim, nonce: bytes) -> str:
+        """Encrypt `claim` with the first key; `nonce` must be 12 fresh random bytes.
+
+        Raises:
+            ValueError: backend id longer than 255 bytes, bad session or nonce length.
+        """
+        backend = claim.backend_id.encode("utf-8")
+        if len(backend) > 255 or len(claim.session) != SESSION_BYTES or len(nonce) != NONCE_BYTES:
+            raise ValueError("claim does not fit the token layout")
+        key = self._keys[0]
+        header = _HEADER.pack(VERSION, key.key_id)
+        plaintext = _CLAIM.pack(claim.issued_at, claim.session, len(backend)) + backend
+        if claim.app_value is not None:
+            plaintext += claim.app_value.encode("utf-8")
+        sealed = header + nonce + key.aead.encrypt(nonce, plaintext, header)
+        return urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
+
+    def open(self, token: str, now: float) -> Claim:
+        """Decrypt and check a token.
+
+        Raises:
+            InvalidToken: reason "malformed", "unknown_key", "bad_mac" or "expired".
+        """
+        raw = _decode(token)
+        version, key_id = _HEADER.unpack_from(raw)
+        if version != VERSION:
+            raise InvalidToken("malformed")
+        header, nonce, ciphertext = raw[:3], raw[3 : 3 + NONCE_BYTES], raw[3 + NONCE_BYTES :]
+        candidates = [key for key in self._keys if key.key_id == key_id]
+        if not candidates:
+            raise InvalidToken("unknown_key")
+        for key in candidates:
+            try:
+                plaintext = key.aead.decrypt(nonce, ciphertext, header)
+                break
+            except InvalidTag:
+                continue
+        else:
+            raise InvalidToken("bad_mac")
+        claim = _parse_claim(plaintext)
+        age = now - claim.issued_at
+        if age > self._max_age or age < -CLOCK_SKEW:
+            raise InvalidToken("expired")
+        return claim
+
+
+def _decode(token: str) -> bytes:
+    # base64 decoders skip unknown characters; a token must be exactly what we issued.
+    if not token or len(token) > MAX_TOKEN_CHARS or not _ALPHABET.issuperset(token):
+        raise InvalidToken("malformed")
+    try:
+        raw = urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidToken("malformed") from None
+    if len(raw) < _HEADER.size + NONCE_BYTES + _TAG_BYTES + _CLAIM.size:
+        raise InvalidToken("malformed")
+    return raw
+
+
+def _parse_claim(plaintext: bytes) -> Claim:
+    # Authenticated, so only our own (older or newer) layouts can arrive here;
+    # still checked so a layout bug cannot turn into an exception upstream.
+    if len(plaintext) < _CLAIM.size:
+        raise InvalidToken("malformed")
+    issued_at, session, id_len = _CLAIM.unpack_from(plaintext)
+    rest = plaintext[_CLAIM.size :]
+    if len(rest) < id_len:
+        raise InvalidToken("malformed")
+    try:
+        backend_id = rest[:id_len].decode("utf-8")
+        app_value = rest[id_len:].decode("utf-8") if len(rest) > id_len else None
+    except UnicodeDecodeError:
+        raise InvalidToken("malformed") from None
+    return Claim(backend_id=backend_id, issued_at=issued_at, session=session, app_value=app_value)

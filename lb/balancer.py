@@ -1,0 +1,322 @@
+"""The running balancer: builds listeners, admin and health checks; starts, reloads and stops them.
+
+`Balancer.stop()` is idempotent and follows websockets' `Server.close()`:
+stop accepting (handshakes in flight get 503, /healthz answers 503) → wait up
+to `timeouts.shutdown_grace` for live tunnels to end → send what is left a
+WebSocket close 1001 and give clients a moment to answer it → close the rest
+→ stop health checks and admin.
+
+`Balancer.reload()` (SIGHUP) re-reads the config; an invalid one is logged and
+ignored.  A valid one is swapped in whole without closing a live tunnel:
+backends keep their health and counts by id, removed backends keep their
+tunnels until they end, listeners are opened and closed by difference.
+
+`run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `reload`, and picks the
+event loop (uvloop when installed and `runtime.event_loop` allows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from lb.admin import make_admin_app
+from lb.affinity_token import TokenCodec
+from lb.config import Config, EventLoop, ListenerConfig, PoolConfig
+from lb.config_load import load_config
+from lb.context import ProxyContext
+from lb.errors import ConfigError
+from lb.health import HealthChecker
+from lb.listener import ClientConnection
+from lb.log import setup_logging
+from lb.metrics import make_registry
+from lb.migration import DEFAULT_MIGRATION_RATE, migrate
+from lb.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange
+from lb.ratelimit import RateLimiter
+from lb.routing import sort_routes
+from lb.tls import server_ssl_context
+from lb.tunnel import CLOSE_LINGER
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Listening:
+    config: ListenerConfig
+    server: asyncio.Server
+    ssl_context: ssl.SSLContext | None
+    address: tuple[str, int] = field(default=("", 0))
+
+
+class Balancer:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+        self.config_path = config_path
+        self.ctx = ProxyContext.build(config, self._on_state_change)
+        self.registry = make_registry(lambda: self.ctx)
+        self._listening: list[_Listening] = []
+        self._admin: web.AppRunner | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self._checkers: list[HealthChecker] = []
+        self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        # Backends removed by a reload that still carry tunnels, shown in /status until they end.
+        self.retired: list[tuple[str, BackendStatus]] = []
+
+    @property
+    def config(self) -> Config:
+        return self.ctx.config
+
+    @property
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        return [listening.address for listening in self._listening]
+
+    # -- start -------------------------------------------------------------
+
+    async def start(self) -> None:
+        for listener in self.config.listeners:
+            await self._listen(listener)
+        await self._start_admin()
+        self._start_health_checks()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
+
+    async def _listen(self, listener: ListenerConfig) -> None:
+        ssl_context = server_ssl_context(listener.tls) if listener.tls else None
+        tls = ssl_context is not None
+        server = await asyncio.get_running_loop().create_server(
+            lambda: ClientConnection(self.ctx, tls),
+            listener.host,
+            listener.port,
+            ssl=ssl_context,
+            backlog=1024,
+            reuse_address=True,
+        )
+        host, port = server.sockets[0].getsockname()[:2]
+        self._listening.append(_Listening(listener, server, ssl_context, (host, port)))
+        log.info("listening on %s:%d%s", host, port, " (TLS)" if tls else "")
+
+    async def _start_admin(self) -> None:
+        admin = self.config.admin
+        self._admin = web.AppRunner(make_admin_app(self), access_log=None, handle_signals=False)
+        await self._admin.setup()
+        await web.TCPSite(self._admin, admin.host, admin.port, reuse_address=True).start()
+        host, port = self._admin.addresses[0][:2]
+        self.admin_address = (host, port)
+        log.info("admin API on %s:%d", host, port)
+
+    def _start_health_checks(self) -> None:
+        for pool in self.ctx.pools.values():
+            checker = HealthChecker(pool, self._on_state_change)
+            checker.start()
+            self._checkers.append(checker)
+
+    async def _stop_health_checks(self) -> None:
+        checkers, self._checkers = self._checkers, []
+        for checker in checkers:
+            await checker.stop()
+
+    # -- state ---------------------------------------------------------------
+
+    def _on_state_change(self, change: StateChange) -> None:
+        level = logging.WARNING if change.new is BackendState.DOWN else logging.INFO
+        log.log(level, "backend %s/%s is %s (was %s): %s",
+                change.pool, change.backend, change.new.value, change.old.value, change.reason)
+
+    def apply_admin(
+        self, pool: str, backend_id: str, action: AdminAction, *, close_after: float | None = None,
+        rate: float | None = None,
+    ) -> BackendState:
+        """An operator's drain, disable or enable; with `rate`, also close its tunnels gradually (1012)."""
+        key = (pool, backend_id)
+        previous = self._migrations.pop(key, None)
+        if previous is not None:
+            previous.cancel()
+        state_pool = self.ctx.pools[pool]
+        change = state_pool.apply_admin(backend_id, action, time.time())
+        if change is not None:
+            self._on_state_change(change)
+        if action is not AdminAction.ENABLE and (close_after is not None or rate is not None):
+            backend = state_pool.backends[backend_id]
+            task = asyncio.get_running_loop().create_task(
+                migrate(self.ctx, pool, backend, close_after or 0.0, rate or DEFAULT_MIGRATION_RATE)
+            )
+            self._migrations[key] = task
+        return state_pool.backends[backend_id].state
+
+    async def _sweep_idle_tunnels(self) -> None:
+        """Close tunnels that moved no byte for `timeouts.idle` (off when 0)."""
+        while True:
+            idle = self.config.timeouts.idle
+            await asyncio.sleep(idle / 2 if idle > 0 else 1.0)
+            if idle <= 0:
+                continue
+            now = time.monotonic()
+            for tunnel in list(self.ctx.tunnels):
+                moved = tunnel.bytes_in + tunnel.bytes_out
+                seen, since = tunnel.idle_mark
+                if moved != seen:
+                    tunnel.idle_mark = (moved, now)
+                elif now - since >= idle:
+                    tunnel.close_gracefully(1001, "idle timeout")
+
+    # -- reload --------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply it; keep the running config if it is invalid."""
+        if self.config_path is None:
+            log.error("reload: no configuration file to read")
+            return False
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration:\n%s", exc)
+            return False
+        try:
+            await self.apply(config)
+        except OSError as exc:
+            log.error("reload failed to bind a listener, keeping the others: %s", exc)
+            return False
+        log.info("reloaded configuration from %s", self.config_path)
+        return True
+
+    async def apply(self, config: Config) -> None:
+        """Swap in `config` without closing a live tunnel."""
+        ctx = self.ctx
+        old_pools = ctx.pools
+        ctx.pools = {name: self._merge_pool(pool, old_pools.get(name)) for name, pool in config.pools.items()}
+        for name, old in old_pools.items():
+            kept = ctx.pools.get(name)
+            for backend in old.backends.values():
+                if kept is None or kept.backends.get(backend.id) is not backend:
+                    backend.reason = "removed by reload"
+                    if backend.connections:
+                        self.retired.append((name, backend))
+        ctx.codec = TokenCodec(config.affinity.secret_keys, config.affinity.max_age)
+        ctx.routes = sort_routes(config.routes)
+        if config.limits != ctx.config.limits:
+            ctx.rate_limiter = RateLimiter(config.limits.handshake_rate_per_ip, config.limits.handshake_burst_per_ip)
+        old_config, ctx.config = ctx.config, config
+        setup_logging(config.logging)
+        await self._stop_health_checks()
+        self._start_health_checks()
+        await self._apply_listeners(config)
+        if config.admin.host != old_config.admin.host or config.admin.port != old_config.admin.port:
+            if self._admin is not None:
+                await self._admin.cleanup()
+            await self._start_admin()
+
+    @staticmethod
+    def _merge_pool(config: PoolConfig, old: PoolState | None) -> PoolState:
+        backends: dict[str, BackendStatus] = {}
+        for backend_config in config.backends:
+            status = old.backends.get(backend_config.id) if old is not None else None
+            if status is None:
+                status = BackendStatus(config=backend_config)
+            else:
+                status.config = backend_config  # address or weight may have changed; state stays
+            backends[backend_config.id] = status
+        return PoolState(config=config, backends=backends)
+
+    async def _apply_listeners(self, config: Config) -> None:
+        wanted = list(config.listeners)
+        keep: list[_Listening] = []
+        for listening in self._listening:
+            same_bind = next(
+                (w for w in wanted if (w.host, w.port) == (listening.config.host, listening.config.port)), None
+            )
+            if same_bind is not None and (same_bind.tls is None) == (listening.ssl_context is None):
+                wanted.remove(same_bind)
+                if same_bind.tls is not None and listening.ssl_context is not None:
+                    # New handshakes use the new certificate; established sessions are untouched.
+                    listening.ssl_context.load_cert_chain(same_bind.tls.cert, same_bind.tls.key)
+                listening.config = same_bind
+                keep.append(listening)
+            else:
+                listening.server.close()
+                log.info("stopped listening on %s:%d", *listening.address)
+        self._listening = keep
+        for listener in wanted:
+            await self._listen(listener)
+
+    # -- stop ----------------------------------------------------------------
+
+    def stop(self) -> asyncio.Task[None]:
+        """Begin the shutdown once; every call returns the same task to await."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop())
+        return self._stopping
+
+    async def _stop(self) -> None:
+        log.info("shutting down: no longer accepting connections")
+        self.ctx.accepting = False
+        for listening in self._listening:
+            listening.server.close()
+        for task in [*self._migrations.values(), *([self._sweeper] if self._sweeper else [])]:
+            task.cancel()
+        grace = self.config.timeouts.shutdown_grace
+        if self.ctx.tunnels:
+            log.info("waiting up to %gs for %d live tunnel(s)", grace, len(self.ctx.tunnels))
+            await self.ctx.wait_tunnels_closed(grace)
+        if self.ctx.tunnels:
+            log.info("closing %d live tunnel(s) with 1001", len(self.ctx.tunnels))
+            for tunnel in list(self.ctx.tunnels):
+                tunnel.close_gracefully(1001, "balancer shutting down")
+            await self.ctx.wait_tunnels_closed(CLOSE_LINGER + 0.5)
+            for tunnel in list(self.ctx.tunnels):
+                tunnel.close()
+        await self._stop_health_checks()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        for listening in self._listening:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(listening.server.wait_closed(), 1.0)
+        log.info("stopped")
+
+
+async def serve(config: Config, config_path: Path | None) -> int:
+    balancer = Balancer(config, config_path)
+    await balancer.start()
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(balancer.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await stop_requested.wait()
+    await balancer.stop()
+    return 0
+
+
+def _loop_runner(choice: EventLoop) -> Callable[[Coroutine[Any, Any, int]], int]:
+    if choice is not EventLoop.ASYNCIO:
+        try:
+            import uvloop
+        except ImportError:
+            if choice is EventLoop.UVLOOP:
+                raise
+        else:
+            return uvloop.run
+    return asyncio.run
+
+
+def run(config: Config, config_path: Path | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    setup_logging(config.logging)
+    runner = _loop_runner(config.runtime.event_loop)
+    return runner(serve(config, config_path))

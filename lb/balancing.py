@@ -1,0 +1,103 @@
+"""Balancing policies: which of the candidate backends takes a new client.  [pure]
+
+Policies see candidates through the `Candidate` protocol (id, weight, live
+connections) and keep only their own small state (round-robin position).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
+
+from lb.config import BalanceMethod
+
+
+class Candidate(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def weight(self) -> float: ...
+    @property
+    def connections(self) -> int: ...
+
+
+C = TypeVar("C", bound=Candidate)
+
+
+class BalancingPolicy(Protocol):
+    def choose(self, candidates: Sequence[C]) -> C | None: ...
+
+
+class RoundRobin:
+    """Smooth weighted round robin (nginx's): weights 5,1,1 give a a b a c a a, not a a a a a b c."""
+
+    __slots__ = ("_current",)
+
+    def __init__(self) -> None:
+        self._current: dict[str, float] = {}
+
+    def choose(self, candidates: Sequence[C]) -> C | None:
+        if not candidates:
+            return None
+        total = 0.0
+        best: C | None = None
+        best_score = 0.0
+        for candidate in candidates:
+            score = self._current.get(candidate.id, 0) + candidate.weight
+            self._current[candidate.id] = score
+            total += candidate.weight
+            if best is None or score > best_score:
+                best, best_score = candidate, score
+        assert best is not None
+        self._current[best.id] = best_score - total
+        return best
+
+
+class LeastConn:
+    """Fewest live connections per unit of weight; ties rotate so idle pools still spread."""
+
+    __slots__ = ("_turn",)
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def choose(self, candidates: Sequence[C]) -> C | None:
+        if not candidates:
+            return None
+        self._turn += 1
+        count = len(candidates)
+        best: C | None = None
+        best_load = 0.0
+        for offset in range(count):
+            candidate = candidates[(self._turn + offset) % count]
+            load = candidate.connections / candidate.weight
+            if best is None or load < best_load:
+                best, best_load = candidate, load
+        return best
+
+
+def make_policy(method: BalanceMethod) -> RoundRobin | LeastConn:
+    return RoundRobin() if method is BalanceMethod.ROUND_ROBIN else LeastConn()
+
+
+def rendezvous_choose(key: bytes, candidates: Sequence[C]) -> C | None:
+    """Highest-random-weight choice: the same `key` and candidates give the same answer everywhere.
+
+    Used to redispatch the clients of a failed backend: each client's session
+    key picks a survivor, so they spread in proportion to weight, a player's
+    tabs (one session) land together, and every balancer instance that shares
+    the keys agrees without talking to the others.  Removing a candidate only
+    moves the clients that had picked it.
+    """
+    best: C | None = None
+    best_score = -1.0
+    for candidate in candidates:
+        digest = hashlib.blake2b(key + candidate.id.encode(), digest_size=8).digest()
+        # Uniform in (0, 1]; -weight / ln(u) is weighted rendezvous (Schindelhauer & Schomaker).
+        uniform = (int.from_bytes(digest, "big") + 1) / 2**64
+        score = candidate.weight / -math.log(uniform) if uniform < 1.0 else math.inf
+        if score > best_score:
+            best, best_score = candidate, score
+    return best

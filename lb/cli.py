@@ -1,0 +1,116 @@
+"""The `lb` command line: run, validate, keygen, certs.
+
+Owns argument parsing, exit codes and what is printed.  Loading the
+configuration is `config_load`'s job, running the balancer `balancer`'s, and
+making certificates `devcerts`'.
+
+Exit codes: 0 success, 2 bad usage or an invalid configuration, 1 any other
+failure (such as an unwritable certificate directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from lb.config_load import load_config
+from lb.errors import ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # also what argparse uses for bad arguments
+
+DEFAULT_CERT_HOSTS = "localhost,127.0.0.1"
+# 32 random bytes: 256 bits of key material, 43 URL-safe characters.
+KEY_BYTES = 32
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `lb` subcommand and return its exit code."""
+    args = _parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lb", description="Layer-7 WebSocket load balancer with cookie session affinity."
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    run = commands.add_parser("run", help="run the balancer")
+    run.add_argument("--config", required=True, type=Path, metavar="FILE", help="YAML configuration")
+    run.set_defaults(handler=_run)
+
+    validate = commands.add_parser("validate", help="check a configuration file and exit")
+    validate.add_argument("--config", required=True, type=Path, metavar="FILE", help="YAML configuration")
+    validate.set_defaults(handler=_validate)
+
+    keygen = commands.add_parser("keygen", help="print a new random key for affinity.secret_keys")
+    keygen.set_defaults(handler=_keygen)
+
+    certs = commands.add_parser("certs", help="write a dev CA and a server certificate signed by it")
+    certs.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    certs.add_argument(
+        "--hosts",
+        default=DEFAULT_CERT_HOSTS,
+        metavar="A,B",
+        help=f"comma-separated DNS names and IP addresses (default: {DEFAULT_CERT_HOSTS})",
+    )
+    certs.set_defaults(handler=_certs)
+    return parser
+
+
+def _print_problems(error: ConfigError) -> None:
+    for problem in error.problems:
+        print(problem, file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config_path: Path = args.config
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_USAGE
+    # Imported here so that validate, keygen and certs never load the server stack.
+    from lb.balancer import run
+
+    return run(config, config_path)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    config_path: Path = args.config
+    try:
+        load_config(config_path)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_USAGE
+    print(f"ok: {config_path}")
+    return EXIT_OK
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    print(secrets.token_urlsafe(KEY_BYTES))
+    return EXIT_OK
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from lb.devcerts import write_dev_certs  # cryptography is slow to import; only this command needs it
+
+    out_dir: Path = args.out
+    hosts = [host.strip() for host in str(args.hosts).split(",") if host.strip()]
+    try:
+        written = write_dev_certs(out_dir, hosts)
+    except ValueError as exc:
+        print(f"lb certs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"lb certs: cannot write to {out_dir}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"wrote {written.ca_cert}, {written.server_cert} and {written.server_key} for {', '.join(hosts)}")
+    print(f"clients trust the server with: --cafile {written.ca_cert}")
+    return EXIT_OK

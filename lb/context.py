@@ -1,0 +1,74 @@
+"""What every connection handler reads: config, pools, token codec, counters and live tunnels.
+
+The balancer builds one `ProxyContext` and hands it to each listener; handlers
+read it per request, so swapping a field swaps behaviour for new requests only.
+Counters are plain integers bumped on the event loop thread; Prometheus reads
+them at scrape time (`metrics`), so the per-message path never touches a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lb.affinity_token import TokenCodec
+from lb.config import Config, RouteConfig
+from lb.pool import PoolState, StateChange
+from lb.ratelimit import RateLimiter
+from lb.routing import sort_routes
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from lb.tunnel import Tunnel
+
+
+@dataclass(slots=True)
+class Stats:
+    """Event counters; keys are label tuples of the matching lb_* metric."""
+
+    handshakes: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # pool, backend, outcome
+    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # pool, result
+    invalid_tokens: Counter[str] = field(default_factory=Counter)  # reason
+    rejected: Counter[int] = field(default_factory=Counter)  # status we answered ourselves
+    closed_bytes_in: int = 0  # client → backend, of tunnels already closed
+    closed_bytes_out: int = 0  # backend → client
+    tunnels_closed: int = 0
+
+
+@dataclass(slots=True)
+class ProxyContext:
+    config: Config
+    codec: TokenCodec
+    pools: dict[str, PoolState]
+    routes: tuple[RouteConfig, ...]
+    on_state_change: Callable[[StateChange], None]
+    stats: Stats = field(default_factory=Stats)
+    tunnels: set[Tunnel] = field(default_factory=set)
+    rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
+    handshaking: int = 0  # client connections not (yet) handed to a tunnel
+    accepting: bool = True
+    # Set by the last tunnel to close while shutdown waits for them.
+    all_tunnels_closed: asyncio.Event | None = None
+
+    async def wait_tunnels_closed(self, within: float) -> None:
+        if not self.tunnels:
+            return
+        self.all_tunnels_closed = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.all_tunnels_closed.wait(), within)
+        self.all_tunnels_closed = None
+
+    @classmethod
+    def build(cls, config: Config, on_state_change: Callable[[StateChange], None]) -> ProxyContext:
+        return cls(
+            config=config,
+            codec=TokenCodec(config.affinity.secret_keys, config.affinity.max_age),
+            pools={name: PoolState(config=pool) for name, pool in config.pools.items()},
+            routes=sort_routes(config.routes),
+            on_state_change=on_state_change,
+            rate_limiter=RateLimiter(config.limits.handshake_rate_per_ip, config.limits.handshake_burst_per_ip),
+        )

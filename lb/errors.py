@@ -1,0 +1,126 @@
+"""The balancer's error tree; each error knows the answer it stands for.
+
+    LbError
+    ├── ConfigError(ValueError)      bad configuration: every Problem, keyed by path
+    ├── InvalidToken                 affinity token unusable (treated as absent, never shown)
+    ├── RequestRejected              answered by the balancer itself, status per class
+    │   ├── BadRequest               400 malformed request head
+    │   │   └── BadHandshake         400 malformed WebSocket upgrade
+    │   ├── NoRoute                  404
+    │   ├── UnsupportedVersion       426 with Sec-WebSocket-Version: 13
+    │   ├── TooManyRequests          429 with Retry-After
+    │   ├── HeadersTooLarge          431
+    │   ├── NoHealthyBackend         503 with Retry-After
+    │   └── BadGateway               502 no backend could be reached
+    └── BackendConnectError(OSError) one backend could not be reached (retried elsewhere)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+class LbError(Exception):
+    """Base class for every error the balancer raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One configuration problem: where it is and what was expected."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(LbError, ValueError):
+    """The configuration is invalid; carries every problem found in one pass."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        super().__init__(f"{len(problems)} problem(s) in configuration")
+        self.problems = tuple(problems)
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+class InvalidToken(LbError):
+    """An affinity token that cannot be used; `reason` is a metric label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RequestRejected(LbError):
+    """A request we answer ourselves, without (further) reaching a backend."""
+
+    status: int = 400
+    reason_phrase: str = "Bad Request"
+
+    def __init__(self, reason: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.headers = dict(headers or {})
+
+
+class BadRequest(RequestRejected):
+    status = 400
+    reason_phrase = "Bad Request"
+
+
+class BadHandshake(BadRequest):
+    """A WebSocket upgrade that breaks RFC 6455 §4.2.1."""
+
+
+class NoRoute(RequestRejected):
+    status = 404
+    reason_phrase = "Not Found"
+
+
+class UnsupportedVersion(RequestRejected):
+    status = 426
+    reason_phrase = "Upgrade Required"
+
+    def __init__(self, reason: str) -> None:
+        # RFC 6455 §4.2.2: tell the client which version we speak.
+        super().__init__(reason, headers={"Sec-WebSocket-Version": "13"})
+
+
+class TooManyRequests(RequestRejected):
+    status = 429
+    reason_phrase = "Too Many Requests"
+
+    def __init__(self, reason: str, *, retry_after: int = 1) -> None:
+        super().__init__(reason, headers={"Retry-After": str(retry_after)})
+
+
+class HeadersTooLarge(RequestRejected):
+    status = 431
+    reason_phrase = "Request Header Fields Too Large"
+
+
+class BadGateway(RequestRejected):
+    status = 502
+    reason_phrase = "Bad Gateway"
+
+
+class NoHealthyBackend(RequestRejected):
+    status = 503
+    reason_phrase = "Service Unavailable"
+
+    def __init__(self, reason: str, *, retry_after: int = 1) -> None:
+        super().__init__(reason, headers={"Retry-After": str(retry_after)})
+
+
+class BackendConnectError(LbError, OSError):
+    """One backend could not be reached or did not answer the handshake in time."""
+
+    def __init__(self, backend_id: str, address: str, cause: str, *, request_sent: bool = False) -> None:
+        super().__init__(f"cannot connect to backend {backend_id} at {address}: {cause}")
+        self.backend_id = backend_id
+        self.address = address
+        self.cause = cause
+        self.request_sent = request_sent  # a retry could then repeat a non-idempotent request

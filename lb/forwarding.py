@@ -1,0 +1,145 @@
+"""What crosses the balancer in each direction's head: hop-by-hop rules and X-Forwarded-*.  [pure]
+
+Bodies and tunnel bytes are relayed unchanged by others; only heads are rebuilt here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lb.http_head import RequestHead, ResponseHead, render_head
+
+# RFC 9110 §7.6.1 plus the de-facto ones every proxy strips.  Transfer-Encoding
+# stays: bodies are relayed as they come, so their framing must travel with them.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization"}
+)
+_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+
+
+def _connection_listed(headers: tuple[tuple[str, str], ...]) -> set[str]:
+    """Header names the sender declared hop-by-hop in its Connection header."""
+    listed: set[str] = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            listed.update(part.strip().lower() for part in value.split(","))
+    return listed
+
+
+def _end_to_end(headers: tuple[tuple[str, str], ...], extra_drop: frozenset[str]) -> list[tuple[str, str]]:
+    drop = HOP_BY_HOP | extra_drop | _connection_listed(headers)
+    return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+def render_forwarded_request(
+    request: RequestHead,
+    *,
+    client_ip: str,
+    proto: str,
+    websocket: bool,
+    rewrite_cookie: Callable[[str], str | None] | None = None,
+    drop: frozenset[str] = frozenset(),
+    target: str | None = None,
+    add: list[tuple[str, str]] | None = None,
+    backend_host: str = "localhost",
+) -> bytes:
+    """The request head the backend receives.
+
+    Args:
+        request: the client's head.
+        client_ip: appended to X-Forwarded-For (the existing chain is kept, as Envoy does).
+        proto: "http" or "https", for X-Forwarded-Proto.
+        websocket: keep the upgrade (Connection: Upgrade); otherwise ask the backend to close after answering.
+        rewrite_cookie: applied to each Cookie header value; None drops that header.
+        drop: more header names (lower case) to remove, e.g. the affinity token header.
+        target: the request target to send instead of the client's.
+        add: headers to add (after the client's).
+        backend_host: the Host to send when the client (HTTP/1.0) sent none.
+    """
+    headers = _end_to_end(request.head.headers, _FORWARDED | drop)
+    if rewrite_cookie is not None:
+        rewritten: list[tuple[str, str]] = []
+        for name, value in headers:
+            if name.lower() == "cookie":
+                new_value = rewrite_cookie(value)
+                if new_value is None:
+                    continue
+                value = new_value
+            rewritten.append((name, value))
+        headers = rewritten
+    if add:
+        headers.extend(add)
+    prior = request.head.get_all("x-forwarded-for")
+    chain = ", ".join([*prior, client_ip])
+    host = request.head.get("host")
+    headers.append(("X-Forwarded-For", chain))
+    headers.append(("X-Forwarded-Proto", proto))
+    if host is not None:
+        headers.append(("X-Forwarded-Host", host))
+    else:
+        # HTTP/1.0 may omit Host; what we send is HTTP/1.1, which requires one (RFC 9112 §3.2).
+        headers.append(("Host", backend_host))
+    if websocket:
+        headers.append(("Connection", "Upgrade"))
+        headers.append(("Upgrade", "websocket"))
+    else:
+        # One request per backend connection: the end of the response is then
+        # also the end of the connection, and nothing can be smuggled behind it.
+        headers.append(("Connection", "close"))
+    return render_head(f"{request.method} {target or request.target} HTTP/1.1", headers)
+
+
+def strip_query_param(target: str, name: str) -> str:
+    """`target` without any `name=...` pair in its query; everything else byte for byte."""
+    path, question, query = target.partition("?")
+    if not question:
+        return target
+    kept = [pair for pair in query.split("&") if pair.partition("=")[0] != name]
+    return f"{path}?{'&'.join(kept)}" if kept else path
+
+
+def query_values(target: str, name: str) -> list[str]:
+    """Values of query parameter `name` (tokens are base64url: no percent-decoding needed)."""
+    query = target.partition("?")[2]
+    return [value for key, eq, value in (pair.partition("=") for pair in query.split("&")) if eq and key == name]
+
+
+def render_client_response(
+    response: ResponseHead,
+    *,
+    switching: bool,
+    set_cookies: list[str],
+    extra: list[tuple[str, str]],
+    rewrite_set_cookie: Callable[[str], str] | None = None,
+) -> bytes:
+    """The response head the client receives: the backend's, plus our cookie.
+
+    A 101 keeps its Connection/Upgrade headers (they are the switch); any other
+    answer is the last on this client connection, so it says Connection: close.
+    `rewrite_set_cookie` is applied to each of the backend's Set-Cookie values.
+    """
+    if switching:
+        headers = list(response.head.headers)
+    else:
+        headers = _end_to_end(response.head.headers, frozenset())
+        headers.append(("Connection", "close"))
+    if rewrite_set_cookie is not None:
+        headers = [
+            (name, rewrite_set_cookie(value) if name.lower() == "set-cookie" else value)
+            for name, value in headers
+        ]
+    headers.extend(("Set-Cookie", cookie) for cookie in set_cookies)
+    headers.extend(extra)
+    return render_head(f"HTTP/1.1 {response.status} {response.reason}".rstrip(), headers)
+
+
+def render_error(status: int, reason_phrase: str, message: str, headers: dict[str, str]) -> bytes:
+    """A short text answer of our own; the message never echoes client input."""
+    body = (message + "\n").encode("utf-8", "replace")
+    all_headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+        *headers.items(),
+    ]
+    return render_head(f"HTTP/1.1 {status} {reason_phrase}", all_headers) + body

@@ -1,0 +1,88 @@
+"""WebSocket frame boundaries on a relayed byte stream, headers only.  [pure]
+
+The tunnel relays bytes without parsing messages; to close a tunnel cleanly
+(drain migration, shutdown) the balancer must put its close frame *between*
+two of the backend's frames.  `FrameBoundaries` follows the frame headers
+(RFC 6455 §5.2) and skips payloads by count: no payload byte is copied or
+looked at.  Control frames may sit between the fragments of a message
+(RFC 6455 §5.4), so every frame boundary is a valid place for a close.
+"""
+
+from __future__ import annotations
+
+import struct
+
+_U16 = struct.Struct(">H")
+_U64 = struct.Struct(">Q")
+
+
+class FrameBoundaries:
+    """Tracks where frames end in one direction of a WebSocket stream."""
+
+    __slots__ = ("_header", "_remaining")
+
+    def __init__(self) -> None:
+        self._remaining = 0  # payload bytes of the current frame still to come
+        self._header = b""  # a frame header split across reads
+
+    @property
+    def at_boundary(self) -> bool:
+        return self._remaining == 0 and not self._header
+
+    def feed(self, data: bytes) -> None:
+        """Advance over `data`."""
+        self.first_boundary(data, stop=False)
+
+    def first_boundary(self, data: bytes, *, stop: bool = True) -> int | None:
+        """Advance over `data`; with `stop`, stop at the first frame boundary and return its offset.
+
+        Returns None if `data` holds no boundary (or `stop` is False); then all of it was consumed.
+        """
+        if stop and self.at_boundary:
+            return 0
+        n = len(data)
+        i = 0
+        while i < n:
+            if self._remaining:
+                step = min(self._remaining, n - i)
+                i += step
+                self._remaining -= step
+                if stop and not self._remaining:
+                    return i
+                continue
+            pending = self._header
+            header = pending + data[i : i + 14 - len(pending)]
+            size = _header_size(header)
+            if size is None or len(header) < size:
+                self._header = header  # the rest of `data` is a partial header
+                return None
+            self._header = b""
+            i += size - len(pending)
+            self._remaining = _payload_length(header)
+            if stop and not self._remaining:
+                return i
+        return None
+
+
+def _header_size(header: bytes) -> int | None:
+    if len(header) < 2:
+        return None
+    length = header[1] & 0x7F
+    masked = 4 if header[1] & 0x80 else 0
+    extended = 2 if length == 126 else (8 if length == 127 else 0)
+    return 2 + extended + masked
+
+
+def _payload_length(header: bytes) -> int:
+    length = header[1] & 0x7F
+    if length == 126:
+        return int(_U16.unpack_from(header, 2)[0])
+    if length == 127:
+        return int(_U64.unpack_from(header, 2)[0])
+    return length
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """An unmasked close frame, as a server sends it (RFC 6455 §5.5.1)."""
+    payload = code.to_bytes(2, "big") + reason.encode("utf-8")[:123]
+    return bytes((0x88, len(payload))) + payload

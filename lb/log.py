@@ -1,0 +1,39 @@
+"""Logging set-up: plain or JSON lines on stderr, level from the config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from lb.config import LogFormat, LoggingConfig
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "access", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(config: LoggingConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.format is LogFormat.JSON:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.level)
+    # aiohttp's access log would log every admin scrape at INFO.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("lb.access").setLevel(logging.INFO if config.access_log else logging.WARNING)

@@ -1,0 +1,39 @@
+"""Moving players off a drained backend gradually: close its tunnels at a rate, with close 1012.
+
+`drain` alone lets live tunnels run until they end.  With `close_after` and
+`rate`, after the delay the balancer stops sending the backend even its
+cookie holders, then closes its tunnels one by one, each with WebSocket close
+1012 (Service Restart) injected at a frame boundary.  Clients reconnect and
+are redispatched a few at a time instead of in one storm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from lb.context import ProxyContext
+from lb.pool import BackendStatus
+
+log = logging.getLogger(__name__)
+
+SERVICE_RESTART = 1012  # IANA WebSocket close code registry: the service is restarting; reconnect
+DEFAULT_MIGRATION_RATE = 10.0  # tunnels closed per second when `rate` is not given
+
+
+async def migrate(ctx: ProxyContext, pool: str, backend: BackendStatus, close_after: float, rate: float) -> None:
+    """Wait `close_after` seconds, then close `backend`'s tunnels at `rate` per second."""
+    await asyncio.sleep(close_after)
+    backend.migrating = True
+    backend.reason = f"operator: drain, closing tunnels at {rate:g}/s"
+    log.info("drain of %s/%s: closing its tunnels at %g/s with close 1012", pool, backend.id, rate)
+    interval = 1.0 / rate
+    closed = 0
+    while True:
+        tunnels = [t for t in ctx.tunnels if t.backend is backend and not t.closed and not t.closing]
+        if not tunnels:
+            break
+        tunnels[0].close_gracefully(SERVICE_RESTART, "service restart")
+        closed += 1
+        await asyncio.sleep(interval)
+    log.info("drain of %s/%s: %d tunnel(s) closed; none left", pool, backend.id, closed)

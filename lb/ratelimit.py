@@ -1,0 +1,44 @@
+"""Per-key token buckets: how many handshakes a source IP may start per second.  [pure]
+
+Memory stays bounded: when the table grows past `max_keys`, buckets that have
+refilled completely (their owners went quiet) are dropped, since a full
+bucket is what a new key starts with anyway.
+"""
+
+from __future__ import annotations
+
+
+class RateLimiter:
+    __slots__ = ("_buckets", "_burst", "_max_keys", "_rate")
+
+    def __init__(self, rate: float, burst: int, *, max_keys: int = 100_000) -> None:
+        """Args:
+        rate: tokens added per second (0 turns limiting off).
+        burst: bucket size: how many may come at once after a quiet spell.
+        """
+        self._rate = rate
+        self._burst = float(max(burst, 1))
+        self._max_keys = max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, updated at)
+
+    def check(self, key: str, now: float) -> float:
+        """Take one token for `key`; return 0 if allowed, else the seconds until one is available."""
+        if self._rate <= 0:
+            return 0.0
+        tokens, updated = self._buckets.get(key, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - updated) * self._rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self._rate
+        self._buckets[key] = (tokens - 1.0, now)
+        if len(self._buckets) > self._max_keys:
+            self._prune(now)
+        return 0.0
+
+    def _prune(self, now: float) -> None:
+        refill = self._burst / self._rate
+        self._buckets = {
+            key: (tokens, updated)
+            for key, (tokens, updated) in self._buckets.items()
+            if now - updated < refill
+        }

@@ -1,0 +1,143 @@
+"""TLS listener with a certificate from `lb certs`; `secure: auto` puts Secure on TLS listeners only.
+
+One module stack: `lb certs --out DIR`, 2 gateways, a balancer with a plain and a TLS listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import (
+    COOKIE,
+    ROOT,
+    UNIT,
+    Balancer,
+    Launcher,
+    child_env,
+    client_session,
+    close_raw,
+    http_get_async,
+    lb_config,
+    open_raw,
+    visit,
+    wait_closed_by_peer,
+)
+
+
+@dataclass
+class TlsStack:
+    balancer: Balancer
+    ca: Path
+
+
+@pytest.fixture(scope="module")
+def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
+    workdir = tmp_path_factory.mktemp("tls")
+    certs = workdir / "certs"
+    done = subprocess.run(
+        [sys.executable, "-m", "lb", "certs", "--out", str(certs)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        timeout=30 * UNIT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    for name in ("ca.crt", "server.crt", "server.key"):
+        assert (certs / name).is_file(), f"lb certs did not write {name}"
+    launcher = Launcher(workdir)
+    try:
+        gateways = launcher.gateways(2)
+        config = lb_config(
+            pools={"gateways": gateways},
+            routes={"/ws": "gateways", "/whoami": "gateways"},
+            tls=(certs / "server.crt", certs / "server.key"),
+        )
+        balancer = launcher.balancer(config, name="tls")
+        balancer.wait_states({("gateways", g.id): "up" for g in gateways})
+        yield TlsStack(balancer, certs / "ca.crt")
+    finally:
+        launcher.close()
+
+
+def _context(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
+
+
+async def test_wss_through_tls_listener(tls_stack: TlsStack) -> None:
+    """A wss:// client that trusts the dev CA connects, echoes, and the backend sees proto https."""
+    lb = tls_stack.balancer
+    result = await visit(lb.ws_url(tls=True), ssl=_context(tls_stack.ca))
+    assert result.hello["forwarded_proto"] == "https"
+    assert result.hello["forwarded_host"] == f"127.0.0.1:{lb.tls_port}"
+    assert result.hello["forwarded_for"] == "127.0.0.1"
+
+
+async def test_localhost_name_is_in_certificate(tls_stack: TlsStack) -> None:
+    """`lb certs` covers localhost as well as 127.0.0.1 by default."""
+    lb = tls_stack.balancer
+    result = await visit(lb.ws_url(tls=True, host="localhost"), ssl=_context(tls_stack.ca))
+    assert result.hello["forwarded_proto"] == "https"
+
+
+async def test_secure_attribute_only_on_tls_listener(tls_stack: TlsStack) -> None:
+    """secure: auto → Secure on the TLS listener's cookie, not on the plain listener's."""
+    lb = tls_stack.balancer
+    secure = await visit(lb.ws_url(tls=True), ssl=_context(tls_stack.ca))
+    plain = await visit(lb.ws_url())
+    assert secure.cookie is not None and plain.cookie is not None
+    assert secure.cookie.normalized_attrs() == {
+        "path=/",
+        "max-age=3600",
+        "httponly",
+        "samesite=Lax",
+        "secure",
+    }
+    assert plain.cookie.normalized_attrs() == {"path=/", "max-age=3600", "httponly", "samesite=Lax"}
+
+
+async def test_cookie_sticks_across_tls_and_plain(tls_stack: TlsStack) -> None:
+    """The token names the backend, not the listener: it pins on both listeners."""
+    lb = tls_stack.balancer
+    first = await visit(lb.ws_url(tls=True), ssl=_context(tls_stack.ca))
+    assert first.cookie is not None
+    for _ in range(3):
+        assert (await visit(lb.ws_url(), cookie=first.cookie.value)).server_id == first.server_id
+        again = await visit(lb.ws_url(tls=True), cookie=first.cookie.value, ssl=_context(tls_stack.ca))
+        assert again.server_id == first.server_id
+
+
+async def test_https_whoami_gets_secure_cookie(tls_stack: TlsStack) -> None:
+    """Plain HTTP over TLS gets the cookie too, with Secure."""
+    lb = tls_stack.balancer
+    code, headers, _ = await http_get_async(lb.http_url(tls=True), ssl=_context(tls_stack.ca))
+    assert code == 200
+    cookies = [v for k, v in headers.items() if k.lower() == "set-cookie" and v.startswith(f"{COOKIE}=")]
+    assert len(cookies) == 1 and "secure" in cookies[0].lower()
+
+
+async def test_untrusted_client_and_plaintext_do_not_disturb_listener(tls_stack: TlsStack) -> None:
+    """A failed TLS handshake or plaintext on the TLS port costs nothing: the next client is served."""
+    lb = tls_stack.balancer
+    assert lb.tls_port is not None
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+        async with client_session() as session, asyncio.timeout(5 * UNIT):
+            await session.get(lb.http_url(tls=True), ssl=ssl.create_default_context())
+    reader, writer = await open_raw(lb.tls_port)
+    try:
+        writer.write(b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        await wait_closed_by_peer(reader, 5 * UNIT)
+    finally:
+        await close_raw(writer)
+    result = await visit(lb.ws_url(tls=True), ssl=_context(tls_stack.ca))
+    assert result.hello["forwarded_proto"] == "https"
+    tls_stack.balancer.assert_alive()

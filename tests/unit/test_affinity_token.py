@@ -1,0 +1,349 @@
+"""The affinity token: opaque, authenticated, expiring; anything else is treated as absent (InvalidToken)."""
+
+from __future__ import annotations
+
+from base64 import urlsafe_b64decode, urlsafe_b64encode
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lb.affinity_token import CLOCK_SKEW, MAX_TOKEN_CHARS, NONCE_BYTES, SESSION_BYTES, Claim, TokenCodec
+from lb.errors import InvalidToken
+
+MAX_AGE = 3600.0
+ISSUED = 1_700_000_000
+NONCE = bytes(range(NONCE_BYTES))
+SESSION = b"\x01\x02\x03\x04\x05\x06\x07\x08"
+CLAIM = Claim(backend_id="gw-1", issued_at=ISSUED, session=SESSION)
+CODEC = TokenCodec(["current-secret"], MAX_AGE)
+TOKEN = CODEC.seal(CLAIM, NONCE)
+
+
+def b64(raw: bytes) -> str:
+    return urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def unb64(token: str) -> bytes:
+    return urlsafe_b64decode(token + "=" * (-len(token) % 4))
+
+
+def reason_of(codec: TokenCodec, token: str, now: float = ISSUED) -> str:
+    with pytest.raises(InvalidToken) as info:
+        codec.open(token, now)
+    return info.value.reason
+
+
+# -- round trip -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        CLAIM,
+        Claim(backend_id="gw-2", issued_at=ISSUED, session=SESSION, app_value="JSESSIONID-value=abc"),
+        Claim(backend_id="passerelle-é", issued_at=ISSUED, session=SESSION, app_value="sessão ☃"),
+        Claim(backend_id="网关-一", issued_at=ISSUED, session=b"\x00" * SESSION_BYTES),
+        Claim(backend_id="x" * 255, issued_at=ISSUED, session=b"\xff" * SESSION_BYTES, app_value=""),
+        Claim(backend_id="", issued_at=0, session=SESSION),
+    ],
+    ids=["plain", "app value", "unicode and app value", "cjk id", "255-byte id and empty app value", "empty id"],
+)
+def test_round_trip(claim: Claim) -> None:
+    """A sealed claim opens to exactly the same claim (backend, issue time, session, app value)."""
+    codec = TokenCodec(["k"], float(2**33))
+    token = codec.seal(claim, NONCE)
+    opened = codec.open(token, claim.issued_at)
+    if claim.app_value == "":
+        # An empty app value has no bytes in the layout; it opens as absent.
+        assert opened == Claim(claim.backend_id, claim.issued_at, claim.session, None)
+    else:
+        assert opened == claim
+
+
+def test_another_instance_with_the_same_keys_opens_it() -> None:
+    """Any balancer instance sharing the keys opens the token."""
+    assert TokenCodec(["current-secret"], MAX_AGE).open(TOKEN, ISSUED + 10) == CLAIM
+
+
+def test_token_is_url_safe_unpadded_text() -> None:
+    """A token is base64url without padding, so it needs no quoting in a cookie."""
+    assert set(TOKEN) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    assert len(TOKEN) < 200
+
+
+@pytest.mark.parametrize(
+    "claim, nonce",
+    [
+        (Claim(backend_id="x" * 256, issued_at=ISSUED, session=SESSION), NONCE),
+        (Claim(backend_id="é" * 128, issued_at=ISSUED, session=SESSION), NONCE),
+        (Claim(backend_id="gw-1", issued_at=ISSUED, session=b"short"), NONCE),
+        (CLAIM, b"short"),
+        (CLAIM, NONCE + b"x"),
+    ],
+    ids=["id over 255 bytes", "id over 255 utf-8 bytes", "short session", "short nonce", "long nonce"],
+)
+def test_seal_refuses_claims_that_do_not_fit(claim: Claim, nonce: bytes) -> None:
+    """seal raises ValueError for claims or nonces the layout cannot hold."""
+    with pytest.raises(ValueError):
+        CODEC.seal(claim, nonce)
+
+
+def test_codec_needs_a_key() -> None:
+    """A codec without any secret key is refused."""
+    with pytest.raises(ValueError):
+        TokenCodec([], MAX_AGE)
+
+
+# -- time -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("age", [0.0, 1.0, MAX_AGE / 2, MAX_AGE - 0.001, MAX_AGE])
+def test_token_opens_up_to_max_age(age: float) -> None:
+    """A token opens until max_age seconds after issue, the boundary included."""
+    assert CODEC.open(TOKEN, ISSUED + age) == CLAIM
+
+
+@pytest.mark.parametrize("age", [MAX_AGE + 0.001, MAX_AGE + 1, 10 * MAX_AGE])
+def test_token_past_max_age_is_expired(age: float) -> None:
+    """An expired token is treated as absent (reason "expired")."""
+    assert reason_of(CODEC, TOKEN, ISSUED + age) == "expired"
+
+
+@pytest.mark.parametrize("ahead", [1.0, CLOCK_SKEW - 1, CLOCK_SKEW])
+def test_token_slightly_from_the_future_opens(ahead: float) -> None:
+    """Another instance's clock may be up to CLOCK_SKEW seconds ahead."""
+    assert CODEC.open(TOKEN, ISSUED - ahead) == CLAIM
+
+
+@pytest.mark.parametrize("ahead", [CLOCK_SKEW + 0.001, CLOCK_SKEW + 1, 86400])
+def test_token_from_beyond_clock_skew_is_invalid(ahead: float) -> None:
+    """A token issued further in the future than CLOCK_SKEW is not honoured."""
+    assert reason_of(CODEC, TOKEN, ISSUED - ahead) == "expired"
+
+
+# -- keys -------------------------------------------------------------------
+
+
+def test_rotation_old_token_opens_with_new_and_old_keys() -> None:
+    """After rotation ([new, old]) tokens sealed with the old key still open."""
+    old_token = TokenCodec(["old"], MAX_AGE).seal(CLAIM, NONCE)
+    rotated = TokenCodec(["new", "old"], MAX_AGE)
+    assert rotated.open(old_token, ISSUED) == CLAIM
+    new_token = rotated.seal(CLAIM, NONCE)
+    assert TokenCodec(["new"], MAX_AGE).open(new_token, ISSUED) == CLAIM
+    assert reason_of(TokenCodec(["old"], MAX_AGE), new_token) in {"unknown_key", "bad_mac"}
+
+
+def test_retired_key_no_longer_opens() -> None:
+    """A token sealed with a key no longer listed is treated as absent."""
+    old_token = TokenCodec(["old"], MAX_AGE).seal(CLAIM, NONCE)
+    assert reason_of(TokenCodec(["new"], MAX_AGE), old_token) in {"unknown_key", "bad_mac"}
+
+
+@pytest.mark.parametrize("secret", ["attacker", "current-secret ", "Current-secret", "current-secre"])
+def test_foreign_key_is_invalid(secret: str) -> None:
+    """A token sealed with any other key (even a near-miss) is treated as absent."""
+    foreign = TokenCodec([secret], MAX_AGE).seal(CLAIM, NONCE)
+    assert reason_of(CODEC, foreign) in {"unknown_key", "bad_mac"}
+
+
+# -- tampering and junk -----------------------------------------------------
+
+_RAW = unb64(TOKEN)
+
+
+@pytest.mark.parametrize("position", range(len(_RAW)))
+@pytest.mark.parametrize("mask", [0x01, 0x80, 0xFF])
+def test_tampering_any_byte_is_invalid(position: int, mask: int) -> None:
+    """Changing any bit of the decoded token (header, nonce, ciphertext or tag) is detected."""
+    tampered = bytearray(_RAW)
+    tampered[position] ^= mask
+    assert reason_of(CODEC, b64(bytes(tampered))) in {"malformed", "unknown_key", "bad_mac"}
+
+
+@pytest.mark.parametrize("cut", [1, 2, 16, len(_RAW) // 2, len(_RAW) - 1])
+def test_truncated_or_extended_token_is_invalid(cut: int) -> None:
+    """A token with bytes removed from its end or appended is treated as absent."""
+    with pytest.raises(InvalidToken):
+        CODEC.open(b64(_RAW[:-cut]), ISSUED)
+    with pytest.raises(InvalidToken):
+        CODEC.open(b64(_RAW + _RAW[:cut]), ISSUED)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "A",
+        "AAAA",
+        TOKEN + "=",
+        TOKEN + "==",
+        TOKEN[:5] + "+" + TOKEN[6:],
+        TOKEN[:5] + "/" + TOKEN[6:],
+        TOKEN[:10] + " " + TOKEN[10:],
+        TOKEN[:10] + "." + TOKEN[10:],
+        TOKEN[:10] + "\x00" + TOKEN[10:],
+        TOKEN[:10] + "é" + TOKEN[10:],
+        TOKEN[:10] + "\n" + TOKEN[10:],
+        " " + TOKEN,
+        TOKEN + " ",
+        '"' + TOKEN + '"',
+        "A" * (MAX_TOKEN_CHARS + 1),
+        TOKEN + "A" * MAX_TOKEN_CHARS,
+        "A" * MAX_TOKEN_CHARS,
+        TOKEN + "A" * ((1 - len(TOKEN)) % 4),
+    ],
+    ids=[
+        "empty", "one char", "four chars", "padding", "double padding", "plus", "slash", "space",
+        "dot", "NUL", "non-ASCII", "newline", "leading space", "trailing space", "quoted", "overlong junk",
+        "overlong token", "max length junk", "length 4n+1",
+    ],
+)
+def test_malformed_tokens_are_invalid(token: str) -> None:
+    """Padding, foreign characters, bad lengths and junk are treated as absent."""
+    assert reason_of(CODEC, token) in {"malformed", "unknown_key", "bad_mac"}
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "A",
+        TOKEN + "=",
+        TOKEN[:10] + " " + TOKEN[10:],
+        TOKEN[:10] + "é" + TOKEN[10:],
+        "A" * (MAX_TOKEN_CHARS + 1),
+        TOKEN + "A" * ((1 - len(TOKEN)) % 4),
+        TOKEN[:40],
+    ],
+    ids=["empty", "one char", "padding", "space", "non-ASCII", "overlong", "length 4n+1", "too short"],
+)
+def test_malformed_reason(token: str) -> None:
+    """Text that is not a token at all is counted as "malformed"."""
+    assert reason_of(CODEC, token) == "malformed"
+
+
+def test_wrong_version_is_malformed() -> None:
+    """A token of another layout version is "malformed"."""
+    raw = bytearray(_RAW)
+    raw[0] = 2
+    assert reason_of(CODEC, b64(bytes(raw))) == "malformed"
+
+
+# -- opacity ----------------------------------------------------------------
+
+
+def _encodings(text: str) -> set[str]:
+    """`text` in clear and in base64url at every byte alignment, minus the edge characters."""
+    raw = text.encode("utf-8")
+    found = {text}
+    for shift in range(3):
+        encoded = b64(b"\x00" * shift + raw)
+        found.add(encoded[2 if shift else 0 : -2])
+    found.add(urlsafe_b64encode(raw).decode().rstrip("="))
+    return {part for part in found if len(part) >= 6}
+
+
+@pytest.mark.parametrize(
+    "backend_id", ["gateway-one", "127.0.0.1:9001", "gw-2.internal.example:9443", "passerelle-européenne"]
+)
+def test_token_does_not_reveal_backend(backend_id: str) -> None:
+    """The token names the backend only in encrypted form: neither id nor address shows, in clear or base64."""
+    for secret in ("k1", "k2", "k3"):
+        for nonce in (NONCE, b"\xff" * NONCE_BYTES, bytes(NONCE_BYTES)):
+            claim = Claim(backend_id=backend_id, issued_at=ISSUED, session=SESSION, app_value="app-session-value")
+            token = TokenCodec([secret], MAX_AGE).seal(claim, nonce)
+            raw = unb64(token)
+            for needle in _encodings(backend_id) | _encodings("app-session-value"):
+                assert needle not in token
+            assert backend_id.encode() not in raw
+            assert b"app-session-value" not in raw
+
+
+def test_two_seals_of_the_same_claim_differ() -> None:
+    """Fresh nonces make every token for the same claim different (no linkable tokens)."""
+    other = CODEC.seal(CLAIM, b"\x42" * NONCE_BYTES)
+    assert other != TOKEN
+    assert CODEC.open(other, ISSUED) == CODEC.open(TOKEN, ISSUED) == CLAIM
+
+
+# -- hypothesis -------------------------------------------------------------
+
+_B64_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+@settings(max_examples=300, deadline=None)
+@given(token=st.one_of(st.text(max_size=120), st.text(_B64_CHARS, max_size=120)))
+def test_random_strings_only_raise_invalid_token(token: str) -> None:
+    """Arbitrary text never opens and never raises anything but InvalidToken."""
+    with pytest.raises(InvalidToken):
+        CODEC.open(token, ISSUED)
+
+
+# 49 raw bytes: the last base64 character carries 4 unused bits.
+_ODD_CLAIM = Claim(backend_id="gw-12", issued_at=ISSUED, session=SESSION)
+_ODD_TOKEN = CODEC.seal(_ODD_CLAIM, NONCE)
+
+_edits = st.lists(
+    st.tuples(
+        st.sampled_from(["flip", "insert", "delete", "replace"]),
+        st.integers(min_value=0, max_value=len(TOKEN)),
+        st.sampled_from(list(_B64_CHARS) + ["=", "+", "/", " ", "é"]),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+def _apply(token: str, edits: list[tuple[str, int, str]]) -> str:
+    chars = list(token)
+    for kind, position, char in edits:
+        index = min(position, max(len(chars) - 1, 0))
+        if kind == "insert":
+            chars.insert(position if position <= len(chars) else len(chars), char)
+        elif not chars:
+            continue
+        elif kind == "delete":
+            del chars[index]
+        elif kind == "replace":
+            chars[index] = char
+        else:
+            chars[index] = chr(ord(chars[index]) ^ 1)
+    return "".join(chars)
+
+
+@settings(max_examples=300, deadline=None)
+@given(base=st.sampled_from([(TOKEN, CLAIM), (_ODD_TOKEN, _ODD_CLAIM)]), edits=_edits)
+def test_mutated_token_never_opens_to_another_claim(
+    base: tuple[str, Claim], edits: list[tuple[str, int, str]]
+) -> None:
+    """Flipped, inserted, deleted or replaced characters give InvalidToken, or at most the same claim."""
+    token, original = base
+    mutated = _apply(token, edits)
+    try:
+        claim = CODEC.open(mutated, ISSUED)
+    except InvalidToken as exc:
+        assert exc.reason in {"malformed", "unknown_key", "bad_mac", "expired"}
+        return
+    # Only an identity edit, or the unused low bits of the last base64 character, leave the bytes unchanged.
+    assert claim == original
+    assert unb64(mutated) == unb64(token)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    backend_id=st.text(max_size=40),
+    app_value=st.one_of(st.none(), st.text(min_size=1, max_size=40)),
+    issued_at=st.integers(min_value=0, max_value=2**32 - 1),
+    session=st.binary(min_size=SESSION_BYTES, max_size=SESSION_BYTES),
+    nonce=st.binary(min_size=NONCE_BYTES, max_size=NONCE_BYTES),
+)
+def test_round_trip_any_claim(
+    backend_id: str, app_value: str | None, issued_at: int, session: bytes, nonce: bytes
+) -> None:
+    """Any claim that fits the layout opens to itself."""
+    claim = Claim(backend_id=backend_id, issued_at=issued_at, session=session, app_value=app_value)
+    if len(backend_id.encode("utf-8")) > 255:
+        return
+    assert CODEC.open(CODEC.seal(claim, nonce), issued_at) == claim

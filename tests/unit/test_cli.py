@@ -1,0 +1,164 @@
+"""The `lb` command line: validate, keygen, certs, and run's config handling."""
+
+from __future__ import annotations
+
+import re
+import stat
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from lb.cli import main
+from lb.config import Config
+
+COOKIE_KEY = "c" * 43
+
+CONFIG = """
+listeners:
+  - bind: 127.0.0.1:0
+admin:
+  token: ${LB_ADMIN_TOKEN}
+affinity:
+  secret_keys: ["${LB_COOKIE_KEY}"]
+routes:
+  - {path_prefix: /, pool: gateways}
+pools:
+  gateways:
+    backends:
+      - {id: gw-1, address: 127.0.0.1:9001}
+      - {id: gw-2, address: BACKEND_2}
+"""
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LB_COOKIE_KEY", COOKIE_KEY)
+    monkeypatch.setenv("LB_ADMIN_TOKEN", "secret")
+
+
+def write_config(tmp_path: Path, backend_2: str = "127.0.0.1:9002") -> Path:
+    path = tmp_path / "lb.yaml"
+    path.write_text(CONFIG.replace("BACKEND_2", backend_2), encoding="utf-8")
+    return path
+
+
+@pytest.mark.usefixtures("env")
+def test_validate_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A valid config: exit 0 and "ok: FILE" on stdout."""
+    path = write_config(tmp_path)
+    assert main(["validate", "--config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"ok: {path}\n" and err == ""
+
+
+@pytest.mark.usefixtures("env")
+def test_validate_reports_each_problem_by_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An invalid config: exit 2 and one `path: message` line per problem on stderr."""
+    path = write_config(tmp_path, backend_2="127.0.0.1")
+    path.write_text(path.read_text(encoding="utf-8") + "timeouts: {handshake: 0s}\n", encoding="utf-8")
+    assert main(["validate", "--config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        "pools.gateways.backends[1].address: expected host:port, got '127.0.0.1'",
+        "timeouts.handshake: expected a duration greater than 0, got '0s'",
+    ]
+
+
+def test_validate_names_unset_variables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unset ${VAR} is reported with its key path and exits 2."""
+    monkeypatch.delenv("LB_ADMIN_TOKEN", raising=False)
+    monkeypatch.setenv("LB_COOKIE_KEY", COOKIE_KEY)
+    assert main(["validate", "--config", str(write_config(tmp_path))]) == 2
+    assert capsys.readouterr().err == "admin.token: environment variable LB_ADMIN_TOKEN is not set\n"
+
+
+def test_validate_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config file that does not exist is a problem message and exit 2, not a traceback."""
+    assert main(["validate", "--config", str(tmp_path / "absent.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"cannot read {tmp_path / 'absent.yaml'}")
+
+
+def test_keygen_prints_a_43_char_urlsafe_key(capsys: pytest.CaptureFixture[str]) -> None:
+    """keygen prints 32 random bytes as 43 URL-safe characters, different each time."""
+    assert main(["keygen"]) == 0
+    assert main(["keygen"]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", first)
+    assert first != second
+
+
+def test_keygen_output_is_a_valid_secret_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keygen key is accepted as affinity.secret_keys."""
+    main(["keygen"])
+    monkeypatch.setenv("LB_COOKIE_KEY", capsys.readouterr().out.strip())
+    monkeypatch.setenv("LB_ADMIN_TOKEN", "secret")
+    assert main(["validate", "--config", str(write_config(tmp_path))]) == 0
+
+
+def test_certs_writes_four_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """certs --out DIR writes ca.crt, ca.key, server.crt and server.key; keys are owner-only."""
+    out = tmp_path / "certs"
+    assert main(["certs", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ca.crt", "ca.key", "server.crt", "server.key"]
+    for key in ("ca.key", "server.key"):
+        assert stat.S_IMODE((out / key).stat().st_mode) == 0o600
+    assert "localhost, 127.0.0.1" in capsys.readouterr().out
+
+
+def test_certs_custom_hosts(tmp_path: Path) -> None:
+    """--hosts puts the given names into the server certificate."""
+    from cryptography import x509
+
+    assert main(["certs", "--out", str(tmp_path), "--hosts", "lb.test, 10.0.0.1"]) == 0
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["lb.test"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.1"]
+
+
+def test_certs_without_hosts_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty --hosts list exits 2 with a message."""
+    assert main(["certs", "--out", str(tmp_path), "--hosts", ","]) == 2
+    assert "at least one host" in capsys.readouterr().err
+
+
+def test_run_with_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """run refuses an invalid config with exit 2 and the problems, before starting anything."""
+    path = tmp_path / "lb.yaml"
+    path.write_text("listeners: []\n", encoding="utf-8")
+    assert main(["run", "--config", str(path)]) == 2
+    assert "listeners: expected at least one listener" in capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.usefixtures("env")
+def test_run_hands_the_config_to_the_balancer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run passes the loaded Config and its path to lb.balancer.run and returns its exit code."""
+    calls: list[tuple[Config, Path]] = []
+
+    def fake_run(config: Config, config_path: Path) -> int:
+        calls.append((config, config_path))
+        return 7
+
+    fake = types.ModuleType("lb.balancer")
+    fake.run = fake_run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "lb.balancer", fake)
+    path = write_config(tmp_path)
+    assert main(["run", "--config", str(path)]) == 7
+    ((config, config_path),) = calls
+    assert config_path == path and config.pools["gateways"].backends[1].port == 9002
+
+
+@pytest.mark.parametrize("argv", [[], ["validate"], ["frobnicate"]])
+def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing command, a missing --config or an unknown command is a usage error (exit 2)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "usage: lb" in capsys.readouterr().err

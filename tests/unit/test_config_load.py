@@ -1,0 +1,637 @@
+"""Configuration loading: YAML → ${ENV} → one-pass validation → Config or every Problem."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lb.config import (
+    AdminConfig,
+    AffinityMode,
+    BalanceMethod,
+    Config,
+    EventLoop,
+    HealthCheckConfig,
+    HealthCheckType,
+    LimitsConfig,
+    LogFormat,
+    LoggingConfig,
+    RuntimeConfig,
+    SameSite,
+    SecureMode,
+    TimeoutsConfig,
+)
+from lb.config_load import load_config, parse_config
+from lb.devcerts import write_dev_certs
+from lb.errors import ConfigError
+
+COOKIE_KEY = "k" * 43
+ENV = {"LB_COOKIE_KEY": COOKIE_KEY, "LB_ADMIN_TOKEN": "admin-secret"}
+
+GOOD_YAML = """
+listeners:
+  - bind: 127.0.0.1:8080
+  - bind: 127.0.0.1:8443
+    tls: {cert: certs/server.crt, key: certs/server.key}
+admin:
+  bind: 127.0.0.1:9000
+  token: ${LB_ADMIN_TOKEN}
+affinity:
+  mode: insert
+  cookie: LB_AFFINITY
+  max_age: 1h
+  secret_keys: ["${LB_COOKIE_KEY}"]
+  same_site: Lax
+  http_only: true
+  secure: auto
+routes:
+  - path_prefix: /
+    pool: gateways
+pools:
+  gateways:
+    balance: least_conn
+    health_check: {type: http, path: /health, interval: 1s, timeout: 500ms, rise: 2, fall: 2}
+    backends:
+      - {id: gw-1, address: 127.0.0.1:9001, weight: 1}
+      - {id: gw-2, address: 127.0.0.1:9002, weight: 1}
+timeouts:
+  handshake: 10s
+  backend_connect: 3s
+  shutdown_grace: 10s
+limits:
+  max_header_bytes: 16384
+"""
+
+MINIMAL_YAML = f"""
+listeners: [{{bind: "127.0.0.1:0"}}]
+affinity: {{secret_keys: [{COOKIE_KEY}]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
+"""
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding certs/server.crt and certs/server.key, as the config expects."""
+    root = tmp_path_factory.mktemp("config")
+    write_dev_certs(root / "certs", ["localhost", "127.0.0.1"])
+    return root
+
+
+def good_tree() -> dict[str, Any]:
+    tree: dict[str, Any] = yaml.safe_load(GOOD_YAML)
+    return tree
+
+
+def parse(tree: object, base_dir: Path, environ: dict[str, str] | None = None) -> Config:
+    return parse_config(yaml.safe_dump(tree), base_dir=base_dir, environ=ENV if environ is None else environ)
+
+
+def problems_of(tree: object, base_dir: Path, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Path → message for every problem (an error if the config is valid)."""
+    with pytest.raises(ConfigError) as info:
+        parse(tree, base_dir, environ)
+    return {p.path: p.message for p in info.value.problems}
+
+
+_STEP_RE = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _steps(path: str) -> list[str | int]:
+    return [int(index) if index else key for key, index in _STEP_RE.findall(path)]
+
+
+def set_at(tree: dict[str, Any], path: str, value: object) -> dict[str, Any]:
+    """A copy of `tree` with the value at a problem-style path replaced."""
+    tree = copy.deepcopy(tree)
+    *parents, last = _steps(path)
+    node: Any = tree
+    for step in parents:
+        node = node[step]
+    node[last] = value
+    return tree
+
+
+def delete_at(tree: dict[str, Any], path: str) -> dict[str, Any]:
+    tree = copy.deepcopy(tree)
+    *parents, last = _steps(path)
+    node: Any = tree
+    for step in parents:
+        node = node[step]
+    del node[last]
+    return tree
+
+
+# --------------------------------------------------------------------------- a good config
+
+
+def test_good_config_builds_typed_values(base_dir: Path) -> None:
+    """The SPEC example loads into frozen, typed values: seconds, tuples, enums, absolute paths."""
+    config = parse_config(GOOD_YAML, base_dir=base_dir, environ=ENV)
+
+    plain, tls = config.listeners
+    assert (plain.host, plain.port, plain.tls) == ("127.0.0.1", 8080, None)
+    assert tls.port == 8443 and tls.tls is not None
+    assert tls.tls.cert == str(base_dir / "certs" / "server.crt")
+    assert tls.tls.key == str(base_dir / "certs" / "server.key")
+    assert config.admin == AdminConfig(host="127.0.0.1", port=9000, token="admin-secret")
+    affinity = config.affinity
+    assert affinity.mode is AffinityMode.INSERT and affinity.cookie == "LB_AFFINITY"
+    assert affinity.max_age == 3600.0 and affinity.secret_keys == (COOKIE_KEY,)
+    assert affinity.same_site is SameSite.LAX and affinity.http_only is True
+    assert affinity.secure is SecureMode.AUTO
+    assert [(r.path_prefix, r.pool) for r in config.routes] == [("/", "gateways")]
+    pool = config.pools["gateways"]
+    assert pool.name == "gateways" and pool.balance is BalanceMethod.LEAST_CONN
+    assert pool.health_check == HealthCheckConfig(HealthCheckType.HTTP, "/health", 1.0, 0.5, 2, 2)
+    assert [(b.id, b.host, b.port, b.weight) for b in pool.backends] == [
+        ("gw-1", "127.0.0.1", 9001, 1),
+        ("gw-2", "127.0.0.1", 9002, 1),
+    ]
+    assert config.timeouts == TimeoutsConfig(10.0, 3.0, 10.0)
+    assert config.limits == LimitsConfig(16384)
+
+
+def test_absent_optional_keys_take_the_dataclass_defaults(tmp_path: Path) -> None:
+    """Only listeners, affinity.secret_keys, routes and pools are required; the rest defaults."""
+    config = parse_config(MINIMAL_YAML, base_dir=tmp_path, environ={})
+    assert config.admin == AdminConfig()
+    assert config.timeouts == TimeoutsConfig()
+    assert config.limits == LimitsConfig()
+    assert config.logging == LoggingConfig()
+    assert config.runtime == RuntimeConfig()
+    assert config.pools["p"].health_check == HealthCheckConfig()
+    assert config.pools["p"].balance is BalanceMethod.LEAST_CONN
+    assert config.pools["p"].backends[0].weight == 1
+    assert config.affinity.cookie == "LB_AFFINITY" and config.affinity.max_age == 3600.0
+
+
+def test_choices_are_case_insensitive(base_dir: Path) -> None:
+    """same_site, logging level and other choices accept any case and store the canonical value."""
+    tree = set_at(good_tree(), "affinity.same_site", "strict")
+    tree["logging"] = {"level": "debug", "format": "JSON"}
+    tree["runtime"] = {"event_loop": "AsyncIO"}
+    config = parse(tree, base_dir)
+    assert config.affinity.same_site is SameSite.STRICT
+    assert config.logging == LoggingConfig(level="DEBUG", format=LogFormat.JSON)
+    assert config.runtime.event_loop is EventLoop.ASYNCIO
+
+
+@pytest.mark.parametrize(("value", "mode"), [(True, SecureMode.ALWAYS), (False, SecureMode.NEVER)])
+def test_secure_accepts_yaml_booleans(base_dir: Path, value: bool, mode: SecureMode) -> None:
+    """secure: true means always and secure: false means never."""
+    assert parse(set_at(good_tree(), "affinity.secure", value), base_dir).affinity.secure is mode
+
+
+def test_ipv6_bind_in_brackets(base_dir: Path) -> None:
+    """An IPv6 listener is written [::1]:8080 and stored without brackets."""
+    config = parse(set_at(good_tree(), "listeners[0].bind", "[::1]:8080"), base_dir)
+    assert (config.listeners[0].host, config.listeners[0].port) == ("::1", 8080)
+    assert config.listeners[0].bind == "[::1]:8080"
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.2", "[::1]"])
+def test_loopback_admin_needs_no_token(base_dir: Path, host: str) -> None:
+    """Admin on a loopback address may run without a token."""
+    tree = good_tree()
+    tree["admin"] = {"bind": f"{host}:9000"}
+    assert parse(tree, base_dir).admin.token is None
+
+
+def test_non_loopback_admin_with_token_is_fine(base_dir: Path) -> None:
+    """A non-loopback admin address is accepted when a token protects it."""
+    tree = set_at(good_tree(), "admin.bind", "0.0.0.0:9000")
+    assert parse(tree, base_dir).admin.host == "0.0.0.0"
+
+
+def test_port_zero_listeners_may_repeat(base_dir: Path) -> None:
+    """Port 0 asks the OS for a free port, so two listeners may both say :0."""
+    tree = set_at(good_tree(), "listeners[0].bind", "127.0.0.1:0")
+    tree = set_at(tree, "listeners[1].bind", "127.0.0.1:0")
+    assert [lis.port for lis in parse(tree, base_dir).listeners] == [0, 0]
+
+
+def test_example_config_file_validates(tmp_path: Path) -> None:
+    """config.example.yaml at the repo root is valid once its env vars are set and certs exist."""
+    example = Path(__file__).resolve().parents[2] / "config.example.yaml"
+    (tmp_path / "config.yaml").write_text(example.read_text(encoding="utf-8"), encoding="utf-8")
+    write_dev_certs(tmp_path / "certs", ["localhost", "127.0.0.1"])
+    config = load_config(tmp_path / "config.yaml", environ=ENV)
+    assert [b.address for b in config.pools["gateways"].backends] == [
+        "127.0.0.1:9001",
+        "127.0.0.1:9002",
+        "127.0.0.1:9003",
+    ]
+
+
+# --------------------------------------------------------------------------- one bad value, one path
+
+BAD_VALUES: list[tuple[str, object, str]] = [
+    ("listeners", [], "expected at least one listener"),
+    ("listeners", "127.0.0.1:8080", "expected a list of listeners, got str"),
+    ("listeners[0]", "127.0.0.1:8080", "expected a mapping, got str"),
+    ("listeners[0].bind", "127.0.0.1", "expected host:port, got '127.0.0.1'"),
+    ("listeners[0].bind", 8080, "expected host:port, got int 8080"),
+    ("listeners[0].bind", "::1:80", "expected host:port (write IPv6 addresses as [::1]:8080), got '::1:80'"),
+    ("listeners[0].bind", "127.0.0.1:70000", "expected a port from 0 to 65535, got 70000"),
+    ("listeners[0].bind", "300.1.1.1:80", "expected host:port, got '300.1.1.1:80'"),
+    ("listeners[0].bind", "bad host:80", "expected host:port, got 'bad host:80'"),
+    ("listeners[0].bind", None, "expected a value, got null"),
+    ("listeners[1].tls", "on", "expected a mapping, got str"),
+    ("listeners[1].tls.cert", "certs/missing.crt", "file not found: "),
+    ("listeners[1].tls.key", 5, "expected a string, got int 5"),
+    ("admin", ["127.0.0.1:9000"], "expected a mapping, got list"),
+    ("admin.bind", "localhost", "expected host:port, got 'localhost'"),
+    ("admin.token", 12345, "expected a string, got int"),
+    ("admin.token", "", "expected a non-empty string"),
+    ("affinity", "insert", "expected a mapping, got str"),
+    ("affinity.mode", "sticky", "expected one of insert, rewrite, got 'sticky'"),
+    ("affinity.cookie", "LB AFFINITY", "expected a cookie name"),
+    ("affinity.cookie", "a;b", "expected a cookie name"),
+    ("affinity.max_age", "0s", "expected a duration greater than 0, got '0s'"),
+    ("affinity.max_age", "soon", "expected a duration like 500ms, 2s, 5m or 1h, got 'soon'"),
+    ("affinity.max_age", "-1h", "a duration cannot be negative, got '-1h'"),
+    ("affinity.max_age", [1], "expected a duration like 500ms, 2s, 5m or 1h, got list"),
+    ("affinity.secret_keys", [], "expected at least one secret key"),
+    ("affinity.secret_keys", "x" * 40, "expected a list of secret keys, got str"),
+    (
+        "affinity.secret_keys[0]",
+        "too-short",
+        "secret key must be at least 32 characters; generate one with `lb keygen`",
+    ),
+    ("affinity.secret_keys[0]", 12345, "expected a string, got int"),
+    ("affinity.same_site", "loose", "expected one of Strict, Lax, None, got 'loose'"),
+    ("affinity.http_only", "sure", "expected true or false, got 'sure'"),
+    ("affinity.secure", "sometimes", "expected one of auto, always, never, got 'sometimes'"),
+    ("routes", [], "expected at least one route"),
+    ("routes", {"/": "gateways"}, "expected a list of routes, got mapping"),
+    ("routes[0].path_prefix", "ws", "expected a path starting with '/', got 'ws'"),
+    ("routes[0].pool", "nope", "unknown pool 'nope'; defined pools: gateways"),
+    ("pools", {}, "expected at least one pool"),
+    ("pools", ["gateways"], "expected a mapping of pool names to pools, got list"),
+    ("pools.gateways", None, "expected a mapping, got null"),
+    ("pools.gateways.balance", "random", "expected one of round_robin, least_conn, got 'random'"),
+    ("pools.gateways.health_check", "yes", "expected a mapping, got str"),
+    ("pools.gateways.health_check.type", "udp", "expected one of http, tcp, got 'udp'"),
+    ("pools.gateways.health_check.path", "health", "expected a path starting with '/', got 'health'"),
+    ("pools.gateways.health_check.interval", "0ms", "expected a duration greater than 0, got '0ms'"),
+    ("pools.gateways.health_check.timeout", "fast", "got 'fast'"),
+    ("pools.gateways.health_check.rise", 0, "expected an integer from 1 to 1000, got 0"),
+    ("pools.gateways.health_check.fall", True, "expected an integer from 1 to 1000, got bool true"),
+    ("pools.gateways.health_check.fall", 1.5, "expected an integer from 1 to 1000, got float 1.5"),
+    ("pools.gateways.backends", [], "expected at least one backend"),
+    ("pools.gateways.backends", None, "expected a value, got null"),
+    ("pools.gateways.backends[1]", "127.0.0.1:9002", "expected a mapping, got str"),
+    ("pools.gateways.backends[1].address", "127.0.0.1", "expected host:port, got '127.0.0.1'"),
+    ("pools.gateways.backends[1].address", "127.0.0.1:0", "expected a port from 1 to 65535, got 0"),
+    ("pools.gateways.backends[1].id", "", "expected a non-empty string"),
+    ("pools.gateways.backends[1].id", "gw 2", "expected letters, digits and . _ : - only, got 'gw 2'"),
+    ("pools.gateways.backends[1].weight", 0, "expected an integer from 1 to 256, got 0"),
+    ("pools.gateways.backends[1].weight", 257, "expected an integer from 1 to 256, got 257"),
+    ("pools.gateways.backends[1].weight", "heavy", "expected an integer from 1 to 256, got str"),
+    ("timeouts", 10, "expected a mapping, got int 10"),
+    ("timeouts.handshake", "0s", "expected a duration greater than 0, got '0s'"),
+    ("timeouts.backend_connect", "3 parsecs", "got '3 parsecs'"),
+    ("timeouts.shutdown_grace", "-1s", "a duration cannot be negative, got '-1s'"),
+    ("limits.max_header_bytes", 100, "expected an integer from 1024 to 1048576, got 100"),
+    ("logging", {"level": "LOUD"}, "expected one of DEBUG, INFO, WARNING, ERROR, got 'LOUD'"),
+    ("logging", {"format": "xml"}, "expected one of plain, json, got 'xml'"),
+    ("runtime", {"event_loop": "trio"}, "expected one of auto, asyncio, uvloop, got 'trio'"),
+]
+
+
+def _problem_path(path: str, value: object) -> str:
+    # logging/runtime entries set a whole section; the problem is at its one key.
+    if isinstance(value, dict) and path in ("logging", "runtime"):
+        return f"{path}.{next(iter(value))}"
+    return path
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"), BAD_VALUES, ids=[f"{p}={v!r}" for p, v, _ in BAD_VALUES]
+)
+def test_bad_value_is_reported_at_its_path(base_dir: Path, path: str, value: object, message: str) -> None:
+    """Each bad value gives exactly one problem, at its own key path, saying what was expected."""
+    problems = problems_of(set_at(good_tree(), path, value), base_dir)
+    assert list(problems) == [_problem_path(path, value)]
+    assert message in problems[_problem_path(path, value)]
+
+
+def test_zero_shutdown_grace_is_allowed(base_dir: Path) -> None:
+    """shutdown_grace may be 0 (close tunnels at once); other timeouts may not."""
+    assert parse(set_at(good_tree(), "timeouts.shutdown_grace", "0s"), base_dir).timeouts.shutdown_grace == 0
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "listeners[0].bind",
+        "affinity",
+        "affinity.secret_keys",
+        "routes[0].pool",
+        "pools.gateways.backends",
+        "pools.gateways.backends[0].id",
+    ],
+)
+def test_missing_required_key(base_dir: Path, path: str) -> None:
+    """A required key that is absent is named by its full path."""
+    assert problems_of(delete_at(good_tree(), path), base_dir) == {path: "missing required key"}
+
+
+def test_secret_values_never_appear_in_messages(base_dir: Path) -> None:
+    """A wrong-typed token or a short key is reported without echoing it."""
+    tree = set_at(good_tree(), "admin.token", 987654321)
+    tree = set_at(tree, "affinity.secret_keys", ["short-but-secret"])
+    text = "\n".join(f"{path}: {message}" for path, message in problems_of(tree, base_dir).items())
+    assert "987654321" not in text and "short-but-secret" not in text
+
+
+# --------------------------------------------------------------------------- every problem in one pass
+
+
+def test_several_problems_are_reported_together(base_dir: Path) -> None:
+    """One validation pass reports every problem, in the SPEC's key order."""
+    tree = set_at(good_tree(), "listeners[0].bind", "nowhere")
+    tree = set_at(tree, "affinity.max_age", "forever")
+    tree = set_at(tree, "routes[0].path_prefix", "ws")
+    tree = set_at(tree, "pools.gateways.backends[1].address", "127.0.0.1")
+    tree = set_at(tree, "limits.max_header_bytes", 1)
+    assert list(problems_of(tree, base_dir)) == [
+        "listeners[0].bind",
+        "affinity.max_age",
+        "routes[0].path_prefix",
+        "pools.gateways.backends[1].address",
+        "limits.max_header_bytes",
+    ]
+
+
+def test_config_error_str_is_one_line_per_problem(base_dir: Path) -> None:
+    """str(ConfigError) prints `path: message` lines, as `lb validate` shows them."""
+    tree = set_at(good_tree(), "pools.gateways.backends[1].address", "127.0.0.1")
+    tree = set_at(tree, "affinity.mode", "sticky")
+    with pytest.raises(ConfigError) as info:
+        parse(tree, base_dir)
+    assert str(info.value).splitlines() == [
+        "affinity.mode: expected one of insert, rewrite, got 'sticky'",
+        "pools.gateways.backends[1].address: expected host:port, got '127.0.0.1'",
+    ]
+
+
+def test_unknown_keys_are_problems_at_every_level(base_dir: Path) -> None:
+    """Misspelled keys are reported wherever they are, with a suggestion when one is close."""
+    tree = good_tree()
+    tree["listner"] = []
+    tree["pools"]["gateways"]["health_check"]["intervall"] = "2s"
+    tree["pools"]["gateways"]["backends"][0]["wieght"] = 2
+    tree["listeners"][1]["tls"]["ca"] = "x"
+    tree["affinity"]["secret_key"] = "y"
+    assert problems_of(tree, base_dir) == {
+        "listner": "unknown key 'listner' (did you mean 'listeners'?)",
+        "pools.gateways.health_check.intervall": "unknown key 'intervall' (did you mean 'interval'?)",
+        "pools.gateways.backends[0].wieght": "unknown key 'wieght' (did you mean 'weight'?)",
+        "listeners[1].tls.ca": "unknown key 'ca'",
+        "affinity.secret_key": "unknown key 'secret_key' (did you mean 'secret_keys'?)",
+    }
+
+
+def test_duplicates_are_problems(base_dir: Path) -> None:
+    """Backend ids and addresses are unique in a pool, route prefixes and listener binds overall."""
+    tree = set_at(good_tree(), "pools.gateways.backends[1]", {"id": "gw-1", "address": "127.0.0.1:9001"})
+    tree["routes"].append({"path_prefix": "/", "pool": "gateways"})
+    tree["listeners"].append({"bind": "127.0.0.1:8080"})
+    assert problems_of(tree, base_dir) == {
+        "listeners[2].bind": "duplicate bind 127.0.0.1:8080 (first at listeners[0])",
+        "routes[1].path_prefix": "duplicate path_prefix '/' (first at routes[0])",
+        "pools.gateways.backends[1].id": "duplicate backend id 'gw-1' (first at pools.gateways.backends[0])",
+        "pools.gateways.backends[1].address": (
+            "duplicate backend address 127.0.0.1:9001 (first at pools.gateways.backends[0])"
+        ),
+    }
+
+
+def test_non_loopback_admin_needs_a_token(base_dir: Path) -> None:
+    """Admin reachable off-host without a token is refused."""
+    tree = good_tree()
+    tree["admin"] = {"bind": "0.0.0.0:9000"}
+    assert problems_of(tree, base_dir) == {
+        "admin.token": "a token is required when admin listens on a non-loopback address"
+    }
+
+
+def test_same_site_none_needs_secure(base_dir: Path) -> None:
+    """SameSite=None with secure: never is refused, since browsers drop such cookies."""
+    tree = set_at(good_tree(), "affinity.same_site", "none")
+    assert parse(tree, base_dir).affinity.same_site is SameSite.NONE
+    problems = problems_of(set_at(tree, "affinity.secure", "never"), base_dir)
+    assert list(problems) == ["affinity.same_site"]
+
+
+def test_invalid_pool_name(base_dir: Path) -> None:
+    """Pool names appear in admin URLs, so they follow the id character set."""
+    tree = good_tree()
+    tree["pools"]["bad name"] = tree["pools"]["gateways"]
+    problems = problems_of(tree, base_dir)
+    assert list(problems) == ["pools.bad name"]
+    assert problems["pools.bad name"].startswith("invalid pool name: expected letters, digits")
+
+
+def test_tls_key_must_match_certificate(base_dir: Path, tmp_path: Path) -> None:
+    """A key that does not belong to the certificate is caught by validation, not at bind time."""
+    other = write_dev_certs(tmp_path, ["localhost"])
+    tree = set_at(good_tree(), "listeners[1].tls.key", str(other.server_key))
+    problems = problems_of(tree, base_dir)
+    assert list(problems) == ["listeners[1].tls"]
+    assert problems["listeners[1].tls"].startswith("cannot load the certificate and key:")
+
+
+# --------------------------------------------------------------------------- ${ENV}
+
+
+def test_unset_variable_is_named_at_its_path(base_dir: Path) -> None:
+    """An unset ${VAR} is a problem at the key that uses it, naming the variable."""
+    problems = problems_of(good_tree(), base_dir, environ={})
+    assert problems == {
+        "admin.token": "environment variable LB_ADMIN_TOKEN is not set",
+        "affinity.secret_keys[0]": "environment variable LB_COOKIE_KEY is not set",
+    }
+
+
+def test_default_applies_when_unset_or_empty(base_dir: Path) -> None:
+    """${NAME:-default} uses the default when NAME is unset or empty, like the shell."""
+    tree = set_at(good_tree(), "admin.token", "${TOKEN:-fallback}")
+    assert parse(tree, base_dir).admin.token == "fallback"
+    assert parse(tree, base_dir, {**ENV, "TOKEN": ""}).admin.token == "fallback"
+    assert parse(tree, base_dir, {**ENV, "TOKEN": "set"}).admin.token == "set"
+
+
+def test_expansion_inside_text_and_escape(base_dir: Path) -> None:
+    """References expand inside longer strings, and $${ stays a literal ${."""
+    tree = set_at(good_tree(), "admin.token", "pre-${LB_ADMIN_TOKEN}-$${NOT}")
+    assert parse(tree, base_dir).admin.token == "pre-admin-secret-${NOT}"
+
+
+def test_expanded_numbers_and_booleans(base_dir: Path) -> None:
+    """Integer and boolean keys accept text that came from the environment."""
+    tree = set_at(good_tree(), "pools.gateways.backends[0].weight", "${WEIGHT}")
+    tree = set_at(tree, "affinity.http_only", "${HTTP_ONLY}")
+    tree = set_at(tree, "listeners[0].bind", "127.0.0.1:${PORT}")
+    config = parse(tree, base_dir, {**ENV, "WEIGHT": "7", "HTTP_ONLY": "false", "PORT": "8181"})
+    assert config.pools["gateways"].backends[0].weight == 7
+    assert config.affinity.http_only is False
+    assert config.listeners[0].port == 8181
+
+
+def test_literal_strings_are_not_coerced(base_dir: Path) -> None:
+    """A quoted "7" written in the file is still a string where an integer is expected."""
+    problems = problems_of(set_at(good_tree(), "pools.gateways.backends[0].weight", "7"), base_dir)
+    assert problems == {"pools.gateways.backends[0].weight": "expected an integer from 1 to 256, got str"}
+
+
+def test_malformed_reference(base_dir: Path) -> None:
+    """A ${ that is not ${NAME} or ${NAME:-default} is a problem, not left as text."""
+    problems = problems_of(set_at(good_tree(), "admin.token", "${1BAD}"), base_dir)
+    assert problems == {"admin.token": "expected ${NAME} or ${NAME:-default}, got '${1BAD}'"}
+
+
+def test_keys_are_not_expanded(base_dir: Path) -> None:
+    """Only values expand; a ${...} key is just an unknown key."""
+    tree = good_tree()
+    tree["${LB_ADMIN_TOKEN}"] = 1
+    assert list(problems_of(tree, base_dir)) == ["${LB_ADMIN_TOKEN}"]
+
+
+# --------------------------------------------------------------------------- YAML and files
+
+
+def test_yaml_syntax_error_is_one_problem_with_line_and_column(tmp_path: Path) -> None:
+    """Broken YAML is one problem at the root path naming line and column."""
+    with pytest.raises(ConfigError) as info:
+        parse_config("listeners:\n  - bind: [oops\nroutes: []\n", base_dir=tmp_path, environ={})
+    (problem,) = info.value.problems
+    assert problem.path == ""
+    assert re.match(r"invalid YAML at line \d+, column \d+: ", problem.message)
+
+
+def test_unquoted_reference_in_flow_list_gets_a_hint(tmp_path: Path) -> None:
+    """`[${KEY}]` is not YAML; the message says to quote it."""
+    with pytest.raises(ConfigError) as info:
+        parse_config("affinity:\n  secret_keys: [${K}]\n", base_dir=tmp_path, environ={})
+    (problem,) = info.value.problems
+    assert "line 2" in problem.message
+    assert 'quote ${...} references, e.g. ["${LB_COOKIE_KEY}"]' in problem.message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "the configuration is empty"),
+        ("- a\n- b\n", "expected a mapping, got list"),
+        ("just text", "expected a mapping, got str"),
+        ("a: 2024-13-01\n", "invalid YAML"),
+        ("a: !!python/object:os.system x\n", "invalid YAML at line 1"),
+        ("a: &x [*x]\n", "unknown key 'a'"),
+    ],
+)
+def test_document_level_problems(tmp_path: Path, text: str, message: str) -> None:
+    """Empty, non-mapping, unsafe or odd documents are problems, never crashes."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir=tmp_path, environ={})
+    assert any(message in p.message for p in info.value.problems)
+
+
+def test_self_referencing_alias_is_reported(tmp_path: Path) -> None:
+    """A YAML alias that contains itself is a problem, not an endless loop."""
+    with pytest.raises(ConfigError) as info:
+        parse_config("listeners: &x [*x]\n", base_dir=tmp_path, environ={})
+    assert "listeners[0]" in {p.path for p in info.value.problems}
+
+
+def test_missing_file_is_a_problem(tmp_path: Path) -> None:
+    """A config file that cannot be read is reported as a problem, not a traceback."""
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.yaml", environ={})
+    (problem,) = info.value.problems
+    assert problem.path == "" and problem.message.startswith(f"cannot read {tmp_path / 'nope.yaml'}")
+
+
+def test_tls_paths_resolve_against_the_config_file(base_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative cert paths are relative to the config file, not the working directory."""
+    (base_dir / "lb.yaml").write_text(GOOD_YAML, encoding="utf-8")
+    monkeypatch.chdir("/")
+    config = load_config(base_dir / "lb.yaml", environ=ENV)
+    assert config.listeners[1].tls is not None
+    assert config.listeners[1].tls.cert == str(base_dir / "certs" / "server.crt")
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+KEYS = [
+    "listeners", "bind", "tls", "cert", "key", "admin", "token", "affinity", "mode", "cookie",
+    "max_age", "secret_keys", "same_site", "http_only", "secure", "routes", "path_prefix", "pool",
+    "pools", "gateways", "balance", "health_check", "type", "path", "interval", "timeout", "rise",
+    "fall", "backends", "id", "address", "weight", "timeouts", "handshake", "limits", "logging",
+    "level", "format", "runtime", "event_loop",
+]  # fmt: skip
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(),
+    st.text(max_size=40),
+    st.sampled_from(["127.0.0.1:80", "[::1]:0", "1s", "${X}", "${X:-1}", "${", "/", "insert", "k" * 40]),
+)
+keys = st.one_of(st.sampled_from(KEYS), st.text(max_size=8), st.integers())
+trees = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(keys, children, max_size=5),
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(trees)
+def test_arbitrary_trees_only_raise_config_error(tree: object) -> None:
+    """Whatever YAML holds, parse_config returns a Config or raises ConfigError, nothing else."""
+    try:
+        parse_config(yaml.safe_dump(tree), base_dir=Path("/nonexistent"), environ={"X": "1"})
+    except ConfigError as exc:
+        assert exc.problems
+
+
+def _leaf_paths(node: object, path: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _leaf_paths(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _leaf_paths(v, f"{path}[{i}]")]
+    return [path]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(_leaf_paths(yaml.safe_load(GOOD_YAML))), trees)
+def test_one_mutated_value_only_raises_config_error(base_dir: Path, path: str, value: object) -> None:
+    """Replacing any value of a good config yields a Config or ConfigError problems at or under that path."""
+    try:
+        parse(set_at(good_tree(), path, value), base_dir)
+    except ConfigError as exc:
+        assert exc.problems
+        root = _steps(path)[0]
+        assert all(p.path.startswith(str(root)) or p.path.startswith("routes") for p in exc.problems)
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=200, deadline=None)
+def test_arbitrary_text_only_raises_config_error(text: str) -> None:
+    """Arbitrary text (usually broken YAML) never escapes as anything but ConfigError."""
+    with contextlib.suppress(ConfigError):
+        parse_config(text, base_dir=Path("/nonexistent"), environ={})

@@ -1,0 +1,176 @@
+"""Cookie headers: our cookie is read and removed; every other cookie passes unchanged (RFC 6265)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lb.config import SameSite
+from lb.cookies import read_cookie, render_set_cookie, rewrite_cookie, strip_cookie
+
+NAME = "LB_AFFINITY"
+
+
+# -- read_cookie ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "values"),
+    [
+        ([], []),
+        (["a=1"], []),
+        (["LB_AFFINITY=tok"], ["tok"]),
+        (["a=1; LB_AFFINITY=tok; b=2"], ["tok"]),
+        (["a=1", "LB_AFFINITY=tok"], ["tok"]),
+        (["LB_AFFINITY=one; LB_AFFINITY=two", "LB_AFFINITY=three"], ["one", "two", "three"]),
+        (['LB_AFFINITY="quoted"'], ["quoted"]),
+        (['LB_AFFINITY="'], ['"']),
+        (["  LB_AFFINITY  =  spaced  ;b=2"], ["spaced"]),
+        (["LB_AFFINITY="], [""]),
+        (["LB_AFFINITY=a=b"], ["a=b"]),
+        (["LB_AFFINITY"], []),
+        (["lb_affinity=lower; XLB_AFFINITY=x; LB_AFFINITYX=y"], []),
+        (["a=1;;; LB_AFFINITY=t;"], ["t"]),
+    ],
+    ids=[
+        "no header", "other cookie", "alone", "in the middle", "second header", "repeated names",
+        "quoted", "lone quote", "spaces", "empty value", "equals in value", "no equals",
+        "case and prefix differ", "stray semicolons",
+    ],
+)
+def test_read_cookie(headers: list[str], values: list[str]) -> None:
+    """Every value of the named cookie across all Cookie headers, in order; names are case-sensitive."""
+    assert read_cookie(headers, NAME) == values
+
+
+# -- strip_cookie -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "stripped"),
+    [
+        ("LB_AFFINITY=tok", None),
+        ("LB_AFFINITY=tok; LB_AFFINITY=old", None),
+        (" LB_AFFINITY=tok ; ", None),
+        ("a=1; LB_AFFINITY=tok; b=2", "a=1; b=2"),
+        ("LB_AFFINITY=tok; session=Ab+/9==; theme=\"dark mode\"", "session=Ab+/9==; theme=\"dark mode\""),
+        ("a=1; b=2", "a=1; b=2"),
+        ("lb_affinity=keep; LB_AFFINITY=drop", "lb_affinity=keep"),
+        ("a=1; LB_AFFINITY=x; a=2", "a=1; a=2"),
+        ("flag; LB_AFFINITY=x", "flag"),
+        ("a= spaced value ; LB_AFFINITY=x", "a= spaced value"),
+    ],
+    ids=[
+        "only ours", "ours twice", "ours with padding", "between others", "others byte for byte",
+        "nothing to strip", "other case kept", "repeated other names", "valueless part kept",
+        "inner spaces kept",
+    ],
+)
+def test_strip_cookie(header: str, stripped: str | None) -> None:
+    """Our cookie is removed and the others pass byte for byte; nothing left gives None."""
+    assert strip_cookie(header, NAME) == stripped
+
+
+# -- rewrite_cookie ---------------------------------------------------------
+
+
+def test_rewrite_cookie_replaces_each_value() -> None:
+    """Each value of the named cookie (unquoted) goes through `replace`; others are untouched."""
+    seen: list[str] = []
+
+    def replace(value: str) -> str:
+        seen.append(value)
+        return value.upper()
+
+    header = 'a=1; sid="abc"; b=2; sid=def'
+    assert rewrite_cookie(header, "sid", replace) == "a=1; sid=ABC; b=2; sid=DEF"
+    assert seen == ["abc", "def"]
+
+
+def test_rewrite_cookie_none_removes_pair() -> None:
+    """`replace` answering None removes that pair; None overall when nothing is left."""
+    assert rewrite_cookie("sid=a; x=1; sid=b", "sid", lambda v: None if v == "a" else v) == "x=1; sid=b"
+    assert rewrite_cookie("sid=a", "sid", lambda _v: None) is None
+
+
+def test_rewrite_cookie_unwraps_our_token_for_the_backend() -> None:
+    """In rewrite mode the backend sees the value it set, not our token."""
+    tokens = {"TOKEN": "app-session-42"}
+    assert rewrite_cookie("JSESSIONID=TOKEN; lang=en", "JSESSIONID", tokens.get) == (
+        "JSESSIONID=app-session-42; lang=en"
+    )
+
+
+# -- render_set_cookie ------------------------------------------------------
+
+
+def test_render_set_cookie_exact() -> None:
+    """Our Set-Cookie is exactly `name=tok; Path=/; Max-Age=N; HttpOnly; SameSite=X` (SPEC)."""
+    assert render_set_cookie(
+        "LB_AFFINITY", "tok", max_age=3600, same_site=SameSite.LAX, http_only=True, secure=False
+    ) == "LB_AFFINITY=tok; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax"
+
+
+def test_render_set_cookie_secure() -> None:
+    """On TLS (or secure: always) the cookie ends with `; Secure`."""
+    assert render_set_cookie(
+        "LB_AFFINITY", "tok", max_age=3600, same_site=SameSite.LAX, http_only=True, secure=True
+    ) == "LB_AFFINITY=tok; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax; Secure"
+
+
+@pytest.mark.parametrize(
+    ("same_site", "http_only", "expected"),
+    [
+        (SameSite.STRICT, True, "c=v; Path=/; Max-Age=60; HttpOnly; SameSite=Strict"),
+        (SameSite.NONE, True, "c=v; Path=/; Max-Age=60; HttpOnly; SameSite=None"),
+        (SameSite.LAX, False, "c=v; Path=/; Max-Age=60; SameSite=Lax"),
+    ],
+)
+def test_render_set_cookie_options(same_site: SameSite, http_only: bool, expected: str) -> None:
+    """SameSite follows the config and HttpOnly is left out when http_only is false."""
+    assert render_set_cookie("c", "v", max_age=60, same_site=same_site, http_only=http_only, secure=False) == (
+        expected
+    )
+
+
+# -- hostile input ----------------------------------------------------------
+
+# RFC 6265 §4.1.1 cookie-name (token) and cookie-octet characters.
+_NAME_CHARS = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_OCTETS = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '",;\\')
+_names = st.one_of(st.just(NAME), st.just("lb_affinity"), st.text(_NAME_CHARS, min_size=1, max_size=8))
+_values = st.one_of(
+    st.text(_OCTETS, max_size=12), st.text(_OCTETS, max_size=10).map(lambda v: f'"{v}"')
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pairs=st.lists(st.tuples(_names, _values), max_size=8), seps=st.sampled_from(["; ", ";", " ;  "]))
+def test_strip_cookie_removes_ours_and_keeps_every_other_pair(pairs: list[tuple[str, str]], seps: str) -> None:
+    """Stripping leaves no trace of our cookie and every other pair, in order and byte for byte."""
+    header = seps.join(f"{n}={v}" for n, v in pairs)
+    others = [f"{n}={v}" for n, v in pairs if n != NAME]
+    result = strip_cookie(header, NAME)
+    if not others:
+        assert result is None
+        return
+    assert result == "; ".join(others)
+    assert read_cookie([result], NAME) == []
+
+
+_hostile_headers = st.lists(
+    st.one_of(st.text(max_size=12), _names.map(lambda n: f" {n} = x"), st.just(NAME + "=t")), max_size=8
+).map(";".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(header=_hostile_headers)
+def test_strip_cookie_on_arbitrary_text(header: str) -> None:
+    """Whatever a client sends, our cookie is gone afterwards and every other cookie reads the same."""
+    result = strip_cookie(header, NAME)
+    kept = [] if result is None else [result]
+    assert read_cookie(kept, NAME) == []
+    names = {part.strip().partition("=")[0].strip() for part in header.split(";") if "=" in part}
+    for other in names - {NAME}:
+        assert read_cookie(kept, other) == read_cookie([header], other)

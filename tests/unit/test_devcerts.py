@@ -1,0 +1,138 @@
+"""Dev certificates (`lb certs`) and the TLS server context built from them."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import socket
+import ssl
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from lb.config import TlsConfig
+from lb.devcerts import DevCerts, write_dev_certs
+from lb.tls import server_ssl_context
+
+TIMEOUT = 5.0  # seconds; bounds every blocking socket call in the loopback test
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> DevCerts:
+    return write_dev_certs(tmp_path_factory.mktemp("certs"), ["localhost", "127.0.0.1"])
+
+
+def load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_writes_four_files_with_private_keys_owner_only(certs: DevCerts) -> None:
+    """ca.crt, ca.key, server.crt, server.key are written; both keys have mode 0600."""
+    assert [p.name for p in (certs.ca_cert, certs.ca_key, certs.server_cert, certs.server_key)] == [
+        "ca.crt",
+        "ca.key",
+        "server.crt",
+        "server.key",
+    ]
+    assert stat.S_IMODE(certs.ca_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(certs.server_key.stat().st_mode) == 0o600
+    assert certs.ca_cert.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+
+
+def test_ca_is_a_signing_ca(certs: DevCerts) -> None:
+    """The CA carries critical BasicConstraints(ca=True) and KeyUsage(keyCertSign)."""
+    ca = load(certs.ca_cert)
+    constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints)
+    usage = ca.extensions.get_extension_for_class(x509.KeyUsage)
+    assert constraints.critical and constraints.value.ca
+    assert usage.critical and usage.value.key_cert_sign
+
+
+def test_server_cert_names_hosts_and_is_signed_by_the_ca(certs: DevCerts) -> None:
+    """The server cert has DNS and IP SANs, serverAuth, and verifies against the CA key."""
+    ca, server = load(certs.ca_cert), load(certs.server_cert)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert server.issuer == ca.subject
+    server.verify_directly_issued_by(ca)
+
+
+def test_validity_is_backdated_one_day_and_lasts_825_days(tmp_path: Path) -> None:
+    """Both certificates are valid from now minus one day, for 825 days."""
+    now = datetime.datetime(2030, 1, 15, 12, 0, tzinfo=datetime.UTC)
+    written = write_dev_certs(tmp_path, ["localhost"], now=now)
+    for path in (written.ca_cert, written.server_cert):
+        cert = load(path)
+        assert cert.not_valid_before_utc == now - datetime.timedelta(days=1)
+        assert cert.not_valid_after_utc - cert.not_valid_before_utc == datetime.timedelta(days=825)
+
+
+def test_rewriting_keeps_keys_private(tmp_path: Path) -> None:
+    """Writing over a world-readable key file still leaves it 0600."""
+    (tmp_path / "server.key").write_text("old")
+    (tmp_path / "server.key").chmod(0o644)
+    written = write_dev_certs(tmp_path, ["localhost"])
+    assert stat.S_IMODE(written.server_key.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("hosts", [[], [""], ["bücher.example"]])
+def test_rejects_unusable_hosts(tmp_path: Path, hosts: list[str]) -> None:
+    """No hosts, an empty host or a non-ASCII name is a ValueError, and nothing is written."""
+    with pytest.raises(ValueError):
+        write_dev_certs(tmp_path / "out", hosts)
+    assert not (tmp_path / "out").exists()
+
+
+def test_server_context_policy(certs: DevCerts) -> None:
+    """The listener context is a TLS server context with TLS 1.2 as the floor."""
+    context = server_ssl_context(TlsConfig(cert=str(certs.server_cert), key=str(certs.server_key)))
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.protocol == ssl.PROTOCOL_TLS_SERVER
+
+
+def _serve(listener: socket.socket, context: ssl.SSLContext, count: int, errors: list[BaseException]) -> None:
+    for _ in range(count):
+        try:
+            conn, _ = listener.accept()
+            conn.settimeout(TIMEOUT)
+            with context.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall((tls.selected_alpn_protocol() or "none").encode())
+        except (OSError, ssl.SSLError) as exc:  # the client side reports the failure that matters
+            errors.append(exc)
+
+
+def test_python_ssl_verifies_the_chain_on_loopback(certs: DevCerts) -> None:
+    """A default-verification client trusting ca.crt connects to 127.0.0.1 and localhost; ALPN is http/1.1."""
+    server_context = server_ssl_context(TlsConfig(cert=str(certs.server_cert), key=str(certs.server_key)))
+    client_context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    client_context.set_alpn_protocols(["h2", "http/1.1"])
+    errors: list[BaseException] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT)
+        port = listener.getsockname()[1]
+        server = threading.Thread(target=_serve, args=(listener, server_context, 3, errors), daemon=True)
+        server.start()
+        for name in ("127.0.0.1", "localhost"):
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw,
+                client_context.wrap_socket(raw, server_hostname=name) as tls,
+            ):
+                assert tls.recv(16) == b"http/1.1"
+                assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        # A name that is not in the certificate must fail verification.
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw,
+            pytest.raises(ssl.SSLCertVerificationError),
+        ):
+            client_context.wrap_socket(raw, server_hostname="example.com")
+        server.join(TIMEOUT)
+    assert not server.is_alive()
+    assert len(errors) == 1  # only the refused example.com handshake

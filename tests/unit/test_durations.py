@@ -1,0 +1,83 @@
+"""Durations in configuration: 500ms, 2s, 5m, 1h, or bare seconds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lb.durations import parse_duration
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("2s", 2.0),
+        ("1.5s", 1.5),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("0s", 0.0),
+        (" 10s ", 10.0),
+        ("250 ms", 0.25),
+        (".5s", 0.5),
+        ("3", 3.0),
+        (3, 3.0),
+        (0.25, 0.25),
+        (0, 0.0),
+    ],
+)
+def test_parses_units_and_bare_seconds(value: str | float, seconds: float) -> None:
+    """Each unit converts to float seconds; a bare number means seconds."""
+    assert parse_duration(value) == pytest.approx(seconds)
+    assert isinstance(parse_duration(value), float)
+
+
+@pytest.mark.parametrize(
+    "value", ["abc", "", "1d", "s", "1.s", "1e3s", "1 h 5m", "5M", "ms500", "nan", "inf", "1,5s"]
+)
+def test_rejects_non_durations_with_an_example(value: str) -> None:
+    """Text that is not a duration is rejected with a message that shows the accepted forms."""
+    with pytest.raises(ValueError, match="expected a duration like 500ms, 2s, 5m or 1h") as info:
+        parse_duration(value)
+    assert repr(value) in str(info.value)
+
+
+def test_message_names_the_bad_value() -> None:
+    """The message quotes the offending text."""
+    with pytest.raises(ValueError) as info:
+        parse_duration("abc")
+    assert str(info.value) == "expected a duration like 500ms, 2s, 5m or 1h, got 'abc'"
+
+
+@pytest.mark.parametrize("value", ["-1s", "-500ms", "- 2m", -1, -0.5])
+def test_rejects_negative_durations(value: str | float) -> None:
+    """Negative durations are rejected as negative, not as unreadable."""
+    with pytest.raises(ValueError, match="cannot be negative"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, True, False, "9" * 400])
+def test_rejects_non_finite_and_booleans(value: str | float) -> None:
+    """NaN, infinities, overflowing text and YAML booleans are not durations."""
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+@given(st.integers(min_value=0, max_value=10**6), st.sampled_from(["ms", "s", "m", "h"]))
+def test_integer_with_unit_round_trips(number: int, unit: str) -> None:
+    """N<unit> is N times the unit's length in seconds."""
+    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    assert parse_duration(f"{number}{unit}") == pytest.approx(number * factor)
+
+
+@given(st.text(max_size=20))
+def test_arbitrary_text_gives_a_float_or_value_error(text: str) -> None:
+    """No input raises anything but ValueError, and results are finite and non-negative."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        return
+    assert math.isfinite(seconds) and seconds >= 0

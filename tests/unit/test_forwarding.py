@@ -1,0 +1,258 @@
+"""Heads rebuilt across the balancer: hop-by-hop rules, X-Forwarded-*, cookies, our own error answers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from lb.forwarding import (
+    HOP_BY_HOP,
+    render_client_response,
+    render_error,
+    render_forwarded_request,
+)
+from lb.http_head import RequestHead, parse_request_head, parse_response_head
+
+
+def request(*headers: str, start: str = "GET /ws?x=1 HTTP/1.1") -> RequestHead:
+    return parse_request_head(("\r\n".join([start, *headers]) + "\r\n\r\n").encode("latin-1"))
+
+
+def forwarded(
+    req: RequestHead,
+    *,
+    client_ip: str = "203.0.113.7",
+    proto: str = "https",
+    websocket: bool = False,
+    rewrite_cookie: Callable[[str], str | None] | None = None,
+) -> RequestHead:
+    """Forward `req` and parse the result with our own strict parser (so it is valid HTTP/1.1 too)."""
+    raw = render_forwarded_request(
+        req, client_ip=client_ip, proto=proto, websocket=websocket, rewrite_cookie=rewrite_cookie
+    )
+    return parse_request_head(raw)
+
+
+def names(req: RequestHead) -> list[str]:
+    return [name.lower() for name, _ in req.head.headers]
+
+
+def test_request_line_and_end_to_end_headers_pass_unchanged() -> None:
+    """Method, target and end-to-end headers reach the backend as sent, in order."""
+    out = forwarded(request("Host: lb.example", "Accept: */*", "X-Custom: a,  b", "Origin: https://app"))
+    assert out.head.start_line == ("GET", "/ws?x=1", "HTTP/1.1")
+    assert out.head.headers[:4] == (
+        ("Host", "lb.example"), ("Accept", "*/*"), ("X-Custom", "a,  b"), ("Origin", "https://app")
+    )
+
+
+def test_hop_by_hop_headers_are_removed() -> None:
+    """Connection, Keep-Alive, Proxy-*, TE, Trailer and Upgrade from the client do not reach the backend."""
+    out = forwarded(
+        request(
+            "Host: a", "Keep-Alive: timeout=5", "Proxy-Connection: keep-alive", "TE: trailers",
+            "Trailer: X-Sum", "Upgrade: h2c", "Proxy-Authorization: Basic eDp5", "Connection: keep-alive",
+            "Accept: */*",
+        )
+    )
+    assert not set(names(out)) & (HOP_BY_HOP - {"connection"})
+    assert out.head.get_all("connection") == ["close"]
+    assert out.head.get("accept") == "*/*"
+
+
+def test_headers_listed_in_connection_are_removed() -> None:
+    """Names the client lists in Connection are hop-by-hop too (RFC 9110 §7.6.1)."""
+    out = forwarded(request("Host: a", "Connection: X-Secret, keep-alive", "x-secret: 1", "X-Kept: 2"))
+    assert "x-secret" not in names(out)
+    assert out.head.get("x-kept") == "2"
+
+
+def test_transfer_encoding_travels_with_the_body() -> None:
+    """Transfer-Encoding is kept: the body is relayed as it came."""
+    out = forwarded(request("Host: a", "Transfer-Encoding: chunked", start="POST /up HTTP/1.1"))
+    assert out.head.get("transfer-encoding") == "chunked"
+
+
+def test_x_forwarded_for_is_appended_to_the_chain() -> None:
+    """The client IP is appended to an existing X-Forwarded-For chain, which is kept."""
+    out = forwarded(request("Host: a", "X-Forwarded-For: 198.51.100.1", "x-forwarded-for: 10.0.0.1, 10.0.0.2"))
+    assert out.head.get_all("x-forwarded-for") == ["198.51.100.1, 10.0.0.1, 10.0.0.2, 203.0.113.7"]
+
+
+def test_x_forwarded_for_without_chain_is_the_client_ip() -> None:
+    """Without a prior chain, X-Forwarded-For is the client IP alone."""
+    out = forwarded(request("Host: a"), client_ip="2001:db8::1")
+    assert out.head.get_all("x-forwarded-for") == ["2001:db8::1"]
+
+
+@pytest.mark.parametrize("proto", ["http", "https"])
+def test_proto_and_host_are_set(proto: str) -> None:
+    """X-Forwarded-Proto is the listener's scheme and X-Forwarded-Host the client's Host."""
+    out = forwarded(request("Host: lb.example:8443"), proto=proto)
+    assert out.head.get_all("x-forwarded-proto") == [proto]
+    assert out.head.get_all("x-forwarded-host") == ["lb.example:8443"]
+    assert out.head.get_all("host") == ["lb.example:8443"]
+
+
+def test_client_sent_forwarded_proto_and_host_are_replaced() -> None:
+    """A client cannot choose X-Forwarded-Proto or X-Forwarded-Host: ours replace theirs."""
+    out = forwarded(
+        request("Host: real.example", "X-Forwarded-Proto: https", "X-Forwarded-Host: evil.example",
+                "x-forwarded-host: evil2.example"),
+        proto="http",
+    )
+    assert out.head.get_all("x-forwarded-proto") == ["http"]
+    assert out.head.get_all("x-forwarded-host") == ["real.example"]
+
+
+def test_websocket_keeps_the_upgrade() -> None:
+    """A WebSocket handshake is forwarded with exactly Connection: Upgrade and Upgrade: websocket."""
+    out = forwarded(
+        request("Host: a", "Connection: keep-alive, Upgrade", "Upgrade: WebSocket",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13",
+                "Sec-WebSocket-Protocol: chat, superchat", "Sec-WebSocket-Extensions: permessage-deflate"),
+        websocket=True,
+    )
+    assert out.head.get_all("connection") == ["Upgrade"]
+    assert out.head.get_all("upgrade") == ["websocket"]
+    assert out.head.get("sec-websocket-key") == "dGhlIHNhbXBsZSBub25jZQ=="
+    assert out.head.get("sec-websocket-version") == "13"
+    assert out.head.get("sec-websocket-protocol") == "chat, superchat"
+    assert out.head.get("sec-websocket-extensions") == "permessage-deflate"
+
+
+def test_plain_request_asks_backend_to_close() -> None:
+    """A plain HTTP request is forwarded with Connection: close and no Upgrade."""
+    out = forwarded(request("Host: a", "Connection: keep-alive", "Upgrade: websocket"), websocket=False)
+    assert out.head.get_all("connection") == ["close"]
+    assert out.head.get_all("upgrade") == []
+
+
+def test_forwarded_version_is_http11() -> None:
+    """The backend always receives HTTP/1.1."""
+    out = forwarded(request("Host: a", start="GET / HTTP/1.0"))
+    assert out.version == "HTTP/1.1"
+
+
+@pytest.mark.xfail(strict=True, reason="bug: HTTP/1.0 request without Host is forwarded as HTTP/1.1 without Host")
+def test_http10_without_host_is_forwarded_as_valid_http11() -> None:
+    """An HTTP/1.0 request without Host still reaches the backend as a valid HTTP/1.1 request (RFC 9112 §3.2)."""
+    raw = render_forwarded_request(
+        request(start="GET / HTTP/1.0"), client_ip="203.0.113.7", proto="http", websocket=False
+    )
+    parse_request_head(raw)  # BadRequest: HTTP/1.1 request needs exactly one Host header
+
+
+def test_cookie_rewrite_callback_is_applied_per_header() -> None:
+    """Each Cookie header goes through the rewrite callback; other headers do not."""
+    seen: list[str] = []
+
+    def rewrite(value: str) -> str | None:
+        seen.append(value)
+        return value.upper()
+
+    out = forwarded(request("Host: a", "Cookie: a=1", "X-Other: b=2", "cookie: c=3"), rewrite_cookie=rewrite)
+    assert seen == ["a=1", "c=3"]
+    assert out.head.get_all("cookie") == ["A=1", "C=3"]
+    assert out.head.get("x-other") == "b=2"
+
+
+def test_cookie_rewrite_returning_none_drops_the_header() -> None:
+    """A rewrite callback answering None removes that Cookie header entirely."""
+    out = forwarded(
+        request("Host: a", "Cookie: LB_AFFINITY=t", "Cookie: app=1"),
+        rewrite_cookie=lambda value: None if value.startswith("LB_AFFINITY") else value,
+    )
+    assert out.head.get_all("cookie") == ["app=1"]
+
+
+def test_no_rewrite_callback_keeps_cookies() -> None:
+    """Without a callback, Cookie headers pass unchanged."""
+    out = forwarded(request("Host: a", "Cookie: LB_AFFINITY=t; app=1"))
+    assert out.head.get_all("cookie") == ["LB_AFFINITY=t; app=1"]
+
+
+# -- responses --------------------------------------------------------------
+
+SWITCHING = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n"
+    b"Set-Cookie: app=1\r\n\r\n"
+)
+
+
+def test_switching_response_keeps_backend_headers_and_adds_cookie() -> None:
+    """The 101 reaches the client with all the backend's headers, then our Set-Cookie."""
+    out = render_client_response(
+        parse_response_head(SWITCHING), switching=True, set_cookies=["LB_AFFINITY=tok; Path=/"], extra=[]
+    )
+    assert out == SWITCHING[:-2] + b"Set-Cookie: LB_AFFINITY=tok; Path=/\r\n\r\n"
+
+
+def test_switching_response_without_cookie_is_unchanged() -> None:
+    """A 101 with no cookie to issue is the backend's answer byte for byte."""
+    out = render_client_response(parse_response_head(SWITCHING), switching=True, set_cookies=[], extra=[])
+    assert out == SWITCHING
+
+
+def test_other_response_strips_hop_by_hop_and_closes() -> None:
+    """A non-101 answer loses hop-by-hop headers and says Connection: close; the backend's cookies stay."""
+    raw = (
+        b"HTTP/1.1 403 Forbidden\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\n"
+        b"X-Hop: 1\r\nUpgrade: websocket\r\nSet-Cookie: app=1\r\nContent-Length: 6\r\n"
+        b"Transfer-Encoding-Not: x\r\n\r\n"
+    )
+    out = parse_response_head(
+        render_client_response(parse_response_head(raw), switching=False, set_cookies=["LB=t"], extra=[("X-E", "1")])
+    )
+    assert (out.status, out.reason) == (403, "Forbidden")
+    assert out.head.headers == (
+        ("Set-Cookie", "app=1"),
+        ("Content-Length", "6"),
+        ("Transfer-Encoding-Not", "x"),
+        ("Connection", "close"),
+        ("Set-Cookie", "LB=t"),
+        ("X-E", "1"),
+    )
+
+
+def test_refused_upgrade_with_101_like_headers_is_not_switching() -> None:
+    """A 101 rendered as not switching (plain request) still loses Upgrade and closes."""
+    out = parse_response_head(
+        render_client_response(parse_response_head(SWITCHING), switching=False, set_cookies=[], extra=[])
+    )
+    assert out.head.get_all("connection") == ["close"]
+    assert out.head.get_all("upgrade") == []
+
+
+def test_empty_reason_phrase_round_trips() -> None:
+    """A backend answer without a reason phrase reaches the client with its status intact."""
+    out = render_client_response(
+        parse_response_head(b"HTTP/1.1 204\r\n\r\n"), switching=False, set_cookies=[], extra=[]
+    )
+    parsed = parse_response_head(out)
+    assert (parsed.status, parsed.reason) == (204, "")
+    assert parsed.head.headers == (("Connection", "close"),)
+
+
+def test_render_error_shape() -> None:
+    """Our own answers are text/plain with an exact Content-Length, Connection: close and extra headers."""
+    out = render_error(503, "Service Unavailable", "no healthy backend", {"Retry-After": "1"})
+    assert out == (
+        b"HTTP/1.1 503 Service Unavailable\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 19\r\n"
+        b"Connection: close\r\n"
+        b"Retry-After: 1\r\n"
+        b"\r\n"
+        b"no healthy backend\n"
+    )
+
+
+def test_render_error_counts_utf8_bytes() -> None:
+    """Content-Length counts encoded bytes, not characters."""
+    out = render_error(400, "Bad Request", "caf\u00e9", {})
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert body == "caf\u00e9\n".encode()
+    assert parse_response_head(head + b"\r\n\r\n").head.get("content-length") == str(len(body))

@@ -1,0 +1,236 @@
+"""Where a relayed response body ends (RFC 9112 §6.3), found exactly whatever the read sizes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lb.framing import BodyFramer, response_framer
+from lb.http_head import parse_response_head
+
+AFTER = b"HTTP/1.1 200 OK\r\n"  # bytes that follow the body and must not be counted
+
+CHUNKED = (
+    b"5;name=value\r\nhello\r\n"
+    b"0A ; quoted=\"a b;c\"\r\n0123456789\r\n"
+    b"1\r\n\n\r\n"  # a payload byte that looks like a line end
+    b"000;last\r\n"
+    b"X-Checksum: 123\r\nX-Empty:\r\n"
+    b"\r\n"
+)
+
+
+def feed_all(framer: BodyFramer, pieces: list[bytes]) -> int | None:
+    """Feed `pieces` in order; the body's end as an offset in their concatenation, or None."""
+    offset = 0
+    for piece in pieces:
+        used = framer.feed(piece)
+        if used is not None:
+            assert 0 <= used <= len(piece)
+            assert framer.done
+            return offset + used
+        assert not framer.done
+        offset += len(piece)
+    return None
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(cut, len(data)) for cut in cuts})
+    bounds = [0, *points, len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+# -- Content-Length ---------------------------------------------------------
+
+
+def test_content_length_split_across_feeds() -> None:
+    """A Content-Length body ends after exactly that many bytes, however they are split."""
+    framer = BodyFramer(length=10, chunked=False)
+    assert framer.feed(b"abc") is None
+    assert framer.feed(b"") is None
+    assert framer.feed(b"def") is None
+    assert not framer.done
+    assert framer.feed(b"ghij" + AFTER) == 4
+    assert framer.done
+    assert framer.feed(b"more") == 0
+
+
+def test_content_length_in_one_feed() -> None:
+    """A whole body plus what follows in one read ends at the length."""
+    assert feed_all(BodyFramer(length=5, chunked=False), [b"hello" + AFTER]) == 5
+
+
+def test_zero_length_body_is_done_at_once() -> None:
+    """Content-Length: 0 is complete before any byte arrives."""
+    framer = BodyFramer(length=0, chunked=False)
+    assert framer.done
+    assert framer.feed(AFTER) == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "method"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", "HEAD"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "HEAD"),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", "GET"),
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n", "GET"),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", "GET"),
+        (b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n", "GET"),
+        (b"HTTP/1.1 100 Continue\r\n\r\n", "POST"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "GET"),
+    ],
+    ids=["HEAD with CL", "HEAD with TE", "204", "204 with CL", "304 with CL", "304 with TE", "100", "CL 0"],
+)
+def test_bodiless_responses(raw: bytes, method: str) -> None:
+    """HEAD answers, 1xx, 204 and 304 have no body whatever their framing headers say."""
+    framer = response_framer(parse_response_head(raw), request_method=method)
+    assert framer.done
+    assert framer.feed(AFTER) == 0
+
+
+def test_response_framer_uses_content_length() -> None:
+    """A Content-Length answer (repeated equal values allowed) ends after that many bytes."""
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n"
+    framer = response_framer(parse_response_head(raw), request_method="GET")
+    assert feed_all(framer, [b"ab", b"c" + AFTER]) == 3
+
+
+def test_response_framer_prefers_chunked() -> None:
+    """Transfer-Encoding: chunked frames the body."""
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    framer = response_framer(parse_response_head(raw), request_method="GET")
+    assert feed_all(framer, [CHUNKED + AFTER]) == len(CHUNKED)
+
+
+def test_until_eof_body_never_ends() -> None:
+    """Without Content-Length or chunked, the body runs until the backend closes: feed returns None."""
+    framer = response_framer(parse_response_head(b"HTTP/1.1 200 OK\r\n\r\n"), request_method="GET")
+    for piece in (b"", CHUNKED, b"0\r\n\r\n", AFTER):
+        assert framer.feed(piece) is None
+    assert not framer.done
+    assert BodyFramer(length=None, chunked=False).feed(b"x") is None
+
+
+# -- chunked ----------------------------------------------------------------
+
+
+def test_chunked_whole() -> None:
+    """A chunked body with extensions and trailers ends right after its final blank line."""
+    assert feed_all(BodyFramer(length=None, chunked=True), [CHUNKED + AFTER]) == len(CHUNKED)
+
+
+def test_chunked_one_byte_at_a_time() -> None:
+    """Fed one byte at a time, the body ends on exactly its last byte."""
+    data = CHUNKED + AFTER
+    framer = BodyFramer(length=None, chunked=True)
+    for index in range(len(data)):
+        used = framer.feed(data[index : index + 1])
+        if index < len(CHUNKED) - 1:
+            assert used is None, index
+        else:
+            assert used == 1
+            assert index == len(CHUNKED) - 1
+            break
+    assert framer.done
+
+
+@pytest.mark.parametrize("cut", range(1, len(CHUNKED) + len(AFTER)))
+def test_chunked_split_at_every_boundary(cut: int) -> None:
+    """Split in two at any byte, the body still ends at the same place."""
+    data = CHUNKED + AFTER
+    assert feed_all(BodyFramer(length=None, chunked=True), [data[:cut], data[cut:]]) == len(CHUNKED)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"0\r\n\r\n",
+        b"0;ext\r\n\r\n",
+        b"0\r\nTrailer: x\r\n\r\n",
+        b"1\r\na\r\n0\r\n\r\n",
+        b"F\r\n" + b"x" * 15 + b"\r\n0\r\n\r\n",
+        b"0000000000000001\r\nx\r\n0\r\n\r\n",  # 16 digits is the limit
+        b"1\t;tab\r\nx\r\n0\r\n\r\n",
+    ],
+    ids=["empty", "last-chunk ext", "trailer", "one chunk", "uppercase hex", "16 digits", "tab before ext"],
+)
+def test_chunked_forms(body: bytes) -> None:
+    """Valid chunked bodies end exactly after their final CRLF."""
+    assert feed_all(BodyFramer(length=None, chunked=True), [body + AFTER]) == len(body)
+
+
+MALFORMED_CHUNKED = {
+    "no size": b"\r\n",
+    "non-hex size": b"g\r\n",
+    "negative size": b"-5\r\n",
+    "0x prefix": b"0x5\r\n",
+    "leading space": b" 5\r\n",
+    "extension without size": b";ext\r\n",
+    "bare LF after size": b"5\nhello\r\n",
+    "CR without LF after size": b"5\rhello",
+    "17 hex digits": b"00000000000000001\r\n",
+    "data longer than size": b"5\r\nhelloX\r\n",
+    "CR then junk after data": b"5\r\nhello\rX",
+    "bare LF after data": b"5\r\nhello\n0\r\n\r\n",
+    "CR then junk in trailer": b"0\r\nX: 1\rY",
+    "CR then junk at end": b"0\r\n\rX",
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED_CHUNKED.values(), ids=MALFORMED_CHUNKED.keys())
+def test_malformed_chunked_raises(body: bytes) -> None:
+    """Broken chunked encoding raises ValueError, whole or byte by byte."""
+    with pytest.raises(ValueError):
+        BodyFramer(length=None, chunked=True).feed(body + b"\r\n\r\n")
+    framer = BodyFramer(length=None, chunked=True)
+    with pytest.raises(ValueError):  # from whichever byte is bad
+        for byte in body + b"\r\n\r\n":
+            framer.feed(bytes([byte]))
+
+
+_EXT = st.sampled_from([b"", b";a", b";a=b", b" ; name=\"q;v\"", b";x=1;y"])
+_TRAILER = st.sampled_from([b"X: 1\r\n", b"Checksum: abc\r\n", b"E:\r\n"])
+
+
+@st.composite
+def chunked_bodies(draw: st.DrawFn) -> bytes:
+    parts = []
+    for payload in draw(st.lists(st.binary(min_size=1, max_size=40), max_size=6)):
+        size = f"{len(payload):x}".encode()
+        if draw(st.booleans()):
+            size = size.upper()
+        parts.append(b"0" * draw(st.integers(0, 3)) + size + draw(_EXT) + b"\r\n" + payload + b"\r\n")
+    parts.append(b"0" + draw(_EXT) + b"\r\n")
+    parts.extend(draw(st.lists(_TRAILER, max_size=3)))
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=chunked_bodies(), after=st.binary(max_size=20), cuts=st.lists(st.integers(0, 400), max_size=12))
+def test_chunked_end_is_exact_under_random_splits(body: bytes, after: bytes, cuts: list[int]) -> None:
+    """Any chunked body split anywhere ends exactly at its last byte, never before or after."""
+    assert feed_all(BodyFramer(length=None, chunked=True), split_at(body + after, cuts)) == len(body)
+
+
+@settings(max_examples=200, deadline=None)
+@given(length=st.integers(0, 200), extra=st.binary(max_size=50), cuts=st.lists(st.integers(0, 300), max_size=8))
+def test_content_length_end_is_exact_under_random_splits(length: int, extra: bytes, cuts: list[int]) -> None:
+    """A Content-Length body split anywhere ends exactly after `length` bytes."""
+    framer = BodyFramer(length=length, chunked=False)
+    if length == 0:
+        assert framer.done
+        return
+    assert feed_all(framer, split_at(b"x" * length + extra, cuts)) == length
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200), cuts=st.lists(st.integers(0, 200), max_size=6))
+def test_hostile_chunked_only_raises_value_error(data: bytes, cuts: list[int]) -> None:
+    """Arbitrary bytes give an end inside the data, None, or ValueError, nothing else."""
+    try:
+        end = feed_all(BodyFramer(length=None, chunked=True), split_at(data, cuts))
+    except ValueError:
+        return
+    assert end is None or 0 < end <= len(data)

@@ -1,0 +1,124 @@
+"""WebSocket upgrade checks answered by the balancer before any backend is touched (RFC 6455 §4.2.1)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lb.errors import BadHandshake, UnsupportedVersion
+from lb.handshake import check_upgrade, is_websocket_upgrade
+from lb.http_head import RequestHead, parse_request_head
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3's sample nonce: 16 bytes
+
+
+def upgrade(
+    *,
+    method: str = "GET",
+    version: str = "HTTP/1.1",
+    connection: str | None = "Upgrade",
+    keys: tuple[str, ...] = (KEY,),
+    versions: tuple[str, ...] = ("13",),
+    extra: tuple[str, ...] = (),
+) -> RequestHead:
+    lines = [f"{method} /ws {version}", "Host: lb.example", "Upgrade: websocket"]
+    if connection is not None:
+        lines.append(f"Connection: {connection}")
+    lines += [f"Sec-WebSocket-Key: {key}" for key in keys]
+    lines += [f"Sec-WebSocket-Version: {v}" for v in versions]
+    lines += extra
+    return parse_request_head(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        upgrade(),
+        upgrade(connection="keep-alive, Upgrade"),
+        upgrade(connection="UPGRADE"),
+        upgrade(keys=("AAAAAAAAAAAAAAAAAAAAAA==",)),
+        upgrade(extra=("Sec-WebSocket-Protocol: chat", "Sec-WebSocket-Extensions: permessage-deflate")),
+    ],
+    ids=["plain", "connection list", "connection case", "zero nonce", "protocol and extensions"],
+)
+def test_good_upgrade_passes(request_head: RequestHead) -> None:
+    """A well-formed RFC 6455 opening handshake is accepted."""
+    assert is_websocket_upgrade(request_head)
+    check_upgrade(request_head)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        (),
+        ("not base64!",),
+        ("dGhlIHNhbXBsZSBub25jZQ",),  # missing padding
+        ("dGhlIHNhbXBsZQ==",),  # 10 bytes
+        ("dGhlIHNhbXBsZSBub25jZSEh",),  # 18 bytes
+        ("dGhlIHNhbXBs ZSBub25jZQ==",),  # space inside
+        ("dGhlIHNhbXBsZSBub25jZQ==,dGhlIHNhbXBsZSBub25jZQ==",),
+        ("",),
+        (KEY, KEY),
+        (KEY, "AAAAAAAAAAAAAAAAAAAAAA=="),
+    ],
+    ids=[
+        "missing", "not base64", "no padding", "short", "long", "inner space", "comma list", "empty",
+        "duplicate same", "duplicate different",
+    ],
+)
+def test_missing_bad_or_duplicate_key_is_400(keys: tuple[str, ...]) -> None:
+    """A missing, malformed or repeated Sec-WebSocket-Key is a 400 from the balancer."""
+    with pytest.raises(BadHandshake) as info:
+        check_upgrade(upgrade(keys=keys))
+    assert info.value.status == 400
+
+
+def test_missing_key_message() -> None:
+    """The 400 for an absent key says so."""
+    with pytest.raises(BadHandshake, match="missing Sec-WebSocket-Key"):
+        check_upgrade(upgrade(keys=()))
+
+
+@pytest.mark.parametrize(
+    "versions", [("8",), ("12",), ("14",), ("13, 8",), ("13", "13"), ("abc",), ("",)],
+    ids=["8", "12", "14", "list", "repeated", "text", "empty"],
+)
+def test_other_version_is_426_with_version_13(versions: tuple[str, ...]) -> None:
+    """Sec-WebSocket-Version other than exactly 13 is a 426 naming version 13 (RFC 6455 §4.2.2)."""
+    with pytest.raises(UnsupportedVersion) as info:
+        check_upgrade(upgrade(versions=versions))
+    assert info.value.status == 426
+    assert info.value.headers == {"Sec-WebSocket-Version": "13"}
+
+
+def test_missing_version_is_400() -> None:
+    """An upgrade without Sec-WebSocket-Version is malformed (400), not a version mismatch."""
+    with pytest.raises(BadHandshake, match="missing Sec-WebSocket-Version"):
+        check_upgrade(upgrade(versions=()))
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        upgrade(method="POST"),
+        upgrade(method="HEAD"),
+        upgrade(version="HTTP/1.0"),
+        upgrade(connection=None),
+        upgrade(connection="keep-alive"),
+        upgrade(connection="upgraded"),
+    ],
+    ids=["POST", "HEAD", "HTTP/1.0", "no Connection", "Connection without upgrade", "upgrade as substring"],
+)
+def test_wrong_method_version_or_connection_is_400(request_head: RequestHead) -> None:
+    """An upgrade must be a GET over HTTP/1.1 whose Connection lists Upgrade."""
+    with pytest.raises(BadHandshake) as info:
+        check_upgrade(request_head)
+    assert info.value.status == 400
+
+
+def test_plain_request_is_not_an_upgrade() -> None:
+    """Without `Upgrade: websocket` a request is plain HTTP."""
+    plain = parse_request_head(b"GET /whoami HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+    assert not is_websocket_upgrade(plain)
+    assert is_websocket_upgrade(
+        parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c, WebSocket\r\n\r\n")
+    )

@@ -1,0 +1,321 @@
+"""Backend states, the affinity decision and route matching (SPEC: Affinity semantics, Backend states)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lb.affinity import decide
+from lb.config import BackendConfig, BalanceMethod, HealthCheckConfig, PoolConfig, RouteConfig
+from lb.errors import NoHealthyBackend
+from lb.pool import AdminAction, BackendState, PoolState, StateChange
+from lb.routing import match_route, sort_routes
+
+
+def make_pool(
+    *ids: str, rise: int = 2, fall: int = 3, balance: BalanceMethod = BalanceMethod.ROUND_ROBIN
+) -> PoolState:
+    backends = tuple(BackendConfig(id=i, host="127.0.0.1", port=9001 + n) for n, i in enumerate(ids))
+    return PoolState(
+        config=PoolConfig(
+            name="gateways", backends=backends, balance=balance, health_check=HealthCheckConfig(rise=rise, fall=fall)
+        )
+    )
+
+
+def mark_down(pool: PoolState, backend_id: str) -> None:
+    for _ in range(pool.config.health_check.fall):
+        pool.record_probe(backend_id, False, 1.0, "refused")
+    assert pool.backends[backend_id].state is BackendState.DOWN
+
+
+# -- pool: health hysteresis ------------------------------------------------
+
+
+def test_backends_start_up() -> None:
+    """Backends start up and take new clients until checks say otherwise."""
+    pool = make_pool("gw-1", "gw-2")
+    assert [b.state for b in pool.backends.values()] == [BackendState.UP, BackendState.UP]
+    assert [b.id for b in pool.new_client_candidates()] == ["gw-1", "gw-2"]
+
+
+def test_fall_hysteresis_reports_change_once() -> None:
+    """A backend goes down only after `fall` consecutive failures, and the change is reported once."""
+    pool = make_pool("gw-1", fall=3)
+    assert pool.record_probe("gw-1", False, 1.0, "refused") is None
+    assert pool.record_probe("gw-1", False, 2.0, "refused") is None
+    change = pool.record_probe("gw-1", False, 3.0, "connection refused")
+    assert change == StateChange(
+        pool="gateways", backend="gw-1", old=BackendState.UP, new=BackendState.DOWN,
+        reason="health check failed 3 time(s): connection refused",
+    )
+    backend = pool.backends["gw-1"]
+    assert backend.changed_at == 3.0
+    assert pool.record_probe("gw-1", False, 4.0, "refused") is None
+    assert backend.changed_at == 3.0
+    assert backend.state is BackendState.DOWN
+
+
+def test_rise_hysteresis_reports_change_once() -> None:
+    """A down backend comes back only after `rise` consecutive successes, reported once."""
+    pool = make_pool("gw-1", rise=2)
+    mark_down(pool, "gw-1")
+    assert pool.record_probe("gw-1", True, 10.0, "ok") is None
+    assert pool.backends["gw-1"].state is BackendState.DOWN
+    change = pool.record_probe("gw-1", True, 11.0, "ok")
+    assert change is not None
+    assert (change.old, change.new) == (BackendState.DOWN, BackendState.UP)
+    assert pool.backends["gw-1"].changed_at == 11.0
+    assert pool.record_probe("gw-1", True, 12.0, "ok") is None
+
+
+def test_interleaved_results_reset_the_counters() -> None:
+    """Only consecutive results count: a success resets the failure run and vice versa."""
+    pool = make_pool("gw-1", rise=2, fall=2)
+    for ok in (False, True, False, True, False):
+        assert pool.record_probe("gw-1", ok, 1.0, "flaky") is None
+    assert pool.backends["gw-1"].state is BackendState.UP
+    assert pool.record_probe("gw-1", False, 2.0, "flaky") is not None
+    for ok in (True, False, True, False, True):
+        assert pool.record_probe("gw-1", ok, 3.0, "flaky") is None
+    assert pool.backends["gw-1"].state is BackendState.DOWN
+
+
+def test_successes_on_an_up_backend_change_nothing() -> None:
+    """Passing checks on a healthy backend report no change."""
+    pool = make_pool("gw-1")
+    for now in range(5):
+        assert pool.record_probe("gw-1", True, float(now), "ok") is None
+
+
+# -- pool: admin and combined states -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("healthy", "action", "state", "new", "sticky"),
+    [
+        (True, AdminAction.ENABLE, BackendState.UP, True, True),
+        (True, AdminAction.DRAIN, BackendState.DRAINING, False, True),
+        (True, AdminAction.DISABLE, BackendState.DISABLED, False, False),
+        (False, AdminAction.ENABLE, BackendState.DOWN, False, False),
+        (False, AdminAction.DRAIN, BackendState.DOWN, False, False),
+        (False, AdminAction.DISABLE, BackendState.DISABLED, False, False),
+    ],
+)
+def test_state_combines_health_and_admin(
+    healthy: bool, action: AdminAction, state: BackendState, new: bool, sticky: bool
+) -> None:
+    """disabled wins over everything, then down, then draining; only up takes new clients."""
+    pool = make_pool("gw-1")
+    if not healthy:
+        mark_down(pool, "gw-1")
+    pool.apply_admin("gw-1", action, 5.0)
+    backend = pool.backends["gw-1"]
+    assert backend.state is state
+    assert backend.takes_new_clients is new
+    assert backend.takes_sticky_clients is sticky
+    assert [b.id for b in pool.new_client_candidates()] == (["gw-1"] if new else [])
+
+
+def test_state_values_are_the_admin_json_strings() -> None:
+    """States read as the strings the admin API shows."""
+    assert [s.value for s in BackendState] == ["up", "down", "draining", "disabled"]
+
+
+def test_admin_change_is_reported_only_on_change() -> None:
+    """drain/disable/enable report a StateChange when the state moves, None when it does not."""
+    pool = make_pool("gw-1")
+    change = pool.apply_admin("gw-1", AdminAction.DRAIN, 1.0)
+    assert change == StateChange("gateways", "gw-1", BackendState.UP, BackendState.DRAINING, "operator: drain")
+    assert pool.apply_admin("gw-1", AdminAction.DRAIN, 2.0) is None
+    change = pool.apply_admin("gw-1", AdminAction.DISABLE, 3.0)
+    assert change is not None and (change.old, change.new) == (BackendState.DRAINING, BackendState.DISABLED)
+    change = pool.apply_admin("gw-1", AdminAction.ENABLE, 4.0)
+    assert change is not None and (change.old, change.new) == (BackendState.DISABLED, BackendState.UP)
+    assert pool.apply_admin("gw-1", AdminAction.ENABLE, 5.0) is None
+
+
+def test_drain_of_a_down_backend_shows_after_recovery() -> None:
+    """A drained backend that was down stays down (no change), and recovers into draining, not up."""
+    pool = make_pool("gw-1", rise=1)
+    mark_down(pool, "gw-1")
+    assert pool.apply_admin("gw-1", AdminAction.DRAIN, 1.0) is None
+    change = pool.record_probe("gw-1", True, 2.0, "ok")
+    assert change is not None and (change.old, change.new) == (BackendState.DOWN, BackendState.DRAINING)
+
+
+def test_health_changes_under_disable_are_not_reported() -> None:
+    """While disabled, health flapping changes no visible state."""
+    pool = make_pool("gw-1", fall=1, rise=1)
+    pool.apply_admin("gw-1", AdminAction.DISABLE, 1.0)
+    assert pool.record_probe("gw-1", False, 2.0, "refused") is None
+    assert pool.record_probe("gw-1", True, 3.0, "ok") is None
+    assert pool.backends["gw-1"].state is BackendState.DISABLED
+
+
+# -- decide -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", [AdminAction.ENABLE, AdminAction.DRAIN])
+def test_token_for_up_or_draining_backend_is_a_hit(action: AdminAction) -> None:
+    """A valid token whose backend is up or draining routes there without a new cookie."""
+    pool = make_pool("gw-1", "gw-2", "gw-3")
+    pool.apply_admin("gw-2", action, 1.0)
+    for _ in range(5):
+        decision = decide("gw-2", pool)
+        assert (decision.backend.id, decision.reason, decision.issue_cookie) == ("gw-2", "hit", False)
+
+
+def test_draining_backend_keeps_its_clients_even_when_alone() -> None:
+    """Cookie holders of a draining backend reach it even when no backend takes new clients."""
+    pool = make_pool("gw-1", "gw-2")
+    pool.apply_admin("gw-1", AdminAction.DRAIN, 1.0)
+    mark_down(pool, "gw-2")
+    assert decide("gw-1", pool).backend.id == "gw-1"
+    with pytest.raises(NoHealthyBackend):
+        decide(None, pool)
+
+
+def test_refresh_reissues_cookie_on_hit() -> None:
+    """A hit with refresh=True keeps the backend and issues a fresh cookie."""
+    pool = make_pool("gw-1", "gw-2")
+    decision = decide("gw-2", pool, refresh=True)
+    assert (decision.backend.id, decision.reason, decision.issue_cookie) == ("gw-2", "hit", True)
+
+
+@pytest.mark.parametrize("state", ["down", "disabled"])
+def test_token_for_down_or_disabled_backend_is_redispatched(state: str) -> None:
+    """A valid token for a down or disabled backend goes to a healthy backend with a replaced cookie."""
+    pool = make_pool("gw-1", "gw-2", "gw-3")
+    if state == "down":
+        mark_down(pool, "gw-1")
+    else:
+        pool.apply_admin("gw-1", AdminAction.DISABLE, 1.0)
+    chosen = set()
+    for _ in range(6):
+        decision = decide("gw-1", pool)
+        assert decision.reason == "redispatch"
+        assert decision.issue_cookie is True
+        chosen.add(decision.backend.id)
+    assert chosen == {"gw-2", "gw-3"}
+
+
+def test_redispatch_never_goes_to_a_draining_backend() -> None:
+    """Redispatched clients are new to their next backend, so draining ones are skipped."""
+    pool = make_pool("gw-1", "gw-2", "gw-3")
+    mark_down(pool, "gw-1")
+    pool.apply_admin("gw-2", AdminAction.DRAIN, 1.0)
+    assert {decide("gw-1", pool).backend.id for _ in range(6)} == {"gw-3"}
+
+
+@pytest.mark.parametrize("claimed", ["gw-9", "", "GW-1"])
+def test_token_for_unknown_backend_is_invalid(claimed: str) -> None:
+    """A token naming a backend the pool does not have is treated as absent (reason "invalid")."""
+    pool = make_pool("gw-1", "gw-2")
+    decision = decide(claimed, pool)
+    assert decision.reason == "invalid"
+    assert decision.issue_cookie is True
+    assert decision.backend.id in {"gw-1", "gw-2"}
+
+
+def test_no_token_is_new() -> None:
+    """Without a token the client is balanced and gets a cookie (reason "new")."""
+    pool = make_pool("gw-1", "gw-2")
+    decisions = [decide(None, pool) for _ in range(4)]
+    assert [d.backend.id for d in decisions] == ["gw-1", "gw-2", "gw-1", "gw-2"]
+    assert {(d.reason, d.issue_cookie) for d in decisions} == {("new", True)}
+
+
+def test_unusable_token_is_counted_invalid() -> None:
+    """A present but unusable token (tampered, expired, foreign) is balanced like none, reason "invalid"."""
+    decision = decide(None, make_pool("gw-1"), token_invalid=True)
+    assert (decision.backend.id, decision.reason, decision.issue_cookie) == ("gw-1", "invalid", True)
+
+
+@pytest.mark.parametrize("claimed", [None, "gw-1", "gw-2", "gw-9"])
+def test_no_backend_for_new_clients_is_503(claimed: str | None) -> None:
+    """When no backend takes new clients (down, draining, disabled), a client needing one gets 503."""
+    pool = make_pool("gw-1", "gw-2", "gw-3")
+    mark_down(pool, "gw-1")
+    pool.apply_admin("gw-2", AdminAction.DISABLE, 1.0)
+    pool.apply_admin("gw-3", AdminAction.DRAIN, 1.0)
+    with pytest.raises(NoHealthyBackend) as info:
+        decide(claimed, pool)
+    assert info.value.status == 503
+    assert "Retry-After" in info.value.headers
+
+
+def test_empty_pool_is_503() -> None:
+    """A pool without backends answers 503."""
+    with pytest.raises(NoHealthyBackend):
+        decide(None, make_pool())
+
+
+def test_exclude_is_honoured_for_new_clients() -> None:
+    """Backends already tried for this request are not chosen again."""
+    pool = make_pool("gw-1", "gw-2", "gw-3")
+    assert {decide(None, pool, exclude=["gw-1", "gw-3"]).backend.id for _ in range(5)} == {"gw-2"}
+    with pytest.raises(NoHealthyBackend):
+        decide(None, pool, exclude=["gw-1", "gw-2", "gw-3"])
+
+
+def test_exclude_overrides_a_hit() -> None:
+    """A pinned backend that refused the connection is left for another, as a redispatch."""
+    pool = make_pool("gw-1", "gw-2")
+    decision = decide("gw-1", pool, exclude={"gw-1"})
+    assert (decision.backend.id, decision.reason, decision.issue_cookie) == ("gw-2", "redispatch", True)
+
+
+def test_least_conn_pool_decides_by_load() -> None:
+    """In a least_conn pool new clients go to the least loaded backend."""
+    pool = make_pool("gw-1", "gw-2", "gw-3", balance=BalanceMethod.LEAST_CONN)
+    pool.backends["gw-1"].connections = 4
+    pool.backends["gw-2"].connections = 1
+    pool.backends["gw-3"].connections = 2
+    assert decide(None, pool).backend.id == "gw-2"
+    assert decide("gw-1", pool).backend.id == "gw-1"  # stickiness beats load
+
+
+# -- routing ----------------------------------------------------------------
+
+ROUTES = sort_routes(
+    [
+        RouteConfig(path_prefix="/", pool="default"),
+        RouteConfig(path_prefix="/api/v2", pool="v2"),
+        RouteConfig(path_prefix="/api", pool="api"),
+        RouteConfig(path_prefix="/ws/", pool="ws"),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "pool"),
+    [
+        ("/", "default"),
+        ("/index.html", "default"),
+        ("/api", "api"),
+        ("/api/v1/x", "api"),
+        ("/apix", "api"),  # a string prefix, as HAProxy's path_beg
+        ("/api/v2", "v2"),
+        ("/api/v2/users", "v2"),
+        ("/ws/chat", "ws"),
+        ("/ws", "default"),
+        ("/API", "default"),
+    ],
+)
+def test_longest_prefix_wins(path: str, pool: str) -> None:
+    """The longest matching path prefix picks the pool, whatever the configured order."""
+    route = match_route(ROUTES, path)
+    assert route is not None and route.pool == pool
+
+
+def test_sort_routes_orders_longest_first() -> None:
+    """sort_routes puts longer prefixes first so the first match is the longest."""
+    assert [r.path_prefix for r in ROUTES] == ["/api/v2", "/api", "/ws/", "/"]
+
+
+@pytest.mark.parametrize("path", ["/other", "", "api", "/ap"])
+def test_no_matching_route_is_none(path: str) -> None:
+    """A path no prefix matches has no route (the listener answers 404)."""
+    routes = sort_routes([RouteConfig("/api", "api"), RouteConfig("/ws", "ws")])
+    assert match_route(routes, path) is None
+    assert match_route((), "/") is None
