@@ -62,7 +62,8 @@ def status_document(balancer: Balancer) -> dict[str, Any]:
         entry["backends"].append({**_backend_document(backend), "state": "removed"})
     return {
         "pools": pools,
-        "tunnels": len(ctx.tunnels),
+        "tunnels": balancer.live_tunnels(),
+        "role": balancer.role.value,
         "listeners": [f"{host}:{port}" for host, port in balancer.listen_addresses],
         "accepting": ctx.accepting,
         "time": time.time(),

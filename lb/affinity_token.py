@@ -141,6 +141,10 @@ def _decode(token: str) -> bytes:
         raise InvalidToken("malformed") from None
     if len(raw) < _HEADER.size + NONCE_BYTES + _TAG_BYTES + _CLAIM.size:
         raise InvalidToken("malformed")
+    # Only the canonical spelling: the last character's spare bits must be zero,
+    # so one token has exactly one string form.
+    if urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != token:
+        raise InvalidToken("malformed")
     return raw
 
 

@@ -25,6 +25,7 @@ import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from lb.ratelimit import RateLimiter
 from lb.routing import sort_routes
 from lb.tls import server_ssl_context
 from lb.tunnel import CLOSE_LINGER
+from lb.workers import ControlChannel, WorkerSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +60,19 @@ class _Listening:
     address: tuple[str, int] = field(default=("", 0))
 
 
+class Role(StrEnum):
+    SINGLE = "single"  # workers: 1 — one process does everything
+    OWNER = "owner"    # workers: N — health, admin, states; starts the workers
+    WORKER = "worker"  # accepts and relays; states come from the owner
+
+
 class Balancer:
-    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+    def __init__(
+        self, config: Config, config_path: Path | None = None, *, role: Role = Role.SINGLE, control_fd: int = -1
+    ) -> None:
         self.config_path = config_path
-        self.ctx = ProxyContext.build(config, self._on_state_change)
+        self.role = role
+        self.ctx = ProxyContext.build(config, self.record_backend_failure)
         self.registry = make_registry(lambda: self.ctx)
         self._listening: list[_Listening] = []
         self._admin: web.AppRunner | None = None
@@ -70,8 +81,17 @@ class Balancer:
         self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
+        self._stop_called = asyncio.Event()
         # Backends removed by a reload that still carry tunnels, shown in /status until they end.
         self.retired: list[tuple[str, BackendStatus]] = []
+        self._supervisor: WorkerSupervisor | None = None
+        self._control: ControlChannel | None = None
+        if role is Role.OWNER:
+            if config_path is None:
+                raise ValueError("workers need the configuration file (they read it themselves)")
+            self._supervisor = WorkerSupervisor(self, config.workers, config_path)
+        elif role is Role.WORKER:
+            self._control = ControlChannel(self, control_fd)
 
     @property
     def config(self) -> Config:
@@ -83,12 +103,21 @@ class Balancer:
 
     # -- start -------------------------------------------------------------
 
+    def live_tunnels(self) -> int:
+        return self._supervisor.live_tunnels if self._supervisor is not None else len(self.ctx.tunnels)
+
     async def start(self) -> None:
-        for listener in self.config.listeners:
-            await self._listen(listener)
-        await self._start_admin()
-        self._start_health_checks()
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
+        if self._control is not None:
+            await self._control.start()
+        if self.role is not Role.OWNER:
+            for listener in self.config.listeners:
+                await self._listen(listener)
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
+        if self.role is not Role.WORKER:
+            await self._start_admin()
+            self._start_health_checks()
+        if self._supervisor is not None:
+            await self._supervisor.start()
 
     async def _listen(self, listener: ListenerConfig) -> None:
         ssl_context = server_ssl_context(listener.tls) if listener.tls else None
@@ -100,6 +129,8 @@ class Balancer:
             ssl=ssl_context,
             backlog=1024,
             reuse_address=True,
+            # Workers each bind every listener; the kernel spreads connections over them.
+            reuse_port=self.role is Role.WORKER,
         )
         host, port = server.sockets[0].getsockname()[:2]
         self._listening.append(_Listening(listener, server, ssl_context, (host, port)))
@@ -131,6 +162,19 @@ class Balancer:
         level = logging.WARNING if change.new is BackendState.DOWN else logging.INFO
         log.log(level, "backend %s/%s is %s (was %s): %s",
                 change.pool, change.backend, change.new.value, change.old.value, change.reason)
+        if self._supervisor is not None:
+            self._supervisor.states_changed()
+
+    def record_backend_failure(self, pool: str, backend_id: str, detail: str) -> None:
+        """A backend failed a handshake: counts as a failed health check (passive health)."""
+        state = self.ctx.pools.get(pool)
+        if state is None or state.get(backend_id) is None:
+            return  # removed by a reload meanwhile
+        change = state.record_probe(backend_id, False, time.time(), detail)
+        if self._control is not None:
+            self._control.report_failure(pool, backend_id, detail)  # the owner decides for everyone
+        elif change is not None:
+            self._on_state_change(change)
 
     def apply_admin(
         self, pool: str, backend_id: str, action: AdminAction, *, close_after: float | None = None,
@@ -147,8 +191,11 @@ class Balancer:
             self._on_state_change(change)
         if action is not AdminAction.ENABLE and (close_after is not None or rate is not None):
             backend = state_pool.backends[backend_id]
+            delay, pace = close_after or 0.0, rate or DEFAULT_MIGRATION_RATE
             task = asyncio.get_running_loop().create_task(
-                migrate(self.ctx, pool, backend, close_after or 0.0, rate or DEFAULT_MIGRATION_RATE)
+                self._supervisor.migrate(pool, backend_id, delay, pace)
+                if self._supervisor is not None
+                else migrate(self.ctx, pool, backend, delay, pace)
             )
             self._migrations[key] = task
         return state_pool.backends[backend_id].state
@@ -187,6 +234,11 @@ class Balancer:
             log.error("reload failed to bind a listener, keeping the others: %s", exc)
             return False
         log.info("reloaded configuration from %s", self.config_path)
+        if self._supervisor is not None:
+            if config.workers != self._supervisor.count:
+                log.warning("workers: %d needs a restart to take effect", config.workers)
+            self._supervisor.broadcast({"op": "reload"})
+            self._supervisor.states_changed()
         return True
 
     async def apply(self, config: Config) -> None:
@@ -207,10 +259,14 @@ class Balancer:
             ctx.rate_limiter = RateLimiter(config.limits.handshake_rate_per_ip, config.limits.handshake_burst_per_ip)
         old_config, ctx.config = ctx.config, config
         setup_logging(config.logging)
-        await self._stop_health_checks()
-        self._start_health_checks()
-        await self._apply_listeners(config)
-        if config.admin.host != old_config.admin.host or config.admin.port != old_config.admin.port:
+        if self.role is not Role.WORKER:
+            await self._stop_health_checks()
+            self._start_health_checks()
+        if self.role is not Role.OWNER:
+            await self._apply_listeners(config)
+        if self.role is not Role.WORKER and (
+            config.admin.host != old_config.admin.host or config.admin.port != old_config.admin.port
+        ):
             if self._admin is not None:
                 await self._admin.cleanup()
             await self._start_admin()
@@ -254,7 +310,12 @@ class Balancer:
         """Begin the shutdown once; every call returns the same task to await."""
         if self._stopping is None:
             self._stopping = asyncio.get_running_loop().create_task(self._stop())
+            self._stop_called.set()
         return self._stopping
+
+    async def stopped(self) -> None:
+        """Returns once `stop()` has been called, by whoever."""
+        await self._stop_called.wait()
 
     async def _stop(self) -> None:
         log.info("shutting down: no longer accepting connections")
@@ -264,6 +325,8 @@ class Balancer:
         for task in [*self._migrations.values(), *([self._sweeper] if self._sweeper else [])]:
             task.cancel()
         grace = self.config.timeouts.shutdown_grace
+        if self._supervisor is not None:
+            await self._supervisor.stop(grace + CLOSE_LINGER + 5.0)
         if self.ctx.tunnels:
             log.info("waiting up to %gs for %d live tunnel(s)", grace, len(self.ctx.tunnels))
             await self.ctx.wait_tunnels_closed(grace)
@@ -277,14 +340,16 @@ class Balancer:
         await self._stop_health_checks()
         if self._admin is not None:
             await self._admin.cleanup()
+        if self._control is not None:
+            await self._control.stop()
         for listening in self._listening:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(listening.server.wait_closed(), 1.0)
         log.info("stopped")
 
 
-async def serve(config: Config, config_path: Path | None) -> int:
-    balancer = Balancer(config, config_path)
+async def serve(config: Config, config_path: Path | None, role: Role, control_fd: int = -1) -> int:
+    balancer = Balancer(config, config_path, role=role, control_fd=control_fd)
     await balancer.start()
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -298,7 +363,12 @@ async def serve(config: Config, config_path: Path | None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
-    await stop_requested.wait()
+    signalled = loop.create_task(stop_requested.wait())
+    # A worker also stops when its owner goes away (balancer.stop() called from the control channel).
+    stopped = loop.create_task(balancer.stopped())
+    await asyncio.wait([signalled, stopped], return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    stopped.cancel()
     await balancer.stop()
     return 0
 
@@ -318,5 +388,11 @@ def _loop_runner(choice: EventLoop) -> Callable[[Coroutine[Any, Any, int]], int]
 def run(config: Config, config_path: Path | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     setup_logging(config.logging)
-    runner = _loop_runner(config.runtime.event_loop)
-    return runner(serve(config, config_path))
+    role = Role.OWNER if config.workers > 1 else Role.SINGLE
+    return _loop_runner(config.runtime.event_loop)(serve(config, config_path, role))
+
+
+def run_worker(config: Config, config_path: Path, control_fd: int, index: int) -> int:
+    """One of `workers: N` processes, started by the owner."""
+    setup_logging(config.logging, process=f"worker-{index}")
+    return _loop_runner(config.runtime.event_loop)(serve(config, config_path, Role.WORKER, control_fd))

@@ -56,7 +56,7 @@ class RoundRobin:
 
 
 class LeastConn:
-    """Fewest live connections per unit of weight; ties rotate so idle pools still spread."""
+    """Fewest live connections per unit of weight; ties take turns so idle pools still spread."""
 
     __slots__ = ("_turn",)
 
@@ -66,16 +66,10 @@ class LeastConn:
     def choose(self, candidates: Sequence[C]) -> C | None:
         if not candidates:
             return None
+        best_load = min(candidate.connections / candidate.weight for candidate in candidates)
+        tied = [candidate for candidate in candidates if candidate.connections / candidate.weight == best_load]
         self._turn += 1
-        count = len(candidates)
-        best: C | None = None
-        best_load = 0.0
-        for offset in range(count):
-            candidate = candidates[(self._turn + offset) % count]
-            load = candidate.connections / candidate.weight
-            if best is None or load < best_load:
-                best, best_load = candidate, load
-        return best
+        return tied[self._turn % len(tied)]
 
 
 def make_policy(method: BalanceMethod) -> RoundRobin | LeastConn:

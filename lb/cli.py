@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"comma-separated DNS names and IP addresses (default: {DEFAULT_CERT_HOSTS})",
     )
     certs.set_defaults(handler=_certs)
+
+    # Internal: started by the owner process when `workers` > 1; not for operators.
+    worker = commands.add_parser("worker")
+    worker.add_argument("--config", required=True, type=Path)
+    worker.add_argument("--control-fd", required=True, type=int)
+    worker.add_argument("--index", required=True, type=int)
+    worker.set_defaults(handler=_worker)
     return parser
 
 
@@ -80,6 +87,17 @@ def _run(args: argparse.Namespace) -> int:
     from lb.balancer import run
 
     return run(config, config_path)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_USAGE
+    from lb.balancer import run_worker
+
+    return run_worker(config, args.config, args.control_fd, args.index)
 
 
 def _validate(args: argparse.Namespace) -> int:

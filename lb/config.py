@@ -166,3 +166,4 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    workers: int = 1  # processes sharing the listeners (SO_REUSEPORT); >1 adds an owner process

@@ -593,7 +593,10 @@ _BACKEND_FIELDS = (
     _Field("weight", _integer(1, 256)),
     _Field("max_connections", _integer(1, 10_000_000)),
 )
-_TOP_KEYS = ("listeners", "admin", "affinity", "routes", "pools", "timeouts", "limits", "logging", "runtime")
+_TOP_KEYS = (
+    "listeners", "admin", "affinity", "routes", "pools", "timeouts", "limits", "logging", "runtime", "workers",
+)
+_WORKERS = _Field("workers", _integer(1, 64))
 
 
 def _config(tree: object, check: _Checker) -> Config | None:
@@ -617,7 +620,10 @@ def _config(tree: object, check: _Checker) -> Config | None:
     limits = _simple_section(root, "limits", check, _LIMIT_FIELDS, LimitsConfig)
     logging = _simple_section(root, "logging", check, _LOGGING_FIELDS, LoggingConfig)
     runtime = _simple_section(root, "runtime", check, _RUNTIME_FIELDS, RuntimeConfig)
+    top = _fields(root, "", check, [_WORKERS])
     if (
+        top is None
+        or
         listeners is None
         or admin is None
         or affinity is None
@@ -639,6 +645,7 @@ def _config(tree: object, check: _Checker) -> Config | None:
         limits=limits,
         logging=logging,
         runtime=runtime,
+        **top,
     )
 
 

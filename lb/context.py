@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from lb.affinity_token import TokenCodec
 from lb.config import Config, RouteConfig
-from lb.pool import PoolState, StateChange
+from lb.pool import PoolState
 from lb.ratelimit import RateLimiter
 from lb.routing import sort_routes
 
@@ -45,7 +45,8 @@ class ProxyContext:
     codec: TokenCodec
     pools: dict[str, PoolState]
     routes: tuple[RouteConfig, ...]
-    on_state_change: Callable[[StateChange], None]
+    # A backend failed a handshake (refused, reset, silent): a failed health check, wherever checks run.
+    on_backend_failure: Callable[[str, str, str], None]  # pool, backend id, what happened
     stats: Stats = field(default_factory=Stats)
     tunnels: set[Tunnel] = field(default_factory=set)
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
@@ -63,12 +64,12 @@ class ProxyContext:
         self.all_tunnels_closed = None
 
     @classmethod
-    def build(cls, config: Config, on_state_change: Callable[[StateChange], None]) -> ProxyContext:
+    def build(cls, config: Config, on_backend_failure: Callable[[str, str, str], None]) -> ProxyContext:
         return cls(
             config=config,
             codec=TokenCodec(config.affinity.secret_keys, config.affinity.max_age),
             pools={name: PoolState(config=pool) for name, pool in config.pools.items()},
             routes=sort_routes(config.routes),
-            on_state_change=on_state_change,
+            on_backend_failure=on_backend_failure,
             rate_limiter=RateLimiter(config.limits.handshake_rate_per_ip, config.limits.handshake_burst_per_ip),
         )

@@ -17,13 +17,18 @@ HOP_BY_HOP = frozenset(
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 
 
+# A client may not make these hop-by-hop: dropping Host breaks HTTP/1.1, and
+# dropping a framing header would let a body be read as the next request.
+_NEVER_CONNECTION_LISTED = frozenset({"host", "content-length", "transfer-encoding"})
+
+
 def _connection_listed(headers: tuple[tuple[str, str], ...]) -> set[str]:
     """Header names the sender declared hop-by-hop in its Connection header."""
     listed: set[str] = set()
     for name, value in headers:
         if name.lower() == "connection":
             listed.update(part.strip().lower() for part in value.split(","))
-    return listed
+    return listed - _NEVER_CONNECTION_LISTED
 
 
 def _end_to_end(headers: tuple[tuple[str, str], ...], extra_drop: frozenset[str]) -> list[tuple[str, str]]:

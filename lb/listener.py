@@ -279,9 +279,7 @@ class ClientConnection(asyncio.Protocol):
                 ctx.stats.handshakes[(pool.name, backend.id, "connect_failed")] += 1
                 log.warning("%s", exc)
                 # A backend that fails a handshake counts as a failed health check (passive health).
-                change = pool.record_probe(backend.id, False, time.time(), f"handshake failed: {exc.cause}")
-                if change is not None:
-                    ctx.on_state_change(change)
+                ctx.on_backend_failure(pool.name, backend.id, f"handshake failed: {exc.cause}")
                 if exc.request_sent and not retriable:
                     raise BadGateway(f"backend {backend.id} failed after the request was sent") from None
                 tried.append(backend.id)

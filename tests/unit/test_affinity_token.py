@@ -195,9 +195,25 @@ def test_truncated_or_extended_token_is_invalid(cut: int) -> None:
         TOKEN + "A" * ((1 - len(TOKEN)) % 4),
     ],
     ids=[
-        "empty", "one char", "four chars", "padding", "double padding", "plus", "slash", "space",
-        "dot", "NUL", "non-ASCII", "newline", "leading space", "trailing space", "quoted", "overlong junk",
-        "overlong token", "max length junk", "length 4n+1",
+        "empty",
+        "one char",
+        "four chars",
+        "padding",
+        "double padding",
+        "plus",
+        "slash",
+        "space",
+        "dot",
+        "NUL",
+        "non-ASCII",
+        "newline",
+        "leading space",
+        "trailing space",
+        "quoted",
+        "overlong junk",
+        "overlong token",
+        "max length junk",
+        "length 4n+1",
     ],
 )
 def test_malformed_tokens_are_invalid(token: str) -> None:
@@ -289,7 +305,7 @@ _edits = st.lists(
     st.tuples(
         st.sampled_from(["flip", "insert", "delete", "replace"]),
         st.integers(min_value=0, max_value=len(TOKEN)),
-        st.sampled_from(list(_B64_CHARS) + ["=", "+", "/", " ", "é"]),
+        st.sampled_from([*_B64_CHARS, "=", "+", "/", " ", "é"]),
     ),
     min_size=1,
     max_size=4,
@@ -315,9 +331,7 @@ def _apply(token: str, edits: list[tuple[str, int, str]]) -> str:
 
 @settings(max_examples=300, deadline=None)
 @given(base=st.sampled_from([(TOKEN, CLAIM), (_ODD_TOKEN, _ODD_CLAIM)]), edits=_edits)
-def test_mutated_token_never_opens_to_another_claim(
-    base: tuple[str, Claim], edits: list[tuple[str, int, str]]
-) -> None:
+def test_mutated_token_never_opens_to_another_claim(base: tuple[str, Claim], edits: list[tuple[str, int, str]]) -> None:
     """Flipped, inserted, deleted or replaced characters give InvalidToken, or at most the same claim."""
     token, original = base
     mutated = _apply(token, edits)

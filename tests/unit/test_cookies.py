@@ -34,9 +34,20 @@ NAME = "LB_AFFINITY"
         (["a=1;;; LB_AFFINITY=t;"], ["t"]),
     ],
     ids=[
-        "no header", "other cookie", "alone", "in the middle", "second header", "repeated names",
-        "quoted", "lone quote", "spaces", "empty value", "equals in value", "no equals",
-        "case and prefix differ", "stray semicolons",
+        "no header",
+        "other cookie",
+        "alone",
+        "in the middle",
+        "second header",
+        "repeated names",
+        "quoted",
+        "lone quote",
+        "spaces",
+        "empty value",
+        "equals in value",
+        "no equals",
+        "case and prefix differ",
+        "stray semicolons",
     ],
 )
 def test_read_cookie(headers: list[str], values: list[str]) -> None:
@@ -54,7 +65,7 @@ def test_read_cookie(headers: list[str], values: list[str]) -> None:
         ("LB_AFFINITY=tok; LB_AFFINITY=old", None),
         (" LB_AFFINITY=tok ; ", None),
         ("a=1; LB_AFFINITY=tok; b=2", "a=1; b=2"),
-        ("LB_AFFINITY=tok; session=Ab+/9==; theme=\"dark mode\"", "session=Ab+/9==; theme=\"dark mode\""),
+        ('LB_AFFINITY=tok; session=Ab+/9==; theme="dark mode"', 'session=Ab+/9==; theme="dark mode"'),
         ("a=1; b=2", "a=1; b=2"),
         ("lb_affinity=keep; LB_AFFINITY=drop", "lb_affinity=keep"),
         ("a=1; LB_AFFINITY=x; a=2", "a=1; a=2"),
@@ -62,8 +73,15 @@ def test_read_cookie(headers: list[str], values: list[str]) -> None:
         ("a= spaced value ; LB_AFFINITY=x", "a= spaced value"),
     ],
     ids=[
-        "only ours", "ours twice", "ours with padding", "between others", "others byte for byte",
-        "nothing to strip", "other case kept", "repeated other names", "valueless part kept",
+        "only ours",
+        "ours twice",
+        "ours with padding",
+        "between others",
+        "others byte for byte",
+        "nothing to strip",
+        "other case kept",
+        "repeated other names",
+        "valueless part kept",
         "inner spaces kept",
     ],
 )
@@ -107,16 +125,18 @@ def test_rewrite_cookie_unwraps_our_token_for_the_backend() -> None:
 
 def test_render_set_cookie_exact() -> None:
     """Our Set-Cookie is exactly `name=tok; Path=/; Max-Age=N; HttpOnly; SameSite=X` (SPEC)."""
-    assert render_set_cookie(
-        "LB_AFFINITY", "tok", max_age=3600, same_site=SameSite.LAX, http_only=True, secure=False
-    ) == "LB_AFFINITY=tok; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax"
+    assert (
+        render_set_cookie("LB_AFFINITY", "tok", max_age=3600, same_site=SameSite.LAX, http_only=True, secure=False)
+        == "LB_AFFINITY=tok; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax"
+    )
 
 
 def test_render_set_cookie_secure() -> None:
     """On TLS (or secure: always) the cookie ends with `; Secure`."""
-    assert render_set_cookie(
-        "LB_AFFINITY", "tok", max_age=3600, same_site=SameSite.LAX, http_only=True, secure=True
-    ) == "LB_AFFINITY=tok; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax; Secure"
+    assert (
+        render_set_cookie("LB_AFFINITY", "tok", max_age=3600, same_site=SameSite.LAX, http_only=True, secure=True)
+        == "LB_AFFINITY=tok; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax; Secure"
+    )
 
 
 @pytest.mark.parametrize(
@@ -129,9 +149,7 @@ def test_render_set_cookie_secure() -> None:
 )
 def test_render_set_cookie_options(same_site: SameSite, http_only: bool, expected: str) -> None:
     """SameSite follows the config and HttpOnly is left out when http_only is false."""
-    assert render_set_cookie("c", "v", max_age=60, same_site=same_site, http_only=http_only, secure=False) == (
-        expected
-    )
+    assert render_set_cookie("c", "v", max_age=60, same_site=same_site, http_only=http_only, secure=False) == (expected)
 
 
 # -- hostile input ----------------------------------------------------------
@@ -140,9 +158,7 @@ def test_render_set_cookie_options(same_site: SameSite, http_only: bool, expecte
 _NAME_CHARS = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _OCTETS = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '",;\\')
 _names = st.one_of(st.just(NAME), st.just("lb_affinity"), st.text(_NAME_CHARS, min_size=1, max_size=8))
-_values = st.one_of(
-    st.text(_OCTETS, max_size=12), st.text(_OCTETS, max_size=10).map(lambda v: f'"{v}"')
-)
+_values = st.one_of(st.text(_OCTETS, max_size=12), st.text(_OCTETS, max_size=10).map(lambda v: f'"{v}"'))
 
 
 @settings(max_examples=300, deadline=None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,7 +15,7 @@ AFTER = b"HTTP/1.1 200 OK\r\n"  # bytes that follow the body and must not be cou
 
 CHUNKED = (
     b"5;name=value\r\nhello\r\n"
-    b"0A ; quoted=\"a b;c\"\r\n0123456789\r\n"
+    b'0A ; quoted="a b;c"\r\n0123456789\r\n'
     b"1\r\n\n\r\n"  # a payload byte that looks like a line end
     b"000;last\r\n"
     b"X-Checksum: 123\r\nX-Empty:\r\n"
@@ -38,7 +40,7 @@ def feed_all(framer: BodyFramer, pieces: list[bytes]) -> int | None:
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({min(cut, len(data)) for cut in cuts})
     bounds = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 # -- Content-Length ---------------------------------------------------------
@@ -189,7 +191,7 @@ def test_malformed_chunked_raises(body: bytes) -> None:
             framer.feed(bytes([byte]))
 
 
-_EXT = st.sampled_from([b"", b";a", b";a=b", b" ; name=\"q;v\"", b";x=1;y"])
+_EXT = st.sampled_from([b"", b";a", b";a=b", b' ; name="q;v"', b";x=1;y"])
 _TRAILER = st.sampled_from([b"X: 1\r\n", b"Checksum: abc\r\n", b"E:\r\n"])
 
 

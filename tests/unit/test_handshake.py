@@ -61,8 +61,16 @@ def test_good_upgrade_passes(request_head: RequestHead) -> None:
         (KEY, "AAAAAAAAAAAAAAAAAAAAAA=="),
     ],
     ids=[
-        "missing", "not base64", "no padding", "short", "long", "inner space", "comma list", "empty",
-        "duplicate same", "duplicate different",
+        "missing",
+        "not base64",
+        "no padding",
+        "short",
+        "long",
+        "inner space",
+        "comma list",
+        "empty",
+        "duplicate same",
+        "duplicate different",
     ],
 )
 def test_missing_bad_or_duplicate_key_is_400(keys: tuple[str, ...]) -> None:
@@ -79,7 +87,8 @@ def test_missing_key_message() -> None:
 
 
 @pytest.mark.parametrize(
-    "versions", [("8",), ("12",), ("14",), ("13, 8",), ("13", "13"), ("abc",), ("",)],
+    "versions",
+    [("8",), ("12",), ("14",), ("13, 8",), ("13", "13"), ("abc",), ("",)],
     ids=["8", "12", "14", "list", "repeated", "text", "empty"],
 )
 def test_other_version_is_426_with_version_13(versions: tuple[str, ...]) -> None:
@@ -119,6 +128,4 @@ def test_plain_request_is_not_an_upgrade() -> None:
     """Without `Upgrade: websocket` a request is plain HTTP."""
     plain = parse_request_head(b"GET /whoami HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
     assert not is_websocket_upgrade(plain)
-    assert is_websocket_upgrade(
-        parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c, WebSocket\r\n\r\n")
-    )
+    assert is_websocket_upgrade(parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c, WebSocket\r\n\r\n"))

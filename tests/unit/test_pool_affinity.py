@@ -11,15 +11,17 @@ from lb.pool import AdminAction, BackendState, PoolState, StateChange
 from lb.routing import match_route, sort_routes
 
 
-def make_pool(
-    *ids: str, rise: int = 2, fall: int = 3, balance: BalanceMethod = BalanceMethod.ROUND_ROBIN
-) -> PoolState:
+def make_pool(*ids: str, rise: int = 2, fall: int = 3, balance: BalanceMethod = BalanceMethod.ROUND_ROBIN) -> PoolState:
     backends = tuple(BackendConfig(id=i, host="127.0.0.1", port=9001 + n) for n, i in enumerate(ids))
     return PoolState(
         config=PoolConfig(
             name="gateways", backends=backends, balance=balance, health_check=HealthCheckConfig(rise=rise, fall=fall)
         )
     )
+
+
+def state_of(pool: PoolState, backend_id: str) -> BackendState:
+    return pool.backends[backend_id].state
 
 
 def mark_down(pool: PoolState, backend_id: str) -> None:
@@ -45,7 +47,10 @@ def test_fall_hysteresis_reports_change_once() -> None:
     assert pool.record_probe("gw-1", False, 2.0, "refused") is None
     change = pool.record_probe("gw-1", False, 3.0, "connection refused")
     assert change == StateChange(
-        pool="gateways", backend="gw-1", old=BackendState.UP, new=BackendState.DOWN,
+        pool="gateways",
+        backend="gw-1",
+        old=BackendState.UP,
+        new=BackendState.DOWN,
         reason="health check failed 3 time(s): connection refused",
     )
     backend = pool.backends["gw-1"]
@@ -73,11 +78,11 @@ def test_interleaved_results_reset_the_counters() -> None:
     pool = make_pool("gw-1", rise=2, fall=2)
     for ok in (False, True, False, True, False):
         assert pool.record_probe("gw-1", ok, 1.0, "flaky") is None
-    assert pool.backends["gw-1"].state is BackendState.UP
+    assert state_of(pool, "gw-1") is BackendState.UP
     assert pool.record_probe("gw-1", False, 2.0, "flaky") is not None
     for ok in (True, False, True, False, True):
         assert pool.record_probe("gw-1", ok, 3.0, "flaky") is None
-    assert pool.backends["gw-1"].state is BackendState.DOWN
+    assert state_of(pool, "gw-1") is BackendState.DOWN
 
 
 def test_successes_on_an_up_backend_change_nothing() -> None:

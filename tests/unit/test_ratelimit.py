@@ -1,0 +1,108 @@
+"""Per-IP handshake token buckets (limits.handshake_rate_per_ip / handshake_burst_per_ip): pure, time passed in."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lb.ratelimit import RateLimiter
+
+
+def take(limiter: RateLimiter, key: str, n: int, now: float) -> list[float]:
+    return [limiter.check(key, now) for _ in range(n)]
+
+
+def test_burst_then_refused() -> None:
+    """A quiet key may start `burst` handshakes at once; the next one waits."""
+    limiter = RateLimiter(rate=2, burst=5)
+    assert take(limiter, "10.0.0.1", 5, now=100.0) == [0.0] * 5
+    assert limiter.check("10.0.0.1", 100.0) > 0
+
+
+def test_retry_after_is_the_time_until_the_next_token() -> None:
+    """Empty bucket at rate r: the next token comes in 1/r seconds, less whatever has already refilled."""
+    limiter = RateLimiter(rate=4, burst=2)
+    take(limiter, "a", 2, now=0.0)
+    assert limiter.check("a", 0.0) == pytest.approx(0.25)
+    assert limiter.check("a", 0.1) == pytest.approx(0.15)
+    assert limiter.check("a", 0.25) == 0.0
+
+
+def test_retry_after_header_value_rounds_up_to_whole_seconds() -> None:
+    """Retry-After is whole seconds (RFC 9110 §10.2.3); at rate 0.5/s the wait is 2 s, never 0."""
+    limiter = RateLimiter(rate=0.5, burst=1)
+    assert limiter.check("a", 0.0) == 0.0
+    wait = limiter.check("a", 0.0)
+    assert wait == pytest.approx(2.0)
+    assert math.ceil(wait) == 2
+    assert math.ceil(limiter.check("a", 1.9)) == 1
+
+
+def test_refill_at_rate_and_capped_at_burst() -> None:
+    """Tokens come back at `rate` per second, but a long quiet spell gives back only `burst`."""
+    limiter = RateLimiter(rate=10, burst=3)
+    take(limiter, "a", 3, now=0.0)
+    assert limiter.check("a", 0.0) > 0
+    # 0.1 s later: exactly one token.
+    assert limiter.check("a", 0.1) == 0.0
+    assert limiter.check("a", 0.1) > 0
+    # An hour later: still only `burst` at once.
+    assert take(limiter, "a", 3, now=3600.0) == [0.0] * 3
+    assert limiter.check("a", 3600.0) > 0
+
+
+def test_steady_rate_is_sustained() -> None:
+    """A client at exactly the configured rate is never refused."""
+    limiter = RateLimiter(rate=4, burst=1)  # 0.25 s steps are exact in binary floating point
+    assert all(limiter.check("a", i * 0.25) == 0.0 for i in range(100))
+
+
+def test_refused_attempts_do_not_earn_tokens() -> None:
+    """Hammering while refused does not shorten the wait (the refill clock is not reset into credit)."""
+    limiter = RateLimiter(rate=1, burst=1)
+    assert limiter.check("a", 0.0) == 0.0
+    for i in range(1, 10):
+        assert limiter.check("a", i * 0.1) > 0
+    assert limiter.check("a", 0.95) > 0
+    assert limiter.check("a", 1.0) == 0.0
+
+
+def test_keys_are_independent() -> None:
+    """One address out of tokens does not affect another."""
+    limiter = RateLimiter(rate=1, burst=2)
+    take(limiter, "10.0.0.1", 2, now=0.0)
+    assert limiter.check("10.0.0.1", 0.0) > 0
+    assert take(limiter, "10.0.0.2", 2, now=0.0) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("burst", [1, 100])
+def test_rate_zero_turns_limiting_off(burst: int) -> None:
+    """handshake_rate_per_ip: 0 → never refused, and no state kept."""
+    limiter = RateLimiter(rate=0, burst=burst)
+    assert take(limiter, "a", 10_000, now=0.0) == [0.0] * 10_000
+    assert len(limiter._buckets) == 0  # white-box: nothing remembered
+
+
+def test_burst_below_one_still_allows_one() -> None:
+    limiter = RateLimiter(rate=1, burst=0)
+    assert limiter.check("a", 0.0) == 0.0
+
+
+def test_pruning_keeps_memory_bounded() -> None:
+    """Many distinct addresses over time: the table stays near `max_keys` (full buckets are forgotten)."""
+    limiter = RateLimiter(rate=10, burst=5, max_keys=100)  # a bucket is full again 0.5 s after its last use
+    peak = 0
+    for i in range(20_000):
+        assert limiter.check(f"198.51.{i // 256}.{i % 256}", now=i * 0.01) == 0.0
+        peak = max(peak, len(limiter._buckets))  # white-box: the table's size
+    assert peak <= 101
+
+
+def test_pruning_forgets_only_full_buckets() -> None:
+    """An address that is still out of tokens is not forgotten by pruning (it would get a fresh burst)."""
+    limiter = RateLimiter(rate=1, burst=2, max_keys=3)
+    take(limiter, "busy", 2, now=0.0)
+    for i in range(10):
+        limiter.check(f"other-{i}", now=0.5)
+    assert limiter.check("busy", 0.5) > 0, "the busy address got its burst back through pruning"
