@@ -64,7 +64,9 @@ def decide(
                 grace > 0 and now is not None and not backend.healthy
                 and backend.admin is not AdminAction.DISABLE and now - backend.changed_at < grace
             )
-            return Decision(backend=chosen, reason="redispatch", issue_cookie=not flapping)
+            # A full backend (max_connections) is a passing condition too: keep the pin.
+            keep_pin = flapping or (backend.full and backend.healthy and backend.admin is AdminAction.ENABLE)
+            return Decision(backend=chosen, reason="redispatch", issue_cookie=not keep_pin)
         # A token naming a backend this pool does not have is as good as no token.
         reason: DecisionReason = "invalid"
     else:

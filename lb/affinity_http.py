@@ -85,9 +85,9 @@ def plan_forward(request: RequestHead, affinity: AffinityConfig, lookup: TokenLo
     def restore(value: str) -> str | None:
         if value == lookup.token:
             return restored
-        # Ours but unusable (expired, old key): the backend never set that value.
-        reason = lookup.rejected.get(value)
-        return None if reason is not None and reason != "malformed" else value
+        # Only what decrypts is provably ours: an expired token is dropped (the backend
+        # never set that value); anything else may be the backend's own id, and passes.
+        return None if lookup.rejected.get(value) == "expired" else value
 
     add: list[tuple[str, str]] = []
     rewrite = lambda value: rewrite_cookie(value, name, restore)  # noqa: E731

@@ -313,13 +313,6 @@ def _number(low: float, high: float) -> Parser:
     return parse
 
 
-def _header_name(value: object) -> str:
-    text = _string(value)
-    if not _COOKIE_NAME_RE.fullmatch(text):  # both are RFC 9110 tokens
-        raise _Bad(f"expected a header name (letters, digits and !#$%&'*+-.^_`|~), got {_show(text)}")
-    return text
-
-
 def _boolean(value: object) -> bool:
     if isinstance(value, _Expanded) and value.lower() in ("true", "false"):
         return value.lower() == "true"
@@ -377,22 +370,22 @@ def _prefixed_path(value: object) -> str:
 _COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
-def _cookie_name(value: object) -> str:
-    text = _string(value)
-    if not _COOKIE_NAME_RE.fullmatch(text):
-        raise _Bad(f"expected a cookie name (letters, digits and !#$%&'*+-.^_`|~), got {_show(text)}")
-    return text
+def _matching(pattern: re.Pattern[str], expected: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = _string(value)
+        if not pattern.fullmatch(text):
+            raise _Bad(f"expected {expected}, got {_show(text)}")
+        return text
+
+    return parse
 
 
+_cookie_name = _matching(_COOKIE_NAME_RE, "a cookie name (letters, digits and !#$%&'*+-.^_`|~)")
+# Header names are RFC 9110 tokens too.
+_header_name = _matching(_COOKIE_NAME_RE, "a header name (letters, digits and !#$%&'*+-.^_`|~)")
 # Backend ids and pool names appear in URLs (/pools/{pool}/backends/{id}/drain) and metric labels.
 _ID_RE = re.compile(r"[A-Za-z0-9._:-]+")
-
-
-def _identifier(value: object) -> str:
-    text = _string(value)
-    if not _ID_RE.fullmatch(text):
-        raise _Bad(f"expected letters, digits and . _ : - only, got {_show(text)}")
-    return text
+_identifier = _matching(_ID_RE, "letters, digits and . _ : - only")
 
 
 _HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
@@ -828,7 +821,7 @@ def _pools(value: object, check: _Checker) -> dict[str, PoolConfig] | None:
 
 
 def _pool(name: str, value: object, path: str, check: _Checker) -> PoolConfig | None:
-    node = _mapping(value, path, check, ("balance", "health_check", "backends"))
+    node = _mapping(value, path, check, (*(f.key for f in _POOL_FIELDS), "health_check", "backends"))
     if node is None:
         return None
     kwargs = _fields(node, path, check, _POOL_FIELDS)

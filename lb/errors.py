@@ -89,12 +89,16 @@ class UnsupportedVersion(RequestRejected):
         super().__init__(reason, headers={"Sec-WebSocket-Version": "13"})
 
 
-class TooManyRequests(RequestRejected):
-    status = 429
-    reason_phrase = "Too Many Requests"
+class RetryLater(RequestRejected):
+    """A refusal that tells the client when to try again."""
 
     def __init__(self, reason: str, *, retry_after: int = 1) -> None:
         super().__init__(reason, headers={"Retry-After": str(retry_after)})
+
+
+class TooManyRequests(RetryLater):
+    status = 429
+    reason_phrase = "Too Many Requests"
 
 
 class HeadersTooLarge(RequestRejected):
@@ -107,12 +111,9 @@ class BadGateway(RequestRejected):
     reason_phrase = "Bad Gateway"
 
 
-class NoHealthyBackend(RequestRejected):
+class NoHealthyBackend(RetryLater):
     status = 503
     reason_phrase = "Service Unavailable"
-
-    def __init__(self, reason: str, *, retry_after: int = 1) -> None:
-        super().__init__(reason, headers={"Retry-After": str(retry_after)})
 
 
 class BackendConnectError(LbError, OSError):

@@ -84,5 +84,8 @@ def _payload_length(header: bytes) -> int:
 
 def close_frame(code: int, reason: str = "") -> bytes:
     """An unmasked close frame, as a server sends it (RFC 6455 §5.5.1)."""
-    payload = code.to_bytes(2, "big") + reason.encode("utf-8")[:123]
+    # Control frames carry at most 125 bytes (RFC 6455 §5.5); cut the reason on a
+    # character boundary, since an invalid UTF-8 reason fails the connection (§8.1).
+    text = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    payload = code.to_bytes(2, "big") + text
     return bytes((0x88, len(payload))) + payload

@@ -366,6 +366,7 @@ class ClientConnection(asyncio.Protocol):
             ctx, decision.backend, client, server,
             client_ip=self._client_ip, pool=pool.name,
             to_server=to_server, to_client=upstream.take_buffer(), framer=framer,
+            server_closed=upstream.closed,
         )
 
     def _client_head(

@@ -115,9 +115,14 @@ class PoolState:
         excluded = set(exclude)
         candidates = [b for b in self.backends.values() if b.takes_new_clients and b.id not in excluded]
         window = self.config.slow_start
-        if window > 0 and now is not None:
-            for backend in candidates:
+        for backend in candidates:
+            if backend.ramp_from is None:
+                continue
+            if window > 0 and now is not None:
                 backend.effective_weight = _ramped_weight(backend, now, window)
+            else:
+                # A reload turned slow start off mid-ramp: the full weight applies at once.
+                backend.effective_weight, backend.ramp_from = 0.0, None
         return candidates
 
     def record_probe(self, backend_id: str, ok: bool, now: float, detail: str) -> StateChange | None:
@@ -166,9 +171,9 @@ def _ramped_weight(backend: BackendStatus, now: float, window: float) -> float:
     """HAProxy's slowstart: weight grows linearly over `window` after the backend came back."""
     weight = float(backend.config.weight)
     if backend.ramp_from is None:
-        return weight
+        return 0.0  # not ramping: `BackendStatus.weight` falls back to the configured weight
     progress = (now - backend.ramp_from) / window
     if progress >= 1.0:
         backend.ramp_from = None
-        return weight
+        return 0.0
     return weight * max(_RAMP_FLOOR, progress)

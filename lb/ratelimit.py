@@ -37,8 +37,14 @@ class RateLimiter:
 
     def _prune(self, now: float) -> None:
         refill = self._burst / self._rate
-        self._buckets = {
-            key: (tokens, updated)
-            for key, (tokens, updated) in self._buckets.items()
-            if now - updated < refill
-        }
+        buckets = {key: entry for key, entry in self._buckets.items() if now - entry[1] < refill}
+        keep = self._max_keys // 2
+        if len(buckets) > keep:
+            # A flood from many addresses: keep the emptiest buckets (forgetting a fuller
+            # one gives away least), and leave headroom so the next prune is max_keys/2
+            # checks away: pruning stays O(log n) per check on average.
+            def level(entry: tuple[float, float]) -> float:
+                return min(self._burst, entry[0] + (now - entry[1]) * self._rate)
+
+            buckets = dict(sorted(buckets.items(), key=lambda item: level(item[1]))[:keep])
+        self._buckets = buckets

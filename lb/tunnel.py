@@ -158,11 +158,13 @@ class Tunnel:
         to_server: bytes = b"",
         to_client: bytes = b"",
         framer: BodyFramer | None = None,
+        server_closed: bool = False,
     ) -> Tunnel:
         """Switch both transports to relaying; flush what each side sent ahead of the switch.
 
         The caller has already counted the connection on `backend`; the tunnel
-        releases it on close.
+        releases it on close.  `server_closed`: the backend hung up before the
+        switch, so no callback will ever tell the new protocol; close after flushing.
         """
         tunnel = cls(ctx, backend, client_ip, pool)
         tunnel.client_end = TunnelEnd(tunnel, server)
@@ -176,7 +178,7 @@ class Tunnel:
             tunnel.client_end.data_received(to_server)
         if to_client:
             tunnel.server_end.data_received(to_client)
-        if framer is not None and framer.done:
+        if server_closed or (framer is not None and framer.done):
             tunnel.close()
         elif not tunnel.closed:
             client.resume_reading()

@@ -80,6 +80,11 @@ class UpstreamProtocol(asyncio.Protocol):
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
 
+    @property
+    def closed(self) -> bool:
+        """The backend already hung up (its last bytes may still be in the buffer)."""
+        return self._closed is not None
+
     def take_buffer(self) -> bytes:
         """Bytes that arrived behind the head (e.g. the backend's first WebSocket frame)."""
         data = bytes(self._buffer)

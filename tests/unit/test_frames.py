@@ -191,13 +191,12 @@ def test_close_frame_is_a_frame_the_tracker_follows() -> None:
     assert boundaries.first_boundary(data[3:]) == len(data) - 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: close_frame truncates the reason at 123 bytes, splitting a multi-byte UTF-8 character "
-    "(RFC 6455 §5.5.1/§8.1: the reason must be valid UTF-8, or the peer fails the connection with 1007)",
-)
 def test_close_frame_truncation_keeps_the_reason_valid_utf8() -> None:
-    """A long non-ASCII reason is cut at a character boundary, never inside one."""
-    payload = close_frame(1001, "é" * 100)[2:]
-    assert len(payload) <= 125
-    payload[2:].decode("utf-8")  # raises UnicodeDecodeError when cut mid-character
+    """A long non-ASCII reason is cut at a character boundary, never inside one (RFC 6455 §5.5.1, §8.1:
+    an invalid UTF-8 reason makes the peer fail the connection)."""
+    for reason in ("é" * 100, "x" + "€" * 60, "🙂" * 40):
+        frame_bytes = close_frame(1001, reason)
+        payload = frame_bytes[2:]
+        assert frame_bytes[1] == len(payload) <= 125
+        text = payload[2:].decode("utf-8")  # raises UnicodeDecodeError when cut mid-character
+        assert reason.startswith(text) and len(text.encode()) >= 120  # as much as fits

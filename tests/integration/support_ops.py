@@ -1,0 +1,316 @@
+"""Helpers for the operations tests (drain, rewrite, reload, shutdown, redispatch, limits).
+
+A plain module beside `conftest.py`, reusing its processes and clients; what it adds:
+
+- `started_stack`: gateways plus one balancer for a module-scoped fixture, stopped by PID at the end;
+- admin: `admin_post` (raw answer) and `set_state` (expects 200);
+- process control: `signal_balancer`, `rewrite_config`, `wait_for_log`;
+- polling: `wait_until` (every wait bounded by a deadline in units of `UNIT`);
+- clients: `visit_via` (the affinity token as cookie, X-LB-Affinity header or ?lb_affinity=),
+  `token_of`, `wait_close` (the close frame a tunnel gets, and when);
+- `BlackHole`: a backend that accepts TCP and never answers.
+
+Written from SPEC.md and the product's documented admin/affinity contract; nothing here imports `lb`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from conftest import (
+    COOKIE,
+    HOST,
+    STOP_WAIT,
+    UNIT,
+    Balancer,
+    Gateway,
+    Launcher,
+    Visit,
+    client_session,
+    lb_config,
+    visit,
+)
+
+HEADER = "X-LB-Affinity"
+QUERY = "lb_affinity"
+CARRIERS = ("cookie", "header", "query")
+
+
+# ---------------------------------------------------------------------------------------------------
+# stacks
+
+
+@dataclass
+class OpsStack:
+    launcher: Launcher
+    gateways: list[Gateway]
+    balancer: Balancer
+
+    @property
+    def ids(self) -> list[str]:
+        return [g.id for g in self.gateways]
+
+
+@contextlib.contextmanager
+def started_stack(
+    workdir: Path,
+    *,
+    gateways: int = 3,
+    app_cookie: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    pool: str = "gateways",
+) -> Iterator[OpsStack]:
+    """`gateways` demo gateways and a balancer routing every path to them; all stopped at the end.
+
+    Per-IP handshake limiting is off unless `overrides` sets it: these tests open many connections from
+    127.0.0.1 and are not about the limiter (test_limits is).
+    """
+    launcher = Launcher(workdir)
+    try:
+        started = launcher.gateways(gateways, app_cookie=app_cookie)
+        base = {"limits": {"handshake_rate_per_ip": 0}}
+        config = lb_config(pools={pool: started}, overrides=_merge(base, overrides or {}))
+        balancer = launcher.balancer(config)
+        balancer.wait_states({(pool, g.id): "up" for g in started})
+        yield OpsStack(launcher, started, balancer)
+    finally:
+        launcher.close()
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------------
+# admin
+
+
+_OWN_TOKEN = object()
+
+
+async def admin_post(
+    lb: Balancer,
+    path: str,
+    *,
+    token: str | object | None = _OWN_TOKEN,
+    params: Mapping[str, str] | None = None,
+    json_body: Any = None,
+    within: float = 5 * UNIT,
+) -> tuple[int, dict[str, Any], Mapping[str, str]]:
+    """POST to the admin API; `token` None sends no Authorization header. Returns status, JSON, headers."""
+    headers = {}
+    if token is _OWN_TOKEN:
+        token = lb.token
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    async with client_session() as session:
+        async with asyncio.timeout(within):
+            async with session.post(lb.admin_url(path), headers=headers, params=params, json=json_body) as reply:
+                text = await reply.text()
+                try:
+                    body = json.loads(text) if text else {}
+                except ValueError:
+                    body = {"_text": text}
+                return reply.status, body, dict(reply.headers)
+
+
+async def set_state(
+    lb: Balancer, backend_id: str, action: str, *, pool: str = "gateways", params: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """drain | disable | enable, expecting 200 and the pool/id/state answer."""
+    code, body, _ = await admin_post(lb, f"/pools/{pool}/backends/{backend_id}/{action}", params=params)
+    assert code == 200, f"{action} {pool}/{backend_id}: {code} {body}"
+    assert body.get("pool") == pool and body.get("id") == backend_id, body
+    return body
+
+
+# ---------------------------------------------------------------------------------------------------
+# processes
+
+
+def signal_balancer(lb: Balancer, sig: int) -> None:
+    assert lb.proc is not None and lb.proc.poll() is None, f"balancer {lb.name} is not running"
+    os.kill(lb.proc.pid, sig)
+
+
+def rewrite_config(lb: Balancer, config: Mapping[str, Any] | str) -> None:
+    """Replace the balancer's config file (a mapping, or raw text for broken configs); SIGHUP applies it."""
+    text = config if isinstance(config, str) else yaml.safe_dump(dict(config), sort_keys=False)
+    tmp = lb.config_path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(lb.config_path)  # atomic: a reload never reads half a file
+
+
+async def wait_for_log(lb: Balancer, text: str, *, after: int = 0, within: float = 5 * UNIT) -> str:
+    """Poll the balancer's stdout+stderr until a line after line number `after` contains `text`."""
+    deadline = time.monotonic() + within
+    while True:
+        lines = lb.log_text().splitlines()[after:]
+        for line in lines:
+            if text in line:
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line with {text!r} within {within}s:\n{lb.logs_tail()}")
+        await asyncio.sleep(0.05)
+
+
+async def wait_exit(lb: Balancer, within: float) -> int:
+    """Wait for the balancer process to exit on its own; returns its exit code."""
+    assert lb.proc is not None
+    deadline = time.monotonic() + within
+    while lb.proc.poll() is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"balancer {lb.name} still running after {within}s:\n{lb.logs_tail()}")
+        await asyncio.sleep(0.05)
+    return lb.proc.returncode
+
+
+# ---------------------------------------------------------------------------------------------------
+# polling
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[Any]] | Callable[[], Any],
+    *,
+    within: float = 5 * UNIT,
+    what: str = "condition",
+    every: float = 0.05,
+) -> Any:
+    """Poll `check` (sync or async) until it returns something truthy; returns that value."""
+    deadline = time.monotonic() + within
+    last: Any = None
+    while True:
+        try:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            last = result
+        except (aiohttp.ClientError, OSError, AssertionError, TimeoutError) as exc:
+            last = exc
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {within}s (last: {last!r})")
+        await asyncio.sleep(every)
+
+
+# ---------------------------------------------------------------------------------------------------
+# clients
+
+
+def token_of(v: Visit) -> str:
+    """The affinity token a visit was given: Set-Cookie and X-LB-Affinity carry the same one."""
+    assert v.cookie is not None, f"no {COOKIE} Set-Cookie on the answer: {dict(v.headers)}"
+    header = v.headers.get(HEADER)
+    assert header == v.cookie.value, f"{HEADER} header {header!r} differs from the cookie {v.cookie.value!r}"
+    return v.cookie.value
+
+
+def with_query(url: str, token: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}{QUERY}={token}"
+
+
+async def visit_via(url: str, token: str, via: str, **kwargs: Any) -> Visit:
+    """Connect presenting `token` as cookie, header or query parameter (see CARRIERS)."""
+    if via == "cookie":
+        return await visit(url, cookie=token, **kwargs)
+    if via == "header":
+        headers = dict(kwargs.pop("headers", None) or {})
+        headers[HEADER] = token
+        return await visit(url, headers=headers, **kwargs)
+    if via == "query":
+        return await visit(with_query(url, token), **kwargs)
+    raise ValueError(via)
+
+
+@dataclass(frozen=True)
+class Closed:
+    code: int | None
+    reason: str
+    at: float  # time.monotonic() when the close frame arrived
+
+
+async def wait_close(ws: aiohttp.ClientWebSocketResponse, within: float) -> Closed:
+    """Read until the close frame (data messages in between are ignored); fail if none comes in time."""
+    async with asyncio.timeout(within):
+        while True:
+            msg = await ws.receive(timeout=within)
+            if msg.type is aiohttp.WSMsgType.CLOSE:
+                return Closed(msg.data, msg.extra or "", time.monotonic())
+            if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR):
+                return Closed(ws.close_code, "", time.monotonic())
+
+
+# ---------------------------------------------------------------------------------------------------
+# a backend that accepts and never answers
+
+
+class BlackHole:
+    """Accepts TCP connections, reads nothing, answers nothing (a hung gateway); passes TCP health checks."""
+
+    def __init__(self, backend_id: str) -> None:
+        self.id = backend_id
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind((HOST, 0))
+        self._sock.listen(128)
+        self._sock.settimeout(0.05)
+        self.port = int(self._sock.getsockname()[1])
+        self._held: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name=f"black hole {backend_id}", daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self._held.append(conn)
+
+    def requests_seen(self) -> int:
+        """Connections on which a request head began to arrive (health checks send nothing)."""
+        seen = 0
+        with self._lock:
+            for conn in self._held:
+                with contextlib.suppress(OSError):
+                    if conn.recv(4, socket.MSG_PEEK | socket.MSG_DONTWAIT).startswith(b"GET"):
+                        seen += 1
+        return seen
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=STOP_WAIT)
+        self._sock.close()
+        with self._lock:
+            for conn in self._held:
+                conn.close()
+            self._held.clear()

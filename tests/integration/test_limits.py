@@ -1,0 +1,244 @@
+"""Operator limits and logs: per-IP handshake rate (429 + Retry-After), idle tunnels (timeouts.idle),
+a backend's max_connections, the balancer's limits.max_connections, and the JSON access log
+(logging.format: json).
+
+Gateways are shared by the module; each test starts its own balancer with the setting under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import (
+    UNIT,
+    Balancer,
+    Gateway,
+    Launcher,
+    assert_echo,
+    find_backend,
+    http_get_async,
+    lb_config,
+    raw_exchange,
+    recv_hello,
+    status,
+    upgrade_request,
+    visit,
+    ws_connect,
+)
+from support_ops import token_of, wait_close, wait_until
+
+POOL = "gateways"
+
+
+@pytest.fixture(scope="module")
+def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
+    started = Launcher(tmp_path_factory.mktemp("limits-gateways"))
+    try:
+        yield started.gateways(2)
+    finally:
+        started.close()
+
+
+@pytest.fixture
+def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    started = Launcher(tmp_path_factory.mktemp("limits"))
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+def start(launcher: Launcher, gateways: list[Gateway], overrides: dict[str, Any], **pool: Any) -> Balancer:
+    config = lb_config(pools={POOL: gateways}, overrides=overrides)
+    for backend in config["pools"][POOL]["backends"]:
+        backend.update(pool.get(backend["id"], {}))
+    lb = launcher.balancer(config)
+    lb.wait_states({(POOL, g.id): "up" for g in gateways})
+    return lb
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-IP handshake rate
+
+
+async def handshake_status(lb: Balancer, ip: str) -> int:
+    assert lb.port is not None
+    answer = await raw_exchange(lb.port, upgrade_request(host=f"127.0.0.1:{lb.port}"), source_ip=ip)
+    assert answer is not None, "the connection closed without an answer"
+    return answer.status
+
+
+async def test_per_ip_handshake_rate_gets_429_with_retry_after(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """Past the burst, an address gets 429 with Retry-After; other addresses are unaffected; tokens refill."""
+    rate, burst = 2, 3
+    lb = start(launcher, gateways, {"limits": {"handshake_rate_per_ip": rate, "handshake_burst_per_ip": burst}})
+    noisy, quiet = "127.0.0.77", "127.0.0.78"
+    assert [await handshake_status(lb, noisy) for _ in range(burst)] == [101] * burst
+
+    assert lb.port is not None
+    refused = await raw_exchange(lb.port, upgrade_request(host=f"127.0.0.1:{lb.port}"), source_ip=noisy)
+    assert refused is not None and refused.status == 429, refused
+    retry_after = refused.get("Retry-After")
+    assert retry_after is not None and retry_after.isdigit() and 1 <= int(retry_after) <= 2, retry_after
+
+    assert await handshake_status(lb, quiet) == 101, "another address has its own bucket"
+
+    async def served_again() -> bool:
+        return await handshake_status(lb, noisy) == 101
+
+    started = time.monotonic()
+    await wait_until(served_again, within=int(retry_after) + 2 * UNIT, every=0.2, what="a token refilled")
+    assert time.monotonic() - started <= int(retry_after) + 2 * UNIT
+
+
+async def test_rate_limit_zero_is_off(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """handshake_rate_per_ip: 0 turns the limiter off."""
+    lb = start(launcher, gateways, {"limits": {"handshake_rate_per_ip": 0, "handshake_burst_per_ip": 1}})
+    statuses = await asyncio.gather(*(handshake_status(lb, "127.0.0.79") for _ in range(15)))
+    assert set(statuses) == {101}
+
+
+# ---------------------------------------------------------------------------------------------------
+# idle tunnels
+
+
+async def test_idle_timeout_closes_a_silent_tunnel_and_spares_a_chatty_one(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """timeouts.idle: 500ms — a tunnel that moves no byte is closed; one that keeps talking stays open."""
+    idle = 0.5
+    lb = start(launcher, gateways, {"timeouts": {"idle": "500ms"}, "limits": {"handshake_rate_per_ip": 0}})
+    async with ws_connect(lb.ws_url()) as (silent, _), ws_connect(lb.ws_url()) as (chatty, _):
+        await recv_hello(silent)
+        await recv_hello(chatty)
+        opened = time.monotonic()
+
+        async def chatter() -> None:
+            while time.monotonic() - opened < 4 * idle:
+                await assert_echo(chatty, "still here")
+                await asyncio.sleep(idle / 4)
+
+        closed, _ = await asyncio.gather(wait_close(silent, 5 * UNIT), chatter())
+        after = closed.at - opened
+        assert after >= idle * 0.8, f"silent tunnel closed after {after:.2f}s, before timeouts.idle"
+        assert after <= idle + 2 * UNIT, f"silent tunnel closed only after {after:.2f}s"
+        assert closed.code is not None and closed.code in (1000, 1001), closed
+        await assert_echo(chatty, "the chatty tunnel outlived the silent one")
+
+
+# ---------------------------------------------------------------------------------------------------
+# max_connections per backend
+
+
+async def test_full_backend_sends_new_clients_elsewhere(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """backends[].max_connections: 1 — while its one tunnel is open, new clients go to the other backend;
+    once it closes, the backend takes clients again."""
+    small, big = gateways
+    lb = start(launcher, gateways, {"limits": {"handshake_rate_per_ip": 0}}, **{small.id: {"max_connections": 1}})
+    async with contextlib.AsyncExitStack() as stack:
+        # Open tunnels until one sits on the small backend (least_conn puts it there within two).
+        holder = None
+        for _ in range(4):
+            ws, headers = await stack.enter_async_context(ws_connect(lb.ws_url()))
+            if (await recv_hello(ws))["server_id"] == small.id:
+                holder = (ws, headers)
+                break
+        assert holder is not None, "the small backend never got a client"
+        entry = find_backend(await status(lb), POOL, small.id)
+        assert entry["connections"] == 1 and entry["max_connections"] == 1, entry
+
+        landed = Counter([(await visit(lb.ws_url())).server_id for _ in range(6)])
+        assert landed == Counter({big.id: 6}), f"new clients reached the full backend: {dict(landed)}"
+        # A client pinned to the full backend is still served (HAProxy's option redispatch), not refused.
+        token = holder[1].get("X-LB-Affinity")
+        assert token
+        assert (await visit(lb.ws_url(), cookie=token)).server_id in {small.id, big.id}
+        await assert_echo(holder[0], "the tunnel at the limit works")
+        await stack.aclose()
+
+    async def small_takes_clients() -> bool:
+        return (await visit(lb.ws_url())).server_id == small.id
+
+    await wait_until(small_takes_clients, within=5 * UNIT, what="the small backend takes clients after its close")
+
+
+async def test_global_max_connections_refuses_with_503_then_recovers(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """limits.max_connections: 2 — with two tunnels open a third client is refused (503, Retry-After);
+    when one closes, clients are served again."""
+    lb = start(launcher, gateways, {"limits": {"max_connections": 2, "handshake_rate_per_ip": 0}})
+    assert lb.port is not None
+    request = upgrade_request(host=f"127.0.0.1:{lb.port}")
+    async with contextlib.AsyncExitStack() as stack:
+        first, _ = await stack.enter_async_context(ws_connect(lb.ws_url()))
+        await recv_hello(first)
+        async with ws_connect(lb.ws_url()) as (second, _):
+            await recv_hello(second)
+            refused = await raw_exchange(lb.port, request)
+            assert refused is not None and refused.status == 503, refused
+            assert refused.get("Retry-After"), refused.headers
+            await assert_echo(first, "open tunnels are not disturbed")
+
+        async def served() -> bool:
+            answer = await raw_exchange(lb.port, request)
+            return answer is not None and answer.status == 101
+
+        await wait_until(served, within=5 * UNIT, what="a client served after a tunnel closed")
+        await assert_echo(first, "still fine")
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON access log
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    entries = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                raise AssertionError(f"not a JSON line in the balancer's stderr: {line!r}") from None
+    return entries
+
+
+async def test_json_access_log_has_request_and_tunnel_closed_events(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """logging.format: json — every stderr line is a JSON object; a handshake gives event=request, a closed
+    tunnel event=tunnel_closed with its byte counts; the token itself never appears."""
+    lb = start(
+        launcher,
+        gateways,
+        {"logging": {"level": "INFO", "format": "json", "access_log": True}, "limits": {"handshake_rate_per_ip": 0}},
+    )
+    v = await visit(lb.ws_url())
+    token = token_of(v)
+    code, _, _ = await http_get_async(lb.http_url("/whoami"), cookie=token)
+    assert code == 200
+
+    def logged() -> list[dict[str, Any]] | None:
+        entries = json_lines(lb.err_path.read_text())
+        events = {e.get("event") for e in entries}
+        return entries if {"request", "tunnel_closed"} <= events else None
+
+    entries = await wait_until(logged, within=5 * UNIT, what="request and tunnel_closed events in stderr")
+    requests = [e for e in entries if e.get("event") == "request"]
+    ws_request = next((e for e in requests if e.get("path") == "/ws"), None)
+    assert ws_request is not None, requests
+    assert ws_request["status"] == 101 and ws_request["backend"] == v.server_id, ws_request
+    assert ws_request["client"] == "127.0.0.1" and ws_request["method"] == "GET", ws_request
+    closed = [e for e in entries if e.get("event") == "tunnel_closed" and e.get("backend") == v.server_id]
+    assert closed, entries
+    assert int(closed[0]["bytes_in"]) > 0 and int(closed[0]["bytes_out"]) > 0, closed[0]
+    assert all("level" in e and "message" in e for e in entries)
+    text = lb.log_text()
+    assert token not in text, "an affinity token was written to the log"

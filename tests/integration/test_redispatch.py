@@ -1,0 +1,222 @@
+"""Where a pinned client lands (SPEC "Affinity semantics"):
+
+- its backend gone, it is redispatched by its token: spread evenly over the survivors, always to the same one
+  for the same token, and a second balancer instance sharing the keys picks that same one;
+- the token works as X-LB-Affinity header or ?lb_affinity= query parameter just like the cookie, and neither
+  reaches the backend;
+- a backend that accepts TCP but never answers the handshake is abandoned within timeouts.backend_connect
+  and the client is served by another one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from conftest import (
+    COOKIE,
+    UNIT,
+    Launcher,
+    SpyBackend,
+    handshake_headers,
+    http_get_async,
+    lb_config,
+    set_cookies,
+    tunnel,
+    visit,
+    wait_for_state,
+)
+from support_ops import (
+    CARRIERS,
+    HEADER,
+    QUERY,
+    BlackHole,
+    set_state,
+    token_of,
+    visit_via,
+    with_query,
+)
+
+POOL = "gateways"
+N_TOKENS = 120
+
+
+@pytest.fixture
+def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    started = Launcher(tmp_path_factory.mktemp("redispatch"))
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+async def whoami(url: str, token: str, sem: asyncio.Semaphore) -> tuple[str, str | None]:
+    """Plain-HTTP request with the token as cookie: (server id, the new token if one was set)."""
+    async with sem:
+        code, headers, body = await http_get_async(url, cookie=token)
+    assert code == 200, (code, body[:200])
+    fresh = [c.value for c in set_cookies(headers) if c.name == COOKIE]
+    return json.loads(body)["server_id"], (fresh[0] if fresh else None)
+
+
+async def test_redispatch_spread_is_even_consistent_and_shared_by_instances(launcher: Launcher) -> None:
+    """120 clients pinned to gw-1; gw-1 dies. They spread over gw-2..4 (none lopsided), each token always lands
+    on the same survivor, and a second balancer with the same keys sends each token to that same survivor."""
+    gateways = launcher.gateways(4)
+    base = {"limits": {"handshake_rate_per_ip": 0}}
+    config1 = lb_config(pools={POOL: gateways}, overrides=base)
+    config2 = lb_config(pools={POOL: gateways}, keys=config1["affinity"]["secret_keys"], overrides=base)
+    lb1, lb2 = launcher.balancers(config1, config2)
+    doomed, survivors = gateways[0], gateways[1:]
+    for lb in (lb1, lb2):
+        lb.wait_states({(POOL, g.id): "up" for g in gateways})
+
+    # Pin N_TOKENS fresh clients (each with its own session) to gw-1: the others drain meanwhile.
+    for g in survivors:
+        await set_state(lb1, g.id, "drain")
+    sem = asyncio.Semaphore(8)
+    url1, url2 = lb1.http_url("/whoami"), lb2.http_url("/whoami")
+
+    async def new_client() -> str:
+        async with sem:
+            code, headers, body = await http_get_async(url1)
+        assert code == 200 and json.loads(body)["server_id"] == doomed.id
+        return next(c.value for c in set_cookies(headers) if c.name == COOKIE)
+
+    tokens = await asyncio.gather(*(new_client() for _ in range(N_TOKENS)))
+    assert len(set(tokens)) == N_TOKENS
+    for g in survivors:
+        await set_state(lb1, g.id, "enable")
+
+    doomed.kill()
+    await asyncio.gather(*(wait_for_state(lb, POOL, doomed.id, "down", within=10 * UNIT) for lb in (lb1, lb2)))
+
+    first = await asyncio.gather(*(whoami(url1, t, sem) for t in tokens))
+    spread = Counter(server for server, _ in first)
+    assert set(spread) == {g.id for g in survivors}, f"redispatch must use every survivor: {dict(spread)}"
+    # Expected 40 each; binomial sd ≈ 5.2, so these bounds are ~4 sd away.
+    assert min(spread.values()) >= N_TOKENS // 6, f"lopsided redispatch: {dict(spread)}"
+    assert max(spread.values()) <= N_TOKENS // 2, f"lopsided redispatch: {dict(spread)}"
+    assert all(fresh is not None for _, fresh in first), "a redispatched client gets a replacement cookie"
+
+    again = await asyncio.gather(*(whoami(url1, t, sem) for t in tokens))
+    assert [s for s, _ in again] == [s for s, _ in first], "the same token must land on the same survivor"
+    twin = await asyncio.gather(*(whoami(url2, t, sem) for t in tokens))
+    differs = [i for i, ((a, _), (b, _)) in enumerate(zip(first, twin, strict=True)) if a != b]
+    assert not differs, f"{len(differs)} tokens landed elsewhere on the second instance"
+
+    # WebSocket clients are redispatched the same way, and the replacement cookie then sticks there.
+    for token, (server, fresh) in list(zip(tokens, first, strict=True))[:6]:
+        for lb in (lb1, lb2):
+            assert (await visit(lb.ws_url(), cookie=token)).server_id == server
+        assert fresh is not None
+        assert (await visit(lb2.ws_url(), cookie=fresh)).server_id == server
+
+
+async def test_header_and_query_tokens_stick_like_the_cookie(launcher: Launcher) -> None:
+    """The token given on the 101 (Set-Cookie and X-LB-Affinity) pins the client whichever way it comes back,
+    from any source address, without a new cookie."""
+    gateways = launcher.gateways(3)
+    lb = launcher.balancer(lb_config(pools={POOL: gateways}, overrides={"limits": {"handshake_rate_per_ip": 0}}))
+    lb.wait_states({(POOL, g.id): "up" for g in gateways})
+    pinned: dict[str, str] = {}
+    for _ in range(3):
+        v = await visit(lb.ws_url())
+        pinned[token_of(v)] = v.server_id
+    assert len(set(pinned.values())) >= 2, "least_conn should spread three fresh clients"
+    for token, server in pinned.items():
+        for via in CARRIERS:
+            for n in range(3):
+                v = await visit_via(lb.ws_url(), token, via, source_ip=f"127.0.{10 + n}.{7 + len(via)}")
+                assert v.server_id == server, f"token via {via} went to {v.server_id}, not {server}"
+                assert v.cookie is None, "a valid token is kept, not replaced"
+                assert COOKIE not in v.hello["cookies"]
+    # Plain HTTP too.
+    token, server = next(iter(pinned.items()))
+    code, _, body = await http_get_async(lb.http_url("/whoami"), headers={HEADER: token})
+    assert code == 200 and json.loads(body)["server_id"] == server
+    code, _, body = await http_get_async(with_query(lb.http_url("/whoami?x=1"), token))
+    assert code == 200 and json.loads(body)["server_id"] == server
+
+
+async def test_header_and_query_tokens_never_reach_the_backend(launcher: Launcher) -> None:
+    """X-LB-Affinity and ?lb_affinity= are removed from the forwarded request; other parameters stay."""
+    spy: SpyBackend = launcher.spy()
+    lb = launcher.balancer(lb_config(pools={"spy": [spy]}))
+    lb.wait_states({("spy", spy.id): "up"})
+    async with tunnel(lb.ws_url("/spy"), hello=False) as ws:
+        token = handshake_headers(ws)[HEADER]
+    before = len(spy.requests)
+    async with tunnel(lb.ws_url(f"/spy?room=7&{QUERY}={token}&x=y"), hello=False, headers={HEADER: token}):
+        pass
+    seen = spy.requests[before:]
+    assert len(seen) == 1
+    assert seen[0].path == "/spy?room=7&x=y"
+    assert seen[0].get_all(HEADER) == []
+    assert all(token not in value for _, value in seen[0].headers)
+
+
+async def test_backend_that_accepts_but_never_answers_is_retried_elsewhere(launcher: Launcher) -> None:
+    """A hung gateway (TCP accepted, no answer) costs the client at most timeouts.backend_connect,
+    then another backend serves it."""
+    connect_timeout = 1.0
+    hung = BlackHole("hung-1")
+    try:
+        (gw,) = launcher.gateways(1)
+        config = lb_config(
+            pools={POOL: [hung, gw]},
+            overrides={
+                "timeouts": {"backend_connect": f"{int(connect_timeout * 1000)}ms"},
+                # TCP checks: the hung backend looks healthy, as a wedged process would.
+                "pools": {POOL: {"balance": "round_robin", "health_check": {"type": "tcp"}}},
+                "limits": {"handshake_rate_per_ip": 0},
+            },
+        )
+        config["pools"][POOL]["health_check"].pop("path", None)
+        lb = launcher.balancer(config)
+        lb.wait_states({(POOL, hung.id): "up", (POOL, gw.id): "up"})
+
+        timings = []
+        for _ in range(3):
+            started = time.monotonic()
+            v = await visit(lb.ws_url(), within=connect_timeout + 5 * UNIT)
+            timings.append(time.monotonic() - started)
+            assert v.server_id == gw.id
+            assert token_of(v)
+        assert hung.requests_seen() >= 1, f"the hung backend was never tried (timings {timings})"
+        assert max(timings) >= connect_timeout * 0.9, f"no attempt waited for the hung backend: {timings}"
+        assert max(timings) <= connect_timeout + 2 * UNIT, f"retry took too long: {timings}"
+    finally:
+        launcher.close()
+        hung.close()
+
+
+async def test_redispatch_grace_keeps_the_cookie_of_a_briefly_down_backend(launcher: Launcher) -> None:
+    """affinity.redispatch_grace: a client of a gateway that went down moments ago is served elsewhere but keeps
+    its cookie, so it returns to its own gateway once that one is back."""
+    gateways = launcher.gateways(3)
+    lb = launcher.balancer(
+        lb_config(
+            pools={POOL: gateways},
+            overrides={"affinity": {"redispatch_grace": "30s"}, "limits": {"handshake_rate_per_ip": 0}},
+        )
+    )
+    lb.wait_states({(POOL, g.id): "up" for g in gateways})
+    first = await visit(lb.ws_url())
+    token = token_of(first)
+    home = next(g for g in gateways if g.id == first.server_id)
+
+    home.kill()
+    await wait_for_state(lb, POOL, home.id, "down", within=10 * UNIT)
+    away = [await visit(lb.ws_url(), cookie=token) for _ in range(3)]
+    assert all(v.server_id != home.id for v in away)
+    assert len({v.server_id for v in away}) == 1, "the same token lands on the same survivor"
+    assert all(v.cookie is None for v in away), "within the grace the client keeps its cookie"
+
+    home.start()
+    await wait_for_state(lb, POOL, home.id, "up", within=10 * UNIT)
+    assert (await visit(lb.ws_url(), cookie=token)).server_id == home.id

@@ -1,0 +1,162 @@
+"""SPEC "Errors" and the operator's reload: SIGHUP re-reads the config file.  A valid one is applied without
+cutting a live tunnel; an invalid one is logged and the running config keeps serving.
+
+Gateways are shared by the module; each test starts its own balancer (it rewrites the config file).
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+from collections.abc import Iterator
+
+import pytest
+from conftest import (
+    Gateway,
+    Launcher,
+    assert_echo,
+    backend_states,
+    find_backend,
+    lb_config,
+    recv_hello,
+    status,
+    visit,
+    ws_connect,
+)
+from support_ops import rewrite_config, signal_balancer, token_of, wait_for_log, wait_until
+
+POOL = "gateways"
+
+
+@pytest.fixture(scope="module")
+def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
+    """gw-1..3 for the whole module (nothing here changes them)."""
+    started = Launcher(tmp_path_factory.mktemp("reload-gateways"))
+    try:
+        yield started.gateways(3)
+    finally:
+        started.close()
+
+
+@pytest.fixture
+def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    """Balancers for one test."""
+    started = Launcher(tmp_path_factory.mktemp("reload"))
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+def backend_entry(gateway: Gateway) -> dict[str, object]:
+    return {"id": gateway.id, "address": gateway.address, "weight": 1}
+
+
+async def test_sighup_adds_a_backend_without_cutting_a_tunnel(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """A backend added to the file shows in /status after SIGHUP, takes new clients; an open tunnel and an
+    existing cookie keep working."""
+    gw1, gw2, gw3 = gateways
+    config = lb_config(pools={POOL: [gw1, gw2]}, overrides={"limits": {"handshake_rate_per_ip": 0}})
+    lb = launcher.balancer(config)
+    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+
+    first = await visit(lb.ws_url())
+    token = token_of(first)
+    async with ws_connect(lb.ws_url(), cookie=token) as (ws, _):
+        assert (await recv_hello(ws))["server_id"] == first.server_id
+        grown = copy.deepcopy(config)
+        grown["pools"][POOL]["backends"].append(backend_entry(gw3))
+        rewrite_config(lb, grown)
+        mark = lb.log_lines()
+        signal_balancer(lb, signal.SIGHUP)
+
+        async def gw3_up() -> bool:
+            return backend_states(await status(lb)).get((POOL, gw3.id)) == "up"
+
+        await wait_until(gw3_up, what=f"{gw3.id} up in /status after SIGHUP")
+        await wait_for_log(lb, "reloaded", after=mark)
+        entry = find_backend(await status(lb), POOL, gw3.id)
+        assert entry["address"] == gw3.address
+
+        await assert_echo(ws, "tunnel survives the reload")
+        assert (await visit(lb.ws_url(), cookie=token)).server_id == first.server_id, "old cookie still sticks"
+        landed = {(await visit(lb.ws_url())).server_id for _ in range(9)}
+        assert gw3.id in landed, f"the added backend takes new clients: {landed}"
+        await assert_echo(ws, "and after new clients")
+    lb.assert_alive()
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "listeners: [\n  - bind: 127.0.0.1:1\n  this is: [not yaml\n",
+        "pools:\n  gateways:\n    backends: [{id: gw-1, address: nowhere}]\n",
+        "",
+    ],
+    ids=["bad yaml", "invalid values", "empty file"],
+)
+async def test_sighup_with_a_broken_config_keeps_the_old_one(
+    launcher: Launcher, gateways: list[Gateway], broken: str
+) -> None:
+    """An invalid file on SIGHUP: an error in the log, the balancer keeps serving as before."""
+    gw1, gw2, _ = gateways
+    config = lb_config(pools={POOL: [gw1, gw2]}, overrides={"limits": {"handshake_rate_per_ip": 0}})
+    lb = launcher.balancer(config)
+    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+    first = await visit(lb.ws_url())
+    token = token_of(first)
+    before = backend_states(await status(lb))
+
+    async with ws_connect(lb.ws_url(), cookie=token) as (ws, _):
+        assert (await recv_hello(ws))["server_id"] == first.server_id
+        rewrite_config(lb, broken)
+        mark = lb.log_lines()
+        signal_balancer(lb, signal.SIGHUP)
+        line = await wait_for_log(lb, "reload failed", after=mark)
+        assert "ERROR" in line or "error" in line.lower(), line
+
+        lb.assert_alive()
+        await assert_echo(ws, "tunnel survives a failed reload")
+        assert backend_states(await status(lb)) == before
+        assert (await visit(lb.ws_url(), cookie=token)).server_id == first.server_id
+        landed = {(await visit(lb.ws_url())).server_id for _ in range(4)}
+        assert landed <= {gw1.id, gw2.id}, landed  # new clients are still served by the old pool
+
+    # The file fixed again: the next SIGHUP applies it.
+    rewrite_config(lb, config)
+    mark = lb.log_lines()
+    signal_balancer(lb, signal.SIGHUP)
+    await wait_for_log(lb, "reloaded", after=mark)
+    lb.assert_alive()
+
+
+async def test_sighup_removing_a_backend_keeps_its_live_tunnel(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """A backend removed from the file takes no new client, but its open tunnel runs until it ends."""
+    gw1, gw2, _ = gateways
+    config = lb_config(pools={POOL: [gw1, gw2]}, overrides={"limits": {"handshake_rate_per_ip": 0}})
+    lb = launcher.balancer(config)
+    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+    pinned = None
+    for _ in range(4):
+        v = await visit(lb.ws_url())
+        if v.server_id == gw2.id:
+            pinned = token_of(v)
+            break
+    assert pinned is not None, "gw-2 never got a client"
+
+    async with ws_connect(lb.ws_url(), cookie=pinned) as (ws, _):
+        assert (await recv_hello(ws))["server_id"] == gw2.id
+        shrunk = copy.deepcopy(config)
+        shrunk["pools"][POOL]["backends"] = [backend_entry(gw1)]
+        rewrite_config(lb, shrunk)
+        mark = lb.log_lines()
+        signal_balancer(lb, signal.SIGHUP)
+        await wait_for_log(lb, "reloaded", after=mark)
+
+        assert {(await visit(lb.ws_url())).server_id for _ in range(4)} == {gw1.id}
+        moved = await visit(lb.ws_url(), cookie=pinned)
+        assert moved.server_id == gw1.id and moved.cookie is not None, "a token for a removed backend is replaced"
+        await assert_echo(ws, "the removed backend's tunnel still relays")
+        states = backend_states(await status(lb))
+        assert states.get((POOL, gw2.id)) in (None, "removed"), states
+    lb.assert_alive()
