@@ -114,10 +114,14 @@ class Balancer:
                 await self._listen(listener)
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
         if self.role is not Role.WORKER:
-            await self._start_admin()
             self._start_health_checks()
         if self._supervisor is not None:
             await self._supervisor.start()
+        if self._control is not None:
+            self._control.report_ready()
+        if self.role is not Role.WORKER:
+            # Last, so that /healthz answering means the listeners (or every worker's) are up.
+            await self._start_admin()
 
     async def _listen(self, listener: ListenerConfig) -> None:
         ssl_context = server_ssl_context(listener.tls) if listener.tls else None

@@ -9,6 +9,7 @@ backend states; workers accept clients and relay.  Owner → worker:
 
 Worker → owner:
 
+    {"op": "ready"}                                  its listeners are bound
     {"op": "failure", "pool", "backend", "detail"}   a backend failed a handshake (passive health)
     {"op": "stats", ...}                             counters, every second, for /status and /metrics
 

@@ -5,6 +5,7 @@ Bodies and tunnel bytes are relayed unchanged by others; only heads are rebuilt 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from lb.http_head import RequestHead, ResponseHead, render_head
@@ -32,7 +33,8 @@ def _connection_listed(headers: tuple[tuple[str, str], ...]) -> set[str]:
 
 
 def _end_to_end(headers: tuple[tuple[str, str], ...], extra_drop: frozenset[str]) -> list[tuple[str, str]]:
-    drop = HOP_BY_HOP | extra_drop | _connection_listed(headers)
+    listed = _connection_listed(headers) - extra_drop - HOP_BY_HOP
+    drop = extra_drop | listed if listed else extra_drop
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
@@ -61,7 +63,7 @@ def render_forwarded_request(
         add: headers to add (after the client's).
         backend_host: the Host to send when the client (HTTP/1.0) sent none.
     """
-    headers = _end_to_end(request.head.headers, _FORWARDED | drop)
+    headers = _end_to_end(request.head.headers, _request_drop(drop))
     if rewrite_cookie is not None:
         rewritten: list[tuple[str, str]] = []
         for name, value in headers:
@@ -92,6 +94,12 @@ def render_forwarded_request(
         # also the end of the connection, and nothing can be smuggled behind it.
         headers.append(("Connection", "close"))
     return render_head(f"{request.method} {target or request.target} HTTP/1.1", headers)
+
+
+@functools.lru_cache(maxsize=16)
+def _request_drop(extra: frozenset[str]) -> frozenset[str]:
+    """Hop-by-hop, X-Forwarded-* (we set them) and `extra`; one set per configuration, not per request."""
+    return HOP_BY_HOP | _FORWARDED | extra
 
 
 def strip_query_param(target: str, name: str) -> str:
@@ -126,7 +134,7 @@ def render_client_response(
     if switching:
         headers = list(response.head.headers)
     else:
-        headers = _end_to_end(response.head.headers, frozenset())
+        headers = _end_to_end(response.head.headers, HOP_BY_HOP)
         headers.append(("Connection", "close"))
     if rewrite_set_cookie is not None:
         headers = [

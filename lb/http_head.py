@@ -20,6 +20,8 @@ HEAD_END = b"\r\n\r\n"
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # RFC 9110 §5.5 field-value: VCHAR, obs-text, SP and HTAB.
 _FIELD_VALUE = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100)) + b" \t"
+# What a head may hold at all: field-value bytes plus the CRLFs between lines.
+_LINE_BYTES = _FIELD_VALUE + b"\r\n"
 # RFC 9112 §3.2: request-target has no whitespace or control characters.
 _TARGET = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
 
@@ -97,14 +99,20 @@ def find_head_end(buffer: bytes | bytearray, limit: int) -> int:
 
 
 def _split_lines(raw: bytes) -> list[bytes]:
+    """The head's lines, once the whole head is known to hold only CRLF line ends and no controls.
+
+    Three counts and one translate over the whole head (all in C) instead of a check per line.
+    """
     if not raw.endswith(HEAD_END):
         raise BadRequest("incomplete head")
-    lines = raw[: -len(HEAD_END)].split(b"\r\n")
-    for line in lines:
-        # RFC 9112 §2.2: a bare CR or LF is not a line ending here.
-        if b"\r" in line or b"\n" in line:
-            raise BadRequest("bare CR or LF in head")
-    return lines
+    body = raw[: -len(HEAD_END)]
+    crlf = body.count(b"\r\n")
+    # RFC 9112 §2.2: a bare CR or LF is not a line ending here.
+    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
+        raise BadRequest("bare CR or LF in head")
+    if body.translate(None, _LINE_BYTES):
+        raise BadRequest("control character in head")
+    return body.split(b"\r\n")
 
 
 def _parse_fields(start_line: tuple[str, str, str], lines: list[bytes]) -> Head:
@@ -116,9 +124,7 @@ def _parse_fields(start_line: tuple[str, str, str], lines: list[bytes]) -> Head:
         name, colon, value = line.partition(b":")
         if not colon or not name or name.translate(None, _TCHAR):
             raise BadRequest("malformed header line")
-        value = value.strip(b" \t")
-        if value.translate(None, _FIELD_VALUE):
-            raise BadRequest("control character in header value")
+        value = value.strip(b" \t")  # control characters were refused for the whole head
         text_name = name.decode("ascii")
         text_value = value.decode("latin-1")
         headers.append((text_name, text_value))

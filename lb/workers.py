@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+WORKER_READY = 15.0  # seconds a new worker may take to bind its listeners
 RESTART_DELAY = 0.5  # seconds before a dead worker is replaced (no tight crash loop)
 STATES_EVERY = 1.0  # seconds between full state pushes (covers anything a worker missed)
 STATS_EVERY = 1.0
@@ -40,6 +41,7 @@ class _Worker:
     index: int
     process: asyncio.subprocess.Process
     writer: asyncio.StreamWriter
+    ready: asyncio.Future[None]
     tasks: tuple[asyncio.Task[None], ...] = ()
 
 
@@ -57,8 +59,16 @@ class WorkerSupervisor:
         self.live_tunnels = 0
 
     async def start(self) -> None:
+        """Start the workers; returns once every one listens (so /healthz means serving)."""
         for index in range(self.count):
             await self._spawn(index)
+        for index in range(self.count):
+            # A worker that dies before it is ready is restarted by its watcher; wait for that one too.
+            deadline = asyncio.get_running_loop().time() + WORKER_READY
+            while not self._workers[index].ready.done():
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RuntimeError(f"worker {index} did not start listening in {WORKER_READY:g}s")
+                await asyncio.wait([self._workers[index].ready], timeout=0.1)
         self._pusher = asyncio.get_running_loop().create_task(self._push_states())
 
     async def _spawn(self, index: int) -> None:
@@ -76,7 +86,7 @@ class WorkerSupervisor:
         finally:
             theirs.close()
         reader, writer = await asyncio.open_connection(sock=ours)
-        worker = _Worker(index, process, writer)
+        worker = _Worker(index, process, writer, asyncio.get_running_loop().create_future())
         self._workers[index] = worker
         loop = asyncio.get_running_loop()
         worker.tasks = (loop.create_task(self._read(worker, reader)), loop.create_task(self._watch(worker)))
@@ -90,7 +100,10 @@ class WorkerSupervisor:
             except ValueError:
                 log.error("worker %d sent a malformed control message", worker.index)
                 continue
-            if message["op"] == "stats":
+            if message["op"] == "ready":
+                if not worker.ready.done():
+                    worker.ready.set_result(None)
+            elif message["op"] == "stats":
                 self._stats.update(worker.index, message)
                 self.live_tunnels = self._stats.apply_to(self._balancer.ctx)
             elif message["op"] == "failure":
@@ -168,6 +181,9 @@ class ControlChannel:
         reader, self._writer = await asyncio.open_connection(sock=socket.socket(fileno=self._fd))
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read(reader)), loop.create_task(self._report())]
+
+    def report_ready(self) -> None:
+        self._send({"op": "ready"})
 
     def report_failure(self, pool: str, backend: str, detail: str) -> None:
         self._send({"op": "failure", "pool": pool, "backend": backend, "detail": detail})

@@ -1,0 +1,122 @@
+"""`workers: 2`: an owner process (health, admin) and two workers sharing the listeners.
+
+The owner's /status and /metrics cover every worker; backend states reach
+every worker; a worker that dies is restarted, and its clients reconnect with
+their cookies to the same backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import UNIT, http_get, visit
+from support_ops import OpsStack, started_stack, wait_until
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpsStack]:
+    with started_stack(tmp_path_factory.mktemp("workers"), overrides={"workers": 2}) as stack:
+        yield stack
+
+
+def worker_pids(owner_pid: int) -> list[int]:
+    """The owner's `lb worker` children, from /proc."""
+    out = subprocess.run(["ps", "--ppid", str(owner_pid), "-o", "pid=,args="], capture_output=True, text=True)
+    return [int(line.split()[0]) for line in out.stdout.splitlines() if " lb worker " in line]
+
+
+def status(ops: OpsStack) -> dict[str, object]:
+    code, body = http_get(ops.balancer.admin_url("/status"))
+    assert code == 200
+    return dict(json.loads(body))
+
+
+def owner_pid(ops: OpsStack) -> int:
+    assert ops.balancer.proc is not None
+    return ops.balancer.proc.pid
+
+
+async def test_two_workers_serve_and_the_owner_reports_for_both(ops: OpsStack) -> None:
+    """With workers: 2 the owner starts two workers, and /status and /metrics sum what they did."""
+    pids = await wait_until(lambda: len(worker_pids(owner_pid(ops))) == 2, within=10 * UNIT, what="two workers")
+    assert pids
+    visits = [await visit(ops.balancer.ws_url()) for _ in range(12)]
+    assert {v.server_id for v in visits} <= {g.id for g in ops.gateways}
+
+    def handshakes() -> int:
+        backends = status(ops)["pools"]["gateways"]["backends"]  # type: ignore[index]
+        return sum(int(b["handshakes"]) for b in backends)
+
+    await wait_until(lambda: handshakes() >= 12, within=5 * UNIT, what="worker counters at the owner")
+    assert status(ops)["role"] == "owner"
+    code, metrics = http_get(ops.balancer.admin_url("/metrics"))
+    assert code == 200 and b"lb_handshakes_total" in metrics
+
+
+async def test_a_killed_worker_is_restarted_and_cookies_still_stick(ops: OpsStack) -> None:
+    """A worker that dies is replaced; a client reconnecting with its cookie reaches the same gateway."""
+    first = await visit(ops.balancer.ws_url())
+    assert first.cookie is not None
+    before = await wait_until(
+        lambda: worker_pids(owner_pid(ops)) if len(worker_pids(owner_pid(ops))) == 2 else None,
+        within=10 * UNIT,
+        what="two workers",
+    )
+    os.kill(before[0], signal.SIGKILL)
+    after = await wait_until(
+        lambda: pids if len(pids := worker_pids(owner_pid(ops))) == 2 and before[0] not in pids else None,
+        within=10 * UNIT,
+        what="a replacement worker",
+    )
+    assert before[1] in after
+    await asyncio.sleep(0.5 * UNIT)  # the replacement binds its listeners
+    for _ in range(8):
+        again = await visit(ops.balancer.ws_url(), cookie=f"{first.cookie.name}={first.cookie.value}")
+        assert again.server_id == first.server_id
+
+
+async def test_backend_states_reach_every_worker(ops: OpsStack) -> None:
+    """A gateway the owner's health checks mark down gets no new clients from any worker."""
+    victim = ops.gateways[0]
+    victim.kill()
+    try:
+        await wait_until(
+            lambda: any(
+                b["id"] == victim.id and b["state"] == "down" for b in status(ops)["pools"]["gateways"]["backends"]
+            ),  # type: ignore[index]
+            within=10 * UNIT,
+            what=f"{victim.id} down",
+        )
+        seen = {(await visit(ops.balancer.ws_url())).server_id for _ in range(16)}
+        assert victim.id not in seen
+    finally:
+        victim.start()
+
+
+async def test_sigterm_stops_owner_and_workers(tmp_path: Path) -> None:
+    """SIGTERM to the owner stops every worker and exits 0."""
+    with started_stack(tmp_path, gateways=1, overrides={"workers": 2}) as stack:
+        pid = stack.balancer.proc.pid if stack.balancer.proc else 0
+        workers = await wait_until(
+            lambda: p if len(p := worker_pids(pid)) == 2 else None, within=10 * UNIT, what="two workers"
+        )
+        assert stack.balancer.proc is not None
+        stack.balancer.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(stack.balancer.proc.wait, 15 * UNIT)
+        assert code == 0
+        left = [pid for pid in workers if not _gone(pid)]
+        assert not left, f"workers still running after the owner exited: {left}"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "Z (zombie)" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
