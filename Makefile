@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config.example.yaml
 
-.PHONY: install run demo test style types unit integration bench clean
+.PHONY: install run demo test style types unit integration bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -36,7 +36,7 @@ demo: $(STAMP) certs/server.crt .dev/secrets.env
 	$(BIN)/python -m backends_demo.stack --config $(CONFIG) --env-file .dev/secrets.env --demo
 
 style: $(STAMP)
-	$(BIN)/ruff check lb backends_demo tests
+	$(BIN)/ruff check lb backends_demo bench tests
 
 types: $(STAMP)
 	$(BIN)/mypy --strict lb
@@ -49,6 +49,14 @@ integration: $(STAMP)
 
 test: style types
 	PYTHONASYNCIODEBUG=1 $(BIN)/pytest -q
+
+# A benchmark, not a test: direct vs balancer (vs haproxy when installed), one table.
+# BENCH_ARGS="--json bench.json" also writes the numbers.
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .dev .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,77 @@
+"""HAProxy as the reference column: an equivalent cookie-insert configuration.  [pure]
+
+Equivalent to the balancer's benchmark config: HTTP mode, least-connections,
+an inserted affinity cookie that is stripped on the way in and only set when
+missing (`cookie SRV insert indirect nocache`), the same /health checks every
+second, one thread (`nbthread 1`, as the balancer is one event loop), tunnels
+that may idle for an hour, keep-alive mode (no `option http-server-close`), and
+no logging (the balancer runs without access log too).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+COOKIE = "SRV"
+
+
+def find_haproxy() -> str | None:
+    """Path of `haproxy` on PATH (or the usual sbin places), or None."""
+    found = shutil.which("haproxy")
+    if found is None:
+        for candidate in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy"):
+            found = shutil.which(candidate)
+            if found:
+                break
+    return found
+
+
+def haproxy_version(path: str) -> str:
+    """`2.6.12` or so; `unknown` if `haproxy -v` says nothing usable."""
+    try:
+        out = subprocess.run([path, "-v"], capture_output=True, text=True, timeout=5, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    match = re.search(r"version (\S+)", out)
+    return match.group(1) if match else "unknown"
+
+
+def render_config(listen: tuple[str, int], backends: Sequence[tuple[str, str, int]], maxconn: int) -> str:
+    """The configuration text.
+
+    Args:
+        listen: (host, port) of the frontend.
+        backends: (id, host, port) of each echo backend; the id is also its cookie value.
+        maxconn: process-wide connection limit (HAProxy sizes its file limit from it).
+    """
+    servers = "\n".join(
+        f"    server {sid} {host}:{port} cookie {sid} check inter 1s fall 2 rise 2" for sid, host, port in backends
+    )
+    return f"""\
+global
+    nbthread 1
+    maxconn {maxconn}
+
+defaults
+    mode http
+    maxconn {maxconn}
+    timeout connect 3s
+    timeout client 30s
+    timeout server 30s
+    timeout http-request 10s
+    timeout tunnel 1h
+    # no "option http-server-close": keep-alive mode, as required for the comparison
+
+frontend bench_in
+    bind {listen[0]}:{listen[1]}
+    default_backend bench_gateways
+
+backend bench_gateways
+    balance leastconn
+    cookie {COOKIE} insert indirect nocache
+    option httpchk GET /health
+{servers}
+"""

@@ -1,0 +1,476 @@
+"""The load generator: `python -m bench.loadgen --spec JSON` runs one scenario and prints one JSON line.
+
+Scenarios (each: open the connections, warm up, then one measured window):
+
+- `echo`      N connections ping-pong one `payload`-byte message each (one in flight per connection);
+- `stream`    N connections pipeline `payload`-byte messages, `in_flight` frames outstanding each;
+- `handshake` N workers loop: fresh connection, upgrade, read the hello, close; with `check_cookie`
+              each worker sends back the cookie its first handshake got (and we count re-issues and
+              changes of server, which should both be zero);
+- `idle`      open N tunnels (through `concurrency` openers), wait `settle`, hold: RSS before/after.
+
+Cheap per message, or the generator and not the proxy is what gets measured: raw asyncio
+Protocols (uvloop when installed), frames built once, echoes counted by size (an echo of an
+n-byte payload is exactly `server_frame_size(n)` bytes) without parsing, no task or queue per
+message.  Proxy CPU (/proc/PID/stat) and the generator's own CPU are sampled here, right at
+the edges of the measured window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import itertools
+import json
+import os
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
+
+from bench.procs import cpu_busy, cpu_seconds, cpu_times, rss_kib
+from bench.wire import HEAD_END, client_frame, client_request, first_frame, server_frame_size, set_cookies, status_code
+
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # linux/in.h
+HANDSHAKE_TIMEOUT = 10.0
+PATH = "/ws"
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    scenario: str                           # echo | stream | handshake | idle
+    targets: tuple[tuple[str, int], ...]    # connections go round robin over these
+    connections: int
+    payload: int = 64
+    warmup: float = 1.0
+    window: float = 5.0
+    check_cookie: bool = False
+    source_ips: tuple[str, ...] = ()        # bind client sockets to these in turn (idle, handshake)
+    proxy_pids: tuple[int, ...] = ()        # sampled for CPU and RSS
+    load_pids: tuple[int, ...] = ()         # backends: their CPU is reported with ours
+    in_flight: int = 64                     # stream: frames outstanding per connection
+    batch: int = 16                         # stream: frames per write
+    concurrency: int = 200                  # idle: connections being opened at once
+    settle: float = 1.0                     # idle: wait before the second RSS sample
+
+    @classmethod
+    def from_json(cls, text: str) -> Spec:
+        raw: dict[str, Any] = json.loads(text)
+        for key in ("source_ips", "proxy_pids", "load_pids"):
+            raw[key] = tuple(raw.get(key, ()))
+        raw["targets"] = tuple((str(h), int(p)) for h, p in raw["targets"])
+        return cls(**raw)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters every protocol bumps; read at the window's edges."""
+
+    messages: int = 0          # echoes received (echo, stream)
+    handshakes: int = 0        # completed upgrade + hello
+    cookies_issued: int = 0    # handshakes whose 101 carried a Set-Cookie
+    server_changes: int = 0    # check_cookie: a handshake that reached another server than the first
+    closing: bool = False      # we are hanging up ourselves: a lost connection is no error
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+STATS = Stats()
+
+
+@dataclass(slots=True)
+class Sample:
+    at: float
+    count: int
+    proxy_cpu: float
+    load_cpu: float
+    per_proxy: list[float]
+    cpus: dict[str, tuple[int, int]]
+
+
+def sample(spec: Spec, count: int) -> Sample:
+    per_proxy = [cpu_seconds((pid,)) for pid in spec.proxy_pids]
+    return Sample(
+        time.monotonic(), count, sum(per_proxy), cpu_seconds((os.getpid(), *spec.load_pids)), per_proxy, cpu_times()
+    )
+
+
+# -- protocols ------------------------------------------------------------------------------------
+
+
+class WsClient(asyncio.Protocol):
+    """Sends the upgrade, reads the 101 and the backend's hello, then hands over to `opened`."""
+
+    __slots__ = ("buffer", "cookies", "done", "ready", "request", "server_id", "transport")
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.ready = False
+        self.cookies: list[str] = []
+        self.server_id = b""
+        self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            STATS.errors["closed before hello" if not self.ready else "lost"] += 1
+            self.done.set_result(False)
+        elif self.ready and not STATS.closing and not isinstance(self, HandshakeClient):
+            STATS.errors["lost during run"] += 1
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        # Subclasses check `ready` first and only come here during the handshake.
+        self.buffer += data
+        end = self.buffer.find(HEAD_END)
+        if end < 0:
+            return
+        head = bytes(self.buffer[:end])
+        status = status_code(head)
+        if status != 101:
+            STATS.errors[f"HTTP {status}"] += 1
+            self._fail()
+            return
+        frame = first_frame(self.buffer, end + len(HEAD_END))
+        if frame is None:
+            return
+        size, payload = frame
+        self.cookies = set_cookies(head)
+        marker = payload.find(b'"server_id":')
+        self.server_id = payload[marker + 12 :].strip(b'"} ') if marker >= 0 else b""
+        rest = bytes(self.buffer[end + len(HEAD_END) + size :])
+        self.buffer = bytearray()
+        self.ready = True
+        if not self.done.done():
+            self.done.set_result(True)
+        self.opened(rest)
+
+    def _fail(self) -> None:
+        if not self.done.done():
+            self.done.set_result(False)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def opened(self, rest: bytes) -> None:
+        """The tunnel is up and the hello read; `rest` is what came after it."""
+
+
+class EchoClient(WsClient):
+    """Ping-pong: the next message goes out when the previous echo is complete."""
+
+    __slots__ = ("frame", "frame_size", "got")
+
+    def __init__(self, request: bytes, payload: int) -> None:
+        super().__init__(request)
+        self.frame = client_frame(b"x" * payload)
+        self.frame_size = server_frame_size(payload)
+        self.got = 0
+
+    def opened(self, rest: bytes) -> None:
+        assert self.transport is not None
+        self.got = len(rest)
+        self.transport.write(self.frame)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.ready:
+            WsClient.data_received(self, data)
+            return
+        got = self.got + len(data)
+        if got >= self.frame_size:
+            got -= self.frame_size
+            STATS.messages += 1
+            self.transport.write(self.frame)  # type: ignore[union-attr]
+        self.got = got
+
+
+class StreamClient(WsClient):
+    """Pipelined: keeps `in_flight` frames outstanding, written `batch` at a time."""
+
+    __slots__ = ("batch", "batch_frames", "echoed", "frame_size", "in_flight", "paused", "remainder", "sent")
+
+    def __init__(self, request: bytes, payload: int, in_flight: int, batch: int) -> None:
+        super().__init__(request)
+        self.batch = client_frame(b"y" * payload) * batch
+        self.batch_frames = batch
+        self.frame_size = server_frame_size(payload)
+        self.in_flight = in_flight
+        self.sent = 0
+        self.echoed = 0
+        self.remainder = 0
+        self.paused = False
+
+    def opened(self, rest: bytes) -> None:
+        self.remainder = len(rest)
+        self._fill()
+
+    def _fill(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        room = self.in_flight - self.batch_frames
+        while not self.paused and self.sent - self.echoed <= room:
+            self.sent += self.batch_frames
+            transport.write(self.batch)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.ready:
+            WsClient.data_received(self, data)
+            return
+        got = self.remainder + len(data)
+        frames, self.remainder = divmod(got, self.frame_size)
+        if frames:
+            self.echoed += frames
+            STATS.messages += frames
+            self._fill()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._fill()
+
+
+class HandshakeClient(WsClient):
+    """One handshake: done at the hello, then hang up."""
+
+    __slots__ = ()
+
+    def opened(self, rest: bytes) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class IdleClient(WsClient):
+    """Opens a tunnel and keeps it, ignoring anything that arrives."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.ready:
+            WsClient.data_received(self, data)
+
+
+# -- connecting -----------------------------------------------------------------------------------
+
+
+async def open_connection(
+    factory: Callable[[], WsClient], target: tuple[str, int], source_ip: str | None
+) -> tuple[asyncio.Transport, WsClient]:
+    """Connect from `source_ip` (port chosen at connect time, so TIME_WAIT ports are reused per peer)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if source_ip is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source_ip, 0))
+        await loop.sock_connect(sock, target)
+        transport, protocol = await loop.create_connection(factory, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return transport, protocol
+
+
+def host_header(target: tuple[str, int]) -> str:
+    return f"{target[0]}:{target[1]}"
+
+
+async def open_many(spec: Spec, make: Callable[[bytes], WsClient], count: int) -> list[WsClient]:
+    """Open `count` tunnels round robin over the targets, `spec.concurrency` at a time."""
+    requests = [client_request(host_header(t), PATH) for t in spec.targets]
+    ips = itertools.cycle(spec.source_ips or (None,))
+    slots = asyncio.Semaphore(max(1, spec.concurrency))
+    clients: list[WsClient] = []
+
+    async def one(i: int, source_ip: str | None) -> None:
+        target = spec.targets[i % len(spec.targets)]
+        async with slots:
+            try:
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                    _, client = await open_connection(lambda: make(requests[i % len(requests)]), target, source_ip)
+                    if await client.done:
+                        clients.append(client)
+            except (OSError, TimeoutError) as exc:
+                STATS.errors[f"connect: {type(exc).__name__}: {exc}"[:80]] += 1
+
+    await asyncio.gather(*(one(i, next(ips)) for i in range(count)))
+    return clients
+
+
+def close_all(clients: Sequence[WsClient]) -> None:
+    STATS.closing = True
+    for client in clients:
+        if client.transport is not None:
+            client.transport.abort()
+
+
+# -- scenarios --------------------------------------------------------------------------------------
+
+
+def window_result(spec: Spec, start: Sample, end: Sample) -> dict[str, Any]:
+    elapsed = end.at - start.at
+    return {
+        "elapsed": elapsed,
+        "count": end.count - start.count,
+        "rate": (end.count - start.count) / elapsed if elapsed > 0 else 0.0,
+        "proxy_cpu": end.proxy_cpu - start.proxy_cpu,
+        "load_cpu": end.load_cpu - start.load_cpu,
+        "proxy_cpu_by_pid": {
+            str(pid): round(b - a, 3) for pid, a, b in zip(spec.proxy_pids, start.per_proxy, end.per_proxy, strict=True)
+        },
+        "cpu_busy": cpu_busy(start.cpus, end.cpus),
+    }
+
+
+async def measure(spec: Spec, counter: Callable[[], int]) -> dict[str, Any]:
+    await asyncio.sleep(spec.warmup)
+    start = sample(spec, counter())
+    await asyncio.sleep(spec.window)
+    end = sample(spec, counter())
+    return window_result(spec, start, end)
+
+
+async def run_echo(spec: Spec) -> dict[str, Any]:
+    payload = spec.payload
+    if spec.scenario == "echo":
+        clients = await open_many(spec, lambda r: EchoClient(r, payload), spec.connections)
+    else:
+        clients = await open_many(
+            spec, lambda r: StreamClient(r, payload, spec.in_flight, spec.batch), spec.connections
+        )
+    try:
+        if len(clients) < spec.connections:
+            return {"opened": len(clients), "count": 0, "rate": 0.0}
+        result = await measure(spec, lambda: STATS.messages)
+    finally:
+        close_all(clients)
+    result["opened"] = len(clients)
+    result["bytes"] = result["count"] * payload
+    return result
+
+
+async def run_handshakes(spec: Spec) -> dict[str, Any]:
+    ips = itertools.cycle(spec.source_ips or (None,))
+    stop = False
+    measuring = False
+    window_issued = 0
+
+    async def worker(i: int) -> None:
+        nonlocal window_issued
+        target = spec.targets[i % len(spec.targets)]
+        request = client_request(host_header(target), PATH)
+        first_server: bytes | None = None
+        while not stop:
+            try:
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                    _, client = await open_connection(functools.partial(HandshakeClient, request), target, next(ips))
+                    ok = await client.done
+            except (OSError, TimeoutError) as exc:
+                STATS.errors[f"connect: {type(exc).__name__}: {exc}"[:80]] += 1
+                await asyncio.sleep(0.01)
+                continue
+            if not ok:
+                await asyncio.sleep(0.01)
+                continue
+            STATS.handshakes += 1
+            if client.cookies:
+                STATS.cookies_issued += 1
+                if measuring:
+                    window_issued += 1
+            if spec.check_cookie:
+                if first_server is None:
+                    first_server = client.server_id
+                    if client.cookies:
+                        request = client_request(host_header(target), PATH, cookie="; ".join(client.cookies))
+                elif client.server_id != first_server:
+                    STATS.server_changes += 1
+
+    workers = [asyncio.ensure_future(worker(i)) for i in range(spec.connections)]
+    try:
+        await asyncio.sleep(spec.warmup)
+        changes_before = STATS.server_changes
+        start = sample(spec, STATS.handshakes)
+        measuring = True
+        await asyncio.sleep(spec.window)
+        end = sample(spec, STATS.handshakes)
+        measuring = False
+        result = window_result(spec, start, end)
+        result["cookies_issued"] = window_issued
+        result["server_changes"] = STATS.server_changes - changes_before
+    finally:
+        stop = True
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    return result
+
+
+async def run_idle(spec: Spec) -> dict[str, Any]:
+    before = rss_kib(spec.proxy_pids)
+    started = time.monotonic()
+    clients = await open_many(spec, IdleClient, spec.connections)
+    open_time = time.monotonic() - started
+    try:
+        await asyncio.sleep(spec.settle)
+        after = rss_kib(spec.proxy_pids)
+        still_open = sum(1 for c in clients if c.transport is not None)
+    finally:
+        close_all(clients)
+    return {
+        "opened": len(clients),
+        "still_open": still_open,
+        "open_seconds": open_time,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "rss_per_tunnel_kib": (after - before) / len(clients) if clients else 0.0,
+    }
+
+
+async def run(spec: Spec) -> dict[str, Any]:
+    if spec.scenario in ("echo", "stream"):
+        result = await run_echo(spec)
+    elif spec.scenario == "handshake":
+        result = await run_handshakes(spec)
+    elif spec.scenario == "idle":
+        result = await run_idle(spec)
+    else:
+        raise ValueError(f"unknown scenario {spec.scenario!r}")
+    result["errors"] = dict(STATS.errors)
+    result["event_loop"] = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description="one benchmark scenario")
+    parser.add_argument("--spec", required=True, help="the Spec as JSON")
+    args = parser.parse_args(argv)
+    spec = Spec.from_json(args.spec)
+    runner: Callable[[Any], Any] = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
+    result = runner(run(spec))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

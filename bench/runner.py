@@ -1,0 +1,625 @@
+"""The orchestration behind `python -m bench [--quick] [--json FILE]`: scenarios by targets, one table.
+
+Starts 3 echo backends, the balancer and (when installed) HAProxy, then runs
+each scenario against each target in turn: `direct` (the load generator
+straight to the backends, round robin), `balancer`, `haproxy`.  The proxy
+under test runs on CPU 0, everything else on CPU 1 (taskset), unless taskset
+is missing.  Last, without pinning, the echo scenario through a balancer with
+`workers: 1` and with `workers: 2`, if the configuration accepts `workers`.
+
+Every child is stopped by PID in a `finally` (terminate, wait, kill), Ctrl-C
+included; every wait has a deadline; a scenario that fails leaves its cells
+empty and says why in the notes, and the rest still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import yaml
+
+from bench import procs
+from bench.haproxy import find_haproxy, haproxy_version, render_config
+from bench.loadgen import Spec
+from bench.procs import HOST, BenchError, Child, Pinning
+from bench.report import Kind, Row, render_table, to_document
+from bench.wire import HEAD_END, client_request, first_frame, set_cookies, status_code
+
+BACKENDS = 3
+READY_TIMEOUT = 20.0
+PROBE_TIMEOUT = 2.0
+SOURCE_IPS = tuple(f"127.0.0.{i}" for i in range(2, 42))  # client side of handshakes and idle tunnels
+DIRECT, BALANCER, HAPROXY = "direct", "balancer", "haproxy"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Sizes and durations of one run."""
+
+    name: str
+    warmup: float
+    window: float
+    echo_connections: int = 50
+    echo_payload: int = 64
+    stream_connections: int = 4
+    stream_payload: int = 4096
+    handshake_workers: int = 20
+    idle_connections: int = 5000
+    idle_concurrency: int = 100
+    idle_settle: float = 1.0
+
+    @classmethod
+    def make(cls, quick: bool) -> Plan:
+        if quick:
+            return cls("quick", warmup=0.5, window=1.5, idle_settle=0.5)
+        return cls("full", warmup=2.0, window=5.0)
+
+
+@dataclass(slots=True)
+class Target:
+    name: str
+    addresses: tuple[tuple[str, int], ...]
+    child: Child | None = None  # the proxy process; None for direct
+
+    def proxy_pids(self) -> tuple[int, ...]:
+        return tuple(self.child.pids()) if self.child is not None else ()
+
+
+@dataclass(slots=True)
+class Run:
+    """Everything one benchmark run learns: raw results by scenario and target, and notes."""
+
+    plan: Plan
+    pinning: Pinning
+    log_dir: Path
+    backends: list[Child] = field(default_factory=list)
+    backend_addresses: list[tuple[str, str, int]] = field(default_factory=list)  # (id, host, port)
+    raw: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        print(f"  note: {text}", file=sys.stderr, flush=True)
+
+
+# -- entry point ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="benchmark: direct vs balancer vs haproxy")
+    parser.add_argument("--quick", action="store_true", help="short windows (whole run under a minute)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the numbers as JSON")
+    parser.add_argument("--no-haproxy", action="store_true", help="skip HAProxy even if installed")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument("--idle", type=int, metavar="N", help="idle tunnels to open (default 5000)")
+    args = parser.parse_args(argv)
+
+    plan = Plan.make(args.quick)
+    if args.idle is not None:
+        plan = replace(plan, idle_connections=max(1, args.idle))
+    nofile = procs.raise_nofile()
+    # The proxy holds two descriptors per tunnel; keep headroom for everything else.
+    if plan.idle_connections * 2 + 500 > nofile:
+        plan = replace(plan, idle_connections=max(100, (nofile - 500) // 2))
+    haproxy_path = None if args.no_haproxy else find_haproxy()
+    pinning = procs.choose_pinning(not args.no_pin)
+    header = _header(plan, pinning, haproxy_path, nofile, argv, skipped=args.no_haproxy)
+    print("\n".join(f"# {k}: {v}" for k, v in header.items()), file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lb-bench-") as tmp:
+            run = Run(plan, pinning, Path(tmp))
+            try:
+                rows = _run_all(run, haproxy_path)
+            except BenchError as exc:
+                print(f"benchmark failed: {exc}", file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; every child process was stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    header["duration"] = f"{time.monotonic() - run.started:.0f} s"
+    print()
+    for key, value in header.items():
+        print(f"{key + ':':<11} {value}")
+    print()
+    print(render_table(rows, haproxy=haproxy_path is not None))
+    print()
+    for text in run.notes:
+        print(f"- {text}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(to_document(header, rows, run.notes, run.raw), indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _header(
+    plan: Plan, pinning: Pinning, haproxy_path: str | None, nofile: int, argv: list[str] | None, *, skipped: bool
+) -> dict[str, Any]:
+    try:
+        import uvloop
+
+        loop = f"uvloop {getattr(uvloop, '__version__', '?')}"
+    except ImportError:
+        loop = "asyncio (uvloop not installed)"
+    command = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
+    ha = "not found on PATH: column omitted" if not skipped else "skipped (--no-haproxy): column omitted"
+    if haproxy_path is not None:
+        ha = (f"{haproxy_path} {haproxy_version(haproxy_path)} "
+              "(nbthread 1, balance leastconn, cookie insert indirect nocache)")
+    return {
+        "benchmark": f"{plan.name}: warm-up {plan.warmup:g} s, then a {plan.window:g} s window per run",
+        "command": command,
+        "machine": (
+            f"nproc {os.cpu_count()}, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, event loop {loop} (balancer: runtime.event_loop auto)"
+        ),
+        "pinning": pinning.note,
+        "haproxy": ha,
+        "limits": f"RLIMIT_NOFILE {nofile}; {plan.idle_connections} idle tunnels",
+    }
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def _run_all(run: Run, haproxy_path: str | None) -> list[Row]:
+    plan = run.plan
+    children: list[Child] = []
+    idle_busy = _machine_busy()
+    run.raw["machine_busy_before"] = idle_busy
+    if idle_busy > 0.2:
+        run.note(f"the machine was not idle before the run: {100 * idle_busy:.0f}% of a core busy "
+                 "(other processes); throughput numbers will be noisy, CPU-per-unit numbers less so")
+    try:
+        _start_backends(run, children)
+        direct = Target(DIRECT, tuple((h, p) for _, h, p in run.backend_addresses))
+        targets = [direct]
+        balancer = _start_balancer(run, children, "balancer", cpus=run.pinning.proxy)
+        targets.append(balancer)
+        if haproxy_path is not None:
+            try:
+                targets.append(_start_haproxy(run, children, haproxy_path))
+            except BenchError as exc:
+                run.note(f"haproxy did not start, column empty: {str(exc).splitlines()[0]}")
+        load_pids = tuple(b.pid for b in run.backends)
+        rss_start = procs.rss_kib(balancer.proxy_pids())
+
+        for target in targets:
+            _scenario(run, "echo", target, Spec(
+                "echo", target.addresses, plan.echo_connections, plan.echo_payload, plan.warmup, plan.window,
+                proxy_pids=target.proxy_pids(), load_pids=load_pids))
+        for target in targets:
+            _scenario(run, "stream", target, Spec(
+                "stream", target.addresses, plan.stream_connections, plan.stream_payload, plan.warmup, plan.window,
+                proxy_pids=target.proxy_pids(), load_pids=load_pids))
+        for check in (False, True):
+            name = "handshake_check" if check else "handshake_issue"
+            for target in targets:
+                if check and target.name == DIRECT:
+                    continue  # the backends issue no cookie: the same handshake as above
+                _scenario(run, name, target, Spec(
+                    "handshake", target.addresses, plan.handshake_workers, 0, plan.warmup, plan.window,
+                    check_cookie=check, source_ips=SOURCE_IPS,
+                    proxy_pids=target.proxy_pids(), load_pids=load_pids))
+        for target in targets[1:]:
+            _scenario(run, "idle", target, Spec(
+                "idle", target.addresses, plan.idle_connections, source_ips=SOURCE_IPS,
+                concurrency=plan.idle_concurrency, settle=plan.idle_settle, proxy_pids=target.proxy_pids()))
+            if target is balancer:
+                _check_tunnels_closed(run, balancer)
+        rss_end = procs.rss_kib(balancer.proxy_pids())
+        run.raw["balancer_rss_kib"] = {"start": rss_start, "end": rss_end}
+        run.note(f"balancer RSS {rss_start / 1024:.1f} MiB before the scenarios, {rss_end / 1024:.1f} MiB after")
+
+        for target in targets[1:]:
+            if target.child is not None:
+                procs.stop(target.child)
+        _workers_variant(run, children)
+    finally:
+        for child in reversed(children):
+            procs.stop(child)
+        for child in children:
+            if child.name.startswith(("balancer", "haproxy")):
+                _scan_log(run, child)
+    return _rows(run, haproxy_path is not None)
+
+
+def _machine_busy(seconds: float = 1.0) -> float:
+    """Cores' worth of CPU busy (0..nproc) over `seconds` while the benchmark itself is idle."""
+    before = procs.cpu_times()
+    time.sleep(seconds)
+    return sum(procs.cpu_busy(before, procs.cpu_times()).values())
+
+
+def _foreign_load(result: dict[str, Any]) -> float:
+    """Cores' worth of CPU used during the window by processes that are not ours (plus softirq we cause)."""
+    elapsed = result.get("elapsed") or 0.0
+    if elapsed <= 0:
+        return 0.0
+    ours = (result.get("proxy_cpu", 0.0) + result.get("load_cpu", 0.0)) / elapsed
+    return float(max(0.0, sum(result.get("cpu_busy", {}).values()) - ours))
+
+
+def _scan_log(run: Run, child: Child) -> None:
+    """Count WARNING/ERROR lines and tracebacks in a proxy's log; quote the first few."""
+    try:
+        lines = child.log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return
+    bad = [line for line in lines if any(word in line for word in ("ERROR", "WARNING", "Traceback", "[ALERT]"))]
+    if bad:
+        first = " | ".join(line.strip()[:160] for line in bad[:3])
+        run.note(f"{child.name} log: {len(bad)} warning/error lines of {len(lines)}; first: {first}")
+
+
+def _scenario(run: Run, name: str, target: Target, spec: Spec) -> None:
+    """Run one load generator process (on the load CPU) and keep its result under raw[name][target]."""
+    label = f"{name} → {target.name}"
+    print(f"running {label} ...", file=sys.stderr, flush=True)
+    cpus = run.pinning.load
+    timeout = spec.warmup + spec.window + 30 + spec.connections / 200
+    result = _loadgen(run, spec, cpus, timeout, label)
+    run.raw.setdefault(name, {})[target.name] = result
+    if result is None:
+        return
+    errors = result.get("errors") or {}
+    if errors:
+        run.note(f"{label}: client-side errors {errors}")
+    opened = result.get("opened")
+    if opened is not None and opened < spec.connections:
+        run.note(f"{label}: only {opened} of {spec.connections} connections opened")
+    if target.child is not None and not target.child.alive():
+        raise BenchError(f"{target.name} died during {name}\n{target.child.log_tail()}")
+    time.sleep(0.3)  # let the closes settle before the next run
+
+
+def _loadgen(run: Run, spec: Spec, cpus: str | None, timeout: float, label: str) -> dict[str, Any] | None:
+    child = procs.start("loadgen", procs.python_module("bench.loadgen", "--spec", spec.to_json()),
+                        run.log_dir, cpus=cpus, stdout_pipe=True)
+    try:
+        assert child.proc.stdout is not None
+        try:
+            out, _ = child.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            run.note(f"{label}: load generator did not finish within {timeout:.0f} s")
+            return None
+        if child.proc.returncode != 0:
+            run.note(f"{label}: load generator failed ({child.proc.returncode}): {child.log_tail(3)}")
+            return None
+        result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        return result
+    finally:
+        procs.stop(child)
+
+
+# -- starting things ------------------------------------------------------------------------------------
+
+
+def _start_backends(run: Run, children: list[Child]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    for i in range(1, BACKENDS + 1):
+        sid = f"gw-{i}"
+        child = procs.start(sid, procs.python_module("bench.echo_server", "--port", "0", "--id", sid),
+                            run.log_dir, cpus=run.pinning.load, stdout_pipe=True)
+        children.append(child)
+        run.backends.append(child)
+    for child in run.backends:
+        line = procs.read_line(child, deadline)
+        host, _, port = line.rpartition(" ")[2].rpartition(":")
+        run.backend_addresses.append((child.name, host, int(port)))
+
+
+def balancer_config(backends: Sequence[tuple[str, str, int]], port: int, admin_port: int,
+                    workers: int | None = None) -> dict[str, Any]:
+    """The balancer's benchmark configuration (as a YAML-ready mapping)."""
+    config: dict[str, Any] = {
+        "listeners": [{"bind": f"{HOST}:{port}"}],
+        "admin": {"bind": f"{HOST}:{admin_port}"},
+        "affinity": {"mode": "insert", "cookie": "LB_AFFINITY", "secret_keys": [secrets.token_urlsafe(32)]},
+        "routes": [{"path_prefix": "/", "pool": "gateways"}],
+        "pools": {
+            "gateways": {
+                "balance": "least_conn",
+                "health_check": {"type": "http", "path": "/health", "interval": "1s", "timeout": "500ms",
+                                 "rise": 2, "fall": 2},
+                "backends": [{"id": sid, "address": f"{host}:{p}"} for sid, host, p in backends],
+            }
+        },
+        "limits": {"handshake_rate_per_ip": 0, "max_connections": 100000},
+        "logging": {"level": "WARNING", "access_log": False},
+    }
+    if workers is not None:
+        config["workers"] = workers
+    return config
+
+
+def _write_config(run: Run, name: str, workers: int | None) -> tuple[Path, int, int]:
+    port, admin_port = procs.free_port(), procs.free_port()
+    path = run.log_dir / f"{name}.yaml"
+    config = balancer_config(run.backend_addresses, port, admin_port, workers)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, port, admin_port
+
+
+def _start_balancer(run: Run, children: list[Child], name: str, *, cpus: str | None,
+                    workers: int | None = None) -> Target:
+    path, port, admin_port = _write_config(run, name, workers)
+    child = procs.start(name, procs.python_module("lb", "run", "--config", str(path)), run.log_dir, cpus=cpus)
+    children.append(child)
+    target = Target(BALANCER, ((HOST, port),), child)
+    _wait_ready(child, (HOST, port), admin_port)
+    return target
+
+
+def _start_haproxy(run: Run, children: list[Child], path: str) -> Target:
+    port = procs.free_port()
+    nofile = procs.raise_nofile()
+    maxconn = max(1000, min(30000, (nofile - 200) // 2))
+    cfg = run.log_dir / "haproxy.cfg"
+    cfg.write_text(render_config((HOST, port), run.backend_addresses, maxconn))
+    child = procs.start("haproxy", [path, "-db", "-f", str(cfg)], run.log_dir, cpus=run.pinning.proxy)
+    children.append(child)
+    _wait_ready(child, (HOST, port), None)
+    return Target(HAPROXY, ((HOST, port),), child)
+
+
+def _wait_ready(child: Child, address: tuple[str, int], admin_port: int | None) -> None:
+    """Until every backend is up (balancer /status, when there is one) and a handshake gets the hello."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    backends_up = admin_port is None
+    last = "no attempt yet"
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise BenchError(f"{child.name} exited with {child.proc.returncode}\n{child.log_tail()}")
+        if not backends_up and admin_port is not None:
+            backends_up, last = _all_up(admin_port)
+        if backends_up:
+            try:
+                status, _, _ = probe(address)
+                if status == 101:
+                    return
+                last = f"handshake answered {status}"
+            except OSError as exc:
+                last = f"handshake: {exc}"
+        time.sleep(0.1)
+    raise BenchError(f"{child.name} not ready within {READY_TIMEOUT:g} s ({last})\n{child.log_tail()}")
+
+
+def _all_up(admin_port: int) -> tuple[bool, str]:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{admin_port}/status", timeout=PROBE_TIMEOUT) as reply:
+            document = json.load(reply)
+    except (OSError, ValueError) as exc:
+        return False, f"/status: {exc}"
+    states = [b.get("state") for pool in document.get("pools", {}).values() for b in pool.get("backends", [])]
+    return bool(states) and all(s == "up" for s in states), f"backend states {states}"
+
+
+def probe(address: tuple[str, int], cookie: str | None = None) -> tuple[int, bytes, list[str]]:
+    """One blocking handshake: (status, hello payload, cookies set)."""
+    with socket.create_connection(address, timeout=PROBE_TIMEOUT) as sock:
+        sock.sendall(client_request(f"{address[0]}:{address[1]}", "/ws", cookie))
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return (status_code(data) if data else 0), b"", []
+            data += chunk
+            end = data.find(HEAD_END)
+            if end < 0:
+                continue
+            head = data[:end]
+            if status_code(head) != 101:
+                return status_code(head), b"", set_cookies(head)
+            frame = first_frame(data[end + len(HEAD_END) :])
+            if frame is not None:
+                return 101, frame[1], set_cookies(head)
+
+
+def _admin_status(admin_port: int) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{admin_port}/status", timeout=PROBE_TIMEOUT) as reply:
+            document: dict[str, Any] = json.load(reply)
+            return document
+    except (OSError, ValueError):
+        return None
+
+
+def _check_tunnels_closed(run: Run, balancer: Target) -> None:
+    """After the idle tunnels are closed by the clients, the balancer should hold none within a few seconds."""
+    assert balancer.child is not None
+    config = yaml.safe_load((run.log_dir / "balancer.yaml").read_text())
+    admin_port = int(config["admin"]["bind"].rpartition(":")[2])
+    deadline = time.monotonic() + 5.0
+    document = None
+    while time.monotonic() < deadline:
+        document = _admin_status(admin_port)
+        if document is not None and document.get("tunnels") == 0:
+            return
+        time.sleep(0.2)
+    tunnels = None if document is None else document.get("tunnels")
+    run.note(f"balancer still reports {tunnels} tunnels 5 s after every client hung up")
+
+
+# -- workers: 2 ----------------------------------------------------------------------------------------
+
+
+def _workers_variant(run: Run, children: list[Child]) -> None:
+    """Echo through `workers: 1` and `workers: 2`, nothing pinned (if the config accepts `workers`)."""
+    path, _, _ = _write_config(run, "workers-validate", 2)
+    check = subprocess.run(procs.python_module("lb", "validate", "--config", str(path)), capture_output=True,
+                           text=True, env=procs.child_env(), timeout=30, check=False)
+    if check.returncode != 0:
+        reason = (check.stderr.strip().splitlines() or ["?"])[0]
+        run.note(f"workers variant skipped: `lb validate` rejects `workers: 2` ({reason})")
+        return
+    everywhere = os.sched_getaffinity(0)
+    for backend in run.backends:
+        procs.set_affinity(backend.pid, everywhere)
+    plan = run.plan
+    load_pids = tuple(b.pid for b in run.backends)
+    for workers in (1, 2):
+        name = f"balancer-workers-{workers}"
+        try:
+            target = _start_balancer(run, children, name, cpus=None, workers=workers)
+        except BenchError as exc:
+            run.note(f"workers {workers}: balancer did not start: {str(exc).splitlines()[0]}")
+            continue
+        spec = Spec("echo", target.addresses, plan.echo_connections, plan.echo_payload, plan.warmup, plan.window,
+                    proxy_pids=target.proxy_pids(), load_pids=load_pids)
+        print(f"running echo → balancer workers {workers} (unpinned) ...", file=sys.stderr, flush=True)
+        result = _loadgen(run, spec, None, spec.warmup + spec.window + 30, f"echo workers {workers}")
+        run.raw.setdefault("echo_workers", {})[str(workers)] = result
+        if result and result.get("errors"):
+            run.note(f"echo workers {workers}: client-side errors {result['errors']}")
+        assert target.child is not None
+        procs.stop(target.child)
+
+
+# -- the table ----------------------------------------------------------------------------------------
+
+
+def _get(run: Run, scenario: str, target: str, key: str) -> float | None:
+    result = (run.raw.get(scenario) or {}).get(target)
+    if not result or result.get(key) is None:
+        return None
+    value = result[key]
+    return float(value)
+
+
+def _per(run: Run, scenario: str, target: str, unit: float = 1.0) -> float | None:
+    """Proxy CPU seconds per counted item (scaled: `unit` items per count)."""
+    cpu = _get(run, scenario, target, "proxy_cpu")
+    count = _get(run, scenario, target, "count")
+    if cpu is None or not count:
+        return None
+    return cpu / (count * unit)
+
+
+def _rows(run: Run, haproxy: bool) -> list[Row]:
+    plan = run.plan
+    mb = plan.stream_payload / 1e6  # MB per echoed stream message
+
+    def three(scenario: str, key: str, scale: float = 1.0) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for target in (DIRECT, BALANCER, HAPROXY):
+            value = _get(run, scenario, target, key)
+            out[target] = None if value is None else value * scale
+        return out
+
+    def proxies(values: dict[str, float | None]) -> dict[str, float | None]:
+        return {BALANCER: values.get(BALANCER), HAPROXY: values.get(HAPROXY)}
+
+    echo = three("echo", "rate")
+    stream = three("stream", "rate", mb)
+    issue = three("handshake_issue", "rate")
+    check = three("handshake_check", "rate")
+    check[DIRECT] = issue[DIRECT]
+    idle = {t: _get(run, "idle", t, "rss_per_tunnel_kib") for t in (BALANCER, HAPROXY)}
+    rows = [
+        Row(f"echo msg/s ({plan.echo_connections} conns, {plan.echo_payload} B)", Kind.RATE, **echo),
+        Row("proxy CPU per echoed message", Kind.CPU_US,
+            **proxies({t: _per(run, "echo", t) for t in (BALANCER, HAPROXY)})),
+        Row(f"stream MB/s ({plan.stream_connections} x {plan.stream_payload // 1024} KiB)", Kind.MBPS, **stream),
+        Row("proxy CPU per MB", Kind.CPU_MS, **proxies({t: _per(run, "stream", t, mb) for t in (BALANCER, HAPROXY)})),
+        Row(f"handshakes/s (issue cookie, {plan.handshake_workers} workers)", Kind.RATE, **issue),
+        Row(f"handshakes/s (check cookie, {plan.handshake_workers} workers)", Kind.RATE, **check),
+        Row("proxy CPU per handshake (issue)", Kind.CPU_US,
+            **proxies({t: _per(run, "handshake_issue", t) for t in (BALANCER, HAPROXY)})),
+        Row("proxy CPU per handshake (check)", Kind.CPU_US,
+            **proxies({t: _per(run, "handshake_check", t) for t in (BALANCER, HAPROXY)})),
+        Row(f"proxy RSS per idle tunnel ({plan.idle_connections})", Kind.KIB, **proxies(idle)),
+    ]
+    workers = run.raw.get("echo_workers") or {}
+    w1 = (workers.get("1") or {}).get("rate")
+    w2 = (workers.get("2") or {}).get("rate")
+    if w1 is not None or w2 is not None:
+        rows.append(Row("echo msg/s unpinned, workers 1", Kind.RATE, balancer=w1))
+        rows.append(Row("echo msg/s unpinned, workers 2", Kind.RATE, balancer=w2, ratio_base=w1))
+    _explain(run, haproxy, w1 is not None and w2 is not None)
+    return rows
+
+
+def _explain(run: Run, haproxy: bool, workers: bool) -> None:
+    """Notes under the table: what the columns mean, how busy each side was, correctness checks."""
+    notes = [
+        "direct = load generator straight to the 3 echo backends (round robin); ratio = column / direct; "
+        "lb/haproxy = balancer / haproxy (for CPU and RSS rows: >1 means the balancer costs more)",
+        "stream MB/s counts echoed payload; each byte crosses the proxy twice (client→backend, backend→client)",
+        "handshake = connect, upgrade, read the backend's hello, close; direct has no cookie, so its check row "
+        "repeats the issue row",
+    ]
+    if workers:
+        notes.append("workers rows: balancer with `workers: 1` / `workers: 2`, nothing pinned; "
+                     "the ratio on the workers 2 row is workers 2 / workers 1")
+    busy = []
+    for scenario in ("echo", "stream", "handshake_issue", "handshake_check"):
+        for target, result in (run.raw.get(scenario) or {}).items():
+            if not result or not result.get("elapsed"):
+                continue
+            elapsed = result["elapsed"]
+            proxy = f"proxy {100 * result['proxy_cpu'] / elapsed:.0f}%, " if target != DIRECT else ""
+            cores = " ".join(f"{name} {100 * value:.0f}%" for name, value in sorted(result.get("cpu_busy", {}).items()))
+            busy.append(f"{scenario}/{target}: {proxy}load side {100 * result['load_cpu'] / elapsed:.0f}% ({cores})")
+    for count, result in (run.raw.get("echo_workers") or {}).items():
+        if isinstance(result, dict) and result.get("elapsed"):
+            elapsed = result["elapsed"]
+            split = "+".join(f"{100 * v / elapsed:.0f}%" for v in result.get("proxy_cpu_by_pid", {}).values())
+            cores = " ".join(f"{name} {100 * value:.0f}%" for name, value in sorted(result.get("cpu_busy", {}).items()))
+            busy.append(f"echo/workers {count}: balancer processes {split}, "
+                        f"load side {100 * result['load_cpu'] / elapsed:.0f}% ({cores})")
+    foreign = [
+        f"{scenario}/{target} {100 * _foreign_load(result):.0f}%"
+        for scenario in ("echo", "stream", "handshake_issue", "handshake_check")
+        for target, result in (run.raw.get(scenario) or {}).items()
+        if result and _foreign_load(result) > 0.15
+    ]
+    if foreign:
+        notes.append("CPU used by other processes (or kernel softirq) during windows, in % of a core: "
+                     + ", ".join(foreign) + " — those throughput numbers are noisy")
+    if busy:
+        notes.append("CPU busy during the window (process: 100% = one core; load side = load generator + "
+                     "backends; cpuN = whole core, from /proc/stat): " + "; ".join(busy))
+    for target in (BALANCER, HAPROXY):
+        result = (run.raw.get("handshake_check") or {}).get(target)
+        if result:
+            notes.append(f"check cookie through {target}: {result.get('cookies_issued')} cookies re-issued and "
+                         f"{result.get('server_changes')} changes of server in {result.get('count')} handshakes "
+                         "(both should be 0)")
+        result = (run.raw.get("handshake_issue") or {}).get(target)
+        if result and result.get("count"):
+            issued = result.get("cookies_issued", 0)
+            if issued < result["count"]:
+                notes.append(f"issue cookie through {target}: only {issued} of {result['count']} "
+                             "handshakes got a cookie")
+        result = (run.raw.get("idle") or {}).get(target)
+        if result:
+            before, after = result.get("rss_before_kib", 0) / 1024, result.get("rss_after_kib", 0) / 1024
+            notes.append(f"idle through {target}: {result.get('opened')} tunnels opened in "
+                         f"{result.get('open_seconds', 0):.1f} s, RSS {before:.1f} → {after:.1f} MiB, "
+                         f"{result.get('still_open')} still open after the settle time")
+    run.notes[:0] = notes
