@@ -235,6 +235,9 @@ FAST_HEALTH = {
     "rise": 1,
     "fall": 2,
 }
+# For stacks where nothing is killed: a gateway must miss 3 checks of 1 s each to flap; closed ports
+# still fail at once (connection refused), so dead backends are down within about a second.
+STEADY_HEALTH = {"type": "http", "path": "/health", "interval": "300ms", "timeout": "1s", "rise": 1, "fall": 3}
 
 
 def lb_config(
@@ -244,8 +247,13 @@ def lb_config(
     keys: Sequence[str] | None = None,
     tls: tuple[Path, Path] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    health: Mapping[str, Any] = FAST_HEALTH,
 ) -> dict[str, Any]:
-    """A balancer config in SPEC's YAML keys, on fresh ports; `overrides` deep-merges last."""
+    """A balancer config in SPEC's YAML keys, on fresh ports; `overrides` deep-merges last.
+
+    `health` is every pool's health_check: FAST_HEALTH for tests that kill gateways,
+    STEADY_HEALTH for stacks that must not flap on a busy machine.
+    """
     listeners: list[dict[str, Any]] = [{"bind": f"{HOST}:{free_port()}"}]
     if tls is not None:
         listeners.append({"bind": f"{HOST}:{free_port()}", "tls": {"cert": str(tls[0]), "key": str(tls[1])}})
@@ -265,7 +273,7 @@ def lb_config(
         "pools": {
             name: {
                 "balance": "least_conn",
-                "health_check": dict(FAST_HEALTH),
+                "health_check": dict(health),
                 "backends": [{"id": b.id, "address": b.address, "weight": 1} for b in backends],
             }
             for name, backends in pools.items()
@@ -460,6 +468,7 @@ def _shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         config = lb_config(
             pools={"gateways": gateways, "dead": dead, "spy": [spy]},
             routes=SHARED_ROUTES,
+            health=STEADY_HEALTH,
             overrides={"timeouts": {"handshake": f"{int(SHARED_HANDSHAKE * 1000)}ms"}},
         )
         balancer = started.balancer(config, name="shared")
@@ -630,12 +639,39 @@ def handshake_headers(ws: aiohttp.ClientWebSocketResponse) -> CIMultiDictProxy[s
     return response.headers
 
 
+class _TrackingConnector(aiohttp.TCPConnector):
+    """Remembers every connection it made, so the session can wait until each is really closed.
+
+    aiohttp closes a released TLS connection without waiting for its asynchronous shutdown
+    (aio-libs/aiohttp#1925); a test's event loop may then end first and leak the socket, which
+    `filterwarnings = error` turns into a failure of whatever test runs next.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.made: list[Any] = []
+
+    async def _create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        protocol = await super()._create_connection(*args, **kwargs)
+        self.made.append(protocol)
+        return protocol
+
+
 @contextlib.asynccontextmanager
 async def client_session(*, source_ip: str | None = None) -> AsyncIterator[aiohttp.ClientSession]:
     """A session with no cookie jar (the test holds cookies itself) bound to `source_ip` if given."""
-    connector = aiohttp.TCPConnector(local_addr=(source_ip, 0) if source_ip else None, force_close=True)
-    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
-        yield session
+    connector = _TrackingConnector(local_addr=(source_ip, 0) if source_ip else None, force_close=True)
+    try:
+        async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
+            yield session
+    finally:
+        closing = [closed for protocol in connector.made if (closed := protocol.closed) is not None]
+        if closing:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 1 * UNIT)
+            for protocol in connector.made:
+                if protocol.closed is not None:  # TLS peer never finished the shutdown
+                    protocol.abort()
 
 
 def cookie_header(cookie: str | Mapping[str, str]) -> str:

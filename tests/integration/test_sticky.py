@@ -21,6 +21,7 @@ import pytest
 from conftest import (
     APP_COOKIE,
     COOKIE,
+    STEADY_HEALTH,
     UNIT,
     Balancer,
     DeadBackend,
@@ -62,10 +63,16 @@ def others(_shared_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> It
                 pools=gateways,
                 routes=routes,
                 keys=[keys[1], keys[0]],
+                health=STEADY_HEALTH,
                 overrides={"affinity": {"max_age": f"{TWIN_MAX_AGE}s"}},
             ),
-            lb_config(pools=gateways, routes=routes, keys=[new_key()]),
-            lb_config(pools={"gateways": [_Alias("gw-9", stack.gateways[0].address)]}, routes=routes, keys=keys),
+            lb_config(pools=gateways, routes=routes, keys=[new_key()], health=STEADY_HEALTH),
+            lb_config(
+                pools={"gateways": [_Alias("gw-9", stack.gateways[0].address)]},
+                routes=routes,
+                keys=keys,
+                health=STEADY_HEALTH,
+            ),
             names=["twin", "foreign", "stranger"],
         )
         for balancer in (twin, foreign):

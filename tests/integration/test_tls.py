@@ -18,6 +18,7 @@ import pytest
 from conftest import (
     COOKIE,
     ROOT,
+    STEADY_HEALTH,
     UNIT,
     Balancer,
     Launcher,
@@ -60,6 +61,7 @@ def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
             pools={"gateways": gateways},
             routes={"/ws": "gateways", "/whoami": "gateways"},
             tls=(certs / "server.crt", certs / "server.key"),
+            health=STEADY_HEALTH,
         )
         balancer = launcher.balancer(config, name="tls")
         balancer.wait_states({("gateways", g.id): "up" for g in gateways})
