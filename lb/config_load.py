@@ -525,14 +525,20 @@ def _fields(
 def _simple_section(
     root: Mapping[Any, object], key: str, check: _Checker, fields: Sequence[_Field], build: Callable[..., T]
 ) -> T | None:
-    """An optional section made only of scalar fields (timeouts, limits, logging, runtime)."""
-    value = root.get(key)
+    """An optional top-level section made only of scalar fields (timeouts, limits, logging, runtime)."""
+    return _scalar_section(root.get(key), key, check, fields, build)
+
+
+def _scalar_section(
+    value: object, path: str, check: _Checker, fields: Sequence[_Field], build: Callable[..., T]
+) -> T | None:
+    """An optional mapping of scalar fields at `path`; absent means all defaults."""
     if value is None:
         return build()
-    node = _mapping(value, key, check, [f.key for f in fields])
+    node = _mapping(value, path, check, [f.key for f in fields])
     if node is None:
         return None
-    kwargs = _fields(node, key, check, fields)
+    kwargs = _fields(node, path, check, fields)
     return None if kwargs is None else build(**kwargs)
 
 
@@ -833,13 +839,7 @@ def _pool(name: str, value: object, path: str, check: _Checker) -> PoolConfig | 
 
 
 def _health_check(value: object, path: str, check: _Checker) -> HealthCheckConfig | None:
-    if value is None:
-        return HealthCheckConfig()
-    node = _mapping(value, path, check, [f.key for f in _HEALTH_FIELDS])
-    if node is None:
-        return None
-    kwargs = _fields(node, path, check, _HEALTH_FIELDS)
-    return None if kwargs is None else HealthCheckConfig(**kwargs)
+    return _scalar_section(value, path, check, _HEALTH_FIELDS, HealthCheckConfig)
 
 
 def _backends(value: object, path: str, check: _Checker) -> tuple[BackendConfig, ...] | None:

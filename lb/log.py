@@ -31,10 +31,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def setup_logging(config: LoggingConfig, *, process: str = "") -> None:
+_process_name = ""
+
+
+def setup_logging(config: LoggingConfig, *, process: str | None = None) -> None:
     """Args:
-    process: names the process in every line (the workers of `workers: N`).
+    process: names the process in every line (the workers of `workers: N`);
+        None keeps the name given before (a reload calls this again).
     """
+    global _process_name
+    if process is not None:
+        _process_name = process
+    process = _process_name
     handler = logging.StreamHandler(sys.stderr)
     if config.format is LogFormat.JSON:
         handler.setFormatter(JsonFormatter(process))
