@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from conftest import (
     COOKIE,
@@ -40,6 +41,7 @@ from conftest import (
     Launcher,
     Visit,
     client_session,
+    deep_merge,
     lb_config,
     visit,
 )
@@ -65,6 +67,16 @@ class OpsStack:
 
 
 @contextlib.contextmanager
+def launched(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Launcher]:
+    """A Launcher in a fresh directory; every process it started is stopped by PID on the way out."""
+    started = Launcher(tmp_path_factory.mktemp(name))
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+@contextlib.contextmanager
 def started_stack(
     workdir: Path,
     *,
@@ -82,22 +94,12 @@ def started_stack(
     try:
         started = launcher.gateways(gateways, app_cookie=app_cookie)
         base = {"limits": {"handshake_rate_per_ip": 0}}
-        config = lb_config(pools={pool: started}, overrides=_merge(base, overrides or {}))
+        config = lb_config(pools={pool: started}, overrides=deep_merge(base, overrides or {}))
         balancer = launcher.balancer(config)
         balancer.wait_states({(pool, g.id): "up" for g in started})
         yield OpsStack(launcher, started, balancer)
     finally:
         launcher.close()
-
-
-def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -32,27 +32,21 @@ from conftest import (
     visit,
     ws_connect,
 )
-from support_ops import token_of, wait_close, wait_until
+from support_ops import launched, token_of, wait_close, wait_until
 
 POOL = "gateways"
 
 
 @pytest.fixture(scope="module")
 def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
-    started = Launcher(tmp_path_factory.mktemp("limits-gateways"))
-    try:
+    with launched(tmp_path_factory, "limits-gateways") as started:
         yield started.gateways(2)
-    finally:
-        started.close()
 
 
 @pytest.fixture
 def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    started = Launcher(tmp_path_factory.mktemp("limits"))
-    try:
+    with launched(tmp_path_factory, "limits") as started:
         yield started
-    finally:
-        started.close()
 
 
 def start(launcher: Launcher, gateways: list[Gateway], overrides: dict[str, Any], **pool: Any) -> Balancer:

@@ -35,6 +35,7 @@ from support_ops import (
     HEADER,
     QUERY,
     BlackHole,
+    launched,
     set_state,
     token_of,
     visit_via,
@@ -47,11 +48,8 @@ N_TOKENS = 120
 
 @pytest.fixture
 def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    started = Launcher(tmp_path_factory.mktemp("redispatch"))
-    try:
+    with launched(tmp_path_factory, "redispatch") as started:
         yield started
-    finally:
-        started.close()
 
 
 async def whoami(url: str, token: str, sem: asyncio.Semaphore) -> tuple[str, str | None]:

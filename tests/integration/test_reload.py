@@ -23,7 +23,7 @@ from conftest import (
     visit,
     ws_connect,
 )
-from support_ops import rewrite_config, signal_balancer, token_of, wait_for_log, wait_until
+from support_ops import launched, rewrite_config, signal_balancer, token_of, wait_for_log, wait_until
 
 POOL = "gateways"
 
@@ -31,21 +31,15 @@ POOL = "gateways"
 @pytest.fixture(scope="module")
 def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
     """gw-1..3 for the whole module (nothing here changes them)."""
-    started = Launcher(tmp_path_factory.mktemp("reload-gateways"))
-    try:
+    with launched(tmp_path_factory, "reload-gateways") as started:
         yield started.gateways(3)
-    finally:
-        started.close()
 
 
 @pytest.fixture
 def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
     """Balancers for one test."""
-    started = Launcher(tmp_path_factory.mktemp("reload"))
-    try:
+    with launched(tmp_path_factory, "reload") as started:
         yield started
-    finally:
-        started.close()
 
 
 def backend_entry(gateway: Gateway) -> dict[str, object]:

@@ -20,7 +20,6 @@ from conftest import (
     UNIT,
     Balancer,
     Gateway,
-    Launcher,
     RawWs,
     assert_echo,
     http_get_async,
@@ -29,7 +28,7 @@ from conftest import (
     visit,
     ws_connect,
 )
-from support_ops import signal_balancer, wait_close, wait_exit, wait_until
+from support_ops import launched, signal_balancer, wait_close, wait_exit, wait_until
 
 POOL = "gateways"
 GRACE = 1.5  # seconds: timeouts.shutdown_grace of these balancers
@@ -38,23 +37,17 @@ CLOSE_LINGER = 2.0  # how long the balancer may wait for a client to answer its 
 
 @pytest.fixture(scope="module")
 def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
-    started = Launcher(tmp_path_factory.mktemp("shutdown-gateways"))
-    try:
+    with launched(tmp_path_factory, "shutdown-gateways") as started:
         yield started.gateways(2)
-    finally:
-        started.close()
 
 
 @pytest.fixture
 def lb(tmp_path_factory: pytest.TempPathFactory, gateways: list[Gateway]) -> Iterator[Balancer]:
-    launcher = Launcher(tmp_path_factory.mktemp("shutdown"))
-    try:
+    with launched(tmp_path_factory, "shutdown") as launcher:
         config = lb_config(pools={POOL: gateways}, overrides={"timeouts": {"shutdown_grace": f"{int(GRACE * 1000)}ms"}})
         balancer = launcher.balancer(config)
         balancer.wait_states({(POOL, g.id): "up" for g in gateways})
         yield balancer
-    finally:
-        launcher.close()
 
 
 async def healthz(lb: Balancer) -> int:
