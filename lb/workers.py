@@ -195,14 +195,19 @@ class ControlChannel:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         ctx = self._balancer.ctx
         while line := await reader.readline():
-            message = decode(line)
+            try:
+                message = decode(line)
+            except ValueError:
+                log.error("the owner sent a malformed control message")
+                continue
             op = message["op"]
             if op == "states":
                 apply_states(ctx.pools, message)
             elif op == "reload":
                 await self._balancer.reload()
             elif op == "close_tunnels":
-                backend = ctx.pools[message["pool"]].backends.get(message["backend"])
+                pool = ctx.pools.get(message["pool"])
+                backend = pool.backends.get(message["backend"]) if pool is not None else None
                 if backend is not None:
                     task = asyncio.get_running_loop().create_task(
                         migrate(ctx, message["pool"], backend, 0.0, float(message["rate"]))
