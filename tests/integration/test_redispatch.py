@@ -26,6 +26,7 @@ from conftest import (
     http_get_async,
     lb_config,
     set_cookies,
+    status,
     tunnel,
     visit,
     wait_for_state,
@@ -218,3 +219,32 @@ async def test_redispatch_grace_keeps_the_cookie_of_a_briefly_down_backend(launc
     home.start()
     await wait_for_state(lb, POOL, home.id, "up", within=10 * UNIT)
     assert (await visit(lb.ws_url(), cookie=token)).server_id == home.id
+
+
+async def test_backend_failing_handshakes_is_marked_down_before_the_next_active_check(launcher: Launcher) -> None:
+    """Passive health: handshakes that time out on a gateway count as failed checks, so it turns down
+    long before the next (slow) active check would notice, and clients go elsewhere meanwhile."""
+    hung = BlackHole("hung-1")
+    try:
+        (gw,) = launcher.gateways(1)
+        config = lb_config(
+            pools={POOL: [hung, gw]},
+            overrides={
+                "timeouts": {"backend_connect": "500ms"},
+                "pools": {
+                    POOL: {"balance": "round_robin", "health_check": {"type": "tcp", "interval": "60s", "fall": 2}}
+                },
+                "limits": {"handshake_rate_per_ip": 0},
+            },
+        )
+        config["pools"][POOL]["health_check"].pop("path", None)
+        lb = launcher.balancer(config)
+        lb.wait_states({(POOL, hung.id): "up", (POOL, gw.id): "up"})
+        for _ in range(4):
+            assert (await visit(lb.ws_url(), within=5 * UNIT)).server_id == gw.id
+        await wait_for_state(lb, POOL, hung.id, "down", within=2 * UNIT)
+        backends = {b["id"]: b for b in (await status(lb))["pools"][POOL]["backends"]}
+        assert "handshake failed" in backends[hung.id]["reason"]
+    finally:
+        launcher.close()
+        hung.close()
