@@ -56,8 +56,7 @@ def status_document(balancer: Balancer) -> dict[str, Any]:
         for pool in ctx.pools.values()
     }
     # Backends a reload removed stay visible while their last tunnels run.
-    balancer.retired[:] = [(name, b) for name, b in balancer.retired if b.connections > 0]
-    for name, backend in balancer.retired:
+    for name, backend in balancer.retired_backends():
         entry = pools.setdefault(name, {"balance": None, "backends": []})
         entry["backends"].append({**_backend_document(backend), "state": "removed"})
     return {

@@ -51,15 +51,16 @@ def decide(
     Raises:
         NoHealthyBackend: no backend can take a new client (the listener answers 503).
     """
-    candidates = pool.new_client_candidates(exclude, now)
     if claimed is not None:
         backend = pool.get(claimed)
+        # The hit is the common case: it needs no candidate list.
         if backend is not None and backend.takes_sticky_clients and backend.id not in exclude:
             return Decision(backend=backend, reason="hit", issue_cookie=refresh)
         if backend is not None:
-            chosen = rendezvous_choose(session, candidates) if session else pool.policy.choose(candidates)
-            if chosen is None:
-                raise NoHealthyBackend(f"no healthy backend in pool {pool.name}")
+            candidates = pool.new_client_candidates(exclude, now)
+            chosen = _require(
+                rendezvous_choose(session, candidates) if session else pool.policy.choose(candidates), pool
+            )
             flapping = (
                 grace > 0 and now is not None and not backend.healthy
                 and backend.admin is not AdminAction.DISABLE and now - backend.changed_at < grace
@@ -71,7 +72,11 @@ def decide(
         reason: DecisionReason = "invalid"
     else:
         reason = "invalid" if token_invalid else "new"
-    chosen = pool.policy.choose(candidates)
+    chosen = _require(pool.policy.choose(pool.new_client_candidates(exclude, now)), pool)
+    return Decision(backend=chosen, reason=reason, issue_cookie=True)
+
+
+def _require(chosen: BackendStatus | None, pool: PoolState) -> BackendStatus:
     if chosen is None:
         raise NoHealthyBackend(f"no healthy backend in pool {pool.name}")
-    return Decision(backend=chosen, reason=reason, issue_cookie=True)
+    return chosen

@@ -83,7 +83,7 @@ class Balancer:
         self._stopping: asyncio.Task[None] | None = None
         self._stop_called = asyncio.Event()
         # Backends removed by a reload that still carry tunnels, shown in /status until they end.
-        self.retired: list[tuple[str, BackendStatus]] = []
+        self._retired: list[tuple[str, BackendStatus]] = []
         self._supervisor: WorkerSupervisor | None = None
         self._control: ControlChannel | None = None
         if role is Role.OWNER:
@@ -102,6 +102,11 @@ class Balancer:
         return [listening.address for listening in self._listening]
 
     # -- start -------------------------------------------------------------
+
+    def retired_backends(self) -> list[tuple[str, BackendStatus]]:
+        """(pool, backend) removed by a reload whose tunnels still run; forgets those that ended."""
+        self._retired = [(name, b) for name, b in self._retired if b.connections > 0]
+        return self._retired
 
     def live_tunnels(self) -> int:
         return self._supervisor.live_tunnels if self._supervisor is not None else len(self.ctx.tunnels)
@@ -256,7 +261,7 @@ class Balancer:
                 if kept is None or kept.backends.get(backend.id) is not backend:
                     backend.reason = "removed by reload"
                     if backend.connections:
-                        self.retired.append((name, backend))
+                        self._retired.append((name, backend))
         ctx.codec = TokenCodec(config.affinity.secret_keys, config.affinity.max_age)
         ctx.routes = sort_routes(config.routes)
         if config.limits != ctx.config.limits:

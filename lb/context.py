@@ -55,6 +55,13 @@ class ProxyContext:
     # Set by the last tunnel to close while shutdown waits for them.
     all_tunnels_closed: asyncio.Event | None = None
 
+    def bytes_relayed(self) -> tuple[int, int]:
+        """(client → backend, backend → client) so far: closed tunnels plus live ones."""
+        return (
+            self.stats.closed_bytes_in + sum(t.bytes_in for t in self.tunnels),
+            self.stats.closed_bytes_out + sum(t.bytes_out for t in self.tunnels),
+        )
+
     async def wait_tunnels_closed(self, within: float) -> None:
         if not self.tunnels:
             return

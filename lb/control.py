@@ -85,6 +85,7 @@ def apply_states(pools: dict[str, PoolState], message: dict[str, Any]) -> None:
 
 def stats_message(ctx: ProxyContext) -> dict[str, Any]:
     stats = ctx.stats
+    bytes_in, bytes_out = ctx.bytes_relayed()
     return {
         "op": "stats",
         "backends": {
@@ -97,8 +98,8 @@ def stats_message(ctx: ProxyContext) -> dict[str, Any]:
         "decisions": [[*key, count] for key, count in stats.decisions.items()],
         "invalid_tokens": dict(stats.invalid_tokens),
         "rejected": {str(status): count for status, count in stats.rejected.items()},
-        "bytes_in": stats.closed_bytes_in + sum(t.bytes_in for t in ctx.tunnels),
-        "bytes_out": stats.closed_bytes_out + sum(t.bytes_out for t in ctx.tunnels),
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
         "tunnels_closed": stats.tunnels_closed,
         "tunnels": len(ctx.tunnels),
     }

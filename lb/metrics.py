@@ -54,9 +54,9 @@ class LbCollector(Collector):
         relayed = CounterMetricFamily(
             "lb_bytes_relayed", "Bytes relayed after the handshake head, by direction.", labels=["direction"]
         )
-        tunnels = list(ctx.tunnels)
-        relayed.add_metric(["client_to_backend"], stats.closed_bytes_in + sum(t.bytes_in for t in tunnels))
-        relayed.add_metric(["backend_to_client"], stats.closed_bytes_out + sum(t.bytes_out for t in tunnels))
+        bytes_in, bytes_out = ctx.bytes_relayed()
+        relayed.add_metric(["client_to_backend"], bytes_in)
+        relayed.add_metric(["backend_to_client"], bytes_out)
         yield relayed
         closed = CounterMetricFamily("lb_tunnels_closed", "Tunnels that have ended.")
         closed.add_metric([], stats.tunnels_closed)

@@ -21,19 +21,29 @@ SERVICE_RESTART = 1012  # IANA WebSocket close code registry: the service is res
 DEFAULT_MIGRATION_RATE = 10.0  # tunnels closed per second when `rate` is not given
 
 
-async def migrate(ctx: ProxyContext, pool: str, backend: BackendStatus, close_after: float, rate: float) -> None:
-    """Wait `close_after` seconds, then close `backend`'s tunnels at `rate` per second."""
-    await asyncio.sleep(close_after)
+def start_migrating(pool: str, backend: BackendStatus, rate: float) -> None:
+    """From now on even the backend's cookie holders go elsewhere (the owner and single mode alike)."""
     backend.migrating = True
     backend.reason = f"operator: drain, closing tunnels at {rate:g}/s"
     log.info("drain of %s/%s: closing its tunnels at %g/s with close 1012", pool, backend.id, rate)
+
+
+async def migrate(ctx: ProxyContext, pool: str, backend: BackendStatus, close_after: float, rate: float) -> None:
+    """Wait `close_after` seconds, then close `backend`'s tunnels at `rate` per second."""
+    await asyncio.sleep(close_after)
+    start_migrating(pool, backend, rate)
     interval = 1.0 / rate
     closed = 0
     while True:
-        tunnels = [t for t in ctx.tunnels if t.backend is backend and not t.closed and not t.closing]
-        if not tunnels:
+        # One scan per round, not per close: the backend takes no new tunnels now, so a
+        # later round only picks up handshakes that were in flight during the first.
+        pending = [t for t in ctx.tunnels if t.backend is backend and not (t.closed or t.closing)]
+        if not pending:
             break
-        tunnels[0].close_gracefully(SERVICE_RESTART, "service restart")
-        closed += 1
-        await asyncio.sleep(interval)
+        for tunnel in pending:
+            if tunnel.closed or tunnel.closing:
+                continue  # ended by itself meanwhile
+            tunnel.close_gracefully(SERVICE_RESTART, "service restart")
+            closed += 1
+            await asyncio.sleep(interval)
     log.info("drain of %s/%s: %d tunnel(s) closed; none left", pool, backend.id, closed)

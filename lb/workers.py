@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lb.control import StatsAggregate, apply_states, decode, encode, states_message, stats_message
-from lb.migration import migrate
+from lb.migration import migrate, start_migrating
 
 if TYPE_CHECKING:
     from lb.balancer import Balancer
@@ -138,9 +138,7 @@ class WorkerSupervisor:
     async def migrate(self, pool: str, backend_id: str, close_after: float, rate: float) -> None:
         """The owner's half of a drain migration: each worker closes its share at rate / N."""
         await asyncio.sleep(close_after)
-        backend = self._balancer.ctx.pools[pool].backends[backend_id]
-        backend.migrating = True
-        backend.reason = f"operator: drain, closing tunnels at {rate:g}/s"
+        start_migrating(pool, self._balancer.ctx.pools[pool].backends[backend_id], rate)
         self.states_changed()
         share = rate / max(1, len(self._workers))
         self.broadcast({"op": "close_tunnels", "pool": pool, "backend": backend_id, "rate": share})

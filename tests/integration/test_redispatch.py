@@ -15,11 +15,13 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from conftest import (
     COOKIE,
     UNIT,
+    Balancer,
     Launcher,
     SpyBackend,
     handshake_headers,
@@ -159,6 +161,25 @@ async def test_header_and_query_tokens_never_reach_the_backend(launcher: Launche
     assert all(token not in value for _, value in seen[0].headers)
 
 
+def start_with_hung_backend(
+    launcher: Launcher, hung: BlackHole, gw: Any, *, connect_timeout: str, **health: Any
+) -> Balancer:
+    """A round-robin pool of a hung backend and a gateway, both up under TCP checks (+ `health`)."""
+    config = lb_config(
+        pools={POOL: [hung, gw]},
+        overrides={
+            "timeouts": {"backend_connect": connect_timeout},
+            # TCP checks: the hung backend looks healthy, as a wedged process would.
+            "pools": {POOL: {"balance": "round_robin", "health_check": {"type": "tcp", **health}}},
+            "limits": {"handshake_rate_per_ip": 0},
+        },
+    )
+    config["pools"][POOL]["health_check"].pop("path", None)
+    lb = launcher.balancer(config)
+    lb.wait_states({(POOL, hung.id): "up", (POOL, gw.id): "up"})
+    return lb
+
+
 async def test_backend_that_accepts_but_never_answers_is_retried_elsewhere(launcher: Launcher) -> None:
     """A hung gateway (TCP accepted, no answer) costs the client at most timeouts.backend_connect,
     then another backend serves it."""
@@ -166,18 +187,7 @@ async def test_backend_that_accepts_but_never_answers_is_retried_elsewhere(launc
     hung = BlackHole("hung-1")
     try:
         (gw,) = launcher.gateways(1)
-        config = lb_config(
-            pools={POOL: [hung, gw]},
-            overrides={
-                "timeouts": {"backend_connect": f"{int(connect_timeout * 1000)}ms"},
-                # TCP checks: the hung backend looks healthy, as a wedged process would.
-                "pools": {POOL: {"balance": "round_robin", "health_check": {"type": "tcp"}}},
-                "limits": {"handshake_rate_per_ip": 0},
-            },
-        )
-        config["pools"][POOL]["health_check"].pop("path", None)
-        lb = launcher.balancer(config)
-        lb.wait_states({(POOL, hung.id): "up", (POOL, gw.id): "up"})
+        lb = start_with_hung_backend(launcher, hung, gw, connect_timeout=f"{int(connect_timeout * 1000)}ms")
 
         timings = []
         for _ in range(3):
@@ -227,19 +237,7 @@ async def test_backend_failing_handshakes_is_marked_down_before_the_next_active_
     hung = BlackHole("hung-1")
     try:
         (gw,) = launcher.gateways(1)
-        config = lb_config(
-            pools={POOL: [hung, gw]},
-            overrides={
-                "timeouts": {"backend_connect": "500ms"},
-                "pools": {
-                    POOL: {"balance": "round_robin", "health_check": {"type": "tcp", "interval": "60s", "fall": 2}}
-                },
-                "limits": {"handshake_rate_per_ip": 0},
-            },
-        )
-        config["pools"][POOL]["health_check"].pop("path", None)
-        lb = launcher.balancer(config)
-        lb.wait_states({(POOL, hung.id): "up", (POOL, gw.id): "up"})
+        lb = start_with_hung_backend(launcher, hung, gw, connect_timeout="500ms", interval="60s", fall=2)
         for _ in range(4):
             assert (await visit(lb.ws_url(), within=5 * UNIT)).server_id == gw.id
         await wait_for_state(lb, POOL, hung.id, "down", within=2 * UNIT)
