@@ -5,11 +5,14 @@
     ├── InvalidToken                 affinity token unusable (treated as absent, never shown)
     ├── RequestRejected              answered by the balancer itself, status per class
     │   ├── BadRequest               400 malformed request head
-    │   │   └── BadHandshake         400 malformed WebSocket upgrade
+    │   │   ├── BadHandshake         400 malformed WebSocket upgrade
+    │   │   ├── BadFraming           400 body length ambiguous (Content-Length / Transfer-Encoding)
+    │   │   └── BadHost              400 Host missing, repeated, malformed or disagreeing with the target
     │   ├── NoRoute                  404
     │   ├── UnsupportedVersion       426 with Sec-WebSocket-Version: 13
     │   ├── TooManyRequests          429 with Retry-After
     │   ├── HeadersTooLarge          431
+    │   ├── UnsupportedTransferCoding 501 a transfer coding other than chunked
     │   ├── NoHealthyBackend         503 with Retry-After
     │   └── BadGateway               502 no backend could be reached
     └── BackendConnectError(OSError) one backend could not be reached (retried elsewhere)
@@ -73,6 +76,21 @@ class BadRequest(RequestRejected):
 
 class BadHandshake(BadRequest):
     """A WebSocket upgrade that breaks RFC 6455 §4.2.1."""
+
+
+class BadFraming(BadRequest):
+    """The body's length cannot be determined without guessing (RFC 9112 §6.1, §6.3): a smuggling vector."""
+
+
+class BadHost(BadRequest):
+    """Host missing, repeated, malformed, or not the absolute-form target's authority (RFC 9112 §3.2)."""
+
+
+class UnsupportedTransferCoding(RequestRejected):
+    """A transfer coding we do not implement before the final chunked (RFC 9112 §6.1: 501)."""
+
+    status = 501
+    reason_phrase = "Not Implemented"
 
 
 class NoRoute(RequestRejected):
