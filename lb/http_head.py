@@ -34,6 +34,17 @@ spoofing gap; HAProxy, Envoy, nginx and llhttp are the references):
   let a client spoof what we set; refusing would break clients over a header
   they likely never meant.  The dropped names are kept in
   `RequestHead.dropped` for logging.
+
+Why our own parser and not httptools (llhttp) or h11: measured with timeit on
+a typical 12-header WebSocket upgrade head (2-core box, CPython 3.11), ours
+takes ~13 µs with every check above, h11 ~29 µs, and httptools ~3 µs for the
+raw callbacks alone; on top of those callbacks we would still need every rule
+above (llhttp accepts TE on HTTP/1.0, `identity, chunked`, equal repeated
+Host lines...) and to build the same `Head`, which is most of our cost.  The
+saving would be a few µs of a ~350 µs handshake (about 1-2 %), for a C
+dependency whose leniency flags we would then have to track.  So llhttp
+stays the oracle: tests/unit/test_http_head_differential.py checks that
+whatever we accept, it reads alike (method, target, fields, body length).
 """
 
 from __future__ import annotations
@@ -52,8 +63,9 @@ _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqr
 _FIELD_VALUE = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100)) + b" \t"
 # What a head may hold at all: field-value bytes plus the CRLFs between lines.
 _LINE_BYTES = _FIELD_VALUE + b"\r\n"
-# RFC 9112 §3.2: request-target has no whitespace or control characters.
-_TARGET = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
+# RFC 9112 §3.2: request-target is URI syntax (RFC 3986 §2: ASCII only), no whitespace or controls.
+# Raw bytes >= 0x80 are refused as HAProxy and llhttp do: a backend might read them otherwise.
+_TARGET = bytes(range(0x21, 0x7F))
 # RFC 3986 §3.2.2 reg-name / IPv4address / IP-literal, then an optional port.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z")
 _DEFAULT_PORT = {"http": "80", "https": "443"}
