@@ -143,6 +143,10 @@ class BackendSide(asyncio.Protocol):
             return
         self._head = None
         client.write(insert_cookie(head, end))
+        # From here on, each side's protocol only writes into the other (as lb.tunnel does).
+        assert self.transport is not None
+        client.set_protocol(Relay(self.transport))
+        self.transport.set_protocol(Relay(client))
 
     def pause_writing(self) -> None:
         if self._client.transport is not None:
@@ -156,6 +160,31 @@ class BackendSide(asyncio.Protocol):
         self.transport = None
         if self._client.transport is not None:
             self._client.transport.close()
+
+
+class Relay(asyncio.Protocol):
+    """One side of the tunnel: what it reads goes to `peer`; a full `peer` buffer pauses reading here."""
+
+    __slots__ = ("peer",)
+
+    def __init__(self, peer: asyncio.Transport) -> None:
+        self.peer = peer
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.write(data)
+
+    def eof_received(self) -> bool | None:
+        self.peer.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.peer.close()
+
+    def pause_writing(self) -> None:
+        self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.resume_reading()
 
 
 def parse_backends(text: str) -> list[tuple[str, int]]:
