@@ -15,7 +15,8 @@
     │   ├── UnsupportedTransferCoding 501 a transfer coding other than chunked
     │   ├── NoHealthyBackend         503 with Retry-After
     │   └── BadGateway               502 no backend could be reached
-    └── BackendConnectError(OSError) one backend could not be reached (retried elsewhere)
+    ├── BackendConnectError(OSError) one backend could not be reached (retried elsewhere)
+    └── BadProxyHeader(ValueError)   no valid PROXY protocol header: closed without an answer
 """
 
 from __future__ import annotations
@@ -143,3 +144,11 @@ class BackendConnectError(LbError, OSError):
         self.address = address
         self.cause = cause
         self.request_sent = request_sent  # a retry could then repeat a non-idempotent request
+
+
+class BadProxyHeader(LbError, ValueError):
+    """A connection on a `proxy_protocol` listener that does not start with a valid PROXY header.
+
+    Not a RequestRejected: the spec (HAProxy doc/proxy-protocol.txt §2.1) says to abort the
+    connection, and the peer is an L4 balancer, not a client that could read an answer.
+    """
