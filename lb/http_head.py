@@ -354,7 +354,7 @@ def parse_request_head(raw: bytes, *, protected: frozenset[str] = PROTECTED_HEAD
     start = (method.decode("ascii"), text_target, version.decode("ascii"))
     head = _parse_fields(start, lines[1:])
     dropped: tuple[str, ...] = ()
-    if b"_" in raw and any("_" in name for name in head._index):
+    if b"_" in raw and "_" in "".join(head._index):
         head, dropped = _drop_aliases(head, protected)
     hosts = head.get_all("host")
     # RFC 9112 §3.2: exactly one Host on HTTP/1.1; more than one is a 400 on any version.
