@@ -94,6 +94,11 @@ PROTECTED_HEADERS = frozenset(
 )
 
 
+def protected_headers(affinity_header: str) -> frozenset[str]:
+    """PROTECTED_HEADERS plus the configured `affinity.header`: compute once per configuration."""
+    return PROTECTED_HEADERS | {affinity_header.lower()}
+
+
 @dataclass(frozen=True, slots=True)
 class Head:
     """A parsed request or response head; header names keep their case and order."""
@@ -328,8 +333,8 @@ def parse_request_head(raw: bytes, *, protected: frozenset[str] = PROTECTED_HEAD
     Args:
         raw: the head, up to and including the blank line.
         protected: lower-case header names whose `_`-for-`-` spellings are dropped (every
-            `x-forwarded-*` is always covered); pass `PROTECTED_HEADERS | {affinity.header.lower()}`
-            when the affinity header is not the default.
+            `x-forwarded-*` is always covered); pass `protected_headers(affinity.header)` when the
+            affinity header is not the default.
 
     Raises:
         BadRequest: anything RFC 9112 does not allow, with a short reason (BadFraming, BadHost).
@@ -390,6 +395,9 @@ def parse_response_head(raw: bytes) -> ResponseHead:
     status, _, reason = rest.partition(b" ")
     if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(status) != 3 or not status.isdigit():
         raise BadRequest("malformed status line")
+    if not b"100" <= status <= b"599":
+        # RFC 9110 §15: status codes are 100..599; `000` must be a 502, never relayed.
+        raise BadRequest(f"status code {status.decode('ascii')} out of range")
     start = (version.decode("ascii"), status.decode("ascii"), reason.decode("latin-1"))
     head = _parse_fields(start, lines[1:])
     _check_framing(head, start[0], request=False)

@@ -14,7 +14,14 @@ from lb.errors import (
     RequestRejected,
     UnsupportedTransferCoding,
 )
-from lb.http_head import HEAD_END, PROTECTED_HEADERS, find_head_end, parse_request_head, parse_response_head
+from lb.http_head import (
+    HEAD_END,
+    PROTECTED_HEADERS,
+    find_head_end,
+    parse_request_head,
+    parse_response_head,
+    protected_headers,
+)
 
 
 def request(*lines: str, start: str = "POST / HTTP/1.1") -> bytes:
@@ -94,6 +101,19 @@ def test_response_framing_faults_are_bad_requests(raw: bytes) -> None:
     """A backend's faulty framing is a BadRequest (the caller's 502), never a 501 meant for clients."""
     with pytest.raises(BadRequest):
         parse_response_head(raw)
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"600", b"999"])
+def test_response_status_out_of_range_is_refused(status: bytes) -> None:
+    """A status outside 100..599 (RFC 9110 §15), such as `000`, is malformed: a 502, not relayed."""
+    with pytest.raises(BadRequest, match="out of range"):
+        parse_response_head(b"HTTP/1.1 " + status + b" Zero\r\n\r\n")
+
+
+@pytest.mark.parametrize("status", [100, 101, 199, 200, 404, 599])
+def test_response_status_in_range_is_accepted(status: int) -> None:
+    """Every code from 100 to 599 is accepted, registered or not."""
+    assert parse_response_head(f"HTTP/1.1 {status} X\r\n\r\n".encode()).status == status
 
 
 def test_backend_codings_before_chunked_and_equal_lengths_pass() -> None:
@@ -240,8 +260,9 @@ def test_configured_affinity_header_is_protected() -> None:
     """A non-default affinity header is protected when passed in `protected`."""
     raw = request("Host: a", "X_Sticky: forged", start="GET / HTTP/1.1")
     assert parse_request_head(raw).dropped == ()
-    parsed = parse_request_head(raw, protected=PROTECTED_HEADERS | {"x-sticky"})
+    parsed = parse_request_head(raw, protected=protected_headers("X-Sticky"))
     assert parsed.dropped == ("X_Sticky",)
+    assert protected_headers("X-Sticky") == PROTECTED_HEADERS | {"x-sticky"}
 
 
 def test_every_required_name_is_protected() -> None:
