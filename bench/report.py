@@ -1,10 +1,13 @@
 """The benchmark's one table, and the same numbers as JSON.  [pure]
 
-A `Row` holds one measure for each column (direct, balancer, haproxy), `None`
-where it does not apply or was not measured; `render_table` formats values by
-the row's `Kind` and adds the ratios: balancer / direct, haproxy / direct and
-balancer / haproxy.  A row with `ratio_base` compares its balancer value with
-that instead of direct (the workers 1 vs 2 rows).
+A `Row` holds one measure for each column (direct, balancer, haproxy, floor),
+`None` where it does not apply or was not measured; `render_table` formats
+values by the row's `Kind` and adds the ratios: balancer / direct, haproxy /
+direct, balancer / haproxy and balancer / floor.  `floor` is the cheapest
+uvloop relay that inserts a fixed cookie (`bench.floor`): lb/floor is how much
+of the balancer's cost is its own work rather than the runtime's.  A row with
+`ratio_base` compares its balancer value with that instead of direct (the
+workers 1 vs 2 rows).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Row:
     balancer: float | None = None
     haproxy: float | None = None
     ratio_base: float | None = None  # if set, the balancer ratio is balancer / ratio_base
+    floor: float | None = None
 
 
 def format_value(kind: Kind, value: float | None) -> str:
@@ -68,11 +72,18 @@ def row_ratios(row: Row) -> tuple[float | None, float | None, float | None]:
     return ratio(row.balancer, base), ratio(row.haproxy, row.direct), ratio(row.balancer, row.haproxy)
 
 
-def render_table(rows: Sequence[Row], *, haproxy: bool) -> str:
-    """The plain-text table; the HAProxy columns only when `haproxy`."""
+def lb_floor_ratio(row: Row) -> float | None:
+    """balancer / floor: >1 is the balancer's own work on top of the cheapest relay."""
+    return ratio(row.balancer, row.floor)
+
+
+def render_table(rows: Sequence[Row], *, haproxy: bool, floor: bool = False) -> str:
+    """The plain-text table; the HAProxy columns only when `haproxy`, the floor ones only when `floor`."""
     header = ["scenario", "direct", "balancer", "ratio"]
     if haproxy:
         header += ["haproxy", "ratio", "lb/haproxy"]
+    if floor:
+        header += ["floor", "lb/floor"]
     table: list[list[str]] = [header]
     for row in rows:
         lb_ratio, ha_ratio, lb_ha = row_ratios(row)
@@ -84,6 +95,8 @@ def render_table(rows: Sequence[Row], *, haproxy: bool) -> str:
         ]
         if haproxy:
             cells += [format_value(row.kind, row.haproxy), format_ratio(ha_ratio), format_ratio(lb_ha)]
+        if floor:
+            cells += [format_value(row.kind, row.floor), format_ratio(lb_floor_ratio(row))]
         table.append(cells)
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = []
@@ -100,6 +113,6 @@ def to_document(header: dict[str, Any], rows: Sequence[Row], notes: Sequence[str
         lb_ratio, ha_ratio, lb_ha = row_ratios(row)
         out_rows.append(
             {**asdict(row), "kind": row.kind.value, "ratio_balancer": lb_ratio, "ratio_haproxy": ha_ratio,
-             "ratio_lb_haproxy": lb_ha}
+             "ratio_lb_haproxy": lb_ha, "ratio_lb_floor": lb_floor_ratio(row)}
         )
     return {"header": header, "rows": out_rows, "notes": list(notes), "raw": raw}

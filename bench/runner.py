@@ -1,8 +1,11 @@
 """The orchestration behind `python -m bench [--quick] [--json FILE]`: scenarios by targets, one table.
 
-Starts 3 echo backends, the balancer and (when installed) HAProxy, then runs
-each scenario against each target in turn: `direct` (the load generator
-straight to the backends, round robin), `balancer`, `haproxy`.  The proxy
+Starts 3 echo backends, the balancer, (when installed) HAProxy and the floor
+relay, then runs each scenario against each target in turn: `direct` (the load
+generator straight to the backends, round robin), `balancer`, `haproxy`,
+`floor` (`bench.floor`: the cheapest uvloop relay that inserts a fixed cookie).
+The balancer runs on its shipped defaults plus the pool: no limit, timeout or
+logging setting is overridden, so what is measured is what operators get.  The proxy
 under test runs on CPU 0, everything else on CPU 1 (taskset), unless taskset
 is missing.  Last, without pinning, the echo scenario through a balancer with
 `workers: 1` and with `workers: 2`, if the configuration accepts `workers`.
@@ -45,7 +48,7 @@ BACKENDS = 3
 READY_TIMEOUT = 20.0
 PROBE_TIMEOUT = 2.0
 SOURCE_IPS = tuple(f"127.0.0.{i}" for i in range(2, 42))  # client side of handshakes and idle tunnels
-DIRECT, BALANCER, HAPROXY = "direct", "balancer", "haproxy"
+DIRECT, BALANCER, HAPROXY, FLOOR = "direct", "balancer", "haproxy", "floor"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short windows (whole run under a minute)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the numbers as JSON")
     parser.add_argument("--no-haproxy", action="store_true", help="skip HAProxy even if installed")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor relay column")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--idle", type=int, metavar="N", help="idle tunnels to open (default 5000)")
     args = parser.parse_args(argv)
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="lb-bench-") as tmp:
             run = Run(plan, pinning, Path(tmp))
             try:
-                rows = _run_all(run, haproxy_path)
+                rows = _run_all(run, haproxy_path, floor=not args.no_floor)
             except BenchError as exc:
                 print(f"benchmark failed: {exc}", file=sys.stderr)
                 return 1
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in header.items():
         print(f"{key + ':':<11} {value}")
     print()
-    print(render_table(rows, haproxy=haproxy_path is not None))
+    print(render_table(rows, haproxy=haproxy_path is not None, floor=not args.no_floor))
     print()
     for text in run.notes:
         print(f"- {text}")
@@ -186,7 +190,7 @@ def _header(
 # -- the run --------------------------------------------------------------------------------------
 
 
-def _run_all(run: Run, haproxy_path: str | None) -> list[Row]:
+def _run_all(run: Run, haproxy_path: str | None, *, floor: bool = True) -> list[Row]:
     plan = run.plan
     children: list[Child] = []
     idle_busy = _machine_busy()
@@ -205,6 +209,11 @@ def _run_all(run: Run, haproxy_path: str | None) -> list[Row]:
                 targets.append(_start_haproxy(run, children, haproxy_path))
             except BenchError as exc:
                 run.note(f"haproxy did not start, column empty: {str(exc).splitlines()[0]}")
+        if floor:
+            try:
+                targets.append(_start_floor(run, children))
+            except BenchError as exc:
+                run.note(f"floor relay did not start, column empty: {str(exc).splitlines()[0]}")
         load_pids = tuple(b.pid for b in run.backends)
         rss_start = procs.rss_kib(balancer.proxy_pids())
 
@@ -219,8 +228,8 @@ def _run_all(run: Run, haproxy_path: str | None) -> list[Row]:
         for check in (False, True):
             name = "handshake_check" if check else "handshake_issue"
             for target in targets:
-                if check and target.name == DIRECT:
-                    continue  # the backends issue no cookie: the same handshake as above
+                if check and target.name in (DIRECT, FLOOR):
+                    continue  # no cookie is checked there: the same handshake as above
                 _scenario(run, name, target, Spec(
                     "handshake", target.addresses, plan.handshake_workers, 0, plan.warmup, plan.window,
                     check_cookie=check, source_ips=SOURCE_IPS,
@@ -349,8 +358,8 @@ def balancer_config(backends: Sequence[tuple[str, str, int]], port: int, admin_p
                 "backends": [{"id": sid, "address": f"{host}:{p}"} for sid, host, p in backends],
             }
         },
-        "limits": {"handshake_rate_per_ip": 0, "max_connections": 100000},
-        "logging": {"level": "WARNING", "access_log": False},
+        # Nothing else: limits, timeouts and logging are the shipped defaults (issue 7: the benchmark
+        # measures what operators run; a default that caps it is a default to fix, not to override).
     }
     if workers is not None:
         config["workers"] = workers
@@ -385,6 +394,17 @@ def _start_haproxy(run: Run, children: list[Child], path: str) -> Target:
     children.append(child)
     _wait_ready(child, (HOST, port), None)
     return Target(HAPROXY, ((HOST, port),), child)
+
+
+def _start_floor(run: Run, children: list[Child]) -> Target:
+    backends = ",".join(f"{host}:{port}" for _, host, port in run.backend_addresses)
+    child = procs.start("floor", procs.python_module("bench.floor", "--port", "0", "--backends", backends),
+                        run.log_dir, cpus=run.pinning.proxy, stdout_pipe=True)
+    children.append(child)
+    line = procs.read_line(child, time.monotonic() + READY_TIMEOUT)
+    host, _, port = line.rpartition(" ")[2].rpartition(":")
+    _wait_ready(child, (host, int(port)), None)
+    return Target(FLOOR, ((host, int(port)),), child)
 
 
 def _wait_ready(child: Child, address: tuple[str, int], admin_port: int | None) -> None:
@@ -526,32 +546,36 @@ def _rows(run: Run, haproxy: bool) -> list[Row]:
 
     def three(scenario: str, key: str, scale: float = 1.0) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
-        for target in (DIRECT, BALANCER, HAPROXY):
+        for target in (DIRECT, BALANCER, HAPROXY, FLOOR):
             value = _get(run, scenario, target, key)
             out[target] = None if value is None else value * scale
         return out
 
     def proxies(values: dict[str, float | None]) -> dict[str, float | None]:
-        return {BALANCER: values.get(BALANCER), HAPROXY: values.get(HAPROXY)}
+        return {BALANCER: values.get(BALANCER), HAPROXY: values.get(HAPROXY), FLOOR: values.get(FLOOR)}
+
+    measured = (BALANCER, HAPROXY, FLOOR)
 
     echo = three("echo", "rate")
     stream = three("stream", "rate", mb)
     issue = three("handshake_issue", "rate")
     check = three("handshake_check", "rate")
     check[DIRECT] = issue[DIRECT]
-    idle = {t: _get(run, "idle", t, "rss_per_tunnel_kib") for t in (BALANCER, HAPROXY)}
+    check[FLOOR] = issue[FLOOR]
+    idle = {t: _get(run, "idle", t, "rss_per_tunnel_kib") for t in measured}
     rows = [
         Row(f"echo msg/s ({plan.echo_connections} conns, {plan.echo_payload} B)", Kind.RATE, **echo),
         Row("proxy CPU per echoed message", Kind.CPU_US,
-            **proxies({t: _per(run, "echo", t) for t in (BALANCER, HAPROXY)})),
+            **proxies({t: _per(run, "echo", t) for t in measured})),
         Row(f"stream MB/s ({plan.stream_connections} x {plan.stream_payload // 1024} KiB)", Kind.MBPS, **stream),
-        Row("proxy CPU per MB", Kind.CPU_MS, **proxies({t: _per(run, "stream", t, mb) for t in (BALANCER, HAPROXY)})),
+        Row("proxy CPU per MB", Kind.CPU_MS, **proxies({t: _per(run, "stream", t, mb) for t in measured})),
         Row(f"handshakes/s (issue cookie, {plan.handshake_workers} workers)", Kind.RATE, **issue),
         Row(f"handshakes/s (check cookie, {plan.handshake_workers} workers)", Kind.RATE, **check),
         Row("proxy CPU per handshake (issue)", Kind.CPU_US,
-            **proxies({t: _per(run, "handshake_issue", t) for t in (BALANCER, HAPROXY)})),
+            **proxies({t: _per(run, "handshake_issue", t) for t in measured})),
         Row("proxy CPU per handshake (check)", Kind.CPU_US,
-            **proxies({t: _per(run, "handshake_check", t) for t in (BALANCER, HAPROXY)})),
+            **proxies({t: _per(run, "handshake_check", t) for t in measured}
+                      | {FLOOR: _per(run, "handshake_issue", FLOOR)})),
         Row(f"proxy RSS per idle tunnel ({plan.idle_connections})", Kind.KIB, **proxies(idle)),
     ]
     workers = run.raw.get("echo_workers") or {}
@@ -572,6 +596,10 @@ def _explain(run: Run, haproxy: bool, workers: bool) -> None:
         "stream MB/s counts echoed payload; each byte crosses the proxy twice (client→backend, backend→client)",
         "handshake = connect, upgrade, read the backend's hello, close; direct has no cookie, so its check row "
         "repeats the issue row",
+        "floor = bench.floor, the cheapest uvloop relay that inserts a fixed cookie (one Protocol per client, "
+        "head end found, backend round robin, Set-Cookie into the 101, then protocol pairs; no parsing, no "
+        "routing, no cookie check, no logs); lb/floor = balancer / floor: >1 is the balancer's own work. "
+        "The floor checks no cookie, so its check rows repeat its issue rows",
     ]
     if workers:
         notes.append("workers rows: balancer with `workers: 1` / `workers: 2`, nothing pinned; "
@@ -604,7 +632,7 @@ def _explain(run: Run, haproxy: bool, workers: bool) -> None:
     if busy:
         notes.append("CPU busy during the window (process: 100% = one core; load side = load generator + "
                      "backends; cpuN = whole core, from /proc/stat): " + "; ".join(busy))
-    for target in (BALANCER, HAPROXY):
+    for target in (BALANCER, HAPROXY, FLOOR):
         result = (run.raw.get("handshake_check") or {}).get(target)
         if result:
             notes.append(f"check cookie through {target}: {result.get('cookies_issued')} cookies re-issued and "

@@ -6,6 +6,7 @@ validation lives here; `config_load` checks every value before building these.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -59,6 +60,9 @@ class ListenerConfig:
     host: str
     port: int
     tls: TlsConfig | None = None
+    # Each connection starts with a PROXY v1/v2 header from an L4 balancer (lb.proxy_header);
+    # without a valid one it is closed without an answer.
+    proxy_protocol: bool = False
 
     @property
     def bind(self) -> str:
@@ -167,3 +171,5 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT); >1 adds an owner process
+    # Peers whose X-Forwarded-For is believed (lb.client_address); empty: nobody's.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()

@@ -28,6 +28,7 @@ from typing import Any, Final, TypeVar
 
 import yaml
 
+from lb.client_address import parse_network
 from lb.config import (
     AdminConfig,
     AffinityConfig,
@@ -574,7 +575,7 @@ _AFFINITY_FIELDS = (
     _Field("query_param", _identifier),
     _Field("redispatch_grace", _duration(allow_zero=True)),
 )
-_LISTENER_FIELDS = (_Field("bind", _address(min_port=0), required=True),)
+_LISTENER_FIELDS = (_Field("bind", _address(min_port=0), required=True), _Field("proxy_protocol", _boolean))
 _TLS_FIELDS = (_Field("cert", _string, required=True), _Field("key", _string, required=True))
 _ROUTE_FIELDS = (_Field("path_prefix", _prefixed_path, required=True), _Field("pool", _string, required=True))
 _POOL_FIELDS = (_Field("balance", _enum(BalanceMethod)), _Field("slow_start", _duration(allow_zero=True)))
@@ -594,6 +595,7 @@ _BACKEND_FIELDS = (
 )
 _TOP_KEYS = (
     "listeners", "admin", "affinity", "routes", "pools", "timeouts", "limits", "logging", "runtime", "workers",
+    "trusted_proxies",
 )
 _WORKERS = _Field("workers", _integer(1, 64))
 
@@ -620,8 +622,10 @@ def _config(tree: object, check: _Checker) -> Config | None:
     logging = _simple_section(root, "logging", check, _LOGGING_FIELDS, LoggingConfig)
     runtime = _simple_section(root, "runtime", check, _RUNTIME_FIELDS, RuntimeConfig)
     top = _fields(root, "", check, [_WORKERS])
+    trusted_proxies = _trusted_proxies(root.get("trusted_proxies"), check)
     if (
         top is None
+        or trusted_proxies is None
         or
         listeners is None
         or admin is None
@@ -644,6 +648,7 @@ def _config(tree: object, check: _Checker) -> Config | None:
         limits=limits,
         logging=logging,
         runtime=runtime,
+        trusted_proxies=trusted_proxies,
         **top,
     )
 
@@ -665,7 +670,7 @@ def _listeners(value: object, check: _Checker) -> tuple[ListenerConfig, ...] | N
 
 
 def _listener(value: object, path: str, check: _Checker) -> ListenerConfig | None:
-    node = _mapping(value, path, check, ("bind", "tls"))
+    node = _mapping(value, path, check, ("bind", "tls", "proxy_protocol"))
     if node is None:
         return None
     kwargs = _fields(node, path, check, _LISTENER_FIELDS)
@@ -677,8 +682,33 @@ def _listener(value: object, path: str, check: _Checker) -> ListenerConfig | Non
             return None
     if kwargs is None:
         return None
-    host, port = kwargs["bind"]
-    return ListenerConfig(host=host, port=port, tls=tls)
+    host, port = kwargs.pop("bind")
+    return ListenerConfig(host=host, port=port, tls=tls, **kwargs)
+
+
+def _trusted_proxies(
+    value: object, check: _Checker
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
+    """`trusted_proxies`: a list (possibly empty) of CIDRs or addresses; absent or null is empty."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        check.add("trusted_proxies", f"expected a list of CIDRs such as [10.0.0.0/8], got {_kind(value)}")
+        return None
+    networks = []
+    valid = True
+    for i, item in enumerate(value):
+        path = f"trusted_proxies[{i}]"
+        if not isinstance(item, str):
+            check.add(path, f"expected a CIDR such as 10.0.0.0/8, got {_kind(item)}")
+            valid = False
+            continue
+        try:
+            networks.append(parse_network(item))
+        except ValueError as exc:
+            check.add(path, str(exc))
+            valid = False
+    return tuple(networks) if valid else None
 
 
 def _tls(value: object, path: str, check: _Checker) -> TlsConfig | None:

@@ -5,14 +5,18 @@
     ├── InvalidToken                 affinity token unusable (treated as absent, never shown)
     ├── RequestRejected              answered by the balancer itself, status per class
     │   ├── BadRequest               400 malformed request head
-    │   │   └── BadHandshake         400 malformed WebSocket upgrade
+    │   │   ├── BadHandshake         400 malformed WebSocket upgrade
+    │   │   ├── BadFraming           400 body length ambiguous (Content-Length / Transfer-Encoding)
+    │   │   └── BadHost              400 Host missing, repeated, malformed or disagreeing with the target
     │   ├── NoRoute                  404
     │   ├── UnsupportedVersion       426 with Sec-WebSocket-Version: 13
     │   ├── TooManyRequests          429 with Retry-After
     │   ├── HeadersTooLarge          431
+    │   ├── UnsupportedTransferCoding 501 a transfer coding other than chunked
     │   ├── NoHealthyBackend         503 with Retry-After
     │   └── BadGateway               502 no backend could be reached
-    └── BackendConnectError(OSError) one backend could not be reached (retried elsewhere)
+    ├── BackendConnectError(OSError) one backend could not be reached (retried elsewhere)
+    └── BadProxyHeader(ValueError)   no valid PROXY protocol header: closed without an answer
 """
 
 from __future__ import annotations
@@ -75,6 +79,21 @@ class BadHandshake(BadRequest):
     """A WebSocket upgrade that breaks RFC 6455 §4.2.1."""
 
 
+class BadFraming(BadRequest):
+    """The body's length cannot be determined without guessing (RFC 9112 §6.1, §6.3): a smuggling vector."""
+
+
+class BadHost(BadRequest):
+    """Host missing, repeated, malformed, or not the absolute-form target's authority (RFC 9112 §3.2)."""
+
+
+class UnsupportedTransferCoding(RequestRejected):
+    """A transfer coding we do not implement before the final chunked (RFC 9112 §6.1: 501)."""
+
+    status = 501
+    reason_phrase = "Not Implemented"
+
+
 class NoRoute(RequestRejected):
     status = 404
     reason_phrase = "Not Found"
@@ -125,3 +144,11 @@ class BackendConnectError(LbError, OSError):
         self.address = address
         self.cause = cause
         self.request_sent = request_sent  # a retry could then repeat a non-idempotent request
+
+
+class BadProxyHeader(LbError, ValueError):
+    """A connection on a `proxy_protocol` listener that does not start with a valid PROXY header.
+
+    Not a RequestRejected: the spec (HAProxy doc/proxy-protocol.txt §2.1) says to abort the
+    connection, and the peer is an L4 balancer, not a client that could read an answer.
+    """

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import pytest
 
+from bench.floor import HEAD_END, insert_cookie, parse_backends
 from bench.haproxy import render_config
 from bench.procs import CLOCK_TICKS, cpu_busy, parse_cpu_times, parse_stat_cpu, parse_status_rss
 from bench.report import Kind, Row, format_value, ratio, render_table, to_document
+from bench.runner import balancer_config
 from bench.wire import (
     BENCH_MASK,
     OP_BINARY,
@@ -189,3 +191,47 @@ def test_haproxy_config_is_equivalent() -> None:
     ):
         assert line in text
     assert "http-server-close" not in text.replace('no "option http-server-close"', "")
+
+
+# -- floor ---------------------------------------------------------------------------------------------
+
+
+def test_table_floor_columns() -> None:
+    """With the floor, the table ends in floor and lb/floor = balancer / floor."""
+    rows = [
+        Row("proxy CPU per handshake", Kind.CPU_US, balancer=300e-6, haproxy=100e-6, floor=120e-6),
+        Row("echo msg/s", Kind.RATE, direct=10.0, balancer=5.0),
+    ]
+    lines = render_table(rows, haproxy=True, floor=True).splitlines()
+    assert lines[0].split()[-2:] == ["floor", "lb/floor"]
+    assert lines[1].split()[-4:] == ["3.00", "120", "µs", "2.50"]
+    assert lines[2].rstrip().endswith("-")  # no floor value: no ratio either
+    assert "floor" not in render_table(rows, haproxy=True)
+
+
+def test_json_document_carries_floor_ratio() -> None:
+    """The JSON rows hold the floor value and lb/floor."""
+    doc = to_document({}, [Row("r", Kind.CPU_US, balancer=3.0, floor=2.0)], [], {})
+    assert doc["rows"][0]["floor"] == 2.0
+    assert doc["rows"][0]["ratio_lb_floor"] == 1.5
+
+
+def test_floor_inserts_its_cookie_as_the_last_header() -> None:
+    """The floor's Set-Cookie goes right before the blank line; what follows the head is untouched."""
+    answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x02hi"
+    out = insert_cookie(answer, answer.find(HEAD_END))
+    head, _, rest = out.partition(HEAD_END)
+    assert head.endswith(b"\r\nSet-Cookie: FLOOR=b1; Path=/; HttpOnly")
+    assert rest == b"\x81\x02hi"
+    assert set_cookies(head + HEAD_END) == ["FLOOR=b1"]
+
+
+def test_floor_backend_list() -> None:
+    """`--backends h:p,h:p` is read in order."""
+    assert parse_backends("127.0.0.1:1, 127.0.0.2:2") == [("127.0.0.1", 1), ("127.0.0.2", 2)]
+
+
+def test_balancer_config_keeps_shipped_defaults() -> None:
+    """The benchmark config sets only listeners, admin, affinity, routes and the pool: no limit is overridden."""
+    config = balancer_config([("gw-1", "127.0.0.1", 9001)], 8080, 8081)
+    assert set(config) == {"listeners", "admin", "affinity", "routes", "pools"}

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.errors import BadRequest, HeadersTooLarge
+from lb.errors import BadRequest, HeadersTooLarge, RequestRejected
 from lb.http_head import (
     HEAD_END,
     find_head_end,
@@ -137,7 +137,7 @@ def test_query_is_stripped_from_path() -> None:
     ("target", "path"),
     [
         ("http://example.com/a/b?q=1", "/a/b"),
-        ("https://example.com:8443/ws", "/ws"),
+        ("https://example.com:443/ws", "/ws"),
         ("http://example.com", "/"),
         ("http://example.com/", "/"),
         ("/plain?", "/plain"),
@@ -167,15 +167,14 @@ def test_options_asterisk_and_http10_without_host() -> None:
     "raw",
     [
         b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: CHUNKED\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 00005\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: CHUNKED\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \t chunked \r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nX-Latin: caf\xe9\r\n\r\n",
     ],
 )
 def test_acceptable_framing_and_values(raw: bytes) -> None:
-    """Repeated equal Content-Length, TE ending in chunked and obs-text values are allowed."""
+    """One decimal Content-Length, TE `chunked` in any case and obs-text values are allowed."""
     parse_request_head(raw)
 
 
@@ -244,8 +243,8 @@ def test_non_ascii_digit_content_length_is_rejected() -> None:
 @settings(max_examples=300, deadline=None)
 @given(raw=st.binary(max_size=300))
 def test_arbitrary_bytes_only_raise_bad_request(raw: bytes) -> None:
-    """Hostile bytes ending in a blank line parse or raise BadRequest, nothing else."""
-    with contextlib.suppress(BadRequest):
+    """Hostile bytes ending in a blank line parse or raise a RequestRejected, nothing else."""
+    with contextlib.suppress(RequestRejected):
         parse_request_head(raw + HEAD_END)
 
 
@@ -280,11 +279,11 @@ _HEAD_ALPHABET = st.sampled_from(
 @settings(max_examples=300, deadline=None)
 @given(parts=st.lists(_HEAD_ALPHABET, max_size=40))
 def test_near_valid_heads_only_raise_bad_request(parts: list[bytes]) -> None:
-    """Heads assembled from HTTP fragments parse or raise BadRequest, and parsed ones are coherent."""
+    """Heads assembled from HTTP fragments parse or raise a RequestRejected, and parsed ones are coherent."""
     raw = b"".join(parts) + HEAD_END
     try:
         request = parse_request_head(raw)
-    except BadRequest:
+    except RequestRejected:
         return
     assert request.version in ("HTTP/1.1", "HTTP/1.0")
     assert request.path.startswith("/")

@@ -1,0 +1,181 @@
+"""The client's address: X-Forwarded-For believed only from trusted proxies, right-most untrusted hop wins."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lb.client_address import (
+    MAX_HOPS,
+    TrustedProxies,
+    client_address,
+    forwarded_for,
+    parse_address,
+    parse_network,
+)
+
+TRUSTED = TrustedProxies.parse(["10.0.0.0/8", "192.168.1.1", "2001:db8:ffff::/48"])
+
+CASES = {
+    # name: (peer, X-Forwarded-For values, client, forwarded upstream)
+    "untrusted peer, no XFF": ("203.0.113.9", [], "203.0.113.9", "203.0.113.9"),
+    "untrusted peer spoofs XFF": ("203.0.113.9", ["1.1.1.1"], "203.0.113.9", "203.0.113.9"),
+    "untrusted peer spoofs a trusted hop": ("203.0.113.9", ["10.0.0.1"], "203.0.113.9", "203.0.113.9"),
+    "trusted peer, one hop": ("10.1.2.3", ["198.51.100.4"], "198.51.100.4", "198.51.100.4, 10.1.2.3"),
+    "trusted peer, no XFF": ("10.1.2.3", [], "10.1.2.3", "10.1.2.3"),
+    "spoofed left part is ignored": (
+        "10.1.2.3",
+        ["6.6.6.6, 198.51.100.4"],
+        "198.51.100.4",
+        "6.6.6.6, 198.51.100.4, 10.1.2.3",
+    ),
+    "trusted hops are skipped": (
+        "10.1.2.3",
+        ["198.51.100.4, 192.168.1.1, 10.9.9.9"],
+        "198.51.100.4",
+        "198.51.100.4, 192.168.1.1, 10.9.9.9, 10.1.2.3",
+    ),
+    "several field lines form one chain": (
+        "10.1.2.3",
+        ["6.6.6.6", "198.51.100.4, 10.2.2.2"],
+        "198.51.100.4",
+        "6.6.6.6, 198.51.100.4, 10.2.2.2, 10.1.2.3",
+    ),
+    "all hops trusted: left-most": ("10.1.2.3", ["10.4.4.4, 10.5.5.5"], "10.4.4.4", "10.4.4.4, 10.5.5.5, 10.1.2.3"),
+    "garbage hop stops the walk": (
+        "10.1.2.3",
+        ["6.6.6.6, unknown, 10.5.5.5"],
+        "10.5.5.5",
+        "6.6.6.6, unknown, 10.5.5.5, 10.1.2.3",
+    ),
+    "garbage right-most hop: the peer": (
+        "10.1.2.3",
+        ["6.6.6.6, not-an-ip"],
+        "10.1.2.3",
+        "6.6.6.6, not-an-ip, 10.1.2.3",
+    ),
+    "empty hops are ignored upstream": ("10.1.2.3", ["198.51.100.4,,"], "10.1.2.3", "198.51.100.4, 10.1.2.3"),
+    "hop with a port": ("10.1.2.3", ["198.51.100.4:4711"], "198.51.100.4", "198.51.100.4:4711, 10.1.2.3"),
+    "IPv6 hop with brackets and port": (
+        "10.1.2.3",
+        ["[2001:db8::7]:443"],
+        "2001:db8::7",
+        "[2001:db8::7]:443, 10.1.2.3",
+    ),
+    "IPv6 trusted peer": ("2001:db8:ffff::1", ["2001:db8::7"], "2001:db8::7", "2001:db8::7, 2001:db8:ffff::1"),
+    "IPv4-mapped peer is IPv4": ("::ffff:10.1.2.3", ["198.51.100.4"], "198.51.100.4", "198.51.100.4, 10.1.2.3"),
+    "IPv4-mapped untrusted peer": ("::ffff:203.0.113.9", ["1.1.1.1"], "203.0.113.9", "203.0.113.9"),
+    "IPv4-mapped hop": ("10.1.2.3", ["::ffff:198.51.100.4"], "198.51.100.4", "::ffff:198.51.100.4, 10.1.2.3"),
+    "zone id is not an address": ("10.1.2.3", ["fe80::1%eth0"], "10.1.2.3", "fe80::1%eth0, 10.1.2.3"),
+}
+
+
+@pytest.mark.parametrize(("peer", "xff", "client", "upstream"), CASES.values(), ids=CASES.keys())
+def test_client_address_and_forwarded_chain(peer: str, xff: list[str], client: str, upstream: str) -> None:
+    """The client is the right-most untrusted hop from a trusted peer, else the peer; untrusted chains are replaced."""
+    assert client_address(peer, xff, TRUSTED) == client
+    assert forwarded_for(peer, xff, TRUSTED) == upstream
+
+
+def test_nobody_is_trusted_by_default() -> None:
+    """With `trusted_proxies: []`, X-Forwarded-For is never believed, even from loopback."""
+    assert client_address("127.0.0.1", ["1.2.3.4"], TrustedProxies()) == "127.0.0.1"
+    assert forwarded_for("127.0.0.1", ["1.2.3.4"], TrustedProxies()) == "127.0.0.1"
+
+
+def test_non_ip_peer_is_returned_as_is() -> None:
+    """A peer that is no IP (a UNIX socket) is the client; its XFF is not believed."""
+    assert client_address("/run/lb.sock", ["1.2.3.4"], TRUSTED) == "/run/lb.sock"
+    assert forwarded_for("/run/lb.sock", ["1.2.3.4"], TRUSTED) == "/run/lb.sock"
+
+
+def test_long_chains_are_read_at_their_right_end() -> None:
+    """A chain of thousands of hops is cut to its right-most MAX_HOPS: bounded work per request."""
+    chain = ", ".join(["10.0.0.1"] * 5000 + ["10.0.0.2"])
+    assert client_address("10.1.1.1", [chain], TRUSTED) == "10.0.0.1"
+    assert forwarded_for("10.1.1.1", [chain], TRUSTED).count(",") == MAX_HOPS
+
+
+@pytest.mark.parametrize(
+    ("text", "network"),
+    [
+        ("10.0.0.0/8", "10.0.0.0/8"),
+        (" 192.168.1.1 ", "192.168.1.1/32"),
+        ("2001:db8::/32", "2001:db8::/32"),
+        ("::1", "::1/128"),
+        ("0.0.0.0/0", "0.0.0.0/0"),
+    ],
+)
+def test_parse_network(text: str, network: str) -> None:
+    """CIDRs and single addresses are accepted."""
+    assert str(parse_network(text)) == network
+
+
+@pytest.mark.parametrize(
+    "text", ["10.0.0.1/8", "10.0.0.0/33", "example.com", "", "10.0.0.0/8,10.1.0.0/16", "fe80::1%1"]
+)
+def test_parse_network_rejects(text: str) -> None:
+    """Host bits set, bad prefixes, names and lists are refused with the expected form in the message."""
+    with pytest.raises(ValueError, match="expected a CIDR"):
+        parse_network(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("1.2.3.4", "1.2.3.4"),
+        (" 1.2.3.4 ", "1.2.3.4"),
+        ("1.2.3.4:80", "1.2.3.4"),
+        ("[::1]", "::1"),
+        ("[::1]:8080", "::1"),
+        ("::ffff:1.2.3.4", "1.2.3.4"),
+        ("2001:DB8::1", "2001:db8::1"),
+    ],
+)
+def test_parse_address(text: str, address: str) -> None:
+    """Addresses with optional port and brackets; IPv4-mapped comes back as IPv4."""
+    assert str(parse_address(text)) == address
+
+
+@pytest.mark.parametrize("text", ["", "unknown", "1.2.3.4:", "1.2.3.4:x", "[::1", "[::1]x", "01.2.3.4", "_hidden"])
+def test_parse_address_rejects(text: str) -> None:
+    """Anything else is not an address (None)."""
+    assert parse_address(text) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    peer=st.ip_addresses(),
+    hops=st.lists(st.one_of(st.ip_addresses().map(str), st.text(max_size=12)), max_size=8),
+)
+def test_untrusted_peer_is_always_the_client(
+    peer: ipaddress.IPv4Address | ipaddress.IPv6Address, hops: list[str]
+) -> None:
+    """Whatever an untrusted peer writes in X-Forwarded-For, the client is the peer and the chain is replaced."""
+    trusted = TrustedProxies.parse(["10.0.0.0/8"])
+    normal = str(parse_address(str(peer)))
+    if parse_address(str(peer)) in trusted:
+        return
+    assert client_address(str(peer), [", ".join(hops)], trusted) == normal
+    assert forwarded_for(str(peer), [", ".join(hops)], trusted) == normal
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    client=st.ip_addresses(v=4).filter(lambda a: a not in ipaddress.ip_network("10.0.0.0/8")),
+    spoofed=st.lists(st.one_of(st.ip_addresses().map(str), st.text(max_size=12)), max_size=5),
+    proxies=st.lists(st.integers(0, 2**24 - 1).map(lambda n: str(ipaddress.IPv4Address(0x0A000000 + n))), max_size=4),
+)
+def test_trusted_chain_finds_the_real_client(
+    client: ipaddress.IPv4Address, spoofed: list[str], proxies: list[str]
+) -> None:
+    """Behind any number of trusted proxies, whatever the client prepended, its own address is found."""
+    trusted = TrustedProxies.parse(["10.0.0.0/8"])
+    chain = [*(hop.replace(",", "") for hop in spoofed), str(client), *proxies[:-1]]
+    peer = proxies[-1] if proxies else str(client)
+    if not proxies:
+        chain = [hop.replace(",", "") for hop in spoofed]
+    assert client_address(peer, [", ".join(chain)], trusted) == str(client)

@@ -1,0 +1,314 @@
+"""RFC 9112 hardening of the head parser: framing, Host, absolute-form, `_` aliases, incremental search."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lb.errors import (
+    BadFraming,
+    BadHost,
+    BadRequest,
+    HeadersTooLarge,
+    RequestRejected,
+    UnsupportedTransferCoding,
+)
+from lb.http_head import (
+    HEAD_END,
+    PROTECTED_HEADERS,
+    find_head_end,
+    parse_request_head,
+    parse_response_head,
+    protected_headers,
+)
+
+
+def request(*lines: str, start: str = "POST / HTTP/1.1") -> bytes:
+    return ("\r\n".join([start, *lines]) + "\r\n\r\n").encode("latin-1")
+
+
+# -- framing (RFC 9112 §6) ----------------------------------------------------
+
+REJECTED_FRAMING: dict[str, tuple[bytes, type[RequestRejected], int]] = {
+    "TE on HTTP/1.0": (request("Transfer-Encoding: chunked", start="POST / HTTP/1.0"), BadFraming, 400),
+    "TE on HTTP/1.0 with CL": (
+        request("Transfer-Encoding: chunked", "Content-Length: 3", start="POST / HTTP/1.0"),
+        BadFraming,
+        400,
+    ),
+    "chunked twice in one line": (request("Host: a", "Transfer-Encoding: chunked, chunked"), BadFraming, 400),
+    "chunked twice in two lines": (
+        request("Host: a", "Transfer-Encoding: chunked", "Transfer-Encoding: chunked"),
+        BadFraming,
+        400,
+    ),
+    "final coding gzip": (request("Host: a", "Transfer-Encoding: chunked, gzip"), BadFraming, 400),
+    "only gzip": (request("Host: a", "Transfer-Encoding: gzip"), BadFraming, 400),
+    "only identity": (request("Host: a", "Transfer-Encoding: identity"), BadFraming, 400),
+    "empty TE element last": (request("Host: a", "Transfer-Encoding: chunked,"), BadFraming, 400),
+    "identity, chunked": (request("Host: a", "Transfer-Encoding: identity, chunked"), UnsupportedTransferCoding, 501),
+    "gzip, chunked": (request("Host: a", "Transfer-Encoding: gzip, chunked"), UnsupportedTransferCoding, 501),
+    "gzip then chunked lines": (
+        request("Host: a", "Transfer-Encoding: gzip", "Transfer-Encoding: chunked"),
+        UnsupportedTransferCoding,
+        501,
+    ),
+    "equal CL lines": (request("Host: a", "Content-Length: 5", "Content-Length: 5"), BadFraming, 400),
+    "equal CL list": (request("Host: a", "Content-Length: 5, 5"), BadFraming, 400),
+    "equal CL list no space": (request("Host: a", "Content-Length: 5,5"), BadFraming, 400),
+    "CL with inner space": (request("Host: a", "Content-Length: 5 5"), BadFraming, 400),
+    "CL beyond 64 bits": (request("Host: a", "Content-Length: 99999999999999999999"), BadFraming, 400),
+    "CL 19 digits": (request("Host: a", "Content-Length: 1000000000000000000"), BadFraming, 400),
+    "CL and TE": (request("Host: a", "Content-Length: 0", "Transfer-Encoding: chunked"), BadFraming, 400),
+}
+
+
+@pytest.mark.parametrize(("raw", "error", "status"), REJECTED_FRAMING.values(), ids=REJECTED_FRAMING.keys())
+def test_ambiguous_framing_is_rejected(raw: bytes, error: type[RequestRejected], status: int) -> None:
+    """Framing RFC 9112 calls faulty is a 400; a coding we cannot decode before chunked is a 501."""
+    with pytest.raises(error) as info:
+        parse_request_head(raw)
+    assert info.value.status == status
+
+
+def test_largest_content_length_is_accepted() -> None:
+    """18 digits fit every 64-bit parser behind us, so they are accepted and exposed as an int."""
+    parsed = parse_request_head(request("Host: a", "Content-Length: 999999999999999999"))
+    assert parsed.content_length == 999_999_999_999_999_999
+    assert not parsed.chunked
+
+
+def test_body_framing_is_exposed() -> None:
+    """`content_length` and `chunked` say how the body is framed; neither means no body."""
+    assert parse_request_head(request("Host: a", "Transfer-Encoding: Chunked")).chunked
+    assert parse_request_head(request("Host: a", "Transfer-Encoding: chunked")).content_length is None
+    plain = parse_request_head(request("Host: a", start="GET / HTTP/1.1"))
+    assert plain.content_length is None
+    assert not plain.chunked
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+    ],
+)
+def test_response_framing_faults_are_bad_requests(raw: bytes) -> None:
+    """A backend's faulty framing is a BadRequest (the caller's 502), never a 501 meant for clients."""
+    with pytest.raises(BadRequest):
+        parse_response_head(raw)
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"600", b"999"])
+def test_response_status_out_of_range_is_refused(status: bytes) -> None:
+    """A status outside 100..599 (RFC 9110 §15), such as `000`, is malformed: a 502, not relayed."""
+    with pytest.raises(BadRequest, match="out of range"):
+        parse_response_head(b"HTTP/1.1 " + status + b" Zero\r\n\r\n")
+
+
+@pytest.mark.parametrize("status", [100, 101, 199, 200, 404, 599])
+def test_response_status_in_range_is_accepted(status: int) -> None:
+    """Every code from 100 to 599 is accepted, registered or not."""
+    assert parse_response_head(f"HTTP/1.1 {status} X\r\n\r\n".encode()).status == status
+
+
+def test_backend_codings_before_chunked_and_equal_lengths_pass() -> None:
+    """A backend's `gzip, chunked` and equal repeated Content-Lengths are relayed (RFC 9110 §8.6 merge)."""
+    assert parse_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").status == 200
+    parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n")
+
+
+# -- Host (RFC 9112 §3.2) -----------------------------------------------------
+
+BAD_HOSTS = {
+    "two Host on HTTP/1.0": request("Host: a", "Host: b", start="GET / HTTP/1.0"),
+    "two equal Host on HTTP/1.0": request("Host: a", "Host: a", start="GET / HTTP/1.0"),
+    "Host with a path": request("Host: a/b", start="GET / HTTP/1.1"),
+    "Host with userinfo": request("Host: u@a", start="GET / HTTP/1.1"),
+    "Host with a space": request("Host: a b", start="GET / HTTP/1.1"),
+    "Host with a letter port": request("Host: a:8o", start="GET / HTTP/1.1"),
+    "Host with a comma list": request("Host: a, b", start="GET / HTTP/1.1"),
+    "missing Host on HTTP/1.1": request("X: 1", start="GET / HTTP/1.1"),
+}
+
+
+@pytest.mark.parametrize("raw", BAD_HOSTS.values(), ids=BAD_HOSTS.keys())
+def test_bad_host_is_rejected(raw: bytes) -> None:
+    """Missing (1.1), repeated (any version) or invalid Host is a 400."""
+    with pytest.raises(BadHost) as info:
+        parse_request_head(raw)
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("host", ["a.example", "a.example:8080", "127.0.0.1:1", "[::1]:8080", "[::1]", "", "xn--e1a"])
+def test_valid_hosts_are_accepted(host: str) -> None:
+    """reg-name, IPv4, IP-literal, with or without port, and the empty Host are valid (RFC 9110 §7.2)."""
+    assert parse_request_head(request(f"Host: {host}", start="GET / HTTP/1.1")).head.get("host") == host
+
+
+# -- absolute-form (RFC 9112 §3.2.2) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "host", "origin", "new_host"),
+    [
+        ("http://a.example/x?y=1", "a.example", "/x?y=1", "a.example"),
+        ("http://A.Example/x", "a.example", "/x", "A.Example"),
+        ("http://a.example:80/x", "a.example", "/x", "a.example:80"),
+        ("http://a.example/x", "a.example:80", "/x", "a.example"),
+        ("https://a.example:443/", "a.example", "/", "a.example:443"),
+        ("http://a.example:8080", "a.example:8080", "/", "a.example:8080"),
+        ("http://a.example?next=/admin", "a.example", "/?next=/admin", "a.example"),
+        ("HTTP://a.example/x", "a.example", "/x", "a.example"),
+        ("http://[::1]:9000/ws", "[::1]:9000", "/ws", "[::1]:9000"),
+    ],
+)
+def test_absolute_form_is_rewritten_to_origin_form(target: str, host: str, origin: str, new_host: str) -> None:
+    """The target becomes origin-form and Host is taken from the authority; the original is kept."""
+    parsed = parse_request_head(request(f"Host: {host}", "X: 1", start=f"GET {target} HTTP/1.1"))
+    assert parsed.target == origin
+    assert parsed.absolute_target == target
+    assert parsed.head.get_all("host") == [new_host]
+    assert [name for name, _ in parsed.head.headers] == ["Host", "X"]  # Host keeps its place
+    assert parsed.head.start_line[1] == origin
+
+
+def test_absolute_form_on_http10_without_host_gains_host() -> None:
+    """An HTTP/1.0 absolute-form request without Host gets one from its authority."""
+    parsed = parse_request_head(request(start="GET http://a.example:81/p HTTP/1.0"))
+    assert parsed.target == "/p"
+    assert parsed.head.headers == (("Host", "a.example:81"),)
+
+
+def test_origin_form_is_left_alone() -> None:
+    """An origin-form request has no absolute_target and keeps its Host."""
+    parsed = parse_request_head(request("Host: a", start="GET /x HTTP/1.1"))
+    assert parsed.absolute_target is None
+    assert parsed.target == "/x"
+
+
+BAD_ABSOLUTE = {
+    "other host": ("http://evil.example/x", "good.example"),
+    "other port": ("http://a.example:8080/x", "a.example"),
+    "default port of the other scheme": ("https://a.example:80/x", "a.example"),
+    "userinfo": ("http://user@a.example/x", "a.example"),
+    "userinfo spoof": ("http://a.example@evil.example/x", "a.example"),
+    "empty authority": ("http:///x", "a.example"),
+    "authority with space-like junk": ('http://a.exa"mple/x', "a.example"),
+}
+
+
+@pytest.mark.parametrize(("target", "host"), BAD_ABSOLUTE.values(), ids=BAD_ABSOLUTE.keys())
+def test_absolute_form_disagreeing_with_host_is_rejected(target: str, host: str) -> None:
+    """An absolute-form target must name the Host it is sent with, without userinfo: else 400."""
+    with pytest.raises(BadHost) as info:
+        parse_request_head(request(f"Host: {host}", start=f"GET {target} HTTP/1.1"))
+    assert info.value.status == 400
+
+
+# -- `_` aliases of our headers -----------------------------------------------
+
+ALIASES = [
+    "X_Forwarded_For",
+    "X-Forwarded_For",
+    "x_forwarded_proto",
+    "X_FORWARDED_HOST",
+    "X_Forwarded_Anything",
+    "X_Real_IP",
+    "X-Real_Ip",
+    "X_Request_Id",
+    "X_LB_Affinity",
+    "Content_Length",
+    "Transfer_Encoding",
+    "Host_",
+]
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_underscore_aliases_of_our_headers_are_dropped(name: str) -> None:
+    """A name that reads as one of ours once `_` is `-` is dropped (and reported), the rest kept."""
+    if name == "Host_":  # not an alias: `host-` is not `host`
+        parsed = parse_request_head(request("Host: a", f"{name}: 1", start="GET / HTTP/1.1"))
+        assert parsed.dropped == ()
+        return
+    parsed = parse_request_head(request("Host: a", f"{name}: 6.6.6.6", "X-Keep: 1", start="GET / HTTP/1.1"))
+    assert parsed.dropped == (name,)
+    assert parsed.head.headers == (("Host", "a"), ("X-Keep", "1"))
+    assert parsed.head.get(name) is None
+    assert parsed.content_length is None
+
+
+def test_dropped_content_length_alias_does_not_frame() -> None:
+    """`Content_Length` next to a real Transfer-Encoding is not a CL+TE conflict: the alias is gone."""
+    parsed = parse_request_head(request("Host: a", "Content_Length: 5", "Transfer-Encoding: chunked"))
+    assert parsed.chunked
+    assert parsed.dropped == ("Content_Length",)
+
+
+def test_other_underscore_names_pass() -> None:
+    """Underscores elsewhere (names of the application's own) are forwarded untouched."""
+    parsed = parse_request_head(request("Host: a", "X_App_Token: t", "Cookie: LB_AFFINITY=v", start="GET / HTTP/1.1"))
+    assert parsed.dropped == ()
+    assert parsed.head.get("x_app_token") == "t"
+
+
+def test_configured_affinity_header_is_protected() -> None:
+    """A non-default affinity header is protected when passed in `protected`."""
+    raw = request("Host: a", "X_Sticky: forged", start="GET / HTTP/1.1")
+    assert parse_request_head(raw).dropped == ()
+    parsed = parse_request_head(raw, protected=protected_headers("X-Sticky"))
+    assert parsed.dropped == ("X_Sticky",)
+    assert protected_headers("X-Sticky") == PROTECTED_HEADERS | {"x-sticky"}
+
+
+def test_every_required_name_is_protected() -> None:
+    """The brief's list: X-Forwarded-*, X-Real-IP, Forwarded, X-Request-Id and the affinity header."""
+    assert {"x-forwarded-for", "x-real-ip", "forwarded", "x-request-id", "x-lb-affinity"} <= PROTECTED_HEADERS
+
+
+# -- incremental head search ----------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    head=st.binary(max_size=60).map(lambda b: b.replace(b"\r\n\r\n", b"")),
+    cuts=st.lists(st.integers(min_value=0, max_value=70), max_size=6),
+    tail=st.binary(max_size=10),
+)
+def test_incremental_search_finds_the_end_wherever_reads_split_it(head: bytes, cuts: list[int], tail: bytes) -> None:
+    """Searching each read from the previous length finds the same end as one whole search."""
+    whole = head + HEAD_END + tail
+    expected = find_head_end(whole, 1000)
+    buffer = bytearray()
+    searched = 0
+    found = -1
+    for cut in [*sorted(cuts), len(whole)]:
+        if cut <= len(buffer):
+            continue
+        buffer += whole[len(buffer) : cut]
+        found = find_head_end(buffer, 1000, searched)
+        if found >= 0:
+            break
+        searched = len(buffer)
+    assert found == expected
+
+
+def test_incremental_search_with_caller_already_backing_off() -> None:
+    """A caller that passes `len - 3` itself still finds a split end."""
+    buffer = bytearray(b"GET / HTTP/1.1\r\nHost: a\r\n\r")
+    assert find_head_end(buffer, 100, 0) == -1
+    searched = len(buffer) - 3
+    buffer += b"\n"
+    assert find_head_end(buffer, 100, searched) == len(buffer)
+
+
+def test_incremental_search_keeps_the_limit() -> None:
+    """The size limit holds whatever `start` is."""
+    with pytest.raises(HeadersTooLarge):
+        find_head_end(b"x" * 100, 100, 97)
+    with pytest.raises(HeadersTooLarge):
+        find_head_end(b"x" * 98 + HEAD_END, 100, 98)

@@ -1,0 +1,273 @@
+"""PROXY protocol v1/v2 headers (HAProxy doc/proxy-protocol.txt): parsed incrementally, garbage refused early."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lb.errors import BadProxyHeader
+from lb.proxy_header import (
+    MAX_V2_LENGTH,
+    V1_MAX,
+    V2_SIGNATURE,
+    Command,
+    Family,
+    ProxyHeader,
+    parse_proxy_header,
+)
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def v2(command: int = 1, family: int = 0x11, block: bytes = b"", *, length: int | None = None) -> bytes:
+    size = len(block) if length is None else length
+    return V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack("!H", size) + block
+
+
+def v2_tcp4(src: str = "203.0.113.7", dst: str = "10.0.0.1", sport: int = 51234, dport: int = 443) -> bytes:
+    block = ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed + struct.pack("!HH", sport, dport)
+    return v2(1, 0x11, block)
+
+
+def v2_tcp6(src: str = "2001:db8::7", dst: str = "2001:db8::1", sport: int = 1, dport: int = 65535) -> bytes:
+    block = ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed + struct.pack("!HH", sport, dport)
+    return v2(1, 0x21, block)
+
+
+def tlv(kind: int, value: bytes) -> bytes:
+    return bytes([kind]) + struct.pack("!H", len(value)) + value
+
+
+V1_LONGEST = b"PROXY UNKNOWN " + b"ffff:" * 7 + b"ffff " + b"ffff:" * 7 + b"ffff 65535 65535\r\n"
+
+VALID = {
+    "v1 TCP4": (
+        b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n",
+        ProxyHeader(1, Command.PROXY, Family.TCP4, ("192.168.0.1", 56324), ("192.168.0.11", 443), 47),
+    ),
+    "v1 TCP4 extremes": (
+        b"PROXY TCP4 255.255.255.255 0.0.0.0 65535 0\r\n",
+        ProxyHeader(1, Command.PROXY, Family.TCP4, ("255.255.255.255", 65535), ("0.0.0.0", 0), 44),
+    ),
+    "v1 TCP6": (
+        b"PROXY TCP6 2001:DB8::7 ::1 1 2\r\n",
+        ProxyHeader(1, Command.PROXY, Family.TCP6, ("2001:db8::7", 1), ("::1", 2), 32),
+    ),
+    "v1 UNKNOWN short": (b"PROXY UNKNOWN\r\n", ProxyHeader(1, Command.PROXY, Family.UNKNOWN, None, None, 15)),
+    "v1 UNKNOWN with addresses": (
+        b"PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n",
+        ProxyHeader(1, Command.PROXY, Family.UNKNOWN, None, None, 35),
+    ),
+    "v1 longest (107 bytes)": (V1_LONGEST, ProxyHeader(1, Command.PROXY, Family.UNKNOWN, None, None, V1_MAX)),
+    "v2 TCP4": (
+        v2_tcp4(),
+        ProxyHeader(2, Command.PROXY, Family.TCP4, ("203.0.113.7", 51234), ("10.0.0.1", 443), 28),
+    ),
+    "v2 TCP6": (
+        v2_tcp6(),
+        ProxyHeader(2, Command.PROXY, Family.TCP6, ("2001:db8::7", 1), ("2001:db8::1", 65535), 52),
+    ),
+    "v2 UDP4": (
+        v2(1, 0x12, bytes(4) + bytes(4) + b"\x00\x01\x00\x02"),
+        ProxyHeader(2, Command.PROXY, Family.UDP4, ("0.0.0.0", 1), ("0.0.0.0", 2), 28),
+    ),
+    "v2 LOCAL no block": (v2(0, 0x00), ProxyHeader(2, Command.LOCAL, Family.UNKNOWN, None, None, 16)),
+    "v2 LOCAL skips its block": (
+        v2(0, 0x11, bytes(12)),
+        ProxyHeader(2, Command.LOCAL, Family.UNKNOWN, None, None, 28),
+    ),
+    "v2 UNSPEC": (v2(1, 0x00, b"junk"), ProxyHeader(2, Command.PROXY, Family.UNKNOWN, None, None, 20)),
+    "v2 UNIX": (v2(1, 0x31, bytes(216)), ProxyHeader(2, Command.PROXY, Family.UNIX, None, None, 232)),
+    "v2 TCP4 with TLVs": (
+        v2(1, 0x11, bytes([1, 2, 3, 4, 5, 6, 7, 8, 0, 80, 0, 81]) + tlv(0x01, b"h2") + tlv(0xEA, b"vpce-1")),
+        ProxyHeader(
+            2,
+            Command.PROXY,
+            Family.TCP4,
+            ("1.2.3.4", 80),
+            ("5.6.7.8", 81),
+            16 + 12 + 5 + 9,
+            ((0x01, b"h2"), (0xEA, b"vpce-1")),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize(("raw", "expected"), VALID.values(), ids=VALID.keys())
+def test_valid_headers(raw: bytes, expected: ProxyHeader) -> None:
+    """Each valid header parses to its addresses and length; the client's bytes after it are not taken."""
+    assert parse_proxy_header(raw + REQUEST) == expected
+    assert parse_proxy_header(bytearray(raw)) == expected
+    assert expected.consumed == len(raw)
+
+
+@pytest.mark.parametrize(("raw", "expected"), VALID.values(), ids=VALID.keys())
+def test_every_prefix_waits(raw: bytes, expected: ProxyHeader) -> None:
+    """Any proper prefix of a valid header asks for more bytes (None), never errs."""
+    for cut in range(len(raw)):
+        assert parse_proxy_header(raw[:cut]) is None, cut
+
+
+def test_client_ip() -> None:
+    """`client_ip` is the source address, or None when the peer stands (LOCAL, UNKNOWN)."""
+    assert parse_proxy_header(v2_tcp4()).client_ip == "203.0.113.7"  # type: ignore[union-attr]
+    assert parse_proxy_header(v2(0, 0x00)).client_ip is None  # type: ignore[union-attr]
+    assert parse_proxy_header(b"PROXY UNKNOWN\r\n").client_ip is None  # type: ignore[union-attr]
+
+
+INVALID = {
+    "plain HTTP": REQUEST,
+    "TLS ClientHello": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    "lower-case proxy": b"proxy TCP4 1.2.3.4 5.6.7.8 1 2\r\n",
+    "PROXY without space": b"PROXYTCP4 1.2.3.4 5.6.7.8 1 2\r\n",
+    "v1 TCP5": b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n",
+    "v1 UDP4": b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
+    "v1 leading zero in address": b"PROXY TCP4 01.2.3.4 5.6.7.8 1 2\r\n",
+    "v1 leading zero in port": b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",
+    "v1 port too large": b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n",
+    "v1 six-digit port": b"PROXY TCP4 1.2.3.4 5.6.7.8 100000 2\r\n",
+    "v1 negative port": b"PROXY TCP4 1.2.3.4 5.6.7.8 -1 2\r\n",
+    "v1 IPv6 under TCP4": b"PROXY TCP4 ::1 ::1 1 2\r\n",
+    "v1 IPv4 under TCP6": b"PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n",
+    "v1 octet 256": b"PROXY TCP4 1.2.3.256 5.6.7.8 1 2\r\n",
+    "v1 three octets": b"PROXY TCP4 1.2.3 5.6.7.8 1 2\r\n",
+    "v1 missing port": b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",
+    "v1 extra field": b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",
+    "v1 double space": b"PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n",
+    "v1 trailing space": b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 \r\n",
+    "v1 bare LF": b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",
+    "v1 bare CR": b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\rX\r\n",
+    "v1 tab": b"PROXY TCP4\t1.2.3.4 5.6.7.8 1 2\r\n",
+    "v1 NUL": b"PROXY TCP4 1.2.3.4\x00 5.6.7.8 1 2\r\n",
+    "v1 scoped IPv6": b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n",
+    "v1 no CRLF in 107 bytes": b"PROXY UNKNOWN " + b"1" * 93,
+    "v1 longest plus one": V1_LONGEST[:-2] + b"f\r\n",
+    "v1 empty protocol": b"PROXY \r\n",
+    "v2 bad signature": b"\r\n\r\n\x00\r\nQUIX\n\x21\x11\x00\x0c" + bytes(12),
+    "v2 version 1": V2_SIGNATURE + b"\x11\x11\x00\x00",
+    "v2 version 3": V2_SIGNATURE + b"\x31\x11\x00\x00",
+    "v2 command 2": V2_SIGNATURE + b"\x22\x11\x00\x00",
+    "v2 family 4": v2(1, 0x41, bytes(12)),
+    "v2 protocol 3": v2(1, 0x13, bytes(12)),
+    "v2 TCP4 block too short": v2(1, 0x11, bytes(11)),
+    "v2 TCP6 block too short": v2(1, 0x21, bytes(35)),
+    "v2 UNIX block too short": v2(1, 0x31, bytes(215)),
+    "v2 truncated TLV header": v2(1, 0x11, bytes(12) + b"\x01\x00"),
+    "v2 TLV past the end": v2(1, 0x11, bytes(12) + b"\x01\x00\x05abc"),
+    "v2 length over the cap": v2(1, 0x11, length=MAX_V2_LENGTH + 1),
+    "v2 maximal length": v2(1, 0x11, length=0xFFFF),
+}
+
+
+@pytest.mark.parametrize("raw", INVALID.values(), ids=INVALID.keys())
+def test_invalid_headers_are_refused(raw: bytes) -> None:
+    """Anything that is not exactly a PROXY header raises BadProxyHeader (the connection is closed)."""
+    with pytest.raises(BadProxyHeader):
+        parse_proxy_header(raw + REQUEST)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"G",  # HTTP
+        b"\x16",  # TLS
+        b"PROXY\t",
+        b"PROXY TCP4 1.2.3.4\n",
+        b"\r\n\r\n\x00\r\nQUIT\n\x10",  # v2 signature, version 1
+        b"\r\n\r\n\x00\r\nQUIT\n\x23",  # v2 signature, command 3
+        b"\r\n\r\n\x01",
+    ],
+)
+def test_garbage_is_refused_before_it_is_complete(raw: bytes) -> None:
+    """A header that cannot become valid is refused at once, not after a timeout."""
+    with pytest.raises(BadProxyHeader):
+        parse_proxy_header(raw)
+
+
+def test_v2_length_is_refused_before_the_block_arrives() -> None:
+    """A v2 length over the cap is refused from the 16 fixed bytes alone: nothing is buffered for it."""
+    with pytest.raises(BadProxyHeader, match="exceeds"):
+        parse_proxy_header(v2(1, 0x11, length=60000))
+    assert parse_proxy_header(v2(1, 0x11, length=MAX_V2_LENGTH)) is None
+    with pytest.raises(BadProxyHeader):
+        parse_proxy_header(v2(1, 0x11, length=100), max_v2_length=99)
+
+
+def test_empty_input_waits() -> None:
+    """No bytes yet: wait."""
+    assert parse_proxy_header(b"") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    src=st.ip_addresses(v=4),
+    dst=st.ip_addresses(v=4),
+    sport=st.integers(0, 65535),
+    dport=st.integers(0, 65535),
+    tail=st.binary(max_size=30),
+)
+def test_v1_and_v2_tcp4_round_trip(
+    src: ipaddress.IPv4Address, dst: ipaddress.IPv4Address, sport: int, dport: int, tail: bytes
+) -> None:
+    """Any IPv4 pair and ports come back unchanged from v1 and v2, whatever follows the header."""
+    line = f"PROXY TCP4 {src} {dst} {sport} {dport}\r\n".encode()
+    for raw in (line, v2_tcp4(str(src), str(dst), sport, dport)):
+        header = parse_proxy_header(raw + tail)
+        assert header is not None
+        assert (header.source, header.destination) == ((str(src), sport), (str(dst), dport))
+        assert header.consumed == len(raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(src=st.ip_addresses(v=6), dst=st.ip_addresses(v=6), sport=st.integers(0, 65535))
+def test_v1_and_v2_tcp6_round_trip(src: ipaddress.IPv6Address, dst: ipaddress.IPv6Address, sport: int) -> None:
+    """Any IPv6 pair comes back in its compressed form from v1 (any spelling) and v2."""
+    for text in (str(src), src.exploded, src.exploded.upper()):
+        header = parse_proxy_header(f"PROXY TCP6 {text} {dst} {sport} 1\r\n".encode())
+        assert header is not None
+        assert header.source == (str(src), sport)
+    header = parse_proxy_header(v2_tcp6(str(src), str(dst), sport, 1))
+    assert header is not None
+    assert header.source == (str(src), sport)
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=st.one_of(st.binary(max_size=300), st.binary(max_size=120).map(lambda b: b"PROXY " + b)))
+def test_arbitrary_bytes_wait_parse_or_raise_bad_proxy_header(raw: bytes) -> None:
+    """Hostile bytes give None, a header within the bytes given, or BadProxyHeader; nothing else."""
+    try:
+        header = parse_proxy_header(raw)
+    except BadProxyHeader:
+        return
+    if header is not None:
+        assert 0 < header.consumed <= len(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=st.one_of(
+        st.binary(max_size=40).map(lambda b: V2_SIGNATURE + b),
+        st.binary(min_size=V1_MAX, max_size=V1_MAX + 20).map(lambda b: b"PROXY " + b),
+    )
+)
+def test_waiting_is_bounded(raw: bytes) -> None:
+    """Past 107 bytes (v1) or 16 + cap (v2), the parser never asks for more: memory stays bounded."""
+    padded = raw + b"\x00" * (V1_MAX + 16 + MAX_V2_LENGTH)
+    with contextlib.suppress(BadProxyHeader):
+        assert parse_proxy_header(padded) is not None
+
+
+@settings(max_examples=200, deadline=None)
+@given(cut=st.integers(0, 60), which=st.sampled_from(sorted(VALID)))
+def test_more_bytes_never_change_an_answer(cut: int, which: str) -> None:
+    """Feeding a header in two reads gives the same result as in one."""
+    raw, expected = VALID[which]
+    first = parse_proxy_header(raw[:cut])
+    if cut < len(raw):
+        assert first is None
+    assert parse_proxy_header(raw[:cut] + raw[cut:] + REQUEST) == expected
