@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lb import __version__
 from lb.config_load import load_config
 from lb.errors import ConfigError
 
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lb", description="Layer-7 WebSocket load balancer with cookie session affinity."
     )
+    parser.add_argument("--version", action="version", version=f"lb {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     run = commands.add_parser("run", help="run the balancer")

@@ -7,22 +7,57 @@ byte counts) and this collector turns them into metric families when scraped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from lb import __version__
+from lb.config import Config
 from lb.context import ProxyContext
 from lb.pool import BackendState
 
 
+def config_hash(config: Config) -> str:
+    """A short digest of the effective configuration: replicas whose hashes differ run different configs.
+
+    The repr of the frozen dataclasses covers every key with its default filled in, so two files that
+    differ only in comments or key order hash alike.  12 hex digits: a label, not a security boundary.
+    """
+    return hashlib.sha256(repr(config).encode()).hexdigest()[:12]
+
+
 class LbCollector(Collector):
-    def __init__(self, get_context: Callable[[], ProxyContext]) -> None:
+    def __init__(
+        self, get_context: Callable[[], ProxyContext], reloads: Callable[[], Mapping[str, int]] | None = None
+    ) -> None:
         self._get_context = get_context
+        self._reloads = reloads
+        self._hashed: tuple[Config, str] | None = None
+
+    def _config_hash(self, config: Config) -> str:
+        if self._hashed is None or self._hashed[0] is not config:
+            self._hashed = (config, config_hash(config))
+        return self._hashed[1]
 
     def collect(self) -> Iterator[Metric]:
         ctx = self._get_context()
+        build = GaugeMetricFamily(
+            "lb_build_info", "Always 1: the running version and a hash of its effective configuration.",
+            labels=["version", "config_hash"],
+        )
+        build.add_metric([__version__, self._config_hash(ctx.config)], 1)
+        yield build
+        if self._reloads is not None:
+            reloads = CounterMetricFamily(
+                "lb_config_reloads", "Configuration reloads (SIGHUP) by result.", labels=["result"]
+            )
+            counts = self._reloads()
+            for result in ("success", "failure"):
+                reloads.add_metric([result], counts.get(result, 0))
+            yield reloads
         yield from self._backends(ctx)
         stats = ctx.stats
         handshakes = CounterMetricFamily(
@@ -84,10 +119,16 @@ class LbCollector(Collector):
         yield state
 
 
-def make_registry(get_context: Callable[[], ProxyContext]) -> CollectorRegistry:
-    """A registry of our own (not the global one), so tests and reloads never collide."""
+def make_registry(
+    get_context: Callable[[], ProxyContext], reloads: Callable[[], Mapping[str, int]] | None = None
+) -> CollectorRegistry:
+    """A registry of our own (not the global one), so tests and reloads never collide.
+
+    Args:
+        reloads: counts of reloads by result ("success", "failure") for lb_config_reloads_total.
+    """
     registry = CollectorRegistry()
-    registry.register(LbCollector(get_context))
+    registry.register(LbCollector(get_context, reloads))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry

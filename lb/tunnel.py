@@ -225,5 +225,5 @@ class Tunnel:
             self.ctx.all_tunnels_closed.set()
         log_tunnel_closed(
             client=self.client_ip, pool=self.pool, backend=self.backend.id,
-            duration=f"{time.monotonic() - self.opened_at:.3f}", bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+            duration=round(time.monotonic() - self.opened_at, 3), bytes_in=self.bytes_in, bytes_out=self.bytes_out,
         )
