@@ -21,13 +21,16 @@ async def post_raw(
 ) -> tuple[int, dict[str, Any]]:
     headers = {"Authorization": f"Bearer {lb.token}", "Content-Type": content_type}
     url = lb.admin_url(path) + (f"?{query}" if query else "")
-    async with client_session() as session, asyncio.timeout(5 * UNIT):
-        async with session.post(url, data=body, headers=headers) as reply:
-            text = await reply.text()
-            try:
-                return reply.status, json.loads(text)
-            except ValueError:
-                return reply.status, {"_text": text}
+    async with (
+        client_session() as session,
+        asyncio.timeout(5 * UNIT),
+        session.post(url, data=body, headers=headers) as reply,
+    ):
+        text = await reply.text()
+        try:
+            return reply.status, json.loads(text)
+        except ValueError:
+            return reply.status, {"_text": text}
 
 
 HOSTILE: list[tuple[str, str, bytes, str, str]] = [
@@ -98,12 +101,14 @@ async def test_oversized_body_is_refused_without_500(stack: Stack) -> None:
 async def test_odd_paths_get_json_errors_not_500(stack: Stack, method: str, path: str, expected: int) -> None:
     """Unknown routes and methods are JSON errors with their own status."""
     lb = stack.balancer
-    async with client_session() as session, asyncio.timeout(5 * UNIT):
-        async with session.request(
-            method, lb.admin_url(path), headers={"Authorization": f"Bearer {lb.token}"}
-        ) as reply:
-            assert reply.status == expected
-            assert "error" in await reply.json(content_type=None)
+    headers = {"Authorization": f"Bearer {lb.token}"}
+    async with (
+        client_session() as session,
+        asyncio.timeout(5 * UNIT),
+        session.request(method, lb.admin_url(path), headers=headers) as reply,
+    ):
+        assert reply.status == expected
+        assert "error" in await reply.json(content_type=None)
 
 
 async def test_admin_errors_name_nothing_internal(stack: Stack) -> None:
