@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 import struct
 import time
@@ -99,7 +100,7 @@ async def test_sigterm_keeps_serving_for_the_delay_with_readyz_503(delayed: Bala
         async def refused() -> bool:
             try:
                 await visit(delayed.ws_url(), within=0.5 * UNIT)
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 return True
             return False
 
@@ -128,7 +129,7 @@ async def test_sigterm_spreads_the_1001_closes_over_the_grace(lb: Balancer) -> N
     # Even spacing: closes at 0, G/n, 2G/n, ... (n-1)G/n.  Allow for a busy machine.
     assert span >= 0.5 * GRACE * (n - 1) / n, f"1001s not spread over the grace: {times}"
     assert times[-1] <= GRACE + 2 * UNIT, f"the last 1001 came after the grace: {times}"
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) < GRACE, f"closes bunched: {times}"
     assert await wait_exit(lb, CLOSE_LINGER + 5 * UNIT) == 0
 
