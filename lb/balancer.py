@@ -297,7 +297,7 @@ class Balancer:
                 if moved != seen:
                     tunnel.idle_mark = (moved, now)
                 elif now - since >= idle:
-                    tunnel.close_gracefully(1001, "idle timeout")
+                    tunnel.close_gracefully(GOING_AWAY, "idle timeout", cause="idle")
 
     # -- reload --------------------------------------------------------------
 
@@ -519,12 +519,14 @@ class Balancer:
             if wait > 0:
                 await asyncio.sleep(wait)
             if not tunnel.closed:
-                tunnel.close_gracefully(GOING_AWAY, "balancer shutting down")
+                tunnel.close_gracefully(GOING_AWAY, "balancer shutting down", cause="shutdown")
         await self.ctx.wait_tunnels_closed(max(0.0, start + grace - loop.time()) + LAST_CLOSE_ANSWER)
         if self.ctx.tunnels:
             log.info("closing %d tunnel(s) left at the end of the grace period", len(self.ctx.tunnels))
             for tunnel in list(self.ctx.tunnels):
-                tunnel.close()
+                if tunnel.cause is None:
+                    tunnel.cause = "shutdown"
+                tunnel.abort()
 
 
 def _probe_bind(listener: ListenerConfig) -> None:

@@ -101,6 +101,7 @@ def stats_message(ctx: ProxyContext) -> dict[str, Any]:
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
         "tunnels_closed": stats.tunnels_closed,
+        "balancer_closes": [[*key, count] for key, count in stats.balancer_closes.items()],
         "tunnels": len(ctx.tunnels),
     }
 
@@ -128,6 +129,7 @@ class _Totals:
         stats.closed_bytes_in = int(report.get("bytes_in", 0))
         stats.closed_bytes_out = int(report.get("bytes_out", 0))
         stats.tunnels_closed = int(report.get("tunnels_closed", 0))
+        stats.balancer_closes.update({(c, w): int(n) for c, w, n in report.get("balancer_closes", [])})
         totals.tunnels = int(report.get("tunnels", 0))
         return totals
 
@@ -144,6 +146,7 @@ class _Totals:
         mine.closed_bytes_in += theirs.closed_bytes_in
         mine.closed_bytes_out += theirs.closed_bytes_out
         mine.tunnels_closed += theirs.tunnels_closed
+        mine.balancer_closes.update(theirs.balancer_closes)
         if not counters_only:
             self.tunnels += other.tunnels
 

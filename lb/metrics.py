@@ -96,6 +96,15 @@ class LbCollector(Collector):
         closed = CounterMetricFamily("lb_tunnels_closed", "Tunnels that have ended.")
         closed.add_metric([], stats.tunnels_closed)
         yield closed
+        ended = CounterMetricFamily(
+            "lb_tunnel_closes",
+            "Tunnels the balancer ended, by cause (shutdown, drain, idle, backend_lost) and how: with a "
+            "close frame, or at TCP level when none could be delivered in time.",
+            labels=["cause", "ended_with"],
+        )
+        for (cause, ended_with), count in stats.balancer_closes.items():
+            ended.add_metric([cause, ended_with], count)
+        yield ended
 
     @staticmethod
     def _backends(ctx: ProxyContext) -> Iterator[Metric]:
