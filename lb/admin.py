@@ -2,7 +2,7 @@
 
     GET  /livez                                     200 while the process serves requests
     GET  /readyz                                    200 once listeners are open; 503 before and from SIGTERM on
-    GET  /healthz                                   200 while accepting, 503 once shutting down
+    GET  /healthz                                   as /readyz: 200 while serving, 503 starting or shutting down
     GET  /status                                    pools, backends, states with reasons, counters
     GET  /metrics                                   Prometheus text exposition
     POST /pools/{pool}/backends/{id}/{action}       drain | disable | enable (Authorization: Bearer)
@@ -95,8 +95,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    if not request.app[BALANCER].ctx.accepting:
-        return web.json_response({"status": "shutting down"}, status=503)
+    """Like /readyz (kept for part 1 clients): 503 while starting and from SIGTERM on."""
+    balancer = request.app[BALANCER]
+    if not balancer.ready:
+        state = "shutting down" if balancer.shutting_down else "starting"
+        return web.json_response({"status": state}, status=503)
     return web.json_response({"status": "ok"})
 
 

@@ -50,6 +50,7 @@ from lb.affinity_token import TokenCodec
 from lb.config import Config, EventLoop, ListenerConfig, PoolConfig
 from lb.config_load import load_config
 from lb.context import ProxyContext
+from lb.control import split_limits
 from lb.errors import ConfigError, LbError
 from lb.health import HealthChecker
 from lb.listener import ClientConnection
@@ -61,7 +62,7 @@ from lb.ratelimit import RateLimiter
 from lb.routing import sort_routes
 from lb.tls import server_ssl_context
 from lb.tunnel import CLOSE_LINGER
-from lb.workers import ControlChannel, WorkerSupervisor
+from lb.workers import ControlChannel, WorkerSupervisor, watch_owner
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,19 @@ class Role(StrEnum):
 
 class Balancer:
     def __init__(
-        self, config: Config, config_path: Path | None = None, *, role: Role = Role.SINGLE, control_fd: int = -1
+        self, config: Config, config_path: Path | None = None, *, role: Role = Role.SINGLE, control_fd: int = -1,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         self.config_path = config_path
         self.role = role
         self.ctx = ProxyContext.build(config, self.record_backend_failure)
         self.reloads: Counter[str] = Counter()  # result → count, for lb_config_reloads_total
-        self.registry = make_registry(lambda: self.ctx, lambda: self.reloads)
+        # workers: N — worker `index` of `count` enforces its share of the per-instance limits.
+        self._share = share
+        self.registry = make_registry(
+            lambda: self.ctx, lambda: self.reloads,
+            (lambda: self._supervisor.pids() if self._supervisor is not None else []) if role is Role.OWNER else None,
+        )
         # /readyz: True once every listener is open, False again from SIGTERM on.
         self.ready = False
         self._reload_task: asyncio.Task[None] | None = None
@@ -268,6 +275,9 @@ class Balancer:
         previous = self._migrations.pop(key, None)
         if previous is not None:
             previous.cancel()
+        if self._supervisor is not None:
+            # Any operator action ends the running migration everywhere, not just in the owner.
+            self._supervisor.stop_migration(pool, backend_id)
         state_pool = self.ctx.pools[pool]
         change = state_pool.apply_admin(backend_id, action, time.time())
         if change is not None:
@@ -322,7 +332,7 @@ class Balancer:
             self.reloads["failure"] += 1
             return False
         try:
-            config = load_config(self.config_path)
+            config = split_limits(load_config(self.config_path), *self._share)
         except ConfigError as exc:
             problems = "; ".join(f"{p.path}: {p.message}" for p in exc.problems)
             log.error("reload failed, keeping the running configuration: %s", problems)
@@ -468,6 +478,10 @@ class Balancer:
             self._stop_called.set()
         return self._stopping
 
+    @property
+    def shutting_down(self) -> bool:
+        return self._stopping is not None
+
     async def stopped(self) -> None:
         """Returns once `stop()` has been called, by whoever."""
         await self._stop_called.wait()
@@ -540,8 +554,10 @@ def _probe_bind(listener: ListenerConfig) -> None:
         raise BindError("listener", listener.bind, exc) from exc
 
 
-async def serve(config: Config, config_path: Path | None, role: Role, control_fd: int = -1) -> int:
-    balancer = Balancer(config, config_path, role=role, control_fd=control_fd)
+async def serve(
+    config: Config, config_path: Path | None, role: Role, control_fd: int = -1, share: tuple[int, int] = (0, 1)
+) -> int:
+    balancer = Balancer(config, config_path, role=role, control_fd=control_fd, share=share)
     try:
         await balancer.start()
     except BindError as exc:
@@ -581,7 +597,11 @@ def run(config: Config, config_path: Path | None = None) -> int:
     return _loop_runner(config.runtime.event_loop)(serve(config, config_path, role))
 
 
-def run_worker(config: Config, config_path: Path, control_fd: int, index: int) -> int:
-    """One of `workers: N` processes, started by the owner."""
+def run_worker(config: Config, config_path: Path, control_fd: int, index: int, count: int = 1,
+               owner_pid: int = 0) -> int:
+    """One of `workers: N` processes, started by the owner; `count` is N, `owner_pid` the owner's pid."""
+    watch_owner(owner_pid)
     setup_logging(config.logging, process=f"worker-{index}")
-    return _loop_runner(config.runtime.event_loop)(serve(config, config_path, Role.WORKER, control_fd))
+    share = (index, max(1, count))
+    config = split_limits(config, *share)
+    return _loop_runner(config.runtime.event_loop)(serve(config, config_path, Role.WORKER, control_fd, share))

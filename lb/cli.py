@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--config", required=True, type=Path)
     worker.add_argument("--control-fd", required=True, type=int)
     worker.add_argument("--index", required=True, type=int)
+    worker.add_argument("--count", type=int, default=1)
+    worker.add_argument("--owner-pid", type=int, default=0)
     worker.set_defaults(handler=_worker)
     return parser
 
@@ -99,7 +101,7 @@ def _worker(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from lb.balancer import run_worker
 
-    return run_worker(config, args.config, args.control_fd, args.index)
+    return run_worker(config, args.config, args.control_fd, args.index, args.count, args.owner_pid)
 
 
 def _validate(args: argparse.Namespace) -> int:
