@@ -33,6 +33,7 @@ from conftest import (
 from support_ops import launched, set_state, started_stack, token_of, wait_until
 
 POOL = "gateways"
+SLOW_TCP_HEALTH = {"type": "tcp", "interval": "10s", "timeout": "1s", "rise": 1, "fall": 1}
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ async def test_a_state_message_past_64k_reaches_the_workers(launcher: Launcher, 
     lb = start(
         launcher,
         {POOL: gateways, "many": many},
-        {"pools": {"many": {"health_check": {"type": "tcp", "interval": "10s", "timeout": "1s", "rise": 1, "fall": 1}}}},
+        {"pools": {"many": {"health_check": SLOW_TCP_HEALTH}}},
     )
     lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
     before = await two_workers(lb)
