@@ -83,12 +83,21 @@ def make_admin_app(balancer: Balancer) -> web.Application:
     return app
 
 
+def refuse_parameters(request: web.Request, allowed: frozenset[str] = frozenset()) -> None:
+    """Raise AdminInputError for a query parameter the endpoint does not take (a typo is not ignored)."""
+    unknown = sorted(set(request.query) - allowed)
+    if unknown:
+        raise AdminInputError(f"unknown parameter {_name(unknown[0])}")
+
+
 async def livez(request: web.Request) -> web.Response:
     """The event loop answers: the process is alive (a restart would not help it otherwise)."""
+    refuse_parameters(request)
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
+    refuse_parameters(request)
     if not request.app[BALANCER].ready:
         return web.json_response({"status": "not ready"}, status=503)
     return web.json_response({"status": "ok"})
@@ -96,6 +105,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     """Like /readyz (kept for part 1 clients): 503 while starting and from SIGTERM on."""
+    refuse_parameters(request)
     balancer = request.app[BALANCER]
     if not balancer.ready:
         state = "shutting down" if balancer.shutting_down else "starting"
@@ -104,6 +114,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
+    refuse_parameters(request)
     return web.json_response(status_document(request.app[BALANCER]))
 
 
@@ -151,6 +162,7 @@ def _backend_document(b: BackendStatus) -> dict[str, Any]:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    refuse_parameters(request)
     body = generate_latest(request.app[BALANCER].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -529,6 +529,8 @@ class Balancer:
         start = loop.time()
         step = grace / len(tunnels)
         for index, tunnel in enumerate(tunnels):
+            if not self.ctx.tunnels:
+                break  # every client left on its own: nothing to spread
             wait = start + index * step - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)

@@ -120,3 +120,16 @@ async def test_admin_errors_name_nothing_internal(stack: Stack) -> None:
     for gateway in stack.gateways:
         assert gateway.id not in text and gateway.address not in text
     assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("path", ["/status?verbose=1", "/metrics?name=x", "/livez?x", "/readyz?now=1"])
+async def test_read_endpoints_refuse_unknown_parameters(stack: Stack, path: str) -> None:
+    """A parameter an endpoint does not take is a 400 naming it, not silently ignored."""
+    lb = stack.balancer
+    async with (
+        client_session() as session,
+        asyncio.timeout(5 * UNIT),
+        session.get(lb.admin_url(path)) as reply,
+    ):
+        assert reply.status == 400
+        assert "unknown parameter" in (await reply.json())["error"]
