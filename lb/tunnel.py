@@ -120,13 +120,14 @@ class WebSocketServerEnd(TunnelEnd):
             offset += boundary
 
     def eof_received(self) -> bool | None:
-        self._backend_gone()
+        self.backend_gone()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._backend_gone()
+        self.backend_gone()
 
-    def _backend_gone(self) -> None:
+    def backend_gone(self) -> None:
+        """The backend's connection ended (EOF or error): close the tunnel, with 1012 if it did not close."""
         tunnel = self.tunnel
         if tunnel.closed:
             return
@@ -248,7 +249,9 @@ class Tunnel:
             tunnel.client_end.data_received(to_server)
         if to_client:
             tunnel.server_end.data_received(to_client)
-        if server_closed or (framer is not None and framer.done):
+        if server_closed and isinstance(tunnel.server_end, WebSocketServerEnd):
+            tunnel.server_end.backend_gone()  # hung up right after its 101: the client still hears 1012
+        elif server_closed or (framer is not None and framer.done):
             tunnel.close()
         elif not tunnel.closed:
             client.resume_reading()
