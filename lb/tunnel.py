@@ -198,7 +198,7 @@ class Tunnel:
 
     __slots__ = (
         "backend", "cause", "client_end", "client_ip", "closed", "ctx", "ended_with", "idle_mark", "opened_at",
-        "pool", "server_end",
+        "pool", "request_id", "server_end",
     )
 
     def __init__(self, ctx: ProxyContext, backend: BackendStatus, client_ip: str, pool: str) -> None:
@@ -211,6 +211,7 @@ class Tunnel:
         # how it ended ("close_frame", or "tcp" when no close frame could be delivered).
         self.cause: str | None = None
         self.ended_with = "tcp"
+        self.request_id: str | None = None
         self.opened_at = time.monotonic()
         self.idle_mark = (0, self.opened_at)  # (bytes seen, when): the idle sweeper's last look
         self.client_end: TunnelEnd
@@ -230,14 +231,17 @@ class Tunnel:
         to_client: bytes = b"",
         framer: BodyFramer | None = None,
         server_closed: bool = False,
+        request_id: str | None = None,
     ) -> Tunnel:
         """Switch both transports to relaying; flush what each side sent ahead of the switch.
 
         The caller has already counted the connection on `backend`; the tunnel
         releases it on close.  `server_closed`: the backend hung up before the
         switch, so no callback will ever tell the new protocol; close after flushing.
+        `request_id`: the handshake's id, repeated on the tunnel's close line (SPEC part 2).
         """
         tunnel = cls(ctx, backend, client_ip, pool)
+        tunnel.request_id = request_id
         tunnel.client_end = TunnelEnd(tunnel, server)
         tunnel.server_end = (
             WebSocketServerEnd(tunnel, client) if framer is None else FramedResponseEnd(tunnel, client, framer)
@@ -326,6 +330,7 @@ class Tunnel:
         if not self.ctx.tunnels and self.ctx.all_tunnels_closed is not None:
             self.ctx.all_tunnels_closed.set()
         log_tunnel_closed(
+            **({"request_id": self.request_id} if self.request_id else {}),
             client=self.client_ip, pool=self.pool, backend=self.backend.id,
             duration=round(time.monotonic() - self.opened_at, 3), bytes_in=self.bytes_in, bytes_out=self.bytes_out,
             **({"cause": self.cause, "ended_with": self.ended_with} if self.cause else {}),

@@ -184,3 +184,20 @@ def test_close_taken_is_a_clean_close(monkeypatch: pytest.MonkeyPatch) -> None:
         assert ctx.stats.balancer_closes[("shutdown", "close_frame")] == 1
 
     _run(scenario())
+
+
+def test_close_line_carries_the_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    """The handshake's request id given to join appears on the tunnel's close line."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        ctx, backend = _setup()
+        tunnel = Tunnel.join(
+            ctx, backend, client, server, client_ip="1.2.3.4", pool="p", request_id="r-42",  # type: ignore[arg-type]
+        )
+        tunnel.close()
+
+    with caplog.at_level("INFO", logger="lb.access"):
+        _run(scenario())
+    closes = [r for r in caplog.records if "tunnel_closed" in r.getMessage()]
+    assert closes and "request_id=r-42" in closes[0].getMessage()
