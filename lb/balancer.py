@@ -313,6 +313,9 @@ class Balancer:
 
     def request_reload(self) -> None:
         """SIGHUP: reload now, or once more after the running reload (a burst coalesces into one)."""
+        if self._stopping is not None:
+            log.warning("reload ignored: shutting down")
+            return
         if self._reload_task is not None and not self._reload_task.done():
             self._reload_pending = True
             return
@@ -462,6 +465,8 @@ class Balancer:
                 status = next(
                     (b for name, b in self._retired if name == config.name and b.id == backend_config.id), None
                 )
+                if status is not None:
+                    status.reason = "added back by reload"
             if status is None:
                 status = BackendStatus(config=backend_config)
             else:
@@ -489,6 +494,9 @@ class Balancer:
     async def _stop(self) -> None:
         timeouts = self.config.timeouts
         self.ready = False
+        if self._reload_task is not None and not self._reload_task.done():
+            # Let a reload in progress finish its swap: stopping half-way would leave its pieces running.
+            await asyncio.wait([self._reload_task], timeout=5.0)
         for task in self._migrations.values():
             task.cancel()
         if self._supervisor is not None:
