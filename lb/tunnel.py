@@ -139,6 +139,7 @@ class WebSocketServerEnd(TunnelEnd):
                 self.peer.write(close_frame(SERVICE_RESTART, "backend went away"))
                 self.silenced = True
                 tunnel.ended_with = "close_frame"
+                tunnel.close_code = SERVICE_RESTART
             else:
                 tunnel.ended_with = "tcp"
         tunnel.close()
@@ -148,6 +149,7 @@ class WebSocketServerEnd(TunnelEnd):
         if self.silenced or self.pending_close is not None:
             return
         self.pending_close = close_frame(code, reason)
+        self.tunnel.close_code = code
         if self.frames.at_boundary:
             self._send_close()
         else:
@@ -197,8 +199,19 @@ class Tunnel:
     """A client and a backend connection joined after the handshake."""
 
     __slots__ = (
-        "backend", "cause", "client_end", "client_ip", "closed", "ctx", "ended_with", "idle_mark", "opened_at",
-        "pool", "request_id", "server_end",
+        "backend",
+        "cause",
+        "client_end",
+        "client_ip",
+        "close_code",
+        "closed",
+        "ctx",
+        "ended_with",
+        "idle_mark",
+        "opened_at",
+        "pool",
+        "request_id",
+        "server_end",
     )
 
     def __init__(self, ctx: ProxyContext, backend: BackendStatus, client_ip: str, pool: str) -> None:
@@ -212,6 +225,7 @@ class Tunnel:
         self.cause: str | None = None
         self.ended_with = "tcp"
         self.request_id: str | None = None
+        self.close_code: int | None = None  # the close code the balancer sent the client, if it sent one
         self.opened_at = time.monotonic()
         self.idle_mark = (0, self.opened_at)  # (bytes seen, when): the idle sweeper's last look
         self.client_end: TunnelEnd
@@ -334,4 +348,5 @@ class Tunnel:
             client=self.client_ip, pool=self.pool, backend=self.backend.id,
             duration=round(time.monotonic() - self.opened_at, 3), bytes_in=self.bytes_in, bytes_out=self.bytes_out,
             **({"cause": self.cause, "ended_with": self.ended_with} if self.cause else {}),
+            **({"close_code": self.close_code} if self.close_code is not None else {}),
         )

@@ -91,6 +91,7 @@ def test_backend_lost_between_frames_sends_1012_then_closes() -> None:
         assert bytes(client.written) == TEXT + close_frame(1012, "backend went away")
         assert tunnel.closed and client.closed and not client.aborted
         assert ctx.stats.balancer_closes[("backend_lost", "close_frame")] == 1
+        assert tunnel.close_code == 1012
 
     _run(scenario())
 
