@@ -170,7 +170,7 @@ class WorkerSupervisor:
         async for message in read_messages(reader, worker.name):
             try:
                 self._handle(worker, pid, message)
-            except (KeyError, TypeError, ValueError) as exc:
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
                 log.error("%s sent a bad %r message, skipped: %s", worker.name, message.get("op"), exc)
 
     def _handle(self, worker: _Worker, pid: int, message: dict[str, Any]) -> None:
@@ -301,7 +301,7 @@ class ControlChannel:
         async for message in read_messages(reader, "the owner"):
             try:
                 await self._handle(message)
-            except (KeyError, TypeError, ValueError) as exc:
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
                 log.error("the owner sent a bad %r message, skipped: %s", message.get("op"), exc)
         # The owner is gone: a worker must not outlive it.
         log.warning("owner process went away; stopping")

@@ -148,3 +148,18 @@ def test_counters_stay_monotonic_across_a_worker_death_keyed_by_pid() -> None:
     assert ctx.pools["p"].backends["a"].connections == 2
     aggregate.compact(100)
     assert aggregate.apply_to(ctx) == 2 and ctx.stats.handshakes[("p", "a", "ok")] == 17
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        {"op": "stats", "backends": []},
+        {"op": "stats", "backends": {"p": {"a": "nope"}}},
+        {"op": "stats", "handshakes": [["p", "a"]]},
+        {"op": "stats", "rejected": {"x": 1}},
+    ],
+)
+def test_a_malformed_stats_report_raises_a_value_type_or_attribute_error(report: dict[str, Any]) -> None:
+    """What the owner's reader catches, logs and skips: nothing else escapes the aggregation."""
+    with pytest.raises((AttributeError, KeyError, TypeError, ValueError)):
+        StatsAggregate().update(1, report)
