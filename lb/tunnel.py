@@ -78,21 +78,20 @@ class TunnelEnd(asyncio.Protocol):
 class WebSocketServerEnd(TunnelEnd):
     """The backend side of a WebSocket tunnel: follows frame boundaries so a close can be injected."""
 
-    __slots__ = ("deadline", "frames", "last_opcode", "pending_close", "silenced")
+    __slots__ = ("deadline", "frames", "pending_close", "silenced")
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
         super().__init__(tunnel, peer)
         self.frames = FrameBoundaries()
         self.pending_close: bytes | None = None
         self.silenced = False  # our close frame went out: nothing more may follow it
-        self.last_opcode = -1  # of the last frame the backend began: 0x8 once it sent its close
         self.deadline: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         if self.silenced:
             return
         if self.pending_close is None:
-            self._follow(data)
+            self.frames.feed(data)
             self.peer.write(data)
             self.nbytes += len(data)
             return
@@ -104,20 +103,6 @@ class WebSocketServerEnd(TunnelEnd):
         self.peer.write(data[:boundary])
         self.nbytes += boundary
         self._send_close()
-
-    def _follow(self, data: bytes) -> None:
-        """Advance over `data`, noting the opcode of each frame the backend begins."""
-        frames, view, offset, size = self.frames, memoryview(data), 0, len(data)
-        while offset < size:
-            if frames.at_boundary:
-                self.last_opcode = data[offset] & 0x0F
-                frames.feed(view[offset : offset + 1])  # type: ignore[arg-type]  # any buffer works
-                offset += 1
-                continue
-            boundary = frames.first_boundary(view[offset:])  # type: ignore[arg-type]
-            if boundary is None:
-                return
-            offset += boundary
 
     def eof_received(self) -> bool | None:
         self.backend_gone()
@@ -131,7 +116,7 @@ class WebSocketServerEnd(TunnelEnd):
         tunnel = self.tunnel
         if tunnel.closed:
             return
-        if not self.silenced and self.last_opcode != OP_CLOSE:
+        if not self.silenced and self.frames.last_opcode != OP_CLOSE:
             # The backend died rather than closing: tell the client to reconnect now (1012), if a
             # close frame can go between two frames; mid-frame, only a TCP close is honest.
             tunnel.cause = "backend_lost"
