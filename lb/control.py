@@ -19,6 +19,7 @@ Worker → owner:
 
     {"op": "ready"}                                  its listeners are bound
     {"op": "failure", "pool", "backend", "detail"}   a backend failed a handshake (passive health)
+    {"op": "reload_failed"}                          it could not apply a reload (the owner logs it)
     {"op": "stats", ...}                             counters, every second, for /status and /metrics
 
 Counters are cumulative per worker process; the owner keeps the latest

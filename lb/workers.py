@@ -181,6 +181,9 @@ class WorkerSupervisor:
         elif op == "stats":
             self._stats.update(pid, message)
             self.live_tunnels = self._stats.apply_to(self._balancer.ctx)
+        elif op == "reload_failed":
+            # The owner's reload succeeded, so this is local to the worker (a port it alone cannot bind).
+            log.error("%s could not apply the reload and keeps its previous configuration", worker.name)
         elif op == "failure":
             self._balancer.record_backend_failure(str(message["pool"]), str(message["backend"]),
                                                   str(message["detail"]))
@@ -313,7 +316,8 @@ class ControlChannel:
         if op == "states":
             apply_states(ctx.pools, message)
         elif op == "reload":
-            await self._balancer.reload()
+            if not await self._balancer.reload():
+                self._send({"op": "reload_failed"})
         elif op == "close_tunnels":
             key = (str(message["pool"]), str(message["backend"]))
             rate = float(message["rate"])
