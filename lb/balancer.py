@@ -535,11 +535,10 @@ class Balancer:
             return
         log.info("closing %d live tunnel(s) with 1001, spread over %gs", len(tunnels), grace)
         start = loop.time()
-        step = grace / len(tunnels)
-        for index, tunnel in enumerate(tunnels):
+        for offset, tunnel in zip(close_schedule(len(tunnels), grace), tunnels, strict=True):
             if not self.ctx.tunnels:
                 break  # every client left on its own: nothing to spread
-            wait = start + index * step - loop.time()
+            wait = start + offset - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
             if not tunnel.closed:
@@ -551,6 +550,16 @@ class Balancer:
                 if tunnel.cause is None:
                     tunnel.cause = "shutdown"
                 tunnel.abort()
+
+
+def close_schedule(count: int, grace: float) -> list[float]:
+    """Seconds after the grace starts at which each of `count` tunnels gets its 1001: evenly spaced.
+
+    The first goes at once and the last one step before the end, so even the last client has
+    `grace / count` to answer before whatever is left is closed.
+    """
+    step = grace / count if count else 0.0
+    return [index * step for index in range(count)]
 
 
 def _probe_bind(listener: ListenerConfig) -> None:
