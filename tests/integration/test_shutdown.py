@@ -54,11 +54,14 @@ def lb(tmp_path_factory: pytest.TempPathFactory, gateways: list[Gateway]) -> Ite
         yield balancer
 
 
-@pytest.fixture
-def delayed(tmp_path_factory: pytest.TempPathFactory, gateways: list[Gateway]) -> Iterator[Balancer]:
+@pytest.fixture(params=[1, 2], ids=["single", "workers-2"])
+def delayed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, gateways: list[Gateway]
+) -> Iterator[Balancer]:
     with launched(tmp_path_factory, "shutdown-delay") as launcher:
         timeouts = {"shutdown_grace": f"{int(GRACE * 1000)}ms", "shutdown_delay": f"{int(DELAY * 1000)}ms"}
-        balancer = launcher.balancer(lb_config(pools={POOL: gateways}, overrides={"timeouts": timeouts}))
+        overrides = {"timeouts": timeouts, "workers": request.param}
+        balancer = launcher.balancer(lb_config(pools={POOL: gateways}, overrides=overrides))
         balancer.wait_states({(POOL, g.id): "up" for g in gateways})
         yield balancer
 
