@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import time
+from types import TracebackType
 
 from lb.config import LogFormat, LoggingConfig
 
@@ -75,6 +76,13 @@ class PlainFormatter(logging.Formatter):
 _process_name = ""
 
 
+def _log_uncaught(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, traceback)
+        return
+    logging.getLogger("lb").critical("uncaught exception", exc_info=(kind, value, traceback))
+
+
 def setup_logging(config: LoggingConfig, *, process: str | None = None) -> None:
     """Args:
     process: names the process in every line (the workers of `workers: N`);
@@ -92,6 +100,9 @@ def setup_logging(config: LoggingConfig, *, process: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
+    # Warnings and a crash's traceback go through the same formatter: one event, one line.
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
     # aiohttp's access log would log every admin scrape at INFO.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("lb.access").setLevel(logging.INFO if config.access_log else logging.WARNING)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -26,9 +27,10 @@ class Captured:
 @pytest.fixture
 def captured(capsys: pytest.CaptureFixture[str]) -> Iterator[Captured]:
     root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
+    saved = (root.handlers[:], root.level, sys.excepthook)
     yield Captured(capsys)
-    root.handlers[:], root.level = saved[0], saved[1]
+    root.handlers[:], root.level, sys.excepthook = saved
+    logging.captureWarnings(False)
 
 
 def _log_failure() -> None:
@@ -64,3 +66,14 @@ def test_json_is_one_line_with_traceback_and_numbers(captured: Captured) -> None
     first, second = (json.loads(line) for line in lines)
     assert ISO_Z.fullmatch(first["time"]) and "RuntimeError: boom" in first["exception"]
     assert second["duration"] == 1.25 and second["bytes_in"] == 3
+
+
+def test_an_uncaught_exception_is_one_logged_line(captured: Captured) -> None:
+    """A crash's traceback goes through the formatter too (sys.excepthook)."""
+    setup_logging(LoggingConfig(format=LogFormat.PLAIN))
+    try:
+        raise ValueError("crash")
+    except ValueError as exc:
+        sys.excepthook(ValueError, exc, exc.__traceback__)
+    lines = captured.getvalue().splitlines()
+    assert len(lines) == 1 and "uncaught exception" in lines[0] and "ValueError: crash" in lines[0]
