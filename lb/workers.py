@@ -196,7 +196,7 @@ class WorkerSupervisor:
         self._stats.retire(pid)
         self.live_tunnels = self._stats.apply_to(self._balancer.ctx)
         # Its last report may still be in the socket: read to EOF, then fold its counters away.
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(Exception):  # a reader that failed must not stop the restart
             await asyncio.wait_for(asyncio.shield(worker.tasks[0]), 1.0)
         self._stats.compact(pid)
         if self._stopping:
