@@ -199,8 +199,11 @@ class Tunnel:
         "server_end",
     )
 
-    def __init__(self, ctx: ProxyContext, backend: BackendStatus, client_ip: str, pool: str) -> None:
+    def __init__(
+        self, ctx: ProxyContext, backend: BackendStatus, client_ip: str, pool: str, request_id: str = "-"
+    ) -> None:
         self.ctx = ctx
+        self.request_id = request_id  # of the handshake that opened it: its close line carries it too
         self.backend = backend
         self.client_ip = client_ip
         self.pool = pool
@@ -209,7 +212,6 @@ class Tunnel:
         # how it ended ("close_frame", or "tcp" when no close frame could be delivered).
         self.cause: str | None = None
         self.ended_with = "tcp"
-        self.request_id: str | None = None
         self.close_code: int | None = None  # the close code the balancer sent the client, if it sent one
         self.opened_at = time.monotonic()
         self.idle_mark = (0, self.opened_at)  # (bytes seen, when): the idle sweeper's last look
@@ -230,7 +232,7 @@ class Tunnel:
         to_client: bytes = b"",
         framer: BodyFramer | None = None,
         server_closed: bool = False,
-        request_id: str | None = None,
+        request_id: str = "-",
     ) -> Tunnel:
         """Switch both transports to relaying; flush what each side sent ahead of the switch.
 
@@ -239,8 +241,7 @@ class Tunnel:
         switch, so no callback will ever tell the new protocol; close after flushing.
         `request_id`: the handshake's id, repeated on the tunnel's close line (SPEC part 2).
         """
-        tunnel = cls(ctx, backend, client_ip, pool)
-        tunnel.request_id = request_id
+        tunnel = cls(ctx, backend, client_ip, pool, request_id)
         tunnel.client_end = TunnelEnd(tunnel, server)
         tunnel.server_end = (
             WebSocketServerEnd(tunnel, client) if framer is None else FramedResponseEnd(tunnel, client, framer)
@@ -329,9 +330,9 @@ class Tunnel:
         if not self.ctx.tunnels and self.ctx.all_tunnels_closed is not None:
             self.ctx.all_tunnels_closed.set()
         log_tunnel_closed(
-            **({"request_id": self.request_id} if self.request_id else {}),
             client=self.client_ip, pool=self.pool, backend=self.backend.id,
             duration=round(time.monotonic() - self.opened_at, 3), bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+            request_id=self.request_id,
             **({"cause": self.cause, "ended_with": self.ended_with} if self.cause else {}),
             **({"close_code": self.close_code} if self.close_code is not None else {}),
         )
