@@ -66,7 +66,7 @@ async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamRe
     except AdminInputError as exc:
         return _error(400, str(exc))
     except Exception:
-        log.exception("admin API: unexpected error answering %s %s", request.method, request.rel_url.path)
+        log.exception("admin API: unexpected error answering %s %.200s", request.method, request.rel_url.path)
         return _error(500, "internal error")
 
 
