@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 WORKER_READY = 15.0  # seconds a new worker may take to bind its listeners
 RESTART_DELAY = 0.5  # seconds before a dead worker is replaced (no tight crash loop)
+MAX_RESTART_DELAY = 10.0  # a worker that keeps dying young waits twice as long each time, up to this
+STABLE_AFTER = 5.0  # a worker that lived this long resets the delay
 STATES_EVERY = 1.0  # seconds between full state pushes (covers anything a worker missed)
 STATS_EVERY = 1.0
 # Beyond this much unsent control data a peer is not reading: drop messages rather than buffer them.
@@ -109,6 +111,8 @@ class _Worker:
     writer: asyncio.StreamWriter
     ready: asyncio.Future[None]
     tasks: tuple[asyncio.Task[None], ...] = ()
+    started_at: float = 0.0
+    restart_delay: float = RESTART_DELAY
 
     @property
     def name(self) -> str:
@@ -141,7 +145,7 @@ class WorkerSupervisor:
                 await asyncio.wait([self._workers[index].ready], timeout=0.1)
         self._pusher = asyncio.get_running_loop().create_task(self._push_states())
 
-    async def _spawn(self, index: int) -> None:
+    async def _spawn(self, index: int, restart_delay: float = RESTART_DELAY) -> None:
         ours, theirs = socket.socketpair()
         try:
             process = await asyncio.create_subprocess_exec(
@@ -158,9 +162,10 @@ class WorkerSupervisor:
         finally:
             theirs.close()
         reader, writer = await asyncio.open_connection(sock=ours)
-        worker = _Worker(index, process, writer, asyncio.get_running_loop().create_future())
-        self._workers[index] = worker
         loop = asyncio.get_running_loop()
+        worker = _Worker(index, process, writer, loop.create_future(), started_at=loop.time(),
+                         restart_delay=restart_delay)
+        self._workers[index] = worker
         worker.tasks = (loop.create_task(self._read(worker, reader)), loop.create_task(self._watch(worker)))
         self._send(worker, states_message(self._balancer.ctx.pools))
         log.info("worker %d started (pid %d)", index, process.pid)
@@ -201,10 +206,12 @@ class WorkerSupervisor:
         self._stats.compact(pid)
         if self._stopping:
             return
-        log.warning("%s exited with %s; restarting it", worker.name, code)
-        await asyncio.sleep(RESTART_DELAY)
+        lived = asyncio.get_running_loop().time() - worker.started_at
+        delay = RESTART_DELAY if lived >= STABLE_AFTER else worker.restart_delay
+        log.warning("%s exited with %s after %.1fs; restarting it in %gs", worker.name, code, lived, delay)
+        await asyncio.sleep(delay)
         if not self._stopping:
-            await self._spawn(worker.index)
+            await self._spawn(worker.index, min(2 * delay, MAX_RESTART_DELAY))
 
     def pids(self) -> list[int]:
         """Live worker processes (for process_* metrics)."""
