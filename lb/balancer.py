@@ -1,18 +1,30 @@
 """The running balancer: builds listeners, admin and health checks; starts, reloads and stops them.
 
-`Balancer.stop()` is idempotent and follows websockets' `Server.close()`:
-stop accepting (handshakes in flight get 503, /healthz answers 503) → wait up
-to `timeouts.shutdown_grace` for live tunnels to end → send what is left a
-WebSocket close 1001 and give clients a moment to answer it → close the rest
-→ stop health checks and admin.
+Start binds everything (listeners, then admin) before serving; a bind that
+fails closes what was bound and raises `BindError`, which `run` turns into
+one line naming the address and exit code 2.
 
-`Balancer.reload()` (SIGHUP) re-reads the config; an invalid one is logged and
-ignored.  A valid one is swapped in whole without closing a live tunnel:
-backends keep their health and counts by id, removed backends keep their
-tunnels until they end, listeners are opened and closed by difference.
+`Balancer.stop()` is idempotent (SPEC part 2, rolling updates): /readyz
+answers 503 at once while the listeners keep serving for
+`timeouts.shutdown_delay` (so an L4 balancer or Kubernetes can deregister
+us) → stop accepting (handshakes in flight get 503, /healthz answers 503) →
+live tunnels get a WebSocket close 1001 spread evenly over
+`timeouts.shutdown_grace`, so their clients do not reconnect as one herd →
+whatever is left at its end is closed → stop health checks and admin.
 
-`run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `reload`, and picks the
-event loop (uvloop when installed and `runtime.event_loop` allows).
+`Balancer.reload()` (SIGHUP) is one transaction, and reloads run one at a
+time (a burst of SIGHUPs coalesces into at most one pending reload).  The
+new state is built first: config parsed, new listeners bound, TLS loaded,
+admin bound if it moved.  If anything fails, what was built is closed and
+the running config stays entirely, with one log event saying why.  Then it
+is swapped in one synchronous block (no await in between), so a connection
+that reads `ProxyContext` at accept always sees one consistent snapshot.
+Backends keep their health and counts by id, including a backend that a
+reload removed and a later one brought back while its tunnels still ran;
+health checkers are replaced, never duplicated.
+
+`run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `request_reload`, and
+picks the event loop (uvloop when installed and `runtime.event_loop` allows).
 """
 
 from __future__ import annotations
@@ -21,8 +33,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import ssl
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -36,7 +50,8 @@ from lb.affinity_token import TokenCodec
 from lb.config import Config, EventLoop, ListenerConfig, PoolConfig
 from lb.config_load import load_config
 from lb.context import ProxyContext
-from lb.errors import ConfigError
+from lb.control import split_limits
+from lb.errors import ConfigError, LbError
 from lb.health import HealthChecker
 from lb.listener import ClientConnection
 from lb.log import setup_logging
@@ -47,9 +62,23 @@ from lb.ratelimit import RateLimiter
 from lb.routing import sort_routes
 from lb.tls import server_ssl_context
 from lb.tunnel import CLOSE_LINGER
-from lb.workers import ControlChannel, WorkerSupervisor
+from lb.workers import ControlChannel, WorkerSupervisor, watch_owner
 
 log = logging.getLogger(__name__)
+
+GOING_AWAY = 1001  # RFC 6455 §7.4.1: the server is going down
+# After the grace period, how long the last clients told 1001 may take to answer before TCP close.
+LAST_CLOSE_ANSWER = 0.25
+EXIT_BIND = 2  # SPEC part 2: `lb run` with a port in use exits 2
+
+
+class BindError(LbError, OSError):
+    """A listener or the admin API cannot bind its address (in use, not ours, no permission)."""
+
+    def __init__(self, what: str, address: str, cause: OSError) -> None:
+        reason = cause.strerror or str(cause)
+        super().__init__(f"cannot listen on {address} ({what}): {reason}")
+        self.address = address
 
 
 @dataclass(slots=True)
@@ -68,12 +97,23 @@ class Role(StrEnum):
 
 class Balancer:
     def __init__(
-        self, config: Config, config_path: Path | None = None, *, role: Role = Role.SINGLE, control_fd: int = -1
+        self, config: Config, config_path: Path | None = None, *, role: Role = Role.SINGLE, control_fd: int = -1,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         self.config_path = config_path
         self.role = role
         self.ctx = ProxyContext.build(config, self.record_backend_failure)
-        self.registry = make_registry(lambda: self.ctx)
+        self.reloads: Counter[str] = Counter()  # result → count, for lb_config_reloads_total
+        # workers: N — worker `index` of `count` enforces its share of the per-instance limits.
+        self._share = share
+        self.registry = make_registry(
+            lambda: self.ctx, lambda: self.reloads,
+            (lambda: self._supervisor.pids() if self._supervisor is not None else []) if role is Role.OWNER else None,
+        )
+        # /readyz: True once every listener is open, False again from SIGTERM on.
+        self.ready = False
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_pending = False
         self._listening: list[_Listening] = []
         self._admin: web.AppRunner | None = None
         self.admin_address: tuple[str, int] | None = None
@@ -112,11 +152,34 @@ class Balancer:
         return self._supervisor.live_tunnels if self._supervisor is not None else len(self.ctx.tunnels)
 
     async def start(self) -> None:
+        """Bind everything, then serve.  Raises BindError with nothing left bound."""
+        try:
+            await self._start()
+        except BindError:
+            await self._close_bound()
+            raise
+        self.ready = True
+
+    async def _start(self) -> None:
         if self._control is not None:
             await self._control.start()
         if self.role is not Role.OWNER:
             for listener in self.config.listeners:
-                await self._listen(listener)
+                self._listening.append(await self._bind(listener))
+        else:
+            # The workers bind with SO_REUSEPORT; a port held by someone else would only show as
+            # workers dying one after the other.  Probe each address once, here, to fail fast.
+            for listener in self.config.listeners:
+                _probe_bind(listener)
+        if self.role is not Role.WORKER:
+            # Bound before anything serves, so that a taken admin port leaves nothing listening.
+            self._admin, self.admin_address = await self._bind_admin(self.config)
+        # Everything is bound: from here on nothing can fail for want of an address.
+        for listening in self._listening:
+            log.info("listening on %s:%d%s", *listening.address, " (TLS)" if listening.ssl_context else "")
+        if self.admin_address is not None:
+            log.info("admin API on %s:%d", *self.admin_address)
+        if self.role is not Role.OWNER:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
         if self.role is not Role.WORKER:
             self._start_health_checks()
@@ -124,37 +187,55 @@ class Balancer:
             await self._supervisor.start()
         if self._control is not None:
             self._control.report_ready()
-        if self.role is not Role.WORKER:
-            # Last, so that /healthz answering means the listeners (or every worker's) are up.
-            await self._start_admin()
 
-    async def _listen(self, listener: ListenerConfig) -> None:
-        ssl_context = server_ssl_context(listener.tls) if listener.tls else None
+    async def _close_bound(self) -> None:
+        for listening in self._listening:
+            listening.server.close()
+        self._listening = []
+        if self._admin is not None:
+            await self._admin.cleanup()
+            self._admin = None
+        await self._stop_health_checks()
+
+    async def _bind(self, listener: ListenerConfig) -> _Listening:
+        """Bind one listener; raises BindError (TLS files that do not load are an OSError too)."""
+        try:
+            ssl_context = server_ssl_context(listener.tls) if listener.tls else None
+        except (OSError, ssl.SSLError) as exc:
+            raise BindError("TLS", listener.bind, exc) from exc
         tls = ssl_context is not None
-        server = await asyncio.get_running_loop().create_server(
-            lambda: ClientConnection(self.ctx, tls),
-            listener.host,
-            listener.port,
-            ssl=ssl_context,
-            backlog=1024,
-            reuse_address=True,
-            # Workers each bind every listener; the kernel spreads connections over them.
-            reuse_port=self.role is Role.WORKER,
-        )
+        try:
+            server = await asyncio.get_running_loop().create_server(
+                lambda: ClientConnection(self.ctx, tls),
+                listener.host,
+                listener.port,
+                ssl=ssl_context,
+                backlog=1024,
+                reuse_address=True,
+                # Workers each bind every listener; the kernel spreads connections over them.
+                reuse_port=self.role is Role.WORKER,
+            )
+        except OSError as exc:
+            raise BindError("listener", listener.bind, exc) from exc
         host, port = server.sockets[0].getsockname()[:2]
-        self._listening.append(_Listening(listener, server, ssl_context, (host, port)))
-        log.info("listening on %s:%d%s", host, port, " (TLS)" if tls else "")
+        return _Listening(listener, server, ssl_context, (host, port))
 
-    async def _start_admin(self) -> None:
-        admin = self.config.admin
-        self._admin = web.AppRunner(make_admin_app(self), access_log=None, handle_signals=False)
-        await self._admin.setup()
-        await web.TCPSite(self._admin, admin.host, admin.port, reuse_address=True).start()
-        host, port = self._admin.addresses[0][:2]
-        self.admin_address = (host, port)
-        log.info("admin API on %s:%d", host, port)
+    async def _bind_admin(self, config: Config) -> tuple[web.AppRunner, tuple[str, int]]:
+        admin = config.admin
+        runner = web.AppRunner(make_admin_app(self), access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, admin.host, admin.port, reuse_address=True).start()
+        except OSError as exc:
+            await runner.cleanup()
+            bind = f"[{admin.host}]:{admin.port}" if ":" in admin.host else f"{admin.host}:{admin.port}"
+            raise BindError("admin", bind, exc) from exc
+        host, port = runner.addresses[0][:2]
+        return runner, (host, port)
 
     def _start_health_checks(self) -> None:
+        """One checker per pool; the caller has stopped the previous ones (never two loops per backend)."""
+        assert not self._checkers, "health checkers must be stopped before new ones start"
         for pool in self.ctx.pools.values():
             checker = HealthChecker(pool, self._on_state_change)
             checker.start()
@@ -194,6 +275,9 @@ class Balancer:
         previous = self._migrations.pop(key, None)
         if previous is not None:
             previous.cancel()
+        if self._supervisor is not None:
+            # Any operator action ends the running migration everywhere, not just in the owner.
+            self._supervisor.stop_migration(pool, backend_id)
         state_pool = self.ctx.pools[pool]
         change = state_pool.apply_admin(backend_id, action, time.time())
         if change is not None:
@@ -223,25 +307,47 @@ class Balancer:
                 if moved != seen:
                     tunnel.idle_mark = (moved, now)
                 elif now - since >= idle:
-                    tunnel.close_gracefully(1001, "idle timeout")
+                    tunnel.close_gracefully(GOING_AWAY, "idle timeout", cause="idle")
 
     # -- reload --------------------------------------------------------------
 
+    def request_reload(self) -> None:
+        """SIGHUP: reload now, or once more after the running reload (a burst coalesces into one)."""
+        if self._stopping is not None:
+            log.warning("reload ignored: shutting down")
+            return
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_pending = True
+            return
+        self._reload_task = asyncio.get_running_loop().create_task(self._reload_loop())
+
+    async def _reload_loop(self) -> None:
+        while True:
+            self._reload_pending = False
+            await self.reload()
+            if not self._reload_pending or self._stopping is not None:
+                return
+
     async def reload(self) -> bool:
-        """Re-read the config file and apply it; keep the running config if it is invalid."""
+        """Re-read the config file and apply it whole; keep the running config entirely if anything fails."""
         if self.config_path is None:
-            log.error("reload: no configuration file to read")
+            log.error("reload failed: no configuration file to read")
+            self.reloads["failure"] += 1
             return False
         try:
-            config = load_config(self.config_path)
+            config = split_limits(load_config(self.config_path), *self._share)
         except ConfigError as exc:
-            log.error("reload failed, keeping the running configuration:\n%s", exc)
+            problems = "; ".join(f"{p.path}: {p.message}" for p in exc.problems)
+            log.error("reload failed, keeping the running configuration: %s", problems)
+            self.reloads["failure"] += 1
             return False
         try:
             await self.apply(config)
-        except OSError as exc:
-            log.error("reload failed to bind a listener, keeping the others: %s", exc)
+        except BindError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            self.reloads["failure"] += 1
             return False
+        self.reloads["success"] += 1
         log.info("reloaded configuration from %s", self.config_path)
         if self._supervisor is not None:
             if config.workers != self._supervisor.count:
@@ -251,67 +357,122 @@ class Balancer:
         return True
 
     async def apply(self, config: Config) -> None:
-        """Swap in `config` without closing a live tunnel."""
-        ctx = self.ctx
-        old_pools = ctx.pools
-        ctx.pools = {name: self._merge_pool(pool, old_pools.get(name)) for name, pool in config.pools.items()}
-        for name, old in old_pools.items():
-            kept = ctx.pools.get(name)
-            for backend in old.backends.values():
-                if kept is None or kept.backends.get(backend.id) is not backend:
-                    backend.reason = "removed by reload"
-                    if backend.connections:
-                        self._retired.append((name, backend))
-        ctx.codec = TokenCodec(config.affinity.secret_keys, config.affinity.max_age)
-        ctx.routes = sort_routes(config.routes)
-        if config.limits != ctx.config.limits:
-            ctx.rate_limiter = RateLimiter(config.limits.handshake_rate_per_ip, config.limits.handshake_burst_per_ip)
-        old_config, ctx.config = ctx.config, config
+        """Swap in `config` without closing a live tunnel; raises BindError having changed nothing."""
+        # 1. Build: everything that can fail happens here, before the running state is touched.
+        new_listening: list[_Listening] = []
+        kept: list[tuple[_Listening, ListenerConfig]] = []
+        new_admin: tuple[web.AppRunner, tuple[str, int]] | None = None
+        try:
+            if self.role is not Role.OWNER:
+                kept, wanted = self._match_listeners(config)
+                for _, listener in kept:
+                    if listener.tls is not None:
+                        server_ssl_context(listener.tls)  # loads now: a bad file fails the reload
+                for listener in wanted:
+                    new_listening.append(await self._bind(listener))
+            else:
+                running = {(item.host, item.port) for item in self.config.listeners}
+                for listener in config.listeners:
+                    if (listener.host, listener.port) not in running:  # ours are held by our workers
+                        _probe_bind(listener)
+            if self.role is not Role.WORKER and (config.admin.host, config.admin.port) != (
+                self.config.admin.host, self.config.admin.port
+            ):
+                new_admin = await self._bind_admin(config)
+        except (BindError, OSError, ssl.SSLError) as exc:
+            for listening in new_listening:
+                listening.server.close()
+            if new_admin is not None:
+                await new_admin[0].cleanup()
+            if isinstance(exc, BindError):
+                raise
+            raise BindError("TLS", "a reloaded listener", exc) from exc
+        # 2. Swap: one synchronous block, so every connection sees the old state or the new one.
+        self._swap(config, kept, new_listening)
+        old_admin = None
+        if new_admin is not None:
+            old_admin, (self._admin, self.admin_address) = self._admin, new_admin
+            log.info("admin API moved to %s:%d", *self.admin_address)
+        # 3. Replace the health checkers (reloads are serialized: never two sets) and release the old admin.
         setup_logging(config.logging)
         if self.role is not Role.WORKER:
             await self._stop_health_checks()
             self._start_health_checks()
-        if self.role is not Role.OWNER:
-            await self._apply_listeners(config)
-        if self.role is not Role.WORKER and (
-            config.admin.host != old_config.admin.host or config.admin.port != old_config.admin.port
-        ):
-            if self._admin is not None:
-                await self._admin.cleanup()
-            await self._start_admin()
+        if old_admin is not None:
+            await old_admin.cleanup()
 
-    @staticmethod
-    def _merge_pool(config: PoolConfig, old: PoolState | None) -> PoolState:
-        backends: dict[str, BackendStatus] = {}
-        for backend_config in config.backends:
-            status = old.backends.get(backend_config.id) if old is not None else None
-            if status is None:
-                status = BackendStatus(config=backend_config)
-            else:
-                status.config = backend_config  # address or weight may have changed; state stays
-            backends[backend_config.id] = status
-        return PoolState(config=config, backends=backends)
-
-    async def _apply_listeners(self, config: Config) -> None:
+    def _match_listeners(self, config: Config) -> tuple[list[tuple[_Listening, ListenerConfig]], list[ListenerConfig]]:
+        """(running listeners to keep with their new config, listeners to bind)."""
         wanted = list(config.listeners)
-        keep: list[_Listening] = []
+        keep: list[tuple[_Listening, ListenerConfig]] = []
         for listening in self._listening:
             same_bind = next(
                 (w for w in wanted if (w.host, w.port) == (listening.config.host, listening.config.port)), None
             )
             if same_bind is not None and (same_bind.tls is None) == (listening.ssl_context is None):
                 wanted.remove(same_bind)
-                if same_bind.tls is not None and listening.ssl_context is not None:
-                    # New handshakes use the new certificate; established sessions are untouched.
-                    listening.ssl_context.load_cert_chain(same_bind.tls.cert, same_bind.tls.key)
-                listening.config = same_bind
-                keep.append(listening)
-            else:
+                keep.append((listening, same_bind))
+        return keep, wanted
+
+    def _swap(
+        self, config: Config, kept: list[tuple[_Listening, ListenerConfig]], new_listening: list[_Listening]
+    ) -> None:
+        """Install the new state.  No await in here: this is the reload's atomic step."""
+        ctx = self.ctx
+        old_pools = ctx.pools
+        pools = {name: self._merge_pool(pool, old_pools.get(name)) for name, pool in config.pools.items()}
+        retired = [(name, b) for name, b in self._retired if pools.get(name) is None
+                   or pools[name].backends.get(b.id) is not b]
+        for name, old in old_pools.items():
+            now = pools.get(name)
+            for backend in old.backends.values():
+                if now is None or now.backends.get(backend.id) is not backend:
+                    backend.reason = "removed by reload"
+                    if backend.connections:
+                        retired.append((name, backend))
+        self._retired = retired
+        rate_limiter = ctx.rate_limiter
+        if config.limits != ctx.config.limits:
+            rate_limiter = RateLimiter(config.limits.handshake_rate_per_ip, config.limits.handshake_burst_per_ip)
+        ctx.pools = pools
+        ctx.codec = TokenCodec(config.affinity.secret_keys, config.affinity.max_age)
+        ctx.routes = sort_routes(config.routes)
+        ctx.rate_limiter = rate_limiter
+        ctx.config = config
+        if self.role is Role.OWNER:
+            return
+        kept_ids = {id(listening) for listening, _ in kept}
+        for listening in self._listening:
+            if id(listening) not in kept_ids:
                 listening.server.close()
                 log.info("stopped listening on %s:%d", *listening.address)
-        self._listening = keep
-        for listener in wanted:
-            await self._listen(listener)
+        for listening, listener in kept:
+            if listener.tls is not None and listening.ssl_context is not None:
+                # New handshakes use the new certificate; established sessions are untouched.
+                listening.ssl_context.load_cert_chain(listener.tls.cert, listener.tls.key)
+            listening.config = listener
+        for listening in new_listening:
+            log.info("listening on %s:%d%s", *listening.address, " (TLS)" if listening.ssl_context else "")
+        self._listening = [listening for listening, _ in kept] + new_listening
+
+    def _merge_pool(self, config: PoolConfig, old: PoolState | None) -> PoolState:
+        backends: dict[str, BackendStatus] = {}
+        for backend_config in config.backends:
+            status = old.backends.get(backend_config.id) if old is not None else None
+            if status is None:
+                # A backend removed by an earlier reload whose tunnels still run comes back as itself:
+                # one backend, one connection count (least_conn must see its live tunnels).
+                status = next(
+                    (b for name, b in self._retired if name == config.name and b.id == backend_config.id), None
+                )
+                if status is not None:
+                    status.reason = "added back by reload"
+            if status is None:
+                status = BackendStatus(config=backend_config)
+            else:
+                status.config = backend_config  # address or weight may have changed; state stays
+            backends[backend_config.id] = status
+        return PoolState(config=config, backends=backends)
 
     # -- stop ----------------------------------------------------------------
 
@@ -322,30 +483,36 @@ class Balancer:
             self._stop_called.set()
         return self._stopping
 
+    @property
+    def shutting_down(self) -> bool:
+        return self._stopping is not None
+
     async def stopped(self) -> None:
         """Returns once `stop()` has been called, by whoever."""
         await self._stop_called.wait()
 
     async def _stop(self) -> None:
+        timeouts = self.config.timeouts
+        self.ready = False
+        if self._reload_task is not None and not self._reload_task.done():
+            # Let a reload in progress finish its swap: stopping half-way would leave its pieces running.
+            await asyncio.wait([self._reload_task], timeout=5.0)
+        for task in self._migrations.values():
+            task.cancel()
+        if self._supervisor is not None:
+            # Each worker runs the same delay and spread for its own tunnels.
+            log.info("shutting down: /readyz answers 503; stopping the workers")
+            await self._supervisor.stop(timeouts.shutdown_delay + timeouts.shutdown_grace + CLOSE_LINGER + 5.0)
+        elif timeouts.shutdown_delay > 0:
+            log.info("shutting down: /readyz answers 503; still serving for %gs", timeouts.shutdown_delay)
+            await asyncio.sleep(timeouts.shutdown_delay)
         log.info("shutting down: no longer accepting connections")
         self.ctx.accepting = False
         for listening in self._listening:
             listening.server.close()
-        for task in [*self._migrations.values(), *([self._sweeper] if self._sweeper else [])]:
-            task.cancel()
-        grace = self.config.timeouts.shutdown_grace
-        if self._supervisor is not None:
-            await self._supervisor.stop(grace + CLOSE_LINGER + 5.0)
-        if self.ctx.tunnels:
-            log.info("waiting up to %gs for %d live tunnel(s)", grace, len(self.ctx.tunnels))
-            await self.ctx.wait_tunnels_closed(grace)
-        if self.ctx.tunnels:
-            log.info("closing %d live tunnel(s) with 1001", len(self.ctx.tunnels))
-            for tunnel in list(self.ctx.tunnels):
-                tunnel.close_gracefully(1001, "balancer shutting down")
-            await self.ctx.wait_tunnels_closed(CLOSE_LINGER + 0.5)
-            for tunnel in list(self.ctx.tunnels):
-                tunnel.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self._close_tunnels_spread(timeouts.shutdown_grace)
         await self._stop_health_checks()
         if self._admin is not None:
             await self._admin.cleanup()
@@ -356,22 +523,70 @@ class Balancer:
                 await asyncio.wait_for(listening.server.wait_closed(), 1.0)
         log.info("stopped")
 
+    async def _close_tunnels_spread(self, grace: float) -> None:
+        """Send live tunnels close 1001 evenly over `grace` (oldest first), then close what is left.
 
-async def serve(config: Config, config_path: Path | None, role: Role, control_fd: int = -1) -> int:
-    balancer = Balancer(config, config_path, role=role, control_fd=control_fd)
-    await balancer.start()
+        Spread, not all at once: every client that gets its close reconnects, and a thousand
+        reconnects in one millisecond are the herd that the next instance has to absorb.
+        """
+        loop = asyncio.get_running_loop()
+        tunnels = sorted(self.ctx.tunnels, key=lambda t: t.opened_at)
+        if not tunnels:
+            return
+        log.info("closing %d live tunnel(s) with 1001, spread over %gs", len(tunnels), grace)
+        start = loop.time()
+        for offset, tunnel in zip(close_schedule(len(tunnels), grace), tunnels, strict=True):
+            if not self.ctx.tunnels:
+                break  # every client left on its own: nothing to spread
+            wait = start + offset - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if not tunnel.closed:
+                tunnel.close_gracefully(GOING_AWAY, "balancer shutting down", cause="shutdown")
+        await self.ctx.wait_tunnels_closed(max(0.0, start + grace - loop.time()) + LAST_CLOSE_ANSWER)
+        if self.ctx.tunnels:
+            log.info("closing %d tunnel(s) left at the end of the grace period", len(self.ctx.tunnels))
+            for tunnel in list(self.ctx.tunnels):
+                if tunnel.cause is None:
+                    tunnel.cause = "shutdown"
+                tunnel.abort()
+
+
+def close_schedule(count: int, grace: float) -> list[float]:
+    """Seconds after the grace starts at which each of `count` tunnels gets its 1001: evenly spaced.
+
+    The first goes at once and the last one step before the end, so even the last client has
+    `grace / count` to answer before whatever is left is closed.
+    """
+    step = grace / count if count else 0.0
+    return [index * step for index in range(count)]
+
+
+def _probe_bind(listener: ListenerConfig) -> None:
+    """Raise BindError if `listener`'s address cannot be bound right now (the owner of `workers: N`)."""
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((listener.host, listener.port))
+    except OSError as exc:
+        raise BindError("listener", listener.bind, exc) from exc
+
+
+async def serve(
+    config: Config, config_path: Path | None, role: Role, control_fd: int = -1, share: tuple[int, int] = (0, 1)
+) -> int:
+    balancer = Balancer(config, config_path, role=role, control_fd=control_fd, share=share)
+    try:
+        await balancer.start()
+    except BindError as exc:
+        log.error("%s", exc)
+        return EXIT_BIND
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
-    reloads: set[asyncio.Task[bool]] = set()
-
-    def reload() -> None:
-        task = loop.create_task(balancer.reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGHUP, balancer.request_reload)
     signalled = loop.create_task(stop_requested.wait())
     # A worker also stops when its owner goes away (balancer.stop() called from the control channel).
     stopped = loop.create_task(balancer.stopped())
@@ -401,7 +616,11 @@ def run(config: Config, config_path: Path | None = None) -> int:
     return _loop_runner(config.runtime.event_loop)(serve(config, config_path, role))
 
 
-def run_worker(config: Config, config_path: Path, control_fd: int, index: int) -> int:
-    """One of `workers: N` processes, started by the owner."""
+def run_worker(config: Config, config_path: Path, control_fd: int, index: int, count: int = 1,
+               owner_pid: int = 0) -> int:
+    """One of `workers: N` processes, started by the owner; `count` is N, `owner_pid` the owner's pid."""
+    watch_owner(owner_pid)
     setup_logging(config.logging, process=f"worker-{index}")
-    return _loop_runner(config.runtime.event_loop)(serve(config, config_path, Role.WORKER, control_fd))
+    share = (index, max(1, count))
+    config = split_limits(config, *share)
+    return _loop_runner(config.runtime.event_loop)(serve(config, config_path, Role.WORKER, control_fd, share))

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lb import __version__
 from lb.config_load import load_config
 from lb.errors import ConfigError
 
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lb", description="Layer-7 WebSocket load balancer with cookie session affinity."
     )
+    parser.add_argument("--version", action="version", version=f"lb {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     run = commands.add_parser("run", help="run the balancer")
@@ -67,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--config", required=True, type=Path)
     worker.add_argument("--control-fd", required=True, type=int)
     worker.add_argument("--index", required=True, type=int)
+    worker.add_argument("--count", type=int, default=1)
+    worker.add_argument("--owner-pid", type=int, default=0)
     worker.set_defaults(handler=_worker)
     return parser
 
@@ -97,7 +101,7 @@ def _worker(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from lb.balancer import run_worker
 
-    return run_worker(config, args.config, args.control_fd, args.index)
+    return run_worker(config, args.config, args.control_fd, args.index, args.count, args.owner_pid)
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -135,7 +135,8 @@ class PoolConfig:
 class TimeoutsConfig:
     handshake: float = 10.0        # whole request head must arrive within this
     backend_connect: float = 3.0   # TCP connect + backend's handshake answer
-    shutdown_grace: float = 10.0   # SIGTERM: time before live tunnels are closed
+    shutdown_grace: float = 10.0   # SIGTERM: live tunnels get 1001 spread over this window
+    shutdown_delay: float = 0.0    # SIGTERM: keep serving this long with /readyz at 503 first
     idle: float = 0.0              # close tunnels silent this long; 0 = never (games idle)
 
 

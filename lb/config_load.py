@@ -371,9 +371,17 @@ def _prefixed_path(value: object) -> str:
 _COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
-def _matching(pattern: re.Pattern[str], expected: str) -> Callable[[object], str]:
+# Ids, pool names and cookie/header names travel in every token, Set-Cookie, URL and metric label:
+# the affinity token carries a backend id in at most 255 bytes, and one cookie must stay far below
+# the 4096 bytes browsers keep (RFC 6265 §6.1).  64 characters leaves room for all of them.
+MAX_NAME_CHARS = 64
+
+
+def _matching(pattern: re.Pattern[str], expected: str, *, max_chars: int = MAX_NAME_CHARS) -> Callable[[object], str]:
     def parse(value: object) -> str:
         text = _string(value)
+        if len(text) > max_chars:
+            raise _Bad(f"expected at most {max_chars} characters, got {len(text)}")
         if not pattern.fullmatch(text):
             raise _Bad(f"expected {expected}, got {_show(text)}")
         return text
@@ -549,6 +557,7 @@ _TIMEOUT_FIELDS = (
     _Field("handshake", _duration()),
     _Field("backend_connect", _duration()),
     _Field("shutdown_grace", _duration(allow_zero=True)),
+    _Field("shutdown_delay", _duration(allow_zero=True)),
     _Field("idle", _duration(allow_zero=True)),
 )
 _LIMIT_FIELDS = (

@@ -37,6 +37,8 @@ class Stats:
     closed_bytes_in: int = 0  # client → backend, of tunnels already closed
     closed_bytes_out: int = 0  # backend → client
     tunnels_closed: int = 0
+    # Tunnels the balancer ended: (cause, "close_frame" | "tcp") → count (lb_tunnel_closes_total).
+    balancer_closes: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)

@@ -19,11 +19,12 @@ _U64 = struct.Struct(">Q")
 class FrameBoundaries:
     """Tracks where frames end in one direction of a WebSocket stream."""
 
-    __slots__ = ("_header", "_remaining")
+    __slots__ = ("_header", "_remaining", "last_opcode")
 
     def __init__(self) -> None:
         self._remaining = 0  # payload bytes of the current frame still to come
         self._header = b""  # a frame header split across reads
+        self.last_opcode = -1  # of the last frame whose header was read (0x8: a close frame)
 
     @property
     def at_boundary(self) -> bool:
@@ -58,6 +59,7 @@ class FrameBoundaries:
                 return None
             self._header = b""
             i += size - len(pending)
+            self.last_opcode = header[0] & 0x0F
             self._remaining = _payload_length(header)
             if stop and not self._remaining:
                 return i

@@ -1,18 +1,45 @@
-"""Logging set-up: plain or JSON lines on stderr, level from the config."""
+"""Logging set-up: plain or JSON lines on stderr, level from the config.
+
+Every event is exactly one line in both formats, so that a log shipper (or
+`grep`) never splits one event in two: in JSON a traceback travels in the
+`exception` field; in plain, line breaks inside a message or a traceback are
+folded into ` | `.  Timestamps are ISO-8601 in UTC with a `Z`
+(`2026-11-30T16:20:41.123Z`), whatever the host's time zone.  Numeric fields
+of access events (durations, byte counts) stay numbers in JSON.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import time
+from types import TracebackType
 
 from lb.config import LogFormat, LoggingConfig
+
+# What a line break inside one event becomes in the plain format.
+LINE_FOLD = " | "
+
+
+def iso_utc(created: float) -> str:
+    """`created` (epoch seconds) as ISO-8601 UTC with milliseconds and a Z."""
+    seconds = int(created)
+    millis = int((created - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def _fold(text: str) -> str:
+    return LINE_FOLD.join(part for part in text.splitlines() if part.strip()) if "\n" in text else text
 
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, process: str = "") -> None:
         super().__init__()
         self._process = process
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return iso_utc(record.created)
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -28,10 +55,32 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        # json.dumps escapes line breaks: one event, one line.
+        return json.dumps(entry, default=str)
+
+
+class PlainFormatter(logging.Formatter):
+    """`TIME LEVEL [process ]logger: message`, folded onto one line."""
+
+    def __init__(self, process: str = "") -> None:
+        where = f"{process} " if process else ""
+        super().__init__(f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return iso_utc(record.created)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _fold(super().format(record))
 
 
 _process_name = ""
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, traceback)
+        return
+    logging.getLogger("lb").critical("uncaught exception", exc_info=(kind, value, traceback))
 
 
 def setup_logging(config: LoggingConfig, *, process: str | None = None) -> None:
@@ -47,11 +96,13 @@ def setup_logging(config: LoggingConfig, *, process: str | None = None) -> None:
     if config.format is LogFormat.JSON:
         handler.setFormatter(JsonFormatter(process))
     else:
-        where = f"{process} " if process else ""
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s"))
+        handler.setFormatter(PlainFormatter(process))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
+    # Warnings and a crash's traceback go through the same formatter: one event, one line.
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
     # aiohttp's access log would log every admin scrape at INFO.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("lb.access").setLevel(logging.INFO if config.access_log else logging.WARNING)

@@ -14,6 +14,7 @@ import logging
 
 from lb.context import ProxyContext
 from lb.pool import BackendStatus
+from lb.tunnel import CLOSE_DEADLINE, CLOSE_LINGER, Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,15 @@ def start_migrating(pool: str, backend: BackendStatus, rate: float) -> None:
 
 
 async def migrate(ctx: ProxyContext, pool: str, backend: BackendStatus, close_after: float, rate: float) -> None:
-    """Wait `close_after` seconds, then close `backend`'s tunnels at `rate` per second."""
+    """Wait `close_after` seconds, then close `backend`'s tunnels at `rate` per second.
+
+    Each close either reaches its client as a close frame or, for a client that does not read, is
+    cut at TCP level within `CLOSE_DEADLINE + CLOSE_LINGER`; the last log line says how many of each.
+    """
     await asyncio.sleep(close_after)
     start_migrating(pool, backend, rate)
     interval = 1.0 / rate
-    closed = 0
+    closing: list[Tunnel] = []
     while True:
         # One scan per round, not per close: the backend takes no new tunnels now, so a
         # later round only picks up handshakes that were in flight during the first.
@@ -43,7 +48,14 @@ async def migrate(ctx: ProxyContext, pool: str, backend: BackendStatus, close_af
         for tunnel in pending:
             if tunnel.closed or tunnel.closing:
                 continue  # ended by itself meanwhile
-            tunnel.close_gracefully(SERVICE_RESTART, "service restart")
-            closed += 1
+            tunnel.close_gracefully(SERVICE_RESTART, "service restart", cause="drain")
+            closing.append(tunnel)
             await asyncio.sleep(interval)
-    log.info("drain of %s/%s: %d tunnel(s) closed; none left", pool, backend.id, closed)
+    if any(not t.closed for t in closing):
+        # By construction each one is closed or cut by now plus this much: then count how.
+        await asyncio.sleep(CLOSE_DEADLINE + CLOSE_LINGER + 0.1)
+    cut = sum(1 for t in closing if t.ended_with == "tcp")
+    log.info(
+        "drain of %s/%s: %d tunnel(s) closed with 1012, %d cut at TCP level (the client did not take the close)",
+        pool, backend.id, len(closing) - cut, cut,
+    )

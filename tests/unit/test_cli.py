@@ -162,3 +162,12 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
         main(argv)
     assert info.value.code == 2
     assert "usage: lb" in capsys.readouterr().err
+
+
+def test_version_prints_the_version_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    """`lb --version` prints the version, exit 0."""
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"lb \d+\.\d+\.\d+\S*\n", out), out

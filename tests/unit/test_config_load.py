@@ -635,3 +635,38 @@ def test_arbitrary_text_only_raises_config_error(text: str) -> None:
     """Arbitrary text (usually broken YAML) never escapes as anything but ConfigError."""
     with contextlib.suppress(ConfigError):
         parse_config(text, base_dir=Path("/nonexistent"), environ={})
+
+
+# --------------------------------------------------------------------------- names the token must carry
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["pools.gateways.backends[0].id", "affinity.cookie", "affinity.header", "affinity.query_param"],
+)
+def test_a_300_character_name_is_refused_at_its_path(base_dir: Path, path: str) -> None:
+    """Ids and names longer than a token, cookie or label can carry are a problem at their key path."""
+    problems = problems_of(set_at(good_tree(), path, "a" * 300), base_dir)
+    assert "at most 64 characters" in problems[path]
+
+
+def test_a_300_character_pool_name_is_refused(base_dir: Path) -> None:
+    """A pool name too long for a label is refused under its own path."""
+    tree = good_tree()
+    tree["pools"] = {"p" * 300: tree["pools"]["gateways"]}
+    tree["routes"][0]["pool"] = "p" * 300
+    problems = problems_of(tree, base_dir)
+    assert any("at most 64 characters" in message for message in problems.values())
+
+
+def test_a_64_character_id_is_fine(base_dir: Path) -> None:
+    """The limit is inclusive."""
+    config = parse(set_at(good_tree(), "pools.gateways.backends[0].id", "g" * 64), base_dir)
+    assert config.pools["gateways"].backends[0].id == "g" * 64
+
+
+def test_shutdown_delay_defaults_to_zero_and_parses(base_dir: Path) -> None:
+    """`timeouts.shutdown_delay` (SPEC part 2): 0s by default, a duration otherwise."""
+    assert parse(good_tree(), base_dir).timeouts.shutdown_delay == 0.0
+    config = parse(set_at(good_tree(), "timeouts.shutdown_delay", "1500ms"), base_dir)
+    assert config.timeouts.shutdown_delay == 1.5

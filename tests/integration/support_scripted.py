@@ -1,0 +1,149 @@
+"""A scripted WebSocket backend in a thread, for what a demo gateway will not do on request.
+
+The request path picks the script, so one backend serves every case of a test module:
+
+- `/flood`: after the 101, send 16 KiB binary frames as fast as the peer takes them; once a send has
+  been blocked for a moment the backend is `stalled` (the balancer paused reading from it because
+  its client stopped reading), and it then only waits to see the connection end (`ended`).
+- `/die`: send one text frame `"last words"`, then close TCP without a close frame (a crash between
+  two frames).
+- `/die-mid-frame`: send the header and 10 of 100 payload bytes of a frame, then close TCP.
+- anything else: say nothing, answer a close frame, end when the peer does.
+
+Every loop is bounded in count and time; `close()` stops the accept thread and every connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import socket
+import threading
+import time
+
+HOST = "127.0.0.1"
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+FLOOD_FRAME = b"\x82\x7e\x40\x00" + b"x" * 16384  # FIN + binary, 16-bit length 16384, unmasked
+FLOOD_MAX_FRAMES = 20_000  # 320 MiB: far more than every buffer between here and a stalled client
+MAX_SECONDS = 30.0
+STALL = 0.3  # a send blocked this long means the peer stopped taking bytes
+LAST_WORDS = b"\x81\x0alast words"
+PARTIAL = b"\x82\x64" + b"y" * 10  # a frame announcing 100 bytes, cut after 10
+
+
+def _accept_value(key: str) -> str:
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+
+
+class ScriptedBackend:
+    """One listening socket; each connection runs the script its request path names."""
+
+    def __init__(self, backend_id: str = "scripted") -> None:
+        self.id = backend_id
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((HOST, 0))
+        self._listener.listen(64)
+        self._listener.settimeout(0.1)
+        self.port = int(self._listener.getsockname()[1])
+        self.stalled = threading.Event()
+        self.ended = threading.Event()
+        self.ended_at = 0.0
+        self.frames_sent = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accepting = threading.Thread(target=self._accept_loop, daemon=True)
+        self._accepting.start()
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5.0)
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return  # a TCP health check: connect, then close
+                    head += chunk
+            lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+            if not lines or " " not in lines[0]:
+                return
+            path = lines[0].split(" ")[1]
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            key = headers.get("sec-websocket-key", "")
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                + f"Sec-WebSocket-Accept: {_accept_value(key)}\r\n\r\n".encode()
+            )
+            if path.startswith("/flood"):
+                self._flood(conn)
+            elif path.startswith("/die-mid-frame"):
+                conn.sendall(PARTIAL)
+                time.sleep(0.2)  # let the partial frame reach the client before the FIN
+            elif path.startswith("/die"):
+                conn.sendall(LAST_WORDS)
+                time.sleep(0.2)
+            else:
+                self._hold(conn)
+
+    def _hold(self, conn: socket.socket) -> None:
+        """Say nothing; answer a close frame with a close frame; end when the peer does."""
+        conn.settimeout(0.2)
+        deadline = time.monotonic() + MAX_SECONDS
+        with contextlib.suppress(OSError):
+            while time.monotonic() < deadline and not self._stop.is_set():
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    return
+                if data[0] & 0x0F == 0x8:
+                    conn.sendall(b"\x88\x02\x03\xe9")  # close 1001 back (RFC 6455 §5.5.1)
+
+    def _flood(self, conn: socket.socket) -> None:
+        deadline = time.monotonic() + MAX_SECONDS
+        conn.settimeout(STALL)
+        try:
+            while self.frames_sent < FLOOD_MAX_FRAMES and time.monotonic() < deadline and not self._stop.is_set():
+                try:
+                    conn.sendall(FLOOD_FRAME)
+                except TimeoutError:
+                    self.stalled.set()
+                    break
+                self.frames_sent += 1
+            # Only watch for the end now: a reset or an EOF from the balancer.
+            while time.monotonic() < deadline and not self._stop.is_set():
+                try:
+                    if not conn.recv(65536):
+                        break
+                except TimeoutError:
+                    continue
+        except OSError:
+            pass
+        self.ended_at = time.monotonic()
+        self.ended.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._accepting.join(timeout=2)
+        for thread in self._threads:
+            thread.join(timeout=2)

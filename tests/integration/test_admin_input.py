@@ -1,0 +1,135 @@
+"""Admin input is refused as strictly as the config: every malformed body or parameter is a 400 naming
+the problem, unknown parameters (`close_afer`) are errors, and no request can produce a 500.
+
+Uses the shared stack; every request here is refused, so the stack is left as it was found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from conftest import UNIT, Balancer, Stack, client_session, find_backend, status
+
+PATH = "/pools/dead/backends/{id}/drain"
+
+
+async def post_raw(
+    lb: Balancer, path: str, *, body: bytes = b"", content_type: str = "application/json", query: str = ""
+) -> tuple[int, dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {lb.token}", "Content-Type": content_type}
+    url = lb.admin_url(path) + (f"?{query}" if query else "")
+    async with (
+        client_session() as session,
+        asyncio.timeout(5 * UNIT),
+        session.post(url, data=body, headers=headers) as reply,
+    ):
+        text = await reply.text()
+        try:
+            return reply.status, json.loads(text)
+        except ValueError:
+            return reply.status, {"_text": text}
+
+
+HOSTILE: list[tuple[str, str, bytes, str, str]] = [
+    # (case, query, body, content type, words the error must contain)
+    ("typo in query", "close_afer=30s", b"", "application/json", "close_afer"),
+    ("typo in body", "", b'{"close_afer": "30s"}', "application/json", "close_afer"),
+    ("unknown extra", "close_after=1s&force=1", b"", "application/json", "force"),
+    ("bad duration", "close_after=soon", b"", "application/json", "close_after"),
+    ("negative duration", "close_after=-5s", b"", "application/json", "close_after"),
+    ("rate zero", "rate=0", b"", "application/json", "rate"),
+    ("rate nan", "rate=nan", b"", "application/json", "rate"),
+    ("rate inf", "rate=inf", b"", "application/json", "rate"),
+    ("rate word", "rate=fast", b"", "application/json", "rate"),
+    ("repeated key", "rate=1&rate=2", b"", "application/json", "twice"),
+    ("query and body", "rate=1", b'{"rate": 2}', "application/json", "both"),
+    ("not json", "", b"{nope", "application/json", "JSON"),
+    ("json array", "", b"[1, 2]", "application/json", "object"),
+    ("json string", "", b'"drain"', "application/json", "object"),
+    ("deep nesting", "", b"[" * 2000 + b"]" * 2000, "application/json", "nested"),
+    ("deep object", "", b'{"a":' * 600 + b"1" + b"}" * 600, "application/json", "nested"),
+    ("rate as object", "", b'{"rate": {"x": 1}}', "application/json", "rate"),
+    ("rate as bool", "", b'{"rate": true}', "application/json", "rate"),
+    ("duration as list", "", b'{"close_after": [1]}', "application/json", "close_after"),
+    ("huge number", "", b'{"rate": 1e999}', "application/json", "rate"),
+    ("form body", "", b"rate=5", "application/x-www-form-urlencoded", "application/json"),
+    ("invalid utf-8", "", b'{"rate": "\xff\xfe"}', "application/json", "JSON"),
+]
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "content_type", "words"), [case[1:] for case in HOSTILE], ids=[case[0] for case in HOSTILE]
+)
+async def test_hostile_admin_input_is_a_400_naming_the_problem(
+    stack: Stack, query: str, body: bytes, content_type: str, words: str
+) -> None:
+    """Each malformed parameter or body: 400, a JSON error that names it, and nothing applied."""
+    lb = stack.balancer
+    backend_id = stack.dead[0].id
+    code, answer = await post_raw(lb, PATH.format(id=backend_id), body=body, content_type=content_type, query=query)
+    assert code == 400, (code, answer)
+    assert words in answer.get("error", ""), answer
+    assert find_backend(await status(lb), "dead", backend_id)["state"] != "draining"
+
+
+async def test_enable_with_migration_parameters_is_refused(stack: Stack) -> None:
+    """close_after means nothing to enable: refused rather than silently ignored."""
+    code, answer = await post_raw(
+        stack.balancer, f"/pools/dead/backends/{stack.dead[0].id}/enable", query="close_after=1s"
+    )
+    assert code == 400 and "enable" in answer["error"], answer
+
+
+async def test_oversized_body_is_refused_without_500(stack: Stack) -> None:
+    """A body far beyond any action's is refused (413) before it is read whole."""
+    code, _ = await post_raw(stack.balancer, PATH.format(id=stack.dead[0].id), body=b" " * 1_000_000)
+    assert code == 413
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("GET", "/pools/dead/backends/x/drain", 405),
+        ("POST", "/nowhere", 404),
+        ("GET", "/" + "a" * 5000, 404),
+        ("POST", "/pools/%00/backends/%ff/drain", 404),
+    ],
+)
+async def test_odd_paths_get_json_errors_not_500(stack: Stack, method: str, path: str, expected: int) -> None:
+    """Unknown routes and methods are JSON errors with their own status."""
+    lb = stack.balancer
+    headers = {"Authorization": f"Bearer {lb.token}"}
+    async with (
+        client_session() as session,
+        asyncio.timeout(5 * UNIT),
+        session.request(method, lb.admin_url(path), headers=headers) as reply,
+    ):
+        assert reply.status == expected
+        assert "error" in await reply.json(content_type=None)
+
+
+async def test_admin_errors_name_nothing_internal(stack: Stack) -> None:
+    """An unknown backend's 404 names neither the pools, backends nor addresses the balancer has."""
+    lb = stack.balancer
+    code, answer = await post_raw(lb, "/pools/gateways/backends/nope/drain")
+    assert code == 404
+    text = json.dumps(answer)
+    for gateway in stack.gateways:
+        assert gateway.id not in text and gateway.address not in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("path", ["/status?verbose=1", "/metrics?name=x", "/livez?x", "/readyz?now=1"])
+async def test_read_endpoints_refuse_unknown_parameters(stack: Stack, path: str) -> None:
+    """A parameter an endpoint does not take is a 400 naming it, not silently ignored."""
+    lb = stack.balancer
+    async with (
+        client_session() as session,
+        asyncio.timeout(5 * UNIT),
+        session.get(lb.admin_url(path)) as reply,
+    ):
+        assert reply.status == 400
+        assert "unknown parameter" in (await reply.json())["error"]

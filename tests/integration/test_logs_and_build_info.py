@@ -1,0 +1,128 @@
+"""Logs and build info, read from real processes: every line starts with (or carries) an ISO-8601 UTC
+timestamp, one event per line in plain and JSON, numeric durations in JSON; `lb --version`;
+`lb_build_info{version, config_hash}` equal for one config, different for another;
+with `workers: 2`, process_* covers every worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from conftest import ROOT, UNIT, Balancer, Gateway, Launcher, child_env, http_get_async, lb_config, visit
+from support_ops import launched, rewrite_config, signal_balancer, wait_exit, wait_for_log, wait_until
+
+POOL = "gateways"
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]00:?00)")
+
+
+@pytest.fixture(scope="module")
+def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
+    with launched(tmp_path_factory, "logs-gateways") as started:
+        yield started.gateways(1)
+
+
+@pytest.fixture
+def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    with launched(tmp_path_factory, "logs") as started:
+        yield started
+
+
+async def exercise(lb: Balancer) -> None:
+    """Traffic, a failed reload and a clean stop, so the log holds every kind of line."""
+    await visit(lb.ws_url())
+    good = copy.deepcopy(lb.config)
+    rewrite_config(lb, "pools: [not, a, mapping]\n")
+    mark = lb.log_lines()
+    signal_balancer(lb, signal.SIGHUP)
+    await wait_for_log(lb, "reload failed", after=mark)
+    rewrite_config(lb, good)
+    signal_balancer(lb, signal.SIGTERM)
+    assert await wait_exit(lb, 10 * UNIT) == 0
+
+
+async def test_plain_lines_start_with_an_iso_utc_timestamp(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """Plain format: every line is one event and starts with an ISO-8601 UTC timestamp."""
+    lb = launcher.balancer(lb_config(pools={POOL: gateways}, overrides={"logging": {"format": "plain"}}))
+    await exercise(lb)
+    lines = [line for line in lb.log_text().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        assert ISO_UTC.match(line.split(" ", 1)[0]), line
+    failed = [line for line in lines if "reload failed" in line]
+    assert len(failed) == 1 and "pools" in failed[0], failed
+
+
+async def test_json_lines_parse_with_iso_time_and_numeric_durations(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """JSON format: every line parses; `time` is ISO-8601 UTC; a closed tunnel's duration is a number."""
+    lb = launcher.balancer(lb_config(pools={POOL: gateways}, overrides={"logging": {"format": "json"}}))
+    await exercise(lb)
+    events = [json.loads(line) for line in lb.log_text().splitlines() if line.strip()]
+    assert events
+    for event in events:
+        assert ISO_UTC.fullmatch(event["time"]), event
+    closes = [e for e in events if e.get("event") == "tunnel_closed"]
+    assert closes and all(isinstance(e["duration"], int | float) for e in closes), closes
+
+
+def test_lb_version_prints_the_version() -> None:
+    """`lb --version`: the version on stdout, exit 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lb", "--version"], cwd=ROOT, env=child_env(), capture_output=True, timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0 and re.fullmatch(r"lb \d+\.\d+\.\d+\S*\n", done.stdout.decode()), done
+
+
+async def build_info(lb: Balancer) -> tuple[str, str]:
+    _, _, body = await http_get_async(lb.admin_url("/metrics"))
+    match = re.search(r'^lb_build_info\{([^}]*)\} 1\.0$', body.decode(), re.MULTILINE)
+    assert match, "lb_build_info missing"
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+    return labels["version"], labels["config_hash"]
+
+
+async def test_build_info_hash_tells_replicas_apart(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """One config hashes alike each time it runs; a changed one hashes differently (alertable drift)."""
+    config = lb_config(pools={POOL: gateways})
+    twin = copy.deepcopy(config)
+    first = launcher.balancer(config)
+    version, before = await build_info(first)
+    assert version and len(before) >= 8
+    twin["timeouts"]["handshake"] = "7s"
+    rewrite_config(first, twin)
+    mark = first.log_lines()
+    signal_balancer(first, signal.SIGHUP)
+    await wait_for_log(first, "reloaded", after=mark)
+    _, after = await build_info(first)
+    assert after != before, "a changed config must change config_hash"
+    rewrite_config(first, config)
+    mark = first.log_lines()
+    signal_balancer(first, signal.SIGHUP)
+    await wait_for_log(first, "reloaded", after=mark)
+    assert (await build_info(first))[1] == before, "the same config must hash the same"
+
+
+async def test_process_metrics_cover_every_worker(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """workers: 2 — resident memory per worker and CPU summed over owner and workers."""
+    lb = launcher.balancer(lb_config(pools={POOL: gateways}, overrides={"workers": 2}))
+
+    async def two_workers() -> list[str]:
+        _, _, body = await http_get_async(lb.admin_url("/metrics"))
+        pids = re.findall(r'^lb_worker_resident_memory_bytes\{pid="(\d+)"\} [1-9]', body.decode(), re.MULTILINE)
+        return pids if len(pids) == 2 else []
+
+    await wait_until(two_workers, within=10 * UNIT, what="two workers in lb_worker_resident_memory_bytes")
+    _, _, body = await http_get_async(lb.admin_url("/metrics"))
+    text = body.decode()
+    rss = float(re.search(r"^process_resident_memory_bytes (\S+)$", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    workers = sum(float(v) for v in re.findall(r"^lb_worker_resident_memory_bytes\{[^}]*\} (\S+)$", text, re.MULTILINE))
+    assert rss > workers > 0, (rss, workers)

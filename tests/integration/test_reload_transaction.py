@@ -1,0 +1,332 @@
+"""Reload as one transaction: serialized and coalesced SIGHUPs, health checkers replaced (never
+duplicated), a reload that cannot bind changes nothing, a backend that leaves and comes back is one
+backend with one count, lb_config_reloads_total counts results.  Start-up with a port in use: one
+line naming the address, exit 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import (
+    HOST,
+    ROOT,
+    UNIT,
+    Gateway,
+    Launcher,
+    assert_echo,
+    backend_states,
+    child_env,
+    find_backend,
+    free_port,
+    http_get_async,
+    lb_config,
+    recv_hello,
+    status,
+    visit,
+    ws_connect,
+)
+from support_ops import launched, rewrite_config, signal_balancer, token_of, wait_for_log, wait_until
+
+POOL = "gateways"
+PROBE_INTERVAL = 0.1  # seconds between health probes of the counted backend
+
+
+class ProbeCounter:
+    """An HTTP backend that answers /health 200 and counts the probes it receives."""
+
+    def __init__(self, backend_id: str = "counted") -> None:
+        self.id = backend_id
+        self.probes = 0
+        lock = threading.Lock()
+        counter = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with lock:
+                    counter.probes += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((HOST, 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    async def rate(self, over: float) -> float:
+        start = self.probes
+        await asyncio.sleep(over)
+        return (self.probes - start) / over
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture(scope="module")
+def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
+    with launched(tmp_path_factory, "reload-tx-gateways") as started:
+        yield started.gateways(2)
+
+
+@pytest.fixture
+def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    with launched(tmp_path_factory, "reload-tx") as started:
+        yield started
+
+
+@pytest.fixture
+def counter() -> Iterator[ProbeCounter]:
+    counted = ProbeCounter()
+    try:
+        yield counted
+    finally:
+        counted.close()
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()) and (head == name or head.startswith(name + "{")):
+            return float(value)
+    return None
+
+
+async def metrics_text(lb: Any) -> str:
+    code, _, body = await http_get_async(lb.admin_url("/metrics"))
+    assert code == 200
+    return body.decode()
+
+
+async def test_twenty_sighups_under_traffic_lose_no_tunnel_and_keep_the_probe_rate(
+    launcher: Launcher, gateways: list[Gateway], counter: ProbeCounter
+) -> None:
+    """20 SIGHUPs in a row while tunnels relay: every tunnel survives, probes per second stay the same."""
+    health = {"interval": f"{int(PROBE_INTERVAL * 1000)}ms"}
+    config = lb_config(
+        pools={POOL: gateways, "counted": [counter]},
+        routes={"/": POOL, "/counted": "counted"},
+        overrides={"limits": {"handshake_rate_per_ip": 0}, "pools": {"counted": {"health_check": health}}},
+    )
+    lb = launcher.balancer(config)
+    lb.wait_states({(POOL, g.id): "up" for g in gateways})
+    before = await counter.rate(1.5)
+    assert before > 0, "the counted backend is never probed"
+
+    async with contextlib.AsyncExitStack() as stack:
+        tunnels = [await stack.enter_async_context(ws_connect(lb.ws_url())) for _ in range(5)]
+        for ws, _ in tunnels:
+            await recv_hello(ws)
+
+        async def traffic() -> int:
+            sent = 0
+            deadline = time.monotonic() + 10 * UNIT
+            while time.monotonic() < deadline and not done.is_set():
+                for ws, _ in tunnels:
+                    await assert_echo(ws, f"msg-{sent}")
+                    sent += 1
+                await asyncio.sleep(0.01)
+            return sent
+
+        done = asyncio.Event()
+        relaying = asyncio.create_task(traffic())
+        mark = lb.log_lines()
+        for _ in range(20):
+            signal_balancer(lb, signal.SIGHUP)
+            await asyncio.sleep(0.01)
+
+        async def settled() -> bool:
+            text = await metrics_text(lb)
+            return (metric(text, "lb_config_reloads_total", result="success") or 0) >= 1
+
+        await wait_until(settled, within=10 * UNIT, what="a successful reload counted")
+        await wait_for_log(lb, "reloaded", after=mark)
+        await asyncio.sleep(0.5)  # the coalesced reload, if any, runs now
+        done.set()
+        assert await relaying > 0
+        for ws, _ in tunnels:
+            await assert_echo(ws, "after 20 SIGHUPs")
+
+    after = await counter.rate(1.5)
+    assert after <= before * 1.5 + 2, f"health probes went from {before:.1f}/s to {after:.1f}/s: checkers duplicated"
+    text = await metrics_text(lb)
+    assert metric(text, "lb_config_reloads_total", result="failure") == 0
+    successes = metric(text, "lb_config_reloads_total", result="success") or 0
+    assert 1 <= successes <= 20, successes
+    assert (await visit(lb.ws_url())).server_id in {g.id for g in gateways}
+    lb.assert_alive()
+
+
+async def test_a_reload_that_cannot_bind_changes_nothing_and_the_next_applies_in_full(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """New listener on a taken port: one log line, old listeners/admin/backends kept; freed, the next applies."""
+    gw1, gw2 = gateways
+    config = lb_config(pools={POOL: [gw1, gw2]}, overrides={"limits": {"handshake_rate_per_ip": 0}})
+    lb = launcher.balancer(config)
+    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+    taken = socket.socket()
+    taken.bind((HOST, 0))
+    taken.listen(1)
+    taken_port = taken.getsockname()[1]
+    new_admin_port = free_port()
+
+    changed = copy.deepcopy(config)
+    changed["listeners"].append({"bind": f"{HOST}:{taken_port}"})
+    changed["admin"]["bind"] = f"{HOST}:{new_admin_port}"
+    changed["pools"][POOL]["backends"] = [{"id": gw1.id, "address": gw1.address, "weight": 1}]
+    try:
+        async with ws_connect(lb.ws_url()) as (ws, _):
+            await recv_hello(ws)
+            rewrite_config(lb, changed)
+            mark = lb.log_lines()
+            signal_balancer(lb, signal.SIGHUP)
+            line = await wait_for_log(lb, "reload failed", after=mark)
+            assert f"{HOST}:{taken_port}" in line, line
+            failure = [text for text in lb.log_text().splitlines()[mark:] if text.strip()]
+            assert len([t for t in failure if "reload" in t]) == 1, failure
+            # Nothing changed: admin where it was, both backends, old listener serving.
+            text = await metrics_text(lb)
+            assert metric(text, "lb_config_reloads_total", result="failure") == 1
+            states = backend_states(await status(lb))
+            assert states.get((POOL, gw2.id)) == "up", states
+            with pytest.raises(OSError):
+                socket.create_connection((HOST, new_admin_port), timeout=1).close()
+            await assert_echo(ws, "after the failed reload")
+    finally:
+        taken.close()
+
+    mark = lb.log_lines()
+    signal_balancer(lb, signal.SIGHUP)
+    await wait_for_log(lb, "reloaded", after=mark)
+    lb.admin_port = new_admin_port
+    states = backend_states(await status(lb))
+    assert (POOL, gw2.id) not in states or states[(POOL, gw2.id)] == "removed", states
+    text = await metrics_text(lb)
+    assert metric(text, "lb_config_reloads_total", result="success") == 1
+    lb.port = taken_port
+    assert (await visit(lb.ws_url())).server_id == gw1.id
+    lb.assert_alive()
+
+
+async def test_a_backend_removed_and_re_added_is_one_backend_with_its_count(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """Remove gw-2 (tunnels live), reload, add it back, reload: one gw-2 in /status with its connections."""
+    gw1, gw2 = gateways
+    config = lb_config(pools={POOL: [gw1, gw2]}, overrides={"limits": {"handshake_rate_per_ip": 0}})
+    lb = launcher.balancer(config)
+    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+    token = None
+    for _ in range(6):
+        v = await visit(lb.ws_url())
+        if v.server_id == gw2.id:
+            token = token_of(v)
+            break
+    assert token is not None, "gw-2 never got a client"
+    async with contextlib.AsyncExitStack() as stack:
+        held = [await stack.enter_async_context(ws_connect(lb.ws_url(), cookie=token)) for _ in range(3)]
+        for ws, _ in held:
+            assert (await recv_hello(ws))["server_id"] == gw2.id
+        shrunk = copy.deepcopy(config)
+        shrunk["pools"][POOL]["backends"] = [{"id": gw1.id, "address": gw1.address, "weight": 1}]
+        for step in (shrunk, config):
+            rewrite_config(lb, step)
+            mark = lb.log_lines()
+            signal_balancer(lb, signal.SIGHUP)
+            await wait_for_log(lb, "reloaded", after=mark)
+        document = await status(lb)
+        entries = [b for b in document["pools"][POOL]["backends"] if b["id"] == gw2.id]
+        assert len(entries) == 1, entries
+        assert entries[0]["connections"] == 3, entries
+        assert find_backend(document, POOL, gw2.id)["state"] == "up"
+        for ws, _ in held:
+            await assert_echo(ws, "still relaying after remove and re-add")
+
+    async def released() -> bool:
+        return find_backend(await status(lb), POOL, gw2.id)["connections"] == 0
+
+    await wait_until(released, what="gw-2's count back to 0 once its tunnels closed")
+
+
+def test_lb_run_with_a_port_in_use_prints_one_line_and_exits_2(tmp_path: Path) -> None:
+    """A listener port in use: one line naming the address, exit 2, nothing left listening."""
+    taken = socket.socket()
+    taken.bind((HOST, 0))
+    taken.listen(1)
+    try:
+        port = taken.getsockname()[1]
+        free = free_port()
+        admin = free_port()
+        config = lb_config(pools={POOL: [_Static("gw-1", f"{HOST}:9")]})
+        config["listeners"] = [{"bind": f"{HOST}:{free}"}, {"bind": f"{HOST}:{port}"}]
+        config["admin"]["bind"] = f"{HOST}:{admin}"
+        path = tmp_path / "lb.yaml"
+        path.write_text(yaml.safe_dump(config))
+        done = subprocess.run(
+            [sys.executable, "-m", "lb", "run", "--config", str(path)],
+            cwd=ROOT, env=child_env(), capture_output=True, timeout=20 * UNIT, check=False,
+        )
+    finally:
+        taken.close()
+    assert done.returncode == 2, done
+    lines = [line for line in done.stderr.decode().splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert f"{HOST}:{port}" in lines[0] and "Traceback" not in lines[0], lines
+    for leftover in (free, admin):
+        with pytest.raises(OSError):
+            socket.create_connection((HOST, leftover), timeout=1).close()
+
+
+def test_lb_run_with_the_admin_port_in_use_exits_2(tmp_path: Path) -> None:
+    """The admin address taken: same one line and exit 2; the listener bound before is released."""
+    taken = socket.socket()
+    taken.bind((HOST, 0))
+    taken.listen(1)
+    try:
+        config = lb_config(pools={POOL: [_Static("gw-1", f"{HOST}:9")]})
+        config["admin"]["bind"] = f"{HOST}:{taken.getsockname()[1]}"
+        path = tmp_path / "lb.yaml"
+        path.write_text(yaml.safe_dump(config))
+        done = subprocess.run(
+            [sys.executable, "-m", "lb", "run", "--config", str(path)],
+            cwd=ROOT, env=child_env(), capture_output=True, timeout=20 * UNIT, check=False,
+        )
+    finally:
+        taken.close()
+    assert done.returncode == 2, done
+    lines = [line for line in done.stderr.decode().splitlines() if line.strip()]
+    assert len(lines) == 1 and re.search(rf"{HOST}:\d+", lines[0]), lines
+
+
+class _Static:
+    def __init__(self, backend_id: str, address: str) -> None:
+        self.id = backend_id
+        self.address = address

@@ -1,0 +1,194 @@
+"""Every close the balancer starts has a deadline, and a dying backend is announced.
+
+- A client that stops reading pauses its backend's stream, so a close frame may never find a frame
+  boundary: under drain (`close_after`/`rate`) and under `timeouts.idle` the tunnel is then cut at TCP
+  level within a bounded time, and counted as such (`lb_tunnel_closes_total{ended_with="tcp"}`).
+- Backend loss (issue 11): a backend that dies between frames gets its client a close 1012; one that
+  dies mid-frame, a TCP close (a close frame there would corrupt the stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import (
+    HOST,
+    UNIT,
+    Balancer,
+    Gateway,
+    Launcher,
+    assert_echo,
+    find_backend,
+    http_get_async,
+    lb_config,
+    recv_hello,
+    status,
+    upgrade_request,
+    ws_connect,
+    ws_key,
+)
+from support_ops import admin_post, launched, wait_close, wait_until
+from support_scripted import LAST_WORDS, PARTIAL, ScriptedBackend
+
+CLOSE_DEADLINE = 2.0  # the product's bound on a close frame waiting for a frame boundary
+CLOSE_LINGER = 2.0  # and on a client taking the close frame once sent
+IDLE = 1.0
+TCP_HEALTH = {"type": "tcp", "interval": "300ms", "timeout": "1s", "rise": 1, "fall": 3}
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedBackend]:
+    backend = ScriptedBackend()
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+@pytest.fixture
+def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    with launched(tmp_path_factory, "deadlines") as started:
+        yield started
+
+
+def start(launcher: Launcher, backend: Any, **timeouts: str) -> Balancer:
+    config = lb_config(
+        pools={"scripted": [backend]},
+        health=TCP_HEALTH,
+        overrides={"limits": {"handshake_rate_per_ip": 0}, "timeouts": timeouts},
+    )
+    lb = launcher.balancer(config)
+    lb.wait_states({("scripted", backend.id): "up"})
+    return lb
+
+
+async def stalled_client(lb: Balancer, path: str = "/flood") -> socket.socket:
+    """A client that completes the upgrade, then never reads again (a tiny receive buffer)."""
+    assert lb.port is not None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(loop.sock_connect(sock, (HOST, lb.port)), 5 * UNIT)
+    await loop.sock_sendall(sock, upgrade_request(path, host=f"{HOST}:{lb.port}", key=ws_key()))
+    head = b""
+    async with asyncio.timeout(5 * UNIT):
+        while b"\r\n\r\n" not in head:
+            head += await loop.sock_recv(sock, 1)  # byte by byte: leave every frame unread
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+async def metric_value(lb: Balancer, name: str, **labels: str) -> float:
+    _, _, body = await http_get_async(lb.admin_url("/metrics"))
+    for line in body.decode().splitlines():
+        head, _, value = line.rpartition(" ")
+        if head.startswith(name + "{") and all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+async def assert_cut(lb: Balancer, backend: ScriptedBackend, cause: str, started: float, bound: float) -> None:
+    """The stalled tunnel ended within `bound` seconds of `started`, counted as a TCP-level close."""
+    ended = await asyncio.to_thread(backend.ended.wait, bound + 5 * UNIT)
+    assert ended, f"the stalled tunnel was never closed ({cause})"
+    took = backend.ended_at - started
+    assert took <= bound + 1.0 * UNIT, f"{cause}: closed {took:.2f}s after it was due, bound {bound:.2f}s"
+
+    async def counted() -> bool:
+        return await metric_value(lb, "lb_tunnel_closes_total", cause=cause, ended_with="tcp") == 1
+
+    await wait_until(counted, what=f'lb_tunnel_closes_total{{cause="{cause}",ended_with="tcp"}} == 1')
+    assert find_backend(await status(lb), "scripted", backend.id)["connections"] == 0
+
+
+async def test_a_stalled_reader_under_drain_is_cut_at_tcp_level(launcher: Launcher, scripted: ScriptedBackend) -> None:
+    """Drain with close_after=0: a client that does not read cannot hold the tunnel past the deadline."""
+    lb = start(launcher, scripted)
+    sock = await stalled_client(lb)
+    try:
+        assert await asyncio.to_thread(scripted.stalled.wait, 10 * UNIT), "the flood never stalled"
+        started = time.monotonic()
+        code, body, _ = await admin_post(
+            lb, f"/pools/scripted/backends/{scripted.id}/drain", params={"close_after": "0s", "rate": "100"}
+        )
+        assert code == 200, body
+        await assert_cut(lb, scripted, "drain", started, CLOSE_DEADLINE + CLOSE_LINGER)
+    finally:
+        sock.close()
+    lb.assert_alive()
+
+
+async def test_a_stalled_reader_times_out_idle(launcher: Launcher, scripted: ScriptedBackend) -> None:
+    """timeouts.idle fires when bytes stop moving because the client stopped reading."""
+    lb = start(launcher, scripted, idle=f"{int(IDLE * 1000)}ms")
+    sock = await stalled_client(lb)
+    try:
+        assert await asyncio.to_thread(scripted.stalled.wait, 10 * UNIT), "the flood never stalled"
+        started = time.monotonic()
+        # Idle is noticed within 1.5 x idle of the last byte, then the close has its deadlines.
+        await assert_cut(lb, scripted, "idle", started, 1.5 * IDLE + CLOSE_DEADLINE + CLOSE_LINGER)
+    finally:
+        sock.close()
+
+
+async def test_a_quiet_reading_client_gets_1001_on_idle(launcher: Launcher, scripted: ScriptedBackend) -> None:
+    """A tunnel with no traffic but a healthy client ends with a close frame, not a TCP cut."""
+    lb = start(launcher, scripted, idle=f"{int(IDLE * 1000)}ms")
+    async with aiohttp.ClientSession() as session:
+        assert lb.port is not None
+        async with session.ws_connect(f"ws://{HOST}:{lb.port}/quiet") as ws:
+            closed = await wait_close(ws, 1.5 * IDLE + 5 * UNIT)
+            assert closed.code == 1001, closed
+    assert await metric_value(lb, "lb_tunnel_closes_total", cause="idle", ended_with="close_frame") == 1
+
+
+async def test_a_backend_that_dies_between_frames_gets_the_client_a_1012(
+    launcher: Launcher, scripted: ScriptedBackend
+) -> None:
+    """The backend closes TCP after a whole frame, without a close frame: the client sees close 1012."""
+    lb = start(launcher, scripted)
+    assert lb.port is not None
+    async with aiohttp.ClientSession() as session, session.ws_connect(f"ws://{HOST}:{lb.port}/die") as ws:
+        msg = await ws.receive(timeout=5 * UNIT)
+        assert msg.type is aiohttp.WSMsgType.TEXT and msg.data == LAST_WORDS[2:].decode()
+        closed = await wait_close(ws, 5 * UNIT)
+        assert closed.code == 1012, closed
+    assert await metric_value(lb, "lb_tunnel_closes_total", cause="backend_lost", ended_with="close_frame") == 1
+
+
+async def test_a_backend_that_dies_mid_frame_gets_a_tcp_close(launcher: Launcher, scripted: ScriptedBackend) -> None:
+    """Mid-frame, a close frame would corrupt the stream: the client gets the partial bytes, then EOF."""
+    lb = start(launcher, scripted)
+    assert lb.port is not None
+    reader, writer = await asyncio.open_connection(HOST, lb.port)
+    try:
+        writer.write(upgrade_request("/die-mid-frame", host=f"{HOST}:{lb.port}", key=ws_key()))
+        async with asyncio.timeout(5 * UNIT):
+            await reader.readuntil(b"\r\n\r\n")
+            rest = await reader.read()  # until EOF
+        assert rest == PARTIAL, rest
+    finally:
+        writer.close()
+    assert await metric_value(lb, "lb_tunnel_closes_total", cause="backend_lost", ended_with="tcp") == 1
+
+
+async def test_a_killed_gateway_gets_its_clients_a_1012(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The reconnect-storm story: SIGKILL a demo gateway; its clients get 1012, not an abnormal 1006."""
+    with launched(tmp_path_factory, "killed-gateway") as launcher:
+        gateway: Gateway = launcher.gateways(1, prefix="doomed")[0]
+        config = lb_config(pools={"gateways": [gateway]}, overrides={"limits": {"handshake_rate_per_ip": 0}})
+        lb = launcher.balancer(config)
+        lb.wait_states({("gateways", gateway.id): "up"})
+        async with ws_connect(lb.ws_url()) as (ws, _):
+            await recv_hello(ws)
+            await assert_echo(ws, "before the crash")
+            gateway.kill()
+            closed = await wait_close(ws, 5 * UNIT)
+            assert closed.code == 1012, closed

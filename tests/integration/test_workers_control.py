@@ -1,0 +1,233 @@
+"""`workers: 2`, the control plane's promises: a migration stopped by `enable` stops in every worker, a
+state message far past 64 KiB reaches the workers, SIGKILL of the owner takes the workers with it, and
+per-instance limits hold at the configured number whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import (
+    UNIT,
+    Balancer,
+    Gateway,
+    Launcher,
+    assert_echo,
+    deep_merge,
+    lb_config,
+    recv_hello,
+    visit,
+    ws_connect,
+)
+from support_ops import launched, set_state, started_stack, token_of, wait_until
+
+POOL = "gateways"
+SLOW_TCP_HEALTH = {"type": "tcp", "interval": "10s", "timeout": "1s", "rise": 1, "fall": 1}
+
+
+@dataclass(frozen=True)
+class Nowhere:
+    """A backend address nobody listens on (port 9 of a loopback address: refused at once)."""
+
+    id: str
+    address: str
+
+
+def worker_pids(owner_pid: int) -> list[int]:
+    out = subprocess.run(["ps", "--ppid", str(owner_pid), "-o", "pid=,args="], capture_output=True, text=True)
+    return [int(line.split()[0]) for line in out.stdout.splitlines() if " lb worker " in line]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "Z (zombie)" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+async def two_workers(lb: Balancer) -> list[int]:
+    assert lb.proc is not None
+    pid = lb.proc.pid
+    found: list[int] = await wait_until(
+        lambda: p if len(p := worker_pids(pid)) == 2 else None, within=10 * UNIT, what="two workers"
+    )
+    return found
+
+
+@pytest.fixture(scope="module")
+def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
+    with launched(tmp_path_factory, "workers-control-gateways") as started:
+        yield started.gateways(2)
+
+
+@pytest.fixture
+def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    with launched(tmp_path_factory, "workers-control") as started:
+        yield started
+
+
+def start(launcher: Launcher, backends: dict[str, Any], overrides: dict[str, Any] | None = None) -> Balancer:
+    base: dict[str, Any] = {"workers": 2, "limits": {"handshake_rate_per_ip": 0}}
+    return launcher.balancer(lb_config(pools=backends, overrides=deep_merge(base, overrides or {})))
+
+
+async def test_drain_then_enable_stops_the_closes_in_every_worker(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """A slow drain migration, then enable: no tunnel is closed after the enable, in any worker."""
+    gw1, gw2 = gateways
+    lb = start(launcher, {POOL: gateways})
+    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+    await two_workers(lb)
+    token = None
+    for _ in range(10):
+        v = await visit(lb.ws_url())
+        if v.server_id == gw1.id:
+            token = token_of(v)
+            break
+    assert token is not None
+    async with contextlib.AsyncExitStack() as stack:
+        held = [await stack.enter_async_context(ws_connect(lb.ws_url(), cookie=token)) for _ in range(12)]
+        for ws, _ in held:
+            assert (await recv_hello(ws))["server_id"] == gw1.id
+        # 2 closes per second over both workers: each worker closes one at once, the next a second later.
+        await set_state(lb, gw1.id, "drain", params={"close_after": "0s", "rate": "1"})
+
+        async def first_closes() -> list[int]:
+            done = []
+            for index, (ws, _) in enumerate(held):
+                with contextlib.suppress(TimeoutError):
+                    msg = await ws.receive(timeout=0.01)
+                    if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                        done.append(index)
+            return done
+
+        closed_early: set[int] = set()
+
+        async def some_closed() -> bool:
+            closed_early.update(await first_closes())
+            return bool(closed_early)
+
+        await wait_until(some_closed, within=5 * UNIT, what="the drain closing its first tunnel")
+        await set_state(lb, gw1.id, "enable")
+        enabled_at = time.monotonic()
+        await asyncio.sleep(0.3)  # a close already on the wire when enable arrived
+        closed_early.update(await first_closes())
+        # With the migration still running, both workers would close ~2 more per second.
+        late: list[int] = []
+        deadline = enabled_at + 4 * UNIT
+        while time.monotonic() < deadline:
+            late.extend(i for i in await first_closes() if i not in closed_early)
+            await asyncio.sleep(0.1)
+        assert not late, f"{len(late)} tunnel(s) closed after enable"
+        assert len(closed_early) <= 4, closed_early
+        for index, (ws, _) in enumerate(held):
+            if index not in closed_early:
+                await assert_echo(ws, "still open after enable")
+    lb.assert_alive()
+
+
+async def test_a_state_message_past_64k_reaches_the_workers(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """600 backends (a states message of ~100 KB): workers keep serving and apply later states."""
+    gw1, gw2 = gateways
+    many = [Nowhere(f"dead-{i:03d}-{'x' * 40}", f"127.1.{i // 250}.{i % 250 + 1}:9") for i in range(600)]
+    lb = start(
+        launcher,
+        {POOL: gateways, "many": many},
+        {"pools": {"many": {"health_check": SLOW_TCP_HEALTH}}},
+    )
+    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+    before = await two_workers(lb)
+    await set_state(lb, gw2.id, "disable")
+    try:
+        await asyncio.sleep(1.5 * UNIT)  # two state pushes
+        seen = {(await visit(lb.ws_url())).server_id for _ in range(10)}
+        assert seen == {gw1.id}, seen
+    finally:
+        await set_state(lb, gw2.id, "enable")
+    assert all(alive(pid) for pid in before), "a worker died"
+    assert "bad control message" not in lb.log_text(), lb.logs_tail()
+
+
+async def test_sigkill_of_the_owner_takes_the_workers_with_it(tmp_path: Path) -> None:
+    """No orphan: the workers exit when their owner is SIGKILLed."""
+    with started_stack(tmp_path, gateways=1, overrides={"workers": 2}) as stack:
+        workers = await two_workers(stack.balancer)
+        assert stack.balancer.proc is not None
+        os.kill(stack.balancer.proc.pid, signal.SIGKILL)
+
+        def gone() -> bool:
+            return not any(alive(pid) for pid in workers)
+
+        await wait_until(gone, within=10 * UNIT, what="every worker gone after SIGKILL of the owner")
+
+
+async def hold(lb: Balancer, n: int) -> int:
+    """Open n tunnels at once; how many got through (the rest are refused)."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def one() -> bool:
+            try:
+                ws, _ = await stack.enter_async_context(ws_connect(lb.ws_url()))
+                await recv_hello(ws)
+            except (aiohttp.ClientError, OSError, TimeoutError, AssertionError):
+                return False
+            return True
+
+        results = await asyncio.gather(*(one() for _ in range(n)))
+        return sum(results)
+
+
+async def test_max_connections_holds_at_the_configured_number(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """limits.max_connections: 4 with 2 workers: never more than 4 tunnels at once."""
+    lb = start(launcher, {POOL: gateways}, {"limits": {"max_connections": 4}})
+    await two_workers(lb)
+    for _ in range(3):
+        got = await hold(lb, 12)
+        assert 1 <= got <= 4, got
+
+
+async def test_backend_max_connections_holds_at_the_configured_number(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """A backend's max_connections: 3 with 2 workers: never more than 3 of its tunnels at once."""
+    gw1 = gateways[0]
+    config = lb_config(pools={POOL: [gw1]}, overrides={"workers": 2, "limits": {"handshake_rate_per_ip": 0}})
+    config["pools"][POOL]["backends"][0]["max_connections"] = 3
+    lb2 = launcher.balancer(config)
+    lb2.wait_states({(POOL, gw1.id): "up"})
+    await two_workers(lb2)
+    for _ in range(3):
+        got = await hold(lb2, 10)
+        assert 1 <= got <= 3, got
+
+
+async def test_per_ip_handshake_rate_holds_at_the_configured_number(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """handshake_rate_per_ip 1/s, burst 2, 2 workers: a burst of 10 gets at most burst + rate x time."""
+    lb = start(launcher, {POOL: gateways}, {"limits": {"handshake_rate_per_ip": 1, "handshake_burst_per_ip": 2}})
+    await two_workers(lb)
+    started = time.monotonic()
+
+    async def one() -> bool:
+        try:
+            await visit(lb.ws_url(), within=2 * UNIT)
+        except (aiohttp.ClientError, OSError, TimeoutError, AssertionError):
+            return False
+        return True
+
+    results = await asyncio.gather(*(one() for _ in range(10)))
+    elapsed = time.monotonic() - started
+    assert sum(results) <= 2 + int(elapsed * 1) + 1, (sum(results), elapsed)

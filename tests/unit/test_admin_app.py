@@ -1,0 +1,60 @@
+"""The admin app in process (aiohttp's test client): a real bug inside a handler is a bare 500 with the
+traceback in the log only; readiness follows the balancer's flag.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from lb.admin import make_admin_app
+from lb.config import BackendConfig, PoolConfig
+from lb.pool import PoolState
+
+TOKEN = "t" * 20
+
+
+def _fake_balancer(*, ready: bool = True) -> Any:
+    pool = PoolState(config=PoolConfig("p", (BackendConfig("gw-1", "127.0.0.1", 1),)))
+
+    def apply_admin(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("secret internal detail /etc/lb/keys")
+
+    ctx = SimpleNamespace(config=SimpleNamespace(admin=SimpleNamespace(token=TOKEN)), pools={"p": pool})
+    return SimpleNamespace(ctx=ctx, ready=ready, shutting_down=not ready, apply_admin=apply_admin)
+
+
+async def _client(balancer: Any) -> TestClient[Any, Any]:
+    client: TestClient[Any, Any] = TestClient(TestServer(make_admin_app(balancer)))
+    await client.start_server()
+    return client
+
+
+async def test_a_bug_in_a_handler_is_a_bare_500_logged_with_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """The body says nothing of the error; the log has the traceback."""
+    client = await _client(_fake_balancer())
+    try:
+        with caplog.at_level(logging.ERROR, logger="lb.admin"):
+            reply = await client.post("/pools/p/backends/gw-1/drain", headers={"Authorization": f"Bearer {TOKEN}"})
+            body = await reply.json()
+        assert reply.status == 500 and body == {"error": "internal error"}
+        assert "secret" not in str(body)
+        assert any(r.exc_info and "secret internal detail" in str(r.exc_info[1]) for r in caplog.records)
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(("ready", "status"), [(True, 200), (False, 503)])
+async def test_readyz_and_livez_follow_the_balancer(ready: bool, status: int) -> None:
+    """/readyz follows readiness; /livez is 200 whenever the process answers."""
+    client = await _client(_fake_balancer(ready=ready))
+    try:
+        assert (await client.get("/readyz")).status == status
+        assert (await client.get("/healthz")).status == status
+        assert (await client.get("/livez")).status == 200
+    finally:
+        await client.close()

@@ -1,0 +1,165 @@
+"""Owner ↔ worker messages: length-prefixed framing, limit shares, counters keyed by pid."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lb.config import BackendConfig, Config, LimitsConfig, PoolConfig
+from lb.context import ProxyContext
+from lb.control import (
+    LENGTH,
+    MAX_MESSAGE_BYTES,
+    MessageTooLarge,
+    StatsAggregate,
+    decode,
+    encode,
+    frame_length,
+    share,
+    split_limits,
+)
+from lb.workers import read_messages
+
+
+def test_encode_is_length_prefixed_json() -> None:
+    """4-byte big-endian length, then the JSON body."""
+    frame = encode({"op": "ready"})
+    (size,) = LENGTH.unpack(frame[:4])
+    assert size == len(frame) - 4 and json.loads(frame[4:]) == {"op": "ready"}
+
+
+def test_a_frame_beyond_the_limit_is_refused_on_both_sides() -> None:
+    """The sender will not send it; a reader will not allocate it."""
+    with pytest.raises(MessageTooLarge):
+        frame_length(LENGTH.pack(MAX_MESSAGE_BYTES + 1))
+    assert frame_length(LENGTH.pack(MAX_MESSAGE_BYTES)) == MAX_MESSAGE_BYTES
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"[]", b'{"no": "op"}', b'{"op": 5}', b"[" * 5000, b"\xff"])
+def test_decode_refuses_what_is_not_a_message(body: bytes) -> None:
+    """Anything but a JSON object with a string op is a ValueError (never RecursionError)."""
+    with pytest.raises(ValueError):
+        decode(body)
+
+
+def _read_all(data: bytes) -> list[dict[str, Any]]:
+    async def run() -> list[dict[str, Any]]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        return [message async for message in read_messages(reader, "test")]
+
+    return asyncio.run(run())
+
+
+def test_reader_skips_bad_and_oversized_messages_and_keeps_going() -> None:
+    """A malformed body and an oversized frame are skipped; the messages around them arrive."""
+    oversized = MAX_MESSAGE_BYTES + 10
+    data = (
+        encode({"op": "a"})
+        + LENGTH.pack(3) + b"{{{"
+        + LENGTH.pack(oversized) + b"z" * oversized
+        + encode({"op": "b"})
+    )
+    assert [m["op"] for m in _read_all(data)] == ["a", "b"]
+
+
+def test_a_large_states_message_survives() -> None:
+    """A message far past asyncio's 64 KiB line limit (hundreds of backends) is read whole."""
+    pools = {"p": {f"gw-{i}": {"healthy": True, "reason": "x" * 200} for i in range(2000)}}
+    messages = _read_all(encode({"op": "states", "pools": pools}))
+    assert len(messages) == 1 and len(messages[0]["pools"]["p"]) == 2000
+
+
+def test_a_truncated_stream_ends_the_reader_cleanly() -> None:
+    """EOF in the middle of a frame: the reader stops (the owner is gone), no exception."""
+    assert [m["op"] for m in _read_all(encode({"op": "a"}) + LENGTH.pack(100) + b"{}")] == ["a"]
+
+
+@given(total=st.integers(0, 10_000), count=st.integers(1, 64))
+def test_shares_add_up_to_the_total(total: int, count: int) -> None:
+    """However many workers, their shares sum to exactly the configured number."""
+    parts = [share(total, i, count) for i in range(count)]
+    assert sum(parts) == total and max(parts) - min(parts) <= 1
+
+
+def _config() -> Config:
+    backends = (BackendConfig("a", "127.0.0.1", 1, max_connections=5), BackendConfig("b", "127.0.0.1", 2))
+    return Config(
+        listeners=(),
+        affinity=None,  # type: ignore[arg-type]  # not read by split_limits
+        routes=(),
+        pools={"p": PoolConfig("p", backends)},
+        limits=LimitsConfig(max_connections=7, handshake_rate_per_ip=10.0, handshake_burst_per_ip=3),
+    )
+
+
+def test_split_limits_gives_each_worker_its_share() -> None:
+    """max_connections, backend max_connections and the per-IP rate are divided between the workers."""
+    parts = [split_limits(_config(), i, 2) for i in range(2)]
+    assert [p.limits.max_connections for p in parts] == [4, 3]
+    assert [p.pools["p"].backends[0].max_connections for p in parts] == [3, 2]
+    assert all(p.pools["p"].backends[1].max_connections is None for p in parts)
+    assert sum(p.limits.handshake_rate_per_ip for p in parts) == 10.0
+    assert split_limits(_config(), 0, 1) == _config()
+
+
+def _report(handshakes: int, tunnels: int) -> dict[str, Any]:
+    return {
+        "op": "stats",
+        "backends": {"p": {"a": [tunnels, handshakes, 0, 0]}},
+        "handshakes": [["p", "a", "ok", handshakes]],
+        "tunnels_closed": handshakes - tunnels,
+        "tunnels": tunnels,
+    }
+
+
+def _ctx() -> ProxyContext:
+    config = _config()
+    from lb.affinity_token import TokenCodec
+    from lb.pool import PoolState
+
+    return ProxyContext(
+        config=config,
+        codec=TokenCodec(("k" * 43,), 60.0),
+        pools={"p": PoolState(config=config.pools["p"])},
+        routes=(),
+        on_backend_failure=lambda *_: None,
+    )
+
+
+def test_counters_stay_monotonic_across_a_worker_death_keyed_by_pid() -> None:
+    """A dead worker's counters stay; its gauges go; a late report cannot clobber its successor."""
+    aggregate, ctx = StatsAggregate(), _ctx()
+    aggregate.update(100, _report(handshakes=10, tunnels=4))
+    aggregate.update(200, _report(handshakes=5, tunnels=1))
+    assert aggregate.apply_to(ctx) == 5
+    aggregate.retire(100)
+    aggregate.update(300, _report(handshakes=1, tunnels=1))  # its replacement, same slot
+    aggregate.update(100, _report(handshakes=11, tunnels=4))  # the dead one's last report, late
+    live = aggregate.apply_to(ctx)
+    assert live == 2
+    assert ctx.stats.handshakes[("p", "a", "ok")] == 11 + 5 + 1
+    assert ctx.pools["p"].backends["a"].connections == 2
+    aggregate.compact(100)
+    assert aggregate.apply_to(ctx) == 2 and ctx.stats.handshakes[("p", "a", "ok")] == 17
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        {"op": "stats", "backends": []},
+        {"op": "stats", "backends": {"p": {"a": "nope"}}},
+        {"op": "stats", "handshakes": [["p", "a"]]},
+        {"op": "stats", "rejected": {"x": 1}},
+    ],
+)
+def test_a_malformed_stats_report_raises_a_value_type_or_attribute_error(report: dict[str, Any]) -> None:
+    """What the owner's reader catches, logs and skips: nothing else escapes the aggregation."""
+    with pytest.raises((AttributeError, KeyError, TypeError, ValueError)):
+        StatsAggregate().update(1, report)

@@ -1,0 +1,79 @@
+"""Log lines: ISO-8601 UTC timestamps, one event per line in plain and JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from lb.config import LogFormat, LoggingConfig
+from lb.log import iso_utc, setup_logging
+
+ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+class Captured:
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self._capsys = capsys
+
+    def getvalue(self) -> str:
+        return self._capsys.readouterr().err
+
+
+@pytest.fixture
+def captured(capsys: pytest.CaptureFixture[str]) -> Iterator[Captured]:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, sys.excepthook)
+    yield Captured(capsys)
+    root.handlers[:], root.level, sys.excepthook = saved
+    logging.captureWarnings(False)
+
+
+def _log_failure() -> None:
+    log = logging.getLogger("lb.test")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("reload failed:\n%s", "pools.x.backends[0].id: bad\nlimits.y: bad")
+
+
+def test_iso_utc_is_utc_with_z() -> None:
+    """Epoch 0 is midnight UTC whatever the host's zone."""
+    assert iso_utc(0.25) == "1970-01-01T00:00:00.250Z"
+
+
+def test_plain_is_one_line_with_iso_timestamp(captured: Captured) -> None:
+    """A multi-line message with a traceback is still one plain line."""
+    setup_logging(LoggingConfig(format=LogFormat.PLAIN))
+    _log_failure()
+    lines = captured.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    assert ISO_Z.match(lines[0].split(" ", 1)[0])
+    assert "limits.y: bad" in lines[0] and "RuntimeError: boom" in lines[0]
+
+
+def test_json_is_one_line_with_traceback_and_numbers(captured: Captured) -> None:
+    """JSON: one object per line, the traceback inside it, numeric fields as numbers."""
+    setup_logging(LoggingConfig(format=LogFormat.JSON))
+    _log_failure()
+    logging.getLogger("lb.access").info("x", extra={"access": {"duration": 1.25, "bytes_in": 3}})
+    lines = captured.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    first, second = (json.loads(line) for line in lines)
+    assert ISO_Z.fullmatch(first["time"]) and "RuntimeError: boom" in first["exception"]
+    assert second["duration"] == 1.25 and second["bytes_in"] == 3
+
+
+def test_an_uncaught_exception_is_one_logged_line(captured: Captured) -> None:
+    """A crash's traceback goes through the formatter too (sys.excepthook)."""
+    setup_logging(LoggingConfig(format=LogFormat.PLAIN))
+    try:
+        raise ValueError("crash")
+    except ValueError as exc:
+        sys.excepthook(ValueError, exc, exc.__traceback__)
+    lines = captured.getvalue().splitlines()
+    assert len(lines) == 1 and "uncaught exception" in lines[0] and "ValueError: crash" in lines[0]

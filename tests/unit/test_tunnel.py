@@ -1,0 +1,204 @@
+"""Tunnel ends with fake transports: close frames at boundaries, deadlines, backend loss → 1012.
+
+The relay is callback-driven, so fake transports that record writes, closes and aborts are enough;
+a short event loop runs only where a deadline (call_later) is the point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from lb import tunnel as tunnel_module
+from lb.affinity_token import TokenCodec
+from lb.config import BackendConfig, Config, PoolConfig
+from lb.context import ProxyContext
+from lb.frames import close_frame
+from lb.pool import BackendStatus, PoolState
+from lb.tunnel import Tunnel
+
+TEXT = b"\x81\x02hi"  # a whole unmasked text frame
+PARTIAL = b"\x82\x64" + b"y" * 10  # 10 of 100 payload bytes
+SERVER_CLOSE = b"\x88\x02\x03\xe8"  # the backend's own close 1000
+
+
+class FakeTransport:
+    def __init__(self, buffered: int = 0) -> None:
+        self.written = bytearray()
+        self.closed = False
+        self.aborted = False
+        self.buffered = buffered
+        self.protocol: Any = None
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _setup() -> tuple[ProxyContext, BackendStatus]:
+    backend_config = BackendConfig("gw-1", "127.0.0.1", 1)
+    pool = PoolConfig("p", (backend_config,))
+    config = Config(listeners=(), affinity=None, routes=(), pools={"p": pool})  # type: ignore[arg-type]
+    ctx = ProxyContext(
+        config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=pool)},
+        routes=(), on_backend_failure=lambda *_: None,
+    )
+    backend = ctx.pools["p"].backends["gw-1"]
+    backend.connections = 1  # the caller of join counts the connection
+    return ctx, backend
+
+
+def _join(client: FakeTransport, server: FakeTransport, **kwargs: Any) -> tuple[ProxyContext, Tunnel]:
+    ctx, backend = _setup()
+    tunnel = Tunnel.join(ctx, backend, client, server, client_ip="1.2.3.4", pool="p", **kwargs)  # type: ignore[arg-type]
+    return ctx, tunnel
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_backend_lost_between_frames_sends_1012_then_closes() -> None:
+    """EOF from the backend after whole frames: the client gets close 1012, counted as a close frame."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        ctx, tunnel = _join(client, server)
+        server.protocol.data_received(TEXT)
+        server.protocol.eof_received()
+        assert bytes(client.written) == TEXT + close_frame(1012, "backend went away")
+        assert tunnel.closed and client.closed and not client.aborted
+        assert ctx.stats.balancer_closes[("backend_lost", "close_frame")] == 1
+        assert tunnel.close_code == 1012
+
+    _run(scenario())
+
+
+def test_backend_lost_mid_frame_is_a_tcp_close() -> None:
+    """Mid-frame no close frame may follow: the client gets exactly the partial bytes, then close."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        ctx, tunnel = _join(client, server)
+        server.protocol.data_received(PARTIAL)
+        server.protocol.connection_lost(ConnectionResetError())
+        assert bytes(client.written) == PARTIAL and tunnel.closed
+        assert ctx.stats.balancer_closes[("backend_lost", "tcp")] == 1
+
+    _run(scenario())
+
+
+def test_backend_that_sent_its_own_close_gets_no_1012() -> None:
+    """A clean close handshake from the backend is relayed as is, nothing added."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        ctx, tunnel = _join(client, server)
+        server.protocol.data_received(TEXT + SERVER_CLOSE)
+        server.protocol.eof_received()
+        assert bytes(client.written) == TEXT + SERVER_CLOSE and tunnel.closed
+        assert not ctx.stats.balancer_closes
+
+    _run(scenario())
+
+
+def test_split_frame_headers_are_followed() -> None:
+    """Opcode tracking survives frames split at any byte."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        _, tunnel = _join(client, server)
+        stream = TEXT + SERVER_CLOSE
+        for i in range(len(stream)):
+            server.protocol.data_received(stream[i : i + 1])
+        server.protocol.eof_received()
+        assert bytes(client.written) == stream and tunnel.closed
+
+    _run(scenario())
+
+
+def test_close_that_finds_no_boundary_is_cut_after_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A paused backend mid-frame: the close frame waits, then both sides are aborted and counted as tcp."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_DEADLINE", 0.05)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        ctx, tunnel = _join(client, server)
+        server.protocol.data_received(PARTIAL)
+        tunnel.close_gracefully(1001, "going away", cause="idle")
+        assert not tunnel.closed and bytes(client.written) == PARTIAL
+        await asyncio.sleep(0.2)
+        assert tunnel.closed and client.aborted and server.aborted
+        assert ctx.stats.balancer_closes[("idle", "tcp")] == 1
+
+    _run(scenario())
+
+
+def test_close_sent_but_not_taken_is_cut_after_the_linger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a boundary the close goes out; a client whose buffer never drains is aborted after the linger."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.05)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(buffered=1 << 20), FakeTransport()
+        ctx, tunnel = _join(client, server)
+        tunnel.close_gracefully(1012, "service restart", cause="drain")
+        assert bytes(client.written).endswith(close_frame(1012, "service restart"))
+        await asyncio.sleep(0.2)
+        assert tunnel.closed and client.aborted
+        assert ctx.stats.balancer_closes[("drain", "tcp")] == 1
+
+    _run(scenario())
+
+
+def test_close_taken_is_a_clean_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that takes the close (empty buffer) is closed normally and counted as close_frame."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.05)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        ctx, tunnel = _join(client, server)
+        tunnel.close_gracefully(1001, "going away", cause="shutdown")
+        await asyncio.sleep(0.2)
+        assert tunnel.closed and client.closed and not client.aborted
+        assert ctx.stats.balancer_closes[("shutdown", "close_frame")] == 1
+
+    _run(scenario())
+
+
+def test_close_line_carries_the_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    """The handshake's request id given to join appears on the tunnel's close line."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        ctx, backend = _setup()
+        tunnel = Tunnel.join(
+            ctx, backend, client, server, client_ip="1.2.3.4", pool="p", request_id="r-42",  # type: ignore[arg-type]
+        )
+        tunnel.close()
+
+    with caplog.at_level("INFO", logger="lb.access"):
+        _run(scenario())
+    closes = [r for r in caplog.records if "tunnel_closed" in r.getMessage()]
+    assert closes and "request_id=r-42" in closes[0].getMessage()
