@@ -1,4 +1,4 @@
-"""The demo gateway's aiohttp application: `/ws`, `/health` and `/whoami`.
+"""The demo gateway's aiohttp application: `/ws`, `/health`, `/whoami`, `POST /drain` and `POST /undrain`.
 
 It owns what a backend behind the balancer shows to tests and to the demo:
 which server answered (`server_id`), which cookies and `X-Forwarded-*` headers
@@ -6,6 +6,12 @@ reached it, and an echo that returns every WebSocket message and close frame
 unchanged.  With `app_cookie` it plays a gateway that sets its own session
 cookie (the balancer's rewrite mode).  Process start-up, flags and signals
 belong to `backends_demo.__main__`.
+
+Draining itself: `POST /drain` makes `/health` answer (still 200)
+`{"status": "draining", ...}` with the header `X-Backend-State: draining`,
+which balancers read as "no new clients, keep the cookie holders"; `POST
+/undrain` returns it to `ok`.  A Kubernetes preStop hook calls `/drain`, so a
+rolling update empties each gateway gently across every balancer replica.
 
 WebSocket behaviour on `/ws`:
 
@@ -33,6 +39,8 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVER_ID = web.AppKey("server_id", str)
 APP_COOKIE: web.AppKey[str | None] = web.AppKey("app_cookie")
 OPEN_SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("open_sockets")
+DRAINING: web.AppKey[list[bool]] = web.AppKey("draining")  # one mutable cell: apps freeze their mapping
+STATE_HEADER = "X-Backend-State"
 
 # Close codes an endpoint may put in a close frame (RFC 6455 §7.4.1, §7.4.2).
 _SENDABLE_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)))
@@ -53,8 +61,11 @@ def make_app(server_id: str, app_cookie: str | None = None) -> web.Application:
     app[SERVER_ID] = server_id
     app[APP_COOKIE] = app_cookie
     app[OPEN_SOCKETS] = weakref.WeakSet()
+    app[DRAINING] = [False]
     app.router.add_get("/ws", handle_ws)
     app.router.add_get("/health", handle_health)
+    app.router.add_post("/drain", handle_drain)
+    app.router.add_post("/undrain", handle_undrain)
     app.router.add_get("/whoami", handle_whoami)
     app.on_shutdown.append(_close_open_sockets)
     return app
@@ -91,6 +102,21 @@ def _plant_app_cookie(request: web.Request, response: web.StreamResponse) -> str
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    draining = request.app[DRAINING][0]
+    return web.json_response(
+        {"status": "draining" if draining else "ok", "server_id": request.app[SERVER_ID]},
+        headers={STATE_HEADER: "draining" if draining else "up"},
+    )
+
+
+async def handle_drain(request: web.Request) -> web.Response:
+    """Ask every balancer for no new clients (through /health); live sockets stay."""
+    request.app[DRAINING][0] = True
+    return web.json_response({"status": "draining", "server_id": request.app[SERVER_ID]})
+
+
+async def handle_undrain(request: web.Request) -> web.Response:
+    request.app[DRAINING][0] = False
     return web.json_response({"status": "ok", "server_id": request.app[SERVER_ID]})
 
 

@@ -24,7 +24,7 @@ import signal
 import ssl
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,10 @@ from aiohttp import web
 
 from lb.admin import make_admin_app
 from lb.affinity_token import TokenCodec
-from lb.config import Config, EventLoop, ListenerConfig, PoolConfig
+from lb.config import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
 from lb.config_load import load_config
 from lb.context import ProxyContext
+from lb.discovery import DiscoveryManager
 from lb.errors import ConfigError
 from lb.health import HealthChecker
 from lb.listener import ClientConnection
@@ -78,6 +79,8 @@ class Balancer:
         self._admin: web.AppRunner | None = None
         self.admin_address: tuple[str, int] | None = None
         self._checkers: list[HealthChecker] = []
+        # DNS discovery runs wherever routing happens (owner and every worker resolve on their own).
+        self.discovery = DiscoveryManager(self.update_discovered, self.registry)
         self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
@@ -120,6 +123,7 @@ class Balancer:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
         if self.role is not Role.WORKER:
             self._start_health_checks()
+        self._start_discovery()
         if self._supervisor is not None:
             await self._supervisor.start()
         if self._control is not None:
@@ -153,6 +157,9 @@ class Balancer:
         host, port = self._admin.addresses[0][:2]
         self.admin_address = (host, port)
         log.info("admin API on %s:%d", host, port)
+
+    def _start_discovery(self) -> None:
+        self.discovery.start(self.config.pools)
 
     def _start_health_checks(self) -> None:
         for pool in self.ctx.pools.values():
@@ -225,6 +232,30 @@ class Balancer:
                 elif now - since >= idle:
                     tunnel.close_gracefully(1001, "idle timeout")
 
+    def update_discovered(self, pool: str, backends: tuple[BackendConfig, ...]) -> None:
+        """DNS discovery found a new set for `pool`: merge it the way a reload does.
+
+        Kept backends keep their state and counts; added ones are health-checked
+        (they start `up`, like a reload-added one); removed ones take no new
+        client, their cookie holders are redispatched, their tunnels stay.
+        """
+        old = self.ctx.pools.get(pool)
+        if old is None:
+            return
+        static = self.config.pools[pool]
+        merged = self._merge_pool(replace(static, backends=static.backends + backends), old)
+        self.ctx.pools[pool] = merged
+        for backend in old.backends.values():
+            if merged.backends.get(backend.id) is not backend:
+                backend.reason = "removed from DNS"
+                if backend.connections:
+                    self._retired.append((pool, backend))
+        for checker in self._checkers:
+            if checker.pool_name == pool:
+                checker.retarget(merged)
+        if self._supervisor is not None:
+            self._supervisor.states_changed()
+
     # -- reload --------------------------------------------------------------
 
     async def reload(self) -> bool:
@@ -254,7 +285,10 @@ class Balancer:
         """Swap in `config` without closing a live tunnel."""
         ctx = self.ctx
         old_pools = ctx.pools
-        ctx.pools = {name: self._merge_pool(pool, old_pools.get(name)) for name, pool in config.pools.items()}
+        ctx.pools = {
+            name: self._merge_pool(self.discovery.with_discovered(pool), old_pools.get(name))
+            for name, pool in config.pools.items()
+        }
         for name, old in old_pools.items():
             kept = ctx.pools.get(name)
             for backend in old.backends.values():
@@ -271,6 +305,7 @@ class Balancer:
         if self.role is not Role.WORKER:
             await self._stop_health_checks()
             self._start_health_checks()
+        self._start_discovery()
         if self.role is not Role.OWNER:
             await self._apply_listeners(config)
         if self.role is not Role.WORKER and (
@@ -347,6 +382,7 @@ class Balancer:
             for tunnel in list(self.ctx.tunnels):
                 tunnel.close()
         await self._stop_health_checks()
+        await self.discovery.stop()
         if self._admin is not None:
             await self._admin.cleanup()
         if self._control is not None:
