@@ -265,3 +265,47 @@ async def test_static_and_discovered_backends_together(launcher: Launcher, zone:
     zone.set_a(f"gw-1.{SERVICE}", [HOST])
     data = await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"], "an error")
     assert find_backend(data, "gateways", "gw-1")["address"] == gw1.address
+
+
+async def test_hostile_answer_is_capped_and_bad_names_skipped(launcher: Launcher) -> None:
+    """500 SRV records and a target whose label is no id: max_backends caps the set (and the per-target
+    lookups), the bad name is skipped with a log line, /status counts what was left out."""
+    server = ZoneServer(additional=False).start()
+    try:
+        records = [(f"gw-{i:03d}.{SERVICE}", 9000 + i) for i in range(500)]
+        server.set_srv(SERVICE, [("a*bad." + SERVICE, 9999), *records])
+        for target, _ in records[:5]:
+            server.set_a(target, [HOST])
+        server.set_a("a*bad." + SERVICE, [HOST])
+        lb = launcher.balancer(discovery_config(server, max_backends=3))
+        data = await wait_status(lb, lambda s: ids(s) == {"gw-000", "gw-001"}, "the capped set")
+        assert data["pools"]["gateways"]["discovery"]["skipped"] == 499
+        looked_up = {name for name, kind in server.queries if kind in ("A", "AAAA")}
+        assert looked_up <= {f"gw-000.{SERVICE}", f"gw-001.{SERVICE}", f"a*bad.{SERVICE}"}, looked_up
+        text = lb.log_text()
+        assert "not a valid backend id" in text and "cut to max_backends=3" in text
+    finally:
+        server.stop()
+
+
+async def test_workers_route_to_discovered_backends(launcher: Launcher, zone: ZoneServer) -> None:
+    """With workers: 2, every worker resolves too: new clients reach discovered backends, and a removed
+    one stops getting them."""
+    gw1, gw2 = launcher.gateways(2)
+    publish(zone, [gw1, gw2])
+    config = discovery_config(zone)
+    config["workers"] = 2
+    lb = launcher.balancer(config)
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both gateways")
+    for g in (gw1, gw2):
+        await wait_for_state(lb, "gateways", g.id, "up", within=10 * UNIT)
+    seen = {(await visit(lb.ws_url())).server_id for _ in range(8)}
+    assert seen == {"gw-1", "gw-2"}
+    publish(zone, [gw1])
+    await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-2 removed")
+    deadline = time.monotonic() + 5 * UNIT
+    while True:  # every worker converges within an interval or so
+        seen = {(await visit(lb.ws_url())).server_id for _ in range(6)}
+        if seen == {"gw-1"}:
+            break
+        assert time.monotonic() < deadline, f"a worker still sends new clients to gw-2: {seen}"
