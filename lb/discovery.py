@@ -79,7 +79,12 @@ class DiscoveryStatus:
 def make_resolver(config: DiscoveryConfig) -> dns.asyncresolver.Resolver:
     """A resolver for the configured nameservers (host:port), or the system's (/etc/resolv.conf)."""
     if not config.nameservers:
-        resolver = dns.asyncresolver.Resolver()
+        try:
+            resolver = dns.asyncresolver.Resolver()
+        except dns.resolver.NoResolverConfiguration:
+            # No /etc/resolv.conf (a scratch container): every lookup fails, shown in /status.
+            log.warning("discovery for %s: no system resolver configuration; set nameservers", config.dns)
+            resolver = dns.asyncresolver.Resolver(configure=False)
     else:
         resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in config.nameservers]
@@ -328,6 +333,11 @@ class DiscoveryManager:
         static_ids = {b.id for b in pool.backends}  # a static backend wins over DNS, as in `lookup`
         found = tuple(b for b in found if b.id not in static_ids)
         return replace(pool, backends=pool.backends + found) if found else pool
+
+    def settled(self) -> bool:
+        """Every discovery loop has finished its first lookup (for a readiness check to wait on)."""
+        return all(loop.status.lookups > 0 and (loop.status.last_ok or loop.status.last_error)
+                   for loop in self._loops.values())
 
     def status(self, pool: str) -> dict[str, Any] | None:
         loop = self._loops.get(pool)
