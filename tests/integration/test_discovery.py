@@ -7,8 +7,10 @@ server as its nameserver and a 200 ms interval.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +39,7 @@ from conftest import (
     ws_connect,
 )
 from support_dns import ZoneServer
+from support_ops import rewrite_config, signal_balancer, wait_for_log
 
 SERVICE = "gateway.game.svc.cluster.local"
 
@@ -80,8 +83,6 @@ async def wait_status(lb: Balancer, check: Any, what: str, within: float = 10 * 
 
 
 async def _pause() -> None:
-    import asyncio
-
     await asyncio.sleep(0.05)
 
 
@@ -309,3 +310,29 @@ async def test_workers_route_to_discovered_backends(launcher: Launcher, zone: Zo
         if seen == {"gw-1"}:
             break
         assert time.monotonic() < deadline, f"a worker still sends new clients to gw-2: {seen}"
+
+
+async def test_reload_keeps_discovered_backends_and_their_tunnels(launcher: Launcher, zone: ZoneServer) -> None:
+    """SIGHUP with discovery unchanged: discovered backends stay (no gap, no "removed"), with their
+    tunnels and cookie holders; a changed static list still applies."""
+    gw1, gw2, gw3 = launcher.gateways(3)
+    publish(zone, [gw1, gw2])
+    lb = launcher.balancer(discovery_config(zone, interval="5s"))  # no lookup lands during the reload
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both discovered")
+    await wait_for_state(lb, "gateways", "gw-1", "up", within=10 * UNIT)
+    first = await visit(lb.ws_url())
+    assert first.cookie is not None
+    async with ws_connect(lb.ws_url(), cookie=first.cookie.value) as (ws, _):
+        assert (await recv_hello(ws))["server_id"] == first.server_id
+        config = dict(lb.config)
+        config["pools"] = {"gateways": {**config["pools"]["gateways"],
+                                        "backends": [{"id": gw3.id, "address": gw3.address}]}}
+        lines = lb.log_lines()
+        rewrite_config(lb, config)
+        signal_balancer(lb, signal.SIGHUP)
+        await wait_for_log(lb, "reloaded configuration", after=lines)
+        data = await status(lb)
+        assert ids(data) == {"gw-1", "gw-2", "gw-3"}
+        assert find_backend(data, "gateways", first.server_id)["connections"] == 1
+        assert (await visit(lb.ws_url(), cookie=first.cookie.value)).server_id == first.server_id
+        await assert_echo(ws, "through the reload")
