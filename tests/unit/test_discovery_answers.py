@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lb.config import BackendConfig, DiscoveryType
 from lb.config_load import MAX_FILE_REFERENCE_BYTES, load_config, parse_config
@@ -279,3 +281,29 @@ def test_workers_bad_values(tmp_path: Path, value: object) -> None:
     tree = base_tree({"backends": [{"id": "a", "address": "127.0.0.1:1"}]})
     tree["workers"] = value
     assert "expected auto or an integer from 1 to 64" in problems(tree, tmp_path)["workers"]
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+
+_labels = st.text(alphabet=st.characters(codec="ascii"), min_size=0, max_size=70)
+_records = st.lists(
+    st.builds(SrvRecord, target=st.builds(lambda a, b: f"{a}.{b}", _labels, _labels),
+              port=st.integers(0, 70000), weight=st.integers(0, 65535), priority=st.integers(0, 65535)),
+    max_size=40,
+)
+
+
+@given(_records, st.integers(1, 50), st.lists(st.text(max_size=50), max_size=5))
+def test_from_srv_never_crashes_and_keeps_its_promises(
+    records: list[SrvRecord], cap: int, junk_addresses: list[str]
+) -> None:
+    """Whatever DNS sends: at most `cap` backends, valid unique ids, ports 1..65535, weights 1..256."""
+    addresses = {r.target.lower().rstrip("."): ["10.0.0.1", *junk_addresses] for r in records}
+    found = from_srv(records, addresses, max_backends=cap)
+    assert len(found.backends) <= cap
+    backend_ids = [b.id for b in found.backends]
+    assert len(set(backend_ids)) == len(backend_ids)
+    for backend in found.backends:
+        assert srv_id(backend.id) == backend.id
+        assert 1 <= backend.port <= 65535 and 1 <= backend.weight <= 256
