@@ -123,7 +123,7 @@ class Balancer:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
         if self.role is not Role.WORKER:
             self._start_health_checks()
-        self._start_discovery()
+        self.discovery.start(self.config.pools)  # DNS discovery loops (lb.discovery)
         if self._supervisor is not None:
             await self._supervisor.start()
         if self._control is not None:
@@ -157,9 +157,6 @@ class Balancer:
         host, port = self._admin.addresses[0][:2]
         self.admin_address = (host, port)
         log.info("admin API on %s:%d", host, port)
-
-    def _start_discovery(self) -> None:
-        self.discovery.start(self.config.pools)
 
     def _start_health_checks(self) -> None:
         for pool in self.ctx.pools.values():
@@ -305,7 +302,7 @@ class Balancer:
         if self.role is not Role.WORKER:
             await self._stop_health_checks()
             self._start_health_checks()
-        self._start_discovery()
+        self.discovery.start(self.config.pools)  # DNS discovery loops (lb.discovery)
         if self.role is not Role.OWNER:
             await self._apply_listeners(config)
         if self.role is not Role.WORKER and (
