@@ -3,20 +3,28 @@
 `POST /drain` on a gateway makes its health answers carry `X-Backend-State: draining`; the balancer
 puts it in `draining` (no new clients, cookie holders still reach it, live tunnels untouched) for as
 long as it says so; `POST /undrain` returns it.  An operator's `disable` wins over it; `workers: 2`
-sees it too (the owner reads the health answers and tells its workers).
+sees it too (the owner reads the health answers and tells its workers).  Last, the README's rolling
+update of a gateway, end to end.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import subprocess
+import sys
 from typing import Any
 
 import aiohttp
 from conftest import (
+    ROOT,
     UNIT,
     Balancer,
     Gateway,
     Launcher,
+    affinity_cookie,
     assert_echo,
+    child_env,
     find_backend,
     lb_config,
     recv_hello,
@@ -25,7 +33,7 @@ from conftest import (
     wait_for_state,
     ws_connect,
 )
-from support_ops import set_state
+from support_ops import set_state, wait_close
 
 
 async def gateway_post(gateway: Gateway, path: str) -> dict[str, Any]:
@@ -117,3 +125,52 @@ async def test_workers_see_the_backend_request(launcher: Launcher) -> None:
     await wait_for_state(lb, "gateways", gw1.id, "draining")
     for _ in range(8):
         assert (await visit(lb.ws_url())).server_id == gw2.id
+
+
+class SpreadGateway(Gateway):
+    """A demo gateway started with `--close-spread S`: on SIGTERM it closes players with 1012 over S seconds."""
+
+    spread = 1.5
+
+    def launch(self) -> None:
+        self._close_log()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "backends_demo", "--id", self.id, "--port", str(self.port),
+             "--close-spread", str(self.spread)],
+            cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+
+async def test_rolling_update_recipe(launcher: Launcher, tmp_path: Any) -> None:
+    """The README's gateway rolling update: /drain (no new players), then SIGTERM closes the rest with
+    1012 spread over the window, and each reconnect with its cookie lands on another gateway."""
+    leaving = SpreadGateway("gw-1", tmp_path)
+    launcher._gateways.append(leaving)  # the launcher stops it at the end, like its own
+    leaving.start()
+    [staying] = launcher.gateways(1, prefix="gw-stay")
+    lb = launcher.balancer(lb_config(pools={"gateways": [leaving, staying]}))
+    for g in (leaving, staying):
+        await wait_for_state(lb, "gateways", g.id, "up", within=10 * UNIT)
+    async with contextlib.AsyncExitStack() as stack:
+        players = []
+        while len(players) < 3:
+            ws, headers = await stack.enter_async_context(ws_connect(lb.ws_url()))
+            hello = await recv_hello(ws)
+            cookie = affinity_cookie(headers)
+            if hello["server_id"] == leaving.id:
+                assert cookie is not None
+                players.append((ws, cookie.value))
+        await gateway_post(leaving, "/drain")  # what the StatefulSet's preStop does
+        await wait_for_state(lb, "gateways", leaving.id, "draining")
+        assert (await visit(lb.ws_url())).server_id == staying.id
+        stopping = asyncio.create_task(asyncio.to_thread(leaving.stop))  # SIGTERM after preStop
+        closes = await asyncio.gather(*(wait_close(ws, 10 * UNIT) for ws, _ in players))
+        await stopping
+        assert {c.code for c in closes} == {1012}, closes
+        times = sorted(c.at for c in closes)
+        assert times[-1] - times[0] >= SpreadGateway.spread / 3, f"closed all at once: {times}"
+        for _, token in players:
+            again = await visit(lb.ws_url(), cookie=token)
+            assert again.server_id == staying.id
+            assert again.cookie is not None and again.cookie.value != token
