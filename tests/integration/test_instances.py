@@ -57,7 +57,8 @@ class HAProxy:
         self.port = free_port()
         self.config_path = workdir / "haproxy.cfg"
         self.log_path = workdir / "haproxy.log"
-        proxy = " send-proxy-v2" if PROXY_V2 else ""
+        # check-send-proxy: health checks carry the header too, so the balancers see no headerless probes.
+        proxy = " send-proxy-v2 check-send-proxy" if PROXY_V2 else ""
         servers = "\n".join(
             f"    server {b.name} {HOST}:{b.port} check inter 200ms{proxy}" for b in balancers
         )
