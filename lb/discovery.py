@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 # At most this many target lookups at once for one SRV answer (those not in the additional section).
 _TARGET_LOOKUPS = 16
+# A whole lookup (the SRV query, then its targets' A/AAAA) may take this many `timeout`s.
+LOOKUP_BUDGET = 3
 
 Apply = Callable[[str, tuple[BackendConfig, ...]], None]
 
@@ -235,13 +237,18 @@ class Discoverer:
         status = self.status
         status.lookups += 1
         try:
-            discovered, ttl = await lookup(self.config, self._resolver, self._reserved)
+            # Each query is bounded by `timeout`; the whole lookup (SRV, then its targets) by a few of them.
+            async with asyncio.timeout(LOOKUP_BUDGET * self.config.timeout):
+                discovered, ttl = await lookup(self.config, self._resolver, self._reserved)
             if not discovered.backends:
                 reasons = "; ".join(discovered.skipped[:3])
                 raise DiscoveryError(f"{self.config.dns}: no usable backend in the answer{': ' if reasons else ''}"
                                      f"{reasons}")
         except DiscoveryError as exc:
             self._failed(str(exc))
+            return None
+        except TimeoutError:
+            self._failed(f"{self.config.dns}: lookup not complete within {LOOKUP_BUDGET * self.config.timeout:g}s")
             return None
         except Exception as exc:  # a bug in a DNS library must not end discovery for good
             log.error("discovery for pool %s failed unexpectedly", self.pool, exc_info=True)

@@ -4,7 +4,7 @@
 kernel picks.  The zone is a mutable table: `set_srv(name, [(target, port), ...])` and
 `set_a(name, [ip, ...])`; targets of SRV records are answered from the same table, and
 `additional=True` also puts their addresses in the SRV answer's additional section (as
-CoreDNS does).  `stop()` takes the server away, so lookups fail (connection refused) as
+CoreDNS does); `delay` makes every answer late.  `stop()` takes the server away, so lookups fail (connection refused) as
 they do when a cluster's DNS is down.  Nothing here imports `lb`.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -31,6 +32,8 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
 
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
         reply = request.reply()
+        if self._server.delay:
+            time.sleep(self._server.delay)  # a slow server (dnslib answers each query in its own thread)
         name = _key(str(request.q.qname))
         qtype = QTYPE[request.q.qtype]
         zone = self._server
@@ -70,11 +73,20 @@ class ZoneServer:
         self.a: dict[str, list[str]] = {}
         self.additional = additional
         self.queries: list[tuple[str, str]] = []
+        self.delay = 0.0  # seconds before each answer
         self.port = 0
         self._server: DNSServer | None = None
 
     def start(self, port: int = 0) -> ZoneServer:
         server = DNSServer(_ZoneResolver(self), port=port, address="127.0.0.1", logger=_QuietLogger())
+        original = server.server.handle_error
+
+        def handle_error(request: Any, client_address: Any) -> None:
+            # A late answer to a query in flight when the test stopped the server: its socket is gone.
+            if self._server is not None:
+                original(request, client_address)
+
+        server.server.handle_error = handle_error
         server.start_thread()
         self._server = server
         self.port = int(server.server.server_address[1])

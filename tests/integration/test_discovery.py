@@ -336,3 +336,19 @@ async def test_reload_keeps_discovered_backends_and_their_tunnels(launcher: Laun
         assert find_backend(data, "gateways", first.server_id)["connections"] == 1
         assert (await visit(lb.ws_url(), cookie=first.cookie.value)).server_id == first.server_id
         await assert_echo(ws, "through the reload")
+
+
+async def test_slow_dns_times_out_and_keeps_the_set(launcher: Launcher, zone: ZoneServer) -> None:
+    """A nameserver that answers late: the lookup gives up after its timeout, the set stays, the
+    balancer keeps serving meanwhile."""
+    gateways = launcher.gateways(1)
+    publish(zone, gateways)
+    lb = launcher.balancer(discovery_config(zone, timeout="300ms"))
+    await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-1")
+    zone.delay = 2.0
+    data = await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"], "a timeout")
+    assert "within" in data["pools"]["gateways"]["discovery"]["last_error"]
+    assert ids(data) == {"gw-1"}
+    assert (await visit(lb.ws_url())).server_id == "gw-1"
+    zone.delay = 0.0
+    await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"] is None, "recovery")
