@@ -663,10 +663,28 @@ def _workers(cpu_count: int | None) -> Parser:
 
 
 def _usable_cpus() -> int:
-    # The affinity mask, not os.cpu_count(): a container pinned to 2 of 64 cores wants 2 workers.
-    with contextlib.suppress(AttributeError, OSError):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota if one is set.
+
+    Not os.cpu_count(): a container pinned to 2 of 64 cores, or limited to 2 CPUs of quota
+    (Kubernetes `resources.limits.cpu: 2`), wants 2 workers, not 64.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(Path("/sys/fs/cgroup/cpu.max"))
+    return max(1, min(cpus, quota)) if quota is not None else cpus
+
+
+def _cgroup_cpu_quota(path: Path) -> int | None:
+    """CPUs allowed by a cgroup v2 `cpu.max` ("200000 100000" → 2, rounded up); None without a quota."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
 
 
 def _config(tree: object, check: _Checker) -> Config | None:

@@ -307,3 +307,17 @@ def test_from_srv_never_crashes_and_keeps_its_promises(
     for backend in found.backends:
         assert srv_id(backend.id) == backend.id
         assert 1 <= backend.port <= 65535 and 1 <= backend.weight <= 256
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("max 100000\n", None), ("200000 100000\n", 2), ("150000 100000", 2), ("50000 100000", 1), ("junk", None)],
+)
+def test_cgroup_cpu_quota(tmp_path: Path, content: str, expected: int | None) -> None:
+    """workers: auto honours a container's CPU quota (cgroup v2 cpu.max), rounded up."""
+    from lb.config_load import _cgroup_cpu_quota
+
+    path = tmp_path / "cpu.max"
+    path.write_text(content)
+    assert _cgroup_cpu_quota(path) == expected
+    assert _cgroup_cpu_quota(tmp_path / "absent") is None
