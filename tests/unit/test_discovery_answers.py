@@ -11,8 +11,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lb.cli import main
 from lb.config import BackendConfig, DiscoveryType
-from lb.config_load import MAX_FILE_REFERENCE_BYTES, load_config, parse_config
+from lb.config_load import MAX_FILE_REFERENCE_BYTES, _cgroup_cpu_quota, load_config, parse_config
 from lb.dns_backends import (
     SrvRecord,
     diff,
@@ -315,9 +316,21 @@ def test_from_srv_never_crashes_and_keeps_its_promises(
 )
 def test_cgroup_cpu_quota(tmp_path: Path, content: str, expected: int | None) -> None:
     """workers: auto honours a container's CPU quota (cgroup v2 cpu.max), rounded up."""
-    from lb.config_load import _cgroup_cpu_quota
-
     path = tmp_path / "cpu.max"
     path.write_text(content)
     assert _cgroup_cpu_quota(path) == expected
     assert _cgroup_cpu_quota(tmp_path / "absent") is None
+
+
+def test_lb_validate_names_the_unreadable_secret_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`lb validate` exits 2 and names the key path and the file of a missing ${file:} secret."""
+    tree = base_tree({"discovery": {"dns": SERVICE}})
+    tree["affinity"]["secret_keys"] = ["${file:keys/current}"]
+    path = tmp_path / "lb.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert main(["validate", "--config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert f"affinity.secret_keys[0]: cannot read file {tmp_path / 'keys' / 'current'}" in out + err
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "current").write_text(KEY)
+    assert main(["validate", "--config", str(path)]) == 0
