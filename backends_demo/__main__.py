@@ -27,12 +27,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--app-cookie", default=None, metavar="NAME", help="plant a session cookie NAME (rewrite mode)"
     )
+    parser.add_argument(
+        "--close-spread", default=0.0, type=float, metavar="SECONDS",
+        help="on SIGTERM, close live WebSockets with 1012 spread over this many seconds (default: all at once, 1001)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    app = make_app(args.server_id, app_cookie=args.app_cookie)
+    app = make_app(args.server_id, app_cookie=args.app_cookie, close_spread=max(0.0, args.close_spread))
     banner = f"gateway {args.server_id} listening on {args.host}:{args.port}"
 
     def announce(*_: object) -> None:
@@ -45,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=args.port,
             print=announce,
             access_log=None,
-            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            shutdown_timeout=SHUTDOWN_TIMEOUT + max(0.0, args.close_spread),
         )
     except OSError as exc:  # port taken, address not available
         print(f"gateway {args.server_id}: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)

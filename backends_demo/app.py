@@ -1,4 +1,4 @@
-"""The demo gateway's aiohttp application: `/ws`, `/health` and `/whoami`.
+"""The demo gateway's aiohttp application: `/ws`, `/health`, `/whoami`, `POST /drain` and `POST /undrain`.
 
 It owns what a backend behind the balancer shows to tests and to the demo:
 which server answered (`server_id`), which cookies and `X-Forwarded-*` headers
@@ -6,6 +6,16 @@ reached it, and an echo that returns every WebSocket message and close frame
 unchanged.  With `app_cookie` it plays a gateway that sets its own session
 cookie (the balancer's rewrite mode).  Process start-up, flags and signals
 belong to `backends_demo.__main__`.
+
+Draining itself: `POST /drain` makes `/health` answer (still 200)
+`{"status": "draining", ...}` with the header `X-Backend-State: draining`,
+which balancers read as "no new clients, keep the cookie holders"; `POST
+/undrain` returns it to `ok`.  A Kubernetes preStop hook calls `/drain`, so a
+rolling update empties each gateway gently across every balancer replica.
+With `close_spread` (`--close-spread SECONDS`), shutdown closes the players
+still connected with 1012 (Service Restart) spread evenly over that window,
+after the gateway has stopped listening: each reconnects at the gateway's pace,
+finds it gone, and is redispatched by the balancer.
 
 WebSocket behaviour on `/ws`:
 
@@ -18,6 +28,7 @@ WebSocket behaviour on `/ws`:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import weakref
@@ -33,18 +44,23 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVER_ID = web.AppKey("server_id", str)
 APP_COOKIE: web.AppKey[str | None] = web.AppKey("app_cookie")
 OPEN_SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("open_sockets")
+DRAINING: web.AppKey[list[bool]] = web.AppKey("draining")  # one mutable cell: apps freeze their mapping
+CLOSE_SPREAD = web.AppKey("close_spread", float)
+STATE_HEADER = "X-Backend-State"
 
 # Close codes an endpoint may put in a close frame (RFC 6455 §7.4.1, §7.4.2).
 _SENDABLE_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)))
 
 
-def make_app(server_id: str, app_cookie: str | None = None) -> web.Application:
+def make_app(server_id: str, app_cookie: str | None = None, close_spread: float = 0.0) -> web.Application:
     """Build the gateway application.
 
     Args:
         server_id: the id every answer reports (`gw-1`).
         app_cookie: if set, the name of a session cookie the gateway plants on
             `/ws` and `/whoami` responses for requests that do not carry it.
+        close_spread: seconds over which shutdown closes live WebSockets with
+            1012, one after another; 0 closes them all at once with 1001.
 
     Returns:
         The application, ready for `web.run_app` or an `AppRunner`.
@@ -53,8 +69,12 @@ def make_app(server_id: str, app_cookie: str | None = None) -> web.Application:
     app[SERVER_ID] = server_id
     app[APP_COOKIE] = app_cookie
     app[OPEN_SOCKETS] = weakref.WeakSet()
+    app[DRAINING] = [False]
+    app[CLOSE_SPREAD] = close_spread
     app.router.add_get("/ws", handle_ws)
     app.router.add_get("/health", handle_health)
+    app.router.add_post("/drain", handle_drain)
+    app.router.add_post("/undrain", handle_undrain)
     app.router.add_get("/whoami", handle_whoami)
     app.on_shutdown.append(_close_open_sockets)
     return app
@@ -91,6 +111,21 @@ def _plant_app_cookie(request: web.Request, response: web.StreamResponse) -> str
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    draining = request.app[DRAINING][0]
+    return web.json_response(
+        {"status": "draining" if draining else "ok", "server_id": request.app[SERVER_ID]},
+        headers={STATE_HEADER: "draining" if draining else "up"},
+    )
+
+
+async def handle_drain(request: web.Request) -> web.Response:
+    """Ask every balancer for no new clients (through /health); live sockets stay."""
+    request.app[DRAINING][0] = True
+    return web.json_response({"status": "draining", "server_id": request.app[SERVER_ID]})
+
+
+async def handle_undrain(request: web.Request) -> web.Response:
+    request.app[DRAINING][0] = False
     return web.json_response({"status": "ok", "server_id": request.app[SERVER_ID]})
 
 
@@ -163,7 +198,17 @@ def _close_command(text: str) -> tuple[int, str] | None:
 
 
 async def _close_open_sockets(app: web.Application) -> None:
-    """On shutdown, close live WebSockets with 1001 so the server stops promptly."""
-    sockets = app[OPEN_SOCKETS]
-    for ws in list(sockets):  # a copy: handlers discard their socket as they finish
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+    """On shutdown, close live WebSockets: all at once with 1001, or with 1012 over `close_spread`."""
+    sockets = list(app[OPEN_SOCKETS])  # a copy: handlers discard their socket as they finish
+    spread = app[CLOSE_SPREAD]
+    if spread <= 0 or not sockets:
+        for ws in sockets:
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        return
+    # Evenly over the window, never all at once: reconnects arrive at a pace the others can take.
+    pause = spread / len(sockets)
+    closing = []
+    for ws in sockets:
+        closing.append(asyncio.create_task(ws.close(code=WSCloseCode.SERVICE_RESTART, message=b"gateway restarting")))
+        await asyncio.sleep(pause)
+    await asyncio.gather(*closing, return_exceptions=True)

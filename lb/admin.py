@@ -128,6 +128,10 @@ def status_document(balancer: Balancer) -> dict[str, Any]:
         }
         for pool in ctx.pools.values()
     }
+    for name, entry in pools.items():  # DNS discovery: last_ok, last_error, ... (lb.discovery)
+        discovery = balancer.discovery.status(name)
+        if discovery is not None:
+            entry["discovery"] = discovery
     # Backends a reload removed stay visible while their last tunnels run.
     for name, backend in balancer.retired_backends():
         entry = pools.setdefault(name, {"balance": None, "backends": []})
@@ -157,6 +161,7 @@ def _backend_document(b: BackendStatus) -> dict[str, Any]:
         "redispatches": b.redispatches,
         "health": {"passing": b.healthy, "successes": b.successes, "failures": b.failures},
         "migrating": b.migrating,
+        "requested_state": "draining" if b.requested_drain else None,  # from X-Backend-State
         "changed_at": b.changed_at or None,
     }
 

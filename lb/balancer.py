@@ -38,7 +38,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -47,10 +47,11 @@ from aiohttp import web
 
 from lb.admin import make_admin_app
 from lb.affinity_token import TokenCodec
-from lb.config import Config, EventLoop, ListenerConfig, PoolConfig
+from lb.config import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
 from lb.config_load import load_config
 from lb.context import ProxyContext
 from lb.control import split_limits
+from lb.discovery import DiscoveryManager
 from lb.errors import ConfigError, LbError
 from lb.health import HealthChecker
 from lb.listener import ClientConnection
@@ -118,6 +119,8 @@ class Balancer:
         self._admin: web.AppRunner | None = None
         self.admin_address: tuple[str, int] | None = None
         self._checkers: list[HealthChecker] = []
+        # DNS discovery runs wherever routing happens (owner and every worker resolve on their own).
+        self.discovery = DiscoveryManager(self.update_discovered, self.registry)
         self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
@@ -183,6 +186,7 @@ class Balancer:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
         if self.role is not Role.WORKER:
             self._start_health_checks()
+        self.discovery.start(self.config.pools)  # DNS discovery loops (lb.discovery)
         if self._supervisor is not None:
             await self._supervisor.start()
         if self._control is not None:
@@ -309,6 +313,30 @@ class Balancer:
                 elif now - since >= idle:
                     tunnel.close_gracefully(GOING_AWAY, "idle timeout", cause="idle")
 
+    def update_discovered(self, pool: str, backends: tuple[BackendConfig, ...]) -> None:
+        """DNS discovery found a new set for `pool`: merge it the way a reload does.
+
+        Kept backends keep their state and counts; added ones are health-checked
+        (they start `up`, like a reload-added one); removed ones take no new
+        client, their cookie holders are redispatched, their tunnels stay.
+        """
+        old = self.ctx.pools.get(pool)
+        if old is None:
+            return
+        static = self.config.pools[pool]
+        merged = self._merge_pool(replace(static, backends=static.backends + backends), old)
+        self.ctx.pools[pool] = merged
+        for backend in old.backends.values():
+            if merged.backends.get(backend.id) is not backend:
+                backend.reason = "removed from DNS"
+                if backend.connections:
+                    self._retired.append((pool, backend))
+        for checker in self._checkers:
+            if checker.pool_name == pool:
+                checker.retarget(merged)
+        if self._supervisor is not None:
+            self._supervisor.states_changed()
+
     # -- reload --------------------------------------------------------------
 
     def request_reload(self) -> None:
@@ -398,6 +426,7 @@ class Balancer:
         if self.role is not Role.WORKER:
             await self._stop_health_checks()
             self._start_health_checks()
+        self.discovery.start(self.config.pools)  # DNS discovery loops (lb.discovery)
         if old_admin is not None:
             await old_admin.cleanup()
 
@@ -420,7 +449,10 @@ class Balancer:
         """Install the new state.  No await in here: this is the reload's atomic step."""
         ctx = self.ctx
         old_pools = ctx.pools
-        pools = {name: self._merge_pool(pool, old_pools.get(name)) for name, pool in config.pools.items()}
+        pools = {
+            name: self._merge_pool(self.discovery.with_discovered(pool), old_pools.get(name))
+            for name, pool in config.pools.items()
+        }
         retired = [(name, b) for name, b in self._retired if pools.get(name) is None
                    or pools[name].backends.get(b.id) is not b]
         for name, old in old_pools.items():
@@ -514,6 +546,7 @@ class Balancer:
             self._sweeper.cancel()
         await self._close_tunnels_spread(timeouts.shutdown_grace)
         await self._stop_health_checks()
+        await self.discovery.stop()
         if self._admin is not None:
             await self._admin.cleanup()
         if self._control is not None:

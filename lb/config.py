@@ -38,6 +38,11 @@ class HealthCheckType(StrEnum):
     TCP = "tcp"
 
 
+class DiscoveryType(StrEnum):
+    SRV = "srv"  # one backend per SRV record, id = first label of the target
+    A = "a"      # one backend per A/AAAA record, id "ip:port"
+
+
 class EventLoop(StrEnum):
     AUTO = "auto"        # uvloop when installed, else asyncio
     ASYNCIO = "asyncio"
@@ -123,12 +128,26 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """`pools.X.discovery`: backends learned from DNS, re-resolved every `interval`."""
+
+    dns: str
+    type: DiscoveryType = DiscoveryType.SRV
+    port: int | None = None  # required for type a
+    interval: float = 5.0
+    nameservers: tuple[tuple[str, int], ...] = ()  # empty: the system resolver
+    timeout: float = 2.0  # one lookup, all nameservers included
+    max_backends: int = 256  # a huge answer is cut to this many (logged)
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     name: str
     backends: tuple[BackendConfig, ...]
     balance: BalanceMethod = BalanceMethod.LEAST_CONN
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     slow_start: float = 0.0  # seconds over which a backend back up ramps to its full weight
+    discovery: DiscoveryConfig | None = None  # backends from DNS, besides the static ones
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""YAML text → ${ENV} expansion → validation → `Config`, or `ConfigError(problems)`.
+"""YAML text → ${ENV} and ${file:PATH} expansion → validation → `Config`, or `ConfigError(problems)`.
 
 Owns the configuration file format: which keys exist, their types, defaults
 and cross-checks.  Validation runs in one pass and collects every `Problem`,
@@ -6,10 +6,12 @@ keyed by its path (`pools.gateways.backends[1].address`), because
 `lb validate` prints them all at once.  The dataclasses themselves live in
 `lb.config`; durations are parsed by `lb.durations`.
 
-Pure after the file read, with one deliberate exception: the files named by a
+Pure after the file read, with two deliberate exceptions: the files named by a
 listener's `tls` block are checked (they exist, and the key matches the
 certificate), the way `nginx -t` does, so that `lb validate` catches a broken
-certificate before a deploy does.
+certificate before a deploy does; and `${file:PATH}` reads PATH (a key from a
+mounted Kubernetes Secret), so every load, SIGHUP included, sees the file as it
+is now and a rotated Secret takes effect without a restart.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from lb.config import (
     BackendConfig,
     BalanceMethod,
     Config,
+    DiscoveryConfig,
+    DiscoveryType,
     EventLoop,
     HealthCheckConfig,
     HealthCheckType,
@@ -59,6 +63,9 @@ T = TypeVar("T")
 E = TypeVar("E", bound=Enum)
 
 MIN_SECRET_KEY_CHARS: Final = 32
+# `${file:PATH}` holds a secret or a short value, never a document: a bigger file is a mistake.
+MAX_FILE_REFERENCE_BYTES: Final = 64 * 1024
+MAX_WORKERS: Final = 64
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -89,13 +96,16 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     return parse_config(text, base_dir=path.absolute().parent, environ=env)
 
 
-def parse_config(text: str, *, base_dir: Path, environ: Mapping[str, str]) -> Config:
+def parse_config(
+    text: str, *, base_dir: Path, environ: Mapping[str, str], cpu_count: int | None = None
+) -> Config:
     """Validate configuration text.
 
     Args:
         text: the YAML document.
-        base_dir: directory that relative file paths (TLS cert/key) are relative to.
+        base_dir: directory that relative file paths (TLS cert/key, `${file:PATH}`) are relative to.
         environ: variables for `${NAME}` and `${NAME:-default}` in string values.
+        cpu_count: what `workers: auto` means; the CPUs this process may run on when None.
 
     Returns:
         The validated configuration.
@@ -103,7 +113,7 @@ def parse_config(text: str, *, base_dir: Path, environ: Mapping[str, str]) -> Co
     Raises:
         ConfigError: one `Problem` per mistake found, all of them.
     """
-    check = _Checker(base_dir=base_dir)
+    check = _Checker(base_dir=base_dir, cpu_count=cpu_count)
     tree = _parse_yaml(text, check)
     if not check.problems:
         tree = _expand(tree, "", environ, check, active=set())
@@ -147,8 +157,9 @@ class _Bad(Exception):
 class _Checker:
     """Collects problems during the one validation pass."""
 
-    def __init__(self, *, base_dir: Path) -> None:
+    def __init__(self, *, base_dir: Path, cpu_count: int | None = None) -> None:
         self.base_dir = base_dir
+        self.cpu_count = cpu_count
         self.problems: list[Problem] = []
 
     def add(self, path: str, message: str) -> None:
@@ -213,8 +224,11 @@ def _yaml_message(exc: yaml.MarkedYAMLError, text: str) -> str:
     return message
 
 
-# `$${` is a literal `${` (as in docker compose); a `${` that matches neither form is an error.
-_REFERENCE_RE = re.compile(r"\$\$\{|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|\$\{")
+# `$${` is a literal `${` (as in docker compose); a `${` that matches no form is an error.
+# `${file:PATH}` is the file's content without its trailing newline (how Secrets are mounted).
+_REFERENCE_RE = re.compile(
+    r"\$\$\{|\$\{file:(?P<file>[^}]+)\}|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|\$\{"
+)
 
 
 def _expand(node: object, path: str, environ: Mapping[str, str], check: _Checker, active: set[int]) -> object:
@@ -240,12 +254,18 @@ def _expand_string(text: str, path: str, environ: Mapping[str, str], check: _Che
     if "${" not in text:
         return text
     unset: list[str] = []
+    unreadable: list[str] = []
     malformed = False
 
     def substitute(match: re.Match[str]) -> str:
         nonlocal malformed
         if match[0] == "$${":
             return "${"
+        if match["file"] is not None:
+            content, problem = _read_reference(match["file"], check.base_dir)
+            if problem is not None:
+                unreadable.append(problem)
+            return content
         name, default = match["name"], match["default"]
         if name is None:
             malformed = True
@@ -261,9 +281,30 @@ def _expand_string(text: str, path: str, environ: Mapping[str, str], check: _Che
     result = _REFERENCE_RE.sub(substitute, text)
     for name in unset:
         check.add(path, f"environment variable {name} is not set")
+    for problem in unreadable:
+        check.add(path, problem)
     if malformed:
         check.add(path, f"expected ${{NAME}} or ${{NAME:-default}}, got {_show(text)}")
-    return _REPORTED if unset or malformed else _Expanded(result)
+    return _REPORTED if unset or unreadable or malformed else _Expanded(result)
+
+
+def _read_reference(name: str, base_dir: Path) -> tuple[str, str | None]:
+    """The text of a `${file:PATH}` reference, or a problem naming the path (never its content)."""
+    path = Path(os.path.abspath(base_dir / Path(name.strip()).expanduser()))
+    try:
+        with path.open("rb") as handle:
+            # Read one byte past the cap to tell "exactly at the cap" from "too big" without reading it all.
+            data = handle.read(MAX_FILE_REFERENCE_BYTES + 1)
+    except OSError as exc:
+        return "", f"cannot read file {path}: {exc.strerror or exc}"
+    if len(data) > MAX_FILE_REFERENCE_BYTES:
+        return "", f"file {path} is larger than {MAX_FILE_REFERENCE_BYTES} bytes"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "", f"file {path} is not UTF-8 text"
+    # `echo key > file` and `kubectl create secret --from-file` differ by one trailing newline.
+    return text.rstrip("\r\n"), None
 
 
 # --------------------------------------------------------------------------- scalar parsers
@@ -606,7 +647,55 @@ _TOP_KEYS = (
     "listeners", "admin", "affinity", "routes", "pools", "timeouts", "limits", "logging", "runtime", "workers",
     "trusted_proxies",
 )
-_WORKERS = _Field("workers", _integer(1, 64))
+_DISCOVERY_FIELDS = (
+    _Field("dns", _matching(_HOSTNAME_RE, "a DNS name"), required=True),
+    _Field("type", _enum(DiscoveryType)),
+    _Field("port", _integer(1, 65535)),
+    _Field("interval", _duration()),
+    _Field("timeout", _duration()),
+    _Field("max_backends", _integer(1, 10_000)),
+)
+
+
+def _workers(cpu_count: int | None) -> Parser:
+    """`workers: N`, or `auto`: one per CPU this process may run on (capped at MAX_WORKERS)."""
+    number = _integer(1, MAX_WORKERS)
+
+    def parse(value: object) -> int:
+        if value == "auto":
+            cpus = cpu_count if cpu_count is not None else _usable_cpus()
+            return max(1, min(MAX_WORKERS, cpus))
+        try:
+            return int(number(value))
+        except _Bad:
+            raise _Bad(f"expected auto or an integer from 1 to {MAX_WORKERS}, got {_kind(value)}") from None
+
+    return parse
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota if one is set.
+
+    Not os.cpu_count(): a container pinned to 2 of 64 cores, or limited to 2 CPUs of quota
+    (Kubernetes `resources.limits.cpu: 2`), wants 2 workers, not 64.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(Path("/sys/fs/cgroup/cpu.max"))
+    return max(1, min(cpus, quota)) if quota is not None else cpus
+
+
+def _cgroup_cpu_quota(path: Path) -> int | None:
+    """CPUs allowed by a cgroup v2 `cpu.max` ("200000 100000" → 2, rounded up); None without a quota."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
 
 
 def _config(tree: object, check: _Checker) -> Config | None:
@@ -630,7 +719,7 @@ def _config(tree: object, check: _Checker) -> Config | None:
     limits = _simple_section(root, "limits", check, _LIMIT_FIELDS, LimitsConfig)
     logging = _simple_section(root, "logging", check, _LOGGING_FIELDS, LoggingConfig)
     runtime = _simple_section(root, "runtime", check, _RUNTIME_FIELDS, RuntimeConfig)
-    top = _fields(root, "", check, [_WORKERS])
+    top = _fields(root, "", check, [_Field("workers", _workers(check.cpu_count))])
     trusted_proxies = _trusted_proxies(root.get("trusted_proxies"), check)
     if (
         top is None
@@ -866,15 +955,59 @@ def _pools(value: object, check: _Checker) -> dict[str, PoolConfig] | None:
 
 
 def _pool(name: str, value: object, path: str, check: _Checker) -> PoolConfig | None:
-    node = _mapping(value, path, check, (*(f.key for f in _POOL_FIELDS), "health_check", "backends"))
+    node = _mapping(value, path, check, (*(f.key for f in _POOL_FIELDS), "health_check", "backends", "discovery"))
     if node is None:
         return None
     kwargs = _fields(node, path, check, _POOL_FIELDS)
     health = _health_check(node.get("health_check"), _join(path, "health_check"), check)
-    backends = _backends(_get(node, "backends", path, check, required=True), _join(path, "backends"), check)
+    discovery: DiscoveryConfig | None = None
+    if node.get("discovery") is not None:
+        discovery = _discovery(node["discovery"], _join(path, "discovery"), check)
+        if discovery is None:
+            return None
+    # A pool needs backends from somewhere: a static list, DNS, or both.
+    backends_value = _get(node, "backends", path, check, required=discovery is None)
+    backends = () if backends_value is None else _backends(backends_value, _join(path, "backends"), check)
     if kwargs is None or health is None or backends is None:
         return None
-    return PoolConfig(name=name, backends=backends, health_check=health, **kwargs)
+    return PoolConfig(name=name, backends=backends, health_check=health, discovery=discovery, **kwargs)
+
+
+def _discovery(value: object, path: str, check: _Checker) -> DiscoveryConfig | None:
+    node = _mapping(value, path, check, (*(f.key for f in _DISCOVERY_FIELDS), "nameservers"))
+    if node is None:
+        return None
+    kwargs = _fields(node, path, check, _DISCOVERY_FIELDS)
+    nameservers: list[tuple[str, int]] = []
+    valid = True
+    servers_value = node.get("nameservers")
+    if servers_value is not None:
+        servers_path = _join(path, "nameservers")
+        if not isinstance(servers_value, list):
+            check.add(servers_path, f"expected a list of host:port, got {_kind(servers_value)}")
+            valid = False
+        else:
+            parse = _address(min_port=1)
+            for i, item in enumerate(servers_value):
+                try:
+                    host, port = parse(item)
+                except _Bad as exc:
+                    check.add(f"{servers_path}[{i}]", str(exc))
+                    valid = False
+                    continue
+                # dnspython talks to nameservers by address only: a name would need a resolver first.
+                if not (_is_ip(host, version=4) or _is_ip(host, version=6)):
+                    check.add(f"{servers_path}[{i}]", f"expected an IP address, got {_show(host)}")
+                    valid = False
+                    continue
+                nameservers.append((host, port))
+    if kwargs is None or not valid:
+        return None
+    discovery = DiscoveryConfig(nameservers=tuple(nameservers), **kwargs)
+    if discovery.type is DiscoveryType.A and discovery.port is None:
+        check.add(_join(path, "port"), "type a needs a port (A records carry none)")
+        return None
+    return discovery
 
 
 def _health_check(value: object, path: str, check: _Checker) -> HealthCheckConfig | None:

@@ -137,6 +137,7 @@ def states_message(pools: dict[str, PoolState]) -> dict[str, Any]:
                     "migrating": backend.migrating,
                     "ramp_from": backend.ramp_from,
                     "reason": backend.reason,
+                    "requested_drain": backend.requested_drain,
                 }
                 for backend in pool.backends.values()
             }
@@ -160,6 +161,7 @@ def apply_states(pools: dict[str, PoolState], message: dict[str, Any]) -> None:
             backend.migrating = bool(state["migrating"])
             backend.ramp_from = state["ramp_from"]
             backend.reason = str(state["reason"])
+            backend.requested_drain = bool(state.get("requested_drain", False))
 
 
 # -- counters: workers → owner -------------------------------------------------------

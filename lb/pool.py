@@ -43,6 +43,8 @@ class BackendStatus:
     effective_weight: float = 0.0  # weight after slow start; refreshed before each choice
     connections: int = 0
     migrating: bool = False  # a drain is closing its tunnels: cookie holders go elsewhere now
+    # The backend's own health answer says `X-Backend-State: draining` (HAProxy's agent-check, simply).
+    requested_drain: bool = False
     # Counters for /status; Prometheus reads them at scrape time.
     affinity_hits: int = 0
     redispatches: int = 0
@@ -67,13 +69,13 @@ class BackendStatus:
             return BackendState.DISABLED
         if not self.healthy:
             return BackendState.DOWN
-        if self.admin is AdminAction.DRAIN:
+        if self.admin is AdminAction.DRAIN or self.requested_drain:
             return BackendState.DRAINING
         return BackendState.UP
 
     @property
     def takes_new_clients(self) -> bool:
-        return self.healthy and self.admin is AdminAction.ENABLE and not self.full
+        return self.healthy and self.admin is AdminAction.ENABLE and not self.requested_drain and not self.full
 
     @property
     def takes_sticky_clients(self) -> bool:
@@ -142,6 +144,17 @@ class PoolState:
             if backend.healthy and backend.failures >= check.fall:
                 backend.healthy = False
                 backend.reason = f"health check failed {backend.failures} time(s): {detail}"
+        return self._change(backend, old, now)
+
+    def record_requested_state(self, backend_id: str, draining: bool, now: float) -> StateChange | None:
+        """The backend's health answer asks to drain (or no longer does); an operator's disable still wins."""
+        backend = self.backends[backend_id]
+        if backend.requested_drain is draining:
+            return None
+        old = backend.state
+        backend.requested_drain = draining
+        if backend.admin is AdminAction.ENABLE:  # an operator's reason stays until the operator acts again
+            backend.reason = "backend asks to drain" if draining else "backend no longer asks to drain"
         return self._change(backend, old, now)
 
     def apply_admin(self, backend_id: str, action: AdminAction, now: float) -> StateChange | None:

@@ -315,3 +315,26 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         (length,) = struct.unpack("!Q", await reader.readexactly(8))
     assert not second & 0x80, "server frames are not masked"
     return first & 0x0F, await reader.readexactly(length)
+
+
+async def test_drain_and_undrain_change_what_health_says(start_gateway: StartGateway) -> None:
+    """POST /drain: /health stays 200 but says draining (body and X-Backend-State); POST /undrain: ok."""
+    base = await start_gateway("gw-4")
+    async with asyncio.timeout(UNIT), aiohttp.ClientSession() as session:
+        async with session.get(base + "/health") as reply:
+            assert reply.status == 200 and reply.headers["X-Backend-State"] == "up"
+            assert await reply.json() == {"status": "ok", "server_id": "gw-4"}
+        async with session.post(base + "/drain") as reply:
+            assert reply.status == 200 and (await reply.json())["status"] == "draining"
+        for _ in range(2):  # it keeps saying so
+            async with session.get(base + "/health") as reply:
+                assert reply.status == 200 and reply.headers["X-Backend-State"] == "draining"
+                assert (await reply.json())["status"] == "draining"
+        async with session.ws_connect(ws_url(base)) as ws:  # a draining gateway still serves
+            assert (await read_hello(ws))["server_id"] == "gw-4"
+        async with session.post(base + "/undrain") as reply:
+            assert reply.status == 200
+        async with session.get(base + "/health") as reply:
+            assert reply.headers["X-Backend-State"] == "up" and (await reply.json())["status"] == "ok"
+        async with session.get(base + "/drain") as reply:
+            assert reply.status == 405  # only POST changes state

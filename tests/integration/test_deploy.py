@@ -1,0 +1,191 @@
+"""SPEC part 2 "Deployment": deploy/ holds a container build and Kubernetes manifests valid against the schemas.
+
+Every manifest validates with `kubernetes-validate` (its bundled schemas, offline, strict: an unknown
+field is an error); `kubectl kustomize` builds the base and every overlay when kubectl is installed
+(skipped otherwise) and each built resource validates too.  The operational promises are checked
+across files: 3 replicas, /readyz and /livez probes, preStop equal to `timeouts.shutdown_delay`,
+terminationGracePeriodSeconds covering preStop + delay + grace, keys from a Secret through
+`${file:}`, a LoadBalancer Service that keeps the client address, a PodDisruptionBudget, and a
+gateway StatefulSet whose headless Service the config discovers by SRV.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from lb.config import DiscoveryType
+from lb.config_load import parse_config
+from lb.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+KUBE = DEPLOY / "kubernetes"
+KUSTOMIZATIONS = sorted(p.parent for p in KUBE.rglob("kustomization.yaml"))
+SCHEMA_VERSION = kubernetes_validate.latest_version()
+# Keys of SPEC part 2 that other parts of the product add; until they are merged, the parser calls them unknown.
+PENDING_KEYS = ("timeouts.shutdown_delay", "listeners[0].proxy_protocol")
+
+
+def manifest_files() -> list[Path]:
+    return sorted(p for p in KUBE.rglob("*.yaml") if p.name not in ("kustomization.yaml", "lb.yaml"))
+
+
+def load_all(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def validate(resource: dict[str, Any]) -> None:
+    try:
+        kubernetes_validate.validate(resource, SCHEMA_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        name = f"{resource.get('kind')}/{resource.get('metadata', {}).get('name')}"
+        pytest.fail(f"{name} does not validate against Kubernetes {SCHEMA_VERSION}: {exc.message} at {list(exc.path)}")
+
+
+def base_resources() -> dict[tuple[str, str], dict[str, Any]]:
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in (KUBE / "base").glob("*.yaml"):
+        if path.name in ("kustomization.yaml", "lb.yaml"):
+            continue
+        for doc in load_all(path.read_text()):
+            found[(doc["kind"], doc["metadata"]["name"])] = doc
+    return found
+
+
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(KUBE)))
+def test_manifest_validates(path: Path) -> None:
+    """Every manifest file validates against the bundled Kubernetes schemas (strict)."""
+    docs = load_all(path.read_text())
+    assert docs, f"{path} holds no resource"
+    for doc in docs:
+        validate(doc)
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(KUBE)))
+def test_kustomize_builds_and_validates(directory: Path) -> None:
+    """`kubectl kustomize DIR` builds; every resource it outputs validates."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (apt-get install kubectl, or a release binary)")
+    built = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    resources = load_all(built.stdout)
+    kinds = {r["kind"] for r in resources}
+    assert {"Deployment", "Service", "PodDisruptionBudget", "StatefulSet", "ConfigMap", "Namespace"} <= kinds
+    for resource in resources:
+        validate(resource)
+        if resource["kind"] != "Namespace":
+            assert resource["metadata"].get("namespace") == "game", resource["metadata"]
+
+
+def config_text(overlay: Path | None = None) -> str:
+    return ((overlay or KUBE / "base") / "lb.yaml").read_text()
+
+
+def load_deploy_config(text: str, tmp_path: Path) -> Any:
+    """Parse a deploy config with its ${file:/etc/lb/secrets/...} pointed at freshly generated keys."""
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir(exist_ok=True)
+    for name in set(re.findall(r"\$\{file:/etc/lb/secrets/([^}]+)\}", text)):
+        (secrets_dir / name).write_text(secrets.token_urlsafe(32) + "\n")
+    text = text.replace("/etc/lb/secrets/", f"{secrets_dir}/")
+    try:
+        return parse_config(text, base_dir=tmp_path, environ={}, cpu_count=2)
+    except ConfigError as exc:
+        unknown = {p.path for p in exc.problems if p.message.startswith("unknown key")}
+        if unknown and unknown <= set(PENDING_KEYS) and len(unknown) == len(exc.problems):
+            pytest.skip(f"this build does not know {sorted(unknown)} yet (SPEC part 2 keys added by other parts)")
+        raise
+
+
+@pytest.mark.parametrize("overlay", [None, KUBE / "overlays" / "aws-nlb-proxy-protocol"], ids=["base", "nlb"])
+def test_config_validates_with_keys_from_files(overlay: Path | None, tmp_path: Path) -> None:
+    """The ConfigMap's lb.yaml is a valid config once the Secret's files exist: keys come via ${file:}."""
+    text = config_text(overlay)
+    assert "${file:/etc/lb/secrets/cookie-key-current}" in text and "${file:/etc/lb/secrets/admin-token}" in text
+    config = load_deploy_config(text, tmp_path)
+    assert len(config.affinity.secret_keys) == 2 and config.admin.token
+    assert config.workers == 2  # workers: auto, one per CPU
+    discovery = config.pools["gateways"].discovery
+    assert discovery is not None and discovery.type is DiscoveryType.SRV
+
+
+def test_balancer_deployment_promises() -> None:
+    """3 replicas; /readyz and /livez; preStop = shutdown_delay; grace period covers preStop + delay + grace."""
+    resources = base_resources()
+    deployment = resources[("Deployment", "lb")]
+    spec = deployment["spec"]
+    assert spec["replicas"] == 3
+    pod = spec["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert container["args"] == ["run", "--config", "/etc/lb/lb.yaml"]
+    timeouts = yaml.safe_load(config_text())["timeouts"]
+    delay = _seconds(timeouts["shutdown_delay"])
+    grace = _seconds(timeouts["shutdown_grace"])
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop == delay, "preStop must match timeouts.shutdown_delay"
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + delay + grace
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    secret_mount = mounts["/etc/lb/secrets"]
+    assert "subPath" not in secret_mount, "a subPath mount never sees a rotated Secret"
+    assert volumes[secret_mount["name"]]["secret"]["secretName"] == "lb-keys"
+    referenced = set(re.findall(r"\$\{file:/etc/lb/secrets/([^}]+)\}", config_text()))
+    example = yaml.safe_load((KUBE / "secret.example.yaml").read_text())
+    assert example["metadata"]["name"] == "lb-keys"
+    assert referenced == set(example["stringData"]), "the config reads keys the example Secret does not hold"
+
+
+def test_service_pdb_and_gateways() -> None:
+    """LoadBalancer keeping client addresses; PDB over the balancers; SRV name matches the headless Service."""
+    resources = base_resources()
+    service = resources[("Service", "lb")]["spec"]
+    assert service["type"] == "LoadBalancer" and service["externalTrafficPolicy"] == "Local"
+    labels = resources[("Deployment", "lb")]["spec"]["template"]["metadata"]["labels"]
+    assert service["selector"].items() <= labels.items()
+    pdb = resources[("PodDisruptionBudget", "lb")]["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    statefulset = resources[("StatefulSet", "gw")]
+    headless = resources[("Service", statefulset["spec"]["serviceName"])]
+    assert headless["spec"]["clusterIP"] == "None"
+    port_name = headless["spec"]["ports"][0]["name"]
+    dns = yaml.safe_load(config_text())["pools"]["gateways"]["discovery"]["dns"]
+    assert dns == f"_{port_name}._tcp.{headless['metadata']['name']}.game.svc.cluster.local"
+    gateway = statefulset["spec"]["template"]["spec"]["containers"][0]
+    assert "/drain" in " ".join(gateway["lifecycle"]["preStop"]["exec"]["command"])
+
+
+def test_nlb_overlay_uses_proxy_protocol_on_both_sides() -> None:
+    """The NLB overlay asks AWS for PROXY protocol and turns it on in the balancer's listener."""
+    overlay = KUBE / "overlays" / "aws-nlb-proxy-protocol"
+    text = (overlay / "kustomization.yaml").read_text()
+    assert 'aws-load-balancer-proxy-protocol: "*"' in text
+    assert yaml.safe_load(config_text(overlay))["listeners"][0]["proxy_protocol"] is True
+
+
+def test_containerfile_is_slim_non_root_uvloop_lb_run() -> None:
+    text = (DEPLOY / "Containerfile").read_text()
+    stages = re.findall(r"^FROM (\S+)", text, re.M)
+    assert stages and all("slim" in image for image in stages)
+    user = re.findall(r"^USER (\S+)", text, re.M)
+    assert user and user[-1].split(":")[0] not in ("0", "root")
+    assert "uvloop" in text
+    assert 'ENTRYPOINT ["lb"]' in text and 'CMD ["run", "--config", "/etc/lb/lb.yaml"]' in text
+
+
+def _seconds(text: str) -> float:
+    from lb.durations import parse_duration
+
+    return parse_duration(text)

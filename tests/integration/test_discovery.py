@@ -1,0 +1,354 @@
+"""SPEC part 2 "Discovery": backends from DNS (SRV and A records), against a real DNS server on loopback.
+
+Each test starts a dnslib server (UDP, 127.0.0.1, a kernel-picked port) whose answers it changes,
+demo gateways, and one balancer whose pool has no static backend, only `discovery` with that
+server as its nameserver and a 200 ms interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    HOST,
+    ROOT,
+    UNIT,
+    Balancer,
+    Gateway,
+    Launcher,
+    assert_echo,
+    child_env,
+    find_backend,
+    free_port,
+    http_get_async,
+    lb_config,
+    recv_hello,
+    status,
+    visit,
+    wait_for_state,
+    ws_connect,
+)
+from support_dns import ZoneServer
+from support_ops import rewrite_config, signal_balancer, wait_for_log
+
+SERVICE = "gateway.game.svc.cluster.local"
+
+
+@pytest.fixture
+def zone() -> Iterator[ZoneServer]:
+    server = ZoneServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def discovery_config(zone: ZoneServer, **discovery: Any) -> dict[str, Any]:
+    config = lb_config(pools={"gateways": []})
+    pool = config["pools"]["gateways"]
+    del pool["backends"]
+    pool["discovery"] = {"dns": SERVICE, "type": "srv", "interval": "200ms", "nameservers": [zone.nameserver],
+                         **discovery}
+    return config
+
+
+def publish(zone: ZoneServer, gateways: list[Gateway]) -> None:
+    """SRV records `gw-N.gateway...` for these gateways, with their A records."""
+    zone.set_srv(SERVICE, [(f"{g.id}.{SERVICE}", g.port) for g in gateways])
+    for g in gateways:
+        zone.set_a(f"{g.id}.{SERVICE}", [HOST])
+
+
+async def wait_status(lb: Balancer, check: Any, what: str, within: float = 10 * UNIT) -> dict[str, Any]:
+    """Poll /status until check(status) is true."""
+    deadline = time.monotonic() + within
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        last = await status(lb)
+        with contextlib.suppress(KeyError, StopIteration, AssertionError, TypeError):
+            if check(last):
+                return last
+        await _pause()
+    raise AssertionError(f"/status never showed {what} within {within}s: {json.dumps(last)[:2000]}")
+
+
+async def _pause() -> None:
+    await asyncio.sleep(0.05)
+
+
+def ids(data: dict[str, Any]) -> set[str]:
+    return {b["id"] for b in data["pools"]["gateways"]["backends"] if b["state"] != "removed"}
+
+
+async def test_srv_records_name_backends_by_first_label(launcher: Launcher, zone: ZoneServer) -> None:
+    """One backend per SRV record, id = first label of the target, address from its A record, port from the SRV."""
+    gateways = launcher.gateways(2)
+    publish(zone, gateways)
+    lb = launcher.balancer(discovery_config(zone))
+    data = await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "gw-1 and gw-2")
+    for g in gateways:
+        assert find_backend(data, "gateways", g.id)["address"] == g.address
+    discovery = data["pools"]["gateways"]["discovery"]
+    assert discovery["last_ok"] is not None and discovery["last_error"] is None
+    for g in gateways:
+        await wait_for_state(lb, "gateways", g.id, "up")
+    seen = {(await visit(lb.ws_url())).server_id for _ in range(4)}
+    assert seen == {"gw-1", "gw-2"}
+    code, _, body = await http_get_async(lb.admin_url("/metrics"))
+    text = body.decode()
+    assert code == 200
+    assert 'lb_discovery_backends{pool="gateways"} 2.0' in text
+    assert 'lb_discovery_last_success_timestamp_seconds{pool="gateways"}' in text
+
+
+async def test_srv_without_additional_section_resolves_targets(launcher: Launcher) -> None:
+    """A server that leaves out the additional section: each target is resolved on its own."""
+    server = ZoneServer(additional=False).start()
+    try:
+        [gateway] = launcher.gateways(1)
+        publish(server, [gateway])
+        lb = launcher.balancer(discovery_config(server))
+        data = await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-1")
+        assert find_backend(data, "gateways", "gw-1")["address"] == gateway.address
+        assert server.queried(f"gw-1.{SERVICE}") >= 1
+    finally:
+        server.stop()
+
+
+async def test_added_record_joins_and_takes_new_clients(launcher: Launcher, zone: ZoneServer) -> None:
+    """A backend that appears in DNS joins (health-checked) and gets new clients; the others keep theirs."""
+    gw1, gw2 = launcher.gateways(2)
+    publish(zone, [gw1])
+    lb = launcher.balancer(discovery_config(zone))
+    await wait_status(lb, lambda s: "gw-1" in ids(s), "gw-1 discovered")
+    await wait_for_state(lb, "gateways", "gw-1", "up", within=10 * UNIT)
+    async with ws_connect(lb.ws_url()) as (ws, _):
+        assert (await recv_hello(ws))["server_id"] == "gw-1"
+        publish(zone, [gw1, gw2])
+        await wait_status(lb, lambda s: "gw-2" in ids(s), "gw-2 discovered")
+        await wait_for_state(lb, "gateways", "gw-2", "up", within=10 * UNIT)
+        # gw-1 holds one tunnel: least_conn sends the next client to the newcomer.
+        assert (await visit(lb.ws_url())).server_id == "gw-2"
+        await assert_echo(ws, "still here")
+    data = await status(lb)
+    assert data["pools"]["gateways"]["discovery"]["backends"] == 2
+
+
+async def test_removed_record_keeps_tunnel_and_redispatches_cookie(launcher: Launcher, zone: ZoneServer) -> None:
+    """A backend gone from DNS takes no new client; its live tunnel stays; its cookie holder is redispatched."""
+    gw1, gw2 = launcher.gateways(2)
+    publish(zone, [gw1, gw2])
+    lb = launcher.balancer(discovery_config(zone))
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both discovered")
+    for g in (gw1, gw2):
+        await wait_for_state(lb, "gateways", g.id, "up", within=10 * UNIT)
+    # Find a client pinned to gw-2.
+    pinned = None
+    for _ in range(10):
+        first = await visit(lb.ws_url())
+        if first.server_id == "gw-2":
+            pinned = first
+            break
+    assert pinned is not None and pinned.cookie is not None, "no client reached gw-2"
+    async with ws_connect(lb.ws_url(), cookie=pinned.cookie.value) as (ws, _):
+        assert (await recv_hello(ws))["server_id"] == "gw-2"
+        publish(zone, [gw1])
+        await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-2 removed")
+        await assert_echo(ws, "tunnel survives removal from DNS")
+        again = await visit(lb.ws_url(), cookie=pinned.cookie.value)
+        assert again.server_id == "gw-1"
+        assert again.cookie is not None and again.cookie.value != pinned.cookie.value, "cookie not replaced"
+        for _ in range(4):
+            assert (await visit(lb.ws_url())).server_id == "gw-1"
+        await assert_echo(ws, "still alive")
+
+
+async def test_dns_down_keeps_last_known_set(launcher: Launcher, zone: ZoneServer) -> None:
+    """A failed lookup keeps the last known backends; /status shows last_error; metrics count errors."""
+    gw1, gw2 = launcher.gateways(2)
+    publish(zone, [gw1, gw2])
+    lb = launcher.balancer(discovery_config(zone, timeout="300ms"))
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both gateways")
+    last_ok = (await status(lb))["pools"]["gateways"]["discovery"]["last_ok"]
+    zone.stop()
+    data = await wait_status(
+        lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"], "a discovery error"
+    )
+    assert ids(data) == {"gw-1", "gw-2"}
+    assert data["pools"]["gateways"]["discovery"]["last_ok"] == last_ok
+    seen = {(await visit(lb.ws_url())).server_id for _ in range(4)}
+    assert seen == {"gw-1", "gw-2"}
+    code, _, body = await http_get_async(lb.admin_url("/metrics"))
+    prefix = 'lb_discovery_errors_total{pool="gateways"}'
+    errors = [line for line in body.decode().splitlines() if line.startswith(prefix)]
+    assert code == 200 and errors and float(errors[0].split()[-1]) >= 1
+
+
+async def test_empty_answer_keeps_last_known_set(launcher: Launcher, zone: ZoneServer) -> None:
+    """An answer with no record (a Service scaled to zero by mistake, a broken zone) keeps the set."""
+    gateways = launcher.gateways(1)
+    publish(zone, gateways)
+    lb = launcher.balancer(discovery_config(zone))
+    await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-1")
+    zone.set_srv(SERVICE, [])
+    data = await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"], "an error")
+    assert ids(data) == {"gw-1"}
+    assert (await visit(lb.ws_url())).server_id == "gw-1"
+
+
+class HostGateway(Gateway):
+    """A demo gateway on another loopback address (127.0.0.2, ...) and a given port."""
+
+    def __init__(self, server_id: str, workdir: Path, host: str, port: int) -> None:
+        super().__init__(server_id, workdir)
+        self.host, self.port = host, port
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def launch(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "backends_demo", "--id", self.id, "--host", self.host, "--port", str(self.port)],
+            cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+
+async def test_a_records_give_ip_port_backends(launcher: Launcher, zone: ZoneServer, tmp_path: Path) -> None:
+    """type a: one backend per A record, id "ip:port", port from `port`."""
+    port = free_port("127.0.0.2")
+    gateways = [HostGateway(f"gw-{i}", tmp_path, f"127.0.0.{i}", port) for i in (2, 3)]
+    try:
+        for g in gateways:
+            g.launch()
+        for g in gateways:
+            g.wait_ready()
+        zone.set_a(SERVICE, ["127.0.0.2", "127.0.0.3"])
+        lb = launcher.balancer(discovery_config(zone, type="a", port=port))
+        expected = {f"127.0.0.2:{port}", f"127.0.0.3:{port}"}
+        data = await wait_status(lb, lambda s: ids(s) == expected, "two ip:port backends")
+        assert {b["address"] for b in data["pools"]["gateways"]["backends"]} == expected
+        for backend_id in expected:
+            await wait_for_state(lb, "gateways", backend_id, "up")
+        assert {(await visit(lb.ws_url())).server_id for _ in range(4)} == {"gw-2", "gw-3"}
+        zone.set_a(SERVICE, ["127.0.0.3"])
+        await wait_status(lb, lambda s: ids(s) == {f"127.0.0.3:{port}"}, "one backend left")
+    finally:
+        for g in gateways:
+            g.stop()
+
+
+async def test_static_and_discovered_backends_together(launcher: Launcher, zone: ZoneServer) -> None:
+    """`backends` and `discovery` side by side: the static one stays whatever DNS says."""
+    gw1, gw2 = launcher.gateways(2)
+    publish(zone, [gw2])
+    config = discovery_config(zone)
+    config["pools"]["gateways"]["backends"] = [{"id": gw1.id, "address": gw1.address}]
+    lb = launcher.balancer(config)
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "static gw-1 and discovered gw-2")
+    zone.set_srv(SERVICE, [])
+    zone.set_srv(SERVICE, [(f"gw-1.{SERVICE}", gw2.port)])  # a DNS record may not take a static id
+    zone.set_a(f"gw-1.{SERVICE}", [HOST])
+    data = await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"], "an error")
+    assert find_backend(data, "gateways", "gw-1")["address"] == gw1.address
+
+
+async def test_hostile_answer_is_capped_and_bad_names_skipped(launcher: Launcher) -> None:
+    """500 SRV records and a target whose label is no id: max_backends caps the set (and the per-target
+    lookups), the bad name is skipped with a log line, /status counts what was left out."""
+    server = ZoneServer(additional=False).start()
+    try:
+        records = [(f"gw-{i:03d}.{SERVICE}", 9000 + i) for i in range(500)]
+        server.set_srv(SERVICE, [("a*bad." + SERVICE, 9999), *records])
+        for target, _ in records[:5]:
+            server.set_a(target, [HOST])
+        server.set_a("a*bad." + SERVICE, [HOST])
+        lb = launcher.balancer(discovery_config(server, max_backends=3))
+        data = await wait_status(lb, lambda s: ids(s) == {"gw-000", "gw-001"}, "the capped set")
+        assert data["pools"]["gateways"]["discovery"]["skipped"] == 499
+        looked_up = {name for name, kind in server.queries if kind in ("A", "AAAA")}
+        assert looked_up <= {f"gw-000.{SERVICE}", f"gw-001.{SERVICE}", f"a*bad.{SERVICE}"}, looked_up
+        text = lb.log_text()
+        assert "not a valid backend id" in text and "cut to max_backends=3" in text
+    finally:
+        server.stop()
+
+
+async def test_workers_route_to_discovered_backends(launcher: Launcher, zone: ZoneServer) -> None:
+    """With workers: 2, every worker resolves too: new clients reach discovered backends, and a removed
+    one stops getting them."""
+    gw1, gw2 = launcher.gateways(2)
+    publish(zone, [gw1, gw2])
+    config = discovery_config(zone)
+    config["workers"] = 2
+    lb = launcher.balancer(config)
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both gateways")
+    for g in (gw1, gw2):
+        await wait_for_state(lb, "gateways", g.id, "up", within=10 * UNIT)
+    seen = {(await visit(lb.ws_url())).server_id for _ in range(8)}
+    assert seen == {"gw-1", "gw-2"}
+    publish(zone, [gw1])
+    await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-2 removed")
+    deadline = time.monotonic() + 5 * UNIT
+    while True:  # every worker converges within an interval or so
+        seen = {(await visit(lb.ws_url())).server_id for _ in range(6)}
+        if seen == {"gw-1"}:
+            break
+        assert time.monotonic() < deadline, f"a worker still sends new clients to gw-2: {seen}"
+
+
+async def test_reload_keeps_discovered_backends_and_their_tunnels(launcher: Launcher, zone: ZoneServer) -> None:
+    """SIGHUP with discovery unchanged: discovered backends stay (no gap, no "removed"), with their
+    tunnels and cookie holders; a changed static list still applies."""
+    gw1, gw2, gw3 = launcher.gateways(3)
+    publish(zone, [gw1, gw2])
+    lb = launcher.balancer(discovery_config(zone, interval="5s"))  # no lookup lands during the reload
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both discovered")
+    await wait_for_state(lb, "gateways", "gw-1", "up", within=10 * UNIT)
+    first = await visit(lb.ws_url())
+    assert first.cookie is not None
+    async with ws_connect(lb.ws_url(), cookie=first.cookie.value) as (ws, _):
+        assert (await recv_hello(ws))["server_id"] == first.server_id
+        config = dict(lb.config)
+        config["pools"] = {"gateways": {**config["pools"]["gateways"],
+                                        "backends": [{"id": gw3.id, "address": gw3.address}]}}
+        lines = lb.log_lines()
+        rewrite_config(lb, config)
+        signal_balancer(lb, signal.SIGHUP)
+        await wait_for_log(lb, "reloaded configuration", after=lines)
+        data = await status(lb)
+        assert ids(data) == {"gw-1", "gw-2", "gw-3"}
+        assert find_backend(data, "gateways", first.server_id)["connections"] == 1
+        assert (await visit(lb.ws_url(), cookie=first.cookie.value)).server_id == first.server_id
+        await assert_echo(ws, "through the reload")
+
+
+async def test_slow_dns_times_out_and_keeps_the_set(launcher: Launcher, zone: ZoneServer) -> None:
+    """A nameserver that answers late: the lookup gives up after its timeout, the set stays, the
+    balancer keeps serving meanwhile."""
+    gateways = launcher.gateways(1)
+    publish(zone, gateways)
+    lb = launcher.balancer(discovery_config(zone, timeout="300ms"))
+    await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-1")
+    zone.delay = 2.0
+    data = await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"], "a timeout")
+    assert "within" in data["pools"]["gateways"]["discovery"]["last_error"]
+    assert ids(data) == {"gw-1"}
+    assert (await visit(lb.ws_url())).server_id == "gw-1"
+    zone.delay = 0.0
+    await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"] is None, "recovery")

@@ -1,0 +1,336 @@
+"""DNS answers → backends (`lb.dns_backends`), and the config keys of part 2 this engineer owns:
+`pools.X.discovery`, `${file:PATH}` and `workers: auto`.  No socket, no event loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lb.cli import main
+from lb.config import BackendConfig, DiscoveryType
+from lb.config_load import MAX_FILE_REFERENCE_BYTES, _cgroup_cpu_quota, load_config, parse_config
+from lb.dns_backends import (
+    SrvRecord,
+    diff,
+    from_addresses,
+    from_srv,
+    next_lookup_in,
+    pick_address,
+    srv_id,
+)
+from lb.errors import ConfigError
+
+KEY = "k" * 40
+SERVICE = "gateway.game.svc.cluster.local"
+
+
+# ----------------------------------------------------------------------------- SRV
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("gw-0.gateway.game.svc.cluster.local.", "gw-0"),
+        ("gw-0.gateway.game.svc.cluster.local", "gw-0"),
+        ("single", "single"),
+        ("bad*label.example.", None),
+        ("x" * 64 + ".example.", None),
+        (".example.", None),
+    ],
+)
+def test_srv_id_is_the_first_label(target: str, expected: str | None) -> None:
+    """The id is the target's first label, or None when that is not a valid backend id."""
+    assert srv_id(target) == expected
+
+
+def test_from_srv_ids_addresses_ports() -> None:
+    """One backend per record: id from the target, address from its A record, port from the record."""
+    records = [SrvRecord(f"gw-1.{SERVICE}.", 9001), SrvRecord(f"gw-0.{SERVICE}.", 9000)]
+    addresses = {f"gw-0.{SERVICE}": ["10.0.0.5"], f"gw-1.{SERVICE}": ["10.0.0.6"]}
+    found = from_srv(records, addresses, max_backends=10)
+    assert found.backends == (
+        BackendConfig("gw-0", "10.0.0.5", 9000),
+        BackendConfig("gw-1", "10.0.0.6", 9001),
+    )
+    assert found.skipped == () and found.truncated == 0
+
+
+def test_from_srv_does_not_depend_on_answer_order() -> None:
+    """Every instance, whatever order DNS gives, builds the same set (unlike slot-named templates)."""
+    records = [SrvRecord(f"gw-{i}.{SERVICE}.", 9000 + i) for i in range(5)]
+    addresses = {f"gw-{i}.{SERVICE}": [f"10.0.0.{i + 1}"] for i in range(5)}
+    forward = from_srv(records, addresses, max_backends=10)
+    backward = from_srv(list(reversed(records)), addresses, max_backends=10)
+    assert forward == backward
+
+
+def test_from_srv_skips_invalid_duplicate_unresolved_and_reserved() -> None:
+    """Bad ids, duplicate ids, targets without address and ids of static backends are skipped, with reasons."""
+    records = [
+        SrvRecord("bad*name.example.", 1),
+        SrvRecord("gw-0.a.example.", 2),
+        SrvRecord("gw-0.b.example.", 3),  # the same first label: the id is taken
+        SrvRecord("gw-9.a.example.", 4),  # no address
+        SrvRecord("static.a.example.", 5),
+    ]
+    addresses = {"bad*name.example": ["10.0.0.1"], "gw-0.a.example": ["10.0.0.2"], "gw-0.b.example": ["10.0.0.3"],
+                 "static.a.example": ["10.0.0.4"]}
+    found = from_srv(records, addresses, max_backends=10, reserved_ids={"static"})
+    assert [b.id for b in found.backends] == ["gw-0"]
+    assert found.backends[0].host == "10.0.0.2"
+    assert len(found.skipped) == 4
+    assert any("not a valid backend id" in reason for reason in found.skipped)
+    assert any("no A/AAAA address" in reason for reason in found.skipped)
+    assert any("already taken" in reason for reason in found.skipped)
+
+
+def test_from_srv_caps_a_huge_answer() -> None:
+    """A huge answer is cut to max_backends (the same ones on every instance); the rest are counted."""
+    records = [SrvRecord(f"gw-{i:05d}.{SERVICE}", 9000) for i in range(5000)]
+    addresses = {f"gw-{i:05d}.{SERVICE}": ["10.1.0.1"] for i in range(5000)}
+    found = from_srv(records, addresses, max_backends=100)
+    assert len(found.backends) == 100 and found.truncated == 4900
+    assert found.backends[0].id == "gw-00000"
+
+
+def test_repeated_record_counts_once() -> None:
+    records = [SrvRecord(f"gw-0.{SERVICE}.", 9000)] * 3
+    found = from_srv(records, {f"gw-0.{SERVICE}": ["10.0.0.1"]}, max_backends=10)
+    assert len(found.backends) == 1 and found.skipped == ()
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [((50, 50, 50), [1, 1, 1]), ((10, 20, 0), [10, 20, 1]), ((1000, 1), [256, 1])],
+)
+def test_srv_weights(weights: tuple[int, ...], expected: list[int]) -> None:
+    """Equal SRV weights (Kubernetes) mean weight 1; different ones are kept, clamped to 1..256."""
+    records = [SrvRecord(f"gw-{i}.x", 80, weight=w) for i, w in enumerate(weights)]
+    found = from_srv(records, {f"gw-{i}.x": ["10.0.0.1"] for i in range(len(weights))}, max_backends=10)
+    assert [b.weight for b in found.backends] == expected
+
+
+def test_pick_address_prefers_ipv4_and_is_deterministic() -> None:
+    assert pick_address(["fd00::1", "10.0.0.9", "10.0.0.2"]) == "10.0.0.2"
+    assert pick_address(["fd00::2", "fd00::1"]) == "fd00::1"
+    assert pick_address(["junk"]) is None
+
+
+# ----------------------------------------------------------------------------- A/AAAA
+
+
+def test_from_addresses_ids_are_ip_port() -> None:
+    found = from_addresses(["10.0.0.2", "10.0.0.1", "10.0.0.1", "fd00::1", "nonsense"], port=8080, max_backends=10)
+    assert [b.id for b in found.backends] == ["10.0.0.1:8080", "10.0.0.2:8080", "fd00::1:8080"]
+    assert found.backends[2].address == "[fd00::1]:8080"
+    assert len(found.skipped) == 1
+
+
+def test_from_addresses_caps() -> None:
+    found = from_addresses([f"10.0.{i // 256}.{i % 256}" for i in range(1000)], port=1, max_backends=3)
+    assert len(found.backends) == 3 and found.truncated == 997
+
+
+# ----------------------------------------------------------------------------- diff and timing
+
+
+def test_diff_added_removed_changed() -> None:
+    """The diff is by id: a moved pod (new address) is `changed`, not removed and added."""
+    old = [BackendConfig("gw-0", "10.0.0.1", 80), BackendConfig("gw-1", "10.0.0.2", 80)]
+    new = [BackendConfig("gw-0", "10.0.0.9", 80), BackendConfig("gw-2", "10.0.0.3", 80)]
+    changes = diff(old, new)
+    assert [b.id for b in changes.added] == ["gw-2"]
+    assert [b.id for b in changes.removed] == ["gw-1"]
+    assert [(b.id, b.host) for b in changes.changed] == [("gw-0", "10.0.0.9")]
+    assert not diff(old, list(reversed(old)))
+
+
+@pytest.mark.parametrize(
+    ("interval", "ttl", "expected"),
+    [(5.0, None, 5.0), (5.0, 30.0, 5.0), (5.0, 2.0, 2.0), (5.0, 0.0, 1.0), (0.2, 0.0, 0.2)],
+)
+def test_next_lookup_honours_short_ttls_only(interval: float, ttl: float | None, expected: float) -> None:
+    assert next_lookup_in(interval, ttl) == expected
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def base_tree(pool: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "listeners": [{"bind": "127.0.0.1:8080"}],
+        "affinity": {"secret_keys": [KEY]},
+        "routes": [{"path_prefix": "/", "pool": "gateways"}],
+        "pools": {"gateways": pool},
+    }
+
+
+def problems(tree: dict[str, Any], tmp_path: Path, **kwargs: Any) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_dump(tree), base_dir=tmp_path, environ={}, **kwargs)
+    return {p.path: p.message for p in info.value.problems}
+
+
+def test_discovery_alone_is_a_pool(tmp_path: Path) -> None:
+    """A pool with only `discovery` is valid; defaults: srv, 5s, system resolver."""
+    config = parse_config(yaml.safe_dump(base_tree({"discovery": {"dns": SERVICE}})), base_dir=tmp_path, environ={})
+    pool = config.pools["gateways"]
+    assert pool.backends == ()
+    assert pool.discovery is not None
+    assert (pool.discovery.type, pool.discovery.interval, pool.discovery.nameservers) == (DiscoveryType.SRV, 5.0, ())
+
+
+def test_discovery_full(tmp_path: Path) -> None:
+    tree = base_tree({
+        "backends": [{"id": "gw-static", "address": "127.0.0.1:9000"}],
+        "discovery": {"dns": SERVICE, "type": "a", "port": 8080, "interval": "2s",
+                      "nameservers": ["127.0.0.1:5353", "[::1]:53"]},
+    })
+    pool = parse_config(yaml.safe_dump(tree), base_dir=tmp_path, environ={}).pools["gateways"]
+    assert pool.discovery is not None
+    assert pool.discovery.nameservers == (("127.0.0.1", 5353), ("::1", 53))
+    assert pool.discovery.port == 8080 and pool.discovery.interval == 2.0
+    assert [b.id for b in pool.backends] == ["gw-static"]
+
+
+@pytest.mark.parametrize(
+    ("pool", "expected"),
+    [
+        ({}, {"pools.gateways.backends": "missing required key"}),
+        ({"discovery": {"type": "a", "dns": SERVICE}}, {"pools.gateways.discovery.port": "type a needs a port"}),
+        ({"discovery": {"dns": "bad name!"}}, {"pools.gateways.discovery.dns": "expected a DNS name"}),
+        ({"discovery": {"dns": SERVICE, "type": "mx"}}, {"pools.gateways.discovery.type": "expected one of"}),
+        ({"discovery": {"dns": SERVICE, "nameservers": ["dns.example:53"]}},
+         {"pools.gateways.discovery.nameservers[0]": "expected an IP address"}),
+        ({"discovery": {"dns": SERVICE, "nameservers": "127.0.0.1:53"}},
+         {"pools.gateways.discovery.nameservers": "expected a list"}),
+        ({"discovery": {"dns": SERVICE, "intervall": "1s"}},
+         {"pools.gateways.discovery.intervall": "did you mean 'interval'"}),
+        ({"discovery": {}}, {"pools.gateways.discovery.dns": "missing required key"}),
+    ],
+)
+def test_discovery_problems_name_the_key(tmp_path: Path, pool: dict[str, Any], expected: dict[str, str]) -> None:
+    found = problems(base_tree(pool), tmp_path)
+    assert set(found) == set(expected), found
+    for path, fragment in expected.items():
+        assert fragment in found[path], found
+
+
+# ----------------------------------------------------------------------------- ${file:PATH} and workers: auto
+
+
+def test_file_reference_reads_the_file_without_trailing_newline(tmp_path: Path) -> None:
+    """`${file:PATH}`, relative to the config file, is the file's text minus its trailing newline."""
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "cookie_key").write_text(KEY + "\n")
+    (tmp_path / "token").write_text("tok-1")
+    tree = base_tree({"backends": [{"id": "a", "address": "127.0.0.1:1"}]})
+    tree["affinity"]["secret_keys"] = ["${file:secrets/cookie_key}"]
+    tree["admin"] = {"token": f"${{file:{tmp_path / 'token'}}}"}
+    path = tmp_path / "lb.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    config = load_config(path, environ={})
+    assert config.affinity.secret_keys == (KEY,)
+    assert config.admin.token == "tok-1"
+    # A rotated Secret: the next load (SIGHUP) sees the new content.
+    (tmp_path / "token").write_text("tok-2\n")
+    assert load_config(path, environ={}).admin.token == "tok-2"
+
+
+def test_file_reference_errors_name_the_path_never_the_content(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(b"s" * (MAX_FILE_REFERENCE_BYTES + 1))
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe secret")
+    tree = base_tree({"backends": [{"id": "a", "address": "127.0.0.1:1"}]})
+    tree["affinity"]["secret_keys"] = ["${file:missing/key}", f"${{file:{big}}}", f"${{file:{binary}}}"]
+    found = problems(tree, tmp_path)
+    assert found["affinity.secret_keys[0]"].startswith(f"cannot read file {tmp_path / 'missing' / 'key'}")
+    assert found["affinity.secret_keys[1]"] == f"file {big} is larger than {MAX_FILE_REFERENCE_BYTES} bytes"
+    assert found["affinity.secret_keys[2]"] == f"file {binary} is not UTF-8 text"
+    assert "secret" not in " ".join(found.values()).replace("secret_keys", "")
+
+
+def test_file_reference_mixes_with_text_and_env(tmp_path: Path) -> None:
+    (tmp_path / "host").write_text("127.0.0.1")
+    tree = base_tree({"backends": [{"id": "a", "address": "${file:host}:${PORT}"}]})
+    config = parse_config(yaml.safe_dump(tree), base_dir=tmp_path, environ={"PORT": "9001"})
+    assert config.pools["gateways"].backends[0].address == "127.0.0.1:9001"
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [(1, 1), (4, 4), (500, 64)])
+def test_workers_auto_is_one_per_cpu(tmp_path: Path, cpus: int, expected: int) -> None:
+    tree = base_tree({"backends": [{"id": "a", "address": "127.0.0.1:1"}]})
+    tree["workers"] = "auto"
+    config = parse_config(yaml.safe_dump(tree), base_dir=tmp_path, environ={}, cpu_count=cpus)
+    assert config.workers == expected
+
+
+def test_workers_auto_without_override_uses_this_machine(tmp_path: Path) -> None:
+    tree = base_tree({"backends": [{"id": "a", "address": "127.0.0.1:1"}]})
+    tree["workers"] = "auto"
+    assert 1 <= parse_config(yaml.safe_dump(tree), base_dir=tmp_path, environ={}).workers <= 64
+
+
+@pytest.mark.parametrize("value", ["many", 0, 65, True])
+def test_workers_bad_values(tmp_path: Path, value: object) -> None:
+    tree = base_tree({"backends": [{"id": "a", "address": "127.0.0.1:1"}]})
+    tree["workers"] = value
+    assert "expected auto or an integer from 1 to 64" in problems(tree, tmp_path)["workers"]
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+
+_labels = st.text(alphabet=st.characters(codec="ascii"), min_size=0, max_size=70)
+_records = st.lists(
+    st.builds(SrvRecord, target=st.builds(lambda a, b: f"{a}.{b}", _labels, _labels),
+              port=st.integers(0, 70000), weight=st.integers(0, 65535), priority=st.integers(0, 65535)),
+    max_size=40,
+)
+
+
+@given(_records, st.integers(1, 50), st.lists(st.text(max_size=50), max_size=5))
+def test_from_srv_never_crashes_and_keeps_its_promises(
+    records: list[SrvRecord], cap: int, junk_addresses: list[str]
+) -> None:
+    """Whatever DNS sends: at most `cap` backends, valid unique ids, ports 1..65535, weights 1..256."""
+    addresses = {r.target.lower().rstrip("."): ["10.0.0.1", *junk_addresses] for r in records}
+    found = from_srv(records, addresses, max_backends=cap)
+    assert len(found.backends) <= cap
+    backend_ids = [b.id for b in found.backends]
+    assert len(set(backend_ids)) == len(backend_ids)
+    for backend in found.backends:
+        assert srv_id(backend.id) == backend.id
+        assert 1 <= backend.port <= 65535 and 1 <= backend.weight <= 256
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("max 100000\n", None), ("200000 100000\n", 2), ("150000 100000", 2), ("50000 100000", 1), ("junk", None)],
+)
+def test_cgroup_cpu_quota(tmp_path: Path, content: str, expected: int | None) -> None:
+    """workers: auto honours a container's CPU quota (cgroup v2 cpu.max), rounded up."""
+    path = tmp_path / "cpu.max"
+    path.write_text(content)
+    assert _cgroup_cpu_quota(path) == expected
+    assert _cgroup_cpu_quota(tmp_path / "absent") is None
+
+
+def test_lb_validate_names_the_unreadable_secret_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`lb validate` exits 2 and names the key path and the file of a missing ${file:} secret."""
+    tree = base_tree({"discovery": {"dns": SERVICE}})
+    tree["affinity"]["secret_keys"] = ["${file:keys/current}"]
+    path = tmp_path / "lb.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert main(["validate", "--config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert f"affinity.secret_keys[0]: cannot read file {tmp_path / 'keys' / 'current'}" in out + err
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "current").write_text(KEY)
+    assert main(["validate", "--config", str(path)]) == 0

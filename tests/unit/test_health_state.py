@@ -1,0 +1,53 @@
+"""A backend's own request (`X-Backend-State`) combined with health and the operator's action.  No socket."""
+
+from __future__ import annotations
+
+import pytest
+
+from lb.config import BackendConfig, PoolConfig
+from lb.health import requested_state
+from lb.pool import AdminAction, BackendState, PoolState
+
+
+def pool() -> PoolState:
+    return PoolState(config=PoolConfig(name="p", backends=(BackendConfig("gw-1", "127.0.0.1", 9001),)))
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [("draining", "draining"), ("Draining ", "draining"), ("drain", "draining"), ("up", "up"), (None, "up"),
+     ("", "up"), ("maint", "up"), ("x" * 10_000, "up")],
+)
+def test_header_values(header: str | None, expected: str) -> None:
+    """`draining` (or HAProxy's `drain`) asks to drain; anything else, or no header, means up."""
+    assert requested_state(header) == expected
+
+
+def test_request_drains_and_release_returns() -> None:
+    state = pool()
+    change = state.record_requested_state("gw-1", True, 1.0)
+    assert change is not None and (change.old, change.new) == (BackendState.UP, BackendState.DRAINING)
+    backend = state.backends["gw-1"]
+    assert not backend.takes_new_clients and backend.takes_sticky_clients
+    assert state.record_requested_state("gw-1", True, 2.0) is None  # repeated: no change
+    change = state.record_requested_state("gw-1", False, 3.0)
+    assert change is not None and change.new is BackendState.UP
+    assert backend.takes_new_clients
+
+
+def test_operator_disable_wins_and_keeps_its_reason() -> None:
+    state = pool()
+    state.apply_admin("gw-1", AdminAction.DISABLE, 1.0)
+    assert state.record_requested_state("gw-1", True, 2.0) is None
+    backend = state.backends["gw-1"]
+    assert backend.state is BackendState.DISABLED and backend.reason == "operator: disable"
+    state.apply_admin("gw-1", AdminAction.ENABLE, 3.0)
+    assert backend.state is BackendState.DRAINING
+
+
+def test_down_beats_a_drain_request() -> None:
+    state = pool()
+    state.record_requested_state("gw-1", True, 1.0)
+    for now in (2.0, 3.0):
+        state.record_probe("gw-1", False, now, "refused")
+    assert state.backends["gw-1"].state is BackendState.DOWN
