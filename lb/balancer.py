@@ -136,14 +136,14 @@ class Balancer:
             listener.host,
             listener.port,
             ssl=ssl_context,
-            backlog=1024,
+            backlog=listener.backlog,
             reuse_address=True,
             # Workers each bind every listener; the kernel spreads connections over them.
             reuse_port=self.role is Role.WORKER,
         )
         host, port = server.sockets[0].getsockname()[:2]
         self._listening.append(_Listening(listener, server, ssl_context, (host, port)))
-        log.info("listening on %s:%d%s", host, port, " (TLS)" if tls else "")
+        log.info("listening on %s:%d%s (backlog %d)", host, port, " (TLS)" if tls else "", listener.backlog)
 
     async def _start_admin(self) -> None:
         admin = self.config.admin
