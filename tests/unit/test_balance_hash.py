@@ -344,3 +344,22 @@ def test_backlog_default_and_explicit(tmp_path: Path) -> None:
     assert default_backlog(str(tmp_path / "small")) == 4096
     assert default_backlog(str(tmp_path / "absent")) == 4096
     assert "listeners[0].backlog" in _problems({}, {"backlog": 0})
+
+
+def test_version_1_tokens_still_open_for_any_pool() -> None:
+    """A token of the layout before pins per pool (no pool inside) opens, valid for every pool."""
+    import struct
+
+    from lb.affinity_token import _derive
+
+    key = _derive(KEYS[0])
+    header = struct.pack(">BH", 1, key.key_id)
+    nonce = bytes(NONCE_BYTES)
+    plaintext = struct.pack(">I8sB", int(NOW), SESSION, 4) + b"gw-2" + b"app"
+    from base64 import urlsafe_b64encode
+
+    token = urlsafe_b64encode(header + nonce + key.aead.encrypt(nonce, plaintext, header)).rstrip(b"=").decode()
+    claim = CODEC.open(token, NOW)
+    assert (claim.backend_id, claim.pool, claim.app_value) == ("gw-2", None, "app")
+    lookup = find_token(request("/ws", ("Cookie", f"LB_AFFINITY={token}")), INSERT, CODEC, NOW, pool="game")
+    assert lookup.token == token
