@@ -16,7 +16,8 @@ proxy CPU seconds.
 
 **Paced drain.** The same population through the balancer; `POST
 /pools/gateways/backends/gw-1/drain?close_after=0s&rate=R` closes gw-1's
-tunnels with 1012 at R per second; the reconnects per second follow R.
+tunnels with 1012 at R per second (R = 100, then 400); the reconnects per
+second follow R.
 
 **Idle population.** As many tunnels as the limits allow (up to 50,000):
 RSS per tunnel, and the handshake latency of new clients while they are held
@@ -61,6 +62,7 @@ STORM_DEADLINE = 60.0
 READY_TIMEOUT = 20.0
 MAX_IDLE = 50_000
 LATENCY_SAMPLES = 200
+DRAIN_RATES = (100.0, 400.0)  # two paces: the reconnects per second should follow each
 DIRECT, BALANCER, HAPROXY = "direct", "balancer", "haproxy"
 
 
@@ -570,7 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1,000 clients, 2,000 idle tunnels")
     parser.add_argument("--clients", type=int, help="storm population (default 5000, capped by RLIMIT_NOFILE)")
     parser.add_argument("--idle", type=int, help="idle tunnels to hold (default: as many as limits allow)")
-    parser.add_argument("--rate", type=float, default=200.0, help="paced drain: tunnels closed per second")
+    parser.add_argument(
+        "--rate", type=float, action="append", dest="rates",
+        help="paced drain: tunnels closed per second (repeatable; default 100 and 400)",
+    )
     parser.add_argument("--no-haproxy", action="store_true")
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--json", type=Path, metavar="FILE")
@@ -601,10 +606,12 @@ def main(argv: list[str] | None = None) -> int:
                     results["storm"][kind] = run(storm(kind, clients, log_dir, pinning))
                 except BenchError as exc:
                     results["storm"][kind] = f"failed: {str(exc).splitlines()[0]}"
-            try:
-                results["drain"] = run(paced_drain(clients, args.rate, log_dir, pinning))
-            except BenchError as exc:
-                results["drain"] = f"failed: {str(exc).splitlines()[0]}"
+            results["drain"] = []
+            for rate in args.rates or DRAIN_RATES:
+                try:
+                    results["drain"].append(run(paced_drain(clients, rate, log_dir, pinning)))
+                except BenchError as exc:
+                    results["drain"].append(f"rate {rate:g}: failed: {str(exc).splitlines()[0]}")
             try:
                 results["idle"] = run(idle_population(idle, log_dir, pinning))
             except BenchError as exc:
@@ -625,8 +632,10 @@ def render_report(results: dict[str, Any], clients: int) -> str:
     lines = [f"\nreconnect storm: {clients} clients hold tunnels over 3 gateways; gw-1 is SIGKILLed and its "
              "clients reconnect at once with their cookies",
              render_storm(results["storm"])]
-    drain = results["drain"]
-    if isinstance(drain, dict):
+    for drain in results["drain"] or []:
+        if not isinstance(drain, dict):
+            lines.append(f"\npaced drain: {drain}")
+            continue
         seen = drain["rate_seen"]
         lines.append(
             f"\npaced drain (balancer): gw-1 drained with close_after=0s, rate={drain['rate_asked']:g}/s: "
@@ -634,8 +643,6 @@ def render_report(results: dict[str, Any], clients: int) -> str:
             f"{'-' if seen is None else f'{seen:.0f}'} (peak second {drain['peak_per_second']}), "
             f"failed attempts {drain['failed_attempts']}; per second: {drain['per_second']}"
         )
-    elif drain:
-        lines.append(f"\npaced drain: {drain}")
     idle = results["idle"]
     if isinstance(idle, dict):
         lines.append(

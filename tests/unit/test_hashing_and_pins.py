@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lb.affinity import decide, route_for_key
 from lb.affinity_http import MAX_PINS, balance_key, find_token, join_pins, plan_forward, rewrite_response_cookies
@@ -363,3 +365,22 @@ def test_version_1_tokens_still_open_for_any_pool() -> None:
     assert (claim.backend_id, claim.pool, claim.app_value) == ("gw-2", None, "app")
     lookup = find_token(request("/ws", ("Cookie", f"LB_AFFINITY={token}")), INSERT, CODEC, NOW, pool="game")
     assert lookup.token == token
+
+
+POOL_NAMES = st.from_regex(r"[a-z][a-z0-9_-]{0,20}", fullmatch=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pools=st.lists(POOL_NAMES, min_size=1, max_size=MAX_PINS, unique=True))
+def test_every_pool_finds_its_own_pin_among_many(pools: list[str]) -> None:
+    """Whatever the pools, a cookie built pin by pin gives each pool its own pin and keeps the rest."""
+    value = ""
+    tokens: dict[str, str] = {}
+    for n, pool in enumerate(pools):
+        lookup = find_token(request("/ws", ("Cookie", f"LB_AFFINITY={value}")), INSERT, CODEC, NOW, pool=pool)
+        tokens[pool] = seal(f"b{n}", pool, nonce=n + 1)
+        value = join_pins(lookup.others, tokens[pool])
+    for pool, token in tokens.items():
+        lookup = find_token(request("/ws", ("Cookie", f"LB_AFFINITY={value}")), INSERT, CODEC, NOW, pool=pool)
+        assert lookup.token == token
+        assert set(lookup.others) == set(tokens.values()) - {token}
