@@ -296,6 +296,7 @@ class Stack:
     listen: tuple[str, int] | None = None
     admin_port: int | None = None
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    backlog: int | None = None  # listeners[].backlog; None: the balancer's default
 
     def start(self, pinning: procs.Pinning) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -318,7 +319,7 @@ class Stack:
     def _start_balancer(self, pinning: procs.Pinning) -> None:
         port, self.admin_port = procs.free_port(), procs.free_port()
         config = {
-            "listeners": [{"bind": f"{HOST}:{port}"}],
+            "listeners": [{"bind": f"{HOST}:{port}", **({"backlog": self.backlog} if self.backlog else {})}],
             "admin": {"bind": f"{HOST}:{self.admin_port}", "token": self.admin_token},
             "affinity": {"mode": "insert", "cookie": "LB_AFFINITY", "secret_keys": [secrets.token_urlsafe(32)]},
             "routes": [{"path_prefix": "/", "pool": "gateways"}],
@@ -404,9 +405,11 @@ def _admin_post(port: int, path: str, token: str) -> dict[str, Any]:
 # -- scenarios --------------------------------------------------------------------------------------
 
 
-async def storm(kind: str, clients: int, log_dir: Path, pinning: procs.Pinning) -> dict[str, Any]:
+async def storm(
+    kind: str, clients: int, log_dir: Path, pinning: procs.Pinning, backlog: int | None = None
+) -> dict[str, Any]:
     """One storm against one target; the result's keys are the table's rows."""
-    stack = Stack(kind, log_dir)
+    stack = Stack(kind, log_dir, backlog=backlog)
     try:
         stack.start(pinning)
         everyone = [(host, port) for _, host, port in stack.addresses]
@@ -576,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rate", type=float, action="append", dest="rates",
         help="paced drain: tunnels closed per second (repeatable; default 100 and 400)",
     )
+    parser.add_argument("--backlog", type=int, help="the balancer's listeners[].backlog (default: its own)")
     parser.add_argument("--no-haproxy", action="store_true")
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--json", type=Path, metavar="FILE")
@@ -603,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
             log_dir = Path(tmp)
             for kind in kinds:
                 try:
-                    results["storm"][kind] = run(storm(kind, clients, log_dir, pinning))
+                    results["storm"][kind] = run(storm(kind, clients, log_dir, pinning, args.backlog))
                 except BenchError as exc:
                     results["storm"][kind] = f"failed: {str(exc).splitlines()[0]}"
             results["drain"] = []
