@@ -138,6 +138,10 @@ async def test_route_errors_name_nothing_internal(stacks: Stacks) -> None:
         assert status == expected
         text = json.dumps(body)
         assert pool not in text and "gw-" not in text and "127.0.0" not in text and (key is None or key not in text)
+    url = stacks.hash_a.admin_url("/pools/gateways/route")
+    for params in ({"key": "x" * 5000}, {"key": "a", "keyy": "b"}, {"key": ["a", "b"]}):
+        status, _, body = await http_get_async(url, params=params)
+        assert status == 400 and b"xxxx" not in body, params
 
 
 async def test_two_pools_keep_one_pin_each(stacks: Stacks) -> None:
