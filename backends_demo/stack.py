@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from backends_demo.client import (
+    Attempt,
     ProofFailed,
     is_sticky,
     make_ssl_context,
@@ -567,7 +568,10 @@ def _run_demo(plan: StackPlan, stories: Sequence[StoryBalancer], pool: str) -> b
     return ok
 
 
-def _attempts(url: str, *, first_number: int = 0, reconnects: int = DEMO_RECONNECTS, **kwargs: Any) -> list[Any]:
+def _attempts(
+    url: str, *, first_number: int = 0, reconnects: int = DEMO_RECONNECTS, **kwargs: Any
+) -> list[Attempt]:
+    """One reconnect run without TLS; on failure the attempts so far are shown and [] returned."""
     try:
         return asyncio.run(
             prove_stickiness(
