@@ -10,6 +10,10 @@ the gateway saw, the server id and a short digest of each cookie (never the
 cookie itself).  Exit status: 0 if every attempt reached one server id, 1 if
 not, 2 if an attempt could not complete (connection, TLS, handshake, echo).
 
+`--no-cookies` plays a client without a cookie jar (what a layer-4
+balancer sees: only the address), and `--header NAME:VALUE` adds a request
+header to every attempt (e.g. `X-User-Id` for a `balance: hash` pool).
+
 This module owns the client side only.  The cookie handling is deliberately
 manual (no cookie jar): the proof must show the client holds nothing but the
 cookies, exactly as a native app would.  `backends_demo.stack` imports
@@ -202,6 +206,10 @@ async def prove_stickiness(
     source_ips: Sequence[str],
     ssl_context: ssl.SSLContext | None,
     timeout: float,  # noqa: ASYNC109 - a budget per attempt, not for the whole call
+    *,
+    keep_cookies: bool = True,
+    headers: Mapping[str, str] | None = None,
+    first_number: int = 0,
 ) -> list[Attempt]:
     """Connect once and reconnect `reconnects` times, each from the next source IP, keeping cookies.
 
@@ -211,6 +219,9 @@ async def prove_stickiness(
         source_ips: local addresses to bind, used in turn and cycled.
         ssl_context: for `wss://`; None uses the system trust store.
         timeout: seconds each attempt (connect, hello, echo, close) may take.
+        keep_cookies: False: send no cookie ever (a layer-4 view: only the address changes).
+        headers: extra request headers for every attempt.
+        first_number: the number of the first attempt (a run continued through another URL).
 
     Returns:
         One `Attempt` per connection, in order.
@@ -222,12 +233,14 @@ async def prove_stickiness(
         raise ProofFailed("no source IPs to connect from")
     attempts: list[Attempt] = []
     jar: dict[str, str] = {}
-    for number in range(reconnects + 1):
+    for number in range(first_number, first_number + reconnects + 1):
         source_ip = source_ips[number % len(source_ips)]
         try:
             attempt, jar = await asyncio.wait_for(
-                _connect_once(url, number, source_ip, jar, ssl_context), timeout
+                _connect_once(url, number, source_ip, jar, ssl_context, headers or {}), timeout
             )
+            if not keep_cookies:
+                jar = {}
         except ProofFailed as exc:
             raise ProofFailed(f"attempt {number} from {source_ip}: {exc}", attempts) from None
         except TimeoutError:
@@ -266,6 +279,7 @@ async def _connect_once(
     source_ip: str,
     jar: Mapping[str, str],
     ssl_context: ssl.SSLContext | None,
+    extra_headers: Mapping[str, str],
 ) -> tuple[Attempt, dict[str, str]]:
     """One attempt: handshake with the kept cookies, read hello, check an echo, close."""
     handshake_headers: list[CIMultiDictProxy[str]] = []
@@ -277,7 +291,7 @@ async def _connect_once(
 
     trace = aiohttp.TraceConfig()
     trace.on_request_end.append(keep_response_headers)
-    request_headers = {}
+    request_headers = dict(extra_headers)
     cookie = render_cookie_header(jar)
     if cookie is not None:
         request_headers["Cookie"] = cookie
@@ -355,6 +369,13 @@ def _source_ip_list(text: str) -> tuple[str, ...]:
     return ips
 
 
+def _header(text: str) -> tuple[str, str]:
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip() or any(c in name for c in " \t\r\n") or any(c in value for c in "\r\n"):
+        raise argparse.ArgumentTypeError(f"expected NAME:VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m backends_demo.client",
@@ -375,6 +396,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--cafile", default=None, help="CA certificate to trust for wss:// (e.g. certs/ca.crt)"
     )
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per attempt")
+    parser.add_argument(
+        "--no-cookies", action="store_true", help="never send a cookie (the layer-4 view: only the IP changes)"
+    )
+    parser.add_argument(
+        "--header", type=_header, action="append", default=[], metavar="NAME:VALUE",
+        help="a request header for every attempt, e.g. X-User-Id:player-42 (repeatable)",
+    )
     args = parser.parse_args(argv)
     if URL(args.url).scheme not in ("ws", "wss"):
         parser.error(f"--url must be ws:// or wss://, got {args.url!r}")
@@ -396,7 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         attempts = asyncio.run(
-            prove_stickiness(args.url, args.reconnects, source_ips, ssl_context, args.timeout)
+            prove_stickiness(
+                args.url, args.reconnects, source_ips, ssl_context, args.timeout,
+                keep_cookies=not args.no_cookies, headers=dict(args.header),
+            )
         )
     except ProofFailed as exc:
         if exc.attempts:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import errno
 import ipaddress
 import json
@@ -42,6 +43,7 @@ from typing import Any
 import yaml
 
 from backends_demo.client import (
+    Attempt,
     ProofFailed,
     is_sticky,
     make_ssl_context,
@@ -56,6 +58,8 @@ POLL_INTERVAL = 0.1
 DEMO_RECONNECTS = 8
 DEMO_SOURCE_IPS = tuple(f"127.0.0.{i}" for i in range(2, 10))
 DEMO_TIMEOUT = 10.0
+STORY_HEADER = "X-User-Id"
+STORY_USER = "player-42"
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -240,6 +244,67 @@ def _resolve(path: Path, config_dir: Path) -> Path:
     return beside_config if beside_config.exists() else path
 
 
+def ws_pool(raw: Mapping[str, Any], path: str = "/ws") -> str | None:
+    """The pool the longest matching route prefix sends `path` to (as the balancer routes)."""
+    best: tuple[int, str] | None = None
+    for route in raw.get("routes") or []:
+        if not isinstance(route, dict):
+            continue
+        prefix, pool = str(route.get("path_prefix", "")), route.get("pool")
+        if pool is not None and path.startswith(prefix) and (best is None or len(prefix) > best[0]):
+            best = (len(prefix), str(pool))
+    return best[1] if best else None
+
+
+def story_config(raw: Mapping[str, Any], *, balance: str, listen_port: int, admin_port: int) -> dict[str, Any]:
+    """A copy of the config for one story balancer: one plain loopback listener, every pool hashed.
+
+    `sticky: false`, so the hash alone routes: run 1 shows what a layer-4 balancer does,
+    run 3 that a computed user→gateway answer needs no table.
+    """
+    config: dict[str, Any] = copy.deepcopy(dict(raw))
+    config["listeners"] = [{"bind": f"127.0.0.1:{listen_port}"}]
+    config["admin"] = {**(config.get("admin") or {}), "bind": f"127.0.0.1:{admin_port}"}
+    config.pop("workers", None)
+    for pool in (config.get("pools") or {}).values():
+        if isinstance(pool, dict):
+            pool["balance"] = balance
+            pool["sticky"] = False
+            pool.pop("hash_key", None)
+            if balance == "hash":
+                pool["hash_key"] = f"header:{STORY_HEADER}"
+    return config
+
+
+@dataclass(frozen=True, slots=True)
+class StoryBalancer:
+    """An extra balancer the demo starts: where to connect and where to ask /route."""
+
+    name: str
+    config_path: Path
+    url: str
+    admin: Endpoint
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def write_story_configs(raw: Mapping[str, Any], directory: Path) -> list[StoryBalancer]:
+    """The source balancer and the two hash instances, their configs written to `directory`."""
+    stories = []
+    for name, balance in (("source", "source"), ("hash-a", "hash"), ("hash-b", "hash")):
+        listen, admin = _free_port(), _free_port()
+        path = directory / f"demo-{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        config = story_config(raw, balance=balance, listen_port=listen, admin_port=admin)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        stories.append(StoryBalancer(name, path, f"ws://127.0.0.1:{listen}/ws", Endpoint("127.0.0.1", admin)))
+    return stories
+
+
 # --- processes ----------------------------------------------------------------
 
 
@@ -381,7 +446,7 @@ def _backends_up(answer: tuple[int, bytes] | None, expected: Sequence[str]) -> b
 DEMO_LOG = Path(".dev/demo-balancer.log")
 
 
-def run_stack(config: Path, plan: StackPlan, demo: bool) -> int:
+def run_stack(config: Path, plan: StackPlan, demo: bool, raw: Mapping[str, Any] | None = None) -> int:
     """Start the gateways and the balancer, then serve in the foreground or run the demo.
 
     Returns:
@@ -423,7 +488,22 @@ def run_stack(config: Path, plan: StackPlan, demo: bool) -> int:
 
         print(_describe(plan), flush=True)
         if demo:
-            sticky = _run_demo(plan)
+            stories = write_story_configs(raw or {}, DEMO_LOG.parent)
+            procs = [
+                children.start(
+                    f"balancer {story.name}",
+                    [sys.executable, "-m", "lb", "run", "--config", str(story.config_path)],
+                    log_file=DEMO_LOG.parent / f"demo-{story.name}.log",
+                )
+                for story in stories
+            ]
+            deadline = time.monotonic() + BALANCER_DEADLINE
+            for story, proc in zip(stories, procs, strict=True):
+                wait_until_healthy(
+                    f"balancer {story.name}", proc, f"http://{story.admin.authority}/healthz", deadline,
+                    expect_up=[g.server_id for g in plan.gateways],
+                )
+            sticky = _run_demo(plan, stories, ws_pool(raw or {}) or "")
             for name, code in children.exited():
                 print(f"stack: {name} exited with code {code} during the demo", file=sys.stderr)
             return 0 if sticky else 1
@@ -472,7 +552,96 @@ def _exit_status(code: int) -> int:
     return 128 - code if code < 0 else code  # killed by signal N → 128+N, as a shell reports it
 
 
-def _run_demo(plan: StackPlan) -> bool:
+def _run_demo(plan: StackPlan, stories: Sequence[StoryBalancer], pool: str) -> bool:
+    """The three runs; True only if run 1 moved, run 2 stuck (ws and wss), run 3 stuck and agreed."""
+    by_name = {story.name: story for story in stories}
+    moved = _run_source(by_name["source"])
+    stuck = _run_cookie(plan)
+    agreed = _run_hash(by_name["hash-a"], by_name["hash-b"], pool)
+    print("\ndemo summary:")
+    source = "moved (expected: the layer-4 failure)" if moved else "DID NOT MOVE"
+    print(f"  1. source-IP hashing, IP changes:     {source}")
+    print(f"  2. affinity cookie, IP changes:       {'stuck' if stuck else 'NOT every reconnect stuck'}")
+    print(f"  3. hash of the user id, /route:       {'stuck and agreed' if agreed else 'DID NOT hold'}")
+    ok = moved and stuck and agreed
+    print("demo: " + ("the contrast is as expected" if ok else "the contrast is NOT as expected"), flush=True)
+    return ok
+
+
+def _attempts(
+    url: str, *, first_number: int = 0, reconnects: int = DEMO_RECONNECTS, **kwargs: Any
+) -> list[Attempt]:
+    """One reconnect run without TLS; on failure the attempts so far are shown and [] returned."""
+    try:
+        return asyncio.run(
+            prove_stickiness(
+                url, reconnects, DEMO_SOURCE_IPS, None, DEMO_TIMEOUT, first_number=first_number, **kwargs
+            )
+        )
+    except ProofFailed as exc:
+        if exc.attempts:
+            print(render_table(exc.attempts, include_verdict=False))
+        print(f"FAILED: {exc}", flush=True)
+        return []
+
+
+def _run_source(story: StoryBalancer) -> bool:
+    """Run 1: no cookie, balance: source; the client is expected to move as its IP changes."""
+    print(
+        f"\n1. before: a layer-4 balancer (balance: source, no cookie) at {story.url}\n"
+        f"   the same client reconnects {DEMO_RECONNECTS} times, its IP changing each time (Wi-Fi, 4G, ...)"
+    )
+    attempts = _attempts(story.url, keep_cookies=False)
+    if not attempts:
+        return False
+    print(render_table(attempts), flush=True)
+    moved = not is_sticky(attempts)
+    print(
+        "   as expected: source-IP persistence sent the reconnects to other gateways; the session is lost"
+        if moved
+        else "   UNEXPECTED: every reconnect stayed on one gateway, so the contrast is not shown",
+        flush=True,
+    )
+    return moved
+
+
+def _run_hash(first: StoryBalancer, second: StoryBalancer, pool: str) -> bool:
+    """Run 3: one user id through two instances from changing IPs, then both instances' /route."""
+    print(
+        f"\n3. user → gateway without a table: balance: hash on {STORY_HEADER}, two instances,"
+        f" no cookie\n   {STORY_HEADER}: {STORY_USER} from changing IPs through {first.url} then {second.url}"
+    )
+    half = DEMO_RECONNECTS // 2
+    headers = {STORY_HEADER: STORY_USER}
+    attempts = _attempts(first.url, reconnects=half, keep_cookies=False, headers=headers)
+    if attempts:
+        attempts += _attempts(
+            second.url, reconnects=half, first_number=len(attempts), keep_cookies=False, headers=headers
+        )
+    if not attempts:
+        return False
+    print(render_table(attempts), flush=True)
+    answers = []
+    for story in (first, second):
+        url = f"http://{story.admin.authority}/pools/{pool}/route?key={STORY_USER}"
+        answer = _http_get(url, timeout=2.0)
+        try:
+            backend = json.loads(answer[1])["backend"] if answer and answer[0] == 200 else None
+        except (ValueError, KeyError, TypeError):
+            backend = None
+        answers.append(backend)
+        print(f"   GET {url} -> {backend or 'no answer'}")
+    agreed = is_sticky(attempts) and answers == [attempts[0].server_id] * 2
+    print(
+        f"   {'agreed' if agreed else 'DID NOT agree'}: both instances compute the same gateway for {STORY_USER},"
+        " with no user→gateway table to keep in sync",
+        flush=True,
+    )
+    return agreed
+
+
+def _run_cookie(plan: StackPlan) -> bool:
+    print("\n2. after: the affinity cookie, same reconnects, over ws and wss")
     runs: list[tuple[str, str | None]] = []
     if plan.plain_listener:
         runs.append((f"ws://{plan.plain_listener.authority}/ws", None))
@@ -501,7 +670,6 @@ def _run_demo(plan: StackPlan) -> bool:
             continue
         print(render_table(attempts), flush=True)
         all_sticky = all_sticky and is_sticky(attempts)
-    print("\ndemo: " + ("every reconnect stuck" if all_sticky else "NOT every reconnect stuck"), flush=True)
     return all_sticky
 
 
@@ -534,7 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StackError as exc:
         print(f"stack: {args.config}: {exc}", file=sys.stderr)
         return 2
-    return run_stack(args.config, plan, args.demo)
+    return run_stack(args.config, plan, args.demo, raw)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-floor", action="store_true", help="skip the floor relay column")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--idle", type=int, metavar="N", help="idle tunnels to open (default 5000)")
+    parser.add_argument("--no-storm", action="store_true", help="skip the reconnect storm (bench/storm.py)")
     args = parser.parse_args(argv)
 
     plan = Plan.make(args.quick)
@@ -153,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(to_document(header, rows, run.notes, run.raw), indent=2) + "\n")
         print(f"\nwrote {args.json}")
+    if not args.no_storm:
+        from bench import storm  # the reconnect storm, paced drain and idle population
+
+        flags = [f for f, on in (("--quick", args.quick), ("--no-haproxy", args.no_haproxy),
+                                 ("--no-pin", args.no_pin)) if on]
+        if args.json is not None:
+            flags += ["--json", str(args.json.with_suffix(".storm.json"))]
+        return storm.main(flags)
     return 0
 
 

@@ -80,6 +80,10 @@ def make_admin_app(balancer: Balancer) -> web.Application:
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/pools/{pool}/backends/{backend}/{action}", backend_action)
+    # GET /pools/{pool}/route?key=K (balance: source|hash), in its own module.
+    from lb.admin_route import add_route_endpoint
+
+    add_route_endpoint(app)
     return app
 
 

@@ -2,11 +2,17 @@
 
 Layout (then base64url without padding):
 
-    version(1) | key id(2) | nonce(12) |
-        AES-256-GCM( issued_at(4) | session(8) | id_len(1) | backend id | app value )
+    version(2) | key id(2) | nonce(12) |
+        AES-256-GCM( issued_at(4) | session(8) | id_len(1) | backend id | pool_len(1) | pool | app value )
+
+Version 1 (no pool) still opens, as a pin valid for whichever pool reads it,
+so a rolling upgrade keeps every client's pin.
 
 - The backend is named by its configured id, never its address, so a gateway
   that moves keeps its clients.
+- The pool is sealed too: one client holds one pin per pool (a cookie value
+  carries several tokens, see `affinity_http`), and a pin for pool A can
+  never be taken for one of pool B.
 - `session` is random per client and survives re-issue: it is what redispatch
   hashes on, so one player's tabs land together.
 - The key id picks the right key first during rotation; the first configured
@@ -34,7 +40,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from lb.errors import InvalidToken
 
-VERSION = 1
+VERSION = 2
+_VERSIONS = frozenset({1, 2})
 NONCE_BYTES = 12
 SESSION_BYTES = 8
 MAX_TOKEN_CHARS = 4096  # longer than any token we issue; refuse before decoding
@@ -54,6 +61,11 @@ class Claim:
     issued_at: int
     session: bytes
     app_value: str | None = None  # rewrite mode: the backend's own cookie value
+    pool: str | None = None  # None: a version-1 token, valid for any pool
+
+    def for_pool(self, pool: str) -> bool:
+        """Whether this pin may route in `pool`."""
+        return self.pool is None or self.pool == pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,16 +101,21 @@ class TokenCodec:
         """Encrypt `claim` with the first key; `nonce` must be 12 fresh random bytes.
 
         Raises:
-            ValueError: backend id longer than 255 bytes, bad session or nonce length.
+            ValueError: backend id or pool longer than 255 bytes, bad session or nonce length.
+            TokenTooLarge: the sealed token would exceed MAX_TOKEN_CHARS (a huge app value).
         """
         backend = claim.backend_id.encode("utf-8")
-        if len(backend) > 255 or len(claim.session) != SESSION_BYTES or len(nonce) != NONCE_BYTES:
+        pool = (claim.pool or "").encode("utf-8")
+        if len(backend) > 255 or len(pool) > 255 or len(claim.session) != SESSION_BYTES or len(nonce) != NONCE_BYTES:
             raise ValueError("claim does not fit the token layout")
+        app_value = claim.app_value.encode("utf-8") if claim.app_value is not None else b""
+        fixed = _HEADER.size + NONCE_BYTES + _CLAIM.size + len(backend) + 1 + len(pool) + _TAG_BYTES
+        if base64_chars(fixed + len(app_value)) > MAX_TOKEN_CHARS:
+            raise TokenTooLarge(len(app_value))
         key = self._keys[0]
         header = _HEADER.pack(VERSION, key.key_id)
         plaintext = _CLAIM.pack(claim.issued_at, claim.session, len(backend)) + backend
-        if claim.app_value is not None:
-            plaintext += claim.app_value.encode("utf-8")
+        plaintext += bytes([len(pool)]) + pool + app_value
         sealed = header + nonce + key.aead.encrypt(nonce, plaintext, header)
         return urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
 
@@ -110,7 +127,7 @@ class TokenCodec:
         """
         raw = _decode(token)
         version, key_id = _HEADER.unpack_from(raw)
-        if version != VERSION:
+        if version not in _VERSIONS:
             raise InvalidToken("malformed")
         header, nonce, ciphertext = raw[:3], raw[3 : 3 + NONCE_BYTES], raw[3 + NONCE_BYTES :]
         candidates = [key for key in self._keys if key.key_id == key_id]
@@ -124,11 +141,24 @@ class TokenCodec:
                 continue
         else:
             raise InvalidToken("bad_mac")
-        claim = _parse_claim(plaintext)
+        claim = _parse_claim(plaintext, version)
         age = now - claim.issued_at
         if age > self._max_age or age < -CLOCK_SKEW:
             raise InvalidToken("expired")
         return claim
+
+
+class TokenTooLarge(ValueError):
+    """The value to seal would make a token longer than MAX_TOKEN_CHARS (rewrite mode passes it unsealed)."""
+
+    def __init__(self, app_bytes: int) -> None:
+        super().__init__(f"a {app_bytes}-byte value does not fit in a {MAX_TOKEN_CHARS}-character token")
+        self.app_bytes = app_bytes
+
+
+def base64_chars(raw_bytes: int) -> int:
+    """Length of unpadded base64 for `raw_bytes` bytes."""
+    return (raw_bytes * 4 + 2) // 3
 
 
 def _decode(token: str) -> bytes:
@@ -148,7 +178,7 @@ def _decode(token: str) -> bytes:
     return raw
 
 
-def _parse_claim(plaintext: bytes) -> Claim:
+def _parse_claim(plaintext: bytes, version: int) -> Claim:
     # Authenticated, so only our own (older or newer) layouts can arrive here;
     # still checked so a layout bug cannot turn into an exception upstream.
     if len(plaintext) < _CLAIM.size:
@@ -157,9 +187,16 @@ def _parse_claim(plaintext: bytes) -> Claim:
     rest = plaintext[_CLAIM.size :]
     if len(rest) < id_len:
         raise InvalidToken("malformed")
+    backend_raw, rest = rest[:id_len], rest[id_len:]
+    pool_raw: bytes | None = None
+    if version >= 2:
+        if not rest or len(rest) < 1 + rest[0]:
+            raise InvalidToken("malformed")
+        pool_raw, rest = rest[1 : 1 + rest[0]], rest[1 + rest[0] :]
     try:
-        backend_id = rest[:id_len].decode("utf-8")
-        app_value = rest[id_len:].decode("utf-8") if len(rest) > id_len else None
+        backend_id = backend_raw.decode("utf-8")
+        pool = pool_raw.decode("utf-8") if pool_raw else None
+        app_value = rest.decode("utf-8") if rest else None
     except UnicodeDecodeError:
         raise InvalidToken("malformed") from None
-    return Claim(backend_id=backend_id, issued_at=issued_at, session=session, app_value=app_value)
+    return Claim(backend_id=backend_id, issued_at=issued_at, session=session, app_value=app_value, pool=pool)

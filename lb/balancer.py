@@ -179,7 +179,10 @@ class Balancer:
             self._admin, self.admin_address = await self._bind_admin(self.config)
         # Everything is bound: from here on nothing can fail for want of an address.
         for listening in self._listening:
-            log.info("listening on %s:%d%s", *listening.address, " (TLS)" if listening.ssl_context else "")
+            log.info(
+                "listening on %s:%d%s (backlog %d)",
+                *listening.address, " (TLS)" if listening.ssl_context else "", listening.config.backlog,
+            )
         if self.admin_address is not None:
             log.info("admin API on %s:%d", *self.admin_address)
         if self.role is not Role.OWNER:
@@ -214,7 +217,7 @@ class Balancer:
                 listener.host,
                 listener.port,
                 ssl=ssl_context,
-                backlog=1024,
+                backlog=listener.backlog,
                 reuse_address=True,
                 # Workers each bind every listener; the kernel spreads connections over them.
                 reuse_port=self.role is Role.WORKER,
@@ -484,7 +487,10 @@ class Balancer:
                 listening.ssl_context.load_cert_chain(listener.tls.cert, listener.tls.key)
             listening.config = listener
         for listening in new_listening:
-            log.info("listening on %s:%d%s", *listening.address, " (TLS)" if listening.ssl_context else "")
+            log.info(
+                "listening on %s:%d%s (backlog %d)",
+                *listening.address, " (TLS)" if listening.ssl_context else "", listening.config.backlog,
+            )
         self._listening = [listening for listening, _ in kept] + new_listening
 
     def _merge_pool(self, config: PoolConfig, old: PoolState | None) -> PoolState:

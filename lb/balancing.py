@@ -2,11 +2,19 @@
 
 Policies see candidates through the `Candidate` protocol (id, weight, live
 connections) and keep only their own small state (round-robin position).
+
+`balance: source` and `balance: hash` keep no state at all: a key (the client
+address, or the `hash_key` value) picks a backend by weighted rendezvous
+hashing (`rendezvous_choose`), so every balancer instance with the same
+config and health view answers the same, and a backend leaving moves only
+the keys that were on it.  A request without a key falls back to least_conn
+(`make_policy` returns it as the pool's fallback).
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
@@ -73,7 +81,33 @@ class LeastConn:
 
 
 def make_policy(method: BalanceMethod) -> RoundRobin | LeastConn:
+    """The pool's stateful policy; for source and hash pools, the fallback when a request has no key."""
     return RoundRobin() if method is BalanceMethod.ROUND_ROBIN else LeastConn()
+
+
+HASHED_METHODS = frozenset({BalanceMethod.SOURCE, BalanceMethod.HASH})
+
+
+def source_key(address: str) -> str | None:
+    """The canonical spelling of a client address, so `::ffff:10.0.0.1` and `10.0.0.1` hash alike.
+
+    Returns None for something that is not an IP address (the caller falls back).
+    """
+    try:
+        ip = ipaddress.ip_address(address.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def hash_choose(key: str, candidates: Sequence[C]) -> C | None:
+    """`balance: source`/`hash`: the backend for `key` (a client address or a hash_key value).
+
+    A distinct prefix keeps these choices independent of session redispatch.
+    """
+    return rendezvous_choose(b"key\x00" + key.encode("utf-8", "surrogateescape"), candidates)
 
 
 def rendezvous_choose(key: bytes, candidates: Sequence[C]) -> C | None:

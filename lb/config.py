@@ -31,6 +31,25 @@ class SecureMode(StrEnum):
 class BalanceMethod(StrEnum):
     ROUND_ROBIN = "round_robin"
     LEAST_CONN = "least_conn"
+    SOURCE = "source"  # rendezvous hash of the client address (the layer-4 baseline)
+    HASH = "hash"      # rendezvous hash of `hash_key`; requests without it fall back to least_conn
+
+
+class HashKeySource(StrEnum):
+    HEADER = "header"
+    QUERY = "query"
+    COOKIE = "cookie"
+
+
+@dataclass(frozen=True, slots=True)
+class HashKey:
+    """Where `balance: hash` finds its key: `header:X-User-Id`, `query:uid`, `cookie:NAME`."""
+
+    source: HashKeySource
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.source.value}:{self.name}"
 
 
 class HealthCheckType(StrEnum):
@@ -68,6 +87,9 @@ class ListenerConfig:
     # Each connection starts with a PROXY v1/v2 header from an L4 balancer (lb.proxy_header);
     # without a valid one it is closed without an answer.
     proxy_protocol: bool = False
+    # listen() queue; config_load fills in max(net.core.somaxconn, 4096) when absent.  A
+    # reconnect storm arrives as one burst of SYNs: each overflow costs the client a 1s retransmit.
+    backlog: int = 4096
 
     @property
     def bind(self) -> str:
@@ -148,6 +170,10 @@ class PoolConfig:
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     slow_start: float = 0.0  # seconds over which a backend back up ramps to its full weight
     discovery: DiscoveryConfig | None = None  # backends from DNS, besides the static ones
+    hash_key: HashKey | None = None  # balance: hash only
+    # source/hash pools: false = no cookie, the hash alone routes (what /route says is where
+    # every client is); true = the cookie wins while its backend is up or draining.
+    sticky: bool = True
 
 
 @dataclass(frozen=True, slots=True)

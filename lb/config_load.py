@@ -41,6 +41,8 @@ from lb.config import (
     DiscoveryConfig,
     DiscoveryType,
     EventLoop,
+    HashKey,
+    HashKeySource,
     HealthCheckConfig,
     HealthCheckType,
     LimitsConfig,
@@ -435,7 +437,38 @@ _cookie_name = _matching(_COOKIE_NAME_RE, "a cookie name (letters, digits and !#
 _header_name = _matching(_COOKIE_NAME_RE, "a header name (letters, digits and !#$%&'*+-.^_`|~)")
 # Backend ids and pool names appear in URLs (/pools/{pool}/backends/{id}/drain) and metric labels.
 _ID_RE = re.compile(r"[A-Za-z0-9._:-]+")
-_identifier = _matching(_ID_RE, "letters, digits and . _ : - only")
+_id_chars = _matching(_ID_RE, "letters, digits and . _ : - only")
+# The affinity token seals backend id and pool name (at most 255 bytes each); keeping both far
+# below that also keeps a cookie with one pin per pool well under browsers' 4096-byte limit.
+MAX_ID_CHARS = 64
+
+
+def _identifier(value: object) -> str:
+    text = _id_chars(value)
+    if len(text) > MAX_ID_CHARS:
+        raise _Bad(f"expected at most {MAX_ID_CHARS} characters, got {len(text)}")
+    return text
+
+
+def _hash_key(value: object) -> HashKey:
+    """`header:X-User-Id`, `query:uid` or `cookie:NAME`."""
+    text = _string(value)
+    source, colon, name = text.partition(":")
+    expected = "header:NAME, query:NAME or cookie:NAME"
+    if not colon or source not in HashKeySource.__members__.values():
+        raise _Bad(f"expected {expected}, got {_show(text)}")
+    if not _COOKIE_NAME_RE.fullmatch(name) or len(name) > 256:
+        raise _Bad(f"expected {expected} with NAME a token (letters, digits and !#$%&'*+-.^_`|~), got {_show(text)}")
+    return HashKey(source=HashKeySource(source), name=name)
+
+
+def default_backlog(somaxconn_path: str = "/proc/sys/net/core/somaxconn") -> int:
+    """max(net.core.somaxconn, 4096): the kernel caps listen() at somaxconn anyway."""
+    try:
+        with open(somaxconn_path, encoding="ascii") as file:
+            return max(int(file.read().strip()), 4096)
+    except (OSError, ValueError):
+        return 4096
 
 
 _HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
@@ -625,10 +658,19 @@ _AFFINITY_FIELDS = (
     _Field("query_param", _identifier),
     _Field("redispatch_grace", _duration(allow_zero=True)),
 )
-_LISTENER_FIELDS = (_Field("bind", _address(min_port=0), required=True), _Field("proxy_protocol", _boolean))
+_LISTENER_FIELDS = (
+    _Field("bind", _address(min_port=0), required=True),
+    _Field("proxy_protocol", _boolean),
+    _Field("backlog", _integer(1, 1_000_000)),
+)
 _TLS_FIELDS = (_Field("cert", _string, required=True), _Field("key", _string, required=True))
 _ROUTE_FIELDS = (_Field("path_prefix", _prefixed_path, required=True), _Field("pool", _string, required=True))
-_POOL_FIELDS = (_Field("balance", _enum(BalanceMethod)), _Field("slow_start", _duration(allow_zero=True)))
+_POOL_FIELDS = (
+    _Field("balance", _enum(BalanceMethod)),
+    _Field("slow_start", _duration(allow_zero=True)),
+    _Field("hash_key", _hash_key),
+    _Field("sticky", _boolean),
+)
 _HEALTH_FIELDS = (
     _Field("type", _enum(HealthCheckType)),
     _Field("path", _prefixed_path),
@@ -768,7 +810,7 @@ def _listeners(value: object, check: _Checker) -> tuple[ListenerConfig, ...] | N
 
 
 def _listener(value: object, path: str, check: _Checker) -> ListenerConfig | None:
-    node = _mapping(value, path, check, ("bind", "tls", "proxy_protocol"))
+    node = _mapping(value, path, check, ("bind", "tls", "proxy_protocol", "backlog"))
     if node is None:
         return None
     kwargs = _fields(node, path, check, _LISTENER_FIELDS)
@@ -781,6 +823,7 @@ def _listener(value: object, path: str, check: _Checker) -> ListenerConfig | Non
     if kwargs is None:
         return None
     host, port = kwargs.pop("bind")
+    kwargs["backlog"] = kwargs.get("backlog") or default_backlog()
     return ListenerConfig(host=host, port=port, tls=tls, **kwargs)
 
 
@@ -968,6 +1011,19 @@ def _pool(name: str, value: object, path: str, check: _Checker) -> PoolConfig | 
     # A pool needs backends from somewhere: a static list, DNS, or both.
     backends_value = _get(node, "backends", path, check, required=discovery is None)
     backends = () if backends_value is None else _backends(backends_value, _join(path, "backends"), check)
+    if kwargs is not None:
+        balance = kwargs.get("balance")
+        if balance is BalanceMethod.HASH and kwargs.get("hash_key") is None:
+            check.add(
+                _join(path, "hash_key"), "balance: hash needs a hash_key (header:NAME, query:NAME or cookie:NAME)"
+            )
+            kwargs = None
+        elif balance is not BalanceMethod.HASH and kwargs.get("hash_key") is not None:
+            check.add(_join(path, "hash_key"), "only used with balance: hash")
+            kwargs = None
+        elif balance not in (BalanceMethod.SOURCE, BalanceMethod.HASH) and kwargs.get("sticky") is False:
+            check.add(_join(path, "sticky"), "only used with balance: source or hash (other pools always pin)")
+            kwargs = None
     if kwargs is None or health is None or backends is None:
         return None
     return PoolConfig(name=name, backends=backends, health_check=health, discovery=discovery, **kwargs)

@@ -34,6 +34,7 @@ class Stats:
     decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # pool, result
     invalid_tokens: Counter[str] = field(default_factory=Counter)  # reason
     rejected: Counter[int] = field(default_factory=Counter)  # status we answered ourselves
+    unsealed_cookies: Counter[str] = field(default_factory=Counter)  # pool; rewrite mode, value too large
     closed_bytes_in: int = 0  # client → backend, of tunnels already closed
     closed_bytes_out: int = 0  # backend → client
     tunnels_closed: int = 0

@@ -181,6 +181,7 @@ def stats_message(ctx: ProxyContext) -> dict[str, Any]:
         "handshakes": [[*key, count] for key, count in stats.handshakes.items()],
         "decisions": [[*key, count] for key, count in stats.decisions.items()],
         "invalid_tokens": dict(stats.invalid_tokens),
+        "unsealed_cookies": dict(stats.unsealed_cookies),
         "rejected": {str(status): count for status, count in stats.rejected.items()},
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
@@ -209,6 +210,7 @@ class _Totals:
         stats.handshakes.update({(p, b, o): int(n) for p, b, o, n in report.get("handshakes", [])})
         stats.decisions.update({(p, r): int(n) for p, r, n in report.get("decisions", [])})
         stats.invalid_tokens.update({str(k): int(n) for k, n in report.get("invalid_tokens", {}).items()})
+        stats.unsealed_cookies.update({str(k): int(n) for k, n in report.get("unsealed_cookies", {}).items()})
         stats.rejected.update({int(k): int(n) for k, n in report.get("rejected", {}).items()})
         stats.closed_bytes_in = int(report.get("bytes_in", 0))
         stats.closed_bytes_out = int(report.get("bytes_out", 0))
@@ -226,6 +228,7 @@ class _Totals:
         mine.handshakes.update(theirs.handshakes)
         mine.decisions.update(theirs.decisions)
         mine.invalid_tokens.update(theirs.invalid_tokens)
+        mine.unsealed_cookies.update(theirs.unsealed_cookies)
         mine.rejected.update(theirs.rejected)
         mine.closed_bytes_in += theirs.closed_bytes_in
         mine.closed_bytes_out += theirs.closed_bytes_out

@@ -24,8 +24,16 @@ from typing import cast
 
 from lb.access_log import log_request
 from lb.affinity import Decision, decide
-from lb.affinity_http import TokenLookup, find_token, plan_forward, rewrite_response_cookies
+from lb.affinity_http import (
+    TokenLookup,
+    balance_key,
+    find_token,
+    join_pins,
+    plan_forward,
+    rewrite_response_cookies,
+)
 from lb.affinity_token import NONCE_BYTES, SESSION_BYTES, Claim
+from lb.balancing import HASHED_METHODS
 from lb.config import AffinityMode, SecureMode
 from lb.context import ProxyContext
 from lb.cookies import render_set_cookie
@@ -60,7 +68,9 @@ def token_digest(token: str) -> str:
 
 
 class ClientConnection(asyncio.Protocol):
-    __slots__ = ("_buffer", "_client_ip", "_ctx", "_forward", "_task", "_timer", "_tls", "_transport")
+    __slots__ = (
+        "_balance_key", "_buffer", "_client_ip", "_ctx", "_forward", "_task", "_timer", "_tls", "_transport",
+    )
 
     def __init__(self, ctx: ProxyContext, tls: bool) -> None:
         self._ctx = ctx
@@ -71,6 +81,7 @@ class ClientConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._forward: asyncio.Transport | None = None  # the backend, while its answer is awaited
         self._client_ip = "-"
+        self._balance_key: str | None = None  # balance: source|hash, for the first choice and retries
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -198,7 +209,8 @@ class ClientConnection(asyncio.Protocol):
         pool = ctx.pools[route.pool]
         affinity = ctx.config.affinity
         now = time.time()
-        lookup = find_token(request, affinity, ctx.codec, now)
+        lookup = find_token(request, affinity, ctx.codec, now, pool=pool.name)
+        self._balance_key = balance_key(request, pool.config, self._client_ip)
         for token, reason in lookup.rejected.items():
             ctx.stats.invalid_tokens[reason] += 1
             log.debug("ignoring affinity token %s from %s: %s", token_digest(token), self._client_ip, reason)
@@ -215,13 +227,14 @@ class ClientConnection(asyncio.Protocol):
             ),
             now=now,
             grace=affinity.redispatch_grace,
+            balance_key=self._balance_key,
         )
         if claim is not None and decision.reason == "invalid":
             ctx.stats.invalid_tokens["unknown_backend"] += 1
         retriable = websocket or (request.method in _IDEMPOTENT and not _has_body(request))
         upstream, response, decision = await self._open(request, websocket, pool, lookup, decision, retriable)
         try:
-            await self._answer_and_join(request, websocket, pool, decision, upstream, response, claim, now)
+            await self._answer_and_join(request, websocket, pool, decision, upstream, response, lookup, now)
         except BaseException:
             # Not handed to a tunnel: this request ends here, and so does its backend connection.
             self._forward = None
@@ -292,11 +305,14 @@ class ClientConnection(asyncio.Protocol):
                     session=claim.session if claim else None,
                     exclude=tried,
                     now=time.time(),
+                    balance_key=self._balance_key,
                 )
             except NoHealthyBackend:
                 raise BadGateway("no backend could be reached") from None
             reason = decision.reason if decision.reason != "hit" else "redispatch"
-            decision = Decision(backend=retry.backend, reason=reason, issue_cookie=True)
+            decision = Decision(
+                backend=retry.backend, reason=reason, issue_cookie=retry.issue_cookie or pool.config.sticky
+            )
 
     async def _connect_one(self, decision: Decision, forwarded: bytes) -> tuple[UpstreamProtocol, ResponseHead]:
         """One attempt: TCP connect, send the head (and any body so far), read the answer's head."""
@@ -337,7 +353,7 @@ class ClientConnection(asyncio.Protocol):
         decision: Decision,
         upstream: UpstreamProtocol,
         response: ResponseHead,
-        claim: Claim | None,
+        lookup: TokenLookup,
         now: float,
     ) -> None:
         ctx = self._ctx
@@ -350,7 +366,7 @@ class ClientConnection(asyncio.Protocol):
             async with asyncio.timeout(ctx.config.timeouts.backend_connect):
                 response = await upstream.read_head()
         switching = websocket and response.status == 101
-        client.write(self._client_head(response, switching, decision, claim, now))
+        client.write(self._client_head(response, switching, decision, lookup, now, pool.name))
         self._count(pool, decision, "switched" if switching else ("refused" if websocket else "answered"))
         log_request(
             client=self._client_ip, method=request.method, path=request.path, pool=pool.name,
@@ -370,27 +386,49 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _client_head(
-        self, response: ResponseHead, switching: bool, decision: Decision, claim: Claim | None, now: float
+        self,
+        response: ResponseHead,
+        switching: bool,
+        decision: Decision,
+        lookup: TokenLookup,
+        now: float,
+        pool: str,
     ) -> bytes:
         """The backend's answer plus the affinity token, as the mode wants it."""
         affinity = self._ctx.config.affinity
+        claim = lookup.claim
         session = claim.session if claim is not None else os.urandom(SESSION_BYTES)
 
         def seal(app_value: str | None) -> str:
             return self._ctx.codec.seal(
-                Claim(backend_id=decision.backend.id, issued_at=int(now), session=session, app_value=app_value),
+                Claim(
+                    backend_id=decision.backend.id, issued_at=int(now), session=session,
+                    app_value=app_value, pool=pool,
+                ),
                 os.urandom(NONCE_BYTES),
             )
 
+        def unsealed(app_value: str) -> None:
+            self._ctx.stats.unsealed_cookies[pool] += 1
+            log.warning(
+                "backend %s set a %d-byte %s cookie, too large to seal: passed to the client unsealed "
+                "(no affinity for it)", decision.backend.id, len(app_value), affinity.cookie,
+            )
+
         if affinity.mode is AffinityMode.REWRITE:
-            rewrite, token = rewrite_response_cookies(response, affinity, seal)
+            pool_config = self._ctx.pools[pool].config
+            if pool_config.balance in HASHED_METHODS and not pool_config.sticky:
+                return render_client_response(response, switching=switching, set_cookies=[], extra=[])
+            rewrite, token = rewrite_response_cookies(
+                response, affinity, seal, others=lookup.others, on_unsealed=unsealed
+            )
             extra = [(affinity.header, token)] if token else []
             return render_client_response(
                 response, switching=switching, set_cookies=[], extra=extra, rewrite_set_cookie=rewrite
             )
         if not decision.issue_cookie:
             return render_client_response(response, switching=switching, set_cookies=[], extra=[])
-        token = seal(None)
+        token = join_pins(lookup.others, seal(None))
         secure = affinity.secure is SecureMode.ALWAYS or (affinity.secure is SecureMode.AUTO and self._tls)
         cookie = render_set_cookie(
             affinity.cookie, token, max_age=int(affinity.max_age), same_site=affinity.same_site,

@@ -80,6 +80,14 @@ class LbCollector(Collector):
         for reason, count in stats.invalid_tokens.items():
             invalid.add_metric([reason], count)
         yield invalid
+        unsealed = CounterMetricFamily(
+            "lb_affinity_unsealed_cookies",
+            "Rewrite mode: backend cookie values too large to seal, passed through unsealed.",
+            labels=["pool"],
+        )
+        for pool, count in stats.unsealed_cookies.items():
+            unsealed.add_metric([pool], count)
+        yield unsealed
         rejected = CounterMetricFamily(
             "lb_rejected_requests", "Requests the balancer answered itself, by status.", labels=["status"]
         )

@@ -243,7 +243,7 @@ def test_malformed_reason(token: str) -> None:
 def test_wrong_version_is_malformed() -> None:
     """A token of another layout version is "malformed"."""
     raw = bytearray(_RAW)
-    raw[0] = 2
+    raw[0] = 3
     assert reason_of(CODEC, b64(bytes(raw))) == "malformed"
 
 

@@ -278,7 +278,7 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ("pools", {}, "expected at least one pool"),
     ("pools", ["gateways"], "expected a mapping of pool names to pools, got list"),
     ("pools.gateways", None, "expected a mapping, got null"),
-    ("pools.gateways.balance", "random", "expected one of round_robin, least_conn, got 'random'"),
+    ("pools.gateways.balance", "random", "expected one of round_robin, least_conn, source, hash, got 'random'"),
     ("pools.gateways.health_check", "yes", "expected a mapping, got str"),
     ("pools.gateways.health_check.type", "udp", "expected one of http, tcp, got 'udp'"),
     ("pools.gateways.health_check.path", "health", "expected a path starting with '/', got 'health'"),

@@ -1,0 +1,240 @@
+"""SPEC part 2: `balance: source|hash`, `GET /pools/{pool}/route`, one pin per pool, what a token can carry.
+
+Module stack: gw-1..4; `src` is a balancer with a `balance: source` pool over gw-1..3; `hash_a` and
+`hash_b` are two instances (same config, same keys) with a `balance: hash` pool keyed on X-User-Id,
+plus a least_conn pool at /whoami for the /route 400; `pins` routes /ws to pool chat (gw-1, gw-2) and
+/whoami to pool game (gw-3, gw-4).  The rewrite test starts its own balancer on an in-process backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from conftest import (
+    COOKIE,
+    STEADY_HEALTH,
+    UNIT,
+    Backend,
+    Balancer,
+    Launcher,
+    affinity_cookie,
+    http_get_async,
+    lb_config,
+    new_key,
+    source_ips,
+    visit,
+)
+
+USER_HEADER = "X-User-Id"
+
+
+@dataclass
+class Stacks:
+    src: Balancer
+    hash_a: Balancer
+    hash_b: Balancer
+    pins: Balancer
+
+
+@pytest.fixture(scope="module")
+def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stacks]:
+    launcher = Launcher(tmp_path_factory.mktemp("balance-hash"))
+    try:
+        gw = launcher.gateways(4)
+        src = lb_config(
+            pools={"gateways": gw[:3]}, health=STEADY_HEALTH,
+            overrides={"pools": {"gateways": {"balance": "source"}}},
+        )
+        keys = [new_key()]
+        hashed = lb_config(
+            pools={"gateways": gw[:3], "plain": gw[:3]}, routes={"/ws": "gateways", "/whoami": "plain"},
+            keys=keys, health=STEADY_HEALTH,
+            overrides={"pools": {"gateways": {"balance": "hash", "hash_key": f"header:{USER_HEADER}"}}},
+        )
+        twin = lb_config(pools={"gateways": gw[:3], "plain": gw[:3]}, keys=keys, health=STEADY_HEALTH)
+        # The twin: the same pools, routes and keys on ports of its own.
+        twin = {**hashed, "listeners": twin["listeners"], "admin": twin["admin"]}
+        pins = lb_config(
+            pools={"chat": gw[:2], "game": gw[2:]}, routes={"/ws": "chat", "/whoami": "game"},
+            health=STEADY_HEALTH,
+        )
+        started = launcher.balancers(src, hashed, twin, pins, names=["src", "hash_a", "hash_b", "pins"])
+        yield Stacks(*started)
+    finally:
+        launcher.close()
+
+
+async def route(balancer: Balancer, pool: str, key: str | None) -> tuple[int, dict[str, Any]]:
+    url = balancer.admin_url(f"/pools/{pool}/route")
+    status, _, body = await http_get_async(url, params={} if key is None else {"key": key})
+    return status, json.loads(body)
+
+
+async def test_source_sticks_per_address_and_spreads_over_addresses(stacks: Stacks) -> None:
+    """balance: source: each address keeps its gateway without a cookie; addresses spread; /route agrees."""
+    reached: dict[str, str] = {}
+    for ip in source_ips(12):
+        first = await visit(stacks.src.ws_url(), source_ip=ip)
+        again = await visit(stacks.src.ws_url(), source_ip=ip)
+        assert first.cookie is not None, "a source pool still plants the affinity cookie"
+        assert again.server_id == first.server_id
+        assert await route(stacks.src, "gateways", ip) == (200, {"backend": first.server_id})
+        reached[ip] = first.server_id
+    assert len(set(reached.values())) >= 2, reached
+
+
+async def test_source_changing_address_moves_without_cookie_and_stays_with_it(stacks: Stacks) -> None:
+    """The story: an IP change moves a cookieless client; its cookie keeps it on the first gateway."""
+    ips = source_ips(12, start=40)
+    first = await visit(stacks.src.ws_url(), source_ip=ips[0])
+    assert first.cookie is not None
+    without = {(await visit(stacks.src.ws_url(), source_ip=ip)).server_id for ip in ips}
+    with_cookie = {(await visit(stacks.src.ws_url(), source_ip=ip, cookie=first.cookie.value)).server_id for ip in ips}
+    assert len(without) >= 2
+    assert with_cookie == {first.server_id}
+
+
+async def test_hash_sticks_per_key_across_addresses_and_route_agrees_on_two_instances(stacks: Stacks) -> None:
+    """balance: hash: one user id reaches one gateway from any address through either instance."""
+    reached: set[str] = set()
+    for n, user in enumerate(f"user-{i}" for i in range(8)):
+        servers = set()
+        for k, ip in enumerate(source_ips(4, start=100 + 4 * n)):
+            balancer = stacks.hash_a if k % 2 == 0 else stacks.hash_b
+            servers.add((await visit(balancer.ws_url(), source_ip=ip, headers={USER_HEADER: user})).server_id)
+        assert len(servers) == 1, (user, servers)
+        answers = [await route(b, "gateways", user) for b in (stacks.hash_a, stacks.hash_b)]
+        assert answers == [(200, {"backend": servers.pop()})] * 2
+        reached.add(answers[0][1]["backend"])
+    assert len(reached) >= 2
+
+
+async def test_hash_without_key_falls_back_and_still_pins(stacks: Stacks) -> None:
+    """No X-User-Id: least_conn picks, and the cookie keeps the client there."""
+    first = await visit(stacks.hash_a.ws_url())
+    assert first.cookie is not None
+    again = await visit(stacks.hash_b.ws_url(), cookie=first.cookie.value, source_ip="127.0.0.77")
+    assert again.server_id == first.server_id and again.cookie is None
+
+
+async def test_route_errors_name_nothing_internal(stacks: Stacks) -> None:
+    """404 unknown pool; 400 for a least_conn pool, a missing key or a non-IP source key."""
+    cases = [
+        (stacks.hash_a, "nope-pool", "key-zq93", 404),
+        (stacks.hash_a, "plain", "key-zq93", 400),
+        (stacks.hash_a, "gateways", None, 400),
+        (stacks.src, "gateways", "not-an-address", 400),
+    ]
+    for balancer, pool, key, expected in cases:
+        status, body = await route(balancer, pool, key)
+        assert status == expected
+        text = json.dumps(body)
+        assert pool not in text and "gw-" not in text and "127.0.0" not in text and (key is None or key not in text)
+    url = stacks.hash_a.admin_url("/pools/gateways/route")
+    for params in ({"key": "x" * 5000}, {"key": "a", "keyy": "b"}, {"key": ["a", "b"]}):
+        status, _, body = await http_get_async(url, params=params)
+        assert status == 400 and b"xxxx" not in body, params
+
+
+async def test_two_pools_keep_one_pin_each(stacks: Stacks) -> None:
+    """A client using two routes to two pools keeps one pin in each; neither overwrites the other."""
+    lb = stacks.pins
+    chat = await visit(lb.ws_url())
+    assert chat.cookie is not None and chat.server_id in {"gw-1", "gw-2"}
+    assert {a.lower() for a in chat.cookie.attrs} >= {"path=/"}
+    jar = chat.cookie.value
+    status, headers, body = await http_get_async(lb.http_url("/whoami"), cookie=jar, source_ip="127.0.0.50")
+    assert status == 200
+    game_server = json.loads(body)["server_id"]
+    assert game_server in {"gw-3", "gw-4"}
+    game = affinity_cookie(headers)
+    assert game is not None
+    assert game.value.startswith(jar + "."), "the chat pin is kept in front of the new game pin"
+    jar = game.value
+    for ip in source_ips(6, start=60):
+        again = await visit(lb.ws_url(), cookie=jar, source_ip=ip)
+        assert again.server_id == chat.server_id and again.cookie is None
+        status, headers, body = await http_get_async(lb.http_url("/whoami"), cookie=jar, source_ip=ip)
+        assert json.loads(body)["server_id"] == game_server and affinity_cookie(headers) is None
+    # The balancer strips the whole affinity cookie: gateways never see either pin.
+    assert COOKIE not in (await visit(lb.ws_url(), cookie=jar)).hello["cookies"]
+
+
+def test_startup_log_states_the_backlog(stacks: Stacks) -> None:
+    """listeners[].backlog defaults to max(somaxconn, 4096) and is stated in the startup log."""
+    match = re.search(r"listening on .*backlog\W{0,3}(\d+)", stacks.src.log_text())
+    assert match, stacks.src.logs_tail()
+    assert int(match.group(1)) >= 4096
+
+
+# -- rewrite mode: a backend value too large to seal --------------------------------------------
+
+BIG = "v" * 4000
+
+
+@pytest.fixture
+async def big_cookie_backend() -> AsyncIterator[tuple[Backend, list[str]]]:
+    """A backend whose session cookie is 4,000 bytes; it records the Cookie headers it receives."""
+    seen: list[str] = []
+
+    async def whoami(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie", ""))
+        response = web.json_response({"server_id": "big-1"})
+        response.headers.add("Set-Cookie", f"SESSIONID={BIG}; Path=/")
+        return response
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/whoami", whoami)
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+
+    @dataclass
+    class _Backend:
+        id: str = "big-1"
+        address: str = f"127.0.0.1:{port}"
+
+    try:
+        yield _Backend(), seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_rewrite_value_too_large_to_seal_passes_unsealed_with_warning_and_counter(
+    launcher: Launcher, big_cookie_backend: tuple[Backend, list[str]]
+) -> None:
+    """A 4,000-byte backend cookie reaches the client and comes back to the backend unchanged."""
+    backend, seen = big_cookie_backend
+    config = lb_config(
+        pools={"big": [backend]}, health=STEADY_HEALTH,
+        overrides={"affinity": {"mode": "rewrite", "cookie": "SESSIONID"}},
+    )
+    lb = await asyncio.to_thread(launcher.balancer, config)
+    status, headers, _ = await http_get_async(lb.http_url("/whoami"))
+    assert status == 200
+    assert affinity_cookie(headers, "SESSIONID") is not None
+    assert affinity_cookie(headers, "SESSIONID").value == BIG  # type: ignore[union-attr]
+    status, _, _ = await http_get_async(lb.http_url("/whoami"), cookie={"SESSIONID": BIG, "other": "1"})
+    assert status == 200
+    assert seen[-1] == f"SESSIONID={BIG}; other=1"
+    assert re.search(r"WARNING.*too large to seal", lb.log_text()), lb.logs_tail()
+    async with aiohttp.ClientSession() as session:
+        async with asyncio.timeout(5 * UNIT):
+            async with session.get(lb.admin_url("/metrics")) as response:
+                metrics = await response.text()
+    assert 'lb_affinity_unsealed_cookies_total{pool="big"} 2.0' in metrics
+

@@ -1,0 +1,72 @@
+"""`make demo` tells the whole story, and exits 0 only if the contrast is as expected (issue 11).
+
+Runs `python -m backends_demo.stack --demo` on config.example.yaml moved to free ports (gateways,
+listeners, admin) with certificates and secrets of its own, so it never meets another stack.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from conftest import ROOT, UNIT, free_port, new_key
+
+from backends_demo.stack import story_config, ws_pool
+
+DEMO_WITHIN = 120 * UNIT
+
+
+def _example_on_free_ports(workdir: Path) -> Path:
+    raw: dict[str, Any] = yaml.safe_load((ROOT / "config.example.yaml").read_text())
+    subprocess.run(
+        [sys.executable, "-m", "lb", "certs", "--out", str(workdir / "certs")], check=True, capture_output=True
+    )
+    for listener in raw["listeners"]:
+        listener["bind"] = f"127.0.0.1:{free_port()}"
+        if listener.get("tls"):
+            listener["tls"] = {"cert": "certs/server.crt", "key": "certs/server.key"}
+    raw["admin"]["bind"] = f"127.0.0.1:{free_port()}"
+    for pool in raw["pools"].values():
+        for backend in pool["backends"]:
+            backend["address"] = f"127.0.0.1:{free_port()}"
+    path = workdir / "demo.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_demo_shows_source_moving_cookie_holding_and_hash_agreeing(tmp_path: Path) -> None:
+    """The source-IP run moves (and the demo checks it did), the cookie runs stick, the hash run sticks and agrees."""
+    config = _example_on_free_ports(tmp_path)
+    env_file = tmp_path / "secrets.env"
+    env_file.write_text(f"LB_COOKIE_KEY={new_key()}\nLB_ADMIN_TOKEN={new_key()}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("LB_COOKIE_KEY", "LB_ADMIN_TOKEN")}
+    result = subprocess.run(
+        [sys.executable, "-m", "backends_demo.stack", "--config", str(config), "--env-file", str(env_file), "--demo"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=DEMO_WITHIN,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    before = out.split("1. before", 1)[1].split("2. after", 1)[0]
+    assert "NOT STICKY" in before and "as expected" in before
+    assert len(set(re.findall(r"\b(gw-\d)\b", before))) >= 2, "the source-IP run moved between gateways"
+    after = out.split("2. after", 1)[1].split("3. user", 1)[0]
+    assert after.count("STICKY: all") == 2 and "NOT STICKY" not in after  # ws and wss
+    story = out.split("3. user", 1)[1]
+    assert "STICKY: all" in story and "agreed:" in story and "DID NOT" not in story
+    assert "the contrast is as expected" in out
+
+
+def test_story_config_hashes_every_pool_without_cookie() -> None:
+    """The generated story configs: one loopback listener, every pool hashed, sticky off."""
+    raw = yaml.safe_load((ROOT / "config.example.yaml").read_text())
+    config = story_config(raw, balance="hash", listen_port=1234, admin_port=1235)
+    assert config["listeners"] == [{"bind": "127.0.0.1:1234"}]
+    assert config["admin"]["bind"] == "127.0.0.1:1235"
+    pool = config["pools"][ws_pool(raw)]
+    assert (pool["balance"], pool["hash_key"], pool["sticky"]) == ("hash", "header:X-User-Id", False)
+    assert raw["pools"][ws_pool(raw)]["balance"] == "least_conn"  # the example itself is untouched
