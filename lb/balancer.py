@@ -156,7 +156,7 @@ class Balancer:
 
     def _start_health_checks(self) -> None:
         for pool in self.ctx.pools.values():
-            checker = HealthChecker(pool, self._on_state_change)
+            checker = HealthChecker(pool, self._on_state_change, self.ctx.observations)
             checker.start()
             self._checkers.append(checker)
 

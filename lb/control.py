@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lb.context import ProxyContext, Stats
+from lb.observations import Observations
 from lb.pool import AdminAction, PoolState
 
 
@@ -102,6 +103,7 @@ def stats_message(ctx: ProxyContext) -> dict[str, Any]:
         "bytes_out": bytes_out,
         "tunnels_closed": stats.tunnels_closed,
         "tunnels": len(ctx.tunnels),
+        "observations": ctx.observations.snapshot(),
     }
 
 
@@ -112,6 +114,7 @@ class _Totals:
     backends: Counter[tuple[str, str, int]] = field(default_factory=Counter)  # pool, id, counter index
     stats: Stats = field(default_factory=Stats)
     tunnels: int = 0
+    observations: Observations = field(default_factory=Observations)
 
     @classmethod
     def of(cls, report: dict[str, Any]) -> _Totals:
@@ -129,6 +132,7 @@ class _Totals:
         stats.closed_bytes_out = int(report.get("bytes_out", 0))
         stats.tunnels_closed = int(report.get("tunnels_closed", 0))
         totals.tunnels = int(report.get("tunnels", 0))
+        totals.observations = Observations.from_snapshot(report.get("observations"))
         return totals
 
     def add(self, other: _Totals, *, counters_only: bool = False) -> None:
@@ -144,6 +148,7 @@ class _Totals:
         mine.closed_bytes_in += theirs.closed_bytes_in
         mine.closed_bytes_out += theirs.closed_bytes_out
         mine.tunnels_closed += theirs.tunnels_closed
+        self.observations.merge(other.observations)
         if not counters_only:
             self.tunnels += other.tunnels
 
@@ -175,4 +180,5 @@ class StatsAggregate:
                     total.backends[(pool.name, b.id, index)] for index in range(4)
                 )
         ctx.stats = total.stats
+        ctx.observations.from_workers = total.observations
         return total.tunnels

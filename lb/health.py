@@ -15,6 +15,7 @@ from collections.abc import Callable
 import aiohttp
 
 from lb.config import HealthCheckType
+from lb.observations import Observations
 from lb.pool import BackendStatus, PoolState, StateChange
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,11 @@ log = logging.getLogger(__name__)
 class HealthChecker:
     """Probes every backend of one pool on its interval until stopped."""
 
-    def __init__(self, pool: PoolState, on_change: Callable[[StateChange], None]) -> None:
+    def __init__(
+        self, pool: PoolState, on_change: Callable[[StateChange], None], observations: Observations | None = None
+    ) -> None:
         self._pool = pool
+        self._observations = observations or Observations()  # lb_health_checks_total
         self._on_change = on_change
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -57,6 +61,7 @@ class HealthChecker:
         while True:
             started = time.monotonic()
             ok, detail = await self.probe(backend)
+            self._observations.count_health_check(self._pool.name, backend.id, ok)
             change = self._pool.record_probe(backend.id, ok, time.time(), detail)
             if change is not None:
                 self._on_change(change)

@@ -61,6 +61,8 @@ class LbCollector(Collector):
         closed = CounterMetricFamily("lb_tunnels_closed", "Tunnels that have ended.")
         closed.add_metric([], stats.tunnels_closed)
         yield closed
+        # Latency histograms, backend errors and health checks (lb.observations), workers summed.
+        yield from ctx.observations.families()
 
     @staticmethod
     def _backends(ctx: ProxyContext) -> Iterator[Metric]:
@@ -72,9 +74,24 @@ class LbCollector(Collector):
         state = GaugeMetricFamily(
             "lb_backend_state", "1 for the backend's current state.", labels=["pool", "backend", "state"]
         )
+        # The per-backend counters /status shows, under the same names (lb ctl status, the dashboard).
+        backend_counters = {
+            "handshakes": CounterMetricFamily(
+                "lb_backend_handshakes", "Handshakes and requests answered by the backend.", labels=["pool", "backend"]
+            ),
+            "affinity_hits": CounterMetricFamily(
+                "lb_backend_affinity_hits", "Handshakes whose token pinned them here.", labels=["pool", "backend"]
+            ),
+            "redispatches": CounterMetricFamily(
+                "lb_backend_redispatches", "Handshakes sent here because their pinned backend could not take them.",
+                labels=["pool", "backend"],
+            ),
+        }
         for pool in ctx.pools.values():
             for backend in pool.backends.values():
                 labels = [pool.name, backend.id]
+                for attribute, family in backend_counters.items():
+                    family.add_metric(labels, getattr(backend, attribute))
                 active.add_metric(labels, backend.connections)
                 up.add_metric(labels, 1 if backend.healthy else 0)
                 for candidate in BackendState:
@@ -82,6 +99,7 @@ class LbCollector(Collector):
         yield active
         yield up
         yield state
+        yield from backend_counters.values()
 
 
 def make_registry(get_context: Callable[[], ProxyContext]) -> CollectorRegistry:
