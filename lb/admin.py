@@ -3,6 +3,7 @@
     GET  /healthz                                   200 while serving, 503 once shutting down
     GET  /status                                    pools, backends, states with reasons, counters
     GET  /metrics                                   Prometheus text exposition
+    GET  /  and  GET /lookup?token=T                the operator's console (lb.console)
     POST /pools/{pool}/backends/{id}/{action}       drain | disable | enable (Authorization: Bearer)
 """
 
@@ -32,6 +33,10 @@ def make_admin_app(balancer: Balancer) -> web.Application:
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/pools/{pool}/backends/{backend}/{action}", backend_action)
+    # The operator's console: GET / (dashboard) and GET /lookup (imported here: it imports this module).
+    from lb.console import add_console_routes
+
+    add_console_routes(app)
     return app
 
 
@@ -132,6 +137,11 @@ async def backend_action(request: web.Request) -> web.Response:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+# For other admin route modules (lb.console): the same bearer check and error body.
+authorized = _authorized
+error_response = _error
 
 
 async def _migration_params(request: web.Request) -> tuple[float | None, float | None]:
