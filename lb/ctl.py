@@ -9,7 +9,8 @@
 
 Where the admin URL and token come from, first found wins: `--admin`/`--token`,
 then `LB_ADMIN_URL`/`LB_ADMIN_TOKEN`, then `--config FILE` (`admin.bind` and
-`admin.token`, `${VAR}` expanded by the same loader `lb run` uses), then
+`admin.token`, `${VAR}` expanded by the same loader `lb run` uses; other unset
+variables, such as the cookie keys, need not be set in the operator's shell), then
 http://127.0.0.1:9000 (the default `admin.bind`).
 
 Exit codes, for scripts:
@@ -132,9 +133,16 @@ def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[st
         from lb.errors import ConfigError
 
         try:
-            config = load_config(config_path)
+            config = load_config(config_path, environ)
         except ConfigError as exc:
-            raise CtlError(f"cannot use --config {config_path}:\n{exc}", EXIT_USAGE) from None
+            # The operator's shell need not hold the cookie keys: if admin.* expanded fine, read the
+            # file again with a stand-in for the other unset variables, so only admin.* must be set.
+            if any(p.path.startswith("admin") for p in exc.problems) or not _only_unset(exc):
+                raise CtlError(f"cannot use --config {config_path}:\n{exc}", EXIT_USAGE) from None
+            try:
+                config = load_config(config_path, _WithStandIns(environ))
+            except ConfigError as again:
+                raise CtlError(f"cannot use --config {config_path}:\n{again}", EXIT_USAGE) from None
         admin = config.admin
         # A wildcard bind is reached on loopback from the same host.
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(admin.host, admin.host)
@@ -147,6 +155,19 @@ def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[st
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise CtlError(f"--admin: expected http://host:port, got {url!r}", EXIT_USAGE)
     return Target(url=url, token=token)
+
+
+def _only_unset(error: Any) -> bool:
+    return all(p.message.startswith("environment variable ") for p in error.problems)
+
+
+class _WithStandIns(dict[str, str]):
+    """The environment, where an unset variable reads as a stand-in long enough to pass as a secret key."""
+
+    STAND_IN = "lb-ctl-stand-in-for-an-unset-variable-0000"
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key, self.STAND_IN)
 
 
 def call(target: Target, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

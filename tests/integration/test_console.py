@@ -454,3 +454,28 @@ def test_promtool_accepts_the_rules() -> None:
         env={**os.environ},
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_histograms_and_errors_sum_over_workers(tmp_path: Path) -> None:
+    """workers: 2: the owner's /metrics sums the workers' histograms; count still equals handshakes."""
+    from support_ops import started_stack
+
+    with started_stack(tmp_path, gateways=2, overrides={"workers": 2}) as stack:
+        lb = stack.balancer
+        visits = 8
+        for _ in range(visits):
+            await visit(lb.ws_url())
+
+        async def reported() -> dict[str, list[tuple[dict[str, str], float]]] | None:
+            samples = await scrape(lb)
+            count = total(samples, "lb_handshake_duration_seconds_count", pool="gateways")
+            switched = total(samples, "lb_handshakes_total", pool="gateways", outcome="switched")
+            return samples if count == switched == visits else None
+
+        samples = await wait_until(reported, within=10 * UNIT, what="both workers' handshakes in the owner's metrics")
+        assert total(samples, "lb_backend_connect_duration_seconds_count", pool="gateways") == visits
+        inf = total(samples, "lb_handshake_duration_seconds_bucket", pool="gateways", le="+Inf")
+        assert inf == visits
+        # Health checks run in the owner: its own counts are there too, not overwritten by the workers'.
+        for gateway in stack.gateways:
+            assert total(samples, "lb_health_checks_total", pool="gateways", backend=gateway.id, result="success") > 0
