@@ -42,7 +42,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Balancer, 
         yield balancer, gateways
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
     options = webdriver.ChromeOptions()
     assert CHROMIUM is not None and CHROMEDRIVER is not None
@@ -61,6 +61,12 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
         yield driver
     finally:
         driver.quit()
+
+
+def open_dashboard(driver: WebDriver, lb: Balancer) -> None:
+    """A fresh page load with no token kept (one browser serves the module: the tab's storage is cleared)."""
+    driver.get(lb.admin_url("/"))
+    driver.execute_script("sessionStorage.clear();")
 
 
 def wait_for(driver: WebDriver, check: Callable[[WebDriver], Any], what: str) -> Any:
@@ -88,7 +94,7 @@ def test_dashboard_shows_every_backend_and_drains_live(
 ) -> None:
     """Load /, see every backend up; drain one (token asked once), watch it turn draining without a reload."""
     lb, gateways = stack
-    browser.get(lb.admin_url("/"))
+    open_dashboard(browser, lb)
     for gateway in gateways:
         wait_for(browser, lambda d, g=gateway: shown_state(d, g.id) == "up", f"{gateway.id} up")
         assert gateway.address in row(browser, gateway.id).text
@@ -138,7 +144,7 @@ def test_wrong_token_is_asked_again(stack: tuple[Balancer, list[Gateway]], brows
     """A wrong token is forgotten and asked for again; nothing changes on the server."""
     lb, gateways = stack
     target = gateways[0].id
-    browser.get(lb.admin_url("/"))
+    open_dashboard(browser, lb)
     wait_for(browser, lambda d: shown_state(d, target) == "up", f"{target} up")
     row(browser, target).find_element(By.CSS_SELECTOR, "button.act-disable").click()
     wait_for(browser, lambda d: d.find_element(By.ID, "token-dialog").is_displayed(), "the token prompt")
@@ -154,12 +160,15 @@ def test_dashboard_fits_a_phone(stack: tuple[Balancer, list[Gateway]], browser: 
     """At 390 px wide nothing scrolls sideways, and every backend with its buttons is there."""
     lb, gateways = stack
     browser.set_window_size(390, 844)
-    browser.get(lb.admin_url("/"))
-    for gateway in gateways:
-        wait_for(browser, lambda d, g=gateway: shown_state(d, g.id) == "up", f"{gateway.id} up")
-        assert row(browser, gateway.id).find_element(By.CSS_SELECTOR, "button.act-drain").is_displayed()
-    width = browser.execute_script("return document.documentElement.clientWidth;")
-    assert browser.execute_script("return document.documentElement.scrollWidth;") <= width
+    try:
+        open_dashboard(browser, lb)
+        for gateway in gateways:
+            wait_for(browser, lambda d, g=gateway: shown_state(d, g.id) == "up", f"{gateway.id} up")
+            assert row(browser, gateway.id).find_element(By.CSS_SELECTOR, "button.act-drain").is_displayed()
+        width = browser.execute_script("return document.documentElement.clientWidth;")
+        assert browser.execute_script("return document.documentElement.scrollWidth;") <= width
+    finally:
+        browser.set_window_size(1400, 900)
 
 
 def test_page_is_self_contained(stack: tuple[Balancer, list[Gateway]]) -> None:
@@ -174,3 +183,38 @@ def test_page_is_self_contained(stack: tuple[Balancer, list[Gateway]]) -> None:
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
     assert " src=" not in html and "<link" not in html
+
+
+def test_discovery_status_and_new_backends_render(stack: tuple[Balancer, list[Gateway]], browser: WebDriver) -> None:
+    """A pool's `discovery` object (SPEC part 2: last_ok, last_error) is shown; backends that appear or go are
+    added and removed in place. The page's /status answer is rewritten in the browser to carry them."""
+    lb, gateways = stack
+    open_dashboard(browser, lb)
+    wait_for(browser, lambda d: shown_state(d, gateways[0].id) == "up", "the first poll")
+    browser.execute_script(
+        """
+        const real = window.fetch;
+        window.fetch = async (url, init) => {
+          const reply = await real(url, init);
+          if (String(url) !== "status") return reply;
+          const doc = await reply.json();
+          const pool = doc.pools.gateways;
+          pool.discovery = {dns: "gateway.game.svc", type: "srv", last_ok: doc.time - 3,
+                            last_error: "SERVFAIL from 127.0.0.1:53"};
+          pool.backends = pool.backends.slice(1).concat([{...pool.backends[0], id: "gw-9", address: "127.0.0.9:1",
+                                                          state: "removed", reason: "removed from DNS"}]);
+          return new Response(JSON.stringify(doc), {status: 200, headers: {"Content-Type": "application/json"}});
+        };
+        """
+    )
+    discovery = wait_for(
+        browser,
+        lambda d: (e := d.find_element(By.CSS_SELECTOR, '.pool[data-pool="gateways"] .discovery')).is_displayed()
+        and "SERVFAIL" in e.text and e,
+        "the discovery line",
+    )
+    assert "last_ok: 3s ago" in discovery.text or "last_ok: 4s ago" in discovery.text, discovery.text
+    assert "error" in discovery.get_attribute("class")
+    wait_for(browser, lambda d: shown_state(d, "gw-9") == "removed", "the new backend")
+    assert not browser.find_elements(By.CSS_SELECTOR, f'.row[data-backend="{gateways[0].id}"]'), "gone from /status"
+    assert not row(browser, "gw-9").find_element(By.CSS_SELECTOR, "button.act-drain").is_enabled()
