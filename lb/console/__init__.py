@@ -17,31 +17,38 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import re
 import time
 from importlib import resources
+from typing import Any
 
 from aiohttp import web
 
-from lb.admin import BALANCER, authorized, error_response
+from lb.admin import BALANCER, authorized, error_response, status_document
 from lb.lookup import lookup_token
 
 MAX_TOKEN_PARAM = 4096  # longer than any token we issue (affinity_token.MAX_TOKEN_CHARS)
 
 
-def _load_page() -> tuple[bytes, str]:
-    html = resources.files(__package__).joinpath("dashboard.html").read_text(encoding="utf-8")
+SNAPSHOT_MARK = "<!--SNAPSHOT-->"
+
+
+def _load_page() -> tuple[str, str]:
+    page = resources.files(__package__).joinpath("dashboard.html").read_text(encoding="utf-8")
 
     def digest(body: str) -> str:
         return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
 
-    scripts = " ".join(digest(m) for m in re.findall(r"<script>(.*?)</script>", html, re.S))
-    styles = " ".join(digest(m) for m in re.findall(r"<style>(.*?)</style>", html, re.S))
+    scripts = " ".join(digest(m) for m in re.findall(r"<script>(.*?)</script>", page, re.S))
+    styles = " ".join(digest(m) for m in re.findall(r"<style>(.*?)</style>", page, re.S))
     policy = (
         f"default-src 'none'; script-src {scripts}; style-src {styles}; connect-src 'self'; "
         "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     )
-    return html.encode(), policy
+    if SNAPSHOT_MARK not in page:
+        raise RuntimeError(f"dashboard.html lost its {SNAPSHOT_MARK} marker")
+    return page, policy
 
 
 _PAGE, _POLICY = _load_page()
@@ -54,8 +61,9 @@ def add_console_routes(app: web.Application) -> None:
 
 
 async def dashboard(request: web.Request) -> web.Response:
+    snapshot = render_snapshot(status_document(request.app[BALANCER]))
     return web.Response(
-        body=_PAGE,
+        body=_PAGE.replace(SNAPSHOT_MARK, snapshot, 1).encode(),
         content_type="text/html",
         charset="utf-8",
         headers={
@@ -91,3 +99,32 @@ async def lookup(request: web.Request) -> web.Response:
         pool=request.query.get("pool") or None,
     )
     return web.json_response(answer)
+
+
+_SNAPSHOT_COLUMNS = (
+    ("backend", "id"), ("address", "address"), ("state", "state"), ("reason", "reason"),
+    ("tunnels", "connections"), ("handshakes", "handshakes"), ("sticky hits", "affinity_hits"),
+    ("redispatches", "redispatches"),
+)
+
+
+def render_snapshot(document: dict[str, Any]) -> str:
+    """The /status document as plain HTML tables: what the page shows before its script has run, or without it.
+
+    Everything from the document is escaped: backend ids, reasons and discovery errors come from
+    configuration, DNS and backends' answers.
+    """
+    out = ['<div id="snapshot" class="snapshot">']
+    for pool_name, pool in document.get("pools", {}).items():
+        out.append(f"<h2>{html.escape(str(pool_name))}</h2>")
+        discovery = pool.get("discovery")
+        if isinstance(discovery, dict):
+            parts = ", ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in discovery.items())
+            out.append(f"<p>discovery: {parts}</p>")
+        out.append("<table><tr>" + "".join(f"<th>{title}</th>" for title, _ in _SNAPSHOT_COLUMNS) + "</tr>")
+        for backend in pool.get("backends", []):
+            cells = "".join(f"<td>{html.escape(str(backend.get(key, '')))}</td>" for _, key in _SNAPSHOT_COLUMNS)
+            out.append(f'<tr data-state="{html.escape(str(backend.get("state", "")))}">{cells}</tr>')
+        out.append("</table>")
+    out.append("</div>")
+    return "\n".join(out)

@@ -479,3 +479,13 @@ async def test_histograms_and_errors_sum_over_workers(tmp_path: Path) -> None:
         # Health checks run in the owner: its own counts are there too, not overwritten by the workers'.
         for gateway in stack.gateways:
             assert total(samples, "lb_health_checks_total", pool="gateways", backend=gateway.id, result="success") > 0
+
+
+async def test_dashboard_html_lists_backends_without_javascript(console: ConsoleStack) -> None:
+    """GET / is HTML naming every pool, backend and state before any script runs."""
+    code, headers, body = await http_get_async(console.a.admin_url("/"))
+    assert code == 200 and headers["Content-Type"].startswith("text/html")
+    page = body.decode()
+    for gateway in console.gateways:
+        assert f"<td>{gateway.id}</td><td>{gateway.address}</td><td>up</td>" in page
+    assert "<h2>hole</h2>" in page
