@@ -5,7 +5,7 @@
         drain POOL ID [--close-after D] [--rate R]
         disable POOL ID
         enable POOL ID
-        lookup TOKEN [--pool POOL]               which backend holds this session now
+        lookup TOKEN [--pool POOL]               which backend holds this session now (the /lookup JSON)
 
 Where the admin URL and token come from, first found wins: `--admin`/`--token`,
 then `LB_ADMIN_URL`/`LB_ADMIN_TOKEN`, then `--config FILE` (`admin.bind` and
@@ -251,28 +251,16 @@ def _action(action: str) -> Callable[[argparse.Namespace, Target, TextIO], None]
 
 
 def _lookup(args: argparse.Namespace, target: Target, out: TextIO) -> None:
+    """Print the /lookup answer as it is (indented JSON: readable, and what a script parses).
+
+    `--json` changes nothing here; a token the balancer would ignore is still an answer (exit 0).
+    """
     query = {"token": args.affinity_token}
     if args.pool:
         query["pool"] = args.pool
     answer = call(target, "GET", "/lookup?" + urllib.parse.urlencode(query))
-    if getattr(args, "json", False):
-        json.dump(answer, out, indent=2)
-        out.write("\n")
-        return
-    if not isinstance(answer, dict):
-        raise CtlError("/lookup: unexpected answer", EXIT_USAGE)
-    if not answer.get("valid"):
-        out.write(f"invalid token: {answer.get('reason', 'unknown')}\n")
-        return
-    routes_to = answer.get("routes_to") or "nowhere (no backend can take it)"
-    rows = [
-        ("pool", answer.get("pool")),
-        ("backend", f"{answer.get('backend')} ({answer.get('state', '?')})"),
-        ("routes to", routes_to),
-        ("issued at", answer.get("issued_at")),
-        ("expires at", answer.get("expires_at")),
-    ]
-    out.writelines(f"{key:<11}{value}\n" for key, value in rows)
+    json.dump(answer, out, indent=2)
+    out.write("\n")
 
 
 # -- tables --------------------------------------------------------------------------------------
