@@ -62,7 +62,8 @@ class LbCollector(Collector):
         closed.add_metric([], stats.tunnels_closed)
         yield closed
         # Latency histograms, backend errors and health checks (lb.observations), workers summed.
-        yield from ctx.observations.families()
+        known = [(pool.name, backend_id) for pool in ctx.pools.values() for backend_id in pool.backends]
+        yield from ctx.observations.families(known)
 
     @staticmethod
     def _backends(ctx: ProxyContext) -> Iterator[Metric]:

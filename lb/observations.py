@@ -19,7 +19,7 @@ Pure apart from building prometheus-client metric families at scrape time.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -138,9 +138,21 @@ class Observations:
 
     # -- export ---------------------------------------------------------------------------------
 
-    def families(self) -> Iterator[Metric]:
-        """Prometheus metric families for everything recorded here and by the workers."""
+    def families(self, known: Iterable[tuple[str, str]] = ()) -> Iterator[Metric]:
+        """Prometheus metric families for everything recorded here and by the workers.
+
+        Args:
+            known: (pool, backend) pairs configured now; their series are exported at zero before
+                anything happened, so `rate()` and alerts see them from the first scrape.
+        """
         total = self.combined()
+        for pool, backend in known:
+            total.handshake.setdefault(pool, Histogram())
+            total.connect.setdefault((pool, backend), Histogram())
+            for kind in ERROR_KINDS:
+                total.backend_errors.setdefault((pool, backend, kind), 0)
+            for result in ("success", "failure"):
+                total.health_checks.setdefault((pool, backend, result), 0)
         handshake = HistogramMetricFamily(
             "lb_handshake_duration_seconds",
             "Handshakes answered by a backend: request head complete to answer head sent, by pool.",

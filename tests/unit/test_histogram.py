@@ -112,3 +112,20 @@ def test_owner_exports_its_own_and_its_workers_sums() -> None:
     assert 'lb_health_checks_total{backend="b1",pool="p",result="failure"} 1.0' in text
     assert 'lb_health_checks_total{backend="b1",pool="p",result="success"} 1.0' in text
     assert Observations.from_snapshot({"connect": [["only-two", 1]]}).snapshot() == Observations().snapshot()
+
+
+def test_known_backends_are_exported_at_zero() -> None:
+    """Series exist from the first scrape, before any handshake, error or check (rate() and alerts need them)."""
+    registry = CollectorRegistry()
+
+    class Known(Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            return Observations().families([("p", "b1")])
+
+    registry.register(Known())
+    text = generate_latest(registry).decode()
+    assert 'lb_handshake_duration_seconds_count{pool="p"} 0.0' in text
+    assert 'lb_backend_connect_duration_seconds_bucket{backend="b1",le="+Inf",pool="p"} 0.0' in text
+    for kind in ("refused", "timeout", "reset", "bad_answer"):
+        assert f'lb_backend_errors_total{{backend="b1",kind="{kind}",pool="p"}} 0.0' in text
+    assert 'lb_health_checks_total{backend="b1",pool="p",result="failure"} 0.0' in text
