@@ -489,3 +489,14 @@ async def test_dashboard_html_lists_backends_without_javascript(console: Console
     for gateway in console.gateways:
         assert f"<td>{gateway.id}</td><td>{gateway.address}</td><td>up</td>" in page
     assert "<h2>hole</h2>" in page
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package: prometheus)")
+def test_promtool_accepts_the_example_prometheus_config() -> None:
+    """deploy/observability/prometheus.yml loads the rules beside it and is a valid Prometheus config."""
+    done = subprocess.run(
+        ["promtool", "check", "config", "prometheus.yml"], cwd=OBSERVABILITY, capture_output=True, text=True,
+        timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS: 8 rules found" in done.stdout + done.stderr
