@@ -5,6 +5,7 @@
     GET  /healthz                                   as /readyz: 200 while serving, 503 starting or shutting down
     GET  /status                                    pools, backends, states with reasons, counters
     GET  /metrics                                   Prometheus text exposition
+    GET  /  and  GET /lookup?token=T                the operator's console (lb.console)
     POST /pools/{pool}/backends/{id}/{action}       drain | disable | enable (Authorization: Bearer)
 
 Input is checked as strictly as the config is: an unknown parameter
@@ -84,6 +85,11 @@ def make_admin_app(balancer: Balancer) -> web.Application:
     from lb.admin_route import add_route_endpoint
 
     add_route_endpoint(app)
+
+    # The operator's console: GET / (dashboard) and GET /lookup (imported here: it imports this module).
+    from lb.console import add_console_routes
+
+    add_console_routes(app)
     return app
 
 
@@ -249,6 +255,11 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
 def _name(key: object) -> str:
     text = str(key)
     return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+# For other admin route modules (lb.console): the same bearer check and error body.
+authorized = _authorized
+error_response = _error
 
 
 async def _migration_params(request: web.Request) -> tuple[float | None, float | None]:

@@ -244,7 +244,7 @@ class Balancer:
         """One checker per pool; the caller has stopped the previous ones (never two loops per backend)."""
         assert not self._checkers, "health checkers must be stopped before new ones start"
         for pool in self.ctx.pools.values():
-            checker = HealthChecker(pool, self._on_state_change)
+            checker = HealthChecker(pool, self._on_state_change, self.ctx.observations)
             checker.start()
             self._checkers.append(checker)
 

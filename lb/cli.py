@@ -1,4 +1,4 @@
-"""The `lb` command line: run, validate, keygen, certs.
+"""The `lb` command line: run, validate, keygen, certs, ctl (`lb.ctl`).
 
 Owns argument parsing, exit codes and what is printed.  Loading the
 configuration is `config_load`'s job, running the balancer `balancer`'s, and
@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"comma-separated DNS names and IP addresses (default: {DEFAULT_CERT_HOSTS})",
     )
     certs.set_defaults(handler=_certs)
+
+    # `lb ctl`: status/drain/disable/enable/lookup through the admin API (lb.ctl; stdlib only, cheap to import).
+    from lb.ctl import add_ctl_parser
+
+    add_ctl_parser(commands)
 
     # Internal: started by the owner process when `workers` > 1; not for operators.
     worker = commands.add_parser("worker")

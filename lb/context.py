@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from lb.affinity_token import TokenCodec
 from lb.config import Config, RouteConfig
+from lb.observations import Observations
 from lb.pool import PoolState
 from lb.ratelimit import RateLimiter
 from lb.routing import sort_routes
@@ -55,6 +56,8 @@ class ProxyContext:
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
     handshaking: int = 0  # client connections not (yet) handed to a tunnel
     accepting: bool = True
+    # Latency histograms, backend errors, health checks (lb.observations); survives reloads.
+    observations: Observations = field(default_factory=Observations)
     # Set by the last tunnel to close while shutdown waits for them.
     all_tunnels_closed: asyncio.Event | None = None
 

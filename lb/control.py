@@ -44,6 +44,7 @@ from typing import Any
 
 from lb.config import Config
 from lb.context import ProxyContext, Stats
+from lb.observations import Observations
 from lb.pool import AdminAction, PoolState
 
 LENGTH = struct.Struct(">I")
@@ -188,6 +189,7 @@ def stats_message(ctx: ProxyContext) -> dict[str, Any]:
         "tunnels_closed": stats.tunnels_closed,
         "balancer_closes": [[*key, count] for key, count in stats.balancer_closes.items()],
         "tunnels": len(ctx.tunnels),
+        "observations": ctx.observations.snapshot(),
     }
 
 
@@ -198,6 +200,7 @@ class _Totals:
     backends: Counter[tuple[str, str, int]] = field(default_factory=Counter)  # pool, id, counter index
     stats: Stats = field(default_factory=Stats)
     tunnels: int = 0
+    observations: Observations = field(default_factory=Observations)
 
     @classmethod
     def of(cls, report: dict[str, Any]) -> _Totals:
@@ -217,6 +220,7 @@ class _Totals:
         stats.tunnels_closed = int(report.get("tunnels_closed", 0))
         stats.balancer_closes.update({(c, w): int(n) for c, w, n in report.get("balancer_closes", [])})
         totals.tunnels = int(report.get("tunnels", 0))
+        totals.observations = Observations.from_snapshot(report.get("observations"))
         return totals
 
     def add(self, other: _Totals, *, counters_only: bool = False) -> None:
@@ -234,6 +238,7 @@ class _Totals:
         mine.closed_bytes_out += theirs.closed_bytes_out
         mine.tunnels_closed += theirs.tunnels_closed
         mine.balancer_closes.update(theirs.balancer_closes)
+        self.observations.merge(other.observations)
         if not counters_only:
             self.tunnels += other.tunnels
 
@@ -273,4 +278,5 @@ class StatsAggregate:
                     total.backends[(pool.name, b.id, index)] for index in range(4)
                 )
         ctx.stats = total.stats
+        ctx.observations.from_workers = total.observations
         return total.tunnels

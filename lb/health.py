@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from lb.config import HealthCheckType
+from lb.observations import Observations
 from lb.pool import BackendStatus, PoolState, StateChange
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,11 @@ def requested_state(header: str | None) -> str | None:
 class HealthChecker:
     """Probes every backend of one pool on its interval until stopped."""
 
-    def __init__(self, pool: PoolState, on_change: Callable[[StateChange], None]) -> None:
+    def __init__(
+        self, pool: PoolState, on_change: Callable[[StateChange], None], observations: Observations | None = None
+    ) -> None:
         self._pool = pool
+        self._observations = observations or Observations()  # lb_health_checks_total
         self._on_change = on_change
         self._session: aiohttp.ClientSession | None = None
         self._tasks: dict[str, tuple[BackendStatus, asyncio.Task[None]]] = {}
@@ -115,6 +119,7 @@ class HealthChecker:
             pool = self._pool
             if pool.backends.get(backend.id) is not backend:
                 return  # removed from the pool while the probe ran
+            self._observations.count_health_check(pool.name, backend.id, result.ok)
             change = pool.record_probe(backend.id, result.ok, time.time(), result.detail)
             if change is not None:
                 self._on_change(change)

@@ -50,6 +50,7 @@ from lb.forwarding import render_client_response, render_error, render_forwarded
 from lb.framing import response_framer
 from lb.handshake import check_upgrade, is_websocket_upgrade
 from lb.http_head import RequestHead, ResponseHead, find_head_end, parse_request_head
+from lb.observations import error_kind
 from lb.pool import PoolState
 from lb.routing import match_route
 from lb.tunnel import Tunnel
@@ -283,13 +284,16 @@ class ClientConnection(asyncio.Protocol):
             backend.connections += 1  # in-flight handshakes count for least_conn
             try:
                 forwarded = self._forwarded_head(request, websocket, lookup, decision)
+                started = time.monotonic()
                 upstream, response = await self._connect_one(decision, forwarded)
+                ctx.observations.observe_connect(pool.name, backend.id, time.monotonic() - started)
                 return upstream, response, decision
             except BaseException as exc:
                 backend.connections -= 1
                 if not isinstance(exc, BackendConnectError):
                     raise
                 ctx.stats.handshakes[(pool.name, backend.id, "connect_failed")] += 1
+                ctx.observations.count_backend_error(pool.name, backend.id, error_kind(exc.__cause__))
                 log.warning("%s", exc)
                 # A backend that fails a handshake counts as a failed health check (passive health).
                 ctx.on_backend_failure(pool.name, backend.id, f"handshake failed: {exc.cause}")
@@ -367,6 +371,7 @@ class ClientConnection(asyncio.Protocol):
                 response = await upstream.read_head()
         switching = websocket and response.status == 101
         client.write(self._client_head(response, switching, decision, lookup, now, pool.name))
+        ctx.observations.observe_handshake(pool.name, time.time() - now)
         self._count(pool, decision, "switched" if switching else ("refused" if websocket else "answered"))
         log_request(
             client=self._client_ip, method=request.method, path=request.path, pool=pool.name,

@@ -113,6 +113,9 @@ class LbCollector(Collector):
         for (cause, ended_with), count in stats.balancer_closes.items():
             ended.add_metric([cause, ended_with], count)
         yield ended
+        # Latency histograms, backend errors and health checks (lb.observations), workers summed.
+        known = [(pool.name, backend_id) for pool in ctx.pools.values() for backend_id in pool.backends]
+        yield from ctx.observations.families(known)
 
     @staticmethod
     def _backends(ctx: ProxyContext) -> Iterator[Metric]:
@@ -124,9 +127,24 @@ class LbCollector(Collector):
         state = GaugeMetricFamily(
             "lb_backend_state", "1 for the backend's current state.", labels=["pool", "backend", "state"]
         )
+        # The per-backend counters /status shows, under the same names (lb ctl status, the dashboard).
+        backend_counters = {
+            "handshakes": CounterMetricFamily(
+                "lb_backend_handshakes", "Handshakes and requests answered by the backend.", labels=["pool", "backend"]
+            ),
+            "affinity_hits": CounterMetricFamily(
+                "lb_backend_affinity_hits", "Handshakes whose token pinned them here.", labels=["pool", "backend"]
+            ),
+            "redispatches": CounterMetricFamily(
+                "lb_backend_redispatches", "Handshakes sent here because their pinned backend could not take them.",
+                labels=["pool", "backend"],
+            ),
+        }
         for pool in ctx.pools.values():
             for backend in pool.backends.values():
                 labels = [pool.name, backend.id]
+                for attribute, family in backend_counters.items():
+                    family.add_metric(labels, getattr(backend, attribute))
                 active.add_metric(labels, backend.connections)
                 up.add_metric(labels, 1 if backend.healthy else 0)
                 for candidate in BackendState:
@@ -134,6 +152,7 @@ class LbCollector(Collector):
         yield active
         yield up
         yield state
+        yield from backend_counters.values()
 
 
 def _process_samples(pid: int | str) -> dict[str, float]:

@@ -1,0 +1,306 @@
+"""`lb ctl`: the operator's command line for a running balancer, through its admin API only.
+
+    lb ctl [--admin URL] [--token T] [--config FILE] [--json] COMMAND
+        status                                   table of pools and backends
+        drain POOL ID [--close-after D] [--rate R]
+        disable POOL ID
+        enable POOL ID
+        lookup TOKEN [--pool POOL]               which backend holds this session now (the /lookup JSON)
+
+Where the admin URL and token come from, first found wins: `--admin`/`--token`,
+then `LB_ADMIN_URL`/`LB_ADMIN_TOKEN`, then `--config FILE` (`admin.bind` and
+`admin.token`, `${VAR}` expanded by the same loader `lb run` uses; other unset
+variables, such as the cookie keys, need not be set in the operator's shell), then
+http://127.0.0.1:9000 (the default `admin.bind`).
+
+Exit codes, for scripts:
+    0  success (for lookup: the server answered, even `"valid": false`)
+    1  the server refused: its message is printed (401 wrong token, 404 unknown backend, 400 ...)
+    2  usage error, unreadable --config, or the admin API cannot be reached
+
+Owns argument parsing, the HTTP calls (urllib: a blocking CLI needs no event
+loop) and the printing; what the answers mean is the admin API's business.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+EXIT_OK = 0
+EXIT_API_ERROR = 1
+EXIT_USAGE = 2
+
+DEFAULT_ADMIN_URL = "http://127.0.0.1:9000"
+TIMEOUT = 10.0  # seconds for one admin call: the admin API answers from memory
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a /status of thousands of backends fits; a runaway answer does not
+
+
+class CtlError(Exception):
+    """Something `lb ctl` reports on stderr and turns into its exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Which admin API to talk to, and with what bearer token."""
+
+    url: str
+    token: str | None
+
+
+def add_ctl_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `lb ctl` and its subcommands on the `lb` parser's subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: the options may come before or after the subcommand without one erasing the other.
+    common.add_argument("--admin", metavar="URL", default=argparse.SUPPRESS,
+                        help=f"admin API base URL (env LB_ADMIN_URL; default from --config, else {DEFAULT_ADMIN_URL})")
+    common.add_argument("--token", metavar="T", default=argparse.SUPPRESS,
+                        help="admin bearer token (env LB_ADMIN_TOKEN; default admin.token from --config)")
+    common.add_argument("--config", metavar="FILE", type=Path, default=argparse.SUPPRESS,
+                        help="read admin.bind and admin.token from this balancer configuration")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the API's JSON answer instead of a table")
+    ctl = commands.add_parser(
+        "ctl", parents=[common], help="status, drain, disable, enable, lookup through the admin API",
+        description="Operate a running balancer through its admin API. Exit codes: 0 success, "
+        "1 the server refused (its message is printed), 2 usage or connection error.",
+    )
+    actions = ctl.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    status = actions.add_parser("status", parents=[common], help="pools and backends: state, reason, counters")
+    status.set_defaults(ctl=_status)
+
+    drain = actions.add_parser("drain", parents=[common], help="no new clients; cookie holders still reach it")
+    _backend_arguments(drain)
+    drain.add_argument("--close-after", metavar="D", help="then close its tunnels (1012) after this delay (30s, 5m)")
+    drain.add_argument("--rate", metavar="R", type=float, help="tunnels closed per second once closing starts")
+    drain.set_defaults(ctl=_action("drain"))
+
+    disable = actions.add_parser("disable", parents=[common], help="nothing reaches it; cookie holders go elsewhere")
+    _backend_arguments(disable)
+    disable.set_defaults(ctl=_action("disable"))
+
+    enable = actions.add_parser("enable", parents=[common], help="back to normal (health checks decide)")
+    _backend_arguments(enable)
+    enable.set_defaults(ctl=_action("enable"))
+
+    lookup = actions.add_parser("lookup", parents=[common], help="which backend holds the session of this token")
+    lookup.add_argument("affinity_token", metavar="TOKEN", help="the affinity cookie's value")
+    lookup.add_argument("--pool", help="the pool, when several have a backend of that id")
+    lookup.set_defaults(ctl=_lookup)
+
+    ctl.set_defaults(handler=run_ctl)
+
+
+def _backend_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pool", metavar="POOL")
+    parser.add_argument("backend", metavar="ID")
+
+
+def run_ctl(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run one `lb ctl` subcommand; returns the exit code."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    command: Callable[[argparse.Namespace, Target, TextIO], None] = args.ctl
+    try:
+        command(args, resolve_target(args, os.environ), out)
+    except CtlError as exc:
+        print(f"lb ctl: {exc}", file=err)
+        return exc.exit_code
+    return EXIT_OK
+
+
+def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[str, str]) -> Target:
+    """The admin URL and token: flags, then LB_ADMIN_URL/LB_ADMIN_TOKEN, then --config, then the default."""
+    url: str | None = getattr(args, "admin", None) or environ.get("LB_ADMIN_URL") or None
+    token: str | None = getattr(args, "token", None) or environ.get("LB_ADMIN_TOKEN") or None
+    config_path: Path | None = getattr(args, "config", None)
+    if config_path is not None and (url is None or token is None):
+        from lb.config_load import load_config
+        from lb.errors import ConfigError
+
+        try:
+            config = load_config(config_path, environ)
+        except ConfigError as exc:
+            # The operator's shell need not hold the cookie keys: if admin.* expanded fine, read the
+            # file again with a stand-in for the other unset variables, so only admin.* must be set.
+            if any(p.path.startswith("admin") for p in exc.problems) or not _only_unset(exc):
+                raise CtlError(f"cannot use --config {config_path}:\n{exc}", EXIT_USAGE) from None
+            try:
+                config = load_config(config_path, _WithStandIns(environ))
+            except ConfigError as again:
+                raise CtlError(f"cannot use --config {config_path}:\n{again}", EXIT_USAGE) from None
+        admin = config.admin
+        # A wildcard bind is reached on loopback from the same host.
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(admin.host, admin.host)
+        url = url or f"http://{'[' + host + ']' if ':' in host else host}:{admin.port}"
+        token = token or admin.token
+    url = (url or DEFAULT_ADMIN_URL).rstrip("/")
+    if "://" not in url:
+        url = "http://" + url  # host:port, as admin.bind spells it
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise CtlError(f"--admin: expected http://host:port, got {url!r}", EXIT_USAGE)
+    return Target(url=url, token=token)
+
+
+def _only_unset(error: Any) -> bool:
+    return all(p.message.startswith("environment variable ") for p in error.problems)
+
+
+class _WithStandIns(dict[str, str]):
+    """The environment, where an unset variable reads as a stand-in long enough to pass as a secret key."""
+
+    STAND_IN = "lb-ctl-stand-in-for-an-unset-variable-0000"
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key, self.STAND_IN)
+
+
+def call(target: Target, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One admin API call; returns the JSON answer.
+
+    Raises:
+        CtlError: exit 1 with the server's message for an error status; exit 2 when nothing answers
+            or the answer is not JSON.
+    """
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Accept": "application/json"}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    if target.token:
+        headers["Authorization"] = f"Bearer {target.token}"
+    request = urllib.request.Request(target.url + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as reply:
+            raw = reply.read(MAX_ANSWER_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            raw = exc.read(MAX_ANSWER_BYTES)
+        message = _server_message(raw) or exc.reason
+        hint = " (give the admin token with --token, LB_ADMIN_TOKEN or --config)" if exc.code == 401 else ""
+        raise CtlError(f"{method} {path}: HTTP {exc.code}: {message}{hint}", EXIT_API_ERROR) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CtlError(f"cannot reach the admin API at {target.url}: {reason}", EXIT_USAGE) from None
+    if len(raw) > MAX_ANSWER_BYTES:
+        raise CtlError(f"{method} {path}: answer larger than {MAX_ANSWER_BYTES} bytes", EXIT_USAGE)
+    try:
+        return json.loads(raw)
+    except ValueError:
+        message = f"{method} {path}: the answer is not JSON (is {target.url} the admin API?)"
+        raise CtlError(message, EXIT_USAGE) from None
+
+
+def _server_message(raw: bytes) -> str:
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace").strip()[:500]
+    if isinstance(answer, dict):
+        return str(answer.get("error") or answer.get("reason") or answer)
+    return str(answer)
+
+
+# -- subcommands ---------------------------------------------------------------------------------
+
+
+def _status(args: argparse.Namespace, target: Target, out: TextIO) -> None:
+    document = call(target, "GET", "/status")
+    if getattr(args, "json", False):
+        json.dump(document, out, indent=2)
+        out.write("\n")
+        return
+    out.write(render_status(document))
+
+
+def _action(action: str) -> Callable[[argparse.Namespace, Target, TextIO], None]:
+    def run(args: argparse.Namespace, target: Target, out: TextIO) -> None:
+        body: dict[str, Any] = {}
+        if getattr(args, "close_after", None) is not None:
+            body["close_after"] = args.close_after
+        if getattr(args, "rate", None) is not None:
+            body["rate"] = args.rate
+        path = "/pools/{}/backends/{}/{}".format(
+            urllib.parse.quote(args.pool, safe=""), urllib.parse.quote(args.backend, safe=""), action
+        )
+        answer = call(target, "POST", path, body)
+        if getattr(args, "json", False):
+            json.dump(answer, out, indent=2)
+            out.write("\n")
+            return
+        line = f"{answer.get('pool', args.pool)}/{answer.get('id', args.backend)}: {answer.get('state', '?')}"
+        if "close_after" in answer:
+            line += f" (tunnels close after {answer['close_after']:g}s at {answer.get('rate', 0):g}/s)"
+        out.write(line + "\n")
+
+    return run
+
+
+def _lookup(args: argparse.Namespace, target: Target, out: TextIO) -> None:
+    """Print the /lookup answer as it is (indented JSON: readable, and what a script parses).
+
+    `--json` changes nothing here; a token the balancer would ignore is still an answer (exit 0).
+    """
+    query = {"token": args.affinity_token}
+    if args.pool:
+        query["pool"] = args.pool
+    answer = call(target, "GET", "/lookup?" + urllib.parse.urlencode(query))
+    json.dump(answer, out, indent=2)
+    out.write("\n")
+
+
+# -- tables --------------------------------------------------------------------------------------
+
+_COLUMNS = ("POOL", "BACKEND", "ADDRESS", "STATE", "TUNNELS", "HANDSHAKES", "HITS", "REDISPATCHES", "REASON")
+
+
+def render_status(document: Any) -> str:
+    """/status as a table: one line per backend, then one line per pool's discovery, then totals."""
+    if not isinstance(document, dict) or not isinstance(document.get("pools"), dict):
+        raise CtlError("/status: unexpected answer", EXIT_USAGE)
+    rows: list[Sequence[str]] = []
+    notes: list[str] = []
+    for pool_name, pool in document["pools"].items():
+        for backend in pool.get("backends", []):
+            state = str(backend.get("state", "?"))
+            if backend.get("migrating"):
+                state += "*"
+            rows.append((
+                str(pool_name), str(backend.get("id", "?")), str(backend.get("address", "")), state,
+                str(backend.get("connections", 0)), str(backend.get("handshakes", 0)),
+                str(backend.get("affinity_hits", 0)), str(backend.get("redispatches", 0)),
+                str(backend.get("reason", "")),
+            ))
+        discovery = pool.get("discovery")
+        if isinstance(discovery, dict):
+            parts = ", ".join(f"{k}={v}" for k, v in discovery.items() if not isinstance(v, (dict, list)))
+            notes.append(f"discovery {pool_name}: {parts}")
+    widths = [max(len(column), *(len(row[i]) for row in rows)) if rows else len(column)
+              for i, column in enumerate(_COLUMNS)]
+    numeric = {4, 5, 6, 7}
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [c.rjust(widths[i]) if i in numeric else c.ljust(widths[i]) for i, c in enumerate(cells)]
+        return "  ".join(padded).rstrip()
+
+    text = [line(_COLUMNS), *(line(row) for row in rows)]
+    if any(row[3].endswith("*") for row in rows):
+        text.append("* migrating: its tunnels are being closed (drain with --close-after/--rate)")
+    text.extend(notes)
+    accepting = "" if document.get("accepting", True) else ", NOT accepting (shutting down)"
+    text.append(f"live tunnels: {document.get('tunnels', 0)}, role: {document.get('role', '?')}{accepting}")
+    return "\n".join(text) + "\n"

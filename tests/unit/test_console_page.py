@@ -1,0 +1,40 @@
+"""lb.console: the server-rendered snapshot in the dashboard page, and its Content-Security-Policy."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+
+from lb.console import _PAGE, _POLICY, SNAPSHOT_MARK, render_snapshot
+
+
+def test_snapshot_lists_every_backend_escaped() -> None:
+    document = {
+        "pools": {
+            "gateways": {
+                "backends": [
+                    {"id": "gw-1", "address": "127.0.0.1:9001", "state": "up", "reason": "initial state",
+                     "connections": 3, "handshakes": 10, "affinity_hits": 7, "redispatches": 1},
+                    {"id": "<img src=x onerror=alert(1)>", "address": "a", "state": "down",
+                     "reason": "HTTP 503 <script>", "connections": 0},
+                ],
+                "discovery": {"last_ok": 1.5, "last_error": "<b>SERVFAIL</b>"},
+            }
+        }
+    }
+    snapshot = render_snapshot(document)
+    assert "<td>gw-1</td><td>127.0.0.1:9001</td><td>up</td><td>initial state</td><td>3</td><td>10</td>" in snapshot
+    assert "<img" not in snapshot and "<script" not in snapshot and "<b>" not in snapshot
+    assert "&lt;img src=x onerror=alert(1)&gt;" in snapshot
+    assert "last_error: &lt;b&gt;SERVFAIL&lt;/b&gt;" in snapshot
+
+
+def test_every_inline_script_and_style_is_allowed_by_hash_and_nothing_else() -> None:
+    assert SNAPSHOT_MARK in _PAGE
+    for tag in ("script", "style"):
+        for body in re.findall(rf"<{tag}>(.*?)</{tag}>", _PAGE, re.S):
+            digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+            assert f"'sha256-{digest}'" in _POLICY
+    assert "default-src 'none'" in _POLICY and "unsafe-inline" not in _POLICY
+    assert not re.search(r"<(script|link|img|iframe)[^>]*\s(src|href)=", _PAGE)

@@ -1,0 +1,96 @@
+"""lb.ctl without a server: argument parsing, where the URL and token come from, the status table."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import pytest
+
+from lb.cli import _parser
+from lb.ctl import EXIT_USAGE, CtlError, render_status, resolve_target, run_ctl
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return _parser().parse_args(["ctl", *argv])
+
+
+def test_options_before_or_after_the_subcommand() -> None:
+    assert parse("--admin", "http://h:1", "status").admin == "http://h:1"
+    assert parse("status", "--admin", "http://h:1").admin == "http://h:1"
+    args = parse("--token", "t", "drain", "gateways", "gw-1", "--close-after", "30s", "--rate", "5")
+    assert (args.token, args.pool, args.backend, args.close_after, args.rate) == ("t", "gateways", "gw-1", "30s", 5.0)
+
+
+def test_missing_arguments_are_usage_errors() -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse("drain", "gateways")
+    assert exc.value.code == EXIT_USAGE
+
+
+def test_flags_win_over_environment_over_default() -> None:
+    env = {"LB_ADMIN_URL": "http://env:1/", "LB_ADMIN_TOKEN": "env-token"}
+    target = resolve_target(parse("status"), env)
+    assert (target.url, target.token) == ("http://env:1", "env-token")
+    target = resolve_target(parse("--admin", "flag:2", "--token", "flag", "status"), env)
+    assert (target.url, target.token) == ("http://flag:2", "flag")
+    assert resolve_target(parse("status"), {}).url == "http://127.0.0.1:9000"
+
+
+def test_config_gives_url_and_expanded_token(tmp_path: Path) -> None:
+    config = tmp_path / "lb.yaml"
+    config.write_text(
+        "listeners: [{bind: 127.0.0.1:8080}]\n"
+        "admin: {bind: 0.0.0.0:9100, token: '${CTL_UNIT_TOKEN}'}\n"
+        "affinity: {secret_keys: ['${CTL_UNIT_COOKIE_KEY}']}\n"
+        "routes: [{path_prefix: /, pool: p}]\n"
+        "pools: {p: {backends: [{id: a, address: 127.0.0.1:9001}]}}\n"
+    )
+    # The cookie key is not in the operator's environment: only admin.* needs to expand.
+    target = resolve_target(parse("--config", str(config), "status"), {"CTL_UNIT_TOKEN": "from-config"})
+    assert target.url == "http://127.0.0.1:9100" and target.token == "from-config"
+    target = resolve_target(parse("--config", str(config), "status"), {"LB_ADMIN_TOKEN": "env", "CTL_UNIT_TOKEN": "x"})
+    assert target.token == "env"
+    with pytest.raises(CtlError) as exc:
+        resolve_target(parse("--config", str(config), "status"), {})
+    assert exc.value.exit_code == EXIT_USAGE and "CTL_UNIT_TOKEN" in str(exc.value)
+    config.write_text(config.read_text().replace("0.0.0.0:9100", "nonsense"))
+    with pytest.raises(CtlError) as exc:
+        resolve_target(parse("--config", str(config), "status"), {"CTL_UNIT_TOKEN": "x"})
+    assert "admin.bind" in str(exc.value)
+
+
+def test_bad_admin_url_is_a_usage_error() -> None:
+    err = io.StringIO()
+    assert run_ctl(parse("--admin", "ftp://x", "status"), io.StringIO(), err) == EXIT_USAGE
+    assert "expected http://host:port" in err.getvalue()
+
+
+def test_status_table() -> None:
+    document = {
+        "pools": {
+            "gateways": {
+                "backends": [
+                    {"id": "gw-1", "address": "127.0.0.1:9001", "state": "up", "reason": "initial state",
+                     "connections": 12, "handshakes": 340, "affinity_hits": 200, "redispatches": 3},
+                    {"id": "gw-22", "address": "127.0.0.1:9002", "state": "draining", "reason": "operator: drain",
+                     "connections": 0, "handshakes": 5, "affinity_hits": 0, "redispatches": 0, "migrating": True},
+                ],
+                "discovery": {"last_ok": 1.0, "last_error": None},
+            }
+        },
+        "tunnels": 12,
+        "role": "single",
+    }
+    lines = render_status(document).splitlines()
+    assert lines[0].split() == ["POOL", "BACKEND", "ADDRESS", "STATE", "TUNNELS", "HANDSHAKES", "HITS",
+                                "REDISPATCHES", "REASON"]
+    assert lines[1].split()[:8] == ["gateways", "gw-1", "127.0.0.1:9001", "up", "12", "340", "200", "3"]
+    assert lines[2].split()[3] == "draining*"
+    assert lines[1].index("127.0.0.1") == lines[2].index("127.0.0.1"), "columns line up"
+    assert any(line.startswith("* migrating") for line in lines)
+    assert "discovery gateways: last_ok=1.0, last_error=None" in lines
+    assert lines[-1] == "live tunnels: 12, role: single"
+    with pytest.raises(CtlError):
+        render_status(["not", "a", "status"])

@@ -1,0 +1,100 @@
+"""lb.lookup: the /lookup answer, computed by the data path's decide() without side effects."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lb.affinity_token import NONCE_BYTES, Claim, TokenCodec
+from lb.config import BackendConfig, BalanceMethod, PoolConfig
+from lb.lookup import iso_utc, lookup_token
+from lb.pool import AdminAction, PoolState
+
+NOW = 1_800_000_000.0
+KEY = "unit-test-key-0123456789"
+
+
+def pools(*names: str, balance: BalanceMethod = BalanceMethod.ROUND_ROBIN) -> dict[str, PoolState]:
+    backends = tuple(BackendConfig(id=f"gw-{i}", host="127.0.0.1", port=9000 + i) for i in (1, 2, 3))
+    return {name: PoolState(PoolConfig(name=name, backends=backends, balance=balance)) for name in names}
+
+
+def seal(backend: str, issued_at: float = NOW - 10, key: str = KEY, session: bytes = b"s" * 8) -> str:
+    claim = Claim(backend_id=backend, issued_at=int(issued_at), session=session)
+    return TokenCodec([key], 3600).seal(claim, os.urandom(NONCE_BYTES))
+
+
+def answer(token: str, state: dict[str, PoolState], **kwargs: object) -> dict[str, object]:
+    return lookup_token(token, TokenCodec([KEY], 3600), state, now=NOW, max_age=3600, **kwargs)  # type: ignore[arg-type]
+
+
+def test_valid_token_routes_to_its_backend() -> None:
+    result = answer(seal("gw-2"), pools("gateways"))
+    assert result == {
+        "valid": True, "pool": "gateways", "backend": "gw-2", "state": "up", "routes_to": "gw-2",
+        "issued_at": iso_utc(NOW - 10), "expires_at": iso_utc(NOW - 10 + 3600),
+    }
+
+
+def test_draining_backend_keeps_its_sessions() -> None:
+    state = pools("gateways")
+    state["gateways"].apply_admin("gw-2", AdminAction.DRAIN, NOW)
+    assert answer(seal("gw-2"), state)["routes_to"] == "gw-2"
+
+
+@pytest.mark.parametrize("action", [AdminAction.DISABLE])
+def test_disabled_backend_routes_where_redispatch_goes_and_changes_nothing(action: AdminAction) -> None:
+    """Redispatch hashes the session over the survivors: the same answer every time, no policy state touched."""
+    state = pools("gateways", balance=BalanceMethod.ROUND_ROBIN)
+    state["gateways"].apply_admin("gw-2", action, NOW)
+    token = seal("gw-2")
+    policy_before = dict(state["gateways"].policy._current)  # type: ignore[union-attr]
+    first = answer(token, state)
+    assert first["state"] == "disabled" and first["routes_to"] in ("gw-1", "gw-3")
+    assert all(answer(token, state) == first for _ in range(5))
+    assert state["gateways"].policy._current == policy_before  # type: ignore[union-attr]
+    # Another instance with the same view agrees.
+    other = pools("gateways")
+    other["gateways"].apply_admin("gw-2", action, NOW)
+    assert answer(token, other)["routes_to"] == first["routes_to"]
+
+
+def test_no_backend_left_routes_nowhere() -> None:
+    state = pools("gateways")
+    for backend in ("gw-1", "gw-2", "gw-3"):
+        state["gateways"].apply_admin(backend, AdminAction.DISABLE, NOW)
+    result = answer(seal("gw-1"), state)
+    assert result["valid"] is True and result["routes_to"] is None
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [
+        (seal("gw-1", issued_at=NOW - 7200), "expired"),
+        (seal("gw-1", key="someone else's key 000000"), "unknown_key"),
+        ("", "malformed"),
+        ("%%%", "malformed"),
+        (seal("gw-9"), "unknown_backend"),
+    ],
+)
+def test_invalid_tokens(token: str, reason: str) -> None:
+    assert answer(token, pools("gateways")) == {"valid": False, "reason": reason}
+
+
+def test_tampered_token_is_bad_mac() -> None:
+    token = seal("gw-1")
+    middle = len(token) // 2
+    tampered = token[:middle] + ("A" if token[middle] != "A" else "B") + token[middle + 1 :]
+    assert answer(tampered, pools("gateways")) == {"valid": False, "reason": "bad_mac"}
+
+
+def test_pool_parameter_picks_the_pool() -> None:
+    state = pools("chat", "gateways")
+    assert answer(seal("gw-1"), state)["pool"] == "chat"  # first in config order
+    assert answer(seal("gw-1"), state, pool="gateways")["pool"] == "gateways"
+    assert answer(seal("gw-1"), state, pool="nope") == {"valid": False, "reason": "unknown_backend"}
+
+
+def test_iso_utc() -> None:
+    assert iso_utc(0) == "1970-01-01T00:00:00Z"
