@@ -38,7 +38,7 @@ from lb.config_load import load_config
 from lb.context import ProxyContext
 from lb.errors import ConfigError
 from lb.health import HealthChecker
-from lb.listener import ClientConnection
+from lb.listener import client_factory, install_accept_error_filter, stop_in_flight
 from lb.log import setup_logging
 from lb.metrics import make_registry
 from lb.migration import DEFAULT_MIGRATION_RATE, migrate
@@ -131,11 +131,15 @@ class Balancer:
     async def _listen(self, listener: ListenerConfig) -> None:
         ssl_context = server_ssl_context(listener.tls) if listener.tls else None
         tls = ssl_context is not None
-        server = await asyncio.get_running_loop().create_server(
-            lambda: ClientConnection(self.ctx, tls),
+        loop = asyncio.get_running_loop()
+        install_accept_error_filter(loop)
+        server = await loop.create_server(
+            client_factory(self.ctx, tls),
             listener.host,
             listener.port,
             ssl=ssl_context,
+            # A stalled TLS handshake is closed on time (the connection counts from accept).
+            ssl_handshake_timeout=self.config.timeouts.handshake if tls else None,
             backlog=1024,
             reuse_address=True,
             # Workers each bind every listener; the kernel spreads connections over them.
@@ -331,6 +335,8 @@ class Balancer:
         self.ctx.accepting = False
         for listening in self._listening:
             listening.server.close()
+        # Handshakes in flight: 503 if not yet at a backend, else their answer completes.
+        await stop_in_flight(self.ctx, self.config.timeouts.backend_connect + 1.0)
         for task in [*self._migrations.values(), *([self._sweeper] if self._sweeper else [])]:
             task.cancel()
         grace = self.config.timeouts.shutdown_grace

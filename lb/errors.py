@@ -10,8 +10,10 @@
     │   ├── UnsupportedVersion       426 with Sec-WebSocket-Version: 13
     │   ├── TooManyRequests          429 with Retry-After
     │   ├── HeadersTooLarge          431
+    │   ├── RequestTimeout           408 the client did not send its request body in time
     │   ├── NoHealthyBackend         503 with Retry-After
-    │   └── BadGateway               502 no backend could be reached
+    │   ├── BadGateway               502 no backend could be reached, or its answer was malformed
+    │   └── GatewayTimeout           504 the backend did not answer in time
     └── BackendConnectError(OSError) one backend could not be reached (retried elsewhere)
 """
 
@@ -109,6 +111,18 @@ class HeadersTooLarge(RequestRejected):
 class BadGateway(RequestRejected):
     status = 502
     reason_phrase = "Bad Gateway"
+
+
+class RequestTimeout(RequestRejected):
+    """The client stopped sending its request body: its own time ran out, not the backend's."""
+
+    status = 408
+    reason_phrase = "Request Timeout"
+
+
+class GatewayTimeout(RequestRejected):
+    status = 504
+    reason_phrase = "Gateway Timeout"
 
 
 class NoHealthyBackend(RetryLater):

@@ -124,18 +124,21 @@ def render_client_response(
     set_cookies: list[str],
     extra: list[tuple[str, str]],
     rewrite_set_cookie: Callable[[str], str] | None = None,
+    keep_alive: bool = False,
 ) -> bytes:
     """The response head the client receives: the backend's, plus our cookie.
 
     A 101 keeps its Connection/Upgrade headers (they are the switch); any other
-    answer is the last on this client connection, so it says Connection: close.
+    answer says Connection: close unless `keep_alive` (the client connection then
+    carries the next request; HTTP/1.1 is persistent by default, so nothing is added).
     `rewrite_set_cookie` is applied to each of the backend's Set-Cookie values.
     """
     if switching:
         headers = list(response.head.headers)
     else:
         headers = _end_to_end(response.head.headers, HOP_BY_HOP)
-        headers.append(("Connection", "close"))
+        if not keep_alive:
+            headers.append(("Connection", "close"))
     if rewrite_set_cookie is not None:
         headers = [
             (name, rewrite_set_cookie(value) if name.lower() == "set-cookie" else value)
@@ -153,6 +156,23 @@ def render_error(status: int, reason_phrase: str, message: str, headers: dict[st
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Length", str(len(body))),
         ("Connection", "close"),
+        *headers.items(),
+    ]
+    return render_head(f"HTTP/1.1 {status} {reason_phrase}", all_headers) + body
+
+
+def render_refusal(status: int, reason_phrase: str, request_id: str, headers: dict[str, str]) -> bytes:
+    """An answer of our own: the status, its fixed reason and the request id the access log also carries.
+
+    The body names no backend, pool, address or anything the client sent: the
+    details of why are in the log line with the same request id.
+    """
+    body = f"{status} {reason_phrase}\nrequest id: {request_id}\n".encode("ascii")
+    all_headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+        ("X-Request-Id", request_id),
         *headers.items(),
     ]
     return render_head(f"HTTP/1.1 {status} {reason_phrase}", all_headers) + body
