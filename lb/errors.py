@@ -12,8 +12,7 @@
     │   ├── HeadersTooLarge          431
     │   ├── RequestTimeout           408 the client did not send its request body in time
     │   ├── NoHealthyBackend         503 with Retry-After
-    │   ├── BadGateway               502 no backend could be reached, or its answer was malformed
-    │   └── GatewayTimeout           504 the backend did not answer in time
+    │   └── BadGateway               502 no backend could be reached, or none answered in time and well-formed
     └── BackendConnectError(OSError) one backend could not be reached (retried elsewhere)
 """
 
@@ -118,11 +117,6 @@ class RequestTimeout(RequestRejected):
 
     status = 408
     reason_phrase = "Request Timeout"
-
-
-class GatewayTimeout(RequestRejected):
-    status = 504
-    reason_phrase = "Gateway Timeout"
 
 
 class NoHealthyBackend(RetryLater):

@@ -32,7 +32,7 @@ Why it is shaped this way (each is a smuggling or memory bug of the await chain 
   connect plus final answer (interim answers do not extend it).
 - A backend that refuses, resets, stays silent or answers garbage counts as a
   failed health check and the request goes to another backend when that is
-  safe; otherwise the client gets 502 (504 after a timeout), never a 500.
+  safe; otherwise the client gets 502 (also after a timeout), never a 500.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ from lb.context import ProxyContext
 from lb.cookies import render_set_cookie
 from lb.errors import (
     BadGateway,
-    GatewayTimeout,
     NoHealthyBackend,
     NoRoute,
     RequestRejected,
@@ -703,11 +702,9 @@ class Connection:
         )
         # A backend that fails a handshake counts as a failed health check (passive health).
         ctx.on_backend_failure(pool.name, backend.id, f"handshake failed: {failure.cause}")
-        last: RequestRejected = (
-            GatewayTimeout("no backend answered in time")
-            if failure.timeout
-            else BadGateway("no backend could be reached")
-        )
+        # 502 also after a timeout: SPEC's "a backend that cannot be reached → 502", and the
+        # log line (with the request id) says it was silence.
+        last = BadGateway("no backend answered in time" if failure.timeout else "no backend could be reached")
         if self._sent and not self._retriable:
             return actions + self._refuse(last, now)
         self._tried.append(backend.id)

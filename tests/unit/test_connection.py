@@ -414,7 +414,7 @@ def test_interim_answers_do_not_extend_the_deadline() -> None:
     assert play.timer == deadline
     play.fire()
     assert play.now == T0 + 2
-    assert b"504 Gateway Timeout" in play.to_client
+    assert b"502 Bad Gateway" in play.to_client
 
 
 def test_answer_head_is_bounded() -> None:
@@ -425,7 +425,7 @@ def test_answer_head_is_bounded() -> None:
     assert b"502 Bad Gateway" in play.to_client
 
 
-# -- backend faults: 502 / 504, retried when safe --------------------------------------------------
+# -- backend faults: 502, retried when safe --------------------------------------------------------
 
 BAD_ANSWERS = [
     pytest.param(b"garbage garbage\r\n\r\n", id="garbage"),
@@ -462,12 +462,12 @@ def test_malformed_answer_to_a_get_is_retried_on_another_backend(answer: bytes) 
     assert play.answer()[0] == 200
 
 
-def test_silent_backend_after_the_request_is_504_and_counts_against_it() -> None:
+def test_silent_backend_after_the_request_is_502_and_counts_against_it() -> None:
     play = Play()
     play.client(post("/a/x", b"abc"))
     play.connected()
     play.fire()
-    assert play.answer()[0] == 504
+    assert play.answer()[0] == 502
     assert [f[:2] for f in play.failures] == [("a", "a1")]
 
 
