@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -39,19 +40,26 @@ TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall
 
 
 @pytest.fixture
+def certs(launcher: Launcher) -> Path:
+    out = launcher.workdir / "certs"
+    done = subprocess.run(
+        [sys.executable, "-m", "lb", "certs", "--out", str(out)],
+        cwd=ROOT, env=child_env(), capture_output=True, timeout=30 * UNIT, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture
 def backend() -> Iterator[RecordingBackend]:
     rec = RecordingBackend("rec-1", answer=b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", delay=1.0)
     yield rec
     rec.close()
 
 
-async def test_stalled_tls_handshake_is_closed_on_time(launcher: Launcher, backend: RecordingBackend) -> None:
-    certs = launcher.workdir / "certs"
-    done = subprocess.run(
-        [sys.executable, "-m", "lb", "certs", "--out", str(certs)],
-        cwd=ROOT, env=child_env(), capture_output=True, timeout=30 * UNIT, check=False,
-    )
-    assert done.returncode == 0, done.stderr
+async def test_stalled_tls_handshake_is_closed_on_time(
+    launcher: Launcher, backend: RecordingBackend, certs: Path
+) -> None:
     config = lb_config(
         pools={"p": [backend]},
         tls=(certs / "server.crt", certs / "server.key"),
