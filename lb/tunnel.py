@@ -131,11 +131,15 @@ class Tunnel:
     """A client and a backend connection joined after the handshake."""
 
     __slots__ = (
-        "backend", "client_end", "client_ip", "closed", "ctx", "idle_mark", "opened_at", "pool", "server_end",
+        "backend", "client_end", "client_ip", "closed", "ctx", "idle_mark", "opened_at", "pool", "request_id",
+        "server_end",
     )
 
-    def __init__(self, ctx: ProxyContext, backend: BackendStatus, client_ip: str, pool: str) -> None:
+    def __init__(
+        self, ctx: ProxyContext, backend: BackendStatus, client_ip: str, pool: str, request_id: str = "-"
+    ) -> None:
         self.ctx = ctx
+        self.request_id = request_id  # of the handshake that opened it: its close line carries it too
         self.backend = backend
         self.client_ip = client_ip
         self.pool = pool
@@ -159,6 +163,7 @@ class Tunnel:
         to_client: bytes = b"",
         framer: BodyFramer | None = None,
         server_closed: bool = False,
+        request_id: str = "-",
     ) -> Tunnel:
         """Switch both transports to relaying; flush what each side sent ahead of the switch.
 
@@ -166,7 +171,7 @@ class Tunnel:
         releases it on close.  `server_closed`: the backend hung up before the
         switch, so no callback will ever tell the new protocol; close after flushing.
         """
-        tunnel = cls(ctx, backend, client_ip, pool)
+        tunnel = cls(ctx, backend, client_ip, pool, request_id)
         tunnel.client_end = TunnelEnd(tunnel, server)
         tunnel.server_end = (
             WebSocketServerEnd(tunnel, client) if framer is None else FramedResponseEnd(tunnel, client, framer)
@@ -226,4 +231,5 @@ class Tunnel:
         log_tunnel_closed(
             client=self.client_ip, pool=self.pool, backend=self.backend.id,
             duration=f"{time.monotonic() - self.opened_at:.3f}", bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+            request_id=self.request_id,
         )

@@ -145,6 +145,7 @@ class JoinTunnel(Action):
     pool: str
     to_server: bytes  # what the client sent behind its head, held until now
     to_client: bytes  # what the backend sent behind its 101
+    request_id: str = "-"
     backend_closed: bool = False
 
 
@@ -607,7 +608,7 @@ class Connection:
         return [
             SendClient(head),
             _NO_TIMER,
-            JoinTunnel(decision.backend, pool.name, to_server, to_client),
+            JoinTunnel(decision.backend, pool.name, to_server, to_client, self._rid),
         ]
 
     def _answer(self, response: ResponseHead, now: float) -> list[Action]:

@@ -317,6 +317,7 @@ class ClientConnection(asyncio.Protocol):
             to_server=action.to_server,
             to_client=action.to_client,
             server_closed=action.backend_closed,
+            request_id=action.request_id,
         )
 
     def _end(self) -> None:

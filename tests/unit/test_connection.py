@@ -255,6 +255,7 @@ def test_upgrade_holds_early_data_until_101_then_joins_with_it() -> None:
     join = play.backend(SWITCH + b"\x81\x05hello")[-1]
     assert isinstance(join, JoinTunnel)
     assert (join.to_server, join.to_client, join.pool) == (b"\x81\x85early", b"\x81\x05hello", "a")
+    assert join.request_id == play.conn.request_id != "-"
     assert play.conn.state == TUNNEL and play.timer is None
     status, headers, _ = play.answer()
     assert status == 101 and "set-cookie" in headers
