@@ -752,11 +752,14 @@ class Connection:
         return [SendClient(answer), *self._close(abort=False)]
 
     def _close(self, *, abort: bool) -> list[Action]:
+        """Close the client connection; a backend connection still held is released with it."""
         if self.state == CLOSED:
             return []
+        actions = self._release_backend()
         self.state = CLOSED
         self._buf.clear()
-        return [_NO_TIMER, _ABORT_CLIENT if abort else _CLOSE_CLIENT]
+        actions += (_NO_TIMER, _ABORT_CLIENT if abort else _CLOSE_CLIENT)
+        return actions
 
     # -- answers -------------------------------------------------------------------
 

@@ -562,6 +562,24 @@ def test_shutdown_lets_a_request_at_a_backend_complete_then_closes() -> None:
     assert play.closed_client == CloseClient() and play.opened == ["a1"]
 
 
+@pytest.mark.parametrize("stage", ["connecting", "waiting", "relaying"])
+def test_client_eof_mid_request_releases_the_backend(stage: str) -> None:
+    """A client that goes away mid-handshake must not leave its backend counted (least_conn would shun it)."""
+    play = Play()
+    play.client(upgrade() if stage != "relaying" else post("/a/x", b"1"))
+    if stage != "connecting":
+        play.connected()
+    if stage == "relaying":
+        play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+    play._apply(play.conn.client_eof(play.now))
+    play._apply(play.conn.client_lost())
+    assert play.connections()["a1"] == 0
+    assert play.conn.state == CLOSED or (stage == "relaying" and play.conn.state == RELAY)
+    if play.conn.state == RELAY:
+        play.backend(b"cde")
+        assert play.closed_client is not None and play.connections()["a1"] == 0
+
+
 def test_client_leaving_releases_the_backend() -> None:
     play = Play()
     play.client(get("/a/x"))
@@ -589,6 +607,9 @@ def test_hostile_client_bytes_keep_the_invariants(chunks: list[bytes], head: byt
         assert sent == b"" or sent.endswith(b"\r\n\r\n")
     assert len(play.conn._buf) <= HELD_LIMIT + 300 + 4096
     assert all(n >= 0 for n in play.connections().values())
+    play._apply(play.conn.client_eof(play.now))
+    play._apply(play.conn.client_lost())
+    assert all(n == 0 for n in play.connections().values()), "a backend connection stayed counted"
 
 
 @settings(max_examples=150, deadline=None)
@@ -602,5 +623,8 @@ def test_hostile_backend_bytes_never_give_a_500(answer: list[bytes]) -> None:
     play.backend_eof()
     if play.to_client:
         assert not play.to_client.startswith(b"HTTP/1.1 500")
+    if play.conn.state != TUNNEL:
+        play._apply(play.conn.client_lost())
+        assert play.connections()["a1"] == 0, "a backend connection stayed counted"
     assert play.connections()["a1"] == 0 or play.conn.state != CLOSED
     assert play.conn.state in (CLOSED, HEAD, RELAY, TUNNEL) or play.to_client == b""
