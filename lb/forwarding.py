@@ -63,37 +63,47 @@ def render_forwarded_request(
         add: headers to add (after the client's).
         backend_host: the Host to send when the client (HTTP/1.0) sent none.
     """
-    headers = _end_to_end(request.head.headers, _request_drop(drop))
-    if rewrite_cookie is not None:
-        rewritten: list[tuple[str, str]] = []
-        for name, value in headers:
-            if name.lower() == "cookie":
-                new_value = rewrite_cookie(value)
-                if new_value is None:
-                    continue
-                value = new_value
-            rewritten.append((name, value))
-        headers = rewritten
+    # One pass over the client's headers (this runs once per handshake): drop what is
+    # hop-by-hop, ours to set, or Connection-listed; rewrite Cookie; render as we go.
+    head = request.head
+    dropped = _request_drop(drop)
+    connection = head.get_all("connection")
+    if connection:
+        listed = {part.strip().lower() for value in connection for part in value.split(",")}
+        listed -= _NEVER_CONNECTION_LISTED
+        if listed - dropped:
+            dropped = dropped | listed
+    lines = [f"{request.method} {target or request.target} HTTP/1.1"]
+    for name, value in head.headers:
+        lowered = name.lower()
+        if lowered in dropped:
+            continue
+        if lowered == "cookie" and rewrite_cookie is not None:
+            new_value = rewrite_cookie(value)
+            if new_value is None:
+                continue
+            value = new_value
+        lines.append(f"{name}: {value}")
     if add:
-        headers.extend(add)
-    prior = request.head.get_all("x-forwarded-for")
-    chain = ", ".join([*prior, client_ip])
-    host = request.head.get("host")
-    headers.append(("X-Forwarded-For", chain))
-    headers.append(("X-Forwarded-Proto", proto))
+        lines.extend(f"{name}: {value}" for name, value in add)
+    prior = head.get_all("x-forwarded-for")
+    lines.append(f"X-Forwarded-For: {', '.join(prior)}, {client_ip}" if prior else f"X-Forwarded-For: {client_ip}")
+    lines.append(f"X-Forwarded-Proto: {proto}")
+    host = head.get("host")
     if host is not None:
-        headers.append(("X-Forwarded-Host", host))
+        lines.append(f"X-Forwarded-Host: {host}")
     else:
         # HTTP/1.0 may omit Host; what we send is HTTP/1.1, which requires one (RFC 9112 §3.2).
-        headers.append(("Host", backend_host))
-    if websocket:
-        headers.append(("Connection", "Upgrade"))
-        headers.append(("Upgrade", "websocket"))
-    else:
-        # One request per backend connection: the end of the response is then
-        # also the end of the connection, and nothing can be smuggled behind it.
-        headers.append(("Connection", "close"))
-    return render_head(f"{request.method} {target or request.target} HTTP/1.1", headers)
+        lines.append(f"Host: {backend_host}")
+    # A WebSocket keeps the upgrade.  Anything else: one request per backend connection,
+    # so the end of the response is also the end of the connection, and nothing can be
+    # smuggled behind it.
+    lines.append(_UPGRADE_LINES if websocket else _CLOSE_LINE)
+    return "\r\n".join(lines).encode("latin-1")
+
+
+_UPGRADE_LINES = "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+_CLOSE_LINE = "Connection: close\r\n\r\n"
 
 
 @functools.lru_cache(maxsize=16)
