@@ -309,7 +309,7 @@ class Connection:
     def client_eof(self, now: float) -> list[Action]:
         """The client will send nothing more.  An answer still on its way is delivered, then we close."""
         self.client_eof_seen = True
-        if self.state in (WAITING, RELAY) and not self._websocket and not self._body_left:
+        if self.state in (CONNECTING, WAITING, RELAY) and not self._websocket and not self._body_left:
             self._keep_alive = False
             return []
         return self._close(abort=False)

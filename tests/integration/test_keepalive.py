@@ -89,3 +89,17 @@ async def test_bad_request_in_a_pipeline_stops_it_there(two: tuple) -> None:  # 
         await close_raw(writer)
     await asyncio.sleep(0.1)
     assert [r.split(b" ")[1] for r in rec_a.requests()] == [b"/a/1"]
+
+
+async def test_half_closed_client_gets_its_answer(two: tuple) -> None:  # type: ignore[type-arg]
+    """Request, then FIN (as `nc` and some HTTP/1.0 tools do): the answer still comes, then the close."""
+    port, rec_a, _, _ = two
+    reader, writer = await open_raw(port)
+    try:
+        writer.write(request("/a/half"))
+        writer.write_eof()
+        answer = await read_response(reader)
+        assert (answer.status, answer.body) == (200, b"A")
+    finally:
+        await close_raw(writer)
+    assert [r.split(b" ")[1] for r in rec_a.requests()] == [b"/a/half"]

@@ -562,6 +562,18 @@ def test_shutdown_lets_a_request_at_a_backend_complete_then_closes() -> None:
     assert play.closed_client == CloseClient() and play.opened == ["a1"]
 
 
+def test_half_closed_client_still_gets_its_answer() -> None:
+    """A client that sends its request and then shuts down its side (nc, HTTP/1.0 tools) is answered."""
+    play = Play()
+    play.client(get("/a/x"))
+    play._apply(play.conn.client_eof(play.now))
+    assert play.closed_client is None
+    play.connected()
+    play.backend(ok())
+    assert play.answer()[0] == 200 and play.answer()[1]["connection"] == "close"
+    assert play.closed_client == CloseClient() and play.connections()["a1"] == 0
+
+
 @pytest.mark.parametrize("stage", ["connecting", "waiting", "relaying"])
 def test_client_eof_mid_request_releases_the_backend(stage: str) -> None:
     """A client that goes away mid-handshake must not leave its backend counted (least_conn would shun it)."""
