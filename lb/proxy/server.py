@@ -65,6 +65,8 @@ class _Upstream(asyncio.Protocol):
         if owner is None:
             transport.close()  # the attempt was given up while it connected
             return
+        if owner.client_full:
+            self.transport.pause_reading()  # the client is not reading: nothing more to pass it yet
         owner.run(owner.core.backend_connected(time.time()))
 
     def connect_done(self, task: asyncio.Task[Any]) -> None:
@@ -110,7 +112,6 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = (
         "_accepted",
-        "_client_full",
         "_connecting",
         "_ctx",
         "_paused",
@@ -120,6 +121,7 @@ class ClientConnection(asyncio.Protocol):
         "_tls_timer",
         "_transport",
         "_upstream",
+        "client_full",
         "core",
     )
 
@@ -143,7 +145,7 @@ class ClientConnection(asyncio.Protocol):
         self._upstream: _Upstream | None = None
         self._connecting: asyncio.Task[Any] | None = None
         self._paused = 0
-        self._client_full = False
+        self.client_full = False
         self.core = Connection(ctx, client_ip="-", tls=tls)
 
     # -- client transport callbacks ------------------------------------------------
@@ -177,13 +179,13 @@ class ClientConnection(asyncio.Protocol):
         self._end()
 
     def pause_writing(self) -> None:
-        self._client_full = True
+        self.client_full = True
         upstream = self._upstream
         if upstream is not None and upstream.transport is not None:
             upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._client_full = False
+        self.client_full = False
         upstream = self._upstream
         if upstream is not None and upstream.transport is not None:
             upstream.transport.resume_reading()
