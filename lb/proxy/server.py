@@ -22,6 +22,7 @@ import contextlib
 import errno
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -107,18 +108,49 @@ class _Upstream(asyncio.Protocol):
             self.owner.resume(_BACKEND_FULL)
 
 
+class _PendingTls:
+    """A TLS connection counted in ctx.handshaking from accept, before its handshake is done.
+
+    Released exactly once: handed over when the handshake completes (connection_made),
+    else when the TLS layer drops our protocol after a failed or timed-out handshake
+    (it never tells the app protocol; `weakref.finalize` sees it go), or at the latest by
+    a timer just after ssl_handshake_timeout.
+    """
+
+    __slots__ = ("counted", "ctx", "finalizer", "timer")
+
+    def __init__(self, owner: ClientConnection, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.counted = True
+        ctx.handshaking += 1
+        self.finalizer = weakref.finalize(owner, self.release)
+        self.timer = asyncio.get_running_loop().call_later(ctx.config.timeouts.handshake + 1.0, self.release)
+
+    def release(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.ctx.handshaking -= 1
+            self.finalizer.detach()
+            self.timer.cancel()
+
+    def hand_over(self) -> None:
+        self.counted = False
+        self.finalizer.detach()
+        self.timer.cancel()
+
+
 class ClientConnection(asyncio.Protocol):
     """One accepted client connection; the core decides, this carries it out."""
 
     __slots__ = (
+        "__weakref__",
         "_accepted",
         "_connecting",
         "_ctx",
         "_paused",
-        "_precounted",
+        "_pending_tls",
         "_timer",
         "_timer_at",
-        "_tls_timer",
         "_transport",
         "_upstream",
         "client_full",
@@ -128,17 +160,12 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, ctx: ProxyContext, tls: bool = False) -> None:
         self._ctx = ctx
         self._accepted = 0.0
-        self._precounted = False
-        self._tls_timer: asyncio.TimerHandle | None = None
+        self._pending_tls: _PendingTls | None = None
         if tls:
             # Called at accept, before the TLS handshake (asyncio and uvloop alike): count the
             # connection from here, and start its timeouts.handshake from here.
             self._accepted = time.time()
-            self._precounted = True
-            ctx.handshaking += 1
-            self._tls_timer = asyncio.get_running_loop().call_later(
-                ctx.config.timeouts.handshake + 1.0, self._tls_expired
-            )
+            self._pending_tls = _PendingTls(self, ctx)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -157,12 +184,11 @@ class ClientConnection(asyncio.Protocol):
         ctx = self._ctx
         tls = self.core.tls
         self.core = Connection(ctx, client_ip=peer[0] if peer else "-", tls=tls)
-        if self._tls_timer is not None:
-            self._tls_timer.cancel()
-            self._tls_timer = None
-        if not self._precounted:
+        if self._pending_tls is not None:
+            self._pending_tls.hand_over()  # counted since accept: _end releases it from now on
+            self._pending_tls = None
+        else:
             ctx.handshaking += 1
-        self._precounted = False
         ctx.in_flight.add(self)
         self.run(self.core.start(self._accepted or time.time()))
 
@@ -189,16 +215,6 @@ class ClientConnection(asyncio.Protocol):
         upstream = self._upstream
         if upstream is not None and upstream.transport is not None:
             upstream.transport.resume_reading()
-
-    # -- TLS -----------------------------------------------------------------------
-
-    def _tls_expired(self) -> None:
-        # The TLS handshake never completed (failed, or cut by ssl_handshake_timeout): no
-        # connection_made will come, so stop counting this connection.
-        self._tls_timer = None
-        if self._transport is None and self._precounted:
-            self._precounted = False
-            self._ctx.handshaking -= 1
 
     # -- actions -------------------------------------------------------------------
 

@@ -155,3 +155,44 @@ async def test_sigterm_answers_handshakes_in_flight(launcher: Launcher, backend:
             with contextlib.suppress(Exception):
                 await close_raw(writer)
     assert lb.proc.wait(timeout=10 * UNIT) == 0
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+async def test_tls_handshakes_in_progress_count_against_max_connections(
+    launcher: Launcher, backend: RecordingBackend, certs: Path, event_loop: str
+) -> None:
+    """Two TLS connections stuck before their handshake fill max_connections: 2; once they go, at once, room again."""
+    backend.delay = 0.0
+    config = lb_config(
+        pools={"p": [backend]},
+        tls=(certs / "server.crt", certs / "server.key"),
+        health=TCP_HEALTH,
+        overrides={
+            "timeouts": {"handshake": "2s"},
+            "limits": {"max_connections": 2},
+            "runtime": {"event_loop": event_loop},
+        },
+    )
+    lb = launcher.balancer(config)
+    assert lb.port is not None and lb.tls_port is not None
+    request = b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    stalled = [await open_raw(lb.tls_port) for _ in range(2)]  # TCP open, TLS never started
+    try:
+        await asyncio.sleep(0.2)
+        refused = await raw_exchange(lb.port, request)
+        assert refused is not None and refused.status == 503 and refused.get("Retry-After"), refused
+    finally:
+        for _, writer in stalled:
+            await close_raw(writer)
+    gone = time.monotonic()
+    # uvloop's TLS layer drops our protocol as soon as the peer goes: counted no longer at once.
+    # asyncio's keeps it in a reference cycle: the count ends at the latest 1 s after the handshake timeout.
+    within = 1.5 if event_loop == "uvloop" else 2.0 + 1.0 + 1.0
+    deadline = gone + within * 2 * UNIT
+    while True:  # once they are gone, the count is back down
+        answer = await raw_exchange(lb.port, request)
+        if answer is not None and answer.status == 200:
+            break
+        assert time.monotonic() < deadline, answer
+        await asyncio.sleep(0.1)
+    assert time.monotonic() - gone < within * UNIT, "the stalled TLS connections stayed counted after they closed"
