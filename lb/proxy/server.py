@@ -151,6 +151,7 @@ class ClientConnection(asyncio.Protocol):
         "_pending_tls",
         "_timer",
         "_timer_at",
+        "_tls",
         "_transport",
         "_upstream",
         "client_full",
@@ -173,7 +174,8 @@ class ClientConnection(asyncio.Protocol):
         self._connecting: asyncio.Task[Any] | None = None
         self._paused = 0
         self.client_full = False
-        self.core = Connection(ctx, client_ip="-", tls=tls)
+        self._tls = tls
+        self.core: Connection  # made in connection_made, once the peer is known
 
     # -- client transport callbacks ------------------------------------------------
 
@@ -182,8 +184,7 @@ class ClientConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         ctx = self._ctx
-        tls = self.core.tls
-        self.core = Connection(ctx, client_ip=peer[0] if peer else "-", tls=tls)
+        self.core = Connection(ctx, client_ip=peer[0] if peer else "-", tls=self._tls)
         if self._pending_tls is not None:
             self._pending_tls.hand_over()  # counted since accept: _end releases it from now on
             self._pending_tls = None
@@ -198,7 +199,7 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self.run(self.core.client_eof(time.time()))
         # Keep our half open while an answer is still on its way (not possible under TLS).
-        return None if self.core.tls or self._transport is None else True
+        return None if self._tls or self._transport is None else True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.run(self.core.client_lost())
