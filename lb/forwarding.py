@@ -73,10 +73,24 @@ def render_forwarded_request(
         listed -= _NEVER_CONNECTION_LISTED
         if listed - dropped:
             dropped = dropped | listed
-    lines = [f"{request.method} {target or request.target} HTTP/1.1"]
+    sent_target = target or request.target
+    host = head.get("host")
+    authority = None
+    if not sent_target.startswith("/") and sent_target != "*":
+        # absolute-form (RFC 9112 §3.2.2): the authority is the Host, whatever Host said,
+        # and an origin server gets origin-form.
+        authority, sent_target = split_absolute_form(sent_target)
+        host = authority
+    lines = [f"{request.method} {sent_target} HTTP/1.1"]
     for name, value in head.headers:
         lowered = name.lower()
         if lowered in dropped:
+            continue
+        if "_" in lowered and lowered.replace("_", "-") in _ALIASED:
+            # X_Forwarded_For reads as X-Forwarded-For to CGI-style backends (nginx with
+            # underscores_in_headers, WSGI's HTTP_X_FORWARDED_FOR): it would forge ours.
+            continue
+        if authority is not None and lowered == "host":
             continue
         if lowered == "cookie" and rewrite_cookie is not None:
             new_value = rewrite_cookie(value)
@@ -89,7 +103,8 @@ def render_forwarded_request(
     prior = head.get_all("x-forwarded-for")
     lines.append(f"X-Forwarded-For: {', '.join(prior)}, {client_ip}" if prior else f"X-Forwarded-For: {client_ip}")
     lines.append(f"X-Forwarded-Proto: {proto}")
-    host = head.get("host")
+    if authority is not None:
+        lines.append(f"Host: {authority}")
     if host is not None:
         lines.append(f"X-Forwarded-Host: {host}")
     else:
@@ -104,6 +119,25 @@ def render_forwarded_request(
 
 _UPGRADE_LINES = "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
 _CLOSE_LINE = "Connection: close\r\n\r\n"
+
+
+# What a client header may not become once `_` is read as `-`: the headers we set.
+_ALIASED = _FORWARDED | {"host", "content-length", "transfer-encoding", "connection", "upgrade"}
+
+
+def split_absolute_form(target: str) -> tuple[str, str]:
+    """`http://host:port/p?q` → ("host:port", "/p?q"); the path is "/" when the target has none."""
+    rest = target.partition("://")[2] if "://" in target else target
+    end = len(rest)
+    for mark in "/?#":
+        found = rest.find(mark)
+        if 0 <= found < end:
+            end = found
+    authority = rest[:end].rpartition("@")[2]  # userinfo is not part of Host (RFC 9110 §4.2.4)
+    path = rest[end:].partition("#")[0]
+    if not path.startswith("/"):
+        path = "/" + path
+    return authority, path
 
 
 @functools.lru_cache(maxsize=16)
