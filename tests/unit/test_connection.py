@@ -9,6 +9,7 @@ without bound.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,14 @@ from lb.context import ProxyContext
 from lb.http_head import parse_response_head
 from lb.proxy.connection import (
     CLOSED,
+    CONNECTING,
     HEAD,
     HELD_LIMIT,
     MAX_INTERIM,
     MAX_RESPONSE_HEAD,
     RELAY,
     TUNNEL,
+    WAITING,
     Action,
     CloseBackend,
     CloseClient,
@@ -640,3 +643,63 @@ def test_hostile_backend_bytes_never_give_a_500(answer: list[bytes]) -> None:
         assert play.connections()["a1"] == 0, "a backend connection stayed counted"
     assert play.connections()["a1"] == 0 or play.conn.state != CLOSED
     assert play.conn.state in (CLOSED, HEAD, RELAY, TUNNEL) or play.to_client == b""
+
+
+def _chunked(body: bytes, sizes: list[int]) -> bytes:
+    out, i = b"", 0
+    for size in sizes:
+        if i >= len(body):
+            break
+        piece = body[i : i + max(size, 1)]
+        out += f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+        i += len(piece)
+    if i < len(body):
+        out += f"{len(body) - i:x}\r\n".encode() + body[i:] + b"\r\n"
+    return out + b"0\r\n\r\n"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bodies=st.lists(
+        st.tuples(st.binary(max_size=40), st.booleans(), st.lists(st.integers(1, 9), max_size=5)),
+        min_size=1,
+        max_size=4,
+    ),
+    cuts=st.lists(st.integers(0, 400), max_size=8),
+)
+def test_pipelined_bodies_reach_their_own_backend_connection_exactly(
+    bodies: list[tuple[bytes, bool, list[int]]], cuts: list[int]
+) -> None:
+    """However a pipeline of requests with bodies is split into reads, each backend connection gets
+    exactly one head and that request's body bytes: nothing of the next request rides along."""
+    wire, expected = b"", []
+    for i, (body, chunked, sizes) in enumerate(bodies):
+        if chunked:
+            framed = _chunked(body, sizes)
+            wire += f"POST /a/{i} HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + framed
+        else:
+            framed = body
+            wire += f"POST /a/{i} HTTP/1.1\r\nHost: h\r\nContent-Length: {len(body)}\r\n\r\n".encode() + framed
+        expected.append((f"/a/{i}".encode(), framed))
+    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    play = Play()
+
+    def serve() -> None:
+        while True:
+            if play.conn.state == CONNECTING:
+                play.connected()
+            elif play.conn.state == WAITING and not play.conn._body_left:  # the request is complete
+                play.backend(ok())
+            else:
+                return
+
+    for start, end in itertools.pairwise(points):
+        play.client(wire[start:end])
+        serve()
+    assert len(play.to_backend) == len(expected)
+    for sent, (path, framed) in zip(play.to_backend, expected, strict=True):
+        head, _, body = sent.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == path
+        assert body == framed
+    assert play.to_client.count(b"HTTP/1.1 200 OK") == len(expected)
+    assert play.conn.state == HEAD and play.connections()["a1"] == 0
