@@ -432,7 +432,11 @@ def install_accept_error_filter(loop: asyncio.AbstractEventLoop) -> None:
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:
-            _accept_errors.report(exc, "accept connections")
+            # Out of descriptors or buffers: one line per interval, whatever ran out.
+            if "accept" in str(context.get("message", "")):
+                _accept_errors.report(exc, "accept connections")
+            else:
+                _local_errors.report(exc, str(context.get("message") or "run"))
             return
         if previous is not None:
             previous(loop, context)
