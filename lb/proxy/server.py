@@ -27,8 +27,11 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from lb.context import ProxyContext
-from lb.proxy.connection import Action as Action
+from lb.forwarding import render_refusal
 from lb.proxy.connection import (
+    CLOSED,
+    RELAY,
+    TUNNEL,
     CloseBackend,
     CloseClient,
     Connection,
@@ -40,6 +43,7 @@ from lb.proxy.connection import (
     SendClient,
     SetTimer,
 )
+from lb.proxy.connection import Action as Action
 from lb.tunnel import Tunnel
 
 log = logging.getLogger("lb.listener")
@@ -68,7 +72,12 @@ class _Upstream(asyncio.Protocol):
             return
         if owner.client_full:
             self.transport.pause_reading()  # the client is not reading: nothing more to pass it yet
-        owner.run(owner.core.backend_connected(time.time()))
+        try:
+            actions = owner.core.backend_connected(time.time())
+        except Exception:
+            owner.internal_error()
+            return
+        owner.run(actions)
 
     def connect_done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
@@ -80,24 +89,44 @@ class _Upstream(asyncio.Protocol):
         if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:
             owner.local_failure(exc)
             return
-        owner.run(owner.core.backend_failed(str(exc) or type(exc).__name__, time.time()))
+        try:
+            actions = owner.core.backend_failed(str(exc) or type(exc).__name__, time.time())
+        except Exception:
+            owner.internal_error()
+            return
+        owner.run(actions)
 
     def data_received(self, data: bytes) -> None:
         owner = self.owner
         if owner is not None:
-            owner.run(owner.core.receive_backend(data, time.time()))
+            try:
+                actions = owner.core.receive_backend(data, time.time())
+            except Exception:
+                owner.internal_error()
+                return
+            owner.run(actions)
 
     def eof_received(self) -> bool | None:
         owner = self.owner
         if owner is not None:
-            owner.run(owner.core.backend_eof(time.time()))
+            try:
+                actions = owner.core.backend_eof(time.time())
+            except Exception:
+                owner.internal_error()
+                return None
+            owner.run(actions)
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         owner = self.owner
         if owner is not None:
             cause = f"connection lost: {exc}" if exc else "backend closed the connection"
-            owner.run(owner.core.backend_failed(cause, time.time()))
+            try:
+                actions = owner.core.backend_failed(cause, time.time())
+            except Exception:
+                owner.internal_error()
+                return
+            owner.run(actions)
 
     def pause_writing(self) -> None:
         if self.owner is not None:
@@ -191,13 +220,28 @@ class ClientConnection(asyncio.Protocol):
         else:
             ctx.handshaking += 1
         ctx.in_flight.add(self)
-        self.run(self.core.start(self._accepted or time.time()))
+        try:
+            actions = self.core.start(self._accepted or time.time())
+        except Exception:
+            self.internal_error()
+            return
+        self.run(actions)
 
     def data_received(self, data: bytes) -> None:
-        self.run(self.core.receive_client(data, time.time()))
+        try:
+            actions = self.core.receive_client(data, time.time())
+        except Exception:
+            self.internal_error()
+            return
+        self.run(actions)
 
     def eof_received(self) -> bool | None:
-        self.run(self.core.client_eof(time.time()))
+        try:
+            actions = self.core.client_eof(time.time())
+        except Exception:
+            self.internal_error()
+            return None
+        self.run(actions)
         # Keep our half open while an answer is still on its way (not possible under TLS).
         return None if self._tls or self._transport is None else True
 
@@ -258,7 +302,12 @@ class ClientConnection(asyncio.Protocol):
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.run(self.core.deadline(time.time()))
+        try:
+            actions = self.core.deadline(time.time())
+        except Exception:
+            self.internal_error()
+            return
+        self.run(actions)
 
     def _open(self, action: OpenBackend) -> None:
         loop = asyncio.get_running_loop()
@@ -275,7 +324,12 @@ class ClientConnection(asyncio.Protocol):
     def local_failure(self, exc: OSError) -> None:
         """The balancer itself is out of descriptors or memory: 503, and no backend is blamed."""
         _local_errors.report(exc)
-        self.run(self.core.local_failure(time.time()))
+        try:
+            actions = self.core.local_failure(time.time())
+        except Exception:
+            self.internal_error()
+            return
+        self.run(actions)
 
     def _drop_upstream(self) -> None:
         upstream = self._upstream
@@ -353,11 +407,32 @@ class ClientConnection(asyncio.Protocol):
         if not ctx.in_flight and ctx.all_in_flight_done is not None:
             ctx.all_in_flight_done.set()
 
+    def internal_error(self) -> None:
+        """A bug in the core: logged with its traceback; the client gets a bare 500 if nothing was sent yet."""
+        core = self.core
+        log.error("internal error on a connection from %s (request %s)", core.client_ip, core.request_id, exc_info=True)
+        self._ctx.stats.rejected[500] += 1
+        answered = core.state in (RELAY, TUNNEL, CLOSED)
+        with contextlib.suppress(Exception):
+            self.run(core.client_lost())  # releases the backend's count
+        core.state = CLOSED
+        self._drop_upstream()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            if not answered:
+                transport.write(render_refusal(500, "Internal Server Error", core.request_id, {}))
+            transport.close()
+
     # -- shutdown ------------------------------------------------------------------
 
     def shutdown(self) -> None:
         """Answer now (503) if nothing reached a backend yet; otherwise let the answer complete."""
-        self.run(self.core.shutdown(time.time()))
+        try:
+            actions = self.core.shutdown(time.time())
+        except Exception:
+            self.internal_error()
+            return
+        self.run(actions)
 
 
 def client_factory(ctx: ProxyContext, tls: bool) -> Callable[[], ClientConnection]:
