@@ -54,7 +54,7 @@ from lb.control import split_limits
 from lb.discovery import DiscoveryManager
 from lb.errors import ConfigError, LbError
 from lb.health import HealthChecker
-from lb.listener import ClientConnection
+from lb.listener import client_factory, install_accept_error_filter, stop_in_flight
 from lb.log import setup_logging
 from lb.metrics import make_registry
 from lb.migration import DEFAULT_MIGRATION_RATE, migrate
@@ -211,12 +211,16 @@ class Balancer:
         except (OSError, ssl.SSLError) as exc:
             raise BindError("TLS", listener.bind, exc) from exc
         tls = ssl_context is not None
+        loop = asyncio.get_running_loop()
+        install_accept_error_filter(loop)
         try:
-            server = await asyncio.get_running_loop().create_server(
-                lambda: ClientConnection(self.ctx, tls),
+            server = await loop.create_server(
+                client_factory(self.ctx, tls),
                 listener.host,
                 listener.port,
                 ssl=ssl_context,
+                # A stalled TLS handshake is closed on time (the connection counts from accept).
+                ssl_handshake_timeout=self.config.timeouts.handshake if tls else None,
                 backlog=listener.backlog,
                 reuse_address=True,
                 # Workers each bind every listener; the kernel spreads connections over them.
@@ -548,6 +552,8 @@ class Balancer:
         self.ctx.accepting = False
         for listening in self._listening:
             listening.server.close()
+        # Handshakes in flight: 503 if not yet at a backend, else their answer completes.
+        await stop_in_flight(self.ctx, timeouts.backend_connect + 1.0)
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self._close_tunnels_spread(timeouts.shutdown_grace)

@@ -189,7 +189,7 @@ class TimeoutsConfig:
 class LimitsConfig:
     max_header_bytes: int = 16384
     max_connections: int = 50000          # client connections at once, all listeners
-    handshake_rate_per_ip: float = 50.0   # handshakes per second per source IP; 0 = off
+    handshake_rate_per_ip: float = 0.0    # handshakes per second per source IP; 0 = off (carrier NAT)
     handshake_burst_per_ip: int = 100
 
 

@@ -24,6 +24,7 @@ from lb.routing import sort_routes
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from lb.proxy.server import ClientConnection
     from lb.tunnel import Tunnel
 
 
@@ -55,6 +56,9 @@ class ProxyContext:
     tunnels: set[Tunnel] = field(default_factory=set)
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
     handshaking: int = 0  # client connections not (yet) handed to a tunnel
+    # The same connections, so that stop() can answer each one (503, or let it complete).
+    in_flight: set[ClientConnection] = field(default_factory=set)
+    all_in_flight_done: asyncio.Event | None = None  # set by the last of them while stop() waits
     accepting: bool = True
     # Latency histograms, backend errors, health checks (lb.observations); survives reloads.
     observations: Observations = field(default_factory=Observations)

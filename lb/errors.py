@@ -13,8 +13,9 @@
     │   ├── TooManyRequests          429 with Retry-After
     │   ├── HeadersTooLarge          431
     │   ├── UnsupportedTransferCoding 501 a transfer coding other than chunked
+    │   ├── RequestTimeout           408 the client did not send its request body in time
     │   ├── NoHealthyBackend         503 with Retry-After
-    │   └── BadGateway               502 no backend could be reached
+    │   └── BadGateway               502 no backend could be reached, or none answered in time and well-formed
     ├── BackendConnectError(OSError) one backend could not be reached (retried elsewhere)
     └── BadProxyHeader(ValueError)   no valid PROXY protocol header: closed without an answer
 """
@@ -128,6 +129,13 @@ class HeadersTooLarge(RequestRejected):
 class BadGateway(RequestRejected):
     status = 502
     reason_phrase = "Bad Gateway"
+
+
+class RequestTimeout(RequestRejected):
+    """The client stopped sending its request body: its own time ran out, not the backend's."""
+
+    status = 408
+    reason_phrase = "Request Timeout"
 
 
 class NoHealthyBackend(RetryLater):

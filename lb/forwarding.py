@@ -63,37 +63,81 @@ def render_forwarded_request(
         add: headers to add (after the client's).
         backend_host: the Host to send when the client (HTTP/1.0) sent none.
     """
-    headers = _end_to_end(request.head.headers, _request_drop(drop))
-    if rewrite_cookie is not None:
-        rewritten: list[tuple[str, str]] = []
-        for name, value in headers:
-            if name.lower() == "cookie":
-                new_value = rewrite_cookie(value)
-                if new_value is None:
-                    continue
-                value = new_value
-            rewritten.append((name, value))
-        headers = rewritten
+    # One pass over the client's headers (this runs once per handshake): drop what is
+    # hop-by-hop, ours to set, or Connection-listed; rewrite Cookie; render as we go.
+    head = request.head
+    dropped = _request_drop(drop)
+    connection = head.get_all("connection")
+    if connection:
+        listed = {part.strip().lower() for value in connection for part in value.split(",")}
+        listed -= _NEVER_CONNECTION_LISTED
+        if listed - dropped:
+            dropped = dropped | listed
+    sent_target = target or request.target
+    host = head.get("host")
+    authority = None
+    if not sent_target.startswith("/") and sent_target != "*":
+        # absolute-form (RFC 9112 §3.2.2): the authority is the Host, whatever Host said,
+        # and an origin server gets origin-form.
+        authority, sent_target = split_absolute_form(sent_target)
+        host = authority
+    lines = [f"{request.method} {sent_target} HTTP/1.1"]
+    for name, value in head.headers:
+        lowered = name.lower()
+        if lowered in dropped:
+            continue
+        if "_" in lowered and lowered.replace("_", "-") in _ALIASED:
+            # X_Forwarded_For reads as X-Forwarded-For to CGI-style backends (nginx with
+            # underscores_in_headers, WSGI's HTTP_X_FORWARDED_FOR): it would forge ours.
+            continue
+        if authority is not None and lowered == "host":
+            continue
+        if lowered == "cookie" and rewrite_cookie is not None:
+            new_value = rewrite_cookie(value)
+            if new_value is None:
+                continue
+            value = new_value
+        lines.append(f"{name}: {value}")
     if add:
-        headers.extend(add)
-    prior = request.head.get_all("x-forwarded-for")
-    chain = ", ".join([*prior, client_ip])
-    host = request.head.get("host")
-    headers.append(("X-Forwarded-For", chain))
-    headers.append(("X-Forwarded-Proto", proto))
+        lines.extend(f"{name}: {value}" for name, value in add)
+    prior = head.get_all("x-forwarded-for")
+    lines.append(f"X-Forwarded-For: {', '.join(prior)}, {client_ip}" if prior else f"X-Forwarded-For: {client_ip}")
+    lines.append(f"X-Forwarded-Proto: {proto}")
+    if authority is not None:
+        lines.append(f"Host: {authority}")
     if host is not None:
-        headers.append(("X-Forwarded-Host", host))
+        lines.append(f"X-Forwarded-Host: {host}")
     else:
         # HTTP/1.0 may omit Host; what we send is HTTP/1.1, which requires one (RFC 9112 §3.2).
-        headers.append(("Host", backend_host))
-    if websocket:
-        headers.append(("Connection", "Upgrade"))
-        headers.append(("Upgrade", "websocket"))
-    else:
-        # One request per backend connection: the end of the response is then
-        # also the end of the connection, and nothing can be smuggled behind it.
-        headers.append(("Connection", "close"))
-    return render_head(f"{request.method} {target or request.target} HTTP/1.1", headers)
+        lines.append(f"Host: {backend_host}")
+    # A WebSocket keeps the upgrade.  Anything else: one request per backend connection,
+    # so the end of the response is also the end of the connection, and nothing can be
+    # smuggled behind it.
+    lines.append(_UPGRADE_LINES if websocket else _CLOSE_LINE)
+    return "\r\n".join(lines).encode("latin-1")
+
+
+_UPGRADE_LINES = "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+_CLOSE_LINE = "Connection: close\r\n\r\n"
+
+
+# What a client header may not become once `_` is read as `-`: the headers we set.
+_ALIASED = _FORWARDED | {"host", "content-length", "transfer-encoding", "connection", "upgrade"}
+
+
+def split_absolute_form(target: str) -> tuple[str, str]:
+    """`http://host:port/p?q` → ("host:port", "/p?q"); the path is "/" when the target has none."""
+    rest = target.partition("://")[2] if "://" in target else target
+    end = len(rest)
+    for mark in "/?#":
+        found = rest.find(mark)
+        if 0 <= found < end:
+            end = found
+    authority = rest[:end].rpartition("@")[2]  # userinfo is not part of Host (RFC 9110 §4.2.4)
+    path = rest[end:].partition("#")[0]
+    if not path.startswith("/"):
+        path = "/" + path
+    return authority, path
 
 
 @functools.lru_cache(maxsize=16)
@@ -124,18 +168,21 @@ def render_client_response(
     set_cookies: list[str],
     extra: list[tuple[str, str]],
     rewrite_set_cookie: Callable[[str], str] | None = None,
+    keep_alive: bool = False,
 ) -> bytes:
     """The response head the client receives: the backend's, plus our cookie.
 
     A 101 keeps its Connection/Upgrade headers (they are the switch); any other
-    answer is the last on this client connection, so it says Connection: close.
+    answer says Connection: close unless `keep_alive` (the client connection then
+    carries the next request; HTTP/1.1 is persistent by default, so nothing is added).
     `rewrite_set_cookie` is applied to each of the backend's Set-Cookie values.
     """
     if switching:
         headers = list(response.head.headers)
     else:
         headers = _end_to_end(response.head.headers, HOP_BY_HOP)
-        headers.append(("Connection", "close"))
+        if not keep_alive:
+            headers.append(("Connection", "close"))
     if rewrite_set_cookie is not None:
         headers = [
             (name, rewrite_set_cookie(value) if name.lower() == "set-cookie" else value)
@@ -153,6 +200,23 @@ def render_error(status: int, reason_phrase: str, message: str, headers: dict[st
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Length", str(len(body))),
         ("Connection", "close"),
+        *headers.items(),
+    ]
+    return render_head(f"HTTP/1.1 {status} {reason_phrase}", all_headers) + body
+
+
+def render_refusal(status: int, reason_phrase: str, request_id: str, headers: dict[str, str]) -> bytes:
+    """An answer of our own: the status, its fixed reason and the request id the access log also carries.
+
+    The body names no backend, pool, address or anything the client sent: the
+    details of why are in the log line with the same request id.
+    """
+    body = f"{status} {reason_phrase}\nrequest id: {request_id}\n".encode("ascii")
+    all_headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+        ("X-Request-Id", request_id),
         *headers.items(),
     ]
     return render_head(f"HTTP/1.1 {status} {reason_phrase}", all_headers) + body

@@ -7,7 +7,7 @@ even when the backend keeps its own side alive.
 
 from __future__ import annotations
 
-from lb.http_head import ResponseHead
+from lb.http_head import RequestHead, ResponseHead
 
 _SIZE, _SIZE_LF, _DATA, _DATA_CR, _DATA_LF, _TRAILER, _TRAILER_LF, _DONE = range(8)
 
@@ -28,6 +28,11 @@ class BodyFramer:
     @property
     def done(self) -> bool:
         return self._state == _DONE
+
+    @property
+    def until_eof(self) -> bool:
+        """The body ends when the sender closes: its connection cannot carry another message."""
+        return self._until_eof
 
     def feed(self, data: bytes) -> int | None:
         """Consume `data`; return how many of its bytes complete the body, or None if it goes on.
@@ -113,3 +118,17 @@ def response_framer(response: ResponseHead, *, request_method: str) -> BodyFrame
     if length is not None:
         return BodyFramer(length=int(length.split(",")[0]), chunked=False)
     return BodyFramer(length=None, chunked=False)
+
+
+def request_framer(request: RequestHead) -> BodyFramer:
+    """How the body of `request` is delimited (RFC 9112 §6.3, rules 4-6): chunked, a length, or none.
+
+    A request never runs until the connection closes: without framing headers its body is empty,
+    and what follows the head is the next request.
+    """
+    if request.head.get_all("transfer-encoding"):
+        return BodyFramer(length=None, chunked=True)
+    length = request.head.get("content-length")
+    if length is not None:
+        return BodyFramer(length=int(length.split(",")[0]), chunked=False)
+    return BodyFramer(length=0, chunked=False)

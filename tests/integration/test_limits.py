@@ -233,6 +233,10 @@ async def test_json_access_log_has_request_and_tunnel_closed_events(
     closed = [e for e in entries if e.get("event") == "tunnel_closed" and e.get("backend") == v.server_id]
     assert closed, entries
     assert int(closed[0]["bytes_in"]) > 0 and int(closed[0]["bytes_out"]) > 0, closed[0]
+    # One request id per handshake, on its request line and on the close line of the tunnel it opened.
+    ids = [e.get("request_id") for e in requests]
+    assert all(ids) and len(set(ids)) == len(ids), requests
+    assert closed[0]["request_id"] == ws_request["request_id"], (closed[0], ws_request)
     assert all("level" in e and "message" in e for e in entries)
     text = lb.log_text()
     assert token not in text, "an affinity token was written to the log"

@@ -11,6 +11,8 @@ from lb.forwarding import (
     render_client_response,
     render_error,
     render_forwarded_request,
+    render_refusal,
+    split_absolute_form,
 )
 from lb.http_head import RequestHead, parse_request_head, parse_response_head
 
@@ -274,3 +276,43 @@ def test_render_error_counts_utf8_bytes() -> None:
     head, _, body = out.partition(b"\r\n\r\n")
     assert body == "caf\u00e9\n".encode()
     assert parse_response_head(head + b"\r\n\r\n").head.get("content-length") == str(len(body))
+
+
+@pytest.mark.parametrize(
+    "name", ["X_Forwarded_For", "x_forwarded_proto", "X-Forwarded_Host", "Transfer_Encoding", "Content_Length"]
+)
+def test_underscore_aliases_of_our_headers_are_dropped(name: str) -> None:
+    """CGI-style backends read `_` as `-`: a client's X_Forwarded_For would forge the real one."""
+    out = forwarded(request("Host: a", f"{name}: 6.6.6.6", "X_Other_Thing: kept"))
+    assert name.lower() not in names(out)
+    assert "x_other_thing" in names(out)
+    assert out.head.get_all("x-forwarded-for") == ["203.0.113.7"]
+
+
+@pytest.mark.parametrize(
+    ("target", "authority", "origin"),
+    [
+        ("http://example.com/ws?a=1", "example.com", "/ws?a=1"),
+        ("https://example.com:8443", "example.com:8443", "/"),
+        ("http://user@example.com/x#frag", "example.com", "/x"),
+        ("http://example.com?q", "example.com", "/?q"),
+    ],
+)
+def test_split_absolute_form(target: str, authority: str, origin: str) -> None:
+    assert split_absolute_form(target) == (authority, origin)
+
+
+def test_absolute_form_goes_out_in_origin_form_with_host_from_its_authority() -> None:
+    out = forwarded(request("Host: other.example", start="GET http://game.example/ws?x=1 HTTP/1.1"))
+    assert out.target == "/ws?x=1"
+    assert out.head.get_all("host") == ["game.example"]
+    assert out.head.get("x-forwarded-host") == "game.example"
+
+
+def test_refusal_names_status_reason_and_request_id_only() -> None:
+    out = render_refusal(502, "Bad Gateway", "abc123", {})
+    head, _, body = out.partition(b"\r\n\r\n")
+    parsed = parse_response_head(head + b"\r\n\r\n")
+    assert (parsed.status, parsed.head.get("x-request-id"), parsed.head.get("connection")) == (502, "abc123", "close")
+    assert body == b"502 Bad Gateway\nrequest id: abc123\n"
+    assert parsed.head.get("content-length") == str(len(body))

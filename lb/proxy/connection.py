@@ -1,0 +1,839 @@
+"""One client connection as a sans-I/O state machine: events in, actions out.  [pure]
+
+In the manner of h11's `Connection` and websockets' `ServerProtocol`, nothing
+here touches a socket, a clock or the event loop.  The shell (`lb.proxy.server`)
+feeds it events with the current time and carries out the actions it returns:
+
+    events:  receive_client(data, now)   client_eof(now)      client_lost()
+             backend_connected(now)      backend_failed(cause, now)
+             receive_backend(data, now)  backend_eof(now)      deadline(now)
+             shutdown(now)
+    actions: SendClient  SendBackend  OpenBackend  CloseBackend  CloseClient
+             PauseClient  ResumeClient  SetTimer  JoinTunnel
+
+States, one request at a time on a keep-alive client connection:
+
+    HEAD ──head──▶ CONNECTING ──connected──▶ WAITING ──final answer──▶ RELAY ──body done──▶ HEAD
+      │                 │  ▲                    │  │                                          (or close)
+      │                 └──┴─ failed: retry ◀───┘  └── 101 to an upgrade ──▶ TUNNEL (Tunnel.join)
+      └── rejected: our own answer, then CLOSED
+
+Why it is shaped this way (each is a smuggling or memory bug of the await chain it replaces):
+- Only bytes that belong to the current request's body (framed by Content-Length
+  or chunked) go to the backend.  Anything after them is the next request and
+  stays in the buffer until it is parsed and routed on its own.  Behind an
+  Upgrade nothing is sent before the backend switches: a refused upgrade is an
+  ordinary answer, and what follows it is the next request.
+- The client buffer is bounded: past `HELD_LIMIT` bytes reading pauses, and it
+  resumes only when the buffer has room again.  Backend answer heads are bounded
+  by `MAX_RESPONSE_HEAD`, interim (1xx) answers by `MAX_INTERIM` per request.
+- One deadline per phase: `timeouts.handshake` for the head (and for each
+  quiet spell of an upload: the client's time), `timeouts.backend_connect` for
+  connect plus final answer (interim answers do not extend it).
+- A backend that refuses, resets, stays silent or answers garbage counts as a
+  failed health check and the request goes to another backend when that is
+  safe; otherwise the client gets 502 (also after a timeout), never a 500.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lb.access_log import log_request
+from lb.affinity import Decision, decide
+from lb.affinity_http import TokenLookup, find_token, plan_forward, rewrite_response_cookies
+from lb.affinity_token import NONCE_BYTES, SESSION_BYTES, Claim
+from lb.config import AffinityMode, SecureMode
+from lb.context import ProxyContext
+from lb.cookies import render_set_cookie
+from lb.errors import (
+    BadGateway,
+    NoHealthyBackend,
+    NoRoute,
+    RequestRejected,
+    RequestTimeout,
+    TooManyRequests,
+)
+from lb.forwarding import render_client_response, render_forwarded_request, render_refusal
+from lb.framing import BodyFramer, request_framer, response_framer
+from lb.handshake import check_upgrade, is_websocket_upgrade
+from lb.http_head import HEAD_END, RequestHead, ResponseHead, find_head_end, parse_request_head, parse_response_head
+from lb.pool import BackendStatus, PoolState
+from lb.routing import match_route
+
+log = logging.getLogger("lb.listener")
+
+# Client bytes held while they may not go anywhere yet (behind a head whose answer
+# is awaited, or the next pipelined request): past this, reading pauses.
+HELD_LIMIT = 65536
+MAX_RESPONSE_HEAD = 65536
+MAX_INTERIM = 8  # 1xx answers per request: a backend that sends more is broken
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+
+HEAD, CONNECTING, WAITING, RELAY, TUNNEL, CLOSED = range(6)
+STATE_NAMES = ("HEAD", "CONNECTING", "WAITING", "RELAY", "TUNNEL", "CLOSED")
+
+
+# -- actions -------------------------------------------------------------------
+
+
+class Action:
+    """Something the shell must do; the core never does I/O itself."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SendClient(Action):
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendBackend(Action):
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OpenBackend(Action):
+    """Connect to this backend; answer with backend_connected or backend_failed."""
+
+    host: str
+    port: int
+    backend_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloseBackend(Action):
+    """Drop the backend connection (or the attempt to make one); its bytes are of no more use."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseClient(Action):
+    """Close the client connection after what was sent is flushed (`abort`: at once, unflushed)."""
+
+    abort: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PauseClient(Action):
+    """Stop reading from the client: the held bytes reached `HELD_LIMIT`."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeClient(Action):
+    """The held bytes have room again."""
+
+
+@dataclass(frozen=True, slots=True)
+class SetTimer(Action):
+    """Call `deadline` at time `at` (same clock as `now`); None cancels.  One timer per connection."""
+
+    at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class JoinTunnel(Action):
+    """The backend switched protocols: relay both ways from here (`lb.tunnel.Tunnel.join`)."""
+
+    backend: BackendStatus
+    pool: str
+    to_server: bytes  # what the client sent behind its head, held until now
+    to_client: bytes  # what the backend sent behind its 101
+    request_id: str = "-"
+    backend_closed: bool = False
+
+
+_CLOSE_BACKEND = CloseBackend()
+_CLOSE_CLIENT = CloseClient()
+_ABORT_CLIENT = CloseClient(abort=True)
+_PAUSE = PauseClient()
+_RESUME = ResumeClient()
+_NO_TIMER = SetTimer(None)
+
+
+# -- request ids -----------------------------------------------------------------
+
+_ID_PREFIX = os.urandom(4).hex()
+_ids = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """Unique per process and cheap: a random per-process prefix and a counter, in hex."""
+    return f"{_ID_PREFIX}{next(_ids):x}"
+
+
+def token_digest(token: str) -> str:
+    """What logs may say about a token (never the token itself)."""
+    return hashlib.sha256(token.encode()).hexdigest()[:8]
+
+
+class _Failure(Exception):
+    """A backend attempt that failed: why, and whether time ran out."""
+
+    def __init__(self, cause: str, *, timeout: bool = False) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.timeout = timeout
+
+
+# -- the state machine ---------------------------------------------------------------
+
+
+class Connection:
+    """The data plane of one client connection, from accept to tunnel or close."""
+
+    __slots__ = (
+        "_answer_buf",
+        "_body_left",
+        "_buf",
+        "_claim",
+        "_client_ip",
+        "_ctx",
+        "_decision",
+        "_interim",
+        "_keep_alive",
+        "_last_client",
+        "_lookup",
+        "_paused",
+        "_pool",
+        "_random",
+        "_request",
+        "_request_framer",
+        "_response_framer",
+        "_retriable",
+        "_rid",
+        "_scan",
+        "_sent",
+        "_started",
+        "_tls",
+        "_tried",
+        "_wall",
+        "_websocket",
+        "client_eof_seen",
+        "state",
+    )
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        *,
+        client_ip: str,
+        tls: bool,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self._ctx = ctx
+        self._client_ip = client_ip
+        self._tls = tls
+        self._random = random
+        self.state = HEAD
+        self.client_eof_seen = False
+        self._buf = bytearray()  # client bytes not yet consumed
+        self._scan = 0  # where the search for the end of the head resumes
+        self._paused = False
+        self._started = False  # a request of this connection was parsed (keep-alive idle otherwise)
+        self._reset_request()
+
+    def _reset_request(self) -> None:
+        self._request: RequestHead | None = None
+        self._rid = "-"
+        self._pool: PoolState | None = None
+        self._lookup: TokenLookup | None = None
+        self._claim: Claim | None = None
+        self._decision: Decision | None = None  # set while a backend connection is counted
+        self._tried: list[str] = []
+        self._websocket = False
+        self._retriable = False
+        self._keep_alive = False
+        self._sent = False  # some of the request reached the current backend
+        self._body_left = False  # request body bytes still to come from the client
+        self._request_framer: BodyFramer | None = None
+        self._response_framer: BodyFramer | None = None
+        self._answer_buf = bytearray()
+        self._interim = 0
+        self._last_client = 0.0
+        self._wall = 0.0
+
+    @property
+    def request_id(self) -> str:
+        return self._rid
+
+    @property
+    def client_ip(self) -> str:
+        return self._client_ip
+
+    @property
+    def tls(self) -> bool:
+        return self._tls
+
+    @property
+    def closed(self) -> bool:
+        return self.state == CLOSED
+
+    @property
+    def reached_backend(self) -> bool:
+        """The current request was (at least partly) sent to a backend."""
+        return self._sent
+
+    # -- events --------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """The connection was accepted (the shell has counted it in ctx.handshaking)."""
+        ctx = self._ctx
+        if ctx.handshaking + len(ctx.tunnels) > ctx.config.limits.max_connections:
+            return self._refuse(NoHealthyBackend("too many connections"), now)
+        return [SetTimer(now + ctx.config.timeouts.handshake)]
+
+    def receive_client(self, data: bytes, now: float) -> list[Action]:
+        state = self.state
+        if state == HEAD:
+            self._buf += data
+            return self._read_head(now)
+        if state in (CLOSED, TUNNEL):
+            return []
+        if self._body_left and self._sent and not self._buf:
+            # Streaming the request body: straight through, up to the end of the body.
+            self._last_client = now
+            return self._send_body(data, now)
+        self._buf += data
+        if not self._paused and len(self._buf) > HELD_LIMIT:
+            self._paused = True
+            return [_PAUSE]
+        return []
+
+    def client_eof(self, now: float) -> list[Action]:
+        """The client will send nothing more.  An answer still on its way is delivered, then we close."""
+        self.client_eof_seen = True
+        if self.state in (CONNECTING, WAITING, RELAY) and not self._websocket and not self._body_left:
+            self._keep_alive = False
+            return []
+        return self._close(abort=False)
+
+    def client_lost(self) -> list[Action]:
+        """The client connection is gone: release what this request holds."""
+        if self.state in (CLOSED, TUNNEL):
+            return []
+        actions = self._release_backend()
+        self.state = CLOSED
+        return actions
+
+    def backend_connected(self, now: float) -> list[Action]:
+        if self.state != CONNECTING:
+            return []
+        assert self._request is not None and self._decision is not None
+        self.state = WAITING
+        self._sent = True
+        actions: list[Action] = [SendBackend(self._forwarded_head())]
+        if self._body_left:
+            self._last_client = now
+            if self._buf:
+                data = bytes(self._buf)
+                self._buf.clear()
+                actions += self._send_body(data, now)
+                actions += self._maybe_resume()
+            if self._body_left and self.state == WAITING:
+                # Uploading: the client's time, counted from its last byte.
+                actions.append(SetTimer(now + self._ctx.config.timeouts.handshake))
+        return actions
+
+    def backend_failed(self, cause: str, now: float) -> list[Action]:
+        """The connection to the backend failed or was lost."""
+        if self.state in (CONNECTING, WAITING):
+            return self._retry_or_fail(_Failure(cause), now)
+        if self.state == RELAY:
+            return self._backend_gone(now)
+        return []
+
+    def backend_eof(self, now: float) -> list[Action]:
+        if self.state == WAITING:
+            return self._retry_or_fail(_Failure("closed the connection before answering"), now)
+        if self.state == RELAY:
+            return self._backend_gone(now)
+        return []
+
+    def receive_backend(self, data: bytes, now: float) -> list[Action]:
+        if self.state == RELAY:
+            return self._relay(data, now)
+        if self.state != WAITING:
+            return []
+        self._answer_buf += data
+        try:
+            return self._read_answer(now)
+        except _Failure as failure:
+            return self._retry_or_fail(failure, now)
+
+    def deadline(self, now: float) -> list[Action]:
+        """The timer set by the last SetTimer fired."""
+        state = self.state
+        timeouts = self._ctx.config.timeouts
+        if state == HEAD:
+            # A head that does not arrive in time (slowloris), or a keep-alive connection gone idle.
+            log.debug("closing %s: no complete request head in time", self._client_ip)
+            return self._close(abort=False)
+        if state == WAITING and self._body_left:
+            quiet_until = self._last_client + timeouts.handshake
+            if now < quiet_until:
+                return [SetTimer(quiet_until)]
+            # The client stopped uploading: its fault, so passive health does not hear of it.
+            actions = self._release_backend()
+            return actions + self._refuse(RequestTimeout("request body not received in time"), now)
+        if state in (CONNECTING, WAITING):
+            return self._retry_or_fail(_Failure(f"no answer within {timeouts.backend_connect:g}s", timeout=True), now)
+        if state == RELAY:
+            log.debug("closing %s: response body idle for %gs", self._client_ip, timeouts.idle)
+            actions = self._release_backend()
+            return actions + self._close(abort=True)
+        return []
+
+    def shutdown(self, now: float) -> list[Action]:
+        """The balancer stops: a request that has not reached a backend gets 503, the others complete."""
+        state = self.state
+        if state == HEAD:
+            if not self._buf:
+                return self._close(abort=False)  # idle between requests: nothing is lost
+            return self._refuse(NoHealthyBackend("balancer is shutting down"), now)
+        if state == CONNECTING:
+            actions = self._release_backend()
+            return actions + self._refuse(NoHealthyBackend("balancer is shutting down"), now)
+        self._keep_alive = False  # WAITING or RELAY: the answer comes, then the connection closes
+        return []
+
+    def local_failure(self, now: float) -> list[Action]:
+        """The balancer could not open a backend connection for lack of its own descriptors or memory.
+
+        503 with Retry-After; no backend is blamed (passive health does not hear of it).
+        """
+        if self.state != CONNECTING:
+            return []
+        actions = self._release_backend()
+        return actions + self._refuse(NoHealthyBackend("balancer out of resources"), now)
+
+    # -- head and dispatch ------------------------------------------------------------
+
+    def _read_head(self, now: float) -> list[Action]:
+        buf = self._buf
+        limit = self._ctx.config.limits.max_header_bytes
+        # Incremental: only the new bytes (and 3 before them) are searched for the blank line.
+        if buf.find(HEAD_END, max(0, self._scan - 3)) < 0:
+            self._scan = len(buf)
+            if len(buf) < limit:
+                return []
+        try:
+            end = find_head_end(buf, limit)
+            if end < 0:
+                return []
+            raw = bytes(buf[:end])
+            del buf[:end]
+            self._scan = 0
+            request = parse_request_head(raw)
+        except RequestRejected as exc:
+            return self._refuse(exc, now)
+        return self._dispatch(request, now)
+
+    def _dispatch(self, request: RequestHead, now: float) -> list[Action]:
+        ctx = self._ctx
+        self._request = request
+        self._rid = new_request_id()
+        self._started = True
+        self._wall = now
+        try:
+            if not ctx.accepting:
+                raise NoHealthyBackend("balancer is shutting down")
+            route = match_route(ctx.routes, request.path)
+            if route is None:
+                raise NoRoute("no route for the path")
+            websocket = is_websocket_upgrade(request)
+            if websocket:
+                check_upgrade(request)
+            wait = ctx.rate_limiter.check(self._client_ip, now)
+            if wait:
+                raise TooManyRequests("too many handshakes from this address", retry_after=math.ceil(wait))
+            pool = ctx.pools[route.pool]
+            decision = self._first_decision(request, pool, now)
+        except RequestRejected as exc:
+            return self._refuse(exc, now)
+        framer = request_framer(request)
+        self._pool = pool
+        self._websocket = websocket
+        self._request_framer = framer
+        self._body_left = not framer.done
+        self._retriable = websocket or (request.method in _IDEMPOTENT and framer.done)
+        self._keep_alive = request.version == "HTTP/1.1" and not request.head.has_token("connection", "close")
+        return self._open(decision, now)
+
+    def _first_decision(self, request: RequestHead, pool: PoolState, now: float) -> Decision:
+        affinity = self._ctx.config.affinity
+        lookup = find_token(request, affinity, self._ctx.codec, now)
+        stats = self._ctx.stats
+        for token, reason in lookup.rejected.items():
+            stats.invalid_tokens[reason] += 1
+            log.debug("ignoring affinity token %s from %s: %s", token_digest(token), self._client_ip, reason)
+        claim = lookup.claim
+        decision = decide(
+            claim.backend_id if claim else None,
+            pool,
+            session=claim.session if claim else None,
+            token_invalid=bool(lookup.rejected),
+            refresh=(
+                claim is not None
+                and affinity.mode is AffinityMode.INSERT
+                and now - claim.issued_at > affinity.max_age / 2
+            ),
+            now=now,
+            grace=affinity.redispatch_grace,
+        )
+        if claim is not None and decision.reason == "invalid":
+            stats.invalid_tokens["unknown_backend"] += 1
+        self._lookup = lookup
+        self._claim = claim
+        return decision
+
+    def _open(self, decision: Decision, now: float) -> list[Action]:
+        backend = decision.backend
+        backend.connections += 1  # in-flight handshakes count for least_conn
+        self._decision = decision
+        self._sent = False
+        self._answer_buf.clear()
+        self._interim = 0
+        self.state = CONNECTING
+        config = backend.config
+        return [
+            OpenBackend(config.host, config.port, config.id),
+            SetTimer(now + self._ctx.config.timeouts.backend_connect),
+        ]
+
+    def _forwarded_head(self) -> bytes:
+        request, lookup, decision = self._request, self._lookup, self._decision
+        assert request is not None and lookup is not None and decision is not None
+        claim = lookup.claim
+        plan = plan_forward(
+            request,
+            self._ctx.config.affinity,
+            lookup,
+            to_claimed=claim is not None and decision.backend.id == claim.backend_id,
+        )
+        return render_forwarded_request(
+            request,
+            client_ip=self._client_ip,
+            proto="https" if self._tls else "http",
+            websocket=self._websocket,
+            rewrite_cookie=plan.rewrite_cookie,
+            drop=plan.drop,
+            target=plan.target,
+            add=plan.add,
+            backend_host=decision.backend.config.address,
+        )
+
+    # -- request body -----------------------------------------------------------------
+
+    def _send_body(self, data: bytes, now: float) -> list[Action]:
+        """Forward what belongs to the request body; hold what follows it (the next request)."""
+        framer = self._request_framer
+        assert framer is not None
+        try:
+            end = framer.feed(data)
+        except ValueError:
+            released = self._release_backend()
+            return released + self._refuse(RequestRejected("malformed chunked request body"), now)
+        if end is None:
+            return [SendBackend(data)]
+        self._body_left = False
+        actions: list[Action] = [SendBackend(data[:end])] if end else []
+        if end < len(data):
+            self._buf += data[end:]
+            if not self._paused and len(self._buf) > HELD_LIMIT:
+                self._paused = True
+                actions.append(_PAUSE)
+        if self.state == WAITING:
+            # The whole request is out: from here on the wait is the backend's.
+            actions.append(SetTimer(now + self._ctx.config.timeouts.backend_connect))
+        return actions
+
+    def _maybe_resume(self) -> list[Action]:
+        if self._paused and len(self._buf) <= HELD_LIMIT:
+            self._paused = False
+            return [_RESUME]
+        return []
+
+    # -- the backend's answer ---------------------------------------------------------------
+
+    def _read_answer(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        buf = self._answer_buf
+        while True:
+            end = buf.find(HEAD_END, 0, MAX_RESPONSE_HEAD)
+            if end < 0:
+                if len(buf) >= MAX_RESPONSE_HEAD:
+                    raise _Failure("answer head too large")
+                return actions
+            raw = bytes(buf[: end + len(HEAD_END)])
+            del buf[: end + len(HEAD_END)]
+            try:
+                response = parse_response_head(raw)
+            except RequestRejected as exc:
+                raise _Failure(f"malformed answer: {exc}") from None
+            status = response.status
+            if status < 100 or status > 599:
+                raise _Failure(f"malformed answer: status {status:03d}")
+            if status < 200 and status != 101:
+                # Interim (100 Continue, 103 Early Hints): passed on; they do not extend the deadline.
+                self._interim += 1
+                if self._interim > MAX_INTERIM:
+                    raise _Failure("too many interim answers")
+                actions.append(SendClient(render_client_response(response, switching=True, set_cookies=[], extra=[])))
+                continue
+            if status == 101:
+                if not self._websocket:
+                    raise _Failure("switched protocols without being asked to")
+                return actions + self._switch(response, now)
+            return actions + self._answer(response, now)
+
+    def _switch(self, response: ResponseHead, now: float) -> list[Action]:
+        decision, pool = self._decision, self._pool
+        assert decision is not None and pool is not None and self._request is not None
+        head = self._client_head(response, switching=True)
+        self._count("switched")
+        self._log(response.status)
+        to_server = bytes(self._buf)
+        self._buf.clear()
+        to_client = bytes(self._answer_buf)
+        self._answer_buf.clear()
+        self._decision = None  # the tunnel releases the backend's count from here on
+        self.state = TUNNEL
+        return [
+            SendClient(head),
+            _NO_TIMER,
+            JoinTunnel(decision.backend, pool.name, to_server, to_client, self._rid),
+        ]
+
+    def _answer(self, response: ResponseHead, now: float) -> list[Action]:
+        request = self._request
+        assert request is not None
+        framer = response_framer(response, request_method=request.method)
+        keep = (
+            self._keep_alive
+            and not framer.until_eof
+            and not self._body_left
+            and not self.client_eof_seen
+            and self._ctx.accepting
+        )
+        self._keep_alive = keep
+        self._count("refused" if self._websocket else "answered")
+        self._log(response.status)
+        self._response_framer = framer
+        self.state = RELAY
+        idle = self._ctx.config.timeouts.idle
+        actions: list[Action] = [
+            SendClient(self._client_head(response, switching=False, keep_alive=keep)),
+            SetTimer(now + idle if idle > 0 else None),
+        ]
+        if self._answer_buf:
+            rest = bytes(self._answer_buf)
+            self._answer_buf.clear()
+            actions += self._relay(rest, now)
+        elif framer.done:
+            actions += self._finish(now)
+        return actions
+
+    def _relay(self, data: bytes, now: float) -> list[Action]:
+        framer = self._response_framer
+        assert framer is not None
+        try:
+            end = framer.feed(data)
+        except ValueError:
+            decision = self._decision
+            log.warning(
+                "malformed chunked body from backend %s; closing (request %s)",
+                decision.backend.id if decision else "-",
+                self._rid,
+            )
+            return self._release_backend() + self._close(abort=True)
+        if end is None:
+            return [SendClient(data)]
+        actions: list[Action] = [SendClient(data[:end])] if end else []
+        # Anything behind the body is not ours to relay (we asked for Connection: close).
+        return actions + self._finish(now)
+
+    def _finish(self, now: float) -> list[Action]:
+        """The answer is complete: on to the next request, or close."""
+        actions = self._release_backend()
+        if not self._keep_alive:
+            return actions + self._close(abort=False)
+        self._reset_request()
+        self.state = HEAD
+        actions.append(SetTimer(now + self._ctx.config.timeouts.handshake))
+        actions += self._maybe_resume()
+        if self._buf:
+            actions += self._read_head(now)
+        return actions
+
+    def _backend_gone(self, now: float) -> list[Action]:
+        """The backend closed while its answer's body was being relayed."""
+        framer = self._response_framer
+        if framer is not None and framer.until_eof:
+            return self._finish(now)  # that is how this body ends; keep_alive is already off
+        decision = self._decision
+        log.warning(
+            "backend %s closed before its answer was complete (request %s)",
+            decision.backend.id if decision else "-",
+            self._rid,
+        )
+        return self._release_backend() + self._close(abort=False)
+
+    # -- failures -------------------------------------------------------------------
+
+    def _retry_or_fail(self, failure: _Failure, now: float) -> list[Action]:
+        decision, pool = self._decision, self._pool
+        assert decision is not None and pool is not None
+        backend = decision.backend
+        ctx = self._ctx
+        actions = self._release_backend()
+        ctx.stats.handshakes[(pool.name, backend.id, "connect_failed")] += 1
+        log.warning(
+            "backend %s at %s failed request %s: %s",
+            backend.id,
+            backend.config.address,
+            self._rid,
+            failure.cause,
+        )
+        # A backend that fails a handshake counts as a failed health check (passive health).
+        ctx.on_backend_failure(pool.name, backend.id, f"handshake failed: {failure.cause}")
+        # 502 also after a timeout: SPEC's "a backend that cannot be reached → 502", and the
+        # log line (with the request id) says it was silence.
+        last = BadGateway("no backend answered in time" if failure.timeout else "no backend could be reached")
+        if self._sent and not self._retriable:
+            return actions + self._refuse(last, now)
+        self._tried.append(backend.id)
+        claim = self._claim
+        try:
+            # The same choice again without the failed ones: a pinned client goes
+            # where every instance would send it, a new client is balanced.
+            retry = decide(
+                claim.backend_id if claim else None,
+                pool,
+                session=claim.session if claim else None,
+                exclude=self._tried,
+                now=now,
+            )
+        except NoHealthyBackend:
+            return actions + self._refuse(last, now)
+        reason = decision.reason if decision.reason != "hit" else "redispatch"
+        return actions + self._open(Decision(backend=retry.backend, reason=reason, issue_cookie=True), now)
+
+    def _release_backend(self) -> list[Action]:
+        """Stop counting the current backend connection and drop it."""
+        decision = self._decision
+        if decision is None:
+            return []
+        decision.backend.connections -= 1
+        self._decision = None
+        return [_CLOSE_BACKEND]
+
+    def _refuse(self, exc: RequestRejected, now: float) -> list[Action]:
+        """Answer with our own error and close; the log line says why, the body only the status."""
+        if self._rid == "-":
+            self._rid = new_request_id()
+        self._ctx.stats.rejected[exc.status] += 1
+        request = self._request
+        log_request(
+            client=self._client_ip,
+            method=request.method if request else "-",
+            path=request.path if request else "-",
+            status=exc.status,
+            reason=str(exc).replace(" ", "_"),
+            request_id=self._rid,
+        )
+        answer = render_refusal(exc.status, exc.reason_phrase, self._rid, exc.headers)
+        return [SendClient(answer), *self._close(abort=False)]
+
+    def _close(self, *, abort: bool) -> list[Action]:
+        """Close the client connection; a backend connection still held is released with it."""
+        if self.state == CLOSED:
+            return []
+        actions = self._release_backend()
+        self.state = CLOSED
+        self._buf.clear()
+        actions += (_NO_TIMER, _ABORT_CLIENT if abort else _CLOSE_CLIENT)
+        return actions
+
+    # -- answers -------------------------------------------------------------------
+
+    def _client_head(self, response: ResponseHead, *, switching: bool, keep_alive: bool = False) -> bytes:
+        """The backend's answer plus the affinity token, as the mode wants it."""
+        ctx = self._ctx
+        affinity = ctx.config.affinity
+        decision, claim = self._decision, self._claim
+        assert decision is not None
+        now = self._wall
+        session = claim.session if claim is not None else self._random(SESSION_BYTES)
+
+        def seal(app_value: str | None) -> str:
+            return ctx.codec.seal(
+                Claim(backend_id=decision.backend.id, issued_at=int(now), session=session, app_value=app_value),
+                self._random(NONCE_BYTES),
+            )
+
+        if affinity.mode is AffinityMode.REWRITE:
+            rewrite, token = rewrite_response_cookies(response, affinity, seal)
+            extra = [(affinity.header, token)] if token else []
+            return render_client_response(
+                response,
+                switching=switching,
+                set_cookies=[],
+                extra=extra,
+                rewrite_set_cookie=rewrite,
+                keep_alive=keep_alive,
+            )
+        if not decision.issue_cookie:
+            return render_client_response(
+                response, switching=switching, set_cookies=[], extra=[], keep_alive=keep_alive
+            )
+        token = seal(None)
+        secure = affinity.secure is SecureMode.ALWAYS or (affinity.secure is SecureMode.AUTO and self._tls)
+        cookie = render_set_cookie(
+            affinity.cookie,
+            token,
+            max_age=int(affinity.max_age),
+            same_site=affinity.same_site,
+            http_only=affinity.http_only,
+            secure=secure,
+        )
+        return render_client_response(
+            response,
+            switching=switching,
+            set_cookies=[cookie],
+            extra=[(affinity.header, token)],
+            keep_alive=keep_alive,
+        )
+
+    def _count(self, outcome: str) -> None:
+        decision, pool = self._decision, self._pool
+        assert decision is not None and pool is not None
+        backend = decision.backend
+        backend.handshakes += 1
+        if decision.reason == "hit":
+            backend.affinity_hits += 1
+        elif decision.reason == "redispatch":
+            backend.redispatches += 1
+        stats = self._ctx.stats
+        stats.handshakes[(pool.name, backend.id, outcome)] += 1
+        stats.decisions[(pool.name, decision.reason)] += 1
+
+    def _log(self, status: int) -> None:
+        request, decision, pool = self._request, self._decision, self._pool
+        assert request is not None and decision is not None and pool is not None
+        log_request(
+            client=self._client_ip,
+            method=request.method,
+            path=request.path,
+            pool=pool.name,
+            backend=decision.backend.id,
+            affinity=decision.reason,
+            status=status,
+            request_id=self._rid,
+        )

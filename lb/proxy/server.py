@@ -1,0 +1,522 @@
+"""The asyncio shell around `connection.Connection`: the one place where its actions become I/O.
+
+Per client connection: one `ClientConnection` protocol, one timer handle
+(`loop.call_later`, replaced when the core asks for a new deadline) and, while
+a request is being served, one `_Upstream` protocol on the backend connection.
+No task and no `asyncio.timeout` per request; the backend connect is the one
+coroutine (`loop.create_connection`), watched by a done-callback.  TLS
+listeners accept plain TCP and upgrade it here (`loop.start_tls`), so that a
+TLS connection is counted in `limits.max_connections` and held to
+`timeouts.handshake` from accept on, like any other.
+
+Reading from the client pauses for two reasons, tracked apart so that one
+clearing does not undo the other: the core holds too many bytes, or the
+backend's write buffer is full.  A full client write buffer pauses reading
+from the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, cast
+
+from lb.context import ProxyContext
+from lb.forwarding import render_refusal
+from lb.proxy.connection import (
+    CLOSED,
+    RELAY,
+    TUNNEL,
+    CloseBackend,
+    CloseClient,
+    Connection,
+    JoinTunnel,
+    OpenBackend,
+    PauseClient,
+    ResumeClient,
+    SendBackend,
+    SendClient,
+    SetTimer,
+)
+from lb.proxy.connection import Action as Action
+from lb.tunnel import Tunnel
+
+log = logging.getLogger("lb.listener")
+
+_HELD = 1  # pause reasons, a bit each
+_BACKEND_FULL = 2
+# Local resource errors: the balancer's fault, not the backend's; passive health must not hear of them.
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class _Upstream(asyncio.Protocol):
+    """The backend side while a request is served; detached (owner None) once dropped."""
+
+    __slots__ = ("owner", "transport")
+
+    def __init__(self, owner: ClientConnection) -> None:
+        self.owner: ClientConnection | None = owner
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        owner = self.owner
+        if owner is None:
+            transport.close()  # the attempt was given up while it connected
+            return
+        if owner.client_full:
+            self.transport.pause_reading()  # the client is not reading: nothing more to pass it yet
+        try:
+            actions = owner.core.backend_connected(time.time())
+        except Exception:
+            owner.internal_error()
+            return
+        owner.run(actions)
+
+    def connect_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        owner = self.owner
+        if exc is None or owner is None:
+            return
+        if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:
+            owner.local_failure(exc)
+            return
+        try:
+            actions = owner.core.backend_failed(str(exc) or type(exc).__name__, time.time())
+        except Exception:
+            owner.internal_error()
+            return
+        owner.run(actions)
+
+    def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        if owner is not None:
+            try:
+                actions = owner.core.receive_backend(data, time.time())
+            except Exception:
+                owner.internal_error()
+                return
+            owner.run(actions)
+
+    def eof_received(self) -> bool | None:
+        owner = self.owner
+        if owner is not None:
+            try:
+                actions = owner.core.backend_eof(time.time())
+            except Exception:
+                owner.internal_error()
+                return None
+            owner.run(actions)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        owner = self.owner
+        if owner is not None:
+            cause = f"connection lost: {exc}" if exc else "backend closed the connection"
+            try:
+                actions = owner.core.backend_failed(cause, time.time())
+            except Exception:
+                owner.internal_error()
+                return
+            owner.run(actions)
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.pause(_BACKEND_FULL)
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.resume(_BACKEND_FULL)
+
+
+class _PendingTls:
+    """A TLS connection counted in ctx.handshaking from accept, before its handshake is done.
+
+    Released exactly once: handed over when the handshake completes (connection_made),
+    else when the TLS layer drops our protocol after a failed or timed-out handshake
+    (it never tells the app protocol; `weakref.finalize` sees it go), or at the latest by
+    a timer just after ssl_handshake_timeout.
+    """
+
+    __slots__ = ("counted", "ctx", "finalizer", "timer")
+
+    def __init__(self, owner: ClientConnection, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.counted = True
+        ctx.handshaking += 1
+        self.finalizer = weakref.finalize(owner, self.release)
+        self.timer = asyncio.get_running_loop().call_later(ctx.config.timeouts.handshake + 1.0, self.release)
+
+    def release(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.ctx.handshaking -= 1
+            self.finalizer.detach()
+            self.timer.cancel()
+
+    def hand_over(self) -> None:
+        self.counted = False
+        self.finalizer.detach()
+        self.timer.cancel()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One accepted client connection; the core decides, this carries it out."""
+
+    __slots__ = (
+        "__weakref__",
+        "_accepted",
+        "_connecting",
+        "_ctx",
+        "_paused",
+        "_pending_tls",
+        "_timer",
+        "_timer_at",
+        "_tls",
+        "_transport",
+        "_upstream",
+        "client_full",
+        "core",
+    )
+
+    def __init__(self, ctx: ProxyContext, tls: bool = False) -> None:
+        self._ctx = ctx
+        self._accepted = 0.0
+        self._pending_tls: _PendingTls | None = None
+        if tls:
+            # Called at accept, before the TLS handshake (asyncio and uvloop alike): count the
+            # connection from here, and start its timeouts.handshake from here.
+            self._accepted = time.time()
+            self._pending_tls = _PendingTls(self, ctx)
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._upstream: _Upstream | None = None
+        self._connecting: asyncio.Task[Any] | None = None
+        self._paused = 0
+        self.client_full = False
+        self._tls = tls
+        self.core: Connection  # made in connection_made, once the peer is known
+
+    # -- client transport callbacks ------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        ctx = self._ctx
+        self.core = Connection(ctx, client_ip=peer[0] if peer else "-", tls=self._tls)
+        if self._pending_tls is not None:
+            self._pending_tls.hand_over()  # counted since accept: _end releases it from now on
+            self._pending_tls = None
+        else:
+            ctx.handshaking += 1
+        ctx.in_flight.add(self)
+        try:
+            actions = self.core.start(self._accepted or time.time())
+        except Exception:
+            self.internal_error()
+            return
+        self.run(actions)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            actions = self.core.receive_client(data, time.time())
+        except Exception:
+            self.internal_error()
+            return
+        self.run(actions)
+
+    def eof_received(self) -> bool | None:
+        try:
+            actions = self.core.client_eof(time.time())
+        except Exception:
+            self.internal_error()
+            return None
+        self.run(actions)
+        # Keep our half open while an answer is still on its way (not possible under TLS).
+        return None if self._tls or self._transport is None else True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.run(self.core.client_lost())
+        self._end()
+
+    def pause_writing(self) -> None:
+        self.client_full = True
+        upstream = self._upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.client_full = False
+        upstream = self._upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.resume_reading()
+
+    # -- actions -------------------------------------------------------------------
+
+    def run(self, actions: list[Action]) -> None:
+        """Carry out the core's actions, in order."""
+        for action in actions:
+            kind = type(action)
+            if kind is SendClient:
+                if self._transport is not None:
+                    self._transport.write(cast(SendClient, action).data)
+            elif kind is SendBackend:
+                upstream = self._upstream
+                if upstream is not None and upstream.transport is not None:
+                    upstream.transport.write(cast(SendBackend, action).data)
+            elif kind is SetTimer:
+                self._set_timer(cast(SetTimer, action).at)
+            elif kind is OpenBackend:
+                self._open(cast(OpenBackend, action))
+            elif kind is CloseBackend:
+                self._drop_upstream()
+            elif kind is CloseClient:
+                self._close(cast(CloseClient, action).abort)
+            elif kind is PauseClient:
+                self.pause(_HELD)
+            elif kind is ResumeClient:
+                self.resume(_HELD)
+            elif kind is JoinTunnel:
+                self._join(cast(JoinTunnel, action))
+
+    def _set_timer(self, at: float | None) -> None:
+        if at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = at
+        if at is not None:
+            self._timer = asyncio.get_running_loop().call_later(at - time.time(), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        try:
+            actions = self.core.deadline(time.time())
+        except Exception:
+            self.internal_error()
+            return
+        self.run(actions)
+
+    def _open(self, action: OpenBackend) -> None:
+        loop = asyncio.get_running_loop()
+        upstream = _Upstream(self)
+        self._upstream = upstream
+        try:
+            task = loop.create_task(loop.create_connection(lambda: upstream, action.host, action.port))
+        except OSError as exc:  # pragma: no cover - create_task does not raise OSError
+            self.run(self.core.backend_failed(str(exc), time.time()))
+            return
+        self._connecting = task
+        task.add_done_callback(upstream.connect_done)
+
+    def local_failure(self, exc: OSError) -> None:
+        """The balancer itself is out of descriptors or memory: 503, and no backend is blamed."""
+        _local_errors.report(exc)
+        try:
+            actions = self.core.local_failure(time.time())
+        except Exception:
+            self.internal_error()
+            return
+        self.run(actions)
+
+    def _drop_upstream(self) -> None:
+        upstream = self._upstream
+        if upstream is None:
+            return
+        self._upstream = None
+        upstream.owner = None
+        if upstream.transport is not None:
+            upstream.transport.close()
+        task = self._connecting
+        self._connecting = None
+        if task is not None and not task.done():
+            task.cancel()
+        self._paused &= ~_BACKEND_FULL
+        self._apply_pause()
+
+    def pause(self, reason: int) -> None:
+        self._paused |= reason
+        self._apply_pause()
+
+    def resume(self, reason: int) -> None:
+        self._paused &= ~reason
+        self._apply_pause()
+
+    def _apply_pause(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._paused:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def _close(self, abort: bool) -> None:
+        transport = self._transport
+        self._drop_upstream()
+        if transport is not None:
+            if abort:
+                transport.abort()
+            else:
+                transport.close()
+
+    def _join(self, action: JoinTunnel) -> None:
+        upstream, client = self._upstream, self._transport
+        assert upstream is not None and upstream.transport is not None and client is not None
+        server = upstream.transport
+        upstream.owner = None
+        self._upstream = None
+        self._connecting = None
+        self._end()
+        Tunnel.join(
+            self._ctx,
+            action.backend,
+            client,
+            server,
+            client_ip=self.core.client_ip,
+            pool=action.pool,
+            to_server=action.to_server,
+            to_client=action.to_client,
+            server_closed=action.backend_closed,
+            request_id=action.request_id,
+        )
+
+    def _end(self) -> None:
+        """This connection no longer counts as a handshake in progress (once)."""
+        if self._transport is None:
+            return
+        self._transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        ctx = self._ctx
+        ctx.handshaking -= 1
+        ctx.in_flight.discard(self)
+        if not ctx.in_flight and ctx.all_in_flight_done is not None:
+            ctx.all_in_flight_done.set()
+
+    def internal_error(self) -> None:
+        """A bug in the core: logged with its traceback; the client gets a bare 500 if nothing was sent yet."""
+        core = self.core
+        log.error("internal error on a connection from %s (request %s)", core.client_ip, core.request_id, exc_info=True)
+        self._ctx.stats.rejected[500] += 1
+        answered = core.state in (RELAY, TUNNEL, CLOSED)
+        with contextlib.suppress(Exception):
+            self.run(core.client_lost())  # releases the backend's count
+        core.state = CLOSED
+        self._drop_upstream()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            if not answered:
+                transport.write(render_refusal(500, "Internal Server Error", core.request_id, {}))
+            transport.close()
+
+    # -- shutdown ------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Answer now (503) if nothing reached a backend yet; otherwise let the answer complete."""
+        try:
+            actions = self.core.shutdown(time.time())
+        except Exception:
+            self.internal_error()
+            return
+        self.run(actions)
+
+
+def client_factory(ctx: ProxyContext, tls: bool) -> Callable[[], ClientConnection]:
+    """The protocol factory for a listener.
+
+    For TLS, create the server with ssl_handshake_timeout=timeouts.handshake: the
+    connection is counted (limits.max_connections) and timed from accept.
+    """
+    return lambda: ClientConnection(ctx, tls)
+
+
+async def stop_in_flight(ctx: ProxyContext, within: float) -> None:
+    """SIGTERM: every connection still handshaking gets its answer; wait up to `within` for them.
+
+    Call after ctx.accepting is False and the listeners are closed.  What has not
+    finished in time is closed.
+    """
+    for connection in list(ctx.in_flight):
+        connection.shutdown()
+    if ctx.in_flight:
+        ctx.all_in_flight_done = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ctx.all_in_flight_done.wait(), within)
+        ctx.all_in_flight_done = None
+    for connection in list(ctx.in_flight):
+        connection.run(connection.core.client_lost())
+        connection._close(abort=True)
+        connection._end()
+
+
+# -- accept errors ----------------------------------------------------------------
+
+
+class _RateLimitedErrors:
+    """Out-of-descriptor errors: one log line per interval with a count, not a traceback each."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self.last = -float("inf")
+        self.suppressed = 0
+
+    def report(self, exc: OSError, what: str = "connect to a backend") -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return
+        log.error(
+            "cannot %s: %s (%d more like it since the last report)",
+            what,
+            exc.strerror or exc,
+            self.suppressed,
+        )
+        self.last = now
+        self.suppressed = 0
+
+
+_local_errors = _RateLimitedErrors()
+_accept_errors = _RateLimitedErrors()
+
+
+def install_accept_error_filter(loop: asyncio.AbstractEventLoop) -> None:
+    """Log accept errors (EMFILE, ENFILE, ...) once per interval; the loop itself retries accepting.
+
+    asyncio reports each failed accept through the loop's exception handler
+    with a traceback, then pauses that listener for a second; this filter keeps
+    the pause and drops the flood.  Idempotent.
+    """
+    previous = loop.get_exception_handler()
+    if getattr(previous, "_lb_accept_filter", False):
+        return
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:
+            # Out of descriptors or buffers: one line per interval, whatever ran out.
+            if "accept" in str(context.get("message", "")):
+                _accept_errors.report(exc, "accept connections")
+            else:
+                _local_errors.report(exc, str(context.get("message") or "run"))
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handler._lb_accept_filter = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)

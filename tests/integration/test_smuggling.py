@@ -1,0 +1,259 @@
+"""Nothing reaches a backend that did not pass the parser and the router (issue 7).
+
+Recording raw-socket backends keep every byte the balancer sends them and
+keep their connections open after answering, so anything sent behind an
+answer would be seen.  Two pools: `/a` → rec-a, `/b` → rec-b.
+
+Also here: backend faults (silent, garbage, status `000`, silence after
+`100 Continue`) give 502, never a relayed answer or a 500; early data and
+interim-answer floods leave the balancer's memory bounded; a slow upload is
+not counted against the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import (
+    UNIT,
+    Balancer,
+    Launcher,
+    close_raw,
+    find_backend,
+    lb_config,
+    open_raw,
+    read_response,
+    status,
+    upgrade_request,
+)
+from support_raw import RecordingBackend, rss_kib
+
+TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall": 3}
+
+
+@pytest.fixture
+def recorders() -> Iterator[list[RecordingBackend]]:
+    made: list[RecordingBackend] = []
+    yield made
+    for backend in made:
+        backend.close()
+
+
+def start(
+    launcher: Launcher,
+    recorders: list[RecordingBackend],
+    a: dict[str, Any] | None = None,
+    b: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    health: dict[str, Any] = TCP_HEALTH,
+) -> tuple[Balancer, RecordingBackend, RecordingBackend]:
+    rec_a = RecordingBackend("rec-a", **(a or {}))
+    rec_b = RecordingBackend("rec-b", **(b or {}))
+    recorders += [rec_a, rec_b]
+    config = lb_config(
+        pools={"a": [rec_a], "b": [rec_b]}, routes={"/a": "a", "/b": "b"}, health=health, overrides=overrides
+    )
+    return launcher.balancer(config), rec_a, rec_b
+
+
+async def wait_for(predicate: Any, within: float = 5 * UNIT) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+GET_B = b"GET /b/hidden HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Smuggled: yes\r\n\r\n"
+
+
+async def test_refused_upgrade_then_hidden_request_is_routed_on_its_own(
+    launcher: Launcher, recorders: list[RecordingBackend]
+) -> None:
+    """A request behind an Upgrade never reaches the refusing backend; it is parsed and routed to its own pool."""
+    refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnope"
+    lb, rec_a, rec_b = start(launcher, recorders, a={"answer": refusal})
+    assert lb.port is not None
+    reader, writer = await open_raw(lb.port)
+    try:
+        writer.write(upgrade_request("/a/ws") + GET_B)
+        first = await read_response(reader)
+        assert (first.status, first.body) == (403, b"nope")
+        second = await read_response(reader)
+        assert (second.status, second.body) == (200, b"ok")
+    finally:
+        await close_raw(writer)
+    await asyncio.sleep(0.2)  # anything forwarded late would have arrived by now
+    sent_a = rec_a.requests()
+    assert len(sent_a) == 1 and sent_a[0].count(b"\r\n\r\n") == 1, sent_a
+    assert b"X-Smuggled" not in sent_a[0] and b"/b/hidden" not in sent_a[0]
+    sent_b = rec_b.requests()
+    assert len(sent_b) == 1 and sent_b[0].startswith(b"GET /b/hidden HTTP/1.1\r\n")
+    assert b"X-Forwarded-For: 127.0.0.1" in sent_b[0]
+
+
+async def test_early_data_waits_for_the_switch(launcher: Launcher, recorders: list[RecordingBackend]) -> None:
+    """Bytes sent right behind an upgrade head reach the backend only after its 101."""
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    lb, rec_a, _ = start(launcher, recorders, a={"answer": switch, "delay": 0.5})
+    assert lb.port is not None
+    reader, writer = await open_raw(lb.port)
+    try:
+        writer.write(upgrade_request("/a/ws") + b"EARLY-FRAME")
+        await wait_for(lambda: rec_a.requests() != [])
+        await asyncio.sleep(0.2)  # the backend has not answered yet (0.5 s delay)
+        before = rec_a.requests()[0]
+        assert b"EARLY-FRAME" not in before
+        answer = await read_response(reader)
+        assert answer.status == 101
+        await wait_for(lambda: b"EARLY-FRAME" in rec_a.requests()[0])
+        assert rec_a.requests()[0].endswith(b"\r\n\r\nEARLY-FRAME")
+    finally:
+        await close_raw(writer)
+
+
+@pytest.mark.parametrize(
+    ("mode", "raw"),
+    [
+        pytest.param("silent", b"", id="silent"),
+        pytest.param("raw", b"NOT HTTP AT ALL\r\n\r\n", id="garbage"),
+        pytest.param("raw", b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n", id="status-000"),
+        pytest.param("raw", b"HTTP/1.1 100 Continue\r\n\r\n", id="silence-after-100"),
+    ],
+)
+async def test_broken_backend_gives_502(
+    launcher: Launcher, recorders: list[RecordingBackend], mode: str, raw: bytes
+) -> None:
+    lb, _, _ = start(
+        launcher, recorders, a={"mode": mode, "raw": raw}, overrides={"timeouts": {"backend_connect": "1s"}}
+    )
+    assert lb.port is not None
+    for request in (
+        b"GET /a/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"POST /a/x HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc",
+    ):
+        reader, writer = await open_raw(lb.port)
+        try:
+            writer.write(request)
+            answer = await read_response(reader, within=5 * UNIT, body=False)
+            while answer.status == 100:  # relayed as it came; then the 502 of our own
+                answer = await read_response(reader, within=5 * UNIT, body=False)
+            assert answer.status == 502, answer
+            answer.body = await reader.readexactly(int(answer.get("Content-Length") or 0))
+            assert answer.get("X-Request-Id"), answer.headers
+            assert b"Zero" not in answer.body and b"NOT HTTP" not in answer.body
+        finally:
+            await close_raw(writer)
+    lb.assert_alive()
+    assert "Traceback" not in lb.log_text()
+
+
+async def test_slow_upload_leaves_the_backend_up(launcher: Launcher, recorders: list[RecordingBackend]) -> None:
+    """An upload slower than backend_connect (but never quiet for timeouts.handshake) is the client's time."""
+    health = dict(TCP_HEALTH, fall=1)  # one failure would mark it down
+    lb, rec_a, _ = start(
+        launcher,
+        recorders,
+        a={"answer": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ngot", "answer_after": b"6789"},
+        overrides={"timeouts": {"backend_connect": "1s", "handshake": "3s"}},
+        health=health,
+    )
+    assert lb.port is not None
+    body = b"0123456789"
+    reader, writer = await open_raw(lb.port)
+    try:
+        # The backend answers once it has the whole body.
+        writer.write(b"POST /a/up HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n")
+        started = time.monotonic()
+        for byte in body:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.25)  # 2.5 s in all: over backend_connect, each gap under handshake
+        answer = await read_response(reader)
+        assert answer.status == 200 and time.monotonic() - started > 2.0
+    finally:
+        await close_raw(writer)
+    await wait_for(lambda: rec_a.requests() and rec_a.requests()[0].endswith(body))
+    state = find_backend(await status(lb), "a", "rec-a")["state"]
+    assert state == "up"
+
+
+async def test_stalled_upload_gets_408_and_leaves_the_backend_up(
+    launcher: Launcher, recorders: list[RecordingBackend]
+) -> None:
+    health = dict(TCP_HEALTH, fall=1)
+    lb, _, _ = start(
+        launcher,
+        recorders,
+        a={"mode": "silent"},
+        overrides={"timeouts": {"backend_connect": "1s", "handshake": "1s"}},
+        health=health,
+    )
+    assert lb.port is not None
+    reader, writer = await open_raw(lb.port)
+    try:
+        writer.write(b"POST /a/up HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n01")
+        answer = await read_response(reader, within=5 * UNIT)
+        assert answer.status == 408, answer
+    finally:
+        await close_raw(writer)
+    assert find_backend(await status(lb), "a", "rec-a")["state"] == "up"
+
+
+def _stream_until_blocked(port: int, head: bytes, seconds: float, limit: int) -> int:
+    """Send head then junk until the balancer stops reading (send blocks), `seconds` pass or `limit` bytes."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        sock.sendall(head)
+        sock.settimeout(0.5)
+        chunk = b"x" * 65536
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and sent < limit:
+            try:
+                sent += sock.send(chunk)
+            except TimeoutError:
+                break  # the balancer paused reading: this is what the test wants
+            except OSError:
+                break
+    return sent
+
+
+async def test_early_data_flood_leaves_memory_bounded(launcher: Launcher, recorders: list[RecordingBackend]) -> None:
+    lb, rec_a, _ = start(launcher, recorders, a={"mode": "silent"}, overrides={"timeouts": {"backend_connect": "10s"}})
+    assert lb.port is not None and lb.proc is not None
+    before = rss_kib(lb.proc.pid)
+    sent = await asyncio.to_thread(_stream_until_blocked, lb.port, upgrade_request("/a/ws"), 3.0, 256 * 2**20)
+    after = rss_kib(lb.proc.pid)
+    assert after - before < 8 * 1024, f"RSS grew by {after - before} KiB while a client sent {sent} bytes"
+    assert sent < 64 * 2**20, f"the balancer kept reading: {sent} bytes accepted"
+    await wait_for(lambda: rec_a.requests() != [])
+    assert rec_a.requests()[0].endswith(b"\r\n\r\n"), "early data reached the backend before a switch"
+
+
+async def test_interim_flood_leaves_memory_bounded(launcher: Launcher, recorders: list[RecordingBackend]) -> None:
+    lb, rec_a, _ = start(launcher, recorders, a={"mode": "interim-flood"})
+    assert lb.port is not None and lb.proc is not None
+    before = rss_kib(lb.proc.pid)
+    with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /a/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await asyncio.sleep(1.0)  # the client reads nothing meanwhile
+        after = rss_kib(lb.proc.pid)
+        sock.settimeout(5)
+        received = b""
+        with contextlib.suppress(OSError):
+            while len(received) < 2**20:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+    assert after - before < 8 * 1024, f"RSS grew by {after - before} KiB"
+    assert b"HTTP/1.1 502 Bad Gateway" in received
+    assert received.count(b"100 Continue") <= 16
+    assert rec_a.interim_sent >= 1

@@ -1,0 +1,705 @@
+"""The connection core as tables: bytes and events in, actions out; no socket, no loop, no clock.
+
+In the manner of mitmproxy's Playbook: each test plays the shell, feeding the
+core what the client and the backend send and checking every action it asks
+for.  The point of most of them is what does NOT happen: no byte reaches a
+backend that did not pass the parser and the router, and no buffer grows
+without bound.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lb.config_load import parse_config
+from lb.context import ProxyContext
+from lb.http_head import parse_response_head
+from lb.proxy.connection import (
+    CLOSED,
+    CONNECTING,
+    HEAD,
+    HELD_LIMIT,
+    MAX_INTERIM,
+    MAX_RESPONSE_HEAD,
+    RELAY,
+    TUNNEL,
+    WAITING,
+    Action,
+    CloseBackend,
+    CloseClient,
+    Connection,
+    JoinTunnel,
+    OpenBackend,
+    PauseClient,
+    ResumeClient,
+    SendBackend,
+    SendClient,
+    SetTimer,
+    new_request_id,
+)
+
+KEY = "k" * 40
+CONFIG = f"""
+listeners: [{{bind: "127.0.0.1:8080"}}]
+admin: {{bind: "127.0.0.1:9000", token: "{"t" * 32}"}}
+affinity: {{mode: insert, cookie: LB, secret_keys: ["{KEY}"]}}
+routes:
+  - {{path_prefix: /a, pool: a}}
+  - {{path_prefix: /b, pool: b}}
+pools:
+  a:
+    balance: round_robin
+    backends: [{{id: a1, address: "127.0.0.1:7001"}}]
+  b:
+    balance: round_robin
+    backends: [{{id: b1, address: "127.0.0.1:7002"}}, {{id: b2, address: "127.0.0.1:7003"}}]
+timeouts: {{handshake: 5s, backend_connect: 2s}}
+limits: {{max_header_bytes: 4096}}
+"""
+T0 = 1_700_000_000.0
+WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def upgrade(path: str = "/a/ws") -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+def get(path: str, extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: h\r\n{extra}\r\n".encode()
+
+
+def post(path: str, body: bytes, extra: str = "") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: h\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
+
+
+SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+
+
+def ok(body: bytes = b"hi") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+
+
+class Play:
+    """One client connection and the backend it talks to, with everything the core asked for recorded."""
+
+    def __init__(self, config: str = CONFIG, *, now: float = T0) -> None:
+        self.failures: list[tuple[str, str, str]] = []
+        self.ctx = ProxyContext.build(
+            parse_config(config, base_dir=Path("."), environ={}),
+            lambda pool, backend, what: self.failures.append((pool, backend, what)),
+        )
+        self.ctx.handshaking = 1
+        self.conn = Connection(self.ctx, client_ip="192.0.2.7", tls=False, random=lambda n: b"\x01" * n)
+        self.now = now
+        self.actions: list[Action] = []
+        self.to_backend: list[bytes] = []  # per backend connection opened: what it received
+        self.to_client = bytearray()
+        self.opened: list[str] = []
+        self.timer: float | None = None
+        self.closed_client: CloseClient | None = None
+        self.paused = False
+        self.start = self._apply(self.conn.start(now))
+
+    def _apply(self, actions: list[Action]) -> list[Action]:
+        self.actions += actions
+        for action in actions:
+            if isinstance(action, OpenBackend):
+                self.opened.append(action.backend_id)
+                self.to_backend.append(b"")
+            elif isinstance(action, SendBackend):
+                assert self.to_backend, "bytes for a backend before any was opened"
+                self.to_backend[-1] += action.data
+            elif isinstance(action, SendClient):
+                assert self.closed_client is None, "bytes for the client after closing it"
+                self.to_client += action.data
+            elif isinstance(action, SetTimer):
+                self.timer = action.at
+            elif isinstance(action, CloseClient):
+                self.closed_client = action
+            elif isinstance(action, PauseClient):
+                self.paused = True
+            elif isinstance(action, ResumeClient):
+                self.paused = False
+        return actions
+
+    def client(self, data: bytes, dt: float = 0.0) -> list[Action]:
+        self.now += dt
+        return self._apply(self.conn.receive_client(data, self.now))
+
+    def connected(self) -> list[Action]:
+        return self._apply(self.conn.backend_connected(self.now))
+
+    def backend(self, data: bytes) -> list[Action]:
+        return self._apply(self.conn.receive_backend(data, self.now))
+
+    def backend_failed(self, cause: str = "connection refused") -> list[Action]:
+        return self._apply(self.conn.backend_failed(cause, self.now))
+
+    def backend_eof(self) -> list[Action]:
+        return self._apply(self.conn.backend_eof(self.now))
+
+    def fire(self) -> list[Action]:
+        """Let the clock run to the timer and fire it."""
+        assert self.timer is not None, "no timer set"
+        self.now = self.timer
+        self.timer = None
+        return self._apply(self.conn.deadline(self.now))
+
+    def shutdown(self) -> list[Action]:
+        self.ctx.accepting = False
+        return self._apply(self.conn.shutdown(self.now))
+
+    def answer(self) -> tuple[int, dict[str, str], bytes]:
+        head, _, body = bytes(self.to_client).partition(b"\r\n\r\n")
+        parsed = parse_response_head(head + b"\r\n\r\n")
+        return parsed.status, {k.lower(): v for k, v in parsed.head.headers}, body
+
+    def connections(self) -> dict[str, int]:
+        return {b.id: b.connections for pool in self.ctx.pools.values() for b in pool.backends.values()}
+
+
+# -- the head: refused without touching a backend ----------------------------------------------
+
+REFUSED = [
+    pytest.param(b"GET /a HTTP/1.1\r\n\r\n", 400, id="no-host"),
+    pytest.param(b"GET /a HTTP/1.1\r\nHost: h\r\nHost: i\r\n\r\n", 400, id="two-hosts"),
+    pytest.param(b"GET /a HTTP/1.1\r\nHost: h\nX: y\r\n\r\n", 400, id="bare-lf"),
+    pytest.param(b"GET /a HTTP/1.1\r\nHost: h\r\n folded\r\n\r\n", 400, id="obs-fold"),
+    pytest.param(b"GET /a HTTP/1.1\r\nHost : h\r\n\r\n", 400, id="space-before-colon"),
+    pytest.param(
+        b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400, id="cl-and-te"
+    ),
+    pytest.param(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 3, 4\r\n\r\n", 400, id="two-lengths"),
+    pytest.param(b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 400, id="te-not-chunked"),
+    pytest.param(b"GET /a HTTP/2.0\r\nHost: h\r\n\r\n", 400, id="http2-line"),
+    pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, id="tls-on-plain"),
+    pytest.param(b"GET /nowhere HTTP/1.1\r\nHost: h\r\n\r\n", 404, id="no-route"),
+    pytest.param(upgrade().replace(b"Version: 13", b"Version: 8"), 426, id="ws-version"),
+    pytest.param(upgrade().replace(WS_KEY.encode(), b"short"), 400, id="ws-key"),
+    pytest.param(b"GET /a HTTP/1.1\r\nHost: h\r\nX: " + b"x" * 5000 + b"\r\n\r\n", 431, id="too-large"),
+    pytest.param(b"GET /a HTTP/1.1\r\nHost: h\r\nX: " + b"x" * 5000, 431, id="too-large-unfinished"),
+]
+
+
+@pytest.mark.parametrize(("data", "status"), REFUSED)
+def test_refused_heads_never_open_a_backend(data: bytes, status: int) -> None:
+    play = Play()
+    play.client(data)
+    assert play.opened == []
+    assert play.answer()[0] == status
+    assert play.closed_client is not None and play.conn.state == CLOSED
+
+
+@pytest.mark.parametrize(("data", "status"), REFUSED)
+def test_refused_heads_fed_byte_by_byte(data: bytes, status: int) -> None:
+    play = Play()
+    for i in range(len(data)):
+        if play.conn.state == CLOSED:
+            break
+        play.client(data[i : i + 1])
+    assert play.opened == []
+    assert play.answer()[0] == status
+
+
+def test_error_body_has_status_reason_and_request_id_and_echoes_nothing() -> None:
+    play = Play()
+    play.client(b"GET /nowhere-SECRET HTTP/1.1\r\nHost: h\r\n\r\n")
+    status, headers, body = play.answer()
+    assert status == 404
+    rid = headers["x-request-id"]
+    assert body == f"404 Not Found\nrequest id: {rid}\n".encode()
+    assert b"SECRET" not in bytes(play.to_client)
+    assert headers["connection"] == "close"
+
+
+def test_request_ids_are_unique_and_short() -> None:
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) <= 16 and int(i, 16) >= 0 for i in ids)
+
+
+def test_head_must_arrive_within_the_handshake_timeout() -> None:
+    play = Play()
+    assert play.timer == T0 + 5
+    play.client(b"GET /a HTTP/1.1\r\n", dt=4.0)
+    play.fire()
+    assert play.closed_client == CloseClient() and play.opened == [] and play.to_client == b""
+
+
+def test_over_max_connections_is_503_with_retry_after() -> None:
+    play = Play(CONFIG.replace("limits: {", "limits: {max_connections: 1, "))
+    play.ctx.handshaking = 2
+    again = Connection(play.ctx, client_ip="192.0.2.8", tls=False)
+    play.to_client.clear()
+    play.closed_client = None
+    play._apply(again.start(T0))
+    status, headers, _ = play.answer()
+    assert status == 503 and headers["retry-after"]
+
+
+# -- upgrades: nothing behind the head reaches the backend before it switches ------------------------
+
+
+def test_upgrade_holds_early_data_until_101_then_joins_with_it() -> None:
+    play = Play()
+    play.client(upgrade() + b"\x81\x85early")
+    assert play.opened == ["a1"]
+    play.connected()
+    assert play.to_backend[0].startswith(b"GET /a/ws HTTP/1.1\r\n")
+    assert play.to_backend[0].endswith(b"\r\n\r\n")  # the head only: the frame is held
+    join = play.backend(SWITCH + b"\x81\x05hello")[-1]
+    assert isinstance(join, JoinTunnel)
+    assert (join.to_server, join.to_client, join.pool) == (b"\x81\x85early", b"\x81\x05hello", "a")
+    assert join.request_id == play.conn.request_id != "-"
+    assert play.conn.state == TUNNEL and play.timer is None
+    status, headers, _ = play.answer()
+    assert status == 101 and "set-cookie" in headers
+    assert play.connections() == {"a1": 1, "b1": 0, "b2": 0}  # the tunnel releases it
+
+
+def test_refused_upgrade_is_an_answer_and_what_follows_is_the_next_request() -> None:
+    """The smuggling case: a second request hidden behind an Upgrade is parsed and routed on its own."""
+    play = Play()
+    hidden = get("/b/admin", "X-Smuggled: 1\r\n")
+    play.client(upgrade() + hidden)
+    play.connected()
+    assert b"X-Smuggled" not in play.to_backend[0]
+    play.backend(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnope")
+    # The refusal is relayed, the backend connection dropped, and the hidden request goes to ITS route.
+    assert play.opened == ["a1", "b1"]
+    assert b"X-Smuggled" not in play.to_backend[0]
+    play.connected()
+    assert play.to_backend[1].startswith(b"GET /b/admin HTTP/1.1\r\n")
+    assert b"X-Forwarded-For: 192.0.2.7" in play.to_backend[1]
+    assert play.connections() == {"a1": 0, "b1": 1, "b2": 0}
+    status, headers, body = play.answer()
+    assert (status, body) == (403, b"nope") and headers.get("connection") != "close"
+
+
+def test_unasked_101_is_a_502() -> None:
+    play = Play()
+    play.client(get("/a/x"))
+    play.connected()
+    play.backend(SWITCH)
+    assert play.answer()[0] == 502 and play.conn.state == CLOSED
+
+
+# -- keep-alive and pipelining -------------------------------------------------------------------
+
+
+def test_keep_alive_three_requests_each_routed_by_its_own_path() -> None:
+    play = Play()
+    for i, (path, backend) in enumerate([("/a/1", "a1"), ("/b/2", "b1"), ("/a/3", "a1")]):
+        play.client(get(path))
+        assert play.opened[-1] == backend
+        play.connected()
+        assert play.to_backend[i].startswith(f"GET {path} HTTP/1.1\r\n".encode())
+        assert b"Connection: close" in play.to_backend[i]  # one request per backend connection
+        play.backend(ok(path.encode()))
+        assert play.conn.state == HEAD
+        assert play.timer == play.now + 5  # idle keep-alive: timeouts.handshake
+    assert play.to_client.count(b"HTTP/1.1 200 OK") == 3
+    assert play.closed_client is None
+    assert play.connections() == {"a1": 0, "b1": 0, "b2": 0}
+
+
+def test_pipelined_requests_are_sent_one_at_a_time() -> None:
+    play = Play()
+    play.client(get("/a/1") + get("/b/2") + get("/a/3"))
+    assert play.opened == ["a1"]
+    play.connected()
+    assert play.to_backend[0].count(b"GET ") == 1
+    play.backend(ok())
+    assert play.opened == ["a1", "b1"]
+    play.connected()
+    assert play.to_backend[1].count(b"GET ") == 1 and play.to_backend[1].startswith(b"GET /b/2 ")
+    play.backend(ok())
+    play.connected()
+    play.backend(ok())
+    assert play.opened == ["a1", "b1", "a1"]
+    assert [len(x.split(b"\r\n\r\n")) for x in play.to_backend] == [2, 2, 2]
+
+
+def test_body_is_framed_and_what_follows_is_not_forwarded() -> None:
+    play = Play()
+    play.client(post("/a/up", b"0123456789") + get("/b/next"))
+    play.connected()
+    _head, _, body = play.to_backend[0].partition(b"\r\n\r\n")
+    assert body == b"0123456789"
+    play.backend(ok())
+    assert play.opened == ["a1", "b1"]
+
+
+def test_chunked_body_is_framed_to_its_last_chunk() -> None:
+    play = Play()
+    body = b"5\r\nhello\r\n0\r\n\r\n"
+    play.client(b"POST /a/c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + body[:7])
+    play.connected()
+    play.client(body[7:] + get("/b/after"))
+    assert play.to_backend[0].partition(b"\r\n\r\n")[2] == body
+    play.backend(ok())
+    assert play.opened == ["a1", "b1"]
+
+
+def test_connection_close_and_http10_end_after_the_answer() -> None:
+    for request in (get("/a/x", "Connection: close\r\n"), b"GET /a/x HTTP/1.0\r\n\r\n"):
+        play = Play()
+        play.client(request)
+        play.connected()
+        play.backend(ok())
+        assert play.closed_client == CloseClient()
+        assert play.answer()[1]["connection"] == "close"
+
+
+def test_answer_until_eof_closes_the_client_after_it() -> None:
+    play = Play()
+    play.client(get("/a/x") + get("/a/y"))
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\n\r\nstream")
+    assert play.conn.state == RELAY and play.closed_client is None
+    play.backend(b"ing")
+    play.backend_eof()
+    assert bytes(play.to_client).endswith(b"\r\n\r\nstreaming")
+    assert play.closed_client == CloseClient() and play.opened == ["a1"]
+
+
+# -- bounds ---------------------------------------------------------------------------------------
+
+
+def test_early_data_pauses_reading_past_the_limit_and_sends_nothing() -> None:
+    play = Play()
+    play.client(upgrade())
+    play.connected()
+    sent = len(play.to_backend[0])
+    for _ in range(10):
+        play.client(b"x" * 16384)
+    assert play.paused
+    assert len(play.to_backend[0]) == sent
+    assert play.actions.count(PauseClient()) == 1
+
+
+def test_pipelined_flood_behind_a_slow_answer_pauses() -> None:
+    play = Play()
+    play.client(get("/a/1"))
+    play.connected()
+    play.client(get("/a/2") * (HELD_LIMIT // len(get("/a/2")) + 1))
+    assert play.paused
+    play.backend(ok())
+    assert play.opened == ["a1", "a1"]  # the next request is served; the rest waits its turn
+    assert play.paused
+
+
+def test_interim_answers_are_relayed_up_to_a_bound_then_502() -> None:
+    play = Play()
+    play.client(post("/a/x", b"", "Expect: 100-continue\r\n"))
+    play.connected()
+    for _ in range(MAX_INTERIM):
+        play.backend(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert play.to_client.count(b"HTTP/1.1 100 Continue") == MAX_INTERIM
+    play.backend(b"HTTP/1.1 103 Early Hints\r\n\r\n")
+    assert b"502 Bad Gateway" in play.to_client and play.conn.state == CLOSED
+    assert play.failures and play.failures[0][:2] == ("a", "a1")
+
+
+def test_interim_answers_do_not_extend_the_deadline() -> None:
+    play = Play()
+    play.client(post("/a/x", b"", "Expect: 100-continue\r\n"))
+    deadline = play.timer
+    play.connected()
+    play.backend(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert play.timer == deadline
+    play.fire()
+    assert play.now == T0 + 2
+    assert b"502 Bad Gateway" in play.to_client
+
+
+def test_answer_head_is_bounded() -> None:
+    play = Play()
+    play.client(post("/a/x", b"1"))
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\nX: " + b"y" * MAX_RESPONSE_HEAD)
+    assert b"502 Bad Gateway" in play.to_client
+
+
+# -- backend faults: 502, retried when safe --------------------------------------------------------
+
+BAD_ANSWERS = [
+    pytest.param(b"garbage garbage\r\n\r\n", id="garbage"),
+    pytest.param(b"HTTP/1.1 000 Zero\r\n\r\n", id="status-000"),
+    pytest.param(b"HTTP/1.1 99 Low\r\n\r\n", id="two-digits"),
+    pytest.param(b"HTTP/1.1 600 High\r\nContent-Length: 0\r\n\r\n", id="status-600"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", id="cl-and-te"),
+    pytest.param(b"HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n", id="bare-lf"),
+]
+
+
+@pytest.mark.parametrize("answer", BAD_ANSWERS)
+def test_malformed_answer_is_502_never_relayed(answer: bytes) -> None:
+    play = Play()
+    play.client(post("/a/x", b"data"))
+    play.connected()
+    play.backend(answer)
+    status, _headers, _ = play.answer()
+    assert status == 502 and play.to_client.count(b"HTTP/1.1") == 1
+    assert answer.split(b"\r\n")[0] not in play.to_client
+    assert play.failures == [("a", "a1", play.failures[0][2])]
+    assert play.connections()["a1"] == 0
+
+
+@pytest.mark.parametrize("answer", BAD_ANSWERS)
+def test_malformed_answer_to_a_get_is_retried_on_another_backend(answer: bytes) -> None:
+    play = Play()
+    play.client(get("/b/x"))
+    play.connected()
+    play.backend(answer)
+    assert len(play.opened) == 2 and set(play.opened) == {"b1", "b2"}
+    play.connected()
+    play.backend(ok())
+    assert play.answer()[0] == 200
+
+
+def test_silent_backend_after_the_request_is_502_and_counts_against_it() -> None:
+    play = Play()
+    play.client(post("/a/x", b"abc"))
+    play.connected()
+    play.fire()
+    assert play.answer()[0] == 502
+    assert [f[:2] for f in play.failures] == [("a", "a1")]
+
+
+def test_refused_connect_tries_the_next_backend_then_502() -> None:
+    play = Play()
+    play.client(post("/b/x", b"abc"))
+    play.backend_failed()
+    assert len(play.opened) == 2
+    play.backend_failed()
+    assert play.answer()[0] == 502
+    assert play.connections() == {"a1": 0, "b1": 0, "b2": 0}
+    assert len(play.failures) == 2
+
+
+def test_backend_closing_before_answering_is_502() -> None:
+    play = Play()
+    play.client(post("/a/x", b"abc"))
+    play.connected()
+    play.backend(b"HTTP/1.1 2")
+    play.backend_eof()
+    assert play.answer()[0] == 502
+
+
+def test_slow_upload_is_the_clients_time_not_the_backends() -> None:
+    play = Play()
+    play.client(post("/a/up", b"0123456789")[:-8])  # head and 2 bytes of 10
+    play.connected()
+    for _ in range(5):  # a byte every 4s: over backend_connect (2s), under handshake (5s)
+        play.now += 4.0
+        while play.timer is not None and play.timer <= play.now:
+            play._apply(play.conn.deadline(play.timer))
+        play.client(b"x")
+    assert play.closed_client is None and play.failures == []
+    play.now += 6.0
+    play.fire()
+    if play.timer is not None:
+        play.fire()
+    assert play.answer()[0] == 408
+    assert play.failures == []  # passive health never hears of it
+    assert play.connections()["a1"] == 0
+
+
+def test_completed_upload_gives_the_backend_its_full_deadline() -> None:
+    play = Play()
+    play.client(post("/a/up", b"01234")[:-3])
+    play.connected()
+    play.client(b"234", dt=3.0)
+    assert play.timer == play.now + 2
+    play.backend(ok())
+    assert play.answer()[0] == 200
+
+
+def test_truncated_answer_body_closes_the_client() -> None:
+    play = Play()
+    play.client(get("/a/x"))
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    play.backend_eof()
+    assert play.closed_client is not None and bytes(play.to_client).endswith(b"abc")
+
+
+# -- shutdown ---------------------------------------------------------------------------------------
+
+
+def test_shutdown_answers_503_to_what_has_not_reached_a_backend() -> None:
+    partial = Play()
+    partial.client(b"GET /a HTTP/1.1\r\nHo")
+    partial.shutdown()
+    status, headers, _ = partial.answer()
+    assert status == 503 and headers["retry-after"]
+
+    connecting = Play()
+    connecting.client(get("/a/x"))
+    connecting.shutdown()
+    assert connecting.answer()[0] == 503
+    assert CloseBackend() in connecting.actions and connecting.connections()["a1"] == 0
+
+    idle = Play()
+    idle.shutdown()
+    assert idle.closed_client == CloseClient() and idle.to_client == b""
+
+
+def test_shutdown_lets_a_request_at_a_backend_complete_then_closes() -> None:
+    play = Play()
+    play.client(get("/a/x") + get("/a/y"))
+    play.connected()
+    play.shutdown()
+    assert play.to_client == b""
+    play.backend(ok())
+    assert play.answer()[0] == 200 and play.answer()[1]["connection"] == "close"
+    assert play.closed_client == CloseClient() and play.opened == ["a1"]
+
+
+def test_half_closed_client_still_gets_its_answer() -> None:
+    """A client that sends its request and then shuts down its side (nc, HTTP/1.0 tools) is answered."""
+    play = Play()
+    play.client(get("/a/x"))
+    play._apply(play.conn.client_eof(play.now))
+    assert play.closed_client is None
+    play.connected()
+    play.backend(ok())
+    assert play.answer()[0] == 200 and play.answer()[1]["connection"] == "close"
+    assert play.closed_client == CloseClient() and play.connections()["a1"] == 0
+
+
+@pytest.mark.parametrize("stage", ["connecting", "waiting", "relaying"])
+def test_client_eof_mid_request_releases_the_backend(stage: str) -> None:
+    """A client that goes away mid-handshake must not leave its backend counted (least_conn would shun it)."""
+    play = Play()
+    play.client(upgrade() if stage != "relaying" else post("/a/x", b"1"))
+    if stage != "connecting":
+        play.connected()
+    if stage == "relaying":
+        play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+    play._apply(play.conn.client_eof(play.now))
+    play._apply(play.conn.client_lost())
+    assert play.connections()["a1"] == 0
+    assert play.conn.state == CLOSED or (stage == "relaying" and play.conn.state == RELAY)
+    if play.conn.state == RELAY:
+        play.backend(b"cde")
+        assert play.closed_client is not None and play.connections()["a1"] == 0
+
+
+def test_client_leaving_releases_the_backend() -> None:
+    play = Play()
+    play.client(get("/a/x"))
+    play.connected()
+    play._apply(play.conn.client_lost())
+    assert CloseBackend() in play.actions and play.connections()["a1"] == 0
+
+
+# -- hostile input: whatever the bytes, the invariants hold ---------------------------------------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunks=st.lists(st.binary(max_size=300), max_size=12), head=st.sampled_from([b"", upgrade(), get("/a/1")]))
+def test_hostile_client_bytes_keep_the_invariants(chunks: list[bytes], head: bytes) -> None:
+    play = Play()
+    play.client(head)
+    if play.opened:
+        play.connected()
+    for chunk in chunks:
+        play.client(chunk)
+        if play.conn.state == CLOSED:
+            break
+    # Only complete, parsed heads reach a backend, each one ending its head.
+    for sent in play.to_backend:
+        assert sent == b"" or sent.endswith(b"\r\n\r\n")
+    assert len(play.conn._buf) <= HELD_LIMIT + 300 + 4096
+    assert all(n >= 0 for n in play.connections().values())
+    play._apply(play.conn.client_eof(play.now))
+    play._apply(play.conn.client_lost())
+    assert all(n == 0 for n in play.connections().values()), "a backend connection stayed counted"
+
+
+@settings(max_examples=150, deadline=None)
+@given(answer=st.lists(st.binary(max_size=200), max_size=8))
+def test_hostile_backend_bytes_never_give_a_500(answer: list[bytes]) -> None:
+    play = Play()
+    play.client(post("/a/x", b"q"))
+    play.connected()
+    for chunk in answer:
+        play.backend(chunk)
+    play.backend_eof()
+    if play.to_client:
+        assert not play.to_client.startswith(b"HTTP/1.1 500")
+    if play.conn.state != TUNNEL:
+        play._apply(play.conn.client_lost())
+        assert play.connections()["a1"] == 0, "a backend connection stayed counted"
+    assert play.connections()["a1"] == 0 or play.conn.state != CLOSED
+    assert play.conn.state in (CLOSED, HEAD, RELAY, TUNNEL) or play.to_client == b""
+
+
+def _chunked(body: bytes, sizes: list[int]) -> bytes:
+    out, i = b"", 0
+    for size in sizes:
+        if i >= len(body):
+            break
+        piece = body[i : i + max(size, 1)]
+        out += f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+        i += len(piece)
+    if i < len(body):
+        out += f"{len(body) - i:x}\r\n".encode() + body[i:] + b"\r\n"
+    return out + b"0\r\n\r\n"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bodies=st.lists(
+        st.tuples(st.binary(max_size=40), st.booleans(), st.lists(st.integers(1, 9), max_size=5)),
+        min_size=1,
+        max_size=4,
+    ),
+    cuts=st.lists(st.integers(0, 400), max_size=8),
+)
+def test_pipelined_bodies_reach_their_own_backend_connection_exactly(
+    bodies: list[tuple[bytes, bool, list[int]]], cuts: list[int]
+) -> None:
+    """However a pipeline of requests with bodies is split into reads, each backend connection gets
+    exactly one head and that request's body bytes: nothing of the next request rides along."""
+    wire, expected = b"", []
+    for i, (body, chunked, sizes) in enumerate(bodies):
+        if chunked:
+            framed = _chunked(body, sizes)
+            wire += f"POST /a/{i} HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + framed
+        else:
+            framed = body
+            wire += f"POST /a/{i} HTTP/1.1\r\nHost: h\r\nContent-Length: {len(body)}\r\n\r\n".encode() + framed
+        expected.append((f"/a/{i}".encode(), framed))
+    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    play = Play()
+
+    def serve() -> None:
+        while True:
+            if play.conn.state == CONNECTING:
+                play.connected()
+            elif play.conn.state == WAITING and not play.conn._body_left:  # the request is complete
+                play.backend(ok())
+            else:
+                return
+
+    for start, end in itertools.pairwise(points):
+        play.client(wire[start:end])
+        serve()
+    assert len(play.to_backend) == len(expected)
+    for sent, (path, framed) in zip(play.to_backend, expected, strict=True):
+        head, _, body = sent.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == path
+        assert body == framed
+    assert play.to_client.count(b"HTTP/1.1 200 OK") == len(expected)
+    assert play.conn.state == HEAD and play.connections()["a1"] == 0

@@ -1,0 +1,72 @@
+"""The asyncio shell around the core, on loopback sockets: counts released, bugs answered with a bare 500."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from test_connection import CONFIG
+
+from lb.config_load import parse_config
+from lb.context import ProxyContext
+from lb.proxy import connection as core_module
+from lb.proxy.server import client_factory, stop_in_flight
+
+
+async def _serve(ctx: ProxyContext) -> tuple[asyncio.Server, int]:
+    server = await asyncio.get_running_loop().create_server(client_factory(ctx, False), "127.0.0.1", 0)
+    return server, int(server.sockets[0].getsockname()[1])
+
+
+def _ctx() -> ProxyContext:
+    return ProxyContext.build(parse_config(CONFIG, base_dir=Path("."), environ={}), lambda *_: None)
+
+
+async def _wait(predicate: object, within: float = 3.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():  # type: ignore[operator]
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_bug_in_the_core_is_a_bare_500_and_releases_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: object, data: bytes, now: float) -> list[object]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(core_module.Connection, "receive_client", broken)
+    ctx = _ctx()
+    server, port = await _serve(ctx)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /a/x HTTP/1.1\r\nHost: h\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 3)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+        assert b"boom" not in answer
+        await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
+        assert ctx.stats.rejected[500] == 1
+    finally:
+        server.close()
+
+
+async def test_idle_and_partial_connections_at_stop() -> None:
+    """stop_in_flight: an idle connection is closed quietly, a partial head gets 503; counts return to 0."""
+    ctx = _ctx()
+    server, port = await _serve(ctx)
+    try:
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+        part_r, part_w = await asyncio.open_connection("127.0.0.1", port)
+        part_w.write(b"GET /a/x HTTP/1.1\r\nHo")
+        await _wait(lambda: ctx.handshaking == 2 and any(c.core._buf for c in ctx.in_flight))
+        ctx.accepting = False
+        await stop_in_flight(ctx, within=2.0)
+        assert await asyncio.wait_for(idle_r.read(), 3) == b""
+        refused = await asyncio.wait_for(part_r.read(), 3)
+        assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and b"Retry-After: 1" in refused
+        for writer in (idle_w, part_w):
+            writer.close()
+        await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
+    finally:
+        server.close()
