@@ -41,7 +41,7 @@ def _end_to_end(headers: tuple[tuple[str, str], ...], extra_drop: frozenset[str]
 def render_forwarded_request(
     request: RequestHead,
     *,
-    client_ip: str,
+    forwarded_for: str,
     proto: str,
     websocket: bool,
     rewrite_cookie: Callable[[str], str | None] | None = None,
@@ -54,7 +54,8 @@ def render_forwarded_request(
 
     Args:
         request: the client's head.
-        client_ip: appended to X-Forwarded-For (the existing chain is kept, as Envoy does).
+        forwarded_for: the whole X-Forwarded-For value (`lb.client_address.forwarded_for`): the
+            client's chain only when its peer is a trusted proxy, else the peer alone.
         proto: "http" or "https", for X-Forwarded-Proto.
         websocket: keep the upgrade (Connection: Upgrade); otherwise ask the backend to close after answering.
         rewrite_cookie: applied to each Cookie header value; None drops that header.
@@ -73,24 +74,14 @@ def render_forwarded_request(
         listed -= _NEVER_CONNECTION_LISTED
         if listed - dropped:
             dropped = dropped | listed
+    # An absolute-form target is already origin-form here, with Host from its authority, and
+    # `_` aliases of our headers (X_Forwarded_For) are already dropped: lb.http_head does both.
     sent_target = target or request.target
     host = head.get("host")
-    authority = None
-    if not sent_target.startswith("/") and sent_target != "*":
-        # absolute-form (RFC 9112 §3.2.2): the authority is the Host, whatever Host said,
-        # and an origin server gets origin-form.
-        authority, sent_target = split_absolute_form(sent_target)
-        host = authority
     lines = [f"{request.method} {sent_target} HTTP/1.1"]
     for name, value in head.headers:
         lowered = name.lower()
         if lowered in dropped:
-            continue
-        if "_" in lowered and lowered.replace("_", "-") in _ALIASED:
-            # X_Forwarded_For reads as X-Forwarded-For to CGI-style backends (nginx with
-            # underscores_in_headers, WSGI's HTTP_X_FORWARDED_FOR): it would forge ours.
-            continue
-        if authority is not None and lowered == "host":
             continue
         if lowered == "cookie" and rewrite_cookie is not None:
             new_value = rewrite_cookie(value)
@@ -100,11 +91,8 @@ def render_forwarded_request(
         lines.append(f"{name}: {value}")
     if add:
         lines.extend(f"{name}: {value}" for name, value in add)
-    prior = head.get_all("x-forwarded-for")
-    lines.append(f"X-Forwarded-For: {', '.join(prior)}, {client_ip}" if prior else f"X-Forwarded-For: {client_ip}")
+    lines.append(f"X-Forwarded-For: {forwarded_for}")
     lines.append(f"X-Forwarded-Proto: {proto}")
-    if authority is not None:
-        lines.append(f"Host: {authority}")
     if host is not None:
         lines.append(f"X-Forwarded-Host: {host}")
     else:
@@ -120,24 +108,6 @@ def render_forwarded_request(
 _UPGRADE_LINES = "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
 _CLOSE_LINE = "Connection: close\r\n\r\n"
 
-
-# What a client header may not become once `_` is read as `-`: the headers we set.
-_ALIASED = _FORWARDED | {"host", "content-length", "transfer-encoding", "connection", "upgrade"}
-
-
-def split_absolute_form(target: str) -> tuple[str, str]:
-    """`http://host:port/p?q` → ("host:port", "/p?q"); the path is "/" when the target has none."""
-    rest = target.partition("://")[2] if "://" in target else target
-    end = len(rest)
-    for mark in "/?#":
-        found = rest.find(mark)
-        if 0 <= found < end:
-            end = found
-    authority = rest[:end].rpartition("@")[2]  # userinfo is not part of Host (RFC 9110 §4.2.4)
-    path = rest[end:].partition("#")[0]
-    if not path.startswith("/"):
-        path = "/" + path
-    return authority, path
 
 
 @functools.lru_cache(maxsize=16)
@@ -191,18 +161,6 @@ def render_client_response(
     headers.extend(("Set-Cookie", cookie) for cookie in set_cookies)
     headers.extend(extra)
     return render_head(f"HTTP/1.1 {response.status} {response.reason}".rstrip(), headers)
-
-
-def render_error(status: int, reason_phrase: str, message: str, headers: dict[str, str]) -> bytes:
-    """A short text answer of our own; the message never echoes client input."""
-    body = (message + "\n").encode("utf-8", "replace")
-    all_headers = [
-        ("Content-Type", "text/plain; charset=utf-8"),
-        ("Content-Length", str(len(body))),
-        ("Connection", "close"),
-        *headers.items(),
-    ]
-    return render_head(f"HTTP/1.1 {status} {reason_phrase}", all_headers) + body
 
 
 def render_refusal(status: int, reason_phrase: str, request_id: str, headers: dict[str, str]) -> bytes:

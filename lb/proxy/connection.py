@@ -37,6 +37,7 @@ Why it is shaped this way (each is a smuggling or memory bug of the await chain 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -47,8 +48,17 @@ from dataclasses import dataclass
 
 from lb.access_log import log_request
 from lb.affinity import Decision, decide
-from lb.affinity_http import TokenLookup, find_token, plan_forward, rewrite_response_cookies
+from lb.affinity_http import (
+    TokenLookup,
+    balance_key,
+    find_token,
+    join_pins,
+    plan_forward,
+    rewrite_response_cookies,
+)
 from lb.affinity_token import NONCE_BYTES, SESSION_BYTES, Claim
+from lb.balancing import HASHED_METHODS
+from lb.client_address import TrustedProxies, client_address, forwarded_for
 from lb.config import AffinityMode, SecureMode
 from lb.context import ProxyContext
 from lb.cookies import render_set_cookie
@@ -63,7 +73,16 @@ from lb.errors import (
 from lb.forwarding import render_client_response, render_forwarded_request, render_refusal
 from lb.framing import BodyFramer, request_framer, response_framer
 from lb.handshake import check_upgrade, is_websocket_upgrade
-from lb.http_head import HEAD_END, RequestHead, ResponseHead, find_head_end, parse_request_head, parse_response_head
+from lb.http_head import (
+    HEAD_END,
+    RequestHead,
+    ResponseHead,
+    find_head_end,
+    parse_request_head,
+    parse_response_head,
+    protected_headers,
+)
+from lb.observations import ErrorKind
 from lb.pool import BackendStatus, PoolState
 from lb.routing import match_route
 
@@ -168,18 +187,26 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ids):x}"
 
 
+# The header names a client may not alias with `_` (lb.http_head): one set per affinity header.
+_protected_headers = functools.lru_cache(maxsize=8)(protected_headers)
+
+
 def token_digest(token: str) -> str:
     """What logs may say about a token (never the token itself)."""
     return hashlib.sha256(token.encode()).hexdigest()[:8]
 
 
 class _Failure(Exception):
-    """A backend attempt that failed: why, and whether time ran out."""
+    """A backend attempt that failed: why, and what kind of failure (lb_backend_errors_total{kind})."""
 
-    def __init__(self, cause: str, *, timeout: bool = False) -> None:
+    def __init__(self, cause: str, kind: ErrorKind = "bad_answer") -> None:
         super().__init__(cause)
         self.cause = cause
-        self.timeout = timeout
+        self.kind = kind
+
+    @property
+    def timeout(self) -> bool:
+        return self.kind == "timeout"
 
 
 # -- the state machine ---------------------------------------------------------------
@@ -190,29 +217,38 @@ class Connection:
 
     __slots__ = (
         "_answer_buf",
+        "_balance_key",
         "_body_left",
         "_buf",
         "_claim",
         "_client_ip",
+        "_codec",
+        "_config",
         "_ctx",
         "_decision",
         "_interim",
         "_keep_alive",
         "_last_client",
         "_lookup",
+        "_opened_at",
         "_paused",
+        "_peer",
         "_pool",
+        "_pools",
+        "_protected",
         "_random",
         "_request",
         "_request_framer",
         "_response_framer",
         "_retriable",
         "_rid",
+        "_routes",
         "_scan",
         "_sent",
         "_started",
         "_tls",
         "_tried",
+        "_trusted",
         "_wall",
         "_websocket",
         "client_eof_seen",
@@ -228,7 +264,18 @@ class Connection:
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self._ctx = ctx
-        self._client_ip = client_ip
+        # One consistent snapshot at accept, used to the end of the connection: a reload swaps
+        # these in one synchronous step (lb.balancer), so a request is never routed under one
+        # configuration and answered under another.
+        config = ctx.config
+        self._config = config
+        self._pools = ctx.pools
+        self._routes = ctx.routes
+        self._codec = ctx.codec
+        self._protected = _protected_headers(config.affinity.header)
+        self._trusted = TrustedProxies(config.trusted_proxies) if config.trusted_proxies else None
+        self._peer = client_ip  # the socket's peer, or the PROXY header's source address
+        self._client_ip = client_ip  # per request: the peer, or a trusted X-Forwarded-For hop
         self._tls = tls
         self._random = random
         self.state = HEAD
@@ -247,6 +294,8 @@ class Connection:
         self._claim: Claim | None = None
         self._decision: Decision | None = None  # set while a backend connection is counted
         self._tried: list[str] = []
+        self._balance_key: str | None = None  # balance: source|hash, for the first choice and retries
+        self._opened_at = 0.0
         self._websocket = False
         self._retriable = False
         self._keep_alive = False
@@ -285,9 +334,9 @@ class Connection:
     def start(self, now: float) -> list[Action]:
         """The connection was accepted (the shell has counted it in ctx.handshaking)."""
         ctx = self._ctx
-        if ctx.handshaking + len(ctx.tunnels) > ctx.config.limits.max_connections:
+        if ctx.handshaking + len(ctx.tunnels) > self._config.limits.max_connections:
             return self._refuse(NoHealthyBackend("too many connections"), now)
-        return [SetTimer(now + ctx.config.timeouts.handshake)]
+        return [SetTimer(now + self._config.timeouts.handshake)]
 
     def receive_client(self, data: bytes, now: float) -> list[Action]:
         state = self.state
@@ -338,20 +387,20 @@ class Connection:
                 actions += self._maybe_resume()
             if self._body_left and self.state == WAITING:
                 # Uploading: the client's time, counted from its last byte.
-                actions.append(SetTimer(now + self._ctx.config.timeouts.handshake))
+                actions.append(SetTimer(now + self._config.timeouts.handshake))
         return actions
 
-    def backend_failed(self, cause: str, now: float) -> list[Action]:
-        """The connection to the backend failed or was lost."""
+    def backend_failed(self, cause: str, now: float, kind: ErrorKind = "reset") -> list[Action]:
+        """The connection to the backend failed (`kind`: refused, reset...) or was lost."""
         if self.state in (CONNECTING, WAITING):
-            return self._retry_or_fail(_Failure(cause), now)
+            return self._retry_or_fail(_Failure(cause, kind), now)
         if self.state == RELAY:
             return self._backend_gone(now)
         return []
 
     def backend_eof(self, now: float) -> list[Action]:
         if self.state == WAITING:
-            return self._retry_or_fail(_Failure("closed the connection before answering"), now)
+            return self._retry_or_fail(_Failure("closed the connection before answering", "reset"), now)
         if self.state == RELAY:
             return self._backend_gone(now)
         return []
@@ -370,7 +419,7 @@ class Connection:
     def deadline(self, now: float) -> list[Action]:
         """The timer set by the last SetTimer fired."""
         state = self.state
-        timeouts = self._ctx.config.timeouts
+        timeouts = self._config.timeouts
         if state == HEAD:
             # A head that does not arrive in time (slowloris), or a keep-alive connection gone idle.
             log.debug("closing %s: no complete request head in time", self._client_ip)
@@ -383,7 +432,7 @@ class Connection:
             actions = self._release_backend()
             return actions + self._refuse(RequestTimeout("request body not received in time"), now)
         if state in (CONNECTING, WAITING):
-            return self._retry_or_fail(_Failure(f"no answer within {timeouts.backend_connect:g}s", timeout=True), now)
+            return self._retry_or_fail(_Failure(f"no answer within {timeouts.backend_connect:g}s", "timeout"), now)
         if state == RELAY:
             log.debug("closing %s: response body idle for %gs", self._client_ip, timeouts.idle)
             actions = self._release_backend()
@@ -417,7 +466,7 @@ class Connection:
 
     def _read_head(self, now: float) -> list[Action]:
         buf = self._buf
-        limit = self._ctx.config.limits.max_header_bytes
+        limit = self._config.limits.max_header_bytes
         # Incremental: only the new bytes (and 3 before them) are searched for the blank line.
         if buf.find(HEAD_END, max(0, self._scan - 3)) < 0:
             self._scan = len(buf)
@@ -430,7 +479,7 @@ class Connection:
             raw = bytes(buf[:end])
             del buf[:end]
             self._scan = 0
-            request = parse_request_head(raw)
+            request = parse_request_head(raw, protected=self._protected)
         except RequestRejected as exc:
             return self._refuse(exc, now)
         return self._dispatch(request, now)
@@ -441,10 +490,12 @@ class Connection:
         self._rid = new_request_id()
         self._started = True
         self._wall = now
+        if self._trusted is not None:
+            self._client_ip = client_address(self._peer, request.head.get_all("x-forwarded-for"), self._trusted)
         try:
             if not ctx.accepting:
                 raise NoHealthyBackend("balancer is shutting down")
-            route = match_route(ctx.routes, request.path)
+            route = match_route(self._routes, request.path)
             if route is None:
                 raise NoRoute("no route for the path")
             websocket = is_websocket_upgrade(request)
@@ -453,7 +504,7 @@ class Connection:
             wait = ctx.rate_limiter.check(self._client_ip, now)
             if wait:
                 raise TooManyRequests("too many handshakes from this address", retry_after=math.ceil(wait))
-            pool = ctx.pools[route.pool]
+            pool = self._pools[route.pool]
             decision = self._first_decision(request, pool, now)
         except RequestRejected as exc:
             return self._refuse(exc, now)
@@ -467,8 +518,9 @@ class Connection:
         return self._open(decision, now)
 
     def _first_decision(self, request: RequestHead, pool: PoolState, now: float) -> Decision:
-        affinity = self._ctx.config.affinity
-        lookup = find_token(request, affinity, self._ctx.codec, now)
+        affinity = self._config.affinity
+        lookup = find_token(request, affinity, self._codec, now, pool=pool.name)
+        self._balance_key = balance_key(request, pool.config, self._client_ip)
         stats = self._ctx.stats
         for token, reason in lookup.rejected.items():
             stats.invalid_tokens[reason] += 1
@@ -486,6 +538,7 @@ class Connection:
             ),
             now=now,
             grace=affinity.redispatch_grace,
+            balance_key=self._balance_key,
         )
         if claim is not None and decision.reason == "invalid":
             stats.invalid_tokens["unknown_backend"] += 1
@@ -501,10 +554,11 @@ class Connection:
         self._answer_buf.clear()
         self._interim = 0
         self.state = CONNECTING
+        self._opened_at = now
         config = backend.config
         return [
             OpenBackend(config.host, config.port, config.id),
-            SetTimer(now + self._ctx.config.timeouts.backend_connect),
+            SetTimer(now + self._config.timeouts.backend_connect),
         ]
 
     def _forwarded_head(self) -> bytes:
@@ -513,13 +567,13 @@ class Connection:
         claim = lookup.claim
         plan = plan_forward(
             request,
-            self._ctx.config.affinity,
+            self._config.affinity,
             lookup,
             to_claimed=claim is not None and decision.backend.id == claim.backend_id,
         )
         return render_forwarded_request(
             request,
-            client_ip=self._client_ip,
+            forwarded_for=self._forwarded_for(request),
             proto="https" if self._tls else "http",
             websocket=self._websocket,
             rewrite_cookie=plan.rewrite_cookie,
@@ -528,6 +582,12 @@ class Connection:
             add=plan.add,
             backend_host=decision.backend.config.address,
         )
+
+    def _forwarded_for(self, request: RequestHead) -> str:
+        """X-Forwarded-For for the backend: the client's chain only from a trusted peer (SPEC part 2)."""
+        if self._trusted is None:
+            return self._peer
+        return forwarded_for(self._peer, request.head.get_all("x-forwarded-for"), self._trusted)
 
     # -- request body -----------------------------------------------------------------
 
@@ -551,7 +611,7 @@ class Connection:
                 actions.append(_PAUSE)
         if self.state == WAITING:
             # The whole request is out: from here on the wait is the backend's.
-            actions.append(SetTimer(now + self._ctx.config.timeouts.backend_connect))
+            actions.append(SetTimer(now + self._config.timeouts.backend_connect))
         return actions
 
     def _maybe_resume(self) -> list[Action]:
@@ -597,6 +657,7 @@ class Connection:
         decision, pool = self._decision, self._pool
         assert decision is not None and pool is not None and self._request is not None
         head = self._client_head(response, switching=True)
+        self._observe(now)
         self._count("switched")
         self._log(response.status)
         to_server = bytes(self._buf)
@@ -623,11 +684,12 @@ class Connection:
             and self._ctx.accepting
         )
         self._keep_alive = keep
+        self._observe(now)
         self._count("refused" if self._websocket else "answered")
         self._log(response.status)
         self._response_framer = framer
         self.state = RELAY
-        idle = self._ctx.config.timeouts.idle
+        idle = self._config.timeouts.idle
         actions: list[Action] = [
             SendClient(self._client_head(response, switching=False, keep_alive=keep)),
             SetTimer(now + idle if idle > 0 else None),
@@ -666,7 +728,7 @@ class Connection:
             return actions + self._close(abort=False)
         self._reset_request()
         self.state = HEAD
-        actions.append(SetTimer(now + self._ctx.config.timeouts.handshake))
+        actions.append(SetTimer(now + self._config.timeouts.handshake))
         actions += self._maybe_resume()
         if self._buf:
             actions += self._read_head(now)
@@ -694,6 +756,7 @@ class Connection:
         ctx = self._ctx
         actions = self._release_backend()
         ctx.stats.handshakes[(pool.name, backend.id, "connect_failed")] += 1
+        ctx.observations.count_backend_error(pool.name, backend.id, failure.kind)
         log.warning(
             "backend %s at %s failed request %s: %s",
             backend.id,
@@ -719,11 +782,13 @@ class Connection:
                 session=claim.session if claim else None,
                 exclude=self._tried,
                 now=now,
+                balance_key=self._balance_key,
             )
         except NoHealthyBackend:
             return actions + self._refuse(last, now)
         reason = decision.reason if decision.reason != "hit" else "redispatch"
-        return actions + self._open(Decision(backend=retry.backend, reason=reason, issue_cookie=True), now)
+        issue_cookie = retry.issue_cookie or pool.config.sticky
+        return actions + self._open(Decision(backend=retry.backend, reason=reason, issue_cookie=issue_cookie), now)
 
     def _release_backend(self) -> list[Action]:
         """Stop counting the current backend connection and drop it."""
@@ -766,20 +831,38 @@ class Connection:
     def _client_head(self, response: ResponseHead, *, switching: bool, keep_alive: bool = False) -> bytes:
         """The backend's answer plus the affinity token, as the mode wants it."""
         ctx = self._ctx
-        affinity = ctx.config.affinity
-        decision, claim = self._decision, self._claim
-        assert decision is not None
+        affinity = self._config.affinity
+        decision, claim, lookup, pool = self._decision, self._claim, self._lookup, self._pool
+        assert decision is not None and lookup is not None and pool is not None
         now = self._wall
         session = claim.session if claim is not None else self._random(SESSION_BYTES)
 
         def seal(app_value: str | None) -> str:
-            return ctx.codec.seal(
-                Claim(backend_id=decision.backend.id, issued_at=int(now), session=session, app_value=app_value),
+            return self._codec.seal(
+                Claim(
+                    backend_id=decision.backend.id,
+                    issued_at=int(now),
+                    session=session,
+                    app_value=app_value,
+                    pool=pool.name,
+                ),
                 self._random(NONCE_BYTES),
             )
 
-        if affinity.mode is AffinityMode.REWRITE:
-            rewrite, token = rewrite_response_cookies(response, affinity, seal)
+        def unsealed(app_value: str) -> None:
+            ctx.stats.unsealed_cookies[pool.name] += 1
+            log.warning(
+                "backend %s set a %d-byte %s cookie, too large to seal: passed to the client unsealed "
+                "(no affinity for it; request %s)",
+                decision.backend.id, len(app_value), affinity.cookie, self._rid,
+            )
+
+        if affinity.mode is AffinityMode.REWRITE and not (
+            pool.config.balance in HASHED_METHODS and not pool.config.sticky
+        ):
+            rewrite, token = rewrite_response_cookies(
+                response, affinity, seal, others=lookup.others, on_unsealed=unsealed
+            )
             extra = [(affinity.header, token)] if token else []
             return render_client_response(
                 response,
@@ -789,11 +872,11 @@ class Connection:
                 rewrite_set_cookie=rewrite,
                 keep_alive=keep_alive,
             )
-        if not decision.issue_cookie:
+        if not decision.issue_cookie or affinity.mode is AffinityMode.REWRITE:
             return render_client_response(
                 response, switching=switching, set_cookies=[], extra=[], keep_alive=keep_alive
             )
-        token = seal(None)
+        token = join_pins(lookup.others, seal(None))
         secure = affinity.secure is SecureMode.ALWAYS or (affinity.secure is SecureMode.AUTO and self._tls)
         cookie = render_set_cookie(
             affinity.cookie,
@@ -810,6 +893,14 @@ class Connection:
             extra=[(affinity.header, token)],
             keep_alive=keep_alive,
         )
+
+    def _observe(self, now: float) -> None:
+        """lb_backend_connect_duration_seconds (connect + answer) and lb_handshake_duration_seconds."""
+        decision, pool = self._decision, self._pool
+        assert decision is not None and pool is not None
+        observations = self._ctx.observations
+        observations.observe_connect(pool.name, decision.backend.id, now - self._opened_at)
+        observations.observe_handshake(pool.name, now - self._wall)
 
     def _count(self, outcome: str) -> None:
         decision, pool = self._decision, self._pool

@@ -28,6 +28,7 @@ from typing import Any, cast
 
 from lb.context import ProxyContext
 from lb.forwarding import render_refusal
+from lb.observations import error_kind
 from lb.proxy.connection import (
     CLOSED,
     RELAY,
@@ -90,7 +91,7 @@ class _Upstream(asyncio.Protocol):
             owner.local_failure(exc)
             return
         try:
-            actions = owner.core.backend_failed(str(exc) or type(exc).__name__, time.time())
+            actions = owner.core.backend_failed(str(exc) or type(exc).__name__, time.time(), error_kind(exc))
         except Exception:
             owner.internal_error()
             return

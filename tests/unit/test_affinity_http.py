@@ -57,7 +57,7 @@ def forwarded(req: RequestHead, affinity: AffinityConfig, lookup: TokenLookup, *
     plan = plan_forward(req, affinity, lookup, to_claimed)
     raw = render_forwarded_request(
         req,
-        client_ip="203.0.113.9",
+        forwarded_for="203.0.113.9",
         proto="http",
         websocket=False,
         rewrite_cookie=plan.rewrite_cookie,
