@@ -22,11 +22,20 @@ from lb.config import LogFormat, LoggingConfig
 LINE_FOLD = " | "
 
 
+# (second, its strftime): one strftime per second, not per line; swapped as one tuple (threads may log).
+_last_second: tuple[int, str] = (-1, "")
+
+
 def iso_utc(created: float) -> str:
     """`created` (epoch seconds) as ISO-8601 UTC with milliseconds and a Z."""
     seconds = int(created)
     millis = int((created - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    global _last_second
+    second, text = _last_second
+    if second != seconds:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _last_second = (seconds, text)
+    return f"{text}.{millis:03d}Z"
 
 
 def _fold(text: str) -> str:
@@ -97,6 +106,12 @@ def setup_logging(config: LoggingConfig, *, process: str | None = None) -> None:
         handler.setFormatter(JsonFormatter(process))
     else:
         handler.setFormatter(PlainFormatter(process))
+    # Neither format shows the caller, thread or process of a record: skip looking them up for every
+    # record (the logging HOWTO's "Optimization"; the caller lookup walks the stack per line).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
