@@ -143,7 +143,7 @@ class BackendSide(asyncio.Protocol):
             return
         self._head = None
         client.write(insert_cookie(head, end))
-        # From here on, each side's protocol only writes into the other (as lb.tunnel does).
+        # From here on, each side's protocol only writes into the other (as lb.proxy.tunnel does).
         assert self.transport is not None
         client.set_protocol(Relay(self.transport))
         self.transport.set_protocol(Relay(client))

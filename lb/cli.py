@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lb import __version__
-from lb.config_load import load_config
+from lb.config.load import load_config
 from lb.errors import ConfigError
 
 EXIT_OK = 0
@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
         _print_problems(exc)
         return EXIT_USAGE
     # Imported here so that validate, keygen and certs never load the server stack.
-    from lb.balancer import run
+    from lb.control.balancer import run
 
     return run(config, config_path)
 
@@ -104,7 +104,7 @@ def _worker(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_USAGE
-    from lb.balancer import run_worker
+    from lb.control.balancer import run_worker
 
     return run_worker(config, args.config, args.control_fd, args.index, args.count, args.owner_pid)
 

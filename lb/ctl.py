@@ -129,7 +129,7 @@ def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[st
     token: str | None = getattr(args, "token", None) or environ.get("LB_ADMIN_TOKEN") or None
     config_path: Path | None = getattr(args, "config", None)
     if config_path is not None and (url is None or token is None):
-        from lb.config_load import load_config
+        from lb.config.load import load_config
         from lb.errors import ConfigError
 
         try:

@@ -16,7 +16,7 @@ import sys
 import time
 from types import TracebackType
 
-from lb.config import LogFormat, LoggingConfig
+from lb.config.model import LogFormat, LoggingConfig
 
 # What a line break inside one event becomes in the plain format.
 LINE_FOLD = " | "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ssl
 
-from lb.config import TlsConfig
+from lb.config.model import TlsConfig
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:

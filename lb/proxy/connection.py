@@ -47,8 +47,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lb.access_log import log_request
-from lb.affinity import Decision, decide
-from lb.affinity_http import (
+from lb.affinity.balancing import HASHED_METHODS
+from lb.affinity.carriers import (
     TokenLookup,
     balance_key,
     find_token,
@@ -56,12 +56,9 @@ from lb.affinity_http import (
     plan_forward,
     rewrite_response_cookies,
 )
-from lb.affinity_token import NONCE_BYTES, SESSION_BYTES, Claim
-from lb.balancing import HASHED_METHODS
-from lb.client_address import TrustedProxies, client_address, forwarded_for
-from lb.config import AffinityMode, SecureMode
-from lb.context import ProxyContext
-from lb.cookies import render_set_cookie
+from lb.affinity.codec import NONCE_BYTES, SESSION_BYTES, Claim
+from lb.affinity.decision import Decision, decide
+from lb.config.model import AffinityMode, SecureMode
 from lb.errors import (
     BadGateway,
     NoHealthyBackend,
@@ -70,10 +67,11 @@ from lb.errors import (
     RequestTimeout,
     TooManyRequests,
 )
-from lb.forwarding import render_client_response, render_forwarded_request, render_refusal
-from lb.framing import BodyFramer, request_framer, response_framer
-from lb.handshake import check_upgrade, is_websocket_upgrade
-from lb.http_head import (
+from lb.http.client_address import TrustedProxies, client_address, forwarded_for
+from lb.http.cookies import render_set_cookie
+from lb.http.forwarding import render_client_response, render_forwarded_request, render_refusal
+from lb.http.framing import BodyFramer, request_framer, response_framer
+from lb.http.head import (
     HEAD_END,
     RequestHead,
     ResponseHead,
@@ -82,11 +80,13 @@ from lb.http_head import (
     parse_response_head,
     protected_headers,
 )
-from lb.observations import ErrorKind
-from lb.pool import BackendStatus, PoolState
-from lb.routing import match_route
+from lb.http.routing import match_route
+from lb.state.context import ProxyContext
+from lb.state.observations import ErrorKind
+from lb.state.pool import BackendStatus, PoolState
+from lb.ws.upgrade import check_upgrade, is_websocket_upgrade
 
-log = logging.getLogger("lb.listener")
+log = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
 
 # Client bytes held while they may not go anywhere yet (behind a head whose answer
 # is awaited, or the next pipelined request): past this, reading pauses.
@@ -187,7 +187,7 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ids):x}"
 
 
-# The header names a client may not alias with `_` (lb.http_head): one set per affinity header.
+# The header names a client may not alias with `_` (lb.http.head): one set per affinity header.
 _protected_headers = functools.lru_cache(maxsize=8)(protected_headers)
 
 
@@ -265,7 +265,7 @@ class Connection:
     ) -> None:
         self._ctx = ctx
         # One consistent snapshot at accept, used to the end of the connection: a reload swaps
-        # these in one synchronous step (lb.balancer), so a request is never routed under one
+        # these in one synchronous step (lb.control.balancer), so a request is never routed under one
         # configuration and answered under another.
         config = ctx.config
         self._config = config

@@ -26,9 +26,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
-from lb.context import ProxyContext
-from lb.forwarding import render_refusal
-from lb.observations import error_kind
+from lb.http.forwarding import render_refusal
 from lb.proxy.connection import (
     CLOSED,
     RELAY,
@@ -45,9 +43,11 @@ from lb.proxy.connection import (
     SetTimer,
 )
 from lb.proxy.connection import Action as Action
-from lb.tunnel import Tunnel
+from lb.proxy.tunnel import Tunnel
+from lb.state.context import ProxyContext
+from lb.state.observations import error_kind
 
-log = logging.getLogger("lb.listener")
+log = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
 
 _HELD = 1  # pause reasons, a bit each
 _BACKEND_FULL = 2

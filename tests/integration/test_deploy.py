@@ -22,8 +22,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from lb.config import DiscoveryType
-from lb.config_load import parse_config
+from lb.config.load import parse_config
+from lb.config.model import DiscoveryType
 from lb.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -186,6 +186,6 @@ def test_containerfile_is_slim_non_root_uvloop_lb_run() -> None:
 
 
 def _seconds(text: str) -> float:
-    from lb.durations import parse_duration
+    from lb.config.durations import parse_duration
 
     return parse_duration(text)

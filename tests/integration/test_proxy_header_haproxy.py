@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import HOST, STOP_WAIT, UNIT, free_port
 
-from lb.proxy_header import Command, Family, ProxyHeader, parse_proxy_header
+from lb.http.proxy_header import Command, Family, ProxyHeader, parse_proxy_header
 
 HAPROXY = shutil.which("haproxy") or shutil.which("/usr/sbin/haproxy")
 pytestmark = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")

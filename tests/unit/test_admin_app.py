@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from lb.admin import make_admin_app
-from lb.config import BackendConfig, PoolConfig
-from lb.pool import PoolState
+from lb.config.model import BackendConfig, PoolConfig
+from lb.control.admin import make_admin_app
+from lb.state.pool import PoolState
 
 TOKEN = "t" * 20
 
@@ -38,7 +38,7 @@ async def test_a_bug_in_a_handler_is_a_bare_500_logged_with_its_traceback(caplog
     """The body says nothing of the error; the log has the traceback."""
     client = await _client(_fake_balancer())
     try:
-        with caplog.at_level(logging.ERROR, logger="lb.admin"):
+        with caplog.at_level(logging.ERROR, logger="lb.control.admin"):
             reply = await client.post("/pools/p/backends/gw-1/drain", headers={"Authorization": f"Bearer {TOKEN}"})
             body = await reply.json()
         assert reply.status == 500 and body == {"error": "internal error"}

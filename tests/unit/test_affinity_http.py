@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.affinity_http import TokenLookup, find_token, plan_forward, rewrite_response_cookies
-from lb.affinity_token import NONCE_BYTES, Claim, TokenCodec
-from lb.config import AffinityConfig, AffinityMode
-from lb.forwarding import render_forwarded_request
-from lb.http_head import RequestHead, parse_request_head, parse_response_head
+from lb.affinity.carriers import TokenLookup, find_token, plan_forward, rewrite_response_cookies
+from lb.affinity.codec import NONCE_BYTES, Claim, TokenCodec
+from lb.config.model import AffinityConfig, AffinityMode
+from lb.http.forwarding import render_forwarded_request
+from lb.http.head import RequestHead, parse_request_head, parse_response_head
 
 NOW = 1_700_000_000.0
 KEYS = ("current-secret-for-tests", "previous-secret-for-tests")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.affinity_token import CLOCK_SKEW, MAX_TOKEN_CHARS, NONCE_BYTES, SESSION_BYTES, Claim, TokenCodec
+from lb.affinity.codec import CLOCK_SKEW, MAX_TOKEN_CHARS, NONCE_BYTES, SESSION_BYTES, Claim, TokenCodec
 from lb.errors import InvalidToken
 
 MAX_AGE = 3600.0

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from lb.balancing import LeastConn, RoundRobin, make_policy
-from lb.config import BalanceMethod
+from lb.affinity.balancing import LeastConn, RoundRobin, make_policy
+from lb.config.model import BalanceMethod
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lb.cli import main
-from lb.config import Config
+from lb.config.model import Config
 
 COOKIE_KEY = "c" * 43
 
@@ -146,9 +146,9 @@ def test_run_hands_the_config_to_the_balancer(tmp_path: Path, monkeypatch: pytes
         calls.append((config, config_path))
         return 7
 
-    fake = types.ModuleType("lb.balancer")
+    fake = types.ModuleType("lb.control.balancer")
     fake.run = fake_run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "lb.balancer", fake)
+    monkeypatch.setitem(sys.modules, "lb.control.balancer", fake)
     path = write_config(tmp_path)
     assert main(["run", "--config", str(path)]) == 7
     ((config, config_path),) = calls

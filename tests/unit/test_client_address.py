@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.client_address import (
+from lb.http.client_address import (
     MAX_HOPS,
     TrustedProxies,
     client_address,

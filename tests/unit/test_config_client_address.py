@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from lb.client_address import TrustedProxies, client_address
-from lb.config import Config
-from lb.config_load import parse_config
+from lb.config.load import parse_config
+from lb.config.model import Config
 from lb.errors import ConfigError
+from lb.http.client_address import TrustedProxies, client_address
 
 KEY = "k" * 43
 

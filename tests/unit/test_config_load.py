@@ -13,7 +13,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lb.config import (
+from lb.config.load import load_config, parse_config
+from lb.config.model import (
     AdminConfig,
     AffinityMode,
     BalanceMethod,
@@ -29,7 +30,6 @@ from lb.config import (
     SecureMode,
     TimeoutsConfig,
 )
-from lb.config_load import load_config, parse_config
 from lb.devcerts import write_dev_certs
 from lb.errors import ConfigError
 

@@ -16,9 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lb.config_load import parse_config
-from lb.context import ProxyContext
-from lb.http_head import parse_response_head
+from lb.config.load import parse_config
+from lb.http.head import parse_response_head
 from lb.proxy.connection import (
     CLOSED,
     CONNECTING,
@@ -42,6 +41,7 @@ from lb.proxy.connection import (
     SetTimer,
     new_request_id,
 )
+from lb.state.context import ProxyContext
 
 KEY = "k" * 40
 CONFIG = f"""

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from test_connection import CONFIG
 
-from lb.config_load import parse_config
-from lb.context import ProxyContext
+from lb.config.load import parse_config
 from lb.proxy import connection as core_module
 from lb.proxy.server import client_factory, stop_in_flight
+from lb.state.context import ProxyContext
 
 
 async def _serve(ctx: ProxyContext) -> tuple[asyncio.Server, int]:

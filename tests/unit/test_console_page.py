@@ -1,4 +1,4 @@
-"""lb.console: the server-rendered snapshot in the dashboard page, and its Content-Security-Policy."""
+"""lb.control.console: the server-rendered snapshot in the dashboard page, and its Content-Security-Policy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import base64
 import hashlib
 import re
 
-from lb.console import _PAGE, _POLICY, SNAPSHOT_MARK, render_snapshot
+from lb.control.console import _PAGE, _POLICY, SNAPSHOT_MARK, render_snapshot
 
 
 def test_snapshot_lists_every_backend_escaped() -> None:

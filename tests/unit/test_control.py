@@ -10,9 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lb.config import BackendConfig, Config, LimitsConfig, PoolConfig
-from lb.context import ProxyContext
-from lb.control import (
+from lb.config.model import BackendConfig, Config, LimitsConfig, PoolConfig
+from lb.control.ipc import (
     LENGTH,
     MAX_MESSAGE_BYTES,
     MessageTooLarge,
@@ -23,7 +22,8 @@ from lb.control import (
     share,
     split_limits,
 )
-from lb.workers import read_messages
+from lb.control.workers import read_messages
+from lb.state.context import ProxyContext
 
 
 def test_encode_is_length_prefixed_json() -> None:
@@ -121,8 +121,8 @@ def _report(handshakes: int, tunnels: int) -> dict[str, Any]:
 
 def _ctx() -> ProxyContext:
     config = _config()
-    from lb.affinity_token import TokenCodec
-    from lb.pool import PoolState
+    from lb.affinity.codec import TokenCodec
+    from lb.state.pool import PoolState
 
     return ProxyContext(
         config=config,

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.config import SameSite
-from lb.cookies import read_cookie, render_set_cookie, rewrite_cookie, strip_cookie
+from lb.config.model import SameSite
+from lb.http.cookies import read_cookie, render_set_cookie, rewrite_cookie, strip_cookie
 
 NAME = "LB_AFFINITY"
 

@@ -14,7 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from lb.config import TlsConfig
+from lb.config.model import TlsConfig
 from lb.devcerts import DevCerts, write_dev_certs
 from lb.tls import server_ssl_context
 

@@ -1,4 +1,4 @@
-"""DNS answers → backends (`lb.dns_backends`), and the config keys of part 2 this engineer owns:
+"""DNS answers → backends (`lb.control.dns_backends`), and the config keys of part 2 this engineer owns:
 `pools.X.discovery`, `${file:PATH}` and `workers: auto`.  No socket, no event loop."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lb.cli import main
-from lb.config import BackendConfig, DiscoveryType
-from lb.config_load import MAX_FILE_REFERENCE_BYTES, _cgroup_cpu_quota, load_config, parse_config
-from lb.dns_backends import (
+from lb.config.load import MAX_FILE_REFERENCE_BYTES, _cgroup_cpu_quota, load_config, parse_config
+from lb.config.model import BackendConfig, DiscoveryType
+from lb.control.dns_backends import (
     SrvRecord,
     diff,
     from_addresses,

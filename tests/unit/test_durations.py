@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lb.durations import parse_duration
+from lb.config.durations import parse_duration
 
 
 @pytest.mark.parametrize(

@@ -6,14 +6,14 @@ from collections.abc import Callable
 
 import pytest
 
-from lb.client_address import TrustedProxies, forwarded_for
-from lb.forwarding import (
+from lb.http.client_address import TrustedProxies, forwarded_for
+from lb.http.forwarding import (
     HOP_BY_HOP,
     render_client_response,
     render_forwarded_request,
     render_refusal,
 )
-from lb.http_head import RequestHead, parse_request_head, parse_response_head
+from lb.http.head import RequestHead, parse_request_head, parse_response_head
 
 
 def request(*headers: str, start: str = "GET /ws?x=1 HTTP/1.1") -> RequestHead:

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from lb.frames import FrameBoundaries, close_frame
+from lb.ws.frames import FrameBoundaries, close_frame
 
 # Payload lengths at every edge of the three length encodings, plus a zero-length frame.
 SIZES = (0, 1, 125, 126, 127, 65535, 65536, 70001)

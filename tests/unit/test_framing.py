@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.framing import BodyFramer, response_framer
-from lb.http_head import parse_response_head
+from lb.http.framing import BodyFramer, response_framer
+from lb.http.head import parse_response_head
 
 AFTER = b"HTTP/1.1 200 OK\r\n"  # bytes that follow the body and must not be counted
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lb.errors import BadHandshake, UnsupportedVersion
-from lb.handshake import check_upgrade, is_websocket_upgrade
-from lb.http_head import RequestHead, parse_request_head
+from lb.http.head import RequestHead, parse_request_head
+from lb.ws.upgrade import check_upgrade, is_websocket_upgrade
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3's sample nonce: 16 bytes
 

@@ -18,11 +18,12 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.affinity import decide, route_for_key
-from lb.affinity_http import MAX_PINS, balance_key, find_token, join_pins, plan_forward, rewrite_response_cookies
-from lb.affinity_token import NONCE_BYTES, Claim, TokenCodec, TokenTooLarge
-from lb.balancing import source_key
-from lb.config import (
+from lb.affinity.balancing import source_key
+from lb.affinity.carriers import MAX_PINS, balance_key, find_token, join_pins, plan_forward, rewrite_response_cookies
+from lb.affinity.codec import NONCE_BYTES, Claim, TokenCodec, TokenTooLarge
+from lb.affinity.decision import decide, route_for_key
+from lb.config.load import default_backlog, parse_config
+from lb.config.model import (
     AffinityConfig,
     AffinityMode,
     BackendConfig,
@@ -31,10 +32,9 @@ from lb.config import (
     HashKeySource,
     PoolConfig,
 )
-from lb.config_load import default_backlog, parse_config
 from lb.errors import ConfigError
-from lb.http_head import RequestHead, parse_request_head, parse_response_head
-from lb.pool import AdminAction, PoolState
+from lb.http.head import RequestHead, parse_request_head, parse_response_head
+from lb.state.pool import AdminAction, PoolState
 
 NOW = 1_700_000_000.0
 KEYS = ("current-secret-for-tests",)
@@ -352,7 +352,7 @@ def test_version_1_tokens_still_open_for_any_pool() -> None:
     """A token of the layout before pins per pool (no pool inside) opens, valid for every pool."""
     import struct
 
-    from lb.affinity_token import _derive
+    from lb.affinity.codec import _derive
 
     key = _derive(KEYS[0])
     header = struct.pack(">BH", 1, key.key_id)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lb.config import BackendConfig, PoolConfig
-from lb.health import requested_state
-from lb.pool import AdminAction, BackendState, PoolState
+from lb.config.model import BackendConfig, PoolConfig
+from lb.control.health import requested_state
+from lb.state.pool import AdminAction, BackendState, PoolState
 
 
 def pool() -> PoolState:

@@ -1,4 +1,4 @@
-"""lb.histogram and lb.observations: bucket placement, worker sums, error kinds, exposition."""
+"""lb.state.histogram and lb.state.observations: bucket placement, worker sums, error kinds, exposition."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
 from lb.errors import BadRequest
-from lb.histogram import LAN_BUCKETS, Histogram
-from lb.observations import Observations, error_kind
+from lb.state.histogram import LAN_BUCKETS, Histogram
+from lb.state.observations import Observations, error_kind
 
 
 def test_lan_buckets_span_100us_to_10s() -> None:

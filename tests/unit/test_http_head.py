@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb.errors import BadRequest, HeadersTooLarge, RequestRejected
-from lb.http_head import (
+from lb.http.head import (
     HEAD_END,
     find_head_end,
     parse_request_head,

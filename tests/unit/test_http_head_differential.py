@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lb.errors import RequestRejected
-from lb.http_head import HEAD_END, RequestHead, parse_request_head
+from lb.http.head import HEAD_END, RequestHead, parse_request_head
 
 httptools = pytest.importorskip("httptools", reason="httptools (llhttp) is the oracle: pip install -e '.[dev]'")
 

@@ -14,7 +14,7 @@ from lb.errors import (
     RequestRejected,
     UnsupportedTransferCoding,
 )
-from lb.http_head import (
+from lb.http.head import (
     HEAD_END,
     PROTECTED_HEADERS,
     find_head_end,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lb.config import LogFormat, LoggingConfig
+from lb.config.model import LogFormat, LoggingConfig
 from lb.log import iso_utc, setup_logging
 
 ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")

@@ -1,4 +1,4 @@
-"""lb.lookup: the /lookup answer, computed by the data path's decide() without side effects."""
+"""lb.control.lookup: the /lookup answer, computed by the data path's decide() without side effects."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from lb.affinity_token import NONCE_BYTES, Claim, TokenCodec
-from lb.config import BackendConfig, BalanceMethod, PoolConfig
-from lb.lookup import iso_utc, lookup_token
-from lb.pool import AdminAction, PoolState
+from lb.affinity.codec import NONCE_BYTES, Claim, TokenCodec
+from lb.config.model import BackendConfig, BalanceMethod, PoolConfig
+from lb.control.lookup import iso_utc, lookup_token
+from lb.state.pool import AdminAction, PoolState
 
 NOW = 1_800_000_000.0
 KEY = "unit-test-key-0123456789"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from lb.affinity import decide
-from lb.config import BackendConfig, BalanceMethod, HealthCheckConfig, PoolConfig, RouteConfig
+from lb.affinity.decision import decide
+from lb.config.model import BackendConfig, BalanceMethod, HealthCheckConfig, PoolConfig, RouteConfig
 from lb.errors import NoHealthyBackend
-from lb.pool import AdminAction, BackendState, PoolState, StateChange
-from lb.routing import match_route, sort_routes
+from lb.http.routing import match_route, sort_routes
+from lb.state.pool import AdminAction, BackendState, PoolState, StateChange
 
 
 def make_pool(*ids: str, rise: int = 2, fall: int = 3, balance: BalanceMethod = BalanceMethod.ROUND_ROBIN) -> PoolState:

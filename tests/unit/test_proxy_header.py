@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb.errors import BadProxyHeader
-from lb.proxy_header import (
+from lb.http.proxy_header import (
     MAX_V2_LENGTH,
     V1_MAX,
     V2_SIGNATURE,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lb.ratelimit import RateLimiter
+from lb.state.ratelimit import RateLimiter
 
 
 def take(limiter: RateLimiter, key: str, n: int, now: float) -> list[float]:

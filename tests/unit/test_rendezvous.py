@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from lb.balancing import rendezvous_choose
+from lb.affinity.balancing import rendezvous_choose
 
 N_KEYS = 30_000
 

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from lb import tunnel as tunnel_module
-from lb.affinity_token import TokenCodec
-from lb.config import BackendConfig, Config, PoolConfig
-from lb.context import ProxyContext
-from lb.frames import close_frame
-from lb.pool import BackendStatus, PoolState
-from lb.tunnel import Tunnel
+from lb.affinity.codec import TokenCodec
+from lb.config.model import BackendConfig, Config, PoolConfig
+from lb.proxy import tunnel as tunnel_module
+from lb.proxy.tunnel import Tunnel
+from lb.state.context import ProxyContext
+from lb.state.pool import BackendStatus, PoolState
+from lb.ws.frames import close_frame
 
 TEXT = b"\x81\x02hi"  # a whole unmasked text frame
 PARTIAL = b"\x82\x64" + b"y" * 10  # 10 of 100 payload bytes

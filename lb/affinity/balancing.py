@@ -1,0 +1,131 @@
+"""Balancing policies: which of the candidate backends takes a new client.  [pure]
+
+Policies see candidates through the `Candidate` protocol (id, weight, live
+connections) and keep only their own small state (round-robin position).
+
+`balance: source` and `balance: hash` keep no state at all: a key (the client
+address, or the `hash_key` value) picks a backend by weighted rendezvous
+hashing (`rendezvous_choose`), so every balancer instance with the same
+config and health view answers the same, and a backend leaving moves only
+the keys that were on it.  A request without a key falls back to least_conn
+(`make_policy` returns it as the pool's fallback).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
+
+from lb.config.model import BalanceMethod
+
+
+class Candidate(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def weight(self) -> float: ...
+    @property
+    def connections(self) -> int: ...
+
+
+C = TypeVar("C", bound=Candidate)
+
+
+class BalancingPolicy(Protocol):
+    def choose(self, candidates: Sequence[C]) -> C | None: ...
+
+
+class RoundRobin:
+    """Smooth weighted round robin (nginx's): weights 5,1,1 give a a b a c a a, not a a a a a b c."""
+
+    __slots__ = ("_current",)
+
+    def __init__(self) -> None:
+        self._current: dict[str, float] = {}
+
+    def choose(self, candidates: Sequence[C]) -> C | None:
+        if not candidates:
+            return None
+        total = 0.0
+        best: C | None = None
+        best_score = 0.0
+        for candidate in candidates:
+            score = self._current.get(candidate.id, 0) + candidate.weight
+            self._current[candidate.id] = score
+            total += candidate.weight
+            if best is None or score > best_score:
+                best, best_score = candidate, score
+        assert best is not None
+        self._current[best.id] = best_score - total
+        return best
+
+
+class LeastConn:
+    """Fewest live connections per unit of weight; ties take turns so idle pools still spread."""
+
+    __slots__ = ("_turn",)
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def choose(self, candidates: Sequence[C]) -> C | None:
+        if not candidates:
+            return None
+        best_load = min(candidate.connections / candidate.weight for candidate in candidates)
+        tied = [candidate for candidate in candidates if candidate.connections / candidate.weight == best_load]
+        self._turn += 1
+        return tied[self._turn % len(tied)]
+
+
+def make_policy(method: BalanceMethod) -> RoundRobin | LeastConn:
+    """The pool's stateful policy; for source and hash pools, the fallback when a request has no key."""
+    return RoundRobin() if method is BalanceMethod.ROUND_ROBIN else LeastConn()
+
+
+HASHED_METHODS = frozenset({BalanceMethod.SOURCE, BalanceMethod.HASH})
+
+
+def source_key(address: str) -> str | None:
+    """The canonical spelling of a client address, so `::ffff:10.0.0.1` and `10.0.0.1` hash alike.
+
+    Returns None for something that is not an IP address (the caller falls back).
+    """
+    try:
+        ip = ipaddress.ip_address(address.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def hash_choose(key: str, candidates: Sequence[C]) -> C | None:
+    """`balance: source`/`hash`: the backend for `key` (a client address or a hash_key value).
+
+    A distinct prefix keeps these choices independent of session redispatch.
+    """
+    return rendezvous_choose(b"key\x00" + key.encode("utf-8", "surrogateescape"), candidates)
+
+
+def rendezvous_choose(key: bytes, candidates: Sequence[C]) -> C | None:
+    """Highest-random-weight choice: the same `key` and candidates give the same answer everywhere.
+
+    Used to redispatch the clients of a failed backend: each client's session
+    key picks a survivor, so they spread in proportion to weight, a player's
+    tabs (one session) land together, and every balancer instance that shares
+    the keys agrees without talking to the others.  Removing a candidate only
+    moves the clients that had picked it.
+    """
+    best: C | None = None
+    best_score = -1.0
+    for candidate in candidates:
+        digest = hashlib.blake2b(key + candidate.id.encode(), digest_size=8).digest()
+        # Uniform in (0, 1]; -weight / ln(u) is weighted rendezvous (Schindelhauer & Schomaker).
+        uniform = (int.from_bytes(digest, "big") + 1) / 2**64
+        score = candidate.weight / -math.log(uniform) if uniform < 1.0 else math.inf
+        if score > best_score:
+            best, best_score = candidate, score
+    return best

@@ -1,0 +1,214 @@
+"""Where the affinity token travels in HTTP, per mode.  [pure]
+
+In: the client may carry the token as a cookie (browsers), in the
+`affinity.header` header or the `affinity.query_param` query parameter
+(native clients without a cookie jar).  All three carry the same token and
+are checked in that order; the header and query forms are removed before the
+request reaches the backend.
+
+Out, insert mode: our own cookie `affinity.cookie` (plus the header) when a
+token is issued; the cookie is stripped from what the backend receives.
+
+Out, rewrite mode: the backend's own cookie `affinity.cookie` carries the
+route.  Its value is sealed into the token on the way out (Set-Cookie keeps
+its attributes) and restored on the way in, so the backend always sees
+exactly the value it set.  A cookie that is not one of our tokens passes
+unchanged, and so does a backend value too large to seal (`on_unsealed`
+reports it: the caller logs a WARNING and counts it).
+
+One pin per pool: a token seals its pool, and one cookie value carries up to
+MAX_PINS tokens joined by '.' (base64url has no '.'), one per pool.  A request
+to pool B uses B's token; when B issues a fresh one, the other pools' tokens
+from the request are kept unchanged in front of it.  With one pool the value
+is one token, exactly as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from lb.affinity.balancing import source_key
+from lb.affinity.codec import Claim, TokenCodec, TokenTooLarge
+from lb.config.model import AffinityConfig, AffinityMode, BalanceMethod, HashKeySource, PoolConfig
+from lb.errors import InvalidToken
+from lb.http.cookies import read_cookie, rewrite_cookie, rewrite_set_cookie, set_cookie_value, strip_cookie
+from lb.http.forwarding import query_values, strip_query_param
+from lb.http.head import RequestHead, ResponseHead
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLookup:
+    """The first token that opened, and what was wrong with the ones that did not."""
+
+    claim: Claim | None = None
+    token: str | None = None
+    from_cookie: bool = False
+    rejected: dict[str, str] = field(default_factory=dict)  # token → InvalidToken reason
+    others: tuple[str, ...] = ()  # valid pins for other pools, kept when this pool's pin is re-issued
+
+
+# Pins one cookie value carries at most (one per pool); the oldest goes first beyond it.
+MAX_PINS = 8
+PIN_SEPARATOR = "."
+
+
+def find_token(
+    request: RequestHead, affinity: AffinityConfig, codec: TokenCodec, now: float, *, pool: str | None = None
+) -> TokenLookup:
+    """Open the first usable token among cookie, header and query parameter.
+
+    Args:
+        pool: the route's pool: only a token sealed for it (or a version-1 token, for any
+            pool) is used; valid tokens for other pools are returned in `others`.
+            None: the first token that opens, whatever its pool.
+    """
+    cookies = read_cookie(request.head.get_all("cookie"), affinity.cookie)
+    extra = [value.strip() for value in request.head.get_all(affinity.header)]
+    if "?" in request.target:
+        extra += query_values(request.target, affinity.query_param)
+    rejected: dict[str, str] = {}
+    others: dict[str, str] = {}  # pool → its first valid token
+    found: TokenLookup | None = None
+    # Bounded: a hostile cookie of a thousand dots costs at most MAX_PINS decryptions per value.
+    for index, value in enumerate(cookies + extra):
+        for token in value.split(PIN_SEPARATOR)[:MAX_PINS] if PIN_SEPARATOR in value else (value,):
+            if token in rejected:
+                continue
+            try:
+                claim = codec.open(token, now)
+            except InvalidToken as exc:
+                rejected[token] = exc.reason
+                continue
+            if pool is None or claim.for_pool(pool):
+                if found is None:
+                    found = TokenLookup(claim=claim, token=token, from_cookie=index < len(cookies))
+            elif claim.pool is not None:
+                others.setdefault(claim.pool, token)
+    if found is None:
+        return TokenLookup(rejected=rejected, others=tuple(others.values()))
+    return TokenLookup(
+        claim=found.claim, token=found.token, from_cookie=found.from_cookie, rejected=rejected,
+        others=tuple(others.values()),
+    )
+
+
+def join_pins(others: Sequence[str], token: str) -> str:
+    """The cookie value: the other pools' pins, then this pool's fresh one (the newest last)."""
+    return PIN_SEPARATOR.join([*others, token][-MAX_PINS:])
+
+
+def balance_key(request: RequestHead, pool: PoolConfig, client_ip: str) -> str | None:
+    """The key a `balance: source` or `balance: hash` pool hashes; None: none (least_conn).
+
+    Args:
+        client_ip: the client address (from PROXY or trusted X-Forwarded-For when configured).
+    """
+    if pool.balance is BalanceMethod.SOURCE:
+        return source_key(client_ip)
+    if pool.balance is not BalanceMethod.HASH or pool.hash_key is None:
+        return None
+    name = pool.hash_key.name
+    if pool.hash_key.source is HashKeySource.HEADER:
+        values = request.head.get_all(name)
+    elif pool.hash_key.source is HashKeySource.QUERY:
+        # Unlike tokens, user ids may be percent-encoded: `uid=a%40b` and `uid=a@b` are one user.
+        values = [unquote(v) for v in query_values(request.target, name)] if "?" in request.target else []
+    else:
+        values = read_cookie(request.head.get_all("cookie"), name)
+    value = values[0].strip() if values else ""
+    return value or None
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardPlan:
+    """How the request head changes on its way to the backend (arguments of render_forwarded_request)."""
+
+    rewrite_cookie: Callable[[str], str | None]
+    drop: frozenset[str]
+    target: str | None
+    add: list[tuple[str, str]]
+
+
+def plan_forward(request: RequestHead, affinity: AffinityConfig, lookup: TokenLookup, to_claimed: bool) -> ForwardPlan:
+    """Remove every trace of the token; in rewrite mode give the backend back its own value.
+
+    Args:
+        to_claimed: the request goes to the backend the token names (not redispatched).
+    """
+    name = affinity.cookie
+    target = None
+    if affinity.query_param in request.target.partition("?")[2]:
+        target = strip_query_param(request.target, affinity.query_param)
+    drop = frozenset({affinity.header.lower()})
+    if affinity.mode is AffinityMode.INSERT:
+        return ForwardPlan(lambda value: strip_cookie(value, name), drop, target, [])
+
+    restored = lookup.claim.app_value if (lookup.claim is not None and to_claimed) else None
+    ours = frozenset(lookup.others)
+
+    def restore(value: str) -> str | None:
+        parts = value.split(PIN_SEPARATOR) if PIN_SEPARATOR in value else [value]
+        if lookup.token is not None and lookup.token in parts:
+            return restored
+        # Only what decrypts is provably ours: an expired token or another pool's pin is
+        # dropped (this backend never set that value); anything else may be the
+        # backend's own id (even one too large to seal), and passes.
+        if any(part in ours or lookup.rejected.get(part) == "expired" for part in parts):
+            return None
+        return value
+
+    add: list[tuple[str, str]] = []
+    rewrite = lambda value: rewrite_cookie(value, name, restore)  # noqa: E731
+    if restored is not None and not lookup.from_cookie:
+        # The token came as header or query: the backend still expects its cookie.
+        if request.head.get_all("cookie"):
+            rewrite = lambda value: _append_pair(rewrite_cookie(value, name, restore), name, restored)  # noqa: E731
+        else:
+            add.append(("Cookie", f"{name}={restored}"))
+    return ForwardPlan(rewrite, drop, target, add)
+
+
+def _append_pair(header_value: str | None, name: str, value: str) -> str:
+    pair = f"{name}={value}"
+    return f"{header_value}; {pair}" if header_value else pair
+
+
+def rewrite_response_cookies(
+    response: ResponseHead,
+    affinity: AffinityConfig,
+    seal: Callable[[str], str],
+    *,
+    others: Sequence[str] = (),
+    on_unsealed: Callable[[str], None] | None = None,
+) -> tuple[Callable[[str], str] | None, str | None]:
+    """Rewrite mode: seal the backend's session cookie value into a token.
+
+    Args:
+        seal: app value → token naming the serving backend.
+        others: the request's valid pins for other pools, kept in front of the new token.
+        on_unsealed: called with each value too large to seal; that value passes unchanged
+            (never replaced: the backend must get back what it set).
+
+    Returns:
+        The Set-Cookie rewriter (None when the backend set no such cookie) and the token for the header.
+    """
+    name = affinity.cookie
+    tokens: dict[str, str] = {}
+    for value in response.head.get_all("set-cookie"):
+        app_value = set_cookie_value(value, name)
+        # An empty value is the backend deleting its cookie: pass that on as it is.
+        if app_value and app_value not in tokens:
+            try:
+                tokens[app_value] = join_pins(others, seal(app_value))
+            except TokenTooLarge:
+                if on_unsealed is not None:
+                    on_unsealed(app_value)
+    if not tokens:
+        return None, None
+
+    def rewrite(header_value: str) -> str:
+        return rewrite_set_cookie(header_value, name, lambda value: tokens.get(value, value))
+
+    return rewrite, list(tokens.values())[-1]

@@ -1,0 +1,1107 @@
+"""YAML text → ${ENV} and ${file:PATH} expansion → validation → `Config`, or `ConfigError(problems)`.
+
+Owns the configuration file format: which keys exist, their types, defaults
+and cross-checks.  Validation runs in one pass and collects every `Problem`,
+keyed by its path (`pools.gateways.backends[1].address`), because
+`lb validate` prints them all at once.  The dataclasses themselves live in
+`lb.config.model`; durations are parsed by `lb.config.durations`.
+
+Pure after the file read, with two deliberate exceptions: the files named by a
+listener's `tls` block are checked (they exist, and the key matches the
+certificate), the way `nginx -t` does, so that `lb validate` catches a broken
+certificate before a deploy does; and `${file:PATH}` reads PATH (a key from a
+mounted Kubernetes Secret), so every load, SIGHUP included, sees the file as it
+is now and a rotated Secret takes effect without a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import ipaddress
+import os
+import re
+import ssl
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import yaml
+
+from lb.config.durations import parse_duration
+from lb.config.model import (
+    AdminConfig,
+    AffinityConfig,
+    AffinityMode,
+    BackendConfig,
+    BalanceMethod,
+    Config,
+    DiscoveryConfig,
+    DiscoveryType,
+    EventLoop,
+    HashKey,
+    HashKeySource,
+    HealthCheckConfig,
+    HealthCheckType,
+    LimitsConfig,
+    ListenerConfig,
+    LogFormat,
+    LoggingConfig,
+    PoolConfig,
+    RouteConfig,
+    RuntimeConfig,
+    SameSite,
+    SecureMode,
+    TimeoutsConfig,
+    TlsConfig,
+)
+from lb.errors import ConfigError, Problem
+from lb.http.client_address import parse_network
+from lb.tls import server_ssl_context
+
+T = TypeVar("T")
+E = TypeVar("E", bound=Enum)
+
+MIN_SECRET_KEY_CHARS: Final = 32
+# `${file:PATH}` holds a secret or a short value, never a document: a bigger file is a mistake.
+MAX_FILE_REFERENCE_BYTES: Final = 64 * 1024
+MAX_WORKERS: Final = 64
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate the configuration file at `path`.
+
+    Args:
+        path: the YAML file; relative TLS paths inside it resolve against its directory.
+        environ: variables for `${NAME}`; `os.environ` when None.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: the file cannot be read or is invalid; carries every problem.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem("", f"cannot read {path}: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem("", f"cannot read {path}: not UTF-8 text ({exc.reason})")]) from exc
+    env = os.environ if environ is None else environ
+    return parse_config(text, base_dir=path.absolute().parent, environ=env)
+
+
+def parse_config(
+    text: str, *, base_dir: Path, environ: Mapping[str, str], cpu_count: int | None = None
+) -> Config:
+    """Validate configuration text.
+
+    Args:
+        text: the YAML document.
+        base_dir: directory that relative file paths (TLS cert/key, `${file:PATH}`) are relative to.
+        environ: variables for `${NAME}` and `${NAME:-default}` in string values.
+        cpu_count: what `workers: auto` means; the CPUs this process may run on when None.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: one `Problem` per mistake found, all of them.
+    """
+    check = _Checker(base_dir=base_dir, cpu_count=cpu_count)
+    tree = _parse_yaml(text, check)
+    if not check.problems:
+        tree = _expand(tree, "", environ, check, active=set())
+        config = _config(tree, check)
+        if config is not None and not check.problems:
+            return config
+    # A builder only returns None after recording why, so problems is non-empty here.
+    raise ConfigError(check.problems or [Problem("", "invalid configuration")])
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+class _Reported:
+    """Marks a value whose problem is already recorded (an unset `${VAR}`, a missing required key).
+
+    Validators skip it silently, so one mistake is reported once.
+    """
+
+    def __repr__(self) -> str:
+        return "<reported>"
+
+
+_REPORTED: Final = _Reported()
+
+
+class _Expanded(str):
+    """A string produced by `${...}` expansion.
+
+    Environment variables are always text, so integer and boolean fields accept
+    an expanded "8080" or "true" where YAML would have given them 8080 or true.
+    """
+
+    __slots__ = ()
+
+
+class _Bad(Exception):
+    """A value parser's complaint; becomes a Problem at the value's path."""
+
+
+class _Checker:
+    """Collects problems during the one validation pass."""
+
+    def __init__(self, *, base_dir: Path, cpu_count: int | None = None) -> None:
+        self.base_dir = base_dir
+        self.cpu_count = cpu_count
+        self.problems: list[Problem] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.problems.append(Problem(path, message))
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _kind(value: object) -> str:
+    """Name a value's type for "expected X, got <kind>" messages (scalars show their value)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"bool {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"{type(value).__name__} {value!r}"
+    if isinstance(value, dict):
+        return "mapping"
+    return type(value).__name__  # str, list, date, bytes, set, ...
+
+
+def _show(value: object) -> str:
+    """Quote a value of the right type but wrong content for "got '...'" messages."""
+    if isinstance(value, str):
+        return repr(str(value) if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value)
+    return _kind(value)
+
+
+# --------------------------------------------------------------------------- YAML and ${ENV}
+
+
+def _parse_yaml(text: str, check: _Checker) -> object:
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        check.add("", _yaml_message(exc, text))
+    except yaml.YAMLError as exc:
+        check.add("", f"invalid YAML: {exc}")
+    except (ValueError, RecursionError) as exc:
+        # safe_load builds dates itself: "2024-13-01" raises ValueError, not YAMLError.
+        check.add("", f"invalid YAML: {exc}")
+    return None
+
+
+def _yaml_message(exc: yaml.MarkedYAMLError, text: str) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    what = exc.problem or exc.context or "syntax error"
+    if mark is None:
+        return f"invalid YAML: {what}"
+    message = f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {what}"
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    if "${" in line and "{" in what:
+        # `[${KEY}]` is not YAML: braces are flow indicators inside [ ] and { }.
+        message += '; inside [ ] or { }, quote ${...} references, e.g. ["${LB_COOKIE_KEY}"]'
+    return message
+
+
+# `$${` is a literal `${` (as in docker compose); a `${` that matches no form is an error.
+# `${file:PATH}` is the file's content without its trailing newline (how Secrets are mounted).
+_REFERENCE_RE = re.compile(
+    r"\$\$\{|\$\{file:(?P<file>[^}]+)\}|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|\$\{"
+)
+
+
+def _expand(node: object, path: str, environ: Mapping[str, str], check: _Checker, active: set[int]) -> object:
+    """Expand `${NAME}` in every string value (not in keys) of the parsed tree."""
+    if isinstance(node, str):
+        return _expand_string(node, path, environ, check)
+    if not isinstance(node, dict | list):
+        return node
+    # YAML aliases can build a list that contains itself; never walk in circles.
+    if id(node) in active:
+        check.add(path, "a YAML alias refers to one of its own parents")
+        return _REPORTED
+    active.add(id(node))
+    try:
+        if isinstance(node, dict):
+            return {k: _expand(item, _join(path, k), environ, check, active) for k, item in node.items()}
+        return [_expand(item, f"{path}[{i}]", environ, check, active) for i, item in enumerate(node)]
+    finally:
+        active.discard(id(node))
+
+
+def _expand_string(text: str, path: str, environ: Mapping[str, str], check: _Checker) -> object:
+    if "${" not in text:
+        return text
+    unset: list[str] = []
+    unreadable: list[str] = []
+    malformed = False
+
+    def substitute(match: re.Match[str]) -> str:
+        nonlocal malformed
+        if match[0] == "$${":
+            return "${"
+        if match["file"] is not None:
+            content, problem = _read_reference(match["file"], check.base_dir)
+            if problem is not None:
+                unreadable.append(problem)
+            return content
+        name, default = match["name"], match["default"]
+        if name is None:
+            malformed = True
+            return match[0]
+        value = environ.get(name)
+        if default is not None and not value:  # shell semantics: unset or empty
+            return default
+        if value is None:
+            unset.append(name)
+            return ""
+        return value
+
+    result = _REFERENCE_RE.sub(substitute, text)
+    for name in unset:
+        check.add(path, f"environment variable {name} is not set")
+    for problem in unreadable:
+        check.add(path, problem)
+    if malformed:
+        check.add(path, f"expected ${{NAME}} or ${{NAME:-default}}, got {_show(text)}")
+    return _REPORTED if unset or unreadable or malformed else _Expanded(result)
+
+
+def _read_reference(name: str, base_dir: Path) -> tuple[str, str | None]:
+    """The text of a `${file:PATH}` reference, or a problem naming the path (never its content)."""
+    path = Path(os.path.abspath(base_dir / Path(name.strip()).expanduser()))
+    try:
+        with path.open("rb") as handle:
+            # Read one byte past the cap to tell "exactly at the cap" from "too big" without reading it all.
+            data = handle.read(MAX_FILE_REFERENCE_BYTES + 1)
+    except OSError as exc:
+        return "", f"cannot read file {path}: {exc.strerror or exc}"
+    if len(data) > MAX_FILE_REFERENCE_BYTES:
+        return "", f"file {path} is larger than {MAX_FILE_REFERENCE_BYTES} bytes"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "", f"file {path} is not UTF-8 text"
+    # `echo key > file` and `kubectl create secret --from-file` differ by one trailing newline.
+    return text.rstrip("\r\n"), None
+
+
+# --------------------------------------------------------------------------- scalar parsers
+# Each takes the raw YAML value and returns the typed value or raises _Bad(message).
+
+Parser = Callable[[object], Any]
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"expected a string, got {_kind(value)}")
+    if not value:
+        raise _Bad("expected a non-empty string")
+    return str(value)  # a plain str, not _Expanded
+
+
+def _secret(value: object) -> str:
+    """Like _string, but for tokens: the message never echoes the value, even a numeric one."""
+    if not isinstance(value, str):
+        raise _Bad(f"expected a string, got {type(value).__name__}")
+    return _string(value)
+
+
+def _integer(low: int, high: int) -> Parser:
+    def parse(value: object) -> int:
+        if isinstance(value, _Expanded) and value.isascii() and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad(f"expected an integer from {low} to {high}, got {_kind(value)}")
+        if not low <= value <= high:
+            raise _Bad(f"expected an integer from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float) -> Parser:
+    def parse(value: object) -> float:
+        if isinstance(value, _Expanded):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise _Bad(f"expected a number from {low:g} to {high:g}, got {_kind(value)}")
+        if not low <= value <= high:
+            raise _Bad(f"expected a number from {low:g} to {high:g}, got {value:g}")
+        return float(value)
+
+    return parse
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, _Expanded) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise _Bad(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _duration(*, allow_zero: bool = False) -> Parser:
+    def parse(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise _Bad(f"expected a duration like 500ms, 2s, 5m or 1h, got {_kind(value)}")
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise _Bad(str(exc)) from None
+        if seconds == 0 and not allow_zero:
+            raise _Bad(f"expected a duration greater than 0, got {_show(value)}")
+        return seconds
+
+    return parse
+
+
+def _choice(options: Mapping[str, T]) -> Callable[[object], T]:
+    """Case-insensitive choice; `options` maps each accepted spelling to its value."""
+    by_lower = {name.lower(): value for name, value in options.items()}
+
+    def parse(value: object) -> T:
+        if isinstance(value, str) and value.lower() in by_lower:
+            return by_lower[value.lower()]
+        raise _Bad(f"expected one of {', '.join(options)}, got {_show(value)}")
+
+    return parse
+
+
+def _enum(enum: type[E]) -> Callable[[object], E]:
+    return _choice({str(member.value): member for member in enum})
+
+
+def _secure(value: object) -> SecureMode:
+    # YAML reads `secure: true` as a bool; it can only mean "always" (and false "never").
+    if isinstance(value, bool):
+        return SecureMode.ALWAYS if value else SecureMode.NEVER
+    return _enum(SecureMode)(value)
+
+
+def _prefixed_path(value: object) -> str:
+    text = _string(value)
+    if not text.startswith("/"):
+        raise _Bad(f"expected a path starting with '/', got {_show(text)}")
+    return text
+
+
+# RFC 6265 §4.1.1: cookie-name is an RFC 2616 token (no CTLs, spaces or separators).
+_COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+# Ids, pool names and cookie/header names travel in every token, Set-Cookie, URL and metric label:
+# the affinity token carries a backend id in at most 255 bytes, and one cookie must stay far below
+# the 4096 bytes browsers keep (RFC 6265 §6.1).  64 characters leaves room for all of them.
+MAX_NAME_CHARS = 64
+
+
+def _matching(pattern: re.Pattern[str], expected: str, *, max_chars: int = MAX_NAME_CHARS) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = _string(value)
+        if len(text) > max_chars:
+            raise _Bad(f"expected at most {max_chars} characters, got {len(text)}")
+        if not pattern.fullmatch(text):
+            raise _Bad(f"expected {expected}, got {_show(text)}")
+        return text
+
+    return parse
+
+
+_cookie_name = _matching(_COOKIE_NAME_RE, "a cookie name (letters, digits and !#$%&'*+-.^_`|~)")
+# Header names are RFC 9110 tokens too.
+_header_name = _matching(_COOKIE_NAME_RE, "a header name (letters, digits and !#$%&'*+-.^_`|~)")
+# Backend ids and pool names appear in URLs (/pools/{pool}/backends/{id}/drain) and metric labels.
+_ID_RE = re.compile(r"[A-Za-z0-9._:-]+")
+_id_chars = _matching(_ID_RE, "letters, digits and . _ : - only")
+# The affinity token seals backend id and pool name (at most 255 bytes each); keeping both far
+# below that also keeps a cookie with one pin per pool well under browsers' 4096-byte limit.
+MAX_ID_CHARS = 64
+
+
+def _identifier(value: object) -> str:
+    text = _id_chars(value)
+    if len(text) > MAX_ID_CHARS:
+        raise _Bad(f"expected at most {MAX_ID_CHARS} characters, got {len(text)}")
+    return text
+
+
+def _hash_key(value: object) -> HashKey:
+    """`header:X-User-Id`, `query:uid` or `cookie:NAME`."""
+    text = _string(value)
+    source, colon, name = text.partition(":")
+    expected = "header:NAME, query:NAME or cookie:NAME"
+    if not colon or source not in HashKeySource.__members__.values():
+        raise _Bad(f"expected {expected}, got {_show(text)}")
+    if not _COOKIE_NAME_RE.fullmatch(name) or len(name) > 256:
+        raise _Bad(f"expected {expected} with NAME a token (letters, digits and !#$%&'*+-.^_`|~), got {_show(text)}")
+    return HashKey(source=HashKeySource(source), name=name)
+
+
+def default_backlog(somaxconn_path: str = "/proc/sys/net/core/somaxconn") -> int:
+    """max(net.core.somaxconn, 4096): the kernel caps listen() at somaxconn anyway."""
+    try:
+        with open(somaxconn_path, encoding="ascii") as file:
+            return max(int(file.read().strip()), 4096)
+    except (OSError, ValueError):
+        return 4096
+
+
+_HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def _address(*, min_port: int) -> Callable[[object], tuple[str, int]]:
+    """host:port with the host a name, an IPv4 literal, or an IPv6 literal in brackets."""
+
+    def parse(value: object) -> tuple[str, int]:
+        if not isinstance(value, str):
+            raise _Bad(f"expected host:port, got {_kind(value)}")
+        host, port = _split_host_port(value.strip())
+        if host is None or port is None:
+            hint = " (write IPv6 addresses as [::1]:8080)" if value.count(":") > 1 else ""
+            raise _Bad(f"expected host:port{hint}, got {_show(value)}")
+        if not min_port <= port <= 65535:
+            raise _Bad(f"expected a port from {min_port} to 65535, got {port}")
+        return host, port
+
+    return parse
+
+
+def _split_host_port(text: str) -> tuple[str | None, int | None]:
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        valid_host = bool(sep) and _is_ip(host, version=6)
+    else:
+        host, sep, port_text = text.rpartition(":")
+        valid_host = bool(sep) and _is_host(host)
+    port = int(port_text) if port_text.isascii() and port_text.isdigit() else None
+    return (host if valid_host else None), port
+
+
+def _is_ip(text: str, *, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
+
+
+def _is_host(text: str) -> bool:
+    if re.fullmatch(r"[0-9.]+", text):  # all digits and dots: must be an IPv4 literal
+        return _is_ip(text, version=4)
+    return len(text) <= 253 and _HOSTNAME_RE.fullmatch(text) is not None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- structure helpers
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """One scalar key of a section: its parser, and whether it must be present."""
+
+    key: str
+    parse: Parser
+    required: bool = False
+
+
+def _mapping(value: object, path: str, check: _Checker, allowed: Collection[str]) -> dict[Any, object] | None:
+    """The value as a mapping, after reporting every key not in `allowed`."""
+    if value is _REPORTED:
+        return None
+    if not isinstance(value, dict):
+        check.add(path, f"expected a mapping, got {_kind(value)}")
+        return None
+    for key in value:
+        if key not in allowed:
+            check.add(_join(path, key), _unknown_key(key, allowed))
+    return value
+
+
+def _unknown_key(key: object, allowed: Collection[str]) -> str:
+    message = f"unknown key {_show(key)}"
+    if isinstance(key, str):
+        close = difflib.get_close_matches(key, sorted(allowed), n=1)
+        if close:
+            message += f" (did you mean {close[0]!r}?)"
+    return message
+
+
+def _list(value: object, path: str, check: _Checker, *, what: str) -> list[object] | None:
+    """The value as a non-empty list."""
+    if value is _REPORTED:
+        return None
+    if not isinstance(value, list):
+        check.add(path, f"expected a list of {what}, got {_kind(value)}")
+        return None
+    if not value:
+        check.add(path, f"expected at least one {what.removesuffix('s')}")
+        return None
+    return value
+
+
+def _get(node: Mapping[Any, object], key: str, path: str, check: _Checker, *, required: bool) -> object:
+    """The value at `key`; None if absent or null (use the default); _REPORTED if required and absent."""
+    value = node.get(key)
+    if value is None and required:
+        message = "expected a value, got null" if key in node else "missing required key"
+        check.add(_join(path, key), message)
+        return _REPORTED
+    return value
+
+
+def _fields(
+    node: Mapping[Any, object], path: str, check: _Checker, fields: Sequence[_Field]
+) -> dict[str, Any] | None:
+    """Parse the scalar keys of a section into constructor kwargs; None if any is invalid.
+
+    Absent (or null) optional keys are left out, so the dataclass default applies.
+    """
+    kwargs: dict[str, Any] = {}
+    valid = True
+    for field in fields:
+        value = _get(node, field.key, path, check, required=field.required)
+        if value is None:
+            continue
+        if value is _REPORTED:
+            valid = False
+            continue
+        try:
+            kwargs[field.key] = field.parse(value)
+        except _Bad as exc:
+            check.add(_join(path, field.key), str(exc))
+            valid = False
+    return kwargs if valid else None
+
+
+def _simple_section(
+    root: Mapping[Any, object], key: str, check: _Checker, fields: Sequence[_Field], build: Callable[..., T]
+) -> T | None:
+    """An optional top-level section made only of scalar fields (timeouts, limits, logging, runtime)."""
+    return _scalar_section(root.get(key), key, check, fields, build)
+
+
+def _scalar_section(
+    value: object, path: str, check: _Checker, fields: Sequence[_Field], build: Callable[..., T]
+) -> T | None:
+    """An optional mapping of scalar fields at `path`; absent means all defaults."""
+    if value is None:
+        return build()
+    node = _mapping(value, path, check, [f.key for f in fields])
+    if node is None:
+        return None
+    kwargs = _fields(node, path, check, fields)
+    return None if kwargs is None else build(**kwargs)
+
+
+# --------------------------------------------------------------------------- sections
+
+_TIMEOUT_FIELDS = (
+    _Field("handshake", _duration()),
+    _Field("backend_connect", _duration()),
+    _Field("shutdown_grace", _duration(allow_zero=True)),
+    _Field("shutdown_delay", _duration(allow_zero=True)),
+    _Field("idle", _duration(allow_zero=True)),
+)
+_LIMIT_FIELDS = (
+    _Field("max_header_bytes", _integer(1024, 1024 * 1024)),
+    _Field("max_connections", _integer(1, 10_000_000)),
+    _Field("handshake_rate_per_ip", _number(0, 1_000_000)),
+    _Field("handshake_burst_per_ip", _integer(1, 1_000_000)),
+)
+_LOGGING_FIELDS = (
+    _Field("level", _choice({level: level for level in LOG_LEVELS})),
+    _Field("format", _enum(LogFormat)),
+    _Field("access_log", _boolean),
+)
+_RUNTIME_FIELDS = (_Field("event_loop", _enum(EventLoop)),)
+_ADMIN_FIELDS = (_Field("bind", _address(min_port=0)), _Field("token", _secret))
+_AFFINITY_FIELDS = (
+    _Field("mode", _enum(AffinityMode)),
+    _Field("cookie", _cookie_name),
+    _Field("max_age", _duration()),
+    _Field("same_site", _enum(SameSite)),
+    _Field("http_only", _boolean),
+    _Field("secure", _secure),
+    _Field("header", _header_name),
+    _Field("query_param", _identifier),
+    _Field("redispatch_grace", _duration(allow_zero=True)),
+)
+_LISTENER_FIELDS = (
+    _Field("bind", _address(min_port=0), required=True),
+    _Field("proxy_protocol", _boolean),
+    _Field("backlog", _integer(1, 1_000_000)),
+)
+_TLS_FIELDS = (_Field("cert", _string, required=True), _Field("key", _string, required=True))
+_ROUTE_FIELDS = (_Field("path_prefix", _prefixed_path, required=True), _Field("pool", _string, required=True))
+_POOL_FIELDS = (
+    _Field("balance", _enum(BalanceMethod)),
+    _Field("slow_start", _duration(allow_zero=True)),
+    _Field("hash_key", _hash_key),
+    _Field("sticky", _boolean),
+)
+_HEALTH_FIELDS = (
+    _Field("type", _enum(HealthCheckType)),
+    _Field("path", _prefixed_path),
+    _Field("interval", _duration()),
+    _Field("timeout", _duration()),
+    _Field("rise", _integer(1, 1000)),
+    _Field("fall", _integer(1, 1000)),
+)
+_BACKEND_FIELDS = (
+    _Field("id", _identifier, required=True),
+    _Field("address", _address(min_port=1), required=True),
+    _Field("weight", _integer(1, 256)),
+    _Field("max_connections", _integer(1, 10_000_000)),
+)
+_TOP_KEYS = (
+    "listeners", "admin", "affinity", "routes", "pools", "timeouts", "limits", "logging", "runtime", "workers",
+    "trusted_proxies",
+)
+_DISCOVERY_FIELDS = (
+    _Field("dns", _matching(_HOSTNAME_RE, "a DNS name"), required=True),
+    _Field("type", _enum(DiscoveryType)),
+    _Field("port", _integer(1, 65535)),
+    _Field("interval", _duration()),
+    _Field("timeout", _duration()),
+    _Field("max_backends", _integer(1, 10_000)),
+)
+
+
+def _workers(cpu_count: int | None) -> Parser:
+    """`workers: N`, or `auto`: one per CPU this process may run on (capped at MAX_WORKERS)."""
+    number = _integer(1, MAX_WORKERS)
+
+    def parse(value: object) -> int:
+        if value == "auto":
+            cpus = cpu_count if cpu_count is not None else _usable_cpus()
+            return max(1, min(MAX_WORKERS, cpus))
+        try:
+            return int(number(value))
+        except _Bad:
+            raise _Bad(f"expected auto or an integer from 1 to {MAX_WORKERS}, got {_kind(value)}") from None
+
+    return parse
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota if one is set.
+
+    Not os.cpu_count(): a container pinned to 2 of 64 cores, or limited to 2 CPUs of quota
+    (Kubernetes `resources.limits.cpu: 2`), wants 2 workers, not 64.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(Path("/sys/fs/cgroup/cpu.max"))
+    return max(1, min(cpus, quota)) if quota is not None else cpus
+
+
+def _cgroup_cpu_quota(path: Path) -> int | None:
+    """CPUs allowed by a cgroup v2 `cpu.max` ("200000 100000" → 2, rounded up); None without a quota."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def _config(tree: object, check: _Checker) -> Config | None:
+    if tree is None:
+        check.add("", "the configuration is empty; expected listeners, affinity, routes and pools")
+        return None
+    root = _mapping(tree, "", check, _TOP_KEYS)
+    if root is None:
+        return None
+    listeners = _listeners(_get(root, "listeners", "", check, required=True), check)
+    admin = _admin(root.get("admin"), check)
+    affinity = _affinity(_get(root, "affinity", "", check, required=True), check)
+    # Routes are checked against the pool names present, even if a pool is otherwise invalid,
+    # so problems come out in the file's usual key order (routes before pools).
+    pools_value = root.get("pools")
+    pool_names = {str(name) for name in pools_value} if isinstance(pools_value, dict) else None
+    pool_names = pool_names or None  # no pools at all: that problem is reported under pools
+    routes = _routes(_get(root, "routes", "", check, required=True), check, pool_names)
+    pools = _pools(_get(root, "pools", "", check, required=True), check)
+    timeouts = _simple_section(root, "timeouts", check, _TIMEOUT_FIELDS, TimeoutsConfig)
+    limits = _simple_section(root, "limits", check, _LIMIT_FIELDS, LimitsConfig)
+    logging = _simple_section(root, "logging", check, _LOGGING_FIELDS, LoggingConfig)
+    runtime = _simple_section(root, "runtime", check, _RUNTIME_FIELDS, RuntimeConfig)
+    top = _fields(root, "", check, [_Field("workers", _workers(check.cpu_count))])
+    trusted_proxies = _trusted_proxies(root.get("trusted_proxies"), check)
+    if (
+        top is None
+        or trusted_proxies is None
+        or
+        listeners is None
+        or admin is None
+        or affinity is None
+        or pools is None
+        or routes is None
+        or timeouts is None
+        or limits is None
+        or logging is None
+        or runtime is None
+    ):
+        return None
+    return Config(
+        listeners=listeners,
+        admin=admin,
+        affinity=affinity,
+        routes=routes,
+        pools=pools,
+        timeouts=timeouts,
+        limits=limits,
+        logging=logging,
+        runtime=runtime,
+        trusted_proxies=trusted_proxies,
+        **top,
+    )
+
+
+def _listeners(value: object, check: _Checker) -> tuple[ListenerConfig, ...] | None:
+    items = _list(value, "listeners", check, what="listeners")
+    if items is None:
+        return None
+    listeners = [_listener(item, f"listeners[{i}]", check) for i, item in enumerate(items)]
+    seen: dict[tuple[str, int], int] = {}
+    for i, listener in enumerate(listeners):
+        # Port 0 (an ephemeral port, as tests use) can repeat; anything else would fail to bind.
+        if listener is None or listener.port == 0:
+            continue
+        first = seen.setdefault((listener.host.lower(), listener.port), i)
+        if first != i:
+            check.add(f"listeners[{i}].bind", f"duplicate bind {listener.bind} (first at listeners[{first}])")
+    return None if None in listeners else tuple(lis for lis in listeners if lis is not None)
+
+
+def _listener(value: object, path: str, check: _Checker) -> ListenerConfig | None:
+    node = _mapping(value, path, check, ("bind", "tls", "proxy_protocol", "backlog"))
+    if node is None:
+        return None
+    kwargs = _fields(node, path, check, _LISTENER_FIELDS)
+    tls: TlsConfig | None = None
+    tls_value = node.get("tls")
+    if tls_value is not None:
+        tls = _tls(tls_value, _join(path, "tls"), check)
+        if tls is None:
+            return None
+    if kwargs is None:
+        return None
+    host, port = kwargs.pop("bind")
+    kwargs["backlog"] = kwargs.get("backlog") or default_backlog()
+    return ListenerConfig(host=host, port=port, tls=tls, **kwargs)
+
+
+def _trusted_proxies(
+    value: object, check: _Checker
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
+    """`trusted_proxies`: a list (possibly empty) of CIDRs or addresses; absent or null is empty."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        check.add("trusted_proxies", f"expected a list of CIDRs such as [10.0.0.0/8], got {_kind(value)}")
+        return None
+    networks = []
+    valid = True
+    for i, item in enumerate(value):
+        path = f"trusted_proxies[{i}]"
+        if not isinstance(item, str):
+            check.add(path, f"expected a CIDR such as 10.0.0.0/8, got {_kind(item)}")
+            valid = False
+            continue
+        try:
+            networks.append(parse_network(item))
+        except ValueError as exc:
+            check.add(path, str(exc))
+            valid = False
+    return tuple(networks) if valid else None
+
+
+def _tls(value: object, path: str, check: _Checker) -> TlsConfig | None:
+    node = _mapping(value, path, check, ("cert", "key"))
+    if node is None:
+        return None
+    kwargs = _fields(node, path, check, _TLS_FIELDS)
+    if kwargs is None:
+        return None
+    files: dict[str, str] = {}
+    for key in ("cert", "key"):
+        # Relative to the config file, so `lb run --config deploy/lb.yaml` works from anywhere.
+        resolved = Path(os.path.abspath(check.base_dir / Path(kwargs[key]).expanduser()))
+        if resolved.is_file():
+            files[key] = str(resolved)
+        else:
+            check.add(_join(path, key), f"file not found: {resolved}")
+    if len(files) < 2:
+        return None
+    tls = TlsConfig(cert=files["cert"], key=files["key"])
+    try:
+        server_ssl_context(tls)
+    except (ssl.SSLError, OSError) as exc:
+        check.add(path, f"cannot load the certificate and key: {exc}")
+        return None
+    return tls
+
+
+def _admin(value: object, check: _Checker) -> AdminConfig | None:
+    if value is None:
+        return AdminConfig()
+    node = _mapping(value, "admin", check, [f.key for f in _ADMIN_FIELDS])
+    if node is None:
+        return None
+    kwargs = _fields(node, "admin", check, _ADMIN_FIELDS)
+    if kwargs is None:
+        return None
+    if "bind" in kwargs:
+        kwargs["host"], kwargs["port"] = kwargs.pop("bind")
+    admin = AdminConfig(**kwargs)
+    # The admin API can drain and disable backends; off-host it must not be open to anyone.
+    if admin.token is None and not _is_loopback(admin.host):
+        check.add("admin.token", "a token is required when admin listens on a non-loopback address")
+        return None
+    return admin
+
+
+def _affinity(value: object, check: _Checker) -> AffinityConfig | None:
+    node = _mapping(value, "affinity", check, [*(f.key for f in _AFFINITY_FIELDS), "secret_keys"])
+    if node is None:
+        return None
+    kwargs = _fields(node, "affinity", check, _AFFINITY_FIELDS)
+    keys = _secret_keys(_get(node, "secret_keys", "affinity", check, required=True), check)
+    if kwargs is None or keys is None:
+        return None
+    affinity = AffinityConfig(secret_keys=keys, **kwargs)
+    # RFC 6265bis §5.4.7: browsers drop SameSite=None cookies that lack Secure.
+    if affinity.same_site is SameSite.NONE and affinity.secure is SecureMode.NEVER:
+        check.add("affinity.same_site", "same_site None needs the Secure attribute, but secure is never")
+        return None
+    return affinity
+
+
+_SHORT_KEY = f"secret key must be at least {MIN_SECRET_KEY_CHARS} characters; generate one with `lb keygen`"
+
+
+def _secret_keys(value: object, check: _Checker) -> tuple[str, ...] | None:
+    path = "affinity.secret_keys"
+    items = _list(value, path, check, what="secret keys")
+    if items is None:
+        return None
+    keys: list[str] = []
+    for i, item in enumerate(items):
+        if item is _REPORTED:
+            continue
+        if not isinstance(item, str):
+            check.add(f"{path}[{i}]", f"expected a string, got {type(item).__name__}")  # never echo a key
+        elif len(item) < MIN_SECRET_KEY_CHARS:
+            check.add(f"{path}[{i}]", _SHORT_KEY)
+        else:
+            keys.append(str(item))
+    return tuple(keys) if len(keys) == len(items) else None
+
+
+def _routes(value: object, check: _Checker, pools: Collection[str] | None) -> tuple[RouteConfig, ...] | None:
+    items = _list(value, "routes", check, what="routes")
+    if items is None:
+        return None
+    routes: list[RouteConfig | None] = []
+    first_at: dict[str, int] = {}
+    for i, item in enumerate(items):
+        route = _route(item, f"routes[{i}]", check, pools)
+        routes.append(route)
+        if route is None:
+            continue
+        first = first_at.setdefault(route.path_prefix, i)
+        if first != i:
+            check.add(
+                f"routes[{i}].path_prefix",
+                f"duplicate path_prefix {_show(route.path_prefix)} (first at routes[{first}])",
+            )
+    return None if None in routes else tuple(r for r in routes if r is not None)
+
+
+def _route(value: object, path: str, check: _Checker, pools: Collection[str] | None) -> RouteConfig | None:
+    node = _mapping(value, path, check, [f.key for f in _ROUTE_FIELDS])
+    if node is None:
+        return None
+    kwargs = _fields(node, path, check, _ROUTE_FIELDS)
+    if kwargs is None:
+        return None
+    route = RouteConfig(**kwargs)
+    # When pools is not a non-empty mapping, an "unknown pool" here would only be noise.
+    if pools is not None and route.pool not in pools:
+        known = ", ".join(sorted(pools))
+        check.add(_join(path, "pool"), f"unknown pool {_show(route.pool)}; defined pools: {known}")
+        return None
+    return route
+
+
+def _pools(value: object, check: _Checker) -> dict[str, PoolConfig] | None:
+    if value is _REPORTED:
+        return None
+    if not isinstance(value, dict):
+        check.add("pools", f"expected a mapping of pool names to pools, got {_kind(value)}")
+        return None
+    if not value:
+        check.add("pools", "expected at least one pool")
+        return None
+    pools: dict[str, PoolConfig] = {}
+    valid = True
+    for name, item in value.items():
+        path = _join("pools", name)
+        try:
+            pool_name = _identifier(name)
+        except _Bad as exc:
+            check.add(path, f"invalid pool name: {exc}")
+            valid = False
+            continue
+        pool = _pool(pool_name, item, path, check)
+        if pool is None:
+            valid = False
+        else:
+            pools[pool_name] = pool
+    return pools if valid else None
+
+
+def _pool(name: str, value: object, path: str, check: _Checker) -> PoolConfig | None:
+    node = _mapping(value, path, check, (*(f.key for f in _POOL_FIELDS), "health_check", "backends", "discovery"))
+    if node is None:
+        return None
+    kwargs = _fields(node, path, check, _POOL_FIELDS)
+    health = _health_check(node.get("health_check"), _join(path, "health_check"), check)
+    discovery: DiscoveryConfig | None = None
+    if node.get("discovery") is not None:
+        discovery = _discovery(node["discovery"], _join(path, "discovery"), check)
+        if discovery is None:
+            return None
+    # A pool needs backends from somewhere: a static list, DNS, or both.
+    backends_value = _get(node, "backends", path, check, required=discovery is None)
+    backends = () if backends_value is None else _backends(backends_value, _join(path, "backends"), check)
+    if kwargs is not None:
+        balance = kwargs.get("balance")
+        if balance is BalanceMethod.HASH and kwargs.get("hash_key") is None:
+            check.add(
+                _join(path, "hash_key"), "balance: hash needs a hash_key (header:NAME, query:NAME or cookie:NAME)"
+            )
+            kwargs = None
+        elif balance is not BalanceMethod.HASH and kwargs.get("hash_key") is not None:
+            check.add(_join(path, "hash_key"), "only used with balance: hash")
+            kwargs = None
+        elif balance not in (BalanceMethod.SOURCE, BalanceMethod.HASH) and kwargs.get("sticky") is False:
+            check.add(_join(path, "sticky"), "only used with balance: source or hash (other pools always pin)")
+            kwargs = None
+    if kwargs is None or health is None or backends is None:
+        return None
+    return PoolConfig(name=name, backends=backends, health_check=health, discovery=discovery, **kwargs)
+
+
+def _discovery(value: object, path: str, check: _Checker) -> DiscoveryConfig | None:
+    node = _mapping(value, path, check, (*(f.key for f in _DISCOVERY_FIELDS), "nameservers"))
+    if node is None:
+        return None
+    kwargs = _fields(node, path, check, _DISCOVERY_FIELDS)
+    nameservers: list[tuple[str, int]] = []
+    valid = True
+    servers_value = node.get("nameservers")
+    if servers_value is not None:
+        servers_path = _join(path, "nameservers")
+        if not isinstance(servers_value, list):
+            check.add(servers_path, f"expected a list of host:port, got {_kind(servers_value)}")
+            valid = False
+        else:
+            parse = _address(min_port=1)
+            for i, item in enumerate(servers_value):
+                try:
+                    host, port = parse(item)
+                except _Bad as exc:
+                    check.add(f"{servers_path}[{i}]", str(exc))
+                    valid = False
+                    continue
+                # dnspython talks to nameservers by address only: a name would need a resolver first.
+                if not (_is_ip(host, version=4) or _is_ip(host, version=6)):
+                    check.add(f"{servers_path}[{i}]", f"expected an IP address, got {_show(host)}")
+                    valid = False
+                    continue
+                nameservers.append((host, port))
+    if kwargs is None or not valid:
+        return None
+    discovery = DiscoveryConfig(nameservers=tuple(nameservers), **kwargs)
+    if discovery.type is DiscoveryType.A and discovery.port is None:
+        check.add(_join(path, "port"), "type a needs a port (A records carry none)")
+        return None
+    return discovery
+
+
+def _health_check(value: object, path: str, check: _Checker) -> HealthCheckConfig | None:
+    return _scalar_section(value, path, check, _HEALTH_FIELDS, HealthCheckConfig)
+
+
+def _backends(value: object, path: str, check: _Checker) -> tuple[BackendConfig, ...] | None:
+    items = _list(value, path, check, what="backends")
+    if items is None:
+        return None
+    backends = [_backend(item, f"{path}[{i}]", check) for i, item in enumerate(items)]
+    first_id: dict[str, int] = {}
+    first_address: dict[tuple[str, int], int] = {}
+    for i, backend in enumerate(backends):
+        if backend is None:
+            continue
+        first = first_id.setdefault(backend.id, i)
+        if first != i:
+            check.add(
+                f"{path}[{i}].id", f"duplicate backend id {_show(backend.id)} (first at {path}[{first}])"
+            )
+        first = first_address.setdefault((backend.host.lower(), backend.port), i)
+        if first != i:
+            check.add(
+                f"{path}[{i}].address",
+                f"duplicate backend address {backend.address} (first at {path}[{first}])",
+            )
+    if None in backends or len(first_id) < len(backends) or len(first_address) < len(backends):
+        return None
+    return tuple(b for b in backends if b is not None)
+
+
+def _backend(value: object, path: str, check: _Checker) -> BackendConfig | None:
+    node = _mapping(value, path, check, [f.key for f in _BACKEND_FIELDS])
+    if node is None:
+        return None
+    kwargs = _fields(node, path, check, _BACKEND_FIELDS)
+    if kwargs is None:
+        return None
+    kwargs["host"], kwargs["port"] = kwargs.pop("address")
+    return BackendConfig(**kwargs)

@@ -1,0 +1,221 @@
+"""Typed, frozen configuration objects: what `config_load` builds and everything else reads.
+
+Durations are float seconds, sequences are tuples, choices are StrEnums.  No
+validation lives here; `config_load` checks every value before building these.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class AffinityMode(StrEnum):
+    INSERT = "insert"    # the balancer's own cookie
+    REWRITE = "rewrite"  # the backend's cookie, value wrapped in our token
+
+
+class SameSite(StrEnum):
+    STRICT = "Strict"
+    LAX = "Lax"
+    NONE = "None"
+
+
+class SecureMode(StrEnum):
+    AUTO = "auto"    # Secure on TLS listeners only
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+class BalanceMethod(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_CONN = "least_conn"
+    SOURCE = "source"  # rendezvous hash of the client address (the layer-4 baseline)
+    HASH = "hash"      # rendezvous hash of `hash_key`; requests without it fall back to least_conn
+
+
+class HashKeySource(StrEnum):
+    HEADER = "header"
+    QUERY = "query"
+    COOKIE = "cookie"
+
+
+@dataclass(frozen=True, slots=True)
+class HashKey:
+    """Where `balance: hash` finds its key: `header:X-User-Id`, `query:uid`, `cookie:NAME`."""
+
+    source: HashKeySource
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.source.value}:{self.name}"
+
+
+class HealthCheckType(StrEnum):
+    HTTP = "http"
+    TCP = "tcp"
+
+
+class DiscoveryType(StrEnum):
+    SRV = "srv"  # one backend per SRV record, id = first label of the target
+    A = "a"      # one backend per A/AAAA record, id "ip:port"
+
+
+class EventLoop(StrEnum):
+    AUTO = "auto"        # uvloop when installed, else asyncio
+    ASYNCIO = "asyncio"
+    UVLOOP = "uvloop"
+
+
+class LogFormat(StrEnum):
+    PLAIN = "plain"
+    JSON = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert: str  # absolute path after loading
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    host: str
+    port: int
+    tls: TlsConfig | None = None
+    # Each connection starts with a PROXY v1/v2 header from an L4 balancer (lb.http.proxy_header);
+    # without a valid one it is closed without an answer.
+    proxy_protocol: bool = False
+    # listen() queue; config_load fills in max(net.core.somaxconn, 4096) when absent.  A
+    # reconnect storm arrives as one burst of SYNs: each overflow costs the client a 1s retransmit.
+    backlog: int = 4096
+
+    @property
+    def bind(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 9000
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AffinityConfig:
+    secret_keys: tuple[str, ...]
+    mode: AffinityMode = AffinityMode.INSERT
+    cookie: str = "LB_AFFINITY"
+    max_age: float = 3600.0
+    same_site: SameSite = SameSite.LAX
+    http_only: bool = True
+    secure: SecureMode = SecureMode.AUTO
+    # Native clients without a cookie jar send the token back in this header or query parameter.
+    header: str = "X-LB-Affinity"
+    query_param: str = "lb_affinity"
+    # A backend that went down less than this long ago keeps its clients' cookies
+    # (they are served elsewhere meanwhile): a flapping gateway does not re-pin everyone.
+    redispatch_grace: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    path_prefix: str
+    pool: str
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    type: HealthCheckType = HealthCheckType.HTTP
+    path: str = "/health"
+    interval: float = 1.0
+    timeout: float = 0.5
+    rise: int = 2
+    fall: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    id: str
+    host: str
+    port: int
+    weight: int = 1
+    max_connections: int | None = None  # beyond it, clients are balanced elsewhere
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """`pools.X.discovery`: backends learned from DNS, re-resolved every `interval`."""
+
+    dns: str
+    type: DiscoveryType = DiscoveryType.SRV
+    port: int | None = None  # required for type a
+    interval: float = 5.0
+    nameservers: tuple[tuple[str, int], ...] = ()  # empty: the system resolver
+    timeout: float = 2.0  # one lookup, all nameservers included
+    max_backends: int = 256  # a huge answer is cut to this many (logged)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    name: str
+    backends: tuple[BackendConfig, ...]
+    balance: BalanceMethod = BalanceMethod.LEAST_CONN
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    slow_start: float = 0.0  # seconds over which a backend back up ramps to its full weight
+    discovery: DiscoveryConfig | None = None  # backends from DNS, besides the static ones
+    hash_key: HashKey | None = None  # balance: hash only
+    # source/hash pools: false = no cookie, the hash alone routes (what /route says is where
+    # every client is); true = the cookie wins while its backend is up or draining.
+    sticky: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    handshake: float = 10.0        # whole request head must arrive within this
+    backend_connect: float = 3.0   # TCP connect + backend's handshake answer
+    shutdown_grace: float = 10.0   # SIGTERM: live tunnels get 1001 spread over this window
+    shutdown_delay: float = 0.0    # SIGTERM: keep serving this long with /readyz at 503 first
+    idle: float = 0.0              # close tunnels silent this long; 0 = never (games idle)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_header_bytes: int = 16384
+    max_connections: int = 50000          # client connections at once, all listeners
+    handshake_rate_per_ip: float = 0.0    # handshakes per second per source IP; 0 = off (carrier NAT)
+    handshake_burst_per_ip: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "INFO"
+    format: LogFormat = LogFormat.PLAIN
+    access_log: bool = True  # one line per handshake and per closed tunnel
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    event_loop: EventLoop = EventLoop.AUTO
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listeners: tuple[ListenerConfig, ...]
+    affinity: AffinityConfig
+    routes: tuple[RouteConfig, ...]
+    pools: dict[str, PoolConfig]  # by name; never mutated after loading
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    workers: int = 1  # processes sharing the listeners (SO_REUSEPORT); >1 adds an owner process
+    # Peers whose X-Forwarded-For is believed (lb.http.client_address); empty: nobody's.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()

@@ -1,0 +1,310 @@
+"""The admin API on its own address: health, readiness, /status, /metrics, and bearer-protected operator actions.
+
+    GET  /livez                                     200 while the process serves requests
+    GET  /readyz                                    200 once listeners are open; 503 before and from SIGTERM on
+    GET  /healthz                                   as /readyz: 200 while serving, 503 starting or shutting down
+    GET  /status                                    pools, backends, states with reasons, counters
+    GET  /metrics                                   Prometheus text exposition
+    GET  /  and  GET /lookup?token=T                the operator's console (lb.control.console)
+    POST /pools/{pool}/backends/{id}/{action}       drain | disable | enable (Authorization: Bearer)
+
+Input is checked as strictly as the config is: an unknown parameter
+(`close_afer`), a malformed value or body, or JSON nested deeper than any
+real request is a 400 that names the problem.  A middleware turns anything
+else that escapes a handler into a bare 500 with the traceback in the log
+only: no admin request can make the API leak internals or die.  Error
+bodies name only what the operator sent in the path they asked about.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lb.config.durations import parse_duration
+from lb.control.migration import DEFAULT_MIGRATION_RATE
+from lb.state.pool import AdminAction, BackendStatus
+
+if TYPE_CHECKING:
+    from lb.control.balancer import Balancer
+
+log = logging.getLogger(__name__)
+
+BALANCER: web.AppKey[Balancer] = web.AppKey("balancer")
+
+# An action's parameters, in the query string or a JSON body; anything else is refused.
+ACTION_PARAMS = frozenset({"close_after", "rate"})
+MAX_BODY_BYTES = 4096  # an action body is a few dozen bytes
+MAX_JSON_DEPTH = 4  # {"close_after": "30s"} is depth 1; deeper is not a request we understand
+MAX_RATE = 100_000.0
+
+
+class AdminInputError(ValueError):
+    """A request the admin API refuses with 400; the message names the problem."""
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """HTTP errors keep their status with a JSON body; anything else is a bug: logged, bare 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.reason or "error", headers={
+            k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")
+        })
+    except AdminInputError as exc:
+        return _error(400, str(exc))
+    except Exception:
+        log.exception("admin API: unexpected error answering %s %.200s", request.method, request.rel_url.path)
+        return _error(500, "internal error")
+
+
+def make_admin_app(balancer: Balancer) -> web.Application:
+    # client_max_size: aiohttp answers 413 itself beyond it, before any handler reads the body.
+    app = web.Application(middlewares=[_answer_errors], client_max_size=MAX_BODY_BYTES)
+    app[BALANCER] = balancer
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/pools/{pool}/backends/{backend}/{action}", backend_action)
+    # GET /pools/{pool}/route?key=K (balance: source|hash), in its own module.
+    from lb.control.admin_route import add_route_endpoint
+
+    add_route_endpoint(app)
+
+    # The operator's console: GET / (dashboard) and GET /lookup (imported here: it imports this module).
+    from lb.control.console import add_console_routes
+
+    add_console_routes(app)
+    return app
+
+
+def refuse_parameters(request: web.Request, allowed: frozenset[str] = frozenset()) -> None:
+    """Raise AdminInputError for a query parameter the endpoint does not take (a typo is not ignored)."""
+    unknown = sorted(set(request.query) - allowed)
+    if unknown:
+        raise AdminInputError(f"unknown parameter {_name(unknown[0])}")
+
+
+async def livez(request: web.Request) -> web.Response:
+    """The event loop answers: the process is alive (a restart would not help it otherwise)."""
+    refuse_parameters(request)
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    refuse_parameters(request)
+    if not request.app[BALANCER].ready:
+        return web.json_response({"status": "not ready"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Like /readyz (kept for part 1 clients): 503 while starting and from SIGTERM on."""
+    refuse_parameters(request)
+    balancer = request.app[BALANCER]
+    if not balancer.ready:
+        state = "shutting down" if balancer.shutting_down else "starting"
+        return web.json_response({"status": state}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def status(request: web.Request) -> web.Response:
+    refuse_parameters(request)
+    return web.json_response(status_document(request.app[BALANCER]))
+
+
+def status_document(balancer: Balancer) -> dict[str, Any]:
+    ctx = balancer.ctx
+    pools: dict[str, Any] = {
+        pool.name: {
+            "balance": pool.config.balance.value,
+            "slow_start": pool.config.slow_start,
+            "backends": [_backend_document(b) for b in pool.backends.values()],
+        }
+        for pool in ctx.pools.values()
+    }
+    for name, entry in pools.items():  # DNS discovery: last_ok, last_error, ... (lb.control.discovery)
+        discovery = balancer.discovery.status(name)
+        if discovery is not None:
+            entry["discovery"] = discovery
+    # Backends a reload removed stay visible while their last tunnels run.
+    for name, backend in balancer.retired_backends():
+        entry = pools.setdefault(name, {"balance": None, "backends": []})
+        entry["backends"].append({**_backend_document(backend), "state": "removed"})
+    return {
+        "pools": pools,
+        "tunnels": balancer.live_tunnels(),
+        "role": balancer.role.value,
+        "listeners": [f"{host}:{port}" for host, port in balancer.listen_addresses],
+        "accepting": ctx.accepting,
+        "time": time.time(),
+    }
+
+
+def _backend_document(b: BackendStatus) -> dict[str, Any]:
+    return {
+        "id": b.id,
+        "address": b.config.address,
+        "weight": b.config.weight,
+        "effective_weight": b.weight,
+        "state": b.state.value,
+        "reason": b.reason,
+        "connections": b.connections,
+        "max_connections": b.config.max_connections,
+        "handshakes": b.handshakes,
+        "affinity_hits": b.affinity_hits,
+        "redispatches": b.redispatches,
+        "health": {"passing": b.healthy, "successes": b.successes, "failures": b.failures},
+        "migrating": b.migrating,
+        "requested_state": "draining" if b.requested_drain else None,  # from X-Backend-State
+        "changed_at": b.changed_at or None,
+    }
+
+
+async def metrics(request: web.Request) -> web.Response:
+    refuse_parameters(request)
+    body = generate_latest(request.app[BALANCER].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _authorized(request: web.Request, token: str | None) -> bool:
+    if token is None:
+        return False
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    # Constant-time: the comparison must not tell an attacker how much of the token matched.
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
+
+
+async def backend_action(request: web.Request) -> web.Response:
+    """POST /pools/{pool}/backends/{id}/{drain|disable|enable}[?close_after=30s&rate=5].
+
+    `close_after` and `rate` (also accepted as a JSON body) ask for migration:
+    after the delay, the backend's tunnels are closed with 1012 at that rate.
+    """
+    balancer = request.app[BALANCER]
+    if not _authorized(request, balancer.ctx.config.admin.token):
+        return _error(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    try:
+        action = AdminAction(request.match_info["action"])
+    except ValueError:
+        return _error(404, "action must be drain, disable or enable")
+    pool = balancer.ctx.pools.get(request.match_info["pool"])
+    backend_id = request.match_info["backend"]
+    if pool is None or pool.get(backend_id) is None:
+        return _error(404, "unknown pool or backend")
+    close_after, rate = await _migration_params(request)
+    if action is AdminAction.ENABLE and (close_after is not None or rate is not None):
+        raise AdminInputError("close_after and rate apply to drain and disable, not enable")
+    state = balancer.apply_admin(pool.name, backend_id, action, close_after=close_after, rate=rate)
+    answer: dict[str, Any] = {"pool": pool.name, "id": backend_id, "state": state.value}
+    if close_after is not None or rate is not None:
+        answer["close_after"] = close_after or 0.0
+        answer["rate"] = rate or DEFAULT_MIGRATION_RATE
+    return web.json_response(answer)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _depth(value: object, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, stopping once past `limit` (no recursion)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((child, depth) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    # A cheap bound before the parser: json.loads recurses once per bracket and would hit
+    # RecursionError (a 500) on a few thousand of them.
+    if raw.count(b"[") + raw.count(b"{") > 64:
+        raise AdminInputError(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise AdminInputError("body: not valid JSON") from None
+    if not isinstance(body, dict):
+        raise AdminInputError("body: expected a JSON object")
+    if _depth(body, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise AdminInputError(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return body
+
+
+def _name(key: object) -> str:
+    text = str(key)
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+# For other admin route modules (lb.control.console): the same bearer check and error body.
+authorized = _authorized
+error_response = _error
+
+
+async def _migration_params(request: web.Request) -> tuple[float | None, float | None]:
+    """close_after and rate from the query string and/or a JSON body; raises AdminInputError."""
+    params: dict[str, Any] = {}
+    for key in request.query:
+        if key in params:
+            raise AdminInputError(f"parameter {_name(key)} given twice")
+        values = request.query.getall(key)
+        if len(values) > 1:
+            raise AdminInputError(f"parameter {_name(key)} given twice")
+        params[key] = values[0]
+    if request.can_read_body:
+        raw = await request.read()
+        if raw.strip():
+            if request.content_type not in ("application/json", "application/octet-stream", ""):
+                raise AdminInputError(f"body: expected application/json, got {_name(request.content_type)}")
+            for key, value in _parse_body(raw).items():
+                if key in params:
+                    raise AdminInputError(f"parameter {_name(key)} given in both query and body")
+                params[key] = value
+    unknown = sorted(set(params) - ACTION_PARAMS)
+    if unknown:
+        raise AdminInputError(
+            f"unknown parameter {_name(unknown[0])}; expected {' or '.join(sorted(ACTION_PARAMS))}"
+        )
+    close_after = rate = None
+    if params.get("close_after") is not None:
+        value = params["close_after"]
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise AdminInputError("close_after: expected a duration like 30s or 500ms")
+        try:
+            close_after = parse_duration(value)
+        except (ValueError, TypeError, OverflowError):
+            raise AdminInputError("close_after: expected a duration like 30s or 500ms") from None
+        if not 0 <= close_after <= 86_400:
+            raise AdminInputError("close_after: expected a duration between 0s and 24h")
+    if params.get("rate") is not None:
+        value = params["rate"]
+        try:
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise ValueError
+            rate = float(value)
+        except (ValueError, OverflowError):
+            raise AdminInputError("rate: expected connections per second, a number above 0") from None
+        if not 0 < rate <= MAX_RATE:  # also refuses nan and inf
+            raise AdminInputError(f"rate: expected connections per second above 0 and at most {MAX_RATE:g}")
+    return close_after, rate

@@ -1,0 +1,681 @@
+"""The running balancer: builds listeners, admin and health checks; starts, reloads and stops them.
+
+Start binds everything (listeners, then admin) before serving; a bind that
+fails closes what was bound and raises `BindError`, which `run` turns into
+one line naming the address and exit code 2.
+
+`Balancer.stop()` is idempotent (SPEC part 2, rolling updates): /readyz
+answers 503 at once while the listeners keep serving for
+`timeouts.shutdown_delay` (so an L4 balancer or Kubernetes can deregister
+us) → stop accepting (handshakes in flight get 503, /healthz answers 503) →
+live tunnels get a WebSocket close 1001 spread evenly over
+`timeouts.shutdown_grace`, so their clients do not reconnect as one herd →
+whatever is left at its end is closed → stop health checks and admin.
+
+`Balancer.reload()` (SIGHUP) is one transaction, and reloads run one at a
+time (a burst of SIGHUPs coalesces into at most one pending reload).  The
+new state is built first: config parsed, new listeners bound, TLS loaded,
+admin bound if it moved.  If anything fails, what was built is closed and
+the running config stays entirely, with one log event saying why.  Then it
+is swapped in one synchronous block (no await in between), so a connection
+that reads `ProxyContext` at accept always sees one consistent snapshot.
+Backends keep their health and counts by id, including a backend that a
+reload removed and a later one brought back while its tunnels still ran;
+health checkers are replaced, never duplicated.
+
+`run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `request_reload`, and
+picks the event loop (uvloop when installed and `runtime.event_loop` allows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from lb.affinity.codec import TokenCodec
+from lb.config.load import load_config
+from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
+from lb.control.admin import make_admin_app
+from lb.control.discovery import DiscoveryManager
+from lb.control.health import HealthChecker
+from lb.control.ipc import split_limits
+from lb.control.metrics import make_registry
+from lb.control.migration import DEFAULT_MIGRATION_RATE, migrate
+from lb.control.workers import ControlChannel, WorkerSupervisor, watch_owner
+from lb.errors import ConfigError, LbError
+from lb.http.routing import sort_routes
+from lb.log import setup_logging
+from lb.proxy.server import client_factory, install_accept_error_filter, stop_in_flight
+from lb.proxy.tunnel import CLOSE_LINGER
+from lb.state.context import ProxyContext
+from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange
+from lb.state.ratelimit import RateLimiter
+from lb.tls import server_ssl_context
+
+log = logging.getLogger(__name__)
+
+GOING_AWAY = 1001  # RFC 6455 §7.4.1: the server is going down
+# After the grace period, how long the last clients told 1001 may take to answer before TCP close.
+LAST_CLOSE_ANSWER = 0.25
+EXIT_BIND = 2  # SPEC part 2: `lb run` with a port in use exits 2
+
+
+class BindError(LbError, OSError):
+    """A listener or the admin API cannot bind its address (in use, not ours, no permission)."""
+
+    def __init__(self, what: str, address: str, cause: OSError) -> None:
+        reason = cause.strerror or str(cause)
+        super().__init__(f"cannot listen on {address} ({what}): {reason}")
+        self.address = address
+
+
+@dataclass(slots=True)
+class _Listening:
+    config: ListenerConfig
+    server: asyncio.Server
+    ssl_context: ssl.SSLContext | None
+    address: tuple[str, int] = field(default=("", 0))
+
+
+class Role(StrEnum):
+    SINGLE = "single"  # workers: 1 — one process does everything
+    OWNER = "owner"    # workers: N — health, admin, states; starts the workers
+    WORKER = "worker"  # accepts and relays; states come from the owner
+
+
+class Balancer:
+    def __init__(
+        self, config: Config, config_path: Path | None = None, *, role: Role = Role.SINGLE, control_fd: int = -1,
+        share: tuple[int, int] = (0, 1),
+    ) -> None:
+        self.config_path = config_path
+        self.role = role
+        self.ctx = ProxyContext.build(config, self.record_backend_failure)
+        self.reloads: Counter[str] = Counter()  # result → count, for lb_config_reloads_total
+        # workers: N — worker `index` of `count` enforces its share of the per-instance limits.
+        self._share = share
+        self.registry = make_registry(
+            lambda: self.ctx, lambda: self.reloads,
+            (lambda: self._supervisor.pids() if self._supervisor is not None else []) if role is Role.OWNER else None,
+        )
+        # /readyz: True once every listener is open, False again from SIGTERM on.
+        self.ready = False
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_pending = False
+        self._listening: list[_Listening] = []
+        self._admin: web.AppRunner | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self._checkers: list[HealthChecker] = []
+        # DNS discovery runs wherever routing happens (owner and every worker resolve on their own).
+        self.discovery = DiscoveryManager(self.update_discovered, self.registry)
+        self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self._stop_called = asyncio.Event()
+        # Backends removed by a reload that still carry tunnels, shown in /status until they end.
+        self._retired: list[tuple[str, BackendStatus]] = []
+        self._supervisor: WorkerSupervisor | None = None
+        self._control: ControlChannel | None = None
+        if role is Role.OWNER:
+            if config_path is None:
+                raise ValueError("workers need the configuration file (they read it themselves)")
+            self._supervisor = WorkerSupervisor(self, config.workers, config_path)
+        elif role is Role.WORKER:
+            self._control = ControlChannel(self, control_fd)
+
+    @property
+    def config(self) -> Config:
+        return self.ctx.config
+
+    @property
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        return [listening.address for listening in self._listening]
+
+    # -- start -------------------------------------------------------------
+
+    def retired_backends(self) -> list[tuple[str, BackendStatus]]:
+        """(pool, backend) removed by a reload whose tunnels still run; forgets those that ended."""
+        self._retired = [(name, b) for name, b in self._retired if b.connections > 0]
+        return self._retired
+
+    def live_tunnels(self) -> int:
+        return self._supervisor.live_tunnels if self._supervisor is not None else len(self.ctx.tunnels)
+
+    async def start(self) -> None:
+        """Bind everything, then serve.  Raises BindError with nothing left bound."""
+        try:
+            await self._start()
+        except BindError:
+            await self._close_bound()
+            raise
+        self.ready = True
+
+    async def _start(self) -> None:
+        if self._control is not None:
+            await self._control.start()
+        if self.role is not Role.OWNER:
+            for listener in self.config.listeners:
+                self._listening.append(await self._bind(listener))
+        else:
+            # The workers bind with SO_REUSEPORT; a port held by someone else would only show as
+            # workers dying one after the other.  Probe each address once, here, to fail fast.
+            for listener in self.config.listeners:
+                _probe_bind(listener)
+        if self.role is not Role.WORKER:
+            # Bound before anything serves, so that a taken admin port leaves nothing listening.
+            self._admin, self.admin_address = await self._bind_admin(self.config)
+        # Everything is bound: from here on nothing can fail for want of an address.
+        for listening in self._listening:
+            log.info(
+                "listening on %s:%d%s (backlog %d)",
+                *listening.address, " (TLS)" if listening.ssl_context else "", listening.config.backlog,
+            )
+        if self.admin_address is not None:
+            log.info("admin API on %s:%d", *self.admin_address)
+        if self.role is not Role.OWNER:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
+        if self.role is not Role.WORKER:
+            self._start_health_checks()
+        self.discovery.start(self.config.pools)  # DNS discovery loops (lb.control.discovery)
+        if self._supervisor is not None:
+            await self._supervisor.start()
+        if self._control is not None:
+            self._control.report_ready()
+
+    async def _close_bound(self) -> None:
+        for listening in self._listening:
+            listening.server.close()
+        self._listening = []
+        if self._admin is not None:
+            await self._admin.cleanup()
+            self._admin = None
+        await self._stop_health_checks()
+
+    async def _bind(self, listener: ListenerConfig) -> _Listening:
+        """Bind one listener; raises BindError (TLS files that do not load are an OSError too)."""
+        try:
+            ssl_context = server_ssl_context(listener.tls) if listener.tls else None
+        except (OSError, ssl.SSLError) as exc:
+            raise BindError("TLS", listener.bind, exc) from exc
+        tls = ssl_context is not None
+        loop = asyncio.get_running_loop()
+        install_accept_error_filter(loop)
+        try:
+            server = await loop.create_server(
+                client_factory(self.ctx, tls),
+                listener.host,
+                listener.port,
+                ssl=ssl_context,
+                # A stalled TLS handshake is closed on time (the connection counts from accept).
+                ssl_handshake_timeout=self.config.timeouts.handshake if tls else None,
+                backlog=listener.backlog,
+                reuse_address=True,
+                # Workers each bind every listener; the kernel spreads connections over them.
+                reuse_port=self.role is Role.WORKER,
+            )
+        except OSError as exc:
+            raise BindError("listener", listener.bind, exc) from exc
+        host, port = server.sockets[0].getsockname()[:2]
+        return _Listening(listener, server, ssl_context, (host, port))
+
+    async def _bind_admin(self, config: Config) -> tuple[web.AppRunner, tuple[str, int]]:
+        admin = config.admin
+        runner = web.AppRunner(make_admin_app(self), access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, admin.host, admin.port, reuse_address=True).start()
+        except OSError as exc:
+            await runner.cleanup()
+            bind = f"[{admin.host}]:{admin.port}" if ":" in admin.host else f"{admin.host}:{admin.port}"
+            raise BindError("admin", bind, exc) from exc
+        host, port = runner.addresses[0][:2]
+        return runner, (host, port)
+
+    def _start_health_checks(self) -> None:
+        """One checker per pool; the caller has stopped the previous ones (never two loops per backend)."""
+        assert not self._checkers, "health checkers must be stopped before new ones start"
+        for pool in self.ctx.pools.values():
+            checker = HealthChecker(pool, self._on_state_change, self.ctx.observations)
+            checker.start()
+            self._checkers.append(checker)
+
+    async def _stop_health_checks(self) -> None:
+        checkers, self._checkers = self._checkers, []
+        for checker in checkers:
+            await checker.stop()
+
+    # -- state ---------------------------------------------------------------
+
+    def _on_state_change(self, change: StateChange) -> None:
+        level = logging.WARNING if change.new is BackendState.DOWN else logging.INFO
+        log.log(level, "backend %s/%s is %s (was %s): %s",
+                change.pool, change.backend, change.new.value, change.old.value, change.reason)
+        if self._supervisor is not None:
+            self._supervisor.states_changed()
+
+    def record_backend_failure(self, pool: str, backend_id: str, detail: str) -> None:
+        """A backend failed a handshake: counts as a failed health check (passive health)."""
+        state = self.ctx.pools.get(pool)
+        if state is None or state.get(backend_id) is None:
+            return  # removed by a reload meanwhile
+        change = state.record_probe(backend_id, False, time.time(), detail)
+        if self._control is not None:
+            self._control.report_failure(pool, backend_id, detail)  # the owner decides for everyone
+        elif change is not None:
+            self._on_state_change(change)
+
+    def apply_admin(
+        self, pool: str, backend_id: str, action: AdminAction, *, close_after: float | None = None,
+        rate: float | None = None,
+    ) -> BackendState:
+        """An operator's drain, disable or enable; with `rate`, also close its tunnels gradually (1012)."""
+        key = (pool, backend_id)
+        previous = self._migrations.pop(key, None)
+        if previous is not None:
+            previous.cancel()
+        if self._supervisor is not None:
+            # Any operator action ends the running migration everywhere, not just in the owner.
+            self._supervisor.stop_migration(pool, backend_id)
+        state_pool = self.ctx.pools[pool]
+        change = state_pool.apply_admin(backend_id, action, time.time())
+        if change is not None:
+            self._on_state_change(change)
+        if action is not AdminAction.ENABLE and (close_after is not None or rate is not None):
+            backend = state_pool.backends[backend_id]
+            delay, pace = close_after or 0.0, rate or DEFAULT_MIGRATION_RATE
+            task = asyncio.get_running_loop().create_task(
+                self._supervisor.migrate(pool, backend_id, delay, pace)
+                if self._supervisor is not None
+                else migrate(self.ctx, pool, backend, delay, pace)
+            )
+            self._migrations[key] = task
+        return state_pool.backends[backend_id].state
+
+    async def _sweep_idle_tunnels(self) -> None:
+        """Close tunnels that moved no byte for `timeouts.idle` (off when 0)."""
+        while True:
+            idle = self.config.timeouts.idle
+            await asyncio.sleep(idle / 2 if idle > 0 else 1.0)
+            if idle <= 0:
+                continue
+            now = time.monotonic()
+            for tunnel in list(self.ctx.tunnels):
+                moved = tunnel.bytes_in + tunnel.bytes_out
+                seen, since = tunnel.idle_mark
+                if moved != seen:
+                    tunnel.idle_mark = (moved, now)
+                elif now - since >= idle:
+                    tunnel.close_gracefully(GOING_AWAY, "idle timeout", cause="idle")
+
+    def update_discovered(self, pool: str, backends: tuple[BackendConfig, ...]) -> None:
+        """DNS discovery found a new set for `pool`: merge it the way a reload does.
+
+        Kept backends keep their state and counts; added ones are health-checked
+        (they start `up`, like a reload-added one); removed ones take no new
+        client, their cookie holders are redispatched, their tunnels stay.
+        """
+        old = self.ctx.pools.get(pool)
+        if old is None:
+            return
+        static = self.config.pools[pool]
+        merged = self._merge_pool(replace(static, backends=static.backends + backends), old)
+        self.ctx.pools[pool] = merged
+        for backend in old.backends.values():
+            if merged.backends.get(backend.id) is not backend:
+                backend.reason = "removed from DNS"
+                if backend.connections:
+                    self._retired.append((pool, backend))
+        for checker in self._checkers:
+            if checker.pool_name == pool:
+                checker.retarget(merged)
+        if self._supervisor is not None:
+            self._supervisor.states_changed()
+
+    # -- reload --------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload now, or once more after the running reload (a burst coalesces into one)."""
+        if self._stopping is not None:
+            log.warning("reload ignored: shutting down")
+            return
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_pending = True
+            return
+        self._reload_task = asyncio.get_running_loop().create_task(self._reload_loop())
+
+    async def _reload_loop(self) -> None:
+        while True:
+            self._reload_pending = False
+            await self.reload()
+            if not self._reload_pending or self._stopping is not None:
+                return
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply it whole; keep the running config entirely if anything fails."""
+        if self.config_path is None:
+            log.error("reload failed: no configuration file to read")
+            self.reloads["failure"] += 1
+            return False
+        try:
+            config = split_limits(load_config(self.config_path), *self._share)
+        except ConfigError as exc:
+            problems = "; ".join(f"{p.path}: {p.message}" for p in exc.problems)
+            log.error("reload failed, keeping the running configuration: %s", problems)
+            self.reloads["failure"] += 1
+            return False
+        try:
+            await self.apply(config)
+        except BindError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            self.reloads["failure"] += 1
+            return False
+        self.reloads["success"] += 1
+        log.info("reloaded configuration from %s", self.config_path)
+        if self._supervisor is not None:
+            if config.workers != self._supervisor.count:
+                log.warning("workers: %d needs a restart to take effect", config.workers)
+            self._supervisor.broadcast({"op": "reload"})
+            self._supervisor.states_changed()
+        return True
+
+    async def apply(self, config: Config) -> None:
+        """Swap in `config` without closing a live tunnel; raises BindError having changed nothing."""
+        # 1. Build: everything that can fail happens here, before the running state is touched.
+        new_listening: list[_Listening] = []
+        kept: list[tuple[_Listening, ListenerConfig]] = []
+        new_admin: tuple[web.AppRunner, tuple[str, int]] | None = None
+        try:
+            if self.role is not Role.OWNER:
+                kept, wanted = self._match_listeners(config)
+                for _, listener in kept:
+                    if listener.tls is not None:
+                        server_ssl_context(listener.tls)  # loads now: a bad file fails the reload
+                for listener in wanted:
+                    new_listening.append(await self._bind(listener))
+            else:
+                running = {(item.host, item.port) for item in self.config.listeners}
+                for listener in config.listeners:
+                    if (listener.host, listener.port) not in running:  # ours are held by our workers
+                        _probe_bind(listener)
+            if self.role is not Role.WORKER and (config.admin.host, config.admin.port) != (
+                self.config.admin.host, self.config.admin.port
+            ):
+                new_admin = await self._bind_admin(config)
+        except (BindError, OSError, ssl.SSLError) as exc:
+            for listening in new_listening:
+                listening.server.close()
+            if new_admin is not None:
+                await new_admin[0].cleanup()
+            if isinstance(exc, BindError):
+                raise
+            raise BindError("TLS", "a reloaded listener", exc) from exc
+        # 2. Swap: one synchronous block, so every connection sees the old state or the new one.
+        self._swap(config, kept, new_listening)
+        old_admin = None
+        if new_admin is not None:
+            old_admin, (self._admin, self.admin_address) = self._admin, new_admin
+            log.info("admin API moved to %s:%d", *self.admin_address)
+        # 3. Replace the health checkers (reloads are serialized: never two sets) and release the old admin.
+        setup_logging(config.logging)
+        if self.role is not Role.WORKER:
+            await self._stop_health_checks()
+            self._start_health_checks()
+        self.discovery.start(self.config.pools)  # DNS discovery loops (lb.control.discovery)
+        if old_admin is not None:
+            await old_admin.cleanup()
+
+    def _match_listeners(self, config: Config) -> tuple[list[tuple[_Listening, ListenerConfig]], list[ListenerConfig]]:
+        """(running listeners to keep with their new config, listeners to bind)."""
+        wanted = list(config.listeners)
+        keep: list[tuple[_Listening, ListenerConfig]] = []
+        for listening in self._listening:
+            same_bind = next(
+                (w for w in wanted if (w.host, w.port) == (listening.config.host, listening.config.port)), None
+            )
+            if same_bind is not None and (same_bind.tls is None) == (listening.ssl_context is None):
+                wanted.remove(same_bind)
+                keep.append((listening, same_bind))
+        return keep, wanted
+
+    def _swap(
+        self, config: Config, kept: list[tuple[_Listening, ListenerConfig]], new_listening: list[_Listening]
+    ) -> None:
+        """Install the new state.  No await in here: this is the reload's atomic step."""
+        ctx = self.ctx
+        old_pools = ctx.pools
+        pools = {
+            name: self._merge_pool(self.discovery.with_discovered(pool), old_pools.get(name))
+            for name, pool in config.pools.items()
+        }
+        retired = [(name, b) for name, b in self._retired if pools.get(name) is None
+                   or pools[name].backends.get(b.id) is not b]
+        for name, old in old_pools.items():
+            now = pools.get(name)
+            for backend in old.backends.values():
+                if now is None or now.backends.get(backend.id) is not backend:
+                    backend.reason = "removed by reload"
+                    if backend.connections:
+                        retired.append((name, backend))
+        self._retired = retired
+        rate_limiter = ctx.rate_limiter
+        if config.limits != ctx.config.limits:
+            rate_limiter = RateLimiter(config.limits.handshake_rate_per_ip, config.limits.handshake_burst_per_ip)
+        ctx.pools = pools
+        ctx.codec = TokenCodec(config.affinity.secret_keys, config.affinity.max_age)
+        ctx.routes = sort_routes(config.routes)
+        ctx.rate_limiter = rate_limiter
+        ctx.config = config
+        if self.role is Role.OWNER:
+            return
+        kept_ids = {id(listening) for listening, _ in kept}
+        for listening in self._listening:
+            if id(listening) not in kept_ids:
+                listening.server.close()
+                log.info("stopped listening on %s:%d", *listening.address)
+        for listening, listener in kept:
+            if listener.tls is not None and listening.ssl_context is not None:
+                # New handshakes use the new certificate; established sessions are untouched.
+                listening.ssl_context.load_cert_chain(listener.tls.cert, listener.tls.key)
+            listening.config = listener
+        for listening in new_listening:
+            log.info(
+                "listening on %s:%d%s (backlog %d)",
+                *listening.address, " (TLS)" if listening.ssl_context else "", listening.config.backlog,
+            )
+        self._listening = [listening for listening, _ in kept] + new_listening
+
+    def _merge_pool(self, config: PoolConfig, old: PoolState | None) -> PoolState:
+        backends: dict[str, BackendStatus] = {}
+        for backend_config in config.backends:
+            status = old.backends.get(backend_config.id) if old is not None else None
+            if status is None:
+                # A backend removed by an earlier reload whose tunnels still run comes back as itself:
+                # one backend, one connection count (least_conn must see its live tunnels).
+                status = next(
+                    (b for name, b in self._retired if name == config.name and b.id == backend_config.id), None
+                )
+                if status is not None:
+                    status.reason = "added back by reload"
+            if status is None:
+                status = BackendStatus(config=backend_config)
+            else:
+                status.config = backend_config  # address or weight may have changed; state stays
+            backends[backend_config.id] = status
+        return PoolState(config=config, backends=backends)
+
+    # -- stop ----------------------------------------------------------------
+
+    def stop(self) -> asyncio.Task[None]:
+        """Begin the shutdown once; every call returns the same task to await."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop())
+            self._stop_called.set()
+        return self._stopping
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._stopping is not None
+
+    async def stopped(self) -> None:
+        """Returns once `stop()` has been called, by whoever."""
+        await self._stop_called.wait()
+
+    async def _stop(self) -> None:
+        timeouts = self.config.timeouts
+        self.ready = False
+        if self._reload_task is not None and not self._reload_task.done():
+            # Let a reload in progress finish its swap: stopping half-way would leave its pieces running.
+            await asyncio.wait([self._reload_task], timeout=5.0)
+        for task in self._migrations.values():
+            task.cancel()
+        if self._supervisor is not None:
+            # Each worker runs the same delay and spread for its own tunnels.
+            log.info("shutting down: /readyz answers 503; stopping the workers")
+            await self._supervisor.stop(timeouts.shutdown_delay + timeouts.shutdown_grace + CLOSE_LINGER + 5.0)
+        elif timeouts.shutdown_delay > 0:
+            log.info("shutting down: /readyz answers 503; still serving for %gs", timeouts.shutdown_delay)
+            await asyncio.sleep(timeouts.shutdown_delay)
+        log.info("shutting down: no longer accepting connections")
+        self.ctx.accepting = False
+        for listening in self._listening:
+            listening.server.close()
+        # Handshakes in flight: 503 if not yet at a backend, else their answer completes.
+        await stop_in_flight(self.ctx, timeouts.backend_connect + 1.0)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self._close_tunnels_spread(timeouts.shutdown_grace)
+        await self._stop_health_checks()
+        await self.discovery.stop()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        if self._control is not None:
+            await self._control.stop()
+        for listening in self._listening:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(listening.server.wait_closed(), 1.0)
+        log.info("stopped")
+
+    async def _wait_tunnels_closed(self, within: float) -> None:
+        """Until the last live tunnel closes (lb.proxy.tunnel sets the event), or `within` seconds."""
+        ctx = self.ctx
+        if not ctx.tunnels:
+            return
+        ctx.all_tunnels_closed = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ctx.all_tunnels_closed.wait(), within)
+        ctx.all_tunnels_closed = None
+
+    async def _close_tunnels_spread(self, grace: float) -> None:
+        """Send live tunnels close 1001 evenly over `grace` (oldest first), then close what is left.
+
+        Spread, not all at once: every client that gets its close reconnects, and a thousand
+        reconnects in one millisecond are the herd that the next instance has to absorb.
+        """
+        loop = asyncio.get_running_loop()
+        tunnels = sorted(self.ctx.tunnels, key=lambda t: t.opened_at)
+        if not tunnels:
+            return
+        log.info("closing %d live tunnel(s) with 1001, spread over %gs", len(tunnels), grace)
+        start = loop.time()
+        for offset, tunnel in zip(close_schedule(len(tunnels), grace), tunnels, strict=True):
+            if not self.ctx.tunnels:
+                break  # every client left on its own: nothing to spread
+            wait = start + offset - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if not tunnel.closed:
+                tunnel.close_gracefully(GOING_AWAY, "balancer shutting down", cause="shutdown")
+        await self._wait_tunnels_closed(max(0.0, start + grace - loop.time()) + LAST_CLOSE_ANSWER)
+        if self.ctx.tunnels:
+            log.info("closing %d tunnel(s) left at the end of the grace period", len(self.ctx.tunnels))
+            for tunnel in list(self.ctx.tunnels):
+                if tunnel.cause is None:
+                    tunnel.cause = "shutdown"
+                tunnel.abort()
+
+
+def close_schedule(count: int, grace: float) -> list[float]:
+    """Seconds after the grace starts at which each of `count` tunnels gets its 1001: evenly spaced.
+
+    The first goes at once and the last one step before the end, so even the last client has
+    `grace / count` to answer before whatever is left is closed.
+    """
+    step = grace / count if count else 0.0
+    return [index * step for index in range(count)]
+
+
+def _probe_bind(listener: ListenerConfig) -> None:
+    """Raise BindError if `listener`'s address cannot be bound right now (the owner of `workers: N`)."""
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((listener.host, listener.port))
+    except OSError as exc:
+        raise BindError("listener", listener.bind, exc) from exc
+
+
+async def serve(
+    config: Config, config_path: Path | None, role: Role, control_fd: int = -1, share: tuple[int, int] = (0, 1)
+) -> int:
+    balancer = Balancer(config, config_path, role=role, control_fd=control_fd, share=share)
+    try:
+        await balancer.start()
+    except BindError as exc:
+        log.error("%s", exc)
+        return EXIT_BIND
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, balancer.request_reload)
+    signalled = loop.create_task(stop_requested.wait())
+    # A worker also stops when its owner goes away (balancer.stop() called from the control channel).
+    stopped = loop.create_task(balancer.stopped())
+    await asyncio.wait([signalled, stopped], return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    stopped.cancel()
+    await balancer.stop()
+    return 0
+
+
+def _loop_runner(choice: EventLoop) -> Callable[[Coroutine[Any, Any, int]], int]:
+    if choice is not EventLoop.ASYNCIO:
+        try:
+            import uvloop
+        except ImportError:
+            if choice is EventLoop.UVLOOP:
+                raise
+        else:
+            return uvloop.run
+    return asyncio.run
+
+
+def run(config: Config, config_path: Path | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    setup_logging(config.logging)
+    role = Role.OWNER if config.workers > 1 else Role.SINGLE
+    return _loop_runner(config.runtime.event_loop)(serve(config, config_path, role))
+
+
+def run_worker(config: Config, config_path: Path, control_fd: int, index: int, count: int = 1,
+               owner_pid: int = 0) -> int:
+    """One of `workers: N` processes, started by the owner; `count` is N, `owner_pid` the owner's pid."""
+    watch_owner(owner_pid)
+    setup_logging(config.logging, process=f"worker-{index}")
+    share = (index, max(1, count))
+    config = split_limits(config, *share)
+    return _loop_runner(config.runtime.event_loop)(serve(config, config_path, Role.WORKER, control_fd, share))

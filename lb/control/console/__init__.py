@@ -1,0 +1,130 @@
+"""The operator's console on the admin port: the live dashboard (`GET /`) and session lookup (`GET /lookup`).
+
+    GET /                    one self-contained HTML page (no external asset, for closed networks):
+                             every pool and backend, live from /status every second, with
+                             drain / disable / enable buttons that post to the admin API
+    GET /lookup?token=T      bearer; which backend holds this session now (`lb.control.lookup`)
+                             [&pool=P to pick the pool when several have a backend of that id]
+
+The page is read once at import; its inline script and style are allowed by
+hash in a Content-Security-Policy, so nothing else can run on the admin origin.
+What the page does with /status is in `dashboard.html` itself.  The admin API
+(`lb.control.admin`) owns the app, authorization and the other endpoints; this module
+only adds its two routes (`add_console_routes`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import re
+import time
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from lb.control.admin import BALANCER, authorized, error_response, status_document
+from lb.control.lookup import lookup_token
+
+MAX_TOKEN_PARAM = 4096  # longer than any token we issue (affinity_token.MAX_TOKEN_CHARS)
+
+
+SNAPSHOT_MARK = "<!--SNAPSHOT-->"
+
+
+def _load_page() -> tuple[str, str]:
+    page = resources.files(__package__).joinpath("dashboard.html").read_text(encoding="utf-8")
+
+    def digest(body: str) -> str:
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+    scripts = " ".join(digest(m) for m in re.findall(r"<script>(.*?)</script>", page, re.S))
+    styles = " ".join(digest(m) for m in re.findall(r"<style>(.*?)</style>", page, re.S))
+    policy = (
+        f"default-src 'none'; script-src {scripts}; style-src {styles}; connect-src 'self'; "
+        "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    if SNAPSHOT_MARK not in page:
+        raise RuntimeError(f"dashboard.html lost its {SNAPSHOT_MARK} marker")
+    return page, policy
+
+
+_PAGE, _POLICY = _load_page()
+
+
+def add_console_routes(app: web.Application) -> None:
+    """Register GET / and GET /lookup on the admin app."""
+    app.router.add_get("/", dashboard)
+    app.router.add_get("/lookup", lookup)
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    snapshot = render_snapshot(status_document(request.app[BALANCER]))
+    return web.Response(
+        body=_PAGE.replace(SNAPSHOT_MARK, snapshot, 1).encode(),
+        content_type="text/html",
+        charset="utf-8",
+        headers={
+            "Content-Security-Policy": _POLICY,
+            # The buttons act on the balancer: never inside someone else's frame (clickjacking).
+            "X-Frame-Options": "DENY",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+async def lookup(request: web.Request) -> web.Response:
+    """GET /lookup?token=T[&pool=P]: 200 with the answer (valid or not), 400 without a token, 401 without bearer."""
+    balancer = request.app[BALANCER]
+    ctx = balancer.ctx
+    if not authorized(request, ctx.config.admin.token):
+        return error_response(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    token = request.query.get("token", "")
+    if not token:
+        return error_response(400, "token: query parameter is required (/lookup?token=...)")
+    if len(token) > MAX_TOKEN_PARAM:
+        return web.json_response({"valid": False, "reason": "malformed"})
+    affinity = ctx.config.affinity
+    answer = lookup_token(
+        token,
+        ctx.codec,
+        ctx.pools,
+        now=time.time(),
+        max_age=affinity.max_age,
+        grace=affinity.redispatch_grace,
+        pool=request.query.get("pool") or None,
+    )
+    return web.json_response(answer)
+
+
+_SNAPSHOT_COLUMNS = (
+    ("backend", "id"), ("address", "address"), ("state", "state"), ("reason", "reason"),
+    ("tunnels", "connections"), ("handshakes", "handshakes"), ("sticky hits", "affinity_hits"),
+    ("redispatches", "redispatches"),
+)
+
+
+def render_snapshot(document: dict[str, Any]) -> str:
+    """The /status document as plain HTML tables: what the page shows before its script has run, or without it.
+
+    Everything from the document is escaped: backend ids, reasons and discovery errors come from
+    configuration, DNS and backends' answers.
+    """
+    out = ['<div id="snapshot" class="snapshot">']
+    for pool_name, pool in document.get("pools", {}).items():
+        out.append(f"<h2>{html.escape(str(pool_name))}</h2>")
+        discovery = pool.get("discovery")
+        if isinstance(discovery, dict):
+            parts = ", ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in discovery.items())
+            out.append(f"<p>discovery: {parts}</p>")
+        out.append("<table><tr>" + "".join(f"<th>{title}</th>" for title, _ in _SNAPSHOT_COLUMNS) + "</tr>")
+        for backend in pool.get("backends", []):
+            cells = "".join(f"<td>{html.escape(str(backend.get(key, '')))}</td>" for _, key in _SNAPSHOT_COLUMNS)
+            out.append(f'<tr data-state="{html.escape(str(backend.get("state", "")))}">{cells}</tr>')
+        out.append("</table>")
+    out.append("</div>")
+    return "\n".join(out)

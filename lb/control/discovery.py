@@ -1,0 +1,382 @@
+"""DNS discovery (`pools.X.discovery`): one lookup loop per pool, feeding the balancer's pool merge.
+
+What it owns: resolving (dnspython's async resolver, with the configured
+nameservers or the system's), the loop and its timing, the last known set of
+each pool, the pool's `discovery` object in /status and the lb_discovery_*
+metrics.  What it leaves to others: what an answer means (`lb.control.dns_backends`,
+pure) and what a new set does to the pool (`Balancer.update_discovered`, the
+same merge a reload uses: kept backends keep their state and counts, added ones
+are health-checked, removed ones take no new client while their tunnels stay).
+
+A failed lookup, or an empty answer, keeps the last known set: a DNS outage
+must never empty a pool.  Both count as errors and show in /status as
+`last_error`.  Every process that routes runs its own loop (the owner and each
+worker with `workers: N`): they resolve the same name and converge, with no
+message between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from lb.config.model import BackendConfig, DiscoveryConfig, DiscoveryType, PoolConfig
+from lb.control.dns_backends import Discovered, SrvRecord, diff, from_addresses, from_srv, next_lookup_in
+
+log = logging.getLogger(__name__)
+
+# At most this many target lookups at once for one SRV answer (those not in the additional section).
+_TARGET_LOOKUPS = 16
+# A whole lookup (the SRV query, then its targets' A/AAAA) may take this many `timeout`s.
+LOOKUP_BUDGET = 3
+
+Apply = Callable[[str, tuple[BackendConfig, ...]], None]
+
+
+class DiscoveryError(Exception):
+    """A lookup that yields no usable backend; the message is what /status shows as `last_error`."""
+
+
+@dataclass(slots=True)
+class DiscoveryStatus:
+    """One pool's discovery as /status shows it.  Mutated only on the event loop thread."""
+
+    dns: str
+    type: str
+    last_ok: float | None = None  # wall-clock time of the last lookup that gave backends
+    last_error: str | None = None  # None once a lookup succeeds again
+    last_error_at: float | None = None
+    errors: int = 0  # failed or empty lookups, ever
+    lookups: int = 0
+    backends: int = 0  # in the last known set
+    skipped: int = 0  # records left out of the last answer (invalid, duplicate, truncated)
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "dns": self.dns,
+            "type": self.type,
+            "last_ok": self.last_ok,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "errors": self.errors,
+            "lookups": self.lookups,
+            "backends": self.backends,
+            "skipped": self.skipped,
+        }
+
+
+def make_resolver(config: DiscoveryConfig) -> dns.asyncresolver.Resolver:
+    """A resolver for the configured nameservers (host:port), or the system's (/etc/resolv.conf)."""
+    if not config.nameservers:
+        try:
+            resolver = dns.asyncresolver.Resolver()
+        except dns.resolver.NoResolverConfiguration:
+            # No /etc/resolv.conf (a scratch container): every lookup fails, shown in /status.
+            log.warning("discovery for %s: no system resolver configuration; set nameservers", config.dns)
+            resolver = dns.asyncresolver.Resolver(configure=False)
+    else:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in config.nameservers]
+    resolver.lifetime = config.timeout
+    resolver.timeout = config.timeout
+    return resolver
+
+
+async def lookup(
+    config: DiscoveryConfig, resolver: dns.asyncresolver.Resolver, reserved_ids: frozenset[str] = frozenset()
+) -> tuple[Discovered, float | None]:
+    """Resolve once: the backends the name yields now, and the smallest TTL seen.
+
+    Raises:
+        DiscoveryError: the lookup failed, or the answer holds no usable backend.
+    """
+    try:
+        if config.type is DiscoveryType.SRV:
+            return await _lookup_srv(config, resolver, reserved_ids)
+        return await _lookup_addresses(config, resolver, reserved_ids)
+    except dns.resolver.NXDOMAIN:
+        raise DiscoveryError(f"{config.dns}: no such name (NXDOMAIN)") from None
+    except dns.resolver.NoAnswer:
+        raise DiscoveryError(f"{config.dns}: empty answer") from None
+    except dns.resolver.NoNameservers as exc:
+        raise DiscoveryError(f"{config.dns}: no nameserver answered ({_first_line(exc)})") from None
+    except dns.exception.Timeout:
+        raise DiscoveryError(f"{config.dns}: no answer within {config.timeout:g}s") from None
+    except dns.exception.DNSException as exc:
+        raise DiscoveryError(f"{config.dns}: {_first_line(exc) or type(exc).__name__}") from None
+    except OSError as exc:
+        raise DiscoveryError(f"{config.dns}: {exc.strerror or exc}") from None
+
+
+async def _lookup_srv(
+    config: DiscoveryConfig, resolver: dns.asyncresolver.Resolver, reserved_ids: frozenset[str]
+) -> tuple[Discovered, float | None]:
+    answer = await resolver.resolve(config.dns, "SRV")
+    ttls = [float(answer.rrset.ttl)] if answer.rrset is not None else []
+    records = [
+        SrvRecord(target=rdata.target.to_text(), port=rdata.port, weight=rdata.weight, priority=rdata.priority)
+        for rdata in answer
+    ]
+    # Cut before any per-target lookup: a hostile answer must not buy thousands of queries.
+    records = sorted(records, key=lambda r: (r.target.lower(), r.port))[: config.max_backends]
+    truncated = max(0, len(answer) - len(records))
+    addresses: dict[str, list[str]] = {}
+    # Servers (CoreDNS among them) put the targets' addresses in the additional section.
+    for rrset in answer.response.additional:
+        if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            name = rrset.name.to_text().lower().rstrip(".")
+            addresses.setdefault(name, []).extend(rdata.address for rdata in rrset)
+            ttls.append(float(rrset.ttl))
+    missing = sorted({r.target.lower().rstrip(".") for r in records} - set(addresses))
+    gate = asyncio.Semaphore(_TARGET_LOOKUPS)
+
+    async def resolve_target(target: str) -> None:
+        async with gate:
+            found, ttl = await _addresses_of(resolver, target + ".")
+        if found:
+            addresses[target] = found
+            if ttl is not None:
+                ttls.append(ttl)
+
+    await asyncio.gather(*(resolve_target(t) for t in missing))
+    discovered = from_srv(records, addresses, max_backends=config.max_backends, reserved_ids=reserved_ids)
+    discovered = replace(discovered, truncated=discovered.truncated + truncated)
+    return discovered, min(ttls) if ttls else None
+
+
+async def _lookup_addresses(
+    config: DiscoveryConfig, resolver: dns.asyncresolver.Resolver, reserved_ids: frozenset[str]
+) -> tuple[Discovered, float | None]:
+    found, ttl = await _addresses_of(resolver, config.dns, strict=True)
+    assert config.port is not None  # config_load requires it for type a
+    return from_addresses(found, port=config.port, max_backends=config.max_backends, reserved_ids=reserved_ids), ttl
+
+
+async def _addresses_of(
+    resolver: dns.asyncresolver.Resolver, name: str, *, strict: bool = False
+) -> tuple[list[str], float | None]:
+    """A and AAAA addresses of `name`; a name with neither gives [] (or NoAnswer when `strict`)."""
+    found: list[str] = []
+    ttls: list[float] = []
+    failures: list[BaseException] = []
+    for rdtype in ("A", "AAAA"):
+        try:
+            answer = await resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NoAnswer as exc:
+            failures.append(exc)
+            continue
+        except dns.exception.DNSException as exc:
+            if not strict:
+                return found, None  # this target is skipped (no address); the others still count
+            failures.append(exc)
+            continue
+        found.extend(rdata.address for rdata in answer)
+        if answer.rrset is not None:
+            ttls.append(float(answer.rrset.ttl))
+    if strict and not found and failures:
+        # Prefer the more telling error (NXDOMAIN, timeout) over "no AAAA records".
+        raise next((f for f in failures if not isinstance(f, dns.resolver.NoAnswer)), failures[0])
+    return found, min(ttls) if ttls else None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else ""
+
+
+class Discoverer:
+    """The lookup loop of one pool: resolve, diff, apply on change, sleep, again."""
+
+    def __init__(self, pool: PoolConfig, apply: Apply) -> None:
+        assert pool.discovery is not None
+        self.pool = pool.name
+        self.config = pool.discovery
+        self._reserved = frozenset(b.id for b in pool.backends)
+        self._apply = apply
+        self.known: tuple[BackendConfig, ...] = ()
+        self.status = DiscoveryStatus(dns=self.config.dns, type=self.config.type.value)
+        self._task: asyncio.Task[None] | None = None
+        self._resolver = make_resolver(self.config)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"discovery {self.pool}")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def wait_stopped(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def adopt(self, previous: Discoverer) -> None:
+        """Take over a previous loop's last known set (a reload with the same discovery config)."""
+        self.known = previous.known
+        self.status = previous.status
+
+    async def _run(self) -> None:
+        while True:
+            ttl = await self.resolve_once()
+            await asyncio.sleep(next_lookup_in(self.config.interval, ttl))
+
+    async def resolve_once(self) -> float | None:
+        """One lookup; applies a changed set, records errors; returns the answer's TTL (None on error)."""
+        status = self.status
+        status.lookups += 1
+        try:
+            # Each query is bounded by `timeout`; the whole lookup (SRV, then its targets) by a few of them.
+            async with asyncio.timeout(LOOKUP_BUDGET * self.config.timeout):
+                discovered, ttl = await lookup(self.config, self._resolver, self._reserved)
+            if not discovered.backends:
+                reasons = "; ".join(discovered.skipped[:3])
+                raise DiscoveryError(f"{self.config.dns}: no usable backend in the answer{': ' if reasons else ''}"
+                                     f"{reasons}")
+        except DiscoveryError as exc:
+            self._failed(str(exc))
+            return None
+        except TimeoutError:
+            self._failed(f"{self.config.dns}: lookup not complete within {LOOKUP_BUDGET * self.config.timeout:g}s")
+            return None
+        except Exception as exc:  # a bug in a DNS library must not end discovery for good
+            log.error("discovery for pool %s failed unexpectedly", self.pool, exc_info=True)
+            self._failed(f"{self.config.dns}: internal error ({type(exc).__name__})")
+            return None
+        self._report_skipped(discovered)
+        status.last_ok, status.last_error, status.last_error_at = time.time(), None, None
+        status.skipped = len(discovered.skipped) + discovered.truncated
+        changes = diff(self.known, discovered.backends)
+        if changes:
+            log.info(
+                "discovery %s (%s): %d backend(s); added %s, removed %s, changed %s",
+                self.pool, self.config.dns, len(discovered.backends),
+                _ids(changes.added), _ids(changes.removed), _ids(changes.changed),
+            )
+            self.known = discovered.backends
+            status.backends = len(self.known)
+            self._apply(self.pool, self.known)
+        return ttl
+
+    def _failed(self, message: str) -> None:
+        status = self.status
+        status.errors += 1
+        if message != status.last_error:
+            log.warning("discovery for pool %s: %s; keeping the last known %d backend(s)",
+                        self.pool, message, len(self.known))
+        status.last_error, status.last_error_at = message, time.time()
+
+    def _report_skipped(self, discovered: Discovered) -> None:
+        for reason in discovered.skipped[:10]:
+            log.warning("discovery for pool %s skipped %s", self.pool, reason)
+        if len(discovered.skipped) > 10:
+            log.warning("discovery for pool %s skipped %d more record(s)", self.pool, len(discovered.skipped) - 10)
+        if discovered.truncated:
+            log.warning("discovery for pool %s: answer cut to max_backends=%d (%d record(s) dropped)",
+                        self.pool, self.config.max_backends, discovered.truncated)
+
+
+def _ids(backends: tuple[BackendConfig, ...]) -> str:
+    return ", ".join(b.id for b in backends[:20]) + (" ..." if len(backends) > 20 else "") if backends else "none"
+
+
+class DiscoveryManager:
+    """Every pool's discovery loop, kept across reloads when a pool's discovery config is unchanged."""
+
+    def __init__(self, apply: Apply, registry: CollectorRegistry | None = None) -> None:
+        self._apply = apply
+        self._loops: dict[str, Discoverer] = {}
+        if registry is not None:
+            registry.register(DiscoveryCollector(lambda: self._loops))
+
+    def start(self, pools: Mapping[str, PoolConfig]) -> None:
+        """Start loops for pools with discovery; keep unchanged ones; stop those no longer configured."""
+        wanted = {name: pool for name, pool in pools.items() if pool.discovery is not None}
+        for name in list(self._loops):
+            loop = self._loops[name]
+            pool = wanted.get(name)
+            if pool is not None and pool.discovery == loop.config and frozenset(
+                b.id for b in pool.backends
+            ) == loop._reserved:
+                continue
+            loop.stop()
+            del self._loops[name]
+            if pool is not None:
+                replacement = Discoverer(pool, self._apply)
+                if pool.discovery is not None and pool.discovery.dns == loop.config.dns:
+                    replacement.adopt(loop)
+                self._loops[name] = replacement
+                replacement.start()
+        for name, pool in wanted.items():
+            if name not in self._loops:
+                self._loops[name] = Discoverer(pool, self._apply)
+                self._loops[name].start()
+
+    async def stop(self) -> None:
+        loops, self._loops = list(self._loops.values()), {}
+        for loop in loops:
+            loop.stop()
+        for loop in loops:
+            await loop.wait_stopped()
+
+    def known(self, pool: str) -> tuple[BackendConfig, ...]:
+        loop = self._loops.get(pool)
+        return loop.known if loop is not None else ()
+
+    def with_discovered(self, pool: PoolConfig) -> PoolConfig:
+        """`pool` with its last known discovered backends added after the static ones."""
+        found = self.known(pool.name) if pool.discovery is not None else ()
+        static_ids = {b.id for b in pool.backends}  # a static backend wins over DNS, as in `lookup`
+        found = tuple(b for b in found if b.id not in static_ids)
+        return replace(pool, backends=pool.backends + found) if found else pool
+
+    def settled(self) -> bool:
+        """Every discovery loop has finished its first lookup (for a readiness check to wait on)."""
+        return all(loop.status.lookups > 0 and (loop.status.last_ok or loop.status.last_error)
+                   for loop in self._loops.values())
+
+    def status(self, pool: str) -> dict[str, Any] | None:
+        loop = self._loops.get(pool)
+        return loop.status.document() if loop is not None else None
+
+
+class DiscoveryCollector(Collector):
+    """lb_discovery_* read at scrape time, like `lb.metrics.LbCollector`."""
+
+    def __init__(self, get_loops: Callable[[], Mapping[str, Discoverer]]) -> None:
+        self._get_loops = get_loops
+
+    def collect(self) -> Iterator[Metric]:
+        errors = CounterMetricFamily(
+            "lb_discovery_errors", "DNS discovery lookups that failed or gave no backend.", labels=["pool"]
+        )
+        lookups = CounterMetricFamily("lb_discovery_lookups", "DNS discovery lookups.", labels=["pool"])
+        backends = GaugeMetricFamily(
+            "lb_discovery_backends", "Backends in the last known discovered set.", labels=["pool"]
+        )
+        last_ok = GaugeMetricFamily(
+            "lb_discovery_last_success_timestamp_seconds",
+            "Unix time of the last lookup that gave backends (0: never).", labels=["pool"],
+        )
+        for name, loop in sorted(self._get_loops().items()):
+            status = loop.status
+            errors.add_metric([name], status.errors)
+            lookups.add_metric([name], status.lookups)
+            backends.add_metric([name], status.backends)
+            last_ok.add_metric([name], status.last_ok or 0.0)
+        yield errors
+        yield lookups
+        yield backends
+        yield last_ok
+

@@ -1,0 +1,205 @@
+"""DNS answers → backends, and what changed since the last answer.  [pure]
+
+`lb.control.discovery` does the lookups (dnspython, asyncio, the clock); this module
+decides what they mean, so every rule here is tested without a socket:
+
+- SRV (`type: srv`, the Kubernetes headless-Service way): one backend per
+  record; its id is the first label of the target
+  (`gw-0.gateway.game.svc.cluster.local.` → `gw-0`), a pod's stable name, so a
+  cookie keeps naming the same pod when the pod moves to another IP or the DNS
+  order changes (HAProxy's `server-template` names slots instead, and cookies
+  land on the wrong pod when the order changes).  The address comes from the
+  target's A/AAAA records, the port from the record.  SRV priorities are not
+  tiers here: every record is a backend (Kubernetes gives them all the same).
+- A/AAAA (`type: a`): one backend per address, id `ip:port`, port from config.
+- Hostile answers: at most `max_backends` backends (the rest are dropped and
+  counted); a target whose first label is not a valid id, or that collides with
+  another backend's id, is skipped with a reason the caller logs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from lb.config.model import BackendConfig
+
+# The same rule as `id` in the config file: ids appear in admin URLs and metric labels.
+_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,63}")
+# Backend weights in the config file run 1..256.
+MAX_WEIGHT = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SrvRecord:
+    """One SRV answer (RFC 2782): target host name and port, with weight and priority."""
+
+    target: str
+    port: int
+    weight: int = 0
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Discovered:
+    """What one answer yields: the backends, and what was left out and why."""
+
+    backends: tuple[BackendConfig, ...]
+    skipped: tuple[str, ...] = ()  # one human-readable reason per record left out
+    truncated: int = 0  # records beyond max_backends, dropped unread
+
+
+@dataclass(frozen=True, slots=True)
+class BackendDiff:
+    """How a new set differs from the last one, by id."""
+
+    added: tuple[BackendConfig, ...] = ()
+    removed: tuple[BackendConfig, ...] = ()
+    changed: tuple[BackendConfig, ...] = field(default=())  # same id, new address or weight
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+
+def srv_id(target: str) -> str | None:
+    """The backend id of an SRV target: its first label, or None if that is not a valid id.
+
+    Args:
+        target: the record's target, e.g. `gw-0.gateway.game.svc.cluster.local.`.
+    """
+    label = target.split(".", 1)[0]
+    return label if _ID_RE.fullmatch(label) else None
+
+
+def pick_address(addresses: Iterable[str]) -> str | None:
+    """One address for a target with several: IPv4 first, then the lowest, so every instance agrees."""
+    parsed = []
+    for text in addresses:
+        try:
+            parsed.append(ipaddress.ip_address(text))
+        except ValueError:
+            continue
+    if not parsed:
+        return None
+    return str(min(parsed, key=lambda ip: (ip.version, ip)))
+
+
+def srv_weights(records: Sequence[SrvRecord]) -> list[int]:
+    """Backend weights for SRV records: all 1 when the records agree, else the SRV weight clamped to 1..256.
+
+    Kubernetes gives every record of a headless Service the same weight; a
+    hand-written zone that differs means it, within the config's range.
+    """
+    if len({r.weight for r in records}) <= 1:
+        return [1] * len(records)
+    return [max(1, min(MAX_WEIGHT, r.weight)) for r in records]
+
+
+def from_srv(
+    records: Sequence[SrvRecord],
+    addresses: Mapping[str, Sequence[str]],
+    *,
+    max_backends: int,
+    reserved_ids: Iterable[str] = (),
+) -> Discovered:
+    """Backends from SRV records.
+
+    Args:
+        records: the SRV answer, in any order (the result does not depend on it).
+        addresses: target name (lower case, with or without the trailing dot) → its A/AAAA addresses.
+        max_backends: keep at most this many backends; the rest are counted in `truncated`.
+        reserved_ids: ids already taken (the pool's static backends win over DNS).
+
+    Returns:
+        The backends sorted by id, and why any record was left out.
+    """
+    reserved = set(reserved_ids)
+    unique = sorted({(r.target.lower().rstrip("."), r.port): r for r in records}.items())
+    truncated = max(0, len(unique) - max_backends)
+    kept = [record for _, record in unique[:max_backends]]
+    weights = srv_weights(kept)
+    backends: dict[str, BackendConfig] = {}
+    skipped: list[str] = []
+    for record, weight in zip(kept, weights, strict=True):
+        target = record.target.lower().rstrip(".")
+        backend_id = srv_id(target)
+        if backend_id is None:
+            skipped.append(f"target {_short(target)!r}: first label is not a valid backend id")
+            continue
+        if backend_id in reserved or backend_id in backends:
+            skipped.append(f"target {_short(target)!r}: id {backend_id} is already taken")
+            continue
+        address = pick_address(addresses.get(target, ()) or addresses.get(target + ".", ()))
+        if address is None:
+            skipped.append(f"target {_short(target)!r}: no A/AAAA address")
+            continue
+        if not 1 <= record.port <= 65535:
+            skipped.append(f"target {_short(target)!r}: port {record.port} out of range")
+            continue
+        backends[backend_id] = BackendConfig(id=backend_id, host=address, port=record.port, weight=weight)
+    return Discovered(tuple(sorted(backends.values(), key=lambda b: b.id)), tuple(skipped), truncated)
+
+
+def from_addresses(
+    addresses: Iterable[str], *, port: int, max_backends: int, reserved_ids: Iterable[str] = ()
+) -> Discovered:
+    """Backends from A/AAAA records: one per distinct address, id `ip:port`.
+
+    Args:
+        addresses: IPv4 and IPv6 addresses as text, in any order.
+        port: the port every backend listens on (`discovery.port`).
+        max_backends: keep at most this many (lowest addresses first, so every instance keeps the same).
+        reserved_ids: ids already taken by static backends.
+    """
+    reserved = set(reserved_ids)
+    parsed: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    skipped: list[str] = []
+    for text in addresses:
+        try:
+            parsed.add(ipaddress.ip_address(text))
+        except ValueError:
+            skipped.append(f"address {_short(text)!r} is not an IP address")
+    ordered = sorted(parsed, key=lambda ip: (ip.version, ip))
+    truncated = max(0, len(ordered) - max_backends)
+    backends: list[BackendConfig] = []
+    for ip in ordered[:max_backends]:
+        backend_id = f"{ip}:{port}"
+        if backend_id in reserved:
+            skipped.append(f"address {ip}: id {backend_id} is already taken")
+            continue
+        backends.append(BackendConfig(id=backend_id, host=str(ip), port=port))
+    return Discovered(tuple(backends), tuple(skipped), truncated)
+
+
+def diff(old: Iterable[BackendConfig], new: Iterable[BackendConfig]) -> BackendDiff:
+    """What changed between two sets of backends, by id.
+
+    Returns:
+        Added and removed backends, and those whose address or weight changed (the new config).
+    """
+    before = {b.id: b for b in old}
+    after = {b.id: b for b in new}
+    return BackendDiff(
+        added=tuple(b for i, b in after.items() if i not in before),
+        removed=tuple(b for i, b in before.items() if i not in after),
+        changed=tuple(b for i, b in after.items() if i in before and before[i] != b),
+    )
+
+
+def next_lookup_in(interval: float, ttl: float | None) -> float:
+    """Seconds until the next lookup: `interval`, sooner if the answer's TTL says it expires sooner.
+
+    A TTL longer than the interval does not delay the next lookup: the operator
+    asked to notice changes within `interval`.  A tiny TTL is floored at 1 s
+    (or the interval, if shorter) so a zero-TTL zone cannot make us hammer it.
+    """
+    if ttl is None or ttl >= interval:
+        return interval
+    return max(min(1.0, interval), ttl)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """Hostile names go into log lines: keep them short."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

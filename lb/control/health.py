@@ -1,0 +1,169 @@
+"""Active health checks: one probe loop per backend, results recorded in the pool.
+
+HTTP checks GET `health_check.path` and want a 2xx or 3xx within
+`health_check.timeout`; TCP checks want the connection accepted.  Each probe
+opens a fresh connection, so a dead backend cannot hide behind a pooled one.
+
+A backend can also ask for a state (HAProxy's agent-check, done simply): an
+HTTP health answer with `X-Backend-State: draining` puts it in `draining` for
+as long as its answers say so; `up` or no header gives it back.  Every balancer
+instance reads the same answer, so a gateway drains itself across all replicas
+with no shared state and no fan-out of admin calls.  An operator's `disable`
+still wins (`lb.state.pool` combines the two).
+
+The probed set follows the pool: `retarget` (after DNS discovery merged a new
+set) starts loops for new backends and stops those of removed ones, leaving
+the others' loops and counters alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from lb.config.model import HealthCheckType
+from lb.state.observations import Observations
+from lb.state.pool import BackendStatus, PoolState, StateChange
+
+log = logging.getLogger(__name__)
+
+STATE_HEADER = "X-Backend-State"
+# What a backend may ask for; HAProxy's agent-check says "drain", so that spelling is understood too.
+_DRAIN_VALUES = frozenset(("draining", "drain"))
+_UP_VALUES = frozenset(("up", "ready", ""))
+# A health answer is a few bytes of JSON; never buffer a hostile backend's gigabyte.
+MAX_HEALTH_BODY = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """One check: passed or not, what was seen, and the state the backend asked for (None: not asked)."""
+
+    ok: bool
+    detail: str
+    requested: str | None = None  # "draining" or "up"; None when no HTTP answer came (or TCP checks)
+
+
+def requested_state(header: str | None) -> str | None:
+    """Map an `X-Backend-State` value to "draining" or "up"; an unknown value counts as "up".
+
+    Returns:
+        "draining", or "up" (also for a missing header: no header returns the backend to normal).
+    """
+    value = (header or "").strip().lower()
+    if value in _DRAIN_VALUES:
+        return "draining"
+    return "up"
+
+
+class HealthChecker:
+    """Probes every backend of one pool on its interval until stopped."""
+
+    def __init__(
+        self, pool: PoolState, on_change: Callable[[StateChange], None], observations: Observations | None = None
+    ) -> None:
+        self._pool = pool
+        self._observations = observations or Observations()  # lb_health_checks_total
+        self._on_change = on_change
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: dict[str, tuple[BackendStatus, asyncio.Task[None]]] = {}
+        self._unknown_values: set[str] = set()
+
+    @property
+    def pool_name(self) -> str:
+        return self._pool.name
+
+    def start(self) -> None:
+        check = self._pool.config.health_check
+        if check.type is HealthCheckType.HTTP:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True, limit=0),
+                timeout=aiohttp.ClientTimeout(total=check.timeout),
+                headers={"User-Agent": "ws-affinity-lb health check"},
+            )
+        self.retarget(self._pool)
+
+    def retarget(self, pool: PoolState) -> None:
+        """Probe `pool`'s backends from now on: new ones get a loop, removed ones lose theirs."""
+        self._pool = pool
+        loop = asyncio.get_running_loop()
+        for backend_id, (backend, task) in list(self._tasks.items()):
+            if pool.backends.get(backend_id) is not backend:
+                task.cancel()
+                del self._tasks[backend_id]
+        for backend in pool.backends.values():
+            if backend.id not in self._tasks:
+                task = loop.create_task(self._probe_loop(backend), name=f"health {pool.name}/{backend.id}")
+                self._tasks[backend.id] = (backend, task)
+
+    async def stop(self) -> None:
+        tasks = [task for _, task in self._tasks.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = {}
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _probe_loop(self, backend: BackendStatus) -> None:
+        interval = self._pool.config.health_check.interval
+        while True:
+            started = time.monotonic()
+            result = await self.check(backend)
+            pool = self._pool
+            if pool.backends.get(backend.id) is not backend:
+                return  # removed from the pool while the probe ran
+            self._observations.count_health_check(pool.name, backend.id, result.ok)
+            change = pool.record_probe(backend.id, result.ok, time.time(), result.detail)
+            if change is not None:
+                self._on_change(change)
+            if result.requested is not None:
+                change = pool.record_requested_state(backend.id, result.requested == "draining", time.time())
+                if change is not None:
+                    self._on_change(change)
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def probe(self, backend: BackendStatus) -> tuple[bool, str]:
+        """One check: (passed, what was seen)."""
+        result = await self.check(backend)
+        return result.ok, result.detail
+
+    async def check(self, backend: BackendStatus) -> ProbeResult:
+        """One check, with the state the backend asked for in its answer."""
+        check = self._pool.config.health_check
+        config = backend.config
+        try:
+            if check.type is HealthCheckType.TCP:
+                async with asyncio.timeout(check.timeout):
+                    _, writer = await asyncio.open_connection(config.host, config.port)
+                writer.close()
+                return ProbeResult(True, "connected")
+            assert self._session is not None
+            async with self._session.get(f"http://{config.address}{check.path}", allow_redirects=False) as reply:
+                await reply.content.read(MAX_HEALTH_BODY)
+                header = reply.headers.get(STATE_HEADER)
+                self._note_unknown(backend, header)
+                requested = requested_state(header)
+                if 200 <= reply.status < 400:
+                    return ProbeResult(True, f"HTTP {reply.status}", requested)
+                # A failing answer still says what the backend wants once it passes again.
+                return ProbeResult(False, f"HTTP {reply.status}", requested)
+        except TimeoutError:
+            return ProbeResult(False, f"no answer within {check.timeout:g}s")
+        except (aiohttp.ClientError, OSError) as exc:
+            return ProbeResult(False, str(exc) or type(exc).__name__)
+
+    def _note_unknown(self, backend: BackendStatus, header: str | None) -> None:
+        value = (header or "").strip().lower()
+        if value in _DRAIN_VALUES or value in _UP_VALUES or value in self._unknown_values:
+            return
+        if len(self._unknown_values) < 32:  # a backend cycling through junk values must not grow this forever
+            self._unknown_values.add(value)
+        log.warning("backend %s/%s sent %s: %r, which is neither draining nor up; treating it as up",
+                    self._pool.name, backend.id, STATE_HEADER, value[:40])

@@ -1,0 +1,282 @@
+"""Messages between the owner process and its workers (`workers: N`).  [pure]
+
+Framing: each message is a 4-byte big-endian length and that many bytes of
+JSON (an object with an "op").  Lengths are bounded by `MAX_MESSAGE_BYTES`; a
+message beyond it, or one that does not parse, is logged and skipped by the
+reader (`read_message` in `workers`), never fatal: the length prefix says
+where the next message starts, so one bad message cannot desynchronise the
+stream or grow a buffer without bound (JSON lines could do both).
+
+The owner runs health checks and the admin API and holds the authoritative
+backend states; workers accept clients and relay.  Owner → worker:
+
+    {"op": "states", "pools": {pool: {id: {"healthy", "admin", "migrating", "ramp_from", "reason"}}}}
+    {"op": "reload"}                                 re-read the config file (the owner validated it)
+    {"op": "close_tunnels", "pool", "backend", "rate"}   a drain migration's share of this worker
+    {"op": "stop_migration", "pool", "backend"}      an operator acted again (enable, a new drain): stop
+
+Worker → owner:
+
+    {"op": "ready"}                                  its listeners are bound
+    {"op": "failure", "pool", "backend", "detail"}   a backend failed a handshake (passive health)
+    {"op": "reload_failed"}                          it could not apply a reload (the owner logs it)
+    {"op": "stats", ...}                             counters, every second, for /status and /metrics
+
+Counters are cumulative per worker process; the owner keeps the latest
+report of every worker pid it has seen, live or dead, so a restart never
+makes a Prometheus counter go backwards (keyed by pid, not slot: a late
+report from a dead worker cannot overwrite its successor's).
+
+Limits (`split_limits`): `limits.max_connections`, each backend's
+`max_connections` and the per-IP handshake rate are per instance, so each of
+N workers enforces its share; the shares add up to exactly the configured
+number, which therefore holds whatever N is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from lb.config.model import Config
+from lb.state.context import ProxyContext, Stats
+from lb.state.observations import Observations
+from lb.state.pool import AdminAction, PoolState
+
+LENGTH = struct.Struct(">I")
+# A states message is ~150 bytes per backend: 16 MiB carries ~100,000 backends.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class MessageTooLarge(ValueError):
+    """A frame announced more than MAX_MESSAGE_BYTES; the reader skips it."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"control message of {size} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes")
+        self.size = size
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One frame: length prefix and JSON.  Raises MessageTooLarge rather than send what no reader takes."""
+    body = json.dumps(message, separators=(",", ":")).encode()
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise MessageTooLarge(len(body))
+    return LENGTH.pack(len(body)) + body
+
+
+def frame_length(prefix: bytes) -> int:
+    """The body length a 4-byte prefix announces; raises MessageTooLarge beyond the limit."""
+    (size,) = LENGTH.unpack(prefix)
+    if size > MAX_MESSAGE_BYTES:
+        raise MessageTooLarge(size)
+    return int(size)
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    """Raises ValueError for anything but a JSON object with an "op"."""
+    try:
+        message = json.loads(body)
+    except RecursionError:
+        raise ValueError("control message nested too deeply") from None
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise ValueError("control message must be a JSON object with an op")
+    return message
+
+
+# -- limits: one instance's numbers, shared by N workers ----------------------------
+
+
+def share(total: int, index: int, count: int) -> int:
+    """Worker `index`'s part of `total` over `count` workers: the parts add up to `total` exactly."""
+    return total // count + (1 if index < total % count else 0)
+
+
+def split_limits(config: Config, index: int, count: int) -> Config:
+    """The config worker `index` of `count` enforces: its share of every per-instance limit.
+
+    A share of 0 (a limit smaller than the number of workers) means that worker refuses: the
+    configured number is a promise to the backends, so it is never exceeded.
+    """
+    if count <= 1:
+        return config
+    limits = config.limits
+    limits = dataclasses.replace(
+        limits,
+        max_connections=share(limits.max_connections, index, count),
+        handshake_rate_per_ip=limits.handshake_rate_per_ip / count,
+        handshake_burst_per_ip=max(1, share(limits.handshake_burst_per_ip, index, count)),
+    )
+    pools = {
+        name: dataclasses.replace(
+            pool,
+            backends=tuple(
+                b if b.max_connections is None
+                else dataclasses.replace(b, max_connections=share(b.max_connections, index, count))
+                for b in pool.backends
+            ),
+        )
+        for name, pool in config.pools.items()
+    }
+    return dataclasses.replace(config, limits=limits, pools=pools)
+
+
+# -- backend states: owner → workers ----------------------------------------------
+
+
+def states_message(pools: dict[str, PoolState]) -> dict[str, Any]:
+    return {
+        "op": "states",
+        "pools": {
+            pool.name: {
+                backend.id: {
+                    "healthy": backend.healthy,
+                    "admin": backend.admin.value,
+                    "migrating": backend.migrating,
+                    "ramp_from": backend.ramp_from,
+                    "reason": backend.reason,
+                    "requested_drain": backend.requested_drain,
+                }
+                for backend in pool.backends.values()
+            }
+            for pool in pools.values()
+        },
+    }
+
+
+def apply_states(pools: dict[str, PoolState], message: dict[str, Any]) -> None:
+    """Take the owner's view of every backend this worker also knows."""
+    for pool_name, backends in message.get("pools", {}).items():
+        pool = pools.get(pool_name)
+        if pool is None:
+            continue
+        for backend_id, state in backends.items():
+            backend = pool.get(backend_id)
+            if backend is None:
+                continue
+            backend.healthy = bool(state["healthy"])
+            backend.admin = AdminAction(state["admin"])
+            backend.migrating = bool(state["migrating"])
+            backend.ramp_from = state["ramp_from"]
+            backend.reason = str(state["reason"])
+            backend.requested_drain = bool(state.get("requested_drain", False))
+
+
+# -- counters: workers → owner -------------------------------------------------------
+
+
+def stats_message(ctx: ProxyContext) -> dict[str, Any]:
+    stats = ctx.stats
+    bytes_in, bytes_out = ctx.bytes_relayed()
+    return {
+        "op": "stats",
+        "backends": {
+            pool.name: {
+                b.id: [b.connections, b.handshakes, b.affinity_hits, b.redispatches] for b in pool.backends.values()
+            }
+            for pool in ctx.pools.values()
+        },
+        "handshakes": [[*key, count] for key, count in stats.handshakes.items()],
+        "decisions": [[*key, count] for key, count in stats.decisions.items()],
+        "invalid_tokens": dict(stats.invalid_tokens),
+        "unsealed_cookies": dict(stats.unsealed_cookies),
+        "rejected": {str(status): count for status, count in stats.rejected.items()},
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "tunnels_closed": stats.tunnels_closed,
+        "balancer_closes": [[*key, count] for key, count in stats.balancer_closes.items()],
+        "tunnels": len(ctx.tunnels),
+        "observations": ctx.observations.snapshot(),
+    }
+
+
+@dataclass(slots=True)
+class _Totals:
+    """Cumulative counters of one report, in summable form."""
+
+    backends: Counter[tuple[str, str, int]] = field(default_factory=Counter)  # pool, id, counter index
+    stats: Stats = field(default_factory=Stats)
+    tunnels: int = 0
+    observations: Observations = field(default_factory=Observations)
+
+    @classmethod
+    def of(cls, report: dict[str, Any]) -> _Totals:
+        totals = cls()
+        for pool, backends in report.get("backends", {}).items():
+            for backend_id, counters in backends.items():
+                for index, value in enumerate(counters):
+                    totals.backends[(pool, backend_id, index)] = int(value)
+        stats = totals.stats
+        stats.handshakes.update({(p, b, o): int(n) for p, b, o, n in report.get("handshakes", [])})
+        stats.decisions.update({(p, r): int(n) for p, r, n in report.get("decisions", [])})
+        stats.invalid_tokens.update({str(k): int(n) for k, n in report.get("invalid_tokens", {}).items()})
+        stats.unsealed_cookies.update({str(k): int(n) for k, n in report.get("unsealed_cookies", {}).items()})
+        stats.rejected.update({int(k): int(n) for k, n in report.get("rejected", {}).items()})
+        stats.closed_bytes_in = int(report.get("bytes_in", 0))
+        stats.closed_bytes_out = int(report.get("bytes_out", 0))
+        stats.tunnels_closed = int(report.get("tunnels_closed", 0))
+        stats.balancer_closes.update({(c, w): int(n) for c, w, n in report.get("balancer_closes", [])})
+        totals.tunnels = int(report.get("tunnels", 0))
+        totals.observations = Observations.from_snapshot(report.get("observations"))
+        return totals
+
+    def add(self, other: _Totals, *, counters_only: bool = False) -> None:
+        for key, value in other.backends.items():
+            # Index 0 is live connections: a gauge, which a dead worker no longer has.
+            if not (counters_only and key[2] == 0):
+                self.backends[key] += value
+        mine, theirs = self.stats, other.stats
+        mine.handshakes.update(theirs.handshakes)
+        mine.decisions.update(theirs.decisions)
+        mine.invalid_tokens.update(theirs.invalid_tokens)
+        mine.unsealed_cookies.update(theirs.unsealed_cookies)
+        mine.rejected.update(theirs.rejected)
+        mine.closed_bytes_in += theirs.closed_bytes_in
+        mine.closed_bytes_out += theirs.closed_bytes_out
+        mine.tunnels_closed += theirs.tunnels_closed
+        mine.balancer_closes.update(theirs.balancer_closes)
+        self.observations.merge(other.observations)
+        if not counters_only:
+            self.tunnels += other.tunnels
+
+
+class StatsAggregate:
+    """The owner's sum of what its workers report, keyed by worker pid."""
+
+    def __init__(self) -> None:
+        self._latest: dict[int, _Totals] = {}
+        self._dead: set[int] = set()
+        self._departed = _Totals()  # counters of workers dead and folded (see compact)
+
+    def update(self, pid: int, report: dict[str, Any]) -> None:
+        """The latest cumulative report of worker `pid` (late reports of dead workers included)."""
+        self._latest[pid] = _Totals.of(report)
+
+    def retire(self, pid: int) -> None:
+        """Worker `pid` exited: its counters stay in every sum, its gauges leave them."""
+        self._dead.add(pid)
+
+    def compact(self, pid: int) -> None:
+        """Fold a dead worker whose reader has ended (no report can come) into one departed total."""
+        totals = self._latest.pop(pid, None)
+        self._dead.discard(pid)
+        if totals is not None:
+            self._departed.add(totals, counters_only=True)
+
+    def apply_to(self, ctx: ProxyContext) -> int:
+        """Write the sums into the owner's counters (read by /status and /metrics); returns live tunnels."""
+        total = _Totals()
+        total.add(self._departed)
+        for pid, totals in self._latest.items():
+            total.add(totals, counters_only=pid in self._dead)
+        for pool in ctx.pools.values():
+            for b in pool.backends.values():
+                b.connections, b.handshakes, b.affinity_hits, b.redispatches = (
+                    total.backends[(pool.name, b.id, index)] for index in range(4)
+                )
+        ctx.stats = total.stats
+        ctx.observations.from_workers = total.observations
+        return total.tunnels

@@ -1,0 +1,87 @@
+"""Session lookup: which gateway holds the session an affinity token names, now.  [pure]
+
+`GET /lookup?token=T` (admin API, bearer) answers a push dispatcher's question:
+where does a handshake carrying this token go right now?  Answer shapes:
+
+    {"valid": true, "pool": P, "backend": ID, "state": S, "routes_to": ID | null,
+     "issued_at": "2026-11-30T16:20:41Z", "expires_at": "2026-11-30T17:20:41Z"}
+    {"valid": false, "reason": "expired" | "bad_mac" | "malformed" | "unknown_key" | "unknown_backend"}
+
+- `backend` is what the token names; `routes_to` is where a handshake carrying it
+  goes now, after the redispatch rules: the same backend while it is up or
+  draining, else the survivor rendezvous hashing picks from the token's
+  session, which is what every balancer instance sharing the keys picks
+  (`null` when no backend can take the client).  It runs the data path's own
+  `affinity.decide`; a valid token always carries a session, so decide never
+  reaches a balancing policy's turn counter: the lookup changes nothing.
+- Times are ISO-8601 UTC with `Z`, to the second (tokens carry whole seconds).
+- A token names a backend id, not a pool: the pool is the first (in config
+  order) with that id, or the one asked for with `?pool=`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from lb.affinity.codec import TokenCodec
+from lb.affinity.decision import decide
+from lb.errors import InvalidToken, NoHealthyBackend
+from lb.state.pool import PoolState
+
+
+def lookup_token(
+    token: str,
+    codec: TokenCodec,
+    pools: Mapping[str, PoolState],
+    *,
+    now: float,
+    max_age: float,
+    grace: float = 0.0,
+    pool: str | None = None,
+) -> dict[str, Any]:
+    """The /lookup answer for `token`.
+
+    Args:
+        token: the affinity token as the client carries it (cookie value or header).
+        codec: the running token codec (the same keys the data path opens with).
+        pools: the running pools, with their live backend states.
+        now: wall-clock seconds (expiry and the redispatch grace window).
+        max_age: token lifetime in seconds (`affinity.max_age`), for `expires_at`.
+        grace: `affinity.redispatch_grace`, as the data path uses it.
+        pool: restrict the search to this pool (a token names a backend id, not a pool).
+
+    Returns:
+        A JSON-ready dict, `{"valid": false, "reason": ...}` for a token the data path would ignore.
+    """
+    try:
+        claim = codec.open(token, now)
+    except InvalidToken as exc:
+        return {"valid": False, "reason": exc.reason}
+    candidates = [pools[pool]] if pool is not None and pool in pools else [] if pool is not None else pools.values()
+    state = next((p for p in candidates if p.get(claim.backend_id) is not None), None)
+    if state is None:
+        return {"valid": False, "reason": "unknown_backend"}
+    backend = state.backends[claim.backend_id]
+    try:
+        # `session` is always set for a valid token, so a redispatch uses rendezvous hashing (pure).
+        routes_to: str | None = decide(
+            claim.backend_id, state, session=claim.session, now=now, grace=grace
+        ).backend.id
+    except NoHealthyBackend:
+        routes_to = None
+    return {
+        "valid": True,
+        "pool": state.name,
+        "backend": backend.id,
+        "state": backend.state.value,
+        "routes_to": routes_to,
+        "issued_at": iso_utc(claim.issued_at),
+        "expires_at": iso_utc(claim.issued_at + max_age),
+    }
+
+
+def iso_utc(epoch: float) -> str:
+    """ISO-8601 in UTC with a `Z`, to the second: 2026-11-30T16:20:41Z."""
+    return datetime.fromtimestamp(int(epoch), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

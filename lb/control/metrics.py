@@ -1,0 +1,234 @@
+"""Prometheus exposition: one registry, lb_* metrics read from live state at scrape time.
+
+Nothing on the per-message or per-handshake path touches prometheus-client:
+handlers bump plain integers (`context.Stats`, `pool.BackendStatus`, tunnel
+byte counts) and this collector turns them into metric families when scraped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from lb import __version__
+from lb.config.model import Config
+from lb.state.context import ProxyContext
+from lb.state.pool import BackendState
+
+
+def config_hash(config: Config) -> str:
+    """A short digest of the effective configuration: replicas whose hashes differ run different configs.
+
+    The repr of the frozen dataclasses covers every key with its default filled in, so two files that
+    differ only in comments or key order hash alike.  12 hex digits: a label, not a security boundary.
+    """
+    return hashlib.sha256(repr(config).encode()).hexdigest()[:12]
+
+
+class LbCollector(Collector):
+    def __init__(
+        self, get_context: Callable[[], ProxyContext], reloads: Callable[[], Mapping[str, int]] | None = None
+    ) -> None:
+        self._get_context = get_context
+        self._reloads = reloads
+        self._hashed: tuple[Config, str] | None = None
+
+    def _config_hash(self, config: Config) -> str:
+        if self._hashed is None or self._hashed[0] is not config:
+            self._hashed = (config, config_hash(config))
+        return self._hashed[1]
+
+    def collect(self) -> Iterator[Metric]:
+        ctx = self._get_context()
+        build = GaugeMetricFamily(
+            "lb_build_info", "Always 1: the running version and a hash of its effective configuration.",
+            labels=["version", "config_hash"],
+        )
+        build.add_metric([__version__, self._config_hash(ctx.config)], 1)
+        yield build
+        if self._reloads is not None:
+            reloads = CounterMetricFamily(
+                "lb_config_reloads", "Configuration reloads (SIGHUP) by result.", labels=["result"]
+            )
+            counts = self._reloads()
+            for result in ("success", "failure"):
+                reloads.add_metric([result], counts.get(result, 0))
+            yield reloads
+        yield from self._backends(ctx)
+        stats = ctx.stats
+        handshakes = CounterMetricFamily(
+            "lb_handshakes", "Handshakes and requests relayed, by backend and outcome.",
+            labels=["pool", "backend", "outcome"],
+        )
+        for (pool, backend, outcome), count in stats.handshakes.items():
+            handshakes.add_metric([pool, backend, outcome], count)
+        yield handshakes
+        decisions = CounterMetricFamily(
+            "lb_affinity_decisions", "Affinity decisions by result (hit, new, redispatch, invalid).",
+            labels=["pool", "result"],
+        )
+        for (pool, result), count in stats.decisions.items():
+            decisions.add_metric([pool, result], count)
+        yield decisions
+        invalid = CounterMetricFamily(
+            "lb_affinity_invalid_tokens", "Affinity tokens treated as absent, by reason.", labels=["reason"]
+        )
+        for reason, count in stats.invalid_tokens.items():
+            invalid.add_metric([reason], count)
+        yield invalid
+        unsealed = CounterMetricFamily(
+            "lb_affinity_unsealed_cookies",
+            "Rewrite mode: backend cookie values too large to seal, passed through unsealed.",
+            labels=["pool"],
+        )
+        for pool, count in stats.unsealed_cookies.items():
+            unsealed.add_metric([pool], count)
+        yield unsealed
+        rejected = CounterMetricFamily(
+            "lb_rejected_requests", "Requests the balancer answered itself, by status.", labels=["status"]
+        )
+        for status, count in stats.rejected.items():
+            rejected.add_metric([str(status)], count)
+        yield rejected
+        relayed = CounterMetricFamily(
+            "lb_bytes_relayed", "Bytes relayed after the handshake head, by direction.", labels=["direction"]
+        )
+        bytes_in, bytes_out = ctx.bytes_relayed()
+        relayed.add_metric(["client_to_backend"], bytes_in)
+        relayed.add_metric(["backend_to_client"], bytes_out)
+        yield relayed
+        closed = CounterMetricFamily("lb_tunnels_closed", "Tunnels that have ended.")
+        closed.add_metric([], stats.tunnels_closed)
+        yield closed
+        ended = CounterMetricFamily(
+            "lb_tunnel_closes",
+            "Tunnels the balancer ended, by cause (shutdown, drain, idle, backend_lost) and how: with a "
+            "close frame, or at TCP level when none could be delivered in time.",
+            labels=["cause", "ended_with"],
+        )
+        for (cause, ended_with), count in stats.balancer_closes.items():
+            ended.add_metric([cause, ended_with], count)
+        yield ended
+        # Latency histograms, backend errors and health checks (lb.state.observations), workers summed.
+        known = [(pool.name, backend_id) for pool in ctx.pools.values() for backend_id in pool.backends]
+        yield from ctx.observations.families(known)
+
+    @staticmethod
+    def _backends(ctx: ProxyContext) -> Iterator[Metric]:
+        active = GaugeMetricFamily(
+            "lb_active_connections", "Live tunnels and in-flight handshakes per backend.",
+            labels=["pool", "backend"],
+        )
+        up = GaugeMetricFamily("lb_backend_up", "1 if the backend passes health checks.", labels=["pool", "backend"])
+        state = GaugeMetricFamily(
+            "lb_backend_state", "1 for the backend's current state.", labels=["pool", "backend", "state"]
+        )
+        # The per-backend counters /status shows, under the same names (lb ctl status, the dashboard).
+        backend_counters = {
+            "handshakes": CounterMetricFamily(
+                "lb_backend_handshakes", "Handshakes and requests answered by the backend.", labels=["pool", "backend"]
+            ),
+            "affinity_hits": CounterMetricFamily(
+                "lb_backend_affinity_hits", "Handshakes whose token pinned them here.", labels=["pool", "backend"]
+            ),
+            "redispatches": CounterMetricFamily(
+                "lb_backend_redispatches", "Handshakes sent here because their pinned backend could not take them.",
+                labels=["pool", "backend"],
+            ),
+        }
+        for pool in ctx.pools.values():
+            for backend in pool.backends.values():
+                labels = [pool.name, backend.id]
+                for attribute, family in backend_counters.items():
+                    family.add_metric(labels, getattr(backend, attribute))
+                active.add_metric(labels, backend.connections)
+                up.add_metric(labels, 1 if backend.healthy else 0)
+                for candidate in BackendState:
+                    state.add_metric([*labels, candidate.value], 1 if backend.state is candidate else 0)
+        yield active
+        yield up
+        yield state
+        yield from backend_counters.values()
+
+
+def _process_samples(pid: int | str) -> dict[str, float]:
+    """process_* sample name → value for one process, read from /proc (empty once it is gone)."""
+    values: dict[str, float] = {}
+    for family in ProcessCollector(pid=lambda: pid, registry=None).collect():
+        for sample in family.samples:
+            values[sample.name] = sample.value
+    return values
+
+
+class AllProcessesCollector(Collector):
+    """process_* for the owner plus every worker (`workers: N`), so dashboards see the whole instance.
+
+    CPU and memory are summed (what the instance costs); process_cpu_seconds_total keeps the last
+    CPU time of each worker that died, so it never goes backwards.  `lb_worker_*{pid}` gives each
+    live worker on its own.  Start time and fd limit are the owner's.
+    """
+
+    _SUMMED = ("process_resident_memory_bytes", "process_virtual_memory_bytes", "process_open_fds")
+
+    def __init__(self, worker_pids: Callable[[], list[int]]) -> None:
+        self._worker_pids = worker_pids
+        self._last_cpu: dict[int, float] = {}
+        self._departed_cpu = 0.0
+
+    def collect(self) -> Iterator[Metric]:
+        own = _process_samples("self")
+        workers = {pid: _process_samples(pid) for pid in self._worker_pids()}
+        workers = {pid: values for pid, values in workers.items() if values}
+        for pid in list(self._last_cpu):
+            if pid not in workers:
+                self._departed_cpu += self._last_cpu.pop(pid)
+        for pid, values in workers.items():
+            self._last_cpu[pid] = values.get("process_cpu_seconds_total", 0.0)
+        cpu = CounterMetricFamily(
+            "process_cpu_seconds", "User and system CPU time of the owner and every worker, in seconds."
+        )
+        own_cpu = own.get("process_cpu_seconds_total", 0.0)
+        cpu.add_metric([], own_cpu + self._departed_cpu + sum(self._last_cpu.values()))
+        yield cpu
+        for name in self._SUMMED:
+            total = GaugeMetricFamily(name, f"{name} summed over the owner and its workers.")
+            total.add_metric([], own.get(name, 0.0) + sum(v.get(name, 0.0) for v in workers.values()))
+            yield total
+        for name in ("process_start_time_seconds", "process_max_fds"):
+            if name in own:
+                single = GaugeMetricFamily(name, f"{name} of the owner process.")
+                single.add_metric([], own[name])
+                yield single
+        rss = GaugeMetricFamily("lb_worker_resident_memory_bytes", "Resident memory of each live worker.",
+                                labels=["pid"])
+        worker_cpu = CounterMetricFamily("lb_worker_cpu_seconds", "CPU time of each live worker.", labels=["pid"])
+        for pid, values in workers.items():
+            rss.add_metric([str(pid)], values.get("process_resident_memory_bytes", 0.0))
+            worker_cpu.add_metric([str(pid)], values.get("process_cpu_seconds_total", 0.0))
+        yield rss
+        yield worker_cpu
+
+
+def make_registry(
+    get_context: Callable[[], ProxyContext],
+    reloads: Callable[[], Mapping[str, int]] | None = None,
+    worker_pids: Callable[[], list[int]] | None = None,
+) -> CollectorRegistry:
+    """A registry of our own (not the global one), so tests and reloads never collide.
+
+    Args:
+        reloads: counts of reloads by result ("success", "failure") for lb_config_reloads_total.
+        worker_pids: the owner of `workers: N` passes its live workers; process_* then covers them.
+    """
+    registry = CollectorRegistry()
+    registry.register(LbCollector(get_context, reloads))
+    if worker_pids is None:
+        ProcessCollector(registry=registry)
+    else:
+        registry.register(AllProcessesCollector(worker_pids))
+    PlatformCollector(registry=registry)
+    return registry

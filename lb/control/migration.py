@@ -1,0 +1,61 @@
+"""Moving players off a drained backend gradually: close its tunnels at a rate, with close 1012.
+
+`drain` alone lets live tunnels run until they end.  With `close_after` and
+`rate`, after the delay the balancer stops sending the backend even its
+cookie holders, then closes its tunnels one by one, each with WebSocket close
+1012 (Service Restart) injected at a frame boundary.  Clients reconnect and
+are redispatched a few at a time instead of in one storm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from lb.proxy.tunnel import CLOSE_DEADLINE, CLOSE_LINGER, Tunnel
+from lb.state.context import ProxyContext
+from lb.state.pool import BackendStatus
+
+log = logging.getLogger(__name__)
+
+SERVICE_RESTART = 1012  # IANA WebSocket close code registry: the service is restarting; reconnect
+DEFAULT_MIGRATION_RATE = 10.0  # tunnels closed per second when `rate` is not given
+
+
+def start_migrating(pool: str, backend: BackendStatus, rate: float) -> None:
+    """From now on even the backend's cookie holders go elsewhere (the owner and single mode alike)."""
+    backend.migrating = True
+    backend.reason = f"operator: drain, closing tunnels at {rate:g}/s"
+    log.info("drain of %s/%s: closing its tunnels at %g/s with close 1012", pool, backend.id, rate)
+
+
+async def migrate(ctx: ProxyContext, pool: str, backend: BackendStatus, close_after: float, rate: float) -> None:
+    """Wait `close_after` seconds, then close `backend`'s tunnels at `rate` per second.
+
+    Each close either reaches its client as a close frame or, for a client that does not read, is
+    cut at TCP level within `CLOSE_DEADLINE + CLOSE_LINGER`; the last log line says how many of each.
+    """
+    await asyncio.sleep(close_after)
+    start_migrating(pool, backend, rate)
+    interval = 1.0 / rate
+    closing: list[Tunnel] = []
+    while True:
+        # One scan per round, not per close: the backend takes no new tunnels now, so a
+        # later round only picks up handshakes that were in flight during the first.
+        pending = [t for t in ctx.tunnels if t.backend is backend and not (t.closed or t.closing)]
+        if not pending:
+            break
+        for tunnel in pending:
+            if tunnel.closed or tunnel.closing:
+                continue  # ended by itself meanwhile
+            tunnel.close_gracefully(SERVICE_RESTART, "service restart", cause="drain")
+            closing.append(tunnel)
+            await asyncio.sleep(interval)
+    if any(not t.closed for t in closing):
+        # By construction each one is closed or cut by now plus this much: then count how.
+        await asyncio.sleep(CLOSE_DEADLINE + CLOSE_LINGER + 0.1)
+    cut = sum(1 for t in closing if t.ended_with == "tcp")
+    log.info(
+        "drain of %s/%s: %d tunnel(s) closed with 1012, %d cut at TCP level (the client did not take the close)",
+        pool, backend.id, len(closing) - cut, cut,
+    )

@@ -1,0 +1,367 @@
+"""`workers: N`: an owner process and N worker processes sharing the listeners.
+
+The owner runs health checks, the admin API and drain migrations, and holds
+the backend states; it starts N workers (`python -m lb worker ...`), each of
+which binds every listener with SO_REUSEPORT so the kernel spreads clients
+over them, and relays.  They talk over a socketpair in `control` messages:
+the owner pushes backend states (on every change and every second), reloads
+and migration shares; workers report passive health failures and counters.
+A worker that dies is restarted; its clients reconnect with their tokens, and
+every worker opens every token, so they reach the same backends.
+
+A worker never outlives its owner: it stops when the control socket reaches
+EOF, and the kernel sends it SIGTERM if the owner dies however it dies
+(`PR_SET_PDEATHSIG`, set by `watch_owner`).  Every migration the owner starts
+reaches every worker, and so does its end: any later operator action on that
+backend (enable, another drain, disable) stops the workers' closes too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lb.control.ipc import (
+    LENGTH,
+    MessageTooLarge,
+    StatsAggregate,
+    apply_states,
+    decode,
+    encode,
+    frame_length,
+    states_message,
+    stats_message,
+)
+from lb.control.migration import migrate, start_migrating
+
+if TYPE_CHECKING:
+    from lb.control.balancer import Balancer
+
+log = logging.getLogger(__name__)
+
+WORKER_READY = 15.0  # seconds a new worker may take to bind its listeners
+RESTART_DELAY = 0.5  # seconds before a dead worker is replaced (no tight crash loop)
+MAX_RESTART_DELAY = 10.0  # a worker that keeps dying young waits twice as long each time, up to this
+STABLE_AFTER = 5.0  # a worker that lived this long resets the delay
+STATES_EVERY = 1.0  # seconds between full state pushes (covers anything a worker missed)
+STATS_EVERY = 1.0
+# Beyond this much unsent control data a peer is not reading: drop messages rather than buffer them.
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+SKIP_CHUNK = 1024 * 1024  # an oversized message is read past in chunks of this size
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+async def read_messages(reader: asyncio.StreamReader, peer: str) -> AsyncIterator[dict[str, Any]]:
+    """Yield each well-formed control message until EOF; log and skip the others.
+
+    An oversized frame is read past in bounded chunks, so neither its size nor its content
+    can stop the reader or make it hold more than `MAX_MESSAGE_BYTES`.
+    """
+    while True:
+        try:
+            prefix = await reader.readexactly(LENGTH.size)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        try:
+            size = frame_length(prefix)
+        except MessageTooLarge as exc:
+            log.error("%s sent a bad control message, skipped: %s", peer, exc)
+            remaining = exc.size
+            try:
+                while remaining:
+                    remaining -= len(await reader.readexactly(min(remaining, SKIP_CHUNK)))
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            continue
+        try:
+            body = await reader.readexactly(size)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        try:
+            yield decode(body)
+        except ValueError as exc:
+            log.error("%s sent a bad control message, skipped: %s", peer, exc)
+
+
+def watch_owner(owner_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the owner dies (Linux), and stop at once if it already has."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    # The owner may have died before prctl took effect: then we were re-parented already.
+    if owner_pid > 0 and os.getppid() != owner_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass(slots=True)
+class _Worker:
+    index: int
+    process: asyncio.subprocess.Process
+    writer: asyncio.StreamWriter
+    ready: asyncio.Future[None]
+    tasks: tuple[asyncio.Task[None], ...] = ()
+    started_at: float = 0.0
+    restart_delay: float = RESTART_DELAY
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index} (pid {self.process.pid})"
+
+
+class WorkerSupervisor:
+    """The owner's side: start, feed, watch and restart the workers."""
+
+    def __init__(self, balancer: Balancer, count: int, config_path: Path) -> None:
+        self._balancer = balancer
+        self.count = count
+        self._config_path = config_path
+        self._workers: dict[int, _Worker] = {}
+        self._stats = StatsAggregate()
+        self._stopping = False
+        self._pusher: asyncio.Task[None] | None = None
+        self.live_tunnels = 0
+
+    async def start(self) -> None:
+        """Start the workers; returns once every one listens (so /healthz means serving)."""
+        for index in range(self.count):
+            await self._spawn(index)
+        for index in range(self.count):
+            # A worker that dies before it is ready is restarted by its watcher; wait for that one too.
+            deadline = asyncio.get_running_loop().time() + WORKER_READY
+            while not self._workers[index].ready.done():
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RuntimeError(f"worker {index} did not start listening in {WORKER_READY:g}s")
+                await asyncio.wait([self._workers[index].ready], timeout=0.1)
+        self._pusher = asyncio.get_running_loop().create_task(self._push_states())
+
+    async def _spawn(self, index: int, restart_delay: float = RESTART_DELAY) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "lb", "worker",
+                "--config", str(self._config_path),
+                "--control-fd", str(theirs.fileno()),
+                "--index", str(index),
+                "--count", str(self.count),
+                "--owner-pid", str(os.getpid()),
+                pass_fds=(theirs.fileno(),),
+                # Terminal signals reach the owner only; it stops the workers in order.
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        loop = asyncio.get_running_loop()
+        worker = _Worker(index, process, writer, loop.create_future(), started_at=loop.time(),
+                         restart_delay=restart_delay)
+        self._workers[index] = worker
+        worker.tasks = (loop.create_task(self._read(worker, reader)), loop.create_task(self._watch(worker)))
+        self._send(worker, states_message(self._balancer.ctx.pools))
+        log.info("worker %d started (pid %d)", index, process.pid)
+
+    async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
+        pid = worker.process.pid
+        async for message in read_messages(reader, worker.name):
+            try:
+                self._handle(worker, pid, message)
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                log.error("%s sent a bad %r message, skipped: %s", worker.name, message.get("op"), exc)
+
+    def _handle(self, worker: _Worker, pid: int, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == "ready":
+            if not worker.ready.done():
+                worker.ready.set_result(None)
+        elif op == "stats":
+            self._stats.update(pid, message)
+            self.live_tunnels = self._stats.apply_to(self._balancer.ctx)
+        elif op == "reload_failed":
+            # The owner's reload succeeded, so this is local to the worker (a port it alone cannot bind).
+            log.error("%s could not apply the reload and keeps its previous configuration", worker.name)
+        elif op == "failure":
+            self._balancer.record_backend_failure(str(message["pool"]), str(message["backend"]),
+                                                  str(message["detail"]))
+        else:
+            raise ValueError(f"unknown op {op!r}")
+
+    async def _watch(self, worker: _Worker) -> None:
+        code = await worker.process.wait()
+        pid = worker.process.pid
+        self._stats.retire(pid)
+        self.live_tunnels = self._stats.apply_to(self._balancer.ctx)
+        # Its last report may still be in the socket: read to EOF, then fold its counters away.
+        with contextlib.suppress(Exception):  # a reader that failed must not stop the restart
+            await asyncio.wait_for(asyncio.shield(worker.tasks[0]), 1.0)
+        self._stats.compact(pid)
+        if self._stopping:
+            return
+        lived = asyncio.get_running_loop().time() - worker.started_at
+        delay = RESTART_DELAY if lived >= STABLE_AFTER else worker.restart_delay
+        log.warning("%s exited with %s after %.1fs; restarting it in %gs", worker.name, code, lived, delay)
+        await asyncio.sleep(delay)
+        if not self._stopping:
+            await self._spawn(worker.index, min(2 * delay, MAX_RESTART_DELAY))
+
+    def pids(self) -> list[int]:
+        """Live worker processes (for process_* metrics)."""
+        return [w.process.pid for w in self._workers.values() if w.process.returncode is None]
+
+    async def _push_states(self) -> None:
+        while True:
+            await asyncio.sleep(STATES_EVERY)
+            self.broadcast(states_message(self._balancer.ctx.pools))
+
+    def _send(self, worker: _Worker, message: dict[str, Any]) -> None:
+        if worker.writer.is_closing():
+            return
+        if worker.writer.transport.get_write_buffer_size() > MAX_PENDING_BYTES:
+            log.error("%s is not reading its control socket; dropped a %r message", worker.name, message["op"])
+            return
+        try:
+            worker.writer.write(encode(message))
+        except MessageTooLarge as exc:
+            log.error("control message %r not sent: %s", message["op"], exc)
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        for worker in self._workers.values():
+            self._send(worker, message)
+
+    def states_changed(self) -> None:
+        self.broadcast(states_message(self._balancer.ctx.pools))
+
+    async def migrate(self, pool: str, backend_id: str, close_after: float, rate: float) -> None:
+        """The owner's half of a drain migration: each worker closes its share at rate / N."""
+        await asyncio.sleep(close_after)
+        start_migrating(pool, self._balancer.ctx.pools[pool].backends[backend_id], rate)
+        self.states_changed()
+        share = rate / max(1, len(self._workers))
+        self.broadcast({"op": "close_tunnels", "pool": pool, "backend": backend_id, "rate": share})
+
+    def stop_migration(self, pool: str, backend_id: str) -> None:
+        """An operator acted on the backend again: every worker stops closing its tunnels."""
+        self.broadcast({"op": "stop_migration", "pool": pool, "backend": backend_id})
+
+    async def stop(self, within: float) -> None:
+        """SIGTERM every worker (each closes its tunnels gracefully), wait, then kill stragglers."""
+        self._stopping = True
+        if self._pusher is not None:
+            self._pusher.cancel()
+        for worker in self._workers.values():
+            if worker.process.returncode is None:
+                worker.process.send_signal(signal.SIGTERM)
+        waits = [worker.process.wait() for worker in self._workers.values()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), within)
+        except TimeoutError:
+            for worker in self._workers.values():
+                if worker.process.returncode is None:
+                    log.warning("worker %d did not stop in time; killing it", worker.index)
+                    worker.process.kill()
+            await asyncio.gather(*(worker.process.wait() for worker in self._workers.values()))
+        for worker in self._workers.values():
+            worker.writer.close()
+            for task in worker.tasks:
+                task.cancel()
+
+
+class ControlChannel:
+    """A worker's side: apply the owner's states, report failures and counters."""
+
+    def __init__(self, balancer: Balancer, fd: int) -> None:
+        self._balancer = balancer
+        self._fd = fd
+        self._writer: asyncio.StreamWriter | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    async def start(self) -> None:
+        reader, self._writer = await asyncio.open_connection(sock=socket.socket(fileno=self._fd))
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read(reader)), loop.create_task(self._report())]
+
+    def report_ready(self) -> None:
+        self._send({"op": "ready"})
+
+    def report_failure(self, pool: str, backend: str, detail: str) -> None:
+        self._send({"op": "failure", "pool": pool, "backend": backend, "detail": detail})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return
+        if writer.transport.get_write_buffer_size() > MAX_PENDING_BYTES:
+            return  # the owner is not reading; it will get the next cumulative report
+        try:
+            writer.write(encode(message))
+        except MessageTooLarge as exc:
+            log.error("control message %r not sent: %s", message["op"], exc)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        async for message in read_messages(reader, "the owner"):
+            try:
+                await self._handle(message)
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                log.error("the owner sent a bad %r message, skipped: %s", message.get("op"), exc)
+        # The owner is gone: a worker must not outlive it.
+        log.warning("owner process went away; stopping")
+        self._balancer.stop()
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        ctx = self._balancer.ctx
+        op = message["op"]
+        if op == "states":
+            apply_states(ctx.pools, message)
+        elif op == "reload":
+            if not await self._balancer.reload():
+                self._send({"op": "reload_failed"})
+        elif op == "close_tunnels":
+            key = (str(message["pool"]), str(message["backend"]))
+            rate = float(message["rate"])
+            if not rate > 0:
+                raise ValueError(f"rate must be above 0, got {rate!r}")
+            self._stop_migration(key)
+            pool = ctx.pools.get(key[0])
+            backend = pool.backends.get(key[1]) if pool is not None else None
+            if backend is not None:
+                task = asyncio.get_running_loop().create_task(migrate(ctx, key[0], backend, 0.0, rate))
+                self._migrations[key] = task
+                task.add_done_callback(lambda done: self._forget(key, done))
+        elif op == "stop_migration":
+            self._stop_migration((str(message["pool"]), str(message["backend"])))
+        else:
+            raise ValueError(f"unknown op {op!r}")
+
+    def _stop_migration(self, key: tuple[str, str]) -> None:
+        task = self._migrations.pop(key, None)
+        if task is not None:
+            task.cancel()
+            log.info("migration of %s/%s stopped by the owner", *key)
+
+    def _forget(self, key: tuple[str, str], done: asyncio.Task[None]) -> None:
+        if self._migrations.get(key) is done:
+            del self._migrations[key]
+
+    async def _report(self) -> None:
+        while True:
+            self._send(stats_message(self._balancer.ctx))
+            await asyncio.sleep(STATS_EVERY)
+
+    async def stop(self) -> None:
+        for task in [*self._tasks, *self._migrations.values()]:
+            task.cancel()
+        if self._writer is not None:
+            self._send(stats_message(self._balancer.ctx))
+            with contextlib.suppress(ConnectionError):
+                await self._writer.drain()
+            self._writer.close()

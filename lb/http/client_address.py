@@ -1,0 +1,151 @@
+"""Which address is the client's: the peer, or what trusted proxies say in X-Forwarded-For.  [pure]
+
+The peer is the connection's address as the balancer knows it: the PROXY
+header's source on a `proxy_protocol` listener (`lb.http.proxy_header`), else the
+socket's peer.  X-Forwarded-For is believed only when that peer is one of
+`trusted_proxies` (SPEC part 2).  Then the chain is read right to left, the
+way each proxy appended to it: every trusted hop is skipped, and the client is
+the right-most hop that is not trusted (nginx `real_ip_recursive on`, Envoy's
+`xff_trusted_cidrs`).  A hop that is not an IP address stops the walk and the
+last trusted hop passed is taken: nothing to the left of a forged or broken
+entry is believed.  If every hop is trusted, the left-most one is the client.
+
+From an untrusted peer, X-Forwarded-For is never read: the client is the peer,
+and the chain forwarded upstream is replaced by that address alone (a client
+cannot plant an address for the backend to believe).  `forwarded_for` gives
+the value to send either way.
+
+IPv4-mapped IPv6 addresses (`::ffff:192.0.2.1`, what a dual-stack socket
+reports) are compared and returned as IPv4.  Ports in a hop (`192.0.2.1:4711`,
+`[2001:db8::1]:443`, as some cloud balancers write them) are ignored.
+
+What it leaves to others: validating `trusted_proxies` at load time
+(`lb.config.load`), and using the address for rate limits, logs, `balance:
+source` and the forwarded headers (the connection core).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Bounds on hostile input: a chain longer than this is read only at its right end,
+# which is the part trusted proxies wrote.
+MAX_HOPS = 64
+
+
+def parse_network(text: str) -> IPNetwork:
+    """A CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a single address (`/32` or `/128`).
+
+    Raises:
+        ValueError: not an address or network, or host bits set (`10.0.0.1/8`), with the reason.
+    """
+    try:
+        if "%" in text:
+            raise ValueError("a zone index has no place here")  # parse_address refuses zones too
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"expected a CIDR such as 10.0.0.0/8 or an IP address, got {text!r} ({exc})") from None
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedProxies:
+    """The peers whose X-Forwarded-For is believed; empty trusts nobody (the default)."""
+
+    networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def parse(cls, cidrs: Iterable[str]) -> TrustedProxies:
+        """From configuration strings.
+
+        Raises:
+            ValueError: one of them is not a CIDR or address.
+        """
+        return cls(tuple(parse_network(cidr) for cidr in cidrs))
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            return False
+        return any(address in network for network in self.networks)
+
+
+def parse_address(text: str) -> IPAddress | None:
+    """An IP address from a peer or an X-Forwarded-For hop (port and brackets allowed), or None.
+
+    IPv4-mapped IPv6 comes back as IPv4; a zone (`%eth0`) is not an address here.
+    """
+    text = text.strip()
+    if text.startswith("["):  # [v6] or [v6]:port
+        end = text.find("]")
+        if end < 0 or (end + 1 < len(text) and not _is_port_suffix(text[end + 1 :])):
+            return None
+        text = text[1:end]
+    elif text.count(":") == 1:  # v4:port
+        text, _, port = text.partition(":")
+        if not port.isdigit():
+            return None
+    if "%" in text:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _is_port_suffix(text: str) -> bool:
+    return text.startswith(":") and text[1:].isdigit()
+
+
+def _hops(forwarded_for: Sequence[str]) -> list[str]:
+    """The X-Forwarded-For hops in order, from every field line (RFC 9110 §5.3 joins them with commas)."""
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
+    return hops[-MAX_HOPS:]
+
+
+def client_address(peer: str, forwarded_for: Sequence[str], trusted: TrustedProxies) -> str:
+    """The client's IP address.
+
+    Args:
+        peer: the connection's address (the PROXY header's source, else the socket's peer).
+        forwarded_for: every X-Forwarded-For field value of the request, in order.
+        trusted: the `trusted_proxies` networks.
+
+    Returns:
+        The peer itself unless it is trusted; else the right-most untrusted X-Forwarded-For hop
+        (see the module docstring for broken hops and all-trusted chains), as a normalised IP.
+    """
+    peer_address = parse_address(peer)
+    if peer_address is None:
+        return peer  # not an IP (a UNIX socket path, say): nothing to match, nothing to believe
+    if not trusted.networks or peer_address not in trusted:
+        return str(peer_address)
+    found = peer_address
+    for hop in reversed(_hops(forwarded_for)):
+        address = parse_address(hop)
+        if address is None:
+            break
+        found = address
+        if address not in trusted:
+            break
+    return str(found)
+
+
+def forwarded_for(peer: str, forwarded_for: Sequence[str], trusted: TrustedProxies) -> str:
+    """The X-Forwarded-For value to send upstream.
+
+    From a trusted peer, the chain it sent plus the peer (each proxy appends the address it
+    saw); from anyone else, the peer alone: an untrusted chain is replaced, never passed on.
+    """
+    peer_address = parse_address(peer)
+    peer_text = peer if peer_address is None else str(peer_address)
+    if peer_address is None or not trusted.networks or peer_address not in trusted:
+        return peer_text
+    hops = [hop for hop in _hops(forwarded_for) if hop]
+    return ", ".join([*hops, peer_text])

@@ -1,0 +1,180 @@
+"""What crosses the balancer in each direction's head: hop-by-hop rules and X-Forwarded-*.  [pure]
+
+Bodies and tunnel bytes are relayed unchanged by others; only heads are rebuilt here.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from lb.http.head import RequestHead, ResponseHead, render_head
+
+# RFC 9110 §7.6.1 plus the de-facto ones every proxy strips.  Transfer-Encoding
+# stays: bodies are relayed as they come, so their framing must travel with them.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization"}
+)
+_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+
+
+# A client may not make these hop-by-hop: dropping Host breaks HTTP/1.1, and
+# dropping a framing header would let a body be read as the next request.
+_NEVER_CONNECTION_LISTED = frozenset({"host", "content-length", "transfer-encoding"})
+
+
+def _connection_listed(headers: tuple[tuple[str, str], ...]) -> set[str]:
+    """Header names the sender declared hop-by-hop in its Connection header."""
+    listed: set[str] = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            listed.update(part.strip().lower() for part in value.split(","))
+    return listed - _NEVER_CONNECTION_LISTED
+
+
+def _end_to_end(headers: tuple[tuple[str, str], ...], extra_drop: frozenset[str]) -> list[tuple[str, str]]:
+    listed = _connection_listed(headers) - extra_drop - HOP_BY_HOP
+    drop = extra_drop | listed if listed else extra_drop
+    return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+def render_forwarded_request(
+    request: RequestHead,
+    *,
+    forwarded_for: str,
+    proto: str,
+    websocket: bool,
+    rewrite_cookie: Callable[[str], str | None] | None = None,
+    drop: frozenset[str] = frozenset(),
+    target: str | None = None,
+    add: list[tuple[str, str]] | None = None,
+    backend_host: str = "localhost",
+) -> bytes:
+    """The request head the backend receives.
+
+    Args:
+        request: the client's head.
+        forwarded_for: the whole X-Forwarded-For value (`lb.client_address.forwarded_for`): the
+            client's chain only when its peer is a trusted proxy, else the peer alone.
+        proto: "http" or "https", for X-Forwarded-Proto.
+        websocket: keep the upgrade (Connection: Upgrade); otherwise ask the backend to close after answering.
+        rewrite_cookie: applied to each Cookie header value; None drops that header.
+        drop: more header names (lower case) to remove, e.g. the affinity token header.
+        target: the request target to send instead of the client's.
+        add: headers to add (after the client's).
+        backend_host: the Host to send when the client (HTTP/1.0) sent none.
+    """
+    # One pass over the client's headers (this runs once per handshake): drop what is
+    # hop-by-hop, ours to set, or Connection-listed; rewrite Cookie; render as we go.
+    head = request.head
+    dropped = _request_drop(drop)
+    connection = head.get_all("connection")
+    if connection:
+        listed = {part.strip().lower() for value in connection for part in value.split(",")}
+        listed -= _NEVER_CONNECTION_LISTED
+        if listed - dropped:
+            dropped = dropped | listed
+    # An absolute-form target is already origin-form here, with Host from its authority, and
+    # `_` aliases of our headers (X_Forwarded_For) are already dropped: lb.http.head does both.
+    sent_target = target or request.target
+    host = head.get("host")
+    lines = [f"{request.method} {sent_target} HTTP/1.1"]
+    for name, value in head.headers:
+        lowered = name.lower()
+        if lowered in dropped:
+            continue
+        if lowered == "cookie" and rewrite_cookie is not None:
+            new_value = rewrite_cookie(value)
+            if new_value is None:
+                continue
+            value = new_value
+        lines.append(f"{name}: {value}")
+    if add:
+        lines.extend(f"{name}: {value}" for name, value in add)
+    lines.append(f"X-Forwarded-For: {forwarded_for}")
+    lines.append(f"X-Forwarded-Proto: {proto}")
+    if host is not None:
+        lines.append(f"X-Forwarded-Host: {host}")
+    else:
+        # HTTP/1.0 may omit Host; what we send is HTTP/1.1, which requires one (RFC 9112 §3.2).
+        lines.append(f"Host: {backend_host}")
+    # A WebSocket keeps the upgrade.  Anything else: one request per backend connection,
+    # so the end of the response is also the end of the connection, and nothing can be
+    # smuggled behind it.
+    lines.append(_UPGRADE_LINES if websocket else _CLOSE_LINE)
+    return "\r\n".join(lines).encode("latin-1")
+
+
+_UPGRADE_LINES = "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+_CLOSE_LINE = "Connection: close\r\n\r\n"
+
+
+
+@functools.lru_cache(maxsize=16)
+def _request_drop(extra: frozenset[str]) -> frozenset[str]:
+    """Hop-by-hop, X-Forwarded-* (we set them) and `extra`; one set per configuration, not per request."""
+    return HOP_BY_HOP | _FORWARDED | extra
+
+
+def strip_query_param(target: str, name: str) -> str:
+    """`target` without any `name=...` pair in its query; everything else byte for byte."""
+    path, question, query = target.partition("?")
+    if not question:
+        return target
+    kept = [pair for pair in query.split("&") if pair.partition("=")[0] != name]
+    return f"{path}?{'&'.join(kept)}" if kept else path
+
+
+def query_values(target: str, name: str) -> list[str]:
+    """Values of query parameter `name` (tokens are base64url: no percent-decoding needed)."""
+    query = target.partition("?")[2]
+    return [value for key, eq, value in (pair.partition("=") for pair in query.split("&")) if eq and key == name]
+
+
+def render_client_response(
+    response: ResponseHead,
+    *,
+    switching: bool,
+    set_cookies: list[str],
+    extra: list[tuple[str, str]],
+    rewrite_set_cookie: Callable[[str], str] | None = None,
+    keep_alive: bool = False,
+) -> bytes:
+    """The response head the client receives: the backend's, plus our cookie.
+
+    A 101 keeps its Connection/Upgrade headers (they are the switch); any other
+    answer says Connection: close unless `keep_alive` (the client connection then
+    carries the next request; HTTP/1.1 is persistent by default, so nothing is added).
+    `rewrite_set_cookie` is applied to each of the backend's Set-Cookie values.
+    """
+    if switching:
+        headers = list(response.head.headers)
+    else:
+        headers = _end_to_end(response.head.headers, HOP_BY_HOP)
+        if not keep_alive:
+            headers.append(("Connection", "close"))
+    if rewrite_set_cookie is not None:
+        headers = [
+            (name, rewrite_set_cookie(value) if name.lower() == "set-cookie" else value)
+            for name, value in headers
+        ]
+    headers.extend(("Set-Cookie", cookie) for cookie in set_cookies)
+    headers.extend(extra)
+    return render_head(f"HTTP/1.1 {response.status} {response.reason}".rstrip(), headers)
+
+
+def render_refusal(status: int, reason_phrase: str, request_id: str, headers: dict[str, str]) -> bytes:
+    """An answer of our own: the status, its fixed reason and the request id the access log also carries.
+
+    The body names no backend, pool, address or anything the client sent: the
+    details of why are in the log line with the same request id.
+    """
+    body = f"{status} {reason_phrase}\nrequest id: {request_id}\n".encode("ascii")
+    all_headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+        ("X-Request-Id", request_id),
+        *headers.items(),
+    ]
+    return render_head(f"HTTP/1.1 {status} {reason_phrase}", all_headers) + body

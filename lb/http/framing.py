@@ -1,0 +1,134 @@
+"""Where a relayed HTTP response body ends (RFC 9112 §6.3), without copying it.  [pure]
+
+Used for answers that are not a 101: the balancer must know when the
+backend's answer is complete so it can close the client connection promptly,
+even when the backend keeps its own side alive.
+"""
+
+from __future__ import annotations
+
+from lb.http.head import RequestHead, ResponseHead
+
+_SIZE, _SIZE_LF, _DATA, _DATA_CR, _DATA_LF, _TRAILER, _TRAILER_LF, _DONE = range(8)
+
+
+class BodyFramer:
+    """Tracks one response body; `feed` says where in a chunk the body ends."""
+
+    __slots__ = ("_chunked", "_line_len", "_remaining", "_size", "_state", "_until_eof")
+
+    def __init__(self, *, length: int | None, chunked: bool) -> None:
+        self._chunked = chunked
+        self._until_eof = length is None and not chunked
+        self._remaining = length or 0
+        self._state = _SIZE if chunked else (_DONE if length == 0 else _DATA)
+        self._size = 0
+        self._line_len = 0
+
+    @property
+    def done(self) -> bool:
+        return self._state == _DONE
+
+    @property
+    def until_eof(self) -> bool:
+        """The body ends when the sender closes: its connection cannot carry another message."""
+        return self._until_eof
+
+    def feed(self, data: bytes) -> int | None:
+        """Consume `data`; return how many of its bytes complete the body, or None if it goes on.
+
+        Raises:
+            ValueError: malformed chunked encoding.
+        """
+        if self._state == _DONE:
+            return 0
+        if self._until_eof:
+            return None
+        if not self._chunked:
+            # Content-Length body: no per-byte work at all.
+            if len(data) < self._remaining:
+                self._remaining -= len(data)
+                return None
+            used = self._remaining
+            self._remaining = 0
+            self._state = _DONE
+            return used
+        return self._feed_chunked(data)
+
+    def _feed_chunked(self, data: bytes) -> int | None:
+        i, n = 0, len(data)
+        while i < n:
+            state = self._state
+            if state == _DATA:
+                take = min(self._remaining, n - i)
+                i += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._state = _DATA_CR
+                continue
+            byte = data[i]
+            i += 1
+            if state == _SIZE:
+                if byte == 0x0D:
+                    self._state = _SIZE_LF
+                elif self._size >= 0 and chr(byte) in "0123456789abcdefABCDEF" and self._line_len < 16:
+                    self._remaining = self._remaining * 16 + int(chr(byte), 16)
+                    self._line_len += 1
+                elif byte in (0x3B, 0x20, 0x09) and self._line_len:
+                    self._size = -1  # chunk extension: ignored up to CR
+                elif self._size != -1:
+                    raise ValueError("malformed chunk size")
+            elif state == _SIZE_LF:
+                if byte != 0x0A or not self._line_len:
+                    raise ValueError("malformed chunk size line")
+                self._size, self._line_len = 0, 0
+                self._state = _DATA if self._remaining else _TRAILER
+            elif state == _DATA_CR:
+                if byte != 0x0D:
+                    raise ValueError("missing CRLF after chunk")
+                self._state = _DATA_LF
+            elif state == _DATA_LF:
+                if byte != 0x0A:
+                    raise ValueError("missing CRLF after chunk")
+                self._state = _SIZE
+            elif state == _TRAILER:
+                if byte == 0x0D:
+                    self._state = _TRAILER_LF
+                else:
+                    self._line_len += 1
+            elif state == _TRAILER_LF:
+                if byte != 0x0A:
+                    raise ValueError("malformed trailer")
+                if self._line_len == 0:
+                    self._state = _DONE
+                    return i
+                self._line_len = 0
+                self._state = _TRAILER
+        return None
+
+
+def response_framer(response: ResponseHead, *, request_method: str) -> BodyFramer:
+    """How the body of `response` is delimited (RFC 9112 §6.3, rules 1-3, 5-7)."""
+    status = response.status
+    if request_method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        return BodyFramer(length=0, chunked=False)
+    if response.head.get_all("transfer-encoding"):
+        return BodyFramer(length=None, chunked=True)
+    length = response.head.get("content-length")
+    if length is not None:
+        return BodyFramer(length=int(length.split(",")[0]), chunked=False)
+    return BodyFramer(length=None, chunked=False)
+
+
+def request_framer(request: RequestHead) -> BodyFramer:
+    """How the body of `request` is delimited (RFC 9112 §6.3, rules 4-6): chunked, a length, or none.
+
+    A request never runs until the connection closes: without framing headers its body is empty,
+    and what follows the head is the next request.
+    """
+    if request.head.get_all("transfer-encoding"):
+        return BodyFramer(length=None, chunked=True)
+    length = request.head.get("content-length")
+    if length is not None:
+        return BodyFramer(length=int(length.split(",")[0]), chunked=False)
+    return BodyFramer(length=0, chunked=False)

@@ -1,0 +1,338 @@
+"""Relay bytes both ways after the handshake, as HAProxy and nginx do: no frame parsing.
+
+Each side's transport gets a `TunnelEnd` protocol that writes what it reads
+straight into the other side's transport: no task, queue or copy per chunk.
+The backend's side of a WebSocket also follows frame headers (`frames`) so
+the balancer can end a tunnel with a close frame of its own (drain, shutdown,
+idle).  That is also why compression, fragmentation, subprotocols and close
+codes pass unchanged.  Backpressure: when one transport's write buffer passes
+its high-water mark, asyncio calls `pause_writing` on its protocol, which
+pauses reading from the peer; so a slow client cannot make the balancer
+buffer without bound.  When either side closes or fails, both close (flushing
+what is buffered) and the backend's connection count drops.
+
+Every close the balancer starts has a deadline.  A close frame waits for a
+frame boundary of the backend's stream; a client that stopped reading pauses
+that stream, so the boundary may never come.  If the close frame is not out
+within `CLOSE_DEADLINE`, or the client has not taken it (nor hung up) within
+`CLOSE_LINGER` after, the tunnel is aborted at TCP level: no buffer is kept
+for a peer that does not read.  Each such end is counted by cause and by how
+it ended (`close_frame` or `tcp`) in `Stats.balancer_closes`.
+
+Backend loss (issue 11): when the backend's connection ends without the
+backend having sent a close frame, the client gets close 1012 (Service
+Restart) if the stream is at a frame boundary, so client libraries reconnect
+at once instead of reporting an abnormal 1006; mid-frame, TCP is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from lb.access_log import log_tunnel_closed
+from lb.http.framing import BodyFramer
+from lb.state.context import ProxyContext
+from lb.state.pool import BackendStatus
+from lb.ws.frames import FrameBoundaries, close_frame
+
+log = logging.getLogger(__name__)
+
+CLOSE_LINGER = 2.0  # seconds a tunnel may stay open after we sent the client a close frame
+CLOSE_DEADLINE = 2.0  # seconds a close frame may wait for a frame boundary before TCP is cut
+SERVICE_RESTART = 1012  # IANA close code registry: the service is restarting; reconnect
+OP_CLOSE = 0x8  # RFC 6455 §5.5.1
+
+
+class TunnelEnd(asyncio.Protocol):
+    """One side of a tunnel: reads from its own transport, writes into `peer`."""
+
+    __slots__ = ("nbytes", "peer", "tunnel")
+
+    def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
+        self.tunnel = tunnel
+        self.peer = peer
+        self.nbytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.write(data)
+        self.nbytes += len(data)
+
+    def eof_received(self) -> bool | None:
+        # A WebSocket has no use for half-close: after the close handshake one
+        # side closes TCP, and the other should follow promptly.
+        self.tunnel.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tunnel.close()
+
+    def pause_writing(self) -> None:
+        self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.resume_reading()
+
+
+class WebSocketServerEnd(TunnelEnd):
+    """The backend side of a WebSocket tunnel: follows frame boundaries so a close can be injected."""
+
+    __slots__ = ("deadline", "frames", "pending_close", "silenced")
+
+    def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
+        super().__init__(tunnel, peer)
+        self.frames = FrameBoundaries()
+        self.pending_close: bytes | None = None
+        self.silenced = False  # our close frame went out: nothing more may follow it
+        self.deadline: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.silenced:
+            return
+        if self.pending_close is None:
+            self.frames.feed(data)
+            self.peer.write(data)
+            self.nbytes += len(data)
+            return
+        boundary = self.frames.first_boundary(data)
+        if boundary is None:
+            self.peer.write(data)
+            self.nbytes += len(data)
+            return
+        self.peer.write(data[:boundary])
+        self.nbytes += boundary
+        self._send_close()
+
+    def eof_received(self) -> bool | None:
+        self.backend_gone()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.backend_gone()
+
+    def backend_gone(self) -> None:
+        """The backend's connection ended (EOF or error): close the tunnel, with 1012 if it did not close."""
+        tunnel = self.tunnel
+        if tunnel.closed:
+            return
+        if not self.silenced and self.frames.last_opcode != OP_CLOSE:
+            # The backend died rather than closing: tell the client to reconnect now (1012), if a
+            # close frame can go between two frames; mid-frame, only a TCP close is honest.
+            tunnel.cause = "backend_lost"
+            if self.frames.at_boundary and self.pending_close is None:
+                self.peer.write(close_frame(SERVICE_RESTART, "backend went away"))
+                self.silenced = True
+                tunnel.ended_with = "close_frame"
+                tunnel.close_code = SERVICE_RESTART
+            else:
+                tunnel.ended_with = "tcp"
+        tunnel.close()
+
+    def inject_close(self, code: int, reason: str) -> None:
+        """Send the client a close frame at the next frame boundary of the backend's stream."""
+        if self.silenced or self.pending_close is not None:
+            return
+        self.pending_close = close_frame(code, reason)
+        self.tunnel.close_code = code
+        if self.frames.at_boundary:
+            self._send_close()
+        else:
+            self.deadline = asyncio.get_running_loop().call_later(CLOSE_DEADLINE, self._overdue)
+
+    def _overdue(self) -> None:
+        """No frame boundary came in time (a stalled reader pauses the backend): cut TCP."""
+        if not self.silenced:
+            self.tunnel.abort()
+
+    def _send_close(self) -> None:
+        assert self.pending_close is not None
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.peer.write(self.pending_close)
+        self.silenced = True
+        self.tunnel.ended_with = "close_frame"
+        # The client answers with its own close frame, which still reaches the
+        # backend; whoever is slow to hang up after that is cut off.
+        self.deadline = asyncio.get_running_loop().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)
+
+
+class FramedResponseEnd(TunnelEnd):
+    """The backend side of a plain HTTP answer: closes the tunnel when the body is complete."""
+
+    __slots__ = ("framer",)
+
+    def __init__(self, tunnel: Tunnel, peer: asyncio.Transport, framer: BodyFramer) -> None:
+        super().__init__(tunnel, peer)
+        self.framer = framer
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            end = self.framer.feed(data)
+        except ValueError:
+            log.warning("malformed chunked body from backend %s; closing", self.tunnel.backend.id)
+            self.tunnel.close()
+            return
+        if end is None:
+            TunnelEnd.data_received(self, data)
+            return
+        TunnelEnd.data_received(self, data[:end])
+        self.tunnel.close()
+
+
+class Tunnel:
+    """A client and a backend connection joined after the handshake."""
+
+    __slots__ = (
+        "backend",
+        "cause",
+        "client_end",
+        "client_ip",
+        "close_code",
+        "closed",
+        "ctx",
+        "ended_with",
+        "idle_mark",
+        "opened_at",
+        "pool",
+        "request_id",
+        "server_end",
+    )
+
+    def __init__(
+        self, ctx: ProxyContext, backend: BackendStatus, client_ip: str, pool: str, request_id: str = "-"
+    ) -> None:
+        self.ctx = ctx
+        self.request_id = request_id  # of the handshake that opened it: its close line carries it too
+        self.backend = backend
+        self.client_ip = client_ip
+        self.pool = pool
+        self.closed = False
+        # Set when the balancer ends the tunnel: why ("shutdown", "drain", "idle", "backend_lost") and
+        # how it ended ("close_frame", or "tcp" when no close frame could be delivered).
+        self.cause: str | None = None
+        self.ended_with = "tcp"
+        self.close_code: int | None = None  # the close code the balancer sent the client, if it sent one
+        self.opened_at = time.monotonic()
+        self.idle_mark = (0, self.opened_at)  # (bytes seen, when): the idle sweeper's last look
+        self.client_end: TunnelEnd
+        self.server_end: TunnelEnd
+
+    @classmethod
+    def join(
+        cls,
+        ctx: ProxyContext,
+        backend: BackendStatus,
+        client: asyncio.Transport,
+        server: asyncio.Transport,
+        *,
+        client_ip: str,
+        pool: str,
+        to_server: bytes = b"",
+        to_client: bytes = b"",
+        framer: BodyFramer | None = None,
+        server_closed: bool = False,
+        request_id: str = "-",
+    ) -> Tunnel:
+        """Switch both transports to relaying; flush what each side sent ahead of the switch.
+
+        The caller has already counted the connection on `backend`; the tunnel
+        releases it on close.  `server_closed`: the backend hung up before the
+        switch, so no callback will ever tell the new protocol; close after flushing.
+        `request_id`: the handshake's id, repeated on the tunnel's close line (SPEC part 2).
+        """
+        tunnel = cls(ctx, backend, client_ip, pool, request_id)
+        tunnel.client_end = TunnelEnd(tunnel, server)
+        tunnel.server_end = (
+            WebSocketServerEnd(tunnel, client) if framer is None else FramedResponseEnd(tunnel, client, framer)
+        )
+        ctx.tunnels.add(tunnel)
+        client.set_protocol(tunnel.client_end)
+        server.set_protocol(tunnel.server_end)
+        if to_server:
+            tunnel.client_end.data_received(to_server)
+        if to_client:
+            tunnel.server_end.data_received(to_client)
+        if server_closed and isinstance(tunnel.server_end, WebSocketServerEnd):
+            tunnel.server_end.backend_gone()  # hung up right after its 101: the client still hears 1012
+        elif server_closed or (framer is not None and framer.done):
+            tunnel.close()
+        elif not tunnel.closed:
+            client.resume_reading()
+            server.resume_reading()
+        return tunnel
+
+    @property
+    def bytes_in(self) -> int:
+        """Client → backend."""
+        return self.client_end.nbytes
+
+    @property
+    def bytes_out(self) -> int:
+        """Backend → client."""
+        return self.server_end.nbytes
+
+    @property
+    def closing(self) -> bool:
+        """A close frame was sent or is waiting for a frame boundary."""
+        end = self.server_end
+        return isinstance(end, WebSocketServerEnd) and (end.silenced or end.pending_close is not None)
+
+    def close_gracefully(self, code: int, reason: str, *, cause: str | None = None) -> None:
+        """End a WebSocket tunnel with a close frame to the client (e.g. 1001, 1012); others just close.
+
+        `cause` names why, for `Stats.balancer_closes` ("shutdown", "drain", "idle").
+        """
+        if self.closed:
+            return
+        if self.cause is None:
+            self.cause = cause or f"close_{code}"
+        if isinstance(self.server_end, WebSocketServerEnd):
+            self.server_end.inject_close(code, reason)
+        else:
+            self.close()
+
+    def close_or_abort(self) -> None:
+        """After the close linger: close if the client took everything we sent, else cut TCP."""
+        client = self.server_end.peer
+        if client.get_write_buffer_size() or self.client_end.peer.get_write_buffer_size():
+            self.abort()
+        else:
+            self.close()
+
+    def abort(self) -> None:
+        """Cut both connections at TCP level, dropping what is buffered (a peer that does not read)."""
+        if self.closed:
+            return
+        self.ended_with = "tcp"
+        self.server_end.peer.abort()
+        self.client_end.peer.abort()
+        self.close()
+
+    def close(self) -> None:
+        """Close both sides (buffered bytes are flushed first); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        end = self.server_end
+        if isinstance(end, WebSocketServerEnd) and end.deadline is not None:
+            end.deadline.cancel()
+        self.server_end.peer.close()
+        self.client_end.peer.close()
+        self.backend.connections -= 1
+        stats = self.ctx.stats
+        stats.closed_bytes_in += self.client_end.nbytes
+        stats.closed_bytes_out += self.server_end.nbytes
+        stats.tunnels_closed += 1
+        if self.cause is not None:
+            stats.balancer_closes[(self.cause, self.ended_with)] += 1
+        self.ctx.tunnels.discard(self)
+        if not self.ctx.tunnels and self.ctx.all_tunnels_closed is not None:
+            self.ctx.all_tunnels_closed.set()
+        log_tunnel_closed(
+            client=self.client_ip, pool=self.pool, backend=self.backend.id,
+            duration=round(time.monotonic() - self.opened_at, 3), bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+            request_id=self.request_id,
+            **({"cause": self.cause, "ended_with": self.ended_with} if self.cause else {}),
+            **({"close_code": self.close_code} if self.close_code is not None else {}),
+        )

@@ -1,0 +1,83 @@
+"""What every connection handler reads: config, pools, token codec, counters and live tunnels.
+
+The balancer builds one `ProxyContext` and hands it to each listener; handlers
+read it per request, so swapping a field swaps behaviour for new requests only.
+Counters are plain integers bumped on the event loop thread; Prometheus reads
+them at scrape time (`metrics`), so the per-message path never touches a lock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lb.affinity.codec import TokenCodec
+from lb.config.model import Config, RouteConfig
+from lb.http.routing import sort_routes
+from lb.state.observations import Observations
+from lb.state.pool import PoolState
+from lb.state.ratelimit import RateLimiter
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable
+
+    from lb.proxy.server import ClientConnection
+    from lb.proxy.tunnel import Tunnel
+
+
+@dataclass(slots=True)
+class Stats:
+    """Event counters; keys are label tuples of the matching lb_* metric."""
+
+    handshakes: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # pool, backend, outcome
+    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # pool, result
+    invalid_tokens: Counter[str] = field(default_factory=Counter)  # reason
+    rejected: Counter[int] = field(default_factory=Counter)  # status we answered ourselves
+    unsealed_cookies: Counter[str] = field(default_factory=Counter)  # pool; rewrite mode, value too large
+    closed_bytes_in: int = 0  # client → backend, of tunnels already closed
+    closed_bytes_out: int = 0  # backend → client
+    tunnels_closed: int = 0
+    # Tunnels the balancer ended: (cause, "close_frame" | "tcp") → count (lb_tunnel_closes_total).
+    balancer_closes: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
+class ProxyContext:
+    config: Config
+    codec: TokenCodec
+    pools: dict[str, PoolState]
+    routes: tuple[RouteConfig, ...]
+    # A backend failed a handshake (refused, reset, silent): a failed health check, wherever checks run.
+    on_backend_failure: Callable[[str, str, str], None]  # pool, backend id, what happened
+    stats: Stats = field(default_factory=Stats)
+    tunnels: set[Tunnel] = field(default_factory=set)
+    rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
+    handshaking: int = 0  # client connections not (yet) handed to a tunnel
+    # The same connections, so that stop() can answer each one (503, or let it complete).
+    in_flight: set[ClientConnection] = field(default_factory=set)
+    all_in_flight_done: asyncio.Event | None = None  # set by the last of them while stop() waits
+    accepting: bool = True
+    # Latency histograms, backend errors, health checks (lb.state.observations); survives reloads.
+    observations: Observations = field(default_factory=Observations)
+    # Set by the last tunnel to close while shutdown waits for them.
+    all_tunnels_closed: asyncio.Event | None = None
+
+    def bytes_relayed(self) -> tuple[int, int]:
+        """(client → backend, backend → client) so far: closed tunnels plus live ones."""
+        return (
+            self.stats.closed_bytes_in + sum(t.bytes_in for t in self.tunnels),
+            self.stats.closed_bytes_out + sum(t.bytes_out for t in self.tunnels),
+        )
+
+    @classmethod
+    def build(cls, config: Config, on_backend_failure: Callable[[str, str, str], None]) -> ProxyContext:
+        return cls(
+            config=config,
+            codec=TokenCodec(config.affinity.secret_keys, config.affinity.max_age),
+            pools={name: PoolState(config=pool) for name, pool in config.pools.items()},
+            routes=sort_routes(config.routes),
+            on_backend_failure=on_backend_failure,
+            rate_limiter=RateLimiter(config.limits.handshake_rate_per_ip, config.limits.handshake_burst_per_ip),
+        )

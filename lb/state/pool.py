@@ -1,0 +1,192 @@
+"""Pool and backend state: health counters, operator states, live connection counts.  [pure, in memory]
+
+A backend's state combines two things kept apart on purpose: what health
+checks say (healthy or not, with rise/fall hysteresis) and what an operator
+asked for (drain, disable).  Callers read `state`, the combination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from lb.affinity.balancing import LeastConn, RoundRobin, make_policy
+from lb.config.model import BackendConfig, PoolConfig
+
+
+class BackendState(StrEnum):
+    UP = "up"
+    DOWN = "down"              # failed health checks
+    DRAINING = "draining"      # no new clients; cookie holders still reach it
+    DISABLED = "disabled"      # nothing reaches it; cookie holders are redispatched
+
+
+class AdminAction(StrEnum):
+    ENABLE = "enable"
+    DRAIN = "drain"
+    DISABLE = "disable"
+
+
+@dataclass(slots=True)
+class BackendStatus:
+    """The live view of one backend.  Mutated only on the event loop thread."""
+
+    config: BackendConfig
+    healthy: bool = True  # HAProxy's default: servers start up and checks confirm it
+    admin: AdminAction = AdminAction.ENABLE
+    reason: str = "initial state"
+    successes: int = 0  # consecutive, toward `rise`
+    failures: int = 0   # consecutive, toward `fall`
+    changed_at: float = 0.0
+    ramp_from: float | None = None  # when the backend came back: slow start runs from here
+    effective_weight: float = 0.0  # weight after slow start; refreshed before each choice
+    connections: int = 0
+    migrating: bool = False  # a drain is closing its tunnels: cookie holders go elsewhere now
+    # The backend's own health answer says `X-Backend-State: draining` (HAProxy's agent-check, simply).
+    requested_drain: bool = False
+    # Counters for /status; Prometheus reads them at scrape time.
+    affinity_hits: int = 0
+    redispatches: int = 0
+    handshakes: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def weight(self) -> float:
+        return self.effective_weight or self.config.weight
+
+    @property
+    def full(self) -> bool:
+        limit = self.config.max_connections
+        return limit is not None and self.connections >= limit
+
+    @property
+    def state(self) -> BackendState:
+        if self.admin is AdminAction.DISABLE:
+            return BackendState.DISABLED
+        if not self.healthy:
+            return BackendState.DOWN
+        if self.admin is AdminAction.DRAIN or self.requested_drain:
+            return BackendState.DRAINING
+        return BackendState.UP
+
+    @property
+    def takes_new_clients(self) -> bool:
+        return self.healthy and self.admin is AdminAction.ENABLE and not self.requested_drain and not self.full
+
+    @property
+    def takes_sticky_clients(self) -> bool:
+        # A full backend sends even its own clients elsewhere (HAProxy's `option redispatch`).
+        return self.healthy and self.admin is not AdminAction.DISABLE and not self.full and not self.migrating
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    pool: str
+    backend: str
+    old: BackendState
+    new: BackendState
+    reason: str
+
+
+@dataclass(slots=True)
+class PoolState:
+    """All backends of one pool, with its balancing policy."""
+
+    config: PoolConfig
+    backends: dict[str, BackendStatus] = field(default_factory=dict)
+    policy: RoundRobin | LeastConn = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.backends:
+            self.backends = {b.id: BackendStatus(config=b) for b in self.config.backends}
+        self.policy = make_policy(self.config.balance)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def get(self, backend_id: str) -> BackendStatus | None:
+        return self.backends.get(backend_id)
+
+    def new_client_candidates(self, exclude: Iterable[str] = (), now: float | None = None) -> list[BackendStatus]:
+        """Backends that may take a new client, with slow-start weights refreshed for `now`."""
+        excluded = set(exclude)
+        candidates = [b for b in self.backends.values() if b.takes_new_clients and b.id not in excluded]
+        window = self.config.slow_start
+        for backend in candidates:
+            if backend.ramp_from is None:
+                continue
+            if window > 0 and now is not None:
+                backend.effective_weight = _ramped_weight(backend, now, window)
+            else:
+                # A reload turned slow start off mid-ramp: the full weight applies at once.
+                backend.effective_weight, backend.ramp_from = 0.0, None
+        return candidates
+
+    def record_probe(self, backend_id: str, ok: bool, now: float, detail: str) -> StateChange | None:
+        """Count one health probe (active or passive); return the state change it caused, if any."""
+        backend = self.backends[backend_id]
+        old = backend.state
+        check = self.config.health_check
+        if ok:
+            backend.failures = 0
+            backend.successes += 1
+            if not backend.healthy and backend.successes >= check.rise:
+                backend.healthy = True
+                backend.reason = f"health check passed {backend.successes} time(s)"
+        else:
+            backend.successes = 0
+            backend.failures += 1
+            if backend.healthy and backend.failures >= check.fall:
+                backend.healthy = False
+                backend.reason = f"health check failed {backend.failures} time(s): {detail}"
+        return self._change(backend, old, now)
+
+    def record_requested_state(self, backend_id: str, draining: bool, now: float) -> StateChange | None:
+        """The backend's health answer asks to drain (or no longer does); an operator's disable still wins."""
+        backend = self.backends[backend_id]
+        if backend.requested_drain is draining:
+            return None
+        old = backend.state
+        backend.requested_drain = draining
+        if backend.admin is AdminAction.ENABLE:  # an operator's reason stays until the operator acts again
+            backend.reason = "backend asks to drain" if draining else "backend no longer asks to drain"
+        return self._change(backend, old, now)
+
+    def apply_admin(self, backend_id: str, action: AdminAction, now: float) -> StateChange | None:
+        """An operator's drain, disable or enable."""
+        backend = self.backends[backend_id]
+        old = backend.state
+        backend.admin = action
+        backend.migrating = False
+        backend.reason = f"operator: {action.value}"
+        return self._change(backend, old, now)
+
+    def _change(self, backend: BackendStatus, old: BackendState, now: float) -> StateChange | None:
+        new = backend.state
+        if new is old:
+            return None
+        backend.changed_at = now
+        if new is BackendState.UP and old in (BackendState.DOWN, BackendState.DISABLED):
+            backend.ramp_from = now
+        return StateChange(pool=self.name, backend=backend.id, old=old, new=new, reason=backend.reason)
+
+
+# Slow start never quite starts from zero: a lone backend back up must still take clients.
+_RAMP_FLOOR = 0.05
+
+
+def _ramped_weight(backend: BackendStatus, now: float, window: float) -> float:
+    """HAProxy's slowstart: weight grows linearly over `window` after the backend came back."""
+    weight = float(backend.config.weight)
+    if backend.ramp_from is None:
+        return 0.0  # not ramping: `BackendStatus.weight` falls back to the configured weight
+    progress = (now - backend.ramp_from) / window
+    if progress >= 1.0:
+        backend.ramp_from = None
+        return 0.0
+    return weight * max(_RAMP_FLOOR, progress)
