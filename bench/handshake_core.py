@@ -28,9 +28,9 @@ import yaml
 
 from bench.runner import balancer_config
 from bench.wire import client_request, hello_message, server_frame, set_cookies
-from lb.config_load import parse_config
-from lb.context import ProxyContext
+from lb.config.load import parse_config
 from lb.proxy.connection import Connection, JoinTunnel, SendBackend, SendClient
+from lb.state.context import ProxyContext
 
 SWITCH = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
