@@ -12,7 +12,9 @@
 #   3. smoke test with `podman run --network=none`: `lb --version` prints the package's version; the
 #      image's own `lb keygen` makes throwaway secrets; `lb validate` accepts the deploy config
 #      (deploy/kubernetes/base/lb.yaml) mounted where the Deployment mounts it; the process runs as
-#      uid 10001; uvloop imports; the entry point is `lb run --config /etc/lb/lb.yaml`.
+#      uid 10001; uvloop imports; the demo gateway starts; the entry point is `lb run --config
+#      /etc/lb/lb.yaml`; and that default command, run as PID 1 on the deploy config, becomes
+#      ready on /readyz on uvloop and exits 0 on SIGTERM.
 #
 # Nothing built lands in the repository: the work files go to build/image/ (git-ignored) and are
 # removed on exit; the images live in podman's storage (`podman rmi` them to reclaim the space).
@@ -127,9 +129,44 @@ say "smoke: lb validate --config $DEPLOY_CONFIG (secrets: $(echo $names)) -> ok"
 uid=$("${RUN[@]}" --entrypoint id "$IMAGE:$VERSION" -u)
 [ "$uid" = 10001 ] || fail "the image runs as uid $uid, expected 10001"
 "${RUN[@]}" --entrypoint python3 "$IMAGE:$VERSION" -c 'import uvloop' || fail "uvloop does not import"
+# The example StatefulSet runs the demo gateway from this image as `python -m backends_demo`.
+"${RUN[@]}" --entrypoint python "$IMAGE:$VERSION" -m backends_demo --help >/dev/null \
+    || fail "python -m backends_demo (the example gateway's command) fails in the image"
 entry=$("${PODMAN[@]}" image inspect --format '{{json .Config.Entrypoint}} {{json .Config.Cmd}}' "$IMAGE:$VERSION")
 [ "$entry" = '["lb"] ["run","--config","/etc/lb/lb.yaml"]' ] || fail "unexpected entry point: $entry"
-say "smoke: uid 10001, uvloop imports, entry point $entry"
+say "smoke: uid 10001, uvloop imports, backends_demo runs, entry point $entry"
+
+# The real thing, as Kubernetes runs it: the default entry point (lb is PID 1) on the deploy config;
+# /readyz answers 200 (polled against a deadline), the loop is uvloop's, and SIGTERM stops it with
+# exit 0 after the config's shutdown_delay. No network but the container's own loopback: discovery
+# finds no DNS and keeps its empty set, which readiness does not depend on. The probe also waits
+# for PID 1 to catch SIGTERM: the kernel drops a signal PID 1 has no handler for, and lb installs
+# its handlers only once started (admin and /livez answer a little earlier).
+container=""
+trap 'rm -rf "$tmp"; [ -z "$container" ] || "${PODMAN[@]}" rm --force --time 0 "$container" >/dev/null 2>&1 || true' EXIT
+container=$("${RUN[@]/--rm/--detach}" \
+    --volume "$config_path:/etc/lb/lb.yaml:ro" --volume "$tmp/secrets:/etc/lb/secrets:ro" "$IMAGE:$VERSION")
+probe='
+import urllib.request
+urllib.request.urlopen("http://127.0.0.1:9000/readyz", timeout=1).read()
+caught = next(line for line in open("/proc/1/status") if line.startswith("SigCgt:")).split()[1]
+assert int(caught, 16) & 1 << 14, "SIGTERM not caught yet"
+'
+deadline=$((SECONDS + 30))
+until "${PODMAN[@]}" exec "$container" python3 -c "$probe" >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ] || [ "$("${PODMAN[@]}" inspect --format '{{.State.Running}}' "$container")" != true ]; then
+        "${PODMAN[@]}" logs --tail 20 "$container" >&2 || true
+        fail "lb run in the image was not ready (/readyz, SIGTERM handler) within 30 s (its last log lines above)"
+    fi
+    sleep 0.5
+done
+"${PODMAN[@]}" exec "$container" sh -c 'tr "\0" " " </proc/1/cmdline | grep -q "/lb run --config" && grep -q uvloop /proc/1/maps' \
+    || fail "PID 1 is not lb run on uvloop"
+stop_started=$SECONDS
+"${PODMAN[@]}" stop --time 60 "$container" >/dev/null
+code=$("${PODMAN[@]}" inspect --format '{{.State.ExitCode}}' "$container")
+[ "$code" = 0 ] || { "${PODMAN[@]}" logs --tail 20 "$container" >&2; fail "lb exited $code on SIGTERM, expected 0"; }
+say "smoke: lb run (PID 1, uvloop) ready on /readyz; SIGTERM -> exit 0 in $((SECONDS - stop_started)) s"
 
 size=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$IMAGE:$VERSION")
 took "smoke: passed"
