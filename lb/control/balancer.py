@@ -632,16 +632,23 @@ async def serve(
     config: Config, config_path: Path | None, role: Role, control_fd: int = -1, share: tuple[int, int] = (0, 1)
 ) -> int:
     balancer = Balancer(config, config_path, role=role, control_fd=control_fd, share=share)
+    loop = asyncio.get_running_loop()
+    # Handlers before start(): a SIGTERM that arrives while we bind must stop us once we are up,
+    # not be lost (as PID 1 in a container, a signal without a handler is dropped by the kernel),
+    # and a SIGHUP then (default action: terminate) is held until the first configuration runs.
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    early_reload = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, early_reload.set)
     try:
         await balancer.start()
     except BindError as exc:
         log.error("%s", exc)
         return EXIT_BIND
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
     loop.add_signal_handler(signal.SIGHUP, balancer.request_reload)
+    if early_reload.is_set():
+        balancer.request_reload()
     signalled = loop.create_task(stop_requested.wait())
     # A worker also stops when its owner goes away (balancer.stop() called from the control channel).
     stopped = loop.create_task(balancer.stopped())

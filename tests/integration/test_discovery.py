@@ -324,7 +324,7 @@ async def test_reload_keeps_discovered_backends_and_their_tunnels(launcher: Laun
     assert first.cookie is not None
     async with ws_connect(lb.ws_url(), cookie=first.cookie.value) as (ws, _):
         assert (await recv_hello(ws))["server_id"] == first.server_id
-        config = dict(lb.config.model)
+        config = dict(lb.config)
         config["pools"] = {"gateways": {**config["pools"]["gateways"],
                                         "backends": [{"id": gw3.id, "address": gw3.address}]}}
         lines = lb.log_lines()

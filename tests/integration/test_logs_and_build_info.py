@@ -37,7 +37,7 @@ def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
 async def exercise(lb: Balancer) -> None:
     """Traffic, a failed reload and a clean stop, so the log holds every kind of line."""
     await visit(lb.ws_url())
-    good = copy.deepcopy(lb.config.model)
+    good = copy.deepcopy(lb.config)
     rewrite_config(lb, "pools: [not, a, mapping]\n")
     mark = lb.log_lines()
     signal_balancer(lb, signal.SIGHUP)

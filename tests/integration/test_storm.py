@@ -21,7 +21,7 @@ async def test_small_storm_every_player_is_back_on_a_survivor(launcher: Launcher
     """All clients of a killed gateway are re-established on survivors with new cookies; none lost."""
     gateways = await asyncio.to_thread(launcher.gateways, 3)
     lb = await asyncio.to_thread(launcher.balancer, lb_config(pools={"gateways": gateways}))
-    listen = ("127.0.0.1", int(lb.config.model["listeners"][0]["bind"].rpartition(":")[2]))
+    listen = ("127.0.0.1", int(lb.config["listeners"][0]["bind"].rpartition(":")[2]))
     fleet = Fleet(PLAYERS, lambda _client: listen)
     try:
         await fleet.open(within=60 * UNIT)
