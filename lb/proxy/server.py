@@ -180,6 +180,7 @@ class ClientConnection(asyncio.Protocol):
         "_paused",
         "_pending_tls",
         "_timer",
+        "_timer_armed",
         "_timer_at",
         "_tls",
         "_transport",
@@ -199,7 +200,8 @@ class ClientConnection(asyncio.Protocol):
             self._pending_tls = _PendingTls(self, ctx)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer_at: float | None = None  # the deadline the core asked for (wall clock)
+        self._timer_armed = 0.0  # when the armed handle fires (wall clock); may be before _timer_at
         self._upstream: _Upstream | None = None
         self._connecting: asyncio.Task[Any] | None = None
         self._paused = 0
@@ -291,20 +293,39 @@ class ClientConnection(asyncio.Protocol):
                 self._join(cast(JoinTunnel, action))
 
     def _set_timer(self, at: float | None) -> None:
-        if at == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Keep one handle that fires no later than the core's deadline, re-armed only when it must.
+
+        A handle that fires before the deadline re-arms itself for the rest.  So a deadline
+        that moves later, or goes away, costs no cancel and no new handle, and the first
+        handle is armed at most max(backend_connect, 1 s) ahead: a handshake's backend
+        phase (a later deadline than that) then needs no timer of its own.  One
+        call_later per handshake instead of three (each with a cancel).
+        """
         self._timer_at = at
-        if at is not None:
-            self._timer = asyncio.get_running_loop().call_later(at - time.time(), self._on_timer)
+        if at is None:
+            return  # a handle still armed finds nothing to do when it fires; _end cancels it
+        timer = self._timer
+        if timer is not None:
+            if self._timer_armed <= at:
+                return
+            timer.cancel()
+        now = time.time()
+        delay = min(at - now, max(self._ctx.config.timeouts.backend_connect, 1.0))
+        self._timer_armed = now + delay
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
+        at = self._timer_at
+        if at is None:
+            return
+        now = time.time()
+        if now < at:
+            self._set_timer(at)  # armed early on purpose: the rest of the wait
+            return
         self._timer_at = None
         try:
-            actions = self.core.deadline(time.time())
+            actions = self.core.deadline(now)
         except Exception:
             self.internal_error()
             return
