@@ -233,6 +233,7 @@ class Tunnel:
         framer: BodyFramer | None = None,
         server_closed: bool = False,
         request_id: str = "-",
+        client_lead: bytes = b"",
     ) -> Tunnel:
         """Switch both transports to relaying; flush what each side sent ahead of the switch.
 
@@ -240,6 +241,8 @@ class Tunnel:
         releases it on close.  `server_closed`: the backend hung up before the
         switch, so no callback will ever tell the new protocol; close after flushing.
         `request_id`: the handshake's id, repeated on the tunnel's close line (SPEC part 2).
+        `client_lead`: bytes for the client ahead of `to_client` (the 101 head); both leave in
+        one write (one syscall, not two), and only `to_client` counts as relayed.
         """
         tunnel = cls(ctx, backend, client_ip, pool, request_id)
         tunnel.client_end = TunnelEnd(tunnel, server)
@@ -251,6 +254,15 @@ class Tunnel:
         server.set_protocol(tunnel.server_end)
         if to_server:
             tunnel.client_end.data_received(to_server)
+        if client_lead:
+            end = tunnel.server_end
+            if to_client and type(end) is WebSocketServerEnd:
+                end.frames.feed(to_client)  # what data_received does on a fresh end, in one write
+                end.nbytes += len(to_client)
+                client.write(client_lead + to_client)
+                to_client = b""
+            else:
+                client.write(client_lead)
         if to_client:
             tunnel.server_end.data_received(to_client)
         if server_closed and isinstance(tunnel.server_end, WebSocketServerEnd):
