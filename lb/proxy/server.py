@@ -214,7 +214,9 @@ class ClientConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         ctx = self._ctx
-        self.core = Connection(ctx, client_ip=peer[0] if peer else "-", tls=self._tls)
+        self.core = Connection(
+            ctx, client_ip=peer[0] if peer else "-", client_port=peer[1] if peer else 0, tls=self._tls
+        )
         if self._pending_tls is not None:
             self._pending_tls.hand_over()  # counted since accept: _end releases it from now on
             self._pending_tls = None
@@ -387,6 +389,7 @@ class ClientConnection(asyncio.Protocol):
             client,
             server,
             client_ip=self.core.client_ip,
+            client_port=self.core.client_port,
             pool=action.pool,
             to_server=action.to_server,
             to_client=action.to_client,
