@@ -71,6 +71,12 @@ async def test_json_lines_parse_with_iso_time_and_numeric_durations(
         assert ISO_UTC.fullmatch(event["time"]), event
     closes = [e for e in events if e.get("event") == "tunnel_closed"]
     assert closes and all(isinstance(e["duration"], int | float) for e in closes), closes
+    # The handshake's request line and its tunnel's close line carry one request id (and the client port).
+    requests = {e["request_id"]: e for e in events if e.get("event") == "request"}
+    for close in closes:
+        opened = requests.get(close["request_id"])
+        assert opened is not None and opened["status"] == 101, (close, requests)
+        assert opened["client_port"] == close["client_port"] > 0, (opened, close)
 
 
 def test_lb_version_prints_the_version() -> None:
