@@ -59,6 +59,7 @@ from lb.log import setup_logging
 from lb.metrics import make_registry
 from lb.migration import DEFAULT_MIGRATION_RATE, migrate
 from lb.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange
+from lb.proxy.preamble import ProxyProtocolServer, listening_socket
 from lb.ratelimit import RateLimiter
 from lb.routing import sort_routes
 from lb.tls import server_ssl_context
@@ -85,7 +86,7 @@ class BindError(LbError, OSError):
 @dataclass(slots=True)
 class _Listening:
     config: ListenerConfig
-    server: asyncio.Server
+    server: asyncio.Server | ProxyProtocolServer
     ssl_context: ssl.SSLContext | None
     address: tuple[str, int] = field(default=("", 0))
 
@@ -180,8 +181,9 @@ class Balancer:
         # Everything is bound: from here on nothing can fail for want of an address.
         for listening in self._listening:
             log.info(
-                "listening on %s:%d%s (backlog %d)",
-                *listening.address, " (TLS)" if listening.ssl_context else "", listening.config.backlog,
+                "listening on %s:%d%s%s (backlog %d)",
+                *listening.address, " (TLS)" if listening.ssl_context else "",
+                " (PROXY protocol)" if listening.config.proxy_protocol else "", listening.config.backlog,
             )
         if self.admin_address is not None:
             log.info("admin API on %s:%d", *self.admin_address)
@@ -213,6 +215,17 @@ class Balancer:
         tls = ssl_context is not None
         loop = asyncio.get_running_loop()
         install_accept_error_filter(loop)
+        if listener.proxy_protocol:
+            # The PROXY header comes before TLS and HTTP alike: this listener reads it itself.
+            try:
+                sock = listening_socket(
+                    listener.host, listener.port, backlog=listener.backlog, reuse_port=self.role is Role.WORKER
+                )
+            except OSError as exc:
+                raise BindError("listener", listener.bind, exc) from exc
+            pp_server = ProxyProtocolServer(self.ctx, sock, ssl_context)
+            host, port = sock.getsockname()[:2]
+            return _Listening(listener, pp_server, ssl_context, (host, port))
         try:
             server = await loop.create_server(
                 client_factory(self.ctx, tls),
@@ -445,7 +458,12 @@ class Balancer:
             same_bind = next(
                 (w for w in wanted if (w.host, w.port) == (listening.config.host, listening.config.port)), None
             )
-            if same_bind is not None and (same_bind.tls is None) == (listening.ssl_context is None):
+            if (
+                same_bind is not None
+                and (same_bind.tls is None) == (listening.ssl_context is None)
+                # Reading a PROXY header or not is a different listener: turning it on or off rebinds.
+                and same_bind.proxy_protocol == listening.config.proxy_protocol
+            ):
                 wanted.remove(same_bind)
                 keep.append((listening, same_bind))
         return keep, wanted
@@ -492,8 +510,9 @@ class Balancer:
             listening.config = listener
         for listening in new_listening:
             log.info(
-                "listening on %s:%d%s (backlog %d)",
-                *listening.address, " (TLS)" if listening.ssl_context else "", listening.config.backlog,
+                "listening on %s:%d%s%s (backlog %d)",
+                *listening.address, " (TLS)" if listening.ssl_context else "",
+                " (PROXY protocol)" if listening.config.proxy_protocol else "", listening.config.backlog,
             )
         self._listening = [listening for listening, _ in kept] + new_listening
 

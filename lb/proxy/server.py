@@ -174,6 +174,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "__weakref__",
         "_accepted",
+        "_client_ip",
         "_connecting",
         "_ctx",
         "_paused",
@@ -187,14 +188,19 @@ class ClientConnection(asyncio.Protocol):
         "core",
     )
 
-    def __init__(self, ctx: ProxyContext, tls: bool = False) -> None:
+    def __init__(
+        self, ctx: ProxyContext, tls: bool = False, *, client_ip: str | None = None, accepted: float | None = None
+    ) -> None:
+        """`client_ip`: the client's address when not the socket's peer (a PROXY header's source);
+        `accepted`: when the socket was accepted, if before this protocol is made (a PROXY preamble)."""
         self._ctx = ctx
-        self._accepted = 0.0
+        self._accepted = accepted or 0.0
+        self._client_ip = client_ip
         self._pending_tls: _PendingTls | None = None
         if tls:
             # Called at accept, before the TLS handshake (asyncio and uvloop alike): count the
             # connection from here, and start its timeouts.handshake from here.
-            self._accepted = time.time()
+            self._accepted = accepted or time.time()
             self._pending_tls = _PendingTls(self, ctx)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -211,9 +217,12 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
         ctx = self._ctx
-        self.core = Connection(ctx, client_ip=peer[0] if peer else "-", tls=self._tls)
+        client_ip = self._client_ip
+        if client_ip is None:
+            peer = transport.get_extra_info("peername")
+            client_ip = peer[0] if peer else "-"
+        self.core = Connection(ctx, client_ip=client_ip, tls=self._tls)
         if self._pending_tls is not None:
             self._pending_tls.hand_over()  # counted since accept: _end releases it from now on
             self._pending_tls = None
@@ -491,6 +500,7 @@ class _RateLimitedErrors:
 
 _local_errors = _RateLimitedErrors()
 _accept_errors = _RateLimitedErrors()
+accept_errors = _accept_errors  # shared with lb.proxy.preamble's own accept loop: one rate limit
 
 
 def install_accept_error_filter(loop: asyncio.AbstractEventLoop) -> None:
