@@ -44,7 +44,7 @@ from conftest import (
     ws_connect,
 )
 
-PROXY_V2 = False  # flip once listeners[].proxy_protocol is wired (the coordinator does it at merge)
+PROXY_V2 = True  # listeners[].proxy_protocol is wired: HAProxy sends PROXY v2, the balancers read it
 
 HAPROXY = shutil.which("haproxy")
 pytestmark = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")
