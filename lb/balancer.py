@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -206,11 +207,17 @@ class Balancer:
             self._admin = None
         await self._stop_health_checks()
 
-    async def _bind(self, listener: ListenerConfig) -> _Listening:
-        """Bind one listener; raises BindError (TLS files that do not load are an OSError too)."""
+    async def _bind(self, listener: ListenerConfig, *, adopt: socket.socket | None = None) -> _Listening:
+        """Bind one listener; raises BindError (TLS files that do not load are an OSError too).
+
+        With `adopt` (a reload changing a running listener's kind), serve that already-listening
+        socket instead, not accepting until `_start_serving`; it is closed if this fails.
+        """
         try:
             ssl_context = server_ssl_context(listener.tls) if listener.tls else None
         except (OSError, ssl.SSLError) as exc:
+            if adopt is not None:
+                adopt.close()
             raise BindError("TLS", listener.bind, exc) from exc
         tls = ssl_context is not None
         loop = asyncio.get_running_loop()
@@ -218,28 +225,33 @@ class Balancer:
         if listener.proxy_protocol:
             # The PROXY header comes before TLS and HTTP alike: this listener reads it itself.
             try:
-                sock = listening_socket(
+                sock = adopt or listening_socket(
                     listener.host, listener.port, backlog=listener.backlog, reuse_port=self.role is Role.WORKER
                 )
             except OSError as exc:
                 raise BindError("listener", listener.bind, exc) from exc
-            pp_server = ProxyProtocolServer(self.ctx, sock, ssl_context)
+            pp_server = ProxyProtocolServer(self.ctx, sock, ssl_context, start_serving=adopt is None)
             host, port = sock.getsockname()[:2]
             return _Listening(listener, pp_server, ssl_context, (host, port))
+        where: dict[str, Any] = (
+            # Workers each bind every listener; the kernel spreads connections over them.
+            {"host": listener.host, "port": listener.port, "reuse_address": True,
+             "reuse_port": self.role is Role.WORKER}
+            if adopt is None
+            else {"sock": adopt, "start_serving": False}
+        )
         try:
             server = await loop.create_server(
                 client_factory(self.ctx, tls),
-                listener.host,
-                listener.port,
                 ssl=ssl_context,
                 # A stalled TLS handshake is closed on time (the connection counts from accept).
                 ssl_handshake_timeout=self.config.timeouts.handshake if tls else None,
                 backlog=listener.backlog,
-                reuse_address=True,
-                # Workers each bind every listener; the kernel spreads connections over them.
-                reuse_port=self.role is Role.WORKER,
+                **where,
             )
         except OSError as exc:
+            if adopt is not None:
+                adopt.close()
             raise BindError("listener", listener.bind, exc) from exc
         host, port = server.sockets[0].getsockname()[:2]
         return _Listening(listener, server, ssl_context, (host, port))
@@ -416,8 +428,21 @@ class Balancer:
                 for _, listener in kept:
                     if listener.tls is not None:
                         server_ssl_context(listener.tls)  # loads now: a bad file fails the reload
+                kept_ids = {id(listening) for listening, _ in kept}
                 for listener in wanted:
-                    new_listening.append(await self._bind(listener))
+                    # Same address, other kind (TLS or PROXY protocol turned on or off): the new
+                    # listener takes over the running socket, so nothing has to bind a busy port and
+                    # connections waiting in its queue are not lost.  It starts accepting at the swap.
+                    replaced = next(
+                        (item for item in self._listening if id(item) not in kept_ids
+                         and (item.config.host, item.config.port) == (listener.host, listener.port)),
+                        None,
+                    )
+                    if replaced is None:
+                        new_listening.append(await self._bind(listener))
+                    else:
+                        adopted = _dup_socket(replaced.server.sockets[0])
+                        new_listening.append(await self._bind(listener, adopt=adopted))
             else:
                 running = {(item.host, item.port) for item in self.config.listeners}
                 for listener in config.listeners:
@@ -509,6 +534,8 @@ class Balancer:
                 listening.ssl_context.load_cert_chain(listener.tls.cert, listener.tls.key)
             listening.config = listener
         for listening in new_listening:
+            if not listening.server.is_serving():  # took over a replaced listener's socket
+                _start_serving(listening.server)
             log.info(
                 "listening on %s:%d%s%s (backlog %d)",
                 *listening.address, " (TLS)" if listening.ssl_context else "",
@@ -624,6 +651,25 @@ def close_schedule(count: int, grace: float) -> list[float]:
     """
     step = grace / count if count else 0.0
     return [index * step for index in range(count)]
+
+
+def _dup_socket(sock: Any) -> socket.socket:
+    """A second descriptor on a listening socket (an asyncio TransportSocket or a socket)."""
+    return socket.socket(fileno=os.dup(sock.fileno()))
+
+
+def _start_serving(server: asyncio.Server | ProxyProtocolServer) -> None:
+    """Start accepting on a listener made with start_serving=False; from inside the synchronous swap."""
+    if isinstance(server, ProxyProtocolServer):
+        server.start_serving_now()
+    else:
+        # asyncio.Server.start_serving is a coroutine; the socket queues connections until it runs.
+        task = asyncio.get_running_loop().create_task(server.start_serving())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[None]] = set()
 
 
 def _probe_bind(listener: ListenerConfig) -> None:

@@ -103,6 +103,8 @@ class ProxyProtocolServer:
         ctx: ProxyContext,
         sock: socket.socket,
         ssl_context: ssl.SSLContext | None,
+        *,
+        start_serving: bool = True,
     ) -> None:
         self._ctx = ctx
         self._sock: socket.socket | None = sock
@@ -113,7 +115,18 @@ class ProxyProtocolServer:
         self._resume: asyncio.TimerHandle | None = None
         self._closed = asyncio.Event()
         self._socks = (sock,)
-        self._loop.add_reader(sock.fileno(), self._accept)
+        self._serving = False
+        if start_serving:
+            self.start_serving_now()
+
+    def start_serving_now(self) -> None:
+        """Start accepting (once); for a listener made with start_serving=False."""
+        if self._sock is not None and not self._serving:
+            self._serving = True
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    async def start_serving(self) -> None:
+        self.start_serving_now()
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -121,7 +134,7 @@ class ProxyProtocolServer:
         return self._socks
 
     def is_serving(self) -> bool:
-        return self._sock is not None
+        return self._serving and self._sock is not None
 
     @property
     def pending(self) -> int:
@@ -136,7 +149,7 @@ class ProxyProtocolServer:
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
-        else:
+        elif self._serving:
             self._loop.remove_reader(sock.fileno())
         sock.close()
         self._check_done()

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
 import secrets
+import signal
 import socket
 import ssl
 import subprocess
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import (
     HOST,
     ROOT,
@@ -334,3 +337,65 @@ def test_balancer_survived(pp: PPStack) -> None:
     pp.balancer.assert_alive()
     text = pp.balancer.log_text()
     assert "Traceback" not in text, pp.balancer.logs_tail()
+
+
+# -- reload: turning proxy_protocol on or off is a different listener on the same socket --------------
+
+
+def wait_reloaded(lb: Balancer, mark: int) -> None:
+    deadline = time.monotonic() + 10 * UNIT
+    while True:
+        lines = lb.log_text().splitlines()[mark:]
+        assert not [line for line in lines if "reload failed" in line], lb.logs_tail()
+        if [line for line in lines if "reloaded configuration" in line]:
+            return
+        assert time.monotonic() < deadline, f"no reload within {10 * UNIT}s:\n{lb.logs_tail()}"
+        time.sleep(0.05)
+
+
+def reload_with(lb: Balancer, config: dict[str, Any]) -> None:
+    lb.config_path.with_suffix(".tmp").write_text(yaml.safe_dump(config, sort_keys=False))
+    lb.config_path.with_suffix(".tmp").replace(lb.config_path)
+    mark = lb.log_lines()
+    assert lb.proc is not None
+    os.kill(lb.proc.pid, signal.SIGHUP)
+    wait_reloaded(lb, mark)
+
+
+def forwarded_for(spy: SpyBackend, tag: str) -> str | None:
+    found = [r for r in spy.requests if r.path == f"/pp/{tag}"]
+    assert len(found) == 1, f"the spy saw {len(found)} requests for /pp/{tag}"
+    return found[0].get("X-Forwarded-For")
+
+
+def test_reload_turns_proxy_protocol_on_and_off(launcher: Launcher) -> None:
+    """SIGHUP with proxy_protocol flipped on the same address: the reload succeeds (no busy port),
+    and from then on the listener reads, or no longer reads, the header."""
+    spy = launcher.spy()
+    config = lb_config(
+        pools={"spy": [spy]},
+        health=STEADY_HEALTH,
+        overrides={"timeouts": {"handshake": "1s"}, "limits": {"handshake_rate_per_ip": 0}},
+    )
+    lb = launcher.balancer(config, name="pp-reload")
+    lb.wait_states({("spy", spy.id): "up"})
+    assert lb.port is not None
+    tag = new_tag()
+    assert exchange(lb.port, [request(tag)]).startswith(b"HTTP/1.1 404")
+    assert forwarded_for(spy, tag) == "127.0.0.1"
+
+    config["listeners"][0]["proxy_protocol"] = True
+    reload_with(lb, config)
+    tag = new_tag()
+    assert exchange(lb.port, [v2("203.0.113.77") + request(tag)]).startswith(b"HTTP/1.1 404")
+    assert forwarded_for(spy, tag) == "203.0.113.77"
+    tag = new_tag()
+    assert exchange(lb.port, [request(tag)]) == b"", "a headerless request was answered"
+    assert not [r for r in spy.requests if r.path == f"/pp/{tag}"]
+
+    config["listeners"][0]["proxy_protocol"] = False
+    reload_with(lb, config)
+    tag = new_tag()
+    assert exchange(lb.port, [request(tag)]).startswith(b"HTTP/1.1 404")
+    assert forwarded_for(spy, tag) == "127.0.0.1"
+    lb.assert_alive()
