@@ -181,7 +181,10 @@ class ProxyProtocolServer:
                     return
                 if exc.errno in _GONE_ERRNOS:
                     continue
-                log.error("accept failed on a PROXY-protocol listener: %s", exc)
+                # Anything else (not expected on a listening socket): pause rather than spin on it.
+                accept_errors.report(exc, "accept connections on a PROXY-protocol listener")
+                self._loop.remove_reader(sock.fileno())
+                self._resume = self._loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)
                 return
             conn.setblocking(False)
             with contextlib.suppress(OSError):
@@ -229,13 +232,42 @@ class ProxyProtocolServer:
                 ssl=self._ssl,
                 ssl_handshake_timeout=max(left, 0.001) if tls else None,
             )
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+        except Exception as exc:
             # A TLS handshake that failed or timed out: the transport has closed the socket.
-            log.debug("connection from %s closed during its TLS handshake: %s", client_ip, exc)
+            log.debug("connection from %s closed during its TLS handshake: %r", client_ip, exc)
         finally:
             preamble.release()
             if not made:
                 preamble.sock.close()
+
+
+class _RateLimitedRefusals:
+    """Connections closed for want of a valid header: one warning per interval, with a count.
+
+    Worth a warning (an L4 balancer not sending the header is a misconfiguration an operator
+    must see), but a flood of garbage must not become a flood of log lines.
+    """
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self.last = -float("inf")
+        self.suppressed = 0
+
+    def report(self, peer: str, why: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            log.debug("PROXY-protocol connection from %s closed: %s", peer, why)
+            return
+        log.warning(
+            "closed a connection from %s without an answer: %s (listeners[].proxy_protocol is on; "
+            "%d more like it since the last report)", peer, why, self.suppressed,
+        )
+        self.last = now
+        self.suppressed = 0
+
+
+_refusals = _RateLimitedRefusals()
 
 
 class _Preamble:
@@ -270,7 +302,10 @@ class _Preamble:
 
     def _abort(self, why: str) -> None:
         """Close without an answer (unread bytes make the kernel send a reset)."""
-        log.debug("PROXY-protocol connection from %s closed: %s", self.peer, why)
+        _refusals.report(self.peer, why)
+        self._close()
+
+    def _close(self) -> None:
         self._stop_reading()
         self.release()
         self.sock.close()
@@ -290,6 +325,11 @@ class _Preamble:
             self._abort(f"read failed: {exc.strerror or exc}")
             return
         if not peeked:
+            if not self.buf:
+                # Connected and closed without a byte: an L4 balancer's TCP health check, not a fault.
+                log.debug("connection from %s closed before sending anything", self.peer)
+                self._close()
+                return
             self._abort("closed before a complete PROXY header")
             return
         try:

@@ -399,3 +399,14 @@ def test_reload_turns_proxy_protocol_on_and_off(launcher: Launcher) -> None:
     assert exchange(lb.port, [request(tag)]).startswith(b"HTTP/1.1 404")
     assert forwarded_for(spy, tag) == "127.0.0.1"
     lb.assert_alive()
+
+
+def test_a_refused_connection_is_logged_for_the_operator(pp: PPStack) -> None:
+    """An L4 balancer that does not send the header is a misconfiguration: it shows in the log (rate-limited)."""
+    tag = new_tag()
+    assert_closed_silently(pp, pp.pp_port, request(tag), tag)
+    deadline = time.monotonic() + 5 * UNIT
+    while "without an answer" not in pp.balancer.log_text():
+        assert time.monotonic() < deadline, pp.balancer.logs_tail()
+        time.sleep(0.05)
+    assert "proxy_protocol" in pp.balancer.log_text()
