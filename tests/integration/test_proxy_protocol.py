@@ -410,3 +410,28 @@ def test_a_refused_connection_is_logged_for_the_operator(pp: PPStack) -> None:
         assert time.monotonic() < deadline, pp.balancer.logs_tail()
         time.sleep(0.05)
     assert "proxy_protocol" in pp.balancer.log_text()
+
+
+def test_workers_share_a_proxy_protocol_listener(launcher: Launcher) -> None:
+    """`workers: 2`: each worker binds the PROXY listener with SO_REUSEPORT and reads the header itself."""
+    spy = launcher.spy()
+    config = lb_config(
+        pools={"spy": [spy]},
+        health=STEADY_HEALTH,
+        overrides={"workers": 2, "limits": {"handshake_rate_per_ip": 0}},
+    )
+    config["listeners"][0]["proxy_protocol"] = True
+    lb = launcher.balancer(config, name="pp-workers")
+    lb.wait_states({("spy", spy.id): "up"})
+    assert lb.port is not None
+    deadline = time.monotonic() + 10 * UNIT
+    while "listening on" not in lb.log_text() or lb.log_text().count("PROXY protocol") < 2:
+        assert time.monotonic() < deadline, f"two workers not listening:\n{lb.logs_tail()}"
+        time.sleep(0.05)
+    for index in range(12):
+        tag, source = new_tag(), f"192.0.2.{index + 1}"
+        assert exchange(lb.port, [v1(source) + request(tag)]).startswith(b"HTTP/1.1 404")
+        assert forwarded_for(spy, tag) == source
+    tag = new_tag()
+    assert exchange(lb.port, [request(tag)]) == b""
+    lb.assert_alive()
