@@ -5,7 +5,7 @@ HAProxy in `mode tcp` (`balance roundrobin`) stands in for the cloud NLB in fron
 client land on consecutive instances.  Skipped, with the reason, when `haproxy` is not installed.
 
 PROXY_V2 switches the HAProxy server lines to `send-proxy-v2` and the balancers' listeners to
-`proxy_protocol: true`; it stays False until the PROXY-protocol listener is merged, then flips.
+`proxy_protocol: true` (on since the PROXY-protocol listener, lb/proxy/preamble.py, is in).
 With it on, the gateways must see the client's own address in X-Forwarded-For, not HAProxy's.
 """
 
