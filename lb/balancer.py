@@ -21,7 +21,13 @@ is swapped in one synchronous block (no await in between), so a connection
 that reads `ProxyContext` at accept always sees one consistent snapshot.
 Backends keep their health and counts by id, including a backend that a
 reload removed and a later one brought back while its tunnels still ran;
-health checkers are replaced, never duplicated.
+health checkers are replaced, never duplicated.  A listener whose kind changes
+at the same address (TLS or `proxy_protocol` turned on or off) is a new
+listener that takes over the running socket (a second descriptor on it), so
+the reload needs no free port and loses nothing queued in its backlog.
+
+A `proxy_protocol` listener is a `lb.proxy.preamble.ProxyProtocolServer`
+instead of an `asyncio.Server`: it reads the PROXY header before TLS and HTTP.
 
 `run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `request_reload`, and
 picks the event loop (uvloop when installed and `runtime.event_loop` allows).
