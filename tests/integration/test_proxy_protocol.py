@@ -448,3 +448,47 @@ def test_a_spoofed_forwarded_for_does_not_beat_the_header(pp: PPStack) -> None:
     spoofed = f"GET /pp/{tag} HTTP/1.1\r\nHost: lb.test\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n"
     answer = exchange(pp.pp_port, [v2("203.0.113.9") + spoofed.encode()])
     assert_forwarded(pp, answer, tag, "203.0.113.9")
+
+
+def test_header_and_client_hello_in_one_segment(pp: PPStack) -> None:
+    """As an L4 balancer may send them: the header and the TLS ClientHello in one write.  The listener
+    must take exactly the header and leave the ClientHello, whole, to TLS."""
+    context = ssl.create_default_context(cafile=str(pp.ca))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=HOST)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    assert hello[:1] == b"\x16", "not a TLS handshake record"
+    tag = new_tag()
+    with socket.create_connection((HOST, pp.pp_tls_port), timeout=5 * UNIT) as sock:
+        sock.sendall(v2("192.0.2.123") + hello)
+        deadline = time.monotonic() + 5 * UNIT
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if pending := outgoing.read():
+                    sock.sendall(pending)
+                chunk = sock.recv(65536)
+                assert chunk, "closed during the TLS handshake"
+                incoming.write(chunk)
+            assert time.monotonic() < deadline, "TLS handshake did not finish"
+        tls.write(request(tag))
+        sock.sendall(outgoing.read())
+        answer = b""
+        while not answer.endswith(b"spy: no such page\n"):
+            try:
+                answer += tls.read(65536)
+                continue
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                break
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            incoming.write(chunk)
+            assert time.monotonic() < deadline + 5 * UNIT, answer
+    assert_forwarded(pp, answer, tag, "192.0.2.123")
