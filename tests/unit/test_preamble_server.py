@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_connection import CONFIG
@@ -208,5 +212,38 @@ async def test_tls_after_the_header_and_a_failed_handshake_releases(tmp_path: Pa
         assert not answer.startswith(b"HTTP/"), answer
         bad_w.close()
         await _wait(lambda: ctx.handshaking == 0 and server.pending == 0 and not ctx.in_flight, within=4.0)
+    finally:
+        server.close()
+
+
+class _ExhaustedSocket(socket.socket):
+    """A listening socket whose first accepts fail as if the process were out of descriptors."""
+
+    failures = 2
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+async def test_out_of_descriptors_pauses_accepting_logs_once_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
+    ctx = _ctx()
+    plain = listening_socket("127.0.0.1", 0, backlog=16, reuse_port=False)
+    sock = _ExhaustedSocket(fileno=plain.detach())
+    server = ProxyProtocolServer(ctx, sock, None)
+    port = int(sock.getsockname()[1])
+    try:
+        with caplog.at_level(logging.ERROR, logger="lb.listener"):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)  # queued by the kernel meanwhile
+            writer.write(b"PROXY TCP4 192.0.2.1 127.0.0.1 5555 443\r\n" + HEAD_START)
+            await _wait(lambda: len(ctx.in_flight) == 1 and _only_connection(ctx).core._buf, within=5.0)
+        assert sock.failures == 0
+        assert _only_connection(ctx).core.client_ip == "192.0.2.1"
+        lines = [r for r in caplog.records if "accept connections" in r.getMessage()]
+        assert len(lines) <= 1, [r.getMessage() for r in lines]  # rate-limited: never a line per failure
+        writer.close()
+        await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
     finally:
         server.close()
