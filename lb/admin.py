@@ -21,11 +21,17 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+from aiohttp.web_server import Server
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lb.durations import parse_duration
@@ -67,8 +73,10 @@ async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamRe
     except AdminInputError as exc:
         return _error(400, str(exc))
     except Exception:
-        log.exception("admin API: unexpected error answering %s %.200s", request.method, request.rel_url.path)
-        return _error(500, "internal error")
+        request_id = new_request_id()
+        log.exception("admin API: unexpected error answering %s %.200s request_id=%s",
+                      request.method, request.rel_url.path, request_id)
+        return _error(500, "internal error", request_id=request_id)
 
 
 def make_admin_app(balancer: Balancer) -> web.Application:
@@ -218,8 +226,65 @@ async def backend_action(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+def _error(
+    status: int, message: str, headers: dict[str, str] | None = None, *, request_id: str | None = None
+) -> web.Response:
+    """A JSON error: the status, a reason, and a request id that the log line (if any) carries too."""
+    body = {"error": message, "request_id": request_id or new_request_id()}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def new_request_id() -> str:
+    """16 hex digits: enough to find one answer in the log, nothing derived from the request."""
+    return secrets.token_hex(8)
+
+
+class AdminRunner(web.AppRunner):
+    """An AppRunner whose connections answer unparseable requests like every other admin error.
+
+    aiohttp answers a request it cannot parse (a 1 MB `/lookup?token=`, a 100 KB header) before
+    any middleware runs: `text/plain` quoting the start of the input, and an ERROR log line with a
+    traceback for each one.  Here such a request gets our JSON error with a fixed reason and a
+    request id, and one debug line; the status is aiohttp's.
+    """
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        if type(server) is Server:  # aiohttp's own: swap in the subclass that adds __call__ below
+            server.__class__ = _AdminServer
+        return server
+
+
+class _AdminServer(Server):
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        if type(handler) is RequestHandler:  # same slots, one method more: a safe class swap
+            handler.__class__ = _AdminRequestHandler
+        return handler
+
+
+class _AdminRequestHandler(RequestHandler):
+    __slots__ = ()
+
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> StreamResponse:
+        if request.writer.output_size > 0:  # aiohttp's rule: an answer is on its way, nothing more to send
+            return super().handle_error(request, status, exc, message)
+        if isinstance(exc, LineTooLong):
+            reason = "request line or header too long"
+        elif status < 500:
+            reason = "malformed request"
+        else:
+            reason = "timeout" if status == 504 else "internal error"
+        request_id = new_request_id()
+        answer = _error(status, reason, request_id=request_id)
+        if status >= 500:
+            log.error("admin API: %d %s request_id=%s", status, reason, request_id, exc_info=exc)
+        else:
+            log.debug("admin API: %d %s request_id=%s (%s)", status, reason, request_id, type(exc).__name__)
+        answer.force_close()
+        return answer
 
 
 def _depth(value: object, limit: int) -> int:

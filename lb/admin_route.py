@@ -16,7 +16,7 @@ import time
 
 from aiohttp import web
 
-from lb.admin import BALANCER
+from lb.admin import BALANCER, error_response
 from lb.affinity import route_for_key
 from lb.balancing import HASHED_METHODS, source_key
 from lb.config import BalanceMethod
@@ -55,6 +55,4 @@ async def pool_route(request: web.Request) -> web.Response:
         return _error(503, "no backend takes new clients", headers={"Retry-After": "1"})
     return web.json_response({"backend": backend.id})
 
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+_error = error_response  # the admin API's one JSON error shape (reason and request id)

@@ -45,7 +45,7 @@ from typing import Any
 
 from aiohttp import web
 
-from lb.admin import make_admin_app
+from lb.admin import AdminRunner, make_admin_app
 from lb.affinity_token import TokenCodec
 from lb.config import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
 from lb.config_load import load_config
@@ -229,7 +229,7 @@ class Balancer:
 
     async def _bind_admin(self, config: Config) -> tuple[web.AppRunner, tuple[str, int]]:
         admin = config.admin
-        runner = web.AppRunner(make_admin_app(self), access_log=None, handle_signals=False)
+        runner = AdminRunner(make_admin_app(self), access_log=None, handle_signals=False)
         await runner.setup()
         try:
             await web.TCPSite(runner, admin.host, admin.port, reuse_address=True).start()

@@ -133,3 +133,54 @@ async def test_read_endpoints_refuse_unknown_parameters(stack: Stack, path: str)
     ):
         assert reply.status == 400
         assert "unknown parameter" in (await reply.json())["error"]
+
+
+async def get_raw(lb: Balancer, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
+    async with (
+        client_session() as session,
+        asyncio.timeout(5 * UNIT),
+        session.get(lb.admin_url(path), headers={"Authorization": f"Bearer {lb.token}", **(headers or {})}) as reply,
+    ):
+        return reply.status, reply.content_type, await reply.text()
+
+
+MEGABYTE = "q" * (1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        (f"/lookup?token={MEGABYTE}", {}),
+        (f"/pools/gateways/route?key={MEGABYTE}", {}),
+        (f"/status?{MEGABYTE}=1", {}),
+        ("/status", {"X-Padding": MEGABYTE[:100_000]}),
+    ],
+    ids=["1MB lookup token", "1MB route key", "1MB parameter name", "100KB header"],
+)
+async def test_oversized_request_heads_get_a_json_error_echoing_nothing(
+    stack: Stack, path: str, headers: dict[str, str]
+) -> None:
+    """Refused before any handler runs, yet answered like every admin error: JSON, a fixed reason, a request id."""
+    lb = stack.balancer
+    lines_before = lb.log_lines()
+    code, content_type, text = await get_raw(lb, path, headers)
+    assert 400 <= code < 500 and content_type == "application/json", (code, text[:200])
+    answer = json.loads(text)
+    assert answer["error"] and answer["request_id"], answer
+    assert "qqqq" not in text
+    assert (await get_raw(lb, "/livez"))[0] == 200
+    assert "Traceback" not in "\n".join(lb.log_text().splitlines()[lines_before:])
+
+
+async def test_lookup_refuses_unknown_parameters(stack: Stack) -> None:
+    code, _, text = await get_raw(stack.balancer, "/lookup?token=abc&tokne=abc")
+    assert code == 400 and "unknown parameter" in json.loads(text)["error"], text
+
+
+@pytest.mark.parametrize(
+    "path", ["/status?verbose=1", "/nowhere", "/lookup", "/pools/nope/route?key=1", "/pools/gateways/route?key=1"]
+)
+async def test_every_admin_error_carries_a_request_id(stack: Stack, path: str) -> None:
+    code, _, text = await get_raw(stack.balancer, path)
+    answer = json.loads(text)
+    assert code >= 400 and isinstance(answer.get("request_id"), str) and answer["request_id"], answer

@@ -41,9 +41,11 @@ async def test_a_bug_in_a_handler_is_a_bare_500_logged_with_its_traceback(caplog
         with caplog.at_level(logging.ERROR, logger="lb.admin"):
             reply = await client.post("/pools/p/backends/gw-1/drain", headers={"Authorization": f"Bearer {TOKEN}"})
             body = await reply.json()
-        assert reply.status == 500 and body == {"error": "internal error"}
+        assert reply.status == 500 and body == {"error": "internal error", "request_id": body["request_id"]}
         assert "secret" not in str(body)
         assert any(r.exc_info and "secret internal detail" in str(r.exc_info[1]) for r in caplog.records)
+        # The request id in the answer finds the traceback in the log.
+        assert any(body["request_id"] in r.getMessage() for r in caplog.records if r.exc_info)
     finally:
         await client.close()
 
