@@ -33,8 +33,6 @@ import pytest
 import yaml
 from conftest import (
     COOKIE,
-    HOST,
-    STOP_WAIT,
     UNIT,
     Balancer,
     Gateway,
@@ -45,6 +43,7 @@ from conftest import (
     lb_config,
     visit,
 )
+from support_tcp import ThreadedServer
 
 HEADER = "X-LB-Affinity"
 QUERY = "lb_affinity"
@@ -272,31 +271,18 @@ class BlackHole:
 
     def __init__(self, backend_id: str) -> None:
         self.id = backend_id
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind((HOST, 0))
-        self._sock.listen(128)
-        self._sock.settimeout(0.05)
-        self.port = int(self._sock.getsockname()[1])
         self._held: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name=f"black hole {backend_id}", daemon=True)
-        self._thread.start()
+        self._server = ThreadedServer(self._hold, name=f"black hole {backend_id}", backlog=128)
+        self.port = self._server.port
 
     @property
     def address(self) -> str:
-        return f"{HOST}:{self.port}"
+        return self._server.address
 
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self._held.append(conn)
+    def _hold(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._held.append(conn)
 
     def requests_seen(self) -> int:
         """Connections on which a request head began to arrive (health checks send nothing)."""
@@ -309,9 +295,7 @@ class BlackHole:
         return seen
 
     def close(self) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=STOP_WAIT)
-        self._sock.close()
+        self._server.close()
         with self._lock:
             for conn in self._held:
                 conn.close()

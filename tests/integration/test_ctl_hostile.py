@@ -13,12 +13,12 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import HOST, ROOT, UNIT, child_env
+from conftest import ROOT, UNIT, child_env
+from support_tcp import ThreadedServer
 
 MAX_SECONDS = 15.0
 Script = Callable[["Scripted", socket.socket, bytes], None]
@@ -30,31 +30,9 @@ class Scripted:
     def __init__(self, script: Script) -> None:
         self.script = script
         self.heads: list[bytes] = []
-        self.stop = threading.Event()
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind((HOST, 0))
-        self._sock.listen(16)
-        self._sock.settimeout(0.05)
-        self.port = int(self._sock.getsockname()[1])
-        self._threads: list[threading.Thread] = []
-        self._accepting = threading.Thread(target=self._accept, daemon=True)
-        self._accepting.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self.server = ThreadedServer(self._serve, name="admin")
+        self.stop = self.server.stop
+        self.url = self.server.url
 
     def _serve(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
@@ -69,11 +47,7 @@ class Scripted:
             self.script(self, conn, head)
 
     def close(self) -> None:
-        self.stop.set()
-        self._accepting.join(timeout=5)
-        self._sock.close()
-        for thread in self._threads:
-            thread.join(timeout=5)
+        self.server.close()
 
 
 @contextlib.contextmanager
