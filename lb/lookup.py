@@ -22,12 +22,12 @@ where does a handshake carrying this token go right now?  Answer shapes:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from lb.affinity import decide
 from lb.affinity_token import TokenCodec
 from lb.errors import InvalidToken, NoHealthyBackend
+from lb.log import iso_utc as log_iso_utc
 from lb.pool import PoolState
 
 
@@ -83,5 +83,5 @@ def lookup_token(
 
 
 def iso_utc(epoch: float) -> str:
-    """ISO-8601 in UTC with a `Z`, to the second: 2026-11-30T16:20:41Z."""
-    return datetime.fromtimestamp(int(epoch), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """ISO-8601 in UTC with a `Z`, to the second: 2026-11-30T16:20:41Z (tokens carry whole seconds)."""
+    return log_iso_utc(epoch, millis=False)
