@@ -108,6 +108,49 @@ def started_stack(
 _OWN_TOKEN = object()
 
 
+@dataclass(frozen=True)
+class AdminReply:
+    """One admin API answer: `body` is the parsed JSON, or `{"_text": text}` when it is not JSON."""
+
+    status: int
+    body: Any
+    headers: Mapping[str, str]
+    text: str
+    content_type: str
+
+
+async def admin_request(
+    lb: Balancer,
+    method: str,
+    path: str,
+    *,
+    token: str | object | None = _OWN_TOKEN,
+    params: Mapping[str, str] | None = None,
+    json_body: Any = None,
+    data: bytes | str | None = None,
+    headers: Mapping[str, str] | None = None,
+    within: float = 5 * UNIT,
+) -> AdminReply:
+    """Any request to the admin API, with the balancer's own bearer token unless `token` says otherwise
+    (None: no Authorization header).  The one way tests talk to the admin API by hand."""
+    sent = dict(headers or {})
+    if token is _OWN_TOKEN:
+        token = lb.token
+    if token is not None:
+        sent["Authorization"] = f"Bearer {token}"
+    async with (
+        client_session() as session,
+        asyncio.timeout(within),
+        session.request(method, lb.admin_url(path), headers=sent, params=params, json=json_body, data=data) as reply,
+    ):
+        text = await reply.text()
+        try:
+            body = json.loads(text) if text else {}
+        except ValueError:
+            body = {"_text": text}
+        return AdminReply(reply.status, body, dict(reply.headers), text, reply.content_type)
+
+
 async def admin_post(
     lb: Balancer,
     path: str,
@@ -118,20 +161,8 @@ async def admin_post(
     within: float = 5 * UNIT,
 ) -> tuple[int, dict[str, Any], Mapping[str, str]]:
     """POST to the admin API; `token` None sends no Authorization header. Returns status, JSON, headers."""
-    headers = {}
-    if token is _OWN_TOKEN:
-        token = lb.token
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    async with client_session() as session:
-        async with asyncio.timeout(within):
-            async with session.post(lb.admin_url(path), headers=headers, params=params, json=json_body) as reply:
-                text = await reply.text()
-                try:
-                    body = json.loads(text) if text else {}
-                except ValueError:
-                    body = {"_text": text}
-                return reply.status, body, dict(reply.headers)
+    reply = await admin_request(lb, "POST", path, token=token, params=params, json_body=json_body, within=within)
+    return reply.status, reply.body, reply.headers
 
 
 async def set_state(

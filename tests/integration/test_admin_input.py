@@ -6,12 +6,12 @@ Uses the shared stack; every request here is refused, so the stack is left as it
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
 import pytest
-from conftest import UNIT, Balancer, Stack, client_session, find_backend, status
+from conftest import Balancer, Stack, find_backend, status
+from support_ops import admin_request
 
 PATH = "/pools/dead/backends/{id}/drain"
 
@@ -19,18 +19,10 @@ PATH = "/pools/dead/backends/{id}/drain"
 async def post_raw(
     lb: Balancer, path: str, *, body: bytes = b"", content_type: str = "application/json", query: str = ""
 ) -> tuple[int, dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {lb.token}", "Content-Type": content_type}
-    url = lb.admin_url(path) + (f"?{query}" if query else "")
-    async with (
-        client_session() as session,
-        asyncio.timeout(5 * UNIT),
-        session.post(url, data=body, headers=headers) as reply,
-    ):
-        text = await reply.text()
-        try:
-            return reply.status, json.loads(text)
-        except ValueError:
-            return reply.status, {"_text": text}
+    reply = await admin_request(
+        lb, "POST", path + (f"?{query}" if query else ""), data=body, headers={"Content-Type": content_type}
+    )
+    return reply.status, reply.body
 
 
 HOSTILE: list[tuple[str, str, bytes, str, str]] = [
@@ -100,15 +92,9 @@ async def test_oversized_body_is_refused_without_500(stack: Stack) -> None:
 )
 async def test_odd_paths_get_json_errors_not_500(stack: Stack, method: str, path: str, expected: int) -> None:
     """Unknown routes and methods are JSON errors with their own status."""
-    lb = stack.balancer
-    headers = {"Authorization": f"Bearer {lb.token}"}
-    async with (
-        client_session() as session,
-        asyncio.timeout(5 * UNIT),
-        session.request(method, lb.admin_url(path), headers=headers) as reply,
-    ):
-        assert reply.status == expected
-        assert "error" in await reply.json(content_type=None)
+    reply = await admin_request(stack.balancer, method, path)
+    assert reply.status == expected
+    assert "error" in json.loads(reply.text)
 
 
 async def test_admin_errors_name_nothing_internal(stack: Stack) -> None:
@@ -125,23 +111,14 @@ async def test_admin_errors_name_nothing_internal(stack: Stack) -> None:
 @pytest.mark.parametrize("path", ["/status?verbose=1", "/metrics?name=x", "/livez?x", "/readyz?now=1"])
 async def test_read_endpoints_refuse_unknown_parameters(stack: Stack, path: str) -> None:
     """A parameter an endpoint does not take is a 400 naming it, not silently ignored."""
-    lb = stack.balancer
-    async with (
-        client_session() as session,
-        asyncio.timeout(5 * UNIT),
-        session.get(lb.admin_url(path)) as reply,
-    ):
-        assert reply.status == 400
-        assert "unknown parameter" in (await reply.json())["error"]
+    reply = await admin_request(stack.balancer, "GET", path, token=None)
+    assert reply.status == 400
+    assert "unknown parameter" in reply.body["error"]
 
 
 async def get_raw(lb: Balancer, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
-    async with (
-        client_session() as session,
-        asyncio.timeout(5 * UNIT),
-        session.get(lb.admin_url(path), headers={"Authorization": f"Bearer {lb.token}", **(headers or {})}) as reply,
-    ):
-        return reply.status, reply.content_type, await reply.text()
+    reply = await admin_request(lb, "GET", path, headers=headers)
+    return reply.status, reply.content_type, reply.text
 
 
 MEGABYTE = "q" * (1024 * 1024)
