@@ -20,6 +20,7 @@ import contextlib
 import inspect
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -190,6 +191,18 @@ def rewrite_config(lb: Balancer, config: Mapping[str, Any] | str) -> None:
     tmp = lb.config_path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(lb.config_path)  # atomic: a reload never reads half a file
+
+
+async def reload_with(
+    lb: Balancer, config: Mapping[str, Any] | str | None = None, *, expect: str = "reloaded", within: float = 5 * UNIT
+) -> str:
+    """Write `config` (if given) as the balancer's file, SIGHUP it, and wait for the log line containing
+    `expect` ("reloaded", or "reload failed" for a broken file); returns that line."""
+    if config is not None:
+        rewrite_config(lb, config)
+    mark = lb.log_lines()
+    signal_balancer(lb, signal.SIGHUP)
+    return await wait_for_log(lb, expect, after=mark, within=within)
 
 
 async def wait_for_log(lb: Balancer, text: str, *, after: int = 0, within: float = 5 * UNIT) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from conftest import (
     ws_connect,
 )
 from support_dns import ZoneServer
-from support_ops import rewrite_config, signal_balancer, wait_for_log
+from support_ops import reload_with
 
 SERVICE = "gateway.game.svc.cluster.local"
 
@@ -327,10 +326,7 @@ async def test_reload_keeps_discovered_backends_and_their_tunnels(launcher: Laun
         config = dict(lb.config)
         config["pools"] = {"gateways": {**config["pools"]["gateways"],
                                         "backends": [{"id": gw3.id, "address": gw3.address}]}}
-        lines = lb.log_lines()
-        rewrite_config(lb, config)
-        signal_balancer(lb, signal.SIGHUP)
-        await wait_for_log(lb, "reloaded configuration", after=lines)
+        await reload_with(lb, config, expect="reloaded configuration")
         data = await status(lb)
         assert ids(data) == {"gw-1", "gw-2", "gw-3"}
         assert find_backend(data, "gateways", first.server_id)["connections"] == 1
