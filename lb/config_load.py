@@ -71,6 +71,8 @@ MIN_SECRET_KEY_CHARS: Final = 32
 MAX_FILE_REFERENCE_BYTES: Final = 64 * 1024
 # A config file is a few kilobytes; a multi-megabyte one is a mistake (or a device) we refuse to hold.
 MAX_CONFIG_BYTES: Final = 4 * 1024 * 1024
+# Values (mappings, lists, scalars) in the expanded tree: a config with a thousand backends has a few thousand.
+MAX_CONFIG_NODES: Final = 100_000
 
 
 def read_regular_file(path: Path, limit: int) -> bytes:
@@ -192,6 +194,7 @@ class _Checker:
         self.base_dir = base_dir
         self.cpu_count = cpu_count
         self.problems: list[Problem] = []
+        self.nodes = 0  # values the ${...} expansion has walked (MAX_CONFIG_NODES)
 
     def add(self, path: str, message: str) -> None:
         self.problems.append(Problem(path, message))
@@ -264,11 +267,19 @@ _REFERENCE_RE = re.compile(
 
 def _expand(node: object, path: str, environ: Mapping[str, str], check: _Checker, active: set[int]) -> object:
     """Expand `${NAME}` in every string value (not in keys) of the parsed tree."""
+    # YAML aliases can nest a few lines into billions of values ("billion laughs"): count what the
+    # walk visits, and stop at a number no real configuration comes near.
+    check.nodes += 1
+    if check.nodes > MAX_CONFIG_NODES:
+        if check.nodes == MAX_CONFIG_NODES + 1:
+            check.add(path, f"the configuration expands to more than {MAX_CONFIG_NODES} values "
+                            "(YAML aliases nested inside each other?)")
+        return _REPORTED
     if isinstance(node, str):
         return _expand_string(node, path, environ, check)
     if not isinstance(node, dict | list):
         return node
-    # YAML aliases can build a list that contains itself; never walk in circles.
+    # YAML aliases can also build a list that contains itself; never walk in circles.
     if id(node) in active:
         check.add(path, "a YAML alias refers to one of its own parents")
         return _REPORTED

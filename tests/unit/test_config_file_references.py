@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,3 +89,21 @@ def test_config_file_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
     fifo = tmp_path / "lb.yaml"
     os.mkfifo(fifo)
     assert "not a regular file" in error_within(lambda: load_config(fifo, {}), unblock=fifo)
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    """Nine lines of nested aliases stand for 9**9 values: a problem, in well under a second, not a hang."""
+    levels = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    text = "\n".join(levels) + "\n" + config_with_key(KEY)
+    started = time.monotonic()
+    message = error_within(lambda: parse_config(text, base_dir=tmp_path, environ={}))
+    assert time.monotonic() - started < 2.0
+    assert "expands to more than" in message
+
+
+def test_a_config_with_a_thousand_backends_is_not_mistaken_for_a_bomb(tmp_path: Path) -> None:
+    backends = ", ".join(f'{{id: gw-{i}, address: "127.0.0.{1 + i // 250}:{9000 + i}"}}' for i in range(1000))
+    text = config_with_key(KEY).replace('backends: [{id: a, address: "127.0.0.1:1"}]', f"backends: [{backends}]")
+    config = parse_config(text, base_dir=tmp_path, environ={})
+    assert len(next(iter(config.pools.values())).backends) == 1000
