@@ -45,6 +45,7 @@ from typing import Any
 
 from aiohttp import web
 
+from lb import startup_signals
 from lb.admin import AdminRunner, make_admin_app
 from lb.affinity_token import TokenCodec
 from lb.config import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
@@ -626,6 +627,8 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
     loop.add_signal_handler(signal.SIGHUP, balancer.request_reload)
+    if startup_signals.take():  # a SIGHUP came while we were starting: the file may have changed since
+        balancer.request_reload()
     signalled = loop.create_task(stop_requested.wait())
     # A worker also stops when its owner goes away (balancer.stop() called from the control channel).
     stopped = loop.create_task(balancer.stopped())
