@@ -348,3 +348,19 @@ async def test_slow_dns_times_out_and_keeps_the_set(launcher: Launcher, zone: Zo
     assert (await visit(lb.ws_url())).server_id == "gw-1"
     zone.delay = 0.0
     await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"] is None, "recovery")
+
+
+async def test_truncated_answers_keep_the_set_and_show_the_error(launcher: Launcher, zone: ZoneServer) -> None:
+    """A TC answer whose TCP retry fails (a server without TCP) is a failed lookup like any other: the
+    last known set stays and serves, /status says why, and the next full answer clears the error."""
+    gw1, gw2 = launcher.gateways(2)
+    publish(zone, [gw1, gw2])
+    lb = launcher.balancer(discovery_config(zone, timeout="300ms"))
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both gateways")
+    zone.truncate = True
+    data = await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"], "a discovery error")
+    assert ids(data) == {"gw-1", "gw-2"}
+    assert {(await visit(lb.ws_url())).server_id for _ in range(4)} == {"gw-1", "gw-2"}
+    zone.truncate = False
+    await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"] is None, "the error cleared")
+    lb.assert_alive()
