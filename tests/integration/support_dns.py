@@ -4,7 +4,8 @@
 kernel picks.  The zone is a mutable table: `set_srv(name, [(target, port), ...])` and
 `set_a(name, [ip, ...])`; targets of SRV records are answered from the same table, and
 `additional=True` also puts their addresses in the SRV answer's additional section (as
-CoreDNS does); `delay` makes every answer late; `truncate` makes every answer a truncated (TC) one.  `stop()` takes the server away, so lookups fail (connection refused) as
+CoreDNS does); `delay` makes every answer late; `truncate` makes every answer a truncated (TC)
+one.  `stop()` takes the server away, so lookups fail (connection refused) as
 they do when a cluster's DNS is down.  Nothing here imports `lb`.
 """
 
