@@ -156,8 +156,12 @@ class HealthChecker:
                 return ProbeResult(False, f"HTTP {reply.status}", requested)
         except TimeoutError:
             return ProbeResult(False, f"no answer within {check.timeout:g}s")
+        except aiohttp.ClientResponseError as exc:
+            # aiohttp's message quotes the backend's bytes; /status and the dashboard show a fixed summary.
+            too_large = "Got more than" in str(exc.message)
+            return ProbeResult(False, "answer head too large" if too_large else "not a valid HTTP answer")
         except (aiohttp.ClientError, OSError) as exc:
-            return ProbeResult(False, str(exc) or type(exc).__name__)
+            return ProbeResult(False, _short(str(exc) or type(exc).__name__))
 
     def _note_unknown(self, backend: BackendStatus, header: str | None) -> None:
         value = (header or "").strip().lower()
@@ -167,3 +171,9 @@ class HealthChecker:
             self._unknown_values.add(value)
         log.warning("backend %s/%s sent %s: %r, which is neither draining nor up; treating it as up",
                     self._pool.name, backend.id, STATE_HEADER, value[:40])
+
+
+def _short(text: str, limit: int = 160) -> str:
+    """A detail for /status: one line, bounded (an exception's text can be long)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

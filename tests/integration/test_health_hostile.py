@@ -133,4 +133,8 @@ async def test_hostile_health_answers_are_bounded_and_judged_by_their_head(
     huge = next(s for s in hostile if s.id == "huge")
     per_probe = huge.sent / max(1, huge.connections)
     assert per_probe < HUGE_BODY / 4, f"{per_probe:.0f} bytes of health answer per probe"
+    # What /status says of a broken answer is a bounded summary, never the backend's bytes echoed.
+    document = await status(lb)
+    reason = find_backend(document, "gateways", "giant")["reason"]
+    assert "aaaa" not in reason and len(reason) < 200 and "too large" in reason, reason
     lb.assert_alive()
