@@ -18,6 +18,7 @@ bodies name only what the operator sent in the path they asked about.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -48,6 +49,7 @@ BALANCER: web.AppKey[Balancer] = web.AppKey("balancer")
 # An action's parameters, in the query string or a JSON body; anything else is refused.
 ACTION_PARAMS = frozenset({"close_after", "rate"})
 MAX_BODY_BYTES = 4096  # an action body is a few dozen bytes
+BODY_TIMEOUT = 2.0  # seconds to receive it whole
 MAX_JSON_DEPTH = 4  # {"close_after": "30s"} is depth 1; deeper is not a request we understand
 MAX_RATE = 100_000.0
 
@@ -338,7 +340,12 @@ async def _migration_params(request: web.Request) -> tuple[float | None, float |
             raise AdminInputError(f"parameter {_name(key)} given twice")
         params[key] = values[0]
     if request.can_read_body:
-        raw = await request.read()
+        try:
+            # A body of a few dozen bytes arrives in one packet; one that trickles holds a handler for nothing.
+            async with asyncio.timeout(BODY_TIMEOUT):
+                raw = await request.read()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(reason="body not complete in time") from None
         if raw.strip():
             if request.content_type not in ("application/json", "application/octet-stream", ""):
                 raise AdminInputError(f"body: expected application/json, got {_name(request.content_type)}")

@@ -6,11 +6,12 @@ Uses the shared stack; every request here is refused, so the stack is left as it
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import pytest
-from conftest import Balancer, Stack, find_backend, status
+from conftest import UNIT, Balancer, Stack, find_backend, status
 from support_ops import admin_request
 
 PATH = "/pools/dead/backends/{id}/drain"
@@ -161,3 +162,25 @@ async def test_every_admin_error_carries_a_request_id(stack: Stack, path: str) -
     code, _, text = await get_raw(stack.balancer, path)
     answer = json.loads(text)
     assert code >= 400 and isinstance(answer.get("request_id"), str) and answer["request_id"], answer
+
+
+async def test_a_body_that_never_completes_is_a_408_not_a_held_handler(stack: Stack) -> None:
+    """Content-Length 100, 10 bytes sent, then silence: a JSON 408 within a few seconds, the state unchanged."""
+    lb = stack.balancer
+    backend_id = stack.dead[0].id
+    host, port = lb.admin_url("").split("//", 1)[1].rstrip("/").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"POST {PATH.format(id=backend_id)} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {lb.token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"rate\": 1".encode()
+        )
+        await writer.drain()
+        async with asyncio.timeout(10 * UNIT):
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await reader.read(4096)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert json.loads(body)["request_id"]
+    assert find_backend(await status(lb), "dead", backend_id)["state"] != "draining"
