@@ -297,7 +297,11 @@ def _status(args: argparse.Namespace, target: Target, out: TextIO) -> None:
         json.dump(document, out, indent=2)
         out.write("\n")
         return
-    out.write(render_status(document))
+    try:
+        out.write(render_status(document))
+    except (AttributeError, TypeError, ValueError) as exc:  # a pool or backend that is not an object
+        raise CtlError(f"/status: unexpected answer ({type(exc).__name__}; is {target.url} the admin API?)",
+                       EXIT_USAGE) from None
 
 
 def _action(action: str) -> Callable[[argparse.Namespace, Target, TextIO], None]:

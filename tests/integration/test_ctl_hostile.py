@@ -143,3 +143,15 @@ def test_escape_sequences_in_an_answer_never_reach_the_terminal() -> None:
     with scripted(answer("400 Bad Request", message)) as admin:
         done, _ = ctl("--admin", admin.url, "enable", "p", "b")
     assert done.returncode == 1 and "\x1b" not in done.stderr and "way" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "document",
+    [{"pools": {"p": "x"}}, {"pools": {"p": {"backends": [1, None]}}}, {"pools": {"p": {"backends": "x"}}}, [1]],
+    ids=["pool not an object", "backends not objects", "backends not a list", "not an object"],
+)
+def test_a_status_of_the_wrong_shape_is_an_error_not_a_traceback(document: object) -> None:
+    with scripted(answer("200 OK", json.dumps(document).encode())) as admin:
+        done, _ = ctl("--admin", admin.url, "status")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done
+    assert "unexpected answer" in done.stderr
