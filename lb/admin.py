@@ -50,6 +50,7 @@ BALANCER: web.AppKey[Balancer] = web.AppKey("balancer")
 ACTION_PARAMS = frozenset({"close_after", "rate"})
 MAX_BODY_BYTES = 4096  # an action body is a few dozen bytes
 BODY_TIMEOUT = 2.0  # seconds to receive it whole
+IDLE_TIMEOUT = 15.0  # seconds an admin connection may sit without a complete request (the dashboard polls every 1 s)
 MAX_JSON_DEPTH = 4  # {"close_after": "30s"} is depth 1; deeper is not a request we understand
 MAX_RATE = 100_000.0
 
@@ -247,8 +248,15 @@ class AdminRunner(web.AppRunner):
     aiohttp answers a request it cannot parse (a 1 MB `/lookup?token=`, a 100 KB header) before
     any middleware runs: `text/plain` quoting the start of the input, and an ERROR log line with a
     traceback for each one.  Here such a request gets our JSON error with a fixed reason and a
-    request id, and one debug line; the status is aiohttp's.
+    request id, and one debug line; the status is aiohttp's.  A connection that sends no complete
+    request within `IDLE_TIMEOUT` is closed.
     """
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        # aiohttp's own default is an hour.  This bounds an idle keep-alive connection and, as aiohttp
+        # starts the same timer when a connection opens, a request head that never completes (slowloris).
+        kwargs.setdefault("keepalive_timeout", IDLE_TIMEOUT)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> Server:
         server = await super()._make_server()
