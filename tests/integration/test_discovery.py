@@ -359,6 +359,7 @@ async def test_truncated_answers_keep_the_set_and_show_the_error(launcher: Launc
     await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both gateways")
     zone.truncate = True
     data = await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"], "a discovery error")
+    assert SERVICE in data["pools"]["gateways"]["discovery"]["last_error"]
     assert ids(data) == {"gw-1", "gw-2"}
     assert {(await visit(lb.ws_url())).server_id for _ in range(4)} == {"gw-1", "gw-2"}
     zone.truncate = False
