@@ -774,7 +774,7 @@ def _cgroup_cpu_quota(path: Path) -> int | None:
         if quota == "max":
             return None
         return max(1, -(-int(quota) // int(period)))
-    except (OSError, ValueError):
+    except (OSError, ValueError, ZeroDivisionError):
         return None
 
 
