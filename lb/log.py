@@ -22,11 +22,14 @@ from lb.config.model import LogFormat, LoggingConfig
 LINE_FOLD = " | "
 
 
-def iso_utc(created: float) -> str:
-    """`created` (epoch seconds) as ISO-8601 UTC with milliseconds and a Z."""
+def iso_utc(created: float, *, millis: bool = True) -> str:
+    """`created` (epoch seconds) as ISO-8601 UTC with a Z: with milliseconds, or to the second.
+
+    The one formatter for every timestamp we print (log lines, /lookup's issue and expiry times).
+    """
     seconds = int(created)
-    millis = int((created - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return text + f".{int((created - seconds) * 1000):03d}Z" if millis else text + "Z"
 
 
 def _fold(text: str) -> str:

@@ -52,10 +52,11 @@ from typing import Any
 
 from aiohttp import web
 
+from lb import startup_signals
 from lb.affinity.codec import TokenCodec
 from lb.config.load import load_config
 from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
-from lb.control.admin import make_admin_app
+from lb.control.admin import AdminRunner, make_admin_app
 from lb.control.discovery import DiscoveryManager
 from lb.control.health import HealthChecker
 from lb.control.ipc import split_limits
@@ -264,7 +265,7 @@ class Balancer:
 
     async def _bind_admin(self, config: Config) -> tuple[web.AppRunner, tuple[str, int]]:
         admin = config.admin
-        runner = web.AppRunner(make_admin_app(self), access_log=None, handle_signals=False)
+        runner = AdminRunner(make_admin_app(self), access_log=None, handle_signals=False)
         await runner.setup()
         try:
             await web.TCPSite(runner, admin.host, admin.port, reuse_address=True).start()
@@ -704,21 +705,19 @@ async def serve(
 ) -> int:
     balancer = Balancer(config, config_path, role=role, control_fd=control_fd, share=share)
     loop = asyncio.get_running_loop()
-    # Handlers before start(): a SIGTERM that arrives while we bind must stop us once we are up,
-    # not be lost (as PID 1 in a container, a signal without a handler is dropped by the kernel),
-    # and a SIGHUP then (default action: terminate) is held until the first configuration runs.
+    # SIGTERM handlers before start(): one that arrives while we bind must stop us once we are up,
+    # not be lost (as PID 1 in a container, a signal without a handler is dropped by the kernel).
+    # A SIGHUP then is held by lb.startup_signals (since the first line of `lb run`) and applied below.
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    early_reload = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, early_reload.set)
     try:
         await balancer.start()
     except BindError as exc:
         log.error("%s", exc)
         return EXIT_BIND
     loop.add_signal_handler(signal.SIGHUP, balancer.request_reload)
-    if early_reload.is_set():
+    if startup_signals.take():  # a SIGHUP came while we were starting: the file may have changed since
         balancer.request_reload()
     signalled = loop.create_task(stop_requested.wait())
     # A worker also stops when its owner goes away (balancer.stop() called from the control channel).
