@@ -39,17 +39,33 @@ def haproxy_version(path: str) -> str:
     return match.group(1) if match else "unknown"
 
 
-def render_config(listen: tuple[str, int], backends: Sequence[tuple[str, str, int]], maxconn: int) -> str:
-    """The configuration text.
+def render_config(
+    listen: tuple[str, int],
+    backends: Sequence[tuple[str, str, int]],
+    maxconn: int,
+    *,
+    redispatch: bool = False,
+    idle_timeout: str = "30s",
+    backlog: int | None = None,
+    name: str = "bench",
+) -> str:
+    """The configuration text: one thread, leastconn, an inserted indirect nocache cookie, 1h tunnels.
 
     Args:
         listen: (host, port) of the frontend.
         backends: (id, host, port) of each echo backend; the id is also its cookie value.
         maxconn: process-wide connection limit (HAProxy sizes its file limit from it).
+        redispatch: `option redispatch` with `retries 3`, as an operator sets it up for sticky
+            WebSockets that survive a gateway loss (the storm's reference).
+        idle_timeout: `timeout client` and `timeout server`.
+        backlog: the frontend's listen backlog (HAProxy's default when None).
+        name: prefix of the frontend and backend names.
     """
     servers = "\n".join(
         f"    server {sid} {host}:{port} cookie {sid} check inter 1s fall 2 rise 2" for sid, host, port in backends
     )
+    retry = "    option redispatch\n    retries 3\n" if redispatch else ""
+    queue = f" backlog {backlog}" if backlog is not None else ""
     return f"""\
 global
     nbthread 1
@@ -58,18 +74,18 @@ global
 defaults
     mode http
     maxconn {maxconn}
-    timeout connect 3s
-    timeout client 30s
-    timeout server 30s
+{retry}    timeout connect 3s
+    timeout client {idle_timeout}
+    timeout server {idle_timeout}
     timeout http-request 10s
     timeout tunnel 1h
     # no "option http-server-close": keep-alive mode, as required for the comparison
 
-frontend bench_in
-    bind {listen[0]}:{listen[1]}
-    default_backend bench_gateways
+frontend {name}_in
+    bind {listen[0]}:{listen[1]}{queue}
+    default_backend {name}_gateways
 
-backend bench_gateways
+backend {name}_gateways
     balance leastconn
     cookie {COOKIE} insert indirect nocache
     option httpchk GET /health

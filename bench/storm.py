@@ -51,7 +51,7 @@ from typing import Any
 import yaml
 
 from bench import procs
-from bench.haproxy import find_haproxy
+from bench.haproxy import find_haproxy, render_config
 from bench.procs import HOST, BenchError, Child
 from bench.wire import HEAD_END, OP_CLOSE, client_request, first_frame, set_cookies, status_code
 
@@ -109,35 +109,9 @@ def per_second(times: Sequence[float], start: float) -> list[int]:
 
 def haproxy_storm_config(listen: tuple[str, int], backends: Sequence[tuple[str, str, int]], maxconn: int) -> str:
     """HAProxy as an operator would set it up for sticky WebSockets that survive a gateway loss."""
-    servers = "\n".join(
-        f"    server {sid} {host}:{port} cookie {sid} check inter 1s fall 2 rise 2" for sid, host, port in backends
+    return render_config(
+        listen, backends, maxconn, redispatch=True, idle_timeout="1h", backlog=4096, name="storm"
     )
-    return f"""\
-global
-    nbthread 1
-    maxconn {maxconn}
-
-defaults
-    mode http
-    maxconn {maxconn}
-    option redispatch
-    retries 3
-    timeout connect 3s
-    timeout client 1h
-    timeout server 1h
-    timeout http-request 10s
-    timeout tunnel 1h
-
-frontend storm_in
-    bind {listen[0]}:{listen[1]} backlog 4096
-    default_backend storm_gateways
-
-backend storm_gateways
-    balance leastconn
-    cookie SRV insert indirect nocache
-    option httpchk GET /health
-{servers}
-"""
 
 
 # -- the fleet --------------------------------------------------------------------------------------

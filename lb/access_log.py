@@ -1,21 +1,36 @@
 """Access log: one line per handshake (or request) and one per closed tunnel, on logger `lb.access`.
 
-Plain format renders `key=value` pairs; with `logging.format: json` the
+Plain format renders `key=value` pairs (a value with a space, a quote, a control or
+non-ASCII character is written as a JSON string, so client input cannot forge a field
+or reach a terminal raw); with `logging.format: json` the
 fields travel as the record's `access` attribute and become JSON keys.
 Tokens never appear, only `sha256(token)[:8]` where one matters.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from typing import Any
 
 access = logging.getLogger("lb.access")
 
 
+# A plain value printed as is: visible ASCII, no quote.  Anything else (a space that would forge a
+# `status=200` field, an escape sequence for the operator's terminal, non-ASCII) is quoted and escaped.
+_BARE = re.compile(r'[!#-~]+')
+
+
+def plain_value(value: object) -> str:
+    """`value` for a `key=value` pair: as is when it is plain visible ASCII, else a JSON string."""
+    text = str(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text)
+
+
 def _emit(event: str, fields: dict[str, Any]) -> None:
     fields = {"event": event, **fields}
-    text = " ".join(f"{key}={value}" for key, value in fields.items())
+    text = " ".join(f"{key}={plain_value(value)}" for key, value in fields.items())
     access.info("%s", text, extra={"access": fields})
 
 
@@ -23,6 +38,50 @@ def log_request(**fields: Any) -> None:
     """client, method, path, pool, backend, affinity, status (all keyword arguments)."""
     if access.isEnabledFor(logging.INFO):
         _emit("request", fields)
+
+
+class RateLimitSummary:
+    """429 answers, summarised: one line per `interval` instead of one per refusal.
+
+    A client hammering the handshake rate limit would otherwise turn every refusal
+    into a log line (a log flood is a second denial of service).  The first 429 of a
+    quiet spell is logged as it happens; the ones after it are counted and reported
+    in one `rate_limited` line once `interval` has passed (at the next 429).  The
+    count of every 429 is also in lb_rejected_requests_total{status="429"}.
+    """
+
+    MAX_ADDRESSES = 1024  # distinct addresses remembered per interval; past that only counted
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._since: float | None = None
+        self._count = 0
+        self._addresses: dict[str, int] = {}
+
+    def note(self, client: str, now: float, request_id: str) -> None:
+        """One 429 to `client` at `now` (any monotonic-enough clock, the caller's)."""
+        if self._since is None or now - self._since >= self.interval:
+            self._flush(now)
+            self._since = now
+            log_request(client=client, status=429, reason="handshake_rate_limited", request_id=request_id,
+                        note=f"further 429s summarised every {self.interval:g}s")
+            return
+        self._count += 1
+        if client in self._addresses or len(self._addresses) < self.MAX_ADDRESSES:
+            self._addresses[client] = self._addresses.get(client, 0) + 1
+
+    def _flush(self, now: float) -> None:
+        if not self._count or self._since is None or not access.isEnabledFor(logging.INFO):
+            self._count = 0
+            self._addresses.clear()
+            return
+        top = max(self._addresses.items(), key=lambda item: item[1]) if self._addresses else ("-", 0)
+        _emit("rate_limited", {
+            "count": self._count, "addresses": len(self._addresses), "top_client": top[0],
+            "top_count": top[1], "seconds": round(now - self._since, 3),
+        })
+        self._count = 0
+        self._addresses.clear()
 
 
 def log_tunnel_closed(**fields: Any) -> None:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lb import __version__
+from lb import __version__, startup_signals
 from lb.config.load import load_config
 from lb.errors import ConfigError
 
@@ -86,6 +86,7 @@ def _print_problems(error: ConfigError) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    startup_signals.hold()  # first: a SIGHUP while starting must not kill us (its default action)
     config_path: Path = args.config
     try:
         config = load_config(config_path)
@@ -99,6 +100,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    startup_signals.hold()
     try:
         config = load_config(args.config)
     except ConfigError as exc:

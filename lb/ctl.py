@@ -1,6 +1,6 @@
 """`lb ctl`: the operator's command line for a running balancer, through its admin API only.
 
-    lb ctl [--admin URL] [--token T] [--config FILE] [--json] COMMAND
+    lb ctl [--admin URL] [--token T] [--config FILE] [--timeout SECONDS] [--json] COMMAND
         status                                   table of pools and backends
         drain POOL ID [--close-after D] [--rate R]
         disable POOL ID
@@ -18,6 +18,11 @@ Exit codes, for scripts:
     1  the server refused: its message is printed (401 wrong token, 404 unknown backend, 400 ...)
     2  usage error, unreadable --config, or the admin API cannot be reached
 
+A hostile or confused server gets no more: one call is bounded in time as a
+whole (`--timeout`, default 10 s) and in size; a redirect is reported, not
+followed (it would carry the token elsewhere); whatever the server says reaches
+the terminal without its control characters (no escape sequences).
+
 Owns argument parsing, the HTTP calls (urllib: a blocking CLI needs no event
 loop) and the printing; what the answers mean is the admin API's business.
 """
@@ -27,7 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -59,6 +66,7 @@ class Target:
 
     url: str
     token: str | None
+    timeout: float = TIMEOUT  # seconds for one whole admin call
 
 
 def add_ctl_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -71,6 +79,8 @@ def add_ctl_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
                         help="admin bearer token (env LB_ADMIN_TOKEN; default admin.token from --config)")
     common.add_argument("--config", metavar="FILE", type=Path, default=argparse.SUPPRESS,
                         help="read admin.bind and admin.token from this balancer configuration")
+    common.add_argument("--timeout", metavar="SECONDS", type=float, default=argparse.SUPPRESS,
+                        help=f"give up on an admin call after this long (default {TIMEOUT:g})")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the API's JSON answer instead of a table")
     ctl = commands.add_parser(
@@ -154,7 +164,10 @@ def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[st
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise CtlError(f"--admin: expected http://host:port, got {url!r}", EXIT_USAGE)
-    return Target(url=url, token=token)
+    timeout = getattr(args, "timeout", TIMEOUT)
+    if not 0 < timeout <= 3600:  # also refuses nan
+        raise CtlError(f"--timeout: expected seconds above 0 and at most 3600, got {timeout:g}", EXIT_USAGE)
+    return Target(url=url, token=token, timeout=timeout)
 
 
 def _only_unset(error: Any) -> bool:
@@ -170,12 +183,18 @@ class _WithStandIns(dict[str, str]):
         return super().get(key, self.STAND_IN)
 
 
-def call(target: Target, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def call(
+    target: Target, method: str, path: str, body: dict[str, Any] | None = None, *, timeout: float | None = None
+) -> Any:
     """One admin API call; returns the JSON answer.
 
+    `timeout` bounds the whole call, not each read: a server that drips its answer a byte at a
+    time is given up on like one that never answers.  A redirect is not followed: it would send
+    the bearer token wherever the `Location` points.
+
     Raises:
-        CtlError: exit 1 with the server's message for an error status; exit 2 when nothing answers
-            or the answer is not JSON.
+        CtlError: exit 1 with the server's message for an error status (or a redirect); exit 2
+            when nothing answers in time or the answer is not JSON.
     """
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Accept": "application/json"}
@@ -184,18 +203,31 @@ def call(target: Target, method: str, path: str, body: dict[str, Any] | None = N
     if target.token:
         headers["Authorization"] = f"Bearer {target.token}"
     request = urllib.request.Request(target.url + path, data=data, headers=headers, method=method)
+    timeout = target.timeout if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    too_slow = CtlError(f"no complete answer from the admin API at {target.url} within {timeout:g}s", EXIT_USAGE)
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as reply:
-            raw = reply.read(MAX_ANSWER_BYTES + 1)
+        with _OPENER.open(request, timeout=timeout) as reply:
+            raw = _read_until(reply, MAX_ANSWER_BYTES + 1, deadline)
     except urllib.error.HTTPError as exc:
         with exc:
-            raw = exc.read(MAX_ANSWER_BYTES)
-        message = _server_message(raw) or exc.reason
+            raw = _read_until(exc, MAX_ANSWER_BYTES, deadline) if exc.fp is not None else b""
+        if 300 <= exc.code < 400:
+            where = _printable(exc.headers.get("Location", "?"), 200)
+            raise CtlError(f"{method} {path}: HTTP {exc.code}: redirected to {where} (not followed: "
+                           "give the admin API's own URL)", EXIT_API_ERROR) from None
+        message = _server_message(raw) or _printable(str(exc.reason), 200)
         hint = " (give the admin token with --token, LB_ADMIN_TOKEN or --config)" if exc.code == 401 else ""
         raise CtlError(f"{method} {path}: HTTP {exc.code}: {message}{hint}", EXIT_API_ERROR) from None
+    except TimeoutError:
+        raise too_slow from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, TimeoutError):
+            raise too_slow from None
         raise CtlError(f"cannot reach the admin API at {target.url}: {reason}", EXIT_USAGE) from None
+    except _TooSlow:
+        raise too_slow from None
     if len(raw) > MAX_ANSWER_BYTES:
         raise CtlError(f"{method} {path}: answer larger than {MAX_ANSWER_BYTES} bytes", EXIT_USAGE)
     try:
@@ -205,14 +237,55 @@ def call(target: Target, method: str, path: str, body: dict[str, Any] | None = N
         raise CtlError(message, EXIT_USAGE) from None
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Every 3xx is an HTTPError for `call` to report: a redirect must not carry the bearer token."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+class _TooSlow(Exception):
+    """The whole-call deadline passed while the answer was still arriving."""
+
+
+def _read_until(reply: Any, limit: int, deadline: float) -> bytes:
+    """Up to `limit` bytes of the answer, in pieces, giving up at `deadline` (each read is also bounded)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        if time.monotonic() > deadline:
+            raise _TooSlow
+        chunk = reply.read1(min(65536, limit - size)) if hasattr(reply, "read1") else reply.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_TAG = re.compile(r"<[^>]{0,200}>")
+
+
+def _printable(text: str, limit: int = 500) -> str:
+    """`text` safe for a terminal: control characters (escape sequences, bidi overrides) become `?`."""
+    text = _CONTROL.sub("?", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _server_message(raw: bytes) -> str:
+    """The server's message, on one printable line: `error` of a JSON body, else the text (HTML tags dropped)."""
     try:
         answer = json.loads(raw)
     except ValueError:
-        return raw.decode("utf-8", "replace").strip()[:500]
+        text = _TAG.sub(" ", raw.decode("utf-8", "replace"))
+        return _printable(" ".join(text.split()), 200)
     if isinstance(answer, dict):
-        return str(answer.get("error") or answer.get("reason") or answer)
-    return str(answer)
+        return _printable(str(answer.get("error") or answer.get("reason") or answer))
+    return _printable(str(answer))
 
 
 # -- subcommands ---------------------------------------------------------------------------------
@@ -224,7 +297,11 @@ def _status(args: argparse.Namespace, target: Target, out: TextIO) -> None:
         json.dump(document, out, indent=2)
         out.write("\n")
         return
-    out.write(render_status(document))
+    try:
+        out.write(render_status(document))
+    except (AttributeError, TypeError, ValueError) as exc:  # a pool or backend that is not an object
+        raise CtlError(f"/status: unexpected answer ({type(exc).__name__}; is {target.url} the admin API?)",
+                       EXIT_USAGE) from None
 
 
 def _action(action: str) -> Callable[[argparse.Namespace, Target, TextIO], None]:
@@ -242,10 +319,13 @@ def _action(action: str) -> Callable[[argparse.Namespace, Target, TextIO], None]
             json.dump(answer, out, indent=2)
             out.write("\n")
             return
+        if not isinstance(answer, dict):
+            raise CtlError(f"POST {path}: unexpected answer (is {target.url} the admin API?)", EXIT_USAGE)
         line = f"{answer.get('pool', args.pool)}/{answer.get('id', args.backend)}: {answer.get('state', '?')}"
-        if "close_after" in answer:
-            line += f" (tunnels close after {answer['close_after']:g}s at {answer.get('rate', 0):g}/s)"
-        out.write(line + "\n")
+        close_after, rate = answer.get("close_after"), answer.get("rate", 0)
+        if isinstance(close_after, int | float) and isinstance(rate, int | float):
+            line += f" (tunnels close after {close_after:g}s at {rate:g}/s)"
+        out.write(_printable(line) + "\n")
 
     return run
 
@@ -279,16 +359,18 @@ def render_status(document: Any) -> str:
             state = str(backend.get("state", "?"))
             if backend.get("migrating"):
                 state += "*"
-            rows.append((
-                str(pool_name), str(backend.get("id", "?")), str(backend.get("address", "")), state,
-                str(backend.get("connections", 0)), str(backend.get("handshakes", 0)),
-                str(backend.get("affinity_hits", 0)), str(backend.get("redispatches", 0)),
-                str(backend.get("reason", "")),
-            ))
+            # Every cell through _printable: ids, reasons and discovery errors come from DNS and
+            # backends' answers, and an escape sequence must not reach the operator's terminal.
+            rows.append(tuple(_printable(str(cell), 200) for cell in (
+                pool_name, backend.get("id", "?"), backend.get("address", ""), state,
+                backend.get("connections", 0), backend.get("handshakes", 0),
+                backend.get("affinity_hits", 0), backend.get("redispatches", 0),
+                backend.get("reason", ""),
+            )))
         discovery = pool.get("discovery")
         if isinstance(discovery, dict):
             parts = ", ".join(f"{k}={v}" for k, v in discovery.items() if not isinstance(v, (dict, list)))
-            notes.append(f"discovery {pool_name}: {parts}")
+            notes.append(_printable(f"discovery {pool_name}: {parts}"))
     widths = [max(len(column), *(len(row[i]) for row in rows)) if rows else len(column)
               for i, column in enumerate(_COLUMNS)]
     numeric = {4, 5, 6, 7}
@@ -302,5 +384,5 @@ def render_status(document: Any) -> str:
         text.append("* migrating: its tunnels are being closed (drain with --close-after/--rate)")
     text.extend(notes)
     accepting = "" if document.get("accepting", True) else ", NOT accepting (shutting down)"
-    text.append(f"live tunnels: {document.get('tunnels', 0)}, role: {document.get('role', '?')}{accepting}")
+    text.append(_printable(f"live tunnels: {document.get('tunnels', 0)}, role: {document.get('role', '?')}{accepting}"))
     return "\n".join(text) + "\n"

@@ -26,16 +26,18 @@ LINE_FOLD = " | "
 _last_second: tuple[int, str] = (-1, "")
 
 
-def iso_utc(created: float) -> str:
-    """`created` (epoch seconds) as ISO-8601 UTC with milliseconds and a Z."""
-    seconds = int(created)
-    millis = int((created - seconds) * 1000)
+def iso_utc(created: float, *, millis: bool = True) -> str:
+    """`created` (epoch seconds) as ISO-8601 UTC with a Z: with milliseconds, or to the second.
+
+    The one formatter for every timestamp we print (log lines, /lookup's issue and expiry times).
+    """
     global _last_second
+    seconds = int(created)
     second, text = _last_second
     if second != seconds:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
         _last_second = (seconds, text)
-    return f"{text}.{millis:03d}Z"
+    return text + f".{int((created - seconds) * 1000):03d}Z" if millis else text + "Z"
 
 
 def _fold(text: str) -> str:

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import ipaddress
 import os
 import re
 import ssl
+import stat
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -67,6 +69,35 @@ E = TypeVar("E", bound=Enum)
 MIN_SECRET_KEY_CHARS: Final = 32
 # `${file:PATH}` holds a secret or a short value, never a document: a bigger file is a mistake.
 MAX_FILE_REFERENCE_BYTES: Final = 64 * 1024
+# A config file is a few kilobytes; a multi-megabyte one is a mistake (or a device) we refuse to hold.
+MAX_CONFIG_BYTES: Final = 4 * 1024 * 1024
+# Values (mappings, lists, scalars) in the expanded tree: a config with a thousand backends has a few thousand.
+MAX_CONFIG_NODES: Final = 100_000
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `limit` bytes.
+
+    Reload reads the config on the event loop, so nothing here may block: the file is opened
+    with O_NONBLOCK (a FIFO nobody writes to would otherwise hang `open()` and the whole
+    balancer), then refused unless it is a regular file (symlinks to one, as Kubernetes mounts
+    Secrets, are fine).  Reading one byte past `limit` tells "too big" without reading it all.
+
+    Raises:
+        OSError: unreadable, not a regular file, or larger than `limit` (its strerror says which).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+    return data
 MAX_WORKERS: Final = 64
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -89,7 +120,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8")
     except OSError as exc:
         raise ConfigError([Problem("", f"cannot read {path}: {exc.strerror or exc}")]) from exc
     except UnicodeDecodeError as exc:
@@ -163,6 +194,7 @@ class _Checker:
         self.base_dir = base_dir
         self.cpu_count = cpu_count
         self.problems: list[Problem] = []
+        self.nodes = 0  # values the ${...} expansion has walked (MAX_CONFIG_NODES)
 
     def add(self, path: str, message: str) -> None:
         self.problems.append(Problem(path, message))
@@ -235,11 +267,19 @@ _REFERENCE_RE = re.compile(
 
 def _expand(node: object, path: str, environ: Mapping[str, str], check: _Checker, active: set[int]) -> object:
     """Expand `${NAME}` in every string value (not in keys) of the parsed tree."""
+    # YAML aliases can nest a few lines into billions of values ("billion laughs"): count what the
+    # walk visits, and stop at a number no real configuration comes near.
+    check.nodes += 1
+    if check.nodes > MAX_CONFIG_NODES:
+        if check.nodes == MAX_CONFIG_NODES + 1:
+            check.add(path, f"the configuration expands to more than {MAX_CONFIG_NODES} values "
+                            "(YAML aliases nested inside each other?)")
+        return _REPORTED
     if isinstance(node, str):
         return _expand_string(node, path, environ, check)
     if not isinstance(node, dict | list):
         return node
-    # YAML aliases can build a list that contains itself; never walk in circles.
+    # YAML aliases can also build a list that contains itself; never walk in circles.
     if id(node) in active:
         check.add(path, "a YAML alias refers to one of its own parents")
         return _REPORTED
@@ -294,13 +334,11 @@ def _read_reference(name: str, base_dir: Path) -> tuple[str, str | None]:
     """The text of a `${file:PATH}` reference, or a problem naming the path (never its content)."""
     path = Path(os.path.abspath(base_dir / Path(name.strip()).expanduser()))
     try:
-        with path.open("rb") as handle:
-            # Read one byte past the cap to tell "exactly at the cap" from "too big" without reading it all.
-            data = handle.read(MAX_FILE_REFERENCE_BYTES + 1)
+        data = read_regular_file(path, MAX_FILE_REFERENCE_BYTES)
     except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            return "", f"file {path} is larger than {MAX_FILE_REFERENCE_BYTES} bytes"
         return "", f"cannot read file {path}: {exc.strerror or exc}"
-    if len(data) > MAX_FILE_REFERENCE_BYTES:
-        return "", f"file {path} is larger than {MAX_FILE_REFERENCE_BYTES} bytes"
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -736,7 +774,7 @@ def _cgroup_cpu_quota(path: Path) -> int | None:
         if quota == "max":
             return None
         return max(1, -(-int(quota) // int(period)))
-    except (OSError, ValueError):
+    except (OSError, ValueError, ZeroDivisionError):
         return None
 
 

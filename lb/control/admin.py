@@ -18,14 +18,21 @@ bodies name only what the operator sent in the path they asked about.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+from aiohttp.web_server import Server
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lb.config.durations import parse_duration
@@ -42,6 +49,8 @@ BALANCER: web.AppKey[Balancer] = web.AppKey("balancer")
 # An action's parameters, in the query string or a JSON body; anything else is refused.
 ACTION_PARAMS = frozenset({"close_after", "rate"})
 MAX_BODY_BYTES = 4096  # an action body is a few dozen bytes
+BODY_TIMEOUT = 2.0  # seconds to receive it whole
+IDLE_TIMEOUT = 15.0  # seconds an admin connection may sit without a complete request (the dashboard polls every 1 s)
 MAX_JSON_DEPTH = 4  # {"close_after": "30s"} is depth 1; deeper is not a request we understand
 MAX_RATE = 100_000.0
 
@@ -67,8 +76,10 @@ async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamRe
     except AdminInputError as exc:
         return _error(400, str(exc))
     except Exception:
-        log.exception("admin API: unexpected error answering %s %.200s", request.method, request.rel_url.path)
-        return _error(500, "internal error")
+        request_id = new_request_id()
+        log.exception("admin API: unexpected error answering %s %.200s request_id=%s",
+                      request.method, request.rel_url.path, request_id)
+        return _error(500, "internal error", request_id=request_id)
 
 
 def make_admin_app(balancer: Balancer) -> web.Application:
@@ -218,8 +229,72 @@ async def backend_action(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+def _error(
+    status: int, message: str, headers: dict[str, str] | None = None, *, request_id: str | None = None
+) -> web.Response:
+    """A JSON error: the status, a reason, and a request id that the log line (if any) carries too."""
+    body = {"error": message, "request_id": request_id or new_request_id()}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def new_request_id() -> str:
+    """16 hex digits: enough to find one answer in the log, nothing derived from the request."""
+    return secrets.token_hex(8)
+
+
+class AdminRunner(web.AppRunner):
+    """An AppRunner whose connections answer unparseable requests like every other admin error.
+
+    aiohttp answers a request it cannot parse (a 1 MB `/lookup?token=`, a 100 KB header) before
+    any middleware runs: `text/plain` quoting the start of the input, and an ERROR log line with a
+    traceback for each one.  Here such a request gets our JSON error with a fixed reason and a
+    request id, and one debug line; the status is aiohttp's.  A connection that sends no complete
+    request within `IDLE_TIMEOUT` is closed.
+    """
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        # aiohttp's own default is an hour.  This bounds an idle keep-alive connection and, as aiohttp
+        # starts the same timer when a connection opens, a request head that never completes (slowloris).
+        kwargs.setdefault("keepalive_timeout", IDLE_TIMEOUT)
+        super().__init__(app, **kwargs)
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        if type(server) is Server:  # aiohttp's own: swap in the subclass that adds __call__ below
+            server.__class__ = _AdminServer
+        return server
+
+
+class _AdminServer(Server):
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        if type(handler) is RequestHandler:  # same slots, one method more: a safe class swap
+            handler.__class__ = _AdminRequestHandler
+        return handler
+
+
+class _AdminRequestHandler(RequestHandler):
+    __slots__ = ()
+
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> StreamResponse:
+        if request.writer.output_size > 0:  # aiohttp's rule: an answer is on its way, nothing more to send
+            return super().handle_error(request, status, exc, message)
+        if isinstance(exc, LineTooLong):
+            reason = "request line or header too long"
+        elif status < 500:
+            reason = "malformed request"
+        else:
+            reason = "timeout" if status == 504 else "internal error"
+        request_id = new_request_id()
+        answer = _error(status, reason, request_id=request_id)
+        if status >= 500:
+            log.error("admin API: %d %s request_id=%s", status, reason, request_id, exc_info=exc)
+        else:
+            log.debug("admin API: %d %s request_id=%s (%s)", status, reason, request_id, type(exc).__name__)
+        answer.force_close()
+        return answer
 
 
 def _depth(value: object, limit: int) -> int:
@@ -273,7 +348,12 @@ async def _migration_params(request: web.Request) -> tuple[float | None, float |
             raise AdminInputError(f"parameter {_name(key)} given twice")
         params[key] = values[0]
     if request.can_read_body:
-        raw = await request.read()
+        try:
+            # A body of a few dozen bytes arrives in one packet; one that trickles holds a handler for nothing.
+            async with asyncio.timeout(BODY_TIMEOUT):
+                raw = await request.read()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(reason="body not complete in time") from None
         if raw.strip():
             if request.content_type not in ("application/json", "application/octet-stream", ""):
                 raise AdminInputError(f"body: expected application/json, got {_name(request.content_type)}")

@@ -19,7 +19,7 @@ from aiohttp import web
 from lb.affinity.balancing import HASHED_METHODS, source_key
 from lb.affinity.decision import route_for_key
 from lb.config.model import BalanceMethod
-from lb.control.admin import BALANCER
+from lb.control.admin import BALANCER, error_response
 
 MAX_KEY_CHARS = 4096
 
@@ -55,6 +55,4 @@ async def pool_route(request: web.Request) -> web.Response:
         return _error(503, "no backend takes new clients", headers={"Retry-After": "1"})
     return web.json_response({"backend": backend.id})
 
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+_error = error_response  # the admin API's one JSON error shape (reason and request id)

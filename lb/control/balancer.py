@@ -21,7 +21,13 @@ is swapped in one synchronous block (no await in between), so a connection
 that reads `ProxyContext` at accept always sees one consistent snapshot.
 Backends keep their health and counts by id, including a backend that a
 reload removed and a later one brought back while its tunnels still ran;
-health checkers are replaced, never duplicated.
+health checkers are replaced, never duplicated.  A listener whose kind changes
+at the same address (TLS or `proxy_protocol` turned on or off) is a new
+listener that takes over the running socket (a second descriptor on it), so
+the reload needs no free port and loses nothing queued in its backlog.
+
+A `proxy_protocol` listener is a `lb.proxy.preamble.ProxyProtocolServer`
+instead of an `asyncio.Server`: it reads the PROXY header before TLS and HTTP.
 
 `run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `request_reload`, and
 picks the event loop (uvloop when installed and `runtime.event_loop` allows).
@@ -32,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -45,10 +52,11 @@ from typing import Any
 
 from aiohttp import web
 
+from lb import startup_signals
 from lb.affinity.codec import TokenCodec
 from lb.config.load import load_config
 from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
-from lb.control.admin import make_admin_app
+from lb.control.admin import AdminRunner, make_admin_app
 from lb.control.discovery import DiscoveryManager
 from lb.control.health import HealthChecker
 from lb.control.ipc import split_limits
@@ -58,6 +66,7 @@ from lb.control.workers import ControlChannel, WorkerSupervisor, watch_owner
 from lb.errors import ConfigError, LbError
 from lb.http.routing import sort_routes
 from lb.log import setup_logging
+from lb.proxy.preamble import ProxyProtocolServer, listening_socket
 from lb.proxy.server import client_factory, install_accept_error_filter, stop_in_flight
 from lb.proxy.tunnel import CLOSE_LINGER
 from lb.state.context import ProxyContext
@@ -85,7 +94,7 @@ class BindError(LbError, OSError):
 @dataclass(slots=True)
 class _Listening:
     config: ListenerConfig
-    server: asyncio.Server
+    server: asyncio.Server | ProxyProtocolServer
     ssl_context: ssl.SSLContext | None
     address: tuple[str, int] = field(default=("", 0))
 
@@ -180,8 +189,9 @@ class Balancer:
         # Everything is bound: from here on nothing can fail for want of an address.
         for listening in self._listening:
             log.info(
-                "listening on %s:%d%s (backlog %d)",
-                *listening.address, " (TLS)" if listening.ssl_context else "", listening.config.backlog,
+                "listening on %s:%d%s%s (backlog %d)",
+                *listening.address, " (TLS)" if listening.ssl_context else "",
+                " (PROXY protocol)" if listening.config.proxy_protocol else "", listening.config.backlog,
             )
         if self.admin_address is not None:
             log.info("admin API on %s:%d", *self.admin_address)
@@ -204,36 +214,58 @@ class Balancer:
             self._admin = None
         await self._stop_health_checks()
 
-    async def _bind(self, listener: ListenerConfig) -> _Listening:
-        """Bind one listener; raises BindError (TLS files that do not load are an OSError too)."""
+    async def _bind(self, listener: ListenerConfig, *, adopt: socket.socket | None = None) -> _Listening:
+        """Bind one listener; raises BindError (TLS files that do not load are an OSError too).
+
+        With `adopt` (a reload changing a running listener's kind), serve that already-listening
+        socket instead, not accepting until `_start_serving`; it is closed if this fails.
+        """
         try:
             ssl_context = server_ssl_context(listener.tls) if listener.tls else None
         except (OSError, ssl.SSLError) as exc:
+            if adopt is not None:
+                adopt.close()
             raise BindError("TLS", listener.bind, exc) from exc
         tls = ssl_context is not None
         loop = asyncio.get_running_loop()
         install_accept_error_filter(loop)
+        if listener.proxy_protocol:
+            # The PROXY header comes before TLS and HTTP alike: this listener reads it itself.
+            try:
+                sock = adopt or listening_socket(
+                    listener.host, listener.port, backlog=listener.backlog, reuse_port=self.role is Role.WORKER
+                )
+            except OSError as exc:
+                raise BindError("listener", listener.bind, exc) from exc
+            pp_server = ProxyProtocolServer(self.ctx, sock, ssl_context, start_serving=adopt is None)
+            host, port = sock.getsockname()[:2]
+            return _Listening(listener, pp_server, ssl_context, (host, port))
+        where: dict[str, Any] = (
+            # Workers each bind every listener; the kernel spreads connections over them.
+            {"host": listener.host, "port": listener.port, "reuse_address": True,
+             "reuse_port": self.role is Role.WORKER}
+            if adopt is None
+            else {"sock": adopt, "start_serving": False}
+        )
         try:
             server = await loop.create_server(
                 client_factory(self.ctx, tls),
-                listener.host,
-                listener.port,
                 ssl=ssl_context,
                 # A stalled TLS handshake is closed on time (the connection counts from accept).
                 ssl_handshake_timeout=self.config.timeouts.handshake if tls else None,
                 backlog=listener.backlog,
-                reuse_address=True,
-                # Workers each bind every listener; the kernel spreads connections over them.
-                reuse_port=self.role is Role.WORKER,
+                **where,
             )
         except OSError as exc:
+            if adopt is not None:
+                adopt.close()
             raise BindError("listener", listener.bind, exc) from exc
         host, port = server.sockets[0].getsockname()[:2]
         return _Listening(listener, server, ssl_context, (host, port))
 
     async def _bind_admin(self, config: Config) -> tuple[web.AppRunner, tuple[str, int]]:
         admin = config.admin
-        runner = web.AppRunner(make_admin_app(self), access_log=None, handle_signals=False)
+        runner = AdminRunner(make_admin_app(self), access_log=None, handle_signals=False)
         await runner.setup()
         try:
             await web.TCPSite(runner, admin.host, admin.port, reuse_address=True).start()
@@ -403,8 +435,21 @@ class Balancer:
                 for _, listener in kept:
                     if listener.tls is not None:
                         server_ssl_context(listener.tls)  # loads now: a bad file fails the reload
+                kept_ids = {id(listening) for listening, _ in kept}
                 for listener in wanted:
-                    new_listening.append(await self._bind(listener))
+                    # Same address, other kind (TLS or PROXY protocol turned on or off): the new
+                    # listener takes over the running socket, so nothing has to bind a busy port and
+                    # connections waiting in its queue are not lost.  It starts accepting at the swap.
+                    replaced = next(
+                        (item for item in self._listening if id(item) not in kept_ids
+                         and (item.config.host, item.config.port) == (listener.host, listener.port)),
+                        None,
+                    )
+                    if replaced is None:
+                        new_listening.append(await self._bind(listener))
+                    else:
+                        adopted = _dup_socket(replaced.server.sockets[0])
+                        new_listening.append(await self._bind(listener, adopt=adopted))
             else:
                 running = {(item.host, item.port) for item in self.config.listeners}
                 for listener in config.listeners:
@@ -445,7 +490,12 @@ class Balancer:
             same_bind = next(
                 (w for w in wanted if (w.host, w.port) == (listening.config.host, listening.config.port)), None
             )
-            if same_bind is not None and (same_bind.tls is None) == (listening.ssl_context is None):
+            if (
+                same_bind is not None
+                and (same_bind.tls is None) == (listening.ssl_context is None)
+                # Reading a PROXY header or not is a different listener: turning it on or off rebinds.
+                and same_bind.proxy_protocol == listening.config.proxy_protocol
+            ):
                 wanted.remove(same_bind)
                 keep.append((listening, same_bind))
         return keep, wanted
@@ -491,9 +541,12 @@ class Balancer:
                 listening.ssl_context.load_cert_chain(listener.tls.cert, listener.tls.key)
             listening.config = listener
         for listening in new_listening:
+            if not listening.server.is_serving():  # took over a replaced listener's socket
+                _start_serving(listening.server)
             log.info(
-                "listening on %s:%d%s (backlog %d)",
-                *listening.address, " (TLS)" if listening.ssl_context else "", listening.config.backlog,
+                "listening on %s:%d%s%s (backlog %d)",
+                *listening.address, " (TLS)" if listening.ssl_context else "",
+                " (PROXY protocol)" if listening.config.proxy_protocol else "", listening.config.backlog,
             )
         self._listening = [listening for listening, _ in kept] + new_listening
 
@@ -617,6 +670,25 @@ def close_schedule(count: int, grace: float) -> list[float]:
     return [index * step for index in range(count)]
 
 
+def _dup_socket(sock: Any) -> socket.socket:
+    """A second descriptor on a listening socket (an asyncio TransportSocket or a socket)."""
+    return socket.socket(fileno=os.dup(sock.fileno()))
+
+
+def _start_serving(server: asyncio.Server | ProxyProtocolServer) -> None:
+    """Start accepting on a listener made with start_serving=False; from inside the synchronous swap."""
+    if isinstance(server, ProxyProtocolServer):
+        server.start_serving_now()
+    else:
+        # asyncio.Server.start_serving is a coroutine; the socket queues connections until it runs.
+        task = asyncio.get_running_loop().create_task(server.start_serving())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
 def _probe_bind(listener: ListenerConfig) -> None:
     """Raise BindError if `listener`'s address cannot be bound right now (the owner of `workers: N`)."""
     family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
@@ -633,21 +705,19 @@ async def serve(
 ) -> int:
     balancer = Balancer(config, config_path, role=role, control_fd=control_fd, share=share)
     loop = asyncio.get_running_loop()
-    # Handlers before start(): a SIGTERM that arrives while we bind must stop us once we are up,
-    # not be lost (as PID 1 in a container, a signal without a handler is dropped by the kernel),
-    # and a SIGHUP then (default action: terminate) is held until the first configuration runs.
+    # SIGTERM handlers before start(): one that arrives while we bind must stop us once we are up,
+    # not be lost (as PID 1 in a container, a signal without a handler is dropped by the kernel).
+    # A SIGHUP then is held by lb.startup_signals (since the first line of `lb run`) and applied below.
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    early_reload = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, early_reload.set)
     try:
         await balancer.start()
     except BindError as exc:
         log.error("%s", exc)
         return EXIT_BIND
     loop.add_signal_handler(signal.SIGHUP, balancer.request_reload)
-    if early_reload.is_set():
+    if startup_signals.take():  # a SIGHUP came while we were starting: the file may have changed since
         balancer.request_reload()
     signalled = loop.create_task(stop_requested.wait())
     # A worker also stops when its owner goes away (balancer.stop() called from the control channel).

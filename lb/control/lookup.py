@@ -15,19 +15,23 @@ where does a handshake carrying this token go right now?  Answer shapes:
   `affinity.decide`; a valid token always carries a session, so decide never
   reaches a balancing policy's turn counter: the lookup changes nothing.
 - Times are ISO-8601 UTC with `Z`, to the second (tokens carry whole seconds).
-- A token names a backend id, not a pool: the pool is the first (in config
-  order) with that id, or the one asked for with `?pool=`.
+- The token may be the whole affinity cookie value: with pins per pool it holds
+  one pin per pool (`pin.pin`), and the first that opens (for `?pool=`, when
+  given) is the one answered for.  A pin sealed for a pool is looked up in that
+  pool; a version-1 token names no pool: the first pool (in config order) with
+  its backend id, or the one asked for with `?pool=`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
-from lb.affinity.codec import TokenCodec
+from lb.affinity.carriers import MAX_PINS, PIN_SEPARATOR
+from lb.affinity.codec import Claim, TokenCodec
 from lb.affinity.decision import decide
 from lb.errors import InvalidToken, NoHealthyBackend
+from lb.log import iso_utc as log_iso_utc
 from lb.state.pool import PoolState
 
 
@@ -55,11 +59,26 @@ def lookup_token(
     Returns:
         A JSON-ready dict, `{"valid": false, "reason": ...}` for a token the data path would ignore.
     """
-    try:
-        claim = codec.open(token, now)
-    except InvalidToken as exc:
-        return {"valid": False, "reason": exc.reason}
-    candidates = [pools[pool]] if pool is not None and pool in pools else [] if pool is not None else pools.values()
+    claim: Claim | None = None
+    reason = "unknown_backend"  # every pin opened, none for the pool asked about
+    # The affinity cookie of a client using several pools carries one pin per pool (`a.b`); read it
+    # as the data path does: at most MAX_PINS of them, the first that opens for the pool wins.
+    for index, pin in enumerate(token.split(PIN_SEPARATOR)[:MAX_PINS]):
+        try:
+            opened = codec.open(pin, now)
+        except InvalidToken as exc:
+            if index == 0:
+                reason = exc.reason
+            continue
+        if pool is None or opened.for_pool(pool):
+            claim = opened
+            break
+    if claim is None:
+        return {"valid": False, "reason": reason}
+    # A pin sealed for a pool routes in that pool only (two pools may share backend ids); a
+    # version-1 token names no pool: the first pool, in config order, with its backend.
+    wanted = pool or claim.pool
+    candidates = ([pools[wanted]] if wanted in pools else []) if wanted is not None else list(pools.values())
     state = next((p for p in candidates if p.get(claim.backend_id) is not None), None)
     if state is None:
         return {"valid": False, "reason": "unknown_backend"}
@@ -83,5 +102,5 @@ def lookup_token(
 
 
 def iso_utc(epoch: float) -> str:
-    """ISO-8601 in UTC with a `Z`, to the second: 2026-11-30T16:20:41Z."""
-    return datetime.fromtimestamp(int(epoch), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """ISO-8601 in UTC with a `Z`, to the second: 2026-11-30T16:20:41Z (tokens carry whole seconds)."""
+    return log_iso_utc(epoch, millis=False)

@@ -222,6 +222,7 @@ class Connection:
         "_buf",
         "_claim",
         "_client_ip",
+        "_client_port",
         "_codec",
         "_config",
         "_ctx",
@@ -233,6 +234,7 @@ class Connection:
         "_opened_at",
         "_paused",
         "_peer",
+        "_peer_port",
         "_pool",
         "_pools",
         "_protected",
@@ -261,6 +263,7 @@ class Connection:
         *,
         client_ip: str,
         tls: bool,
+        client_port: int = 0,
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self._ctx = ctx
@@ -276,6 +279,8 @@ class Connection:
         self._trusted = TrustedProxies(config.trusted_proxies) if config.trusted_proxies else None
         self._peer = client_ip  # the socket's peer, or the PROXY header's source address
         self._client_ip = client_ip  # per request: the peer, or a trusted X-Forwarded-For hop
+        self._peer_port = client_port
+        self._client_port = client_port  # 0 when the address came from X-Forwarded-For (no port there)
         self._tls = tls
         self._random = random
         self.state = HEAD
@@ -315,6 +320,10 @@ class Connection:
     @property
     def client_ip(self) -> str:
         return self._client_ip
+
+    @property
+    def client_port(self) -> int:
+        return self._client_port
 
     @property
     def tls(self) -> bool:
@@ -492,6 +501,7 @@ class Connection:
         self._wall = now
         if self._trusted is not None:
             self._client_ip = client_address(self._peer, request.head.get_all("x-forwarded-for"), self._trusted)
+            self._client_port = self._peer_port if self._client_ip == self._peer else 0
         try:
             if not ctx.accepting:
                 raise NoHealthyBackend("balancer is shutting down")
@@ -805,14 +815,18 @@ class Connection:
             self._rid = new_request_id()
         self._ctx.stats.rejected[exc.status] += 1
         request = self._request
-        log_request(
-            client=self._client_ip,
-            method=request.method if request else "-",
-            path=request.path if request else "-",
-            status=exc.status,
-            reason=str(exc).replace(" ", "_"),
-            request_id=self._rid,
-        )
+        if exc.status == 429:
+            self._ctx.rate_limited_log.note(self._client_ip, now, self._rid)
+        else:
+            log_request(
+                client=self._client_ip,
+                client_port=self._client_port,
+                method=request.method if request else "-",
+                path=request.path if request else "-",
+                status=exc.status,
+                reason=str(exc).replace(" ", "_"),
+                request_id=self._rid,
+            )
         answer = render_refusal(exc.status, exc.reason_phrase, self._rid, exc.headers)
         return [SendClient(answer), *self._close(abort=False)]
 
@@ -920,6 +934,7 @@ class Connection:
         assert request is not None and decision is not None and pool is not None
         log_request(
             client=self._client_ip,
+            client_port=self._client_port,
             method=request.method,
             path=request.path,
             pool=pool.name,

@@ -175,6 +175,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "__weakref__",
         "_accepted",
+        "_client",
         "_connecting",
         "_ctx",
         "_paused",
@@ -189,14 +190,24 @@ class ClientConnection(asyncio.Protocol):
         "core",
     )
 
-    def __init__(self, ctx: ProxyContext, tls: bool = False) -> None:
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        tls: bool = False,
+        *,
+        client: tuple[str, int] | None = None,
+        accepted: float | None = None,
+    ) -> None:
+        """`client`: the client's (address, port) when not the socket's peer (a PROXY header's source);
+        `accepted`: when the socket was accepted, if before this protocol is made (a PROXY preamble)."""
         self._ctx = ctx
-        self._accepted = 0.0
+        self._accepted = accepted or 0.0
+        self._client = client
         self._pending_tls: _PendingTls | None = None
         if tls:
             # Called at accept, before the TLS handshake (asyncio and uvloop alike): count the
             # connection from here, and start its timeouts.handshake from here.
-            self._accepted = time.time()
+            self._accepted = accepted or time.time()
             self._pending_tls = _PendingTls(self, ctx)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -214,9 +225,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
         ctx = self._ctx
-        self.core = Connection(ctx, client_ip=peer[0] if peer else "-", tls=self._tls)
+        client = self._client or transport.get_extra_info("peername") or ("-", 0)
+        self.core = Connection(ctx, client_ip=client[0], client_port=client[1], tls=self._tls)
         if self._pending_tls is not None:
             self._pending_tls.hand_over()  # counted since accept: _end releases it from now on
             self._pending_tls = None
@@ -425,6 +436,7 @@ class ClientConnection(asyncio.Protocol):
             client,
             server,
             client_ip=self.core.client_ip,
+            client_port=self.core.client_port,
             pool=action.pool,
             to_server=action.to_server,
             to_client=action.to_client,
@@ -531,6 +543,7 @@ class _RateLimitedErrors:
 
 _local_errors = _RateLimitedErrors()
 _accept_errors = _RateLimitedErrors()
+accept_errors = _accept_errors  # shared with lb.proxy.preamble's own accept loop: one rate limit
 
 
 def install_accept_error_filter(loop: asyncio.AbstractEventLoop) -> None:

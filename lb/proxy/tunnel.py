@@ -188,6 +188,7 @@ class Tunnel:
         "cause",
         "client_end",
         "client_ip",
+        "client_port",
         "close_code",
         "closed",
         "ctx",
@@ -206,6 +207,7 @@ class Tunnel:
         self.request_id = request_id  # of the handshake that opened it: its close line carries it too
         self.backend = backend
         self.client_ip = client_ip
+        self.client_port = 0
         self.pool = pool
         self.closed = False
         # Set when the balancer ends the tunnel: why ("shutdown", "drain", "idle", "backend_lost") and
@@ -233,6 +235,7 @@ class Tunnel:
         framer: BodyFramer | None = None,
         server_closed: bool = False,
         request_id: str = "-",
+        client_port: int = 0,
         client_lead: bytes = b"",
     ) -> Tunnel:
         """Switch both transports to relaying; flush what each side sent ahead of the switch.
@@ -245,6 +248,7 @@ class Tunnel:
         one write (one syscall, not two), and only `to_client` counts as relayed.
         """
         tunnel = cls(ctx, backend, client_ip, pool, request_id)
+        tunnel.client_port = client_port
         tunnel.client_end = TunnelEnd(tunnel, server)
         tunnel.server_end = (
             WebSocketServerEnd(tunnel, client) if framer is None else FramedResponseEnd(tunnel, client, framer)
@@ -342,7 +346,7 @@ class Tunnel:
         if not self.ctx.tunnels and self.ctx.all_tunnels_closed is not None:
             self.ctx.all_tunnels_closed.set()
         log_tunnel_closed(
-            client=self.client_ip, pool=self.pool, backend=self.backend.id,
+            client=self.client_ip, client_port=self.client_port, pool=self.pool, backend=self.backend.id,
             duration=round(time.monotonic() - self.opened_at, 3), bytes_in=self.bytes_in, bytes_out=self.bytes_out,
             request_id=self.request_id,
             **({"cause": self.cause, "ended_with": self.ended_with} if self.cause else {}),

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from lb.access_log import RateLimitSummary
 from lb.affinity.codec import TokenCodec
 from lb.config.model import Config, RouteConfig
 from lb.http.routing import sort_routes
@@ -54,6 +55,7 @@ class ProxyContext:
     stats: Stats = field(default_factory=Stats)
     tunnels: set[Tunnel] = field(default_factory=set)
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
+    rate_limited_log: RateLimitSummary = field(default_factory=RateLimitSummary)  # 429s: a line per interval
     handshaking: int = 0  # client connections not (yet) handed to a tunnel
     # The same connections, so that stop() can answer each one (503, or let it complete).
     in_flight: set[ClientConnection] = field(default_factory=set)

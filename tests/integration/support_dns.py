@@ -4,7 +4,8 @@
 kernel picks.  The zone is a mutable table: `set_srv(name, [(target, port), ...])` and
 `set_a(name, [ip, ...])`; targets of SRV records are answered from the same table, and
 `additional=True` also puts their addresses in the SRV answer's additional section (as
-CoreDNS does); `delay` makes every answer late.  `stop()` takes the server away, so lookups fail (connection refused) as
+CoreDNS does); `delay` makes every answer late; `truncate` makes every answer a truncated (TC)
+one.  `stop()` takes the server away, so lookups fail (connection refused) as
 they do when a cluster's DNS is down.  Nothing here imports `lb`.
 """
 
@@ -55,6 +56,10 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
                         reply.add_answer(_address_rr(str(request.q.qname), ip))
             elif not known:
                 reply.header.rcode = RCODE.NXDOMAIN
+            if zone.truncate:
+                # "Too big for UDP, ask again over TCP" with what fitted: here nothing (and no TCP here).
+                reply.header.tc = 1
+                reply.rr, reply.ar = [], []
         return reply
 
 
@@ -74,6 +79,7 @@ class ZoneServer:
         self.additional = additional
         self.queries: list[tuple[str, str]] = []
         self.delay = 0.0  # seconds before each answer
+        self.truncate = False  # answer with TC set and no records (this server speaks no TCP)
         self.port = 0
         self._server: DNSServer | None = None
 

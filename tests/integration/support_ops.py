@@ -20,6 +20,7 @@ import contextlib
 import inspect
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -33,8 +34,6 @@ import pytest
 import yaml
 from conftest import (
     COOKIE,
-    HOST,
-    STOP_WAIT,
     UNIT,
     Balancer,
     Gateway,
@@ -45,6 +44,7 @@ from conftest import (
     lb_config,
     visit,
 )
+from support_tcp import ThreadedServer
 
 HEADER = "X-LB-Affinity"
 QUERY = "lb_affinity"
@@ -109,6 +109,49 @@ def started_stack(
 _OWN_TOKEN = object()
 
 
+@dataclass(frozen=True)
+class AdminReply:
+    """One admin API answer: `body` is the parsed JSON, or `{"_text": text}` when it is not JSON."""
+
+    status: int
+    body: Any
+    headers: Mapping[str, str]
+    text: str
+    content_type: str
+
+
+async def admin_request(
+    lb: Balancer,
+    method: str,
+    path: str,
+    *,
+    token: str | object | None = _OWN_TOKEN,
+    params: Mapping[str, str] | None = None,
+    json_body: Any = None,
+    data: bytes | str | None = None,
+    headers: Mapping[str, str] | None = None,
+    within: float = 5 * UNIT,
+) -> AdminReply:
+    """Any request to the admin API, with the balancer's own bearer token unless `token` says otherwise
+    (None: no Authorization header).  The one way tests talk to the admin API by hand."""
+    sent = dict(headers or {})
+    if token is _OWN_TOKEN:
+        token = lb.token
+    if token is not None:
+        sent["Authorization"] = f"Bearer {token}"
+    async with (
+        client_session() as session,
+        asyncio.timeout(within),
+        session.request(method, lb.admin_url(path), headers=sent, params=params, json=json_body, data=data) as reply,
+    ):
+        text = await reply.text()
+        try:
+            body = json.loads(text) if text else {}
+        except ValueError:
+            body = {"_text": text}
+        return AdminReply(reply.status, body, dict(reply.headers), text, reply.content_type)
+
+
 async def admin_post(
     lb: Balancer,
     path: str,
@@ -119,20 +162,8 @@ async def admin_post(
     within: float = 5 * UNIT,
 ) -> tuple[int, dict[str, Any], Mapping[str, str]]:
     """POST to the admin API; `token` None sends no Authorization header. Returns status, JSON, headers."""
-    headers = {}
-    if token is _OWN_TOKEN:
-        token = lb.token
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    async with client_session() as session:
-        async with asyncio.timeout(within):
-            async with session.post(lb.admin_url(path), headers=headers, params=params, json=json_body) as reply:
-                text = await reply.text()
-                try:
-                    body = json.loads(text) if text else {}
-                except ValueError:
-                    body = {"_text": text}
-                return reply.status, body, dict(reply.headers)
+    reply = await admin_request(lb, "POST", path, token=token, params=params, json_body=json_body, within=within)
+    return reply.status, reply.body, reply.headers
 
 
 async def set_state(
@@ -160,6 +191,18 @@ def rewrite_config(lb: Balancer, config: Mapping[str, Any] | str) -> None:
     tmp = lb.config_path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(lb.config_path)  # atomic: a reload never reads half a file
+
+
+async def reload_with(
+    lb: Balancer, config: Mapping[str, Any] | str | None = None, *, expect: str = "reloaded", within: float = 5 * UNIT
+) -> str:
+    """Write `config` (if given) as the balancer's file, SIGHUP it, and wait for the log line containing
+    `expect` ("reloaded", or "reload failed" for a broken file); returns that line."""
+    if config is not None:
+        rewrite_config(lb, config)
+    mark = lb.log_lines()
+    signal_balancer(lb, signal.SIGHUP)
+    return await wait_for_log(lb, expect, after=mark, within=within)
 
 
 async def wait_for_log(lb: Balancer, text: str, *, after: int = 0, within: float = 5 * UNIT) -> str:
@@ -272,31 +315,18 @@ class BlackHole:
 
     def __init__(self, backend_id: str) -> None:
         self.id = backend_id
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind((HOST, 0))
-        self._sock.listen(128)
-        self._sock.settimeout(0.05)
-        self.port = int(self._sock.getsockname()[1])
         self._held: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name=f"black hole {backend_id}", daemon=True)
-        self._thread.start()
+        self._server = ThreadedServer(self._hold, name=f"black hole {backend_id}", backlog=128)
+        self.port = self._server.port
 
     @property
     def address(self) -> str:
-        return f"{HOST}:{self.port}"
+        return self._server.address
 
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self._held.append(conn)
+    def _hold(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._held.append(conn)
 
     def requests_seen(self) -> int:
         """Connections on which a request head began to arrive (health checks send nothing)."""
@@ -309,9 +339,7 @@ class BlackHole:
         return seen
 
     def close(self) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=STOP_WAIT)
-        self._sock.close()
+        self._server.close()
         with self._lock:
             for conn in self._held:
                 conn.close()

@@ -22,6 +22,8 @@ import socket
 import threading
 import time
 
+from support_tcp import ThreadedServer
+
 HOST = "127.0.0.1"
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 FLOOD_FRAME = b"\x82\x7e\x40\x00" + b"x" * 16384  # FIN + binary, 16-bit length 16384, unmasked
@@ -41,36 +43,17 @@ class ScriptedBackend:
 
     def __init__(self, backend_id: str = "scripted") -> None:
         self.id = backend_id
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((HOST, 0))
-        self._listener.listen(64)
-        self._listener.settimeout(0.1)
-        self.port = int(self._listener.getsockname()[1])
         self.stalled = threading.Event()
         self.ended = threading.Event()
         self.ended_at = 0.0
         self.frames_sent = 0
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._accepting = threading.Thread(target=self._accept_loop, daemon=True)
-        self._accepting.start()
+        self.server = ThreadedServer(self._serve, name=backend_id)
+        self._stop = self.server.stop
+        self.port = self.server.port
 
     @property
     def address(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
+        return self.server.address
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -142,8 +125,4 @@ class ScriptedBackend:
         self.ended.set()
 
     def close(self) -> None:
-        self._stop.set()
-        self._listener.close()
-        self._accepting.join(timeout=2)
-        for thread in self._threads:
-            thread.join(timeout=2)
+        self.server.close()

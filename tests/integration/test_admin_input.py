@@ -11,7 +11,8 @@ import json
 from typing import Any
 
 import pytest
-from conftest import UNIT, Balancer, Stack, client_session, find_backend, status
+from conftest import UNIT, Balancer, Stack, find_backend, status
+from support_ops import admin_request
 
 PATH = "/pools/dead/backends/{id}/drain"
 
@@ -19,18 +20,10 @@ PATH = "/pools/dead/backends/{id}/drain"
 async def post_raw(
     lb: Balancer, path: str, *, body: bytes = b"", content_type: str = "application/json", query: str = ""
 ) -> tuple[int, dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {lb.token}", "Content-Type": content_type}
-    url = lb.admin_url(path) + (f"?{query}" if query else "")
-    async with (
-        client_session() as session,
-        asyncio.timeout(5 * UNIT),
-        session.post(url, data=body, headers=headers) as reply,
-    ):
-        text = await reply.text()
-        try:
-            return reply.status, json.loads(text)
-        except ValueError:
-            return reply.status, {"_text": text}
+    reply = await admin_request(
+        lb, "POST", path + (f"?{query}" if query else ""), data=body, headers={"Content-Type": content_type}
+    )
+    return reply.status, reply.body
 
 
 HOSTILE: list[tuple[str, str, bytes, str, str]] = [
@@ -100,15 +93,9 @@ async def test_oversized_body_is_refused_without_500(stack: Stack) -> None:
 )
 async def test_odd_paths_get_json_errors_not_500(stack: Stack, method: str, path: str, expected: int) -> None:
     """Unknown routes and methods are JSON errors with their own status."""
-    lb = stack.balancer
-    headers = {"Authorization": f"Bearer {lb.token}"}
-    async with (
-        client_session() as session,
-        asyncio.timeout(5 * UNIT),
-        session.request(method, lb.admin_url(path), headers=headers) as reply,
-    ):
-        assert reply.status == expected
-        assert "error" in await reply.json(content_type=None)
+    reply = await admin_request(stack.balancer, method, path)
+    assert reply.status == expected
+    assert "error" in json.loads(reply.text)
 
 
 async def test_admin_errors_name_nothing_internal(stack: Stack) -> None:
@@ -125,11 +112,75 @@ async def test_admin_errors_name_nothing_internal(stack: Stack) -> None:
 @pytest.mark.parametrize("path", ["/status?verbose=1", "/metrics?name=x", "/livez?x", "/readyz?now=1"])
 async def test_read_endpoints_refuse_unknown_parameters(stack: Stack, path: str) -> None:
     """A parameter an endpoint does not take is a 400 naming it, not silently ignored."""
+    reply = await admin_request(stack.balancer, "GET", path, token=None)
+    assert reply.status == 400
+    assert "unknown parameter" in reply.body["error"]
+
+
+async def get_raw(lb: Balancer, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
+    reply = await admin_request(lb, "GET", path, headers=headers)
+    return reply.status, reply.content_type, reply.text
+
+
+MEGABYTE = "q" * (1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        (f"/lookup?token={MEGABYTE}", {}),
+        (f"/pools/gateways/route?key={MEGABYTE}", {}),
+        (f"/status?{MEGABYTE}=1", {}),
+        ("/status", {"X-Padding": MEGABYTE[:100_000]}),
+    ],
+    ids=["1MB lookup token", "1MB route key", "1MB parameter name", "100KB header"],
+)
+async def test_oversized_request_heads_get_a_json_error_echoing_nothing(
+    stack: Stack, path: str, headers: dict[str, str]
+) -> None:
+    """Refused before any handler runs, yet answered like every admin error: JSON, a fixed reason, a request id."""
     lb = stack.balancer
-    async with (
-        client_session() as session,
-        asyncio.timeout(5 * UNIT),
-        session.get(lb.admin_url(path)) as reply,
-    ):
-        assert reply.status == 400
-        assert "unknown parameter" in (await reply.json())["error"]
+    lines_before = lb.log_lines()
+    code, content_type, text = await get_raw(lb, path, headers)
+    assert 400 <= code < 500 and content_type == "application/json", (code, text[:200])
+    answer = json.loads(text)
+    assert answer["error"] and answer["request_id"], answer
+    assert "qqqq" not in text
+    assert (await get_raw(lb, "/livez"))[0] == 200
+    assert "Traceback" not in "\n".join(lb.log_text().splitlines()[lines_before:])
+
+
+async def test_lookup_refuses_unknown_parameters(stack: Stack) -> None:
+    code, _, text = await get_raw(stack.balancer, "/lookup?token=abc&tokne=abc")
+    assert code == 400 and "unknown parameter" in json.loads(text)["error"], text
+
+
+@pytest.mark.parametrize(
+    "path", ["/status?verbose=1", "/nowhere", "/lookup", "/pools/nope/route?key=1", "/pools/gateways/route?key=1"]
+)
+async def test_every_admin_error_carries_a_request_id(stack: Stack, path: str) -> None:
+    code, _, text = await get_raw(stack.balancer, path)
+    answer = json.loads(text)
+    assert code >= 400 and isinstance(answer.get("request_id"), str) and answer["request_id"], answer
+
+
+async def test_a_body_that_never_completes_is_a_408_not_a_held_handler(stack: Stack) -> None:
+    """Content-Length 100, 10 bytes sent, then silence: a JSON 408 within a few seconds, the state unchanged."""
+    lb = stack.balancer
+    backend_id = stack.dead[0].id
+    host, port = lb.admin_url("").split("//", 1)[1].rstrip("/").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"POST {PATH.format(id=backend_id)} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {lb.token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"rate\": 1".encode()
+        )
+        await writer.drain()
+        async with asyncio.timeout(10 * UNIT):
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await reader.read(4096)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert json.loads(body)["request_id"]
+    assert find_backend(await status(lb), "dead", backend_id)["state"] != "draining"

@@ -32,6 +32,7 @@ from conftest import (
     source_ips,
     visit,
 )
+from support_ops import admin_request
 
 USER_HEADER = "X-User-Id"
 
@@ -166,6 +167,11 @@ async def test_two_pools_keep_one_pin_each(stacks: Stacks) -> None:
         assert json.loads(body)["server_id"] == game_server and affinity_cookie(headers) is None
     # The balancer strips the whole affinity cookie: gateways never see either pin.
     assert COOKIE not in (await visit(lb.ws_url(), cookie=jar)).hello["cookies"]
+    # /lookup takes the cookie value as the client holds it, both pins, and answers for the pool asked.
+    for pool, server in (("chat", chat.server_id), ("game", game_server)):
+        reply = await admin_request(lb, "GET", "/lookup", params={"token": jar, "pool": pool})
+        assert reply.status == 200 and reply.body["valid"], reply.body
+        assert (reply.body["pool"], reply.body["backend"], reply.body["routes_to"]) == (pool, server, server)
 
 
 def test_startup_log_states_the_backlog(stacks: Stacks) -> None:

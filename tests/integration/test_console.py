@@ -34,7 +34,7 @@ from conftest import (
     visit,
     wait_for_state,
 )
-from support_ops import BlackHole, launched, token_of, wait_until
+from support_ops import BlackHole, admin_request, launched, token_of, wait_until
 
 OBSERVABILITY = ROOT / "deploy" / "observability"
 RULES = OBSERVABILITY / "alerts.yaml"
@@ -84,12 +84,8 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleStack]:
 
 
 async def admin_get(lb: Balancer, path: str, *, token: str | None = None) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    code, _, body = await http_get_async(lb.admin_url(path), headers=headers)
-    try:
-        return code, json.loads(body)
-    except ValueError:
-        return code, body
+    reply = await admin_request(lb, "GET", path, token=token)
+    return reply.status, reply.body
 
 
 async def lookup(lb: Balancer, token: str, *, bearer: str | None = "own") -> tuple[int, Any]:

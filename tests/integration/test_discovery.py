@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from conftest import (
     ws_connect,
 )
 from support_dns import ZoneServer
-from support_ops import rewrite_config, signal_balancer, wait_for_log
+from support_ops import reload_with
 
 SERVICE = "gateway.game.svc.cluster.local"
 
@@ -327,10 +326,7 @@ async def test_reload_keeps_discovered_backends_and_their_tunnels(launcher: Laun
         config = dict(lb.config)
         config["pools"] = {"gateways": {**config["pools"]["gateways"],
                                         "backends": [{"id": gw3.id, "address": gw3.address}]}}
-        lines = lb.log_lines()
-        rewrite_config(lb, config)
-        signal_balancer(lb, signal.SIGHUP)
-        await wait_for_log(lb, "reloaded configuration", after=lines)
+        await reload_with(lb, config, expect="reloaded configuration")
         data = await status(lb)
         assert ids(data) == {"gw-1", "gw-2", "gw-3"}
         assert find_backend(data, "gateways", first.server_id)["connections"] == 1
@@ -352,3 +348,20 @@ async def test_slow_dns_times_out_and_keeps_the_set(launcher: Launcher, zone: Zo
     assert (await visit(lb.ws_url())).server_id == "gw-1"
     zone.delay = 0.0
     await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"] is None, "recovery")
+
+
+async def test_truncated_answers_keep_the_set_and_show_the_error(launcher: Launcher, zone: ZoneServer) -> None:
+    """A TC answer whose TCP retry fails (a server without TCP) is a failed lookup like any other: the
+    last known set stays and serves, /status says why, and the next full answer clears the error."""
+    gw1, gw2 = launcher.gateways(2)
+    publish(zone, [gw1, gw2])
+    lb = launcher.balancer(discovery_config(zone, timeout="300ms"))
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both gateways")
+    zone.truncate = True
+    data = await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"], "a discovery error")
+    assert SERVICE in data["pools"]["gateways"]["discovery"]["last_error"]
+    assert ids(data) == {"gw-1", "gw-2"}
+    assert {(await visit(lb.ws_url())).server_id for _ in range(4)} == {"gw-1", "gw-2"}
+    zone.truncate = False
+    await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"] is None, "the error cleared")
+    lb.assert_alive()

@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 
 from conftest import Launcher, lb_config, new_key, visit
-from support_ops import admin_post, signal_balancer, wait_for_log, wait_until
+from support_ops import admin_post, reload_with, signal_balancer, wait_until
 
 
 def write(path: Path, text: str) -> None:
@@ -60,9 +60,7 @@ async def test_rotation_through_files_and_sighup(launcher: Launcher, tmp_path: P
 
     # Step 2: the old key goes.  Cookies under it become invalid (a fresh one), the new ones stay.
     write(secrets_dir / "previous", k3)
-    lines = lb.log_lines()
-    signal_balancer(lb, signal.SIGHUP)
-    await wait_for_log(lb, "reloaded configuration", after=lines)
+    await reload_with(lb, expect="reloaded configuration")
     assert (await visit(lb.ws_url(), cookie=new_cookie)).cookie is None
     replaced = await visit(lb.ws_url(), cookie=old_cookie)
     assert replaced.cookie is not None and replaced.cookie.value != old_cookie
@@ -70,8 +68,7 @@ async def test_rotation_through_files_and_sighup(launcher: Launcher, tmp_path: P
     # A broken Secret (file gone): the reload fails, naming the file; the running config stays.
     (secrets_dir / "token").unlink()
     lines = lb.log_lines()
-    signal_balancer(lb, signal.SIGHUP)
-    line = await wait_for_log(lb, "token", after=lines)
+    line = await reload_with(lb, expect="token")
     assert str(secrets_dir / "token") in lb.log_text()
     assert "reload failed" in "\n".join(lb.log_text().splitlines()[lines:]), line
     assert (await admin_post(lb, enable, token="token-two"))[0] == 200

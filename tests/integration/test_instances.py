@@ -5,7 +5,7 @@ HAProxy in `mode tcp` (`balance roundrobin`) stands in for the cloud NLB in fron
 client land on consecutive instances.  Skipped, with the reason, when `haproxy` is not installed.
 
 PROXY_V2 switches the HAProxy server lines to `send-proxy-v2` and the balancers' listeners to
-`proxy_protocol: true`; it stays False until the PROXY-protocol listener is merged, then flips.
+`proxy_protocol: true` (on since the PROXY-protocol listener, lb/proxy/preamble.py, is in).
 With it on, the gateways must see the client's own address in X-Forwarded-For, not HAProxy's.
 """
 
@@ -44,7 +44,7 @@ from conftest import (
     ws_connect,
 )
 
-PROXY_V2 = False  # flip once listeners[].proxy_protocol is wired (the coordinator does it at merge)
+PROXY_V2 = True  # listeners[].proxy_protocol is wired: HAProxy sends PROXY v2, the balancers read it
 
 HAPROXY = shutil.which("haproxy")
 pytestmark = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")

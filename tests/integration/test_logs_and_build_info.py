@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import ROOT, UNIT, Balancer, Gateway, Launcher, child_env, http_get_async, lb_config, visit
-from support_ops import launched, rewrite_config, signal_balancer, wait_exit, wait_for_log, wait_until
+from support_ops import launched, reload_with, rewrite_config, signal_balancer, wait_exit, wait_until
 
 POOL = "gateways"
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]00:?00)")
@@ -38,10 +38,7 @@ async def exercise(lb: Balancer) -> None:
     """Traffic, a failed reload and a clean stop, so the log holds every kind of line."""
     await visit(lb.ws_url())
     good = copy.deepcopy(lb.config)
-    rewrite_config(lb, "pools: [not, a, mapping]\n")
-    mark = lb.log_lines()
-    signal_balancer(lb, signal.SIGHUP)
-    await wait_for_log(lb, "reload failed", after=mark)
+    await reload_with(lb, "pools: [not, a, mapping]\n", expect="reload failed")
     rewrite_config(lb, good)
     signal_balancer(lb, signal.SIGTERM)
     assert await wait_exit(lb, 10 * UNIT) == 0
@@ -71,6 +68,12 @@ async def test_json_lines_parse_with_iso_time_and_numeric_durations(
         assert ISO_UTC.fullmatch(event["time"]), event
     closes = [e for e in events if e.get("event") == "tunnel_closed"]
     assert closes and all(isinstance(e["duration"], int | float) for e in closes), closes
+    # The handshake's request line and its tunnel's close line carry one request id (and the client port).
+    requests = {e["request_id"]: e for e in events if e.get("event") == "request"}
+    for close in closes:
+        opened = requests.get(close["request_id"])
+        assert opened is not None and opened["status"] == 101, (close, requests)
+        assert opened["client_port"] == close["client_port"] > 0, (opened, close)
 
 
 def test_lb_version_prints_the_version() -> None:
@@ -98,16 +101,10 @@ async def test_build_info_hash_tells_replicas_apart(launcher: Launcher, gateways
     version, before = await build_info(first)
     assert version and len(before) >= 8
     twin["timeouts"]["handshake"] = "7s"
-    rewrite_config(first, twin)
-    mark = first.log_lines()
-    signal_balancer(first, signal.SIGHUP)
-    await wait_for_log(first, "reloaded", after=mark)
+    await reload_with(first, twin)
     _, after = await build_info(first)
     assert after != before, "a changed config must change config_hash"
-    rewrite_config(first, config)
-    mark = first.log_lines()
-    signal_balancer(first, signal.SIGHUP)
-    await wait_for_log(first, "reloaded", after=mark)
+    await reload_with(first, config)
     assert (await build_info(first))[1] == before, "the same config must hash the same"
 
 

@@ -23,7 +23,7 @@ from conftest import (
     visit,
     ws_connect,
 )
-from support_ops import launched, rewrite_config, signal_balancer, token_of, wait_for_log, wait_until
+from support_ops import launched, reload_with, rewrite_config, signal_balancer, token_of, wait_for_log, wait_until
 
 POOL = "gateways"
 
@@ -103,10 +103,7 @@ async def test_sighup_with_a_broken_config_keeps_the_old_one(
 
     async with ws_connect(lb.ws_url(), cookie=token) as (ws, _):
         assert (await recv_hello(ws))["server_id"] == first.server_id
-        rewrite_config(lb, broken)
-        mark = lb.log_lines()
-        signal_balancer(lb, signal.SIGHUP)
-        line = await wait_for_log(lb, "reload failed", after=mark)
+        line = await reload_with(lb, broken, expect="reload failed")
         assert "ERROR" in line or "error" in line.lower(), line
 
         lb.assert_alive()
@@ -117,10 +114,7 @@ async def test_sighup_with_a_broken_config_keeps_the_old_one(
         assert landed <= {gw1.id, gw2.id}, landed  # new clients are still served by the old pool
 
     # The file fixed again: the next SIGHUP applies it.
-    rewrite_config(lb, config)
-    mark = lb.log_lines()
-    signal_balancer(lb, signal.SIGHUP)
-    await wait_for_log(lb, "reloaded", after=mark)
+    await reload_with(lb, config)
     lb.assert_alive()
 
 
@@ -142,10 +136,7 @@ async def test_sighup_removing_a_backend_keeps_its_live_tunnel(launcher: Launche
         assert (await recv_hello(ws))["server_id"] == gw2.id
         shrunk = copy.deepcopy(config)
         shrunk["pools"][POOL]["backends"] = [backend_entry(gw1)]
-        rewrite_config(lb, shrunk)
-        mark = lb.log_lines()
-        signal_balancer(lb, signal.SIGHUP)
-        await wait_for_log(lb, "reloaded", after=mark)
+        await reload_with(lb, shrunk)
 
         assert {(await visit(lb.ws_url())).server_id for _ in range(4)} == {gw1.id}
         moved = await visit(lb.ws_url(), cookie=pinned)

@@ -41,7 +41,7 @@ from conftest import (
     visit,
     ws_connect,
 )
-from support_ops import launched, rewrite_config, signal_balancer, token_of, wait_for_log, wait_until
+from support_ops import launched, reload_with, signal_balancer, token_of, wait_for_log, wait_until
 
 POOL = "gateways"
 PROBE_INTERVAL = 0.1  # seconds between health probes of the counted backend
@@ -205,10 +205,8 @@ async def test_a_reload_that_cannot_bind_changes_nothing_and_the_next_applies_in
     try:
         async with ws_connect(lb.ws_url()) as (ws, _):
             await recv_hello(ws)
-            rewrite_config(lb, changed)
             mark = lb.log_lines()
-            signal_balancer(lb, signal.SIGHUP)
-            line = await wait_for_log(lb, "reload failed", after=mark)
+            line = await reload_with(lb, changed, expect="reload failed")
             assert f"{HOST}:{taken_port}" in line, line
             failure = [text for text in lb.log_text().splitlines()[mark:] if text.strip()]
             assert len([t for t in failure if "reload" in t]) == 1, failure
@@ -223,9 +221,7 @@ async def test_a_reload_that_cannot_bind_changes_nothing_and_the_next_applies_in
     finally:
         taken.close()
 
-    mark = lb.log_lines()
-    signal_balancer(lb, signal.SIGHUP)
-    await wait_for_log(lb, "reloaded", after=mark)
+    await reload_with(lb)
     lb.admin_port = new_admin_port
     states = backend_states(await status(lb))
     assert (POOL, gw2.id) not in states or states[(POOL, gw2.id)] == "removed", states
@@ -258,10 +254,7 @@ async def test_a_backend_removed_and_re_added_is_one_backend_with_its_count(
         shrunk = copy.deepcopy(config)
         shrunk["pools"][POOL]["backends"] = [{"id": gw1.id, "address": gw1.address, "weight": 1}]
         for step in (shrunk, config):
-            rewrite_config(lb, step)
-            mark = lb.log_lines()
-            signal_balancer(lb, signal.SIGHUP)
-            await wait_for_log(lb, "reloaded", after=mark)
+            await reload_with(lb, step)
         document = await status(lb)
         entries = [b for b in document["pools"][POOL]["backends"] if b["id"] == gw2.id]
         assert len(entries) == 1, entries

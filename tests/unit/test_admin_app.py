@@ -41,9 +41,11 @@ async def test_a_bug_in_a_handler_is_a_bare_500_logged_with_its_traceback(caplog
         with caplog.at_level(logging.ERROR, logger="lb.control.admin"):
             reply = await client.post("/pools/p/backends/gw-1/drain", headers={"Authorization": f"Bearer {TOKEN}"})
             body = await reply.json()
-        assert reply.status == 500 and body == {"error": "internal error"}
+        assert reply.status == 500 and body == {"error": "internal error", "request_id": body["request_id"]}
         assert "secret" not in str(body)
         assert any(r.exc_info and "secret internal detail" in str(r.exc_info[1]) for r in caplog.records)
+        # The request id in the answer finds the traceback in the log.
+        assert any(body["request_id"] in r.getMessage() for r in caplog.records if r.exc_info)
     finally:
         await client.close()
 
@@ -58,3 +60,30 @@ async def test_readyz_and_livez_follow_the_balancer(ready: bool, status: int) ->
         assert (await client.get("/livez")).status == 200
     finally:
         await client.close()
+
+
+async def test_a_request_head_that_never_completes_is_closed_by_the_admin_runner() -> None:
+    """Slowloris on the admin port: a connection sending half a head is closed after the idle timeout."""
+    import asyncio
+    import time
+
+    from aiohttp import web
+
+    from lb.control.admin import IDLE_TIMEOUT, AdminRunner
+
+    assert AdminRunner(make_admin_app(_fake_balancer()))._kwargs["keepalive_timeout"] == IDLE_TIMEOUT
+    runner = AdminRunner(make_admin_app(_fake_balancer()), keepalive_timeout=0.3)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /status HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+        assert time.monotonic() - started < 3
+        writer.close()
+    finally:
+        await runner.cleanup()

@@ -171,3 +171,21 @@ def test_version_prints_the_version_and_exits_0(capsys: pytest.CaptureFixture[st
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert re.fullmatch(r"lb \d+\.\d+\.\d+\S*\n", out), out
+
+
+def test_a_sighup_while_starting_is_held_not_fatal() -> None:
+    """`lb run` holds SIGHUP first thing: remembered (then applied once serving), never the default death."""
+    import os
+    import signal
+
+    from lb import startup_signals
+
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        startup_signals.hold()
+        assert startup_signals.take() is False
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert startup_signals.take() is True
+        assert startup_signals.take() is False  # taken once
+    finally:
+        signal.signal(signal.SIGHUP, previous)

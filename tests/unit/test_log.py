@@ -77,3 +77,15 @@ def test_an_uncaught_exception_is_one_logged_line(captured: Captured) -> None:
         sys.excepthook(ValueError, exc, exc.__traceback__)
     lines = captured.getvalue().splitlines()
     assert len(lines) == 1 and "uncaught exception" in lines[0] and "ValueError: crash" in lines[0]
+
+
+def test_plain_access_values_cannot_forge_fields_or_reach_the_terminal(captured: Captured) -> None:
+    """A client-chosen path with a space, a fake field and an escape sequence is one quoted value."""
+    from lb.access_log import log_request
+
+    setup_logging(LoggingConfig(format=LogFormat.PLAIN))
+    log_request(client="127.0.0.1", path="/a status=200\x1b[2J\u202e", status=404, reason="no_route")
+    [line] = captured.getvalue().splitlines()
+    assert "\x1b" not in line and "\u202e" not in line
+    assert ' path="/a status=200\\u001b[2J\\u202e" status=404 ' in line + " ", line
+    assert "client=127.0.0.1" in line and "reason=no_route" in line

@@ -98,3 +98,29 @@ def test_pool_parameter_picks_the_pool() -> None:
 
 def test_iso_utc() -> None:
     assert iso_utc(0) == "1970-01-01T00:00:00Z"
+
+
+def seal_for(pool: str, backend: str, session: bytes = b"p" * 8) -> str:
+    claim = Claim(backend_id=backend, issued_at=int(NOW - 10), session=session, pool=pool)
+    return TokenCodec([KEY], 3600).seal(claim, os.urandom(NONCE_BYTES))
+
+
+def test_a_pin_sealed_for_a_pool_is_looked_up_in_that_pool() -> None:
+    """Two pools over the same gateways: the pin's own pool answers, not the first with that backend id."""
+    state = pools("gateways", "plain")
+    state["gateways"].apply_admin("gw-2", AdminAction.DISABLE, NOW - 1)
+    result = answer(seal_for("plain", "gw-2"), state)
+    assert (result["pool"], result["backend"], result["state"], result["routes_to"]) == ("plain", "gw-2", "up", "gw-2")
+
+
+def test_a_cookie_value_with_one_pin_per_pool_is_understood() -> None:
+    """The affinity cookie of a client using two pools carries two pins; /lookup takes the value as is."""
+    state = pools("gateways", "plain")
+    value = ".".join([seal_for("gateways", "gw-1"), seal_for("plain", "gw-3")])
+    assert answer(value, state, pool="plain")["backend"] == "gw-3"
+    assert answer(value, state, pool="gateways")["backend"] == "gw-1"
+    first = answer(value, state)
+    assert (first["pool"], first["backend"]) == ("gateways", "gw-1")
+    assert answer(value + ".garbage", state, pool="plain")["backend"] == "gw-3"
+    assert answer(seal_for("gateways", "gw-1"), state, pool="plain") == {"valid": False, "reason": "unknown_backend"}
+    assert answer("x" * 40 + "." + "y" * 40, state)["valid"] is False

@@ -25,9 +25,10 @@ from typing import Any
 
 from aiohttp import web
 
-from lb.control.admin import BALANCER, authorized, error_response, status_document
+from lb.control.admin import BALANCER, authorized, error_response, refuse_parameters, status_document
 from lb.control.lookup import lookup_token
 
+LOOKUP_PARAMS = frozenset({"token", "pool"})
 MAX_TOKEN_PARAM = 4096  # longer than any token we issue (affinity_token.MAX_TOKEN_CHARS)
 
 
@@ -83,6 +84,7 @@ async def lookup(request: web.Request) -> web.Response:
     ctx = balancer.ctx
     if not authorized(request, ctx.config.admin.token):
         return error_response(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    refuse_parameters(request, LOOKUP_PARAMS)
     token = request.query.get("token", "")
     if not token:
         return error_response(400, "token: query parameter is required (/lookup?token=...)")

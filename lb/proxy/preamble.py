@@ -1,0 +1,354 @@
+"""PROXY-protocol listeners: read the L4 balancer's header, then hand the socket to the proxy.  [asyncio shell]
+
+A listener with `proxy_protocol: true` (SPEC part 2) sits behind an L4
+balancer (an NLB, HAProxy `send-proxy-v2`, kube-proxy) that puts a PROXY v1
+or v2 header before the client's own bytes.  That header comes before
+anything else, TLS included, so `loop.create_server` cannot be used: its
+transport would start reading (or the TLS handshake) at once.  Instead:
+
+- `ProxyProtocolServer` makes the listening socket itself (SO_REUSEADDR,
+  SO_REUSEPORT for `workers: N`, the listener's backlog) and accepts with
+  `loop.add_reader` on it: non-blocking `accept()` in a loop until EAGAIN, at
+  most a bounded batch per wake-up so one listener cannot starve the loop.  An
+  accept that fails for want of descriptors or buffers (EMFILE, ENFILE, ...)
+  is logged at most once per interval, as `lb.proxy.server` does for the
+  other listeners, and accepting pauses for a second, as asyncio does.
+- Each accepted socket gets a `_Preamble`: on readability it peeks
+  (`recv(n, MSG_PEEK)`) and parses what it has so far plus the peeked bytes
+  with the pure `lb.proxy_header.parse_proxy_header`.  Complete: it takes
+  exactly the header's remaining bytes off the socket and not one more (what
+  follows is the TLS ClientHello or the HTTP head, and belongs to the
+  transport).  Incomplete: everything peeked is header, so it is taken and
+  the preamble waits.  A `BadProxyHeader`, EOF, a socket error, or
+  `timeouts.handshake` passing since accept closes the socket without an
+  answer: the peer is an L4 balancer, not a client that could read one.
+- Then `loop.connect_accepted_socket` wraps the socket in a transport
+  (with TLS, the handshake starts only now) around a `ClientConnection`
+  whose client address is the header's source, or the socket's peer for
+  LOCAL / UNKNOWN headers (health checks of the L4 balancer).  The core's
+  handshake deadline and the TLS handshake timeout both count from accept,
+  so the header and the handshake share one `timeouts.handshake`.
+
+The preamble counts in `ctx.handshaking` (so in `limits.max_connections`)
+from accept, like a TLS handshake does; the count passes to the
+`ClientConnection` when it is made, and is released exactly once on every
+path.  A preamble holds at most one header's bytes (`MAX_V2_LENGTH` + 16).
+
+`ProxyProtocolServer` duck-types what the balancer uses of `asyncio.Server`
+(`close()`, `wait_closed()`, `sockets`), so reload and shutdown handle it
+like any other listener.  Closing stops accepting; headers still arriving
+finish (bounded by `timeouts.handshake`) and then meet the core, which
+answers according to the shutdown in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+import time
+
+from lb.errors import BadProxyHeader
+from lb.http.proxy_header import MAX_V2_LENGTH, V2_FIXED, parse_proxy_header
+from lb.proxy.server import ClientConnection, accept_errors
+from lb.state.context import ProxyContext
+
+log = logging.getLogger("lb.proxy.server")
+
+# The most a header can be: peeking this much always shows its end (a v1 line is far shorter).
+_PEEK = V2_FIXED + MAX_V2_LENGTH
+# Accepts per wake-up: drains a burst of SYNs quickly without holding the loop for long.
+_ACCEPT_BATCH = 128
+_ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE & co (asyncio's own choice)
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Errors of one connection already gone at accept: try the next one.
+_GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+
+
+def listening_socket(host: str, port: int, *, backlog: int, reuse_port: bool) -> socket.socket:
+    """A non-blocking listening TCP socket on (host, port).
+
+    Raises:
+        OSError: the address cannot be resolved or bound (in use, not ours, no permission).
+    """
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    if not infos:  # pragma: no cover - getaddrinfo raises instead
+        raise OSError(errno.EADDRNOTAVAIL, f"no address for {host!r}")
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # As asyncio does: an IPv6 listener is IPv6 only (an IPv4 one may share the port).
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ProxyProtocolServer:
+    """A listener whose connections start with a PROXY header; quacks like `asyncio.Server` for the balancer."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        sock: socket.socket,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        start_serving: bool = True,
+    ) -> None:
+        self._ctx = ctx
+        self._sock: socket.socket | None = sock
+        self._ssl = ssl_context
+        self._loop = asyncio.get_running_loop()
+        self._preambles: set[_Preamble] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._resume: asyncio.TimerHandle | None = None
+        self._closed = asyncio.Event()
+        self._socks = (sock,)
+        self._serving = False
+        if start_serving:
+            self.start_serving_now()
+
+    def start_serving_now(self) -> None:
+        """Start accepting (once); for a listener made with start_serving=False."""
+        if self._sock is not None and not self._serving:
+            self._serving = True
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    async def start_serving(self) -> None:
+        self.start_serving_now()
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening socket (kept after close, as its address is still asked for in logs)."""
+        return self._socks
+
+    def is_serving(self) -> bool:
+        return self._serving and self._sock is not None
+
+    @property
+    def pending(self) -> int:
+        """Connections still reading their PROXY header or being handed over."""
+        return len(self._preambles) + len(self._tasks)
+
+    def close(self) -> None:
+        """Stop accepting (idempotent); headers already arriving may still finish."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        elif self._serving:
+            self._loop.remove_reader(sock.fileno())
+        sock.close()
+        self._check_done()
+
+    async def wait_closed(self) -> None:
+        """Returns once closed and no connection is still in its preamble or hand-over."""
+        await self._closed.wait()
+
+    def _check_done(self) -> None:
+        if self._sock is None and not self._preambles and not self._tasks:
+            self._closed.set()
+
+    # -- accept ------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, peer = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    accept_errors.report(exc, "accept connections")
+                    self._loop.remove_reader(sock.fileno())
+                    self._resume = self._loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)
+                    return
+                if exc.errno in _GONE_ERRNOS:
+                    continue
+                # Anything else (not expected on a listening socket): pause rather than spin on it.
+                accept_errors.report(exc, "accept connections on a PROXY-protocol listener")
+                self._loop.remove_reader(sock.fileno())
+                self._resume = self._loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)
+                return
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._preambles.add(_Preamble(self, conn, (peer[0], peer[1]) if peer else ("-", 0)))
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if self._sock is not None:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    # -- hand-over ---------------------------------------------------------------------
+
+    def _preamble_done(self, preamble: _Preamble) -> None:
+        self._preambles.discard(preamble)
+        self._check_done()
+
+    def _hand_over(self, preamble: _Preamble, client: tuple[str, int]) -> None:
+        """The header is complete: the socket becomes a ClientConnection's transport."""
+        task = self._loop.create_task(self._connect(preamble, client))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        self._preamble_done(preamble)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._check_done()
+
+    async def _connect(self, preamble: _Preamble, client: tuple[str, int]) -> None:
+        ctx, tls = self._ctx, self._ssl is not None
+        made = False
+
+        def factory() -> ClientConnection:
+            nonlocal made
+            made = True
+            connection = ClientConnection(ctx, tls, client=client, accepted=preamble.accepted)
+            preamble.release()  # counted from here on by the connection itself
+            return connection
+
+        left = ctx.config.timeouts.handshake - (time.time() - preamble.accepted)
+        try:
+            await self._loop.connect_accepted_socket(
+                factory,
+                preamble.sock,
+                ssl=self._ssl,
+                ssl_handshake_timeout=max(left, 0.001) if tls else None,
+            )
+        except Exception as exc:
+            # A TLS handshake that failed or timed out: the transport has closed the socket.
+            log.debug("connection from %s closed during its TLS handshake: %r", client[0], exc)
+        finally:
+            preamble.release()
+            if not made:
+                preamble.sock.close()
+
+
+class _RateLimitedRefusals:
+    """Connections closed for want of a valid header: one warning per interval, with a count.
+
+    Worth a warning (an L4 balancer not sending the header is a misconfiguration an operator
+    must see), but a flood of garbage must not become a flood of log lines.
+    """
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self.last = -float("inf")
+        self.suppressed = 0
+
+    def report(self, peer: str, why: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            log.debug("PROXY-protocol connection from %s closed: %s", peer, why)
+            return
+        log.warning(
+            "closed a connection from %s without an answer: %s (listeners[].proxy_protocol is on; "
+            "%d more like it since the last report)", peer, why, self.suppressed,
+        )
+        self.last = now
+        self.suppressed = 0
+
+
+_refusals = _RateLimitedRefusals()
+
+
+class _Preamble:
+    """One accepted socket reading its PROXY header; counted in ctx.handshaking until released."""
+
+    __slots__ = ("accepted", "buf", "counted", "peer", "server", "sock", "timer")
+
+    def __init__(self, server: ProxyProtocolServer, sock: socket.socket, peer: tuple[str, int]) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.buf = bytearray()
+        self.accepted = time.time()
+        ctx = server._ctx
+        ctx.handshaking += 1
+        self.counted = True
+        loop = server._loop
+        self.timer: asyncio.TimerHandle | None = loop.call_later(ctx.config.timeouts.handshake, self._timed_out)
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def release(self) -> None:
+        """This connection no longer counts as a preamble (once)."""
+        if self.counted:
+            self.counted = False
+            self.server._ctx.handshaking -= 1
+
+    def _stop_reading(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.server._loop.remove_reader(self.sock.fileno())
+
+    def _abort(self, why: str) -> None:
+        """Close without an answer (unread bytes make the kernel send a reset)."""
+        _refusals.report(self.peer[0], why)
+        self._close()
+
+    def _close(self) -> None:
+        self._stop_reading()
+        self.release()
+        self.sock.close()
+        self.server._preamble_done(self)
+
+    def _timed_out(self) -> None:
+        self.server._loop.remove_reader(self.sock.fileno())
+        self.timer = None
+        self._abort("no complete PROXY header within timeouts.handshake")
+
+    def _readable(self) -> None:
+        try:
+            peeked = self.sock.recv(_PEEK - len(self.buf), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._abort(f"read failed: {exc.strerror or exc}")
+            return
+        if not peeked:
+            if not self.buf:
+                # Connected and closed without a byte: an L4 balancer's TCP health check, not a fault.
+                log.debug("connection from %s closed before sending anything", self.peer[0])
+                self._close()
+                return
+            self._abort("closed before a complete PROXY header")
+            return
+        try:
+            header = parse_proxy_header(self.buf + peeked)
+        except BadProxyHeader as exc:
+            self._abort(str(exc))
+            return
+        # Complete: take exactly the rest of the header.  Incomplete: all that was peeked is header.
+        want = len(peeked) if header is None else header.consumed - len(self.buf)
+        try:
+            taken = self.sock.recv(want)
+        except (BlockingIOError, InterruptedError):  # pragma: no cover - the bytes were just peeked
+            return
+        except OSError as exc:  # pragma: no cover - as above
+            self._abort(f"read failed: {exc.strerror or exc}")
+            return
+        self.buf += taken
+        if header is None or len(self.buf) < header.consumed:
+            return  # more to come; the next readability re-parses from what is taken so far
+        self._stop_reading()
+        self.server._hand_over(self, header.source or self.peer)
+

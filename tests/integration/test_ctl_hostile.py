@@ -1,0 +1,157 @@
+"""`lb ctl` against admin URLs that are not (or no longer) a well-behaved admin API.
+
+Each case runs the real command (`python -m lb ctl`) against a scripted HTTP server on loopback:
+a redirect must not carry the bearer token elsewhere; HTML or a hang or a dripping answer is a
+clear one-line error within the timeout; escape sequences in an answer never reach the terminal.
+Every server loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from conftest import ROOT, UNIT, child_env
+from support_tcp import ThreadedServer
+
+MAX_SECONDS = 15.0
+Script = Callable[["Scripted", socket.socket, bytes], None]
+
+
+class Scripted:
+    """Answers every connection with `script(server, conn, request_head)`; remembers the request heads."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.heads: list[bytes] = []
+        self.server = ThreadedServer(self._serve, name="admin")
+        self.stop = self.server.stop
+        self.url = self.server.url
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(2.0)
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                head += data
+            self.heads.append(head)
+            self.script(self, conn, head)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@contextlib.contextmanager
+def scripted(script: Script) -> Iterator[Scripted]:
+    server = Scripted(script)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def answer(status: str, body: bytes, content_type: str = "application/json", extra: str = "") -> Script:
+    def run(server: Scripted, conn: socket.socket, head: bytes) -> None:
+        conn.sendall(
+            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{extra}"
+            "Connection: close\r\n\r\n".encode() + body
+        )
+
+    return run
+
+
+def hang(server: Scripted, conn: socket.socket, head: bytes) -> None:
+    server.stop.wait(MAX_SECONDS)
+
+
+def drip(server: Scripted, conn: socket.socket, head: bytes) -> None:
+    """Headers, then a 1000-byte body one byte every 200 ms: each read is quick, the whole never ends."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+    deadline = time.monotonic() + MAX_SECONDS
+    while time.monotonic() < deadline and not server.stop.wait(0.2):
+        conn.sendall(b" ")
+
+
+def ctl(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    environment = child_env()
+    environment.pop("LB_ADMIN_URL", None)
+    environment.pop("LB_ADMIN_TOKEN", None)
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "lb", "ctl", *args], cwd=ROOT, env=environment,
+        capture_output=True, text=True, timeout=30 * UNIT, check=False,
+    )
+    return done, time.monotonic() - started
+
+
+def test_a_redirect_is_not_followed_and_never_carries_the_token() -> None:
+    with scripted(answer("200 OK", b"{}")) as elsewhere:
+        to = f"Location: {elsewhere.url}/status\r\n"
+        with scripted(answer("302 Found", b"", extra=to)) as admin:
+            done, _ = ctl("--admin", admin.url, "--token", "s3cret-token", "status")
+    assert done.returncode == 1, done
+    assert "302" in done.stderr and "redirect" in done.stderr.lower()
+    assert elsewhere.heads == [], "the redirect was followed"
+
+
+def test_an_html_error_page_is_one_readable_line() -> None:
+    page = b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad \x1b[31mGateway</h1></body></html>"
+    with scripted(answer("502 Bad Gateway", page, "text/html")) as admin:
+        done, _ = ctl("--admin", admin.url, "status")
+    assert done.returncode == 1, done
+    assert "502" in done.stderr and "<html" not in done.stderr and "\x1b" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_an_html_page_with_200_is_not_taken_for_an_answer() -> None:
+    with scripted(answer("200 OK", b"<html>welcome</html>", "text/html")) as admin:
+        done, _ = ctl("--admin", admin.url, "status")
+    assert done.returncode == 2 and "not JSON" in done.stderr, done
+
+
+@pytest.mark.parametrize("script", [hang, drip], ids=["hang", "drip"])
+def test_a_server_that_hangs_or_drips_is_given_up_on_within_the_timeout(script: Script) -> None:
+    with scripted(script) as admin:
+        done, took = ctl("--admin", admin.url, "--timeout", "1", "status")
+    assert done.returncode == 2, done
+    assert "within 1s" in done.stderr, done.stderr
+    assert took < 5 * UNIT, took
+
+
+def test_escape_sequences_in_an_answer_never_reach_the_terminal() -> None:
+    document = {
+        "pools": {"p\x1b[2J": {"backends": [
+            {"id": "gw\x1b]0;owned\x07", "address": "127.0.0.1:1", "state": "up\r", "reason": "\x1b[1Ahidden"},
+        ]}},
+        "tunnels": 0, "role": "single",
+    }
+    with scripted(answer("200 OK", json.dumps(document).encode())) as admin:
+        done, _ = ctl("--admin", admin.url, "status")
+    assert done.returncode == 0, done
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout and "\r" not in done.stdout
+    assert "gw" in done.stdout and "hidden" in done.stdout
+    message = json.dumps({"error": "no \x1b[2Jway"}).encode()
+    with scripted(answer("400 Bad Request", message)) as admin:
+        done, _ = ctl("--admin", admin.url, "enable", "p", "b")
+    assert done.returncode == 1 and "\x1b" not in done.stderr and "way" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "document",
+    [{"pools": {"p": "x"}}, {"pools": {"p": {"backends": [1, None]}}}, {"pools": {"p": {"backends": "x"}}}, [1]],
+    ids=["pool not an object", "backends not objects", "backends not a list", "not an object"],
+)
+def test_a_status_of_the_wrong_shape_is_an_error_not_a_traceback(document: object) -> None:
+    with scripted(answer("200 OK", json.dumps(document).encode())) as admin:
+        done, _ = ctl("--admin", admin.url, "status")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done
+    assert "unexpected answer" in done.stderr

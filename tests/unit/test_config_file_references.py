@@ -1,0 +1,109 @@
+"""`${file:PATH}` and the config file itself against hostile paths: a FIFO, a device, a directory.
+
+A reload (SIGHUP) reads the config on the event loop, so an `open()` that blocks (a FIFO nobody
+writes to) would freeze the whole balancer; anything but a regular file is a config problem instead.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from lb.config.load import load_config, parse_config
+from lb.errors import ConfigError
+
+KEY = "k" * 43
+
+
+def config_with_key(reference: str) -> str:
+    return f"""
+listeners: [{{bind: "127.0.0.1:0"}}]
+affinity: {{secret_keys: ["{reference}"]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
+"""
+
+
+def parse_within(text: str, base_dir: Path, unblock: Path | None = None) -> str:
+    """The ConfigError message parsing `text` gives, failing (not hanging) if parsing blocks."""
+    return error_within(lambda: parse_config(text, base_dir=base_dir, environ={}), unblock)
+
+
+def error_within(load: Callable[[], object], unblock: Path | None = None, seconds: float = 5.0) -> str:
+    """The ConfigError message `load()` raises, failing (not hanging) if it blocks."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            load()
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        if unblock is not None:  # let the stuck open() return so the thread ends
+            fd = os.open(unblock, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+        worker.join(seconds)
+        pytest.fail("reading the config blocked")
+    error = outcome[0]
+    assert isinstance(error, ConfigError), error
+    return str(error)
+
+
+def test_file_reference_to_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "key"
+    os.mkfifo(fifo)
+    message = parse_within(config_with_key(f"${{file:{fifo}}}"), tmp_path, unblock=fifo)
+    assert "not a regular file" in message and str(fifo) in message
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "/dev/urandom"])
+def test_file_reference_to_a_device_is_refused(tmp_path: Path, path: str) -> None:
+    message = parse_within(config_with_key(f"${{file:{path}}}"), tmp_path)
+    assert "not a regular file" in message
+
+
+def test_file_reference_to_a_directory_is_refused(tmp_path: Path) -> None:
+    message = parse_within(config_with_key(f"${{file:{tmp_path}}}"), tmp_path)
+    assert "not a regular file" in message
+
+
+def test_file_reference_through_a_symlink_still_works(tmp_path: Path) -> None:
+    """Kubernetes mounts Secrets as symlinks (..data/key): a link to a regular file is fine."""
+    (tmp_path / "real").write_text(KEY + "\n")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    config = parse_config(config_with_key("${file:link}"), base_dir=tmp_path, environ={})
+    assert config.affinity.secret_keys[0] == KEY
+
+
+def test_config_file_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "lb.yaml"
+    os.mkfifo(fifo)
+    assert "not a regular file" in error_within(lambda: load_config(fifo, {}), unblock=fifo)
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    """Nine lines of nested aliases stand for 9**9 values: a problem, in well under a second, not a hang."""
+    levels = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    text = "\n".join(levels) + "\n" + config_with_key(KEY)
+    started = time.monotonic()
+    message = error_within(lambda: parse_config(text, base_dir=tmp_path, environ={}))
+    assert time.monotonic() - started < 2.0
+    assert "expands to more than" in message
+
+
+def test_a_config_with_a_thousand_backends_is_not_mistaken_for_a_bomb(tmp_path: Path) -> None:
+    backends = ", ".join(f'{{id: gw-{i}, address: "127.0.0.{1 + i // 250}:{9000 + i}"}}' for i in range(1000))
+    text = config_with_key(KEY).replace('backends: [{id: a, address: "127.0.0.1:1"}]', f"backends: [{backends}]")
+    config = parse_config(text, base_dir=tmp_path, environ={})
+    assert len(next(iter(config.pools.values())).backends) == 1000

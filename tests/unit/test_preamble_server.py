@@ -1,0 +1,249 @@
+"""`ProxyProtocolServer` on loopback: the header is taken and not one byte more; every path releases its count.
+
+In-process (the balancer's own loop): what the black-box tests cannot see, `ctx.handshaking` (so
+`limits.max_connections`) and the bytes the core receives after the header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_connection import CONFIG
+
+from lb.config.load import parse_config
+from lb.devcerts import write_dev_certs
+from lb.proxy.preamble import ProxyProtocolServer, listening_socket
+from lb.proxy.server import ClientConnection, stop_in_flight
+from lb.state.context import ProxyContext
+from lb.tls import server_ssl_context
+
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+HEAD_START = b"GET /a/x HTTP/1.1\r\nHost: h\r\nX-Partial"  # incomplete: the core keeps it buffered
+
+
+def _ctx(handshake: str = "5s", tls: str = "") -> ProxyContext:
+    text = CONFIG.replace("timeouts: {handshake: 5s", f"timeouts: {{handshake: {handshake}")
+    if tls:
+        text = text.replace('listeners: [{bind: "127.0.0.1:8080"}]', tls)
+    return ProxyContext.build(parse_config(text, base_dir=Path("."), environ={}), lambda *_: None)
+
+
+async def _wait(predicate: object, within: float = 3.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():  # type: ignore[operator]
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def _server(ctx: ProxyContext, ssl_context: ssl.SSLContext | None = None) -> tuple[ProxyProtocolServer, int]:
+    sock = listening_socket("127.0.0.1", 0, backlog=16, reuse_port=False)
+    return ProxyProtocolServer(ctx, sock, ssl_context), int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[ProxyContext, ProxyProtocolServer, int]]:
+    ctx = _ctx()
+    server, port = await _server(ctx)
+    try:
+        yield ctx, server, port
+    finally:
+        server.close()
+        for connection in list(ctx.in_flight):
+            connection._close(abort=True)
+
+
+def _only_connection(ctx: ProxyContext) -> ClientConnection:
+    assert len(ctx.in_flight) == 1
+    return next(iter(ctx.in_flight))
+
+
+async def test_v1_header_gives_the_client_and_the_rest_reaches_the_core(
+    served: tuple[ProxyContext, ProxyProtocolServer, int],
+) -> None:
+    ctx, server, port = served
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"PROXY TCP4 192.0.2.1 127.0.0.1 5555 443\r\n" + HEAD_START)
+    await _wait(lambda: len(ctx.in_flight) == 1 and _only_connection(ctx).core._buf)
+    connection = _only_connection(ctx)
+    assert connection.core.client_ip == "192.0.2.1"
+    assert bytes(connection.core._buf) == HEAD_START  # not one byte of the header, nothing lost
+    assert ctx.handshaking == 1 and server.pending == 0
+    writer.close()
+    await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
+
+
+async def test_v2_header_split_byte_by_byte(served: tuple[ProxyContext, ProxyProtocolServer, int]) -> None:
+    ctx, _, port = served
+    block = bytes([198, 51, 100, 4]) + bytes([127, 0, 0, 1]) + (5555).to_bytes(2, "big") + (443).to_bytes(2, "big")
+    header = V2_SIGNATURE + bytes([0x21, 0x11]) + len(block).to_bytes(2, "big") + block
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for byte in header:
+        writer.write(bytes([byte]))
+        await writer.drain()
+        await asyncio.sleep(0)
+    assert ctx.handshaking == 1  # counted while the header arrives
+    writer.write(HEAD_START)
+    await _wait(lambda: len(ctx.in_flight) == 1 and _only_connection(ctx).core._buf)
+    connection = _only_connection(ctx)
+    assert connection.core.client_ip == "198.51.100.4"
+    assert bytes(connection.core._buf) == HEAD_START
+    writer.close()
+    await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
+
+
+async def test_local_header_uses_the_peer(served: tuple[ProxyContext, ProxyProtocolServer, int]) -> None:
+    ctx, _, port = served
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(V2_SIGNATURE + bytes([0x20, 0x00, 0x00, 0x00]) + HEAD_START)
+    await _wait(lambda: len(ctx.in_flight) == 1 and _only_connection(ctx).core._buf)
+    assert _only_connection(ctx).core.client_ip == "127.0.0.1"
+    writer.close()
+    await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", b"PROXY TCP4 1.2.3.4 x\r\n", b"PROXY TCP4 192.0.2.1", b""],
+    ids=["http-first", "garbage", "eof-mid-header", "eof-at-once"],
+)
+async def test_no_valid_header_closes_without_an_answer_and_releases(
+    served: tuple[ProxyContext, ProxyProtocolServer, int], data: bytes
+) -> None:
+    ctx, server, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    writer.write_eof()
+    try:
+        answer = await asyncio.wait_for(reader.read(), 3)
+    except ConnectionResetError:
+        answer = b""
+    assert answer == b""
+    await _wait(lambda: ctx.handshaking == 0 and server.pending == 0)
+    assert not ctx.in_flight
+    writer.close()
+
+
+async def test_silence_is_closed_after_the_handshake_timeout() -> None:
+    ctx = _ctx("300ms")
+    server, port = await _server(ctx)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"PROXY TCP4 ")
+        await _wait(lambda: ctx.handshaking == 1)
+        assert await asyncio.wait_for(reader.read(), 3) == b""
+        assert loop.time() - started >= 0.25
+        await _wait(lambda: ctx.handshaking == 0 and server.pending == 0)
+        writer.close()
+    finally:
+        server.close()
+
+
+async def test_close_stops_accepting_and_wait_closed_waits_for_preambles() -> None:
+    ctx = _ctx("300ms")
+    server, port = await _server(ctx)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await _wait(lambda: server.pending == 1)
+    server.close()
+    server.close()  # idempotent
+    assert not server.is_serving()
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+    waiting = asyncio.ensure_future(server.wait_closed())
+    await asyncio.sleep(0.05)
+    assert not waiting.done(), "wait_closed returned while a preamble was still running"
+    await asyncio.wait_for(waiting, 3)  # the preamble times out, then it returns
+    assert ctx.handshaking == 0
+    writer.close()
+
+
+async def test_shutdown_answers_a_connection_past_its_header(
+    served: tuple[ProxyContext, ProxyProtocolServer, int],
+) -> None:
+    """Past the header it is an ordinary connection: SIGTERM's stop_in_flight answers its partial head."""
+    ctx, _, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"PROXY TCP4 192.0.2.1 127.0.0.1 5555 443\r\n" + HEAD_START)
+    await _wait(lambda: len(ctx.in_flight) == 1 and _only_connection(ctx).core._buf)
+    ctx.accepting = False
+    await stop_in_flight(ctx, within=2.0)
+    assert (await asyncio.wait_for(reader.read(), 3)).startswith(b"HTTP/1.1 503 ")
+    writer.close()
+    await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
+
+
+async def test_tls_after_the_header_and_a_failed_handshake_releases(tmp_path: Path) -> None:
+    certs = write_dev_certs(tmp_path, ["127.0.0.1"])
+    tls = f'{{cert: "{certs.server_cert}", key: "{certs.server_key}"}}'
+    listener = f'listeners: [{{bind: "127.0.0.1:8443", tls: {tls}}}]'
+    ctx = _ctx("500ms", tls=listener)
+    assert ctx.config.listeners[0].tls is not None
+    server, port = await _server(ctx, server_ssl_context(ctx.config.listeners[0].tls))
+    try:
+        client = ssl.create_default_context(cafile=str(certs.ca_cert))
+        # A good one: header, then the TLS handshake, then the head, in the core in plaintext.
+        _raw_r, raw_w = await asyncio.open_connection("127.0.0.1", port)
+        raw_w.write(b"PROXY TCP6 2001:db8::5 ::1 5555 443\r\n")
+        await raw_w.drain()
+        await raw_w.start_tls(client, server_hostname="127.0.0.1")
+        raw_w.write(HEAD_START)
+        await _wait(lambda: len(ctx.in_flight) == 1 and _only_connection(ctx).core._buf)
+        assert _only_connection(ctx).core.client_ip == "2001:db8::5"
+        assert bytes(_only_connection(ctx).core._buf) == HEAD_START
+        raw_w.close()
+        await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
+        # A bad one: a valid header, then no TLS at all: closed, and the count comes back.
+        bad_r, bad_w = await asyncio.open_connection("127.0.0.1", port)
+        bad_w.write(b"PROXY TCP4 192.0.2.1 127.0.0.1 5555 443\r\n" + b"GET / HTTP/1.1\r\n\r\n")
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            answer = await asyncio.wait_for(bad_r.read(), 3)  # at most a TLS alert, never an HTTP answer
+        assert not answer.startswith(b"HTTP/"), answer
+        bad_w.close()
+        await _wait(lambda: ctx.handshaking == 0 and server.pending == 0 and not ctx.in_flight, within=4.0)
+    finally:
+        server.close()
+
+
+class _ExhaustedSocket(socket.socket):
+    """A listening socket whose first accepts fail as if the process were out of descriptors."""
+
+    failures = 2
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+async def test_out_of_descriptors_pauses_accepting_logs_once_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
+    ctx = _ctx()
+    plain = listening_socket("127.0.0.1", 0, backlog=16, reuse_port=False)
+    sock = _ExhaustedSocket(fileno=plain.detach())
+    server = ProxyProtocolServer(ctx, sock, None)
+    port = int(sock.getsockname()[1])
+    try:
+        with caplog.at_level(logging.ERROR, logger="lb.proxy.server"):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)  # queued by the kernel meanwhile
+            writer.write(b"PROXY TCP4 192.0.2.1 127.0.0.1 5555 443\r\n" + HEAD_START)
+            await _wait(lambda: len(ctx.in_flight) == 1 and _only_connection(ctx).core._buf, within=5.0)
+        assert sock.failures == 0
+        assert _only_connection(ctx).core.client_ip == "192.0.2.1"
+        lines = [r for r in caplog.records if "accept connections" in r.getMessage()]
+        assert len(lines) <= 1, [r.getMessage() for r in lines]  # rate-limited: never a line per failure
+        writer.close()
+        await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
+    finally:
+        server.close()
