@@ -1,7 +1,9 @@
 """A layer-7 WebSocket load balancer with encrypted cookie session affinity.
 
-The handshake path: listener → routing → affinity (affinity_token, cookies,
-balancing) → upstream → tunnel.  The health path: health → pool → admin / metrics.
+The handshake path: proxy.server (the asyncio shell) → proxy.connection (the sans-I/O core:
+http.head, http.routing, ws.upgrade, affinity.carriers / codec / decision / balancing,
+http.forwarding) → proxy.tunnel.  The health path: control.health / control.discovery →
+state.pool → control.admin / control.metrics.  Pure layers: http, ws, affinity, state, config.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -1,7 +1,7 @@
 """The `lb` command line: run, validate, keygen, certs, ctl (`lb.ctl`).
 
 Owns argument parsing, exit codes and what is printed.  Loading the
-configuration is `config_load`'s job, running the balancer `balancer`'s, and
+configuration is `lb.config.load`'s job, running the balancer `lb.control.balancer`'s, and
 making certificates `devcerts`'.
 
 Exit codes: 0 success, 2 bad usage or an invalid configuration, 1 any other

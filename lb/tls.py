@@ -1,7 +1,7 @@
 """TLS server contexts for listeners with a `tls` block.
 
 Owns the TLS policy (protocol floor, ALPN).  Which files to load is the
-configuration's business (`config_load` resolves and checks them); creating
+configuration's business (`lb.config.load` resolves and checks them); creating
 them is `devcerts`'.
 """
 

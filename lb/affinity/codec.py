@@ -11,7 +11,7 @@ so a rolling upgrade keeps every client's pin.
 - The backend is named by its configured id, never its address, so a gateway
   that moves keeps its clients.
 - The pool is sealed too: one client holds one pin per pool (a cookie value
-  carries several tokens, see `affinity_http`), and a pin for pool A can
+  carries several tokens, see `lb.affinity.carriers`), and a pin for pool A can
   never be taken for one of pool B.
 - `session` is random per client and survives re-issue: it is what redispatch
   hashes on, so one player's tabs land together.

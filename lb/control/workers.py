@@ -3,7 +3,7 @@
 The owner runs health checks, the admin API and drain migrations, and holds
 the backend states; it starts N workers (`python -m lb worker ...`), each of
 which binds every listener with SO_REUSEPORT so the kernel spreads clients
-over them, and relays.  They talk over a socketpair in `control` messages:
+over them, and relays.  They talk over a socketpair in `lb.control.ipc` messages:
 the owner pushes backend states (on every change and every second), reloads
 and migration shares; workers report passive health failures and counters.
 A worker that dies is restarted; its clients reconnect with their tokens, and

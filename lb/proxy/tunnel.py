@@ -2,7 +2,7 @@
 
 Each side's transport gets a `TunnelEnd` protocol that writes what it reads
 straight into the other side's transport: no task, queue or copy per chunk.
-The backend's side of a WebSocket also follows frame headers (`frames`) so
+The backend's side of a WebSocket also follows frame headers (`lb.ws.frames`) so
 the balancer can end a tunnel with a close frame of its own (drain, shutdown,
 idle).  That is also why compression, fragmentation, subprotocols and close
 codes pass unchanged.  Backpressure: when one transport's write buffer passes

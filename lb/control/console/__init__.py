@@ -29,7 +29,7 @@ from lb.control.admin import BALANCER, authorized, error_response, refuse_parame
 from lb.control.lookup import lookup_token
 
 LOOKUP_PARAMS = frozenset({"token", "pool"})
-MAX_TOKEN_PARAM = 4096  # longer than any token we issue (affinity_token.MAX_TOKEN_CHARS)
+MAX_TOKEN_PARAM = 4096  # longer than any token we issue (lb.affinity.codec.MAX_TOKEN_CHARS)
 
 
 SNAPSHOT_MARK = "<!--SNAPSHOT-->"
