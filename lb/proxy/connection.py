@@ -333,11 +333,6 @@ class Connection:
     def closed(self) -> bool:
         return self.state == CLOSED
 
-    @property
-    def reached_backend(self) -> bool:
-        """The current request was (at least partly) sent to a backend."""
-        return self._sent
-
     # -- events --------------------------------------------------------------------
 
     def start(self, now: float) -> list[Action]:

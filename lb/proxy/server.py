@@ -5,9 +5,11 @@ Per client connection: one `ClientConnection` protocol, one timer handle
 a request is being served, one `_Upstream` protocol on the backend connection.
 No task and no `asyncio.timeout` per request; the backend connect is the one
 coroutine (`loop.create_connection`), watched by a done-callback.  TLS
-listeners accept plain TCP and upgrade it here (`loop.start_tls`), so that a
-TLS connection is counted in `limits.max_connections` and held to
-`timeouts.handshake` from accept on, like any other.
+listeners are made with `create_server(ssl=..., ssl_handshake_timeout=...)`;
+the protocol is built at accept, before the handshake, and `_PendingTls`
+counts it in `ctx.handshaking` from then on until the handshake completes or
+fails, so that a TLS connection is counted and held to `timeouts.handshake`
+from accept on, like any other.
 
 Reading from the client pauses for two reasons, tracked apart so that one
 clearing does not undo the other: the core holds too many bytes, or the
