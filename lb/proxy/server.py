@@ -75,12 +75,7 @@ class _Upstream(asyncio.Protocol):
             return
         if owner.client_full:
             self.transport.pause_reading()  # the client is not reading: nothing more to pass it yet
-        try:
-            actions = owner.core.backend_connected(time.time())
-        except Exception:
-            owner.internal_error()
-            return
-        owner.run(actions)
+        owner.drive(owner.core.backend_connected, time.time())
 
     def connect_done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
@@ -92,44 +87,24 @@ class _Upstream(asyncio.Protocol):
         if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:
             owner.local_failure(exc)
             return
-        try:
-            actions = owner.core.backend_failed(str(exc) or type(exc).__name__, time.time(), error_kind(exc))
-        except Exception:
-            owner.internal_error()
-            return
-        owner.run(actions)
+        owner.drive(owner.core.backend_failed, str(exc) or type(exc).__name__, time.time(), error_kind(exc))
 
     def data_received(self, data: bytes) -> None:
         owner = self.owner
         if owner is not None:
-            try:
-                actions = owner.core.receive_backend(data, time.time())
-            except Exception:
-                owner.internal_error()
-                return
-            owner.run(actions)
+            owner.drive(owner.core.receive_backend, data, time.time())
 
     def eof_received(self) -> bool | None:
         owner = self.owner
         if owner is not None:
-            try:
-                actions = owner.core.backend_eof(time.time())
-            except Exception:
-                owner.internal_error()
-                return None
-            owner.run(actions)
+            owner.drive(owner.core.backend_eof, time.time())
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         owner = self.owner
         if owner is not None:
             cause = f"connection lost: {exc}" if exc else "backend closed the connection"
-            try:
-                actions = owner.core.backend_failed(cause, time.time())
-            except Exception:
-                owner.internal_error()
-                return
-            owner.run(actions)
+            owner.drive(owner.core.backend_failed, cause, time.time())
 
     def pause_writing(self) -> None:
         if self.owner is not None:
@@ -236,28 +211,14 @@ class ClientConnection(asyncio.Protocol):
         else:
             ctx.handshaking += 1
         ctx.in_flight.add(self)
-        try:
-            actions = self.core.start(self._accepted or time.time())
-        except Exception:
-            self.internal_error()
-            return
-        self.run(actions)
+        self.drive(self.core.start, self._accepted or time.time())
 
     def data_received(self, data: bytes) -> None:
-        try:
-            actions = self.core.receive_client(data, time.time())
-        except Exception:
-            self.internal_error()
-            return
-        self.run(actions)
+        self.drive(self.core.receive_client, data, time.time())
 
     def eof_received(self) -> bool | None:
-        try:
-            actions = self.core.client_eof(time.time())
-        except Exception:
-            self.internal_error()
+        if not self.drive(self.core.client_eof, time.time()):
             return None
-        self.run(actions)
         # Keep our half open while an answer is still on its way (not possible under TLS).
         return None if self._tls or self._transport is None else True
 
@@ -278,6 +239,20 @@ class ClientConnection(asyncio.Protocol):
             upstream.transport.resume_reading()
 
     # -- actions -------------------------------------------------------------------
+
+    def drive(self, event: Callable[..., list[Action]], *args: Any) -> bool:
+        """Feed one event to the core and carry out its actions; False if the core raised.
+
+        The one place a core bug is caught: `internal_error` logs it (with its traceback,
+        so it must run inside the except) and closes the connection.
+        """
+        try:
+            actions = event(*args)
+        except Exception:
+            self.internal_error()
+            return False
+        self.run(actions)
+        return True
 
     def run(self, actions: list[Action]) -> None:
         """Carry out the core's actions, in order.
@@ -353,12 +328,7 @@ class ClientConnection(asyncio.Protocol):
             self._set_timer(at)  # armed early on purpose: the rest of the wait
             return
         self._timer_at = None
-        try:
-            actions = self.core.deadline(now)
-        except Exception:
-            self.internal_error()
-            return
-        self.run(actions)
+        self.drive(self.core.deadline, now)
 
     def _open(self, action: OpenBackend) -> None:
         loop = asyncio.get_running_loop()
@@ -375,12 +345,7 @@ class ClientConnection(asyncio.Protocol):
     def local_failure(self, exc: OSError) -> None:
         """The balancer itself is out of descriptors or memory: 503, and no backend is blamed."""
         _local_errors.report(exc)
-        try:
-            actions = self.core.local_failure(time.time())
-        except Exception:
-            self.internal_error()
-            return
-        self.run(actions)
+        self.drive(self.core.local_failure, time.time())
 
     def _drop_upstream(self) -> None:
         upstream = self._upstream
@@ -481,12 +446,7 @@ class ClientConnection(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Answer now (503) if nothing reached a backend yet; otherwise let the answer complete."""
-        try:
-            actions = self.core.shutdown(time.time())
-        except Exception:
-            self.internal_error()
-            return
-        self.run(actions)
+        self.drive(self.core.shutdown, time.time())
 
 
 def client_factory(ctx: ProxyContext, tls: bool) -> Callable[[], ClientConnection]:
