@@ -54,7 +54,8 @@ log = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its 
 _HELD = 1  # pause reasons, a bit each
 _BACKEND_FULL = 2
 # Local resource errors: the balancer's fault, not the backend's; passive health must not hear of them.
-_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Shared with lb.proxy.preamble's accept loop.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _Upstream(asyncio.Protocol):
@@ -84,7 +85,7 @@ class _Upstream(asyncio.Protocol):
         owner = self.owner
         if exc is None or owner is None:
             return
-        if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:
+        if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
             owner.local_failure(exc)
             return
         owner.drive(owner.core.backend_failed, str(exc) or type(exc).__name__, time.time(), error_kind(exc))
@@ -504,8 +505,7 @@ class _RateLimitedErrors:
 
 
 _local_errors = _RateLimitedErrors()
-_accept_errors = _RateLimitedErrors()
-accept_errors = _accept_errors  # shared with lb.proxy.preamble's own accept loop: one rate limit
+accept_errors = _RateLimitedErrors()  # shared with lb.proxy.preamble's own accept loop: one rate limit
 
 
 def install_accept_error_filter(loop: asyncio.AbstractEventLoop) -> None:
@@ -521,10 +521,10 @@ def install_accept_error_filter(loop: asyncio.AbstractEventLoop) -> None:
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:
+        if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
             # Out of descriptors or buffers: one line per interval, whatever ran out.
             if "accept" in str(context.get("message", "")):
-                _accept_errors.report(exc, "accept connections")
+                accept_errors.report(exc, "accept connections")
             else:
                 _local_errors.report(exc, str(context.get("message") or "run"))
             return
