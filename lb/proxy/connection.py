@@ -471,14 +471,12 @@ class Connection:
     def _read_head(self, now: float) -> list[Action]:
         buf = self._buf
         limit = self._config.limits.max_header_bytes
-        # Incremental: only the new bytes (and 3 before them) are searched for the blank line.
-        if buf.find(HEAD_END, max(0, self._scan - 3)) < 0:
-            self._scan = len(buf)
-            if len(buf) < limit:
-                return []
         try:
-            end = find_head_end(buf, limit)
+            # Incremental: only the new bytes (and 3 before them) are searched for the blank
+            # line, once; a slow client feeding a head byte by byte costs O(n), not O(n^2).
+            end = find_head_end(buf, limit, self._scan)
             if end < 0:
+                self._scan = len(buf)
                 return []
             raw = bytes(buf[:end])
             del buf[:end]

@@ -209,6 +209,24 @@ def test_refused_heads_fed_byte_by_byte(data: bytes, status: int) -> None:
     assert play.answer()[0] == status
 
 
+@pytest.mark.parametrize("split", [1, 2, 3, 5])
+def test_head_fed_in_pieces_opens_the_backend_on_its_last_byte(split: int) -> None:
+    """The blank line is found however reads cut it, and the search restarts for the next head."""
+    play = Play()
+    for path, backend in [("/a/1", "a1"), ("/b/2", "b1")]:
+        data = get(path)
+        for i in range(0, len(data), split):
+            assert play.conn.state == HEAD
+            before = len(play.opened)
+            play.client(data[i : i + split])
+            assert len(play.opened) == before + (i + split >= len(data))
+        assert play.opened[-1] == backend
+        play.connected()
+        assert play.to_backend[-1].startswith(f"GET {path} HTTP/1.1\r\n".encode())
+        play.backend(ok())
+    assert play.to_client.count(b"HTTP/1.1 200 OK") == 2
+
+
 def test_error_body_has_status_reason_and_request_id_and_echoes_nothing() -> None:
     play = Play()
     play.client(b"GET /nowhere-SECRET HTTP/1.1\r\nHost: h\r\n\r\n")
