@@ -447,6 +447,31 @@ def test_answer_head_is_bounded() -> None:
     assert b"502 Bad Gateway" in play.to_client
 
 
+@pytest.mark.parametrize("split", [1, 2, 3, 5])
+def test_answer_heads_fed_in_pieces_are_each_found(split: int) -> None:
+    """An interim then a final answer, cut anywhere: both relayed, the search restarting after each."""
+    play = Play()
+    play.client(post("/a/x", b"", "Expect: 100-continue\r\n"))
+    play.connected()
+    data = b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"done")
+    for i in range(0, len(data), split):
+        play.backend(data[i : i + split])
+    assert play.to_client.count(b"HTTP/1.1 100 Continue\r\n\r\n") == 1
+    assert b"HTTP/1.1 200 OK" in play.to_client and play.to_client.endswith(b"done")
+
+
+def test_short_answer_after_a_long_interim_in_the_same_read_is_found() -> None:
+    """The search position of a long interim head does not carry over to the head after it."""
+    play = Play()
+    play.client(post("/a/x", b"", "Expect: 100-continue\r\n"))
+    play.connected()
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </" + b"s" * 200 + b">\r\n\r\n"
+    play.backend(interim[:-4])
+    play.backend(interim[-4:] + ok(b"done"))
+    assert b"HTTP/1.1 103 Early Hints" in play.to_client
+    assert b"HTTP/1.1 200 OK" in play.to_client and play.to_client.endswith(b"done")
+
+
 # -- backend faults: 502, retried when safe --------------------------------------------------------
 
 BAD_ANSWERS = [
