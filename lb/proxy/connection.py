@@ -217,6 +217,7 @@ class Connection:
 
     __slots__ = (
         "_answer_buf",
+        "_answer_scan",
         "_balance_key",
         "_body_left",
         "_buf",
@@ -309,6 +310,7 @@ class Connection:
         self._request_framer: BodyFramer | None = None
         self._response_framer: BodyFramer | None = None
         self._answer_buf = bytearray()
+        self._answer_scan = 0  # bytes of _answer_buf already searched for the end of a head
         self._interim = 0
         self._last_client = 0.0
         self._wall = 0.0
@@ -332,11 +334,6 @@ class Connection:
     @property
     def closed(self) -> bool:
         return self.state == CLOSED
-
-    @property
-    def reached_backend(self) -> bool:
-        """The current request was (at least partly) sent to a backend."""
-        return self._sent
 
     # -- events --------------------------------------------------------------------
 
@@ -476,14 +473,12 @@ class Connection:
     def _read_head(self, now: float) -> list[Action]:
         buf = self._buf
         limit = self._config.limits.max_header_bytes
-        # Incremental: only the new bytes (and 3 before them) are searched for the blank line.
-        if buf.find(HEAD_END, max(0, self._scan - 3)) < 0:
-            self._scan = len(buf)
-            if len(buf) < limit:
-                return []
         try:
-            end = find_head_end(buf, limit)
+            # Incremental: only the new bytes (and 3 before them) are searched for the blank
+            # line, once; a slow client feeding a head byte by byte costs O(n), not O(n^2).
+            end = find_head_end(buf, limit, self._scan)
             if end < 0:
+                self._scan = len(buf)
                 return []
             raw = bytes(buf[:end])
             del buf[:end]
@@ -562,6 +557,7 @@ class Connection:
         self._decision = decision
         self._sent = False
         self._answer_buf.clear()
+        self._answer_scan = 0
         self._interim = 0
         self.state = CONNECTING
         self._opened_at = now
@@ -636,11 +632,15 @@ class Connection:
         actions: list[Action] = []
         buf = self._answer_buf
         while True:
-            end = buf.find(HEAD_END, 0, MAX_RESPONSE_HEAD)
+            # Resumed where the last read's search stopped: a backend trickling its head
+            # byte by byte costs O(n), not O(n^2).
+            end = buf.find(HEAD_END, max(0, self._answer_scan - (len(HEAD_END) - 1)), MAX_RESPONSE_HEAD)
             if end < 0:
                 if len(buf) >= MAX_RESPONSE_HEAD:
                     raise _Failure("answer head too large")
+                self._answer_scan = len(buf)
                 return actions
+            self._answer_scan = 0
             raw = bytes(buf[: end + len(HEAD_END)])
             del buf[: end + len(HEAD_END)]
             try:

@@ -53,7 +53,7 @@ import time
 
 from lb.errors import BadProxyHeader
 from lb.http.proxy_header import MAX_V2_LENGTH, V2_FIXED, parse_proxy_header
-from lb.proxy.server import ClientConnection, accept_errors
+from lb.proxy.server import LOCAL_ERRNOS, ClientConnection, accept_errors
 from lb.state.context import ProxyContext
 
 log = logging.getLogger("lb.proxy.server")
@@ -63,7 +63,6 @@ _PEEK = V2_FIXED + MAX_V2_LENGTH
 # Accepts per wake-up: drains a burst of SYNs quickly without holding the loop for long.
 _ACCEPT_BATCH = 128
 _ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE & co (asyncio's own choice)
-_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Errors of one connection already gone at accept: try the next one.
 _GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
 
@@ -174,7 +173,7 @@ class ProxyProtocolServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in _RESOURCE_ERRNOS:
+                if exc.errno in LOCAL_ERRNOS:
                     accept_errors.report(exc, "accept connections")
                     self._loop.remove_reader(sock.fileno())
                     self._resume = self._loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)

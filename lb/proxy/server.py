@@ -5,9 +5,11 @@ Per client connection: one `ClientConnection` protocol, one timer handle
 a request is being served, one `_Upstream` protocol on the backend connection.
 No task and no `asyncio.timeout` per request; the backend connect is the one
 coroutine (`loop.create_connection`), watched by a done-callback.  TLS
-listeners accept plain TCP and upgrade it here (`loop.start_tls`), so that a
-TLS connection is counted in `limits.max_connections` and held to
-`timeouts.handshake` from accept on, like any other.
+listeners are made with `create_server(ssl=..., ssl_handshake_timeout=...)`;
+the protocol is built at accept, before the handshake, and `_PendingTls`
+counts it in `ctx.handshaking` from then on until the handshake completes or
+fails, so that a TLS connection is counted and held to `timeouts.handshake`
+from accept on, like any other.
 
 Reading from the client pauses for two reasons, tracked apart so that one
 clearing does not undo the other: the core holds too many bytes, or the
@@ -52,7 +54,8 @@ log = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its 
 _HELD = 1  # pause reasons, a bit each
 _BACKEND_FULL = 2
 # Local resource errors: the balancer's fault, not the backend's; passive health must not hear of them.
-_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Shared with lb.proxy.preamble's accept loop.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _Upstream(asyncio.Protocol):
@@ -73,12 +76,7 @@ class _Upstream(asyncio.Protocol):
             return
         if owner.client_full:
             self.transport.pause_reading()  # the client is not reading: nothing more to pass it yet
-        try:
-            actions = owner.core.backend_connected(time.time())
-        except Exception:
-            owner.internal_error()
-            return
-        owner.run(actions)
+        owner.drive(owner.core.backend_connected, time.time())
 
     def connect_done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
@@ -87,47 +85,27 @@ class _Upstream(asyncio.Protocol):
         owner = self.owner
         if exc is None or owner is None:
             return
-        if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:
+        if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
             owner.local_failure(exc)
             return
-        try:
-            actions = owner.core.backend_failed(str(exc) or type(exc).__name__, time.time(), error_kind(exc))
-        except Exception:
-            owner.internal_error()
-            return
-        owner.run(actions)
+        owner.drive(owner.core.backend_failed, str(exc) or type(exc).__name__, time.time(), error_kind(exc))
 
     def data_received(self, data: bytes) -> None:
         owner = self.owner
         if owner is not None:
-            try:
-                actions = owner.core.receive_backend(data, time.time())
-            except Exception:
-                owner.internal_error()
-                return
-            owner.run(actions)
+            owner.drive(owner.core.receive_backend, data, time.time())
 
     def eof_received(self) -> bool | None:
         owner = self.owner
         if owner is not None:
-            try:
-                actions = owner.core.backend_eof(time.time())
-            except Exception:
-                owner.internal_error()
-                return None
-            owner.run(actions)
+            owner.drive(owner.core.backend_eof, time.time())
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         owner = self.owner
         if owner is not None:
             cause = f"connection lost: {exc}" if exc else "backend closed the connection"
-            try:
-                actions = owner.core.backend_failed(cause, time.time())
-            except Exception:
-                owner.internal_error()
-                return
-            owner.run(actions)
+            owner.drive(owner.core.backend_failed, cause, time.time())
 
     def pause_writing(self) -> None:
         if self.owner is not None:
@@ -234,28 +212,14 @@ class ClientConnection(asyncio.Protocol):
         else:
             ctx.handshaking += 1
         ctx.in_flight.add(self)
-        try:
-            actions = self.core.start(self._accepted or time.time())
-        except Exception:
-            self.internal_error()
-            return
-        self.run(actions)
+        self.drive(self.core.start, self._accepted or time.time())
 
     def data_received(self, data: bytes) -> None:
-        try:
-            actions = self.core.receive_client(data, time.time())
-        except Exception:
-            self.internal_error()
-            return
-        self.run(actions)
+        self.drive(self.core.receive_client, data, time.time())
 
     def eof_received(self) -> bool | None:
-        try:
-            actions = self.core.client_eof(time.time())
-        except Exception:
-            self.internal_error()
+        if not self.drive(self.core.client_eof, time.time()):
             return None
-        self.run(actions)
         # Keep our half open while an answer is still on its way (not possible under TLS).
         return None if self._tls or self._transport is None else True
 
@@ -276,6 +240,20 @@ class ClientConnection(asyncio.Protocol):
             upstream.transport.resume_reading()
 
     # -- actions -------------------------------------------------------------------
+
+    def drive(self, event: Callable[..., list[Action]], *args: Any) -> bool:
+        """Feed one event to the core and carry out its actions; False if the core raised.
+
+        The one place a core bug is caught: `internal_error` logs it (with its traceback,
+        so it must run inside the except) and closes the connection.
+        """
+        try:
+            actions = event(*args)
+        except Exception:
+            self.internal_error()
+            return False
+        self.run(actions)
+        return True
 
     def run(self, actions: list[Action]) -> None:
         """Carry out the core's actions, in order.
@@ -351,12 +329,7 @@ class ClientConnection(asyncio.Protocol):
             self._set_timer(at)  # armed early on purpose: the rest of the wait
             return
         self._timer_at = None
-        try:
-            actions = self.core.deadline(now)
-        except Exception:
-            self.internal_error()
-            return
-        self.run(actions)
+        self.drive(self.core.deadline, now)
 
     def _open(self, action: OpenBackend) -> None:
         loop = asyncio.get_running_loop()
@@ -373,12 +346,7 @@ class ClientConnection(asyncio.Protocol):
     def local_failure(self, exc: OSError) -> None:
         """The balancer itself is out of descriptors or memory: 503, and no backend is blamed."""
         _local_errors.report(exc)
-        try:
-            actions = self.core.local_failure(time.time())
-        except Exception:
-            self.internal_error()
-            return
-        self.run(actions)
+        self.drive(self.core.local_failure, time.time())
 
     def _drop_upstream(self) -> None:
         upstream = self._upstream
@@ -479,12 +447,7 @@ class ClientConnection(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Answer now (503) if nothing reached a backend yet; otherwise let the answer complete."""
-        try:
-            actions = self.core.shutdown(time.time())
-        except Exception:
-            self.internal_error()
-            return
-        self.run(actions)
+        self.drive(self.core.shutdown, time.time())
 
 
 def client_factory(ctx: ProxyContext, tls: bool) -> Callable[[], ClientConnection]:
@@ -542,8 +505,7 @@ class _RateLimitedErrors:
 
 
 _local_errors = _RateLimitedErrors()
-_accept_errors = _RateLimitedErrors()
-accept_errors = _accept_errors  # shared with lb.proxy.preamble's own accept loop: one rate limit
+accept_errors = _RateLimitedErrors()  # shared with lb.proxy.preamble's own accept loop: one rate limit
 
 
 def install_accept_error_filter(loop: asyncio.AbstractEventLoop) -> None:
@@ -559,10 +521,10 @@ def install_accept_error_filter(loop: asyncio.AbstractEventLoop) -> None:
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:
+        if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
             # Out of descriptors or buffers: one line per interval, whatever ran out.
             if "accept" in str(context.get("message", "")):
-                _accept_errors.report(exc, "accept connections")
+                accept_errors.report(exc, "accept connections")
             else:
                 _local_errors.report(exc, str(context.get("message") or "run"))
             return

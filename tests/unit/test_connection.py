@@ -209,6 +209,24 @@ def test_refused_heads_fed_byte_by_byte(data: bytes, status: int) -> None:
     assert play.answer()[0] == status
 
 
+@pytest.mark.parametrize("split", [1, 2, 3, 5])
+def test_head_fed_in_pieces_opens_the_backend_on_its_last_byte(split: int) -> None:
+    """The blank line is found however reads cut it, and the search restarts for the next head."""
+    play = Play()
+    for path, backend in [("/a/1", "a1"), ("/b/2", "b1")]:
+        data = get(path)
+        for i in range(0, len(data), split):
+            assert play.conn.state == HEAD
+            before = len(play.opened)
+            play.client(data[i : i + split])
+            assert len(play.opened) == before + (i + split >= len(data))
+        assert play.opened[-1] == backend
+        play.connected()
+        assert play.to_backend[-1].startswith(f"GET {path} HTTP/1.1\r\n".encode())
+        play.backend(ok())
+    assert play.to_client.count(b"HTTP/1.1 200 OK") == 2
+
+
 def test_error_body_has_status_reason_and_request_id_and_echoes_nothing() -> None:
     play = Play()
     play.client(b"GET /nowhere-SECRET HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -427,6 +445,31 @@ def test_answer_head_is_bounded() -> None:
     play.connected()
     play.backend(b"HTTP/1.1 200 OK\r\nX: " + b"y" * MAX_RESPONSE_HEAD)
     assert b"502 Bad Gateway" in play.to_client
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5])
+def test_answer_heads_fed_in_pieces_are_each_found(split: int) -> None:
+    """An interim then a final answer, cut anywhere: both relayed, the search restarting after each."""
+    play = Play()
+    play.client(post("/a/x", b"", "Expect: 100-continue\r\n"))
+    play.connected()
+    data = b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"done")
+    for i in range(0, len(data), split):
+        play.backend(data[i : i + split])
+    assert play.to_client.count(b"HTTP/1.1 100 Continue\r\n\r\n") == 1
+    assert b"HTTP/1.1 200 OK" in play.to_client and play.to_client.endswith(b"done")
+
+
+def test_short_answer_after_a_long_interim_in_the_same_read_is_found() -> None:
+    """The search position of a long interim head does not carry over to the head after it."""
+    play = Play()
+    play.client(post("/a/x", b"", "Expect: 100-continue\r\n"))
+    play.connected()
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </" + b"s" * 200 + b">\r\n\r\n"
+    play.backend(interim[:-4])
+    play.backend(interim[-4:] + ok(b"done"))
+    assert b"HTTP/1.1 103 Early Hints" in play.to_client
+    assert b"HTTP/1.1 200 OK" in play.to_client and play.to_client.endswith(b"done")
 
 
 # -- backend faults: 502, retried when safe --------------------------------------------------------
