@@ -427,6 +427,18 @@ class Launcher:
             spy.close()
 
 
+@pytest.fixture(scope="module")
+def gateways(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
+    """Gateways `gw-1..gw-n` shared by one module whose tests leave them running; n is the module's
+    `GATEWAYS` (default 2).  Each test starts its own balancer in front of them with `launcher`."""
+    count = int(getattr(request.module, "GATEWAYS", 2))
+    started = Launcher(tmp_path_factory.mktemp(f"{request.module.__name__}-gateways"))
+    try:
+        yield started.gateways(count)
+    finally:
+        started.close()
+
+
 @pytest.fixture
 def launcher(tmp_path: Path) -> Iterator[Launcher]:
     """Processes for one test (destructive tests: killing gateways, odd configs)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import signal
-from collections.abc import Iterator
 
 import pytest
 from conftest import (
@@ -23,23 +22,12 @@ from conftest import (
     visit,
     ws_connect,
 )
-from support_ops import launched, reload_with, rewrite_config, signal_balancer, token_of, wait_for_log, wait_until
+from support_ops import reload_with, rewrite_config, signal_balancer, token_of, wait_for_log, wait_until
 
 POOL = "gateways"
 
 
-@pytest.fixture(scope="module")
-def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
-    """gw-1..3 for the whole module (nothing here changes them)."""
-    with launched(tmp_path_factory, "reload-gateways") as started:
-        yield started.gateways(3)
-
-
-@pytest.fixture
-def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    """Balancers for one test."""
-    with launched(tmp_path_factory, "reload") as started:
-        yield started
+GATEWAYS = 3  # gw-1..3 for the whole module (nothing here changes them); see conftest `gateways`
 
 
 def backend_entry(gateway: Gateway) -> dict[str, object]:

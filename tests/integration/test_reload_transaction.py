@@ -41,7 +41,7 @@ from conftest import (
     visit,
     ws_connect,
 )
-from support_ops import launched, reload_with, signal_balancer, token_of, wait_for_log, wait_until
+from support_ops import reload_with, signal_balancer, token_of, wait_for_log, wait_until
 
 POOL = "gateways"
 PROBE_INTERVAL = 0.1  # seconds between health probes of the counted backend
@@ -86,18 +86,6 @@ class ProbeCounter:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-
-
-@pytest.fixture(scope="module")
-def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
-    with launched(tmp_path_factory, "reload-tx-gateways") as started:
-        yield started.gateways(2)
-
-
-@pytest.fixture
-def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    with launched(tmp_path_factory, "reload-tx") as started:
-        yield started
 
 
 @pytest.fixture
