@@ -169,19 +169,23 @@ class Observations:
         for (pool, backend), histogram in sorted(total.connect.items()):
             connect.add_metric([pool, backend], histogram.cumulative(), histogram.total)
         yield connect
-        errors = CounterMetricFamily(
+        yield _counter(
             "lb_backend_errors",
             "Failed backend attempts by kind: refused, timeout, reset, bad_answer.",
-            labels=["pool", "backend", "kind"],
+            ["pool", "backend", "kind"],
+            total.backend_errors,
         )
-        for key, n in sorted(total.backend_errors.items()):
-            errors.add_metric(list(key), n)
-        yield errors
-        checks = CounterMetricFamily(
+        yield _counter(
             "lb_health_checks",
             "Active health check results per backend (success, failure).",
-            labels=["pool", "backend", "result"],
+            ["pool", "backend", "result"],
+            total.health_checks,
         )
-        for key, n in sorted(total.health_checks.items()):
-            checks.add_metric(list(key), n)
-        yield checks
+
+
+def _counter(name: str, documentation: str, labels: list[str], counts: Counter[tuple[str, str, str]]) -> Metric:
+    """One counter family with a series per key of `counts`, in key order (stable scrape output)."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, n in sorted(counts.items()):
+        family.add_metric(list(key), n)
+    return family

@@ -144,9 +144,18 @@ def _stop(proc: subprocess.Popen[bytes] | None, *, sig: int = signal.SIGTERM) ->
 class Gateway:
     """One demo gateway subprocess on a fixed port (restartable on the same port)."""
 
-    def __init__(self, server_id: str, workdir: Path, *, app_cookie: str | None = None) -> None:
+    def __init__(
+        self,
+        server_id: str,
+        workdir: Path,
+        *,
+        app_cookie: str | None = None,
+        host: str = HOST,
+        port: int | None = None,
+    ) -> None:
         self.id = server_id
-        self.port = free_port()
+        self.host = host  # another loopback address (127.0.0.2, ...) for tests of DNS discovery
+        self.port = free_port(host) if port is None else port
         self.app_cookie = app_cookie
         self.log_path = workdir / f"{server_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -154,7 +163,7 @@ class Gateway:
 
     @property
     def address(self) -> str:
-        return f"{HOST}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -163,7 +172,7 @@ class Gateway:
     def launch(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, f"{self.id} already running"
         self._close_log()
-        cmd = [sys.executable, "-m", "backends_demo", "--id", self.id, "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "backends_demo", "--id", self.id, "--host", self.host, "--port", str(self.port)]
         if self.app_cookie:
             cmd += ["--app-cookie", self.app_cookie]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
@@ -425,6 +434,18 @@ class Launcher:
             gateway.stop()
         for spy in self._spies:
             spy.close()
+
+
+@pytest.fixture(scope="module")
+def gateways(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
+    """Gateways `gw-1..gw-n` shared by one module whose tests leave them running; n is the module's
+    `GATEWAYS` (default 2).  Each test starts its own balancer in front of them with `launcher`."""
+    count = int(getattr(request.module, "GATEWAYS", 2))
+    started = Launcher(tmp_path_factory.mktemp(f"{request.module.__name__}-gateways"))
+    try:
+        yield started.gateways(count)
+    finally:
+        started.close()
 
 
 @pytest.fixture

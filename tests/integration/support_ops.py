@@ -4,7 +4,9 @@ A plain module beside `conftest.py`, reusing its processes and clients; what it 
 
 - `started_stack`: gateways plus one balancer for a module-scoped fixture, stopped by PID at the end;
 - admin: `admin_post` (raw answer) and `set_state` (expects 200);
-- process control: `signal_balancer`, `rewrite_config`, `wait_for_log`;
+- process control: `signal_balancer`, `rewrite_config`, `reload_with`, `wait_for_log`;
+- reload set-up: `start_two` (a balancer over two gateways, both up) and `backend_entry` (one backend
+  as a config entry, to grow or shrink a pool);
 - polling: `wait_until` (every wait bounded by a deadline in units of `UNIT`);
 - clients: `visit_via` (the affinity token as cookie, X-LB-Affinity header or ?lb_affinity=),
   `token_of`, `wait_close` (the close frame a tunnel gets, and when);
@@ -191,6 +193,20 @@ def rewrite_config(lb: Balancer, config: Mapping[str, Any] | str) -> None:
     tmp = lb.config_path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(lb.config_path)  # atomic: a reload never reads half a file
+
+
+def backend_entry(gateway: Gateway) -> dict[str, object]:
+    """A gateway as one `pools.<pool>.backends` entry, for configs grown or shrunk before a reload."""
+    return {"id": gateway.id, "address": gateway.address, "weight": 1}
+
+
+def start_two(launcher: Launcher, pool: str, gw1: Gateway, gw2: Gateway) -> tuple[Balancer, dict[str, Any]]:
+    """A balancer over gw1 and gw2 (no per-IP handshake limit), both `up`; returns it and its config,
+    which reload tests copy and change."""
+    config = lb_config(pools={pool: [gw1, gw2]}, overrides={"limits": {"handshake_rate_per_ip": 0}})
+    lb = launcher.balancer(config)
+    lb.wait_states({(pool, gw1.id): "up", (pool, gw2.id): "up"})
+    return lb, config
 
 
 async def reload_with(

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-HOST = "127.0.0.1"
+from support_tcp import HOST, ThreadedServer
 
 
 @dataclass
@@ -51,16 +51,10 @@ class RecordingBackend:
         self.connections: list[RawConnection] = []
         self.interim_sent = 0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((HOST, 0))
-        self._sock.listen(128)
-        self._sock.settimeout(0.1)
-        self.port = int(self._sock.getsockname()[1])
-        self._threads: list[threading.Thread] = []
-        self._accepter = threading.Thread(target=self._accept, daemon=True)
-        self._accepter.start()
+        # The accept loop (and its threads, stopped on close) is the shared one in support_tcp.
+        self._server = ThreadedServer(self._serve, name=backend_id, backlog=128)
+        self._stop = self._server.stop
+        self.port = self._server.port
 
     @property
     def address(self) -> str:
@@ -70,18 +64,6 @@ class RecordingBackend:
         """What each recorded (non-health-check) connection received, in order."""
         with self._lock:
             return [bytes(c.received) for c in self.connections]
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
         deadline = time.monotonic() + self.max_seconds
@@ -140,11 +122,7 @@ class RecordingBackend:
             self.interim_sent += 1
 
     def close(self) -> None:
-        self._stop.set()
-        self._sock.close()
-        self._accepter.join(timeout=2)
-        for thread in self._threads:
-            thread.join(timeout=2)
+        self._server.close()
 
 
 def rss_kib(pid: int) -> int:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +18,11 @@ from typing import Any
 import pytest
 from conftest import (
     HOST,
-    ROOT,
     UNIT,
     Balancer,
     Gateway,
     Launcher,
     assert_echo,
-    child_env,
     find_backend,
     free_port,
     http_get_async,
@@ -205,33 +201,10 @@ async def test_empty_answer_keeps_last_known_set(launcher: Launcher, zone: ZoneS
     assert (await visit(lb.ws_url())).server_id == "gw-1"
 
 
-class HostGateway(Gateway):
-    """A demo gateway on another loopback address (127.0.0.2, ...) and a given port."""
-
-    def __init__(self, server_id: str, workdir: Path, host: str, port: int) -> None:
-        super().__init__(server_id, workdir)
-        self.host, self.port = host, port
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
-    def launch(self) -> None:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "backends_demo", "--id", self.id, "--host", self.host, "--port", str(self.port)],
-            cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-
-
 async def test_a_records_give_ip_port_backends(launcher: Launcher, zone: ZoneServer, tmp_path: Path) -> None:
     """type a: one backend per A record, id "ip:port", port from `port`."""
     port = free_port("127.0.0.2")
-    gateways = [HostGateway(f"gw-{i}", tmp_path, f"127.0.0.{i}", port) for i in (2, 3)]
+    gateways = [Gateway(f"gw-{i}", tmp_path, host=f"127.0.0.{i}", port=port) for i in (2, 3)]
     try:
         for g in gateways:
             g.launch()

@@ -12,10 +12,8 @@ import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from conftest import (
     UNIT,
     Balancer,
@@ -32,21 +30,9 @@ from conftest import (
     visit,
     ws_connect,
 )
-from support_ops import launched, token_of, wait_close, wait_until
+from support_ops import token_of, wait_close, wait_until
 
 POOL = "gateways"
-
-
-@pytest.fixture(scope="module")
-def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
-    with launched(tmp_path_factory, "limits-gateways") as started:
-        yield started.gateways(2)
-
-
-@pytest.fixture
-def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    with launched(tmp_path_factory, "limits") as started:
-        yield started
 
 
 def start(launcher: Launcher, gateways: list[Gateway], overrides: dict[str, Any], **pool: Any) -> Balancer:

@@ -12,26 +12,15 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 
-import pytest
 from conftest import ROOT, UNIT, Balancer, Gateway, Launcher, child_env, http_get_async, lb_config, visit
-from support_ops import launched, reload_with, rewrite_config, signal_balancer, wait_exit, wait_until
+from support_ops import reload_with, rewrite_config, signal_balancer, wait_exit, wait_until
 
 POOL = "gateways"
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]00:?00)")
 
 
-@pytest.fixture(scope="module")
-def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
-    with launched(tmp_path_factory, "logs-gateways") as started:
-        yield started.gateways(1)
-
-
-@pytest.fixture
-def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    with launched(tmp_path_factory, "logs") as started:
-        yield started
+GATEWAYS = 1  # how many the module-scoped `gateways` fixture (conftest) starts
 
 
 async def exercise(lb: Balancer) -> None:

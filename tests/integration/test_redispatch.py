@@ -14,10 +14,8 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from conftest import (
     COOKIE,
     UNIT,
@@ -38,7 +36,6 @@ from support_ops import (
     HEADER,
     QUERY,
     BlackHole,
-    launched,
     set_state,
     token_of,
     visit_via,
@@ -47,12 +44,6 @@ from support_ops import (
 
 POOL = "gateways"
 N_TOKENS = 120
-
-
-@pytest.fixture
-def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    with launched(tmp_path_factory, "redispatch") as started:
-        yield started
 
 
 async def whoami(url: str, token: str, sem: asyncio.Semaphore) -> tuple[str, str | None]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import signal
-from collections.abc import Iterator
 
 import pytest
 from conftest import (
@@ -17,42 +16,33 @@ from conftest import (
     assert_echo,
     backend_states,
     find_backend,
-    lb_config,
     recv_hello,
     status,
     visit,
     ws_connect,
 )
-from support_ops import launched, reload_with, rewrite_config, signal_balancer, token_of, wait_for_log, wait_until
+from support_ops import (
+    backend_entry,
+    reload_with,
+    rewrite_config,
+    signal_balancer,
+    start_two,
+    token_of,
+    wait_for_log,
+    wait_until,
+)
 
 POOL = "gateways"
 
 
-@pytest.fixture(scope="module")
-def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
-    """gw-1..3 for the whole module (nothing here changes them)."""
-    with launched(tmp_path_factory, "reload-gateways") as started:
-        yield started.gateways(3)
-
-
-@pytest.fixture
-def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    """Balancers for one test."""
-    with launched(tmp_path_factory, "reload") as started:
-        yield started
-
-
-def backend_entry(gateway: Gateway) -> dict[str, object]:
-    return {"id": gateway.id, "address": gateway.address, "weight": 1}
+GATEWAYS = 3  # gw-1..3 for the whole module (nothing here changes them); see conftest `gateways`
 
 
 async def test_sighup_adds_a_backend_without_cutting_a_tunnel(launcher: Launcher, gateways: list[Gateway]) -> None:
     """A backend added to the file shows in /status after SIGHUP, takes new clients; an open tunnel and an
     existing cookie keep working."""
     gw1, gw2, gw3 = gateways
-    config = lb_config(pools={POOL: [gw1, gw2]}, overrides={"limits": {"handshake_rate_per_ip": 0}})
-    lb = launcher.balancer(config)
-    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+    lb, config = start_two(launcher, POOL, gw1, gw2)
 
     first = await visit(lb.ws_url())
     token = token_of(first)
@@ -94,9 +84,7 @@ async def test_sighup_with_a_broken_config_keeps_the_old_one(
 ) -> None:
     """An invalid file on SIGHUP: an error in the log, the balancer keeps serving as before."""
     gw1, gw2, _ = gateways
-    config = lb_config(pools={POOL: [gw1, gw2]}, overrides={"limits": {"handshake_rate_per_ip": 0}})
-    lb = launcher.balancer(config)
-    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+    lb, config = start_two(launcher, POOL, gw1, gw2)
     first = await visit(lb.ws_url())
     token = token_of(first)
     before = backend_states(await status(lb))
@@ -121,9 +109,7 @@ async def test_sighup_with_a_broken_config_keeps_the_old_one(
 async def test_sighup_removing_a_backend_keeps_its_live_tunnel(launcher: Launcher, gateways: list[Gateway]) -> None:
     """A backend removed from the file takes no new client, but its open tunnel runs until it ends."""
     gw1, gw2, _ = gateways
-    config = lb_config(pools={POOL: [gw1, gw2]}, overrides={"limits": {"handshake_rate_per_ip": 0}})
-    lb = launcher.balancer(config)
-    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+    lb, config = start_two(launcher, POOL, gw1, gw2)
     pinned = None
     for _ in range(4):
         v = await visit(lb.ws_url())

@@ -41,7 +41,7 @@ from conftest import (
     visit,
     ws_connect,
 )
-from support_ops import launched, reload_with, signal_balancer, token_of, wait_for_log, wait_until
+from support_ops import backend_entry, reload_with, signal_balancer, start_two, token_of, wait_for_log, wait_until
 
 POOL = "gateways"
 PROBE_INTERVAL = 0.1  # seconds between health probes of the counted backend
@@ -86,18 +86,6 @@ class ProbeCounter:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-
-
-@pytest.fixture(scope="module")
-def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
-    with launched(tmp_path_factory, "reload-tx-gateways") as started:
-        yield started.gateways(2)
-
-
-@pytest.fixture
-def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    with launched(tmp_path_factory, "reload-tx") as started:
-        yield started
 
 
 @pytest.fixture
@@ -189,9 +177,7 @@ async def test_a_reload_that_cannot_bind_changes_nothing_and_the_next_applies_in
 ) -> None:
     """New listener on a taken port: one log line, old listeners/admin/backends kept; freed, the next applies."""
     gw1, gw2 = gateways
-    config = lb_config(pools={POOL: [gw1, gw2]}, overrides={"limits": {"handshake_rate_per_ip": 0}})
-    lb = launcher.balancer(config)
-    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+    lb, config = start_two(launcher, POOL, gw1, gw2)
     taken = socket.socket()
     taken.bind((HOST, 0))
     taken.listen(1)
@@ -201,7 +187,7 @@ async def test_a_reload_that_cannot_bind_changes_nothing_and_the_next_applies_in
     changed = copy.deepcopy(config)
     changed["listeners"].append({"bind": f"{HOST}:{taken_port}"})
     changed["admin"]["bind"] = f"{HOST}:{new_admin_port}"
-    changed["pools"][POOL]["backends"] = [{"id": gw1.id, "address": gw1.address, "weight": 1}]
+    changed["pools"][POOL]["backends"] = [backend_entry(gw1)]
     try:
         async with ws_connect(lb.ws_url()) as (ws, _):
             await recv_hello(ws)
@@ -237,9 +223,7 @@ async def test_a_backend_removed_and_re_added_is_one_backend_with_its_count(
 ) -> None:
     """Remove gw-2 (tunnels live), reload, add it back, reload: one gw-2 in /status with its connections."""
     gw1, gw2 = gateways
-    config = lb_config(pools={POOL: [gw1, gw2]}, overrides={"limits": {"handshake_rate_per_ip": 0}})
-    lb = launcher.balancer(config)
-    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+    lb, config = start_two(launcher, POOL, gw1, gw2)
     token = None
     for _ in range(6):
         v = await visit(lb.ws_url())
@@ -252,7 +236,7 @@ async def test_a_backend_removed_and_re_added_is_one_backend_with_its_count(
         for ws, _ in held:
             assert (await recv_hello(ws))["server_id"] == gw2.id
         shrunk = copy.deepcopy(config)
-        shrunk["pools"][POOL]["backends"] = [{"id": gw1.id, "address": gw1.address, "weight": 1}]
+        shrunk["pools"][POOL]["backends"] = [backend_entry(gw1)]
         for step in (shrunk, config):
             await reload_with(lb, step)
         document = await status(lb)

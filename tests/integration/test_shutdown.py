@@ -39,12 +39,6 @@ DELAY = 1.0  # seconds: timeouts.shutdown_delay of the `delayed` balancer
 CLOSE_LINGER = 2.0  # how long the balancer may wait for a client to answer its close (product default)
 
 
-@pytest.fixture(scope="module")
-def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
-    with launched(tmp_path_factory, "shutdown-gateways") as started:
-        yield started.gateways(2)
-
-
 @pytest.fixture
 def lb(tmp_path_factory: pytest.TempPathFactory, gateways: list[Gateway]) -> Iterator[Balancer]:
     with launched(tmp_path_factory, "shutdown") as launcher:

@@ -51,12 +51,6 @@ def scripted() -> Iterator[ScriptedBackend]:
         backend.close()
 
 
-@pytest.fixture
-def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    with launched(tmp_path_factory, "deadlines") as started:
-        yield started
-
-
 def start(launcher: Launcher, backend: Any, **timeouts: str) -> Balancer:
     config = lb_config(
         pools={"scripted": [backend]},

@@ -11,13 +11,11 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from conftest import (
     UNIT,
     Balancer,
@@ -30,7 +28,7 @@ from conftest import (
     visit,
     ws_connect,
 )
-from support_ops import launched, set_state, started_stack, token_of, wait_until
+from support_ops import set_state, started_stack, token_of, wait_until
 
 POOL = "gateways"
 SLOW_TCP_HEALTH = {"type": "tcp", "interval": "10s", "timeout": "1s", "rise": 1, "fall": 1}
@@ -63,18 +61,6 @@ async def two_workers(lb: Balancer) -> list[int]:
         lambda: p if len(p := worker_pids(pid)) == 2 else None, within=10 * UNIT, what="two workers"
     )
     return found
-
-
-@pytest.fixture(scope="module")
-def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
-    with launched(tmp_path_factory, "workers-control-gateways") as started:
-        yield started.gateways(2)
-
-
-@pytest.fixture
-def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    with launched(tmp_path_factory, "workers-control") as started:
-        yield started
 
 
 def start(launcher: Launcher, backends: dict[str, Any], overrides: dict[str, Any] | None = None) -> Balancer:

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from support_poll import wait_for as _wait
 from test_connection import CONFIG
 
 from lb.config.load import parse_config
@@ -21,14 +22,6 @@ async def _serve(ctx: ProxyContext) -> tuple[asyncio.Server, int]:
 
 def _ctx() -> ProxyContext:
     return ProxyContext.build(parse_config(CONFIG, base_dir=Path("."), environ={}), lambda *_: None)
-
-
-async def _wait(predicate: object, within: float = 3.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():  # type: ignore[operator]
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_a_bug_in_the_core_is_a_bare_500_and_releases_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:

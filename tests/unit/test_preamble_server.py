@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support_poll import wait_for as _wait
 from test_connection import CONFIG
 
 from lb.config.load import parse_config
@@ -35,14 +36,6 @@ def _ctx(handshake: str = "5s", tls: str = "") -> ProxyContext:
     if tls:
         text = text.replace('listeners: [{bind: "127.0.0.1:8080"}]', tls)
     return ProxyContext.build(parse_config(text, base_dir=Path("."), environ={}), lambda *_: None)
-
-
-async def _wait(predicate: object, within: float = 3.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():  # type: ignore[operator]
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def _server(ctx: ProxyContext, ssl_context: ssl.SSLContext | None = None) -> tuple[ProxyProtocolServer, int]:
