@@ -12,9 +12,26 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any
+from typing import Any, Protocol
 
 access = logging.getLogger("lb.access")
+
+
+class AccessWriter(Protocol):
+    """Writes an access event directly (`lb.log.AccessLineWriter`), while `applies()`."""
+
+    def applies(self) -> bool: ...
+
+    def write(self, text: str, fields: dict[str, object]) -> None: ...
+
+
+_writer: AccessWriter | None = None
+
+
+def set_access_writer(writer: AccessWriter | None) -> None:
+    """Called by `lb.log.setup_logging`: access lines skip the logging machinery while it applies."""
+    global _writer
+    _writer = writer
 
 
 # A plain value printed as is: visible ASCII, no quote.  Anything else (a space that would forge a
@@ -24,14 +41,21 @@ _BARE = re.compile(r'[!#-~]+')
 
 def plain_value(value: object) -> str:
     """`value` for a `key=value` pair: as is when it is plain visible ASCII, else a JSON string."""
+    kind = type(value)
+    if kind is int or kind is float:
+        return str(value)  # digits, `.`, `-`, `e`, `inf`, `nan`: always plain
     text = str(value)
     return text if _BARE.fullmatch(text) else json.dumps(text)
 
 
 def _emit(event: str, fields: dict[str, Any]) -> None:
     fields = {"event": event, **fields}
-    text = " ".join(f"{key}={plain_value(value)}" for key, value in fields.items())
-    access.info("%s", text, extra={"access": fields})
+    text = " ".join([f"{key}={plain_value(value)}" for key, value in fields.items()])
+    writer = _writer
+    if writer is not None and writer.applies():
+        writer.write(text, fields)
+    else:
+        access.info("%s", text, extra={"access": fields})
 
 
 def log_request(**fields: Any) -> None:

@@ -31,7 +31,7 @@ from lb.state.pool import AdminAction, BackendStatus, PoolState
 DecisionReason = Literal["hit", "new", "redispatch", "invalid"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, never mutated: a frozen __init__ costs ~1 µs, and this is built per request
 class Decision:
     """Which backend serves this request, and whether the client needs a fresh cookie."""
 

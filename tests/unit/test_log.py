@@ -89,3 +89,50 @@ def test_plain_access_values_cannot_forge_fields_or_reach_the_terminal(captured:
     assert "\x1b" not in line and "\u202e" not in line
     assert ' path="/a status=200\\u001b[2J\\u202e" status=404 ' in line + " ", line
     assert "client=127.0.0.1" in line and "reason=no_route" in line
+
+
+@pytest.mark.parametrize("log_format", [LogFormat.PLAIN, LogFormat.JSON])
+@pytest.mark.parametrize("process", ["", "worker-2"])
+def test_direct_access_lines_equal_the_logging_path(captured: Captured, log_format: LogFormat, process: str) -> None:
+    """Access events skip the logging machinery (speed) but print exactly what its formatter prints."""
+    from lb import access_log
+
+    setup_logging(LoggingConfig(format=log_format), process=process)
+    fields = {"client": "127.0.0.9", "path": "/a b\x1b", "status": 101, "duration": 0.25, "pool": "g"}
+    writer = access_log._writer
+    assert writer is not None and writer.applies()
+    access_log.log_request(**fields)
+    try:
+        access_log.set_access_writer(None)  # the ordinary LogRecord → Formatter → handler path
+        access_log.log_request(**fields)
+    finally:
+        access_log.set_access_writer(writer)
+    direct, ordinary = captured.getvalue().splitlines()
+    if log_format is LogFormat.JSON:
+        first, second = json.loads(direct), json.loads(ordinary)
+        assert ISO_Z.fullmatch(first.pop("time")) and ISO_Z.fullmatch(second.pop("time"))
+        assert first == second and list(first) == list(second)
+        assert first["duration"] == 0.25 and (first.get("process") == process or not process)
+    else:
+        assert ISO_Z.match(direct) and ISO_Z.match(ordinary)
+        assert direct.split(" ", 1)[1] == ordinary.split(" ", 1)[1]
+
+
+def test_an_extra_handler_still_hears_access_events(captured: Captured) -> None:
+    """While anyone else listens on the root logger, access events go through logging."""
+    from lb.access_log import log_request
+
+    class Listener(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    setup_logging(LoggingConfig(format=LogFormat.PLAIN))
+    listener = Listener()
+    logging.getLogger().addHandler(listener)
+    log_request(client="127.0.0.9", status=101)
+    assert listener.messages == ["event=request client=127.0.0.9 status=101"]
+    assert "event=request client=127.0.0.9 status=101" in captured.getvalue()
