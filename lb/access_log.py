@@ -48,9 +48,18 @@ def plain_value(value: object) -> str:
     return text if _BARE.fullmatch(text) else json.dumps(text)
 
 
+_bare = _BARE.fullmatch
+
+
 def _emit(event: str, fields: dict[str, Any]) -> None:
     fields = {"event": event, **fields}
-    text = " ".join([f"{key}={plain_value(value)}" for key, value in fields.items()])
+    # plain_value inlined for the common kinds (an int, a plain string): two lines per handshake.
+    text = " ".join([
+        f"{key}={value}"
+        if type(value) is int or (type(value) is str and _bare(value))
+        else f"{key}={plain_value(value)}"
+        for key, value in fields.items()
+    ])
     writer = _writer
     if writer is not None and writer.applies():
         writer.write(text, fields)

@@ -24,8 +24,10 @@ from lb.config.model import LogFormat, LoggingConfig
 LINE_FOLD = " | "
 
 
-# (second, its strftime): one strftime per second, not per line; swapped as one tuple (threads may log).
+# (second, its strftime) and (millisecond, its full text): one strftime per second and one format
+# per millisecond, not per line (two access lines per handshake); each swapped as one tuple (threads may log).
 _last_second: tuple[int, str] = (-1, "")
+_last_milli: tuple[int, str] = (-1, "")
 
 
 def iso_utc(created: float, *, millis: bool = True) -> str:
@@ -33,13 +35,22 @@ def iso_utc(created: float, *, millis: bool = True) -> str:
 
     The one formatter for every timestamp we print (log lines, /lookup's issue and expiry times).
     """
-    global _last_second
-    seconds = int(created)
+    global _last_second, _last_milli
+    if millis:
+        milli = int(created * 1000)
+        last, text = _last_milli
+        if last == milli:
+            return text
+    seconds = milli // 1000 if millis else int(created)  # from milli: the two always agree
     second, text = _last_second
     if second != seconds:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
         _last_second = (seconds, text)
-    return text + f".{int((created - seconds) * 1000):03d}Z" if millis else text + "Z"
+    if not millis:
+        return text + "Z"
+    text += f".{milli - seconds * 1000:03d}Z"
+    _last_milli = (milli, text)
+    return text
 
 
 def _fold(text: str) -> str:

@@ -117,10 +117,17 @@ class Head:
 
     def has_token(self, name: str, token: str) -> bool:
         """Whether the comma-separated header `name` lists `token` (case-insensitive)."""
+        values = self._index.get(name.lower())
+        if not values:
+            return False
         wanted = token.lower()
-        return any(
-            part.strip().lower() == wanted for value in self.get_all(name) for part in value.split(",")
-        )
+        for value in values:
+            if "," not in value:  # the common case (`Upgrade: websocket`): no split, no generator
+                if value.strip().lower() == wanted:
+                    return True
+            elif any(part.strip().lower() == wanted for part in value.split(",")):
+                return True
+        return False
 
 
 @dataclass(slots=True)  # not frozen, never mutated: a frozen __init__ costs ~1 µs, and this is built per request

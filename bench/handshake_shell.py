@@ -1,0 +1,165 @@
+"""Micro-benchmark: whole WebSocket handshakes through the asyncio shell, with transports that are not sockets.
+
+`python -m bench.handshake_shell [--n N] [--check] [--profile]` drives the real
+`lb.proxy.server.ClientConnection`, its `_Upstream` and `lb.proxy.tunnel.Tunnel`
+through the callbacks an event loop would make for one handshake: accept, the
+client's upgrade head, backend connected, the backend's 101 with its hello
+frame, the tunnel, the client hanging up and both connections lost.  The
+access log is on, as shipped, writing to /dev/null.
+
+What it leaves out is the runtime's part of `make bench`'s `proxy CPU per
+handshake` row: sockets and syscalls, the event loop, and the backend connect
+(`loop.create_connection` and its task; here the backend "connects" as soon as
+it is asked for).  So this is our own Python per handshake: the core
+(`bench.handshake_core`) plus the shell, the tunnel and the log lines.  Unlike
+the socket benchmark it is steady on a shared machine, which is what A/B
+comparisons of a few µs need.  Bench code, never imported by `lb/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import logging
+import pstats
+import sys
+import time
+from typing import Any
+
+from bench.handshake_core import SWITCH, make_context
+from bench.wire import client_request, hello_message, server_frame, set_cookies
+from lb.log import setup_logging
+from lb.proxy import server
+from lb.proxy.connection import OpenBackend
+from lb.state.context import ProxyContext
+
+
+class FakeTransport:
+    """Enough of asyncio.Transport for the shell and the tunnel; close reports connection_lost later."""
+
+    __slots__ = ("closing", "peer", "protocol", "written")
+
+    def __init__(self, peer: tuple[str, int]) -> None:
+        self.peer = peer
+        self.protocol: Any = None
+        self.closing = False
+        self.written: list[bytes] = []
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peer if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class Bench:
+    """One ProxyContext; `_open` patched so the backend connects when the bench says so."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.pending: server._Upstream | None = None
+        bench = self
+
+        def open_now(conn: server.ClientConnection, action: OpenBackend) -> None:
+            upstream = server._Upstream(conn)
+            conn._upstream = upstream
+            bench.pending = upstream
+
+        server.ClientConnection._open = open_now  # type: ignore[method-assign]
+
+    def handshake(self, request: bytes, answer: bytes) -> bytes:
+        """One handshake, accept to both connections lost; returns what the client was sent."""
+        client = FakeTransport(("127.0.0.2", 40000))
+        backend = FakeTransport(("127.0.0.1", 7001))
+        protocol = server.ClientConnection(self.ctx)
+        client.protocol = protocol
+        protocol.connection_made(client)
+        protocol.data_received(request)
+        upstream = self.pending
+        assert upstream is not None, "no backend was opened"
+        self.pending = None
+        backend.protocol = upstream
+        upstream.connection_made(backend)
+        assert backend.written, "nothing was forwarded"
+        upstream.data_received(answer)
+        assert client.written, "the client got nothing"
+        client.protocol.eof_received()  # the client hangs up: the tunnel closes both sides
+        assert client.closing and backend.closing
+        client.protocol.connection_lost(None)
+        backend.protocol.connection_lost(None)
+        return b"".join(client.written)
+
+
+def run(n: int, *, check: bool, profile: bool) -> float:
+    """µs per handshake over `n` handshakes (after a warm-up of n // 10)."""
+
+    async def main() -> float:
+        bench = Bench(make_context())
+        answer = SWITCH + server_frame(hello_message("g1"))
+        first = bench.handshake(client_request("127.0.0.1:8080"), answer)
+        cookie = set_cookies(first)[0] if check else None
+        request = client_request("127.0.0.1:8080", "/ws", cookie)
+        for _ in range(max(1, n // 10)):
+            bench.handshake(request, answer)
+        profiler = cProfile.Profile() if profile else None
+        if profiler is not None:
+            profiler.enable()
+        started = time.perf_counter()
+        for _ in range(n):
+            bench.handshake(request, answer)
+        elapsed = time.perf_counter() - started
+        if profiler is not None:
+            profiler.disable()
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(30)
+        assert bench.ctx.handshaking == 0 and not bench.ctx.tunnels
+        return elapsed / n * 1e6
+
+    return asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.handshake_shell", description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20000, help="handshakes to time (default 20000)")
+    parser.add_argument("--check", action="store_true", help="send the issued cookie back (check, not issue)")
+    parser.add_argument("--profile", action="store_true", help="cProfile top functions by own time")
+    parser.add_argument("--repeat", type=int, default=3, help="runs; the best is reported (default 3)")
+    args = parser.parse_args(argv)
+    n = max(1, min(args.n, 1_000_000))
+    # The access log as shipped (on, plain), into /dev/null: its cost is ours, its output is not wanted.
+    with open("/dev/null", "w") as sink:
+        saved, sys.stderr = sys.stderr, sink
+        try:
+            setup_logging(make_context().config.logging)
+        finally:
+            sys.stderr = saved
+        best = min(run(n, check=args.check, profile=args.profile) for _ in range(max(1, min(args.repeat, 20))))
+        logging.shutdown()
+    kind = "check cookie" if args.check else "issue cookie"
+    print(f"core + shell + tunnel + log: {best:.1f} µs per handshake ({kind}, best of {args.repeat} x {n})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
