@@ -74,8 +74,16 @@ class LeastConn:
     def choose(self, candidates: Sequence[C]) -> C | None:
         if not candidates:
             return None
-        best_load = min(candidate.connections / candidate.weight for candidate in candidates)
-        tied = [candidate for candidate in candidates if candidate.connections / candidate.weight == best_load]
+        # One pass (this runs per handshake): the lowest load so far and every candidate tied with it.
+        tied: list[C] = []
+        best_load = 0.0
+        for candidate in candidates:
+            load = candidate.connections / candidate.weight
+            if not tied or load < best_load:
+                tied = [candidate]
+                best_load = load
+            elif load == best_load:
+                tied.append(candidate)
         self._turn += 1
         return tied[self._turn % len(tied)]
 

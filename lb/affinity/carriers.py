@@ -25,6 +25,7 @@ is one token, exactly as before.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote
@@ -141,7 +142,7 @@ def plan_forward(request: RequestHead, affinity: AffinityConfig, lookup: TokenLo
     target = None
     if affinity.query_param in request.target.partition("?")[2]:
         target = strip_query_param(request.target, affinity.query_param)
-    drop = frozenset({affinity.header.lower()})
+    drop = _header_drop(affinity.header)
     if affinity.mode is AffinityMode.INSERT:
         return ForwardPlan(lambda value: strip_cookie(value, name), drop, target, [])
 
@@ -168,6 +169,13 @@ def plan_forward(request: RequestHead, affinity: AffinityConfig, lookup: TokenLo
         else:
             add.append(("Cookie", f"{name}={restored}"))
     return ForwardPlan(rewrite, drop, target, add)
+
+
+@functools.lru_cache(maxsize=8)
+def _header_drop(header: str) -> frozenset[str]:
+    """The affinity header as a drop set: one object per configuration, so the renderer's own cache
+    of drop sets (keyed by it) hits without hashing a new set per request."""
+    return frozenset({header.lower()})
 
 
 def _append_pair(header_value: str | None, name: str, value: str) -> str:

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import re
 import struct
-from base64 import urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,7 +50,9 @@ CLOCK_SKEW = 300  # seconds a token may appear to come from the future (other in
 _HEADER = struct.Struct(">BH")  # version, key id
 _CLAIM = struct.Struct(">I8sB")  # issued_at, session, backend id length
 _TAG_BYTES = 16
-_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]+")  # base64url, no padding
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 @dataclass(slots=True)  # not frozen, never mutated: a frozen __init__ costs ~1 µs, and this is built per request
@@ -117,7 +119,7 @@ class TokenCodec:
         plaintext = _CLAIM.pack(claim.issued_at, claim.session, len(backend)) + backend
         plaintext += bytes([len(pool)]) + pool + app_value
         sealed = header + nonce + key.aead.encrypt(nonce, plaintext, header)
-        return urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
+        return _encode(sealed)
 
     def open(self, token: str, now: float) -> Claim:
         """Decrypt and check a token.
@@ -163,19 +165,25 @@ def base64_chars(raw_bytes: int) -> int:
 
 def _decode(token: str) -> bytes:
     # base64 decoders skip unknown characters; a token must be exactly what we issued.
-    if not token or len(token) > MAX_TOKEN_CHARS or not _ALPHABET.issuperset(token):
+    if not token or len(token) > MAX_TOKEN_CHARS or not _TOKEN_CHARS.fullmatch(token):
         raise InvalidToken("malformed")
     try:
-        raw = urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        # bytes.translate, not str.translate: the str one walks a dict per character (~2 µs a token).
+        raw = binascii.a2b_base64(token.encode("ascii").translate(_FROM_URLSAFE) + b"=" * (-len(token) % 4))
     except (binascii.Error, ValueError):
         raise InvalidToken("malformed") from None
     if len(raw) < _HEADER.size + NONCE_BYTES + _TAG_BYTES + _CLAIM.size:
         raise InvalidToken("malformed")
     # Only the canonical spelling: the last character's spare bits must be zero,
     # so one token has exactly one string form.
-    if urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != token:
+    if _encode(raw) != token:
         raise InvalidToken("malformed")
     return raw
+
+
+def _encode(raw: bytes) -> str:
+    """Unpadded base64url, straight through binascii (base64's wrappers cost a call and a copy each)."""
+    return binascii.b2a_base64(raw, newline=False).rstrip(b"=").translate(_TO_URLSAFE).decode("ascii")
 
 
 def _parse_claim(plaintext: bytes, version: int) -> Claim:
