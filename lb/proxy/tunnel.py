@@ -67,6 +67,17 @@ class TunnelEnd(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.tunnel.close()
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop this end's references once its connection is lost (no callback comes after that).
+
+        Transport → this end → peer transport → its end → back, and end ↔ tunnel, are
+        cycles: left alone, every closed tunnel (ends, transports, their contexts: about
+        ten objects) waits for the cycle collector, which then runs every few hundred
+        handshakes.  Broken here, all of it is freed by reference counting at once.
+        """
+        del self.peer, self.tunnel
 
     def pause_writing(self) -> None:
         self.peer.pause_reading()
@@ -110,6 +121,7 @@ class WebSocketServerEnd(TunnelEnd):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.backend_gone()
+        self.forget()
 
     def backend_gone(self) -> None:
         """The backend's connection ended (EOF or error): close the tunnel, with 1012 if it did not close."""

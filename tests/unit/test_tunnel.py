@@ -202,3 +202,26 @@ def test_close_line_carries_the_request_id(caplog: pytest.LogCaptureFixture) -> 
         _run(scenario())
     closes = [r for r in caplog.records if "tunnel_closed" in r.getMessage()]
     assert closes and "request_id=r-42" in closes[0].getMessage()
+
+
+@pytest.mark.parametrize("first", ["client", "server"])
+def test_a_closed_tunnel_is_freed_without_the_cycle_collector(first: str) -> None:
+    """Once both connections are lost, nothing of the tunnel waits for gc: it holds no cycle."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        client, server = FakeTransport(), FakeTransport()
+        ctx, tunnel = _join(client, server, to_client=TEXT)
+        ends = {"client": client.protocol, "server": server.protocol}
+        ends[first].eof_received()
+        assert tunnel.closed and client.closed and server.closed and not ctx.tunnels
+        for end in (ends[first], ends["server" if first == "client" else "client"]):
+            end.connection_lost(None)
+        # What a transport keeps after connection_lost is its protocol, and nothing leads back.
+        del tunnel, ends, ctx, end
+        client.protocol = server.protocol = None
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
