@@ -86,17 +86,24 @@ def run(n: int, *, check: bool, profile: bool) -> float:
     return elapsed / n * 1e6
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.handshake_core", description=__doc__.splitlines()[0])
+def parse_args(prog: str, description: str, argv: list[str] | None) -> argparse.Namespace:
+    """The options of both handshake micro-benchmarks (this one and bench.handshake_shell)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--n", type=int, default=20000, help="handshakes to time (default 20000)")
     parser.add_argument("--check", action="store_true", help="send the issued cookie back (check, not issue)")
     parser.add_argument("--profile", action="store_true", help="cProfile top functions by own time")
     parser.add_argument("--repeat", type=int, default=3, help="runs; the best is reported (default 3)")
     args = parser.parse_args(argv)
-    n = max(1, min(args.n, 1_000_000))
-    best = min(run(n, check=args.check, profile=args.profile) for _ in range(max(1, min(args.repeat, 20))))
+    args.n = max(1, min(args.n, 1_000_000))
+    args.repeat = max(1, min(args.repeat, 20))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args("python -m bench.handshake_core", __doc__.splitlines()[0], argv)
+    best = min(run(args.n, check=args.check, profile=args.profile) for _ in range(args.repeat))
     kind = "check cookie" if args.check else "issue cookie"
-    print(f"pure core: {best:.1f} µs per handshake ({kind}, best of {args.repeat} x {n})")
+    print(f"pure core: {best:.1f} µs per handshake ({kind}, best of {args.repeat} x {args.n})")
     return 0
 
 

@@ -19,7 +19,6 @@ comparisons of a few µs need.  Bench code, never imported by `lb/`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import cProfile
 import logging
@@ -28,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from bench.handshake_core import SWITCH, make_context
+from bench.handshake_core import SWITCH, make_context, parse_args
 from bench.wire import client_request, hello_message, server_frame, set_cookies
 from lb.log import setup_logging
 from lb.proxy import server
@@ -145,13 +144,7 @@ def run(n: int, *, check: bool, profile: bool) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.handshake_shell", description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20000, help="handshakes to time (default 20000)")
-    parser.add_argument("--check", action="store_true", help="send the issued cookie back (check, not issue)")
-    parser.add_argument("--profile", action="store_true", help="cProfile top functions by own time")
-    parser.add_argument("--repeat", type=int, default=3, help="runs; the best is reported (default 3)")
-    args = parser.parse_args(argv)
-    n = max(1, min(args.n, 1_000_000))
+    args = parse_args("python -m bench.handshake_shell", __doc__.splitlines()[0], argv)
     # The access log as shipped (on, plain), into /dev/null: its cost is ours, its output is not wanted.
     with open("/dev/null", "w") as sink:
         saved, sys.stderr = sys.stderr, sink
@@ -159,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(make_context().config.logging)
         finally:
             sys.stderr = saved
-        best = min(run(n, check=args.check, profile=args.profile) for _ in range(max(1, min(args.repeat, 20))))
+        best = min(run(args.n, check=args.check, profile=args.profile) for _ in range(args.repeat))
         logging.shutdown()
     kind = "check cookie" if args.check else "issue cookie"
-    print(f"core + shell + tunnel + log: {best:.1f} µs per handshake ({kind}, best of {args.repeat} x {n})")
+    print(f"core + shell + tunnel + log: {best:.1f} µs per handshake ({kind}, best of {args.repeat} x {args.n})")
     return 0
 
 
