@@ -25,7 +25,7 @@ import logging
 import pstats
 import sys
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from bench.handshake_core import SWITCH, make_context, parse_args
 from bench.wire import client_request, hello_message, server_frame, set_cookies
@@ -74,32 +74,34 @@ class FakeTransport:
         return 0
 
 
+class BenchConnection(server.ClientConnection):
+    """The real shell, except that the backend "connects" when the bench says so, not through a socket."""
+
+    __slots__ = ()
+    opened: ClassVar[list[server._Upstream]] = []
+
+    def _open(self, action: OpenBackend) -> None:
+        upstream = server._Upstream(self)
+        self._upstream = upstream
+        BenchConnection.opened.append(upstream)
+
+
 class Bench:
-    """One ProxyContext; `_open` patched so the backend connects when the bench says so."""
+    """One ProxyContext, and handshakes through it."""
 
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
-        self.pending: server._Upstream | None = None
-        bench = self
-
-        def open_now(conn: server.ClientConnection, action: OpenBackend) -> None:
-            upstream = server._Upstream(conn)
-            conn._upstream = upstream
-            bench.pending = upstream
-
-        server.ClientConnection._open = open_now  # type: ignore[method-assign]
 
     def handshake(self, request: bytes, answer: bytes) -> bytes:
         """One handshake, accept to both connections lost; returns what the client was sent."""
         client = FakeTransport(("127.0.0.2", 40000))
         backend = FakeTransport(("127.0.0.1", 7001))
-        protocol = server.ClientConnection(self.ctx)
+        protocol = BenchConnection(self.ctx)
         client.protocol = protocol
         protocol.connection_made(client)
         protocol.data_received(request)
-        upstream = self.pending
-        assert upstream is not None, "no backend was opened"
-        self.pending = None
+        assert len(BenchConnection.opened) == 1, "one backend should have been opened"
+        upstream = BenchConnection.opened.pop()
         backend.protocol = upstream
         upstream.connection_made(backend)
         assert backend.written, "nothing was forwarded"

@@ -1,0 +1,20 @@
+"""The handshake micro-benchmarks still run (tiny counts): they are how handshake cost is compared.
+
+In a subprocess each: bench.handshake_shell sets up logging as the balancer does, for the whole process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("module", ["bench.handshake_core", "bench.handshake_shell"])
+@pytest.mark.parametrize("check", [False, True])
+def test_the_micro_benchmarks_run_whole_handshakes(module: str, check: bool) -> None:
+    flags = ["--n", "20", "--repeat", "1"] + (["--check"] if check else [])
+    done = subprocess.run([sys.executable, "-m", module, *flags], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "µs per handshake" in done.stdout and ("check cookie" if check else "issue cookie") in done.stdout
