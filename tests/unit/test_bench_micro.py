@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,9 @@ import pytest
 @pytest.mark.parametrize("check", [False, True])
 def test_the_micro_benchmarks_run_whole_handshakes(module: str, check: bool) -> None:
     flags = ["--n", "20", "--repeat", "1"] + (["--check"] if check else [])
-    done = subprocess.run([sys.executable, "-m", module, *flags], capture_output=True, text=True, timeout=60)
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", module, *flags], capture_output=True, text=True, timeout=60, cwd=root
+    )
     assert done.returncode == 0, done.stderr
     assert "µs per handshake" in done.stdout and ("check cookie" if check else "issue cookie") in done.stdout
