@@ -20,6 +20,8 @@ access = logging.getLogger("lb.access")
 class AccessWriter(Protocol):
     """Writes an access event directly (`lb.log.AccessLineWriter`), while `applies()`."""
 
+    plain: bool  # the plain format: the rendered text is all a line needs (no JSON fields)
+
     def applies(self) -> bool: ...
 
     def write(self, text: str, fields: dict[str, object]) -> None: ...
@@ -71,6 +73,60 @@ def log_request(**fields: Any) -> None:
     """client, method, path, pool, backend, affinity, status (all keyword arguments)."""
     if access.isEnabledFor(logging.INFO):
         _emit("request", fields)
+
+
+def _plain(text: str) -> str:
+    return text if _bare(text) else json.dumps(text)
+
+
+# The two lines every WebSocket handshake logs, rendered by one f-string each instead of the
+# generic loop over a dict (about 2.5 µs a line saved): the same event, keys, order and
+# quoting as `log_request(...)` / `log_tunnel_closed(...)` with these arguments (a test holds
+# them equal).  The JSON format, and any listener besides ours, take the generic path.
+
+
+def log_answered(
+    client: str, client_port: int, method: str, path: str, pool: str, backend: str, affinity: str,
+    status: int, request_id: str,
+) -> None:
+    """The request line of a request a backend answered (`event=request`)."""
+    if not access.isEnabledFor(logging.INFO):
+        return
+    writer = _writer
+    if writer is not None and writer.plain and writer.applies():
+        writer.write(
+            f"event=request client={_plain(client)} client_port={client_port} method={_plain(method)} "
+            f"path={_plain(path)} pool={_plain(pool)} backend={_plain(backend)} affinity={_plain(affinity)} "
+            f"status={status} request_id={_plain(request_id)}",
+            {},
+        )
+        return
+    _emit("request", {
+        "client": client, "client_port": client_port, "method": method, "path": path, "pool": pool,
+        "backend": backend, "affinity": affinity, "status": status, "request_id": request_id,
+    })
+
+
+def log_tunnel_ended(
+    client: str, client_port: int, pool: str, backend: str, duration: float, bytes_in: int, bytes_out: int,
+    request_id: str,
+) -> None:
+    """The close line of a tunnel the balancer did not end itself (`event=tunnel_closed`, no cause)."""
+    if not access.isEnabledFor(logging.INFO):
+        return
+    writer = _writer
+    if writer is not None and writer.plain and writer.applies():
+        writer.write(
+            f"event=tunnel_closed client={_plain(client)} client_port={client_port} pool={_plain(pool)} "
+            f"backend={_plain(backend)} duration={duration} bytes_in={bytes_in} bytes_out={bytes_out} "
+            f"request_id={_plain(request_id)}",
+            {},
+        )
+        return
+    _emit("tunnel_closed", {
+        "client": client, "client_port": client_port, "pool": pool, "backend": backend, "duration": duration,
+        "bytes_in": bytes_in, "bytes_out": bytes_out, "request_id": request_id,
+    })
 
 
 class RateLimitSummary:

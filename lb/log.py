@@ -108,11 +108,12 @@ class AccessLineWriter:
     handler sees every event through the ordinary path.
     """
 
-    __slots__ = ("_access", "_handler", "_json", "_prefix", "_process", "_root")
+    __slots__ = ("_access", "_handler", "_json", "_prefix", "_process", "_root", "plain")
 
     def __init__(self, handler: logging.StreamHandler[TextIO], log_format: LogFormat, process: str) -> None:
         self._handler = handler
         self._json = log_format is LogFormat.JSON
+        self.plain = not self._json
         self._process = process
         self._prefix = f" INFO {process} lb.access: " if process else " INFO lb.access: "
         self._root = logging.getLogger()

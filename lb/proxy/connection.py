@@ -46,7 +46,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lb.access_log import log_request
+from lb.access_log import log_answered, log_request
 from lb.affinity.balancing import HASHED_METHODS
 from lb.affinity.carriers import (
     TokenLookup,
@@ -932,14 +932,7 @@ class Connection:
     def _log(self, status: int) -> None:
         request, decision, pool = self._request, self._decision, self._pool
         assert request is not None and decision is not None and pool is not None
-        log_request(
-            client=self._client_ip,
-            client_port=self._client_port,
-            method=request.method,
-            path=request.path,
-            pool=pool.name,
-            backend=decision.backend.id,
-            affinity=decision.reason,
-            status=status,
-            request_id=self._rid,
+        log_answered(
+            self._client_ip, self._client_port, request.method, request.path, pool.name, decision.backend.id,
+            decision.reason, status, self._rid,
         )

@@ -31,7 +31,7 @@ import asyncio
 import logging
 import time
 
-from lb.access_log import log_tunnel_closed
+from lb.access_log import log_tunnel_closed, log_tunnel_ended
 from lb.http.framing import BodyFramer
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
@@ -357,10 +357,16 @@ class Tunnel:
         self.ctx.tunnels.discard(self)
         if not self.ctx.tunnels and self.ctx.all_tunnels_closed is not None:
             self.ctx.all_tunnels_closed.set()
+        duration = round(time.monotonic() - self.opened_at, 3)
+        if self.cause is None and self.close_code is None:  # a client or backend hung up: the common end
+            log_tunnel_ended(
+                self.client_ip, self.client_port, self.pool, self.backend.id, duration, self.bytes_in,
+                self.bytes_out, self.request_id,
+            )
+            return
         log_tunnel_closed(
             client=self.client_ip, client_port=self.client_port, pool=self.pool, backend=self.backend.id,
-            duration=round(time.monotonic() - self.opened_at, 3), bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-            request_id=self.request_id,
+            duration=duration, bytes_in=self.bytes_in, bytes_out=self.bytes_out, request_id=self.request_id,
             **({"cause": self.cause, "ended_with": self.ended_with} if self.cause else {}),
             **({"close_code": self.close_code} if self.close_code is not None else {}),
         )

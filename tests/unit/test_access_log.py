@@ -1,11 +1,14 @@
-"""Access log: 429s are summarised, not logged one by one (issue 8)."""
+"""Access log: 429s are summarised, not logged one by one (issue 8); the handshake lines' fast rendering."""
 
 from __future__ import annotations
 
 import logging
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from lb import access_log
 from lb.access_log import RateLimitSummary
 
 
@@ -37,3 +40,71 @@ def test_addresses_remembered_are_bounded() -> None:
         summary.note(f"10.0.{i // 256}.{i % 256}", 1.0, "r")
     assert summary._count == 5 * RateLimitSummary.MAX_ADDRESSES
     assert len(summary._addresses) == RateLimitSummary.MAX_ADDRESSES
+
+
+class _Recorder:
+    """An access writer that keeps what it is given (plain or JSON)."""
+
+    def __init__(self, plain: bool) -> None:
+        self.plain = plain
+        self.lines: list[tuple[str, dict[str, object]]] = []
+
+    def applies(self) -> bool:
+        return True
+
+    def write(self, text: str, fields: dict[str, object]) -> None:
+        self.lines.append((text, fields))
+
+
+_text = st.text(st.characters(codec="utf-8"), max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(client=_text, method=_text, path=_text, pool=_text, backend=_text, affinity=_text, request_id=_text,
+       port=st.integers(0, 65535), status=st.integers(100, 599), plain=st.booleans())
+def test_the_handshake_line_is_the_generic_request_line(
+    client: str, method: str, path: str, pool: str, backend: str, affinity: str, request_id: str,
+    port: int, status: int, plain: bool,
+) -> None:
+    """log_answered renders by one f-string what log_request renders by its loop: same text, same fields."""
+    recorder = _Recorder(plain)
+    saved = access_log._writer, access_log.access.level
+    access_log.set_access_writer(recorder)
+    access_log.access.setLevel(logging.INFO)
+    try:
+        access_log.log_answered(client, port, method, path, pool, backend, affinity, status, request_id)
+        access_log.log_request(client=client, client_port=port, method=method, path=path, pool=pool,
+                               backend=backend, affinity=affinity, status=status, request_id=request_id)
+    finally:
+        access_log.set_access_writer(saved[0])
+        access_log.access.setLevel(saved[1])
+    (fast, fast_fields), (generic, generic_fields) = recorder.lines
+    assert fast == generic
+    assert "\n" not in fast and "\x1b" not in fast
+    if not plain:
+        assert fast_fields == generic_fields
+
+
+@settings(max_examples=200, deadline=None)
+@given(client=_text, pool=_text, backend=_text, request_id=_text, port=st.integers(0, 65535),
+       duration=st.floats(0, 1e6), sizes=st.tuples(st.integers(0, 2**40), st.integers(0, 2**40)),
+       plain=st.booleans())
+def test_the_tunnel_end_line_is_the_generic_close_line(
+    client: str, pool: str, backend: str, request_id: str, port: int, duration: float, sizes: tuple[int, int],
+    plain: bool,
+) -> None:
+    recorder = _Recorder(plain)
+    saved = access_log._writer, access_log.access.level
+    access_log.set_access_writer(recorder)
+    access_log.access.setLevel(logging.INFO)
+    try:
+        access_log.log_tunnel_ended(client, port, pool, backend, duration, sizes[0], sizes[1], request_id)
+        access_log.log_tunnel_closed(client=client, client_port=port, pool=pool, backend=backend, duration=duration,
+                                     bytes_in=sizes[0], bytes_out=sizes[1], request_id=request_id)
+    finally:
+        access_log.set_access_writer(saved[0])
+        access_log.access.setLevel(saved[1])
+    (fast, fast_fields), (generic, generic_fields) = recorder.lines
+    assert fast == generic
+    if not plain:
+        assert fast_fields == generic_fields
