@@ -20,6 +20,7 @@ from lb.http import head as current
 
 _PROTECTED = (current.PROTECTED_HEADERS, current.protected_headers("X-Sticky"))
 
+_CONTROLS = [bytes([code]) for code in (*range(0x20), 0x7F)]
 # The bytes and words that parsing decisions hang on, so that generated heads hit them often.
 _PIECES = [
     b"\r",
@@ -52,7 +53,7 @@ _PIECES = [
     b"HTTP/1.0",
     b"\xe9",
     b"\xb2",  # a digit to str.isdigit() once decoded, not to bytes.isdigit()
-    *(bytes([code]) for code in range(0x20)),
+    *_CONTROLS,
     b"\x7f",
     b"\x80",
     b"\xff",
@@ -134,7 +135,10 @@ def _near_valid(start_lines: st.SearchStrategy[bytes]) -> st.SearchStrategy[byte
     """Heads with CRLF line ends, mostly one Host and well-formed fields: many are accepted."""
     host = st.sampled_from([b"Host: a.example\r\n"] * 4 + [b"", b"host:a.example:80\r\nHost: b\r\n"])
     plain_name = st.sampled_from([b"Upgrade", b"Connection", b"X-Sticky", b"X_Sticky", b"x_other", b"Cookie"])
-    plain_field = st.tuples(plain_name, st.sampled_from([b":", b": ", b":\t "]), _VALUES).map(b"".join)
+    # One stray byte (a control, a bare CR or LF, obs-text) in an otherwise good value, at times.
+    stray = st.sampled_from([b"", b"", b"", b"\r", b"\n", b"\x7f", b"\x80", b"\xff", *_CONTROLS])
+    value = st.tuples(_VALUES, stray, _VALUES).map(b"".join)
+    plain_field = st.tuples(plain_name, st.sampled_from([b":", b": ", b":\t "]), value).map(b"".join)
     fields = st.lists(st.tuples(plain_field | _LISTED_FIELD, st.just(b"\r\n")).map(b"".join), max_size=6)
     return st.tuples(start_lines, st.just(b"\r\n"), host, fields.map(b"".join), st.just(b"\r\n")).map(b"".join)
 
@@ -158,6 +162,14 @@ _LISTED_REQUEST_LINES = st.sampled_from(
         b"GET /\xe9 HTTP/1.1",
         b"G(T / HTTP/1.1",
         b"GET / HTTP/1.1 ",
+        b"GET /\x01 HTTP/1.1",
+        b"GET /a\tb HTTP/1.1",
+        b"GET\x0b/ HTTP/1.1",
+        b"GET / HTTP/1.1\x00",
+        b"OPTIONS / HTTP/1.1",
+        b"OPTIONS http://a.example HTTP/1.1",
+        b"GET hTtPs://a.example:443/ HTTP/1.1",
+        b"GET httpx://a.example/ HTTP/1.1",
     ]
 )
 _REQUEST_LINES = st.one_of(
@@ -181,6 +193,10 @@ _LISTED_STATUS_LINES = st.sampled_from(
         b"HTTP/1.1 200 caf\xe9 \t",
         b"HTTP/1.1  200 OK",
         b"http/1.1 200 OK",
+        b"HTTP/1.1 200 O\x01K",
+        b"HTTP/1.1 200 \x7f",
+        b"HTTP/1.1 200 O\rK",
+        b"HTTP/1.1 200\tOK",
     ]
 )
 _STATUS_LINES = st.one_of(
