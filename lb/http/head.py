@@ -35,16 +35,27 @@ spoofing gap; HAProxy, Envoy, nginx and llhttp are the references):
   they likely never meant.  The dropped names are kept in
   `RequestHead.dropped` for logging.
 
+How a head is read: a well-formed head (nearly every one) by its grammar alone,
+one regex match for the start line and one findall for all field lines over the
+head decoded once as latin-1, in C; any other head again by the plain checks,
+the whole head's bytes first, then line by line, which name its fault.  The two
+readings must agree on every head: tests/unit/test_http_head_reference.py holds
+this module to a frozen copy of the per-line parser it was before
+(tests/unit/_head_reference.py), results and exception messages alike, and
+`python -m bench.head_parse` times the two (~0.6x on a WebSocket upgrade's
+request and response heads).
+
 Why our own parser and not httptools (llhttp) or h11: measured with timeit on
 a typical 12-header WebSocket upgrade head (2-core box, CPython 3.11), ours
-takes ~13 µs with every check above, h11 ~29 µs, and httptools ~3 µs for the
-raw callbacks alone.  On top of those callbacks we would still need the rules
-above (llhttp accepts TE on HTTP/1.0, `identity, chunked`, repeated Host on
-HTTP/1.0, raw non-ASCII targets...) and to build the same `Head`: that hybrid
-measured ~0.7x of ours, i.e. ~4 µs saved of a ~350-470 µs handshake (about
-1 %), for a C dependency whose leniency flags we would then have to track.  So llhttp
-stays the oracle: tests/unit/test_http_head_differential.py checks that
-whatever we accept, it reads alike (method, target, fields, body length).
+took ~13 µs with every check above (~0.6x that since the one-pass reading),
+h11 ~29 µs, and httptools ~3 µs for the raw callbacks alone.  On top of those
+callbacks we would still need the rules above (llhttp accepts TE on HTTP/1.0,
+`identity, chunked`, repeated Host on HTTP/1.0, raw non-ASCII targets...) and to
+build the same `Head`: that hybrid measured ~0.7x of the per-line parser, about
+what the one-pass reading now saves without a C dependency whose leniency flags
+we would have to track.  So llhttp stays the oracle:
+tests/unit/test_http_head_differential.py checks that whatever we accept, it
+reads alike (method, target, fields, body length).
 """
 
 from __future__ import annotations
