@@ -224,6 +224,7 @@ def _outcome(parse: Callable[[], object]) -> object:
 
 
 def assert_request_alike(raw: bytes) -> None:
+    """Both parsers read `raw` as a request alike, with the default and a configured affinity header."""
     for protected in _PROTECTED:
         mine = _outcome(lambda: current.parse_request_head(raw, protected=protected))  # noqa: B023
         theirs = _outcome(lambda: reference.parse_request_head(raw, protected=protected))  # noqa: B023
@@ -231,6 +232,7 @@ def assert_request_alike(raw: bytes) -> None:
 
 
 def assert_response_alike(raw: bytes) -> None:
+    """Both parsers read `raw` as a response alike."""
     assert _outcome(lambda: current.parse_response_head(raw)) == _outcome(lambda: reference.parse_response_head(raw))
 
 
