@@ -35,37 +35,64 @@ spoofing gap; HAProxy, Envoy, nginx and llhttp are the references):
   they likely never meant.  The dropped names are kept in
   `RequestHead.dropped` for logging.
 
+How a head is read: a well-formed head (nearly every one) by its grammar alone,
+one regex match for the start line and one findall for all field lines over the
+head decoded once as latin-1, in C; any other head again by the plain checks,
+the whole head's bytes first, then line by line, which name its fault.  The two
+readings must agree on every head: tests/unit/test_http_head_reference.py holds
+this module to a frozen copy of the per-line parser it was before
+(tests/unit/_head_reference.py), results and exception messages alike, and
+`python -m bench.head_parse` times the two (~0.6x on a WebSocket upgrade's
+request and response heads).
+
 Why our own parser and not httptools (llhttp) or h11: measured with timeit on
 a typical 12-header WebSocket upgrade head (2-core box, CPython 3.11), ours
-takes ~13 µs with every check above, h11 ~29 µs, and httptools ~3 µs for the
-raw callbacks alone.  On top of those callbacks we would still need the rules
-above (llhttp accepts TE on HTTP/1.0, `identity, chunked`, repeated Host on
-HTTP/1.0, raw non-ASCII targets...) and to build the same `Head`: that hybrid
-measured ~0.7x of ours, i.e. ~4 µs saved of a ~350-470 µs handshake (about
-1 %), for a C dependency whose leniency flags we would then have to track.  So llhttp
-stays the oracle: tests/unit/test_http_head_differential.py checks that
-whatever we accept, it reads alike (method, target, fields, body length).
+took ~13 µs with every check above (~0.6x that since the one-pass reading),
+h11 ~29 µs, and httptools ~3 µs for the raw callbacks alone.  On top of those
+callbacks we would still need the rules above (llhttp accepts TE on HTTP/1.0,
+`identity, chunked`, repeated Host on HTTP/1.0, raw non-ASCII targets...) and to
+build the same `Head`: that hybrid measured ~0.7x of the per-line parser, about
+what the one-pass reading now saves without a C dependency whose leniency flags
+we would have to track.  So llhttp stays the oracle:
+tests/unit/test_http_head_differential.py checks that whatever we accept, it
+reads alike (method, target, fields, body length).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from lb.errors import BadFraming, BadHost, BadRequest, HeadersTooLarge, UnsupportedTransferCoding
 
 HEAD_END = b"\r\n\r\n"
 
-# RFC 9110 §5.6.2 tchar; header names and methods must consist of these.
-_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# RFC 9110 §5.6.2 tchar: header names and methods are tokens.
+_TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_TOKEN = re.compile(_TCHAR + "+")
 # RFC 9110 §5.5 field-value: VCHAR, obs-text, SP and HTAB.
 _FIELD_VALUE = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100)) + b" \t"
 # What a head may hold at all: field-value bytes plus the CRLFs between lines.
 _LINE_BYTES = _FIELD_VALUE + b"\r\n"
 # RFC 9112 §3.2: request-target is URI syntax (RFC 3986 §2: ASCII only), no whitespace or controls.
 # Raw bytes >= 0x80 are refused as HAProxy and llhttp do: a backend might read them otherwise.
-_TARGET = bytes(range(0x21, 0x7F))
+_TARGET_CHAR = r"[\x21-\x7e]"
+_TARGET = re.compile(_TARGET_CHAR + "+")
+_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
+# The fast path's grammar (see `_read_well_formed`): each line exactly as the checks below accept
+# it, control characters and bare CR or LF excluded.  Possessive quantifiers: a failing line
+# costs one pass, never a backtracking search (the head comes from the client).
+_VALUE_CHAR = r"[\x21-\x7e\x80-\xff]"
+# Origin-form and absolute-form targets only: `OPTIONS *` is left to the checks.
+_REQUEST_LINE = re.compile(rf"({_TCHAR}++) ((?:/|[Hh][Tt][Tt][Pp][Ss]?://){_TARGET_CHAR}*+) (HTTP/1\.[01])")
+_STATUS_LINE = re.compile(r"(HTTP/1\.[01]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*+))?")
+# A field line between the LF before it and its CRLF: the name, and the value without the SP/HTAB
+# around it (RFC 9112 §5).  Starting at the LF lets a search skip to the next line in one C scan.
+_FIELD_LINE = re.compile(rf"\n({_TCHAR}++):[ \t]*+({_VALUE_CHAR}*+(?:[ \t]++{_VALUE_CHAR}++)*+)[ \t]*+\r(?=\n)")
+# A head as read: the start line's three parts, then each field's name and value.
+_Read: TypeAlias = tuple[tuple[str, ...], list[tuple[str, str]]]
 # RFC 3986 §3.2.2 reg-name / IPv4address / IP-literal, then an optional port.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z")
 _DEFAULT_PORT = {"http": "80", "https": "443"}
@@ -200,38 +227,120 @@ def find_head_end(buffer: bytes | bytearray, limit: int, start: int = 0) -> int:
     return end + len(HEAD_END)
 
 
-def _split_lines(raw: bytes) -> list[bytes]:
-    """The head's lines, once the whole head is known to hold only CRLF line ends and no controls.
+def _read_well_formed(text: str, start_line: re.Pattern[str]) -> _Read | None:
+    """The start line's parts and the (name, value) fields of a well-formed head, or None.
 
-    Three counts and one translate over the whole head (all in C) instead of a check per line.
+    The fast path: one match, one findall and two C string scans for a head that passes every
+    check of `_read_strictly`: ~2.5 µs less than those checks on a WebSocket upgrade's head.
+    None (any head with a fault) sends the caller to `_read_strictly`, which names the fault.
+    Why matching is enough: the start line holds no CR or LF and ends at the first CRLF, the
+    head ends with CRLFCRLF, and each field found runs from an LF to the CR just before the next
+    LF, with no CR or LF between.  The last two LFs (those of CRLFCRLF) can begin no field; so if
+    there are as many fields as the other LFs, each of those begins one, and the fields cover all
+    from the start line's LF to the blank line: nothing is left unchecked.
+    """
+    if not text.endswith("\r\n\r\n"):
+        return None
+    line_end = text.find("\r\n")
+    matched = start_line.fullmatch(text, 0, line_end)
+    if matched is None:
+        return None
+    fields = _FIELD_LINE.findall(text, line_end + 1)
+    if len(fields) != text.count("\n") - 2:
+        return None
+    return matched.groups(""), fields
+
+
+def _check_line_bytes(raw: bytes) -> None:
+    """Refuse a head with anything but CRLF line ends and field-value bytes (RFC 9112 §2.2, §5.5).
+
+    Three counts and one translate over the whole head, all in C.
     """
     if not raw.endswith(HEAD_END):
         raise BadRequest("incomplete head")
-    body = raw[: -len(HEAD_END)]
-    crlf = body.count(b"\r\n")
-    # RFC 9112 §2.2: a bare CR or LF is not a line ending here.
-    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
         raise BadRequest("bare CR or LF in head")
-    if body.translate(None, _LINE_BYTES):
+    if raw.translate(None, _LINE_BYTES):
         raise BadRequest("control character in head")
-    return body.split(b"\r\n")
 
 
-def _parse_fields(start_line: tuple[str, str, str], lines: list[bytes]) -> Head:
-    headers: list[tuple[str, str]] = []
-    index: dict[str, list[str]] = {}
+def _read_request_line(line: str) -> tuple[str, str, str]:
+    """Method, target and version, checked one by one, then the target's form.
+
+    The reading `_REQUEST_LINE` abbreviates (it leaves `OPTIONS *` to this one).
+
+    Raises:
+        BadRequest: naming the first part at fault.
+    """
+    parts = line.split(" ")
+    if len(parts) != 3:
+        raise BadRequest("malformed request line")
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        raise BadRequest("malformed method")
+    if not _TARGET.fullmatch(target):
+        raise BadRequest("malformed request target")
+    if version not in _VERSIONS:
+        raise BadRequest("unsupported HTTP version")
+    # RFC 3986 §3.1: the scheme is case-insensitive.
+    origin_or_absolute = target[0] == "/" or target[:8].lower().startswith(("http://", "https://"))
+    if not origin_or_absolute and not (method == "OPTIONS" and target == "*"):
+        raise BadRequest("unsupported request target form")
+    return method, target, version
+
+
+def _read_status_line(line: str) -> tuple[str, str, str]:
+    """Version, status code and reason, checked one by one: the reading `_STATUS_LINE` abbreviates.
+
+    Raises:
+        BadRequest: a malformed status line or a code outside 100..599.
+    """
+    version, _, rest = line.partition(" ")
+    status, _, reason = rest.partition(" ")
+    # isascii: str.isdigit() also takes `²` and other digits that bytes.isdigit() never did.
+    if version not in _VERSIONS or len(status) != 3 or not (status.isascii() and status.isdigit()):
+        raise BadRequest("malformed status line")
+    if not "100" <= status <= "599":
+        # RFC 9110 §15: status codes are 100..599; `000` must be a 502, never relayed.
+        raise BadRequest(f"status code {status} out of range")
+    return version, status, reason
+
+
+def _read_field_lines(lines: list[str]) -> list[tuple[str, str]]:
+    """Name and value of each field line, checked line by line: the reading `_FIELD_LINE` abbreviates.
+
+    Raises:
+        BadRequest: naming the fault of the first bad line.
+    """
+    fields: list[tuple[str, str]] = []
     for line in lines:
-        if line[:1] in (b" ", b"\t"):
+        if line[:1] in (" ", "\t"):
             raise BadRequest("obsolete line folding in header")  # RFC 9112 §5.2
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name.translate(None, _TCHAR):
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
             raise BadRequest("malformed header line")
-        value = value.strip(b" \t")  # control characters were refused for the whole head
-        text_name = name.decode("ascii")
-        text_value = value.decode("latin-1")
-        headers.append((text_name, text_value))
-        index.setdefault(text_name.lower(), []).append(text_value)
-    return Head(start_line=start_line, headers=tuple(headers), _index=index)
+        fields.append((name, value.strip(" \t")))  # control characters were refused for the whole head
+    return fields
+
+
+def _read_strictly(raw: bytes, text: str, read_start_line: Callable[[str], tuple[str, str, str]]) -> _Read:
+    """The start line's parts and the fields, each check in turn: the reading the fast path abbreviates.
+
+    Raises:
+        BadRequest: naming the first fault, the whole head's bytes first, then line by line.
+    """
+    _check_line_bytes(raw)
+    lines = text[: -len(HEAD_END)].split("\r\n")
+    return read_start_line(lines[0]), _read_field_lines(lines[1:])
+
+
+def _head(start_line: tuple[str, str, str], fields: list[tuple[str, str]]) -> Head:
+    """A Head of the fields as read, indexed by lower-case name."""
+    index: dict[str, list[str]] = {}
+    for name, value in fields:
+        index.setdefault(name.lower(), []).append(value)
+    return Head(start_line, tuple(fields), index)
 
 
 def _drop_aliases(head: Head, protected: frozenset[str]) -> tuple[Head, tuple[str, ...]]:
@@ -264,10 +373,11 @@ def _check_framing(head: Head, version: str, *, request: bool) -> None:
         BadFraming: ambiguous or invalid framing (a backend's answer: the caller's 502).
         UnsupportedTransferCoding: a request with a coding other than chunked before it.
     """
+    index = head._index
+    if "content-length" not in index and "transfer-encoding" not in index:
+        return  # the common case (every WebSocket upgrade): two lookups, no lists
     lengths = head.get_all("content-length")
     encodings = head.get_all("transfer-encoding")
-    if not lengths and not encodings:
-        return
     if lengths and encodings:
         raise BadFraming("both Content-Length and Transfer-Encoding")
     if lengths:
@@ -347,48 +457,28 @@ def parse_request_head(raw: bytes, *, protected: frozenset[str] = PROTECTED_HEAD
         BadRequest: anything RFC 9112 does not allow, with a short reason (BadFraming, BadHost).
         UnsupportedTransferCoding: a transfer coding other than chunked (501).
     """
-    lines = _split_lines(raw)
-    parts = lines[0].split(b" ")
-    if len(parts) != 3:
-        raise BadRequest("malformed request line")
-    method, target, version = parts
-    if not method or method.translate(None, _TCHAR):
-        raise BadRequest("malformed method")
-    if not target or target.translate(None, _TARGET):
-        raise BadRequest("malformed request target")
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise BadRequest("unsupported HTTP version")
-    text_target = target.decode("latin-1")
-    # RFC 3986 §3.1: the scheme is case-insensitive.
-    origin_or_absolute = text_target[0] == "/" or text_target[:8].lower().startswith(("http://", "https://"))
-    if not origin_or_absolute and not (method == b"OPTIONS" and text_target == "*"):
-        raise BadRequest("unsupported request target form")
-    start = (method.decode("ascii"), text_target, version.decode("ascii"))
-    head = _parse_fields(start, lines[1:])
+    text = raw.decode("latin-1")  # every byte is one character: offsets and checks carry over
+    read = _read_well_formed(text, _REQUEST_LINE) or _read_strictly(raw, text, _read_request_line)
+    (method, target, version), fields = read
+    start = (method, target, version)
+    head = _head(start, fields)
     dropped: tuple[str, ...] = ()
     if b"_" in raw and "_" in "".join(head._index):
         head, dropped = _drop_aliases(head, protected)
-    hosts = head.get_all("host")
+    hosts = head._index.get("host", [])
     # RFC 9112 §3.2: exactly one Host on HTTP/1.1; more than one is a 400 on any version.
     if len(hosts) > 1:
         raise BadHost("more than one Host header")
-    if version == b"HTTP/1.1" and not hosts:
+    if version == "HTTP/1.1" and not hosts:
         raise BadHost("HTTP/1.1 request needs a Host header")
     if hosts and not _HOST.match(hosts[0]):
         raise BadHost("malformed Host header")
-    _check_framing(head, start[2], request=True)
+    _check_framing(head, version, request=True)
     absolute = None
-    if text_target[:1] not in ("/", "*"):
-        absolute = text_target
-        text_target, head = _rewrite_absolute_form(start, head)
-    return RequestHead(
-        method=start[0],
-        target=text_target,
-        version=start[2],
-        head=head,
-        absolute_target=absolute,
-        dropped=dropped,
-    )
+    if target[0] not in ("/", "*"):
+        absolute = target
+        target, head = _rewrite_absolute_form(start, head)
+    return RequestHead(method, target, version, head, absolute, dropped)
 
 
 def parse_response_head(raw: bytes) -> ResponseHead:
@@ -397,18 +487,12 @@ def parse_response_head(raw: bytes) -> ResponseHead:
     Raises:
         BadRequest: a malformed answer (the caller turns it into 502).
     """
-    lines = _split_lines(raw)
-    version, _, rest = lines[0].partition(b" ")
-    status, _, reason = rest.partition(b" ")
-    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(status) != 3 or not status.isdigit():
-        raise BadRequest("malformed status line")
-    if not b"100" <= status <= b"599":
-        # RFC 9110 §15: status codes are 100..599; `000` must be a 502, never relayed.
-        raise BadRequest(f"status code {status.decode('ascii')} out of range")
-    start = (version.decode("ascii"), status.decode("ascii"), reason.decode("latin-1"))
-    head = _parse_fields(start, lines[1:])
-    _check_framing(head, start[0], request=False)
-    return ResponseHead(version=start[0], status=int(start[1]), reason=start[2], head=head)
+    text = raw.decode("latin-1")
+    read = _read_well_formed(text, _STATUS_LINE) or _read_strictly(raw, text, _read_status_line)
+    (version, status, reason), fields = read
+    head = _head((version, status, reason), fields)
+    _check_framing(head, version, request=False)
+    return ResponseHead(version, int(status), reason, head)
 
 
 def render_head(start_line: str, headers: Iterable[tuple[str, str]]) -> bytes:
