@@ -27,6 +27,7 @@ Pure: randomness (`nonce`, `session`) and time (`now`) are arguments.
 from __future__ import annotations
 
 import binascii
+import functools
 import hashlib
 import re
 import struct
@@ -74,6 +75,18 @@ class Claim:
 class _Key:
     key_id: int
     aead: AESGCM
+    header: bytes  # version and key id, as every token this key seals begins (and authenticates)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sealed_names(backend_id: str, pool: str) -> tuple[bytes, bytes]:
+    """The backend id, and `backend id | pool_len | pool` as sealed: once per backend, not per token.
+
+    The pool's length byte is only meaningful for a pool of at most 255 bytes (the caller checks).
+    """
+    backend = backend_id.encode("utf-8")
+    pool_bytes = pool.encode("utf-8")
+    return backend, backend + bytes([min(len(pool_bytes), 255)]) + pool_bytes
 
 
 def _derive(secret: str) -> _Key:
@@ -81,7 +94,7 @@ def _derive(secret: str) -> _Key:
         algorithm=hashes.SHA256(), length=32, salt=None, info=b"lb affinity token v1"
     ).derive(secret.encode("utf-8"))
     key_id = int.from_bytes(hashlib.sha256(b"key id" + material).digest()[:2], "big")
-    return _Key(key_id=key_id, aead=AESGCM(material))
+    return _Key(key_id=key_id, aead=AESGCM(material), header=_HEADER.pack(VERSION, key_id))
 
 
 class TokenCodec:
@@ -106,19 +119,18 @@ class TokenCodec:
             ValueError: backend id or pool longer than 255 bytes, bad session or nonce length.
             TokenTooLarge: the sealed token would exceed MAX_TOKEN_CHARS (a huge app value).
         """
-        backend = claim.backend_id.encode("utf-8")
-        pool = (claim.pool or "").encode("utf-8")
-        if len(backend) > 255 or len(pool) > 255 or len(claim.session) != SESSION_BYTES or len(nonce) != NONCE_BYTES:
+        backend, names = _sealed_names(claim.backend_id, claim.pool or "")
+        if len(backend) > 255 or len(names) - len(backend) > 256:
+            raise ValueError("claim does not fit the token layout")
+        if len(claim.session) != SESSION_BYTES or len(nonce) != NONCE_BYTES:
             raise ValueError("claim does not fit the token layout")
         app_value = claim.app_value.encode("utf-8") if claim.app_value is not None else b""
-        fixed = _HEADER.size + NONCE_BYTES + _CLAIM.size + len(backend) + 1 + len(pool) + _TAG_BYTES
+        fixed = _HEADER.size + NONCE_BYTES + _CLAIM.size + len(names) + _TAG_BYTES
         if base64_chars(fixed + len(app_value)) > MAX_TOKEN_CHARS:
             raise TokenTooLarge(len(app_value))
         key = self._keys[0]
-        header = _HEADER.pack(VERSION, key.key_id)
-        plaintext = _CLAIM.pack(claim.issued_at, claim.session, len(backend)) + backend
-        plaintext += bytes([len(pool)]) + pool + app_value
-        sealed = header + nonce + key.aead.encrypt(nonce, plaintext, header)
+        plaintext = _CLAIM.pack(claim.issued_at, claim.session, len(backend)) + names + app_value
+        sealed = key.header + nonce + key.aead.encrypt(nonce, plaintext, key.header)
         return _encode(sealed)
 
     def open(self, token: str, now: float) -> Claim:

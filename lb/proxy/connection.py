@@ -849,7 +849,15 @@ class Connection:
         decision, claim, lookup, pool = self._decision, self._claim, self._lookup, self._pool
         assert decision is not None and lookup is not None and pool is not None
         now = self._wall
-        session = claim.session if claim is not None else self._random(SESSION_BYTES)
+        nonces: list[bytes] = []  # fresh, each used once
+        if claim is not None:
+            session = claim.session
+        else:
+            # A new client's session and its first token's nonce in one read of the system's
+            # randomness: one getrandom syscall per new client, not two.
+            fresh = self._random(SESSION_BYTES + NONCE_BYTES)
+            session = fresh[:SESSION_BYTES]
+            nonces.append(fresh[SESSION_BYTES:])
 
         def seal(app_value: str | None) -> str:
             return self._codec.seal(
@@ -860,7 +868,7 @@ class Connection:
                     app_value=app_value,
                     pool=pool.name,
                 ),
-                self._random(NONCE_BYTES),
+                nonces.pop() if nonces else self._random(NONCE_BYTES),
             )
 
         def unsealed(app_value: str) -> None:
