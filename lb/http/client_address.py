@@ -78,7 +78,7 @@ def parse_address(text: str) -> IPAddress | None:
 
     IPv4-mapped IPv6 comes back as IPv4; a zone (`%eth0`) is not an address here.
     """
-    text = text.strip()
+    text = text.strip(" \t")  # OWS only: NBSP or NEL around an address is not an address
     if text.startswith("["):  # [v6] or [v6]:port
         end = text.find("]")
         if end < 0 or (end + 1 < len(text) and not _is_port_suffix(text[end + 1 :])):
@@ -105,7 +105,7 @@ def _is_port_suffix(text: str) -> bool:
 
 def _hops(forwarded_for: Sequence[str]) -> list[str]:
     """The X-Forwarded-For hops in order, from every field line (RFC 9110 §5.3 joins them with commas)."""
-    hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
+    hops = [hop.strip(" \t") for value in forwarded_for for hop in value.split(",")]
     return hops[-MAX_HOPS:]
 
 

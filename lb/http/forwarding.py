@@ -16,6 +16,9 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization"}
 )
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+# RFC 9110 §5.6.3 OWS: space and tab only.  A bare str.strip() would also take NBSP (0xA0) and
+# NEL (0x85) off a latin-1 value, reading a token that a backend sees differently.
+_OWS = " \t"
 
 
 # A client may not make these hop-by-hop: dropping Host breaks HTTP/1.1, and
@@ -28,7 +31,7 @@ def _connection_listed(headers: tuple[tuple[str, str], ...]) -> set[str]:
     listed: set[str] = set()
     for name, value in headers:
         if name.lower() == "connection":
-            listed.update(part.strip().lower() for part in value.split(","))
+            listed.update(part.strip(_OWS).lower() for part in value.split(","))
     return listed - _NEVER_CONNECTION_LISTED
 
 
@@ -70,7 +73,7 @@ def render_forwarded_request(
     dropped = _request_drop(drop)
     connection = head.get_all("connection")
     if connection:
-        listed = {part.strip().lower() for value in connection for part in value.split(",")}
+        listed = {part.strip(_OWS).lower() for value in connection for part in value.split(",")}
         listed -= _NEVER_CONNECTION_LISTED
         if listed - dropped:
             dropped = dropped | listed

@@ -150,9 +150,9 @@ class Head:
         wanted = token.lower()
         for value in values:
             if "," not in value:  # the common case (`Upgrade: websocket`): no split, no generator
-                if value.strip().lower() == wanted:
+                if value.strip(" \t").lower() == wanted:
                     return True
-            elif any(part.strip().lower() == wanted for part in value.split(",")):
+            elif any(part.strip(" \t").lower() == wanted for part in value.split(",")):
                 return True
         return False
 
@@ -385,7 +385,7 @@ def _check_framing(head: Head, version: str, *, request: bool) -> None:
         # module docstring); a backend's equal ones are accepted, as before, and framed by the value.
         if request and (len(lengths) != 1 or "," in lengths[0]):
             raise BadFraming("repeated Content-Length")
-        values = {part.strip() for value in lengths for part in value.split(",")}
+        values = {part.strip(" \t") for value in lengths for part in value.split(",")}
         only = next(iter(values))
         if len(values) != 1 or not (only.isascii() and only.isdigit()):
             raise BadFraming("invalid Content-Length")
@@ -394,7 +394,7 @@ def _check_framing(head: Head, version: str, *, request: bool) -> None:
         return
     if version == "HTTP/1.0":
         raise BadFraming("Transfer-Encoding in an HTTP/1.0 message")  # RFC 9112 §6.1: faulty framing
-    codings = [part.strip().lower() for value in encodings for part in value.split(",")]
+    codings = [part.strip(" \t").lower() for value in encodings for part in value.split(",")]
     if codings[-1] != "chunked":
         raise BadFraming("Transfer-Encoding must end with chunked")  # RFC 9112 §6.3
     if codings.count("chunked") > 1:

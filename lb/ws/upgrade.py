@@ -33,10 +33,10 @@ def check_upgrade(request: RequestHead) -> None:
     keys = request.head.get_all("sec-websocket-key")
     if len(keys) != 1:
         raise BadHandshake("missing Sec-WebSocket-Key header" if not keys else "duplicate Sec-WebSocket-Key")
-    if not _KEY.fullmatch(keys[0].strip()):
+    if not _KEY.fullmatch(keys[0].strip(" \t")):
         raise BadHandshake("invalid Sec-WebSocket-Key")
     versions = request.head.get_all("sec-websocket-version")
     if not versions:
         raise BadHandshake("missing Sec-WebSocket-Version header")
-    if len(versions) != 1 or versions[0].strip() != "13":
+    if len(versions) != 1 or versions[0].strip(" \t") != "13":
         raise UnsupportedVersion("unsupported Sec-WebSocket-Version")

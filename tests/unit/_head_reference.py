@@ -5,6 +5,11 @@ hostile heads that lb.http.head accepts, refuses (same exception class and messa
 returns exactly what this per-line parser does.  Do not edit it to follow lb/http/head.py:
 a change of behaviour there must show up as a failure of that test.  (The design notes are
 in lb/http/head.py's docstring.)
+
+One deliberate change since, made in both: list values (Content-Length, Transfer-Encoding,
+Connection/Upgrade tokens) are trimmed of SP and HTAB only (RFC 9110 OWS), not by a bare
+`str.strip()`, which also took NBSP and NEL off a latin-1 value: `chunked\x85` read as chunked
+here while a backend reads another coding (a CL/TE desync).  test_http_head_rfc9112 holds it.
 """
 
 from __future__ import annotations
@@ -83,9 +88,9 @@ class Head:
         wanted = token.lower()
         for value in values:
             if "," not in value:  # the common case (`Upgrade: websocket`): no split, no generator
-                if value.strip().lower() == wanted:
+                if value.strip(" \t").lower() == wanted:
                     return True
-            elif any(part.strip().lower() == wanted for part in value.split(",")):
+            elif any(part.strip(" \t").lower() == wanted for part in value.split(",")):
                 return True
         return False
 
@@ -235,7 +240,7 @@ def _check_framing(head: Head, version: str, *, request: bool) -> None:
         # module docstring); a backend's equal ones are accepted, as before, and framed by the value.
         if request and (len(lengths) != 1 or "," in lengths[0]):
             raise BadFraming("repeated Content-Length")
-        values = {part.strip() for value in lengths for part in value.split(",")}
+        values = {part.strip(" \t") for value in lengths for part in value.split(",")}
         only = next(iter(values))
         if len(values) != 1 or not (only.isascii() and only.isdigit()):
             raise BadFraming("invalid Content-Length")
@@ -244,7 +249,7 @@ def _check_framing(head: Head, version: str, *, request: bool) -> None:
         return
     if version == "HTTP/1.0":
         raise BadFraming("Transfer-Encoding in an HTTP/1.0 message")  # RFC 9112 §6.1: faulty framing
-    codings = [part.strip().lower() for value in encodings for part in value.split(",")]
+    codings = [part.strip(" \t").lower() for value in encodings for part in value.split(",")]
     if codings[-1] != "chunked":
         raise BadFraming("Transfer-Encoding must end with chunked")  # RFC 9112 §6.3
     if codings.count("chunked") > 1:

@@ -179,3 +179,10 @@ def test_trusted_chain_finds_the_real_client(
     if not proxies:
         chain = [hop.replace(",", "") for hop in spoofed]
     assert client_address(peer, [", ".join(chain)], trusted) == str(client)
+
+
+@pytest.mark.parametrize("text", ["1.2.3.4\xa0", "\x851.2.3.4", "\xa0[::1]"])
+def test_only_space_and_tab_surround_an_address(text: str) -> None:
+    """NBSP and NEL are not OWS (RFC 9110 §5.6.3): a hop wrapped in them is no address."""
+    assert parse_address(text) is None
+    assert parse_address(" \t1.2.3.4\t ") == ipaddress.ip_address("1.2.3.4")

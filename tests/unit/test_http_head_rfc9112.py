@@ -312,3 +312,34 @@ def test_incremental_search_keeps_the_limit() -> None:
         find_head_end(b"x" * 100, 100, 97)
     with pytest.raises(HeadersTooLarge):
         find_head_end(b"x" * 98 + HEAD_END, 100, 98)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"Transfer-Encoding: chunked\x85",
+        b"Transfer-Encoding: \xa0chunked",
+        b"Content-Length: 5\xa0",
+        b"Content-Length: \x855",
+        b"Transfer-Encoding: gzip,\xa0chunked",
+    ],
+)
+def test_framing_values_are_trimmed_of_space_and_tab_only(field: bytes) -> None:
+    """NBSP (0xA0) and NEL (0x85) are not OWS: `chunked\\x85` is not chunked, `5\\xa0` is not a length.
+
+    A bare str.strip() took them off, so we framed a body a backend may read differently (llhttp refuses).
+    """
+    with pytest.raises(BadFraming):
+        parse_request_head(b"POST / HTTP/1.1\r\nHost: a\r\n" + field + b"\r\n\r\n")
+    with pytest.raises(BadFraming):
+        parse_response_head(b"HTTP/1.1 200 OK\r\n" + field + b"\r\n\r\n")
+
+
+def test_connection_tokens_are_trimmed_of_space_and_tab_only() -> None:
+    """`Connection: close\\xa0` does not ask to close, and `Upgrade: websocket\\x85` is no WebSocket upgrade."""
+    request = parse_request_head(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\xa0, Upgrade\r\nUpgrade: websocket\x85\r\n\r\n"
+    )
+    assert not request.head.has_token("connection", "close")
+    assert request.head.has_token("connection", "upgrade")
+    assert not request.head.has_token("upgrade", "websocket")
