@@ -142,6 +142,11 @@ class AccessLineWriter:
             stream = handler.stream
             stream.write(line + handler.terminator)
             stream.flush()
+        except Exception:
+            # As StreamHandler.emit: a log that cannot be written (stderr closed, EPIPE) must never
+            # fail the handshake that logs; handleError reports it the way logging does.
+            handler.handleError(logging.makeLogRecord({"name": "lb.access", "msg": text, "levelno": logging.INFO,
+                                                       "levelname": "INFO"}))
         finally:
             handler.release()
 

@@ -136,3 +136,25 @@ def test_an_extra_handler_still_hears_access_events(captured: Captured) -> None:
     log_request(client="127.0.0.9", status=101)
     assert listener.messages == ["event=request client=127.0.0.9 status=101"]
     assert "event=request client=127.0.0.9 status=101" in captured.getvalue()
+
+
+def test_an_access_line_that_cannot_be_written_does_not_raise(captured: Captured) -> None:
+    """A broken stderr (EPIPE) fails the log line, never the handshake that logs it, as with logging."""
+    from lb.access_log import log_answered
+
+    class Broken:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    setup_logging(LoggingConfig(format=LogFormat.PLAIN))
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    saved, logging.raiseExceptions = logging.raiseExceptions, False
+    handler.setStream(Broken())  # type: ignore[arg-type]
+    try:
+        log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
+    finally:
+        logging.raiseExceptions = saved
