@@ -108,12 +108,11 @@ class AccessLineWriter:
     handler sees every event through the ordinary path.
     """
 
-    __slots__ = ("_access", "_handler", "_json", "_prefix", "_process", "_root", "plain")
+    __slots__ = ("_access", "_handler", "_prefix", "_process", "_root", "plain")
 
     def __init__(self, handler: logging.StreamHandler[TextIO], log_format: LogFormat, process: str) -> None:
         self._handler = handler
-        self._json = log_format is LogFormat.JSON
-        self.plain = not self._json
+        self.plain = log_format is not LogFormat.JSON
         self._process = process
         self._prefix = f" INFO {process} lb.access: " if process else " INFO lb.access: "
         self._root = logging.getLogger()
@@ -127,7 +126,7 @@ class AccessLineWriter:
     def write(self, text: str, fields: dict[str, object]) -> None:
         """One event: `text` is its rendered `key=value` message, `fields` its JSON keys."""
         now = time.time()
-        if self._json:
+        if not self.plain:
             entry: dict[str, object] = {"time": iso_utc(now), "level": "INFO", "logger": "lb.access",
                                         "message": text}
             if self._process:

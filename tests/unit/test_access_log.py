@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -56,6 +58,20 @@ class _Recorder:
         self.lines.append((text, fields))
 
 
+@contextlib.contextmanager
+def _recording(plain: bool) -> Iterator[_Recorder]:
+    """Access events at INFO go to a fresh recorder for the block; the writer and level are restored after."""
+    recorder = _Recorder(plain)
+    saved = access_log._writer, access_log.access.level
+    access_log.set_access_writer(recorder)
+    access_log.access.setLevel(logging.INFO)
+    try:
+        yield recorder
+    finally:
+        access_log.set_access_writer(saved[0])
+        access_log.access.setLevel(saved[1])
+
+
 _text = st.text(st.characters(codec="utf-8"), max_size=12)
 
 
@@ -67,17 +83,10 @@ def test_the_handshake_line_is_the_generic_request_line(
     port: int, status: int, plain: bool,
 ) -> None:
     """log_answered renders by one f-string what log_request renders by its loop: same text, same fields."""
-    recorder = _Recorder(plain)
-    saved = access_log._writer, access_log.access.level
-    access_log.set_access_writer(recorder)
-    access_log.access.setLevel(logging.INFO)
-    try:
+    with _recording(plain) as recorder:
         access_log.log_answered(client, port, method, path, pool, backend, affinity, status, request_id)
         access_log.log_request(client=client, client_port=port, method=method, path=path, pool=pool,
                                backend=backend, affinity=affinity, status=status, request_id=request_id)
-    finally:
-        access_log.set_access_writer(saved[0])
-        access_log.access.setLevel(saved[1])
     (fast, fast_fields), (generic, generic_fields) = recorder.lines
     assert fast == generic
     assert "\n" not in fast and "\x1b" not in fast
@@ -93,17 +102,10 @@ def test_the_tunnel_end_line_is_the_generic_close_line(
     client: str, pool: str, backend: str, request_id: str, port: int, duration: float, sizes: tuple[int, int],
     plain: bool,
 ) -> None:
-    recorder = _Recorder(plain)
-    saved = access_log._writer, access_log.access.level
-    access_log.set_access_writer(recorder)
-    access_log.access.setLevel(logging.INFO)
-    try:
+    with _recording(plain) as recorder:
         access_log.log_tunnel_ended(client, port, pool, backend, duration, sizes[0], sizes[1], request_id)
         access_log.log_tunnel_closed(client=client, client_port=port, pool=pool, backend=backend, duration=duration,
                                      bytes_in=sizes[0], bytes_out=sizes[1], request_id=request_id)
-    finally:
-        access_log.set_access_writer(saved[0])
-        access_log.access.setLevel(saved[1])
     (fast, fast_fields), (generic, generic_fields) = recorder.lines
     assert fast == generic
     if not plain:
