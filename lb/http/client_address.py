@@ -126,7 +126,12 @@ def client_address(peer: str, forwarded_for: Sequence[str], trusted: TrustedProx
         return peer  # not an IP (a UNIX socket path, say): nothing to match, nothing to believe
     if not trusted.networks or peer_address not in trusted:
         return str(peer_address)
-    found = peer_address
+    return client_behind(peer_address, forwarded_for, trusted)
+
+
+def client_behind(proxy: IPAddress, forwarded_for: Sequence[str], trusted: TrustedProxies) -> str:
+    """`client_address` for a peer already known to be a trusted proxy (a connection decides it once)."""
+    found = proxy
     for hop in reversed(_hops(forwarded_for)):
         address = parse_address(hop)
         if address is None:
@@ -147,5 +152,10 @@ def forwarded_for(peer: str, forwarded_for: Sequence[str], trusted: TrustedProxi
     peer_text = peer if peer_address is None else str(peer_address)
     if peer_address is None or not trusted.networks or peer_address not in trusted:
         return peer_text
+    return chain_through(peer_text, forwarded_for)
+
+
+def chain_through(proxy: str, forwarded_for: Sequence[str]) -> str:
+    """`forwarded_for` for a peer already known to be a trusted proxy: its chain, then its address."""
     hops = [hop for hop in _hops(forwarded_for) if hop]
-    return ", ".join([*hops, peer_text])
+    return ", ".join([*hops, proxy])

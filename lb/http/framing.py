@@ -11,19 +11,25 @@ from lb.http.head import RequestHead, ResponseHead
 
 _SIZE, _SIZE_LF, _DATA, _DATA_CR, _DATA_LF, _TRAILER, _TRAILER_LF, _DONE = range(8)
 
+# Chunk extensions and trailers are read byte by byte and never relayed as data: bounded so a
+# peer cannot make them endless (llhttp caps extensions likewise, CVE-2024-22019).
+MAX_CHUNK_LINE = 4096  # a chunk-size line, extensions included
+MAX_TRAILERS = 65536  # the whole trailer section
+
 
 class BodyFramer:
     """Tracks one response body; `feed` says where in a chunk the body ends."""
 
-    __slots__ = ("_chunked", "_line_len", "_remaining", "_size", "_state", "_until_eof")
+    __slots__ = ("_chunked", "_extension", "_line_len", "_remaining", "_state", "_trailer_len", "_until_eof")
 
     def __init__(self, *, length: int | None, chunked: bool) -> None:
         self._chunked = chunked
         self._until_eof = length is None and not chunked
         self._remaining = length or 0
         self._state = _SIZE if chunked else (_DONE if length == 0 else _DATA)
-        self._size = 0
+        self._extension = False  # in a chunk-size line's extensions, which are skipped up to CR
         self._line_len = 0
+        self._trailer_len = 0
 
     @property
     def done(self) -> bool:
@@ -71,17 +77,25 @@ class BodyFramer:
             if state == _SIZE:
                 if byte == 0x0D:
                     self._state = _SIZE_LF
-                elif self._size >= 0 and chr(byte) in "0123456789abcdefABCDEF" and self._line_len < 16:
+                elif self._extension:
+                    # A bare LF or NUL here is a line end or junk to some parsers: refused so the
+                    # backend cannot read the body's end where we do not (request smuggling).
+                    if (byte < 0x20 and byte != 0x09) or byte == 0x7F:
+                        raise ValueError("control byte in chunk extension")
+                    self._line_len += 1
+                    if self._line_len > MAX_CHUNK_LINE:
+                        raise ValueError("chunk size line too long")
+                elif chr(byte) in "0123456789abcdefABCDEF" and self._line_len < 16:
                     self._remaining = self._remaining * 16 + int(chr(byte), 16)
                     self._line_len += 1
                 elif byte in (0x3B, 0x20, 0x09) and self._line_len:
-                    self._size = -1  # chunk extension: ignored up to CR
-                elif self._size != -1:
+                    self._extension = True
+                else:
                     raise ValueError("malformed chunk size")
             elif state == _SIZE_LF:
                 if byte != 0x0A or not self._line_len:
                     raise ValueError("malformed chunk size line")
-                self._size, self._line_len = 0, 0
+                self._extension, self._line_len = False, 0
                 self._state = _DATA if self._remaining else _TRAILER
             elif state == _DATA_CR:
                 if byte != 0x0D:
@@ -94,8 +108,13 @@ class BodyFramer:
             elif state == _TRAILER:
                 if byte == 0x0D:
                     self._state = _TRAILER_LF
+                elif (byte < 0x20 and byte != 0x09) or byte == 0x7F:
+                    raise ValueError("control byte in trailer")  # a bare LF included, as above
                 else:
                     self._line_len += 1
+                    self._trailer_len += 1
+                    if self._trailer_len > MAX_TRAILERS:
+                        raise ValueError("trailers too large")
             elif state == _TRAILER_LF:
                 if byte != 0x0A:
                     raise ValueError("malformed trailer")

@@ -67,7 +67,7 @@ from lb.errors import (
     RequestTimeout,
     TooManyRequests,
 )
-from lb.http.client_address import TrustedProxies, client_address, forwarded_for
+from lb.http.client_address import IPAddress, TrustedProxies, chain_through, client_behind, parse_address
 from lb.http.cookies import render_set_cookie
 from lb.http.forwarding import render_client_response, render_forwarded_request, render_refusal
 from lb.http.framing import BodyFramer, request_framer, response_framer
@@ -94,6 +94,7 @@ HELD_LIMIT = 65536
 MAX_RESPONSE_HEAD = 65536
 MAX_INTERIM = 8  # 1xx answers per request: a backend that sends more is broken
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+_TRUST_NOBODY = TrustedProxies()
 
 HEAD, CONNECTING, WAITING, RELAY, TUNNEL, CLOSED = range(6)
 STATE_NAMES = ("HEAD", "CONNECTING", "WAITING", "RELAY", "TUNNEL", "CLOSED")
@@ -239,6 +240,7 @@ class Connection:
         "_pool",
         "_pools",
         "_protected",
+        "_proxy",
         "_random",
         "_request",
         "_request_framer",
@@ -277,7 +279,17 @@ class Connection:
         self._routes = ctx.routes
         self._codec = ctx.codec
         self._protected = _protected_headers(config.affinity.header)
-        self._trusted = TrustedProxies(config.trusted_proxies) if config.trusted_proxies else None
+        # Whether the peer's X-Forwarded-For is believed is known at accept: decided once here,
+        # so a request from anyone else costs no address parsing at all.
+        self._trusted = _TRUST_NOBODY
+        self._proxy: IPAddress | None = None  # the peer, when it is a trusted proxy
+        if config.trusted_proxies:
+            address = parse_address(client_ip)
+            if address is not None:
+                client_ip = str(address)  # normalised (IPv4-mapped as IPv4), as client_address gives it
+                trusted = TrustedProxies(config.trusted_proxies)
+                if address in trusted:
+                    self._trusted, self._proxy = trusted, address
         self._peer = client_ip  # the socket's peer, or the PROXY header's source address
         self._client_ip = client_ip  # per request: the peer, or a trusted X-Forwarded-For hop
         self._peer_port = client_port
@@ -494,8 +506,8 @@ class Connection:
         self._rid = new_request_id()
         self._started = True
         self._wall = now
-        if self._trusted is not None:
-            self._client_ip = client_address(self._peer, request.head.get_all("x-forwarded-for"), self._trusted)
+        if self._proxy is not None:
+            self._client_ip = client_behind(self._proxy, request.head.get_all("x-forwarded-for"), self._trusted)
             self._client_port = self._peer_port if self._client_ip == self._peer else 0
         try:
             if not ctx.accepting:
@@ -591,9 +603,9 @@ class Connection:
 
     def _forwarded_for(self, request: RequestHead) -> str:
         """X-Forwarded-For for the backend: the client's chain only from a trusted peer (SPEC part 2)."""
-        if self._trusted is None:
+        if self._proxy is None:
             return self._peer
-        return forwarded_for(self._peer, request.head.get_all("x-forwarded-for"), self._trusted)
+        return chain_through(self._peer, request.head.get_all("x-forwarded-for"))
 
     # -- request body -----------------------------------------------------------------
 

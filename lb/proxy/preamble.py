@@ -173,15 +173,12 @@ class ProxyProtocolServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in LOCAL_ERRNOS:
-                    accept_errors.report(exc, "accept connections")
-                    self._loop.remove_reader(sock.fileno())
-                    self._resume = self._loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)
-                    return
                 if exc.errno in _GONE_ERRNOS:
                     continue
-                # Anything else (not expected on a listening socket): pause rather than spin on it.
-                accept_errors.report(exc, "accept connections on a PROXY-protocol listener")
+                # Out of descriptors or buffers, or anything else (not expected on a listening
+                # socket): pause rather than spin on it.
+                where = "" if exc.errno in LOCAL_ERRNOS else " on a PROXY-protocol listener"
+                accept_errors.report(exc, "accept connections" + where)
                 self._loop.remove_reader(sock.fileno())
                 self._resume = self._loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)
                 return

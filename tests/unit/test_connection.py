@@ -90,14 +90,16 @@ def ok(body: bytes = b"hi") -> bytes:
 class Play:
     """One client connection and the backend it talks to, with everything the core asked for recorded."""
 
-    def __init__(self, config: str = CONFIG, *, now: float = T0) -> None:
+    def __init__(self, config: str = CONFIG, *, now: float = T0, client_ip: str = "192.0.2.7") -> None:
         self.failures: list[tuple[str, str, str]] = []
         self.ctx = ProxyContext.build(
             parse_config(config, base_dir=Path("."), environ={}),
             lambda pool, backend, what: self.failures.append((pool, backend, what)),
         )
         self.ctx.handshaking = 1
-        self.conn = Connection(self.ctx, client_ip="192.0.2.7", tls=False, random=lambda n: b"\x01" * n)
+        self.conn = Connection(
+            self.ctx, client_ip=client_ip, client_port=4711, tls=False, random=lambda n: b"\x01" * n
+        )
         self.now = now
         self.actions: list[Action] = []
         self.to_backend: list[bytes] = []  # per backend connection opened: what it received
@@ -281,6 +283,32 @@ def test_upgrade_holds_early_data_until_101_then_joins_with_it() -> None:
     status, headers, _ = play.answer()
     assert status == 101 and "set-cookie" in headers
     assert play.connections() == {"a1": 1, "b1": 0, "b2": 0}  # the tunnel releases it
+
+
+TRUSTING = CONFIG + 'trusted_proxies: ["203.0.113.0/24"]\n'
+
+
+def test_a_trusted_proxy_is_recognised_once_and_its_chain_believed() -> None:
+    """A trusted peer (here as a dual-stack socket reports it): its X-Forwarded-For names the client."""
+    play = Play(TRUSTING, client_ip="::ffff:203.0.113.7")
+    play.client(get("/a/x", "X-Forwarded-For: 198.51.100.1\r\n"))
+    play.connected()
+    assert b"X-Forwarded-For: 198.51.100.1, 203.0.113.7\r\n" in play.to_backend[0]
+    assert (play.conn.client_ip, play.conn.client_port) == ("198.51.100.1", 0)
+    play.backend(ok())
+    play.client(get("/a/y"))  # no chain: the proxy itself is the client, port and all
+    assert (play.conn.client_ip, play.conn.client_port) == ("203.0.113.7", 4711)
+
+
+def test_an_untrusted_peer_is_never_asked_for_its_chain() -> None:
+    """With trusted_proxies set, any other peer's X-Forwarded-For is replaced by its own address."""
+    play = Play(TRUSTING, client_ip="::ffff:192.0.2.9")
+    assert play.conn.client_ip == "192.0.2.9"
+    play.client(get("/a/x", "X-Forwarded-For: 198.51.100.1\r\n"))
+    play.connected()
+    assert b"X-Forwarded-For: 192.0.2.9\r\n" in play.to_backend[0]
+    assert b"198.51.100.1" not in play.to_backend[0]
+    assert (play.conn.client_ip, play.conn.client_port) == ("192.0.2.9", 4711)
 
 
 def test_refused_upgrade_is_an_answer_and_what_follows_is_the_next_request() -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.http.framing import BodyFramer, response_framer
+from lb.http.framing import MAX_CHUNK_LINE, MAX_TRAILERS, BodyFramer, response_framer
 from lb.http.head import parse_response_head
 
 AFTER = b"HTTP/1.1 200 OK\r\n"  # bytes that follow the body and must not be counted
@@ -177,6 +177,13 @@ MALFORMED_CHUNKED = {
     "bare LF after data": b"5\r\nhello\n0\r\n\r\n",
     "CR then junk in trailer": b"0\r\nX: 1\rY",
     "CR then junk at end": b"0\r\n\rX",
+    "bare LF in extension": b"5;a\n0\r\n",
+    "NUL in extension": b"5;a\x00b\r\n",
+    "DEL in extension": b"5;a\x7f\r\n",
+    "endless extension": b"5;" + b"a" * MAX_CHUNK_LINE + b"\r\n",
+    "bare LF in trailer": b"0\r\nX: 1\n\r\n",
+    "NUL in trailer": b"0\r\nX: \x00\r\n",
+    "endless trailers": b"0\r\n" + b"X: 1\r\n" * (MAX_TRAILERS // 4 + 1),
 }
 
 

@@ -19,7 +19,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb.affinity.balancing import source_key
-from lb.affinity.carriers import MAX_PINS, balance_key, find_token, join_pins, plan_forward, rewrite_response_cookies
+from lb.affinity.carriers import (
+    MAX_OPENS,
+    MAX_PINS,
+    balance_key,
+    find_token,
+    join_pins,
+    plan_forward,
+    rewrite_response_cookies,
+)
 from lb.affinity.codec import NONCE_BYTES, Claim, TokenCodec, TokenTooLarge
 from lb.affinity.decision import decide, route_for_key
 from lb.config.load import default_backlog, parse_config
@@ -248,6 +256,16 @@ def test_pins_are_bounded() -> None:
     assert joined.split(".") == pins[-MAX_PINS:]
     lookup = find_token(request("/ws", ("Cookie", "LB_AFFINITY=" + "x." * 5000)), INSERT, CODEC, NOW, pool="p")
     assert len(lookup.rejected) <= MAX_PINS
+
+
+def test_tokens_opened_per_request_are_bounded() -> None:
+    """Many forged values (cookies, header lines, query parameters) cost MAX_OPENS opens in all."""
+    forged = [seal("b", "p", nonce=i + 1)[:-4] + "AAAA" for i in range(3 * MAX_OPENS)]
+    cookies = "; ".join(f"LB_AFFINITY={token}" for token in forged)
+    headers = [("X-LB-Affinity", token) for token in forged]
+    query = "&".join(f"lb_affinity={token}" for token in forged)
+    lookup = find_token(request(f"/ws?{query}", ("Cookie", cookies), *headers), INSERT, CODEC, NOW, pool="p")
+    assert lookup.claim is None and len(lookup.rejected) == MAX_OPENS
 
 
 def test_rewrite_mode_restores_only_this_pools_value() -> None:
