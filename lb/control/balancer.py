@@ -271,8 +271,7 @@ class Balancer:
             await web.TCPSite(runner, admin.host, admin.port, reuse_address=True).start()
         except OSError as exc:
             await runner.cleanup()
-            bind = f"[{admin.host}]:{admin.port}" if ":" in admin.host else f"{admin.host}:{admin.port}"
-            raise BindError("admin", bind, exc) from exc
+            raise BindError("admin", admin.bind, exc) from exc
         host, port = runner.addresses[0][:2]
         return runner, (host, port)
 
