@@ -430,10 +430,8 @@ class Balancer:
         new_admin: tuple[web.AppRunner, tuple[str, int]] | None = None
         try:
             if self.role is not Role.OWNER:
+                # A kept TLS listener's files were loaded by load_config (a bad one failed the reload there).
                 kept, wanted = self._match_listeners(config)
-                for _, listener in kept:
-                    if listener.tls is not None:
-                        server_ssl_context(listener.tls)  # loads now: a bad file fails the reload
                 kept_ids = {id(listening) for listening, _ in kept}
                 for listener in wanted:
                     # Same address, other kind (TLS or PROXY protocol turned on or off): the new
@@ -536,8 +534,13 @@ class Balancer:
                 log.info("stopped listening on %s:%d", *listening.address)
         for listening, listener in kept:
             if listener.tls is not None and listening.ssl_context is not None:
-                # New handshakes use the new certificate; established sessions are untouched.
-                listening.ssl_context.load_cert_chain(listener.tls.cert, listener.tls.key)
+                # New handshakes use the new certificate; established sessions are untouched.  load_config
+                # loaded these files already; should they have changed into something unloadable since,
+                # this listener keeps its certificate rather than leave the swap half done.
+                try:
+                    listening.ssl_context.load_cert_chain(listener.tls.cert, listener.tls.key)
+                except (OSError, ssl.SSLError) as exc:
+                    log.error("listener %s keeps its previous certificate: %s", listener.bind, exc)
             listening.config = listener
         for listening in new_listening:
             if not listening.server.is_serving():  # took over a replaced listener's socket
