@@ -718,9 +718,13 @@ async def serve(
     except BindError as exc:
         log.error("%s", exc)
         return EXIT_BIND
-    loop.add_signal_handler(signal.SIGHUP, balancer.request_reload)
-    if startup_signals.take():  # a SIGHUP came while we were starting: the file may have changed since
-        balancer.request_reload()
+    if role is not Role.WORKER:
+        loop.add_signal_handler(signal.SIGHUP, balancer.request_reload)
+        if startup_signals.take():  # a SIGHUP came while we were starting: the file may have changed since
+            balancer.request_reload()
+    # A worker reloads when its owner says so, after the owner's own reload succeeded; a SIGHUP of its
+    # own (`pkill -HUP -f 'lb run'` signals every process) stays held by lb.startup_signals and does
+    # nothing.  Obeying it reloaded the worker twice, once outside the serialized reload loop.
     signalled = loop.create_task(stop_requested.wait())
     # A worker also stops when its owner goes away (balancer.stop() called from the control channel).
     stopped = loop.create_task(balancer.stopped())
