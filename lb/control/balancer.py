@@ -29,8 +29,9 @@ the reload needs no free port and loses nothing queued in its backlog.
 A `proxy_protocol` listener is a `lb.proxy.preamble.ProxyProtocolServer`
 instead of an `asyncio.Server`: it reads the PROXY header before TLS and HTTP.
 
-`run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `request_reload`, and
-picks the event loop (uvloop when installed and `runtime.event_loop` allows).
+`run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `request_reload` (a
+worker reloads on its owner's word instead), and picks the event loop
+(uvloop when installed and `runtime.event_loop` allows).
 """
 
 from __future__ import annotations
