@@ -140,6 +140,7 @@ def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[st
     config_path: Path | None = getattr(args, "config", None)
     if config_path is not None and (url is None or token is None):
         from lb.config.load import load_config
+        from lb.config.model import host_port
         from lb.errors import ConfigError
 
         try:
@@ -156,7 +157,7 @@ def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[st
         admin = config.admin
         # A wildcard bind is reached on loopback from the same host.
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(admin.host, admin.host)
-        url = url or f"http://{'[' + host + ']' if ':' in host else host}:{admin.port}"
+        url = url or f"http://{host_port(host, admin.port)}"
         token = token or admin.token
     url = (url or DEFAULT_ADMIN_URL).rstrip("/")
     if "://" not in url:

@@ -6,7 +6,8 @@ handler only once the listeners are bound, so a SIGHUP in the first moments
 `kill -HUP` racing a restart) used to kill the balancer.  `hold()` runs first
 thing in `lb run` (and in each worker): from then on an early SIGHUP only sets
 a flag, and `serve` asks for one reload after it has started (the file may
-have changed since it was read).  Plain `signal.signal`, no asyncio: there is
+have changed since it was read).  In a worker it stays held for good: the
+owner tells its workers when to reload.  Plain `signal.signal`, no asyncio: there is
 no loop yet.
 """
 

@@ -656,11 +656,14 @@ def _scalar_section(
     """An optional mapping of scalar fields at `path`; absent means all defaults."""
     if value is None:
         return build()
-    node = _mapping(value, path, check, [f.key for f in fields])
-    if node is None:
-        return None
-    kwargs = _fields(node, path, check, fields)
+    kwargs = _scalar_mapping(value, path, check, fields)
     return None if kwargs is None else build(**kwargs)
+
+
+def _scalar_mapping(value: object, path: str, check: _Checker, fields: Sequence[_Field]) -> dict[str, Any] | None:
+    """Constructor kwargs of a mapping made only of `fields` (unknown keys reported); None if invalid."""
+    node = _mapping(value, path, check, [f.key for f in fields])
+    return None if node is None else _fields(node, path, check, fields)
 
 
 # --------------------------------------------------------------------------- sections
@@ -993,10 +996,7 @@ def _routes(value: object, check: _Checker, pools: Collection[str] | None) -> tu
 
 
 def _route(value: object, path: str, check: _Checker, pools: Collection[str] | None) -> RouteConfig | None:
-    node = _mapping(value, path, check, [f.key for f in _ROUTE_FIELDS])
-    if node is None:
-        return None
-    kwargs = _fields(node, path, check, _ROUTE_FIELDS)
+    kwargs = _scalar_mapping(value, path, check, _ROUTE_FIELDS)
     if kwargs is None:
         return None
     route = RouteConfig(**kwargs)
@@ -1135,10 +1135,7 @@ def _backends(value: object, path: str, check: _Checker) -> tuple[BackendConfig,
 
 
 def _backend(value: object, path: str, check: _Checker) -> BackendConfig | None:
-    node = _mapping(value, path, check, [f.key for f in _BACKEND_FIELDS])
-    if node is None:
-        return None
-    kwargs = _fields(node, path, check, _BACKEND_FIELDS)
+    kwargs = _scalar_mapping(value, path, check, _BACKEND_FIELDS)
     if kwargs is None:
         return None
     kwargs["host"], kwargs["port"] = kwargs.pop("address")

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port` as operators write it, an IPv6 host in brackets (`[::1]:9000`)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class AffinityMode(StrEnum):
     INSERT = "insert"    # the balancer's own cookie
     REWRITE = "rewrite"  # the backend's cookie, value wrapped in our token
@@ -93,7 +98,7 @@ class ListenerConfig:
 
     @property
     def bind(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,10 @@ class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 9000
     token: str | None = None
+
+    @property
+    def bind(self) -> str:
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +155,7 @@ class BackendConfig:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)

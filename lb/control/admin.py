@@ -197,8 +197,11 @@ def _authorized(request: web.Request, token: str | None) -> bool:
     if token is None:
         return False
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    # Constant-time: the comparison must not tell an attacker how much of the token matched.
-    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
+    # Constant-time: the comparison must not tell an attacker how much of the token matched.  aiohttp
+    # decodes header bytes that are not UTF-8 as surrogates: surrogateescape gives back the bytes sent
+    # (a plain encode() raised, and any client could fill the log with 500 tracebacks).
+    presented_bytes = presented.strip().encode("utf-8", "surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented_bytes, token.encode())
 
 
 async def backend_action(request: web.Request) -> web.Response:

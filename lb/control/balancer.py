@@ -29,8 +29,9 @@ the reload needs no free port and loses nothing queued in its backlog.
 A `proxy_protocol` listener is a `lb.proxy.preamble.ProxyProtocolServer`
 instead of an `asyncio.Server`: it reads the PROXY header before TLS and HTTP.
 
-`run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `request_reload`, and
-picks the event loop (uvloop when installed and `runtime.event_loop` allows).
+`run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `request_reload` (a
+worker reloads on its owner's word instead), and picks the event loop
+(uvloop when installed and `runtime.event_loop` allows).
 """
 
 from __future__ import annotations
@@ -271,8 +272,7 @@ class Balancer:
             await web.TCPSite(runner, admin.host, admin.port, reuse_address=True).start()
         except OSError as exc:
             await runner.cleanup()
-            bind = f"[{admin.host}]:{admin.port}" if ":" in admin.host else f"{admin.host}:{admin.port}"
-            raise BindError("admin", bind, exc) from exc
+            raise BindError("admin", admin.bind, exc) from exc
         host, port = runner.addresses[0][:2]
         return runner, (host, port)
 
@@ -431,10 +431,8 @@ class Balancer:
         new_admin: tuple[web.AppRunner, tuple[str, int]] | None = None
         try:
             if self.role is not Role.OWNER:
+                # A kept TLS listener's files were loaded by load_config (a bad one failed the reload there).
                 kept, wanted = self._match_listeners(config)
-                for _, listener in kept:
-                    if listener.tls is not None:
-                        server_ssl_context(listener.tls)  # loads now: a bad file fails the reload
                 kept_ids = {id(listening) for listening, _ in kept}
                 for listener in wanted:
                     # Same address, other kind (TLS or PROXY protocol turned on or off): the new
@@ -537,8 +535,13 @@ class Balancer:
                 log.info("stopped listening on %s:%d", *listening.address)
         for listening, listener in kept:
             if listener.tls is not None and listening.ssl_context is not None:
-                # New handshakes use the new certificate; established sessions are untouched.
-                listening.ssl_context.load_cert_chain(listener.tls.cert, listener.tls.key)
+                # New handshakes use the new certificate; established sessions are untouched.  load_config
+                # loaded these files already; should they have changed into something unloadable since,
+                # this listener keeps its certificate rather than leave the swap half done.
+                try:
+                    listening.ssl_context.load_cert_chain(listener.tls.cert, listener.tls.key)
+                except (OSError, ssl.SSLError) as exc:
+                    log.error("listener %s keeps its previous certificate: %s", listener.bind, exc)
             listening.config = listener
         for listening in new_listening:
             if not listening.server.is_serving():  # took over a replaced listener's socket
@@ -716,9 +719,13 @@ async def serve(
     except BindError as exc:
         log.error("%s", exc)
         return EXIT_BIND
-    loop.add_signal_handler(signal.SIGHUP, balancer.request_reload)
-    if startup_signals.take():  # a SIGHUP came while we were starting: the file may have changed since
-        balancer.request_reload()
+    if role is not Role.WORKER:
+        loop.add_signal_handler(signal.SIGHUP, balancer.request_reload)
+        if startup_signals.take():  # a SIGHUP came while we were starting: the file may have changed since
+            balancer.request_reload()
+    # A worker reloads when its owner says so, after the owner's own reload succeeded; a SIGHUP of its
+    # own (`pkill -HUP -f 'lb run'` signals every process) stays held by lb.startup_signals and does
+    # nothing.  Obeying it reloaded the worker twice, once outside the serialized reload loop.
     signalled = loop.create_task(stop_requested.wait())
     # A worker also stops when its owner goes away (balancer.stop() called from the control channel).
     stopped = loop.create_task(balancer.stopped())

@@ -50,6 +50,25 @@ async def test_a_bug_in_a_handler_is_a_bare_500_logged_with_its_traceback(caplog
         await client.close()
 
 
+async def test_a_token_of_bytes_that_are_not_utf8_is_a_401_not_a_500(caplog: pytest.LogCaptureFixture) -> None:
+    """Header bytes aiohttp cannot decode as UTF-8 are a wrong token like any other, with no traceback logged."""
+    import asyncio
+
+    client = await _client(_fake_balancer())
+    try:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        with caplog.at_level(logging.ERROR, logger="lb.control.admin"):
+            writer.write(b"POST /pools/p/backends/gw-1/drain HTTP/1.1\r\nHost: x\r\n"
+                         b"Authorization: Bearer \xff\xfe\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            async with asyncio.timeout(5):
+                answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 401 ")
+        assert not caplog.records
+    finally:
+        await client.close()
+
+
 @pytest.mark.parametrize(("ready", "status"), [(True, 200), (False, 503)])
 async def test_readyz_and_livez_follow_the_balancer(ready: bool, status: int) -> None:
     """/readyz follows readiness; /livez is 200 whenever the process answers."""

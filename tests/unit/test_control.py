@@ -163,3 +163,24 @@ def test_a_malformed_stats_report_raises_a_value_type_or_attribute_error(report:
     """What the owner's reader catches, logs and skips: nothing else escapes the aggregation."""
     with pytest.raises((AttributeError, KeyError, TypeError, ValueError)):
         StatsAggregate().update(1, report)
+
+
+def test_the_owner_sums_a_burst_of_reports_once() -> None:
+    """Reports of many workers within SUM_STATS_EVERY cost one sum, applied after at most that delay."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from lb.control.workers import SUM_STATS_EVERY, WorkerSupervisor
+
+    async def scenario() -> None:
+        ctx = _ctx()
+        supervisor = WorkerSupervisor(SimpleNamespace(ctx=ctx), 3, config_path=mock.sentinel.path)  # type: ignore[arg-type]
+        with mock.patch.object(StatsAggregate, "apply_to", autospec=True, side_effect=StatsAggregate.apply_to) as sums:
+            for pid in (100, 200, 300):
+                supervisor._handle(mock.Mock(), pid, _report(handshakes=pid, tunnels=1))
+            assert sums.call_count == 0 and supervisor.live_tunnels == 0
+            await asyncio.sleep(SUM_STATS_EVERY * 2)
+            assert sums.call_count == 1
+        assert supervisor.live_tunnels == 3 and ctx.stats.handshakes[("p", "a", "ok")] == 600
+
+    asyncio.run(scenario())
