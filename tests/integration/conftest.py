@@ -85,6 +85,36 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def run_lb(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 30 * UNIT
+) -> subprocess.CompletedProcess[str]:
+    """`python -m lb ARGS` to its end, as an operator runs it; the exit code is the caller's to check."""
+    return subprocess.run(
+        [sys.executable, "-m", "lb", *args], cwd=ROOT, env=child_env() if env is None else dict(env),
+        capture_output=True, text=True, errors="replace", timeout=timeout, check=False,
+    )
+
+
+def run_ctl(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 30 * UNIT
+) -> subprocess.CompletedProcess[str]:
+    """`lb ctl ARGS` with only the admin address and token the test gives (none inherited)."""
+    environment = child_env()
+    environment.pop("LB_ADMIN_URL", None)
+    environment.pop("LB_ADMIN_TOKEN", None)
+    environment.update(env or {})
+    return run_lb("ctl", *args, env=environment, timeout=timeout)
+
+
+def lb_certs(out: Path) -> Path:
+    """Development certificates from `lb certs --out OUT` (ca.crt, server.crt, server.key); returns OUT."""
+    done = run_lb("certs", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    for name in ("ca.crt", "server.crt", "server.key"):
+        assert (out / name).is_file(), f"lb certs did not write {name}"
+    return out
+
+
 def http_get(url: str, *, timeout: float = 1.0, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
     """Blocking GET for fixtures (no event loop there); raises OSError when nothing answers."""
     request = urllib.request.Request(url, headers=dict(headers or {}))

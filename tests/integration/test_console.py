@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -27,10 +26,10 @@ from conftest import (
     UNIT,
     Balancer,
     Gateway,
-    child_env,
     http_get_async,
     lb_config,
     new_key,
+    run_ctl,
     visit,
     wait_for_state,
 )
@@ -211,14 +210,7 @@ async def test_lookup_token_whose_backend_died(console: ConsoleStack) -> None:
 
 
 def ctl(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environment = child_env()
-    environment.pop("LB_ADMIN_URL", None)
-    environment.pop("LB_ADMIN_TOKEN", None)
-    environment.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "lb", "ctl", *args], cwd=ROOT, env=environment,
-        capture_output=True, text=True, timeout=CTL_TIMEOUT, check=False,
-    )
+    return run_ctl(*args, env=env, timeout=CTL_TIMEOUT)
 
 
 def admin_args(lb: Balancer, *, token: bool = True) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import ROOT, UNIT, free_port, new_key
+from conftest import ROOT, UNIT, free_port, lb_certs, new_key
 
 from backends_demo.stack import story_config, ws_pool
 
@@ -23,9 +23,7 @@ DEMO_WITHIN = 120 * UNIT
 
 def _example_on_free_ports(workdir: Path) -> Path:
     raw: dict[str, Any] = yaml.safe_load((ROOT / "config.example.yaml").read_text())
-    subprocess.run(
-        [sys.executable, "-m", "lb", "certs", "--out", str(workdir / "certs")], check=True, capture_output=True
-    )
+    lb_certs(workdir / "certs")
     for listener in raw["listeners"]:
         listener["bind"] = f"127.0.0.1:{free_port()}"
         if listener.get("tls"):

@@ -28,6 +28,7 @@ from conftest import (
     Launcher,
     child_env,
     close_raw,
+    lb_certs,
     lb_config,
     open_raw,
     raw_exchange,
@@ -41,13 +42,7 @@ TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall
 
 @pytest.fixture
 def certs(launcher: Launcher) -> Path:
-    out = launcher.workdir / "certs"
-    done = subprocess.run(
-        [sys.executable, "-m", "lb", "certs", "--out", str(out)],
-        cwd=ROOT, env=child_env(), capture_output=True, timeout=30 * UNIT, check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return out
+    return lb_certs(launcher.workdir / "certs")
 
 
 @pytest.fixture

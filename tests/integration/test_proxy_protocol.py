@@ -22,8 +22,6 @@ import secrets
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,15 +32,14 @@ import pytest
 import yaml
 from conftest import (
     HOST,
-    ROOT,
     STEADY_HEALTH,
     UNIT,
     Balancer,
     Launcher,
     SeenRequest,
     SpyBackend,
-    child_env,
     free_port,
+    lb_certs,
     lb_config,
 )
 
@@ -63,12 +60,7 @@ class PPStack:
 @pytest.fixture(scope="module")
 def pp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PPStack]:
     workdir = tmp_path_factory.mktemp("pp")
-    certs = workdir / "certs"
-    done = subprocess.run(
-        [sys.executable, "-m", "lb", "certs", "--out", str(certs)],
-        cwd=ROOT, env=child_env(), capture_output=True, timeout=30 * UNIT, check=False,
-    )
-    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    certs = lb_certs(workdir / "certs")
     launcher = Launcher(workdir)
     try:
         spy = launcher.spy()
