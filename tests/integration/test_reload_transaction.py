@@ -13,7 +13,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,18 +24,17 @@ import pytest
 import yaml
 from conftest import (
     HOST,
-    ROOT,
     UNIT,
     Gateway,
     Launcher,
     assert_echo,
     backend_states,
-    child_env,
     find_backend,
     free_port,
     http_get_async,
     lb_config,
     recv_hello,
+    run_lb,
     status,
     visit,
     ws_connect,
@@ -253,28 +251,33 @@ async def test_a_backend_removed_and_re_added_is_one_backend_with_its_count(
     await wait_until(released, what="gw-2's count back to 0 once its tunnels closed")
 
 
+@contextlib.contextmanager
+def _port_taken() -> Iterator[int]:
+    """A loopback port somebody else listens on, for as long as the block runs."""
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen(1)
+        yield int(taken.getsockname()[1])
+
+
+def _run_to_exit(tmp_path: Path, config: dict[str, Any]) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """`lb run` on CONFIG until it exits by itself; its result and its non-blank stderr lines."""
+    path = tmp_path / "lb.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = run_lb("run", "--config", str(path), timeout=20 * UNIT)
+    return done, [line for line in done.stderr.splitlines() if line.strip()]
+
+
 def test_lb_run_with_a_port_in_use_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     """A listener port in use: one line naming the address, exit 2, nothing left listening."""
-    taken = socket.socket()
-    taken.bind((HOST, 0))
-    taken.listen(1)
-    try:
-        port = taken.getsockname()[1]
+    with _port_taken() as port:
         free = free_port()
         admin = free_port()
         config = lb_config(pools={POOL: [_Static("gw-1", f"{HOST}:9")]})
         config["listeners"] = [{"bind": f"{HOST}:{free}"}, {"bind": f"{HOST}:{port}"}]
         config["admin"]["bind"] = f"{HOST}:{admin}"
-        path = tmp_path / "lb.yaml"
-        path.write_text(yaml.safe_dump(config))
-        done = subprocess.run(
-            [sys.executable, "-m", "lb", "run", "--config", str(path)],
-            cwd=ROOT, env=child_env(), capture_output=True, timeout=20 * UNIT, check=False,
-        )
-    finally:
-        taken.close()
+        done, lines = _run_to_exit(tmp_path, config)
     assert done.returncode == 2, done
-    lines = [line for line in done.stderr.decode().splitlines() if line.strip()]
     assert len(lines) == 1, lines
     assert f"{HOST}:{port}" in lines[0] and "Traceback" not in lines[0], lines
     for leftover in (free, admin):
@@ -284,22 +287,11 @@ def test_lb_run_with_a_port_in_use_prints_one_line_and_exits_2(tmp_path: Path) -
 
 def test_lb_run_with_the_admin_port_in_use_exits_2(tmp_path: Path) -> None:
     """The admin address taken: same one line and exit 2; the listener bound before is released."""
-    taken = socket.socket()
-    taken.bind((HOST, 0))
-    taken.listen(1)
-    try:
+    with _port_taken() as port:
         config = lb_config(pools={POOL: [_Static("gw-1", f"{HOST}:9")]})
-        config["admin"]["bind"] = f"{HOST}:{taken.getsockname()[1]}"
-        path = tmp_path / "lb.yaml"
-        path.write_text(yaml.safe_dump(config))
-        done = subprocess.run(
-            [sys.executable, "-m", "lb", "run", "--config", str(path)],
-            cwd=ROOT, env=child_env(), capture_output=True, timeout=20 * UNIT, check=False,
-        )
-    finally:
-        taken.close()
+        config["admin"]["bind"] = f"{HOST}:{port}"
+        done, lines = _run_to_exit(tmp_path, config)
     assert done.returncode == 2, done
-    lines = [line for line in done.stderr.decode().splitlines() if line.strip()]
     assert len(lines) == 1 and re.search(rf"{HOST}:\d+", lines[0]), lines
 
 
