@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -185,6 +186,30 @@ async def set_state(
 def signal_balancer(lb: Balancer, sig: int) -> None:
     assert lb.proc is not None and lb.proc.poll() is None, f"balancer {lb.name} is not running"
     os.kill(lb.proc.pid, sig)
+
+
+def worker_pids(owner_pid: int) -> list[int]:
+    """The owner's `lb worker` children, from ps."""
+    out = subprocess.run(["ps", "--ppid", str(owner_pid), "-o", "pid=,args="], capture_output=True, text=True)
+    return [int(line.split()[0]) for line in out.stdout.splitlines() if " lb worker " in line]
+
+
+async def two_workers(lb: Balancer) -> list[int]:
+    """The PIDs of a `workers: 2` balancer's two workers, once both are there."""
+    assert lb.proc is not None
+    pid = lb.proc.pid
+    found: list[int] = await wait_until(
+        lambda: p if len(p := worker_pids(pid)) == 2 else None, within=10 * UNIT, what="two workers"
+    )
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for its parent."""
+    try:
+        return "Z (zombie)" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
 
 
 def rewrite_config(lb: Balancer, config: Mapping[str, Any] | str) -> None:
