@@ -312,6 +312,16 @@ def token_of(v: Visit) -> str:
     return v.cookie.value
 
 
+async def visit_until(url: str, backend_id: str, *, tries: int) -> Visit:
+    """The first of up to `tries` fresh visits that lands on `backend_id` (least_conn ties take turns,
+    so a few visits reach every backend)."""
+    for _ in range(tries):
+        v = await visit(url)
+        if v.server_id == backend_id:
+            return v
+    raise AssertionError(f"none of {tries} visits to {url} reached {backend_id}")
+
+
 def with_query(url: str, token: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}{QUERY}={token}"
 

@@ -33,7 +33,7 @@ from conftest import (
     wait_for_state,
     ws_connect,
 )
-from support_ops import set_state, wait_close
+from support_ops import set_state, visit_until, wait_close
 
 
 async def gateway_post(gateway: Gateway, path: str) -> dict[str, Any]:
@@ -74,13 +74,8 @@ async def test_demo_gateway_drain_and_undrain_toggle_its_health_answer(launcher:
 async def test_backend_asks_to_drain_then_comes_back(launcher: Launcher) -> None:
     """A gateway saying draining gets no new client, keeps its cookie holders and tunnels; undrained, it is up."""
     lb, (gw1, gw2) = await _stack(launcher)
-    pinned = None
-    for _ in range(10):
-        first = await visit(lb.ws_url())
-        if first.server_id == gw1.id:
-            pinned = first
-            break
-    assert pinned is not None and pinned.cookie is not None
+    pinned = await visit_until(lb.ws_url(), gw1.id, tries=10)
+    assert pinned.cookie is not None
     async with ws_connect(lb.ws_url(), cookie=pinned.cookie.value) as (ws, _):
         assert (await recv_hello(ws))["server_id"] == gw1.id
         await gateway_post(gw1, "/drain")

@@ -33,7 +33,7 @@ from conftest import (
     visit,
     wait_for_state,
 )
-from support_ops import BlackHole, admin_request, launched, token_of, wait_until
+from support_ops import BlackHole, admin_request, launched, token_of, visit_until, wait_until
 
 OBSERVABILITY = ROOT / "deploy" / "observability"
 RULES = OBSERVABILITY / "alerts.yaml"
@@ -179,13 +179,7 @@ async def test_lookup_expired_token(console: ConsoleStack) -> None:
 async def test_lookup_token_whose_backend_died(console: ConsoleStack) -> None:
     """The backend is down: the token still names it, routes_to is where redispatch sends it, on every instance."""
     victim = console.gateways[2]
-    token = None
-    for _ in range(12):  # least_conn takes turns: one of the first visits lands on the victim
-        v = await visit(console.a.ws_url())
-        if v.server_id == victim.id:
-            token = token_of(v)
-            break
-    assert token is not None, f"no visit reached {victim.id}"
+    token = token_of(await visit_until(console.a.ws_url(), victim.id, tries=12))
     victim.kill()
     try:
         for lb in (console.a, console.b):

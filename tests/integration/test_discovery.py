@@ -34,7 +34,7 @@ from conftest import (
     ws_connect,
 )
 from support_dns import ZoneServer
-from support_ops import reload_with
+from support_ops import reload_with, visit_until
 
 SERVICE = "gateway.game.svc.cluster.local"
 
@@ -148,13 +148,8 @@ async def test_removed_record_keeps_tunnel_and_redispatches_cookie(launcher: Lau
     for g in (gw1, gw2):
         await wait_for_state(lb, "gateways", g.id, "up", within=10 * UNIT)
     # Find a client pinned to gw-2.
-    pinned = None
-    for _ in range(10):
-        first = await visit(lb.ws_url())
-        if first.server_id == "gw-2":
-            pinned = first
-            break
-    assert pinned is not None and pinned.cookie is not None, "no client reached gw-2"
+    pinned = await visit_until(lb.ws_url(), "gw-2", tries=10)
+    assert pinned.cookie is not None, "no affinity cookie from gw-2's first visit"
     async with ws_connect(lb.ws_url(), cookie=pinned.cookie.value) as (ws, _):
         assert (await recv_hello(ws))["server_id"] == "gw-2"
         publish(zone, [gw1])

@@ -43,6 +43,7 @@ from conftest import (
     wait_for_state,
     ws_connect,
 )
+from support_ops import visit_until
 
 PROXY_V2 = True  # listeners[].proxy_protocol is wired: HAProxy sends PROXY v2, the balancers read it
 
@@ -199,13 +200,8 @@ async def test_gateway_asking_to_drain_is_drained_by_every_instance(fleet: Fleet
     player, and still route its cookie holders to it."""
     await _ready(fleet)
     target = fleet.gateways[0]
-    pinned = None
-    for _ in range(12):
-        seen = await visit(fleet.haproxy.ws_url())
-        if seen.server_id == target.id:
-            pinned = seen
-            break
-    assert pinned is not None and pinned.cookie is not None
+    pinned = await visit_until(fleet.haproxy.ws_url(), target.id, tries=12)
+    assert pinned.cookie is not None
     async with ws_connect(fleet.haproxy.ws_url(), cookie=pinned.cookie.value) as (ws, _):
         assert (await recv_hello(ws))["server_id"] == target.id
         async with aiohttp.ClientSession() as session, session.post(f"{target.url}/drain") as reply:

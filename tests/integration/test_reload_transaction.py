@@ -39,7 +39,16 @@ from conftest import (
     visit,
     ws_connect,
 )
-from support_ops import backend_entry, reload_with, signal_balancer, start_two, token_of, wait_for_log, wait_until
+from support_ops import (
+    backend_entry,
+    reload_with,
+    signal_balancer,
+    start_two,
+    token_of,
+    visit_until,
+    wait_for_log,
+    wait_until,
+)
 
 POOL = "gateways"
 PROBE_INTERVAL = 0.1  # seconds between health probes of the counted backend
@@ -222,13 +231,7 @@ async def test_a_backend_removed_and_re_added_is_one_backend_with_its_count(
     """Remove gw-2 (tunnels live), reload, add it back, reload: one gw-2 in /status with its connections."""
     gw1, gw2 = gateways
     lb, config = start_two(launcher, POOL, gw1, gw2)
-    token = None
-    for _ in range(6):
-        v = await visit(lb.ws_url())
-        if v.server_id == gw2.id:
-            token = token_of(v)
-            break
-    assert token is not None, "gw-2 never got a client"
+    token = token_of(await visit_until(lb.ws_url(), gw2.id, tries=6))
     async with contextlib.AsyncExitStack() as stack:
         held = [await stack.enter_async_context(ws_connect(lb.ws_url(), cookie=token)) for _ in range(3)]
         for ws, _ in held:

@@ -27,7 +27,7 @@ from conftest import (
     visit,
     ws_connect,
 )
-from support_ops import process_alive, set_state, started_stack, token_of, two_workers, wait_until
+from support_ops import process_alive, set_state, started_stack, token_of, two_workers, visit_until, wait_until
 
 POOL = "gateways"
 SLOW_TCP_HEALTH = {"type": "tcp", "interval": "10s", "timeout": "1s", "rise": 1, "fall": 1}
@@ -54,13 +54,7 @@ async def test_drain_then_enable_stops_the_closes_in_every_worker(
     lb = start(launcher, {POOL: gateways})
     lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
     await two_workers(lb)
-    token = None
-    for _ in range(10):
-        v = await visit(lb.ws_url())
-        if v.server_id == gw1.id:
-            token = token_of(v)
-            break
-    assert token is not None
+    token = token_of(await visit_until(lb.ws_url(), gw1.id, tries=10))
     async with contextlib.AsyncExitStack() as stack:
         held = [await stack.enter_async_context(ws_connect(lb.ws_url(), cookie=token)) for _ in range(12)]
         for ws, _ in held:
