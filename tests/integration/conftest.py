@@ -157,7 +157,7 @@ class DeadBackend:
         return f"{HOST}:{self.port}"
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, *, sig: int = signal.SIGTERM) -> int | None:
+def stop_process(proc: subprocess.Popen[bytes] | None, *, sig: int = signal.SIGTERM) -> int | None:
     """Stop one process by PID: signal, wait, then kill. Returns its exit code."""
     if proc is None:
         return None
@@ -235,11 +235,11 @@ class Gateway:
 
     def kill(self) -> None:
         """Crash it: SIGKILL, so nothing closes cleanly (its port is closed afterwards)."""
-        _stop(self.proc, sig=signal.SIGKILL)
+        stop_process(self.proc, sig=signal.SIGKILL)
         self._close_log()
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
         self._close_log()
 
     @property
@@ -397,7 +397,7 @@ class Balancer:
             time.sleep(0.05)
 
     def stop(self) -> int | None:
-        code = _stop(self.proc)
+        code = stop_process(self.proc)
         for handle in self._files:
             handle.close()
         self._files = []

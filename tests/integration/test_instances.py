@@ -39,6 +39,7 @@ from conftest import (
     recv_hello,
     source_ips,
     status,
+    stop_process,
     visit,
     wait_for_state,
     ws_connect,
@@ -88,13 +89,7 @@ class HAProxy:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5 * UNIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5 * UNIT)
+        stop_process(self.proc)
 
     def ws_url(self, path: str = "/ws") -> str:
         return f"ws://{HOST}:{self.port}{path}"
