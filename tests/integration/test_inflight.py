@@ -26,6 +26,7 @@ from conftest import (
     UNIT,
     Balancer,
     Launcher,
+    RawResponse,
     child_env,
     close_raw,
     lb_certs,
@@ -35,6 +36,7 @@ from conftest import (
     read_response,
     wait_closed_by_peer,
 )
+from support_ops import wait_until
 from support_raw import RecordingBackend
 
 TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall": 3}
@@ -173,9 +175,14 @@ async def test_tls_handshakes_in_progress_count_against_max_connections(
     request = b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     stalled = [await open_raw(lb.tls_port) for _ in range(2)]  # TCP open, TLS never started
     try:
-        await asyncio.sleep(0.2)
-        refused = await raw_exchange(lb.port, request)
-        assert refused is not None and refused.status == 503 and refused.get("Retry-After"), refused
+
+        async def refused_answer() -> RawResponse:
+            refused = await raw_exchange(lb.port, request)
+            assert refused is not None and refused.status == 503 and refused.get("Retry-After"), refused
+            return refused
+
+        # Polled: the two stalled connections count once the balancer has accepted them.
+        await wait_until(refused_answer, within=5 * UNIT, every=0.1, what="a 503 at max_connections")
     finally:
         for _, writer in stalled:
             await close_raw(writer)
