@@ -149,13 +149,16 @@ async def test_rolling_update_recipe(launcher: Launcher, tmp_path: Any) -> None:
         await wait_for_state(lb, "gateways", g.id, "up", within=10 * UNIT)
     async with contextlib.AsyncExitStack() as stack:
         players = []
-        while len(players) < 3:
+        for _ in range(12):  # least_conn takes turns between the two: about every other one is leaving's
             ws, headers = await stack.enter_async_context(ws_connect(lb.ws_url()))
             hello = await recv_hello(ws)
             cookie = affinity_cookie(headers)
             if hello["server_id"] == leaving.id:
                 assert cookie is not None
                 players.append((ws, cookie.value))
+                if len(players) == 3:
+                    break
+        assert len(players) == 3, f"{len(players)} of 12 players reached {leaving.id}"
         await gateway_post(leaving, "/drain")  # what the StatefulSet's preStop does
         await wait_for_state(lb, "gateways", leaving.id, "draining")
         assert (await visit(lb.ws_url())).server_id == staying.id
