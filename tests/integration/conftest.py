@@ -457,6 +457,15 @@ class Launcher:
     def balancer(self, config: dict[str, Any], name: str | None = None) -> Balancer:
         return self.balancers(config, names=[name] if name else None)[0]
 
+    def adopt(self, process: Gateway | Balancer) -> None:
+        """Start a process built by the test (a subclass with its own command line); stopped with the rest."""
+        if isinstance(process, Gateway):
+            self._gateways.append(process)
+        else:
+            self._balancers.append(process)
+        process.launch()
+        process.wait_ready()
+
     def close(self) -> None:
         for balancer in reversed(self._balancers):
             balancer.stop()

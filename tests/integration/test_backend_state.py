@@ -141,8 +141,7 @@ async def test_rolling_update_recipe(launcher: Launcher, tmp_path: Any) -> None:
     """The README's gateway rolling update: /drain (no new players), then SIGTERM closes the rest with
     1012 spread over the window, and each reconnect with its cookie lands on another gateway."""
     leaving = SpreadGateway("gw-1", tmp_path)
-    launcher._gateways.append(leaving)  # the launcher stops it at the end, like its own
-    leaving.start()
+    launcher.adopt(leaving)
     [staying] = launcher.gateways(1, prefix="gw-stay")
     lb = launcher.balancer(lb_config(pools={"gateways": [leaving, staying]}))
     for g in (leaving, staying):

@@ -99,9 +99,7 @@ async def test_descriptor_exhaustion_logs_little_and_recovers(
     backend.delay = 0.0
     config = lb_config(pools={"p": [backend]}, health=TCP_HEALTH, overrides={"runtime": {"event_loop": event_loop}})
     lb = LimitedBalancer(config, launcher.workdir, f"limited-{event_loop}")
-    launcher._balancers.append(lb)
-    lb.launch()
-    lb.wait_ready()
+    launcher.adopt(lb)
     assert lb.port is not None
     lines_before = lb.log_lines()
     socks: list[socket.socket] = []
