@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import secrets
 import signal
 import socket
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from conftest import (
     HOST,
     STEADY_HEALTH,
@@ -42,6 +40,7 @@ from conftest import (
     lb_certs,
     lb_config,
 )
+from support_ops import rewrite_config, signal_balancer
 
 HANDSHAKE = 1.0  # timeouts.handshake of this stack, seconds
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -346,11 +345,10 @@ def wait_reloaded(lb: Balancer, mark: int) -> None:
 
 
 def reload_with(lb: Balancer, config: dict[str, Any]) -> None:
-    lb.config_path.with_suffix(".tmp").write_text(yaml.safe_dump(config, sort_keys=False))
-    lb.config_path.with_suffix(".tmp").replace(lb.config_path)
+    """support_ops.reload_with for these blocking tests: also fails at once on a "reload failed" line."""
+    rewrite_config(lb, config)
     mark = lb.log_lines()
-    assert lb.proc is not None
-    os.kill(lb.proc.pid, signal.SIGHUP)
+    signal_balancer(lb, signal.SIGHUP)
     wait_reloaded(lb, mark)
 
 
