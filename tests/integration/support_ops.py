@@ -44,6 +44,7 @@ from conftest import (
     Visit,
     client_session,
     deep_merge,
+    http_get_async,
     lb_config,
     visit,
 )
@@ -244,6 +245,24 @@ async def reload_with(
     mark = lb.log_lines()
     signal_balancer(lb, signal.SIGHUP)
     return await wait_for_log(lb, expect, after=mark, within=within)
+
+
+async def metrics_text(lb: Balancer) -> str:
+    """The balancer's /metrics exposition."""
+    code, _, body = await http_get_async(lb.admin_url("/metrics"))
+    assert code == 200, body[:200]
+    return body.decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The first sample of `name` in an exposition whose labels include `labels`; None if there is none."""
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()) and (head == name or head.startswith(name + "{")):
+            return float(value)
+    return None
 
 
 async def wait_for_log(lb: Balancer, text: str, *, after: int = 0, within: float = 5 * UNIT) -> str:

@@ -25,13 +25,13 @@ import yaml
 from conftest import (
     HOST,
     UNIT,
+    DeadBackend,
     Gateway,
     Launcher,
     assert_echo,
     backend_states,
     find_backend,
     free_port,
-    http_get_async,
     lb_config,
     recv_hello,
     run_lb,
@@ -41,6 +41,8 @@ from conftest import (
 )
 from support_ops import (
     backend_entry,
+    metric,
+    metrics_text,
     reload_with,
     signal_balancer,
     start_two,
@@ -102,22 +104,6 @@ def counter() -> Iterator[ProbeCounter]:
         yield counted
     finally:
         counted.close()
-
-
-def metric(text: str, name: str, **labels: str) -> float | None:
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        head, _, value = line.rpartition(" ")
-        if all(f'{k}="{v}"' in head for k, v in labels.items()) and (head == name or head.startswith(name + "{")):
-            return float(value)
-    return None
-
-
-async def metrics_text(lb: Any) -> str:
-    code, _, body = await http_get_async(lb.admin_url("/metrics"))
-    assert code == 200
-    return body.decode()
 
 
 async def test_twenty_sighups_under_traffic_lose_no_tunnel_and_keep_the_probe_rate(
@@ -276,7 +262,7 @@ def test_lb_run_with_a_port_in_use_prints_one_line_and_exits_2(tmp_path: Path) -
     with _port_taken() as port:
         free = free_port()
         admin = free_port()
-        config = lb_config(pools={POOL: [_Static("gw-1", f"{HOST}:9")]})
+        config = lb_config(pools={POOL: [DeadBackend("gw-1", 9)]})
         config["listeners"] = [{"bind": f"{HOST}:{free}"}, {"bind": f"{HOST}:{port}"}]
         config["admin"]["bind"] = f"{HOST}:{admin}"
         done, lines = _run_to_exit(tmp_path, config)
@@ -291,14 +277,8 @@ def test_lb_run_with_a_port_in_use_prints_one_line_and_exits_2(tmp_path: Path) -
 def test_lb_run_with_the_admin_port_in_use_exits_2(tmp_path: Path) -> None:
     """The admin address taken: same one line and exit 2; the listener bound before is released."""
     with _port_taken() as port:
-        config = lb_config(pools={POOL: [_Static("gw-1", f"{HOST}:9")]})
+        config = lb_config(pools={POOL: [DeadBackend("gw-1", 9)]})
         config["admin"]["bind"] = f"{HOST}:{port}"
         done, lines = _run_to_exit(tmp_path, config)
     assert done.returncode == 2, done
     assert len(lines) == 1 and re.search(rf"{HOST}:\d+", lines[0]), lines
-
-
-class _Static:
-    def __init__(self, backend_id: str, address: str) -> None:
-        self.id = backend_id
-        self.address = address
