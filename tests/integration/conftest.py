@@ -157,7 +157,7 @@ class DeadBackend:
         return f"{HOST}:{self.port}"
 
 
-def stop_process(proc: subprocess.Popen[bytes] | None, *, sig: int = signal.SIGTERM) -> int | None:
+def stop_process(proc: subprocess.Popen[Any] | None, *, sig: int = signal.SIGTERM) -> int | None:
     """Stop one process by PID: signal, wait, then kill. Returns its exit code."""
     if proc is None:
         return None
