@@ -26,6 +26,7 @@ from conftest import (
     UNIT,
     Balancer,
     Gateway,
+    free_port,
     http_get_async,
     lb_config,
     new_key,
@@ -259,7 +260,7 @@ def test_ctl_exit_codes_on_errors(console: ConsoleStack) -> None:
     assert unknown.returncode == 1 and "404" in unknown.stderr and "unknown pool or backend" in unknown.stderr
     bad_rate = ctl(*admin_args(lb), "drain", "gateways", "gw-1", "--rate", "0")
     assert bad_rate.returncode == 1 and "rate" in bad_rate.stderr
-    nothing_there = ctl("--admin", f"http://127.0.0.1:{_closed_port()}", "status")
+    nothing_there = ctl("--admin", f"http://127.0.0.1:{free_port()}", "status")
     assert nothing_there.returncode == 2 and "cannot reach the admin API" in nothing_there.stderr
     usage = ctl("drain", "gateways")
     assert usage.returncode == 2
@@ -267,12 +268,6 @@ def test_ctl_exit_codes_on_errors(console: ConsoleStack) -> None:
     assert bad_url.returncode == 2
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_ctl_url_and_token_from_environment(console: ConsoleStack) -> None:
