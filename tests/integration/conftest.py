@@ -85,6 +85,36 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def run_lb(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 30 * UNIT
+) -> subprocess.CompletedProcess[str]:
+    """`python -m lb ARGS` to its end, as an operator runs it; the exit code is the caller's to check."""
+    return subprocess.run(
+        [sys.executable, "-m", "lb", *args], cwd=ROOT, env=child_env() if env is None else dict(env),
+        capture_output=True, text=True, errors="replace", timeout=timeout, check=False,
+    )
+
+
+def run_ctl(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 30 * UNIT
+) -> subprocess.CompletedProcess[str]:
+    """`lb ctl ARGS` with only the admin address and token the test gives (none inherited)."""
+    environment = child_env()
+    environment.pop("LB_ADMIN_URL", None)
+    environment.pop("LB_ADMIN_TOKEN", None)
+    environment.update(env or {})
+    return run_lb("ctl", *args, env=environment, timeout=timeout)
+
+
+def lb_certs(out: Path) -> Path:
+    """Development certificates from `lb certs --out OUT` (ca.crt, server.crt, server.key); returns OUT."""
+    done = run_lb("certs", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    for name in ("ca.crt", "server.crt", "server.key"):
+        assert (out / name).is_file(), f"lb certs did not write {name}"
+    return out
+
+
 def http_get(url: str, *, timeout: float = 1.0, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
     """Blocking GET for fixtures (no event loop there); raises OSError when nothing answers."""
     request = urllib.request.Request(url, headers=dict(headers or {}))
@@ -127,7 +157,7 @@ class DeadBackend:
         return f"{HOST}:{self.port}"
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, *, sig: int = signal.SIGTERM) -> int | None:
+def stop_process(proc: subprocess.Popen[Any] | None, *, sig: int = signal.SIGTERM) -> int | None:
     """Stop one process by PID: signal, wait, then kill. Returns its exit code."""
     if proc is None:
         return None
@@ -205,11 +235,11 @@ class Gateway:
 
     def kill(self) -> None:
         """Crash it: SIGKILL, so nothing closes cleanly (its port is closed afterwards)."""
-        _stop(self.proc, sig=signal.SIGKILL)
+        stop_process(self.proc, sig=signal.SIGKILL)
         self._close_log()
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
         self._close_log()
 
     @property
@@ -367,7 +397,7 @@ class Balancer:
             time.sleep(0.05)
 
     def stop(self) -> int | None:
-        code = _stop(self.proc)
+        code = stop_process(self.proc)
         for handle in self._files:
             handle.close()
         self._files = []
@@ -426,6 +456,15 @@ class Launcher:
 
     def balancer(self, config: dict[str, Any], name: str | None = None) -> Balancer:
         return self.balancers(config, names=[name] if name else None)[0]
+
+    def adopt(self, process: Gateway | Balancer) -> None:
+        """Start a process built by the test (a subclass with its own command line); stopped with the rest."""
+        if isinstance(process, Gateway):
+            self._gateways.append(process)
+        else:
+            self._balancers.append(process)
+        process.launch()
+        process.wait_ready()
 
     def close(self) -> None:
         for balancer in reversed(self._balancers):

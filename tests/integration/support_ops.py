@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -43,6 +44,7 @@ from conftest import (
     Visit,
     client_session,
     deep_merge,
+    http_get_async,
     lb_config,
     visit,
 )
@@ -187,6 +189,30 @@ def signal_balancer(lb: Balancer, sig: int) -> None:
     os.kill(lb.proc.pid, sig)
 
 
+def worker_pids(owner_pid: int) -> list[int]:
+    """The owner's `lb worker` children, from ps."""
+    out = subprocess.run(["ps", "--ppid", str(owner_pid), "-o", "pid=,args="], capture_output=True, text=True)
+    return [int(line.split()[0]) for line in out.stdout.splitlines() if " lb worker " in line]
+
+
+async def two_workers(lb: Balancer) -> list[int]:
+    """The PIDs of a `workers: 2` balancer's two workers, once both are there."""
+    assert lb.proc is not None
+    pid = lb.proc.pid
+    found: list[int] = await wait_until(
+        lambda: p if len(p := worker_pids(pid)) == 2 else None, within=10 * UNIT, what="two workers"
+    )
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for its parent."""
+    try:
+        return "Z (zombie)" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
 def rewrite_config(lb: Balancer, config: Mapping[str, Any] | str) -> None:
     """Replace the balancer's config file (a mapping, or raw text for broken configs); SIGHUP applies it."""
     text = config if isinstance(config, str) else yaml.safe_dump(dict(config), sort_keys=False)
@@ -219,6 +245,24 @@ async def reload_with(
     mark = lb.log_lines()
     signal_balancer(lb, signal.SIGHUP)
     return await wait_for_log(lb, expect, after=mark, within=within)
+
+
+async def metrics_text(lb: Balancer) -> str:
+    """The balancer's /metrics exposition."""
+    code, _, body = await http_get_async(lb.admin_url("/metrics"))
+    assert code == 200, body[:200]
+    return body.decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The first sample of `name` in an exposition whose labels include `labels`; None if there is none."""
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()) and (head == name or head.startswith(name + "{")):
+            return float(value)
+    return None
 
 
 async def wait_for_log(lb: Balancer, text: str, *, after: int = 0, within: float = 5 * UNIT) -> str:
@@ -285,6 +329,16 @@ def token_of(v: Visit) -> str:
     header = v.headers.get(HEADER)
     assert header == v.cookie.value, f"{HEADER} header {header!r} differs from the cookie {v.cookie.value!r}"
     return v.cookie.value
+
+
+async def visit_until(url: str, backend_id: str, *, tries: int) -> Visit:
+    """The first of up to `tries` fresh visits that lands on `backend_id` (least_conn ties take turns,
+    so a few visits reach every backend)."""
+    for _ in range(tries):
+        v = await visit(url)
+        if v.server_id == backend_id:
+            return v
+    raise AssertionError(f"none of {tries} visits to {url} reached {backend_id}")
 
 
 def with_query(url: str, token: str) -> str:

@@ -33,7 +33,7 @@ from conftest import (
     wait_for_state,
     ws_connect,
 )
-from support_ops import set_state, wait_close
+from support_ops import set_state, visit_until, wait_close
 
 
 async def gateway_post(gateway: Gateway, path: str) -> dict[str, Any]:
@@ -74,13 +74,8 @@ async def test_demo_gateway_drain_and_undrain_toggle_its_health_answer(launcher:
 async def test_backend_asks_to_drain_then_comes_back(launcher: Launcher) -> None:
     """A gateway saying draining gets no new client, keeps its cookie holders and tunnels; undrained, it is up."""
     lb, (gw1, gw2) = await _stack(launcher)
-    pinned = None
-    for _ in range(10):
-        first = await visit(lb.ws_url())
-        if first.server_id == gw1.id:
-            pinned = first
-            break
-    assert pinned is not None and pinned.cookie is not None
+    pinned = await visit_until(lb.ws_url(), gw1.id, tries=10)
+    assert pinned.cookie is not None
     async with ws_connect(lb.ws_url(), cookie=pinned.cookie.value) as (ws, _):
         assert (await recv_hello(ws))["server_id"] == gw1.id
         await gateway_post(gw1, "/drain")
@@ -146,21 +141,23 @@ async def test_rolling_update_recipe(launcher: Launcher, tmp_path: Any) -> None:
     """The README's gateway rolling update: /drain (no new players), then SIGTERM closes the rest with
     1012 spread over the window, and each reconnect with its cookie lands on another gateway."""
     leaving = SpreadGateway("gw-1", tmp_path)
-    launcher._gateways.append(leaving)  # the launcher stops it at the end, like its own
-    leaving.start()
+    launcher.adopt(leaving)
     [staying] = launcher.gateways(1, prefix="gw-stay")
     lb = launcher.balancer(lb_config(pools={"gateways": [leaving, staying]}))
     for g in (leaving, staying):
         await wait_for_state(lb, "gateways", g.id, "up", within=10 * UNIT)
     async with contextlib.AsyncExitStack() as stack:
         players = []
-        while len(players) < 3:
+        for _ in range(12):  # least_conn takes turns between the two: about every other one is leaving's
             ws, headers = await stack.enter_async_context(ws_connect(lb.ws_url()))
             hello = await recv_hello(ws)
             cookie = affinity_cookie(headers)
             if hello["server_id"] == leaving.id:
                 assert cookie is not None
                 players.append((ws, cookie.value))
+                if len(players) == 3:
+                    break
+        assert len(players) == 3, f"{len(players)} of 12 players reached {leaving.id}"
         await gateway_post(leaving, "/drain")  # what the StatefulSet's preStop does
         await wait_for_state(lb, "gateways", leaving.id, "draining")
         assert (await visit(lb.ws_url())).server_id == staying.id

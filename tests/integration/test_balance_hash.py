@@ -15,13 +15,11 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from conftest import (
     COOKIE,
     STEADY_HEALTH,
-    UNIT,
     Backend,
     Balancer,
     Launcher,
@@ -32,7 +30,7 @@ from conftest import (
     source_ips,
     visit,
 )
-from support_ops import admin_request
+from support_ops import admin_request, metrics_text
 
 USER_HEADER = "X-User-Id"
 
@@ -238,9 +236,6 @@ async def test_rewrite_value_too_large_to_seal_passes_unsealed_with_warning_and_
     assert status == 200
     assert seen[-1] == f"SESSIONID={BIG}; other=1"
     assert re.search(r"WARNING.*too large to seal", lb.log_text()), lb.logs_tail()
-    async with aiohttp.ClientSession() as session:
-        async with asyncio.timeout(5 * UNIT):
-            async with session.get(lb.admin_url("/metrics")) as response:
-                metrics = await response.text()
+    metrics = await metrics_text(lb)
     assert 'lb_affinity_unsealed_cookies_total{pool="big"} 2.0' in metrics
 

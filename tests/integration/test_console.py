@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -27,14 +26,15 @@ from conftest import (
     UNIT,
     Balancer,
     Gateway,
-    child_env,
+    free_port,
     http_get_async,
     lb_config,
     new_key,
+    run_ctl,
     visit,
     wait_for_state,
 )
-from support_ops import BlackHole, admin_request, launched, token_of, wait_until
+from support_ops import BlackHole, admin_request, launched, token_of, visit_until, wait_until
 
 OBSERVABILITY = ROOT / "deploy" / "observability"
 RULES = OBSERVABILITY / "alerts.yaml"
@@ -180,13 +180,7 @@ async def test_lookup_expired_token(console: ConsoleStack) -> None:
 async def test_lookup_token_whose_backend_died(console: ConsoleStack) -> None:
     """The backend is down: the token still names it, routes_to is where redispatch sends it, on every instance."""
     victim = console.gateways[2]
-    token = None
-    for _ in range(12):  # least_conn takes turns: one of the first visits lands on the victim
-        v = await visit(console.a.ws_url())
-        if v.server_id == victim.id:
-            token = token_of(v)
-            break
-    assert token is not None, f"no visit reached {victim.id}"
+    token = token_of(await visit_until(console.a.ws_url(), victim.id, tries=12))
     victim.kill()
     try:
         for lb in (console.a, console.b):
@@ -211,14 +205,7 @@ async def test_lookup_token_whose_backend_died(console: ConsoleStack) -> None:
 
 
 def ctl(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environment = child_env()
-    environment.pop("LB_ADMIN_URL", None)
-    environment.pop("LB_ADMIN_TOKEN", None)
-    environment.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "lb", "ctl", *args], cwd=ROOT, env=environment,
-        capture_output=True, text=True, timeout=CTL_TIMEOUT, check=False,
-    )
+    return run_ctl(*args, env=env, timeout=CTL_TIMEOUT)
 
 
 def admin_args(lb: Balancer, *, token: bool = True) -> list[str]:
@@ -273,7 +260,7 @@ def test_ctl_exit_codes_on_errors(console: ConsoleStack) -> None:
     assert unknown.returncode == 1 and "404" in unknown.stderr and "unknown pool or backend" in unknown.stderr
     bad_rate = ctl(*admin_args(lb), "drain", "gateways", "gw-1", "--rate", "0")
     assert bad_rate.returncode == 1 and "rate" in bad_rate.stderr
-    nothing_there = ctl("--admin", f"http://127.0.0.1:{_closed_port()}", "status")
+    nothing_there = ctl("--admin", f"http://127.0.0.1:{free_port()}", "status")
     assert nothing_there.returncode == 2 and "cannot reach the admin API" in nothing_there.stderr
     usage = ctl("drain", "gateways")
     assert usage.returncode == 2
@@ -281,12 +268,6 @@ def test_ctl_exit_codes_on_errors(console: ConsoleStack) -> None:
     assert bad_url.returncode == 2
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_ctl_url_and_token_from_environment(console: ConsoleStack) -> None:

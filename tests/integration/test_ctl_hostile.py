@@ -12,12 +12,11 @@ import contextlib
 import json
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import ROOT, UNIT, child_env
+from conftest import UNIT, run_ctl
 from support_tcp import ThreadedServer
 
 MAX_SECONDS = 15.0
@@ -82,14 +81,8 @@ def drip(server: Scripted, conn: socket.socket, head: bytes) -> None:
 
 
 def ctl(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    environment = child_env()
-    environment.pop("LB_ADMIN_URL", None)
-    environment.pop("LB_ADMIN_TOKEN", None)
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "lb", "ctl", *args], cwd=ROOT, env=environment,
-        capture_output=True, text=True, timeout=30 * UNIT, check=False,
-    )
+    done = run_ctl(*args)
     return done, time.monotonic() - started
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import ROOT, UNIT, free_port, new_key
+from conftest import ROOT, UNIT, free_port, lb_certs, new_key, stop_process
 
 from backends_demo.stack import story_config, ws_pool
 
@@ -23,9 +23,7 @@ DEMO_WITHIN = 120 * UNIT
 
 def _example_on_free_ports(workdir: Path) -> Path:
     raw: dict[str, Any] = yaml.safe_load((ROOT / "config.example.yaml").read_text())
-    subprocess.run(
-        [sys.executable, "-m", "lb", "certs", "--out", str(workdir / "certs")], check=True, capture_output=True
-    )
+    lb_certs(workdir / "certs")
     for listener in raw["listeners"]:
         listener["bind"] = f"127.0.0.1:{free_port()}"
         if listener.get("tls"):
@@ -45,12 +43,17 @@ def test_demo_shows_source_moving_cookie_holding_and_hash_agreeing(tmp_path: Pat
     env_file = tmp_path / "secrets.env"
     env_file.write_text(f"LB_COOKIE_KEY={new_key()}\nLB_ADMIN_TOKEN={new_key()}\n")
     env = {k: v for k, v in os.environ.items() if k not in ("LB_COOKIE_KEY", "LB_ADMIN_TOKEN")}
-    result = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "backends_demo.stack", "--config", str(config), "--env-file", str(env_file), "--demo"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=DEMO_WITHIN,
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    out = result.stdout
-    assert result.returncode == 0, out + result.stderr
+    try:
+        out, err = proc.communicate(timeout=DEMO_WITHIN)
+    finally:
+        # Past the timeout, SIGTERM (not run()'s SIGKILL) lets the stack stop the gateways and balancer it
+        # started in sessions of their own; a SIGKILLed stack would leave them running.
+        stop_process(proc)
+    assert proc.returncode == 0, out + err
     before = out.split("1. before", 1)[1].split("2. after", 1)[0]
     assert "NOT STICKY" in before and "as expected" in before
     assert len(set(re.findall(r"\b(gw-\d)\b", before))) >= 2, "the source-IP run moved between gateways"

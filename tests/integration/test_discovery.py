@@ -25,7 +25,6 @@ from conftest import (
     assert_echo,
     find_backend,
     free_port,
-    http_get_async,
     lb_config,
     recv_hello,
     status,
@@ -34,7 +33,7 @@ from conftest import (
     ws_connect,
 )
 from support_dns import ZoneServer
-from support_ops import reload_with
+from support_ops import metric, metrics_text, reload_with, visit_until
 
 SERVICE = "gateway.game.svc.cluster.local"
 
@@ -99,9 +98,7 @@ async def test_srv_records_name_backends_by_first_label(launcher: Launcher, zone
         await wait_for_state(lb, "gateways", g.id, "up")
     seen = {(await visit(lb.ws_url())).server_id for _ in range(4)}
     assert seen == {"gw-1", "gw-2"}
-    code, _, body = await http_get_async(lb.admin_url("/metrics"))
-    text = body.decode()
-    assert code == 200
+    text = await metrics_text(lb)
     assert 'lb_discovery_backends{pool="gateways"} 2.0' in text
     assert 'lb_discovery_last_success_timestamp_seconds{pool="gateways"}' in text
 
@@ -148,13 +145,8 @@ async def test_removed_record_keeps_tunnel_and_redispatches_cookie(launcher: Lau
     for g in (gw1, gw2):
         await wait_for_state(lb, "gateways", g.id, "up", within=10 * UNIT)
     # Find a client pinned to gw-2.
-    pinned = None
-    for _ in range(10):
-        first = await visit(lb.ws_url())
-        if first.server_id == "gw-2":
-            pinned = first
-            break
-    assert pinned is not None and pinned.cookie is not None, "no client reached gw-2"
+    pinned = await visit_until(lb.ws_url(), "gw-2", tries=10)
+    assert pinned.cookie is not None, "no affinity cookie from gw-2's first visit"
     async with ws_connect(lb.ws_url(), cookie=pinned.cookie.value) as (ws, _):
         assert (await recv_hello(ws))["server_id"] == "gw-2"
         publish(zone, [gw1])
@@ -183,10 +175,8 @@ async def test_dns_down_keeps_last_known_set(launcher: Launcher, zone: ZoneServe
     assert data["pools"]["gateways"]["discovery"]["last_ok"] == last_ok
     seen = {(await visit(lb.ws_url())).server_id for _ in range(4)}
     assert seen == {"gw-1", "gw-2"}
-    code, _, body = await http_get_async(lb.admin_url("/metrics"))
-    prefix = 'lb_discovery_errors_total{pool="gateways"}'
-    errors = [line for line in body.decode().splitlines() if line.startswith(prefix)]
-    assert code == 200 and errors and float(errors[0].split()[-1]) >= 1
+    errors = metric(await metrics_text(lb), "lb_discovery_errors_total", pool="gateways")
+    assert errors is not None and errors >= 1, errors
 
 
 async def test_empty_answer_keeps_last_known_set(launcher: Launcher, zone: ZoneServer) -> None:

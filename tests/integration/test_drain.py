@@ -249,9 +249,11 @@ async def test_drain_with_close_after_and_rate_closes_tunnels_with_1012_then_rec
     are untouched; each client reconnecting with the token it holds (cookie, header or query) lands on
     another backend and gets a fresh cookie."""
     drained, token = await pinned_token(lb)
-    other, other_token = await pinned_token(lb)
-    while other == drained:
+    for _ in range(8):  # least_conn takes turns: the next fresh client or so lands elsewhere
         other, other_token = await pinned_token(lb)
+        if other != drained:
+            break
+    assert other != drained, f"8 fresh clients all landed on {drained}"
     n, rate, close_after = 4, 4.0, 0.3
     async with contextlib.AsyncExitStack() as stack:
         tunnels = []

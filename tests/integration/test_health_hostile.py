@@ -11,6 +11,7 @@ count and time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -109,10 +110,14 @@ SCRIPTS: dict[str, tuple[Callable[[HealthScript, socket.socket], None], str]] = 
 
 @pytest.fixture
 def hostile() -> Iterator[list[HealthScript]]:
-    servers = [HealthScript(name, script) for name, (script, _) in SCRIPTS.items()]
-    yield servers
-    for server in servers:
-        server.close()
+    servers: list[HealthScript] = []
+    try:
+        for name, (script, _) in SCRIPTS.items():
+            servers.append(HealthScript(name, script))
+        yield servers
+    finally:
+        for server in servers:
+            server.close()
 
 
 async def test_hostile_health_answers_are_bounded_and_judged_by_their_head(
@@ -129,6 +134,7 @@ async def test_hostile_health_answers_are_bounded_and_judged_by_their_head(
         document = await status(lb)
         for name, (_, expected) in SCRIPTS.items():
             assert find_backend(document, "gateways", name)["state"] == expected, name
+        await asyncio.sleep(0.1)  # a few reads per 300 ms probe interval, not hundreds a second
     # What a probe "took" is what fit in the loopback socket buffers before it hung up: a few MB, never 100.
     huge = next(s for s in hostile if s.id == "huge")
     per_probe = huge.sent / max(1, huge.connections)

@@ -26,14 +26,17 @@ from conftest import (
     UNIT,
     Balancer,
     Launcher,
+    RawResponse,
     child_env,
     close_raw,
+    lb_certs,
     lb_config,
     open_raw,
     raw_exchange,
     read_response,
     wait_closed_by_peer,
 )
+from support_ops import wait_until
 from support_raw import RecordingBackend
 
 TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall": 3}
@@ -41,13 +44,7 @@ TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall
 
 @pytest.fixture
 def certs(launcher: Launcher) -> Path:
-    out = launcher.workdir / "certs"
-    done = subprocess.run(
-        [sys.executable, "-m", "lb", "certs", "--out", str(out)],
-        cwd=ROOT, env=child_env(), capture_output=True, timeout=30 * UNIT, check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return out
+    return lb_certs(launcher.workdir / "certs")
 
 
 @pytest.fixture
@@ -102,9 +99,7 @@ async def test_descriptor_exhaustion_logs_little_and_recovers(
     backend.delay = 0.0
     config = lb_config(pools={"p": [backend]}, health=TCP_HEALTH, overrides={"runtime": {"event_loop": event_loop}})
     lb = LimitedBalancer(config, launcher.workdir, f"limited-{event_loop}")
-    launcher._balancers.append(lb)
-    lb.launch()
-    lb.wait_ready()
+    launcher.adopt(lb)
     assert lb.port is not None
     lines_before = lb.log_lines()
     socks: list[socket.socket] = []
@@ -178,9 +173,14 @@ async def test_tls_handshakes_in_progress_count_against_max_connections(
     request = b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     stalled = [await open_raw(lb.tls_port) for _ in range(2)]  # TCP open, TLS never started
     try:
-        await asyncio.sleep(0.2)
-        refused = await raw_exchange(lb.port, request)
-        assert refused is not None and refused.status == 503 and refused.get("Retry-After"), refused
+
+        async def refused_answer() -> RawResponse:
+            refused = await raw_exchange(lb.port, request)
+            assert refused is not None and refused.status == 503 and refused.get("Retry-After"), refused
+            return refused
+
+        # Polled: the two stalled connections count once the balancer has accepted them.
+        await wait_until(refused_answer, within=5 * UNIT, every=0.1, what="a 503 at max_connections")
     finally:
         for _, writer in stalled:
             await close_raw(writer)

@@ -39,10 +39,12 @@ from conftest import (
     recv_hello,
     source_ips,
     status,
+    stop_process,
     visit,
     wait_for_state,
     ws_connect,
 )
+from support_ops import visit_until
 
 PROXY_V2 = True  # listeners[].proxy_protocol is wired: HAProxy sends PROXY v2, the balancers read it
 
@@ -87,13 +89,7 @@ class HAProxy:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5 * UNIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5 * UNIT)
+        stop_process(self.proc)
 
     def ws_url(self, path: str = "/ws") -> str:
         return f"ws://{HOST}:{self.port}{path}"
@@ -199,13 +195,8 @@ async def test_gateway_asking_to_drain_is_drained_by_every_instance(fleet: Fleet
     player, and still route its cookie holders to it."""
     await _ready(fleet)
     target = fleet.gateways[0]
-    pinned = None
-    for _ in range(12):
-        seen = await visit(fleet.haproxy.ws_url())
-        if seen.server_id == target.id:
-            pinned = seen
-            break
-    assert pinned is not None and pinned.cookie is not None
+    pinned = await visit_until(fleet.haproxy.ws_url(), target.id, tries=12)
+    assert pinned.cookie is not None
     async with ws_connect(fleet.haproxy.ws_url(), cookie=pinned.cookie.value) as (ws, _):
         assert (await recv_hello(ws))["server_id"] == target.id
         async with aiohttp.ClientSession() as session, session.post(f"{target.url}/drain") as reply:

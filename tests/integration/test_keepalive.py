@@ -12,7 +12,8 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from conftest import Launcher, close_raw, lb_config, open_raw, read_response
+from conftest import UNIT, Launcher, close_raw, lb_config, open_raw, read_response
+from support_ops import wait_until
 from support_raw import RecordingBackend
 
 TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall": 3}
@@ -58,9 +59,13 @@ async def test_three_requests_on_one_connection_each_routed_by_its_own_path(two:
     assert [r.split(b" ")[1] for r in sent_a] == [b"/a/one", b"/a/three"]
     assert [r.split(b" ")[1] for r in sent_b] == [b"/b/two"]
     assert all(r.count(b"\r\n\r\n") == 1 for r in sent_a + sent_b), "one request per backend connection"
-    await asyncio.sleep(0.1)
+
+    def request_ids() -> set[str]:
+        return set(re.findall(r'"request_id": ?"([0-9a-f]+)"', lb.log_text()))
+
+    await wait_until(lambda: len(request_ids()) >= 3, within=5 * UNIT, what="three access-log lines")
     text = lb.log_text()
-    ids = set(re.findall(r'"request_id": ?"([0-9a-f]+)"', text))
+    ids = request_ids()
     assert len(ids) == 3, f"one access-log line with its own request id per request: {text[-2000:]}"
 
 

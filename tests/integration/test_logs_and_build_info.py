@@ -10,10 +10,8 @@ import copy
 import json
 import re
 import signal
-import subprocess
-import sys
 
-from conftest import ROOT, UNIT, Balancer, Gateway, Launcher, child_env, http_get_async, lb_config, visit
+from conftest import UNIT, Balancer, Gateway, Launcher, http_get_async, lb_config, run_lb, visit
 from support_ops import reload_with, rewrite_config, signal_balancer, wait_exit, wait_until
 
 POOL = "gateways"
@@ -67,11 +65,8 @@ async def test_json_lines_parse_with_iso_time_and_numeric_durations(
 
 def test_lb_version_prints_the_version() -> None:
     """`lb --version`: the version on stdout, exit 0."""
-    done = subprocess.run(
-        [sys.executable, "-m", "lb", "--version"], cwd=ROOT, env=child_env(), capture_output=True, timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0 and re.fullmatch(r"lb \d+\.\d+\.\d+\S*\n", done.stdout.decode()), done
+    done = run_lb("--version")
+    assert done.returncode == 0 and re.fullmatch(r"lb \d+\.\d+\.\d+\S*\n", done.stdout), done
 
 
 async def build_info(lb: Balancer) -> tuple[str, str]:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import HOST, STOP_WAIT, UNIT, free_port
+from conftest import HOST, UNIT, free_port, stop_process
 
 from lb.http.proxy_header import Command, Family, ProxyHeader, parse_proxy_header
 
@@ -95,12 +95,7 @@ def relays(
             sink.accept()[0].close()
         yield sink, ports, checked
     finally:
-        proc.terminate()
-        try:
-            proc.wait(STOP_WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(STOP_WAIT)
+        stop_process(proc)
         log.close()
         sink.close()
         checked.close()

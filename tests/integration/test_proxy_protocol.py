@@ -17,13 +17,10 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import secrets
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,20 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from conftest import (
     HOST,
-    ROOT,
     STEADY_HEALTH,
     UNIT,
     Balancer,
     Launcher,
     SeenRequest,
     SpyBackend,
-    child_env,
     free_port,
+    lb_certs,
     lb_config,
 )
+from support_ops import rewrite_config, signal_balancer
 
 HANDSHAKE = 1.0  # timeouts.handshake of this stack, seconds
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -63,12 +59,7 @@ class PPStack:
 @pytest.fixture(scope="module")
 def pp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PPStack]:
     workdir = tmp_path_factory.mktemp("pp")
-    certs = workdir / "certs"
-    done = subprocess.run(
-        [sys.executable, "-m", "lb", "certs", "--out", str(certs)],
-        cwd=ROOT, env=child_env(), capture_output=True, timeout=30 * UNIT, check=False,
-    )
-    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    certs = lb_certs(workdir / "certs")
     launcher = Launcher(workdir)
     try:
         spy = launcher.spy()
@@ -354,11 +345,10 @@ def wait_reloaded(lb: Balancer, mark: int) -> None:
 
 
 def reload_with(lb: Balancer, config: dict[str, Any]) -> None:
-    lb.config_path.with_suffix(".tmp").write_text(yaml.safe_dump(config, sort_keys=False))
-    lb.config_path.with_suffix(".tmp").replace(lb.config_path)
+    """support_ops.reload_with for these blocking tests: also fails at once on a "reload failed" line."""
+    rewrite_config(lb, config)
     mark = lb.log_lines()
-    assert lb.proc is not None
-    os.kill(lb.proc.pid, signal.SIGHUP)
+    signal_balancer(lb, signal.SIGHUP)
     wait_reloaded(lb, mark)
 
 

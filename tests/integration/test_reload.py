@@ -28,6 +28,7 @@ from support_ops import (
     signal_balancer,
     start_two,
     token_of,
+    visit_until,
     wait_for_log,
     wait_until,
 )
@@ -110,13 +111,7 @@ async def test_sighup_removing_a_backend_keeps_its_live_tunnel(launcher: Launche
     """A backend removed from the file takes no new client, but its open tunnel runs until it ends."""
     gw1, gw2, _ = gateways
     lb, config = start_two(launcher, POOL, gw1, gw2)
-    pinned = None
-    for _ in range(4):
-        v = await visit(lb.ws_url())
-        if v.server_id == gw2.id:
-            pinned = token_of(v)
-            break
-    assert pinned is not None, "gw-2 never got a client"
+    pinned = token_of(await visit_until(lb.ws_url(), gw2.id, tries=4))
 
     async with ws_connect(lb.ws_url(), cookie=pinned) as (ws, _):
         assert (await recv_hello(ws))["server_id"] == gw2.id

@@ -13,7 +13,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,23 +24,33 @@ import pytest
 import yaml
 from conftest import (
     HOST,
-    ROOT,
     UNIT,
+    DeadBackend,
     Gateway,
     Launcher,
     assert_echo,
     backend_states,
-    child_env,
     find_backend,
     free_port,
-    http_get_async,
     lb_config,
     recv_hello,
+    run_lb,
     status,
     visit,
     ws_connect,
 )
-from support_ops import backend_entry, reload_with, signal_balancer, start_two, token_of, wait_for_log, wait_until
+from support_ops import (
+    backend_entry,
+    metric,
+    metrics_text,
+    reload_with,
+    signal_balancer,
+    start_two,
+    token_of,
+    visit_until,
+    wait_for_log,
+    wait_until,
+)
 
 POOL = "gateways"
 PROBE_INTERVAL = 0.1  # seconds between health probes of the counted backend
@@ -95,22 +104,6 @@ def counter() -> Iterator[ProbeCounter]:
         yield counted
     finally:
         counted.close()
-
-
-def metric(text: str, name: str, **labels: str) -> float | None:
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        head, _, value = line.rpartition(" ")
-        if all(f'{k}="{v}"' in head for k, v in labels.items()) and (head == name or head.startswith(name + "{")):
-            return float(value)
-    return None
-
-
-async def metrics_text(lb: Any) -> str:
-    code, _, body = await http_get_async(lb.admin_url("/metrics"))
-    assert code == 200
-    return body.decode()
 
 
 async def test_twenty_sighups_under_traffic_lose_no_tunnel_and_keep_the_probe_rate(
@@ -224,13 +217,7 @@ async def test_a_backend_removed_and_re_added_is_one_backend_with_its_count(
     """Remove gw-2 (tunnels live), reload, add it back, reload: one gw-2 in /status with its connections."""
     gw1, gw2 = gateways
     lb, config = start_two(launcher, POOL, gw1, gw2)
-    token = None
-    for _ in range(6):
-        v = await visit(lb.ws_url())
-        if v.server_id == gw2.id:
-            token = token_of(v)
-            break
-    assert token is not None, "gw-2 never got a client"
+    token = token_of(await visit_until(lb.ws_url(), gw2.id, tries=6))
     async with contextlib.AsyncExitStack() as stack:
         held = [await stack.enter_async_context(ws_connect(lb.ws_url(), cookie=token)) for _ in range(3)]
         for ws, _ in held:
@@ -253,28 +240,33 @@ async def test_a_backend_removed_and_re_added_is_one_backend_with_its_count(
     await wait_until(released, what="gw-2's count back to 0 once its tunnels closed")
 
 
+@contextlib.contextmanager
+def _port_taken() -> Iterator[int]:
+    """A loopback port somebody else listens on, for as long as the block runs."""
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen(1)
+        yield int(taken.getsockname()[1])
+
+
+def _run_to_exit(tmp_path: Path, config: dict[str, Any]) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """`lb run` on CONFIG until it exits by itself; its result and its non-blank stderr lines."""
+    path = tmp_path / "lb.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = run_lb("run", "--config", str(path), timeout=20 * UNIT)
+    return done, [line for line in done.stderr.splitlines() if line.strip()]
+
+
 def test_lb_run_with_a_port_in_use_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     """A listener port in use: one line naming the address, exit 2, nothing left listening."""
-    taken = socket.socket()
-    taken.bind((HOST, 0))
-    taken.listen(1)
-    try:
-        port = taken.getsockname()[1]
+    with _port_taken() as port:
         free = free_port()
         admin = free_port()
-        config = lb_config(pools={POOL: [_Static("gw-1", f"{HOST}:9")]})
+        config = lb_config(pools={POOL: [DeadBackend("gw-1", 9)]})
         config["listeners"] = [{"bind": f"{HOST}:{free}"}, {"bind": f"{HOST}:{port}"}]
         config["admin"]["bind"] = f"{HOST}:{admin}"
-        path = tmp_path / "lb.yaml"
-        path.write_text(yaml.safe_dump(config))
-        done = subprocess.run(
-            [sys.executable, "-m", "lb", "run", "--config", str(path)],
-            cwd=ROOT, env=child_env(), capture_output=True, timeout=20 * UNIT, check=False,
-        )
-    finally:
-        taken.close()
+        done, lines = _run_to_exit(tmp_path, config)
     assert done.returncode == 2, done
-    lines = [line for line in done.stderr.decode().splitlines() if line.strip()]
     assert len(lines) == 1, lines
     assert f"{HOST}:{port}" in lines[0] and "Traceback" not in lines[0], lines
     for leftover in (free, admin):
@@ -284,26 +276,9 @@ def test_lb_run_with_a_port_in_use_prints_one_line_and_exits_2(tmp_path: Path) -
 
 def test_lb_run_with_the_admin_port_in_use_exits_2(tmp_path: Path) -> None:
     """The admin address taken: same one line and exit 2; the listener bound before is released."""
-    taken = socket.socket()
-    taken.bind((HOST, 0))
-    taken.listen(1)
-    try:
-        config = lb_config(pools={POOL: [_Static("gw-1", f"{HOST}:9")]})
-        config["admin"]["bind"] = f"{HOST}:{taken.getsockname()[1]}"
-        path = tmp_path / "lb.yaml"
-        path.write_text(yaml.safe_dump(config))
-        done = subprocess.run(
-            [sys.executable, "-m", "lb", "run", "--config", str(path)],
-            cwd=ROOT, env=child_env(), capture_output=True, timeout=20 * UNIT, check=False,
-        )
-    finally:
-        taken.close()
+    with _port_taken() as port:
+        config = lb_config(pools={POOL: [DeadBackend("gw-1", 9)]})
+        config["admin"]["bind"] = f"{HOST}:{port}"
+        done, lines = _run_to_exit(tmp_path, config)
     assert done.returncode == 2, done
-    lines = [line for line in done.stderr.decode().splitlines() if line.strip()]
     assert len(lines) == 1 and re.search(rf"{HOST}:\d+", lines[0]), lines
-
-
-class _Static:
-    def __init__(self, backend_id: str, address: str) -> None:
-        self.id = backend_id
-        self.address = address

@@ -60,11 +60,6 @@ def delayed(
         yield balancer
 
 
-async def healthz(lb: Balancer) -> int:
-    code, _, _ = await http_get_async(lb.admin_url("/healthz"))
-    return code
-
-
 async def admin_code(lb: Balancer, path: str) -> int:
     code, _, _ = await http_get_async(lb.admin_url(path))
     return code
@@ -139,7 +134,7 @@ async def test_during_the_grace_no_new_handshakes_and_tunnels_still_relay(lb: Ba
         signal_balancer(lb, signal.SIGTERM)
 
         async def unhealthy() -> bool:
-            return await healthz(lb) == 503 and await admin_code(lb, "/readyz") == 503
+            return await admin_code(lb, "/healthz") == 503 and await admin_code(lb, "/readyz") == 503
 
         await wait_until(unhealthy, within=GRACE, what="/healthz and /readyz 503 during the shutdown grace")
         with pytest.raises((aiohttp.ClientError, OSError, asyncio.TimeoutError)):

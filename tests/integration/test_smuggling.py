@@ -32,6 +32,7 @@ from conftest import (
     status,
     upgrade_request,
 )
+from support_ops import wait_until
 from support_raw import RecordingBackend, rss_kib
 
 TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall": 3}
@@ -60,13 +61,6 @@ def start(
         pools={"a": [rec_a], "b": [rec_b]}, routes={"/a": "a", "/b": "b"}, health=health, overrides=overrides
     )
     return launcher.balancer(config), rec_a, rec_b
-
-
-async def wait_for(predicate: Any, within: float = 5 * UNIT) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 GET_B = b"GET /b/hidden HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Smuggled: yes\r\n\r\n"
@@ -105,13 +99,13 @@ async def test_early_data_waits_for_the_switch(launcher: Launcher, recorders: li
     reader, writer = await open_raw(lb.port)
     try:
         writer.write(upgrade_request("/a/ws") + b"EARLY-FRAME")
-        await wait_for(lambda: rec_a.requests() != [])
+        await wait_until(lambda: rec_a.requests() != [], every=0.02, what="a request at rec-a")
         await asyncio.sleep(0.2)  # the backend has not answered yet (0.5 s delay)
         before = rec_a.requests()[0]
         assert b"EARLY-FRAME" not in before
         answer = await read_response(reader)
         assert answer.status == 101
-        await wait_for(lambda: b"EARLY-FRAME" in rec_a.requests()[0])
+        await wait_until(lambda: b"EARLY-FRAME" in rec_a.requests()[0], every=0.02, what="the early frame at rec-a")
         assert rec_a.requests()[0].endswith(b"\r\n\r\nEARLY-FRAME")
     finally:
         await close_raw(writer)
@@ -178,7 +172,9 @@ async def test_slow_upload_leaves_the_backend_up(launcher: Launcher, recorders: 
         assert answer.status == 200 and time.monotonic() - started > 2.0
     finally:
         await close_raw(writer)
-    await wait_for(lambda: rec_a.requests() and rec_a.requests()[0].endswith(body))
+    await wait_until(
+        lambda: rec_a.requests() and rec_a.requests()[0].endswith(body), every=0.02, what="the whole body at rec-a"
+    )
     state = find_backend(await status(lb), "a", "rec-a")["state"]
     assert state == "up"
 
@@ -232,7 +228,7 @@ async def test_early_data_flood_leaves_memory_bounded(launcher: Launcher, record
     after = rss_kib(lb.proc.pid)
     assert after - before < 8 * 1024, f"RSS grew by {after - before} KiB while a client sent {sent} bytes"
     assert sent < 64 * 2**20, f"the balancer kept reading: {sent} bytes accepted"
-    await wait_for(lambda: rec_a.requests() != [])
+    await wait_until(lambda: rec_a.requests() != [], every=0.02, what="a request at rec-a")
     assert rec_a.requests()[0].endswith(b"\r\n\r\n"), "early data reached the backend before a switch"
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +15,14 @@ import aiohttp
 import pytest
 from conftest import (
     COOKIE,
-    ROOT,
     STEADY_HEALTH,
     UNIT,
     Balancer,
     Launcher,
-    child_env,
     client_session,
     close_raw,
     http_get_async,
+    lb_certs,
     lb_config,
     open_raw,
     visit,
@@ -42,18 +39,7 @@ class TlsStack:
 @pytest.fixture(scope="module")
 def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
     workdir = tmp_path_factory.mktemp("tls")
-    certs = workdir / "certs"
-    done = subprocess.run(
-        [sys.executable, "-m", "lb", "certs", "--out", str(certs)],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        timeout=30 * UNIT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr.decode(errors="replace")
-    for name in ("ca.crt", "server.crt", "server.key"):
-        assert (certs / name).is_file(), f"lb certs did not write {name}"
+    certs = lb_certs(workdir / "certs")
     launcher = Launcher(workdir)
     try:
         gateways = launcher.gateways(2)

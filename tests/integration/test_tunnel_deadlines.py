@@ -25,7 +25,6 @@ from conftest import (
     Launcher,
     assert_echo,
     find_backend,
-    http_get_async,
     lb_config,
     recv_hello,
     status,
@@ -33,7 +32,7 @@ from conftest import (
     ws_connect,
     ws_key,
 )
-from support_ops import admin_post, launched, wait_close, wait_until
+from support_ops import admin_post, launched, metric, metrics_text, wait_close, wait_until
 from support_scripted import LAST_WORDS, PARTIAL, ScriptedBackend
 
 CLOSE_DEADLINE = 2.0  # the product's bound on a close frame waiting for a frame boundary
@@ -80,12 +79,8 @@ async def stalled_client(lb: Balancer, path: str = "/flood") -> socket.socket:
 
 
 async def metric_value(lb: Balancer, name: str, **labels: str) -> float:
-    _, _, body = await http_get_async(lb.admin_url("/metrics"))
-    for line in body.decode().splitlines():
-        head, _, value = line.rpartition(" ")
-        if head.startswith(name + "{") and all(f'{k}="{v}"' in head for k, v in labels.items()):
-            return float(value)
-    return 0.0
+    """A labelled counter of this balancer now; 0 until its first sample appears."""
+    return metric(await metrics_text(lb), name, **labels) or 0.0
 
 
 async def assert_cut(lb: Balancer, backend: ScriptedBackend, cause: str, started: float, bound: float) -> None:

@@ -11,25 +11,18 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import UNIT, http_get, visit
-from support_ops import OpsStack, started_stack, wait_until
+from support_ops import OpsStack, process_alive, started_stack, two_workers, wait_until, worker_pids
 
 
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpsStack]:
     with started_stack(tmp_path_factory.mktemp("workers"), overrides={"workers": 2}) as stack:
         yield stack
-
-
-def worker_pids(owner_pid: int) -> list[int]:
-    """The owner's `lb worker` children, from /proc."""
-    out = subprocess.run(["ps", "--ppid", str(owner_pid), "-o", "pid=,args="], capture_output=True, text=True)
-    return [int(line.split()[0]) for line in out.stdout.splitlines() if " lb worker " in line]
 
 
 def status(ops: OpsStack) -> dict[str, object]:
@@ -45,8 +38,8 @@ def owner_pid(ops: OpsStack) -> int:
 
 async def test_two_workers_serve_and_the_owner_reports_for_both(ops: OpsStack) -> None:
     """With workers: 2 the owner starts two workers, and /status and /metrics sum what they did."""
-    pids = await wait_until(lambda: len(worker_pids(owner_pid(ops))) == 2, within=10 * UNIT, what="two workers")
-    assert pids
+    pids = await two_workers(ops.balancer)
+    assert len(set(pids)) == 2, pids
     visits = [await visit(ops.balancer.ws_url()) for _ in range(12)]
     assert {v.server_id for v in visits} <= {g.id for g in ops.gateways}
 
@@ -64,11 +57,7 @@ async def test_a_killed_worker_is_restarted_and_cookies_still_stick(ops: OpsStac
     """A worker that dies is replaced; a client reconnecting with its cookie reaches the same gateway."""
     first = await visit(ops.balancer.ws_url())
     assert first.cookie is not None
-    before = await wait_until(
-        lambda: worker_pids(owner_pid(ops)) if len(worker_pids(owner_pid(ops))) == 2 else None,
-        within=10 * UNIT,
-        what="two workers",
-    )
+    before = await two_workers(ops.balancer)
     os.kill(before[0], signal.SIGKILL)
     after = await wait_until(
         lambda: pids if len(pids := worker_pids(owner_pid(ops))) == 2 and before[0] not in pids else None,
@@ -103,20 +92,10 @@ async def test_backend_states_reach_every_worker(ops: OpsStack) -> None:
 async def test_sigterm_stops_owner_and_workers(tmp_path: Path) -> None:
     """SIGTERM to the owner stops every worker and exits 0."""
     with started_stack(tmp_path, gateways=1, overrides={"workers": 2}) as stack:
-        pid = stack.balancer.proc.pid if stack.balancer.proc else 0
-        workers = await wait_until(
-            lambda: p if len(p := worker_pids(pid)) == 2 else None, within=10 * UNIT, what="two workers"
-        )
+        workers = await two_workers(stack.balancer)
         assert stack.balancer.proc is not None
         stack.balancer.proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(stack.balancer.proc.wait, 15 * UNIT)
         assert code == 0
-        left = [pid for pid in workers if not _gone(pid)]
+        left = [pid for pid in workers if process_alive(pid)]
         assert not left, f"workers still running after the owner exited: {left}"
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return "Z (zombie)" in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
