@@ -216,7 +216,7 @@ class ProxyProtocolServer:
         def factory() -> ClientConnection:
             nonlocal made
             made = True
-            connection = ClientConnection(ctx, tls, client=client, accepted=preamble.accepted)
+            connection = ClientConnection(ctx, tls, client=client, accepted=preamble.accepted, loop=self._loop)
             preamble.release()  # counted from here on by the connection itself
             return connection
 

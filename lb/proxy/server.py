@@ -132,7 +132,7 @@ class _PendingTls:
         self.counted = True
         ctx.handshaking += 1
         self.finalizer = weakref.finalize(owner, self.release)
-        self.timer = asyncio.get_running_loop().call_later(ctx.config.timeouts.handshake + 1.0, self.release)
+        self.timer = owner._loop.call_later(ctx.config.timeouts.handshake + 1.0, self.release)
 
     def release(self) -> None:
         if self.counted:
@@ -156,6 +156,7 @@ class ClientConnection(asyncio.Protocol):
         "_client",
         "_connecting",
         "_ctx",
+        "_loop",
         "_paused",
         "_pending_tls",
         "_timer",
@@ -175,10 +176,15 @@ class ClientConnection(asyncio.Protocol):
         *,
         client: tuple[str, int] | None = None,
         accepted: float | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         """`client`: the client's (address, port) when not the socket's peer (a PROXY header's source);
-        `accepted`: when the socket was accepted, if before this protocol is made (a PROXY preamble)."""
+        `accepted`: when the socket was accepted, if before this protocol is made (a PROXY preamble);
+        `loop`: the running loop, when the caller has it at hand (see `client_factory`)."""
         self._ctx = ctx
+        # Asked once per listener, not per connection: on Python 3.11 every get_running_loop()
+        # is a getpid() system call (it checks for a fork), and a handshake would make two.
+        self._loop = loop or asyncio.get_running_loop()
         self._accepted = accepted or 0.0
         self._client = client
         self._pending_tls: _PendingTls | None = None
@@ -317,7 +323,7 @@ class ClientConnection(asyncio.Protocol):
         now = time.time()
         delay = min(at - now, max(self._ctx.config.timeouts.backend_connect, 1.0))
         self._timer_armed = now + delay
-        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        self._timer = self._loop.call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -332,7 +338,7 @@ class ClientConnection(asyncio.Protocol):
         self.drive(self.core.deadline, now)
 
     def _open(self, action: OpenBackend) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         upstream = _Upstream(self)
         self._upstream = upstream
         try:
@@ -454,9 +460,11 @@ def client_factory(ctx: ProxyContext, tls: bool) -> Callable[[], ClientConnectio
     """The protocol factory for a listener.
 
     For TLS, create the server with ssl_handshake_timeout=timeouts.handshake: the
-    connection is counted (limits.max_connections) and timed from accept.
+    connection is counted (limits.max_connections) and timed from accept.  Call it with the
+    loop running (the loop that will serve the listener).
     """
-    return lambda: ClientConnection(ctx, tls)
+    loop = asyncio.get_running_loop()
+    return lambda: ClientConnection(ctx, tls, loop=loop)
 
 
 async def stop_in_flight(ctx: ProxyContext, within: float) -> None:
