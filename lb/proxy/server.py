@@ -127,12 +127,12 @@ class _PendingTls:
 
     __slots__ = ("counted", "ctx", "finalizer", "timer")
 
-    def __init__(self, owner: ClientConnection, ctx: ProxyContext) -> None:
+    def __init__(self, owner: ClientConnection, ctx: ProxyContext, loop: asyncio.AbstractEventLoop) -> None:
         self.ctx = ctx
         self.counted = True
         ctx.handshaking += 1
         self.finalizer = weakref.finalize(owner, self.release)
-        self.timer = owner._loop.call_later(ctx.config.timeouts.handshake + 1.0, self.release)
+        self.timer = loop.call_later(ctx.config.timeouts.handshake + 1.0, self.release)
 
     def release(self) -> None:
         if self.counted:
@@ -192,7 +192,7 @@ class ClientConnection(asyncio.Protocol):
             # Called at accept, before the TLS handshake (asyncio and uvloop alike): count the
             # connection from here, and start its timeouts.handshake from here.
             self._accepted = accepted or time.time()
-            self._pending_tls = _PendingTls(self, ctx)
+            self._pending_tls = _PendingTls(self, ctx, self._loop)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None  # the deadline the core asked for (wall clock)
