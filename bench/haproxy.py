@@ -4,8 +4,10 @@ Equivalent to the balancer's benchmark config: HTTP mode, least-connections,
 an inserted affinity cookie that is stripped on the way in and only set when
 missing (`cookie SRV insert indirect nocache`), the same /health checks every
 second, one thread (`nbthread 1`, as the balancer is one event loop), tunnels
-that may idle for an hour, keep-alive mode (no `option http-server-close`), and
-no logging (the balancer runs without access log too).
+that may idle for an hour, and keep-alive mode (no `option http-server-close`).
+Logging follows the balancer's: `make bench` runs the balancer on its shipped defaults,
+access log on stderr included, so HAProxy logs a line per request to stderr too
+(`log=True`, `option httplog`); the storm turns both off.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def render_config(
     idle_timeout: str = "30s",
     backlog: int | None = None,
     name: str = "bench",
+    log: bool = False,
 ) -> str:
     """The configuration text: one thread, leastconn, an inserted indirect nocache cookie, 1h tunnels.
 
@@ -60,12 +63,15 @@ def render_config(
         idle_timeout: `timeout client` and `timeout server`.
         backlog: the frontend's listen backlog (HAProxy's default when None).
         name: prefix of the frontend and backend names.
+        log: one line per request (for a WebSocket, when its tunnel ends) on stderr, as an
+            operator logs HAProxy in a container; off, HAProxy logs nothing at all.
     """
     servers = "\n".join(
         f"    server {sid} {host}:{port} cookie {sid} check inter 1s fall 2 rise 2" for sid, host, port in backends
     )
     retry = "    option redispatch\n    retries 3\n" if redispatch else ""
     queue = f" backlog {backlog}" if backlog is not None else ""
+    logging = "    log stderr format iso local0 info\n    option httplog\n" if log else ""
     return f"""\
 global
     nbthread 1
@@ -73,7 +79,7 @@ global
 
 defaults
     mode http
-    maxconn {maxconn}
+{logging}    maxconn {maxconn}
 {retry}    timeout connect 3s
     timeout client {idle_timeout}
     timeout server {idle_timeout}

@@ -398,7 +398,8 @@ def _start_haproxy(run: Run, children: list[Child], path: str) -> Target:
     nofile = procs.raise_nofile()
     maxconn = max(1000, min(30000, (nofile - 200) // 2))
     cfg = run.log_dir / "haproxy.cfg"
-    cfg.write_text(render_config((HOST, port), run.backend_addresses, maxconn))
+    # Logging as the balancer's shipped default does (a line per request, to stderr): the same work.
+    cfg.write_text(render_config((HOST, port), run.backend_addresses, maxconn, log=True))
     child = procs.start("haproxy", [path, "-db", "-f", str(cfg)], run.log_dir, cpus=run.pinning.proxy)
     children.append(child)
     _wait_ready(child, (HOST, port), None)

@@ -191,6 +191,15 @@ def test_haproxy_config_is_equivalent() -> None:
     ):
         assert line in text
     assert "http-server-close" not in text.replace('no "option http-server-close"', "")
+    assert "log " not in text and "httplog" not in text  # logs nothing unless asked
+
+
+def test_haproxy_logs_like_the_balancer_when_asked() -> None:
+    """log=True: a line per request on stderr (HAProxy's own httplog format), in `defaults` for every proxy."""
+    text = render_config(("127.0.0.1", 8080), [("gw-1", "127.0.0.1", 9001)], 9000, log=True)
+    defaults = text.split("defaults\n", 1)[1].split("\n\n", 1)[0]
+    assert "    log stderr format iso local0 info" in defaults.splitlines()
+    assert "    option httplog" in defaults.splitlines()
 
 
 # -- floor ---------------------------------------------------------------------------------------------
