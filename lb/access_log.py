@@ -41,11 +41,13 @@ def set_access_writer(writer: AccessWriter | None) -> None:
 _BARE = re.compile(r'[!#-~]+')
 
 
-_bare = _BARE.fullmatch
-
-
 def _plain(text: str) -> str:
-    return text if _bare(text) else json.dumps(text)
+    # _BARE.fullmatch(text), by four C string methods: half the cost of the regex call, and an
+    # access line has up to nine of these (for ASCII, isprintable() leaves out the C0 controls
+    # and DEL but keeps the space; a test holds this equal to the pattern).
+    if text and text.isascii() and text.isprintable() and " " not in text and '"' not in text:
+        return text
+    return json.dumps(text)
 
 
 def plain_value(value: object) -> str:
