@@ -49,10 +49,13 @@ class BackendStatus:
     affinity_hits: int = 0
     redispatches: int = 0
     handshakes: int = 0
+    # config.id, copied once: read a dozen times per handshake, where a property is a call each.
+    # A reload may swap `config`, always for one with the same id (backends are matched by id).
+    id: str = field(init=False)
 
-    @property
-    def id(self) -> str:
-        return self.config.id
+    def __post_init__(self) -> None:
+        self.id = self.config.id
+
 
     @property
     def weight(self) -> float:
@@ -99,15 +102,13 @@ class PoolState:
     config: PoolConfig
     backends: dict[str, BackendStatus] = field(default_factory=dict)
     policy: RoundRobin | LeastConn = field(init=False)
+    name: str = field(init=False)  # config.name, copied once (read per handshake; never changes)
 
     def __post_init__(self) -> None:
         if not self.backends:
             self.backends = {b.id: BackendStatus(config=b) for b in self.config.backends}
         self.policy = make_policy(self.config.balance)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
+        self.name = self.config.name
 
     def get(self, backend_id: str) -> BackendStatus | None:
         return self.backends.get(backend_id)
