@@ -182,7 +182,7 @@ def _header(
     ha = "not found on PATH: column omitted" if not skipped else "skipped (--no-haproxy): column omitted"
     if haproxy_path is not None:
         ha = (f"{haproxy_path} {haproxy_version(haproxy_path)} "
-              "(nbthread 1, balance leastconn, cookie insert indirect nocache)")
+              "(nbthread 1, balance leastconn, cookie insert indirect nocache, option httplog to stderr)")
     return {
         "benchmark": f"{plan.name}: warm-up {plan.warmup:g} s, then a {plan.window:g} s window per run",
         "command": command,
