@@ -56,7 +56,6 @@ class BackendStatus:
     def __post_init__(self) -> None:
         self.id = self.config.id
 
-
     @property
     def weight(self) -> float:
         return self.effective_weight or self.config.weight
