@@ -63,6 +63,11 @@ def handshake(ctx: ProxyContext, request: bytes, answer: bytes, now: float) -> b
     return head.data
 
 
+def warmup_count(n: int) -> int:
+    """Handshakes run before the timed `n` (both micro-benchmarks; bench.instructions counts them too)."""
+    return max(1, n // 10)
+
+
 def run(n: int, *, check: bool, profile: bool) -> float:
     """µs per handshake over `n` handshakes (after a warm-up of n // 10)."""
     ctx = make_context()
@@ -71,7 +76,7 @@ def run(n: int, *, check: bool, profile: bool) -> float:
     first = handshake(ctx, client_request("127.0.0.1:8080"), answer, now)
     cookie = set_cookies(first)[0] if check else None
     request = client_request("127.0.0.1:8080", "/ws", cookie)
-    for _ in range(max(1, n // 10)):
+    for _ in range(warmup_count(n)):
         handshake(ctx, request, answer, now)
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:

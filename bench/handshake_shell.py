@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any, ClassVar
 
-from bench.handshake_core import SWITCH, make_context, parse_args
+from bench.handshake_core import SWITCH, make_context, parse_args, warmup_count
 from bench.wire import client_request, hello_message, server_frame, set_cookies
 from lb.log import setup_logging
 from lb.proxy import server
@@ -123,7 +123,7 @@ def run(n: int, *, check: bool, profile: bool) -> float:
         first = bench.handshake(client_request("127.0.0.1:8080"), answer)
         cookie = set_cookies(first)[0] if check else None
         request = client_request("127.0.0.1:8080", "/ws", cookie)
-        for _ in range(max(1, n // 10)):
+        for _ in range(warmup_count(n)):
             bench.handshake(request, answer)
         profiler = cProfile.Profile() if profile else None
         if profiler is not None:

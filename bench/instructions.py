@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.handshake_core import warmup_count
+
 ROOT = Path(__file__).resolve().parents[1]
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
@@ -33,7 +35,7 @@ class NoValgrind(RuntimeError):
 
 def handshakes_run(n: int) -> int:
     """How many handshakes one `--repeat 1` run of either micro-benchmark makes: first, warm-up, timed."""
-    return 1 + max(1, n // 10) + n
+    return 1 + warmup_count(n) + n
 
 
 def count(module: str, n: int, flags: list[str], timeout: float = 600.0) -> int:

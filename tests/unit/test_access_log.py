@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -113,16 +114,20 @@ def test_the_tunnel_end_line_is_the_generic_close_line(
         assert fast_fields == generic_fields
 
 
+# The rule for a bare (unquoted) value, as a pattern: the reference _plain's string methods must match.
+_BARE = re.compile(r'[!#-~]+')
+
+
 @given(st.text(max_size=24) | st.text(alphabet=st.characters(max_codepoint=0x80), max_size=12))
 @settings(max_examples=3000)
 def test_a_value_is_bare_exactly_when_it_is_visible_ascii_without_a_quote(text: str) -> None:
     """_plain's string-method test says what `_BARE` (visible ASCII but `"`, non-empty) says."""
-    expected = text if access_log._BARE.fullmatch(text) else json.dumps(text)
+    expected = text if _BARE.fullmatch(text) else json.dumps(text)
     assert access_log._plain(text) == expected
 
 
 @pytest.mark.parametrize("char", [chr(c) for c in range(0x81)])
 def test_each_ascii_character_alone_is_bare_or_quoted_as_the_pattern_says(char: str) -> None:
     """Every ASCII character and DEL, and the first one past ASCII, one at a time."""
-    expected = char if access_log._BARE.fullmatch(char) else json.dumps(char)
+    expected = char if _BARE.fullmatch(char) else json.dumps(char)
     assert access_log._plain(char) == expected

@@ -38,4 +38,3 @@ def test_instruction_count_per_handshake() -> None:
     found = re.search(r"([\d,]+) instructions per handshake", done.stdout)
     assert found is not None, done.stdout
     assert 50_000 < int(found.group(1).replace(",", "")) < 5_000_000
-
