@@ -38,3 +38,48 @@ def test_instruction_count_per_handshake() -> None:
     found = re.search(r"([\d,]+) instructions per handshake", done.stdout)
     assert found is not None, done.stdout
     assert 50_000 < int(found.group(1).replace(",", "")) < 5_000_000
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (apt-get install valgrind)")
+def test_instructions_by_function() -> None:
+    """--by-function: the bytecode loop's share and a table of C functions, per handshake."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", "--core", "--n", "4", "24", "--by-function", "5"],
+        capture_output=True, text=True, timeout=300, cwd=root,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert re.search(r"bytecode loop \(_PyEval_EvalFrameDefault\): [\d,]+ \([\d.]+%\)", lines[1]), lines
+    assert len(lines) == 7 and all(re.fullmatch(r"\s*-?[\d,]+\s+-?[\d.]+%  \S+:\S+", line) for line in lines[2:])
+
+
+_ANNOTATED = """\
+--------------------------------------------------------------------------------
+1,904,149,241 (100.0%)  PROGRAM TOTALS
+--------------------------------------------------------------------------------
+Ir                    file:function
+--------------------------------------------------------------------------------
+192,913,484 (10.13%)  build/Python-3.11.7/Python/ceval.c:_PyEval_EvalFrameDefault'2 [/lib/libpython3.11.so.1.0]
+ 85,204,861 ( 4.47%)  build/Python-3.11.7/Python/ceval.c:_PyEval_EvalFrameDefault [/lib/libpython3.11.so.1.0]
+ 20,691,822 ( 1.09%)  ./string/../sysdeps/x86_64/multiarch/memmove-vec-unaligned-erms.S:__memcpy_avx [/lib/libc.so.6]
+      1,000 ( 0.00%)  ???:0x000000000001f0a0 [/lib/ld-linux-x86-64.so.2]
+"""
+
+
+def test_callgrind_annotate_lines_become_functions() -> None:
+    """Paths cut to the file, recursion levels (`'2`) summed, the totals line left out."""
+    from bench.instructions import by_function, functions
+
+    found = functions(_ANNOTATED)
+    assert found == {
+        "ceval.c:_PyEval_EvalFrameDefault": 192_913_484 + 85_204_861,
+        "memmove-vec-unaligned-erms.S:__memcpy_avx": 20_691_822,
+        "???:0x000000000001f0a0": 1_000,
+    }
+    low = functions(_ANNOTATED.replace("20,691,822", "20,000,000"))
+    assert by_function(low, found, 1000) == [
+        ("memmove-vec-unaligned-erms.S:__memcpy_avx", 691.822),
+        ("???:0x000000000001f0a0", 0.0),
+        ("ceval.c:_PyEval_EvalFrameDefault", 0.0),
+    ]
