@@ -91,13 +91,16 @@ def run(n: int, *, check: bool, profile: bool) -> float:
     return elapsed / n * 1e6
 
 
-def parse_args(prog: str, description: str, argv: list[str] | None) -> argparse.Namespace:
-    """The options of both handshake micro-benchmarks (this one and bench.handshake_shell)."""
+def parse_args(prog: str, description: str, argv: list[str] | None, *, shell: bool = False) -> argparse.Namespace:
+    """The options of both handshake micro-benchmarks (this one and, with `shell`, bench.handshake_shell)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--n", type=int, default=20000, help="handshakes to time (default 20000)")
     parser.add_argument("--check", action="store_true", help="send the issued cookie back (check, not issue)")
     parser.add_argument("--profile", action="store_true", help="cProfile top functions by own time")
     parser.add_argument("--repeat", type=int, default=3, help="runs; the best is reported (default 3)")
+    if shell:
+        parser.add_argument("--no-access-log", action="store_true",
+                            help="logging.access_log: false (the shipped default is on)")
     args = parser.parse_args(argv)
     args.n = max(1, min(args.n, 1_000_000))
     args.repeat = max(1, min(args.repeat, 20))

@@ -1,6 +1,6 @@
 """Instructions per handshake: a handshake micro-benchmark under valgrind's callgrind, a count that holds still.
 
-`python -m bench.instructions [--core] [--check] [--n LOW HIGH] [--by-function K]` runs
+`python -m bench.instructions [--core] [--check] [--no-access-log] [--n LOW HIGH] [--by-function K]` runs
 `bench.handshake_shell` (with `--core`, `bench.handshake_core`) under `valgrind --tool=callgrind`
 twice, with LOW and HIGH timed handshakes (500 and 2,500 by default), and prints the difference
 per handshake. Start-up, imports and the first handshakes cost the same in both runs and cancel
@@ -119,9 +119,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed handshakes of the two runs (default 500 2500)")
     parser.add_argument("--by-function", type=int, default=0, metavar="K",
                         help="also print the K C functions most of them are spent in")
+    parser.add_argument("--no-access-log", action="store_true",
+                        help="the shell with logging.access_log: false (the difference is what the log costs)")
     args = parser.parse_args(argv)
+    if args.core and args.no_access_log:
+        parser.error("--no-access-log is for the shell: the pure core writes no log")
     module = "bench.handshake_core" if args.core else "bench.handshake_shell"
-    flags = ["--check"] if args.check else []
+    flags = (["--check"] if args.check else []) + (["--no-access-log"] if args.no_access_log else [])
     table: list[tuple[str, float]] = []
     try:
         if args.by_function > 0:
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except NoValgrind as exc:
         print(exc, file=sys.stderr)
         return 2
-    kind = "check cookie" if args.check else "issue cookie"
+    kind = ("check cookie" if args.check else "issue cookie") + (", no access log" if args.no_access_log else "")
     print(f"{module}: {instructions:,.0f} instructions per handshake ({kind}, callgrind, {args.n[0]} vs {args.n[1]})")
     if table:
         loop = sum(spent for name, spent in table if name.endswith(f":{BYTECODE_LOOP}"))

@@ -83,3 +83,19 @@ def test_callgrind_annotate_lines_become_functions() -> None:
         ("???:0x000000000001f0a0", 0.0),
         ("ceval.c:_PyEval_EvalFrameDefault", 0.0),
     ]
+
+
+def test_the_shell_benchmark_runs_without_the_access_log() -> None:
+    """--no-access-log: the shell as with `logging.access_log: false`, so the log's cost is a difference of two runs."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.handshake_shell", "--n", "20", "--repeat", "1", "--no-access-log"],
+        capture_output=True, text=True, timeout=60, cwd=root,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "core + shell + tunnel + no log:" in done.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", "--core", "--no-access-log"],
+        capture_output=True, text=True, timeout=60, cwd=root,
+    )
+    assert refused.returncode == 2 and "the pure core writes no log" in refused.stderr
