@@ -61,6 +61,7 @@ from lb.affinity.decision import Decision, decide
 from lb.config.model import AffinityMode, SecureMode
 from lb.errors import (
     BadGateway,
+    BadRequest,
     NoHealthyBackend,
     NoRoute,
     RequestRejected,
@@ -190,6 +191,9 @@ def new_request_id() -> str:
 
 # The header names a client may not alias with `_` (lb.http.head): one set per affinity header.
 _protected_headers = functools.lru_cache(maxsize=8)(protected_headers)
+
+
+_BODY_INCOMPLETE = "request body incomplete"  # the client half-closed before the end of its body
 
 
 def token_digest(token: str) -> str:
@@ -374,11 +378,19 @@ class Connection:
         return []
 
     def client_eof(self, now: float) -> list[Action]:
-        """The client will send nothing more.  An answer still on its way is delivered, then we close."""
+        """The client will send nothing more.  An answer still on its way is delivered, then we close.
+
+        While connecting, the body may be complete in what is held (it is framed only once it goes
+        out): backend_connected decides then.
+        """
         self.client_eof_seen = True
-        if self.state in (CONNECTING, WAITING, RELAY) and not self._websocket and not self._body_left:
-            self._keep_alive = False
-            return []
+        state = self.state
+        if state in (CONNECTING, WAITING, RELAY) and not self._websocket:
+            if not self._body_left or state == CONNECTING:
+                self._keep_alive = False
+                return []
+            if state == WAITING:
+                return self._release_backend() + self._refuse(BadRequest(_BODY_INCOMPLETE), now)
         return self._close(abort=False)
 
     def client_lost(self) -> list[Action]:
@@ -403,6 +415,9 @@ class Connection:
                 self._buf.clear()
                 actions += self._send_body(data, now)
                 actions += self._maybe_resume()
+            if self._body_left and self.client_eof_seen and self.state == WAITING:
+                # The client half-closed before the end of its body: the rest will never come.
+                return actions + self._release_backend() + self._refuse(BadRequest(_BODY_INCOMPLETE), now)
             if self._body_left and self.state == WAITING:
                 # Uploading: the client's time, counted from its last byte.
                 actions.append(SetTimer(now + self._config.timeouts.handshake))
@@ -452,7 +467,14 @@ class Connection:
         if state in (CONNECTING, WAITING):
             return self._retry_or_fail(_Failure(f"no answer within {timeouts.backend_connect:g}s", "timeout"), now)
         if state == RELAY:
-            log.debug("closing %s: response body idle for %gs", self._client_ip, timeouts.idle)
+            if self._body_left:
+                # Answered while the client still uploads: its quiet spells are still bounded.
+                quiet_until = self._last_client + timeouts.handshake
+                if now < quiet_until:
+                    return [SetTimer(quiet_until)]
+                log.debug("closing %s: request body not received in time (request %s)", self._client_ip, self._rid)
+            else:
+                log.debug("closing %s: response body idle for %gs", self._client_ip, timeouts.idle)
             actions = self._release_backend()
             return actions + self._close(abort=True)
         return []
@@ -530,7 +552,8 @@ class Connection:
         self._websocket = websocket
         self._request_framer = framer
         self._body_left = not framer.done
-        self._retriable = websocket or (request.method in _IDEMPOTENT and framer.done)
+        # A retry sends the head again, never the body: only a request without one is retried.
+        self._retriable = framer.done and (websocket or request.method in _IDEMPOTENT)
         self._keep_alive = request.version == "HTTP/1.1" and not request.head.has_token("connection", "close")
         return self._open(decision, now)
 
@@ -617,6 +640,10 @@ class Connection:
             end = framer.feed(data)
         except ValueError:
             released = self._release_backend()
+            if self.state == RELAY:
+                # The answer has begun: an error of ours now would land inside its body.
+                log.info("closing %s: malformed chunked request body (request %s)", self._client_ip, self._rid)
+                return released + self._close(abort=True)
             return released + self._refuse(RequestRejected("malformed chunked request body"), now)
         if end is None:
             return [SendBackend(data)]
@@ -630,10 +657,15 @@ class Connection:
         if self.state == WAITING:
             # The whole request is out: from here on the wait is the backend's.
             actions.append(SetTimer(now + self._config.timeouts.backend_connect))
+        elif self.state == RELAY:
+            actions.append(self._relay_timer(now))
         return actions
 
     def _maybe_resume(self) -> list[Action]:
-        if self._paused and len(self._buf) <= HELD_LIMIT:
+        # Reading for a head, what is held is bounded by max_header_bytes (find_head_end refuses
+        # more), which may be above HELD_LIMIT: a pipelined head that large must still arrive.
+        state = self.state
+        if self._paused and (state == HEAD or (state != CLOSED and len(self._buf) <= HELD_LIMIT)):
             self._paused = False
             return [_RESUME]
         return []
@@ -711,10 +743,9 @@ class Connection:
         self._log(response.status)
         self._response_framer = framer
         self.state = RELAY
-        idle = self._config.timeouts.idle
         actions: list[Action] = [
             SendClient(self._client_head(response, switching=False, keep_alive=keep)),
-            SetTimer(now + idle if idle > 0 else None),
+            self._relay_timer(now),
         ]
         if self._answer_buf:
             rest = bytes(self._answer_buf)
@@ -723,6 +754,13 @@ class Connection:
         elif framer.done:
             actions += self._finish(now)
         return actions
+
+    def _relay_timer(self, now: float) -> SetTimer:
+        """While an answer is relayed: the upload's quiet-spell deadline while the body still comes, else idle."""
+        timeouts = self._config.timeouts
+        if self._body_left:
+            return SetTimer(self._last_client + timeouts.handshake)
+        return SetTimer(now + timeouts.idle if timeouts.idle > 0 else None)
 
     def _relay(self, data: bytes, now: float) -> list[Action]:
         framer = self._response_framer
@@ -751,10 +789,9 @@ class Connection:
         self._reset_request()
         self.state = HEAD
         actions.append(SetTimer(now + self._config.timeouts.handshake))
-        actions += self._maybe_resume()
         if self._buf:
             actions += self._read_head(now)
-        return actions
+        return actions + self._maybe_resume()
 
     def _backend_gone(self, now: float) -> list[Action]:
         """The backend closed while its answer's body was being relayed."""

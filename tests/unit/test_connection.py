@@ -436,10 +436,10 @@ def test_pipelined_flood_behind_a_slow_answer_pauses() -> None:
     play = Play()
     play.client(get("/a/1"))
     play.connected()
-    play.client(get("/a/2") * (HELD_LIMIT // len(get("/a/2")) + 1))
+    play.client(get("/a/2") * (2 * HELD_LIMIT // len(get("/a/2"))))
     assert play.paused
     play.backend(ok())
-    assert play.opened == ["a1", "a1"]  # the next request is served; the rest waits its turn
+    assert play.opened == ["a1", "a1"]  # the next request is served; the rest (still too much) waits its turn
     assert play.paused
 
 
@@ -646,6 +646,101 @@ def test_half_closed_client_still_gets_its_answer() -> None:
     play.backend(ok())
     assert play.answer()[0] == 200 and play.answer()[1]["connection"] == "close"
     assert play.closed_client == CloseClient() and play.connections()["a1"] == 0
+
+
+CHUNKED_POST = b"POST /a/x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("request_bytes", [
+    pytest.param(post("/a/x", b"hello"), id="content-length"),
+    pytest.param(CHUNKED_POST + b"5\r\nhello\r\n0\r\n\r\n", id="chunked"),
+])
+def test_half_closed_client_with_a_whole_body_still_gets_its_answer(request_bytes: bytes) -> None:
+    """The body is held until the backend connects; a half-close before that must not lose the request."""
+    play = Play()
+    play.client(request_bytes)
+    play._apply(play.conn.client_eof(play.now))
+    assert play.closed_client is None
+    play.connected()
+    assert play.to_backend[0].endswith(b"hello") or play.to_backend[0].endswith(b"0\r\n\r\n")
+    play.backend(ok())
+    assert play.answer()[0] == 200 and play.answer()[1]["connection"] == "close"
+    assert play.closed_client == CloseClient() and play.connections()["a1"] == 0
+
+
+@pytest.mark.parametrize("connected_first", [False, True], ids=["connecting", "waiting"])
+def test_half_close_before_the_end_of_the_body_is_a_400(connected_first: bool) -> None:
+    """The rest of the body can never come: the client hears why, and the backend is not blamed."""
+    play = Play()
+    play.client(post("/a/x", b"hello")[:-2])
+    if connected_first:
+        play.connected()
+    play._apply(play.conn.client_eof(play.now))
+    if not connected_first:
+        play.connected()
+    assert play.answer()[0] == 400 and b"request id" in play.answer()[2]
+    assert play.closed_client == CloseClient() and play.connections()["a1"] == 0 and play.failures == []
+
+
+def test_an_upload_that_stalls_after_the_answer_began_is_closed_on_time() -> None:
+    """A backend that answers early (a streaming echo) does not lift the client's quiet-spell deadline."""
+    play = Play()
+    play.client(post("/a/x", b"x" * 100)[:-95])
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    assert play.conn.state == RELAY and play.timer == T0 + 5  # timeouts.handshake after the last byte
+    play.client(b"x" * 10, dt=4)
+    play.fire()  # at T0 + 5 the client is 1 s quiet: not yet
+    assert play.closed_client is None and play.timer == T0 + 9
+    play.fire()
+    assert play.closed_client == CloseClient(abort=True) and play.connections()["a1"] == 0
+    assert play.failures == []
+
+
+def test_an_upload_finished_while_the_answer_is_relayed_drops_its_deadline() -> None:
+    play = Play()
+    play.client(post("/a/x", b"12345")[:-3])
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npart")
+    assert play.timer is not None
+    play.client(b"345", dt=1)
+    assert play.timer is None  # timeouts.idle is 0: a long answer is never cut
+    play.backend(b"ially")
+    assert play.answer()[2] == b"partially" and play.connections()["a1"] == 0
+
+
+def test_a_malformed_chunk_after_the_answer_began_aborts_instead_of_a_second_answer() -> None:
+    play = Play()
+    play.client(CHUNKED_POST + b"5\r\nhello\r\n")
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    play.client(b"zz\r\n")
+    assert play.to_client.count(b"HTTP/1.1") == 1 and b"400" not in play.to_client
+    assert play.closed_client == CloseClient(abort=True) and play.connections()["a1"] == 0
+
+
+def test_an_upgrade_whose_body_went_out_is_not_retried() -> None:
+    """A retry would send the next backend the head without the body it announces."""
+    play = Play()
+    play.client(upgrade("/b/ws")[:-2] + b"Content-Length: 5\r\n\r\nhello")
+    play.connected()
+    play.backend_eof()
+    assert len(play.opened) == 1 and play.answer()[0] == 502
+
+
+def test_a_pipelined_head_larger_than_the_hold_limit_still_arrives() -> None:
+    """max_header_bytes may exceed HELD_LIMIT: back in HEAD, reading resumes for the rest of the head."""
+    play = Play(CONFIG.replace("max_header_bytes: 4096", "max_header_bytes: 200000"))
+    big = b"GET /a/b HTTP/1.1\r\nHost: h\r\nX-Pad: " + b"p" * 100_000 + b"\r\n\r\n"
+    play.client(get("/a/a"))
+    play.connected()
+    play.client(big[:HELD_LIMIT + 1000])
+    assert play.paused
+    play.backend(ok())
+    assert not play.paused and play.conn.state == HEAD
+    play.client(big[HELD_LIMIT + 1000:])
+    play.connected()
+    assert play.opened == ["a1", "a1"] and play.to_backend[1].startswith(b"GET /a/b ")
 
 
 @pytest.mark.parametrize("stage", ["connecting", "waiting", "relaying"])
