@@ -27,14 +27,14 @@ from pathlib import Path
 import yaml
 
 from bench.runner import balancer_config
-from bench.wire import client_request, hello_message, server_frame, set_cookies
+from bench.wire import BENCH_KEY, accept_key, client_request, hello_message, server_frame, set_cookies
 from lb.config.load import parse_config
 from lb.proxy.connection import Connection, JoinTunnel, SendBackend, SendClient
 from lb.state.context import ProxyContext
 
 SWITCH = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+    b"Sec-WebSocket-Accept: " + accept_key(BENCH_KEY).encode("ascii") + b"\r\n\r\n"
 )
 BACKENDS = (("g1", "127.0.0.1", 7001), ("g2", "127.0.0.1", 7002), ("g3", "127.0.0.1", 7003))
 

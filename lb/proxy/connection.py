@@ -85,7 +85,7 @@ from lb.http.routing import match_route
 from lb.state.context import ProxyContext
 from lb.state.observations import ErrorKind
 from lb.state.pool import BackendStatus, PoolState
-from lb.ws.upgrade import check_upgrade, is_websocket_upgrade
+from lb.ws.upgrade import check_upgrade, is_websocket_upgrade, switch_fault
 
 log = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
 
@@ -704,6 +704,11 @@ class Connection:
             if status == 101:
                 if not self._websocket:
                     raise _Failure("switched protocols without being asked to")
+                request = self._request
+                assert request is not None
+                fault = switch_fault(request, response)
+                if fault is not None:
+                    raise _Failure(f"malformed answer: {fault}")
                 return actions + self._switch(response, now)
             return actions + self._answer(response, now)
 

@@ -93,6 +93,9 @@ class _Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         owner = self.owner
         if owner is not None:
+            if owner.client_full:
+                # uvloop starts reading after connection_made returns, undoing a pause made there.
+                cast(asyncio.Transport, self.transport).pause_reading()
             owner.drive(owner.core.receive_backend, data, time.time())
 
     def eof_received(self) -> bool | None:
@@ -417,6 +420,8 @@ class ClientConnection(asyncio.Protocol):
             server_closed=action.backend_closed,
             request_id=action.request_id,
             client_lead=head,
+            client_full=self.client_full,
+            server_full=bool(self._paused & _BACKEND_FULL),
         )
 
     def _end(self) -> None:

@@ -48,12 +48,13 @@ OP_CLOSE = 0x8  # RFC 6455 §5.5.1
 class TunnelEnd(asyncio.Protocol):
     """One side of a tunnel: reads from its own transport, writes into `peer`."""
 
-    __slots__ = ("nbytes", "peer", "tunnel")
+    __slots__ = ("full", "nbytes", "peer", "tunnel")
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
         self.tunnel = tunnel
         self.peer = peer
         self.nbytes = 0
+        self.full = False  # this end's own transport is over its high-water mark (the peer is paused)
 
     def data_received(self, data: bytes) -> None:
         self.peer.write(data)
@@ -80,9 +81,11 @@ class TunnelEnd(asyncio.Protocol):
         del self.peer, self.tunnel
 
     def pause_writing(self) -> None:
+        self.full = True
         self.peer.pause_reading()
 
     def resume_writing(self) -> None:
+        self.full = False
         self.peer.resume_reading()
 
 
@@ -249,6 +252,8 @@ class Tunnel:
         request_id: str = "-",
         client_port: int = 0,
         client_lead: bytes = b"",
+        client_full: bool = False,
+        server_full: bool = False,
     ) -> Tunnel:
         """Switch both transports to relaying; flush what each side sent ahead of the switch.
 
@@ -258,6 +263,8 @@ class Tunnel:
         `request_id`: the handshake's id, repeated on the tunnel's close line (SPEC part 2).
         `client_lead`: bytes for the client ahead of `to_client` (the 101 head); both leave in
         one write (one syscall, not two), and only `to_client` counts as relayed.
+        `client_full`, `server_full`: that transport is already over its high-water mark (it told
+        the protocol before this one); its peer stays paused until it drains.
         """
         tunnel = cls(ctx, backend, client_ip, pool, request_id)
         tunnel.client_port = client_port
@@ -268,6 +275,8 @@ class Tunnel:
         ctx.tunnels.add(tunnel)
         client.set_protocol(tunnel.client_end)
         server.set_protocol(tunnel.server_end)
+        tunnel.client_end.full = client_full
+        tunnel.server_end.full = server_full
         if to_server:
             tunnel.client_end.data_received(to_server)
         if client_lead:
@@ -286,8 +295,13 @@ class Tunnel:
         elif server_closed or (framer is not None and framer.done):
             tunnel.close()
         elif not tunnel.closed:
-            client.resume_reading()
-            server.resume_reading()
+            # Not past a pause the flush above caused (or one from before the switch): resumed
+            # here, a side would be read into a peer that is full, and since that peer's transport
+            # still counts itself paused, nothing would ever pause it again.
+            if not tunnel.server_end.full:
+                client.resume_reading()
+            if not tunnel.client_end.full:
+                server.resume_reading()
         return tunnel
 
     @property

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 
 from lb.errors import BadHandshake, UnsupportedVersion
-from lb.http.head import RequestHead
+from lb.http.head import RequestHead, ResponseHead
 
 # RFC 6455 §4.1: the key is a base64-encoded 16-byte value, so exactly 22 base64 characters and `==`
 # (what b64decode(validate=True) accepts at that length; one regex instead of a decode per handshake).
 _KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
 
 def is_websocket_upgrade(request: RequestHead) -> bool:
@@ -40,3 +43,26 @@ def check_upgrade(request: RequestHead) -> None:
         raise BadHandshake("missing Sec-WebSocket-Version header")
     if len(versions) != 1 or versions[0].strip(" \t") != "13":
         raise UnsupportedVersion("unsupported Sec-WebSocket-Version")
+
+
+def accept_value(key: str) -> str:
+    """The Sec-WebSocket-Accept that answers Sec-WebSocket-Key `key` (RFC 6455 §4.2.2, step 5.4)."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
+
+
+def switch_fault(request: RequestHead, response: ResponseHead) -> str | None:
+    """What is wrong with a backend's 101 to the upgrade `request`, or None when the client will accept it.
+
+    The client checks the same (RFC 6455 §4.1): a gateway whose 101 it rejects is a broken
+    gateway, and must be treated as one (502, another backend, passive health), not pinned to.
+    """
+    head = response.head
+    if not head.has_token("upgrade", "websocket"):
+        return "101 without Upgrade: websocket"
+    if not head.has_token("connection", "upgrade"):
+        return "101 without Connection: Upgrade"
+    accepts = head.get_all("sec-websocket-accept")
+    key = request.head.get("sec-websocket-key")
+    if len(accepts) != 1 or key is None or accepts[0].strip(" \t") != accept_value(key.strip(" \t")):
+        return "101 with a missing or wrong Sec-WebSocket-Accept"
+    return None

@@ -35,6 +35,8 @@ from conftest import (
 from support_ops import wait_until
 from support_raw import RecordingBackend, rss_kib
 
+from lb.ws.upgrade import accept_value
+
 TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall": 3}
 
 
@@ -93,12 +95,16 @@ async def test_refused_upgrade_then_hidden_request_is_routed_on_its_own(
 
 async def test_early_data_waits_for_the_switch(launcher: Launcher, recorders: list[RecordingBackend]) -> None:
     """Bytes sent right behind an upgrade head reach the backend only after its 101."""
-    switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    switch = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_value(key).encode() + b"\r\n\r\n"
+    )
     lb, rec_a, _ = start(launcher, recorders, a={"answer": switch, "delay": 0.5})
     assert lb.port is not None
     reader, writer = await open_raw(lb.port)
     try:
-        writer.write(upgrade_request("/a/ws") + b"EARLY-FRAME")
+        writer.write(upgrade_request("/a/ws", key=key) + b"EARLY-FRAME")
         await wait_until(lambda: rec_a.requests() != [], every=0.02, what="a request at rec-a")
         await asyncio.sleep(0.2)  # the backend has not answered yet (0.5 s delay)
         before = rec_a.requests()[0]

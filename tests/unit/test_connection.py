@@ -42,6 +42,7 @@ from lb.proxy.connection import (
     new_request_id,
 )
 from lb.state.context import ProxyContext
+from lb.ws.upgrade import accept_value
 
 KEY = "k" * 40
 CONFIG = f"""
@@ -80,7 +81,10 @@ def post(path: str, body: bytes, extra: str = "") -> bytes:
     return f"POST {path} HTTP/1.1\r\nHost: h\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
 
 
-SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+SWITCH = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"  # for WS_KEY (RFC 6455 §1.3)
+)
 
 
 def ok(body: bytes = b"hi") -> bytes:
@@ -336,6 +340,30 @@ def test_unasked_101_is_a_502() -> None:
     play.connected()
     play.backend(SWITCH)
     assert play.answer()[0] == 502 and play.conn.state == CLOSED
+
+
+@pytest.mark.parametrize("bad", [
+    pytest.param(SWITCH.replace(b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n", b""), id="no-accept"),
+    pytest.param(SWITCH.replace(b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", b"AAAAAAAAAAAAAAAAAAAAAAAAAAA="), id="wrong-accept"),
+    pytest.param(SWITCH.replace(b"Upgrade: websocket", b"Upgrade: h2c"), id="upgrade-h2c"),
+    pytest.param(SWITCH.replace(b"Upgrade: websocket\r\n", b""), id="no-upgrade"),
+    pytest.param(SWITCH.replace(b"Connection: Upgrade", b"Connection: keep-alive"), id="no-connection-upgrade"),
+])
+def test_a_101_the_client_would_reject_is_a_failed_backend(bad: bytes) -> None:
+    """A gateway whose 101 fails the client's checks (RFC 6455 §4.1) is broken: retried elsewhere, blamed."""
+    play = Play()
+    play.client(upgrade("/b/ws"))
+    play.connected()
+    play.backend(bad)
+    assert play.conn.state == CONNECTING and len(play.opened) == 2
+    assert play.failures and ("Sec-WebSocket-Accept" in play.failures[0][2] or "101 without" in play.failures[0][2])
+    play.connected()
+    play.backend(SWITCH)
+    assert play.answer()[0] == 101 and play.conn.state == TUNNEL
+
+
+def test_accept_value_is_rfc_6455s_worked_example() -> None:
+    assert accept_value(WS_KEY) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 
 
 # -- keep-alive and pipelining -------------------------------------------------------------------

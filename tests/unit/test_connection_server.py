@@ -63,3 +63,24 @@ async def test_idle_and_partial_connections_at_stop() -> None:
         await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
     finally:
         server.close()
+
+
+def test_a_backend_read_while_the_client_is_full_is_paused_again() -> None:
+    """uvloop starts reading a new connection after connection_made returns, undoing a pause made
+    there; so the first bytes a backend sends while the client is not reading pause it again."""
+    from types import SimpleNamespace
+
+    from lb.proxy.server import _Upstream
+
+    received: list[bytes] = []
+    core = SimpleNamespace(receive_backend=lambda data, now: received.append(data))
+    owner = SimpleNamespace(client_full=True, core=core)
+    owner.drive = lambda event, *args: event(*args)
+    calls: list[str] = []
+    upstream = _Upstream(owner)  # type: ignore[arg-type]
+    upstream.transport = SimpleNamespace(pause_reading=lambda: calls.append("pause"))  # type: ignore[assignment]
+    upstream.data_received(b"HTTP/1.1 200 OK\r\n")
+    assert calls == ["pause"] and received == [b"HTTP/1.1 200 OK\r\n"]
+    owner.client_full = False
+    upstream.data_received(b"more")
+    assert calls == ["pause"]

@@ -225,3 +225,51 @@ def test_a_closed_tunnel_is_freed_without_the_cycle_collector(first: str) -> Non
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+class FillingTransport(FakeTransport):
+    """A transport with a small high-water mark: a write past it tells its protocol, as asyncio does."""
+
+    def __init__(self, high: int) -> None:
+        super().__init__()
+        self.high = high
+        self.reading = False
+        self.paused_writing = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+        if len(self.written) > self.high and not self.paused_writing:
+            self.paused_writing = True
+            self.protocol.pause_writing()
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+@pytest.mark.parametrize("full_side", ["client", "server"])
+def test_a_flush_that_fills_a_side_leaves_its_peer_paused(full_side: str) -> None:
+    """The 101 and early bytes can fill a write buffer at the switch: the peer must stay paused.
+
+    Resumed anyway, the peer would be read into a transport that counts itself paused already,
+    so nothing would pause it again: the balancer would buffer whatever the peer sends.
+    """
+    client, server = FillingTransport(high=64), FillingTransport(high=64)
+    lead = b"x" * 100
+    _join(client, server, **({"to_client": lead} if full_side == "client" else {"to_server": lead}))
+    full, peer = (client, server) if full_side == "client" else (server, client)
+    assert full.paused_writing and not peer.reading and full.reading
+    full.protocol.resume_writing()  # the full side drains
+    assert peer.reading
+
+
+@pytest.mark.parametrize("full_side", ["client", "server"])
+def test_a_side_full_before_the_switch_keeps_its_peer_paused(full_side: str) -> None:
+    client, server = FillingTransport(high=1 << 20), FillingTransport(high=1 << 20)
+    _join(client, server, client_full=full_side == "client", server_full=full_side == "server")
+    full, peer = (client, server) if full_side == "client" else (server, client)
+    assert not peer.reading and full.reading
+    full.protocol.resume_writing()
+    assert peer.reading
