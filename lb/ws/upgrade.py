@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import re
 
@@ -13,6 +13,7 @@ from lb.http.head import RequestHead, ResponseHead
 # (what b64decode(validate=True) accepts at that length; one regex instead of a decode per handshake).
 _KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+_WEBSOCKET, _UPGRADE = ["websocket"], ["Upgrade"]
 
 
 def is_websocket_upgrade(request: RequestHead) -> bool:
@@ -47,7 +48,7 @@ def check_upgrade(request: RequestHead) -> None:
 
 def accept_value(key: str) -> str:
     """The Sec-WebSocket-Accept that answers Sec-WebSocket-Key `key` (RFC 6455 §4.2.2, step 5.4)."""
-    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
+    return binascii.b2a_base64(hashlib.sha1(key.encode("ascii") + _GUID).digest(), newline=False).decode("ascii")
 
 
 def switch_fault(request: RequestHead, response: ResponseHead) -> str | None:
@@ -57,12 +58,13 @@ def switch_fault(request: RequestHead, response: ResponseHead) -> str | None:
     gateway, and must be treated as one (502, another backend, passive health), not pinned to.
     """
     head = response.head
-    if not head.has_token("upgrade", "websocket"):
-        return "101 without Upgrade: websocket"
-    if not head.has_token("connection", "upgrade"):
-        return "101 without Connection: Upgrade"
     accepts = head.get_all("sec-websocket-accept")
     key = request.head.get("sec-websocket-key")
     if len(accepts) != 1 or key is None or accepts[0].strip(" \t") != accept_value(key.strip(" \t")):
         return "101 with a missing or wrong Sec-WebSocket-Accept"
+    # The spelling every gateway sends is compared as a whole first: a token search only otherwise.
+    if head.get_all("upgrade") != _WEBSOCKET and not head.has_token("upgrade", "websocket"):
+        return "101 without Upgrade: websocket"
+    if head.get_all("connection") != _UPGRADE and not head.has_token("connection", "upgrade"):
+        return "101 without Connection: Upgrade"
     return None
