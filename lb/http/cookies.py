@@ -32,18 +32,26 @@ def read_cookie(header_values: Iterable[str], name: str) -> list[str]:
 def rewrite_cookie(header_value: str, name: str, replace: Callable[[str], str | None]) -> str | None:
     """Apply `replace` to each value of cookie `name`; None from it removes that pair.
 
-    Other cookies pass unchanged, byte for byte.  Returns None when no cookie is left.
+    Without cookie `name`, the header is returned as it came, byte for byte (None if empty).
+    With it, the other pairs keep their bytes (only the spaces around `;` become one) and are
+    joined by `; `.  Returns None when no cookie is left.
     """
     kept = []
+    found = False
     for part in header_value.split(";"):
-        pair_name, eq, value = part.strip().partition("=")
+        pair_name, eq, value = part.partition("=")
         if eq and pair_name.strip() == name:
+            found = True
             new_value = replace(_unquote(value.strip()))
             if new_value is None:
                 continue
-            part = f" {name}={new_value}"
-        kept.append(part.strip())
-    kept = [part for part in kept if part]
+            part = f"{name}={new_value}"
+        else:
+            part = part.strip(" \t")  # the separator's spaces only: a pair's own bytes stay
+        if part:
+            kept.append(part)
+    if not found:
+        return header_value if kept else None
     return "; ".join(kept) if kept else None
 
 

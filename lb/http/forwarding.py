@@ -21,9 +21,13 @@ _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-hos
 _OWS = " \t"
 
 
-# A client may not make these hop-by-hop: dropping Host breaks HTTP/1.1, and
-# dropping a framing header would let a body be read as the next request.
-_NEVER_CONNECTION_LISTED = frozenset({"host", "content-length", "transfer-encoding"})
+# A client may not make these hop-by-hop: dropping Host breaks HTTP/1.1, dropping a
+# framing header would let a body be read as the next request, and the WebSocket
+# handshake's own headers were checked here (lb.ws.upgrade): the backend gets what passed.
+_NEVER_CONNECTION_LISTED = frozenset({
+    "host", "content-length", "transfer-encoding", "sec-websocket-key", "sec-websocket-version",
+    "sec-websocket-protocol", "sec-websocket-extensions", "sec-websocket-accept",
+})
 
 
 def _connection_listed(headers: tuple[tuple[str, str], ...]) -> set[str]:

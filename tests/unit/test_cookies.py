@@ -120,6 +120,18 @@ def test_rewrite_cookie_unwraps_our_token_for_the_backend() -> None:
     )
 
 
+@pytest.mark.parametrize("header", ["a=1;b=2", "a=1\xa0", " x=1 ;;y", "flag", "a=\"q\"  ;  b=2"])
+def test_a_header_without_the_cookie_passes_byte_for_byte(header: str) -> None:
+    """SPEC: other cookies pass unchanged; without ours there is nothing to rewrite at all."""
+    assert rewrite_cookie(header, NAME, lambda _v: None) == header
+    assert strip_cookie(header, NAME) == header
+
+
+def test_other_pairs_keep_their_bytes_when_ours_is_stripped() -> None:
+    assert strip_cookie("a=1\xa0;LB_AFFINITY=t;b= 2", NAME) == "a=1\xa0; b= 2"
+    assert strip_cookie(" ; ", NAME) is None  # an empty header is still dropped
+
+
 # -- render_set_cookie ------------------------------------------------------
 
 
@@ -171,7 +183,8 @@ def test_strip_cookie_removes_ours_and_keeps_every_other_pair(pairs: list[tuple[
     if not others:
         assert result is None
         return
-    assert result == "; ".join(others)
+    # Without ours the header is untouched; with it, the others are joined by `; `.
+    assert result == ("; ".join(others) if len(others) < len(pairs) else header)
     assert read_cookie([result], NAME) == []
 
 

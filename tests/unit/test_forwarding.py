@@ -71,6 +71,17 @@ def test_hop_by_hop_headers_are_removed() -> None:
     assert out.head.get("accept") == "*/*"
 
 
+def test_the_websocket_handshake_headers_cannot_be_made_hop_by_hop() -> None:
+    """They were checked here; listed in Connection, they would reach the backend missing (its 400)."""
+    out = forwarded(
+        request("Host: a", "Upgrade: websocket", "Connection: Upgrade, Sec-WebSocket-Key, Sec-WebSocket-Version",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"),
+        websocket=True,
+    )
+    assert out.head.get("sec-websocket-key") == "dGhlIHNhbXBsZSBub25jZQ=="
+    assert out.head.get("sec-websocket-version") == "13"
+
+
 def test_headers_listed_in_connection_are_removed() -> None:
     """Names the client lists in Connection are hop-by-hop too (RFC 9110 §7.6.1)."""
     out = forwarded(request("Host: a", "Connection: X-Secret, keep-alive", "x-secret: 1", "X-Kept: 2"))
