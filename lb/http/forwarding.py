@@ -167,7 +167,8 @@ def render_client_response(
         ]
     headers.extend(("Set-Cookie", cookie) for cookie in set_cookies)
     headers.extend(extra)
-    return render_head(f"HTTP/1.1 {response.status} {response.reason}".rstrip(), headers)
+    # status-line = HTTP-version SP status-code SP [ reason-phrase ] (RFC 9112 §4): the second SP stays.
+    return render_head(f"HTTP/1.1 {response.status} {response.reason}", headers)
 
 
 def render_refusal(status: int, reason_phrase: str, request_id: str, headers: dict[str, str]) -> bytes:

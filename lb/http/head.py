@@ -72,6 +72,7 @@ HEAD_END = b"\r\n\r\n"
 # RFC 9110 §5.6.2 tchar: header names and methods are tokens.
 _TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _TOKEN = re.compile(_TCHAR + "+")
+_BARE_LF = re.compile(rb"(?<!\r)\n")  # RFC 9112 §2.2 allows recipients to take it as a line end; we refuse
 # RFC 9110 §5.5 field-value: VCHAR, obs-text, SP and HTAB.
 _FIELD_VALUE = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100)) + b" \t"
 # What a head may hold at all: field-value bytes plus the CRLFs between lines.
@@ -216,11 +217,16 @@ def find_head_end(buffer: bytes | bytearray, limit: int, start: int = 0) -> int:
 
     Raises:
         HeadersTooLarge: the head is (or will be) longer than `limit` bytes.
+        BadRequest: a bare LF, so the head would never end in CRLFCRLF (refused now, not at the
+            handshake timeout); checked only while the head is incomplete, over the new bytes.
     """
-    end = buffer.find(HEAD_END, max(0, start - (len(HEAD_END) - 1)), limit + len(HEAD_END))
+    resume = max(0, start - (len(HEAD_END) - 1))
+    end = buffer.find(HEAD_END, resume, limit + len(HEAD_END))
     if end < 0:
         if len(buffer) >= limit:
             raise HeadersTooLarge(f"request head exceeds {limit} bytes")
+        if _BARE_LF.search(buffer, resume) is not None:
+            raise BadRequest("bare LF in the request head")
         return -1
     if end + len(HEAD_END) > limit:
         raise HeadersTooLarge(f"request head exceeds {limit} bytes")

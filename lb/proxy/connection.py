@@ -682,6 +682,10 @@ class Connection:
             if end < 0:
                 if len(buf) >= MAX_RESPONSE_HEAD:
                     raise _Failure("answer head too large")
+                if not buf.startswith(b"HTTP/"[: len(buf)]) or buf.find(b"\n\n", max(0, self._answer_scan - 1)) >= 0:
+                    # Not HTTP (an SSH banner, an HTTP/2 preface, bare-LF lines): said now, as a bad
+                    # answer, rather than after backend_connect of waiting for a head that never ends.
+                    raise _Failure("malformed answer: not an HTTP/1.x head")
                 self._answer_scan = len(buf)
                 return actions
             self._answer_scan = 0

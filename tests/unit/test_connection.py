@@ -362,6 +362,21 @@ def test_a_101_the_client_would_reject_is_a_failed_backend(bad: bytes) -> None:
     assert play.answer()[0] == 101 and play.conn.state == TUNNEL
 
 
+@pytest.mark.parametrize("answer", [
+    pytest.param(b"SSH-2.0-OpenSSH_9.2p1\r\n", id="ssh-banner"),
+    pytest.param(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00", id="http2-settings"),
+    pytest.param(b"HTTP/1.1 200 OK\nContent-Length: 0\n\n", id="bare-lf"),
+])
+def test_an_answer_that_is_not_http_fails_at_once_as_a_bad_answer(answer: bytes) -> None:
+    """Not after backend_connect of waiting for a CRLFCRLF that never comes, and not as a timeout."""
+    play = Play()
+    play.client(get("/a/x"))
+    play.connected()
+    play.backend(answer)
+    assert play.answer()[0] == 502 and play.now == T0
+    assert "not an HTTP/1.x head" in play.failures[0][2]
+
+
 def test_accept_value_is_rfc_6455s_worked_example() -> None:
     assert accept_value(WS_KEY) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 

@@ -302,3 +302,10 @@ def test_refusal_names_status_reason_and_request_id_only() -> None:
     assert (parsed.status, parsed.head.get("x-request-id"), parsed.head.get("connection")) == (502, "abc123", "close")
     assert body == b"502 Bad Gateway\nrequest id: abc123\n"
     assert parsed.head.get("content-length") == str(len(body))
+
+
+def test_an_empty_reason_keeps_the_status_lines_second_space() -> None:
+    """RFC 9112 §4: `HTTP/1.1 200 ` with an empty reason is valid; `HTTP/1.1 200` is not."""
+    response = parse_response_head(b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n")
+    out = render_client_response(response, switching=False, set_cookies=[], extra=[])
+    assert out.startswith(b"HTTP/1.1 200 \r\n")

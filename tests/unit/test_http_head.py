@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -76,18 +77,31 @@ def test_find_head_end_incomplete_below_limit_waits() -> None:
     assert find_head_end(buffer, len(buffer) + 1) == -1
 
 
+def test_a_bare_lf_head_is_refused_before_it_could_end() -> None:
+    """`GET / HTTP/1.1\\nHost: x\\n\\n` never ends in CRLFCRLF: a 400 now, not silence until the timeout."""
+    with pytest.raises(BadRequest, match="bare LF"):
+        find_head_end(b"GET / HTTP/1.1\nHost: x\n\n", 4096)
+    with pytest.raises(BadRequest):
+        find_head_end(b"GET / HTTP/1.1\r\nHost: x\nX", 4096, start=17)  # found among the new bytes
+    assert find_head_end(b"GET / HTTP/1.1\r\nHost: x\r", 4096) == -1  # a CR whose LF is still to come
+
+
 @settings(max_examples=200, deadline=None)
 @given(body=st.binary(max_size=200), limit=st.integers(min_value=1, max_value=300))
 def test_find_head_end_agrees_with_a_plain_search(body: bytes, limit: int) -> None:
-    """Any buffer gives the first head end within the limit, -1, or HeadersTooLarge, never more."""
+    """Any buffer gives the first head end within the limit, -1, HeadersTooLarge, or (incomplete,
+    with a bare LF that would keep it from ever ending) BadRequest, never more."""
     end = body.find(HEAD_END)
     try:
         result = find_head_end(body, limit)
     except HeadersTooLarge:
         assert (end < 0 and len(body) >= limit) or end + 4 > limit
         return
+    except BadRequest:
+        assert end < 0 and len(body) < limit and re.search(rb"(?<!\r)\n", body)
+        return
     if result == -1:
-        assert end < 0 and len(body) < limit
+        assert end < 0 and len(body) < limit and b"\n" not in body.replace(b"\r\n", b"")
     else:
         assert result == end + 4 <= limit
 
