@@ -85,7 +85,9 @@ def render_forwarded_request(
     # `_` aliases of our headers (X_Forwarded_For) are already dropped: lb.http.head does both.
     sent_target = target or request.target
     host = head.get("host")
-    lines = [f"{request.method} {sent_target} HTTP/1.1"]
+    # The client's own version: a backend then answers an HTTP/1.0 client as one (no chunked
+    # body, no 1xx, RFC 9112 §6.1, RFC 9110 §15.2), which the client could not read otherwise.
+    lines = [f"{request.method} {sent_target} {request.version}"]
     for name, value in head.headers:
         lowered = name.lower()
         if lowered in dropped:
@@ -103,7 +105,7 @@ def render_forwarded_request(
     if host is not None:
         lines.append(f"X-Forwarded-Host: {host}")
     else:
-        # HTTP/1.0 may omit Host; what we send is HTTP/1.1, which requires one (RFC 9112 §3.2).
+        # HTTP/1.0 may omit Host; a backend may still need one to route (RFC 9112 §3.2).
         lines.append(f"Host: {backend_host}")
     # A WebSocket keeps the upgrade.  Anything else: one request per backend connection,
     # so the end of the response is also the end of the connection, and nothing can be

@@ -699,11 +699,16 @@ class Connection:
             if status < 100 or status > 599:
                 raise _Failure(f"malformed answer: status {status:03d}")
             if status < 200 and status != 101:
-                # Interim (100 Continue, 103 Early Hints): passed on; they do not extend the deadline.
+                # Interim (100 Continue, 103 Early Hints): passed on, except to an HTTP/1.0 client,
+                # which would take one for the answer (RFC 9110 §15.2); they do not extend the deadline.
                 self._interim += 1
                 if self._interim > MAX_INTERIM:
                     raise _Failure("too many interim answers")
-                actions.append(SendClient(render_client_response(response, switching=True, set_cookies=[], extra=[])))
+                request = self._request
+                if request is not None and request.version != "HTTP/1.0":
+                    actions.append(
+                        SendClient(render_client_response(response, switching=True, set_cookies=[], extra=[]))
+                    )
                 continue
             if status == 101:
                 if not self._websocket:
@@ -738,6 +743,9 @@ class Connection:
     def _answer(self, response: ResponseHead, now: float) -> list[Action]:
         request = self._request
         assert request is not None
+        if request.version == "HTTP/1.0" and response.head.get_all("transfer-encoding"):
+            # Forbidden to a 1.0 request (RFC 9112 §6.1), and its client could not read the body.
+            raise _Failure("malformed answer: Transfer-Encoding in an answer to HTTP/1.0")
         framer = response_framer(response, request_method=request.method)
         keep = (
             self._keep_alive

@@ -377,6 +377,28 @@ def test_an_answer_that_is_not_http_fails_at_once_as_a_bad_answer(answer: bytes)
     assert "not an HTTP/1.x head" in play.failures[0][2]
 
 
+def test_an_http10_client_gets_no_interim_answer() -> None:
+    """An HTTP/1.0 client would take a 103 or 100 for the answer (RFC 9110 §15.2): only the final one."""
+    play = Play()
+    play.client(b"GET /a/x HTTP/1.0\r\nHost: h\r\n\r\n")
+    play.connected()
+    assert play.to_backend[0].startswith(b"GET /a/x HTTP/1.0\r\n")
+    play.backend(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n")
+    assert play.to_client == b""
+    play.backend(ok())
+    assert play.answer()[0] == 200 and play.to_client.count(b"HTTP/1.1") == 1
+
+
+def test_a_chunked_answer_to_an_http10_client_is_a_502() -> None:
+    """Forbidden to a 1.0 request (RFC 9112 §6.1), and its client would read the chunk sizes as the body."""
+    play = Play()
+    play.client(b"GET /a/x HTTP/1.0\r\nHost: h\r\n\r\n")
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert play.answer()[0] == 502 and b"hello" not in play.to_client
+    assert "Transfer-Encoding in an answer to HTTP/1.0" in play.failures[0][2]
+
+
 def test_accept_value_is_rfc_6455s_worked_example() -> None:
     assert accept_value(WS_KEY) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 

@@ -171,16 +171,17 @@ def test_plain_request_asks_backend_to_close() -> None:
     assert out.head.get_all("upgrade") == []
 
 
-def test_forwarded_version_is_http11() -> None:
-    """The backend always receives HTTP/1.1."""
-    out = forwarded(request("Host: a", start="GET / HTTP/1.0"))
-    assert out.version == "HTTP/1.1"
+@pytest.mark.parametrize("version", ["HTTP/1.0", "HTTP/1.1"])
+def test_the_backend_receives_the_clients_version(version: str) -> None:
+    """So it answers an HTTP/1.0 client as one: no chunked body, no 1xx (RFC 9112 §6.1, RFC 9110 §15.2)."""
+    out = forwarded(request("Host: a", start=f"GET / {version}"))
+    assert out.version == version
 
 
-def test_http10_without_host_is_forwarded_as_valid_http11() -> None:
-    """An HTTP/1.0 request without Host reaches the backend as valid HTTP/1.1, with a Host (RFC 9112 §3.2)."""
+def test_http10_without_host_is_forwarded_with_a_host() -> None:
+    """An HTTP/1.0 request without Host reaches the backend with one (RFC 9112 §3.2), for its routing."""
     out = forwarded(request(start="GET / HTTP/1.0"))
-    assert out.version == "HTTP/1.1"
+    assert out.version == "HTTP/1.0"
     assert len(out.head.get_all("host")) == 1
     assert out.head.get_all("x-forwarded-host") == []
 
