@@ -16,6 +16,9 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization"}
 )
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+# Claims about the client or the proxy chain that we do not set: believed by many backends
+# (nginx's X-Real-IP, RFC 7239 Forwarded), so only a trusted proxy in front may pass them on.
+_PROXY_CLAIMS = frozenset({"forwarded", "x-real-ip", "x-forwarded-port", "x-forwarded-prefix"})
 # RFC 9110 §5.6.3 OWS: space and tab only.  A bare str.strip() would also take NBSP (0xA0) and
 # NEL (0x85) off a latin-1 value, reading a token that a backend sees differently.
 _OWS = " \t"
@@ -56,6 +59,7 @@ def render_forwarded_request(
     target: str | None = None,
     add: list[tuple[str, str]] | None = None,
     backend_host: str = "localhost",
+    trusted_peer: bool = False,
 ) -> bytes:
     """The request head the backend receives.
 
@@ -70,11 +74,13 @@ def render_forwarded_request(
         target: the request target to send instead of the client's.
         add: headers to add (after the client's).
         backend_host: the Host to send when the client (HTTP/1.0) sent none.
+        trusted_peer: the peer is a trusted proxy, whose Forwarded, X-Real-IP, X-Forwarded-Port
+            and X-Forwarded-Prefix pass on; anyone else's are dropped (spoofed addresses).
     """
     # One pass over the client's headers (this runs once per handshake): drop what is
     # hop-by-hop, ours to set, or Connection-listed; rewrite Cookie; render as we go.
     head = request.head
-    dropped = _request_drop(drop)
+    dropped = _request_drop(drop, trusted_peer)
     connection = head.get_all("connection")
     if connection:
         listed = {part.strip(_OWS).lower() for value in connection for part in value.split(",")}
@@ -120,9 +126,11 @@ _CLOSE_LINE = "Connection: close\r\n\r\n"
 
 
 @functools.lru_cache(maxsize=16)
-def _request_drop(extra: frozenset[str]) -> frozenset[str]:
-    """Hop-by-hop, X-Forwarded-* (we set them) and `extra`; one set per configuration, not per request."""
-    return HOP_BY_HOP | _FORWARDED | extra
+def _request_drop(extra: frozenset[str], trusted_peer: bool) -> frozenset[str]:
+    """Hop-by-hop, X-Forwarded-* (we set them), `extra`, and from an untrusted peer its proxy
+    claims; one set per configuration and kind of peer, not per request."""
+    dropped = HOP_BY_HOP | _FORWARDED | extra
+    return dropped if trusted_peer else dropped | _PROXY_CLAIMS
 
 
 def strip_query_param(target: str, name: str) -> str:

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 from lb.http.head import RequestHead, ResponseHead
 
-_SIZE, _SIZE_LF, _DATA, _DATA_CR, _DATA_LF, _TRAILER, _TRAILER_LF, _DONE = range(8)
+_SIZE, _SIZE_LF, _DATA, _DATA_CR, _DATA_LF, _TRAILER, _TRAILER_LF, _DONE, _SIZE_BWS = range(9)
 
 # Chunk extensions and trailers are read byte by byte and never relayed as data: bounded so a
 # peer cannot make them endless (llhttp caps extensions likewise, CVE-2024-22019).
 MAX_CHUNK_LINE = 4096  # a chunk-size line, extensions included
 MAX_TRAILERS = 65536  # the whole trailer section
+# 15 hex digits stay below 2**60: no 64-bit parser behind us can wrap a size we accepted.
+MAX_SIZE_DIGITS = 15
 
 
 class BodyFramer:
     """Tracks one response body; `feed` says where in a chunk the body ends."""
 
-    __slots__ = ("_chunked", "_extension", "_line_len", "_remaining", "_state", "_trailer_len", "_until_eof")
+    __slots__ = (
+        "_chunked", "_colon", "_extension", "_line_len", "_remaining", "_state", "_trailer_len", "_until_eof",
+    )
 
     def __init__(self, *, length: int | None, chunked: bool) -> None:
         self._chunked = chunked
@@ -28,6 +32,7 @@ class BodyFramer:
         self._remaining = length or 0
         self._state = _SIZE if chunked else (_DONE if length == 0 else _DATA)
         self._extension = False  # in a chunk-size line's extensions, which are skipped up to CR
+        self._colon = False  # the current trailer line has its `:`
         self._line_len = 0
         self._trailer_len = 0
 
@@ -85,13 +90,29 @@ class BodyFramer:
                     self._line_len += 1
                     if self._line_len > MAX_CHUNK_LINE:
                         raise ValueError("chunk size line too long")
-                elif chr(byte) in "0123456789abcdefABCDEF" and self._line_len < 16:
+                elif chr(byte) in "0123456789abcdefABCDEF" and self._line_len < MAX_SIZE_DIGITS:
                     self._remaining = self._remaining * 16 + int(chr(byte), 16)
                     self._line_len += 1
-                elif byte in (0x3B, 0x20, 0x09) and self._line_len:
+                elif byte == 0x3B and self._line_len:
                     self._extension = True
+                elif byte in (0x20, 0x09) and self._line_len:
+                    self._state = _SIZE_BWS
                 else:
                     raise ValueError("malformed chunk size")
+            elif state == _SIZE_BWS:
+                # RFC 9112 §7.1.1: whitespace after the size may only lead to `;` (or end the line);
+                # `5 junk` is a size some parsers read otherwise.
+                if byte == 0x3B:
+                    self._extension = True
+                    self._state = _SIZE
+                elif byte == 0x0D:
+                    self._state = _SIZE_LF
+                elif byte not in (0x20, 0x09):
+                    raise ValueError("malformed chunk size")
+                else:
+                    self._line_len += 1
+                    if self._line_len > MAX_CHUNK_LINE:
+                        raise ValueError("chunk size line too long")
             elif state == _SIZE_LF:
                 if byte != 0x0A or not self._line_len:
                     raise ValueError("malformed chunk size line")
@@ -107,10 +128,16 @@ class BodyFramer:
                 self._state = _SIZE
             elif state == _TRAILER:
                 if byte == 0x0D:
+                    if self._line_len and not self._colon:
+                        raise ValueError("trailer line without a colon")
                     self._state = _TRAILER_LF
                 elif (byte < 0x20 and byte != 0x09) or byte == 0x7F:
                     raise ValueError("control byte in trailer")  # a bare LF included, as above
+                elif not self._line_len and byte in (0x20, 0x09):
+                    raise ValueError("trailer line folded (obs-fold)")
                 else:
+                    if byte == 0x3A:
+                        self._colon = True
                     self._line_len += 1
                     self._trailer_len += 1
                     if self._trailer_len > MAX_TRAILERS:
@@ -122,6 +149,7 @@ class BodyFramer:
                     self._state = _DONE
                     return i
                 self._line_len = 0
+                self._colon = False
                 self._state = _TRAILER
         return None
 

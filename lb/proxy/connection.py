@@ -622,6 +622,7 @@ class Connection:
             target=plan.target,
             add=plan.add,
             backend_host=decision.backend.config.address,
+            trusted_peer=self._proxy is not None,
         )
 
     def _forwarded_for(self, request: RequestHead) -> str:

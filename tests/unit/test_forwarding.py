@@ -310,3 +310,18 @@ def test_an_empty_reason_keeps_the_status_lines_second_space() -> None:
     response = parse_response_head(b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n")
     out = render_client_response(response, switching=False, set_cookies=[], extra=[])
     assert out.startswith(b"HTTP/1.1 200 \r\n")
+
+
+@pytest.mark.parametrize("trusted_peer", [False, True])
+def test_proxy_claims_pass_only_from_a_trusted_peer(trusted_peer: bool) -> None:
+    """Forwarded, X-Real-IP, X-Forwarded-Port/-Prefix say who the client is or how it came: spoofable."""
+    claims = ["Forwarded: for=6.6.6.6", "X-Real-IP: 6.6.6.6", "X-Forwarded-Port: 1", "X-Forwarded-Prefix: /evil"]
+    raw = render_forwarded_request(
+        request("Host: a", *claims, "X-Request-Id: r1"), forwarded_for="203.0.113.7", proto="http",
+        websocket=False, trusted_peer=trusted_peer,
+    )
+    out = parse_request_head(raw)
+    for claim in claims:
+        name, _, value = claim.partition(": ")
+        assert out.head.get(name) == (value if trusted_peer else None)
+    assert out.head.get("x-request-id") == "r1" and out.head.get("x-forwarded-for") == "203.0.113.7"

@@ -152,10 +152,14 @@ def test_chunked_split_at_every_boundary(cut: int) -> None:
         b"0\r\nTrailer: x\r\n\r\n",
         b"1\r\na\r\n0\r\n\r\n",
         b"F\r\n" + b"x" * 15 + b"\r\n0\r\n\r\n",
-        b"0000000000000001\r\nx\r\n0\r\n\r\n",  # 16 digits is the limit
+        b"000000000000001\r\nx\r\n0\r\n\r\n",  # 15 digits is the limit (below 2**60)
         b"1\t;tab\r\nx\r\n0\r\n\r\n",
+        b"1 \t ; a=b\r\nx\r\n0\r\n\r\n",
+        b"1  \r\nx\r\n0\r\n\r\n",
+        b"0\r\nA: 1\r\nB:\r\n\r\n",
     ],
-    ids=["empty", "last-chunk ext", "trailer", "one chunk", "uppercase hex", "16 digits", "tab before ext"],
+    ids=["empty", "last-chunk ext", "trailer", "one chunk", "uppercase hex", "15 digits", "tab before ext",
+         "spaces before ext", "spaces then line end", "trailers"],
 )
 def test_chunked_forms(body: bytes) -> None:
     """Valid chunked bodies end exactly after their final CRLF."""
@@ -171,7 +175,12 @@ MALFORMED_CHUNKED = {
     "extension without size": b";ext\r\n",
     "bare LF after size": b"5\nhello\r\n",
     "CR without LF after size": b"5\rhello",
-    "17 hex digits": b"00000000000000001\r\n",
+    "16 hex digits": b"0000000000000001\r\n",
+    "ffff... past 2**63": b"ffffffffffffffff\r\n",
+    "junk after the size": b"5 junk\r\nhello\r\n",
+    "space then junk after the size": b"5 \tx;a\r\n",
+    "trailer without a colon": b"0\r\nnot a field\r\n",
+    "folded trailer": b"0\r\nA: 1\r\n  more\r\n",
     "data longer than size": b"5\r\nhelloX\r\n",
     "CR then junk after data": b"5\r\nhello\rX",
     "bare LF after data": b"5\r\nhello\n0\r\n\r\n",
