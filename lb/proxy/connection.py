@@ -223,10 +223,12 @@ class Connection:
     __slots__ = (
         "_answer_buf",
         "_answer_scan",
+        "_backend_blocked_at",
         "_balance_key",
         "_body_left",
         "_buf",
         "_claim",
+        "_client_blocked_at",
         "_client_ip",
         "_client_port",
         "_codec",
@@ -305,6 +307,10 @@ class Connection:
         self._buf = bytearray()  # client bytes not yet consumed
         self._scan = 0  # where the search for the end of the head resumes
         self._paused = False
+        # Since when the shell has stopped reading the backend because the client is not reading
+        # (its write buffer is full), and since when the backend is not reading what we send it.
+        self._client_blocked_at: float | None = None
+        self._backend_blocked_at: float | None = None
         self._started = False  # a request of this connection was parsed (keep-alive idle otherwise)
         self._reset_request()
 
@@ -401,6 +407,35 @@ class Connection:
         self.state = CLOSED
         return actions
 
+    def client_blocked(self, blocked: bool, now: float) -> list[Action]:
+        """The client's write buffer passed its high-water mark (`blocked`), or drained below it.
+
+        While it is full, the backend is not read: a wait for its answer is then the client's
+        time, not the backend's.  Called from inside a write, so it only notes the time.
+        """
+        if blocked:
+            if self._client_blocked_at is None:
+                self._client_blocked_at = now
+            return []
+        self._client_blocked_at = None
+        if self.state in (CONNECTING, WAITING) and not self._body_left:
+            return [SetTimer(now + self._config.timeouts.backend_connect)]  # its time again, whole
+        return []
+
+    def backend_blocked(self, blocked: bool, now: float) -> list[Action]:
+        """The backend's write buffer passed its high-water mark (`blocked`), or drained below it.
+
+        While it is full, the client is not read: an upload's quiet spell is then the backend's
+        time, not the client's.  Called from inside a write, so it only notes the time.
+        """
+        if blocked:
+            if self._backend_blocked_at is None:
+                self._backend_blocked_at = now
+            return []
+        self._backend_blocked_at = None
+        self._last_client = now  # the client's quiet spell starts when it can send again
+        return []
+
     def backend_connected(self, now: float) -> list[Action]:
         if self.state != CONNECTING:
             return []
@@ -457,6 +492,15 @@ class Connection:
             # A head that does not arrive in time (slowloris), or a keep-alive connection gone idle.
             log.debug("closing %s: no complete request head in time", self._client_ip)
             return self._close(abort=False)
+        if state in (WAITING, RELAY) and self._body_left and self._backend_blocked_at is not None:
+            # The upload stalls because the backend does not read it: the backend's time.
+            until = self._backend_blocked_at + timeouts.backend_connect
+            if now < until:
+                return [SetTimer(until)]
+            if state == WAITING:
+                return self._retry_or_fail(_Failure("stopped reading the request body", "timeout"), now)
+            log.debug("closing %s: backend stopped reading the request body (request %s)", self._client_ip, self._rid)
+            return self._release_backend() + self._close(abort=True)
         if state == WAITING and self._body_left:
             quiet_until = self._last_client + timeouts.handshake
             if now < quiet_until:
@@ -465,6 +509,13 @@ class Connection:
             actions = self._release_backend()
             return actions + self._refuse(RequestTimeout("request body not received in time"), now)
         if state in (CONNECTING, WAITING):
+            if self._client_blocked_at is not None:
+                # The backend is not read while the client is full: not the backend's fault.
+                until = self._client_blocked_at + timeouts.handshake
+                if now < until:
+                    return [SetTimer(until)]
+                log.debug("closing %s: not reading its answers (request %s)", self._client_ip, self._rid)
+                return self._release_backend() + self._close(abort=True)
             return self._retry_or_fail(_Failure(f"no answer within {timeouts.backend_connect:g}s", "timeout"), now)
         if state == RELAY:
             if self._body_left:

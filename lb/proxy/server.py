@@ -111,12 +111,16 @@ class _Upstream(asyncio.Protocol):
             owner.drive(owner.core.backend_failed, cause, time.time())
 
     def pause_writing(self) -> None:
-        if self.owner is not None:
-            self.owner.pause(_BACKEND_FULL)
+        owner = self.owner
+        if owner is not None:
+            owner.pause(_BACKEND_FULL)
+            owner.drive(owner.core.backend_blocked, True, time.time())
 
     def resume_writing(self) -> None:
-        if self.owner is not None:
-            self.owner.resume(_BACKEND_FULL)
+        owner = self.owner
+        if owner is not None:
+            owner.resume(_BACKEND_FULL)
+            owner.drive(owner.core.backend_blocked, False, time.time())
 
 
 class _PendingTls:
@@ -241,12 +245,14 @@ class ClientConnection(asyncio.Protocol):
         upstream = self._upstream
         if upstream is not None and upstream.transport is not None:
             upstream.transport.pause_reading()
+        self.drive(self.core.client_blocked, True, time.time())
 
     def resume_writing(self) -> None:
         self.client_full = False
         upstream = self._upstream
         if upstream is not None and upstream.transport is not None:
             upstream.transport.resume_reading()
+        self.drive(self.core.client_blocked, False, time.time())
 
     # -- actions -------------------------------------------------------------------
 

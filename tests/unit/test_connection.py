@@ -808,6 +808,56 @@ def test_a_pipelined_head_larger_than_the_hold_limit_still_arrives() -> None:
     assert play.opened == ["a1", "a1"] and play.to_backend[1].startswith(b"GET /a/b ")
 
 
+def test_a_backend_that_does_not_read_the_upload_is_blamed_not_the_client() -> None:
+    """The client is paused because the backend's buffer is full: its silence is the backend's fault."""
+    play = Play()
+    play.client(post("/a/x", b"x" * 100)[:-50])
+    play.connected()
+    play._apply(play.conn.backend_blocked(True, play.now))
+    play.fire()  # the client's quiet-spell timer (T0 + 5): the backend has had backend_connect (2 s)
+    assert play.answer()[0] == 502 and b"408" not in play.to_client
+    assert play.failures and "stopped reading the request body" in play.failures[0][2]
+
+
+def test_a_backend_that_reads_again_gives_the_client_a_whole_quiet_spell() -> None:
+    play = Play()
+    play.client(post("/a/x", b"x" * 100)[:-50])
+    play.connected()
+    play._apply(play.conn.backend_blocked(True, play.now))
+    play.now += 1.5
+    play._apply(play.conn.backend_blocked(False, play.now))
+    play.fire()  # T0 + 5: the client has been able to send for 3.5 s only
+    assert play.closed_client is None and play.timer == T0 + 6.5
+    play.fire()
+    assert play.answer()[0] == 408 and play.failures == []
+
+
+def test_a_client_that_does_not_read_does_not_get_its_backend_blamed() -> None:
+    """While the client's buffer is full the backend is not read: its answer may be waiting unread."""
+    play = Play()
+    play.client(get("/a/x"))
+    play.connected()
+    play._apply(play.conn.client_blocked(True, play.now))
+    play.fire()  # backend_connect (T0 + 2): not the backend's time
+    assert play.closed_client is None and play.failures == [] and play.timer == T0 + 5
+    play.now += 1
+    play._apply(play.conn.client_blocked(False, play.now))
+    assert play.timer == T0 + 3 + 2  # unblocked at T0 + 3: the backend gets its whole backend_connect
+    play.backend(ok())
+    assert play.answer()[0] == 200 and play.failures == []
+
+
+def test_a_client_that_never_reads_is_closed_without_blaming_the_backend() -> None:
+    play = Play()
+    play.client(get("/a/x"))
+    play.connected()
+    play._apply(play.conn.client_blocked(True, play.now))
+    play.fire()
+    play.fire()  # timeouts.handshake after it stopped reading
+    assert play.closed_client == CloseClient(abort=True) and play.failures == []
+    assert play.connections()["a1"] == 0
+
+
 @pytest.mark.parametrize("stage", ["connecting", "waiting", "relaying"])
 def test_client_eof_mid_request_releases_the_backend(stage: str) -> None:
     """A client that goes away mid-handshake must not leave its backend counted (least_conn would shun it)."""
