@@ -397,12 +397,14 @@ class Connection:
                 return []
             if state == WAITING:
                 return self._release_backend() + self._refuse(BadRequest(_BODY_INCOMPLETE), now)
+        self._log_abandoned()
         return self._close(abort=False)
 
     def client_lost(self) -> list[Action]:
         """The client connection is gone: release what this request holds."""
         if self.state in (CLOSED, TUNNEL):
             return []
+        self._log_abandoned()
         actions = self._release_backend()
         self.state = CLOSED
         return actions
@@ -917,6 +919,17 @@ class Connection:
         reason = decision.reason if decision.reason != "hit" else "redispatch"
         issue_cookie = retry.issue_cookie or pool.config.sticky
         return actions + self._open(Decision(backend=retry.backend, reason=reason, issue_cookie=issue_cookie), now)
+
+    def _log_abandoned(self) -> None:
+        """A request on its way to a backend whose client left first: still one access line (499, as nginx)."""
+        request, decision, pool = self._request, self._decision, self._pool
+        if self.state not in (CONNECTING, WAITING) or request is None or decision is None or pool is None:
+            return
+        log_request(
+            client=self._client_ip, client_port=self._client_port, method=request.method, path=request.path,
+            pool=pool.name, backend=decision.backend.id, affinity=decision.reason, status=499,
+            reason="client_closed_request", request_id=self._rid,
+        )
 
     def _release_backend(self) -> list[Action]:
         """Stop counting the current backend connection and drop it."""

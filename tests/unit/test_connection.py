@@ -10,6 +10,7 @@ without bound.
 from __future__ import annotations
 
 import itertools
+import logging
 from pathlib import Path
 
 import pytest
@@ -882,6 +883,19 @@ def test_client_leaving_releases_the_backend() -> None:
     play.connected()
     play._apply(play.conn.client_lost())
     assert CloseBackend() in play.actions and play.connections()["a1"] == 0
+
+
+@pytest.mark.parametrize("how", ["lost", "eof"])
+def test_a_request_its_client_abandoned_still_gets_an_access_line(how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """One line per request (SPEC): a client gone before the answer is logged as 499, as nginx does."""
+    play = Play()
+    play.client(upgrade())
+    play.connected()
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        play._apply(play.conn.client_lost() if how == "lost" else play.conn.client_eof(play.now))
+    lines = [r.getMessage() for r in caplog.records if r.name == "lb.access"]
+    assert len(lines) == 1 and "status=499" in lines[0] and "reason=client_closed_request" in lines[0]
+    assert "backend=a1" in lines[0] and f"request_id={play.conn.request_id}" in lines[0]
 
 
 # -- hostile input: whatever the bytes, the invariants hold ---------------------------------------
