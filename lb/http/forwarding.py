@@ -18,6 +18,7 @@ HOP_BY_HOP = frozenset(
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 # Claims about the client or the proxy chain that we do not set: believed by many backends
 # (nginx's X-Real-IP, RFC 7239 Forwarded), so only a trusted proxy in front may pass them on.
+_BODY_FRAMING = frozenset({"transfer-encoding", "content-length"})
 _PROXY_CLAIMS = frozenset({"forwarded", "x-real-ip", "x-forwarded-port", "x-forwarded-prefix"})
 # RFC 9110 §5.6.3 OWS: space and tab only.  A bare str.strip() would also take NBSP (0xA0) and
 # NEL (0x85) off a latin-1 value, reading a token that a backend sees differently.
@@ -170,6 +171,13 @@ def render_client_response(
         headers = _end_to_end(response.head.headers, HOP_BY_HOP)
         if not keep_alive:
             headers.append(("Connection", "close"))
+    status = response.status
+    if (status < 200 and status != 101) or status == 204:
+        # No body, and RFC 9112 §6.1/§6.2 forbid a length or a coding on these: relayed, a
+        # client that believed one would read the next answer's bytes as this body.
+        head = response.head
+        if head.get_all("transfer-encoding") or head.get_all("content-length"):
+            headers = [(name, value) for name, value in headers if name.lower() not in _BODY_FRAMING]
     if rewrite_set_cookie is not None:
         headers = [
             (name, rewrite_set_cookie(value) if name.lower() == "set-cookie" else value)

@@ -325,3 +325,15 @@ def test_proxy_claims_pass_only_from_a_trusted_peer(trusted_peer: bool) -> None:
         name, _, value = claim.partition(": ")
         assert out.head.get(name) == (value if trusted_peer else None)
     assert out.head.get("x-request-id") == "r1" and out.head.get("x-forwarded-for") == "203.0.113.7"
+
+
+@pytest.mark.parametrize("status", [100, 103, 204])
+@pytest.mark.parametrize("framing", ["Transfer-Encoding: chunked", "Content-Length: 5"])
+def test_bodyless_answers_lose_framing_headers(status: int, framing: str) -> None:
+    """1xx and 204 have no body (RFC 9112 §6.1-6.2): a length or coding on one would desync the client."""
+    response = parse_response_head(f"HTTP/1.1 {status} X\r\n{framing}\r\nX-Kept: 1\r\n\r\n".encode())
+    out = parse_response_head(render_client_response(
+        response, switching=status < 200, set_cookies=[], extra=[], keep_alive=True,
+    ))
+    assert out.head.get_all("transfer-encoding") == [] and out.head.get_all("content-length") == []
+    assert out.head.get("x-kept") == "1"
