@@ -560,6 +560,10 @@ class Connection:
     def _read_head(self, now: float) -> list[Action]:
         buf = self._buf
         limit = self._config.limits.max_header_bytes
+        if not self._scan and buf[:2] == b"\r\n":
+            # RFC 9112 §2.2: an empty line before a request line SHOULD be ignored (the stray CRLF
+            # some clients send after a body).  One, so a stream of them still runs into the timer.
+            del buf[:2]
         try:
             # Incremental: only the new bytes (and 3 before them) are searched for the blank
             # line, once; a slow client feeding a head byte by byte costs O(n), not O(n^2).

@@ -794,6 +794,16 @@ def test_an_upgrade_whose_body_went_out_is_not_retried() -> None:
     assert len(play.opened) == 1 and play.answer()[0] == 502
 
 
+def test_one_empty_line_before_a_request_is_ignored() -> None:
+    """RFC 9112 §2.2: the stray CRLF some clients send after a body does not make the next request a 400."""
+    play = Play()
+    play.client(post("/a/x", b"hi") + b"\r\n" + get("/a/y"))
+    play.connected()
+    play.backend(ok())
+    play.connected()
+    assert play.opened == ["a1", "a1"] and play.to_backend[1].startswith(b"GET /a/y HTTP/1.1\r\n")
+
+
 def test_a_pipelined_head_larger_than_the_hold_limit_still_arrives() -> None:
     """max_header_bytes may exceed HELD_LIMIT: back in HEAD, reading resumes for the rest of the head."""
     play = Play(CONFIG.replace("max_header_bytes: 4096", "max_header_bytes: 200000"))
