@@ -36,6 +36,8 @@ def rewrite_cookie(header_value: str, name: str, replace: Callable[[str], str | 
     With it, the other pairs keep their bytes (only the spaces around `;` become one) and are
     joined by `; `.  Returns None when no cookie is left.
     """
+    if name not in header_value:  # most Cookie headers of a new client: nothing to find or rewrite
+        return header_value if header_value.strip(" \t;") else None
     kept = []
     found = False
     for part in header_value.split(";"):

@@ -18,8 +18,9 @@ HOP_BY_HOP = frozenset(
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 # Claims about the client or the proxy chain that we do not set: believed by many backends
 # (nginx's X-Real-IP, RFC 7239 Forwarded), so only a trusted proxy in front may pass them on.
-_BODY_FRAMING = frozenset({"transfer-encoding", "content-length"})
 _PROXY_CLAIMS = frozenset({"forwarded", "x-real-ip", "x-forwarded-port", "x-forwarded-prefix"})
+# Not on an answer without a body (1xx, 204: RFC 9112 §6.1-6.2); see render_client_response.
+_BODY_FRAMING = frozenset({"transfer-encoding", "content-length"})
 # RFC 9110 §5.6.3 OWS: space and tab only.  A bare str.strip() would also take NBSP (0xA0) and
 # NEL (0x85) off a latin-1 value, reading a token that a backend sees differently.
 _OWS = " \t"

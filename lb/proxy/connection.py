@@ -4,10 +4,10 @@ In the manner of h11's `Connection` and websockets' `ServerProtocol`, nothing
 here touches a socket, a clock or the event loop.  The shell (`lb.proxy.server`)
 feeds it events with the current time and carries out the actions it returns:
 
-    events:  receive_client(data, now)   client_eof(now)      client_lost()
+    events:  receive_client(data, now)   client_eof(now)      client_lost(status, reason)
              backend_connected(now)      backend_failed(cause, now)
              receive_backend(data, now)  backend_eof(now)      deadline(now)
-             shutdown(now)
+             shutdown(now)               client_blocked(blocked, now)  backend_blocked(blocked, now)
     actions: SendClient  SendBackend  OpenBackend  CloseBackend  CloseClient
              PauseClient  ResumeClient  SetTimer  JoinTunnel
 
@@ -29,7 +29,10 @@ Why it is shaped this way (each is a smuggling or memory bug of the await chain 
   by `MAX_RESPONSE_HEAD`, interim (1xx) answers by `MAX_INTERIM` per request.
 - One deadline per phase: `timeouts.handshake` for the head (and for each
   quiet spell of an upload: the client's time), `timeouts.backend_connect` for
-  connect plus final answer (interim answers do not extend it).
+  connect plus final answer (interim answers do not extend it).  Whose time a
+  wait is follows backpressure: an upload the backend stopped reading is the
+  backend's (`backend_blocked`), an answer not read because the client is full
+  is the client's (`client_blocked`).
 - A backend that refuses, resets, stays silent or answers garbage counts as a
   failed health check and the request goes to another backend when that is
   safe; otherwise the client gets 502 (also after a timeout), never a 500.
@@ -397,14 +400,18 @@ class Connection:
                 return []
             if state == WAITING:
                 return self._release_backend() + self._refuse(BadRequest(_BODY_INCOMPLETE), now)
-        self._log_abandoned()
+        self._log_abandoned(499, "client_closed_request")
         return self._close(abort=False)
 
-    def client_lost(self) -> list[Action]:
-        """The client connection is gone: release what this request holds."""
+    def client_lost(self, status: int = 499, reason: str = "client_closed_request") -> list[Action]:
+        """The client connection is gone: release what this request holds.
+
+        A request still on its way to its answer is logged with `status` and `reason`: the client
+        left (499, as nginx), unless the shell drops the connection itself (a bug: 500; shutdown: 503).
+        """
         if self.state in (CLOSED, TUNNEL):
             return []
-        self._log_abandoned()
+        self._log_abandoned(status, reason)
         actions = self._release_backend()
         self.state = CLOSED
         return actions
@@ -413,30 +420,41 @@ class Connection:
         """The client's write buffer passed its high-water mark (`blocked`), or drained below it.
 
         While it is full, the backend is not read: a wait for its answer is then the client's
-        time, not the backend's.  Called from inside a write, so it only notes the time.
+        time, not the backend's (and one that reads nothing for timeouts.handshake is closed).
+        Blocking is reported from inside a write, so it changes no state but the time.
         """
         if blocked:
-            if self._client_blocked_at is None:
-                self._client_blocked_at = now
+            self._client_blocked_at = self._client_blocked_at or now
             return []
         self._client_blocked_at = None
-        if self.state in (CONNECTING, WAITING) and not self._body_left:
-            return [SetTimer(now + self._config.timeouts.backend_connect)]  # its time again, whole
+        if self.state == WAITING and not self._body_left:
+            return [SetTimer(now + self._config.timeouts.backend_connect)]  # the backend's time again, whole
         return []
 
     def backend_blocked(self, blocked: bool, now: float) -> list[Action]:
         """The backend's write buffer passed its high-water mark (`blocked`), or drained below it.
 
         While it is full, the client is not read: an upload's quiet spell is then the backend's
-        time, not the client's.  Called from inside a write, so it only notes the time.
+        time, and it fails after timeouts.backend_connect of that.  Reported from inside the
+        write of the body, after which nothing else in that pass sets a timer.
         """
         if blocked:
-            if self._backend_blocked_at is None:
-                self._backend_blocked_at = now
+            self._backend_blocked_at = self._backend_blocked_at or now
+            if self.state in (WAITING, RELAY) and self._body_left:
+                return [SetTimer(self._upload_deadline())]
             return []
         self._backend_blocked_at = None
         self._last_client = now  # the client's quiet spell starts when it can send again
         return []
+
+    def _upload_deadline(self) -> float:
+        """When an upload in progress times out: the client's quiet spell, or, while the backend's
+        buffer is full (the client is not read then, so its quiet time does not run), the backend's."""
+        timeouts = self._config.timeouts
+        blocked_at = self._backend_blocked_at
+        if blocked_at is not None:
+            return blocked_at + timeouts.backend_connect
+        return self._last_client + timeouts.handshake
 
     def backend_connected(self, now: float) -> list[Action]:
         if self.state != CONNECTING:
@@ -456,8 +474,9 @@ class Connection:
                 # The client half-closed before the end of its body: the rest will never come.
                 return actions + self._release_backend() + self._refuse(BadRequest(_BODY_INCOMPLETE), now)
             if self._body_left and self.state == WAITING:
-                # Uploading: the client's time, counted from its last byte.
-                actions.append(SetTimer(now + self._config.timeouts.handshake))
+                # Uploading: the client's time, counted from its last byte.  Ahead of the writes:
+                # a full backend buffer they cause sets an earlier deadline (backend_blocked).
+                actions.insert(0, SetTimer(now + self._config.timeouts.handshake))
         return actions
 
     def backend_failed(self, cause: str, now: float, kind: ErrorKind = "reset") -> list[Action]:
@@ -496,7 +515,7 @@ class Connection:
             return self._close(abort=False)
         if state in (WAITING, RELAY) and self._body_left and self._backend_blocked_at is not None:
             # The upload stalls because the backend does not read it: the backend's time.
-            until = self._backend_blocked_at + timeouts.backend_connect
+            until = self._upload_deadline()
             if now < until:
                 return [SetTimer(until)]
             if state == WAITING:
@@ -511,12 +530,12 @@ class Connection:
             actions = self._release_backend()
             return actions + self._refuse(RequestTimeout("request body not received in time"), now)
         if state in (CONNECTING, WAITING):
-            if self._client_blocked_at is not None:
+            if state == WAITING and self._client_blocked_at is not None:
                 # The backend is not read while the client is full: not the backend's fault.
                 until = self._client_blocked_at + timeouts.handshake
                 if now < until:
                     return [SetTimer(until)]
-                log.debug("closing %s: not reading its answers (request %s)", self._client_ip, self._rid)
+                self._log_abandoned(408, "client_not_reading")
                 return self._release_backend() + self._close(abort=True)
             return self._retry_or_fail(_Failure(f"no answer within {timeouts.backend_connect:g}s", "timeout"), now)
         if state == RELAY:
@@ -560,7 +579,7 @@ class Connection:
     def _read_head(self, now: float) -> list[Action]:
         buf = self._buf
         limit = self._config.limits.max_header_bytes
-        if not self._scan and buf[:2] == b"\r\n":
+        if not self._scan and buf.startswith(b"\r\n"):
             # RFC 9112 §2.2: an empty line before a request line SHOULD be ignored (the stray CRLF
             # some clients send after a body).  One, so a stream of them still runs into the timer.
             del buf[:2]
@@ -803,7 +822,10 @@ class Connection:
         assert request is not None
         if request.version == "HTTP/1.0" and response.head.get_all("transfer-encoding"):
             # Forbidden to a 1.0 request (RFC 9112 §6.1), and its client could not read the body.
-            raise _Failure("malformed answer: Transfer-Encoding in an answer to HTTP/1.0")
+            # 502, but no retry and no failed check: the client picks the version, and an app that
+            # always chunks would otherwise let one request mark every backend down.
+            log.info("chunked answer from %s to an HTTP/1.0 request %s", self._decision_id(), self._rid)
+            return self._release_backend() + self._refuse(BadGateway("chunked answer to an HTTP/1.0 request"), now)
         framer = response_framer(response, request_method=request.method)
         keep = (
             self._keep_alive
@@ -830,12 +852,16 @@ class Connection:
             actions += self._finish(now)
         return actions
 
+    def _decision_id(self) -> str:
+        decision = self._decision
+        return decision.backend.id if decision is not None else "-"
+
     def _relay_timer(self, now: float) -> SetTimer:
         """While an answer is relayed: the upload's quiet-spell deadline while the body still comes, else idle."""
-        timeouts = self._config.timeouts
         if self._body_left:
-            return SetTimer(self._last_client + timeouts.handshake)
-        return SetTimer(now + timeouts.idle if timeouts.idle > 0 else None)
+            return SetTimer(self._upload_deadline())
+        idle = self._config.timeouts.idle
+        return SetTimer(now + idle if idle > 0 else None)
 
     def _relay(self, data: bytes, now: float) -> list[Action]:
         framer = self._response_framer
@@ -924,15 +950,15 @@ class Connection:
         issue_cookie = retry.issue_cookie or pool.config.sticky
         return actions + self._open(Decision(backend=retry.backend, reason=reason, issue_cookie=issue_cookie), now)
 
-    def _log_abandoned(self) -> None:
-        """A request on its way to a backend whose client left first: still one access line (499, as nginx)."""
+    def _log_abandoned(self, status: int, reason: str) -> None:
+        """A request on its way to a backend that ends before its answer: still its one access line."""
         request, decision, pool = self._request, self._decision, self._pool
         if self.state not in (CONNECTING, WAITING) or request is None or decision is None or pool is None:
             return
         log_request(
             client=self._client_ip, client_port=self._client_port, method=request.method, path=request.path,
-            pool=pool.name, backend=decision.backend.id, affinity=decision.reason, status=499,
-            reason="client_closed_request", request_id=self._rid,
+            pool=pool.name, backend=decision.backend.id, affinity=decision.reason, status=status,
+            reason=reason, request_id=self._rid,
         )
 
     def _release_backend(self) -> list[Action]:
@@ -942,6 +968,7 @@ class Connection:
             return []
         decision.backend.connections -= 1
         self._decision = None
+        self._backend_blocked_at = None  # that connection's full buffer goes with it
         return [_CLOSE_BACKEND]
 
     def _refuse(self, exc: RequestRejected, now: float) -> list[Action]:

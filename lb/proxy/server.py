@@ -451,7 +451,7 @@ class ClientConnection(asyncio.Protocol):
         self._ctx.stats.rejected[500] += 1
         answered = core.state in (RELAY, TUNNEL, CLOSED)
         with contextlib.suppress(Exception):
-            self.run(core.client_lost())  # releases the backend's count
+            self.run(core.client_lost(500, "internal_error"))  # releases the backend's count
         core.state = CLOSED
         self._drop_upstream()
         transport = self._transport
@@ -492,7 +492,7 @@ async def stop_in_flight(ctx: ProxyContext, within: float) -> None:
             await asyncio.wait_for(ctx.all_in_flight_done.wait(), within)
         ctx.all_in_flight_done = None
     for connection in list(ctx.in_flight):
-        connection.run(connection.core.client_lost())
+        connection.run(connection.core.client_lost(503, "balancer_is_shutting_down"))
         connection._close(abort=True)
         connection._end()
 

@@ -397,7 +397,8 @@ def test_a_chunked_answer_to_an_http10_client_is_a_502() -> None:
     play.connected()
     play.backend(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     assert play.answer()[0] == 502 and b"hello" not in play.to_client
-    assert "Transfer-Encoding in an answer to HTTP/1.0" in play.failures[0][2]
+    # The client picks the version: no failed check, no retry (one request must not mark a pool down).
+    assert play.failures == [] and play.opened == ["a1"] and play.connections()["a1"] == 0
 
 
 def test_accept_value_is_rfc_6455s_worked_example() -> None:
@@ -824,10 +825,28 @@ def test_a_backend_that_does_not_read_the_upload_is_blamed_not_the_client() -> N
     play = Play()
     play.client(post("/a/x", b"x" * 100)[:-50])
     play.connected()
-    play._apply(play.conn.backend_blocked(True, play.now))
-    play.fire()  # the client's quiet-spell timer (T0 + 5): the backend has had backend_connect (2 s)
+    play.client(b"x" * 10, dt=1)
+    play._apply(play.conn.backend_blocked(True, play.now))  # the write of those bytes filled it
+    assert play.timer == T0 + 1 + 2  # backend_connect, not the client's quiet spell (T0 + 5)
+    play._apply(play.conn.deadline(T0 + 2.5))  # early: armed again, nobody blamed yet
+    assert play.timer == T0 + 3 and play.closed_client is None and play.failures == []
+    play.fire()
     assert play.answer()[0] == 502 and b"408" not in play.to_client
     assert play.failures and "stopped reading the request body" in play.failures[0][2]
+
+
+def test_a_backend_that_stopped_reading_one_request_is_not_blamed_for_the_next() -> None:
+    """The full buffer belongs to the backend connection: dropped with it, not carried to the next request."""
+    play = Play()
+    play.client(post("/a/x", b"x" * 10)[:-5])
+    play.connected()
+    play._apply(play.conn.backend_blocked(True, play.now))
+    play.client(b"x" * 5)
+    play.backend(ok())  # answered: the connection goes, the client's connection stays
+    play.client(post("/a/y", b"y" * 10)[:-5], dt=1)
+    play.connected()
+    play.fire()
+    assert play.answer()[0] == 200 and b"408 Request Timeout" in play.to_client and play.failures == []
 
 
 def test_a_backend_that_reads_again_gives_the_client_a_whole_quiet_spell() -> None:
@@ -851,22 +870,34 @@ def test_a_client_that_does_not_read_does_not_get_its_backend_blamed() -> None:
     play._apply(play.conn.client_blocked(True, play.now))
     play.fire()  # backend_connect (T0 + 2): not the backend's time
     assert play.closed_client is None and play.failures == [] and play.timer == T0 + 5
-    play.now += 1
+    play.now += 2
     play._apply(play.conn.client_blocked(False, play.now))
-    assert play.timer == T0 + 3 + 2  # unblocked at T0 + 3: the backend gets its whole backend_connect
+    assert play.timer == T0 + 4 + 2  # unblocked at T0 + 4: the backend gets its whole backend_connect
     play.backend(ok())
     assert play.answer()[0] == 200 and play.failures == []
 
 
-def test_a_client_that_never_reads_is_closed_without_blaming_the_backend() -> None:
+def test_a_client_that_never_reads_is_closed_without_blaming_the_backend(caplog: pytest.LogCaptureFixture) -> None:
     play = Play()
     play.client(get("/a/x"))
     play.connected()
     play._apply(play.conn.client_blocked(True, play.now))
     play.fire()
-    play.fire()  # timeouts.handshake after it stopped reading
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        play.fire()  # timeouts.handshake after it stopped reading
     assert play.closed_client == CloseClient(abort=True) and play.failures == []
     assert play.connections()["a1"] == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "lb.access"]
+    assert len(lines) == 1 and "status=408" in lines[0] and "reason=client_not_reading" in lines[0]
+
+
+def test_a_client_still_connecting_gets_no_excuse_for_a_backend_that_does_not_connect() -> None:
+    """Nothing is read from a backend that is still connecting: a full client buffer changes nothing."""
+    play = Play()
+    play.client(get("/b/x"))
+    play._apply(play.conn.client_blocked(True, play.now))
+    play.fire()
+    assert play.failures and len(play.opened) == 2
 
 
 @pytest.mark.parametrize("stage", ["connecting", "waiting", "relaying"])
@@ -903,9 +934,23 @@ def test_a_request_its_client_abandoned_still_gets_an_access_line(how: str, capl
     play.connected()
     with caplog.at_level(logging.INFO, logger="lb.access"):
         play._apply(play.conn.client_lost() if how == "lost" else play.conn.client_eof(play.now))
+        play._apply(play.conn.client_lost())  # the shell's connection_lost always follows: no second line
     lines = [r.getMessage() for r in caplog.records if r.name == "lb.access"]
     assert len(lines) == 1 and "status=499" in lines[0] and "reason=client_closed_request" in lines[0]
     assert "backend=a1" in lines[0] and f"request_id={play.conn.request_id}" in lines[0]
+
+
+@pytest.mark.parametrize(("status", "reason"), [(500, "internal_error"), (503, "balancer_is_shutting_down")])
+def test_a_connection_the_shell_drops_is_logged_with_its_cause(
+    status: int, reason: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    play = Play()
+    play.client(get("/a/x"))
+    play.connected()
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        play._apply(play.conn.client_lost(status, reason))
+    lines = [r.getMessage() for r in caplog.records if r.name == "lb.access"]
+    assert len(lines) == 1 and f"status={status}" in lines[0] and f"reason={reason}" in lines[0]
 
 
 # -- hostile input: whatever the bytes, the invariants hold ---------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -280,7 +282,11 @@ def test_every_required_name_is_protected() -> None:
     tail=st.binary(max_size=10),
 )
 def test_incremental_search_finds_the_end_wherever_reads_split_it(head: bytes, cuts: list[int], tail: bytes) -> None:
-    """Searching each read from the previous length finds the same end as one whole search."""
+    """Searching each read from the previous length finds the same end as one whole search.
+
+    Or, when a bare LF comes before the end, refuses the head (BadRequest) as soon as a read holds
+    it and no end yet: a head that may never end in CRLFCRLF is not waited for.
+    """
     whole = head + HEAD_END + tail
     expected = find_head_end(whole, 1000)
     buffer = bytearray()
@@ -290,7 +296,11 @@ def test_incremental_search_finds_the_end_wherever_reads_split_it(head: bytes, c
         if cut <= len(buffer):
             continue
         buffer += whole[len(buffer) : cut]
-        found = find_head_end(buffer, 1000, searched)
+        try:
+            found = find_head_end(buffer, 1000, searched)
+        except BadRequest:
+            assert re.search(rb"(?<!\r)\n", bytes(buffer)) and bytes(buffer).find(HEAD_END) < 0
+            return
         if found >= 0:
             break
         searched = len(buffer)
