@@ -7,6 +7,8 @@ even when the backend keeps its own side alive.
 
 from __future__ import annotations
 
+import re
+
 from lb.http.head import RequestHead, ResponseHead
 
 _SIZE, _SIZE_LF, _DATA, _DATA_CR, _DATA_LF, _TRAILER, _TRAILER_LF, _DONE, _SIZE_BWS = range(9)
@@ -17,6 +19,14 @@ MAX_CHUNK_LINE = 4096  # a chunk-size line, extensions included
 MAX_TRAILERS = 65536  # the whole trailer section
 # 15 hex digits stay below 2**60: no 64-bit parser behind us can wrap a size we accepted.
 MAX_SIZE_DIGITS = 15
+# A whole chunk-size line as the byte loop below accepts it (size, optional whitespace, optional
+# extensions, CRLF), read in one C-speed match instead of a loop pass per byte: a line of 4 KiB of
+# extensions cost 0.5 ms, a peer's CPU for nothing.  Lines it does not match (split across reads,
+# too long, or malformed) go through the byte loop, which has the last word on them.
+_SIZE_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,%d})(?:[ \t]*;[\t\x20-\x7e\x80-\xff]{0,%d}|[ \t]*)\r\n" % (MAX_SIZE_DIGITS, MAX_CHUNK_LINE)
+)
+_size_line = _SIZE_LINE.match
 
 
 class BodyFramer:
@@ -75,8 +85,19 @@ class BodyFramer:
                 i += take
                 self._remaining -= take
                 if not self._remaining:
-                    self._state = _DATA_CR
+                    if data.startswith(b"\r\n", i):  # the usual CRLF after the data, in one step
+                        i += 2
+                        self._state = _SIZE
+                    else:
+                        self._state = _DATA_CR
                 continue
+            if state == _SIZE and not self._line_len and not self._extension:
+                line = _size_line(data, i)
+                if line is not None and line.end() - i <= MAX_CHUNK_LINE:
+                    i = line.end()
+                    self._remaining = int(line.group(1), 16)
+                    self._state = _DATA if self._remaining else _TRAILER
+                    continue
             byte = data[i]
             i += 1
             if state == _SIZE:

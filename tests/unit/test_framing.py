@@ -252,3 +252,42 @@ def test_hostile_chunked_only_raises_value_error(data: bytes, cuts: list[int]) -
     except ValueError:
         return
     assert end is None or 0 < end <= len(data)
+
+
+def _outcome(pieces: list[bytes]) -> int | str | None:
+    """The body's end, None if it goes on, or "error"."""
+    try:
+        return feed_all(BodyFramer(length=None, chunked=True), pieces)
+    except ValueError:
+        return "error"
+
+
+_chunk_lines = st.builds(
+    lambda size, ws, ext, data_ok: (
+        f"{size:x}".encode() + ws + ext + b"\r\n" + b"d" * size + (b"\r\n" if data_ok else b"\rX")
+    ),
+    st.integers(0, 40),
+    st.sampled_from([b"", b" ", b"\t ", b"  x"]),
+    st.sampled_from([b"", b";a", b";a=b;c", b"; q=\"v\"", b";\x7f", b";\x00", b";" + b"e" * (MAX_CHUNK_LINE - 4)]),
+    st.booleans(),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    lines=st.lists(_chunk_lines | st.binary(max_size=12), max_size=6),
+    cuts=st.lists(st.integers(0, 8200), max_size=4),
+)
+def test_whole_lines_and_byte_loop_read_alike(lines: list[bytes], cuts: list[int]) -> None:
+    """The one-match read of a whole size line says what the byte loop says: same end, same errors,
+    however the reads split it (a split line always goes through the byte loop)."""
+    body = b"".join(lines) + b"0\r\n\r\nNEXT"
+    whole = _outcome([body])
+    pieces, last = [], 0
+    for cut in sorted({c for c in cuts if c < len(body)}):
+        pieces.append(body[last:cut])
+        last = cut
+    pieces.append(body[last:])
+    assert _outcome(pieces) == whole
+    if len(body) <= 400:
+        assert _outcome([bytes([b]) for b in body]) == whole
