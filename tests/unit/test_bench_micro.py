@@ -99,3 +99,13 @@ def test_the_shell_benchmark_runs_without_the_access_log() -> None:
         capture_output=True, text=True, timeout=60, cwd=root,
     )
     assert refused.returncode == 2 and "the pure core writes no log" in refused.stderr
+
+
+def test_the_chunked_framing_benchmark_runs() -> None:
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.chunked", "--mb", "0.05"], capture_output=True, text=True, timeout=60, cwd=root
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 4 and all(re.search(r"[\d.]+ ms/MB +[\d.]+ µs/chunk$", line) for line in lines), lines
