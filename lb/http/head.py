@@ -203,6 +203,11 @@ class ResponseHead:
     head: Head
 
 
+def has_bare_lf(buffer: bytes | bytearray, start: int) -> bool:
+    """Whether an LF without its CR comes at or after `start`: a head holding one never ends in CRLFCRLF."""
+    return _BARE_LF.search(buffer, start) is not None
+
+
 def find_head_end(buffer: bytes | bytearray, limit: int, start: int = 0) -> int:
     """Return the length of the complete head at the start of `buffer`, or -1 if incomplete.
 
@@ -225,7 +230,7 @@ def find_head_end(buffer: bytes | bytearray, limit: int, start: int = 0) -> int:
     if end < 0:
         if len(buffer) >= limit:
             raise HeadersTooLarge(f"request head exceeds {limit} bytes")
-        if _BARE_LF.search(buffer, resume) is not None:
+        if has_bare_lf(buffer, resume):
             raise BadRequest("bare LF in the request head")
         return -1
     if end + len(HEAD_END) > limit:

@@ -80,6 +80,7 @@ from lb.http.head import (
     RequestHead,
     ResponseHead,
     find_head_end,
+    has_bare_lf,
     parse_request_head,
     parse_response_head,
     protected_headers,
@@ -513,22 +514,22 @@ class Connection:
             # A head that does not arrive in time (slowloris), or a keep-alive connection gone idle.
             log.debug("closing %s: no complete request head in time", self._client_ip)
             return self._close(abort=False)
-        if state in (WAITING, RELAY) and self._body_left and self._backend_blocked_at is not None:
-            # The upload stalls because the backend does not read it: the backend's time.
+        if state in (WAITING, RELAY) and self._body_left:
+            # An upload in progress: the client's quiet spell, or the backend's stall (_upload_deadline).
             until = self._upload_deadline()
             if now < until:
                 return [SetTimer(until)]
-            if state == WAITING:
-                return self._retry_or_fail(_Failure("stopped reading the request body", "timeout"), now)
-            log.debug("closing %s: backend stopped reading the request body (request %s)", self._client_ip, self._rid)
+            if self._backend_blocked_at is not None:
+                if state == WAITING:
+                    return self._retry_or_fail(_Failure("stopped reading the request body", "timeout"), now)
+                log.debug("closing %s: backend stopped reading its upload (request %s)", self._client_ip, self._rid)
+            elif state == WAITING:
+                # The client stopped uploading: its fault, so passive health does not hear of it.
+                return self._release_backend() + self._refuse(RequestTimeout("request body not received in time"), now)
+            else:
+                # Answered while the client still uploads: the connection cannot carry a 408 any more.
+                log.debug("closing %s: request body not received in time (request %s)", self._client_ip, self._rid)
             return self._release_backend() + self._close(abort=True)
-        if state == WAITING and self._body_left:
-            quiet_until = self._last_client + timeouts.handshake
-            if now < quiet_until:
-                return [SetTimer(quiet_until)]
-            # The client stopped uploading: its fault, so passive health does not hear of it.
-            actions = self._release_backend()
-            return actions + self._refuse(RequestTimeout("request body not received in time"), now)
         if state in (CONNECTING, WAITING):
             if state == WAITING and self._client_blocked_at is not None:
                 # The backend is not read while the client is full: not the backend's fault.
@@ -539,14 +540,7 @@ class Connection:
                 return self._release_backend() + self._close(abort=True)
             return self._retry_or_fail(_Failure(f"no answer within {timeouts.backend_connect:g}s", "timeout"), now)
         if state == RELAY:
-            if self._body_left:
-                # Answered while the client still uploads: its quiet spells are still bounded.
-                quiet_until = self._last_client + timeouts.handshake
-                if now < quiet_until:
-                    return [SetTimer(quiet_until)]
-                log.debug("closing %s: request body not received in time (request %s)", self._client_ip, self._rid)
-            else:
-                log.debug("closing %s: response body idle for %gs", self._client_ip, timeouts.idle)
+            log.debug("closing %s: response body idle for %gs", self._client_ip, timeouts.idle)
             actions = self._release_backend()
             return actions + self._close(abort=True)
         return []
@@ -752,14 +746,17 @@ class Connection:
     def _read_answer(self, now: float) -> list[Action]:
         actions: list[Action] = []
         buf = self._answer_buf
+        request = self._request
+        assert request is not None
         while True:
             # Resumed where the last read's search stopped: a backend trickling its head
             # byte by byte costs O(n), not O(n^2).
-            end = buf.find(HEAD_END, max(0, self._answer_scan - (len(HEAD_END) - 1)), MAX_RESPONSE_HEAD)
+            resume = max(0, self._answer_scan - (len(HEAD_END) - 1))
+            end = buf.find(HEAD_END, resume, MAX_RESPONSE_HEAD)
             if end < 0:
                 if len(buf) >= MAX_RESPONSE_HEAD:
                     raise _Failure("answer head too large")
-                if not buf.startswith(b"HTTP/"[: len(buf)]) or buf.find(b"\n\n", max(0, self._answer_scan - 1)) >= 0:
+                if not buf.startswith(b"HTTP/"[: len(buf)]) or has_bare_lf(buf, resume):
                     # Not HTTP (an SSH banner, an HTTP/2 preface, bare-LF lines): said now, as a bad
                     # answer, rather than after backend_connect of waiting for a head that never ends.
                     raise _Failure("malformed answer: not an HTTP/1.x head")
@@ -781,8 +778,7 @@ class Connection:
                 self._interim += 1
                 if self._interim > MAX_INTERIM:
                     raise _Failure("too many interim answers")
-                request = self._request
-                if request is not None and request.version != "HTTP/1.0":
+                if request.version != "HTTP/1.0":
                     actions.append(
                         SendClient(render_client_response(response, switching=True, set_cookies=[], extra=[]))
                     )
@@ -790,8 +786,6 @@ class Connection:
             if status == 101:
                 if not self._websocket:
                     raise _Failure("switched protocols without being asked to")
-                request = self._request
-                assert request is not None
                 fault = switch_fault(request, response)
                 if fault is not None:
                     raise _Failure(f"malformed answer: {fault}")
@@ -869,10 +863,9 @@ class Connection:
         try:
             end = framer.feed(data)
         except ValueError:
-            decision = self._decision
             log.warning(
                 "malformed chunked body from backend %s; closing (request %s)",
-                decision.backend.id if decision else "-",
+                self._decision_id(),
                 self._rid,
             )
             return self._release_backend() + self._close(abort=True)
@@ -899,10 +892,9 @@ class Connection:
         framer = self._response_framer
         if framer is not None and framer.until_eof:
             return self._finish(now)  # that is how this body ends; keep_alive is already off
-        decision = self._decision
         log.warning(
             "backend %s closed before its answer was complete (request %s)",
-            decision.backend.id if decision else "-",
+            self._decision_id(),
             self._rid,
         )
         return self._release_backend() + self._close(abort=False)
