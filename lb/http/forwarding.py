@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from lb.http.head import RequestHead, ResponseHead, render_head
+from lb.http.head import Head, RequestHead, ResponseHead, render_head
 
 # RFC 9110 §7.6.1 plus the de-facto ones every proxy strips.  Transfer-Encoding
 # stays: bodies are relayed as they come, so their framing must travel with them.
@@ -21,6 +21,10 @@ _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-hos
 _PROXY_CLAIMS = frozenset({"forwarded", "x-real-ip", "x-forwarded-port", "x-forwarded-prefix"})
 # Not on an answer without a body (1xx, 204: RFC 9112 §6.1-6.2); see render_client_response.
 _BODY_FRAMING = frozenset({"transfer-encoding", "content-length"})
+# What a 101 loses: the hop-by-hop headers other than the switch itself (Upgrade, Connection:
+# Upgrade), and body framing, which a 101 may not carry (RFC 9110 §8.6): its bytes are frames.
+_NOT_ON_A_SWITCH = (HOP_BY_HOP - {"connection", "upgrade"}) | _BODY_FRAMING
+_ONLY_UPGRADE = (["Upgrade"], ["upgrade"])  # the Connection header every gateway sends on a 101
 # RFC 9110 §5.6.3 OWS: space and tab only.  A bare str.strip() would also take NBSP (0xA0) and
 # NEL (0x85) off a latin-1 value, reading a token that a backend sees differently.
 _OWS = " \t"
@@ -161,13 +165,14 @@ def render_client_response(
 ) -> bytes:
     """The response head the client receives: the backend's, plus our cookie.
 
-    A 101 keeps its Connection/Upgrade headers (they are the switch); any other
-    answer says Connection: close unless `keep_alive` (the client connection then
-    carries the next request; HTTP/1.1 is persistent by default, so nothing is added).
+    A 101 keeps its Connection/Upgrade headers (they are the switch) and loses the
+    other hop-by-hop ones; any other answer loses all of them and says Connection: close
+    unless `keep_alive` (the client connection then carries the next request; HTTP/1.1
+    is persistent by default, so nothing is added).  Interim answers: `render_interim`.
     `rewrite_set_cookie` is applied to each of the backend's Set-Cookie values.
     """
     if switching:
-        headers = list(response.head.headers)
+        headers = _switch_headers(response.head)
     else:
         headers = _end_to_end(response.head.headers, HOP_BY_HOP)
         if not keep_alive:
@@ -187,6 +192,39 @@ def render_client_response(
     headers.extend(("Set-Cookie", cookie) for cookie in set_cookies)
     headers.extend(extra)
     # status-line = HTTP-version SP status-code SP [ reason-phrase ] (RFC 9112 §4): the second SP stays.
+    return render_head(f"HTTP/1.1 {response.status} {response.reason}", headers)
+
+
+def _switch_headers(head: Head) -> list[tuple[str, str]]:
+    """A 101's headers for the client: the switch and the end-to-end ones, in the backend's order.
+
+    The backend's Connection header speaks of its connection to us: a `Keep-Alive`, or a name
+    it lists there, is not the client's.  What stays is `Connection: Upgrade` (lb.ws.upgrade
+    checked that the backend said so) and everything end-to-end.
+    """
+    if head.get_all("connection") in _ONLY_UPGRADE and not head.has_any(_NOT_ON_A_SWITCH):
+        return list(head.headers)  # what every gateway sends: nothing to take out
+    drop = _NOT_ON_A_SWITCH | (_connection_listed(head.headers) - {"upgrade"})
+    headers: list[tuple[str, str]] = []
+    connection_said = False
+    for name, value in head.headers:
+        lowered = name.lower()
+        if lowered == "connection":
+            if not connection_said:  # one `Connection: Upgrade` where the backend's first one was
+                headers.append((name, "Upgrade"))
+                connection_said = True
+        elif lowered not in drop:
+            headers.append((name, value))
+    return headers
+
+
+def render_interim(response: ResponseHead) -> bytes:
+    """A 1xx interim answer (100 Continue, 103 Early Hints) as the client receives it.
+
+    Only its end-to-end headers: nothing hop-by-hop (the backend's Connection speaks of its
+    connection to us) and no framing (a 1xx has no body, RFC 9112 §6.1-6.2).
+    """
+    headers = _end_to_end(response.head.headers, HOP_BY_HOP | _BODY_FRAMING)
     return render_head(f"HTTP/1.1 {response.status} {response.reason}", headers)
 
 

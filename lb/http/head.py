@@ -143,6 +143,10 @@ class Head:
     def get_all(self, name: str) -> list[str]:
         return self._index.get(name.lower(), [])
 
+    def has_any(self, names: frozenset[str]) -> bool:
+        """Whether any header is named in `names` (lower case): one set operation, no loop over headers."""
+        return not names.isdisjoint(self._index)
+
     def has_token(self, name: str, token: str) -> bool:
         """Whether the comma-separated header `name` lists `token` (case-insensitive)."""
         values = self._index.get(name.lower())

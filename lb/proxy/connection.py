@@ -73,7 +73,7 @@ from lb.errors import (
 )
 from lb.http.client_address import IPAddress, TrustedProxies, chain_through, client_behind, parse_address
 from lb.http.cookies import render_set_cookie
-from lb.http.forwarding import render_client_response, render_forwarded_request, render_refusal
+from lb.http.forwarding import render_client_response, render_forwarded_request, render_interim, render_refusal
 from lb.http.framing import BodyFramer, request_framer, response_framer
 from lb.http.head import (
     HEAD_END,
@@ -779,9 +779,7 @@ class Connection:
                 if self._interim > MAX_INTERIM:
                     raise _Failure("too many interim answers")
                 if request.version != "HTTP/1.0":
-                    actions.append(
-                        SendClient(render_client_response(response, switching=True, set_cookies=[], extra=[]))
-                    )
+                    actions.append(SendClient(render_interim(response)))
                 continue
             if status == 101:
                 if not self._websocket:

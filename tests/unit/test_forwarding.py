@@ -11,6 +11,7 @@ from lb.http.forwarding import (
     HOP_BY_HOP,
     render_client_response,
     render_forwarded_request,
+    render_interim,
     render_refusal,
 )
 from lb.http.head import RequestHead, parse_request_head, parse_response_head
@@ -332,8 +333,37 @@ def test_proxy_claims_pass_only_from_a_trusted_peer(trusted_peer: bool) -> None:
 def test_bodyless_answers_lose_framing_headers(status: int, framing: str) -> None:
     """1xx and 204 have no body (RFC 9112 §6.1-6.2): a length or coding on one would desync the client."""
     response = parse_response_head(f"HTTP/1.1 {status} X\r\n{framing}\r\nX-Kept: 1\r\n\r\n".encode())
-    out = parse_response_head(render_client_response(
-        response, switching=status < 200, set_cookies=[], extra=[], keep_alive=True,
-    ))
+    out = parse_response_head(
+        render_interim(response) if status < 200
+        else render_client_response(response, switching=False, set_cookies=[], extra=[], keep_alive=True)
+    )
     assert out.head.get_all("transfer-encoding") == [] and out.head.get_all("content-length") == []
     assert out.head.get("x-kept") == "1"
+
+
+def test_a_switch_keeps_only_the_switch_of_the_backends_hop_by_hop_headers() -> None:
+    """A 101's Keep-Alive, Connection-listed names and framing speak of the backend's connection to us."""
+    raw = (
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade, Keep-Alive, X-Hop, Sec-WebSocket-Protocol\r\n"
+        b"Keep-Alive: timeout=5\r\nUpgrade: websocket\r\nX-Hop: 1\r\nContent-Length: 0\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n"
+        b"Set-Cookie: app=1\r\nConnection: close\r\n\r\n"
+    )
+    out = parse_response_head(
+        render_client_response(parse_response_head(raw), switching=True, set_cookies=["LB=t"], extra=[])
+    )
+    assert out.head.headers == (
+        ("Connection", "Upgrade"),
+        ("Upgrade", "websocket"),
+        ("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        ("Sec-WebSocket-Protocol", "chat"),  # the handshake's own headers cannot be made hop-by-hop
+        ("Set-Cookie", "app=1"),
+        ("Set-Cookie", "LB=t"),
+    )
+
+
+def test_an_interim_answer_loses_the_backends_hop_by_hop_headers() -> None:
+    """103 Early Hints keeps its Link headers; its Connection and what that lists are the backend's."""
+    raw = b"HTTP/1.1 103 Early Hints\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nLink: </a.css>\r\n\r\n"
+    out = parse_response_head(render_interim(parse_response_head(raw)))
+    assert (out.status, out.reason, out.head.headers) == (103, "Early Hints", (("Link", "</a.css>"),))
