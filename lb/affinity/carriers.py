@@ -10,11 +10,14 @@ Out, insert mode: our own cookie `affinity.cookie` (plus the header) when a
 token is issued; the cookie is stripped from what the backend receives.
 
 Out, rewrite mode: the backend's own cookie `affinity.cookie` carries the
-route.  Its value is sealed into the token on the way out (Set-Cookie keeps
-its attributes) and restored on the way in, so the backend always sees
-exactly the value it set.  A cookie that is not one of our tokens passes
-unchanged, and so does a backend value too large to seal (`on_unsealed`
-reports it: the caller logs a WARNING and counts it).
+route.  Its value is sealed into the token on the way out (the Set-Cookie
+keeps its Path and Domain and gets the affinity settings: lifetime, SameSite,
+HttpOnly, Secure) and restored on the way in, so the backend always sees
+exactly the value it set.  A token past half its life is sealed again with
+the same value on the next handshake that reaches its backend, as in insert
+mode.  A cookie that is not one of our tokens passes unchanged, and so does a
+backend value too large to seal (`on_unsealed` reports it: the caller logs a
+WARNING and counts it).
 
 One pin per pool: a token seals its pool, and one cookie value carries up to
 MAX_PINS tokens joined by '.' (base64url has no '.'), one per pool.  A request
@@ -34,7 +37,7 @@ from lb.affinity.balancing import source_key
 from lb.affinity.codec import Claim, TokenCodec, TokenTooLarge
 from lb.config.model import AffinityConfig, AffinityMode, BalanceMethod, HashKeySource, PoolConfig
 from lb.errors import InvalidToken
-from lb.http.cookies import read_cookie, rewrite_cookie, rewrite_set_cookie, set_cookie_value, strip_cookie
+from lb.http.cookies import deletes, read_cookie, reissue_set_cookie, rewrite_cookie, set_cookie_value, strip_cookie
 from lb.http.forwarding import query_values, strip_query_param
 from lb.http.head import RequestHead, ResponseHead
 
@@ -197,6 +200,7 @@ def rewrite_response_cookies(
     affinity: AffinityConfig,
     seal: Callable[[str], str],
     *,
+    secure: bool = False,
     others: Sequence[str] = (),
     on_unsealed: Callable[[str], None] | None = None,
 ) -> tuple[Callable[[str], str] | None, str | None]:
@@ -204,19 +208,21 @@ def rewrite_response_cookies(
 
     Args:
         seal: app value → token naming the serving backend.
+        secure: the Secure attribute is due (`affinity.secure` for this listener).
         others: the request's valid pins for other pools, kept in front of the new token.
         on_unsealed: called with each value too large to seal; that value passes unchanged
             (never replaced: the backend must get back what it set).
 
     Returns:
         The Set-Cookie rewriter (None when the backend set no such cookie) and the token for the header.
+        The rewriter gives each sealed cookie the affinity settings (`reissue_set_cookie`).
     """
     name = affinity.cookie
     tokens: dict[str, str] = {}
     for value in response.head.get_all("set-cookie"):
         app_value = set_cookie_value(value, name)
-        # An empty value is the backend deleting its cookie: pass that on as it is.
-        if app_value and app_value not in tokens:
+        # A deletion (empty value, Max-Age <= 0) is the backend ending its session: passed on as it is.
+        if app_value is not None and app_value not in tokens and not deletes(value):
             try:
                 tokens[app_value] = join_pins(others, seal(app_value))
             except TokenTooLarge:
@@ -226,6 +232,13 @@ def rewrite_response_cookies(
         return None, None
 
     def rewrite(header_value: str) -> str:
-        return rewrite_set_cookie(header_value, name, lambda value: tokens.get(value, value))
+        app_value = set_cookie_value(header_value, name)
+        token = tokens.get(app_value) if app_value is not None and not deletes(header_value) else None
+        if token is None:
+            return header_value
+        return reissue_set_cookie(
+            header_value, token, max_age=int(affinity.max_age), same_site=affinity.same_site,
+            http_only=affinity.http_only, secure=secure,
+        )
 
     return rewrite, list(tokens.values())[-1]

@@ -62,13 +62,86 @@ def strip_cookie(header_value: str, name: str) -> str | None:
     return rewrite_cookie(header_value, name, lambda _value: None)
 
 
-def rewrite_set_cookie(header_value: str, name: str, replace: Callable[[str], str]) -> str:
-    """Replace the value of a Set-Cookie for `name`, keeping its attributes; other cookies unchanged."""
-    pair, semicolon, attributes = header_value.partition(";")
-    pair_name, eq, value = pair.partition("=")
-    if not eq or pair_name.strip() != name:
-        return header_value
-    return f"{pair_name.strip()}={replace(value.strip())}{semicolon}{attributes}"
+def _attributes(header_value: str) -> list[tuple[str, str]]:
+    """A Set-Cookie's attributes after its pair, as (lower-case name, value) in order (RFC 6265 §5.2)."""
+    attributes = []
+    for part in header_value.split(";")[1:]:
+        attribute, _, value = part.partition("=")
+        if attribute.strip():
+            attributes.append((attribute.strip().lower(), value.strip()))
+    return attributes
+
+
+def _max_age(attributes: list[tuple[str, str]]) -> int | None:
+    """The Max-Age a browser reads (the last valid one, RFC 6265 §5.2.2), or None."""
+    found = None
+    for attribute, value in attributes:
+        digits = value[1:] if value[:1] == "-" else value
+        if attribute == "max-age" and digits.isascii() and digits.isdigit():
+            found = int(value)
+    return found
+
+
+def deletes(header_value: str) -> bool:
+    """Whether a Set-Cookie deletes its cookie: an empty value, or a Max-Age of zero or less."""
+    value = header_value.partition(";")[0].partition("=")[2].strip()
+    if not value:
+        return True
+    max_age = _max_age(_attributes(header_value)) if "max-age" in header_value.lower() else None
+    return max_age is not None and max_age <= 0
+
+
+_STRICTNESS = {SameSite.NONE: 0, SameSite.LAX: 1, SameSite.STRICT: 2}
+
+
+def _stricter(same_site: SameSite, attributes: list[tuple[str, str]]) -> SameSite:
+    """`same_site`, or the backend's own SameSite when that one is stricter."""
+    for attribute, value in attributes:
+        if attribute == "samesite":
+            own = next((member for member in SameSite if member.value.lower() == value.lower()), None)
+            if own is not None and _STRICTNESS[own] > _STRICTNESS[same_site]:
+                return own
+    return same_site
+
+
+# Attributes the rewritten cookie states itself (below); any other a backend sets is kept.
+_RESTATED = frozenset({"path", "domain", "max-age", "expires", "httponly", "samesite", "secure"})
+
+
+def reissue_set_cookie(
+    header_value: str, token: str, *, max_age: int, same_site: SameSite, http_only: bool, secure: bool
+) -> str:
+    """A backend's Set-Cookie (rewrite mode) with its value replaced by `token`, in our format.
+
+    The cookie now carries the route, so the affinity settings govern it as they govern
+    insert mode's cookie (`render_set_cookie`), without undoing what the backend asked for:
+    - its Path and Domain stay: where the cookie belongs is the application's (Path=/ if none);
+    - lifetime: Max-Age is `max_age`, the token's life, or the backend's own if shorter; a
+      backend that gave Expires and no Max-Age keeps its Expires (its lifetime, its dates);
+    - HttpOnly and Secure are on when the settings or the backend say so, and SameSite is
+      the stricter of the two: never weaker than what the backend asked for;
+    - any other attribute (Partitioned, Priority, ...) follows, as the backend wrote it.
+    """
+    name = header_value.partition(";")[0].partition("=")[0].strip()
+    attributes = _attributes(header_value)
+    names = {attribute for attribute, _ in attributes}
+    path = next((value for attribute, value in attributes if attribute == "path" and value.startswith("/")), "/")
+    parts = [f"{name}={token}", f"Path={path}"]
+    parts += [f"Domain={value}" for attribute, value in attributes if attribute == "domain" and value][:1]
+    own_max_age = _max_age(attributes)
+    if own_max_age is None and "expires" in names:
+        parts += [f"Expires={value}" for attribute, value in attributes if attribute == "expires"][-1:]
+    else:
+        parts.append(f"Max-Age={max_age if own_max_age is None else min(own_max_age, max_age)}")
+    if http_only or "httponly" in names:
+        parts.append("HttpOnly")
+    parts.append(f"SameSite={_stricter(same_site, attributes).value}")
+    if secure or "secure" in names:
+        parts.append("Secure")
+    for part in header_value.split(";")[1:]:
+        if part.strip() and part.partition("=")[0].strip().lower() not in _RESTATED:
+            parts.append(part.strip())
+    return "; ".join(parts)
 
 
 def set_cookie_value(header_value: str, name: str) -> str | None:

@@ -641,11 +641,7 @@ class Connection:
             pool,
             session=claim.session if claim else None,
             token_invalid=bool(lookup.rejected),
-            refresh=(
-                claim is not None
-                and affinity.mode is AffinityMode.INSERT
-                and now - claim.issued_at > affinity.max_age / 2
-            ),
+            refresh=claim is not None and now - claim.issued_at > affinity.max_age / 2,
             now=now,
             grace=affinity.redispatch_grace,
             balance_key=self._balance_key,
@@ -1015,7 +1011,9 @@ class Connection:
             return self._codec.seal(
                 Claim(
                     backend_id=decision.backend.id,
-                    issued_at=int(now),
+                    # Whole seconds, rounded up: a token never expires before max_age has passed
+                    # (rounded down, one opened up to 1 s early, while the browser still sent it).
+                    issued_at=math.ceil(now),
                     session=session,
                     app_value=app_value,
                     pool=pool.name,
@@ -1031,17 +1029,30 @@ class Connection:
                 decision.backend.id, len(app_value), affinity.cookie, self._rid,
             )
 
+        secure = affinity.secure is SecureMode.ALWAYS or (affinity.secure is SecureMode.AUTO and self._tls)
         if affinity.mode is AffinityMode.REWRITE and not (
             pool.config.balance in HASHED_METHODS and not pool.config.sticky
         ):
             rewrite, token = rewrite_response_cookies(
-                response, affinity, seal, others=lookup.others, on_unsealed=unsealed
+                response, affinity, seal, secure=secure, others=lookup.others, on_unsealed=unsealed
             )
+            set_cookies = []
+            if (
+                token is None and decision.issue_cookie and decision.reason == "hit"
+                and claim is not None and claim.app_value is not None
+            ):
+                # Past half its life, and the backend set nothing new: the same value sealed again,
+                # so an active client keeps its backend and its session beyond max_age.
+                token = join_pins(lookup.others, seal(claim.app_value))
+                set_cookies.append(render_set_cookie(
+                    affinity.cookie, token, max_age=int(affinity.max_age), same_site=affinity.same_site,
+                    http_only=affinity.http_only, secure=secure,
+                ))
             extra = [(affinity.header, token)] if token else []
             return render_client_response(
                 response,
                 switching=switching,
-                set_cookies=[],
+                set_cookies=set_cookies,
                 extra=extra,
                 rewrite_set_cookie=rewrite,
                 keep_alive=keep_alive,
@@ -1051,7 +1062,6 @@ class Connection:
                 response, switching=switching, set_cookies=[], extra=[], keep_alive=keep_alive
             )
         token = join_pins(lookup.others, seal(None))
-        secure = affinity.secure is SecureMode.ALWAYS or (affinity.secure is SecureMode.AUTO and self._tls)
         cookie = render_set_cookie(
             affinity.cookie,
             token,

@@ -332,16 +332,17 @@ def sealer(backend: str = "gw-1") -> tuple[list[str], Callable[[str], str]]:
     return sealed, seal_value
 
 
-def test_rewrite_response_seals_the_app_cookie_keeping_its_attributes() -> None:
-    """SESSIONID=v; attrs → SESSIONID=<token>; same attrs; other Set-Cookies unchanged; the token opens to v."""
-    head = parse_response_head(response("theme=dark; Path=/", "SESSIONID=abc123; Path=/; HttpOnly; Max-Age=60"))
+def test_rewrite_response_seals_the_app_cookie_with_the_affinity_settings() -> None:
+    """SESSIONID=v → SESSIONID=<token> with SPEC's attributes; other Set-Cookies unchanged; the token opens to v."""
+    head = parse_response_head(response("theme=dark; Path=/", "SESSIONID=abc123; Path=/; HttpOnly"))
     sealed, seal_value = sealer()
     rewrite, token = rewrite_response_cookies(head, REWRITE, seal_value)
     assert rewrite is not None and token is not None
     assert sealed == ["abc123"]
     assert rewrite("theme=dark; Path=/") == "theme=dark; Path=/"
-    attrs = "; Path=/; HttpOnly; Max-Age=60"
-    assert rewrite(f"SESSIONID=abc123{attrs}") == f"SESSIONID={token}{attrs}"
+    # SPEC: `<cookie>=<token>; Path=/; Max-Age=<max_age>; HttpOnly; SameSite=<same_site>` (Secure per `secure`).
+    spec_line = f"SESSIONID={token}; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax"
+    assert rewrite("SESSIONID=abc123; Path=/; HttpOnly") == spec_line
     claim = CODEC.open(token, NOW)
     assert (claim.backend_id, claim.app_value) == ("gw-1", "abc123")
 
@@ -359,13 +360,58 @@ def test_rewrite_response_without_an_app_value_changes_nothing(set_cookies: tupl
     assert sealed == []
 
 
+SETTINGS = "HttpOnly; SameSite=Lax; Secure"  # REWRITE's http_only and same_site, on a TLS listener
+EXPIRES = "Expires=Wed, 21 Oct 2026 07:28:00 GMT"
+
+
+@pytest.mark.parametrize(
+    ("app_attributes", "ours"),
+    [
+        ("", f"Path=/; Max-Age=3600; {SETTINGS}"),
+        ("; Path=/app; Domain=example.com", f"Path=/app; Domain=example.com; Max-Age=3600; {SETTINGS}"),
+        ("; Max-Age=60", f"Path=/; Max-Age=60; {SETTINGS}"),  # the backend's shorter life
+        ("; Max-Age=86400", f"Path=/; Max-Age=3600; {SETTINGS}"),  # never beyond the token's
+        (f"; {EXPIRES}", f"Path=/; {EXPIRES}; {SETTINGS}"),
+        ("; SameSite=None; Partitioned; Priority=H", f"Path=/; Max-Age=3600; {SETTINGS}; Partitioned; Priority=H"),
+        ("; Path=relative; Max-Age=x", f"Path=/; Max-Age=3600; {SETTINGS}"),  # ignored by browsers too
+    ],
+    ids=["bare", "scope kept", "shorter max-age", "longer max-age", "expires", "others kept", "invalid"],
+)
+def test_rewrite_response_keeps_the_apps_scope_and_gives_the_affinity_settings(app_attributes: str, ours: str) -> None:
+    """Path and Domain are the application's; lifetime is at most the token's; Secure per `secure`."""
+    head = parse_response_head(response(f"SESSIONID=abc{app_attributes}"))
+    _, seal_value = sealer()
+    rewrite, token = rewrite_response_cookies(head, REWRITE, seal_value, secure=True)
+    assert rewrite is not None
+    assert rewrite(f"SESSIONID=abc{app_attributes}") == f"SESSIONID={token}; {ours}"
+
+
+def test_rewrite_response_never_weakens_the_apps_httponly_secure_or_samesite() -> None:
+    relaxed = AffinityConfig(secret_keys=KEYS, mode=AffinityMode.REWRITE, cookie="SESSIONID", http_only=False)
+    app = "SESSIONID=abc; Secure; HttpOnly; samesite=strict"
+    head = parse_response_head(response(app))
+    _, seal_value = sealer()
+    rewrite, token = rewrite_response_cookies(head, relaxed, seal_value, secure=False)
+    assert rewrite is not None
+    assert rewrite(app) == f"SESSIONID={token}; Path=/; Max-Age=3600; HttpOnly; SameSite=Strict; Secure"
+
+
+@pytest.mark.parametrize("deletion", ["SESSIONID=gone; Max-Age=0", "SESSIONID=gone; max-age=-1; Path=/"])
+def test_rewrite_response_passes_a_deletion_by_max_age_unsealed(deletion: str) -> None:
+    """A backend ending its session with Max-Age <= 0 must not get a cookie that lives max_age."""
+    head = parse_response_head(response(deletion))
+    sealed, seal_value = sealer()
+    assert rewrite_response_cookies(head, REWRITE, seal_value) == (None, None)
+    assert sealed == []
+
+
 def test_rewrite_response_deletion_passes_beside_a_new_value() -> None:
     head = parse_response_head(response("SESSIONID=; Max-Age=0", "SESSIONID=new1"))
     _, seal_value = sealer()
     rewrite, token = rewrite_response_cookies(head, REWRITE, seal_value)
     assert rewrite is not None and token is not None
     assert rewrite("SESSIONID=; Max-Age=0") == "SESSIONID=; Max-Age=0"
-    assert rewrite("SESSIONID=new1") == f"SESSIONID={token}"
+    assert rewrite("SESSIONID=new1") == f"SESSIONID={token}; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax"
 
 
 # A cookie-octet (RFC 6265 §4.1.1) value, as a backend's session id would be.

@@ -1053,3 +1053,51 @@ def test_pipelined_bodies_reach_their_own_backend_connection_exactly(
         assert body == framed
     assert play.to_client.count(b"HTTP/1.1 200 OK") == len(expected)
     assert play.conn.state == HEAD and play.connections()["a1"] == 0
+
+
+# -- rewrite mode: the backend's cookie carries the route ----------------------------------------
+
+REWRITE_CONFIG = CONFIG.replace(
+    "affinity: {mode: insert, cookie: LB,", "affinity: {mode: rewrite, cookie: SID, max_age: 100s,"
+)
+SWITCH_SETTING_SID = SWITCH[:-2] + b"Set-Cookie: SID=abc; Path=/; HttpOnly\r\n\r\n"
+
+
+def _rewrite_token(play: Play) -> str:
+    cookie = play.answer()[1]["set-cookie"]
+    assert cookie.startswith("SID=") and cookie.endswith("; Path=/; Max-Age=100; HttpOnly; SameSite=Lax"), cookie
+    return cookie.partition(";")[0].partition("=")[2]
+
+
+@pytest.mark.parametrize(("age", "refreshed"), [(10.0, False), (49.0, False), (51.0, True), (99.0, True)])
+def test_rewrite_mode_reissues_the_backends_value_past_half_the_tokens_life(age: float, refreshed: bool) -> None:
+    """An active client keeps its backend and the session value it set, however long it plays."""
+    first = Play(REWRITE_CONFIG)
+    first.client(upgrade())
+    first.connected()
+    first.backend(SWITCH_SETTING_SID)
+    token = _rewrite_token(first)
+
+    later = Play(REWRITE_CONFIG, now=T0 + age)
+    later.client(upgrade().replace(b"\r\n\r\n", f"\r\nCookie: SID={token}\r\n\r\n".encode()))
+    later.connected()
+    assert b"\r\nCookie: SID=abc\r\n" in later.to_backend[0], "the backend sees the value it set"
+    later.backend(SWITCH)  # the backend sets nothing new
+    assert later.opened == first.opened == ["a1"]
+    if not refreshed:
+        assert "set-cookie" not in later.answer()[1]
+        return
+    fresh = _rewrite_token(later)
+    assert fresh != token
+    claim = later.ctx.codec.open(fresh, T0 + age + 99)  # a full max_age from now: still opens
+    assert (claim.backend_id, claim.app_value) == ("a1", "abc")
+
+
+def test_a_token_never_expires_before_max_age_whatever_the_fraction_of_its_issue_second() -> None:
+    """Issue times are whole seconds, rounded up: rounded down, a token died up to 1 s early."""
+    play = Play(REWRITE_CONFIG, now=T0 + 0.9)
+    play.client(upgrade())
+    play.connected()
+    play.backend(SWITCH_SETTING_SID)
+    token = _rewrite_token(play)
+    assert play.ctx.codec.open(token, T0 + 0.9 + 100).app_value == "abc"

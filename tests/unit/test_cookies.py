@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb.config.model import SameSite
-from lb.http.cookies import read_cookie, render_set_cookie, rewrite_cookie, strip_cookie
+from lb.http.cookies import deletes, read_cookie, reissue_set_cookie, render_set_cookie, rewrite_cookie, strip_cookie
 
 NAME = "LB_AFFINITY"
 
@@ -203,3 +203,40 @@ def test_strip_cookie_on_arbitrary_text(header: str) -> None:
     names = {part.strip().partition("=")[0].strip() for part in header.split(";") if "=" in part}
     for other in names - {NAME}:
         assert read_cookie(kept, other) == read_cookie([header], other)
+
+
+# -- reissue_set_cookie (rewrite mode): a backend's Set-Cookie is hostile input ------------------
+
+ATTRIBUTE = st.one_of(
+    st.sampled_from(["Path=/a", "path=", "Domain=x.example", "Max-Age=5", "max-age=-1", "Max-Age=99999",
+                     "Max-Age=1e3", "Expires=Wed, 21 Oct 2026 07:28:00 GMT", "HttpOnly", "Secure",
+                     "SameSite=Strict", "samesite=none", "SameSite=bogus", "Partitioned", "", "=", "==x"]),
+    st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters=";"), max_size=20),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(attributes=st.lists(ATTRIBUTE, max_size=8), secure=st.booleans())
+def test_a_reissued_cookie_states_each_setting_once_whatever_the_backend_wrote(
+    attributes: list[str], secure: bool
+) -> None:
+    header = "; ".join(["SID=app", *attributes])
+    out = reissue_set_cookie(header, "TOKEN", max_age=60, same_site=SameSite.LAX, http_only=True, secure=secure)
+    pair, *parts = out.split("; ")
+    assert pair == "SID=TOKEN"
+    names = [part.partition("=")[0].strip().lower() for part in parts]
+    for restated in ("path", "samesite", "httponly"):
+        assert names.count(restated) == 1, out
+    assert names.count("max-age") + names.count("expires") == 1, out
+    assert names.count("secure") == (1 if secure or "secure" in [a.strip().lower() for a in attributes] else 0)
+    max_ages = [int(part.partition("=")[2]) for part in parts if part.lower().startswith("max-age=")]
+    assert all(0 < age <= 60 for age in max_ages) or deletes(header), out
+
+
+@pytest.mark.parametrize(
+    ("header", "deletion"),
+    [("SID=", True), ("SID=; Path=/", True), ("SID=v; Max-Age=0", True), ("SID=v; max-age=-5", True),
+     ("SID=v; Max-Age=0; Max-Age=10", False), ("SID=v; Max-Age=x", False), ("SID=v", False)],
+)
+def test_a_deletion_is_an_empty_value_or_a_max_age_of_zero_or_less(header: str, deletion: bool) -> None:
+    assert deletes(header) is deletion
