@@ -363,10 +363,12 @@ class Connection:
 
     # -- events --------------------------------------------------------------------
 
-    def start(self, now: float) -> list[Action]:
-        """The connection was accepted (the shell has counted it in ctx.handshaking)."""
-        ctx = self._ctx
-        if ctx.handshaking + len(ctx.tunnels) > self._config.limits.max_connections:
+    def start(self, now: float, admitted: bool = True) -> list[Action]:
+        """The connection was accepted and counted at `now` (the shell's ctx.count_in).
+
+        `admitted`: within limits.max_connections when it was accepted; else a 503 now.
+        """
+        if not admitted:
             return self._refuse(NoHealthyBackend("too many connections"), now)
         return [SetTimer(now + self._config.timeouts.handshake)]
 

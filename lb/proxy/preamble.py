@@ -216,7 +216,9 @@ class ProxyProtocolServer:
         def factory() -> ClientConnection:
             nonlocal made
             made = True
-            connection = ClientConnection(ctx, tls, client=client, accepted=preamble.accepted, loop=self._loop)
+            connection = ClientConnection(
+                ctx, tls, client=client, accepted=preamble.accepted, admitted=preamble.admitted, loop=self._loop
+            )
             preamble.release()  # counted from here on by the connection itself
             return connection
 
@@ -269,7 +271,7 @@ _refusals = _RateLimitedRefusals()
 class _Preamble:
     """One accepted socket reading its PROXY header; counted in ctx.handshaking until released."""
 
-    __slots__ = ("accepted", "buf", "counted", "peer", "server", "sock", "timer")
+    __slots__ = ("accepted", "admitted", "buf", "counted", "peer", "server", "sock", "timer")
 
     def __init__(self, server: ProxyProtocolServer, sock: socket.socket, peer: tuple[str, int]) -> None:
         self.server = server
@@ -278,7 +280,7 @@ class _Preamble:
         self.buf = bytearray()
         self.accepted = time.time()
         ctx = server._ctx
-        ctx.handshaking += 1
+        self.admitted = ctx.count_in()  # decided at accept, kept by the ClientConnection
         self.counted = True
         loop = server._loop
         self.timer: asyncio.TimerHandle | None = loop.call_later(ctx.config.timeouts.handshake, self._timed_out)

@@ -9,7 +9,9 @@ listeners are made with `create_server(ssl=..., ssl_handshake_timeout=...)`;
 the protocol is built at accept, before the handshake, and `_PendingTls`
 counts it in `ctx.handshaking` from then on until the handshake completes or
 fails, so that a TLS connection is counted and held to `timeouts.handshake`
-from accept on, like any other.
+from accept on, like any other.  Whether a connection is within
+`limits.max_connections` is decided at accept too (`ProxyContext.count_in`),
+in accept order, and carried to the core's `start`.
 
 Reading from the client pauses for two reasons, tracked apart so that one
 clearing does not undo the other: the core holds too many bytes, or the
@@ -132,12 +134,14 @@ class _PendingTls:
     a timer just after ssl_handshake_timeout.
     """
 
-    __slots__ = ("counted", "ctx", "finalizer", "timer")
+    __slots__ = ("admitted", "counted", "ctx", "finalizer", "timer")
 
-    def __init__(self, owner: ClientConnection, ctx: ProxyContext, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, owner: ClientConnection, ctx: ProxyContext, loop: asyncio.AbstractEventLoop, admitted: bool | None
+    ) -> None:
         self.ctx = ctx
         self.counted = True
-        ctx.handshaking += 1
+        self.admitted = ctx.count_in(admitted)
         self.finalizer = weakref.finalize(owner, self.release)
         self.timer = loop.call_later(ctx.config.timeouts.handshake + 1.0, self.release)
 
@@ -160,6 +164,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "__weakref__",
         "_accepted",
+        "_admitted",
         "_client",
         "_connecting",
         "_ctx",
@@ -183,10 +188,12 @@ class ClientConnection(asyncio.Protocol):
         *,
         client: tuple[str, int] | None = None,
         accepted: float | None = None,
+        admitted: bool | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         """`client`: the client's (address, port) when not the socket's peer (a PROXY header's source);
         `accepted`: when the socket was accepted, if before this protocol is made (a PROXY preamble);
+        `admitted`: whether it was within limits.max_connections then (None: decided now, by ctx.count_in);
         `loop`: the running loop, when the caller has it at hand (see `client_factory`)."""
         self._ctx = ctx
         # Asked once per listener, not per connection: on Python 3.11 every get_running_loop()
@@ -195,11 +202,12 @@ class ClientConnection(asyncio.Protocol):
         self._accepted = accepted or 0.0
         self._client = client
         self._pending_tls: _PendingTls | None = None
+        self._admitted = admitted
         if tls:
             # Called at accept, before the TLS handshake (asyncio and uvloop alike): count the
             # connection from here, and start its timeouts.handshake from here.
             self._accepted = accepted or time.time()
-            self._pending_tls = _PendingTls(self, ctx, self._loop)
+            self._pending_tls = _PendingTls(self, ctx, self._loop, admitted)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None  # the deadline the core asked for (wall clock)
@@ -219,13 +227,15 @@ class ClientConnection(asyncio.Protocol):
         ctx = self._ctx
         client = self._client or transport.get_extra_info("peername") or ("-", 0)
         self.core = Connection(ctx, client_ip=client[0], client_port=client[1], tls=self._tls)
-        if self._pending_tls is not None:
-            self._pending_tls.hand_over()  # counted since accept: _end releases it from now on
+        pending = self._pending_tls
+        if pending is not None:
+            pending.hand_over()  # counted since accept: _end releases it from now on
             self._pending_tls = None
+            admitted = pending.admitted
         else:
-            ctx.handshaking += 1
+            admitted = ctx.count_in(self._admitted)
         ctx.in_flight.add(self)
-        self.drive(self.core.start, self._accepted or time.time())
+        self.drive(self.core.start, self._accepted or time.time(), admitted)
 
     def data_received(self, data: bytes) -> None:
         self.drive(self.core.receive_client, data, time.time())

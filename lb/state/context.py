@@ -66,6 +66,19 @@ class ProxyContext:
     # Set by the last tunnel to close while shutdown waits for them.
     all_tunnels_closed: asyncio.Event | None = None
 
+    def count_in(self, admitted: bool | None = None) -> bool:
+        """Count a client connection in `handshaking` at its accept; whether it is within the limit.
+
+        The answer is decided here, at accept, in accept order: a TLS handshake (or a PROXY
+        header) completes later, and counted then, a burst larger than `limits.max_connections`
+        saw itself over the limit connection by connection, and refused everyone.
+        `admitted`: already decided at this connection's accept (a PROXY preamble's), kept.
+        """
+        if admitted is None:
+            admitted = self.handshaking + len(self.tunnels) < self.config.limits.max_connections
+        self.handshaking += 1
+        return admitted
+
     def bytes_relayed(self) -> tuple[int, int]:
         """(client → backend, backend → client) so far: closed tunnels plus live ones."""
         return (

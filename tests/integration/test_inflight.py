@@ -14,6 +14,7 @@ import contextlib
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -196,3 +197,37 @@ async def test_tls_handshakes_in_progress_count_against_max_connections(
         assert time.monotonic() < deadline, answer
         await asyncio.sleep(0.1)
     assert time.monotonic() - gone < within * UNIT, "the stalled TLS connections stayed counted after they closed"
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+async def test_a_tls_burst_over_max_connections_serves_the_first_and_refuses_the_rest(
+    launcher: Launcher, backend: RecordingBackend, certs: Path, event_loop: str
+) -> None:
+    """40 TLS clients at once against max_connections: 10.  Admission is decided at accept, so exactly 10
+    are served and 30 get 503; decided when each TLS handshake completed, a burst refused them all."""
+    config = lb_config(
+        pools={"p": [backend]},  # answers after 1 s: the served ones hold their slots through the burst
+        tls=(certs / "server.crt", certs / "server.key"),
+        health=TCP_HEALTH,
+        overrides={"limits": {"max_connections": 10}, "runtime": {"event_loop": event_loop}},
+    )
+    lb = launcher.balancer(config)
+    assert lb.tls_port is not None
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+
+    async def one(index: int) -> int:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                "127.0.0.1", lb.tls_port, ssl=context, server_hostname="localhost",
+                local_addr=(f"127.0.3.{index + 1}", 0),
+            ),
+            5 * UNIT,
+        )
+        try:
+            writer.write(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            return (await read_response(reader, within=5 * UNIT)).status
+        finally:
+            await close_raw(writer)
+
+    statuses = await asyncio.gather(*(one(index) for index in range(40)))
+    assert sorted(statuses) == [200] * 10 + [503] * 30, statuses

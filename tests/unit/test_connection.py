@@ -261,13 +261,27 @@ def test_head_must_arrive_within_the_handshake_timeout() -> None:
 
 def test_over_max_connections_is_503_with_retry_after() -> None:
     play = Play(CONFIG.replace("limits: {", "limits: {max_connections: 1, "))
-    play.ctx.handshaking = 2
     again = Connection(play.ctx, client_ip="192.0.2.8", tls=False)
     play.to_client.clear()
     play.closed_client = None
-    play._apply(again.start(T0))
+    play._apply(again.start(T0, admitted=False))
     status, headers, _ = play.answer()
     assert status == 503 and headers["retry-after"]
+    assert play.closed_client is not None and play.opened == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(limit=st.integers(1, 60), burst=st.integers(0, 200), tunnels=st.integers(0, 70))
+def test_a_burst_is_admitted_in_accept_order_up_to_the_limit(limit: int, burst: int, tunnels: int) -> None:
+    """Admission is decided at accept: however late each TLS handshake (or PROXY header) completes,
+    the first `limit - tunnels` of a burst are served and only the rest get 503."""
+    play = Play(CONFIG.replace("limits: {", f"limits: {{max_connections: {limit}, "))
+    play.ctx.handshaking = 0
+    play.ctx.tunnels = {object() for _ in range(tunnels)}  # type: ignore[misc]
+    admitted = [play.ctx.count_in() for _ in range(burst)]
+    assert admitted == [i < limit - tunnels for i in range(burst)]
+    assert play.ctx.handshaking == burst
+    assert [play.ctx.count_in(decided) for decided in (True, False)] == [True, False]  # a preamble's, kept
 
 
 # -- upgrades: nothing behind the head reaches the backend before it switches ------------------------
