@@ -53,6 +53,31 @@ def iso_utc(created: float, *, millis: bool = True) -> str:
     return text
 
 
+class Throttle:
+    """At most one log line per `interval` seconds for one kind of event; those between are counted.
+
+    For events a flood can repeat (out of descriptors, garbage connections): one line per
+    interval says what happened and how many more like it there were, never a line each.
+    """
+
+    __slots__ = ("interval", "last", "suppressed")
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self.last = -float("inf")
+        self.suppressed = 0
+
+    def due(self) -> int | None:
+        """None: stay quiet (this event is counted); else log it now, with the count returned (then reset)."""
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return None
+        self.last = now
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed
+
+
 def _fold(text: str) -> str:
     return LINE_FOLD.join(part for part in text.splitlines() if part.strip()) if "\n" in text else text
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import aiohttp
 
 from lb.config.model import HealthCheckType
+from lb.errors import local_exhaustion
+from lb.log import Throttle
 from lb.state.observations import Observations
 from lb.state.pool import BackendStatus, PoolState, StateChange
 
@@ -45,6 +47,7 @@ class ProbeResult:
     ok: bool
     detail: str
     requested: str | None = None  # "draining" or "up"; None when no HTTP answer came (or TCP checks)
+    local: bool = False  # not a check at all: the balancer itself ran out of descriptors or memory
 
 
 def requested_state(header: str | None) -> str | None:
@@ -117,6 +120,16 @@ class HealthChecker:
             pool = self._pool
             if pool.backends.get(backend.id) is not backend:
                 return  # removed from the pool while the probe ran
+            if result.local:
+                # Our own shortage says nothing of the backend: marked down for it, every backend
+                # of every pool would go down together, and stay down for `rise` checks after.
+                suppressed = _local_errors.due()
+                if suppressed is not None:
+                    log.warning("health check of %s/%s not made: %s; the balancer is short of its own resources, "
+                                "states are kept (%d more like it since the last report)",
+                                pool.name, backend.id, result.detail, suppressed)
+                await asyncio.sleep(interval)
+                continue
             self._observations.count_health_check(pool.name, backend.id, result.ok)
             change = pool.record_probe(backend.id, result.ok, time.time(), result.detail)
             if change is not None:
@@ -161,7 +174,7 @@ class HealthChecker:
             too_large = "Got more than" in str(exc.message)
             return ProbeResult(False, "answer head too large" if too_large else "not a valid HTTP answer")
         except (aiohttp.ClientError, OSError) as exc:
-            return ProbeResult(False, _short(str(exc) or type(exc).__name__))
+            return ProbeResult(False, _short(str(exc) or type(exc).__name__), local=local_exhaustion(exc))
 
     def _note_unknown(self, backend: BackendStatus, header: str | None) -> None:
         value = (header or "").strip().lower()
@@ -171,6 +184,9 @@ class HealthChecker:
             self._unknown_values.add(value)
         log.warning("backend %s/%s sent %s: %r, which is neither draining nor up; treating it as up",
                     self._pool.name, backend.id, STATE_HEADER, value[:40])
+
+
+_local_errors = Throttle()  # checks not made for want of our own descriptors or memory
 
 
 def _short(text: str, limit: int = 160) -> str:

@@ -142,6 +142,17 @@ def _v1_address(raw: bytes, version: int) -> str:
         address = ipaddress.IPv4Address(text) if version == 4 else ipaddress.IPv6Address(text)
     except ValueError:
         raise BadProxyHeader(f"invalid IPv{version} address {text!r} in PROXY v1 header") from None
+    return _text(address)
+
+
+def _text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The address as text; an IPv4-mapped IPv6 one (`::ffff:198.51.100.9`) as the IPv4 address it maps.
+
+    One spelling per client, as lb.http.client_address reads X-Forwarded-For: logs, rate limits
+    and `balance: source` would otherwise see two clients in one.
+    """
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
     return str(address)
 
 
@@ -201,7 +212,7 @@ def _parse_v2(buf: bytes, max_length: int) -> ProxyHeader | None:
     dst = ipaddress.ip_address(block[half : 2 * half])
     sport = int.from_bytes(block[2 * half : 2 * half + 2], "big")
     dport = int.from_bytes(block[2 * half + 2 : size], "big")
-    return ProxyHeader(2, command, family, (str(src), sport), (str(dst), dport), consumed, tlvs)
+    return ProxyHeader(2, command, family, (_text(src), sport), (_text(dst), dport), consumed, tlvs)
 
 
 def _v2_command(byte: int) -> Command:

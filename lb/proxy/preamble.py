@@ -51,9 +51,10 @@ import socket
 import ssl
 import time
 
-from lb.errors import BadProxyHeader
+from lb.errors import LOCAL_ERRNOS, BadProxyHeader
 from lb.http.proxy_header import MAX_V2_LENGTH, V2_FIXED, parse_proxy_header
-from lb.proxy.server import LOCAL_ERRNOS, ClientConnection, accept_errors
+from lb.log import Throttle
+from lb.proxy.server import ClientConnection, accept_errors
 from lb.state.context import ProxyContext
 
 log = logging.getLogger("lb.proxy.server")
@@ -246,23 +247,18 @@ class _RateLimitedRefusals:
     must see), but a flood of garbage must not become a flood of log lines.
     """
 
-    def __init__(self, interval: float = 5.0) -> None:
-        self.interval = interval
-        self.last = -float("inf")
-        self.suppressed = 0
+    def __init__(self) -> None:
+        self._throttle = Throttle()
 
     def report(self, peer: str, why: str) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            self.suppressed += 1
+        suppressed = self._throttle.due()
+        if suppressed is None:
             log.debug("PROXY-protocol connection from %s closed: %s", peer, why)
             return
         log.warning(
             "closed a connection from %s without an answer: %s (listeners[].proxy_protocol is on; "
-            "%d more like it since the last report)", peer, why, self.suppressed,
+            "%d more like it since the last report)", peer, why, suppressed,
         )
-        self.last = now
-        self.suppressed = 0
 
 
 _refusals = _RateLimitedRefusals()

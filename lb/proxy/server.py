@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import time
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
+from lb.errors import LOCAL_ERRNOS
 from lb.http.forwarding import render_refusal
+from lb.log import Throttle
 from lb.proxy.connection import (
     CLOSED,
     RELAY,
@@ -55,9 +56,6 @@ log = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its 
 
 _HELD = 1  # pause reasons, a bit each
 _BACKEND_FULL = 2
-# Local resource errors: the balancer's fault, not the backend's; passive health must not hear of them.
-# Shared with lb.proxy.preamble's accept loop.
-LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _Upstream(asyncio.Protocol):
@@ -513,24 +511,13 @@ async def stop_in_flight(ctx: ProxyContext, within: float) -> None:
 class _RateLimitedErrors:
     """Out-of-descriptor errors: one log line per interval with a count, not a traceback each."""
 
-    def __init__(self, interval: float = 5.0) -> None:
-        self.interval = interval
-        self.last = -float("inf")
-        self.suppressed = 0
+    def __init__(self) -> None:
+        self._throttle = Throttle()
 
     def report(self, exc: OSError, what: str = "connect to a backend") -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            self.suppressed += 1
-            return
-        log.error(
-            "cannot %s: %s (%d more like it since the last report)",
-            what,
-            exc.strerror or exc,
-            self.suppressed,
-        )
-        self.last = now
-        self.suppressed = 0
+        suppressed = self._throttle.due()
+        if suppressed is not None:
+            log.error("cannot %s: %s (%d more like it since the last report)", what, exc.strerror or exc, suppressed)
 
 
 _local_errors = _RateLimitedErrors()

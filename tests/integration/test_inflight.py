@@ -97,8 +97,10 @@ class LimitedBalancer(Balancer):
 async def test_descriptor_exhaustion_logs_little_and_recovers(
     launcher: Launcher, backend: RecordingBackend, event_loop: str
 ) -> None:
+    """Also: health checks that cannot be made (EMFILE) mark no backend down: the shortage is ours."""
     backend.delay = 0.0
-    config = lb_config(pools={"p": [backend]}, health=TCP_HEALTH, overrides={"runtime": {"event_loop": event_loop}})
+    eager_health = {**TCP_HEALTH, "interval": "300ms", "fall": 1}  # checks run while descriptors are out
+    config = lb_config(pools={"p": [backend]}, health=eager_health, overrides={"runtime": {"event_loop": event_loop}})
     lb = LimitedBalancer(config, launcher.workdir, f"limited-{event_loop}")
     launcher.adopt(lb)
     assert lb.port is not None
@@ -124,6 +126,7 @@ async def test_descriptor_exhaustion_logs_little_and_recovers(
         await asyncio.sleep(0.2)
     lb.assert_alive()
     assert "Traceback" not in lb.log_text()
+    assert " is down" not in lb.log_text(), lb.logs_tail(20)
 
 
 async def test_sigterm_answers_handshakes_in_flight(launcher: Launcher, backend: RecordingBackend) -> None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+
+import aiohttp
 import pytest
+from aiohttp.client_reqrep import ConnectionKey
 
 from lb.config.model import BackendConfig, PoolConfig
 from lb.control.health import requested_state
+from lb.errors import local_exhaustion
 from lb.state.pool import AdminAction, BackendState, PoolState
 
 
@@ -51,3 +56,25 @@ def test_down_beats_a_drain_request() -> None:
     for now in (2.0, 3.0):
         state.record_probe("gw-1", False, now, "refused")
     assert state.backends["gw-1"].state is BackendState.DOWN
+
+
+@pytest.mark.parametrize(
+    ("error", "local"),
+    [
+        (OSError(errno.EMFILE, "Too many open files"), True),
+        (OSError(errno.ENFILE, "File table overflow"), True),
+        (OSError(errno.ECONNREFUSED, "Connection refused"), False),
+        (TimeoutError(), False),
+    ],
+    ids=["emfile", "enfile", "refused", "timeout"],
+)
+def test_a_check_that_failed_for_our_own_shortage_is_not_the_backends(error: OSError, local: bool) -> None:
+    """aiohttp wraps the socket's error (ClientConnectorError.os_error); asyncio raises it bare."""
+    key = ConnectionKey("127.0.0.1", 1, False, True, None, None, None)
+    wrapped = aiohttp.ClientConnectorError(key, error) if isinstance(error, OSError) else error
+    assert local_exhaustion(error) is local
+    assert local_exhaustion(wrapped) is local
+    try:
+        raise RuntimeError("probe failed") from wrapped
+    except RuntimeError as chained:
+        assert local_exhaustion(chained) is local

@@ -226,14 +226,22 @@ def test_v1_and_v2_tcp4_round_trip(
 @settings(max_examples=200, deadline=None)
 @given(src=st.ip_addresses(v=6), dst=st.ip_addresses(v=6), sport=st.integers(0, 65535))
 def test_v1_and_v2_tcp6_round_trip(src: ipaddress.IPv6Address, dst: ipaddress.IPv6Address, sport: int) -> None:
-    """Any IPv6 pair comes back in its compressed form from v1 (any spelling) and v2."""
+    """Any IPv6 pair comes back in its compressed form from v1 (any spelling) and v2; an IPv4-mapped one as IPv4."""
+    expected = str(src.ipv4_mapped or src)
     for text in (str(src), src.exploded, src.exploded.upper()):
         header = parse_proxy_header(f"PROXY TCP6 {text} {dst} {sport} 1\r\n".encode())
         assert header is not None
-        assert header.source == (str(src), sport)
+        assert header.source == (expected, sport)
     header = parse_proxy_header(v2_tcp6(str(src), str(dst), sport, 1))
     assert header is not None
-    assert header.source == (str(src), sport)
+    assert header.source == (expected, sport)
+
+
+def test_an_ipv4_mapped_source_is_the_ipv4_client() -> None:
+    """`::ffff:198.51.100.9` is 198.51.100.9: one client in logs, rate limits and `balance: source`."""
+    for raw in (b"PROXY TCP6 ::ffff:198.51.100.9 ::1 1 2\r\n", v2_tcp6("::ffff:198.51.100.9", "::1", 1, 2)):
+        header = parse_proxy_header(raw)
+        assert header is not None and header.client_ip == "198.51.100.9"
 
 
 @settings(max_examples=500, deadline=None)
