@@ -26,8 +26,9 @@ at the same address (TLS or `proxy_protocol` turned on or off) is a new
 listener that takes over the running socket (a second descriptor on it), so
 the reload needs no free port and loses nothing queued in its backlog.
 
-A `proxy_protocol` listener is a `lb.proxy.preamble.ProxyProtocolServer`
-instead of an `asyncio.Server`: it reads the PROXY header before TLS and HTTP.
+A `proxy_protocol` or TLS listener is a `lb.proxy.preamble.AcceptingServer`
+instead of an `asyncio.Server`: it reads the PROXY header before TLS and HTTP,
+and holds each TLS handshake as a task of its own.
 
 `run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `request_reload` (a
 worker reloads on its owner's word instead), and picks the event loop
@@ -67,8 +68,8 @@ from lb.control.workers import ControlChannel, WorkerSupervisor, watch_owner
 from lb.errors import ConfigError, LbError
 from lb.http.routing import sort_routes
 from lb.log import setup_logging
-from lb.proxy.preamble import ProxyProtocolServer, listening_socket
-from lb.proxy.server import client_factory, install_accept_error_filter, stop_in_flight
+from lb.proxy.preamble import AcceptingServer, listening_socket
+from lb.proxy.server import abort_in_flight, client_factory, install_accept_error_filter, stop_in_flight
 from lb.proxy.tunnel import CLOSE_LINGER
 from lb.state.context import ProxyContext
 from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange
@@ -95,7 +96,7 @@ class BindError(LbError, OSError):
 @dataclass(slots=True)
 class _Listening:
     config: ListenerConfig
-    server: asyncio.Server | ProxyProtocolServer
+    server: asyncio.Server | AcceptingServer
     ssl_context: ssl.SSLContext | None
     address: tuple[str, int] = field(default=("", 0))
 
@@ -230,17 +231,21 @@ class Balancer:
         tls = ssl_context is not None
         loop = asyncio.get_running_loop()
         install_accept_error_filter(loop)
-        if listener.proxy_protocol:
-            # The PROXY header comes before TLS and HTTP alike: this listener reads it itself.
+        if listener.proxy_protocol or tls:
+            # The PROXY header comes before TLS and HTTP alike: this listener reads it itself.  A TLS
+            # handshake is a task it holds: its failure frees the connection's count at once, and
+            # SIGTERM can wait for it (lb.proxy.preamble).
             try:
                 sock = adopt or listening_socket(
                     listener.host, listener.port, backlog=listener.backlog, reuse_port=self.role is Role.WORKER
                 )
             except OSError as exc:
                 raise BindError("listener", listener.bind, exc) from exc
-            pp_server = ProxyProtocolServer(self.ctx, sock, ssl_context, start_serving=adopt is None)
+            accepting = AcceptingServer(
+                self.ctx, sock, ssl_context, proxy_protocol=listener.proxy_protocol, start_serving=adopt is None
+            )
             host, port = sock.getsockname()[:2]
-            return _Listening(listener, pp_server, ssl_context, (host, port))
+            return _Listening(listener, accepting, ssl_context, (host, port))
         where: dict[str, Any] = (
             # Workers each bind every listener; the kernel spreads connections over them.
             {"host": listener.host, "port": listener.port, "reuse_address": True,
@@ -249,14 +254,7 @@ class Balancer:
             else {"sock": adopt, "start_serving": False}
         )
         try:
-            server = await loop.create_server(
-                client_factory(self.ctx, tls),
-                ssl=ssl_context,
-                # A stalled TLS handshake is closed on time (the connection counts from accept).
-                ssl_handshake_timeout=self.config.timeouts.handshake if tls else None,
-                backlog=listener.backlog,
-                **where,
-            )
+            server = await loop.create_server(client_factory(self.ctx), backlog=listener.backlog, **where)
         except OSError as exc:
             if adopt is not None:
                 adopt.close()
@@ -608,11 +606,22 @@ class Balancer:
         self.ctx.accepting = False
         for listening in self._listening:
             listening.server.close()
-        # Handshakes in flight: 503 if not yet at a backend, else their answer completes.
-        await stop_in_flight(self.ctx, timeouts.backend_connect + 1.0)
+        # Handshakes in flight (TLS handshakes and PROXY headers still arriving included): 503 if not yet
+        # at a backend, else their answer completes.  Live tunnels get their 1001s meanwhile: a silent
+        # connection waiting out its handshake deadline must not hold up the spread.
+        handshakes = asyncio.get_running_loop().create_task(stop_in_flight(
+            self.ctx,
+            max(timeouts.handshake, timeouts.backend_connect) + 1.0,
+            pending=lambda: sum(getattr(listening.server, "pending", 0) for listening in self._listening),
+            streaming_within=timeouts.shutdown_grace,
+        ))
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self._close_tunnels_spread(timeouts.shutdown_grace)
+        await handshakes
+        if self.ctx.tunnels:
+            await self._close_tunnels_spread(0.0)  # upgrades that completed during the spread: 1001 now
+        abort_in_flight(self.ctx)  # answers still streaming: cut, and logged
         await self._stop_health_checks()
         await self.discovery.stop()
         if self._admin is not None:
@@ -678,9 +687,9 @@ def _dup_socket(sock: Any) -> socket.socket:
     return socket.socket(fileno=os.dup(sock.fileno()))
 
 
-def _start_serving(server: asyncio.Server | ProxyProtocolServer) -> None:
+def _start_serving(server: asyncio.Server | AcceptingServer) -> None:
     """Start accepting on a listener made with start_serving=False; from inside the synchronous swap."""
-    if isinstance(server, ProxyProtocolServer):
+    if isinstance(server, AcceptingServer):
         server.start_serving_now()
     else:
         # asyncio.Server.start_serving is a coroutine; the socket queues connections until it runs.

@@ -1,19 +1,29 @@
-"""PROXY-protocol listeners: read the L4 balancer's header, then hand the socket to the proxy.  [asyncio shell]
+"""Listeners that accept themselves: PROXY-protocol and TLS listeners.  [asyncio shell]
 
 A listener with `proxy_protocol: true` (SPEC part 2) sits behind an L4
 balancer (an NLB, HAProxy `send-proxy-v2`, kube-proxy) that puts a PROXY v1
 or v2 header before the client's own bytes.  That header comes before
 anything else, TLS included, so `loop.create_server` cannot be used: its
-transport would start reading (or the TLS handshake) at once.  Instead:
+transport would start reading (or the TLS handshake) at once.
 
-- `ProxyProtocolServer` makes the listening socket itself (SO_REUSEADDR,
+A TLS listener is served the same way, without the header: with
+`create_server(ssl=...)` the TLS handshake runs inside the loop, which never
+says when one fails (asyncio keeps our protocol in a reference cycle until
+the garbage collector runs, so its `limits.max_connections` slot stayed taken)
+and cannot be waited for at shutdown.  Here each handshake is a task we hold:
+its end, whatever it is, releases the count at once, and SIGTERM waits for it.
+Plain listeners keep `create_server`: nothing happens between accept and the
+protocol there, and its accept path is the cheapest.
+
+- `AcceptingServer` makes the listening socket itself (SO_REUSEADDR,
   SO_REUSEPORT for `workers: N`, the listener's backlog) and accepts with
   `loop.add_reader` on it: non-blocking `accept()` in a loop until EAGAIN, at
   most a bounded batch per wake-up so one listener cannot starve the loop.  An
   accept that fails for want of descriptors or buffers (EMFILE, ENFILE, ...)
   is logged at most once per interval, as `lb.proxy.server` does for the
   other listeners, and accepting pauses for a second, as asyncio does.
-- Each accepted socket gets a `_Preamble`: on readability it peeks
+- Each accepted socket is counted at once (`_Accepted`).  With PROXY
+  protocol it gets a `_Preamble`: on readability it peeks
   (`recv(n, MSG_PEEK)`) and parses what it has so far plus the peeked bytes
   with the pure `lb.proxy_header.parse_proxy_header`.  Complete: it takes
   exactly the header's remaining bytes off the socket and not one more (what
@@ -34,7 +44,7 @@ from accept, like a TLS handshake does; the count passes to the
 `ClientConnection` when it is made, and is released exactly once on every
 path.  A preamble holds at most one header's bytes (`MAX_V2_LENGTH` + 16).
 
-`ProxyProtocolServer` duck-types what the balancer uses of `asyncio.Server`
+`AcceptingServer` duck-types what the balancer uses of `asyncio.Server`
 (`close()`, `wait_closed()`, `sockets`), so reload and shutdown handle it
 like any other listener.  Closing stops accepting; headers still arriving
 finish (bounded by `timeouts.handshake`) and then meet the core, which
@@ -95,8 +105,8 @@ def listening_socket(host: str, port: int, *, backlog: int, reuse_port: bool) ->
     return sock
 
 
-class ProxyProtocolServer:
-    """A listener whose connections start with a PROXY header; quacks like `asyncio.Server` for the balancer."""
+class AcceptingServer:
+    """A listener that accepts itself (PROXY header, TLS, or both); quacks like `asyncio.Server` for the balancer."""
 
     def __init__(
         self,
@@ -104,13 +114,15 @@ class ProxyProtocolServer:
         sock: socket.socket,
         ssl_context: ssl.SSLContext | None,
         *,
+        proxy_protocol: bool = True,
         start_serving: bool = True,
     ) -> None:
         self._ctx = ctx
         self._sock: socket.socket | None = sock
         self._ssl = ssl_context
+        self._proxy_protocol = proxy_protocol
         self._loop = asyncio.get_running_loop()
-        self._preambles: set[_Preamble] = set()
+        self._preambles: set[_Accepted] = set()  # each a _Preamble: reading its header
         self._tasks: set[asyncio.Task[None]] = set()
         self._resume: asyncio.TimerHandle | None = None
         self._closed = asyncio.Event()
@@ -138,7 +150,7 @@ class ProxyProtocolServer:
 
     @property
     def pending(self) -> int:
-        """Connections still reading their PROXY header or being handed over."""
+        """Connections still reading their PROXY header or in their TLS handshake (being handed over)."""
         return len(self._preambles) + len(self._tasks)
 
     def close(self) -> None:
@@ -186,7 +198,11 @@ class ProxyProtocolServer:
             conn.setblocking(False)
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._preambles.add(_Preamble(self, conn, (peer[0], peer[1]) if peer else ("-", 0)))
+            address = (peer[0], peer[1]) if peer else ("-", 0)
+            if self._proxy_protocol:
+                self._preambles.add(_Preamble(self, conn, address))
+            else:
+                self._hand_over(_Accepted(self, conn, address), address)
 
     def _resume_accepting(self) -> None:
         self._resume = None
@@ -195,49 +211,52 @@ class ProxyProtocolServer:
 
     # -- hand-over ---------------------------------------------------------------------
 
-    def _preamble_done(self, preamble: _Preamble) -> None:
-        self._preambles.discard(preamble)
+    def _preamble_done(self, preamble: _Accepted) -> None:
+        self._preambles.discard(preamble)  # not there without a PROXY header: nothing to do
         self._check_done()
 
-    def _hand_over(self, preamble: _Preamble, client: tuple[str, int]) -> None:
-        """The header is complete: the socket becomes a ClientConnection's transport."""
-        task = self._loop.create_task(self._connect(preamble, client))
+    def _hand_over(self, accepted: _Accepted, client: tuple[str, int]) -> None:
+        """The header (if any) is complete: the socket becomes a ClientConnection's transport."""
+        task = self._loop.create_task(self._connect(accepted, client))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-        self._preamble_done(preamble)
+        self._preamble_done(accepted)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._check_done()
 
-    async def _connect(self, preamble: _Preamble, client: tuple[str, int]) -> None:
+    async def _connect(self, accepted: _Accepted, client: tuple[str, int]) -> None:
         ctx, tls = self._ctx, self._ssl is not None
-        made = False
+        made: ClientConnection | None = None
 
         def factory() -> ClientConnection:
             nonlocal made
-            made = True
-            connection = ClientConnection(
-                ctx, tls, client=client, accepted=preamble.accepted, admitted=preamble.admitted, loop=self._loop
+            made = ClientConnection(
+                ctx, tls, client=client, accepted=accepted.accepted, admitted=accepted.admitted, loop=self._loop
             )
-            preamble.release()  # counted from here on by the connection itself
-            return connection
+            accepted.release()  # counted from here on by the connection itself
+            return made
 
-        left = ctx.config.timeouts.handshake - (time.time() - preamble.accepted)
+        left = ctx.config.timeouts.handshake - (time.time() - accepted.accepted)
+        connected = False
         try:
             await self._loop.connect_accepted_socket(
                 factory,
-                preamble.sock,
+                accepted.sock,
                 ssl=self._ssl,
                 ssl_handshake_timeout=max(left, 0.001) if tls else None,
             )
+            connected = True
         except Exception as exc:
             # A TLS handshake that failed or timed out: the transport has closed the socket.
             log.debug("connection from %s closed during its TLS handshake: %r", client[0], exc)
         finally:
-            preamble.release()
-            if not made:
-                preamble.sock.close()
+            accepted.release()
+            if made is None:
+                accepted.sock.close()
+            elif not connected:
+                made.handshake_failed()  # its count ends now, not when the collector finds it
 
 
 class _RateLimitedRefusals:
@@ -264,29 +283,39 @@ class _RateLimitedRefusals:
 _refusals = _RateLimitedRefusals()
 
 
-class _Preamble:
-    """One accepted socket reading its PROXY header; counted in ctx.handshaking until released."""
+class _Accepted:
+    """One accepted socket, counted in ctx.handshaking from accept until a ClientConnection takes it."""
 
-    __slots__ = ("accepted", "admitted", "buf", "counted", "peer", "server", "sock", "timer")
+    __slots__ = ("accepted", "admitted", "counted", "peer", "server", "sock")
 
-    def __init__(self, server: ProxyProtocolServer, sock: socket.socket, peer: tuple[str, int]) -> None:
+    def __init__(self, server: AcceptingServer, sock: socket.socket, peer: tuple[str, int]) -> None:
         self.server = server
         self.sock = sock
         self.peer = peer
-        self.buf = bytearray()
         self.accepted = time.time()
-        ctx = server._ctx
-        self.admitted = ctx.count_in()  # decided at accept, kept by the ClientConnection
+        self.admitted = server._ctx.count_in()  # decided at accept, kept by the ClientConnection
         self.counted = True
-        loop = server._loop
-        self.timer: asyncio.TimerHandle | None = loop.call_later(ctx.config.timeouts.handshake, self._timed_out)
-        loop.add_reader(sock.fileno(), self._readable)
 
     def release(self) -> None:
-        """This connection no longer counts as a preamble (once)."""
+        """This connection no longer counts as accepted-but-not-handed-over (once)."""
         if self.counted:
             self.counted = False
             self.server._ctx.handshaking -= 1
+
+
+class _Preamble(_Accepted):
+    """An accepted socket reading its PROXY header."""
+
+    __slots__ = ("buf", "timer")
+
+    def __init__(self, server: AcceptingServer, sock: socket.socket, peer: tuple[str, int]) -> None:
+        super().__init__(server, sock, peer)
+        self.buf = bytearray()
+        loop = server._loop
+        self.timer: asyncio.TimerHandle | None = loop.call_later(
+            server._ctx.config.timeouts.handshake, self._timed_out
+        )
+        loop.add_reader(sock.fileno(), self._readable)
 
     def _stop_reading(self) -> None:
         if self.timer is not None:

@@ -5,11 +5,11 @@ Per client connection: one `ClientConnection` protocol, one timer handle
 a request is being served, one `_Upstream` protocol on the backend connection.
 No task and no `asyncio.timeout` per request; the backend connect is the one
 coroutine (`loop.create_connection`), watched by a done-callback.  TLS
-listeners are made with `create_server(ssl=..., ssl_handshake_timeout=...)`;
-the protocol is built at accept, before the handshake, and `_PendingTls`
-counts it in `ctx.handshaking` from then on until the handshake completes or
-fails, so that a TLS connection is counted and held to `timeouts.handshake`
-from accept on, like any other.  Whether a connection is within
+listeners accept themselves (`lb.proxy.preamble.AcceptingServer`, with
+`ssl_handshake_timeout`); the protocol is built before the handshake, and
+`_PendingTls` counts it in `ctx.handshaking` from then on until the handshake
+completes or fails, so that a TLS connection is counted and held to
+`timeouts.handshake` from accept on, like any other.  Whether a connection is within
 `limits.max_connections` is decided at accept too (`ProxyContext.count_in`),
 in accept order, and carried to the core's `start`.
 
@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -126,41 +125,31 @@ class _Upstream(asyncio.Protocol):
 class _PendingTls:
     """A TLS connection counted in ctx.handshaking from accept, before its handshake is done.
 
-    Released exactly once: handed over when the handshake completes (connection_made),
-    else when the TLS layer drops our protocol after a failed or timed-out handshake
-    (it never tells the app protocol; `weakref.finalize` sees it go), or at the latest by
-    a timer just after ssl_handshake_timeout.
+    Released exactly once: handed over when the handshake completes (connection_made), or
+    released when it fails or times out (`ClientConnection.handshake_failed`, called by
+    `lb.proxy.preamble.AcceptingServer`, which holds each handshake as a task).
     """
 
-    __slots__ = ("admitted", "counted", "ctx", "finalizer", "timer")
+    __slots__ = ("admitted", "counted", "ctx")
 
-    def __init__(
-        self, owner: ClientConnection, ctx: ProxyContext, loop: asyncio.AbstractEventLoop, admitted: bool | None
-    ) -> None:
+    def __init__(self, ctx: ProxyContext, admitted: bool | None) -> None:
         self.ctx = ctx
         self.counted = True
         self.admitted = ctx.count_in(admitted)
-        self.finalizer = weakref.finalize(owner, self.release)
-        self.timer = loop.call_later(ctx.config.timeouts.handshake + 1.0, self.release)
 
     def release(self) -> None:
         if self.counted:
             self.counted = False
             self.ctx.handshaking -= 1
-            self.finalizer.detach()
-            self.timer.cancel()
 
     def hand_over(self) -> None:
         self.counted = False
-        self.finalizer.detach()
-        self.timer.cancel()
 
 
 class ClientConnection(asyncio.Protocol):
     """One accepted client connection; the core decides, this carries it out."""
 
     __slots__ = (
-        "__weakref__",
         "_accepted",
         "_admitted",
         "_client",
@@ -205,7 +194,7 @@ class ClientConnection(asyncio.Protocol):
             # Called at accept, before the TLS handshake (asyncio and uvloop alike): count the
             # connection from here, and start its timeouts.handshake from here.
             self._accepted = accepted or time.time()
-            self._pending_tls = _PendingTls(self, ctx, self._loop, admitted)
+            self._pending_tls = _PendingTls(ctx, admitted)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None  # the deadline the core asked for (wall clock)
@@ -234,6 +223,12 @@ class ClientConnection(asyncio.Protocol):
             admitted = ctx.count_in(self._admitted)
         ctx.in_flight.add(self)
         self.drive(self.core.start, self._accepted or time.time(), admitted)
+
+    def handshake_failed(self) -> None:
+        """The TLS handshake failed or timed out: this connection never started, and counts no longer."""
+        if self._pending_tls is not None:
+            self._pending_tls.release()
+            self._pending_tls = None
 
     def data_received(self, data: bytes) -> None:
         self.drive(self.core.receive_client, data, time.time())
@@ -449,8 +444,6 @@ class ClientConnection(asyncio.Protocol):
         ctx = self._ctx
         ctx.handshaking -= 1
         ctx.in_flight.discard(self)
-        if not ctx.in_flight and ctx.all_in_flight_done is not None:
-            ctx.all_in_flight_done.set()
 
     def internal_error(self) -> None:
         """A bug in the core: logged with its traceback; the client gets a bare 500 if nothing was sent yet."""
@@ -475,31 +468,53 @@ class ClientConnection(asyncio.Protocol):
         self.drive(self.core.shutdown, time.time())
 
 
-def client_factory(ctx: ProxyContext, tls: bool) -> Callable[[], ClientConnection]:
-    """The protocol factory for a listener.
-
-    For TLS, create the server with ssl_handshake_timeout=timeouts.handshake: the
-    connection is counted (limits.max_connections) and timed from accept.  Call it with the
-    loop running (the loop that will serve the listener).
-    """
+def client_factory(ctx: ProxyContext) -> Callable[[], ClientConnection]:
+    """The protocol factory for a plain listener (`loop.create_server`); TLS and PROXY-protocol
+    listeners accept themselves (`lb.proxy.preamble.AcceptingServer`).  Call it with the loop
+    running (the loop that will serve the listener)."""
     loop = asyncio.get_running_loop()
-    return lambda: ClientConnection(ctx, tls, loop=loop)
+    return lambda: ClientConnection(ctx, loop=loop)
 
 
-async def stop_in_flight(ctx: ProxyContext, within: float) -> None:
-    """SIGTERM: every connection still handshaking gets its answer; wait up to `within` for them.
+async def stop_in_flight(
+    ctx: ProxyContext, within: float, pending: Callable[[], int] = lambda: 0, streaming_within: float = 0.0
+) -> None:
+    """SIGTERM: every handshake in flight gets its answer; wait up to `within` for them.
 
-    Call after ctx.accepting is False and the listeners are closed.  What has not
-    finished in time is closed.
+    Call after ctx.accepting is False and the listeners are closed.  A request that has not
+    reached a backend gets 503 with Retry-After; one that has gets its answer; a connection
+    idle between requests (or not yet speaking) is closed.  `pending`: connections the
+    listeners still hold (a TLS handshake, a PROXY header arriving): each becomes a
+    connection here when it completes, whose request is then refused (503) as it arrives.
+    Answers still streaming to their clients then get until `streaming_within` (from the
+    start, as the tunnels get `shutdown_grace`); `abort_in_flight` ends what is left.
     """
     for connection in list(ctx.in_flight):
         connection.shutdown()
-    if ctx.in_flight:
-        ctx.all_in_flight_done = asyncio.Event()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ctx.all_in_flight_done.wait(), within)
-        ctx.all_in_flight_done = None
-    for connection in list(ctx.in_flight):
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    # Polled, not an event: connections join while this waits (handshakes completing) and leave its
+    # concern by entering RELAY inside the core; a 50 ms poll during shutdown costs nothing.
+    def handshaking() -> bool:
+        return loop.time() < start + within and bool(
+            pending() or any(c.core.state != RELAY for c in ctx.in_flight)
+        )
+
+    def streaming() -> bool:
+        return loop.time() < start + streaming_within and bool(ctx.in_flight)
+
+    while handshaking() or streaming():  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
+def abort_in_flight(ctx: ProxyContext) -> None:
+    """The end of a shutdown: whatever is still in flight is closed, and the log says so."""
+    left = list(ctx.in_flight)
+    streaming = sum(1 for connection in left if connection.core.state == RELAY)
+    if streaming:
+        log.info("closing %d answer(s) still streaming to their clients at the end of shutdown", streaming)
+    for connection in left:
         connection.run(connection.core.client_lost(503, "balancer_is_shutting_down"))
         connection._close(abort=True)
         connection._end()

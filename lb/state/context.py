@@ -59,7 +59,6 @@ class ProxyContext:
     handshaking: int = 0  # client connections not (yet) handed to a tunnel
     # The same connections, so that stop() can answer each one (503, or let it complete).
     in_flight: set[ClientConnection] = field(default_factory=set)
-    all_in_flight_done: asyncio.Event | None = None  # set by the last of them while stop() waits
     accepting: bool = True
     # Latency histograms, backend errors, health checks (lb.state.observations); survives reloads.
     observations: Observations = field(default_factory=Observations)

@@ -39,6 +39,7 @@ class RecordingBackend:
         raw: bytes = b"",
         delay: float = 0.0,
         answer_after: bytes = b"",
+        drip: tuple[bytes, float] = (b"", 0.0),
         max_seconds: float = 30.0,
     ) -> None:
         self.id = backend_id
@@ -47,6 +48,7 @@ class RecordingBackend:
         self.raw = raw
         self.delay = delay
         self.answer_after = answer_after  # answer only once what was received ends with this
+        self.drip = drip  # after the answer: these bytes, one every so many seconds (a slow body)
         self.max_seconds = max_seconds
         self.connections: list[RawConnection] = []
         self.interim_sent = 0
@@ -103,6 +105,11 @@ class RecordingBackend:
                 try:
                     if self.mode == "answer":
                         conn.sendall(self.answer)
+                        body, every = self.drip
+                        for byte in body:
+                            if self._stop.wait(every):
+                                return
+                            conn.sendall(bytes((byte,)))
                     elif self.mode == "raw":
                         conn.sendall(self.raw)
                     elif self.mode == "interim-flood":

@@ -16,7 +16,7 @@ from lb.state.context import ProxyContext
 
 
 async def _serve(ctx: ProxyContext) -> tuple[asyncio.Server, int]:
-    server = await asyncio.get_running_loop().create_server(client_factory(ctx, False), "127.0.0.1", 0)
+    server = await asyncio.get_running_loop().create_server(client_factory(ctx), "127.0.0.1", 0)
     return server, int(server.sockets[0].getsockname()[1])
 
 

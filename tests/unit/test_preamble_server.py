@@ -1,4 +1,4 @@
-"""`ProxyProtocolServer` on loopback: the header is taken and not one byte more; every path releases its count.
+"""`AcceptingServer` on loopback: the header is taken and not one byte more; every path releases its count.
 
 In-process (the balancer's own loop): what the black-box tests cannot see, `ctx.handshaking` (so
 `limits.max_connections`) and the bytes the core receives after the header.
@@ -22,7 +22,7 @@ from test_connection import CONFIG
 
 from lb.config.load import parse_config
 from lb.devcerts import write_dev_certs
-from lb.proxy.preamble import ProxyProtocolServer, listening_socket
+from lb.proxy.preamble import AcceptingServer, listening_socket
 from lb.proxy.server import ClientConnection, stop_in_flight
 from lb.state.context import ProxyContext
 from lb.tls import server_ssl_context
@@ -38,13 +38,13 @@ def _ctx(handshake: str = "5s", tls: str = "") -> ProxyContext:
     return ProxyContext.build(parse_config(text, base_dir=Path("."), environ={}), lambda *_: None)
 
 
-async def _server(ctx: ProxyContext, ssl_context: ssl.SSLContext | None = None) -> tuple[ProxyProtocolServer, int]:
+async def _server(ctx: ProxyContext, ssl_context: ssl.SSLContext | None = None) -> tuple[AcceptingServer, int]:
     sock = listening_socket("127.0.0.1", 0, backlog=16, reuse_port=False)
-    return ProxyProtocolServer(ctx, sock, ssl_context), int(sock.getsockname()[1])
+    return AcceptingServer(ctx, sock, ssl_context), int(sock.getsockname()[1])
 
 
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[ProxyContext, ProxyProtocolServer, int]]:
+async def served() -> AsyncIterator[tuple[ProxyContext, AcceptingServer, int]]:
     ctx = _ctx()
     server, port = await _server(ctx)
     try:
@@ -61,7 +61,7 @@ def _only_connection(ctx: ProxyContext) -> ClientConnection:
 
 
 async def test_v1_header_gives_the_client_and_the_rest_reaches_the_core(
-    served: tuple[ProxyContext, ProxyProtocolServer, int],
+    served: tuple[ProxyContext, AcceptingServer, int],
 ) -> None:
     ctx, server, port = served
     _reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -75,7 +75,7 @@ async def test_v1_header_gives_the_client_and_the_rest_reaches_the_core(
     await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
 
 
-async def test_v2_header_split_byte_by_byte(served: tuple[ProxyContext, ProxyProtocolServer, int]) -> None:
+async def test_v2_header_split_byte_by_byte(served: tuple[ProxyContext, AcceptingServer, int]) -> None:
     ctx, _, port = served
     block = bytes([198, 51, 100, 4]) + bytes([127, 0, 0, 1]) + (5555).to_bytes(2, "big") + (443).to_bytes(2, "big")
     header = V2_SIGNATURE + bytes([0x21, 0x11]) + len(block).to_bytes(2, "big") + block
@@ -94,7 +94,7 @@ async def test_v2_header_split_byte_by_byte(served: tuple[ProxyContext, ProxyPro
     await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
 
 
-async def test_local_header_uses_the_peer(served: tuple[ProxyContext, ProxyProtocolServer, int]) -> None:
+async def test_local_header_uses_the_peer(served: tuple[ProxyContext, AcceptingServer, int]) -> None:
     ctx, _, port = served
     _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(V2_SIGNATURE + bytes([0x20, 0x00, 0x00, 0x00]) + HEAD_START)
@@ -110,7 +110,7 @@ async def test_local_header_uses_the_peer(served: tuple[ProxyContext, ProxyProto
     ids=["http-first", "garbage", "eof-mid-header", "eof-at-once"],
 )
 async def test_no_valid_header_closes_without_an_answer_and_releases(
-    served: tuple[ProxyContext, ProxyProtocolServer, int], data: bytes
+    served: tuple[ProxyContext, AcceptingServer, int], data: bytes
 ) -> None:
     ctx, server, port = served
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -162,7 +162,7 @@ async def test_close_stops_accepting_and_wait_closed_waits_for_preambles() -> No
 
 
 async def test_shutdown_answers_a_connection_past_its_header(
-    served: tuple[ProxyContext, ProxyProtocolServer, int],
+    served: tuple[ProxyContext, AcceptingServer, int],
 ) -> None:
     """Past the header it is an ordinary connection: SIGTERM's stop_in_flight answers its partial head."""
     ctx, _, port = served
@@ -225,7 +225,7 @@ async def test_out_of_descriptors_pauses_accepting_logs_once_and_recovers(caplog
     ctx = _ctx()
     plain = listening_socket("127.0.0.1", 0, backlog=16, reuse_port=False)
     sock = _ExhaustedSocket(fileno=plain.detach())
-    server = ProxyProtocolServer(ctx, sock, None)
+    server = AcceptingServer(ctx, sock, None)
     port = int(sock.getsockname()[1])
     try:
         with caplog.at_level(logging.ERROR, logger="lb.proxy.server"):
