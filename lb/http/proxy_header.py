@@ -35,6 +35,7 @@ V2_FIXED = 16  # signature, version/command, family/protocol, length
 # Cloud balancers add a few TLVs (AWS VPC endpoint id, Azure link id); 2 KiB leaves room for
 # those and for SSL TLVs while a hostile length (up to 64 KiB) is refused before it is buffered.
 MAX_V2_LENGTH = 2048
+PP2_TYPE_CRC32C = 0x03  # a TLV carrying the header's CRC32c, checked when present
 
 _V1_CHARS = frozenset(b"PROXYTCPUNKWN46 0123456789abcdefABCDEF.:\r")
 _DIGITS = frozenset(b"0123456789")
@@ -204,7 +205,9 @@ def _parse_v2(buf: bytes, max_length: int) -> ProxyHeader | None:
     family, size = known
     if length < size:
         raise BadProxyHeader(f"PROXY v2 address block of {length} bytes, {family} needs {size}")
-    tlvs = _tlvs(block, size)
+    tlvs, crc_at = _tlvs(block, size)
+    if crc_at is not None:
+        _check_crc32c(bytes(buf[:consumed]), V2_FIXED + crc_at)
     if family is Family.UNIX:
         return ProxyHeader(2, command, family, None, None, consumed, tlvs)
     half = (size - 4) // 2
@@ -213,6 +216,41 @@ def _parse_v2(buf: bytes, max_length: int) -> ProxyHeader | None:
     sport = int.from_bytes(block[2 * half : 2 * half + 2], "big")
     dport = int.from_bytes(block[2 * half + 2 : size], "big")
     return ProxyHeader(2, command, family, (_text(src), sport), (_text(dst), dport), consumed, tlvs)
+
+
+def _check_crc32c(header: bytes, at: int) -> None:
+    """The spec (§2.2.5): a receiver that supports PP2_TYPE_CRC32C computes the CRC32c of the whole
+    header with that TLV's value (4 bytes at `at`) zeroed, and drops the connection when it
+    differs: a header corrupted on its way would otherwise give a wrong client address."""
+    zeroed = header[:at] + bytes(4) + header[at + 4 :]
+    if crc32c(zeroed) != int.from_bytes(header[at : at + 4], "big"):
+        raise BadProxyHeader("PROXY v2 header fails its CRC32c checksum")
+
+
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli, reflected
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC32c (Castagnoli, RFC 4960 appendix B) of `data`.
+
+    By hand: the standard library has only zlib's CRC32, and a C package for a checksum of at
+    most `MAX_V2_LENGTH` bytes, only on headers that carry one, is not worth a dependency.
+    """
+    crc = 0xFFFFFFFF
+    table = _CRC32C
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
 
 
 def _v2_command(byte: int) -> Command:
@@ -225,9 +263,13 @@ def _v2_command(byte: int) -> Command:
     raise BadProxyHeader(f"unknown PROXY v2 command {byte & 0x0F}")
 
 
-def _tlvs(block: bytes, start: int) -> tuple[tuple[int, bytes], ...]:
-    """The TLVs after the addresses; a TLV running past the block is refused (as HAProxy does)."""
+def _tlvs(block: bytes, start: int) -> tuple[tuple[tuple[int, bytes], ...], int | None]:
+    """The TLVs after the addresses, and where in `block` a CRC32c TLV's value is (None: no such TLV).
+
+    A TLV running past the block is refused (as HAProxy does), and so is more than one CRC32c.
+    """
     out: list[tuple[int, bytes]] = []
+    crc_at = None
     index = start
     while index < len(block):
         if index + 3 > len(block):
@@ -235,6 +277,10 @@ def _tlvs(block: bytes, start: int) -> tuple[tuple[int, bytes], ...]:
         size = int.from_bytes(block[index + 1 : index + 3], "big")
         if index + 3 + size > len(block):
             raise BadProxyHeader("TLV longer than the PROXY v2 header")
+        if block[index] == PP2_TYPE_CRC32C:
+            if size != 4 or crc_at is not None:
+                raise BadProxyHeader("PROXY v2 header with a malformed or repeated CRC32c TLV")
+            crc_at = index + 3
         out.append((block[index], block[index + 3 : index + 3 + size]))
         index += 3 + size
-    return tuple(out)
+    return tuple(out), crc_at

@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 from lb.errors import BadProxyHeader
 from lb.http.proxy_header import (
     MAX_V2_LENGTH,
+    PP2_TYPE_CRC32C,
     V1_MAX,
     V2_SIGNATURE,
     Command,
     Family,
     ProxyHeader,
+    crc32c,
     parse_proxy_header,
 )
 
@@ -279,3 +281,38 @@ def test_more_bytes_never_change_an_answer(cut: int, which: str) -> None:
     if cut < len(raw):
         assert first is None
     assert parse_proxy_header(raw[:cut] + raw[cut:] + REQUEST) == expected
+
+
+def test_crc32c_is_castagnolis() -> None:
+    """The check value of CRC-32C (iSCSI, RFC 3720 B.4) and an empty input."""
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(b"") == 0
+
+
+def _with_crc(corrupt: bool = False) -> bytes:
+    """A v2 TCP4 header with a PP2_TYPE_CRC32C TLV, as HAProxy's `send-proxy-v2-options crc32c` sends it."""
+    block = ipaddress.IPv4Address("203.0.113.7").packed + ipaddress.IPv4Address("10.0.0.1").packed
+    block += struct.pack("!HH", 51234, 443) + bytes((PP2_TYPE_CRC32C, 0, 4)) + bytes(4)
+    zeroed = v2(1, 0x11, block)
+    header = zeroed[:-4] + struct.pack("!I", crc32c(zeroed))
+    return header[:16] + bytes((header[16] ^ 1,)) + header[17:] if corrupt else header  # a bit of the source
+
+
+def test_a_v2_header_with_a_right_crc32c_is_accepted() -> None:
+    header = parse_proxy_header(_with_crc())
+    assert header is not None and header.source == ("203.0.113.7", 51234)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _with_crc(corrupt=True),
+        v2(1, 0x11, bytes(12) + bytes((PP2_TYPE_CRC32C, 0, 2)) + bytes(2)),  # not 4 bytes
+        v2(1, 0x11, bytes(12) + (bytes((PP2_TYPE_CRC32C, 0, 4)) + bytes(4)) * 2),
+    ],
+    ids=["corrupted", "short", "repeated"],
+)
+def test_a_v2_header_failing_its_crc32c_is_refused(raw: bytes) -> None:
+    """A corrupted header would give a wrong client address: the connection is dropped (spec §2.2.5)."""
+    with pytest.raises(BadProxyHeader):
+        parse_proxy_header(raw)
