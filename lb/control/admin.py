@@ -160,6 +160,8 @@ def status_document(balancer: Balancer) -> dict[str, Any]:
     return {
         "pools": pools,
         "tunnels": balancer.live_tunnels(),
+        "client_connections": ctx.client_connections(),  # handshakes in flight + tunnels
+        "max_connections": ctx.config.limits.max_connections,
         "role": balancer.role.value,
         "listeners": [f"{host}:{port}" for host, port in balancer.listen_addresses],
         "accepting": ctx.accepting,

@@ -189,6 +189,7 @@ def stats_message(ctx: ProxyContext) -> dict[str, Any]:
         "tunnels_closed": stats.tunnels_closed,
         "balancer_closes": [[*key, count] for key, count in stats.balancer_closes.items()],
         "tunnels": len(ctx.tunnels),
+        "clients": ctx.client_connections(),
         "observations": ctx.observations.snapshot(),
     }
 
@@ -200,6 +201,7 @@ class _Totals:
     backends: Counter[tuple[str, str, int]] = field(default_factory=Counter)  # pool, id, counter index
     stats: Stats = field(default_factory=Stats)
     tunnels: int = 0
+    clients: int = 0  # client connections (handshakes in flight and tunnels): a gauge
     observations: Observations = field(default_factory=Observations)
 
     @classmethod
@@ -220,6 +222,7 @@ class _Totals:
         stats.tunnels_closed = int(report.get("tunnels_closed", 0))
         stats.balancer_closes.update({(c, w): int(n) for c, w, n in report.get("balancer_closes", [])})
         totals.tunnels = int(report.get("tunnels", 0))
+        totals.clients = int(report.get("clients", 0))
         totals.observations = Observations.from_snapshot(report.get("observations"))
         return totals
 
@@ -241,6 +244,7 @@ class _Totals:
         self.observations.merge(other.observations)
         if not counters_only:
             self.tunnels += other.tunnels
+            self.clients += other.clients
 
 
 class StatsAggregate:
@@ -277,6 +281,7 @@ class StatsAggregate:
                 b.connections, b.handshakes, b.affinity_hits, b.redispatches = (
                     total.backends[(pool.name, b.id, index)] for index in range(4)
                 )
+        total.stats.worker_clients = total.clients
         ctx.stats = total.stats
         ctx.observations.from_workers = total.observations
         return total.tunnels

@@ -59,6 +59,16 @@ class LbCollector(Collector):
                 reloads.add_metric([result], counts.get(result, 0))
             yield reloads
         yield from self._backends(ctx)
+        clients = GaugeMetricFamily(
+            "lb_client_connections",
+            "Client connections now (handshakes in flight, TLS and PROXY included, and live tunnels), "
+            "as limits.max_connections counts them.",
+        )
+        clients.add_metric([], ctx.client_connections())
+        yield clients
+        limit = GaugeMetricFamily("lb_client_connections_limit", "limits.max_connections: 503 beyond it.")
+        limit.add_metric([], ctx.config.limits.max_connections)
+        yield limit
         stats = ctx.stats
         handshakes = CounterMetricFamily(
             "lb_handshakes", "Handshakes and requests relayed, by backend and outcome.",

@@ -42,6 +42,8 @@ class Stats:
     tunnels_closed: int = 0
     # Tunnels the balancer ended: (cause, "close_frame" | "tcp") → count (lb_tunnel_closes_total).
     balancer_closes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # `workers: N`, in the owner: its workers' client connections now, summed (a gauge, not a counter).
+    worker_clients: int = 0
 
 
 @dataclass(slots=True)
@@ -64,6 +66,14 @@ class ProxyContext:
     observations: Observations = field(default_factory=Observations)
     # Set by the last tunnel to close while shutdown waits for them.
     all_tunnels_closed: asyncio.Event | None = None
+
+    def client_connections(self) -> int:
+        """Client connections now, as limits.max_connections counts them (lb_client_connections).
+
+        Handshakes in flight (TLS handshakes and PROXY headers included) and live tunnels; in
+        the owner of `workers: N`, its workers' as they last reported them.
+        """
+        return self.handshaking + len(self.tunnels) + self.stats.worker_clients
 
     def count_in(self, admitted: bool | None = None) -> bool:
         """Count a client connection in `handshaking` at its accept; whether it is within the limit.

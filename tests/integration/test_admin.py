@@ -29,6 +29,8 @@ METRIC_NAMES = (
     "lb_affinity_decisions_total",
     "lb_backend_up",
     "lb_bytes_relayed_total",
+    "lb_client_connections",
+    "lb_client_connections_limit",
 )
 
 
@@ -70,8 +72,14 @@ async def test_status_counts_open_tunnels(stack: Stack) -> None:
             ws, _ = await tunnels.enter_async_context(ws_connect(lb.ws_url(), cookie=first.cookie.value))
             assert (await recv_hello(ws))["server_id"] == first.server_id
             await assert_echo(ws, "counted")
-        during = find_backend(await status(lb), "gateways", first.server_id)["connections"]
+        document = await status(lb)
+        during = find_backend(document, "gateways", first.server_id)["connections"]
         assert during >= baseline + 3, (baseline, during)
+        # The whole balancer's count, against limits.max_connections (also lb_client_connections).
+        assert document["client_connections"] >= 3 and document["max_connections"] > 0, document
+        _, _, body = await http_get_async(lb.admin_url("/metrics"))
+        clients = re.search(rb"^lb_client_connections (\S+)$", body, re.MULTILINE)
+        assert clients is not None and float(clients.group(1)) >= 3, body[:2000]
     deadline = asyncio.get_running_loop().time() + 3 * UNIT
     while True:
         after = find_backend(await status(lb), "gateways", first.server_id)["connections"]

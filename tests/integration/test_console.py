@@ -474,4 +474,4 @@ def test_promtool_accepts_the_example_prometheus_config() -> None:
         timeout=60, check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 8 rules found" in done.stdout + done.stderr
+    assert "SUCCESS: 9 rules found" in done.stdout + done.stderr

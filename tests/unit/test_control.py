@@ -109,13 +109,14 @@ def test_split_limits_gives_each_worker_its_share() -> None:
     assert split_limits(_config(), 0, 1) == _config()
 
 
-def _report(handshakes: int, tunnels: int) -> dict[str, Any]:
+def _report(handshakes: int, tunnels: int, handshaking: int = 0) -> dict[str, Any]:
     return {
         "op": "stats",
         "backends": {"p": {"a": [tunnels, handshakes, 0, 0]}},
         "handshakes": [["p", "a", "ok", handshakes]],
         "tunnels_closed": handshakes - tunnels,
         "tunnels": tunnels,
+        "clients": tunnels + handshaking,
     }
 
 
@@ -148,6 +149,18 @@ def test_counters_stay_monotonic_across_a_worker_death_keyed_by_pid() -> None:
     assert ctx.pools["p"].backends["a"].connections == 2
     aggregate.compact(100)
     assert aggregate.apply_to(ctx) == 2 and ctx.stats.handshakes[("p", "a", "ok")] == 17
+
+
+def test_the_owner_shows_its_workers_client_connections_as_a_gauge() -> None:
+    """lb_client_connections of `workers: N`: each live worker's handshakes in flight and tunnels, summed."""
+    aggregate, ctx = StatsAggregate(), _ctx()
+    aggregate.update(100, _report(handshakes=10, tunnels=4, handshaking=3))
+    aggregate.update(200, _report(handshakes=5, tunnels=1, handshaking=2))
+    aggregate.apply_to(ctx)
+    assert ctx.client_connections() == 4 + 3 + 1 + 2
+    aggregate.retire(100)  # a dead worker's connections are gone
+    aggregate.apply_to(ctx)
+    assert ctx.client_connections() == 1 + 2
 
 
 @pytest.mark.parametrize(
