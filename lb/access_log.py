@@ -121,30 +121,37 @@ def log_tunnel_ended(
 
 
 class RateLimitSummary:
-    """429 answers, summarised: one line per `interval` instead of one per refusal.
+    """Refusals a flood repeats, summarised: one line per `interval` instead of one per refusal.
 
-    A client hammering the handshake rate limit would otherwise turn every refusal
-    into a log line (a log flood is a second denial of service).  The first 429 of a
-    quiet spell is logged as it happens; the ones after it are counted and reported
-    in one `rate_limited` line once `interval` has passed (at the next 429).  The
-    count of every 429 is also in lb_rejected_requests_total{status="429"}.
+    A client hammering the handshake rate limit (429), or a storm beyond
+    limits.max_connections (503), would otherwise turn every refusal into a log line
+    (a log flood is a second denial of service).  The first refusal of a quiet spell
+    is logged as it happens; the ones after it are counted and reported in one
+    `event` line once `interval` has passed (at the next refusal).  The count of
+    every refusal is also in lb_rejected_requests_total{status}.
     """
 
     MAX_ADDRESSES = 1024  # distinct addresses remembered per interval; past that only counted
 
-    def __init__(self, interval: float = 10.0) -> None:
+    def __init__(
+        self, interval: float = 10.0, *, status: int = 429, reason: str = "handshake_rate_limited",
+        event: str = "rate_limited",
+    ) -> None:
         self.interval = interval
+        self.status = status
+        self.reason = reason
+        self.event = event
         self._since: float | None = None
         self._count = 0
         self._addresses: dict[str, int] = {}
 
     def note(self, client: str, now: float, request_id: str) -> None:
-        """One 429 to `client` at `now` (any monotonic-enough clock, the caller's)."""
+        """One refusal to `client` at `now` (any monotonic-enough clock, the caller's)."""
         if self._since is None or now - self._since >= self.interval:
             self._flush(now)
             self._since = now
-            log_request(client=client, status=429, reason="handshake_rate_limited", request_id=request_id,
-                        note=f"further 429s summarised every {self.interval:g}s")
+            log_request(client=client, status=self.status, reason=self.reason, request_id=request_id,
+                        note=f"further {self.status}s summarised every {self.interval:g}s")
             return
         self._count += 1
         if client in self._addresses or len(self._addresses) < self.MAX_ADDRESSES:
@@ -156,7 +163,7 @@ class RateLimitSummary:
             self._addresses.clear()
             return
         top = max(self._addresses.items(), key=lambda item: item[1]) if self._addresses else ("-", 0)
-        _emit("rate_limited", {
+        _emit(self.event, {
             "count": self._count, "addresses": len(self._addresses), "top_client": top[0],
             "top_count": top[1], "seconds": round(now - self._since, 3),
         })

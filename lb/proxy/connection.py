@@ -49,7 +49,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lb.access_log import log_answered, log_request
+from lb.access_log import RateLimitSummary, log_answered, log_request
 from lb.affinity.balancing import HASHED_METHODS
 from lb.affinity.carriers import (
     TokenLookup,
@@ -369,7 +369,7 @@ class Connection:
         `admitted`: within limits.max_connections when it was accepted; else a 503 now.
         """
         if not admitted:
-            return self._refuse(NoHealthyBackend("too many connections"), now)
+            return self._refuse(NoHealthyBackend("too many connections"), now, self._ctx.over_limit_log)
         return [SetTimer(now + self._config.timeouts.handshake)]
 
     def receive_client(self, data: bytes, now: float) -> list[Action]:
@@ -959,14 +959,19 @@ class Connection:
         self._backend_blocked_at = None  # that connection's full buffer goes with it
         return [_CLOSE_BACKEND]
 
-    def _refuse(self, exc: RequestRejected, now: float) -> list[Action]:
-        """Answer with our own error and close; the log line says why, the body only the status."""
+    def _refuse(self, exc: RequestRejected, now: float, summary: RateLimitSummary | None = None) -> list[Action]:
+        """Answer with our own error and close; the log line says why, the body only the status.
+
+        `summary`: a refusal a flood repeats, logged one line per interval (429s always are).
+        """
         if self._rid == "-":
             self._rid = new_request_id()
         self._ctx.stats.rejected[exc.status] += 1
         request = self._request
-        if exc.status == 429:
-            self._ctx.rate_limited_log.note(self._client_ip, now, self._rid)
+        if summary is None and exc.status == 429:
+            summary = self._ctx.rate_limited_log
+        if summary is not None:
+            summary.note(self._client_ip, now, self._rid)
         else:
             log_request(
                 client=self._client_ip,

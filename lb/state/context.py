@@ -58,6 +58,10 @@ class ProxyContext:
     tunnels: set[Tunnel] = field(default_factory=set)
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
     rate_limited_log: RateLimitSummary = field(default_factory=RateLimitSummary)  # 429s: a line per interval
+    # 503s beyond limits.max_connections: a storm of them is one line per interval too.
+    over_limit_log: RateLimitSummary = field(default_factory=lambda: RateLimitSummary(
+        status=503, reason="too_many_connections", event="over_max_connections"
+    ))
     handshaking: int = 0  # client connections not (yet) handed to a tunnel
     # The same connections, so that stop() can answer each one (503, or let it complete).
     in_flight: set[ClientConnection] = field(default_factory=set)

@@ -36,6 +36,19 @@ def test_a_flood_of_429s_is_one_line_then_one_summary_per_interval(caplog: pytes
     assert "request_id=last" in logged[2]
 
 
+def test_a_storm_beyond_max_connections_is_summarised_the_same_way(caplog: pytest.LogCaptureFixture) -> None:
+    summary = RateLimitSummary(interval=10.0, status=503, reason="too_many_connections", event="over_max_connections")
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        for i in range(300):
+            summary.note(f"198.51.100.{i % 7}", 100.0 + i / 100, f"r{i}")
+        summary.note("198.51.100.9", 111.0, "last")
+    logged = lines(caplog)
+    assert len(logged) == 3
+    assert "status=503 reason=too_many_connections request_id=r0" in logged[0]
+    assert logged[1].startswith("event=over_max_connections count=299 addresses=7 ")
+    assert "status=503" in logged[2] and "request_id=last" in logged[2]
+
+
 def test_addresses_remembered_are_bounded() -> None:
     """A flood from many addresses counts them all but remembers at most MAX_ADDRESSES."""
     summary = RateLimitSummary(interval=1e9)
