@@ -70,7 +70,7 @@ from lb.http.routing import sort_routes
 from lb.log import setup_logging
 from lb.proxy.preamble import AcceptingServer, listening_socket
 from lb.proxy.server import abort_in_flight, client_factory, install_accept_error_filter, stop_in_flight
-from lb.proxy.tunnel import CLOSE_LINGER
+from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY
 from lb.state.context import ProxyContext
 from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange
 from lb.state.ratelimit import RateLimiter
@@ -78,7 +78,6 @@ from lb.tls import server_ssl_context
 
 log = logging.getLogger(__name__)
 
-GOING_AWAY = 1001  # RFC 6455 §7.4.1: the server is going down
 # After the grace period, how long the last clients told 1001 may take to answer before TCP close.
 LAST_CLOSE_ANSWER = 0.25
 EXIT_BIND = 2  # SPEC part 2: `lb run` with a port in use exits 2
@@ -598,7 +597,11 @@ class Balancer:
         if self._supervisor is not None:
             # Each worker runs the same delay and spread for its own tunnels.
             log.info("shutting down: /readyz answers 503; stopping the workers")
-            await self._supervisor.stop(timeouts.shutdown_delay + timeouts.shutdown_grace + CLOSE_LINGER + 5.0)
+            await self._supervisor.stop(
+                timeouts.shutdown_delay
+                + max(timeouts.shutdown_grace + CLOSE_LINGER, timeouts.backend_connect + 1.0)
+                + 5.0
+            )
         elif timeouts.shutdown_delay > 0:
             log.info("shutting down: /readyz answers 503; still serving for %gs", timeouts.shutdown_delay)
             await asyncio.sleep(timeouts.shutdown_delay)
@@ -611,7 +614,9 @@ class Balancer:
         # connection waiting out its handshake deadline must not hold up the spread.
         handshakes = asyncio.get_running_loop().create_task(stop_in_flight(
             self.ctx,
-            max(timeouts.handshake, timeouts.backend_connect) + 1.0,
+            # As long as the tunnels get (or a backend's time to answer, if longer): a client that opened a
+            # TLS connection and sent nothing must not hold the stop past what deployments budget for it.
+            max(timeouts.shutdown_grace, timeouts.backend_connect + 1.0),
             pending=lambda: sum(getattr(listening.server, "pending", 0) for listening in self._listening),
             streaming_within=timeouts.shutdown_grace,
         ))
@@ -620,7 +625,8 @@ class Balancer:
         await self._close_tunnels_spread(timeouts.shutdown_grace)
         await handshakes
         if self.ctx.tunnels:
-            await self._close_tunnels_spread(0.0)  # upgrades that completed during the spread: 1001 now
+            # Upgrades that completed during the spread (each sent its 1001 as it joined): a last wait.
+            await self._close_tunnels_spread(0.0)
         abort_in_flight(self.ctx)  # answers still streaming: cut, and logged
         await self._stop_health_checks()
         await self.discovery.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from lb.config.model import SameSite
+from lb.http.head import ResponseHead
 
 
 def _pairs(header_value: str) -> list[tuple[str, str]]:
@@ -72,13 +73,18 @@ def _attributes(header_value: str) -> list[tuple[str, str]]:
     return attributes
 
 
+# More Max-Age digits than this are "a very long time" (int() of 4,300 digits raises in CPython).
+_MAX_AGE_DIGITS = 12
+
+
 def _max_age(attributes: list[tuple[str, str]]) -> int | None:
     """The Max-Age a browser reads (the last valid one, RFC 6265 §5.2.2), or None."""
     found = None
     for attribute, value in attributes:
         digits = value[1:] if value[:1] == "-" else value
         if attribute == "max-age" and digits.isascii() and digits.isdigit():
-            found = int(value)
+            magnitude = int(digits[-_MAX_AGE_DIGITS:]) if len(digits.lstrip("0")) <= _MAX_AGE_DIGITS else 10**12
+            found = -magnitude if value[:1] == "-" else magnitude
     return found
 
 
@@ -95,13 +101,12 @@ _STRICTNESS = {SameSite.NONE: 0, SameSite.LAX: 1, SameSite.STRICT: 2}
 
 
 def _stricter(same_site: SameSite, attributes: list[tuple[str, str]]) -> SameSite:
-    """`same_site`, or the backend's own SameSite when that one is stricter."""
+    """`same_site`, or the backend's own SameSite (the last valid one, as browsers read it) if stricter."""
+    own = None
     for attribute, value in attributes:
         if attribute == "samesite":
-            own = next((member for member in SameSite if member.value.lower() == value.lower()), None)
-            if own is not None and _STRICTNESS[own] > _STRICTNESS[same_site]:
-                return own
-    return same_site
+            own = next((member for member in SameSite if member.value.lower() == value.lower()), own)
+    return own if own is not None and _STRICTNESS[own] > _STRICTNESS[same_site] else same_site
 
 
 # Attributes the rewritten cookie states itself (below); any other a backend sets is kept.
@@ -142,6 +147,11 @@ def reissue_set_cookie(
         if part.strip() and part.partition("=")[0].strip().lower() not in _RESTATED:
             parts.append(part.strip())
     return "; ".join(parts)
+
+
+def sets_cookie(response: ResponseHead, name: str) -> bool:
+    """Whether any Set-Cookie of `response` is about cookie `name` (a value or a deletion)."""
+    return any(set_cookie_value(value, name) is not None for value in response.head.get_all("set-cookie"))
 
 
 def set_cookie_value(header_value: str, name: str) -> str | None:

@@ -72,7 +72,7 @@ from lb.errors import (
     TooManyRequests,
 )
 from lb.http.client_address import IPAddress, TrustedProxies, chain_through, client_behind, parse_address
-from lb.http.cookies import render_set_cookie
+from lb.http.cookies import render_set_cookie, sets_cookie
 from lb.http.forwarding import render_client_response, render_forwarded_request, render_interim, render_refusal
 from lb.http.framing import BodyFramer, request_framer, response_framer
 from lb.http.head import (
@@ -1037,6 +1037,13 @@ class Connection:
             )
 
         secure = affinity.secure is SecureMode.ALWAYS or (affinity.secure is SecureMode.AUTO and self._tls)
+
+        def our_cookie(token: str) -> str:
+            return render_set_cookie(
+                affinity.cookie, token, max_age=int(affinity.max_age), same_site=affinity.same_site,
+                http_only=affinity.http_only, secure=secure,
+            )
+
         if affinity.mode is AffinityMode.REWRITE and not (
             pool.config.balance in HASHED_METHODS and not pool.config.sticky
         ):
@@ -1045,16 +1052,13 @@ class Connection:
             )
             set_cookies = []
             if (
-                token is None and decision.issue_cookie and decision.reason == "hit"
-                and claim is not None and claim.app_value is not None
+                decision.issue_cookie and decision.reason == "hit" and claim is not None
+                and claim.app_value is not None and not sets_cookie(response, affinity.cookie)
             ):
-                # Past half its life, and the backend set nothing new: the same value sealed again,
-                # so an active client keeps its backend and its session beyond max_age.
+                # Past half its life, and the backend said nothing of its cookie (a value, a deletion):
+                # the same value sealed again, so an active client keeps its backend and session.
                 token = join_pins(lookup.others, seal(claim.app_value))
-                set_cookies.append(render_set_cookie(
-                    affinity.cookie, token, max_age=int(affinity.max_age), same_site=affinity.same_site,
-                    http_only=affinity.http_only, secure=secure,
-                ))
+                set_cookies.append(our_cookie(token))
             extra = [(affinity.header, token)] if token else []
             return render_client_response(
                 response,
@@ -1069,18 +1073,10 @@ class Connection:
                 response, switching=switching, set_cookies=[], extra=[], keep_alive=keep_alive
             )
         token = join_pins(lookup.others, seal(None))
-        cookie = render_set_cookie(
-            affinity.cookie,
-            token,
-            max_age=int(affinity.max_age),
-            same_site=affinity.same_site,
-            http_only=affinity.http_only,
-            secure=secure,
-        )
         return render_client_response(
             response,
             switching=switching,
-            set_cookies=[cookie],
+            set_cookies=[our_cookie(token)],
             extra=[(affinity.header, token)],
             keep_alive=keep_alive,
         )

@@ -190,7 +190,8 @@ class AcceptingServer:
                     continue
                 # Out of descriptors or buffers, or anything else (not expected on a listening
                 # socket): pause rather than spin on it.
-                where = "" if exc.errno in LOCAL_ERRNOS else " on a PROXY-protocol listener"
+                kind = "PROXY-protocol" if self._proxy_protocol else "TLS"
+                where = "" if exc.errno in LOCAL_ERRNOS else f" on a {kind} listener"
                 accept_errors.report(exc, "accept connections" + where)
                 self._loop.remove_reader(sock.fileno())
                 self._resume = self._loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)

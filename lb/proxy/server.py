@@ -7,7 +7,7 @@ No task and no `asyncio.timeout` per request; the backend connect is the one
 coroutine (`loop.create_connection`), watched by a done-callback.  TLS
 listeners accept themselves (`lb.proxy.preamble.AcceptingServer`, with
 `ssl_handshake_timeout`); the protocol is built before the handshake, and
-`_PendingTls` counts it in `ctx.handshaking` from then on until the handshake
+`_EarlyCount` counts it in `ctx.handshaking` from then on until the handshake
 completes or fails, so that a TLS connection is counted and held to
 `timeouts.handshake` from accept on, like any other.  Whether a connection is within
 `limits.max_connections` is decided at accept too (`ProxyContext.count_in`),
@@ -47,7 +47,7 @@ from lb.proxy.connection import (
     SetTimer,
 )
 from lb.proxy.connection import Action as Action
-from lb.proxy.tunnel import Tunnel
+from lb.proxy.tunnel import GOING_AWAY, Tunnel
 from lb.state.context import ProxyContext
 from lb.state.observations import error_kind
 
@@ -122,11 +122,13 @@ class _Upstream(asyncio.Protocol):
             owner.drive(owner.core.backend_blocked, False, time.time())
 
 
-class _PendingTls:
-    """A TLS connection counted in ctx.handshaking from accept, before its handshake is done.
+class _EarlyCount:
+    """A connection counted in ctx.handshaking before its protocol's connection_made.
 
-    Released exactly once: handed over when the handshake completes (connection_made), or
-    released when it fails or times out (`ClientConnection.handshake_failed`, called by
+    From accept for a TLS connection (its handshake comes first), or from the hand-over of
+    a PROXY preamble's count (no moment uncounted, when another accept could slip in).
+    Released exactly once: handed over at connection_made, or released when the TLS
+    handshake fails or times out (`ClientConnection.handshake_failed`, called by
     `lb.proxy.preamble.AcceptingServer`, which holds each handshake as a task).
     """
 
@@ -151,13 +153,12 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = (
         "_accepted",
-        "_admitted",
         "_client",
         "_connecting",
         "_ctx",
+        "_early",
         "_loop",
         "_paused",
-        "_pending_tls",
         "_timer",
         "_timer_armed",
         "_timer_at",
@@ -188,13 +189,12 @@ class ClientConnection(asyncio.Protocol):
         self._loop = loop or asyncio.get_running_loop()
         self._accepted = accepted or 0.0
         self._client = client
-        self._pending_tls: _PendingTls | None = None
-        self._admitted = admitted
-        if tls:
-            # Called at accept, before the TLS handshake (asyncio and uvloop alike): count the
-            # connection from here, and start its timeouts.handshake from here.
+        self._early: _EarlyCount | None = None
+        if tls or admitted is not None:
+            # Made at accept, before the TLS handshake (asyncio and uvloop alike), or by a PROXY
+            # preamble handing its count over: count the connection from here (and time it from accept).
             self._accepted = accepted or time.time()
-            self._pending_tls = _PendingTls(ctx, admitted)
+            self._early = _EarlyCount(ctx, admitted)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None  # the deadline the core asked for (wall clock)
@@ -214,21 +214,22 @@ class ClientConnection(asyncio.Protocol):
         ctx = self._ctx
         client = self._client or transport.get_extra_info("peername") or ("-", 0)
         self.core = Connection(ctx, client_ip=client[0], client_port=client[1], tls=self._tls)
-        pending = self._pending_tls
+        pending = self._early
         if pending is not None:
             pending.hand_over()  # counted since accept: _end releases it from now on
-            self._pending_tls = None
+            self._early = None
             admitted = pending.admitted
         else:
-            admitted = ctx.count_in(self._admitted)
+            admitted = ctx.count_in()
         ctx.in_flight.add(self)
         self.drive(self.core.start, self._accepted or time.time(), admitted)
 
     def handshake_failed(self) -> None:
-        """The TLS handshake failed or timed out: this connection never started, and counts no longer."""
-        if self._pending_tls is not None:
-            self._pending_tls.release()
-            self._pending_tls = None
+        """The TLS handshake failed or timed out (or the transport could not be made): this connection
+        never started, and counts no longer."""
+        if self._early is not None:
+            self._early.release()
+            self._early = None
 
     def data_received(self, data: bytes) -> None:
         self.drive(self.core.receive_client, data, time.time())
@@ -416,7 +417,7 @@ class ClientConnection(asyncio.Protocol):
         self._upstream = None
         self._connecting = None
         self._end()
-        Tunnel.join(
+        tunnel = Tunnel.join(
             self._ctx,
             action.backend,
             client,
@@ -432,6 +433,10 @@ class ClientConnection(asyncio.Protocol):
             client_full=self.client_full,
             server_full=bool(self._paused & _BACKEND_FULL),
         )
+        if not self._ctx.accepting:
+            # A handshake that was at its backend when SIGTERM came completes, then closes: its
+            # tunnel missed the shutdown's spread of 1001s, so it gets its own now.
+            tunnel.close_gracefully(GOING_AWAY, "balancer shutting down", cause="shutdown")
 
     def _end(self) -> None:
         """This connection no longer counts as a handshake in progress (once)."""

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 CLOSE_LINGER = 2.0  # seconds a tunnel may stay open after we sent the client a close frame
 CLOSE_DEADLINE = 2.0  # seconds a close frame may wait for a frame boundary before TCP is cut
 SERVICE_RESTART = 1012  # IANA close code registry: the service is restarting; reconnect
+GOING_AWAY = 1001  # RFC 6455 §7.4.1: the server is going down
 OP_CLOSE = 0x8  # RFC 6455 §5.5.1
 
 

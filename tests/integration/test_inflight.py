@@ -275,7 +275,7 @@ async def test_sigterm_answers_a_tls_handshake_still_in_progress(
 
 
 async def test_sigterm_lets_a_streaming_answer_finish_within_the_grace(launcher: Launcher) -> None:
-    """An answer still streaming at SIGTERM gets `shutdown_grace`, like a tunnel; cut after it, and logged."""
+    """An answer still streaming at SIGTERM gets `shutdown_grace`, like a tunnel (not only backend_connect)."""
     slow = RecordingBackend(
         "slow-1", answer=b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n", drip=(b"x" * 8, 0.4)
     )
@@ -296,3 +296,71 @@ async def test_sigterm_lets_a_streaming_answer_finish_within_the_grace(launcher:
         assert lb.proc.wait(timeout=10 * UNIT) == 0
     finally:
         slow.close()
+
+
+async def test_sigterm_cuts_a_streaming_answer_at_the_end_of_the_grace_and_says_so(launcher: Launcher) -> None:
+    slow = RecordingBackend(
+        "slow-1", answer=b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n", drip=(b"x" * 8, 0.5)
+    )
+    try:
+        lb = launcher.balancer(lb_config(
+            pools={"p": [slow]}, health=TCP_HEALTH, overrides={"timeouts": {"shutdown_grace": "1s"}}
+        ))
+        assert lb.port is not None and lb.proc is not None
+        reader, writer = await open_raw(lb.port)
+        try:
+            writer.write(b"GET /download HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)
+            lb.proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            body = await wait_closed_by_peer(reader, within=5 * UNIT)
+            assert len(body) < 8 and time.monotonic() - sent < 3 * UNIT, (body, time.monotonic() - sent)
+        finally:
+            await close_raw(writer)
+        assert lb.proc.wait(timeout=10 * UNIT) == 0
+        assert "closing 1 answer(s) still streaming to their clients at the end of shutdown" in lb.log_text()
+    finally:
+        slow.close()
+
+
+async def test_an_upgrade_completing_after_sigterm_gets_its_101_then_a_1001_at_once(launcher: Launcher) -> None:
+    """The tunnels' 1001s are spread from SIGTERM on; a handshake that was at its backend then joins
+    later, so it gets its own 1001 as it joins, not a bare TCP close at the end of the grace."""
+    switch = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"  # for the RFC 6455 example key below
+    )
+    gateway = RecordingBackend("ws-1", answer=switch, delay=1.0)
+    try:
+        lb = launcher.balancer(lb_config(
+            pools={"p": [gateway]}, health=TCP_HEALTH, overrides={"timeouts": {"shutdown_grace": "5s"}}
+        ))
+        assert lb.port is not None and lb.proc is not None
+        upgrade = (
+            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        # A live tunnel whose client never answers its 1001: the spread then lasts the whole grace.
+        live_r, live_w = await open_raw(lb.port)
+        live_w.write(upgrade)
+        assert (await read_response(live_r, within=5 * UNIT)).status == 101
+        reader, writer = await open_raw(lb.port)
+        try:
+            writer.write(upgrade)
+            deadline = time.monotonic() + 5 * UNIT
+            while len(gateway.requests()) < 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            lb.proc.send_signal(signal.SIGTERM)
+            head = await read_response(reader, within=5 * UNIT)
+            assert head.status == 101
+            switched = time.monotonic()
+            close = await asyncio.wait_for(reader.readexactly(4), 2 * UNIT)
+            assert close[0] == 0x88 and int.from_bytes(close[2:4], "big") == 1001, close
+            assert time.monotonic() - switched < 1.5 * UNIT, "the 1001 waited for the end of the grace"
+        finally:
+            await close_raw(writer)
+            await close_raw(live_w)
+        assert lb.proc.wait(timeout=15 * UNIT) == 0
+    finally:
+        gateway.close()

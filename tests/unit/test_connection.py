@@ -260,6 +260,7 @@ def test_head_must_arrive_within_the_handshake_timeout() -> None:
 
 
 def test_over_max_connections_is_503_with_retry_after() -> None:
+    """A connection the shell found over the limit at accept: 503 with Retry-After, no backend opened."""
     play = Play(CONFIG.replace("limits: {", "limits: {max_connections: 1, "))
     again = Connection(play.ctx, client_ip="192.0.2.8", tls=False)
     play.to_client.clear()
@@ -273,8 +274,9 @@ def test_over_max_connections_is_503_with_retry_after() -> None:
 @settings(max_examples=100, deadline=None)
 @given(limit=st.integers(1, 60), burst=st.integers(0, 200), tunnels=st.integers(0, 70))
 def test_a_burst_is_admitted_in_accept_order_up_to_the_limit(limit: int, burst: int, tunnels: int) -> None:
-    """Admission is decided at accept: however late each TLS handshake (or PROXY header) completes,
-    the first `limit - tunnels` of a burst are served and only the rest get 503."""
+    """The rule the shell applies at each accept (ctx.count_in): in accept order, the first
+    `limit - tunnels` of a burst are admitted and only the rest get 503 (carried to `start`, however
+    late a TLS handshake completes: tests/integration/test_inflight.py holds that end to end)."""
     play = Play(CONFIG.replace("limits: {", f"limits: {{max_connections: {limit}, "))
     play.ctx.handshaking = 0
     play.ctx.tunnels = {object() for _ in range(tunnels)}  # type: ignore[misc]
@@ -1105,6 +1107,25 @@ def test_rewrite_mode_reissues_the_backends_value_past_half_the_tokens_life(age:
     assert fresh != token
     claim = later.ctx.codec.open(fresh, T0 + age + 99)  # a full max_age from now: still opens
     assert (claim.backend_id, claim.app_value) == ("a1", "abc")
+
+
+@pytest.mark.parametrize(
+    "set_cookie", ["SID=; Max-Age=0; Path=/", "SID=" + "v" * 4000 + "; Path=/"], ids=["logout", "too-large"]
+)
+def test_rewrite_mode_never_reissues_over_what_the_backend_said_of_its_cookie(set_cookie: str) -> None:
+    """Past half the token's life, a backend that deletes its cookie (a logout) or sets one too large to
+    seal has the last word: sealing the old value again after its line would undo it in the browser."""
+    first = Play(REWRITE_CONFIG)
+    first.client(upgrade())
+    first.connected()
+    first.backend(SWITCH_SETTING_SID)
+    token = _rewrite_token(first)
+    later = Play(REWRITE_CONFIG, now=T0 + 60)
+    later.client(upgrade().replace(b"\r\n\r\n", f"\r\nCookie: SID={token}\r\n\r\n".encode()))
+    later.connected()
+    later.backend(SWITCH[:-2] + f"Set-Cookie: {set_cookie}\r\n\r\n".encode())
+    head = bytes(later.to_client).partition(b"\r\n\r\n")[0].decode()
+    assert [line for line in head.split("\r\n") if line.startswith("Set-Cookie:")] == [f"Set-Cookie: {set_cookie}"]
 
 
 def test_a_token_never_expires_before_max_age_whatever_the_fraction_of_its_issue_second() -> None:

@@ -236,7 +236,26 @@ def test_a_reissued_cookie_states_each_setting_once_whatever_the_backend_wrote(
 @pytest.mark.parametrize(
     ("header", "deletion"),
     [("SID=", True), ("SID=; Path=/", True), ("SID=v; Max-Age=0", True), ("SID=v; max-age=-5", True),
-     ("SID=v; Max-Age=0; Max-Age=10", False), ("SID=v; Max-Age=x", False), ("SID=v", False)],
+     ("SID=v; Max-Age=0; Max-Age=10", False), ("SID=v; Max-Age=x", False), ("SID=v", False),
+     ("SID=v; Max-Age=" + "9" * 5000, False), ("SID=v; Max-Age=-" + "9" * 5000, True),
+     ("SID=v; Max-Age=" + "0" * 5000, True)],
 )
 def test_a_deletion_is_an_empty_value_or_a_max_age_of_zero_or_less(header: str, deletion: bool) -> None:
     assert deletes(header) is deletion
+
+
+def test_a_huge_max_age_is_a_long_life_not_an_error() -> None:
+    """int() refuses 4,300 digits and more: a backend's Max-Age must not fail the handshake."""
+    out = reissue_set_cookie(
+        "SID=v; Max-Age=" + "9" * 5000, "T", max_age=60, same_site=SameSite.LAX, http_only=False, secure=False
+    )
+    assert out == "SID=T; Path=/; Max-Age=60; SameSite=Lax"
+
+
+def test_the_backends_last_samesite_is_the_one_compared() -> None:
+    """Browsers read the last SameSite attribute: `Strict; None` is None, so the configured Lax stands."""
+    out = reissue_set_cookie(
+        "SID=v; SameSite=Strict; SameSite=None", "T", max_age=60, same_site=SameSite.LAX, http_only=False,
+        secure=True,
+    )
+    assert "SameSite=Lax" in out and "Strict" not in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 
 import aiohttp
@@ -9,7 +10,7 @@ import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
 from lb.config.model import BackendConfig, PoolConfig
-from lb.control.health import requested_state
+from lb.control.health import HealthChecker, ProbeResult, requested_state
 from lb.errors import local_exhaustion
 from lb.state.pool import AdminAction, BackendState, PoolState
 
@@ -78,3 +79,33 @@ def test_a_check_that_failed_for_our_own_shortage_is_not_the_backends(error: OSE
         raise RuntimeError("probe failed") from wrapped
     except RuntimeError as chained:
         assert local_exhaustion(chained) is local
+
+
+async def test_a_probe_loop_keeps_every_state_while_checks_cannot_be_made() -> None:
+    """`fall: 1`, and every check fails for want of our own descriptors: the backend stays up."""
+    from lb.config.model import HealthCheckConfig
+
+    config = PoolConfig(
+        name="p", backends=(BackendConfig("gw-1", "127.0.0.1", 9001),),
+        health_check=HealthCheckConfig(interval=0.01, fall=1, rise=1),
+    )
+    state = PoolState(config=config)
+    changes: list[object] = []
+    checker = HealthChecker(state, changes.append)
+    calls = 0
+    five = asyncio.Event()
+
+    async def short_of_descriptors(backend: object) -> ProbeResult:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            five.set()
+        return ProbeResult(False, "Too many open files", local=True)
+
+    checker.check = short_of_descriptors  # type: ignore[method-assign]
+    checker.retarget(state)
+    try:
+        await asyncio.wait_for(five.wait(), 5)
+    finally:
+        await checker.stop()
+    assert state.backends["gw-1"].state is BackendState.UP and changes == []

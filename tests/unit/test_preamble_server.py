@@ -38,9 +38,11 @@ def _ctx(handshake: str = "5s", tls: str = "") -> ProxyContext:
     return ProxyContext.build(parse_config(text, base_dir=Path("."), environ={}), lambda *_: None)
 
 
-async def _server(ctx: ProxyContext, ssl_context: ssl.SSLContext | None = None) -> tuple[AcceptingServer, int]:
+async def _server(
+    ctx: ProxyContext, ssl_context: ssl.SSLContext | None = None, *, proxy_protocol: bool = True
+) -> tuple[AcceptingServer, int]:
     sock = listening_socket("127.0.0.1", 0, backlog=16, reuse_port=False)
-    return AcceptingServer(ctx, sock, ssl_context), int(sock.getsockname()[1])
+    return AcceptingServer(ctx, sock, ssl_context, proxy_protocol=proxy_protocol), int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -205,6 +207,37 @@ async def test_tls_after_the_header_and_a_failed_handshake_releases(tmp_path: Pa
         assert not answer.startswith(b"HTTP/"), answer
         bad_w.close()
         await _wait(lambda: ctx.handshaking == 0 and server.pending == 0 and not ctx.in_flight, within=4.0)
+    finally:
+        server.close()
+
+
+async def test_a_tls_listener_counts_from_accept_and_a_failed_handshake_frees_the_slot_at_once(
+    tmp_path: Path,
+) -> None:
+    """Every TLS listener is an AcceptingServer without a header: the handshake is a task it holds, so
+    a client that sends garbage (or leaves) stops counting against max_connections when it ends, on
+    any loop, not when the garbage collector finds its protocol."""
+    certs = write_dev_certs(tmp_path, ["127.0.0.1"])
+    tls = f'{{cert: "{certs.server_cert}", key: "{certs.server_key}"}}'
+    ctx = _ctx("5s", tls=f'listeners: [{{bind: "127.0.0.1:8443", tls: {tls}}}]')
+    assert ctx.config.listeners[0].tls is not None
+    server, port = await _server(ctx, server_ssl_context(ctx.config.listeners[0].tls), proxy_protocol=False)
+    try:
+        silent_r, silent_w = await asyncio.open_connection("127.0.0.1", port)
+        await _wait(lambda: ctx.handshaking == 1 and server.pending == 1)  # counted from accept
+        silent_w.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")  # not TLS: the handshake fails
+        with contextlib.suppress(ConnectionResetError):
+            assert not (await asyncio.wait_for(silent_r.read(), 3)).startswith(b"HTTP/")
+        silent_w.close()
+        await _wait(lambda: ctx.handshaking == 0 and server.pending == 0, within=1.0)  # well before 5 s
+        # A good one reaches the core in plaintext, timed from accept.
+        client = ssl.create_default_context(cafile=str(certs.ca_cert))
+        _good_r, good_w = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="127.0.0.1")
+        good_w.write(HEAD_START)
+        await _wait(lambda: len(ctx.in_flight) == 1 and bytes(_only_connection(ctx).core._buf) == HEAD_START)
+        assert ctx.handshaking == 1 and server.pending == 0
+        good_w.close()
+        await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
     finally:
         server.close()
 
