@@ -187,6 +187,7 @@ def stats_message(ctx: ProxyContext) -> dict[str, Any]:
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
         "tunnels_closed": stats.tunnels_closed,
+        "tls_failures": stats.tls_failures,
         "balancer_closes": [[*key, count] for key, count in stats.balancer_closes.items()],
         "tunnels": len(ctx.tunnels),
         "clients": ctx.client_connections(),
@@ -220,6 +221,7 @@ class _Totals:
         stats.closed_bytes_in = int(report.get("bytes_in", 0))
         stats.closed_bytes_out = int(report.get("bytes_out", 0))
         stats.tunnels_closed = int(report.get("tunnels_closed", 0))
+        stats.tls_failures = int(report.get("tls_failures", 0))
         stats.balancer_closes.update({(c, w): int(n) for c, w, n in report.get("balancer_closes", [])})
         totals.tunnels = int(report.get("tunnels", 0))
         totals.clients = int(report.get("clients", 0))
@@ -240,6 +242,7 @@ class _Totals:
         mine.closed_bytes_in += theirs.closed_bytes_in
         mine.closed_bytes_out += theirs.closed_bytes_out
         mine.tunnels_closed += theirs.tunnels_closed
+        mine.tls_failures += theirs.tls_failures
         mine.balancer_closes.update(theirs.balancer_closes)
         self.observations.merge(other.observations)
         if not counters_only:

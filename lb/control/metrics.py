@@ -114,6 +114,13 @@ class LbCollector(Collector):
         closed = CounterMetricFamily("lb_tunnels_closed", "Tunnels that have ended.")
         closed.add_metric([], stats.tunnels_closed)
         yield closed
+        tls = CounterMetricFamily(
+            "lb_tls_handshake_failures",
+            "TLS handshakes that failed or timed out (plain HTTP or garbage on a TLS port, a client that "
+            "rejects the certificate, one that never finishes).",
+        )
+        tls.add_metric([], stats.tls_failures)
+        yield tls
         ended = CounterMetricFamily(
             "lb_tunnel_closes",
             "Tunnels the balancer ended, by cause (shutdown, drain, idle, backend_lost) and how: with a "

@@ -250,7 +250,10 @@ class AcceptingServer:
             )
             connected = True
         except Exception as exc:
-            # A TLS handshake that failed or timed out: the transport has closed the socket.
+            # A TLS handshake that failed or timed out: the transport has closed the socket.  Counted,
+            # not logged above DEBUG: scanners and plain HTTP on the TLS port would flood the log.
+            if tls:
+                ctx.stats.tls_failures += 1
             log.debug("connection from %s closed during its TLS handshake: %r", client[0], exc)
         finally:
             accepted.release()

@@ -40,6 +40,7 @@ class Stats:
     closed_bytes_in: int = 0  # client → backend, of tunnels already closed
     closed_bytes_out: int = 0  # backend → client
     tunnels_closed: int = 0
+    tls_failures: int = 0  # TLS handshakes that failed or timed out (lb_tls_handshake_failures_total)
     # Tunnels the balancer ended: (cause, "close_frame" | "tcp") → count (lb_tunnel_closes_total).
     balancer_closes: Counter[tuple[str, str]] = field(default_factory=Counter)
     # `workers: N`, in the owner: its workers' client connections now, summed (a gauge, not a counter).

@@ -31,6 +31,7 @@ METRIC_NAMES = (
     "lb_bytes_relayed_total",
     "lb_client_connections",
     "lb_client_connections_limit",
+    "lb_tls_handshake_failures_total",
 )
 
 

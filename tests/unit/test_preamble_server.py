@@ -230,6 +230,7 @@ async def test_a_tls_listener_counts_from_accept_and_a_failed_handshake_frees_th
             assert not (await asyncio.wait_for(silent_r.read(), 3)).startswith(b"HTTP/")
         silent_w.close()
         await _wait(lambda: ctx.handshaking == 0 and server.pending == 0, within=1.0)  # well before 5 s
+        assert ctx.stats.tls_failures == 1  # lb_tls_handshake_failures_total
         # A good one reaches the core in plaintext, timed from accept.
         client = ssl.create_default_context(cafile=str(certs.ca_cert))
         _good_r, good_w = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="127.0.0.1")
