@@ -4,6 +4,12 @@ HTTP checks GET `health_check.path` and want a 2xx or 3xx within
 `health_check.timeout`; TCP checks want the connection accepted.  Each probe
 opens a fresh connection, so a dead backend cannot hide behind a pooled one.
 
+The answer's head is read with the data path's own parser (`lb.http.head`), not
+an HTTP client's: a backend whose answers the proxy refuses (a bare LF, a folded
+header, ambiguous framing) fails its checks too, instead of passing them while
+every handshake it gets is a 502, and flapping between the two verdicts.  Only
+the head is read, up to the same 64 KiB; the body never is.
+
 A backend can also ask for a state (HAProxy's agent-check, done simply): an
 HTTP health answer with `X-Backend-State: draining` puts it in `draining` for
 as long as its answers say so; `up` or no header gives it back.  Every balancer
@@ -24,17 +30,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
-
 from lb.config.model import HealthCheckType
-from lb.errors import local_exhaustion
+from lb.errors import BadGateway, HeadersTooLarge, RequestRejected, local_exhaustion
+from lb.http.head import ResponseHead, find_head_end, parse_response_head
 from lb.log import Throttle
+from lb.proxy.connection import MAX_INTERIM, MAX_RESPONSE_HEAD
 from lb.state.observations import Observations
 from lb.state.pool import BackendStatus, PoolState, StateChange
 
 log = logging.getLogger(__name__)
 
 STATE_HEADER = "X-Backend-State"
+MAX_ANSWER_HEAD = MAX_RESPONSE_HEAD  # what the proxy takes of a backend's answer head, checks take too
 # What a backend may ask for; HAProxy's agent-check says "drain", so that spelling is understood too.
 _DRAIN_VALUES = frozenset(("draining", "drain"))
 _UP_VALUES = frozenset(("up", "ready", ""))
@@ -71,7 +78,6 @@ class HealthChecker:
         self._pool = pool
         self._observations = observations or Observations()  # lb_health_checks_total
         self._on_change = on_change
-        self._session: aiohttp.ClientSession | None = None
         self._tasks: dict[str, tuple[BackendStatus, asyncio.Task[None]]] = {}
         self._unknown_values: set[str] = set()
 
@@ -80,13 +86,6 @@ class HealthChecker:
         return self._pool.name
 
     def start(self) -> None:
-        check = self._pool.config.health_check
-        if check.type is HealthCheckType.HTTP:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True, limit=0),
-                timeout=aiohttp.ClientTimeout(total=check.timeout),
-                headers={"User-Agent": "ws-affinity-lb health check"},
-            )
         self.retarget(self._pool)
 
     def retarget(self, pool: PoolState) -> None:
@@ -108,9 +107,6 @@ class HealthChecker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = {}
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def _probe_loop(self, backend: BackendStatus) -> None:
         interval = self._pool.config.health_check.interval
@@ -150,30 +146,31 @@ class HealthChecker:
         check = self._pool.config.health_check
         config = backend.config
         try:
-            if check.type is HealthCheckType.TCP:
-                async with asyncio.timeout(check.timeout):
-                    _, writer = await asyncio.open_connection(config.host, config.port)
-                writer.close()
-                return ProbeResult(True, "connected")
-            assert self._session is not None
-            async with self._session.get(f"http://{config.address}{check.path}", allow_redirects=False) as reply:
-                # The status line and headers are the answer: the body is never read, so one that is
-                # huge, or announced and never sent, or endless, neither fills memory nor fails the
-                # check by timing out (the connection is closed on leaving: force_close).
-                header = reply.headers.get(STATE_HEADER)
-                self._note_unknown(backend, header)
-                requested = requested_state(header)
-                if 200 <= reply.status < 400:
-                    return ProbeResult(True, f"HTTP {reply.status}", requested)
-                # A failing answer still says what the backend wants once it passes again.
-                return ProbeResult(False, f"HTTP {reply.status}", requested)
+            async with asyncio.timeout(check.timeout):
+                reader, writer = await asyncio.open_connection(config.host, config.port)
+                try:
+                    if check.type is HealthCheckType.TCP:
+                        return ProbeResult(True, "connected")
+                    writer.write(_probe_request(check.path, config.address))
+                    response = await _read_answer(reader)
+                finally:
+                    # The status line and headers are the answer: the body is never read, so one that is
+                    # huge, or announced and never sent, or endless, neither fills memory nor fails the
+                    # check by timing out; abort drops it without waiting to drain anything.
+                    writer.transport.abort()
+            header = response.head.get(STATE_HEADER)
+            self._note_unknown(backend, header)
+            requested = requested_state(header)
+            # A failing answer still says what the backend wants once it passes again.
+            return ProbeResult(200 <= response.status < 400, f"HTTP {response.status}", requested)
         except TimeoutError:
             return ProbeResult(False, f"no answer within {check.timeout:g}s")
-        except aiohttp.ClientResponseError as exc:
-            # aiohttp's message quotes the backend's bytes; /status and the dashboard show a fixed summary.
-            too_large = "Got more than" in str(exc.message)
-            return ProbeResult(False, "answer head too large" if too_large else "not a valid HTTP answer")
-        except (aiohttp.ClientError, OSError) as exc:
+        except HeadersTooLarge:
+            return ProbeResult(False, "answer head too large")
+        except (asyncio.IncompleteReadError, RequestRejected):
+            # Never the backend's bytes: /status and the dashboard show a fixed summary.
+            return ProbeResult(False, "not a valid HTTP answer")
+        except OSError as exc:
             return ProbeResult(False, _short(str(exc) or type(exc).__name__), local=local_exhaustion(exc))
 
     def _note_unknown(self, backend: BackendStatus, header: str | None) -> None:
@@ -187,6 +184,46 @@ class HealthChecker:
 
 
 _local_errors = Throttle()  # checks not made for want of our own descriptors or memory
+
+
+def _probe_request(path: str, address: str) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: ws-affinity-lb health check\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("latin-1")
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> ResponseHead:
+    """The final answer's head, found and parsed as the proxy does a backend's; interim (1xx) heads skipped.
+
+    Raises:
+        HeadersTooLarge: no end of head within MAX_ANSWER_HEAD bytes.
+        asyncio.IncompleteReadError: the connection ended first.
+        RequestRejected: a malformed head (a bare LF as soon as it arrives: such a head never
+            ends), or more interim answers than the proxy takes.
+    """
+    buffer = bytearray()
+    scanned = 0
+    interim = 0
+    while True:
+        end = find_head_end(buffer, MAX_ANSWER_HEAD, scanned)
+        if end < 0:
+            scanned = len(buffer)
+            chunk = await reader.read(65536)
+            if not chunk:
+                raise asyncio.IncompleteReadError(bytes(buffer), None)
+            buffer += chunk
+            continue
+        response = parse_response_head(bytes(buffer[:end]))
+        if not 100 <= response.status <= 599:
+            raise BadGateway(f"status {response.status:03d}")
+        if response.status >= 200:
+            return response
+        interim += 1
+        if interim > MAX_INTERIM:
+            raise BadGateway("too many interim answers")
+        del buffer[:end]
+        scanned = 0
 
 
 def _short(text: str, limit: int = 160) -> str:

@@ -1,4 +1,4 @@
-"""Health answers from a hostile or broken backend: huge, endless, stalled, dripping, oversized heads.
+"""Health answers from a hostile or broken backend: huge, endless, stalled, dripping, oversized, malformed heads.
 
 The status line and headers are the answer (and carry `X-Backend-State`): a body that is huge or
 never ends must neither be buffered nor turn a healthy answer into a failure, while a head that
@@ -99,12 +99,28 @@ def giant_header(server: HealthScript, conn: socket.socket) -> None:
     server.pause(1.0)
 
 
+def answer(raw: bytes) -> Callable[[HealthScript, socket.socket], None]:
+    """A fixed answer, then the connection stays open a moment (the probe must not wait for its end)."""
+
+    def script(server: HealthScript, conn: socket.socket) -> None:
+        conn.sendall(raw)
+        server.pause(1.0)
+
+    return script
+
+
 SCRIPTS: dict[str, tuple[Callable[[HealthScript, socket.socket], None], str]] = {
     "huge": (huge_body, "draining"),
     "stalled": (stalled_body, "draining"),
     "chunks": (endless_chunks, "up"),
     "drip": (dripping_head, "down"),
     "giant": (giant_header, "down"),
+    # Judged by the proxy's own parser: what every handshake would get a 502 for fails its check too.
+    "bare-lf": (answer(b"HTTP/1.1 200 OK\nContent-Length: 0\n\n"), "down"),
+    "folded": (answer(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 0\r\n\r\n"), "down"),
+    "status-000": (answer(b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n"), "down"),
+    "two-lengths": (answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n"), "down"),
+    "early-hints": (answer(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"), "up"),
 }
 
 
@@ -143,4 +159,5 @@ async def test_hostile_health_answers_are_bounded_and_judged_by_their_head(
     document = await status(lb)
     reason = find_backend(document, "gateways", "giant")["reason"]
     assert "aaaa" not in reason and len(reason) < 200 and "too large" in reason, reason
+    assert "not a valid HTTP answer" in find_backend(document, "gateways", "bare-lf")["reason"]
     lb.assert_alive()
