@@ -448,6 +448,21 @@ def _prefixed_path(value: object) -> str:
     return text
 
 
+# A request-target's characters (RFC 9112 §3.2, as lb.http.head reads one): visible ASCII, no `#`.
+_REQUEST_PATH_RE = re.compile(r"/[\x21-\x22\x24-\x7e]*")
+
+
+def _request_path(value: object) -> str:
+    """A path the health check sends as is: what a strict backend (and our own parser) reads."""
+    text = _prefixed_path(value)
+    if not _REQUEST_PATH_RE.fullmatch(text):
+        raise _Bad(
+            f"expected a request path of visible ASCII without '#' (percent-encode spaces and anything "
+            f"else), got {_show(text)}"
+        )
+    return text
+
+
 # RFC 6265 §4.1.1: cookie-name is an RFC 2616 token (no CTLs, spaces or separators).
 _COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
@@ -714,7 +729,7 @@ _POOL_FIELDS = (
 )
 _HEALTH_FIELDS = (
     _Field("type", _enum(HealthCheckType)),
-    _Field("path", _prefixed_path),
+    _Field("path", _request_path),
     _Field("interval", _duration()),
     _Field("timeout", _duration()),
     _Field("rise", _integer(1, 1000)),

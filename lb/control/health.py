@@ -112,7 +112,15 @@ class HealthChecker:
         interval = self._pool.config.health_check.interval
         while True:
             started = time.monotonic()
-            result = await self.check(backend)
+            try:
+                result = await self.check(backend)
+            except Exception:
+                # A bug in the check must not end this backend's checks for good, silently.
+                if _check_bugs.due() is not None:
+                    log.error("health check of %s/%s failed in the balancer", self._pool.name, backend.id,
+                              exc_info=True)
+                await asyncio.sleep(interval)
+                continue
             pool = self._pool
             if pool.backends.get(backend.id) is not backend:
                 return  # removed from the pool while the probe ran
@@ -167,7 +175,9 @@ class HealthChecker:
             return ProbeResult(False, f"no answer within {check.timeout:g}s")
         except HeadersTooLarge:
             return ProbeResult(False, "answer head too large")
-        except (asyncio.IncompleteReadError, RequestRejected):
+        except asyncio.IncompleteReadError as exc:
+            return ProbeResult(False, "not a valid HTTP answer" if exc.partial else "closed without answering")
+        except RequestRejected:
             # Never the backend's bytes: /status and the dashboard show a fixed summary.
             return ProbeResult(False, "not a valid HTTP answer")
         except OSError as exc:
@@ -184,6 +194,7 @@ class HealthChecker:
 
 
 _local_errors = Throttle()  # checks not made for want of our own descriptors or memory
+_check_bugs = Throttle()  # a check that raised: logged with its traceback, once per interval
 
 
 def _probe_request(path: str, address: str) -> bytes:
@@ -208,6 +219,8 @@ async def _read_answer(reader: asyncio.StreamReader) -> ResponseHead:
     while True:
         end = find_head_end(buffer, MAX_ANSWER_HEAD, scanned)
         if end < 0:
+            if len(buffer) >= len(b"HTTP/") and not buffer.startswith(b"HTTP/"):
+                raise BadGateway("not an HTTP answer")  # an SSH banner, an HTTP/2 preface: at once
             scanned = len(buffer)
             chunk = await reader.read(65536)
             if not chunk:
@@ -219,6 +232,8 @@ async def _read_answer(reader: asyncio.StreamReader) -> ResponseHead:
             raise BadGateway(f"status {response.status:03d}")
         if response.status >= 200:
             return response
+        if response.status == 101:
+            raise BadGateway("switched protocols without being asked to")
         interim += 1
         if interim > MAX_INTERIM:
             raise BadGateway("too many interim answers")

@@ -109,3 +109,33 @@ async def test_a_probe_loop_keeps_every_state_while_checks_cannot_be_made() -> N
     finally:
         await checker.stop()
     assert state.backends["gw-1"].state is BackendState.UP and changes == []
+
+
+async def test_a_check_that_raises_is_logged_and_the_loop_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in a check must not end that backend's checks for good, silently."""
+    from lb.config.model import HealthCheckConfig
+
+    config = PoolConfig(
+        name="p", backends=(BackendConfig("gw-1", "127.0.0.1", 9001),),
+        health_check=HealthCheckConfig(interval=0.01, fall=1, rise=1),
+    )
+    state = PoolState(config=config)
+    checker = HealthChecker(state, lambda change: None)
+    calls = 0
+    three = asyncio.Event()
+
+    async def broken(backend: object) -> ProbeResult:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            three.set()
+        raise UnicodeEncodeError("latin-1", "健", 0, 1, "a bug")
+
+    checker.check = broken  # type: ignore[method-assign]
+    checker.retarget(state)
+    try:
+        await asyncio.wait_for(three.wait(), 5)
+    finally:
+        await checker.stop()
+    assert state.backends["gw-1"].state is BackendState.UP
+    assert any("health check of p/gw-1 failed in the balancer" in r.getMessage() for r in caplog.records)
