@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Callable
 
 import aiohttp
 import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
-from lb.config.model import BackendConfig, PoolConfig
+from lb.config.model import BackendConfig, HealthCheckConfig, PoolConfig
 from lb.control.health import HealthChecker, ProbeResult, requested_state
 from lb.errors import local_exhaustion
 from lb.state.pool import AdminAction, BackendState, PoolState
@@ -81,10 +82,8 @@ def test_a_check_that_failed_for_our_own_shortage_is_not_the_backends(error: OSE
         assert local_exhaustion(chained) is local
 
 
-async def test_a_probe_loop_keeps_every_state_while_checks_cannot_be_made() -> None:
-    """`fall: 1`, and every check fails for want of our own descriptors: the backend stays up."""
-    from lb.config.model import HealthCheckConfig
-
+async def _probe_loop_with(check: Callable[[], ProbeResult], rounds: int) -> tuple[PoolState, list[object]]:
+    """One backend (`fall: 1`, 10 ms interval) probed `rounds` times by `check` through the real loop."""
     config = PoolConfig(
         name="p", backends=(BackendConfig("gw-1", "127.0.0.1", 9001),),
         health_check=HealthCheckConfig(interval=0.01, fall=1, rise=1),
@@ -93,49 +92,36 @@ async def test_a_probe_loop_keeps_every_state_while_checks_cannot_be_made() -> N
     changes: list[object] = []
     checker = HealthChecker(state, changes.append)
     calls = 0
-    five = asyncio.Event()
+    done = asyncio.Event()
 
-    async def short_of_descriptors(backend: object) -> ProbeResult:
+    async def counted(backend: object) -> ProbeResult:
         nonlocal calls
         calls += 1
-        if calls == 5:
-            five.set()
-        return ProbeResult(False, "Too many open files", local=True)
+        if calls == rounds:
+            done.set()
+        return check()
 
-    checker.check = short_of_descriptors  # type: ignore[method-assign]
+    checker.check = counted  # type: ignore[method-assign]
     checker.retarget(state)
     try:
-        await asyncio.wait_for(five.wait(), 5)
+        await asyncio.wait_for(done.wait(), 5)
     finally:
         await checker.stop()
+    return state, changes
+
+
+async def test_a_probe_loop_keeps_every_state_while_checks_cannot_be_made() -> None:
+    """`fall: 1`, and every check fails for want of our own descriptors: the backend stays up."""
+    state, changes = await _probe_loop_with(lambda: ProbeResult(False, "Too many open files", local=True), 5)
     assert state.backends["gw-1"].state is BackendState.UP and changes == []
 
 
 async def test_a_check_that_raises_is_logged_and_the_loop_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     """A bug in a check must not end that backend's checks for good, silently."""
-    from lb.config.model import HealthCheckConfig
 
-    config = PoolConfig(
-        name="p", backends=(BackendConfig("gw-1", "127.0.0.1", 9001),),
-        health_check=HealthCheckConfig(interval=0.01, fall=1, rise=1),
-    )
-    state = PoolState(config=config)
-    checker = HealthChecker(state, lambda change: None)
-    calls = 0
-    three = asyncio.Event()
-
-    async def broken(backend: object) -> ProbeResult:
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            three.set()
+    def broken() -> ProbeResult:
         raise UnicodeEncodeError("latin-1", "健", 0, 1, "a bug")
 
-    checker.check = broken  # type: ignore[method-assign]
-    checker.retarget(state)
-    try:
-        await asyncio.wait_for(three.wait(), 5)
-    finally:
-        await checker.stop()
-    assert state.backends["gw-1"].state is BackendState.UP
+    state, changes = await _probe_loop_with(broken, 3)  # three rounds: the loop survived the first two
+    assert state.backends["gw-1"].state is BackendState.UP and changes == []
     assert any("health check of p/gw-1 failed in the balancer" in r.getMessage() for r in caplog.records)
