@@ -477,3 +477,48 @@ def test_header_and_client_hello_in_one_segment(pp: PPStack) -> None:
             incoming.write(chunk)
             assert time.monotonic() < deadline + 5 * UNIT, answer
     assert_forwarded(pp, answer, tag, "192.0.2.123")
+
+
+# -- TLS listeners accept the same way (lb.proxy.preamble.AcceptingServer without a header) --------
+
+
+def test_reload_turns_tls_on_and_off_on_the_same_port(launcher: Launcher) -> None:
+    """SIGHUP adding `tls` to a running listener: the same socket is taken over by a TLS listener that
+    accepts itself, and taken back by a plain one when `tls` goes again."""
+    certs = lb_certs(launcher.workdir / "certs-reload")
+    spy = launcher.spy()
+    config = lb_config(pools={"spy": [spy]}, health=STEADY_HEALTH, overrides={"limits": {"handshake_rate_per_ip": 0}})
+    lb = launcher.balancer(config, name="tls-reload")
+    lb.wait_states({("spy", spy.id): "up"})
+    assert lb.port is not None
+    assert exchange(lb.port, [request(new_tag())]).startswith(b"HTTP/1.1 404")
+
+    config["listeners"][0]["tls"] = {"cert": str(certs / "server.crt"), "key": str(certs / "server.key")}
+    reload_with(lb, config)
+    assert exchange(lb.port, [request(new_tag())], tls_ca=certs / "ca.crt").startswith(b"HTTP/1.1 404")
+    assert not exchange(lb.port, [request(new_tag())]).startswith(b"HTTP/"), "plain HTTP answered on TLS"
+
+    del config["listeners"][0]["tls"]
+    reload_with(lb, config)
+    assert exchange(lb.port, [request(new_tag())]).startswith(b"HTTP/1.1 404")
+    lb.assert_alive()
+
+
+def test_workers_share_a_tls_listener(launcher: Launcher) -> None:
+    """`workers: 2`: each worker binds the TLS listener with SO_REUSEPORT and runs its own handshakes."""
+    certs = lb_certs(launcher.workdir / "certs-workers")
+    spy = launcher.spy()
+    config = lb_config(pools={"spy": [spy]}, health=STEADY_HEALTH,
+                       overrides={"workers": 2, "limits": {"handshake_rate_per_ip": 0}})
+    config["listeners"][0]["tls"] = {"cert": str(certs / "server.crt"), "key": str(certs / "server.key")}
+    lb = launcher.balancer(config, name="tls-workers")
+    lb.wait_states({("spy", spy.id): "up"})
+    port = lb.tls_port or lb.port
+    assert port is not None
+    deadline = time.monotonic() + 10 * UNIT
+    while lb.log_text().count("(TLS)") < 2:
+        assert time.monotonic() < deadline, f"two workers not listening:\n{lb.logs_tail()}"
+        time.sleep(0.05)
+    for _ in range(8):
+        assert exchange(port, [request(new_tag())], tls_ca=certs / "ca.crt").startswith(b"HTTP/1.1 404")
+    lb.assert_alive()
