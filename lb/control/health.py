@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from lb.config.model import HealthCheckType
 from lb.errors import BadGateway, HeadersTooLarge, RequestRejected, local_exhaustion
-from lb.http.head import ResponseHead, find_head_end, parse_response_head
+from lb.http.head import ResponseHead, take_answer_head
 from lb.log import Throttle
 from lb.proxy.connection import MAX_INTERIM, MAX_RESPONSE_HEAD
 from lb.state.observations import Observations
@@ -210,26 +210,22 @@ async def _read_answer(reader: asyncio.StreamReader) -> ResponseHead:
     Raises:
         HeadersTooLarge: no end of head within MAX_ANSWER_HEAD bytes.
         asyncio.IncompleteReadError: the connection ended first.
-        RequestRejected: a malformed head (a bare LF as soon as it arrives: such a head never
-            ends), or more interim answers than the proxy takes.
+        RequestRejected: what `take_answer_head` refuses, an unasked-for 101, or more interim
+            answers than the proxy takes.
     """
     buffer = bytearray()
     scanned = 0
     interim = 0
     while True:
-        end = find_head_end(buffer, MAX_ANSWER_HEAD, scanned)
-        if end < 0:
-            if len(buffer) >= len(b"HTTP/") and not buffer.startswith(b"HTTP/"):
-                raise BadGateway("not an HTTP answer")  # an SSH banner, an HTTP/2 preface: at once
+        response = take_answer_head(buffer, scanned, MAX_ANSWER_HEAD)
+        if response is None:
             scanned = len(buffer)
             chunk = await reader.read(65536)
             if not chunk:
                 raise asyncio.IncompleteReadError(bytes(buffer), None)
             buffer += chunk
             continue
-        response = parse_response_head(bytes(buffer[:end]))
-        if not 100 <= response.status <= 599:
-            raise BadGateway(f"status {response.status:03d}")
+        scanned = 0
         if response.status >= 200:
             return response
         if response.status == 101:
@@ -237,8 +233,6 @@ async def _read_answer(reader: asyncio.StreamReader) -> ResponseHead:
         interim += 1
         if interim > MAX_INTERIM:
             raise BadGateway("too many interim answers")
-        del buffer[:end]
-        scanned = 0
 
 
 def _short(text: str, limit: int = 160) -> str:

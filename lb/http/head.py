@@ -65,7 +65,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from lb.errors import BadFraming, BadHost, BadRequest, HeadersTooLarge, UnsupportedTransferCoding
+from lb.errors import BadFraming, BadGateway, BadHost, BadRequest, HeadersTooLarge, UnsupportedTransferCoding
 
 HEAD_END = b"\r\n\r\n"
 
@@ -508,6 +508,36 @@ def parse_response_head(raw: bytes) -> ResponseHead:
     head = _head((version, status, reason), fields)
     _check_framing(head, version, request=False)
     return ResponseHead(version, int(status), reason, head)
+
+
+def take_answer_head(buffer: bytearray, scanned: int, limit: int) -> ResponseHead | None:
+    """The next complete answer head at the start of a backend's `buffer`, taken off it; None until whole.
+
+    The proxy and the health checks both read a backend's answers with it, so a backend is
+    judged one way: what every handshake would get a 502 for fails a check too.
+
+    Args:
+        scanned: `len(buffer)` as it was when the last call returned None (0 after a head):
+            the search resumes there, so a head trickled byte by byte costs O(n), not O(n^2).
+        limit: the largest head accepted, in bytes.
+
+    Raises:
+        HeadersTooLarge: no end of head within `limit` bytes.
+        BadGateway: not an HTTP/1.x head (an SSH banner, an HTTP/2 preface, bare-LF lines),
+            said as soon as it shows rather than after a wait for an end that never comes.
+        BadRequest: a malformed head, a status outside 100-599 included (`parse_response_head`).
+    """
+    resume = max(0, scanned - (len(HEAD_END) - 1))
+    end = buffer.find(HEAD_END, resume, limit)
+    if end < 0:
+        if len(buffer) >= limit:
+            raise HeadersTooLarge(f"answer head exceeds {limit} bytes")
+        if not buffer.startswith(b"HTTP/"[: len(buffer)]) or has_bare_lf(buffer, resume):
+            raise BadGateway("not an HTTP/1.x head")
+        return None
+    raw = bytes(buffer[: end + len(HEAD_END)])
+    del buffer[: end + len(HEAD_END)]
+    return parse_response_head(raw)  # which refuses a status outside 100-599 too
 
 
 def render_head(start_line: str, headers: Iterable[tuple[str, str]]) -> bytes:

@@ -65,6 +65,7 @@ from lb.config.model import AffinityMode, SecureMode
 from lb.errors import (
     BadGateway,
     BadRequest,
+    HeadersTooLarge,
     NoHealthyBackend,
     NoRoute,
     RequestRejected,
@@ -76,14 +77,12 @@ from lb.http.cookies import render_set_cookie, sets_cookie
 from lb.http.forwarding import render_client_response, render_forwarded_request, render_interim, render_refusal
 from lb.http.framing import BodyFramer, request_framer, response_framer
 from lb.http.head import (
-    HEAD_END,
     RequestHead,
     ResponseHead,
     find_head_end,
-    has_bare_lf,
     parse_request_head,
-    parse_response_head,
     protected_headers,
+    take_answer_head,
 )
 from lb.http.routing import match_route
 from lb.state.context import ProxyContext
@@ -747,29 +746,17 @@ class Connection:
         request = self._request
         assert request is not None
         while True:
-            # Resumed where the last read's search stopped: a backend trickling its head
-            # byte by byte costs O(n), not O(n^2).
-            resume = max(0, self._answer_scan - (len(HEAD_END) - 1))
-            end = buf.find(HEAD_END, resume, MAX_RESPONSE_HEAD)
-            if end < 0:
-                if len(buf) >= MAX_RESPONSE_HEAD:
-                    raise _Failure("answer head too large")
-                if not buf.startswith(b"HTTP/"[: len(buf)]) or has_bare_lf(buf, resume):
-                    # Not HTTP (an SSH banner, an HTTP/2 preface, bare-LF lines): said now, as a bad
-                    # answer, rather than after backend_connect of waiting for a head that never ends.
-                    raise _Failure("malformed answer: not an HTTP/1.x head")
+            try:
+                response = take_answer_head(buf, self._answer_scan, MAX_RESPONSE_HEAD)
+            except HeadersTooLarge:
+                raise _Failure("answer head too large") from None
+            except RequestRejected as exc:
+                raise _Failure(f"malformed answer: {exc}") from None
+            if response is None:
                 self._answer_scan = len(buf)
                 return actions
             self._answer_scan = 0
-            raw = bytes(buf[: end + len(HEAD_END)])
-            del buf[: end + len(HEAD_END)]
-            try:
-                response = parse_response_head(raw)
-            except RequestRejected as exc:
-                raise _Failure(f"malformed answer: {exc}") from None
             status = response.status
-            if status < 100 or status > 599:
-                raise _Failure(f"malformed answer: status {status:03d}")
             if status < 200 and status != 101:
                 # Interim (100 Continue, 103 Early Hints): passed on, except to an HTTP/1.0 client,
                 # which would take one for the answer (RFC 9110 §15.2); they do not extend the deadline.

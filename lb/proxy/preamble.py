@@ -64,7 +64,7 @@ import time
 from lb.errors import LOCAL_ERRNOS, BadProxyHeader
 from lb.http.proxy_header import MAX_V2_LENGTH, V2_FIXED, parse_proxy_header
 from lb.log import Throttle
-from lb.proxy.server import ClientConnection, accept_errors
+from lb.proxy.server import AcceptCount, ClientConnection, accept_errors
 from lb.state.context import ProxyContext
 
 log = logging.getLogger("lb.proxy.server")
@@ -233,10 +233,10 @@ class AcceptingServer:
 
         def factory() -> ClientConnection:
             nonlocal made
+            # Its count goes with it: from here on the connection releases it (or hands it to _end).
             made = ClientConnection(
-                ctx, tls, client=client, accepted=accepted.accepted, admitted=accepted.admitted, loop=self._loop
+                ctx, tls, client=client, accepted=accepted.accepted, count=accepted.count, loop=self._loop
             )
-            accepted.release()  # counted from here on by the connection itself
             return made
 
         left = ctx.config.timeouts.handshake - (time.time() - accepted.accepted)
@@ -256,8 +256,8 @@ class AcceptingServer:
                 ctx.stats.tls_failures += 1
             log.debug("connection from %s closed during its TLS handshake: %r", client[0], exc)
         finally:
-            accepted.release()
             if made is None:
+                accepted.release()
                 accepted.sock.close()
             elif not connected:
                 made.handshake_failed()  # its count ends now, not when the collector finds it
@@ -288,23 +288,20 @@ _refusals = _RateLimitedRefusals()
 
 
 class _Accepted:
-    """One accepted socket, counted in ctx.handshaking from accept until a ClientConnection takes it."""
+    """One accepted socket, counted in ctx.handshaking from accept (its count goes to its ClientConnection)."""
 
-    __slots__ = ("accepted", "admitted", "counted", "peer", "server", "sock")
+    __slots__ = ("accepted", "count", "peer", "server", "sock")
 
     def __init__(self, server: AcceptingServer, sock: socket.socket, peer: tuple[str, int]) -> None:
         self.server = server
         self.sock = sock
         self.peer = peer
         self.accepted = time.time()
-        self.admitted = server._ctx.count_in()  # decided at accept, kept by the ClientConnection
-        self.counted = True
+        self.count = AcceptCount(server._ctx)  # within limits.max_connections or not: decided now
 
     def release(self) -> None:
-        """This connection no longer counts as accepted-but-not-handed-over (once)."""
-        if self.counted:
-            self.counted = False
-            self.server._ctx.handshaking -= 1
+        """The socket closes before any ClientConnection took it: it counts no longer (once)."""
+        self.count.release()
 
 
 class _Preamble(_Accepted):

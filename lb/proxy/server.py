@@ -6,10 +6,9 @@ a request is being served, one `_Upstream` protocol on the backend connection.
 No task and no `asyncio.timeout` per request; the backend connect is the one
 coroutine (`loop.create_connection`), watched by a done-callback.  TLS
 listeners accept themselves (`lb.proxy.preamble.AcceptingServer`, with
-`ssl_handshake_timeout`); the protocol is built before the handshake, and
-`_EarlyCount` counts it in `ctx.handshaking` from then on until the handshake
-completes or fails, so that a TLS connection is counted and held to
-`timeouts.handshake` from accept on, like any other.  Whether a connection is within
+`ssl_handshake_timeout`); its `AcceptCount` counts it in `ctx.handshaking`
+from accept, through the handshake, so that a TLS connection is counted and
+held to `timeouts.handshake` from accept on, like any other.  Whether a connection is within
 `limits.max_connections` is decided at accept too (`ProxyContext.count_in`),
 in accept order, and carried to the core's `start`.
 
@@ -122,22 +121,25 @@ class _Upstream(asyncio.Protocol):
             owner.drive(owner.core.backend_blocked, False, time.time())
 
 
-class _EarlyCount:
-    """A connection counted in ctx.handshaking before its protocol's connection_made.
+class AcceptCount:
+    """One client connection's place in ctx.handshaking, from its accept to its `_end`.
 
-    From accept for a TLS connection (its handshake comes first), or from the hand-over of
-    a PROXY preamble's count (no moment uncounted, when another accept could slip in).
-    Released exactly once: handed over at connection_made, or released when the TLS
-    handshake fails or times out (`ClientConnection.handshake_failed`, called by
-    `lb.proxy.preamble.AcceptingServer`, which holds each handshake as a task).
+    Made at accept by a listener that accepts itself (`lb.proxy.preamble.AcceptingServer`:
+    a PROXY header or a TLS handshake comes first), which decides then whether the
+    connection is within limits.max_connections (`admitted`), in accept order.  The
+    same object goes to the ClientConnection: handed over at connection_made (its `_end`
+    releases the count from then on), or released when the TLS handshake fails or times
+    out (`ClientConnection.handshake_failed`) or the header never completes.  Released
+    exactly once, never dropped in between: no moment in which another accept could
+    slip past the limit.
     """
 
     __slots__ = ("admitted", "counted", "ctx")
 
-    def __init__(self, ctx: ProxyContext, admitted: bool | None) -> None:
+    def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         self.counted = True
-        self.admitted = ctx.count_in(admitted)
+        self.admitted = ctx.count_in()
 
     def release(self) -> None:
         if self.counted:
@@ -176,12 +178,12 @@ class ClientConnection(asyncio.Protocol):
         *,
         client: tuple[str, int] | None = None,
         accepted: float | None = None,
-        admitted: bool | None = None,
+        count: AcceptCount | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         """`client`: the client's (address, port) when not the socket's peer (a PROXY header's source);
-        `accepted`: when the socket was accepted, if before this protocol is made (a PROXY preamble);
-        `admitted`: whether it was within limits.max_connections then (None: decided now, by ctx.count_in);
+        `accepted`: when the socket was accepted, if before this protocol is made;
+        `count`: its place in ctx.handshaking since then (None: counted at connection_made);
         `loop`: the running loop, when the caller has it at hand (see `client_factory`)."""
         self._ctx = ctx
         # Asked once per listener, not per connection: on Python 3.11 every get_running_loop()
@@ -189,12 +191,7 @@ class ClientConnection(asyncio.Protocol):
         self._loop = loop or asyncio.get_running_loop()
         self._accepted = accepted or 0.0
         self._client = client
-        self._early: _EarlyCount | None = None
-        if tls or admitted is not None:
-            # Made at accept, before the TLS handshake (asyncio and uvloop alike), or by a PROXY
-            # preamble handing its count over: count the connection from here (and time it from accept).
-            self._accepted = accepted or time.time()
-            self._early = _EarlyCount(ctx, admitted)
+        self._early = count  # counted, and timed, from its accept (a TLS handshake or PROXY header first)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None  # the deadline the core asked for (wall clock)
@@ -214,11 +211,11 @@ class ClientConnection(asyncio.Protocol):
         ctx = self._ctx
         client = self._client or transport.get_extra_info("peername") or ("-", 0)
         self.core = Connection(ctx, client_ip=client[0], client_port=client[1], tls=self._tls)
-        pending = self._early
-        if pending is not None:
-            pending.hand_over()  # counted since accept: _end releases it from now on
+        early = self._early
+        if early is not None:
+            early.hand_over()  # counted since accept: _end releases it from now on
             self._early = None
-            admitted = pending.admitted
+            admitted = early.admitted
         else:
             admitted = ctx.count_in()
         ctx.in_flight.add(self)

@@ -80,16 +80,14 @@ class ProxyContext:
         """
         return self.handshaking + len(self.tunnels) + self.stats.worker_clients
 
-    def count_in(self, admitted: bool | None = None) -> bool:
+    def count_in(self) -> bool:
         """Count a client connection in `handshaking` at its accept; whether it is within the limit.
 
         The answer is decided here, at accept, in accept order: a TLS handshake (or a PROXY
         header) completes later, and counted then, a burst larger than `limits.max_connections`
         saw itself over the limit connection by connection, and refused everyone.
-        `admitted`: already decided at this connection's accept (a PROXY preamble's), kept.
         """
-        if admitted is None:
-            admitted = self.handshaking + len(self.tunnels) < self.config.limits.max_connections
+        admitted = self.handshaking + len(self.tunnels) < self.config.limits.max_connections
         self.handshaking += 1
         return admitted
 

@@ -16,6 +16,7 @@ from lb.http.head import (
     parse_request_head,
     parse_response_head,
     render_head,
+    take_answer_head,
 )
 
 GOOD_GET = (
@@ -414,3 +415,31 @@ def test_render_then_parse_round_trip(headers: list[tuple[str, str]]) -> None:
         return
     rendered = render_head("GET /x HTTP/1.1", [("Host", "a"), *headers])
     assert parse_request_head(rendered).head.headers == (("Host", "a"), *headers)
+
+
+def test_an_answer_head_trickled_byte_by_byte_is_taken_whole_and_the_rest_stays() -> None:
+    """The one reader of a backend's answer heads (the proxy and the health checks)."""
+    wire = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    buffer, scanned, taken = bytearray(), 0, []
+    for byte in wire:
+        buffer.append(byte)
+        while (not taken or taken[-1] < 200) and (response := take_answer_head(buffer, scanned, 4096)):
+            taken.append(response.status)  # until the final answer: its body follows, not a head
+            scanned = 0
+        scanned = len(buffer)
+    assert taken == [103, 200] and bytes(buffer) == b"ok"
+
+
+@pytest.mark.parametrize(
+    ("wire", "error"),
+    [
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "not an HTTP/1.x head"),
+        (b"HTTP/1.1 200 OK\nContent-Length: 0\n", "not an HTTP/1.x head"),
+        (b"HTTP/1.1 000 Zero\r\n\r\n", "status code 000"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 5000, "answer head exceeds 4096 bytes"),
+    ],
+    ids=["banner", "bare-lf", "status-000", "too-large"],
+)
+def test_an_answer_that_is_not_http_says_so_at_once(wire: bytes, error: str) -> None:
+    with pytest.raises(RequestRejected, match=error):
+        take_answer_head(bytearray(wire), 0, 4096)
