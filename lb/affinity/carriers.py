@@ -218,27 +218,28 @@ def rewrite_response_cookies(
         The rewriter gives each sealed cookie the affinity settings (`reissue_set_cookie`).
     """
     name = affinity.cookie
-    tokens: dict[str, str] = {}
+    tokens: dict[str, str] = {}  # app value → its token (one seal per value)
+    rewritten: dict[str, str] = {}  # Set-Cookie header value → what the client gets instead
     for value in response.head.get_all("set-cookie"):
         app_value = set_cookie_value(value, name)
         # A deletion (empty value, Max-Age <= 0) is the backend ending its session: passed on as it is.
-        if app_value is not None and app_value not in tokens and not deletes(value):
+        if app_value is None or value in rewritten or deletes(value):
+            continue
+        if app_value not in tokens:
             try:
                 tokens[app_value] = join_pins(others, seal(app_value))
             except TokenTooLarge:
                 if on_unsealed is not None:
                     on_unsealed(app_value)
+                continue
+        rewritten[value] = reissue_set_cookie(
+            value, tokens[app_value], max_age=int(affinity.max_age), same_site=affinity.same_site,
+            http_only=affinity.http_only, secure=secure,
+        )
     if not tokens:
         return None, None
 
     def rewrite(header_value: str) -> str:
-        app_value = set_cookie_value(header_value, name)
-        token = tokens.get(app_value) if app_value is not None and not deletes(header_value) else None
-        if token is None:
-            return header_value
-        return reissue_set_cookie(
-            header_value, token, max_age=int(affinity.max_age), same_site=affinity.same_site,
-            http_only=affinity.http_only, secure=secure,
-        )
+        return rewritten.get(header_value, header_value)
 
     return rewrite, list(tokens.values())[-1]
