@@ -31,19 +31,6 @@ from dataclasses import dataclass
 LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-def local_exhaustion(exc: BaseException) -> bool:
-    """Whether `exc`, or what it wraps (aiohttp's `os_error`, a `__cause__`), is one of LOCAL_ERRNOS."""
-    seen = 0
-    current: BaseException | None = exc
-    while current is not None and seen < 8:  # a bounded walk: causes can chain
-        if isinstance(current, OSError) and current.errno in LOCAL_ERRNOS:
-            return True
-        wrapped = getattr(current, "os_error", None)
-        current = wrapped if isinstance(wrapped, BaseException) else current.__cause__
-        seen += 1
-    return False
-
-
 class LbError(Exception):
     """Base class for every error the balancer raises on purpose."""
 

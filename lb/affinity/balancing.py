@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
 from lb.config.model import BalanceMethod
+from lb.http.client_address import unmapped
 
 
 class Candidate(Protocol):
@@ -105,9 +106,7 @@ def source_key(address: str) -> str | None:
         ip = ipaddress.ip_address(address.strip().strip("[]"))
     except ValueError:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip)
+    return str(unmapped(ip))
 
 
 def hash_choose(key: str, candidates: Sequence[C]) -> C | None:

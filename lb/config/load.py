@@ -448,7 +448,8 @@ def _prefixed_path(value: object) -> str:
     return text
 
 
-# A request-target's characters (RFC 9112 §3.2, as lb.http.head reads one): visible ASCII, no `#`.
+# What lb.http.head accepts in a request-target (RFC 9112 §3.2: visible ASCII), less `#`: a fragment
+# is not sent on the wire.
 _REQUEST_PATH_RE = re.compile(r"/[\x21-\x22\x24-\x7e]*")
 
 

@@ -617,13 +617,19 @@ class Balancer:
             # As long as the tunnels get (or a backend's time to answer, if longer): a client that opened a
             # TLS connection and sent nothing must not hold the stop past what deployments budget for it.
             max(timeouts.shutdown_grace, timeouts.backend_connect + 1.0),
-            pending=lambda: sum(getattr(listening.server, "pending", 0) for listening in self._listening),
+            pending=lambda: sum(
+                listening.server.pending for listening in self._listening
+                if isinstance(listening.server, AcceptingServer)
+            ),
             streaming_within=timeouts.shutdown_grace,
         ))
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self._close_tunnels_spread(timeouts.shutdown_grace)
         await handshakes
+        for listening in self._listening:
+            if isinstance(listening.server, AcceptingServer):
+                listening.server.abort_pending()  # silent TLS or PROXY starts: not waited for any longer
         if self.ctx.tunnels:
             # Upgrades that completed during the spread (each sent its 1001 as it joined): a last wait.
             await self._close_tunnels_spread(0.0)

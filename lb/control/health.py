@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lb.config.model import HealthCheckType
-from lb.errors import BadGateway, HeadersTooLarge, RequestRejected, local_exhaustion
+from lb.errors import LOCAL_ERRNOS, BadGateway, HeadersTooLarge, RequestRejected
 from lb.http.head import ResponseHead, take_answer_head
 from lb.log import Throttle
 from lb.proxy.connection import MAX_INTERIM, MAX_RESPONSE_HEAD
@@ -41,7 +41,6 @@ from lb.state.pool import BackendStatus, PoolState, StateChange
 log = logging.getLogger(__name__)
 
 STATE_HEADER = "X-Backend-State"
-MAX_ANSWER_HEAD = MAX_RESPONSE_HEAD  # what the proxy takes of a backend's answer head, checks take too
 # What a backend may ask for; HAProxy's agent-check says "drain", so that spelling is understood too.
 _DRAIN_VALUES = frozenset(("draining", "drain"))
 _UP_VALUES = frozenset(("up", "ready", ""))
@@ -181,7 +180,7 @@ class HealthChecker:
             # Never the backend's bytes: /status and the dashboard show a fixed summary.
             return ProbeResult(False, "not a valid HTTP answer")
         except OSError as exc:
-            return ProbeResult(False, _short(str(exc) or type(exc).__name__), local=local_exhaustion(exc))
+            return ProbeResult(False, _short(str(exc) or type(exc).__name__), local=exc.errno in LOCAL_ERRNOS)
 
     def _note_unknown(self, backend: BackendStatus, header: str | None) -> None:
         value = (header or "").strip().lower()
@@ -208,7 +207,7 @@ async def _read_answer(reader: asyncio.StreamReader) -> ResponseHead:
     """The final answer's head, found and parsed as the proxy does a backend's; interim (1xx) heads skipped.
 
     Raises:
-        HeadersTooLarge: no end of head within MAX_ANSWER_HEAD bytes.
+        HeadersTooLarge: no end of head within MAX_RESPONSE_HEAD bytes.
         asyncio.IncompleteReadError: the connection ended first.
         RequestRejected: what `take_answer_head` refuses, an unasked-for 101, or more interim
             answers than the proxy takes.
@@ -217,7 +216,7 @@ async def _read_answer(reader: asyncio.StreamReader) -> ResponseHead:
     scanned = 0
     interim = 0
     while True:
-        response = take_answer_head(buffer, scanned, MAX_ANSWER_HEAD)
+        response = take_answer_head(buffer, scanned, MAX_RESPONSE_HEAD)
         if response is None:
             scanned = len(buffer)
             chunk = await reader.read(65536)

@@ -94,6 +94,14 @@ def parse_address(text: str) -> IPAddress | None:
         address = ipaddress.ip_address(text)
     except ValueError:
         return None
+    return unmapped(address)
+
+
+def unmapped(address: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address (`::ffff:198.51.100.9`) as the IPv4 address it maps; any other as is.
+
+    One spelling per client: logs, rate limits and `balance: source` would otherwise see two.
+    """
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address

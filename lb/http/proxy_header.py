@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from lb.errors import BadProxyHeader
+from lb.http.client_address import unmapped
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # "PROXY UNKNOWN ffff:...:ffff ffff:...:ffff 65535 65535\r\n" (spec §2.1)
@@ -143,18 +144,7 @@ def _v1_address(raw: bytes, version: int) -> str:
         address = ipaddress.IPv4Address(text) if version == 4 else ipaddress.IPv6Address(text)
     except ValueError:
         raise BadProxyHeader(f"invalid IPv{version} address {text!r} in PROXY v1 header") from None
-    return _text(address)
-
-
-def _text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    """The address as text; an IPv4-mapped IPv6 one (`::ffff:198.51.100.9`) as the IPv4 address it maps.
-
-    One spelling per client, as lb.http.client_address reads X-Forwarded-For: logs, rate limits
-    and `balance: source` would otherwise see two clients in one.
-    """
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
+    return str(unmapped(address))  # one spelling per client
 
 
 def _v1_port(raw: bytes) -> int:
@@ -215,7 +205,8 @@ def _parse_v2(buf: bytes, max_length: int) -> ProxyHeader | None:
     dst = ipaddress.ip_address(block[half : 2 * half])
     sport = int.from_bytes(block[2 * half : 2 * half + 2], "big")
     dport = int.from_bytes(block[2 * half + 2 : size], "big")
-    return ProxyHeader(2, command, family, (_text(src), sport), (_text(dst), dport), consumed, tlvs)
+    source, destination = (str(unmapped(src)), sport), (str(unmapped(dst)), dport)
+    return ProxyHeader(2, command, family, source, destination, consumed, tlvs)
 
 
 def _check_crc32c(header: bytes, at: int) -> None:

@@ -54,7 +54,6 @@ answers according to the shutdown in progress.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import socket
@@ -122,7 +121,7 @@ class AcceptingServer:
         self._ssl = ssl_context
         self._proxy_protocol = proxy_protocol
         self._loop = asyncio.get_running_loop()
-        self._preambles: set[_Accepted] = set()  # each a _Preamble: reading its header
+        self._preambles: set[_Preamble] = set()  # reading their PROXY header
         self._tasks: set[asyncio.Task[None]] = set()
         self._resume: asyncio.TimerHandle | None = None
         self._closed = asyncio.Event()
@@ -196,11 +195,9 @@ class AcceptingServer:
                 self._loop.remove_reader(sock.fileno())
                 self._resume = self._loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)
                 return
-            conn.setblocking(False)
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             address = (peer[0], peer[1]) if peer else ("-", 0)
             if self._proxy_protocol:
+                conn.setblocking(False)  # the preamble peeks; the transport sets the rest (TCP_NODELAY)
                 self._preambles.add(_Preamble(self, conn, address))
             else:
                 self._hand_over(_Accepted(self, conn, address), address)
@@ -212,8 +209,8 @@ class AcceptingServer:
 
     # -- hand-over ---------------------------------------------------------------------
 
-    def _preamble_done(self, preamble: _Accepted) -> None:
-        self._preambles.discard(preamble)  # not there without a PROXY header: nothing to do
+    def _preamble_done(self, preamble: _Preamble) -> None:
+        self._preambles.discard(preamble)
         self._check_done()
 
     def _hand_over(self, accepted: _Accepted, client: tuple[str, int]) -> None:
@@ -221,7 +218,17 @@ class AcceptingServer:
         task = self._loop.create_task(self._connect(accepted, client))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-        self._preamble_done(accepted)
+
+    def abort_pending(self) -> None:
+        """The end of a stop: connections still reading a PROXY header or in a TLS handshake are dropped.
+
+        None of them has sent a request yet; stopping waited for them as long as it waits for
+        anything (`lb.proxy.server.stop_in_flight`), and a silent one must not hold it longer.
+        """
+        for preamble in list(self._preambles):
+            preamble.drop()
+        for task in list(self._tasks):
+            task.cancel()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -240,7 +247,6 @@ class AcceptingServer:
             return made
 
         left = ctx.config.timeouts.handshake - (time.time() - accepted.accepted)
-        connected = False
         try:
             await self._loop.connect_accepted_socket(
                 factory,
@@ -248,19 +254,19 @@ class AcceptingServer:
                 ssl=self._ssl,
                 ssl_handshake_timeout=max(left, 0.001) if tls else None,
             )
-            connected = True
-        except Exception as exc:
-            # A TLS handshake that failed or timed out: the transport has closed the socket.  Counted,
-            # not logged above DEBUG: scanners and plain HTTP on the TLS port would flood the log.
+        except OSError as exc:  # ssl.SSLError and the handshake timeout's ConnectionAbortedError included
+            # The transport has closed the socket.  Counted, not logged above DEBUG: scanners and plain
+            # HTTP on a TLS port would flood the log.
             if tls:
                 ctx.stats.tls_failures += 1
-            log.debug("connection from %s closed during its TLS handshake: %r", client[0], exc)
+            log.debug("connection from %s closed %s: %r", client[0],
+                      "during its TLS handshake" if tls else "before it started", exc)
         finally:
+            # Once connection_made has run, the count is the connection's (this does nothing); before
+            # it (a failed or cancelled handshake), it ends now.
+            accepted.release()
             if made is None:
-                accepted.release()
                 accepted.sock.close()
-            elif not connected:
-                made.handshake_failed()  # its count ends now, not when the collector finds it
 
 
 class _RateLimitedRefusals:
@@ -335,6 +341,10 @@ class _Preamble(_Accepted):
         self.sock.close()
         self.server._preamble_done(self)
 
+    def drop(self) -> None:
+        """Closed unanswered at the end of a stop (no warning: not the L4 balancer's fault)."""
+        self._close()
+
     def _timed_out(self) -> None:
         self.server._loop.remove_reader(self.sock.fileno())
         self.timer = None
@@ -374,5 +384,6 @@ class _Preamble(_Accepted):
         if header is None or len(self.buf) < header.consumed:
             return  # more to come; the next readability re-parses from what is taken so far
         self._stop_reading()
+        self.server._preamble_done(self)
         self.server._hand_over(self, header.source or self.peer)
 

@@ -128,8 +128,8 @@ class AcceptCount:
     a PROXY header or a TLS handshake comes first), which decides then whether the
     connection is within limits.max_connections (`admitted`), in accept order.  The
     same object goes to the ClientConnection: handed over at connection_made (its `_end`
-    releases the count from then on), or released when the TLS handshake fails or times
-    out (`ClientConnection.handshake_failed`) or the header never completes.  Released
+    releases the count from then on), or released by the listener when the TLS handshake
+    fails, times out or is cancelled, or the header never completes.  Released
     exactly once, never dropped in between: no moment in which another accept could
     slip past the limit.
     """
@@ -147,6 +147,12 @@ class AcceptCount:
             self.ctx.handshaking -= 1
 
     def hand_over(self) -> None:
+        """The connection is made: its `_end` releases the count from now on."""
+        if not self.counted:
+            # Released already: the listener's connect returned before connection_made ran. Neither
+            # loop does that (the waiter is set after the protocol is told), but a count must never
+            # go below what is open: take it again rather than let `_end` release it twice.
+            self.ctx.handshaking += 1
         self.counted = False
 
 
@@ -220,13 +226,6 @@ class ClientConnection(asyncio.Protocol):
             admitted = ctx.count_in()
         ctx.in_flight.add(self)
         self.drive(self.core.start, self._accepted or time.time(), admitted)
-
-    def handshake_failed(self) -> None:
-        """The TLS handshake failed or timed out (or the transport could not be made): this connection
-        never started, and counts no longer."""
-        if self._early is not None:
-            self._early.release()
-            self._early = None
 
     def data_received(self, data: bytes) -> None:
         self.drive(self.core.receive_client, data, time.time())

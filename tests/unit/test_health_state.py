@@ -6,13 +6,10 @@ import asyncio
 import errno
 from collections.abc import Callable
 
-import aiohttp
 import pytest
-from aiohttp.client_reqrep import ConnectionKey
 
 from lb.config.model import BackendConfig, HealthCheckConfig, PoolConfig
 from lb.control.health import HealthChecker, ProbeResult, requested_state
-from lb.errors import local_exhaustion
 from lb.state.pool import AdminAction, BackendState, PoolState
 
 
@@ -70,16 +67,18 @@ def test_down_beats_a_drain_request() -> None:
     ],
     ids=["emfile", "enfile", "refused", "timeout"],
 )
-def test_a_check_that_failed_for_our_own_shortage_is_not_the_backends(error: OSError, local: bool) -> None:
-    """aiohttp wraps the socket's error (ClientConnectorError.os_error); asyncio raises it bare."""
-    key = ConnectionKey("127.0.0.1", 1, False, True, None, None, None)
-    wrapped = aiohttp.ClientConnectorError(key, error) if isinstance(error, OSError) else error
-    assert local_exhaustion(error) is local
-    assert local_exhaustion(wrapped) is local
-    try:
-        raise RuntimeError("probe failed") from wrapped
-    except RuntimeError as chained:
-        assert local_exhaustion(chained) is local
+async def test_a_check_that_failed_for_our_own_shortage_is_not_the_backends(
+    error: OSError, local: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check's connect fails with `error`: out of descriptors or memory is ours, not the backend's."""
+
+    async def failing_connect(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(asyncio, "open_connection", failing_connect)
+    state = pool()
+    result = await HealthChecker(state, lambda change: None).check(state.backends["gw-1"])
+    assert not result.ok and result.local is local
 
 
 async def _probe_loop_with(check: Callable[[], ProbeResult], rounds: int) -> tuple[PoolState, list[object]]:
