@@ -24,6 +24,7 @@ _BODY_FRAMING = frozenset({"transfer-encoding", "content-length"})
 # What a 101 loses: the hop-by-hop headers other than the switch itself (Upgrade, Connection:
 # Upgrade), and body framing, which a 101 may not carry (RFC 9110 §8.6): its bytes are frames.
 _NOT_ON_A_SWITCH = (HOP_BY_HOP - {"connection", "upgrade"}) | _BODY_FRAMING
+_NO_BODY = HOP_BY_HOP | _BODY_FRAMING  # what a 1xx or a 204 loses
 _ONLY_UPGRADE = (["Upgrade"], ["upgrade"])  # the Connection header every gateway sends on a 101
 # RFC 9110 §5.6.3 OWS: space and tab only.  A bare str.strip() would also take NBSP (0xA0) and
 # NEL (0x85) off a latin-1 value, reading a token that a backend sees differently.
@@ -39,19 +40,16 @@ _NEVER_CONNECTION_LISTED = frozenset({
 })
 
 
-def _connection_listed(headers: tuple[tuple[str, str], ...]) -> set[str]:
-    """Header names the sender declared hop-by-hop in its Connection header."""
-    listed: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            listed.update(part.strip(_OWS).lower() for part in value.split(","))
-    return listed - _NEVER_CONNECTION_LISTED
+def _connection_listed(head: Head) -> set[str]:
+    """Header names the sender declared hop-by-hop in its Connection header(s)."""
+    listed = {part.strip(_OWS).lower() for value in head.get_all("connection") for part in value.split(",")}
+    return listed - _NEVER_CONNECTION_LISTED if listed else listed
 
 
-def _end_to_end(headers: tuple[tuple[str, str], ...], extra_drop: frozenset[str]) -> list[tuple[str, str]]:
-    listed = _connection_listed(headers) - extra_drop - HOP_BY_HOP
+def _end_to_end(head: Head, extra_drop: frozenset[str]) -> list[tuple[str, str]]:
+    listed = _connection_listed(head) - extra_drop - HOP_BY_HOP
     drop = extra_drop | listed if listed else extra_drop
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+    return [(name, value) for name, value in head.headers if name.lower() not in drop]
 
 
 def render_forwarded_request(
@@ -87,12 +85,9 @@ def render_forwarded_request(
     # hop-by-hop, ours to set, or Connection-listed; rewrite Cookie; render as we go.
     head = request.head
     dropped = _request_drop(drop, trusted_peer)
-    connection = head.get_all("connection")
-    if connection:
-        listed = {part.strip(_OWS).lower() for value in connection for part in value.split(",")}
-        listed -= _NEVER_CONNECTION_LISTED
-        if listed - dropped:
-            dropped = dropped | listed
+    listed = _connection_listed(head)
+    if listed - dropped:
+        dropped = dropped | listed
     # An absolute-form target is already origin-form here, with Host from its authority, and
     # `_` aliases of our headers (X_Forwarded_For) are already dropped: lb.http.head does both.
     sent_target = target or request.target
@@ -174,16 +169,11 @@ def render_client_response(
     if switching:
         headers = _switch_headers(response.head)
     else:
-        headers = _end_to_end(response.head.headers, HOP_BY_HOP)
+        # A 204 has no body, and RFC 9112 §6.1-6.2 forbid a length or a coding on it: relayed, a
+        # client that believed one would read the next answer's bytes as this body.
+        headers = _end_to_end(response.head, _NO_BODY if response.status == 204 else HOP_BY_HOP)
         if not keep_alive:
             headers.append(("Connection", "close"))
-    status = response.status
-    if (status < 200 and status != 101) or status == 204:
-        # No body, and RFC 9112 §6.1/§6.2 forbid a length or a coding on these: relayed, a
-        # client that believed one would read the next answer's bytes as this body.
-        head = response.head
-        if head.get_all("transfer-encoding") or head.get_all("content-length"):
-            headers = [(name, value) for name, value in headers if name.lower() not in _BODY_FRAMING]
     if rewrite_set_cookie is not None:
         headers = [
             (name, rewrite_set_cookie(value) if name.lower() == "set-cookie" else value)
@@ -204,7 +194,7 @@ def _switch_headers(head: Head) -> list[tuple[str, str]]:
     """
     if head.get_all("connection") in _ONLY_UPGRADE and not head.has_any(_NOT_ON_A_SWITCH):
         return list(head.headers)  # what every gateway sends: nothing to take out
-    drop = _NOT_ON_A_SWITCH | (_connection_listed(head.headers) - {"upgrade"})
+    drop = _NOT_ON_A_SWITCH | (_connection_listed(head) - {"upgrade"})
     headers: list[tuple[str, str]] = []
     connection_said = False
     for name, value in head.headers:
@@ -224,7 +214,7 @@ def render_interim(response: ResponseHead) -> bytes:
     Only its end-to-end headers: nothing hop-by-hop (the backend's Connection speaks of its
     connection to us) and no framing (a 1xx has no body, RFC 9112 §6.1-6.2).
     """
-    headers = _end_to_end(response.head.headers, HOP_BY_HOP | _BODY_FRAMING)
+    headers = _end_to_end(response.head, _NO_BODY)
     return render_head(f"HTTP/1.1 {response.status} {response.reason}", headers)
 
 

@@ -240,6 +240,7 @@ class Connection:
         "_decision",
         "_interim",
         "_keep_alive",
+        "_last_backend",
         "_last_client",
         "_lookup",
         "_opened_at",
@@ -338,6 +339,7 @@ class Connection:
         self._answer_scan = 0  # bytes of _answer_buf already searched for the end of a head
         self._interim = 0
         self._last_client = 0.0
+        self._last_backend = 0.0  # the last bytes of an answer's body relayed: `timeouts.idle` counts from it
         self._wall = 0.0
 
     @property
@@ -473,8 +475,9 @@ class Connection:
                 actions += self._send_body(data, now)
                 actions += self._maybe_resume()
             if self._body_left and self.client_eof_seen and self.state == WAITING:
-                # The client half-closed before the end of its body: the rest will never come.
-                return actions + self._release_backend() + self._refuse(BadRequest(_BODY_INCOMPLETE), now)
+                # The client half-closed before the end of its body: the rest will never come, and
+                # the backend gets none of it (a truncated upload it might act on): `actions` go unsent.
+                return self._release_backend() + self._refuse(BadRequest(_BODY_INCOMPLETE), now)
             if self._body_left and self.state == WAITING:
                 # Uploading: the client's time, counted from its last byte.  Ahead of the writes:
                 # a full backend buffer they cause sets an earlier deadline (backend_blocked).
@@ -541,6 +544,9 @@ class Connection:
                 return self._release_backend() + self._close(abort=True)
             return self._retry_or_fail(_Failure(f"no answer within {timeouts.backend_connect:g}s", "timeout"), now)
         if state == RELAY:
+            until = self._last_backend + timeouts.idle
+            if now < until:
+                return [SetTimer(until)]  # bytes came since the timer was set: idle counts from the last
             log.debug("closing %s: response body idle for %gs", self._client_ip, timeouts.idle)
             actions = self._release_backend()
             return actions + self._close(abort=True)
@@ -837,6 +843,7 @@ class Connection:
         """While an answer is relayed: the upload's quiet-spell deadline while the body still comes, else idle."""
         if self._body_left:
             return SetTimer(self._upload_deadline())
+        self._last_backend = now
         idle = self._config.timeouts.idle
         return SetTimer(now + idle if idle > 0 else None)
 
@@ -853,6 +860,7 @@ class Connection:
             )
             return self._release_backend() + self._close(abort=True)
         if end is None:
+            self._last_backend = now  # no new timer: deadline() moves the idle one on when it fires
             return [SendClient(data)]
         actions: list[Action] = [SendClient(data[:end])] if end else []
         # Anything behind the body is not ours to relay (we asked for Connection: close).

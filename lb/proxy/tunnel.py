@@ -32,7 +32,6 @@ import logging
 import time
 
 from lb.access_log import log_tunnel_closed, log_tunnel_ended
-from lb.http.framing import BodyFramer
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
 from lb.ws.frames import FrameBoundaries, close_frame
@@ -173,29 +172,6 @@ class WebSocketServerEnd(TunnelEnd):
         self.deadline = asyncio.get_running_loop().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)
 
 
-class FramedResponseEnd(TunnelEnd):
-    """The backend side of a plain HTTP answer: closes the tunnel when the body is complete."""
-
-    __slots__ = ("framer",)
-
-    def __init__(self, tunnel: Tunnel, peer: asyncio.Transport, framer: BodyFramer) -> None:
-        super().__init__(tunnel, peer)
-        self.framer = framer
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            end = self.framer.feed(data)
-        except ValueError:
-            log.warning("malformed chunked body from backend %s; closing", self.tunnel.backend.id)
-            self.tunnel.close()
-            return
-        if end is None:
-            TunnelEnd.data_received(self, data)
-            return
-        TunnelEnd.data_received(self, data[:end])
-        self.tunnel.close()
-
-
 class Tunnel:
     """A client and a backend connection joined after the handshake."""
 
@@ -234,7 +210,7 @@ class Tunnel:
         self.opened_at = time.monotonic()
         self.idle_mark = (0, self.opened_at)  # (bytes seen, when): the idle sweeper's last look
         self.client_end: TunnelEnd
-        self.server_end: TunnelEnd
+        self.server_end: WebSocketServerEnd  # every tunnel is a WebSocket's: the backend side reads frames
 
     @classmethod
     def join(
@@ -248,7 +224,6 @@ class Tunnel:
         pool: str,
         to_server: bytes = b"",
         to_client: bytes = b"",
-        framer: BodyFramer | None = None,
         server_closed: bool = False,
         request_id: str = "-",
         client_port: int = 0,
@@ -270,9 +245,7 @@ class Tunnel:
         tunnel = cls(ctx, backend, client_ip, pool, request_id)
         tunnel.client_port = client_port
         tunnel.client_end = TunnelEnd(tunnel, server)
-        tunnel.server_end = (
-            WebSocketServerEnd(tunnel, client) if framer is None else FramedResponseEnd(tunnel, client, framer)
-        )
+        tunnel.server_end = WebSocketServerEnd(tunnel, client)
         ctx.tunnels.add(tunnel)
         client.set_protocol(tunnel.client_end)
         server.set_protocol(tunnel.server_end)
@@ -282,7 +255,7 @@ class Tunnel:
             tunnel.client_end.data_received(to_server)
         if client_lead:
             end = tunnel.server_end
-            if to_client and type(end) is WebSocketServerEnd:
+            if to_client:
                 end.frames.feed(to_client)  # what data_received does on a fresh end, in one write
                 end.nbytes += len(to_client)
                 client.write(client_lead + to_client)
@@ -291,10 +264,8 @@ class Tunnel:
                 client.write(client_lead)
         if to_client:
             tunnel.server_end.data_received(to_client)
-        if server_closed and isinstance(tunnel.server_end, WebSocketServerEnd):
+        if server_closed:
             tunnel.server_end.backend_gone()  # hung up right after its 101: the client still hears 1012
-        elif server_closed or (framer is not None and framer.done):
-            tunnel.close()
         elif not tunnel.closed:
             # Not past a pause the flush above caused (or one from before the switch): resumed
             # here, a side would be read into a peer that is full, and since that peer's transport
@@ -322,7 +293,7 @@ class Tunnel:
         return isinstance(end, WebSocketServerEnd) and (end.silenced or end.pending_close is not None)
 
     def close_gracefully(self, code: int, reason: str, *, cause: str | None = None) -> None:
-        """End a WebSocket tunnel with a close frame to the client (e.g. 1001, 1012); others just close.
+        """End the tunnel with a close frame to the client (e.g. 1001, 1012), at a frame boundary.
 
         `cause` names why, for `Stats.balancer_closes` ("shutdown", "drain", "idle").
         """
@@ -330,10 +301,7 @@ class Tunnel:
             return
         if self.cause is None:
             self.cause = cause or f"close_{code}"
-        if isinstance(self.server_end, WebSocketServerEnd):
-            self.server_end.inject_close(code, reason)
-        else:
-            self.close()
+        self.server_end.inject_close(code, reason)
 
     def close_or_abort(self) -> None:
         """After the close linger: close if the client took everything we sent, else cut TCP."""

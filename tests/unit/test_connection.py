@@ -771,6 +771,31 @@ def test_half_close_before_the_end_of_the_body_is_a_400(connected_first: bool) -
     assert play.closed_client == CloseClient() and play.connections()["a1"] == 0 and play.failures == []
 
 
+def test_a_body_cut_short_while_connecting_never_reaches_the_backend() -> None:
+    """A half-close during the connect leaves the body incomplete: the backend gets nothing to act on."""
+    play = Play()
+    play.client(post("/a/x", b"x" * 100)[:-60])
+    play._apply(play.conn.client_eof(play.now))
+    play.connected()
+    assert play.answer()[0] == 400 and play.to_backend == [b""]
+
+
+def test_the_idle_timeout_of_an_answer_counts_from_its_last_bytes() -> None:
+    """`timeouts.idle` is a quiet spell: an answer still sending every 2 s lives past 3 s from its head."""
+    play = Play(CONFIG.replace("backend_connect: 2s", "backend_connect: 2s, idle: 3s"))
+    play.client(get("/a/x"))
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    assert play.timer == T0 + 3
+    for last_byte in (T0 + 2, T0 + 4):
+        play.now = last_byte
+        play.backend(b"x")
+        play.fire()  # set for 3 s after the previous bytes: moved on to 3 s after these
+        assert play.closed_client is None and play.timer == last_byte + 3
+    play.fire()  # quiet for 3 s since the last byte
+    assert play.closed_client is not None and play.conn.state == CLOSED
+
+
 def test_an_upload_that_stalls_after_the_answer_began_is_closed_on_time() -> None:
     """A backend that answers early (a streaming echo) does not lift the client's quiet-spell deadline."""
     play = Play()
