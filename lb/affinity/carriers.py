@@ -28,6 +28,7 @@ is one token, exactly as before.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,14 @@ from lb.affinity.balancing import source_key
 from lb.affinity.codec import Claim, TokenCodec, TokenTooLarge
 from lb.config.model import AffinityConfig, AffinityMode, BalanceMethod, HashKeySource, PoolConfig
 from lb.errors import InvalidToken
-from lb.http.cookies import deletes, read_cookie, reissue_set_cookie, rewrite_cookie, set_cookie_value, strip_cookie
+from lb.http.cookies import (
+    parse_set_cookie,
+    read_cookie,
+    reissue_set_cookie,
+    rewrite_cookie,
+    set_cookie_value,
+    strip_cookie,
+)
 from lb.http.forwarding import query_values, strip_query_param
 from lb.http.head import RequestHead, ResponseHead
 
@@ -56,6 +64,10 @@ class TokenLookup:
 # Pins one cookie value carries at most (one per pool); the oldest goes first beyond it.
 MAX_PINS = 8
 PIN_SEPARATOR = "."
+# Distinct session values sealed per answer at most (one seal each, an AES-GCM encryption): a
+# backend answer of a thousand Set-Cookies for one name costs no more than this; the rest pass
+# unsealed, as values too large to seal do.  A browser keeps one per name, path and domain.
+MAX_SEALS = MAX_PINS
 # Tokens opened per request at most (each a decryption), wherever they come from: a duplicate
 # cookie of full pins plus change.  Without it a head of many forged cookies (or header lines,
 # or query parameters) cost a decryption per token: a millisecond per request of 16 KiB.
@@ -210,8 +222,9 @@ def rewrite_response_cookies(
         seal: app value → token naming the serving backend.
         secure: the Secure attribute is due (`affinity.secure` for this listener).
         others: the request's valid pins for other pools, kept in front of the new token.
-        on_unsealed: called with each value too large to seal; that value passes unchanged
-            (never replaced: the backend must get back what it set).
+        on_unsealed: called with each value not sealed (too large, or past MAX_SEALS values in
+            one answer); that value passes unchanged (never replaced: the backend must get back
+            what it set).
 
     Returns:
         The Set-Cookie rewriter (None when the backend set no such cookie) and the token for the header.
@@ -221,19 +234,23 @@ def rewrite_response_cookies(
     tokens: dict[str, str] = {}  # app value → its token (one seal per value)
     rewritten: dict[str, str] = {}  # Set-Cookie header value → what the client gets instead
     for value in response.head.get_all("set-cookie"):
-        app_value = set_cookie_value(value, name)
-        # A deletion (empty value, Max-Age <= 0) is the backend ending its session: passed on as it is.
-        if app_value is None or value in rewritten or deletes(value):
+        if set_cookie_value(value, name) is None or value in rewritten:
             continue
-        if app_value not in tokens:
-            try:
-                tokens[app_value] = join_pins(others, seal(app_value))
-            except TokenTooLarge:
+        cookie = parse_set_cookie(value)
+        if cookie.deletes:
+            continue  # an empty value or Max-Age <= 0: the backend ends its session; passed on as it is
+        if cookie.value not in tokens:
+            sealed = None
+            if len(tokens) < MAX_SEALS:
+                with contextlib.suppress(TokenTooLarge):
+                    sealed = join_pins(others, seal(cookie.value))
+            if sealed is None:  # too large to seal, or one value too many in one answer
                 if on_unsealed is not None:
-                    on_unsealed(app_value)
+                    on_unsealed(cookie.value)
                 continue
+            tokens[cookie.value] = sealed
         rewritten[value] = reissue_set_cookie(
-            value, tokens[app_value], max_age=int(affinity.max_age), same_site=affinity.same_site,
+            cookie, tokens[cookie.value], max_age=int(affinity.max_age), same_site=affinity.same_site,
             http_only=affinity.http_only, secure=secure,
         )
     if not tokens:

@@ -7,6 +7,7 @@ send) and renders strictly per RFC 6265 §4.1.1 on the way out.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from lb.config.model import SameSite
 from lb.http.head import ResponseHead
@@ -63,90 +64,100 @@ def strip_cookie(header_value: str, name: str) -> str | None:
     return rewrite_cookie(header_value, name, lambda _value: None)
 
 
-def _attributes(header_value: str) -> list[tuple[str, str]]:
-    """A Set-Cookie's attributes after its pair, as (lower-case name, value) in order (RFC 6265 §5.2)."""
-    attributes = []
-    for part in header_value.split(";")[1:]:
-        attribute, _, value = part.partition("=")
-        if attribute.strip():
-            attributes.append((attribute.strip().lower(), value.strip()))
-    return attributes
+@dataclass(frozen=True, slots=True)
+class SetCookie:
+    """A backend's Set-Cookie header, read once (RFC 6265 §5.2)."""
+
+    name: str
+    value: str
+    attributes: tuple[tuple[str, str, str], ...]  # (lower-case name, value, as written), in order
+
+    def last(self, attribute: str) -> str | None:
+        """The value of the last `attribute` (the one a browser uses), or None."""
+        found = None
+        for name, value, _ in self.attributes:
+            if name == attribute:
+                found = value
+        return found
+
+    @property
+    def max_age(self) -> int | None:
+        """The Max-Age a browser reads (the last valid one, RFC 6265 §5.2.2), or None."""
+        found = None
+        for attribute, value, _ in self.attributes:
+            digits = value[1:] if value[:1] == "-" else value
+            if attribute == "max-age" and digits.isascii() and digits.isdigit():
+                # More digits than _MAX_AGE_DIGITS are "a very long time" (int() of 4,300 raises).
+                big = len(digits.lstrip("0")) > _MAX_AGE_DIGITS
+                magnitude = 10**_MAX_AGE_DIGITS if big else int(digits[-_MAX_AGE_DIGITS:])
+                found = -magnitude if value[:1] == "-" else magnitude
+        return found
+
+    @property
+    def deletes(self) -> bool:
+        """Whether it deletes its cookie: an empty value, or a Max-Age of zero or less."""
+        if not self.value:
+            return True
+        max_age = self.max_age
+        return max_age is not None and max_age <= 0
 
 
-# More Max-Age digits than this are "a very long time" (int() of 4,300 digits raises in CPython).
 _MAX_AGE_DIGITS = 12
 
 
-def _max_age(attributes: list[tuple[str, str]]) -> int | None:
-    """The Max-Age a browser reads (the last valid one, RFC 6265 §5.2.2), or None."""
-    found = None
-    for attribute, value in attributes:
-        digits = value[1:] if value[:1] == "-" else value
-        if attribute == "max-age" and digits.isascii() and digits.isdigit():
-            magnitude = int(digits[-_MAX_AGE_DIGITS:]) if len(digits.lstrip("0")) <= _MAX_AGE_DIGITS else 10**12
-            found = -magnitude if value[:1] == "-" else magnitude
-    return found
+def parse_set_cookie(header_value: str) -> SetCookie:
+    pair, _, rest = header_value.partition(";")
+    name, _, value = pair.partition("=")
+    attributes = []
+    for part in rest.split(";") if rest else ():
+        attribute, _, attribute_value = part.partition("=")
+        if attribute.strip():
+            attributes.append((attribute.strip().lower(), attribute_value.strip(), part.strip()))
+    return SetCookie(name.strip(), value.strip(), tuple(attributes))
 
 
-def deletes(header_value: str) -> bool:
-    """Whether a Set-Cookie deletes its cookie: an empty value, or a Max-Age of zero or less."""
-    value = header_value.partition(";")[0].partition("=")[2].strip()
-    if not value:
-        return True
-    max_age = _max_age(_attributes(header_value)) if "max-age" in header_value.lower() else None
-    return max_age is not None and max_age <= 0
-
-
+_SAME_SITE = {member.value.lower(): member for member in SameSite}
 _STRICTNESS = {SameSite.NONE: 0, SameSite.LAX: 1, SameSite.STRICT: 2}
-
-
-def _stricter(same_site: SameSite, attributes: list[tuple[str, str]]) -> SameSite:
-    """`same_site`, or the backend's own SameSite (the last valid one, as browsers read it) if stricter."""
-    own = None
-    for attribute, value in attributes:
-        if attribute == "samesite":
-            own = next((member for member in SameSite if member.value.lower() == value.lower()), own)
-    return own if own is not None and _STRICTNESS[own] > _STRICTNESS[same_site] else same_site
-
 
 # Attributes the rewritten cookie states itself (below); any other a backend sets is kept.
 _RESTATED = frozenset({"path", "domain", "max-age", "expires", "httponly", "samesite", "secure"})
 
 
 def reissue_set_cookie(
-    header_value: str, token: str, *, max_age: int, same_site: SameSite, http_only: bool, secure: bool
+    cookie: SetCookie, token: str, *, max_age: int, same_site: SameSite, http_only: bool, secure: bool
 ) -> str:
     """A backend's Set-Cookie (rewrite mode) with its value replaced by `token`, in our format.
 
     The cookie now carries the route, so the affinity settings govern it as they govern
     insert mode's cookie (`render_set_cookie`), without undoing what the backend asked for:
-    - its Path and Domain stay: where the cookie belongs is the application's (Path=/ if none);
+    - its Path and Domain stay (the last of each, as a browser reads them): where the cookie
+      belongs is the application's (Path=/ if none, or none valid: a browser's default);
     - lifetime: Max-Age is `max_age`, the token's life, or the backend's own if shorter; a
       backend that gave Expires and no Max-Age keeps its Expires (its lifetime, its dates);
     - HttpOnly and Secure are on when the settings or the backend say so, and SameSite is
       the stricter of the two: never weaker than what the backend asked for;
     - any other attribute (Partitioned, Priority, ...) follows, as the backend wrote it.
     """
-    name = header_value.partition(";")[0].partition("=")[0].strip()
-    attributes = _attributes(header_value)
-    names = {attribute for attribute, _ in attributes}
-    path = next((value for attribute, value in attributes if attribute == "path" and value.startswith("/")), "/")
-    parts = [f"{name}={token}", f"Path={path}"]
-    parts += [f"Domain={value}" for attribute, value in attributes if attribute == "domain" and value][:1]
-    own_max_age = _max_age(attributes)
-    if own_max_age is None and "expires" in names:
-        parts += [f"Expires={value}" for attribute, value in attributes if attribute == "expires"][-1:]
-    else:
-        parts.append(f"Max-Age={max_age if own_max_age is None else min(own_max_age, max_age)}")
-    if http_only or "httponly" in names:
-        parts.append("HttpOnly")
-    parts.append(f"SameSite={_stricter(same_site, attributes).value}")
-    if secure or "secure" in names:
-        parts.append("Secure")
-    for part in header_value.split(";")[1:]:
-        if part.strip() and part.partition("=")[0].strip().lower() not in _RESTATED:
-            parts.append(part.strip())
-    return "; ".join(parts)
+    path = cookie.last("path")
+    own_max_age = cookie.max_age
+    expires = cookie.last("expires") if own_max_age is None else None
+    own_same_site = _SAME_SITE.get((cookie.last("samesite") or "").lower())
+    if own_same_site is not None and _STRICTNESS[own_same_site] > _STRICTNESS[same_site]:
+        same_site = own_same_site
+    names = {attribute for attribute, _, _ in cookie.attributes}
+    return render_set_cookie(
+        cookie.name,
+        token,
+        max_age=None if expires is not None else max_age if own_max_age is None else min(own_max_age, max_age),
+        expires=expires,
+        same_site=same_site,
+        http_only=http_only or "httponly" in names,
+        secure=secure or "secure" in names,
+        path=path if path and path.startswith("/") else "/",
+        # The last Domain with a value: an empty one is ignored by browsers (RFC 6265 §5.2.3).
+        domain=next((value for name, value, _ in reversed(cookie.attributes) if name == "domain" and value), None),
+        extra=[written for attribute, _, written in cookie.attributes if attribute not in _RESTATED],
+    )
 
 
 def sets_cookie(response: ResponseHead, name: str) -> bool:
@@ -161,13 +172,31 @@ def set_cookie_value(header_value: str, name: str) -> str | None:
 
 
 def render_set_cookie(
-    name: str, value: str, *, max_age: int, same_site: SameSite, http_only: bool, secure: bool
+    name: str,
+    value: str,
+    *,
+    max_age: int | None,
+    same_site: SameSite,
+    http_only: bool,
+    secure: bool,
+    path: str = "/",
+    domain: str | None = None,
+    expires: str | None = None,
+    extra: Iterable[str] = (),
 ) -> str:
-    """Our Set-Cookie value: `name=value; Path=/; Max-Age=N; HttpOnly; SameSite=X[; Secure]`."""
-    parts = [f"{name}={value}", "Path=/", f"Max-Age={max_age}"]
+    """Our Set-Cookie value: `name=value; Path=/; Max-Age=N; HttpOnly; SameSite=X[; Secure]`.
+
+    `path`, `domain`, `expires` (instead of Max-Age) and `extra` attributes: a backend's
+    own, kept on a rewrite-mode cookie (`reissue_set_cookie`).
+    """
+    parts = [f"{name}={value}", f"Path={path}"]
+    if domain is not None:
+        parts.append(f"Domain={domain}")
+    parts.append(f"Max-Age={max_age}" if max_age is not None else f"Expires={expires}")
     if http_only:
         parts.append("HttpOnly")
     parts.append(f"SameSite={same_site.value}")
     if secure:
         parts.append("Secure")
+    parts.extend(extra)
     return "; ".join(parts)

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from lb.access_log import RateLimitSummary, log_answered, log_request
 from lb.affinity.balancing import HASHED_METHODS
 from lb.affinity.carriers import (
+    MAX_SEALS,
     TokenLookup,
     balance_key,
     find_token,
@@ -1023,13 +1024,7 @@ class Connection:
                 nonces.pop() if nonces else self._random(NONCE_BYTES),
             )
 
-        def unsealed(app_value: str) -> None:
-            ctx.stats.unsealed_cookies[pool.name] += 1
-            log.warning(
-                "backend %s set a %d-byte %s cookie, too large to seal: passed to the client unsealed "
-                "(no affinity for it; request %s)",
-                decision.backend.id, len(app_value), affinity.cookie, self._rid,
-            )
+        unsealed: list[int] = []  # sizes of the backend's values passed unsealed, logged once below
 
         secure = affinity.secure is SecureMode.ALWAYS or (affinity.secure is SecureMode.AUTO and self._tls)
 
@@ -1043,8 +1038,17 @@ class Connection:
             pool.config.balance in HASHED_METHODS and not pool.config.sticky
         ):
             rewrite, token = rewrite_response_cookies(
-                response, affinity, seal, secure=secure, others=lookup.others, on_unsealed=unsealed
+                response, affinity, seal, secure=secure, others=lookup.others,
+                on_unsealed=lambda app_value: unsealed.append(len(app_value)),
             )
+            if unsealed:
+                # Counted each; one line per answer however many it held (a backend cannot flood the log).
+                ctx.stats.unsealed_cookies[pool.name] += len(unsealed)
+                log.warning(
+                    "backend %s set %d %s cookie value(s) too large to seal (up to %d bytes) or past %d in one "
+                    "answer: passed to the client unsealed (no affinity for them; request %s)",
+                    decision.backend.id, len(unsealed), affinity.cookie, max(unsealed), MAX_SEALS, self._rid,
+                )
             set_cookies = []
             if (
                 decision.issue_cookie and decision.reason == "hit" and claim is not None

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.affinity.carriers import TokenLookup, find_token, plan_forward, rewrite_response_cookies
+from lb.affinity.carriers import MAX_SEALS, TokenLookup, find_token, plan_forward, rewrite_response_cookies
 from lb.affinity.codec import NONCE_BYTES, Claim, TokenCodec
 from lb.config.model import AffinityConfig, AffinityMode
 from lb.http.forwarding import render_forwarded_request
@@ -435,3 +435,24 @@ def test_rewrite_round_trip_backend_sees_the_value_it_set(app_value: str, others
     assert lookup.claim is not None and lookup.claim.backend_id == "gw-2"
     seen = forwarded(req, REWRITE, lookup, to_claimed=True)
     assert seen.head.get_all("cookie") == ["; ".join([*others, f"SESSIONID={app_value}"])]
+
+
+def test_rewrite_response_keeps_the_scope_a_browser_reads_the_last_path_and_domain() -> None:
+    """RFC 6265 §5.3: of repeated Path or Domain attributes, the last one (with a value) counts."""
+    app = "SESSIONID=abc; Domain=a.example; Domain=b.example; Domain=; Path=/x; Path=/y"
+    rewrite, token = rewrite_response_cookies(parse_response_head(response(app)), REWRITE, sealer()[1])
+    assert rewrite is not None
+    assert rewrite(app) == f"SESSIONID={token}; Path=/y; Domain=b.example; Max-Age=3600; HttpOnly; SameSite=Lax"
+
+
+def test_a_flood_of_session_values_in_one_answer_costs_at_most_max_seals_seals() -> None:
+    """A thousand Set-Cookies for the one name: MAX_SEALS seals, the rest passed unsealed and reported."""
+    values = [f"SESSIONID=v{i}; Path=/" for i in range(1000)]
+    sealed, seal_value = sealer()
+    reported: list[str] = []
+    rewrite, _ = rewrite_response_cookies(
+        parse_response_head(response(*values)), REWRITE, seal_value, on_unsealed=reported.append
+    )
+    assert rewrite is not None
+    assert sealed == [f"v{i}" for i in range(MAX_SEALS)] and len(reported) == 1000 - MAX_SEALS
+    assert rewrite(values[-1]) == values[-1]  # passed as the backend set it

@@ -7,7 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb.config.model import SameSite
-from lb.http.cookies import deletes, read_cookie, reissue_set_cookie, render_set_cookie, rewrite_cookie, strip_cookie
+from lb.http.cookies import (
+    parse_set_cookie,
+    read_cookie,
+    reissue_set_cookie,
+    render_set_cookie,
+    rewrite_cookie,
+    strip_cookie,
+)
 
 NAME = "LB_AFFINITY"
 
@@ -221,7 +228,9 @@ def test_a_reissued_cookie_states_each_setting_once_whatever_the_backend_wrote(
     attributes: list[str], secure: bool
 ) -> None:
     header = "; ".join(["SID=app", *attributes])
-    out = reissue_set_cookie(header, "TOKEN", max_age=60, same_site=SameSite.LAX, http_only=True, secure=secure)
+    out = reissue_set_cookie(
+        parse_set_cookie(header), "TOKEN", max_age=60, same_site=SameSite.LAX, http_only=True, secure=secure
+    )
     pair, *parts = out.split("; ")
     assert pair == "SID=TOKEN"
     names = [part.partition("=")[0].strip().lower() for part in parts]
@@ -230,7 +239,7 @@ def test_a_reissued_cookie_states_each_setting_once_whatever_the_backend_wrote(
     assert names.count("max-age") + names.count("expires") == 1, out
     assert names.count("secure") == (1 if secure or "secure" in [a.strip().lower() for a in attributes] else 0)
     max_ages = [int(part.partition("=")[2]) for part in parts if part.lower().startswith("max-age=")]
-    assert all(0 < age <= 60 for age in max_ages) or deletes(header), out
+    assert all(0 < age <= 60 for age in max_ages) or parse_set_cookie(header).deletes, out
 
 
 @pytest.mark.parametrize(
@@ -241,13 +250,14 @@ def test_a_reissued_cookie_states_each_setting_once_whatever_the_backend_wrote(
      ("SID=v; Max-Age=" + "0" * 5000, True)],
 )
 def test_a_deletion_is_an_empty_value_or_a_max_age_of_zero_or_less(header: str, deletion: bool) -> None:
-    assert deletes(header) is deletion
+    assert parse_set_cookie(header).deletes is deletion
 
 
 def test_a_huge_max_age_is_a_long_life_not_an_error() -> None:
     """int() refuses 4,300 digits and more: a backend's Max-Age must not fail the handshake."""
     out = reissue_set_cookie(
-        "SID=v; Max-Age=" + "9" * 5000, "T", max_age=60, same_site=SameSite.LAX, http_only=False, secure=False
+        parse_set_cookie("SID=v; Max-Age=" + "9" * 5000), "T", max_age=60, same_site=SameSite.LAX,
+        http_only=False, secure=False,
     )
     assert out == "SID=T; Path=/; Max-Age=60; SameSite=Lax"
 
@@ -255,7 +265,7 @@ def test_a_huge_max_age_is_a_long_life_not_an_error() -> None:
 def test_the_backends_last_samesite_is_the_one_compared() -> None:
     """Browsers read the last SameSite attribute: `Strict; None` is None, so the configured Lax stands."""
     out = reissue_set_cookie(
-        "SID=v; SameSite=Strict; SameSite=None", "T", max_age=60, same_site=SameSite.LAX, http_only=False,
-        secure=True,
+        parse_set_cookie("SID=v; SameSite=Strict; SameSite=None"), "T", max_age=60, same_site=SameSite.LAX,
+        http_only=False, secure=True,
     )
     assert "SameSite=Lax" in out and "Strict" not in out
