@@ -28,12 +28,30 @@ DEFAULT_CERT_HOSTS = "localhost,127.0.0.1"
 # 32 random bytes: 256 bits of key material, 43 URL-safe characters.
 KEY_BYTES = 32
 
+# Options whose value is an opaque secret: `lb keygen` and `secrets.token_urlsafe` start one
+# with "-" once in 64, which argparse would read as an option ("expected one argument").
+_OPAQUE_VALUE_OPTIONS = frozenset({"--token"})
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `lb` subcommand and return its exit code."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(join_opaque_values(sys.argv[1:] if argv is None else argv))
     handler: Callable[[argparse.Namespace], int] = args.handler
     return handler(args)
+
+
+def join_opaque_values(argv: list[str]) -> list[str]:
+    """`--token VALUE` as `--token=VALUE`, so a value starting with "-" is still the value."""
+    joined: list[str] = []
+    pending = iter(argv)
+    for arg in pending:
+        if arg == "--":
+            joined.append(arg)
+            joined.extend(pending)
+            break
+        value = next(pending, None) if arg in _OPAQUE_VALUE_OPTIONS else None
+        joined.append(arg if value is None else f"{arg}={value}")
+    return joined
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lb.cli import _parser
+from lb.cli import _parser, join_opaque_values
 from lb.ctl import EXIT_USAGE, CtlError, render_status, resolve_target, run_ctl
 
 
@@ -94,3 +94,14 @@ def test_status_table() -> None:
     assert lines[-1] == "live tunnels: 12, role: single"
     with pytest.raises(CtlError):
         render_status(["not", "a", "status"])
+
+
+def test_a_token_starting_with_a_dash_is_still_the_token() -> None:
+    """`lb keygen` starts one token in 64 with "-"; `--token -x` must not read as a missing value."""
+    argv = join_opaque_values(["ctl", "--token", "-Ab_c", "status", "--token", "--x"])
+    assert parse(*argv[1:]).token == "--x"
+    assert parse(*join_opaque_values(["--token", "-Ab_c", "status"])).token == "-Ab_c"
+    assert join_opaque_values(["ctl", "--", "--token", "-x"]) == ["ctl", "--", "--token", "-x"]
+    with pytest.raises(SystemExit) as exc:
+        parse(*join_opaque_values(["status", "--token"]))
+    assert exc.value.code == EXIT_USAGE
