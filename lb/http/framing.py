@@ -8,43 +8,67 @@ even when the backend keeps its own side alive.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
-from lb.http.head import RequestHead, ResponseHead
+from lb.http.head import PROTECTED_HEADERS, RequestHead, ResponseHead
 
-_SIZE, _SIZE_LF, _DATA, _DATA_CR, _DATA_LF, _TRAILER, _TRAILER_LF, _DONE, _SIZE_BWS = range(9)
+(_SIZE, _SIZE_LF, _SIZE_BWS, _DATA, _DATA_CR, _DATA_LF, _TRAILER_NAME, _TRAILER_VALUE, _TRAILER_LF, _TRAILERS_LF,
+ _DONE) = range(11)
 
-# Chunk extensions and trailers are read byte by byte and never relayed as data: bounded so a
-# peer cannot make them endless (llhttp caps extensions likewise, CVE-2024-22019).
+# Chunk extensions and trailers are never relayed as data: bounded so a peer cannot make them
+# endless (llhttp caps extensions likewise, CVE-2024-22019).
 MAX_CHUNK_LINE = 4096  # a chunk-size line, extensions included
 MAX_TRAILERS = 65536  # the whole trailer section
 # 15 hex digits stay below 2**60: no 64-bit parser behind us can wrap a size we accepted.
 MAX_SIZE_DIGITS = 15
-# A whole chunk-size line as the byte loop below accepts it (size, optional whitespace, optional
-# extensions, CRLF), read in one C-speed match instead of a loop pass per byte: a line of 4 KiB of
-# extensions cost 0.5 ms, a peer's CPU for nothing.  Lines it does not match (split across reads,
-# too long, or malformed) go through the byte loop, which has the last word on them.
-_SIZE_LINE = re.compile(
-    rb"([0-9A-Fa-f]{1,%d})(?:[ \t]*;[\t\x20-\x7e\x80-\xff]{0,%d}|[ \t]*)\r\n" % (MAX_SIZE_DIGITS, MAX_CHUNK_LINE)
-)
-_size_line = _SIZE_LINE.match
+# The bytes an extension or a field value may hold (RFC 9112 §7.1.1, RFC 9110 §5.5): no control
+# byte but HTAB.  A bare CR, LF or NUL is a line end or junk to some parsers: refused, so a
+# backend cannot read a line's end where we do not (request smuggling).
+_LINE_CHARS = rb"[\t\x20-\x7e\x80-\xff]"
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+# A whole chunk-size line (size, optional whitespace, optional extensions, CRLF), read in one
+# C-speed match instead of a loop pass per byte.  Lines it does not match (split across reads,
+# too long, or malformed) go through the loop below, which has the last word on them.
+_size_line = re.compile(
+    rb"([0-9A-Fa-f]{1,%d})(?:[ \t]*;%s{0,%d}|[ \t]*)\r\n" % (MAX_SIZE_DIGITS, _LINE_CHARS, MAX_CHUNK_LINE)
+).match
+# Runs the loop takes in one C-speed step: a split line costs a loop pass per read, not per byte.
+_line_run = re.compile(_LINE_CHARS + rb"*+").match
+_blank_run = re.compile(rb"[ \t]*+").match
+_name_run = re.compile(_TCHAR + rb"*+").match
+# Whole trailer lines as the head reads field lines (RFC 9112 §5: a token, `:`, then field-value
+# bytes; no whitespace before the colon, no obs-fold).
+_trailer_lines = re.compile(rb"(?:" + _TCHAR + rb"++:" + _LINE_CHARS + rb"*+\r\n)*+").match
 
 
 class BodyFramer:
-    """Tracks one response body; `feed` says where in a chunk the body ends."""
+    """Tracks one message body; `feed` says where in a read the body ends.
+
+    A chunked body is checked as it passes: a malformed size line, extension or trailer line
+    raises at its first bad byte, so no bad line ever reaches the other side whole.
+    """
 
     __slots__ = (
-        "_chunked", "_colon", "_extension", "_line_len", "_remaining", "_state", "_trailer_len", "_until_eof",
+        "_chunked", "_extension", "_forbidden", "_line_len", "_name", "_remaining", "_state", "_trailer_len",
+        "_until_eof",
     )
 
-    def __init__(self, *, length: int | None, chunked: bool) -> None:
+    def __init__(self, *, length: int | None, chunked: bool, forbidden_trailers: frozenset[str] = frozenset()) -> None:
+        """Args:
+        length: the Content-Length, or None.
+        chunked: Transfer-Encoding ends in chunked (it wins over `length`).
+        forbidden_trailers: lower-case names refused as trailer fields, also spelt with `_` for
+            `-`: a backend that merges trailers into the head would read them as ours.
+        """
         self._chunked = chunked
         self._until_eof = length is None and not chunked
         self._remaining = length or 0
         self._state = _SIZE if chunked else (_DONE if length == 0 else _DATA)
         self._extension = False  # in a chunk-size line's extensions, which are skipped up to CR
-        self._colon = False  # the current trailer line has its `:`
         self._line_len = 0
         self._trailer_len = 0
+        self._name = bytearray()  # a trailer field name split across reads
+        self._forbidden = forbidden_trailers
 
     @property
     def done(self) -> bool:
@@ -59,7 +83,7 @@ class BodyFramer:
         """Consume `data`; return how many of its bytes complete the body, or None if it goes on.
 
         Raises:
-            ValueError: malformed chunked encoding.
+            ValueError: malformed chunked encoding, or a forbidden trailer field.
         """
         if self._state == _DONE:
             return 0
@@ -91,26 +115,51 @@ class BodyFramer:
                     else:
                         self._state = _DATA_CR
                 continue
-            if state == _SIZE and not self._line_len and not self._extension:
-                line = _size_line(data, i)
-                if line is not None and line.end() - i <= MAX_CHUNK_LINE:
-                    i = line.end()
-                    self._remaining = int(line.group(1), 16)
-                    self._state = _DATA if self._remaining else _TRAILER
-                    continue
+            if state == _SIZE:
+                if not self._line_len and not self._extension:
+                    line = _size_line(data, i)
+                    if line is not None and line.end() - i <= MAX_CHUNK_LINE:
+                        i = line.end()
+                        self._remaining = int(line.group(1), 16)
+                        self._state = _DATA if self._remaining else _TRAILER_NAME
+                        continue
+                elif self._extension:
+                    i = self._count_line(i, _run_end(_line_run, data, i))
+                    if i == n:
+                        break
+            elif state == _SIZE_BWS:
+                i = self._count_line(i, _run_end(_blank_run, data, i))
+                if i == n:
+                    break
+            elif state == _TRAILER_NAME:
+                if not self._name:
+                    # Whole lines in one match; the loop reads only a line split across reads.
+                    end = _run_end(_trailer_lines, data, i)
+                    if end > i:
+                        self._count_trailers(end - i)
+                        if self._forbidden:
+                            self._check_names(data[i:end].split(b"\r\n")[:-1])
+                        i = end
+                        continue
+                end = _run_end(_name_run, data, i)
+                self._count_trailers(end - i)
+                self._name += data[i:end]
+                i = end
+                if i == n:
+                    break
+            elif state == _TRAILER_VALUE:
+                end = _run_end(_line_run, data, i)
+                self._count_trailers(end - i)
+                i = end
+                if i == n:
+                    break
             byte = data[i]
             i += 1
             if state == _SIZE:
                 if byte == 0x0D:
                     self._state = _SIZE_LF
                 elif self._extension:
-                    # A bare LF or NUL here is a line end or junk to some parsers: refused so the
-                    # backend cannot read the body's end where we do not (request smuggling).
-                    if (byte < 0x20 and byte != 0x09) or byte == 0x7F:
-                        raise ValueError("control byte in chunk extension")
-                    self._line_len += 1
-                    if self._line_len > MAX_CHUNK_LINE:
-                        raise ValueError("chunk size line too long")
+                    raise ValueError("control byte in chunk extension")  # what _line_run stopped at
                 elif chr(byte) in "0123456789abcdefABCDEF" and self._line_len < MAX_SIZE_DIGITS:
                     self._remaining = self._remaining * 16 + int(chr(byte), 16)
                     self._line_len += 1
@@ -118,6 +167,7 @@ class BodyFramer:
                     self._extension = True
                 elif byte in (0x20, 0x09) and self._line_len:
                     self._state = _SIZE_BWS
+                    self._line_len += 1
                 else:
                     raise ValueError("malformed chunk size")
             elif state == _SIZE_BWS:
@@ -128,17 +178,13 @@ class BodyFramer:
                     self._state = _SIZE
                 elif byte == 0x0D:
                     self._state = _SIZE_LF
-                elif byte not in (0x20, 0x09):
-                    raise ValueError("malformed chunk size")
                 else:
-                    self._line_len += 1
-                    if self._line_len > MAX_CHUNK_LINE:
-                        raise ValueError("chunk size line too long")
+                    raise ValueError("malformed chunk size")
             elif state == _SIZE_LF:
                 if byte != 0x0A or not self._line_len:
                     raise ValueError("malformed chunk size line")
                 self._extension, self._line_len = False, 0
-                self._state = _DATA if self._remaining else _TRAILER
+                self._state = _DATA if self._remaining else _TRAILER_NAME
             elif state == _DATA_CR:
                 if byte != 0x0D:
                     raise ValueError("missing CRLF after chunk")
@@ -147,32 +193,63 @@ class BodyFramer:
                 if byte != 0x0A:
                     raise ValueError("missing CRLF after chunk")
                 self._state = _SIZE
-            elif state == _TRAILER:
-                if byte == 0x0D:
-                    if self._line_len and not self._colon:
-                        raise ValueError("trailer line without a colon")
+            else:
+                self._count_trailers(1)  # the colon, CR and LF count as they do in a whole-line match
+                if state == _TRAILER_NAME:
+                    self._end_trailer_name(byte)
+                elif state == _TRAILER_VALUE:
+                    if byte != 0x0D:
+                        raise ValueError("control byte in trailer")  # what _line_run stopped at
                     self._state = _TRAILER_LF
-                elif (byte < 0x20 and byte != 0x09) or byte == 0x7F:
-                    raise ValueError("control byte in trailer")  # a bare LF included, as above
-                elif not self._line_len and byte in (0x20, 0x09):
-                    raise ValueError("trailer line folded (obs-fold)")
-                else:
-                    if byte == 0x3A:
-                        self._colon = True
-                    self._line_len += 1
-                    self._trailer_len += 1
-                    if self._trailer_len > MAX_TRAILERS:
-                        raise ValueError("trailers too large")
-            elif state == _TRAILER_LF:
-                if byte != 0x0A:
-                    raise ValueError("malformed trailer")
-                if self._line_len == 0:
+                elif byte != 0x0A:
+                    raise ValueError("CR without LF in trailers")
+                elif state == _TRAILER_LF:
+                    self._state = _TRAILER_NAME
+                else:  # _TRAILERS_LF: the blank line's LF ends the body
                     self._state = _DONE
                     return i
-                self._line_len = 0
-                self._colon = False
-                self._state = _TRAILER
         return None
+
+    def _end_trailer_name(self, byte: int) -> None:
+        """The byte after a trailer line's name: its colon, or the CR of the section's blank line."""
+        if byte == 0x3A and self._name:
+            if self._forbidden:
+                self._check_names([bytes(self._name)])
+            self._name.clear()
+            self._state = _TRAILER_VALUE
+        elif byte == 0x0D and not self._name:
+            self._state = _TRAILERS_LF
+        elif byte in (0x20, 0x09):
+            # Before a colon, or at a line's start (obs-fold): RFC 9112 §5.1, §5.2.
+            raise ValueError("whitespace in trailer field name")
+        else:
+            raise ValueError("malformed trailer line")
+
+    def _count_line(self, start: int, end: int) -> int:
+        """Count a run of a chunk-size line against MAX_CHUNK_LINE; return where it ends."""
+        self._line_len += end - start
+        if self._line_len > MAX_CHUNK_LINE:
+            raise ValueError("chunk size line too long")
+        return end
+
+    def _count_trailers(self, size: int) -> None:
+        self._trailer_len += size
+        if self._trailer_len > MAX_TRAILERS:
+            raise ValueError("trailers too large")
+
+    def _check_names(self, lines: list[bytes]) -> None:
+        """Refuse a trailer field named like one of `forbidden_trailers` (its name ends at `:`)."""
+        for line in lines:
+            name = line.partition(b":")[0].decode("ascii").lower().replace("_", "-")
+            if name in self._forbidden or name.startswith("x-forwarded-"):
+                raise ValueError(f"trailer field {name} is not allowed")
+
+
+def _run_end(run: Callable[[bytes, int], re.Match[bytes] | None], data: bytes, start: int) -> int:
+    """Where `run`, a pattern that also matches nothing, stops in `data` from `start`."""
+    found = run(data, start)
+    assert found is not None  # `*+` always matches
+    return found.end()
 
 
 def response_framer(response: ResponseHead, *, request_method: str) -> BodyFramer:
@@ -188,14 +265,15 @@ def response_framer(response: ResponseHead, *, request_method: str) -> BodyFrame
     return BodyFramer(length=None, chunked=False)
 
 
-def request_framer(request: RequestHead) -> BodyFramer:
+def request_framer(request: RequestHead, *, protected: frozenset[str] = PROTECTED_HEADERS) -> BodyFramer:
     """How the body of `request` is delimited (RFC 9112 §6.3, rules 4-6): chunked, a length, or none.
 
     A request never runs until the connection closes: without framing headers its body is empty,
-    and what follows the head is the next request.
+    and what follows the head is the next request.  Trailer fields named like `protected` (the
+    head parser's set: ours, framing, routing) are refused, as the head drops their aliases.
     """
     if request.head.get_all("transfer-encoding"):
-        return BodyFramer(length=None, chunked=True)
+        return BodyFramer(length=None, chunked=True, forbidden_trailers=protected)
     length = request.head.get("content-length")
     if length is not None:
         return BodyFramer(length=int(length.split(",")[0]), chunked=False)

@@ -625,7 +625,7 @@ class Connection:
             decision = self._first_decision(request, pool, now)
         except RequestRejected as exc:
             return self._refuse(exc, now)
-        framer = request_framer(request)
+        framer = request_framer(request, protected=self._protected)
         self._pool = pool
         self._websocket = websocket
         self._request_framer = framer

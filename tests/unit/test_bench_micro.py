@@ -108,4 +108,4 @@ def test_the_chunked_framing_benchmark_runs() -> None:
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) == 4 and all(re.search(r"[\d.]+ ms/MB +[\d.]+ µs/chunk$", line) for line in lines), lines
+    assert len(lines) == 7 and all(re.search(r"[\d.]+ ms/MB +[\d.]+ µs/unit$", line) for line in lines), lines

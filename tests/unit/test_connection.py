@@ -484,6 +484,18 @@ def test_chunked_body_is_framed_to_its_last_chunk() -> None:
     assert play.opened == ["a1", "b1"]
 
 
+def test_a_trailer_named_like_our_headers_never_reaches_the_backend() -> None:
+    """A request trailer `X-Forwarded-For` (or the configured affinity header) is a 400 before its
+    line is forwarded: a backend that merges trailers into the head would read it as ours."""
+    for name in ("X-Forwarded-For", "x_forwarded_for", "X-Game-Affinity"):
+        play = Play(CONFIG.replace("affinity: {", "affinity: {header: X-Game-Affinity, "))
+        play.client(b"POST /a/c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        play.connected()
+        play.client(b"0\r\nX-Checksum: 1\r\n" + name.encode() + b": 6.6.6.6\r\n\r\n")
+        assert play.answer()[0] == 400, name
+        assert b"6.6.6.6" not in b"".join(play.to_backend), name
+
+
 def test_connection_close_and_http10_end_after_the_answer() -> None:
     for request in (get("/a/x", "Connection: close\r\n"), b"GET /a/x HTTP/1.0\r\n\r\n"):
         play = Play()

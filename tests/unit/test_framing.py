@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.http.framing import MAX_CHUNK_LINE, MAX_TRAILERS, BodyFramer, response_framer
-from lb.http.head import parse_response_head
+from lb.http.framing import MAX_CHUNK_LINE, MAX_TRAILERS, BodyFramer, request_framer, response_framer
+from lb.http.head import parse_request_head, parse_response_head, protected_headers
 
 AFTER = b"HTTP/1.1 200 OK\r\n"  # bytes that follow the body and must not be counted
 
@@ -193,6 +193,12 @@ MALFORMED_CHUNKED = {
     "bare LF in trailer": b"0\r\nX: 1\n\r\n",
     "NUL in trailer": b"0\r\nX: \x00\r\n",
     "endless trailers": b"0\r\n" + b"X: 1\r\n" * (MAX_TRAILERS // 4 + 1),
+    "endless trailer line": b"0\r\nX: " + b"v" * MAX_TRAILERS + b"\r\n",
+    "space before a trailer's colon": b"0\r\nX-A : c\r\n",
+    "tab before a trailer's colon": b"0\r\nX-A\t: c\r\n",
+    "trailer without a name": b"0\r\n:x\r\n",
+    "trailer name not a token": b"0\r\nX(A): c\r\n",
+    "CR inside a trailer name": b"0\r\nX\rA: c\r\n",
 }
 
 
@@ -205,6 +211,40 @@ def test_malformed_chunked_raises(body: bytes) -> None:
     with pytest.raises(ValueError):  # from whichever byte is bad
         for byte in body + b"\r\n\r\n":
             framer.feed(bytes([byte]))
+
+
+@pytest.mark.parametrize(
+    "name", ["X-Forwarded-For", "x_forwarded_for", "X-Forwarded-Anything", "Content-Length", "Transfer-Encoding",
+             "Host", "X-Real-IP", "Forwarded", "X-LB-Affinity", "X-Game-Affinity"],
+)
+def test_a_request_trailer_named_like_a_protected_header_is_refused(name: str) -> None:
+    """A backend that merges trailers into the head must not find ours (or framing) there: refused,
+    whole, and byte by byte from the colon on, as the head parser drops such names."""
+    protected = protected_headers("X-Game-Affinity")
+    body = b"0\r\nA: 1\r\n" + name.encode() + b": 1.2.3.4\r\n\r\n"
+    head = parse_request_head(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    with pytest.raises(ValueError, match="not allowed"):
+        request_framer(head, protected=protected).feed(body)
+    framer = request_framer(head, protected=protected)
+    colon = body.index(b":", body.index(name.encode()))
+    for index, byte in enumerate(body):
+        if index < colon:
+            assert framer.feed(bytes([byte])) is None
+        else:
+            with pytest.raises(ValueError, match="not allowed"):
+                framer.feed(bytes([byte]))
+            break
+    # A response's trailers go to a client, which reads none of them as ours: only the grammar holds.
+    response = parse_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert response_framer(response, request_method="GET").feed(body) == len(body)
+
+
+def test_trailers_within_the_limit_pass_however_split() -> None:
+    """A trailer section just under MAX_TRAILERS passes whole and byte by byte; counted alike both ways."""
+    line = b"X-Checksum: " + b"a" * 50 + b"\r\n"
+    body = b"0\r\n" + line * ((MAX_TRAILERS - 2) // len(line)) + b"\r\n"
+    assert feed_all(BodyFramer(length=None, chunked=True), [body + AFTER]) == len(body)
+    assert feed_all(BodyFramer(length=None, chunked=True), [bytes([b]) for b in body + AFTER]) == len(body)
 
 
 _EXT = st.sampled_from([b"", b";a", b";a=b", b' ; name="q;v"', b";x=1;y"])
@@ -254,10 +294,10 @@ def test_hostile_chunked_only_raises_value_error(data: bytes, cuts: list[int]) -
     assert end is None or 0 < end <= len(data)
 
 
-def _outcome(pieces: list[bytes]) -> int | str | None:
+def _outcome(pieces: list[bytes], forbidden: frozenset[str] = frozenset()) -> int | str | None:
     """The body's end, None if it goes on, or "error"."""
     try:
-        return feed_all(BodyFramer(length=None, chunked=True), pieces)
+        return feed_all(BodyFramer(length=None, chunked=True, forbidden_trailers=forbidden), pieces)
     except ValueError:
         return "error"
 
@@ -291,3 +331,32 @@ def test_whole_lines_and_byte_loop_read_alike(lines: list[bytes], cuts: list[int
     assert _outcome(pieces) == whole
     if len(body) <= 400:
         assert _outcome([bytes([b]) for b in body]) == whole
+
+
+_trailer_lines = st.sampled_from([
+    b"X: 1\r\n", b"Checksum: a b\tc\r\n", b"E:\r\n", b"X-A : c\r\n", b":x\r\n", b" folded\r\n",
+    b"A:\x00\r\n", b"A: b\rc\r\n", b"A: b\n", b"Host: x\r\n", b"x_forwarded_for: 1\r\n", b"A\r\n",
+    b"V: " + b"v" * (MAX_TRAILERS // 3) + b"\r\n", b"\xff: 1\r\n", b"A: \xff\x80\r\n",
+])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    lines=st.lists(_trailer_lines | st.binary(max_size=8), max_size=6),
+    cuts=st.lists(st.integers(0, 70000), max_size=4),
+    forbid=st.booleans(),
+)
+def test_whole_trailer_lines_and_the_loop_read_alike(lines: list[bytes], cuts: list[int], forbid: bool) -> None:
+    """The one-match read of whole trailer lines says what the loop says for the same lines split
+    across reads: the same end, the same errors, the same count against MAX_TRAILERS."""
+    forbidden = protected_headers("x-lb-affinity") if forbid else frozenset()
+    body = b"0\r\n" + b"".join(lines) + b"\r\nNEXT"
+    whole = _outcome([body], forbidden)
+    pieces, last = [], 0
+    for cut in sorted({c for c in cuts if c < len(body)}):
+        pieces.append(body[last:cut])
+        last = cut
+    pieces.append(body[last:])
+    assert _outcome(pieces, forbidden) == whole
+    if len(body) <= 400:
+        assert _outcome([bytes([b]) for b in body], forbidden) == whole
