@@ -284,7 +284,7 @@ class StatsAggregate:
                 b.connections, b.handshakes, b.affinity_hits, b.redispatches = (
                     total.backends[(pool.name, b.id, index)] for index in range(4)
                 )
-        total.stats.worker_clients = total.clients
         ctx.stats = total.stats
+        ctx.worker_clients = total.clients
         ctx.observations.from_workers = total.observations
         return total.tunnels

@@ -43,8 +43,6 @@ class Stats:
     tls_failures: int = 0  # TLS handshakes that failed or timed out (lb_tls_handshake_failures_total)
     # Tunnels the balancer ended: (cause, "close_frame" | "tcp") → count (lb_tunnel_closes_total).
     balancer_closes: Counter[tuple[str, str]] = field(default_factory=Counter)
-    # `workers: N`, in the owner: its workers' client connections now, summed (a gauge, not a counter).
-    worker_clients: int = 0
 
 
 @dataclass(slots=True)
@@ -64,6 +62,8 @@ class ProxyContext:
         status=503, reason="too_many_connections", event="over_max_connections"
     ))
     handshaking: int = 0  # client connections not (yet) handed to a tunnel
+    # `workers: N`, in the owner: its workers' client connections as they last reported them.
+    worker_clients: int = 0
     # The same connections, so that stop() can answer each one (503, or let it complete).
     in_flight: set[ClientConnection] = field(default_factory=set)
     accepting: bool = True
@@ -78,7 +78,7 @@ class ProxyContext:
         Handshakes in flight (TLS handshakes and PROXY headers included) and live tunnels; in
         the owner of `workers: N`, its workers' as they last reported them.
         """
-        return self.handshaking + len(self.tunnels) + self.stats.worker_clients
+        return self.handshaking + len(self.tunnels) + self.worker_clients
 
     def count_in(self) -> bool:
         """Count a client connection in `handshaking` at its accept; whether it is within the limit.
