@@ -6,7 +6,8 @@ hostile case: all framing, no data), 1-byte chunks with a 4,000-byte extension e
 a read, then split across 1,000-byte reads), 64-byte and 1 KiB chunks, and bodies that are
 one 64 KiB trailer section of short lines (whole, then in 7-byte reads).  It prints process
 CPU per MB and per unit (a chunk, or a trailer line).  A peer chooses the shape, so the worst
-row is what a hostile uploader costs; compare it with a handshake's CPU (`make bench`).
+row is what a hostile uploader costs; compare it with a handshake's CPU (`make bench`).  The
+framer checks trailer names as a request's does (the costlier case).
 Bench code, never imported by `lb/`.
 """
 
@@ -17,6 +18,7 @@ import sys
 import time
 
 from lb.http.framing import MAX_TRAILERS, BodyFramer
+from lb.http.head import PROTECTED_HEADERS
 
 READ = 65536
 EXTENDED = b"1;" + b"e" * 4000 + b"\r\nx\r\n"
@@ -49,7 +51,7 @@ def cost(unit: bytes, total: int, read: int = READ, per_body: int | None = None)
     feeds = [[body[i : i + read] for i in range(0, len(body), read)] for body in bodies]
     start = time.process_time()
     for reads in feeds:
-        framer = BodyFramer(length=None, chunked=True)
+        framer = BodyFramer(length=None, chunked=True, forbidden_trailers=PROTECTED_HEADERS)
         for piece in reads:
             framer.feed(piece)
     spent = time.process_time() - start

@@ -199,6 +199,8 @@ MALFORMED_CHUNKED = {
     "trailer without a name": b"0\r\n:x\r\n",
     "trailer name not a token": b"0\r\nX(A): c\r\n",
     "CR inside a trailer name": b"0\r\nX\rA: c\r\n",
+    "CR before any digit": b"5\r\nhello\r\n\r",
+    "CR alone": b"\r",
 }
 
 
@@ -215,7 +217,8 @@ def test_malformed_chunked_raises(body: bytes) -> None:
 
 @pytest.mark.parametrize(
     "name", ["X-Forwarded-For", "x_forwarded_for", "X-Forwarded-Anything", "Content-Length", "Transfer-Encoding",
-             "Host", "X-Real-IP", "Forwarded", "X-LB-Affinity", "X-Game-Affinity"],
+             "Host", "X-Real-IP", "Forwarded", "X-LB-Affinity", "X-Game-Affinity", "Proxy-Connection", "Keep_Alive",
+             "TE", "Connection", "Upgrade"],
 )
 def test_a_request_trailer_named_like_a_protected_header_is_refused(name: str) -> None:
     """A backend that merges trailers into the head must not find ours (or framing) there: refused,
