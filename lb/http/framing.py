@@ -121,7 +121,7 @@ class BodyFramer:
             if state == _SIZE:
                 if not self._line_len and not self._extension:
                     line = _size_line(data, i)
-                    if line is not None and line.end() - i <= MAX_CHUNK_LINE:
+                    if line is not None and line.end() - i - 2 <= MAX_CHUNK_LINE:  # without its CRLF
                         i = line.end()
                         self._remaining = int(line.group(1), 16)
                         self._state = _DATA if self._remaining else _TRAILER_NAME
