@@ -62,10 +62,10 @@ class ProxyContext:
         status=503, reason="too_many_connections", event="over_max_connections"
     ))
     handshaking: int = 0  # client connections not (yet) handed to a tunnel
-    # `workers: N`, in the owner: its workers' client connections as they last reported them.
-    worker_clients: int = 0
     # The same connections, so that stop() can answer each one (503, or let it complete).
     in_flight: set[ClientConnection] = field(default_factory=set)
+    # `workers: N`, in the owner: its workers' client connections as they last reported them.
+    worker_clients: int = 0
     accepting: bool = True
     # Latency histograms, backend errors, health checks (lb.state.observations); survives reloads.
     observations: Observations = field(default_factory=Observations)
