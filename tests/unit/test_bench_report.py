@@ -6,13 +6,15 @@ prints and sends is right, with no socket and no process.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.floor import HEAD_END, insert_cookie, parse_backends
 from bench.haproxy import render_config
-from bench.procs import CLOCK_TICKS, cpu_busy, parse_cpu_times, parse_stat_cpu, parse_status_rss
+from bench.procs import CLOCK_TICKS, Pinning, cpu_busy, parse_cpu_times, parse_stat_cpu, parse_status_rss
 from bench.report import Kind, Row, format_value, ratio, render_table, to_document
-from bench.runner import balancer_config
+from bench.runner import Plan, Run, _keep, balancer_config
 from bench.wire import (
     BENCH_MASK,
     OP_BINARY,
@@ -244,3 +246,21 @@ def test_balancer_config_keeps_shipped_defaults() -> None:
     """The benchmark config sets only listeners, admin, affinity, routes and the pool: no limit is overridden."""
     config = balancer_config([("gw-1", "127.0.0.1", 9001)], 8080, 8081)
     assert set(config) == {"listeners", "admin", "affinity", "routes", "pools"}
+
+
+# -- rounds ----------------------------------------------------------------------------------------
+
+
+def test_a_cell_reads_the_round_of_median_cost_and_checks_count_every_round() -> None:
+    """Three interleaved rounds: the cell is the median round by CPU per handshake (rate and CPU from
+    one round), and the cookie checks sum all rounds, so a re-issue in a discarded round still shows."""
+    run = Run(Plan.make(quick=False), Pinning(None, None, "none"), Path("."))
+    for cpu, count, reissued in ((5.0, 10_000, 0), (1.0, 10_000, 2), (3.0, 10_000, 0)):
+        _keep(run, "handshake_check", "balancer", {"proxy_cpu": cpu, "count": count, "rate": count / 5,
+                                                 "cookies_issued": reissued, "server_changes": 0})
+    cell = run.raw["handshake_check"]["balancer"]
+    assert cell["proxy_cpu"] == 3.0 and len(cell["rounds"]) == 3
+    assert cell["all_rounds"] == {"count": 30_000, "cookies_issued": 2, "server_changes": 0}
+    for rate in (100.0, 300.0, 200.0):
+        _keep(run, "handshake_issue", "direct", {"rate": rate, "count": int(rate)})
+    assert run.raw["handshake_issue"]["direct"]["rate"] == 200.0
