@@ -7,10 +7,10 @@ generator straight to the backends, round robin), `balancer`, `haproxy`,
 The balancer runs on its shipped defaults plus the pool: no limit, timeout or
 logging setting is overridden, so what is measured is what operators get.  The proxy
 under test runs on CPU 0, everything else on CPU 1 (taskset), unless taskset
-is missing.  The handshake scenarios, whose rows the machine's noise moves most
-(single windows of one tree ranged 306-544 µs on a shared VM), run in
-`handshake_rounds` interleaved rounds (target order reversed every other round)
-and each cell reads the round of median CPU per handshake.  Last, without
+is missing.  The echo, stream and handshake scenarios run in `rounds`
+interleaved rounds (target order reversed every other round), and each cell
+reads the round of median CPU per unit: on a shared VM, single windows of one
+tree ranged 306-544 µs per handshake and 1.0-1.25x HAProxy per echoed message.  Last, without
 pinning, the echo scenario through a balancer with `workers: 1` and with
 `workers: 2`, if the configuration accepts `workers`.
 
@@ -67,7 +67,7 @@ class Plan:
     stream_connections: int = 4
     stream_payload: int = 4096
     handshake_workers: int = 20
-    handshake_rounds: int = 3  # interleaved; each cell is the median round
+    rounds: int = 3  # of the echo, stream and handshake scenarios, interleaved; a cell is the median round
     idle_connections: int = 5000
     idle_concurrency: int = 100
     idle_settle: float = 1.0
@@ -75,7 +75,7 @@ class Plan:
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls("quick", warmup=0.5, window=1.5, idle_settle=0.5, handshake_rounds=1)
+            return cls("quick", warmup=0.5, window=1.5, idle_settle=0.5, rounds=1)
         return cls("full", warmup=2.0, window=5.0)
 
 
@@ -190,7 +190,7 @@ def _header(
               "(nbthread 1, balance leastconn, cookie insert indirect nocache, option httplog to stderr)")
     return {
         "benchmark": f"{plan.name}: warm-up {plan.warmup:g} s, then a {plan.window:g} s window per run; "
-                     f"handshakes: median of {plan.handshake_rounds} interleaved rounds",
+                     f"echo, stream and handshakes: median of {plan.rounds} interleaved rounds",
         "command": command,
         "machine": (
             f"nproc {os.cpu_count()}, {platform.system()} {platform.release()}, "
@@ -232,15 +232,17 @@ def _run_all(run: Run, haproxy_path: str | None, *, floor: bool = True) -> list[
         load_pids = tuple(b.pid for b in run.backends)
         rss_start = procs.rss_kib(balancer.proxy_pids())
 
-        for target in targets:
-            _scenario(run, "echo", target, Spec(
-                "echo", target.addresses, plan.echo_connections, plan.echo_payload, plan.warmup, plan.window,
-                proxy_pids=target.proxy_pids(), load_pids=load_pids))
-        for target in targets:
-            _scenario(run, "stream", target, Spec(
-                "stream", target.addresses, plan.stream_connections, plan.stream_payload, plan.warmup, plan.window,
-                proxy_pids=target.proxy_pids(), load_pids=load_pids))
-        for round_index in range(plan.handshake_rounds):
+        for round_index in range(plan.rounds):
+            in_turn = targets if round_index % 2 == 0 else targets[::-1]
+            for target in in_turn:
+                _scenario(run, "echo", target, Spec(
+                    "echo", target.addresses, plan.echo_connections, plan.echo_payload, plan.warmup, plan.window,
+                    proxy_pids=target.proxy_pids(), load_pids=load_pids))
+            for target in in_turn:
+                _scenario(run, "stream", target, Spec(
+                    "stream", target.addresses, plan.stream_connections, plan.stream_payload, plan.warmup,
+                    plan.window, proxy_pids=target.proxy_pids(), load_pids=load_pids))
+        for round_index in range(plan.rounds):
             for check in (False, True):
                 name = "handshake_check" if check else "handshake_issue"
                 for target in targets if round_index % 2 == 0 else targets[::-1]:
