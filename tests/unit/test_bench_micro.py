@@ -101,11 +101,17 @@ def test_the_shell_benchmark_runs_without_the_access_log() -> None:
     assert refused.returncode == 2 and "the pure core writes no log" in refused.stderr
 
 
-def test_the_chunked_framing_benchmark_runs() -> None:
+@pytest.mark.parametrize(
+    ("module", "rows", "unit"),
+    [("bench.chunked", 7, r"[\d.]+ µs/unit"), ("bench.frames", 4, r"\d+ ns/frame")],
+    ids=["chunked framer", "frame tracker"],
+)
+def test_the_framing_benchmarks_run(module: str, rows: int, unit: str) -> None:
+    """`python -m bench.chunked` and `bench.frames` print one row per shape: CPU per MB and per unit."""
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
-        [sys.executable, "-m", "bench.chunked", "--mb", "0.05"], capture_output=True, text=True, timeout=60, cwd=root
+        [sys.executable, "-m", module, "--mb", "0.05"], capture_output=True, text=True, timeout=60, cwd=root
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) == 7 and all(re.search(r"[\d.]+ ms/MB +[\d.]+ µs/unit$", line) for line in lines), lines
+    assert len(lines) == rows and all(re.search(rf"[\d.]+ ms/MB +{unit}$", line) for line in lines), lines

@@ -12,6 +12,8 @@ import struct
 from collections.abc import Iterator, Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lb.ws.frames import FrameBoundaries, close_frame
 
@@ -166,6 +168,47 @@ def test_first_boundary_without_stop_consumes_everything() -> None:
     boundaries = FrameBoundaries()
     assert boundaries.first_boundary(data, stop=False) is None
     assert boundaries.at_boundary
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    frames=st.lists(st.tuples(st.sampled_from([0x0, 0x1, 0x2, 0x8, 0x9, 0xA]), st.sampled_from(SIZES[:5])),
+                    min_size=1, max_size=8),
+    mask=st.booleans(),
+    cuts=st.lists(st.integers(0, 800), max_size=10),
+    stop=st.booleans(),
+)
+def test_any_split_reads_like_the_stream_read_whole(
+    frames: list[tuple[int, int]], mask: bool, cuts: list[int], stop: bool
+) -> None:
+    """Split anywhere, read with or without `stop`, the tracker is at a boundary exactly at frame ends,
+    and `last_opcode` is the opcode of the last frame whose header it has read (the tunnel's close check)."""
+    data = b""
+    header_ends: list[tuple[int, int]] = []  # (offset just past a frame's header, its opcode)
+    for opcode, size in frames:
+        framed = frame(opcode, hostile_payload(size), mask=mask)
+        header_ends.append((len(data) + len(framed) - size, opcode))
+        data += framed
+    ends = {end + size for (end, _), (_, size) in zip(header_ends, frames, strict=True)}
+    boundaries = FrameBoundaries()
+    for end, chunk in chunks(data, [c for c in cuts if 0 < c < len(data)]):
+        start, position = end - len(chunk), 0
+        while position < len(chunk):
+            if not stop:
+                boundaries.feed(chunk)
+                break
+            if boundaries.at_boundary:  # first_boundary says 0 here; step into the next frame
+                boundaries.feed(chunk[position : position + 1])
+                position += 1
+                continue
+            found = boundaries.first_boundary(chunk[position:])
+            if found is None:
+                break
+            position += found
+            assert start + position in ends
+        assert boundaries.at_boundary == (end in ends)
+        read = [opcode for header_end, opcode in header_ends if header_end <= end]
+        assert boundaries.last_opcode == (read[-1] if read else -1)
 
 
 @pytest.mark.parametrize(
