@@ -7,7 +7,11 @@ direct, balancer / haproxy and balancer / floor.  `floor` is the cheapest
 uvloop relay that inserts a fixed cookie (`bench.floor`): lb/floor is how much
 of the balancer's cost is its own work rather than the runtime's.  A row with
 `ratio_base` compares its balancer value with that instead of direct (the
-workers 1 vs 2 rows).
+workers 1 vs 2 rows).  A row measured in interleaved rounds carries its
+lb/haproxy and lb/floor ratios as the median of the per-round ratios
+(`paired_haproxy`, `paired_floor`): rounds next to each other in time share the
+machine's state, so a pair is a fairer comparison than two medians taken from
+different rounds.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class Row:
     haproxy: float | None = None
     ratio_base: float | None = None  # if set, the balancer ratio is balancer / ratio_base
     floor: float | None = None
+    paired_haproxy: float | None = None  # if set, lb/haproxy: the median of per-round ratios
+    paired_floor: float | None = None  # if set, lb/floor, likewise
 
 
 def format_value(kind: Kind, value: float | None) -> str:
@@ -69,12 +75,13 @@ def format_ratio(value: float | None) -> str:
 def row_ratios(row: Row) -> tuple[float | None, float | None, float | None]:
     """(balancer / direct-or-base, haproxy / direct, balancer / haproxy)."""
     base = row.ratio_base if row.ratio_base is not None else row.direct
-    return ratio(row.balancer, base), ratio(row.haproxy, row.direct), ratio(row.balancer, row.haproxy)
+    lb_haproxy = row.paired_haproxy if row.paired_haproxy is not None else ratio(row.balancer, row.haproxy)
+    return ratio(row.balancer, base), ratio(row.haproxy, row.direct), lb_haproxy
 
 
 def lb_floor_ratio(row: Row) -> float | None:
     """balancer / floor: >1 is the balancer's own work on top of the cheapest relay."""
-    return ratio(row.balancer, row.floor)
+    return row.paired_floor if row.paired_floor is not None else ratio(row.balancer, row.floor)
 
 
 def render_table(rows: Sequence[Row], *, haproxy: bool, floor: bool = False) -> str:

@@ -580,6 +580,30 @@ def _per(run: Run, scenario: str, target: str, unit: float = 1.0) -> float | Non
     return cpu / (count * unit)
 
 
+def _paired(run: Run, scenario: str, other: str, unit: float = 1.0, other_scenario: str | None = None) -> float | None:
+    """Median over rounds of (balancer's CPU per unit / `other`'s) in the same round, or None.
+
+    Round r of every target ran next to the others' round r (interleaved), so each pair shares
+    the machine's state of that moment.  `other_scenario`: where `other` was measured, when
+    not `scenario` (the floor checks no cookie: its issue rounds stand for its check rounds).
+    """
+    mine = _round_costs(run, scenario, BALANCER, unit)
+    theirs = _round_costs(run, other_scenario or scenario, other, unit)
+    ratios = sorted(a / b for a, b in zip(mine, theirs, strict=False) if a is not None and b)
+    if not ratios:
+        return None
+    middle = len(ratios) // 2
+    return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+
+
+def _round_costs(run: Run, scenario: str, target: str, unit: float) -> list[float | None]:
+    result = (run.raw.get(scenario) or {}).get(target) or {}
+    return [
+        one["proxy_cpu"] / (one["count"] * unit) if one.get("proxy_cpu") is not None and one.get("count") else None
+        for one in result.get("rounds", [])
+    ]
+
+
 def _rows(run: Run, haproxy: bool) -> list[Row]:
     plan = run.plan
     mb = plan.stream_payload / 1e6  # MB per echoed stream message
@@ -603,19 +627,25 @@ def _rows(run: Run, haproxy: bool) -> list[Row]:
     check[DIRECT] = issue[DIRECT]
     check[FLOOR] = issue[FLOOR]
     idle = {t: _get(run, "idle", t, "rss_per_tunnel_kib") for t in measured}
+    def pairs(scenario: str, unit: float = 1.0, floor_scenario: str | None = None) -> dict[str, float | None]:
+        return {"paired_haproxy": _paired(run, scenario, HAPROXY, unit),
+                "paired_floor": _paired(run, scenario, FLOOR, unit, floor_scenario)}
+
     rows = [
         Row(f"echo msg/s ({plan.echo_connections} conns, {plan.echo_payload} B)", Kind.RATE, **echo),
         Row("proxy CPU per echoed message", Kind.CPU_US,
-            **proxies({t: _per(run, "echo", t) for t in measured})),
+            **proxies({t: _per(run, "echo", t) for t in measured}), **pairs("echo")),
         Row(f"stream MB/s ({plan.stream_connections} x {plan.stream_payload // 1024} KiB)", Kind.MBPS, **stream),
-        Row("proxy CPU per MB", Kind.CPU_MS, **proxies({t: _per(run, "stream", t, mb) for t in measured})),
+        Row("proxy CPU per MB", Kind.CPU_MS, **proxies({t: _per(run, "stream", t, mb) for t in measured}),
+            **pairs("stream", mb)),
         Row(f"handshakes/s (issue cookie, {plan.handshake_workers} workers)", Kind.RATE, **issue),
         Row(f"handshakes/s (check cookie, {plan.handshake_workers} workers)", Kind.RATE, **check),
         Row("proxy CPU per handshake (issue)", Kind.CPU_US,
-            **proxies({t: _per(run, "handshake_issue", t) for t in measured})),
+            **proxies({t: _per(run, "handshake_issue", t) for t in measured}), **pairs("handshake_issue")),
         Row("proxy CPU per handshake (check)", Kind.CPU_US,
             **proxies({t: _per(run, "handshake_check", t) for t in measured}
-                      | {FLOOR: _per(run, "handshake_issue", FLOOR)})),
+                      | {FLOOR: _per(run, "handshake_issue", FLOOR)}),
+            **pairs("handshake_check", floor_scenario="handshake_issue")),
         Row(f"proxy RSS per idle tunnel ({plan.idle_connections})", Kind.KIB, **proxies(idle)),
     ]
     workers = run.raw.get("echo_workers") or {}
@@ -641,6 +671,10 @@ def _explain(run: Run, haproxy: bool, workers: bool) -> None:
         "routing, no cookie check, no logs); lb/floor = balancer / floor: >1 is the balancer's own work. "
         "The floor checks no cookie, so its check rows repeat its issue rows",
     ]
+    if run.plan.rounds > 1:
+        notes.append(f"echo, stream and handshakes ran in {run.plan.rounds} interleaved rounds: each cell is a "
+                     "target's round of median CPU per unit, and lb/haproxy and lb/floor on the CPU rows are the "
+                     "median of the per-round ratios (each pair ran side by side), not the ratio of two cells")
     if workers:
         notes.append("workers rows: balancer with `workers: 1` / `workers: 2`, nothing pinned; "
                      "the ratio on the workers 2 row is workers 2 / workers 1")

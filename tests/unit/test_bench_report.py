@@ -13,8 +13,8 @@ import pytest
 from bench.floor import HEAD_END, insert_cookie, parse_backends
 from bench.haproxy import render_config
 from bench.procs import CLOCK_TICKS, Pinning, cpu_busy, parse_cpu_times, parse_stat_cpu, parse_status_rss
-from bench.report import Kind, Row, format_value, ratio, render_table, to_document
-from bench.runner import Plan, Run, _keep, balancer_config
+from bench.report import Kind, Row, format_value, ratio, render_table, row_ratios, to_document
+from bench.runner import Plan, Run, _keep, _paired, balancer_config
 from bench.wire import (
     BENCH_MASK,
     OP_BINARY,
@@ -264,3 +264,17 @@ def test_a_cell_reads_the_round_of_median_cost_and_checks_count_every_round() ->
     for rate in (100.0, 300.0, 200.0):
         _keep(run, "handshake_issue", "direct", {"rate": rate, "count": int(rate)})
     assert run.raw["handshake_issue"]["direct"]["rate"] == 200.0
+
+
+def test_cpu_ratios_pair_rounds_that_ran_side_by_side() -> None:
+    """lb/haproxy on a CPU row is the median of per-round ratios: a noisy round of one target does not
+    set the ratio against another target's quiet round."""
+    run = Run(Plan.make(quick=False), Pinning(None, None, "none"), Path("."))
+    for balancer, haproxy in ((16.0, 16.2), (16.5, 12.9), (13.2, 11.8)):  # µs per message, as measured
+        _keep(run, "echo", "balancer", {"proxy_cpu": balancer, "count": 1_000_000})
+        _keep(run, "echo", "haproxy", {"proxy_cpu": haproxy, "count": 1_000_000})
+    assert _paired(run, "echo", "haproxy") == pytest.approx(13.2 / 11.8)
+    assert _paired(run, "echo", "floor") is None
+    row = Row("proxy CPU per echoed message", Kind.CPU_US, balancer=16.0e-6, haproxy=12.9e-6, paired_haproxy=1.12)
+    assert row_ratios(row)[2] == 1.12 and "1.12" in render_table([row], haproxy=True)
+    assert row_ratios(Row("x", Kind.CPU_US, balancer=2.0, haproxy=1.0))[2] == 2.0
