@@ -8,11 +8,12 @@ The balancer runs on its shipped defaults plus the pool: no limit, timeout or
 logging setting is overridden, so what is measured is what operators get.  The proxy
 under test runs on CPU 0, everything else on CPU 1 (taskset), unless taskset
 is missing.  The echo, stream and handshake scenarios run in `rounds`
-interleaved rounds (target order reversed every other round), and each cell
-reads the round of median CPU per unit: on a shared VM, single windows of one
-tree ranged 306-544 µs per handshake and 1.0-1.25x HAProxy per echoed message.  Last, without
-pinning, the echo scenario through a balancer with `workers: 1` and with
-`workers: 2`, if the configuration accepts `workers`.
+interleaved rounds (target order reversed every other round): each cell reads
+the target's round of median CPU per unit, and the CPU rows' lb/haproxy and
+lb/floor are the median of per-round ratios.  On a shared VM, single windows
+of one tree ranged 306-544 µs per handshake and 1.0-1.25x HAProxy per echoed
+message.  Last, without pinning, the echo scenario through a balancer with
+`workers: 1` and with `workers: 2`, if the configuration accepts `workers`.
 
 Every child is stopped by PID in a `finally` (terminate, wait, kill), Ctrl-C
 included; every wait has a deadline; a scenario that fails leaves its cells
@@ -627,6 +628,7 @@ def _rows(run: Run, haproxy: bool) -> list[Row]:
     check[DIRECT] = issue[DIRECT]
     check[FLOOR] = issue[FLOOR]
     idle = {t: _get(run, "idle", t, "rss_per_tunnel_kib") for t in measured}
+
     def pairs(scenario: str, unit: float = 1.0, floor_scenario: str | None = None) -> dict[str, float | None]:
         return {"paired_haproxy": _paired(run, scenario, HAPROXY, unit),
                 "paired_floor": _paired(run, scenario, FLOOR, unit, floor_scenario)}
