@@ -311,10 +311,9 @@ def _scenario(run: Run, name: str, target: Target, spec: Spec) -> None:
     cpus = run.pinning.load
     timeout = spec.warmup + spec.window + 30 + spec.connections / 200
     result = _loadgen(run, spec, cpus, timeout, label)
-    if result is None:
-        run.raw.setdefault(name, {}).setdefault(target.name, None)
-        return
     _keep(run, name, target.name, result)
+    if result is None:
+        return
     errors = result.get("errors") or {}
     if errors:
         run.note(f"{label}: client-side errors {errors}")
@@ -326,23 +325,28 @@ def _scenario(run: Run, name: str, target: Target, spec: Spec) -> None:
     time.sleep(0.3)  # let the closes settle before the next run
 
 
-def _keep(run: Run, name: str, target: str, result: dict[str, Any]) -> None:
-    """Keep one round's result; the cell reads the round of median CPU per unit (rate for direct).
+def _keep(run: Run, name: str, target: str, result: dict[str, Any] | None) -> None:
+    """Keep one round's result (None: its load generator failed); the cell reads the round of
+    median CPU per unit (rate for direct).
 
-    Every round stays under "rounds", and the correctness counts (cookies issued, changes of
-    server) are summed over all of them under "all_rounds".
+    Every round stays under "rounds", a failed one as None so that round r of each target is
+    still at index r (`_paired` pairs by index); the correctness counts (cookies issued, changes
+    of server) are summed over all of them under "all_rounds".
     """
     kept = run.raw.setdefault(name, {}).get(target) or {}
-    rounds = [*kept.get("rounds", []), {k: v for k, v in result.items() if k != "rounds"}]
+    rounds = [*kept.get("rounds", []), None if result is None else {k: v for k, v in result.items() if k != "rounds"}]
+    done = [one for one in rounds if one is not None]
+    if not done:
+        run.raw[name][target] = {"rounds": rounds}
+        return
 
     def cost(one: dict[str, Any]) -> float:
-        if one.get("proxy_cpu") is not None and one.get("count"):
-            return float(one["proxy_cpu"]) / float(one["count"])
+        if one.get("proxy_cpu") is not None:  # a round that counted nothing is the costliest
+            return float(one["proxy_cpu"]) / float(one["count"]) if one.get("count") else float("inf")
         return -float(one.get("rate") or 0.0)
 
-    median = sorted(rounds, key=cost)[len(rounds) // 2]
-    totals = {key: sum(int(one.get(key) or 0) for one in rounds)
-              for key in ("count", "cookies_issued", "server_changes")}
+    median = sorted(done, key=cost)[len(done) // 2]
+    totals = {key: sum(int(one.get(key) or 0) for one in done) for key in ("count", "cookies_issued", "server_changes")}
     run.raw[name][target] = {**median, "rounds": rounds, "all_rounds": totals}
 
 
@@ -590,7 +594,7 @@ def _paired(run: Run, scenario: str, other: str, unit: float = 1.0, other_scenar
     """
     mine = _round_costs(run, scenario, BALANCER, unit)
     theirs = _round_costs(run, other_scenario or scenario, other, unit)
-    ratios = sorted(a / b for a, b in zip(mine, theirs, strict=False) if a is not None and b)
+    ratios = sorted(a / b for a, b in zip(mine, theirs, strict=False) if a is not None and b is not None)
     if not ratios:
         return None
     middle = len(ratios) // 2
@@ -598,9 +602,11 @@ def _paired(run: Run, scenario: str, other: str, unit: float = 1.0, other_scenar
 
 
 def _round_costs(run: Run, scenario: str, target: str, unit: float) -> list[float | None]:
+    """CPU per unit of each round, by round index; None for a round that failed or counted nothing."""
     result = (run.raw.get(scenario) or {}).get(target) or {}
     return [
-        one["proxy_cpu"] / (one["count"] * unit) if one.get("proxy_cpu") is not None and one.get("count") else None
+        one["proxy_cpu"] / (one["count"] * unit)
+        if one is not None and one.get("proxy_cpu") is not None and one.get("count") else None
         for one in result.get("rounds", [])
     ]
 
@@ -720,7 +726,7 @@ def _explain(run: Run, haproxy: bool, workers: bool) -> None:
             notes.append(f"issue cookie through {target}: only {result['cookies_issued']} of {result['count']} "
                          "handshakes got a cookie")
         result = (run.raw.get("idle") or {}).get(target)
-        if result:
+        if result and "opened" in result:  # not a run whose load generator failed
             before, after = result.get("rss_before_kib", 0) / 1024, result.get("rss_after_kib", 0) / 1024
             notes.append(f"idle through {target}: {result.get('opened')} tunnels opened in "
                          f"{result.get('open_seconds', 0):.1f} s, RSS {before:.1f} → {after:.1f} MiB, "

@@ -11,6 +11,7 @@ failure (such as an unwritable certificate directory).
 from __future__ import annotations
 
 import argparse
+import re
 import secrets
 import sys
 from collections.abc import Callable
@@ -31,6 +32,10 @@ KEY_BYTES = 32
 # Options whose value is an opaque secret: `lb keygen` and `secrets.token_urlsafe` start one
 # with "-" once in 64, which argparse would read as an option ("expected one argument").
 _OPAQUE_VALUE_OPTIONS = frozenset({"--token"})
+# What one of our options looks like (`-h`, `--json`, `--close-after=5m`): after `--token` it is
+# that option, and the value is missing, as before.  A random token is never only lower-case
+# letters and dashes.
+_OPTION = re.compile(r"-[a-z]|--[a-z][a-z-]*(?:=.*)?", re.DOTALL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,16 +46,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def join_opaque_values(argv: list[str]) -> list[str]:
-    """`--token VALUE` as `--token=VALUE`, so a value starting with "-" is still the value."""
+    """`--token VALUE` as `--token=VALUE`, so a value starting with "-" is still the value.
+
+    Not when what follows is `--` or one of our options: that is a missing value, left for
+    argparse to report.
+    """
     joined: list[str] = []
-    pending = iter(argv)
-    for arg in pending:
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        index += 1
         if arg == "--":
-            joined.append(arg)
-            joined.extend(pending)
-            break
-        value = next(pending, None) if arg in _OPAQUE_VALUE_OPTIONS else None
-        joined.append(arg if value is None else f"{arg}={value}")
+            return joined + argv[index - 1 :]
+        if arg in _OPAQUE_VALUE_OPTIONS and index < len(argv):
+            value = argv[index]
+            if value != "--" and not _OPTION.fullmatch(value):
+                arg = f"{arg}={value}"
+                index += 1
+        joined.append(arg)
     return joined
 
 

@@ -278,3 +278,19 @@ def test_cpu_ratios_pair_rounds_that_ran_side_by_side() -> None:
     row = Row("proxy CPU per echoed message", Kind.CPU_US, balancer=16.0e-6, haproxy=12.9e-6, paired_haproxy=1.12)
     assert row_ratios(row)[2] == 1.12 and "1.12" in render_table([row], haproxy=True)
     assert row_ratios(Row("x", Kind.CPU_US, balancer=2.0, haproxy=1.0))[2] == 2.0
+
+
+def test_a_failed_round_keeps_the_others_paired_and_a_stalled_one_is_the_costliest() -> None:
+    """A round whose load generator failed stays in its place (None), so round r still meets round r;
+    a round that counted nothing sorts as the costliest, never as the cheapest."""
+    run = Run(Plan.make(quick=False), Pinning(None, None, "none"), Path("."))
+    for balancer, haproxy in ((None, 1.0), (2.0, 2.0), (4.0, 4.0)):
+        _keep(run, "echo", "balancer", None if balancer is None else {"proxy_cpu": balancer, "count": 1})
+        _keep(run, "echo", "haproxy", {"proxy_cpu": haproxy, "count": 1})
+    assert _paired(run, "echo", "haproxy") == 1.0
+    assert run.raw["echo"]["balancer"]["rounds"][0] is None
+    for cpu, count in ((5.0, 0), (1.0, 1), (2.0, 1)):
+        _keep(run, "stream", "balancer", {"proxy_cpu": cpu, "count": count})
+    assert run.raw["stream"]["balancer"]["proxy_cpu"] == 2.0
+    _keep(run, "idle", "floor", None)
+    assert run.raw["idle"]["floor"] == {"rounds": [None]}

@@ -98,10 +98,11 @@ def test_status_table() -> None:
 
 def test_a_token_starting_with_a_dash_is_still_the_token() -> None:
     """`lb keygen` starts one token in 64 with "-"; `--token -x` must not read as a missing value."""
-    argv = join_opaque_values(["ctl", "--token", "-Ab_c", "status", "--token", "--x"])
-    assert parse(*argv[1:]).token == "--x"
+    argv = join_opaque_values(["ctl", "--token", "-Ab_c", "status", "--token", "--Xq3_8aZ"])
+    assert parse(*argv[1:]).token == "--Xq3_8aZ"
     assert parse(*join_opaque_values(["--token", "-Ab_c", "status"])).token == "-Ab_c"
     assert join_opaque_values(["ctl", "--", "--token", "-x"]) == ["ctl", "--", "--token", "-x"]
-    with pytest.raises(SystemExit) as exc:
-        parse(*join_opaque_values(["status", "--token"]))
-    assert exc.value.code == EXIT_USAGE
+    for missing in (["status", "--token"], ["status", "--token", "--json"], ["--token", "--", "status"]):
+        with pytest.raises(SystemExit) as exc:  # a missing value stays a usage error
+            parse(*join_opaque_values(missing))
+        assert exc.value.code == EXIT_USAGE, missing
