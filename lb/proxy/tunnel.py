@@ -290,7 +290,7 @@ class Tunnel:
     def closing(self) -> bool:
         """A close frame was sent or is waiting for a frame boundary."""
         end = self.server_end
-        return isinstance(end, WebSocketServerEnd) and (end.silenced or end.pending_close is not None)
+        return end.silenced or end.pending_close is not None
 
     def close_gracefully(self, code: int, reason: str, *, cause: str | None = None) -> None:
         """End the tunnel with a close frame to the client (e.g. 1001, 1012), at a frame boundary.
@@ -326,9 +326,9 @@ class Tunnel:
             return
         self.closed = True
         end = self.server_end
-        if isinstance(end, WebSocketServerEnd) and end.deadline is not None:
+        if end.deadline is not None:
             end.deadline.cancel()
-        self.server_end.peer.close()
+        end.peer.close()
         self.client_end.peer.close()
         self.backend.connections -= 1
         stats = self.ctx.stats
