@@ -272,11 +272,16 @@ def _run_end(run: Callable[[bytes, int], re.Match[bytes] | None], data: bytes, s
     return found.end()
 
 
+# A framer that is done holds no state `feed` changes: this one serves every message without a
+# body (every WebSocket handshake's request), with no allocation per request.
+_BODILESS = BodyFramer(length=0, chunked=False)
+
+
 def response_framer(response: ResponseHead, *, request_method: str) -> BodyFramer:
     """How the body of `response` is delimited (RFC 9112 §6.3, rules 1-3, 5-7)."""
     status = response.status
     if request_method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-        return BodyFramer(length=0, chunked=False)
+        return _BODILESS
     if response.head.get_all("transfer-encoding"):
         return BodyFramer(length=None, chunked=True)
     length = response.head.get("content-length")
@@ -297,4 +302,4 @@ def request_framer(request: RequestHead, *, protected: frozenset[str] = PROTECTE
     length = request.head.get("content-length")
     if length is not None:
         return BodyFramer(length=int(length.split(",")[0]), chunked=False)
-    return BodyFramer(length=0, chunked=False)
+    return _BODILESS

@@ -363,3 +363,14 @@ def test_whole_trailer_lines_and_the_loop_read_alike(lines: list[bytes], cuts: l
     assert _outcome(pieces, forbidden) == whole
     if len(body) <= 400:
         assert _outcome([bytes([b]) for b in body], forbidden) == whole
+
+
+def test_every_bodiless_message_shares_one_framer_that_nothing_changes() -> None:
+    """A GET (every WebSocket handshake) and a 204 get the one done framer: no allocation per request,
+    and feeding it, whatever the bytes, leaves it done for the next message."""
+    get = parse_request_head(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    framer = request_framer(get)
+    assert framer is request_framer(get)
+    assert framer is response_framer(parse_response_head(b"HTTP/1.1 204 No Content\r\n\r\n"), request_method="GET")
+    for data in (b"", b"0\r\n\r\n", AFTER, b"\r"):
+        assert framer.feed(data) == 0 and framer.done and not framer.until_eof
