@@ -106,6 +106,7 @@ _MAX_AGE_DIGITS = 12
 
 
 def parse_set_cookie(header_value: str) -> SetCookie:
+    """Read a Set-Cookie header once: name, value, and each attribute (RFC 6265 §5.2)."""
     pair, _, rest = header_value.partition(";")
     name, _, value = pair.partition("=")
     attributes = []

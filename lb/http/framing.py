@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 
 from lb.http.forwarding import HOP_BY_HOP
-from lb.http.head import PROTECTED_HEADERS, RequestHead, ResponseHead
+from lb.http.head import PROTECTED_HEADERS, TCHAR, RequestHead, ResponseHead
 
 (_SIZE, _SIZE_LF, _SIZE_BWS, _DATA, _DATA_CR, _DATA_LF, _TRAILER_NAME, _TRAILER_VALUE, _TRAILER_LF, _TRAILERS_LF,
  _DONE) = range(11)
@@ -27,7 +27,7 @@ MAX_SIZE_DIGITS = 15
 # byte but HTAB.  A bare CR, LF or NUL is a line end or junk to some parsers: refused, so a
 # backend cannot read a line's end where we do not (request smuggling).
 _LINE_CHARS = rb"[\t\x20-\x7e\x80-\xff]"
-_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_TCHAR = TCHAR.encode("ascii")
 # A whole chunk-size line (size, optional whitespace, optional extensions, CRLF), read in one
 # C-speed match instead of a loop pass per byte.  Lines it does not match (split across reads,
 # too long, or malformed) go through the loop below, which has the last word on them.

@@ -69,9 +69,10 @@ from lb.errors import BadFraming, BadGateway, BadHost, BadRequest, HeadersTooLar
 
 HEAD_END = b"\r\n\r\n"
 
-# RFC 9110 §5.6.2 tchar: header names and methods are tokens.
-_TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
-_TOKEN = re.compile(_TCHAR + "+")
+# RFC 9110 §5.6.2 tchar: header names and methods are tokens (chunked trailers' names too:
+# lb.http.framing reads them with this class).
+TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_TOKEN = re.compile(TCHAR + "+")
 _BARE_LF = re.compile(rb"(?<!\r)\n")  # RFC 9112 §2.2 allows recipients to take it as a line end; we refuse
 # RFC 9110 §5.5 field-value: VCHAR, obs-text, SP and HTAB.
 _FIELD_VALUE = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100)) + b" \t"
@@ -87,11 +88,11 @@ _VERSIONS = ("HTTP/1.1", "HTTP/1.0")
 # costs one pass, never a backtracking search (the head comes from the client).
 _VALUE_CHAR = r"[\x21-\x7e\x80-\xff]"
 # Origin-form and absolute-form targets only: `OPTIONS *` is left to the checks.
-_REQUEST_LINE = re.compile(rf"({_TCHAR}++) ((?:/|[Hh][Tt][Tt][Pp][Ss]?://){_TARGET_CHAR}*+) (HTTP/1\.[01])")
+_REQUEST_LINE = re.compile(rf"({TCHAR}++) ((?:/|[Hh][Tt][Tt][Pp][Ss]?://){_TARGET_CHAR}*+) (HTTP/1\.[01])")
 _STATUS_LINE = re.compile(r"(HTTP/1\.[01]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*+))?")
 # A field line between the LF before it and its CRLF: the name, and the value without the SP/HTAB
 # around it (RFC 9112 §5).  Starting at the LF lets a search skip to the next line in one C scan.
-_FIELD_LINE = re.compile(rf"\n({_TCHAR}++):[ \t]*+({_VALUE_CHAR}*+(?:[ \t]++{_VALUE_CHAR}++)*+)[ \t]*+\r(?=\n)")
+_FIELD_LINE = re.compile(rf"\n({TCHAR}++):[ \t]*+({_VALUE_CHAR}*+(?:[ \t]++{_VALUE_CHAR}++)*+)[ \t]*+\r(?=\n)")
 # A head as read: the start line's three parts, then each field's name and value.
 _Read: TypeAlias = tuple[tuple[str, ...], list[tuple[str, str]]]
 # RFC 3986 §3.2.2 reg-name / IPv4address / IP-literal, then an optional port.
