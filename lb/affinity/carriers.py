@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from lb.affinity.balancing import source_key
-from lb.affinity.codec import Claim, TokenCodec, TokenTooLarge
+from lb.affinity.codec import Claim, TokenCodec, TokenTooLarge, looks_sealed
 from lb.config.model import AffinityConfig, AffinityMode, BalanceMethod, HashKeySource, PoolConfig
 from lb.errors import InvalidToken
 from lb.http.cookies import (
@@ -177,10 +177,12 @@ def plan_forward(request: RequestHead, affinity: AffinityConfig, lookup: TokenLo
         parts = value.split(PIN_SEPARATOR) if PIN_SEPARATOR in value else [value]
         if lookup.token is not None and lookup.token in parts:
             return restored
-        # Only what decrypts is provably ours: an expired token or another pool's pin is
-        # dropped (this backend never set that value); anything else may be the
-        # backend's own id (even one too large to seal), and passes.
-        if any(part in ours or lookup.rejected.get(part) == "expired" for part in parts):
+        # Another pool's pin, or anything shaped like our token that did not route this
+        # request (expired, tampered, sealed with a foreign key): never a value this backend
+        # set, and treated as absent, so it issues a fresh session for us to seal.  Anything
+        # else may be the backend's own id (set before we were in front, or too large to
+        # seal), and passes.
+        if any(part in ours or looks_sealed(part) for part in parts):
             return None
         return value
 

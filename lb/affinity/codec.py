@@ -175,6 +175,21 @@ def base64_chars(raw_bytes: int) -> int:
     return (raw_bytes * 4 + 2) // 3
 
 
+# What every token we seal looks like before it is opened: base64url, a version we issue in its
+# first byte (version 1: "A" then one of Q-f; version 2: "A" then one of g-v), and at least the
+# length of the shortest token (header, nonce, tag and the fixed claim: 44 bytes, 59 characters).
+_SEALED_SHAPE = re.compile(rf"A[Q-Za-v][A-Za-z0-9_-]{{{base64_chars(44) - 2},{MAX_TOKEN_CHARS - 2}}}")
+
+
+def looks_sealed(value: str) -> bool:
+    """Whether `value` has the shape of a token we seal, whether or not it opens.
+
+    Rewrite mode tells a broken token (tampered, sealed with a foreign key) from a backend's
+    own session value by this: the first is treated as absent, the second passes unchanged.
+    """
+    return _SEALED_SHAPE.fullmatch(value) is not None
+
+
 def _decode(token: str) -> bytes:
     # base64 decoders skip unknown characters; a token must be exactly what we issued.
     if not token or len(token) > MAX_TOKEN_CHARS or not _TOKEN_CHARS.fullmatch(token):

@@ -8,8 +8,9 @@ Module stack: gw-1..3 started with `--app-cookie SESSIONID`, one balancer in rew
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import (
@@ -21,6 +22,8 @@ from conftest import (
     visit,
 )
 from support_ops import HEADER, OpsStack, set_state, started_stack, visit_via
+
+from lb.affinity.codec import Claim, TokenCodec
 
 APP = "SESSIONID"
 
@@ -68,6 +71,33 @@ async def test_rewrite_round_trip_backend_sees_exactly_the_value_it_set(lb: Bala
     assert again.hello["app_cookie"] == planted
     assert again.hello["app_cookie_set"] is None, "the gateway recognised its session and set no new one"
     assert set_cookies(again.headers) == [], "nothing new to set on a sticky reconnect"
+
+
+def _flipped(token: str) -> str:
+    middle = len(token) // 2
+    return token[:middle] + ("B" if token[middle] == "A" else "A") + token[middle + 1 :]
+
+
+def _foreign(token: str) -> str:
+    """A token of the same layout sealed with a key this balancer does not hold (another deployment's)."""
+    claim = Claim(backend_id="gw-1", issued_at=int(time.time()), session=bytes(8), app_value="x", pool="gateways")
+    return TokenCodec(["somebody-elses-key"], 3600).seal(claim, bytes(12))
+
+
+@pytest.mark.parametrize("mangle", [_flipped, lambda t: t + "AAAA", _foreign], ids=["tampered", "extended", "foreign"])
+async def test_rewrite_mode_a_broken_token_is_treated_as_absent(lb: Balancer, mangle: Callable[[str], str]) -> None:
+    """SPEC: a tampered or foreign-key token is treated as absent, a fresh choice and a fresh cookie; the backend
+    sees only values it set.  So it gets no session cookie, plants a new one, and the client's new token sticks."""
+    _, _, token = await first_contact(lb)
+    broken = mangle(token)
+    fresh_visit = await visit(lb.ws_url(), cookie={APP: broken})
+    assert fresh_visit.hello["app_cookie"] is None, "a value the backend never set must not reach it"
+    planted = fresh_visit.hello["app_cookie_set"]
+    assert planted, "the backend saw no session, so it plants one"
+    fresh = affinity_cookie(fresh_visit.headers, APP)
+    assert fresh is not None and fresh.value not in (broken, token, planted), "a fresh sealed cookie"
+    again = await visit(lb.ws_url(), cookie={APP: fresh.value})
+    assert again.server_id == fresh_visit.server_id and again.hello["app_cookie"] == planted
 
 
 async def test_rewrite_mode_twenty_reconnects_from_twenty_source_addresses_stick(lb: Balancer) -> None:

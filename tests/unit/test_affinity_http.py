@@ -274,22 +274,28 @@ def test_rewrite_mode_drops_expired_tokens() -> None:
 
 
 @pytest.mark.parametrize(
-    "unopened",
-    [tamper(APP_TOKEN), seal("gw-1", app_value=APP, codec=OTHER_CODEC)],
-    ids=["tampered", "foreign key"],
+    "broken",
+    [
+        tamper(APP_TOKEN),
+        APP_TOKEN + "AAAA",
+        APP_TOKEN[:-4],
+        seal("gw-1", app_value=APP, codec=OTHER_CODEC),
+    ],
+    ids=["tampered", "extended", "truncated", "foreign key"],
 )
-def test_rewrite_mode_passes_values_that_do_not_open_unchanged(unopened: str) -> None:
-    """What does not decrypt cannot be told from a backend's own random id, so it passes as it is."""
-    req = request("/ws", ("Cookie", f"a=1; SESSIONID={unopened}; b=2"))
+def test_rewrite_mode_treats_a_broken_token_as_absent(broken: str) -> None:
+    """SPEC: a tampered or foreign-key token is treated as absent.  The backend never set it, so it gets no
+    session cookie at all, and sets a fresh one (which the answer seals): not a value it would take for junk."""
+    req = request("/ws", ("Cookie", f"a=1; SESSIONID={broken}; b=2"))
     lookup = find_token(req, REWRITE, CODEC, NOW)
     assert lookup.claim is None
     seen = forwarded(req, REWRITE, lookup, to_claimed=False)
-    assert seen.head.get_all("cookie") == [f"a=1; SESSIONID={unopened}; b=2"]
+    assert seen.head.get_all("cookie") == ["a=1; b=2"]
 
 
-@pytest.mark.parametrize("plain", ["abc123", "Zm9vYmFy", "x" * 30, 'quoted"value'])
+@pytest.mark.parametrize("plain", ["abc123", "Zm9vYmFy", "x" * 30, 'quoted"value', "not-a-token"])
 def test_rewrite_mode_passes_a_plain_app_cookie_unchanged(plain: str) -> None:
-    """A SESSIONID that is not one of our tokens (e.g. set before the balancer was there) passes as it is."""
+    """A SESSIONID that is not shaped like our token (e.g. set before the balancer was there) passes as it is."""
     req = request("/ws", ("Cookie", f"SESSIONID={plain}; other=1"))
     lookup = find_token(req, REWRITE, CODEC, NOW)
     assert lookup.claim is None
@@ -297,13 +303,27 @@ def test_rewrite_mode_passes_a_plain_app_cookie_unchanged(plain: str) -> None:
     assert seen.head.get_all("cookie") == [f"SESSIONID={plain}; other=1"]
 
 
-def test_rewrite_mode_passes_a_long_random_app_value_that_looks_like_version_1() -> None:
-    """A backend's own 64-byte random session id is not our token, whatever its first byte."""
-    plain = urlsafe_b64encode(b"\x01" + bytes(range(2, 65))).rstrip(b"=").decode()
+@pytest.mark.parametrize("size", [16, 32, 43])
+def test_rewrite_mode_passes_a_random_app_id_shorter_than_any_token_whatever_its_first_bytes(size: int) -> None:
+    """A backend's own random id of up to 43 bytes (a UUID, 32 random bytes in base64url) is never taken for
+    a broken token, even when its first bytes spell our version: no token is that short."""
+    plain = urlsafe_b64encode(b"\x01" + bytes(range(2, size + 1))).rstrip(b"=").decode()
+    assert plain.startswith("AQ")
     req = request("/ws", ("Cookie", f"SESSIONID={plain}"))
     lookup = find_token(req, REWRITE, CODEC, NOW)
     seen = forwarded(req, REWRITE, lookup, to_claimed=False)
     assert seen.head.get_all("cookie") == [f"SESSIONID={plain}"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", max_size=120))
+def test_rewrite_mode_drops_exactly_the_values_shaped_like_a_token(value: str) -> None:
+    """What is dropped is decided by shape alone, the same for every value: our prefix and a token's length."""
+    req = request("/ws", ("Cookie", f"SESSIONID={value}"))
+    lookup = find_token(req, REWRITE, CODEC, NOW)
+    seen = forwarded(req, REWRITE, lookup, to_claimed=False)
+    shaped = len(value) >= 59 and value[0] == "A" and value[1:2] in set("QRSTUVWXYZabcdefghijklmnopqrstuv")
+    assert seen.head.get_all("cookie") == ([] if shaped else [f"SESSIONID={value}"])
 
 
 def test_rewrite_mode_keeps_a_valid_token_for_another_pool_cookie_name_alone() -> None:
