@@ -195,6 +195,7 @@ class _Checker:
         self.cpu_count = cpu_count
         self.problems: list[Problem] = []
         self.nodes = 0  # values the ${...} expansion has walked (MAX_CONFIG_NODES)
+        self.stood_in = False  # the YAML was read with references in stand-in characters (_parse_yaml)
 
     def add(self, path: str, message: str) -> None:
         self.problems.append(Problem(path, message))
@@ -235,6 +236,15 @@ def _parse_yaml(text: str, check: _Checker) -> object:
     try:
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
+        stood_in = _stand_in(text) if "${" in text else text
+        if stood_in != text:
+            # SPEC writes `secret_keys: [${LB_COOKIE_KEY}]`, which YAML alone refuses: inside [ ] and
+            # { } a brace ends a plain value.  Read again with each reference's characters standing
+            # in for themselves; the expansion puts them back.  Still broken: the first error stands.
+            with contextlib.suppress(yaml.YAMLError, ValueError, RecursionError):
+                tree = yaml.safe_load(stood_in)
+                check.stood_in = True
+                return tree
         check.add("", _yaml_message(exc, text))
     except yaml.YAMLError as exc:
         check.add("", f"invalid YAML: {exc}")
@@ -265,6 +275,27 @@ _REFERENCE_RE = re.compile(
 )
 
 
+# Plane 15's private-use characters, one for each character of a `${...}` reference, while YAML
+# reads a file that needs them (`_parse_yaml`): none is a flow indicator or a space, and one
+# character for one keeps YAML's line and column numbers those of the file.
+_STAND_IN = 0xF0000
+_STOOD_IN_RE = re.compile("[\U000F0000-\U000FFFFD]+")
+
+
+def _stand_in(text: str) -> str:
+    def stand_in(match: re.Match[str]) -> str:
+        reference = match[0]
+        if reference in ("$${", "${") or max(map(ord, reference)) > 0xFFFD:
+            return reference
+        return "".join([chr(_STAND_IN + ord(char)) for char in reference])
+
+    return _REFERENCE_RE.sub(stand_in, text)
+
+
+def _stood_for(match: re.Match[str]) -> str:
+    return "".join([chr(ord(char) - _STAND_IN) for char in match[0]])
+
+
 def _expand(node: object, path: str, environ: Mapping[str, str], check: _Checker, active: set[int]) -> object:
     """Expand `${NAME}` in every string value (not in keys) of the parsed tree."""
     # YAML aliases can nest a few lines into billions of values ("billion laughs"): count what the
@@ -276,6 +307,8 @@ def _expand(node: object, path: str, environ: Mapping[str, str], check: _Checker
                             "(YAML aliases nested inside each other?)")
         return _REPORTED
     if isinstance(node, str):
+        if check.stood_in:
+            node = _STOOD_IN_RE.sub(_stood_for, node)
         return _expand_string(node, path, environ, check)
     if not isinstance(node, dict | list):
         return node
@@ -286,6 +319,8 @@ def _expand(node: object, path: str, environ: Mapping[str, str], check: _Checker
     active.add(id(node))
     try:
         if isinstance(node, dict):
+            if check.stood_in:  # keys are not expanded, but must read as written (in messages, say)
+                node = {_STOOD_IN_RE.sub(_stood_for, k) if isinstance(k, str) else k: v for k, v in node.items()}
             return {k: _expand(item, _join(path, k), environ, check, active) for k, item in node.items()}
         return [_expand(item, f"{path}[{i}]", environ, check, active) for i, item in enumerate(node)]
     finally:

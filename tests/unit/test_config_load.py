@@ -524,13 +524,73 @@ def test_yaml_syntax_error_is_one_problem_with_line_and_column(tmp_path: Path) -
     assert re.match(r"invalid YAML at line \d+, column \d+: ", problem.message)
 
 
-def test_unquoted_reference_in_flow_list_gets_a_hint(tmp_path: Path) -> None:
-    """`[${KEY}]` is not YAML; the message says to quote it."""
+# SPEC's own example, as SPEC writes it: `[${LB_COOKIE_KEY}]` unquoted inside a flow list.
+SPEC_EXAMPLE = """\
+listeners:
+  - bind: 127.0.0.1:8080
+admin:
+  bind: 127.0.0.1:9000
+  token: ${LB_ADMIN_TOKEN}        # bearer token for every POST
+affinity:
+  mode: insert
+  cookie: LB_AFFINITY
+  max_age: 1h
+  secret_keys: [${LB_COOKIE_KEY}] # first signs; every one verifies (rotation)
+routes:
+  - path_prefix: /
+    pool: gateways
+pools:
+  gateways:
+    balance: least_conn
+    health_check: {type: http, path: /health, interval: 1s, timeout: 500ms, rise: ${RISE:-2}, fall: 2}
+    backends:
+      - {id: gw-1, address: 127.0.0.1:9001, weight: 1}
+"""
+
+
+KEY_WITH_YAML_SYNTAX = "k#1, [x]: {y} " + "z" * 32
+LONG_A, LONG_B = "a" * 32, "b" * 32
+
+
+def test_unquoted_references_inside_flow_collections_expand_as_spec_writes_them(tmp_path: Path) -> None:
+    """`[${KEY}]` alone is not YAML (a brace ends a plain value inside [ ] and { }); SPEC writes it, so it reads."""
+    environ = {"LB_ADMIN_TOKEN": "t0ken", "LB_COOKIE_KEY": KEY_WITH_YAML_SYNTAX, "RISE": "3"}
+    config = parse_config(SPEC_EXAMPLE, base_dir=tmp_path, environ=environ)
+    assert config.affinity.secret_keys == (KEY_WITH_YAML_SYNTAX,), "the variable's text, verbatim, as in block style"
+    assert config.admin.token == "t0ken"
+    assert config.pools["gateways"].health_check.rise == 3
+
+
+def test_an_unset_reference_inside_a_flow_list_is_named_by_its_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_config("affinity:\n  secret_keys: [${K}]\n", base_dir=tmp_path, environ={})
+        parse_config(SPEC_EXAMPLE, base_dir=tmp_path, environ={"LB_ADMIN_TOKEN": "t"})
+    (problem,) = info.value.problems
+    assert problem.path == "affinity.secret_keys[0]"
+    assert problem.message == "environment variable LB_COOKIE_KEY is not set"
+
+
+def test_a_flow_reference_with_a_default_holding_a_comma_is_one_value(tmp_path: Path) -> None:
+    """`[${X:-a,b}]` reads as `key: ${X:-a,b}` does: one value, the default with its comma."""
+    text = SPEC_EXAMPLE.replace("[${LB_COOKIE_KEY}]", "[${LB_COOKIE_KEY:-" + LONG_A + "," + LONG_B + "}, ${SECOND}]")
+    config = parse_config(text, base_dir=tmp_path, environ={"LB_ADMIN_TOKEN": "t", "SECOND": LONG_B})
+    assert config.affinity.secret_keys == (f"{LONG_A},{LONG_B}", LONG_B)
+
+
+def test_yaml_still_broken_with_references_reports_the_files_own_line_column_and_hint(tmp_path: Path) -> None:
+    """A file that stays broken once references are set aside gets the first reading's error, as written."""
+    text = "affinity:\n  secret_keys: [${K}, {oops]\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir=tmp_path, environ={"K": "v"})
     (problem,) = info.value.problems
     assert "line 2" in problem.message
     assert 'quote ${...} references, e.g. ["${LB_COOKIE_KEY}"]' in problem.message
+    assert "\U000f0024" not in problem.message.encode("unicode_escape").decode()
+
+
+def test_an_escaped_reference_stays_literal_in_flow_and_block_style(tmp_path: Path) -> None:
+    text = SPEC_EXAMPLE.replace("token: ${LB_ADMIN_TOKEN}", "token: \"$${NOT_A_VAR}\"")
+    config = parse_config(text, base_dir=tmp_path, environ={"LB_COOKIE_KEY": LONG_A})
+    assert config.admin.token == "${NOT_A_VAR}"
 
 
 @pytest.mark.parametrize(
