@@ -841,6 +841,8 @@ def _config(tree: object, check: _Checker) -> Config | None:
         return None
     listeners = _listeners(_get(root, "listeners", "", check, required=True), check)
     admin = _admin(root.get("admin"), check)
+    if admin is not None and listeners is not None:
+        _check_admin_bind(admin, listeners, check)
     affinity = _affinity(_get(root, "affinity", "", check, required=True), check)
     # Routes are checked against the pool names present, even if a pool is otherwise invalid,
     # so problems come out in the file's usual key order (routes before pools).
@@ -989,6 +991,21 @@ def _admin(value: object, check: _Checker) -> AdminConfig | None:
     return admin
 
 
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+
+def _check_admin_bind(admin: AdminConfig, listeners: Sequence[ListenerConfig], check: _Checker) -> None:
+    """The admin API on a listener's address would fail to bind at start: said by `lb validate` instead."""
+    if admin.port == 0:
+        return
+    for i, listener in enumerate(listeners):
+        hosts = {admin.host.lower(), listener.host.lower()}
+        if listener.port == admin.port and (len(hosts) == 1 or hosts & _WILDCARDS):
+            check.add("admin.bind", f"{admin.bind} overlaps listeners[{i}] ({listener.bind}); the admin API needs "
+                                    "an address of its own")
+            return
+
+
 def _affinity(value: object, check: _Checker) -> AffinityConfig | None:
     node = _mapping(value, "affinity", check, [*(f.key for f in _AFFINITY_FIELDS), "secret_keys"])
     if node is None:
@@ -1048,15 +1065,22 @@ def _routes(value: object, check: _Checker, pools: Collection[str] | None) -> tu
 
 def _route(value: object, path: str, check: _Checker, pools: Collection[str] | None) -> RouteConfig | None:
     kwargs = _scalar_mapping(value, path, check, _ROUTE_FIELDS)
-    if kwargs is None:
-        return None
-    route = RouteConfig(**kwargs)
-    # When pools is not a non-empty mapping, an "unknown pool" here would only be noise.
-    if pools is not None and route.pool not in pools:
+    # When pools is not a non-empty mapping, an "unknown pool" here would only be noise.  Checked
+    # even when another field of the route is wrong: every problem at once.
+    pool = kwargs["pool"] if kwargs is not None else _unchecked_text(value, "pool", path, check)
+    if pools is not None and pool is not None and pool not in pools:
         known = ", ".join(sorted(pools))
-        check.add(_join(path, "pool"), f"unknown pool {_show(route.pool)}; defined pools: {known}")
+        check.add(_join(path, "pool"), f"unknown pool {_show(pool)}; defined pools: {known}")
         return None
-    return route
+    return None if kwargs is None else RouteConfig(**kwargs)
+
+
+def _unchecked_text(value: object, key: str, path: str, check: _Checker) -> str | None:
+    """The text at `key` of an entry whose other fields failed, when nothing was said of this one."""
+    text = value.get(key) if isinstance(value, dict) else None
+    if not isinstance(text, str) or any(problem.path == _join(path, key) for problem in check.problems):
+        return None
+    return text
 
 
 def _pools(value: object, check: _Checker) -> dict[str, PoolConfig] | None:
@@ -1167,13 +1191,16 @@ def _backends(value: object, path: str, check: _Checker) -> tuple[BackendConfig,
     first_id: dict[str, int] = {}
     first_address: dict[tuple[str, int], int] = {}
     for i, backend in enumerate(backends):
+        # A repeated id is said even when another field of the entry is wrong: every problem at once.
+        backend_id = backend.id if backend is not None else _unchecked_text(items[i], "id", f"{path}[{i}]", check)
+        if backend_id is not None:
+            first = first_id.setdefault(backend_id, i)
+            if first != i:
+                check.add(
+                    f"{path}[{i}].id", f"duplicate backend id {_show(backend_id)} (first at {path}[{first}])"
+                )
         if backend is None:
             continue
-        first = first_id.setdefault(backend.id, i)
-        if first != i:
-            check.add(
-                f"{path}[{i}].id", f"duplicate backend id {_show(backend.id)} (first at {path}[{first}])"
-            )
         first = first_address.setdefault((backend.host.lower(), backend.port), i)
         if first != i:
             check.add(

@@ -421,6 +421,30 @@ def test_duplicates_are_problems(base_dir: Path) -> None:
     }
 
 
+def test_a_wrong_field_does_not_hide_the_entrys_other_problems(base_dir: Path) -> None:
+    """Every problem at once: a route with a bad prefix still names its unknown pool, a backend with a bad
+    address still names its repeated id."""
+    tree = set_at(good_tree(), "routes[0]", {"path_prefix": "w", "pool": "missing"})
+    tree = set_at(tree, "pools.gateways.backends[1]", {"id": "gw-1", "address": "127.0.0.1"})
+    problems = problems_of(tree, base_dir)
+    assert set(problems) == {
+        "routes[0].path_prefix", "routes[0].pool", "pools.gateways.backends[1].address", "pools.gateways.backends[1].id"
+    }, problems
+    assert problems["routes[0].pool"].startswith("unknown pool 'missing'")
+    assert problems["pools.gateways.backends[1].id"].startswith("duplicate backend id 'gw-1'")
+
+
+@pytest.mark.parametrize("admin_bind", ["127.0.0.1:8080", "0.0.0.0:8080", "LOCALHOST:8443"])
+def test_admin_on_a_listeners_address_is_a_problem(base_dir: Path, admin_bind: str) -> None:
+    """It would fail to bind at start; `lb validate` says so first."""
+    tree = good_tree()
+    tree["listeners"][1]["bind"] = "localhost:8443"
+    tree["admin"] = {"bind": admin_bind, "token": "t"}
+    problems = problems_of(tree, base_dir)
+    assert list(problems) == ["admin.bind"]
+    assert "overlaps listeners[" in problems["admin.bind"]
+
+
 def test_non_loopback_admin_needs_a_token(base_dir: Path) -> None:
     """Admin reachable off-host without a token is refused."""
     tree = good_tree()
