@@ -401,7 +401,7 @@ class Balancer:
         try:
             config = split_limits(load_config(self.config_path), *self._share)
         except ConfigError as exc:
-            problems = "; ".join(f"{p.path}: {p.message}" for p in exc.problems)
+            problems = "; ".join(str(problem) for problem in exc.problems)  # a root problem has no path
             log.error("reload failed, keeping the running configuration: %s", problems)
             self.reloads["failure"] += 1
             return False

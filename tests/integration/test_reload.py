@@ -94,6 +94,7 @@ async def test_sighup_with_a_broken_config_keeps_the_old_one(
         assert (await recv_hello(ws))["server_id"] == first.server_id
         line = await reload_with(lb, broken, expect="reload failed")
         assert "ERROR" in line or "error" in line.lower(), line
+        assert "configuration: :" not in line and ": ;" not in line, f"a problem of the whole file has no path: {line}"
 
         lb.assert_alive()
         await assert_echo(ws, "tunnel survives a failed reload")
