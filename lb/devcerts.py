@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,14 @@ def write_dev_certs(
     return paths
 
 
+# RFC 1123 labels (letters, digits, inner hyphens, up to 63 each, 253 in all); a leading `*.`
+# for a wildcard certificate (RFC 6125 §6.4.3).
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}\Z)(?:\*\.)?(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?"
+)
+
+
 def _general_name(host: str) -> x509.GeneralName:
     host = host.strip()
     if not host:
@@ -87,6 +96,9 @@ def _general_name(host: str) -> x509.GeneralName:
         pass
     if not host.isascii():
         raise ValueError(f"host names must be ASCII (use the xn-- form), got {host!r}")
+    if not _DNS_NAME.fullmatch(host):
+        # A name no client can ask for would only make a certificate that never verifies.
+        raise ValueError(f"not a DNS name or IP address: {host!r}")
     return x509.DNSName(host)
 
 

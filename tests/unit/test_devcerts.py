@@ -83,9 +83,21 @@ def test_rewriting_keeps_keys_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(written.server_key.stat().st_mode) == 0o600
 
 
-@pytest.mark.parametrize("hosts", [[], [""], ["bücher.example"]])
+@pytest.mark.parametrize(
+    "host", ["localhost", "gw-0.gateway.game.svc.cluster.local", "*.example.com", "fqdn.example.", "127.0.0.1", "[::1]"]
+)
+def test_accepts_dns_names_wildcards_and_ip_literals(tmp_path: Path, host: str) -> None:
+    assert write_dev_certs(tmp_path / "out", [host]).server_cert.exists()
+
+
+@pytest.mark.parametrize(
+    "hosts",
+    [[], [""], ["bücher.example"], ["bad host!"], ["a..b"], ["-lead.example"], ["x" * 64 + ".example"],
+     ["localhost", "under_score.example"]],
+)
 def test_rejects_unusable_hosts(tmp_path: Path, hosts: list[str]) -> None:
-    """No hosts, an empty host or a non-ASCII name is a ValueError, and nothing is written."""
+    """No hosts, an empty host, a non-ASCII name or anything not a DNS name (no client could ask for it)
+    is a ValueError, and nothing is written."""
     with pytest.raises(ValueError):
         write_dev_certs(tmp_path / "out", hosts)
     assert not (tmp_path / "out").exists()
