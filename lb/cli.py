@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lb import __version__, startup_signals
+from lb.config.advice import advice
 from lb.config.load import load_config
 from lb.errors import ConfigError
 
@@ -145,10 +146,12 @@ def _worker(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     config_path: Path = args.config
     try:
-        load_config(config_path)
+        config = load_config(config_path)
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_USAGE
+    for sentence in advice(config):
+        print(f"warning: {sentence}", file=sys.stderr)
     print(f"ok: {config_path}")
     return EXIT_OK
 

@@ -56,6 +56,7 @@ from aiohttp import web
 
 from lb import startup_signals
 from lb.affinity.codec import TokenCodec
+from lb.config.advice import advice
 from lb.config.load import load_config
 from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
 from lb.control.admin import AdminRunner, make_admin_app
@@ -196,6 +197,7 @@ class Balancer:
             )
         if self.admin_address is not None:
             log.info("admin API on %s:%d", *self.admin_address)
+        self._advise()
         if self.role is not Role.OWNER:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
         if self.role is not Role.WORKER:
@@ -392,6 +394,12 @@ class Balancer:
             if not self._reload_pending or self._stopping is not None:
                 return
 
+    def _advise(self) -> None:
+        """Settings that work as written but defeat their purpose (lb.config.advice), once per process tree."""
+        if self.role is not Role.WORKER:
+            for sentence in advice(self.config):
+                log.warning("%s", sentence)
+
     async def reload(self) -> bool:
         """Re-read the config file and apply it whole; keep the running config entirely if anything fails."""
         if self.config_path is None:
@@ -413,6 +421,7 @@ class Balancer:
             return False
         self.reloads["success"] += 1
         log.info("reloaded configuration from %s", self.config_path)
+        self._advise()
         if self._supervisor is not None:
             if config.workers != self._supervisor.count:
                 log.warning("workers: %d needs a restart to take effect", config.workers)

@@ -54,6 +54,19 @@ def test_validate_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 @pytest.mark.usefixtures("env")
+def test_validate_prints_advice_as_warnings_and_still_exits_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A valid config that defeats its purpose (no admin token: the actions answer 401) is still valid."""
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("  token: ${LB_ADMIN_TOKEN}\n", "  bind: 127.0.0.1:0\n"))
+    assert main(["validate", "--config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"ok: {path}\n"
+    assert err.startswith("warning: admin.token is not set") and err.count("\n") == 1, err
+
+
+@pytest.mark.usefixtures("env")
 def test_validate_reports_each_problem_by_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An invalid config: exit 2 and one `path: message` line per problem on stderr."""
     path = write_config(tmp_path, backend_2="127.0.0.1")
