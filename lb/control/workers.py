@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import lb
 from lb.control.ipc import (
     LENGTH,
     MessageTooLarge,
@@ -107,6 +108,20 @@ def watch_owner(owner_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _worker_env() -> dict[str, str]:
+    """The owner's environment, with the directory it imported `lb` from first on PYTHONPATH.
+
+    Installed, that is site-packages (already on the path); run from a source tree without an
+    install, it is that tree: the worker runs the code the owner runs, and nothing else is added.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_LB_ROOT, env.get("PYTHONPATH")]))
+    return env
+
+
+_LB_ROOT = str(Path(lb.__file__).resolve().parent.parent)
+
+
 @dataclass(slots=True)
 class _Worker:
     index: int
@@ -153,13 +168,16 @@ class WorkerSupervisor:
         ours, theirs = socket.socketpair()
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "lb", "worker",
+                # -P: not the working directory first on sys.path, where a stray dns.py or yaml.py
+                # would be imported in place of ours; the owner's own `lb` stays found (_worker_env).
+                sys.executable, "-P", "-m", "lb", "worker",
                 "--config", str(self._config_path),
                 "--control-fd", str(theirs.fileno()),
                 "--index", str(index),
                 "--count", str(self.count),
                 "--owner-pid", str(os.getpid()),
                 pass_fds=(theirs.fileno(),),
+                env=_worker_env(),
                 # Terminal signals reach the owner only; it stops the workers in order.
                 start_new_session=True,
             )

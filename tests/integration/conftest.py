@@ -336,6 +336,7 @@ class Balancer:
     def __init__(self, config: dict[str, Any], workdir: Path, name: str = "lb") -> None:
         self.config = config
         self.name = name
+        self.cwd = ROOT
         self.config_path = workdir / f"{name}.yaml"
         self.out_path = workdir / f"{name}.stdout.log"
         self.err_path = workdir / f"{name}.stderr.log"
@@ -364,13 +365,16 @@ class Balancer:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self._files = [open(self.out_path, "ab"), open(self.err_path, "ab")]  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lb", "run", "--config", str(self.config_path)],
-            cwd=ROOT,
+            self.command(),
+            cwd=self.cwd,
             env=child_env(),
             stdin=subprocess.DEVNULL,
             stdout=self._files[0],
             stderr=self._files[1],
         )
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "lb", "run", "--config", str(self.config_path)]
 
     def wait_ready(self, timeout: float = BALANCER_READY) -> None:
         deadline = time.monotonic() + timeout

@@ -11,11 +11,12 @@ import asyncio
 import json
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import UNIT, http_get, visit
+from conftest import UNIT, Balancer, Launcher, http_get, lb_config, visit
 from support_ops import OpsStack, process_alive, started_stack, two_workers, wait_until, worker_pids
 
 
@@ -99,3 +100,27 @@ async def test_sigterm_stops_owner_and_workers(tmp_path: Path) -> None:
         assert code == 0
         left = [pid for pid in workers if process_alive(pid)]
         assert not left, f"workers still running after the owner exited: {left}"
+
+
+class _FromElsewhere(Balancer):
+    """The balancer as an operator starts it: the `lb` command, from a directory of their own."""
+
+    def command(self) -> list[str]:
+        return [str(Path(sys.executable).with_name("lb")), "run", "--config", str(self.config_path)]
+
+
+async def test_workers_never_import_from_the_working_directory(launcher: Launcher, tmp_path: Path) -> None:
+    """A stray `dns.py` or `yaml.py` where `lb run` is started must not stand in for the real module in the
+    workers: they serve, and the stray file never runs."""
+    marker = tmp_path / "stray-module-ran"
+    shadow = tmp_path / "cwd"
+    shadow.mkdir()
+    for name in ("dns", "yaml"):
+        (shadow / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('stray {name}')\n")
+    (gateway,) = launcher.gateways(1)
+    balancer = _FromElsewhere(lb_config(pools={"gateways": [gateway]}, overrides={"workers": 2}), tmp_path)
+    balancer.cwd = shadow
+    launcher.adopt(balancer)
+    await two_workers(balancer)
+    assert (await visit(balancer.ws_url())).server_id == gateway.id
+    assert not marker.exists(), f"a module from the working directory ran:\n{balancer.logs_tail()}"
