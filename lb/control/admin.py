@@ -10,15 +10,18 @@
 
 Input is checked as strictly as the config is: an unknown parameter
 (`close_afer`), a malformed value or body, or JSON nested deeper than any
-real request is a 400 that names the problem.  A middleware turns anything
+real request is a 400 whose log line names the problem.  A middleware turns anything
 else that escapes a handler into a bare 500 with the traceback in the log
 only: no admin request can make the API leak internals or die.  Error
-bodies name only what the operator sent in the path they asked about.
+bodies hold a fixed reason and a request id; the log line with that id says
+what was asked for and which input was at fault (SPEC: no client input in
+a body).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -35,6 +38,7 @@ from aiohttp.web_response import StreamResponse
 from aiohttp.web_server import Server
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from lb.access_log import plain_value
 from lb.config.durations import parse_duration
 from lb.control.migration import DEFAULT_MIGRATION_RATE
 from lb.state.pool import AdminAction, BackendStatus
@@ -56,7 +60,16 @@ MAX_RATE = 100_000.0
 
 
 class AdminInputError(ValueError):
-    """A request the admin API refuses with 400; the message names the problem."""
+    """A request the admin API refuses with 400.
+
+    The message is a fixed reason, the body's; `detail` names what the client sent (a
+    parameter's name, a content type) and goes to the log line only (SPEC: error bodies
+    name no client input).
+    """
+
+    def __init__(self, reason: str, detail: object = None) -> None:
+        super().__init__(reason)
+        self.detail = None if detail is None else _name(detail)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -64,22 +77,48 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """HTTP errors keep their status with a JSON body; anything else is a bug: logged, bare 500."""
+    """HTTP errors keep their status with a JSON body; anything else is a bug: logged, bare 500.
+
+    Every error answer gets a log line carrying its request id (SPEC), with what the body
+    leaves out: the method and path asked for, and the input at fault.
+    """
+    detail = None
     try:
-        return await handler(request)
+        response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error(exc.status, exc.reason or "error", headers={
+        response = _error(exc.status, exc.reason or "error", headers={
             k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")
         })
     except AdminInputError as exc:
-        return _error(400, str(exc))
+        response, detail = _error(400, str(exc)), exc.detail
     except Exception:
         request_id = new_request_id()
-        log.exception("admin API: unexpected error answering %s %.200s request_id=%s",
-                      request.method, request.rel_url.path, request_id)
+        log.exception("admin API: 500 %s %s request_id=%s", request.method, _path(request), request_id)
         return _error(500, "internal error", request_id=request_id)
+    if response.status >= 400 and "X-Request-Id" in response.headers:  # an error answer (_error), not a 503 probe
+        _log_error(request, response, detail)
+    return response
+
+
+def _log_error(request: web.Request, response: web.StreamResponse, detail: str | None) -> None:
+    """One line per error answer.  A refused token is a WARNING: failed logins are what an operator looks for."""
+    level = logging.WARNING if response.status == 401 else logging.INFO
+    reason = response.reason
+    if isinstance(response, web.Response) and isinstance(response.body, bytes):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            reason = json.loads(response.body)["error"]  # our own fixed reason (_error)
+    log.log(
+        level, "admin API: %d %s %s: %s%s request_id=%s client=%s", response.status, request.method, _path(request),
+        reason, f" ({detail})" if detail else "", response.headers.get("X-Request-Id", "-"), request.remote or "-",
+    )
+
+
+def _path(request: web.Request) -> str:
+    """The path asked for, as a log can hold it: quoted when it is not plain visible ASCII, cut at 200."""
+    path = request.rel_url.raw_path
+    return plain_value(path if len(path) <= 200 else path[:197] + "...")
 
 
 def make_admin_app(balancer: Balancer) -> web.Application:
@@ -108,7 +147,7 @@ def refuse_parameters(request: web.Request, allowed: frozenset[str] = frozenset(
     """Raise AdminInputError for a query parameter the endpoint does not take (a typo is not ignored)."""
     unknown = sorted(set(request.query) - allowed)
     if unknown:
-        raise AdminInputError(f"unknown parameter {_name(unknown[0])}")
+        raise AdminInputError("unknown parameter", unknown[0])
 
 
 async def livez(request: web.Request) -> web.Response:
@@ -237,9 +276,14 @@ async def backend_action(request: web.Request) -> web.Response:
 def _error(
     status: int, message: str, headers: dict[str, str] | None = None, *, request_id: str | None = None
 ) -> web.Response:
-    """A JSON error: the status, a reason, and a request id that the log line (if any) carries too."""
-    body = {"error": message, "request_id": request_id or new_request_id()}
-    return web.json_response(body, status=status, headers=headers)
+    """A JSON error: the status, a fixed reason, and a request id that the log line carries too.
+
+    The id is also in `X-Request-Id`, as on the proxy's own answers; `message` must never hold
+    anything the client sent.
+    """
+    request_id = request_id or new_request_id()
+    body = {"error": message, "request_id": request_id}
+    return web.json_response(body, status=status, headers={**(headers or {}), "X-Request-Id": request_id})
 
 
 def new_request_id() -> str:
@@ -296,8 +340,8 @@ class _AdminRequestHandler(RequestHandler):
         answer = _error(status, reason, request_id=request_id)
         if status >= 500:
             log.error("admin API: %d %s request_id=%s", status, reason, request_id, exc_info=exc)
-        else:
-            log.debug("admin API: %d %s request_id=%s (%s)", status, reason, request_id, type(exc).__name__)
+        else:  # the request could not be read: no method or path to name
+            log.info("admin API: %d %s (%s) request_id=%s", status, reason, type(exc).__name__, request_id)
         answer.force_close()
         return answer
 
@@ -347,10 +391,10 @@ async def _migration_params(request: web.Request) -> tuple[float | None, float |
     params: dict[str, Any] = {}
     for key in request.query:
         if key in params:
-            raise AdminInputError(f"parameter {_name(key)} given twice")
+            raise AdminInputError("parameter given twice", key)
         values = request.query.getall(key)
         if len(values) > 1:
-            raise AdminInputError(f"parameter {_name(key)} given twice")
+            raise AdminInputError("parameter given twice", key)
         params[key] = values[0]
     if request.can_read_body:
         try:
@@ -361,16 +405,14 @@ async def _migration_params(request: web.Request) -> tuple[float | None, float |
             raise web.HTTPRequestTimeout(reason="body not complete in time") from None
         if raw.strip():
             if request.content_type not in ("application/json", "application/octet-stream", ""):
-                raise AdminInputError(f"body: expected application/json, got {_name(request.content_type)}")
+                raise AdminInputError("body: expected application/json", request.content_type)
             for key, value in _parse_body(raw).items():
                 if key in params:
-                    raise AdminInputError(f"parameter {_name(key)} given in both query and body")
+                    raise AdminInputError("parameter given in both query and body", key)
                 params[key] = value
     unknown = sorted(set(params) - ACTION_PARAMS)
     if unknown:
-        raise AdminInputError(
-            f"unknown parameter {_name(unknown[0])}; expected {' or '.join(sorted(ACTION_PARAMS))}"
-        )
+        raise AdminInputError(f"unknown parameter; expected {' or '.join(sorted(ACTION_PARAMS))}", unknown[0])
     close_after = rate = None
     if params.get("close_after") is not None:
         value = params["close_after"]

@@ -28,9 +28,9 @@ async def post_raw(
 
 HOSTILE: list[tuple[str, str, bytes, str, str]] = [
     # (case, query, body, content type, words the error must contain)
-    ("typo in query", "close_afer=30s", b"", "application/json", "close_afer"),
-    ("typo in body", "", b'{"close_afer": "30s"}', "application/json", "close_afer"),
-    ("unknown extra", "close_after=1s&force=1", b"", "application/json", "force"),
+    ("typo in query", "close_afer=30s", b"", "application/json", "unknown parameter"),
+    ("typo in body", "", b'{"close_afer": "30s"}', "application/json", "unknown parameter"),
+    ("unknown extra", "close_after=1s&force=1", b"", "application/json", "unknown parameter"),
     ("bad duration", "close_after=soon", b"", "application/json", "close_after"),
     ("negative duration", "close_after=-5s", b"", "application/json", "close_after"),
     ("rate zero", "rate=0", b"", "application/json", "rate"),
@@ -66,6 +66,63 @@ async def test_hostile_admin_input_is_a_400_naming_the_problem(
     assert code == 400, (code, answer)
     assert words in answer.get("error", ""), answer
     assert find_backend(await status(lb), "dead", backend_id)["state"] != "draining"
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "content_type", "sent"),
+    [
+        ("close_afer=30s", b"", "application/json", "close_afer"),
+        ("", b'{"evil<b>key": 1}', "application/json", "evil<b>key"),
+        ("", b"rate=5", "application/x-www-form-urlencoded", "application/x-www-form-urlencoded"),
+        ("x-injected=1&x-injected=2", b"", "application/json", "x-injected"),
+    ],
+    ids=["typo", "markup in a key", "content type", "repeated unknown"],
+)
+async def test_an_admin_error_body_holds_no_client_input_and_its_log_line_names_it(
+    stack: Stack, query: str, body: bytes, content_type: str, sent: str
+) -> None:
+    """SPEC: error bodies name no client input, a fixed reason and a request id that the log also carries.
+    The log line with that id says what was at fault."""
+    lb = stack.balancer
+    code, answer = await post_raw(
+        lb, PATH.format(id=stack.dead[0].id), body=body, content_type=content_type, query=query
+    )
+    assert code == 400 and sent not in json.dumps(answer), answer
+    request_id = answer["request_id"]
+    line = await _log_line_with(lb, request_id)
+    assert sent in line and " 400 POST /pools/dead/backends/" in line, line
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("POST", "/pools/nope/backends/x/drain", 404), ("GET", "/no/such/page", 404), ("DELETE", "/status", 405)],
+)
+async def test_every_admin_error_answer_is_logged_with_its_request_id(
+    stack: Stack, method: str, path: str, status: int
+) -> None:
+    reply = await admin_request(stack.balancer, method, path)
+    assert reply.status == status
+    headers = {name.lower(): value for name, value in reply.headers.items()}
+    assert headers.get("x-request-id") == reply.body["request_id"], reply.headers
+    line = await _log_line_with(stack.balancer, reply.body["request_id"])
+    assert f" {status} {method} {path}: " in line, line
+
+
+async def test_a_refused_token_is_a_warning_in_the_log(stack: Stack) -> None:
+    """Failed logins are what an operator looks for."""
+    reply = await admin_request(stack.balancer, "POST", PATH.format(id=stack.dead[0].id), token="wrong-token")
+    assert reply.status == 401
+    line = await _log_line_with(stack.balancer, reply.body["request_id"])
+    assert "WARNING" in line and "wrong-token" not in line, line
+
+
+async def _log_line_with(lb: Balancer, request_id: str) -> str:
+    for _ in range(50):
+        lines = [line for line in lb.log_text().splitlines() if request_id in line]
+        if lines:
+            return lines[0]
+        await asyncio.sleep(0.05 * UNIT)
+    raise AssertionError(f"request id {request_id} is in no log line:\n{lb.logs_tail()}")
 
 
 async def test_enable_with_migration_parameters_is_refused(stack: Stack) -> None:
