@@ -328,3 +328,46 @@ async def test_truncated_answers_keep_the_set_and_show_the_error(launcher: Launc
     zone.truncate = False
     await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"] is None, "the error cleared")
     lb.assert_alive()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_backend_that_leaves_and_comes_back_counts_on(
+    launcher: Launcher, zone: ZoneServer, workers: int
+) -> None:
+    """SPEC: counters never go backwards.  gw-2 leaves DNS, then a reload drops it from the static list too,
+    and each time it comes back: its lb_backend_handshakes_total series goes on from where it was."""
+    gw1, gw2 = launcher.gateways(2)
+    publish(zone, [gw1, gw2])
+    config = discovery_config(zone)
+    config["workers"] = workers
+    lb = launcher.balancer(config)
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both discovered")
+    await wait_for_state(lb, "gateways", "gw-2", "up", within=10 * UNIT)
+    await visit_until(lb.ws_url(), "gw-2", tries=8)
+
+    async def handshakes() -> float:
+        value = metric(await metrics_text(lb), "lb_backend_handshakes_total", pool="gateways", backend="gw-2")
+        return value or 0.0
+
+    deadline = time.monotonic() + 5 * UNIT
+    while (before := await handshakes()) < 1:  # workers report within half a second
+        assert time.monotonic() < deadline, "gw-2's handshake never counted"
+        await _pause()
+
+    publish(zone, [gw1])
+    await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-2 gone from DNS")
+    publish(zone, [gw1, gw2])
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "gw-2 back in DNS")
+    await wait_status(lb, lambda s: find_backend(s, "gateways", "gw-2")["handshakes"] >= before, "gw-2's count")
+    assert await handshakes() >= before
+
+    publish(zone, [gw1])
+    await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-2 gone again")
+    static = dict(lb.config)
+    back = [{"id": gw2.id, "address": gw2.address}]
+    static["pools"] = {"gateways": {**config["pools"]["gateways"], "backends": back}}
+    await reload_with(lb, static, expect="reloaded configuration")  # back, as a static backend
+    await wait_status(lb, lambda s: find_backend(s, "gateways", "gw-2")["handshakes"] >= before, "gw-2's count")
+    for _ in range(10):  # every sample the series gives from here on
+        assert await handshakes() >= before
+        await _pause()
