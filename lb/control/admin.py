@@ -2,7 +2,7 @@
 
     GET  /livez                                     200 while the process serves requests
     GET  /readyz                                    200 once listeners are open; 503 before and from SIGTERM on
-    GET  /healthz                                   as /readyz: 200 while serving, 503 starting or shutting down
+    GET  /healthz                                   200 while serving (accepting): 503 before, and once a stop ends it
     GET  /status                                    pools, backends, states with reasons, counters
     GET  /metrics                                   Prometheus text exposition
     GET  /  and  GET /lookup?token=T                the operator's console (lb.control.console)
@@ -164,10 +164,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Like /readyz (kept for part 1 clients): 503 while starting and from SIGTERM on."""
+    """SPEC part 1: 200 while the balancer serves.  So 503 while starting, and once a stop has closed
+    the listeners; during SIGTERM's `shutdown_delay` it still serves (200), while /readyz says 503
+    to whoever routes to us."""
     refuse_parameters(request)
     balancer = request.app[BALANCER]
-    if not balancer.ready:
+    if not balancer.serving:
         state = "shutting down" if balancer.shutting_down else "starting"
         return web.json_response({"status": state}, status=503)
     return web.json_response({"status": "ok"})

@@ -136,6 +136,7 @@ class Balancer:
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._stop_called = asyncio.Event()
+        self._stop_began = 0.0  # time.monotonic() when stop() began
         # Backends removed by a reload that still carry tunnels, shown in /status until they end.
         self._retired: list[tuple[str, BackendStatus]] = []
         self._removed_counters = RemovedCounters()  # so a backend that comes back counts on
@@ -600,9 +601,21 @@ class Balancer:
         """Returns once `stop()` has been called, by whoever."""
         await self._stop_called.wait()
 
+    @property
+    def serving(self) -> bool:
+        """Accepting connections: from start until SIGTERM's `shutdown_delay` has run out (/healthz).
+
+        The owner of workers accepts nothing itself; its workers stop accepting when the same
+        delay has run out, so that is when it stops saying it serves too.
+        """
+        if self._stopping is None:
+            return self.ready
+        return self.ctx.accepting and time.monotonic() < self._stop_began + self.config.timeouts.shutdown_delay
+
     async def _stop(self) -> None:
         timeouts = self.config.timeouts
         self.ready = False
+        self._stop_began = time.monotonic()
         if self._reload_task is not None and not self._reload_task.done():
             # Let a reload in progress finish its swap: stopping half-way would leave its pieces running.
             await asyncio.wait([self._reload_task], timeout=5.0)

@@ -72,7 +72,8 @@ async def test_livez_and_readyz_answer_200_while_serving(lb: Balancer) -> None:
 
 
 async def test_sigterm_keeps_serving_for_the_delay_with_readyz_503(delayed: Balancer) -> None:
-    """During shutdown_delay: /readyz 503, /livez 200, new handshakes still served; then they are refused."""
+    """During shutdown_delay: /readyz 503, /livez and /healthz 200, new handshakes still served; then they
+    are refused and /healthz is 503."""
     async with ws_connect(delayed.ws_url()) as (ws, _):
         await recv_hello(ws)
         sent = time.monotonic()
@@ -83,6 +84,7 @@ async def test_sigterm_keeps_serving_for_the_delay_with_readyz_503(delayed: Bala
 
         await wait_until(not_ready, within=0.5 * DELAY, what="/readyz 503 right after SIGTERM")
         assert await admin_code(delayed, "/livez") == 200
+        assert await admin_code(delayed, "/healthz") == 200, "SPEC part 1: /healthz is 200 while the balancer serves"
         # Still serving new clients: an L4 balancer may send some until it deregisters us.
         fresh = await visit(delayed.ws_url(), within=2 * UNIT)
         assert fresh.hello is not None
@@ -97,6 +99,7 @@ async def test_sigterm_keeps_serving_for_the_delay_with_readyz_503(delayed: Bala
             return False
 
         await wait_until(refused, within=DELAY + 2 * UNIT, what="new handshakes refused after the delay")
+        assert await admin_code(delayed, "/healthz") == 503, "no longer serving"
         assert time.monotonic() - sent >= DELAY - 0.1, "handshakes were refused before shutdown_delay ended"
         closed = await wait_close(ws, DELAY + GRACE + 5 * UNIT)
         assert closed.code == 1001, closed

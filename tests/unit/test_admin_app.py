@@ -18,14 +18,15 @@ from lb.state.pool import PoolState
 TOKEN = "t" * 20
 
 
-def _fake_balancer(*, ready: bool = True) -> Any:
+def _fake_balancer(*, ready: bool = True, serving: bool | None = None) -> Any:
     pool = PoolState(config=PoolConfig("p", (BackendConfig("gw-1", "127.0.0.1", 1),)))
 
     def apply_admin(*_: Any, **__: Any) -> Any:
         raise RuntimeError("secret internal detail /etc/lb/keys")
 
     ctx = SimpleNamespace(config=SimpleNamespace(admin=SimpleNamespace(token=TOKEN)), pools={"p": pool})
-    return SimpleNamespace(ctx=ctx, ready=ready, shutting_down=not ready, apply_admin=apply_admin)
+    serving = ready if serving is None else serving
+    return SimpleNamespace(ctx=ctx, ready=ready, serving=serving, shutting_down=not ready, apply_admin=apply_admin)
 
 
 async def _client(balancer: Any) -> TestClient[Any, Any]:
@@ -69,13 +70,20 @@ async def test_a_token_of_bytes_that_are_not_utf8_is_a_401_not_a_500(caplog: pyt
         await client.close()
 
 
-@pytest.mark.parametrize(("ready", "status"), [(True, 200), (False, 503)])
-async def test_readyz_and_livez_follow_the_balancer(ready: bool, status: int) -> None:
-    """/readyz follows readiness; /livez is 200 whenever the process answers."""
-    client = await _client(_fake_balancer(ready=ready))
+@pytest.mark.parametrize(
+    ("ready", "serving", "readyz", "healthz"),
+    [(True, True, 200, 200), (False, True, 503, 200), (False, False, 503, 503)],
+    ids=["serving", "shutdown delay", "stopped accepting"],
+)
+async def test_readyz_healthz_and_livez_follow_the_balancer(
+    ready: bool, serving: bool, readyz: int, healthz: int
+) -> None:
+    """/readyz follows readiness (503 from SIGTERM on), /healthz whether it serves (SPEC part 1: 200 while the
+    balancer serves, so through SIGTERM's shutdown_delay too); /livez is 200 whenever the process answers."""
+    client = await _client(_fake_balancer(ready=ready, serving=serving))
     try:
-        assert (await client.get("/readyz")).status == status
-        assert (await client.get("/healthz")).status == status
+        assert (await client.get("/readyz")).status == readyz
+        assert (await client.get("/healthz")).status == healthz
         assert (await client.get("/livez")).status == 200
     finally:
         await client.close()
