@@ -11,6 +11,8 @@ failure (such as an unwritable certificate directory).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import secrets
 import sys
@@ -25,6 +27,7 @@ from lb.errors import ConfigError
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2  # also what argparse uses for bad arguments
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a C tool whose reader went away
 
 DEFAULT_CERT_HOSTS = "localhost,127.0.0.1"
 # 32 random bytes: 256 bits of key material, 43 URL-safe characters.
@@ -43,7 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run one `lb` subcommand and return its exit code."""
     args = _parser().parse_args(join_opaque_values(sys.argv[1:] if argv is None else argv))
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    try:
+        code = handler(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone is then ours to handle
+    except BrokenPipeError:
+        # The reader of our output went away (`lb ctl status --json | head -c 100`): end as a C tool
+        # killed by SIGPIPE does, quietly, 128 + 13.  stdout goes to /dev/null so the flush at exit
+        # cannot fail again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    return code
 
 
 def join_opaque_values(argv: list[str]) -> list[str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import stat
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -202,3 +204,17 @@ def test_a_sighup_while_starting_is_held_not_fatal() -> None:
         assert startup_signals.take() is False  # taken once
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_reader_that_went_away_ends_the_command_quietly_with_141(tmp_path: Path) -> None:
+    """`lb ctl status --json | head -c 100`: no BrokenPipeError traceback, and 128 + SIGPIPE as a C tool."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before a byte is written
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "lb", "keygen"], stdout=write_end, stderr=subprocess.PIPE, timeout=30, check=False
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done
+    assert done.stderr == b"", done.stderr.decode()
