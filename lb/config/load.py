@@ -1117,12 +1117,11 @@ def _pool(name: str, value: object, path: str, check: _Checker) -> PoolConfig | 
     kwargs = _fields(node, path, check, _POOL_FIELDS)
     health = _health_check(node.get("health_check"), _join(path, "health_check"), check)
     discovery: DiscoveryConfig | None = None
-    if node.get("discovery") is not None:
+    discovered = node.get("discovery") is not None
+    if discovered:  # a wrong discovery still lets the rest of the pool be checked: every problem at once
         discovery = _discovery(node["discovery"], _join(path, "discovery"), check)
-        if discovery is None:
-            return None
     # A pool needs backends from somewhere: a static list, DNS, or both.
-    backends_value = _get(node, "backends", path, check, required=discovery is None)
+    backends_value = _get(node, "backends", path, check, required=not discovered)
     backends = () if backends_value is None else _backends(backends_value, _join(path, "backends"), check)
     if kwargs is not None:
         balance = kwargs.get("balance")
@@ -1137,7 +1136,7 @@ def _pool(name: str, value: object, path: str, check: _Checker) -> PoolConfig | 
         elif balance not in (BalanceMethod.SOURCE, BalanceMethod.HASH) and kwargs.get("sticky") is False:
             check.add(_join(path, "sticky"), "only used with balance: source or hash (other pools always pin)")
             kwargs = None
-    if kwargs is None or health is None or backends is None:
+    if kwargs is None or health is None or backends is None or (discovered and discovery is None):
         return None
     return PoolConfig(name=name, backends=backends, health_check=health, discovery=discovery, **kwargs)
 
@@ -1170,13 +1169,12 @@ def _discovery(value: object, path: str, check: _Checker) -> DiscoveryConfig | N
                     valid = False
                     continue
                 nameservers.append((host, port))
-    if kwargs is None or not valid:
-        return None
-    discovery = DiscoveryConfig(nameservers=tuple(nameservers), **kwargs)
-    if discovery.type is DiscoveryType.A and discovery.port is None:
+    if kwargs is not None and kwargs.get("type") is DiscoveryType.A and kwargs.get("port") is None:
         check.add(_join(path, "port"), "type a needs a port (A records carry none)")
         return None
-    return discovery
+    if kwargs is None or not valid:
+        return None
+    return DiscoveryConfig(nameservers=tuple(nameservers), **kwargs)
 
 
 def _health_check(value: object, path: str, check: _Checker) -> HealthCheckConfig | None:

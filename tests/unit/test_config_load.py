@@ -434,6 +434,19 @@ def test_a_wrong_field_does_not_hide_the_entrys_other_problems(base_dir: Path) -
     assert problems["pools.gateways.backends[1].id"].startswith("duplicate backend id 'gw-1'")
 
 
+def test_a_wrong_discovery_does_not_hide_the_pools_other_problems(base_dir: Path) -> None:
+    """type a without a port beside a bad nameserver; hash_key on a source pool beside a bad discovery type."""
+    tree = good_tree()
+    pool = tree["pools"]["gateways"]
+    pool["discovery"] = {"dns": "gw.example", "type": "a", "nameservers": ["not-an-ip:53"]}
+    problems = problems_of(tree, base_dir)
+    assert set(problems) == {"pools.gateways.discovery.port", "pools.gateways.discovery.nameservers[0]"}, problems
+    pool["discovery"] = {"dns": "gw.example", "type": "txt"}
+    pool.update(balance="source", hash_key="header:X-User")
+    problems = problems_of(tree, base_dir)
+    assert set(problems) == {"pools.gateways.discovery.type", "pools.gateways.hash_key"}, problems
+
+
 @pytest.mark.parametrize("admin_bind", ["127.0.0.1:8080", "0.0.0.0:8080", "LOCALHOST:8443"])
 def test_admin_on_a_listeners_address_is_a_problem(base_dir: Path, admin_bind: str) -> None:
     """It would fail to bind at start; `lb validate` says so first."""
