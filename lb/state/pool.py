@@ -165,6 +165,9 @@ class PoolState:
         backend.admin = action
         backend.migrating = False
         backend.reason = f"operator: {action.value}"
+        if action is AdminAction.ENABLE and backend.requested_drain:
+            # Enabled, yet still draining: the reason /status shows must be the one in force.
+            backend.reason = "operator: enable; backend still asks to drain"
         return self._change(backend, old, now)
 
     def _change(self, backend: BackendStatus, old: BackendState, now: float) -> StateChange | None:

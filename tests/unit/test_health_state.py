@@ -47,6 +47,7 @@ def test_operator_disable_wins_and_keeps_its_reason() -> None:
     assert backend.state is BackendState.DISABLED and backend.reason == "operator: disable"
     state.apply_admin("gw-1", AdminAction.ENABLE, 3.0)
     assert backend.state is BackendState.DRAINING
+    assert backend.reason == "operator: enable; backend still asks to drain", "the reason in force, not only the act"
 
 
 def test_down_beats_a_drain_request() -> None:
