@@ -236,7 +236,7 @@ def _parse_yaml(text: str, check: _Checker) -> object:
     try:
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
-        stood_in = _stand_in(text) if "${" in text else text
+        stood_in = _stand_in(text) if "${" in text and not _STOOD_IN_RE.search(text) else text
         if stood_in != text:
             # SPEC writes `secret_keys: [${LB_COOKIE_KEY}]`, which YAML alone refuses: inside [ ] and
             # { } a brace ends a plain value.  Read again with each reference's characters standing
@@ -275,21 +275,20 @@ _REFERENCE_RE = re.compile(
 )
 
 
-# Plane 15's private-use characters, one for each character of a `${...}` reference, while YAML
-# reads a file that needs them (`_parse_yaml`): none is a flow indicator or a space, and one
-# character for one keeps YAML's line and column numbers those of the file.
+# Plane 15's private-use characters, one for each character of a plain `${NAME}` reference, while
+# YAML reads a file that needs them (`_parse_yaml`): none is a flow indicator or a space, and one
+# character for one keeps YAML's line and column numbers those of the file.  Only the plain form:
+# its characters mean the same to YAML in every context (no quote, escape, `: `, ` #` or line end
+# in a name), so standing in for them changes nothing else in the file.  `${NAME:-default}` and
+# `${file:PATH}` inside [ ] or { } still need quotes (the error says so).  A file that already holds
+# such characters is not read this way: they would be taken for stand-ins.
 _STAND_IN = 0xF0000
 _STOOD_IN_RE = re.compile("[\U000F0000-\U000FFFFD]+")
+_PLAIN_REFERENCE_RE = re.compile(r"(?<!\$)\$\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 
 def _stand_in(text: str) -> str:
-    def stand_in(match: re.Match[str]) -> str:
-        reference = match[0]
-        if reference in ("$${", "${") or max(map(ord, reference)) > 0xFFFD:
-            return reference
-        return "".join([chr(_STAND_IN + ord(char)) for char in reference])
-
-    return _REFERENCE_RE.sub(stand_in, text)
+    return _PLAIN_REFERENCE_RE.sub(lambda match: "".join([chr(_STAND_IN + ord(char)) for char in match[0]]), text)
 
 
 def _stood_for(match: re.Match[str]) -> str:
