@@ -177,12 +177,13 @@ def plan_forward(request: RequestHead, affinity: AffinityConfig, lookup: TokenLo
         parts = value.split(PIN_SEPARATOR) if PIN_SEPARATOR in value else [value]
         if lookup.token is not None and lookup.token in parts:
             return restored
-        # Another pool's pin, or anything shaped like our token that did not route this
+        # Pins of other pools, or anything shaped like our token that did not route this
         # request (expired, tampered, sealed with a foreign key): never a value this backend
-        # set, and treated as absent, so it issues a fresh session for us to seal.  Anything
-        # else may be the backend's own id (set before we were in front, or too large to
-        # seal), and passes.
-        if any(part in ours or looks_sealed(part) for part in parts):
+        # set, and treated as absent, so it issues a fresh session for us to seal.  Only when
+        # every part is one: a value with any other part (a JWT, whose signature alone may
+        # look like a token) may be the backend's own (set before we were in front, or too
+        # large to seal), and passes.
+        if all(part in ours or looks_sealed(part) for part in parts):
             return None
         return value
 

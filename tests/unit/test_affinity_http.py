@@ -315,15 +315,36 @@ def test_rewrite_mode_passes_a_random_app_id_shorter_than_any_token_whatever_its
     assert seen.head.get_all("cookie") == [f"SESSIONID={plain}"]
 
 
-@settings(max_examples=300, deadline=None)
-@given(value=st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", max_size=120))
-def test_rewrite_mode_drops_exactly_the_values_shaped_like_a_token(value: str) -> None:
-    """What is dropped is decided by shape alone, the same for every value: our prefix and a token's length."""
+_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_SECOND = "QRSTUVWXYZabcdefghijklmnopqrstuv"  # version 1 or 2 in the first byte, after an "A"
+_PART = st.one_of(
+    st.text(alphabet=_B64URL, max_size=100),  # mostly not shaped
+    st.builds(
+        lambda second, rest: "A" + second + rest, st.sampled_from(_B64URL), st.text(_B64URL, min_size=50, max_size=90)
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(parts=st.lists(_PART, min_size=1, max_size=3))
+def test_rewrite_mode_drops_a_value_only_when_every_part_is_shaped_like_a_token(parts: list[str]) -> None:
+    """Decided by shape alone: our version prefix and a token's length, for every `.`-joined part (pins of
+    several pools).  A value with any other part (a JWT: `eyJ...`) is the backend's own and passes."""
+    value = ".".join(parts)
     req = request("/ws", ("Cookie", f"SESSIONID={value}"))
     lookup = find_token(req, REWRITE, CODEC, NOW)
     seen = forwarded(req, REWRITE, lookup, to_claimed=False)
-    shaped = len(value) >= 59 and value[0] == "A" and value[1:2] in set("QRSTUVWXYZabcdefghijklmnopqrstuv")
+    shaped = all(len(part) >= 59 and part[0] == "A" and part[1:2] in set(_SECOND) for part in parts)
     assert seen.head.get_all("cookie") == ([] if shaped else [f"SESSIONID={value}"])
+
+
+def test_rewrite_mode_passes_a_jwt_whose_signature_looks_like_a_token() -> None:
+    """A backend's own ES256 JWT: its signature segment alone may have our shape; the header never has."""
+    signature = "Ag" + urlsafe_b64encode(bytes(range(7, 70))).rstrip(b"=").decode()  # 86 characters of our shape
+    jwt = f"eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJwbGF5ZXItMSJ9.{signature}"
+    req = request("/ws", ("Cookie", f"SESSIONID={jwt}"))
+    seen = forwarded(req, REWRITE, find_token(req, REWRITE, CODEC, NOW), to_claimed=False)
+    assert seen.head.get_all("cookie") == [f"SESSIONID={jwt}"]
 
 
 def test_rewrite_mode_keeps_a_valid_token_for_another_pool_cookie_name_alone() -> None:
