@@ -250,6 +250,11 @@ class _Totals:
             self.clients += other.clients
 
 
+# Backend counters (pool, id, index) one worker's sums remember: 4 per backend, so a few thousand
+# backends that came and went (lb.state.pool.RemovedCounters keeps 4,096 too).
+_MAX_BACKEND_KEYS = 4 * 8192
+
+
 class StatsAggregate:
     """The owner's sum of what its workers report, keyed by worker pid."""
 
@@ -259,8 +264,23 @@ class StatsAggregate:
         self._departed = _Totals()  # counters of workers dead and folded (see compact)
 
     def update(self, pid: int, report: dict[str, Any]) -> None:
-        """The latest cumulative report of worker `pid` (late reports of dead workers included)."""
-        self._latest[pid] = _Totals.of(report)
+        """The latest cumulative report of worker `pid` (late reports of dead workers included).
+
+        A backend's counters in it never fall below what `pid` reported before: a backend the
+        worker no longer lists (removed by DNS or a reload, which every process applies on its
+        own schedule) keeps its last counts in the sums, and a lower count counts as the last.
+        So a series never goes back while the owner and its workers disagree for an interval.
+        """
+        totals = _Totals.of(report)
+        previous = self._latest.get(pid)
+        if previous is not None:
+            kept = totals.backends
+            for key, value in previous.backends.items():
+                # Index 0 is live connections, a gauge: what the worker says now.  Past a bound, keys of
+                # backends long gone (ids that churn) are let go rather than kept forever.
+                if key[2] != 0 and value > kept.get(key, 0) and (key in kept or len(kept) < _MAX_BACKEND_KEYS):
+                    kept[key] = value
+        self._latest[pid] = totals
 
     def retire(self, pid: int) -> None:
         """Worker `pid` exited: its counters stay in every sum, its gauges leave them."""

@@ -151,6 +151,31 @@ def test_counters_stay_monotonic_across_a_worker_death_keyed_by_pid() -> None:
     assert aggregate.apply_to(ctx) == 2 and ctx.stats.handshakes[("p", "a", "ok")] == 17
 
 
+def test_a_backend_one_worker_no_longer_lists_keeps_its_counts_in_the_sums() -> None:
+    """Each worker applies a DNS change or a reload on its own schedule: while one of them has dropped a
+    backend (or got it back counting from 0), the owner's sum for it must not go back."""
+    aggregate, ctx = StatsAggregate(), _ctx()
+    aggregate.update(100, _report(handshakes=10, tunnels=2))
+    aggregate.update(200, _report(handshakes=5, tunnels=1))
+    aggregate.apply_to(ctx)
+    assert ctx.pools["p"].backends["a"].handshakes == 15
+    gone = {"op": "stats", "backends": {"p": {}}, "handshakes": [["p", "a", "ok", 10]], "tunnels": 0, "clients": 0}
+    aggregate.update(100, gone)  # worker 100 dropped `a`
+    aggregate.apply_to(ctx)
+    assert ctx.pools["p"].backends["a"].handshakes == 15
+    assert ctx.pools["p"].backends["a"].connections == 1, "a gauge is what the workers say now"
+    aggregate.update(100, _report(handshakes=0, tunnels=0))  # back, counting from 0 in that worker
+    aggregate.apply_to(ctx)
+    assert ctx.pools["p"].backends["a"].handshakes == 15
+    aggregate.update(100, _report(handshakes=12, tunnels=0))
+    aggregate.apply_to(ctx)
+    assert ctx.pools["p"].backends["a"].handshakes == 17
+    aggregate.retire(100)
+    aggregate.compact(100)  # a worker that died while `a` was gone: its counts stay in the sums
+    aggregate.apply_to(ctx)
+    assert ctx.pools["p"].backends["a"].handshakes == 17
+
+
 def test_the_owner_shows_its_workers_client_connections_as_a_gauge() -> None:
     """lb_client_connections of `workers: N`: each live worker's handshakes in flight and tunnels, summed."""
     aggregate, ctx = StatsAggregate(), _ctx()
