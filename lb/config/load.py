@@ -990,19 +990,30 @@ def _admin(value: object, check: _Checker) -> AdminConfig | None:
     return admin
 
 
-_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
-
-
 def _check_admin_bind(admin: AdminConfig, listeners: Sequence[ListenerConfig], check: _Checker) -> None:
     """The admin API on a listener's address would fail to bind at start: said by `lb validate` instead."""
     if admin.port == 0:
         return
     for i, listener in enumerate(listeners):
-        hosts = {admin.host.lower(), listener.host.lower()}
-        if listener.port == admin.port and (len(hosts) == 1 or hosts & _WILDCARDS):
+        if listener.port == admin.port and _overlap(admin.host, listener.host):
             check.add("admin.bind", f"{admin.bind} overlaps listeners[{i}] ({listener.bind}); the admin API needs "
                                     "an address of its own")
             return
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Whether two binds on one port collide: the same host, or a wildcard and an address of its family.
+
+    `::` takes no IPv4 address: every socket here is IPV6_V6ONLY.  Names are compared as written
+    (resolving them is the start's business).
+    """
+    one, other = one.lower().strip("[]"), other.lower().strip("[]")
+    if one == other:
+        return True
+    for wildcard, version in (("0.0.0.0", 4), ("::", 6)):
+        if (one == wildcard and _is_ip(other, version=version)) or (other == wildcard and _is_ip(one, version=version)):
+            return True
+    return False
 
 
 def _affinity(value: object, check: _Checker) -> AffinityConfig | None:

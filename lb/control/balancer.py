@@ -136,7 +136,7 @@ class Balancer:
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._stop_called = asyncio.Event()
-        self._stop_began = 0.0  # time.monotonic() when stop() began
+        self._serving_until: float | None = None  # time.monotonic() when a stop's shutdown_delay runs out
         # Backends removed by a reload that still carry tunnels, shown in /status until they end.
         self._retired: list[tuple[str, BackendStatus]] = []
         self._removed_counters = RemovedCounters()  # so a backend that comes back counts on
@@ -610,17 +610,18 @@ class Balancer:
         """
         if self._stopping is None:
             return self.ready
-        return self.ctx.accepting and time.monotonic() < self._stop_began + self.config.timeouts.shutdown_delay
+        return self.ctx.accepting and (self._serving_until is None or time.monotonic() < self._serving_until)
 
     async def _stop(self) -> None:
         timeouts = self.config.timeouts
         self.ready = False
-        self._stop_began = time.monotonic()
         if self._reload_task is not None and not self._reload_task.done():
             # Let a reload in progress finish its swap: stopping half-way would leave its pieces running.
             await asyncio.wait([self._reload_task], timeout=5.0)
         for task in self._migrations.values():
             task.cancel()
+        # From here the delay runs (here too in each worker, told to stop just below): until then, serving.
+        self._serving_until = time.monotonic() + timeouts.shutdown_delay
         if self._supervisor is not None:
             # Each worker runs the same delay and spread for its own tunnels.
             log.info("shutting down: /readyz answers 503; stopping the workers")

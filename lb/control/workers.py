@@ -24,6 +24,7 @@ import ctypes
 import logging
 import os
 import signal
+import site
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -109,17 +110,19 @@ def watch_owner(owner_pid: int) -> None:
 
 
 def _worker_env() -> dict[str, str]:
-    """The owner's environment, with the directory it imported `lb` from first on PYTHONPATH.
+    """The owner's environment; `lb` run from a source tree goes on PYTHONPATH so the worker finds it too.
 
-    Installed, that is site-packages (already on the path); run from a source tree without an
-    install, it is that tree: the worker runs the code the owner runs, and nothing else is added.
+    Installed (site-packages), `lb` is on the worker's path already, and PYTHONPATH is left alone: an
+    entry there would come before the standard library.
     """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_LB_ROOT, env.get("PYTHONPATH")]))
+    if _LB_ROOT not in _SITE_DIRS:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_LB_ROOT, env.get("PYTHONPATH")]))
     return env
 
 
 _LB_ROOT = str(Path(lb.__file__).resolve().parent.parent)
+_SITE_DIRS = {str(Path(path).resolve()) for path in [*site.getsitepackages(), site.getusersitepackages()]}
 
 
 @dataclass(slots=True)

@@ -447,15 +447,25 @@ def test_a_wrong_discovery_does_not_hide_the_pools_other_problems(base_dir: Path
     assert set(problems) == {"pools.gateways.discovery.type", "pools.gateways.hash_key"}, problems
 
 
-@pytest.mark.parametrize("admin_bind", ["127.0.0.1:8080", "0.0.0.0:8080", "LOCALHOST:8443"])
+@pytest.mark.parametrize("admin_bind", ["127.0.0.1:8080", "0.0.0.0:8080", "LOCALHOST:8443", "[::1]:8444"])
 def test_admin_on_a_listeners_address_is_a_problem(base_dir: Path, admin_bind: str) -> None:
     """It would fail to bind at start; `lb validate` says so first."""
     tree = good_tree()
     tree["listeners"][1]["bind"] = "localhost:8443"
+    tree["listeners"].append({"bind": "[::]:8444"})
     tree["admin"] = {"bind": admin_bind, "token": "t"}
     problems = problems_of(tree, base_dir)
     assert list(problems) == ["admin.bind"]
     assert "overlaps listeners[" in problems["admin.bind"]
+
+
+@pytest.mark.parametrize(("listener", "admin_bind"), [("[::]:8444", "127.0.0.1:8444"), ("[::1]:8444", "0.0.0.0:8444")])
+def test_admin_beside_a_listener_of_the_other_family_is_fine(base_dir: Path, listener: str, admin_bind: str) -> None:
+    """Every socket is IPV6_V6ONLY: `::` and an IPv4 address on one port both bind."""
+    tree = good_tree()
+    tree["listeners"].append({"bind": listener})
+    tree["admin"] = {"bind": admin_bind, "token": "t"}
+    parse(tree, base_dir)
 
 
 def test_non_loopback_admin_needs_a_token(base_dir: Path) -> None:
