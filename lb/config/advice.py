@@ -10,9 +10,19 @@ from __future__ import annotations
 from lb.config.model import Config, SameSite, SecureMode
 
 
-def advice(config: Config) -> list[str]:
-    """One sentence per surprise, each naming the key to change."""
+def advice(config: Config, *, crc32c_in_c: bool = True) -> list[str]:
+    """One sentence per surprise, each naming the key to change.
+
+    Args:
+        crc32c_in_c: whether google-crc32c runs its C code (`lb.http.proxy_header.CRC32C_IN_C`).
+    """
     said: list[str] = []
+    proxied = [f"listeners[{i}]" for i, listener in enumerate(config.listeners) if listener.proxy_protocol]
+    if proxied and not crc32c_in_c:
+        said.append(
+            f"{', '.join(proxied)}.proxy_protocol: google-crc32c runs its pure-Python fallback here, so a PROXY "
+            "v2 header's CRC32c costs ~200 µs instead of 0.2 µs; install a google-crc32c wheel for this platform"
+        )
     if config.admin.token is None:
         said.append(
             "admin.token is not set: the admin API serves GET only, and drain, disable and enable "

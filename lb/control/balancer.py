@@ -67,6 +67,7 @@ from lb.control.metrics import make_registry
 from lb.control.migration import DEFAULT_MIGRATION_RATE, migrate
 from lb.control.workers import ControlChannel, WorkerSupervisor, watch_owner
 from lb.errors import ConfigError, LbError
+from lb.http.proxy_header import CRC32C_IN_C
 from lb.http.routing import sort_routes
 from lb.log import setup_logging
 from lb.proxy.preamble import AcceptingServer, listening_socket
@@ -400,7 +401,7 @@ class Balancer:
     def _advise(self) -> None:
         """Settings that work as written but defeat their purpose (lb.config.advice), once per process tree."""
         if self.role is not Role.WORKER:
-            for sentence in advice(self.config):
+            for sentence in advice(self.config, crc32c_in_c=CRC32C_IN_C):
                 log.warning("%s", sentence)
 
     async def reload(self) -> bool:

@@ -220,6 +220,11 @@ def _check_crc32c(header: bytes, at: int) -> None:
         raise BadProxyHeader("PROXY v2 header fails its CRC32c checksum")
 
 
+# google-crc32c falls back to pure Python (with a RuntimeWarning) where no wheel fits and no compiler
+# built its extension: lb.config.advice says so when a listener reads PROXY headers.
+CRC32C_IN_C = google_crc32c.implementation == "c"
+
+
 def crc32c(data: bytes) -> int:
     """CRC32c (Castagnoli, RFC 4960 appendix B) of `data`.
 

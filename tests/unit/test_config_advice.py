@@ -67,3 +67,18 @@ routes: [{{path_prefix: /, pool: p}}]
 pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
 """
     assert advice(parse_config(text, base_dir=tmp_path, environ={})) == []
+
+
+def test_proxy_protocol_with_crc32c_in_python_says_what_it_costs(tmp_path: Path) -> None:
+    text = f"""
+listeners: [{{bind: "127.0.0.1:0"}}, {{bind: "127.0.0.1:0", proxy_protocol: true}}]
+admin: {{token: t}}
+affinity: {{secret_keys: [{KEY}]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
+"""
+    proxied = parse_config(text, base_dir=tmp_path, environ={})
+    assert advice(proxied) == []
+    (sentence,) = advice(proxied, crc32c_in_c=False)
+    assert sentence.startswith("listeners[1].proxy_protocol: google-crc32c runs its pure-Python fallback")
+    assert advice(config(tmp_path), crc32c_in_c=False) == [], "no PROXY listener: the checksum is never computed"
