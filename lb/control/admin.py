@@ -41,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from lb.access_log import plain_value
 from lb.config.durations import parse_duration
 from lb.control.migration import DEFAULT_MIGRATION_RATE
+from lb.state.context import BackendCounts
 from lb.state.pool import AdminAction, BackendStatus
 
 if TYPE_CHECKING:
@@ -182,11 +183,12 @@ async def status(request: web.Request) -> web.Response:
 
 def status_document(balancer: Balancer) -> dict[str, Any]:
     ctx = balancer.ctx
+    counts = ctx.stats.backend_counts()
     pools: dict[str, Any] = {
         pool.name: {
             "balance": pool.config.balance.value,
             "slow_start": pool.config.slow_start,
-            "backends": [_backend_document(b) for b in pool.backends.values()],
+            "backends": [_backend_document(b, counts.get((pool.name, b.id))) for b in pool.backends.values()],
         }
         for pool in ctx.pools.values()
     }
@@ -197,7 +199,8 @@ def status_document(balancer: Balancer) -> dict[str, Any]:
     # Backends a reload removed stay visible while their last tunnels run.
     for name, backend in balancer.retired_backends():
         entry = pools.setdefault(name, {"balance": None, "backends": []})
-        entry["backends"].append({**_backend_document(backend), "state": "removed"})
+        document = _backend_document(backend, counts.get((name, backend.id)))
+        entry["backends"].append({**document, "state": "removed"})
     return {
         "pools": pools,
         "tunnels": balancer.live_tunnels(),
@@ -210,7 +213,8 @@ def status_document(balancer: Balancer) -> dict[str, Any]:
     }
 
 
-def _backend_document(b: BackendStatus) -> dict[str, Any]:
+def _backend_document(b: BackendStatus, counted: BackendCounts | None) -> dict[str, Any]:
+    counted = counted or BackendCounts()
     return {
         "id": b.id,
         "address": b.config.address,
@@ -220,9 +224,9 @@ def _backend_document(b: BackendStatus) -> dict[str, Any]:
         "reason": b.reason,
         "connections": b.connections,
         "max_connections": b.config.max_connections,
-        "handshakes": b.handshakes,
-        "affinity_hits": b.affinity_hits,
-        "redispatches": b.redispatches,
+        "handshakes": counted.handshakes,
+        "affinity_hits": counted.affinity_hits,
+        "redispatches": counted.redispatches,
         "health": {"passing": b.healthy, "successes": b.successes, "failures": b.failures},
         "migrating": b.migrating,
         "requested_state": "draining" if b.requested_drain else None,  # from X-Backend-State

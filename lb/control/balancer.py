@@ -74,7 +74,7 @@ from lb.proxy.preamble import AcceptingServer, listening_socket
 from lb.proxy.server import abort_in_flight, client_factory, install_accept_error_filter, stop_in_flight
 from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY
 from lb.state.context import ProxyContext
-from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, RemovedCounters, StateChange
+from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange
 from lb.state.ratelimit import RateLimiter
 from lb.tls import server_ssl_context
 
@@ -140,7 +140,6 @@ class Balancer:
         self._serving_until: float | None = None  # time.monotonic() when a stop's shutdown_delay runs out
         # Backends removed by a reload that still carry tunnels, shown in /status until they end.
         self._retired: list[tuple[str, BackendStatus]] = []
-        self._removed_counters = RemovedCounters()  # so a backend that comes back counts on
         self._supervisor: WorkerSupervisor | None = None
         self._control: ControlChannel | None = None
         if role is Role.OWNER:
@@ -370,7 +369,6 @@ class Balancer:
         for backend in old.backends.values():
             if merged.backends.get(backend.id) is not backend:
                 backend.reason = "removed from DNS"
-                self._removed_counters.keep(pool, backend)
                 if backend.connections:
                     self._retired.append((pool, backend))
         for checker in self._checkers:
@@ -525,7 +523,6 @@ class Balancer:
             for backend in old.backends.values():
                 if now is None or now.backends.get(backend.id) is not backend:
                     backend.reason = "removed by reload"
-                    self._removed_counters.keep(name, backend)
                     if backend.connections:
                         retired.append((name, backend))
         self._retired = retired
@@ -578,10 +575,8 @@ class Balancer:
                     status.reason = "added back by reload"
             if status is None:
                 status = BackendStatus(config=backend_config)
-                self._removed_counters.restore(config.name, status)
             else:
                 status.config = backend_config  # address or weight may have changed; state stays
-                self._removed_counters.forget(config.name, status.id)
             backends[backend_config.id] = status
         return PoolState(config=config, backends=backends)
 

@@ -175,7 +175,7 @@ def stats_message(ctx: ProxyContext) -> dict[str, Any]:
         "op": "stats",
         "backends": {
             pool.name: {
-                b.id: [b.connections, b.handshakes, b.affinity_hits, b.redispatches] for b in pool.backends.values()
+                b.id: [b.connections] for b in pool.backends.values()  # a gauge; the counts are in `decisions`
             }
             for pool in ctx.pools.values()
         },
@@ -199,7 +199,7 @@ def stats_message(ctx: ProxyContext) -> dict[str, Any]:
 class _Totals:
     """Cumulative counters of one report, in summable form."""
 
-    backends: Counter[tuple[str, str, int]] = field(default_factory=Counter)  # pool, id, counter index
+    backends: Counter[tuple[str, str]] = field(default_factory=Counter)  # pool, id → live connections (a gauge)
     stats: Stats = field(default_factory=Stats)
     tunnels: int = 0
     clients: int = 0  # client connections (handshakes in flight and tunnels): a gauge
@@ -209,12 +209,11 @@ class _Totals:
     def of(cls, report: dict[str, Any]) -> _Totals:
         totals = cls()
         for pool, backends in report.get("backends", {}).items():
-            for backend_id, counters in backends.items():
-                for index, value in enumerate(counters):
-                    totals.backends[(pool, backend_id, index)] = int(value)
+            for backend_id, (connections,) in backends.items():
+                totals.backends[(pool, backend_id)] = int(connections)
         stats = totals.stats
         stats.handshakes.update({(p, b, o): int(n) for p, b, o, n in report.get("handshakes", [])})
-        stats.decisions.update({(p, r): int(n) for p, r, n in report.get("decisions", [])})
+        stats.decisions.update({(p, b, r): int(n) for p, b, r, n in report.get("decisions", [])})
         stats.invalid_tokens.update({str(k): int(n) for k, n in report.get("invalid_tokens", {}).items()})
         stats.unsealed_cookies.update({str(k): int(n) for k, n in report.get("unsealed_cookies", {}).items()})
         stats.rejected.update({int(k): int(n) for k, n in report.get("rejected", {}).items()})
@@ -229,10 +228,8 @@ class _Totals:
         return totals
 
     def add(self, other: _Totals, *, counters_only: bool = False) -> None:
-        for key, value in other.backends.items():
-            # Index 0 is live connections: a gauge, which a dead worker no longer has.
-            if not (counters_only and key[2] == 0):
-                self.backends[key] += value
+        if not counters_only:  # live connections: a gauge, which a dead worker no longer has
+            self.backends.update(other.backends)
         mine, theirs = self.stats, other.stats
         mine.handshakes.update(theirs.handshakes)
         mine.decisions.update(theirs.decisions)
@@ -250,11 +247,6 @@ class _Totals:
             self.clients += other.clients
 
 
-# Backend counters (pool, id, index) one worker's sums remember: 4 per backend, so a few thousand
-# backends that came and went (lb.state.pool.RemovedCounters keeps 4,096 too).
-_MAX_BACKEND_KEYS = 4 * 8192
-
-
 class StatsAggregate:
     """The owner's sum of what its workers report, keyed by worker pid."""
 
@@ -264,23 +256,8 @@ class StatsAggregate:
         self._departed = _Totals()  # counters of workers dead and folded (see compact)
 
     def update(self, pid: int, report: dict[str, Any]) -> None:
-        """The latest cumulative report of worker `pid` (late reports of dead workers included).
-
-        A backend's counters in it never fall below what `pid` reported before: a backend the
-        worker no longer lists (removed by DNS or a reload, which every process applies on its
-        own schedule) keeps its last counts in the sums, and a lower count counts as the last.
-        So a series never goes back while the owner and its workers disagree for an interval.
-        """
-        totals = _Totals.of(report)
-        previous = self._latest.get(pid)
-        if previous is not None:
-            kept = totals.backends
-            for key, value in previous.backends.items():
-                # Index 0 is live connections, a gauge: what the worker says now.  Past a bound, keys of
-                # backends long gone (ids that churn) are let go rather than kept forever.
-                if key[2] != 0 and value > kept.get(key, 0) and (key in kept or len(kept) < _MAX_BACKEND_KEYS):
-                    kept[key] = value
-        self._latest[pid] = totals
+        """The latest cumulative report of worker `pid` (late reports of dead workers included)."""
+        self._latest[pid] = _Totals.of(report)
 
     def retire(self, pid: int) -> None:
         """Worker `pid` exited: its counters stay in every sum, its gauges leave them."""
@@ -301,9 +278,7 @@ class StatsAggregate:
             total.add(totals, counters_only=pid in self._dead)
         for pool in ctx.pools.values():
             for b in pool.backends.values():
-                b.connections, b.handshakes, b.affinity_hits, b.redispatches = (
-                    total.backends[(pool.name, b.id, index)] for index in range(4)
-                )
+                b.connections = total.backends[(pool.name, b.id)]
         ctx.stats = total.stats
         ctx.worker_clients = total.clients
         ctx.observations.from_workers = total.observations

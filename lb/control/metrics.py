@@ -8,6 +8,7 @@ byte counts) and this collector turns them into metric families when scraped.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -16,8 +17,10 @@ from prometheus_client.registry import Collector
 
 from lb import __version__
 from lb.config.model import Config
-from lb.state.context import ProxyContext
+from lb.state.context import BackendCounts, ProxyContext
 from lb.state.pool import BackendState
+
+_NONE_COUNTED = BackendCounts()  # a backend that has answered nothing yet
 
 
 def config_hash(config: Config) -> str:
@@ -81,7 +84,10 @@ class LbCollector(Collector):
             "lb_affinity_decisions", "Affinity decisions by result (hit, new, redispatch, invalid).",
             labels=["pool", "result"],
         )
-        for (pool, result), count in stats.decisions.items():
+        by_result: Counter[tuple[str, str]] = Counter()
+        for (pool, _, result), count in stats.decisions.items():
+            by_result[(pool, result)] += count
+        for (pool, result), count in by_result.items():
             decisions.add_metric([pool, result], count)
         yield decisions
         invalid = CounterMetricFamily(
@@ -157,11 +163,13 @@ class LbCollector(Collector):
                 labels=["pool", "backend"],
             ),
         }
+        counts = ctx.stats.backend_counts()
         for pool in ctx.pools.values():
             for backend in pool.backends.values():
                 labels = [pool.name, backend.id]
+                counted = counts.get((pool.name, backend.id), _NONE_COUNTED)
                 for attribute, family in backend_counters.items():
-                    family.add_metric(labels, getattr(backend, attribute))
+                    family.add_metric(labels, getattr(counted, attribute))
                 active.add_metric(labels, backend.connections)
                 up.add_metric(labels, 1 if backend.healthy else 0)
                 for candidate in BackendState:

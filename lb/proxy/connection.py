@@ -1091,15 +1091,10 @@ class Connection:
     def _count(self, outcome: str) -> None:
         decision, pool = self._decision, self._pool
         assert decision is not None and pool is not None
-        backend = decision.backend
-        backend.handshakes += 1
-        if decision.reason == "hit":
-            backend.affinity_hits += 1
-        elif decision.reason == "redispatch":
-            backend.redispatches += 1
+        backend_id = decision.backend.id
         stats = self._ctx.stats
-        stats.handshakes[(pool.name, backend.id, outcome)] += 1
-        stats.decisions[(pool.name, decision.reason)] += 1
+        stats.handshakes[(pool.name, backend_id, outcome)] += 1
+        stats.decisions[(pool.name, backend_id, decision.reason)] += 1  # the backend's counts too (backend_counts)
 
     def _log(self, status: int) -> None:
         request, decision, pool = self._request, self._decision, self._pool

@@ -33,7 +33,11 @@ class Stats:
     """Event counters; keys are label tuples of the matching lb_* metric."""
 
     handshakes: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # pool, backend, outcome
-    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # pool, result
+    # pool, backend, result (hit, new, redispatch, invalid): lb_affinity_decisions_total sums it over
+    # backends, and a backend's handshakes, hits and redispatches come from it (`backend_counts`).
+    # Kept here, for the process's life, not on the BackendStatus: a backend that leaves (DNS, a
+    # reload) and comes back under its id counts on, so no series ever goes back (SPEC).
+    decisions: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     invalid_tokens: Counter[str] = field(default_factory=Counter)  # reason
     rejected: Counter[int] = field(default_factory=Counter)  # status we answered ourselves
     unsealed_cookies: Counter[str] = field(default_factory=Counter)  # pool; rewrite mode, value too large
@@ -43,6 +47,29 @@ class Stats:
     tls_failures: int = 0  # TLS handshakes that failed or timed out (lb_tls_handshake_failures_total)
     # Tunnels the balancer ended: (cause, "close_frame" | "tcp") → count (lb_tunnel_closes_total).
     balancer_closes: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def backend_counts(self) -> dict[tuple[str, str], BackendCounts]:
+        """(pool, backend) → its handshakes, affinity hits and redispatches: one pass, per scrape or /status."""
+        counts: dict[tuple[str, str], BackendCounts] = {}
+        for (pool, backend, result), count in self.decisions.items():
+            entry = counts.get((pool, backend))
+            if entry is None:
+                entry = counts[(pool, backend)] = BackendCounts()
+            entry.handshakes += count
+            if result == "hit":
+                entry.affinity_hits += count
+            elif result == "redispatch":
+                entry.redispatches += count
+        return counts
+
+
+@dataclass(slots=True)
+class BackendCounts:
+    """What /status and lb_backend_*_total show per backend (`Stats.backend_counts`)."""
+
+    handshakes: int = 0
+    affinity_hits: int = 0
+    redispatches: int = 0
 
 
 @dataclass(slots=True)

@@ -7,7 +7,6 @@ asked for (drain, disable).  Callers read `state`, the combination.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -46,10 +45,6 @@ class BackendStatus:
     migrating: bool = False  # a drain is closing its tunnels: cookie holders go elsewhere now
     # The backend's own health answer says `X-Backend-State: draining` (HAProxy's agent-check, simply).
     requested_drain: bool = False
-    # Counters for /status; Prometheus reads them at scrape time.
-    affinity_hits: int = 0
-    redispatches: int = 0
-    handshakes: int = 0
     # config.id, copied once: read a dozen times per handshake, where a property is a call each.
     # A reload may swap `config`, always for one with the same id (backends are matched by id).
     id: str = field(init=False)
@@ -195,33 +190,3 @@ def _ramped_weight(backend: BackendStatus, now: float, window: float) -> float:
         return 0.0
     return weight * max(_RAMP_FLOOR, progress)
 
-
-class RemovedCounters:
-    """The counters of backends a reload or DNS removed, for when the same id comes back.
-
-    SPEC: counters never go backwards.  A backend that leaves and returns (a pod restarted
-    under the same name, a reload that drops and re-adds it) is one series in Prometheus;
-    starting it from 0 again would read as a reset.  Bounded: the `limit` most recently
-    removed are kept, so ids that churn (A records of pods that move) cost a fixed amount.
-    """
-
-    def __init__(self, limit: int = 4096) -> None:
-        self._limit = limit
-        self._kept: OrderedDict[tuple[str, str], tuple[int, int, int]] = OrderedDict()
-
-    def keep(self, pool: str, backend: BackendStatus) -> None:
-        key = (pool, backend.id)
-        self._kept[key] = (backend.handshakes, backend.affinity_hits, backend.redispatches)
-        self._kept.move_to_end(key)
-        while len(self._kept) > self._limit:
-            self._kept.popitem(last=False)
-
-    def restore(self, pool: str, backend: BackendStatus) -> None:
-        """Give a backend that joins under a known id the counts it left with (nothing otherwise)."""
-        kept = self._kept.pop((pool, backend.id), None)
-        if kept is not None:
-            backend.handshakes, backend.affinity_hits, backend.redispatches = kept
-
-    def forget(self, pool: str, backend_id: str) -> None:
-        """The backend came back as itself (a retired one with its tunnels): its own counts are current."""
-        self._kept.pop((pool, backend_id), None)

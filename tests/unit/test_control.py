@@ -112,8 +112,9 @@ def test_split_limits_gives_each_worker_its_share() -> None:
 def _report(handshakes: int, tunnels: int, handshaking: int = 0) -> dict[str, Any]:
     return {
         "op": "stats",
-        "backends": {"p": {"a": [tunnels, handshakes, 0, 0]}},
+        "backends": {"p": {"a": [tunnels]}},
         "handshakes": [["p", "a", "ok", handshakes]],
+        "decisions": [["p", "a", "new", handshakes]],
         "tunnels_closed": handshakes - tunnels,
         "tunnels": tunnels,
         "clients": tunnels + handshaking,
@@ -153,27 +154,33 @@ def test_counters_stay_monotonic_across_a_worker_death_keyed_by_pid() -> None:
 
 def test_a_backend_one_worker_no_longer_lists_keeps_its_counts_in_the_sums() -> None:
     """Each worker applies a DNS change or a reload on its own schedule: while one of them has dropped a
-    backend (or got it back counting from 0), the owner's sum for it must not go back."""
+    backend, the owner's sum for it must not go back.  A worker's counts live in its Stats for its whole
+    life, whatever its pools hold, so its report still carries them."""
     aggregate, ctx = StatsAggregate(), _ctx()
     aggregate.update(100, _report(handshakes=10, tunnels=2))
     aggregate.update(200, _report(handshakes=5, tunnels=1))
     aggregate.apply_to(ctx)
-    assert ctx.pools["p"].backends["a"].handshakes == 15
-    gone = {"op": "stats", "backends": {"p": {}}, "handshakes": [["p", "a", "ok", 10]], "tunnels": 0, "clients": 0}
-    aggregate.update(100, gone)  # worker 100 dropped `a`
+    assert _handshakes(ctx, "a") == 15
+    gone = {**_report(handshakes=10, tunnels=0), "backends": {"p": {}}}
+    aggregate.update(100, gone)  # worker 100 dropped `a` from its pool
     aggregate.apply_to(ctx)
-    assert ctx.pools["p"].backends["a"].handshakes == 15
+    assert _handshakes(ctx, "a") == 15
     assert ctx.pools["p"].backends["a"].connections == 1, "a gauge is what the workers say now"
-    aggregate.update(100, _report(handshakes=0, tunnels=0))  # back, counting from 0 in that worker
+    aggregate.update(100, _report(handshakes=10, tunnels=0))  # back in its pool, its counts as they were
     aggregate.apply_to(ctx)
-    assert ctx.pools["p"].backends["a"].handshakes == 15
+    assert _handshakes(ctx, "a") == 15
     aggregate.update(100, _report(handshakes=12, tunnels=0))
     aggregate.apply_to(ctx)
-    assert ctx.pools["p"].backends["a"].handshakes == 17
+    assert _handshakes(ctx, "a") == 17
     aggregate.retire(100)
     aggregate.compact(100)  # a worker that died while `a` was gone: its counts stay in the sums
     aggregate.apply_to(ctx)
-    assert ctx.pools["p"].backends["a"].handshakes == 17
+    assert _handshakes(ctx, "a") == 17
+
+
+def _handshakes(ctx: ProxyContext, backend_id: str) -> int:
+    """What /status and lb_backend_handshakes_total show for the backend (lb.state.context.Stats.backend_counts)."""
+    return ctx.stats.backend_counts()[("p", backend_id)].handshakes
 
 
 def test_the_owner_shows_its_workers_client_connections_as_a_gauge() -> None:
@@ -222,3 +229,16 @@ def test_the_owner_sums_a_burst_of_reports_once() -> None:
         assert supervisor.live_tunnels == 3 and ctx.stats.handshakes[("p", "a", "ok")] == 600
 
     asyncio.run(scenario())
+
+
+def test_backend_counts_are_read_from_the_decisions_by_backend() -> None:
+    """/status and lb_backend_*_total derive a backend's handshakes, hits and redispatches from one counter."""
+    ctx = _ctx()
+    ctx.stats.decisions.update({
+        ("p", "a", "hit"): 3, ("p", "a", "new"): 2, ("p", "a", "redispatch"): 1, ("p", "a", "invalid"): 4,
+        ("q", "a", "hit"): 7,
+    })
+    counts = ctx.stats.backend_counts()
+    a = counts[("p", "a")]
+    assert (a.handshakes, a.affinity_hits, a.redispatches) == (10, 3, 1)
+    assert counts[("q", "a")].handshakes == 7, "per pool: one id in two pools is two backends"
