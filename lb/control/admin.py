@@ -21,7 +21,6 @@ a body).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -98,21 +97,17 @@ async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamRe
         request_id = new_request_id()
         log.exception("admin API: 500 %s %s request_id=%s", request.method, _path(request), request_id)
         return _error(500, "internal error", request_id=request_id)
-    if response.status >= 400 and "X-Request-Id" in response.headers:  # an error answer (_error), not a 503 probe
+    if isinstance(response, _ErrorAnswer):  # one of ours (_error), not a /readyz 503
         _log_error(request, response, detail)
     return response
 
 
-def _log_error(request: web.Request, response: web.StreamResponse, detail: str | None) -> None:
+def _log_error(request: web.Request, response: _ErrorAnswer, detail: str | None) -> None:
     """One line per error answer.  A refused token is a WARNING: failed logins are what an operator looks for."""
     level = logging.WARNING if response.status == 401 else logging.INFO
-    reason = response.reason
-    if isinstance(response, web.Response) and isinstance(response.body, bytes):
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            reason = json.loads(response.body)["error"]  # our own fixed reason (_error)
     log.log(
         level, "admin API: %d %s %s: %s%s request_id=%s client=%s", response.status, request.method, _path(request),
-        reason, f" ({detail})" if detail else "", response.headers.get("X-Request-Id", "-"), request.remote or "-",
+        response.fixed_reason, f" ({detail})" if detail else "", response.request_id, request.remote or "-",
     )
 
 
@@ -287,9 +282,19 @@ def _error(
     The id is also in `X-Request-Id`, as on the proxy's own answers; `message` must never hold
     anything the client sent.
     """
-    request_id = request_id or new_request_id()
-    body = {"error": message, "request_id": request_id}
-    return web.json_response(body, status=status, headers={**(headers or {}), "X-Request-Id": request_id})
+    return _ErrorAnswer(status, message, request_id or new_request_id(), headers)
+
+
+class _ErrorAnswer(web.Response):
+    """An error answer of ours, which keeps its reason and id for the middleware's log line."""
+
+    def __init__(self, status: int, reason: str, request_id: str, headers: dict[str, str] | None) -> None:
+        super().__init__(
+            text=json.dumps({"error": reason, "request_id": request_id}), content_type="application/json",
+            status=status, headers={**(headers or {}), "X-Request-Id": request_id},
+        )
+        self.fixed_reason = reason
+        self.request_id = request_id
 
 
 def new_request_id() -> str:
