@@ -572,46 +572,27 @@ def test_yaml_syntax_error_is_one_problem_with_line_and_column(tmp_path: Path) -
 
 
 # SPEC's own example, as SPEC writes it: `[${LB_COOKIE_KEY}]` unquoted inside a flow list.
-SPEC_EXAMPLE = """\
-listeners:
-  - bind: 127.0.0.1:8080
-admin:
-  bind: 127.0.0.1:9000
-  token: ${LB_ADMIN_TOKEN}        # bearer token for every POST
-affinity:
-  mode: insert
-  cookie: LB_AFFINITY
-  max_age: 1h
-  secret_keys: [${LB_COOKIE_KEY}] # first signs; every one verifies (rotation)
-routes:
-  - path_prefix: /
-    pool: gateways
-pools:
-  gateways:
-    balance: least_conn
-    health_check: {type: http, path: /health, interval: 1s, timeout: 500ms, rise: 2, fall: 2}
-    backends:
-      - {id: gw-1, address: 127.0.0.1:9001, weight: 1}
-"""
+SPEC_EXAMPLE = GOOD_YAML.replace('secret_keys: ["${LB_COOKIE_KEY}"]', "secret_keys: [${LB_COOKIE_KEY}]")
+SPEC_KEYS_LINE = SPEC_EXAMPLE.splitlines().index("  secret_keys: [${LB_COOKIE_KEY}]") + 1
 
 
 KEY_WITH_YAML_SYNTAX = "k#1, [x]: {y} " + "z" * 32
 LONG_A, LONG_B = "a" * 32, "b" * 32
 
 
-def test_unquoted_references_inside_flow_collections_expand_as_spec_writes_them(tmp_path: Path) -> None:
+def test_unquoted_references_inside_flow_collections_expand_as_spec_writes_them(base_dir: Path) -> None:
     """`[${KEY}]` alone is not YAML (a brace ends a plain value inside [ ] and { }); SPEC writes it, so it reads."""
     environ = {"LB_ADMIN_TOKEN": "t0ken", "LB_COOKIE_KEY": KEY_WITH_YAML_SYNTAX, "RISE": "3"}
     text = SPEC_EXAMPLE.replace("rise: 2,", "rise: ${RISE},")  # in a flow mapping too
-    config = parse_config(text, base_dir=tmp_path, environ=environ)
+    config = parse_config(text, base_dir=base_dir, environ=environ)
     assert config.affinity.secret_keys == (KEY_WITH_YAML_SYNTAX,), "the variable's text, verbatim, as in block style"
     assert config.admin.token == "t0ken"
     assert config.pools["gateways"].health_check.rise == 3
 
 
-def test_an_unset_reference_inside_a_flow_list_is_named_by_its_path(tmp_path: Path) -> None:
+def test_an_unset_reference_inside_a_flow_list_is_named_by_its_path(base_dir: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_config(SPEC_EXAMPLE, base_dir=tmp_path, environ={"LB_ADMIN_TOKEN": "t"})
+        parse_config(SPEC_EXAMPLE, base_dir=base_dir, environ={"LB_ADMIN_TOKEN": "t"})
     (problem,) = info.value.problems
     assert problem.path == "affinity.secret_keys[0]"
     assert problem.message == "environment variable LB_COOKIE_KEY is not set"
@@ -620,54 +601,54 @@ def test_an_unset_reference_inside_a_flow_list_is_named_by_its_path(tmp_path: Pa
 @pytest.mark.parametrize(
     "reference", ["${LB_COOKIE_KEY:-" + LONG_A + "}", "${file:key.txt}", "${LB_COOKIE_KEY", "$${LB_COOKIE_KEY}"]
 )
-def test_only_plain_references_are_read_inside_flow_collections(tmp_path: Path, reference: str) -> None:
+def test_only_plain_references_are_read_inside_flow_collections(base_dir: Path, reference: str) -> None:
     """A default, a file or a broken reference unquoted inside [ ] keeps YAML's own error and the hint to quote:
     their characters (quotes, escapes, `: `, line ends) could mean something else to YAML."""
     text = SPEC_EXAMPLE.replace("[${LB_COOKIE_KEY}]", f"[{reference}]")
     with pytest.raises(ConfigError) as info:
-        parse_config(text, base_dir=tmp_path, environ={"LB_ADMIN_TOKEN": "t", "LB_COOKIE_KEY": LONG_A})
+        parse_config(text, base_dir=base_dir, environ={"LB_ADMIN_TOKEN": "t", "LB_COOKIE_KEY": LONG_A})
     (problem,) = info.value.problems
-    assert problem.message.startswith("invalid YAML at line 10"), problem.message
+    assert problem.message.startswith(f"invalid YAML at line {SPEC_KEYS_LINE},"), problem.message
 
 
-def test_a_reference_left_open_never_swallows_the_lines_after_it(tmp_path: Path) -> None:
+def test_a_reference_left_open_never_swallows_the_lines_after_it(base_dir: Path) -> None:
     """`${C:-SID` with no `}`: the settings below it must not vanish into a default running to the next brace."""
     text = SPEC_EXAMPLE.replace("  cookie: LB_AFFINITY\n", "  cookie: ${C:-SID\n  http_only: false  # {see runbook}\n")
     with pytest.raises(ConfigError) as info:
-        parse_config(text, base_dir=tmp_path, environ={"LB_ADMIN_TOKEN": "t", "LB_COOKIE_KEY": LONG_A})
+        parse_config(text, base_dir=base_dir, environ={"LB_ADMIN_TOKEN": "t", "LB_COOKIE_KEY": LONG_A})
     assert [problem.path for problem in info.value.problems] == ["affinity.cookie"], info.value.problems
 
 
-def test_quoted_scalars_keep_their_escapes_when_references_are_read_again(tmp_path: Path) -> None:
+def test_quoted_scalars_keep_their_escapes_when_references_are_read_again(base_dir: Path) -> None:
     """Reading `[${KEY}]` again changes nothing else: YAML escapes in other quoted values still apply."""
     text = SPEC_EXAMPLE.replace("  cookie: LB_AFFINITY\n", '  cookie: "SID\\u0041"\n')
-    config = parse_config(text, base_dir=tmp_path, environ={"LB_ADMIN_TOKEN": "t", "LB_COOKIE_KEY": LONG_A})
+    config = parse_config(text, base_dir=base_dir, environ={"LB_ADMIN_TOKEN": "t", "LB_COOKIE_KEY": LONG_A})
     assert config.affinity.cookie == "SIDA"
 
 
-def test_a_file_holding_stand_in_characters_is_not_read_again(tmp_path: Path) -> None:
+def test_a_file_holding_stand_in_characters_is_not_read_again(base_dir: Path) -> None:
     """Plane-15 private-use characters of the file's own would be taken for stand-ins: YAML's error stands."""
     text = SPEC_EXAMPLE.replace("  cookie: LB_AFFINITY\n", "  cookie: \U000f0041BC\n")
     with pytest.raises(ConfigError) as info:
-        parse_config(text, base_dir=tmp_path, environ={"LB_ADMIN_TOKEN": "t", "LB_COOKIE_KEY": LONG_A})
+        parse_config(text, base_dir=base_dir, environ={"LB_ADMIN_TOKEN": "t", "LB_COOKIE_KEY": LONG_A})
     (problem,) = info.value.problems
     assert problem.message.startswith("invalid YAML"), problem.message
 
 
-def test_yaml_still_broken_with_references_reports_the_files_own_line_column_and_hint(tmp_path: Path) -> None:
+def test_yaml_still_broken_with_references_reports_the_files_own_line_column_and_hint(base_dir: Path) -> None:
     """A file that stays broken once references are set aside gets the first reading's error, as written."""
     text = "affinity:\n  secret_keys: [${K}, {oops]\n"
     with pytest.raises(ConfigError) as info:
-        parse_config(text, base_dir=tmp_path, environ={"K": "v"})
+        parse_config(text, base_dir=base_dir, environ={"K": "v"})
     (problem,) = info.value.problems
     assert "line 2" in problem.message
     assert 'quote ${...} references, e.g. ["${LB_COOKIE_KEY}"]' in problem.message
     assert not re.search("[\U000f0000-\U000ffffd]", problem.message), "no stand-in character reaches a message"
 
 
-def test_an_escaped_reference_stays_literal_in_flow_and_block_style(tmp_path: Path) -> None:
+def test_an_escaped_reference_stays_literal_in_flow_and_block_style(base_dir: Path) -> None:
     text = SPEC_EXAMPLE.replace("token: ${LB_ADMIN_TOKEN}", "token: \"$${NOT_A_VAR}\"")
-    config = parse_config(text, base_dir=tmp_path, environ={"LB_COOKIE_KEY": LONG_A})
+    config = parse_config(text, base_dir=base_dir, environ={"LB_COOKIE_KEY": LONG_A})
     assert config.admin.token == "${NOT_A_VAR}"
 
 
