@@ -110,8 +110,9 @@ class UnsupportedVersion(RequestRejected):
     reason_phrase = "Upgrade Required"
 
     def __init__(self, reason: str) -> None:
-        # RFC 6455 §4.2.2: tell the client which version we speak.
-        super().__init__(reason, headers={"Sec-WebSocket-Version": "13"})
+        # RFC 6455 §4.2.2: tell the client which version we speak; RFC 9110 §15.5.22: a 426 MUST
+        # name the protocol to upgrade to (and §7.8: Upgrade is listed in Connection, see render_refusal).
+        super().__init__(reason, headers={"Sec-WebSocket-Version": "13", "Upgrade": "websocket"})
 
 
 class RetryLater(RequestRejected):

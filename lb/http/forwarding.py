@@ -228,7 +228,8 @@ def render_refusal(status: int, reason_phrase: str, request_id: str, headers: di
     all_headers = [
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Length", str(len(body))),
-        ("Connection", "close"),
+        # A sender of Upgrade (a 426) also lists it in Connection, so intermediaries drop it (RFC 9110 §7.8).
+        ("Connection", "Upgrade, close" if "Upgrade" in headers else "close"),
         ("X-Request-Id", request_id),
         *headers.items(),
     ]

@@ -83,7 +83,8 @@ async def test_malformed_request_gets_400_without_backend(stack: Stack, request_
 
 @pytest.mark.parametrize("version", ["12", "8", "14", "abc"])
 async def test_wrong_websocket_version_gets_426_without_backend(stack: Stack, version: str) -> None:
-    """Sec-WebSocket-Version other than 13 → 426 with `Sec-WebSocket-Version: 13` (RFC 6455 §4.2.2)."""
+    """Sec-WebSocket-Version other than 13 → 426 with `Sec-WebSocket-Version: 13` (RFC 6455 §4.2.2),
+    naming the protocol in Upgrade, listed in Connection (RFC 9110 §15.5.22, §7.8)."""
     lb = stack.balancer
     assert lb.port is not None
     async with tunnel(lb.ws_url()) as ws:
@@ -92,6 +93,8 @@ async def test_wrong_websocket_version_gets_426_without_backend(stack: Stack, ve
         assert response is not None
         assert response.status == 426, (response.status, response.body[:200])
         assert response.get("Sec-WebSocket-Version") == "13"
+        assert response.get("Upgrade") == "websocket"
+        assert response.get("Connection") == "Upgrade, close"
         await _assert_spy_untouched(stack, before)
         await assert_echo(ws, "after")
 

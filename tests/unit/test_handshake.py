@@ -96,7 +96,7 @@ def test_other_version_is_426_with_version_13(versions: tuple[str, ...]) -> None
     with pytest.raises(UnsupportedVersion) as info:
         check_upgrade(upgrade(versions=versions))
     assert info.value.status == 426
-    assert info.value.headers == {"Sec-WebSocket-Version": "13"}
+    assert info.value.headers == {"Sec-WebSocket-Version": "13", "Upgrade": "websocket"}
 
 
 def test_missing_version_is_400() -> None:
