@@ -392,7 +392,9 @@ class Connection:
         return []
 
     def client_eof(self, now: float) -> list[Action]:
-        """The client will send nothing more.  An answer still on its way is delivered, then we close.
+        """The client will send nothing more.  An answer still on its way is delivered, and so are
+        the answers to requests it pipelined behind it (as HAProxy and nginx do for
+        `printf 'GET…GET…' | nc -N`); then we close (_finish).
 
         While connecting, the body may be complete in what is held (it is framed only once it goes
         out): backend_connected decides then.
@@ -401,7 +403,6 @@ class Connection:
         state = self.state
         if state in (CONNECTING, WAITING, RELAY) and not self._websocket:
             if not self._body_left or state == CONNECTING:
-                self._keep_alive = False
                 return []
             if state == WAITING:
                 return self._release_backend() + self._refuse(BadRequest(_BODY_INCOMPLETE), now)
@@ -617,6 +618,11 @@ class Connection:
                 raise NoRoute("no route for the path")
             websocket = is_websocket_upgrade(request)
             if websocket:
+                if self.client_eof_seen:
+                    # Pipelined behind answers, from a client that has half-closed: a tunnel could relay
+                    # nothing to the backend, and an upgrade whose client ends before its 101 is dropped.
+                    log.debug("closing %s: upgrade after the client's EOF (request %s)", self._client_ip, self._rid)
+                    return self._close(abort=False)
                 check_upgrade(request)
             wait = ctx.rate_limiter.check(self._client_ip, now)
             if wait:
@@ -815,7 +821,7 @@ class Connection:
             self._keep_alive
             and not framer.until_eof
             and not self._body_left
-            and not self.client_eof_seen
+            and (not self.client_eof_seen or bool(self._buf))  # after EOF: only for requests already here
             and self._ctx.accepting
         )
         self._keep_alive = keep
@@ -870,13 +876,14 @@ class Connection:
     def _finish(self, now: float) -> list[Action]:
         """The answer is complete: on to the next request, or close."""
         actions = self._release_backend()
-        if not self._keep_alive:
+        if not self._keep_alive or (self.client_eof_seen and not self._buf):
             return actions + self._close(abort=False)
         self._reset_request()
         self.state = HEAD
         actions.append(SetTimer(now + self._config.timeouts.handshake))
-        if self._buf:
-            actions += self._read_head(now)
+        actions += self._read_head(now)
+        if self.client_eof_seen and self.state == HEAD:
+            return actions + self._close(abort=False)  # what the client left is no whole request
         return actions + self._maybe_resume()
 
     def _backend_gone(self, now: float) -> list[Action]:

@@ -108,3 +108,21 @@ async def test_half_closed_client_gets_its_answer(two: tuple) -> None:  # type: 
     finally:
         await close_raw(writer)
     assert [r.split(b" ")[1] for r in rec_a.requests()] == [b"/a/half"]
+
+
+async def test_half_closed_client_gets_every_pipelined_request_answered(two: tuple) -> None:  # type: ignore[type-arg]
+    """`printf 'GET…GET…GET…' | nc -N`: the requests and the FIN in one go; each request is still
+    routed and answered, in order (as by HAProxy and nginx), and then the connection closes."""
+    port, rec_a, rec_b, _ = two
+    reader, writer = await open_raw(port)
+    try:
+        writer.write(request("/a/1") + request("/b/2") + request("/a/3"))
+        writer.write_eof()
+        answers = [await read_response(reader) for _ in range(3)]
+        assert [answer.body for answer in answers] == [b"A", b"B", b"A"]
+        assert (answers[-1].get("Connection") or "").lower() == "close"
+        assert await asyncio.wait_for(reader.read(), 5 * UNIT) == b"", "closed after the last answer"
+    finally:
+        await close_raw(writer)
+    assert [r.split(b" ")[1] for r in rec_a.requests()] == [b"/a/1", b"/a/3"]
+    assert [r.split(b" ")[1] for r in rec_b.requests()] == [b"/b/2"]

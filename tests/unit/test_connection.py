@@ -749,6 +749,67 @@ def test_half_closed_client_still_gets_its_answer() -> None:
     assert play.closed_client == CloseClient() and play.connections()["a1"] == 0
 
 
+def _answers(to_client: bytes) -> list[tuple[bytes, bytes]]:
+    """(status line, Connection value) of each answer in what the client received (ok() bodies)."""
+    found = []
+    for head in to_client.split(b"HTTP/1.1 ")[1:]:
+        lines = head.split(b"\r\n")
+        connection = next((line.split(b": ", 1)[1] for line in lines if line.lower().startswith(b"connection:")), b"")
+        found.append((lines[0], connection))
+    return found
+
+
+@pytest.mark.parametrize("eof_at", ["with the requests", "while waiting", "while relaying"])
+def test_half_closed_client_gets_every_request_it_pipelined_answered(eof_at: str) -> None:
+    """`printf 'GET…GET…GET…' | nc -N`: each request already sent is routed and answered, in order,
+    then the connection closes (HAProxy and nginx do the same); only the last says Connection: close."""
+    play = Play()
+    play.client(get("/a/1") + get("/b/2") + get("/a/3"))
+    if eof_at == "with the requests":
+        play._apply(play.conn.client_eof(play.now))
+    play.connected()
+    if eof_at == "while waiting":
+        play._apply(play.conn.client_eof(play.now))
+    if eof_at == "while relaying":
+        play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nh")
+        play._apply(play.conn.client_eof(play.now))
+        play.backend(b"i")
+    else:
+        play.backend(ok())
+    for _ in range(2):
+        assert play.closed_client is None
+        play.connected()
+        play.backend(ok())
+    assert play.opened == ["a1", "b1", "a1"]
+    assert [head.partition(b" HTTP")[0] for head in play.to_backend] == [b"GET /a/1", b"GET /b/2", b"GET /a/3"]
+    assert [connection for _, connection in _answers(bytes(play.to_client))] == [b"", b"", b"close"]
+    assert play.closed_client == CloseClient() and play.connections() == {"a1": 0, "b1": 0, "b2": 0}
+
+
+def test_half_closed_client_a_partial_request_behind_its_answers_is_dropped() -> None:
+    """What follows the last whole request is no request: it never reaches a backend, and we close."""
+    play = Play()
+    play.client(get("/a/1") + b"GET /b/2 HTTP/1.1\r\nHost:")
+    play._apply(play.conn.client_eof(play.now))
+    play.connected()
+    play.backend(ok())
+    assert play.opened == ["a1"] and len(play.to_backend) == 1
+    assert [status for status, _ in _answers(bytes(play.to_client))] == [b"200 OK"]
+    assert play.closed_client == CloseClient() and play.connections()["a1"] == 0
+
+
+def test_half_closed_client_an_upgrade_pipelined_behind_an_answer_opens_no_tunnel() -> None:
+    """A tunnel to a client that has said its last could carry nothing to the backend: the upgrade is
+    dropped, as one whose client half-closes before its 101 is, and no backend is opened for it."""
+    play = Play()
+    play.client(get("/a/1") + upgrade("/b/ws"))
+    play._apply(play.conn.client_eof(play.now))
+    play.connected()
+    play.backend(ok())
+    assert play.opened == ["a1"]
+    assert play.closed_client == CloseClient() and play.connections() == {"a1": 0, "b1": 0, "b2": 0}
+
+
 CHUNKED_POST = b"POST /a/x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
