@@ -15,8 +15,9 @@ http://127.0.0.1:9000 (the default `admin.bind`).
 
 Exit codes, for scripts:
     0  success (for lookup: the server answered, even `"valid": false`)
-    1  the server refused: its message is printed (401 wrong token, 404 unknown backend, 400 ...)
-    2  usage error, unreadable --config, or the admin API cannot be reached
+    1  the call failed: the server refused (its message is printed: 401 wrong token, 404 unknown
+       backend, 400 ...), or the admin API cannot be reached, is too slow, or is not the admin API
+    2  usage error or unreadable --config: nothing was asked
 
 A hostile or confused server gets no more: one call is bounded in time as a
 whole (`--timeout`, default 10 s) and in size; a redirect is reported, not
@@ -44,8 +45,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 EXIT_OK = 0
+# SPEC: "exit 0 on success, 1 with the server's message otherwise": every call that did not succeed,
+# whether the server refused it or no usable answer came (unreachable, too slow, not the admin API).
 EXIT_API_ERROR = 1
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # the command line or --config cannot be used: nothing was asked
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9000"
 TIMEOUT = 10.0  # seconds for one admin call: the admin API answers from memory
@@ -86,7 +89,7 @@ def add_ctl_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     ctl = commands.add_parser(
         "ctl", parents=[common], help="status, drain, disable, enable, lookup through the admin API",
         description="Operate a running balancer through its admin API. Exit codes: 0 success, "
-        "1 the server refused (its message is printed), 2 usage or connection error.",
+        "1 the call failed (the server's message, or why no answer came), 2 usage or --config error.",
     )
     actions = ctl.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
@@ -194,8 +197,8 @@ def call(
     the bearer token wherever the `Location` points.
 
     Raises:
-        CtlError: exit 1 with the server's message for an error status (or a redirect); exit 2
-            when nothing answers in time or the answer is not JSON.
+        CtlError: exit 1, with the server's message for an error status (or a redirect), or
+            saying why no usable answer came (unreachable, not in time, not JSON).
     """
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Accept": "application/json"}
@@ -206,7 +209,9 @@ def call(
     request = urllib.request.Request(target.url + path, data=data, headers=headers, method=method)
     timeout = target.timeout if timeout is None else timeout
     deadline = time.monotonic() + timeout
-    too_slow = CtlError(f"no complete answer from the admin API at {target.url} within {timeout:g}s", EXIT_USAGE)
+    too_slow = CtlError(
+        f"no complete answer from the admin API at {target.url} within {timeout:g}s", EXIT_API_ERROR
+    )
     try:
         with _OPENER.open(request, timeout=timeout) as reply:
             raw = _read_until(reply, MAX_ANSWER_BYTES + 1, deadline)
@@ -226,16 +231,16 @@ def call(
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, TimeoutError):
             raise too_slow from None
-        raise CtlError(f"cannot reach the admin API at {target.url}: {reason}", EXIT_USAGE) from None
+        raise CtlError(f"cannot reach the admin API at {target.url}: {reason}", EXIT_API_ERROR) from None
     except _TooSlow:
         raise too_slow from None
     if len(raw) > MAX_ANSWER_BYTES:
-        raise CtlError(f"{method} {path}: answer larger than {MAX_ANSWER_BYTES} bytes", EXIT_USAGE)
+        raise CtlError(f"{method} {path}: answer larger than {MAX_ANSWER_BYTES} bytes", EXIT_API_ERROR)
     try:
         return json.loads(raw)
     except ValueError:
         message = f"{method} {path}: the answer is not JSON (is {target.url} the admin API?)"
-        raise CtlError(message, EXIT_USAGE) from None
+        raise CtlError(message, EXIT_API_ERROR) from None
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -302,7 +307,7 @@ def _status(args: argparse.Namespace, target: Target, out: TextIO) -> None:
         out.write(render_status(document))
     except (AttributeError, TypeError, ValueError) as exc:  # a pool or backend that is not an object
         raise CtlError(f"/status: unexpected answer ({type(exc).__name__}; is {target.url} the admin API?)",
-                       EXIT_USAGE) from None
+                       EXIT_API_ERROR) from None
 
 
 def _action(action: str) -> Callable[[argparse.Namespace, Target, TextIO], None]:
@@ -321,7 +326,7 @@ def _action(action: str) -> Callable[[argparse.Namespace, Target, TextIO], None]
             out.write("\n")
             return
         if not isinstance(answer, dict):
-            raise CtlError(f"POST {path}: unexpected answer (is {target.url} the admin API?)", EXIT_USAGE)
+            raise CtlError(f"POST {path}: unexpected answer (is {target.url} the admin API?)", EXIT_API_ERROR)
         line = f"{answer.get('pool', args.pool)}/{answer.get('id', args.backend)}: {answer.get('state', '?')}"
         close_after, rate = answer.get("close_after"), answer.get("rate", 0)
         if isinstance(close_after, int | float) and isinstance(rate, int | float):
@@ -352,7 +357,7 @@ _COLUMNS = ("POOL", "BACKEND", "ADDRESS", "STATE", "TUNNELS", "HANDSHAKES", "HIT
 def render_status(document: Any) -> str:
     """/status as a table: one line per backend, then one line per pool's discovery, then totals."""
     if not isinstance(document, dict) or not isinstance(document.get("pools"), dict):
-        raise CtlError("/status: unexpected answer", EXIT_USAGE)
+        raise CtlError("/status: unexpected answer", EXIT_API_ERROR)
     rows: list[Sequence[str]] = []
     notes: list[str] = []
     for pool_name, pool in document["pools"].items():

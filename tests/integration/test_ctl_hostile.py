@@ -108,14 +108,14 @@ def test_an_html_error_page_is_one_readable_line() -> None:
 def test_an_html_page_with_200_is_not_taken_for_an_answer() -> None:
     with scripted(answer("200 OK", b"<html>welcome</html>", "text/html")) as admin:
         done, _ = ctl("--admin", admin.url, "status")
-    assert done.returncode == 2 and "not JSON" in done.stderr, done
+    assert done.returncode == 1 and "not JSON" in done.stderr, done
 
 
 @pytest.mark.parametrize("script", [hang, drip], ids=["hang", "drip"])
 def test_a_server_that_hangs_or_drips_is_given_up_on_within_the_timeout(script: Script) -> None:
     with scripted(script) as admin:
         done, took = ctl("--admin", admin.url, "--timeout", "1", "status")
-    assert done.returncode == 2, done
+    assert done.returncode == 1, done
     assert "within 1s" in done.stderr, done.stderr
     assert took < 5 * UNIT, took
 
@@ -146,5 +146,5 @@ def test_escape_sequences_in_an_answer_never_reach_the_terminal() -> None:
 def test_a_status_of_the_wrong_shape_is_an_error_not_a_traceback(document: object) -> None:
     with scripted(answer("200 OK", json.dumps(document).encode())) as admin:
         done, _ = ctl("--admin", admin.url, "status")
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done
     assert "unexpected answer" in done.stderr
