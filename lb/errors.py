@@ -43,7 +43,10 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
+        # One line, whatever the file holds: a key is the file's text, and a key with a newline in
+        # it must not print as a second, made-up problem (nor move the terminal's cursor).
+        text = f"{self.path}: {self.message}" if self.path else self.message
+        return text if text.isprintable() else "".join([c if c.isprintable() else repr(c)[1:-1] for c in text])
 
 
 class ConfigError(LbError, ValueError):

@@ -148,7 +148,7 @@ def parse_config(
     """
     check = _Checker(base_dir=base_dir, cpu_count=cpu_count)
     tree = _parse_yaml(text, check)
-    if not check.problems:
+    if not check.unreadable:  # a repeated key is a problem, but the rest is still checked
         tree = _expand(tree, "", environ, check, active=set())
         config = _config(tree, check)
         if config is not None and not check.problems:
@@ -196,6 +196,7 @@ class _Checker:
         self.problems: list[Problem] = []
         self.nodes = 0  # values the ${...} expansion has walked (MAX_CONFIG_NODES)
         self.stood_in = False  # the YAML was read with references in stand-in characters (_parse_yaml)
+        self.unreadable = False  # not YAML at all: nothing more to check
 
     def add(self, path: str, message: str) -> None:
         self.problems.append(Problem(path, message))
@@ -234,7 +235,7 @@ def _show(value: object) -> str:
 
 def _parse_yaml(text: str, check: _Checker) -> object:
     try:
-        return yaml.safe_load(text)
+        return _safe_load(text, check)
     except yaml.MarkedYAMLError as exc:
         stood_in = _stand_in(text) if "${" in text and not _STOOD_IN_RE.search(text) else text
         if stood_in != text:
@@ -242,7 +243,7 @@ def _parse_yaml(text: str, check: _Checker) -> object:
             # { } a brace ends a plain value.  Read again with each reference's characters standing
             # in for themselves; the expansion puts them back.  Still broken: the first error stands.
             with contextlib.suppress(yaml.YAMLError, ValueError, RecursionError):
-                tree = yaml.safe_load(stood_in)
+                tree = _safe_load(stood_in, check)
                 check.stood_in = True
                 return tree
         check.add("", _yaml_message(exc, text))
@@ -251,7 +252,62 @@ def _parse_yaml(text: str, check: _Checker) -> object:
     except (ValueError, RecursionError) as exc:
         # safe_load builds dates itself: "2024-13-01" raises ValueError, not YAMLError.
         check.add("", f"invalid YAML: {exc}")
+    check.unreadable = True
     return None
+
+
+def _safe_load(text: str, check: _Checker) -> object:
+    """`yaml.safe_load`, in its two steps, so that the node tree is at hand for `_duplicate_keys`."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _duplicate_keys(node, check)  # first: constructing flattens `<<` merges into the nodes
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _duplicate_keys(root: yaml.Node, check: _Checker) -> None:
+    """A key given twice in one mapping is a problem at its path.
+
+    YAML loaders keep the last value without a word, so a second `token:` or a second pool of the
+    same name would silently replace the first (yaml.v3, behind Traefik, refuses them too).  Keys
+    merged in with `<<` are meant to be overridden and are not counted.  Each node is walked once:
+    aliases share nodes, and a "billion laughs" file must not multiply the walk.
+    """
+    seen: set[int] = set()
+    pending: list[tuple[yaml.Node, str]] = [(root, "")]
+    found: list[tuple[int, str, str]] = []
+    while pending:
+        node, path = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first_lines: dict[tuple[str, str], int] = {}  # (tag, text) of each key → its line
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                    pending.append((value_node, path))
+                    continue
+                key_path = _join(path, key_node.value)
+                line = key_node.start_mark.line + 1
+                key = (key_node.tag, key_node.value)
+                if key in first_lines:
+                    first = first_lines[key]
+                    where = f"twice on line {line}" if first == line else f"first on line {first}, again on line {line}"
+                    found.append((line, key_path, f"duplicate key: {where}"))
+                else:
+                    first_lines[key] = line
+                pending.append((value_node, key_path))
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+    for _, key_path, message in sorted(found):
+        check.add(key_path, message)
 
 
 def _yaml_message(exc: yaml.MarkedYAMLError, text: str) -> str:
@@ -896,14 +952,22 @@ def _listeners(value: object, check: _Checker) -> tuple[ListenerConfig, ...] | N
     if items is None:
         return None
     listeners = [_listener(item, f"listeners[{i}]", check) for i, item in enumerate(items)]
-    seen: dict[tuple[str, int], int] = {}
     for i, listener in enumerate(listeners):
-        # Port 0 (an ephemeral port, as tests use) can repeat; anything else would fail to bind.
+        # Port 0 (an ephemeral port, as tests use) can repeat; anything else would fail to bind,
+        # and so would an address beside its family's wildcard (127.0.0.1:8080 and 0.0.0.0:8080).
         if listener is None or listener.port == 0:
             continue
-        first = seen.setdefault((listener.host.lower(), listener.port), i)
-        if first != i:
+        first = next((j for j, earlier in enumerate(listeners[:i]) if earlier is not None
+                      and earlier.port == listener.port and _overlap(earlier.host, listener.host)), None)
+        if first is None:
+            continue
+        earlier = listeners[first]
+        assert earlier is not None
+        if earlier.host.lower().strip("[]") == listener.host.lower().strip("[]"):
             check.add(f"listeners[{i}].bind", f"duplicate bind {listener.bind} (first at listeners[{first}])")
+        else:
+            check.add(f"listeners[{i}].bind", f"{listener.bind} overlaps listeners[{first}] ({earlier.bind}): "
+                                              "both cannot listen")
     return None if None in listeners else tuple(lis for lis in listeners if lis is not None)
 
 

@@ -469,6 +469,39 @@ def test_admin_beside_a_listener_of_the_other_family_is_fine(base_dir: Path, lis
     parse(tree, base_dir)
 
 
+@pytest.mark.parametrize(("first", "second"), [
+    ("127.0.0.1:8090", "0.0.0.0:8090"), ("0.0.0.0:8090", "127.0.0.2:8090"), ("[::]:8090", "[::1]:8090"),
+])
+def test_a_listener_beside_its_familys_wildcard_on_one_port_is_a_problem(
+    base_dir: Path, first: str, second: str
+) -> None:
+    """`lb run` could not bind both; `lb validate` says so first, naming the second and the first."""
+    tree = good_tree()
+    tree["listeners"] += [{"bind": first}, {"bind": second}]
+    assert problems_of(tree, base_dir) == {
+        "listeners[3].bind": f"{second} overlaps listeners[2] ({first}): both cannot listen",
+    }
+
+
+@pytest.mark.parametrize(("first", "second"), [("[::]:8090", "127.0.0.1:8090"), ("0.0.0.0:8090", "[::1]:8090")])
+def test_listeners_of_two_families_on_one_port_are_fine(base_dir: Path, first: str, second: str) -> None:
+    """Every socket is IPV6_V6ONLY: `::` and an IPv4 address on one port both bind."""
+    tree = good_tree()
+    tree["listeners"] += [{"bind": first}, {"bind": second}]
+    parse(tree, base_dir)
+
+
+def test_a_problem_prints_on_one_line_whatever_the_key_holds(base_dir: Path) -> None:
+    """A key is the file's text: a newline or an escape in it must not print a made-up second problem."""
+    tree = good_tree()
+    tree["evil\nlisteners[0].bind: fake problem\x1b[2J"] = 1
+    with pytest.raises(ConfigError) as info:
+        parse(tree, base_dir)
+    (line,) = [str(problem) for problem in info.value.problems]
+    assert line.startswith("evil\\nlisteners[0].bind: fake problem\\x1b[2J: unknown key"), line
+    assert line.isprintable()
+
+
 def test_non_loopback_admin_needs_a_token(base_dir: Path) -> None:
     """Admin reachable off-host without a token is refused."""
     tree = good_tree()
@@ -614,7 +647,9 @@ def test_only_plain_references_are_read_inside_flow_collections(base_dir: Path, 
 
 def test_a_reference_left_open_never_swallows_the_lines_after_it(base_dir: Path) -> None:
     """`${C:-SID` with no `}`: the settings below it must not vanish into a default running to the next brace."""
-    text = SPEC_EXAMPLE.replace("  cookie: LB_AFFINITY\n", "  cookie: ${C:-SID\n  http_only: false  # {see runbook}\n")
+    text = SPEC_EXAMPLE.replace("  http_only: true\n", "").replace(
+        "  cookie: LB_AFFINITY\n", "  cookie: ${C:-SID\n  http_only: false  # {see runbook}\n"
+    )
     with pytest.raises(ConfigError) as info:
         parse_config(text, base_dir=base_dir, environ={"LB_ADMIN_TOKEN": "t", "LB_COOKIE_KEY": LONG_A})
     assert [problem.path for problem in info.value.problems] == ["affinity.cookie"], info.value.problems
@@ -794,3 +829,37 @@ def test_shutdown_delay_defaults_to_zero_and_parses(base_dir: Path) -> None:
     assert parse(good_tree(), base_dir).timeouts.shutdown_delay == 0.0
     config = parse(set_at(good_tree(), "timeouts.shutdown_delay", "1500ms"), base_dir)
     assert config.timeouts.shutdown_delay == 1.5
+
+
+DUPLICATED = """\
+listeners:
+  - bind: 127.0.0.1:8080
+admin:
+  token: first-token-first-token
+  token: second-token-second-token
+base: &gw {id: gw-x, address: 127.0.0.1:9001}
+affinity: {secret_keys: [LONG_A]}
+routes: [{path_prefix: /, pool: gateways}]
+pools:
+  gateways:
+    backends:
+      - {id: gw-1, address: 127.0.0.1:9001, id: gw-3}
+      - {<<: *gw, id: gw-2}
+  gateways:
+    backends: [{id: gw-9, address: 127.0.0.1:9009}]
+""".replace("LONG_A", LONG_A)
+
+
+def test_a_key_given_twice_is_a_problem_at_its_path(base_dir: Path) -> None:
+    """YAML keeps the last of two equal keys without a word: a second `token:` or a second pool of the
+    same name would silently replace the first.  Each is a problem at its path, with both lines; a
+    key merged in with `<<` and overridden is not one; the rest of the file is still checked."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(DUPLICATED, base_dir=base_dir, environ={})
+    assert [(problem.path, problem.message) for problem in info.value.problems] == [
+        ("admin.token", "duplicate key: first on line 4, again on line 5"),
+        ("pools.gateways.backends[0].id", "duplicate key: twice on line 12"),
+        ("pools.gateways", "duplicate key: first on line 10, again on line 14"),
+        ("base", "unknown key 'base'"),
+    ]
+
