@@ -134,6 +134,18 @@ async def test_lookup_needs_the_bearer_token(console: ConsoleStack) -> None:
     assert code == 401
 
 
+async def test_lookup_in_a_pool_that_does_not_exist_is_404(console: ConsoleStack) -> None:
+    """`?pool=` names a pool the configuration lacks: 404 with a fixed reason, as /pools/{pool}/... answers,
+    not an answer about the token; the pool's name is not echoed."""
+    token = token_of(await visit(console.a.ws_url()))
+    query = urllib.parse.urlencode({"token": token, "pool": "no-such-pool"})
+    code, answer = await admin_get(console.a, f"/lookup?{query}", token=console.a.token)
+    assert code == 404 and answer["error"] == "unknown pool" and "no-such-pool" not in json.dumps(answer)
+    code, answer = await admin_get(console.a, f"/lookup?{query.replace('no-such-pool', 'gateways')}",
+                                   token=console.a.token)
+    assert code == 200 and answer["valid"] is True
+
+
 async def test_lookup_without_token_parameter_is_400(console: ConsoleStack) -> None:
     code, answer = await admin_get(console.a, "/lookup", token=console.a.token)
     assert code == 400 and "token" in answer["error"]

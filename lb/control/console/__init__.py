@@ -79,7 +79,8 @@ async def dashboard(request: web.Request) -> web.Response:
 
 
 async def lookup(request: web.Request) -> web.Response:
-    """GET /lookup?token=T[&pool=P]: 200 with the answer (valid or not), 400 without a token, 401 without bearer."""
+    """GET /lookup?token=T[&pool=P]: 200 with the answer (valid or not), 400 without a token, 401 without
+    bearer, 404 for a `pool` the configuration does not have (as /pools/{pool}/... answers)."""
     balancer = request.app[BALANCER]
     ctx = balancer.ctx
     if not authorized(request, ctx.config.admin.token):
@@ -88,6 +89,9 @@ async def lookup(request: web.Request) -> web.Response:
     token = request.query.get("token", "")
     if not token:
         return error_response(400, "token: query parameter is required (/lookup?token=...)")
+    pool = request.query.get("pool") or None
+    if pool is not None and pool not in ctx.pools:
+        return error_response(404, "unknown pool")
     if len(token) > MAX_TOKEN_PARAM:
         return web.json_response({"valid": False, "reason": "malformed"})
     affinity = ctx.config.affinity
@@ -98,7 +102,7 @@ async def lookup(request: web.Request) -> web.Response:
         now=time.time(),
         max_age=affinity.max_age,
         grace=affinity.redispatch_grace,
-        pool=request.query.get("pool") or None,
+        pool=pool,
     )
     return web.json_response(answer)
 
