@@ -9,6 +9,11 @@ a flag, and `serve` asks for one reload after it has started (the file may
 have changed since it was read).  In a worker it stays held for good: the
 owner tells its workers when to reload.  Plain `signal.signal`, no asyncio: there is
 no loop yet.
+
+SIGUSR1 and SIGUSR2 mean nothing to the balancer, but their default action also
+ends the process, and a logrotate `postrotate kill -USR1` written for another
+daemon would be an outage.  `hold()` ignores them from the first line;
+`lb.control.balancer.serve` then logs each one as a WARNING.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import signal
 from types import FrameType
 
 _requested = False
+
+UNUSED = (signal.SIGUSR1, signal.SIGUSR2)  # no meaning here; not fatal either
 
 
 def _remember(signum: int, frame: FrameType | None) -> None:
@@ -29,6 +36,8 @@ def hold() -> None:
     global _requested
     _requested = False
     signal.signal(signal.SIGHUP, _remember)
+    for signum in UNUSED:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def take() -> bool:

@@ -759,6 +759,8 @@ async def serve(
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
+    for signum in startup_signals.UNUSED:
+        loop.add_signal_handler(signum, _ignore_signal, signum)
     try:
         await balancer.start()
     except BindError as exc:
@@ -779,6 +781,13 @@ async def serve(
     stopped.cancel()
     await balancer.stop()
     return 0
+
+
+def _ignore_signal(signum: int) -> None:
+    log.warning(
+        "%s ignored: it has no meaning here (SIGHUP reloads, SIGTERM stops; logs go to stderr, so there is "
+        "no file to reopen)", signal.Signals(signum).name,
+    )
 
 
 def _loop_runner(choice: EventLoop) -> Callable[[Coroutine[Any, Any, int]], int]:

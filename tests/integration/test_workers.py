@@ -102,6 +102,24 @@ async def test_sigterm_stops_owner_and_workers(tmp_path: Path) -> None:
         assert not left, f"workers still running after the owner exited: {left}"
 
 
+async def test_sigusr1_and_sigusr2_are_logged_not_fatal(ops: OpsStack) -> None:
+    """A logrotate `postrotate kill -USR1` meant for another daemon (or `pkill -USR2 -f lb`) must not be
+    an outage: owner and workers log a WARNING each and keep serving; their default action kills."""
+    lb = ops.balancer
+    workers = await two_workers(lb)
+    before = lb.log_text().count("ignored: it has no meaning here")
+    for pid in (owner_pid(ops), *workers):
+        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGUSR2)
+    await wait_until(
+        lambda: lb.log_text().count("ignored: it has no meaning here") - before >= 6, within=5 * UNIT,
+        what="a WARNING per signal",
+    )
+    lb.assert_alive()
+    assert all(process_alive(pid) for pid in workers) and await two_workers(lb) == workers
+    assert (await visit(lb.ws_url())).server_id
+
+
 class _FromElsewhere(Balancer):
     """The balancer as an operator starts it: the `lb` command, from a directory of their own."""
 
