@@ -74,6 +74,9 @@ class FakeTransport:
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def can_write_eof(self) -> bool:
+        return False  # the client's EOF then ends the tunnel at once (as under TLS): one event, as before
+
 
 class BenchConnection(server.ClientConnection):
     """The real shell, except that the backend "connects" when the bench says so, not through a socket."""

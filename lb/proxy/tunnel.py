@@ -61,10 +61,22 @@ class TunnelEnd(asyncio.Protocol):
         self.nbytes += len(data)
 
     def eof_received(self) -> bool | None:
-        # A WebSocket has no use for half-close: after the close handshake one
-        # side closes TCP, and the other should follow promptly.
-        self.tunnel.close()
-        return None
+        """The client half-closed (its close frame and then its FIN, or the end of a raw stream).
+
+        Passed on to the backend, as HAProxy does, and the backend's side stays open for its
+        answer (its own close frame, data still in flight); a WebSocket's server then closes TCP
+        first (RFC 6455 §7.1.1), which ends the tunnel.  It gets CLOSE_LINGER for that.  Under TLS
+        (no half-close in asyncio's TLS transport) or towards a backend that cannot take a FIN,
+        the tunnel closes at once.
+        """
+        tunnel = self.tunnel
+        client = tunnel.server_end.peer
+        if tunnel.closed or not self.peer.can_write_eof() or client.get_extra_info("sslcontext") is not None:
+            tunnel.close()
+            return None
+        self.peer.write_eof()
+        tunnel.server_end.linger()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.tunnel.close()
@@ -154,6 +166,12 @@ class WebSocketServerEnd(TunnelEnd):
             self._send_close()
         else:
             self.deadline = asyncio.get_running_loop().call_later(CLOSE_DEADLINE, self._overdue)
+
+    def linger(self) -> None:
+        """The client has said its last: the backend has CLOSE_LINGER to finish, unless a close of
+        ours already runs on its own deadline."""
+        if self.deadline is None and not self.tunnel.closed:
+            self.deadline = asyncio.get_running_loop().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)
 
     def _overdue(self) -> None:
         """No frame boundary came in time (a stalled reader pauses the backend): cut TCP."""

@@ -104,6 +104,19 @@ async def test_client_close_code_and_reason_reach_backend(lb: Balancer) -> None:
         assert frame.payload == close_payload(4001, "client says bye ✓")
 
 
+async def test_a_client_that_half_closes_after_its_close_frame_still_gets_the_backends(lb: Balancer) -> None:
+    """Close frame, then FIN (SHUT_WR): the FIN is passed on and the backend's close frame still comes
+    back, then the connection ends; the tunnel was torn down at the FIN, losing the answer."""
+    assert lb.port is not None
+    async with RawWs.connect(lb.port) as raw:
+        await raw.recv_message()
+        await raw.send(OP_CLOSE, close_payload(4003, "half"))
+        raw.writer.write_eof()
+        frame = await raw.recv_frame()
+        assert (frame.opcode, frame.payload) == (OP_CLOSE, close_payload(4003, "half"))
+        assert await asyncio.wait_for(raw.reader.read(), 5 * UNIT) == b""
+
+
 async def test_backend_close_code_and_reason_reach_client(lb: Balancer) -> None:
     """A backend's close code and reason reach the client unchanged."""
     async with ws_connect(lb.ws_url(), autoclose=False) as (ws, _):

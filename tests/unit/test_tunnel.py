@@ -25,15 +25,28 @@ SERVER_CLOSE = b"\x88\x02\x03\xe8"  # the backend's own close 1000
 
 
 class FakeTransport:
-    def __init__(self, buffered: int = 0) -> None:
+    def __init__(self, buffered: int = 0, *, half_close: bool = False, tls: bool = False) -> None:
         self.written = bytearray()
         self.closed = False
         self.aborted = False
         self.buffered = buffered
         self.protocol: Any = None
+        self.half_close = half_close  # can_write_eof(), as a plain TCP transport
+        self.tls = tls
+        self.eof_written = False
 
     def write(self, data: bytes) -> None:
         self.written += data
+
+    def can_write_eof(self) -> bool:
+        return self.half_close
+
+    def write_eof(self) -> None:
+        assert self.half_close
+        self.eof_written = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return object() if name == "sslcontext" and self.tls else default
 
     def close(self) -> None:
         self.closed = True
@@ -183,6 +196,55 @@ def test_close_taken_is_a_clean_close(monkeypatch: pytest.MonkeyPatch) -> None:
         await asyncio.sleep(0.2)
         assert tunnel.closed and client.closed and not client.aborted
         assert ctx.stats.balancer_closes[("shutdown", "close_frame")] == 1
+
+    _run(scenario())
+
+
+def test_a_client_half_close_is_passed_on_and_the_backends_answer_still_reaches_it() -> None:
+    """Close frame, then FIN: the backend gets the FIN, its close frame still reaches the client, and
+    the backend's own close (RFC 6455 §7.1.1: the server closes TCP first) ends the tunnel."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
+        ctx, tunnel = _join(client, server)
+        assert client.protocol.eof_received() is True  # our half towards the client stays open
+        assert server.eof_written and not tunnel.closed
+        server.protocol.data_received(close_frame(1000, "bye"))
+        assert bytes(client.written).endswith(close_frame(1000, "bye"))
+        server.protocol.eof_received()
+        assert tunnel.closed and client.closed and not client.aborted and not ctx.tunnels
+
+    _run(scenario())
+
+
+def test_a_backend_slow_to_finish_after_the_clients_half_close_is_closed_after_the_linger(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A half-closed tunnel is not kept for a backend that never hangs up."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.05)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
+        ctx, tunnel = _join(client, server)
+        client.protocol.eof_received()
+        await asyncio.sleep(0.2)
+        assert tunnel.closed and client.closed and server.closed and not ctx.tunnels
+
+    _run(scenario())
+
+
+@pytest.mark.parametrize(("client_tls", "backend_half_close"), [(True, True), (False, False)], ids=["tls", "no-fin"])
+def test_a_client_half_close_closes_at_once_where_it_cannot_be_passed_on(
+    client_tls: bool, backend_half_close: bool
+) -> None:
+    """asyncio's TLS transport has no half-close, and a backend that cannot take a FIN cannot hear it."""
+
+    async def scenario() -> None:
+        client = FakeTransport(half_close=not client_tls, tls=client_tls)
+        server = FakeTransport(half_close=backend_half_close)
+        _, tunnel = _join(client, server)
+        assert not client.protocol.eof_received()
+        assert tunnel.closed and not server.eof_written
 
     _run(scenario())
 
