@@ -150,6 +150,8 @@ def parse_config(
     tree = _parse_yaml(text, check)
     if not check.unreadable:  # a repeated key is a problem, but the rest is still checked
         tree = _expand(tree, "", environ, check, active=set())
+        if check.nodes > MAX_CONFIG_NODES:
+            raise ConfigError(check.problems)  # the one problem that matters; the rest is cut short
         config = _config(tree, check)
         if config is not None and not check.problems:
             return config
@@ -358,8 +360,8 @@ def _expand(node: object, path: str, environ: Mapping[str, str], check: _Checker
     check.nodes += 1
     if check.nodes > MAX_CONFIG_NODES:
         if check.nodes == MAX_CONFIG_NODES + 1:
-            check.add(path, f"the configuration expands to more than {MAX_CONFIG_NODES} values "
-                            "(YAML aliases nested inside each other?)")
+            check.add(path, f"the configuration expands to more than {MAX_CONFIG_NODES} values, which no "
+                            "configuration needs (YAML aliases nested inside each other?)")
         return _REPORTED
     if isinstance(node, str):
         if check.stood_in:

@@ -102,6 +102,16 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
     assert "expands to more than" in message
 
 
+def test_a_file_of_too_many_values_is_one_problem_not_one_per_value(tmp_path: Path) -> None:
+    """150,000 entries (about 3 MB, under the size cap) are cut short at the value cap: one problem, not
+    100,000 `got <reported>` lines for the values past it."""
+    text = config_with_key(KEY) + "trusted_proxies: [" + ", ".join(["10.0.0.0/8"] * 150_000) + "]\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir=tmp_path, environ={})
+    (problem,) = info.value.problems
+    assert "expands to more than" in problem.message and "eported" not in problem.message
+
+
 def test_a_config_with_a_thousand_backends_is_not_mistaken_for_a_bomb(tmp_path: Path) -> None:
     backends = ", ".join(f'{{id: gw-{i}, address: "127.0.0.{1 + i // 250}:{9000 + i}"}}' for i in range(1000))
     text = config_with_key(KEY).replace('backends: [{id: a, address: "127.0.0.1:1"}]', f"backends: [{backends}]")
