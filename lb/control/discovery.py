@@ -209,6 +209,7 @@ class Discoverer:
         self.status = DiscoveryStatus(dns=self.config.dns, type=self.config.type.value)
         self._task: asyncio.Task[None] | None = None
         self._resolver = make_resolver(self.config)
+        self._skipped_said: tuple[tuple[str, ...], int] = ((), 0)  # what _report_skipped last logged
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"discovery {self.pool}")
@@ -278,6 +279,12 @@ class Discoverer:
         status.last_error, status.last_error_at = message, time.time()
 
     def _report_skipped(self, discovered: Discovered) -> None:
+        """Warn of records left out, once per change: the same answer every interval is not news
+        (`/status` and the metrics still count them at every lookup)."""
+        said = (discovered.skipped, discovered.truncated)
+        if said == self._skipped_said:
+            return
+        self._skipped_said = said
         for reason in discovered.skipped[:10]:
             log.warning("discovery for pool %s skipped %s", self.pool, reason)
         if len(discovered.skipped) > 10:

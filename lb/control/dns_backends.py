@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 
 from lb.config.model import BackendConfig
 
-# The same rule as `id` in the config file: ids appear in admin URLs and metric labels.
-_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,63}")
 # Backend weights in the config file run 1..256.
 MAX_WEIGHT = 256
 
@@ -63,14 +61,31 @@ class BackendDiff:
         return bool(self.added or self.removed or self.changed)
 
 
+# A host name's label (RFC 1123: no hyphen first or last), with `_` let through as resolvers do: a
+# subset of the config file's id rule (ids appear in admin URLs and metric labels).
+_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?")
+
+
 def srv_id(target: str) -> str | None:
-    """The backend id of an SRV target: its first label, or None if that is not a valid id.
+    """The backend id of an SRV target: its first label, or None if that is not a host name's label,
+    or if the target is an IP address (RFC 2782 wants a name; `127.0.0.1.` would be backend `127`,
+    and every other address of 127/8 would collide with it).
 
     Args:
         target: the record's target, e.g. `gw-0.gateway.game.svc.cluster.local.`.
     """
+    if _is_address(target.rstrip(".")):
+        return None
     label = target.split(".", 1)[0]
-    return label if _ID_RE.fullmatch(label) else None
+    return label if _LABEL_RE.fullmatch(label) else None
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def pick_address(addresses: Iterable[str]) -> str | None:
@@ -126,7 +141,8 @@ def from_srv(
         target = record.target.lower().rstrip(".")
         backend_id = srv_id(target)
         if backend_id is None:
-            skipped.append(f"target {_short(target)!r}: first label is not a valid backend id")
+            why = "an IP address, not a host name" if _is_address(target) else "first label is not a valid backend id"
+            skipped.append(f"target {_short(target)!r}: {why}")
             continue
         if backend_id in reserved or backend_id in backends:
             skipped.append(f"target {_short(target)!r}: id {backend_id} is already taken")

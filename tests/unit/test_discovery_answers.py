@@ -41,6 +41,12 @@ SERVICE = "gateway.game.svc.cluster.local"
         ("bad*label.example.", None),
         ("x" * 64 + ".example.", None),
         (".example.", None),
+        ("-dash.example.", None),
+        ("dash-.example.", None),
+        ("a:b.example.", None),
+        ("127.0.0.1.", None),
+        ("::1", None),
+        ("127", "127"),
     ],
 )
 def test_srv_id_is_the_first_label(target: str, expected: str | None) -> None:

@@ -1,0 +1,41 @@
+"""What the discovery loop (`lb.control.discovery.Discoverer`) says about records it leaves out: once per
+change of the answer, not at every interval.  The lookup itself is replaced; no socket."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from lb.config.model import BackendConfig, DiscoveryConfig, PoolConfig
+from lb.control import discovery
+from lb.control.dns_backends import Discovered
+
+
+def test_records_left_out_are_warned_of_once_per_change(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    answers = [
+        Discovered((BackendConfig("gw-0", "10.0.0.1", 9000),), ("target '-x.svc': first label is not valid",)),
+    ] * 3 + [Discovered((BackendConfig("gw-0", "10.0.0.1", 9000),), ("target '127.0.0.1': an IP address",))]
+
+    async def lookup(*_: Any) -> tuple[Discovered, float]:
+        return answers.pop(0), 5.0
+
+    monkeypatch.setattr(discovery, "lookup", lookup)
+    pool = PoolConfig("gateways", (), discovery=DiscoveryConfig("gateway.svc", nameservers=(("127.0.0.1", 53),)))
+    loop = discovery.Discoverer(pool, lambda *_: None)
+
+    async def four_lookups() -> None:
+        for _ in range(4):
+            await loop.resolve_once()
+
+    with caplog.at_level("WARNING", logger="lb.control.discovery"):
+        asyncio.run(four_lookups())
+    said = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert said == [
+        "discovery for pool gateways skipped target '-x.svc': first label is not valid",
+        "discovery for pool gateways skipped target '127.0.0.1': an IP address",
+    ]
+    assert loop.status.skipped == 1 and loop.status.lookups == 4
