@@ -140,10 +140,14 @@ def make_admin_app(balancer: Balancer) -> web.Application:
 
 
 def refuse_parameters(request: web.Request, allowed: frozenset[str] = frozenset()) -> None:
-    """Raise AdminInputError for a query parameter the endpoint does not take (a typo is not ignored)."""
+    """Raise AdminInputError for a query parameter the endpoint does not take (a typo is not ignored),
+    or one given twice (which of two tokens or keys was meant is not ours to guess)."""
     unknown = sorted(set(request.query) - allowed)
     if unknown:
         raise AdminInputError("unknown parameter", unknown[0])
+    repeated = [key for key in set(request.query) if len(request.query.getall(key)) > 1]
+    if repeated:
+        raise AdminInputError("parameter given twice", min(repeated))
 
 
 async def livez(request: web.Request) -> web.Response:

@@ -146,6 +146,14 @@ async def test_lookup_in_a_pool_that_does_not_exist_is_404(console: ConsoleStack
     assert code == 200 and answer["valid"] is True
 
 
+async def test_lookup_with_the_token_given_twice_is_400(console: ConsoleStack) -> None:
+    """Which of two tokens was meant is not the balancer's to guess (as `drain?rate=1&rate=2`)."""
+    token = token_of(await visit(console.a.ws_url()))
+    query = urllib.parse.urlencode([("token", token), ("token", "other")])
+    code, answer = await admin_get(console.a, f"/lookup?{query}", token=console.a.token)
+    assert code == 400 and answer["error"] == "parameter given twice", answer
+
+
 async def test_lookup_without_token_parameter_is_400(console: ConsoleStack) -> None:
     code, answer = await admin_get(console.a, "/lookup", token=console.a.token)
     assert code == 400 and "token" in answer["error"]
