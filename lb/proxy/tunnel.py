@@ -45,7 +45,18 @@ GOING_AWAY = 1001  # RFC 6455 §7.4.1: the server is going down
 OP_CLOSE = 0x8  # RFC 6455 §5.5.1
 
 
-class TunnelEnd(asyncio.Protocol):
+# What one read of a tunnel's socket may bring.  A transport's own reads go up to 256 KiB, and one of
+# them lands whole in the peer's write buffer even when that is already at its high-water mark
+# (64 KiB): a client that stops reading while its backend sends held about 320 KiB of ours (and one
+# that sends to a slow backend as much), for as long as it stayed.  Reading into this buffer instead
+# (asyncio.BufferedProtocol) bounds that at 64 + 32 KiB per direction.  One buffer for every end of
+# every tunnel: a read is copied out before the next read can start, and an idle tunnel holds none.
+READ_CHUNK = 32 * 1024
+_READ_BUFFER = bytearray(READ_CHUNK)
+_READ_VIEW = memoryview(_READ_BUFFER)
+
+
+class TunnelEnd(asyncio.BufferedProtocol):
     """One side of a tunnel: reads from its own transport, writes into `peer`."""
 
     __slots__ = ("full", "nbytes", "peer", "tunnel")
@@ -56,7 +67,15 @@ class TunnelEnd(asyncio.Protocol):
         self.nbytes = 0
         self.full = False  # this end's own transport is over its high-water mark (the peer is paused)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_VIEW
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # data_received's work inline: this runs for every read of every tunnel.
+        self.peer.write(_READ_BUFFER[:nbytes])  # a copy of its own: the peer's transport may keep it
+        self.nbytes += nbytes
+
+    def data_received(self, data: bytes | bytearray) -> None:
         self.peer.write(data)
         self.nbytes += len(data)
 
@@ -113,7 +132,10 @@ class WebSocketServerEnd(TunnelEnd):
         self.silenced = False  # our close frame went out: nothing more may follow it
         self.deadline: asyncio.TimerHandle | None = None
 
-    def data_received(self, data: bytes) -> None:
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_READ_BUFFER[:nbytes])
+
+    def data_received(self, data: bytes | bytearray) -> None:
         if self.silenced:
             return
         if self.pending_close is None:

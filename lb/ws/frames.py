@@ -31,11 +31,11 @@ class FrameBoundaries:
     def at_boundary(self) -> bool:
         return self._remaining == 0 and not self._header
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         """Advance over `data`."""
         self.first_boundary(data, stop=False)
 
-    def first_boundary(self, data: bytes, *, stop: bool = True) -> int | None:
+    def first_boundary(self, data: bytes | bytearray, *, stop: bool = True) -> int | None:
         """Advance over `data`; with `stop`, stop at the first frame boundary and return its offset.
 
         Returns None if `data` holds no boundary (or `stop` is False); then all of it was consumed.

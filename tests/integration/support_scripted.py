@@ -15,13 +15,16 @@ Every loop is bounded in count and time; `close()` stops the accept thread and e
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import socket
 import threading
 import time
+from typing import Any
 
+from conftest import UNIT, Balancer, Launcher, lb_config, upgrade_request, ws_key
 from support_tcp import ThreadedServer
 
 HOST = "127.0.0.1"
@@ -126,3 +129,34 @@ class ScriptedBackend:
 
     def close(self) -> None:
         self.server.close()
+
+
+TCP_HEALTH = {"type": "tcp", "interval": "300ms", "timeout": "1s", "rise": 1, "fall": 3}
+
+
+def start(launcher: Launcher, backend: Any, **timeouts: str) -> Balancer:
+    config = lb_config(
+        pools={"scripted": [backend]},
+        health=TCP_HEALTH,
+        overrides={"limits": {"handshake_rate_per_ip": 0}, "timeouts": timeouts},
+    )
+    lb = launcher.balancer(config)
+    lb.wait_states({("scripted", backend.id): "up"})
+    return lb
+
+
+async def stalled_client(lb: Balancer, path: str = "/flood") -> socket.socket:
+    """A client that completes the upgrade, then never reads again (a tiny receive buffer)."""
+    assert lb.port is not None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(loop.sock_connect(sock, (HOST, lb.port)), 5 * UNIT)
+    await loop.sock_sendall(sock, upgrade_request(path, host=f"{HOST}:{lb.port}", key=ws_key()))
+    head = b""
+    async with asyncio.timeout(5 * UNIT):
+        while b"\r\n\r\n" not in head:
+            head += await loop.sock_recv(sock, 1)  # byte by byte: leave every frame unread
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock

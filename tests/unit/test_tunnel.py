@@ -200,6 +200,32 @@ def test_close_taken_is_a_clean_close(monkeypatch: pytest.MonkeyPatch) -> None:
     _run(scenario())
 
 
+class KeepingTransport(FakeTransport):
+    """Keeps each object written, as a transport whose buffer is not empty does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: list[bytes | bytearray] = []
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+
+def test_reads_go_through_one_shared_buffer_and_each_is_copied_out() -> None:
+    """Both ends read into the module's one buffer, at most READ_CHUNK at a time; what a transport
+    keeps is a copy, so the next read (of any tunnel) cannot change bytes still waiting to go out."""
+    client, server = KeepingTransport(), KeepingTransport()
+    _, tunnel = _join(client, server)
+    for end, frames in ((client.protocol, [b"\x81\x03abc", b"\x81\x03xyz"]), (server.protocol, [TEXT, TEXT])):
+        for frame in frames:
+            buffer = end.get_buffer(-1)
+            assert len(buffer) == tunnel_module.READ_CHUNK
+            buffer[: len(frame)] = frame
+            end.buffer_updated(len(frame))
+    assert server.chunks == [b"\x81\x03abc", b"\x81\x03xyz"] and client.chunks == [TEXT, TEXT]
+    assert tunnel.bytes_in == 10 and tunnel.bytes_out == 2 * len(TEXT) and tunnel.server_end.frames.at_boundary
+
+
 def test_a_client_half_close_is_passed_on_and_the_backends_answer_still_reaches_it() -> None:
     """Close frame, then FIN: the backend gets the FIN, its close frame still reaches the client, and
     the backend's own close (RFC 6455 §7.1.1: the server closes TCP first) ends the tunnel."""
