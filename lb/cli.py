@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lb import __version__, startup_signals
 from lb.config.advice import advice
-from lb.config.load import load_config
+from lb.config.load import load_config, read_config_text
 from lb.errors import ConfigError
 
 EXIT_OK = 0
@@ -134,20 +134,34 @@ def _run(args: argparse.Namespace) -> int:
     startup_signals.hold()  # first: a SIGHUP while starting must not kill us (its default action)
     config_path: Path = args.config
     try:
-        config = load_config(config_path)
+        text = read_config_text(config_path)  # with workers: N, they run this text (lb.control.workers)
+        config = load_config(config_path, text=text)
+        if config.workers > 1:
+            from lb.control.ipc import check_config_handover
+
+            check_config_handover(text)
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_USAGE
     # Imported here so that validate, keygen and certs never load the server stack.
     from lb.control.balancer import run
 
-    return run(config, config_path)
+    return run(config, config_path, text)
 
 
 def _worker(args: argparse.Namespace) -> int:
     startup_signals.hold()
+    from lb.control.workers import receive_config
+
+    # The owner's running config, never the file: that may have changed since the owner read it.
+    # --config still names the file, for relative paths and ${file:PATH} in the text.
     try:
-        config = load_config(args.config)
+        text = receive_config(args.control_fd)
+    except (OSError, EOFError, ValueError) as exc:
+        print(f"lb worker: no configuration from the owner: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        config = load_config(args.config, text=text)
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_USAGE

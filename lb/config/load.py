@@ -105,12 +105,14 @@ LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 # --------------------------------------------------------------------------- entry points
 
 
-def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, text: str | None = None) -> Config:
     """Read, expand and validate the configuration file at `path`.
 
     Args:
-        path: the YAML file; relative TLS paths inside it resolve against its directory.
+        path: the YAML file; relative TLS paths and `${file:PATH}` inside it resolve against its directory.
         environ: variables for `${NAME}`; `os.environ` when None.
+        text: the file's content as read earlier (`read_config_text`): a worker of `workers: N` gets its
+            owner's, so that both run one configuration whatever the file holds by now.  None reads `path`.
 
     Returns:
         The validated configuration.
@@ -119,14 +121,24 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         ConfigError: the file cannot be read or is invalid; carries every problem.
     """
     path = Path(path)
+    if text is None:
+        text = read_config_text(path)
+    env = os.environ if environ is None else environ
+    return parse_config(text, base_dir=path.absolute().parent, environ=env)
+
+
+def read_config_text(path: Path) -> str:
+    """The text of the configuration file at `path`, as `load_config` parses it.
+
+    Raises:
+        ConfigError: the file cannot be read, is not a regular file, is too large or is not UTF-8.
+    """
     try:
-        text = read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8")
+        return read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8")
     except OSError as exc:
         raise ConfigError([Problem("", f"cannot read {path}: {exc.strerror or exc}")]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([Problem("", f"cannot read {path}: not UTF-8 text ({exc.reason})")]) from exc
-    env = os.environ if environ is None else environ
-    return parse_config(text, base_dir=path.absolute().parent, environ=env)
 
 
 def parse_config(

@@ -31,7 +31,8 @@ instead of an `asyncio.Server`: it reads the PROXY header before TLS and HTTP,
 and holds each TLS handshake as a task of its own.
 
 `run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `request_reload` (a
-worker reloads on its owner's word instead), and picks the event loop
+worker reloads on its owner's word instead, from the text the owner applied,
+never the file), and picks the event loop
 (uvloop when installed and `runtime.event_loop` allows).
 """
 
@@ -57,12 +58,12 @@ from aiohttp import web
 from lb import startup_signals
 from lb.affinity.codec import TokenCodec
 from lb.config.advice import advice
-from lb.config.load import load_config
+from lb.config.load import load_config, read_config_text
 from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
 from lb.control.admin import AdminRunner, make_admin_app
 from lb.control.discovery import DiscoveryManager
 from lb.control.health import HealthChecker
-from lb.control.ipc import split_limits
+from lb.control.ipc import check_config_handover, split_limits
 from lb.control.metrics import make_registry
 from lb.control.migration import DEFAULT_MIGRATION_RATE, migrate
 from lb.control.workers import ControlChannel, WorkerSupervisor, watch_owner
@@ -111,8 +112,9 @@ class Role(StrEnum):
 class Balancer:
     def __init__(
         self, config: Config, config_path: Path | None = None, *, role: Role = Role.SINGLE, control_fd: int = -1,
-        share: tuple[int, int] = (0, 1),
+        share: tuple[int, int] = (0, 1), config_text: str | None = None,
     ) -> None:
+        """`config_text`: the text `config` was parsed from, which the owner of workers hands to them."""
         self.config_path = config_path
         self.role = role
         self.ctx = ProxyContext.build(config, self.record_backend_failure)
@@ -143,9 +145,9 @@ class Balancer:
         self._supervisor: WorkerSupervisor | None = None
         self._control: ControlChannel | None = None
         if role is Role.OWNER:
-            if config_path is None:
-                raise ValueError("workers need the configuration file (they read it themselves)")
-            self._supervisor = WorkerSupervisor(self, config.workers, config_path)
+            if config_path is None or config_text is None:
+                raise ValueError("workers need the configuration file and its text")
+            self._supervisor = WorkerSupervisor(self, config.workers, config_path, config_text)
         elif role is Role.WORKER:
             self._control = ControlChannel(self, control_fd)
 
@@ -402,14 +404,23 @@ class Balancer:
             for sentence in advice(self.config, crc32c_in_c=CRC32C_IN_C):
                 log.warning("%s", sentence)
 
-    async def reload(self) -> bool:
-        """Re-read the config file and apply it whole; keep the running config entirely if anything fails."""
+    async def reload(self, text: str | None = None) -> bool:
+        """Apply a new config whole; keep the running config entirely if anything fails.
+
+        Args:
+            text: None re-reads the config file (SIGHUP: the single process, the owner of workers);
+                a worker gets the text its owner has just applied, and never reads the file.
+        """
         if self.config_path is None:
             log.error("reload failed: no configuration file to read")
             self.reloads["failure"] += 1
             return False
         try:
-            config = split_limits(load_config(self.config_path), *self._share)
+            if text is None:
+                text = read_config_text(self.config_path)
+            config = split_limits(load_config(self.config_path, text=text), *self._share)
+            if self._supervisor is not None:
+                check_config_handover(text)  # before anything is applied: the workers must get it too
         except ConfigError as exc:
             problems = "; ".join(str(problem) for problem in exc.problems)  # a root problem has no path
             log.error("reload failed, keeping the running configuration: %s", problems)
@@ -427,7 +438,7 @@ class Balancer:
         if self._supervisor is not None:
             if config.workers != self._supervisor.count:
                 log.warning("workers: %d needs a restart to take effect", config.workers)
-            self._supervisor.broadcast({"op": "reload"})
+            self._supervisor.reloaded(text)
             self._supervisor.states_changed()
         return True
 
@@ -749,9 +760,10 @@ def _probe_bind(listener: ListenerConfig) -> None:
 
 
 async def serve(
-    config: Config, config_path: Path | None, role: Role, control_fd: int = -1, share: tuple[int, int] = (0, 1)
+    config: Config, config_path: Path | None, role: Role, control_fd: int = -1, share: tuple[int, int] = (0, 1),
+    config_text: str | None = None,
 ) -> int:
-    balancer = Balancer(config, config_path, role=role, control_fd=control_fd, share=share)
+    balancer = Balancer(config, config_path, role=role, control_fd=control_fd, share=share, config_text=config_text)
     loop = asyncio.get_running_loop()
     # SIGTERM handlers before start(): one that arrives while we bind must stop us once we are up,
     # not be lost (as PID 1 in a container, a signal without a handler is dropped by the kernel).
@@ -802,11 +814,14 @@ def _loop_runner(choice: EventLoop) -> Callable[[Coroutine[Any, Any, int]], int]
     return asyncio.run
 
 
-def run(config: Config, config_path: Path | None = None) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
+def run(config: Config, config_path: Path | None = None, config_text: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code.
+
+    `config_text` is the text `config` was parsed from: with `workers: N` the workers run it.
+    """
     setup_logging(config.logging)
     role = Role.OWNER if config.workers > 1 else Role.SINGLE
-    return _loop_runner(config.runtime.event_loop)(serve(config, config_path, role))
+    return _loop_runner(config.runtime.event_loop)(serve(config, config_path, role, config_text=config_text))
 
 
 def run_worker(config: Config, config_path: Path, control_fd: int, index: int, count: int = 1,

@@ -10,8 +10,9 @@ stream or grow a buffer without bound (JSON lines could do both).
 The owner runs health checks and the admin API and holds the authoritative
 backend states; workers accept clients and relay.  Owner → worker:
 
+    {"op": "config", "text"}                         first, once: the text of the owner's running config
     {"op": "states", "pools": {pool: {id: {"healthy", "admin", "migrating", "ramp_from", "reason"}}}}
-    {"op": "reload"}                                 re-read the config file (the owner validated it)
+    {"op": "reload", "text"}                         apply this config text (the owner has just applied it)
     {"op": "close_tunnels", "pool", "backend", "rate"}   a drain migration's share of this worker
     {"op": "stop_migration", "pool", "backend"}      an operator acted again (enable, a new drain): stop
 
@@ -31,6 +32,12 @@ Limits (`split_limits`): `limits.max_connections`, each backend's
 `max_connections` and the per-IP handshake rate are per instance, so each of
 N workers enforces its share; the shares add up to exactly the configured
 number, which therefore holds whatever N is.
+
+Only the owner reads the config file.  A worker parses the text its owner runs
+(at spawn, and with each reload), never the file: a file rewritten between the
+owner's read and a worker's, or since the owner's last reload, cannot make a
+worker run something else than what /status shows.  Relative paths and
+`${file:PATH}` in that text still resolve against the file's directory.
 """
 
 from __future__ import annotations
@@ -39,10 +46,12 @@ import dataclasses
 import json
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from lb.config.model import Config
+from lb.errors import ConfigError, Problem
 from lb.state.context import ProxyContext, Stats
 from lb.state.observations import Observations
 from lb.state.pool import AdminAction, PoolState
@@ -50,6 +59,7 @@ from lb.state.pool import AdminAction, PoolState
 LENGTH = struct.Struct(">I")
 # A states message is ~150 bytes per backend: 16 MiB carries ~100,000 backends.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+READ_CHUNK = 1024 * 1024  # read_frame asks for at most this much at a time
 
 
 class MessageTooLarge(ValueError):
@@ -85,6 +95,59 @@ def decode(body: bytes) -> dict[str, Any]:
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise ValueError("control message must be a JSON object with an op")
     return message
+
+
+def read_frame(recv: Callable[[int], bytes]) -> dict[str, Any]:
+    """One message from a blocking byte stream, reading no byte past its end.
+
+    What a new worker reads first, before the asyncio reader that takes over the same
+    stream (`read_messages` in `workers`): that reader must start at the next frame.
+
+    Args:
+        recv: returns at most the number of bytes asked for, b"" at the end of the stream
+            (`socket.recv`).
+
+    Returns:
+        The decoded message.
+
+    Raises:
+        MessageTooLarge: the frame announces more than MAX_MESSAGE_BYTES (its body is not read).
+        EOFError: the stream ends inside the frame.
+        ValueError: the body is not a message (`decode`).
+    """
+    prefix = _read_exactly(recv, LENGTH.size)
+    return decode(_read_exactly(recv, frame_length(prefix)))
+
+
+def _read_exactly(recv: Callable[[int], bytes], size: int) -> bytes:
+    chunks: list[bytes] = []
+    remaining = size
+    while remaining:
+        chunk = recv(min(remaining, READ_CHUNK))
+        if not chunk:
+            raise EOFError(f"control stream ended {remaining} bytes short of a {size}-byte read")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def config_message(op: Literal["config", "reload"], text: str) -> dict[str, Any]:
+    """The owner's config text for its workers: op "config" at a worker's start, "reload" after a reload."""
+    return {"op": op, "text": text}
+
+
+def check_config_handover(text: str) -> None:
+    """Raise ConfigError if `text` cannot reach the workers in one control message.
+
+    The owner checks before it applies anything, at start and on reload, so it never runs a
+    configuration its workers cannot get (both messages have the same size).  A YAML file within
+    `MAX_CONFIG_BYTES` at most triples in JSON, which the limit holds: this is the backstop should
+    either limit change.
+    """
+    try:
+        encode(config_message("reload", text))
+    except MessageTooLarge as exc:
+        raise ConfigError([Problem("", f"too large to hand to the workers: {exc}")]) from exc
 
 
 # -- limits: one instance's numbers, shared by N workers ----------------------------

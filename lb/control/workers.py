@@ -9,6 +9,12 @@ and migration shares; workers report passive health failures and counters.
 A worker that dies is restarted; its clients reconnect with their tokens, and
 every worker opens every token, so they reach the same backends.
 
+Only the owner reads the config file.  A worker's first message is the text of
+the owner's running config (`receive_config` reads it before the event loop
+starts), and a reload message carries the text the owner has just applied: a
+worker started at boot, restarted after a crash or told to reload runs what
+the owner runs, whatever the file holds by then.
+
 A worker never outlives its owner: it stops when the control socket reaches
 EOF, and the kernel sends it SIGTERM if the owner dies however it dies
 (`PR_SET_PDEATHSIG`, set by `watch_owner`).  Every migration the owner starts
@@ -27,6 +33,7 @@ import signal
 import site
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +45,11 @@ from lb.control.ipc import (
     MessageTooLarge,
     StatsAggregate,
     apply_states,
+    config_message,
     decode,
     encode,
     frame_length,
+    read_frame,
     states_message,
     stats_message,
 )
@@ -52,6 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WORKER_READY = 15.0  # seconds a new worker may take to bind its listeners
+CONFIG_WAIT = WORKER_READY  # seconds a new worker waits for its owner's config text
 RESTART_DELAY = 0.5  # seconds before a dead worker is replaced (no tight crash loop)
 MAX_RESTART_DELAY = 10.0  # a worker that keeps dying young waits twice as long each time, up to this
 STABLE_AFTER = 5.0  # a worker that lived this long resets the delay
@@ -143,10 +153,11 @@ class _Worker:
 class WorkerSupervisor:
     """The owner's side: start, feed, watch and restart the workers."""
 
-    def __init__(self, balancer: Balancer, count: int, config_path: Path) -> None:
+    def __init__(self, balancer: Balancer, count: int, config_path: Path, config_text: str) -> None:
         self._balancer = balancer
         self.count = count
-        self._config_path = config_path
+        self._config_path = config_path  # workers resolve relative paths in the text against its directory
+        self._config_text = config_text  # what the owner runs, and every worker with it
         self._workers: dict[int, _Worker] = {}
         self._stats = StatsAggregate()
         self._stopping = False
@@ -192,6 +203,8 @@ class WorkerSupervisor:
                          restart_delay=restart_delay)
         self._workers[index] = worker
         worker.tasks = (loop.create_task(self._read(worker, reader)), loop.create_task(self._watch(worker)))
+        # First, before any other message: the config the worker runs (`receive_config`).
+        self._send(worker, config_message("config", self._config_text))
         self._send(worker, states_message(self._balancer.ctx.pools))
         log.info("worker %d started (pid %d)", index, process.pid)
 
@@ -253,19 +266,28 @@ class WorkerSupervisor:
             self.broadcast(states_message(self._balancer.ctx.pools))
 
     def _send(self, worker: _Worker, message: dict[str, Any]) -> None:
+        frame = _encode(message)
+        if frame is not None:
+            self._write(worker, message["op"], frame)
+
+    def _write(self, worker: _Worker, op: str, frame: bytes) -> None:
         if worker.writer.is_closing():
             return
         if worker.writer.transport.get_write_buffer_size() > MAX_PENDING_BYTES:
-            log.error("%s is not reading its control socket; dropped a %r message", worker.name, message["op"])
+            log.error("%s is not reading its control socket; dropped a %r message", worker.name, op)
             return
-        try:
-            worker.writer.write(encode(message))
-        except MessageTooLarge as exc:
-            log.error("control message %r not sent: %s", message["op"], exc)
+        worker.writer.write(frame)
 
     def broadcast(self, message: dict[str, Any]) -> None:
-        for worker in self._workers.values():
-            self._send(worker, message)
+        frame = _encode(message)  # once for every worker: a reload carries the whole config text
+        if frame is not None:
+            for worker in self._workers.values():
+                self._write(worker, message["op"], frame)
+
+    def reloaded(self, text: str) -> None:
+        """The owner now runs the config `text`: running workers apply it, and new ones start with it."""
+        self._config_text = text
+        self.broadcast(config_message("reload", text))
 
     def states_changed(self) -> None:
         self.broadcast(states_message(self._balancer.ctx.pools))
@@ -303,6 +325,50 @@ class WorkerSupervisor:
             worker.writer.close()
             for task in worker.tasks:
                 task.cancel()
+
+
+def _encode(message: dict[str, Any]) -> bytes | None:
+    try:
+        return encode(message)
+    except MessageTooLarge as exc:
+        log.error("control message %r not sent: %s", message["op"], exc)
+        return None
+
+
+def receive_config(fd: int, timeout: float = CONFIG_WAIT) -> str:
+    """A new worker's first read: the owner's config text, from the control socket `fd`.
+
+    Blocking, before the event loop starts, and it reads that one frame and no byte more: the
+    `ControlChannel` that later wraps the same descriptor reads on from the next message.  `fd`
+    stays open.
+
+    Raises:
+        TimeoutError: no whole frame within `timeout` seconds.
+        OSError, EOFError: the socket failed, or the owner closed it first.
+        ValueError: the frame is too large, not a message, or not the config.
+    """
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(fileno=fd)
+
+    def recv(size: int) -> bytes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no configuration from the owner within {timeout:g}s")
+        sock.settimeout(left)
+        try:
+            return sock.recv(size)
+        except TimeoutError:
+            raise TimeoutError(f"no configuration from the owner within {timeout:g}s") from None
+
+    try:
+        message = read_frame(recv)
+    finally:
+        sock.setblocking(True)
+        sock.detach()  # the descriptor is the ControlChannel's next
+    text = message.get("text")
+    if message["op"] != "config" or not isinstance(text, str):
+        raise ValueError(f"expected the owner's configuration first, got a {message['op']!r} message")
+    return text
 
 
 class ControlChannel:
@@ -353,7 +419,10 @@ class ControlChannel:
         if op == "states":
             apply_states(ctx.pools, message)
         elif op == "reload":
-            if not await self._balancer.reload():
+            text = message["text"]
+            if not isinstance(text, str):
+                raise TypeError(f"text must be a string, got {type(text).__name__}")
+            if not await self._balancer.reload(text):
                 self._send({"op": "reload_failed"})
         elif op == "close_tunnels":
             key = (str(message["pool"]), str(message["backend"]))

@@ -1,9 +1,14 @@
-"""Owner ↔ worker messages: length-prefixed framing, limit shares, counters keyed by pid."""
+"""Owner ↔ worker messages: length-prefixed framing, the config handed to workers, limit shares, counters
+keyed by pid."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,18 +16,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lb.config.model import BackendConfig, Config, LimitsConfig, PoolConfig
+from lb.control import ipc
 from lb.control.ipc import (
     LENGTH,
     MAX_MESSAGE_BYTES,
     MessageTooLarge,
     StatsAggregate,
+    check_config_handover,
     decode,
     encode,
     frame_length,
+    read_frame,
     share,
     split_limits,
 )
-from lb.control.workers import read_messages
+from lb.control.workers import read_messages, receive_config
+from lb.errors import ConfigError
 from lb.state.context import ProxyContext
 
 
@@ -79,6 +88,146 @@ def test_a_large_states_message_survives() -> None:
 def test_a_truncated_stream_ends_the_reader_cleanly() -> None:
     """EOF in the middle of a frame: the reader stops (the owner is gone), no exception."""
     assert [m["op"] for m in _read_all(encode({"op": "a"}) + LENGTH.pack(100) + b"{}")] == ["a"]
+
+
+class _Stream:
+    """A blocking byte stream for `read_frame`: `recv(n)` gives at most `n` bytes, and at most `chunk`."""
+
+    def __init__(self, data: bytes, chunk: int) -> None:
+        self.data = data
+        self.chunk = chunk
+
+    def recv(self, size: int) -> bytes:
+        assert size > 0
+        taken, self.data = self.data[: min(size, self.chunk)], self.data[min(size, self.chunk) :]
+        return taken
+
+
+CONFIG_FRAME = encode({"op": "config", "text": "listeners: []\n# é 😀 \"quoted\"\n"})
+REST = encode({"op": "states", "pools": {}}) + encode({"op": "reload", "text": "x"}) + LENGTH.pack(9)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 5, 1 << 20])
+def test_read_frame_takes_exactly_one_frame_and_leaves_the_rest(chunk: int) -> None:
+    """A new worker reads its first message and not one byte past it, however the bytes arrive."""
+    stream = _Stream(CONFIG_FRAME + REST, chunk)
+    assert read_frame(stream.recv) == decode(CONFIG_FRAME[4:])
+    assert stream.data == REST
+
+
+def test_read_frame_refuses_an_oversized_frame_without_reading_its_body() -> None:
+    stream = _Stream(LENGTH.pack(MAX_MESSAGE_BYTES + 1) + b"{}", 1 << 20)
+    with pytest.raises(MessageTooLarge):
+        read_frame(stream.recv)
+    assert stream.data == b"{}"
+
+
+@pytest.mark.parametrize("data", [b"", b"\0\0", CONFIG_FRAME[:-1]], ids=["nothing", "half a prefix", "short body"])
+def test_read_frame_at_the_end_of_the_stream_is_eoferror(data: bytes) -> None:
+    with pytest.raises(EOFError):
+        read_frame(_Stream(data, 1 << 20).recv)
+
+
+def test_a_new_worker_reads_its_config_then_the_control_channel_reads_on() -> None:
+    """receive_config takes the owner's first frame off the socket, leaves the descriptor open, and the
+    asyncio reader that wraps it next sees the following messages whole."""
+    owner, worker = socket.socketpair()
+    with owner:
+        fd = worker.detach()
+        owner.sendall(CONFIG_FRAME + encode({"op": "states", "pools": {}}))
+        assert receive_config(fd, timeout=5.0) == decode(CONFIG_FRAME[4:])["text"]
+        os.fstat(fd)  # still open
+
+        async def rest() -> list[dict[str, Any]]:
+            reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
+            owner.sendall(encode({"op": "stop_migration", "pool": "p", "backend": "a"}))
+            owner.shutdown(socket.SHUT_WR)
+            messages = [message async for message in read_messages(reader, "the owner")]
+            writer.close()
+            return messages
+
+        assert [m["op"] for m in asyncio.run(rest())] == ["states", "stop_migration"]
+
+
+@pytest.mark.parametrize(
+    ("sent", "error"),
+    [
+        (b"", TimeoutError),
+        (CONFIG_FRAME[:7], TimeoutError),
+        (encode({"op": "states", "pools": {}}), ValueError),
+        (encode({"op": "config", "text": 5}), ValueError),
+        (LENGTH.pack(MAX_MESSAGE_BYTES + 1), ValueError),
+    ],
+    ids=["nothing", "half a frame", "not the config first", "no text", "oversized"],
+)
+def test_a_new_worker_without_its_config_fails_in_time(sent: bytes, error: type[Exception]) -> None:
+    """Nothing, half a frame, or another message first: an error within the timeout, never a hang."""
+    owner, worker = socket.socketpair()
+    with owner, worker:
+        owner.sendall(sent)
+        with pytest.raises(error):
+            receive_config(worker.fileno(), timeout=0.2)
+        os.fstat(worker.fileno())
+
+
+def test_a_config_too_large_for_a_control_message_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frame is measured as sent, escapes included (each of these characters is 6 bytes of JSON)."""
+    text = "\u00e9" * 1000
+    check_config_handover(text)
+    monkeypatch.setattr(ipc, "MAX_MESSAGE_BYTES", 5999)
+    with pytest.raises(ConfigError, match="too large to hand to the workers"):
+        check_config_handover(text)
+
+
+def test_a_yaml_config_within_its_size_limit_always_fits_a_control_message() -> None:
+    """The check above is a backstop: what YAML admits (no C0 controls but tab and newlines) at most
+    triples in JSON, so MAX_CONFIG_BYTES of it fits within MAX_MESSAGE_BYTES."""
+    from lb.config.load import MAX_CONFIG_BYTES
+
+    worst = "\u00a0" * (MAX_CONFIG_BYTES // 2)  # 2 bytes of UTF-8, 6 of JSON: the largest ratio
+    assert len(worst.encode()) == MAX_CONFIG_BYTES
+    check_config_handover(worst)
+
+
+OWNER_YAML = """
+workers: 2
+listeners: [{bind: "127.0.0.1:0"}]
+admin: {bind: "127.0.0.1:0"}
+affinity: {secret_keys: ["kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"]}
+pools:
+  p:
+    backends: BACKENDS
+    health_check: {type: tcp, interval: 1h}
+routes: [{path_prefix: /, pool: p}]
+"""
+
+
+def test_an_owner_reload_its_workers_cannot_get_fails_before_anything_is_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Too large to hand over: the owner's reload fails, is counted as a failure, and changes nothing (not
+    even the text a restarted worker would get)."""
+    from lb.config.load import load_config
+    from lb.control.balancer import Balancer, Role
+
+    path = tmp_path / "lb.yaml"
+    running = OWNER_YAML.replace("BACKENDS", "[{id: a, address: '127.0.0.1:9'}]")
+    path.write_text(running, encoding="utf-8")
+
+    async def scenario() -> None:
+        balancer = Balancer(load_config(path), path, role=Role.OWNER, config_text=running)
+        grown = OWNER_YAML.replace("BACKENDS", "[{id: a, address: '127.0.0.1:9'}, {id: b, address: '127.0.0.1:10'}]")
+        path.write_text(grown + "# " + "\u00e9" * 1000 + "\n", encoding="utf-8")
+        monkeypatch.setattr(ipc, "MAX_MESSAGE_BYTES", 5000)
+        with caplog.at_level(logging.ERROR, logger="lb.control.balancer"):
+            assert not await balancer.reload()
+        assert "reload failed, keeping the running configuration: too large to hand to the workers" in caplog.text
+        assert balancer.reloads == {"failure": 1}
+        assert list(balancer.ctx.pools["p"].backends) == ["a"]
+        assert balancer._supervisor is not None and balancer._supervisor._config_text == running
+
+    asyncio.run(scenario())
+
 
 
 @given(total=st.integers(0, 10_000), count=st.integers(1, 64))
@@ -219,7 +368,9 @@ def test_the_owner_sums_a_burst_of_reports_once() -> None:
 
     async def scenario() -> None:
         ctx = _ctx()
-        supervisor = WorkerSupervisor(SimpleNamespace(ctx=ctx), 3, config_path=mock.sentinel.path)  # type: ignore[arg-type]
+        supervisor = WorkerSupervisor(
+            SimpleNamespace(ctx=ctx), 3, config_path=mock.sentinel.path, config_text=""  # type: ignore[arg-type]
+        )
         with mock.patch.object(StatsAggregate, "apply_to", autospec=True, side_effect=StatsAggregate.apply_to) as sums:
             for pid in (100, 200, 300):
                 supervisor._handle(mock.Mock(), pid, _report(handshakes=pid, tunnels=1))
