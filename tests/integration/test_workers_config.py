@@ -1,0 +1,136 @@
+"""`workers: 2`: only the owner reads the config file; its workers run the text the owner runs.
+
+A file rewritten between the owner's read on SIGHUP and the workers' reload, or since the owner last
+read it, must not make a worker run something else than the owner's /status shows: the workers parse the
+owner's text (handed over at their start and with every reload), never the file.
+
+Each test starts its own balancer over the module's gateways (they rewrite its config file); which worker
+served a handshake is read from its access log line (`worker-N lb.access: ... backend=ID`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import re
+import signal
+from pathlib import Path
+
+from conftest import UNIT, Balancer, Gateway, Launcher, backend_states, lb_config, status, visit
+from support_ops import backend_entry, rewrite_config, signal_balancer, two_workers, wait_until, worker_pids
+
+POOL = "gateways"
+GATEWAYS = 3  # gw-1..3 for the whole module; see conftest `gateways`
+BROKEN = "listeners: [\n  - bind: 127.0.0.1:1\n  this is: [not yaml\n"
+_ACCESS = re.compile(r" (worker-\d+) lb\.access: event=request .*\bbackend=(\S+)")
+# The owner's lines name no process; a worker's say `worker-N` before the logger.
+_OWNER_RELOAD = re.compile(r" (INFO|ERROR) lb\.control\.balancer: (reloaded configuration|reload failed)")
+
+
+def two_worker_balancer(launcher: Launcher, *gateways: Gateway) -> tuple[Balancer, dict[str, object]]:
+    config = lb_config(pools={POOL: gateways}, overrides={"workers": 2, "limits": {"handshake_rate_per_ip": 0}})
+    lb = launcher.balancer(config)
+    lb.wait_states({(POOL, g.id): "up" for g in gateways})
+    return lb, config
+
+
+def lines_after(lb: Balancer, mark: int) -> list[str]:
+    return lb.log_text().splitlines()[mark:]
+
+
+def served(lb: Balancer, mark: int) -> list[tuple[str, str]]:
+    """(worker-N, backend id) of every handshake logged after line `mark`."""
+    return [(m[1], m[2]) for line in lines_after(lb, mark) if (m := _ACCESS.search(line))]
+
+
+def worker_index(pid: int) -> int:
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return int(args[args.index(b"--index") + 1])
+
+
+async def test_a_file_rewritten_during_a_reload_cannot_split_the_owner_from_its_workers(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """SIGHUP, then the file overwritten with a broken one 2 ms later: the workers apply what the owner
+    applied, so /status and the data path agree (every worker sends new clients to the added gw-3) and no
+    worker fails the reload."""
+    gw1, gw2, gw3 = gateways
+    lb, config = two_worker_balancer(launcher, gw1, gw2)
+    await two_workers(lb)
+    grown = copy.deepcopy(config)
+    grown["pools"][POOL]["backends"].append(backend_entry(gw3))  # type: ignore[index]
+    for _ in range(10):
+        mark = lb.log_lines()
+        rewrite_config(lb, grown)
+        signal_balancer(lb, signal.SIGHUP)
+        await asyncio.sleep(0.002)  # as config management or an editor would: the file changes again at once
+        rewrite_config(lb, BROKEN)
+        outcome = await wait_until(
+            lambda at=mark: next((line for line in lines_after(lb, at) if _OWNER_RELOAD.search(line)), None),
+            what="the owner's reload logged",
+        )
+        if "reloaded" in outcome:
+            break
+        # The owner itself was too slow to read the valid file this time: nothing to check, try again.
+    else:
+        raise AssertionError(f"the owner never read the valid file before it was overwritten:\n{lb.logs_tail()}")
+
+    def worker_outcomes() -> dict[str, str] | None:
+        found: dict[str, str] = {}
+        for line in lines_after(lb, mark):
+            if m := re.search(r" (worker-\d+) lb\.control\.balancer: (reloaded configuration|reload failed.*)", line):
+                found[m[1]] = m[2]
+        return found if len(found) == 2 else None
+
+    outcomes = await wait_until(worker_outcomes, what="both workers' reloads logged")
+    assert all(o == "reloaded configuration" for o in outcomes.values()), outcomes
+    assert not [line for line in lines_after(lb, mark) if "could not apply the reload" in line]
+
+    async def gw3_up() -> bool:
+        return backend_states(await status(lb)).get((POOL, gw3.id)) == "up"
+
+    await wait_until(gw3_up, what=f"{gw3.id} up in the owner's /status")
+    mark = lb.log_lines()
+    for _ in range(120):
+        await visit(lb.ws_url())
+        if {w for w, backend in served(lb, mark) if backend == gw3.id} == {"worker-0", "worker-1"}:
+            break
+    else:
+        raise AssertionError(f"not every worker sent a client to {gw3.id}: {served(lb, mark)}")
+    lb.assert_alive()
+
+
+async def test_a_restarted_worker_runs_the_owners_config_not_the_file_changed_since(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """The file changed without a SIGHUP (to gw-3 only), then a worker is SIGKILLed: its replacement runs the
+    owner's config (gw-1, gw-2), not what the file says now."""
+    gw1, gw2, gw3 = gateways
+    lb, config = two_worker_balancer(launcher, gw1, gw2)
+    before = await two_workers(lb)
+    elsewhere = copy.deepcopy(config)
+    elsewhere["pools"][POOL]["backends"] = [backend_entry(gw3)]  # type: ignore[index]
+    rewrite_config(lb, elsewhere)  # and no SIGHUP
+    victim = f"worker-{worker_index(before[0])}"
+    assert lb.proc is not None
+    owner = lb.proc.pid
+    mark = lb.log_lines()
+    os.kill(before[0], signal.SIGKILL)
+    await wait_until(
+        lambda: len(pids := worker_pids(owner)) == 2 and before[0] not in pids, within=10 * UNIT,
+        what="a replacement worker",
+    )
+    await wait_until(
+        lambda: any(f" {victim} " in line and "listening on" in line for line in lines_after(lb, mark)),
+        within=10 * UNIT, what=f"the replacement {victim} listening",
+    )
+    for _ in range(60):
+        assert (await visit(lb.ws_url())).server_id != gw3.id, f"a worker ran the file:\n{lb.logs_tail()}"
+        if sum(w == victim for w, _ in served(lb, mark)) >= 6:
+            break
+    else:
+        raise AssertionError(f"the replacement {victim} served no client: {served(lb, mark)}")
+    assert {backend for w, backend in served(lb, mark) if w == victim} <= {gw1.id, gw2.id}
+    assert set(backend_states(await status(lb))) == {(POOL, gw1.id), (POOL, gw2.id)}
+    lb.assert_alive()
