@@ -84,6 +84,7 @@ log = logging.getLogger(__name__)
 # After the grace period, how long the last clients told 1001 may take to answer before TCP close.
 LAST_CLOSE_ANSWER = 0.25
 EXIT_BIND = 2  # SPEC part 2: `lb run` with a port in use exits 2
+MAX_LOGGED_PROBLEMS = 20  # of a failed reload, in its one log line
 
 
 class BindError(LbError, OSError):
@@ -416,14 +417,18 @@ class Balancer:
             self.reloads["failure"] += 1
             return False
         try:
-            if text is None:
-                text = read_config_text(self.config_path)
-            config = split_limits(load_config(self.config_path, text=text), *self._share)
+            # In a thread: a large file takes seconds to parse and check, and the event loop keeps
+            # relaying meanwhile (it shares the GIL with the parse, but is no longer frozen by it).
+            applied, config = await asyncio.to_thread(self._read_config, text)
             if self._supervisor is not None:
-                check_config_handover(text)  # before anything is applied: the workers must get it too
+                check_config_handover(applied)  # before anything is applied: the workers must get it too
         except ConfigError as exc:
-            problems = "; ".join(str(problem) for problem in exc.problems)  # a root problem has no path
-            log.error("reload failed, keeping the running configuration: %s", problems)
+            # A root problem has no path.  One line, and a bounded one: `lb validate` lists them all.
+            shown = "; ".join(str(problem) for problem in exc.problems[:MAX_LOGGED_PROBLEMS])
+            more = len(exc.problems) - MAX_LOGGED_PROBLEMS
+            if more > 0:
+                shown += f"; and {more} more (`lb validate --config {self.config_path}` lists them all)"
+            log.error("reload failed, keeping the running configuration: %s", shown)
             self.reloads["failure"] += 1
             return False
         try:
@@ -438,9 +443,16 @@ class Balancer:
         if self._supervisor is not None:
             if config.workers != self._supervisor.count:
                 log.warning("workers: %d needs a restart to take effect", config.workers)
-            self._supervisor.reloaded(text)
+            self._supervisor.reloaded(applied)
             self._supervisor.states_changed()
         return True
+
+    def _read_config(self, text: str | None) -> tuple[str, Config]:
+        """The config to reload to, and its text (None: read from the file).  Runs in a thread."""
+        assert self.config_path is not None
+        if text is None:
+            text = read_config_text(self.config_path)
+        return text, split_limits(load_config(self.config_path, text=text), *self._share)
 
     async def apply(self, config: Config) -> None:
         """Swap in `config` without closing a live tunnel; raises BindError having changed nothing."""

@@ -108,6 +108,33 @@ async def test_sighup_with_a_broken_config_keeps_the_old_one(
     lb.assert_alive()
 
 
+async def test_a_reload_with_many_problems_logs_one_bounded_line_and_tunnels_keep_relaying(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """A large file is parsed off the event loop (a live tunnel keeps echoing meanwhile), and its
+    problems make one log line of at most 20, pointing at `lb validate` for the rest."""
+    gw1, gw2, _ = gateways
+    lb, config = start_two(launcher, POOL, gw1, gw2)
+    broken = copy.deepcopy(config)
+    broken["trusted_proxies"] = [f"not-a-cidr-{i}" for i in range(40_000)]  # about 1 MB, 40,000 problems
+    first = await visit(lb.ws_url())
+    async with ws_connect(lb.ws_url(), cookie=token_of(first)) as (ws, _):
+        assert (await recv_hello(ws))["server_id"] == first.server_id
+        rewrite_config(lb, broken)
+        mark = lb.log_lines()
+        signal_balancer(lb, signal.SIGHUP)
+        echoes = 0
+        while not any("reload failed" in line for line in lb.log_text().splitlines()[mark:]):
+            await assert_echo(ws, f"during the parse {echoes}")
+            echoes += 1
+            assert echoes < 2000, "the reload never ended"
+        line = await wait_for_log(lb, "reload failed", after=mark)
+        assert line.count("trusted_proxies[") == 20 and "and 39980 more" in line and "lb validate" in line, line[:500]
+        assert len(line) < 10_000, len(line)
+        await assert_echo(ws, "after the failed reload")
+    lb.assert_alive()
+
+
 async def test_sighup_removing_a_backend_keeps_its_live_tunnel(launcher: Launcher, gateways: list[Gateway]) -> None:
     """A backend removed from the file takes no new client, but its open tunnel runs until it ends."""
     gw1, gw2, _ = gateways
