@@ -5,11 +5,16 @@
   level within a bounded time, and counted as such (`lb_tunnel_closes_total{ended_with="tcp"}`).
 - Backend loss (issue 11): a backend that dies between frames gets its client a close 1012; one that
   dies mid-frame, a TCP close (a close frame there would corrupt the stream).
+- Until then, a stalled reader holds a bounded amount of the balancer's memory: the peer's write
+  buffer up to its high-water mark (64 KiB) and at most one read behind it (`READ_CHUNK`, 32 KiB).
+  Before reads were bounded, one read of up to 256 KiB landed whole in that buffer: about 300 KiB per
+  stalled tunnel, for as long as the client stayed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 
@@ -31,11 +36,14 @@ from conftest import (
     ws_key,
 )
 from support_ops import admin_post, launched, metric, metrics_text, wait_close, wait_until
+from support_raw import rss_kib
 from support_scripted import LAST_WORDS, PARTIAL, ScriptedBackend, stalled_client, start
 
 CLOSE_DEADLINE = 2.0  # the product's bound on a close frame waiting for a frame boundary
 CLOSE_LINGER = 2.0  # and on a client taking the close frame once sent
 IDLE = 1.0
+TUNNELS = 24  # stalled at once, for the memory each holds
+BOUND_KIB = 160  # per stalled tunnel: 64 KiB + 32 KiB at most; measured about 70, and about 300 before
 
 
 @pytest.fixture
@@ -155,3 +163,32 @@ async def test_a_killed_gateway_gets_its_clients_a_1012(tmp_path_factory: pytest
             gateway.kill()
             closed = await wait_close(ws, 5 * UNIT)
             assert closed.code == 1012, closed
+
+
+async def settled(backend: ScriptedBackend) -> None:
+    """Until the backend has sent nothing more for a while: every tunnel is stalled."""
+    last, since = -1, time.monotonic()
+    deadline = time.monotonic() + 20 * UNIT
+    while time.monotonic() - since < 0.5:
+        assert time.monotonic() < deadline, "the flood never stalled"
+        if backend.frames_sent != last:
+            last, since = backend.frames_sent, time.monotonic()
+        await asyncio.sleep(0.05)
+
+
+async def test_stalled_readers_hold_a_bounded_amount_each(launcher: Launcher, scripted: ScriptedBackend) -> None:
+    lb = start(launcher, scripted)
+    assert lb.proc is not None
+    clients: list[socket.socket] = []
+    try:
+        clients.append(await stalled_client(lb))  # the first one's allocations are not per tunnel
+        await settled(scripted)
+        before = rss_kib(lb.proc.pid)
+        clients += [await stalled_client(lb) for _ in range(TUNNELS)]
+        await settled(scripted)
+        per_tunnel = (rss_kib(lb.proc.pid) - before) / TUNNELS
+        assert per_tunnel < BOUND_KIB, f"{per_tunnel:.0f} KiB of the balancer per stalled tunnel"
+        lb.assert_alive()
+    finally:
+        for sock in clients:
+            sock.close()
