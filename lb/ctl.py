@@ -31,6 +31,7 @@ loop) and the printing; what the answers mean is the admin API's business.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -217,7 +218,10 @@ def call(
             raw = _read_until(reply, MAX_ANSWER_BYTES + 1, deadline)
     except urllib.error.HTTPError as exc:
         with exc:
-            raw = _read_until(exc, MAX_ANSWER_BYTES, deadline) if exc.fp is not None else b""
+            try:
+                raw = _read_until(exc, MAX_ANSWER_BYTES, deadline) if exc.fp is not None else b""
+            except (http.client.HTTPException, OSError, _TooSlow):
+                raw = b""  # the status is the answer; a body cut short only loses its message
         if 300 <= exc.code < 400:
             where = _printable(exc.headers.get("Location", "?"), 200)
             raise CtlError(f"{method} {path}: HTTP {exc.code}: redirected to {where} (not followed: "
@@ -234,6 +238,9 @@ def call(
         raise CtlError(f"cannot reach the admin API at {target.url}: {reason}", EXIT_API_ERROR) from None
     except _TooSlow:
         raise too_slow from None
+    except http.client.HTTPException as exc:  # a status line or a body that is not HTTP's
+        message = f"{method} {path}: not an HTTP answer ({type(exc).__name__}; is {target.url} the admin API?)"
+        raise CtlError(message, EXIT_API_ERROR) from None
     if len(raw) > MAX_ANSWER_BYTES:
         raise CtlError(f"{method} {path}: answer larger than {MAX_ANSWER_BYTES} bytes", EXIT_API_ERROR)
     try:

@@ -248,9 +248,11 @@ def _show(value: object) -> str:
 
 
 def _parse_yaml(text: str, check: _Checker) -> object:
+    found = len(check.problems)
     try:
         return _safe_load(text, check)
     except yaml.MarkedYAMLError as exc:
+        del check.problems[found:]  # repeated keys seen before the error: said once, by the reading that counts
         stood_in = _stand_in(text) if "${" in text and not _STOOD_IN_RE.search(text) else text
         if stood_in != text:
             # SPEC writes `secret_keys: [${LB_COOKIE_KEY}]`, which YAML alone refuses: inside [ ] and

@@ -420,6 +420,11 @@ class Balancer:
             # In a thread: a large file takes seconds to parse and check, and the event loop keeps
             # relaying meanwhile (it shares the GIL with the parse, but is no longer frozen by it).
             applied, config = await asyncio.to_thread(self._read_config, text)
+            if self._stopping is not None:
+                # SIGTERM came during the parse: nothing new is bound or sent to stopping workers.
+                log.warning("reload abandoned: shutting down")
+                self.reloads["failure"] += 1
+                return False
             if self._supervisor is not None:
                 check_config_handover(applied)  # before anything is applied: the workers must get it too
         except ConfigError as exc:

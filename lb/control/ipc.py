@@ -37,7 +37,9 @@ Only the owner reads the config file.  A worker parses the text its owner runs
 (at spawn, and with each reload), never the file: a file rewritten between the
 owner's read and a worker's, or since the owner's last reload, cannot make a
 worker run something else than what /status shows.  Relative paths and
-`${file:PATH}` in that text still resolve against the file's directory.
+`${file:PATH}` in that text still resolve against the file's directory, and
+each process reads those files itself (a Secret rotated between two reads can
+differ until the next SIGHUP).
 """
 
 from __future__ import annotations

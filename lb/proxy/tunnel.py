@@ -89,8 +89,12 @@ class TunnelEnd(asyncio.BufferedProtocol):
         the tunnel closes at once.
         """
         tunnel = self.tunnel
+        if tunnel.closed:
+            # A TLS client's close_notify after the tunnel ended: the backend's end has let go of
+            # this transport already (`forget`), and there is nothing left to pass on.
+            return None
         client = tunnel.server_end.peer
-        if tunnel.closed or not self.peer.can_write_eof() or client.get_extra_info("sslcontext") is not None:
+        if not self.peer.can_write_eof() or client.get_extra_info("sslcontext") is not None:
             tunnel.close()
             return None
         self.peer.write_eof()
@@ -187,6 +191,8 @@ class WebSocketServerEnd(TunnelEnd):
         if self.frames.at_boundary:
             self._send_close()
         else:
+            if self.deadline is not None:
+                self.deadline.cancel()  # a half-close's linger: this close's own deadlines take over
             self.deadline = asyncio.get_running_loop().call_later(CLOSE_DEADLINE, self._overdue)
 
     def linger(self) -> None:
@@ -345,6 +351,8 @@ class Tunnel:
 
     def close_or_abort(self) -> None:
         """After the close linger: close if the client took everything we sent, else cut TCP."""
+        if self.closed:
+            return
         client = self.server_end.peer
         if client.get_write_buffer_size() or self.client_end.peer.get_write_buffer_size():
             self.abort()

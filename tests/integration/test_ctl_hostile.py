@@ -96,6 +96,27 @@ def test_a_redirect_is_not_followed_and_never_carries_the_token() -> None:
     assert elsewhere.heads == [], "the redirect was followed"
 
 
+def raw(reply: bytes) -> Script:
+    def run(server: Scripted, conn: socket.socket, head: bytes) -> None:
+        conn.sendall(reply)
+
+    return run
+
+
+@pytest.mark.parametrize("reply", [
+    pytest.param(b"garbage\r\n\r\n", id="not a status line"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{", id="body cut short"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", id="bad chunk"),
+    pytest.param(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 100\r\n\r\n{", id="error body cut short"),
+])
+def test_an_answer_that_is_not_http_is_one_line_and_exit_1(reply: bytes) -> None:
+    """Something else on the admin port: one line saying so, never a Python traceback."""
+    with scripted(raw(reply)) as admin:
+        done, _ = ctl("--admin", admin.url, "status")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
 def test_an_html_error_page_is_one_readable_line() -> None:
     page = b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad \x1b[31mGateway</h1></body></html>"
     with scripted(answer("502 Bad Gateway", page, "text/html")) as admin:

@@ -6,6 +6,7 @@ One module stack: `lb certs --out DIR`, 2 gateways, a balancer with a plain and 
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +68,27 @@ async def test_wss_through_tls_listener(tls_stack: TlsStack) -> None:
     assert result.hello["forwarded_proto"] == "https"
     assert result.hello["forwarded_host"] == f"127.0.0.1:{lb.tls_port}"
     assert result.hello["forwarded_for"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("first", ["backend", "client"])
+async def test_a_tls_tunnel_ends_quietly_whoever_closes_first(tls_stack: TlsStack, first: str) -> None:
+    """The client's close_notify may come after the tunnel has ended (the backend closed first): no
+    ERROR and no traceback in the log, whichever side starts the close handshake."""
+    lb = tls_stack.balancer
+    mark = lb.log_lines()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(lb.ws_url(tls=True), ssl=_context(tls_stack.ca), autoclose=False) as ws,
+    ):
+        await ws.receive_json(timeout=5 * UNIT)  # hello
+        if first == "backend":
+            await ws.send_str(json.dumps({"type": "close", "code": 4000, "reason": "bye"}))
+            message = await ws.receive(timeout=5 * UNIT)
+            assert message.type is aiohttp.WSMsgType.CLOSE, message
+        await ws.close()
+    await asyncio.sleep(0.5)  # the TLS shutdown's last callbacks
+    logged = "\n".join(lb.log_text().splitlines()[mark:])
+    assert "Traceback" not in logged and " ERROR " not in logged, logged[-2000:]
 
 
 async def test_localhost_name_is_in_certificate(tls_stack: TlsStack) -> None:

@@ -863,3 +863,12 @@ def test_a_key_given_twice_is_a_problem_at_its_path(base_dir: Path) -> None:
         ("base", "unknown key 'base'"),
     ]
 
+
+
+def test_a_key_given_twice_is_said_once_when_the_file_is_read_again(base_dir: Path) -> None:
+    """A file read a second time (references standing in, after a YAML error) says its repeated key once."""
+    text = DUPLICATED.replace("listeners:\n", "odd: !!python/object {}\nref: ${NAME}\nlisteners:\n", 1)
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir=base_dir, environ={"NAME": "x"})
+    paths = [problem.path for problem in info.value.problems]
+    assert paths.count("admin.token") <= 1, info.value.problems

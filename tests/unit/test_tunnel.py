@@ -259,6 +259,43 @@ def test_a_backend_slow_to_finish_after_the_clients_half_close_is_closed_after_t
     _run(scenario())
 
 
+def test_an_eof_after_the_tunnel_ended_is_ignored() -> None:
+    """A TLS client's close_notify comes after the backend's end let go of everything (`forget`): its
+    EOF must find nothing to do, not raise (asyncio logs that as an ERROR with a traceback)."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(tls=True), FakeTransport(half_close=True)
+        _, tunnel = _join(client, server)
+        client_end = client.protocol
+        server.protocol.eof_received()  # the backend hangs up first
+        server.protocol.connection_lost(None)
+        assert tunnel.closed
+        assert client_end.eof_received() is None
+
+    _run(scenario())
+
+
+def test_a_close_injected_during_a_half_close_linger_replaces_its_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drain or shutdown mid-frame while the client's FIN lingers: one deadline runs, not two, and none
+    fires on a tunnel that has already ended."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.05)
+    monkeypatch.setattr(tunnel_module, "CLOSE_DEADLINE", 0.1)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
+        ctx, tunnel = _join(client, server)
+        server.protocol.data_received(b"\x82\x7e\x00\x10" + b"x" * 4)  # mid-frame: no boundary
+        client.protocol.eof_received()
+        linger = tunnel.server_end.deadline
+        tunnel.close_gracefully(1001, "going away", cause="shutdown")
+        assert linger is not None and linger.cancelled()
+        await asyncio.sleep(0.3)
+        assert tunnel.closed and client.aborted and ctx.stats.balancer_closes[("shutdown", "tcp")] == 1
+        tunnel.close_or_abort()  # a late timer on an ended tunnel: nothing happens
+
+    _run(scenario())
+
+
 @pytest.mark.parametrize(("client_tls", "backend_half_close"), [(True, True), (False, False)], ids=["tls", "no-fin"])
 def test_a_client_half_close_closes_at_once_where_it_cannot_be_passed_on(
     client_tls: bool, backend_half_close: bool
