@@ -80,22 +80,26 @@ class TunnelEnd(asyncio.BufferedProtocol):
         self.nbytes += len(data)
 
     def eof_received(self) -> bool | None:
-        """The client half-closed (its close frame and then its FIN, or the end of a raw stream).
-
-        Passed on to the backend, as HAProxy does, and the backend's side stays open for its
-        answer (its own close frame, data still in flight); a WebSocket's server then closes TCP
-        first (RFC 6455 §7.1.1), which ends the tunnel.  It gets CLOSE_LINGER for that.  Under TLS
-        (no half-close in asyncio's TLS transport) or towards a backend that cannot take a FIN,
-        the tunnel closes at once.
+        """The client closed its side: after a finished close handshake (the usual end), the tunnel
+        ends at once.  Before the backend has answered (a close frame and then the FIN at once, as
+        some clients send them), the FIN is passed on, as HAProxy does, and the backend's side stays
+        open for its answer: a WebSocket's server then closes TCP first (RFC 6455 §7.1.1), which
+        ends the tunnel.  It gets CLOSE_LINGER for that.  Under TLS (no half-close in asyncio's TLS
+        transport) or towards a backend that cannot take a FIN, the tunnel closes at once.
         """
         tunnel = self.tunnel
         if tunnel.closed:
             # A TLS client's close_notify after the tunnel ended: the backend's end has let go of
             # this transport already (`forget`), and there is nothing left to pass on.
             return None
-        client = tunnel.server_end.peer
-        if not self.peer.can_write_eof() or client.get_extra_info("sslcontext") is not None:
-            tunnel.close()
+        server_end = tunnel.server_end
+        if (
+            server_end.silenced  # we said goodbye already: nothing more goes to this client
+            or server_end.frames.last_opcode == OP_CLOSE  # the backend has, too: the close handshake is done
+            or not self.peer.can_write_eof()
+            or server_end.peer.get_extra_info("sslcontext") is not None
+        ):
+            tunnel.close()  # at once, so the backend's connection count drops with the client's close
             return None
         self.peer.write_eof()
         tunnel.server_end.linger()

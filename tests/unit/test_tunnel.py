@@ -243,6 +243,24 @@ def test_a_client_half_close_is_passed_on_and_the_backends_answer_still_reaches_
     _run(scenario())
 
 
+def test_a_client_eof_after_a_finished_close_handshake_ends_the_tunnel_at_once() -> None:
+    """The usual end: the backend's close frame went out, then the client closes; nothing is left to
+    relay, so the backend's connection count drops with the client's close, not a round trip later."""
+
+    async def scenario() -> None:
+        for by_backend in (True, False):
+            client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
+            ctx, tunnel = _join(client, server)
+            if by_backend:
+                server.protocol.data_received(close_frame(1000, "bye"))
+            else:
+                tunnel.close_gracefully(1001, "going away", cause="shutdown")
+            assert client.protocol.eof_received() is None
+            assert tunnel.closed and not server.eof_written and not ctx.tunnels
+
+    _run(scenario())
+
+
 def test_a_backend_slow_to_finish_after_the_clients_half_close_is_closed_after_the_linger(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
