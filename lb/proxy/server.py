@@ -46,6 +46,7 @@ from lb.proxy.connection import (
     SetTimer,
 )
 from lb.proxy.connection import Action as Action
+from lb.proxy.reading import READ_VIEW
 from lb.proxy.tunnel import GOING_AWAY, Tunnel
 from lb.state.context import ProxyContext
 from lb.state.observations import error_kind
@@ -56,7 +57,7 @@ _HELD = 1  # pause reasons, a bit each
 _BACKEND_FULL = 2
 
 
-class _Upstream(asyncio.Protocol):
+class _Upstream(asyncio.BufferedProtocol):
     """The backend side while a request is served; detached (owner None) once dropped."""
 
     __slots__ = ("owner", "transport")
@@ -87,6 +88,12 @@ class _Upstream(asyncio.Protocol):
             owner.local_failure(exc)
             return
         owner.drive(owner.core.backend_failed, str(exc) or type(exc).__name__, time.time(), error_kind(exc))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return READ_VIEW  # lb.proxy.reading: at most 32 KiB a read, copied out at once
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(READ_VIEW[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         owner = self.owner
@@ -156,7 +163,7 @@ class AcceptCount:
         self.counted = False
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(asyncio.BufferedProtocol):
     """One accepted client connection; the core decides, this carries it out."""
 
     __slots__ = (
@@ -226,6 +233,12 @@ class ClientConnection(asyncio.Protocol):
             admitted = ctx.count_in()
         ctx.in_flight.add(self)
         self.drive(self.core.start, self._accepted or time.time(), admitted)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return READ_VIEW  # lb.proxy.reading: at most 32 KiB a read, copied out at once
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.drive(self.core.receive_client, READ_VIEW[:nbytes].tobytes(), time.time())
 
     def data_received(self, data: bytes) -> None:
         self.drive(self.core.receive_client, data, time.time())

@@ -1,7 +1,8 @@
 """Relay bytes both ways after the handshake, as HAProxy and nginx do: no frame parsing.
 
 Each side's transport gets a `TunnelEnd` protocol that writes what it reads
-straight into the other side's transport: no task, queue or copy per chunk.
+straight into the other side's transport: no task or queue per chunk, and one copy
+out of the data plane's read buffer (`lb.proxy.reading`: at most 32 KiB a read).
 The backend's side of a WebSocket also follows frame headers (`lb.ws.frames`) so
 the balancer can end a tunnel with a close frame of its own (drain, shutdown,
 idle).  That is also why compression, fragmentation, subprotocols and close
@@ -32,6 +33,7 @@ import logging
 import time
 
 from lb.access_log import log_tunnel_closed, log_tunnel_ended
+from lb.proxy.reading import READ_BUFFER, READ_VIEW
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
 from lb.ws.frames import FrameBoundaries, close_frame
@@ -43,17 +45,6 @@ CLOSE_DEADLINE = 2.0  # seconds a close frame may wait for a frame boundary befo
 SERVICE_RESTART = 1012  # IANA close code registry: the service is restarting; reconnect
 GOING_AWAY = 1001  # RFC 6455 §7.4.1: the server is going down
 OP_CLOSE = 0x8  # RFC 6455 §5.5.1
-
-
-# What one read of a tunnel's socket may bring.  A transport's own reads go up to 256 KiB, and one of
-# them lands whole in the peer's write buffer even when that is already at its high-water mark
-# (64 KiB): a client that stops reading while its backend sends held about 320 KiB of ours (and one
-# that sends to a slow backend as much), for as long as it stayed.  Reading into this buffer instead
-# (asyncio.BufferedProtocol) bounds that at 64 + 32 KiB per direction.  One buffer for every end of
-# every tunnel: a read is copied out before the next read can start, and an idle tunnel holds none.
-READ_CHUNK = 32 * 1024
-_READ_BUFFER = bytearray(READ_CHUNK)
-_READ_VIEW = memoryview(_READ_BUFFER)
 
 
 class TunnelEnd(asyncio.BufferedProtocol):
@@ -68,11 +59,11 @@ class TunnelEnd(asyncio.BufferedProtocol):
         self.full = False  # this end's own transport is over its high-water mark (the peer is paused)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _READ_VIEW
+        return READ_VIEW
 
     def buffer_updated(self, nbytes: int) -> None:
         # data_received's work inline: this runs for every read of every tunnel.
-        self.peer.write(_READ_BUFFER[:nbytes])  # a copy of its own: the peer's transport may keep it
+        self.peer.write(READ_BUFFER[:nbytes])  # a copy of its own: the peer's transport may keep it
         self.nbytes += nbytes
 
     def data_received(self, data: bytes | bytearray) -> None:
@@ -141,7 +132,7 @@ class WebSocketServerEnd(TunnelEnd):
         self.deadline: asyncio.TimerHandle | None = None
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_READ_BUFFER[:nbytes])
+        self.data_received(READ_BUFFER[:nbytes])
 
     def data_received(self, data: bytes | bytearray) -> None:
         if self.silenced:

@@ -2,6 +2,8 @@
 
 The request path picks the script, so one backend serves every case of a test module:
 
+- `/deaf`: read the request's head, then nothing more, without answering (an upload that never drains).
+- `/flood-http`: a plain `200` whose body (as many bytes as `/flood` sends) goes on as `/flood`'s.
 - `/flood`: after the 101, send 16 KiB binary frames as fast as the peer takes them; once a send has
   been blocked for a moment the backend is `stalled` (the balancer paused reading from it because
   its client stopped reading), and it then only waits to see the connection end (`ended`).
@@ -73,6 +75,15 @@ class ScriptedBackend:
                 return
             path = lines[0].split(" ")[1]
             headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            if path.startswith("/deaf"):  # takes the request's head, then never reads again
+                self.stalled.set()
+                self._stop.wait(MAX_SECONDS)
+                return
+            if path.startswith("/flood-http"):  # a plain answer whose body never ends for a client that reads
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                             + f"Content-Length: {FLOOD_MAX_FRAMES * len(FLOOD_FRAME)}\r\n\r\n".encode())
+                self._flood(conn)
+                return
             key = headers.get("sec-websocket-key", "")
             conn.sendall(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -146,17 +157,43 @@ def start(launcher: Launcher, backend: Any, **timeouts: str) -> Balancer:
 
 
 async def stalled_client(lb: Balancer, path: str = "/flood") -> socket.socket:
-    """A client that completes the upgrade, then never reads again (a tiny receive buffer)."""
+    """A client that completes the upgrade (or, for `/flood-http`, reads the answer's head), then never
+    reads again (a tiny receive buffer)."""
     assert lb.port is not None
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     await asyncio.wait_for(loop.sock_connect(sock, (HOST, lb.port)), 5 * UNIT)
-    await loop.sock_sendall(sock, upgrade_request(path, host=f"{HOST}:{lb.port}", key=ws_key()))
+    plain = path.startswith("/flood-http")
+    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{lb.port}\r\n\r\n".encode() if plain else upgrade_request(
+        path, host=f"{HOST}:{lb.port}", key=ws_key()
+    )
+    await loop.sock_sendall(sock, request)
     head = b""
     async with asyncio.timeout(5 * UNIT):
         while b"\r\n\r\n" not in head:
             head += await loop.sock_recv(sock, 1)  # byte by byte: leave every frame unread
-    assert head.startswith(b"HTTP/1.1 101"), head
+    assert head.startswith(b"HTTP/1.1 200" if plain else b"HTTP/1.1 101"), head
+    return sock
+
+
+async def stalled_upload(lb: Balancer) -> socket.socket:
+    """A client that sends a `/deaf` request's head and then as much of its huge body as the kernel takes."""
+    assert lb.port is not None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(loop.sock_connect(sock, (HOST, lb.port)), 5 * UNIT)
+    head = f"POST /deaf HTTP/1.1\r\nHost: {HOST}:{lb.port}\r\nContent-Length: {1 << 40}\r\n\r\n".encode()
+    await loop.sock_sendall(sock, head)
+    chunk = b"u" * 65536
+    deadline = time.monotonic() + 10 * UNIT
+    idle_since = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - idle_since < 0.5:  # until nothing more is taken
+        try:
+            if sock.send(chunk):
+                idle_since = time.monotonic()
+        except BlockingIOError:
+            await asyncio.sleep(0.02)
     return sock

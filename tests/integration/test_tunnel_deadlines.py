@@ -5,10 +5,11 @@
   level within a bounded time, and counted as such (`lb_tunnel_closes_total{ended_with="tcp"}`).
 - Backend loss (issue 11): a backend that dies between frames gets its client a close 1012; one that
   dies mid-frame, a TCP close (a close frame there would corrupt the stream).
-- Until then, a stalled reader holds a bounded amount of the balancer's memory: the peer's write
-  buffer up to its high-water mark (64 KiB) and at most one read behind it (`READ_CHUNK`, 32 KiB).
-  Before reads were bounded, one read of up to 256 KiB landed whole in that buffer: about 300 KiB per
-  stalled tunnel, for as long as the client stayed.
+- Until then, a stalled reader (of a tunnel or of a plain answer), or a stalled upload, holds a bounded
+  amount of the balancer's memory: the peer's write buffer up to its high-water mark (64 KiB) and at
+  most one read behind it (`lb.proxy.reading.READ_CHUNK`, 32 KiB).  Before reads were bounded, one
+  read of up to 256 KiB landed whole in that buffer: 240-310 KiB per stalled connection, for as long
+  as the client stayed.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from conftest import (
 )
 from support_ops import admin_post, launched, metric, metrics_text, wait_close, wait_until
 from support_raw import rss_kib
-from support_scripted import LAST_WORDS, PARTIAL, ScriptedBackend, stalled_client, start
+from support_scripted import LAST_WORDS, PARTIAL, ScriptedBackend, stalled_client, stalled_upload, start
 
 CLOSE_DEADLINE = 2.0  # the product's bound on a close frame waiting for a frame boundary
 CLOSE_LINGER = 2.0  # and on a client taking the close frame once sent
@@ -176,18 +177,38 @@ async def settled(backend: ScriptedBackend) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_stalled_readers_hold_a_bounded_amount_each(launcher: Launcher, scripted: ScriptedBackend) -> None:
+@pytest.mark.parametrize("path", ["/flood", "/flood-http"], ids=["tunnel", "plain answer"])
+async def test_stalled_readers_hold_a_bounded_amount_each(
+    launcher: Launcher, scripted: ScriptedBackend, path: str
+) -> None:
+    """Whether what the backend sends is a tunnel's frames or a plain answer's body."""
     lb = start(launcher, scripted)
     assert lb.proc is not None
     clients: list[socket.socket] = []
     try:
-        clients.append(await stalled_client(lb))  # the first one's allocations are not per tunnel
+        clients.append(await stalled_client(lb, path))  # the first one's allocations are not per tunnel
         await settled(scripted)
         before = rss_kib(lb.proc.pid)
-        clients += [await stalled_client(lb) for _ in range(TUNNELS)]
+        clients += [await stalled_client(lb, path) for _ in range(TUNNELS)]
         await settled(scripted)
         per_tunnel = (rss_kib(lb.proc.pid) - before) / TUNNELS
         assert per_tunnel < BOUND_KIB, f"{per_tunnel:.0f} KiB of the balancer per stalled tunnel"
+        lb.assert_alive()
+    finally:
+        for sock in clients:
+            sock.close()
+
+
+async def test_stalled_uploads_hold_a_bounded_amount_each(launcher: Launcher, scripted: ScriptedBackend) -> None:
+    """The other direction: a client uploading to a backend that stopped reading."""
+    lb = start(launcher, scripted)
+    assert lb.proc is not None
+    clients: list[socket.socket] = [await stalled_upload(lb)]  # the first one's allocations are not per upload
+    try:
+        before = rss_kib(lb.proc.pid)
+        clients += await asyncio.gather(*(stalled_upload(lb) for _ in range(TUNNELS)))
+        per_upload = (rss_kib(lb.proc.pid) - before) / TUNNELS
+        assert per_upload < BOUND_KIB, f"{per_upload:.0f} KiB of the balancer per stalled upload"
         lb.assert_alive()
     finally:
         for sock in clients:

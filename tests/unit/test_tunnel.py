@@ -14,6 +14,7 @@ import pytest
 from lb.affinity.codec import TokenCodec
 from lb.config.model import BackendConfig, Config, PoolConfig
 from lb.proxy import tunnel as tunnel_module
+from lb.proxy.reading import READ_CHUNK
 from lb.proxy.tunnel import Tunnel
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus, PoolState
@@ -212,14 +213,14 @@ class KeepingTransport(FakeTransport):
 
 
 def test_reads_go_through_one_shared_buffer_and_each_is_copied_out() -> None:
-    """Both ends read into the module's one buffer, at most READ_CHUNK at a time; what a transport
+    """Both ends read into the data plane's one buffer, at most READ_CHUNK at a time; what a transport
     keeps is a copy, so the next read (of any tunnel) cannot change bytes still waiting to go out."""
     client, server = KeepingTransport(), KeepingTransport()
     _, tunnel = _join(client, server)
     for end, frames in ((client.protocol, [b"\x81\x03abc", b"\x81\x03xyz"]), (server.protocol, [TEXT, TEXT])):
         for frame in frames:
             buffer = end.get_buffer(-1)
-            assert len(buffer) == tunnel_module.READ_CHUNK
+            assert len(buffer) == READ_CHUNK
             buffer[: len(frame)] = frame
             end.buffer_updated(len(frame))
     assert server.chunks == [b"\x81\x03abc", b"\x81\x03xyz"] and client.chunks == [TEXT, TEXT]

@@ -1,0 +1,25 @@
+"""One read buffer for every connection the data plane reads.  [no I/O: a buffer and its size]
+
+A plain `asyncio.Protocol` gets each read as a new `bytes` of up to 256 KiB (the
+transports' read size), and when the peer's write buffer is already at its
+high-water mark (64 KiB) that read lands in it whole before reading pauses: a
+client that stops reading while its backend sends (or one that sends to a backend
+that stops reading) held about 320 KiB of ours, for as long as it stayed.
+
+The data plane's protocols are `asyncio.BufferedProtocol`s instead: the transport
+reads into `READ_VIEW`, at most `READ_CHUNK` bytes at a time, and the protocol
+copies the bytes out (one copy, as the transport made into `bytes` before) before
+anything else can read.  That bounds a stalled direction at 64 + 32 KiB.  One
+buffer serves every connection of the process: reads run one at a time on the
+event loop and each is copied out at once, and an idle connection holds none.
+uvloop and asyncio (plain and TLS transports) both call `get_buffer`, fill it and
+call `buffer_updated` synchronously, and both accept a switch of protocol kind on
+a transport that is already reading (the handshake's protocol hands over to the
+tunnel's).
+"""
+
+from __future__ import annotations
+
+READ_CHUNK = 32 * 1024
+READ_BUFFER = bytearray(READ_CHUNK)
+READ_VIEW = memoryview(READ_BUFFER)
