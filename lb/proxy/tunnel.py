@@ -364,15 +364,20 @@ class Tunnel:
         self.close()
 
     def close(self) -> None:
-        """Close both sides (buffered bytes are flushed first); idempotent."""
+        """Close both sides (buffered bytes are flushed first, for CLOSE_LINGER at most); idempotent."""
         if self.closed:
             return
         self.closed = True
         end = self.server_end
         if end.deadline is not None:
             end.deadline.cancel()
-        end.peer.close()
-        self.client_end.peer.close()
+        client, server = end.peer, self.client_end.peer
+        client.close()
+        server.close()
+        if client.get_write_buffer_size() or server.get_write_buffer_size():
+            # close() waits for the buffer to drain, without a limit: a peer that keeps its window
+            # shut would hold its descriptor and our buffer for ever, and counted nowhere from here.
+            asyncio.get_running_loop().call_later(CLOSE_LINGER, _cut, client, server)
         self.backend.connections -= 1
         stats = self.ctx.stats
         stats.closed_bytes_in += self.client_end.nbytes
@@ -396,3 +401,10 @@ class Tunnel:
             **({"cause": self.cause, "ended_with": self.ended_with} if self.cause else {}),
             **({"close_code": self.close_code} if self.close_code is not None else {}),
         )
+
+
+def _cut(*transports: asyncio.Transport) -> None:
+    """A closed tunnel's transports still flushing after CLOSE_LINGER: dropped at TCP level."""
+    for transport in transports:
+        if transport.get_write_buffer_size():
+            transport.abort()
