@@ -47,7 +47,7 @@ from lb.proxy.connection import (
 )
 from lb.proxy.connection import Action as Action
 from lb.proxy.reading import READ_VIEW
-from lb.proxy.tunnel import GOING_AWAY, Tunnel
+from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY, Tunnel, cut_unflushed
 from lb.state.context import ProxyContext
 from lb.state.observations import error_kind
 
@@ -416,6 +416,10 @@ class ClientConnection(asyncio.BufferedProtocol):
                 transport.abort()
             else:
                 transport.close()
+                if transport.get_write_buffer_size():
+                    # close() flushes first, without a limit: a client that reads nothing would keep
+                    # this connection (and its place in limits.max_connections) for ever.
+                    self._loop.call_later(CLOSE_LINGER, cut_unflushed, transport)
 
     def _join(self, action: JoinTunnel, head: bytes) -> None:
         """Hand both transports to a tunnel; `head` (the 101) goes out with the first bytes it relays."""

@@ -377,7 +377,7 @@ class Tunnel:
         if client.get_write_buffer_size() or server.get_write_buffer_size():
             # close() waits for the buffer to drain, without a limit: a peer that keeps its window
             # shut would hold its descriptor and our buffer for ever, and counted nowhere from here.
-            asyncio.get_running_loop().call_later(CLOSE_LINGER, _cut, client, server)
+            asyncio.get_running_loop().call_later(CLOSE_LINGER, cut_unflushed, client, server)
         self.backend.connections -= 1
         stats = self.ctx.stats
         stats.closed_bytes_in += self.client_end.nbytes
@@ -403,8 +403,8 @@ class Tunnel:
         )
 
 
-def _cut(*transports: asyncio.Transport) -> None:
-    """A closed tunnel's transports still flushing after CLOSE_LINGER: dropped at TCP level."""
+def cut_unflushed(*transports: asyncio.Transport) -> None:
+    """Closed transports still flushing after CLOSE_LINGER (a peer that does not read): cut at TCP level."""
     for transport in transports:
         if transport.get_write_buffer_size():
             transport.abort()

@@ -1,13 +1,14 @@
-"""A tunnel's close never waits for ever on a peer that does not read.
+"""A close never waits for ever on a peer that does not read.
 
-`transport.close()` flushes what is buffered first, with no time limit.  When the tunnel ends (the
-backend hung up, or the client's FIN after a finished close handshake) while its client reads nothing,
-that flush never ends: the descriptor and the buffer were held for ever, and counted nowhere once the
-tunnel was gone.  After CLOSE_LINGER they are cut.
+`transport.close()` flushes what is buffered first, with no time limit.  When a tunnel ends (the
+backend hung up, or the client's FIN after a finished close handshake), or a plain answer is complete,
+while the client reads nothing, that flush never ends: the descriptor and the buffer were held for
+ever (a tunnel's counted nowhere once it was gone, an answer's place in limits.max_connections
+taken for good).  After CLOSE_LINGER they are cut.
 
-Real sockets and the real `Tunnel`, in this process (no balancer): the balancer's own socket towards
-the client gets a 4 KiB send buffer, so what the client does not read stays in the transport's buffer
-rather than the kernel's, as it does once a slow client has filled the kernel's.
+Real sockets and the real `Tunnel` and `ClientConnection`, in this process: the balancer's own socket
+towards the client gets a 4 KiB send buffer, so what the client does not read stays in the transport's
+buffer rather than the kernel's, as it does once a slow client has filled the kernel's.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import asyncio
 import contextlib
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import HOST, UNIT
 
 from lb.affinity.codec import TokenCodec
+from lb.config.load import parse_config
 from lb.config.model import BackendConfig, Config, PoolConfig
+from lb.proxy.server import client_factory
 from lb.proxy.tunnel import CLOSE_LINGER, Tunnel
 from lb.state.context import ProxyContext
 from lb.state.pool import PoolState
@@ -101,3 +105,49 @@ async def test_a_closed_tunnel_cuts_a_client_that_never_reads(end: str) -> None:
         server.close()
         gateways.close()
         await asyncio.sleep(0.05)  # the gateway's handler sees its EOF and ends
+
+
+ANSWER_BODY = 60 * 1024  # under the 64 KiB high-water mark: relayed whole, so the answer completes
+
+
+async def test_a_complete_answer_to_a_client_that_never_reads_is_cut_after_the_linger(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % ANSWER_BODY + b"x" * ANSWER_BODY)
+        await writer.drain()
+        writer.close()
+
+    gateways = await asyncio.start_server(gateway, HOST, 0)
+    text = f"""
+listeners: [{{bind: "{HOST}:0"}}]
+affinity: {{secret_keys: ["{"k" * 43}"]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{backends: [{{id: gw-1, address: "{HOST}:{gateways.sockets[0].getsockname()[1]}"}}]}}}}
+"""
+    ctx = ProxyContext.build(parse_config(text, base_dir=tmp_path, environ={}), lambda *_: None)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it
+    listener.bind((HOST, 0))
+    server = await loop.create_server(client_factory(ctx), sock=listener)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        client.connect(listener.getsockname())
+        client.sendall(b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        deadline = time.monotonic() + 5 * UNIT
+        while not ctx.in_flight or not all(c.core.closed for c in ctx.in_flight):
+            assert time.monotonic() < deadline, "the answer never completed"
+            await asyncio.sleep(0.05)
+        closed_at = time.monotonic()
+        deadline = closed_at + CLOSE_LINGER + 5 * UNIT
+        while ctx.handshaking or ctx.in_flight:
+            assert time.monotonic() < deadline, "the answered connection is still held (and counted)"
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - closed_at >= CLOSE_LINGER - 0.5, "cut before the linger"
+    finally:
+        client.close()
+        server.close()
+        gateways.close()
+        await asyncio.sleep(0.05)
