@@ -383,7 +383,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._upstream = None
         upstream.owner = None
         if upstream.transport is not None:
-            upstream.transport.close()
+            self._close_within_linger(upstream.transport)
         task = self._connecting
         self._connecting = None
         if task is not None and not task.done():
@@ -415,11 +415,14 @@ class ClientConnection(asyncio.BufferedProtocol):
             if abort:
                 transport.abort()
             else:
-                transport.close()
-                if transport.get_write_buffer_size():
-                    # close() flushes first, without a limit: a client that reads nothing would keep
-                    # this connection (and its place in limits.max_connections) for ever.
-                    self._loop.call_later(CLOSE_LINGER, cut_unflushed, transport)
+                self._close_within_linger(transport)
+
+    def _close_within_linger(self, transport: asyncio.Transport) -> None:
+        """close(), which flushes first, without a limit: a peer that reads nothing would keep the
+        connection (a client's place in limits.max_connections) for ever.  Cut after CLOSE_LINGER."""
+        transport.close()
+        if transport.get_write_buffer_size():
+            self._loop.call_later(CLOSE_LINGER, cut_unflushed, transport)
 
     def _join(self, action: JoinTunnel, head: bytes) -> None:
         """Hand both transports to a tunnel; `head` (the 101) goes out with the first bytes it relays."""
@@ -477,7 +480,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         if transport is not None and not transport.is_closing():
             if not answered:
                 transport.write(render_refusal(500, "Internal Server Error", core.request_id, {}))
-            transport.close()
+            self._close_within_linger(transport)
 
     # -- shutdown ------------------------------------------------------------------
 
