@@ -47,7 +47,7 @@ from lb.proxy.connection import (
 )
 from lb.proxy.connection import Action as Action
 from lb.proxy.reading import READ_VIEW
-from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY, Tunnel, cut_unflushed
+from lb.proxy.tunnel import GOING_AWAY, Tunnel, close_flushing
 from lb.state.context import ProxyContext
 from lb.state.observations import error_kind
 
@@ -383,7 +383,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._upstream = None
         upstream.owner = None
         if upstream.transport is not None:
-            self._close_within_linger(upstream.transport)
+            close_flushing(upstream.transport)
         task = self._connecting
         self._connecting = None
         if task is not None and not task.done():
@@ -415,14 +415,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             if abort:
                 transport.abort()
             else:
-                self._close_within_linger(transport)
-
-    def _close_within_linger(self, transport: asyncio.Transport) -> None:
-        """close(), which flushes first, without a limit: a peer that reads nothing would keep the
-        connection (a client's place in limits.max_connections) for ever.  Cut after CLOSE_LINGER."""
-        transport.close()
-        if transport.get_write_buffer_size():
-            self._loop.call_later(CLOSE_LINGER, cut_unflushed, transport)
+                close_flushing(transport)
 
     def _join(self, action: JoinTunnel, head: bytes) -> None:
         """Hand both transports to a tunnel; `head` (the 101) goes out with the first bytes it relays."""
@@ -480,7 +473,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         if transport is not None and not transport.is_closing():
             if not answered:
                 transport.write(render_refusal(500, "Internal Server Error", core.request_id, {}))
-            self._close_within_linger(transport)
+            close_flushing(transport)
 
     # -- shutdown ------------------------------------------------------------------
 

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 CLOSE_LINGER = 2.0  # seconds a tunnel may stay open after we sent the client a close frame
 CLOSE_DEADLINE = 2.0  # seconds a close frame may wait for a frame boundary before TCP is cut
+# Seconds a closed connection's unsent bytes may go without the peer taking any (TCP's own retries
+# on a lossy mobile link stall a few seconds; a peer that keeps its window shut stalls for ever).
+FLUSH_STALL = 10.0
 SERVICE_RESTART = 1012  # IANA close code registry: the service is restarting; reconnect
 GOING_AWAY = 1001  # RFC 6455 §7.4.1: the server is going down
 OP_CLOSE = 0x8  # RFC 6455 §5.5.1
@@ -93,7 +96,7 @@ class TunnelEnd(asyncio.BufferedProtocol):
             tunnel.close()  # at once, so the backend's connection count drops with the client's close
             return None
         self.peer.write_eof()
-        tunnel.server_end.linger()
+        server_end.linger()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -364,20 +367,15 @@ class Tunnel:
         self.close()
 
     def close(self) -> None:
-        """Close both sides (buffered bytes are flushed first, for CLOSE_LINGER at most); idempotent."""
+        """Close both sides (buffered bytes are flushed first: `close_flushing`); idempotent."""
         if self.closed:
             return
         self.closed = True
         end = self.server_end
         if end.deadline is not None:
             end.deadline.cancel()
-        client, server = end.peer, self.client_end.peer
-        client.close()
-        server.close()
-        if client.get_write_buffer_size() or server.get_write_buffer_size():
-            # close() waits for the buffer to drain, without a limit: a peer that keeps its window
-            # shut would hold its descriptor and our buffer for ever, and counted nowhere from here.
-            asyncio.get_running_loop().call_later(CLOSE_LINGER, cut_unflushed, client, server)
+        close_flushing(end.peer)
+        close_flushing(self.client_end.peer)
         self.backend.connections -= 1
         stats = self.ctx.stats
         stats.closed_bytes_in += self.client_end.nbytes
@@ -403,8 +401,23 @@ class Tunnel:
         )
 
 
-def cut_unflushed(*transports: asyncio.Transport) -> None:
-    """Closed transports still flushing after CLOSE_LINGER (a peer that does not read): cut at TCP level."""
-    for transport in transports:
-        if transport.get_write_buffer_size():
-            transport.abort()
+
+def close_flushing(transport: asyncio.Transport) -> None:
+    """close(), which sends what is buffered first, with no time limit of its own: a peer that keeps
+    its window shut would hold the descriptor and our buffer for ever (a tunnel's counted nowhere once
+    it has ended, an answer's place in limits.max_connections for good).  Watched instead, and cut
+    once the peer has taken nothing for FLUSH_STALL; a slow reader that keeps taking bytes is not."""
+    transport.close()
+    pending = transport.get_write_buffer_size()
+    if pending:
+        asyncio.get_running_loop().call_later(FLUSH_STALL, _watch_flush, transport, pending)
+
+
+def _watch_flush(transport: asyncio.Transport, before: int) -> None:
+    pending = transport.get_write_buffer_size()
+    if not pending:
+        return
+    if pending >= before:
+        transport.abort()  # nothing taken for FLUSH_STALL
+        return
+    asyncio.get_running_loop().call_later(FLUSH_STALL, _watch_flush, transport, pending)

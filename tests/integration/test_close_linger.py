@@ -4,7 +4,8 @@
 backend hung up, or the client's FIN after a finished close handshake), or a plain answer is complete,
 while the client reads nothing, that flush never ends: the descriptor and the buffer were held for
 ever (a tunnel's counted nowhere once it was gone, an answer's place in limits.max_connections
-taken for good).  After CLOSE_LINGER they are cut.
+taken for good).  Once the peer has taken nothing for FLUSH_STALL (10 s; 0.5 s here) they are cut;
+a slow reader that keeps taking bytes is not.
 
 Real sockets and the real `Tunnel` and `ClientConnection`, in this process: the balancer's own socket
 towards the client gets a 4 KiB send buffer, so what the client does not read stays in the transport's
@@ -26,13 +27,20 @@ from conftest import HOST, UNIT
 from lb.affinity.codec import TokenCodec
 from lb.config.load import parse_config
 from lb.config.model import BackendConfig, Config, PoolConfig
+from lb.proxy import tunnel as tunnel_module
 from lb.proxy.server import client_factory
-from lb.proxy.tunnel import CLOSE_LINGER, Tunnel
+from lb.proxy.tunnel import Tunnel
 from lb.state.context import ProxyContext
 from lb.state.pool import PoolState
 from lb.ws.frames import close_frame
 
 FRAME = b"\x82\x7e\x03\xfc" + b"x" * 1020  # a 1 KiB binary frame, unmasked
+STALL = 0.5  # FLUSH_STALL for these tests
+
+
+@pytest.fixture(autouse=True)
+def short_stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tunnel_module, "FLUSH_STALL", STALL)
 
 
 class Accepted(asyncio.Protocol):
@@ -91,7 +99,7 @@ async def test_a_closed_tunnel_cuts_a_client_that_never_reads(end: str) -> None:
             gateway_writer.close()
         else:
             client.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + CLOSE_LINGER + 5 * UNIT
+        deadline = time.monotonic() + STALL + 5 * UNIT
         while not (tunnel.closed and to_client.get_write_buffer_size() == 0):
             assert time.monotonic() < deadline, "the closed tunnel still holds the client's connection"
             await asyncio.sleep(0.05)
@@ -110,11 +118,14 @@ async def test_a_closed_tunnel_cuts_a_client_that_never_reads(end: str) -> None:
 ANSWER_BODY = 60 * 1024  # under the 64 KiB high-water mark: relayed whole, so the answer completes
 
 
-async def test_a_complete_answer_to_a_client_that_never_reads_is_cut_after_the_linger(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reader", ["never reads", "reads slowly"])
+async def test_a_complete_answer_is_flushed_to_a_slow_reader_and_cut_for_one_that_never_reads(
+    tmp_path: Path, reader: str
+) -> None:
     loop = asyncio.get_running_loop()
 
-    async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
+    async def gateway(reader_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader_.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % ANSWER_BODY + b"x" * ANSWER_BODY)
         await writer.drain()
         writer.close()
@@ -133,19 +144,26 @@ pools: {{p: {{backends: [{{id: gw-1, address: "{HOST}:{gateways.sockets[0].getso
     server = await loop.create_server(client_factory(ctx), sock=listener)
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
     try:
-        client.connect(listener.getsockname())
-        client.sendall(b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        await loop.sock_connect(client, listener.getsockname())
+        await loop.sock_sendall(client, b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
         deadline = time.monotonic() + 5 * UNIT
         while not ctx.in_flight or not all(c.core.closed for c in ctx.in_flight):
             assert time.monotonic() < deadline, "the answer never completed"
             await asyncio.sleep(0.05)
-        closed_at = time.monotonic()
-        deadline = closed_at + CLOSE_LINGER + 5 * UNIT
+        received = b""
+        deadline = time.monotonic() + 10 * STALL + 5 * UNIT
         while ctx.handshaking or ctx.in_flight:
             assert time.monotonic() < deadline, "the answered connection is still held (and counted)"
-            await asyncio.sleep(0.05)
-        assert time.monotonic() - closed_at >= CLOSE_LINGER - 0.5, "cut before the linger"
+            await asyncio.sleep(0.1)
+            if reader == "reads slowly":  # 4 KiB every 0.1 s: a whole stall of 0.5 s never passes unread
+                with contextlib.suppress(BlockingIOError):
+                    received += client.recv(4096)
+        if reader == "reads slowly":
+            while chunk := await asyncio.wait_for(loop.sock_recv(client, 65536), 5 * UNIT):
+                received += chunk
+            assert received.endswith(b"x" * ANSWER_BODY), "the slow reader got its whole answer"
     finally:
         client.close()
         server.close()
