@@ -253,7 +253,7 @@ def rewrite_response_cookies(
                 continue
             tokens[cookie.value] = sealed
         rewritten[value] = reissue_set_cookie(
-            cookie, tokens[cookie.value], max_age=int(affinity.max_age), same_site=affinity.same_site,
+            cookie, tokens[cookie.value], max_age=affinity.cookie_max_age, same_site=affinity.same_site,
             http_only=affinity.http_only, secure=secure,
         )
     if not tokens:

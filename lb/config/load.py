@@ -509,9 +509,7 @@ def _boolean(value: object) -> bool:
     return value
 
 
-def _duration(*, allow_zero: bool = False, at_least: tuple[float, str] | None = None) -> Parser:
-    """A duration in seconds; `at_least`: the least one that makes sense, and why."""
-
+def _duration(*, allow_zero: bool = False) -> Parser:
     def parse(value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise _Bad(f"expected a duration like 500ms, 2s, 5m or 1h, got {_kind(value)}")
@@ -521,8 +519,6 @@ def _duration(*, allow_zero: bool = False, at_least: tuple[float, str] | None = 
             raise _Bad(str(exc)) from None
         if seconds == 0 and not allow_zero:
             raise _Bad(f"expected a duration greater than 0, got {_show(value)}")
-        if at_least is not None and seconds < at_least[0]:
-            raise _Bad(f"expected at least {at_least[0]:g}s ({at_least[1]}), got {_show(value)}")
         return seconds
 
     return parse
@@ -817,8 +813,7 @@ _ADMIN_FIELDS = (_Field("bind", _address(min_port=0)), _Field("token", _secret))
 _AFFINITY_FIELDS = (
     _Field("mode", _enum(AffinityMode)),
     _Field("cookie", _cookie_name),
-    # Max-Age counts whole seconds: 500ms would be Max-Age=0, which tells a browser to delete the cookie.
-    _Field("max_age", _duration(at_least=(1.0, "a cookie's Max-Age counts whole seconds"))),
+    _Field("max_age", _duration()),
     _Field("same_site", _enum(SameSite)),
     _Field("http_only", _boolean),
     _Field("secure", _secure),

@@ -7,6 +7,7 @@ validation lives here; `lb.config.load` checks every value before building these
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -127,6 +128,12 @@ class AffinityConfig:
     # A backend that went down less than this long ago keeps its clients' cookies
     # (they are served elsewhere meanwhile): a flapping gateway does not re-pin everyone.
     redispatch_grace: float = 0.0
+
+    @property
+    def cookie_max_age(self) -> int:
+        """The cookie's Max-Age: whole seconds, rounded up, so the cookie outlives its token, and never
+        0 (`max_age: 500ms` as Max-Age=0 would tell a browser to delete the cookie at once)."""
+        return max(1, math.ceil(self.max_age))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1037,7 +1037,7 @@ class Connection:
 
         def our_cookie(token: str) -> str:
             return render_set_cookie(
-                affinity.cookie, token, max_age=int(affinity.max_age), same_site=affinity.same_site,
+                affinity.cookie, token, max_age=affinity.cookie_max_age, same_site=affinity.same_site,
                 http_only=affinity.http_only, secure=secure,
             )
 

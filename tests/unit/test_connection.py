@@ -1240,3 +1240,14 @@ def test_a_token_never_expires_before_max_age_whatever_the_fraction_of_its_issue
     play.backend(SWITCH_SETTING_SID)
     token = _rewrite_token(play)
     assert play.ctx.codec.open(token, T0 + 0.9 + 100).app_value == "abc"
+
+
+@pytest.mark.parametrize(("max_age", "cookie_max_age"), [("500ms", 1), ("1500ms", 2), ("2s", 2), ("1h", 3600)])
+def test_the_cookies_max_age_is_whole_seconds_rounded_up_and_never_0(max_age: str, cookie_max_age: int) -> None:
+    """Max-Age=0 tells a browser to delete the cookie at once; rounded down, the cookie died before its token."""
+    play = Play(CONFIG.replace("affinity: {", f"affinity: {{max_age: {max_age}, "))
+    play.client(upgrade())
+    play.connected()
+    play.backend(SWITCH)
+    cookie = next(v for k, v in play.answer()[1].items() if k == "set-cookie")
+    assert f"; Max-Age={cookie_max_age};" in cookie, cookie
