@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import aiohttp
 import pytest
@@ -177,38 +177,28 @@ async def settled(backend: ScriptedBackend) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.parametrize("path", ["/flood", "/flood-http"], ids=["tunnel", "plain answer"])
-async def test_stalled_readers_hold_a_bounded_amount_each(
-    launcher: Launcher, scripted: ScriptedBackend, path: str
+STALLS: dict[str, Callable[[Balancer], Awaitable[socket.socket]]] = {
+    "tunnel": lambda lb: stalled_client(lb, "/flood"),
+    "plain answer": lambda lb: stalled_client(lb, "/flood-http"),
+    "upload": stalled_upload,  # the other direction: to a backend that stopped reading
+}
+
+
+@pytest.mark.parametrize("kind", list(STALLS))
+async def test_stalled_connections_hold_a_bounded_amount_each(
+    launcher: Launcher, scripted: ScriptedBackend, kind: str
 ) -> None:
-    """Whether what the backend sends is a tunnel's frames or a plain answer's body."""
     lb = start(launcher, scripted)
     assert lb.proc is not None
-    clients: list[socket.socket] = []
+    stall = STALLS[kind]
+    clients: list[socket.socket] = [await stall(lb)]  # the first one's allocations are not per connection
     try:
-        clients.append(await stalled_client(lb, path))  # the first one's allocations are not per tunnel
         await settled(scripted)
         before = rss_kib(lb.proc.pid)
-        clients += [await stalled_client(lb, path) for _ in range(TUNNELS)]
+        clients += await asyncio.gather(*(stall(lb) for _ in range(TUNNELS)))
         await settled(scripted)
-        per_tunnel = (rss_kib(lb.proc.pid) - before) / TUNNELS
-        assert per_tunnel < BOUND_KIB, f"{per_tunnel:.0f} KiB of the balancer per stalled tunnel"
-        lb.assert_alive()
-    finally:
-        for sock in clients:
-            sock.close()
-
-
-async def test_stalled_uploads_hold_a_bounded_amount_each(launcher: Launcher, scripted: ScriptedBackend) -> None:
-    """The other direction: a client uploading to a backend that stopped reading."""
-    lb = start(launcher, scripted)
-    assert lb.proc is not None
-    clients: list[socket.socket] = [await stalled_upload(lb)]  # the first one's allocations are not per upload
-    try:
-        before = rss_kib(lb.proc.pid)
-        clients += await asyncio.gather(*(stalled_upload(lb) for _ in range(TUNNELS)))
-        per_upload = (rss_kib(lb.proc.pid) - before) / TUNNELS
-        assert per_upload < BOUND_KIB, f"{per_upload:.0f} KiB of the balancer per stalled upload"
+        per_connection = (rss_kib(lb.proc.pid) - before) / TUNNELS
+        assert per_connection < BOUND_KIB, f"{per_connection:.0f} KiB of the balancer per stalled {kind}"
         lb.assert_alive()
     finally:
         for sock in clients:
