@@ -821,7 +821,8 @@ class Connection:
             self._keep_alive
             and not framer.until_eof
             and not self._body_left
-            and (not self.client_eof_seen or bool(self._buf))  # after EOF: only for requests already here
+            # After the client's EOF, only for a whole request already here: a partial one will never end.
+            and (not self.client_eof_seen or b"\r\n\r\n" in self._buf)
             and self._ctx.accepting
         )
         self._keep_alive = keep

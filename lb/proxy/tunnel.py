@@ -95,6 +95,7 @@ class TunnelEnd(asyncio.BufferedProtocol):
         ):
             tunnel.close()  # at once, so the backend's connection count drops with the client's close
             return None
+        tunnel.client_finished = True
         self.peer.write_eof()
         server_end.linger()
         return True
@@ -167,9 +168,10 @@ class WebSocketServerEnd(TunnelEnd):
         tunnel = self.tunnel
         if tunnel.closed:
             return
-        if not self.silenced and self.frames.last_opcode != OP_CLOSE:
-            # The backend died rather than closing: tell the client to reconnect now (1012), if a
-            # close frame can go between two frames; mid-frame, only a TCP close is honest.
+        if not self.silenced and self.frames.last_opcode != OP_CLOSE and not tunnel.client_finished:
+            # The backend died rather than closing (and not in answer to the client's FIN, passed on):
+            # tell the client to reconnect now (1012), if a close frame can go between two frames;
+            # mid-frame, only a TCP close is honest.
             tunnel.cause = "backend_lost"
             if self.frames.at_boundary and self.pending_close is None:
                 self.peer.write(close_frame(SERVICE_RESTART, "backend went away"))
@@ -223,6 +225,7 @@ class Tunnel:
         "backend",
         "cause",
         "client_end",
+        "client_finished",
         "client_ip",
         "client_port",
         "close_code",
@@ -251,6 +254,7 @@ class Tunnel:
         self.cause: str | None = None
         self.ended_with = "tcp"
         self.close_code: int | None = None  # the close code the balancer sent the client, if it sent one
+        self.client_finished = False  # the client's FIN was passed on: the backend's own end is the answer
         self.opened_at = time.monotonic()
         self.idle_mark = (0, self.opened_at)  # (bytes seen, when): the idle sweeper's last look
         self.client_end: TunnelEnd

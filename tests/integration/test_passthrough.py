@@ -32,6 +32,7 @@ from conftest import (
     upgrade_request,
     ws_connect,
 )
+from support_ops import metrics_text
 
 
 async def test_text_messages_echo_in_order(lb: Balancer) -> None:
@@ -115,6 +116,25 @@ async def test_a_client_that_half_closes_after_its_close_frame_still_gets_the_ba
         frame = await raw.recv_frame()
         assert (frame.opcode, frame.payload) == (OP_CLOSE, close_payload(4003, "half"))
         assert await asyncio.wait_for(raw.reader.read(), 5 * UNIT) == b""
+
+
+async def test_a_client_that_hangs_up_without_a_close_frame_is_an_ordinary_end(lb: Balancer) -> None:
+    """A killed app's FIN (no close frame): the backend closes after it, and that is not counted or
+    logged as the backend lost (which an operator alerts on), whichever of the two the balancer hears."""
+    assert lb.port is not None
+    async def backend_lost() -> float:
+        lines = (await metrics_text(lb)).splitlines()
+        return sum(float(line.rpartition(" ")[2]) for line in lines
+                   if line.startswith("lb_tunnel_closes_total{") and 'cause="backend_lost"' in line)
+
+    before = await backend_lost()
+    for _ in range(3):
+        async with RawWs.connect(lb.port) as raw:
+            await raw.recv_message()
+            raw.writer.write_eof()
+            assert await asyncio.wait_for(raw.reader.read(), 5 * UNIT) == b""  # no 1012 of ours either
+    await asyncio.sleep(0.2)
+    assert await backend_lost() == before
 
 
 async def test_backend_close_code_and_reason_reach_client(lb: Balancer) -> None:

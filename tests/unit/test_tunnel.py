@@ -262,6 +262,21 @@ def test_a_client_eof_after_a_finished_close_handshake_ends_the_tunnel_at_once()
     _run(scenario())
 
 
+def test_a_client_that_hangs_up_without_a_close_frame_is_not_a_backend_lost() -> None:
+    """A killed app's FIN, passed on: the backend then closes without a close frame, which is its
+    answer to that FIN, not a crash. No 1012 to a client that has left, no `backend_lost` close."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
+        ctx, tunnel = _join(client, server, to_client=TEXT)
+        client.protocol.eof_received()
+        server.protocol.eof_received()
+        assert tunnel.closed and tunnel.cause is None and not ctx.stats.balancer_closes
+        assert bytes(client.written) == TEXT  # no close frame of ours
+
+    _run(scenario())
+
+
 def test_a_backend_slow_to_finish_after_the_clients_half_close_is_closed_after_the_linger(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
