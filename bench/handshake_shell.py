@@ -90,16 +90,13 @@ class BenchConnection(server.ClientConnection):
         BenchConnection.opened.append(upstream)
 
 
-def deliver(protocol: Any, data: bytes) -> None:
-    """One read, as a transport hands it over: into the protocol's buffer (asyncio.BufferedProtocol,
-    as every data-plane protocol is), else as `bytes`.  The copy into the buffer is the socket's
-    recv_into in a real transport; here it is one slice assignment."""
-    if isinstance(protocol, asyncio.BufferedProtocol):
-        buffer = protocol.get_buffer(len(data))
-        buffer[: len(data)] = data
-        protocol.buffer_updated(len(data))
-    else:
-        protocol.data_received(data)
+def deliver(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
+    """One read, as a transport hands it to the data plane's (buffered) protocols: into the protocol's
+    buffer, then `buffer_updated`.  The copy into the buffer is the socket's recv_into in a real
+    transport; here it is one slice assignment."""
+    buffer = protocol.get_buffer(len(data))
+    buffer[: len(data)] = data
+    protocol.buffer_updated(len(data))
 
 
 class Bench:

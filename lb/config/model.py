@@ -128,12 +128,13 @@ class AffinityConfig:
     # A backend that went down less than this long ago keeps its clients' cookies
     # (they are served elsewhere meanwhile): a flapping gateway does not re-pin everyone.
     redispatch_grace: float = 0.0
+    # The cookie's Max-Age: whole seconds, rounded up, so the cookie outlives its token, and never 0
+    # (`max_age: 500ms` as Max-Age=0 would tell a browser to delete the cookie at once).  Derived
+    # once here, not per handshake.
+    cookie_max_age: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def cookie_max_age(self) -> int:
-        """The cookie's Max-Age: whole seconds, rounded up, so the cookie outlives its token, and never
-        0 (`max_age: 500ms` as Max-Age=0 would tell a browser to delete the cookie at once)."""
-        return max(1, math.ceil(self.max_age))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cookie_max_age", max(1, math.ceil(self.max_age)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -882,9 +882,10 @@ class Connection:
         self._reset_request()
         self.state = HEAD
         actions.append(SetTimer(now + self._config.timeouts.handshake))
-        actions += self._read_head(now)
-        if self.client_eof_seen and self.state == HEAD:
-            return actions + self._close(abort=False)  # what the client left is no whole request
+        if self._buf:
+            actions += self._read_head(now)
+            if self.client_eof_seen and self.state == HEAD:
+                return actions + self._close(abort=False)  # what the client left is no whole request
         return actions + self._maybe_resume()
 
     def _backend_gone(self, now: float) -> list[Action]:

@@ -93,15 +93,12 @@ class _Upstream(asyncio.BufferedProtocol):
         return READ_VIEW  # lb.proxy.reading: at most 32 KiB a read, copied out at once
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(READ_VIEW[:nbytes].tobytes())
-
-    def data_received(self, data: bytes) -> None:
         owner = self.owner
         if owner is not None:
             if owner.client_full:
                 # uvloop starts reading after connection_made returns, undoing a pause made there.
                 cast(asyncio.Transport, self.transport).pause_reading()
-            owner.drive(owner.core.receive_backend, data, time.time())
+            owner.drive(owner.core.receive_backend, READ_VIEW[:nbytes].tobytes(), time.time())
 
     def eof_received(self) -> bool | None:
         owner = self.owner
@@ -239,9 +236,6 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.drive(self.core.receive_client, READ_VIEW[:nbytes].tobytes(), time.time())
-
-    def data_received(self, data: bytes) -> None:
-        self.drive(self.core.receive_client, data, time.time())
 
     def eof_received(self) -> bool | None:
         if not self.drive(self.core.client_eof, time.time()):

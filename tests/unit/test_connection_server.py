@@ -9,6 +9,7 @@ import pytest
 from support_poll import wait_for as _wait
 from test_connection import CONFIG
 
+from bench.handshake_shell import deliver
 from lb.config.load import parse_config
 from lb.proxy import connection as core_module
 from lb.proxy.server import client_factory, stop_in_flight
@@ -79,8 +80,8 @@ def test_a_backend_read_while_the_client_is_full_is_paused_again() -> None:
     calls: list[str] = []
     upstream = _Upstream(owner)  # type: ignore[arg-type]
     upstream.transport = SimpleNamespace(pause_reading=lambda: calls.append("pause"))  # type: ignore[assignment]
-    upstream.data_received(b"HTTP/1.1 200 OK\r\n")
+    deliver(upstream, b"HTTP/1.1 200 OK\r\n")
     assert calls == ["pause"] and received == [b"HTTP/1.1 200 OK\r\n"]
     owner.client_full = False
-    upstream.data_received(b"more")
+    deliver(upstream, b"more")
     assert calls == ["pause"]
