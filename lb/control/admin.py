@@ -145,9 +145,15 @@ def refuse_parameters(request: web.Request, allowed: frozenset[str] = frozenset(
     unknown = sorted(set(request.query) - allowed)
     if unknown:
         raise AdminInputError("unknown parameter", unknown[0])
-    repeated = [key for key in set(request.query) if len(request.query.getall(key)) > 1]
+    _query_once(request)
+
+
+def _query_once(request: web.Request) -> dict[str, Any]:
+    """The query string's parameters; AdminInputError for one given twice."""
+    repeated = sorted(key for key in set(request.query) if len(request.query.getall(key)) > 1)
     if repeated:
-        raise AdminInputError("parameter given twice", min(repeated))
+        raise AdminInputError("parameter given twice", repeated[0])
+    return dict(request.query)
 
 
 async def livez(request: web.Request) -> web.Response:
@@ -403,14 +409,7 @@ error_response = _error
 
 async def _migration_params(request: web.Request) -> tuple[float | None, float | None]:
     """close_after and rate from the query string and/or a JSON body; raises AdminInputError."""
-    params: dict[str, Any] = {}
-    for key in request.query:
-        if key in params:
-            raise AdminInputError("parameter given twice", key)
-        values = request.query.getall(key)
-        if len(values) > 1:
-            raise AdminInputError("parameter given twice", key)
-        params[key] = values[0]
+    params = _query_once(request)
     if request.can_read_body:
         try:
             # A body of a few dozen bytes arrives in one packet; one that trickles holds a handler for nothing.
