@@ -1,12 +1,14 @@
-"""TLS server contexts for listeners with a `tls` block.
+"""TLS server contexts for listeners with a `tls` block, and the TLS layer's buffer bounds.
 
-Owns the TLS policy (protocol floor, ALPN).  Which files to load is the
-configuration's business (`lb.config.load` resolves and checks them); creating
-them is `devcerts`'.
+Owns the TLS policy (protocol floor, ALPN) and how much a TLS connection may
+hold.  Which files to load is the configuration's business (`lb.config.load`
+resolves and checks them); creating them is `devcerts`'.
 """
 
 from __future__ import annotations
 
+import asyncio
+import asyncio.sslproto
 import ssl
 
 from lb.config.model import TlsConfig
@@ -34,3 +36,31 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     # HTTP/1.1 mechanism (RFC 6455 §4.1), so never let a client pick h2.
     context.set_alpn_protocols(["http/1.1"])
     return context
+
+
+# The TLS layer of both event loops buffers on its own, above the socket transport under it: up to
+# 512 KiB of records for a client that does not read (its write high-water mark) and 256 KiB of a
+# client's records while we do not read (its read high-water mark).  Those were about 740 KiB per
+# stalled TLS tunnel, where a plain one holds 64 + 32 KiB (`lb.proxy.reading`).  These match the
+# plain transports: 64 KiB for writes, as their default, and one read's worth of records.
+TLS_WRITE_HIGH = 64 * 1024
+TLS_READ_HIGH = 32 * 1024
+
+
+# asyncio's TLS layer (the loop when uvloop is absent or `runtime.event_loop: asyncio`) also gives
+# every connection a zeroed read buffer of `SSLProtocol.max_size`, 256 KiB, from its first byte to
+# its last: 256 KiB per idle TLS client.  A TLS record carries at most 16 KiB (RFC 8446 §5.1), so
+# reads of 32 KiB lose nothing but a few more reads of a bulk upload.  uvloop's layer allocates its
+# buffer without touching it, and takes no setting.
+ASYNCIO_TLS_READ = 32 * 1024
+
+
+def bound_asyncio_reads() -> None:
+    """Size asyncio's per-connection TLS read buffer (see ASYNCIO_TLS_READ); call before serving."""
+    asyncio.sslproto.SSLProtocol.max_size = ASYNCIO_TLS_READ
+
+
+def bound_buffers(transport: asyncio.Transport) -> None:
+    """Hold a TLS connection's own buffers to a plain connection's bounds (see TLS_WRITE_HIGH)."""
+    transport.set_write_buffer_limits(high=TLS_WRITE_HIGH)
+    transport.set_read_buffer_limits(high=TLS_READ_HIGH)  # type: ignore[attr-defined]

@@ -77,7 +77,7 @@ from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY
 from lb.state.context import ProxyContext
 from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange
 from lb.state.ratelimit import RateLimiter
-from lb.tls import server_ssl_context
+from lb.tls import bound_asyncio_reads, server_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -828,6 +828,7 @@ def _loop_runner(choice: EventLoop) -> Callable[[Coroutine[Any, Any, int]], int]
                 raise
         else:
             return uvloop.run
+    bound_asyncio_reads()
     return asyncio.run
 
 

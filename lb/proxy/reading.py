@@ -10,9 +10,8 @@ The data plane's protocols are `asyncio.BufferedProtocol`s instead: the transpor
 reads into `READ_VIEW`, at most `READ_CHUNK` bytes at a time, and the protocol
 copies the bytes out (one copy, as the transport made into `bytes` before) before
 anything else can read.  That bounds a stalled direction of a plain connection at
-64 + 32 KiB.  Under TLS the SSL layer keeps buffers of its own that this does not
-reach: about 800 KiB per stalled TLS tunnel was measured on both loops (and
-asyncio's TLS keeps 256 KiB per connection even when idle; uvloop's does not).  One
+64 + 32 KiB.  Under TLS the TLS layer keeps buffers of its own, which `lb.tls`
+bounds (about 200 KiB per stalled TLS tunnel, from 740).  One
 buffer serves every connection of the process: reads run one at a time on the
 event loop and each is copied out at once, and an idle connection holds none.
 uvloop and asyncio (plain and TLS transports alike) call `get_buffer`, fill it and

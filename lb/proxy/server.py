@@ -50,6 +50,7 @@ from lb.proxy.reading import READ_VIEW
 from lb.proxy.tunnel import GOING_AWAY, Tunnel, close_flushing
 from lb.state.context import ProxyContext
 from lb.state.observations import error_kind
+from lb.tls import bound_buffers
 
 log = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
 
@@ -218,6 +219,8 @@ class ClientConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+        if self._tls:
+            bound_buffers(self._transport)
         ctx = self._ctx
         client = self._client or transport.get_extra_info("peername") or ("-", 0)
         self.core = Connection(ctx, client_ip=client[0], client_port=client[1], tls=self._tls)

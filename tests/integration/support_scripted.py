@@ -22,8 +22,11 @@ import base64
 import contextlib
 import hashlib
 import socket
+import ssl
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from conftest import UNIT, Balancer, Launcher, lb_config, upgrade_request, ws_key
@@ -145,9 +148,10 @@ class ScriptedBackend:
 TCP_HEALTH = {"type": "tcp", "interval": "300ms", "timeout": "1s", "rise": 1, "fall": 3}
 
 
-def start(launcher: Launcher, backend: Any, **timeouts: str) -> Balancer:
+def start(launcher: Launcher, backend: Any, tls: tuple[Path, Path] | None = None, **timeouts: str) -> Balancer:
     config = lb_config(
         pools={"scripted": [backend]},
+        tls=tls,
         health=TCP_HEALTH,
         overrides={"limits": {"handshake_rate_per_ip": 0}, "timeouts": timeouts},
     )
@@ -197,3 +201,63 @@ async def stalled_upload(lb: Balancer) -> socket.socket:
         except BlockingIOError:
             await asyncio.sleep(0.02)
     return sock
+
+
+def _tls_client(lb: Balancer, ca: Path, rcvbuf: int | None) -> ssl.SSLSocket:
+    assert lb.tls_port is not None
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: the window follows it
+    raw.settimeout(5 * UNIT)
+    raw.connect((HOST, lb.tls_port))
+    return ssl.create_default_context(cafile=str(ca)).wrap_socket(raw, server_hostname=HOST)
+
+
+def _stalled_tls_client(lb: Balancer, ca: Path, path: str) -> ssl.SSLSocket:
+    sock = _tls_client(lb, ca, rcvbuf=4096)
+    sock.sendall(upgrade_request(path, host=f"{HOST}:{lb.tls_port}", key=ws_key()))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)  # byte by byte: leave every frame after the head unread
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _stalled_tls_upload(lb: Balancer, ca: Path) -> ssl.SSLSocket:
+    sock = _tls_client(lb, ca, rcvbuf=None)
+    sock.sendall(f"POST /deaf HTTP/1.1\r\nHost: {HOST}:{lb.tls_port}\r\nContent-Length: {1 << 40}\r\n\r\n".encode())
+    sock.settimeout(0.5)  # a send blocked this long: nothing more is taken
+    chunk = b"u" * 16384  # one TLS record
+    deadline = time.monotonic() + 10 * UNIT
+    with contextlib.suppress(TimeoutError):
+        while time.monotonic() < deadline:
+            sock.sendall(chunk)
+    return sock
+
+
+async def _in_own_thread(blocking: Callable[[], ssl.SSLSocket]) -> ssl.SSLSocket:
+    """Run `blocking` in a thread of its own: stalls started together must all be under way at once
+    (the default executor's few threads would run them a few at a time)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[ssl.SSLSocket] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = blocking()
+        except BaseException as exc:  # handed to the awaiting task as it is
+            loop.call_soon_threadsafe(done.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(done.set_result, result)
+
+    threading.Thread(target=run, daemon=True).start()
+    return await done
+
+
+async def stalled_tls_client(lb: Balancer, ca: Path, path: str = "/flood") -> ssl.SSLSocket:
+    """`stalled_client` over the TLS listener: the upgrade done, then nothing read."""
+    return await _in_own_thread(lambda: _stalled_tls_client(lb, ca, path))
+
+
+async def stalled_tls_upload(lb: Balancer, ca: Path) -> ssl.SSLSocket:
+    """`stalled_upload` over the TLS listener: a huge body sent until the balancer takes no more."""
+    return await _in_own_thread(lambda: _stalled_tls_upload(lb, ca))
