@@ -1,7 +1,8 @@
 """DNS discovery (`pools.X.discovery`): one lookup loop per pool, feeding the balancer's pool merge.
 
-What it owns: resolving (dnspython's async resolver, with the configured
-nameservers or the system's), the loop and its timing, the last known set of
+What it owns: resolving (dnspython's resolver, with the configured
+nameservers or the system's, on threads: see `ThreadedResolver`),
+the loop and its timing, the last known set of
 each pool, the pool's `discovery` object in /status and the lb_discovery_*
 metrics.  What it leaves to others: what an answer means (`lb.control.dns_backends`,
 pure) and what a new set does to the pool (`Balancer.update_discovered`, the
@@ -18,13 +19,15 @@ message between them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-import dns.asyncresolver
 import dns.exception
 import dns.nameserver
 import dns.rdatatype
@@ -78,25 +81,70 @@ class DiscoveryStatus:
         }
 
 
-def make_resolver(config: DiscoveryConfig) -> dns.asyncresolver.Resolver:
+class ThreadedResolver:
+    """dnspython's resolver, each query on a thread of its own: the event loop never parses an answer.
+
+    A DNS answer may hold 64 KiB of records (over TCP), and dnspython parses about 20 A or 10 SRV
+    records a millisecond here: its async resolver parsed a 3,000-record answer in one 130-200 ms
+    block of the loop, every `interval`, during which no connection moved.  On a thread the parse
+    shares the GIL with the loop, which gets it back within the interpreter's switch interval (5 ms).
+    Daemon threads, not an executor: a query waiting out its `timeout` must neither hold up a
+    reload's parse (the loop's default executor) nor delay the process's exit (an executor's
+    threads are joined at exit).  At most `_TARGET_LOOKUPS` run at once per pool.
+    """
+
+    def __init__(self, resolver: dns.resolver.Resolver) -> None:
+        self.sync = resolver
+
+    async def resolve(self, name: str, rdtype: str, *, search: bool | None = None) -> dns.resolver.Answer:
+        """`dns.resolver.Resolver.resolve` on a thread; cancelling returns at once (the query itself
+        ends within the resolver's lifetime)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[dns.resolver.Answer] = loop.create_future()
+
+        def query() -> None:
+            try:
+                answer = self.sync.resolve(name, rdtype, search=search)
+            except BaseException as exc:  # handed to the awaiting task as it is
+                outcome: Callable[[], None] = functools.partial(_settle_error, done, exc)
+            else:
+                outcome = functools.partial(_settle, done, answer)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                loop.call_soon_threadsafe(outcome)
+
+        threading.Thread(target=query, name=f"dns {name}", daemon=True).start()
+        return await done
+
+
+def _settle(done: asyncio.Future[dns.resolver.Answer], answer: dns.resolver.Answer) -> None:
+    if not done.done():  # not cancelled meanwhile
+        done.set_result(answer)
+
+
+def _settle_error(done: asyncio.Future[dns.resolver.Answer], exc: BaseException) -> None:
+    if not done.done():
+        done.set_exception(exc)
+
+
+def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:
     """A resolver for the configured nameservers (host:port), or the system's (/etc/resolv.conf)."""
     if not config.nameservers:
         try:
-            resolver = dns.asyncresolver.Resolver()
+            resolver = dns.resolver.Resolver()
         except dns.resolver.NoResolverConfiguration:
             # No /etc/resolv.conf (a scratch container): every lookup fails, shown in /status.
             log.warning("discovery for %s: no system resolver configuration; set nameservers", config.dns)
-            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver = dns.resolver.Resolver(configure=False)
     else:
-        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver = dns.resolver.Resolver(configure=False)
         resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in config.nameservers]
     resolver.lifetime = config.timeout
     resolver.timeout = config.timeout
-    return resolver
+    return ThreadedResolver(resolver)
 
 
 async def lookup(
-    config: DiscoveryConfig, resolver: dns.asyncresolver.Resolver, reserved_ids: frozenset[str] = frozenset()
+    config: DiscoveryConfig, resolver: ThreadedResolver, reserved_ids: frozenset[str] = frozenset()
 ) -> tuple[Discovered, float | None]:
     """Resolve once: the backends the name yields now, and the smallest TTL seen.
 
@@ -122,7 +170,7 @@ async def lookup(
 
 
 async def _lookup_srv(
-    config: DiscoveryConfig, resolver: dns.asyncresolver.Resolver, reserved_ids: frozenset[str]
+    config: DiscoveryConfig, resolver: ThreadedResolver, reserved_ids: frozenset[str]
 ) -> tuple[Discovered, float | None]:
     answer = await resolver.resolve(config.dns, "SRV")
     ttls = [float(answer.rrset.ttl)] if answer.rrset is not None else []
@@ -158,7 +206,7 @@ async def _lookup_srv(
 
 
 async def _lookup_addresses(
-    config: DiscoveryConfig, resolver: dns.asyncresolver.Resolver, reserved_ids: frozenset[str]
+    config: DiscoveryConfig, resolver: ThreadedResolver, reserved_ids: frozenset[str]
 ) -> tuple[Discovered, float | None]:
     found, ttl = await _addresses_of(resolver, config.dns, strict=True)
     assert config.port is not None  # lb.config.load requires it for type a
@@ -166,7 +214,7 @@ async def _lookup_addresses(
 
 
 async def _addresses_of(
-    resolver: dns.asyncresolver.Resolver, name: str, *, strict: bool = False
+    resolver: ThreadedResolver, name: str, *, strict: bool = False
 ) -> tuple[list[str], float | None]:
     """A and AAAA addresses of `name`; a name with neither gives [] (or NoAnswer when `strict`)."""
     found: list[str] = []

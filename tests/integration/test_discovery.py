@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dns.message
+import dns.rrset
 import pytest
 from conftest import (
     HOST,
@@ -214,6 +216,53 @@ async def test_a_records_give_ip_port_backends(launcher: Launcher, zone: ZoneSer
     finally:
         for g in gateways:
             g.stop()
+
+
+def _parse_seconds(addresses: list[str]) -> float:
+    """How long dnspython takes, in this process, to parse one answer holding these A records."""
+    query = dns.message.make_query(SERVICE, "A")
+    answer = dns.message.make_response(query)
+    answer.answer.append(dns.rrset.from_text(SERVICE + ".", 1, "IN", "A", *addresses))
+    wire = answer.to_wire()
+    started = time.perf_counter()
+    dns.message.from_wire(wire)
+    return time.perf_counter() - started
+
+
+async def test_a_huge_answer_does_not_stall_live_tunnels(launcher: Launcher, zone: ZoneServer) -> None:
+    """3,000 A records (48 KB: dnspython needs 100-200 ms to parse them) at every 200 ms lookup: a live
+    tunnel keeps echoing meanwhile, with no pause as long as a parse.  (Parsed on the event loop, each
+    lookup stopped every connection of the process for that long.)"""
+    gateway = launcher.gateways(1)[0]
+    addresses = [f"127.1.{i // 250}.{i % 250 + 1}" for i in range(3000)]  # nothing listens: they go down
+    zone.set_a(SERVICE, addresses)
+    config = discovery_config(zone, type="a", port=free_port(), max_backends=2)
+    config["pools"]["gateways"]["backends"] = [{"id": gateway.id, "address": gateway.address, "weight": 1}]
+    lb = launcher.balancer(config)
+    await wait_status(lb, lambda s: len(ids(s)) == 3, "the static backend and two discovered ones")
+    await wait_for_state(lb, "gateways", gateway.id, "up")
+    parse = min(_parse_seconds(addresses) for _ in range(3))
+    async with ws_connect(lb.ws_url()) as (ws, _):
+        hello = await recv_hello(ws)
+        assert hello["server_id"] == gateway.id, hello
+        queried = zone.queried(SERVICE)
+        gaps: list[float] = []
+        last = time.monotonic()
+        deadline = last + 3.0 * UNIT
+        while time.monotonic() < deadline:
+            await assert_echo(ws, "still here")
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+        lookups = zone.queried(SERVICE) - queried
+    assert lookups >= 3, f"only {lookups} queries during the echoes"
+    # Every lookup on the loop gave a gap at least as long as a parse; one gap may be the scheduler's.
+    third_longest = sorted(gaps)[-3]
+    assert third_longest < parse / 2, (
+        f"echoes paused {third_longest * 1000:.0f} ms (3rd longest of {len(gaps)}) during {lookups} queries; "
+        f"one parse takes {parse * 1000:.0f} ms"
+    )
+    lb.assert_alive()
 
 
 async def test_static_and_discovered_backends_together(launcher: Launcher, zone: ZoneServer) -> None:
