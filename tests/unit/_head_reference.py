@@ -10,6 +10,8 @@ One deliberate change since, made in both: list values (Content-Length, Transfer
 Connection/Upgrade tokens) are trimmed of SP and HTAB only (RFC 9110 OWS), not by a bare
 `str.strip()`, which also took NBSP and NEL off a latin-1 value: `chunked\x85` read as chunked
 here while a backend reads another coding (a CL/TE desync).  test_http_head_rfc9112 holds it.
+A second one: an absolute-form target whose authority differs from Host replaces the Host
+(RFC 9112 §3.2.2: the received Host MUST be ignored), where both refused it with a 400.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ _LINE_BYTES = _FIELD_VALUE + b"\r\n"
 _TARGET = bytes(range(0x21, 0x7F))
 # RFC 3986 §3.2.2 reg-name / IPv4address / IP-literal, then an optional port.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z")
-_DEFAULT_PORT = {"http": "80", "https": "443"}
 # RFC 9110 §8.6: 1*DIGIT; 18 digits stay below 2**63 in every parser behind us.
 _MAX_LENGTH_DIGITS = 18
 
@@ -262,12 +263,14 @@ def _check_framing(head: Head, version: str, *, request: bool) -> None:
 def _rewrite_absolute_form(start: tuple[str, str, str], head: Head) -> tuple[str, Head]:
     """Origin-form for an absolute-form target, with Host taken from its authority (RFC 9112 §3.2.2).
 
+    A Host that names another authority is replaced, not refused: the RFC says the received Host
+    MUST be ignored for the target's (HAProxy refuses it with a 400 instead).
+
     Raises:
-        BadHost: the authority is empty, has userinfo, or disagrees with Host.
+        BadHost: the authority is empty, has userinfo, or is malformed.
     """
     target = start[1]
-    scheme, _, rest = target.partition("://")
-    scheme = scheme.lower()
+    rest = target.partition("://")[2]
     end = len(rest)
     for mark in "/?#":
         found = rest.find(mark)
@@ -279,8 +282,6 @@ def _rewrite_absolute_form(start: tuple[str, str, str], head: Head) -> tuple[str
     if not _HOST.match(authority):
         raise BadHost("malformed authority in request target")
     hosts = head.get_all("host")
-    if hosts and _normal_authority(hosts[0], scheme) != _normal_authority(authority, scheme):
-        raise BadHost("Host does not match the request target's authority")
     origin = tail if tail.startswith("/") else "/" + tail
     headers = [(name, authority) if name.lower() == "host" else (name, value) for name, value in head.headers]
     if not hosts:
@@ -288,15 +289,6 @@ def _rewrite_absolute_form(start: tuple[str, str, str], head: Head) -> tuple[str
     index = dict(head._index)
     index["host"] = [authority]
     return origin, Head(start_line=(start[0], origin, start[2]), headers=tuple(headers), _index=index)
-
-
-def _normal_authority(authority: str, scheme: str) -> str:
-    """Lower-cased host, with an empty or default port removed (RFC 3986 §6.2.3)."""
-    authority = authority.lower()
-    host, colon, port = authority.rpartition(":")
-    if colon and "]" not in port and port in ("", _DEFAULT_PORT.get(scheme, "")):
-        return host
-    return authority
 
 
 def parse_request_head(raw: bytes, *, protected: frozenset[str] = PROTECTED_HEADERS) -> RequestHead:
