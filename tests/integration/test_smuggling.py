@@ -93,6 +93,26 @@ async def test_refused_upgrade_then_hidden_request_is_routed_on_its_own(
     assert b"X-Forwarded-For: 127.0.0.1" in sent_b[0]
 
 
+async def test_absolute_form_reaches_the_backend_in_origin_form_with_one_host(
+    launcher: Launcher, recorders: list[RecordingBackend]
+) -> None:
+    """`GET http://good.example/b/x` with `Host: evil.example`: routed by its path, sent as `GET /b/x`
+    with Host (and X-Forwarded-Host) the target's authority; the Host that disagreed is gone."""
+    lb, _, rec_b = start(launcher, recorders)
+    assert lb.port is not None
+    reader, writer = await open_raw(lb.port)
+    try:
+        writer.write(b"GET http://good.example/b/x?q=1 HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+        answer = await read_response(reader)
+        assert (answer.status, answer.body) == (200, b"ok")
+    finally:
+        await close_raw(writer)
+    sent = rec_b.requests()
+    assert len(sent) == 1 and sent[0].startswith(b"GET /b/x?q=1 HTTP/1.1\r\n"), sent
+    assert b"\r\nHost: good.example\r\n" in sent[0] and b"X-Forwarded-Host: good.example\r\n" in sent[0]
+    assert b"evil.example" not in sent[0]
+
+
 async def test_early_data_waits_for_the_switch(launcher: Launcher, recorders: list[RecordingBackend]) -> None:
     """Bytes sent right behind an upgrade head reach the backend only after its 101."""
     key = "dGhlIHNhbXBsZSBub25jZQ=="
