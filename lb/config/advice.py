@@ -9,14 +9,21 @@ from __future__ import annotations
 
 from lb.config.model import Config, SameSite, SecureMode
 
+# Descriptors a process needs besides its client connections: listeners, the admin API and its
+# clients, health checks (one per backend at a time), DNS queries, logs, the event loop's own.
+DESCRIPTOR_RESERVE = 64
 
-def advice(config: Config, *, crc32c_in_c: bool = True) -> list[str]:
+
+def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None = None) -> list[str]:
     """One sentence per surprise, each naming the key to change.
 
     Args:
         crc32c_in_c: whether google-crc32c runs its C code (`lb.http.proxy_header.CRC32C_IN_C`).
+        descriptors: the descriptors each balancer process may open (its RLIMIT_NOFILE), if known.
     """
     said: list[str] = []
+    if descriptors is not None:
+        said += _descriptor_advice(config, descriptors)
     proxied = [f"listeners[{i}]" for i, listener in enumerate(config.listeners) if listener.proxy_protocol]
     if proxied and not crc32c_in_c:
         said.append(
@@ -39,3 +46,21 @@ def advice(config: Config, *, crc32c_in_c: bool = True) -> list[str]:
                 "Secure, and browsers drop it there, so their browser clients never stick"
             )
     return said
+
+
+def _descriptor_advice(config: Config, descriptors: int) -> list[str]:
+    """`limits.max_connections` beyond what the descriptor limit lets a process hold."""
+    workers = max(1, config.workers)
+    per_process = -(-config.limits.max_connections // workers)  # a worker's share, rounded up
+    # Each client connection holds two descriptors while it lasts: its own and its backend's.
+    if 2 * per_process + DESCRIPTOR_RESERVE <= descriptors:
+        return []
+    fits = max(0, (descriptors - DESCRIPTOR_RESERVE) // 2)
+    each = f" ({per_process} for each of {workers} workers)" if workers > 1 else ""
+    return [
+        f"limits.max_connections is {config.limits.max_connections}{each}, but a process may open only "
+        f"{descriptors} descriptors (RLIMIT_NOFILE) and each client connection holds two, its own and its "
+        f"backend's: past about {fits} connections per process new clients fail instead of getting a 503; "
+        "raise the limit (ulimit -n, systemd LimitNOFILE=, the container runtime's nofile) or lower "
+        "limits.max_connections"
+    ]

@@ -67,6 +67,7 @@ from lb.control.ipc import check_config_handover, split_limits
 from lb.control.metrics import make_registry
 from lb.control.migration import DEFAULT_MIGRATION_RATE, migrate
 from lb.control.workers import ControlChannel, WorkerSupervisor, watch_owner
+from lb.descriptors import descriptor_limit, raise_descriptor_limit
 from lb.errors import ConfigError, LbError
 from lb.http.proxy_header import CRC32C_IN_C
 from lb.http.routing import sort_routes
@@ -402,7 +403,7 @@ class Balancer:
     def _advise(self) -> None:
         """Settings that work as written but defeat their purpose (lb.config.advice), once per process tree."""
         if self.role is not Role.WORKER:
-            for sentence in advice(self.config, crc32c_in_c=CRC32C_IN_C):
+            for sentence in advice(self.config, crc32c_in_c=CRC32C_IN_C, descriptors=descriptor_limit()):
                 log.warning("%s", sentence)
 
     async def reload(self, text: str | None = None) -> bool:
@@ -659,6 +660,8 @@ class Balancer:
             await asyncio.sleep(timeouts.shutdown_delay)
         log.info("shutting down: no longer accepting connections")
         self.ctx.accepting = False
+        spread_until = asyncio.get_running_loop().time() + timeouts.shutdown_grace
+        self.ctx.spread_until = spread_until  # tunnels that join from now on close within it too
         for listening in self._listening:
             listening.server.close()
         # Handshakes in flight (TLS handshakes and PROXY headers still arriving included): 503 if not yet
@@ -682,9 +685,9 @@ class Balancer:
         for listening in self._listening:
             if isinstance(listening.server, AcceptingServer):
                 listening.server.abort_pending()  # silent TLS or PROXY starts: not waited for any longer
-        if self.ctx.tunnels:
-            # Upgrades that completed during the spread (each sent its 1001 as it joined): a last wait.
-            await self._close_tunnels_spread(0.0)
+        # Upgrades that completed after SIGTERM: each got its 1001 at a random moment of the window
+        # left when it joined (at once past it).  Until the window ends, then what is left is closed.
+        await self._end_tunnels(spread_until)
         abort_in_flight(self.ctx)  # answers still streaming: cut, and logged
         await self._stop_health_checks()
         await self.discovery.stop()
@@ -727,7 +730,13 @@ class Balancer:
                 await asyncio.sleep(wait)
             if not tunnel.closed:
                 tunnel.close_gracefully(GOING_AWAY, "balancer shutting down", cause="shutdown")
-        await self._wait_tunnels_closed(max(0.0, start + grace - loop.time()) + LAST_CLOSE_ANSWER)
+        await self._end_tunnels(start + grace)
+
+    async def _end_tunnels(self, until: float) -> None:
+        """Wait for the tunnels to close until `until` (loop time) and a last answer's time, then close
+        what is left."""
+        loop = asyncio.get_running_loop()
+        await self._wait_tunnels_closed(max(0.0, until - loop.time()) + LAST_CLOSE_ANSWER)
         if self.ctx.tunnels:
             log.info("closing %d tunnel(s) left at the end of the grace period", len(self.ctx.tunnels))
             for tunnel in list(self.ctx.tunnels):
@@ -838,6 +847,7 @@ def run(config: Config, config_path: Path | None = None, config_text: str | None
     `config_text` is the text `config` was parsed from: with `workers: N` the workers run it.
     """
     setup_logging(config.logging)
+    raise_descriptor_limit()  # workers inherit it
     role = Role.OWNER if config.workers > 1 else Role.SINGLE
     return _loop_runner(config.runtime.event_loop)(serve(config, config_path, role, config_text=config_text))
 

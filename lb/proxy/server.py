@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -440,9 +441,15 @@ class ClientConnection(asyncio.BufferedProtocol):
             server_full=bool(self._paused & _BACKEND_FULL),
         )
         if not self._ctx.accepting:
-            # A handshake that was at its backend when SIGTERM came completes, then closes: its
-            # tunnel missed the shutdown's spread of 1001s, so it gets its own now.
-            tunnel.close_gracefully(GOING_AWAY, "balancer shutting down", cause="shutdown")
+            # A handshake that was at its backend when SIGTERM came completes, then closes: its tunnel
+            # missed the shutdown's spread of 1001s, so it gets its own at a random moment of what is
+            # left of the window.  A reconnect storm's handshakes complete together and must not all
+            # be closed together (SPEC: never all at once); past the window, at once.
+            left = self._ctx.spread_until - self._loop.time()
+            if left > 0:
+                self._loop.call_later(random.uniform(0.0, left), _close_for_shutdown, tunnel)
+            else:
+                _close_for_shutdown(tunnel)
 
     def _end(self) -> None:
         """This connection no longer counts as a handshake in progress (once)."""
@@ -485,6 +492,11 @@ def client_factory(ctx: ProxyContext) -> Callable[[], ClientConnection]:
     running (the loop that will serve the listener)."""
     loop = asyncio.get_running_loop()
     return lambda: ClientConnection(ctx, loop=loop)
+
+
+def _close_for_shutdown(tunnel: Tunnel) -> None:
+    if not tunnel.closed:
+        tunnel.close_gracefully(GOING_AWAY, "balancer shutting down", cause="shutdown")
 
 
 async def stop_in_flight(

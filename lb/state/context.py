@@ -94,6 +94,8 @@ class ProxyContext:
     # `workers: N`, in the owner: its workers' client connections as they last reported them.
     worker_clients: int = 0
     accepting: bool = True
+    # From SIGTERM's stop of accepting: the event loop time at which its spread of 1001s ends.
+    spread_until: float = 0.0
     # Latency histograms, backend errors, health checks (lb.state.observations); survives reloads.
     observations: Observations = field(default_factory=Observations)
     # Set by the last tunnel to close while shutdown waits for them.

@@ -82,3 +82,33 @@ pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
     (sentence,) = advice(proxied, crc32c_in_c=False)
     assert sentence.startswith("listeners[1].proxy_protocol: google-crc32c runs its pure-Python fallback")
     assert advice(config(tmp_path), crc32c_in_c=False) == [], "no PROXY listener: the checksum is never computed"
+
+
+def limited(tmp_path: Path, max_connections: int, workers: int = 1) -> Config:
+    text = f"""
+listeners: [{{bind: "127.0.0.1:0"}}]
+admin: {{token: t}}
+affinity: {{secret_keys: [{KEY}]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
+limits: {{max_connections: {max_connections}}}
+workers: {workers}
+"""
+    return parse_config(text, base_dir=tmp_path, environ={})
+
+
+def test_max_connections_beyond_the_descriptor_limit_says_where_clients_start_failing(tmp_path: Path) -> None:
+    """Each client connection holds two descriptors (its own, its backend's), plus the process's own."""
+    (sentence,) = advice(limited(tmp_path, 50000), descriptors=1024)
+    assert sentence.startswith("limits.max_connections is 50000, but a process may open only 1024 descriptors")
+    assert "past about 480 connections per process" in sentence and "ulimit -n" in sentence
+    assert advice(limited(tmp_path, 50000), descriptors=1 << 20) == []
+    assert advice(limited(tmp_path, 480), descriptors=1024) == []
+    assert advice(limited(tmp_path, 481), descriptors=1024) != []
+    assert advice(limited(tmp_path, 50000)) == [], "the limit unknown (lb validate): nothing said"
+
+
+def test_with_workers_each_process_needs_descriptors_for_its_share(tmp_path: Path) -> None:
+    assert advice(limited(tmp_path, 1920, workers=4), descriptors=1024) == []  # 480 each
+    (sentence,) = advice(limited(tmp_path, 1921, workers=4), descriptors=1024)
+    assert "is 1921 (481 for each of 4 workers)" in sentence
