@@ -47,6 +47,14 @@ TLS_WRITE_HIGH = 64 * 1024
 TLS_READ_HIGH = 32 * 1024
 
 
+# Seconds a TLS connection that we close has, in all, to take what is left of our bytes and answer
+# our close_notify: the TLS layer of both loops has one timer for the two, whose default, 30 s, kept
+# a closed connection's descriptor and its place in limits.max_connections for that long after its
+# end (a client that never answers close_notify: most just close TCP).  As long as a plain connection's
+# close may go without progress (`lb.proxy.tunnel.FLUSH_STALL`).
+TLS_SHUTDOWN_TIMEOUT = 10.0
+
+
 # asyncio's TLS layer (the loop when uvloop is absent or `runtime.event_loop: asyncio`) also gives
 # every connection a zeroed read buffer of `SSLProtocol.max_size`, 256 KiB, from its first byte to
 # its last: 256 KiB per idle TLS client.  A TLS record carries at most 16 KiB (RFC 8446 §5.1), so

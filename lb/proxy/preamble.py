@@ -65,6 +65,7 @@ from lb.http.proxy_header import MAX_V2_LENGTH, V2_FIXED, parse_proxy_header
 from lb.log import Throttle
 from lb.proxy.server import AcceptCount, ClientConnection, accept_errors
 from lb.state.context import ProxyContext
+from lb.tls import TLS_SHUTDOWN_TIMEOUT
 
 log = logging.getLogger("lb.proxy.server")
 
@@ -253,6 +254,7 @@ class AcceptingServer:
                 accepted.sock,
                 ssl=self._ssl,
                 ssl_handshake_timeout=max(left, 0.001) if tls else None,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if tls else None,
             )
         except OSError as exc:  # ssl.SSLError and the handshake timeout's ConnectionAbortedError included
             # The transport has closed the socket.  Counted, not logged above DEBUG: scanners and plain

@@ -37,6 +37,7 @@ from conftest import (
     open_raw,
     raw_exchange,
     read_response,
+    status,
     wait_closed_by_peer,
 )
 from support_ops import wait_until
@@ -134,6 +135,70 @@ async def test_descriptor_exhaustion_logs_little_and_recovers(
     assert " is down" not in lb.log_text(), lb.logs_tail(20)
 
 
+def _tls_client_that_never_closes(port: int, ca: Path, request: bytes) -> tuple[ssl.SSLSocket, bytes]:
+    """A TLS client that sends `request`, reads whatever comes within a moment, and then neither reads,
+    answers close_notify nor closes: its socket stays open (the caller closes it)."""
+    sock = ssl.create_default_context(cafile=str(ca)).wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=5 * UNIT), server_hostname="127.0.0.1"
+    )
+    sock.sendall(request)
+    received = b""
+    if request.endswith(b"\r\n\r\n"):
+        while b"\r\n\r\nok" not in received:
+            received += sock.recv(4096)
+    return sock, received
+
+
+async def _released_within(lb: Balancer, bound: float) -> float:
+    """Seconds until /status counts no client connection, failing past `bound`."""
+    started = time.monotonic()
+    while (await status(lb))["client_connections"]:
+        assert time.monotonic() - started < bound, f"a closed TLS connection still counted after {bound:.1f}s"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+async def test_a_tls_client_that_sends_no_head_in_time_is_cut_and_its_slot_freed_at_once(
+    launcher: Launcher, backend: RecordingBackend, certs: Path, event_loop: str
+) -> None:
+    """TLS done, half a head, then silence: closed at timeouts.handshake and uncounted then, not once the
+    TLS layer has waited 30 s for a close_notify that such a client never sends."""
+    config = lb_config(
+        pools={"p": [backend]}, tls=(certs / "server.crt", certs / "server.key"), health=TCP_HEALTH,
+        overrides={"timeouts": {"handshake": "1s"}, "runtime": {"event_loop": event_loop}},
+    )
+    lb = launcher.balancer(config)
+    assert lb.tls_port is not None
+    sock, _ = await asyncio.to_thread(
+        _tls_client_that_never_closes, lb.tls_port, certs / "ca.crt", b"GET /x HTTP/1.1\r\nHost: 12"
+    )
+    try:
+        assert (await status(lb))["client_connections"] == 1
+        took = await _released_within(lb, 3.0 * UNIT)
+        assert took < 2.5 * UNIT, took
+    finally:
+        sock.close()
+
+
+async def test_a_closed_tls_connection_is_released_within_the_tls_shutdown_bound(
+    launcher: Launcher, backend: RecordingBackend, certs: Path
+) -> None:
+    """A `Connection: close` answer read whole, then a client that never answers our close_notify: the
+    connection is released 10 s after the close at most (asyncio's TLS default is 30 s)."""
+    backend.delay = 0.0
+    config = lb_config(pools={"p": [backend]}, tls=(certs / "server.crt", certs / "server.key"), health=TCP_HEALTH)
+    lb = launcher.balancer(config)
+    assert lb.tls_port is not None
+    request = b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    sock, answer = await asyncio.to_thread(_tls_client_that_never_closes, lb.tls_port, certs / "ca.crt", request)
+    try:
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        await _released_within(lb, 10.0 + 2.0 * UNIT)
+    finally:
+        sock.close()
+
+
 class LowSoftLimitBalancer(LimitedBalancer):
     nofile = "256:4096"  # a login shell's or systemd's low soft limit, under a higher hard one
 
@@ -148,7 +213,7 @@ async def test_a_low_soft_descriptor_limit_is_raised_and_what_is_left_is_said(
     lb = LowSoftLimitBalancer(lb_config(pools={"p": [backend]}, health=TCP_HEALTH), launcher.workdir, "low-soft")
     launcher.adopt(lb)
     assert lb.proc is not None
-    limits = Path(f"/proc/{lb.proc.pid}/limits").read_text()
+    limits = await asyncio.to_thread(Path(f"/proc/{lb.proc.pid}/limits").read_text)
     (line,) = [line for line in limits.splitlines() if line.startswith("Max open files")]
     assert line.split()[3:5] == ["4096", "4096"], line
     text = lb.log_text()
