@@ -212,6 +212,23 @@ def has_bare_lf(buffer: bytes | bytearray, start: int) -> bool:
     return _BARE_LF.search(buffer, start) is not None
 
 
+# The first bytes of a request: a method's token and SP, or the start of one, or the first half of
+# an empty line that may come before it (RFC 9112 §2.2, §3).
+_REQUEST_START = re.compile(rb"(?:" + TCHAR.encode() + rb"++(?: |\Z)|\r?\Z)")
+# Bytes past which the start of a head is not checked again: any method's token and its SP.
+REQUEST_START_BYTES = 32
+
+
+def could_start_request(buffer: bytes | bytearray) -> bool:
+    """Whether an incomplete head can still become a request line.
+
+    What cannot (a TLS ClientHello on a plain port, a WebSocket frame after a refused upgrade,
+    binary noise) is answered 400 at once, as HAProxy does at the first bad byte of a method,
+    instead of waiting out `timeouts.handshake` for a line end.
+    """
+    return _REQUEST_START.match(buffer) is not None
+
+
 def find_head_end(buffer: bytes | bytearray, limit: int, start: int = 0) -> int:
     """Return the length of the complete head at the start of `buffer`, or -1 if incomplete.
 

@@ -78,8 +78,10 @@ from lb.http.cookies import render_set_cookie, sets_cookie
 from lb.http.forwarding import render_client_response, render_forwarded_request, render_interim, render_refusal
 from lb.http.framing import BodyFramer, request_framer, response_framer
 from lb.http.head import (
+    REQUEST_START_BYTES,
     RequestHead,
     ResponseHead,
+    could_start_request,
     find_head_end,
     parse_request_head,
     protected_headers,
@@ -584,15 +586,19 @@ class Connection:
     def _read_head(self, now: float) -> list[Action]:
         buf = self._buf
         limit = self._config.limits.max_header_bytes
-        if not self._scan and buf.startswith(b"\r\n"):
+        if self._scan < 2 and buf.startswith(b"\r\n"):
             # RFC 9112 §2.2: an empty line before a request line SHOULD be ignored (the stray CRLF
-            # some clients send after a body).  One, so a stream of them still runs into the timer.
+            # some clients send after a body), its CR and LF in one read or two.  One: a second is a
+            # malformed request line, and a stream of them, one a read, still runs into the timer.
             del buf[:2]
+            self._scan = 0
         try:
             # Incremental: only the new bytes (and 3 before them) are searched for the blank
             # line, once; a slow client feeding a head byte by byte costs O(n), not O(n^2).
             end = find_head_end(buf, limit, self._scan)
             if end < 0:
+                if self._scan < REQUEST_START_BYTES and not could_start_request(buf):
+                    raise BadRequest("malformed request line")
                 self._scan = len(buf)
                 return []
             raw = bytes(buf[:end])

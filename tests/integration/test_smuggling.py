@@ -93,6 +93,28 @@ async def test_refused_upgrade_then_hidden_request_is_routed_on_its_own(
     assert b"X-Forwarded-For: 127.0.0.1" in sent_b[0]
 
 
+async def test_a_frame_sent_after_a_refused_upgrade_is_a_400_at_once(
+    launcher: Launcher, recorders: list[RecordingBackend]
+) -> None:
+    """A client that sends its first WebSocket frame right behind its upgrade, which is refused: that
+    frame cannot start a request, so it gets a 400 at once (not silence until timeouts.handshake)
+    and reaches no backend."""
+    refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnope"
+    lb, rec_a, rec_b = start(launcher, recorders, a={"answer": refusal})
+    assert lb.port is not None
+    reader, writer = await open_raw(lb.port)
+    try:
+        writer.write(upgrade_request("/a/ws") + b"\x81\x85\x01\x02\x03\x04ijopk")  # a masked "hello"
+        first = await read_response(reader)
+        assert (first.status, first.body) == (403, b"nope")
+        started = time.monotonic()
+        second = await read_response(reader, within=2 * UNIT)
+        assert second.status == 400 and time.monotonic() - started < 1.0 * UNIT
+    finally:
+        await close_raw(writer)
+    assert len(rec_a.requests()) == 1 and not rec_b.requests()
+
+
 async def test_absolute_form_reaches_the_backend_in_origin_form_with_one_host(
     launcher: Launcher, recorders: list[RecordingBackend]
 ) -> None:

@@ -96,7 +96,9 @@ def ok(body: bytes = b"hi") -> bytes:
 class Play:
     """One client connection and the backend it talks to, with everything the core asked for recorded."""
 
-    def __init__(self, config: str = CONFIG, *, now: float = T0, client_ip: str = "192.0.2.7") -> None:
+    def __init__(
+        self, config: str = CONFIG, *, now: float = T0, client_ip: str = "192.0.2.7", tls: bool = False
+    ) -> None:
         self.failures: list[tuple[str, str, str]] = []
         self.ctx = ProxyContext.build(
             parse_config(config, base_dir=Path("."), environ={}),
@@ -104,7 +106,7 @@ class Play:
         )
         self.ctx.handshaking = 1
         self.conn = Connection(
-            self.ctx, client_ip=client_ip, client_port=4711, tls=False, random=lambda n: b"\x01" * n
+            self.ctx, client_ip=client_ip, client_port=4711, tls=tls, random=lambda n: b"\x01" * n
         )
         self.now = now
         self.actions: list[Action] = []
@@ -189,6 +191,11 @@ REFUSED = [
     pytest.param(b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 400, id="te-not-chunked"),
     pytest.param(b"GET /a HTTP/2.0\r\nHost: h\r\n\r\n", 400, id="http2-line"),
     pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, id="tls-on-plain"),
+    # Bytes that cannot start a request line: 400 at once, not after timeouts.handshake.
+    pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, id="tls-on-plain-unfinished"),
+    pytest.param(b"\x81\x85\x01\x02\x03\x04abcde", 400, id="ws-frame-unfinished"),
+    pytest.param(b" GET /a HTTP/1.1", 400, id="space-first-unfinished"),
+    pytest.param(b"GE\x00T /a", 400, id="nul-in-method-unfinished"),
     pytest.param(b"GET /nowhere HTTP/1.1\r\nHost: h\r\n\r\n", 404, id="no-route"),
     pytest.param(upgrade().replace(b"Version: 13", b"Version: 8"), 426, id="ws-version"),
     pytest.param(upgrade().replace(WS_KEY.encode(), b"short"), 400, id="ws-key"),
@@ -258,6 +265,28 @@ def test_head_must_arrive_within_the_handshake_timeout() -> None:
     play.client(b"GET /a HTTP/1.1\r\n", dt=4.0)
     play.fire()
     assert play.closed_client == CloseClient() and play.opened == [] and play.to_client == b""
+
+
+def test_under_tls_a_head_not_in_time_is_cut_without_waiting_for_close_notify() -> None:
+    """A graceful TLS close waits for the client's close_notify, which a client that sent no head in
+    time does not send either: the connection is aborted instead."""
+    play = Play(tls=True)
+    play.client(b"GET /a HTTP/1.1\r\n", dt=1.0)
+    play.fire()
+    assert play.closed_client == CloseClient(abort=True) and play.to_client == b""
+
+
+@pytest.mark.parametrize("pieces", [[b"\r", b"\nGET /a/1 HTTP/1.1\r\nHost: h\r\n\r\n"],
+                                    [b"\r\n", b"G", b"ET /a/1 HTTP/1.1\r\nHost: h\r\n\r\n"],
+                                    [b"GE", b"T", b" /a/1 HTTP/1.1\r\nHost: h\r\n\r\n"]])
+def test_a_request_line_that_starts_well_in_pieces_is_read(pieces: list[bytes]) -> None:
+    """The early check of a head's first bytes leaves a split method, or an ignorable empty line whose
+    CR and LF come in two reads, to be read whole."""
+    play = Play()
+    for piece in pieces:
+        assert play.conn.state == HEAD
+        play.client(piece)
+    assert play.opened == ["a1"]
 
 
 def test_over_max_connections_is_503_with_retry_after() -> None:
