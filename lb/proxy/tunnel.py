@@ -410,7 +410,13 @@ def close_flushing(transport: asyncio.Transport) -> None:
     """close(), which sends what is buffered first, with no time limit of its own: a peer that keeps
     its window shut would hold the descriptor and our buffer for ever (a tunnel's counted nowhere once
     it has ended, an answer's place in limits.max_connections for good).  Watched instead, and cut
-    once the peer has taken nothing for FLUSH_STALL; a slow reader that keeps taking bytes is not."""
+    once the peer has taken nothing for FLUSH_STALL; a slow reader that keeps taking bytes is not.
+
+    A transport already closing (closed before, aborted, or lost) is left alone: asyncio's TLS
+    transport (3.11) drops its TLS layer at a second close(), after which asking its buffer raises.
+    """
+    if transport.is_closing():
+        return
     transport.close()
     pending = transport.get_write_buffer_size()
     if pending:

@@ -148,13 +148,14 @@ class ScriptedBackend:
 TCP_HEALTH = {"type": "tcp", "interval": "300ms", "timeout": "1s", "rise": 1, "fall": 3}
 
 
-def start(launcher: Launcher, backend: Any, tls: tuple[Path, Path] | None = None, **timeouts: str) -> Balancer:
-    config = lb_config(
-        pools={"scripted": [backend]},
-        tls=tls,
-        health=TCP_HEALTH,
-        overrides={"limits": {"handshake_rate_per_ip": 0}, "timeouts": timeouts},
-    )
+def start(
+    launcher: Launcher, backend: Any, tls: tuple[Path, Path] | None = None, event_loop: str | None = None,
+    **timeouts: str,
+) -> Balancer:
+    overrides: dict[str, Any] = {"limits": {"handshake_rate_per_ip": 0}, "timeouts": timeouts}
+    if event_loop is not None:
+        overrides["runtime"] = {"event_loop": event_loop}
+    config = lb_config(pools={"scripted": [backend]}, tls=tls, health=TCP_HEALTH, overrides=overrides)
     lb = launcher.balancer(config)
     lb.wait_states({("scripted", backend.id): "up"})
     return lb

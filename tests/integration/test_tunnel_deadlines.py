@@ -18,6 +18,7 @@ import asyncio
 import importlib.util
 import os
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -232,3 +233,42 @@ async def test_stalled_connections_hold_a_bounded_amount_each(
     finally:
         for sock in clients:
             sock.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with an RST (SO_LINGER 0), as a phone that loses its network mid-tunnel does to us."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("end", ["client reset", "cut by a drain"])
+async def test_a_tls_tunnel_that_ends_abruptly_is_released(
+    launcher: Launcher, scripted: ScriptedBackend, tmp_path: Path, event_loop: str, end: str
+) -> None:
+    """A TLS tunnel whose client resets, or that the balancer cuts (a drain's close_after passing on a
+    client that reads nothing), is gone from the counts at once and logs no traceback.  (On asyncio's
+    TLS transport a second close() drops its TLS layer: the flush check then raised, and the tunnel
+    kept its backend connection and its place in limits.max_connections for good.)"""
+    certs = lb_certs(tmp_path / "certs")
+    lb = start(launcher, scripted, tls=(certs / "server.crt", certs / "server.key"), event_loop=event_loop)
+    if end == "client reset":
+        sock = await stalled_tls_client(lb, certs / "ca.crt", "/hold")
+        await asyncio.to_thread(_reset, sock)
+    else:
+        sock = await stalled_tls_client(lb, certs / "ca.crt")
+        await settled(scripted)
+        code, _, _ = await admin_post(
+            lb, f"/pools/scripted/backends/{scripted.id}/drain", params={"close_after": "0s", "rate": "100"}
+        )
+        assert code == 200
+    try:
+
+        async def released() -> bool:
+            data = await status(lb)
+            return data["client_connections"] == 0 and find_backend(data, "scripted", scripted.id)["connections"] == 0
+
+        await wait_until(released, what="the tunnel released", within=(CLOSE_DEADLINE + 3.0) * UNIT)
+    finally:
+        sock.close()
+    assert "Traceback" not in lb.log_text(), lb.logs_tail(30)
