@@ -79,6 +79,7 @@ class HealthChecker:
         self._on_change = on_change
         self._tasks: dict[str, tuple[BackendStatus, asyncio.Task[None]]] = {}
         self._unknown_values: set[str] = set()
+        self._unknown_said = Throttle(60.0)  # once the set is full: one line a minute, with a count
 
     @property
     def pool_name(self) -> str:
@@ -188,8 +189,14 @@ class HealthChecker:
             return
         if len(self._unknown_values) < 32:  # a backend cycling through junk values must not grow this forever
             self._unknown_values.add(value)
-        log.warning("backend %s/%s sent %s: %r, which is neither draining nor up; treating it as up",
-                    self._pool.name, backend.id, STATE_HEADER, value[:40])
+            more = ""
+        else:  # nor write a line at every check
+            suppressed = self._unknown_said.due()
+            if suppressed is None:
+                return
+            more = f" ({suppressed} more unknown value(s) since the last report)" if suppressed else ""
+        log.warning("backend %s/%s sent %s: %r, which is neither draining nor up; treating it as up%s",
+                    self._pool.name, backend.id, STATE_HEADER, value[:40], more)
 
 
 _local_errors = Throttle()  # checks not made for want of our own descriptors or memory

@@ -7,7 +7,11 @@ Uses the shared stack; every request here is refused, so the stack is left as it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import select
+import socket
+import time
 from typing import Any
 
 import pytest
@@ -241,3 +245,43 @@ async def test_a_body_that_never_completes_is_a_408_not_a_held_handler(stack: St
     assert head.startswith(b"HTTP/1.1 408"), head
     assert json.loads(body)["request_id"]
     assert find_backend(await status(lb), "dead", backend_id)["state"] != "draining"
+
+
+def _flood_refused_body(host: str, port: int, path: str) -> tuple[bytes, float]:
+    """POST a 1 TiB body without a token as fast as the balancer takes it, reading what comes back;
+    returns the answer and how long until the balancer closed the connection."""
+    sock = socket.create_connection((host, port), timeout=5 * UNIT)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {1 << 40}\r\n\r\n".encode())
+    sock.setblocking(False)
+    chunk = b"x" * 65536
+    answer = b""
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 15 * UNIT:
+            readable, writable, _ = select.select([sock], [sock], [], 0.5)
+            if readable:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+            if writable:
+                with contextlib.suppress(BlockingIOError):
+                    sock.send(chunk)
+    except OSError:  # a reset, or a closed pipe: the balancer has closed
+        pass
+    finally:
+        sock.close()
+    return answer, time.monotonic() - started
+
+
+async def test_a_body_refused_unread_is_not_read_for_long(stack: Stack) -> None:
+    """A POST without a token (401) that keeps sending its 1 TiB body: the connection is closed within
+    about half a second, not after aiohttp's 10 s of reading and dropping gigabytes on the event loop
+    that the data plane shares."""
+    lb = stack.balancer
+    host, port = lb.admin_url("").split("//", 1)[1].rstrip("/").rsplit(":", 1)
+    answer, took = await asyncio.to_thread(
+        _flood_refused_body, host, int(port), PATH.format(id=stack.dead[0].id)
+    )
+    assert took < 3.0 * UNIT, f"the refused body was read for {took:.1f}s"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 401"), answer[:100]

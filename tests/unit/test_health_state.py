@@ -125,3 +125,21 @@ async def test_a_check_that_raises_is_logged_and_the_loop_goes_on(caplog: pytest
     state, changes = await _probe_loop_with(broken, 3)  # three rounds: the loop survived the first two
     assert state.backends["gw-1"].state is BackendState.UP and changes == []
     assert any("health check of p/gw-1 failed in the balancer" in r.getMessage() for r in caplog.records)
+
+
+def test_a_backend_that_sends_a_new_unknown_state_at_every_check_is_not_a_line_a_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each new unknown value is said, up to 32 of them; past those, one line a minute with a count."""
+    state = pool()
+    checker = HealthChecker(state, lambda change: None)
+    backend = state.backends["gw-1"]
+    with caplog.at_level("WARNING", logger="lb.control.health"):
+        for i in range(1000):
+            checker._note_unknown(backend, f"junk-{i}")
+    lines = [r.getMessage() for r in caplog.records if "neither draining nor up" in r.getMessage()]
+    assert len(lines) == 33, lines[-3:]
+    checker._unknown_said.last -= 60.0  # a minute later
+    with caplog.at_level("WARNING", logger="lb.control.health"):
+        checker._note_unknown(backend, "junk-again")
+    assert "(967 more unknown value(s) since the last report)" in caplog.records[-1].getMessage()
