@@ -67,6 +67,10 @@ MAX_RESTART_DELAY = 10.0  # a worker that keeps dying young waits twice as long 
 STABLE_AFTER = 5.0  # a worker that lived this long resets the delay
 STATES_EVERY = 1.0  # seconds between full state pushes (covers anything a worker missed)
 STATS_EVERY = 1.0
+# A ready worker that has sent nothing for this long (ten of its stats reports) is stopped (SIGSTOP)
+# or stuck (its event loop blocked): it takes its share of new clients and answers none.  Killed,
+# so that it is restarted.
+UNRESPONSIVE_AFTER = 10.0
 # The owner re-sums its workers' reports at most this often.  Summing on every report cost N sums of
 # N reports per second (64 workers of 1000 backends: over 3 s of owner CPU each second).
 SUM_STATS_EVERY = 0.25
@@ -144,6 +148,7 @@ class _Worker:
     tasks: tuple[asyncio.Task[None], ...] = ()
     started_at: float = 0.0
     restart_delay: float = RESTART_DELAY
+    heard_at: float = 0.0  # event loop time of its last message
 
     @property
     def name(self) -> str:
@@ -200,7 +205,7 @@ class WorkerSupervisor:
         reader, writer = await asyncio.open_connection(sock=ours)
         loop = asyncio.get_running_loop()
         worker = _Worker(index, process, writer, loop.create_future(), started_at=loop.time(),
-                         restart_delay=restart_delay)
+                         restart_delay=restart_delay, heard_at=loop.time())
         self._workers[index] = worker
         worker.tasks = (loop.create_task(self._read(worker, reader)), loop.create_task(self._watch(worker)))
         # First, before any other message: the config the worker runs (`receive_config`).
@@ -217,6 +222,7 @@ class WorkerSupervisor:
                 log.error("%s sent a bad %r message, skipped: %s", worker.name, message.get("op"), exc)
 
     def _handle(self, worker: _Worker, pid: int, message: dict[str, Any]) -> None:
+        worker.heard_at = asyncio.get_running_loop().time()
         op = message["op"]
         if op == "ready":
             if not worker.ready.done():
@@ -264,6 +270,19 @@ class WorkerSupervisor:
         while True:
             await asyncio.sleep(STATES_EVERY)
             self.broadcast(states_message(self._balancer.ctx.pools))
+            self._kill_unresponsive()
+
+    def _kill_unresponsive(self) -> None:
+        """Kill a ready worker that has been silent for UNRESPONSIVE_AFTER; its watcher restarts it."""
+        now = asyncio.get_running_loop().time()
+        for worker in self._workers.values():
+            silent = now - worker.heard_at
+            if (worker.ready.done() and worker.process.returncode is None and silent > UNRESPONSIVE_AFTER
+                    and not self._stopping):
+                log.error("%s has sent nothing for %.0fs (stopped, or its event loop is stuck); killing it",
+                          worker.name, silent)
+                worker.process.kill()
+                worker.heard_at = now  # once: its watcher takes over
 
     def _send(self, worker: _Worker, message: dict[str, Any]) -> None:
         frame = _encode(message)

@@ -8,6 +8,7 @@ their cookies to the same backends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -70,6 +71,32 @@ async def test_a_killed_worker_is_restarted_and_cookies_still_stick(ops: OpsStac
     for _ in range(8):
         again = await visit(ops.balancer.ws_url(), cookie=f"{first.cookie.name}={first.cookie.value}")
         assert again.server_id == first.server_id
+
+
+UNRESPONSIVE_AFTER = 10.0  # the product's bound on a worker that sends its owner nothing
+
+
+async def test_a_stopped_worker_is_killed_and_replaced(ops: OpsStack) -> None:
+    """A worker that stops answering (SIGSTOP here; a stuck event loop alike) takes its share of new
+    clients and serves none: the owner notices its silence, kills it and starts another."""
+    before = await two_workers(ops.balancer)
+    mark = ops.balancer.log_lines()
+    os.kill(before[0], signal.SIGSTOP)
+    try:
+        after = await wait_until(
+            lambda: pids if len(pids := worker_pids(owner_pid(ops))) == 2 and before[0] not in pids else None,
+            within=UNRESPONSIVE_AFTER + 10 * UNIT,
+            what="a replacement for the stopped worker",
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(before[0], signal.SIGCONT)  # if it was never killed, let it go on
+    assert before[1] in after
+    logged = "\n".join(ops.balancer.log_text().splitlines()[mark:])
+    assert "has sent nothing for" in logged and "killing it" in logged, logged[-2000:]
+    await asyncio.sleep(0.5 * UNIT)  # the replacement binds its listeners
+    for _ in range(8):
+        assert (await visit(ops.balancer.ws_url())).server_id in {g.id for g in ops.gateways}
 
 
 async def test_backend_states_reach_every_worker(ops: OpsStack) -> None:
