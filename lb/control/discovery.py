@@ -90,7 +90,8 @@ class ThreadedResolver:
     shares the GIL with the loop, which gets it back within the interpreter's switch interval (5 ms).
     Daemon threads, not an executor: a query waiting out its `timeout` must neither hold up a
     reload's parse (the loop's default executor) nor delay the process's exit (an executor's
-    threads are joined at exit).  At most `_TARGET_LOOKUPS` run at once per pool.
+    threads are joined at exit).  At most `_TARGET_LOOKUPS` run at once per lookup; a lookup given up
+    (its budget passed, a reload) leaves its queries to end within the resolver's lifetime.
     """
 
     def __init__(self, resolver: dns.resolver.Resolver) -> None:

@@ -67,9 +67,9 @@ MAX_RESTART_DELAY = 10.0  # a worker that keeps dying young waits twice as long 
 STABLE_AFTER = 5.0  # a worker that lived this long resets the delay
 STATES_EVERY = 1.0  # seconds between full state pushes (covers anything a worker missed)
 STATS_EVERY = 1.0
-# A ready worker that has sent nothing for this long (ten of its stats reports) is stopped (SIGSTOP)
-# or stuck (its event loop blocked): it takes its share of new clients and answers none.  Killed,
-# so that it is restarted.
+# A ready worker from which the owner has read nothing for this long (ten of its stats reports) is
+# stopped (SIGSTOP) or stuck (its event loop blocked): it takes its share of new clients and answers
+# none.  Killed, so that it is restarted; one a check, never all at once.
 UNRESPONSIVE_AFTER = 10.0
 # The owner re-sums its workers' reports at most this often.  Summing on every report cost N sums of
 # N reports per second (64 workers of 1000 backends: over 3 s of owner CPU each second).
@@ -168,6 +168,7 @@ class WorkerSupervisor:
         self._stopping = False
         self._pusher: asyncio.Task[None] | None = None
         self._sum_stats: asyncio.TimerHandle | None = None  # a re-sum is due
+        self._checked_at = 0.0  # event loop time of the last look for silent workers (from start())
         self.live_tunnels = 0
 
     async def start(self) -> None:
@@ -181,6 +182,7 @@ class WorkerSupervisor:
                 if asyncio.get_running_loop().time() > deadline:
                     raise RuntimeError(f"worker {index} did not start listening in {WORKER_READY:g}s")
                 await asyncio.wait([self._workers[index].ready], timeout=0.1)
+        self._checked_at = asyncio.get_running_loop().time()
         self._pusher = asyncio.get_running_loop().create_task(self._push_states())
 
     async def _spawn(self, index: int, restart_delay: float = RESTART_DELAY) -> None:
@@ -273,16 +275,27 @@ class WorkerSupervisor:
             self._kill_unresponsive()
 
     def _kill_unresponsive(self) -> None:
-        """Kill a ready worker that has been silent for UNRESPONSIVE_AFTER; its watcher restarts it."""
+        """Kill a ready worker silent for UNRESPONSIVE_AFTER (one a check); its watcher restarts it.
+
+        If this look comes late, the owner itself was stopped or blocked (Ctrl-Z, a frozen cgroup, a
+        paused VM): its workers' messages are still unread, and their silence is the owner's.  The
+        clocks restart instead.
+        """
         now = asyncio.get_running_loop().time()
+        late = now - self._checked_at > 3 * STATES_EVERY
+        self._checked_at = now
+        if late or self._stopping:
+            for worker in self._workers.values():
+                worker.heard_at = now
+            return
         for worker in self._workers.values():
             silent = now - worker.heard_at
-            if (worker.ready.done() and worker.process.returncode is None and silent > UNRESPONSIVE_AFTER
-                    and not self._stopping):
+            if worker.ready.done() and worker.process.returncode is None and silent > UNRESPONSIVE_AFTER:
                 log.error("%s has sent nothing for %.0fs (stopped, or its event loop is stuck); killing it",
                           worker.name, silent)
                 worker.process.kill()
                 worker.heard_at = now  # once: its watcher takes over
+                return
 
     def _send(self, worker: _Worker, message: dict[str, Any]) -> None:
         frame = _encode(message)

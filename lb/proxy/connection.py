@@ -521,9 +521,10 @@ class Connection:
         if state == HEAD:
             # A head that does not arrive in time (slowloris), or a keep-alive connection gone idle.
             log.debug("closing %s: no complete request head in time", self._client_ip)
-            # Under TLS a close first waits for the client's close_notify, which a client that sent
-            # nothing in time will not send either: cut at once (nginx skips close_notify on timeouts).
-            return self._close(abort=self._tls)
+            # Under TLS a close first waits for the client's close_notify, which a client that never
+            # sent a head in time will not send either: cut at once (nginx skips close_notify on
+            # timeouts).  Not after an answer: its end may still be buffered for a client that paused.
+            return self._close(abort=self._tls and not self._started)
         if state in (WAITING, RELAY) and self._body_left:
             # An upload in progress: the client's quiet spell, or the backend's stall (_upload_deadline).
             until = self._upload_deadline()

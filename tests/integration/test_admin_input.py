@@ -284,4 +284,4 @@ async def test_a_body_refused_unread_is_not_read_for_long(stack: Stack) -> None:
         _flood_refused_body, host, int(port), PATH.format(id=stack.dead[0].id)
     )
     assert took < 3.0 * UNIT, f"the refused body was read for {took:.1f}s"
-    assert answer == b"" or answer.startswith(b"HTTP/1.1 401"), answer[:100]
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:100]  # read, not lost to a reset

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import UNIT, Balancer, Launcher, http_get, lb_config, visit
+from conftest import UNIT, Balancer, Launcher, assert_echo, http_get, lb_config, recv_hello, visit, ws_connect
 from support_ops import OpsStack, process_alive, started_stack, two_workers, wait_until, worker_pids
 
 
@@ -97,6 +97,25 @@ async def test_a_stopped_worker_is_killed_and_replaced(ops: OpsStack) -> None:
     await asyncio.sleep(0.5 * UNIT)  # the replacement binds its listeners
     for _ in range(8):
         assert (await visit(ops.balancer.ws_url())).server_id in {g.id for g in ops.gateways}
+
+
+async def test_an_owner_paused_past_the_watchdog_kills_no_worker(ops: OpsStack) -> None:
+    """The owner stopped for longer than the watchdog's bound (Ctrl-Z, a frozen cgroup) has read nothing
+    from its workers meanwhile: that silence is its own, so no worker is killed and no tunnel cut."""
+    before = await two_workers(ops.balancer)
+    owner = owner_pid(ops)
+    mark = ops.balancer.log_lines()
+    async with ws_connect(ops.balancer.ws_url()) as (ws, _):
+        await recv_hello(ws)
+        os.kill(owner, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(UNRESPONSIVE_AFTER + 2.0)
+        finally:
+            os.kill(owner, signal.SIGCONT)
+        await asyncio.sleep(3.0)  # a few of the owner's looks for silent workers
+        await assert_echo(ws, "still here")
+    assert sorted(worker_pids(owner)) == sorted(before)
+    assert "has sent nothing for" not in "\n".join(ops.balancer.log_text().splitlines()[mark:])
 
 
 async def test_backend_states_reach_every_worker(ops: OpsStack) -> None:
