@@ -276,6 +276,18 @@ def test_under_tls_a_head_not_in_time_is_cut_without_waiting_for_close_notify() 
     assert play.closed_client == CloseClient(abort=True) and play.to_client == b""
 
 
+def test_under_tls_an_idle_keep_alive_connection_is_closed_gracefully() -> None:
+    """After an answer, the end of it may still be buffered for a client that paused: the idle close
+    lets it go out first (a graceful close, bounded by the TLS shutdown timeout)."""
+    play = Play(tls=True)
+    play.client(get("/a/1"))
+    play.connected()
+    play.backend(ok())
+    assert play.conn.state == HEAD and play.closed_client is None
+    play.fire()
+    assert play.closed_client == CloseClient(abort=False)
+
+
 @pytest.mark.parametrize("pieces", [[b"\r", b"\nGET /a/1 HTTP/1.1\r\nHost: h\r\n\r\n"],
                                     [b"\r\n", b"G", b"ET /a/1 HTTP/1.1\r\nHost: h\r\n\r\n"],
                                     [b"GE", b"T", b" /a/1 HTTP/1.1\r\nHost: h\r\n\r\n"]])
