@@ -368,8 +368,10 @@ class Balancer:
         if old is None:
             return
         static = self.config.pools[pool]
-        merged = self._merge_pool(replace(static, backends=static.backends + backends), old)
+        merged = self._merge_pool(replace(static, backends=static.backends + backends), old, cause="DNS")
         self.ctx.pools[pool] = merged
+        # One that comes back while its last tunnels run is itself again, not also a removed one.
+        self._retired = [(name, b) for name, b in self._retired if name != pool or merged.backends.get(b.id) is not b]
         for backend in old.backends.values():
             if merged.backends.get(backend.id) is not backend:
                 backend.reason = "removed from DNS"
@@ -590,7 +592,7 @@ class Balancer:
             )
         self._listening = [listening for listening, _ in kept] + new_listening
 
-    def _merge_pool(self, config: PoolConfig, old: PoolState | None) -> PoolState:
+    def _merge_pool(self, config: PoolConfig, old: PoolState | None, cause: str = "reload") -> PoolState:
         backends: dict[str, BackendStatus] = {}
         for backend_config in config.backends:
             status = old.backends.get(backend_config.id) if old is not None else None
@@ -601,7 +603,7 @@ class Balancer:
                     (b for name, b in self._retired if name == config.name and b.id == backend_config.id), None
                 )
                 if status is not None:
-                    status.reason = "added back by reload"
+                    status.reason = f"added back by {cause}"
             if status is None:
                 status = BackendStatus(config=backend_config)
             else:

@@ -347,6 +347,33 @@ async def test_reload_keeps_discovered_backends_and_their_tunnels(launcher: Laun
         await assert_echo(ws, "through the reload")
 
 
+async def test_a_record_removed_and_back_while_its_tunnel_lives_is_one_backend(
+    launcher: Launcher, zone: ZoneServer
+) -> None:
+    """gw-2 leaves DNS and comes back while a tunnel to it lives: /status shows it once, up, with its
+    live tunnel counted, and says DNS brought it back (not a reload).  It was shown twice, once up and
+    once `removed`, and the dashboard showed it removed."""
+    gw1, gw2 = launcher.gateways(2)
+    publish(zone, [gw1, gw2])
+    lb = launcher.balancer(discovery_config(zone))
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both discovered")
+    await wait_for_state(lb, "gateways", "gw-2", "up", within=10 * UNIT)
+    pinned = await visit_until(lb.ws_url(), "gw-2", tries=10)
+    assert pinned.cookie is not None
+    async with ws_connect(lb.ws_url(), cookie=pinned.cookie.value) as (ws, _):
+        assert (await recv_hello(ws))["server_id"] == "gw-2"
+        for _ in range(2):
+            publish(zone, [gw1])
+            await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-2 removed")
+            publish(zone, [gw1, gw2])
+            await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "gw-2 back")
+        data = await status(lb)
+        rows = [b for b in data["pools"]["gateways"]["backends"] if b["id"] == "gw-2"]
+        assert len(rows) == 1 and rows[0]["state"] == "up" and rows[0]["connections"] == 1, rows
+        assert "DNS" in (rows[0].get("reason") or ""), rows
+        await assert_echo(ws, "still one backend")
+
+
 async def test_slow_dns_times_out_and_keeps_the_set(launcher: Launcher, zone: ZoneServer) -> None:
     """A nameserver that answers late: the lookup gives up after its timeout, the set stays, the
     balancer keeps serving meanwhile."""
