@@ -451,6 +451,48 @@ def test_promtool_accepts_the_rules() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package: prometheus)")
+def test_the_error_ratio_alert_fires_before_every_kind_of_error_has_happened(tmp_path: Path) -> None:
+    """Counters have no series before their first event, and `a + b` with either missing is empty: the
+    alert must still fire for 5xx answers on a balancer where no connect has failed yet."""
+    rule = next(rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
+                if rule.get("alert") == "LbHandshakeErrorRatio")
+    series = [
+        # Instance a: 98 of every 100 handshakes answered 503, none failed to connect (no such series).
+        ('lb_build_info{job="lb", instance="a", version="1", config_hash="x"}', "1x30"),
+        ('lb_handshakes_total{job="lb", instance="a", pool="p", backend="b", outcome="ok"}', "0+2x30"),
+        ('lb_rejected_requests_total{job="lb", instance="a", status="503"}', "0+98x30"),
+        # Instance b, healthy beside it: no alert.
+        ('lb_build_info{job="lb", instance="b", version="1", config_hash="x"}', "1x30"),
+        ('lb_handshakes_total{job="lb", instance="b", pool="p", backend="b", outcome="ok"}', "0+100x30"),
+    ]
+    tests = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{"series": name, "values": values} for name, values in series],
+            "alert_rule_test": [{
+                "eval_time": "15m",
+                "alertname": "LbHandshakeErrorRatio",
+                "exp_alerts": [{
+                    "exp_labels": {"severity": "critical", "job": "lb", "instance": "a"},
+                    "exp_annotations": {
+                        "summary": "98% of handshakes fail on a",
+                        "description": rule["annotations"]["description"],
+                    },
+                }],
+            }],
+        }],
+    }
+    path = tmp_path / "error_ratio_test.yaml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False))
+    done = subprocess.run(
+        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 async def test_histograms_and_errors_sum_over_workers(tmp_path: Path) -> None:
     """workers: 2: the owner's /metrics sums the workers' histograms; count still equals handshakes."""
     from support_ops import started_stack
