@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from lb import __version__
 from lb.config.model import Config
 from lb.state.context import BackendCounts, ProxyContext
-from lb.state.pool import BackendState
+from lb.state.pool import BackendState, BackendStatus
 
 _NONE_COUNTED = BackendCounts()  # a backend that has answered nothing yet
 
@@ -32,12 +32,17 @@ def config_hash(config: Config) -> str:
     return hashlib.sha256(repr(config).encode()).hexdigest()[:12]
 
 
+Retired = Callable[[], list[tuple[str, BackendStatus]]]  # backends gone from their pool, tunnels still live
+
+
 class LbCollector(Collector):
     def __init__(
-        self, get_context: Callable[[], ProxyContext], reloads: Callable[[], Mapping[str, int]] | None = None
+        self, get_context: Callable[[], ProxyContext], reloads: Callable[[], Mapping[str, int]] | None = None,
+        retired: Retired | None = None,
     ) -> None:
         self._get_context = get_context
         self._reloads = reloads
+        self._retired = retired
         self._hashed: tuple[Config, str] | None = None
 
     def _config_hash(self, config: Config) -> str:
@@ -61,7 +66,7 @@ class LbCollector(Collector):
             for result in ("success", "failure"):
                 reloads.add_metric([result], counts.get(result, 0))
             yield reloads
-        yield from self._backends(ctx)
+        yield from self._backends(ctx, self._retired() if self._retired is not None else [])
         clients = GaugeMetricFamily(
             "lb_client_connections",
             "Client connections now (handshakes in flight, TLS and PROXY included, and live tunnels), "
@@ -141,7 +146,9 @@ class LbCollector(Collector):
         yield from ctx.observations.families(known)
 
     @staticmethod
-    def _backends(ctx: ProxyContext) -> Iterator[Metric]:
+    def _backends(ctx: ProxyContext, retired: list[tuple[str, BackendStatus]]) -> Iterator[Metric]:
+        """Per backend; one removed from its pool (reload, DNS) counts on while its tunnels run, as
+        /status shows it, so that lb_active_connections sums to the live tunnels; it has no state."""
         active = GaugeMetricFamily(
             "lb_active_connections", "Live tunnels and in-flight handshakes per backend.",
             labels=["pool", "backend"],
@@ -164,13 +171,14 @@ class LbCollector(Collector):
             ),
         }
         counts = ctx.stats.backend_counts()
-        for pool in ctx.pools.values():
-            for backend in pool.backends.values():
-                labels = [pool.name, backend.id]
-                counted = counts.get((pool.name, backend.id), _NONE_COUNTED)
-                for attribute, family in backend_counters.items():
-                    family.add_metric(labels, getattr(counted, attribute))
-                active.add_metric(labels, backend.connections)
+        current = [(pool.name, backend) for pool in ctx.pools.values() for backend in pool.backends.values()]
+        for index, (pool_name, backend) in enumerate([*current, *retired]):
+            labels = [pool_name, backend.id]
+            counted = counts.get((pool_name, backend.id), _NONE_COUNTED)
+            for attribute, family in backend_counters.items():
+                family.add_metric(labels, getattr(counted, attribute))
+            active.add_metric(labels, backend.connections)
+            if index < len(current):
                 up.add_metric(labels, 1 if backend.healthy else 0)
                 for candidate in BackendState:
                     state.add_metric([*labels, candidate.value], 1 if backend.state is candidate else 0)
@@ -242,15 +250,17 @@ def make_registry(
     get_context: Callable[[], ProxyContext],
     reloads: Callable[[], Mapping[str, int]] | None = None,
     worker_pids: Callable[[], list[int]] | None = None,
+    retired: Retired | None = None,
 ) -> CollectorRegistry:
     """A registry of our own (not the global one), so tests and reloads never collide.
 
     Args:
         reloads: counts of reloads by result ("success", "failure") for lb_config_reloads_total.
         worker_pids: the owner of `workers: N` passes its live workers; process_* then covers them.
+        retired: backends removed from their pool (reload, DNS) whose tunnels still run.
     """
     registry = CollectorRegistry()
-    registry.register(LbCollector(get_context, reloads))
+    registry.register(LbCollector(get_context, reloads, retired))
     if worker_pids is None:
         ProcessCollector(registry=registry)
     else:

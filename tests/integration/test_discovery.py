@@ -155,6 +155,8 @@ async def test_removed_record_keeps_tunnel_and_redispatches_cookie(launcher: Lau
         publish(zone, [gw1])
         await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-2 removed")
         await assert_echo(ws, "tunnel survives removal from DNS")
+        # Its tunnel still counts where /status shows it, in metrics too (they sum to the live tunnels).
+        assert metric(await metrics_text(lb), "lb_active_connections", pool="gateways", backend="gw-2") == 1
         again = await visit(lb.ws_url(), cookie=pinned.cookie.value)
         assert again.server_id == "gw-1"
         assert again.cookie is not None and again.cookie.value != pinned.cookie.value, "cookie not replaced"
