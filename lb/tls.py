@@ -12,6 +12,7 @@ import asyncio.sslproto
 import ssl
 
 from lb.config.model import TlsConfig
+from lb.proxy.reading import READ_CHUNK
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -44,7 +45,7 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 # stalled TLS tunnel, where a plain one holds 64 + 32 KiB (`lb.proxy.reading`).  These match the
 # plain transports: 64 KiB for writes, as their default, and one read's worth of records.
 TLS_WRITE_HIGH = 64 * 1024
-TLS_READ_HIGH = 32 * 1024
+TLS_READ_HIGH = READ_CHUNK
 
 
 # Seconds a TLS connection that we close has, in all, to take what is left of our bytes and answer
@@ -60,7 +61,7 @@ TLS_SHUTDOWN_TIMEOUT = 10.0
 # its last: 256 KiB per idle TLS client.  A TLS record carries at most 16 KiB (RFC 8446 §5.1), so
 # reads of 32 KiB lose nothing but a few more reads of a bulk upload.  uvloop's layer allocates its
 # buffer without touching it, and takes no setting.
-ASYNCIO_TLS_READ = 32 * 1024
+ASYNCIO_TLS_READ = READ_CHUNK
 
 
 def bound_asyncio_reads() -> None:

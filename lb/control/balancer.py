@@ -731,8 +731,7 @@ class Balancer:
             wait = start + offset - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
-            if not tunnel.closed:
-                tunnel.close_gracefully(GOING_AWAY, "balancer shutting down", cause="shutdown")
+            tunnel.shut_down()
         await self._end_tunnels(start + grace)
 
     async def _end_tunnels(self, until: float) -> None:

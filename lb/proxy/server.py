@@ -48,7 +48,7 @@ from lb.proxy.connection import (
 )
 from lb.proxy.connection import Action as Action
 from lb.proxy.reading import READ_VIEW
-from lb.proxy.tunnel import GOING_AWAY, Tunnel, close_flushing
+from lb.proxy.tunnel import Tunnel, close_flushing
 from lb.state.context import ProxyContext
 from lb.state.observations import error_kind
 from lb.tls import bound_buffers
@@ -447,9 +447,9 @@ class ClientConnection(asyncio.BufferedProtocol):
             # be closed together (SPEC: never all at once); past the window, at once.
             left = self._ctx.spread_until - self._loop.time()
             if left > 0:
-                self._loop.call_later(random.uniform(0.0, left), _close_for_shutdown, tunnel)
+                self._loop.call_later(random.uniform(0.0, left), tunnel.shut_down)
             else:
-                _close_for_shutdown(tunnel)
+                tunnel.shut_down()
 
     def _end(self) -> None:
         """This connection no longer counts as a handshake in progress (once)."""
@@ -492,11 +492,6 @@ def client_factory(ctx: ProxyContext) -> Callable[[], ClientConnection]:
     running (the loop that will serve the listener)."""
     loop = asyncio.get_running_loop()
     return lambda: ClientConnection(ctx, loop=loop)
-
-
-def _close_for_shutdown(tunnel: Tunnel) -> None:
-    if not tunnel.closed:
-        tunnel.close_gracefully(GOING_AWAY, "balancer shutting down", cause="shutdown")
 
 
 async def stop_in_flight(

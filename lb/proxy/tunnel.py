@@ -351,6 +351,10 @@ class Tunnel:
             self.cause = cause or f"close_{code}"
         self.server_end.inject_close(code, reason)
 
+    def shut_down(self) -> None:
+        """SIGTERM's close of this tunnel: a 1001 at a frame boundary (nothing, once closed)."""
+        self.close_gracefully(GOING_AWAY, "balancer shutting down", cause="shutdown")
+
     def close_or_abort(self) -> None:
         """After the close linger: close if the client took everything we sent, else cut TCP."""
         if self.closed:
@@ -403,7 +407,6 @@ class Tunnel:
             **({"cause": self.cause, "ended_with": self.ended_with} if self.cause else {}),
             **({"close_code": self.close_code} if self.close_code is not None else {}),
         )
-
 
 
 def close_flushing(transport: asyncio.Transport) -> None:
