@@ -963,13 +963,18 @@ def _listeners(value: object, check: _Checker) -> tuple[ListenerConfig, ...] | N
     if items is None:
         return None
     listeners = [_listener(item, f"listeners[{i}]", check) for i, item in enumerate(items)]
+    # The first listener at each (port, bind key): one look-up per listener, whatever their number
+    # (a walk over the earlier ones made a 50,000-listener file a matter of minutes).
+    firsts: dict[tuple[int, str], int] = {}
     for i, listener in enumerate(listeners):
         # Port 0 (an ephemeral port, as tests use) can repeat; anything else would fail to bind,
         # and so would an address beside its family's wildcard (127.0.0.1:8080 and 0.0.0.0:8080).
         if listener is None or listener.port == 0:
             continue
-        first = next((j for j, earlier in enumerate(listeners[:i]) if earlier is not None
-                      and earlier.port == listener.port and _overlap(earlier.host, listener.host)), None)
+        own, collides = _bind_keys(listener.host)
+        first = min((firsts[listener.port, key] for key in collides if (listener.port, key) in firsts), default=None)
+        for key in own:
+            firsts.setdefault((listener.port, key), i)
         if first is None:
             continue
         earlier = listeners[first]
@@ -1079,6 +1084,24 @@ def _check_admin_bind(admin: AdminConfig, listeners: Sequence[ListenerConfig], c
             check.add("admin.bind", f"{admin.bind} overlaps listeners[{i}] ({listener.bind}); the admin API needs "
                                     "an address of its own")
             return
+
+
+_WILDCARDS = {"0.0.0.0": 4, "::": 6}
+
+
+def _bind_keys(host: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The keys a bind on `host` claims on its port, and those of earlier binds it collides with
+    (`_overlap`, as keys): the host itself; an address also claims its family, which its family's
+    wildcard collides with, and the wildcard claims the family's wildcard, which its addresses
+    collide with."""
+    host = host.lower().strip("[]")
+    wildcard = _WILDCARDS.get(host)
+    if wildcard is not None:
+        return (host, f"any{wildcard}"), (host, f"ip{wildcard}")
+    for version in (4, 6):
+        if _is_ip(host, version=version):
+            return (host, f"ip{version}"), (host, f"any{version}")
+    return (host,), (host,)
 
 
 def _overlap(one: str, other: str) -> bool:

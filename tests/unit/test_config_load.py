@@ -871,3 +871,35 @@ def test_a_key_given_twice_is_said_once_when_the_file_is_read_again(base_dir: Pa
         parse_config(text, base_dir=base_dir, environ={"NAME": "x"})
     paths = [problem.path for problem in info.value.problems]
     assert paths.count("admin.token") <= 1, info.value.problems
+
+
+_BIND_HOSTS = ["0.0.0.0", "127.0.0.1", "127.0.0.2", "[::]", "[::1]", "localhost", "LocalHost"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(_BIND_HOSTS), st.sampled_from([8090, 8091])), min_size=1, max_size=8))
+def test_listener_collisions_match_the_pairwise_rule(base_dir: Path, binds: list[tuple[str, int]]) -> None:
+    """Each listener is checked by look-ups (not a walk over the earlier ones): it must name the same
+    first collision as comparing it with every earlier one by `_overlap` would."""
+    from lb.config.load import _overlap
+
+    tree = good_tree()
+    offset = len(tree["listeners"])
+    tree["listeners"] += [{"bind": f"{host}:{port}"} for host, port in binds]
+    expected: dict[str, str] = {}
+    for i, (host, port) in enumerate(binds):
+        first = next((j for j, (h, p) in enumerate(binds[:i]) if p == port and _overlap(h, host)), None)
+        if first is None:
+            continue
+        same = binds[first][0].lower().strip("[]") == host.lower().strip("[]")
+        bind, earlier = f"{host}:{port}", f"{binds[first][0]}:{port}"
+        expected[f"listeners[{offset + i}].bind"] = (
+            f"duplicate bind {bind} (first at listeners[{offset + first}])" if same
+            else f"{bind} overlaps listeners[{offset + first}] ({earlier}): both cannot listen"
+        )
+    try:
+        parse(tree, base_dir)
+        found: dict[str, str] = {}
+    except ConfigError as exc:
+        found = {p.path: p.message for p in exc.problems if p.path.startswith("listeners")}
+    assert found == expected
