@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from lb.config.model import Config, SameSite, SecureMode
 
-# Descriptors a process needs besides its client connections: listeners, the admin API and its
-# clients, health checks (one per backend at a time), DNS queries, logs, the event loop's own.
+# Descriptors a process needs besides its client connections and its health checks (one per backend
+# at a time, counted apart): listeners, the admin API and its clients, DNS queries, logs, the loop's own.
 DESCRIPTOR_RESERVE = 64
 
 
@@ -52,10 +52,11 @@ def _descriptor_advice(config: Config, descriptors: int) -> list[str]:
     """`limits.max_connections` beyond what the descriptor limit lets a process hold."""
     workers = max(1, config.workers)
     per_process = -(-config.limits.max_connections // workers)  # a worker's share, rounded up
+    reserve = DESCRIPTOR_RESERVE + sum(len(pool.backends) for pool in config.pools.values())
     # Each client connection holds two descriptors while it lasts: its own and its backend's.
-    if 2 * per_process + DESCRIPTOR_RESERVE <= descriptors:
+    if 2 * per_process + reserve <= descriptors:
         return []
-    fits = max(0, (descriptors - DESCRIPTOR_RESERVE) // 2)
+    fits = max(0, (descriptors - reserve) // 2)
     each = f" ({per_process} for each of {workers} workers)" if workers > 1 else ""
     return [
         f"limits.max_connections is {config.limits.max_connections}{each}, but a process may open only "

@@ -262,6 +262,7 @@ def _parse_yaml(text: str, check: _Checker) -> object:
                 tree = _safe_load(stood_in, check)
                 check.stood_in = True
                 return tree
+            del check.problems[found:]  # that reading failed too: its repeated keys are not said either
         check.add("", _yaml_message(exc, text))
     except yaml.YAMLError as exc:
         check.add("", f"invalid YAML: {exc}")

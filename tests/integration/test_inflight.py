@@ -264,7 +264,7 @@ async def test_a_low_soft_descriptor_limit_is_raised_and_what_is_left_is_said(
     assert line.split()[3:5] == ["4096", "4096"], line
     text = lb.log_text()
     assert "limits.max_connections is 50000" in text and "4096 descriptors" in text, lb.logs_tail(20)
-    assert "past about 2016 connections per process" in text
+    assert "past about 2015 connections per process" in text
 
 
 async def test_sigterm_answers_handshakes_in_flight(launcher: Launcher, backend: RecordingBackend) -> None:

@@ -98,17 +98,18 @@ workers: {workers}
 
 
 def test_max_connections_beyond_the_descriptor_limit_says_where_clients_start_failing(tmp_path: Path) -> None:
-    """Each client connection holds two descriptors (its own, its backend's), plus the process's own."""
+    """Each client connection holds two descriptors (its own, its backend's), plus the process's own
+    (64) and one per backend for its health checks."""
     (sentence,) = advice(limited(tmp_path, 50000), descriptors=1024)
     assert sentence.startswith("limits.max_connections is 50000, but a process may open only 1024 descriptors")
-    assert "past about 480 connections per process" in sentence and "ulimit -n" in sentence
+    assert "past about 479 connections per process" in sentence and "ulimit -n" in sentence
     assert advice(limited(tmp_path, 50000), descriptors=1 << 20) == []
-    assert advice(limited(tmp_path, 480), descriptors=1024) == []
-    assert advice(limited(tmp_path, 481), descriptors=1024) != []
+    assert advice(limited(tmp_path, 479), descriptors=1024) == []
+    assert advice(limited(tmp_path, 480), descriptors=1024) != []
     assert advice(limited(tmp_path, 50000)) == [], "the limit unknown (lb validate): nothing said"
 
 
 def test_with_workers_each_process_needs_descriptors_for_its_share(tmp_path: Path) -> None:
-    assert advice(limited(tmp_path, 1920, workers=4), descriptors=1024) == []  # 480 each
-    (sentence,) = advice(limited(tmp_path, 1921, workers=4), descriptors=1024)
-    assert "is 1921 (481 for each of 4 workers)" in sentence
+    assert advice(limited(tmp_path, 1916, workers=4), descriptors=1024) == []  # 479 each
+    (sentence,) = advice(limited(tmp_path, 1917, workers=4), descriptors=1024)
+    assert "is 1917 (480 for each of 4 workers)" in sentence

@@ -903,3 +903,12 @@ def test_listener_collisions_match_the_pairwise_rule(base_dir: Path, binds: list
     except ConfigError as exc:
         found = {p.path: p.message for p in exc.problems if p.path.startswith("listeners")}
     assert found == expected
+
+
+def test_a_file_no_reading_of_which_succeeds_says_only_why(base_dir: Path) -> None:
+    """`[${X}]` needs the second reading (references standing in for themselves); when that one fails too
+    (a date that is no date), only the YAML error is said, not the repeated keys it had seen on the way."""
+    text = "x: [${X}]\nx: [${X}]\ny: 2024-13-01\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir=base_dir, environ={"X": "1"})
+    assert [p.path for p in info.value.problems] == [""], info.value.problems
