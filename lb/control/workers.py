@@ -306,7 +306,12 @@ class WorkerSupervisor:
         if worker.writer.is_closing():
             return
         if worker.writer.transport.get_write_buffer_size() > MAX_PENDING_BYTES:
-            log.error("%s is not reading its control socket; dropped a %r message", worker.name, op)
+            # Dropping is not enough: a lost reload would leave it on another configuration than
+            # /status shows, for good.  Restarted, it gets the owner's running text first.
+            if worker.process.returncode is None:
+                log.error("%s is not reading its control socket (a %r message would be dropped); killing it",
+                          worker.name, op)
+                worker.process.kill()
             return
         worker.writer.write(frame)
 

@@ -393,3 +393,26 @@ def test_backend_counts_are_read_from_the_decisions_by_backend() -> None:
     a = counts[("p", "a")]
     assert (a.handshakes, a.affinity_hits, a.redispatches) == (10, 3, 1)
     assert counts[("q", "a")].handshakes == 7, "per pool: one id in two pools is two backends"
+
+
+def test_a_worker_that_stops_reading_its_control_socket_is_killed_not_fed_less() -> None:
+    """Past MAX_PENDING_BYTES of unsent control data, a message would be dropped; a dropped reload would
+    leave the worker on another configuration than the owner's for good.  It is killed instead (its
+    watcher restarts it with the owner's running text), and nothing more is queued for it."""
+    from types import SimpleNamespace
+
+    from lb.control import workers
+
+    written: list[bytes] = []
+    killed: list[bool] = []
+    pending = [0]
+    transport = SimpleNamespace(get_write_buffer_size=lambda: pending[0])
+    writer = SimpleNamespace(is_closing=lambda: False, transport=transport, write=written.append)
+    process = SimpleNamespace(pid=4242, returncode=None, kill=lambda: killed.append(True))
+    worker = SimpleNamespace(writer=writer, process=process, name="worker 0 (pid 4242)")
+    supervisor = workers.WorkerSupervisor.__new__(workers.WorkerSupervisor)
+    supervisor._write(worker, "states", b"frame")  # type: ignore[arg-type]
+    assert written == [b"frame"] and not killed
+    pending[0] = workers.MAX_PENDING_BYTES + 1
+    supervisor._write(worker, "reload", b"text")  # type: ignore[arg-type]
+    assert written == [b"frame"] and killed == [True]
