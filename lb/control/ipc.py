@@ -48,7 +48,7 @@ import dataclasses
 import json
 import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -56,7 +56,7 @@ from lb.config.model import Config
 from lb.errors import ConfigError, Problem
 from lb.state.context import ProxyContext, Stats
 from lb.state.observations import Observations
-from lb.state.pool import AdminAction, PoolState
+from lb.state.pool import AdminAction, BackendStatus, PoolState
 
 LENGTH = struct.Struct(">I")
 # A states message is ~150 bytes per backend: 16 MiB carries ~100,000 backends.
@@ -233,17 +233,25 @@ def apply_states(pools: dict[str, PoolState], message: dict[str, Any]) -> None:
 # -- counters: workers → owner -------------------------------------------------------
 
 
-def stats_message(ctx: ProxyContext) -> dict[str, Any]:
+RetiredBackends = Iterable[tuple[str, BackendStatus]]  # backends gone from their pool whose tunnels still run
+
+
+def stats_message(ctx: ProxyContext, retired: RetiredBackends = ()) -> dict[str, Any]:
+    """A worker's report; `retired`: its backends removed from their pool (reload, DNS) whose tunnels
+    still run, whose connections count on at the owner until they end."""
     stats = ctx.stats
     bytes_in, bytes_out = ctx.bytes_relayed()
+    backends: dict[str, dict[str, list[int]]] = {
+        pool.name: {
+            b.id: [b.connections] for b in pool.backends.values()  # a gauge; the counts are in `decisions`
+        }
+        for pool in ctx.pools.values()
+    }
+    for pool_name, b in retired:
+        backends.setdefault(pool_name, {})[b.id] = [b.connections]
     return {
         "op": "stats",
-        "backends": {
-            pool.name: {
-                b.id: [b.connections] for b in pool.backends.values()  # a gauge; the counts are in `decisions`
-            }
-            for pool in ctx.pools.values()
-        },
+        "backends": backends,
         "handshakes": [[*key, count] for key, count in stats.handshakes.items()],
         "decisions": [[*key, count] for key, count in stats.decisions.items()],
         "invalid_tokens": dict(stats.invalid_tokens),
@@ -335,8 +343,11 @@ class StatsAggregate:
         if totals is not None:
             self._departed.add(totals, counters_only=True)
 
-    def apply_to(self, ctx: ProxyContext) -> int:
-        """Write the sums into the owner's counters (read by /status and /metrics); returns live tunnels."""
+    def apply_to(self, ctx: ProxyContext, retired: RetiredBackends = ()) -> int:
+        """Write the sums into the owner's counters (read by /status and /metrics); returns live tunnels.
+
+        `retired`: the owner's removed backends, whose connections only the workers' reports can bring
+        down (to 0 once no worker reports them)."""
         total = _Totals()
         total.add(self._departed)
         for pid, totals in self._latest.items():
@@ -344,6 +355,8 @@ class StatsAggregate:
         for pool in ctx.pools.values():
             for b in pool.backends.values():
                 b.connections = total.backends[(pool.name, b.id)]
+        for pool_name, b in retired:
+            b.connections = total.backends[(pool_name, b.id)]
         ctx.stats = total.stats
         ctx.worker_clients = total.clients
         ctx.observations.from_workers = total.observations

@@ -244,7 +244,7 @@ class WorkerSupervisor:
 
     def _apply_stats(self) -> None:
         self._sum_stats = None
-        self.live_tunnels = self._stats.apply_to(self._balancer.ctx)
+        self.live_tunnels = self._stats.apply_to(self._balancer.ctx, self._balancer.retired_backends())
 
     async def _watch(self, worker: _Worker) -> None:
         code = await worker.process.wait()
@@ -490,14 +490,14 @@ class ControlChannel:
 
     async def _report(self) -> None:
         while True:
-            self._send(stats_message(self._balancer.ctx))
+            self._send(stats_message(self._balancer.ctx, self._balancer.retired_backends()))
             await asyncio.sleep(STATS_EVERY)
 
     async def stop(self) -> None:
         for task in [*self._tasks, *self._migrations.values()]:
             task.cancel()
         if self._writer is not None:
-            self._send(stats_message(self._balancer.ctx))
+            self._send(stats_message(self._balancer.ctx, self._balancer.retired_backends()))
             with contextlib.suppress(ConnectionError):
                 await self._writer.drain()
             self._writer.close()

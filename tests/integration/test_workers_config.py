@@ -11,11 +11,13 @@ served a handshake is read from its access log line (`worker-N lb.access: ... ba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
 import re
 import signal
 from pathlib import Path
+from typing import Any
 
 from conftest import UNIT, Balancer, Gateway, Launcher, backend_states, lb_config, status, visit
 from support_ops import backend_entry, rewrite_config, signal_balancer, two_workers, wait_until, worker_pids
@@ -134,3 +136,46 @@ async def test_a_restarted_worker_runs_the_owners_config_not_the_file_changed_si
     assert {backend for w, backend in served(lb, mark) if w == victim} <= {gw1.id, gw2.id}
     assert set(backend_states(await status(lb))) == {(POOL, gw1.id), (POOL, gw2.id)}
     lb.assert_alive()
+
+
+async def test_a_removed_backend_counts_its_tunnels_down_to_none(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """workers: 2, tunnels on gw-1, then a reload that removes gw-1: the owner shows it `removed` with its
+    live tunnels (in /status and lb_active_connections), and once they end, not at all.  The workers'
+    reports carry their removed backends; without them the owner's count stayed at its last value."""
+    from conftest import recv_hello, ws_connect
+    from support_ops import metric, metrics_text
+
+    def gw1_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+        return [b for b in data["pools"][POOL]["backends"] if b["id"] == "gw-1"]
+
+    lb, config = two_worker_balancer(launcher, *gateways)
+    async with contextlib.AsyncExitStack() as tunnels:
+        on_gw1 = 0
+        while on_gw1 < 2:
+            async with contextlib.AsyncExitStack() as attempt:
+                ws, _ = await attempt.enter_async_context(ws_connect(lb.ws_url()))
+                if (await recv_hello(ws))["server_id"] == "gw-1":
+                    tunnels.push_async_callback(attempt.pop_all().aclose)  # kept open until the reload is seen
+                    on_gw1 += 1
+
+        async def counted() -> bool:  # the owner knows of them: the workers report every second
+            return [row["connections"] for row in gw1_rows(await status(lb))] == [2]
+
+        await wait_until(counted, what="the owner counting gw-1's 2 tunnels", within=10 * UNIT)
+        changed = copy.deepcopy(config)
+        changed["pools"][POOL]["backends"] = [b for b in changed["pools"][POOL]["backends"] if b["id"] != "gw-1"]
+        rewrite_config(lb, changed)
+        signal_balancer(lb, signal.SIGHUP)
+
+        async def shown_removed() -> bool:
+            rows = gw1_rows(await status(lb))
+            return len(rows) == 1 and rows[0]["state"] == "removed" and rows[0]["connections"] == 2
+
+        await wait_until(shown_removed, what="gw-1 removed with its 2 tunnels", within=10 * UNIT)
+        assert metric(await metrics_text(lb), "lb_active_connections", pool=POOL, backend="gw-1") == 2
+
+    async def gone() -> bool:
+        return not gw1_rows(await status(lb)) and metric(
+            await metrics_text(lb), "lb_active_connections", pool=POOL, backend="gw-1") is None
+
+    await wait_until(gone, what="gw-1 gone once its tunnels ended", within=10 * UNIT)
