@@ -369,7 +369,8 @@ def test_the_owner_sums_a_burst_of_reports_once() -> None:
     async def scenario() -> None:
         ctx = _ctx()
         supervisor = WorkerSupervisor(
-            SimpleNamespace(ctx=ctx), 3, config_path=mock.sentinel.path, config_text=""  # type: ignore[arg-type]
+            SimpleNamespace(ctx=ctx, retired_backends=list), 3,  # type: ignore[arg-type]
+            config_path=mock.sentinel.path, config_text="",
         )
         with mock.patch.object(StatsAggregate, "apply_to", autospec=True, side_effect=StatsAggregate.apply_to) as sums:
             for pid in (100, 200, 300):
