@@ -47,7 +47,7 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -371,13 +371,7 @@ class Balancer:
         static = self.config.pools[pool]
         merged = self._merge_pool(replace(static, backends=static.backends + backends), old, cause="DNS")
         self.ctx.pools[pool] = merged
-        # One that comes back while its last tunnels run is itself again, not also a removed one.
-        self._retired = [(name, b) for name, b in self._retired if name != pool or merged.backends.get(b.id) is not b]
-        for backend in old.backends.values():
-            if merged.backends.get(backend.id) is not backend:
-                backend.reason = "removed from DNS"
-                if backend.connections:
-                    self._retired.append((pool, backend))
+        self._retire({pool: old}, self.ctx.pools, "removed from DNS")
         for checker in self._checkers:
             if checker.pool_name == pool:
                 checker.retarget(merged)
@@ -548,16 +542,7 @@ class Balancer:
             name: self._merge_pool(self.discovery.with_discovered(pool), old_pools.get(name))
             for name, pool in config.pools.items()
         }
-        retired = [(name, b) for name, b in self._retired if pools.get(name) is None
-                   or pools[name].backends.get(b.id) is not b]
-        for name, old in old_pools.items():
-            now = pools.get(name)
-            for backend in old.backends.values():
-                if now is None or now.backends.get(backend.id) is not backend:
-                    backend.reason = "removed by reload"
-                    if backend.connections:
-                        retired.append((name, backend))
-        self._retired = retired
+        self._retire(old_pools, pools, "removed by reload")
         rate_limiter = ctx.rate_limiter
         if config.limits != ctx.config.limits:
             rate_limiter = RateLimiter(config.limits.handshake_rate_per_ip, config.limits.handshake_burst_per_ip)
@@ -592,6 +577,19 @@ class Balancer:
                 " (PROXY protocol)" if listening.config.proxy_protocol else "", listening.config.backlog,
             )
         self._listening = [listening for listening, _ in kept] + new_listening
+
+    def _retire(self, old_pools: Mapping[str, PoolState], new_pools: Mapping[str, PoolState], reason: str) -> None:
+        """Backends of `old_pools` that `new_pools` no longer hold keep counting while their tunnels run
+        (`retired_backends`); one that is back (`_merge_pool` reuses it) is itself again, not also removed."""
+        self._retired = [(name, b) for name, b in self._retired
+                         if (pool := new_pools.get(name)) is None or pool.backends.get(b.id) is not b]
+        for name, old in old_pools.items():
+            now = new_pools.get(name)
+            for backend in old.backends.values():
+                if now is None or now.backends.get(backend.id) is not backend:
+                    backend.reason = reason
+                    if backend.connections:
+                        self._retired.append((name, backend))
 
     def _merge_pool(self, config: PoolConfig, old: PoolState | None, cause: str = "reload") -> PoolState:
         backends: dict[str, BackendStatus] = {}
