@@ -169,11 +169,24 @@ def choose_pinning(enabled: bool = True) -> Pinning:
 # -- ports ----------------------------------------------------------------------------------------
 
 
+_HANDED_OUT: set[tuple[str, int]] = set()
+
+
 def free_port(host: str = HOST) -> int:
-    """A port nobody listens on right now (bind port 0, read it, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nobody listens on right now, and one this process has not handed out before.
+
+    Bind port 0, read it, release it (uvicorn's trick). The kernel may pick a just-released port
+    again, so two calls in a row could name the same port for two sockets of one configuration
+    (say a listener and the admin API, which the balancer then refuses as overlapping); asking
+    again until the port is new rules that out.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if (host, port) not in _HANDED_OUT:
+            _HANDED_OUT.add((host, port))
+            return port
 
 
 # -- processes ------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ import pytest
 import yaml
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from bench.procs import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = float(os.environ.get("LB_TEST_UNIT", "1"))  # seconds; every deadline is a multiple of it
 HOST = "127.0.0.1"
@@ -63,13 +65,6 @@ STOP_WAIT = 5 * UNIT
 
 # ---------------------------------------------------------------------------------------------------
 # ports, environment, small sync HTTP
-
-
-def free_port(host: str = HOST) -> int:
-    """A port nobody listens on right now (uvicorn's trick: let the kernel pick, then release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def child_env() -> dict[str, str]:
