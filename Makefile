@@ -4,9 +4,14 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The data plane compiled with mypyc (build_native.py), rebuilt when any of our modules changes.
+# NATIVE_ARGS=--require fails the build instead of falling back to pure Python (CI does);
+# PURE=1 removes the compiled modules instead (same behaviour, more CPU per handshake).
+NATIVE_ARGS ?=
+NATIVE := $(VENV)/.native$(if $(PURE),-pure)
 CONFIG ?= config.example.yaml
 
-.PHONY: install run demo test style types unit integration bench bench-quick image clean
+.PHONY: install native run demo test style types unit integration bench bench-quick image clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -15,7 +20,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,fast]'
 	@touch $@
 
-install: $(STAMP)
+install: $(NATIVE)
+
+$(NATIVE): $(STAMP) build_native.py $(shell find lb -name '*.py')
+	@rm -f $(VENV)/.native $(VENV)/.native-pure
+	$(BIN)/python build_native.py $(if $(PURE),--remove,$(NATIVE_ARGS))
+	@touch $@
+
+native: $(NATIVE)
 
 # Dev certificates: generated on first use, never committed.
 certs/server.crt: | $(STAMP)
@@ -29,33 +41,33 @@ certs/server.crt: | $(STAMP)
 	@printf 'LB_COOKIE_KEY=%s\nLB_ADMIN_TOKEN=%s\n' "$$($(BIN)/lb keygen)" "$$($(BIN)/lb keygen)" > $@
 	@echo "wrote dev secrets to $@"
 
-run: $(STAMP) certs/server.crt .dev/secrets.env
+run: $(NATIVE) certs/server.crt .dev/secrets.env
 	$(BIN)/python -m backends_demo.stack --config $(CONFIG) --env-file .dev/secrets.env
 
-demo: $(STAMP) certs/server.crt .dev/secrets.env
+demo: $(NATIVE) certs/server.crt .dev/secrets.env
 	$(BIN)/python -m backends_demo.stack --config $(CONFIG) --env-file .dev/secrets.env --demo
 
 style: $(STAMP)
-	$(BIN)/ruff check lb backends_demo bench tests
+	$(BIN)/ruff check lb backends_demo bench tests build_native.py
 
 types: $(STAMP)
 	$(BIN)/mypy --strict lb
 
-unit: $(STAMP)
+unit: $(NATIVE)
 	$(BIN)/pytest -q tests/unit
 
-integration: $(STAMP)
+integration: $(NATIVE)
 	$(BIN)/pytest -q tests/integration
 
-test: style types
+test: style types $(NATIVE)
 	PYTHONASYNCIODEBUG=1 $(BIN)/pytest -q
 
 # A benchmark, not a test: direct vs balancer (vs haproxy when installed), one table.
 # BENCH_ARGS="--json bench.json" also writes the numbers.
-bench: $(STAMP)
+bench: $(NATIVE)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
-bench-quick: $(STAMP)
+bench-quick: $(NATIVE)
 	$(BIN)/python -m bench --quick $(BENCH_ARGS)
 
 # Opt-in, not part of `make test` (needs root, podman, mmdebstrap, the Debian archive and PyPI):

@@ -26,13 +26,12 @@ import logging
 import pstats
 import sys
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 from bench.handshake_core import SWITCH, make_context, parse_args, warmup_count
 from bench.wire import client_request, hello_message, server_frame, set_cookies
 from lb.log import setup_logging
 from lb.proxy import server
-from lb.proxy.connection import OpenBackend
 from lb.state.context import ProxyContext
 
 
@@ -78,16 +77,43 @@ class FakeTransport:
         return False  # the client's EOF then ends the tunnel at once (as under TLS): one event, as before
 
 
-class BenchConnection(server.ClientConnection):
-    """The real shell, except that the backend "connects" when the bench says so, not through a socket."""
+class BenchLoop:
+    """The running loop, except that a backend "connects" when the bench says so, not through a socket.
 
-    __slots__ = ()
-    opened: ClassVar[list[server._Upstream]] = []
+    The real shell asks its loop for the connection (`_open`): here `create_connection` builds the
+    shell's own `_Upstream` through the factory it is given and keeps it, and the task is one that
+    never finishes.  (A stand-in loop rather than a subclass of the shell: compiled, the shell is
+    a native class, which an interpreted class cannot subclass.)
+    """
 
-    def _open(self, action: OpenBackend) -> None:
-        upstream = server._Upstream(self)
-        self._upstream = upstream
-        BenchConnection.opened.append(upstream)
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.opened: list[Any] = []
+
+    def call_later(self, delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        return self._loop.call_later(delay, callback, *args)
+
+    def time(self) -> float:
+        return self._loop.time()
+
+    def create_connection(self, factory: Any, host: str, port: int) -> None:
+        self.opened.append(factory())
+
+    def create_task(self, coroutine: None) -> _NeverDone:
+        return _NeverDone()
+
+
+class _NeverDone:
+    """The connect task of `BenchLoop`: the bench delivers `connection_made` itself."""
+
+    def add_done_callback(self, callback: Any) -> None:
+        pass
+
+    def done(self) -> bool:
+        return False
+
+    def cancel(self) -> bool:
+        return True
 
 
 def deliver(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
@@ -104,17 +130,18 @@ class Bench:
 
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
+        self.loop = BenchLoop(asyncio.get_running_loop())
 
     def handshake(self, request: bytes, answer: bytes) -> bytes:
         """One handshake, accept to both connections lost; returns what the client was sent."""
         client = FakeTransport(("127.0.0.2", 40000))
         backend = FakeTransport(("127.0.0.1", 7001))
-        protocol = BenchConnection(self.ctx)
+        protocol = server.ClientConnection(self.ctx, loop=self.loop)  # type: ignore[arg-type]
         client.protocol = protocol
         protocol.connection_made(client)
         deliver(protocol, request)
-        assert len(BenchConnection.opened) == 1, "one backend should have been opened"
-        upstream = BenchConnection.opened.pop()
+        assert len(self.loop.opened) == 1, "one backend should have been opened"
+        upstream = self.loop.opened.pop()
         backend.protocol = upstream
         upstream.connection_made(backend)
         assert backend.written, "nothing was forwarded"

@@ -48,6 +48,7 @@ from bench.loadgen import Spec
 from bench.procs import HOST, BenchError, Child, Pinning
 from bench.report import Kind, Row, render_table, to_document
 from bench.wire import HEAD_END, client_request, first_frame, set_cookies, status_code
+from lb.compiled import compiled_state
 
 BACKENDS = 3
 READY_TIMEOUT = 20.0
@@ -197,6 +198,7 @@ def _header(
             f"nproc {os.cpu_count()}, {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, event loop {loop} (balancer: runtime.event_loop auto)"
         ),
+        "data plane": compiled_state().describe() + " (build_native.py; `make native PURE=1` for pure Python)",
         "pinning": pinning.note,
         "haproxy": ha,
         "limits": f"RLIMIT_NOFILE {nofile}; {plan.idle_connections} idle tunnels",

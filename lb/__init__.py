@@ -4,11 +4,45 @@ The handshake path: proxy.server (the asyncio shell) → proxy.connection (the s
 http.head, http.routing, ws.upgrade, affinity.carriers / codec / decision / balancing,
 http.forwarding) → proxy.tunnel.  The health path: control.health / control.discovery →
 state.pool → control.admin / control.metrics.  Pure layers: http, ws, affinity, state, config.
+
+The data plane may run compiled (`build_native.py`, `lb.compiled`); LB_PURE_PYTHON=1 in the
+environment runs the sources instead, without removing anything (`pure_python_requested`).
 """
 
+import os
+import sys
+from collections.abc import Sequence
+from importlib.abc import MetaPathFinder
+from importlib.machinery import SOURCE_SUFFIXES, FileFinder, ModuleSpec, SourceFileLoader
 from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
 
 try:
     __version__ = version("ws-affinity-lb")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
+
+
+def pure_python_requested() -> bool:
+    """LB_PURE_PYTHON=1: the operator's switch to rule the compiled modules out (of a bug, of a benchmark)."""
+    return os.environ.get("LB_PURE_PYTHON", "") not in ("", "0")
+
+
+class _SourcesOnly(MetaPathFinder):
+    """A meta-path finder that finds our submodules as `.py` files only, ahead of the extension modules
+    the path finder would pick first (workers, started by `sys.executable -m lb`, inherit the variable)."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if not fullname.startswith(__name__ + ".") or path is None:
+            return None
+        for entry in path:
+            spec = FileFinder(entry, (SourceFileLoader, SOURCE_SUFFIXES)).find_spec(fullname)
+            if spec is not None:
+                return spec
+        return None
+
+
+if pure_python_requested() and not any(isinstance(finder, _SourcesOnly) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _SourcesOnly())

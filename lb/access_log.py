@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 access = logging.getLogger("lb.access")
 
@@ -131,7 +131,7 @@ class RateLimitSummary:
     every refusal is also in lb_rejected_requests_total{status}.
     """
 
-    MAX_ADDRESSES = 1024  # distinct addresses remembered per interval; past that only counted
+    MAX_ADDRESSES: ClassVar[int] = 1024  # distinct addresses remembered per interval; past that only counted
 
     def __init__(
         self, interval: float = 10.0, *, status: int = 429, reason: str = "handshake_rate_limited",

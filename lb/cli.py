@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lb import __version__, startup_signals
+from lb.compiled import compiled_state, stale_message
 from lb.config.advice import advice
 from lb.config.load import load_config, read_config_text
 from lb.errors import ConfigError
@@ -130,8 +131,18 @@ def _print_problems(error: ConfigError) -> None:
         print(problem, file=sys.stderr)
 
 
+def _compiled_is_stale() -> bool:
+    """True (and said on stderr) when a compiled data-plane module is older than its source (`lb.compiled`)."""
+    state = compiled_state()
+    if state.stale:
+        print(f"lb: {stale_message(state)}", file=sys.stderr)
+    return bool(state.stale)
+
+
 def _run(args: argparse.Namespace) -> int:
     startup_signals.hold()  # first: a SIGHUP while starting must not kill us (its default action)
+    if _compiled_is_stale():
+        return EXIT_FAILURE
     config_path: Path = args.config
     try:
         text = read_config_text(config_path)  # with workers: N, they run this text (lb.control.workers)
@@ -151,6 +162,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     startup_signals.hold()
+    if _compiled_is_stale():
+        return EXIT_FAILURE
     from lb.control.workers import receive_config
 
     # The owner's running config, never the file: that may have changed since the owner read it.

@@ -3,16 +3,18 @@
 # smoke-test the result. Opt-in (not part of `make test`): it needs root, podman and mmdebstrap, and
 # the Debian archive and PyPI over the network.
 #
-#   1. base: mmdebstrap a minimal Debian ($DEBIAN_SUITE, default bookworm) with python3 and
+#   1. bases: mmdebstrap a minimal Debian ($DEBIAN_SUITE, default bookworm) with python3 and
 #      python3-venv into a tarball, `podman import` it as localhost/ws-affinity-lb-base:$DEBIAN_SUITE,
-#      and delete the tarball. Reused on the next run (REBUILD_BASE=1 makes it again).
+#      and delete the tarball; the same with gcc and python3-dev as ws-affinity-lb-build-base, for
+#      the build stage that compiles the data plane. Reused on the next run (REBUILD_BASE=1 makes
+#      them again).
 #   2. image: `podman build --isolation=chroot` of deploy/Containerfile with BASE set to that image,
 #      tagged localhost/ws-affinity-lb:<version> and :latest. Chroot isolation needs no OCI runtime
 #      and no cgroup setup, which is what lets it build inside a sandbox or an unprivileged CI job.
 #   3. smoke test with `podman run --network=none`: `lb --version` prints the package's version; the
 #      image's own `lb keygen` makes throwaway secrets; `lb validate` accepts the deploy config
 #      (deploy/kubernetes/base/lb.yaml) mounted where the Deployment mounts it; the process runs as
-#      uid 10001; uvloop imports; the demo gateway starts; the entry point is `lb run --config
+#      uid 10001; uvloop imports; the data plane is compiled; the demo gateway starts; the entry point is `lb run --config
 #      /etc/lb/lb.yaml`; and that default command, run as PID 1 on the deploy config, becomes
 #      ready on /readyz on uvloop and exits 0 on SIGTERM.
 #
@@ -25,6 +27,7 @@ IMAGE=${IMAGE:-localhost/ws-affinity-lb}
 DEBIAN_SUITE=${DEBIAN_SUITE:-bookworm}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 BASE_IMAGE=${BASE_IMAGE:-localhost/ws-affinity-lb-base:$DEBIAN_SUITE}
+BUILD_BASE_IMAGE=${BUILD_BASE_IMAGE:-localhost/ws-affinity-lb-build-base:$DEBIAN_SUITE}
 DEPLOY_CONFIG=${DEPLOY_CONFIG:-deploy/kubernetes/base/lb.yaml}
 WORK=build/image
 
@@ -52,22 +55,28 @@ mkdir -p "$WORK"
 tmp=$(mktemp -d "$PWD/$WORK/run.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 
-# ---- 1. the base image
-if [ "${REBUILD_BASE:-0}" = 1 ] || ! "${PODMAN[@]}" image exists "$BASE_IMAGE"; then
-    say "base: mmdebstrap $DEBIAN_SUITE (python3, python3-venv) from $DEBIAN_MIRROR"
-    # essential + python: no apt, no docs, no man pages, no locales; passwd for useradd.
-    mmdebstrap --quiet --variant=essential --include=python3,python3-venv,passwd \
-        --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
-        --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
-        "$DEBIAN_SUITE" "$tmp/base.tar" "$DEBIAN_MIRROR"
-    "${PODMAN[@]}" import --quiet --change 'CMD ["/bin/bash"]' \
-        --message "mmdebstrap $DEBIAN_SUITE + python3 for deploy/Containerfile" \
-        "$tmp/base.tar" "$BASE_IMAGE" >/dev/null
-    rm -f "$tmp/base.tar"
-    took "base: imported $BASE_IMAGE"
-else
-    say "base: reusing $BASE_IMAGE (REBUILD_BASE=1 to make it again)"
-fi
+# ---- 1. the base images: the run stage's (python3) and the build stage's (also gcc and Python's
+# headers, which compile the data plane; the same python3 at the same path, so the venv carries over)
+# mmdebstrap's essential variant: no apt, no docs, no man pages, no locales; passwd for useradd.
+make_base() {  # make_base IMAGE PACKAGES
+    local image=$1 packages=$2
+    if [ "${REBUILD_BASE:-0}" = 1 ] || ! "${PODMAN[@]}" image exists "$image"; then
+        say "base: mmdebstrap $DEBIAN_SUITE ($packages) from $DEBIAN_MIRROR"
+        mmdebstrap --quiet --variant=essential --include="$packages" \
+            --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+            --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+            "$DEBIAN_SUITE" "$tmp/base.tar" "$DEBIAN_MIRROR"
+        "${PODMAN[@]}" import --quiet --change 'CMD ["/bin/bash"]' \
+            --message "mmdebstrap $DEBIAN_SUITE + $packages for deploy/Containerfile" \
+            "$tmp/base.tar" "$image" >/dev/null
+        rm -f "$tmp/base.tar"
+        took "base: imported $image"
+    else
+        say "base: reusing $image (REBUILD_BASE=1 to make it again)"
+    fi
+}
+make_base "$BASE_IMAGE" python3,python3-venv,passwd
+make_base "$BUILD_BASE_IMAGE" python3,python3-venv,python3-dev,gcc,libc6-dev,passwd
 
 # ---- 2. the image
 # pip inside the build must trust what this host trusts (a TLS-inspecting proxy's CA, say), and use
@@ -86,9 +95,9 @@ ca=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
 } >"$tmp/pip/pip.conf"
 chmod -R a+rX "$tmp/pip"
 
-say "image: podman build --isolation=chroot FROM $BASE_IMAGE"
+say "image: podman build --isolation=chroot FROM $BUILD_BASE_IMAGE, then $BASE_IMAGE"
 "${PODMAN[@]}" build --isolation=chroot --layers \
-    --build-arg "BASE=$BASE_IMAGE" --build-arg PIP_CONFIG_FILE=/mnt/pip.conf \
+    --build-arg "BASE=$BASE_IMAGE" --build-arg "BUILD_BASE=$BUILD_BASE_IMAGE" --build-arg PIP_CONFIG_FILE=/mnt/pip.conf \
     --volume "$tmp/pip:/mnt:ro" --ignorefile deploy/image/containerignore \
     --file deploy/Containerfile --tag "$IMAGE:$VERSION" --tag "$IMAGE:latest" . \
     >"$tmp/build.log" 2>&1 || { tail -n 40 "$tmp/build.log" >&2; fail "podman build failed (last lines above)"; }
@@ -129,12 +138,15 @@ say "smoke: lb validate --config $DEPLOY_CONFIG (secrets: $(echo $names)) -> ok"
 uid=$("${RUN[@]}" --entrypoint id "$IMAGE:$VERSION" -u)
 [ "$uid" = 10001 ] || fail "the image runs as uid $uid, expected 10001"
 "${RUN[@]}" --entrypoint python3 "$IMAGE:$VERSION" -c 'import uvloop' || fail "uvloop does not import"
+compiled=$("${RUN[@]}" --entrypoint python3 "$IMAGE:$VERSION" -c \
+    'import lb.compiled as c; s = c.compiled_state(); print(s.describe()); assert s.modules and not s.stale') \
+    || fail "the image's data plane is not compiled, or is stale: $compiled"
 # The example StatefulSet runs the demo gateway from this image as `python -m backends_demo`.
 "${RUN[@]}" --entrypoint python "$IMAGE:$VERSION" -m backends_demo --help >/dev/null \
     || fail "python -m backends_demo (the example gateway's command) fails in the image"
 entry=$("${PODMAN[@]}" image inspect --format '{{json .Config.Entrypoint}} {{json .Config.Cmd}}' "$IMAGE:$VERSION")
 [ "$entry" = '["lb"] ["run","--config","/etc/lb/lb.yaml"]' ] || fail "unexpected entry point: $entry"
-say "smoke: uid 10001, uvloop imports, backends_demo runs, entry point $entry"
+say "smoke: uid 10001, uvloop imports, $compiled, backends_demo runs, entry point $entry"
 
 # The real thing, as Kubernetes runs it: the default entry point (lb is PID 1) on the deploy config;
 # /readyz answers 200 (polled against a deadline), the loop is uvloop's, and SIGTERM stops it with

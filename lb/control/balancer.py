@@ -57,6 +57,7 @@ from aiohttp import web
 
 from lb import startup_signals
 from lb.affinity.codec import TokenCodec
+from lb.compiled import compiled_state
 from lb.config.advice import advice
 from lb.config.load import load_config, read_config_text
 from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
@@ -204,6 +205,8 @@ class Balancer:
             )
         if self.admin_address is not None:
             log.info("admin API on %s:%d", *self.admin_address)
+        if self.role is not Role.WORKER:  # workers run the same files
+            log.info("data plane: %s", compiled_state().describe())
         self._advise()
         if self.role is not Role.OWNER:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())

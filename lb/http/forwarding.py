@@ -145,8 +145,12 @@ def strip_query_param(target: str, name: str) -> str:
 
 def query_values(target: str, name: str) -> list[str]:
     """Values of query parameter `name` (tokens are base64url: no percent-decoding needed)."""
-    query = target.partition("?")[2]
-    return [value for key, eq, value in (pair.partition("=") for pair in query.split("&")) if eq and key == name]
+    values = []
+    for pair in target.partition("?")[2].split("&"):
+        key, eq, value = pair.partition("=")
+        if eq and key == name:
+            values.append(value)
+    return values
 
 
 def render_client_response(

@@ -54,6 +54,7 @@ class TunnelEnd(asyncio.BufferedProtocol):
     """One side of a tunnel: reads from its own transport, writes into `peer`."""
 
     __slots__ = ("full", "nbytes", "peer", "tunnel")
+    __deletable__ = ("peer", "tunnel")  # compiled (mypyc), a native class deletes only these: see forget()
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
         self.tunnel = tunnel

@@ -9,10 +9,10 @@ import pytest
 from support_poll import wait_for as _wait
 from test_connection import CONFIG
 
-from bench.handshake_shell import deliver
+from bench.handshake_shell import BenchLoop, FakeTransport, deliver
 from lb.config.load import parse_config
 from lb.proxy import connection as core_module
-from lb.proxy.server import client_factory, stop_in_flight
+from lb.proxy.server import ClientConnection, client_factory, stop_in_flight
 from lb.state.context import ProxyContext
 
 
@@ -66,22 +66,30 @@ async def test_idle_and_partial_connections_at_stop() -> None:
         server.close()
 
 
-def test_a_backend_read_while_the_client_is_full_is_paused_again() -> None:
+async def test_a_backend_read_while_the_client_is_full_is_paused_again() -> None:
     """uvloop starts reading a new connection after connection_made returns, undoing a pause made
     there; so the first bytes a backend sends while the client is not reading pause it again."""
-    from types import SimpleNamespace
 
-    from lb.proxy.server import _Upstream
-
-    received: list[bytes] = []
-    core = SimpleNamespace(receive_backend=lambda data, now: received.append(data))
-    owner = SimpleNamespace(client_full=True, core=core)
-    owner.drive = lambda event, *args: event(*args)
     calls: list[str] = []
-    upstream = _Upstream(owner)  # type: ignore[arg-type]
-    upstream.transport = SimpleNamespace(pause_reading=lambda: calls.append("pause"))  # type: ignore[assignment]
-    deliver(upstream, b"HTTP/1.1 200 OK\r\n")
-    assert calls == ["pause"] and received == [b"HTTP/1.1 200 OK\r\n"]
-    owner.client_full = False
-    deliver(upstream, b"more")
+
+    class Backend(FakeTransport):
+        def pause_reading(self) -> None:
+            calls.append("pause")
+
+    loop = BenchLoop(asyncio.get_running_loop())
+    client = FakeTransport(("127.0.0.2", 40000))
+    connection = ClientConnection(_ctx(), loop=loop)  # type: ignore[arg-type]
+    connection.connection_made(client)  # type: ignore[arg-type]
+    deliver(connection, b"GET /a/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    upstream = loop.opened.pop()
+    backend = Backend(("127.0.0.1", 7001))
+    upstream.connection_made(backend)
+    connection.pause_writing()  # the client stopped reading: the backend is paused ...
     assert calls == ["pause"]
+    calls.clear()  # ... and then, as uvloop does, reads anyway
+    deliver(upstream, b"HTTP/1.1 200 OK\r\n")
+    assert calls == ["pause"]
+    connection.resume_writing()
+    deliver(upstream, b"Content-Length: 0\r\n\r\n")
+    assert calls == ["pause"]
+    assert b"".join(client.written).startswith(b"HTTP/1.1 200 OK\r\n"), client.written  # the first read was kept

@@ -9,6 +9,7 @@ reason is logged, and a different class would be a different answer (400, 501, 5
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import _head_reference as reference
@@ -215,7 +216,7 @@ def _outcome(parse: Callable[[], object]) -> object:
     head = parsed.head  # type: ignore[attr-defined]
     return (
         type(parsed).__name__,
-        [getattr(parsed, name) for name in type(parsed).__slots__ if name != "head"],
+        [getattr(parsed, field.name) for field in dataclasses.fields(parsed) if field.name != "head"],  # type: ignore[arg-type]
         head.start_line,
         head.headers,
         head._index,
