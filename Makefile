@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# The data plane compiled with mypyc (build_native.py), rebuilt when any of our modules changes.
+# The data plane compiled with mypyc (build_native.py), rebuilt when any of our modules changes
+# (and tried again on the next make after a fallback to pure Python: the stamp marks success only).
 # NATIVE_ARGS=--require fails the build instead of falling back to pure Python (CI does);
-# PURE=1 removes the compiled modules instead (same behaviour, more CPU per handshake).
+# PURE=1 on any target runs it with the compiled modules removed (same behaviour, more CPU per handshake).
 NATIVE_ARGS ?=
 NATIVE := $(VENV)/.native$(if $(PURE),-pure)
 CONFIG ?= config.example.yaml
@@ -24,8 +25,7 @@ install: $(NATIVE)
 
 $(NATIVE): $(STAMP) build_native.py $(shell find lb -name '*.py')
 	@rm -f $(VENV)/.native $(VENV)/.native-pure
-	$(BIN)/python build_native.py $(if $(PURE),--remove,$(NATIVE_ARGS))
-	@touch $@
+	$(BIN)/python build_native.py $(if $(PURE),--remove,$(NATIVE_ARGS)) --stamp $@
 
 native: $(NATIVE)
 

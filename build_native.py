@@ -1,6 +1,6 @@
-"""Compile the data plane with mypyc: `python build_native.py [--into DIR] [--require | --remove]` (`make native`).
+"""Compile the data plane with mypyc: `python build_native.py [--into DIR] [--require | --remove] [--stamp F]`.
 
-Why: a WebSocket handshake runs through the modules in `DATA_PLANE`, and in Python about two fifths
+Why: a WebSocket handshake runs through the modules in `DATA_PLANE`, and in Python about a third
 of its instructions were the interpreter itself (the bytecode loop, frame set-up, attribute
 look-ups): `python -m bench.instructions --by-function 12`. mypyc compiles the same typed source
 (`mypy --strict` already holds it) to C extension modules, with native classes and direct calls.
@@ -9,17 +9,23 @@ modules, and the `.py` files stay the pure-Python fallback for a machine without
 
 What: the modules are compiled from this checkout and each extension module is placed next to its
 source in `DIR` (default: this checkout's `lb`, which an editable install imports; the container
-image passes its installed package). Python imports an extension module before a `.py` of the same
-name. `lb.compiled` finds sources edited later, and `lb` refuses to run them stale.
+image passes its installed package, whose sources must be this checkout's), each file written
+under a temporary name and renamed into place, then `lb/_native.json`, the manifest
+`lb.compiled` checks at start-up (the SHA-256 of every source, read before compiling). Python
+imports an extension module before a `.py` of the same name; `lb` refuses to run a build that no
+longer matches its sources. One build at a time per package (a lock file beside the manifest).
 
-Without a C compiler, or if compiling fails, the old extension modules are removed, the reason is
-printed and the exit status is 0 (pure Python, slower per handshake, same behaviour); `--require`
-makes that exit 1 (CI and the image want the compiled build or nothing).
+Without a C compiler or Python's headers, or if compiling fails, the old build is removed, the
+reason is printed and the exit status is 0 (pure Python, slower per handshake, same behaviour);
+`--require` makes that exit 1 (CI and the image want the compiled build or nothing). `--stamp F`
+is written only when the build (or `--remove`) succeeded, so `make` tries again next time.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import os
 import shutil
 import sys
@@ -30,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from lb.compiled import GROUP, SHARED_LIBRARY
+from lb.compiled import EXT_SUFFIX, GROUP, MANIFEST, SHARED_LIBRARY, source_digest
 
 ROOT = Path(__file__).resolve().parent
 PACKAGE = ROOT / "lb"
@@ -38,6 +44,11 @@ PACKAGE = ROOT / "lb"
 # per reload or per request to the admin port.  lb/errors.py subclasses OSError, which a native
 # class cannot, and is not per connection.
 DATA_PLANE = ("lb/http", "lb/proxy", "lb/affinity", "lb/state", "lb/ws", "lb/log.py", "lb/access_log.py", "lb/tls.py")
+LOCK = ".native.lock"  # in the package: one build at a time
+
+
+class BuildProblem(Exception):
+    """Why the data plane stays pure Python this time (printed, exit 0 unless --require)."""
 
 
 def sources() -> list[str]:
@@ -50,14 +61,40 @@ def sources() -> list[str]:
     return found
 
 
+def module_name(source: str) -> str:
+    return source.removesuffix(".py").replace("/", ".")
+
+
 def remove_compiled(package: Path) -> int:
-    """Delete every extension module under `package` (a failed build must not leave old ones)."""
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    """Delete the manifest first (a half-removed build is then refused, not run), then every extension
+    module under `package`, for any interpreter; returns how many modules (the shared runtime aside)."""
+    (package / MANIFEST).unlink(missing_ok=True)
     removed = 0
-    for path in package.rglob(f"*{suffix}"):
+    for path in package.rglob("*.so"):
         path.unlink()
-        removed += 1
+        removed += not path.name.startswith(SHARED_LIBRARY)
     return removed
+
+
+def check_toolchain() -> None:
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        raise BuildProblem(f"no C compiler `{compiler}` (Debian: apt-get install gcc)")
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    if not headers.exists():
+        raise BuildProblem(f"no Python headers ({headers}; Debian: apt-get install python3-dev)")
+
+
+def digests(root: Path) -> dict[str, str]:
+    """module → SHA-256 of its source under `root` (the directory holding `lb`)."""
+    return {module_name(source): source_digest(root / source) for source in sources()}
+
+
+def _digests_or_none(root: Path) -> dict[str, str] | None:
+    try:
+        return digests(root)
+    except FileNotFoundError:
+        return None
 
 
 def parallel_compile(compiler: Any, jobs: int) -> None:
@@ -90,41 +127,51 @@ def parallel_compile(compiler: Any, jobs: int) -> None:
 
 
 def compile_into(package: Path, jobs: int) -> int:
-    """Compile `sources()` in a scratch directory and copy the extension modules into `package`."""
-    from mypyc.build import mypycify  # imported here: a dev dependency, needed only when compiling
-    from setuptools import setup
-    from setuptools.command.build_ext import build_ext
+    """Compile `sources()` in a scratch directory, place the modules in `package`, write the manifest."""
+    try:
+        from mypyc.build import mypycify  # a dev dependency, needed only when compiling
+        from setuptools import setup
+        from setuptools.command.build_ext import build_ext
+    except ImportError as exc:
+        raise BuildProblem(f"{exc} (pip install -e '.[dev]': mypy and setuptools)") from exc
 
+    compiled = digests(ROOT)  # before mypyc reads them: an edit made during the build is an edit after it
+    if package != PACKAGE and _digests_or_none(package.parent) != compiled:
+        raise BuildProblem(f"the sources in {package} are not this checkout's: compile that tree instead")
     with tempfile.TemporaryDirectory(prefix="lb-native-") as scratch:
         os.environ["MYPY_CACHE_DIR"] = str(Path(scratch, "mypy-cache"))
         os.chdir(ROOT)  # mypyc names modules by their path from here, and reads pyproject.toml's [tool.mypy]
-        modules = mypycify(sources(), opt_level="3", group_name=GROUP, target_dir=str(Path(scratch, "c")),
-                           multi_file=jobs > 1)
-        for extension in modules:
+        extensions = mypycify(sources(), opt_level="3", group_name=GROUP, target_dir=str(Path(scratch, "c")),
+                              multi_file=jobs > 1)
+        for extension in extensions:
             # mypyc writes the group's headers under the group's package (c/lb/), but its multi_file
             # sources include them by bare name: let the compiler look there.
             extension.include_dirs.append(str(Path(scratch, "c", *GROUP.split(".")[:-1])))
         built = Path(scratch, "lib")
-        # setup() reads pyproject.toml from here too; its [tool.setuptools] table is for the package.
-        warnings.filterwarnings("ignore", message=r"Support for `\[tool.setuptools\]`")
+
         class BuildExt(build_ext):  # type: ignore[misc]  # setuptools is untyped here
             def build_extensions(self) -> None:
                 parallel_compile(self.compiler, jobs)
                 super().build_extensions()
 
+        # setup() reads pyproject.toml from here too; its [tool.setuptools] table is for the package.
+        warnings.filterwarnings("ignore", message=r"Support for `\[tool.setuptools\]`")
         setup(
             name="lb-native",
-            ext_modules=modules,
+            ext_modules=extensions,
             cmdclass={"build_ext": BuildExt},
             script_args=["--quiet", "build_ext", "--build-lib", str(built), "--build-temp", str(Path(scratch, "o"))],
         )
-        modules = 0
-        for extension in built.rglob("*"):
-            if extension.is_file():
-                target = package.parent / extension.relative_to(built)
-                shutil.copyfile(extension, target)  # a fresh mtime: newer than its source (lb.compiled)
-                modules += not extension.name.startswith(SHARED_LIBRARY)
-    return modules
+        for extension_file in sorted(built.rglob(f"*{EXT_SUFFIX}")):
+            target = package.parent / extension_file.relative_to(built)
+            partial = target.with_name(target.name + ".partial")
+            shutil.copyfile(extension_file, partial)
+            os.replace(partial, target)  # never a half-written module, even for a process that has it mapped
+    manifest = {"ext_suffix": EXT_SUFFIX, "group": GROUP, "modules": compiled}
+    partial = package / (MANIFEST + ".partial")
+    partial.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, package / MANIFEST)  # last: until it exists the build is refused as unfinished
+    return len(compiled)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,30 +179,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--into", type=Path, default=PACKAGE, help="the `lb` package to put the modules in")
     parser.add_argument("--require", action="store_true", help="exit 1 unless the data plane was compiled")
     parser.add_argument("--remove", action="store_true", help="only remove the compiled modules (pure Python)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="C compilers in parallel")
+    parser.add_argument("--stamp", type=Path, help="a file to touch when the build (or --remove) succeeded")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="C compilers at once")
     args = parser.parse_args(argv)
     package = args.into.resolve()
     if package.name != "lb" or not (package / "__init__.py").exists():
         parser.error(f"--into {package}: not an `lb` package")
-    removed = remove_compiled(package)
-    if args.remove:
-        print(f"build_native: removed {removed} compiled modules; the data plane is pure Python")
-        return 0
-    problem = None
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    if shutil.which(compiler) is None:
-        problem = "no C compiler (Debian: apt-get install gcc)"
-    else:
-        try:
-            copied = compile_into(package, args.jobs)
-        except (Exception, SystemExit) as exc:  # mypyc's type errors and a compiler's end in SystemExit
-            remove_compiled(package)
-            problem = f"compiling failed: {exc!r}"
-    if problem is not None:
-        print(f"build_native: {problem}; the data plane stays pure Python (same behaviour, more CPU per handshake)",
-              file=sys.stderr)
-        return 1 if args.require else 0
-    print(f"build_native: {copied} modules compiled into {package}")
+    with open(package / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second make waits for the first, then builds over it
+        removed = remove_compiled(package)
+        if args.remove:
+            print(f"build_native: removed {removed} compiled modules; the data plane is pure Python")
+        else:
+            try:
+                check_toolchain()
+                count = compile_into(package, max(1, args.jobs))
+            except (BuildProblem, Exception, SystemExit) as exc:  # a compiler's failure ends in SystemExit
+                remove_compiled(package)
+                reason = str(exc) if isinstance(exc, BuildProblem) else f"compiling failed: {exc!r}"
+                print(f"build_native: {reason}; the data plane stays pure Python "
+                      "(same behaviour, more CPU per handshake)", file=sys.stderr)
+                return 1 if args.require else 0
+            print(f"build_native: {count} modules compiled into {package}")
+    if args.stamp is not None:
+        args.stamp.touch()
     return 0
 
 

@@ -24,8 +24,9 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 
 def pure_python_requested() -> bool:
-    """LB_PURE_PYTHON=1: the operator's switch to rule the compiled modules out (of a bug, of a benchmark)."""
-    return os.environ.get("LB_PURE_PYTHON", "") not in ("", "0")
+    """LB_PURE_PYTHON=1 (or true, yes, on): the operator's switch to rule the compiled modules out
+    (of a suspected fault, of a benchmark). Any other value, or none, leaves them in."""
+    return os.environ.get("LB_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class _SourcesOnly(MetaPathFinder):

@@ -132,7 +132,7 @@ def _print_problems(error: ConfigError) -> None:
 
 
 def _compiled_is_stale() -> bool:
-    """True (and said on stderr) when a compiled data-plane module is older than its source (`lb.compiled`)."""
+    """True (and said on stderr) when the compiled data plane no longer matches its sources (`lb.compiled`)."""
     state = compiled_state()
     if state.stale:
         print(f"lb: {stale_message(state)}", file=sys.stderr)
@@ -162,8 +162,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     startup_signals.hold()
-    if _compiled_is_stale():
-        return EXIT_FAILURE
+    # No check of the compiled build here: the owner checked it when it started, and a worker it
+    # restarts later loads the same module files (a `git pull` changes sources, not the build), so
+    # refusing would only lose the worker for good.
     from lb.control.workers import receive_config
 
     # The owner's running config, never the file: that may have changed since the owner read it.

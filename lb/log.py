@@ -161,7 +161,11 @@ class AccessLineWriter:
         else:
             line = iso_utc(now) + self._prefix + text
         handler = self._handler
-        handler.acquire()  # the same lock the ordinary path takes: lines from other threads never interleave
+        # The same lock the ordinary path takes (lines from other threads never interleave), taken
+        # directly: Handler.acquire() is a Python-level call around it.
+        lock = handler.lock
+        if lock is not None:
+            lock.acquire()
         try:
             stream = handler.stream
             stream.write(line + handler.terminator)
@@ -172,7 +176,8 @@ class AccessLineWriter:
             handler.handleError(logging.makeLogRecord({"name": "lb.access", "msg": text, "levelno": logging.INFO,
                                                        "levelname": "INFO"}))
         finally:
-            handler.release()
+            if lock is not None:
+                lock.release()
 
 
 _process_name = ""

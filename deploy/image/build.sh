@@ -3,11 +3,11 @@
 # smoke-test the result. Opt-in (not part of `make test`): it needs root, podman and mmdebstrap, and
 # the Debian archive and PyPI over the network.
 #
-#   1. bases: mmdebstrap a minimal Debian ($DEBIAN_SUITE, default bookworm) with python3 and
-#      python3-venv into a tarball, `podman import` it as localhost/ws-affinity-lb-base:$DEBIAN_SUITE,
-#      and delete the tarball; the same with gcc and python3-dev as ws-affinity-lb-build-base, for
-#      the build stage that compiles the data plane. Reused on the next run (REBUILD_BASE=1 makes
-#      them again).
+#   1. bases: mmdebstrap a minimal Debian ($DEBIAN_SUITE, default bookworm) with python3,
+#      python3-venv and libstdc++6 into a tarball, `podman import` it as
+#      localhost/ws-affinity-lb-base:$DEBIAN_SUITE-<hash of the package list>, and delete the
+#      tarball; the same with gcc and python3-dev as ws-affinity-lb-build-base, for the build stage
+#      that compiles the data plane. Reused on the next run (REBUILD_BASE=1 makes them again).
 #   2. image: `podman build --isolation=chroot` of deploy/Containerfile with BASE set to that image,
 #      tagged localhost/ws-affinity-lb:<version> and :latest. Chroot isolation needs no OCI runtime
 #      and no cgroup setup, which is what lets it build inside a sandbox or an unprivileged CI job.
@@ -26,8 +26,14 @@ cd "$(dirname "$0")/../.."
 IMAGE=${IMAGE:-localhost/ws-affinity-lb}
 DEBIAN_SUITE=${DEBIAN_SUITE:-bookworm}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-BASE_IMAGE=${BASE_IMAGE:-localhost/ws-affinity-lb-base:$DEBIAN_SUITE}
-BUILD_BASE_IMAGE=${BUILD_BASE_IMAGE:-localhost/ws-affinity-lb-build-base:$DEBIAN_SUITE}
+# libstdc++6: google-crc32c's wheel bundles libcrc32c, a C++ library; without it the CRC32c of a PROXY v2
+# header silently falls back to pure Python (Debian's slim images have it through apt; essential has no apt).
+RUN_PACKAGES=python3,python3-venv,passwd,libstdc++6
+BUILD_PACKAGES=python3,python3-venv,python3-dev,gcc,libc6-dev,passwd
+# A base is reused while its tag exists; the tag names its package list, so a changed list makes a new one.
+packages_tag() { printf '%s' "$1" | sha256sum | cut -c1-8; }
+BASE_IMAGE=${BASE_IMAGE:-localhost/ws-affinity-lb-base:$DEBIAN_SUITE-$(packages_tag "$RUN_PACKAGES")}
+BUILD_BASE_IMAGE=${BUILD_BASE_IMAGE:-localhost/ws-affinity-lb-build-base:$DEBIAN_SUITE-$(packages_tag "$BUILD_PACKAGES")}
 DEPLOY_CONFIG=${DEPLOY_CONFIG:-deploy/kubernetes/base/lb.yaml}
 WORK=build/image
 
@@ -75,8 +81,8 @@ make_base() {  # make_base IMAGE PACKAGES
         say "base: reusing $image (REBUILD_BASE=1 to make it again)"
     fi
 }
-make_base "$BASE_IMAGE" python3,python3-venv,passwd
-make_base "$BUILD_BASE_IMAGE" python3,python3-venv,python3-dev,gcc,libc6-dev,passwd
+make_base "$BASE_IMAGE" "$RUN_PACKAGES"
+make_base "$BUILD_BASE_IMAGE" "$BUILD_PACKAGES"
 
 # ---- 2. the image
 # pip inside the build must trust what this host trusts (a TLS-inspecting proxy's CA, say), and use
@@ -138,6 +144,8 @@ say "smoke: lb validate --config $DEPLOY_CONFIG (secrets: $(echo $names)) -> ok"
 uid=$("${RUN[@]}" --entrypoint id "$IMAGE:$VERSION" -u)
 [ "$uid" = 10001 ] || fail "the image runs as uid $uid, expected 10001"
 "${RUN[@]}" --entrypoint python3 "$IMAGE:$VERSION" -c 'import uvloop' || fail "uvloop does not import"
+"${RUN[@]}" --entrypoint python3 "$IMAGE:$VERSION" -W error -c 'import google_crc32c; assert google_crc32c.implementation == "c"' \
+    || fail "google-crc32c runs its pure-Python fallback in the image (its C extension does not load)"
 compiled=$("${RUN[@]}" --entrypoint python3 "$IMAGE:$VERSION" -c \
     'import lb.compiled as c; s = c.compiled_state(); print(s.describe()); assert s.modules and not s.stale') \
     || fail "the image's data plane is not compiled, or is stale: $compiled"
@@ -146,7 +154,7 @@ compiled=$("${RUN[@]}" --entrypoint python3 "$IMAGE:$VERSION" -c \
     || fail "python -m backends_demo (the example gateway's command) fails in the image"
 entry=$("${PODMAN[@]}" image inspect --format '{{json .Config.Entrypoint}} {{json .Config.Cmd}}' "$IMAGE:$VERSION")
 [ "$entry" = '["lb"] ["run","--config","/etc/lb/lb.yaml"]' ] || fail "unexpected entry point: $entry"
-say "smoke: uid 10001, uvloop imports, $compiled, backends_demo runs, entry point $entry"
+say "smoke: uid 10001, uvloop imports, crc32c in C, $compiled, backends_demo runs, entry point $entry"
 
 # The real thing, as Kubernetes runs it: the default entry point (lb is PID 1) on the deploy config;
 # /readyz answers 200 (polled against a deadline), the loop is uvloop's, and SIGTERM stops it with

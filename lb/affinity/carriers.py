@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import unquote
 
 from lb.affinity.balancing import source_key
@@ -50,15 +50,25 @@ from lb.http.forwarding import query_values, strip_query_param
 from lb.http.head import RequestHead, ResponseHead
 
 
-@dataclass(slots=True)  # not frozen, never mutated: a frozen __init__ costs ~1 µs, and this is built per request
+@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
 class TokenLookup:
     """The first token that opened, and what was wrong with the ones that did not."""
 
-    claim: Claim | None = None
-    token: str | None = None
-    from_cookie: bool = False
-    rejected: dict[str, str] = field(default_factory=dict)  # token → InvalidToken reason
-    others: tuple[str, ...] = ()  # valid pins for other pools, kept when this pool's pin is re-issued
+    claim: Claim | None
+    token: str | None
+    from_cookie: bool
+    rejected: dict[str, str]  # token → InvalidToken reason
+    others: tuple[str, ...]  # valid pins for other pools, kept when this pool's pin is re-issued
+
+    def __init__(
+        self, claim: Claim | None = None, token: str | None = None, from_cookie: bool = False,
+        rejected: dict[str, str] | None = None, others: tuple[str, ...] = (),
+    ) -> None:
+        self.claim = claim
+        self.token = token
+        self.from_cookie = from_cookie
+        self.rejected = {} if rejected is None else rejected
+        self.others = others
 
 
 # Pins one cookie value carries at most (one per pool); the oldest goes first beyond it.
@@ -146,7 +156,7 @@ def balance_key(request: RequestHead, pool: PoolConfig, client_ip: str) -> str |
     return value or None
 
 
-@dataclass(slots=True)  # not frozen, never mutated: a frozen __init__ costs ~1 µs, and this is built per request
+@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
 class ForwardPlan:
     """How the request head changes on its way to the backend (arguments of render_forwarded_request)."""
 
@@ -154,6 +164,15 @@ class ForwardPlan:
     drop: frozenset[str]
     target: str | None
     add: list[tuple[str, str]]
+
+    def __init__(
+        self, rewrite_cookie: Callable[[str], str | None], drop: frozenset[str], target: str | None,
+        add: list[tuple[str, str]],
+    ) -> None:
+        self.rewrite_cookie = rewrite_cookie
+        self.drop = drop
+        self.target = target
+        self.add = add
 
 
 def plan_forward(request: RequestHead, affinity: AffinityConfig, lookup: TokenLookup, to_claimed: bool) -> ForwardPlan:

@@ -56,15 +56,24 @@ _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
-@dataclass(slots=True)  # not frozen, never mutated: a frozen __init__ costs ~1 µs, and this is built per request
+@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
 class Claim:
     """What a token says: the backend, when it was issued, and the client's session."""
 
     backend_id: str
     issued_at: int
     session: bytes
-    app_value: str | None = None  # rewrite mode: the backend's own cookie value
-    pool: str | None = None  # None: a version-1 token, valid for any pool
+    app_value: str | None  # rewrite mode: the backend's own cookie value
+    pool: str | None  # None: a version-1 token, valid for any pool
+
+    def __init__(
+        self, backend_id: str, issued_at: int, session: bytes, app_value: str | None = None, pool: str | None = None
+    ) -> None:
+        self.backend_id = backend_id
+        self.issued_at = issued_at
+        self.session = session
+        self.app_value = app_value
+        self.pool = pool
 
     def for_pool(self, pool: str) -> bool:
         """Whether this pin may route in `pool`."""

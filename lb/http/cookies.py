@@ -196,7 +196,7 @@ def render_set_cookie(
     parts.append(f"Max-Age={max_age}" if max_age is not None else f"Expires={expires}")
     if http_only:
         parts.append("HttpOnly")
-    parts.append(f"SameSite={same_site.value}")
+    parts.append(f"SameSite={same_site}")  # a StrEnum formats as its value (`.value` is a Python-level property)
     if secure:
         parts.append("Secure")
     parts.extend(extra)

@@ -127,13 +127,20 @@ def protected_headers(affinity_header: str) -> frozenset[str]:
     return PROTECTED_HEADERS | {affinity_header.lower()}
 
 
-@dataclass(slots=True)  # not frozen, never mutated: a frozen __init__ costs ~1 µs, and this is built per request
+@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
 class Head:
     """A parsed request or response head; header names keep their case and order."""
 
     start_line: tuple[str, str, str]  # (method, target, version) or (version, status, reason)
     headers: tuple[tuple[str, str], ...]
     _index: dict[str, list[str]] = field(repr=False, compare=False)
+
+    def __init__(
+        self, start_line: tuple[str, str, str], headers: tuple[tuple[str, str], ...], _index: dict[str, list[str]]
+    ) -> None:
+        self.start_line = start_line
+        self.headers = headers
+        self._index = _index
 
     def get(self, name: str) -> str | None:
         """The first value of header `name` (case-insensitive), or None."""
@@ -162,14 +169,25 @@ class Head:
         return False
 
 
-@dataclass(slots=True)  # not frozen, never mutated: a frozen __init__ costs ~1 µs, and this is built per request
+@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
 class RequestHead:
     method: str
     target: str  # origin-form (an absolute-form target is rewritten; see `absolute_target`)
     version: str
     head: Head
-    absolute_target: str | None = None  # the target as received, when it was absolute-form
-    dropped: tuple[str, ...] = ()  # header names dropped as aliases of ours (`X_Forwarded_For`)
+    absolute_target: str | None  # the target as received, when it was absolute-form
+    dropped: tuple[str, ...]  # header names dropped as aliases of ours (`X_Forwarded_For`)
+
+    def __init__(
+        self, method: str, target: str, version: str, head: Head, absolute_target: str | None = None,
+        dropped: tuple[str, ...] = (),
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.head = head
+        self.absolute_target = absolute_target
+        self.dropped = dropped
 
     @property
     def content_length(self) -> int | None:
@@ -199,12 +217,18 @@ class RequestHead:
         return target if query < 0 else target[:query]
 
 
-@dataclass(slots=True)  # not frozen, never mutated: a frozen __init__ costs ~1 µs, and this is built per request
+@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
 class ResponseHead:
     version: str
     status: int
     reason: str
     head: Head
+
+    def __init__(self, version: str, status: int, reason: str, head: Head) -> None:
+        self.version = version
+        self.status = status
+        self.reason = reason
+        self.head = head
 
 
 def has_bare_lf(buffer: bytes | bytearray, start: int) -> bool:
