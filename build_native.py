@@ -167,7 +167,7 @@ def compile_into(package: Path, jobs: int) -> int:
             partial = target.with_name(target.name + ".partial")
             shutil.copyfile(extension_file, partial)
             os.replace(partial, target)  # never a half-written module, even for a process that has it mapped
-    manifest = {"ext_suffix": EXT_SUFFIX, "group": GROUP, "modules": compiled}
+    manifest = {"ext_suffix": EXT_SUFFIX, "modules": compiled}
     partial = package / (MANIFEST + ".partial")
     partial.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     os.replace(partial, package / MANIFEST)  # last: until it exists the build is refused as unfinished
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 check_toolchain()
                 count = compile_into(package, max(1, args.jobs))
-            except (BuildProblem, Exception, SystemExit) as exc:  # a compiler's failure ends in SystemExit
+            except (Exception, SystemExit) as exc:  # BuildProblem, or a compiler's failure (SystemExit)
                 remove_compiled(package)
                 reason = str(exc) if isinstance(exc, BuildProblem) else f"compiling failed: {exc!r}"
                 print(f"build_native: {reason}; the data plane stays pure Python "

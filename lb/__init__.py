@@ -45,5 +45,5 @@ class _SourcesOnly(MetaPathFinder):
         return None
 
 
-if pure_python_requested() and not any(isinstance(finder, _SourcesOnly) for finder in sys.meta_path):
+if pure_python_requested():  # this file runs once per process
     sys.meta_path.insert(0, _SourcesOnly())

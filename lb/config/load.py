@@ -966,7 +966,7 @@ def _listeners(value: object, check: _Checker) -> tuple[ListenerConfig, ...] | N
     listeners = [_listener(item, f"listeners[{i}]", check) for i, item in enumerate(items)]
     # The first listener at each (port, bind key): one look-up per listener, whatever their number
     # (a walk over the earlier ones made a 50,000-listener file a matter of minutes).
-    firsts: dict[tuple[int, str], int] = {}
+    firsts: dict[tuple[int, _BindKey], int] = {}
     for i, listener in enumerate(listeners):
         # Port 0 (an ephemeral port, as tests use) can repeat; anything else would fail to bind,
         # and so would an address beside its family's wildcard (127.0.0.1:8080 and 0.0.0.0:8080).
@@ -1088,36 +1088,31 @@ def _check_admin_bind(admin: AdminConfig, listeners: Sequence[ListenerConfig], c
 
 
 _WILDCARDS = {"0.0.0.0": 4, "::": 6}
+_BindKey = tuple[str, str | int]
 
 
-def _bind_keys(host: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The keys a bind on `host` claims on its port, and those of earlier binds it collides with
-    (`_overlap`, as keys): the host itself; an address also claims its family, which its family's
-    wildcard collides with, and the wildcard claims the family's wildcard, which its addresses
-    collide with."""
-    host = host.lower().strip("[]")
-    wildcard = _WILDCARDS.get(host)
-    if wildcard is not None:
-        return (host, f"any{wildcard}"), (host, f"ip{wildcard}")
-    for version in (4, 6):
-        if _is_ip(host, version=version):
-            return (host, f"ip{version}"), (host, f"any{version}")
-    return (host,), (host,)
-
-
-def _overlap(one: str, other: str) -> bool:
-    """Whether two binds on one port collide: the same host, or a wildcard and an address of its family.
+def _bind_keys(host: str) -> tuple[tuple[_BindKey, ...], tuple[_BindKey, ...]]:
+    """The keys a bind on `host` claims on its port, and those of other binds it collides with: the
+    host itself; an address also claims its family, which its family's wildcard collides with, and
+    the wildcard claims the family's wildcard, which its addresses collide with.  Tagged, so that a
+    host name can never equal a family's key.
 
     `::` takes no IPv4 address: every socket here is IPV6_V6ONLY.  Names are compared as written
     (resolving them is the start's business).
     """
-    one, other = one.lower().strip("[]"), other.lower().strip("[]")
-    if one == other:
-        return True
-    for wildcard, version in (("0.0.0.0", 4), ("::", 6)):
-        if (one == wildcard and _is_ip(other, version=version)) or (other == wildcard and _is_ip(one, version=version)):
-            return True
-    return False
+    host = host.lower().strip("[]")
+    wildcard = _WILDCARDS.get(host)
+    if wildcard is not None:
+        return (("host", host), ("any", wildcard)), (("host", host), ("ip", wildcard))
+    for version in (4, 6):
+        if _is_ip(host, version=version):
+            return (("host", host), ("ip", version)), (("host", host), ("any", version))
+    return (("host", host),), (("host", host),)
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Whether two binds on one port collide (`_bind_keys`, for a pair)."""
+    return not set(_bind_keys(one)[0]).isdisjoint(_bind_keys(other)[1])
 
 
 def _affinity(value: object, check: _Checker) -> AffinityConfig | None:

@@ -40,7 +40,7 @@ def _build(package: Path, modules: tuple[str, ...] = tuple(SOURCES), suffix: str
         (package.parent / module.replace(".", "/")).with_name(module.rpartition(".")[2] + SUFFIX).write_bytes(b"")
     (package / f"{SHARED_LIBRARY}{SUFFIX}").write_bytes(b"")
     digests = {module: source_digest(package / SOURCES[module]) for module in modules}
-    (package / MANIFEST).write_text(json.dumps({"ext_suffix": suffix, "group": "lb._native", "modules": digests}))
+    (package / MANIFEST).write_text(json.dumps({"ext_suffix": suffix, "modules": digests}))
 
 
 def test_pure_python_has_no_modules_and_nothing_stale(tmp_path: Path) -> None:
