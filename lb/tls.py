@@ -13,6 +13,7 @@ import ssl
 
 from lb.config.model import TlsConfig
 from lb.proxy.reading import READ_CHUNK
+from lb.proxy.tunnel import FLUSH_STALL
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -52,8 +53,9 @@ TLS_READ_HIGH = READ_CHUNK
 # our close_notify: the TLS layer of both loops has one timer for the two, whose default, 30 s, kept
 # a closed connection's descriptor and its place in limits.max_connections for that long after its
 # end (a client that never answers close_notify: most just close TCP).  As long as a plain connection's
-# close may go without progress (`lb.proxy.tunnel.FLUSH_STALL`).
-TLS_SHUTDOWN_TIMEOUT = 10.0
+# close may go without progress, but counted in all, not from the last progress: a TLS reader slower
+# than about 13 KB/s (128 KiB left in the two layers) is cut where a plain one would not be.
+TLS_SHUTDOWN_TIMEOUT = FLUSH_STALL
 
 
 # asyncio's TLS layer (the loop when uvloop is absent or `runtime.event_loop: asyncio`) also gives

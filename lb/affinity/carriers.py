@@ -121,12 +121,10 @@ def find_token(
                     found = TokenLookup(claim=claim, token=token, from_cookie=index < len(cookies))
             elif claim.pool is not None:
                 others.setdefault(claim.pool, token)
-    if found is None:
-        return TokenLookup(rejected=rejected, others=tuple(others.values()))
-    return TokenLookup(
-        claim=found.claim, token=found.token, from_cookie=found.from_cookie, rejected=rejected,
-        others=tuple(others.values()),
-    )
+    lookup = found if found is not None else TokenLookup()
+    lookup.rejected = rejected
+    lookup.others = tuple(others.values())
+    return lookup
 
 
 def join_pins(others: Sequence[str], token: str) -> str:

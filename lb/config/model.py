@@ -160,10 +160,12 @@ class BackendConfig:
     port: int
     weight: int = 1
     max_connections: int | None = None  # beyond it, clients are balanced elsewhere
+    # `host:port`, formatted once: a handshake reads it (the backend's Host), a property would format
+    # it each time.  Out of repr and comparison: derived, and config_hash hashes repr(config).
+    address: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def address(self) -> str:
-        return host_port(self.host, self.port)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", host_port(self.host, self.port))
 
 
 @dataclass(frozen=True, slots=True)

@@ -113,7 +113,10 @@ class ThreadedResolver:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
                 loop.call_soon_threadsafe(outcome)
 
-        threading.Thread(target=query, name=f"dns {name}", daemon=True).start()
+        try:
+            threading.Thread(target=query, name=f"dns {name}", daemon=True).start()
+        except RuntimeError as exc:  # out of threads (a cgroup's pids.max): a failed lookup, not a bug
+            raise OSError(f"no thread for the DNS query: {exc}") from exc
         return await done
 
 

@@ -22,6 +22,7 @@ Worker → owner:
     {"op": "failure", "pool", "backend", "detail"}   a backend failed a handshake (passive health)
     {"op": "reload_failed"}                          it could not apply a reload (the owner logs it)
     {"op": "stats", ...}                             counters, every second, for /status and /metrics
+    {"op": "alive"}                                  instead of a message too large to send (still heard from)
 
 Counters are cumulative per worker process; the owner keeps the latest
 report of every worker pid it has seen, live or dead, so a restart never

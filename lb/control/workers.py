@@ -139,6 +139,10 @@ _LB_ROOT = str(Path(lb.__file__).resolve().parent.parent)
 _SITE_DIRS = {str(Path(path).resolve()) for path in [*site.getsitepackages(), site.getusersitepackages()]}
 
 
+# What the owner sends that a worker must not miss (lb.control.ipc's protocol); the rest is resent.
+_MUST_ARRIVE = frozenset({"config", "reload", "close_tunnels", "stop_migration"})
+
+
 @dataclass(slots=True)
 class _Worker:
     index: int
@@ -149,6 +153,7 @@ class _Worker:
     started_at: float = 0.0
     restart_delay: float = RESTART_DELAY
     heard_at: float = 0.0  # event loop time of its last message
+    killed: bool = False  # for not reading its control socket (`_write`): once
 
     @property
     def name(self) -> str:
@@ -233,6 +238,8 @@ class WorkerSupervisor:
             self._stats.update(pid, message)
             if self._sum_stats is None:
                 self._sum_stats = asyncio.get_running_loop().call_later(SUM_STATS_EVERY, self._apply_stats)
+        elif op == "alive":
+            pass  # a report that could not be sent (too large): heard from, nothing else
         elif op == "reload_failed":
             # The owner's reload succeeded, so this is local to the worker (a port it alone cannot bind).
             log.error("%s could not apply the reload and keeps its previous configuration", worker.name)
@@ -306,11 +313,14 @@ class WorkerSupervisor:
         if worker.writer.is_closing():
             return
         if worker.writer.transport.get_write_buffer_size() > MAX_PENDING_BYTES:
-            # Dropping is not enough: a lost reload would leave it on another configuration than
-            # /status shows, for good.  Restarted, it gets the owner's running text first.
-            if worker.process.returncode is None:
+            # A `states` push is sent again whole every second: dropping one loses nothing.  Dropping
+            # the others is not enough: a lost reload would leave it on another configuration than
+            # /status shows, for good.  Restarted, it gets the owner's running text first.  Not while
+            # stopping: its clients get their 1001s from it, and the stop ends it anyway.
+            if op in _MUST_ARRIVE and not self._stopping and not worker.killed and worker.process.returncode is None:
                 log.error("%s is not reading its control socket (a %r message would be dropped); killing it",
                           worker.name, op)
+                worker.killed = True
                 worker.process.kill()
             return
         worker.writer.write(frame)
@@ -439,6 +449,9 @@ class ControlChannel:
             writer.write(encode(message))
         except MessageTooLarge as exc:
             log.error("control message %r not sent: %s", message["op"], exc)
+            # The owner hears from us through these (its watchdog kills a silent worker): a stats
+            # report grown past the frame limit must not make this one silent.
+            writer.write(encode({"op": "alive"}))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         async for message in read_messages(reader, "the owner"):

@@ -554,10 +554,7 @@ class Connection:
         if state == HEAD:
             # A head that does not arrive in time (slowloris), or a keep-alive connection gone idle.
             log.debug("closing %s: no complete request head in time", self._client_ip)
-            # Under TLS a close first waits for the client's close_notify, which a client that never
-            # sent a head in time will not send either: cut at once (nginx skips close_notify on
-            # timeouts).  Not after an answer: its end may still be buffered for a client that paused.
-            return self._close(abort=self._tls and not self._started)
+            return self._close_headless()
         if state in (WAITING, RELAY) and self._body_left:
             # An upload in progress: the client's quiet spell, or the backend's stall (_upload_deadline).
             until = self._upload_deadline()
@@ -592,12 +589,22 @@ class Connection:
             return actions + self._close(abort=True)
         return []
 
+    def _close_headless(self) -> list[Action]:
+        """Close a connection with no request in progress (the head timer, or a stop).
+
+        Under TLS a close first waits for the client's close_notify, which a client that never sent a
+        request will not send either (and a stop would wait for it): cut at once, as nginx skips
+        close_notify on timeouts.  Not after an answer: its end may still be buffered for a client
+        that paused.
+        """
+        return self._close(abort=self._tls and not self._started)
+
     def shutdown(self, now: float) -> list[Action]:
         """The balancer stops: a request that has not reached a backend gets 503, the others complete."""
         state = self.state
         if state == HEAD:
             if not self._buf:
-                return self._close(abort=False)  # idle between requests: nothing is lost
+                return self._close_headless()  # idle between requests, or never started: nothing is lost
             return self._refuse(NoHealthyBackend("balancer is shutting down"), now)
         if state == CONNECTING:
             actions = self._release_backend()
@@ -743,7 +750,7 @@ class Connection:
             drop=plan.drop,
             target=plan.target,
             add=plan.add,
-            backend_host=decision.backend.address,
+            backend_host=decision.backend.config.address,
             trusted_peer=self._proxy is not None,
         )
 
@@ -955,7 +962,7 @@ class Connection:
         log.warning(
             "backend %s at %s failed request %s: %s",
             backend.id,
-            backend.address,
+            backend.config.address,
             self._rid,
             failure.cause,
         )

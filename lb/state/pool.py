@@ -48,20 +48,9 @@ class BackendStatus:
     # config.id, copied once: read a dozen times per handshake, where a property is a call each.
     # A reload may swap `config`, always for one with the same id (backends are matched by id).
     id: str = field(init=False)
-    # config.address (`host:port`), formatted once per config rather than per handshake.
-    _address: str = field(init=False, default="", repr=False, compare=False)
-    _address_of: BackendConfig | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.id = self.config.id
-
-    @property
-    def address(self) -> str:
-        """`host:port` of the current config (a reload that swaps `config` may move the backend)."""
-        if self._address_of is not self.config:
-            self._address = self.config.address
-            self._address_of = self.config
-        return self._address
 
     @property
     def weight(self) -> float:

@@ -767,6 +767,21 @@ def test_shutdown_answers_503_to_what_has_not_reached_a_backend() -> None:
     assert idle.closed_client == CloseClient() and idle.to_client == b""
 
 
+def test_under_tls_a_stop_cuts_a_connection_that_never_sent_a_request() -> None:
+    """A stop, like the head timer, does not wait for the close_notify of a TLS client that sent
+    nothing (the stop waits for every connection to go); after an answer it still closes gracefully."""
+    silent = Play(tls=True)
+    silent.shutdown()
+    assert silent.closed_client == CloseClient(abort=True) and silent.to_client == b""
+
+    answered = Play(tls=True)
+    answered.client(get("/a/1"))
+    answered.connected()
+    answered.backend(ok())
+    answered.shutdown()
+    assert answered.closed_client == CloseClient(abort=False)
+
+
 def test_shutdown_lets_a_request_at_a_backend_complete_then_closes() -> None:
     play = Play()
     play.client(get("/a/x") + get("/a/y"))

@@ -410,10 +410,60 @@ def test_a_worker_that_stops_reading_its_control_socket_is_killed_not_fed_less()
     transport = SimpleNamespace(get_write_buffer_size=lambda: pending[0])
     writer = SimpleNamespace(is_closing=lambda: False, transport=transport, write=written.append)
     process = SimpleNamespace(pid=4242, returncode=None, kill=lambda: killed.append(True))
-    worker = SimpleNamespace(writer=writer, process=process, name="worker 0 (pid 4242)")
+    worker = SimpleNamespace(writer=writer, process=process, name="worker 0 (pid 4242)", killed=False)
     supervisor = workers.WorkerSupervisor.__new__(workers.WorkerSupervisor)
+    supervisor._stopping = False
     supervisor._write(worker, "states", b"frame")  # type: ignore[arg-type]
     assert written == [b"frame"] and not killed
     pending[0] = workers.MAX_PENDING_BYTES + 1
+    supervisor._write(worker, "states", b"again")  # type: ignore[arg-type]
+    assert written == [b"frame"] and not killed, "a states push is resent every second: dropped, not fatal"
     supervisor._write(worker, "reload", b"text")  # type: ignore[arg-type]
     assert written == [b"frame"] and killed == [True]
+    supervisor._write(worker, "close_tunnels", b"more")  # type: ignore[arg-type]
+    assert killed == [True], "killed once, not at every message until it is reaped"
+
+
+def test_a_worker_not_reading_its_control_socket_during_a_stop_is_left_to_the_stop() -> None:
+    """While stopping, its clients get their 1001s from it: nothing it would miss is worth a kill."""
+    from types import SimpleNamespace
+
+    from lb.control import workers
+
+    killed: list[bool] = []
+    transport = SimpleNamespace(get_write_buffer_size=lambda: workers.MAX_PENDING_BYTES + 1)
+    writer = SimpleNamespace(is_closing=lambda: False, transport=transport, write=lambda frame: None)
+    process = SimpleNamespace(pid=4242, returncode=None, kill=lambda: killed.append(True))
+    worker = SimpleNamespace(writer=writer, process=process, name="worker 0 (pid 4242)", killed=False)
+    supervisor = workers.WorkerSupervisor.__new__(workers.WorkerSupervisor)
+    supervisor._stopping = True
+    supervisor._write(worker, "reload", b"text")  # type: ignore[arg-type]
+    assert not killed
+
+
+def test_a_worker_whose_report_is_too_large_to_send_is_still_heard_from(caplog: pytest.LogCaptureFixture) -> None:
+    """A stats report past the frame limit (backend ids that churn for weeks) is not sent; an `alive`
+    goes instead, so the owner's watchdog, which counts any message, does not kill the worker."""
+    from types import SimpleNamespace
+
+    from lb.control import ipc, workers
+
+    written: list[bytes] = []
+    writer = SimpleNamespace(is_closing=lambda: False, write=written.append,
+                             transport=SimpleNamespace(get_write_buffer_size=lambda: 0))
+    channel = workers.ControlChannel.__new__(workers.ControlChannel)
+    channel._writer = writer  # type: ignore[assignment]
+    channel._send({"op": "stats", "padding": "x" * (ipc.MAX_MESSAGE_BYTES + 1)})
+    assert len(written) == 1 and ipc.decode(written[0][ipc.LENGTH.size:]) == {"op": "alive"}
+    assert "not sent" in caplog.text
+
+    heard: list[float] = []
+    worker = SimpleNamespace(heard_at=0.0)
+    supervisor = workers.WorkerSupervisor.__new__(workers.WorkerSupervisor)
+
+    async def owner_hears() -> None:
+        supervisor._handle(worker, 4242, {"op": "alive"})  # type: ignore[arg-type]
+        heard.append(worker.heard_at)
+
+    asyncio.run(owner_hears())
+    assert heard[0] > 0

@@ -39,3 +39,22 @@ def test_records_left_out_are_warned_of_once_per_change(
         "discovery for pool gateways skipped target '127.0.0.1': an IP address",
     ]
     assert loop.status.skipped == 1 and loop.status.lookups == 4
+
+
+async def test_a_lookup_without_a_thread_to_run_on_fails_as_a_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of threads (a cgroup's pids.max): the pool keeps its last answer with a lookup error, as for a
+    nameserver that does not answer, not an unexpected-failure traceback at every interval."""
+    import threading
+
+    import dns.resolver
+
+    from lb.config.model import DiscoveryType
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    config = DiscoveryConfig(dns="gw.example", type=DiscoveryType.A, port=9000)
+    resolver = discovery.ThreadedResolver(dns.resolver.Resolver(configure=False))
+    with pytest.raises(discovery.DiscoveryError, match="no thread for the DNS query"):
+        await discovery.lookup(config, resolver)
