@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
-access = logging.getLogger("lb.access")
+access: Final = logging.getLogger("lb.access")
 
 
 class AccessWriter(Protocol):

@@ -17,7 +17,7 @@ import hashlib
 import ipaddress
 import math
 from collections.abc import Sequence
-from typing import Protocol, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from lb.config.model import BalanceMethod
 from lb.http.client_address import unmapped
@@ -94,7 +94,7 @@ def make_policy(method: BalanceMethod) -> RoundRobin | LeastConn:
     return RoundRobin() if method is BalanceMethod.ROUND_ROBIN else LeastConn()
 
 
-HASHED_METHODS = frozenset({BalanceMethod.SOURCE, BalanceMethod.HASH})
+HASHED_METHODS: Final = frozenset({BalanceMethod.SOURCE, BalanceMethod.HASH})
 
 
 def source_key(address: str) -> str | None:

@@ -32,6 +32,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import unquote
 
 from lb.affinity.balancing import source_key
@@ -72,16 +73,16 @@ class TokenLookup:
 
 
 # Pins one cookie value carries at most (one per pool); the oldest goes first beyond it.
-MAX_PINS = 8
-PIN_SEPARATOR = "."
+MAX_PINS: Final = 8
+PIN_SEPARATOR: Final = "."
 # Distinct session values sealed per answer at most (one seal each, an AES-GCM encryption): a
 # backend answer of a thousand Set-Cookies for one name costs no more than this; the rest pass
 # unsealed, as values too large to seal do.  A browser keeps one per name, path and domain.
-MAX_SEALS = MAX_PINS
+MAX_SEALS: Final = MAX_PINS
 # Tokens opened per request at most (each a decryption), wherever they come from: a duplicate
 # cookie of full pins plus change.  Without it a head of many forged cookies (or header lines,
 # or query parameters) cost a decryption per token: a millisecond per request of 16 KiB.
-MAX_OPENS = 2 * MAX_PINS
+MAX_OPENS: Final = 2 * MAX_PINS
 
 
 def find_token(

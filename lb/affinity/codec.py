@@ -33,6 +33,7 @@ import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -43,17 +44,17 @@ from lb.errors import InvalidToken
 
 VERSION = 2
 _VERSIONS = frozenset({1, 2})
-NONCE_BYTES = 12
-SESSION_BYTES = 8
-MAX_TOKEN_CHARS = 4096  # longer than any token we issue; refuse before decoding
+NONCE_BYTES: Final = 12
+SESSION_BYTES: Final = 8
+MAX_TOKEN_CHARS: Final = 4096  # longer than any token we issue; refuse before decoding
 CLOCK_SKEW = 300  # seconds a token may appear to come from the future (other instances' clocks)
 
-_HEADER = struct.Struct(">BH")  # version, key id
-_CLAIM = struct.Struct(">I8sB")  # issued_at, session, backend id length
-_TAG_BYTES = 16
-_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]+")  # base64url, no padding
+_HEADER: Final = struct.Struct(">BH")  # version, key id
+_CLAIM: Final = struct.Struct(">I8sB")  # issued_at, session, backend id length
+_TAG_BYTES: Final = 16
+_TOKEN_CHARS: Final = re.compile(r"[A-Za-z0-9_-]+")  # base64url, no padding
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
-_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
 
 
 @dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
@@ -187,7 +188,7 @@ def base64_chars(raw_bytes: int) -> int:
 # What every token we seal looks like before it is opened: base64url, a version we issue in its
 # first byte (version 1: "A" then one of Q-f; version 2: "A" then one of g-v), and at least the
 # length of the shortest token (header, nonce, tag and the fixed claim: 44 bytes, 59 characters).
-_SEALED_SHAPE = re.compile(rf"A[Q-Za-v][A-Za-z0-9_-]{{{base64_chars(44) - 2},{MAX_TOKEN_CHARS - 2}}}")
+_SEALED_SHAPE: Final = re.compile(rf"A[Q-Za-v][A-Za-z0-9_-]{{{base64_chars(44) - 2},{MAX_TOKEN_CHARS - 2}}}")
 
 
 def looks_sealed(value: str) -> bool:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Final
 
 from lb.http.head import Head, RequestHead, ResponseHead, render_head
 
 # RFC 9110 §7.6.1 plus the de-facto ones every proxy strips.  Transfer-Encoding
 # stays: bodies are relayed as they come, so their framing must travel with them.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization"}
 )
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
@@ -24,7 +25,7 @@ _BODY_FRAMING = frozenset({"transfer-encoding", "content-length"})
 # What a 101 loses: the hop-by-hop headers other than the switch itself (Upgrade, Connection:
 # Upgrade), and body framing, which a 101 may not carry (RFC 9110 §8.6): its bytes are frames.
 _NOT_ON_A_SWITCH = (HOP_BY_HOP - {"connection", "upgrade"}) | _BODY_FRAMING
-_NO_BODY = HOP_BY_HOP | _BODY_FRAMING  # what a 1xx or a 204 loses
+_NO_BODY: Final = HOP_BY_HOP | _BODY_FRAMING  # what a 1xx or a 204 loses
 _ONLY_UPGRADE = (["Upgrade"], ["upgrade"])  # the Connection header every gateway sends on a 101
 # RFC 9110 §5.6.3 OWS: space and tab only.  A bare str.strip() would also take NBSP (0xA0) and
 # NEL (0x85) off a latin-1 value, reading a token that a backend sees differently.
@@ -121,8 +122,8 @@ def render_forwarded_request(
     return "\r\n".join(lines).encode("latin-1")
 
 
-_UPGRADE_LINES = "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-_CLOSE_LINE = "Connection: close\r\n\r\n"
+_UPGRADE_LINES: Final = "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+_CLOSE_LINE: Final = "Connection: close\r\n\r\n"
 
 
 

@@ -63,17 +63,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 from lb.errors import BadFraming, BadGateway, BadHost, BadRequest, HeadersTooLarge, UnsupportedTransferCoding
 
-HEAD_END = b"\r\n\r\n"
+HEAD_END: Final = b"\r\n\r\n"
 
 # RFC 9110 §5.6.2 tchar: header names and methods are tokens (chunked trailers' names too:
 # lb.http.framing reads them with this class).
 TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
-_TOKEN = re.compile(TCHAR + "+")
-_BARE_LF = re.compile(rb"(?<!\r)\n")  # RFC 9112 §2.2 allows recipients to take it as a line end; we refuse
+_TOKEN: Final = re.compile(TCHAR + "+")
+_BARE_LF: Final = re.compile(rb"(?<!\r)\n")  # RFC 9112 §2.2 allows recipients to take it as a line end; we refuse
 # RFC 9110 §5.5 field-value: VCHAR, obs-text, SP and HTAB.
 _FIELD_VALUE = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100)) + b" \t"
 # What a head may hold at all: field-value bytes plus the CRLFs between lines.
@@ -81,22 +81,22 @@ _LINE_BYTES = _FIELD_VALUE + b"\r\n"
 # RFC 9112 §3.2: request-target is URI syntax (RFC 3986 §2: ASCII only), no whitespace or controls.
 # Raw bytes >= 0x80 are refused as HAProxy and llhttp do: a backend might read them otherwise.
 _TARGET_CHAR = r"[\x21-\x7e]"
-_TARGET = re.compile(_TARGET_CHAR + "+")
+_TARGET: Final = re.compile(_TARGET_CHAR + "+")
 _VERSIONS = ("HTTP/1.1", "HTTP/1.0")
 # The fast path's grammar (see `_read_well_formed`): each line exactly as the checks below accept
 # it, control characters and bare CR or LF excluded.  Possessive quantifiers: a failing line
 # costs one pass, never a backtracking search (the head comes from the client).
 _VALUE_CHAR = r"[\x21-\x7e\x80-\xff]"
 # Origin-form and absolute-form targets only: `OPTIONS *` is left to the checks.
-_REQUEST_LINE = re.compile(rf"({TCHAR}++) ((?:/|[Hh][Tt][Tt][Pp][Ss]?://){_TARGET_CHAR}*+) (HTTP/1\.[01])")
-_STATUS_LINE = re.compile(r"(HTTP/1\.[01]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*+))?")
+_REQUEST_LINE: Final = re.compile(rf"({TCHAR}++) ((?:/|[Hh][Tt][Tt][Pp][Ss]?://){_TARGET_CHAR}*+) (HTTP/1\.[01])")
+_STATUS_LINE: Final = re.compile(r"(HTTP/1\.[01]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*+))?")
 # A field line between the LF before it and its CRLF: the name, and the value without the SP/HTAB
 # around it (RFC 9112 §5).  Starting at the LF lets a search skip to the next line in one C scan.
-_FIELD_LINE = re.compile(rf"\n({TCHAR}++):[ \t]*+({_VALUE_CHAR}*+(?:[ \t]++{_VALUE_CHAR}++)*+)[ \t]*+\r(?=\n)")
+_FIELD_LINE: Final = re.compile(rf"\n({TCHAR}++):[ \t]*+({_VALUE_CHAR}*+(?:[ \t]++{_VALUE_CHAR}++)*+)[ \t]*+\r(?=\n)")
 # A head as read: the start line's three parts, then each field's name and value.
 _Read: TypeAlias = tuple[tuple[str, ...], list[tuple[str, str]]]
 # RFC 3986 §3.2.2 reg-name / IPv4address / IP-literal, then an optional port.
-_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z")
+_HOST: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z")
 # RFC 9110 §8.6: 1*DIGIT; 18 digits stay below 2**63 in every parser behind us.
 _MAX_LENGTH_DIGITS = 18
 
@@ -238,9 +238,9 @@ def has_bare_lf(buffer: bytes | bytearray, start: int) -> bool:
 
 # The first bytes of a request: a method's token and SP, or the start of one, or the first half of
 # an empty line that may come before it (RFC 9112 §2.2, §3).
-_REQUEST_START = re.compile(rb"(?:" + TCHAR.encode() + rb"++(?: |\Z)|\r?\Z)")
+_REQUEST_START: Final = re.compile(rb"(?:" + TCHAR.encode() + rb"++(?: |\Z)|\r?\Z)")
 # Bytes past which the start of a head is not checked again: any method's token and its SP.
-REQUEST_START_BYTES = 32
+REQUEST_START_BYTES: Final = 32
 
 
 def could_start_request(buffer: bytes | bytearray) -> bool:

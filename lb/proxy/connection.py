@@ -48,6 +48,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from lb.access_log import RateLimitSummary, log_answered, log_request
 from lb.affinity.balancing import HASHED_METHODS
@@ -93,18 +94,25 @@ from lb.state.observations import ErrorKind
 from lb.state.pool import BackendStatus, PoolState
 from lb.ws.upgrade import check_upgrade, is_websocket_upgrade, switch_fault
 
-log = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
+log: Final = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
 
 # Client bytes held while they may not go anywhere yet (behind a head whose answer
 # is awaited, or the next pipelined request): past this, reading pauses.
-HELD_LIMIT = 65536
-MAX_RESPONSE_HEAD = 65536
-MAX_INTERIM = 8  # 1xx answers per request: a backend that sends more is broken
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
-_TRUST_NOBODY = TrustedProxies()
+HELD_LIMIT: Final = 65536
+MAX_RESPONSE_HEAD: Final = 65536
+MAX_INTERIM: Final = 8  # 1xx answers per request: a backend that sends more is broken
+_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+_TRUST_NOBODY: Final = TrustedProxies()
 
-HEAD, CONNECTING, WAITING, RELAY, TUNNEL, CLOSED = range(6)
-STATE_NAMES = ("HEAD", "CONNECTING", "WAITING", "RELAY", "TUNNEL", "CLOSED")
+# The states, as Final ints: compiled, each test of `self.state` is then a compare with a
+# literal, not a lookup in the module's globals.
+HEAD: Final = 0
+CONNECTING: Final = 1
+WAITING: Final = 2
+RELAY: Final = 3
+TUNNEL: Final = 4
+CLOSED: Final = 5
+STATE_NAMES: Final = ("HEAD", "CONNECTING", "WAITING", "RELAY", "TUNNEL", "CLOSED")
 
 
 # -- actions -------------------------------------------------------------------
@@ -212,27 +220,28 @@ class JoinTunnel(Action):
 _CLOSE_BACKEND = CloseBackend()
 _CLOSE_CLIENT = CloseClient()
 _ABORT_CLIENT = CloseClient(abort=True)
-_PAUSE = PauseClient()
+_PAUSE: Final = PauseClient()
 _RESUME = ResumeClient()
-_NO_TIMER = SetTimer(None)
+_NO_TIMER: Final = SetTimer(None)
 
 
 # -- request ids -----------------------------------------------------------------
 
-_ID_PREFIX = os.urandom(4).hex()
-_ids = itertools.count(1)
+_ID_PREFIX: Final = os.urandom(4).hex()
+_ids: Final = itertools.count(1)
 
 
 def new_request_id() -> str:
     """Unique per process and cheap: a random per-process prefix and a counter, in hex."""
-    return f"{_ID_PREFIX}{next(_ids):x}"
+    # hex(), not an `:x` format: compiled, that one is a str.format call parsing its template.
+    return _ID_PREFIX + hex(next(_ids))[2:]
 
 
 # The header names a client may not alias with `_` (lb.http.head): one set per affinity header.
-_protected_headers = functools.lru_cache(maxsize=8)(protected_headers)
+_protected_headers: Final = functools.lru_cache(maxsize=8)(protected_headers)
 
 
-_BODY_INCOMPLETE = "request body incomplete"  # the client half-closed before the end of its body
+_BODY_INCOMPLETE: Final = "request body incomplete"  # the client half-closed before the end of its body
 
 
 def token_digest(token: str) -> str:

@@ -22,6 +22,8 @@ tunnel's).
 
 from __future__ import annotations
 
+from typing import Final
+
 READ_CHUNK = 32 * 1024
-READ_BUFFER = bytearray(READ_CHUNK)
-READ_VIEW = memoryview(READ_BUFFER)
+READ_BUFFER: Final[bytearray] = bytearray(READ_CHUNK)
+READ_VIEW: Final[memoryview] = memoryview(READ_BUFFER)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Final
 
 from lb.access_log import log_tunnel_closed, log_tunnel_ended
 from lb.proxy.reading import READ_BUFFER, READ_VIEW
@@ -38,7 +39,8 @@ from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
 from lb.ws.frames import FrameBoundaries, close_frame
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
+_monotonic: Final = time.monotonic  # a C static for compiled code (as lb.proxy.server._now)
 
 CLOSE_LINGER = 2.0  # seconds a tunnel may stay open after we sent the client a close frame
 CLOSE_DEADLINE = 2.0  # seconds a close frame may wait for a frame boundary before TCP is cut
@@ -47,7 +49,7 @@ CLOSE_DEADLINE = 2.0  # seconds a close frame may wait for a frame boundary befo
 FLUSH_STALL = 10.0
 SERVICE_RESTART = 1012  # IANA close code registry: the service is restarting; reconnect
 GOING_AWAY = 1001  # RFC 6455 §7.4.1: the server is going down
-OP_CLOSE = 0x8  # RFC 6455 §5.5.1
+OP_CLOSE: Final = 0x8  # RFC 6455 §5.5.1
 
 
 class TunnelEnd(asyncio.BufferedProtocol):
@@ -256,7 +258,7 @@ class Tunnel:
         self.ended_with = "tcp"
         self.close_code: int | None = None  # the close code the balancer sent the client, if it sent one
         self.client_finished = False  # the client's FIN was passed on: the backend's own end is the answer
-        self.opened_at = time.monotonic()
+        self.opened_at = _monotonic()
         self.idle_mark = (0, self.opened_at)  # (bytes seen, when): the idle sweeper's last look
         self.client_end: TunnelEnd
         self.server_end: WebSocketServerEnd  # every tunnel is a WebSocket's: the backend side reads frames
@@ -395,7 +397,7 @@ class Tunnel:
         self.ctx.tunnels.discard(self)
         if not self.ctx.tunnels and self.ctx.all_tunnels_closed is not None:
             self.ctx.all_tunnels_closed.set()
-        duration = round(time.monotonic() - self.opened_at, 3)
+        duration = round(_monotonic() - self.opened_at, 3)
         if self.cause is None and self.close_code is None:  # a client or backend hung up: the common end
             log_tunnel_ended(
                 self.client_ip, self.client_port, self.pool, self.backend.id, duration, self.bytes_in,

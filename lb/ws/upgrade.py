@@ -5,14 +5,15 @@ from __future__ import annotations
 import binascii
 import hashlib
 import re
+from typing import Final
 
 from lb.errors import BadHandshake, UnsupportedVersion
 from lb.http.head import RequestHead, ResponseHead
 
 # RFC 6455 §4.1: the key is a base64-encoded 16-byte value, so exactly 22 base64 characters and `==`
 # (what b64decode(validate=True) accepts at that length; one regex instead of a decode per handshake).
-_KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+_KEY: Final = re.compile(r"[A-Za-z0-9+/]{22}==")
+_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 _WEBSOCKET, _UPGRADE = ["websocket"], ["Upgrade"]
 
 

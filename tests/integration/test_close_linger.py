@@ -26,7 +26,7 @@ from conftest import HOST, UNIT
 
 from lb.affinity.codec import TokenCodec
 from lb.config.load import parse_config
-from lb.config.model import BackendConfig, Config, PoolConfig
+from lb.config.model import AffinityConfig, BackendConfig, Config, PoolConfig
 from lb.proxy import tunnel as tunnel_module
 from lb.proxy.server import client_factory
 from lb.proxy.tunnel import Tunnel
@@ -59,7 +59,7 @@ class Accepted(asyncio.Protocol):
 
 def context() -> tuple[ProxyContext, Any]:
     pool = PoolConfig("p", (BackendConfig("gw-1", HOST, 1),))
-    config = Config(listeners=(), affinity=None, routes=(), pools={"p": pool})  # type: ignore[arg-type]
+    config = Config(listeners=(), affinity=AffinityConfig(secret_keys=("k" * 43,)), routes=(), pools={"p": pool})
     ctx = ProxyContext(
         config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=pool)},
         routes=(), on_backend_failure=lambda *_: None,

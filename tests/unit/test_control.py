@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lb.config.model import BackendConfig, Config, LimitsConfig, PoolConfig
+from lb.config.model import AffinityConfig, BackendConfig, Config, LimitsConfig, PoolConfig
 from lb.control import ipc
 from lb.control.ipc import (
     LENGTH,
@@ -241,7 +241,7 @@ def _config() -> Config:
     backends = (BackendConfig("a", "127.0.0.1", 1, max_connections=5), BackendConfig("b", "127.0.0.1", 2))
     return Config(
         listeners=(),
-        affinity=None,  # type: ignore[arg-type]  # not read by split_limits
+        affinity=AffinityConfig(secret_keys=("k" * 43,)),  # not read by split_limits
         routes=(),
         pools={"p": PoolConfig("p", backends)},
         limits=LimitsConfig(max_connections=7, handshake_rate_per_ip=10.0, handshake_burst_per_ip=3),

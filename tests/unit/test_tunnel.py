@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from lb.affinity.codec import TokenCodec
-from lb.config.model import BackendConfig, Config, PoolConfig
+from lb.config.model import AffinityConfig, BackendConfig, Config, PoolConfig
 from lb.proxy import tunnel as tunnel_module
 from lb.proxy.reading import READ_CHUNK
 from lb.proxy.tunnel import Tunnel
@@ -74,7 +74,7 @@ class FakeTransport:
 def _setup() -> tuple[ProxyContext, BackendStatus]:
     backend_config = BackendConfig("gw-1", "127.0.0.1", 1)
     pool = PoolConfig("p", (backend_config,))
-    config = Config(listeners=(), affinity=None, routes=(), pools={"p": pool})  # type: ignore[arg-type]
+    config = Config(listeners=(), affinity=AffinityConfig(secret_keys=("k" * 43,)), routes=(), pools={"p": pool})
     ctx = ProxyContext(
         config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=pool)},
         routes=(), on_backend_failure=lambda *_: None,
