@@ -171,14 +171,14 @@ class LbCollector(Collector):
             ),
         }
         counts = ctx.stats.backend_counts()
-        current = [(pool.name, backend) for pool in ctx.pools.values() for backend in pool.backends.values()]
-        for index, (pool_name, backend) in enumerate([*current, *retired]):
+        in_pools = [(pool.name, backend, True) for pool in ctx.pools.values() for backend in pool.backends.values()]
+        for pool_name, backend, in_pool in [*in_pools, *((name, backend, False) for name, backend in retired)]:
             labels = [pool_name, backend.id]
             counted = counts.get((pool_name, backend.id), _NONE_COUNTED)
             for attribute, family in backend_counters.items():
                 family.add_metric(labels, getattr(counted, attribute))
             active.add_metric(labels, backend.connections)
-            if index < len(current):
+            if in_pool:  # a retired backend has no health or state any more
                 up.add_metric(labels, 1 if backend.healthy else 0)
                 for candidate in BackendState:
                     state.add_metric([*labels, candidate.value], 1 if backend.state is candidate else 0)
