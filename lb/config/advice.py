@@ -14,6 +14,14 @@ from lb.config.model import Config, SameSite, SecureMode
 DESCRIPTOR_RESERVE = 64
 
 
+def _most_backends(config: Config) -> int:
+    """Backends the configuration may bring at once: the static ones, and each discovery's `max_backends`."""
+    return sum(
+        len(pool.backends) + (pool.discovery.max_backends if pool.discovery is not None else 0)
+        for pool in config.pools.values()
+    )
+
+
 def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None = None) -> list[str]:
     """One sentence per surprise, each naming the key to change.
 
@@ -52,7 +60,7 @@ def _descriptor_advice(config: Config, descriptors: int) -> list[str]:
     """`limits.max_connections` beyond what the descriptor limit lets a process hold."""
     workers = max(1, config.workers)
     per_process = -(-config.limits.max_connections // workers)  # a worker's share, rounded up
-    reserve = DESCRIPTOR_RESERVE + sum(len(pool.backends) for pool in config.pools.values())
+    reserve = DESCRIPTOR_RESERVE + _most_backends(config)
     # Each client connection holds two descriptors while it lasts: its own and its backend's.
     if 2 * per_process + reserve <= descriptors:
         return []

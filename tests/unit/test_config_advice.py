@@ -84,13 +84,13 @@ pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
     assert advice(config(tmp_path), crc32c_in_c=False) == [], "no PROXY listener: the checksum is never computed"
 
 
-def limited(tmp_path: Path, max_connections: int, workers: int = 1) -> Config:
+def limited(tmp_path: Path, max_connections: int, workers: int = 1, discovery: str = "") -> Config:
     text = f"""
 listeners: [{{bind: "127.0.0.1:0"}}]
 admin: {{token: t}}
 affinity: {{secret_keys: [{KEY}]}}
 routes: [{{path_prefix: /, pool: p}}]
-pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
+pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]{discovery}}}}}
 limits: {{max_connections: {max_connections}}}
 workers: {workers}
 """
@@ -113,3 +113,11 @@ def test_with_workers_each_process_needs_descriptors_for_its_share(tmp_path: Pat
     assert advice(limited(tmp_path, 1916, workers=4), descriptors=1024) == []  # 479 each
     (sentence,) = advice(limited(tmp_path, 1917, workers=4), descriptors=1024)
     assert "is 1917 (480 for each of 4 workers)" in sentence
+
+
+def test_discovered_backends_count_at_their_maximum(tmp_path: Path) -> None:
+    """Each discovered backend is health-checked like a static one: up to `max_backends` of them."""
+    discovered = ', discovery: {dns: gw.example, type: a, port: 9000, max_backends: 100}'
+    assert advice(limited(tmp_path, 429, discovery=discovered), descriptors=1024) == []  # (1024 - 65 - 100) // 2
+    (sentence,) = advice(limited(tmp_path, 430, discovery=discovered), descriptors=1024)
+    assert "past about 429 connections per process" in sentence
