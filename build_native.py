@@ -78,6 +78,8 @@ def remove_compiled(package: Path) -> int:
     for path in package.rglob("*.so"):
         path.unlink()
         removed += not path.name.startswith(SHARED_LIBRARY)
+    for path in package.rglob("*.partial"):  # what a build killed between copy and rename left behind
+        path.unlink()
     return removed
 
 

@@ -66,18 +66,21 @@ def compiled_state(package: Path = PACKAGE) -> CompiledState:
     found = sorted(path for path in package.rglob(f"*{EXT_SUFFIX}") if path.name != SHARED_LIBRARY + EXT_SUFFIX)
     found_modules = tuple(".".join(path.relative_to(package.parent).parts)[: -len(EXT_SUFFIX)] for path in found)
     manifest_path = package / MANIFEST
+    set_aside = pure_python_requested()
     try:
         manifest = json.loads(manifest_path.read_text())
         compiled: dict[str, str] = manifest["modules"]
         suffix = manifest["ext_suffix"]
+        if not isinstance(compiled, dict) or not isinstance(suffix, str):
+            raise TypeError("not the shape build_native.py writes")
     except FileNotFoundError:
-        if pure_python_requested() or not found:
-            return CompiledState(found_modules, (), set_aside=pure_python_requested())
+        if set_aside or not found:
+            return CompiledState(found_modules, (), set_aside=set_aside)
         return CompiledState(found_modules, (f"no {MANIFEST} beside the compiled modules (an unfinished build?)",))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return CompiledState(found_modules, (f"{MANIFEST} unreadable: {exc}",))
     modules = tuple(sorted(compiled))
-    if pure_python_requested():  # the sources run: none of them is stale
+    if set_aside:  # the sources run: none of them is stale
         return CompiledState(modules, (), set_aside=True)
     stale: list[str] = []
     if suffix != EXT_SUFFIX:

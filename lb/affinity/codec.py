@@ -42,18 +42,18 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from lb.errors import InvalidToken
 
-VERSION = 2
-_VERSIONS = frozenset({1, 2})
+VERSION: Final = 2
+_VERSIONS: Final = frozenset({1, 2})
 NONCE_BYTES: Final = 12
 SESSION_BYTES: Final = 8
 MAX_TOKEN_CHARS: Final = 4096  # longer than any token we issue; refuse before decoding
-CLOCK_SKEW = 300  # seconds a token may appear to come from the future (other instances' clocks)
+CLOCK_SKEW: Final = 300  # seconds a token may appear to come from the future (other instances' clocks)
 
 _HEADER: Final = struct.Struct(">BH")  # version, key id
 _CLAIM: Final = struct.Struct(">I8sB")  # issued_at, session, backend id length
 _TAG_BYTES: Final = 16
 _TOKEN_CHARS: Final = re.compile(r"[A-Za-z0-9_-]+")  # base64url, no padding
-_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
 _TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
 
 

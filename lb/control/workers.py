@@ -54,6 +54,7 @@ from lb.control.ipc import (
     stats_message,
 )
 from lb.control.migration import migrate, start_migrating
+from lb.log import Throttle
 
 if TYPE_CHECKING:
     from lb.control.balancer import Balancer
@@ -174,6 +175,7 @@ class WorkerSupervisor:
         self._pusher: asyncio.Task[None] | None = None
         self._sum_stats: asyncio.TimerHandle | None = None  # a re-sum is due
         self._checked_at = 0.0  # event loop time of the last look for silent workers (from start())
+        self._too_large = TooLargeReports()
         self.live_tunnels = 0
 
     async def start(self) -> None:
@@ -305,7 +307,7 @@ class WorkerSupervisor:
                 return
 
     def _send(self, worker: _Worker, message: dict[str, Any]) -> None:
-        frame = _encode(message)
+        frame = _encode(message, self._too_large)
         if frame is not None:
             self._write(worker, message["op"], frame)
 
@@ -326,7 +328,7 @@ class WorkerSupervisor:
         worker.writer.write(frame)
 
     def broadcast(self, message: dict[str, Any]) -> None:
-        frame = _encode(message)  # once for every worker: a reload carries the whole config text
+        frame = _encode(message, self._too_large)  # once for every worker: a reload carries the whole config text
         if frame is not None:
             for worker in self._workers.values():
                 self._write(worker, message["op"], frame)
@@ -374,12 +376,28 @@ class WorkerSupervisor:
                 task.cancel()
 
 
-def _encode(message: dict[str, Any]) -> bytes | None:
+def _encode(message: dict[str, Any], reports: TooLargeReports) -> bytes | None:
     try:
         return encode(message)
     except MessageTooLarge as exc:
-        log.error("control message %r not sent: %s", message["op"], exc)
+        reports.say(message["op"], exc)
         return None
+
+
+class TooLargeReports:
+    """One line a minute per op for messages past the frame limit: one that outgrew it once does so
+    again each time it is made again (a states push, a stats report: every second)."""
+
+    __slots__ = ("_throttles",)
+
+    def __init__(self) -> None:
+        self._throttles: dict[str, Throttle] = {}  # ops are ours: a handful of keys
+
+    def say(self, op: str, exc: MessageTooLarge) -> None:
+        suppressed = self._throttles.setdefault(op, Throttle(60.0)).due()
+        if suppressed is not None:
+            more = f" ({suppressed} more since the last report)" if suppressed else ""
+            log.error("control message %r not sent: %s%s", op, exc, more)
 
 
 def receive_config(fd: int, timeout: float = CONFIG_WAIT) -> str:
@@ -427,6 +445,7 @@ class ControlChannel:
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._too_large = TooLargeReports()
 
     async def start(self) -> None:
         reader, self._writer = await asyncio.open_connection(sock=socket.socket(fileno=self._fd))
@@ -448,7 +467,7 @@ class ControlChannel:
         try:
             writer.write(encode(message))
         except MessageTooLarge as exc:
-            log.error("control message %r not sent: %s", message["op"], exc)
+            self._too_large.say(message["op"], exc)
             # The owner hears from us through these (its watchdog kills a silent worker): a stats
             # report grown past the frame limit must not make this one silent.
             writer.write(encode({"op": "alive"}))

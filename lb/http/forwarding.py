@@ -16,26 +16,26 @@ from lb.http.head import Head, RequestHead, ResponseHead, render_head
 HOP_BY_HOP: Final = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization"}
 )
-_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+_FORWARDED: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 # Claims about the client or the proxy chain that we do not set: believed by many backends
 # (nginx's X-Real-IP, RFC 7239 Forwarded), so only a trusted proxy in front may pass them on.
 _PROXY_CLAIMS = frozenset({"forwarded", "x-real-ip", "x-forwarded-port", "x-forwarded-prefix"})
 # Not on an answer without a body (1xx, 204: RFC 9112 §6.1-6.2); see render_client_response.
-_BODY_FRAMING = frozenset({"transfer-encoding", "content-length"})
+_BODY_FRAMING: Final = frozenset({"transfer-encoding", "content-length"})
 # What a 101 loses: the hop-by-hop headers other than the switch itself (Upgrade, Connection:
 # Upgrade), and body framing, which a 101 may not carry (RFC 9110 §8.6): its bytes are frames.
-_NOT_ON_A_SWITCH = (HOP_BY_HOP - {"connection", "upgrade"}) | _BODY_FRAMING
+_NOT_ON_A_SWITCH: Final = (HOP_BY_HOP - {"connection", "upgrade"}) | _BODY_FRAMING
 _NO_BODY: Final = HOP_BY_HOP | _BODY_FRAMING  # what a 1xx or a 204 loses
-_ONLY_UPGRADE = (["Upgrade"], ["upgrade"])  # the Connection header every gateway sends on a 101
+_ONLY_UPGRADE: Final = (["Upgrade"], ["upgrade"])  # the Connection header every gateway sends on a 101
 # RFC 9110 §5.6.3 OWS: space and tab only.  A bare str.strip() would also take NBSP (0xA0) and
 # NEL (0x85) off a latin-1 value, reading a token that a backend sees differently.
-_OWS = " \t"
+_OWS: Final = " \t"
 
 
 # A client may not make these hop-by-hop: dropping Host breaks HTTP/1.1, dropping a
 # framing header would let a body be read as the next request, and the WebSocket
 # handshake's own headers were checked here (lb.ws.upgrade): the backend gets what passed.
-_NEVER_CONNECTION_LISTED = frozenset({
+_NEVER_CONNECTION_LISTED: Final = frozenset({
     "host", "content-length", "transfer-encoding", "sec-websocket-key", "sec-websocket-version",
     "sec-websocket-protocol", "sec-websocket-extensions", "sec-websocket-accept",
 })

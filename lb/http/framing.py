@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
+from typing import Final
 
 from lb.http.forwarding import HOP_BY_HOP
 from lb.http.head import PROTECTED_HEADERS, TCHAR, RequestHead, ResponseHead
@@ -274,7 +275,7 @@ def _run_end(run: Callable[[bytes, int], re.Match[bytes] | None], data: bytes, s
 
 # A framer that is done holds no state `feed` changes: this one serves every message without a
 # body (every WebSocket handshake's request), with no allocation per request.
-_BODILESS = BodyFramer(length=0, chunked=False)
+_BODILESS: Final = BodyFramer(length=0, chunked=False)
 
 
 def response_framer(response: ResponseHead, *, request_method: str) -> BodyFramer:

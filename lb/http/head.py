@@ -71,18 +71,18 @@ HEAD_END: Final = b"\r\n\r\n"
 
 # RFC 9110 §5.6.2 tchar: header names and methods are tokens (chunked trailers' names too:
 # lb.http.framing reads them with this class).
-TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+TCHAR: Final = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _TOKEN: Final = re.compile(TCHAR + "+")
 _BARE_LF: Final = re.compile(rb"(?<!\r)\n")  # RFC 9112 §2.2 allows recipients to take it as a line end; we refuse
 # RFC 9110 §5.5 field-value: VCHAR, obs-text, SP and HTAB.
-_FIELD_VALUE = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100)) + b" \t"
+_FIELD_VALUE: Final = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100)) + b" \t"
 # What a head may hold at all: field-value bytes plus the CRLFs between lines.
-_LINE_BYTES = _FIELD_VALUE + b"\r\n"
+_LINE_BYTES: Final = _FIELD_VALUE + b"\r\n"
 # RFC 9112 §3.2: request-target is URI syntax (RFC 3986 §2: ASCII only), no whitespace or controls.
 # Raw bytes >= 0x80 are refused as HAProxy and llhttp do: a backend might read them otherwise.
 _TARGET_CHAR = r"[\x21-\x7e]"
 _TARGET: Final = re.compile(_TARGET_CHAR + "+")
-_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
+_VERSIONS: Final = ("HTTP/1.1", "HTTP/1.0")
 # The fast path's grammar (see `_read_well_formed`): each line exactly as the checks below accept
 # it, control characters and bare CR or LF excluded.  Possessive quantifiers: a failing line
 # costs one pass, never a backtracking search (the head comes from the client).
@@ -98,11 +98,11 @@ _Read: TypeAlias = tuple[tuple[str, ...], list[tuple[str, str]]]
 # RFC 3986 §3.2.2 reg-name / IPv4address / IP-literal, then an optional port.
 _HOST: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z")
 # RFC 9110 §8.6: 1*DIGIT; 18 digits stay below 2**63 in every parser behind us.
-_MAX_LENGTH_DIGITS = 18
+_MAX_LENGTH_DIGITS: Final = 18
 
 # Header names (lower case, `-` form) that we set, strip, or frame the body by.  A client's
 # name that differs only by `_` for `-` is dropped: CGI/WSGI backends read both as one.
-PROTECTED_HEADERS = frozenset(
+PROTECTED_HEADERS: Final = frozenset(
     {
         "x-forwarded-for",
         "x-forwarded-proto",

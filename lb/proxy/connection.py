@@ -217,11 +217,11 @@ class JoinTunnel(Action):
         self.backend_closed = backend_closed
 
 
-_CLOSE_BACKEND = CloseBackend()
-_CLOSE_CLIENT = CloseClient()
-_ABORT_CLIENT = CloseClient(abort=True)
+_CLOSE_BACKEND: Final = CloseBackend()
+_CLOSE_CLIENT: Final = CloseClient()
+_ABORT_CLIENT: Final = CloseClient(abort=True)
 _PAUSE: Final = PauseClient()
-_RESUME = ResumeClient()
+_RESUME: Final = ResumeClient()
 _NO_TIMER: Final = SetTimer(None)
 
 

@@ -55,7 +55,7 @@ from lb.tls import bound_buffers
 
 log: Final = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
 # The wall clock every event is stamped with, as a Final: compiled, a call from a C static
-# rather than a lookup of the `time` module and then of its attribute (up to five an event).
+# rather than a lookup of the `time` module and then of its attribute (five a handshake).
 _now: Final = time.time
 
 _HELD: Final = 1  # pause reasons, a bit each

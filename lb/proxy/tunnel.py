@@ -47,8 +47,8 @@ CLOSE_DEADLINE = 2.0  # seconds a close frame may wait for a frame boundary befo
 # Seconds a closed connection's unsent bytes may go without the peer taking any (TCP's own retries
 # on a lossy mobile link stall a few seconds; a peer that keeps its window shut stalls for ever).
 FLUSH_STALL = 10.0
-SERVICE_RESTART = 1012  # IANA close code registry: the service is restarting; reconnect
-GOING_AWAY = 1001  # RFC 6455 §7.4.1: the server is going down
+SERVICE_RESTART: Final = 1012  # IANA close code registry: the service is restarting; reconnect
+GOING_AWAY: Final = 1001  # RFC 6455 §7.4.1: the server is going down
 OP_CLOSE: Final = 0x8  # RFC 6455 §5.5.1
 
 

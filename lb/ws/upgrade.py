@@ -14,7 +14,8 @@ from lb.http.head import RequestHead, ResponseHead
 # (what b64decode(validate=True) accepts at that length; one regex instead of a decode per handshake).
 _KEY: Final = re.compile(r"[A-Za-z0-9+/]{22}==")
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
-_WEBSOCKET, _UPGRADE = ["websocket"], ["Upgrade"]
+_WEBSOCKET: Final = ["websocket"]  # the spellings every gateway sends on a 101 (switch_fault)
+_UPGRADE: Final = ["Upgrade"]
 
 
 def is_websocket_upgrade(request: RequestHead) -> bool:

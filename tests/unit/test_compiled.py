@@ -120,6 +120,10 @@ def test_a_broken_manifest_is_stale(tmp_path: Path) -> None:
     _build(package)
     (package / MANIFEST).write_text("{not json")
     assert compiled_state(package).stale[0].startswith(f"{MANIFEST} unreadable")
+    # Valid JSON of another shape (a list of modules, a number for the suffix): stale, never a traceback.
+    for shape in ('{"ext_suffix": ".so", "modules": ["lb.log"]}', '{"ext_suffix": 3, "modules": {}}', "[]"):
+        (package / MANIFEST).write_text(shape)
+        assert compiled_state(package).stale[0].startswith(f"{MANIFEST} unreadable"), shape
 
 
 def test_many_problems_are_summarised() -> None:
@@ -196,9 +200,11 @@ def test_remove_deletes_the_manifest_and_every_module_file_and_stamps(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     package = _fake_install(tmp_path)
+    (package / f"http/head{SUFFIX}.partial").write_bytes(b"")  # a build killed between copy and rename
     stamp = tmp_path / "stamp"
     assert build_native.main(["--into", str(package), "--remove", "--stamp", str(stamp)]) == 0
     assert not list(package.rglob("*.so")) and not (package / MANIFEST).exists() and stamp.exists()
+    assert not list(package.rglob("*.partial"))
     assert "removed 2 compiled modules" in capsys.readouterr().out  # the shared runtime is not one
 
 

@@ -453,9 +453,15 @@ def test_a_worker_whose_report_is_too_large_to_send_is_still_heard_from(caplog: 
                              transport=SimpleNamespace(get_write_buffer_size=lambda: 0))
     channel = workers.ControlChannel.__new__(workers.ControlChannel)
     channel._writer = writer  # type: ignore[assignment]
+    channel._too_large = workers.TooLargeReports()
     channel._send({"op": "stats", "padding": "x" * (ipc.MAX_MESSAGE_BYTES + 1)})
     assert len(written) == 1 and ipc.decode(written[0][ipc.LENGTH.size:]) == {"op": "alive"}
     assert "not sent" in caplog.text
+    # The next report, a second later, is as large: an `alive` again, and no second line.
+    caplog.clear()
+    channel._send({"op": "stats", "padding": "x" * (ipc.MAX_MESSAGE_BYTES + 1)})
+    assert len(written) == 2 and ipc.decode(written[1][ipc.LENGTH.size:]) == {"op": "alive"}
+    assert "not sent" not in caplog.text
 
     heard: list[float] = []
     worker = SimpleNamespace(heard_at=0.0)
