@@ -257,9 +257,16 @@ def _parse_yaml(text: str, check: _Checker) -> object:
         if stood_in != text:
             # SPEC writes `secret_keys: [${LB_COOKIE_KEY}]`, which YAML alone refuses: inside [ ] and
             # { } a brace ends a plain value.  Read again with each reference's characters standing
-            # in for themselves; the expansion puts them back.  Still broken: the first error stands.
-            with contextlib.suppress(yaml.YAMLError, ValueError, RecursionError):
+            # in for themselves; the expansion puts them back.  Still broken: that reading's error is
+            # the one to name (one character for one, so its line and column are the file's); the
+            # first only points at the `${`, which that reading got past.
+            try:
                 tree = _safe_load(stood_in, check)
+            except yaml.MarkedYAMLError as later:
+                exc = later
+            except (yaml.YAMLError, ValueError, RecursionError):
+                pass
+            else:
                 check.stood_in = True
                 return tree
             del check.problems[found:]  # that reading failed too: its repeated keys are not said either
@@ -329,7 +336,8 @@ def _duplicate_keys(root: yaml.Node, check: _Checker) -> None:
 
 def _yaml_message(exc: yaml.MarkedYAMLError, text: str) -> str:
     mark = exc.problem_mark or exc.context_mark
-    what = exc.problem or exc.context or "syntax error"
+    # The problem may quote a character of the stand-in reading (`_stand_in`): say the file's own.
+    what = _STOOD_IN_RE.sub(_stood_for, exc.problem or exc.context or "syntax error")
     if mark is None:
         return f"invalid YAML: {what}"
     message = f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {what}"

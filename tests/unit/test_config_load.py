@@ -671,15 +671,38 @@ def test_a_file_holding_stand_in_characters_is_not_read_again(base_dir: Path) ->
     assert problem.message.startswith("invalid YAML"), problem.message
 
 
-def test_yaml_still_broken_with_references_reports_the_files_own_line_column_and_hint(base_dir: Path) -> None:
-    """A file that stays broken once references are set aside gets the first reading's error, as written."""
+def test_yaml_still_broken_with_references_names_the_real_fault_not_the_reference(base_dir: Path) -> None:
+    """A file that stays broken once references are set aside: the fault past them is named, at the file's own
+    line and column, without the hint to quote them (they were not what broke it)."""
     text = "affinity:\n  secret_keys: [${K}, {oops]\n"
     with pytest.raises(ConfigError) as info:
         parse_config(text, base_dir=base_dir, environ={"K": "v"})
     (problem,) = info.value.problems
-    assert "line 2" in problem.message
-    assert 'quote ${...} references, e.g. ["${LB_COOKIE_KEY}"]' in problem.message
+    assert problem.message.startswith("invalid YAML at line 2, column 28: "), problem.message
+    assert "quote ${...}" not in problem.message
     assert not re.search("[\U000f0000-\U000ffffd]", problem.message), "no stand-in character reaches a message"
+
+
+@pytest.mark.parametrize(
+    ("broken", "line"),
+    [
+        ("limits: {max_header_bytes: 16384\n", "end"),  # a flow mapping never closed
+        ("limits:\n  max_header_bytes: 'open\n", "end"),  # a quote never closed
+        ("limits:\n\tmax_header_bytes: 1\n", "last"),  # a tab where indentation goes
+        ("pools:\n  gateways:\n    balance: least_conn\n   backends: []\n", "last"),  # indentation off
+    ],
+)
+def test_a_fault_after_spec_s_unquoted_reference_is_named_where_it_is(base_dir: Path, broken: str, line: str) -> None:
+    """SPEC's `[${LB_COOKIE_KEY}]` above an unrelated fault: the fault's own line, never the reference's."""
+    text = SPEC_EXAMPLE + broken
+    lines = text.count("\n")
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir=base_dir, environ={"LB_ADMIN_TOKEN": "t", "LB_COOKIE_KEY": LONG_A})
+    (problem,) = info.value.problems
+    found = re.match(r"invalid YAML at line (\d+), column \d+: ", problem.message)
+    assert found is not None, problem.message
+    assert int(found[1]) > SPEC_KEYS_LINE and int(found[1]) >= lines - (1 if line == "end" else 2), problem.message
+    assert "quote ${...}" not in problem.message
 
 
 def test_an_escaped_reference_stays_literal_in_flow_and_block_style(base_dir: Path) -> None:
