@@ -33,9 +33,9 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import unquote
+from urllib.parse import unquote_plus
 
-from lb.affinity.balancing import source_key
+from lb.affinity.balancing import hash_key_text, header_text, source_key
 from lb.affinity.codec import Claim, TokenCodec, TokenTooLarge, looks_sealed
 from lb.config.model import AffinityConfig, AffinityMode, BalanceMethod, HashKeySource, PoolConfig
 from lb.errors import InvalidToken
@@ -143,16 +143,19 @@ def balance_key(request: RequestHead, pool: PoolConfig, client_ip: str) -> str |
         return source_key(client_ip)
     if pool.balance is not BalanceMethod.HASH or pool.hash_key is None:
         return None
+    # Read as `/route` reads its `key`, so that both name the same backend for the same user.
     name = pool.hash_key.name
-    if pool.hash_key.source is HashKeySource.HEADER:
-        values = request.head.get_all(name)
-    elif pool.hash_key.source is HashKeySource.QUERY:
-        # Unlike tokens, user ids may be percent-encoded: `uid=a%40b` and `uid=a@b` are one user.
-        values = [unquote(v) for v in query_values(request.target, name)] if "?" in request.target else []
+    if pool.hash_key.source is HashKeySource.QUERY:
+        # Unlike tokens, user ids may be form-encoded, as a browser's URLSearchParams writes them:
+        # `uid=a%40b` is `a@b`, and `uid=a+b` is `a b` (`%2B` is a plus), as aiohttp reads `/route?key=`.
+        if "?" not in request.target:
+            return None
+        values = [unquote_plus(v, errors="surrogateescape") for v in query_values(request.target, name)]
+    elif pool.hash_key.source is HashKeySource.HEADER:
+        values = [header_text(v) for v in request.head.get_all(name)[:1]]
     else:
-        values = read_cookie(request.head.get_all("cookie"), name)
-    value = values[0].strip() if values else ""
-    return value or None
+        values = [header_text(v) for v in read_cookie(request.head.get_all("cookie"), name)[:1]]
+    return hash_key_text(values[0]) if values else None
 
 
 @dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action

@@ -253,6 +253,7 @@ def _parse_yaml(text: str, check: _Checker) -> object:
         return _safe_load(text, check)
     except yaml.MarkedYAMLError as exc:
         del check.problems[found:]  # repeated keys seen before the error: said once, by the reading that counts
+        fault = exc
         stood_in = _stand_in(text) if "${" in text and not _STOOD_IN_RE.search(text) else text
         if stood_in != text:
             # SPEC writes `secret_keys: [${LB_COOKIE_KEY}]`, which YAML alone refuses: inside [ ] and
@@ -263,14 +264,14 @@ def _parse_yaml(text: str, check: _Checker) -> object:
             try:
                 tree = _safe_load(stood_in, check)
             except yaml.MarkedYAMLError as later:
-                exc = later
+                fault = later
             except (yaml.YAMLError, ValueError, RecursionError):
                 pass
             else:
                 check.stood_in = True
                 return tree
             del check.problems[found:]  # that reading failed too: its repeated keys are not said either
-        check.add("", _yaml_message(exc, text))
+        check.add("", _yaml_message(fault, text))
     except yaml.YAMLError as exc:
         check.add("", f"invalid YAML: {exc}")
     except (ValueError, RecursionError) as exc:

@@ -16,7 +16,7 @@ import time
 
 from aiohttp import web
 
-from lb.affinity.balancing import HASHED_METHODS, source_key
+from lb.affinity.balancing import HASHED_METHODS, hash_key_text, source_key
 from lb.affinity.decision import route_for_key
 from lb.config.model import BalanceMethod
 from lb.control.admin import BALANCER, error_response
@@ -42,14 +42,17 @@ async def pool_route(request: web.Request) -> web.Response:
     keys = request.query.getall("key", [])
     if len(keys) != 1 or not keys[0]:
         return _error(400, "expected exactly one non-empty key parameter")
-    key: str | None = keys[0]
     if len(keys[0]) > MAX_KEY_CHARS:
         return _error(400, "key too long")
     if pool.config.balance is BalanceMethod.SOURCE:
         key = source_key(keys[0])
         if key is None:
             return _error(400, "key must be an IP address for balance: source")
-    assert key is not None
+    else:
+        # As a request's key is read (`balance_key`): without the spaces around it.
+        key = hash_key_text(keys[0])
+        if key is None:
+            return _error(400, "expected exactly one non-empty key parameter")
     backend = route_for_key(pool, key, time.time())
     if backend is None:
         return _error(503, "no backend takes new clients", headers={"Retry-After": "1"})

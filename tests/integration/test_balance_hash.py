@@ -116,6 +116,17 @@ async def test_hash_sticks_per_key_across_addresses_and_route_agrees_on_two_inst
     assert len(reached) >= 2
 
 
+async def test_route_reads_a_key_as_the_client_sends_it(stacks: Stacks) -> None:
+    """A user id in UTF-8, or with spaces around it: the client and /route name one gateway (9 ids, 7 of
+    which fall elsewhere when one side reads the bytes as latin-1 or keeps the spaces)."""
+    names = ["Jürgen", "Zoë", "Åsa", "José", "François", "Søren", "Łukasz", "  spaced  ", "東京"]
+    for n, user in enumerate(names):
+        reached = await visit(stacks.hash_a.ws_url(), source_ip=source_ips(1, start=160 + n)[0],
+                              headers={USER_HEADER: user})
+        assert await route(stacks.hash_a, "gateways", user) == (200, {"backend": reached.server_id}), user
+        assert await route(stacks.hash_b, "gateways", user.strip()) == (200, {"backend": reached.server_id}), user
+
+
 async def test_hash_without_key_falls_back_and_still_pins(stacks: Stacks) -> None:
     """No X-User-Id: least_conn picks, and the cookie keeps the client there."""
     first = await visit(stacks.hash_a.ws_url())

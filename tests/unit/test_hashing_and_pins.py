@@ -9,16 +9,18 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+import yarl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.affinity.balancing import source_key
+from lb.affinity.balancing import hash_key_text, source_key
 from lb.affinity.carriers import (
     MAX_OPENS,
     MAX_PINS,
@@ -144,6 +146,55 @@ def test_balance_key_reads_the_configured_place(hash_key: HashKey, req: RequestH
     """header:NAME, query:NAME (percent-decoded) and cookie:NAME; absent or empty is no key."""
     pool = make_pool(hash_key=hash_key)
     assert balance_key(req, pool.config, "127.0.0.1") == expected
+
+
+def utf8_on_the_wire(text: str) -> str:
+    """`text` as a client's UTF-8 bytes, as a head parsed from the wire holds them (one character a byte)."""
+    return text.encode("utf-8").decode("latin-1")
+
+
+def route_key(key: str) -> str:
+    """The `key` of `/pools/{pool}/route?key=...` as the admin API reads it: the URL's query, decoded by yarl."""
+    return yarl.URL("/pools/gateways/route").with_query(key=key).query["key"]
+
+
+@pytest.mark.parametrize(
+    ("hash_key", "req", "asked"),
+    [
+        (USER, request("/ws", ("X-User-Id", utf8_on_the_wire("Jürgen"))), "Jürgen"),
+        (USER, request("/ws", ("X-User-Id", utf8_on_the_wire("çà"))), "çà"),  # à ends in 0xA0: no space to strip
+        (HashKey(HashKeySource.COOKIE, "uid"), request("/ws", ("Cookie", utf8_on_the_wire("uid=Zoë"))), "Zoë"),
+        (HashKey(HashKeySource.QUERY, "uid"), request("/ws?uid=x+y"), "x y"),  # URLSearchParams' space
+        (HashKey(HashKeySource.QUERY, "uid"), request("/ws?uid=x%2By"), "x+y"),
+        (HashKey(HashKeySource.QUERY, "uid"), request("/ws?uid=J%C3%BCrgen"), "Jürgen"),
+        (HashKey(HashKeySource.QUERY, "uid"), request("/ws?uid=%20%20u1%20"), "  u1  "),
+    ],
+)
+def test_a_request_and_route_read_one_key_alike(hash_key: HashKey, req: RequestHead, asked: str) -> None:
+    """A user's key, as the client sends it and as a dispatcher asks /route for it, names one backend:
+    UTF-8 headers and cookies read as UTF-8, `+` in a query is a space, the spaces around a key go."""
+    pool = make_pool(hash_key=hash_key, sticky=False, n=7)
+    key = balance_key(req, pool.config, "127.0.0.1")
+    assert key == hash_key_text(route_key(asked))
+    assert key is not None
+    assert decide(None, pool, balance_key=key, now=NOW).backend is route_for_key(pool, key, NOW)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=40))
+def test_any_key_sent_in_a_query_reads_as_route_reads_it(text: str) -> None:
+    """Whatever a browser's URLSearchParams sends as `?uid=`, the request hashes what /route hears."""
+    req = request("/ws?" + urllib.parse.urlencode({"uid": text}))
+    pool = make_pool(hash_key=HashKey(HashKeySource.QUERY, "uid"))
+    assert balance_key(req, pool.config, "127.0.0.1") == hash_key_text(route_key(text))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=40))
+def test_any_key_sent_in_a_utf8_header_reads_as_route_reads_it(text: str) -> None:
+    """Whatever UTF-8 a client puts in X-User-Id, the request hashes what /route hears for that text."""
+    req = request("/ws", ("X-User-Id", utf8_on_the_wire(text)))
+    assert balance_key(req, make_pool().config, "127.0.0.1") == hash_key_text(route_key(text))
 
 
 def test_no_key_falls_back_to_least_conn() -> None:
