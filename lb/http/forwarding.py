@@ -9,7 +9,7 @@ import functools
 from collections.abc import Callable
 from typing import Final
 
-from lb.http.head import Head, RequestHead, ResponseHead, render_head
+from lb.http.head import Head, RequestHead, ResponseHead, is_host, render_head
 
 # RFC 9110 §7.6.1 plus the de-facto ones every proxy strips.  Transfer-Encoding
 # stays: bodies are relayed as they come, so their framing must travel with them.
@@ -80,7 +80,8 @@ def render_forwarded_request(
         add: headers to add (after the client's).
         backend_host: the Host to send when the client (HTTP/1.0) sent none.
         trusted_peer: the peer is a trusted proxy, whose Forwarded, X-Real-IP, X-Forwarded-Port
-            and X-Forwarded-Prefix pass on; anyone else's are dropped (spoofed addresses).
+            and X-Forwarded-Prefix pass on, and whose X-Forwarded-Proto and X-Forwarded-Host
+            (when valid) are sent instead of ours; anyone else's are dropped (spoofed addresses).
     """
     # One pass over the client's headers (this runs once per handshake): drop what is
     # hop-by-hop, ours to set, or Connection-listed; rewrite Cookie; render as we go.
@@ -108,6 +109,11 @@ def render_forwarded_request(
         lines.append(f"{name}: {value}")
     if add:
         lines.extend(f"{name}: {value}" for name, value in add)
+    if trusted_peer:
+        # The proxy in front ended the client's connection: its word on the scheme and the host the
+        # client asked for stands (a TLS-terminating front says https), as X-Forwarded-Port does.
+        proto = _first_claim(head, "x-forwarded-proto", _is_scheme) or proto
+        host = _first_claim(head, "x-forwarded-host", is_host) or host
     lines.append(f"X-Forwarded-For: {forwarded_for}")
     lines.append(f"X-Forwarded-Proto: {proto}")
     if host is not None:
@@ -125,6 +131,22 @@ def render_forwarded_request(
 _UPGRADE_LINES: Final = "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
 _CLOSE_LINE: Final = "Connection: close\r\n\r\n"
 
+
+
+def _is_scheme(value: str) -> bool:
+    return value in ("http", "https")
+
+
+def _first_claim(head: Head, name: str, valid: Callable[[str], bool]) -> str | None:
+    """The left-most element of a trusted proxy's `name` header (the client's side of a chain of
+    proxies), lower-cased for a scheme; None when absent or not `valid`: ours is sent instead."""
+    values = head.get_all(name)
+    if not values:
+        return None
+    first = values[0].partition(",")[0].strip(_OWS)
+    if name == "x-forwarded-proto":
+        first = first.lower()
+    return first if first and valid(first) else None
 
 
 @functools.lru_cache(maxsize=16)

@@ -122,6 +122,11 @@ PROTECTED_HEADERS: Final = frozenset(
 )
 
 
+def is_host(value: str) -> bool:
+    """Whether `value` is a valid Host: `uri-host [":" port]` (RFC 9112 §3.2)."""
+    return _HOST.match(value) is not None
+
+
 def protected_headers(affinity_header: str) -> frozenset[str]:
     """PROTECTED_HEADERS plus the configured `affinity.header`: compute once per configuration."""
     return PROTECTED_HEADERS | {affinity_header.lower()}

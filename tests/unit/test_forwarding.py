@@ -367,3 +367,29 @@ def test_an_interim_answer_loses_the_backends_hop_by_hop_headers() -> None:
     raw = b"HTTP/1.1 103 Early Hints\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nLink: </a.css>\r\n\r\n"
     out = parse_response_head(render_interim(parse_response_head(raw)))
     assert (out.status, out.reason, out.head.headers) == (103, "Early Hints", (("Link", "</a.css>"),))
+
+
+@pytest.mark.parametrize(
+    ("claims", "proto", "host"),
+    [
+        (["X-Forwarded-Proto: https", "X-Forwarded-Host: game.example:443"], "https", "game.example:443"),
+        (["X-Forwarded-Proto: HTTPS, http", "X-Forwarded-Host: a.example, b.example"], "https", "a.example"),
+        (["X-Forwarded-Proto: gopher", "X-Forwarded-Host: bad host"], "http", "lb.internal"),  # not valid: ours
+        (["X-Forwarded-Proto: ", "X-Forwarded-Host: ,x"], "http", "lb.internal"),
+        ([], "http", "lb.internal"),
+    ],
+)
+def test_a_trusted_proxys_scheme_and_host_stand(claims: list[str], proto: str, host: str) -> None:
+    """Behind a TLS-terminating front in trusted_proxies, the backend hears https and the host the client
+    asked for, as it hears that proxy's X-Forwarded-Port; an invalid claim is replaced by ours."""
+    req = request("Host: lb.internal", *claims)
+    raw = render_forwarded_request(req, forwarded_for="203.0.113.7", proto="http", websocket=False, trusted_peer=True)
+    out = parse_request_head(raw)
+    assert (out.head.get_all("x-forwarded-proto"), out.head.get_all("x-forwarded-host")) == ([proto], [host])
+    assert out.head.get("host") == "lb.internal"
+
+
+def test_an_untrusted_peers_scheme_and_host_are_replaced() -> None:
+    req = request("Host: lb.internal", "X-Forwarded-Proto: https", "X-Forwarded-Host: evil.example")
+    out = parse_request_head(render_forwarded_request(req, forwarded_for="203.0.113.7", proto="http", websocket=False))
+    assert (out.head.get_all("x-forwarded-proto"), out.head.get_all("x-forwarded-host")) == (["http"], ["lb.internal"])
