@@ -127,11 +127,14 @@ class RateLimitSummary:
     limits.max_connections (503), would otherwise turn every refusal into a log line
     (a log flood is a second denial of service).  The first refusal of a quiet spell
     is logged as it happens; the ones after it are counted and reported in one
-    `event` line once `interval` has passed (at the next refusal).  The count of
-    every refusal is also in lb_rejected_requests_total{status}.
+    `event` line once `interval` has passed (`tick`, every second, or the next
+    refusal).  That line names the request ids of the first MAX_IDS it counts, so
+    an error answer of a short burst is still found in the log by its id.  The
+    count of every refusal is also in lb_rejected_requests_total{status}.
     """
 
     MAX_ADDRESSES: ClassVar[int] = 1024  # distinct addresses remembered per interval; past that only counted
+    MAX_IDS: ClassVar[int] = 32  # request ids a summary names (17 bytes each: the line stays a few hundred)
 
     def __init__(
         self, interval: float = 10.0, *, status: int = 429, reason: str = "handshake_rate_limited",
@@ -144,6 +147,7 @@ class RateLimitSummary:
         self._since: float | None = None
         self._count = 0
         self._addresses: dict[str, int] = {}
+        self._ids: list[str] = []
 
     def note(self, client: str, now: float, request_id: str) -> None:
         """One refusal to `client` at `now` (any monotonic-enough clock, the caller's)."""
@@ -156,19 +160,30 @@ class RateLimitSummary:
         self._count += 1
         if client in self._addresses or len(self._addresses) < self.MAX_ADDRESSES:
             self._addresses[client] = self._addresses.get(client, 0) + 1
+        if len(self._ids) < self.MAX_IDS:
+            self._ids.append(request_id)
+
+    def tick(self, now: float, *, final: bool = False) -> None:
+        """Report what the interval counted once it has passed (`final`: now, the process is stopping),
+        without waiting for another refusal."""
+        if self._since is not None and (final or now - self._since >= self.interval):
+            self._flush(now)
+            self._since = None  # the next refusal begins a new spell, and is logged as it happens
 
     def _flush(self, now: float) -> None:
         if not self._count or self._since is None or not access.isEnabledFor(logging.INFO):
             self._count = 0
             self._addresses.clear()
+            self._ids.clear()
             return
         top = max(self._addresses.items(), key=lambda item: item[1]) if self._addresses else ("-", 0)
         _emit(self.event, {
             "count": self._count, "addresses": len(self._addresses), "top_client": top[0],
-            "top_count": top[1], "seconds": round(now - self._since, 3),
+            "top_count": top[1], "seconds": round(now - self._since, 3), "request_ids": ",".join(self._ids),
         })
         self._count = 0
         self._addresses.clear()
+        self._ids.clear()
 
 
 def log_tunnel_closed(**fields: Any) -> None:

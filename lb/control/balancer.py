@@ -141,6 +141,7 @@ class Balancer:
         self.discovery = DiscoveryManager(self.update_discovered, self.registry)
         self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._reporter: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._stop_called = asyncio.Event()
         self._serving_until: float | None = None  # time.monotonic() when a stop's shutdown_delay runs out
@@ -210,6 +211,7 @@ class Balancer:
         self._advise()
         if self.role is not Role.OWNER:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
+            self._reporter = asyncio.get_running_loop().create_task(self._report_refusals())
         if self.role is not Role.WORKER:
             self._start_health_checks()
         self.discovery.start(self.config.pools)  # DNS discovery loops (lb.control.discovery)
@@ -360,6 +362,17 @@ class Balancer:
                     tunnel.idle_mark = (moved, now)
                 elif now - since >= idle:
                     tunnel.close_gracefully(GOING_AWAY, "idle timeout", cause="idle")
+
+    async def _report_refusals(self) -> None:
+        """Each second, log the summaries of 429s and 503s whose interval has passed (`RateLimitSummary`)."""
+        while True:
+            await asyncio.sleep(1.0)
+            self._report_refusals_now()
+
+    def _report_refusals_now(self, *, final: bool = False) -> None:
+        now = time.time()  # the data plane's clock (lb.proxy.server), which `note` was given
+        for summary in (self.ctx.rate_limited_log, self.ctx.over_limit_log):
+            summary.tick(now, final=final)
 
     def update_discovered(self, pool: str, backends: tuple[BackendConfig, ...]) -> None:
         """DNS discovery found a new set for `pool`: merge it the way a reload does.
@@ -684,6 +697,9 @@ class Balancer:
         ))
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._reporter is not None:
+            self._reporter.cancel()
+            self._report_refusals_now(final=True)  # what the last interval counted, before the process goes
         await self._close_tunnels_spread(timeouts.shutdown_grace)
         await handshakes
         for listening in self._listening:

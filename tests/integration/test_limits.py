@@ -78,6 +78,25 @@ async def test_per_ip_handshake_rate_gets_429_with_retry_after(launcher: Launche
     assert time.monotonic() - started <= int(retry_after) + 2 * UNIT
 
 
+async def test_every_429_s_request_id_reaches_the_log(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """SPEC part 2: an error answer's request id is one the log carries, for a summarised burst of 429s too
+    (named by the summary line, written at the interval's end or, as here, when the balancer stops)."""
+    lb = start(launcher, gateways, {"limits": {"handshake_rate_per_ip": 1, "handshake_burst_per_ip": 1}})
+    assert lb.port is not None
+    assert await handshake_status(lb, "127.0.0.80") == 101
+    ids = []
+    for _ in range(8):
+        refused = await raw_exchange(lb.port, upgrade_request(host=f"127.0.0.1:{lb.port}"), source_ip="127.0.0.80")
+        assert refused is not None and refused.status == 429, refused
+        request_id = refused.get("X-Request-Id")
+        assert request_id is not None
+        ids.append(request_id)
+    assert lb.stop() == 0
+    log = lb.log_text()
+    assert [request_id for request_id in ids if request_id not in log] == [], log[-2000:]
+    assert "event=rate_limited" in log
+
+
 async def test_rate_limit_zero_is_off(launcher: Launcher, gateways: list[Gateway]) -> None:
     """handshake_rate_per_ip: 0 turns the limiter off."""
     lb = start(launcher, gateways, {"limits": {"handshake_rate_per_ip": 0, "handshake_burst_per_ip": 1}})

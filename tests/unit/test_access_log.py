@@ -1,4 +1,5 @@
-"""Access log: 429s are summarised, not logged one by one (issue 8); the handshake lines' fast rendering."""
+"""Access log: 429s are summarised, not logged one by one (issue 8), naming the first ids they answered (SPEC
+part 2: an error answer's request id is in the log); the handshake lines' fast rendering."""
 
 from __future__ import annotations
 
@@ -47,6 +48,46 @@ def test_a_storm_beyond_max_connections_is_summarised_the_same_way(caplog: pytes
     assert "status=503 reason=too_many_connections request_id=r0" in logged[0]
     assert logged[1].startswith("event=over_max_connections count=299 addresses=7 ")
     assert "status=503" in logged[2] and "request_id=last" in logged[2]
+
+
+def test_a_summary_names_the_first_request_ids_it_counts(caplog: pytest.LogCaptureFixture) -> None:
+    """A burst's error answers are found in the log by their ids: the summary lists the first MAX_IDS."""
+    summary = RateLimitSummary(interval=10.0)
+    ids = [f"{i:016x}" for i in range(100)]
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        for i, request_id in enumerate(ids):
+            summary.note("198.51.100.1", 100.0 + i / 100, request_id)
+        summary.tick(111.0)
+    first, summarised = lines(caplog)
+    assert f"request_id={ids[0]}" in first
+    assert "count=99 " in summarised
+    assert f"request_ids={','.join(ids[1 : 1 + RateLimitSummary.MAX_IDS])} " in summarised + " "
+    assert len(summarised) < 1000
+
+
+def test_a_summary_is_reported_when_its_interval_ends_not_at_the_next_refusal(caplog: pytest.LogCaptureFixture) -> None:
+    """`tick` (every second, from the balancer) reports a burst that is over; the next refusal starts afresh."""
+    summary = RateLimitSummary(interval=10.0)
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        for i in range(5):
+            summary.note("198.51.100.1", 100.0 + i, f"r{i}")
+        summary.tick(109.9)
+        assert len(lines(caplog)) == 1, "not before the interval has passed"
+        summary.tick(110.0)
+        assert len(lines(caplog)) == 2 and "count=4 " in lines(caplog)[1]
+        summary.tick(130.0)
+        assert len(lines(caplog)) == 2, "said once"
+        summary.note("198.51.100.2", 300.0, "next")
+    assert "request_id=next" in lines(caplog)[2] and "status=429" in lines(caplog)[2]
+
+
+def test_a_stopping_balancer_reports_what_the_interval_counted_so_far(caplog: pytest.LogCaptureFixture) -> None:
+    summary = RateLimitSummary(interval=10.0)
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        summary.note("198.51.100.1", 100.0, "r0")
+        summary.note("198.51.100.1", 101.0, "r1")
+        summary.tick(102.0, final=True)
+    assert "count=1 " in lines(caplog)[1] and "request_ids=r1" in lines(caplog)[1]
 
 
 def test_addresses_remembered_are_bounded() -> None:
