@@ -27,22 +27,10 @@ def test_the_micro_benchmarks_run_whole_handshakes(module: str, check: bool) -> 
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (apt-get install valgrind)")
-def test_instruction_count_per_handshake() -> None:
-    """bench.instructions: two callgrind runs of the core bench, the difference per handshake (a few 100k)."""
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.instructions", "--core", "--n", "4", "24"],
-        capture_output=True, text=True, timeout=300, cwd=root,
-    )
-    assert done.returncode == 0, done.stderr
-    found = re.search(r"([\d,]+) instructions per handshake", done.stdout)
-    assert found is not None, done.stdout
-    assert 50_000 < int(found.group(1).replace(",", "")) < 5_000_000
-
-
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (apt-get install valgrind)")
-def test_instructions_by_function() -> None:
-    """--by-function: the bytecode loop's share and a table of C functions, per handshake."""
+def test_instruction_count_per_handshake_and_by_function() -> None:
+    """bench.instructions: two callgrind runs of the core bench, the difference per handshake (a few 100k);
+    --by-function adds the bytecode loop's share and a table of C functions, per handshake.  One test for
+    both: each pair of callgrind runs takes half a minute."""
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
         [sys.executable, "-m", "bench.instructions", "--core", "--n", "4", "24", "--by-function", "5"],
@@ -50,6 +38,9 @@ def test_instructions_by_function() -> None:
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
+    found = re.search(r"([\d,]+) instructions per handshake", lines[0])
+    assert found is not None, done.stdout
+    assert 50_000 < int(found.group(1).replace(",", "")) < 5_000_000
     assert re.search(r"bytecode loop \(_PyEval_EvalFrameDefault\): [\d,]+ \([\d.]+%\)", lines[1]), lines
     assert len(lines) == 7 and all(re.fullmatch(r"\s*-?[\d,]+\s+-?[\d.]+%  \S+:\S+", line) for line in lines[2:])
 
