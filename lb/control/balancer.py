@@ -65,6 +65,7 @@ from lb.control.admin import AdminRunner, make_admin_app
 from lb.control.discovery import DiscoveryManager
 from lb.control.health import HealthChecker
 from lb.control.ipc import check_config_handover, split_limits
+from lb.control.memory import ReleasePolicy, release_free_memory
 from lb.control.metrics import make_registry
 from lb.control.migration import DEFAULT_MIGRATION_RATE, migrate
 from lb.control.workers import ControlChannel, WorkerSupervisor, watch_owner
@@ -211,7 +212,7 @@ class Balancer:
         self._advise()
         if self.role is not Role.OWNER:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
-            self._reporter = asyncio.get_running_loop().create_task(self._report_refusals())
+            self._reporter = asyncio.get_running_loop().create_task(self._each_second())
         if self.role is not Role.WORKER:
             self._start_health_checks()
         self.discovery.start(self.config.pools)  # DNS discovery loops (lb.control.discovery)
@@ -363,11 +364,15 @@ class Balancer:
                 elif now - since >= idle:
                     tunnel.close_gracefully(GOING_AWAY, "idle timeout", cause="idle")
 
-    async def _report_refusals(self) -> None:
-        """Each second, log the summaries of 429s and 503s whose interval has passed (`RateLimitSummary`)."""
+    async def _each_second(self) -> None:
+        """Log the summaries of 429s and 503s whose interval has passed (`RateLimitSummary`), and give
+        back the heap a burst of connections freed (`lb.control.memory`)."""
+        policy = ReleasePolicy()
         while True:
             await asyncio.sleep(1.0)
             self._report_refusals_now()
+            if policy.due(self.ctx.handshaking + len(self.ctx.tunnels), time.monotonic()):
+                release_free_memory()
 
     def _report_refusals_now(self, *, final: bool = False) -> None:
         now = time.time()  # the data plane's clock (lb.proxy.server), which `note` was given
