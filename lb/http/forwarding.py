@@ -109,16 +109,17 @@ def render_forwarded_request(
         lines.append(f"{name}: {value}")
     if add:
         lines.extend(f"{name}: {value}" for name, value in add)
+    forwarded_host = host
     if trusted_peer:
         # The proxy in front ended the client's connection: its word on the scheme and the host the
         # client asked for stands (a TLS-terminating front says https), as X-Forwarded-Port does.
         proto = _first_claim(head, "x-forwarded-proto", _is_scheme) or proto
-        host = _first_claim(head, "x-forwarded-host", is_host) or host
+        forwarded_host = _first_claim(head, "x-forwarded-host", is_host) or host
     lines.append(f"X-Forwarded-For: {forwarded_for}")
     lines.append(f"X-Forwarded-Proto: {proto}")
-    if host is not None:
-        lines.append(f"X-Forwarded-Host: {host}")
-    else:
+    if forwarded_host is not None:
+        lines.append(f"X-Forwarded-Host: {forwarded_host}")
+    if host is None:
         # HTTP/1.0 may omit Host; a backend may still need one to route (RFC 9112 §3.2).
         lines.append(f"Host: {backend_host}")
     # A WebSocket keeps the upgrade.  Anything else: one request per backend connection,

@@ -59,16 +59,21 @@ def backend() -> Iterator[RecordingBackend]:
     rec.close()
 
 
-async def test_stalled_tls_handshake_is_closed_on_time(
-    launcher: Launcher, backend: RecordingBackend, certs: Path
-) -> None:
+def tls_balancer(launcher: Launcher, backend: RecordingBackend, certs: Path) -> Balancer:
+    """A balancer with a TLS listener and `timeouts.handshake: 1s`, in front of `backend`."""
     config = lb_config(
         pools={"p": [backend]},
         tls=(certs / "server.crt", certs / "server.key"),
         health=TCP_HEALTH,
         overrides={"timeouts": {"handshake": "1s"}},
     )
-    lb = launcher.balancer(config)
+    return launcher.balancer(config)
+
+
+async def test_stalled_tls_handshake_is_closed_on_time(
+    launcher: Launcher, backend: RecordingBackend, certs: Path
+) -> None:
+    lb = tls_balancer(launcher, backend, certs)
     assert lb.tls_port is not None
     for opening in (b"", b"\x16\x03\x01\x00\xff"):  # nothing at all, or half a ClientHello
         reader, writer = await open_raw(lb.tls_port)
@@ -88,13 +93,7 @@ async def test_a_burst_of_stalled_tls_handshakes_gives_its_memory_back(
     """800 TLS connections that never send a ClientHello are cut at timeouts.handshake, and the heap they
     freed goes back to the system (lb.control.memory): RSS ends near where it began, where glibc alone
     kept about 40 MB of free pages from such a burst, and more with each one."""
-    config = lb_config(
-        pools={"p": [backend]},
-        tls=(certs / "server.crt", certs / "server.key"),
-        health=TCP_HEALTH,
-        overrides={"timeouts": {"handshake": "1s"}},
-    )
-    lb = launcher.balancer(config)
+    lb = tls_balancer(launcher, backend, certs)
     assert lb.tls_port is not None and lb.proc is not None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     count = 800

@@ -393,3 +393,13 @@ def test_an_untrusted_peers_scheme_and_host_are_replaced() -> None:
     req = request("Host: lb.internal", "X-Forwarded-Proto: https", "X-Forwarded-Host: evil.example")
     out = parse_request_head(render_forwarded_request(req, forwarded_for="203.0.113.7", proto="http", websocket=False))
     assert (out.head.get_all("x-forwarded-proto"), out.head.get_all("x-forwarded-host")) == (["http"], ["lb.internal"])
+
+
+def test_an_http_1_0_request_without_host_still_gets_one_behind_a_trusted_proxy() -> None:
+    req = request("X-Forwarded-Host: game.example", start="GET /x HTTP/1.0")
+    raw = render_forwarded_request(
+        req, forwarded_for="203.0.113.7", proto="http", websocket=False, backend_host="10.0.0.5:9001",
+        trusted_peer=True,
+    )
+    out = parse_request_head(raw)
+    assert (out.head.get("host"), out.head.get("x-forwarded-host")) == ("10.0.0.5:9001", "game.example")
