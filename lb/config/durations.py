@@ -14,7 +14,10 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 # A decimal number and an optional unit; a bare number means seconds, so that
 # "${GRACE}" expanded to "10" reads like the YAML integer 10 would.
-_DURATION_RE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(?P<unit>ms|s|m|h)?")
+_DURATION_RE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)[ \t]*(?P<unit>ms|s|m|h)?")
+# Only ASCII blanks around it: str.strip() and `\s` also take a thin or no-break space, which
+# an operator did not type on purpose and a reviewer cannot see.
+_BLANKS = " \t\r\n"
 
 _EXPECTED = "expected a duration like 500ms, 2s, 5m or 1h"
 
@@ -39,8 +42,8 @@ def parse_duration(value: str | int | float) -> float:
         return _checked(float(value), value)
     if not isinstance(value, str):
         raise ValueError(f"{_EXPECTED}, got {type(value).__name__}")
-    text = value.strip()
-    if text.startswith("-") and _DURATION_RE.fullmatch(text[1:].lstrip()):
+    text = value.strip(_BLANKS)
+    if text.startswith("-") and _DURATION_RE.fullmatch(text[1:].lstrip(_BLANKS)):
         raise ValueError(f"a duration cannot be negative, got {value!r}")
     match = _DURATION_RE.fullmatch(text)
     if match is None:

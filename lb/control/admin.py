@@ -24,6 +24,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -393,7 +394,9 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
     if raw.count(b"[") + raw.count(b"{") > 64:
         raise AdminInputError(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=_once_each)
+    except _RepeatedKey as repeated:
+        raise AdminInputError("body: key given twice", repeated.key) from None
     except (ValueError, RecursionError):
         raise AdminInputError("body: not valid JSON") from None
     if not isinstance(body, dict):
@@ -401,6 +404,28 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
     if _depth(body, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise AdminInputError(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return body
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all distinct: `{"rate": 1, "rate": 2}` is refused, as the config
+    refuses a key given twice and the query string a parameter given twice (json.loads keeps the last)."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _RepeatedKey(key)
+        found[key] = value
+    return found
+
+
+# A number as an operator types it: ASCII digits and one point.  float() alone also takes `1_000`,
+# a full-width 5 (any Unicode digit), `1e3`, `inf` and surrounding Unicode spaces.
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?|\.[0-9]+")
 
 
 def _name(key: object) -> str:
@@ -448,6 +473,8 @@ async def _migration_params(request: web.Request) -> tuple[float | None, float |
         value = params["rate"]
         try:
             if isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise ValueError
+            if isinstance(value, str) and not _DECIMAL.fullmatch(value):
                 raise ValueError
             rate = float(value)
         except (ValueError, OverflowError):

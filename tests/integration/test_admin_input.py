@@ -54,6 +54,13 @@ HOSTILE: list[tuple[str, str, bytes, str, str]] = [
     ("huge number", "", b'{"rate": 1e999}', "application/json", "rate"),
     ("form body", "", b"rate=5", "application/x-www-form-urlencoded", "application/json"),
     ("invalid utf-8", "", b'{"rate": "\xff\xfe"}', "application/json", "JSON"),
+    ("key twice in body", "", b'{"close_after": "1s", "close_after": "2h"}', "application/json", "twice"),
+    ("rate with underscores", "rate=1_000", b"", "application/json", "rate"),
+    ("rate in full-width digits", "rate=%EF%BC%95", b"", "application/json", "rate"),
+    ("rate in Arabic-Indic digits", "rate=%D9%A5", b"", "application/json", "rate"),
+    ("rate in exponent form", "rate=1e3", b"", "application/json", "rate"),
+    ("duration after a thin space", "close_after=%E2%80%8930s", b"", "application/json", "close_after"),
+    ("duration with a no-break space", "close_after=30%C2%A0s", b"", "application/json", "close_after"),
 ]
 
 
@@ -170,7 +177,7 @@ async def test_admin_errors_name_nothing_internal(stack: Stack) -> None:
     assert "Traceback" not in text
 
 
-@pytest.mark.parametrize("path", ["/status?verbose=1", "/metrics?name=x", "/livez?x", "/readyz?now=1"])
+@pytest.mark.parametrize("path", ["/status?verbose=1", "/metrics?name=x", "/livez?x", "/readyz?now=1", "/?refresh=1"])
 async def test_read_endpoints_refuse_unknown_parameters(stack: Stack, path: str) -> None:
     """A parameter an endpoint does not take is a 400 naming it, not silently ignored."""
     reply = await admin_request(stack.balancer, "GET", path, token=None)
@@ -214,6 +221,11 @@ async def test_oversized_request_heads_get_a_json_error_echoing_nothing(
 async def test_lookup_refuses_unknown_parameters(stack: Stack) -> None:
     code, _, text = await get_raw(stack.balancer, "/lookup?token=abc&tokne=abc")
     assert code == 400 and "unknown parameter" in json.loads(text)["error"], text
+
+
+async def test_lookup_refuses_an_empty_pool_rather_than_searching_every_pool(stack: Stack) -> None:
+    code, _, text = await get_raw(stack.balancer, "/lookup?token=abc&pool=")
+    assert code == 400 and "pool" in json.loads(text)["error"], text
 
 
 @pytest.mark.parametrize(

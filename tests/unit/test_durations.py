@@ -81,3 +81,14 @@ def test_arbitrary_text_gives_a_float_or_value_error(text: str) -> None:
     except ValueError:
         return
     assert math.isfinite(seconds) and seconds >= 0
+
+
+@pytest.mark.parametrize("value", ["\u200930s", "30\u00a0s", "30s\u3000", "\u0665s", "\uff15m"])
+def test_only_ascii_digits_and_blanks_make_a_duration(value: str) -> None:
+    """A thin or no-break space, or a digit of another script, is not what an operator meant to type."""
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+def test_ascii_blanks_around_a_duration_are_fine() -> None:
+    assert parse_duration(" 30 s\n") == 30.0

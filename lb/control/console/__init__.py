@@ -62,6 +62,7 @@ def add_console_routes(app: web.Application) -> None:
 
 
 async def dashboard(request: web.Request) -> web.Response:
+    refuse_parameters(request)  # as every admin endpoint: `/?refresh=1` is not silently the same page
     snapshot = render_snapshot(status_document(request.app[BALANCER]))
     return web.Response(
         body=_PAGE.replace(SNAPSHOT_MARK, snapshot, 1).encode(),
@@ -89,7 +90,9 @@ async def lookup(request: web.Request) -> web.Response:
     token = request.query.get("token", "")
     if not token:
         return error_response(400, "token: query parameter is required (/lookup?token=...)")
-    pool = request.query.get("pool") or None
+    pool = request.query.get("pool")
+    if pool == "":
+        return error_response(400, "pool: empty (leave the parameter out to search every pool)")
     if pool is not None and pool not in ctx.pools:
         return error_response(404, "unknown pool")
     if len(token) > MAX_TOKEN_PARAM:
