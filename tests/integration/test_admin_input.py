@@ -177,7 +177,7 @@ async def test_admin_errors_name_nothing_internal(stack: Stack) -> None:
     assert "Traceback" not in text
 
 
-@pytest.mark.parametrize("path", ["/status?verbose=1", "/metrics?name=x", "/livez?x", "/readyz?now=1", "/?refresh=1"])
+@pytest.mark.parametrize("path", ["/status?verbose=1", "/metrics?name=x", "/livez?x", "/readyz?now=1"])
 async def test_read_endpoints_refuse_unknown_parameters(stack: Stack, path: str) -> None:
     """A parameter an endpoint does not take is a 400 naming it, not silently ignored."""
     reply = await admin_request(stack.balancer, "GET", path, token=None)
@@ -188,6 +188,12 @@ async def test_read_endpoints_refuse_unknown_parameters(stack: Stack, path: str)
 async def get_raw(lb: Balancer, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
     reply = await admin_request(lb, "GET", path, headers=headers)
     return reply.status, reply.content_type, reply.text
+
+
+async def test_the_dashboard_a_page_for_people_ignores_its_query_string(stack: Stack) -> None:
+    """A link or a bookmark may carry `?utm_source=...`: the page still shows (it takes no parameter)."""
+    code, content_type, _ = await get_raw(stack.balancer, "/?utm_source=chat")
+    assert (code, content_type) == (200, "text/html")
 
 
 MEGABYTE = "q" * (1024 * 1024)

@@ -62,7 +62,8 @@ def add_console_routes(app: web.Application) -> None:
 
 
 async def dashboard(request: web.Request) -> web.Response:
-    refuse_parameters(request)  # as every admin endpoint: `/?refresh=1` is not silently the same page
+    # A page for people, not an API: a query string a browser, a bookmark or a link adds is ignored
+    # (every JSON endpoint refuses unknown parameters; this page takes none and acts on nothing).
     snapshot = render_snapshot(status_document(request.app[BALANCER]))
     return web.Response(
         body=_PAGE.replace(SNAPSHOT_MARK, snapshot, 1).encode(),
