@@ -171,16 +171,13 @@ class RateLimitSummary:
             self._since = None  # the next refusal begins a new spell, and is logged as it happens
 
     def _flush(self, now: float) -> None:
-        if not self._count or self._since is None or not access.isEnabledFor(logging.INFO):
-            self._count = 0
-            self._addresses.clear()
-            self._ids.clear()
-            return
-        top = max(self._addresses.items(), key=lambda item: item[1]) if self._addresses else ("-", 0)
-        _emit(self.event, {
-            "count": self._count, "addresses": len(self._addresses), "top_client": top[0],
-            "top_count": top[1], "seconds": round(now - self._since, 3), "request_ids": ",".join(self._ids),
-        })
+        """Log what the interval counted, if anything (and the access log is on); then start counting afresh."""
+        if self._count and self._since is not None and access.isEnabledFor(logging.INFO):
+            top = max(self._addresses.items(), key=lambda item: item[1]) if self._addresses else ("-", 0)
+            _emit(self.event, {
+                "count": self._count, "addresses": len(self._addresses), "top_client": top[0],
+                "top_count": top[1], "seconds": round(now - self._since, 3), "request_ids": ",".join(self._ids),
+            })
         self._count = 0
         self._addresses.clear()
         self._ids.clear()

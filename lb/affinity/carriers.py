@@ -148,14 +148,13 @@ def balance_key(request: RequestHead, pool: PoolConfig, client_ip: str) -> str |
     if pool.hash_key.source is HashKeySource.QUERY:
         # Unlike tokens, user ids may be form-encoded, as a browser's URLSearchParams writes them:
         # `uid=a%40b` is `a@b`, and `uid=a+b` is `a b` (`%2B` is a plus), as aiohttp reads `/route?key=`.
-        if "?" not in request.target:
-            return None
-        values = [unquote_plus(v, errors="surrogateescape") for v in query_values(request.target, name)]
-    elif pool.hash_key.source is HashKeySource.HEADER:
-        values = [header_text(v) for v in request.head.get_all(name)[:1]]
+        values = query_values(request.target, name) if "?" in request.target else []
+        return hash_key_text(unquote_plus(values[0], errors="surrogateescape")) if values else None
+    if pool.hash_key.source is HashKeySource.HEADER:
+        values = request.head.get_all(name)
     else:
-        values = [header_text(v) for v in read_cookie(request.head.get_all("cookie"), name)[:1]]
-    return hash_key_text(values[0]) if values else None
+        values = read_cookie(request.head.get_all("cookie"), name)
+    return hash_key_text(header_text(values[0])) if values else None
 
 
 @dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action

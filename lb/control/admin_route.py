@@ -22,6 +22,7 @@ from lb.config.model import BalanceMethod
 from lb.control.admin import BALANCER, error_response
 
 MAX_KEY_CHARS = 4096
+_ONE_KEY = "expected exactly one non-empty key parameter"
 
 
 def add_route_endpoint(app: web.Application) -> None:
@@ -41,7 +42,7 @@ async def pool_route(request: web.Request) -> web.Response:
         return _error(400, "unknown query parameter")
     keys = request.query.getall("key", [])
     if len(keys) != 1 or not keys[0]:
-        return _error(400, "expected exactly one non-empty key parameter")
+        return _error(400, _ONE_KEY)
     if len(keys[0]) > MAX_KEY_CHARS:
         return _error(400, "key too long")
     if pool.config.balance is BalanceMethod.SOURCE:
@@ -51,8 +52,8 @@ async def pool_route(request: web.Request) -> web.Response:
     else:
         # As a request's key is read (`balance_key`): without the spaces around it.
         key = hash_key_text(keys[0])
-        if key is None:
-            return _error(400, "expected exactly one non-empty key parameter")
+        if key is None:  # only spaces: as empty as no key
+            return _error(400, _ONE_KEY)
     backend = route_for_key(pool, key, time.time())
     if backend is None:
         return _error(503, "no backend takes new clients", headers={"Retry-After": "1"})

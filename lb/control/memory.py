@@ -40,11 +40,6 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 _MALLOC_TRIM = _find_malloc_trim()
 
 
-def can_release() -> bool:
-    """Whether this C library can give freed heap back (glibc)."""
-    return _MALLOC_TRIM is not None
-
-
 def release_free_memory() -> bool:
     """Return the free pages of every malloc arena to the system; False where the libc cannot."""
     if _MALLOC_TRIM is None:

@@ -113,8 +113,8 @@ def render_forwarded_request(
     if trusted_peer:
         # The proxy in front ended the client's connection: its word on the scheme and the host the
         # client asked for stands (a TLS-terminating front says https), as X-Forwarded-Port does.
-        proto = _first_claim(head, "x-forwarded-proto", _is_scheme) or proto
-        forwarded_host = _first_claim(head, "x-forwarded-host", is_host) or host
+        proto = _first_claim(head, "x-forwarded-proto", _scheme) or proto
+        forwarded_host = _first_claim(head, "x-forwarded-host", _host) or host
     lines.append(f"X-Forwarded-For: {forwarded_for}")
     lines.append(f"X-Forwarded-Proto: {proto}")
     if forwarded_host is not None:
@@ -133,21 +133,22 @@ _UPGRADE_LINES: Final = "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
 _CLOSE_LINE: Final = "Connection: close\r\n\r\n"
 
 
+def _scheme(claim: str) -> str | None:
+    """An X-Forwarded-Proto claim as we send it (lower case; URI schemes are case-insensitive), or None."""
+    scheme = claim.lower()
+    return scheme if scheme in ("http", "https") else None
 
-def _is_scheme(value: str) -> bool:
-    return value in ("http", "https")
+
+def _host(claim: str) -> str | None:
+    """An X-Forwarded-Host claim that is a valid `uri-host[:port]`, or None."""
+    return claim if claim and is_host(claim) else None
 
 
-def _first_claim(head: Head, name: str, valid: Callable[[str], bool]) -> str | None:
+def _first_claim(head: Head, name: str, read: Callable[[str], str | None]) -> str | None:
     """The left-most element of a trusted proxy's `name` header (the client's side of a chain of
-    proxies), lower-cased for a scheme; None when absent or not `valid`: ours is sent instead."""
+    proxies) as `read` takes it; None when absent or not valid: ours is sent instead."""
     values = head.get_all(name)
-    if not values:
-        return None
-    first = values[0].partition(",")[0].strip(_OWS)
-    if name == "x-forwarded-proto":
-        first = first.lower()
-    return first if first and valid(first) else None
+    return read(values[0].partition(",")[0].strip(_OWS)) if values else None
 
 
 @functools.lru_cache(maxsize=16)

@@ -484,7 +484,7 @@ def _rewrite_absolute_form(start: tuple[str, str, str], head: Head) -> tuple[str
     authority, tail = rest[:end], rest[end:]
     if not authority or "@" in authority:
         raise BadHost("absolute-form target needs a host and no userinfo")
-    if not _HOST.match(authority):
+    if not is_host(authority):
         raise BadHost("malformed authority in request target")
     hosts = head.get_all("host")
     origin = tail if tail.startswith("/") else "/" + tail
@@ -523,7 +523,7 @@ def parse_request_head(raw: bytes, *, protected: frozenset[str] = PROTECTED_HEAD
         raise BadHost("more than one Host header")
     if version == "HTTP/1.1" and not hosts:
         raise BadHost("HTTP/1.1 request needs a Host header")
-    if hosts and not _HOST.match(hosts[0]):
+    if hosts and not is_host(hosts[0]):
         raise BadHost("malformed Host header")
     _check_framing(head, version, request=True)
     absolute = None
