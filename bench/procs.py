@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,19 +172,35 @@ def choose_pinning(enabled: bool = True) -> Pinning:
 _HANDED_OUT: set[tuple[str, int]] = set()
 
 
+def port_share(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(index, count): which share of the ports this process may hand out.
+
+    Under pytest-xdist (`make test` runs the tests in parallel processes) each process takes the
+    ports whose `port // 2` falls in its own residue class, so two of them never name the same
+    port while it is free between our release and a child's bind. (`port // 2`: bind(0) gives
+    Linux's odd ports only, leaving the even ones to connect().) Elsewhere one share: all ports.
+    """
+    worker, count = environ.get("PYTEST_XDIST_WORKER", ""), environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(worker[2:]) < int(count):
+        return int(worker[2:]), int(count)
+    return 0, 1
+
+
 def free_port(host: str = HOST) -> int:
-    """A port nobody listens on right now, and one this process has not handed out before.
+    """A port nobody listens on right now, one this process has not handed out before, in its share.
 
     Bind port 0, read it, release it (uvicorn's trick). The kernel may pick a just-released port
     again, so two calls in a row could name the same port for two sockets of one configuration
     (say a listener and the admin API, which the balancer then refuses as overlapping); asking
-    again until the port is new rules that out.
+    again until the port is new rules that out. Parallel test processes keep to their own
+    `port_share`.
     """
+    index, count = port_share()
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
             port = int(sock.getsockname()[1])
-        if (host, port) not in _HANDED_OUT:
+        if (host, port) not in _HANDED_OUT and (port // 2) % count == index:
             _HANDED_OUT.add((host, port))
             return port
 

@@ -77,6 +77,7 @@ def test_no_backend_left_routes_nowhere() -> None:
         ("%%%", "malformed"),
         (seal("gw-9"), "unknown_backend"),
     ],
+    ids=["expired", "other-key", "empty", "not-base64", "unknown-backend"],  # a sealed token differs per run
 )
 def test_invalid_tokens(token: str, reason: str) -> None:
     assert answer(token, pools("gateways")) == {"valid": False, "reason": reason}
