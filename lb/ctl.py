@@ -114,6 +114,9 @@ def add_ctl_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     lookup = actions.add_parser("lookup", parents=[common], help="which backend holds the session of this token")
     lookup.add_argument("affinity_token", metavar="TOKEN", help="the affinity cookie's value")
     lookup.add_argument("--pool", help="the pool, when several have a backend of that id")
+    lookup.add_argument(
+        "--key", help="the client's key in a source or hash pool (its address, its hash_key value): there it decides"
+    )
     lookup.set_defaults(ctl=_lookup)
 
     ctl.set_defaults(handler=run_ctl)
@@ -351,6 +354,8 @@ def _lookup(args: argparse.Namespace, target: Target, out: TextIO) -> None:
     query = {"token": args.affinity_token}
     if args.pool:
         query["pool"] = args.pool
+    if args.key is not None:
+        query["key"] = args.key
     answer = call(target, "GET", "/lookup?" + urllib.parse.urlencode(query))
     json.dump(answer, out, indent=2)
     out.write("\n")

@@ -16,9 +16,8 @@ import time
 
 from aiohttp import web
 
-from lb.affinity.balancing import HASHED_METHODS, hash_key_text, source_key
+from lb.affinity.balancing import HASHED_METHODS, admin_key
 from lb.affinity.decision import route_for_key
-from lb.config.model import BalanceMethod
 from lb.control.admin import BALANCER, error_response
 
 MAX_KEY_CHARS = 4096
@@ -45,15 +44,10 @@ async def pool_route(request: web.Request) -> web.Response:
         return _error(400, _ONE_KEY)
     if len(keys[0]) > MAX_KEY_CHARS:
         return _error(400, "key too long")
-    if pool.config.balance is BalanceMethod.SOURCE:
-        key = source_key(keys[0])
-        if key is None:
-            return _error(400, "key must be an IP address for balance: source")
-    else:
-        # As a request's key is read (`balance_key`): without the spaces around it.
-        key = hash_key_text(keys[0])
-        if key is None:  # only spaces: as empty as no key
-            return _error(400, _ONE_KEY)
+    try:
+        key = admin_key(pool.config.balance, keys[0])  # as a request's key is read
+    except ValueError as exc:
+        return _error(400, str(exc))
     backend = route_for_key(pool, key, time.time())
     if backend is None:
         return _error(503, "no backend takes new clients", headers={"Retry-After": "1"})

@@ -14,6 +14,11 @@ where does a handshake carrying this token go right now?  Answer shapes:
   (`null` when no backend can take the client).  It runs the data path's own
   `affinity.decide`; a valid token always carries a session, so decide never
   reaches a balancing policy's turn counter: the lookup changes nothing.
+- In a `balance: source` or `hash` pool the data path hashes the client's key (its address, its
+  `hash_key` value), not the session, wherever it balances: for a pin that no longer holds, and
+  for every client of a pool without `sticky`.  The token does not carry that key, so there
+  `routes_to` needs it (`&key=`, read as `/pools/{pool}/route` reads it); without one the answer
+  is `"routes_to": null, "routes_by": "key"`, never a guess from the session.
 - Times are ISO-8601 UTC with `Z`, to the second (tokens carry whole seconds).
 - The token may be the whole affinity cookie value: with pins per pool it holds
   one pin per pool (`pin.pin`), and the first that opens (for `?pool=`, when
@@ -27,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lb.affinity.balancing import HASHED_METHODS, admin_key
 from lb.affinity.carriers import MAX_PINS, PIN_SEPARATOR
 from lb.affinity.codec import Claim, TokenCodec
 from lb.affinity.decision import decide
@@ -44,6 +50,7 @@ def lookup_token(
     max_age: float,
     grace: float = 0.0,
     pool: str | None = None,
+    key: str | None = None,
 ) -> dict[str, Any]:
     """The /lookup answer for `token`.
 
@@ -55,9 +62,14 @@ def lookup_token(
         max_age: token lifetime in seconds (`affinity.max_age`), for `expires_at`.
         grace: `affinity.redispatch_grace`, as the data path uses it.
         pool: restrict the search to this pool (a token names a backend id, not a pool).
+        key: the client's key as given (`&key=`): its address in a `source` pool, its `hash_key`
+            value in a `hash` pool; ignored by other pools.
 
     Returns:
         A JSON-ready dict, `{"valid": false, "reason": ...}` for a token the data path would ignore.
+
+    Raises:
+        ValueError: `key` is not a key of the token's pool (not an address, or only spaces).
     """
     claim: Claim | None = None
     reason = "unknown_backend"  # every pin opened, none for the pool asked about
@@ -83,13 +95,25 @@ def lookup_token(
     if state is None:
         return {"valid": False, "reason": "unknown_backend"}
     backend = state.backends[claim.backend_id]
+    balance_key = None
+    if state.config.balance in HASHED_METHODS:
+        if key is not None:
+            balance_key = admin_key(state.config.balance, key)  # ValueError: the caller's 400
+        elif not state.config.sticky or not backend.takes_sticky_clients:
+            return _answer(claim, state, max_age, None) | {"routes_by": "key"}  # the key decides
     try:
-        # `session` is always set for a valid token, so a redispatch uses rendezvous hashing (pure).
+        # With a session (a valid token has one) or a key, decide hashes: it never reaches a
+        # balancing policy's turn counter, so the lookup changes nothing.
         routes_to: str | None = decide(
-            claim.backend_id, state, session=claim.session, now=now, grace=grace
+            claim.backend_id, state, session=claim.session, now=now, grace=grace, balance_key=balance_key
         ).backend.id
     except NoHealthyBackend:
         routes_to = None
+    return _answer(claim, state, max_age, routes_to)
+
+
+def _answer(claim: Claim, state: PoolState, max_age: float, routes_to: str | None) -> dict[str, Any]:
+    backend = state.backends[claim.backend_id]
     return {
         "valid": True,
         "pool": state.name,

@@ -8,6 +8,7 @@ import pytest
 
 from lb.affinity.codec import NONCE_BYTES, Claim, TokenCodec
 from lb.config.model import BackendConfig, BalanceMethod, PoolConfig
+from lb.affinity.decision import decide, route_for_key
 from lb.control.lookup import iso_utc, lookup_token
 from lb.state.pool import AdminAction, PoolState
 
@@ -125,3 +126,65 @@ def test_a_cookie_value_with_one_pin_per_pool_is_understood() -> None:
     assert answer(value + ".garbage", state, pool="plain")["backend"] == "gw-3"
     assert answer(seal_for("gateways", "gw-1"), state, pool="plain") == {"valid": False, "reason": "unknown_backend"}
     assert answer("x" * 40 + "." + "y" * 40, state)["valid"] is False
+
+
+def hashed_pool(balance: BalanceMethod, *, sticky: bool = True) -> dict[str, PoolState]:
+    backends = tuple(BackendConfig(id=f"gw-{i}", host="127.0.0.1", port=9000 + i) for i in (1, 2, 3, 4))
+    config = PoolConfig(name="hp", backends=backends, balance=balance, sticky=sticky)
+    return {"hp": PoolState(config)}
+
+
+@pytest.mark.parametrize("balance", [BalanceMethod.HASH, BalanceMethod.SOURCE])
+def test_in_a_hashed_pool_a_pin_that_no_longer_holds_routes_by_the_clients_key(balance: BalanceMethod) -> None:
+    """The data path redispatches by the client's key there, not by the session: /lookup says so
+    without a key, and answers what /route answers for the key with one (reviewer's case: 10 of 12
+    users were named another gateway than the one they reached)."""
+    state = hashed_pool(balance)
+    state["hp"].apply_admin("gw-2", AdminAction.DISABLE, NOW)
+    token = seal("gw-2")
+    blind = answer(token, state)
+    assert blind["routes_to"] is None and blind["routes_by"] == "key" and blind["state"] == "disabled"
+    keys = [f"10.0.{i}.{j}" for i in range(4) for j in range(5)] if balance is BalanceMethod.SOURCE else [
+        f"user{i}" for i in range(20)
+    ]
+    for key in keys:
+        expected = route_for_key(state["hp"], key, NOW)
+        assert expected is not None
+        assert answer(token, state, key=key)["routes_to"] == expected.id
+        decided = decide("gw-2", state["hp"], session=b"s" * 8, now=NOW, balance_key=key)  # as a handshake does
+        assert decided.backend.id == expected.id
+    assert len({answer(token, state, key=key)["routes_to"] for key in keys}) > 1  # not the session's one answer
+
+
+def test_in_a_hashed_pool_a_pin_that_holds_needs_no_key() -> None:
+    state = hashed_pool(BalanceMethod.HASH)
+    result = answer(seal("gw-2"), state)
+    assert result["routes_to"] == "gw-2" and "routes_by" not in result
+    assert answer(seal("gw-2"), state, key="anyone")["routes_to"] == "gw-2"
+
+
+def test_without_sticky_every_client_goes_by_its_key() -> None:
+    state = hashed_pool(BalanceMethod.HASH, sticky=False)
+    assert answer(seal("gw-2"), state)["routes_by"] == "key"
+    expected = route_for_key(state["hp"], "user7", NOW)
+    assert expected is not None and answer(seal("gw-2"), state, key="user7")["routes_to"] == expected.id
+
+
+def test_a_key_is_read_as_route_reads_it() -> None:
+    state = hashed_pool(BalanceMethod.SOURCE)
+    state["hp"].apply_admin("gw-2", AdminAction.DISABLE, NOW)
+    mapped = answer(seal("gw-2"), state, key="::ffff:10.0.0.1")
+    assert mapped["routes_to"] == answer(seal("gw-2"), state, key="10.0.0.1")["routes_to"]
+    with pytest.raises(ValueError, match="IP address"):
+        answer(seal("gw-2"), state, key="user7")
+    hashed = hashed_pool(BalanceMethod.HASH)
+    hashed["hp"].apply_admin("gw-2", AdminAction.DISABLE, NOW)
+    assert answer(seal("gw-2"), hashed, key=" user7\t")["routes_to"] == answer(seal("gw-2"), hashed, key="user7")["routes_to"]
+    with pytest.raises(ValueError, match="empty"):
+        answer(seal("gw-2"), hashed, key="  ")
+
+
+def test_a_key_changes_nothing_in_a_round_robin_pool() -> None:
+    state = pools("gateways")
+    state["gateways"].apply_admin("gw-2", AdminAction.DISABLE, NOW)
+    assert answer(seal("gw-2"), state, key="user7") == answer(seal("gw-2"), state)

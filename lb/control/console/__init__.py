@@ -26,9 +26,10 @@ from typing import Any
 from aiohttp import web
 
 from lb.control.admin import BALANCER, authorized, error_response, refuse_parameters, status_document
+from lb.control.admin_route import MAX_KEY_CHARS
 from lb.control.lookup import lookup_token
 
-LOOKUP_PARAMS = frozenset({"token", "pool"})
+LOOKUP_PARAMS = frozenset({"token", "pool", "key"})
 MAX_TOKEN_PARAM = 4096  # longer than any token we issue (lb.affinity.codec.MAX_TOKEN_CHARS)
 
 
@@ -81,8 +82,9 @@ async def dashboard(request: web.Request) -> web.Response:
 
 
 async def lookup(request: web.Request) -> web.Response:
-    """GET /lookup?token=T[&pool=P]: 200 with the answer (valid or not), 400 without a token, 401 without
-    bearer, 404 for a `pool` the configuration does not have (as /pools/{pool}/... answers)."""
+    """GET /lookup?token=T[&pool=P][&key=K]: 200 with the answer (valid or not), 400 without a token or
+    with a key the pool cannot hash, 401 without bearer, 404 for a `pool` the configuration does not
+    have (as /pools/{pool}/... answers)."""
     balancer = request.app[BALANCER]
     ctx = balancer.ctx
     if not authorized(request, ctx.config.admin.token):
@@ -96,18 +98,27 @@ async def lookup(request: web.Request) -> web.Response:
         return error_response(400, "pool: empty (leave the parameter out to search every pool)")
     if pool is not None and pool not in ctx.pools:
         return error_response(404, "unknown pool")
+    key = request.query.get("key")
+    if key == "":
+        return error_response(400, "key: empty (leave the parameter out when the client has none)")
+    if key is not None and len(key) > MAX_KEY_CHARS:
+        return error_response(400, "key too long")
     if len(token) > MAX_TOKEN_PARAM:
         return web.json_response({"valid": False, "reason": "malformed"})
     affinity = ctx.config.affinity
-    answer = lookup_token(
-        token,
-        ctx.codec,
-        ctx.pools,
-        now=time.time(),
-        max_age=affinity.max_age,
-        grace=affinity.redispatch_grace,
-        pool=pool,
-    )
+    try:
+        answer = lookup_token(
+            token,
+            ctx.codec,
+            ctx.pools,
+            now=time.time(),
+            max_age=affinity.max_age,
+            grace=affinity.redispatch_grace,
+            pool=pool,
+            key=key,
+        )
+    except ValueError as exc:  # a key the token's pool cannot hash
+        return error_response(400, str(exc))
     return web.json_response(answer)
 
 
