@@ -806,6 +806,7 @@ _TIMEOUT_FIELDS = (
     _Field("shutdown_grace", _duration(allow_zero=True)),
     _Field("shutdown_delay", _duration(allow_zero=True)),
     _Field("idle", _duration(allow_zero=True)),
+    _Field("response", _duration()),
 )
 _LIMIT_FIELDS = (
     _Field("max_header_bytes", _integer(1024, 1024 * 1024)),

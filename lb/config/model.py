@@ -202,6 +202,12 @@ class TimeoutsConfig:
     shutdown_grace: float = 10.0   # SIGTERM: live tunnels get 1001 spread over this window
     shutdown_delay: float = 0.0    # SIGTERM: keep serving this long with /readyz at 503 first
     idle: float = 0.0              # close tunnels silent this long; 0 = never (games idle)
+    response: float | None = None  # plain HTTP: the final answer, once the request is out; None = backend_connect
+
+    @property
+    def plain_answer(self) -> float:
+        """How long a plain (not upgrade) request, sent whole, waits for its final answer."""
+        return self.backend_connect if self.response is None else self.response
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,13 +29,17 @@ Why it is shaped this way (each is a smuggling or memory bug of the await chain 
   by `MAX_RESPONSE_HEAD`, interim (1xx) answers by `MAX_INTERIM` per request.
 - One deadline per phase: `timeouts.handshake` for the head (and for each
   quiet spell of an upload: the client's time), `timeouts.backend_connect` for
-  connect plus final answer (interim answers do not extend it).  Whose time a
+  connect plus an upgrade's final answer, and for connect alone before a plain
+  request, whose final answer then has `timeouts.response` (interim answers
+  extend neither).  Whose time a
   wait is follows backpressure: an upload the backend stopped reading is the
   backend's (`backend_blocked`), an answer not read because the client is full
   is the client's (`client_blocked`).
 - A backend that refuses, resets, stays silent or answers garbage counts as a
   failed health check and the request goes to another backend when that is
   safe; otherwise the client gets 502 (also after a timeout), never a 500.
+  Not a plain request that was sent whole and answered late: that is a slow
+  endpoint, not a broken backend (`_retry_or_fail`).
 """
 
 from __future__ import annotations
@@ -478,7 +482,7 @@ class Connection:
             return []
         self._client_blocked_at = None
         if self.state == WAITING and not self._body_left:
-            return [SetTimer(now + self._config.timeouts.backend_connect)]  # the backend's time again, whole
+            return [SetTimer(now + self._answer_wait())]  # the backend's time again, whole
         return []
 
     def backend_blocked(self, blocked: bool, now: float) -> list[Action]:
@@ -528,7 +532,16 @@ class Connection:
                 # Uploading: the client's time, counted from its last byte.  Ahead of the writes:
                 # a full backend buffer they cause sets an earlier deadline (backend_blocked).
                 actions.insert(0, SetTimer(now + self._config.timeouts.handshake))
+        elif not self._websocket:
+            # A plain request is out whole: its answer has timeouts.response from here.  (An
+            # upgrade's answer is part of backend_connect, counted from the connect: SPEC.)
+            actions.insert(0, SetTimer(now + self._answer_wait()))
         return actions
+
+    def _answer_wait(self) -> float:
+        """How long the backend has for its final answer once the request is out whole."""
+        timeouts = self._config.timeouts
+        return timeouts.backend_connect if self._websocket else timeouts.plain_answer
 
     def backend_failed(self, cause: str, now: float, kind: ErrorKind = "reset") -> list[Action]:
         """The connection to the backend failed (`kind`: refused, reset...) or was lost."""
@@ -588,7 +601,11 @@ class Connection:
                     return [SetTimer(until)]
                 self._log_abandoned(408, "client_not_reading")
                 return self._release_backend() + self._close(abort=True)
-            return self._retry_or_fail(_Failure(f"no answer within {timeouts.backend_connect:g}s", "timeout"), now)
+            if state == CONNECTING:
+                cause = f"not connected within {timeouts.backend_connect:g}s"
+            else:
+                cause = f"no answer within {self._answer_wait():g}s"
+            return self._retry_or_fail(_Failure(cause, "timeout"), now)
         if state == RELAY:
             until = self._last_backend + timeouts.idle
             if now < until:
@@ -795,7 +812,7 @@ class Connection:
                 actions.append(_PAUSE)
         if self.state == WAITING:
             # The whole request is out: from here on the wait is the backend's.
-            actions.append(SetTimer(now + self._config.timeouts.backend_connect))
+            actions.append(SetTimer(now + self._answer_wait()))
         elif self.state == RELAY:
             actions.append(self._relay_timer(now))
         return actions
@@ -975,11 +992,17 @@ class Connection:
             self._rid,
             failure.cause,
         )
-        # A backend that fails a handshake counts as a failed health check (passive health).
-        ctx.on_backend_failure(pool.name, backend.id, f"handshake failed: {failure.cause}")
         # 502 also after a timeout: SPEC's "a backend that cannot be reached → 502", and the
         # log line (with the request id) says it was silence.
         last = BadGateway("no backend answered in time" if failure.timeout else "no backend could be reached")
+        if failure.timeout and not self._websocket and self.state == WAITING and not self._body_left:
+            # A plain request delivered whole and answered late is a slow endpoint (a long poll, a
+            # report), not a backend that cannot be reached: a 502 for this request only.  Not sent
+            # again elsewhere (the backend may be acting on it: a slow GET would run twice) and not
+            # a failed health check (a few slow requests took every gateway of a pool down).
+            return actions + self._refuse(last, now)
+        # A backend that fails a handshake counts as a failed health check (passive health).
+        ctx.on_backend_failure(pool.name, backend.id, f"handshake failed: {failure.cause}")
         if self._sent and not self._retriable:
             return actions + self._refuse(last, now)
         self._tried.append(backend.id)

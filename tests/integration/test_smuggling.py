@@ -301,3 +301,40 @@ async def test_interim_flood_leaves_memory_bounded(launcher: Launcher, recorders
     assert b"HTTP/1.1 502 Bad Gateway" in received
     assert received.count(b"100 Continue") <= 16
     assert rec_a.interim_sent >= 1
+
+
+async def _get(port: int, path: str) -> int:
+    reader, writer = await open_raw(port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        return (await read_response(reader, within=10 * UNIT)).status
+    finally:
+        await close_raw(writer)
+
+
+@pytest.mark.parametrize("response", [None, "4s"], ids=["default", "response-4s"])
+async def test_slow_plain_answers_are_not_sent_twice_and_leave_the_pool_up(
+    launcher: Launcher, recorders: list[RecordingBackend], response: str | None
+) -> None:
+    """A plain answer slower than its deadline (a long poll, a report) is that request's 502: the GET
+    is not run again on another backend, and passive health does not take the gateways down for it
+    (a reviewer's four slow GETs took a whole pool's WebSocket handshakes to 503).  With a longer
+    `timeouts.response` the same answers arrive, while connecting keeps `backend_connect`."""
+    rec_a = RecordingBackend("rec-a", delay=2.0 * UNIT)
+    rec_b = RecordingBackend("rec-b", delay=2.0 * UNIT)
+    recorders += [rec_a, rec_b]
+    timeouts = {"backend_connect": f"{UNIT:g}s"} | ({"response": response} if response else {})
+    config = lb_config(
+        pools={"a": [rec_a, rec_b]}, routes={"/a": "a"}, health=dict(TCP_HEALTH, fall=1),
+        overrides={"timeouts": timeouts},
+    )
+    lb = launcher.balancer(config)
+    assert lb.port is not None
+    statuses = await asyncio.gather(*(_get(lb.port, f"/a/slow{i}") for i in range(4)))
+    assert statuses == [502 if response is None else 200] * 4
+    sent = [request for backend in (rec_a, rec_b) for request in backend.requests()]
+    assert len(sent) == 4, sent  # each GET reached one backend, once
+    document = await status(lb)
+    assert [find_backend(document, "a", b)["state"] for b in ("rec-a", "rec-b")] == ["up", "up"]
+    if response is None:
+        assert lb.log_text().count("no answer within") == 4

@@ -144,7 +144,8 @@ class Play:
         self.now += dt
         return self._apply(self.conn.receive_client(data, self.now))
 
-    def connected(self) -> list[Action]:
+    def connected(self, dt: float = 0.0) -> list[Action]:
+        self.now += dt
         return self._apply(self.conn.backend_connected(self.now))
 
     def backend(self, data: bytes) -> list[Action]:
@@ -679,13 +680,46 @@ def test_malformed_answer_to_a_get_is_retried_on_another_backend(answer: bytes) 
     assert play.answer()[0] == 200
 
 
-def test_silent_backend_after_the_request_is_502_and_counts_against_it() -> None:
+def test_a_plain_request_answered_late_is_502_for_it_alone() -> None:
+    """Sent whole, then silence past timeouts.response: a slow endpoint, not a broken backend.  A GET
+    is not sent again elsewhere (the backend may be acting on it) and passive health hears nothing
+    (four slow GETs used to take every backend of a pool down)."""
     play = Play()
-    play.client(post("/a/x", b"abc"))
+    play.client(get("/b/x"))
     play.connected()
     play.fire()
     assert play.answer()[0] == 502
-    assert [f[:2] for f in play.failures] == [("a", "a1")]
+    assert play.opened == ["b1"] and play.failures == []
+    assert play.connections() == {"a1": 0, "b1": 0, "b2": 0}
+
+
+def test_a_silent_backend_fails_an_upgrade_and_counts_against_it() -> None:
+    """An upgrade's answer is part of reaching the backend (timeouts.backend_connect): silence there is
+    the backend's failure, and the handshake goes to another one."""
+    play = Play()
+    play.client(upgrade("/b/ws"))
+    play.connected()
+    play.fire()
+    assert [f[:2] for f in play.failures] == [("b", "b1")]
+    assert play.opened == ["b1", "b2"]
+
+
+def test_a_plain_answer_has_timeouts_response_from_the_request_and_connect_has_backend_connect() -> None:
+    play = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 60s}"))
+    play.client(get("/b/x"))
+    assert play.timer == play.now + 2  # the connect: backend_connect
+    play.connected(dt=1.5)
+    assert play.timer == play.now + 60
+    play.fire()
+    assert play.answer()[0] == 502 and play.failures == []
+    default = Play()
+    default.client(get("/b/x"))
+    default.connected(dt=1.5)
+    assert default.timer == default.now + 2  # without `response`: as long as backend_connect
+    upgrading = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 60s}"))
+    upgrading.client(upgrade("/b/ws"))
+    upgrading.connected(dt=1.5)
+    assert upgrading.timer == upgrading.now - 1.5 + 2  # an upgrade's answer: within backend_connect of the connect
 
 
 def test_refused_connect_tries_the_next_backend_then_502() -> None:
