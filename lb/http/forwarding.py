@@ -247,11 +247,14 @@ def render_interim(response: ResponseHead) -> bytes:
     return render_head(f"HTTP/1.1 {response.status} {response.reason}", headers)
 
 
-def render_refusal(status: int, reason_phrase: str, request_id: str, headers: dict[str, str]) -> bytes:
+def render_refusal(
+    status: int, reason_phrase: str, request_id: str, headers: dict[str, str], *, head_only: bool = False
+) -> bytes:
     """An answer of our own: the status, its fixed reason and the request id the access log also carries.
 
     The body names no backend, pool, address or anything the client sent: the
-    details of why are in the log line with the same request id.
+    details of why are in the log line with the same request id.  `head_only`: the answer to a
+    HEAD, which ends at its head (RFC 9110 §9.3.2): the Content-Length of the body a GET would get.
     """
     body = f"{status} {reason_phrase}\nrequest id: {request_id}\n".encode("ascii")
     all_headers = [
@@ -262,4 +265,5 @@ def render_refusal(status: int, reason_phrase: str, request_id: str, headers: di
         ("X-Request-Id", request_id),
         *headers.items(),
     ]
-    return render_head(f"HTTP/1.1 {status} {reason_phrase}", all_headers) + body
+    head = render_head(f"HTTP/1.1 {status} {reason_phrase}", all_headers)
+    return head if head_only else head + body

@@ -1068,7 +1068,8 @@ class Connection:
                 reason=str(exc).replace(" ", "_"),
                 request_id=self._rid,
             )
-        answer = render_refusal(exc.status, exc.reason_phrase, self._rid, exc.headers)
+        head_only = request is not None and request.method == "HEAD"
+        answer = render_refusal(exc.status, exc.reason_phrase, self._rid, exc.headers, head_only=head_only)
         return [SendClient(answer), *self._close(abort=False)]
 
     def _close(self, *, abort: bool) -> list[Action]:

@@ -1341,3 +1341,21 @@ def test_the_cookies_max_age_is_whole_seconds_rounded_up_and_never_0(max_age: st
     play.backend(SWITCH)
     cookie = next(v for k, v in play.answer()[1].items() if k == "set-cookie")
     assert f"; Max-Age={cookie_max_age};" in cookie, cookie
+
+
+def test_our_own_answer_to_a_head_ends_at_its_head() -> None:
+    """RFC 9110 §9.3.2: a body after the head of a HEAD's answer would be read as the next answer."""
+    play = Play()
+    play.client(b"HEAD /nowhere HTTP/1.1\r\nHost: h\r\n\r\n")
+    head, _, rest = bytes(play.to_client).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ") and rest == b""
+    assert int(play.answer()[1]["content-length"]) > 0  # what a GET's answer would carry
+    failed = Play()
+    failed.client(b"HEAD /b/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    failed.backend_failed()
+    failed.backend_failed()
+    head, _, rest = bytes(failed.to_client).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ") and rest == b""
+    got = Play()
+    got.client(b"GET /nowhere HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert got.answer()[2].startswith(b"404 Not Found")
