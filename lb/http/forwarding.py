@@ -12,16 +12,19 @@ from typing import Final
 from lb.http.head import Head, RequestHead, ResponseHead, is_host, render_head
 
 # RFC 9110 §7.6.1 plus the de-facto ones every proxy strips.  Transfer-Encoding
-# stays: bodies are relayed as they come, so their framing must travel with them.
+# stays: bodies are relayed as they come, so their framing must travel with them, and
+# so does Trailer, which announces the trailer fields relayed with a chunked body
+# (end-to-end in RFC 9110 §6.6.2; RFC 2616 had listed it as hop-by-hop).
 HOP_BY_HOP: Final = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization"}
+    {"connection", "keep-alive", "proxy-connection", "te", "upgrade", "proxy-authorization"}
 )
 _FORWARDED: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 # Claims about the client or the proxy chain that we do not set: believed by many backends
 # (nginx's X-Real-IP, RFC 7239 Forwarded), so only a trusted proxy in front may pass them on.
 _PROXY_CLAIMS = frozenset({"forwarded", "x-real-ip", "x-forwarded-port", "x-forwarded-prefix"})
 # Not on an answer without a body (1xx, 204: RFC 9112 §6.1-6.2); see render_client_response.
-_BODY_FRAMING: Final = frozenset({"transfer-encoding", "content-length"})
+# Nor the announcement of a body's trailer fields.
+_BODY_FRAMING: Final = frozenset({"transfer-encoding", "content-length", "trailer"})
 # What a 101 loses: the hop-by-hop headers other than the switch itself (Upgrade, Connection:
 # Upgrade), and body framing, which a 101 may not carry (RFC 9110 §8.6): its bytes are frames.
 _NOT_ON_A_SWITCH: Final = (HOP_BY_HOP - {"connection", "upgrade"}) | _BODY_FRAMING
@@ -201,6 +204,9 @@ def render_client_response(
         # A 204 has no body, and RFC 9112 §6.1-6.2 forbid a length or a coding on it: relayed, a
         # client that believed one would read the next answer's bytes as this body.
         headers = _end_to_end(response.head, _NO_BODY if response.status == 204 else HOP_BY_HOP)
+        lengths = response.head.get_all("content-length") if response.status != 204 else []
+        if len(lengths) > 1 or (lengths and "," in lengths[0]):
+            headers = _one_length(headers)
         if not keep_alive:
             headers.append(("Connection", "close"))
     if rewrite_set_cookie is not None:
@@ -212,6 +218,24 @@ def render_client_response(
     headers.extend(extra)
     # status-line = HTTP-version SP status-code SP [ reason-phrase ] (RFC 9112 §4): the second SP stays.
     return render_head(f"HTTP/1.1 {response.status} {response.reason}", headers)
+
+
+def _one_length(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Equal Content-Lengths (`2, 2`, or two lines: the head parser refused any that differ) as one.
+
+    RFC 9110 §8.6 lets a recipient take such a list as its one value; a proxy that does must
+    send that value on (HAProxy does), since Node's and aiohttp's clients refuse the list.
+    """
+    out: list[tuple[str, str]] = []
+    said = False
+    for name, value in headers:
+        if name.lower() == "content-length":
+            if said:
+                continue
+            said = True
+            value = value.split(",")[0].strip(_OWS)
+        out.append((name, value))
+    return out
 
 
 def _switch_headers(head: Head) -> list[tuple[str, str]]:

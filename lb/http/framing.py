@@ -260,7 +260,7 @@ def _refused_trailers(names: frozenset[str]) -> re.Pattern[bytes]:
     (twice as fast over a section of short lines).
     """
     spelt: dict[str, list[bytes]] = {"x": [rb"[-_]forwarded[-_]" + _TCHAR + rb"*+"]}
-    for name in sorted(names | HOP_BY_HOP):
+    for name in sorted(names | HOP_BY_HOP | {"trailer"}):
         spelt.setdefault(name[0], []).append(re.escape(name[1:].encode("ascii")).replace(rb"\-", rb"[-_]"))
     groups = [re.escape(first.encode("ascii")) + rb"(?:" + b"|".join(rests) + rb")" for first, rests in spelt.items()]
     return re.compile(rb"(?im)^(" + b"|".join(groups) + rb"):")

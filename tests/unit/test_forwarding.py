@@ -14,7 +14,7 @@ from lb.http.forwarding import (
     render_interim,
     render_refusal,
 )
-from lb.http.head import RequestHead, parse_request_head, parse_response_head
+from lb.http.head import RequestHead, ResponseHead, parse_request_head, parse_response_head
 
 
 def request(*headers: str, start: str = "GET /ws?x=1 HTTP/1.1") -> RequestHead:
@@ -53,7 +53,8 @@ def test_request_line_and_end_to_end_headers_pass_unchanged() -> None:
 
 
 def test_hop_by_hop_headers_are_removed() -> None:
-    """Connection, Keep-Alive, Proxy-*, TE, Trailer and Upgrade from the client do not reach the backend."""
+    """Connection, Keep-Alive, Proxy-*, TE and Upgrade from the client do not reach the backend; Trailer,
+    end-to-end (RFC 9110 §6.6.2), does."""
     out = forwarded(
         request(
             "Host: a",
@@ -70,6 +71,7 @@ def test_hop_by_hop_headers_are_removed() -> None:
     assert not set(names(out)) & (HOP_BY_HOP - {"connection"})
     assert out.head.get_all("connection") == ["close"]
     assert out.head.get("accept") == "*/*"
+    assert out.head.get("trailer") == "X-Sum"
 
 
 def test_the_websocket_handshake_headers_cannot_be_made_hop_by_hop() -> None:
@@ -403,3 +405,29 @@ def test_an_http_1_0_request_without_host_still_gets_one_behind_a_trusted_proxy(
     )
     out = parse_request_head(raw)
     assert (out.head.get("host"), out.head.get("x-forwarded-host")) == ("10.0.0.5:9001", "game.example")
+
+
+def relayed(raw: bytes) -> ResponseHead:
+    """A backend's answer as the client gets it (no cookie of ours)."""
+    answer = render_client_response(parse_response_head(raw), switching=False, set_cookies=[], extra=[])
+    return parse_response_head(answer)
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [b"Content-Length: 2, 2\r\n", b"Content-Length: 2\r\nContent-Length: 2\r\n", b"Content-Length: 2 ,2\r\n"],
+)
+def test_equal_content_lengths_go_out_as_one(lengths: bytes) -> None:
+    """RFC 9110 §8.6: taken as one value, and sent on as one (Node's and aiohttp's clients refuse the list)."""
+    raw = b"HTTP/1.1 200 OK\r\nX-A: 1\r\n" + lengths + b"X-B: 2\r\n\r\n"
+    out = relayed(raw)
+    assert out.head.headers == (("X-A", "1"), ("Content-Length", "2"), ("X-B", "2"), ("Connection", "close"))
+
+
+def test_a_chunked_answer_keeps_its_trailer_announcement_and_a_204_loses_it() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+    out = relayed(raw)
+    assert out.head.get("trailer") == "X-Checksum"
+    empty = b"HTTP/1.1 204 No Content\r\nTrailer: X-Checksum\r\n\r\n"
+    out = relayed(empty)
+    assert out.head.get("trailer") is None
