@@ -214,10 +214,24 @@ def render_client_response(
             (name, rewrite_set_cookie(value) if name.lower() == "set-cookie" else value)
             for name, value in headers
         ]
+    if set_cookies and not switching and not _kept_from_shared_caches(response.head):
+        # Our token on an answer a shared cache may store would be handed to everyone it serves
+        # (one pin, one session id for all): HAProxy's `cookie ... insert nocache`.
+        headers.append(("Cache-Control", "private"))
     headers.extend(("Set-Cookie", cookie) for cookie in set_cookies)
     headers.extend(extra)
     # status-line = HTTP-version SP status-code SP [ reason-phrase ] (RFC 9112 §4): the second SP stays.
     return render_head(f"HTTP/1.1 {response.status} {response.reason}", headers)
+
+
+def _kept_from_shared_caches(head: Head) -> bool:
+    """The answer says `private` or `no-store` (RFC 9111 §5.2.2): no shared cache stores it."""
+    for value in head.get_all("cache-control"):
+        for directive in value.split(","):
+            name = directive.partition("=")[0].strip(_OWS).lower()
+            if name in ("private", "no-store"):
+                return True
+    return False
 
 
 def _one_length(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:

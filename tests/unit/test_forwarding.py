@@ -257,6 +257,7 @@ def test_other_response_strips_hop_by_hop_and_closes() -> None:
         ("Content-Length", "6"),
         ("Transfer-Encoding-Not", "x"),
         ("Connection", "close"),
+        ("Cache-Control", "private"),  # with our cookie, no shared cache may keep it
         ("Set-Cookie", "LB=t"),
         ("X-E", "1"),
     )
@@ -431,3 +432,31 @@ def test_a_chunked_answer_keeps_its_trailer_announcement_and_a_204_loses_it() ->
     empty = b"HTTP/1.1 204 No Content\r\nTrailer: X-Checksum\r\n\r\n"
     out = relayed(empty)
     assert out.head.get("trailer") is None
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "added"),
+    [
+        (None, True),
+        ("public, max-age=3600", True),
+        ("max-age=60, s-maxage=600", True),
+        ("no-cache", True),  # stored, then revalidated: our cookie would still be served from it
+        ("Private", False),
+        ('private="Set-Cookie"', False),
+        ("max-age=0, no-store", False),
+    ],
+)
+def test_an_answer_carrying_our_cookie_is_kept_from_shared_caches(cache_control: str | None, added: bool) -> None:
+    """HAProxy's `cookie ... insert nocache`: a CDN must not hand one token to every user."""
+    extra = f"Cache-Control: {cache_control}\r\n" if cache_control else ""
+    raw = f"HTTP/1.1 200 OK\r\n{extra}Content-Length: 0\r\n\r\n".encode()
+    response = parse_response_head(raw)
+    out = parse_response_head(render_client_response(response, switching=False, set_cookies=["LB=t"], extra=[]))
+    said = out.head.get_all("cache-control")
+    assert said == ([cache_control] if cache_control else []) + (["private"] if added else [])
+    assert relayed(raw).head.get_all("cache-control") == ([cache_control] if cache_control else [])  # no cookie
+
+
+def test_a_switch_carrying_our_cookie_is_not_marked_private() -> None:
+    out = render_client_response(parse_response_head(SWITCHING), switching=True, set_cookies=["LB=t"], extra=[])
+    assert b"Cache-Control" not in out
