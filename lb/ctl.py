@@ -300,7 +300,12 @@ def _server_message(raw: bytes) -> str:
         text = _TAG.sub(" ", raw.decode("utf-8", "replace"))
         return _printable(" ".join(text.split()), 200)
     if isinstance(answer, dict):
-        return _printable(str(answer.get("error") or answer.get("reason") or answer))
+        message = _printable(str(answer.get("error") or answer.get("reason") or answer))
+        request_id = answer.get("request_id")
+        if isinstance(request_id, str) and request_id:
+            # The id the balancer's log line carries: what links this failure to why (SPEC, errors).
+            message += f" (request id {_printable(request_id, 64)})"
+        return message
     return _printable(str(answer))
 
 

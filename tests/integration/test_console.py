@@ -278,6 +278,8 @@ def test_ctl_exit_codes_on_errors(console: ConsoleStack) -> None:
     assert wrong.returncode == 1 and "401" in wrong.stderr
     unknown = ctl(*admin_args(lb), "disable", "gateways", "no-such-backend")
     assert unknown.returncode == 1 and "404" in unknown.stderr and "unknown pool or backend" in unknown.stderr
+    said = re.search(r"\(request id (\S+)\)", unknown.stderr)  # the id the balancer's log line carries
+    assert said is not None and said.group(1) in lb.log_text(), unknown.stderr
     bad_rate = ctl(*admin_args(lb), "drain", "gateways", "gw-1", "--rate", "0")
     assert bad_rate.returncode == 1 and "rate" in bad_rate.stderr
     nothing_there = ctl("--admin", f"http://127.0.0.1:{free_port()}", "status")
