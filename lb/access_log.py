@@ -36,12 +36,14 @@ def set_access_writer(writer: AccessWriter | None) -> None:
 
 
 def _plain(text: str) -> str:
-    # A plain value is printed as is: visible ASCII (0x21-0x7E), no quote, not empty.  Anything
-    # else (a space that would forge a `status=200` field, an escape sequence for the operator's
-    # terminal, non-ASCII) is quoted and escaped.  Four C string methods, not a regex fullmatch:
-    # half the cost, and an access line has up to nine values (for ASCII, isprintable() leaves out
-    # the C0 controls and DEL but keeps the space; a test holds this equal to `[!#-~]+`).
-    if text and text.isascii() and text.isprintable() and " " not in text and '"' not in text:
+    # A plain value is printed as is: visible ASCII (0x21-0x7E), no quote, no `=`, not empty.
+    # Anything else (a space that would forge a `status=200` field, an escape sequence for the
+    # operator's terminal, non-ASCII) is quoted and escaped; `=` too, as logfmt writers do (go-logfmt,
+    # which Loki follows: a strict reader takes `path=/a=b` for a malformed pair).  C string methods,
+    # not a regex fullmatch: half the cost, and an access line has up to nine values (for ASCII,
+    # isprintable() leaves out the C0 controls and DEL but keeps the space; a test holds this
+    # equal to `[!#-<>-~]+`).
+    if text and text.isascii() and text.isprintable() and " " not in text and '"' not in text and "=" not in text:
         return text
     return json.dumps(text)
 
@@ -149,12 +151,16 @@ class RateLimitSummary:
         self._addresses: dict[str, int] = {}
         self._ids: list[str] = []
 
-    def note(self, client: str, now: float, request_id: str) -> None:
-        """One refusal to `client` at `now` (any monotonic-enough clock, the caller's)."""
+    def note(
+        self, client: str, now: float, request_id: str, *, client_port: int = 0, method: str = "-", path: str = "-"
+    ) -> None:
+        """One refusal to `client` at `now` (any monotonic-enough clock, the caller's); the first of a
+        spell gets its own request line, with the fields every request line has."""
         if self._since is None or now - self._since >= self.interval:
             self._flush(now)
             self._since = now
-            log_request(client=client, status=self.status, reason=self.reason, request_id=request_id,
+            log_request(client=client, client_port=client_port, method=method, path=path, status=self.status,
+                        reason=self.reason, request_id=request_id,
                         note=f"further {self.status}s summarised every {self.interval:g}s")
             return
         self._count += 1

@@ -1056,14 +1056,15 @@ class Connection:
         request = self._request
         if summary is None and exc.status == 429:
             summary = self._ctx.rate_limited_log
+        method, path = (request.method, request.path) if request else ("-", "-")
         if summary is not None:
-            summary.note(self._client_ip, now, self._rid)
+            summary.note(self._client_ip, now, self._rid, client_port=self._client_port, method=method, path=path)
         else:
             log_request(
                 client=self._client_ip,
                 client_port=self._client_port,
-                method=request.method if request else "-",
-                path=request.path if request else "-",
+                method=method,
+                path=path,
                 status=exc.status,
                 reason=str(exc).replace(" ", "_"),
                 request_id=self._rid,

@@ -25,11 +25,12 @@ def test_a_flood_of_429s_is_one_line_then_one_summary_per_interval(caplog: pytes
     """The first 429 is logged; the next ones are counted and reported once the interval has passed."""
     summary = RateLimitSummary(interval=10.0)
     with caplog.at_level(logging.INFO, logger="lb.access"):
-        summary.note("198.51.100.1", 100.0, "r1")
+        summary.note("198.51.100.1", 100.0, "r1", client_port=4242, method="GET", path="/ws?x=1")
         for i in range(500):
             summary.note("198.51.100.1" if i % 5 else "198.51.100.2", 100.0 + i / 100, f"r{i + 2}")
         assert len(lines(caplog)) == 1
-        assert "status=429" in lines(caplog)[0]
+        # The fields every request line has (the head was read before the rate was checked).
+        assert 'client_port=4242 method=GET path="/ws?x=1" status=429' in lines(caplog)[0]
         summary.note("198.51.100.3", 111.0, "last")
     logged = lines(caplog)
     assert len(logged) == 3
@@ -169,13 +170,13 @@ def test_the_tunnel_end_line_is_the_generic_close_line(
 
 
 # The rule for a bare (unquoted) value, as a pattern: the reference _plain's string methods must match.
-_BARE = re.compile(r'[!#-~]+')
+_BARE = re.compile(r'[!#-<>-~]+')
 
 
 @given(st.text(max_size=24) | st.text(alphabet=st.characters(max_codepoint=0x80), max_size=12))
 @settings(max_examples=3000)
 def test_a_value_is_bare_exactly_when_it_is_visible_ascii_without_a_quote(text: str) -> None:
-    """_plain's string-method test says what `_BARE` (visible ASCII but `"`, non-empty) says."""
+    """_plain's string-method test says what `_BARE` (visible ASCII but `"` and `=`, non-empty) says."""
     expected = text if _BARE.fullmatch(text) else json.dumps(text)
     assert access_log._plain(text) == expected
 
