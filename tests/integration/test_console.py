@@ -423,8 +423,11 @@ async def test_every_metric_in_rules_and_dashboard_exists(console: ConsoleStack)
     samples = await scrape(console.a)
     used = names_in_rules_and_dashboard()
     assert {"lb_backend_state", "lb_handshake_duration_seconds_bucket", "lb_backend_errors_total"} <= used
-    missing = sorted(name for name in used if name not in samples)
+    # A pool with DNS discovery exports these; this stack has none (test_discovery scrapes them live).
+    discovery = {"lb_discovery_backends", "lb_discovery_last_success_timestamp_seconds"}
+    missing = sorted(name for name in used - discovery if name not in samples)
     assert not missing, f"used by deploy/observability but not exported: {missing}"
+    assert {name for name in used if name.startswith("lb_discovery_")} <= discovery
 
 
 def test_grafana_dashboard_panels() -> None:
@@ -441,7 +444,7 @@ def test_grafana_dashboard_panels() -> None:
 def test_alert_rules_cover_the_incidents() -> None:
     alerts = {rule["alert"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]}
     assert {"LbBackendDown", "LbPoolNoHealthyBackend", "LbRedispatchSpike", "LbHandshakeErrorRatio",
-            "LbConfigReloadFailed", "LbConfigDrift"} <= alerts
+            "LbConfigReloadFailed", "LbConfigDrift", "LbDiscoveryStale"} <= alerts
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package: prometheus)")
@@ -468,31 +471,80 @@ def test_the_error_ratio_alert_fires_before_every_kind_of_error_has_happened(tmp
         ('lb_build_info{job="lb", instance="b", version="1", config_hash="x"}', "1x30"),
         ('lb_handshakes_total{job="lb", instance="b", pool="p", backend="b", outcome="ok"}', "0+100x30"),
     ]
+    expected = [{
+        "exp_labels": {"severity": "critical", "job": "lb", "instance": "a"},
+        "exp_annotations": {
+            "summary": "98% of handshakes fail on a", "description": rule["annotations"]["description"],
+        },
+    }]
+    promtool_test(tmp_path, series, "LbHandshakeErrorRatio", expected)
+
+
+def promtool_test(
+    tmp_path: Path, series: list[tuple[str, str]], alertname: str, expected: list[dict[str, Any]], at: str = "15m"
+) -> None:
+    """`promtool test rules`: `series` (a sample a minute) make exactly the `expected` alerts of `alertname` at `at`."""
     tests = {
         "rule_files": [str(RULES)],
         "evaluation_interval": "1m",
         "tests": [{
             "interval": "1m",
             "input_series": [{"series": name, "values": values} for name, values in series],
-            "alert_rule_test": [{
-                "eval_time": "15m",
-                "alertname": "LbHandshakeErrorRatio",
-                "exp_alerts": [{
-                    "exp_labels": {"severity": "critical", "job": "lb", "instance": "a"},
-                    "exp_annotations": {
-                        "summary": "98% of handshakes fail on a",
-                        "description": rule["annotations"]["description"],
-                    },
-                }],
-            }],
+            "alert_rule_test": [{"eval_time": at, "alertname": alertname, "exp_alerts": expected}],
         }],
     }
-    path = tmp_path / "error_ratio_test.yaml"
+    path = tmp_path / f"{alertname}_test.yaml"
     path.write_text(yaml.safe_dump(tests, sort_keys=False))
     done = subprocess.run(
         ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package: prometheus)")
+def test_a_pool_that_discovered_nothing_has_no_healthy_backend(tmp_path: Path) -> None:
+    """A discovery-only pool whose lookups found nothing exports no lb_backend_state at all: the alert
+    for a pool answering 503 must still fire (a reviewer's case), and not for a pool with static
+    backends up beside an empty discovery."""
+    series = [
+        ('lb_discovery_backends{job="lb", instance="a", pool="empty"}', "0x20"),
+        ('lb_discovery_backends{job="lb", instance="a", pool="mixed"}', "0x20"),
+        ('lb_backend_state{job="lb", instance="a", pool="mixed", backend="s1", state="up"}', "1x20"),
+        ('lb_backend_state{job="lb", instance="a", pool="down", backend="d1", state="up"}', "0x20"),
+    ]
+    labels = {"severity": "critical", "job": "lb", "instance": "a"}
+    expected = [{"exp_labels": {**labels, "pool": pool}} for pool in ("down", "empty")]
+    promtool_test(tmp_path, series, "LbPoolNoHealthyBackend", [
+        {**alert, "exp_annotations": _annotations("LbPoolNoHealthyBackend", alert["exp_labels"])} for alert in expected
+    ])
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package: prometheus)")
+def test_discovery_that_has_not_succeeded_for_minutes_is_alerted(tmp_path: Path) -> None:
+    """Never succeeded (timestamp 0), or last succeeded long ago: alert; a pool whose lookups succeed: none."""
+    series = [
+        ('lb_discovery_last_success_timestamp_seconds{job="lb", instance="a", pool="never"}', "0x20"),
+        ('lb_discovery_last_success_timestamp_seconds{job="lb", instance="a", pool="stuck"}', "60x20"),
+        # Succeeds every minute (promtool's clock starts at 0: minute m is m*60 seconds).
+        ('lb_discovery_last_success_timestamp_seconds{job="lb", instance="a", pool="fine"}', "0+60x20"),
+    ]
+    labels = {"severity": "warning", "job": "lb", "instance": "a"}
+    expected = [{"exp_labels": {**labels, "pool": pool}} for pool in ("never", "stuck")]
+    promtool_test(tmp_path, series, "LbDiscoveryStale", [
+        {**alert, "exp_annotations": _annotations("LbDiscoveryStale", alert["exp_labels"])} for alert in expected
+    ])
+
+
+def _annotations(alertname: str, labels: dict[str, str]) -> dict[str, str]:
+    """The rule's annotations with `{{ $labels.X }}` filled in (the alerts above use no `$value`)."""
+    rule = next(rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
+                if rule.get("alert") == alertname)
+    filled = {}
+    for key, text in rule["annotations"].items():
+        for name, value in labels.items():
+            text = text.replace(f"{{{{ $labels.{name} }}}}", value)
+        filled[key] = text
+    return filled
 
 
 async def test_histograms_and_errors_sum_over_workers(tmp_path: Path) -> None:
@@ -538,4 +590,4 @@ def test_promtool_accepts_the_example_prometheus_config() -> None:
         timeout=60, check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 9 rules found" in done.stdout + done.stderr
+    assert "SUCCESS: 10 rules found" in done.stdout + done.stderr
