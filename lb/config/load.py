@@ -965,6 +965,7 @@ def _config(tree: object, check: _Checker) -> Config | None:
         logging=logging,
         runtime=runtime,
         trusted_proxies=trusted_proxies,
+        workers_auto=root.get("workers") == "auto",
         **top,
     )
 

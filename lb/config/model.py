@@ -242,5 +242,6 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT); >1 adds an owner process
+    workers_auto: bool = False  # `workers: auto`: `workers` is what it meant on this machine
     # Peers whose X-Forwarded-For is believed (lb.http.client_address); empty: nobody's.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()

@@ -7,6 +7,7 @@ byte counts) and this collector turns them into metric families when scraped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -27,8 +28,12 @@ def config_hash(config: Config) -> str:
     """A short digest of the effective configuration: replicas whose hashes differ run different configs.
 
     The repr of the frozen dataclasses covers every key with its default filled in, so two files that
-    differ only in comments or key order hash alike.  12 hex digits: a label, not a security boundary.
+    differ only in comments or key order hash alike.  `workers: auto` is hashed as written, not as the
+    number it came to on this machine: replicas on nodes of different sizes run the same config.
+    12 hex digits: a label, not a security boundary.
     """
+    if config.workers_auto:
+        config = dataclasses.replace(config, workers=0)
     return hashlib.sha256(repr(config).encode()).hexdigest()[:12]
 
 

@@ -23,6 +23,7 @@ from lb.control.dns_backends import (
     pick_address,
     srv_id,
 )
+from lb.control.metrics import config_hash
 from lb.errors import ConfigError
 
 KEY = "k" * 40
@@ -275,6 +276,22 @@ def test_workers_auto_is_one_per_cpu(tmp_path: Path, cpus: int, expected: int) -
     tree["workers"] = "auto"
     config = parse_config(yaml.safe_dump(tree), base_dir=tmp_path, environ={}, cpu_count=cpus)
     assert config.workers == expected
+
+
+def test_workers_auto_hashes_as_written_not_as_this_machines_count(tmp_path: Path) -> None:
+    """lb_build_info{config_hash}: replicas on nodes of different sizes run the same `workers: auto`
+    (LbConfigDrift fired for ever between a 1- and a 2-CPU replica)."""
+    tree = base_tree({"backends": [{"id": "a", "address": "127.0.0.1:1"}]})
+    tree["workers"] = "auto"
+
+    def hashed(cpus: int) -> str:
+        return config_hash(parse_config(yaml.safe_dump(tree), base_dir=tmp_path, environ={}, cpu_count=cpus))
+
+    hashes = {hashed(cpus) for cpus in (1, 2, 16)}
+    assert len(hashes) == 1
+    tree["workers"] = 2
+    written = {hashed(cpus) for cpus in (1, 2)}
+    assert len(written) == 1 and written != hashes  # `auto` and a number are different configs
 
 
 def test_workers_auto_without_override_uses_this_machine(tmp_path: Path) -> None:
