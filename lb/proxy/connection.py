@@ -1025,10 +1025,13 @@ class Connection:
         return actions + self._open(Decision(backend=retry.backend, reason=reason, issue_cookie=issue_cookie), now)
 
     def _log_abandoned(self, status: int, reason: str) -> None:
-        """A request on its way to a backend that ends before its answer: still its one access line."""
+        """A request on its way to a backend that ends before its answer: still its one access line, and
+        counted (`lb_handshakes_total{outcome="abandoned"}` and its affinity decision), so the log's
+        `affinity=` lines and the counters agree."""
         request, decision, pool = self._request, self._decision, self._pool
         if self.state not in (CONNECTING, WAITING) or request is None or decision is None or pool is None:
             return
+        self._count("abandoned")
         log_request(
             client=self._client_ip, client_port=self._client_port, method=request.method, path=request.path,
             pool=pool.name, backend=decision.backend.id, affinity=decision.reason, status=status,

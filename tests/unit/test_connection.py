@@ -1359,3 +1359,16 @@ def test_our_own_answer_to_a_head_ends_at_its_head() -> None:
     got = Play()
     got.client(b"GET /nowhere HTTP/1.1\r\nHost: h\r\n\r\n")
     assert got.answer()[2].startswith(b"404 Not Found")
+
+
+def test_a_request_abandoned_before_its_answer_is_counted_as_logged() -> None:
+    """Its access line says `affinity=new status=499`: the counters say it too (a reviewer found the
+    log's affinity lines and lb_affinity_decisions_total apart)."""
+    play = Play()
+    play.client(get("/b/x"))
+    play.connected()
+    play._apply(play.conn.client_lost())
+    stats = play.ctx.stats
+    assert stats.handshakes[("b", "b1", "abandoned")] == 1
+    assert stats.decisions[("b", "b1", "new")] == 1
+    assert play.connections() == {"a1": 0, "b1": 0, "b2": 0}
