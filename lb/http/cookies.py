@@ -46,10 +46,12 @@ def rewrite_cookie(header_value: str, name: str, replace: Callable[[str], str | 
         pair_name, eq, value = part.partition("=")
         if eq and pair_name.strip() == name:
             found = True
-            new_value = replace(_unquote(value.strip()))
+            unquoted = _unquote(value.strip())
+            new_value = replace(unquoted)
             if new_value is None:
                 continue
-            part = f"{name}={new_value}"
+            # A value `replace` leaves as it is keeps its bytes: `"legacy"` stays quoted, as it came.
+            part = part.strip(" \t") if new_value == unquoted else f"{name}={new_value}"
         else:
             part = part.strip(" \t")  # the separator's spaces only: a pair's own bytes stay
         if part:

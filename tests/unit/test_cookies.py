@@ -113,6 +113,13 @@ def test_rewrite_cookie_replaces_each_value() -> None:
     assert seen == ["abc", "def"]
 
 
+def test_a_value_replace_leaves_as_it_is_keeps_its_quotes() -> None:
+    """Rewrite mode: the backend's own cookie that is no token of ours passes as it came (SPEC: "the
+    backend always sees the value it set, unchanged"), `"legacy"` with its quotes."""
+    assert rewrite_cookie('SESSIONID="legacy"; y=2', "SESSIONID", lambda v: v) == 'SESSIONID="legacy"; y=2'
+    assert rewrite_cookie('x=1;  SESSIONID=plain', "SESSIONID", lambda v: v) == "x=1; SESSIONID=plain"
+
+
 def test_rewrite_cookie_none_removes_pair() -> None:
     """`replace` answering None removes that pair; None overall when nothing is left."""
     assert rewrite_cookie("sid=a; x=1; sid=b", "sid", lambda v: None if v == "a" else v) == "x=1; sid=b"
