@@ -230,6 +230,21 @@ def _append_pair(header_value: str | None, name: str, value: str) -> str:
     return f"{header_value}; {pair}" if header_value else pair
 
 
+# Browsers keep a cookie whose name and value together are at most 4096 bytes (RFC 6265 §6.1's
+# least, Chromium's and Firefox's most) and drop a larger one whole: the session and the pin with it.
+MAX_COOKIE_PAIR: Final = 4096
+
+
+def fitting_value(name: str, others: Sequence[str], token: str) -> str | None:
+    """The cookie value for `token`: after the other pools' pins if the cookie still fits a browser,
+    else alone (those pools choose afresh next time: better than losing this pool's session), else
+    None (passed unsealed)."""
+    for value in (join_pins(others, token), token) if others else (token,):
+        if len(name) + 1 + len(value) <= MAX_COOKIE_PAIR:
+            return value
+    return None
+
+
 def rewrite_response_cookies(
     response: ResponseHead,
     affinity: AffinityConfig,
@@ -266,7 +281,7 @@ def rewrite_response_cookies(
             sealed = None
             if len(tokens) < MAX_SEALS:
                 with contextlib.suppress(TokenTooLarge):
-                    sealed = join_pins(others, seal(cookie.value))
+                    sealed = fitting_value(name, others, seal(cookie.value))
             if sealed is None:  # too large to seal, or one value too many in one answer
                 if on_unsealed is not None:
                     on_unsealed(cookie.value)

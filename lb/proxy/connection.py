@@ -61,6 +61,7 @@ from lb.affinity.carriers import (
     TokenLookup,
     balance_key,
     find_token,
+    fitting_value,
     join_pins,
     plan_forward,
     rewrite_response_cookies,
@@ -1151,8 +1152,10 @@ class Connection:
             ):
                 # Past half its life, and the backend said nothing of its cookie (a value, a deletion):
                 # the same value sealed again, so an active client keeps its backend and session.
-                token = join_pins(lookup.others, seal(claim.app_value))
-                set_cookies.append(our_cookie(token))
+                refreshed = fitting_value(affinity.cookie, lookup.others, seal(claim.app_value))
+                if refreshed is not None:  # else the cookie it has stands until it expires
+                    token = refreshed
+                    set_cookies.append(our_cookie(token))
             extra = [(affinity.header, token)] if token else []
             return render_client_response(
                 response,

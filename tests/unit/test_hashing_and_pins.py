@@ -43,6 +43,7 @@ from lb.config.model import (
     PoolConfig,
 )
 from lb.errors import ConfigError
+from lb.http.cookies import parse_set_cookie
 from lb.http.head import RequestHead, parse_request_head, parse_response_head
 from lb.state.pool import AdminAction, PoolState
 
@@ -355,6 +356,44 @@ def test_a_value_too_large_to_seal_passes_unsealed_and_is_reported() -> None:
     # The largest value that fits still round-trips.
     fits = "v" * 2900
     assert CODEC.open(seal("gw-1", "gateways", app_value=fits), NOW).app_value == fits
+
+
+def _sealed_cookie(value: str, others: tuple[str, ...] = ()) -> tuple[str | None, list[int]]:
+    """What the client's SESSIONID becomes for a backend's `value` (None: passed unsealed), and what was reported."""
+    response = parse_response_head(f"HTTP/1.1 200 OK\r\nSet-Cookie: SESSIONID={value}\r\n\r\n".encode())
+    reported: list[int] = []
+    rewrite, _ = rewrite_response_cookies(
+        response, REWRITE, lambda v: seal("gw-1", "gateways", app_value=v), others=others,
+        on_unsealed=lambda v: reported.append(len(v)),
+    )
+    if rewrite is None:
+        return None, reported
+    return parse_set_cookie(rewrite(f"SESSIONID={value}")).value, reported
+
+
+def test_a_sealed_cookie_never_passes_what_a_browser_keeps() -> None:
+    """Name and value within 4096 bytes (a reviewer's 3,009-byte values became 4,097-byte cookies that
+    Chromium and Firefox drop whole): past that the value passes unsealed, as the backend set it."""
+    sizes = {}
+    for size in range(2950, 3100, 5):
+        value, reported = _sealed_cookie("v" * size)
+        sizes[size] = value
+        if value is None:
+            assert reported == [size]
+        else:
+            assert len("SESSIONID=") + len(value) <= 4096
+    assert sizes[2950] is not None and sizes[3095] is None
+
+
+def test_other_pools_pins_give_way_before_this_pools_session() -> None:
+    """Two pools' pins that together pass a browser's limit: this pool's own pin alone, rather than
+    losing the session the backend just set (another pool's pin only chooses afresh next time)."""
+    other = seal("c-1", "chat", app_value="c" * 1800)
+    value, reported = _sealed_cookie("g" * 1800, others=(other,))
+    assert value is not None and other not in value and reported == []
+    small = seal("c-1", "chat", app_value="c")
+    value, _ = _sealed_cookie("g" * 1800, others=(small,))
+    assert value is not None and value.startswith(small + ".")
 
 
 # -- config -----------------------------------------------------------------
