@@ -253,6 +253,7 @@ def rewrite_response_cookies(
     secure: bool = False,
     others: Sequence[str] = (),
     on_unsealed: Callable[[str], None] | None = None,
+    now: float | None = None,
 ) -> tuple[Callable[[str], str] | None, str | None]:
     """Rewrite mode: seal the backend's session cookie value into a token.
 
@@ -263,6 +264,7 @@ def rewrite_response_cookies(
         on_unsealed: called with each value not sealed (too large, or past MAX_SEALS values in
             one answer); that value passes unchanged (never replaced: the backend must get back
             what it set).
+        now: wall-clock seconds, to read a past Expires as the deletion it is (None: not judged).
 
     Returns:
         The Set-Cookie rewriter (None when the backend set no such cookie) and the token for the header.
@@ -275,8 +277,8 @@ def rewrite_response_cookies(
         if set_cookie_value(value, name) is None or value in rewritten:
             continue
         cookie = parse_set_cookie(value)
-        if cookie.deletes:
-            continue  # an empty value or Max-Age <= 0: the backend ends its session; passed on as it is
+        if cookie.deletes_at(now):
+            continue  # empty, Max-Age <= 0 or a past Expires: the backend ends its session; passed on as it is
         if cookie.value not in tokens:
             sealed = None
             if len(tokens) < MAX_SEALS:

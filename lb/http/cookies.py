@@ -6,6 +6,8 @@ send) and renders strictly per RFC 6265 §4.1.1 on the way out.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -98,13 +100,38 @@ class SetCookie:
     @property
     def deletes(self) -> bool:
         """Whether it deletes its cookie: an empty value, or a Max-Age of zero or less."""
+        return self.deletes_at(None)
+
+    def deletes_at(self, now: float | None) -> bool:
+        """`deletes`, and at wall-clock `now` also an Expires not after it with no Max-Age (Max-Age wins,
+        RFC 6265 §5.3): `Expires=Thu, 01 Jan 1970 00:00:00 GMT` is how many frameworks log out."""
         if not self.value:
             return True
         max_age = self.max_age
-        return max_age is not None and max_age <= 0
+        if max_age is not None:
+            return max_age <= 0
+        expires = self.last("expires")
+        if now is None or expires is None:
+            return False
+        when = _http_date(expires)
+        return when is not None and when <= now
 
 
 _MAX_AGE_DIGITS = 12
+
+
+def _http_date(text: str) -> float | None:
+    """Seconds since the epoch of an HTTP date (`Thu, 01 Jan 1970 00:00:00 GMT` and the obsolete
+    forms email.utils reads), or None for anything else: a date we cannot read deletes nothing."""
+    if len(text) > 64:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
 
 
 def parse_set_cookie(header_value: str) -> SetCookie:

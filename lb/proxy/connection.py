@@ -1135,7 +1135,7 @@ class Connection:
         ):
             rewrite, token = rewrite_response_cookies(
                 response, affinity, seal, secure=secure, others=lookup.others,
-                on_unsealed=lambda app_value: unsealed.append(len(app_value)),
+                on_unsealed=lambda app_value: unsealed.append(len(app_value)), now=now,
             )
             if unsealed:
                 # Counted each; one line per answer however many it held (a backend cannot flood the log).

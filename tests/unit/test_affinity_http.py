@@ -446,6 +446,15 @@ def test_rewrite_response_passes_a_deletion_by_max_age_unsealed(deletion: str) -
     assert sealed == []
 
 
+def test_rewrite_response_passes_a_deletion_by_a_past_expires_unsealed() -> None:
+    """`Expires=Thu, 01 Jan 1970...` logs out as Max-Age=0 does: sealed, a native client using the header
+    would keep a pin and send `deleted` back as its session (a reviewer's case)."""
+    head = parse_response_head(response("SESSIONID=deleted; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Path=/"))
+    sealed, seal_value = sealer()
+    assert rewrite_response_cookies(head, REWRITE, seal_value, now=1_800_000_000.0) == (None, None)
+    assert sealed == []
+
+
 def test_rewrite_response_deletion_passes_beside_a_new_value() -> None:
     head = parse_response_head(response("SESSIONID=; Max-Age=0", "SESSIONID=new1"))
     _, seal_value = sealer()

@@ -260,6 +260,27 @@ def test_a_deletion_is_an_empty_value_or_a_max_age_of_zero_or_less(header: str, 
     assert parse_set_cookie(header).deletes is deletion
 
 
+NOW = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
+
+
+@pytest.mark.parametrize(
+    ("header", "deletion"),
+    [
+        ("SID=deleted; Expires=Thu, 01 Jan 1970 00:00:00 GMT", True),
+        ("SID=x; expires=Thursday, 01-Jan-70 00:00:01 GMT", True),  # RFC 850, as old frameworks write it
+        ("SID=x; Expires=Fri, 15 Jan 2027 09:00:00 GMT", False),  # an hour after NOW
+        ("SID=x; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=60", False),  # Max-Age wins
+        ("SID=x; Expires=not a date", False),
+        ("SID=x; Expires=" + "9" * 5000, False),
+        ("SID=x", False),
+    ],
+)
+def test_a_past_expires_deletes_too(header: str, deletion: bool) -> None:
+    """A backend logging a user out with a date in the past: rewrite mode must not seal that value."""
+    assert parse_set_cookie(header).deletes_at(NOW) is deletion
+    assert parse_set_cookie(header).deletes is False  # without a clock only what needs none
+
+
 def test_a_huge_max_age_is_a_long_life_not_an_error() -> None:
     """int() refuses 4,300 digits and more: a backend's Max-Age must not fail the handshake."""
     out = reissue_set_cookie(
