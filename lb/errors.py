@@ -103,6 +103,13 @@ class UnsupportedTransferCoding(RequestRejected):
     reason_phrase = "Not Implemented"
 
 
+class HttpVersionNotSupported(RequestRejected):
+    """A request in a major version of HTTP other than 1 on an HTTP/1 connection (RFC 9110 §15.6.6)."""
+
+    status = 505
+    reason_phrase = "HTTP Version Not Supported"
+
+
 class NoRoute(RequestRejected):
     status = 404
     reason_phrase = "Not Found"

@@ -65,7 +65,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
-from lb.errors import BadFraming, BadGateway, BadHost, BadRequest, HeadersTooLarge, UnsupportedTransferCoding
+from lb.errors import (
+    BadFraming,
+    BadGateway,
+    BadHost,
+    BadRequest,
+    HeadersTooLarge,
+    HttpVersionNotSupported,
+    UnsupportedTransferCoding,
+)
 
 HEAD_END: Final = b"\r\n\r\n"
 
@@ -80,9 +88,10 @@ _FIELD_VALUE: Final = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100)) + b" 
 _LINE_BYTES: Final = _FIELD_VALUE + b"\r\n"
 # RFC 9112 §3.2: request-target is URI syntax (RFC 3986 §2: ASCII only), no whitespace or controls.
 # Raw bytes >= 0x80 are refused as HAProxy and llhttp do: a backend might read them otherwise.
-_TARGET_CHAR = r"[\x21-\x7e]"
+_TARGET_CHAR = r"[\x21\x22\x24-\x7e]"  # and no `#`: a fragment is no part of a request-target
 _TARGET: Final = re.compile(_TARGET_CHAR + "+")
 _VERSIONS: Final = ("HTTP/1.1", "HTTP/1.0")
+_OTHER_MAJOR: Final = re.compile(r"HTTP/[2-9]\.[0-9]")  # HTTP/2.0 on an HTTP/1 connection: 505
 # The fast path's grammar (see `_read_well_formed`): each line exactly as the checks below accept
 # it, control characters and bare CR or LF excluded.  Possessive quantifiers: a failing line
 # costs one pass, never a backtracking search (the head comes from the client).
@@ -340,9 +349,15 @@ def _read_request_line(line: str) -> tuple[str, str, str]:
     method, target, version = parts
     if not _TOKEN.fullmatch(method):
         raise BadRequest("malformed method")
+    if "#" in target:
+        # RFC 9112 §3.2: no fragment in a request-target (a client keeps it); what a backend would
+        # make of one is its own guess, so it is refused, as HAProxy does.
+        raise BadRequest("fragment in request target")
     if not _TARGET.fullmatch(target):
         raise BadRequest("malformed request target")
     if version not in _VERSIONS:
+        if _OTHER_MAJOR.fullmatch(version):
+            raise HttpVersionNotSupported(f"HTTP version {version[5]} is not supported")
         raise BadRequest("unsupported HTTP version")
     # RFC 3986 §3.1: the scheme is case-insensitive.
     origin_or_absolute = target[0] == "/" or target[:8].lower().startswith(("http://", "https://"))

@@ -20,7 +20,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from lb.errors import BadFraming, BadHost, BadRequest, HeadersTooLarge, UnsupportedTransferCoding
+from lb.errors import (
+    BadFraming,
+    BadHost,
+    BadRequest,
+    HeadersTooLarge,
+    HttpVersionNotSupported,
+    UnsupportedTransferCoding,
+)
 
 HEAD_END = b"\r\n\r\n"
 
@@ -311,9 +318,14 @@ def parse_request_head(raw: bytes, *, protected: frozenset[str] = PROTECTED_HEAD
     method, target, version = parts
     if not method or method.translate(None, _TCHAR):
         raise BadRequest("malformed method")
+    if b"#" in target:
+        raise BadRequest("fragment in request target")
     if not target or target.translate(None, _TARGET):
         raise BadRequest("malformed request target")
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        if len(version) == 8 and version[:5] == b"HTTP/" and version[5:6] in b"23456789" and version[6:7] == b"." \
+                and version[7:8].isdigit():
+            raise HttpVersionNotSupported("HTTP version not supported")
         raise BadRequest("unsupported HTTP version")
     text_target = target.decode("latin-1")
     # RFC 3986 §3.1: the scheme is case-insensitive.

@@ -190,7 +190,8 @@ REFUSED = [
     ),
     pytest.param(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 3, 4\r\n\r\n", 400, id="two-lengths"),
     pytest.param(b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 400, id="te-not-chunked"),
-    pytest.param(b"GET /a HTTP/2.0\r\nHost: h\r\n\r\n", 400, id="http2-line"),
+    pytest.param(b"GET /a HTTP/2.0\r\nHost: h\r\n\r\n", 505, id="http2-line"),  # RFC 9110 §15.6.6
+    pytest.param(b"GET /a#frag HTTP/1.1\r\nHost: h\r\n\r\n", 400, id="fragment"),  # RFC 9112 §3.2
     pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, id="tls-on-plain"),
     # Bytes that cannot start a request line: 400 at once, not after timeouts.handshake.
     pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, id="tls-on-plain-unfinished"),

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.errors import BadRequest, HeadersTooLarge, RequestRejected
+from lb.errors import BadRequest, HeadersTooLarge, HttpVersionNotSupported, RequestRejected
 from lb.http.head import (
     HEAD_END,
     find_head_end,
@@ -219,8 +219,10 @@ BAD_REQUEST_HEADS = {
     "control char in target": b"GET /\x01 HTTP/1.1\r\nHost: a\r\n\r\n",
     "relative target": b"GET index.html HTTP/1.1\r\nHost: a\r\n\r\n",
     "asterisk on GET": b"GET * HTTP/1.1\r\nHost: a\r\n\r\n",
-    "HTTP/2.0": b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
     "HTTP/0.9": b"GET / HTTP/0.9\r\nHost: a\r\n\r\n",
+    "HTTP/1.2": b"GET / HTTP/1.2\r\nHost: a\r\n\r\n",
+    "fragment in target": b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n",
+    "fragment in absolute target": b"GET http://a/b#c HTTP/1.1\r\nHost: a\r\n\r\n",
     "lowercase version": b"GET / http/1.1\r\nHost: a\r\n\r\n",
     "missing Host on 1.1": b"GET / HTTP/1.1\r\nX: a\r\n\r\n",
     "two Host headers": b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
@@ -247,6 +249,14 @@ def test_bad_request_heads_are_rejected(raw: bytes) -> None:
     with pytest.raises(BadRequest) as info:
         parse_request_head(raw)
     assert info.value.status == 400
+
+
+@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/3.0", "HTTP/2.1"])
+def test_another_major_version_is_a_505(version: str) -> None:
+    """RFC 9110 §15.6.6: the major version is not supported (not a malformed request)."""
+    with pytest.raises(HttpVersionNotSupported) as info:
+        parse_request_head(f"GET / {version}\r\nHost: a\r\n\r\n".encode())
+    assert info.value.status == 505
 
 
 def test_non_ascii_digit_content_length_is_rejected() -> None:
