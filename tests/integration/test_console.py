@@ -512,11 +512,8 @@ def test_a_pool_that_discovered_nothing_has_no_healthy_backend(tmp_path: Path) -
         ('lb_backend_state{job="lb", instance="a", pool="mixed", backend="s1", state="up"}', "1x20"),
         ('lb_backend_state{job="lb", instance="a", pool="down", backend="d1", state="up"}', "0x20"),
     ]
-    labels = {"severity": "critical", "job": "lb", "instance": "a"}
-    expected = [{"exp_labels": {**labels, "pool": pool}} for pool in ("down", "empty")]
-    promtool_test(tmp_path, series, "LbPoolNoHealthyBackend", [
-        {**alert, "exp_annotations": _annotations("LbPoolNoHealthyBackend", alert["exp_labels"])} for alert in expected
-    ])
+    expected = firing("LbPoolNoHealthyBackend", "critical", "down", "empty")
+    promtool_test(tmp_path, series, "LbPoolNoHealthyBackend", expected)
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package: prometheus)")
@@ -528,23 +525,24 @@ def test_discovery_that_has_not_succeeded_for_minutes_is_alerted(tmp_path: Path)
         # Succeeds every minute (promtool's clock starts at 0: minute m is m*60 seconds).
         ('lb_discovery_last_success_timestamp_seconds{job="lb", instance="a", pool="fine"}', "0+60x20"),
     ]
-    labels = {"severity": "warning", "job": "lb", "instance": "a"}
-    expected = [{"exp_labels": {**labels, "pool": pool}} for pool in ("never", "stuck")]
-    promtool_test(tmp_path, series, "LbDiscoveryStale", [
-        {**alert, "exp_annotations": _annotations("LbDiscoveryStale", alert["exp_labels"])} for alert in expected
-    ])
+    promtool_test(tmp_path, series, "LbDiscoveryStale", firing("LbDiscoveryStale", "warning", "never", "stuck"))
 
 
-def _annotations(alertname: str, labels: dict[str, str]) -> dict[str, str]:
-    """The rule's annotations with `{{ $labels.X }}` filled in (the alerts above use no `$value`)."""
+def firing(alertname: str, severity: str, *pools: str) -> list[dict[str, Any]]:
+    """The alerts `alertname` makes for `pools` of instance `a`, its annotations filled in (`{{ $labels.X }}`;
+    the alerts tested this way use no `$value`)."""
     rule = next(rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
                 if rule.get("alert") == alertname)
-    filled = {}
-    for key, text in rule["annotations"].items():
-        for name, value in labels.items():
-            text = text.replace(f"{{{{ $labels.{name} }}}}", value)
-        filled[key] = text
-    return filled
+    alerts = []
+    for pool in pools:
+        labels = {"severity": severity, "job": "lb", "instance": "a", "pool": pool}
+        annotations = {}
+        for key, text in rule["annotations"].items():
+            for name, value in labels.items():
+                text = text.replace(f"{{{{ $labels.{name} }}}}", value)
+            annotations[key] = text
+        alerts.append({"exp_labels": labels, "exp_annotations": annotations})
+    return alerts
 
 
 async def test_histograms_and_errors_sum_over_workers(tmp_path: Path) -> None:

@@ -170,19 +170,19 @@ def test_without_sticky_every_client_goes_by_its_key() -> None:
     assert expected is not None and answer(seal("gw-2"), state, key="user7")["routes_to"] == expected.id
 
 
-def test_a_key_is_read_as_route_reads_it() -> None:
-    state = hashed_pool(BalanceMethod.SOURCE)
+@pytest.mark.parametrize(
+    ("balance", "spelt", "plain", "bad", "reason"),
+    [
+        (BalanceMethod.SOURCE, "::ffff:10.0.0.1", "10.0.0.1", "user7", "IP address"),
+        (BalanceMethod.HASH, " user7\t", "user7", "  ", "empty"),
+    ],
+)
+def test_a_key_is_read_as_route_reads_it(balance: BalanceMethod, spelt: str, plain: str, bad: str, reason: str) -> None:
+    state = hashed_pool(balance)
     state["hp"].apply_admin("gw-2", AdminAction.DISABLE, NOW)
-    mapped = answer(seal("gw-2"), state, key="::ffff:10.0.0.1")
-    assert mapped["routes_to"] == answer(seal("gw-2"), state, key="10.0.0.1")["routes_to"]
-    with pytest.raises(ValueError, match="IP address"):
-        answer(seal("gw-2"), state, key="user7")
-    hashed = hashed_pool(BalanceMethod.HASH)
-    hashed["hp"].apply_admin("gw-2", AdminAction.DISABLE, NOW)
-    spaced = answer(seal("gw-2"), hashed, key=" user7\t")
-    assert spaced["routes_to"] == answer(seal("gw-2"), hashed, key="user7")["routes_to"]
-    with pytest.raises(ValueError, match="empty"):
-        answer(seal("gw-2"), hashed, key="  ")
+    assert answer(seal("gw-2"), state, key=spelt)["routes_to"] == answer(seal("gw-2"), state, key=plain)["routes_to"]
+    with pytest.raises(ValueError, match=reason):
+        answer(seal("gw-2"), state, key=bad)
 
 
 def test_a_key_changes_nothing_in_a_round_robin_pool() -> None:
