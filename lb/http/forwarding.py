@@ -225,11 +225,16 @@ def render_client_response(
 
 
 def _kept_from_shared_caches(head: Head) -> bool:
-    """The answer says `private` or `no-store` (RFC 9111 §5.2.2): no shared cache stores it."""
+    """The answer says `private` or `no-store` (RFC 9111 §5.2.2): no shared cache stores it.
+
+    Not `private="Set-Cookie"`: a shared cache may store that answer without the fields named,
+    and our token is in X-LB-Affinity too.
+    """
     for value in head.get_all("cache-control"):
         for directive in value.split(","):
-            name = directive.partition("=")[0].strip(_OWS).lower()
-            if name in ("private", "no-store"):
+            name, eq, _ = directive.partition("=")
+            name = name.strip(_OWS).lower()
+            if name == "no-store" or (name == "private" and not eq):
                 return True
     return False
 
