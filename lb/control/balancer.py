@@ -181,6 +181,7 @@ class Balancer:
             await self._start()
         except BindError:
             await self._close_bound()
+            await self.discovery.stop()
             raise
         self.ready = True
 
@@ -188,6 +189,10 @@ class Balancer:
         if self._control is not None:
             await self._control.start()
         if self.role is not Role.OWNER:
+            # Discovered backends before the first client: a process the kernel hands connections
+            # as soon as it listens would answer them 503 until its first lookups end.
+            self.discovery.start(self.config.pools)
+            await self.discovery.first_lookups()
             for listener in self.config.listeners:
                 self._listening.append(await self._bind(listener))
         else:
@@ -215,7 +220,7 @@ class Balancer:
             self._reporter = asyncio.get_running_loop().create_task(self._each_second())
         if self.role is not Role.WORKER:
             self._start_health_checks()
-        self.discovery.start(self.config.pools)  # DNS discovery loops (lb.control.discovery)
+        self.discovery.start(self.config.pools)  # the owner's loops (a serving process's run already)
         if self._supervisor is not None:
             await self._supervisor.start()
         if self._control is not None:

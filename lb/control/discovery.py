@@ -262,6 +262,7 @@ class Discoverer:
         self._task: asyncio.Task[None] | None = None
         self._resolver = make_resolver(self.config)
         self._skipped_said: tuple[tuple[str, ...], int] = ((), 0)  # what _report_skipped last logged
+        self.first_done = asyncio.Event()  # the first lookup has ended, with an answer or not
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"discovery {self.pool}")
@@ -283,6 +284,7 @@ class Discoverer:
     async def _run(self) -> None:
         while True:
             ttl = await self.resolve_once()
+            self.first_done.set()
             await asyncio.sleep(next_lookup_in(self.config.interval, ttl))
 
     async def resolve_once(self) -> float | None:
@@ -381,6 +383,22 @@ class DiscoveryManager:
             if name not in self._loops:
                 self._loops[name] = Discoverer(pool, self._apply)
                 self._loops[name].start()
+
+    async def first_lookups(self) -> None:
+        """Wait until every loop's first lookup has ended (answered, failed or timed out).
+
+        A process that serves clients waits for this before it listens: a pool made by discovery
+        alone would otherwise answer 503 until then (with `workers: N`, a worker the kernel hands
+        connections while the owner already shows the pool up).  Each lookup is bounded by its
+        budget; this wait by the longest of them and a second more.
+        """
+        loops = list(self._loops.values())
+        if loops:
+            longest = max(LOOKUP_BUDGET * loop.config.timeout for loop in loops) + 1.0
+            waits = [asyncio.ensure_future(loop.first_done.wait()) for loop in loops]
+            _, pending = await asyncio.wait(waits, timeout=longest)
+            for wait in pending:
+                wait.cancel()
 
     async def stop(self) -> None:
         loops, self._loops = list(self._loops.values()), {}

@@ -459,3 +459,30 @@ async def test_a_backend_that_leaves_and_comes_back_counts_on(
             await sampler
     assert samples and samples[-1] >= 3, samples
     assert all(later >= earlier for earlier, later in itertools.pairwise(samples)), f"went backwards: {samples}"
+
+
+async def test_the_first_client_finds_the_discovered_backends(launcher: Launcher, zone: ZoneServer) -> None:
+    """A process that serves listens only once its first lookups have ended: with a nameserver slow to
+    answer, the first handshake after start reaches a discovered gateway, not a 503 for an empty pool
+    (with `workers: 2` a worker served 503s while the owner already showed the pool up)."""
+    gateways = launcher.gateways(1)
+    publish(zone, gateways)
+    zone.delay = 0.5 * UNIT  # per query: the SRV, then its target's A
+    lb = launcher.balancer(discovery_config(zone, timeout=f"{2 * UNIT:g}s"))
+    assert (await visit(lb.ws_url())).server_id == "gw-1"
+
+
+async def test_a_silent_nameserver_delays_the_start_by_one_lookup_budget_at_most(
+    launcher: Launcher, zone: ZoneServer
+) -> None:
+    """The wait for the first lookups is bounded: a nameserver that never answers in time lets the
+    balancer start after the lookup's budget, answering 503 for the empty pool until DNS comes back."""
+    publish(zone, launcher.gateways(1))
+    zone.delay = 3.0
+    started = time.monotonic()
+    lb = launcher.balancer(discovery_config(zone, timeout="200ms"))
+    assert time.monotonic() - started < 2.5 * UNIT + 1.0  # 3 x 200 ms of budget, then a process start
+    data = await status(lb)
+    assert ids(data) == set() and "within" in data["pools"]["gateways"]["discovery"]["last_error"]
+    zone.delay = 0.0
+    await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-1 once DNS answers")
