@@ -118,21 +118,25 @@ def hash_key_text(value: str) -> str | None:
     return value.strip(" \t") or None
 
 
+class BadKey(ValueError):
+    """A key the admin API was given that its pool cannot hash; the text is a fixed reason (for a 400)."""
+
+
 def admin_key(method: BalanceMethod, text: str) -> str:
     """A key given to the admin API (`/pools/{pool}/route`, `/lookup`), read as the data plane reads a
     request's: a client address for `balance: source`, a `hash_key` value for `balance: hash`.
 
     Raises:
-        ValueError: not an address, or only spaces (as empty as no key); its text is the reason.
+        BadKey: not an address, or only spaces (as empty as no key).
     """
     if method is BalanceMethod.SOURCE:
         address = source_key(text)
         if address is None:
-            raise ValueError("key must be an IP address for balance: source")
+            raise BadKey("key must be an IP address for balance: source")
         return address
     value = hash_key_text(text)
     if value is None:
-        raise ValueError("key: empty (only spaces)")
+        raise BadKey("key: empty (only spaces)")
     return value
 
 

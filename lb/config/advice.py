@@ -7,7 +7,7 @@ as warnings at start and on every reload, so they are seen before a player is.
 
 from __future__ import annotations
 
-from lb.config.model import Config, SameSite, SecureMode
+from lb.config.model import Config, SameSite, SecureMode, over_limit_answered
 
 # Descriptors a process needs besides its client connections and its health checks (one per backend
 # at a time, counted apart): listeners, the admin API and its clients, DNS queries, logs, the loop's own.
@@ -61,6 +61,10 @@ def _descriptor_advice(config: Config, descriptors: int) -> list[str]:
     workers = max(1, config.workers)
     per_process = -(-config.limits.max_connections // workers)  # a worker's share, rounded up
     reserve = DESCRIPTOR_RESERVE + _most_backends(config)
+    if any(listener.tls is not None or listener.proxy_protocol for listener in config.listeners):
+        # Those listeners answer an overflow past the limit with a 503, one descriptor each while its
+        # handshake runs (ProxyContext.sheds).
+        reserve += over_limit_answered(per_process)
     # Each client connection holds two descriptors while it lasts: its own and its backend's.
     if 2 * per_process + reserve <= descriptors:
         return []

@@ -210,6 +210,13 @@ class TimeoutsConfig:
         return self.backend_connect if self.response is None else self.response
 
 
+def over_limit_answered(limit: int) -> int:
+    """How many connections past `limit` still get their 503 on TLS or PROXY-protocol listeners (the
+    rest are closed as accepted: lb.state.context.ProxyContext.sheds): a tenth of it, at least 64,
+    so that a burst a little over a small limit is answered, not cut."""
+    return max(64, limit // 10)
+
+
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_header_bytes: int = 16384

@@ -16,7 +16,7 @@ import time
 
 from aiohttp import web
 
-from lb.affinity.balancing import HASHED_METHODS, admin_key
+from lb.affinity.balancing import HASHED_METHODS, BadKey, admin_key
 from lb.affinity.decision import route_for_key
 from lb.control.admin import BALANCER, error_response
 
@@ -46,7 +46,7 @@ async def pool_route(request: web.Request) -> web.Response:
         return _error(400, "key too long")
     try:
         key = admin_key(pool.config.balance, keys[0])  # as a request's key is read
-    except ValueError as exc:
+    except BadKey as exc:
         return _error(400, str(exc))
     backend = route_for_key(pool, key, time.time())
     if backend is None:

@@ -193,6 +193,8 @@ class Balancer:
             # as soon as it listens would answer them 503 until its first lookups end.
             self.discovery.start(self.config.pools)
             await self.discovery.first_lookups()
+            if self._stopping is not None:
+                return  # told to stop while waiting (a worker's owner going away): bind nothing
             for listener in self.config.listeners:
                 self._listening.append(await self._bind(listener))
         else:

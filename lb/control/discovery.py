@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 _TARGET_LOOKUPS = 16
 # A whole lookup (the SRV query, then its targets' A/AAAA) may take this many `timeout`s.
 LOOKUP_BUDGET = 3
+# How long a process that serves waits for its first lookups before it listens (DiscoveryManager.first_lookups).
+FIRST_LOOKUPS_WAIT = 5.0
 
 Apply = Callable[[str, tuple[BackendConfig, ...]], None]
 
@@ -385,18 +387,20 @@ class DiscoveryManager:
                 self._loops[name].start()
 
     async def first_lookups(self) -> None:
-        """Wait until every loop's first lookup has ended (answered, failed or timed out).
+        """Wait until every loop's first lookup has ended (answered, failed or timed out), for
+        FIRST_LOOKUPS_WAIT at most.
 
         A process that serves clients waits for this before it listens: a pool made by discovery
         alone would otherwise answer 503 until then (with `workers: N`, a worker the kernel hands
-        connections while the owner already shows the pool up).  Each lookup is bounded by its
-        budget; this wait by the longest of them and a second more.
+        connections while the owner already shows the pool up).  Bounded apart from the lookups'
+        own budgets (3 x `timeout`, which no key caps): a nameserver down at start must not keep a
+        worker from its owner's WORKER_READY.  Lookups not done by then go on, and apply when done.
         """
         loops = list(self._loops.values())
         if loops:
             longest = max(LOOKUP_BUDGET * loop.config.timeout for loop in loops) + 1.0
             waits = [asyncio.ensure_future(loop.first_done.wait()) for loop in loops]
-            _, pending = await asyncio.wait(waits, timeout=longest)
+            _, pending = await asyncio.wait(waits, timeout=min(longest, FIRST_LOOKUPS_WAIT))
             for wait in pending:
                 wait.cancel()
 

@@ -262,6 +262,7 @@ def stats_message(ctx: ProxyContext, retired: RetiredBackends = ()) -> dict[str,
         "bytes_out": bytes_out,
         "tunnels_closed": stats.tunnels_closed,
         "tls_failures": stats.tls_failures,
+        "shed": stats.shed,
         "balancer_closes": [[*key, count] for key, count in stats.balancer_closes.items()],
         "tunnels": len(ctx.tunnels),
         "clients": ctx.client_connections(),
@@ -295,6 +296,7 @@ class _Totals:
         stats.closed_bytes_out = int(report.get("bytes_out", 0))
         stats.tunnels_closed = int(report.get("tunnels_closed", 0))
         stats.tls_failures = int(report.get("tls_failures", 0))
+        stats.shed = int(report.get("shed", 0))
         stats.balancer_closes.update({(c, w): int(n) for c, w, n in report.get("balancer_closes", [])})
         totals.tunnels = int(report.get("tunnels", 0))
         totals.clients = int(report.get("clients", 0))
@@ -314,6 +316,7 @@ class _Totals:
         mine.closed_bytes_out += theirs.closed_bytes_out
         mine.tunnels_closed += theirs.tunnels_closed
         mine.tls_failures += theirs.tls_failures
+        mine.shed += theirs.shed
         mine.balancer_closes.update(theirs.balancer_closes)
         self.observations.merge(other.observations)
         if not counters_only:

@@ -69,7 +69,7 @@ def lookup_token(
         A JSON-ready dict, `{"valid": false, "reason": ...}` for a token the data path would ignore.
 
     Raises:
-        ValueError: `key` is not a key of the token's pool (not an address, or only spaces).
+        BadKey: `key` is not a key of the token's pool (not an address, or only spaces).
     """
     claim: Claim | None = None
     reason = "unknown_backend"  # every pin opened, none for the pool asked about
@@ -98,7 +98,7 @@ def lookup_token(
     balance_key = None
     if state.config.balance in HASHED_METHODS:
         if key is not None:
-            balance_key = admin_key(state.config.balance, key)  # ValueError: the caller's 400
+            balance_key = admin_key(state.config.balance, key)  # BadKey: the caller's 400
         elif not state.config.sticky or not backend.takes_sticky_clients:
             return _answer(claim, state, max_age, None) | {"routes_by": "key"}  # the key decides
     try:

@@ -137,6 +137,13 @@ class LbCollector(Collector):
         )
         tls.add_metric([], stats.tls_failures)
         yield tls
+        shed = CounterMetricFamily(
+            "lb_connections_shed",
+            "Connections to a TLS or PROXY-protocol listener closed as accepted, without an answer: past "
+            "limits.max_connections and the overflow that still gets a 503.",
+        )
+        shed.add_metric([], stats.shed)
+        yield shed
         ended = CounterMetricFamily(
             "lb_tunnel_closes",
             "Tunnels the balancer ended, by cause (shutdown, drain, idle, backend_lost) and how: with a "

@@ -61,7 +61,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WORKER_READY = 15.0  # seconds a new worker may take to bind its listeners
+WORKER_READY = 15.0  # seconds a new worker may take to bind its listeners (its first DNS lookups included:
+# lb.control.discovery.FIRST_LOOKUPS_WAIT, 5 s at most)
 CONFIG_WAIT = WORKER_READY  # seconds a new worker waits for its owner's config text
 RESTART_DELAY = 0.5  # seconds before a dead worker is replaced (no tight crash loop)
 MAX_RESTART_DELAY = 10.0  # a worker that keeps dying young waits twice as long each time, up to this

@@ -214,7 +214,8 @@ def render_client_response(
             (name, rewrite_set_cookie(value) if name.lower() == "set-cookie" else value)
             for name, value in headers
         ]
-    if set_cookies and not switching and not _kept_from_shared_caches(response.head):
+    carries_token = bool(set_cookies) or rewrite_set_cookie is not None  # ours, or the backend's sealed
+    if carries_token and not switching and not _kept_from_shared_caches(response.head):
         # Our token on an answer a shared cache may store would be handed to everyone it serves
         # (one pin, one session id for all): HAProxy's `cookie ... insert nocache`.
         headers.append(("Cache-Control", "private"))

@@ -983,8 +983,11 @@ class Connection:
         assert decision is not None and pool is not None
         backend = decision.backend
         ctx = self._ctx
+        # A plain request delivered whole and answered late is a slow endpoint (a long poll, a
+        # report), not a backend that cannot be reached: a 502 for this request only (below).
+        late = failure.timeout and not self._websocket and self.state == WAITING and not self._body_left
         actions = self._release_backend()
-        ctx.stats.handshakes[(pool.name, backend.id, "connect_failed")] += 1
+        ctx.stats.handshakes[(pool.name, backend.id, "answer_late" if late else "connect_failed")] += 1
         ctx.observations.count_backend_error(pool.name, backend.id, failure.kind)
         log.warning(
             "backend %s at %s failed request %s: %s",
@@ -996,11 +999,11 @@ class Connection:
         # 502 also after a timeout: SPEC's "a backend that cannot be reached → 502", and the
         # log line (with the request id) says it was silence.
         last = BadGateway("no backend answered in time" if failure.timeout else "no backend could be reached")
-        if failure.timeout and not self._websocket and self.state == WAITING and not self._body_left:
-            # A plain request delivered whole and answered late is a slow endpoint (a long poll, a
-            # report), not a backend that cannot be reached: a 502 for this request only.  Not sent
-            # again elsewhere (the backend may be acting on it: a slow GET would run twice) and not
-            # a failed health check (a few slow requests took every gateway of a pool down).
+        if late:
+            # Not sent again elsewhere (the backend may be acting on it: a slow GET would run twice)
+            # and not a failed health check (a few slow requests took every gateway of a pool down;
+            # a backend that accepts and never answers is left to its active checks, and to the
+            # upgrades it fails).
             return actions + self._refuse(last, now)
         # A backend that fails a handshake counts as a failed health check (passive health).
         ctx.on_backend_failure(pool.name, backend.id, f"handshake failed: {failure.cause}")

@@ -197,6 +197,10 @@ class AcceptingServer:
                 self._resume = self._loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)
                 return
             address = (peer[0], peer[1]) if peer else ("-", 0)
+            if self._ctx.sheds():
+                conn.close()  # past the limit and its answered overflow: no descriptor held (ctx.sheds)
+                self._ctx.stats.shed += 1
+                continue
             if self._proxy_protocol:
                 conn.setblocking(False)  # the preamble peeks; the transport sets the rest (TCP_NODELAY)
                 self._preambles.add(_Preamble(self, conn, address))

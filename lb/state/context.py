@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from lb.access_log import RateLimitSummary
 from lb.affinity.codec import TokenCodec
-from lb.config.model import Config, RouteConfig
+from lb.config.model import Config, RouteConfig, over_limit_answered
 from lb.http.routing import sort_routes
 from lb.state.observations import Observations
 from lb.state.pool import PoolState
@@ -45,6 +45,7 @@ class Stats:
     closed_bytes_out: int = 0  # backend → client
     tunnels_closed: int = 0
     tls_failures: int = 0  # TLS handshakes that failed or timed out (lb_tls_handshake_failures_total)
+    shed: int = 0  # connections closed at accept, past the limit and its answered overflow (lb_connections_shed_total)
     # Tunnels the balancer ended: (cause, "close_frame" | "tcp") → count (lb_tunnel_closes_total).
     balancer_closes: Counter[tuple[str, str]] = field(default_factory=Counter)
 
@@ -108,6 +109,20 @@ class ProxyContext:
         the owner of `workers: N`, its workers' as they last reported them.
         """
         return self.handshaking + len(self.tunnels) + self.worker_clients
+
+    def sheds(self) -> bool:
+        """Whether a connection accepted now, on a listener where a TLS handshake or a PROXY header
+        comes first, is closed at once, without an answer.
+
+        Such a connection past `limits.max_connections` is still counted and gets its 503 once its
+        head is read, which takes its handshake first: until then it holds a descriptor, for up to
+        `timeouts.handshake`.  Unbounded, connections that open and send nothing ran a process out
+        of descriptors (its admin API and probes with it).  So only an overflow of
+        `over_limit_answered` gets that 503; beyond it a connection is closed as it is accepted,
+        as HAProxy leaves it in the backlog past `maxconn`.
+        """
+        limit = self.config.limits.max_connections
+        return self.handshaking + len(self.tunnels) >= limit + over_limit_answered(limit)
 
     def count_in(self) -> bool:
         """Count a client connection in `handshaking` at its accept; whether it is within the limit.

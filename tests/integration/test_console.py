@@ -424,7 +424,7 @@ async def test_every_metric_in_rules_and_dashboard_exists(console: ConsoleStack)
     used = names_in_rules_and_dashboard()
     assert {"lb_backend_state", "lb_handshake_duration_seconds_bucket", "lb_backend_errors_total"} <= used
     # A pool with DNS discovery exports these; this stack has none (test_discovery scrapes them live).
-    discovery = {"lb_discovery_backends", "lb_discovery_last_success_timestamp_seconds"}
+    discovery = {"lb_discovery_backends", "lb_discovery_errors_total", "lb_discovery_last_success_timestamp_seconds"}
     missing = sorted(name for name in used - discovery if name not in samples)
     assert not missing, f"used by deploy/observability but not exported: {missing}"
     assert {name for name in used if name.startswith("lb_discovery_")} <= discovery
@@ -518,12 +518,19 @@ def test_a_pool_that_discovered_nothing_has_no_healthy_backend(tmp_path: Path) -
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package: prometheus)")
 def test_discovery_that_has_not_succeeded_for_minutes_is_alerted(tmp_path: Path) -> None:
-    """Never succeeded (timestamp 0), or last succeeded long ago: alert; a pool whose lookups succeed: none."""
+    """Failing and never succeeded (timestamp 0), or failing since long ago: alert.  A pool whose lookups
+    succeed, or that looks up rarely (`interval: 30m`) without failing: none."""
+    last_success, errors = "lb_discovery_last_success_timestamp_seconds", "lb_discovery_errors_total"
     series = [
-        ('lb_discovery_last_success_timestamp_seconds{job="lb", instance="a", pool="never"}', "0x20"),
-        ('lb_discovery_last_success_timestamp_seconds{job="lb", instance="a", pool="stuck"}', "60x20"),
+        (f'{last_success}{{job="lb", instance="a", pool="never"}}', "0x20"),
+        (f'{errors}{{job="lb", instance="a", pool="never"}}', "0+1x20"),
+        (f'{last_success}{{job="lb", instance="a", pool="stuck"}}', "60x20"),
+        (f'{errors}{{job="lb", instance="a", pool="stuck"}}', "0+1x20"),
         # Succeeds every minute (promtool's clock starts at 0: minute m is m*60 seconds).
-        ('lb_discovery_last_success_timestamp_seconds{job="lb", instance="a", pool="fine"}', "0+60x20"),
+        (f'{last_success}{{job="lb", instance="a", pool="fine"}}', "0+60x20"),
+        (f'{errors}{{job="lb", instance="a", pool="fine"}}', "0x20"),
+        (f'{last_success}{{job="lb", instance="a", pool="rare"}}', "60x20"),
+        (f'{errors}{{job="lb", instance="a", pool="rare"}}', "0x20"),
     ]
     promtool_test(tmp_path, series, "LbDiscoveryStale", firing("LbDiscoveryStale", "warning", "never", "stuck"))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import resource
 import shutil
 import signal
@@ -41,7 +42,7 @@ from conftest import (
     status,
     wait_closed_by_peer,
 )
-from support_ops import wait_until
+from support_ops import metric, metrics_text, wait_until
 from support_raw import RecordingBackend, rss_kib
 
 TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall": 3}
@@ -552,3 +553,49 @@ async def test_upgrades_completing_after_sigterm_get_their_1001s_spread_over_wha
         assert lb.proc.wait(timeout=15 * UNIT) == 0
     finally:
         gateway.close()
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+async def test_silent_connections_past_the_limit_on_a_tls_listener_hold_no_descriptor(
+    launcher: Launcher, backend: RecordingBackend, certs: Path, event_loop: str
+) -> None:
+    """A TLS connection past limits.max_connections gets its 503 only after its handshake, so it holds a
+    descriptor meanwhile: unbounded, connections that open and send nothing ran the process out of
+    descriptors, its probes with it (a reviewer's case).  Past the limit and an overflow of 64 they are
+    closed as accepted; the process's descriptors stay bounded and its admin API answers."""
+    config = lb_config(
+        pools={"p": [backend]},
+        tls=(certs / "server.crt", certs / "server.key"),
+        health=TCP_HEALTH,
+        overrides={
+            "limits": {"max_connections": 10},
+            "timeouts": {"handshake": f"{10 * UNIT:g}s"},
+            "runtime": {"event_loop": event_loop},
+        },
+    )
+    lb = launcher.balancer(config)
+    assert lb.tls_port is not None and lb.proc is not None
+    pid = lb.proc.pid
+    before = _descriptors(pid)
+
+    async def shed() -> float | None:
+        count = metric(await metrics_text(lb), "lb_connections_shed_total")
+        return count if count and count >= 200 - 10 - 64 else None
+
+    silent = []
+    try:
+        for index in range(200):  # 10 admitted, 64 more to be answered later, the rest closed at once
+            address = (f"127.0.4.{index % 250 + 1}", 0)
+            silent.append(socket.create_connection(("127.0.0.1", lb.tls_port), source_address=address))
+        await wait_until(shed, within=5 * UNIT, what="the connections past the overflow shed")
+        held = _descriptors(pid) - before
+        assert held <= 10 + 64 + 8, f"{held} descriptors held for 200 silent connections"
+        assert (await status(lb))["pools"]  # the admin API answers
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+def _descriptors(pid: int) -> int:
+    """How many descriptors process `pid` holds now."""
+    return len(os.listdir(f"/proc/{pid}/fd"))

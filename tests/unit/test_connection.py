@@ -692,6 +692,8 @@ def test_a_plain_request_answered_late_is_502_for_it_alone() -> None:
     assert play.answer()[0] == 502
     assert play.opened == ["b1"] and play.failures == []
     assert play.connections() == {"a1": 0, "b1": 0, "b2": 0}
+    assert play.ctx.stats.handshakes[("b", "b1", "answer_late")] == 1
+    assert play.ctx.stats.handshakes[("b", "b1", "connect_failed")] == 0
 
 
 def test_a_silent_backend_fails_an_upgrade_and_counts_against_it() -> None:

@@ -457,6 +457,16 @@ def test_an_answer_carrying_our_cookie_is_kept_from_shared_caches(cache_control:
     assert relayed(raw).head.get_all("cache-control") == ([cache_control] if cache_control else [])  # no cookie
 
 
+def test_a_backend_cookie_sealed_in_rewrite_mode_is_kept_from_shared_caches_too() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nCache-Control: public, max-age=600\r\nSet-Cookie: SID=abc\r\nContent-Length: 0\r\n\r\n"
+    out = parse_response_head(render_client_response(
+        parse_response_head(raw), switching=False, set_cookies=[], extra=[("X-LB-Affinity", "t")],
+        rewrite_set_cookie=lambda value: "SID=sealed",
+    ))
+    assert out.head.get_all("cache-control") == ["public, max-age=600", "private"]
+    assert out.head.get("set-cookie") == "SID=sealed"
+
+
 def test_a_switch_carrying_our_cookie_is_not_marked_private() -> None:
     out = render_client_response(parse_response_head(SWITCHING), switching=True, set_cookies=["LB=t"], extra=[])
     assert b"Cache-Control" not in out

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from lb.affinity.balancing import BadKey
 from lb.affinity.codec import NONCE_BYTES, Claim, TokenCodec
 from lb.affinity.decision import decide, route_for_key
 from lb.config.model import BackendConfig, BalanceMethod, PoolConfig
@@ -181,7 +182,7 @@ def test_a_key_is_read_as_route_reads_it(balance: BalanceMethod, spelt: str, pla
     state = hashed_pool(balance)
     state["hp"].apply_admin("gw-2", AdminAction.DISABLE, NOW)
     assert answer(seal("gw-2"), state, key=spelt)["routes_to"] == answer(seal("gw-2"), state, key=plain)["routes_to"]
-    with pytest.raises(ValueError, match=reason):
+    with pytest.raises(BadKey, match=reason):
         answer(seal("gw-2"), state, key=bad)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
+from lb.affinity.balancing import BadKey
 from lb.control.admin import BALANCER, authorized, error_response, refuse_parameters, status_document
 from lb.control.admin_route import MAX_KEY_CHARS
 from lb.control.lookup import lookup_token
@@ -117,7 +118,7 @@ async def lookup(request: web.Request) -> web.Response:
             pool=pool,
             key=key,
         )
-    except ValueError as exc:  # a key the token's pool cannot hash
+    except BadKey as exc:  # a key the token's pool cannot hash: a fixed reason, never the key
         return error_response(400, str(exc))
     return web.json_response(answer)
 
