@@ -486,3 +486,19 @@ async def test_a_silent_nameserver_delays_the_start_by_one_lookup_budget_at_most
     assert ids(data) == set() and "within" in data["pools"]["gateways"]["discovery"]["last_error"]
     zone.delay = 0.0
     await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-1 once DNS answers")
+
+
+async def test_workers_start_with_a_silent_nameserver_and_a_long_lookup_timeout(
+    launcher: Launcher, zone: ZoneServer
+) -> None:
+    """With `workers: 2` each worker waits for its first lookups before it listens, 5 s at most whatever
+    `discovery.timeout` says: a 15 s timeout kept a worker past its owner's 15 s for starting, and the
+    balancer did not start (a reviewer's case)."""
+    publish(zone, launcher.gateways(1))
+    zone.delay = 20.0
+    config = discovery_config(zone, timeout="16s")  # its SRV query alone outlasts the owner's 15 s
+    config["workers"] = 2
+    started = time.monotonic()
+    lb = launcher.balancer(config)  # ready within the launcher's deadline, or this fails
+    assert time.monotonic() - started < 12 * UNIT
+    assert ids(await status(lb)) == set()  # the lookups go on meanwhile

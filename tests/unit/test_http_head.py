@@ -220,7 +220,6 @@ BAD_REQUEST_HEADS = {
     "relative target": b"GET index.html HTTP/1.1\r\nHost: a\r\n\r\n",
     "asterisk on GET": b"GET * HTTP/1.1\r\nHost: a\r\n\r\n",
     "HTTP/0.9": b"GET / HTTP/0.9\r\nHost: a\r\n\r\n",
-    "HTTP/1.2": b"GET / HTTP/1.2\r\nHost: a\r\n\r\n",
     "fragment in target": b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n",
     "fragment in absolute target": b"GET http://a/b#c HTTP/1.1\r\nHost: a\r\n\r\n",
     "lowercase version": b"GET / http/1.1\r\nHost: a\r\n\r\n",
