@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Final
 
 import google_crc32c
 
@@ -105,26 +106,33 @@ def parse_proxy_header(buf: bytes | bytearray, *, max_v2_length: int = MAX_V2_LE
 # -- v1 ----------------------------------------------------------------------------------------
 
 
+_V1_UNKNOWN: Final = b"PROXY UNKNOWN"
+
+
 def _parse_v1(buf: bytes) -> ProxyHeader | None:
     prefix = buf[: len(V1_PREFIX)]
     if prefix != V1_PREFIX[: len(prefix)]:
         raise BadProxyHeader("connection does not start with a PROXY protocol header")
     end = buf.find(b"\r\n")
+    # Spec §2.1: after UNKNOWN the receiver must ignore anything presented before the CRLF (HAProxy
+    # takes any bytes there), so the character check is for the other forms only.
+    unknown = buf.startswith(_V1_UNKNOWN) and buf[len(_V1_UNKNOWN) : len(_V1_UNKNOWN) + 1] in (b"", b" ", b"\r")
     if end < 0:
         # Fail as soon as the bytes cannot become a header: no slow-drip of garbage.
-        if not _V1_CHARS.issuperset(buf) or b"\r" in buf[:-1]:
+        if not unknown and (not _V1_CHARS.issuperset(buf) or b"\r" in buf[:-1]):
             raise BadProxyHeader("invalid character in PROXY v1 header")
         if len(buf) >= V1_MAX:
             raise BadProxyHeader(f"PROXY v1 header without CRLF in its first {V1_MAX} bytes")
         return None
+    consumed = end + 2
+    if consumed > V1_MAX:
+        raise BadProxyHeader(f"PROXY v1 header longer than {V1_MAX} bytes")
+    if unknown:
+        return ProxyHeader(1, Command.PROXY, Family.UNKNOWN, None, None, consumed)
     line = buf[:end]
     if not _V1_CHARS.issuperset(line) or b"\r" in line:
         raise BadProxyHeader("invalid character in PROXY v1 header")
     parts = line.split(b" ")
-    consumed = end + 2
-    if len(parts) >= 2 and parts[1] == b"UNKNOWN":
-        # Spec §2.1: the receiver must ignore anything presented before the CRLF.
-        return ProxyHeader(1, Command.PROXY, Family.UNKNOWN, None, None, consumed)
     if len(parts) != 6:
         raise BadProxyHeader("PROXY v1 header needs protocol, two addresses and two ports")
     _, proto, src, dst, sport, dport = parts

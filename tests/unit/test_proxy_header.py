@@ -66,6 +66,11 @@ VALID = {
         ProxyHeader(1, Command.PROXY, Family.UNKNOWN, None, None, 35),
     ),
     "v1 longest (107 bytes)": (V1_LONGEST, ProxyHeader(1, Command.PROXY, Family.UNKNOWN, None, None, V1_MAX)),
+    # Spec §2.1: after UNKNOWN anything up to the CRLF is ignored (HAProxy takes it too).
+    "v1 UNKNOWN with anything": (
+        b"PROXY UNKNOWN ffff:: x 1 2\r\n",
+        ProxyHeader(1, Command.PROXY, Family.UNKNOWN, None, None, 28),
+    ),
     "v2 TCP4": (
         v2_tcp4(),
         ProxyHeader(2, Command.PROXY, Family.TCP4, ("203.0.113.7", 51234), ("10.0.0.1", 443), 28),
@@ -150,6 +155,9 @@ INVALID = {
     "v1 no CRLF in 107 bytes": b"PROXY UNKNOWN " + b"1" * 93,
     "v1 longest plus one": V1_LONGEST[:-2] + b"f\r\n",
     "v1 empty protocol": b"PROXY \r\n",
+    "v1 UNKNOWN run into a tab": b"PROXY UNKNOWN\tx\r\n",
+    "v1 UNKNOWNX": b"PROXY UNKNOWNX 1 2\r\n",
+    "v1 UNKNOWN past 107 bytes": b"PROXY UNKNOWN " + b"x" * 92 + b"\r\n",
     "v2 bad signature": b"\r\n\r\n\x00\r\nQUIX\n\x21\x11\x00\x0c" + bytes(12),
     "v2 version 1": V2_SIGNATURE + b"\x11\x11\x00\x00",
     "v2 version 3": V2_SIGNATURE + b"\x31\x11\x00\x00",
