@@ -112,8 +112,13 @@ def _is_port_suffix(text: str) -> bool:
 
 
 def _hops(forwarded_for: Sequence[str]) -> list[str]:
-    """The X-Forwarded-For hops in order, from every field line (RFC 9110 §5.3 joins them with commas)."""
-    hops = [hop.strip(" \t") for value in forwarded_for for hop in value.split(",")]
+    """The X-Forwarded-For hops in order, from every field line (RFC 9110 §5.3 joins them with commas).
+
+    Empty elements (`a, , b`, a trailing comma) are no hop: RFC 9110 §5.6.1.2 says to ignore them.
+    Taken for garbage they stopped the walk at the proxy before them, which was then believed to
+    be the client, while the chain sent on (without them) named another.
+    """
+    hops = [hop for value in forwarded_for for part in value.split(",") if (hop := part.strip(" \t"))]
     return hops[-MAX_HOPS:]
 
 
@@ -165,5 +170,4 @@ def forwarded_for(peer: str, forwarded_for: Sequence[str], trusted: TrustedProxi
 
 def chain_through(proxy: str, forwarded_for: Sequence[str]) -> str:
     """`forwarded_for` for a peer already known to be a trusted proxy: its chain, then its address."""
-    hops = [hop for hop in _hops(forwarded_for) if hop]
-    return ", ".join([*hops, proxy])
+    return ", ".join([*_hops(forwarded_for), proxy])

@@ -57,7 +57,14 @@ CASES = {
         "10.1.2.3",
         "6.6.6.6, not-an-ip, 10.1.2.3",
     ),
-    "empty hops are ignored upstream": ("10.1.2.3", ["198.51.100.4,,"], "10.1.2.3", "198.51.100.4, 10.1.2.3"),
+    # RFC 9110 §5.6.1.2: empty list elements are ignored, in the walk as in the chain sent on.
+    "empty hops are no hops": ("10.1.2.3", ["198.51.100.4,,"], "198.51.100.4", "198.51.100.4, 10.1.2.3"),
+    "an empty hop between a client and a trusted proxy": (
+        "10.1.2.3",
+        ["1.1.1.1, , 10.5.5.5"],
+        "1.1.1.1",
+        "1.1.1.1, 10.5.5.5, 10.1.2.3",
+    ),
     "hop with a port": ("10.1.2.3", ["198.51.100.4:4711"], "198.51.100.4", "198.51.100.4:4711, 10.1.2.3"),
     "IPv6 hop with brackets and port": (
         "10.1.2.3",
