@@ -43,6 +43,13 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
             "admin.token is not set: the admin API serves GET only, and drain, disable and enable "
             "(the dashboard's buttons, lb ctl) answer 401"
         )
+    everyone = [str(network) for network in config.trusted_proxies if network.prefixlen == 0]
+    if everyone:
+        said.append(
+            f"trusted_proxies holds {', '.join(everyone)}: every peer is believed, so any client names its own "
+            "address in X-Forwarded-For (per-IP limits, balance: source and the logs follow it); list the "
+            "proxies in front only"
+        )
     affinity = config.affinity
     if affinity.same_site is SameSite.NONE and affinity.secure is SecureMode.AUTO:
         # Browsers drop a `SameSite=None` cookie without `Secure` (and so never send it back);

@@ -14,7 +14,9 @@ from lb.devcerts import write_dev_certs
 KEY = "k" * 43
 
 
-def config(tmp_path: Path, *, admin: str = "{token: t}", affinity: str = "", tls: bool = False) -> Config:
+def config(
+    tmp_path: Path, *, admin: str = "{token: t}", affinity: str = "", tls: bool = False, extra: str = ""
+) -> Config:
     listeners = '[{bind: "127.0.0.1:0"}'
     if tls:
         write_dev_certs(tmp_path / "certs", ["localhost"])
@@ -25,12 +27,27 @@ admin: {admin}
 affinity: {{secret_keys: [{KEY}]{affinity}}}
 routes: [{{path_prefix: /, pool: p}}]
 pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
-"""
+{extra}"""
     return parse_config(text, base_dir=tmp_path, environ={})
 
 
 def test_a_plain_sensible_configuration_gets_no_advice(tmp_path: Path) -> None:
     assert advice(config(tmp_path)) == []
+
+
+@pytest.mark.parametrize(("networks", "said"), [
+    ('["0.0.0.0/0"]', "0.0.0.0/0"), ('["::/0", "10.0.0.0/8"]', "::/0"), ('["10.0.0.0/8", "::1"]', None),
+])
+def test_trusting_every_address_says_any_client_can_name_its_own(
+    tmp_path: Path, networks: str, said: str | None
+) -> None:
+    """A valid setting that defeats its purpose (a reviewer's case: `lb validate` said only `ok:`)."""
+    found = [s for s in advice(config(tmp_path, extra=f"trusted_proxies: {networks}\n")) if "trusted_proxies" in s]
+    if said is None:
+        assert found == []
+    else:
+        (sentence,) = found
+        assert said in sentence and "X-Forwarded-For" in sentence
 
 
 def test_no_admin_token_says_the_actions_answer_401(tmp_path: Path) -> None:
