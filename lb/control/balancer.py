@@ -674,8 +674,10 @@ class Balancer:
             await asyncio.wait([self._reload_task], timeout=5.0)
         for task in self._migrations.values():
             task.cancel()
-        # From here the delay runs (here too in each worker, told to stop just below): until then, serving.
+        # From here the delay runs (here too in each worker, told to stop just below): until then, serving,
+        # with every answer asking its keep-alive client to go (to the instances still ready).
         self._serving_until = time.monotonic() + timeouts.shutdown_delay
+        self.ctx.deregistering = True
         if self._supervisor is not None:
             # Each worker runs the same delay and spread for its own tunnels.
             log.info("shutting down: /readyz answers 503; stopping the workers")

@@ -900,6 +900,7 @@ class Connection:
             # After the client's EOF, only for a whole request already here: a partial one will never end.
             and (not self.client_eof_seen or b"\r\n\r\n" in self._buf)
             and self._ctx.accepting
+            and not self._ctx.deregistering
         )
         self._keep_alive = keep
         self._observe(now)

@@ -95,6 +95,9 @@ class ProxyContext:
     # `workers: N`, in the owner: its workers' client connections as they last reported them.
     worker_clients: int = 0
     accepting: bool = True
+    # From SIGTERM (its `shutdown_delay` included, while /readyz says 503): answers say Connection: close,
+    # so keep-alive clients reconnect to another instance rather than stay until accepting stops.
+    deregistering: bool = False
     # From SIGTERM's stop of accepting: the event loop time at which its spread of 1001s ends.
     spread_until: float = 0.0
     # Latency histograms, backend errors, health checks (lb.state.observations); survives reloads.

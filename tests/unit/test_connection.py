@@ -1375,3 +1375,19 @@ def test_a_request_abandoned_before_its_answer_is_counted_as_logged() -> None:
     assert stats.handshakes[("b", "b1", "abandoned")] == 1
     assert stats.decisions[("b", "b1", "new")] == 1
     assert play.connections() == {"a1": 0, "b1": 0, "b2": 0}
+
+
+def test_after_sigterm_answers_ask_keep_alive_clients_to_go() -> None:
+    """During `shutdown_delay` (/readyz 503, still serving) a keep-alive client is told Connection: close,
+    so it reconnects to an instance that stays, not lose its connection when this one stops accepting."""
+    play = Play()
+    play.client(get("/b/x"))
+    play.connected()
+    play.backend(ok())
+    assert "connection" not in play.answer()[1]  # kept alive
+    play.ctx.deregistering = True
+    play.to_client.clear()
+    play.client(get("/b/y"))
+    play.connected()
+    play.backend(ok())
+    assert play.answer()[1]["connection"] == "close"
