@@ -288,6 +288,7 @@ class Connection:
         "_config",
         "_ctx",
         "_decision",
+        "_head_method",
         "_interim",
         "_keep_alive",
         "_last_backend",
@@ -360,6 +361,7 @@ class Connection:
         self.client_eof_seen = False
         self._buf = bytearray()  # client bytes not yet consumed
         self._scan = 0  # where the search for the end of the head resumes
+        self._head_method = False  # the head being read starts `HEAD ` (an answer refusing it has no body)
         self._paused = False
         # Since when the shell has stopped reading the backend because the client is not reading
         # (its write buffer is full), and since when the backend is not reading what we send it.
@@ -660,6 +662,7 @@ class Connection:
             # malformed request line, and a stream of them, one a read, still runs into the timer.
             del buf[:2]
             self._scan = 0
+        self._head_method = buf.startswith(b"HEAD ")
         try:
             # Incremental: only the new bytes (and 3 before them) are searched for the blank
             # line, once; a slow client feeding a head byte by byte costs O(n), not O(n^2).
@@ -674,7 +677,9 @@ class Connection:
             self._scan = 0
             request = parse_request_head(raw, protected=self._protected)
         except RequestRejected as exc:
-            return self._refuse(exc, now)
+            # A HEAD whose head we refuse (431, 505, a malformed field) is still a HEAD: its answer
+            # ends at its head.  Read from the bytes, as the request never parsed.
+            return self._refuse(exc, now, head_only=self._head_method)
         return self._dispatch(request, now)
 
     def _dispatch(self, request: RequestHead, now: float) -> list[Action]:
@@ -1053,7 +1058,9 @@ class Connection:
         self._backend_blocked_at = None  # that connection's full buffer goes with it
         return [_CLOSE_BACKEND]
 
-    def _refuse(self, exc: RequestRejected, now: float, summary: RateLimitSummary | None = None) -> list[Action]:
+    def _refuse(
+        self, exc: RequestRejected, now: float, summary: RateLimitSummary | None = None, *, head_only: bool = False
+    ) -> list[Action]:
         """Answer with our own error and close; the log line says why, the body only the status.
 
         `summary`: a refusal a flood repeats, logged one line per interval (429s always are).
@@ -1077,7 +1084,7 @@ class Connection:
                 reason=str(exc).replace(" ", "_"),
                 request_id=self._rid,
             )
-        head_only = request is not None and request.method == "HEAD"
+        head_only = head_only or (request is not None and request.method == "HEAD")
         answer = render_refusal(exc.status, exc.reason_phrase, self._rid, exc.headers, head_only=head_only)
         return [SendClient(answer), *self._close(abort=False)]
 

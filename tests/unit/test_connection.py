@@ -1364,6 +1364,24 @@ def test_our_own_answer_to_a_head_ends_at_its_head() -> None:
     assert got.answer()[2].startswith(b"404 Not Found")
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HEAD /b/x HTTP/2.0\r\nHost: h\r\n\r\n",  # 505
+        b"HEAD /b/x#f HTTP/1.1\r\nHost: h\r\n\r\n",  # 400
+        b"HEAD /b/x HTTP/1.1\r\nHost: h\r\nBad Header: y\r\n\r\n",  # 400
+        b"HEAD /b/x HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n",  # 431
+    ],
+    ids=["505", "fragment", "bad-field", "431"],
+)
+def test_a_head_refused_while_it_is_read_gets_no_body_either(head: bytes) -> None:
+    """The request never parsed, so its method is read from its first bytes (a verifier's case)."""
+    play = Play()
+    play.client(head)
+    status_line, _, rest = bytes(play.to_client).partition(b"\r\n\r\n")
+    assert status_line.startswith((b"HTTP/1.1 4", b"HTTP/1.1 5")) and rest == b""
+
+
 def test_a_request_abandoned_before_its_answer_is_counted_as_logged() -> None:
     """Its access line says `affinity=new status=499`: the counters say it too (a reviewer found the
     log's affinity lines and lb_affinity_decisions_total apart)."""
