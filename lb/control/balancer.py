@@ -222,7 +222,8 @@ class Balancer:
             self._reporter = asyncio.get_running_loop().create_task(self._each_second())
         if self.role is not Role.WORKER:
             self._start_health_checks()
-        self.discovery.start(self.config.pools)  # the owner's loops (a serving process's run already)
+        if self.role is Role.OWNER:
+            self.discovery.start(self.config.pools)  # a serving process started its loops before binding
         if self._supervisor is not None:
             await self._supervisor.start()
         if self._control is not None:

@@ -38,7 +38,7 @@ from lb.affinity.codec import Claim, TokenCodec
 from lb.affinity.decision import decide
 from lb.errors import InvalidToken, NoHealthyBackend
 from lb.log import iso_utc as log_iso_utc
-from lb.state.pool import PoolState
+from lb.state.pool import BackendStatus, PoolState
 
 
 def lookup_token(
@@ -100,7 +100,7 @@ def lookup_token(
         if key is not None:
             balance_key = admin_key(state.config.balance, key)  # BadKey: the caller's 400
         elif not state.config.sticky or not backend.takes_sticky_clients:
-            return _answer(claim, state, max_age, None) | {"routes_by": "key"}  # the key decides
+            return _answer(claim, state, backend, max_age, None) | {"routes_by": "key"}  # the key decides
     try:
         # With a session (a valid token has one) or a key, decide hashes: it never reaches a
         # balancing policy's turn counter, so the lookup changes nothing.
@@ -109,11 +109,12 @@ def lookup_token(
         ).backend.id
     except NoHealthyBackend:
         routes_to = None
-    return _answer(claim, state, max_age, routes_to)
+    return _answer(claim, state, backend, max_age, routes_to)
 
 
-def _answer(claim: Claim, state: PoolState, max_age: float, routes_to: str | None) -> dict[str, Any]:
-    backend = state.backends[claim.backend_id]
+def _answer(
+    claim: Claim, state: PoolState, backend: BackendStatus, max_age: float, routes_to: str | None
+) -> dict[str, Any]:
     return {
         "valid": True,
         "pool": state.name,

@@ -97,14 +97,10 @@ class SetCookie:
                 found = -magnitude if value[:1] == "-" else magnitude
         return found
 
-    @property
-    def deletes(self) -> bool:
-        """Whether it deletes its cookie: an empty value, or a Max-Age of zero or less."""
-        return self.deletes_at(None)
-
     def deletes_at(self, now: float | None) -> bool:
-        """`deletes`, and at wall-clock `now` also an Expires not after it with no Max-Age (Max-Age wins,
-        RFC 6265 §5.3): `Expires=Thu, 01 Jan 1970 00:00:00 GMT` is how many frameworks log out."""
+        """Whether it deletes its cookie: an empty value, a Max-Age of zero or less, or, at wall-clock
+        `now` (None: not judged), an Expires not after it with no Max-Age (Max-Age wins, RFC 6265
+        §5.3): `Expires=Thu, 01 Jan 1970 00:00:00 GMT` is how many frameworks log out."""
         if not self.value:
             return True
         max_age = self.max_age

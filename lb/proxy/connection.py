@@ -288,7 +288,6 @@ class Connection:
         "_config",
         "_ctx",
         "_decision",
-        "_head_method",
         "_interim",
         "_keep_alive",
         "_last_backend",
@@ -361,7 +360,6 @@ class Connection:
         self.client_eof_seen = False
         self._buf = bytearray()  # client bytes not yet consumed
         self._scan = 0  # where the search for the end of the head resumes
-        self._head_method = False  # the head being read starts `HEAD ` (an answer refusing it has no body)
         self._paused = False
         # Since when the shell has stopped reading the backend because the client is not reading
         # (its write buffer is full), and since when the backend is not reading what we send it.
@@ -662,7 +660,7 @@ class Connection:
             # malformed request line, and a stream of them, one a read, still runs into the timer.
             del buf[:2]
             self._scan = 0
-        self._head_method = buf.startswith(b"HEAD ")
+        raw = b""
         try:
             # Incremental: only the new bytes (and 3 before them) are searched for the blank
             # line, once; a slow client feeding a head byte by byte costs O(n), not O(n^2).
@@ -678,8 +676,9 @@ class Connection:
             request = parse_request_head(raw, protected=self._protected)
         except RequestRejected as exc:
             # A HEAD whose head we refuse (431, 505, a malformed field) is still a HEAD: its answer
-            # ends at its head.  Read from the bytes, as the request never parsed.
-            return self._refuse(exc, now, head_only=self._head_method)
+            # ends at its head.  Read from its first bytes, as the request never parsed; only here,
+            # off the path of every head that parses.
+            return self._refuse(exc, now, head_only=(raw or buf).startswith(b"HEAD "))
         return self._dispatch(request, now)
 
     def _dispatch(self, request: RequestHead, now: float) -> list[Action]:
