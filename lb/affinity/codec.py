@@ -32,7 +32,7 @@ import hashlib
 import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
@@ -66,15 +66,20 @@ class Claim:
     session: bytes
     app_value: str | None  # rewrite mode: the backend's own cookie value
     pool: str | None  # None: a version-1 token, valid for any pool
+    # Opened by a key other than the first (the one that seals): during a key rotation the next
+    # handshake re-issues it under the new key, so old keys fall out of use as clients return.
+    older_key: bool = field(default=False, compare=False)  # how it was opened, not what it says
 
     def __init__(
-        self, backend_id: str, issued_at: int, session: bytes, app_value: str | None = None, pool: str | None = None
+        self, backend_id: str, issued_at: int, session: bytes, app_value: str | None = None, pool: str | None = None,
+        older_key: bool = False,
     ) -> None:
         self.backend_id = backend_id
         self.issued_at = issued_at
         self.session = session
         self.app_value = app_value
         self.pool = pool
+        self.older_key = older_key
 
     def for_pool(self, pool: str) -> bool:
         """Whether this pin may route in `pool`."""
@@ -169,6 +174,7 @@ class TokenCodec:
         age = now - claim.issued_at
         if age > self._max_age or age < -CLOCK_SKEW:
             raise InvalidToken("expired")
+        claim.older_key = key is not self._keys[0]
         return claim
 
 

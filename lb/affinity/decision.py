@@ -65,7 +65,7 @@ def decide(
         session: the token's session key; a redispatch hashes it over the survivors (rendezvous),
             so every balancer instance sends this client to the same one.
         token_invalid: a token was present but could not be used (counted as "invalid").
-        refresh: re-issue the cookie even on a hit (the token is past half its life).
+        refresh: re-issue the cookie even on a hit (the token is past half its life, or an older key opened it).
         exclude: backends already tried for this request (they refused the connection).
         now: wall-clock time, for slow start and the redispatch grace window.
         grace: a backend that failed health checks less than this long ago keeps its

@@ -735,7 +735,8 @@ class Connection:
             pool,
             session=claim.session if claim else None,
             token_invalid=bool(lookup.rejected),
-            refresh=claim is not None and now - claim.issued_at > affinity.max_age / 2,
+            # Re-issued past half its life, or when an older key opened it (a rotation under way).
+            refresh=claim is not None and (claim.older_key or now - claim.issued_at > affinity.max_age / 2),
             now=now,
             grace=affinity.redispatch_grace,
             balance_key=self._balance_key,

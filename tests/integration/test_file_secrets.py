@@ -53,15 +53,19 @@ async def test_rotation_through_files_and_sighup(launcher: Launcher, tmp_path: P
     await wait_until(token_two_works, what="the rotated admin token")
     assert (await admin_post(lb, enable, token="token-one"))[0] == 401
     still = await visit(lb.ws_url(), cookie=old_cookie)
-    assert still.server_id == "gw-1" and still.cookie is None, "a cookie under the previous key was refused"
+    assert still.server_id == "gw-1", "a cookie under the previous key was refused"
+    assert still.cookie is not None and still.cookie.value != old_cookie, "not re-issued under the new key"
+    resealed = still.cookie.value
     fresh = await visit(lb.ws_url())
     assert fresh.cookie is not None
     new_cookie = fresh.cookie.value
 
-    # Step 2: the old key goes.  Cookies under it become invalid (a fresh one), the new ones stay.
+    # Step 2: the old key goes.  Cookies under it become invalid (a fresh one), the new ones stay,
+    # and so does the one re-issued to the client that came back during the rotation.
     write(secrets_dir / "previous", k3)
     await reload_with(lb, expect="reloaded configuration")
     assert (await visit(lb.ws_url(), cookie=new_cookie)).cookie is None
+    assert (await visit(lb.ws_url(), cookie=resealed)).cookie is None
     replaced = await visit(lb.ws_url(), cookie=old_cookie)
     assert replaced.cookie is not None and replaced.cookie.value != old_cookie
 

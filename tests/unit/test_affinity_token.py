@@ -129,8 +129,10 @@ def test_rotation_old_token_opens_with_new_and_old_keys() -> None:
     """After rotation ([new, old]) tokens sealed with the old key still open."""
     old_token = TokenCodec(["old"], MAX_AGE).seal(CLAIM, NONCE)
     rotated = TokenCodec(["new", "old"], MAX_AGE)
-    assert rotated.open(old_token, ISSUED) == CLAIM
+    opened = rotated.open(old_token, ISSUED)
+    assert opened == CLAIM and opened.older_key, "the proxy re-issues it under the new key"
     new_token = rotated.seal(CLAIM, NONCE)
+    assert not rotated.open(new_token, ISSUED).older_key
     assert TokenCodec(["new"], MAX_AGE).open(new_token, ISSUED) == CLAIM
     assert reason_of(TokenCodec(["old"], MAX_AGE), new_token) in {"unknown_key", "bad_mac"}
 

@@ -1325,6 +1325,37 @@ def test_rewrite_mode_never_reissues_over_what_the_backend_said_of_its_cookie(se
     assert [line for line in head.split("\r\n") if line.startswith("Set-Cookie:")] == [f"Set-Cookie: {set_cookie}"]
 
 
+@pytest.mark.parametrize("mode", ["insert", "rewrite"])
+def test_a_token_an_older_key_opens_is_reissued_under_the_first_key(mode: str) -> None:
+    """A key rotation (`[NEW, OLD]`): a returning client keeps its backend and is re-sealed under NEW
+    at once, so dropping OLD later logs out only clients who did not come back, not everyone."""
+    old, new = "o" * 40, "n" * 40
+    config = (REWRITE_CONFIG if mode == "rewrite" else CONFIG).replace(f'["{KEY}"]', f'["{old}"]')
+    first = Play(config)
+    first.client(upgrade())
+    first.connected()
+    first.backend(SWITCH_SETTING_SID if mode == "rewrite" else SWITCH)
+    cookie = first.answer()[1]["set-cookie"].partition(";")[0]
+
+    rotated = config.replace(f'["{old}"]', f'["{new}", "{old}"]')
+    later = Play(rotated, now=T0 + 10)  # far from half the token's life
+    later.client(upgrade().replace(b"\r\n\r\n", f"\r\nCookie: {cookie}\r\n\r\n".encode()))
+    later.connected()
+    later.backend(SWITCH)  # in rewrite mode the backend sets nothing new
+    assert later.opened == first.opened == ["a1"]
+    fresh = later.answer()[1]["set-cookie"].partition(";")[0]
+    assert fresh.partition("=")[0] == cookie.partition("=")[0] and fresh != cookie
+    claim = Play(rotated.replace(f', "{old}"]', "]")).ctx.codec.open(fresh.partition("=")[2], T0 + 20)
+    assert claim.backend_id == "a1" and not claim.older_key
+    assert claim.app_value == ("abc" if mode == "rewrite" else None)
+
+    again = Play(rotated, now=T0 + 20)  # sealed under the first key now: no cookie on the next visit
+    again.client(upgrade().replace(b"\r\n\r\n", f"\r\nCookie: {fresh}\r\n\r\n".encode()))
+    again.connected()
+    again.backend(SWITCH)
+    assert "set-cookie" not in again.answer()[1]
+
+
 def test_a_token_never_expires_before_max_age_whatever_the_fraction_of_its_issue_second() -> None:
     """Issue times are whole seconds, rounded up: rounded down, a token died up to 1 s early."""
     play = Play(REWRITE_CONFIG, now=T0 + 0.9)
