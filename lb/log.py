@@ -197,7 +197,7 @@ def _log_uncaught(kind: type[BaseException], value: BaseException, traceback: Tr
 
 def setup_logging(config: LoggingConfig, *, process: str | None = None) -> None:
     """Args:
-    process: names the process in every line (the workers of `workers: N`);
+    process: names the process in every line (with `workers: N`: `owner`, `worker-0`...);
         None keeps the name given before (a reload calls this again).
     """
     global _process_name

@@ -880,9 +880,10 @@ def run(config: Config, config_path: Path | None = None, config_text: str | None
 
     `config_text` is the text `config` was parsed from: with `workers: N` the workers run it.
     """
-    setup_logging(config.logging)
-    raise_descriptor_limit()  # workers inherit it
     role = Role.OWNER if config.workers > 1 else Role.SINGLE
+    # With workers, every line names its process: `owner` here, `worker-N` in each worker.
+    setup_logging(config.logging, process="owner" if role is Role.OWNER else None)
+    raise_descriptor_limit()  # workers inherit it
     return _loop_runner(config.runtime.event_loop)(serve(config, config_path, role, config_text=config_text))
 
 

@@ -53,6 +53,10 @@ async def test_two_workers_serve_and_the_owner_reports_for_both(ops: OpsStack) -
     assert status(ops)["role"] == "owner"
     code, metrics = http_get(ops.balancer.admin_url("/metrics"))
     assert code == 200 and b"lb_handshakes_total" in metrics
+    # Every line names its process, the owner's too: `TIME LEVEL owner|worker-N logger: message`.
+    lines = ops.balancer.log_text().splitlines()
+    processes = {line.split(" ")[2] for line in lines if line[:2] == "20"}
+    assert processes == {"owner", "worker-0", "worker-1"}, [line for line in lines if line[:2] == "20"][:5]
 
 
 async def test_a_killed_worker_is_restarted_and_cookies_still_stick(ops: OpsStack) -> None:

@@ -26,8 +26,8 @@ POOL = "gateways"
 GATEWAYS = 3  # gw-1..3 for the whole module; see conftest `gateways`
 BROKEN = "listeners: [\n  - bind: 127.0.0.1:1\n  this is: [not yaml\n"
 _ACCESS = re.compile(r" (worker-\d+) lb\.access: event=request .*\bbackend=(\S+)")
-# The owner's lines name no process; a worker's say `worker-N` before the logger.
-_OWNER_RELOAD = re.compile(r" (INFO|ERROR) lb\.control\.balancer: (reloaded configuration|reload failed)")
+# Every line names its process before the logger: `owner`, or a worker's `worker-N`.
+_OWNER_RELOAD = re.compile(r" (INFO|ERROR) owner lb\.control\.balancer: (reloaded configuration|reload failed)")
 
 
 def two_worker_balancer(launcher: Launcher, *gateways: Gateway) -> tuple[Balancer, dict[str, object]]:
