@@ -9,8 +9,8 @@
 
 Where the admin URL and token come from, first found wins: `--admin`/`--token`,
 then `LB_ADMIN_URL`/`LB_ADMIN_TOKEN`, then `--config FILE` (`admin.bind` and
-`admin.token`, `${VAR}` expanded by the same loader `lb run` uses; other unset
-variables, such as the cookie keys, need not be set in the operator's shell), then
+`admin.token`, `${VAR}` expanded by the same loader `lb run` uses; only the admin
+section is read, so the cookie keys' variables and the TLS files need not be there), then
 http://127.0.0.1:9000 (the default `admin.bind`).
 
 Exit codes, for scripts:
@@ -146,22 +146,15 @@ def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[st
     token: str | None = getattr(args, "token", None) or environ.get("LB_ADMIN_TOKEN") or None
     config_path: Path | None = getattr(args, "config", None)
     if config_path is not None and (url is None or token is None):
-        from lb.config.load import load_config
+        from lb.config.load import load_admin_config
         from lb.config.model import host_port
         from lb.errors import ConfigError
 
         try:
-            config = load_config(config_path, environ)
+            # The admin section alone: the operator's shell need not hold the cookie keys or read the TLS key.
+            admin = load_admin_config(config_path, environ)
         except ConfigError as exc:
-            # The operator's shell need not hold the cookie keys: if admin.* expanded fine, read the
-            # file again with a stand-in for the other unset variables, so only admin.* must be set.
-            if any(p.path.startswith("admin") for p in exc.problems) or not _only_unset(exc):
-                raise CtlError(f"cannot use --config {config_path}:\n{exc}", EXIT_USAGE) from None
-            try:
-                config = load_config(config_path, _WithStandIns(environ))
-            except ConfigError as again:
-                raise CtlError(f"cannot use --config {config_path}:\n{again}", EXIT_USAGE) from None
-        admin = config.admin
+            raise CtlError(f"cannot use --config {config_path}:\n{exc}", EXIT_USAGE) from None
         # A wildcard bind is reached on loopback from the same host.
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(admin.host, admin.host)
         url = url or f"http://{host_port(host, admin.port)}"
@@ -176,19 +169,6 @@ def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[st
     if not 0 < timeout <= 3600:  # also refuses nan
         raise CtlError(f"--timeout: expected seconds above 0 and at most 3600, got {timeout:g}", EXIT_USAGE)
     return Target(url=url, token=token, timeout=timeout)
-
-
-def _only_unset(error: Any) -> bool:
-    return all(p.message.startswith("environment variable ") for p in error.problems)
-
-
-class _WithStandIns(dict[str, str]):
-    """The environment, where an unset variable reads as a stand-in long enough to pass as a secret key."""
-
-    STAND_IN = "lb-ctl-stand-in-for-an-unset-variable-0000"
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return super().get(key, self.STAND_IN)
 
 
 def call(

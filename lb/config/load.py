@@ -127,6 +127,30 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, t
     return parse_config(text, base_dir=path.absolute().parent, environ=env)
 
 
+def load_admin_config(path: str | Path, environ: Mapping[str, str] | None = None) -> AdminConfig:
+    """Only the `admin` section of the configuration file at `path`, expanded and checked as `lb run` would.
+
+    For `lb ctl --config`: an operator's shell needs the admin address and token, and may well be
+    unable to read the rest (the TLS key, the cookie keys' variables or files).
+
+    Raises:
+        ConfigError: the file cannot be read, is not YAML, or its `admin` section is invalid.
+    """
+    path = Path(path)
+    check = _Checker(base_dir=path.absolute().parent)
+    tree = _parse_yaml(read_config_text(path), check)
+    admin: AdminConfig | None = None
+    if not check.unreadable:
+        del check.problems[:]  # repeated keys elsewhere in the file are `lb validate`'s to say
+        if tree is not None and not isinstance(tree, dict):
+            check.add("", f"expected a mapping of sections (listeners, admin, ...), got {_kind(tree)}")
+        value = tree.get("admin") if isinstance(tree, dict) else None
+        admin = _admin(_expand(value, "admin", environ if environ is not None else os.environ, check, set()), check)
+    if admin is not None and not check.problems:
+        return admin
+    raise ConfigError(check.problems or [Problem("admin", "invalid admin section")])
+
+
 def read_config_text(path: Path) -> str:
     """The text of the configuration file at `path`, as `load_config` parses it.
 

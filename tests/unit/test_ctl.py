@@ -61,6 +61,32 @@ def test_config_gives_url_and_expanded_token(tmp_path: Path) -> None:
     assert "admin.bind" in str(exc.value)
 
 
+def test_config_needs_only_its_admin_section_to_be_usable(tmp_path: Path) -> None:
+    """A shell that cannot read the TLS key or the cookie keys' files still drives the balancer."""
+    config = tmp_path / "lb.yaml"
+    config.write_text(
+        "listeners:\n"
+        "  - {bind: 127.0.0.1:8443, tls: {cert: /nonexistent/server.crt, key: /nonexistent/server.key}}\n"
+        "admin: {bind: 127.0.0.1:9100, token: '${file:admin-token}'}\n"
+        "affinity: {secret_keys: ['${file:/nonexistent/cookie-key}']}\n"
+        "routes: [{path_prefix: /, pool: p}]\n"
+        "pools: {p: {backends: [{id: a, address: nonsense}]}}\n"
+        "pools: {p: {}}\n"  # a repeated key: lb validate says so, lb ctl need not
+    )
+    (tmp_path / "admin-token").write_text("from-a-file\n")
+    target = resolve_target(parse("--config", str(config), "status"), {})
+    assert (target.url, target.token) == ("http://127.0.0.1:9100", "from-a-file")
+    (tmp_path / "admin-token").unlink()
+    with pytest.raises(CtlError) as exc:
+        resolve_target(parse("--config", str(config), "status"), {})
+    assert exc.value.exit_code == EXIT_USAGE and "admin.token" in str(exc.value)
+    for text in ("- listeners\n", "admin: [\n"):
+        config.write_text(text)
+        with pytest.raises(CtlError) as exc:
+            resolve_target(parse("--config", str(config), "status"), {})
+        assert exc.value.exit_code == EXIT_USAGE
+
+
 def test_bad_admin_url_is_a_usage_error() -> None:
     err = io.StringIO()
     assert run_ctl(parse("--admin", "ftp://x", "status"), io.StringIO(), err) == EXIT_USAGE
