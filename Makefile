@@ -12,7 +12,7 @@ NATIVE_ARGS ?=
 NATIVE := $(VENV)/.native$(if $(PURE),-pure)
 CONFIG ?= config.example.yaml
 
-.PHONY: install native run demo test style types unit integration bench bench-quick image clean
+.PHONY: install setup native run demo test style types unit integration bench bench-quick image clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -40,6 +40,9 @@ certs/server.crt: | $(STAMP)
 	@mkdir -p .dev
 	@printf 'LB_COOKIE_KEY=%s\nLB_ADMIN_TOKEN=%s\n' "$$($(BIN)/lb keygen)" "$$($(BIN)/lb keygen)" > $@
 	@echo "wrote dev secrets to $@"
+
+# What `make run` and `make demo` prepare, without starting anything (.venv, dev certs, dev secrets).
+setup: $(NATIVE) certs/server.crt .dev/secrets.env
 
 run: $(NATIVE) certs/server.crt .dev/secrets.env
 	$(BIN)/python -m backends_demo.stack --config $(CONFIG) --env-file .dev/secrets.env
