@@ -122,6 +122,10 @@ class Balancer:
         self.config_path = config_path
         self.role = role
         self.ctx = ProxyContext.build(config, self.record_backend_failure)
+        started = time.time()
+        for pool in self.ctx.pools.values():
+            for backend in pool.backends.values():
+                backend.changed_at = started  # /status: "initial state" since when
         self.reloads: Counter[str] = Counter()  # result → count, for lb_config_reloads_total
         # workers: N — worker `index` of `count` enforces its share of the per-instance limits.
         self._share = share
@@ -617,6 +621,7 @@ class Balancer:
             for backend in old.backends.values():
                 if now is None or now.backends.get(backend.id) is not backend:
                     backend.reason = reason
+                    backend.changed_at = time.time()
                     if backend.connections:
                         self._retired.append((name, backend))
 
@@ -632,8 +637,9 @@ class Balancer:
                 )
                 if status is not None:
                     status.reason = f"added back by {cause}"
+                    status.changed_at = time.time()
             if status is None:
-                status = BackendStatus(config=backend_config)
+                status = BackendStatus(config=backend_config, changed_at=time.time())
             else:
                 status.config = backend_config  # address or weight may have changed; state stays
             backends[backend_config.id] = status
