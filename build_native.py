@@ -4,8 +4,10 @@ Why: a WebSocket handshake runs through the modules in `DATA_PLANE`, and in Pyth
 of its instructions were the interpreter itself (the bytecode loop, frame set-up, attribute
 look-ups): `python -m bench.instructions --by-function 12`. mypyc compiles the same typed source
 (`mypy --strict` already holds it) to C extension modules, with native classes and direct calls.
-It is the compiler mypy and black ship with; we write no C, the tests run against the compiled
-modules, and the `.py` files stay the pure-Python fallback for a machine without a C compiler.
+It is the compiler mypy and black ship with; the tests run against the compiled modules, and the
+`.py` files stay the pure-Python fallback for a machine without a C compiler.  One module is written
+in C (`c_sources()`: lb/http/_scan.c, whose header says why); it is built in the same step, beside
+the regex reading that stands in for it when it is not.
 
 What: the modules are compiled from this checkout and each extension module is placed next to its
 source in `DIR` (default: this checkout's `lb`, which an editable install imports; the container
@@ -66,8 +68,17 @@ def sources() -> list[str]:
     return found
 
 
+def c_sources() -> list[str]:
+    """The data plane's modules written in C (each a `.c` beside the `.pyi` that types it), relative paths.
+
+    One so far, `lb/http/_scan.c`: its docstring says why it is C.
+    """
+    return sorted(str(file.relative_to(ROOT)) for entry in DATA_PLANE if (ROOT / entry).is_dir()
+                  for file in (ROOT / entry).glob("*.c"))
+
+
 def module_name(source: str) -> str:
-    return source.removesuffix(".py").replace("/", ".")
+    return source.removesuffix(".py").removesuffix(".c").replace("/", ".")
 
 
 def remove_compiled(package: Path) -> int:
@@ -94,7 +105,7 @@ def check_toolchain() -> None:
 
 def digests(root: Path) -> dict[str, str]:
     """module → SHA-256 of its source under `root` (the directory holding `lb`)."""
-    return {module_name(source): source_digest(root / source) for source in sources()}
+    return {module_name(source): source_digest(root / source) for source in sources() + c_sources()}
 
 
 def _digests_or_none(root: Path) -> dict[str, str] | None:
@@ -137,7 +148,7 @@ def compile_into(package: Path, jobs: int) -> int:
     """Compile `sources()` in a scratch directory, place the modules in `package`, write the manifest."""
     try:
         from mypyc.build import mypycify  # a dev dependency, needed only when compiling
-        from setuptools import setup
+        from setuptools import Extension, setup
         from setuptools.command.build_ext import build_ext
     except ImportError as exc:
         raise BuildProblem(f"{exc} (pip install -e '.[dev]': mypy and setuptools)") from exc
@@ -154,6 +165,8 @@ def compile_into(package: Path, jobs: int) -> int:
             # mypyc writes the group's headers under the group's package (c/lb/), but its multi_file
             # sources include them by bare name: let the compiler look there.
             extension.include_dirs.append(str(Path(scratch, "c", *GROUP.split(".")[:-1])))
+        extensions += [Extension(module_name(source), [source], extra_compile_args=["-Wall", "-Wextra"])
+                       for source in c_sources()]
         built = Path(scratch, "lib")
 
         class BuildExt(build_ext):  # type: ignore[misc]  # setuptools is untyped here

@@ -58,7 +58,10 @@ def _module_file(package: Path, module: str) -> Path:
 
 
 def _source(package: Path, module: str) -> Path:
-    return package.parent.joinpath(*module.split(".")).with_suffix(".py")
+    """The module's `.py`, or its `.c` for a module written in C (lb/http/_scan.c)."""
+    path = package.parent.joinpath(*module.split("."))
+    source = path.with_suffix(".py")
+    return source if source.exists() or not path.with_suffix(".c").exists() else path.with_suffix(".c")
 
 
 def compiled_state(package: Path = PACKAGE) -> CompiledState:

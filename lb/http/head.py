@@ -36,14 +36,17 @@ spoofing gap; HAProxy, Envoy, nginx and llhttp are the references):
   `RequestHead.dropped` for logging.
 
 How a head is read: a well-formed head (nearly every one) by its grammar alone,
+in one pass over its bytes by lb/http/_scan.c when it is built (`_read`), else by
 one regex match for the start line and one findall for all field lines over the
-head decoded once as latin-1, in C; any other head again by the plain checks,
-the whole head's bytes first, then line by line, which name its fault.  The two
+head decoded once as latin-1; any other head again by the plain checks, the
+whole head's bytes first, then line by line, which name its fault.  The
 readings must agree on every head: tests/unit/test_http_head_reference.py holds
 this module to a frozen copy of the per-line parser it was before
-(tests/unit/_head_reference.py), results and exception messages alike, and
-`python -m bench.head_parse` times the two (~0.6x on a WebSocket upgrade's
-request and response heads).
+(tests/unit/_head_reference.py), results and exception messages alike,
+tests/unit/test_http_head_scan.py holds the C pass to the regex one, and
+`python -m bench.head_parse` times this module against the reference.  The C
+pass halves the parse of a WebSocket upgrade's request and of its 101 (2.3 and
+1.3 µs against 4.4 and 2.6 with the regex reading, both compiled, timeit).
 
 Why our own parser and not httptools (llhttp) or h11: measured with timeit on
 a typical 12-header WebSocket upgrade head (2-core box, CPython 3.11), ours
@@ -51,9 +54,9 @@ took ~13 µs with every check above (~0.6x that since the one-pass reading),
 h11 ~29 µs, and httptools ~3 µs for the raw callbacks alone.  On top of those
 callbacks we would still need the rules above (llhttp accepts TE on HTTP/1.0,
 `identity, chunked`, repeated Host on HTTP/1.0, raw non-ASCII targets...) and to
-build the same `Head`: that hybrid measured ~0.7x of the per-line parser, about
-what the one-pass reading now saves without a C dependency whose leniency flags
-we would have to track.  So llhttp stays the oracle:
+build the same `Head`: that hybrid measured ~0.7x of the per-line parser, less
+than the one-pass reading saves, and its per-header callbacks into Python cost
+more than our C pass's whole head.  So llhttp stays the oracle:
 tests/unit/test_http_head_differential.py checks that whatever we accept, it
 reads alike (method, target, fields, body length).
 """
@@ -65,6 +68,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
+from lb import pure_python_requested
 from lb.errors import (
     BadFraming,
     BadGateway,
@@ -419,6 +423,44 @@ def _head(start_line: tuple[str, str, str], fields: list[tuple[str, str]]) -> He
     return Head(start_line, tuple(fields), index)
 
 
+# What lb.http._scan.read_head returns for a well-formed head: Head's three parts, ready to use.
+_Scanned: TypeAlias = tuple[tuple[str, str, str], tuple[tuple[str, str], ...], dict[str, list[str]]]
+
+
+def _scanner() -> Callable[[bytes, bool], _Scanned | None] | None:
+    """lb.http._scan's one-pass reading, when it was built (build_native.py) and not set aside."""
+    if pure_python_requested():  # LB_PURE_PYTHON=1 runs the sources: this module has none in Python
+        return None
+    try:
+        from lb.http._scan import read_head
+    except ImportError:  # not built (no C compiler): the regex reading below is the same reading
+        return None
+    return read_head
+
+
+_SCAN: Final = _scanner()
+
+
+def _read(
+    raw: bytes, request: bool, start_line: re.Pattern[str], read_start_line: Callable[[str], tuple[str, str, str]]
+) -> Head:
+    """The head as read: a well-formed one by C's one pass (or, without it, by `_read_well_formed`),
+    any other by `_read_strictly`, which names its fault.
+
+    Raises:
+        BadRequest: as `_read_strictly`.
+    """
+    if _SCAN is not None:
+        scanned = _SCAN(raw, request)
+        if scanned is not None:  # the Python reading below would find the same (a test holds them equal)
+            start, fields, index = scanned
+            return Head(start, fields, index)
+    text = raw.decode("latin-1")  # every byte is one character: offsets and checks carry over
+    read = (_SCAN is None and _read_well_formed(text, start_line)) or _read_strictly(raw, text, read_start_line)
+    (first, second, third), read_fields = read
+    return _head((first, second, third), read_fields)
+
+
 def _drop_aliases(head: Head, protected: frozenset[str]) -> tuple[Head, tuple[str, ...]]:
     """Leave out names that equal a protected one once `_` reads as `-`; return them too.
 
@@ -524,11 +566,9 @@ def parse_request_head(raw: bytes, *, protected: frozenset[str] = PROTECTED_HEAD
         BadRequest: anything RFC 9112 does not allow, with a short reason (BadFraming, BadHost).
         UnsupportedTransferCoding: a transfer coding other than chunked (501).
     """
-    text = raw.decode("latin-1")  # every byte is one character: offsets and checks carry over
-    read = _read_well_formed(text, _REQUEST_LINE) or _read_strictly(raw, text, _read_request_line)
-    (method, target, version), fields = read
-    start = (method, target, version)
-    head = _head(start, fields)
+    head = _read(raw, True, _REQUEST_LINE, _read_request_line)
+    start = head.start_line
+    method, target, version = start
     dropped: tuple[str, ...] = ()
     if b"_" in raw and "_" in "".join(head._index):
         head, dropped = _drop_aliases(head, protected)
@@ -554,10 +594,8 @@ def parse_response_head(raw: bytes) -> ResponseHead:
     Raises:
         BadRequest: a malformed answer (the caller turns it into 502).
     """
-    text = raw.decode("latin-1")
-    read = _read_well_formed(text, _STATUS_LINE) or _read_strictly(raw, text, _read_status_line)
-    (version, status, reason), fields = read
-    head = _head((version, status, reason), fields)
+    head = _read(raw, False, _STATUS_LINE, _read_status_line)
+    version, status, reason = head.start_line
     _check_framing(head, version, request=False)
     return ResponseHead(version, int(status), reason, head)
 

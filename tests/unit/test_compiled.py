@@ -93,6 +93,23 @@ def test_every_way_a_build_stops_matching_is_named(tmp_path: Path) -> None:
     )
 
 
+def test_a_module_written_in_c_is_checked_against_its_c_source(tmp_path: Path) -> None:
+    """lb/http/_scan.c has no `.py`: its build is current while the `.c` it was compiled from is."""
+    package = _package(tmp_path)
+    _build(package)
+    scan = package / "proxy" / "_scan.c"
+    scan.write_text("/* C */\n")
+    (package / "proxy" / f"_scan{SUFFIX}").write_bytes(b"")
+    manifest = json.loads((package / MANIFEST).read_text())
+    manifest["modules"]["lb.proxy._scan"] = source_digest(scan)
+    (package / MANIFEST).write_text(json.dumps(manifest))
+    assert compiled_state(package).stale == ()
+    scan.write_text("/* edited */\n")
+    assert compiled_state(package).stale == (f"{Path('lb/proxy/_scan.c')} changed",)
+    scan.unlink()
+    assert compiled_state(package).stale == (f"{Path('lb/proxy/_scan.py')} is gone",)
+
+
 def test_module_files_without_a_manifest_are_an_unfinished_build(tmp_path: Path) -> None:
     package = _package(tmp_path)
     _build(package)
@@ -148,6 +165,8 @@ def test_build_native_compiles_the_data_plane_and_nothing_else() -> None:
     # the loader, which reads operator input once per load, stays interpreted.
     assert [name for name in modules if name.startswith("lb/config/")] == ["lb/config/model.py"]
     assert "lb/errors.py" not in modules  # subclasses OSError: not a native class
+    assert build_native.c_sources() == ["lb/http/_scan.c"]  # the one module written in C (its header says why)
+    assert "lb.http._scan" in build_native.digests(build_native.ROOT)
 
 
 @pytest.mark.parametrize("value", ["1", "true", "YES", "on"])

@@ -1,0 +1,305 @@
+/* lb.http._scan: the fast reading of a well-formed HTTP/1.x head, in one pass over its bytes.  [pure]
+ *
+ * `read_head(raw: bytes, request: bool)` returns `(start_line, fields, index)` for a head that the
+ * grammar of `lb.http.head._read_well_formed` accepts, and None for any other, which the caller then
+ * reads with the Python checks that name its fault.  The results are exactly the Python reading's:
+ * `start_line` a tuple of three str, `fields` a tuple of (name, value) str pairs, `index` a dict of
+ * lower-case name to the list of its values, every str decoded as latin-1
+ * (tests/unit/test_http_head_scan.py holds the two readings equal on hostile input).
+ *
+ * Why C, by hand: a WebSocket handshake parses two heads, and reading them in Python (one regex
+ * findall over the decoded head, then a dict built name by name) was about a fifth of the
+ * instructions of the whole handshake.  No library reads a head into these objects in one call:
+ * llhttp (httptools) calls back into Python per header, and it is more lenient than our rules.
+ * This file only recognises, it never decides: every byte it does not expect is a None, and the
+ * Python checks, unchanged, have the last word.  It reads a bytes object it does not modify,
+ * never past its end (every scan stops at the CR of the head's final CRLFCRLF, which no byte class
+ * below admits, and each index is also checked against the length), and allocates only the
+ * Python objects it returns.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+/* RFC 9110 §5.6.2 tchar: a method, a header name. */
+static unsigned char TCHAR[256];
+/* A field value's bytes, SP and HTAB included (RFC 9110 §5.5: VCHAR, obs-text); also a reason phrase's. */
+static unsigned char VALUE[256];
+/* A request target's: visible ASCII without `#` (lb.http.head._TARGET_CHAR). */
+static unsigned char TARGET[256];
+
+static void
+fill_tables(void)
+{
+    for (int c = 0; c < 256; c++) {
+        TCHAR[c] = (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z')
+                   || (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
+        VALUE[c] = c == '\t' || (c >= 0x20 && c <= 0x7e) || c >= 0x80;
+        TARGET[c] = c == 0x21 || c == 0x22 || (c >= 0x24 && c <= 0x7e);
+    }
+}
+
+/* A str of bytes that are all ASCII (a name, a method, a version): no decoding pass needed. */
+static PyObject *
+ascii_str(const unsigned char *start, Py_ssize_t length)
+{
+    PyObject *text = PyUnicode_New(length, 127);
+    if (text != NULL) {
+        memcpy(PyUnicode_1BYTE_DATA(text), start, (size_t)length);
+    }
+    return text;
+}
+
+/* `name` in lower case: the same object when it has no capital (most of a client's don't). */
+static PyObject *
+lower_name(PyObject *name, const unsigned char *start, Py_ssize_t length)
+{
+    Py_ssize_t i = 0;
+    while (i < length && !(start[i] >= 'A' && start[i] <= 'Z')) {
+        i++;
+    }
+    if (i == length) {
+        Py_INCREF(name);
+        return name;
+    }
+    PyObject *lower = PyUnicode_New(length, 127);
+    if (lower == NULL) {
+        return NULL;
+    }
+    Py_UCS1 *out = PyUnicode_1BYTE_DATA(lower);
+    for (i = 0; i < length; i++) {
+        unsigned char c = start[i];
+        out[i] = (c >= 'A' && c <= 'Z') ? (Py_UCS1)(c + ('a' - 'A')) : (Py_UCS1)c;
+    }
+    return lower;
+}
+
+/* `HTTP/1.1` or `HTTP/1.0` at `s + p`: its length (8), or 0. */
+static Py_ssize_t
+version_at(const unsigned char *s, Py_ssize_t p, Py_ssize_t n)
+{
+    if (n - p >= 8 && memcmp(s + p, "HTTP/1.", 7) == 0 && (s[p + 7] == '0' || s[p + 7] == '1')) {
+        return 8;
+    }
+    return 0;
+}
+
+static int
+is_crlf(const unsigned char *s, Py_ssize_t p, Py_ssize_t n)
+{
+    return p + 1 < n && s[p] == '\r' && s[p + 1] == '\n';
+}
+
+/* `method SP target SP version CRLF`, origin-form or absolute-form (`OPTIONS *` is left to Python).
+ * Returns the index after the CRLF and sets `parts`, or returns 0 (not this grammar) with `parts` unset. */
+static Py_ssize_t
+request_line(const unsigned char *s, Py_ssize_t n, PyObject **parts)
+{
+    Py_ssize_t p = 0;
+    while (p < n && TCHAR[s[p]]) {
+        p++;
+    }
+    Py_ssize_t method_end = p;
+    if (method_end == 0 || p >= n || s[p] != ' ') {
+        return 0;
+    }
+    Py_ssize_t target = ++p;
+    while (p < n && TARGET[s[p]]) {
+        p++;
+    }
+    Py_ssize_t target_end = p;
+    Py_ssize_t length = target_end - target;
+    int origin = length >= 1 && s[target] == '/';
+    int absolute = 0;
+    if (!origin && length >= 7 && (s[target] | 0x20) == 'h' && (s[target + 1] | 0x20) == 't'
+        && (s[target + 2] | 0x20) == 't' && (s[target + 3] | 0x20) == 'p') {
+        Py_ssize_t q = target + 4;
+        if ((s[q] | 0x20) == 's') {
+            q++;
+        }
+        absolute = target_end - q >= 3 && memcmp(s + q, "://", 3) == 0;
+    }
+    if (!(origin || absolute) || p >= n || s[p] != ' ') {
+        return 0;
+    }
+    Py_ssize_t version = ++p;
+    Py_ssize_t version_length = version_at(s, version, n);
+    if (version_length == 0 || !is_crlf(s, version + version_length, n)) {
+        return 0;
+    }
+    parts[0] = ascii_str(s, method_end);
+    parts[1] = ascii_str(s + target, length);
+    parts[2] = ascii_str(s + version, version_length);
+    return version + version_length + 2;
+}
+
+/* `version SP 3DIGIT [SP reason] CRLF`, the status from 100 to 599; as request_line. */
+static Py_ssize_t
+status_line(const unsigned char *s, Py_ssize_t n, PyObject **parts)
+{
+    Py_ssize_t version_length = version_at(s, 0, n);
+    Py_ssize_t p = version_length;
+    if (version_length == 0 || n - p < 5 || s[p] != ' ' || s[p + 1] < '1' || s[p + 1] > '5'
+        || s[p + 2] < '0' || s[p + 2] > '9' || s[p + 3] < '0' || s[p + 3] > '9') {
+        return 0;
+    }
+    Py_ssize_t status = p + 1;
+    p += 4;
+    Py_ssize_t reason = p, reason_end = p;
+    if (p < n && s[p] == ' ') {
+        reason = ++p;
+        while (p < n && VALUE[s[p]]) {
+            p++;
+        }
+        reason_end = p;
+    }
+    if (!is_crlf(s, p, n)) {
+        return 0;
+    }
+    parts[0] = ascii_str(s, version_length);
+    parts[1] = ascii_str(s + status, 3);
+    parts[2] = PyUnicode_DecodeLatin1((const char *)s + reason, reason_end - reason, NULL);
+    return p + 2;
+}
+
+/* Each `name ":" OWS value OWS CRLF` from `p` to the blank line that ends the head (and `raw`), into
+ * `fields` and `index`.  Returns 1, 0 (not this grammar) or -1 (a Python error is set). */
+static int
+field_lines(const unsigned char *s, Py_ssize_t n, Py_ssize_t p, PyObject *fields, PyObject *index)
+{
+    for (;;) {
+        if (is_crlf(s, p, n)) {
+            return p + 2 == n;  /* the blank line, and nothing after it */
+        }
+        Py_ssize_t name = p;
+        while (p < n && TCHAR[s[p]]) {
+            p++;
+        }
+        Py_ssize_t name_end = p;
+        if (name_end == name || p >= n || s[p] != ':') {
+            return 0;
+        }
+        p++;
+        while (p < n && (s[p] == ' ' || s[p] == '\t')) {
+            p++;
+        }
+        Py_ssize_t value = p;
+        while (p < n && VALUE[s[p]]) {
+            p++;
+        }
+        if (!is_crlf(s, p, n)) {
+            return 0;
+        }
+        Py_ssize_t value_end = p;
+        while (value_end > value && (s[value_end - 1] == ' ' || s[value_end - 1] == '\t')) {
+            value_end--;
+        }
+        p += 2;
+
+        PyObject *name_text = ascii_str(s + name, name_end - name);
+        PyObject *value_text = PyUnicode_DecodeLatin1((const char *)s + value, value_end - value, NULL);
+        PyObject *pair = NULL, *key = NULL;
+        int failed = 1;
+        if (name_text != NULL && value_text != NULL && (pair = PyTuple_Pack(2, name_text, value_text)) != NULL
+            && PyList_Append(fields, pair) == 0
+            && (key = lower_name(name_text, s + name, name_end - name)) != NULL) {
+            PyObject *values = PyDict_GetItemWithError(index, key);  /* borrowed */
+            if (values != NULL) {
+                failed = PyList_Append(values, value_text) != 0;
+            } else if (!PyErr_Occurred()) {
+                PyObject *fresh = PyList_New(1);
+                if (fresh != NULL) {
+                    Py_INCREF(value_text);
+                    PyList_SET_ITEM(fresh, 0, value_text);
+                    failed = PyDict_SetItem(index, key, fresh) != 0;
+                    Py_DECREF(fresh);
+                }
+            }
+        }
+        Py_XDECREF(name_text);
+        Py_XDECREF(value_text);
+        Py_XDECREF(pair);
+        Py_XDECREF(key);
+        if (failed) {
+            return -1;
+        }
+    }
+}
+
+static PyObject *
+read_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "read_head(raw: bytes, request: bool)");
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(args[0])) {
+        Py_RETURN_NONE;  /* another bytes-like object: the Python reading takes it */
+    }
+    int request = PyObject_IsTrue(args[1]);
+    if (request < 0) {
+        return NULL;
+    }
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    if (n < 4 || memcmp(s + n - 4, "\r\n\r\n", 4) != 0) {
+        Py_RETURN_NONE;
+    }
+    PyObject *parts[3] = {NULL, NULL, NULL};
+    Py_ssize_t p = request ? request_line(s, n, parts) : status_line(s, n, parts);
+    if (p == 0) {
+        Py_RETURN_NONE;
+    }
+    PyObject *result = NULL, *start = NULL, *fields = NULL, *index = NULL, *fields_tuple = NULL;
+    if (parts[0] == NULL || parts[1] == NULL || parts[2] == NULL) {
+        goto done;
+    }
+    start = PyTuple_Pack(3, parts[0], parts[1], parts[2]);
+    fields = PyList_New(0);
+    index = PyDict_New();
+    if (start == NULL || fields == NULL || index == NULL) {
+        goto done;
+    }
+    int read = field_lines(s, n, p, fields, index);
+    if (read < 0) {
+        goto done;
+    }
+    if (read == 0) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    fields_tuple = PyList_AsTuple(fields);
+    if (fields_tuple != NULL) {
+        result = PyTuple_Pack(3, start, fields_tuple, index);
+    }
+done:
+    Py_XDECREF(parts[0]);
+    Py_XDECREF(parts[1]);
+    Py_XDECREF(parts[2]);
+    Py_XDECREF(start);
+    Py_XDECREF(fields);
+    Py_XDECREF(index);
+    Py_XDECREF(fields_tuple);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"read_head", (PyCFunction)(void (*)(void))read_head, METH_FASTCALL,
+     "read_head(raw, request) -> (start_line, fields, index) | None: a well-formed head's reading, or None."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_definition = {
+    PyModuleDef_HEAD_INIT, "lb.http._scan", "The fast reading of a well-formed HTTP/1.x head.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__scan(void)
+{
+    fill_tables();
+    return PyModule_Create(&module_definition);
+}

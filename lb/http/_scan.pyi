@@ -1,0 +1,5 @@
+# lb/http/_scan.c: the fast reading of a well-formed HTTP/1.x head (lb.http.head uses it when built).
+
+def read_head(
+    raw: bytes, request: bool, /
+) -> tuple[tuple[str, str, str], tuple[tuple[str, str], ...], dict[str, list[str]]] | None: ...

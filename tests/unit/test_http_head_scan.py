@@ -1,0 +1,132 @@
+"""Differential test: lb.http._scan (C) reads a head exactly as lb.http.head's regex reading does.
+
+`parse_request_head` and `parse_response_head` take the C reading when it is built and the regex
+one (`_read_well_formed`, then `_head`) when it is not; both hand a head with any fault to the
+same per-line checks.  So the two must agree on every input: the same start line, fields and
+index (its key order too), the same str type for every piece, and None for the same heads.
+test_http_head_reference.py holds the whole parse, C reading included, to the frozen reference.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_http_head_reference import (
+    _FUZZ,
+    _LISTED_REQUEST_LINES,
+    _LISTED_STATUS_LINES,
+    _REQUEST_LINES,
+    _STATUS_LINES,
+    _WEBSOCKET_REQUEST,
+    _WEBSOCKET_RESPONSE,
+    _head,
+    _near_valid,
+)
+
+from lb.http import head as current
+
+scan = pytest.importorskip("lb.http._scan", reason="lb/http/_scan.c is not built (make native needs a C compiler)")
+
+
+def regex_reading(raw: bytes, request: bool) -> object:
+    text = raw.decode("latin-1")
+    read = current._read_well_formed(text, current._REQUEST_LINE if request else current._STATUS_LINE)
+    if read is None:
+        return None
+    (first, second, third), fields = read
+    head = current._head((first, second, third), fields)
+    return head.start_line, head.headers, head._index, list(head._index)
+
+
+def c_reading(raw: bytes, request: bool) -> object:
+    read = scan.read_head(raw, request)
+    if read is None:
+        return None
+    start, fields, index = read
+    pieces = [*start, *(text for pair in fields for text in pair), *index]
+    pieces += [value for values in index.values() for value in values]
+    assert all(type(piece) is str for piece in pieces), read
+    assert type(start) is tuple and type(fields) is tuple and all(type(pair) is tuple for pair in fields)
+    assert type(index) is dict and all(type(values) is list for values in index.values())
+    return start, fields, index, list(index)
+
+
+def assert_read_alike(raw: bytes) -> None:
+    for request in (True, False):
+        assert c_reading(raw, request) == regex_reading(raw, request), (raw, request)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _WEBSOCKET_REQUEST,
+        _WEBSOCKET_RESPONSE,
+        _WEBSOCKET_RESPONSE.replace(b"101 Switching Protocols", b"101"),
+        _WEBSOCKET_RESPONSE.replace(b"101 Switching Protocols", b"101 "),
+        _WEBSOCKET_REQUEST.replace(b"Upgrade: ", b"Upgrade:  \t").replace(b"13", b"1 \t 3 \t"),
+        _WEBSOCKET_REQUEST.replace(b"Upgrade: websocket", b"Upgrade:"),
+        _WEBSOCKET_REQUEST.replace(b"Upgrade: websocket", b"X: caf\xe9 \x80\xff"),
+        _WEBSOCKET_REQUEST.replace(b"Host", b"HOST", 1) + b"host: b\r\n\r\n",  # a blank line inside
+        _WEBSOCKET_REQUEST.replace(b"\r\n\r\n", b"\r\nhost: b\r\nHOST: c\r\n\r\n"),
+        _WEBSOCKET_REQUEST.replace(b"/ws", b"HtTpS://a.example:8080/ws?x=1"),
+        _WEBSOCKET_REQUEST.replace(b"/ws", b"http://"),
+        _WEBSOCKET_REQUEST.replace(b"/ws", b"http:/"),
+        _WEBSOCKET_REQUEST.replace(b"/ws", b"https:/x"),
+        _WEBSOCKET_REQUEST.replace(b"/ws", b"*"),
+        _WEBSOCKET_REQUEST.replace(b"/ws", b"/a#b"),
+        _WEBSOCKET_REQUEST.replace(b"\r\n\r\n", b"\r\n\r"),
+        _WEBSOCKET_REQUEST.replace(b"\r\n", b"\n", 1),
+        _WEBSOCKET_REQUEST.replace(b"Upgrade: websocket\r\n", b"Upgrade: web\rsocket\r\n"),
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\n",
+        b"HTTP/1.1 200\r\n\r\n",
+        b"\r\n\r\n",
+        b"",
+        b"GET",
+        b"HTTP/1.1 200 OK\r\nA:\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n:a\r\n\r\n",
+    ],
+)
+def test_known_heads_read_alike(raw: bytes) -> None:
+    assert_read_alike(raw)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_head(_REQUEST_LINES) | _near_valid(_LISTED_REQUEST_LINES) | _head(_STATUS_LINES)
+       | _near_valid(_LISTED_STATUS_LINES))
+def test_generated_heads_read_alike(raw: bytes) -> None:
+    assert_read_alike(raw)
+
+
+@settings(max_examples=800, deadline=None)
+@given(_FUZZ, st.booleans())
+def test_arbitrary_bytes_read_alike(raw: bytes, complete: bool) -> None:
+    assert_read_alike(raw + (current.HEAD_END if complete else b""))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64), st.integers(0, len(_WEBSOCKET_REQUEST) - 1))
+def test_any_bytes_spliced_into_a_good_head_read_alike(noise: bytes, at: int) -> None:
+    assert_read_alike(_WEBSOCKET_REQUEST[:at] + noise + _WEBSOCKET_REQUEST[at:])
+
+
+def test_only_bytes_are_read_here() -> None:
+    """Another bytes-like object is left to the Python reading; a wrong call is a TypeError."""
+    assert scan.read_head(bytearray(_WEBSOCKET_REQUEST), True) is None
+    assert scan.read_head(memoryview(_WEBSOCKET_REQUEST), True) is None
+    with pytest.raises(TypeError):
+        scan.read_head(_WEBSOCKET_REQUEST)  # type: ignore[call-arg]
+
+
+def test_the_parser_takes_the_c_reading_unless_pure_python_is_asked_for() -> None:
+    assert current._SCAN is scan.read_head
+    probe = "import lb.http.head as h; print(h._SCAN is None)"
+    env = {**os.environ, "LB_PURE_PYTHON": "1"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True", done.stderr
