@@ -51,6 +51,84 @@ ascii_str(const unsigned char *start, Py_ssize_t length)
     return text;
 }
 
+/* The header names nearly every handshake carries, as interned str made once, in their usual
+ * spelling and in lower case: such a field costs no str for its name and none for its index key,
+ * and the key's hash is already known.  Any other name (or spelling) is made as it comes. */
+static const char *const KNOWN_NAMES[] = {
+    "Host", "Upgrade", "Connection", "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Accept",
+    "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions", "Origin", "Cookie", "Set-Cookie", "User-Agent",
+    "Accept", "Accept-Encoding", "Accept-Language", "Cache-Control", "Pragma", "Authorization", "Referer",
+    "Content-Length", "Content-Type", "Transfer-Encoding", "Date", "Server", "Keep-Alive", "Vary",
+    "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP", "X-Request-Id", "X-LB-Affinity",
+    "Sec-Fetch-Dest", "Sec-Fetch-Mode", "Sec-Fetch-Site",
+};
+#define KNOWN_COUNT ((Py_ssize_t)(sizeof(KNOWN_NAMES) / sizeof(KNOWN_NAMES[0])))
+static PyObject *known_name[KNOWN_COUNT];   /* the usual spelling */
+static PyObject *known_lower[KNOWN_COUNT];  /* its lower case */
+static Py_ssize_t known_length[KNOWN_COUNT];
+/* The start line's most common parts, likewise. */
+static PyObject *http_11, *http_10, *method_get;
+
+static PyObject *
+interned_lower(const char *name)
+{
+    char lower[64];
+    size_t length = strlen(name);
+    for (size_t i = 0; i <= length; i++) {
+        lower[i] = (name[i] >= 'A' && name[i] <= 'Z') ? (char)(name[i] + ('a' - 'A')) : name[i];
+    }
+    return PyUnicode_InternFromString(lower);
+}
+
+static int
+make_known(void)
+{
+    for (Py_ssize_t i = 0; i < KNOWN_COUNT; i++) {
+        known_length[i] = (Py_ssize_t)strlen(KNOWN_NAMES[i]);
+        known_name[i] = PyUnicode_InternFromString(KNOWN_NAMES[i]);
+        known_lower[i] = interned_lower(KNOWN_NAMES[i]);
+        if (known_name[i] == NULL || known_lower[i] == NULL) {
+            return -1;
+        }
+    }
+    http_11 = PyUnicode_InternFromString("HTTP/1.1");
+    http_10 = PyUnicode_InternFromString("HTTP/1.0");
+    method_get = PyUnicode_InternFromString("GET");
+    return http_11 != NULL && http_10 != NULL && method_get != NULL ? 0 : -1;
+}
+
+/* The known name these bytes spell in any case (its index), or -1. */
+static Py_ssize_t
+known_index(const unsigned char *start, Py_ssize_t length)
+{
+    for (Py_ssize_t i = 0; i < KNOWN_COUNT; i++) {
+        if (known_length[i] != length) {
+            continue;
+        }
+        const char *name = KNOWN_NAMES[i];
+        Py_ssize_t j = 0;
+        while (j < length && (start[j] | 0x20) == ((unsigned char)name[j] | 0x20)) {
+            j++;  /* tchar bytes only: `| 0x20` folds letters and leaves `-` and digits as they are */
+        }
+        if (j == length) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* A str of these bytes, the interned one when it is `common`. */
+static PyObject *
+ascii_or(PyObject *common, const unsigned char *start, Py_ssize_t length)
+{
+    if (common != NULL && PyUnicode_GET_LENGTH(common) == length
+        && memcmp(PyUnicode_1BYTE_DATA(common), start, (size_t)length) == 0) {
+        Py_INCREF(common);
+        return common;
+    }
+    return ascii_str(start, length);
+}
+
 /* `name` in lower case: the same object when it has no capital (most of a client's don't). */
 static PyObject *
 lower_name(PyObject *name, const unsigned char *start, Py_ssize_t length)
@@ -128,9 +206,9 @@ request_line(const unsigned char *s, Py_ssize_t n, PyObject **parts)
     if (version_length == 0 || !is_crlf(s, version + version_length, n)) {
         return 0;
     }
-    parts[0] = ascii_str(s, method_end);
+    parts[0] = ascii_or(method_get, s, method_end);
     parts[1] = ascii_str(s + target, length);
-    parts[2] = ascii_str(s + version, version_length);
+    parts[2] = ascii_or(s[version + 7] == '1' ? http_11 : http_10, s + version, version_length);
     return version + version_length + 2;
 }
 
@@ -157,7 +235,7 @@ status_line(const unsigned char *s, Py_ssize_t n, PyObject **parts)
     if (!is_crlf(s, p, n)) {
         return 0;
     }
-    parts[0] = ascii_str(s, version_length);
+    parts[0] = ascii_or(s[7] == '1' ? http_11 : http_10, s, version_length);
     parts[1] = ascii_str(s + status, 3);
     parts[2] = PyUnicode_DecodeLatin1((const char *)s + reason, reason_end - reason, NULL);
     return p + 2;
@@ -197,13 +275,16 @@ field_lines(const unsigned char *s, Py_ssize_t n, Py_ssize_t p, PyObject *fields
         }
         p += 2;
 
-        PyObject *name_text = ascii_str(s + name, name_end - name);
+        Py_ssize_t known = known_index(s + name, name_end - name);
+        PyObject *name_text = known < 0 ? ascii_str(s + name, name_end - name)
+                                        : ascii_or(known_name[known], s + name, name_end - name);
         PyObject *value_text = PyUnicode_DecodeLatin1((const char *)s + value, value_end - value, NULL);
         PyObject *pair = NULL, *key = NULL;
         int failed = 1;
         if (name_text != NULL && value_text != NULL && (pair = PyTuple_Pack(2, name_text, value_text)) != NULL
             && PyList_Append(fields, pair) == 0
-            && (key = lower_name(name_text, s + name, name_end - name)) != NULL) {
+            && (key = known < 0 ? lower_name(name_text, s + name, name_end - name)
+                                : (Py_INCREF(known_lower[known]), known_lower[known])) != NULL) {
             PyObject *values = PyDict_GetItemWithError(index, key);  /* borrowed */
             if (values != NULL) {
                 failed = PyList_Append(values, value_text) != 0;
@@ -301,5 +382,8 @@ PyMODINIT_FUNC
 PyInit__scan(void)
 {
     fill_tables();
+    if (make_known() < 0) {
+        return NULL;
+    }
     return PyModule_Create(&module_definition);
 }
