@@ -74,6 +74,10 @@ interned_lower(const char *name)
 {
     char lower[64];
     size_t length = strlen(name);
+    if (length >= sizeof lower) {  /* a longer name added to KNOWN_NAMES: said at import, never overrun */
+        PyErr_Format(PyExc_SystemError, "lb.http._scan: known header name too long: %s", name);
+        return NULL;
+    }
     for (size_t i = 0; i <= length; i++) {
         lower[i] = (name[i] >= 'A' && name[i] <= 'Z') ? (char)(name[i] + ('a' - 'A')) : name[i];
     }
@@ -206,9 +210,11 @@ request_line(const unsigned char *s, Py_ssize_t n, PyObject **parts)
     if (version_length == 0 || !is_crlf(s, version + version_length, n)) {
         return 0;
     }
-    parts[0] = ascii_or(method_get, s, method_end);
-    parts[1] = ascii_str(s + target, length);
-    parts[2] = ascii_or(s[version + 7] == '1' ? http_11 : http_10, s + version, version_length);
+    /* Each part only once the one before it exists: after a failed allocation, no more calls. */
+    if ((parts[0] = ascii_or(method_get, s, method_end)) != NULL
+        && (parts[1] = ascii_str(s + target, length)) != NULL) {
+        parts[2] = ascii_or(s[version + 7] == '1' ? http_11 : http_10, s + version, version_length);
+    }
     return version + version_length + 2;
 }
 
@@ -235,9 +241,10 @@ status_line(const unsigned char *s, Py_ssize_t n, PyObject **parts)
     if (!is_crlf(s, p, n)) {
         return 0;
     }
-    parts[0] = ascii_or(s[7] == '1' ? http_11 : http_10, s, version_length);
-    parts[1] = ascii_str(s + status, 3);
-    parts[2] = PyUnicode_DecodeLatin1((const char *)s + reason, reason_end - reason, NULL);
+    if ((parts[0] = ascii_or(s[7] == '1' ? http_11 : http_10, s, version_length)) != NULL
+        && (parts[1] = ascii_str(s + status, 3)) != NULL) {
+        parts[2] = PyUnicode_DecodeLatin1((const char *)s + reason, reason_end - reason, NULL);
+    }
     return p + 2;
 }
 
@@ -278,7 +285,8 @@ field_lines(const unsigned char *s, Py_ssize_t n, Py_ssize_t p, PyObject *fields
         Py_ssize_t known = known_index(s + name, name_end - name);
         PyObject *name_text = known < 0 ? ascii_str(s + name, name_end - name)
                                         : ascii_or(known_name[known], s + name, name_end - name);
-        PyObject *value_text = PyUnicode_DecodeLatin1((const char *)s + value, value_end - value, NULL);
+        PyObject *value_text = name_text == NULL
+            ? NULL : PyUnicode_DecodeLatin1((const char *)s + value, value_end - value, NULL);
         PyObject *pair = NULL, *key = NULL;
         int failed = 1;
         if (name_text != NULL && value_text != NULL && (pair = PyTuple_Pack(2, name_text, value_text)) != NULL
@@ -337,10 +345,8 @@ read_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (parts[0] == NULL || parts[1] == NULL || parts[2] == NULL) {
         goto done;
     }
-    start = PyTuple_Pack(3, parts[0], parts[1], parts[2]);
-    fields = PyList_New(0);
-    index = PyDict_New();
-    if (start == NULL || fields == NULL || index == NULL) {
+    if ((start = PyTuple_Pack(3, parts[0], parts[1], parts[2])) == NULL || (fields = PyList_New(0)) == NULL
+        || (index = PyDict_New()) == NULL) {
         goto done;
     }
     int read = field_lines(s, n, p, fields, index);
@@ -378,6 +384,8 @@ static struct PyModuleDef module_definition = {
     NULL, NULL, NULL, NULL,
 };
 
+/* Single-phase initialisation, as mypyc's modules: one interpreter per process (no sub-interpreters),
+ * and the interned strings above live as long as it does. */
 PyMODINIT_FUNC
 PyInit__scan(void)
 {

@@ -116,6 +116,23 @@ def test_any_bytes_spliced_into_a_good_head_read_alike(noise: bytes, at: int) ->
     assert_read_alike(_WEBSOCKET_REQUEST[:at] + noise + _WEBSOCKET_REQUEST[at:])
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _WEBSOCKET_REQUEST.replace(b"Upgrade: websocket", b"X: " + b"\xff \t" * 100_000),
+        _WEBSOCKET_REQUEST.replace(b"Upgrade: websocket", b"X-" * 100_000 + b": a"),
+        _WEBSOCKET_REQUEST.replace(b"/ws", b"/" + b"w" * 200_000),
+        _WEBSOCKET_REQUEST.replace(b"Upgrade: websocket\r\n", b"Host: a\r\n" * 20_000),
+        b"HTTP/1.1 200 " + b"\x80" * 200_000 + b"\r\n\r\n",
+        _WEBSOCKET_REQUEST.replace(b"Upgrade: websocket", b"X: " + b"\x00" * 1000),
+    ],
+    ids=["long-value", "long-name", "long-target", "many-fields", "long-reason", "nul-value"],
+)
+def test_long_heads_read_alike(raw: bytes) -> None:
+    """Far past any head limit (the parser is handed at most `max_header_bytes`): still the same reading."""
+    assert_read_alike(raw)
+
+
 def test_only_bytes_are_read_here() -> None:
     """Another bytes-like object is left to the Python reading; a wrong call is a TypeError."""
     assert scan.read_head(bytearray(_WEBSOCKET_REQUEST), True) is None
