@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 install: $(NATIVE)
 
-$(NATIVE): $(STAMP) build_native.py $(shell find lb -name '*.py' -o -name '*.c')
+$(NATIVE): $(STAMP) build_native.py $(shell find lb -name '*.py' -o -name '*.c' -o -name '*.pyi')
 	@rm -f $(VENV)/.native $(VENV)/.native-pure
 	$(BIN)/python build_native.py $(if $(PURE),--remove,$(NATIVE_ARGS)) --stamp $@
 

@@ -71,7 +71,7 @@ def sources() -> list[str]:
 def c_sources() -> list[str]:
     """The data plane's modules written in C (each a `.c` beside the `.pyi` that types it), relative paths.
 
-    One so far, `lb/http/_scan.c`: its docstring says why it is C.
+    One so far, `lb/http/_scan.c`: its header comment says why it is C.
     """
     return sorted(str(file.relative_to(ROOT)) for entry in DATA_PLANE if (ROOT / entry).is_dir()
                   for file in (ROOT / entry).glob("*.c"))
@@ -187,7 +187,8 @@ def compile_into(package: Path, jobs: int) -> int:
             partial = target.with_name(target.name + ".partial")
             shutil.copyfile(extension_file, partial)
             os.replace(partial, target)  # never a half-written module, even for a process that has it mapped
-    manifest = {"ext_suffix": EXT_SUFFIX, "modules": compiled}
+    manifest = {"ext_suffix": EXT_SUFFIX, "modules": compiled,
+                "written_in_c": sorted(module_name(source) for source in c_sources())}
     partial = package / (MANIFEST + ".partial")
     partial.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     os.replace(partial, package / MANIFEST)  # last: until it exists the build is refused as unfinished

@@ -2,14 +2,15 @@
 
 `build_native.py` (the Makefile's `native` target, the container image's build stage) compiles the
 data plane's modules with mypyc, puts each extension module next to its `.py`, and writes
-`MANIFEST`: the interpreter's extension suffix and, per module, the SHA-256 of the source it
-compiled (read before compiling, so an edit made during a build counts as one made after it).
-Python's import system takes an extension module before a source file of the same name, so a
-source edited after its module was compiled would be silently ignored: `compiled_state` compares
-the manifest with the sources, the shared runtime and the module files on disk, and `lb run` refuses
-to start on any difference (a unit test fails on one too) rather than run code that is not the code
-on disk. Hashes, not modification times: a `git checkout` back and forth, `cp -p` or a coarse
-file-system clock neither hides an edit nor invents one.
+`MANIFEST`: the interpreter's extension suffix, which modules are written in C (their source is the
+`.c`), and, per module, the SHA-256 of the source it compiled (read before compiling, so an edit
+made during a build counts as one made after it). Python's import system takes an extension module
+before a source file of the same name, so a source edited after its module was compiled would be
+silently ignored: `compiled_state` compares the manifest with the sources, the shared runtime and
+the module files on disk, and `lb run` refuses to start on any difference (a unit test fails on one
+too) rather than run code that is not the code on disk. Hashes, not modification times: a `git
+checkout` back and forth, `cp -p` or a coarse file-system clock neither hides an edit nor invents
+one.
 
 `LB_PURE_PYTHON=1` sets the compiled modules aside (`lb.pure_python_requested`).
 
@@ -57,11 +58,9 @@ def _module_file(package: Path, module: str) -> Path:
     return package.parent.joinpath(*module.split(".")).with_name(module.rpartition(".")[2] + EXT_SUFFIX)
 
 
-def _source(package: Path, module: str) -> Path:
+def _source(package: Path, module: str, written_in_c: bool = False) -> Path:
     """The module's `.py`, or its `.c` for a module written in C (lb/http/_scan.c)."""
-    path = package.parent.joinpath(*module.split("."))
-    source = path.with_suffix(".py")
-    return source if source.exists() or not path.with_suffix(".c").exists() else path.with_suffix(".c")
+    return package.parent.joinpath(*module.split(".")).with_suffix(".c" if written_in_c else ".py")
 
 
 def compiled_state(package: Path = PACKAGE) -> CompiledState:
@@ -74,7 +73,8 @@ def compiled_state(package: Path = PACKAGE) -> CompiledState:
         manifest = json.loads(manifest_path.read_text())
         compiled: dict[str, str] = manifest["modules"]
         suffix = manifest["ext_suffix"]
-        if not isinstance(compiled, dict) or not isinstance(suffix, str):
+        written_in_c = manifest.get("written_in_c", [])  # absent from builds before lb/http/_scan.c
+        if not isinstance(compiled, dict) or not isinstance(suffix, str) or not isinstance(written_in_c, list):
             raise TypeError("not the shape build_native.py writes")
     except FileNotFoundError:
         if set_aside or not found:
@@ -91,7 +91,7 @@ def compiled_state(package: Path = PACKAGE) -> CompiledState:
     if not (package / (SHARED_LIBRARY + EXT_SUFFIX)).exists():
         stale.append(f"{SHARED_LIBRARY}{EXT_SUFFIX} is missing")
     for module, digest in sorted(compiled.items()):
-        source = _source(package, module)
+        source = _source(package, module, module in written_in_c)
         relative = source.relative_to(package.parent)
         if not _module_file(package, module).exists():
             stale.append(f"{relative.with_suffix(EXT_SUFFIX)} is missing")

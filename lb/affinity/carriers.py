@@ -15,7 +15,8 @@ keeps its Path and Domain and gets the affinity settings: lifetime, SameSite,
 HttpOnly, Secure) and restored on the way in, so the backend always sees
 exactly the value it set.  A token past half its life is sealed again with
 the same value on the next handshake that reaches its backend, as in insert
-mode.  A cookie that is not one of our tokens passes unchanged, and so does a
+mode (which also re-issues a token an older key opened: a key rotation).  A
+cookie that is not one of our tokens passes unchanged, and so does a
 backend value too large to seal (`on_unsealed` reports it: the caller logs a
 WARNING and counts it).
 

@@ -131,24 +131,28 @@ def load_admin_config(path: str | Path, environ: Mapping[str, str] | None = None
     """Only the `admin` section of the configuration file at `path`, expanded and checked as `lb run` would.
 
     For `lb ctl --config`: an operator's shell needs the admin address and token, and may well be
-    unable to read the rest (the TLS key, the cookie keys' variables or files).
+    unable to read the rest (the TLS key, the cookie keys' variables or files).  The file's top
+    level is still checked as `lb run` checks it (not empty, a mapping, known keys, no key twice),
+    so a wrong file or a typo (`admn:`) is refused rather than read as "admin on its defaults".
 
     Raises:
-        ConfigError: the file cannot be read, is not YAML, or its `admin` section is invalid.
+        ConfigError: the file cannot be read, is not YAML, its top level is wrong, or its `admin`
+            section is invalid.
     """
     path = Path(path)
     check = _Checker(base_dir=path.absolute().parent)
     tree = _parse_yaml(read_config_text(path), check)
-    admin: AdminConfig | None = None
     if not check.unreadable:
-        del check.problems[:]  # repeated keys elsewhere in the file are `lb validate`'s to say
-        if tree is not None and not isinstance(tree, dict):
-            check.add("", f"expected a mapping of sections (listeners, admin, ...), got {_kind(tree)}")
-        value = tree.get("admin") if isinstance(tree, dict) else None
-        admin = _admin(_expand(value, "admin", environ if environ is not None else os.environ, check, set()), check)
-    if admin is not None and not check.problems:
-        return admin
-    raise ConfigError(check.problems or [Problem("admin", "invalid admin section")])
+        root = _root(tree, check)
+        if root is not None:
+            admin = _admin(_expand(root.get("admin"), "admin", os.environ if environ is None else environ, check,
+                                   set()), check)
+            # What lies below the other sections (a repeated key in a pool, say) is `lb validate`'s to say.
+            problems = [p for p in check.problems if "." not in p.path or p.path.startswith("admin.")]
+            if admin is not None and not problems:
+                return admin
+            raise ConfigError(problems or [Problem("admin", "invalid admin section")])
+    raise ConfigError(check.problems or [Problem("", "invalid configuration")])
 
 
 def read_config_text(path: Path) -> str:
@@ -938,11 +942,16 @@ def _cgroup_cpu_quota(path: Path) -> int | None:
         return None
 
 
-def _config(tree: object, check: _Checker) -> Config | None:
+def _root(tree: object, check: _Checker) -> dict[Any, object] | None:
+    """The file's top level: a mapping of the known sections (each unknown key reported)."""
     if tree is None:
         check.add("", "the configuration is empty; expected listeners, affinity, routes and pools")
         return None
-    root = _mapping(tree, "", check, _TOP_KEYS)
+    return _mapping(tree, "", check, _TOP_KEYS)
+
+
+def _config(tree: object, check: _Checker) -> Config | None:
+    root = _root(tree, check)
     if root is None:
         return None
     listeners = _listeners(_get(root, "listeners", "", check, required=True), check)

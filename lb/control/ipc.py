@@ -204,6 +204,7 @@ def states_message(pools: dict[str, PoolState]) -> dict[str, Any]:
                     "migrating": backend.migrating,
                     "ramp_from": backend.ramp_from,
                     "reason": backend.reason,
+                    "changed_at": backend.changed_at,  # wall clock: redispatch_grace reads it in the worker
                     "requested_drain": backend.requested_drain,
                 }
                 for backend in pool.backends.values()
@@ -228,6 +229,7 @@ def apply_states(pools: dict[str, PoolState], message: dict[str, Any]) -> None:
             backend.migrating = bool(state["migrating"])
             backend.ramp_from = state["ramp_from"]
             backend.reason = str(state["reason"])
+            backend.changed_at = float(state.get("changed_at", backend.changed_at))
             backend.requested_drain = bool(state.get("requested_drain", False))
 
 

@@ -735,8 +735,15 @@ class Connection:
             pool,
             session=claim.session if claim else None,
             token_invalid=bool(lookup.rejected),
-            # Re-issued past half its life, or when an older key opened it (a rotation under way).
-            refresh=claim is not None and (claim.older_key or now - claim.issued_at > affinity.max_age / 2),
+            # Re-issued past half its life; in insert mode also when an older key opened it (a rotation
+            # under way), as our cookie (Path=/) replaces itself.  Not in rewrite mode: a re-issue there
+            # cannot know the backend cookie's own Path and Domain, so the browser would keep the old
+            # cookie beside it, send it first, and get a fresh one on every handshake; the token is
+            # sealed under the new key when the backend next sets its cookie.
+            refresh=claim is not None and (
+                (claim.older_key and affinity.mode is AffinityMode.INSERT)
+                or now - claim.issued_at > affinity.max_age / 2
+            ),
             now=now,
             grace=affinity.redispatch_grace,
             balance_key=self._balance_key,

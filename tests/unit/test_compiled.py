@@ -102,12 +102,13 @@ def test_a_module_written_in_c_is_checked_against_its_c_source(tmp_path: Path) -
     (package / "proxy" / f"_scan{SUFFIX}").write_bytes(b"")
     manifest = json.loads((package / MANIFEST).read_text())
     manifest["modules"]["lb.proxy._scan"] = source_digest(scan)
+    manifest["written_in_c"] = ["lb.proxy._scan"]
     (package / MANIFEST).write_text(json.dumps(manifest))
     assert compiled_state(package).stale == ()
     scan.write_text("/* edited */\n")
     assert compiled_state(package).stale == (f"{Path('lb/proxy/_scan.c')} changed",)
     scan.unlink()
-    assert compiled_state(package).stale == (f"{Path('lb/proxy/_scan.py')} is gone",)
+    assert compiled_state(package).stale == (f"{Path('lb/proxy/_scan.c')} is gone",)
 
 
 def test_module_files_without_a_manifest_are_an_unfinished_build(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from lb.control.ipc import (
 from lb.control.workers import read_messages, receive_config
 from lb.errors import ConfigError
 from lb.state.context import ProxyContext
+from lb.state.pool import PoolState
 
 
 def test_encode_is_length_prefixed_json() -> None:
@@ -83,6 +84,17 @@ def test_a_large_states_message_survives() -> None:
     pools = {"p": {f"gw-{i}": {"healthy": True, "reason": "x" * 200} for i in range(2000)}}
     messages = _read_all(encode({"op": "states", "pools": pools}))
     assert len(messages) == 1 and len(messages[0]["pools"]["p"]) == 2000
+
+
+def test_states_carry_when_each_backend_changed_to_the_workers() -> None:
+    """A worker routes, and redispatch_grace reads `changed_at` there: the owner's, not the worker's start."""
+    config = PoolConfig("p", (BackendConfig("gw-1", "127.0.0.1", 1), BackendConfig("gw-2", "127.0.0.1", 2)))
+    owner, worker = PoolState(config=config), PoolState(config=config)
+    owner.backends["gw-1"].healthy = False
+    owner.backends["gw-1"].changed_at = 1_700_000_000.5
+    ipc.apply_states({"p": worker}, _read_all(encode(ipc.states_message({"p": owner})))[0])
+    assert (worker.backends["gw-1"].healthy, worker.backends["gw-1"].changed_at) == (False, 1_700_000_000.5)
+    assert worker.backends["gw-2"].changed_at == owner.backends["gw-2"].changed_at
 
 
 def test_a_truncated_stream_ends_the_reader_cleanly() -> None:

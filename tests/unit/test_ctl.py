@@ -70,8 +70,7 @@ def test_config_needs_only_its_admin_section_to_be_usable(tmp_path: Path) -> Non
         "admin: {bind: 127.0.0.1:9100, token: '${file:admin-token}'}\n"
         "affinity: {secret_keys: ['${file:/nonexistent/cookie-key}']}\n"
         "routes: [{path_prefix: /, pool: p}]\n"
-        "pools: {p: {backends: [{id: a, address: nonsense}]}}\n"
-        "pools: {p: {}}\n"  # a repeated key: lb validate says so, lb ctl need not
+        "pools: {p: {backends: [{id: a, address: nonsense}], backends: []}}\n"  # lb validate's to say
     )
     (tmp_path / "admin-token").write_text("from-a-file\n")
     target = resolve_target(parse("--config", str(config), "status"), {})
@@ -80,11 +79,22 @@ def test_config_needs_only_its_admin_section_to_be_usable(tmp_path: Path) -> Non
     with pytest.raises(CtlError) as exc:
         resolve_target(parse("--config", str(config), "status"), {})
     assert exc.value.exit_code == EXIT_USAGE and "admin.token" in str(exc.value)
-    for text in ("- listeners\n", "admin: [\n"):
+    # A wrong file, or one lb run would refuse at its top level or in admin, is never read as
+    # "admin on its defaults" (127.0.0.1:9000, no token).
+    for text, said in [
+        ("- listeners\n", "expected a mapping"),
+        ("admin: [\n", "YAML"),
+        ("", "empty"),
+        ("# nothing\n", "empty"),
+        ("admn: {bind: 127.0.0.1:9100}\n", "admn"),
+        ("apiVersion: v1\nkind: ConfigMap\n", "apiVersion"),
+        ("admin: {bind: 127.0.0.1:9100}\nadmin: {bind: 127.0.0.1:9200}\n", "duplicate key"),
+        ("admin: {token: a, token: b}\n", "duplicate key"),
+    ]:
         config.write_text(text)
         with pytest.raises(CtlError) as exc:
             resolve_target(parse("--config", str(config), "status"), {})
-        assert exc.value.exit_code == EXIT_USAGE
+        assert exc.value.exit_code == EXIT_USAGE and said in str(exc.value), (text, str(exc.value))
 
 
 def test_bad_admin_url_is_a_usage_error() -> None:

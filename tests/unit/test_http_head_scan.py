@@ -28,6 +28,7 @@ from test_http_head_reference import (
     _near_valid,
 )
 
+from lb import pure_python_requested
 from lb.http import head as current
 
 scan = pytest.importorskip("lb.http._scan", reason="lb/http/_scan.c is not built (make native needs a C compiler)")
@@ -141,6 +142,7 @@ def test_only_bytes_are_read_here() -> None:
         scan.read_head(_WEBSOCKET_REQUEST)  # type: ignore[call-arg]
 
 
+@pytest.mark.skipif(pure_python_requested(), reason="LB_PURE_PYTHON=1: the parser is asked to leave the C reading")
 def test_the_parser_takes_the_c_reading_unless_pure_python_is_asked_for() -> None:
     assert current._SCAN is scan.read_head
     probe = "import lb.http.head as h; print(h._SCAN is None)"
