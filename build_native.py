@@ -58,12 +58,12 @@ class BuildProblem(Exception):
     """Why the data plane stays pure Python this time (printed, exit 0 unless --require)."""
 
 
-def sources() -> list[str]:
-    """The data plane's modules, as paths relative to the checkout."""
+def sources(pattern: str = "*.py") -> list[str]:
+    """The data plane's modules, as paths relative to the checkout (`pattern` in its folders)."""
     found: list[str] = []
     for entry in DATA_PLANE:
         path = ROOT / entry
-        files = sorted(path.glob("*.py")) if path.is_dir() else [path]
+        files = sorted(path.glob(pattern)) if path.is_dir() else [path] if path.match(pattern) else []
         found += [str(file.relative_to(ROOT)) for file in files if file.name != "__init__.py"]
     return found
 
@@ -73,8 +73,7 @@ def c_sources() -> list[str]:
 
     One so far, `lb/http/_scan.c`: its header comment says why it is C.
     """
-    return sorted(str(file.relative_to(ROOT)) for entry in DATA_PLANE if (ROOT / entry).is_dir()
-                  for file in (ROOT / entry).glob("*.c"))
+    return sources("*.c")
 
 
 def module_name(source: str) -> str:

@@ -36,7 +36,13 @@ EXT_SUFFIX: str = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
 
 
 def source_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """SHA-256 of a module's source; for a module written in C, of its `.c` and the `.pyi` beside it,
+    which the mypyc modules that call it were compiled against."""
+    data = path.read_bytes()
+    stub = path.with_suffix(".pyi")
+    if path.suffix == ".c" and stub.exists():
+        data += b"\0" + stub.read_bytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +64,7 @@ def _module_file(package: Path, module: str) -> Path:
     return package.parent.joinpath(*module.split(".")).with_name(module.rpartition(".")[2] + EXT_SUFFIX)
 
 
-def _source(package: Path, module: str, written_in_c: bool = False) -> Path:
+def _source(package: Path, module: str, written_in_c: bool) -> Path:
     """The module's `.py`, or its `.c` for a module written in C (lb/http/_scan.c)."""
     return package.parent.joinpath(*module.split(".")).with_suffix(".c" if written_in_c else ".py")
 

@@ -143,15 +143,16 @@ def load_admin_config(path: str | Path, environ: Mapping[str, str] | None = None
     check = _Checker(base_dir=path.absolute().parent)
     tree = _parse_yaml(read_config_text(path), check)
     if not check.unreadable:
+        # The keys YAML repeated below the other sections (in a pool, say) are `lb validate`'s to say;
+        # the top level's and admin's are ours.  Every problem found after this point is ours too.
+        repeated = [p for p in check.problems if p.path.split(".")[0] == p.path or p.path.startswith("admin.")]
+        check.problems[:] = repeated
         root = _root(tree, check)
         if root is not None:
             admin = _admin(_expand(root.get("admin"), "admin", os.environ if environ is None else environ, check,
                                    set()), check)
-            # What lies below the other sections (a repeated key in a pool, say) is `lb validate`'s to say.
-            problems = [p for p in check.problems if "." not in p.path or p.path.startswith("admin.")]
-            if admin is not None and not problems:
+            if admin is not None and not check.problems:
                 return admin
-            raise ConfigError(problems or [Problem("admin", "invalid admin section")])
     raise ConfigError(check.problems or [Problem("", "invalid configuration")])
 
 

@@ -187,7 +187,7 @@ class Balancer:
             await self._close_bound()
             await self.discovery.stop()
             raise
-        self.ready = True
+        self.ready = self._stopping is None  # a stop begun during the start: never ready
 
     async def _start(self) -> None:
         if self._control is not None:

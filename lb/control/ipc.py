@@ -229,7 +229,7 @@ def apply_states(pools: dict[str, PoolState], message: dict[str, Any]) -> None:
             backend.migrating = bool(state["migrating"])
             backend.ramp_from = state["ramp_from"]
             backend.reason = str(state["reason"])
-            backend.changed_at = float(state.get("changed_at", backend.changed_at))
+            backend.changed_at = float(state["changed_at"])
             backend.requested_drain = bool(state.get("requested_drain", False))
 
 

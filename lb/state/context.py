@@ -111,7 +111,11 @@ class ProxyContext:
         Handshakes in flight (TLS handshakes and PROXY headers included) and live tunnels; in
         the owner of `workers: N`, its workers' as they last reported them.
         """
-        return self.handshaking + len(self.tunnels) + self.worker_clients
+        return self.own_connections() + self.worker_clients
+
+    def own_connections(self) -> int:
+        """This process's client connections: handshakes in flight and live tunnels."""
+        return self.handshaking + len(self.tunnels)
 
     def sheds(self) -> bool:
         """Whether a connection accepted now, on a listener where a TLS handshake or a PROXY header
@@ -125,7 +129,7 @@ class ProxyContext:
         as HAProxy leaves it in the backlog past `maxconn`.
         """
         limit = self.config.limits.max_connections
-        return self.handshaking + len(self.tunnels) >= limit + over_limit_answered(limit)
+        return self.own_connections() >= limit + over_limit_answered(limit)
 
     def count_in(self) -> bool:
         """Count a client connection in `handshaking` at its accept; whether it is within the limit.
@@ -134,7 +138,7 @@ class ProxyContext:
         header) completes later, and counted then, a burst larger than `limits.max_connections`
         saw itself over the limit connection by connection, and refused everyone.
         """
-        admitted = self.handshaking + len(self.tunnels) < self.config.limits.max_connections
+        admitted = self.own_connections() < self.config.limits.max_connections
         self.handshaking += 1
         return admitted
 

@@ -586,7 +586,8 @@ async def test_silent_connections_past_the_limit_on_a_tls_listener_hold_no_descr
     try:
         for index in range(200):  # 10 admitted, 64 more to be answered later, the rest closed at once
             address = (f"127.0.4.{index % 250 + 1}", 0)
-            silent.append(socket.create_connection(("127.0.0.1", lb.tls_port), source_address=address))
+            # Bounded: a full backlog must not hold the test's loop in SYN retries for long.
+            silent.append(socket.create_connection(("127.0.0.1", lb.tls_port), timeout=UNIT, source_address=address))
         await wait_until(shed, within=5 * UNIT, what="the connections past the overflow shed")
         held = _descriptors(pid) - before
         assert held <= 10 + 64 + 8, f"{held} descriptors held for 200 silent connections"

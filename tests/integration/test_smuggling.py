@@ -312,9 +312,9 @@ async def _get(port: int, path: str) -> int:
         await close_raw(writer)
 
 
-@pytest.mark.parametrize("response", [None, "4s"], ids=["default", "response-4s"])
+@pytest.mark.parametrize("response", [None, 4.0], ids=["default", "response-4s"])
 async def test_slow_plain_answers_are_not_sent_twice_and_leave_the_pool_up(
-    launcher: Launcher, recorders: list[RecordingBackend], response: str | None
+    launcher: Launcher, recorders: list[RecordingBackend], response: float | None
 ) -> None:
     """A plain answer slower than its deadline (a long poll, a report) is that request's 502: the GET
     is not run again on another backend, and passive health does not take the gateways down for it
@@ -323,7 +323,8 @@ async def test_slow_plain_answers_are_not_sent_twice_and_leave_the_pool_up(
     rec_a = RecordingBackend("rec-a", delay=2.0 * UNIT)
     rec_b = RecordingBackend("rec-b", delay=2.0 * UNIT)
     recorders += [rec_a, rec_b]
-    timeouts = {"backend_connect": f"{UNIT:g}s"} | ({"response": response} if response else {})
+    # In UNITs, as the backends' delay is: a slow machine (LB_TEST_UNIT=2) scales both.
+    timeouts = {"backend_connect": f"{UNIT:g}s"} | ({"response": f"{response * UNIT:g}s"} if response else {})
     config = lb_config(
         pools={"a": [rec_a, rec_b]}, routes={"/a": "a"}, health=dict(TCP_HEALTH, fall=1),
         overrides={"timeouts": timeouts},

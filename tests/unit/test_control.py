@@ -92,9 +92,10 @@ def test_states_carry_when_each_backend_changed_to_the_workers() -> None:
     owner, worker = PoolState(config=config), PoolState(config=config)
     owner.backends["gw-1"].healthy = False
     owner.backends["gw-1"].changed_at = 1_700_000_000.5
+    owner.backends["gw-2"].changed_at = 1_700_000_100.0
     ipc.apply_states({"p": worker}, _read_all(encode(ipc.states_message({"p": owner})))[0])
     assert (worker.backends["gw-1"].healthy, worker.backends["gw-1"].changed_at) == (False, 1_700_000_000.5)
-    assert worker.backends["gw-2"].changed_at == owner.backends["gw-2"].changed_at
+    assert worker.backends["gw-2"].changed_at == owner.backends["gw-2"].changed_at == 1_700_000_100.0
 
 
 def test_a_truncated_stream_ends_the_reader_cleanly() -> None:

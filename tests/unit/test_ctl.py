@@ -87,6 +87,7 @@ def test_config_needs_only_its_admin_section_to_be_usable(tmp_path: Path) -> Non
         ("", "empty"),
         ("# nothing\n", "empty"),
         ("admn: {bind: 127.0.0.1:9100}\n", "admn"),
+        ("logging.level: debug\n", "logging.level"),  # a dotted top-level key is still unknown
         ("apiVersion: v1\nkind: ConfigMap\n", "apiVersion"),
         ("admin: {bind: 127.0.0.1:9100}\nadmin: {bind: 127.0.0.1:9200}\n", "duplicate key"),
         ("admin: {token: a, token: b}\n", "duplicate key"),
