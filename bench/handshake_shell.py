@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import cProfile
 import dataclasses
+import io
 import logging
 import pstats
 import sys
@@ -191,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     logging_config = make_context().config.logging
     if args.no_access_log:
         logging_config = dataclasses.replace(logging_config, access_log=False)
-    with open("/dev/null", "w") as sink:
+    # Opened as Python opens stderr (a write-through text layer over the raw file), so each line
+    # takes the path it takes in `lb run`.
+    with io.TextIOWrapper(io.FileIO("/dev/null", "w"), write_through=True) as sink:
         saved, sys.stderr = sys.stderr, sink
         try:
             setup_logging(logging_config)

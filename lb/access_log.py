@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any, ClassVar, Final, Protocol
+
+from lb import pure_python_requested
 
 access: Final = logging.getLogger("lb.access")
 
@@ -35,15 +38,34 @@ def set_access_writer(writer: AccessWriter | None) -> None:
     _writer = writer
 
 
+def _bare_in_python(text: str) -> bool:
+    # Visible ASCII (0x21-0x7E), no quote, no `=`, not empty: C string methods, not a regex fullmatch
+    # (half the cost; for ASCII, isprintable() leaves out the C0 controls and DEL but keeps the space).
+    return bool(text) and text.isascii() and text.isprintable() and " " not in text and '"' not in text and (
+        "=" not in text)
+
+
+def _bare_check() -> Callable[[str], bool]:
+    """lb._logfmt's one pass when it was built (build_native.py) and not set aside, else the Python check."""
+    if pure_python_requested():  # LB_PURE_PYTHON=1 runs the sources: lb/_logfmt.c has none in Python
+        return _bare_in_python
+    try:
+        from lb._logfmt import bare
+    except ImportError:  # not built (no C compiler): the same answer in Python
+        return _bare_in_python
+    return bare
+
+
+_bare: Final = _bare_check()
+
+
 def _plain(text: str) -> str:
     # A plain value is printed as is: visible ASCII (0x21-0x7E), no quote, no `=`, not empty.
     # Anything else (a space that would forge a `status=200` field, an escape sequence for the
     # operator's terminal, non-ASCII) is quoted and escaped; `=` too, as logfmt writers do (go-logfmt,
-    # which Loki follows: a strict reader takes `path=/a=b` for a malformed pair).  C string methods,
-    # not a regex fullmatch: half the cost, and an access line has up to nine values (for ASCII,
-    # isprintable() leaves out the C0 controls and DEL but keeps the space; a test holds this
-    # equal to `[!#-<>-~]+`).
-    if text and text.isascii() and text.isprintable() and " " not in text and '"' not in text and "=" not in text:
+    # which Loki follows: a strict reader takes `path=/a=b` for a malformed pair).  A test holds both
+    # checks equal to `[!#-<>-~]+`.
+    if _bare(text):
         return text
     return json.dumps(text)
 

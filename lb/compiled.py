@@ -50,6 +50,7 @@ class CompiledState:
     modules: tuple[str, ...]  # dotted names the build compiled (or, with no manifest, that have a module file)
     stale: tuple[str, ...]  # what does not match the build, one phrase each (empty: the build is current)
     set_aside: bool = False  # LB_PURE_PYTHON=1: the sources run, whatever was compiled
+    written_in_c: int = 0  # how many of `modules` are written in C (lb/http/_scan.c, lb/_logfmt.c), not mypyc's
 
     def describe(self) -> str:
         """One phrase for the start-up line and the benchmark's header."""
@@ -57,7 +58,8 @@ class CompiledState:
             return f"pure Python (LB_PURE_PYTHON=1; {len(self.modules)} compiled modules set aside)"
         if not self.modules:
             return "pure Python"
-        return f"compiled ({len(self.modules)} modules, mypyc)"
+        by_hand = f", {self.written_in_c} written in C" if self.written_in_c else ""
+        return f"compiled ({len(self.modules) - self.written_in_c} modules, mypyc{by_hand})"
 
 
 def _module_file(package: Path, module: str) -> Path:
@@ -65,7 +67,7 @@ def _module_file(package: Path, module: str) -> Path:
 
 
 def _source(package: Path, module: str, written_in_c: bool) -> Path:
-    """The module's `.py`, or its `.c` for a module written in C (lb/http/_scan.c)."""
+    """The module's `.py`, or its `.c` for a module written in C (lb/http/_scan.c, lb/_logfmt.c)."""
     return package.parent.joinpath(*module.split(".")).with_suffix(".c" if written_in_c else ".py")
 
 
@@ -106,7 +108,7 @@ def compiled_state(package: Path = PACKAGE) -> CompiledState:
         elif source_digest(source) != digest:
             stale.append(f"{relative} changed")
     stale += [f"{module} was not compiled by this build" for module in found_modules if module not in compiled]
-    return CompiledState(modules, tuple(stale))
+    return CompiledState(modules, tuple(stale), written_in_c=len(set(written_in_c) & set(modules)))
 
 
 def stale_message(state: CompiledState) -> str:

@@ -6,14 +6,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb import access_log
+from lb import access_log, pure_python_requested
 from lb.access_log import RateLimitSummary
 
 
@@ -169,20 +172,48 @@ def test_the_tunnel_end_line_is_the_generic_close_line(
         assert fast_fields == generic_fields
 
 
-# The rule for a bare (unquoted) value, as a pattern: the reference _plain's string methods must match.
+# The rule for a bare (unquoted) value, as a pattern: both checks (C's one pass when it is built, and the
+# Python string methods that stand in for it) must say what it says.
 _BARE = re.compile(r'[!#-<>-~]+')
+
+
+def _checks() -> list[Callable[[str], bool]]:
+    try:
+        from lb._logfmt import bare
+    except ImportError:  # not built (no C compiler): the Python check alone, and the wiring test skips
+        return [access_log._bare_in_python]
+    return [access_log._bare_in_python, bare]
 
 
 @given(st.text(max_size=24) | st.text(alphabet=st.characters(max_codepoint=0x80), max_size=12))
 @settings(max_examples=3000)
 def test_a_value_is_bare_exactly_when_it_is_visible_ascii_without_a_quote(text: str) -> None:
-    """_plain's string-method test says what `_BARE` (visible ASCII but `"` and `=`, non-empty) says."""
+    """_plain's check says what `_BARE` (visible ASCII but `"` and `=`, non-empty) says, in C and in Python."""
     expected = text if _BARE.fullmatch(text) else json.dumps(text)
     assert access_log._plain(text) == expected
+    for bare in _checks():
+        assert bare(text) is (_BARE.fullmatch(text) is not None), bare
 
 
-@pytest.mark.parametrize("char", [chr(c) for c in range(0x81)])
+@pytest.mark.parametrize("char", [chr(c) for c in range(0x81)] + ["\u0100", "\U0001f600"])
 def test_each_ascii_character_alone_is_bare_or_quoted_as_the_pattern_says(char: str) -> None:
-    """Every ASCII character and DEL, and the first one past ASCII, one at a time."""
+    """Every ASCII character and DEL, and the first one past ASCII (and past latin-1, and past the BMP)."""
     expected = char if _BARE.fullmatch(char) else json.dumps(char)
     assert access_log._plain(char) == expected
+    for bare in _checks():
+        assert bare(char) is (expected == char)
+        assert bare("ok" + char) is (expected == char) and bare(char + "ok") is (expected == char)
+
+
+def test_the_c_check_is_used_when_built_and_set_aside_by_lb_pure_python() -> None:
+    logfmt = pytest.importorskip("lb._logfmt", reason="lb/_logfmt.c is not built (make native needs a C compiler)")
+    if pure_python_requested():
+        pytest.skip("LB_PURE_PYTHON=1: the Python check runs")
+    assert access_log._bare is logfmt.bare
+    assert logfmt.bare("") is False
+    with pytest.raises(TypeError):
+        logfmt.bare(b"bytes")  # type: ignore[arg-type]
+    probe = "import lb.access_log as a; print(a._bare is a._bare_in_python)"
+    env = {**os.environ, "LB_PURE_PYTHON": "1"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True", done.stderr
