@@ -89,7 +89,11 @@ MAX_OPENS: Final = 2 * MAX_PINS
 def find_token(
     request: RequestHead, affinity: AffinityConfig, codec: TokenCodec, now: float, *, pool: str | None = None
 ) -> TokenLookup:
-    """Open the first usable token among cookie, header and query parameter.
+    """Open the usable token: the cookie's first, else the header's, else the query parameter's.
+
+    Among several values of the cookie, the youngest (issued last) is used: a browser holds one
+    cookie per path, so a token re-issued with `Path=/` beside a rewrite-mode cookie with a `Path`
+    of its own is sent after it, and taking the first would re-issue it on every handshake.
 
     Args:
         pool: the route's pool: only a token sealed for it (or a version-1 token, for any
@@ -103,6 +107,7 @@ def find_token(
     rejected: dict[str, str] = {}
     others: dict[str, str] = {}  # pool → its first valid token
     found: TokenLookup | None = None
+    found_issued_at = 0
     # Bounded: a hostile cookie of a thousand dots costs at most MAX_PINS decryptions per value,
     # and all the values together at most MAX_OPENS.
     opens = 0
@@ -119,8 +124,10 @@ def find_token(
                 rejected[token] = exc.reason
                 continue
             if pool is None or claim.for_pool(pool):
-                if found is None:
-                    found = TokenLookup(claim=claim, token=token, from_cookie=index < len(cookies))
+                from_cookie = index < len(cookies)  # the cookie's values come first
+                if found is None or (from_cookie and claim.issued_at > found_issued_at):
+                    found = TokenLookup(claim=claim, token=token, from_cookie=from_cookie)
+                    found_issued_at = claim.issued_at
             elif claim.pool is not None:
                 others.setdefault(claim.pool, token)
     lookup = found if found is not None else TokenLookup()

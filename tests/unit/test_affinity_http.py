@@ -124,6 +124,19 @@ def test_order_is_cookie_then_header_then_query(
     assert lookup.claim is not None and lookup.claim.backend_id == winner
 
 
+def test_of_several_cookie_values_the_youngest_is_used_but_the_cookie_still_comes_first() -> None:
+    """A browser sends one value per cookie path, the most specific path first: the route is the last
+    one issued, whatever the order (a re-issue with `Path=/` beside a backend cookie's own `Path`)."""
+    old, young = seal("gw-1", issued_at=NOW - 2000), seal("gw-2", issued_at=NOW - 10, nonce=2)
+    for cookie in (f"LB_AFFINITY={old}; LB_AFFINITY={young}", f"LB_AFFINITY={young}; LB_AFFINITY={old}"):
+        lookup = find_token(request("/ws", ("Cookie", cookie)), INSERT, CODEC, NOW)
+        assert lookup.claim is not None and lookup.claim.backend_id == "gw-2" and lookup.token == young
+    # A younger token in the header or the query does not outrank the cookie's.
+    lookup = find_token(request(f"/ws?lb_affinity={GW3}", ("Cookie", f"LB_AFFINITY={old}"), ("X-LB-Affinity", young)),
+                        INSERT, CODEC, NOW)
+    assert lookup.claim is not None and lookup.claim.backend_id == "gw-1" and lookup.from_cookie
+
+
 def test_second_cookie_value_is_tried_after_a_bad_first() -> None:
     lookup = find_token(request("/ws", ("Cookie", f"LB_AFFINITY=junk; LB_AFFINITY={GW2}")), INSERT, CODEC, NOW)
     assert lookup.claim is not None and lookup.claim.backend_id == "gw-2" and lookup.from_cookie

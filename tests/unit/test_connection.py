@@ -1306,6 +1306,30 @@ def test_rewrite_mode_reissues_the_backends_value_past_half_the_tokens_life(age:
     assert (claim.backend_id, claim.app_value) == ("a1", "abc")
 
 
+def test_rewrite_mode_reissues_once_beside_a_backend_cookie_with_its_own_path() -> None:
+    """Past half its life, a backend cookie set with `Path=/game` is re-issued with `Path=/` (its own
+    path is not known then), and the browser keeps both, sending the older, more specific one first.
+    The younger routes the next handshake, which then needs no re-issue."""
+    first = Play(REWRITE_CONFIG)
+    first.client(upgrade())
+    first.connected()
+    first.backend(SWITCH[:-2] + b"Set-Cookie: SID=abc; Path=/game; HttpOnly\r\n\r\n")
+    old = bytes(first.to_client).split(b"Set-Cookie: SID=")[1].partition(b";")[0].decode()
+
+    later = Play(REWRITE_CONFIG, now=T0 + 60)
+    later.client(upgrade().replace(b"\r\n\r\n", f"\r\nCookie: SID={old}\r\n\r\n".encode()))
+    later.connected()
+    later.backend(SWITCH)
+    young = _rewrite_token(later)
+
+    again = Play(REWRITE_CONFIG, now=T0 + 61)
+    again.client(upgrade().replace(b"\r\n\r\n", f"\r\nCookie: SID={old}; SID={young}\r\n\r\n".encode()))
+    again.connected()
+    assert b"\r\nCookie: SID=abc\r\n" in again.to_backend[0], "the backend sees the value it set, once"
+    again.backend(SWITCH)
+    assert again.opened == ["a1"] and "set-cookie" not in again.answer()[1]
+
+
 @pytest.mark.parametrize(
     "set_cookie", ["SID=; Max-Age=0; Path=/", "SID=" + "v" * 4000 + "; Path=/"], ids=["logout", "too-large"]
 )
