@@ -5,9 +5,9 @@ of its instructions were the interpreter itself (the bytecode loop, frame set-up
 look-ups): `python -m bench.instructions --by-function 12`. mypyc compiles the same typed source
 (`mypy --strict` already holds it) to C extension modules, with native classes and direct calls.
 It is the compiler mypy and black ship with; the tests run against the compiled modules, and the
-`.py` files stay the pure-Python fallback for a machine without a C compiler.  Two modules are written
-in C (`c_sources()`: lb/http/_scan.c and lb/_logfmt.c, whose headers say why); they are built in the
-same step, beside the Python that stands in for each when it is not.
+`.py` files stay the pure-Python fallback for a machine without a C compiler.  Three small modules are
+written in C (`c_sources()`: lb/http/_scan.c, lb/_logfmt.c, lb/_logwrite.c, whose headers say why); they
+are built in the same step, beside the Python that stands in for each when it is not.
 
 What: the modules are compiled from this checkout and each extension module is placed next to its
 source in `DIR` (default: this checkout's `lb`, which an editable install imports; the container
@@ -49,7 +49,7 @@ PACKAGE = ROOT / "lb"
 # lb/errors.py subclasses OSError, which a native class cannot, and is not per connection.
 DATA_PLANE = (
     "lb/http", "lb/proxy", "lb/affinity", "lb/state", "lb/ws", "lb/log.py", "lb/access_log.py", "lb/_logfmt.c",
-    "lb/tls.py", "lb/config/model.py",
+    "lb/_logwrite.c", "lb/tls.py", "lb/config/model.py",
 )
 LOCK = ".native.lock"  # in the package: one build at a time
 
@@ -71,8 +71,8 @@ def sources(pattern: str = "*.py") -> list[str]:
 def c_sources() -> list[str]:
     """The data plane's modules written in C (each a `.c` beside the `.pyi` that types it), relative paths.
 
-    `lb/http/_scan.c` (reading a head) and `lb/_logfmt.c` (an access-log value's check): each one's
-    header comment says why it is C.
+    `lb/http/_scan.c` (reading a head), `lb/_logfmt.c` (an access-log value's check) and
+    `lb/_logwrite.c` (writing a log line): each one's header comment says why it is C.
     """
     return sources("*.c")
 

@@ -10,13 +10,16 @@ of access events (durations, byte counts) stay numbers in JSON.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Final, TextIO
 
+from lb import pure_python_requested
 from lb.access_log import set_access_writer
 from lb.config.model import LogFormat, LoggingConfig
 
@@ -138,7 +141,7 @@ class AccessLineWriter:
     handler sees every event through the ordinary path.
     """
 
-    __slots__ = ("_access", "_handler", "_prefix", "_process", "_root", "plain")
+    __slots__ = ("_access", "_fd", "_handler", "_prefix", "_process", "_root", "_stream", "plain")
 
     def __init__(self, handler: logging.StreamHandler[TextIO], log_format: LogFormat, process: str) -> None:
         self._handler = handler
@@ -147,6 +150,8 @@ class AccessLineWriter:
         self._prefix = f" INFO {process} lb.access: " if process else " INFO lb.access: "
         self._root = logging.getLogger()
         self._access = logging.getLogger("lb.access")
+        self._stream: object = None  # the stream `_fd` was found for (a handler's stream may be replaced)
+        self._fd = -1
 
     def applies(self) -> bool:
         """True while the handlers are as set up (so the direct line reaches everyone who listens)."""
@@ -156,15 +161,6 @@ class AccessLineWriter:
     def write(self, text: str, fields: dict[str, object]) -> None:
         """One event: `text` is its rendered `key=value` message, `fields` its JSON keys."""
         now = _now()
-        if not self.plain:
-            entry: dict[str, object] = {"time": iso_utc(now), "level": "INFO", "logger": "lb.access",
-                                        "message": text}
-            if self._process:
-                entry["process"] = self._process
-            entry.update(fields)
-            line = json.dumps(entry, default=str)
-        else:
-            line = iso_utc(now) + self._prefix + text
         handler = self._handler
         # The same lock the ordinary path takes (lines from other threads never interleave), taken
         # directly: Handler.acquire() is a Python-level call around it.
@@ -173,8 +169,14 @@ class AccessLineWriter:
             lock.acquire()
         try:
             stream = handler.stream
-            stream.write(line + handler.terminator)
-            stream.flush()
+            if stream is not self._stream:
+                self._stream, self._fd = stream, _unbuffered_fd(stream)
+            if self.plain and self._fd >= 0 and _WRITE_LINE is not None:
+                # What the lines below would write, in one call (lb/_logwrite.c says why).
+                _WRITE_LINE(self._fd, now, self._prefix, text)
+            else:
+                stream.write(self._line(now, text, fields) + handler.terminator)
+                stream.flush()
         except Exception:
             # As StreamHandler.emit: a log that cannot be written (stderr closed, EPIPE) must never
             # fail the handshake that logs; handleError reports it the way logging does.
@@ -183,6 +185,41 @@ class AccessLineWriter:
         finally:
             if lock is not None:
                 lock.release()
+
+    def _line(self, now: float, text: str, fields: dict[str, object]) -> str:
+        if self.plain:
+            return iso_utc(now) + self._prefix + text
+        entry: dict[str, object] = {"time": iso_utc(now), "level": "INFO", "logger": "lb.access", "message": text}
+        if self._process:
+            entry["process"] = self._process
+        entry.update(fields)
+        return json.dumps(entry, default=str)
+
+
+def _unbuffered_fd(stream: object) -> int:
+    """The descriptor under `stream` when the stream keeps nothing back (sys.stderr: a write-through
+    text layer straight over the file), so that a line written to the descriptor lands in order with
+    the stream's own; else -1 (a buffered file, a test's capture: written through the stream)."""
+    if not isinstance(stream, io.TextIOWrapper) or not stream.write_through:
+        return -1
+    raw = stream.buffer
+    if not isinstance(raw, io.FileIO) or raw.closed:
+        return -1
+    return raw.fileno()
+
+
+def _line_writer() -> Callable[[int, float, str, str], None] | None:
+    """lb._logwrite's write_line when it was built (build_native.py) and not set aside, else None."""
+    if pure_python_requested():  # LB_PURE_PYTHON=1 runs the sources: lb/_logwrite.c has none in Python
+        return None
+    try:
+        from lb._logwrite import write_line
+    except ImportError:  # not built (no C compiler): lines go through the stream, as logging writes them
+        return None
+    return write_line
+
+
+_WRITE_LINE: Final = _line_writer()
 
 
 _process_name = ""

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import logging
+import os
 import re
 import sys
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lb.config.model import LogFormat, LoggingConfig
 from lb.log import iso_utc, setup_logging
@@ -116,6 +124,114 @@ def test_direct_access_lines_equal_the_logging_path(captured: Captured, log_form
     else:
         assert ISO_Z.match(direct) and ISO_Z.match(ordinary)
         assert direct.split(" ", 1)[1] == ordinary.split(" ", 1)[1]
+
+
+@pytest.mark.parametrize("process", ["", "worker-2"])
+def test_access_lines_written_to_the_descriptor_equal_the_logging_path(
+    tmp_path: Path, captured: Captured, process: str
+) -> None:
+    """On a stream opened as Python opens stderr (as in `lb run`), plain access lines go straight to its
+    descriptor (lb/_logwrite.c when built) and read exactly as the logging path writes them, in order
+    with the stream's own lines."""
+    from lb import access_log
+
+    with io.TextIOWrapper(io.FileIO(tmp_path / "stderr", "w"), write_through=True) as stream:
+        saved, sys.stderr = sys.stderr, stream
+        try:
+            setup_logging(LoggingConfig(format=LogFormat.PLAIN), process=process)
+        finally:
+            sys.stderr = saved
+        writer = access_log._writer
+        assert writer is not None and writer.applies()
+        fields = {"client": "127.0.0.9", "path": "/a b\x1b" + "x" * 5000, "status": 101, "pool": "g"}
+        access_log.log_request(**fields)  # past the C writer's stack buffer
+        logging.getLogger("lb.test").warning("between")
+        access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
+        access_log.set_access_writer(None)  # the ordinary LogRecord → Formatter → handler path
+        try:
+            access_log.log_request(**fields)
+            access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
+        finally:
+            access_log.set_access_writer(writer)
+    direct, between, answered, ordinary, ordinary_answered = (tmp_path / "stderr").read_text().splitlines()
+    assert "WARNING" in between and "between" in between
+    for first, second in ((direct, ordinary), (answered, ordinary_answered)):
+        assert ISO_Z.match(first) and ISO_Z.match(second)
+        assert first.split(" ", 1)[1] == second.split(" ", 1)[1]
+    if log_writer_built():
+        assert access_log._writer is writer and writer._fd >= 0  # type: ignore[attr-defined]
+
+
+def test_an_access_line_to_a_descriptor_that_fails_does_not_raise(captured: Captured) -> None:
+    """stderr a pipe whose reader is gone (EPIPE): the line fails, never the handshake that logs it."""
+    from lb.access_log import log_answered
+
+    read, write = os.pipe()
+    os.close(read)
+    stream = io.TextIOWrapper(io.FileIO(write, "w"), write_through=True)
+    saved, sys.stderr = sys.stderr, stream
+    try:
+        setup_logging(LoggingConfig(format=LogFormat.PLAIN))
+    finally:
+        sys.stderr = saved
+    saved_raise, logging.raiseExceptions = logging.raiseExceptions, False
+    try:
+        log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
+    finally:
+        logging.raiseExceptions = saved_raise
+        logging.getLogger().handlers.clear()
+        with contextlib.suppress(OSError):
+            stream.close()
+
+
+NOT_BUILT = "lb/_logwrite.c is not built (make native needs a C compiler)"
+
+
+def log_writer_built() -> bool:
+    from lb import log
+
+    return log._WRITE_LINE is not None
+
+
+@given(created=st.floats(0, 253402300799.999, allow_nan=False) | st.integers(0, 2**34).map(lambda n: n / 1000))
+@settings(max_examples=500, deadline=None)
+def test_the_c_line_writer_stamps_a_line_as_iso_utc_does(created: float) -> None:
+    logwrite = pytest.importorskip("lb._logwrite", reason=NOT_BUILT)
+    read, write = os.pipe()
+    try:
+        logwrite.write_line(write, created, " INFO lb.access: ", "event=x")
+        line = os.read(read, 4096).decode()
+    finally:
+        os.close(read)
+        os.close(write)
+    assert line == iso_utc(created) + " INFO lb.access: event=x\n"
+
+
+def test_the_c_line_writer_writes_all_of_a_long_line_through_a_pipe_and_reports_errors() -> None:
+    logwrite = pytest.importorskip("lb._logwrite", reason=NOT_BUILT)
+    read, write = os.pipe()
+    text = "path=" + "y" * 300_000  # several times a pipe's capacity: write(2) takes it in parts
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read, 65536), b"")))
+    reader.start()
+    try:
+        logwrite.write_line(write, 1.5, " ", text)
+    finally:
+        os.close(write)
+        reader.join(10)
+        os.close(read)
+    assert b"".join(chunks).decode() == "1970-01-01T00:00:01.500Z " + text + "\n"
+    with pytest.raises(OSError) as bad_fd:
+        logwrite.write_line(write, 1.0, " ", "closed")  # closed above
+    assert bad_fd.value.errno == errno.EBADF
+    for args in [(-1, 1.0, " ", "x"), (2**40, 1.0, " ", "x"), (1, float("nan"), " ", "x"), (1, -1.0, " ", "x"),
+                 (1, 1e300, " ", "x")]:
+        with pytest.raises(ValueError):
+            logwrite.write_line(*args)
+    with pytest.raises(TypeError):
+        logwrite.write_line(1, 1.0, b" ", "x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        logwrite.write_line(1, 1.0, " ")  # type: ignore[call-arg]
 
 
 def test_an_extra_handler_still_hears_access_events(captured: Captured) -> None:

@@ -1,0 +1,3 @@
+# lb/_logwrite.c: one timestamped log line written straight to a descriptor (lb.log uses it when built).
+
+def write_line(fd: int, created: float, middle: str, text: str, /) -> None: ...
