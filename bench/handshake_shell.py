@@ -132,12 +132,14 @@ class Bench:
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         self.loop = BenchLoop(asyncio.get_running_loop())
+        # The listener's factory, as `lb run` makes protocols (a call from here would parse keywords).
+        self.factory = server.client_factory(ctx, self.loop)  # type: ignore[arg-type]
 
     def handshake(self, request: bytes, answer: bytes) -> bytes:
         """One handshake, accept to both connections lost; returns what the client was sent."""
         client = FakeTransport(("127.0.0.2", 40000))
         backend = FakeTransport(("127.0.0.1", 7001))
-        protocol = server.ClientConnection(self.ctx, loop=self.loop)  # type: ignore[arg-type]
+        protocol = self.factory()
         client.protocol = protocol
         protocol.connection_made(client)
         deliver(protocol, request)

@@ -97,10 +97,10 @@ def render_forwarded_request(
     # `_` aliases of our headers (X_Forwarded_For) are already dropped: lb.http.head does both.
     sent_target = target or request.target
     host = head.get("host")
-    # The client's own version: a backend then answers an HTTP/1.0 client as one (no chunked
-    # body, no 1xx, RFC 9112 §6.1, RFC 9110 §15.2), which the client could not read otherwise.
-    lines = [f"{request.method} {sent_target} {request.version}"]
-    for name, value in head.headers:
+    # The client's (name, value) pairs are passed on as they are (render_head copies each once).
+    fields: list[tuple[str, str]] = []
+    for field in head.headers:
+        name, value = field
         lowered = name.lower()
         if lowered in dropped:
             continue
@@ -108,32 +108,34 @@ def render_forwarded_request(
             new_value = rewrite_cookie(value)
             if new_value is None:
                 continue
-            value = new_value
-        lines.append(f"{name}: {value}")
+            field = (name, new_value)
+        fields.append(field)
     if add:
-        lines.extend(f"{name}: {value}" for name, value in add)
+        fields.extend(add)
     forwarded_host = host
     if trusted_peer:
         # The proxy in front ended the client's connection: its word on the scheme and the host the
         # client asked for stands (a TLS-terminating front says https), as X-Forwarded-Port does.
         proto = _first_claim(head, "x-forwarded-proto", _scheme) or proto
         forwarded_host = _first_claim(head, "x-forwarded-host", _host) or host
-    lines.append(f"X-Forwarded-For: {forwarded_for}")
-    lines.append(f"X-Forwarded-Proto: {proto}")
+    fields.append(("X-Forwarded-For", forwarded_for))
+    fields.append(("X-Forwarded-Proto", proto))
     if forwarded_host is not None:
-        lines.append(f"X-Forwarded-Host: {forwarded_host}")
+        fields.append(("X-Forwarded-Host", forwarded_host))
     if host is None:
         # HTTP/1.0 may omit Host; a backend may still need one to route (RFC 9112 §3.2).
-        lines.append(f"Host: {backend_host}")
+        fields.append(("Host", backend_host))
     # A WebSocket keeps the upgrade.  Anything else: one request per backend connection,
     # so the end of the response is also the end of the connection, and nothing can be
     # smuggled behind it.
-    lines.append(_UPGRADE_LINES if websocket else _CLOSE_LINE)
-    return "\r\n".join(lines).encode("latin-1")
+    fields.extend(_UPGRADE_FIELDS if websocket else _CLOSE_FIELDS)
+    # The client's own version: a backend then answers an HTTP/1.0 client as one (no chunked
+    # body, no 1xx, RFC 9112 §6.1, RFC 9110 §15.2), which the client could not read otherwise.
+    return render_head(f"{request.method} {sent_target} {request.version}", fields)
 
 
-_UPGRADE_LINES: Final = "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-_CLOSE_LINE: Final = "Connection: close\r\n\r\n"
+_UPGRADE_FIELDS: Final = (("Connection", "Upgrade"), ("Upgrade", "websocket"))
+_CLOSE_FIELDS: Final = (("Connection", "close"),)
 
 
 def _scheme(claim: str) -> str | None:

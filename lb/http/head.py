@@ -64,7 +64,7 @@ reads alike (method, target, fields, body length).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
@@ -630,8 +630,34 @@ def take_answer_head(buffer: bytearray, scanned: int, limit: int) -> ResponseHea
     return parse_response_head(raw)  # which refuses a status outside 100-599 too
 
 
-def render_head(start_line: str, headers: Iterable[tuple[str, str]]) -> bytes:
-    """Serialize a head; values were validated on the way in or are our own."""
+def render_head(start_line: str, headers: Sequence[tuple[str, str]]) -> bytes:
+    """Serialize a head; values were validated on the way in or are our own.
+
+    Raises:
+        UnicodeEncodeError: a character past latin-1 (none arrives from the wire).
+    """
+    if _RENDER is not None:
+        rendered = _RENDER(start_line, headers)
+        if rendered is not None:  # the Python rendering below would make the same (a test holds them equal)
+            return rendered
+    return _render_in_python(start_line, headers)
+
+
+def _render_in_python(start_line: str, headers: Sequence[tuple[str, str]]) -> bytes:
     lines = [start_line]
-    lines.extend(f"{name}: {value}" for name, value in headers)
+    lines.extend([f"{name}: {value}" for name, value in headers])
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _renderer() -> Callable[[str, Sequence[tuple[str, str]]], bytes | None] | None:
+    """lb.http._render's one pass, when it was built (build_native.py) and not set aside."""
+    if pure_python_requested():  # LB_PURE_PYTHON=1 runs the sources: this module has none in Python
+        return None
+    try:
+        from lb.http._render import render_head as render
+    except ImportError:  # not built (no C compiler): the Python rendering is the same rendering
+        return None
+    return render
+
+
+_RENDER: Final = _renderer()

@@ -489,12 +489,16 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.drive(self.core.shutdown, _now())
 
 
-def client_factory(ctx: ProxyContext) -> Callable[[], ClientConnection]:
+def client_factory(
+    ctx: ProxyContext, loop: asyncio.AbstractEventLoop | None = None
+) -> Callable[[], ClientConnection]:
     """The protocol factory for a plain listener (`loop.create_server`); TLS and PROXY-protocol
     listeners accept themselves (`lb.proxy.preamble.AcceptingServer`).  Call it with the loop
-    running (the loop that will serve the listener)."""
-    loop = asyncio.get_running_loop()
-    return lambda: ClientConnection(ctx, loop=loop)
+    running (the loop that will serve the listener), or name that loop."""
+    serving = loop or asyncio.get_running_loop()
+    # Compiled, the lambda calls the native constructor directly: no argument tuple or keyword
+    # dictionary to parse per connection, as a call from interpreted code would have.
+    return lambda: ClientConnection(ctx, loop=serving)
 
 
 async def stop_in_flight(

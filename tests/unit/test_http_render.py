@@ -1,0 +1,98 @@
+"""Differential test: lb.http._render (C) writes a head exactly as lb.http.head's Python rendering does.
+
+The C pass handles exactly-str pieces of one byte per character in an exact list or tuple of exact
+(name, value) tuples, and answers None for anything else, which the Python rendering then writes
+(or refuses: a character past latin-1 is a UnicodeEncodeError).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lb import pure_python_requested
+from lb.http import head as current
+
+NOT_BUILT = "lb/http/_render.c is not built (make native needs a C compiler)"
+render = pytest.importorskip("lb.http._render", reason=NOT_BUILT)
+
+_latin1 = st.text(st.characters(max_codepoint=0xFF), max_size=40)
+_any = st.text(max_size=20)
+_pair = st.tuples(_latin1, _latin1) | st.tuples(_any, _any)
+
+
+def _python(start: str, fields: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> bytes | type[Exception]:
+    try:
+        return current._render_in_python(start, fields)
+    except UnicodeEncodeError:
+        return UnicodeEncodeError
+
+
+def _rendered(start: str, fields: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> bytes | type[Exception]:
+    try:
+        return current.render_head(start, fields)
+    except UnicodeEncodeError:
+        return UnicodeEncodeError
+
+
+@settings(max_examples=2000, deadline=None)
+@given(start=_latin1 | _any, fields=st.lists(_pair, max_size=12), as_tuple=st.booleans())
+def test_any_head_renders_alike(start: str, fields: list[tuple[str, str]], as_tuple: bool) -> None:
+    given_fields = tuple(fields) if as_tuple else fields
+    expected = _python(start, given_fields)
+    assert _rendered(start, given_fields) == expected
+    fast = render.render_head(start, given_fields)
+    assert fast is None or fast == expected
+    if all(max(map(ord, piece), default=0) < 256 for piece in (start, *(p for pair in fields for p in pair))):
+        assert fast == expected  # every latin-1 head is the C pass's
+
+
+def test_a_real_handshake_head_is_the_c_pass_s() -> None:
+    fields = [("Host", "lb.example"), ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("X-Name", "caf\xe9")]
+    expected = (b"GET /ws HTTP/1.1\r\nHost: lb.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"X-Name: caf\xe9\r\n\r\n")
+    assert render.render_head("GET /ws HTTP/1.1", fields) == expected
+    assert render.render_head("HTTP/1.1 204 ", []) == b"HTTP/1.1 204 \r\n\r\n"
+
+
+class _Name(str, enum.Enum):  # noqa: UP042 - a mixed-in str Enum formats as `_Name.HOST`, not its value
+    HOST = "Host"
+
+
+class _Pair(tuple[str, str]):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("start", "fields"),
+    [
+        ("GET / HTTP/1.1", [("Host", "\u0100")]),         # past latin-1: Python raises
+        ("GET / \u20ac HTTP/1.1", []),
+        ("GET / HTTP/1.1", [(_Name.HOST, "h")]),           # a str subclass may format otherwise
+        ("GET / HTTP/1.1", [_Pair(("Host", "h"))]),        # a tuple subclass
+        ("GET / HTTP/1.1", [("Host", "h", "x")]),          # not a pair
+        ("GET / HTTP/1.1", [("Host", 1)]),                 # not a str
+        ("GET / HTTP/1.1", iter([("Host", "h")])),         # not a list or tuple
+        (b"GET / HTTP/1.1", []),                           # not a str
+    ],
+)
+def test_anything_else_is_left_to_python(start: object, fields: object) -> None:
+    assert render.render_head(start, fields) is None
+
+
+def test_the_c_pass_is_used_when_built_and_set_aside_by_lb_pure_python() -> None:
+    if pure_python_requested():
+        pytest.skip("LB_PURE_PYTHON=1: the Python rendering runs")
+    assert current._RENDER is render.render_head
+    with pytest.raises(TypeError):
+        render.render_head("x")  # type: ignore[call-arg]
+    probe = "import lb.http.head as h; print(h._RENDER is None)"
+    env = {**os.environ, "LB_PURE_PYTHON": "1"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True", done.stderr
