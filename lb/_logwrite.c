@@ -47,11 +47,13 @@ format_stamp(double created, char *out)
     if (seconds != last_second) {
         time_t whole = (time_t)seconds;
         struct tm parts;
-        if (gmtime_r(&whole, &parts) == NULL
-            || strftime(second_text, sizeof second_text, "%Y-%m-%dT%H:%M:%S", &parts) != 19) {
+        char text[sizeof second_text];
+        if ((long long)whole != seconds || gmtime_r(&whole, &parts) == NULL
+            || strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%S", &parts) != 19) {
             PyErr_SetString(PyExc_ValueError, "time out of range for a log line");
             return -1;
         }
+        memcpy(second_text, text, sizeof text); /* the cache changes only once the text is whole */
         last_second = seconds;
     }
     int rest = (int)(milli - seconds * 1000);
@@ -75,6 +77,10 @@ write_all(int fd, const char *data, Py_ssize_t length)
         written = write(fd, data, (size_t)length);
         if (written < 0) {
             error = errno; /* read before the GIL is taken back */
+        }
+        else if (written == 0) {
+            error = EIO; /* nothing taken of a non-empty buffer: an error, not a reason to spin */
+            written = -1;
         }
         Py_END_ALLOW_THREADS
         if (written < 0) {

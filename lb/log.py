@@ -10,6 +10,7 @@ of access events (durations, byte counts) stay numbers in JSON.
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import logging
@@ -136,27 +137,39 @@ class AccessLineWriter:
     Why not through `logging`: a LogRecord, a Formatter pass and the handler's dispatch cost
     about 25 µs per line, and a WebSocket handshake logs two (the request, the tunnel's close)
     in a budget of a few hundred µs.  The line is the same bytes either way (a test holds them
-    equal).  Only used while the root logger's handlers are exactly the one `setup_logging`
-    installed and `lb.access` has none of its own: a test's `caplog` or an operator's extra
-    handler sees every event through the ordinary path.
+    equal).  Only used while logging is as `setup_logging` left it (`applies`): a test's
+    `caplog`, an operator's extra handler or filter sees every event through the ordinary path.
     """
 
-    __slots__ = ("_access", "_fd", "_handler", "_prefix", "_process", "_root", "_stream", "plain")
+    __slots__ = ("_access", "_fd", "_flush_first", "_formatter", "_handler", "_lb", "_prefix", "_process", "_raw",
+                 "_root", "_stream", "plain")
 
     def __init__(self, handler: logging.StreamHandler[TextIO], log_format: LogFormat, process: str) -> None:
         self._handler = handler
+        self._formatter = handler.formatter
         self.plain = log_format is not LogFormat.JSON
         self._process = process
         self._prefix = f" INFO {process} lb.access: " if process else " INFO lb.access: "
         self._root = logging.getLogger()
+        self._lb = logging.getLogger("lb")
         self._access = logging.getLogger("lb.access")
-        self._stream: object = None  # the stream `_fd` was found for (a handler's stream may be replaced)
+        # The stream `_fd` was found for (a handler's stream may be replaced), and the file under it.
+        self._stream: object = None
+        self._raw: io.FileIO | None = None
         self._fd = -1
+        self._flush_first = False
 
     def applies(self) -> bool:
-        """True while the handlers are as set up (so the direct line reaches everyone who listens)."""
+        """True while the handlers are as set up (so the direct line reaches everyone who listens,
+        and nothing between the event and the handler would have changed or dropped it)."""
         handlers = self._root.handlers
-        return len(handlers) == 1 and handlers[0] is self._handler and not self._access.handlers
+        handler = self._handler
+        access = self._access
+        return (
+            len(handlers) == 1 and handlers[0] is handler and not access.handlers and not self._lb.handlers
+            and access.propagate and not access.filters and not handler.filters
+            and handler.level == logging.NOTSET and handler.formatter is self._formatter
+        )
 
     def write(self, text: str, fields: dict[str, object]) -> None:
         """One event: `text` is its rendered `key=value` message, `fields` its JSON keys."""
@@ -170,8 +183,11 @@ class AccessLineWriter:
         try:
             stream = handler.stream
             if stream is not self._stream:
-                self._stream, self._fd = stream, _unbuffered_fd(stream)
-            if self.plain and self._fd >= 0 and _WRITE_LINE is not None:
+                self._find_descriptor(stream)
+            raw = self._raw
+            if self.plain and raw is not None and not raw.closed and _WRITE_LINE is not None:
+                if self._flush_first:
+                    stream.flush()  # a line-buffered stream holds at most a part line (someone's print)
                 # What the lines below would write, in one call (lb/_logwrite.c says why).
                 _WRITE_LINE(self._fd, now, self._prefix, text)
             else:
@@ -196,16 +212,26 @@ class AccessLineWriter:
         return json.dumps(entry, default=str)
 
 
-def _unbuffered_fd(stream: object) -> int:
-    """The descriptor under `stream` when the stream keeps nothing back (sys.stderr: a write-through
-    text layer straight over the file), so that a line written to the descriptor lands in order with
-    the stream's own; else -1 (a buffered file, a test's capture: written through the stream)."""
-    if not isinstance(stream, io.TextIOWrapper) or not stream.write_through:
-        return -1
-    raw = stream.buffer
-    if not isinstance(raw, io.FileIO) or raw.closed:
-        return -1
-    return raw.fileno()
+    def _find_descriptor(self, stream: object) -> None:
+        """The file under `stream` when a line written to its descriptor lands where and as the stream
+        would put it: a text layer over the file that passes each whole line on (write-through, as
+        `python -u`, PYTHONUNBUFFERED and the container image make stderr; or line-buffered, stderr's
+        default), in an encoding that writes ASCII as ASCII, ending lines with `\\n`.  Anything
+        else (a buffered file, a test's capture) is written through the stream."""
+        self._stream, self._raw, self._fd, self._flush_first = stream, None, -1, False
+        if not isinstance(stream, io.TextIOWrapper) or not (stream.write_through or stream.line_buffering):
+            return
+        if self._handler.terminator != "\n" or codecs.lookup(stream.encoding).name not in _ASCII_AS_ASCII:
+            return
+        buffered = stream.buffer
+        raw = buffered.raw if isinstance(buffered, io.BufferedWriter) else buffered
+        if not isinstance(raw, io.FileIO) or raw.closed:
+            return
+        self._raw, self._fd, self._flush_first = raw, raw.fileno(), not stream.write_through
+
+
+# Encodings in which an access line (ASCII: every value is, or is escaped to it) is its own bytes.
+_ASCII_AS_ASCII: Final = frozenset({"utf-8", "ascii", "iso8859-1", "cp1252"})
 
 
 def _line_writer() -> Callable[[int, float, str, str], None] | None:

@@ -9,20 +9,28 @@
  * Why C, by hand: a WebSocket handshake renders two heads (the request to the backend, the `101`
  * to the client), and in compiled Python each field was a formatted str, then a join, then an
  * encode: about 400 instructions a field.  Here the fields' own str are copied once into the
- * bytes object returned, and the (name, value) pairs the head reader made are passed on as they
- * are.  It reads the objects it is given without modifying them and allocates only its result.
+ * bytes object returned.  It reads the objects it is given without modifying them (but for making
+ * a legacy str ready, on 3.11) and allocates only its result.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
 
-/* A str that latin-1 writes byte for byte: its characters are stored one byte each.  Exactly a str:
- * a subclass may format itself otherwise in the f-string of the Python rendering. */
+/* 1 for a str that latin-1 writes byte for byte (its characters are stored one byte each), 0 for
+ * anything else, -1 with the exception set when a legacy str cannot be made ready (3.11 only; the
+ * Python rendering raises the same).  Exactly a str: a subclass may format itself otherwise in the
+ * f-string of the Python rendering. */
 static int
 one_byte(PyObject *text)
 {
-    return PyUnicode_CheckExact(text) && PyUnicode_READY(text) == 0 && PyUnicode_KIND(text) == PyUnicode_1BYTE_KIND;
+    if (!PyUnicode_CheckExact(text)) {
+        return 0;
+    }
+    if (PyUnicode_READY(text) < 0) {
+        return -1;
+    }
+    return PyUnicode_KIND(text) == PyUnicode_1BYTE_KIND;
 }
 
 /* Adds `more` to `*total`; 0 on overflow (the head could not be made anyway). */
@@ -53,8 +61,12 @@ render_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *start = args[0], *fields = args[1];
-    if (!(PyList_CheckExact(fields) || PyTuple_CheckExact(fields)) || !one_byte(start)) {
+    if (!(PyList_CheckExact(fields) || PyTuple_CheckExact(fields))) {
         Py_RETURN_NONE;
+    }
+    int usable = one_byte(start);
+    if (usable <= 0) {
+        return usable < 0 ? NULL : Py_NewRef(Py_None);
     }
     /* A list is not changed below (nothing here runs Python code), so its size and items hold. */
     Py_ssize_t count = PySequence_Fast_GET_SIZE(fields);
@@ -65,11 +77,20 @@ render_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *pair = items[i];
-        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2 || !one_byte(PyTuple_GET_ITEM(pair, 0))
-            || !one_byte(PyTuple_GET_ITEM(pair, 1))
-            || !add(&total, PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(pair, 0)))
-            || !add(&total, PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(pair, 1))) || !add(&total, 4)) {
-            Py_RETURN_NONE; /* PyUnicode_READY never fails for a str made in Python 3.11 */
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            Py_RETURN_NONE;
+        }
+        for (int j = 0; j < 2; j++) {
+            usable = one_byte(PyTuple_GET_ITEM(pair, j));
+            if (usable <= 0) {
+                return usable < 0 ? NULL : Py_NewRef(Py_None);
+            }
+            if (!add(&total, PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(pair, j)))) {
+                Py_RETURN_NONE;
+            }
+        }
+        if (!add(&total, 4)) {
+            Py_RETURN_NONE;
         }
     }
     PyObject *head = PyBytes_FromStringAndSize(NULL, total);

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from lb.http.head import Head, RequestHead, ResponseHead, is_host, render_head
 
@@ -98,9 +98,11 @@ def render_forwarded_request(
     sent_target = target or request.target
     host = head.get("host")
     # The client's (name, value) pairs are passed on as they are (render_head copies each once).
-    fields: list[tuple[str, str]] = []
-    for field in head.headers:
-        name, value = field
+    # Held as objects: compiled, a `tuple[str, str]` variable is unpacked, and appending it would
+    # build the pair again.
+    fields: list[object] = []
+    for field in cast("tuple[object, ...]", head.headers):
+        name, value = cast("tuple[str, str]", field)
         lowered = name.lower()
         if lowered in dropped:
             continue
@@ -131,7 +133,7 @@ def render_forwarded_request(
     fields.extend(_UPGRADE_FIELDS if websocket else _CLOSE_FIELDS)
     # The client's own version: a backend then answers an HTTP/1.0 client as one (no chunked
     # body, no 1xx, RFC 9112 §6.1, RFC 9110 §15.2), which the client could not read otherwise.
-    return render_head(f"{request.method} {sent_target} {request.version}", fields)
+    return render_head(f"{request.method} {sent_target} {request.version}", cast("list[tuple[str, str]]", fields))
 
 
 _UPGRADE_FIELDS: Final = (("Connection", "Upgrade"), ("Upgrade", "websocket"))

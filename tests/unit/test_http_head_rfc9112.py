@@ -371,3 +371,26 @@ def test_connection_tokens_are_trimmed_of_space_and_tab_only() -> None:
     assert not request.head.has_token("connection", "close")
     assert request.head.has_token("connection", "upgrade")
     assert not request.head.has_token("upgrade", "websocket")
+
+
+# -- Host answers remembered ----------------------------------------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.text(st.characters(max_codepoint=0x7F), max_size=12) | st.sampled_from(["a:80", "[::1]:8", "a b"]),
+                max_size=20))
+def test_a_remembered_host_answer_is_the_patterns_asked_twice(hosts: list[str]) -> None:
+    from lb.http import head
+
+    for value in hosts + hosts:
+        assert head.is_host(value) is (head._HOST.match(value) is not None)
+
+
+def test_the_hosts_remembered_are_bounded_in_number_and_length() -> None:
+    from lb.http import head
+
+    for n in range(3 * head._MAX_HOSTS_REMEMBERED):
+        assert head.is_host(f"h{n}.example:8080")
+        assert len(head._hosts_seen) <= head._MAX_HOSTS_REMEMBERED
+    long = "a" * (head._MAX_HOST_REMEMBERED + 1)
+    assert head.is_host(long) and long not in head._hosts_seen

@@ -126,40 +126,142 @@ def test_direct_access_lines_equal_the_logging_path(captured: Captured, log_form
         assert direct.split(" ", 1)[1] == ordinary.split(" ", 1)[1]
 
 
+def _stderr_like(path: Path, kind: str) -> io.TextIOWrapper:
+    """A stream over `path` made as Python makes stderr: `unbuffered` (python -u, PYTHONUNBUFFERED, the
+    container image), `line` (the default: line-buffered), or `buffered` (an ordinary file)."""
+    if kind == "unbuffered":
+        return io.TextIOWrapper(io.FileIO(path, "w"), write_through=True)
+    return io.TextIOWrapper(io.BufferedWriter(io.FileIO(path, "w")), line_buffering=kind == "line")
+
+
+def _setup_on(stream: io.TextIOWrapper, process: str = "") -> None:
+    saved, sys.stderr = sys.stderr, stream
+    try:
+        setup_logging(LoggingConfig(format=LogFormat.PLAIN), process=process)
+    finally:
+        sys.stderr = saved
+
+
+@pytest.mark.parametrize("kind", ["unbuffered", "line", "buffered"])
 @pytest.mark.parametrize("process", ["", "worker-2"])
 def test_access_lines_written_to_the_descriptor_equal_the_logging_path(
-    tmp_path: Path, captured: Captured, process: str
+    tmp_path: Path, captured: Captured, process: str, kind: str
 ) -> None:
-    """On a stream opened as Python opens stderr (as in `lb run`), plain access lines go straight to its
-    descriptor (lb/_logwrite.c when built) and read exactly as the logging path writes them, in order
-    with the stream's own lines."""
+    """On stderr as Python makes it (unbuffered or line-buffered), plain access lines go straight to its
+    descriptor (lb/_logwrite.c when built); on a buffered file, through the stream.  Either way they
+    read exactly as the logging path writes them, in order with the stream's own lines, even behind
+    a part line someone wrote to the stream."""
     from lb import access_log
 
-    with io.TextIOWrapper(io.FileIO(tmp_path / "stderr", "w"), write_through=True) as stream:
-        saved, sys.stderr = sys.stderr, stream
-        try:
-            setup_logging(LoggingConfig(format=LogFormat.PLAIN), process=process)
-        finally:
-            sys.stderr = saved
+    with _stderr_like(tmp_path / "stderr", kind) as stream:
+        _setup_on(stream, process)
         writer = access_log._writer
         assert writer is not None and writer.applies()
         fields = {"client": "127.0.0.9", "path": "/a b\x1b" + "x" * 5000, "status": 101, "pool": "g"}
         access_log.log_request(**fields)  # past the C writer's stack buffer
         logging.getLogger("lb.test").warning("between")
+        stream.write("part:")  # no newline: a line-buffered stream holds it back
         access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
         access_log.set_access_writer(None)  # the ordinary LogRecord → Formatter → handler path
         try:
             access_log.log_request(**fields)
+            stream.write("part:")
             access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
         finally:
             access_log.set_access_writer(writer)
     direct, between, answered, ordinary, ordinary_answered = (tmp_path / "stderr").read_text().splitlines()
     assert "WARNING" in between and "between" in between
     for first, second in ((direct, ordinary), (answered, ordinary_answered)):
-        assert ISO_Z.match(first) and ISO_Z.match(second)
+        assert ISO_Z.match(first.removeprefix("part:")) and ISO_Z.match(second.removeprefix("part:"))
         assert first.split(" ", 1)[1] == second.split(" ", 1)[1]
-    if log_writer_built():
-        assert access_log._writer is writer and writer._fd >= 0  # type: ignore[attr-defined]
+    assert answered.startswith("part:") and ordinary_answered.startswith("part:")
+    descriptor = writer._fd >= 0  # type: ignore[attr-defined]
+    assert descriptor is (kind != "buffered")
+
+
+def test_the_descriptor_is_not_used_where_it_would_write_otherwise_than_the_stream(
+    tmp_path: Path, captured: Captured
+) -> None:
+    """A stream in an encoding that writes ASCII otherwise, a handler ending lines otherwise, and a
+    stream closed but left in place (its descriptor's number may belong to another file by now)."""
+    from lb import access_log
+
+    with io.TextIOWrapper(io.FileIO(tmp_path / "utf16", "w"), encoding="utf-16", write_through=True) as stream:
+        _setup_on(stream)
+        access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
+        assert access_log._writer._fd == -1  # type: ignore[union-attr]
+    assert (tmp_path / "utf16").read_bytes().decode("utf-16").endswith("request_id=r1\n")
+
+    with _stderr_like(tmp_path / "crlf", "unbuffered") as stream:
+        _setup_on(stream)
+        logging.getLogger().handlers[0].terminator = "\r\n"  # type: ignore[attr-defined]
+        access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
+    assert (tmp_path / "crlf").read_bytes().endswith(b"request_id=r1\r\n")
+
+    stream = _stderr_like(tmp_path / "closed", "unbuffered")
+    _setup_on(stream)
+    access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "first", 101, "r1")
+    stream.close()
+    with open(tmp_path / "other", "w") as other:  # likely the closed stream's descriptor number
+        saved, logging.raiseExceptions = logging.raiseExceptions, False
+        try:
+            access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "second", 101, "r2")
+        finally:
+            logging.raiseExceptions = saved
+        other.write("mine\n")
+    assert (tmp_path / "other").read_text() == "mine\n"
+    assert "affinity=second" not in (tmp_path / "closed").read_text()
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["handler on lb", "lb.access does not propagate", "filter on lb.access", "filter on the handler",
+     "level on the handler", "another formatter"],
+)
+def test_anything_that_would_change_or_drop_an_access_event_takes_the_logging_path(
+    captured: Captured, change: str
+) -> None:
+    from lb import access_log
+
+    setup_logging(LoggingConfig(format=LogFormat.PLAIN))
+    writer = access_log._writer
+    assert writer is not None and writer.applies()
+    lb_logger, access = logging.getLogger("lb"), logging.getLogger("lb.access")
+    handler = logging.getLogger().handlers[0]
+    saved_formatter = handler.formatter
+    heard: list[str] = []
+    extra = logging.Handler()
+    extra.emit = lambda record: heard.append(record.getMessage())  # type: ignore[method-assign]
+    try:
+        if change == "handler on lb":
+            lb_logger.addHandler(extra)
+        elif change == "lb.access does not propagate":
+            access.propagate = False
+        elif change == "filter on lb.access":
+            access.addFilter(lambda record: False)
+        elif change == "filter on the handler":
+            handler.addFilter(lambda record: False)
+        elif change == "level on the handler":
+            handler.setLevel(logging.ERROR)
+        else:
+            handler.setFormatter(logging.Formatter("custom %(message)s"))
+        assert not writer.applies()
+        access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
+    finally:
+        lb_logger.removeHandler(extra)
+        access.propagate = True
+        access.filters.clear()
+        handler.filters.clear()
+        handler.setLevel(logging.NOTSET)
+        handler.setFormatter(saved_formatter)
+    out = captured.getvalue()
+    if change == "handler on lb":
+        assert heard == ["event=request client=127.0.0.9 client_port=1 method=GET path=/ pool=p backend=b "
+                         "affinity=new status=101 request_id=r1"]
+    elif change == "another formatter":
+        assert out.startswith("custom event=request"), out
+    else:
+        assert "event=request" not in out, out
 
 
 def test_an_access_line_to_a_descriptor_that_fails_does_not_raise(captured: Captured) -> None:
