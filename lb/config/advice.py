@@ -12,6 +12,9 @@ from lb.config.model import Config, SameSite, SecureMode, over_limit_answered
 # Descriptors a process needs besides its client connections and its health checks (one per backend
 # at a time, counted apart): listeners, the admin API and its clients, DNS queries, logs, the loop's own.
 DESCRIPTOR_RESERVE = 64
+# Shorter than this, an admin token is advice (not refused: a test rig may want `t`).  16 random
+# base64 characters are 96 bits; `openssl rand -base64 32` gives 44.
+MIN_ADMIN_TOKEN_CHARS = 16
 
 
 def _most_backends(config: Config) -> int:
@@ -38,10 +41,16 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
             f"{', '.join(proxied)}.proxy_protocol: google-crc32c runs its pure-Python fallback here, so a PROXY "
             "v2 header's CRC32c costs ~200 µs instead of 0.2 µs; install a google-crc32c wheel for this platform"
         )
-    if config.admin.token is None:
+    token = config.admin.token
+    if token is None:
         said.append(
             "admin.token is not set: the admin API serves GET only, and drain, disable and enable "
             "(the dashboard's buttons, lb ctl) answer 401"
+        )
+    elif len(token) < MIN_ADMIN_TOKEN_CHARS:
+        said.append(
+            f"admin.token is {len(token)} characters: short enough to guess, and it drains and disables "
+            f"backends; use {MIN_ADMIN_TOKEN_CHARS} random characters or more (openssl rand -base64 32)"
         )
     everyone = [str(network) for network in config.trusted_proxies if network.prefixlen == 0]
     if everyone:

@@ -37,7 +37,7 @@ pools:
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LB_COOKIE_KEY", COOKIE_KEY)
-    monkeypatch.setenv("LB_ADMIN_TOKEN", "secret")
+    monkeypatch.setenv("LB_ADMIN_TOKEN", "secret-" * 4)
 
 
 def write_config(tmp_path: Path, backend_2: str = "127.0.0.1:9002") -> Path:
@@ -113,7 +113,7 @@ def test_keygen_output_is_a_valid_secret_key(
     """A keygen key is accepted as affinity.secret_keys."""
     main(["keygen"])
     monkeypatch.setenv("LB_COOKIE_KEY", capsys.readouterr().out.strip())
-    monkeypatch.setenv("LB_ADMIN_TOKEN", "secret")
+    monkeypatch.setenv("LB_ADMIN_TOKEN", "secret-" * 4)
     assert main(["validate", "--config", str(write_config(tmp_path))]) == 0
 
 

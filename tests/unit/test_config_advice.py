@@ -12,10 +12,11 @@ from lb.config.model import Config
 from lb.devcerts import write_dev_certs
 
 KEY = "k" * 43
+TOKEN = "t" * 32
 
 
 def config(
-    tmp_path: Path, *, admin: str = "{token: t}", affinity: str = "", tls: bool = False, extra: str = ""
+    tmp_path: Path, *, admin: str = f"{{token: {TOKEN}}}", affinity: str = "", tls: bool = False, extra: str = ""
 ) -> Config:
     listeners = '[{bind: "127.0.0.1:0"}'
     if tls:
@@ -55,6 +56,17 @@ def test_no_admin_token_says_the_actions_answer_401(tmp_path: Path) -> None:
     assert sentence.startswith("admin.token is not set") and "401" in sentence
 
 
+@pytest.mark.parametrize(("token", "advised"), [("t", True), ("x" * 15, True), ("x" * 16, False), (TOKEN, False)])
+def test_a_short_admin_token_is_advice(tmp_path: Path, token: str, advised: bool) -> None:
+    """It drains and disables backends: one a script can guess is a way to take the fleet down."""
+    said = advice(config(tmp_path, admin=f'{{token: "{token}"}}'))
+    if not advised:
+        assert said == []
+        return
+    (sentence,) = said
+    assert sentence.startswith(f"admin.token is {len(token)} characters") and "16" in sentence
+
+
 @pytest.mark.parametrize(
     ("secure", "tls", "expected"),
     [
@@ -78,7 +90,7 @@ def test_same_site_none_on_tls_listeners_only_is_fine(tmp_path: Path) -> None:
     write_dev_certs(tmp_path / "certs", ["localhost"])
     text = f"""
 listeners: [{{bind: "127.0.0.1:0", tls: {{cert: certs/server.crt, key: certs/server.key}}}}]
-admin: {{token: t}}
+admin: {{token: {TOKEN}}}
 affinity: {{secret_keys: [{KEY}], same_site: None}}
 routes: [{{path_prefix: /, pool: p}}]
 pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
@@ -89,7 +101,7 @@ pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
 def test_proxy_protocol_with_crc32c_in_python_says_what_it_costs(tmp_path: Path) -> None:
     text = f"""
 listeners: [{{bind: "127.0.0.1:0"}}, {{bind: "127.0.0.1:0", proxy_protocol: true}}]
-admin: {{token: t}}
+admin: {{token: {TOKEN}}}
 affinity: {{secret_keys: [{KEY}]}}
 routes: [{{path_prefix: /, pool: p}}]
 pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
@@ -104,7 +116,7 @@ pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
 def limited(tmp_path: Path, max_connections: int, workers: int = 1, discovery: str = "") -> Config:
     text = f"""
 listeners: [{{bind: "127.0.0.1:0"}}]
-admin: {{token: t}}
+admin: {{token: {TOKEN}}}
 affinity: {{secret_keys: [{KEY}]}}
 routes: [{{path_prefix: /, pool: p}}]
 pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]{discovery}}}}}
