@@ -50,7 +50,7 @@ class CompiledState:
     modules: tuple[str, ...]  # dotted names the build compiled (or, with no manifest, that have a module file)
     stale: tuple[str, ...]  # what does not match the build, one phrase each (empty: the build is current)
     set_aside: bool = False  # LB_PURE_PYTHON=1: the sources run, whatever was compiled
-    written_in_c: int = 0  # how many of `modules` are written in C (lb/http/_scan.c, lb/_logfmt.c), not mypyc's
+    written_in_c: int = 0  # how many of `modules` are written in C (build_native.c_sources()), not compiled by mypyc
 
     def describe(self) -> str:
         """One phrase for the start-up line and the benchmark's header."""
@@ -67,7 +67,7 @@ def _module_file(package: Path, module: str) -> Path:
 
 
 def _source(package: Path, module: str, written_in_c: bool) -> Path:
-    """The module's `.py`, or its `.c` for a module written in C (lb/http/_scan.c, lb/_logfmt.c)."""
+    """The module's `.py`, or its `.c` for a module written in C (lb/http/_scan.c and the others)."""
     return package.parent.joinpath(*module.split(".")).with_suffix(".c" if written_in_c else ".py")
 
 

@@ -211,7 +211,6 @@ class AccessLineWriter:
         entry.update(fields)
         return json.dumps(entry, default=str)
 
-
     def _find_descriptor(self, stream: object) -> None:
         """The file under `stream` when a line written to its descriptor lands where and as the stream
         would put it: a text layer over the file that passes each whole line on (write-through, as

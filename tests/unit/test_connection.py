@@ -1276,6 +1276,14 @@ REWRITE_CONFIG = CONFIG.replace(
 SWITCH_SETTING_SID = SWITCH[:-2] + b"Set-Cookie: SID=abc; Path=/; HttpOnly\r\n\r\n"
 
 
+def _returning(cookie: str, now: float) -> Play:
+    """A rewrite-mode handshake at `now` from a client that sends `Cookie: {cookie}`, its backend connected."""
+    play = Play(REWRITE_CONFIG, now=now)
+    play.client(upgrade().replace(b"\r\n\r\n", f"\r\nCookie: {cookie}\r\n\r\n".encode()))
+    play.connected()
+    return play
+
+
 def _rewrite_token(play: Play) -> str:
     cookie = play.answer()[1]["set-cookie"]
     assert cookie.startswith("SID=") and cookie.endswith("; Path=/; Max-Age=100; HttpOnly; SameSite=Lax"), cookie
@@ -1291,9 +1299,7 @@ def test_rewrite_mode_reissues_the_backends_value_past_half_the_tokens_life(age:
     first.backend(SWITCH_SETTING_SID)
     token = _rewrite_token(first)
 
-    later = Play(REWRITE_CONFIG, now=T0 + age)
-    later.client(upgrade().replace(b"\r\n\r\n", f"\r\nCookie: SID={token}\r\n\r\n".encode()))
-    later.connected()
+    later = _returning(f"SID={token}", T0 + age)
     assert b"\r\nCookie: SID=abc\r\n" in later.to_backend[0], "the backend sees the value it set"
     later.backend(SWITCH)  # the backend sets nothing new
     assert later.opened == first.opened == ["a1"]
@@ -1316,15 +1322,11 @@ def test_rewrite_mode_reissues_once_beside_a_backend_cookie_with_its_own_path() 
     first.backend(SWITCH[:-2] + b"Set-Cookie: SID=abc; Path=/game; HttpOnly\r\n\r\n")
     old = bytes(first.to_client).split(b"Set-Cookie: SID=")[1].partition(b";")[0].decode()
 
-    later = Play(REWRITE_CONFIG, now=T0 + 60)
-    later.client(upgrade().replace(b"\r\n\r\n", f"\r\nCookie: SID={old}\r\n\r\n".encode()))
-    later.connected()
+    later = _returning(f"SID={old}", T0 + 60)
     later.backend(SWITCH)
     young = _rewrite_token(later)
 
-    again = Play(REWRITE_CONFIG, now=T0 + 61)
-    again.client(upgrade().replace(b"\r\n\r\n", f"\r\nCookie: SID={old}; SID={young}\r\n\r\n".encode()))
-    again.connected()
+    again = _returning(f"SID={old}; SID={young}", T0 + 61)
     assert b"\r\nCookie: SID=abc\r\n" in again.to_backend[0], "the backend sees the value it set, once"
     again.backend(SWITCH)
     assert again.opened == ["a1"] and "set-cookie" not in again.answer()[1]
@@ -1341,9 +1343,7 @@ def test_rewrite_mode_never_reissues_over_what_the_backend_said_of_its_cookie(se
     first.connected()
     first.backend(SWITCH_SETTING_SID)
     token = _rewrite_token(first)
-    later = Play(REWRITE_CONFIG, now=T0 + 60)
-    later.client(upgrade().replace(b"\r\n\r\n", f"\r\nCookie: SID={token}\r\n\r\n".encode()))
-    later.connected()
+    later = _returning(f"SID={token}", T0 + 60)
     later.backend(SWITCH[:-2] + f"Set-Cookie: {set_cookie}\r\n\r\n".encode())
     head = bytes(later.to_client).partition(b"\r\n\r\n")[0].decode()
     assert [line for line in head.split("\r\n") if line.startswith("Set-Cookie:")] == [f"Set-Cookie: {set_cookie}"]
