@@ -3,8 +3,10 @@
  * `write_line(fd, created, middle, text)` writes `<time><middle><text>\n` to `fd` with write(2),
  * all of it: `<time>` is `created` (epoch seconds) as lb.log.iso_utc formats it
  * (`2026-12-02T06:30:00.123Z`, milliseconds truncated), and `middle` and `text` are str
- * (written as UTF-8; an access line is ASCII).  An error raises OSError as os.write would, and
- * the caller (lb.log.AccessLineWriter) reports it as logging reports a failed line.
+ * (written as UTF-8; an access line is ASCII).  A write that fails raises OSError as os.write
+ * would, a time before 1970 or past 9999 ValueError (lb.log.iso_utc would format it: a line is
+ * lost only with a clock that far off), and the caller (lb.log.AccessLineWriter) reports either
+ * as logging reports a failed line.
  *
  * Why C, by hand: a WebSocket handshake logs two access lines, and writing one through Python
  * (the timestamp, three concatenations, the handler's lock, the stream's write and flush) was

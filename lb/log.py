@@ -167,7 +167,7 @@ class AccessLineWriter:
         access = self._access
         return (
             len(handlers) == 1 and handlers[0] is handler and not access.handlers and not self._lb.handlers
-            and access.propagate and not access.filters and not handler.filters
+            and access.propagate and self._lb.propagate and not access.filters and not handler.filters
             and handler.level == logging.NOTSET and handler.formatter is self._formatter
         )
 
@@ -187,7 +187,7 @@ class AccessLineWriter:
             raw = self._raw
             if self.plain and raw is not None and not raw.closed and _WRITE_LINE is not None:
                 if self._flush_first:
-                    stream.flush()  # a line-buffered stream holds at most a part line (someone's print)
+                    stream.flush()  # what the buffered layer holds goes first (a part line, say)
                 # What the lines below would write, in one call (lb/_logwrite.c says why).
                 _WRITE_LINE(self._fd, now, self._prefix, text)
             else:
@@ -226,7 +226,9 @@ class AccessLineWriter:
         raw = buffered.raw if isinstance(buffered, io.BufferedWriter) else buffered
         if not isinstance(raw, io.FileIO) or raw.closed:
             return
-        self._raw, self._fd, self._flush_first = raw, raw.fileno(), not stream.write_through
+        # A buffered layer under the text may hold bytes (a part line; anything written before a
+        # `reconfigure(write_through=True)`): flushed before each direct line, so it goes first.
+        self._raw, self._fd, self._flush_first = raw, raw.fileno(), raw is not buffered
 
 
 # Encodings in which an access line (ASCII: every value is, or is escaped to it) is its own bytes.

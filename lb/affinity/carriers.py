@@ -54,7 +54,7 @@ from lb.http.head import RequestHead, ResponseHead
 
 @dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
 class TokenLookup:
-    """The first token that opened, and what was wrong with the ones that did not."""
+    """The token that routes (`find_token` says which), and what was wrong with the ones that did not open."""
 
     claim: Claim | None
     token: str | None
@@ -91,9 +91,10 @@ def find_token(
 ) -> TokenLookup:
     """Open the usable token: the cookie's first, else the header's, else the query parameter's.
 
-    Among several values of the cookie, the youngest (issued last) is used: a browser holds one
-    cookie per path, so a token re-issued with `Path=/` beside a rewrite-mode cookie with a `Path`
-    of its own is sent after it, and taking the first would re-issue it on every handshake.
+    Among several values of the cookie, the youngest (issued last) is used, for this pool and for
+    each other pool's pin kept in `others`: a browser holds one cookie per path, so a token re-issued
+    with `Path=/` beside a rewrite-mode cookie with a `Path` of its own is sent after it, and taking
+    the first would re-issue it on every handshake (and write the older pins back with it).
 
     Args:
         pool: the route's pool: only a token sealed for it (or a version-1 token, for any
@@ -105,7 +106,7 @@ def find_token(
     if "?" in request.target:
         extra += query_values(request.target, affinity.query_param)
     rejected: dict[str, str] = {}
-    others: dict[str, str] = {}  # pool → its first valid token
+    others: dict[str, tuple[int, str]] = {}  # pool → (issued_at, token) of its pin, chosen as `found` is
     found: TokenLookup | None = None
     found_issued_at = 0
     # Bounded: a hostile cookie of a thousand dots costs at most MAX_PINS decryptions per value,
@@ -123,16 +124,18 @@ def find_token(
             except InvalidToken as exc:
                 rejected[token] = exc.reason
                 continue
+            from_cookie = index < len(cookies)  # the cookie's values come first
             if pool is None or claim.for_pool(pool):
-                from_cookie = index < len(cookies)  # the cookie's values come first
                 if found is None or (from_cookie and claim.issued_at > found_issued_at):
                     found = TokenLookup(claim=claim, token=token, from_cookie=from_cookie)
                     found_issued_at = claim.issued_at
             elif claim.pool is not None:
-                others.setdefault(claim.pool, token)
+                held = others.get(claim.pool)
+                if held is None or (from_cookie and claim.issued_at > held[0]):
+                    others[claim.pool] = (claim.issued_at, token)
     lookup = found if found is not None else TokenLookup()
     lookup.rejected = rejected
-    lookup.others = tuple(others.values())
+    lookup.others = tuple([pin for _, pin in others.values()])
     return lookup
 
 

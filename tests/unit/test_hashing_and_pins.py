@@ -82,8 +82,10 @@ def request(target: str = "/ws", *headers: tuple[str, str]) -> RequestHead:
     return parse_request_head(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
 
-def seal(backend: str, pool: str | None, *, app_value: str | None = None, nonce: int = 1) -> str:
-    claim = Claim(backend_id=backend, issued_at=int(NOW), session=SESSION, app_value=app_value, pool=pool)
+def seal(
+    backend: str, pool: str | None, *, app_value: str | None = None, nonce: int = 1, issued_at: float = NOW
+) -> str:
+    claim = Claim(backend_id=backend, issued_at=int(issued_at), session=SESSION, app_value=app_value, pool=pool)
     return CODEC.seal(claim, nonce.to_bytes(NONCE_BYTES, "big"))
 
 
@@ -285,6 +287,21 @@ def test_each_pool_uses_its_own_pin_and_keeps_the_others() -> None:
         assert lookup.token == mine and lookup.others == (other,) and not lookup.rejected
     fresh = seal("c-3", "chat", nonce=3)
     assert join_pins(find_token(req, INSERT, CODEC, NOW, pool="chat").others, fresh) == f"{game}.{fresh}"
+
+
+def test_of_several_cookie_values_each_pools_youngest_pin_counts() -> None:
+    """Two cookie values (a rewrite-mode re-issue beside the backend's own `Path`), each with pins for
+    two pools: each pool routes by its youngest pin, and a re-issue keeps the other pool's youngest, not
+    the pin it had before a redispatch."""
+    old_chat = seal("c-1", "chat", nonce=1, issued_at=NOW - 900)
+    old_game = seal("g-1", "game", nonce=2, issued_at=NOW - 900)
+    new_game = seal("g-2", "game", nonce=3, issued_at=NOW - 10)  # game's client was redispatched to g-2
+    for first, second in ((join_pins([old_chat], old_game), join_pins([old_chat], new_game)),
+                          (join_pins([old_chat], new_game), join_pins([old_chat], old_game))):
+        req = request("/ws", ("Cookie", f"LB_AFFINITY={first}; LB_AFFINITY={second}"))
+        assert find_token(req, INSERT, CODEC, NOW, pool="game").token == new_game
+        chat = find_token(req, INSERT, CODEC, NOW, pool="chat")
+        assert chat.token == old_chat and chat.others == (new_game,)
 
 
 def test_a_pin_for_another_pool_is_no_pin_here() -> None:

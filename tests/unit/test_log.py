@@ -128,10 +128,12 @@ def test_direct_access_lines_equal_the_logging_path(captured: Captured, log_form
 
 def _stderr_like(path: Path, kind: str) -> io.TextIOWrapper:
     """A stream over `path` made as Python makes stderr: `unbuffered` (python -u, PYTHONUNBUFFERED, the
-    container image), `line` (the default: line-buffered), or `buffered` (an ordinary file)."""
+    container image), `line` (the default: line-buffered), `reconfigured` (write-through over a buffer,
+    as `sys.stderr.reconfigure(write_through=True)` leaves it), or `buffered` (an ordinary file)."""
     if kind == "unbuffered":
         return io.TextIOWrapper(io.FileIO(path, "w"), write_through=True)
-    return io.TextIOWrapper(io.BufferedWriter(io.FileIO(path, "w")), line_buffering=kind == "line")
+    return io.TextIOWrapper(io.BufferedWriter(io.FileIO(path, "w")), line_buffering=kind == "line",
+                            write_through=kind == "reconfigured")
 
 
 def _setup_on(stream: io.TextIOWrapper, process: str = "") -> None:
@@ -142,7 +144,7 @@ def _setup_on(stream: io.TextIOWrapper, process: str = "") -> None:
         sys.stderr = saved
 
 
-@pytest.mark.parametrize("kind", ["unbuffered", "line", "buffered"])
+@pytest.mark.parametrize("kind", ["unbuffered", "line", "reconfigured", "buffered"])
 @pytest.mark.parametrize("process", ["", "worker-2"])
 def test_access_lines_written_to_the_descriptor_equal_the_logging_path(
     tmp_path: Path, captured: Captured, process: str, kind: str
@@ -160,12 +162,12 @@ def test_access_lines_written_to_the_descriptor_equal_the_logging_path(
         fields = {"client": "127.0.0.9", "path": "/a b\x1b" + "x" * 5000, "status": 101, "pool": "g"}
         access_log.log_request(**fields)  # past the C writer's stack buffer
         logging.getLogger("lb.test").warning("between")
-        stream.write("part:")  # no newline: a line-buffered stream holds it back
+        stream.buffer.write(b"part:")  # no newline: held back in the buffered layer, if there is one
         access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
         access_log.set_access_writer(None)  # the ordinary LogRecord → Formatter → handler path
         try:
             access_log.log_request(**fields)
-            stream.write("part:")
+            stream.buffer.write(b"part:")
             access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
         finally:
             access_log.set_access_writer(writer)
@@ -201,13 +203,16 @@ def test_the_descriptor_is_not_used_where_it_would_write_otherwise_than_the_stre
     stream = _stderr_like(tmp_path / "closed", "unbuffered")
     _setup_on(stream)
     access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "first", 101, "r1")
-    stream.close()
-    with open(tmp_path / "other", "w") as other:  # likely the closed stream's descriptor number
+    number = stream.fileno()
+    with open(tmp_path / "other", "w") as other:  # opened first: its own number is another
+        stream.close()
+        os.dup2(other.fileno(), number)  # the closed stream's descriptor number now names this file
         saved, logging.raiseExceptions = logging.raiseExceptions, False
         try:
             access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "second", 101, "r2")
         finally:
             logging.raiseExceptions = saved
+            os.close(number)
         other.write("mine\n")
     assert (tmp_path / "other").read_text() == "mine\n"
     assert "affinity=second" not in (tmp_path / "closed").read_text()
@@ -215,8 +220,8 @@ def test_the_descriptor_is_not_used_where_it_would_write_otherwise_than_the_stre
 
 @pytest.mark.parametrize(
     "change",
-    ["handler on lb", "lb.access does not propagate", "filter on lb.access", "filter on the handler",
-     "level on the handler", "another formatter"],
+    ["handler on lb", "lb.access does not propagate", "lb does not propagate", "filter on lb.access",
+     "filter on the handler", "level on the handler", "another formatter"],
 )
 def test_anything_that_would_change_or_drop_an_access_event_takes_the_logging_path(
     captured: Captured, change: str
@@ -237,6 +242,8 @@ def test_anything_that_would_change_or_drop_an_access_event_takes_the_logging_pa
             lb_logger.addHandler(extra)
         elif change == "lb.access does not propagate":
             access.propagate = False
+        elif change == "lb does not propagate":
+            lb_logger.propagate = False
         elif change == "filter on lb.access":
             access.addFilter(lambda record: False)
         elif change == "filter on the handler":
@@ -249,7 +256,7 @@ def test_anything_that_would_change_or_drop_an_access_event_takes_the_logging_pa
         access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
     finally:
         lb_logger.removeHandler(extra)
-        access.propagate = True
+        access.propagate = lb_logger.propagate = True
         access.filters.clear()
         handler.filters.clear()
         handler.setLevel(logging.NOTSET)
@@ -323,9 +330,14 @@ def test_the_c_line_writer_writes_all_of_a_long_line_through_a_pipe_and_reports_
         reader.join(10)
         os.close(read)
     assert b"".join(chunks).decode() == "1970-01-01T00:00:01.500Z " + text + "\n"
-    with pytest.raises(OSError) as bad_fd:
-        logwrite.write_line(write, 1.0, " ", "closed")  # closed above
-    assert bad_fd.value.errno == errno.EBADF
+    read_only, other = os.pipe()
+    try:
+        with pytest.raises(OSError) as bad_fd:
+            logwrite.write_line(read_only, 1.0, " ", "x")  # a pipe's read end: never written
+        assert bad_fd.value.errno == errno.EBADF
+    finally:
+        os.close(read_only)
+        os.close(other)
     for args in [(-1, 1.0, " ", "x"), (2**40, 1.0, " ", "x"), (1, float("nan"), " ", "x"), (1, -1.0, " ", "x"),
                  (1, 1e300, " ", "x")]:
         with pytest.raises(ValueError):
