@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,10 @@ from pathlib import Path
 import pytest
 from conftest import UNIT, Balancer, Launcher, assert_echo, http_get, lb_config, recv_hello, visit, ws_connect
 from support_ops import OpsStack, process_alive, started_stack, two_workers, wait_until, worker_pids
+
+# A log event's line, as lb.log writes it: `TIME LEVEL PROCESS logger: message` (not a traceback's or a
+# child's stray output).
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z [A-Z]+ \S+ \S+: ")
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +59,9 @@ async def test_two_workers_serve_and_the_owner_reports_for_both(ops: OpsStack) -
     code, metrics = http_get(ops.balancer.admin_url("/metrics"))
     assert code == 200 and b"lb_handshakes_total" in metrics
     # Every line names its process, the owner's too: `TIME LEVEL owner|worker-N logger: message`.
-    lines = ops.balancer.log_text().splitlines()
-    processes = {line.split(" ")[2] for line in lines if line[:2] == "20"}
-    assert processes == {"owner", "worker-0", "worker-1"}, [line for line in lines if line[:2] == "20"][:5]
+    events = [line for line in ops.balancer.log_text().splitlines() if LOG_LINE.match(line)]
+    processes = {line.split(" ")[2] for line in events}
+    assert processes == {"owner", "worker-0", "worker-1"}, events[:5]
 
 
 async def test_a_killed_worker_is_restarted_and_cookies_still_stick(ops: OpsStack) -> None:
