@@ -12,6 +12,7 @@ environment runs the sources instead, without removing anything (`pure_python_re
 import os
 import sys
 from collections.abc import Sequence
+from importlib import import_module
 from importlib.abc import MetaPathFinder
 from importlib.machinery import SOURCE_SUFFIXES, FileFinder, ModuleSpec, SourceFileLoader
 from importlib.metadata import PackageNotFoundError, version
@@ -27,6 +28,17 @@ def pure_python_requested() -> bool:
     """LB_PURE_PYTHON=1 (or true, yes, on): the operator's switch to rule the compiled modules out
     (of a suspected fault, of a benchmark). Any other value, or none, leaves them in."""
     return os.environ.get("LB_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def built_in_c(module: str, name: str) -> object | None:
+    """`name` from `module`, one of the modules written in C (build_native.c_sources()), when it was
+    built and not set aside by LB_PURE_PYTHON=1; else None, and the caller's Python does the same work."""
+    if pure_python_requested():  # the sources run: a module written in C has none
+        return None
+    try:
+        return getattr(import_module(module), name)  # type: ignore[no-any-return]
+    except ImportError:  # not built (no C compiler)
+        return None
 
 
 class _SourcesOnly(MetaPathFinder):

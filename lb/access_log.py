@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import Any, ClassVar, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol, cast
 
-from lb import pure_python_requested
+from lb import built_in_c
 
 access: Final = logging.getLogger("lb.access")
 
@@ -45,18 +45,8 @@ def _bare_in_python(text: str) -> bool:
         "=" not in text)
 
 
-def _bare_check() -> Callable[[str], bool]:
-    """lb._logfmt's one pass when it was built (build_native.py) and not set aside, else the Python check."""
-    if pure_python_requested():  # LB_PURE_PYTHON=1 runs the sources: lb/_logfmt.c has none in Python
-        return _bare_in_python
-    try:
-        from lb._logfmt import bare
-    except ImportError:  # not built (no C compiler): the same answer in Python
-        return _bare_in_python
-    return bare
-
-
-_bare: Final = _bare_check()
+# lb._logfmt's one pass, or (not built, or LB_PURE_PYTHON=1) the same answer in Python.
+_bare: Final = cast("Callable[[str], bool] | None", built_in_c("lb._logfmt", "bare")) or _bare_in_python
 
 
 def _plain(text: str) -> str:

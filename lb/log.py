@@ -18,9 +18,9 @@ import sys
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Final, TextIO
+from typing import Final, TextIO, cast
 
-from lb import pure_python_requested
+from lb import built_in_c
 from lb.access_log import set_access_writer
 from lb.config.model import LogFormat, LoggingConfig
 
@@ -235,18 +235,8 @@ class AccessLineWriter:
 _ASCII_AS_ASCII: Final = frozenset({"utf-8", "ascii", "iso8859-1", "cp1252"})
 
 
-def _line_writer() -> Callable[[int, float, str, str], None] | None:
-    """lb._logwrite's write_line when it was built (build_native.py) and not set aside, else None."""
-    if pure_python_requested():  # LB_PURE_PYTHON=1 runs the sources: lb/_logwrite.c has none in Python
-        return None
-    try:
-        from lb._logwrite import write_line
-    except ImportError:  # not built (no C compiler): lines go through the stream, as logging writes them
-        return None
-    return write_line
-
-
-_WRITE_LINE: Final = _line_writer()
+# lb._logwrite's write_line, or None (not built, or LB_PURE_PYTHON=1): lines go through the stream.
+_WRITE_LINE: Final = cast("Callable[[int, float, str, str], None] | None", built_in_c("lb._logwrite", "write_line"))
 
 
 _process_name = ""

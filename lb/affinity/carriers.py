@@ -108,7 +108,7 @@ def find_token(
     rejected: dict[str, str] = {}
     others: dict[str, tuple[int, str]] = {}  # pool → (issued_at, token) of its pin, chosen as `found` is
     found: TokenLookup | None = None
-    found_issued_at = 0
+    found_issued_at: int | None = None
     # Bounded: a hostile cookie of a thousand dots costs at most MAX_PINS decryptions per value,
     # and all the values together at most MAX_OPENS.
     opens = 0
@@ -126,17 +126,23 @@ def find_token(
                 continue
             from_cookie = index < len(cookies)  # the cookie's values come first
             if pool is None or claim.for_pool(pool):
-                if found is None or (from_cookie and claim.issued_at > found_issued_at):
+                if _routes_instead(found_issued_at, claim.issued_at, from_cookie):
                     found = TokenLookup(claim=claim, token=token, from_cookie=from_cookie)
                     found_issued_at = claim.issued_at
             elif claim.pool is not None:
                 held = others.get(claim.pool)
-                if held is None or (from_cookie and claim.issued_at > held[0]):
+                if _routes_instead(held[0] if held is not None else None, claim.issued_at, from_cookie):
                     others[claim.pool] = (claim.issued_at, token)
     lookup = found if found is not None else TokenLookup()
     lookup.rejected = rejected
     lookup.others = tuple([pin for _, pin in others.values()])
     return lookup
+
+
+def _routes_instead(held_issued_at: int | None, issued_at: int, from_cookie: bool) -> bool:
+    """Whether a token issued at `issued_at` takes the place of the one held for its pool (issued at
+    `held_issued_at`; None: none yet): the first found, unless a younger value of the cookie follows."""
+    return held_issued_at is None or (from_cookie and issued_at > held_issued_at)
 
 
 def join_pins(others: Sequence[str], token: str) -> str:

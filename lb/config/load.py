@@ -145,7 +145,7 @@ def load_admin_config(path: str | Path, environ: Mapping[str, str] | None = None
     if not check.unreadable:
         # The keys YAML repeated below the other sections (in a pool, say) are `lb validate`'s to say;
         # the top level's and admin's are ours.  Every problem found after this point is ours too.
-        repeated = [p for p in check.problems if p.path.split(".")[0] == p.path or p.path.startswith("admin.")]
+        repeated = [p for p in check.problems if "." not in p.path or p.path.startswith("admin.")]
         check.problems[:] = repeated
         root = _root(tree, check)
         if root is not None:

@@ -66,9 +66,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, cast
 
-from lb import pure_python_requested
+from lb import built_in_c
 from lb.errors import (
     BadFraming,
     BadGateway,
@@ -443,18 +443,8 @@ def _head(start_line: tuple[str, str, str], fields: list[tuple[str, str]]) -> He
 _Scanned: TypeAlias = tuple[tuple[str, str, str], tuple[tuple[str, str], ...], dict[str, list[str]]]
 
 
-def _scanner() -> Callable[[bytes, bool], _Scanned | None] | None:
-    """lb.http._scan's one-pass reading, when it was built (build_native.py) and not set aside."""
-    if pure_python_requested():  # LB_PURE_PYTHON=1 runs the sources: this module has none in Python
-        return None
-    try:
-        from lb.http._scan import read_head
-    except ImportError:  # not built (no C compiler): the regex reading below is the same reading
-        return None
-    return read_head
-
-
-_SCAN: Final = _scanner()
+# lb.http._scan's one-pass reading, or None (not built, or LB_PURE_PYTHON=1): the regex reading below.
+_SCAN: Final = cast("Callable[[bytes, bool], _Scanned | None] | None", built_in_c("lb.http._scan", "read_head"))
 
 
 def _read(
@@ -666,15 +656,7 @@ def _render_in_python(start_line: str, headers: Sequence[tuple[str, str]]) -> by
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def _renderer() -> Callable[[str, Sequence[tuple[str, str]]], bytes | None] | None:
-    """lb.http._render's one pass, when it was built (build_native.py) and not set aside."""
-    if pure_python_requested():  # LB_PURE_PYTHON=1 runs the sources: this module has none in Python
-        return None
-    try:
-        from lb.http._render import render_head as render
-    except ImportError:  # not built (no C compiler): the Python rendering is the same rendering
-        return None
-    return render
-
-
-_RENDER: Final = _renderer()
+# lb.http._render's one pass, or None (not built, or LB_PURE_PYTHON=1): the Python rendering above.
+_RENDER: Final = cast(
+    "Callable[[str, Sequence[tuple[str, str]]], bytes | None] | None", built_in_c("lb.http._render", "render_head")
+)
