@@ -5,10 +5,10 @@ of its instructions were the interpreter itself (the bytecode loop, frame set-up
 look-ups): `python -m bench.instructions --by-function 12`. mypyc compiles the same typed source
 (`mypy --strict` already holds it) to C extension modules, with native classes and direct calls.
 It is the compiler mypy and black ship with; the tests run against the compiled modules, and the
-`.py` files stay the pure-Python fallback for a machine without a C compiler.  Four small modules are
-written in C (`c_sources()`: lb/http/_scan.c, lb/http/_render.c, lb/_logfmt.c, lb/_logwrite.c, whose
-headers say why); they are built in the same step, beside the Python that stands in for each when it
-is not.
+`.py` files stay the pure-Python fallback for a machine without a C compiler.  Five small modules are
+written in C (`c_sources()`: lb/http/_scan.c, lb/http/_render.c, lb/affinity/_token64.c, lb/_logfmt.c,
+lb/_logwrite.c, whose headers say why); they are built in the same step, beside the Python that stands
+in for each when it is not.
 
 What: the modules are compiled from this checkout and each extension module is placed next to its
 source in `DIR` (default: this checkout's `lb`, which an editable install imports; the container
@@ -72,9 +72,9 @@ def sources(pattern: str = "*.py") -> list[str]:
 def c_sources() -> list[str]:
     """The data plane's modules written in C (each a `.c` beside the `.pyi` that types it), relative paths.
 
-    `lb/http/_scan.c` (reading a head), `lb/http/_render.c` (writing one), `lb/_logfmt.c` (an
-    access-log value's check) and `lb/_logwrite.c` (writing a log line): each one's header comment
-    says why it is C.
+    `lb/http/_scan.c` (reading a head), `lb/http/_render.c` (writing one), `lb/affinity/_token64.c`
+    (an affinity token's text), `lb/_logfmt.c` (an access-log value's check) and `lb/_logwrite.c`
+    (writing a log line): each one's header comment says why it is C.
     """
     return sources("*.c")
 

@@ -31,15 +31,16 @@ import functools
 import hashlib
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from lb import built_in_c
 from lb.errors import InvalidToken
 
 VERSION: Final = 2
@@ -207,26 +208,43 @@ def looks_sealed(value: str) -> bool:
 
 
 def _decode(token: str) -> bytes:
-    # base64 decoders skip unknown characters; a token must be exactly what we issued.
-    if not token or len(token) > MAX_TOKEN_CHARS or not _TOKEN_CHARS.fullmatch(token):
+    # Length first: a hostile cookie of megabytes is refused before any pass over it.
+    if not token or len(token) > MAX_TOKEN_CHARS:
         raise InvalidToken("malformed")
-    try:
-        # bytes.translate, not str.translate: the str one walks a dict per character (~2 µs a token).
-        raw = binascii.a2b_base64(token.encode("ascii").translate(_FROM_URLSAFE) + b"=" * (-len(token) % 4))
-    except (binascii.Error, ValueError):
-        raise InvalidToken("malformed") from None
-    if len(raw) < _HEADER.size + NONCE_BYTES + _TAG_BYTES + _CLAIM.size:
-        raise InvalidToken("malformed")
-    # Only the canonical spelling: the last character's spare bits must be zero,
-    # so one token has exactly one string form.
-    if _encode(raw) != token:
+    raw = _from_text(token)
+    if raw is None or len(raw) < _HEADER.size + NONCE_BYTES + _TAG_BYTES + _CLAIM.size:
         raise InvalidToken("malformed")
     return raw
 
 
-def _encode(raw: bytes) -> str:
-    """Unpadded base64url, straight through binascii (base64's wrappers cost a call and a copy each)."""
+def _decode_in_python(token: str) -> bytes | None:
+    """lb/affinity/_token64.c's decode: the bytes of canonical unpadded base64url, else None."""
+    # base64 decoders skip unknown characters; a token must be exactly what we issued.
+    if not _TOKEN_CHARS.fullmatch(token):
+        return None
+    try:
+        # bytes.translate, not str.translate: the str one walks a dict per character (~2 µs a token).
+        raw = binascii.a2b_base64(token.encode("ascii").translate(_FROM_URLSAFE) + b"=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    # Only the canonical spelling: the last character's spare bits must be zero,
+    # so one token has exactly one string form.
+    return raw if _encode_in_python(raw) == token else None
+
+
+def _encode_in_python(raw: bytes) -> str:
+    """lb/affinity/_token64.c's encode: unpadded base64url, straight through binascii (base64's
+    wrappers cost a call and a copy each)."""
     return binascii.b2a_base64(raw, newline=False).rstrip(b"=").translate(_TO_URLSAFE).decode("ascii")
+
+
+# lb.affinity._token64's one pass each way, or (not built, or LB_PURE_PYTHON=1) the same in Python.
+_encode: Final = (
+    cast("Callable[[bytes], str] | None", built_in_c("lb.affinity._token64", "encode")) or _encode_in_python
+)
+_from_text: Final = (
+    cast("Callable[[str], bytes | None] | None", built_in_c("lb.affinity._token64", "decode")) or _decode_in_python
+)
 
 
 def _parse_claim(plaintext: bytes, version: int) -> Claim:
