@@ -8,7 +8,6 @@ them at scrape time (`metrics`), so the per-message path never touches a lock.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ from lb.http.routing import sort_routes
 from lb.state.observations import Observations
 from lb.state.pool import PoolState
 from lb.state.ratelimit import RateLimiter
+from lb.state.tally import Tally
 
 if TYPE_CHECKING:
     import asyncio
@@ -32,22 +32,22 @@ if TYPE_CHECKING:
 class Stats:
     """Event counters; keys are label tuples of the matching lb_* metric."""
 
-    handshakes: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # pool, backend, outcome
+    handshakes: Tally[tuple[str, str, str]] = field(default_factory=Tally)  # pool, backend, outcome
     # pool, backend, result (hit, new, redispatch, invalid): lb_affinity_decisions_total sums it over
     # backends, and a backend's handshakes, hits and redispatches come from it (`backend_counts`).
     # Kept here, for the process's life, not on the BackendStatus: a backend that leaves (DNS, a
     # reload) and comes back under its id counts on, so no series ever goes back (SPEC).
-    decisions: Counter[tuple[str, str, str]] = field(default_factory=Counter)
-    invalid_tokens: Counter[str] = field(default_factory=Counter)  # reason
-    rejected: Counter[int] = field(default_factory=Counter)  # status we answered ourselves
-    unsealed_cookies: Counter[str] = field(default_factory=Counter)  # pool; rewrite mode, value too large
+    decisions: Tally[tuple[str, str, str]] = field(default_factory=Tally)
+    invalid_tokens: Tally[str] = field(default_factory=Tally)  # reason
+    rejected: Tally[int] = field(default_factory=Tally)  # status we answered ourselves
+    unsealed_cookies: Tally[str] = field(default_factory=Tally)  # pool; rewrite mode, value too large
     closed_bytes_in: int = 0  # client → backend, of tunnels already closed
     closed_bytes_out: int = 0  # backend → client
     tunnels_closed: int = 0
     tls_failures: int = 0  # TLS handshakes that failed or timed out (lb_tls_handshake_failures_total)
     shed: int = 0  # connections closed at accept, past the limit and its answered overflow (lb_connections_shed_total)
     # Tunnels the balancer ended: (cause, "close_frame" | "tcp") → count (lb_tunnel_closes_total).
-    balancer_closes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    balancer_closes: Tally[tuple[str, str]] = field(default_factory=Tally)
 
     def backend_counts(self) -> dict[tuple[str, str], BackendCounts]:
         """(pool, backend) → its handshakes, affinity hits and redispatches: one pass, per scrape or /status."""

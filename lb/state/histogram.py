@@ -1,6 +1,6 @@
 """A cheap fixed-bucket histogram for latencies on the request path.  [pure]
 
-`observe` is one `bisect` and two integer/float additions: no lock (everything
+`observe` is a short scan of the bounds and two integer/float additions: no lock (everything
 runs on one event loop thread), no allocation, no prometheus-client on the hot
 path.  Prometheus reads the counts at scrape time (`lb.state.observations`), and
 `workers: N` sum them bucket by bucket (`merge`), which is exact because every
@@ -9,7 +9,6 @@ worker uses the same bounds.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,8 +38,16 @@ class Histogram:
         self.count = 0
 
     def observe(self, value: float) -> None:
-        # bisect_left: a value equal to a bound belongs in that bucket (Prometheus' `le`).
-        self.counts[bisect_left(self.bounds, value)] += 1
+        # The first bucket whose bound is at least the value (Prometheus' `le`: a value equal to a
+        # bound belongs in that bucket), as `bisect_left` finds it, by a loop from the smallest:
+        # latencies land in the first few buckets, and compiled, this is a float compare per bound
+        # where a call to bisect is about 700 instructions (twice per handshake).
+        index = 0
+        for bound in self.bounds:
+            if value <= bound:
+                break
+            index += 1
+        self.counts[index] += 1
         self.total += value
         self.count += 1
 

@@ -18,7 +18,6 @@ Pure apart from building prometheus-client metric families at scrape time.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from typing import Any, Literal
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from lb.state.histogram import Histogram
+from lb.state.tally import Tally
 
 # The `kind` label of lb_backend_errors_total.
 ErrorKind = Literal["refused", "timeout", "reset", "bad_answer"]
@@ -61,8 +61,8 @@ class Observations:
 
     handshake: dict[str, Histogram] = field(default_factory=dict)  # pool
     connect: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # pool, backend
-    backend_errors: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # pool, backend, kind
-    health_checks: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # pool, backend, result
+    backend_errors: Tally[tuple[str, str, str]] = field(default_factory=Tally)  # pool, backend, kind
+    health_checks: Tally[tuple[str, str, str]] = field(default_factory=Tally)  # pool, backend, result
     # The owner's sum of its workers' reports (None in a single process or a worker).
     from_workers: Observations | None = None
 
@@ -183,7 +183,7 @@ class Observations:
         )
 
 
-def _counter(name: str, documentation: str, labels: list[str], counts: Counter[tuple[str, str, str]]) -> Metric:
+def _counter(name: str, documentation: str, labels: list[str], counts: Tally[tuple[str, str, str]]) -> Metric:
     """One counter family with a series per key of `counts`, in key order (stable scrape output)."""
     family = CounterMetricFamily(name, documentation, labels=labels)
     for key, n in sorted(counts.items()):

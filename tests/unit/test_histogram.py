@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import Counter
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
 from lb.errors import BadRequest
 from lb.state.histogram import LAN_BUCKETS, Histogram
 from lb.state.observations import Observations, error_kind
+from lb.state.tally import Tally
 
 
 def test_lan_buckets_span_100us_to_10s() -> None:
@@ -29,6 +35,32 @@ def test_value_lands_in_the_first_bucket_it_fits(value: float, first_le: str) ->
     assert next(le for le, n in cumulative if n == 1) == first_le
     assert cumulative[-1] == ("+Inf", 1)
     assert histogram.count == 1 and histogram.total == value
+
+
+@given(st.floats(allow_nan=False), st.lists(st.floats(min_value=-1e9, max_value=1e9), min_size=1, max_size=20))
+def test_each_value_counts_in_the_bucket_bisect_left_names(value: float, bounds: list[float]) -> None:
+    """The scan `observe` makes finds the bucket `bisect_left` finds, on any strictly increasing bounds."""
+    bounds = sorted(set(bounds))
+    histogram = Histogram(bounds)
+    histogram.observe(value)
+    expected = [0] * (len(bounds) + 1)
+    expected[bisect_left(bounds, value)] = 1
+    assert histogram.counts == expected and histogram.count == 1
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 10**12)), max_size=20))
+def test_a_tally_counts_as_a_counter_does(pairs: list[tuple[str, int]]) -> None:
+    """Missing keys count 0, `+=` counts on, and `update` adds (the owner sums its workers' tallies with it)."""
+    tally: Tally[str] = Tally()
+    counter: Counter[str] = Counter()
+    for key, count in pairs:
+        tally[key] += count
+        counter[key] += count
+        assert tally["never"] == 0 and "never" not in tally
+    assert tally == counter
+    tally.update(dict(counter))
+    counter.update(dict(counter))
+    assert tally == counter and type(tally) is Tally
 
 
 def test_cumulative_counts_never_decrease() -> None:
