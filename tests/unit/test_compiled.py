@@ -26,6 +26,13 @@ SUFFIX = EXT_SUFFIX
 SOURCES = {"lb.log": "log.py", "lb.proxy.server": "proxy/server.py", "lb.proxy.tunnel": "proxy/tunnel.py"}
 
 
+@pytest.fixture(autouse=True)
+def _builds_are_read_as_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests read builds made under tmp_path: the suite run with LB_PURE_PYTHON=1 (which sets
+    this checkout's build aside) must not set theirs aside too; the tests of the variable set it."""
+    monkeypatch.delenv("LB_PURE_PYTHON", raising=False)
+
+
 def _package(tmp_path: Path) -> Path:
     package = tmp_path / "lb"
     (package / "proxy").mkdir(parents=True)
