@@ -394,3 +394,33 @@ def test_the_hosts_remembered_are_bounded_in_number_and_length() -> None:
         assert len(head._hosts_seen) <= head._MAX_HOSTS_REMEMBERED
     long = "a" * (head._MAX_HOST_REMEMBERED + 1)
     assert head.is_host(long) and long not in head._hosts_seen
+
+
+# -- Header names asked for, lowered once --------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["Host", "HOST", "host", "Sec-WebSocket-Key", "x-a", "X-A", "Cookie", "İ", "ß"]),
+                min_size=1, max_size=8),
+       st.sampled_from(["websocket", "WebSocket", "UPGRADE", "upgrade"]))
+def test_names_and_tokens_are_matched_case_insensitively_asked_any_number_of_times(
+    names: list[str], token: str
+) -> None:
+    raw = (b"GET / HTTP/1.1\r\nHost: a\r\nSec-WebSocket-Key: k\r\nX-A: 1\r\nX-A: 2\r\nCookie: c=1\r\n"
+           b"Connection: keep-alive, Upgrade\r\nUpgrade: WebSocket\r\n\r\n")
+    request = parse_request_head(raw)
+    expected = {"host": ["a"], "sec-websocket-key": ["k"], "x-a": ["1", "2"], "cookie": ["c=1"]}
+    for name in names + names:
+        assert request.head.get_all(name) == expected.get(name.lower(), [])
+        assert request.head.get(name) == (expected.get(name.lower()) or [None])[0]
+    assert request.head.has_token("connection", token) is (token.lower() == "upgrade")
+    assert request.head.has_token("Upgrade", token) is (token.lower() == "websocket")
+
+
+def test_the_names_lowered_are_bounded() -> None:
+    from lb.http import head
+
+    request = parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nX-7: seven\r\n\r\n")
+    for n in range(3 * head._MAX_NAMES_REMEMBERED):
+        assert request.head.get(f"X-{n}") == ("seven" if n == 7 else None)
+        assert len(head._names_lowered) <= head._MAX_NAMES_REMEMBERED
