@@ -44,6 +44,7 @@ from lb.http.cookies import (
     parse_set_cookie,
     read_cookie,
     reissue_set_cookie,
+    render_set_cookie,
     rewrite_cookie,
     set_cookie_value,
     strip_cookie,
@@ -148,6 +149,33 @@ def _routes_instead(held_issued_at: int | None, issued_at: int, from_cookie: boo
 def join_pins(others: Sequence[str], token: str) -> str:
     """The cookie value: the other pools' pins, then this pool's fresh one (the newest last)."""
     return PIN_SEPARATOR.join([*others, token][-MAX_PINS:])
+
+
+def our_set_cookie(affinity: AffinityConfig, token: str, *, secure: bool) -> str:
+    """Insert mode's Set-Cookie for `token`: what `render_set_cookie` writes for it, with the attributes
+    (all but the value, and the same for every token) rendered once per configuration and `secure`."""
+    memo = _our_attributes[secure]
+    if memo.affinity is not affinity:  # a reload's new configuration, or the first token
+        name = affinity.cookie
+        rendered = render_set_cookie(
+            name, "", max_age=affinity.cookie_max_age, same_site=affinity.same_site,
+            http_only=affinity.http_only, secure=secure,
+        )
+        memo.affinity, memo.attributes = affinity, rendered[len(name) + 1 :]
+    return affinity.cookie + "=" + token + memo.attributes
+
+
+class _Attributes:
+    """The Set-Cookie attributes last rendered for one value of `secure`, and for which configuration."""
+
+    __slots__ = ("affinity", "attributes")
+
+    def __init__(self) -> None:
+        self.affinity: AffinityConfig | None = None
+        self.attributes = ""
+
+
+_our_attributes: Final = (_Attributes(), _Attributes())  # indexed by `secure`
 
 
 def balance_key(request: RequestHead, pool: PoolConfig, client_ip: str) -> str | None:

@@ -63,6 +63,7 @@ from lb.affinity.carriers import (
     find_token,
     fitting_value,
     join_pins,
+    our_set_cookie,
     plan_forward,
     rewrite_response_cookies,
 )
@@ -80,7 +81,7 @@ from lb.errors import (
     TooManyRequests,
 )
 from lb.http.client_address import IPAddress, TrustedProxies, chain_through, client_behind, parse_address
-from lb.http.cookies import render_set_cookie, sets_cookie
+from lb.http.cookies import sets_cookie
 from lb.http.forwarding import render_client_response, render_forwarded_request, render_interim, render_refusal
 from lb.http.framing import BodyFramer, request_framer, response_framer
 from lb.http.head import (
@@ -1142,12 +1143,6 @@ class Connection:
 
         secure = affinity.secure is SecureMode.ALWAYS or (affinity.secure is SecureMode.AUTO and self._tls)
 
-        def our_cookie(token: str) -> str:
-            return render_set_cookie(
-                affinity.cookie, token, max_age=affinity.cookie_max_age, same_site=affinity.same_site,
-                http_only=affinity.http_only, secure=secure,
-            )
-
         if affinity.mode is AffinityMode.REWRITE and not (
             pool.config.balance in HASHED_METHODS and not pool.config.sticky
         ):
@@ -1173,7 +1168,7 @@ class Connection:
                 refreshed = fitting_value(affinity.cookie, lookup.others, seal(claim.app_value))
                 if refreshed is not None:  # else the cookie it has stands until it expires
                     token = refreshed
-                    set_cookies.append(our_cookie(token))
+                    set_cookies.append(our_set_cookie(affinity, token, secure=secure))
             extra = [(affinity.header, token)] if token else []
             return render_client_response(
                 response,
@@ -1191,7 +1186,7 @@ class Connection:
         return render_client_response(
             response,
             switching=switching,
-            set_cookies=[our_cookie(token)],
+            set_cookies=[our_set_cookie(affinity, token, secure=secure)],
             extra=[(affinity.header, token)],
             keep_alive=keep_alive,
         )

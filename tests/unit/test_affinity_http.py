@@ -14,9 +14,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.affinity.carriers import MAX_SEALS, TokenLookup, find_token, plan_forward, rewrite_response_cookies
+from lb.affinity.carriers import (
+    MAX_SEALS,
+    TokenLookup,
+    find_token,
+    our_set_cookie,
+    plan_forward,
+    rewrite_response_cookies,
+)
 from lb.affinity.codec import NONCE_BYTES, Claim, TokenCodec
-from lb.config.model import AffinityConfig, AffinityMode
+from lb.config.model import AffinityConfig, AffinityMode, SameSite
+from lb.http.cookies import render_set_cookie
 from lb.http.forwarding import render_forwarded_request
 from lb.http.head import RequestHead, parse_request_head, parse_response_head
 
@@ -519,3 +527,23 @@ def test_a_flood_of_session_values_in_one_answer_costs_at_most_max_seals_seals()
     assert rewrite is not None
     assert sealed == [f"v{i}" for i in range(MAX_SEALS)] and len(reported) == 1000 - MAX_SEALS
     assert rewrite(values[-1]) == values[-1]  # passed as the backend set it
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["LB_AFFINITY", "SID", "__Host-lb"]), st.floats(0.1, 1e6),
+                       st.sampled_from(list(SameSite)), st.booleans(), st.booleans()), min_size=1, max_size=6),
+    st.text(alphabet="AZaz09-_.", min_size=1, max_size=40),
+)
+def test_our_set_cookie_is_render_set_cookie_whatever_the_configuration_before_it(
+    configs: list[tuple[str, float, SameSite, bool, bool]], token: str
+) -> None:
+    """The attributes rendered once per configuration and `secure` are those render_set_cookie writes,
+    through reloads (a new configuration each) and both values of `secure`, in any order."""
+    for cookie, max_age, same_site, http_only, secure in configs:
+        affinity = AffinityConfig(secret_keys=KEYS, cookie=cookie, max_age=max_age, same_site=same_site,
+                                  http_only=http_only)
+        for each in (secure, not secure, secure):
+            assert our_set_cookie(affinity, token, secure=each) == render_set_cookie(
+                cookie, token, max_age=affinity.cookie_max_age, same_site=same_site, http_only=http_only, secure=each,
+            )

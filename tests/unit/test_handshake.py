@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import re
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lb.errors import BadHandshake, UnsupportedVersion
 from lb.http.head import RequestHead, parse_request_head
-from lb.ws.upgrade import check_upgrade, is_websocket_upgrade
+from lb.ws.upgrade import check_upgrade, is_websocket_key, is_websocket_upgrade
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3's sample nonce: 16 bytes
 
@@ -129,3 +134,23 @@ def test_plain_request_is_not_an_upgrade() -> None:
     plain = parse_request_head(b"GET /whoami HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
     assert not is_websocket_upgrade(plain)
     assert is_websocket_upgrade(parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c, WebSocket\r\n\r\n"))
+
+
+_KEY_PATTERN = re.compile(r"[A-Za-z0-9+/]{22}==")
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+@settings(max_examples=3000)
+@given(st.text(alphabet=_B64 + "=-_ .\x00é", min_size=20, max_size=26) | st.text(max_size=30)
+       | st.binary(min_size=16, max_size=16).map(lambda raw: base64.b64encode(raw).decode("ascii")))
+def test_a_key_is_valid_exactly_when_the_pattern_says(key: str) -> None:
+    """RFC 6455 §4.1's 16 bytes in base64: 22 characters of the alphabet and `==`, nothing else."""
+    assert is_websocket_key(key) is (_KEY_PATTERN.fullmatch(key) is not None)
+
+
+@pytest.mark.parametrize("code", range(0x100))
+def test_each_character_in_each_place_of_a_key(code: int) -> None:
+    valid = "dGhlIHNhbXBsZSBub25jZQ=="
+    for place in range(24):
+        key = valid[:place] + chr(code) + valid[place + 1 :]
+        assert is_websocket_key(key) is (_KEY_PATTERN.fullmatch(key) is not None)
