@@ -41,7 +41,9 @@ class Histogram:
         # The first bucket whose bound is at least the value (Prometheus' `le`: a value equal to a
         # bound belongs in that bucket), as `bisect_left` finds it, by a loop from the smallest:
         # latencies land in the first few buckets, and compiled, this is a float compare per bound
-        # where a call to bisect is about 700 instructions (twice per handshake).
+        # where a call to bisect is about 700 instructions (twice per handshake).  NaN (no latency
+        # is: each is a difference of two clock readings) counts in +Inf, as prometheus_client
+        # counts it, where bisect_left put it in the first bucket.
         index = 0
         for bound in self.bounds:
             if value <= bound:

@@ -27,10 +27,12 @@ SOURCES = {"lb.log": "log.py", "lb.proxy.server": "proxy/server.py", "lb.proxy.t
 
 
 @pytest.fixture(autouse=True)
-def _builds_are_read_as_built(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests read builds made under tmp_path: the suite run with LB_PURE_PYTHON=1 (which sets
-    this checkout's build aside) must not set theirs aside too; the tests of the variable set it."""
-    monkeypatch.delenv("LB_PURE_PYTHON", raising=False)
+def _builds_are_read_as_built(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build made under tmp_path is read as built: the suite run with LB_PURE_PYTHON=1 (which sets
+    this checkout's build aside) must not set those aside too; the tests of the variable set it
+    themselves, and the tests of this checkout's own build still see it."""
+    if "tmp_path" in request.fixturenames:
+        monkeypatch.delenv("LB_PURE_PYTHON", raising=False)
 
 
 def _package(tmp_path: Path) -> Path:

@@ -48,6 +48,12 @@ def test_each_value_counts_in_the_bucket_bisect_left_names(value: float, bounds:
     assert histogram.counts == expected and histogram.count == 1
 
 
+def test_nan_counts_in_inf_only() -> None:
+    histogram = Histogram()
+    histogram.observe(float("nan"))
+    assert histogram.counts[-1] == 1 and sum(histogram.counts) == 1 and histogram.cumulative()[0] == ("0.0001", 0)
+
+
 @given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 10**12)), max_size=20))
 def test_a_tally_counts_as_a_counter_does(pairs: list[tuple[str, int]]) -> None:
     """Missing keys count 0, `+=` counts on, and `update` adds (the owner sums its workers' tallies with it)."""
