@@ -1,0 +1,166 @@
+"""Where a handshake's CPU goes: `python -m bench.split [--rounds N] [--window S] [--check] [--no-strace]`.
+
+For the balancer, HAProxy (when installed) and the floor, in alternating windows of one run, as
+`python -m bench` pins and loads them: the user and the system CPU per handshake (utime and stime
+from /proc/PID/stat), then, unless `--no-strace` (or strace is not installed), the system calls
+per handshake of each, counted by `strace -f -c` attached for one more, shorter window.
+
+Why: `make bench` says how much more CPU a handshake costs than HAProxy's and the floor's; this
+says whether the difference is our Python (user time) or the work we ask of the kernel (system
+calls), which call for different fixes.  strace slows the traced process, so its window counts
+calls and its timings are not used.  System calls are divided by the `connect` calls to the
+backends (one per handshake for all three; a failed `accept4` also counts as a call).  Bench
+code, never imported by `lb/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench import procs, runner
+from bench.haproxy import find_haproxy
+from bench.loadgen import Spec
+from bench.procs import BenchError, Child
+from bench.runner import BALANCER, FLOOR, SOURCE_IPS, Plan, Run, Target
+
+
+def parse_user_system(stat: str) -> tuple[float, float]:
+    """User and system CPU seconds from the text of /proc/PID/stat (proc(5): fields 14 and 15)."""
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) / procs.CLOCK_TICKS, int(fields[12]) / procs.CLOCK_TICKS
+
+
+def user_system(pids: Sequence[int]) -> tuple[float, float]:
+    user = system = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            one = parse_user_system(Path(f"/proc/{pid}/stat").read_text())
+            user, system = user + one[0], system + one[1]
+    return user, system
+
+
+def parse_strace_summary(text: str) -> dict[str, int]:
+    """System call name → calls, from the table `strace -c` writes (errors included in calls)."""
+    calls: dict[str, int] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        # % time, seconds, usecs/call, calls, [errors,] syscall; the total line and rules skipped.
+        if len(fields) < 5 or not fields[0].replace(".", "", 1).isdigit() or fields[-1] == "total":
+            continue
+        with contextlib.suppress(ValueError):
+            calls[fields[-1]] = int(fields[3])
+    return calls
+
+
+def per_handshake(calls: dict[str, int]) -> dict[str, float]:
+    """Each call's count per handshake: per `connect` to a backend (one each), most first."""
+    handshakes = calls.get("connect", 0)
+    if not handshakes:
+        return {}
+    return dict(sorted(((name, count / handshakes) for name, count in calls.items()), key=lambda item: -item[1]))
+
+
+def _spec(plan: Plan, target: Target, window: float, check: bool) -> Spec:
+    return Spec("handshake", target.addresses, plan.handshake_workers, 0, plan.warmup, window,
+                check_cookie=check and target.name != FLOOR, source_ips=SOURCE_IPS, proxy_pids=target.proxy_pids())
+
+
+def _cpu_rounds(
+    run: Run, targets: list[Target], rounds: int, window: float, check: bool
+) -> dict[str, list[tuple[float, float]]]:
+    """Per target, one (user µs, system µs) per handshake for each round."""
+    split: dict[str, list[tuple[float, float]]] = {target.name: [] for target in targets}
+    for index in range(rounds):
+        for target in targets if index % 2 == 0 else targets[::-1]:
+            before = user_system(target.proxy_pids())
+            result = runner._loadgen(run, _spec(run.plan, target, window, check), run.pinning.load, window + 60,
+                                     target.name)
+            after = user_system(target.proxy_pids())
+            user, system = after[0] - before[0], after[1] - before[1]
+            count = (result or {}).get("count") or 0
+            # The window's CPU per handshake, split as the whole run (warm-up included) split it.
+            total = 1e6 * result["proxy_cpu"] / count if result and count else 0.0
+            share = user / (user + system) if user + system > 0 else 0.0
+            split[target.name].append((total * share, total * (1 - share)))
+            time.sleep(0.3)
+        print(f"round {index + 1}: " + "  ".join(
+            f"{name} {values[-1][0]:.0f} + {values[-1][1]:.0f} µs" for name, values in split.items()), flush=True)
+    return split
+
+
+def _syscalls(run: Run, target: Target, strace: str, check: bool) -> dict[str, float]:
+    """System calls per handshake of `target`, strace attached for one 3 s window."""
+    out = run.log_dir / f"{target.name}.strace"
+    command = [strace, "-f", "-c", "-o", str(out)]
+    for pid in target.proxy_pids():
+        command += ["-p", str(pid)]
+    tracer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)  # attached before the first connection
+        runner._loadgen(run, _spec(run.plan, target, 3.0, check), run.pinning.load, 60, target.name)
+    finally:
+        tracer.send_signal(signal.SIGINT)  # strace writes its summary when interrupted
+        try:
+            tracer.wait(10)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            tracer.wait(5)
+    return per_handshake(parse_strace_summary(out.read_text() if out.exists() else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.split", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument("--window", type=float, default=5.0, help="seconds measured per target and round")
+    parser.add_argument("--check", action="store_true", help="send the issued cookie back (check, not issue)")
+    parser.add_argument("--no-strace", action="store_true", help="skip the system call counts")
+    args = parser.parse_args(argv)
+    plan = Plan.make(False)
+    procs.raise_nofile()
+    strace = None if args.no_strace else shutil.which("strace")
+    with tempfile.TemporaryDirectory(prefix="lb-split-") as tmp:
+        run = Run(plan, procs.choose_pinning(True), Path(tmp))
+        children: list[Child] = []
+        try:
+            runner._start_backends(run, children)
+            targets = [runner._start_balancer(run, children, BALANCER, cpus=run.pinning.proxy)]
+            haproxy = find_haproxy()
+            if haproxy is not None:
+                targets.append(runner._start_haproxy(run, children, haproxy))
+            targets.append(runner._start_floor(run, children))
+            split = _cpu_rounds(run, targets, max(1, args.rounds), args.window, args.check)
+            kind = "check" if args.check else "issue"
+            print(f"\nCPU per handshake ({kind} a cookie), medians of {args.rounds} rounds, user + system:")
+            for name, values in split.items():
+                user = statistics.median(value[0] for value in values)
+                system = statistics.median(value[1] for value in values)
+                print(f"  {name:10s} {user:6.0f} + {system:6.0f} µs")
+            if strace is None:
+                print("\n(system calls not counted: strace is not installed, or --no-strace)")
+                return 0
+            print("\nSystem calls per handshake (strace -f -c, one 3 s window each):")
+            for target in targets:
+                calls = _syscalls(run, target, strace, args.check)
+                listed = "  ".join(f"{name} {count:.2f}" for name, count in calls.items() if count >= 0.05)
+                print(f"  {target.name:10s} {sum(calls.values()):5.1f}: {listed or 'none counted'}")
+        except BenchError as exc:
+            print(f"split failed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            for child in reversed(children):
+                procs.stop(child)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
