@@ -288,7 +288,7 @@ def test_known_response_heads_read_alike(raw: bytes) -> None:
     assert_response_alike(raw)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_head(_REQUEST_LINES) | _near_valid(_LISTED_REQUEST_LINES))
 def test_generated_request_heads_read_alike(raw: bytes) -> None:
     assert_request_alike(raw)

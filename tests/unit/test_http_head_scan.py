@@ -98,7 +98,7 @@ def test_known_heads_read_alike(raw: bytes) -> None:
     assert_read_alike(raw)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_head(_REQUEST_LINES) | _near_valid(_LISTED_REQUEST_LINES) | _head(_STATUS_LINES)
        | _near_valid(_LISTED_STATUS_LINES))
 def test_generated_heads_read_alike(raw: bytes) -> None:

@@ -41,7 +41,7 @@ def _rendered(start: str, fields: list[tuple[str, str]] | tuple[tuple[str, str],
         return UnicodeEncodeError
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=1200, deadline=None)
 @given(start=_latin1 | _any, fields=st.lists(_pair, max_size=12), as_tuple=st.booleans())
 def test_any_head_renders_alike(start: str, fields: list[tuple[str, str]], as_tuple: bool) -> None:
     given_fields = tuple(fields) if as_tuple else fields
