@@ -23,9 +23,8 @@ from pathlib import Path
 
 from bench import procs, runner
 from bench.haproxy import find_haproxy
-from bench.loadgen import Spec
 from bench.procs import HOST, BenchError, Child
-from bench.runner import FLOOR, HAPROXY, SOURCE_IPS, Plan, Run, Target
+from bench.runner import FLOOR, HAPROXY, Plan, Run, Target
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD, NEW = "old", "new"
@@ -91,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             costs: dict[str, list[float]] = {target.name: [] for target in targets}
             for round_index in range(max(1, args.rounds)):
                 for target in targets if round_index % 2 == 0 else targets[::-1]:
-                    spec = Spec("handshake", target.addresses, plan.handshake_workers, 0, plan.warmup, args.window,
-                                check_cookie=args.check and target.name != FLOOR, source_ips=SOURCE_IPS,
-                                proxy_pids=target.proxy_pids())
+                    spec = runner.handshake_spec(plan, target, args.window, args.check)
                     result = runner._loadgen(run, spec, run.pinning.load, args.window + 60, target.name)
                     count = (result or {}).get("count") or 0
                     costs[target.name].append(1e6 * result["proxy_cpu"] / count if result and count else 0.0)

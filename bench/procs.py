@@ -35,11 +35,17 @@ class BenchError(Exception):
 # -- /proc ----------------------------------------------------------------------------------------
 
 
-def parse_stat_cpu(stat: str) -> float:
-    """CPU seconds (utime + stime) from the text of /proc/PID/stat (proc(5): fields 14 and 15)."""
+def parse_stat_user_system(stat: str) -> tuple[float, float]:
+    """User and system CPU seconds (utime, stime) from the text of /proc/PID/stat (proc(5): fields 14 and 15)."""
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def parse_stat_cpu(stat: str) -> float:
+    """CPU seconds (utime + stime) from the text of /proc/PID/stat."""
+    user, system = parse_stat_user_system(stat)
+    return user + system
 
 
 def parse_status_rss(status: str) -> int:
@@ -50,13 +56,19 @@ def parse_status_rss(status: str) -> int:
     return 0
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """Total CPU seconds so far of `pids` (0 for one that has gone)."""
-    total = 0.0
+def user_system_seconds(pids: Sequence[int]) -> tuple[float, float]:
+    """User and system CPU seconds so far of `pids`, summed (0 for one that has gone)."""
+    user = system = 0.0
     for pid in pids:
         with contextlib.suppress(OSError, ValueError, IndexError):
-            total += parse_stat_cpu(Path(f"/proc/{pid}/stat").read_text())
-    return total
+            one_user, one_system = parse_stat_user_system(Path(f"/proc/{pid}/stat").read_text())
+            user, system = user + one_user, system + one_system
+    return user, system
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """Total CPU seconds so far of `pids` (0 for one that has gone)."""
+    return sum(user_system_seconds(pids))
 
 
 def rss_kib(pids: Sequence[int]) -> int:

@@ -251,10 +251,7 @@ def _run_all(run: Run, haproxy_path: str | None, *, floor: bool = True) -> list[
                 for target in targets if round_index % 2 == 0 else targets[::-1]:
                     if check and target.name in (DIRECT, FLOOR):
                         continue  # no cookie is checked there: the same handshake as above
-                    _scenario(run, name, target, Spec(
-                        "handshake", target.addresses, plan.handshake_workers, 0, plan.warmup, plan.window,
-                        check_cookie=check, source_ips=SOURCE_IPS,
-                        proxy_pids=target.proxy_pids(), load_pids=load_pids))
+                    _scenario(run, name, target, handshake_spec(plan, target, plan.window, check, load_pids))
         for target in targets[1:]:
             _scenario(run, "idle", target, Spec(
                 "idle", target.addresses, plan.idle_connections, source_ips=SOURCE_IPS,
@@ -350,6 +347,15 @@ def _keep(run: Run, name: str, target: str, result: dict[str, Any] | None) -> No
     median = sorted(done, key=cost)[len(done) // 2]
     totals = {key: sum(int(one.get(key) or 0) for one in done) for key in ("count", "cookies_issued", "server_changes")}
     run.raw[name][target] = {**median, "rounds": rounds, "all_rounds": totals}
+
+
+def handshake_spec(
+    plan: Plan, target: Target, window: float, check: bool, load_pids: tuple[int, ...] = ()
+) -> Spec:
+    """The handshake scenario against `target` as the benchmark loads it (direct and the floor check no cookie)."""
+    return Spec("handshake", target.addresses, plan.handshake_workers, 0, plan.warmup, window,
+                check_cookie=check and target.name not in (DIRECT, FLOOR), source_ips=SOURCE_IPS,
+                proxy_pids=target.proxy_pids(), load_pids=load_pids)
 
 
 def _loadgen(run: Run, spec: Spec, cpus: str | None, timeout: float, label: str) -> dict[str, Any] | None:

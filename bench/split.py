@@ -24,29 +24,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from bench import procs, runner
 from bench.haproxy import find_haproxy
-from bench.loadgen import Spec
 from bench.procs import BenchError, Child
-from bench.runner import BALANCER, FLOOR, SOURCE_IPS, Plan, Run, Target
-
-
-def parse_user_system(stat: str) -> tuple[float, float]:
-    """User and system CPU seconds from the text of /proc/PID/stat (proc(5): fields 14 and 15)."""
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[11]) / procs.CLOCK_TICKS, int(fields[12]) / procs.CLOCK_TICKS
-
-
-def user_system(pids: Sequence[int]) -> tuple[float, float]:
-    user = system = 0.0
-    for pid in pids:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            one = parse_user_system(Path(f"/proc/{pid}/stat").read_text())
-            user, system = user + one[0], system + one[1]
-    return user, system
+from bench.runner import BALANCER, Plan, Run, Target
 
 
 def parse_strace_summary(text: str) -> dict[str, int]:
@@ -70,11 +53,6 @@ def per_handshake(calls: dict[str, int]) -> dict[str, float]:
     return dict(sorted(((name, count / handshakes) for name, count in calls.items()), key=lambda item: -item[1]))
 
 
-def _spec(plan: Plan, target: Target, window: float, check: bool) -> Spec:
-    return Spec("handshake", target.addresses, plan.handshake_workers, 0, plan.warmup, window,
-                check_cookie=check and target.name != FLOOR, source_ips=SOURCE_IPS, proxy_pids=target.proxy_pids())
-
-
 def _cpu_rounds(
     run: Run, targets: list[Target], rounds: int, window: float, check: bool
 ) -> dict[str, list[tuple[float, float]]]:
@@ -82,10 +60,10 @@ def _cpu_rounds(
     split: dict[str, list[tuple[float, float]]] = {target.name: [] for target in targets}
     for index in range(rounds):
         for target in targets if index % 2 == 0 else targets[::-1]:
-            before = user_system(target.proxy_pids())
-            result = runner._loadgen(run, _spec(run.plan, target, window, check), run.pinning.load, window + 60,
-                                     target.name)
-            after = user_system(target.proxy_pids())
+            before = procs.user_system_seconds(target.proxy_pids())
+            spec = runner.handshake_spec(run.plan, target, window, check)
+            result = runner._loadgen(run, spec, run.pinning.load, window + 60, target.name)
+            after = procs.user_system_seconds(target.proxy_pids())
             user, system = after[0] - before[0], after[1] - before[1]
             count = (result or {}).get("count") or 0
             # The window's CPU per handshake, split as the whole run (warm-up included) split it.
@@ -107,7 +85,7 @@ def _syscalls(run: Run, target: Target, strace: str, check: bool) -> dict[str, f
     tracer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)  # attached before the first connection
-        runner._loadgen(run, _spec(run.plan, target, 3.0, check), run.pinning.load, 60, target.name)
+        runner._loadgen(run, runner.handshake_spec(run.plan, target, 3.0, check), run.pinning.load, 60, target.name)
     finally:
         tracer.send_signal(signal.SIGINT)  # strace writes its summary when interrupted
         try:

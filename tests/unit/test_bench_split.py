@@ -1,9 +1,9 @@
-"""bench.split's readers: user and system time from /proc/PID/stat, and `strace -c`'s table."""
+"""bench.split's readers: user and system time from /proc/PID/stat (bench.procs), and `strace -c`'s table."""
 
 from __future__ import annotations
 
 from bench import procs
-from bench.split import parse_strace_summary, parse_user_system, per_handshake
+from bench.split import parse_strace_summary, per_handshake
 
 STRACE = """\
 % time     seconds  usecs/call     calls    errors syscall
@@ -32,4 +32,4 @@ def test_calls_are_counted_per_backend_connect_most_first() -> None:
 
 def test_user_and_system_time_are_fields_14_and_15_of_stat_whatever_the_command_name() -> None:
     stat = "42 (a (weird) name) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 1 0 100 0 0"
-    assert parse_user_system(stat) == (250 / procs.CLOCK_TICKS, 75 / procs.CLOCK_TICKS)
+    assert procs.parse_stat_user_system(stat) == (250 / procs.CLOCK_TICKS, 75 / procs.CLOCK_TICKS)
