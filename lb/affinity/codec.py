@@ -147,7 +147,7 @@ class TokenCodec:
         key = self._keys[0]
         plaintext = _CLAIM.pack(claim.issued_at, claim.session, len(backend)) + names + app_value
         sealed = key.header + nonce + key.aead.encrypt(nonce, plaintext, key.header)
-        return _encode(sealed)
+        return _to_text(sealed)
 
     def open(self, token: str, now: float) -> Claim:
         """Decrypt and check a token.
@@ -239,7 +239,7 @@ def _encode_in_python(raw: bytes) -> str:
 
 
 # lb.affinity._token64's one pass each way, or (not built, or LB_PURE_PYTHON=1) the same in Python.
-_encode: Final = (
+_to_text: Final = (
     cast("Callable[[bytes], str] | None", built_in_c("lb.affinity._token64", "encode")) or _encode_in_python
 )
 _from_text: Final = (

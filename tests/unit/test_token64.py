@@ -104,13 +104,13 @@ def test_the_c_pair_is_used_when_built_and_set_aside_by_lb_pure_python() -> None
     )
     if pure_python_requested():
         pytest.skip("LB_PURE_PYTHON=1: the Python pair runs")
-    assert codec._encode is token64.encode and codec._from_text is token64.decode
+    assert codec._to_text is token64.encode and codec._from_text is token64.decode
     with pytest.raises(TypeError):
         token64.encode("text")
     with pytest.raises(TypeError):
         token64.decode(b"bytes")
     probe = ("import lb.affinity.codec as c; "
-             "print(c._encode is c._encode_in_python and c._from_text is c._decode_in_python)")
+             "print(c._to_text is c._encode_in_python and c._from_text is c._decode_in_python)")
     env = {**os.environ, "LB_PURE_PYTHON": "1"}
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True", done.stderr
