@@ -171,11 +171,10 @@ class TokenCodec:
                 continue
         else:
             raise InvalidToken("bad_mac")
-        claim = _parse_claim(plaintext, version)
+        claim = _parse_claim(plaintext, version, older_key=key is not self._keys[0])
         age = now - claim.issued_at
         if age > self._max_age or age < -CLOCK_SKEW:
             raise InvalidToken("expired")
-        claim.older_key = key is not self._keys[0]
         return claim
 
 
@@ -247,7 +246,7 @@ _from_text: Final = (
 )
 
 
-def _parse_claim(plaintext: bytes, version: int) -> Claim:
+def _parse_claim(plaintext: bytes, version: int, *, older_key: bool) -> Claim:
     # Authenticated, so only our own (older or newer) layouts can arrive here;
     # still checked so a layout bug cannot turn into an exception upstream.
     if len(plaintext) < _CLAIM.size:
@@ -268,4 +267,5 @@ def _parse_claim(plaintext: bytes, version: int) -> Claim:
         app_value = rest.decode("utf-8") if rest else None
     except UnicodeDecodeError:
         raise InvalidToken("malformed") from None
-    return Claim(backend_id=backend_id, issued_at=issued_at, session=session, app_value=app_value, pool=pool)
+    return Claim(backend_id=backend_id, issued_at=issued_at, session=session, app_value=app_value, pool=pool,
+                 older_key=older_key)
