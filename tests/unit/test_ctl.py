@@ -79,9 +79,11 @@ def test_config_needs_only_its_admin_section_to_be_usable(tmp_path: Path) -> Non
     with pytest.raises(CtlError) as exc:
         resolve_target(parse("--config", str(config), "status"), {})
     assert exc.value.exit_code == EXIT_USAGE and "admin.token" in str(exc.value)
-    # A wrong file, or one lb run would refuse at its top level or in admin, is never read as
-    # "admin on its defaults" (127.0.0.1:9000, no token).
-    for text, said in [
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
         ("- listeners\n", "expected a mapping"),
         ("admin: [\n", "YAML"),
         ("", "empty"),
@@ -91,11 +93,16 @@ def test_config_needs_only_its_admin_section_to_be_usable(tmp_path: Path) -> Non
         ("apiVersion: v1\nkind: ConfigMap\n", "apiVersion"),
         ("admin: {bind: 127.0.0.1:9100}\nadmin: {bind: 127.0.0.1:9200}\n", "duplicate key"),
         ("admin: {token: a, token: b}\n", "duplicate key"),
-    ]:
-        config.write_text(text)
-        with pytest.raises(CtlError) as exc:
-            resolve_target(parse("--config", str(config), "status"), {})
-        assert exc.value.exit_code == EXIT_USAGE and said in str(exc.value), (text, str(exc.value))
+    ],
+)
+def test_a_file_lb_run_would_refuse_is_a_usage_error(tmp_path: Path, text: str, said: str) -> None:
+    """A wrong file, or one lb run would refuse at its top level or in admin, is never read as
+    "admin on its defaults" (127.0.0.1:9000, no token)."""
+    config = tmp_path / "lb.yaml"
+    config.write_text(text)
+    with pytest.raises(CtlError) as exc:
+        resolve_target(parse("--config", str(config), "status"), {})
+    assert exc.value.exit_code == EXIT_USAGE and said in str(exc.value), str(exc.value)
 
 
 def test_bad_admin_url_is_a_usage_error() -> None:
