@@ -5,8 +5,10 @@ field is an error); `kubectl kustomize` builds the base and every overlay when k
 (skipped otherwise) and each built resource validates too.  The operational promises are checked
 across files: 3 replicas, /readyz and /livez probes, preStop equal to `timeouts.shutdown_delay`,
 terminationGracePeriodSeconds covering preStop + delay + grace, keys from a Secret through
-`${file:}`, a LoadBalancer Service that keeps the client address, a PodDisruptionBudget, and a
-gateway StatefulSet whose headless Service the config discovers by SRV.
+`${file:}`, a LoadBalancer Service that keeps the client address, a PodDisruptionBudget, a
+gateway StatefulSet whose headless Service the config discovers by SRV, NetworkPolicies (the
+balancer's ws port open to all, its admin port not; the gateways reachable from the balancers
+only), and a soft spread of balancers and gateways over zones.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBE = DEPLOY / "kubernetes"
 KUSTOMIZATIONS = sorted(p.parent for p in KUBE.rglob("kustomization.yaml"))
+BUILT_KINDS = {"Deployment", "Service", "PodDisruptionBudget", "StatefulSet", "ConfigMap", "Namespace", "NetworkPolicy"}
 SCHEMA_VERSION = kubernetes_validate.latest_version()
 # Keys of SPEC part 2 that other parts of the product add; until they are merged, the parser calls them unknown.
 def manifest_files() -> list[Path]:
@@ -76,7 +79,7 @@ def test_kustomize_builds_and_validates(directory: Path) -> None:
     assert built.returncode == 0, built.stderr
     resources = load_all(built.stdout)
     kinds = {r["kind"] for r in resources}
-    assert {"Deployment", "Service", "PodDisruptionBudget", "StatefulSet", "ConfigMap", "Namespace"} <= kinds
+    assert kinds >= BUILT_KINDS, f"missing: {BUILT_KINDS - kinds}"
     for resource in resources:
         validate(resource)
         if resource["kind"] != "Namespace":
@@ -155,6 +158,70 @@ def test_service_pdb_and_gateways() -> None:
     assert dns == f"_{port_name}._tcp.{headless['metadata']['name']}.game.svc.cluster.local"
     gateway = statefulset["spec"]["template"]["spec"]["containers"][0]
     assert "/drain" in " ".join(gateway["lifecycle"]["preStop"]["exec"]["command"])
+
+
+def _container_port(workload: dict[str, Any], name: str) -> int:
+    [container] = workload["spec"]["template"]["spec"]["containers"]
+    [port] = [p["containerPort"] for p in container["ports"] if p["name"] == name]
+    return port
+
+
+def _ingress_peers(resources: dict[tuple[str, str], dict[str, Any]], workload: dict[str, Any], port: int) -> list[Any]:
+    """The `from` peers of every ingress rule, in every NetworkPolicy selecting the workload's pods, that covers
+    `port`; None stands for a rule without `from` (any source).  Fails if no policy isolates the pods."""
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    policies = [
+        doc["spec"]
+        for (kind, _), doc in resources.items()
+        if kind == "NetworkPolicy" and doc["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ]
+    assert any("Ingress" in p.get("policyTypes", ["Ingress"]) for p in policies), f"no policy isolates {labels}"
+    peers: list[Any] = []
+    for policy in policies:
+        for rule in policy.get("ingress", []):
+            ports = rule.get("ports")
+            if ports and not any(p.get("port") in (port, None) and p.get("protocol", "TCP") == "TCP" for p in ports):
+                continue
+            peers.extend(rule.get("from") or [None])
+    return peers
+
+
+def test_network_policies() -> None:
+    """Balancer: ws open to any source (players, the NLB's checks), admin only from this namespace and one
+    monitoring namespace picked by label; gateways: ingress from the balancer pods only."""
+    resources = base_resources()
+    deployment = resources[("Deployment", "lb")]
+    lb_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert None in _ingress_peers(resources, deployment, _container_port(deployment, "ws")), "ws must be open to all"
+    admin = _ingress_peers(resources, deployment, _container_port(deployment, "admin"))
+    assert admin and None not in admin, "the admin port must not be open to every source"
+    for peer in admin:
+        assert "ipBlock" not in peer, peer
+        if "namespaceSelector" in peer:
+            assert peer["namespaceSelector"].get("matchLabels"), "an empty namespaceSelector is every namespace"
+    assert {"podSelector": {}} in admin, "the balancer's own namespace reaches its admin port"
+    selectors = [p["namespaceSelector"].get("matchLabels", {}) for p in admin if "namespaceSelector" in p]
+    monitoring = [labels for labels in selectors if "kubernetes.io/metadata.name" in labels]
+    assert monitoring, "a monitoring namespace, selected by name, reaches the admin port"
+    statefulset = resources[("StatefulSet", "gw")]
+    gateway = _ingress_peers(resources, statefulset, _container_port(statefulset, "ws"))
+    assert gateway, "the balancers must reach the gateways"
+    for peer in gateway:
+        assert peer is not None and set(peer) == {"podSelector"}, f"gateway ingress beyond this namespace: {peer}"
+        assert peer["podSelector"].get("matchLabels"), "an empty podSelector is every pod of the namespace"
+        assert peer["podSelector"]["matchLabels"].items() <= lb_labels.items(), f"not the balancer pods: {peer}"
+
+
+@pytest.mark.parametrize("workload", [("Deployment", "lb"), ("StatefulSet", "gw")], ids=["lb", "gw"])
+def test_spread_over_zones_soft(workload: tuple[str, str]) -> None:
+    """Balancers and gateways spread over zones, ScheduleAnyway (a single-zone cluster still schedules)."""
+    resource = base_resources()[workload]
+    template = resource["spec"]["template"]
+    [zone] = [
+        c for c in template["spec"]["topologySpreadConstraints"] if c["topologyKey"] == "topology.kubernetes.io/zone"
+    ]
+    assert zone["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert zone["labelSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
 
 
 def test_nlb_overlay_uses_proxy_protocol_on_both_sides() -> None:
