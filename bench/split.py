@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench import procs, runner
 from bench.haproxy import find_haproxy
@@ -120,44 +121,41 @@ def _cpu_rounds(
     return split
 
 
+def _window_attached(run: Run, target: Target, tool: list[str], check: bool, wait: float) -> dict[str, Any] | None:
+    """One 3 s handshake window of `target` with `tool` (strace, perf record) attached to its processes.
+
+    The tool writes what it gathered when interrupted, which it is at the end (given `wait` seconds).
+    Returns the load generator's result.
+    """
+    command = list(tool)
+    for pid in target.proxy_pids():
+        command += ["-p", str(pid)]
+    attached = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)  # attached before the first connection
+        return runner._loadgen(run, runner.handshake_spec(run.plan, target, 3.0, check), run.pinning.load, 60,
+                               target.name)
+    finally:
+        attached.send_signal(signal.SIGINT)
+        try:
+            attached.wait(wait)
+        except subprocess.TimeoutExpired:
+            attached.kill()
+            attached.wait(5)
+
+
 def _syscalls(run: Run, target: Target, strace: str, check: bool) -> dict[str, float]:
     """System calls per handshake of `target`, strace attached for one 3 s window."""
     out = run.log_dir / f"{target.name}.strace"
-    command = [strace, "-f", "-c", "-o", str(out)]
-    for pid in target.proxy_pids():
-        command += ["-p", str(pid)]
-    tracer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)  # attached before the first connection
-        runner._loadgen(run, runner.handshake_spec(run.plan, target, 3.0, check), run.pinning.load, 60, target.name)
-    finally:
-        tracer.send_signal(signal.SIGINT)  # strace writes its summary when interrupted
-        try:
-            tracer.wait(10)
-        except subprocess.TimeoutExpired:
-            tracer.kill()
-            tracer.wait(5)
+    _window_attached(run, target, [strace, "-f", "-c", "-o", str(out)], check, wait=10)
     return per_handshake(parse_strace_summary(out.read_text() if out.exists() else ""))
 
 
 def _by_library(run: Run, target: Target, perf: str, check: bool) -> tuple[float, dict[str, float]]:
     """CPU µs per handshake of `target` in one 3 s window under `perf record`, and its µs by library group."""
     data = run.log_dir / f"{target.name}.perf"
-    command = [perf, "record", "-q", "-e", "cpu-clock", "-F", "999", "-o", str(data)]
-    for pid in target.proxy_pids():
-        command += ["-p", str(pid)]
-    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)  # attached before the first connection
-        result = runner._loadgen(run, runner.handshake_spec(run.plan, target, 3.0, check), run.pinning.load, 60,
-                                 target.name)
-    finally:
-        recorder.send_signal(signal.SIGINT)  # perf writes its data when interrupted
-        try:
-            recorder.wait(20)
-        except subprocess.TimeoutExpired:
-            recorder.kill()
-            recorder.wait(5)
+    result = _window_attached(run, target, [perf, "record", "-q", "-e", "cpu-clock", "-F", "999", "-o", str(data)],
+                              check, wait=20)
     count = (result or {}).get("count") or 0
     per_handshake_us = 1e6 * result["proxy_cpu"] / count if result and count else 0.0
     report = subprocess.run([perf, "report", "-i", str(data), "--sort", "dso", "--stdio", "-q", "-t", ";"],
