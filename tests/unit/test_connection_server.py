@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support_poll import wait_for as _wait
@@ -12,7 +13,9 @@ from test_connection import CONFIG
 from bench.handshake_shell import BenchLoop, FakeTransport, deliver
 from lb.config.load import parse_config
 from lb.proxy import connection as core_module
+from lb.proxy import server as server_module
 from lb.proxy.server import ClientConnection, client_factory, stop_in_flight
+from lb.proxy.tunnel import TunnelEnd, WebSocketServerEnd
 from lb.state.context import ProxyContext
 
 
@@ -93,3 +96,31 @@ async def test_a_backend_read_while_the_client_is_full_is_paused_again() -> None
     deliver(upstream, b"Content-Length: 0\r\n\r\n")
     assert calls == ["pause"]
     assert b"".join(client.written).startswith(b"HTTP/1.1 200 OK\r\n"), client.written  # the first read was kept
+
+
+@pytest.mark.parametrize("read", ["buffered", "data_received"])
+async def test_a_read_through_data_received_is_the_same_read(read: str) -> None:
+    """uvloop looks `data_received` up on every set_protocol (a missing one raises and catches an
+    AttributeError per connection), so every protocol of the data plane has one; a transport that
+    calls it, rather than get_buffer and buffer_updated, gets the same answer."""
+    for protocol in (ClientConnection, server_module._Upstream, TunnelEnd, WebSocketServerEnd):
+        assert callable(getattr(protocol, "data_received", None)), protocol
+
+    def give(protocol: Any, data: bytes) -> None:
+        if read == "buffered":
+            deliver(protocol, data)
+        else:
+            protocol.data_received(data)
+
+    loop = BenchLoop(asyncio.get_running_loop())
+    client = FakeTransport(("127.0.0.2", 40000))
+    connection = ClientConnection(_ctx(), loop=loop)  # type: ignore[arg-type]
+    connection.connection_made(client)  # type: ignore[arg-type]
+    give(connection, b"GET /a/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    upstream = loop.opened.pop()
+    backend = FakeTransport(("127.0.0.1", 7001))
+    upstream.connection_made(backend)
+    assert b"".join(backend.written).startswith(b"GET /a/x HTTP/1.1\r\n")
+    give(upstream, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    answer = b"".join(client.written)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok"), answer
