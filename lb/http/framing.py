@@ -29,12 +29,20 @@ MAX_SIZE_DIGITS = 15
 # backend cannot read a line's end where we do not (request smuggling).
 _LINE_CHARS = rb"[\t\x20-\x7e\x80-\xff]"
 _TCHAR = TCHAR.encode("ascii")
-# A whole chunk-size line (size, optional whitespace, optional extensions, CRLF), read in one
-# C-speed match instead of a loop pass per byte.  Lines it does not match (split across reads,
-# too long, or malformed) go through the loop below, which has the last word on them.
-_size_line = re.compile(
-    rb"([0-9A-Fa-f]{1,%d})(?:[ \t]*;%s{0,%d}|[ \t]*)\r\n" % (MAX_SIZE_DIGITS, _LINE_CHARS, MAX_CHUNK_LINE)
-).match
+# RFC 9112 §7.1.1: chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] ), a name
+# a token, a value a token or a quoted-string (RFC 9110 §5.6.4: no CR, LF or NUL inside).  Checked
+# whole, not skipped: a parser behind us that reads an unclosed quote (`5;a="`) past the line's end,
+# or a name-less `;` otherwise, would end the line (and so the chunk) where we do not.  Possessive
+# throughout, so a line of blanks cannot make a match backtrack.
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*+"'
+_EXTENSIONS = rb"(?:[ \t]*+;[ \t]*+%s++(?:[ \t]*+=[ \t]*+(?:%s++|%s))?+)*+" % (_TCHAR, _TCHAR, _QUOTED)
+# A whole chunk-size line (size, extensions, CRLF), read in one C-speed match instead of a loop
+# pass per byte.  Lines it does not match (split across reads, too long, or malformed) go through
+# the loop below, which has the last word on them.
+_size_line = re.compile(rb"([0-9A-Fa-f]{1,%d})%s\r\n" % (MAX_SIZE_DIGITS, _EXTENSIONS)).match
+# The loop's check of a size line it read in pieces, once the line's CR arrives (the pieces it
+# passed on before hold no control byte, so no parser could end the line among them).
+_size_line_text = re.compile(rb"[0-9A-Fa-f]{1,%d}%s" % (MAX_SIZE_DIGITS, _EXTENSIONS)).fullmatch
 # Runs the loop takes in one C-speed step: a split line costs a loop pass per read, not per byte.
 _line_run = re.compile(_LINE_CHARS + rb"*+").match
 _blank_run = re.compile(rb"[ \t]*+").match
@@ -48,11 +56,12 @@ class BodyFramer:
     """Tracks one message body; `feed` says where in a read the body ends.
 
     A chunked body is checked as it passes: a malformed size line, extension or trailer line
-    raises at its first bad byte, so no bad line ever reaches the other side whole.
+    raises at its first bad byte, or (an extension's grammar) at the CR that ends its line, so no
+    bad line ever reaches the other side whole.
     """
 
     __slots__ = (
-        "_chunked", "_extension", "_line_len", "_name", "_refused", "_remaining", "_state", "_trailer_len",
+        "_chunked", "_extension", "_line", "_name", "_refused", "_remaining", "_state", "_trailer_len",
         "_until_eof",
     )
 
@@ -68,8 +77,8 @@ class BodyFramer:
         self._until_eof = length is None and not chunked
         self._remaining = length or 0
         self._state = _SIZE if chunked else (_DONE if length == 0 else _DATA)
-        self._extension = False  # in a chunk-size line's extensions, which are skipped up to CR
-        self._line_len = 0
+        self._extension = False  # in a chunk-size line's extensions, which are checked at its CR
+        self._line = bytearray()  # a chunk-size line read in pieces, so far (without its CRLF)
         self._trailer_len = 0
         self._name = bytearray()  # a trailer field name split across reads
         self._refused = _refused_trailers(forbidden_trailers) if forbidden_trailers else None
@@ -120,7 +129,7 @@ class BodyFramer:
                         self._state = _DATA_CR
                 continue
             if state == _SIZE:
-                if not self._line_len and not self._extension:
+                if not self._line and not self._extension:
                     line = _size_line(data, i)
                     if line is not None and line.end() - i - 2 <= MAX_CHUNK_LINE:  # without its CRLF
                         i = line.end()
@@ -128,11 +137,11 @@ class BodyFramer:
                         self._state = _DATA if self._remaining else _TRAILER_NAME
                         continue
                 elif self._extension:
-                    i = self._count_line(i, _run_end(_line_run, data, i))
+                    i = self._take_line(data, i, _run_end(_line_run, data, i))
                     if i == n:
                         break
             elif state == _SIZE_BWS:
-                i = self._count_line(i, _run_end(_blank_run, data, i))
+                i = self._take_line(data, i, _run_end(_blank_run, data, i))
                 if i == n:
                     break
             elif state == _TRAILER_NAME:
@@ -160,36 +169,36 @@ class BodyFramer:
             byte = data[i]
             i += 1
             if state == _SIZE:
-                if byte == 0x0D and self._line_len:  # a size line starts with a digit
+                if byte == 0x0D and self._line:  # a size line starts with a digit
+                    if self._extension and _size_line_text(self._line) is None:
+                        raise ValueError("malformed chunk extension")
                     self._state = _SIZE_LF
                 elif self._extension:
                     raise ValueError("control byte in chunk extension")  # what _line_run stopped at
-                elif chr(byte) in "0123456789abcdefABCDEF" and self._line_len < MAX_SIZE_DIGITS:
+                elif chr(byte) in "0123456789abcdefABCDEF" and len(self._line) < MAX_SIZE_DIGITS:
                     self._remaining = self._remaining * 16 + int(chr(byte), 16)
-                    self._line_len += 1
-                elif byte == 0x3B and self._line_len:
+                    self._line.append(byte)
+                elif byte == 0x3B and self._line:
                     self._extension = True
-                    self._line_len += 1
-                elif byte in (0x20, 0x09) and self._line_len:
+                    self._line.append(byte)
+                elif byte in (0x20, 0x09) and self._line:
                     self._state = _SIZE_BWS
-                    self._line_len += 1
+                    self._line.append(byte)
                 else:
                     raise ValueError("malformed chunk size")
             elif state == _SIZE_BWS:
-                # RFC 9112 §7.1.1: whitespace after the size may only lead to `;` (or end the line);
-                # `5 junk` is a size some parsers read otherwise.
-                if byte == 0x3B:
-                    self._extension = True
-                    self._state = _SIZE
-                    self._line_len += 1
-                elif byte == 0x0D:
-                    self._state = _SIZE_LF
-                else:
+                # RFC 9112 §7.1.1: whitespace after the size may only lead to `;`; `5 junk` is a size
+                # some parsers read otherwise, and `5 ` before the CRLF one llhttp refuses.
+                if byte != 0x3B:
                     raise ValueError("malformed chunk size")
+                self._extension = True
+                self._state = _SIZE
+                self._line.append(byte)
             elif state == _SIZE_LF:
-                if byte != 0x0A or not self._line_len:
+                if byte != 0x0A or not self._line:
                     raise ValueError("malformed chunk size line")
-                self._extension, self._line_len = False, 0
+                self._extension = False
+                self._line.clear()
                 self._state = _DATA if self._remaining else _TRAILER_NAME
             elif state == _DATA_CR:
                 if byte != 0x0D:
@@ -231,11 +240,11 @@ class BodyFramer:
         else:
             raise ValueError("malformed trailer line")
 
-    def _count_line(self, start: int, end: int) -> int:
-        """Count a run of a chunk-size line against MAX_CHUNK_LINE; return where it ends."""
-        self._line_len += end - start
-        if self._line_len > MAX_CHUNK_LINE:
+    def _take_line(self, data: bytes, start: int, end: int) -> int:
+        """Keep a run of a chunk-size line (bounded by MAX_CHUNK_LINE); return where it ends."""
+        if len(self._line) + end - start > MAX_CHUNK_LINE:
             raise ValueError("chunk size line too long")
+        self._line += data[start:end]
         return end
 
     def _count_trailers(self, size: int) -> None:

@@ -155,11 +155,11 @@ def test_chunked_split_at_every_boundary(cut: int) -> None:
         b"000000000000001\r\nx\r\n0\r\n\r\n",  # 15 digits is the limit (below 2**60)
         b"1\t;tab\r\nx\r\n0\r\n\r\n",
         b"1 \t ; a=b\r\nx\r\n0\r\n\r\n",
-        b"1  \r\nx\r\n0\r\n\r\n",
+        b'1;a="q;\\"\x80" ; b = c;d\r\nx\r\n0\r\n\r\n',
         b"0\r\nA: 1\r\nB:\r\n\r\n",
     ],
     ids=["empty", "last-chunk ext", "trailer", "one chunk", "uppercase hex", "15 digits", "tab before ext",
-         "spaces before ext", "spaces then line end", "trailers"],
+         "spaces before ext", "quoted and spaced extensions", "trailers"],
 )
 def test_chunked_forms(body: bytes) -> None:
     """Valid chunked bodies end exactly after their final CRLF."""
@@ -190,6 +190,14 @@ MALFORMED_CHUNKED = {
     "NUL in extension": b"5;a\x00b\r\n",
     "DEL in extension": b"5;a\x7f\r\n",
     "endless extension": b"5;" + b"a" * MAX_CHUNK_LINE + b"\r\n",
+    # RFC 9112 §7.1.1's grammar: `;` name [`=` token or quoted-string], BWS only before `;` and `=`.
+    "spaces then line end": b"1  \r\nx\r\n0\r\n\r\n",
+    "space after an extension": b"1;a=b \r\nx\r\n0\r\n\r\n",
+    "extension without a name": b"1;\r\nx\r\n0\r\n\r\n",
+    "extension value missing": b"1;a=\r\nx\r\n0\r\n\r\n",
+    "space in an extension value": b"1;a=b c\r\nx\r\n0\r\n\r\n",
+    "unclosed quoted value": b'1;a="b\r\nx\r\n0\r\n\r\n',
+    "escaped closing quote": b'1;a="\\"\r\nx\r\n0\r\n\r\n',
     "bare LF in trailer": b"0\r\nX: 1\n\r\n",
     "NUL in trailer": b"0\r\nX: \x00\r\n",
     "endless trailers": b"0\r\n" + b"X: 1\r\n" * (MAX_TRAILERS // 4 + 1),
