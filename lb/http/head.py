@@ -172,9 +172,10 @@ _names_lowered: Final[dict[str, str]] = {}
 _MAX_NAMES_REMEMBERED: Final = 256
 
 
-def protected_headers(affinity_header: str) -> frozenset[str]:
-    """PROTECTED_HEADERS plus the configured `affinity.header`: compute once per configuration."""
-    return PROTECTED_HEADERS | {affinity_header.lower()}
+def protected_headers(affinity_header: str, routing_headers: frozenset[str] = frozenset()) -> frozenset[str]:
+    """PROTECTED_HEADERS plus the configured `affinity.header` and the headers pools route by
+    (`Config.routing_headers`): compute once per configuration."""
+    return PROTECTED_HEADERS | {affinity_header.lower()} | routing_headers
 
 
 @dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
@@ -584,8 +585,8 @@ def parse_request_head(raw: bytes, *, protected: frozenset[str] = PROTECTED_HEAD
     Args:
         raw: the head, up to and including the blank line.
         protected: lower-case header names whose `_`-for-`-` spellings are dropped (every
-            `x-forwarded-*` is always covered); pass `protected_headers(affinity.header)` when the
-            affinity header is not the default.
+            `x-forwarded-*` is always covered); pass `protected_headers(affinity.header,
+            config.routing_headers)` for a configuration's own.
 
     Raises:
         BadRequest: anything RFC 9112 does not allow, with a short reason (BadFraming, BadHost).

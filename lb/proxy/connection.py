@@ -339,7 +339,7 @@ class Connection:
         self._pools = ctx.pools
         self._routes = ctx.routes
         self._codec = ctx.codec
-        self._protected = _protected_headers(config.affinity.header)
+        self._protected = _protected_headers(config.affinity.header, config.routing_headers)
         # Whether the peer's X-Forwarded-For is believed is known at accept: decided once here,
         # so a request from anyone else costs no address parsing at all.
         self._trusted = _TRUST_NOBODY

@@ -539,6 +539,35 @@ def test_a_trailer_named_like_our_headers_never_reaches_the_backend() -> None:
         assert b"6.6.6.6" not in b"".join(play.to_backend), name
 
 
+HASHED = CONFIG.replace(
+    "balance: round_robin\n    backends: [{id: a1",
+    "balance: hash\n    hash_key: header:X-User-Id\n    backends: [{id: a1",
+)
+
+
+def test_the_header_a_pool_routes_by_is_protected_as_ours_are() -> None:
+    """`hash_key: header:X-User-Id`: a client's `X_User_Id` is dropped (a backend that reads `_` as `-`
+    would see another user than the one the balancer hashed), and a trailer so named is a 400."""
+    assert "hash_key: header:X-User-Id" in HASHED
+    play = Play(HASHED)
+    play.client(get("/a/x", "X-User-Id: u1\r\nX_User_Id: u2\r\nX_Other: kept\r\n"))
+    play.connected()
+    forwarded = b"".join(play.to_backend)
+    assert b"X-User-Id: u1\r\n" in forwarded and b"u2" not in forwarded and b"X_Other: kept\r\n" in forwarded
+    for name in ("X-User-Id", "x_user_id"):
+        play = Play(HASHED)
+        play.client(b"POST /a/c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        play.connected()
+        play.client(b"0\r\n" + name.encode() + b": u9\r\n\r\n")
+        assert play.answer()[0] == 400, name
+        assert b"u9" not in b"".join(play.to_backend), name
+    # Without a pool that hashes by it, the name is the client's own: an `_` spelling passes.
+    play = Play()
+    play.client(get("/a/x", "X_User_Id: u2\r\n"))
+    play.connected()
+    assert b"X_User_Id: u2\r\n" in b"".join(play.to_backend)
+
+
 def test_connection_close_and_http10_end_after_the_answer() -> None:
     for request in (get("/a/x", "Connection: close\r\n"), b"GET /a/x HTTP/1.0\r\n\r\n"):
         play = Play()
