@@ -257,7 +257,12 @@ class Balancer:
         tls = ssl_context is not None
         loop = asyncio.get_running_loop()
         install_accept_error_filter(loop)
-        if listener.proxy_protocol or tls:
+        # asyncio's own accept loop (not uvloop's) goes on calling accept() after EMFILE within one
+        # wake-up, scheduling a retry for each failure: out of descriptors it spins on a whole core
+        # and health checks time out (CPython's selector_events, 3.11 to 3.13).  There, plain
+        # listeners accept through AcceptingServer too, which pauses for a second instead; its task
+        # per connection is what asyncio's create_server makes for each one anyway.
+        if listener.proxy_protocol or tls or isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
             # The PROXY header comes before TLS and HTTP alike: this listener reads it itself.  A TLS
             # handshake is a task it holds: its failure frees the connection's count at once, and
             # SIGTERM can wait for it (lb.proxy.preamble).

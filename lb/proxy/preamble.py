@@ -12,8 +12,11 @@ says when one fails (asyncio keeps our protocol in a reference cycle until
 the garbage collector runs, so its `limits.max_connections` slot stayed taken)
 and cannot be waited for at shutdown.  Here each handshake is a task we hold:
 its end, whatever it is, releases the count at once, and SIGTERM waits for it.
-Plain listeners keep `create_server`: nothing happens between accept and the
-protocol there, and its accept path is the cheapest.
+Plain listeners keep `create_server` on uvloop: nothing happens between accept
+and the protocol there, and its accept path is the cheapest.  On asyncio's own
+loop they are served here too: its accept loop goes on calling accept() after
+EMFILE within one wake-up and schedules a retry for each failure, so out of
+descriptors it spins; this one pauses.
 
 - `AcceptingServer` makes the listening socket itself (SO_REUSEADDR,
   SO_REUSEPORT for `workers: N`, the listener's backlog) and accepts with
@@ -106,7 +109,8 @@ def listening_socket(host: str, port: int, *, backlog: int, reuse_port: bool) ->
 
 
 class AcceptingServer:
-    """A listener that accepts itself (PROXY header, TLS, or both); quacks like `asyncio.Server` for the balancer."""
+    """A listener that accepts itself (PROXY header, TLS, both, or plain on asyncio's loop); quacks like
+    `asyncio.Server` for the balancer."""
 
     def __init__(
         self,
@@ -190,7 +194,7 @@ class AcceptingServer:
                     continue
                 # Out of descriptors or buffers, or anything else (not expected on a listening
                 # socket): pause rather than spin on it.
-                kind = "PROXY-protocol" if self._proxy_protocol else "TLS"
+                kind = "PROXY-protocol" if self._proxy_protocol else "TLS" if self._ssl is not None else "plain"
                 where = "" if exc.errno in LOCAL_ERRNOS else f" on a {kind} listener"
                 accept_errors.report(exc, "accept connections" + where)
                 self._loop.remove_reader(sock.fileno())

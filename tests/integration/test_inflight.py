@@ -43,7 +43,7 @@ from conftest import (
     wait_closed_by_peer,
 )
 from support_ops import metric, metrics_text, wait_until
-from support_raw import RecordingBackend, rss_kib
+from support_raw import RecordingBackend, cpu_seconds, rss_kib
 
 TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall": 3}
 
@@ -145,7 +145,10 @@ class LimitedBalancer(Balancer):
 async def test_descriptor_exhaustion_logs_little_and_recovers(
     launcher: Launcher, backend: RecordingBackend, event_loop: str
 ) -> None:
-    """Also: health checks that cannot be made (EMFILE) mark no backend down: the shortage is ours."""
+    """Also: health checks that cannot be made (EMFILE) mark no backend down: the shortage is ours; and
+    the balancer waits out the shortage rather than spinning on accept (asyncio's own accept loop goes
+    on calling accept() after EMFILE and schedules a retry for each failure: tens of thousands a
+    second, a whole core, and health checks that time out)."""
     backend.delay = 0.0
     eager_health = {**TCP_HEALTH, "interval": "300ms", "fall": 1}  # checks run while descriptors are out
     config = lb_config(pools={"p": [backend]}, health=eager_health, overrides={"runtime": {"event_loop": event_loop}})
@@ -158,8 +161,13 @@ async def test_descriptor_exhaustion_logs_little_and_recovers(
         for _ in range(150):  # well past 64 descriptors; the rest wait in the listen backlog
             sock = socket.create_connection(("127.0.0.1", lb.port), timeout=2)
             socks.append(sock)
+        await asyncio.sleep(1.0)  # the backlog fills and accepting fails
+        cpu_before = cpu_seconds(lb.proc.pid)
         await asyncio.sleep(3.0)  # exhausted for a while: asyncio would log a traceback per retry
+        spent = cpu_seconds(lb.proc.pid) - cpu_before
         lb.assert_alive()
+        # Health checks every 300 ms and one accept a second cost a few per cent of a core; a spin, all of one.
+        assert spent < 0.75, f"{spent:.2f} s of CPU in 3 s while out of descriptors: spinning on accept?"
         logged = lb.log_lines() - lines_before
         assert logged <= 10, f"{logged} log lines while out of descriptors:\n{lb.logs_tail(20)}"
     finally:
