@@ -24,7 +24,12 @@ descriptors it spins; this one pauses.
   most a bounded batch per wake-up so one listener cannot starve the loop.  An
   accept that fails for want of descriptors or buffers (EMFILE, ENFILE, ...)
   is logged at most once per interval, as `lb.proxy.server` does for the
-  other listeners, and accepting pauses for a second, as asyncio does.
+  other listeners, and accepting pauses: 0.1 s at first, doubling to a
+  second while the shortage lasts, 0.1 s again after an accept succeeds.
+  The short first pause is for the backlog a shortage leaves: many of its
+  connections are clients long gone, whose TLS handshakes fail in a moment
+  and give their descriptors back, and a fixed second between batches kept
+  live clients waiting behind them for 10 s and more.
 - Each accepted socket is counted at once (`_Accepted`).  With PROXY
   protocol it gets a `_Preamble`: on readability it peeks
   (`recv(n, MSG_PEEK)`) and parses what it has so far plus the peeked bytes
@@ -76,7 +81,9 @@ log = logging.getLogger("lb.proxy.server")
 _PEEK = V2_FIXED + MAX_V2_LENGTH
 # Accepts per wake-up: drains a burst of SYNs quickly without holding the loop for long.
 _ACCEPT_BATCH = 128
-_ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE & co (asyncio's own choice)
+# Seconds without accepting after EMFILE & co: the first pause, doubled up to the last (asyncio's one).
+_ACCEPT_PAUSE_FIRST = 0.1
+_ACCEPT_PAUSE_MAX = 1.0
 # Errors of one connection already gone at accept: try the next one.
 _GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
 
@@ -129,6 +136,7 @@ class AcceptingServer:
         self._preambles: set[_Preamble] = set()  # reading their PROXY header
         self._tasks: set[asyncio.Task[None]] = set()
         self._resume: asyncio.TimerHandle | None = None
+        self._pause = _ACCEPT_PAUSE_FIRST  # the next pause after a failed accept
         self._closed = asyncio.Event()
         self._socks = (sock,)
         self._serving = False
@@ -198,8 +206,10 @@ class AcceptingServer:
                 where = "" if exc.errno in LOCAL_ERRNOS else f" on a {kind} listener"
                 accept_errors.report(exc, "accept connections" + where)
                 self._loop.remove_reader(sock.fileno())
-                self._resume = self._loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)
+                self._resume = self._loop.call_later(self._pause, self._resume_accepting)
+                self._pause = min(self._pause * 2, _ACCEPT_PAUSE_MAX)
                 return
+            self._pause = _ACCEPT_PAUSE_FIRST
             address = (peer[0], peer[1]) if peer else ("-", 0)
             if self._ctx.sheds():
                 conn.close()  # past the limit and its answered overflow: no descriptor held (ctx.sheds)

@@ -185,6 +185,49 @@ async def test_descriptor_exhaustion_logs_little_and_recovers(
     assert " is down" not in lb.log_text(), lb.logs_tail(20)
 
 
+def _tls_get(port: int, ca: Path) -> int | None:
+    """One TLS `GET /x`: the answer's status, or None if the connection failed or timed out."""
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=2 * UNIT)
+        with ssl.create_default_context(cafile=str(ca)).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            head = sock.recv(64)
+    except OSError:
+        return None
+    return int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else None
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is not installed")
+async def test_a_tls_listener_is_back_soon_after_a_shortage_that_left_gone_clients_in_its_backlog(
+    launcher: Launcher, backend: RecordingBackend, certs: Path
+) -> None:
+    """Out of descriptors, a TLS listener pauses accepting.  Many connections waiting in its backlog by the
+    time descriptors are back are clients long gone, whose handshakes fail at once: the pause after a
+    failed accept starts short and grows only while the shortage lasts (a fixed second between batches
+    kept a live client waiting 10 s and more behind 400 of them)."""
+    backend.delay = 0.0
+    config = lb_config(pools={"p": [backend]}, tls=(certs / "server.crt", certs / "server.key"), health=TCP_HEALTH)
+    lb = LimitedBalancer(config, launcher.workdir, "limited-tls")
+    launcher.adopt(lb)
+    assert lb.tls_port is not None
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(400):  # about 50 take the descriptors left; the rest wait in the backlog
+            socks.append(socket.create_connection(("127.0.0.1", lb.tls_port), timeout=2))
+        await asyncio.sleep(2.0)
+        lb.assert_alive()
+    finally:
+        for sock in socks:
+            sock.close()
+    started = time.monotonic()
+    while (answered := await asyncio.to_thread(_tls_get, lb.tls_port, certs / "ca.crt")) != 200:
+        waited = time.monotonic() - started
+        assert waited < 5 * UNIT, f"no TLS request answered {waited:.1f} s after the shortage ended ({answered})"
+        await asyncio.sleep(0.1)
+    lb.assert_alive()
+    assert "Traceback" not in lb.log_text()
+
+
 def _tls_client_that_never_closes(port: int, ca: Path, request: bytes) -> tuple[ssl.SSLSocket, bytes]:
     """A TLS client that sends `request`, reads whatever comes within a moment, and then neither reads,
     answers close_notify nor closes: its socket stays open (the caller closes it)."""
