@@ -23,17 +23,18 @@ spoofing gap; HAProxy, Envoy, nginx and llhttp are the references):
   do the same): we cannot decode it and will not pass it on undecoded.
 - Host: exactly one on HTTP/1.1, at most one on HTTP/1.0, and a valid
   `uri-host [":" port]` (RFC 9112 §3.2).
-- Absolute-form target (`GET http://a.example/x`): its authority must agree
-  with Host (host case-insensitive, default port optional); the request is then
-  rewritten to origin-form with Host set from the authority (RFC 9112 §3.2.2:
-  a proxy generates Host from the target).  Userinfo in it is refused.
+- Absolute-form target (`GET http://a.example/x`): rewritten to origin-form
+  with Host set from its authority, a Host naming another one replaced (RFC
+  9112 §3.2.2: the received Host is ignored for the target's).  Userinfo in
+  it is refused.
 - Header names with `_` that read as one of ours once `_` becomes `-`
   (`X_Forwarded_For`, `X-Real_IP`, `Content_Length`, the affinity header...):
   dropped, not refused, as nginx does by default and Envoy's DROP_HEADER
   does.  CGI/WSGI backends fold `_` and `-` together, so forwarding one would
   let a client spoof what we set; refusing would break clients over a header
-  they likely never meant.  The dropped names are kept in
-  `RequestHead.dropped` for logging.
+  they likely never meant.  The configuration's own names (`affinity.header`,
+  a pool's `hash_key` header) are passed in `protected`.  The dropped names
+  are kept in `RequestHead.dropped`.
 
 How a head is read: a well-formed head (nearly every one) by its grammar alone,
 in one pass over its bytes by lb/http/_scan.c when it is built (`_read`), else by
