@@ -32,17 +32,19 @@ _TCHAR = TCHAR.encode("ascii")
 # RFC 9112 §7.1.1: chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] ), a name
 # a token, a value a token or a quoted-string (RFC 9110 §5.6.4: no CR, LF or NUL inside).  Checked
 # whole, not skipped: a parser behind us that reads an unclosed quote (`5;a="`) past the line's end,
-# or a name-less `;` otherwise, would end the line (and so the chunk) where we do not.  Possessive
-# throughout, so a line of blanks cannot make a match backtrack.
+# or a name-less `;` otherwise, would end the line (and so the chunk) where we do not.  Blanks
+# before the CRLF are let through, as llhttp can be told to: servers send `5 \r\n` (old Tomcat,
+# embedded ones), and a blank can neither end a line nor open a quote.  Possessive throughout, so
+# a line of blanks cannot make a match backtrack.
 _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*+"'
 _EXTENSIONS = rb"(?:[ \t]*+;[ \t]*+%s++(?:[ \t]*+=[ \t]*+(?:%s++|%s))?+)*+" % (_TCHAR, _TCHAR, _QUOTED)
 # A whole chunk-size line (size, extensions, CRLF), read in one C-speed match instead of a loop
 # pass per byte.  Lines it does not match (split across reads, too long, or malformed) go through
 # the loop below, which has the last word on them.
-_size_line = re.compile(rb"([0-9A-Fa-f]{1,%d})%s\r\n" % (MAX_SIZE_DIGITS, _EXTENSIONS)).match
+_size_line = re.compile(rb"([0-9A-Fa-f]{1,%d})%s[ \t]*+\r\n" % (MAX_SIZE_DIGITS, _EXTENSIONS)).match
 # The loop's check of a size line it read in pieces, once the line's CR arrives (the pieces it
 # passed on before hold no control byte, so no parser could end the line among them).
-_size_line_text = re.compile(rb"[0-9A-Fa-f]{1,%d}%s" % (MAX_SIZE_DIGITS, _EXTENSIONS)).fullmatch
+_size_line_text = re.compile(rb"[0-9A-Fa-f]{1,%d}%s[ \t]*+" % (MAX_SIZE_DIGITS, _EXTENSIONS)).fullmatch
 # Runs the loop takes in one C-speed step: a split line costs a loop pass per read, not per byte.
 _line_run = re.compile(_LINE_CHARS + rb"*+").match
 _blank_run = re.compile(rb"[ \t]*+").match
@@ -130,8 +132,9 @@ class BodyFramer:
                 continue
             if state == _SIZE:
                 if not self._line and not self._extension:
-                    line = _size_line(data, i)
-                    if line is not None and line.end() - i - 2 <= MAX_CHUNK_LINE:  # without its CRLF
+                    # Bounded (`endpos`): a read of hostile extensions is not scanned past a line's limit.
+                    line = _size_line(data, i, i + MAX_CHUNK_LINE + 2)
+                    if line is not None:
                         i = line.end()
                         self._remaining = int(line.group(1), 16)
                         self._state = _DATA if self._remaining else _TRAILER_NAME
@@ -187,13 +190,16 @@ class BodyFramer:
                 else:
                     raise ValueError("malformed chunk size")
             elif state == _SIZE_BWS:
-                # RFC 9112 §7.1.1: whitespace after the size may only lead to `;`; `5 junk` is a size
-                # some parsers read otherwise, and `5 ` before the CRLF one llhttp refuses.
-                if byte != 0x3B:
+                # RFC 9112 §7.1.1: whitespace after the size may only lead to `;` (or, let through,
+                # the line's end); `5 junk` is a size some parsers read otherwise.
+                if byte == 0x3B:
+                    self._extension = True
+                    self._state = _SIZE
+                    self._line.append(byte)
+                elif byte == 0x0D:
+                    self._state = _SIZE_LF
+                else:
                     raise ValueError("malformed chunk size")
-                self._extension = True
-                self._state = _SIZE
-                self._line.append(byte)
             elif state == _SIZE_LF:
                 if byte != 0x0A or not self._line:
                     raise ValueError("malformed chunk size line")
