@@ -211,8 +211,11 @@ class AcceptingServer:
                 return
             self._pause = _ACCEPT_PAUSE_FIRST
             address = (peer[0], peer[1]) if peer else ("-", 0)
-            if self._ctx.sheds():
-                conn.close()  # past the limit and its answered overflow: no descriptor held (ctx.sheds)
+            # Past the limit and its answered overflow, a connection whose TLS handshake or PROXY header
+            # comes first is closed at once (ctx.sheds); a plain one (asyncio's loop) is answered 503
+            # at its head, as create_server's are.
+            if (self._ssl is not None or self._proxy_protocol) and self._ctx.sheds():
+                conn.close()
                 self._ctx.stats.shed += 1
                 continue
             if self._proxy_protocol:
