@@ -28,7 +28,8 @@ the reload needs no free port and loses nothing queued in its backlog.
 
 A `proxy_protocol` or TLS listener is a `lb.proxy.preamble.AcceptingServer`
 instead of an `asyncio.Server`: it reads the PROXY header before TLS and HTTP,
-and holds each TLS handshake as a task of its own.
+and holds each TLS handshake as a task of its own.  So is a plain listener on
+asyncio's own loop, whose accept spins after EMFILE (`_bind` says how).
 
 `run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `request_reload` (a
 worker reloads on its owner's word instead, from the text the owner applied,
@@ -260,7 +261,7 @@ class Balancer:
         # asyncio's own accept loop (not uvloop's) goes on calling accept() after EMFILE within one
         # wake-up, scheduling a retry for each failure: out of descriptors it spins on a whole core
         # and health checks time out (CPython's selector_events, 3.11 to 3.13).  There, plain
-        # listeners accept through AcceptingServer too, which pauses for a second instead; its task
+        # listeners accept through AcceptingServer too, which pauses instead (0.1 s, up to 1 s); its task
         # per connection is what asyncio's create_server makes for each one anyway.
         if listener.proxy_protocol or tls or isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
             # The PROXY header comes before TLS and HTTP alike: this listener reads it itself.  A TLS

@@ -243,7 +243,8 @@ def new_request_id() -> str:
     return _ID_PREFIX + hex(next(_ids))[2:]
 
 
-# The header names a client may not alias with `_` (lb.http.head): one set per affinity header.
+# The header names a client may not alias with `_` (lb.http.head): one set per configuration's
+# affinity header and routing headers.
 _protected_headers: Final = functools.lru_cache(maxsize=8)(protected_headers)
 
 

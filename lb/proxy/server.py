@@ -98,15 +98,20 @@ class _Upstream(asyncio.BufferedProtocol):
         return READ_VIEW  # lb.proxy.reading: at most 32 KiB a read, copied out at once
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(READ_VIEW[:nbytes].tobytes())
-
-    def data_received(self, data: bytes) -> None:
-        # Defined although the transports read through get_buffer: uvloop looks it up on every
-        # set_protocol, and a missing one cost a raised and caught AttributeError (about 1 µs).
         owner = self.owner
         if owner is not None:
             if owner.client_full:
                 # uvloop starts reading after connection_made returns, undoing a pause made there.
+                cast(asyncio.Transport, self.transport).pause_reading()
+            owner.drive(owner.core.receive_backend, READ_VIEW[:nbytes].tobytes(), _now())
+
+    def data_received(self, data: bytes) -> None:
+        # Defined although the transports read through get_buffer: uvloop looks it up on every
+        # set_protocol, and a missing one cost a raised and caught AttributeError (about 1 µs).
+        # A transport that does call it gets what buffer_updated does.
+        owner = self.owner
+        if owner is not None:
+            if owner.client_full:
                 cast(asyncio.Transport, self.transport).pause_reading()
             owner.drive(owner.core.receive_backend, data, _now())
 
@@ -501,9 +506,10 @@ class ClientConnection(asyncio.BufferedProtocol):
 def client_factory(
     ctx: ProxyContext, loop: asyncio.AbstractEventLoop | None = None
 ) -> Callable[[], ClientConnection]:
-    """The protocol factory for a plain listener (`loop.create_server`); TLS and PROXY-protocol
-    listeners accept themselves (`lb.proxy.preamble.AcceptingServer`).  Call it with the loop
-    running (the loop that will serve the listener), or name that loop."""
+    """The protocol factory for a plain listener on uvloop (`loop.create_server`); TLS and
+    PROXY-protocol listeners, and plain ones on asyncio's own loop, accept themselves
+    (`lb.proxy.preamble.AcceptingServer`).  Call it with the loop running (the loop that will
+    serve the listener), or name that loop."""
     serving = loop or asyncio.get_running_loop()
     # Compiled, the lambda calls the native constructor directly: no argument tuple or keyword
     # dictionary to parse per connection, as a call from interpreted code would have.

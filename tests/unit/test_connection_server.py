@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,21 @@ async def test_idle_and_partial_connections_at_stop() -> None:
         server.close()
 
 
+def _request_at_backend(
+    give: Callable[[Any, bytes], None], backend: FakeTransport
+) -> tuple[ClientConnection, FakeTransport, Any]:
+    """A shell (with a BenchLoop) whose client sent `GET /a/x` through `give` and whose backend is `backend`,
+    connected: the connection, its client transport and its upstream protocol."""
+    loop = BenchLoop(asyncio.get_running_loop())
+    client = FakeTransport(("127.0.0.2", 40000))
+    connection = ClientConnection(_ctx(), loop=loop)  # type: ignore[arg-type]
+    connection.connection_made(client)  # type: ignore[arg-type]
+    give(connection, b"GET /a/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    upstream = loop.opened.pop()
+    upstream.connection_made(backend)
+    return connection, client, upstream
+
+
 async def test_a_backend_read_while_the_client_is_full_is_paused_again() -> None:
     """uvloop starts reading a new connection after connection_made returns, undoing a pause made
     there; so the first bytes a backend sends while the client is not reading pause it again."""
@@ -79,14 +95,7 @@ async def test_a_backend_read_while_the_client_is_full_is_paused_again() -> None
         def pause_reading(self) -> None:
             calls.append("pause")
 
-    loop = BenchLoop(asyncio.get_running_loop())
-    client = FakeTransport(("127.0.0.2", 40000))
-    connection = ClientConnection(_ctx(), loop=loop)  # type: ignore[arg-type]
-    connection.connection_made(client)  # type: ignore[arg-type]
-    deliver(connection, b"GET /a/x HTTP/1.1\r\nHost: h\r\n\r\n")
-    upstream = loop.opened.pop()
-    backend = Backend(("127.0.0.1", 7001))
-    upstream.connection_made(backend)
+    connection, client, upstream = _request_at_backend(deliver, Backend(("127.0.0.1", 7001)))
     connection.pause_writing()  # the client stopped reading: the backend is paused ...
     assert calls == ["pause"]
     calls.clear()  # ... and then, as uvloop does, reads anyway
@@ -112,14 +121,8 @@ async def test_a_read_through_data_received_is_the_same_read(read: str) -> None:
         else:
             protocol.data_received(data)
 
-    loop = BenchLoop(asyncio.get_running_loop())
-    client = FakeTransport(("127.0.0.2", 40000))
-    connection = ClientConnection(_ctx(), loop=loop)  # type: ignore[arg-type]
-    connection.connection_made(client)  # type: ignore[arg-type]
-    give(connection, b"GET /a/x HTTP/1.1\r\nHost: h\r\n\r\n")
-    upstream = loop.opened.pop()
     backend = FakeTransport(("127.0.0.1", 7001))
-    upstream.connection_made(backend)
+    _, client, upstream = _request_at_backend(give, backend)
     assert b"".join(backend.written).startswith(b"GET /a/x HTTP/1.1\r\n")
     give(upstream, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     answer = b"".join(client.written)
