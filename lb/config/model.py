@@ -252,15 +252,3 @@ class Config:
     workers_auto: bool = False  # `workers: auto`: `workers` is what it meant on this machine
     # Peers whose X-Forwarded-For is believed (lb.http.client_address); empty: nobody's.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    # The request headers a pool routes by (`hash_key: header:NAME`), lower case: protected as our
-    # own are (their `_` spellings dropped, trailers so named refused), so a backend that reads `_`
-    # as `-`, or merges trailers into the head, sees the key the balancer hashed.  Derived once here.
-    routing_headers: frozenset[str] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        names = frozenset(
-            pool.hash_key.name.lower()
-            for pool in self.pools.values()
-            if pool.hash_key is not None and pool.hash_key.source is HashKeySource.HEADER
-        )
-        object.__setattr__(self, "routing_headers", names)

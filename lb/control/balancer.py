@@ -78,7 +78,7 @@ from lb.log import setup_logging
 from lb.proxy.preamble import AcceptingServer, listening_socket
 from lb.proxy.server import abort_in_flight, client_factory, install_accept_error_filter, stop_in_flight
 from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY
-from lb.state.context import ProxyContext
+from lb.state.context import ProxyContext, configured_protected
 from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange
 from lb.state.ratelimit import RateLimiter
 from lb.tls import bound_asyncio_reads, server_ssl_context
@@ -588,6 +588,7 @@ class Balancer:
         ctx.pools = pools
         ctx.codec = TokenCodec(config.affinity.secret_keys, config.affinity.max_age)
         ctx.routes = sort_routes(config.routes)
+        ctx.protected = configured_protected(config)
         ctx.rate_limiter = rate_limiter
         ctx.config = config
         if self.role is Role.OWNER:

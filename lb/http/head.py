@@ -65,7 +65,7 @@ reads alike (method, target, fields, body length).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias, cast
 
@@ -173,10 +173,10 @@ _names_lowered: Final[dict[str, str]] = {}
 _MAX_NAMES_REMEMBERED: Final = 256
 
 
-def protected_headers(affinity_header: str, routing_headers: frozenset[str] = frozenset()) -> frozenset[str]:
+def protected_headers(affinity_header: str, routing_headers: Iterable[str] = ()) -> frozenset[str]:
     """PROTECTED_HEADERS plus the configured `affinity.header` and the headers pools route by
-    (`Config.routing_headers`): compute once per configuration."""
-    return PROTECTED_HEADERS | {affinity_header.lower()} | routing_headers
+    (`hash_key: header:NAME`): compute once per configuration (`ProxyContext.protected`)."""
+    return PROTECTED_HEADERS | {affinity_header.lower()} | {name.lower() for name in routing_headers}
 
 
 @dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
@@ -586,8 +586,7 @@ def parse_request_head(raw: bytes, *, protected: frozenset[str] = PROTECTED_HEAD
     Args:
         raw: the head, up to and including the blank line.
         protected: lower-case header names whose `_`-for-`-` spellings are dropped (every
-            `x-forwarded-*` is always covered); pass `protected_headers(affinity.header,
-            config.routing_headers)` for a configuration's own.
+            `x-forwarded-*` is always covered); a configuration's own are `ProxyContext.protected`.
 
     Raises:
         BadRequest: anything RFC 9112 does not allow, with a short reason (BadFraming, BadHost).

@@ -44,7 +44,6 @@ Why it is shaped this way (each is a smuggling or memory bug of the await chain 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import logging
@@ -91,7 +90,6 @@ from lb.http.head import (
     could_start_request,
     find_head_end,
     parse_request_head,
-    protected_headers,
     take_answer_head,
 )
 from lb.http.routing import match_route
@@ -243,11 +241,6 @@ def new_request_id() -> str:
     return _ID_PREFIX + hex(next(_ids))[2:]
 
 
-# The header names a client may not alias with `_` (lb.http.head): one set per configuration's
-# affinity header and routing headers.
-_protected_headers: Final = functools.lru_cache(maxsize=8)(protected_headers)
-
-
 _BODY_INCOMPLETE: Final = "request body incomplete"  # the client half-closed before the end of its body
 
 
@@ -340,7 +333,7 @@ class Connection:
         self._pools = ctx.pools
         self._routes = ctx.routes
         self._codec = ctx.codec
-        self._protected = _protected_headers(config.affinity.header, config.routing_headers)
+        self._protected = ctx.protected
         # Whether the peer's X-Forwarded-For is believed is known at accept: decided once here,
         # so a request from anyone else costs no address parsing at all.
         self._trusted = _TRUST_NOBODY

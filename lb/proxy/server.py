@@ -98,20 +98,16 @@ class _Upstream(asyncio.BufferedProtocol):
         return READ_VIEW  # lb.proxy.reading: at most 32 KiB a read, copied out at once
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(READ_VIEW[:nbytes].tobytes())
+
+    def data_received(self, data: bytes) -> None:
+        # What buffer_updated reads, and for a transport that calls this instead.  Defined even so:
+        # uvloop looks it up on every set_protocol, and a missing one cost a raised and caught
+        # AttributeError (about 1 µs a connection).
         owner = self.owner
         if owner is not None:
             if owner.client_full:
                 # uvloop starts reading after connection_made returns, undoing a pause made there.
-                cast(asyncio.Transport, self.transport).pause_reading()
-            owner.drive(owner.core.receive_backend, READ_VIEW[:nbytes].tobytes(), _now())
-
-    def data_received(self, data: bytes) -> None:
-        # Defined although the transports read through get_buffer: uvloop looks it up on every
-        # set_protocol, and a missing one cost a raised and caught AttributeError (about 1 µs).
-        # A transport that does call it gets what buffer_updated does.
-        owner = self.owner
-        if owner is not None:
-            if owner.client_full:
                 cast(asyncio.Transport, self.transport).pause_reading()
             owner.drive(owner.core.receive_backend, data, _now())
 
@@ -252,10 +248,10 @@ class ClientConnection(asyncio.BufferedProtocol):
         return READ_VIEW  # lb.proxy.reading: at most 32 KiB a read, copied out at once
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.drive(self.core.receive_client, READ_VIEW[:nbytes].tobytes(), _now())
+        self.data_received(READ_VIEW[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
-        # As _Upstream.data_received: there for uvloop's lookup; a transport that calls it gets the same.
+        # As _Upstream.data_received: what buffer_updated reads, and there for uvloop's lookup.
         self.drive(self.core.receive_client, data, _now())
 
     def eof_received(self) -> bool | None:

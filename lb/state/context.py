@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from lb.access_log import RateLimitSummary
 from lb.affinity.codec import TokenCodec
-from lb.config.model import Config, RouteConfig, over_limit_answered
+from lb.config.model import Config, HashKeySource, RouteConfig, over_limit_answered
+from lb.http.head import PROTECTED_HEADERS, protected_headers
 from lb.http.routing import sort_routes
 from lb.state.observations import Observations
 from lb.state.pool import PoolState
@@ -81,6 +82,9 @@ class ProxyContext:
     routes: tuple[RouteConfig, ...]
     # A backend failed a handshake (refused, reset, silent): a failed health check, wherever checks run.
     on_backend_failure: Callable[[str, str, str], None]  # pool, backend id, what happened
+    # The header names a client may not send spelt with `_` for `-` (nor as trailers): ours, and the
+    # configuration's (`configured_protected`).  Swapped with `config` on reload, as `codec` is.
+    protected: frozenset[str] = PROTECTED_HEADERS
     stats: Stats = field(default_factory=Stats)
     tunnels: set[Tunnel] = field(default_factory=set)
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
@@ -156,6 +160,17 @@ class ProxyContext:
             codec=TokenCodec(config.affinity.secret_keys, config.affinity.max_age),
             pools={name: PoolState(config=pool) for name, pool in config.pools.items()},
             routes=sort_routes(config.routes),
+            protected=configured_protected(config),
             on_backend_failure=on_backend_failure,
             rate_limiter=RateLimiter(config.limits.handshake_rate_per_ip, config.limits.handshake_burst_per_ip),
         )
+
+
+def configured_protected(config: Config) -> frozenset[str]:
+    """The header names `config` protects: ours, its `affinity.header`, and each header a pool routes by
+    (`hash_key: header:NAME`), so that a backend reading `_` as `-`, or merging trailers into the head,
+    sees the key the balancer hashed."""
+    return protected_headers(config.affinity.header, (
+        pool.hash_key.name for pool in config.pools.values()
+        if pool.hash_key is not None and pool.hash_key.source is HashKeySource.HEADER
+    ))
