@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 for target in targets if round_index % 2 == 0 else targets[::-1]:
                     spec = runner.handshake_spec(plan, target, args.window, args.check)
                     result = runner._loadgen(run, spec, run.pinning.load, args.window + 60, target.name)
-                    count = (result or {}).get("count") or 0
-                    costs[target.name].append(1e6 * result["proxy_cpu"] / count if result and count else 0.0)
+                    costs[target.name].append(runner.cpu_per_unit_us(result))
                     time.sleep(0.3)
                 print(f"round {round_index + 1}: " + "  ".join(f"{name} {values[-1]:.0f} µs"
                                                              for name, values in costs.items()), flush=True)
@@ -101,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"a/b failed: {exc}", file=sys.stderr)
             return 1
         finally:
-            for child in reversed(children):
-                procs.stop(child)
+            procs.stop_all(children)
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
                            capture_output=True, timeout=60, check=False)
     kind = "check" if args.check else "issue"

@@ -298,6 +298,12 @@ def read_line(child: Child, deadline: float) -> str:
     return data.decode(errors="replace").strip()
 
 
+def stop_all(children: Sequence[Child]) -> None:
+    """Stop every child, the last started first (the load before the proxies before their backends)."""
+    for child in reversed(children):
+        stop(child)
+
+
 def stop(child: Child, timeout: float = 5.0) -> None:
     """Terminate, wait, kill: the process first, then any children it left behind (by PID)."""
     kids = children(child.pid) if child.alive() else []

@@ -267,8 +267,7 @@ def _run_all(run: Run, haproxy_path: str | None, *, floor: bool = True) -> list[
                 procs.stop(target.child)
         _workers_variant(run, children)
     finally:
-        for child in reversed(children):
-            procs.stop(child)
+        procs.stop_all(children)
         for child in children:
             if child.name.startswith(("balancer", "haproxy")):
                 _scan_log(run, child)
@@ -356,6 +355,12 @@ def handshake_spec(
     return Spec("handshake", target.addresses, plan.handshake_workers, 0, plan.warmup, window,
                 check_cookie=check and target.name not in (DIRECT, FLOOR), source_ips=SOURCE_IPS,
                 proxy_pids=target.proxy_pids(), load_pids=load_pids)
+
+
+def cpu_per_unit_us(result: dict[str, Any] | None) -> float:
+    """A load generator window's proxy CPU per unit (handshake, message) in µs; 0.0 when nothing was counted."""
+    count = (result or {}).get("count") or 0
+    return 1e6 * result["proxy_cpu"] / count if result and count else 0.0
 
 
 def _loadgen(run: Run, spec: Spec, cpus: str | None, timeout: float, label: str) -> dict[str, Any] | None:

@@ -110,9 +110,8 @@ def _cpu_rounds(
             result = runner._loadgen(run, spec, run.pinning.load, window + 60, target.name)
             after = procs.user_system_seconds(target.proxy_pids())
             user, system = after[0] - before[0], after[1] - before[1]
-            count = (result or {}).get("count") or 0
             # The window's CPU per handshake, split as the whole run (warm-up included) split it.
-            total = 1e6 * result["proxy_cpu"] / count if result and count else 0.0
+            total = runner.cpu_per_unit_us(result)
             share = user / (user + system) if user + system > 0 else 0.0
             split[target.name].append((total * share, total * (1 - share)))
             time.sleep(0.3)
@@ -156,8 +155,7 @@ def _by_library(run: Run, target: Target, perf: str, check: bool) -> tuple[float
     data = run.log_dir / f"{target.name}.perf"
     result = _window_attached(run, target, [perf, "record", "-q", "-e", "cpu-clock", "-F", "999", "-o", str(data)],
                               check, wait=20)
-    count = (result or {}).get("count") or 0
-    per_handshake_us = 1e6 * result["proxy_cpu"] / count if result and count else 0.0
+    per_handshake_us = runner.cpu_per_unit_us(result)
     report = subprocess.run([perf, "report", "-i", str(data), "--sort", "dso", "--stdio", "-q", "-t", ";"],
                             capture_output=True, text=True, timeout=120)
     grouped = group_libraries(parse_perf_dso(report.stdout))
@@ -214,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"split failed: {exc}", file=sys.stderr)
             return 1
         finally:
-            for child in reversed(children):
-                procs.stop(child)
+            procs.stop_all(children)
     return 0
 
 

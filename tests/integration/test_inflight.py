@@ -43,7 +43,9 @@ from conftest import (
     wait_closed_by_peer,
 )
 from support_ops import metric, metrics_text, wait_until
-from support_raw import RecordingBackend, cpu_seconds, rss_kib
+from support_raw import RecordingBackend, rss_kib
+
+from bench.procs import cpu_seconds
 
 TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall": 3}
 
@@ -162,9 +164,9 @@ async def test_descriptor_exhaustion_logs_little_and_recovers(
             sock = socket.create_connection(("127.0.0.1", lb.port), timeout=2)
             socks.append(sock)
         await asyncio.sleep(1.0)  # the backlog fills and accepting fails
-        cpu_before = cpu_seconds(lb.proc.pid)
+        cpu_before = cpu_seconds([lb.proc.pid])
         await asyncio.sleep(3.0)  # exhausted for a while: asyncio would log a traceback per retry
-        spent = cpu_seconds(lb.proc.pid) - cpu_before
+        spent = cpu_seconds([lb.proc.pid]) - cpu_before
         lb.assert_alive()
         # Health checks every 300 ms and one accept a second cost a few per cent of a core; a spin, all of one.
         assert spent < 0.75, f"{spent:.2f} s of CPU in 3 s while out of descriptors: spinning on accept?"
