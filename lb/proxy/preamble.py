@@ -132,6 +132,10 @@ class AcceptingServer:
         self._sock: socket.socket | None = sock
         self._ssl = ssl_context
         self._proxy_protocol = proxy_protocol
+        # Past the limit and its answered overflow, a connection whose TLS handshake or PROXY header
+        # comes first is closed at once (ctx.sheds); a plain one (asyncio's loop) is answered 503 at
+        # its head, as create_server's are.
+        self._sheds = ssl_context is not None or proxy_protocol
         self._loop = asyncio.get_running_loop()
         self._preambles: set[_Preamble] = set()  # reading their PROXY header
         self._tasks: set[asyncio.Task[None]] = set()
@@ -211,10 +215,7 @@ class AcceptingServer:
                 return
             self._pause = _ACCEPT_PAUSE_FIRST
             address = (peer[0], peer[1]) if peer else ("-", 0)
-            # Past the limit and its answered overflow, a connection whose TLS handshake or PROXY header
-            # comes first is closed at once (ctx.sheds); a plain one (asyncio's loop) is answered 503
-            # at its head, as create_server's are.
-            if (self._ssl is not None or self._proxy_protocol) and self._ctx.sheds():
+            if self._sheds and self._ctx.sheds():
                 conn.close()
                 self._ctx.stats.shed += 1
                 continue
