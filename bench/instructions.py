@@ -2,7 +2,7 @@
 
 `python -m bench.instructions [--core] [--check] [--no-access-log] [--n LOW HIGH] [--by-function K]` runs
 `bench.handshake_shell` (with `--core`, `bench.handshake_core`) under `valgrind --tool=callgrind`
-twice, with LOW and HIGH timed handshakes (500 and 2,500 by default), and prints the difference
+twice, side by side, with LOW and HIGH timed handshakes (500 and 2,500 by default), and prints the difference
 per handshake. Start-up, imports and the first handshakes cost the same in both runs and cancel
 out, which leaves the instructions our Python executes per handshake. `--by-function K` also
 prints the K C functions (of the interpreter, libc, the crypto library) that those instructions
@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.handshake_core import warmup_count
@@ -71,8 +72,9 @@ def per_handshake(module: str, low: int, high: int, flags: list[str]) -> float:
     """Instructions per handshake: the difference of two runs over the difference of their handshakes."""
     if not 0 < low < high:
         raise ValueError("need 0 < LOW < HIGH")
-    extra = count(module, high, flags) - count(module, low, flags)
-    return extra / (handshakes_run(high) - handshakes_run(low))
+    with ThreadPoolExecutor(2) as pool:  # side by side: each valgrind runs on one core
+        low_count, high_count = pool.map(lambda n: count(module, n, flags), (low, high))
+    return (high_count - low_count) / (handshakes_run(high) - handshakes_run(low))
 
 
 def functions(annotated: str) -> Counter[str]:
@@ -100,15 +102,17 @@ def profile_per_handshake(module: str, low: int, high: int, flags: list[str]) ->
     if annotate is None:
         raise NoValgrind("callgrind_annotate is not installed (it comes with valgrind)")
     handshakes = handshakes_run(high) - handshakes_run(low)
-    with tempfile.TemporaryDirectory(prefix="instructions-") as tmp:
-        totals, tables = [], []
-        for n in (low, high):
-            profile = Path(tmp) / f"callgrind.{n}"
-            totals.append(count(module, n, flags, profile=profile))
-            done = subprocess.run([annotate, "--threshold=100", str(profile)],
-                                  capture_output=True, text=True, timeout=300, check=True)
-            tables.append(functions(done.stdout))
-    return (totals[1] - totals[0]) / handshakes, by_function(tables[0], tables[1], handshakes)
+
+    def run(n: int, tmp: str) -> tuple[int, Counter[str]]:
+        profile = Path(tmp) / f"callgrind.{n}"
+        total = count(module, n, flags, profile=profile)
+        done = subprocess.run([annotate, "--threshold=100", str(profile)],
+                              capture_output=True, text=True, timeout=300, check=True)
+        return total, functions(done.stdout)
+
+    with tempfile.TemporaryDirectory(prefix="instructions-") as tmp, ThreadPoolExecutor(2) as pool:
+        (low_total, low_table), (high_total, high_table) = pool.map(lambda n: run(n, tmp), (low, high))
+    return (high_total - low_total) / handshakes, by_function(low_table, high_table, handshakes)
 
 
 def main(argv: list[str] | None = None) -> int:
