@@ -48,7 +48,7 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -75,7 +75,7 @@ from lb.errors import ConfigError, LbError
 from lb.http.proxy_header import CRC32C_IN_C
 from lb.http.routing import sort_routes
 from lb.log import setup_logging
-from lb.proxy.preamble import AcceptingServer, listening_socket
+from lb.proxy.preamble import AcceptingServer, listening_sockets
 from lb.proxy.server import abort_in_flight, client_factory, install_accept_error_filter, stop_in_flight
 from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY
 from lb.state.context import ProxyContext, configured_protected
@@ -243,17 +243,17 @@ class Balancer:
             self._admin = None
         await self._stop_health_checks()
 
-    async def _bind(self, listener: ListenerConfig, *, adopt: socket.socket | None = None) -> _Listening:
+    async def _bind(self, listener: ListenerConfig, *, adopt: list[socket.socket] | None = None) -> _Listening:
         """Bind one listener; raises BindError (TLS files that do not load are an OSError too).
 
-        With `adopt` (a reload changing a running listener's kind), serve that already-listening
-        socket instead, not accepting until `_start_serving`; it is closed if this fails.
+        With `adopt` (a reload changing a running listener's kind), serve those already-listening
+        sockets instead, not accepting until `_start_serving`; they are closed if this fails.
         """
         try:
             ssl_context = server_ssl_context(listener.tls) if listener.tls else None
         except (OSError, ssl.SSLError) as exc:
-            if adopt is not None:
-                adopt.close()
+            for sock in adopt or ():
+                sock.close()
             raise BindError("TLS", listener.bind, exc) from exc
         tls = ssl_context is not None
         loop = asyncio.get_running_loop()
@@ -262,34 +262,38 @@ class Balancer:
         # wake-up, scheduling a retry for each failure: out of descriptors it spins on a whole core
         # and health checks time out (CPython's selector_events, 3.11 to 3.13).  There, plain
         # listeners accept through AcceptingServer too, which pauses instead (0.1 s, up to 1 s); its task
-        # per connection is what asyncio's create_server makes for each one anyway.
-        if listener.proxy_protocol or tls or isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        # per connection is what asyncio's create_server makes for each one anyway.  So does a plain
+        # listener taking over the sockets of a name's several addresses: create_server takes one.
+        if (
+            listener.proxy_protocol or tls or isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+            or (adopt is not None and len(adopt) > 1)
+        ):
             # The PROXY header comes before TLS and HTTP alike: this listener reads it itself.  A TLS
             # handshake is a task it holds: its failure frees the connection's count at once, and
             # SIGTERM can wait for it (lb.proxy.preamble).
             try:
-                sock = adopt or listening_socket(
+                socks = adopt or listening_sockets(
                     listener.host, listener.port, backlog=listener.backlog, reuse_port=self.role is Role.WORKER
                 )
             except OSError as exc:
                 raise BindError("listener", listener.bind, exc) from exc
             accepting = AcceptingServer(
-                self.ctx, sock, ssl_context, proxy_protocol=listener.proxy_protocol, start_serving=adopt is None
+                self.ctx, socks, ssl_context, proxy_protocol=listener.proxy_protocol, start_serving=adopt is None
             )
-            host, port = sock.getsockname()[:2]
+            host, port = socks[0].getsockname()[:2]
             return _Listening(listener, accepting, ssl_context, (host, port))
         where: dict[str, Any] = (
             # Workers each bind every listener; the kernel spreads connections over them.
             {"host": listener.host, "port": listener.port, "reuse_address": True,
              "reuse_port": self.role is Role.WORKER}
             if adopt is None
-            else {"sock": adopt, "start_serving": False}
+            else {"sock": adopt[0], "start_serving": False}
         )
         try:
             server = await loop.create_server(client_factory(self.ctx), backlog=listener.backlog, **where)
         except OSError as exc:
-            if adopt is not None:
-                adopt.close()
+            for sock in adopt or ():
+                sock.close()
             raise BindError("listener", listener.bind, exc) from exc
         host, port = server.sockets[0].getsockname()[:2]
         return _Listening(listener, server, ssl_context, (host, port))
@@ -519,7 +523,7 @@ class Balancer:
                     if replaced is None:
                         new_listening.append(await self._bind(listener))
                     else:
-                        adopted = _dup_socket(replaced.server.sockets[0])
+                        adopted = _dup_sockets(replaced.server.sockets)
                         new_listening.append(await self._bind(listener, adopt=adopted))
             else:
                 running = {(item.host, item.port) for item in self.config.listeners}
@@ -802,9 +806,17 @@ def close_schedule(count: int, grace: float) -> list[float]:
     return [index * step for index in range(count)]
 
 
-def _dup_socket(sock: Any) -> socket.socket:
-    """A second descriptor on a listening socket (an asyncio TransportSocket or a socket)."""
-    return socket.socket(fileno=os.dup(sock.fileno()))
+def _dup_sockets(socks: Iterable[Any]) -> list[socket.socket]:
+    """A second descriptor on each listening socket (asyncio TransportSockets or sockets): all or none."""
+    duplicates: list[socket.socket] = []
+    try:
+        for sock in socks:
+            duplicates.append(socket.socket(fileno=os.dup(sock.fileno())))
+    except OSError:
+        for duplicate in duplicates:
+            duplicate.close()
+        raise
+    return duplicates
 
 
 def _start_serving(server: asyncio.Server | AcceptingServer) -> None:

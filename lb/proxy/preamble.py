@@ -18,10 +18,11 @@ loop they are served here too: its accept loop goes on calling accept() after
 EMFILE within one wake-up and schedules a retry for each failure, so out of
 descriptors it spins; this one pauses.
 
-- `AcceptingServer` makes the listening socket itself (SO_REUSEADDR,
-  SO_REUSEPORT for `workers: N`, the listener's backlog) and accepts with
-  `loop.add_reader` on it: non-blocking `accept()` in a loop until EAGAIN, at
-  most a bounded batch per wake-up so one listener cannot starve the loop.  An
+- `AcceptingServer` serves the listening sockets `listening_sockets` makes
+  (SO_REUSEADDR, SO_REUSEPORT for `workers: N`, the listener's backlog; one
+  per address a name resolves to) and accepts with `loop.add_reader` on
+  each: non-blocking `accept()` in a loop until EAGAIN, at most a bounded
+  batch per wake-up so one listener cannot starve the loop.  An
   accept that fails for want of descriptors or buffers (EMFILE, ENFILE, ...)
   is logged at most once per interval, as `lb.proxy.server` does for the
   other listeners, and accepting pauses: 0.1 s at first, doubling to a
@@ -53,7 +54,7 @@ from accept, like a TLS handshake does; the count passes to the
 path.  A preamble holds at most one header's bytes (`MAX_V2_LENGTH` + 16).
 
 `AcceptingServer` duck-types what the balancer uses of `asyncio.Server`
-(`close()`, `wait_closed()`, `sockets`), so reload and shutdown handle it
+(`close()`, `wait_closed()`, `sockets`, `is_serving()`), so reload and shutdown handle it
 like any other listener.  Closing stops accepting; headers still arriving
 finish (bounded by `timeouts.handshake`) and then meet the core, which
 answers according to the shutdown in progress.
@@ -67,6 +68,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 
 from lb.errors import LOCAL_ERRNOS, BadProxyHeader
 from lb.http.proxy_header import MAX_V2_LENGTH, V2_FIXED, parse_proxy_header
@@ -88,31 +90,37 @@ _ACCEPT_PAUSE_MAX = 1.0
 _GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
 
 
-def listening_socket(host: str, port: int, *, backlog: int, reuse_port: bool) -> socket.socket:
-    """A non-blocking listening TCP socket on (host, port).
+def listening_sockets(host: str, port: int, *, backlog: int, reuse_port: bool) -> list[socket.socket]:
+    """Non-blocking listening TCP sockets on (host, port): one on each address a name resolves to (both
+    of `localhost`'s, say), as `loop.create_server` binds them; one for an address.
 
     Raises:
-        OSError: the address cannot be resolved or bound (in use, not ours, no permission).
+        OSError: the address cannot be resolved, or one of them bound (in use, not ours, no permission);
+        the sockets bound before it are closed.
     """
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    if not infos:  # pragma: no cover - getaddrinfo raises instead
+    addresses = list(dict.fromkeys((family, kind, proto, address) for family, kind, proto, _, address in infos))
+    if not addresses:  # pragma: no cover - getaddrinfo raises instead
         raise OSError(errno.EADDRNOTAVAIL, f"no address for {host!r}")
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
+    socks: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            # As asyncio does: an IPv6 listener is IPv6 only (an IPv4 one may share the port).
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-        sock.setblocking(False)
+        for family, kind, proto, address in addresses:
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                # As asyncio does: an IPv6 listener is IPv6 only (an IPv4 one may share the port).
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
     except BaseException:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise
-    return sock
+    return socks
 
 
 class AcceptingServer:
@@ -122,14 +130,14 @@ class AcceptingServer:
     def __init__(
         self,
         ctx: ProxyContext,
-        sock: socket.socket,
+        socks: Sequence[socket.socket],
         ssl_context: ssl.SSLContext | None,
         *,
         proxy_protocol: bool = True,
         start_serving: bool = True,
     ) -> None:
+        """`socks`: the listening sockets (`listening_sockets`: one per address of the listener's name)."""
         self._ctx = ctx
-        self._sock: socket.socket | None = sock
         self._ssl = ssl_context
         self._proxy_protocol = proxy_protocol
         # Past the limit and its answered overflow, a connection whose TLS handshake or PROXY header
@@ -139,30 +147,33 @@ class AcceptingServer:
         self._loop = asyncio.get_running_loop()
         self._preambles: set[_Preamble] = set()  # reading their PROXY header
         self._tasks: set[asyncio.Task[None]] = set()
-        self._resume: asyncio.TimerHandle | None = None
+        # Each socket's accepting pauses on its own after a failed accept: its handle to resume it.
+        self._resume: dict[socket.socket, asyncio.TimerHandle] = {}
         self._pause = _ACCEPT_PAUSE_FIRST  # the next pause after a failed accept
         self._closed = asyncio.Event()
-        self._socks = (sock,)
+        self._socks = tuple(socks)
+        self._open = bool(socks)  # until close()
         self._serving = False
         if start_serving:
             self.start_serving_now()
 
     def start_serving_now(self) -> None:
         """Start accepting (once); for a listener made with start_serving=False."""
-        if self._sock is not None and not self._serving:
+        if self._open and not self._serving:
             self._serving = True
-            self._loop.add_reader(self._sock.fileno(), self._accept)
+            for sock in self._socks:
+                self._loop.add_reader(sock.fileno(), self._accept, sock)
 
     async def start_serving(self) -> None:
         self.start_serving_now()
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
-        """The listening socket (kept after close, as its address is still asked for in logs)."""
+        """The listening sockets (kept after close, as their addresses are still asked for in logs)."""
         return self._socks
 
     def is_serving(self) -> bool:
-        return self._serving and self._sock is not None
+        return self._serving and self._open
 
     @property
     def pending(self) -> int:
@@ -171,15 +182,16 @@ class AcceptingServer:
 
     def close(self) -> None:
         """Stop accepting (idempotent); headers already arriving may still finish."""
-        sock, self._sock = self._sock, None
-        if sock is None:
+        if not self._open:
             return
-        if self._resume is not None:
-            self._resume.cancel()
-            self._resume = None
-        elif self._serving:
-            self._loop.remove_reader(sock.fileno())
-        sock.close()
+        self._open = False
+        for sock in self._socks:
+            resume = self._resume.pop(sock, None)
+            if resume is not None:
+                resume.cancel()
+            elif self._serving:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
         self._check_done()
 
     async def wait_closed(self) -> None:
@@ -187,14 +199,13 @@ class AcceptingServer:
         await self._closed.wait()
 
     def _check_done(self) -> None:
-        if self._sock is None and not self._preambles and not self._tasks:
+        if not self._open and not self._preambles and not self._tasks:
             self._closed.set()
 
     # -- accept ------------------------------------------------------------------------
 
-    def _accept(self) -> None:
-        sock = self._sock
-        if sock is None:
+    def _accept(self, sock: socket.socket) -> None:
+        if not self._open:
             return
         for _ in range(_ACCEPT_BATCH):
             try:
@@ -210,7 +221,7 @@ class AcceptingServer:
                 where = "" if exc.errno in LOCAL_ERRNOS else f" on a {kind} listener"
                 accept_errors.report(exc, "accept connections" + where)
                 self._loop.remove_reader(sock.fileno())
-                self._resume = self._loop.call_later(self._pause, self._resume_accepting)
+                self._resume[sock] = self._loop.call_later(self._pause, self._resume_accepting, sock)
                 self._pause = min(self._pause * 2, _ACCEPT_PAUSE_MAX)
                 return
             self._pause = _ACCEPT_PAUSE_FIRST
@@ -225,10 +236,10 @@ class AcceptingServer:
             else:
                 self._hand_over(_Accepted(self, conn, address), address)
 
-    def _resume_accepting(self) -> None:
-        self._resume = None
-        if self._sock is not None:
-            self._loop.add_reader(self._sock.fileno(), self._accept)
+    def _resume_accepting(self, sock: socket.socket) -> None:
+        del self._resume[sock]
+        if self._open:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
 
     # -- hand-over ---------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from test_connection import CONFIG
 
 from lb.config.load import parse_config
 from lb.devcerts import write_dev_certs
-from lb.proxy.preamble import AcceptingServer, listening_socket
+from lb.proxy.preamble import AcceptingServer, listening_sockets
 from lb.proxy.server import ClientConnection, stop_in_flight
 from lb.state.context import ProxyContext
 from lb.tls import server_ssl_context
@@ -41,8 +41,8 @@ def _ctx(handshake: str = "5s", tls: str = "") -> ProxyContext:
 async def _server(
     ctx: ProxyContext, ssl_context: ssl.SSLContext | None = None, *, proxy_protocol: bool = True
 ) -> tuple[AcceptingServer, int]:
-    sock = listening_socket("127.0.0.1", 0, backlog=16, reuse_port=False)
-    return AcceptingServer(ctx, sock, ssl_context, proxy_protocol=proxy_protocol), int(sock.getsockname()[1])
+    (sock,) = listening_sockets("127.0.0.1", 0, backlog=16, reuse_port=False)
+    return AcceptingServer(ctx, [sock], ssl_context, proxy_protocol=proxy_protocol), int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -257,9 +257,9 @@ class _ExhaustedSocket(socket.socket):
 
 async def test_out_of_descriptors_pauses_accepting_logs_once_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
     ctx = _ctx()
-    plain = listening_socket("127.0.0.1", 0, backlog=16, reuse_port=False)
+    (plain,) = listening_sockets("127.0.0.1", 0, backlog=16, reuse_port=False)
     sock = _ExhaustedSocket(fileno=plain.detach())
-    server = AcceptingServer(ctx, sock, None)
+    server = AcceptingServer(ctx, [sock], None)
     port = int(sock.getsockname()[1])
     try:
         with caplog.at_level(logging.ERROR, logger="lb.proxy.server"):

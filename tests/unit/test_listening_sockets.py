@@ -1,0 +1,149 @@
+"""A listener bound by a name listens on every address the name resolves to, whichever way it accepts.
+
+`loop.create_server` (plain listeners on uvloop) binds each address of a name; TLS and PROXY-protocol
+listeners, which accept themselves (`lb.proxy.preamble.AcceptingServer`), do the same through
+`listening_sockets`, and so does a listener whose kind a reload changes.  The name is made to resolve
+to two loopback addresses here (a patched `socket.getaddrinfo`): on this machine `localhost` has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support_poll import wait_for
+from test_connection import CONFIG
+
+from lb.config.load import load_config, parse_config
+from lb.control.balancer import Balancer
+from lb.proxy.preamble import AcceptingServer, listening_sockets
+from lb.state.context import ProxyContext
+
+NAME = "two.test"
+ADDRESSES = ("127.0.0.1", "127.0.0.2")
+
+
+def _free_port_on_both() -> int:
+    """A port free on both addresses (the kernel's pick on the first, checked on the second)."""
+    for _ in range(50):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind((ADDRESSES[0], 0))
+            port = int(first.getsockname()[1])
+            with contextlib.suppress(OSError):
+                second.bind((ADDRESSES[1], port))
+                return port
+    raise AssertionError("no port free on both addresses")
+
+
+@pytest.fixture
+def two_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`two.test` resolves to 127.0.0.1 and 127.0.0.2 (and again to the first: a duplicate is bound once)."""
+    real: Callable[..., Any] = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != NAME:
+            return real(host, port, *args, **kwargs)
+        return [info for address in (*ADDRESSES, ADDRESSES[0]) for info in real(address, port, *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.mark.usefixtures("two_addresses")
+def test_a_name_is_bound_on_each_of_its_addresses_once() -> None:
+    port = _free_port_on_both()
+    socks = listening_sockets(NAME, port, backlog=16, reuse_port=False)
+    try:
+        assert sorted(sock.getsockname() for sock in socks) == [(address, port) for address in ADDRESSES]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.usefixtures("two_addresses")
+def test_a_name_whose_second_address_is_taken_binds_none_of_them() -> None:
+    port = _free_port_on_both()
+    with socket.socket() as taken:
+        taken.bind((ADDRESSES[1], port))
+        taken.listen()
+        with pytest.raises(OSError):
+            listening_sockets(NAME, port, backlog=16, reuse_port=False)
+    with socket.socket() as again:
+        again.bind((ADDRESSES[0], port))  # the first address's socket was closed with the failure
+
+
+@pytest.mark.usefixtures("two_addresses")
+async def test_an_accepting_listener_serves_every_address_and_closes_them_all() -> None:
+    ctx = ProxyContext.build(parse_config(CONFIG, base_dir=Path("."), environ={}), lambda *_: None)
+    port = _free_port_on_both()
+    socks = listening_sockets(NAME, port, backlog=16, reuse_port=False)
+    server = AcceptingServer(ctx, socks, None, proxy_protocol=False)
+    writers = []
+    try:
+        for address in ADDRESSES:
+            _, writer = await asyncio.open_connection(address, port)
+            writers.append(writer)
+        await wait_for(lambda: len(ctx.in_flight) == 2, within=5.0)
+        assert server.sockets == tuple(socks)
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+    assert all(sock.fileno() == -1 for sock in socks)
+    for address in ADDRESSES:
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(address, port)
+    for connection in list(ctx.in_flight):
+        connection._close(abort=True)
+
+
+async def _answer(address: str, port: int) -> bytes:
+    """What a plain request to (address, port) gets before the connection closes (b"" when cut)."""
+    reader, writer = await asyncio.open_connection(address, port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        return await asyncio.wait_for(reader.read(), 10.0)
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
+
+
+@pytest.mark.usefixtures("two_addresses")
+def test_a_reload_changing_the_kind_of_a_listener_on_two_addresses_keeps_both(tmp_path: Path) -> None:
+    """A PROXY-protocol listener on both addresses of a name, reloaded to plain on uvloop: the plain
+    listener takes over both sockets (create_server would take one), and answers on each."""
+    uvloop = pytest.importorskip("uvloop")
+    port = _free_port_on_both()
+    config_path = tmp_path / "lb.yaml"
+    text = f"""
+listeners:
+  - {{bind: "{NAME}:{port}", proxy_protocol: true}}
+admin: {{bind: "127.0.0.1:0"}}
+affinity: {{secret_keys: ["{'k' * 43}"]}}
+pools:
+  p:
+    backends: [{{id: a, address: "127.0.0.1:9"}}]
+    health_check: {{type: tcp, interval: 1h}}
+routes: [{{path_prefix: /, pool: p}}]
+"""
+    config_path.write_text(text)
+
+    async def scenario() -> None:
+        balancer = Balancer(load_config(config_path), config_path)
+        await balancer.start()
+        try:
+            assert [await _answer(address, port) for address in ADDRESSES] == [b"", b""]  # no PROXY header
+            config_path.write_text(text.replace(", proxy_protocol: true", ""))
+            assert await balancer.reload()
+            for address in ADDRESSES:
+                assert (await _answer(address, port)).startswith(b"HTTP/1.1 5"), address  # 502/503: no backend
+        finally:
+            await balancer.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
