@@ -73,6 +73,9 @@ MAX_FILE_REFERENCE_BYTES: Final = 64 * 1024
 MAX_CONFIG_BYTES: Final = 4 * 1024 * 1024
 # Values (mappings, lists, scalars) in the expanded tree: a config with a thousand backends has a few thousand.
 MAX_CONFIG_NODES: Final = 100_000
+# Mappings and lists inside each other: a real configuration nests six deep.  The walks over the tree
+# recurse, and libyaml reads a thousand levels (PyYAML's own reader stopped at about five hundred).
+MAX_CONFIG_DEPTH: Final = 64
 
 
 def read_regular_file(path: Path, limit: int) -> bytes:
@@ -238,6 +241,7 @@ class _Checker:
         self.cpu_count = cpu_count
         self.problems: list[Problem] = []
         self.nodes = 0  # values the ${...} expansion has walked (MAX_CONFIG_NODES)
+        self.too_deep = False  # the expansion met a value nested past MAX_CONFIG_DEPTH (said once)
         self.stood_in = False  # the YAML was read with references in stand-in characters (_parse_yaml)
         self.unreadable = False  # not YAML at all: nothing more to check
 
@@ -315,12 +319,17 @@ def _parse_yaml(text: str, check: _Checker) -> object:
 # Its errors say less ("found character that cannot start any token", not which one; "did not find
 # expected ',' or '}'", not what came instead), so a file it refuses is read again by PyYAML's
 # parser, for the error this loader has always given.
+# And where the two readers read one text differently, PyYAML's reads it, as it always has: a tab
+# (libyaml takes one for a separator: `port: 8080<TAB>`), a BOM past the start (libyaml drops it),
+# a tag (an empty `!` is '' to libyaml, null to PyYAML), a block scalar's header running into a
+# comment (`|#`).  Cheap to look for; a file with any of them (a `!` in a comment) is only read slower.
 _FAST_LOADER: Final[type[yaml.CSafeLoader] | None] = getattr(yaml, "CSafeLoader", None)
+_READERS_DIFFER: Final = re.compile("[\t!]|[|>][-+0-9]*#|(?s:.)\ufeff")
 
 
 def _safe_load(text: str, check: _Checker) -> object:
     """`yaml.safe_load`, in its two steps, so that the node tree is at hand for `_duplicate_keys`."""
-    if _FAST_LOADER is not None:
+    if _FAST_LOADER is not None and not _READERS_DIFFER.search(text):
         found = len(check.problems)
         try:
             return _load_with(_FAST_LOADER, text, check)
@@ -443,6 +452,12 @@ def _expand(node: object, path: str, environ: Mapping[str, str], check: _Checker
     # YAML aliases can also build a list that contains itself; never walk in circles.
     if id(node) in active:
         check.add(path, "a YAML alias refers to one of its own parents")
+        return _REPORTED
+    if len(active) >= MAX_CONFIG_DEPTH:  # `active` holds the mappings and lists this one is inside
+        if not check.too_deep:
+            check.too_deep = True
+            check.add(path, f"mappings and lists nested more than {MAX_CONFIG_DEPTH} deep, which no configuration "
+                            "needs (YAML aliases nested inside each other?)")
         return _REPORTED
     active.add(id(node))
     try:

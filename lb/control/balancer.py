@@ -834,14 +834,17 @@ _background: set[asyncio.Task[None]] = set()
 
 
 def _probe_bind(listener: ListenerConfig) -> None:
-    """Raise BindError if `listener`'s address cannot be bound right now (the owner of `workers: N`)."""
-    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    """Raise BindError if `listener`'s addresses cannot be bound right now (the owner of `workers: N`).
+
+    Every address of a name, as each worker binds them: one taken would fail every worker.  Nothing
+    serves the address yet (the workers bind it next), so listening for a moment refuses no one.
+    """
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((listener.host, listener.port))
+        probes = listening_sockets(listener.host, listener.port, backlog=1, reuse_port=False)
     except OSError as exc:
         raise BindError("listener", listener.bind, exc) from exc
+    for probe in probes:
+        probe.close()
 
 
 async def serve(

@@ -92,7 +92,8 @@ _GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.E
 
 def listening_sockets(host: str, port: int, *, backlog: int, reuse_port: bool) -> list[socket.socket]:
     """Non-blocking listening TCP sockets on (host, port): one on each address a name resolves to (both
-    of `localhost`'s, say), as `loop.create_server` binds them; one for an address.
+    of `localhost`'s, say), as `loop.create_server` binds them; one for an address.  As there, an
+    address of a family this host has no sockets for (IPv6 on a kernel without it) is skipped.
 
     Raises:
         OSError: the address cannot be resolved, or one of them bound (in use, not ours, no permission);
@@ -100,12 +101,15 @@ def listening_sockets(host: str, port: int, *, backlog: int, reuse_port: bool) -
     """
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     addresses = list(dict.fromkeys((family, kind, proto, address) for family, kind, proto, _, address in infos))
-    if not addresses:  # pragma: no cover - getaddrinfo raises instead
-        raise OSError(errno.EADDRNOTAVAIL, f"no address for {host!r}")
+    unsupported: OSError = OSError(errno.EADDRNOTAVAIL, f"no address for {host!r}")
     socks: list[socket.socket] = []
     try:
         for family, kind, proto, address in addresses:
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                unsupported = exc
+                continue
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
@@ -120,6 +124,8 @@ def listening_sockets(host: str, port: int, *, backlog: int, reuse_port: bool) -
         for sock in socks:
             sock.close()
         raise
+    if not socks:
+        raise unsupported
     return socks
 
 

@@ -14,6 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lb.config import load as load_module
 from lb.config.load import load_config, parse_config
 from lb.config.model import (
     AdminConfig,
@@ -635,6 +636,36 @@ def test_libyaml_and_pyyaml_read_the_example_configurations_alike(base_dir: Path
         assert yaml.load(text, Loader=yaml.CSafeLoader) == yaml.load(text, Loader=yaml.SafeLoader)
 
 
+@pytest.mark.skipif(not yaml.__with_libyaml__, reason="PyYAML was built without libyaml")
+@pytest.mark.parametrize(
+    "text",
+    [
+        "logging: {access_log: false}\t\n",  # a tab libyaml takes for a separator, PyYAML for an error
+        "logging:\t{}\n",
+        "admin: {token: x}\t# c\n",
+        "logging: !\n",  # an empty tag: '' to libyaml, null to PyYAML
+        "runtime: {event_loop: |#\n}\n",  # a block scalar's header running into a comment
+        "pools:\n a: {}\n\ufeffroutes: []\n",  # a BOM past the start: libyaml drops it
+        "\ufeff\ufeffrouting: 1\n",
+    ],
+)
+def test_what_the_two_readers_read_differently_is_read_as_pyyaml_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    """A file is read the same whether or not PyYAML has libyaml: the problems are the same either way."""
+
+    def problems() -> list[tuple[str, str]]:
+        try:
+            parse_config(GOOD_YAML + text, base_dir=tmp_path, environ=ENV)
+        except ConfigError as exc:
+            return [(problem.path, problem.message) for problem in exc.problems]
+        return []
+
+    with_libyaml = problems()
+    monkeypatch.setattr(load_module, "_FAST_LOADER", None)
+    assert with_libyaml == problems()
+
+
 def test_a_repeated_key_in_a_file_that_fails_later_is_said_once(tmp_path: Path) -> None:
     """libyaml got as far as the repeated keys, then a date that does not exist stopped it: PyYAML's reading
     says the repeated key, once."""
@@ -772,6 +803,30 @@ def test_self_referencing_alias_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("listeners: &x [*x]\n", base_dir=tmp_path, environ={})
     assert "listeners[0]" in {p.path for p in info.value.problems}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "pools: " + "[" * 600 + "]" * 600 + "\n",  # libyaml reads it; walking it recursed past Python's limit
+        "admin: " + "[" * 600 + "]" * 600 + "\n",  # as `lb ctl` reads the admin section alone
+        "x0: &a0 [1]\n" + "".join(f"x{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 700)),  # aliases, each one deeper
+    ],
+)
+def test_a_value_nested_past_the_depth_limit_is_one_problem(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir=tmp_path, environ={})
+    deep = [problem for problem in info.value.problems if "nested more than 64 deep" in problem.message]
+    assert len(deep) == 1, info.value.problems
+
+
+@pytest.mark.parametrize(("lists", "too_deep"), [(63, False), (64, True)])
+def test_the_depth_limit_counts_every_mapping_and_list(tmp_path: Path, lists: int, too_deep: bool) -> None:
+    """The file's own mapping and 63 lists inside it are 64 levels, the most there may be."""
+    text = "pools: " + "[" * lists + "]" * lists + "\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir=tmp_path, environ={})
+    assert any("nested more than 64 deep" in problem.message for problem in info.value.problems) is too_deep
 
 
 def test_missing_file_is_a_problem(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,8 @@ from support_poll import wait_for
 from test_connection import CONFIG
 
 from lb.config.load import load_config, parse_config
-from lb.control.balancer import Balancer
+from lb.config.model import ListenerConfig
+from lb.control.balancer import Balancer, BindError, _probe_bind
 from lb.proxy.preamble import AcceptingServer, listening_sockets
 from lb.state.context import ProxyContext
 
@@ -74,6 +76,46 @@ def test_a_name_whose_second_address_is_taken_binds_none_of_them() -> None:
             listening_sockets(NAME, port, backlog=16, reuse_port=False)
     with socket.socket() as again:
         again.bind((ADDRESSES[0], port))  # the first address's socket was closed with the failure
+
+
+def test_an_address_of_a_family_the_host_lacks_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`localhost` as ::1 and 127.0.0.1 on a kernel without IPv6: the listener is on 127.0.0.1, as
+    create_server's would be; with no address left at all, the error is the family's."""
+    real_socket, real_getaddrinfo = socket.socket, socket.getaddrinfo
+
+    def no_ipv6(family: int = socket.AF_INET, *args: Any, **kwargs: Any) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        names = {NAME: ("::1", ADDRESSES[0]), "six.test": ("::1",)}
+        return [info for address in names[host] for info in real_getaddrinfo(address, port, *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    (sock,) = listening_sockets(NAME, 0, backlog=16, reuse_port=False)
+    try:
+        assert sock.getsockname()[0] == ADDRESSES[0]
+    finally:
+        sock.close()
+    with pytest.raises(OSError) as info:
+        listening_sockets("six.test", 0, backlog=16, reuse_port=False)
+    assert info.value.errno == errno.EAFNOSUPPORT
+
+
+@pytest.mark.usefixtures("two_addresses")
+def test_the_owner_of_workers_probes_every_address_of_a_name() -> None:
+    """Each worker binds all of them: one taken must stop the start (or reload) before any worker fails."""
+    port = _free_port_on_both()
+    listener = ListenerConfig(host=NAME, port=port)
+    _probe_bind(listener)  # both free
+    with socket.socket() as taken:
+        taken.bind((ADDRESSES[1], port))
+        taken.listen()
+        with pytest.raises(BindError):
+            _probe_bind(listener)
+    _probe_bind(listener)  # and the probe left nothing bound behind
 
 
 @pytest.mark.usefixtures("two_addresses")
