@@ -34,7 +34,7 @@ spoofing gap; HAProxy, Envoy, nginx and llhttp are the references):
   let a client spoof what we set; refusing would break clients over a header
   they likely never meant.  The configuration's own names (`affinity.header`,
   a pool's `hash_key` header) are passed in `protected`.  The dropped names
-  are kept in `RequestHead.dropped`.
+  are kept in `RequestHead.dropped` (the connection logs them at DEBUG).
 
 How a head is read: a well-formed head (nearly every one) by its grammar alone,
 in one pass over its bytes by lb/http/_scan.c when it is built (`_read`), else by

@@ -685,6 +685,11 @@ class Connection:
         if self._proxy is not None:
             self._client_ip = client_behind(self._proxy, request.head.get_all("x-forwarded-for"), self._trusted)
             self._client_port = self._peer_port if self._client_ip == self._peer else 0
+        if request.dropped:
+            # For whoever looks for a header the backend never got: names are tokens (the parser's), so
+            # safe to print; a few are enough to say what happened.
+            log.debug("dropped %d header(s) spelt like ours with `_` for `-` from %s (request %s): %s",
+                      len(request.dropped), self._client_ip, self._rid, ", ".join(request.dropped[:8]))
         try:
             if not ctx.accepting:
                 raise NoHealthyBackend("balancer is shutting down")

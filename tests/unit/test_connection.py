@@ -1133,6 +1133,18 @@ def test_a_client_that_never_reads_is_closed_without_blaming_the_backend(caplog:
     assert len(lines) == 1 and "status=408" in lines[0] and "reason=client_not_reading" in lines[0]
 
 
+def test_headers_dropped_as_aliases_of_ours_are_named_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    """The backend never sees `X_Forwarded_For` (it would read it as ours): whoever looks for it finds why."""
+    play = Play()
+    with caplog.at_level(logging.DEBUG, logger="lb.proxy"):
+        play.client(get("/a/x", "X_Forwarded_For: 6.6.6.6\r\nX_LB_Affinity: forged\r\n"))
+    play.connected()
+    assert b"6.6.6.6" not in play.to_backend[0] and b"forged" not in play.to_backend[0]
+    (line,) = [r.getMessage() for r in caplog.records if "spelt like ours" in r.getMessage()]
+    assert "dropped 2 header(s)" in line and "X_Forwarded_For, X_LB_Affinity" in line
+    assert f"(request {play.conn.request_id})" in line
+
+
 def test_a_client_still_connecting_gets_no_excuse_for_a_backend_that_does_not_connect() -> None:
     """Nothing is read from a backend that is still connecting: a full client buffer changes nothing."""
     play = Play()
