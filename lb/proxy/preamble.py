@@ -158,7 +158,7 @@ class AcceptingServer:
         self._pause = _ACCEPT_PAUSE_FIRST  # the next pause after a failed accept
         self._closed = asyncio.Event()
         self._socks = tuple(socks)
-        self._open = bool(socks)  # until close()
+        self._open = True  # until close()
         self._serving = False
         if start_serving:
             self.start_serving_now()

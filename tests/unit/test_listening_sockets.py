@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support_balancer import in_process_config
 from support_poll import wait_for
 from test_connection import CONFIG
 
@@ -162,17 +163,7 @@ def test_a_reload_changing_the_kind_of_a_listener_on_two_addresses_keeps_both(tm
     uvloop = pytest.importorskip("uvloop")
     port = _free_port_on_both()
     config_path = tmp_path / "lb.yaml"
-    text = f"""
-listeners:
-  - {{bind: "{NAME}:{port}", proxy_protocol: true}}
-admin: {{bind: "127.0.0.1:0"}}
-affinity: {{secret_keys: ["{'k' * 43}"]}}
-pools:
-  p:
-    backends: [{{id: a, address: "127.0.0.1:9"}}]
-    health_check: {{type: tcp, interval: 1h}}
-routes: [{{path_prefix: /, pool: p}}]
-"""
+    text = in_process_config(f'  - {{bind: "{NAME}:{port}", proxy_protocol: true}}')
     config_path.write_text(text)
 
     async def scenario() -> None:

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from support_balancer import in_process_config
 
 from lb.config import load as load_module
 from lb.config.load import load_config
@@ -19,18 +20,10 @@ def test_a_certificate_unloadable_at_the_swap_keeps_the_old_one_and_completes_th
 ) -> None:
     certs = write_dev_certs(tmp_path / "certs", ["127.0.0.1"])
     config_path = tmp_path / "lb.yaml"
-    config_path.write_text(f"""
-listeners:
+    config_path.write_text(in_process_config(f"""
   - bind: 127.0.0.1:0
     tls: {{cert: {certs.server_cert}, key: {certs.server_key}}}
-admin: {{bind: "127.0.0.1:0"}}
-affinity: {{secret_keys: ["{'k' * 43}"]}}
-pools:
-  p:
-    backends: [{{id: a, address: "127.0.0.1:9"}}]
-    health_check: {{type: tcp, interval: 1h}}
-routes: [{{path_prefix: /, pool: p}}]
-""")
+"""))
 
     async def scenario() -> None:
         balancer = Balancer(load_config(config_path), config_path)
