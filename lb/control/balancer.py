@@ -193,6 +193,10 @@ class Balancer:
     async def _start(self) -> None:
         if self._control is not None:
             await self._control.start()
+        if self.role is not Role.WORKER:
+            # First, so that /readyz answers 503 (and /livez 200) while discovery's first lookups
+            # run and the listeners bind; a failure below closes it again, leaving nothing listening.
+            self._admin, self.admin_address = await self._bind_admin(self.config)
         if self.role is not Role.OWNER:
             # Discovered backends before the first client: a process the kernel hands connections
             # as soon as it listens would answer them 503 until its first lookups end.
@@ -207,9 +211,6 @@ class Balancer:
             # workers dying one after the other.  Probe each address once, here, to fail fast.
             for listener in self.config.listeners:
                 _probe_bind(listener)
-        if self.role is not Role.WORKER:
-            # Bound before anything serves, so that a taken admin port leaves nothing listening.
-            self._admin, self.admin_address = await self._bind_admin(self.config)
         # Everything is bound: from here on nothing can fail for want of an address.
         for listening in self._listening:
             log.info(

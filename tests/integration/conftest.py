@@ -456,6 +456,13 @@ class Launcher:
     def balancer(self, config: dict[str, Any], name: str | None = None) -> Balancer:
         return self.balancers(config, names=[name] if name else None)[0]
 
+    def starting_balancer(self, config: dict[str, Any], name: str = "lb-starting") -> Balancer:
+        """Launch a balancer without waiting for it: for what it answers while it starts."""
+        balancer = Balancer(config, self.workdir, name)
+        self._balancers.append(balancer)
+        balancer.launch()
+        return balancer
+
     def adopt(self, process: Gateway | Balancer) -> None:
         """Start a process built by the test (a subclass with its own command line); stopped with the rest."""
         if isinstance(process, Gateway):

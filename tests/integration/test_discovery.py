@@ -28,6 +28,7 @@ from conftest import (
     assert_echo,
     find_backend,
     free_port,
+    http_get_async,
     lb_config,
     recv_hello,
     status,
@@ -486,6 +487,38 @@ async def test_a_silent_nameserver_delays_the_start_by_one_lookup_budget_at_most
     assert ids(data) == set() and "within" in data["pools"]["gateways"]["discovery"]["last_error"]
     zone.delay = 0.0
     await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-1 once DNS answers")
+
+
+async def test_readyz_is_503_until_the_listeners_open(launcher: Launcher, zone: ZoneServer) -> None:
+    """SPEC part 2: /readyz is 503 before the listeners are open, 200 once they are; /livez is 200
+    meanwhile.  A silent nameserver holds the listeners back for the first lookups' budget; the admin
+    API answered nothing at all in that window (connection refused) before it was bound first."""
+    publish(zone, launcher.gateways(1))
+    zone.delay = 5.0
+    lb = launcher.starting_balancer(discovery_config(zone, timeout=f"{UNIT:g}s"))
+    assert lb.port is not None
+    seen: set[tuple[int, int, int, bool]] = set()
+    deadline = time.monotonic() + 15 * UNIT
+    while (200, 200, 200, True) not in seen:
+        assert time.monotonic() < deadline, f"never ready; seen {sorted(seen)}:\n{lb.logs_tail()}"
+        lb.assert_alive()
+        try:
+            codes = [(await http_get_async(lb.admin_url(path)))[0] for path in ("/readyz", "/livez", "/healthz")]
+        except OSError:
+            await _pause()
+            continue
+        try:
+            _, writer = await asyncio.open_connection(HOST, lb.port)
+        except OSError:
+            listening = False
+        else:
+            writer.close()
+            listening = True
+        if codes[0] == 200:
+            assert listening, "/readyz said 200 before the listener was open"
+        seen.add((*codes, listening))
+        await _pause()
+    assert (503, 200, 503, False) in seen, f"no answer while starting: {sorted(seen)}"
 
 
 async def test_workers_start_with_a_silent_nameserver_and_a_long_lookup_timeout(
