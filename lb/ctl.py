@@ -8,10 +8,11 @@
         lookup TOKEN [--pool POOL]               which backend holds this session now (the /lookup JSON)
 
 Where the admin URL and token come from, first found wins: `--admin`/`--token`,
-then `LB_ADMIN_URL`/`LB_ADMIN_TOKEN`, then `--config FILE` (`admin.bind` and
-`admin.token`, `${VAR}` expanded by the same loader `lb run` uses; only the admin
-section is read, so the cookie keys' variables and the TLS files need not be there), then
-http://127.0.0.1:9000 (the default `admin.bind`).
+then `--config FILE` (`admin.bind` and `admin.token`, `${VAR}` expanded by the same
+loader `lb run` uses; only the admin section is read, so the cookie keys' variables and
+the TLS files need not be there), then `LB_ADMIN_URL`/`LB_ADMIN_TOKEN` (only without
+`--config`: never one source's URL with another's token), then http://127.0.0.1:9000
+(the default `admin.bind`).
 
 Exit codes, for scripts:
     0  success (for lookup: the server answered, even `"valid": false`)
@@ -78,11 +79,12 @@ def add_ctl_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: the options may come before or after the subcommand without one erasing the other.
     common.add_argument("--admin", metavar="URL", default=argparse.SUPPRESS,
-                        help=f"admin API base URL (env LB_ADMIN_URL; default from --config, else {DEFAULT_ADMIN_URL})")
+                        help=f"admin API base URL (default: admin.bind from --config, else env LB_ADMIN_URL, "
+                             f"else {DEFAULT_ADMIN_URL})")
     common.add_argument("--token", metavar="T", default=argparse.SUPPRESS,
-                        help="admin bearer token (env LB_ADMIN_TOKEN; default admin.token from --config)")
+                        help="admin bearer token (default: admin.token from --config, else env LB_ADMIN_TOKEN)")
     common.add_argument("--config", metavar="FILE", type=Path, default=argparse.SUPPRESS,
-                        help="read admin.bind and admin.token from this balancer configuration")
+                        help="read admin.bind and admin.token from this balancer configuration (wins over the env)")
     common.add_argument("--timeout", metavar="SECONDS", type=float, default=argparse.SUPPRESS,
                         help=f"give up on an admin call after this long (default {TIMEOUT:g})")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -141,11 +143,18 @@ def run_ctl(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | N
 
 
 def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[str, str]) -> Target:
-    """The admin URL and token: flags, then LB_ADMIN_URL/LB_ADMIN_TOKEN, then --config, then the default."""
-    url: str | None = getattr(args, "admin", None) or environ.get("LB_ADMIN_URL") or None
-    token: str | None = getattr(args, "token", None) or environ.get("LB_ADMIN_TOKEN") or None
+    """The admin URL and token: flags, then --config, then LB_ADMIN_URL/LB_ADMIN_TOKEN, then the default.
+
+    A `--config` named on the command line wins over the environment: a leftover LB_ADMIN_URL
+    would otherwise take that file's token to another balancer (and drain the wrong one).
+    """
+    url: str | None = getattr(args, "admin", None) or None
+    token: str | None = getattr(args, "token", None) or None
     config_path: Path | None = getattr(args, "config", None)
-    if config_path is not None and (url is None or token is None):
+    if config_path is None:
+        url = url or environ.get("LB_ADMIN_URL") or None
+        token = token or environ.get("LB_ADMIN_TOKEN") or None
+    elif url is None or token is None:
         from lb.config.load import load_admin_config
         from lb.config.model import host_port
         from lb.errors import ConfigError

@@ -253,7 +253,10 @@ async def metrics(request: web.Request) -> web.Response:
 def _authorized(request: web.Request, token: str | None) -> bool:
     if token is None:
         return False
-    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    credentials = request.headers.getall("Authorization", [])
+    if len(credentials) != 1:
+        return False  # two: which one a proxy in front checked, or logged, is anyone's guess
+    scheme, _, presented = credentials[0].partition(" ")
     # Constant-time: the comparison must not tell an attacker how much of the token matched.  aiohttp
     # decodes header bytes that are not UTF-8 as surrogates: surrogateescape gives back the bytes sent
     # (a plain encode() raised, and any client could fill the log with 500 tracebacks).

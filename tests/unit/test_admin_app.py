@@ -4,6 +4,7 @@ traceback in the log only; readiness follows the balancer's flag.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from types import SimpleNamespace
 from typing import Any
@@ -53,8 +54,6 @@ async def test_a_bug_in_a_handler_is_a_bare_500_logged_with_its_traceback(caplog
 
 async def test_a_token_of_bytes_that_are_not_utf8_is_a_401_not_a_500(caplog: pytest.LogCaptureFixture) -> None:
     """Header bytes aiohttp cannot decode as UTF-8 are a wrong token like any other, with no traceback logged."""
-    import asyncio
-
     client = await _client(_fake_balancer())
     try:
         reader, writer = await asyncio.open_connection(client.host, client.port)
@@ -66,6 +65,24 @@ async def test_a_token_of_bytes_that_are_not_utf8_is_a_401_not_a_500(caplog: pyt
         writer.close()
         assert answer.startswith(b"HTTP/1.1 401 ")
         assert not caplog.records
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("order", ["right first", "wrong first"])
+async def test_two_authorization_headers_are_a_401_in_either_order(order: str) -> None:
+    """With the right token and a wrong one, which decides must not depend on the order: neither does."""
+    client = await _client(_fake_balancer())
+    try:
+        tokens = [TOKEN, "wrong"] if order == "right first" else ["wrong", TOKEN]
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        head = b"POST /pools/p/backends/gw-1/drain HTTP/1.1\r\nHost: x\r\n"
+        head += b"".join(b"Authorization: Bearer %s\r\n" % token.encode() for token in tokens)
+        writer.write(head + b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
     finally:
         await client.close()
 

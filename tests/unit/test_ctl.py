@@ -50,8 +50,14 @@ def test_config_gives_url_and_expanded_token(tmp_path: Path) -> None:
     # The cookie key is not in the operator's environment: only admin.* needs to expand.
     target = resolve_target(parse("--config", str(config), "status"), {"CTL_UNIT_TOKEN": "from-config"})
     assert target.url == "http://127.0.0.1:9100" and target.token == "from-config"
-    target = resolve_target(parse("--config", str(config), "status"), {"LB_ADMIN_TOKEN": "env", "CTL_UNIT_TOKEN": "x"})
-    assert target.token == "env"
+    # A file named on the command line wins over the environment, for both: never one's URL with the other's token.
+    environ = {"LB_ADMIN_URL": "http://other:1", "LB_ADMIN_TOKEN": "env", "CTL_UNIT_TOKEN": "x"}
+    target = resolve_target(parse("--config", str(config), "status"), environ)
+    assert (target.url, target.token) == ("http://127.0.0.1:9100", "x")
+    target = resolve_target(parse("--config", str(config), "--admin", "flag:2", "status"), environ)
+    assert (target.url, target.token) == ("http://flag:2", "x")
+    target = resolve_target(parse("--config", str(config), "--token", "flag", "status"), environ)
+    assert (target.url, target.token) == ("http://127.0.0.1:9100", "flag")
     with pytest.raises(CtlError) as exc:
         resolve_target(parse("--config", str(config), "status"), {})
     assert exc.value.exit_code == EXIT_USAGE and "CTL_UNIT_TOKEN" in str(exc.value)
