@@ -197,6 +197,10 @@ def balance_key(request: RequestHead, pool: PoolConfig, client_ip: str) -> str |
         return hash_key_text(unquote_plus(values[0], errors="surrogateescape")) if values else None
     if pool.hash_key.source is HashKeySource.HEADER:
         values = request.head.get_all(name)
+        if len(values) > 1:
+            # RFC 9110 §5.3: two field lines are one value, their comma-joined list.  Hashing the first
+            # alone routed `a` and `b` by `a`, while a backend reading the last saw user `b`.
+            values = [", ".join(values)]
     else:
         values = read_cookie(request.head.get_all("cookie"), name)
     return hash_key_text(header_text(values[0])) if values else None

@@ -34,7 +34,7 @@ def check_upgrade(request: RequestHead) -> None:
     """Validate a WebSocket opening handshake (RFC 6455 §4.2.1).
 
     Raises:
-        BadHandshake: a malformed upgrade (the listener answers 400).
+        BadHandshake: a malformed upgrade (the listener answers 400), a repeated Sec-WebSocket-Version too.
         UnsupportedVersion: Sec-WebSocket-Version is not 13 (426, RFC 6455 §4.2.2).
     """
     if request.method != "GET":
@@ -49,9 +49,11 @@ def check_upgrade(request: RequestHead) -> None:
     if not is_websocket_key(keys[0].strip(" \t")):
         raise BadHandshake("invalid Sec-WebSocket-Key")
     versions = request.head.get_all("sec-websocket-version")
-    if not versions:
-        raise BadHandshake("missing Sec-WebSocket-Version header")
-    if len(versions) != 1 or versions[0].strip(" \t") != "13":
+    if len(versions) != 1:
+        # RFC 6455 §11.3.5: never more than once.  Malformed (400), not a version we lack: a 426
+        # naming 13 would answer a client that sent 13 twice to send 13.
+        raise BadHandshake("missing Sec-WebSocket-Version header" if not versions else "duplicate Sec-WebSocket-Version")
+    if versions[0].strip(" \t") != "13":
         raise UnsupportedVersion("unsupported Sec-WebSocket-Version")
 
 

@@ -139,6 +139,8 @@ def test_source_hashes_the_canonical_address() -> None:
         (USER, request("/ws", ("X-User-Id", " alice ")), "alice"),
         (USER, request("/ws"), None),
         (USER, request("/ws", ("X-User-Id", "")), None),
+        (USER, request("/ws", ("X-User-Id", "a"), ("X-User-Id", "b")), "a, b"),  # as one line would say it
+        (USER, request("/ws", ("X-User-Id", "a, b")), "a, b"),
         (HashKey(HashKeySource.QUERY, "uid"), request("/ws?a=1&uid=a%40b"), "a@b"),
         (HashKey(HashKeySource.QUERY, "uid"), request("/ws?a=1"), None),
         (HashKey(HashKeySource.COOKIE, "uid"), request("/ws", ("Cookie", "x=1; uid=bob")), "bob"),
@@ -146,7 +148,8 @@ def test_source_hashes_the_canonical_address() -> None:
     ],
 )
 def test_balance_key_reads_the_configured_place(hash_key: HashKey, req: RequestHead, expected: str | None) -> None:
-    """header:NAME, query:NAME (percent-decoded) and cookie:NAME; absent or empty is no key."""
+    """header:NAME (two lines read as their one-line list), query:NAME (percent-decoded) and cookie:NAME;
+    absent or empty is no key."""
     pool = make_pool(hash_key=hash_key)
     assert balance_key(req, pool.config, "127.0.0.1") == expected
 
