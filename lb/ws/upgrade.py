@@ -52,7 +52,7 @@ def check_upgrade(request: RequestHead) -> None:
     if len(versions) != 1:
         # RFC 6455 §11.3.5: never more than once.  Malformed (400), not a version we lack: a 426
         # naming 13 would answer a client that sent 13 twice to send 13.
-        raise BadHandshake("missing Sec-WebSocket-Version header" if not versions else "duplicate Sec-WebSocket-Version")
+        raise BadHandshake("duplicate Sec-WebSocket-Version" if versions else "missing Sec-WebSocket-Version header")
     if versions[0].strip(" \t") != "13":
         raise UnsupportedVersion("unsupported Sec-WebSocket-Version")
 
