@@ -40,6 +40,41 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
+# A PEM file is a few KiB (a chain of four is under 10); past this, whatever it is, it is not one.
+_PEM_LIMIT = 1024 * 1024
+
+
+def tls_files_fault(tls: TlsConfig) -> tuple[str, str] | None:
+    """Which file (`cert` or `key`) is at fault, and why, once `server_ssl_context` has refused the pair.
+
+    OpenSSL's error for a file that is not PEM names neither file (`[SSL] PEM lib (_ssl.c:3905)`);
+    the operator needs to know which one to look at.  None: each file reads alone, so the fault is
+    the pair's (the key does not match the certificate) and OpenSSL's own message says it.
+    """
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    for which, path in (("cert", tls.cert), ("key", tls.key)):
+        try:
+            with open(path, "rb") as file:
+                data = file.read(_PEM_LIMIT + 1)
+        except OSError as exc:
+            return which, f"cannot read {path}: {exc.strerror or exc}"
+        if len(data) > _PEM_LIMIT:
+            return which, f"{path} is larger than 1 MiB: not a PEM {'certificate' if which == 'cert' else 'key'}"
+        try:
+            if which == "cert":
+                x509.load_pem_x509_certificates(data)
+            else:
+                serialization.load_pem_private_key(data, password=None)
+        except TypeError:  # the key wants a password
+            return which, f"{path} is encrypted: the key must be unencrypted PEM (no passphrase)"
+        except (ValueError, UnsupportedAlgorithm):
+            return which, f"{path} holds no PEM {'certificate' if which == 'cert' else 'private key'}"
+    return None
+
+
 # The TLS layer of both event loops buffers on its own, above the socket transport under it: up to
 # 512 KiB of records for a client that does not read (its write high-water mark) and 256 KiB of a
 # client's records while we do not read (its read high-water mark).  Those were about 740 KiB per

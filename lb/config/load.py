@@ -61,7 +61,7 @@ from lb.config.model import (
 )
 from lb.errors import ConfigError, Problem
 from lb.http.client_address import parse_network
-from lb.tls import server_ssl_context
+from lb.tls import server_ssl_context, tls_files_fault
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Enum)
@@ -263,7 +263,17 @@ def _kind(value: object) -> str:
         return f"{type(value).__name__} {value!r}"
     if isinstance(value, dict):
         return "mapping"
-    return type(value).__name__  # str, list, date, bytes, set, ...
+    if isinstance(value, str):
+        return "str"  # a `${VAR}`'s value too (_Expanded)
+    return type(value).__name__  # list, date, bytes, set, ...
+
+
+def _got(value: object) -> str:
+    """`_kind`, but a string written in the file itself is shown (`got str 'lots'`), as a number is:
+    one from a `${VAR}` is not, since a variable may hold a secret."""
+    if isinstance(value, str) and not isinstance(value, _Expanded):
+        return f"str {_show(value)}"
+    return _kind(value)
 
 
 def _show(value: object) -> str:
@@ -551,7 +561,7 @@ def _integer(low: int, high: int) -> Parser:
         if isinstance(value, _Expanded) and value.isascii() and value.isdigit():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _Bad(f"expected an integer from {low} to {high}, got {_kind(value)}")
+            raise _Bad(f"expected an integer from {low} to {high}, got {_got(value)}")
         if not low <= value <= high:
             raise _Bad(f"expected an integer from {low} to {high}, got {value}")
         return value
@@ -565,7 +575,7 @@ def _number(low: float, high: float) -> Parser:
             with contextlib.suppress(ValueError):
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-            raise _Bad(f"expected a number from {low:g} to {high:g}, got {_kind(value)}")
+            raise _Bad(f"expected a number from {low:g} to {high:g}, got {_got(value)}")
         if not low <= value <= high:
             raise _Bad(f"expected a number from {low:g} to {high:g}, got {value:g}")
         return float(value)
@@ -1122,6 +1132,8 @@ def _tls(value: object, path: str, check: _Checker) -> TlsConfig | None:
         resolved = Path(os.path.abspath(check.base_dir / Path(kwargs[key]).expanduser()))
         if resolved.is_file():
             files[key] = str(resolved)
+        elif resolved.exists():
+            check.add(_join(path, key), f"not a regular file: {resolved}")  # a directory, a device
         else:
             check.add(_join(path, key), f"file not found: {resolved}")
     if len(files) < 2:
@@ -1130,7 +1142,11 @@ def _tls(value: object, path: str, check: _Checker) -> TlsConfig | None:
     try:
         server_ssl_context(tls)
     except (ssl.SSLError, OSError) as exc:
-        check.add(path, f"cannot load the certificate and key: {exc}")
+        fault = tls_files_fault(tls)
+        if fault is None:
+            check.add(path, f"cannot load the certificate and key: {exc}")
+        else:
+            check.add(_join(path, fault[0]), fault[1])
         return None
     return tls
 

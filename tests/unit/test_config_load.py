@@ -302,7 +302,8 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ("pools.gateways.backends[1].id", "gw 2", "expected letters, digits and . _ : - only, got 'gw 2'"),
     ("pools.gateways.backends[1].weight", 0, "expected an integer from 1 to 256, got 0"),
     ("pools.gateways.backends[1].weight", 257, "expected an integer from 1 to 256, got 257"),
-    ("pools.gateways.backends[1].weight", "heavy", "expected an integer from 1 to 256, got str"),
+    ("pools.gateways.backends[1].weight", "heavy", "expected an integer from 1 to 256, got str 'heavy'"),
+    ("limits.max_header_bytes", "lots", "expected an integer from 1024 to 1048576, got str 'lots'"),
     ("timeouts", 10, "expected a mapping, got int 10"),
     ("timeouts.handshake", "0s", "expected a duration greater than 0, got '0s'"),
     ("timeouts.backend_connect", "3 parsecs", "got '3 parsecs'"),
@@ -356,8 +357,11 @@ def test_secret_values_never_appear_in_messages(base_dir: Path) -> None:
     """A wrong-typed token or a short key is reported without echoing it."""
     tree = set_at(good_tree(), "admin.token", 987654321)
     tree = set_at(tree, "affinity.secret_keys", ["short-but-secret"])
-    text = "\n".join(f"{path}: {message}" for path, message in problems_of(tree, base_dir).items())
-    assert "987654321" not in text and "short-but-secret" not in text
+    tree = set_at(tree, "limits.max_header_bytes", "${MISPLACED}")  # a string written in the file is shown
+    problems = problems_of(tree, base_dir, {**ENV, "MISPLACED": "a-secret-in-the-wrong-place"})
+    text = "\n".join(f"{path}: {message}" for path, message in problems.items())
+    assert "987654321" not in text and "short-but-secret" not in text and "wrong-place" not in text
+    assert problems["limits.max_header_bytes"].endswith("got str"), problems
 
 
 # --------------------------------------------------------------------------- every problem in one pass
@@ -538,6 +542,46 @@ def test_tls_key_must_match_certificate(base_dir: Path, tmp_path: Path) -> None:
     assert problems["listeners[1].tls"].startswith("cannot load the certificate and key:")
 
 
+def _encrypted_key(path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.BestAvailableEncryption(b"passphrase")))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("which", "content", "said"),
+    [
+        ("cert", b"not a certificate\n", "holds no PEM certificate"),
+        ("cert", "key", "holds no PEM certificate"),  # the key given as both
+        ("key", b"", "holds no PEM private key"),
+        ("key", "cert", "holds no PEM private key"),  # the certificate given as both
+        ("key", "encrypted", "is encrypted"),
+        ("cert", "directory", "not a regular file"),
+    ],
+)
+def test_a_tls_file_that_will_not_load_is_named(
+    base_dir: Path, tmp_path: Path, which: str, content: bytes | str, said: str
+) -> None:
+    """OpenSSL's `[SSL] PEM lib` names neither file: the problem is put on the one at fault, saying why."""
+    certs = base_dir / "certs"
+    target = tmp_path / f"bad.{which}"
+    if content == "directory":
+        target.mkdir()
+    elif content == "encrypted":
+        _encrypted_key(target)
+    elif isinstance(content, str):
+        target.write_bytes((certs / ("server.key" if content == "key" else "server.crt")).read_bytes())
+    else:
+        target.write_bytes(content)
+    problems = problems_of(set_at(good_tree(), f"listeners[1].tls.{which}", str(target)), base_dir)
+    assert list(problems) == [f"listeners[1].tls.{which}"], problems
+    assert said in problems[f"listeners[1].tls.{which}"], problems
+
+
 # --------------------------------------------------------------------------- ${ENV}
 
 
@@ -578,7 +622,7 @@ def test_expanded_numbers_and_booleans(base_dir: Path) -> None:
 def test_literal_strings_are_not_coerced(base_dir: Path) -> None:
     """A quoted "7" written in the file is still a string where an integer is expected."""
     problems = problems_of(set_at(good_tree(), "pools.gateways.backends[0].weight", "7"), base_dir)
-    assert problems == {"pools.gateways.backends[0].weight": "expected an integer from 1 to 256, got str"}
+    assert problems == {"pools.gateways.backends[0].weight": "expected an integer from 1 to 256, got str '7'"}
 
 
 def test_malformed_reference(base_dir: Path) -> None:
