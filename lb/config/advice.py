@@ -13,7 +13,7 @@ from lb.config.model import Config, SameSite, SecureMode, over_limit_answered
 # at a time, counted apart): listeners, the admin API and its clients, DNS queries, logs, the loop's own.
 DESCRIPTOR_RESERVE = 64
 # Shorter than this, an admin token is advice (not refused: a test rig may want `t`).  16 random
-# base64 characters are 96 bits; `openssl rand -base64 32` gives 44.
+# base64 characters are 96 bits; `lb keygen` gives 43.
 MIN_ADMIN_TOKEN_CHARS = 16
 
 
@@ -50,7 +50,7 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
     elif len(token) < MIN_ADMIN_TOKEN_CHARS:
         said.append(
             f"admin.token is {len(token)} characters: short enough to guess, and it drains and disables "
-            f"backends; use {MIN_ADMIN_TOKEN_CHARS} random characters or more (openssl rand -base64 32)"
+            f"backends; use {MIN_ADMIN_TOKEN_CHARS} random characters or more (`lb keygen` prints 43)"
         )
     everyone = [str(network) for network in config.trusted_proxies if network.prefixlen == 0]
     if everyone:

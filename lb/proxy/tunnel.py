@@ -193,7 +193,6 @@ class WebSocketServerEnd(TunnelEnd):
         if self.silenced or self.pending_close is not None:
             return
         self.pending_close = close_frame(code, reason)
-        self.tunnel.close_code = code
         if self.frames.at_boundary:
             self._send_close()
         else:
@@ -219,6 +218,10 @@ class WebSocketServerEnd(TunnelEnd):
         self.peer.write(self.pending_close)
         self.silenced = True
         self.tunnel.ended_with = "close_frame"
+        # The code as sent, here and not when asked for: a close that never found a frame boundary
+        # ends at TCP, and its log line must not name a code the client never got.  Our close frame
+        # is unmasked with a payload under 126 bytes, so its code is bytes 2-3.
+        self.tunnel.close_code = int.from_bytes(self.pending_close[2:4], "big")
         # The client answers with its own close frame, which still reaches the
         # backend; whoever is slow to hang up after that is cut off.
         self.deadline = asyncio.get_running_loop().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)

@@ -166,6 +166,7 @@ def test_close_that_finds_no_boundary_is_cut_after_the_deadline(monkeypatch: pyt
         await asyncio.sleep(0.2)
         assert tunnel.closed and client.aborted and server.aborted
         assert ctx.stats.balancer_closes[("idle", "tcp")] == 1
+        assert tunnel.close_code is None  # never sent: the close line names no code
 
     _run(scenario())
 
@@ -182,6 +183,7 @@ def test_close_sent_but_not_taken_is_cut_after_the_linger(monkeypatch: pytest.Mo
         await asyncio.sleep(0.2)
         assert tunnel.closed and client.aborted
         assert ctx.stats.balancer_closes[("drain", "tcp")] == 1
+        assert tunnel.close_code == 1012  # sent, though the client never took it
 
     _run(scenario())
 
@@ -197,6 +199,7 @@ def test_close_taken_is_a_clean_close(monkeypatch: pytest.MonkeyPatch) -> None:
         await asyncio.sleep(0.2)
         assert tunnel.closed and client.closed and not client.aborted
         assert ctx.stats.balancer_closes[("shutdown", "close_frame")] == 1
+        assert tunnel.close_code == 1001
 
     _run(scenario())
 
