@@ -161,7 +161,7 @@ def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[st
 
         try:
             # The admin section alone: the operator's shell need not hold the cookie keys or read the TLS key.
-            admin = load_admin_config(config_path, environ)
+            admin = load_admin_config(config_path, environ, token=token)
         except ConfigError as exc:
             raise CtlError(f"cannot use --config {config_path}:\n{exc}", EXIT_USAGE) from None
         # A wildcard bind is reached on loopback from the same host.

@@ -130,13 +130,18 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, t
     return parse_config(text, base_dir=path.absolute().parent, environ=env)
 
 
-def load_admin_config(path: str | Path, environ: Mapping[str, str] | None = None) -> AdminConfig:
+def load_admin_config(
+    path: str | Path, environ: Mapping[str, str] | None = None, *, token: str | None = None
+) -> AdminConfig:
     """Only the `admin` section of the configuration file at `path`, expanded and checked as `lb run` would.
 
     For `lb ctl --config`: an operator's shell needs the admin address and token, and may well be
     unable to read the rest (the TLS key, the cookie keys' variables or files).  The file's top
     level is still checked as `lb run` checks it (not empty, a mapping, known keys, no key twice),
     so a wrong file or a typo (`admn:`) is refused rather than read as "admin on its defaults".
+
+    `token` (`lb ctl --token`) stands in for `admin.token`, which is then not read: its variable or
+    file need not be there.
 
     Raises:
         ConfigError: the file cannot be read, is not YAML, its top level is wrong, or its `admin`
@@ -152,8 +157,15 @@ def load_admin_config(path: str | Path, environ: Mapping[str, str] | None = None
         check.problems[:] = repeated
         root = _root(tree, check)
         if root is not None:
-            admin = _admin(_expand(root.get("admin"), "admin", os.environ if environ is None else environ, check,
-                                   set()), check)
+            node, env = root.get("admin"), os.environ if environ is None else environ
+            if token is not None and isinstance(node, dict):
+                node = _expand({key: value for key, value in node.items() if key != "token"}, "admin", env, check,
+                               set())
+                if isinstance(node, dict):
+                    node["token"] = token  # after the expansion: the flag's value is taken as it is
+            else:
+                node = _expand(node, "admin", env, check, set())
+            admin = _admin(node, check)
             if admin is not None and not check.problems:
                 return admin
     raise ConfigError(check.problems or [Problem("", "invalid configuration")])

@@ -67,6 +67,23 @@ def test_config_gives_url_and_expanded_token(tmp_path: Path) -> None:
     assert "admin.bind" in str(exc.value)
 
 
+def test_a_token_flag_stands_in_for_the_files_token(tmp_path: Path) -> None:
+    """With --token, admin.token is not read: its variable need not be set, and the flag's value is
+    taken as written (no `${...}` expansion of it)."""
+    config = tmp_path / "lb.yaml"
+    config.write_text(
+        "listeners: [{bind: 127.0.0.1:8080}]\n"
+        "admin: {bind: 0.0.0.0:9100, token: '${CTL_UNIT_UNSET}'}\n"
+        "routes: [{path_prefix: /, pool: p}]\n"
+        "pools: {p: {backends: [{id: a, address: 127.0.0.1:9001}]}}\n"
+    )
+    target = resolve_target(parse("--config", str(config), "--token", "t-${HOME}", "status"), {"HOME": "/root"})
+    assert (target.url, target.token) == ("http://127.0.0.1:9100", "t-${HOME}")
+    with pytest.raises(CtlError) as exc:
+        resolve_target(parse("--config", str(config), "status"), {})
+    assert "CTL_UNIT_UNSET" in str(exc.value)
+
+
 def test_config_needs_only_its_admin_section_to_be_usable(tmp_path: Path) -> None:
     """A shell that cannot read the TLS key or the cookie keys' files still drives the balancer."""
     config = tmp_path / "lb.yaml"
