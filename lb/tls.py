@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import ssl
+import warnings
 
 from lb.config.model import TlsConfig
 from lb.proxy.reading import READ_CHUNK
@@ -27,13 +28,15 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 
     Raises:
         OSError: a file cannot be read.
-        ssl.SSLError: the files are not PEM, or the key does not match the certificate.
+        ssl.SSLError: the files are not PEM, the key is encrypted, or it does not match the certificate.
     """
     # Purpose.CLIENT_AUTH gives a *server* context with the stdlib's vetted
     # defaults (no compression, no renegotiation, sane cipher list).
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile=tls.cert, keyfile=tls.key)
+    # An empty passphrase rather than none: with none, OpenSSL asks for one on the terminal and a
+    # start with an encrypted key waits there; with this one the load fails and the config says why.
+    context.load_cert_chain(certfile=tls.cert, keyfile=tls.key, password=b"")
     # WebSocket over HTTP/2 (RFC 8441) is not supported: the upgrade is an
     # HTTP/1.1 mechanism (RFC 6455 §4.1), so never let a client pick h2.
     context.set_alpn_protocols(["http/1.1"])
@@ -44,35 +47,56 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 _PEM_LIMIT = 1024 * 1024
 
 
-def tls_files_fault(tls: TlsConfig) -> tuple[str, str] | None:
-    """Which file (`cert` or `key`) is at fault, and why, once `server_ssl_context` has refused the pair.
+def tls_files_fault(tls: TlsConfig) -> list[tuple[str, str]]:
+    """Which files (`cert`, `key`) are at fault, and why, once `server_ssl_context` has refused the pair.
 
     OpenSSL's error for a file that is not PEM names neither file (`[SSL] PEM lib (_ssl.c:3905)`);
-    the operator needs to know which one to look at.  None: each file reads alone, so the fault is
-    the pair's (the key does not match the certificate) and OpenSSL's own message says it.
+    the operator needs to know which one to look at.  Empty: each file loads alone, so the fault is
+    the pair's and OpenSSL's own message says it.
     """
     from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
+    faults: list[tuple[str, str]] = []
     for which, path in (("cert", tls.cert), ("key", tls.key)):
+        what = "certificate" if which == "cert" else "private key"
         try:
             with open(path, "rb") as file:
                 data = file.read(_PEM_LIMIT + 1)
         except OSError as exc:
-            return which, f"cannot read {path}: {exc.strerror or exc}"
+            faults.append((which, f"cannot read {path}: {exc.strerror or exc}"))
+            continue
         if len(data) > _PEM_LIMIT:
-            return which, f"{path} is larger than 1 MiB: not a PEM {'certificate' if which == 'cert' else 'key'}"
+            faults.append((which, f"{path} is larger than 1 MiB: not a PEM {what}"))
+            continue
         try:
-            if which == "cert":
-                x509.load_pem_x509_certificates(data)
-            else:
-                serialization.load_pem_private_key(data, password=None)
+            # cryptography warns, rather than fails, on what OpenSSL accepts (a negative serial
+            # number); a warning here is not the fault being looked for, and not the operator's to read.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if which == "cert":
+                    x509.load_pem_x509_certificates(data)
+                else:
+                    serialization.load_pem_private_key(data, password=None)
         except TypeError:  # the key wants a password
-            return which, f"{path} is encrypted: the key must be unencrypted PEM (no passphrase)"
+            faults.append((which, f"{path} is encrypted: the key must be unencrypted PEM (no passphrase)"))
         except (ValueError, UnsupportedAlgorithm):
-            return which, f"{path} holds no PEM {'certificate' if which == 'cert' else 'private key'}"
-    return None
+            faults.append((which, f"{path} holds no PEM {what} that loads"))
+    return faults
+
+
+def names_no_file(exc: ssl.SSLError | OSError) -> bool:
+    """Whether `server_ssl_context`'s error leaves the operator to guess which file is at fault.
+
+    A file that does not read or parse gives an OSError or OpenSSL's bare `[SSL] PEM lib`, with no
+    reason; a pair that parses but does not fit (`[X509: KEY_VALUES_MISMATCH]`) has a reason that
+    says what is wrong better than any guess of ours.
+    """
+    # Read as an object: typeshed says str, but OpenSSL's errors without one carry None, and the
+    # compiled build checks the declared type.
+    reason: object = getattr(exc, "reason", None)
+    return reason is None
 
 
 # The TLS layer of both event loops buffers on its own, above the socket transport under it: up to

@@ -159,9 +159,10 @@ say "smoke: uid 10001, uvloop imports, crc32c in C, $compiled, backends_demo run
 # The real thing, as Kubernetes runs it: the default entry point (lb is PID 1) on the deploy config;
 # /readyz answers 200 (polled against a deadline), the loop is uvloop's, and SIGTERM stops it with
 # exit 0 after the config's shutdown_delay. No network but the container's own loopback: discovery
-# finds no DNS and keeps its empty set, which readiness does not depend on. The probe also waits
-# for PID 1 to catch SIGTERM: the kernel drops a signal PID 1 has no handler for, and lb installs
-# its handlers only once started (admin and /livez answer a little earlier).
+# finds no DNS and keeps its empty set: readiness waits for discovery's first lookups to end, not
+# to find anything. The probe also checks that PID 1 catches SIGTERM: the kernel drops a signal
+# PID 1 has no handler for. lb installs its handlers before it binds anything, so by the time
+# /readyz answers 200 they are there; the check is what keeps that so.
 container=""
 trap 'rm -rf "$tmp"; [ -z "$container" ] || "${PODMAN[@]}" rm --force --time 0 "$container" >/dev/null 2>&1 || true' EXIT
 container=$("${RUN[@]/--rm/--detach}" \

@@ -61,7 +61,7 @@ from lb.config.model import (
 )
 from lb.errors import ConfigError, Problem
 from lb.http.client_address import parse_network
-from lb.tls import server_ssl_context, tls_files_fault
+from lb.tls import names_no_file, server_ssl_context, tls_files_fault
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Enum)
@@ -162,7 +162,9 @@ def load_admin_config(
                 node = _expand({key: value for key, value in node.items() if key != "token"}, "admin", env, check,
                                set())
                 if isinstance(node, dict):
-                    node["token"] = token  # after the expansion: the flag's value is taken as it is
+                    # After the expansion, so the flag's value is taken as it is; marked as if from a
+                    # variable, so that no message ever shows it.
+                    node["token"] = _Expanded(token)
             else:
                 node = _expand(node, "admin", env, check, set())
             admin = _admin(node, check)
@@ -968,7 +970,7 @@ def _workers(cpu_count: int | None) -> Parser:
         try:
             return int(number(value))
         except _Bad:
-            raise _Bad(f"expected auto or an integer from 1 to {MAX_WORKERS}, got {_kind(value)}") from None
+            raise _Bad(f"expected auto or an integer from 1 to {MAX_WORKERS}, got {_got(value)}") from None
 
     return parse
 
@@ -1154,11 +1156,11 @@ def _tls(value: object, path: str, check: _Checker) -> TlsConfig | None:
     try:
         server_ssl_context(tls)
     except (ssl.SSLError, OSError) as exc:
-        fault = tls_files_fault(tls)
-        if fault is None:
+        faults = tls_files_fault(tls) if names_no_file(exc) else []
+        for which, why in faults:
+            check.add(_join(path, which), why)
+        if not faults:
             check.add(path, f"cannot load the certificate and key: {exc}")
-        else:
-            check.add(_join(path, fault[0]), fault[1])
         return None
     return tls
 

@@ -1,8 +1,9 @@
 """The running balancer: builds listeners, admin and health checks; starts, reloads and stops them.
 
-Start binds everything (listeners, then admin) before serving; a bind that
-fails closes what was bound and raises `BindError`, which `run` turns into
-one line naming the address and exit code 2.
+Start binds everything (admin first, so /readyz answers 503 while the rest
+starts; then the listeners) before serving; a bind that fails closes what was
+bound and raises `BindError`, which `run` turns into one line naming the
+address and exit code 2.
 
 `Balancer.stop()` is idempotent (SPEC part 2, rolling updates): /readyz
 answers 503 at once while the listeners keep serving for
@@ -137,6 +138,8 @@ class Balancer:
         )
         # /readyz: True once every listener is open, False again from SIGTERM on.
         self.ready = False
+        # Set by `serve`'s SIGTERM handler, which may run while we start: such a start is never ready.
+        self.stop_asked = False
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_pending = False
         self._listening: list[_Listening] = []
@@ -184,11 +187,11 @@ class Balancer:
         """Bind everything, then serve.  Raises BindError with nothing left bound."""
         try:
             await self._start()
-        except BindError:
+        except BaseException:  # BindError, or cancelled on the way: leave nothing listening
             await self._close_bound()
             await self.discovery.stop()
             raise
-        self.ready = self._stopping is None  # a stop begun during the start: never ready
+        self.ready = self._stopping is None and not self.stop_asked  # told to stop while starting: never ready
 
     async def _start(self) -> None:
         if self._control is not None:
@@ -218,7 +221,7 @@ class Balancer:
                 *listening.address, " (TLS)" if listening.ssl_context else "",
                 " (PROXY protocol)" if listening.config.proxy_protocol else "", listening.config.backlog,
             )
-        if self.admin_address is not None:
+        if self.admin_address is not None:  # said here, not at its bind: a failed start is one line
             log.info("admin API on %s:%d", *self.admin_address)
         if self.role is not Role.WORKER:  # workers run the same files
             log.info("data plane: %s", compiled_state().describe())
@@ -858,8 +861,13 @@ async def serve(
     # not be lost (as PID 1 in a container, a signal without a handler is dropped by the kernel).
     # A SIGHUP then is held by lb.startup_signals (since the first line of `lb run`) and applied below.
     stop_requested = asyncio.Event()
+
+    def on_stop_signal() -> None:
+        balancer.stop_asked = True
+        stop_requested.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
+        loop.add_signal_handler(signum, on_stop_signal)
     for signum in startup_signals.UNUSED:
         loop.add_signal_handler(signum, _ignore_signal, signum)
     try:

@@ -137,7 +137,7 @@ class WebSocketServerEnd(TunnelEnd):
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
         super().__init__(tunnel, peer)
         self.frames = FrameBoundaries()
-        self.pending_close: bytes | None = None
+        self.pending_close: tuple[int, bytes] | None = None  # (code, frame): our close, waiting for a boundary
         self.silenced = False  # our close frame went out: nothing more may follow it
         self.deadline: asyncio.TimerHandle | None = None
 
@@ -192,7 +192,7 @@ class WebSocketServerEnd(TunnelEnd):
         """Send the client a close frame at the next frame boundary of the backend's stream."""
         if self.silenced or self.pending_close is not None:
             return
-        self.pending_close = close_frame(code, reason)
+        self.pending_close = (code, close_frame(code, reason))
         if self.frames.at_boundary:
             self._send_close()
         else:
@@ -215,13 +215,13 @@ class WebSocketServerEnd(TunnelEnd):
         assert self.pending_close is not None
         if self.deadline is not None:
             self.deadline.cancel()
-        self.peer.write(self.pending_close)
+        code, frame = self.pending_close
+        self.peer.write(frame)
         self.silenced = True
         self.tunnel.ended_with = "close_frame"
         # The code as sent, here and not when asked for: a close that never found a frame boundary
-        # ends at TCP, and its log line must not name a code the client never got.  Our close frame
-        # is unmasked with a payload under 126 bytes, so its code is bytes 2-3.
-        self.tunnel.close_code = int.from_bytes(self.pending_close[2:4], "big")
+        # ends at TCP, and its log line must not name a code the client never got.
+        self.tunnel.close_code = code
         # The client answers with its own close frame, which still reaches the
         # backend; whoever is slow to hang up after that is cut off.
         self.deadline = asyncio.get_running_loop().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)

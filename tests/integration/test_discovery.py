@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -519,6 +520,31 @@ async def test_readyz_is_503_until_the_listeners_open(launcher: Launcher, zone: 
         seen.add((*codes, listening))
         await _pause()
     assert (503, 200, 503, False) in seen, f"no answer while starting: {sorted(seen)}"
+
+
+async def test_a_sigterm_while_starting_is_never_ready(launcher: Launcher, zone: ZoneServer) -> None:
+    """SIGTERM while the first lookups hold the start back: the balancer stops when up, and /readyz
+    never says 200 on the way (a probe that saw it would send traffic to a process leaving)."""
+    publish(zone, launcher.gateways(1))
+    zone.delay = 5.0
+    lb = launcher.starting_balancer(discovery_config(zone, timeout=f"{UNIT:g}s"))
+    assert lb.proc is not None
+    deadline = time.monotonic() + 15 * UNIT
+    while True:  # admin is up first: the start is under way
+        assert time.monotonic() < deadline, f"admin never answered:\n{lb.logs_tail()}"
+        with contextlib.suppress(OSError):
+            if (await http_get_async(lb.admin_url("/livez")))[0] == 200:
+                break
+        await _pause()
+    lb.proc.send_signal(signal.SIGTERM)
+    codes: set[int] = set()
+    while lb.proc.poll() is None:
+        assert time.monotonic() < deadline, f"still running after SIGTERM:\n{lb.logs_tail()}"
+        with contextlib.suppress(OSError):
+            codes.add((await http_get_async(lb.admin_url("/readyz")))[0])
+        await asyncio.sleep(0.01)
+    assert lb.proc.returncode == 0, lb.logs_tail()
+    assert 200 not in codes, f"/readyz said 200 after SIGTERM: {sorted(codes)}"
 
 
 async def test_workers_start_with_a_silent_nameserver_and_a_long_lookup_timeout(

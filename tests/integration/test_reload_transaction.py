@@ -275,7 +275,7 @@ def test_lb_run_with_a_port_in_use_prints_one_line_and_exits_2(tmp_path: Path) -
 
 
 def test_lb_run_with_the_admin_port_in_use_exits_2(tmp_path: Path) -> None:
-    """The admin address taken: same one line and exit 2; the listener bound before is released."""
+    """The admin address taken (bound first, before any listener): the same one line, and exit 2."""
     with _port_taken() as port:
         config = lb_config(pools={POOL: [DeadBackend("gw-1", 9)]})
         config["admin"]["bind"] = f"{HOST}:{port}"

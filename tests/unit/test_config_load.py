@@ -540,6 +540,16 @@ def test_tls_key_must_match_certificate(base_dir: Path, tmp_path: Path) -> None:
     problems = problems_of(tree, base_dir)
     assert list(problems) == ["listeners[1].tls"]
     assert problems["listeners[1].tls"].startswith("cannot load the certificate and key:")
+    assert "key values mismatch" in problems["listeners[1].tls"]  # OpenSSL's word, not a guess at a file
+
+
+def test_both_tls_files_at_fault_are_both_named(base_dir: Path, tmp_path: Path) -> None:
+    """Two bad files are two problems, so the operator does not fix one only to meet the other."""
+    (tmp_path / "bad.crt").write_bytes(b"junk\n")
+    (tmp_path / "bad.key").write_bytes(b"junk\n")
+    tree = set_at(good_tree(), "listeners[1].tls.cert", str(tmp_path / "bad.crt"))
+    problems = problems_of(set_at(tree, "listeners[1].tls.key", str(tmp_path / "bad.key")), base_dir)
+    assert sorted(problems) == ["listeners[1].tls.cert", "listeners[1].tls.key"], problems
 
 
 def _encrypted_key(path: Path) -> Path:

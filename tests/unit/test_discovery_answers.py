@@ -304,7 +304,10 @@ def test_workers_auto_without_override_uses_this_machine(tmp_path: Path) -> None
 def test_workers_bad_values(tmp_path: Path, value: object) -> None:
     tree = base_tree({"backends": [{"id": "a", "address": "127.0.0.1:1"}]})
     tree["workers"] = value
-    assert "expected auto or an integer from 1 to 64" in problems(tree, tmp_path)["workers"]
+    said = problems(tree, tmp_path)["workers"]
+    assert "expected auto or an integer from 1 to 64" in said
+    if value == "many":
+        assert said.endswith("got str 'many'"), said  # written in the file: shown, as a number is
 
 
 # ----------------------------------------------------------------------------- fuzz
