@@ -47,13 +47,19 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 _PEM_LIMIT = 1024 * 1024
 
 
-def tls_files_fault(tls: TlsConfig) -> list[tuple[str, str]]:
+def tls_files_fault(tls: TlsConfig, refused: ssl.SSLError | OSError) -> list[tuple[str, str]]:
     """Which files (`cert`, `key`) are at fault, and why, once `server_ssl_context` has refused the pair.
 
-    OpenSSL's error for a file that is not PEM names neither file (`[SSL] PEM lib (_ssl.c:3905)`);
-    the operator needs to know which one to look at.  Empty: each file loads alone, so the fault is
-    the pair's and OpenSSL's own message says it.
+    OpenSSL's error for a file that is not PEM names neither file (`[SSL] PEM lib (_ssl.c:3905)`,
+    without a reason), nor does an OSError; the operator needs to know which one to look at.  Empty:
+    the error `refused` has a reason (`[X509: KEY_VALUES_MISMATCH]`: a pair that parses but does not
+    fit), which says more than a guess of ours, or each file loads alone.
     """
+    # Read as an object: typeshed says str, but OpenSSL's errors without one carry None, and the
+    # compiled build checks the declared type.
+    reason: object = getattr(refused, "reason", None)
+    if reason is not None:
+        return []
     from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
@@ -84,19 +90,6 @@ def tls_files_fault(tls: TlsConfig) -> list[tuple[str, str]]:
         except (ValueError, UnsupportedAlgorithm):
             faults.append((which, f"{path} holds no PEM {what} that loads"))
     return faults
-
-
-def names_no_file(exc: ssl.SSLError | OSError) -> bool:
-    """Whether `server_ssl_context`'s error leaves the operator to guess which file is at fault.
-
-    A file that does not read or parse gives an OSError or OpenSSL's bare `[SSL] PEM lib`, with no
-    reason; a pair that parses but does not fit (`[X509: KEY_VALUES_MISMATCH]`) has a reason that
-    says what is wrong better than any guess of ours.
-    """
-    # Read as an object: typeshed says str, but OpenSSL's errors without one carry None, and the
-    # compiled build checks the declared type.
-    reason: object = getattr(exc, "reason", None)
-    return reason is None
 
 
 # The TLS layer of both event loops buffers on its own, above the socket transport under it: up to

@@ -61,7 +61,7 @@ from lb.config.model import (
 )
 from lb.errors import ConfigError, Problem
 from lb.http.client_address import parse_network
-from lb.tls import names_no_file, server_ssl_context, tls_files_fault
+from lb.tls import server_ssl_context, tls_files_fault
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Enum)
@@ -1156,7 +1156,7 @@ def _tls(value: object, path: str, check: _Checker) -> TlsConfig | None:
     try:
         server_ssl_context(tls)
     except (ssl.SSLError, OSError) as exc:
-        faults = tls_files_fault(tls) if names_no_file(exc) else []
+        faults = tls_files_fault(tls, exc)
         for which, why in faults:
             check.add(_join(path, which), why)
         if not faults:
