@@ -76,9 +76,14 @@ class Throttle:
         self.last = -float("inf")
         self.suppressed = 0
 
-    def due(self) -> int | None:
-        """None: stay quiet (this event is counted); else log it now, with the count returned (then reset)."""
-        now = time.monotonic()
+    def due(self, now: float | None = None) -> int | None:
+        """None: stay quiet (this event is counted); else log it now, with the count returned (then reset).
+
+        `now`: the time by a clock of the caller's (a pure core has no clock of its own); None reads
+        the monotonic clock.  One throttle, one clock.
+        """
+        if now is None:
+            now = time.monotonic()
         if now - self.last < self.interval:
             self.suppressed += 1
             return None

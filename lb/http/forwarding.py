@@ -9,6 +9,7 @@ import functools
 from collections.abc import Callable
 from typing import Final, cast
 
+from lb.http.cookies import set_cookie_value
 from lb.http.head import Head, RequestHead, ResponseHead, is_host, render_head
 
 # RFC 9110 §7.6.1 plus the de-facto ones every proxy strips.  Transfer-Encoding
@@ -193,6 +194,7 @@ def render_client_response(
     extra: list[tuple[str, str]],
     rewrite_set_cookie: Callable[[str], str] | None = None,
     keep_alive: bool = False,
+    drop_cookie: str | None = None,
 ) -> bytes:
     """The response head the client receives: the backend's, plus our cookie.
 
@@ -200,7 +202,8 @@ def render_client_response(
     other hop-by-hop ones; any other answer loses all of them and says Connection: close
     unless `keep_alive` (the client connection then carries the next request; HTTP/1.1
     is persistent by default, so nothing is added).  Interim answers: `render_interim`.
-    `rewrite_set_cookie` is applied to each of the backend's Set-Cookie values.
+    `rewrite_set_cookie` is applied to each of the backend's Set-Cookie values.  The backend's
+    Set-Cookie headers for cookie `drop_cookie` are left out (insert mode: that name is ours).
     """
     if switching:
         headers = _switch_headers(response.head)
@@ -213,6 +216,11 @@ def render_client_response(
             headers = _one_length(headers)
         if not keep_alive:
             headers.append(("Connection", "close"))
+    if drop_cookie is not None:
+        headers = [
+            (name, value) for name, value in headers
+            if name.lower() != "set-cookie" or set_cookie_value(value, drop_cookie) is None
+        ]
     if rewrite_set_cookie is not None:
         headers = [
             (name, rewrite_set_cookie(value) if name.lower() == "set-cookie" else value)

@@ -93,12 +93,15 @@ from lb.http.head import (
     take_answer_head,
 )
 from lb.http.routing import match_route
+from lb.log import Throttle
 from lb.state.context import ProxyContext
 from lb.state.observations import ErrorKind
 from lb.state.pool import BackendStatus, PoolState
 from lb.ws.upgrade import check_upgrade, is_websocket_upgrade, switch_fault
 
 log: Final = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
+# A backend that sets our cookie's name does it on every answer: one line a minute, with a count.
+_backend_set_our_cookie: Final = Throttle(60.0)
 
 # Client bytes held while they may not go anywhere yet (behind a head whose answer
 # is awaited, or the next pipelined request): past this, reading pauses.
@@ -1177,9 +1180,23 @@ class Connection:
                 rewrite_set_cookie=rewrite,
                 keep_alive=keep_alive,
             )
+        drop = None
+        if affinity.mode is AffinityMode.INSERT and sets_cookie(response, affinity.cookie):
+            # The name is ours: the backend never sees our cookie, and its Set-Cookie of that name
+            # would replace (or delete) the client's pins, in every pool, whenever we issue none
+            # (HAProxy's `cookie ... insert` drops it too).
+            drop = affinity.cookie
+            suppressed = _backend_set_our_cookie.due(now)
+            if suppressed is not None:
+                log.warning(
+                    "backend %s sets cookie %s, the name affinity.cookie gives ours: its Set-Cookie is left out "
+                    "(request %s; %d more like it since the last line). Give the backend's cookie another name, "
+                    "or use affinity.mode: rewrite to route by it", decision.backend.id, affinity.cookie,
+                    self._rid, suppressed,
+                )
         if not decision.issue_cookie or affinity.mode is AffinityMode.REWRITE:
             return render_client_response(
-                response, switching=switching, set_cookies=[], extra=[], keep_alive=keep_alive
+                response, switching=switching, set_cookies=[], extra=[], keep_alive=keep_alive, drop_cookie=drop
             )
         token = join_pins(lookup.others, seal(None))
         return render_client_response(
@@ -1188,6 +1205,7 @@ class Connection:
             set_cookies=[our_set_cookie(affinity, token, secure=secure)],
             extra=[(affinity.header, token)],
             keep_alive=keep_alive,
+            drop_cookie=drop,
         )
 
     def _observe(self, now: float) -> None:

@@ -78,9 +78,56 @@ def switch_fault(request: RequestHead, response: ResponseHead) -> str | None:
     key = request.head.get("sec-websocket-key")
     if len(accepts) != 1 or key is None or accepts[0].strip(" \t") != accept_value(key.strip(" \t")):
         return "101 with a missing or wrong Sec-WebSocket-Accept"
-    # The spelling every gateway sends is compared as a whole first: a token search only otherwise.
-    if head.get_all("upgrade") != _WEBSOCKET and not head.has_token("upgrade", "websocket"):
-        return "101 without Upgrade: websocket"
+    # The spelling every gateway sends is compared as a whole first.  Upgrade must name websocket
+    # and nothing else (§4.1 step 2: `h2c, websocket` fails); Connection must list Upgrade.
+    upgrades = head.get_all("upgrade")
+    if upgrades != _WEBSOCKET and not (len(upgrades) == 1 and upgrades[0].strip(" \t").lower() == "websocket"):
+        return "101 without Upgrade: websocket" if not upgrades else "101 with an Upgrade other than websocket"
     if head.get_all("connection") != _UPGRADE and not head.has_token("connection", "upgrade"):
         return "101 without Connection: Upgrade"
+    chosen = head.get_all("sec-websocket-protocol")
+    if chosen and (len(chosen) != 1 or chosen[0].strip(" \t") not in _offered_protocols(request)):
+        return "101 with a Sec-WebSocket-Protocol the client did not offer"
+    extensions = head.get_all("sec-websocket-extensions")
+    if extensions:
+        used = _extension_names(extensions)
+        if used is None or not used <= (_extension_names(request.head.get_all("sec-websocket-extensions")) or set()):
+            return "101 with a Sec-WebSocket-Extensions the client did not offer"
     return None
+
+
+def _offered_protocols(request: RequestHead) -> set[str]:
+    """The subprotocols the client offered (§4.1 step 6: the server picks one of them, as written)."""
+    values = request.head.get_all("sec-websocket-protocol")
+    return {name for name in (part.strip(" \t") for value in values for part in value.split(",")) if name}
+
+
+def _extension_names(values: list[str]) -> set[str] | None:
+    """The extension names in Sec-WebSocket-Extensions values (RFC 6455 §9.1), lower case; None if an
+    element has no name or a quote is left open.  Commas inside a quoted parameter value separate nothing."""
+    names: set[str] = set()
+    for value in values:
+        element: list[str] = []
+        quoted = escaped = False
+        for char in value + ",":
+            if quoted:
+                if escaped:
+                    escaped = False
+                elif char == "\\":
+                    escaped = True
+                elif char == '"':
+                    quoted = False
+            elif char == '"':
+                quoted = True
+            elif char == ",":
+                name = "".join(element).partition(";")[0].strip(" \t").lower()
+                if not name and element and "".join(element).strip(" \t"):
+                    return None  # `; p=1`: parameters of nothing
+                if name:
+                    names.add(name)
+                element = []
+                continue
+            element.append(char)
+        if quoted:
+            return None
+    return names

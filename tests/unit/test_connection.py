@@ -414,6 +414,9 @@ def test_unasked_101_is_a_502() -> None:
     pytest.param(SWITCH.replace(b"Upgrade: websocket", b"Upgrade: h2c"), id="upgrade-h2c"),
     pytest.param(SWITCH.replace(b"Upgrade: websocket\r\n", b""), id="no-upgrade"),
     pytest.param(SWITCH.replace(b"Connection: Upgrade", b"Connection: keep-alive"), id="no-connection-upgrade"),
+    pytest.param(SWITCH.replace(b"Upgrade: websocket", b"Upgrade: h2c, websocket"), id="upgrade-list"),
+    pytest.param(SWITCH[:-2] + b"Sec-WebSocket-Protocol: evil\r\n\r\n", id="protocol-not-offered"),
+    pytest.param(SWITCH[:-2] + b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n", id="extension-not-offered"),
 ])
 def test_a_101_the_client_would_reject_is_a_failed_backend(bad: bytes) -> None:
     """A gateway whose 101 fails the client's checks (RFC 6455 §4.1) is broken: retried elsewhere, blamed."""
@@ -422,7 +425,7 @@ def test_a_101_the_client_would_reject_is_a_failed_backend(bad: bytes) -> None:
     play.connected()
     play.backend(bad)
     assert play.conn.state == CONNECTING and len(play.opened) == 2
-    assert play.failures and ("Sec-WebSocket-Accept" in play.failures[0][2] or "101 without" in play.failures[0][2])
+    assert play.failures and "malformed answer: 101 with" in play.failures[0][2]
     play.connected()
     play.backend(SWITCH)
     assert play.answer()[0] == 101 and play.conn.state == TUNNEL
@@ -1424,6 +1427,33 @@ def test_a_token_an_older_key_opens_is_reissued_under_the_first_key(mode: str, b
     again.connected()
     again.backend(SWITCH)
     assert "set-cookie" not in again.answer()[1]
+
+
+def _set_cookie_lines(play: Play) -> list[str]:
+    head = bytes(play.to_client).partition(b"\r\n\r\n")[0].decode()
+    return [line.partition(": ")[2] for line in head.split("\r\n") if line.lower().startswith("set-cookie:")]
+
+
+@pytest.mark.parametrize("theirs", ["LB=evil; Path=/; Max-Age=999999", "LB=; Max-Age=0", " LB = spaced ; Path=/"])
+@pytest.mark.parametrize("returning", [True, False], ids=["returning", "new"])
+def test_insert_mode_leaves_out_a_backends_set_cookie_of_our_cookies_name(theirs: str, returning: bool) -> None:
+    """The name is ours: a returning client gets no cookie from us, so the backend's line would be the
+    only one of that name and replace (or delete) its pins.  Its other cookies pass."""
+    first = Play()
+    first.client(upgrade())
+    first.connected()
+    first.backend(SWITCH)
+    ours = first.answer()[1]["set-cookie"].partition(";")[0]
+
+    play = Play(now=T0 + 10)
+    play.client(upgrade().replace(b"\r\n\r\n", f"\r\nCookie: {ours}\r\n\r\n".encode()) if returning else upgrade())
+    play.connected()
+    play.backend(SWITCH[:-2] + f"Set-Cookie: {theirs}\r\nSet-Cookie: SID=abc; Path=/\r\n\r\n".encode())
+    assert play.answer()[0] == 101
+    lines = _set_cookie_lines(play)
+    assert "SID=abc; Path=/" in lines
+    assert [line for line in lines if line.startswith("LB=")] == ([] if returning else [lines[-1]])
+    assert not any("evil" in line or "spaced" in line or "Max-Age=0" in line for line in lines)
 
 
 def test_a_token_never_expires_before_max_age_whatever_the_fraction_of_its_issue_second() -> None:

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb.errors import BadHandshake, UnsupportedVersion
-from lb.http.head import RequestHead, parse_request_head
-from lb.ws.upgrade import check_upgrade, is_websocket_key, is_websocket_upgrade
+from lb.http.head import RequestHead, ResponseHead, parse_request_head, parse_response_head
+from lb.ws.upgrade import check_upgrade, is_websocket_key, is_websocket_upgrade, switch_fault
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3's sample nonce: 16 bytes
 
@@ -163,3 +163,53 @@ def test_each_character_in_each_place_of_a_key(code: int) -> None:
     for place in range(24):
         key = valid[:place] + chr(code) + valid[place + 1 :]
         assert is_websocket_key(key) is (_KEY_PATTERN.fullmatch(key) is not None)
+
+
+# -- the backend's 101: what the client would fail (RFC 6455 §4.1), so a failed backend ---------------
+
+ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # for KEY (RFC 6455 §1.3)
+
+
+def switch(*extra: str, upgrade_value: str = "websocket") -> ResponseHead:
+    lines = ["HTTP/1.1 101 Switching Protocols", f"Upgrade: {upgrade_value}", "Connection: Upgrade",
+             f"Sec-WebSocket-Accept: {ACCEPT}", *extra]
+    return parse_response_head(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+
+@pytest.mark.parametrize(("offered", "answer"), [
+    ((), switch()),
+    ((), switch(upgrade_value="WebSocket")),
+    (("Sec-WebSocket-Protocol: chat, superchat",), switch("Sec-WebSocket-Protocol: superchat")),
+    (("Sec-WebSocket-Protocol: chat", "Sec-WebSocket-Protocol: v2"), switch("Sec-WebSocket-Protocol: v2")),
+    (("Sec-WebSocket-Protocol: chat",), switch()),  # the server may pick none
+    (("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",),
+     switch("Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover")),
+    (("Sec-WebSocket-Extensions: permessage-deflate",), switch()),
+    (('Sec-WebSocket-Extensions: x-a; p="1,2", x-b',), switch("Sec-WebSocket-Extensions: X-B, x-a")),
+], ids=["plain", "upgrade-case", "protocol-picked", "protocol-second-line", "protocol-none", "deflate",
+        "extension-none", "extensions-quoted-comma"])
+def test_a_101_the_client_accepts_has_no_fault(offered: tuple[str, ...], answer: ResponseHead) -> None:
+    assert switch_fault(upgrade(extra=offered), answer) is None
+
+
+@pytest.mark.parametrize(("offered", "answer", "fault"), [
+    ((), switch(upgrade_value="h2c, websocket"), "Upgrade other than websocket"),
+    ((), switch("Sec-WebSocket-Protocol: evilproto"), "Sec-WebSocket-Protocol"),
+    (("Sec-WebSocket-Protocol: chat",), switch("Sec-WebSocket-Protocol: Chat"), "Sec-WebSocket-Protocol"),
+    (("Sec-WebSocket-Protocol: chat, v2",), switch("Sec-WebSocket-Protocol: chat, v2"), "Sec-WebSocket-Protocol"),
+    (("Sec-WebSocket-Protocol: chat",), switch("Sec-WebSocket-Protocol: chat", "Sec-WebSocket-Protocol: chat"),
+     "Sec-WebSocket-Protocol"),
+    ((), switch("Sec-WebSocket-Protocol: "), "Sec-WebSocket-Protocol"),
+    ((), switch("Sec-WebSocket-Extensions: permessage-deflate"), "Sec-WebSocket-Extensions"),
+    (("Sec-WebSocket-Extensions: permessage-deflate",), switch("Sec-WebSocket-Extensions: x-bogus"),
+     "Sec-WebSocket-Extensions"),
+    (('Sec-WebSocket-Extensions: x-a; p="1,x-b"',), switch("Sec-WebSocket-Extensions: x-b"),
+     "Sec-WebSocket-Extensions"),
+    (("Sec-WebSocket-Extensions: x-a",), switch('Sec-WebSocket-Extensions: x-a; p="open'), "Sec-WebSocket-Extensions"),
+    (("Sec-WebSocket-Extensions: x-a",), switch("Sec-WebSocket-Extensions: ; p=1"), "Sec-WebSocket-Extensions"),
+], ids=["upgrade-list", "protocol-not-offered", "protocol-other-case", "protocol-list", "protocol-twice",
+        "protocol-empty", "extension-not-offered", "extension-other", "extension-only-inside-quotes",
+        "extension-open-quote", "extension-no-name"])
+def test_a_101_the_client_must_fail_is_a_fault(offered: tuple[str, ...], answer: ResponseHead, fault: str) -> None:
+    found = switch_fault(upgrade(extra=offered), answer)
+    assert found is not None and fault in found
