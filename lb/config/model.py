@@ -202,7 +202,8 @@ class TimeoutsConfig:
     shutdown_grace: float = 10.0   # SIGTERM: live tunnels get 1001 spread over this window
     shutdown_delay: float = 0.0    # SIGTERM: keep serving this long with /readyz at 503 first
     idle: float = 0.0              # close tunnels silent this long; 0 = never (games idle)
-    response: float | None = None  # plain HTTP: the final answer, once the request is out; None = backend_connect
+    response: float | None = None  # plain HTTP: the final answer once the request is out, and each quiet
+    #                                spell of its body (a refused upgrade's: backend_connect); None = backend_connect
 
     @property
     def plain_answer(self) -> float:

@@ -31,7 +31,7 @@ Why it is shaped this way (each is a smuggling or memory bug of the await chain 
   quiet spell of an upload: the client's time), `timeouts.backend_connect` for
   connect plus an upgrade's final answer, and for connect alone before a plain
   request, whose final answer then has `timeouts.response` (interim answers
-  extend neither).  Whose time a
+  extend neither), as has each quiet spell of the answer's body.  Whose time a
   wait is follows backpressure: an upload the backend stopped reading is the
   backend's (`backend_blocked`), an answer not read because the client is full
   is the client's (`client_blocked`).
@@ -387,7 +387,7 @@ class Connection:
         self._answer_scan = 0  # bytes of _answer_buf already searched for the end of a head
         self._interim = 0
         self._last_client = 0.0
-        self._last_backend = 0.0  # the last bytes of an answer's body relayed: `timeouts.idle` counts from it
+        self._last_backend = 0.0  # the last bytes of an answer's body relayed: the backend's quiet spell counts from it
         self._wall = 0.0
 
     @property
@@ -480,7 +480,8 @@ class Connection:
             self._client_blocked_at = self._client_blocked_at or now
             return []
         self._client_blocked_at = None
-        if self.state == WAITING and not self._body_left:
+        if self.state in (WAITING, RELAY) and not self._body_left:
+            self._last_backend = now  # RELAY: the backend's quiet spell starts when it is read again
             return [SetTimer(now + self._answer_wait())]  # the backend's time again, whole
         return []
 
@@ -606,12 +607,26 @@ class Connection:
                 cause = f"no answer within {self._answer_wait():g}s"
             return self._retry_or_fail(_Failure(cause, "timeout"), now)
         if state == RELAY:
-            until = self._last_backend + timeouts.idle
+            if self._client_blocked_at is not None:
+                # The backend is not read while the client is full: the client's time (a slow reader).
+                until = self._client_blocked_at + timeouts.handshake
+                if now < until:
+                    return [SetTimer(until)]
+                log.debug("closing %s: read nothing of its answer for %gs (request %s)",
+                          self._client_ip, timeouts.handshake, self._rid)
+                return self._release_backend() + self._close(abort=True)
+            until = self._last_backend + self._answer_wait()
             if now < until:
-                return [SetTimer(until)]  # bytes came since the timer was set: idle counts from the last
-            log.debug("closing %s: response body idle for %gs", self._client_ip, timeouts.idle)
-            actions = self._release_backend()
-            return actions + self._close(abort=True)
+                return [SetTimer(until)]  # bytes came since the timer was set: the wait counts from the last
+            # The head promised a body that stopped coming: the backend's fault, counted, but a slow
+            # endpoint, not a broken gateway (passive health does not hear of it).  Cut: the client
+            # cannot take the answer for complete.
+            decision, pool = self._decision, self._pool
+            if decision is not None and pool is not None:
+                self._ctx.observations.count_backend_error(pool.name, decision.backend.id, "timeout")
+            log.warning("backend %s sent nothing of its answer's body for %gs: closing %s (request %s)",
+                        self._decision_id(), self._answer_wait(), self._client_ip, self._rid)
+            return self._release_backend() + self._close(abort=True)
         return []
 
     def _close_headless(self) -> list[Action]:
@@ -940,12 +955,12 @@ class Connection:
         return decision.backend.id if decision is not None else "-"
 
     def _relay_timer(self, now: float) -> SetTimer:
-        """While an answer is relayed: the upload's quiet-spell deadline while the body still comes, else idle."""
+        """While an answer is relayed: the upload's quiet-spell deadline while the body still comes, else
+        the backend's (`_answer_wait`: HAProxy's `timeout server`, nginx's `proxy_read_timeout`)."""
         if self._body_left:
             return SetTimer(self._upload_deadline())
         self._last_backend = now
-        idle = self._config.timeouts.idle
-        return SetTimer(now + idle if idle > 0 else None)
+        return SetTimer(now + self._answer_wait())
 
     def _relay(self, data: bytes, now: float) -> list[Action]:
         framer = self._response_framer
@@ -960,7 +975,7 @@ class Connection:
             )
             return self._release_backend() + self._close(abort=True)
         if end is None:
-            self._last_backend = now  # no new timer: deadline() moves the idle one on when it fires
+            self._last_backend = now  # no new timer: deadline() moves the quiet-spell one on when it fires
             return [SendClient(data)]
         actions: list[Action] = [SendClient(data[:end])] if end else []
         # Anything behind the body is not ours to relay (we asked for Connection: close).

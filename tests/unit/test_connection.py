@@ -978,9 +978,11 @@ def test_a_body_cut_short_while_connecting_never_reaches_the_backend() -> None:
     assert play.answer()[0] == 400 and play.to_backend == [b""]
 
 
-def test_the_idle_timeout_of_an_answer_counts_from_its_last_bytes() -> None:
-    """`timeouts.idle` is a quiet spell: an answer still sending every 2 s lives past 3 s from its head."""
-    play = Play(CONFIG.replace("backend_connect: 2s", "backend_connect: 2s, idle: 3s"))
+@pytest.mark.parametrize("idle", ["", ", idle: 1s"], ids=["idle-off", "idle-is-for-tunnels"])
+def test_an_answers_body_has_timeouts_response_between_its_bytes(idle: str) -> None:
+    """A quiet spell, as HAProxy's `timeout server`: an answer still sending every 2 s lives past 3 s from its
+    head; one that stops mid-body is cut (it cannot pass for complete) and counted, with no health verdict."""
+    play = Play(CONFIG.replace("backend_connect: 2s", f"backend_connect: 2s, response: 3s{idle}"))
     play.client(get("/a/x"))
     play.connected()
     play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
@@ -991,7 +993,44 @@ def test_the_idle_timeout_of_an_answer_counts_from_its_last_bytes() -> None:
         play.fire()  # set for 3 s after the previous bytes: moved on to 3 s after these
         assert play.closed_client is None and play.timer == last_byte + 3
     play.fire()  # quiet for 3 s since the last byte
-    assert play.closed_client is not None and play.conn.state == CLOSED
+    assert play.closed_client is not None and play.closed_client.abort and play.conn.state == CLOSED
+    assert play.ctx.observations.backend_errors[("a", "a1", "timeout")] == 1
+    assert play.failures == [] and play.connections()["a1"] == 0
+
+
+def test_a_refused_upgrades_body_has_backend_connect_between_its_bytes() -> None:
+    play = Play(CONFIG.replace("backend_connect: 2s", "backend_connect: 2s, response: 30s"))
+    play.client(upgrade())
+    play.connected()
+    play.backend(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 5\r\n\r\nno")
+    assert play.timer == T0 + 2
+    play.fire()
+    assert play.closed_client is not None and bytes(play.to_client).endswith(b"no")
+
+
+def test_an_answers_body_not_read_by_a_full_client_is_the_clients_time() -> None:
+    """While the client's buffer is full the backend is not read: its silence then is not its fault."""
+    play = Play(CONFIG.replace("backend_connect: 2s", "backend_connect: 2s, response: 3s"))
+    play.client(get("/a/x"))
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+    play._apply(play.conn.client_blocked(True, play.now + 1))
+    play.fire()  # at 3 s: the client's, which has timeouts.handshake (5 s) from when it blocked
+    assert play.closed_client is None and play.timer == T0 + 1 + 5
+    play.now = T0 + 4
+    play._apply(play.conn.client_blocked(False, play.now))  # it read: the backend's time again, whole
+    assert play.timer == T0 + 4 + 3
+    play.backend(b"cde")
+    assert play.conn.state == HEAD and play.ctx.observations.backend_errors[("a", "a1", "timeout")] == 0
+
+    stalled = Play()
+    stalled.client(get("/a/x"))
+    stalled.connected()
+    stalled.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+    stalled._apply(stalled.conn.client_blocked(True, stalled.now))
+    stalled.fire()
+    stalled.fire()  # a client that reads nothing for timeouts.handshake is closed, the backend not blamed
+    assert stalled.closed_client is not None and stalled.ctx.observations.backend_errors[("a", "a1", "timeout")] == 0
 
 
 def test_an_upload_that_stalls_after_the_answer_began_is_closed_on_time() -> None:
@@ -1009,14 +1048,14 @@ def test_an_upload_that_stalls_after_the_answer_began_is_closed_on_time() -> Non
     assert play.failures == []
 
 
-def test_an_upload_finished_while_the_answer_is_relayed_drops_its_deadline() -> None:
+def test_an_upload_finished_while_the_answer_is_relayed_hands_the_deadline_to_the_backend() -> None:
     play = Play()
     play.client(post("/a/x", b"12345")[:-3])
     play.connected()
     play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npart")
-    assert play.timer is not None
+    assert play.timer == T0 + 5  # the upload's quiet spell: timeouts.handshake
     play.client(b"345", dt=1)
-    assert play.timer is None  # timeouts.idle is 0: a long answer is never cut
+    assert play.timer == T0 + 1 + 2  # now the body's: timeouts.response (here backend_connect)
     play.backend(b"ially")
     assert play.answer()[2] == b"partially" and play.connections()["a1"] == 0
 
