@@ -1,3 +1,26 @@
-from lb.cli import main
+"""`python -m lb` and the `lb` command: the signals a start must survive are held first, then the command line runs.
 
-raise SystemExit(main())
+`lb run` and `lb worker` call `lb.startup_signals.hold()` here, before `lb.cli` and what it
+imports (the configuration loader, YAML, the compiled data plane): a SIGHUP or SIGTERM in those
+first few hundred milliseconds would otherwise meet its default action, the end of the process.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lb import startup_signals
+
+_STARTS = ("run", "worker")  # the commands that become a balancer process
+
+
+def main() -> int:
+    if sys.argv[1:2] and sys.argv[1] in _STARTS:
+        startup_signals.hold()
+    from lb.cli import main as command_line
+
+    return command_line()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,14 +1,21 @@
-"""SIGHUP before the event loop listens for it: remembered, never fatal.
+"""Signals before the event loop listens for them: remembered, never fatal.
 
 SIGHUP's default action ends the process.  `lb run` installs its reload
 handler only once the listeners are bound, so a SIGHUP in the first moments
 (a config reloader sidecar that fires as the pod starts, an operator's
 `kill -HUP` racing a restart) used to kill the balancer.  `hold()` runs first
-thing in `lb run` (and in each worker): from then on an early SIGHUP only sets
-a flag, and `serve` asks for one reload after it has started (the file may
-have changed since it was read).  In a worker it stays held for good: the
-owner tells its workers when to reload.  Plain `signal.signal`, no asyncio: there is
-no loop yet.
+thing in `lb run` and in each worker (`lb.__main__`, before the command line
+and the configuration loader are imported: those take most of a start's first
+few hundred milliseconds): from then on an early SIGHUP only sets a flag, and
+`serve` asks for one reload after it has started (the file may have changed
+since it was read).  In a worker it stays held for good: the owner tells its
+workers when to reload.  Plain `signal.signal`, no asyncio: there is no loop yet.
+
+SIGTERM is held the same way: one that comes before `serve` handles it stops
+the balancer as soon as it is up, with exit 0, as SPEC's SIGTERM does (its
+default action was exit 143, and a worker the owner had just restarted was
+"restarted" again).  SIGINT keeps its default: Ctrl-C at a terminal stops a
+start at once.
 
 SIGUSR1 and SIGUSR2 mean nothing to the balancer, but their default action also
 ends the process, and a logrotate `postrotate kill -USR1` written for another
@@ -21,27 +28,32 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-_requested = False
+_held: set[int] = set()  # signals that came while held, not yet taken
 
+HELD = (signal.SIGHUP, signal.SIGTERM)  # remembered, then acted on once serving
 UNUSED = (signal.SIGUSR1, signal.SIGUSR2)  # no meaning here; not fatal either
 
 
 def _remember(signum: int, frame: FrameType | None) -> None:
-    global _requested
-    _requested = True
+    _held.add(signum)
 
 
 def hold() -> None:
-    """From now until the event loop takes SIGHUP over, a SIGHUP is remembered instead of fatal."""
-    global _requested
-    _requested = False
-    signal.signal(signal.SIGHUP, _remember)
+    """From now until the event loop takes them over, SIGHUP and SIGTERM are remembered instead of fatal.
+
+    Idempotent: a second call (the command line's, after `lb.__main__`'s) keeps what came between.
+    """
+    for signum in HELD:
+        if signal.getsignal(signum) is not _remember:
+            _held.discard(signum)
+            signal.signal(signum, _remember)
     for signum in UNUSED:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def take() -> bool:
-    """Whether a SIGHUP came while held (and forget it)."""
-    global _requested
-    requested, _requested = _requested, False
-    return requested
+def take(signum: int = signal.SIGHUP) -> bool:
+    """Whether `signum` came while held (and forget it)."""
+    if signum in _held:
+        _held.discard(signum)
+        return True
+    return False

@@ -859,7 +859,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     # SIGTERM handlers before start(): one that arrives while we bind must stop us once we are up,
     # not be lost (as PID 1 in a container, a signal without a handler is dropped by the kernel).
-    # A SIGHUP then is held by lb.startup_signals (since the first line of `lb run`) and applied below.
+    # A SIGHUP then is held by lb.startup_signals (since the first line of `lb run`) and applied below;
+    # a SIGTERM held there before these handlers is acted on at once.
     stop_requested = asyncio.Event()
 
     def on_stop_signal() -> None:
@@ -868,6 +869,8 @@ async def serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop_signal)
+    if startup_signals.take(signal.SIGTERM):  # held since the first line of `lb run`: we stop once up
+        on_stop_signal()
     for signum in startup_signals.UNUSED:
         loop.add_signal_handler(signum, _ignore_signal, signum)
     try:

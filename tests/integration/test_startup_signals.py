@@ -50,3 +50,31 @@ def test_sighup_burst_while_starting_is_survived_and_applied(tmp_path: Path) -> 
         lb.assert_alive()
     finally:
         lb.stop()
+
+
+def signals_caught(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    line = next((line for line in text.splitlines() if line.startswith("SigCgt:")), "SigCgt: 0")
+    return int(line.split()[1], 16)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to see signal dispositions")
+def test_a_sigterm_as_soon_as_the_start_holds_signals_stops_it_with_exit_0(tmp_path: Path) -> None:
+    """SPEC: SIGTERM → exit 0.  Fired the moment SIGHUP is caught (the hold, before the command line's
+    imports), long before `serve` handles SIGTERM: its default action was exit 143 (-15)."""
+    lb = Balancer(lb_config(pools={"gateways": [DeadBackend("dead-1")]}), tmp_path)
+    lb.launch()
+    try:
+        assert lb.proc is not None
+        deadline = time.monotonic() + 10 * UNIT
+        while not signals_caught(lb.proc.pid) & SIGHUP_BIT:
+            assert lb.proc.poll() is None, f"exited with {lb.proc.returncode}:\n{lb.logs_tail()}"
+            assert time.monotonic() < deadline, "the balancer never caught SIGHUP"
+            time.sleep(0.001)
+        os.kill(lb.proc.pid, signal.SIGTERM)
+        assert lb.proc.wait(timeout=30 * UNIT) == 0, lb.logs_tail()
+    finally:
+        lb.stop()

@@ -235,15 +235,49 @@ def test_a_sighup_while_starting_is_held_not_fatal() -> None:
 
     from lb import startup_signals
 
-    previous = signal.getsignal(signal.SIGHUP)
+    previous = {signum: signal.getsignal(signum) for signum in (*startup_signals.HELD, *startup_signals.UNUSED)}
     try:
         startup_signals.hold()
         assert startup_signals.take() is False
         os.kill(os.getpid(), signal.SIGHUP)
         assert startup_signals.take() is True
         assert startup_signals.take() is False  # taken once
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGHUP)
+        startup_signals.hold()  # again (the command line's, after lb.__main__'s): what came is kept
+        assert startup_signals.take(signal.SIGTERM) is True
+        assert startup_signals.take() is True
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_lb_run_holds_its_signals_before_the_command_line_is_imported(tmp_path: Path) -> None:
+    """The `lb` command and `python -m lb` hold SIGHUP and SIGTERM before importing lb.cli (YAML, the config
+    loader, the compiled data plane: most of a start), where their default action would end the process."""
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["lb"] == "lb.__main__:main"
+    spy = (
+        "import builtins, signal, sys\n"
+        "real = builtins.__import__\n"
+        "def spy(name, *args, **kwargs):\n"
+        "    if name in ('lb.cli', 'yaml'):\n"
+        "        held = [signal.getsignal(s) not in (signal.SIG_DFL, None) for s in (signal.SIGHUP, signal.SIGTERM)]\n"
+        "        print(name, held, flush=True)\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = spy\n"
+        "sys.argv = ['lb', 'run', '--config', sys.argv[1]]\n"
+        "from lb.__main__ import main\n"
+        "raise SystemExit(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", spy, str(tmp_path / "missing.yaml")], capture_output=True, text=True, timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr  # no such file: a usage error, after the imports
+    assert done.stdout.splitlines()[0] == "lb.cli [True, True]", done.stdout
 
 
 def test_a_reader_that_went_away_ends_the_command_quietly_with_141(tmp_path: Path) -> None:
