@@ -11,9 +11,23 @@ are health-checked, removed ones take no new client while their tunnels stay).
 
 A failed lookup, or an empty answer, keeps the last known set: a DNS outage
 must never empty a pool.  Both count as errors and show in /status as
-`last_error`.  Every process that routes runs its own loop (the owner and each
-worker with `workers: N`): they resolve the same name and converge, with no
-message between them.
+`last_error`.  The same holds per SRV target: when the SRV answer came but a
+target's own A/AAAA lookup failed (timeout, SERVFAIL or REFUSED from every
+nameserver, a malformed answer, a network error), DNS said nothing about that
+target, so its last known backend stays as it was and its cookie holders stay
+pinned; one never seen is added once it resolves.  Dropping it instead made one
+lost UDP packet redispatch every client of a gateway that was fine.  The rest
+of the answer still applies (a target gone from the SRV answer leaves), and the
+lookup counts as an error (`last_error` names the target and the cause,
+`last_ok` does not move: the set is not all fresh).  A definite answer that a
+target has no address (NXDOMAIN, or NOERROR without A/AAAA records) is DNS
+saying the pod is gone, and drops it ("no A/AAAA address"): an answer, not a
+failure.  (`lb.control.dns_backends.from_srv` applies the rule;
+`_target_addresses` tells an answer from a failure.)
+
+Every process that routes runs its own loop (the owner and each worker with
+`workers: N`): they resolve the same name and converge, with no message
+between them.
 """
 
 from __future__ import annotations
@@ -61,10 +75,10 @@ class DiscoveryStatus:
 
     dns: str
     type: str
-    last_ok: float | None = None  # wall-clock time of the last lookup that gave backends
+    last_ok: float | None = None  # wall-clock time of the last lookup that gave backends, every target resolved
     last_error: str | None = None  # None once a lookup succeeds again
     last_error_at: float | None = None
-    errors: int = 0  # failed or empty lookups, ever
+    errors: int = 0  # failed or empty lookups, and those with a target's address lookup failed, ever
     lookups: int = 0
     backends: int = 0  # in the last known set
     skipped: int = 0  # records left out of the last answer (invalid, duplicate, truncated)
@@ -150,33 +164,47 @@ def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:
 
 
 async def lookup(
-    config: DiscoveryConfig, resolver: ThreadedResolver, reserved_ids: frozenset[str] = frozenset()
+    config: DiscoveryConfig,
+    resolver: ThreadedResolver,
+    reserved_ids: frozenset[str] = frozenset(),
+    known: tuple[BackendConfig, ...] = (),
 ) -> tuple[Discovered, float | None]:
     """Resolve once: the backends the name yields now, and the smallest TTL seen.
+
+    `known` (the last known set) stands in for an SRV target whose own address lookup failed
+    (listed in `Discovered.failed`).
 
     Raises:
         DiscoveryError: the lookup failed, or the answer holds no usable backend.
     """
     try:
         if config.type is DiscoveryType.SRV:
-            return await _lookup_srv(config, resolver, reserved_ids)
+            return await _lookup_srv(config, resolver, reserved_ids, known)
         return await _lookup_addresses(config, resolver, reserved_ids)
-    except dns.resolver.NXDOMAIN:
-        raise DiscoveryError(f"{config.dns}: no such name (NXDOMAIN)") from None
-    except dns.resolver.NoAnswer:
-        raise DiscoveryError(f"{config.dns}: empty answer") from None
-    except dns.resolver.NoNameservers as exc:
-        raise DiscoveryError(f"{config.dns}: no nameserver answered ({_first_line(exc)})") from None
-    except dns.exception.Timeout:
-        raise DiscoveryError(f"{config.dns}: no answer within {config.timeout:g}s") from None
-    except dns.exception.DNSException as exc:
-        raise DiscoveryError(f"{config.dns}: {_first_line(exc) or type(exc).__name__}") from None
-    except OSError as exc:
-        raise DiscoveryError(f"{config.dns}: {exc.strerror or exc}") from None
+    except (dns.exception.DNSException, OSError) as exc:
+        raise DiscoveryError(f"{config.dns}: {_cause(exc, config.timeout)}") from None
+
+
+def _cause(exc: BaseException, timeout: float) -> str:
+    """Why a query failed, in the words /status shows (after the name)."""
+    if isinstance(exc, dns.resolver.NXDOMAIN):
+        return "no such name (NXDOMAIN)"
+    if isinstance(exc, dns.resolver.NoAnswer):
+        return "empty answer"
+    if isinstance(exc, dns.resolver.NoNameservers):  # every nameserver said SERVFAIL, REFUSED, ...
+        return f"no nameserver answered ({_first_line(exc)})"
+    if isinstance(exc, dns.exception.Timeout):
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, dns.exception.DNSException):
+        return _first_line(exc) or type(exc).__name__
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}"
+    return type(exc).__name__
 
 
 async def _lookup_srv(
-    config: DiscoveryConfig, resolver: ThreadedResolver, reserved_ids: frozenset[str]
+    config: DiscoveryConfig, resolver: ThreadedResolver, reserved_ids: frozenset[str],
+    known: tuple[BackendConfig, ...],
 ) -> tuple[Discovered, float | None]:
     answer = await resolver.resolve(config.dns, "SRV")
     ttls = [float(answer.rrset.ttl)] if answer.rrset is not None else []
@@ -196,17 +224,21 @@ async def _lookup_srv(
             ttls.append(float(rrset.ttl))
     missing = sorted({r.target.lower().rstrip(".") for r in records} - set(addresses))
     gate = asyncio.Semaphore(_TARGET_LOOKUPS)
+    failed: dict[str, str] = {}  # target -> why its address lookup failed
 
     async def resolve_target(target: str) -> None:
         async with gate:
-            found, ttl = await _addresses_of(resolver, target + ".")
-        if found:
+            found, ttl, failure = await _target_addresses(resolver, target + ".")
+        if failure is not None:
+            failed[target] = _cause(failure, config.timeout)
+        elif found:
             addresses[target] = found
             if ttl is not None:
                 ttls.append(ttl)
 
     await asyncio.gather(*(resolve_target(t) for t in missing))
-    discovered = from_srv(records, addresses, max_backends=config.max_backends, reserved_ids=reserved_ids)
+    discovered = from_srv(records, addresses, max_backends=config.max_backends, reserved_ids=reserved_ids,
+                          failed=failed, known=known)
     discovered = replace(discovered, truncated=discovered.truncated + truncated)
     return discovered, min(ttls) if ttls else None
 
@@ -214,36 +246,61 @@ async def _lookup_srv(
 async def _lookup_addresses(
     config: DiscoveryConfig, resolver: ThreadedResolver, reserved_ids: frozenset[str]
 ) -> tuple[Discovered, float | None]:
-    found, ttl = await _addresses_of(resolver, config.dns, strict=True)
+    found, ttl = await _addresses_of(resolver, config.dns)
     assert config.port is not None  # lb.config.load requires it for type a
     return from_addresses(found, port=config.port, max_backends=config.max_backends, reserved_ids=reserved_ids), ttl
 
 
-async def _addresses_of(
-    resolver: ThreadedResolver, name: str, *, strict: bool = False
-) -> tuple[list[str], float | None]:
-    """A and AAAA addresses of `name`; a name with neither gives [] (or NoAnswer when `strict`)."""
+async def _addresses_of(resolver: ThreadedResolver, name: str) -> tuple[list[str], float | None]:
+    """A and AAAA addresses of `name` (`type: a`); a name with neither raises the more telling failure."""
     found: list[str] = []
     ttls: list[float] = []
     failures: list[BaseException] = []
     for rdtype in ("A", "AAAA"):
         try:
             answer = await resolver.resolve(name, rdtype, search=False)
-        except dns.resolver.NoAnswer as exc:
-            failures.append(exc)
-            continue
         except dns.exception.DNSException as exc:
-            if not strict:
-                return found, None  # this target is skipped (no address); the others still count
             failures.append(exc)
             continue
         found.extend(rdata.address for rdata in answer)
         if answer.rrset is not None:
             ttls.append(float(answer.rrset.ttl))
-    if strict and not found and failures:
+    if not found and failures:
         # Prefer the more telling error (NXDOMAIN, timeout) over "no AAAA records".
         raise next((f for f in failures if not isinstance(f, dns.resolver.NoAnswer)), failures[0])
     return found, min(ttls) if ttls else None
+
+
+async def _target_addresses(
+    resolver: ThreadedResolver, name: str
+) -> tuple[list[str], float | None, BaseException | None]:
+    """An SRV target's A and AAAA addresses, their smallest TTL, and why they are unknown (None: DNS answered).
+
+    NXDOMAIN, or NOERROR without records, is an answer: the target has no address ([], None, None),
+    and `from_srv` drops it.  A query that got no answer (timeout, SERVFAIL or REFUSED from every
+    nameserver, a malformed answer, a network error) says nothing about the target: the third item
+    is that failure, and `from_srv` keeps its last known backend.  An A answer with addresses
+    decides alone whatever AAAA does (`pick_address` takes IPv4 first); without one, a failed query
+    leaves the address unknown, and a failed A query is not followed by AAAA (whose answer could not
+    decide: an A address would have won).
+    """
+    found: list[str] = []
+    ttls: list[float] = []
+    for rdtype in ("A", "AAAA"):
+        try:
+            answer = await resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NXDOMAIN:
+            break  # the name does not exist: no AAAA either
+        except dns.resolver.NoAnswer:
+            continue
+        except (dns.exception.DNSException, OSError) as exc:
+            if found:  # the A answer decides
+                break
+            return [], None, exc
+        found.extend(rdata.address for rdata in answer)
+        if answer.rrset is not None:
+            ttls.append(float(answer.rrset.ttl))
+    return found, min(ttls) if ttls else None, None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -296,9 +353,9 @@ class Discoverer:
         try:
             # Each query is bounded by `timeout`; the whole lookup (SRV, then its targets) by a few of them.
             async with asyncio.timeout(LOOKUP_BUDGET * self.config.timeout):
-                discovered, ttl = await lookup(self.config, self._resolver, self._reserved)
+                discovered, ttl = await lookup(self.config, self._resolver, self._reserved, self.known)
             if not discovered.backends:
-                reasons = "; ".join(discovered.skipped[:3])
+                reasons = "; ".join((discovered.failed + discovered.skipped)[:3])
                 raise DiscoveryError(f"{self.config.dns}: no usable backend in the answer{': ' if reasons else ''}"
                                      f"{reasons}")
         except DiscoveryError as exc:
@@ -312,7 +369,10 @@ class Discoverer:
             self._failed(f"{self.config.dns}: internal error ({type(exc).__name__})")
             return None
         self._report_skipped(discovered)
-        status.last_ok, status.last_error, status.last_error_at = time.time(), None, None
+        if discovered.failed:
+            self._targets_failed(discovered.failed)
+        else:
+            status.last_ok, status.last_error, status.last_error_at = time.time(), None, None
         status.skipped = len(discovered.skipped) + discovered.truncated
         changes = diff(self.known, discovered.backends)
         if changes:
@@ -332,6 +392,17 @@ class Discoverer:
         if message != status.last_error:
             log.warning("discovery for pool %s: %s; keeping the last known %d backend(s)",
                         self.pool, message, len(self.known))
+        status.last_error, status.last_error_at = message, time.time()
+
+    def _targets_failed(self, failed: tuple[str, ...]) -> None:
+        """Some targets' address lookups failed (kept as last known, or not added yet): an error, with
+        the rest of the answer applied.  Logged like `_failed`, once per change of the message."""
+        more = f"; and {len(failed) - 3} more target(s)" if len(failed) > 3 else ""
+        message = f"{self.config.dns}: {'; '.join(failed[:3])}{more}"
+        status = self.status
+        status.errors += 1
+        if message != status.last_error:
+            log.warning("discovery for pool %s: %s", self.pool, message)
         status.last_error, status.last_error_at = message, time.time()
 
     def _report_skipped(self, discovered: Discovered) -> None:

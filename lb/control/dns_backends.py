@@ -15,6 +15,17 @@ decides what they mean, so every rule here is tested without a socket:
 - Hostile answers: at most `max_backends` backends (the rest are dropped and
   counted); a target whose first label is not a valid id, or that collides with
   another backend's id, is skipped with a reason the caller logs.
+- A target whose own address lookup failed (timeout, SERVFAIL or REFUSED, a
+  malformed answer, a network error: the caller decides, see
+  `lb.control.discovery`) is not a target without an address.  DNS said nothing
+  about it, so it keeps its last known backend as it was (same id, address,
+  port and weight), and its cookie holders stay pinned (SPEC part 2: "A failed
+  or empty lookup keeps the last known set", which holds per target as it does
+  for the whole answer).  One never seen before is left out until it resolves.
+  Either way the failure is reported (`Discovered.failed`) for /status and the
+  metrics.  A definite answer that the target has no address (NXDOMAIN, or
+  NOERROR without A/AAAA records) is DNS saying the pod is gone: the target is
+  skipped ("no A/AAAA address") and its backend leaves the set.
 """
 
 from __future__ import annotations
@@ -47,6 +58,9 @@ class Discovered:
     backends: tuple[BackendConfig, ...]
     skipped: tuple[str, ...] = ()  # one human-readable reason per record left out
     truncated: int = 0  # records beyond max_backends, dropped unread
+    # One reason per target whose address lookup failed (kept as last known, or not added yet): the
+    # answer is incomplete, and the caller reports it as an error.
+    failed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +132,8 @@ def from_srv(
     *,
     max_backends: int,
     reserved_ids: Iterable[str] = (),
+    failed: Mapping[str, str] | None = None,
+    known: Iterable[BackendConfig] = (),
 ) -> Discovered:
     """Backends from SRV records.
 
@@ -126,17 +142,23 @@ def from_srv(
         addresses: target name (lower case, with or without the trailing dot) → its A/AAAA addresses.
         max_backends: keep at most this many backends; the rest are counted in `truncated`.
         reserved_ids: ids already taken (the pool's static backends win over DNS).
+        failed: target name (lower case, without the trailing dot) → why its address lookup failed
+            ("no answer within 2s"); such a target keeps its backend from `known`, if it has one.
+        known: the last known set (what the previous answers gave).
 
     Returns:
-        The backends sorted by id, and why any record was left out.
+        The backends sorted by id, why any record was left out, and which targets' lookups failed.
     """
     reserved = set(reserved_ids)
+    failures = dict(failed or {})
+    last_known = {b.id: b for b in known}
     unique = sorted({(r.target.lower().rstrip("."), r.port): r for r in records}.items())
     truncated = max(0, len(unique) - max_backends)
     kept = [record for _, record in unique[:max_backends]]
     weights = srv_weights(kept)
     backends: dict[str, BackendConfig] = {}
     skipped: list[str] = []
+    not_resolved: list[str] = []
     for record, weight in zip(kept, weights, strict=True):
         target = record.target.lower().rstrip(".")
         backend_id = srv_id(target)
@@ -147,6 +169,18 @@ def from_srv(
         if backend_id in reserved or backend_id in backends:
             skipped.append(f"target {_short(target)!r}: id {backend_id} is already taken")
             continue
+        cause = failures.get(target)
+        if cause is not None:
+            # No answer is not "no address": keep what the last answer said (module docstring).
+            previous = last_known.get(backend_id)
+            if previous is None:
+                not_resolved.append(f"target {_short(target)!r}: address lookup failed ({cause}); "
+                                    "not added until it resolves")
+            else:
+                backends[backend_id] = previous
+                not_resolved.append(f"target {_short(target)!r}: address lookup failed ({cause}); "
+                                    f"kept {backend_id} at {previous.address}")
+            continue
         address = pick_address(addresses.get(target, ()) or addresses.get(target + ".", ()))
         if address is None:
             skipped.append(f"target {_short(target)!r}: no A/AAAA address")
@@ -155,7 +189,9 @@ def from_srv(
             skipped.append(f"target {_short(target)!r}: port {record.port} out of range")
             continue
         backends[backend_id] = BackendConfig(id=backend_id, host=address, port=record.port, weight=weight)
-    return Discovered(tuple(sorted(backends.values(), key=lambda b: b.id)), tuple(skipped), truncated)
+    return Discovered(
+        tuple(sorted(backends.values(), key=lambda b: b.id)), tuple(skipped), truncated, tuple(not_resolved)
+    )
 
 
 def from_addresses(

@@ -5,8 +5,10 @@ kernel picks.  The zone is a mutable table: `set_srv(name, [(target, port), ...]
 `set_a(name, [ip, ...])`; targets of SRV records are answered from the same table, and
 `additional=True` also puts their addresses in the SRV answer's additional section (as
 CoreDNS does); `delay` makes every answer late; `truncate` makes every answer a truncated (TC)
-one.  `stop()` takes the server away, so lookups fail (connection refused) as
-they do when a cluster's DNS is down.  Nothing here imports `lb`.
+one; `fail_next(name, qtype, fault)` makes only the next query for that name and type fail
+(answered late, or with SERVFAIL or REFUSED), as one lost packet or one hiccup of a cluster's DNS.
+`stop()` takes the server away, so lookups fail (connection refused) as they do when a cluster's
+DNS is down.  Nothing here imports `lb`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,17 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
         name = _key(str(request.q.qname))
         qtype = QTYPE[request.q.qtype]
         zone = self._server
+        with zone.lock:
+            fault = zone.faults.pop((name, qtype), None)
+            if fault is not None:
+                zone.faulted.append((name, qtype, fault))
+        if fault == "timeout":
+            time.sleep(zone.late)  # answered after the client gave up (and then normally)
+        elif fault is not None:
+            with zone.lock:
+                zone.queries.append((name, qtype))
+            reply.header.rcode = getattr(RCODE, fault)
+            return reply
         with zone.lock:
             zone.queries.append((name, qtype))
             srv = zone.srv.get(name)
@@ -80,6 +93,9 @@ class ZoneServer:
         self.queries: list[tuple[str, str]] = []
         self.delay = 0.0  # seconds before each answer
         self.truncate = False  # answer with TC set and no records (this server speaks no TCP)
+        self.faults: dict[tuple[str, str], str] = {}  # (name, qtype) -> the fault of its next query
+        self.faulted: list[tuple[str, str, str]] = []  # (name, qtype, fault) of the queries that failed
+        self.late = 2.0  # seconds a "timeout" fault holds its answer back
         self.port = 0
         self._server: DNSServer | None = None
 
@@ -116,6 +132,17 @@ class ZoneServer:
     def set_a(self, name: str, addresses: Sequence[str]) -> None:
         with self.lock:
             self.a[_key(name)] = list(addresses)
+
+    def fail_next(self, name: str, qtype: str, fault: str) -> None:
+        """The next `qtype` query for `name` fails: "timeout" (answered `late`), "SERVFAIL" or "REFUSED"."""
+        assert fault in ("timeout", "SERVFAIL", "REFUSED"), fault
+        with self.lock:
+            self.faults[(_key(name), qtype)] = fault
+
+    def failed(self, name: str, qtype: str) -> bool:
+        """Whether a query for `name` and `qtype` got its fault."""
+        with self.lock:
+            return any((n, t) == (_key(name), qtype) for n, t, _ in self.faulted)
 
     def queried(self, name: str) -> int:
         with self.lock:

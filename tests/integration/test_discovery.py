@@ -122,6 +122,80 @@ async def test_srv_without_additional_section_resolves_targets(launcher: Launche
         server.stop()
 
 
+@pytest.mark.parametrize(
+    ("fault", "cause"),
+    [
+        ("timeout", "no answer within 0.3s"),
+        ("SERVFAIL", "answered SERVFAIL"),
+        ("REFUSED", "answered REFUSED"),
+    ],
+)
+async def test_a_target_whose_address_lookup_fails_once_keeps_its_backend_and_clients(
+    launcher: Launcher, fault: str, cause: str
+) -> None:
+    """SPEC: a failed lookup keeps the last known set, per SRV target too.  No additional section, and gw-2's
+    A query fails once (no answer, SERVFAIL, REFUSED): gw-2 never leaves /status, its cookie holder is an
+    affinity hit on gw-2 (no redispatch), its tunnel lives, and /status, the metrics and the log show the
+    error naming gw-2 and the cause.  (gw-2 was removed as "no A/AAAA address", and the lookup counted as a
+    success.)"""
+    server = ZoneServer(additional=False).start()
+    try:
+        gw1, gw2 = launcher.gateways(2)
+        publish(server, [gw1, gw2])
+        # 1 s between lookups: the error stays on /status long enough for a visit in the meantime.
+        lb = launcher.balancer(discovery_config(server, timeout="300ms", interval="1s"))
+        await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both discovered")
+        for g in (gw1, gw2):
+            await wait_for_state(lb, "gateways", g.id, "up", within=10 * UNIT)
+        pinned = await visit_until(lb.ws_url(), "gw-2", tries=10)
+        assert pinned.cookie is not None, "no affinity cookie from gw-2's first visit"
+        target = f"gw-2.{SERVICE}"
+        async with ws_connect(lb.ws_url(), cookie=pinned.cookie.value) as (ws, _):
+            assert (await recv_hello(ws))["server_id"] == "gw-2"
+            errors_before = (await status(lb))["pools"]["gateways"]["discovery"]["errors"]
+            server.fail_next(target, "A", fault)
+
+            async def gw2_stays_until(check: Any, what: str) -> dict[str, Any]:
+                """Poll /status: gw-2 is in the set at every sample, until check(status)."""
+                deadline = time.monotonic() + 10 * UNIT
+                while True:
+                    data = await status(lb)
+                    assert ids(data) == {"gw-1", "gw-2"}, f"gw-2 left the set after one failed {fault}: {data}"
+                    if check(data["pools"]["gateways"]["discovery"]):
+                        return data
+                    assert time.monotonic() < deadline, f"/status never showed {what}: {json.dumps(data)[:2000]}"
+                    await _pause()
+
+            data = await gw2_stays_until(lambda d: d["last_error"], "the failed target lookup")
+            shown = data["pools"]["gateways"]["discovery"]
+            assert server.failed(target, "A")
+            assert target in shown["last_error"] and cause in shown["last_error"], shown
+            assert f"kept gw-2 at {gw2.address}" in shown["last_error"], shown
+            assert shown["errors"] == errors_before + 1, shown
+            assert find_backend(data, "gateways", "gw-2")["address"] == gw2.address
+            text = await metrics_text(lb)
+            errors = metric(text, "lb_discovery_errors_total", pool="gateways")
+            assert errors is not None and errors >= 1, errors
+            assert metric(text, "lb_discovery_backends", pool="gateways") == 2
+            # Meanwhile (the next lookup is a second away) the cookie holder comes back: an affinity hit on gw-2.
+            hits = metric(text, "lb_affinity_decisions_total", pool="gateways", result="hit") or 0.0
+            redispatched = metric(text, "lb_affinity_decisions_total", pool="gateways", result="redispatch") or 0.0
+            again = await visit(lb.ws_url(), cookie=pinned.cookie.value)
+            assert again.server_id == "gw-2"
+            text = await metrics_text(lb)
+            assert metric(text, "lb_affinity_decisions_total", pool="gateways", result="hit") == hits + 1
+            assert (metric(text, "lb_affinity_decisions_total", pool="gateways", result="redispatch") or 0.0) \
+                == redispatched
+            await assert_echo(ws, "through a failed target lookup")
+            # The next answer clears the error; gw-2 stayed throughout.
+            await gw2_stays_until(lambda d: d["last_error"] is None, "the error cleared")
+        log = lb.log_text()
+        assert f"discovery for pool gateways: {shown['last_error']}" in log, lb.logs_tail()
+        assert "no A/AAAA address" not in log and "removed gw-2" not in log, lb.logs_tail()
+    finally:
+        server.stop()
+
+
 async def test_added_record_joins_and_takes_new_clients(launcher: Launcher, zone: ZoneServer) -> None:
     """A backend that appears in DNS joins (health-checked) and gets new clients; the others keep theirs."""
     gw1, gw2 = launcher.gateways(2)

@@ -105,6 +105,55 @@ def test_from_srv_caps_a_huge_answer() -> None:
     assert found.backends[0].id == "gw-00000"
 
 
+FAILED_GW1 = {f"gw-1.{SERVICE}": "no answer within 2s"}
+LAST_KNOWN = (BackendConfig("gw-0", "10.0.0.5", 9000), BackendConfig("gw-1", "10.0.0.6", 9001, weight=3))
+
+
+def test_from_srv_keeps_a_target_whose_lookup_failed_as_last_known() -> None:
+    """A target whose address lookup failed keeps its last known backend unchanged (same id, address,
+    port, weight): the diff shows no removal, so its cookie holders stay; the failure is reported."""
+    records = [SrvRecord(f"gw-0.{SERVICE}.", 9000), SrvRecord(f"gw-1.{SERVICE}.", 9001)]
+    found = from_srv(records, {f"gw-0.{SERVICE}": ["10.0.0.5"]}, max_backends=10, failed=FAILED_GW1,
+                     known=LAST_KNOWN)
+    assert found.backends == LAST_KNOWN
+    assert not diff(LAST_KNOWN, found.backends)
+    assert found.skipped == ()
+    assert found.failed == (
+        f"target 'gw-1.{SERVICE}': address lookup failed (no answer within 2s); kept gw-1 at 10.0.0.6:9001",
+    )
+
+
+def test_from_srv_adds_a_never_seen_target_only_once_it_resolves() -> None:
+    """A new target whose lookup failed is not added this round (nothing to keep), and that is reported."""
+    records = [SrvRecord(f"gw-0.{SERVICE}.", 9000), SrvRecord(f"gw-1.{SERVICE}.", 9001)]
+    found = from_srv(records, {f"gw-0.{SERVICE}": ["10.0.0.5"]}, max_backends=10, failed=FAILED_GW1,
+                     known=LAST_KNOWN[:1])
+    assert found.backends == LAST_KNOWN[:1]
+    assert found.skipped == ()
+    assert found.failed == (
+        f"target 'gw-1.{SERVICE}': address lookup failed (no answer within 2s); not added until it resolves",
+    )
+
+
+def test_from_srv_drops_a_known_target_dns_says_has_no_address() -> None:
+    """A definite answer (NXDOMAIN, no records: nothing in `failed`) drops the target even if it was known."""
+    records = [SrvRecord(f"gw-0.{SERVICE}.", 9000), SrvRecord(f"gw-1.{SERVICE}.", 9001)]
+    found = from_srv(records, {f"gw-0.{SERVICE}": ["10.0.0.5"]}, max_backends=10, known=LAST_KNOWN)
+    assert found.backends == LAST_KNOWN[:1]
+    assert found.skipped == (f"target 'gw-1.{SERVICE}': no A/AAAA address",)
+    assert found.failed == ()
+    assert [b.id for b in diff(LAST_KNOWN, found.backends).removed] == ["gw-1"]
+
+
+def test_from_srv_a_failed_lookup_does_not_keep_a_target_gone_from_srv_or_a_taken_id() -> None:
+    """Only targets still in the SRV answer are kept; a failed target whose id is taken is still skipped."""
+    records = [SrvRecord(f"gw-1.{SERVICE}.", 9001)]
+    found = from_srv(records, {}, max_backends=10, reserved_ids={"gw-1"}, failed=FAILED_GW1, known=LAST_KNOWN)
+    assert found.backends == ()
+    assert found.skipped == (f"target 'gw-1.{SERVICE}': id gw-1 is already taken",)
+    assert found.failed == ()
+
+
 def test_repeated_record_counts_once() -> None:
     records = [SrvRecord(f"gw-0.{SERVICE}.", 9000)] * 3
     found = from_srv(records, {f"gw-0.{SERVICE}": ["10.0.0.1"]}, max_backends=10)

@@ -1,0 +1,270 @@
+"""SRV targets whose own A/AAAA lookup fails (`lb.control.discovery`): a failure keeps the target's last known
+backend and is reported as an error; a definite "no address" drops it; a failure of the whole lookup is
+reported as before.  The resolver is a script of answers and exceptions; no socket."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Iterator
+from typing import Any
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
+import dns.rrset
+import pytest
+
+from lb.config.model import BackendConfig, DiscoveryConfig, DiscoveryType, PoolConfig
+from lb.control import discovery
+
+SERVICE = "gw.test"
+GW1, GW2 = f"gw-1.{SERVICE}.", f"gw-2.{SERVICE}."
+BOTH = (BackendConfig("gw-1", "127.0.0.1", 28102), BackendConfig("gw-2", "127.0.0.2", 28103))
+CONFIG = DiscoveryConfig(SERVICE, nameservers=(("127.0.0.1", 53),), timeout=0.3)
+
+
+def answer(name: str, rdtype: str, *texts: str) -> dns.resolver.Answer:
+    """A real dnspython answer holding these records (no additional section)."""
+    query = dns.message.make_query(name, rdtype)
+    response = dns.message.make_response(query)
+    response.answer.append(dns.rrset.from_text(name, 5, "IN", rdtype, *texts))
+    parsed = dns.message.from_wire(response.to_wire())  # as it comes off the wire (and indexed)
+    assert isinstance(parsed, dns.message.QueryMessage)
+    return dns.resolver.Answer(dns.name.from_text(name), dns.rdatatype.from_text(rdtype), dns.rdataclass.IN, parsed)
+
+
+class ScriptedResolver:
+    """Answers (name, rdtype) from `script`: an Answer, or an exception to raise.  Records every query."""
+
+    def __init__(self) -> None:
+        self.script: dict[tuple[str, str], dns.resolver.Answer | BaseException] = {}
+        self.queries: list[tuple[str, str]] = []
+
+    def healthy(self) -> ScriptedResolver:
+        """SRV gw-1:28102 and gw-2:28103, both with an A record and no AAAA."""
+        self.script = {
+            (SERVICE, "SRV"): answer(SERVICE + ".", "SRV", f"10 50 28102 {GW1}", f"10 50 28103 {GW2}"),
+            (GW1, "A"): answer(GW1, "A", "127.0.0.1"),
+            (GW2, "A"): answer(GW2, "A", "127.0.0.2"),
+            (GW1, "AAAA"): dns.resolver.NoAnswer(),
+            (GW2, "AAAA"): dns.resolver.NoAnswer(),
+        }
+        return self
+
+    async def resolve(self, name: str, rdtype: str, *, search: bool | None = None) -> dns.resolver.Answer:
+        self.queries.append((name, rdtype))
+        outcome = self.script.get((name, rdtype), dns.resolver.NXDOMAIN())
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+def run_lookup(resolver: ScriptedResolver, known: tuple[BackendConfig, ...] = BOTH,
+               config: DiscoveryConfig = CONFIG) -> discovery.Discovered:
+    fake: Any = resolver
+    args = (known,) if known else ()  # without: the call as it was before `known`
+    found, _ = asyncio.run(discovery.lookup(config, fake, frozenset(), *args))
+    return found
+
+
+# What a nameserver that gives no answer looks like to dnspython, and what /status then says.
+FAILURES = [
+    pytest.param(dns.resolver.LifetimeTimeout(timeout=0.3, errors=[]), "no answer within 0.3s", id="timeout"),
+    pytest.param(dns.resolver.NoNameservers(), "no nameserver answered (All nameservers failed to answer the query.)",
+                 id="servfail-refused"),
+    pytest.param(dns.exception.FormError(), "DNS message is malformed.", id="malformed"),
+    pytest.param(OSError(errno.ENETUNREACH, "Network is unreachable"), "Network is unreachable", id="network"),
+]
+
+
+@pytest.mark.parametrize(("failure", "cause"), FAILURES)
+def test_a_target_whose_lookup_fails_keeps_its_last_known_backend(failure: BaseException, cause: str) -> None:
+    """No answer for gw-2's A query: gw-2 stays as last known (same address), and the failure names it and why."""
+    resolver = ScriptedResolver().healthy()
+    resolver.script[(GW2, "A")] = failure
+    found = run_lookup(resolver)
+    assert found.backends == BOTH
+    assert found.skipped == ()
+    assert found.failed == (f"target 'gw-2.{SERVICE}': address lookup failed ({cause}); kept gw-2 at 127.0.0.2:28103",)
+    assert (GW2, "AAAA") not in resolver.queries  # an AAAA answer could not decide the address without the A one
+
+
+@pytest.mark.parametrize(("failure", "cause"), FAILURES)
+def test_a_failed_aaaa_query_without_an_a_address_leaves_the_address_unknown(
+    failure: BaseException, cause: str
+) -> None:
+    resolver = ScriptedResolver().healthy()
+    resolver.script[(GW2, "A")] = dns.resolver.NoAnswer()
+    resolver.script[(GW2, "AAAA")] = failure
+    found = run_lookup(resolver)
+    assert found.backends == BOTH
+    assert found.failed == (f"target 'gw-2.{SERVICE}': address lookup failed ({cause}); kept gw-2 at 127.0.0.2:28103",)
+
+
+def test_an_a_address_decides_whatever_aaaa_does() -> None:
+    """IPv4 is picked first, so a failed AAAA query after an A answer is not a failure (and gw-2's move shows)."""
+    resolver = ScriptedResolver().healthy()
+    resolver.script[(GW2, "A")] = answer(GW2, "A", "127.0.0.9")
+    resolver.script[(GW2, "AAAA")] = dns.exception.Timeout()
+    found = run_lookup(resolver)
+    assert [(b.id, b.host) for b in found.backends] == [("gw-1", "127.0.0.1"), ("gw-2", "127.0.0.9")]
+    assert found.failed == ()
+
+
+@pytest.mark.parametrize(
+    "no_address",
+    [
+        pytest.param({(GW2, "A"): dns.resolver.NXDOMAIN()}, id="nxdomain"),
+        pytest.param({(GW2, "A"): dns.resolver.NoAnswer(), (GW2, "AAAA"): dns.resolver.NoAnswer()}, id="no-records"),
+    ],
+)
+def test_a_target_dns_says_has_no_address_is_dropped(no_address: dict[tuple[str, str], BaseException]) -> None:
+    """A definite answer (NXDOMAIN, NOERROR with no A/AAAA) is DNS saying the target is gone: it leaves."""
+    resolver = ScriptedResolver().healthy()
+    resolver.script.update(no_address)
+    found = run_lookup(resolver)
+    assert found.backends == BOTH[:1]
+    assert found.skipped == (f"target 'gw-2.{SERVICE}': no A/AAAA address",)
+    assert found.failed == ()
+
+
+def test_a_never_seen_target_whose_lookup_fails_waits_for_the_next_lookup() -> None:
+    resolver = ScriptedResolver().healthy()
+    resolver.script[(GW2, "A")] = dns.resolver.NoNameservers()
+    found = run_lookup(resolver, known=BOTH[:1])
+    assert found.backends == BOTH[:1]
+    assert found.failed[0].endswith("not added until it resolves")
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        (dns.resolver.NXDOMAIN(), f"{SERVICE}: no such name (NXDOMAIN)"),
+        (dns.resolver.NoAnswer(), f"{SERVICE}: empty answer"),
+        (dns.resolver.NoNameservers(),
+         f"{SERVICE}: no nameserver answered (All nameservers failed to answer the query.)"),
+        (dns.resolver.LifetimeTimeout(timeout=0.3, errors=[]), f"{SERVICE}: no answer within 0.3s"),
+        (dns.exception.FormError(), f"{SERVICE}: DNS message is malformed."),
+        (dns.exception.DNSException(), f"{SERVICE}: Abstract base class shared by all dnspython exceptions."),
+        (OSError(errno.ENETUNREACH, "Network is unreachable"), f"{SERVICE}: Network is unreachable"),
+        (OSError("no thread for the DNS query"), f"{SERVICE}: no thread for the DNS query"),
+    ],
+)
+@pytest.mark.parametrize("kind", [DiscoveryType.SRV, DiscoveryType.A])
+def test_a_failed_whole_lookup_is_reported_as_before(
+    failure: BaseException, message: str, kind: DiscoveryType
+) -> None:
+    """The SRV query (or type a's A query) failing fails the lookup with the same messages as ever."""
+    resolver = ScriptedResolver()
+    resolver.script = {(SERVICE, "SRV"): failure, (SERVICE, "A"): failure, (SERVICE, "AAAA"): dns.resolver.NoAnswer()}
+    config = DiscoveryConfig(SERVICE, type=kind, port=9000, nameservers=(("127.0.0.1", 53),), timeout=0.3)
+    with pytest.raises(discovery.DiscoveryError) as info:
+        run_lookup(resolver, known=(), config=config)
+    assert str(info.value) == message
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedResolver]:
+    resolver = ScriptedResolver().healthy()
+    monkeypatch.setattr(discovery, "make_resolver", lambda _config: resolver)
+    yield resolver
+
+
+def test_one_failed_target_lookup_keeps_the_backend_and_shows_the_error(
+    scripted: ScriptedResolver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One timeout for gw-2's A query: nothing is applied (no removal), /status shows an error naming gw-2 and
+    the cause, last_ok stays; the log says the cause, not "no A/AAAA address"; the next answer clears it."""
+    applied: list[tuple[str, ...]] = []
+    pool = PoolConfig("gateways", (), discovery=CONFIG)
+    loop = discovery.Discoverer(pool, lambda _pool, backends: applied.append(tuple(b.id for b in backends)))
+
+    async def three_lookups() -> list[dict[str, Any]]:
+        seen = []
+        await loop.resolve_once()
+        seen.append(loop.status.document())
+        scripted.script[(GW2, "A")] = dns.resolver.LifetimeTimeout(timeout=0.3, errors=[])
+        await loop.resolve_once()
+        seen.append(loop.status.document())
+        scripted.script[(GW2, "A")] = answer(GW2, "A", "127.0.0.2")
+        await loop.resolve_once()
+        seen.append(loop.status.document())
+        return seen
+
+    with caplog.at_level("INFO", logger="lb.control.discovery"):
+        first, failed, again = asyncio.run(three_lookups())
+    assert applied == [("gw-1", "gw-2")]
+    assert loop.known == BOTH
+    assert first["last_error"] is None and first["errors"] == 0
+    assert failed["errors"] == 1 and failed["backends"] == 2 and failed["skipped"] == 0
+    assert failed["last_error"] == (
+        f"{SERVICE}: target 'gw-2.{SERVICE}': address lookup failed (no answer within 0.3s); "
+        "kept gw-2 at 127.0.0.2:28103"
+    )
+    assert failed["last_ok"] == first["last_ok"] and failed["last_error_at"] is not None
+    assert again["last_error"] is None and again["errors"] == 1 and again["last_ok"] > first["last_ok"]
+    said = [record.getMessage() for record in caplog.records]
+    assert f"discovery for pool gateways: {failed['last_error']}" in said
+    assert not [line for line in said if "no A/AAAA address" in line or "removed gw-2" in line], said
+
+
+def test_a_definite_no_address_still_removes_the_backend(
+    scripted: ScriptedResolver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NXDOMAIN for gw-2's address: gw-2 leaves the set as before, with the "no A/AAAA address" warning."""
+    applied: list[tuple[str, ...]] = []
+    pool = PoolConfig("gateways", (), discovery=CONFIG)
+    loop = discovery.Discoverer(pool, lambda _pool, backends: applied.append(tuple(b.id for b in backends)))
+
+    async def two_lookups() -> None:
+        await loop.resolve_once()
+        scripted.script[(GW2, "A")] = dns.resolver.NXDOMAIN()
+        await loop.resolve_once()
+
+    with caplog.at_level("INFO", logger="lb.control.discovery"):
+        asyncio.run(two_lookups())
+    assert applied == [("gw-1", "gw-2"), ("gw-1",)]
+    assert loop.status.last_error is None and loop.status.errors == 0 and loop.status.skipped == 1
+    said = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"skipped target 'gw-2.{SERVICE}': no A/AAAA address" in said and "removed gw-2" in said
+
+
+def test_every_target_failing_with_none_known_is_a_failed_lookup(scripted: ScriptedResolver) -> None:
+    """No backend at all (first lookup, every target without an answer): a failed lookup naming the cause."""
+    scripted.script[(GW1, "A")] = dns.exception.Timeout()
+    scripted.script[(GW2, "A")] = dns.exception.Timeout()
+    applied: list[Any] = []
+    loop = discovery.Discoverer(PoolConfig("gateways", (), discovery=CONFIG), lambda *args: applied.append(args))
+    asyncio.run(loop.resolve_once())
+    assert applied == [] and loop.status.errors == 1 and loop.status.last_ok is None
+    assert loop.status.last_error is not None
+    assert loop.status.last_error.startswith(f"{SERVICE}: no usable backend in the answer: target 'gw-1.{SERVICE}': "
+                                             "address lookup failed (no answer within 0.3s)")
+
+
+def test_a_failed_whole_lookup_keeps_the_set_as_before(
+    scripted: ScriptedResolver, caplog: pytest.LogCaptureFixture
+) -> None:
+    applied: list[Any] = []
+    loop = discovery.Discoverer(PoolConfig("gateways", (), discovery=CONFIG), lambda *args: applied.append(args))
+
+    async def two_lookups() -> None:
+        await loop.resolve_once()
+        scripted.script[(SERVICE, "SRV")] = dns.resolver.NoNameservers()
+        await loop.resolve_once()
+
+    with caplog.at_level("WARNING", logger="lb.control.discovery"):
+        asyncio.run(two_lookups())
+    assert len(applied) == 1 and loop.known == BOTH
+    message = f"{SERVICE}: no nameserver answered (All nameservers failed to answer the query.)"
+    assert loop.status.last_error == message and loop.status.errors == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"discovery for pool gateways: {message}; keeping the last known 2 backend(s)"
+    ]
