@@ -28,7 +28,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
@@ -41,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from lb.access_log import plain_value
 from lb.config.durations import parse_duration
 from lb.control.migration import DEFAULT_MIGRATION_RATE
+from lb.log import Throttle
 from lb.state.context import BackendCounts
 from lb.state.pool import AdminAction, BackendStatus
 
@@ -61,6 +62,12 @@ IDLE_TIMEOUT = 15.0  # seconds an admin connection may sit without a complete re
 # gigabytes of a flood on the event loop that the data plane shares (echoes went from 1 to 13 ms).
 LINGER = 0.5
 MAX_JSON_DEPTH = 4  # {"close_after": "30s"} is depth 1; deeper is not a request we understand
+# Open admin connections, all and from one address: a flood of idle ones (each held IDLE_TIMEOUT) took
+# every descriptor of the process, the listeners' and the health checks' too.  Past either, a new one
+# is closed as accepted.  Per address, so that one flooding client does not lock out the kubelet's
+# probes or Prometheus; a browser opens about 6 per origin.
+MAX_ADMIN_CONNECTIONS = 512
+MAX_ADMIN_CONNECTIONS_PER_ADDRESS = 32
 MAX_RATE = 100_000.0
 
 
@@ -356,6 +363,18 @@ class _AdminServer(Server):
 class _AdminRequestHandler(RequestHandler):
     __slots__ = ()
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # registered with the server, so counted below with the others
+        assert self._manager is not None
+        refused = _over_connection_limit(self._manager.connections, transport)
+        if refused is None:
+            return
+        cast(asyncio.Transport, transport).abort()  # aiohttp's connection_lost then unregisters it
+        suppressed = _refusals.due()
+        if suppressed is not None:
+            log.warning("admin API: connection from %s closed as accepted: %s (%d more since the last line)",
+                        _peer_host(transport) or "-", refused, suppressed)
+
     def handle_error(
         self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ) -> StreamResponse:
@@ -375,6 +394,25 @@ class _AdminRequestHandler(RequestHandler):
             log.info("admin API: %d %s (%s) request_id=%s", status, reason, type(exc).__name__, request_id)
         answer.force_close()
         return answer
+
+
+_refusals = Throttle()
+
+
+def _peer_host(transport: asyncio.BaseTransport) -> str | None:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+
+def _over_connection_limit(open_now: list[RequestHandler], transport: asyncio.BaseTransport) -> str | None:
+    """Why a connection just made (and counted in `open_now`) is one too many, or None."""
+    if len(open_now) > MAX_ADMIN_CONNECTIONS:
+        return f"{MAX_ADMIN_CONNECTIONS} admin connections open"
+    host = _peer_host(transport)
+    same = sum(1 for handler in open_now if handler.transport is not None and _peer_host(handler.transport) == host)
+    if same > MAX_ADMIN_CONNECTIONS_PER_ADDRESS:
+        return f"{MAX_ADMIN_CONNECTIONS_PER_ADDRESS} admin connections open from that address"
+    return None
 
 
 def _depth(value: object, limit: int) -> int:

@@ -12,10 +12,11 @@ import json
 import select
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import UNIT, Balancer, Stack, find_backend, status
+from conftest import UNIT, Balancer, DeadBackend, Stack, find_backend, http_get, lb_config, status
 from support_ops import admin_request
 
 PATH = "/pools/dead/backends/{id}/drain"
@@ -303,3 +304,50 @@ async def test_a_body_refused_unread_is_not_read_for_long(stack: Stack) -> None:
     )
     assert took < 3.0 * UNIT, f"the refused body was read for {took:.1f}s"
     assert answer.startswith(b"HTTP/1.1 401"), answer[:100]  # read, not lost to a reset
+
+
+def _closed_as_accepted(conns: list[socket.socket]) -> list[bool]:
+    """Which of these connections the balancer closed without a byte (an idle one stays open and unreadable)."""
+    ready, _, _ = select.select(conns, [], [], 0)
+
+    def closed(conn: socket.socket) -> bool:
+        try:
+            return conn.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    return [conn in ready and closed(conn) for conn in conns]
+
+
+def test_admin_connections_are_capped_per_address_and_others_still_get_in(tmp_path: Path) -> None:
+    """A flood of idle admin connections from one address took every descriptor of the process; now the
+    33rd from that address is closed as accepted, and another address (the kubelet, Prometheus) still
+    gets its answer.  Closing the flood frees the address again."""
+    lb = Balancer(lb_config(pools={"dead": [DeadBackend("dead-1")]}), tmp_path)
+    lb.launch()
+    flood: list[socket.socket] = []
+    try:
+        lb.wait_ready()
+        for _ in range(40):
+            conn = socket.socket()
+            conn.bind(("127.0.0.5", 0))
+            conn.connect(("127.0.0.1", lb.admin_port))
+            flood.append(conn)
+        time.sleep(0.5 * UNIT)
+        closed = _closed_as_accepted(flood)
+        assert closed == [False] * 32 + [True] * 8, closed
+        assert http_get(lb.admin_url("/healthz"), timeout=5 * UNIT)[0] == 200  # from 127.0.0.1
+        assert "closed as accepted: 32 admin connections open from that address" in lb.log_text()
+        for conn in flood:
+            conn.close()
+        flood.clear()
+        time.sleep(0.5 * UNIT)
+        again = socket.create_connection(("127.0.0.1", lb.admin_port), source_address=("127.0.0.5", 0))
+        flood.append(again)
+        again.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert again.recv(100).startswith(b"HTTP/1.1 200"), "the address is let in again once its flood is gone"
+        lb.assert_alive()
+    finally:
+        for conn in flood:
+            conn.close()
+        lb.stop()
