@@ -82,6 +82,7 @@ from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY
 from lb.state.context import ProxyContext, configured_protected
 from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange
 from lb.state.ratelimit import RateLimiter
+from lb.state.series import SeriesRetention, departed_kept
 from lb.tls import bound_asyncio_reads, server_ssl_context
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,9 @@ class Balancer:
         self._serving_until: float | None = None  # time.monotonic() when a stop's shutdown_delay runs out
         # Backends removed by a reload that still carry tunnels, shown in /status until they end.
         self._retired: list[tuple[str, BackendStatus]] = []
+        # Whose per-backend series this process keeps: its pools' backends and the last to leave them
+        # (lb.state.series); the owner of `workers: N` filters its workers' reports by it too.
+        self.series = SeriesRetention()
         self._supervisor: WorkerSupervisor | None = None
         self._control: ControlChannel | None = None
         if role is Role.OWNER:
@@ -164,6 +168,7 @@ class Balancer:
             self._supervisor = WorkerSupervisor(self, config.workers, config_path, config_text)
         elif role is Role.WORKER:
             self._control = ControlChannel(self, control_fd)
+        self._forget_departed_series()
 
     @property
     def config(self) -> Config:
@@ -419,6 +424,7 @@ class Balancer:
         merged = self._merge_pool(replace(static, backends=static.backends + backends), old, cause="DNS")
         self.ctx.pools[pool] = merged
         self._retire({pool: old}, self.ctx.pools, "removed from DNS")
+        self._forget_departed_series()
         for checker in self._checkers:
             if checker.pool_name == pool:
                 checker.retarget(merged)
@@ -599,6 +605,7 @@ class Balancer:
         ctx.protected = configured_protected(config)
         ctx.rate_limiter = rate_limiter
         ctx.config = config
+        self._forget_departed_series()
         if self.role is Role.OWNER:
             return
         kept_ids = {id(listening) for listening, _ in kept}
@@ -639,6 +646,29 @@ class Balancer:
                     backend.changed_at = time.time()
                     if backend.connections:
                         self._retired.append((name, backend))
+
+    def _forget_departed_series(self) -> None:
+        """After the pools changed (start, DNS, reload): keep the series of the backends they hold, of
+        those removed whose tunnels still run, and of the last `departed_kept` to leave each pool;
+        forget the others everywhere this process holds them (lb.state.series).
+
+        Without this, every backend id DNS ever named kept its series for the process's life: a
+        churning answer grew /metrics and the heap without bound.
+        """
+        present: dict[str, set[str]] = {name: set(pool.backends) for name, pool in self.ctx.pools.items()}
+        for name, backend in self.retired_backends():  # their lb_backend_* still show (lb.control.metrics)
+            present.setdefault(name, set()).add(backend.id)
+        # The configured pools (static backends only): a pool's state holds its discovered ones too.
+        bounds = {name: departed_kept(pool) for name, pool in self.config.pools.items()}
+        forgotten = self.series.update(present, bounds)
+        keep = self.series.holds
+        self.ctx.stats.forget(keep)
+        self.ctx.observations.forget(keep)
+        if self._supervisor is not None:
+            self._supervisor.forget_series()
+        if forgotten:
+            log.debug("metric series of %d departed backend(s) forgotten, the oldest to leave: %s",
+                      len(forgotten), ", ".join(f"{pool}/{backend}" for pool, backend in forgotten[:5]))
 
     def _merge_pool(self, config: PoolConfig, old: PoolState | None, cause: str = "reload") -> PoolState:
         backends: dict[str, BackendStatus] = {}

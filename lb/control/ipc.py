@@ -56,8 +56,10 @@ from typing import Any, Literal
 from lb.config.model import Config
 from lb.errors import ConfigError, Problem
 from lb.state.context import ProxyContext, Stats
+from lb.state.histogram import Histogram
 from lb.state.observations import Observations
 from lb.state.pool import AdminAction, BackendStatus, PoolState
+from lb.state.tally import Tally
 
 LENGTH = struct.Struct(">I")
 # A states message is ~150 bytes per backend: 16 MiB carries ~100,000 backends.
@@ -236,6 +238,7 @@ def apply_states(pools: dict[str, PoolState], message: dict[str, Any]) -> None:
 # -- counters: workers → owner -------------------------------------------------------
 
 
+Keep = Callable[[str, str], bool]  # (pool, backend) → whether its series are kept (lb.state.series)
 RetiredBackends = Iterable[tuple[str, BackendStatus]]  # backends gone from their pool whose tunnels still run
 
 
@@ -257,6 +260,8 @@ def stats_message(ctx: ProxyContext, retired: RetiredBackends = ()) -> dict[str,
         "backends": backends,
         "handshakes": [[*key, count] for key, count in stats.handshakes.items()],
         "decisions": [[*key, count] for key, count in stats.decisions.items()],
+        # Per pool, over every backend this worker ever counted, forgotten ones too (lb.state.series).
+        "pool_decisions": [[*key, count] for key, count in stats.pool_decisions().items()],
         "invalid_tokens": dict(stats.invalid_tokens),
         "unsealed_cookies": dict(stats.unsealed_cookies),
         "rejected": {str(status): count for status, count in stats.rejected.items()},
@@ -281,6 +286,9 @@ class _Totals:
     tunnels: int = 0
     clients: int = 0  # client connections (handshakes in flight and tunnels): a gauge
     observations: Observations = field(default_factory=Observations)
+    # (pool, result) → decisions over every backend the worker ever counted: monotonic per worker, so
+    # the owner's lb_affinity_decisions_total holds when a backend's own series are forgotten.
+    pool_decisions: Tally[tuple[str, str]] = field(default_factory=Tally)
 
     @classmethod
     def of(cls, report: dict[str, Any]) -> _Totals:
@@ -291,6 +299,10 @@ class _Totals:
         stats = totals.stats
         stats.handshakes.update({(p, b, o): int(n) for p, b, o, n in report.get("handshakes", [])})
         stats.decisions.update({(p, b, r): int(n) for p, b, r, n in report.get("decisions", [])})
+        if "pool_decisions" in report:
+            totals.pool_decisions.update({(p, r): int(n) for p, r, n in report["pool_decisions"]})
+        else:
+            totals.pool_decisions = stats.pool_decisions()
         stats.invalid_tokens.update({str(k): int(n) for k, n in report.get("invalid_tokens", {}).items()})
         stats.unsealed_cookies.update({str(k): int(n) for k, n in report.get("unsealed_cookies", {}).items()})
         stats.rejected.update({int(k): int(n) for k, n in report.get("rejected", {}).items()})
@@ -321,22 +333,71 @@ class _Totals:
         mine.shed += theirs.shed
         mine.balancer_closes.update(theirs.balancer_closes)
         self.observations.merge(other.observations)
+        self.pool_decisions.update(other.pool_decisions)
         if not counters_only:
             self.tunnels += other.tunnels
             self.clients += other.clients
 
+    def forget(self, keep: Keep) -> None:
+        """Drop the per-backend counters of every (pool, backend) `keep` refuses (lb.state.series)."""
+        self.stats.forget(keep)
+        self.observations.forget(keep)
+
+    def carry(self, before: _Totals, carried: _Totals) -> None:
+        """Move into `carried` the counts `before` (this worker's previous report) held that this report
+        no longer does, or holds less of.
+
+        A worker forgets a departed backend's series on its own schedule (its own DNS lookups,
+        lb.state.series) and counts it from 0 should it come back; the owner may still keep that
+        backend (its own lookups lag, or differ).  Its sum must not go back with the worker's: what the
+        worker last reported stays, and what it counts from then on is added.  A lower count (forgotten
+        and counted again between two reports) is a restart from 0 too.
+        """
+        pairs = (
+            (before.stats.handshakes, self.stats.handshakes, carried.stats.handshakes),
+            (before.stats.decisions, self.stats.decisions, carried.stats.decisions),
+            (before.observations.backend_errors, self.observations.backend_errors, carried.observations.backend_errors),
+            (before.observations.health_checks, self.observations.health_checks, carried.observations.health_checks),
+        )
+        for earlier, now, kept in pairs:
+            for key, count in earlier.items():
+                if now.get(key, 0) < count:
+                    kept[key] += count
+        for backend, histogram in before.observations.connect.items():
+            current = self.observations.connect.get(backend)
+            if current is None or current.count < histogram.count:
+                carried.observations.connect.setdefault(backend, Histogram()).merge(histogram)
+
 
 class StatsAggregate:
-    """The owner's sum of what its workers report, keyed by worker pid."""
+    """The owner's sum of what its workers report, keyed by worker pid.
 
-    def __init__(self) -> None:
+    Per-backend series are kept only for the backends `keep` accepts: the owner's own
+    `lb.state.series.SeriesRetention`, so that the sum is bounded as the owner's pools are, however
+    many backends the workers have seen; `forget` applies it again after it changed.
+    """
+
+    def __init__(self, keep: Keep = lambda pool, backend: True) -> None:
+        self._keep = keep
         self._latest: dict[int, _Totals] = {}
+        # Per pid: counts it reported and then no longer did (it forgot those series; see `_Totals.carry`).
+        self._carried: dict[int, _Totals] = {}
         self._dead: set[int] = set()
         self._departed = _Totals()  # counters of workers dead and folded (see compact)
 
     def update(self, pid: int, report: dict[str, Any]) -> None:
         """The latest cumulative report of worker `pid` (late reports of dead workers included)."""
-        self._latest[pid] = _Totals.of(report)
+        totals = _Totals.of(report)
+        totals.forget(self._keep)  # series the owner does not keep are not stored (bounded)
+        before = self._latest.get(pid)
+        if before is not None:
+            totals.carry(before, self._carried.setdefault(pid, _Totals()))
+        self._latest[pid] = totals
+
+    def forget(self) -> None:
+        """Drop every per-backend series `keep` no longer accepts (the owner's retention changed)."""
+        for totals in [*self._latest.values(), *self._carried.values(), self._departed]:
+            totals.forget(self._keep)
 
     def retire(self, pid: int) -> None:
         """Worker `pid` exited: its counters stay in every sum, its gauges leave them."""
@@ -345,9 +406,11 @@ class StatsAggregate:
     def compact(self, pid: int) -> None:
         """Fold a dead worker whose reader has ended (no report can come) into one departed total."""
         totals = self._latest.pop(pid, None)
+        carried = self._carried.pop(pid, None)
         self._dead.discard(pid)
-        if totals is not None:
-            self._departed.add(totals, counters_only=True)
+        for counted in (totals, carried):
+            if counted is not None:
+                self._departed.add(counted, counters_only=True)
 
     def apply_to(self, ctx: ProxyContext, retired: RetiredBackends = ()) -> int:
         """Write the sums into the owner's counters (read by /status and /metrics); returns live tunnels.
@@ -358,6 +421,15 @@ class StatsAggregate:
         total.add(self._departed)
         for pid, totals in self._latest.items():
             total.add(totals, counters_only=pid in self._dead)
+        for carried in self._carried.values():
+            total.add(carried, counters_only=True)
+        # The pool's decisions: the workers' own per-pool sums, which count forgotten backends too;
+        # whatever of them no kept series holds is the forgotten part (Stats.pool_decisions).
+        total.stats.forgotten_decisions = Tally()
+        held = total.stats.pool_decisions()
+        for key, count in total.pool_decisions.items():
+            if count > held[key]:
+                total.stats.forgotten_decisions[key] = count - held[key]
         for pool in ctx.pools.values():
             for b in pool.backends.values():
                 b.connections = total.backends[(pool.name, b.id)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -94,10 +93,8 @@ class LbCollector(Collector):
             "lb_affinity_decisions", "Affinity decisions by result (hit, new, redispatch, invalid).",
             labels=["pool", "result"],
         )
-        by_result: Counter[tuple[str, str]] = Counter()
-        for (pool, _, result), count in stats.decisions.items():
-            by_result[(pool, result)] += count
-        for (pool, result), count in by_result.items():
+        # Summed over every backend ever counted: one whose series were forgotten still counts here.
+        for (pool, result), count in stats.pool_decisions().items():
             decisions.add_metric([pool, result], count)
         yield decisions
         invalid = CounterMetricFamily(

@@ -171,7 +171,7 @@ class WorkerSupervisor:
         self._config_path = config_path  # workers resolve relative paths in the text against its directory
         self._config_text = config_text  # what the owner runs, and every worker with it
         self._workers: dict[int, _Worker] = {}
-        self._stats = StatsAggregate()
+        self._stats = StatsAggregate(balancer.series.holds)  # the owner's retention (lb.state.series)
         self._stopping = False
         self._pusher: asyncio.Task[None] | None = None
         self._sum_stats: asyncio.TimerHandle | None = None  # a re-sum is due
@@ -273,6 +273,10 @@ class WorkerSupervisor:
         await asyncio.sleep(delay)
         if not self._stopping:
             await self._spawn(worker.index, min(2 * delay, MAX_RESTART_DELAY))
+
+    def forget_series(self) -> None:
+        """The owner's series retention changed: drop what it no longer keeps from the workers' sum."""
+        self._stats.forget()
 
     def pids(self) -> list[int]:
         """Live worker processes (for process_* metrics)."""

@@ -39,6 +39,9 @@ class Stats:
     # Kept here, for the process's life, not on the BackendStatus: a backend that leaves (DNS, a
     # reload) and comes back under its id counts on, so no series ever goes back (SPEC).
     decisions: Tally[tuple[str, str, str]] = field(default_factory=Tally)
+    # pool, result: the decisions of backends whose series were forgotten (`forget`), so that the
+    # pool's lb_affinity_decisions_total, a sum over its backends, never goes back when one is.
+    forgotten_decisions: Tally[tuple[str, str]] = field(default_factory=Tally)
     invalid_tokens: Tally[str] = field(default_factory=Tally)  # reason
     rejected: Tally[int] = field(default_factory=Tally)  # status we answered ourselves
     unsealed_cookies: Tally[str] = field(default_factory=Tally)  # pool; rewrite mode, value too large
@@ -49,6 +52,22 @@ class Stats:
     shed: int = 0  # connections closed at accept, past the limit and its answered overflow (lb_connections_shed_total)
     # Tunnels the balancer ended: (cause, "close_frame" | "tcp") → count (lb_tunnel_closes_total).
     balancer_closes: Tally[tuple[str, str]] = field(default_factory=Tally)
+
+    def forget(self, keep: Callable[[str, str], bool]) -> None:
+        """Drop the per-backend series of every (pool, backend) that `keep` refuses (`lb.state.series`);
+        their decisions stay in the pool's sum (`pool_decisions`)."""
+        for key in [key for key in self.handshakes if not keep(key[0], key[1])]:
+            del self.handshakes[key]
+        for key in [key for key in self.decisions if not keep(key[0], key[1])]:
+            self.forgotten_decisions[(key[0], key[2])] += self.decisions.pop(key)
+
+    def pool_decisions(self) -> Tally[tuple[str, str]]:
+        """(pool, result) → decisions, over every backend ever counted (lb_affinity_decisions_total)."""
+        totals: Tally[tuple[str, str]] = Tally()
+        totals.update(self.forgotten_decisions)
+        for (pool, _, result), count in self.decisions.items():
+            totals[(pool, result)] += count
+        return totals
 
     def backend_counts(self) -> dict[tuple[str, str], BackendCounts]:
         """(pool, backend) → its handshakes, affinity hits and redispatches: one pass, per scrape or /status."""

@@ -18,7 +18,7 @@ Pure apart from building prometheus-client metric families at scrape time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -88,6 +88,18 @@ class Observations:
 
     def count_health_check(self, pool: str, backend: str, ok: bool) -> None:
         self.health_checks[(pool, backend, "success" if ok else "failure")] += 1
+
+    def forget(self, keep: Callable[[str, str], bool]) -> None:
+        """Drop the per-backend series of every (pool, backend) that `keep` refuses (`lb.state.series`).
+
+        Only this process's own; the owner's sum of its workers' reports forgets on its own
+        (`lb.control.ipc.StatsAggregate.forget`).  Per-pool histograms stay.
+        """
+        for key in [key for key in self.connect if not keep(*key)]:
+            del self.connect[key]
+        for tally in (self.backend_errors, self.health_checks):
+            for counted in [counted for counted in tally if not keep(counted[0], counted[1])]:
+                del tally[counted]
 
     # -- workers --------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from conftest import (
     ws_connect,
 )
 from support_dns import ZoneServer
-from support_ops import metric, metrics_text, reload_with, visit_until
+from support_ops import metric, metrics_text, reload_with, token_of, visit_until
 
 SERVICE = "gateway.game.svc.cluster.local"
 
@@ -635,3 +636,61 @@ async def test_workers_start_with_a_silent_nameserver_and_a_long_lookup_timeout(
     lb = launcher.balancer(config)  # ready within the launcher's deadline, or this fails
     assert time.monotonic() - started < 12 * UNIT
     assert ids(await status(lb)) == set()  # the lookups go on meanwhile
+
+
+def _pool_backends(text: str, pool: str = "gateways") -> set[str]:
+    """Every `backend` label value of `pool` in an exposition."""
+    found: set[str] = set()
+    for line in text.splitlines():
+        if f'pool="{pool}"' in line and (match := re.search(r'[{,]backend="([^"]*)"', line)):
+            found.add(match.group(1))
+    return found
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_dns_churn_keeps_metrics_bounded_and_a_kept_backend_monotonic(
+    launcher: Launcher, zone: ZoneServer, workers: int
+) -> None:
+    """A DNS answer naming new backends at every lookup costs bounded /metrics (and memory): the series
+    of backends that left are kept for the last `max(16, max_backends + static)` of them only, while
+    a backend present all along keeps every counter monotonic."""
+    [gateway] = launcher.gateways(1)
+    port = free_port()  # nothing listens: the churned backends answer no check
+    per_answer = 8
+    config = discovery_config(zone, type="a", port=port, max_backends=per_answer)
+    config["pools"]["gateways"]["backends"] = [{"id": gateway.id, "address": gateway.address, "weight": 1}]
+    config["workers"] = workers
+    zone.set_a(SERVICE, [f"127.2.0.{i + 1}" for i in range(per_answer)])
+    lb = launcher.balancer(config)
+    await wait_status(lb, lambda s: len(ids(s)) == 1 + per_answer, "the static backend and a first answer")
+    await wait_for_state(lb, "gateways", gateway.id, "up")
+    pinned = token_of(await visit_until(lb.ws_url(), gateway.id, tries=1 + per_answer))
+    kept = {"lb_backend_handshakes_total": {}, "lb_health_checks_total": {"result": "success"}}
+    samples: dict[str, list[float]] = {name: [] for name in kept}
+    sizes: list[int] = []
+    seen: set[str] = set()
+    generations = 16  # 128 backends come and go: 8 times the bound's worth of 16
+    for generation in range(1, generations + 1):
+        zone.set_a(SERVICE, [f"127.2.{generation}.{i + 1}" for i in range(per_answer)])
+        await wait_status(lb, lambda s, g=generation: f"127.2.{g}.1:{port}" in ids(s), f"generation {generation}")
+        assert (await visit(lb.ws_url(), cookie=pinned)).server_id == gateway.id
+        text = await metrics_text(lb)
+        sizes.append(len(text))
+        seen |= _pool_backends(text)
+        for name, labels in kept.items():
+            value = metric(text, name, pool="gateways", backend=gateway.id, **labels)
+            assert value is not None, f"{name} of {gateway.id} missing in generation {generation}"
+            samples[name].append(value)
+    await asyncio.sleep(1.5)  # the workers' last reports reach the owner
+    text = await metrics_text(lb)
+    backends = _pool_backends(text)
+    # Present: the static one and the current answer; departed: at most max(16, 8 + 1) of them.
+    assert len(backends) <= 1 + per_answer + 16, f"{len(backends)} backends in /metrics: {sorted(backends)[:12]}..."
+    assert gateway.id in backends and f"127.2.{generations}.1:{port}" in backends
+    assert len(seen) > 1 + per_answer + 16, f"the churn was too slow to show anything: {len(seen)} backends"
+    assert sizes[-1] <= 1.3 * sizes[len(sizes) // 2], f"/metrics grew on: {sizes}"
+    for name, values in samples.items():
+        values.append(metric(text, name, pool="gateways", backend=gateway.id, **kept[name]) or 0.0)
+        assert all(later >= earlier for earlier, later in itertools.pairwise(values)), f"{name}: {values}"
+    assert samples["lb_backend_handshakes_total"][-1] >= generations
+    lb.assert_alive()

@@ -379,10 +379,14 @@ def test_the_owner_sums_a_burst_of_reports_once() -> None:
 
     from lb.control.workers import SUM_STATS_EVERY, WorkerSupervisor
 
+    from lb.state.series import SeriesRetention
+
     async def scenario() -> None:
         ctx = _ctx()
+        series = SeriesRetention()  # the owner keeps the series of its pools' backends (lb.state.series)
+        series.update({name: list(pool.backends) for name, pool in ctx.pools.items()}, {})
         supervisor = WorkerSupervisor(
-            SimpleNamespace(ctx=ctx, retired_backends=list), 3,  # type: ignore[arg-type]
+            SimpleNamespace(ctx=ctx, retired_backends=list, series=series), 3,  # type: ignore[arg-type]
             config_path=mock.sentinel.path, config_text="",
         )
         with mock.patch.object(StatsAggregate, "apply_to", autospec=True, side_effect=StatsAggregate.apply_to) as sums:

@@ -1,0 +1,232 @@
+"""lb.state.series and those who forget by it (Stats, Observations, the owner's StatsAggregate): bounded
+series under any DNS churn, counters that never go back for a backend that is kept."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lb.affinity.codec import TokenCodec
+from lb.config.model import AffinityConfig, BackendConfig, Config, DiscoveryConfig, PoolConfig
+from lb.control.ipc import StatsAggregate, stats_message
+from lb.state.context import ProxyContext, Stats
+from lb.state.observations import Observations
+from lb.state.pool import PoolState
+from lb.state.series import MIN_DEPARTED_KEPT, SeriesRetention, departed_kept
+
+
+def _held(retention: SeriesRetention, pool: str, ids: list[str]) -> list[str]:
+    return [i for i in ids if retention.holds(pool, i)]
+
+
+def test_present_backends_and_the_last_to_leave_are_kept_the_oldest_forgotten_first() -> None:
+    """Departed backends keep their series up to the pool's bound; beyond it the first to leave go first."""
+    retention = SeriesRetention()
+    assert retention.update({"p": ["a", "b"]}, {"p": 2}) == []
+    assert retention.update({"p": ["b"]}, {"p": 2}) == []  # a left
+    assert retention.update({"p": ["d"]}, {"p": 2}) == []  # b left
+    assert retention.departed("p") == ["a", "b"]
+    assert retention.update({"p": ["e"]}, {"p": 2}) == [("p", "a")]  # d left: a, the oldest, goes
+    assert _held(retention, "p", ["a", "b", "d", "e"]) == ["b", "d", "e"]
+
+
+def test_a_backend_back_before_it_is_forgotten_is_present_again() -> None:
+    """One DNS interval away and back: its series were never dropped, and it no longer counts as departed."""
+    retention = SeriesRetention()
+    retention.update({"p": ["a", "b"]}, {"p": 1})
+    retention.update({"p": ["b"]}, {"p": 1})
+    retention.update({"p": ["a", "b"]}, {"p": 1})
+    assert retention.departed("p") == []
+    retention.update({"p": ["a"]}, {"p": 1})
+    assert retention.update({"p": ["a"]}, {"p": 1}) == []
+    assert retention.departed("p") == ["b"]
+
+
+def test_a_removed_pool_departs_whole_within_its_last_bound() -> None:
+    """A reload that removes a pool: its backends depart; the pool's bound still holds for them."""
+    retention = SeriesRetention()
+    retention.update({"p": ["a", "b", "c"], "q": ["x"]}, {"p": 2, "q": 5})
+    forgotten = retention.update({"q": ["x"]}, {"q": 5})
+    assert forgotten == [("p", "a")]
+    assert retention.departed("p") == ["b", "c"]
+    assert retention.holds("q", "x") and not retention.holds("p", "x")
+
+
+def test_the_bound_is_one_whole_set_of_backends_at_least_a_floor() -> None:
+    """A discovery pool keeps as many departed as it may hold (static + max_backends)."""
+    static = (BackendConfig(id="s", host="127.0.0.1", port=1),)
+    dns = DiscoveryConfig(dns="gw.example", max_backends=256)
+    assert departed_kept(PoolConfig(name="p", backends=static, discovery=dns)) == 257
+    assert departed_kept(PoolConfig(name="p", backends=static)) == MIN_DEPARTED_KEPT
+
+
+@given(st.lists(st.sets(st.integers(0, 40), max_size=8), min_size=1, max_size=40), st.integers(1, 6))
+def test_whatever_dns_says_held_series_stay_bounded_and_a_constant_backend_is_never_dropped(
+    answers: list[set[int]], bound: int
+) -> None:
+    """Any sequence of answers: at most present + bound held; `static` (in every answer) always held."""
+    retention = SeriesRetention()
+    for answer in answers:
+        present = ["static", *map(str, answer)]
+        retention.update({"p": present}, {"p": bound})
+        held = _held(retention, "p", ["static", *map(str, range(41))])
+        assert len(held) <= len(present) + bound
+        assert "static" in held and all(i in held for i in present)
+        assert len(retention.departed("p")) <= bound
+
+
+def test_stats_forget_drops_backend_series_but_not_the_pools_decisions() -> None:
+    """lb_affinity_decisions_total{pool} sums backends: forgetting one must not take its count back."""
+    stats = Stats()
+    stats.handshakes[("p", "gone", "switched")] += 3
+    stats.decisions[("p", "gone", "new")] += 3
+    stats.decisions[("p", "kept", "new")] += 2
+    stats.handshakes[("p", "kept", "switched")] += 2
+    before = dict(stats.pool_decisions())
+    stats.forget(lambda pool, backend: backend == "kept")
+    assert set(stats.handshakes) == {("p", "kept", "switched")}
+    assert set(stats.decisions) == {("p", "kept", "new")}
+    assert dict(stats.pool_decisions()) == before == {("p", "new"): 5}
+    stats.decisions[("p", "gone", "new")] += 1  # back later: a new series, the pool counts on
+    assert stats.pool_decisions()[("p", "new")] == 6
+
+
+def test_observations_forget_drops_per_backend_series_only() -> None:
+    observations = Observations()
+    observations.observe_handshake("p", 0.01)
+    for backend in ("gone", "kept"):
+        observations.observe_connect("p", backend, 0.001)
+        observations.count_backend_error("p", backend, "refused")
+        observations.count_health_check("p", backend, True)
+    observations.forget(lambda pool, backend: backend == "kept")
+    assert set(observations.connect) == {("p", "kept")}
+    assert set(observations.backend_errors) == {("p", "kept", "refused")}
+    assert set(observations.health_checks) == {("p", "kept", "success")}
+    assert set(observations.handshake) == {"p"}
+
+
+# -- the owner's sum of its workers' reports ---------------------------------------------------
+
+
+def _ctx(backends: tuple[str, ...] = ("a",)) -> ProxyContext:
+    pool = PoolConfig(name="p", backends=tuple(BackendConfig(id=b, host="127.0.0.1", port=9000) for b in backends))
+    config = Config(listeners=(), pools={"p": pool}, routes=(), affinity=AffinityConfig(secret_keys=("k" * 43,)))
+    return ProxyContext(
+        config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=pool)}, routes=(),
+        on_backend_failure=lambda *_: None,
+    )
+
+
+def _report(counts: dict[str, int]) -> dict[str, Any]:
+    """A worker's stats report: `counts` handshakes (and decisions, health checks) per backend of pool p."""
+    ctx = _ctx()
+    for backend, n in counts.items():
+        ctx.stats.handshakes[("p", backend, "switched")] += n
+        ctx.stats.decisions[("p", backend, "new")] += n
+        ctx.observations.count_health_check("p", backend, True)
+        for _ in range(n):
+            ctx.observations.observe_connect("p", backend, 0.001)
+    return stats_message(ctx)
+
+
+def _sums(aggregate: StatsAggregate) -> ProxyContext:
+    ctx = _ctx()
+    aggregate.apply_to(ctx)
+    return ctx
+
+
+def _handshakes(ctx: ProxyContext, backend: str) -> int:
+    return ctx.stats.handshakes.get(("p", backend, "switched"), 0)
+
+
+def _connects(ctx: ProxyContext, backend: str) -> int:
+    total = ctx.observations.combined()
+    histogram = total.connect.get(("p", backend))
+    return 0 if histogram is None else histogram.count
+
+
+def test_a_worker_that_forgets_a_backend_the_owner_keeps_cannot_take_the_sum_back() -> None:
+    """Workers forget on their own schedule (their own DNS lookups): while the owner keeps a backend, what a
+    worker reported stays in the sum, and what it counts again from 0 is added to it."""
+    aggregate = StatsAggregate(lambda pool, backend: True)
+    aggregate.update(100, _report({"a": 10}))
+    aggregate.update(200, _report({"a": 5}))
+    assert _handshakes(_sums(aggregate), "a") == 15
+    aggregate.update(100, _report({}))  # worker 100 forgot `a`
+    assert _handshakes(_sums(aggregate), "a") == 15
+    assert _connects(_sums(aggregate), "a") == 15
+    aggregate.update(100, _report({"a": 2}))  # `a` back at worker 100, counted from 0
+    ctx = _sums(aggregate)
+    assert _handshakes(ctx, "a") == 17 and _connects(ctx, "a") == 17
+    assert ctx.stats.pool_decisions()[("p", "new")] == 17
+    aggregate.update(100, _report({"a": 1}))  # forgotten and back between two reports: lower, a restart
+    assert _handshakes(_sums(aggregate), "a") == 18
+    aggregate.retire(100)
+    aggregate.compact(100)  # dead: what it carried stays
+    assert _handshakes(_sums(aggregate), "a") == 18
+
+
+def test_the_owner_keeps_only_the_series_its_retention_holds_and_the_pool_sum_stays() -> None:
+    """Series the owner does not keep are not stored; forgotten ones leave the sum, not the pool's total."""
+    kept = {"a", "b"}
+    aggregate = StatsAggregate(lambda pool, backend: backend in kept)
+    aggregate.update(100, _report({"a": 1, "b": 2, "stranger": 4}))
+    ctx = _sums(aggregate)
+    assert {key[1] for key in ctx.stats.handshakes} == {"a", "b"}
+    assert {key[1] for key in ctx.observations.combined().health_checks} == {"a", "b"}
+    assert ctx.stats.pool_decisions()[("p", "new")] == 7  # every decision the worker made counts
+    kept.discard("b")
+    aggregate.forget()
+    ctx = _sums(aggregate)
+    assert {key[1] for key in ctx.stats.handshakes} == {"a"}
+    assert ctx.stats.pool_decisions()[("p", "new")] == 7
+    assert ctx.stats.backend_counts()[("p", "a")].handshakes == 1
+
+
+def test_churn_through_workers_and_owner_stays_bounded_and_monotonic() -> None:
+    """Every report names 8 new backends and a constant one: the owner's sum holds at most present + bound
+    backends, the constant one's count and the pool's decisions only ever grow."""
+    retention = SeriesRetention()
+    bound = 8
+    aggregate = StatsAggregate(retention.holds)
+    workers = {100: Stats(), 200: Stats()}
+    last_constant, last_pool = 0, 0
+    for generation in range(30):
+        present = ["constant", *(f"g{generation}-{i}" for i in range(8))]
+        retention.update({"p": present}, {"p": bound})
+        aggregate.forget()
+        for pid, stats in workers.items():
+            for backend in present:
+                stats.handshakes[("p", backend, "switched")] += 1
+                stats.decisions[("p", backend, "new")] += 1
+            if (generation + pid // 100) % 3 == 0:  # each worker forgets on its own schedule
+                worker_view = SeriesRetention()
+                worker_view.update({"p": present}, {"p": 0})
+                stats.forget(worker_view.holds)
+            ctx = _ctx()
+            ctx.stats = stats
+            aggregate.update(pid, stats_message(ctx))
+        ctx = _sums(aggregate)
+        backends = {key[1] for key in ctx.stats.handshakes}
+        assert len(backends) <= len(present) + bound, backends
+        constant, pool = _handshakes(ctx, "constant"), ctx.stats.pool_decisions()[("p", "new")]
+        assert constant >= last_constant and pool >= last_pool
+        last_constant, last_pool = constant, pool
+    assert last_constant == 2 * 30 and last_pool == 2 * 30 * 9
+
+
+@pytest.mark.parametrize("forgets", [False, True])
+def test_a_single_process_pool_total_is_exact_whatever_it_forgets(forgets: bool) -> None:
+    """Forgetting changes which backends show, never the pool's lb_affinity_decisions_total."""
+    stats = Stats()
+    totals = []
+    for generation, backend in zip(range(10), itertools.cycle("abc"), strict=False):
+        stats.decisions[("p", f"{backend}{generation}", "hit")] += 1
+        if forgets:
+            stats.forget(lambda pool, backend_id, keep=f"{backend}{generation}": backend_id == keep)
+        totals.append(stats.pool_decisions()[("p", "hit")])
+    assert totals == list(range(1, 11))
