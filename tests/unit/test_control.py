@@ -378,7 +378,6 @@ def test_the_owner_sums_a_burst_of_reports_once() -> None:
     from unittest import mock
 
     from lb.control.workers import SUM_STATS_EVERY, WorkerSupervisor
-
     from lb.state.series import SeriesRetention
 
     async def scenario() -> None:
