@@ -396,5 +396,8 @@ def render_status(document: Any) -> str:
         text.append("* migrating: its tunnels are being closed (drain with --close-after/--rate)")
     text.extend(notes)
     accepting = "" if document.get("accepting", True) else ", NOT accepting (shutting down)"
+    workers = document.get("workers")
+    if isinstance(workers, dict) and workers.get("serving") == 0:
+        accepting += ", NO worker serving"
     text.append(_printable(f"live tunnels: {document.get('tunnels', 0)}, role: {document.get('role', '?')}{accepting}"))
     return "\n".join(text) + "\n"

@@ -1,8 +1,10 @@
 """The admin API on its own address: health, readiness, /status, /metrics, and bearer-protected operator actions.
 
     GET  /livez                                     200 while the process serves requests
-    GET  /readyz                                    200 once listeners are open; 503 before and from SIGTERM on
-    GET  /healthz                                   200 while serving (accepting): 503 before, and once a stop ends it
+    GET  /readyz                                    200 once listeners are open; 503 before and from SIGTERM on,
+                                                    and while no worker serves (workers: N); the body says why
+    GET  /healthz                                   200 while serving (accepting): 503 before, once a stop ends it,
+                                                    and while no worker serves
     GET  /status                                    pools, backends, states with reasons, counters
     GET  /metrics                                   Prometheus text exposition
     GET  /  and  GET /lookup?token=T                the operator's console (lb.control.console)
@@ -175,20 +177,23 @@ async def livez(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """SPEC part 2: 200 once the listeners are open, 503 before and from SIGTERM on; with workers, 503
+    too while none of them serves (the owner's listeners are theirs).  The body says why."""
     refuse_parameters(request)
-    if not request.app[BALANCER].ready:
-        return web.json_response({"status": "not ready"}, status=503)
+    reason = request.app[BALANCER].not_ready()
+    if reason is not None:
+        return web.json_response({"status": "not ready", "reason": reason}, status=503)
     return web.json_response({"status": "ok"})
 
 
 async def healthz(request: web.Request) -> web.Response:
     """SPEC part 1: 200 while the balancer serves.  So 503 while starting, and once a stop has closed
-    the listeners; during SIGTERM's `shutdown_delay` it still serves (200), while /readyz says 503
-    to whoever routes to us."""
+    the listeners, and while no worker serves; during SIGTERM's `shutdown_delay` it still serves (200),
+    while /readyz says 503 to whoever routes to us."""
     refuse_parameters(request)
     balancer = request.app[BALANCER]
     if not balancer.serving:
-        state = "shutting down" if balancer.shutting_down else "starting"
+        state = "shutting down" if balancer.shutting_down else (balancer.not_ready() or "starting")
         return web.json_response({"status": state}, status=503)
     return web.json_response({"status": "ok"})
 
@@ -224,10 +229,21 @@ def status_document(balancer: Balancer) -> dict[str, Any]:
         "client_connections": ctx.client_connections(),  # handshakes in flight + tunnels
         "max_connections": ctx.config.limits.max_connections,
         "role": balancer.role.value,
+        **_workers_document(balancer),
         "listeners": [f"{host}:{port}" for host, port in balancer.listen_addresses],
         "accepting": ctx.accepting,
         "time": time.time(),
     }
+
+
+def _workers_document(balancer: Balancer) -> dict[str, Any]:
+    """The owner's `"workers": {"count": N, "serving": n}` (serving: see `Balancer.not_ready`); nothing
+    in a process without workers."""
+    workers = balancer.workers_serving()
+    if workers is None:
+        return {}
+    serving, count = workers
+    return {"workers": {"count": count, "serving": serving}}
 
 
 def _backend_document(b: BackendStatus, counted: BackendCounts | None) -> dict[str, Any]:

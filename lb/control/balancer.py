@@ -707,15 +707,40 @@ class Balancer:
         """Returns once `stop()` has been called, by whoever."""
         await self._stop_called.wait()
 
+    def not_ready(self) -> str | None:
+        """Why /readyz answers 503 ("starting", "shutting down", "no worker serving"), or None: ready.
+
+        The owner of workers listens through them: with none serving (all dead and being restarted,
+        or all stopped or stuck: `WorkerSupervisor.serving_workers`), no client would get an answer.
+        """
+        if self._stopping is not None or self.stop_asked:
+            return "shutting down"
+        if not self.ready:
+            return "starting"
+        if self._no_worker_serving():
+            return "no worker serving"
+        return None
+
+    def workers_serving(self) -> tuple[int, int] | None:
+        """(how many of the owner's workers serve now, how many it runs); None without workers."""
+        if self._supervisor is None:
+            return None
+        return self._supervisor.serving_workers(asyncio.get_running_loop().time()), self._supervisor.count
+
+    def _no_worker_serving(self) -> bool:
+        workers = self.workers_serving()
+        return workers is not None and workers[0] == 0
+
     @property
     def serving(self) -> bool:
         """Accepting connections: from start until SIGTERM's `shutdown_delay` has run out (/healthz).
 
-        The owner of workers accepts nothing itself; its workers stop accepting when the same
-        delay has run out, so that is when it stops saying it serves too.
+        The owner of workers accepts nothing itself: it serves while one of its workers does
+        (`not_ready`), and its workers stop accepting when the same delay has run out, so that
+        is when it stops saying it serves too.
         """
         if self._stopping is None:
-            return self.ready
+            return self.ready and not self._no_worker_serving()
         return self.ctx.accepting and (self._serving_until is None or time.monotonic() < self._serving_until)
 
     async def _stop(self) -> None:

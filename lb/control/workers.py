@@ -73,6 +73,16 @@ STATS_EVERY = 1.0
 # stopped (SIGSTOP) or stuck (its event loop blocked): it takes its share of new clients and answers
 # none.  Killed, so that it is restarted; one a check, never all at once.
 UNRESPONSIVE_AFTER = 10.0
+# A ready worker from which the owner has read nothing for this long no longer counts as serving
+# (/readyz and /healthz answer 503 once none does).  Every worker reports its counters each
+# STATS_EVERY, so three missed reports: one or two late ones are a busy event loop, not a stopped
+# one, and must not make a healthy instance flap out of its load balancer; three seconds is still
+# well inside UNRESPONSIVE_AFTER, so that whoever routes to us stops sending clients that would hang
+# for the seven seconds before the watchdog kills and restarts the worker.
+SERVING_SILENCE = 3 * STATS_EVERY
+# The owner's own look for silent workers (every STATES_EVERY) came this late: its event loop was
+# stopped or blocked, and the silence it measured is its own (`_kill_unresponsive`).
+OWNER_LATE = 3 * STATES_EVERY
 # The owner re-sums its workers' reports at most this often.  Summing on every report cost N sums of
 # N reports per second (64 workers of 1000 backends: over 3 s of owner CPU each second).
 SUM_STATS_EVERY = 0.25
@@ -155,11 +165,30 @@ class _Worker:
     started_at: float = 0.0
     restart_delay: float = RESTART_DELAY
     heard_at: float = 0.0  # event loop time of its last message
-    killed: bool = False  # for not reading its control socket (`_write`): once
+    killed: bool = False  # by the owner (`_write`, `_kill_unresponsive`): once, and it serves no more
 
     @property
     def name(self) -> str:
         return f"worker {self.index} (pid {self.process.pid})"
+
+    def serving(self, now: float, *, judge_silence: bool = True) -> bool:
+        """Accepting and answering clients, as far as the owner can tell (`worker_serves`)."""
+        silent = now - self.heard_at if judge_silence else 0.0
+        exited = self.killed or self.process.returncode is not None
+        return worker_serves(ready=self.ready.done(), exited=exited, silent=silent)
+
+
+def worker_serves(*, ready: bool, exited: bool, silent: float) -> bool:
+    """Whether a worker serves: it has bound its listeners, has not exited, and was heard from within
+    SERVING_SILENCE (a stopped worker, or one whose event loop is stuck, holds its listeners and answers
+    nobody).
+
+    Args:
+        ready: it has reported its listeners bound.
+        exited: its process has ended, or the owner has killed it (it is being restarted).
+        silent: seconds since the owner last read a message from it.
+    """
+    return ready and not exited and silent <= SERVING_SILENCE
 
 
 class WorkerSupervisor:
@@ -278,6 +307,16 @@ class WorkerSupervisor:
         """The owner's series retention changed: drop what it no longer keeps from the workers' sum."""
         self._stats.forget()
 
+    def serving_workers(self, now: float) -> int:
+        """How many workers serve at event loop time `now` (/readyz, /healthz and /status).
+
+        As in `_kill_unresponsive`: if the owner's own look for silent workers is overdue, its event
+        loop was stopped or blocked and its workers' messages are still unread, so their silence says
+        nothing of them; then a worker serves if it is ready and running.
+        """
+        judge_silence = now - self._checked_at <= OWNER_LATE
+        return sum(1 for w in self._workers.values() if w.serving(now, judge_silence=judge_silence))
+
     def pids(self) -> list[int]:
         """Live worker processes (for process_* metrics)."""
         return [w.process.pid for w in self._workers.values() if w.process.returncode is None]
@@ -296,7 +335,7 @@ class WorkerSupervisor:
         clocks restart instead.
         """
         now = asyncio.get_running_loop().time()
-        late = now - self._checked_at > 3 * STATES_EVERY
+        late = now - self._checked_at > OWNER_LATE
         self._checked_at = now
         if late or self._stopping:
             for worker in self._workers.values():
@@ -308,6 +347,7 @@ class WorkerSupervisor:
                 log.error("%s has sent nothing for %.0fs (stopped, or its event loop is stuck); killing it",
                           worker.name, silent)
                 worker.process.kill()
+                worker.killed = True
                 worker.heard_at = now  # once: its watcher takes over
                 return
 

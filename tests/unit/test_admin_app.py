@@ -19,7 +19,7 @@ from lb.state.pool import PoolState
 TOKEN = "t" * 20
 
 
-def _fake_balancer(*, ready: bool = True, serving: bool | None = None) -> Any:
+def _fake_balancer(*, ready: bool = True, serving: bool | None = None, not_ready: str | None = None) -> Any:
     pool = PoolState(config=PoolConfig("p", (BackendConfig("gw-1", "127.0.0.1", 1),)))
 
     def apply_admin(*_: Any, **__: Any) -> Any:
@@ -27,7 +27,9 @@ def _fake_balancer(*, ready: bool = True, serving: bool | None = None) -> Any:
 
     ctx = SimpleNamespace(config=SimpleNamespace(admin=SimpleNamespace(token=TOKEN)), pools={"p": pool})
     serving = ready if serving is None else serving
-    return SimpleNamespace(ctx=ctx, ready=ready, serving=serving, shutting_down=not ready, apply_admin=apply_admin)
+    reason = not_ready or (None if ready else "shutting down")
+    return SimpleNamespace(ctx=ctx, ready=ready, serving=serving, shutting_down=not ready, apply_admin=apply_admin,
+                           not_ready=lambda: reason)
 
 
 async def _client(balancer: Any) -> TestClient[Any, Any]:
@@ -101,6 +103,23 @@ async def test_readyz_healthz_and_livez_follow_the_balancer(
     try:
         assert (await client.get("/readyz")).status == readyz
         assert (await client.get("/healthz")).status == healthz
+        assert (await client.get("/livez")).status == 200
+    finally:
+        await client.close()
+
+
+async def test_with_no_worker_serving_readyz_and_healthz_are_503_saying_so_and_livez_200() -> None:
+    """The owner of workers with none serving (all dead or stopped) is neither ready nor serving, and both
+    bodies say why; the process itself is alive."""
+    balancer = _fake_balancer(ready=True, serving=False, not_ready="no worker serving")
+    balancer.shutting_down = False
+    client = await _client(balancer)
+    try:
+        readyz = await client.get("/readyz")
+        assert readyz.status == 503
+        assert await readyz.json() == {"status": "not ready", "reason": "no worker serving"}
+        healthz = await client.get("/healthz")
+        assert healthz.status == 503 and await healthz.json() == {"status": "no worker serving"}
         assert (await client.get("/livez")).status == 200
     finally:
         await client.close()

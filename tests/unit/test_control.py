@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from lb.config.model import AffinityConfig, BackendConfig, Config, LimitsConfig, PoolConfig
 from lb.control import ipc
+from lb.control import workers as workers_module
 from lb.control.ipc import (
     LENGTH,
     MAX_MESSAGE_BYTES,
@@ -489,3 +490,70 @@ def test_a_worker_whose_report_is_too_large_to_send_is_still_heard_from(caplog: 
 
     asyncio.run(owner_hears())
     assert heard[0] > 0
+
+
+@pytest.mark.parametrize(
+    ("ready", "exited", "silent", "serves"),
+    [
+        (True, False, 0.0, True),
+        (True, False, workers_module.SERVING_SILENCE, True),  # two reports late: a busy loop, still serving
+        (True, False, workers_module.SERVING_SILENCE + 0.01, False),  # stopped or stuck
+        (False, False, 0.0, False),  # its listeners are not bound yet
+        (True, True, 0.0, False),  # dead (or killed), being restarted
+    ],
+    ids=["heard from", "at the bound", "silent past it", "not ready", "exited"],
+)
+def test_a_worker_serves_while_ready_running_and_heard_from(
+    ready: bool, exited: bool, silent: float, serves: bool
+) -> None:
+    """A worker counts for the owner's /readyz only once ready, until it exits or goes silent."""
+    assert workers_module.worker_serves(ready=ready, exited=exited, silent=silent) is serves
+
+
+def test_the_silence_bound_is_several_reports_and_well_inside_the_watchdog() -> None:
+    """Not ready after a few missed reports (not one late one), and long before the watchdog kills."""
+    assert workers_module.SERVING_SILENCE >= 2 * workers_module.STATS_EVERY
+    assert workers_module.SERVING_SILENCE <= workers_module.UNRESPONSIVE_AFTER / 2
+
+
+def _fake_worker(*, ready: bool = True, returncode: int | None = None, heard_at: float = 0.0,
+                 killed: bool = False) -> Any:
+    from types import SimpleNamespace
+
+    process = SimpleNamespace(pid=1, returncode=returncode)
+    return workers_module._Worker(0, process, None, SimpleNamespace(done=lambda: ready),  # type: ignore[arg-type]
+                                  heard_at=heard_at, killed=killed)
+
+
+def _supervisor(checked_at: float, *fakes: Any) -> workers_module.WorkerSupervisor:
+    supervisor = workers_module.WorkerSupervisor.__new__(workers_module.WorkerSupervisor)
+    supervisor._workers = dict(enumerate(fakes))
+    supervisor._checked_at = checked_at
+    return supervisor
+
+
+def test_serving_workers_counts_the_ready_running_and_recently_heard() -> None:
+    """Of a silent, a dead, a killed, a starting and a heard-from worker, one serves; with all silent, none."""
+    now = 100.0
+    fresh = now - 1.0
+    stale = now - workers_module.SERVING_SILENCE - 1.0
+    supervisor = _supervisor(
+        now - 0.5,
+        _fake_worker(heard_at=stale),
+        _fake_worker(heard_at=fresh, returncode=-9),
+        _fake_worker(heard_at=fresh, killed=True),
+        _fake_worker(heard_at=fresh, ready=False),
+        _fake_worker(heard_at=fresh),
+    )
+    assert supervisor.serving_workers(now) == 1
+    assert _supervisor(now - 0.5, _fake_worker(heard_at=stale), _fake_worker(heard_at=stale)).serving_workers(now) == 0
+
+
+def test_an_owner_that_was_paused_does_not_blame_its_workers_for_its_own_silence() -> None:
+    """The owner's own look is overdue (it was stopped or blocked): its workers' unread messages are not
+    silence, so a ready, running worker serves, as its watchdog also spares it."""
+    now = 100.0
+    stale = now - workers_module.SERVING_SILENCE - 5.0
+    late = _supervisor(now - workers_module.OWNER_LATE - 0.1, _fake_worker(heard_at=stale),
+                       _fake_worker(heard_at=stale, returncode=1))
+    assert late.serving_workers(now) == 1

@@ -159,6 +159,10 @@ def test_status_table() -> None:
     assert any(line.startswith("* migrating") for line in lines)
     assert "discovery gateways: last_ok=1.0, last_error=None" in lines
     assert lines[-1] == "live tunnels: 12, role: single"
+    owner = {**document, "role": "owner", "workers": {"count": 2, "serving": 0}}
+    assert render_status(owner).splitlines()[-1] == "live tunnels: 12, role: owner, NO worker serving"
+    owner["workers"] = {"count": 2, "serving": 1}
+    assert render_status(owner).splitlines()[-1] == "live tunnels: 12, role: owner"
     with pytest.raises(CtlError):
         render_status(["not", "a", "status"])
 
