@@ -205,6 +205,17 @@ async def two_workers(lb: Balancer) -> list[int]:
     return found
 
 
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (`SigCgt` in /proc): a worker still starting has
+    SIGUSR1/2 ignored without a word (lb.startup_signals) until its event loop takes them over."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next((line.split()[1] for line in text.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(caught, 16) & (1 << (signum - 1)))
+
+
 def process_alive(pid: int) -> bool:
     """Running, and not a zombie waiting for its parent."""
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import UNIT, Balancer, Launcher, assert_echo, http_get, lb_config, recv_hello, visit, ws_connect
-from support_ops import OpsStack, process_alive, started_stack, two_workers, wait_until, worker_pids
+from support_ops import OpsStack, catches, process_alive, started_stack, two_workers, wait_until, worker_pids
 
 # A log event's line, as lb.log writes it: `TIME LEVEL PROCESS logger: message` (not a traceback's or a
 # child's stray output).
@@ -162,6 +162,10 @@ async def test_sigusr1_and_sigusr2_are_logged_not_fatal(ops: OpsStack) -> None:
     an outage: owner and workers log a WARNING each and keep serving; their default action kills."""
     lb = ops.balancer
     workers = await two_workers(lb)
+    # A worker just (re)started by an earlier test ignores them silently until it serves: wait for that.
+    await wait_until(
+        lambda: all(catches(pid, signal.SIGUSR2) for pid in workers), within=10 * UNIT, what="workers serving"
+    )
     before = lb.log_text().count("ignored: it has no meaning here")
     for pid in (owner_pid(ops), *workers):
         os.kill(pid, signal.SIGUSR1)
