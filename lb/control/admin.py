@@ -31,6 +31,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
@@ -151,6 +152,15 @@ def make_admin_app(balancer: Balancer) -> web.Application:
 
     add_console_routes(app)
     return app
+
+
+def key_values(request: web.Request) -> list[str]:
+    """The `key` parameter's values as the data plane reads a request's hash key (`lb.affinity.carriers`):
+    percent-escapes decoded to bytes, and bytes that are not UTF-8 kept as surrogate escapes, so that
+    `key=%E9` names the key a header's byte 0xE9 does.  yarl's `request.query` turns them into U+FFFD,
+    which no request hashes as: /route then named another backend than the one the client reached."""
+    pairs = parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True, errors="surrogateescape")
+    return [value for name, value in pairs if name == "key"]
 
 
 def refuse_parameters(request: web.Request, allowed: frozenset[str] = frozenset()) -> None:

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from lb.affinity.balancing import HASHED_METHODS, BadKey, admin_key
 from lb.affinity.decision import route_for_key
-from lb.control.admin import BALANCER, error_response
+from lb.control.admin import BALANCER, error_response, key_values
 
 MAX_KEY_CHARS = 4096
 _ONE_KEY = "expected exactly one non-empty key parameter"
@@ -39,7 +39,7 @@ async def pool_route(request: web.Request) -> web.Response:
     unknown = set(request.query) - {"key"}
     if unknown:
         return _error(400, "unknown query parameter")
-    keys = request.query.getall("key", [])
+    keys = key_values(request)
     if len(keys) != 1 or not keys[0]:
         return _error(400, _ONE_KEY)
     if len(keys[0]) > MAX_KEY_CHARS:

@@ -20,6 +20,7 @@ from aiohttp import web
 from conftest import (
     COOKIE,
     STEADY_HEALTH,
+    UNIT,
     Backend,
     Balancer,
     Launcher,
@@ -125,6 +126,39 @@ async def test_route_reads_a_key_as_the_client_sends_it(stacks: Stacks) -> None:
                               headers={USER_HEADER: user})
         assert await route(stacks.hash_a, "gateways", user) == (200, {"backend": reached.server_id}), user
         assert await route(stacks.hash_b, "gateways", user.strip()) == (200, {"backend": reached.server_id}), user
+
+
+async def _reached_with_raw_key(balancer: Balancer, key: bytes) -> str:
+    """The gateway a raw upgrade whose hash key header is `key` (any bytes) reaches: its hello's server_id."""
+    reader, writer = await asyncio.open_connection(*balancer.ws_url().split("/")[2].split(":"))
+    try:
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: lb\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            + USER_HEADER.encode() + b": " + key + b"\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        first, length = await asyncio.wait_for(reader.readexactly(2), 5 * UNIT)
+        assert first == 0x81, "a text frame: the gateway's hello"
+        if length == 126:
+            length = int.from_bytes(await reader.readexactly(2), "big")
+        hello = json.loads(await asyncio.wait_for(reader.readexactly(length), 5 * UNIT))
+        return str(hello["server_id"])
+    finally:
+        writer.close()
+
+
+async def test_route_reads_a_key_that_is_not_utf8_as_the_data_plane_does(stacks: Stacks) -> None:
+    """A header's bytes that are not UTF-8 (`caf\\xe9`, latin-1) and /route's `key=caf%E9` name one gateway:
+    yarl read the escape as U+FFFD, a key no request hashes as."""
+    keys = [b"caf\xe9", b"\xe9", b"\xff\xfe", b"J\xfcrgen", b"S\xf8ren", b"\xc0\x80", b"a\xe9b\xe8c", b"\xe9t\xe9"]
+    for key in keys:
+        reached = await _reached_with_raw_key(stacks.hash_a, key)
+        escaped = "".join(f"%{byte:02X}" for byte in key)
+        url = stacks.hash_b.admin_url(f"/pools/gateways/route?key={escaped}")
+        status, _, body = await http_get_async(url)
+        assert (status, json.loads(body)) == (200, {"backend": reached}), key
 
 
 async def test_hash_without_key_falls_back_and_still_pins(stacks: Stacks) -> None:

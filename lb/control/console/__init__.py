@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from lb.affinity.balancing import BadKey
-from lb.control.admin import BALANCER, authorized, error_response, refuse_parameters, status_document
+from lb.control.admin import BALANCER, authorized, error_response, key_values, refuse_parameters, status_document
 from lb.control.admin_route import MAX_KEY_CHARS
 from lb.control.lookup import lookup_token
 
@@ -99,7 +99,8 @@ async def lookup(request: web.Request) -> web.Response:
         return error_response(400, "pool: empty (leave the parameter out to search every pool)")
     if pool is not None and pool not in ctx.pools:
         return error_response(404, "unknown pool")
-    key = request.query.get("key")
+    keys = key_values(request)  # one at most (refuse_parameters)
+    key = keys[0] if keys else None
     if key == "":
         return error_response(400, "key: empty (leave the parameter out when the client has none)")
     if key is not None and len(key) > MAX_KEY_CHARS:
