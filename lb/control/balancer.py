@@ -124,6 +124,8 @@ class Balancer:
         """`config_text`: the text `config` was parsed from, which the owner of workers hands to them."""
         self.config_path = config_path
         self.role = role
+        # What only a restart changes (the process tree and its event loop), as this process started.
+        self._started_with = (config.workers, config.runtime.event_loop)
         self.ctx = ProxyContext.build(config, self.record_backend_failure)
         started = time.time()
         for pool in self.ctx.pools.values():
@@ -496,12 +498,25 @@ class Balancer:
         self.reloads["success"] += 1
         log.info("reloaded configuration from %s", self.config_path)
         self._advise()
+        for setting in self._restart_only_changes(config):
+            log.warning("%s: the reload applied everything else; this takes a restart", setting)
         if self._supervisor is not None:
-            if config.workers != self._supervisor.count:
-                log.warning("workers: %d needs a restart to take effect", config.workers)
             self._supervisor.reloaded(applied)
             self._supervisor.states_changed()
         return True
+
+    def _restart_only_changes(self, config: Config) -> list[str]:
+        """Settings of `config` that a reload cannot apply, each with what runs instead (a worker's
+        owner says so for the tree)."""
+        if self.role is Role.WORKER:
+            return []
+        workers, event_loop = self._started_with
+        changed = []
+        if config.workers != workers:
+            changed.append(f"workers: {config.workers} (running: {workers})")
+        if config.runtime.event_loop is not event_loop:
+            changed.append(f"runtime.event_loop: {config.runtime.event_loop.value} (running: {event_loop.value})")
+        return changed
 
     def _read_config(self, text: str | None) -> tuple[str, Config]:
         """The config to reload to, and its text (None: read from the file).  Runs in a thread."""

@@ -160,3 +160,23 @@ async def test_sighup_removing_a_backend_keeps_its_live_tunnel(launcher: Launche
         states = backend_states(await status(lb))
         assert states.get((POOL, gw2.id)) in (None, "removed"), states
     lb.assert_alive()
+
+
+async def test_a_reload_that_changes_restart_only_settings_says_so(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """`workers` and `runtime.event_loop` take a restart: a reload applies the rest and warns of each, with
+    what still runs, instead of a silent success that /status and the metrics then misdescribe."""
+    gw1, gw2, _ = gateways
+    lb, config = start_two(launcher, POOL, gw1, gw2)
+    changed = copy.deepcopy(config)
+    changed["workers"] = 2
+    running = config.get("runtime", {}).get("event_loop")
+    changed["runtime"] = {"event_loop": "asyncio" if running == "uvloop" else "uvloop"}
+    mark = lb.log_lines()
+    await reload_with(lb, changed)
+    await wait_for_log(lb, "workers: 2 (running: 1): the reload applied everything else; this takes a restart",
+                       after=mark)
+    await wait_for_log(lb, "runtime.event_loop: ", after=mark)
+    assert (await visit(lb.ws_url())).server_id in {gw1.id, gw2.id}
+    lb.assert_alive()
