@@ -22,7 +22,7 @@ from pathlib import Path
 from lb import __version__, startup_signals
 from lb.compiled import compiled_state, stale_message
 from lb.config.advice import advice
-from lb.config.load import load_config, read_config_text
+from lb.config.load import load_config, load_config_source
 from lb.errors import ConfigError
 
 EXIT_OK = 0
@@ -145,19 +145,20 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     config_path: Path = args.config
     try:
-        text = read_config_text(config_path)  # with workers: N, they run this text (lb.control.workers)
-        config = load_config(config_path, text=text)
+        # With workers: N, they run this source (the text and every ${file:PATH} as read now), never the
+        # files themselves (lb.control.workers).
+        config, source = load_config_source(config_path)
         if config.workers > 1:
             from lb.control.ipc import check_config_handover
 
-            check_config_handover(text)
+            check_config_handover(source)
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_USAGE
     # Imported here so that validate, keygen and certs never load the server stack.
     from lb.control.balancer import run
 
-    return run(config, config_path, text)
+    return run(config, config_path, source)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -167,15 +168,16 @@ def _worker(args: argparse.Namespace) -> int:
     # refusing would only lose the worker for good.
     from lb.control.workers import receive_config
 
-    # The owner's running config, never the file: that may have changed since the owner read it.
-    # --config still names the file, for relative paths and ${file:PATH} in the text.
+    # The owner's running config, never the files: they may have changed since the owner read them.
+    # The source carries the text and the content of each ${file:PATH} the owner used; --config still
+    # names the file, for relative paths in the text (TLS files, and the keys of that snapshot).
     try:
-        text = receive_config(args.control_fd)
+        source = receive_config(args.control_fd)
     except (OSError, EOFError, ValueError) as exc:
         print(f"lb worker: no configuration from the owner: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     try:
-        config = load_config(args.config, text=text)
+        config, _ = load_config_source(args.config, source=source)
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_USAGE

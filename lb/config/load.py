@@ -12,6 +12,12 @@ certificate), the way `nginx -t` does, so that `lb validate` catches a broken
 certificate before a deploy does; and `${file:PATH}` reads PATH (a key from a
 mounted Kubernetes Secret), so every load, SIGHUP included, sees the file as it
 is now and a rotated Secret takes effect without a restart.
+
+One load's inputs are a `ConfigSource`: the main file's text and the content of
+every `${file:PATH}` it substituted.  With `workers: N` the owner reads them
+(`load_config_source`) and hands that source to its workers, which parse it with
+no `${file:}` read of their own: a Secret rewritten between the owner's read and
+a worker's cannot leave one instance sealing cookies with two sets of keys.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import ssl
 import stat
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -108,14 +115,52 @@ LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 # --------------------------------------------------------------------------- entry points
 
 
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    """Everything one configuration was parsed from, as read at one moment: the main file's text and the
+    content of every `${file:PATH}` it substituted (absolute path → the text put in its place).
+
+    The owner of `workers: N` hands its workers this, not the file's name: given the same source, every
+    process reaches the same `Config`, whatever the files hold by the time it parses.  `${NAME}` needs no
+    snapshot: workers inherit the owner's environment.  `files` holds secrets: never log or show it.
+    """
+
+    text: str
+    files: Mapping[str, str] = dataclass_field(default_factory=dict, repr=False)  # secrets: out of every repr
+
+
+def load_config_source(
+    path: str | Path, environ: Mapping[str, str] | None = None, *, source: ConfigSource | None = None
+) -> tuple[Config, ConfigSource]:
+    """Like `load_config`, and also the `ConfigSource` the result was parsed from.
+
+    Args:
+        path: the YAML file; relative TLS paths and `${file:PATH}` inside it resolve against its directory.
+        environ: variables for `${NAME}`; `os.environ` when None.
+        source: None reads the file and every `${file:PATH}` it names, now (the owner, a single process).
+            Given (a worker: its owner's), exactly that is parsed: no `${file:PATH}` is read from disk, and
+            one missing from `source.files` is a problem.
+
+    Raises:
+        ConfigError: a file cannot be read, or the configuration is invalid; carries every problem.
+    """
+    path = Path(path)
+    text = read_config_text(path) if source is None else source.text
+    env = os.environ if environ is None else environ
+    config, files = _parse(text, base_dir=path.absolute().parent, environ=env,
+                           snapshot=None if source is None else source.files)
+    return config, ConfigSource(text, files)
+
+
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, text: str | None = None) -> Config:
     """Read, expand and validate the configuration file at `path`.
 
     Args:
         path: the YAML file; relative TLS paths and `${file:PATH}` inside it resolve against its directory.
         environ: variables for `${NAME}`; `os.environ` when None.
-        text: the file's content as read earlier (`read_config_text`): a worker of `workers: N` gets its
-            owner's, so that both run one configuration whatever the file holds by now.  None reads `path`.
+        text: the file's content as read earlier (`read_config_text`).  None reads `path`.  The
+            `${file:PATH}` it names are read now: to parse what another process read, use
+            `load_config_source` (a worker of `workers: N` does).
 
     Returns:
         The validated configuration.
@@ -204,7 +249,15 @@ def parse_config(
     Raises:
         ConfigError: one `Problem` per mistake found, all of them.
     """
-    check = _Checker(base_dir=base_dir, cpu_count=cpu_count)
+    return _parse(text, base_dir=base_dir, environ=environ, cpu_count=cpu_count)[0]
+
+
+def _parse(
+    text: str, *, base_dir: Path, environ: Mapping[str, str], cpu_count: int | None = None,
+    snapshot: Mapping[str, str] | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """`parse_config`, and the `${file:PATH}` contents it substituted; `snapshot`: take them from there, not disk."""
+    check = _Checker(base_dir=base_dir, cpu_count=cpu_count, snapshot=snapshot)
     tree = _parse_yaml(text, check)
     if not check.unreadable:  # a repeated key is a problem, but the rest is still checked
         tree = _expand(tree, "", environ, check, active=set())
@@ -212,7 +265,7 @@ def parse_config(
             raise ConfigError(check.problems)  # the one problem that matters; the rest is cut short
         config = _config(tree, check)
         if config is not None and not check.problems:
-            return config
+            return config, check.files_read
     # A builder only returns None after recording why, so problems is non-empty here.
     raise ConfigError(check.problems or [Problem("", "invalid configuration")])
 
@@ -250,9 +303,13 @@ class _Bad(Exception):
 class _Checker:
     """Collects problems during the one validation pass."""
 
-    def __init__(self, *, base_dir: Path, cpu_count: int | None = None) -> None:
+    def __init__(self, *, base_dir: Path, cpu_count: int | None = None,
+                 snapshot: Mapping[str, str] | None = None) -> None:
         self.base_dir = base_dir
         self.cpu_count = cpu_count
+        # `${file:PATH}`: None reads the disk; a mapping (the owner's `ConfigSource.files`) is read instead.
+        self.snapshot = snapshot
+        self.files_read: dict[str, str] = {}  # absolute path → what replaced the reference (a ConfigSource's files)
         self.problems: list[Problem] = []
         self.nodes = 0  # values the ${...} expansion has walked (MAX_CONFIG_NODES)
         self.too_deep = False  # the expansion met a value nested past MAX_CONFIG_DEPTH (said once)
@@ -506,7 +563,7 @@ def _expand_string(text: str, path: str, environ: Mapping[str, str], check: _Che
         if match[0] == "$${":
             return "${"
         if match["file"] is not None:
-            content, problem = _read_reference(match["file"], check.base_dir)
+            content, problem = _read_reference(match["file"], check)
             if problem is not None:
                 unreadable.append(problem)
             return content
@@ -532,9 +589,28 @@ def _expand_string(text: str, path: str, environ: Mapping[str, str], check: _Che
     return _REPORTED if unset or unreadable or malformed else _Expanded(result)
 
 
-def _read_reference(name: str, base_dir: Path) -> tuple[str, str | None]:
-    """The text of a `${file:PATH}` reference, or a problem naming the path (never its content)."""
-    path = Path(os.path.abspath(base_dir / Path(name.strip()).expanduser()))
+def _read_reference(name: str, check: _Checker) -> tuple[str, str | None]:
+    """The text of a `${file:PATH}` reference, or a problem naming the path (never its content).
+
+    From `check.snapshot` when there is one (a worker: what its owner read, so both substitute the same
+    bytes), else from the disk; either way recorded in `check.files_read`.
+    """
+    path = Path(os.path.abspath(check.base_dir / Path(name.strip()).expanduser()))
+    if str(path) in check.files_read:  # named twice: read once, so one load never sees two versions of it
+        return check.files_read[str(path)], None
+    if check.snapshot is not None:
+        snapshotted = check.snapshot.get(str(path))
+        if snapshotted is None:  # the same text names the same files: only a mismatched source gets here
+            return "", f"file {path} is not among the files the configuration was read with"
+        check.files_read[str(path)] = snapshotted
+        return snapshotted, None
+    content, problem = _read_reference_file(path)
+    if problem is None:
+        check.files_read[str(path)] = content
+    return content, problem
+
+
+def _read_reference_file(path: Path) -> tuple[str, str | None]:
     try:
         data = read_regular_file(path, MAX_FILE_REFERENCE_BYTES)
     except OSError as exc:

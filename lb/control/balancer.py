@@ -33,8 +33,8 @@ and holds each TLS handshake as a task of its own.  So is a plain listener on
 asyncio's own loop, whose accept spins after EMFILE (`_bind` says how).
 
 `run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `request_reload` (a
-worker reloads on its owner's word instead, from the text the owner applied,
-never the file), and picks the event loop
+worker reloads on its owner's word instead, from the `ConfigSource` the owner
+applied: its text and `${file:PATH}` contents, never the files), and picks the event loop
 (uvloop when installed and `runtime.event_loop` allows).
 """
 
@@ -61,7 +61,7 @@ from lb import startup_signals
 from lb.affinity.codec import TokenCodec
 from lb.compiled import compiled_state
 from lb.config.advice import advice
-from lb.config.load import load_config, read_config_text
+from lb.config.load import ConfigSource, load_config_source
 from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
 from lb.control.admin import AdminRunner, make_admin_app
 from lb.control.discovery import DiscoveryManager
@@ -119,9 +119,9 @@ class Role(StrEnum):
 class Balancer:
     def __init__(
         self, config: Config, config_path: Path | None = None, *, role: Role = Role.SINGLE, control_fd: int = -1,
-        share: tuple[int, int] = (0, 1), config_text: str | None = None,
+        share: tuple[int, int] = (0, 1), config_source: ConfigSource | None = None,
     ) -> None:
-        """`config_text`: the text `config` was parsed from, which the owner of workers hands to them."""
+        """`config_source`: what `config` was parsed from, which the owner of workers hands to them."""
         self.config_path = config_path
         self.role = role
         # What only a restart changes (the process tree and its event loop), as this process started.
@@ -165,9 +165,9 @@ class Balancer:
         self._supervisor: WorkerSupervisor | None = None
         self._control: ControlChannel | None = None
         if role is Role.OWNER:
-            if config_path is None or config_text is None:
-                raise ValueError("workers need the configuration file and its text")
-            self._supervisor = WorkerSupervisor(self, config.workers, config_path, config_text)
+            if config_path is None or config_source is None:
+                raise ValueError("workers need the configuration file and its source")
+            self._supervisor = WorkerSupervisor(self, config.workers, config_path, config_source)
         elif role is Role.WORKER:
             self._control = ControlChannel(self, control_fd)
         self._forget_departed_series()
@@ -458,12 +458,13 @@ class Balancer:
             for sentence in advice(self.config, crc32c_in_c=CRC32C_IN_C, descriptors=descriptor_limit()):
                 log.warning("%s", sentence)
 
-    async def reload(self, text: str | None = None) -> bool:
+    async def reload(self, source: ConfigSource | None = None) -> bool:
         """Apply a new config whole; keep the running config entirely if anything fails.
 
         Args:
-            text: None re-reads the config file (SIGHUP: the single process, the owner of workers);
-                a worker gets the text its owner has just applied, and never reads the file.
+            source: None re-reads the config file and its `${file:PATH}` files (SIGHUP: the single
+                process, the owner of workers); a worker gets the source its owner has just applied,
+                and reads none of those files.
         """
         if self.config_path is None:
             log.error("reload failed: no configuration file to read")
@@ -472,7 +473,7 @@ class Balancer:
         try:
             # In a thread: a large file takes seconds to parse and check, and the event loop keeps
             # relaying meanwhile (it shares the GIL with the parse, but is no longer frozen by it).
-            applied, config = await asyncio.to_thread(self._read_config, text)
+            applied, config = await asyncio.to_thread(self._read_config, source)
             if self._stopping is not None:
                 # SIGTERM came during the parse: nothing new is bound or sent to stopping workers.
                 log.warning("reload abandoned: shutting down")
@@ -518,12 +519,11 @@ class Balancer:
             changed.append(f"runtime.event_loop: {config.runtime.event_loop.value} (running: {event_loop.value})")
         return changed
 
-    def _read_config(self, text: str | None) -> tuple[str, Config]:
-        """The config to reload to, and its text (None: read from the file).  Runs in a thread."""
+    def _read_config(self, source: ConfigSource | None) -> tuple[ConfigSource, Config]:
+        """The config to reload to, and its source (None: read from the files now).  Runs in a thread."""
         assert self.config_path is not None
-        if text is None:
-            text = read_config_text(self.config_path)
-        return text, split_limits(load_config(self.config_path, text=text), *self._share)
+        config, applied = load_config_source(self.config_path, source=source)
+        return applied, split_limits(config, *self._share)
 
     async def apply(self, config: Config) -> None:
         """Swap in `config` without closing a live tunnel; raises BindError having changed nothing."""
@@ -923,9 +923,10 @@ def _probe_bind(listener: ListenerConfig) -> None:
 
 async def serve(
     config: Config, config_path: Path | None, role: Role, control_fd: int = -1, share: tuple[int, int] = (0, 1),
-    config_text: str | None = None,
+    config_source: ConfigSource | None = None,
 ) -> int:
-    balancer = Balancer(config, config_path, role=role, control_fd=control_fd, share=share, config_text=config_text)
+    balancer = Balancer(config, config_path, role=role, control_fd=control_fd, share=share,
+                        config_source=config_source)
     loop = asyncio.get_running_loop()
     # SIGTERM handlers before start(): one that arrives while we bind must stop us once we are up,
     # not be lost (as PID 1 in a container, a signal without a handler is dropped by the kernel).
@@ -985,16 +986,16 @@ def _loop_runner(choice: EventLoop) -> Callable[[Coroutine[Any, Any, int]], int]
     return asyncio.run
 
 
-def run(config: Config, config_path: Path | None = None, config_text: str | None = None) -> int:
+def run(config: Config, config_path: Path | None = None, config_source: ConfigSource | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code.
 
-    `config_text` is the text `config` was parsed from: with `workers: N` the workers run it.
+    `config_source` is what `config` was parsed from: with `workers: N` the workers run it.
     """
     role = Role.OWNER if config.workers > 1 else Role.SINGLE
     # With workers, every line names its process: `owner` here, `worker-N` in each worker.
     setup_logging(config.logging, process="owner" if role is Role.OWNER else None)
     raise_descriptor_limit()  # workers inherit it
-    return _loop_runner(config.runtime.event_loop)(serve(config, config_path, role, config_text=config_text))
+    return _loop_runner(config.runtime.event_loop)(serve(config, config_path, role, config_source=config_source))
 
 
 def run_worker(config: Config, config_path: Path, control_fd: int, index: int, count: int = 1,

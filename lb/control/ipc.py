@@ -10,9 +10,9 @@ stream or grow a buffer without bound (JSON lines could do both).
 The owner runs health checks and the admin API and holds the authoritative
 backend states; workers accept clients and relay.  Owner → worker:
 
-    {"op": "config", "text"}                         first, once: the text of the owner's running config
+    {"op": "config", "text", "files"}                first, once: the owner's running `ConfigSource`
     {"op": "states", "pools": {pool: {id: {"healthy", "admin", "migrating", "ramp_from", "reason"}}}}
-    {"op": "reload", "text"}                         apply this config text (the owner has just applied it)
+    {"op": "reload", "text", "files"}                apply this `ConfigSource` (the owner has just applied it)
     {"op": "close_tunnels", "pool", "backend", "rate"}   a drain migration's share of this worker
     {"op": "stop_migration", "pool", "backend"}      an operator acted again (enable, a new drain): stop
 
@@ -20,7 +20,7 @@ Worker → owner:
 
     {"op": "ready"}                                  its listeners are bound
     {"op": "failure", "pool", "backend", "detail"}   a backend failed a handshake (passive health)
-    {"op": "reload_failed"}                          it could not apply a reload (the owner logs it)
+    {"op": "reload_failed"}                          it could not apply a reload (the owner logs and counts it)
     {"op": "stats", ...}                             counters, every second, for /status and /metrics
     {"op": "alive"}                                  instead of a message too large to send (still heard from)
 
@@ -34,13 +34,16 @@ Limits (`split_limits`): `limits.max_connections`, each backend's
 N workers enforces its share; the shares add up to exactly the configured
 number, which therefore holds whatever N is.
 
-Only the owner reads the config file.  A worker parses the text its owner runs
-(at spawn, and with each reload), never the file: a file rewritten between the
-owner's read and a worker's, or since the owner's last reload, cannot make a
-worker run something else than what /status shows.  Relative paths and
-`${file:PATH}` in that text still resolve against the file's directory, and
-each process reads those files itself (a Secret rotated between two reads can
-differ until the next SIGHUP).
+Only the owner reads the config file and the `${file:PATH}` files it names.  A
+worker parses the `ConfigSource` its owner runs (at spawn, and with each
+reload): the text and the content the owner substituted for each `${file:PATH}`,
+never the files: a file rewritten between the owner's read and a worker's, or
+since the owner's last reload, cannot make a worker run something else than
+what /status shows (two workers sealing cookies with different keys lost every
+other client's affinity).  The files' contents are secrets: they travel only
+over the socketpair, and no message about them quotes them.  TLS certificate
+files are still read by each worker that serves them (an `ssl.SSLContext` loads
+from paths); a worker that then fails its reload says so (`reload_failed`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lb.config.load import ConfigSource
 from lb.config.model import Config
 from lb.errors import ConfigError, Problem
 from lb.state.context import ProxyContext, Stats
@@ -136,21 +140,43 @@ def _read_exactly(recv: Callable[[int], bytes], size: int) -> bytes:
     return b"".join(chunks)
 
 
-def config_message(op: Literal["config", "reload"], text: str) -> dict[str, Any]:
-    """The owner's config text for its workers: op "config" at a worker's start, "reload" after a reload."""
-    return {"op": op, "text": text}
+def config_message(op: Literal["config", "reload"], source: ConfigSource) -> dict[str, Any]:
+    """The owner's config for its workers: op "config" at a worker's start, "reload" after a reload.
+
+    The whole `ConfigSource`, `${file:PATH}` contents included: a worker parses exactly what the owner
+    parsed, and reads none of those files itself.
+    """
+    return {"op": op, "text": source.text, "files": dict(source.files)}
 
 
-def check_config_handover(text: str) -> None:
-    """Raise ConfigError if `text` cannot reach the workers in one control message.
+def config_source(message: dict[str, Any]) -> ConfigSource:
+    """The `ConfigSource` a "config" or "reload" message carries.
+
+    Raises:
+        ValueError: the text is not a string, or the files not an object of strings (the error names the
+            path, never a content: they are secrets).
+    """
+    text, files = message.get("text"), message.get("files", {})
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    if not isinstance(files, dict):
+        raise ValueError(f"files must be an object, got {type(files).__name__}")
+    for path, content in files.items():
+        if not isinstance(content, str):
+            raise ValueError(f"files[{path!r}] must be a string, got {type(content).__name__}")
+    return ConfigSource(text, files)
+
+
+def check_config_handover(source: ConfigSource) -> None:
+    """Raise ConfigError if `source` cannot reach the workers in one control message.
 
     The owner checks before it applies anything, at start and on reload, so it never runs a
     configuration its workers cannot get (both messages have the same size).  A YAML file within
     `MAX_CONFIG_BYTES` at most triples in JSON, which the limit holds: this is the backstop should
-    either limit change.
+    either limit change (or many `${file:PATH}` of up to 64 KiB each add up).
     """
     try:
-        encode(config_message("reload", text))
+        encode(config_message("reload", source))
     except MessageTooLarge as exc:
         raise ConfigError([Problem("", f"too large to hand to the workers: {exc}")]) from exc
 

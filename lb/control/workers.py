@@ -9,11 +9,15 @@ and migration shares; workers report passive health failures and counters.
 A worker that dies is restarted; its clients reconnect with their tokens, and
 every worker opens every token, so they reach the same backends.
 
-Only the owner reads the config file.  A worker's first message is the text of
-the owner's running config (`receive_config` reads it before the event loop
-starts), and a reload message carries the text the owner has just applied: a
-worker started at boot, restarted after a crash or told to reload runs what
-the owner runs, whatever the file holds by then.
+Only the owner reads the config file and the `${file:PATH}` files it names.  A
+worker's first message is the owner's running `ConfigSource` (the text and the
+content of every `${file:PATH}` it used; `receive_config` reads it before the
+event loop starts), and a reload message carries the source the owner has just
+applied: a worker started at boot, restarted after a crash or told to reload
+runs what the owner runs, whatever the files hold by then.  A worker that still
+fails a reload the owner applied (a TLS file it alone reads, a port it alone
+cannot bind) is an instance not running one configuration: the owner logs it
+naming the worker and counts it in `lb_config_reloads_total{result="failure"}`.
 
 A worker never outlives its owner: it stops when the control socket reaches
 EOF, and the kernel sends it SIGTERM if the owner dies however it dies
@@ -40,12 +44,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lb
+from lb.config.load import ConfigSource
 from lb.control.ipc import (
     LENGTH,
     MessageTooLarge,
     StatsAggregate,
     apply_states,
     config_message,
+    config_source,
     decode,
     encode,
     frame_length,
@@ -63,7 +69,7 @@ log = logging.getLogger(__name__)
 
 WORKER_READY = 15.0  # seconds a new worker may take to bind its listeners (its first DNS lookups included:
 # lb.control.discovery.FIRST_LOOKUPS_WAIT, 5 s at most)
-CONFIG_WAIT = WORKER_READY  # seconds a new worker waits for its owner's config text
+CONFIG_WAIT = WORKER_READY  # seconds a new worker waits for its owner's config
 RESTART_DELAY = 0.5  # seconds before a dead worker is replaced (no tight crash loop)
 MAX_RESTART_DELAY = 10.0  # a worker that keeps dying young waits twice as long each time, up to this
 STABLE_AFTER = 5.0  # a worker that lived this long resets the delay
@@ -194,11 +200,12 @@ def worker_serves(*, ready: bool, exited: bool, silent: float) -> bool:
 class WorkerSupervisor:
     """The owner's side: start, feed, watch and restart the workers."""
 
-    def __init__(self, balancer: Balancer, count: int, config_path: Path, config_text: str) -> None:
+    def __init__(self, balancer: Balancer, count: int, config_path: Path, config_source: ConfigSource) -> None:
         self._balancer = balancer
         self.count = count
         self._config_path = config_path  # workers resolve relative paths in the text against its directory
-        self._config_text = config_text  # what the owner runs, and every worker with it
+        # What the owner runs, and every worker with it: a restarted worker gets this, never the files.
+        self._config_source = config_source
         self._workers: dict[int, _Worker] = {}
         self._stats = StatsAggregate(balancer.series.holds)  # the owner's retention (lb.state.series)
         self._stopping = False
@@ -247,8 +254,10 @@ class WorkerSupervisor:
                          restart_delay=restart_delay, heard_at=loop.time())
         self._workers[index] = worker
         worker.tasks = (loop.create_task(self._read(worker, reader)), loop.create_task(self._watch(worker)))
-        # First, before any other message: the config the worker runs (`receive_config`).
-        self._send(worker, config_message("config", self._config_text))
+        # First, before any other message: the config the worker runs (`receive_config`), the owner's
+        # running source with the `${file:PATH}` contents it used, never re-read: a Secret rotated since
+        # the last SIGHUP must not give a restarted worker other keys than its siblings.
+        self._send(worker, config_message("config", self._config_source))
         self._send(worker, states_message(self._balancer.ctx.pools))
         log.info("worker %d started (pid %d)", index, process.pid)
 
@@ -273,7 +282,10 @@ class WorkerSupervisor:
         elif op == "alive":
             pass  # a report that could not be sent (too large): heard from, nothing else
         elif op == "reload_failed":
-            # The owner's reload succeeded, so this is local to the worker (a port it alone cannot bind).
+            # The owner's reload succeeded, so this is local to the worker (a port it alone cannot bind, a
+            # TLS file it alone reads).  The instance now runs two configurations until the next reload:
+            # counted as a failed reload, so that LbConfigReloadFailed fires, not as the owner's success.
+            self._balancer.reloads["failure"] += 1
             log.error("%s could not apply the reload and keeps its previous configuration", worker.name)
         elif op == "failure":
             self._balancer.record_backend_failure(str(message["pool"]), str(message["backend"]),
@@ -373,15 +385,15 @@ class WorkerSupervisor:
         worker.writer.write(frame)
 
     def broadcast(self, message: dict[str, Any]) -> None:
-        frame = _encode(message, self._too_large)  # once for every worker: a reload carries the whole config text
+        frame = _encode(message, self._too_large)  # once for every worker: a reload carries the whole config
         if frame is not None:
             for worker in self._workers.values():
                 self._write(worker, message["op"], frame)
 
-    def reloaded(self, text: str) -> None:
-        """The owner now runs the config `text`: running workers apply it, and new ones start with it."""
-        self._config_text = text
-        self.broadcast(config_message("reload", text))
+    def reloaded(self, source: ConfigSource) -> None:
+        """The owner now runs the config from `source`: running workers apply it, and new ones start with it."""
+        self._config_source = source
+        self.broadcast(config_message("reload", source))
 
     def states_changed(self) -> None:
         self.broadcast(states_message(self._balancer.ctx.pools))
@@ -445,8 +457,8 @@ class TooLargeReports:
             log.error("control message %r not sent: %s%s", op, exc, more)
 
 
-def receive_config(fd: int, timeout: float = CONFIG_WAIT) -> str:
-    """A new worker's first read: the owner's config text, from the control socket `fd`.
+def receive_config(fd: int, timeout: float = CONFIG_WAIT) -> ConfigSource:
+    """A new worker's first read: the owner's running `ConfigSource`, from the control socket `fd`.
 
     Blocking, before the event loop starts, and it reads that one frame and no byte more: the
     `ControlChannel` that later wraps the same descriptor reads on from the next message.  `fd`
@@ -455,7 +467,7 @@ def receive_config(fd: int, timeout: float = CONFIG_WAIT) -> str:
     Raises:
         TimeoutError: no whole frame within `timeout` seconds.
         OSError, EOFError: the socket failed, or the owner closed it first.
-        ValueError: the frame is too large, not a message, or not the config.
+        ValueError: the frame is too large, not a message, or not the config (text and files as strings).
     """
     deadline = time.monotonic() + timeout
     sock = socket.socket(fileno=fd)
@@ -475,10 +487,9 @@ def receive_config(fd: int, timeout: float = CONFIG_WAIT) -> str:
     finally:
         sock.setblocking(True)
         sock.detach()  # the descriptor is the ControlChannel's next
-    text = message.get("text")
-    if message["op"] != "config" or not isinstance(text, str):
+    if message["op"] != "config":
         raise ValueError(f"expected the owner's configuration first, got a {message['op']!r} message")
-    return text
+    return config_source(message)
 
 
 class ControlChannel:
@@ -533,10 +544,8 @@ class ControlChannel:
         if op == "states":
             apply_states(ctx.pools, message)
         elif op == "reload":
-            text = message["text"]
-            if not isinstance(text, str):
-                raise TypeError(f"text must be a string, got {type(text).__name__}")
-            if not await self._balancer.reload(text):
+            # The owner's source, `${file:PATH}` contents included: this worker reads none of those files.
+            if not await self._balancer.reload(config_source(message)):
                 self._send({"op": "reload_failed"})
         elif op == "close_tunnels":
             key = (str(message["pool"]), str(message["backend"]))

@@ -2,7 +2,9 @@
 
 A file rewritten between the owner's read on SIGHUP and the workers' reload, or since the owner last
 read it, must not make a worker run something else than the owner's /status shows: the workers parse the
-owner's text (handed over at their start and with every reload), never the file.
+owner's text (handed over at their start and with every reload), never the file.  The same holds for the
+files that text names (`${file:PATH}`, a mounted Secret holding the cookie keys): the owner hands over what
+it read, and a key rewritten meanwhile cannot leave the workers sealing cookies with different keys.
 
 Each test starts its own balancer over the module's gateways (they rewrite its config file); which worker
 served a handshake is read from its access log line (`worker-N lb.access: ... backend=ID`).
@@ -19,13 +21,25 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from conftest import UNIT, Balancer, Gateway, Launcher, backend_states, lb_config, status, visit
-from support_ops import backend_entry, rewrite_config, signal_balancer, two_workers, wait_until, worker_pids
+from conftest import UNIT, Balancer, Gateway, Launcher, backend_states, lb_config, new_key, status, visit
+from support_ops import (
+    admin_request,
+    backend_entry,
+    metric,
+    metrics_text,
+    rewrite_config,
+    signal_balancer,
+    token_of,
+    two_workers,
+    wait_until,
+    worker_pids,
+)
 
 POOL = "gateways"
 GATEWAYS = 3  # gw-1..3 for the whole module; see conftest `gateways`
 BROKEN = "listeners: [\n  - bind: 127.0.0.1:1\n  this is: [not yaml\n"
 _ACCESS = re.compile(r" (worker-\d+) lb\.access: event=request .*\bbackend=(\S+)")
+_AFFINITY = re.compile(r" (worker-\d+) lb\.access: event=request .*\baffinity=(\S+)")
 # Every line names its process before the logger: `owner`, or a worker's `worker-N`.
 _OWNER_RELOAD = re.compile(r" (INFO|ERROR) owner lb\.control\.balancer: (reloaded configuration|reload failed)")
 
@@ -179,3 +193,120 @@ async def test_a_removed_backend_counts_its_tunnels_down_to_none(launcher: Launc
             await metrics_text(lb), "lb_active_connections", pool=POOL, backend="gw-1") is None
 
     await wait_until(gone, what="gw-1 gone once its tunnels ended", within=10 * UNIT)
+
+
+# -- ${file:PATH}: the cookie keys from a file, one set of keys for the whole instance -------------------
+
+
+def write_key(path: Path, key: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(key + "\n")
+    tmp.replace(path)  # the kubelet swaps a Secret volume atomically too
+
+
+def key_file_balancer(launcher: Launcher, key_file: Path, *gateways: Gateway) -> Balancer:
+    config = lb_config(pools={POOL: gateways}, overrides={"workers": 2, "limits": {"handshake_rate_per_ip": 0}})
+    config["affinity"]["secret_keys"] = [f"${{file:{key_file}}}"]
+    lb = launcher.balancer(config)
+    lb.wait_states({(POOL, g.id): "up" for g in gateways})
+    return lb
+
+
+async def handshake_on(lb: Balancer, worker: str, *, cookie: str | None = None) -> tuple[str, str]:
+    """Visit (with `cookie`, if given) until worker `worker` serves it: the token it issued ("" if none) and
+    the `affinity=` it logged."""
+    for _ in range(60):
+        mark = lb.log_lines()
+        seen = await visit(lb.ws_url(), cookie=cookie)
+        logged = await wait_until(
+            lambda at=mark: [(m[1], m[2]) for line in lines_after(lb, at) if (m := _AFFINITY.search(line))],
+            what="the handshake's access line",
+        )
+        served_by, affinity = logged[-1]
+        if served_by == worker:
+            return (token_of(seen) if seen.cookie is not None else ""), affinity
+    raise AssertionError(f"{worker} served none of 60 handshakes:\n{lb.logs_tail()}")
+
+
+async def assert_one_set_of_keys(lb: Balancer) -> None:
+    """A cookie either worker issues is a hit on the other, and the owner's /lookup opens it."""
+    for issuer, other in (("worker-0", "worker-1"), ("worker-1", "worker-0")):
+        token, affinity = await handshake_on(lb, issuer)
+        assert token and affinity == "new", (issuer, affinity)
+        reissued, affinity = await handshake_on(lb, other, cookie=token)
+        assert affinity == "hit", f"a cookie {issuer} issued is {affinity!r} on {other}:\n{lb.logs_tail()}"
+        assert not reissued, f"{other} re-issued a cookie {issuer} had just sealed"
+        reply = await admin_request(lb, "GET", "/lookup", params={"token": token})
+        assert reply.status == 200 and reply.body.get("valid") is True, (issuer, reply.body)
+
+    async def none_unknown() -> bool:  # the workers' counters reach the owner every second
+        text = await metrics_text(lb)
+        return (metric(text, "lb_affinity_decisions_total", result="hit") or 0) >= 2 and not metric(
+            text, "lb_affinity_invalid_tokens_total", reason="unknown_key")
+
+    await wait_until(none_unknown, what="two hits and no unknown_key counted", within=5 * UNIT)
+
+
+async def test_a_key_file_rewritten_right_after_a_sighup_cannot_split_the_workers_keys(
+    launcher: Launcher, gateways: list[Gateway], tmp_path: Path
+) -> None:
+    """SIGHUP with a new valid key in the file; the file then holds an invalid key before one worker gets to
+    the reload (it is held with SIGSTOP until then, so this is deterministic): both workers run the key the
+    owner read, the reload is a success everywhere, and a cookie either worker seals opens on the other."""
+    gw1, gw2, _ = gateways
+    key_file = tmp_path / "cookie-key"
+    write_key(key_file, new_key())
+    lb = key_file_balancer(launcher, key_file, gw1, gw2)
+    held, prompt = await two_workers(lb)
+    held_name, prompt_name = f"worker-{worker_index(held)}", f"worker-{worker_index(prompt)}"
+    mark = lb.log_lines()
+
+    def reloaded(name: str) -> Any:
+        return lambda: next((line for line in lines_after(lb, mark)
+                             if f" {name} lb.control.balancer: reload" in line), None)
+
+    os.kill(held, signal.SIGSTOP)
+    try:
+        write_key(key_file, new_key())
+        signal_balancer(lb, signal.SIGHUP)
+        assert "reloaded configuration" in await wait_until(reloaded("owner"), what="the owner's reload")
+        assert "reloaded configuration" in await wait_until(reloaded(prompt_name), what=f"{prompt_name}'s reload")
+        write_key(key_file, "too-short-to-be-a-key")  # what the held worker would read, did it read the file
+    finally:
+        os.kill(held, signal.SIGCONT)
+    outcome = await wait_until(reloaded(held_name), what=f"{held_name}'s reload")
+    assert "reloaded configuration" in outcome, f"{held_name} read the file itself:\n{lb.logs_tail()}"
+    assert not [line for line in lines_after(lb, mark) if "could not apply the reload" in line]
+    text = await metrics_text(lb)
+    assert metric(text, "lb_config_reloads_total", result="success") == 1
+    assert metric(text, "lb_config_reloads_total", result="failure") == 0
+    await assert_one_set_of_keys(lb)
+    lb.assert_alive()
+
+
+async def test_a_restarted_worker_seals_with_the_owners_key_not_the_file_changed_since(
+    launcher: Launcher, gateways: list[Gateway], tmp_path: Path
+) -> None:
+    """The key file rotated without a SIGHUP, then a worker is SIGKILLed: its replacement seals and opens
+    with the owner's running key (the snapshot the owner read), like its sibling, not the file's new one."""
+    gw1, gw2, _ = gateways
+    key_file = tmp_path / "cookie-key"
+    write_key(key_file, new_key())
+    lb = key_file_balancer(launcher, key_file, gw1, gw2)
+    before = await two_workers(lb)
+    write_key(key_file, new_key())  # valid, and no SIGHUP: nothing may run it yet
+    victim = f"worker-{worker_index(before[0])}"
+    assert lb.proc is not None
+    owner = lb.proc.pid
+    mark = lb.log_lines()
+    os.kill(before[0], signal.SIGKILL)
+    await wait_until(
+        lambda: len(pids := worker_pids(owner)) == 2 and before[0] not in pids, within=10 * UNIT,
+        what="a replacement worker",
+    )
+    await wait_until(
+        lambda: any(f" {victim} " in line and "listening on" in line for line in lines_after(lb, mark)),
+        within=10 * UNIT, what=f"the replacement {victim} listening",
+    )
+    await assert_one_set_of_keys(lb)
+    lb.assert_alive()

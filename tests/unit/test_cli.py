@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lb.cli import main
+from lb.config.load import ConfigSource
 from lb.config.model import Config
 
 COOKIE_KEY = "c" * 43
@@ -154,11 +155,12 @@ def test_run_with_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 @pytest.mark.usefixtures("env")
 def test_run_hands_the_config_to_the_balancer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """run passes the loaded Config, its path and its text to lb.balancer.run and returns its exit code."""
-    calls: list[tuple[Config, Path, str]] = []
+    """run passes the loaded Config, its path and its source (the text) to lb.balancer.run and returns its exit
+    code."""
+    calls: list[tuple[Config, Path, ConfigSource]] = []
 
-    def fake_run(config: Config, config_path: Path, config_text: str) -> int:
-        calls.append((config, config_path, config_text))
+    def fake_run(config: Config, config_path: Path, config_source: ConfigSource) -> int:
+        calls.append((config, config_path, config_source))
         return 7
 
     fake = types.ModuleType("lb.control.balancer")
@@ -166,9 +168,9 @@ def test_run_hands_the_config_to_the_balancer(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setitem(sys.modules, "lb.control.balancer", fake)
     path = write_config(tmp_path)
     assert main(["run", "--config", str(path)]) == 7
-    ((config, config_path, config_text),) = calls
+    ((config, config_path, config_source),) = calls
     assert config_path == path and config.pools["gateways"].backends[1].port == 9002
-    assert config_text == path.read_text(encoding="utf-8")
+    assert config_source.text == path.read_text(encoding="utf-8")
 
 
 @pytest.mark.usefixtures("env")
@@ -176,7 +178,8 @@ def test_a_worker_runs_its_owners_config_text_not_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`lb worker` parses the text its owner sends first on the control socket, with relative
-    `${file:PATH}` against the config file's directory, and leaves the next message in the socket."""
+    `${file:PATH}` against the config file's directory taken from the owner's snapshot (the file on disk
+    now says something else), and leaves the next message in the socket."""
     import socket
 
     from lb.control.ipc import encode
@@ -191,7 +194,7 @@ def test_a_worker_runs_its_owners_config_text_not_the_file(
     fake.run_worker = fake_run_worker  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "lb.control.balancer", fake)
     path = write_config(tmp_path, backend_2="127.0.0.1:9002")  # the file as it is now
-    (tmp_path / "token").write_text("from-a-file\n", encoding="utf-8")
+    (tmp_path / "token").write_text("rewritten-since\n", encoding="utf-8")  # after the owner read it
     owners = CONFIG.replace("BACKEND_2", "127.0.0.1:9999").replace("${LB_ADMIN_TOKEN}", "${file:token}")
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
@@ -199,12 +202,13 @@ def test_a_worker_runs_its_owners_config_text_not_the_file(
     owner, worker = socket.socketpair()
     with owner, worker:
         following = encode({"op": "states", "pools": {}})
-        owner.sendall(encode({"op": "config", "text": owners}) + following)
+        snapshot = {str(tmp_path / "token"): "from-the-owner"}
+        owner.sendall(encode({"op": "config", "text": owners, "files": snapshot}) + following)
         argv = ["worker", "--config", str(path), "--control-fd", str(worker.fileno()), "--index", "0"]
         assert main(argv) == 7
         ((config, config_path, control_fd),) = calls
         assert config.pools["gateways"].backends[1].port == 9999, "the owner's text, not the file"
-        assert config.admin.token == "from-a-file"
+        assert config.admin.token == "from-the-owner", "the owner's snapshot, not the file"
         assert (config_path, control_fd) == (path, worker.fileno())
         worker.settimeout(5.0)
         assert worker.recv(len(following) + 1) == following

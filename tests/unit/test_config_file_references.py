@@ -117,3 +117,62 @@ def test_a_config_with_a_thousand_backends_is_not_mistaken_for_a_bomb(tmp_path: 
     text = config_with_key(KEY).replace('backends: [{id: a, address: "127.0.0.1:1"}]', f"backends: [{backends}]")
     config = parse_config(text, base_dir=tmp_path, environ={})
     assert len(next(iter(config.pools.values())).backends) == 1000
+
+
+# --------------------------------------------------------------------------- one source for every process
+
+
+KEY_2 = "n" * 43
+
+
+def test_a_source_carries_every_file_reference_as_read_and_parses_to_the_same_config(tmp_path: Path) -> None:
+    """The owner's load records what each `${file:PATH}` held; a worker parsing that source gets the same
+    Config even once the file says something else, or is gone: it reads none of them."""
+    from lb.config.load import load_config_source
+    from lb.control.metrics import config_hash
+
+    (tmp_path / "key").write_text(KEY + "\n", encoding="utf-8")
+    path = tmp_path / "lb.yaml"
+    path.write_text(config_with_key("${file:key}"), encoding="utf-8")
+    owners, source = load_config_source(path, {})
+    assert dict(source.files) == {str(tmp_path / "key"): KEY}
+    assert source.text == path.read_text(encoding="utf-8")
+
+    (tmp_path / "key").write_text("short\n", encoding="utf-8")  # invalid now: a worker reading it would fail
+    workers, again = load_config_source(path, {}, source=source)
+    assert workers.affinity.secret_keys == (KEY,) and config_hash(workers) == config_hash(owners)
+    assert again == source
+    (tmp_path / "key").unlink()
+    path.write_text("not: [the config\n", encoding="utf-8")  # nor the main file
+    assert load_config_source(path, {}, source=source)[0].affinity.secret_keys == (KEY,)
+
+
+def test_a_reference_missing_from_the_source_is_a_problem_not_a_read(tmp_path: Path) -> None:
+    """A worker never falls back to the disk: a source without the file (a mismatched one) fails its load."""
+    from lb.config.load import ConfigSource, load_config_source
+
+    (tmp_path / "key").write_text(KEY, encoding="utf-8")
+    path = tmp_path / "lb.yaml"
+    path.write_text(config_with_key("${file:key}"), encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config_source(path, {}, source=ConfigSource(path.read_text(encoding="utf-8"), {}))
+    assert "not among the files the configuration was read with" in str(info.value)
+    assert str(tmp_path / "key") in str(info.value) and KEY not in str(info.value)
+
+
+def test_a_file_named_twice_is_read_once_per_load(tmp_path: Path) -> None:
+    """Both places get the same content, and the source holds it once."""
+    from lb.config.load import load_config_source
+
+    (tmp_path / "key").write_text(KEY, encoding="utf-8")
+    path = tmp_path / "lb.yaml"
+    path.write_text(config_with_key('${file:key}", "${file:./key}'), encoding="utf-8")
+    config, source = load_config_source(path, {})
+    assert config.affinity.secret_keys == (KEY, KEY) and list(source.files) == [str(tmp_path / "key")]
+
+
+def test_a_source_never_shows_the_secrets_it_holds(tmp_path: Path) -> None:
+    """Its repr (a log line, a traceback's locals) names no file content."""
+    from lb.config.load import ConfigSource
+
+    assert KEY_2 not in repr(ConfigSource("text", {"/run/secrets/key": KEY_2}))

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lb.config.load import ConfigSource, load_config_source
 from lb.config.model import AffinityConfig, BackendConfig, Config, LimitsConfig, PoolConfig
 from lb.control import ipc
 from lb.control import workers as workers_module
@@ -149,7 +150,7 @@ def test_a_new_worker_reads_its_config_then_the_control_channel_reads_on() -> No
     with owner:
         fd = worker.detach()
         owner.sendall(CONFIG_FRAME + encode({"op": "states", "pools": {}}))
-        assert receive_config(fd, timeout=5.0) == decode(CONFIG_FRAME[4:])["text"]
+        assert receive_config(fd, timeout=5.0) == ConfigSource(decode(CONFIG_FRAME[4:])["text"])
         os.fstat(fd)  # still open
 
         async def rest() -> list[dict[str, Any]]:
@@ -187,10 +188,10 @@ def test_a_new_worker_without_its_config_fails_in_time(sent: bytes, error: type[
 def test_a_config_too_large_for_a_control_message_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """The frame is measured as sent, escapes included (each of these characters is 6 bytes of JSON)."""
     text = "\u00e9" * 1000
-    check_config_handover(text)
+    check_config_handover(ConfigSource(text))
     monkeypatch.setattr(ipc, "MAX_MESSAGE_BYTES", 5999)
     with pytest.raises(ConfigError, match="too large to hand to the workers"):
-        check_config_handover(text)
+        check_config_handover(ConfigSource(text))
 
 
 def test_a_yaml_config_within_its_size_limit_always_fits_a_control_message() -> None:
@@ -200,7 +201,7 @@ def test_a_yaml_config_within_its_size_limit_always_fits_a_control_message() -> 
 
     worst = "\u00a0" * (MAX_CONFIG_BYTES // 2)  # 2 bytes of UTF-8, 6 of JSON: the largest ratio
     assert len(worst.encode()) == MAX_CONFIG_BYTES
-    check_config_handover(worst)
+    check_config_handover(ConfigSource(worst))
 
 
 OWNER_YAML = """
@@ -221,7 +222,6 @@ def test_an_owner_reload_its_workers_cannot_get_fails_before_anything_is_applied
 ) -> None:
     """Too large to hand over: the owner's reload fails, is counted as a failure, and changes nothing (not
     even the text a restarted worker would get)."""
-    from lb.config.load import load_config
     from lb.control.balancer import Balancer, Role
 
     path = tmp_path / "lb.yaml"
@@ -229,7 +229,8 @@ def test_an_owner_reload_its_workers_cannot_get_fails_before_anything_is_applied
     path.write_text(running, encoding="utf-8")
 
     async def scenario() -> None:
-        balancer = Balancer(load_config(path), path, role=Role.OWNER, config_text=running)
+        config, source = load_config_source(path)
+        balancer = Balancer(config, path, role=Role.OWNER, config_source=source)
         grown = OWNER_YAML.replace("BACKENDS", "[{id: a, address: '127.0.0.1:9'}, {id: b, address: '127.0.0.1:10'}]")
         path.write_text(grown + "# " + "\u00e9" * 1000 + "\n", encoding="utf-8")
         monkeypatch.setattr(ipc, "MAX_MESSAGE_BYTES", 5000)
@@ -238,7 +239,7 @@ def test_an_owner_reload_its_workers_cannot_get_fails_before_anything_is_applied
         assert "reload failed, keeping the running configuration: too large to hand to the workers" in caplog.text
         assert balancer.reloads == {"failure": 1}
         assert list(balancer.ctx.pools["p"].backends) == ["a"]
-        assert balancer._supervisor is not None and balancer._supervisor._config_text == running
+        assert balancer._supervisor is not None and balancer._supervisor._config_source == ConfigSource(running)
 
     asyncio.run(scenario())
 
@@ -387,7 +388,7 @@ def test_the_owner_sums_a_burst_of_reports_once() -> None:
         series.update({name: list(pool.backends) for name, pool in ctx.pools.items()}, {})
         supervisor = WorkerSupervisor(
             SimpleNamespace(ctx=ctx, retired_backends=list, series=series), 3,  # type: ignore[arg-type]
-            config_path=mock.sentinel.path, config_text="",
+            config_path=mock.sentinel.path, config_source=ConfigSource(""),
         )
         with mock.patch.object(StatsAggregate, "apply_to", autospec=True, side_effect=StatsAggregate.apply_to) as sums:
             for pid in (100, 200, 300):
@@ -557,3 +558,54 @@ def test_an_owner_that_was_paused_does_not_blame_its_workers_for_its_own_silence
     late = _supervisor(now - workers_module.OWNER_LATE - 0.1, _fake_worker(heard_at=stale),
                        _fake_worker(heard_at=stale, returncode=1))
     assert late.serving_workers(now) == 1
+
+
+def test_a_config_message_carries_the_whole_source_and_back() -> None:
+    """Text and `${file:PATH}` contents travel together, as JSON, and come back equal."""
+    source = ConfigSource("affinity: {secret_keys: ['${file:/k}']}\n", {"/k": "s\u00e9cret \"quoted\""})
+    for op in ("config", "reload"):
+        message = decode(encode(ipc.config_message(op, source))[4:])  # type: ignore[arg-type]
+        assert message["op"] == op and ipc.config_source(message) == source
+
+
+@pytest.mark.parametrize(
+    "message",
+    [{"op": "reload", "text": 5}, {"op": "reload", "text": "", "files": []},
+     {"op": "reload", "text": "", "files": {"/k": 5}}],
+    ids=["text not a string", "files not an object", "a content not a string"],
+)
+def test_a_malformed_config_source_is_a_value_error(message: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        ipc.config_source(message)
+
+
+def test_a_config_too_large_with_its_files_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handover check measures the files too: a small text naming large Secrets can outgrow a frame."""
+    monkeypatch.setattr(ipc, "MAX_MESSAGE_BYTES", 5999)
+    check_config_handover(ConfigSource("x: 1\n"))
+    with pytest.raises(ConfigError, match="too large to hand to the workers"):
+        check_config_handover(ConfigSource("x: 1\n", {"/k": "k" * 6000}))
+
+
+def test_a_worker_that_fails_a_reload_the_owner_applied_is_a_counted_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The instance then runs two configurations: lb_config_reloads_total{result="failure"} goes up (what
+    LbConfigReloadFailed watches) and the log names the worker, not only the owner's success."""
+    from collections import Counter
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from lb.control.workers import WorkerSupervisor
+
+    async def scenario() -> None:
+        owner = SimpleNamespace(ctx=_ctx(), retired_backends=list, reloads=Counter({"success": 1}))
+        supervisor = WorkerSupervisor(owner, 2, config_path=mock.sentinel.path,  # type: ignore[arg-type]
+                                      config_source=ConfigSource(""))
+        worker = SimpleNamespace(name="worker 1 (pid 4242)")
+        with caplog.at_level(logging.ERROR, logger="lb.control.workers"):
+            supervisor._handle(worker, 4242, {"op": "reload_failed"})  # type: ignore[arg-type]
+        assert owner.reloads == {"success": 1, "failure": 1}
+        assert "worker 1 (pid 4242) could not apply the reload" in caplog.text
+
+    asyncio.run(scenario())
