@@ -36,6 +36,7 @@ from lb.control.workers import read_messages, receive_config
 from lb.errors import ConfigError
 from lb.state.context import ProxyContext
 from lb.state.pool import PoolState
+from lb.state.series import SeriesRetention
 
 
 def test_encode_is_length_prefixed_json() -> None:
@@ -380,7 +381,6 @@ def test_the_owner_sums_a_burst_of_reports_once() -> None:
     from unittest import mock
 
     from lb.control.workers import SUM_STATS_EVERY, WorkerSupervisor
-    from lb.state.series import SeriesRetention
 
     async def scenario() -> None:
         ctx = _ctx()
@@ -599,7 +599,9 @@ def test_a_worker_that_fails_a_reload_the_owner_applied_is_a_counted_failure(
     from lb.control.workers import WorkerSupervisor
 
     async def scenario() -> None:
-        owner = SimpleNamespace(ctx=_ctx(), retired_backends=list, reloads=Counter({"success": 1}))
+        owner = SimpleNamespace(
+            ctx=_ctx(), retired_backends=list, series=SeriesRetention(), reloads=Counter({"success": 1})
+        )
         supervisor = WorkerSupervisor(owner, 2, config_path=mock.sentinel.path,  # type: ignore[arg-type]
                                       config_source=ConfigSource(""))
         worker = SimpleNamespace(name="worker 1 (pid 4242)")
