@@ -202,13 +202,23 @@ class TimeoutsConfig:
     shutdown_grace: float = 10.0   # SIGTERM: live tunnels get 1001 spread over this window
     shutdown_delay: float = 0.0    # SIGTERM: keep serving this long with /readyz at 503 first
     idle: float = 0.0              # close tunnels silent this long; 0 = never (games idle)
-    response: float | None = None  # plain HTTP: the final answer once the request is out, and each quiet
-    #                                spell of its body (a refused upgrade's: backend_connect); None = backend_connect
+    response: float | None = None  # plain HTTP: the final answer once the request is out (None = backend_connect),
+    #                                and each quiet spell of an answer's body (None = ANSWER_BODY_SILENCE)
 
     @property
     def plain_answer(self) -> float:
         """How long a plain (not upgrade) request, sent whole, waits for its final answer."""
         return self.backend_connect if self.response is None else self.response
+
+    @property
+    def answer_body(self) -> float:
+        """How long an answer's body may go without a byte from the backend (HAProxy's `timeout server`)."""
+        return ANSWER_BODY_SILENCE if self.response is None else self.response
+
+
+# An answer body's quiet spell when `timeouts.response` is unset: nginx's proxy_read_timeout.  Not
+# backend_connect's 3 s, which cut server-sent events and long polls between their heartbeats.
+ANSWER_BODY_SILENCE = 60.0
 
 
 def over_limit_answered(limit: int) -> int:

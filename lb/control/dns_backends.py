@@ -176,10 +176,12 @@ def from_srv(
             if previous is None:
                 not_resolved.append(f"target {_short(target)!r}: address lookup failed ({cause}); "
                                     "not added until it resolves")
-            else:
-                backends[backend_id] = previous
+            elif 1 <= record.port <= 65535:
+                # The address as last known; the port and weight as this answer's record says.
+                held = BackendConfig(id=backend_id, host=previous.host, port=record.port, weight=weight)
+                backends[backend_id] = held
                 not_resolved.append(f"target {_short(target)!r}: address lookup failed ({cause}); "
-                                    f"kept {backend_id} at {previous.address}")
+                                    f"kept {backend_id} at {held.address}")
             continue
         address = pick_address(addresses.get(target, ()) or addresses.get(target + ".", ()))
         if address is None:

@@ -136,8 +136,10 @@ def watch_owner(owner_pid: int) -> None:
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    # The owner may have died before prctl took effect: then we were re-parented already.
+    # The owner may have died before prctl took effect: then we were re-parented already.  SIGTERM's
+    # default action first: lb.startup_signals holds it while we start, and an orphan must not bind.
     if owner_pid > 0 and os.getppid() != owner_pid:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 
 

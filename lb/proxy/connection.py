@@ -31,7 +31,7 @@ Why it is shaped this way (each is a smuggling or memory bug of the await chain 
   quiet spell of an upload: the client's time), `timeouts.backend_connect` for
   connect plus an upgrade's final answer, and for connect alone before a plain
   request, whose final answer then has `timeouts.response` (interim answers
-  extend neither), as has each quiet spell of the answer's body.  Whose time a
+  extend neither); each quiet spell of an answer's body has `timeouts.answer_body`.  Whose time a
   wait is follows backpressure: an upload the backend stopped reading is the
   backend's (`backend_blocked`), an answer not read because the client is full
   is the client's (`client_blocked`).
@@ -97,7 +97,7 @@ from lb.log import Throttle
 from lb.state.context import ProxyContext
 from lb.state.observations import ErrorKind
 from lb.state.pool import BackendStatus, PoolState
-from lb.ws.upgrade import check_upgrade, is_websocket_upgrade, switch_fault
+from lb.ws.upgrade import check_upgrade, is_websocket_upgrade, negotiation_fault, switch_fault
 
 log: Final = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
 # A backend that sets our cookie's name does it on every answer: one line a minute, with a count.
@@ -255,10 +255,12 @@ def token_digest(token: str) -> str:
 class _Failure(Exception):
     """A backend attempt that failed: why, and what kind of failure (lb_backend_errors_total{kind})."""
 
-    def __init__(self, cause: str, kind: ErrorKind = "bad_answer") -> None:
+    def __init__(self, cause: str, kind: ErrorKind = "bad_answer", *, this_client_only: bool = False) -> None:
         super().__init__(cause)
         self.cause = cause
         self.kind = kind
+        # Wrong for this client only (a 101 naming what it did not offer): its 502, no retry, no verdict.
+        self.this_client_only = this_client_only
 
     @property
     def timeout(self) -> bool:
@@ -480,9 +482,10 @@ class Connection:
             self._client_blocked_at = self._client_blocked_at or now
             return []
         self._client_blocked_at = None
-        if self.state in (WAITING, RELAY) and not self._body_left:
-            self._last_backend = now  # RELAY: the backend's quiet spell starts when it is read again
+        if self.state == WAITING and not self._body_left:
             return [SetTimer(now + self._answer_wait())]  # the backend's time again, whole
+        if self.state == RELAY and not self._body_left:
+            return [self._relay_timer(now)]  # its quiet spell starts when it is read again
         return []
 
     def backend_blocked(self, blocked: bool, now: float) -> list[Action]:
@@ -608,24 +611,20 @@ class Connection:
             return self._retry_or_fail(_Failure(cause, "timeout"), now)
         if state == RELAY:
             if self._client_blocked_at is not None:
-                # The backend is not read while the client is full: the client's time (a slow reader).
-                until = self._client_blocked_at + timeouts.handshake
-                if now < until:
-                    return [SetTimer(until)]
-                log.debug("closing %s: read nothing of its answer for %gs (request %s)",
-                          self._client_ip, timeouts.handshake, self._rid)
-                return self._release_backend() + self._close(abort=True)
-            until = self._last_backend + self._answer_wait()
+                # The backend is not read while the client is full: its silence says nothing.  A slow
+                # reader (a big download on a poor link) is not cut; client_blocked(False) re-arms.
+                return []
+            until = self._last_backend + timeouts.answer_body
             if now < until:
                 return [SetTimer(until)]  # bytes came since the timer was set: the wait counts from the last
-            # The head promised a body that stopped coming: the backend's fault, counted, but a slow
-            # endpoint, not a broken gateway (passive health does not hear of it).  Cut: the client
-            # cannot take the answer for complete.
+            # The head promised a body that stopped coming: counted as the backend's timeout, but a
+            # slow endpoint, not a broken gateway (passive health does not hear of it).  Cut: the
+            # client cannot take the answer for complete.
             decision, pool = self._decision, self._pool
             if decision is not None and pool is not None:
                 self._ctx.observations.count_backend_error(pool.name, decision.backend.id, "timeout")
             log.warning("backend %s sent nothing of its answer's body for %gs: closing %s (request %s)",
-                        self._decision_id(), self._answer_wait(), self._client_ip, self._rid)
+                        self._decision_id(), timeouts.answer_body, self._client_ip, self._rid)
             return self._release_backend() + self._close(abort=True)
         return []
 
@@ -891,6 +890,9 @@ class Connection:
                 fault = switch_fault(request, response)
                 if fault is not None:
                     raise _Failure(f"malformed answer: {fault}")
+                mismatch = negotiation_fault(request, response)
+                if mismatch is not None:
+                    raise _Failure(f"answer this client must fail: {mismatch}", this_client_only=True)
                 return actions + self._switch(response, now)
             return actions + self._answer(response, now)
 
@@ -956,11 +958,11 @@ class Connection:
 
     def _relay_timer(self, now: float) -> SetTimer:
         """While an answer is relayed: the upload's quiet-spell deadline while the body still comes, else
-        the backend's (`_answer_wait`: HAProxy's `timeout server`, nginx's `proxy_read_timeout`)."""
+        the backend's (`timeouts.answer_body`: HAProxy's `timeout server`, nginx's `proxy_read_timeout`)."""
         if self._body_left:
             return SetTimer(self._upload_deadline())
         self._last_backend = now
-        return SetTimer(now + self._answer_wait())
+        return SetTimer(now + self._config.timeouts.answer_body)
 
     def _relay(self, data: bytes, now: float) -> list[Action]:
         framer = self._response_framer
@@ -1030,6 +1032,10 @@ class Connection:
         # 502 also after a timeout: SPEC's "a backend that cannot be reached → 502", and the
         # log line (with the request id) says it was silence.
         last = BadGateway("no backend answered in time" if failure.timeout else "no backend could be reached")
+        if failure.this_client_only:
+            # Every gateway of the pool may answer so (one that requires a subprotocol this client
+            # did not offer): another would fail it alike, and the backend serves other clients.
+            return actions + self._refuse(BadGateway("backend named a subprotocol or extension not offered"), now)
         if late:
             # Not sent again elsewhere (the backend may be acting on it: a slow GET would run twice)
             # and not a failed health check (a few slow requests took every gateway of a pool down;

@@ -68,7 +68,8 @@ _b2a_base64: Final = binascii.b2a_base64
 
 
 def switch_fault(request: RequestHead, response: ResponseHead) -> str | None:
-    """What is wrong with a backend's 101 to the upgrade `request`, or None when the client will accept it.
+    """What is wrong with a backend's 101 to the upgrade `request` whatever the client offered, or None
+    (`negotiation_fault` checks the rest).
 
     The client checks the same (RFC 6455 §4.1): a gateway whose 101 it rejects is a broken
     gateway, and must be treated as one (502, another backend, passive health), not pinned to.
@@ -85,6 +86,19 @@ def switch_fault(request: RequestHead, response: ResponseHead) -> str | None:
         return "101 without Upgrade: websocket" if not upgrades else "101 with an Upgrade other than websocket"
     if head.get_all("connection") != _UPGRADE and not head.has_token("connection", "upgrade"):
         return "101 without Connection: Upgrade"
+    return None
+
+
+def negotiation_fault(request: RequestHead, response: ResponseHead) -> str | None:
+    """What of a backend's 101 the client that sent `request` must fail (RFC 6455 §4.1 steps 5-6): a
+    subprotocol or an extension it did not offer; None when there is none.
+
+    Unlike `switch_fault`, this depends on what the client offered: a gateway that always names
+    `graphql-ws` is right for clients that offer it.  So such a 101 is this client's 502 only, with
+    no health verdict: counted against the backend, a few clients offering nothing took every
+    gateway of a pool down.
+    """
+    head = response.head
     chosen = head.get_all("sec-websocket-protocol")
     if chosen and (len(chosen) != 1 or chosen[0].strip(" \t") not in _offered_protocols(request)):
         return "101 with a Sec-WebSocket-Protocol the client did not offer"

@@ -110,17 +110,22 @@ LAST_KNOWN = (BackendConfig("gw-0", "10.0.0.5", 9000), BackendConfig("gw-1", "10
 
 
 def test_from_srv_keeps_a_target_whose_lookup_failed_as_last_known() -> None:
-    """A target whose address lookup failed keeps its last known backend unchanged (same id, address,
-    port, weight): the diff shows no removal, so its cookie holders stay; the failure is reported."""
+    """A target whose address lookup failed keeps its last known address (same id): the diff shows no
+    removal, so its cookie holders stay; the failure is reported.  Its port and weight are this answer's
+    record's (an SRV record that moved the port is obeyed; only the address was not learnt)."""
     records = [SrvRecord(f"gw-0.{SERVICE}.", 9000), SrvRecord(f"gw-1.{SERVICE}.", 9001)]
     found = from_srv(records, {f"gw-0.{SERVICE}": ["10.0.0.5"]}, max_backends=10, failed=FAILED_GW1,
                      known=LAST_KNOWN)
-    assert found.backends == LAST_KNOWN
-    assert not diff(LAST_KNOWN, found.backends)
+    assert [(b.id, b.address) for b in found.backends] == [("gw-0", "10.0.0.5:9000"), ("gw-1", "10.0.0.6:9001")]
+    assert not diff(LAST_KNOWN, found.backends).removed
     assert found.skipped == ()
     assert found.failed == (
         f"target 'gw-1.{SERVICE}': address lookup failed (no answer within 2s); kept gw-1 at 10.0.0.6:9001",
     )
+    moved = [records[0], SrvRecord(f"gw-1.{SERVICE}.", 9002)]
+    found = from_srv(moved, {f"gw-0.{SERVICE}": ["10.0.0.5"]}, max_backends=10, failed=FAILED_GW1,
+                     known=LAST_KNOWN)
+    assert found.backends[1].address == "10.0.0.6:9002"
 
 
 def test_from_srv_adds_a_never_seen_target_only_once_it_resolves() -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lb.errors import BadHandshake, UnsupportedVersion
 from lb.http.head import RequestHead, ResponseHead, parse_request_head, parse_response_head
-from lb.ws.upgrade import check_upgrade, is_websocket_key, is_websocket_upgrade, switch_fault
+from lb.ws.upgrade import check_upgrade, is_websocket_key, is_websocket_upgrade, negotiation_fault, switch_fault
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3's sample nonce: 16 bytes
 
@@ -189,7 +189,8 @@ def switch(*extra: str, upgrade_value: str = "websocket") -> ResponseHead:
 ], ids=["plain", "upgrade-case", "protocol-picked", "protocol-second-line", "protocol-none", "deflate",
         "extension-none", "extensions-quoted-comma"])
 def test_a_101_the_client_accepts_has_no_fault(offered: tuple[str, ...], answer: ResponseHead) -> None:
-    assert switch_fault(upgrade(extra=offered), answer) is None
+    request = upgrade(extra=offered)
+    assert switch_fault(request, answer) is None and negotiation_fault(request, answer) is None
 
 
 @pytest.mark.parametrize(("offered", "answer", "fault"), [
@@ -211,5 +212,10 @@ def test_a_101_the_client_accepts_has_no_fault(offered: tuple[str, ...], answer:
         "protocol-empty", "extension-not-offered", "extension-other", "extension-only-inside-quotes",
         "extension-open-quote", "extension-no-name"])
 def test_a_101_the_client_must_fail_is_a_fault(offered: tuple[str, ...], answer: ResponseHead, fault: str) -> None:
-    found = switch_fault(upgrade(extra=offered), answer)
+    """Upgrade is the backend's fault whatever the client sent; a subprotocol or an extension depends on
+    what this client offered (`negotiation_fault`: no health verdict)."""
+    request = upgrade(extra=offered)
+    found = switch_fault(request, answer) if fault.startswith("Upgrade") else negotiation_fault(request, answer)
     assert found is not None and fault in found
+    if not fault.startswith("Upgrade"):
+        assert switch_fault(request, answer) is None
