@@ -65,6 +65,25 @@ def worker_index(pid: int) -> int:
     return int(args[args.index(b"--index") + 1])
 
 
+async def replace_worker(lb: Balancer, pid: int) -> tuple[str, int]:
+    """SIGKILL worker `pid` and wait until the owner's replacement for it is listening; returns the
+    replacement's name in the log and the log mark from before the kill."""
+    victim = f"worker-{worker_index(pid)}"
+    assert lb.proc is not None
+    owner = lb.proc.pid
+    mark = lb.log_lines()
+    os.kill(pid, signal.SIGKILL)
+    await wait_until(
+        lambda: len(pids := worker_pids(owner)) == 2 and pid not in pids, within=10 * UNIT,
+        what="a replacement worker",
+    )
+    await wait_until(
+        lambda: any(f" {victim} " in line and "listening on" in line for line in lines_after(lb, mark)),
+        within=10 * UNIT, what=f"the replacement {victim} listening",
+    )
+    return victim, mark
+
+
 async def test_a_file_rewritten_during_a_reload_cannot_split_the_owner_from_its_workers(
     launcher: Launcher, gateways: list[Gateway]
 ) -> None:
@@ -128,19 +147,7 @@ async def test_a_restarted_worker_runs_the_owners_config_not_the_file_changed_si
     elsewhere = copy.deepcopy(config)
     elsewhere["pools"][POOL]["backends"] = [backend_entry(gw3)]  # type: ignore[index]
     rewrite_config(lb, elsewhere)  # and no SIGHUP
-    victim = f"worker-{worker_index(before[0])}"
-    assert lb.proc is not None
-    owner = lb.proc.pid
-    mark = lb.log_lines()
-    os.kill(before[0], signal.SIGKILL)
-    await wait_until(
-        lambda: len(pids := worker_pids(owner)) == 2 and before[0] not in pids, within=10 * UNIT,
-        what="a replacement worker",
-    )
-    await wait_until(
-        lambda: any(f" {victim} " in line and "listening on" in line for line in lines_after(lb, mark)),
-        within=10 * UNIT, what=f"the replacement {victim} listening",
-    )
+    victim, mark = await replace_worker(lb, before[0])
     for _ in range(60):
         assert (await visit(lb.ws_url())).server_id != gw3.id, f"a worker ran the file:\n{lb.logs_tail()}"
         if sum(w == victim for w, _ in served(lb, mark)) >= 6:
@@ -295,18 +302,6 @@ async def test_a_restarted_worker_seals_with_the_owners_key_not_the_file_changed
     lb = key_file_balancer(launcher, key_file, gw1, gw2)
     before = await two_workers(lb)
     write_key(key_file, new_key())  # valid, and no SIGHUP: nothing may run it yet
-    victim = f"worker-{worker_index(before[0])}"
-    assert lb.proc is not None
-    owner = lb.proc.pid
-    mark = lb.log_lines()
-    os.kill(before[0], signal.SIGKILL)
-    await wait_until(
-        lambda: len(pids := worker_pids(owner)) == 2 and before[0] not in pids, within=10 * UNIT,
-        what="a replacement worker",
-    )
-    await wait_until(
-        lambda: any(f" {victim} " in line and "listening on" in line for line in lines_after(lb, mark)),
-        within=10 * UNIT, what=f"the replacement {victim} listening",
-    )
+    await replace_worker(lb, before[0])
     await assert_one_set_of_keys(lb)
     lb.assert_alive()
