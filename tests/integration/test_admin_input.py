@@ -151,6 +151,21 @@ async def test_oversized_body_is_refused_without_500(stack: Stack) -> None:
     assert code == 413
 
 
+def test_a_body_declared_too_large_is_413_at_once_not_408_later(stack: Stack) -> None:
+    """`Content-Length: 100000000000` and a few bytes: refused on what it declares, not after BODY_TIMEOUT."""
+    lb = stack.balancer
+    with socket.create_connection(("127.0.0.1", lb.admin_port), timeout=5 * UNIT) as conn:
+        conn.sendall(
+            f"POST {PATH.format(id=stack.dead[0].id)} HTTP/1.1\r\nHost: admin\r\n"
+            f"Authorization: Bearer {lb.token}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100000000000\r\n\r\n{}".encode()
+        )
+        started = time.monotonic()
+        answer = conn.recv(200)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert time.monotonic() - started < 1.0 * UNIT
+
+
 @pytest.mark.parametrize(
     ("method", "path", "expected"),
     [
