@@ -152,27 +152,20 @@ def load_config_source(
     return config, ConfigSource(text, files)
 
 
-def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, text: str | None = None) -> Config:
-    """Read, expand and validate the configuration file at `path`.
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate the configuration file at `path` and the `${file:PATH}` files it names, now.
 
     Args:
         path: the YAML file; relative TLS paths and `${file:PATH}` inside it resolve against its directory.
         environ: variables for `${NAME}`; `os.environ` when None.
-        text: the file's content as read earlier (`read_config_text`).  None reads `path`.  The
-            `${file:PATH}` it names are read now: to parse what another process read, use
-            `load_config_source` (a worker of `workers: N` does).
 
     Returns:
-        The validated configuration.
+        The validated configuration (`load_config_source` also returns what it was parsed from).
 
     Raises:
         ConfigError: the file cannot be read or is invalid; carries every problem.
     """
-    path = Path(path)
-    if text is None:
-        text = read_config_text(path)
-    env = os.environ if environ is None else environ
-    return parse_config(text, base_dir=path.absolute().parent, environ=env)
+    return load_config_source(path, environ)[0]
 
 
 def load_admin_config(

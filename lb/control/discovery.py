@@ -386,24 +386,21 @@ class Discoverer:
             self._apply(self.pool, self.known)
         return ttl
 
-    def _failed(self, message: str) -> None:
+    def _failed(self, message: str, *, kept_all: bool = True) -> None:
+        """A lookup error: counted, shown in /status, logged once per change of the message.  `kept_all`:
+        the whole last known set stays (False: the rest of the answer was applied, `_targets_failed`)."""
         status = self.status
         status.errors += 1
         if message != status.last_error:
-            log.warning("discovery for pool %s: %s; keeping the last known %d backend(s)",
-                        self.pool, message, len(self.known))
+            kept = f"; keeping the last known {len(self.known)} backend(s)" if kept_all else ""
+            log.warning("discovery for pool %s: %s%s", self.pool, message, kept)
         status.last_error, status.last_error_at = message, time.time()
 
     def _targets_failed(self, failed: tuple[str, ...]) -> None:
         """Some targets' address lookups failed (kept as last known, or not added yet): an error, with
-        the rest of the answer applied.  Logged like `_failed`, once per change of the message."""
+        the rest of the answer applied."""
         more = f"; and {len(failed) - 3} more target(s)" if len(failed) > 3 else ""
-        message = f"{self.config.dns}: {'; '.join(failed[:3])}{more}"
-        status = self.status
-        status.errors += 1
-        if message != status.last_error:
-            log.warning("discovery for pool %s: %s", self.pool, message)
-        status.last_error, status.last_error_at = message, time.time()
+        self._failed(f"{self.config.dns}: {'; '.join(failed[:3])}{more}", kept_all=False)
 
     def _report_skipped(self, discovered: Discovered) -> None:
         """Warn of records left out, once per change: the same answer every interval is not news
