@@ -79,7 +79,7 @@ def write_dev_certs(
 
 # RFC 1123 labels (letters, digits, inner hyphens, up to 63 each, 253 in all); a leading `*.`
 # for a wildcard certificate (RFC 6125 §6.4.3).  Stricter than the config's host names
-# (lb.config.load._HOSTNAME_RE admits `_`, as SRV names have it): a subjectAltName dNSName must
+# (lb.config.scalars.HOSTNAME_RE admits `_`, as SRV names have it): a subjectAltName dNSName must
 # be in the preferred name syntax (RFC 5280 §4.2.1.6), and clients refuse others.
 _DNS_NAME = re.compile(
     r"(?=.{1,253}\Z)(?:\*\.)?(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"

@@ -2,7 +2,7 @@
 
 Owns only the text → seconds conversion.  Whether a duration must be positive
 for a given key (an interval of 0 is meaningless, a shutdown grace of 0 is fine)
-is for `lb.config.load` to decide.
+is for `lb.config.sections` to decide.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Typed, frozen configuration objects: what `lb.config.load` builds and everything else reads.
 
 Durations are float seconds, sequences are tuples, choices are StrEnums.  No
-validation lives here; `lb.config.load` checks every value before building these.
+validation lives here; `lb.config.sections` checks every value before building these.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class ListenerConfig:
     # Each connection starts with a PROXY v1/v2 header from an L4 balancer (lb.http.proxy_header);
     # without a valid one it is closed without an answer.
     proxy_protocol: bool = False
-    # listen() queue; lb.config.load fills in max(net.core.somaxconn, 4096) when absent.  A
+    # listen() queue; lb.config.sections fills in max(net.core.somaxconn, 4096) when absent.  A
     # reconnect storm arrives as one burst of SYNs: each overflow costs the client a 1s retransmit.
     backlog: int = 4096
 

@@ -247,7 +247,7 @@ async def _lookup_addresses(
     config: DiscoveryConfig, resolver: ThreadedResolver, reserved_ids: frozenset[str]
 ) -> tuple[Discovered, float | None]:
     found, ttl = await _addresses_of(resolver, config.dns)
-    assert config.port is not None  # lb.config.load requires it for type a
+    assert config.port is not None  # lb.config.sections requires it for type a
     return from_addresses(found, port=config.port, max_backends=config.max_backends, reserved_ids=reserved_ids), ttl
 
 

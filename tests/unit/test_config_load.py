@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lb.config import load as load_module
+from lb.config import document
 from lb.config.load import load_config, parse_config
 from lb.config.model import (
     AdminConfig,
@@ -716,7 +716,7 @@ def test_what_the_two_readers_read_differently_is_read_as_pyyaml_reads_it(
         return []
 
     with_libyaml = problems()
-    monkeypatch.setattr(load_module, "_FAST_LOADER", None)
+    monkeypatch.setattr(document, "_FAST_LOADER", None)
     assert with_libyaml == problems()
 
 

@@ -12,8 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lb.cli import main
-from lb.config.load import MAX_FILE_REFERENCE_BYTES, _cgroup_cpu_quota, load_config, parse_config
+from lb.config.document import MAX_FILE_REFERENCE_BYTES
+from lb.config.load import load_config, parse_config
 from lb.config.model import BackendConfig, DiscoveryType
+from lb.config.sections import _cgroup_cpu_quota
 from lb.control.dns_backends import (
     SrvRecord,
     diff,

@@ -32,7 +32,7 @@ from lb.affinity.carriers import (
 )
 from lb.affinity.codec import NONCE_BYTES, Claim, TokenCodec, TokenTooLarge
 from lb.affinity.decision import decide, route_for_key
-from lb.config.load import default_backlog, parse_config
+from lb.config.load import parse_config
 from lb.config.model import (
     AffinityConfig,
     AffinityMode,
@@ -42,6 +42,7 @@ from lb.config.model import (
     HashKeySource,
     PoolConfig,
 )
+from lb.config.sections import default_backlog
 from lb.errors import ConfigError
 from lb.http.cookies import parse_set_cookie
 from lb.http.head import RequestHead, parse_request_head, parse_response_head

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from support_balancer import in_process_config
 
-from lb.config import load as load_module
+from lb.config import sections
 from lb.config.load import load_config
 from lb.control.balancer import Balancer
 from lb.devcerts import write_dev_certs
@@ -30,7 +30,7 @@ def test_a_certificate_unloadable_at_the_swap_keeps_the_old_one_and_completes_th
         await balancer.start()
         try:
             # load_config's check saw good files; by the swap the key has become garbage.
-            monkeypatch.setattr(load_module, "server_ssl_context", lambda tls: None)
+            monkeypatch.setattr(sections, "server_ssl_context", lambda tls: None)
             await asyncio.to_thread(certs.server_key.write_text, "not a key\n")
             with caplog.at_level(logging.ERROR, logger="lb.control.balancer"):
                 assert await balancer.reload()

@@ -1,0 +1,318 @@
+"""Configuration text → the tree it means: YAML read safely, then every `${...}` reference expanded.
+
+Owns the file format below its keys: YAML read by libyaml where that reads a text as PyYAML's own
+parser does, a key written twice, trees too large or too deep for a real file ("billion laughs"),
+and the references `${NAME}`, `${NAME:-default}`, `${file:PATH}` and `$${`.  `read_regular_file`
+never blocks (a reload reads on the event loop).  Which keys the tree may hold is `lb.config.sections`'.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+import yaml
+
+from lb.config.checker import REPORTED, Checker, Expanded, join_path, show
+
+# `${file:PATH}` holds a secret or a short value, never a document: a bigger file is a mistake.
+MAX_FILE_REFERENCE_BYTES: Final = 64 * 1024
+# Values (mappings, lists, scalars) in the expanded tree: a config with a thousand backends has a few thousand.
+MAX_CONFIG_NODES: Final = 100_000
+# Mappings and lists inside each other: a real configuration nests six deep.  The walks over the tree
+# recurse, and libyaml reads a thousand levels (PyYAML's own reader stopped at about five hundred).
+MAX_CONFIG_DEPTH: Final = 64
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `limit` bytes.
+
+    Reload reads the config on the event loop, so nothing here may block: the file is opened
+    with O_NONBLOCK (a FIFO nobody writes to would otherwise hang `open()` and the whole
+    balancer), then refused unless it is a regular file (symlinks to one, as Kubernetes mounts
+    Secrets, are fine).  Reading one byte past `limit` tells "too big" without reading it all.
+
+    Raises:
+        OSError: unreadable, not a regular file, or larger than `limit` (its strerror says which).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+    return data
+
+
+def parse_yaml(text: str, check: Checker) -> object:
+    found = len(check.problems)
+    try:
+        return _safe_load(text, check)
+    except yaml.MarkedYAMLError as exc:
+        del check.problems[found:]  # repeated keys seen before the error: said once, by the reading that counts
+        fault = exc
+        stood_in = _stand_in(text) if "${" in text and not _STOOD_IN_RE.search(text) else text
+        if stood_in != text:
+            # SPEC writes `secret_keys: [${LB_COOKIE_KEY}]`, which YAML alone refuses: inside [ ] and
+            # { } a brace ends a plain value.  Read again with each reference's characters standing
+            # in for themselves; the expansion puts them back.  Still broken: that reading's error is
+            # the one to name (one character for one, so its line and column are the file's); the
+            # first only points at the `${`, which that reading got past.
+            try:
+                tree = _safe_load(stood_in, check)
+            except yaml.MarkedYAMLError as later:
+                fault = later
+            except (yaml.YAMLError, ValueError, RecursionError):
+                pass
+            else:
+                check.stood_in = True
+                return tree
+            del check.problems[found:]  # that reading failed too: its repeated keys are not said either
+        check.add("", _yaml_message(fault, text))
+    except yaml.YAMLError as exc:
+        check.add("", f"invalid YAML: {exc}")
+    except (ValueError, RecursionError) as exc:
+        # safe_load builds dates itself: "2024-13-01" raises ValueError, not YAMLError.
+        check.add("", f"invalid YAML: {exc}")
+    check.unreadable = True
+    return None
+
+
+# libyaml's parser, where PyYAML was built with it (its wheels are): five times faster than PyYAML's
+# own (a 3 MB file in 1.8 s, not 9.4 s), and a reload of a large file spends that in its thread.
+# Its errors say less ("found character that cannot start any token", not which one; "did not find
+# expected ',' or '}'", not what came instead), so a file it refuses is read again by PyYAML's
+# parser, for the error this loader has always given.
+# And where the two readers read one text differently, PyYAML's reads it, as it always has: a tab
+# (libyaml takes one for a separator: `port: 8080<TAB>`), a BOM past the start (libyaml drops it),
+# a tag (an empty `!` is '' to libyaml, null to PyYAML), a block scalar's header running into a
+# comment (`|#`).  Cheap to look for; a file with any of them (a `!` in a comment) is only read slower.
+_FAST_LOADER: Final[type[yaml.CSafeLoader] | None] = getattr(yaml, "CSafeLoader", None)
+_READERS_DIFFER: Final = re.compile("[\t!]|[|>][-+0-9]*#|(?s:.)\ufeff")
+
+
+def _safe_load(text: str, check: Checker) -> object:
+    """`yaml.safe_load`, in its two steps, so that the node tree is at hand for `_duplicate_keys`."""
+    if _FAST_LOADER is not None and not _READERS_DIFFER.search(text):
+        found = len(check.problems)
+        try:
+            return _load_with(_FAST_LOADER, text, check)
+        except (yaml.YAMLError, ValueError, RecursionError):
+            del check.problems[found:]  # its repeated keys, if it got that far: the reading below says them
+    return _load_with(yaml.SafeLoader, text, check)
+
+
+def _load_with(loader_class: type[yaml.SafeLoader] | type[yaml.CSafeLoader], text: str, check: Checker) -> object:
+    loader = loader_class(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _duplicate_keys(node, check)  # first: constructing flattens `<<` merges into the nodes
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _duplicate_keys(root: yaml.Node, check: Checker) -> None:
+    """A key given twice in one mapping is a problem at its path.
+
+    YAML loaders keep the last value without a word, so a second `token:` or a second pool of the
+    same name would silently replace the first (yaml.v3, behind Traefik, refuses them too).  Keys
+    merged in with `<<` are meant to be overridden and are not counted.  Each node is walked once:
+    aliases share nodes, and a "billion laughs" file must not multiply the walk.
+    """
+    seen: set[int] = set()
+    pending: list[tuple[yaml.Node, str]] = [(root, "")]
+    found: list[tuple[int, str, str]] = []
+    while pending:
+        node, path = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first_lines: dict[tuple[str, str], int] = {}  # (tag, text) of each key → its line
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                    pending.append((value_node, path))
+                    continue
+                key_path = join_path(path, key_node.value)
+                line = key_node.start_mark.line + 1
+                key = (key_node.tag, key_node.value)
+                if key in first_lines:
+                    first = first_lines[key]
+                    where = f"twice on line {line}" if first == line else f"first on line {first}, again on line {line}"
+                    found.append((line, key_path, f"duplicate key: {where}"))
+                else:
+                    first_lines[key] = line
+                pending.append((value_node, key_path))
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+    for _, key_path, message in sorted(found):
+        check.add(key_path, message)
+
+
+def _yaml_message(exc: yaml.MarkedYAMLError, text: str) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    # The problem may quote a character of the stand-in reading (`_stand_in`): say the file's own.
+    what = _STOOD_IN_RE.sub(_stood_for, exc.problem or exc.context or "syntax error")
+    if mark is None:
+        return f"invalid YAML: {what}"
+    message = f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {what}"
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    if "${" in line and "{" in what:
+        # `[${KEY}]` is not YAML: braces are flow indicators inside [ ] and { }.
+        message += '; inside [ ] or { }, quote ${...} references, e.g. ["${LB_COOKIE_KEY}"]'
+    return message
+
+
+# `$${` is a literal `${` (as in docker compose); a `${` that matches no form is an error.
+# `${file:PATH}` is the file's content without its trailing newline (how Secrets are mounted).
+_REFERENCE_RE = re.compile(
+    r"\$\$\{|\$\{file:(?P<file>[^}]+)\}|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|\$\{"
+)
+
+
+# Plane 15's private-use characters, one for each character of a plain `${NAME}` reference, while
+# YAML reads a file that needs them (`parse_yaml`): none is a flow indicator or a space, and one
+# character for one keeps YAML's line and column numbers those of the file.  Only the plain form:
+# its characters mean the same to YAML in every context (no quote, escape, `: `, ` #` or line end
+# in a name), so standing in for them changes nothing else in the file.  `${NAME:-default}` and
+# `${file:PATH}` inside [ ] or { } still need quotes (the error says so).  A file that already holds
+# such characters is not read this way: they would be taken for stand-ins.
+_STAND_IN = 0xF0000
+_STOOD_IN_RE = re.compile("[\U000F0000-\U000FFFFD]+")
+_PLAIN_REFERENCE_RE = re.compile(r"(?<!\$)\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+
+
+def _stand_in(text: str) -> str:
+    return _PLAIN_REFERENCE_RE.sub(lambda match: "".join([chr(_STAND_IN + ord(char)) for char in match[0]]), text)
+
+
+def _stood_for(match: re.Match[str]) -> str:
+    return "".join([chr(ord(char) - _STAND_IN) for char in match[0]])
+
+
+def expand(node: object, path: str, environ: Mapping[str, str], check: Checker, active: set[int]) -> object:
+    """Expand `${NAME}` in every string value (not in keys) of the parsed tree."""
+    # YAML aliases can nest a few lines into billions of values ("billion laughs"): count what the
+    # walk visits, and stop at a number no real configuration comes near.
+    check.nodes += 1
+    if check.nodes > MAX_CONFIG_NODES:
+        if check.nodes == MAX_CONFIG_NODES + 1:
+            check.add(path, f"the configuration expands to more than {MAX_CONFIG_NODES} values, which no "
+                            "configuration needs (YAML aliases nested inside each other?)")
+        return REPORTED
+    if isinstance(node, str):
+        if check.stood_in:
+            node = _STOOD_IN_RE.sub(_stood_for, node)
+        return _expand_string(node, path, environ, check)
+    if not isinstance(node, dict | list):
+        return node
+    # YAML aliases can also build a list that contains itself; never walk in circles.
+    if id(node) in active:
+        check.add(path, "a YAML alias refers to one of its own parents")
+        return REPORTED
+    if len(active) >= MAX_CONFIG_DEPTH:  # `active` holds the mappings and lists this one is inside
+        if not check.too_deep:
+            check.too_deep = True
+            check.add(path, f"mappings and lists nested more than {MAX_CONFIG_DEPTH} deep, which no configuration "
+                            "needs (YAML aliases nested inside each other?)")
+        return REPORTED
+    active.add(id(node))
+    try:
+        if isinstance(node, dict):
+            if check.stood_in:  # keys are not expanded, but must read as written (in messages, say)
+                node = {_STOOD_IN_RE.sub(_stood_for, k) if isinstance(k, str) else k: v for k, v in node.items()}
+            return {k: expand(item, join_path(path, k), environ, check, active) for k, item in node.items()}
+        return [expand(item, f"{path}[{i}]", environ, check, active) for i, item in enumerate(node)]
+    finally:
+        active.discard(id(node))
+
+
+def _expand_string(text: str, path: str, environ: Mapping[str, str], check: Checker) -> object:
+    if "${" not in text:
+        return text
+    unset: list[str] = []
+    unreadable: list[str] = []
+    malformed = False
+
+    def substitute(match: re.Match[str]) -> str:
+        nonlocal malformed
+        if match[0] == "$${":
+            return "${"
+        if match["file"] is not None:
+            content, problem = _read_reference(match["file"], check)
+            if problem is not None:
+                unreadable.append(problem)
+            return content
+        name, default = match["name"], match["default"]
+        if name is None:
+            malformed = True
+            return match[0]
+        value = environ.get(name)
+        if default is not None and not value:  # shell semantics: unset or empty
+            return default
+        if value is None:
+            unset.append(name)
+            return ""
+        return value
+
+    result = _REFERENCE_RE.sub(substitute, text)
+    for name in unset:
+        check.add(path, f"environment variable {name} is not set")
+    for problem in unreadable:
+        check.add(path, problem)
+    if malformed:
+        check.add(path, f"expected ${{NAME}} or ${{NAME:-default}}, got {show(text)}")
+    return REPORTED if unset or unreadable or malformed else Expanded(result)
+
+
+def _read_reference(name: str, check: Checker) -> tuple[str, str | None]:
+    """The text of a `${file:PATH}` reference, or a problem naming the path (never its content).
+
+    From `check.snapshot` when there is one (a worker: what its owner read, so both substitute the same
+    bytes), else from the disk; either way recorded in `check.files_read`.
+    """
+    path = Path(os.path.abspath(check.base_dir / Path(name.strip()).expanduser()))
+    if str(path) in check.files_read:  # named twice: read once, so one load never sees two versions of it
+        return check.files_read[str(path)], None
+    if check.snapshot is not None:
+        snapshotted = check.snapshot.get(str(path))
+        if snapshotted is None:  # the same text names the same files: only a mismatched source gets here
+            return "", f"file {path} is not among the files the configuration was read with"
+        check.files_read[str(path)] = snapshotted
+        return snapshotted, None
+    content, problem = _read_reference_file(path)
+    if problem is None:
+        check.files_read[str(path)] = content
+    return content, problem
+
+
+def _read_reference_file(path: Path) -> tuple[str, str | None]:
+    try:
+        data = read_regular_file(path, MAX_FILE_REFERENCE_BYTES)
+    except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            return "", f"file {path} is larger than {MAX_FILE_REFERENCE_BYTES} bytes"
+        return "", f"cannot read file {path}: {exc.strerror or exc}"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "", f"file {path} is not UTF-8 text"
+    # `echo key > file` and `kubectl create secret --from-file` differ by one trailing newline.
+    return text.rstrip("\r\n"), None

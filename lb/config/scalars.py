@@ -1,0 +1,238 @@
+"""Parsers of one scalar value each: a raw YAML value (or a `${...}` string) in, a typed value out, or `Bad`.
+
+Strings and secrets, bounded integers and numbers, booleans, durations, choices and enums, host:port
+addresses, request paths, cookie and header names, ids and hash keys.  Pure: nothing is read.  Which
+key takes which parser is `lb.config.sections`' business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from enum import Enum
+from typing import TypeVar
+
+from lb.config.checker import Bad, Expanded, Parser, got, kind_of, show
+from lb.config.durations import parse_duration
+from lb.config.model import HashKey, HashKeySource, SecureMode
+
+T = TypeVar("T")
+E = TypeVar("E", bound=Enum)
+
+
+def string(value: object) -> str:
+    if not isinstance(value, str):
+        raise Bad(f"expected a string, got {kind_of(value)}")
+    if not value:
+        raise Bad("expected a non-empty string")
+    return str(value)  # a plain str, not Expanded
+
+
+def secret(value: object) -> str:
+    """Like string, but for tokens: the message never echoes the value, even a numeric one."""
+    if not isinstance(value, str):
+        raise Bad(f"expected a string, got {type(value).__name__}")
+    return string(value)
+
+
+def integer(low: int, high: int) -> Parser:
+    def parse(value: object) -> int:
+        if isinstance(value, Expanded) and value.isascii() and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Bad(f"expected an integer from {low} to {high}, got {got(value)}")
+        if not low <= value <= high:
+            raise Bad(f"expected an integer from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def number(low: float, high: float) -> Parser:
+    def parse(value: object) -> float:
+        if isinstance(value, Expanded):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise Bad(f"expected a number from {low:g} to {high:g}, got {got(value)}")
+        if not low <= value <= high:
+            raise Bad(f"expected a number from {low:g} to {high:g}, got {value:g}")
+        return float(value)
+
+    return parse
+
+
+def boolean(value: object) -> bool:
+    if isinstance(value, Expanded) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise Bad(f"expected true or false, got {show(value)}")
+    return value
+
+
+def duration(*, allow_zero: bool = False) -> Parser:
+    def parse(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise Bad(f"expected a duration like 500ms, 2s, 5m or 1h, got {kind_of(value)}")
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise Bad(str(exc)) from None
+        if seconds == 0 and not allow_zero:
+            raise Bad(f"expected a duration greater than 0, got {show(value)}")
+        return seconds
+
+    return parse
+
+
+def choice(options: Mapping[str, T]) -> Callable[[object], T]:
+    """Case-insensitive choice; `options` maps each accepted spelling to its value."""
+    by_lower = {name.lower(): value for name, value in options.items()}
+
+    def parse(value: object) -> T:
+        if isinstance(value, str) and value.lower() in by_lower:
+            return by_lower[value.lower()]
+        raise Bad(f"expected one of {', '.join(options)}, got {show(value)}")
+
+    return parse
+
+
+def enum_of(enum: type[E]) -> Callable[[object], E]:
+    return choice({str(member.value): member for member in enum})
+
+
+def secure_mode(value: object) -> SecureMode:
+    # YAML reads `secure: true` as a bool; it can only mean "always" (and false "never").
+    if isinstance(value, bool):
+        return SecureMode.ALWAYS if value else SecureMode.NEVER
+    return enum_of(SecureMode)(value)
+
+
+def prefixed_path(value: object) -> str:
+    text = string(value)
+    if not text.startswith("/"):
+        raise Bad(f"expected a path starting with '/', got {show(text)}")
+    return text
+
+
+# What lb.http.head accepts in a request-target (RFC 9112 §3.2: visible ASCII), less `#`: a fragment
+# is not sent on the wire.
+_REQUEST_PATH_RE = re.compile(r"/[\x21-\x22\x24-\x7e]*")
+
+
+def request_path(value: object) -> str:
+    """A path the health check sends as is: what a strict backend (and our own parser) reads."""
+    text = prefixed_path(value)
+    if not _REQUEST_PATH_RE.fullmatch(text):
+        raise Bad(
+            f"expected a request path of visible ASCII without '#' (percent-encode spaces and anything "
+            f"else), got {show(text)}"
+        )
+    return text
+
+
+# RFC 6265 §4.1.1: cookie-name is an RFC 2616 token (no CTLs, spaces or separators).
+_COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+# Ids, pool names and cookie/header names travel in every token, Set-Cookie, URL and metric label:
+# the affinity token carries a backend id in at most 255 bytes, and one cookie must stay far below
+# the 4096 bytes browsers keep (RFC 6265 §6.1).  64 characters leaves room for all of them.
+MAX_NAME_CHARS = 64
+
+
+def matching(pattern: re.Pattern[str], expected: str, *, max_chars: int = MAX_NAME_CHARS) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = string(value)
+        if len(text) > max_chars:
+            raise Bad(f"expected at most {max_chars} characters, got {len(text)}")
+        if not pattern.fullmatch(text):
+            raise Bad(f"expected {expected}, got {show(text)}")
+        return text
+
+    return parse
+
+
+cookie_name = matching(_COOKIE_NAME_RE, "a cookie name (letters, digits and !#$%&'*+-.^_`|~)")
+# Header names are RFC 9110 tokens too.
+header_name = matching(_COOKIE_NAME_RE, "a header name (letters, digits and !#$%&'*+-.^_`|~)")
+# Backend ids and pool names appear in URLs (/pools/{pool}/backends/{id}/drain) and metric labels.
+_ID_RE = re.compile(r"[A-Za-z0-9._:-]+")
+_id_chars = matching(_ID_RE, "letters, digits and . _ : - only")
+# The affinity token seals backend id and pool name (at most 255 bytes each); keeping both far
+# below that also keeps a cookie with one pin per pool well under browsers' 4096-byte limit.
+MAX_ID_CHARS = 64
+
+
+def identifier(value: object) -> str:
+    text = _id_chars(value)
+    if len(text) > MAX_ID_CHARS:
+        raise Bad(f"expected at most {MAX_ID_CHARS} characters, got {len(text)}")
+    return text
+
+
+def hash_key(value: object) -> HashKey:
+    """`header:X-User-Id`, `query:uid` or `cookie:NAME`."""
+    text = string(value)
+    source, colon, name = text.partition(":")
+    expected = "header:NAME, query:NAME or cookie:NAME"
+    if not colon or source not in HashKeySource.__members__.values():
+        raise Bad(f"expected {expected}, got {show(text)}")
+    if not _COOKIE_NAME_RE.fullmatch(name) or len(name) > 256:
+        raise Bad(f"expected {expected} with NAME a token (letters, digits and !#$%&'*+-.^_`|~), got {show(text)}")
+    return HashKey(source=HashKeySource(source), name=name)
+
+
+HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def address(*, min_port: int) -> Callable[[object], tuple[str, int]]:
+    """host:port with the host a name, an IPv4 literal, or an IPv6 literal in brackets."""
+
+    def parse(value: object) -> tuple[str, int]:
+        if not isinstance(value, str):
+            raise Bad(f"expected host:port, got {kind_of(value)}")
+        host, port = _split_host_port(value.strip())
+        if host is None or port is None:
+            hint = " (write IPv6 addresses as [::1]:8080)" if value.count(":") > 1 else ""
+            raise Bad(f"expected host:port{hint}, got {show(value)}")
+        if not min_port <= port <= 65535:
+            raise Bad(f"expected a port from {min_port} to 65535, got {port}")
+        return host, port
+
+    return parse
+
+
+def _split_host_port(text: str) -> tuple[str | None, int | None]:
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        valid_host = bool(sep) and is_ip(host, version=6)
+    else:
+        host, sep, port_text = text.rpartition(":")
+        valid_host = bool(sep) and _is_host(host)
+    port = int(port_text) if port_text.isascii() and port_text.isdigit() else None
+    return (host if valid_host else None), port
+
+
+def is_ip(text: str, *, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
+
+
+def _is_host(text: str) -> bool:
+    if re.fullmatch(r"[0-9.]+", text):  # all digits and dots: must be an IPv4 literal
+        return is_ip(text, version=4)
+    return len(text) <= 253 and HOSTNAME_RE.fullmatch(text) is not None
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,645 @@
+"""The configuration's keys, section by section: the expanded tree → `Config`, each problem at its key path.
+
+Owns which keys exist, their defaults, and the checks across keys and sections: a route naming a
+pool that does not exist, an admin bind that is also a listener's, a TLS pair that does not load
+(checked the way `nginx -t` does), `workers: auto`.  Scalars are parsed by `lb.config.scalars`,
+problems collected by `lb.config.checker`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import ssl
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from lb.config.checker import (
+    REPORTED,
+    Bad,
+    Checker,
+    Field,
+    Parser,
+    got,
+    join_path,
+    kind_of,
+    list_of,
+    mapping_of,
+    parse_fields,
+    scalar_mapping,
+    scalar_section,
+    show,
+    simple_section,
+    value_at,
+)
+from lb.config.model import (
+    AdminConfig,
+    AffinityConfig,
+    AffinityMode,
+    BackendConfig,
+    BalanceMethod,
+    Config,
+    DiscoveryConfig,
+    DiscoveryType,
+    EventLoop,
+    HealthCheckConfig,
+    HealthCheckType,
+    LimitsConfig,
+    ListenerConfig,
+    LogFormat,
+    LoggingConfig,
+    PoolConfig,
+    RouteConfig,
+    RuntimeConfig,
+    SameSite,
+    SecureMode,
+    TimeoutsConfig,
+    TlsConfig,
+)
+from lb.config.scalars import (
+    HOSTNAME_RE,
+    address,
+    boolean,
+    choice,
+    cookie_name,
+    duration,
+    enum_of,
+    hash_key,
+    header_name,
+    identifier,
+    integer,
+    is_ip,
+    is_loopback,
+    matching,
+    number,
+    prefixed_path,
+    request_path,
+    secret,
+    secure_mode,
+    string,
+)
+from lb.http.client_address import parse_network
+from lb.tls import server_ssl_context, tls_files_fault
+
+MIN_SECRET_KEY_CHARS: Final = 32
+MAX_WORKERS: Final = 64
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def default_backlog(somaxconn_path: str = "/proc/sys/net/core/somaxconn") -> int:
+    """max(net.core.somaxconn, 4096): the kernel caps listen() at somaxconn anyway."""
+    try:
+        with open(somaxconn_path, encoding="ascii") as file:
+            return max(int(file.read().strip()), 4096)
+    except (OSError, ValueError):
+        return 4096
+
+
+_TIMEOUT_FIELDS = (
+    Field("handshake", duration()),
+    Field("backend_connect", duration()),
+    Field("shutdown_grace", duration(allow_zero=True)),
+    Field("shutdown_delay", duration(allow_zero=True)),
+    Field("idle", duration(allow_zero=True)),
+    Field("response", duration()),
+)
+_LIMIT_FIELDS = (
+    Field("max_header_bytes", integer(1024, 1024 * 1024)),
+    Field("max_connections", integer(1, 10_000_000)),
+    Field("handshake_rate_per_ip", number(0, 1_000_000)),
+    Field("handshake_burst_per_ip", integer(1, 1_000_000)),
+)
+_LOGGING_FIELDS = (
+    Field("level", choice({level: level for level in LOG_LEVELS})),
+    Field("format", enum_of(LogFormat)),
+    Field("access_log", boolean),
+)
+_RUNTIME_FIELDS = (Field("event_loop", enum_of(EventLoop)),)
+_ADMIN_FIELDS = (Field("bind", address(min_port=0)), Field("token", secret))
+_AFFINITY_FIELDS = (
+    Field("mode", enum_of(AffinityMode)),
+    Field("cookie", cookie_name),
+    Field("max_age", duration()),
+    Field("same_site", enum_of(SameSite)),
+    Field("http_only", boolean),
+    Field("secure", secure_mode),
+    Field("header", header_name),
+    Field("query_param", identifier),
+    Field("redispatch_grace", duration(allow_zero=True)),
+)
+_LISTENER_FIELDS = (
+    Field("bind", address(min_port=0), required=True),
+    Field("proxy_protocol", boolean),
+    Field("backlog", integer(1, 1_000_000)),
+)
+_TLS_FIELDS = (Field("cert", string, required=True), Field("key", string, required=True))
+_ROUTE_FIELDS = (Field("path_prefix", prefixed_path, required=True), Field("pool", string, required=True))
+_POOL_FIELDS = (
+    Field("balance", enum_of(BalanceMethod)),
+    Field("slow_start", duration(allow_zero=True)),
+    Field("hash_key", hash_key),
+    Field("sticky", boolean),
+)
+_HEALTH_FIELDS = (
+    Field("type", enum_of(HealthCheckType)),
+    Field("path", request_path),
+    Field("interval", duration()),
+    Field("timeout", duration()),
+    Field("rise", integer(1, 1000)),
+    Field("fall", integer(1, 1000)),
+)
+_BACKEND_FIELDS = (
+    Field("id", identifier, required=True),
+    Field("address", address(min_port=1), required=True),
+    Field("weight", integer(1, 256)),
+    Field("max_connections", integer(1, 10_000_000)),
+)
+_TOP_KEYS = (
+    "listeners", "admin", "affinity", "routes", "pools", "timeouts", "limits", "logging", "runtime", "workers",
+    "trusted_proxies",
+)
+_DISCOVERY_FIELDS = (
+    Field("dns", matching(HOSTNAME_RE, "a DNS name"), required=True),
+    Field("type", enum_of(DiscoveryType)),
+    Field("port", integer(1, 65535)),
+    Field("interval", duration()),
+    Field("timeout", duration()),
+    Field("max_backends", integer(1, 10_000)),
+)
+
+
+def _workers(cpu_count: int | None) -> Parser:
+    """`workers: N`, or `auto`: one per CPU this process may run on (capped at MAX_WORKERS)."""
+    in_range = integer(1, MAX_WORKERS)
+
+    def parse(value: object) -> int:
+        if value == "auto":
+            cpus = cpu_count if cpu_count is not None else _usable_cpus()
+            return max(1, min(MAX_WORKERS, cpus))
+        try:
+            return int(in_range(value))
+        except Bad:
+            raise Bad(f"expected auto or an integer from 1 to {MAX_WORKERS}, got {got(value)}") from None
+
+    return parse
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota if one is set.
+
+    Not os.cpu_count(): a container pinned to 2 of 64 cores, or limited to 2 CPUs of quota
+    (Kubernetes `resources.limits.cpu: 2`), wants 2 workers, not 64.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(Path("/sys/fs/cgroup/cpu.max"))
+    return max(1, min(cpus, quota)) if quota is not None else cpus
+
+
+def _cgroup_cpu_quota(path: Path) -> int | None:
+    """CPUs allowed by a cgroup v2 `cpu.max` ("200000 100000" → 2, rounded up); None without a quota."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def root_of(tree: object, check: Checker) -> dict[Any, object] | None:
+    """The file's top level: a mapping of the known sections (each unknown key reported)."""
+    if tree is None:
+        check.add("", "the configuration is empty; expected listeners, affinity, routes and pools")
+        return None
+    return mapping_of(tree, "", check, _TOP_KEYS)
+
+
+def build_config(tree: object, check: Checker) -> Config | None:
+    root = root_of(tree, check)
+    if root is None:
+        return None
+    listeners = _listeners(value_at(root, "listeners", "", check, required=True), check)
+    admin = admin_section(root.get("admin"), check)
+    if admin is not None and listeners is not None:
+        _check_admin_bind(admin, listeners, check)
+    affinity = _affinity(value_at(root, "affinity", "", check, required=True), check)
+    # Routes are checked against the pool names present, even if a pool is otherwise invalid,
+    # so problems come out in the file's usual key order (routes before pools).
+    pools_value = root.get("pools")
+    pool_names = {str(name) for name in pools_value} if isinstance(pools_value, dict) else None
+    pool_names = pool_names or None  # no pools at all: that problem is reported under pools
+    routes = _routes(value_at(root, "routes", "", check, required=True), check, pool_names)
+    pools = _pools(value_at(root, "pools", "", check, required=True), check)
+    timeouts = simple_section(root, "timeouts", check, _TIMEOUT_FIELDS, TimeoutsConfig)
+    limits = simple_section(root, "limits", check, _LIMIT_FIELDS, LimitsConfig)
+    logging = simple_section(root, "logging", check, _LOGGING_FIELDS, LoggingConfig)
+    runtime = simple_section(root, "runtime", check, _RUNTIME_FIELDS, RuntimeConfig)
+    top = parse_fields(root, "", check, [Field("workers", _workers(check.cpu_count))])
+    trusted_proxies = _trusted_proxies(root.get("trusted_proxies"), check)
+    if (
+        top is None
+        or trusted_proxies is None
+        or
+        listeners is None
+        or admin is None
+        or affinity is None
+        or pools is None
+        or routes is None
+        or timeouts is None
+        or limits is None
+        or logging is None
+        or runtime is None
+    ):
+        return None
+    return Config(
+        listeners=listeners,
+        admin=admin,
+        affinity=affinity,
+        routes=routes,
+        pools=pools,
+        timeouts=timeouts,
+        limits=limits,
+        logging=logging,
+        runtime=runtime,
+        trusted_proxies=trusted_proxies,
+        workers_auto=root.get("workers") == "auto",
+        **top,
+    )
+
+
+def _listeners(value: object, check: Checker) -> tuple[ListenerConfig, ...] | None:
+    items = list_of(value, "listeners", check, what="listeners")
+    if items is None:
+        return None
+    listeners = [_listener(item, f"listeners[{i}]", check) for i, item in enumerate(items)]
+    # The first listener at each (port, bind key): one look-up per listener, whatever their number
+    # (a walk over the earlier ones made a 50,000-listener file a matter of minutes).
+    firsts: dict[tuple[int, _BindKey], int] = {}
+    for i, listener in enumerate(listeners):
+        # Port 0 (an ephemeral port, as tests use) can repeat; anything else would fail to bind,
+        # and so would an address beside its family's wildcard (127.0.0.1:8080 and 0.0.0.0:8080).
+        if listener is None or listener.port == 0:
+            continue
+        own, collides = _bind_keys(listener.host)
+        first = min((firsts[listener.port, key] for key in collides if (listener.port, key) in firsts), default=None)
+        for key in own:
+            firsts.setdefault((listener.port, key), i)
+        if first is None:
+            continue
+        earlier = listeners[first]
+        assert earlier is not None
+        if earlier.host.lower().strip("[]") == listener.host.lower().strip("[]"):
+            check.add(f"listeners[{i}].bind", f"duplicate bind {listener.bind} (first at listeners[{first}])")
+        else:
+            check.add(f"listeners[{i}].bind", f"{listener.bind} overlaps listeners[{first}] ({earlier.bind}): "
+                                              "both cannot listen")
+    return None if None in listeners else tuple(lis for lis in listeners if lis is not None)
+
+
+def _listener(value: object, path: str, check: Checker) -> ListenerConfig | None:
+    node = mapping_of(value, path, check, ("bind", "tls", "proxy_protocol", "backlog"))
+    if node is None:
+        return None
+    kwargs = parse_fields(node, path, check, _LISTENER_FIELDS)
+    tls: TlsConfig | None = None
+    tls_value = node.get("tls")
+    if tls_value is not None:
+        tls = _tls(tls_value, join_path(path, "tls"), check)
+        if tls is None:
+            return None
+    if kwargs is None:
+        return None
+    host, port = kwargs.pop("bind")
+    kwargs["backlog"] = kwargs.get("backlog") or default_backlog()
+    return ListenerConfig(host=host, port=port, tls=tls, **kwargs)
+
+
+def _trusted_proxies(
+    value: object, check: Checker
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
+    """`trusted_proxies`: a list (possibly empty) of CIDRs or addresses; absent or null is empty."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        check.add("trusted_proxies", f"expected a list of CIDRs such as [10.0.0.0/8], got {kind_of(value)}")
+        return None
+    networks = []
+    valid = True
+    for i, item in enumerate(value):
+        path = f"trusted_proxies[{i}]"
+        if not isinstance(item, str):
+            check.add(path, f"expected a CIDR such as 10.0.0.0/8, got {kind_of(item)}")
+            valid = False
+            continue
+        try:
+            networks.append(parse_network(item))
+        except ValueError as exc:
+            check.add(path, str(exc))
+            valid = False
+    return tuple(networks) if valid else None
+
+
+def _tls(value: object, path: str, check: Checker) -> TlsConfig | None:
+    node = mapping_of(value, path, check, ("cert", "key"))
+    if node is None:
+        return None
+    kwargs = parse_fields(node, path, check, _TLS_FIELDS)
+    if kwargs is None:
+        return None
+    files: dict[str, str] = {}
+    for key in ("cert", "key"):
+        # Relative to the config file, so `lb run --config deploy/lb.yaml` works from anywhere.
+        resolved = Path(os.path.abspath(check.base_dir / Path(kwargs[key]).expanduser()))
+        if resolved.is_file():
+            files[key] = str(resolved)
+        elif resolved.exists():
+            check.add(join_path(path, key), f"not a regular file: {resolved}")  # a directory, a device
+        else:
+            check.add(join_path(path, key), f"file not found: {resolved}")
+    if len(files) < 2:
+        return None
+    tls = TlsConfig(cert=files["cert"], key=files["key"])
+    try:
+        server_ssl_context(tls)
+    except (ssl.SSLError, OSError) as exc:
+        faults = tls_files_fault(tls, exc)
+        for which, why in faults:
+            check.add(join_path(path, which), why)
+        if not faults:
+            check.add(path, f"cannot load the certificate and key: {exc}")
+        return None
+    return tls
+
+
+def admin_section(value: object, check: Checker) -> AdminConfig | None:
+    if value is None:
+        return AdminConfig()
+    node = mapping_of(value, "admin", check, [f.key for f in _ADMIN_FIELDS])
+    if node is None:
+        return None
+    kwargs = parse_fields(node, "admin", check, _ADMIN_FIELDS)
+    if kwargs is None:
+        return None
+    if "bind" in kwargs:
+        kwargs["host"], kwargs["port"] = kwargs.pop("bind")
+    admin = AdminConfig(**kwargs)
+    # The admin API can drain and disable backends; off-host it must not be open to anyone.
+    if admin.token is None and not is_loopback(admin.host):
+        check.add("admin.token", "a token is required when admin listens on a non-loopback address")
+        return None
+    return admin
+
+
+def _check_admin_bind(admin: AdminConfig, listeners: Sequence[ListenerConfig], check: Checker) -> None:
+    """The admin API on a listener's address would fail to bind at start: said by `lb validate` instead."""
+    if admin.port == 0:
+        return
+    for i, listener in enumerate(listeners):
+        if listener.port == admin.port and _overlap(admin.host, listener.host):
+            check.add("admin.bind", f"{admin.bind} overlaps listeners[{i}] ({listener.bind}); the admin API needs "
+                                    "an address of its own")
+            return
+
+
+_WILDCARDS = {"0.0.0.0": 4, "::": 6}
+_BindKey = tuple[str, str | int]
+
+
+def _bind_keys(host: str) -> tuple[tuple[_BindKey, ...], tuple[_BindKey, ...]]:
+    """The keys a bind on `host` claims on its port, and those of other binds it collides with: the
+    host itself; an address also claims its family, which its family's wildcard collides with, and
+    the wildcard claims the family's wildcard, which its addresses collide with.  Tagged, so that a
+    host name can never equal a family's key.
+
+    `::` takes no IPv4 address: every socket here is IPV6_V6ONLY.  Names are compared as written
+    (resolving them is the start's business).
+    """
+    host = host.lower().strip("[]")
+    wildcard = _WILDCARDS.get(host)
+    if wildcard is not None:
+        return (("host", host), ("any", wildcard)), (("host", host), ("ip", wildcard))
+    for version in (4, 6):
+        if is_ip(host, version=version):
+            return (("host", host), ("ip", version)), (("host", host), ("any", version))
+    return (("host", host),), (("host", host),)
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Whether two binds on one port collide (`_bind_keys`, for a pair)."""
+    return not set(_bind_keys(one)[0]).isdisjoint(_bind_keys(other)[1])
+
+
+def _affinity(value: object, check: Checker) -> AffinityConfig | None:
+    node = mapping_of(value, "affinity", check, [*(f.key for f in _AFFINITY_FIELDS), "secret_keys"])
+    if node is None:
+        return None
+    kwargs = parse_fields(node, "affinity", check, _AFFINITY_FIELDS)
+    keys = _secret_keys(value_at(node, "secret_keys", "affinity", check, required=True), check)
+    if kwargs is None or keys is None:
+        return None
+    affinity = AffinityConfig(secret_keys=keys, **kwargs)
+    # RFC 6265bis §5.4.7: browsers drop SameSite=None cookies that lack Secure.
+    if affinity.same_site is SameSite.NONE and affinity.secure is SecureMode.NEVER:
+        check.add("affinity.same_site", "same_site None needs the Secure attribute, but secure is never")
+        return None
+    return affinity
+
+
+_SHORT_KEY = f"secret key must be at least {MIN_SECRET_KEY_CHARS} characters; generate one with `lb keygen`"
+
+
+def _secret_keys(value: object, check: Checker) -> tuple[str, ...] | None:
+    path = "affinity.secret_keys"
+    items = list_of(value, path, check, what="secret keys")
+    if items is None:
+        return None
+    keys: list[str] = []
+    for i, item in enumerate(items):
+        if item is REPORTED:
+            continue
+        if not isinstance(item, str):
+            check.add(f"{path}[{i}]", f"expected a string, got {type(item).__name__}")  # never echo a key
+        elif len(item) < MIN_SECRET_KEY_CHARS:
+            check.add(f"{path}[{i}]", _SHORT_KEY)
+        else:
+            keys.append(str(item))
+    return tuple(keys) if len(keys) == len(items) else None
+
+
+def _routes(value: object, check: Checker, pools: Collection[str] | None) -> tuple[RouteConfig, ...] | None:
+    items = list_of(value, "routes", check, what="routes")
+    if items is None:
+        return None
+    routes: list[RouteConfig | None] = []
+    first_at: dict[str, int] = {}
+    for i, item in enumerate(items):
+        route = _route(item, f"routes[{i}]", check, pools)
+        routes.append(route)
+        if route is None:
+            continue
+        first = first_at.setdefault(route.path_prefix, i)
+        if first != i:
+            check.add(
+                f"routes[{i}].path_prefix",
+                f"duplicate path_prefix {show(route.path_prefix)} (first at routes[{first}])",
+            )
+    return None if None in routes else tuple(r for r in routes if r is not None)
+
+
+def _route(value: object, path: str, check: Checker, pools: Collection[str] | None) -> RouteConfig | None:
+    kwargs = scalar_mapping(value, path, check, _ROUTE_FIELDS)
+    # When pools is not a non-empty mapping, an "unknown pool" here would only be noise.  Checked
+    # even when another field of the route is wrong: every problem at once.
+    pool = kwargs["pool"] if kwargs is not None else _unchecked_text(value, "pool", path, check)
+    if pools is not None and pool is not None and pool not in pools:
+        known = ", ".join(sorted(pools))
+        check.add(join_path(path, "pool"), f"unknown pool {show(pool)}; defined pools: {known}")
+        return None
+    return None if kwargs is None else RouteConfig(**kwargs)
+
+
+def _unchecked_text(value: object, key: str, path: str, check: Checker) -> str | None:
+    """The text at `key` of an entry whose other fields failed, when nothing was said of this one."""
+    text = value.get(key) if isinstance(value, dict) else None
+    if not isinstance(text, str) or any(problem.path == join_path(path, key) for problem in check.problems):
+        return None
+    return text
+
+
+def _pools(value: object, check: Checker) -> dict[str, PoolConfig] | None:
+    if value is REPORTED:
+        return None
+    if not isinstance(value, dict):
+        check.add("pools", f"expected a mapping of pool names to pools, got {kind_of(value)}")
+        return None
+    if not value:
+        check.add("pools", "expected at least one pool")
+        return None
+    pools: dict[str, PoolConfig] = {}
+    valid = True
+    for name, item in value.items():
+        path = join_path("pools", name)
+        try:
+            pool_name = identifier(name)
+        except Bad as exc:
+            check.add(path, f"invalid pool name: {exc}")
+            valid = False
+            continue
+        pool = _pool(pool_name, item, path, check)
+        if pool is None:
+            valid = False
+        else:
+            pools[pool_name] = pool
+    return pools if valid else None
+
+
+def _pool(name: str, value: object, path: str, check: Checker) -> PoolConfig | None:
+    node = mapping_of(value, path, check, (*(f.key for f in _POOL_FIELDS), "health_check", "backends", "discovery"))
+    if node is None:
+        return None
+    kwargs = parse_fields(node, path, check, _POOL_FIELDS)
+    health = _health_check(node.get("health_check"), join_path(path, "health_check"), check)
+    discovery: DiscoveryConfig | None = None
+    discovered = node.get("discovery") is not None
+    if discovered:  # a wrong discovery still lets the rest of the pool be checked: every problem at once
+        discovery = _discovery(node["discovery"], join_path(path, "discovery"), check)
+    # A pool needs backends from somewhere: a static list, DNS, or both.
+    backends_value = value_at(node, "backends", path, check, required=not discovered)
+    backends = () if backends_value is None else _backends(backends_value, join_path(path, "backends"), check)
+    if kwargs is not None:
+        balance = kwargs.get("balance")
+        if balance is BalanceMethod.HASH and kwargs.get("hash_key") is None:
+            check.add(
+                join_path(path, "hash_key"), "balance: hash needs a hash_key (header:NAME, query:NAME or cookie:NAME)"
+            )
+            kwargs = None
+        elif balance is not BalanceMethod.HASH and kwargs.get("hash_key") is not None:
+            check.add(join_path(path, "hash_key"), "only used with balance: hash")
+            kwargs = None
+        elif balance not in (BalanceMethod.SOURCE, BalanceMethod.HASH) and kwargs.get("sticky") is False:
+            check.add(join_path(path, "sticky"), "only used with balance: source or hash (other pools always pin)")
+            kwargs = None
+    if kwargs is None or health is None or backends is None or (discovered and discovery is None):
+        return None
+    return PoolConfig(name=name, backends=backends, health_check=health, discovery=discovery, **kwargs)
+
+
+def _discovery(value: object, path: str, check: Checker) -> DiscoveryConfig | None:
+    node = mapping_of(value, path, check, (*(f.key for f in _DISCOVERY_FIELDS), "nameservers"))
+    if node is None:
+        return None
+    kwargs = parse_fields(node, path, check, _DISCOVERY_FIELDS)
+    nameservers: list[tuple[str, int]] = []
+    valid = True
+    servers_value = node.get("nameservers")
+    if servers_value is not None:
+        servers_path = join_path(path, "nameservers")
+        if not isinstance(servers_value, list):
+            check.add(servers_path, f"expected a list of host:port, got {kind_of(servers_value)}")
+            valid = False
+        else:
+            parse = address(min_port=1)
+            for i, item in enumerate(servers_value):
+                try:
+                    host, port = parse(item)
+                except Bad as exc:
+                    check.add(f"{servers_path}[{i}]", str(exc))
+                    valid = False
+                    continue
+                # dnspython talks to nameservers by address only: a name would need a resolver first.
+                if not (is_ip(host, version=4) or is_ip(host, version=6)):
+                    check.add(f"{servers_path}[{i}]", f"expected an IP address, got {show(host)}")
+                    valid = False
+                    continue
+                nameservers.append((host, port))
+    if kwargs is not None and kwargs.get("type") is DiscoveryType.A and kwargs.get("port") is None:
+        check.add(join_path(path, "port"), "type a needs a port (A records carry none)")
+        return None
+    if kwargs is None or not valid:
+        return None
+    return DiscoveryConfig(nameservers=tuple(nameservers), **kwargs)
+
+
+def _health_check(value: object, path: str, check: Checker) -> HealthCheckConfig | None:
+    return scalar_section(value, path, check, _HEALTH_FIELDS, HealthCheckConfig)
+
+
+def _backends(value: object, path: str, check: Checker) -> tuple[BackendConfig, ...] | None:
+    items = list_of(value, path, check, what="backends")
+    if items is None:
+        return None
+    backends = [_backend(item, f"{path}[{i}]", check) for i, item in enumerate(items)]
+    first_id: dict[str, int] = {}
+    first_address: dict[tuple[str, int], int] = {}
+    for i, backend in enumerate(backends):
+        # A repeated id is said even when another field of the entry is wrong: every problem at once.
+        backend_id = backend.id if backend is not None else _unchecked_text(items[i], "id", f"{path}[{i}]", check)
+        if backend_id is not None:
+            first = first_id.setdefault(backend_id, i)
+            if first != i:
+                check.add(
+                    f"{path}[{i}].id", f"duplicate backend id {show(backend_id)} (first at {path}[{first}])"
+                )
+        if backend is None:
+            continue
+        first = first_address.setdefault((backend.host.lower(), backend.port), i)
+        if first != i:
+            check.add(
+                f"{path}[{i}].address",
+                f"duplicate backend address {backend.address} (first at {path}[{first}])",
+            )
+    if None in backends or len(first_id) < len(backends) or len(first_address) < len(backends):
+        return None
+    return tuple(b for b in backends if b is not None)
+
+
+def _backend(value: object, path: str, check: Checker) -> BackendConfig | None:
+    kwargs = scalar_mapping(value, path, check, _BACKEND_FIELDS)
+    if kwargs is None:
+        return None
+    kwargs["host"], kwargs["port"] = kwargs.pop("address")
+    return BackendConfig(**kwargs)
