@@ -78,7 +78,7 @@ from lb.http.routing import sort_routes
 from lb.log import setup_logging
 from lb.proxy.preamble import AcceptingServer, listening_sockets
 from lb.proxy.server import abort_in_flight, client_factory, install_accept_error_filter, stop_in_flight
-from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY
+from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY, idle_sweep_interval
 from lb.state.context import ProxyContext, configured_protected
 from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange
 from lb.state.ratelimit import RateLimiter
@@ -86,6 +86,9 @@ from lb.state.series import SeriesRetention, departed_kept
 from lb.tls import bound_asyncio_reads, server_ssl_context
 
 log = logging.getLogger(__name__)
+# The idle sweep's looks are `idle_sweep_interval` apart, which divides `idle` into whole parts; the sum
+# of those parts, in floating point, may fall short of `idle` by a rounding error and cost a whole look.
+_SLEEP_SLACK = 0.001
 
 # After the grace period, how long the last clients told 1001 may take to answer before TCP close.
 LAST_CLOSE_ANSWER = 0.25
@@ -382,19 +385,21 @@ class Balancer:
         return state_pool.backends[backend_id].state
 
     async def _sweep_idle_tunnels(self) -> None:
-        """Close tunnels that moved no byte for `timeouts.idle` (off when 0)."""
+        """Close tunnels that moved no byte for `timeouts.idle` (off when 0; `idle_sweep_interval` says
+        how late).  A reload that changes `idle` starts this again (`_swap`): its sleep is the old one's."""
+        idle = self.config.timeouts.idle
+        if idle <= 0:
+            return
+        interval = idle_sweep_interval(idle)
         while True:
-            idle = self.config.timeouts.idle
-            await asyncio.sleep(idle / 2 if idle > 0 else 1.0)
-            if idle <= 0:
-                continue
+            await asyncio.sleep(interval)
             now = time.monotonic()
             for tunnel in list(self.ctx.tunnels):
                 moved = tunnel.bytes_in + tunnel.bytes_out
                 seen, since = tunnel.idle_mark
                 if moved != seen:
                     tunnel.idle_mark = (moved, now)
-                elif now - since >= idle:
+                elif now - since >= idle - _SLEEP_SLACK:
                     tunnel.close_gracefully(GOING_AWAY, "idle timeout", cause="idle")
 
     async def _each_second(self) -> None:
@@ -619,7 +624,11 @@ class Balancer:
         ctx.routes = sort_routes(config.routes)
         ctx.protected = configured_protected(config)
         ctx.rate_limiter = rate_limiter
+        idle_before = ctx.config.timeouts.idle
         ctx.config = config
+        if self._sweeper is not None and config.timeouts.idle != idle_before:
+            self._sweeper.cancel()
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
         self._forget_departed_series()
         if self.role is Role.OWNER:
             return

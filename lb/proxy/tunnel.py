@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Final
 
@@ -51,6 +52,19 @@ SERVICE_RESTART: Final = 1012  # IANA close code registry: the service is restar
 GOING_AWAY: Final = 1001  # RFC 6455 §7.4.1: the server is going down
 OP_CLOSE: Final = 0x8  # RFC 6455 §5.5.1
 
+
+
+def idle_sweep_interval(idle: float) -> float:
+    """Seconds between two looks for tunnels silent for `timeouts.idle` (`idle` > 0).
+
+    A look notices bytes moved since the one before, not when, so a tunnel is closed between `idle`
+    and `idle` plus this interval after its last byte.  The interval divides `idle` into at least
+    two equal parts, each at most max(1 s, idle / 10): within 10 % of a long idle timeout (HAProxy's
+    `timeout tunnel` is exact; a timer per tunnel, re-armed on every read, would cost the relay), and
+    at most one look a second, each a pass over every tunnel, for short ones.
+    """
+    target = max(1.0, idle / 10)
+    return idle / max(2, math.ceil(idle / target))
 
 class TunnelEnd(asyncio.BufferedProtocol):
     """One side of a tunnel: reads from its own transport, writes into `peer`."""
@@ -132,13 +146,15 @@ class TunnelEnd(asyncio.BufferedProtocol):
 class WebSocketServerEnd(TunnelEnd):
     """The backend side of a WebSocket tunnel: follows frame boundaries so a close can be injected."""
 
-    __slots__ = ("deadline", "frames", "pending_close", "silenced")
+    __slots__ = ("backend_closed_first", "deadline", "frames", "pending_close", "silenced")
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
         super().__init__(tunnel, peer)
         self.frames = FrameBoundaries()
         self.pending_close: tuple[int, bytes] | None = None  # (code, frame): our close, waiting for a boundary
         self.silenced = False  # our close frame went out: nothing more may follow it
+        # A close of ours was asked for after the backend's own close frame had begun: none is sent.
+        self.backend_closed_first = False
         self.deadline: asyncio.TimerHandle | None = None
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -189,8 +205,15 @@ class WebSocketServerEnd(TunnelEnd):
         tunnel.close()
 
     def inject_close(self, code: int, reason: str) -> None:
-        """Send the client a close frame at the next frame boundary of the backend's stream."""
-        if self.silenced or self.pending_close is not None:
+        """Send the client a close frame at the next frame boundary of the backend's stream.
+
+        None if the backend has sent its own (or is sending it): nothing may follow that frame (RFC 6455
+        §5.5.1), and the close handshake it began is left to finish, within CLOSE_LINGER.
+        """
+        if self.silenced or self.pending_close is not None or self.backend_closed_first:
+            return
+        if self.frames.last_opcode == OP_CLOSE:
+            self._let_backend_close()
             return
         self.pending_close = (code, close_frame(code, reason))
         if self.frames.at_boundary:
@@ -199,6 +222,17 @@ class WebSocketServerEnd(TunnelEnd):
             if self.deadline is not None:
                 self.deadline.cancel()  # a half-close's linger: this close's own deadlines take over
             self.deadline = asyncio.get_running_loop().call_later(CLOSE_DEADLINE, self._overdue)
+
+    def _let_backend_close(self) -> None:
+        """The backend began the close handshake before ours could go: ours is not sent (the rest of the
+        backend's frame still is), the client's answer ends the tunnel, and one that does not answer
+        is cut after CLOSE_LINGER."""
+        self.pending_close = None
+        self.backend_closed_first = True
+        self.tunnel.cause = None  # the backend ended it, not the balancer: no balancer close is counted
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.deadline = asyncio.get_running_loop().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)
 
     def linger(self) -> None:
         """The client has said its last: the backend has CLOSE_LINGER to finish, unless a close of
@@ -213,6 +247,9 @@ class WebSocketServerEnd(TunnelEnd):
 
     def _send_close(self) -> None:
         assert self.pending_close is not None
+        if self.frames.last_opcode == OP_CLOSE:  # the frame our close waited for was the backend's close
+            self._let_backend_close()
+            return
         if self.deadline is not None:
             self.deadline.cancel()
         code, frame = self.pending_close
@@ -345,9 +382,9 @@ class Tunnel:
 
     @property
     def closing(self) -> bool:
-        """A close frame was sent or is waiting for a frame boundary."""
+        """A close frame was sent or is waiting for a frame boundary (or the backend's took its place)."""
         end = self.server_end
-        return end.silenced or end.pending_close is not None
+        return end.silenced or end.pending_close is not None or end.backend_closed_first
 
     def close_gracefully(self, code: int, reason: str, *, cause: str | None = None) -> None:
         """End the tunnel with a close frame to the client (e.g. 1001, 1012), at a frame boundary.

@@ -40,6 +40,7 @@ MAX_SECONDS = 30.0
 STALL = 0.3  # a send blocked this long means the peer stopped taking bytes
 LAST_WORDS = b"\x81\x0alast words"
 PARTIAL = b"\x82\x64" + b"y" * 10  # a frame announcing 100 bytes, cut after 10
+BACKEND_CLOSE = b"\x88\x08\x03\xe8normal"  # close 1000 "normal", unmasked (server to client)
 
 
 def _accept_value(key: str) -> str:
@@ -100,11 +101,15 @@ class ScriptedBackend:
             elif path.startswith("/die"):
                 conn.sendall(LAST_WORDS)
                 time.sleep(0.2)
+            elif path.startswith("/close-first"):  # begins the close handshake, then waits for the answer
+                conn.sendall(BACKEND_CLOSE)
+                self._hold(conn, closed=True)
             else:
                 self._hold(conn)
 
-    def _hold(self, conn: socket.socket) -> None:
-        """Say nothing; answer a close frame with a close frame; end when the peer does."""
+    def _hold(self, conn: socket.socket, *, closed: bool = False) -> None:
+        """Say nothing; answer a close frame with a close frame (unless `closed`: ours went first); end
+        when the peer does."""
         conn.settimeout(0.2)
         deadline = time.monotonic() + MAX_SECONDS
         with contextlib.suppress(OSError):
@@ -115,7 +120,7 @@ class ScriptedBackend:
                     continue
                 if not data:
                     return
-                if data[0] & 0x0F == 0x8:
+                if data[0] & 0x0F == 0x8 and not closed:
                     conn.sendall(b"\x88\x02\x03\xe9")  # close 1001 back (RFC 6455 §5.5.1)
 
     def _flood(self, conn: socket.socket) -> None:

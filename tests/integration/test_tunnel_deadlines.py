@@ -41,9 +41,10 @@ from conftest import (
     ws_connect,
     ws_key,
 )
-from support_ops import admin_post, launched, metric, metrics_text, wait_close, wait_until
+from support_ops import admin_post, launched, metric, metrics_text, reload_with, wait_close, wait_until
 from support_raw import rss_kib
 from support_scripted import (
+    BACKEND_CLOSE,
     LAST_WORDS,
     PARTIAL,
     ScriptedBackend,
@@ -141,6 +142,43 @@ async def test_a_quiet_reading_client_gets_1001_on_idle(launcher: Launcher, scri
         return await metric_value(lb, "lb_tunnel_closes_total", cause="idle", ended_with="close_frame") == 1
 
     await wait_until(counted, what='lb_tunnel_closes_total{cause="idle",ended_with="close_frame"} == 1')
+
+
+async def test_a_reload_that_shortens_idle_applies_to_a_silent_tunnel_at_once(
+    launcher: Launcher, scripted: ScriptedBackend
+) -> None:
+    """`idle: 1h`, then a reload to 1 s: the silent tunnel gets its 1001 about a second later, not when
+    the sweep that the old value put to sleep for half an hour wakes up."""
+    lb = start(launcher, scripted, idle="1h")
+    async with aiohttp.ClientSession() as session:
+        assert lb.port is not None
+        async with session.ws_connect(f"ws://{HOST}:{lb.port}/quiet") as ws:
+            config = {**lb.config, "timeouts": {**lb.config["timeouts"], "idle": f"{int(IDLE * 1000)}ms"}}
+            await reload_with(lb, config)
+            closed = await wait_close(ws, 1.5 * IDLE + 5 * UNIT)
+            assert closed.code == 1001, closed
+
+
+async def test_after_the_backends_close_frame_the_balancer_sends_none_of_its_own(
+    launcher: Launcher, scripted: ScriptedBackend
+) -> None:
+    """The backend began the close handshake (1000) and waits for the client's answer when the idle
+    timeout comes: nothing may follow its close frame (RFC 6455 §5.5.1), so the client gets no 1001 after
+    it, only the end of the connection once the close linger is over."""
+    lb = start(launcher, scripted, idle=f"{int(IDLE * 1000)}ms")
+    assert lb.port is not None
+    reader, writer = await asyncio.open_connection(HOST, lb.port)
+    try:
+        writer.write(upgrade_request("/close-first", host=f"{HOST}:{lb.port}", key=ws_key()))
+        async with asyncio.timeout(1.5 * IDLE + CLOSE_LINGER + 5 * UNIT):
+            await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(len(BACKEND_CLOSE)) == BACKEND_CLOSE
+            rest = await reader.read()  # until the balancer ends the connection
+        assert rest == b"", f"bytes after the backend's close frame: {rest!r}"
+    finally:
+        writer.close()
+    # The backend ended it, not the balancer: no balancer close is counted for the idle timeout.
+    assert await metric_value(lb, "lb_tunnel_closes_total", cause="idle", ended_with="close_frame") == 0
 
 
 async def test_a_backend_that_dies_between_frames_gets_the_client_a_1012(

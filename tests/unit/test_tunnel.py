@@ -10,12 +10,14 @@ import asyncio
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lb.affinity.codec import TokenCodec
 from lb.config.model import AffinityConfig, BackendConfig, Config, PoolConfig
 from lb.proxy import tunnel as tunnel_module
 from lb.proxy.reading import READ_CHUNK
-from lb.proxy.tunnel import Tunnel
+from lb.proxy.tunnel import Tunnel, idle_sweep_interval
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus, PoolState
 from lb.ws.frames import close_frame
@@ -186,6 +188,42 @@ def test_close_sent_but_not_taken_is_cut_after_the_linger(monkeypatch: pytest.Mo
         assert tunnel.close_code == 1012  # sent, though the client never took it
 
     _run(scenario())
+
+
+@pytest.mark.parametrize("split", [None, 1, 3], ids=["relayed", "header-in-flight", "payload-in-flight"])
+def test_a_close_asked_for_after_the_backends_own_close_frame_sends_nothing(
+    monkeypatch: pytest.MonkeyPatch, split: int | None
+) -> None:
+    """The backend has begun the close handshake (its close frame relayed, or part of it): a close of
+    ours asked for then (idle, drain, shutdown) sends nothing after it (RFC 6455 §5.5.1), counts no
+    balancer close, and ends the tunnel after the close linger if the client never answers."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.05)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        ctx, tunnel = _join(client, server)
+        stream = TEXT + SERVER_CLOSE
+        cut = len(stream) if split is None else len(TEXT) + split
+        server.protocol.data_received(stream[:cut])
+        tunnel.close_gracefully(1001, "idle timeout", cause="idle")
+        server.protocol.data_received(stream[cut:])
+        assert bytes(client.written) == stream and tunnel.closing and not tunnel.closed
+        await asyncio.sleep(0.2)
+        assert tunnel.closed and bytes(client.written) == stream
+        assert not ctx.stats.balancer_closes and tunnel.close_code is None
+
+    _run(scenario())
+
+
+@given(st.floats(min_value=0.001, max_value=30 * 86400, allow_nan=False))
+def test_the_idle_sweep_divides_idle_into_at_least_two_parts_of_at_most_max_1s_and_a_tenth(idle: float) -> None:
+    """A tunnel is closed between `idle` and `idle` + one interval after its last byte: the interval is
+    a whole part of `idle` (no look lands just short of it), at most half of it, and at most
+    max(1 s, idle / 10)."""
+    interval = idle_sweep_interval(idle)
+    parts = idle / interval
+    assert abs(parts - round(parts)) < 1e-6 and round(parts) >= 2
+    assert interval <= max(1.0, idle / 10) * (1 + 1e-9)
 
 
 def test_close_taken_is_a_clean_close(monkeypatch: pytest.MonkeyPatch) -> None:
