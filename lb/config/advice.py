@@ -1,13 +1,14 @@
 """What a valid configuration will do that its operator may not expect.  [pure]
 
-Not problems (`lb.config.load` refuses those): each is a setting that works as written
+Not problems (`lb.config.sections` refuses those): each is a setting that works as written
 but quietly defeats its purpose.  `lb validate` prints them, and the balancer logs them
 as warnings at start and on every reload, so they are seen before a player is.
 """
 
 from __future__ import annotations
 
-from lb.config.model import Config, SameSite, SecureMode, over_limit_answered
+from lb.config.model import AffinityMode, Config, SameSite, SecureMode, over_limit_answered
+from lb.http.cookies import secure_prefix
 
 # Descriptors a process needs besides its client connections and its health checks (one per backend
 # at a time, counted apart): listeners, the admin API and its clients, DNS queries, logs, the loop's own.
@@ -60,14 +61,21 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
             "proxies in front only"
         )
     affinity = config.affinity
-    if affinity.same_site is SameSite.NONE and affinity.secure is SecureMode.AUTO:
-        # Browsers drop a `SameSite=None` cookie without `Secure` (and so never send it back);
-        # `secure: never` with it is a problem lb.config.load refuses.
-        plain = [f"listeners[{i}]" for i, listener in enumerate(config.listeners) if listener.tls is None]
-        if plain:
+    plain = [f"listeners[{i}]" for i, listener in enumerate(config.listeners) if listener.tls is None]
+    if plain and affinity.secure is SecureMode.AUTO:
+        # Browsers drop a `SameSite=None` cookie, or one named `__Secure-`/`__Host-`, without `Secure`
+        # (and so never send it back); `secure: never` with either is a problem lb.config.sections refuses.
+        if affinity.same_site is SameSite.NONE:
             said.append(
                 f"affinity.same_site is None: on {', '.join(plain)} (no TLS) the cookie goes without "
                 "Secure, and browsers drop it there, so their browser clients never stick"
+            )
+        prefix = secure_prefix(affinity.cookie)
+        if prefix is not None and affinity.mode is AffinityMode.INSERT:
+            said.append(
+                f"affinity.cookie {affinity.cookie} has the {prefix} prefix: on {', '.join(plain)} (no TLS) the "
+                f"cookie goes without Secure, and browsers drop a {prefix} cookie without it, so their browser "
+                "clients never stick"
             )
     return said
 

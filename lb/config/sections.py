@@ -80,6 +80,8 @@ from lb.config.scalars import (
     string,
 )
 from lb.http.client_address import parse_network
+from lb.http.cookies import secure_prefix
+from lb.http.forwarding import BALANCER_HEADERS
 from lb.tls import server_ssl_context, tls_files_fault
 
 MIN_SECRET_KEY_CHARS: Final = 32
@@ -442,9 +444,18 @@ def _affinity(value: object, check: Checker) -> AffinityConfig | None:
     if kwargs is None or keys is None:
         return None
     affinity = AffinityConfig(secret_keys=keys, **kwargs)
+    if affinity.header.lower() in BALANCER_HEADERS:
+        check.add("affinity.header", f"{affinity.header} is a header the balancer reads or writes itself: the token "
+                  "would take its place; name one of your own (default X-LB-Affinity)")
+        return None
     # RFC 6265bis §5.4.7: browsers drop SameSite=None cookies that lack Secure.
     if affinity.same_site is SameSite.NONE and affinity.secure is SecureMode.NEVER:
         check.add("affinity.same_site", "same_site None needs the Secure attribute, but secure is never")
+        return None
+    prefix = secure_prefix(affinity.cookie)
+    if prefix is not None and affinity.mode is AffinityMode.INSERT and affinity.secure is SecureMode.NEVER:
+        check.add("affinity.cookie", f"a {prefix} cookie needs the Secure attribute (browsers drop it without), "
+                  "but secure is never")
         return None
     return affinity
 

@@ -14,6 +14,20 @@ from dataclasses import dataclass
 from lb.config.model import SameSite
 from lb.http.head import ResponseHead
 
+# RFC 6265bis §4.1.3: a browser keeps a cookie whose name starts with one of these only if it comes with
+# Secure (a `__Host-` one also with Path=/ and no Domain, as ours always is).  Matched whatever the case,
+# as browsers match them now.
+_SECURE_PREFIXES = ("__secure-", "__host-")
+
+
+def secure_prefix(name: str) -> str | None:
+    """The prefix of cookie `name` that browsers honour only with Secure (`__Secure-`, `__Host-`), or None."""
+    lowered = name.lower()
+    for prefix in _SECURE_PREFIXES:
+        if lowered.startswith(prefix):
+            return name[: len(prefix)]
+    return None
+
 
 def _pairs(header_value: str) -> list[tuple[str, str]]:
     pairs = []

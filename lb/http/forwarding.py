@@ -43,6 +43,14 @@ _NEVER_CONNECTION_LISTED: Final = frozenset({
     "host", "content-length", "transfer-encoding", "sec-websocket-key", "sec-websocket-version",
     "sec-websocket-protocol", "sec-websocket-extensions", "sec-websocket-accept",
 })
+# Headers the balancer frames, routes or upgrades by, or writes itself: none may carry the affinity
+# token (`affinity.header`), which is taken off every forwarded request and added to answers.
+# `header: Host` left every backend without a Host, `Cookie` took every cookie off, `Upgrade`
+# gave the 101 a second Upgrade that clients refuse (lb.config.sections refuses these names).
+BALANCER_HEADERS: Final = (
+    HOP_BY_HOP | _BODY_FRAMING | _FORWARDED | _PROXY_CLAIMS | _NEVER_CONNECTION_LISTED
+    | frozenset({"cookie", "set-cookie", "expect", "x-request-id"})
+)
 
 
 def _connection_listed(head: Head) -> set[str]:

@@ -86,6 +86,27 @@ def test_same_site_none_without_secure_says_browsers_drop_the_cookie(
         assert expected in sentence and "drop" in sentence, sentence
 
 
+@pytest.mark.parametrize(
+    ("affinity", "tls", "expected"),
+    [
+        (", cookie: __Host-LB", False, "__Host- prefix: on listeners[0] (no TLS)"),
+        (", cookie: __Secure-LB", True, "__Secure- prefix: on listeners[0] (no TLS)"),
+        (", cookie: __Host-LB, secure: always", False, None),
+        (", cookie: __Host-LB, mode: rewrite", False, None),  # the backend's own cookie: its attributes
+        (", cookie: Host-LB", False, None),
+    ],
+)
+def test_a_secure_prefixed_cookie_on_a_plain_listener_says_browsers_drop_it(
+    tmp_path: Path, affinity: str, tls: bool, expected: str | None
+) -> None:
+    said = advice(config(tmp_path, affinity=affinity, tls=tls))
+    if expected is None:
+        assert said == []
+    else:
+        (sentence,) = said
+        assert expected in sentence and "drop" in sentence, sentence
+
+
 def test_same_site_none_on_tls_listeners_only_is_fine(tmp_path: Path) -> None:
     write_dev_certs(tmp_path / "certs", ["localhost"])
     text = f"""

@@ -524,6 +524,31 @@ def test_same_site_none_needs_secure(base_dir: Path) -> None:
     assert list(problems) == ["affinity.same_site"]
 
 
+@pytest.mark.parametrize("name", ["__Host-LB", "__Secure-LB", "__host-lb"])
+def test_a_secure_prefixed_cookie_name_needs_secure(base_dir: Path, name: str) -> None:
+    """Browsers drop a `__Host-`/`__Secure-` cookie without Secure (RFC 6265bis §4.1.3): with
+    secure: never such a name is refused; with auto or always it is taken (auto is advice)."""
+    tree = set_at(good_tree(), "affinity.cookie", name)
+    assert parse(tree, base_dir).affinity.cookie == name
+    problems = problems_of(set_at(tree, "affinity.secure", "never"), base_dir)
+    assert list(problems) == ["affinity.cookie"] and "Secure" in problems["affinity.cookie"]
+
+
+@pytest.mark.parametrize("header", [
+    "Host", "host", "Cookie", "Set-Cookie", "Upgrade", "Connection", "Sec-WebSocket-Key", "Sec-WebSocket-Accept",
+    "Sec-WebSocket-Protocol", "Content-Length", "Transfer-Encoding", "X-Forwarded-For", "Forwarded", "X-Request-Id",
+])
+def test_affinity_header_may_not_be_one_the_balancer_reads_or_writes(base_dir: Path, header: str) -> None:
+    """The token's header is taken off every forwarded request and added to answers: `header: Host` left
+    backends without a Host, `Cookie` took every cookie off, `Upgrade` gave the 101 a second Upgrade."""
+    problems = problems_of(set_at(good_tree(), "affinity.header", header), base_dir)
+    assert list(problems) == ["affinity.header"] and "X-LB-Affinity" in problems["affinity.header"]
+
+
+def test_affinity_header_of_ones_own_is_taken(base_dir: Path) -> None:
+    assert parse(set_at(good_tree(), "affinity.header", "X-Game-Session"), base_dir).affinity.header == "X-Game-Session"
+
+
 def test_invalid_pool_name(base_dir: Path) -> None:
     """Pool names appear in admin URLs, so they follow the id character set."""
     tree = good_tree()
