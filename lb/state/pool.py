@@ -134,6 +134,8 @@ class PoolState:
             if not backend.healthy and backend.successes >= check.rise:
                 backend.healthy = True
                 backend.reason = f"health check passed {backend.successes} time(s)"
+                if backend.requested_drain and backend.admin is AdminAction.ENABLE:
+                    backend.reason += "; backend asks to drain"  # the reason shown is the one in force
         else:
             backend.successes = 0
             backend.failures += 1
@@ -149,7 +151,9 @@ class PoolState:
             return None
         old = backend.state
         backend.requested_drain = draining
-        if backend.admin is AdminAction.ENABLE:  # an operator's reason stays until the operator acts again
+        # An operator's reason stays until the operator acts again, and a failed health check's while
+        # the backend is down: the reason shown is the one in force.
+        if backend.admin is AdminAction.ENABLE and backend.healthy:
             backend.reason = "backend asks to drain" if draining else "backend no longer asks to drain"
         return self._change(backend, old, now)
 

@@ -58,6 +58,24 @@ def test_down_beats_a_drain_request() -> None:
     assert state.backends["gw-1"].state is BackendState.DOWN
 
 
+def test_the_reason_shown_is_the_one_in_force_through_down_and_back() -> None:
+    """Draining on request, then failed health answers (a 503 without the header): the reason is the
+    failure, not "no longer asks to drain"; back up while still asking, the reason says both."""
+    state = pool()
+    backend = state.backends["gw-1"]
+    state.record_requested_state("gw-1", True, 1.0)
+    for now in (2.0, 3.0):
+        state.record_probe("gw-1", False, now, "HTTP 503")
+        state.record_requested_state("gw-1", False, now)
+    assert backend.state is BackendState.DOWN
+    assert backend.reason == "health check failed 2 time(s): HTTP 503"
+    state.record_requested_state("gw-1", True, 4.0)
+    for now in (5.0, 6.0):
+        state.record_probe("gw-1", True, now, "HTTP 200")
+    assert backend.state is BackendState.DRAINING
+    assert backend.reason == "health check passed 2 time(s); backend asks to drain"
+
+
 @pytest.mark.parametrize(
     ("error", "local"),
     [
