@@ -181,6 +181,9 @@ class Balancer:
 
     @property
     def listen_addresses(self) -> list[tuple[str, int]]:
+        """Where this instance listens: its own listeners, or with `workers: N` its workers' (the owner binds none)."""
+        if self._supervisor is not None:
+            return self._supervisor.listen_addresses()
         return [listening.address for listening in self._listening]
 
     # -- start -------------------------------------------------------------

@@ -21,7 +21,8 @@ Worker → owner:
     {"op": "ready"}                                  its listeners are bound
     {"op": "failure", "pool", "backend", "detail"}   a backend failed a handshake (passive health)
     {"op": "reload_failed"}                          it could not apply a reload (the owner logs and counts it)
-    {"op": "stats", ...}                             counters, every second, for /status and /metrics
+    {"op": "stats", ...}                             counters and listening addresses, every second, for
+                                                     /status and /metrics
     {"op": "alive"}                                  instead of a message too large to send (still heard from)
 
 Counters are cumulative per worker process; the owner keeps the latest
@@ -52,7 +53,7 @@ import dataclasses
 import json
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -268,9 +269,12 @@ Keep = Callable[[str, str], bool]  # (pool, backend) → whether its series are 
 RetiredBackends = Iterable[tuple[str, BackendStatus]]  # backends gone from their pool whose tunnels still run
 
 
-def stats_message(ctx: ProxyContext, retired: RetiredBackends = ()) -> dict[str, Any]:
+def stats_message(
+    ctx: ProxyContext, retired: RetiredBackends = (), listeners: Sequence[tuple[str, int]] = ()
+) -> dict[str, Any]:
     """A worker's report; `retired`: its backends removed from their pool (reload, DNS) whose tunnels
-    still run, whose connections count on at the owner until they end."""
+    still run, whose connections count on at the owner until they end; `listeners`: the addresses it
+    listens on now (the owner binds none, and its /status names them)."""
     stats = ctx.stats
     bytes_in, bytes_out = ctx.bytes_relayed()
     backends: dict[str, dict[str, list[int]]] = {
@@ -300,6 +304,7 @@ def stats_message(ctx: ProxyContext, retired: RetiredBackends = ()) -> dict[str,
         "tunnels": len(ctx.tunnels),
         "clients": ctx.client_connections(),
         "observations": ctx.observations.snapshot(),
+        "listeners": [[host, port] for host, port in listeners],
     }
 
 

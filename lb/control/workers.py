@@ -174,6 +174,7 @@ class _Worker:
     restart_delay: float = RESTART_DELAY
     heard_at: float = 0.0  # event loop time of its last message
     killed: bool = False  # by the owner (`_write`, `_kill_unresponsive`): once, and it serves no more
+    listeners: tuple[tuple[str, int], ...] = ()  # where it listens, as its last report said
 
     @property
     def name(self) -> str:
@@ -279,6 +280,7 @@ class WorkerSupervisor:
                 worker.ready.set_result(None)
         elif op == "stats":
             self._stats.update(pid, message)
+            worker.listeners = tuple((str(host), int(port)) for host, port in message.get("listeners", ()))
             if self._sum_stats is None:
                 self._sum_stats = asyncio.get_running_loop().call_later(SUM_STATS_EVERY, self._apply_stats)
         elif op == "alive":
@@ -330,6 +332,11 @@ class WorkerSupervisor:
         """
         judge_silence = now - self._checked_at <= OWNER_LATE
         return sum(1 for w in self._workers.values() if w.serving(now, judge_silence=judge_silence))
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        """Where the running workers listen (each address once), as they last reported: the owner binds none."""
+        running = (w for w in self._workers.values() if not w.killed and w.process.returncode is None)
+        return list(dict.fromkeys(address for worker in running for address in worker.listeners))
 
     def pids(self) -> list[int]:
         """Live worker processes (for process_* metrics)."""
@@ -578,14 +585,18 @@ class ControlChannel:
 
     async def _report(self) -> None:
         while True:
-            self._send(stats_message(self._balancer.ctx, self._balancer.retired_backends()))
+            self._send(self._stats_message())
             await asyncio.sleep(STATS_EVERY)
+
+    def _stats_message(self) -> dict[str, Any]:
+        balancer = self._balancer
+        return stats_message(balancer.ctx, balancer.retired_backends(), balancer.listen_addresses)
 
     async def stop(self) -> None:
         for task in [*self._tasks, *self._migrations.values()]:
             task.cancel()
         if self._writer is not None:
-            self._send(stats_message(self._balancer.ctx, self._balancer.retired_backends()))
+            self._send(self._stats_message())
             with contextlib.suppress(ConnectionError):
                 await self._writer.drain()
             self._writer.close()

@@ -55,7 +55,11 @@ async def test_two_workers_serve_and_the_owner_reports_for_both(ops: OpsStack) -
         return sum(int(b["handshakes"]) for b in backends)
 
     await wait_until(lambda: handshakes() >= 12, within=5 * UNIT, what="worker counters at the owner")
-    assert status(ops)["role"] == "owner"
+    owner = status(ops)
+    assert owner["role"] == "owner"
+    # The owner binds no listener; /status names its workers' (it named none).
+    binds = [listener["bind"] for listener in ops.balancer.config["listeners"]]
+    assert owner["listeners"] == binds, owner["listeners"]
     code, metrics = http_get(ops.balancer.admin_url("/metrics"))
     assert code == 200 and b"lb_handshakes_total" in metrics
     # Every line names its process, the owner's too: `TIME LEVEL owner|worker-N logger: message`.
