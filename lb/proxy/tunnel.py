@@ -53,7 +53,6 @@ GOING_AWAY: Final = 1001  # RFC 6455 §7.4.1: the server is going down
 OP_CLOSE: Final = 0x8  # RFC 6455 §5.5.1
 
 
-
 def idle_sweep_interval(idle: float) -> float:
     """Seconds between two looks for tunnels silent for `timeouts.idle` (`idle` > 0).
 
@@ -65,6 +64,7 @@ def idle_sweep_interval(idle: float) -> float:
     """
     target = max(1.0, idle / 10)
     return idle / max(2, math.ceil(idle / target))
+
 
 class TunnelEnd(asyncio.BufferedProtocol):
     """One side of a tunnel: reads from its own transport, writes into `peer`."""
