@@ -13,6 +13,7 @@
     │   ├── TooManyRequests          429 with Retry-After
     │   ├── HeadersTooLarge          431
     │   ├── UnsupportedTransferCoding 501 a transfer coding other than chunked
+    │   ├── UnsupportedMethod        501 CONNECT (a tunnel to a host of the client's choice)
     │   ├── RequestTimeout           408 the client did not send its request body in time
     │   ├── NoHealthyBackend         503 with Retry-After
     │   └── BadGateway               502 no backend could be reached, or none answered in time and well-formed
@@ -98,6 +99,14 @@ class BadHost(BadRequest):
 
 class UnsupportedTransferCoding(RequestRejected):
     """A transfer coding we do not implement before the final chunked (RFC 9112 §6.1: 501)."""
+
+    status = 501
+    reason_phrase = "Not Implemented"
+
+
+class UnsupportedMethod(RequestRejected):
+    """CONNECT: a forward proxy's tunnel to a host the client names (RFC 9110 §9.3.6), which a reverse
+    proxy does not offer; the bytes after its head are that tunnel's, so the connection ends (501)."""
 
     status = 501
     reason_phrase = "Not Implemented"

@@ -1,7 +1,7 @@
 """TLS server contexts for listeners with a `tls` block, and the TLS layer's buffer bounds.
 
 Owns the TLS policy (protocol floor, ALPN) and how much a TLS connection may
-hold.  Which files to load is the configuration's business (`lb.config.load`
+hold.  Which files to load is the configuration's business (`lb.config.sections`
 resolves and checks them); creating them is `devcerts`'.
 """
 

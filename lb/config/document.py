@@ -3,7 +3,8 @@
 Owns the file format below its keys: YAML read by libyaml where that reads a text as PyYAML's own
 parser does, a key written twice, trees too large or too deep for a real file ("billion laughs"),
 and the references `${NAME}`, `${NAME:-default}`, `${file:PATH}` and `$${`.  `read_regular_file`
-never blocks (a reload reads on the event loop).  Which keys the tree may hold is `lb.config.sections`'.
+never blocks for good (on a FIFO, say: every later reload would wait behind it).  Which keys the
+tree may hold is `lb.config.sections`'.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ MAX_CONFIG_DEPTH: Final = 64
 def read_regular_file(path: Path, limit: int) -> bytes:
     """The bytes of `path`, which must be a regular file of at most `limit` bytes.
 
-    Reload reads the config on the event loop, so nothing here may block: the file is opened
-    with O_NONBLOCK (a FIFO nobody writes to would otherwise hang `open()` and the whole
-    balancer), then refused unless it is a regular file (symlinks to one, as Kubernetes mounts
+    A reload reads the config in a thread, and the next reload waits for it, so nothing here may
+    block for good: the file is opened with O_NONBLOCK (a FIFO nobody writes to would otherwise
+    hang `open()`, and with it every reload after), then refused unless it is a regular file (symlinks to one, as Kubernetes mounts
     Secrets, are fine).  Reading one byte past `limit` tells "too big" without reading it all.
 
     Raises:

@@ -86,9 +86,11 @@ from lb.state.series import SeriesRetention, departed_kept
 from lb.tls import bound_asyncio_reads, server_ssl_context
 
 log = logging.getLogger(__name__)
-# The idle sweep's looks are `idle_sweep_interval` apart, which divides `idle` into whole parts; the sum
-# of those parts, in floating point, may fall short of `idle` by a rounding error and cost a whole look.
-_SLEEP_SLACK = 0.001
+# The idle sweep's looks are `idle_sweep_interval` apart, which divides `idle` into whole parts; a look
+# may come a little before its time as time.monotonic() sees it (the loop reads its clock once per turn,
+# uvloop rounds timers to the ms, and the parts' sum may fall short of `idle` in floating point), and
+# a silence that short of `idle` by this share of a look still counts, rather than wait a whole look.
+_LOOK_SLACK = 0.01
 
 # After the grace period, how long the last clients told 1001 may take to answer before TCP close.
 LAST_CLOSE_ANSWER = 0.25
@@ -402,7 +404,7 @@ class Balancer:
                 seen, since = tunnel.idle_mark
                 if moved != seen:
                     tunnel.idle_mark = (moved, now)
-                elif now - since >= idle - _SLEEP_SLACK:
+                elif now - since >= idle - _LOOK_SLACK * interval:
                     tunnel.close_gracefully(GOING_AWAY, "idle timeout", cause="idle")
 
     async def _each_second(self) -> None:
@@ -629,7 +631,7 @@ class Balancer:
         ctx.rate_limiter = rate_limiter
         idle_before = ctx.config.timeouts.idle
         ctx.config = config
-        if self._sweeper is not None and config.timeouts.idle != idle_before:
+        if self._sweeper is not None and self._stopping is None and config.timeouts.idle != idle_before:
             self._sweeper.cancel()
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
         self._forget_departed_series()

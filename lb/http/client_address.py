@@ -20,7 +20,7 @@ reports) are compared and returned as IPv4.  Ports in a hop (`192.0.2.1:4711`,
 `[2001:db8::1]:443`, as some cloud balancers write them) are ignored.
 
 What it leaves to others: validating `trusted_proxies` at load time
-(`lb.config.load`), and using the address for rate limits, logs, `balance:
+(`lb.config.sections`), and using the address for rate limits, logs, `balance:
 source` and the forwarded headers (the connection core).
 """
 

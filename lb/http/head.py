@@ -77,6 +77,7 @@ from lb.errors import (
     BadRequest,
     HeadersTooLarge,
     HttpVersionNotSupported,
+    UnsupportedMethod,
     UnsupportedTransferCoding,
 )
 
@@ -591,10 +592,15 @@ def parse_request_head(raw: bytes, *, protected: frozenset[str] = PROTECTED_HEAD
     Raises:
         BadRequest: anything RFC 9112 does not allow, with a short reason (BadFraming, BadHost).
         UnsupportedTransferCoding: a transfer coding other than chunked (501).
+        UnsupportedMethod: CONNECT (501).
     """
     head = _read(raw, True, _REQUEST_LINE, _read_request_line)
     start = head.start_line
     method, target, version = start
+    if method == "CONNECT":
+        # Whatever its target: origin- and absolute-form ones are malformed (RFC 9112 §3.2.3), yet a
+        # backend's 2xx to one would still open a tunnel that llhttp and h11 read as such.
+        raise UnsupportedMethod("CONNECT is not proxied")
     dropped: tuple[str, ...] = ()
     # The byte as an int: `bytes in bytes` first tries the needle as an int and raises and clears
     # a TypeError before it searches (about 2,000 instructions); an int is one memchr.

@@ -60,7 +60,8 @@ def idle_sweep_interval(idle: float) -> float:
     and `idle` plus this interval after its last byte.  The interval divides `idle` into at least
     two equal parts, each at most max(1 s, idle / 10): within 10 % of a long idle timeout (HAProxy's
     `timeout tunnel` is exact; a timer per tunnel, re-armed on every read, would cost the relay), and
-    at most one look a second, each a pass over every tunnel, for short ones.
+    one look a second, each a pass over every tunnel, for idle timeouts from 2 to 10 s (below 2 s,
+    two looks per timeout).
     """
     target = max(1.0, idle / 10)
     return idle / max(2, math.ceil(idle / target))
@@ -391,7 +392,7 @@ class Tunnel:
 
         `cause` names why, for `Stats.balancer_closes` ("shutdown", "drain", "idle").
         """
-        if self.closed:
+        if self.closed or self.closing:  # one close at a time; the first one's cause stays
             return
         if self.cause is None:
             self.cause = cause or f"close_{code}"

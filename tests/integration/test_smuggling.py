@@ -115,6 +115,29 @@ async def test_a_frame_sent_after_a_refused_upgrade_is_a_400_at_once(
     assert len(rec_a.requests()) == 1 and not rec_b.requests()
 
 
+@pytest.mark.parametrize(
+    ("target", "expected"), [(b"/a/x", 501), (b"http://evil.example/a/admin", 501), (b"evil.example:443", 400)]
+)
+async def test_connect_is_refused_and_nothing_behind_it_is_read(
+    launcher: Launcher, recorders: list[RecordingBackend], target: bytes, expected: int
+) -> None:
+    """CONNECT opens a tunnel (RFC 9110 §9.3.6) that llhttp and h11 read as such from the end of its
+    head: a reverse proxy offers none (501; its own authority-form target is no target of ours: 400).
+    Forwarded (it was, for origin- and absolute-form targets), a backend's 2xx was framed as a plain
+    answer and the tunnel's bytes read as the next request."""
+    lb, rec_a, rec_b = start(launcher, recorders)
+    assert lb.port is not None
+    reader, writer = await open_raw(lb.port)
+    try:
+        writer.write(b"CONNECT " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello" + GET_B)
+        answer = await read_response(reader)
+        assert answer.status == expected
+        assert await asyncio.wait_for(reader.read(), 2 * UNIT) == b"", "the connection stays open after a CONNECT"
+    finally:
+        await close_raw(writer)
+    assert not rec_a.requests() and not rec_b.requests()
+
+
 async def test_absolute_form_reaches_the_backend_in_origin_form_with_one_host(
     launcher: Launcher, recorders: list[RecordingBackend]
 ) -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.errors import BadRequest, HeadersTooLarge, HttpVersionNotSupported, RequestRejected
+from lb.errors import BadRequest, HeadersTooLarge, HttpVersionNotSupported, RequestRejected, UnsupportedMethod
 from lb.http.head import (
     HEAD_END,
     find_head_end,
@@ -452,3 +452,12 @@ def test_an_answer_head_trickled_byte_by_byte_is_taken_whole_and_the_rest_stays(
 def test_an_answer_that_is_not_http_says_so_at_once(wire: bytes, error: str) -> None:
     with pytest.raises(RequestRejected, match=error):
         take_answer_head(bytearray(wire), 0, 4096)
+
+
+@pytest.mark.parametrize("target", ["/", "/a/x", "http://evil.example/admin"])
+def test_connect_is_501_whatever_its_target(target: str) -> None:
+    """CONNECT asks for a tunnel to a host of the client's choice (RFC 9110 §9.3.6): not ours to open.
+    Its origin- and absolute-form targets parsed, and went to a backend as an ordinary request."""
+    with pytest.raises(UnsupportedMethod) as info:
+        parse_request_head(f"CONNECT {target} HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n".encode())
+    assert info.value.status == 501
