@@ -35,8 +35,9 @@ def read_regular_file(path: Path, limit: int) -> bytes:
 
     A reload reads the config in a thread, and the next reload waits for it, so nothing here may
     block for good: the file is opened with O_NONBLOCK (a FIFO nobody writes to would otherwise
-    hang `open()`, and with it every reload after), then refused unless it is a regular file (symlinks to one, as Kubernetes mounts
-    Secrets, are fine).  Reading one byte past `limit` tells "too big" without reading it all.
+    hang `open()`, and with it every reload after), then refused unless it is a regular file
+    (symlinks to one, as Kubernetes mounts Secrets, are fine).  Reading one byte past `limit` tells
+    "too big" without reading it all.
 
     Raises:
         OSError: unreadable, not a regular file, or larger than `limit` (its strerror says which).
