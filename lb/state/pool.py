@@ -133,15 +133,13 @@ class PoolState:
             backend.successes += 1
             if not backend.healthy and backend.successes >= check.rise:
                 backend.healthy = True
-                backend.reason = f"health check passed {backend.successes} time(s)"
-                if backend.requested_drain and backend.admin is AdminAction.ENABLE:
-                    backend.reason += "; backend asks to drain"  # the reason shown is the one in force
+                _health_reason(backend, f"health check passed {backend.successes} time(s)")
         else:
             backend.successes = 0
             backend.failures += 1
             if backend.healthy and backend.failures >= check.fall:
                 backend.healthy = False
-                backend.reason = f"health check failed {backend.failures} time(s): {detail}"
+                _health_reason(backend, f"health check failed {backend.failures} time(s): {detail}")
         return self._change(backend, old, now)
 
     def record_requested_state(self, backend_id: str, draining: bool, now: float) -> StateChange | None:
@@ -177,6 +175,18 @@ class PoolState:
         if new is BackendState.UP and old in (BackendState.DOWN, BackendState.DISABLED):
             backend.ramp_from = now
         return StateChange(pool=self.name, backend=backend.id, old=old, new=new, reason=backend.reason)
+
+
+def _health_reason(backend: BackendStatus, said: str) -> None:
+    """After a health transition, the reason /status shows is the one in force: an operator's disable
+    keeps its own (it wins over health); back up, a drain (the operator's or the backend's) is named."""
+    if backend.admin is AdminAction.DISABLE:
+        return
+    if backend.healthy and backend.admin is AdminAction.DRAIN:
+        said += "; operator: drain"
+    elif backend.healthy and backend.requested_drain:
+        said += "; backend asks to drain"
+    backend.reason = said
 
 
 # Slow start never quite starts from zero: a lone backend back up must still take clients.

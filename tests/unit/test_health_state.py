@@ -66,14 +66,32 @@ def test_the_reason_shown_is_the_one_in_force_through_down_and_back() -> None:
     state.record_requested_state("gw-1", True, 1.0)
     for now in (2.0, 3.0):
         state.record_probe("gw-1", False, now, "HTTP 503")
-        state.record_requested_state("gw-1", False, now)
     assert backend.state is BackendState.DOWN
+    state.record_requested_state("gw-1", False, 3.0)  # the 503 carried no X-Backend-State
     assert backend.reason == "health check failed 2 time(s): HTTP 503"
     state.record_requested_state("gw-1", True, 4.0)
     for now in (5.0, 6.0):
         state.record_probe("gw-1", True, now, "HTTP 200")
     assert backend.state is BackendState.DRAINING
     assert backend.reason == "health check passed 2 time(s); backend asks to drain"
+
+
+def test_an_operators_reason_outlives_health_transitions_while_it_is_in_force() -> None:
+    """Disabled, the backend shows the operator's reason through down and up; drained by the operator,
+    down shows the failure and back up says both."""
+    state = pool()
+    backend = state.backends["gw-1"]
+    state.apply_admin("gw-1", AdminAction.DISABLE, 1.0)
+    for now, ok in ((2.0, False), (3.0, False), (4.0, True), (5.0, True)):
+        state.record_probe("gw-1", ok, now, "refused")
+        assert backend.reason == "operator: disable", now
+    state.apply_admin("gw-1", AdminAction.DRAIN, 6.0)
+    for now in (7.0, 8.0):
+        state.record_probe("gw-1", False, now, "refused")
+    assert (backend.state, backend.reason) == (BackendState.DOWN, "health check failed 2 time(s): refused")
+    for now in (9.0, 10.0):
+        state.record_probe("gw-1", True, now, "HTTP 200")
+    assert (backend.state, backend.reason) == (BackendState.DRAINING, "health check passed 2 time(s); operator: drain")
 
 
 @pytest.mark.parametrize(

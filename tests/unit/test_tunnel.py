@@ -207,6 +207,8 @@ def test_a_close_asked_for_after_the_backends_own_close_frame_sends_nothing(
         server.protocol.data_received(stream[:cut])
         tunnel.close_gracefully(1001, "idle timeout", cause="idle")
         server.protocol.data_received(stream[cut:])
+        tunnel.close_gracefully(1001, "idle timeout", cause="idle")  # the next idle look
+        tunnel.shut_down()  # and a SIGTERM
         assert bytes(client.written) == stream and tunnel.closing and not tunnel.closed
         await asyncio.sleep(0.2)
         assert tunnel.closed and bytes(client.written) == stream
