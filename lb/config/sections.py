@@ -82,6 +82,7 @@ from lb.config.scalars import (
 from lb.http.client_address import parse_network
 from lb.http.cookies import secure_prefix
 from lb.http.forwarding import BALANCER_HEADERS
+from lb.http.head import PROTECTED_HEADERS
 from lb.tls import server_ssl_context, tls_files_fault
 
 MIN_SECRET_KEY_CHARS: Final = 32
@@ -444,20 +445,34 @@ def _affinity(value: object, check: Checker) -> AffinityConfig | None:
     if kwargs is None or keys is None:
         return None
     affinity = AffinityConfig(secret_keys=keys, **kwargs)
-    if affinity.header.lower() in BALANCER_HEADERS:
-        check.add("affinity.header", f"{affinity.header} is a header the balancer reads or writes itself: the token "
-                  "would take its place; name one of your own (default X-LB-Affinity)")
-        return None
+    valid = True
+    if _balancers_header(affinity.header):
+        check.add(
+            "affinity.header",
+            f"{affinity.header} is (or, with '_' read as '-', stands for) a header the balancer reads or writes "
+            "itself: the token would take its place; name one of your own (default X-LB-Affinity)",
+        )
+        valid = False
     # RFC 6265bis §5.4.7: browsers drop SameSite=None cookies that lack Secure.
     if affinity.same_site is SameSite.NONE and affinity.secure is SecureMode.NEVER:
         check.add("affinity.same_site", "same_site None needs the Secure attribute, but secure is never")
-        return None
+        valid = False
     prefix = secure_prefix(affinity.cookie)
     if prefix is not None and affinity.mode is AffinityMode.INSERT and affinity.secure is SecureMode.NEVER:
         check.add("affinity.cookie", f"a {prefix} cookie needs the Secure attribute (browsers drop it without), "
                   "but secure is never")
-        return None
-    return affinity
+        valid = False
+    return affinity if valid else None
+
+
+def _balancers_header(name: str) -> bool:
+    """Whether `affinity.header` names a header the balancer reads or writes (`BALANCER_HEADERS`), or one
+    that a request's parse drops as an alias of a protected name (`X_Forwarded_For`: lb.http.head)."""
+    lowered = name.lower()
+    if lowered in BALANCER_HEADERS:
+        return True
+    alias = lowered.replace("_", "-")
+    return alias != lowered and (alias in BALANCER_HEADERS | PROTECTED_HEADERS or alias.startswith("x-forwarded-"))
 
 
 _SHORT_KEY = f"secret key must be at least {MIN_SECRET_KEY_CHARS} characters; generate one with `lb keygen`"

@@ -537,6 +537,8 @@ def test_a_secure_prefixed_cookie_name_needs_secure(base_dir: Path, name: str) -
 @pytest.mark.parametrize("header", [
     "Host", "host", "Cookie", "Set-Cookie", "Upgrade", "Connection", "Sec-WebSocket-Key", "Sec-WebSocket-Accept",
     "Sec-WebSocket-Protocol", "Content-Length", "Transfer-Encoding", "X-Forwarded-For", "Forwarded", "X-Request-Id",
+    # dropped from every request as aliases of protected names once `_` reads as `-` (lb.http.head)
+    "X_Forwarded_For", "X_Forwarded_Session", "Content_Length", "X_LB_Affinity",
 ])
 def test_affinity_header_may_not_be_one_the_balancer_reads_or_writes(base_dir: Path, header: str) -> None:
     """The token's header is taken off every forwarded request and added to answers: `header: Host` left
@@ -545,8 +547,16 @@ def test_affinity_header_may_not_be_one_the_balancer_reads_or_writes(base_dir: P
     assert list(problems) == ["affinity.header"] and "X-LB-Affinity" in problems["affinity.header"]
 
 
-def test_affinity_header_of_ones_own_is_taken(base_dir: Path) -> None:
-    assert parse(set_at(good_tree(), "affinity.header", "X-Game-Session"), base_dir).affinity.header == "X-Game-Session"
+@pytest.mark.parametrize("header", ["X-Game-Session", "X_Game_Session", "X-LB-Affinity"])
+def test_affinity_header_of_ones_own_is_taken(base_dir: Path, header: str) -> None:
+    assert parse(set_at(good_tree(), "affinity.header", header), base_dir).affinity.header == header
+
+
+def test_every_affinity_problem_is_said_at_once(base_dir: Path) -> None:
+    """`lb validate` lists every problem in one pass: the header's and the cookie's together."""
+    tree = set_at(good_tree(), "affinity.header", "Host")
+    tree = set_at(set_at(tree, "affinity.cookie", "__Host-LB"), "affinity.secure", "never")
+    assert set(problems_of(tree, base_dir)) == {"affinity.header", "affinity.cookie"}
 
 
 def test_invalid_pool_name(base_dir: Path) -> None:
