@@ -519,6 +519,7 @@ class ControlChannel:
 
     def report_ready(self) -> None:
         self._send({"op": "ready"})
+        self._send(self._stats_message())  # the listeners just bound, for /status now rather than a report later
 
     def report_failure(self, pool: str, backend: str, detail: str) -> None:
         self._send({"op": "failure", "pool": pool, "backend": backend, "detail": detail})
