@@ -219,7 +219,7 @@ def status_document(balancer: Balancer) -> dict[str, Any]:
     pools: dict[str, Any] = {
         pool.name: {
             "balance": pool.config.balance.value,
-            "slow_start": pool.config.slow_start,
+            "slow_start": pool.slow_start,  # in force: none with balance: hash or source
             "backends": [_backend_document(b, counts.get((pool.name, b.id))) for b in pool.backends.values()],
         }
         for pool in ctx.pools.values()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from lb.affinity.balancing import LeastConn, RoundRobin, make_policy
-from lb.config.model import BackendConfig, PoolConfig
+from lb.config.model import BackendConfig, BalanceMethod, PoolConfig
 
 
 class BackendState(StrEnum):
@@ -98,12 +98,19 @@ class PoolState:
     backends: dict[str, BackendStatus] = field(default_factory=dict)
     policy: RoundRobin | LeastConn = field(init=False)
     name: str = field(init=False)  # config.name, copied once (read per handshake; never changes)
+    slow_start: float = field(init=False)  # the ramp in force: none for a hash (see __post_init__)
 
     def __post_init__(self) -> None:
         if not self.backends:
             self.backends = {b.id: BackendStatus(config=b) for b in self.config.backends}
         self.policy = make_policy(self.config.balance)
         self.name = self.config.name
+        # A ramp runs on each instance's own clock from when it saw the backend come back, so a
+        # weight that ramps would send one key to different backends through different instances:
+        # `balance: hash` and `source` promise the same backend everywhere (SPEC: /route).  HAProxy
+        # ramps its dynamic algorithms only, too (lb.config.advice says the setting is ignored).
+        ramps = self.config.balance not in (BalanceMethod.HASH, BalanceMethod.SOURCE)
+        self.slow_start = self.config.slow_start if ramps else 0.0
 
     def get(self, backend_id: str) -> BackendStatus | None:
         return self.backends.get(backend_id)
@@ -112,7 +119,7 @@ class PoolState:
         """Backends that may take a new client, with slow-start weights refreshed for `now`."""
         excluded = set(exclude)
         candidates = [b for b in self.backends.values() if b.takes_new_clients and b.id not in excluded]
-        window = self.config.slow_start
+        window = self.slow_start
         for backend in candidates:
             if backend.ramp_from is None:
                 continue

@@ -107,6 +107,25 @@ def test_a_secure_prefixed_cookie_on_a_plain_listener_says_browsers_drop_it(
         assert expected in sentence and "drop" in sentence, sentence
 
 
+@pytest.mark.parametrize(("balance", "advised"), [("hash", True), ("source", True), ("least_conn", False)])
+def test_slow_start_with_a_hash_says_it_is_ignored(tmp_path: Path, balance: str, advised: bool) -> None:
+    text = f"""
+listeners: [{{bind: "127.0.0.1:0"}}]
+admin: {{token: {TOKEN}}}
+affinity: {{secret_keys: [{KEY}]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{balance: {balance}, hash_key: "header:X-User-Id", slow_start: 30s,
+              backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
+"""
+    said = advice(parse_config(text.replace(', hash_key: "header:X-User-Id"', "") if balance != "hash" else text,
+                               base_dir=tmp_path, environ={}))
+    if advised:
+        (sentence,) = said
+        assert sentence.startswith("pools.p.slow_start is ignored with balance: " + balance), sentence
+    else:
+        assert said == []
+
+
 def test_same_site_none_on_tls_listeners_only_is_fine(tmp_path: Path) -> None:
     write_dev_certs(tmp_path / "certs", ["localhost"])
     text = f"""

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from lb.config.model import BackendConfig, HealthCheckConfig, PoolConfig
+from lb.config.model import BackendConfig, BalanceMethod, HealthCheckConfig, PoolConfig
 from lb.control.health import HealthChecker, ProbeResult, requested_state
 from lb.state.pool import AdminAction, BackendState, PoolState
 
@@ -92,6 +92,22 @@ def test_an_operators_reason_outlives_health_transitions_while_it_is_in_force() 
     for now in (9.0, 10.0):
         state.record_probe("gw-1", True, now, "HTTP 200")
     assert (backend.state, backend.reason) == (BackendState.DRAINING, "health check passed 2 time(s); operator: drain")
+
+
+@pytest.mark.parametrize(("balance", "ramps"), [
+    (BalanceMethod.LEAST_CONN, True), (BalanceMethod.ROUND_ROBIN, True),
+    (BalanceMethod.HASH, False), (BalanceMethod.SOURCE, False),
+])
+def test_slow_start_ramps_the_dynamic_balancers_only(balance: BalanceMethod, ramps: bool) -> None:
+    """A ramp runs on each instance's own clock: under `hash` or `source` it sent one key to different
+    backends through two instances that enabled a backend 3 s apart (HAProxy ramps only its dynamic
+    algorithms too)."""
+    backend_config = BackendConfig("gw-1", "127.0.0.1", 9001, weight=4)
+    state = PoolState(config=PoolConfig(name="p", backends=(backend_config,), balance=balance, slow_start=60.0))
+    state.apply_admin("gw-1", AdminAction.DISABLE, 1.0)
+    state.apply_admin("gw-1", AdminAction.ENABLE, 2.0)
+    (candidate,) = state.new_client_candidates(now=8.0)  # 6 s into a 60 s ramp
+    assert candidate.weight == (pytest.approx(0.4) if ramps else 4)
 
 
 @pytest.mark.parametrize(
