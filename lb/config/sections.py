@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import ssl
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -43,6 +43,7 @@ from lb.config.model import (
     DiscoveryConfig,
     DiscoveryType,
     EventLoop,
+    HashKeySource,
     HealthCheckConfig,
     HealthCheckType,
     LimitsConfig,
@@ -81,7 +82,7 @@ from lb.config.scalars import (
 )
 from lb.http.client_address import parse_network
 from lb.http.cookies import secure_prefix
-from lb.http.forwarding import BALANCER_HEADERS
+from lb.http.forwarding import BALANCER_HEADERS, REPLACED_HEADERS
 from lb.http.head import PROTECTED_HEADERS
 from lb.tls import server_ssl_context, tls_files_fault
 
@@ -237,6 +238,8 @@ def build_config(tree: object, check: Checker) -> Config | None:
     pool_names = pool_names or None  # no pools at all: that problem is reported under pools
     routes = _routes(value_at(root, "routes", "", check, required=True), check, pool_names)
     pools = _pools(value_at(root, "pools", "", check, required=True), check)
+    if pools is not None and affinity is not None:
+        _check_hash_keys(pools, affinity, check)
     timeouts = simple_section(root, "timeouts", check, _TIMEOUT_FIELDS, TimeoutsConfig)
     limits = simple_section(root, "limits", check, _LIMIT_FIELDS, LimitsConfig)
     logging = simple_section(root, "logging", check, _LOGGING_FIELDS, LoggingConfig)
@@ -463,6 +466,31 @@ def _affinity(value: object, check: Checker) -> AffinityConfig | None:
                   "but secure is never")
         valid = False
     return affinity if valid else None
+
+
+def _check_hash_keys(pools: Mapping[str, PoolConfig], affinity: AffinityConfig, check: Checker) -> None:
+    """A `hash_key` must be what the backend gets: not a header the balancer replaces or drops (an
+    untrusted client's X-Forwarded-For chose its backend, which saw the balancer's), nor the affinity
+    token's own header, cookie or query parameter, which are taken off the request."""
+    replaced = REPLACED_HEADERS | {affinity.header.lower()}
+    for name, pool in pools.items():
+        key = pool.hash_key
+        if key is None:
+            continue
+        if key.source is HashKeySource.HEADER:
+            lowered = key.name.lower()
+            alias = lowered.replace("_", "-")  # read so by the head's parse (lb.http.head._drop_aliases)
+            ours = bool({lowered, alias} & replaced) or alias.startswith("x-forwarded-")
+        elif key.source is HashKeySource.COOKIE:
+            ours = key.name == affinity.cookie
+        else:
+            ours = key.name == affinity.query_param
+        if ours:
+            check.add(
+                f"pools.{name}.hash_key",
+                f"{key} is replaced or taken off before the backend: a client would choose its backend with a value "
+                "no backend sees (for the client's address, use balance: source)",
+            )
 
 
 def _balancers_header(name: str) -> bool:

@@ -552,6 +552,25 @@ def test_affinity_header_of_ones_own_is_taken(base_dir: Path, header: str) -> No
     assert parse(set_at(good_tree(), "affinity.header", header), base_dir).affinity.header == header
 
 
+@pytest.mark.parametrize(("key", "refused"), [
+    ("header:X-Forwarded-For", True), ("header:x-real-ip", True), ("header:X_Forwarded_For", True),
+    ("header:Forwarded", True), ("header:Connection", True), ("header:X-LB-Affinity", True),
+    ("cookie:LB_AFFINITY", True), ("query:lb_affinity", True),
+    ("header:X-User-Id", False), ("header:Host", False), ("cookie:session", False), ("query:uid", False),
+])
+def test_a_hash_key_must_be_what_the_backend_gets(base_dir: Path, key: str, refused: bool) -> None:
+    """An untrusted client's X-Forwarded-For chose its backend (which saw the balancer's); the token's own
+    header, cookie and query parameter are taken off the request."""
+    tree = good_tree()
+    tree["pools"]["gateways"].update(balance="hash", hash_key=key)
+    if refused:
+        problems = problems_of(tree, base_dir)
+        assert list(problems) == ["pools.gateways.hash_key"]
+        assert "balance: source" in problems["pools.gateways.hash_key"]
+    else:
+        assert str(parse(tree, base_dir).pools["gateways"].hash_key) == key
+
+
 def test_every_affinity_problem_is_said_at_once(base_dir: Path) -> None:
     """`lb validate` lists every problem in one pass: the header's and the cookie's together."""
     tree = set_at(good_tree(), "affinity.header", "Host")
