@@ -38,6 +38,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_HOPS = 64
 
 
+_MAPPED_PREFIX = 96  # ::ffff:0:0/96 holds the IPv4-mapped addresses (RFC 4291 §2.5.5.2)
+
+
 def parse_network(text: str) -> IPNetwork:
     """A CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a single address (`/32` or `/128`).
 
@@ -47,9 +50,15 @@ def parse_network(text: str) -> IPNetwork:
     try:
         if "%" in text:
             raise ValueError("a zone index has no place here")  # parse_address refuses zones too
-        return ipaddress.ip_network(text.strip(), strict=True)
+        network = ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as exc:
         raise ValueError(f"expected a CIDR such as 10.0.0.0/8 or an IP address, got {text!r} ({exc})") from None
+    # Addresses are compared as IPv4 when IPv4-mapped (`::ffff:a.b.c.d`, as dual-stack logs show a
+    # client), so a network written that way is its IPv4 one: else it would never match.
+    mapped = network.network_address.ipv4_mapped if isinstance(network, ipaddress.IPv6Network) else None
+    if mapped is not None and network.prefixlen >= _MAPPED_PREFIX:
+        return ipaddress.IPv4Network((mapped, network.prefixlen - _MAPPED_PREFIX))
+    return network
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,11 +114,21 @@ def test_long_chains_are_read_at_their_right_end() -> None:
         ("2001:db8::/32", "2001:db8::/32"),
         ("::1", "::1/128"),
         ("0.0.0.0/0", "0.0.0.0/0"),
+        # IPv4-mapped, as dual-stack logs write a client: peers are compared as IPv4, so are these
+        ("::ffff:127.0.0.2", "127.0.0.2/32"),
+        ("::ffff:127.0.0.0/104", "127.0.0.0/8"),
+        ("::ffff:0:0/96", "0.0.0.0/0"),
     ],
 )
 def test_parse_network(text: str, network: str) -> None:
     """CIDRs and single addresses are accepted."""
     assert str(parse_network(text)) == network
+
+
+def test_a_trusted_proxy_written_ipv4_mapped_is_believed() -> None:
+    """`trusted_proxies: ["::ffff:127.0.0.2/128"]` validated, then never matched the peer 127.0.0.2."""
+    trusted = TrustedProxies.parse(["::ffff:127.0.0.2/128"])
+    assert client_address("127.0.0.2", ["203.0.113.9"], trusted) == "203.0.113.9"
 
 
 @pytest.mark.parametrize(
