@@ -989,6 +989,9 @@ class Connection:
         if not self._keep_alive or (self.client_eof_seen and not self._buf):
             return actions + self._close(abort=False)
         self._reset_request()
+        # The next request's client is its own: the peer until its head names a trusted hop (a head
+        # that does not parse was logged as the previous request's client).
+        self._client_ip, self._client_port = self._peer, self._peer_port
         self.state = HEAD
         actions.append(SetTimer(now + self._config.timeouts.handshake))
         if self._buf:

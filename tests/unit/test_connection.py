@@ -370,6 +370,22 @@ def test_a_trusted_proxy_is_recognised_once_and_its_chain_believed() -> None:
     assert (play.conn.client_ip, play.conn.client_port) == ("203.0.113.7", 4711)
 
 
+def test_a_refused_head_after_a_trusted_proxys_request_is_logged_as_the_peers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On a trusted proxy's keep-alive connection, a head that does not parse names no hop: its line says
+    the peer, not the client of the request before it (who did not send it)."""
+    play = Play(TRUSTING, client_ip="::ffff:203.0.113.7")
+    play.client(get("/a/x", "X-Forwarded-For: 198.51.100.1\r\n"))
+    play.connected()
+    play.backend(ok())
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        play.client(b"GET /a/y HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-Forwarded-For: 198.51.100.2\r\n\r\n")
+    lines = [r.getMessage() for r in caplog.records if r.name == "lb.access"]
+    assert len(lines) == 1 and "status=400" in lines[0], lines
+    assert "client=203.0.113.7" in lines[0], lines
+
+
 def test_an_untrusted_peer_is_never_asked_for_its_chain() -> None:
     """With trusted_proxies set, any other peer's X-Forwarded-For is replaced by its own address."""
     play = Play(TRUSTING, client_ip="::ffff:192.0.2.9")
