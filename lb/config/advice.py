@@ -7,7 +7,8 @@ as warnings at start and on every reload, so they are seen before a player is.
 
 from __future__ import annotations
 
-from lb.config.model import AffinityMode, BalanceMethod, Config, SameSite, SecureMode, over_limit_answered
+from lb.affinity.balancing import HASHED_METHODS
+from lb.config.model import AffinityMode, Config, SameSite, SecureMode, over_limit_answered
 from lb.http.cookies import secure_prefix
 
 # Descriptors a process needs besides its client connections and its health checks (one per backend
@@ -61,7 +62,7 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
             "proxies in front only"
         )
     for name, pool in config.pools.items():
-        if pool.slow_start > 0 and pool.balance in (BalanceMethod.HASH, BalanceMethod.SOURCE):
+        if pool.slow_start > 0 and pool.balance in HASHED_METHODS:
             said.append(
                 f"pools.{name}.slow_start is ignored with balance: {pool.balance.value}: a weight ramping on each "
                 "instance's own clock would send one key to different backends through different instances"

@@ -15,6 +15,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from lb.affinity.balancing import HASHED_METHODS
 from lb.config.checker import (
     REPORTED,
     Bad,
@@ -82,8 +83,8 @@ from lb.config.scalars import (
 )
 from lb.http.client_address import parse_network
 from lb.http.cookies import secure_prefix
-from lb.http.forwarding import BALANCER_HEADERS, REPLACED_HEADERS
-from lb.http.head import PROTECTED_HEADERS
+from lb.http.forwarding import BALANCER_HEADERS, REPLACED_HEADERS, UNTRUSTED_CLAIMS
+from lb.http.head import dropped_as_alias, protected_headers
 from lb.tls import server_ssl_context, tls_files_fault
 
 MIN_SECRET_KEY_CHARS: Final = 32
@@ -238,14 +239,14 @@ def build_config(tree: object, check: Checker) -> Config | None:
     pool_names = pool_names or None  # no pools at all: that problem is reported under pools
     routes = _routes(value_at(root, "routes", "", check, required=True), check, pool_names)
     pools = _pools(value_at(root, "pools", "", check, required=True), check)
-    if pools is not None and affinity is not None:
-        _check_hash_keys(pools, affinity, check)
     timeouts = simple_section(root, "timeouts", check, _TIMEOUT_FIELDS, TimeoutsConfig)
     limits = simple_section(root, "limits", check, _LIMIT_FIELDS, LimitsConfig)
     logging = simple_section(root, "logging", check, _LOGGING_FIELDS, LoggingConfig)
     runtime = simple_section(root, "runtime", check, _RUNTIME_FIELDS, RuntimeConfig)
     top = parse_fields(root, "", check, [Field("workers", _workers(check.cpu_count))])
     trusted_proxies = _trusted_proxies(root.get("trusted_proxies"), check)
+    if pools is not None and affinity is not None and trusted_proxies is not None:
+        _check_request_keys(pools, affinity, bool(trusted_proxies), check)
     if (
         top is None
         or trusted_proxies is None
@@ -449,11 +450,11 @@ def _affinity(value: object, check: Checker) -> AffinityConfig | None:
         return None
     affinity = AffinityConfig(secret_keys=keys, **kwargs)
     valid = True
-    if _balancers_header(affinity.header):
+    if affinity.header.lower() in BALANCER_HEADERS:
         check.add(
             "affinity.header",
-            f"{affinity.header} is (or, with '_' read as '-', stands for) a header the balancer reads or writes "
-            "itself: the token would take its place; name one of your own (default X-LB-Affinity)",
+            f"{affinity.header} is a header the balancer reads or writes itself: the token would take its place; "
+            "name one of your own (default X-LB-Affinity)",
         )
         valid = False
     # RFC 6265bis §5.4.7: browsers drop SameSite=None cookies that lack Secure.
@@ -468,39 +469,42 @@ def _affinity(value: object, check: Checker) -> AffinityConfig | None:
     return affinity if valid else None
 
 
-def _check_hash_keys(pools: Mapping[str, PoolConfig], affinity: AffinityConfig, check: Checker) -> None:
-    """A `hash_key` must be what the backend gets: not a header the balancer replaces or drops (an
-    untrusted client's X-Forwarded-For chose its backend, which saw the balancer's), nor the affinity
-    token's own header, cookie or query parameter, which are taken off the request."""
-    replaced = REPLACED_HEADERS | {affinity.header.lower()}
+def _check_request_keys(
+    pools: Mapping[str, PoolConfig], affinity: AffinityConfig, trusted_proxies: bool, check: Checker
+) -> None:
+    """The names the balancer reads a request by must reach it, and a hash key must be what the backend
+    gets: not a header it replaces or drops (an untrusted client's X-Forwarded-For chose its backend,
+    which saw the balancer's), nor the affinity token's header, cookie or query parameter."""
+    routing = [
+        pool.hash_key.name for pool in pools.values()
+        if pool.hash_key is not None and pool.hash_key.source is HashKeySource.HEADER
+    ]
+    protected = protected_headers(affinity.header, routing)
+    if dropped_as_alias(affinity.header, protected):
+        check.add(
+            "affinity.header",
+            f"{affinity.header} stands for a header of ours once '_' reads as '-' (as CGI and WSGI read it): every "
+            "request's parse leaves it out, so the token would never come back; name one with '-'",
+        )
+    replaced = REPLACED_HEADERS if trusted_proxies else REPLACED_HEADERS | UNTRUSTED_CLAIMS
     for name, pool in pools.items():
         key = pool.hash_key
         if key is None:
             continue
-        if key.source is HashKeySource.HEADER:
-            lowered = key.name.lower()
-            alias = lowered.replace("_", "-")  # read so by the head's parse (lb.http.head._drop_aliases)
-            ours = bool({lowered, alias} & replaced) or alias.startswith("x-forwarded-")
-        elif key.source is HashKeySource.COOKIE:
-            ours = key.name == affinity.cookie
+        lowered = key.name.lower()
+        if key.source is HashKeySource.HEADER and lowered in replaced:
+            why = "is replaced or dropped before the backend (for the client's address, use balance: source)"
+        elif key.source is HashKeySource.HEADER and dropped_as_alias(key.name, protected):
+            why = "stands for a header of ours once '_' reads as '-': every request's parse leaves it out"
+        elif (key.source, key.name if key.source is not HashKeySource.HEADER else lowered) in {
+            (HashKeySource.HEADER, affinity.header.lower()),
+            (HashKeySource.COOKIE, affinity.cookie),  # cookie and query names are case-sensitive
+            (HashKeySource.QUERY, affinity.query_param),
+        }:
+            why = "carries the affinity token, which is taken off the request"
         else:
-            ours = key.name == affinity.query_param
-        if ours:
-            check.add(
-                f"pools.{name}.hash_key",
-                f"{key} is replaced or taken off before the backend: a client would choose its backend with a value "
-                "no backend sees (for the client's address, use balance: source)",
-            )
-
-
-def _balancers_header(name: str) -> bool:
-    """Whether `affinity.header` names a header the balancer reads or writes (`BALANCER_HEADERS`), or one
-    that a request's parse drops as an alias of a protected name (`X_Forwarded_For`: lb.http.head)."""
-    lowered = name.lower()
-    if lowered in BALANCER_HEADERS:
-        return True
-    alias = lowered.replace("_", "-")
-    return alias != lowered and (alias in BALANCER_HEADERS | PROTECTED_HEADERS or alias.startswith("x-forwarded-"))
+            continue
+        check.add(f"pools.{name}.hash_key", f"{key} {why}: a client would pick its backend by a value no backend sees")
 
 
 _SHORT_KEY = f"secret key must be at least {MIN_SECRET_KEY_CHARS} characters; generate one with `lb keygen`"
@@ -614,7 +618,7 @@ def _pool(name: str, value: object, path: str, check: Checker) -> PoolConfig | N
         elif balance is not BalanceMethod.HASH and kwargs.get("hash_key") is not None:
             check.add(join_path(path, "hash_key"), "only used with balance: hash")
             kwargs = None
-        elif balance not in (BalanceMethod.SOURCE, BalanceMethod.HASH) and kwargs.get("sticky") is False:
+        elif balance not in HASHED_METHODS and kwargs.get("sticky") is False:
             check.add(join_path(path, "sticky"), "only used with balance: source or hash (other pools always pin)")
             kwargs = None
     if kwargs is None or health is None or backends is None or (discovered and discovery is None):

@@ -631,7 +631,7 @@ class Balancer:
         ctx.rate_limiter = rate_limiter
         idle_before = ctx.config.timeouts.idle
         ctx.config = config
-        if self._sweeper is not None and self._stopping is None and config.timeouts.idle != idle_before:
+        if self._sweeper is not None and config.timeouts.idle != idle_before:
             self._sweeper.cancel()
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
         self._forget_departed_series()
@@ -817,6 +817,7 @@ class Balancer:
         ))
         if self._sweeper is not None:
             self._sweeper.cancel()
+            self._sweeper = None  # and no reload that races this stop starts another (_swap)
         if self._reporter is not None:
             self._reporter.cancel()
             self._report_refusals_now(final=True)  # what the last interval counted, before the process goes

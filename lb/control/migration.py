@@ -54,7 +54,7 @@ async def migrate(ctx: ProxyContext, pool: str, backend: BackendStatus, close_af
     if any(not t.closed for t in closing):
         # By construction each one is closed or cut by now plus this much: then count how.
         await asyncio.sleep(CLOSE_DEADLINE + CLOSE_LINGER + 0.1)
-    sent = [t for t in closing if t.cause == "drain"]  # the others' backend had begun its own close first
+    sent = [t for t in closing if not t.server_end.backend_closed_first]  # those began their own close first
     cut = sum(1 for t in sent if t.ended_with == "tcp")
     log.info(
         "drain of %s/%s: %d tunnel(s) closed with 1012, %d cut at TCP level (the client did not take the close), "

@@ -47,10 +47,11 @@ _NEVER_CONNECTION_LISTED: Final = frozenset({
 # token (`affinity.header`), which is taken off every forwarded request and added to answers.
 # `header: Host` left every backend without a Host, `Cookie` took every cookie off, `Upgrade`
 # gave the 101 a second Upgrade that clients refuse (lb.config.sections refuses these names).
-# What a backend never gets as the client sent it: replaced (X-Forwarded-*), dropped (hop-by-hop, an
-# untrusted peer's proxy claims).  A pool may not hash on one (lb.config.sections): the client would
-# pick its backend with a value no backend sees.
-REPLACED_HEADERS: Final = HOP_BY_HOP | _FORWARDED | _PROXY_CLAIMS
+# What a backend never gets as the client sent it: replaced (X-Forwarded-For, -Proto, -Host: ours), or
+# dropped (hop-by-hop), from any peer; and the proxy claims, dropped from a peer not trusted.  A pool may
+# not hash on one (lb.config.sections): the client would pick its backend with a value no backend sees.
+REPLACED_HEADERS: Final = HOP_BY_HOP | _FORWARDED
+UNTRUSTED_CLAIMS: Final = _PROXY_CLAIMS
 BALANCER_HEADERS: Final = (
     HOP_BY_HOP | _BODY_FRAMING | _FORWARDED | _PROXY_CLAIMS | _NEVER_CONNECTION_LISTED
     | frozenset({"cookie", "set-cookie", "expect", "x-request-id"})

@@ -486,6 +486,14 @@ def _read(
     return _head((first, second, third), read_fields)
 
 
+def dropped_as_alias(name: str, protected: frozenset[str]) -> bool:
+    """Whether a request's parse leaves out header `name` (`_drop_aliases`): with `_` read as `-` it is a
+    protected name (`protected_headers`) or an `x-forwarded-*` one.  The configuration asks it too: a
+    name it routes by must not be one (lb.config.sections)."""
+    alias = name.lower().replace("_", "-")
+    return alias != name.lower() and (alias in protected or alias.startswith("x-forwarded-"))
+
+
 def _drop_aliases(head: Head, protected: frozenset[str]) -> tuple[Head, tuple[str, ...]]:
     """Leave out names that equal a protected one once `_` reads as `-`; return them too.
 
@@ -495,11 +503,9 @@ def _drop_aliases(head: Head, protected: frozenset[str]) -> tuple[Head, tuple[st
     headers: list[tuple[str, str]] = []
     dropped: list[str] = []
     for name, value in head.headers:
-        if "_" in name:
-            alias = name.lower().replace("_", "-")
-            if alias in protected or alias.startswith("x-forwarded-"):
-                dropped.append(name)
-                continue
+        if "_" in name and dropped_as_alias(name, protected):
+            dropped.append(name)
+            continue
         headers.append((name, value))
     if not dropped:
         return head, ()

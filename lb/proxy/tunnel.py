@@ -303,7 +303,9 @@ class Tunnel:
         self.close_code: int | None = None  # the close code the balancer sent the client, if it sent one
         self.client_finished = False  # the client's FIN was passed on: the backend's own end is the answer
         self.opened_at = _monotonic()
-        self.idle_mark = (0, self.opened_at)  # (bytes seen, when): the idle sweeper's last look
+        # (bytes seen, when): the idle sweeper's last look.  None seen yet, so its first look stamps the
+        # time: looks fall on its own grid, and a silence is never judged from between two of them.
+        self.idle_mark = (-1, self.opened_at)
         self.client_end: TunnelEnd
         self.server_end: WebSocketServerEnd  # every tunnel is a WebSocket's: the backend side reads frames
 

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from lb.affinity.balancing import LeastConn, RoundRobin, make_policy
-from lb.config.model import BackendConfig, BalanceMethod, PoolConfig
+from lb.affinity.balancing import HASHED_METHODS, LeastConn, RoundRobin, make_policy
+from lb.config.model import BackendConfig, PoolConfig
 
 
 class BackendState(StrEnum):
@@ -109,7 +109,7 @@ class PoolState:
         # weight that ramps would send one key to different backends through different instances:
         # `balance: hash` and `source` promise the same backend everywhere (SPEC: /route).  HAProxy
         # ramps its dynamic algorithms only, too (lb.config.advice says the setting is ignored).
-        ramps = self.config.balance not in (BalanceMethod.HASH, BalanceMethod.SOURCE)
+        ramps = self.config.balance not in HASHED_METHODS
         self.slow_start = self.config.slow_start if ramps else 0.0
 
     def get(self, backend_id: str) -> BackendStatus | None:

@@ -544,7 +544,8 @@ def test_affinity_header_may_not_be_one_the_balancer_reads_or_writes(base_dir: P
     """The token's header is taken off every forwarded request and added to answers: `header: Host` left
     backends without a Host, `Cookie` took every cookie off, `Upgrade` gave the 101 a second Upgrade."""
     problems = problems_of(set_at(good_tree(), "affinity.header", header), base_dir)
-    assert list(problems) == ["affinity.header"] and "X-LB-Affinity" in problems["affinity.header"]
+    said = "'_' reads as '-'" if "_" in header else "X-LB-Affinity"
+    assert list(problems) == ["affinity.header"] and said in problems["affinity.header"]
 
 
 @pytest.mark.parametrize("header", ["X-Game-Session", "X_Game_Session", "X-LB-Affinity"])
@@ -552,23 +553,37 @@ def test_affinity_header_of_ones_own_is_taken(base_dir: Path, header: str) -> No
     assert parse(set_at(good_tree(), "affinity.header", header), base_dir).affinity.header == header
 
 
-@pytest.mark.parametrize(("key", "refused"), [
-    ("header:X-Forwarded-For", True), ("header:x-real-ip", True), ("header:X_Forwarded_For", True),
-    ("header:Forwarded", True), ("header:Connection", True), ("header:X-LB-Affinity", True),
-    ("cookie:LB_AFFINITY", True), ("query:lb_affinity", True),
-    ("header:X-User-Id", False), ("header:Host", False), ("cookie:session", False), ("query:uid", False),
+@pytest.mark.parametrize(("key", "trusted", "why"), [
+    ("header:X-Forwarded-For", False, "balance: source"), ("header:X-Forwarded-For", True, "balance: source"),
+    ("header:x-real-ip", False, "balance: source"), ("header:Forwarded", False, "balance: source"),
+    ("header:Connection", False, "replaced or dropped"), ("header:X_Forwarded_For", False, "'_' reads as '-'"),
+    ("header:X_Request_Id", False, "'_' reads as '-'"), ("header:X-LB-Affinity", False, "affinity token"),
+    ("cookie:LB_AFFINITY", False, "affinity token"), ("query:lb_affinity", False, "affinity token"),
+    # what the backend gets as sent: a trusted proxy's claims pass, and so do other X-Forwarded-* names
+    ("header:X-Real-IP", True, None), ("header:X-Forwarded-User", False, None), ("header:X-User-Id", False, None),
+    ("header:Host", False, None), ("cookie:session", False, None), ("cookie:lb_affinity", False, None),
+    ("query:uid", False, None),
 ])
-def test_a_hash_key_must_be_what_the_backend_gets(base_dir: Path, key: str, refused: bool) -> None:
+def test_a_hash_key_must_be_what_the_backend_gets(base_dir: Path, key: str, trusted: bool, why: str | None) -> None:
     """An untrusted client's X-Forwarded-For chose its backend (which saw the balancer's); the token's own
-    header, cookie and query parameter are taken off the request."""
+    header, cookie and query parameter are taken off the request; an alias of ours is left out of it."""
     tree = good_tree()
     tree["pools"]["gateways"].update(balance="hash", hash_key=key)
-    if refused:
+    if trusted:
+        tree["trusted_proxies"] = ["10.0.0.0/8"]
+    if why is not None:
         problems = problems_of(tree, base_dir)
-        assert list(problems) == ["pools.gateways.hash_key"]
-        assert "balance: source" in problems["pools.gateways.hash_key"]
+        assert list(problems) == ["pools.gateways.hash_key"] and why in problems["pools.gateways.hash_key"]
     else:
         assert str(parse(tree, base_dir).pools["gateways"].hash_key) == key
+
+
+def test_an_affinity_header_the_parse_leaves_out_as_an_alias_is_refused(base_dir: Path) -> None:
+    """`affinity.header: X_User_Id` beside `hash_key: header:X-User-Id`: every request's parse drops the
+    token's header as an alias of the routing one."""
+    tree = set_at(good_tree(), "affinity.header", "X_User_Id")
+    tree["pools"]["gateways"].update(balance="hash", hash_key="header:X-User-Id")
+    assert list(problems_of(tree, base_dir)) == ["affinity.header"]
 
 
 def test_every_affinity_problem_is_said_at_once(base_dir: Path) -> None:
