@@ -44,6 +44,7 @@ from lb.config.model import (
     DiscoveryConfig,
     DiscoveryType,
     EventLoop,
+    HashKey,
     HashKeySource,
     HealthCheckConfig,
     HealthCheckType,
@@ -496,15 +497,19 @@ def _check_request_keys(
             why = "is replaced or dropped before the backend (for the client's address, use balance: source)"
         elif key.source is HashKeySource.HEADER and dropped_as_alias(key.name, protected):
             why = "stands for a header of ours once '_' reads as '-': every request's parse leaves it out"
-        elif (key.source, key.name if key.source is not HashKeySource.HEADER else lowered) in {
-            (HashKeySource.HEADER, affinity.header.lower()),
-            (HashKeySource.COOKIE, affinity.cookie),  # cookie and query names are case-sensitive
-            (HashKeySource.QUERY, affinity.query_param),
-        }:
+        elif _carries_token(key, affinity):
             why = "carries the affinity token, which is taken off the request"
         else:
             continue
         check.add(f"pools.{name}.hash_key", f"{key} {why}: a client would pick its backend by a value no backend sees")
+
+
+def _carries_token(key: HashKey, affinity: AffinityConfig) -> bool:
+    """Whether `key` names where the affinity token travels (taken off every request before the backend)."""
+    if key.source is HashKeySource.HEADER:
+        return key.name.lower() == affinity.header.lower()
+    # Cookie names and query parameters are case-sensitive.
+    return key.name == (affinity.cookie if key.source is HashKeySource.COOKIE else affinity.query_param)
 
 
 _SHORT_KEY = f"secret key must be at least {MIN_SECRET_KEY_CHARS} characters; generate one with `lb keygen`"

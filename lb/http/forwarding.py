@@ -43,15 +43,15 @@ _NEVER_CONNECTION_LISTED: Final = frozenset({
     "host", "content-length", "transfer-encoding", "sec-websocket-key", "sec-websocket-version",
     "sec-websocket-protocol", "sec-websocket-extensions", "sec-websocket-accept",
 })
-# Headers the balancer frames, routes or upgrades by, or writes itself: none may carry the affinity
-# token (`affinity.header`), which is taken off every forwarded request and added to answers.
-# `header: Host` left every backend without a Host, `Cookie` took every cookie off, `Upgrade`
-# gave the 101 a second Upgrade that clients refuse (lb.config.sections refuses these names).
 # What a backend never gets as the client sent it: replaced (X-Forwarded-For, -Proto, -Host: ours), or
 # dropped (hop-by-hop), from any peer; and the proxy claims, dropped from a peer not trusted.  A pool may
 # not hash on one (lb.config.sections): the client would pick its backend with a value no backend sees.
 REPLACED_HEADERS: Final = HOP_BY_HOP | _FORWARDED
 UNTRUSTED_CLAIMS: Final = _PROXY_CLAIMS
+# Headers the balancer frames, routes or upgrades by, or writes itself: none may carry the affinity
+# token (`affinity.header`), which is taken off every forwarded request and added to answers.
+# `header: Host` left every backend without a Host, `Cookie` took every cookie off, `Upgrade`
+# gave the 101 a second Upgrade that clients refuse (lb.config.sections refuses these names).
 BALANCER_HEADERS: Final = (
     HOP_BY_HOP | _BODY_FRAMING | _FORWARDED | _PROXY_CLAIMS | _NEVER_CONNECTION_LISTED
     | frozenset({"cookie", "set-cookie", "expect", "x-request-id"})
