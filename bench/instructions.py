@@ -21,6 +21,7 @@ less work; `make bench` says whether it is cheaper. Bench code, never imported b
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -61,6 +62,9 @@ def count(module: str, n: int, flags: list[str], timeout: float = 600.0, profile
         [valgrind, "--tool=callgrind", f"--callgrind-out-file={profile or '/dev/null'}",
          sys.executable, "-m", module, "--n", str(n), "--repeat", "1", *flags],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False,
+        # One hash seed for both runs: a random one moves dictionaries' collisions, and with them
+        # the start-up's count, by more than a few handshakes cost (the two runs' difference).
+        env={**os.environ, "PYTHONHASHSEED": "0"},
     )
     found = _COLLECTED.search(done.stderr)
     if done.returncode != 0 or found is None:

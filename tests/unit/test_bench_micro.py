@@ -33,7 +33,7 @@ def test_instruction_count_per_handshake_and_by_function() -> None:
     both: each pair of callgrind runs takes half a minute."""
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
-        [sys.executable, "-m", "bench.instructions", "--core", "--n", "4", "24", "--by-function", "5"],
+        [sys.executable, "-m", "bench.instructions", "--core", "--n", "10", "60", "--by-function", "5"],
         capture_output=True, text=True, timeout=300, cwd=root,
     )
     assert done.returncode == 0, done.stderr
