@@ -118,30 +118,43 @@ def _offered_protocols(request: RequestHead) -> set[str]:
 
 def _extension_names(values: list[str]) -> set[str] | None:
     """The extension names in Sec-WebSocket-Extensions values (RFC 6455 §9.1), lower case; None if an
-    element has no name or a quote is left open.  Commas inside a quoted parameter value separate nothing."""
+    element has no name or a quote is left open."""
     names: set[str] = set()
     for value in values:
-        element: list[str] = []
-        quoted = escaped = False
-        for char in value + ",":
-            if quoted:
-                if escaped:
-                    escaped = False
-                elif char == "\\":
-                    escaped = True
-                elif char == '"':
-                    quoted = False
-            elif char == '"':
-                quoted = True
-            elif char == ",":
-                name = "".join(element).partition(";")[0].strip(" \t").lower()
-                if not name and element and "".join(element).strip(" \t"):
-                    return None  # `; p=1`: parameters of nothing
-                if name:
-                    names.add(name)
-                element = []
-                continue
-            element.append(char)
-        if quoted:
+        # Only a quoted parameter value can hold a comma that separates nothing: without a quote (every
+        # browser's `permessage-deflate; client_max_window_bits`), a plain split.
+        elements = value.split(",") if '"' not in value else _split_outside_quotes(value)
+        if elements is None:
             return None
+        for element in elements:
+            name = element.partition(";")[0].strip(" \t").lower()
+            if name:
+                names.add(name)
+            elif element.strip(" \t"):
+                return None  # `; p=1`: parameters of nothing
     return names
+
+
+def _split_outside_quotes(value: str) -> list[str] | None:
+    """`value` split at the commas outside quoted strings (RFC 9110 §5.6.4, with backslash escapes);
+    None if a quote is left open."""
+    elements: list[str] = []
+    start = 0
+    quoted = escaped = False
+    for i, char in enumerate(value):
+        if quoted:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == ",":
+            elements.append(value[start:i])
+            start = i + 1
+    if quoted:
+        return None
+    elements.append(value[start:])
+    return elements
