@@ -330,10 +330,7 @@ class _Totals:
         stats = totals.stats
         stats.handshakes.update({(p, b, o): int(n) for p, b, o, n in report.get("handshakes", [])})
         stats.decisions.update({(p, b, r): int(n) for p, b, r, n in report.get("decisions", [])})
-        if "pool_decisions" in report:
-            totals.pool_decisions.update({(p, r): int(n) for p, r, n in report["pool_decisions"]})
-        else:
-            totals.pool_decisions = stats.pool_decisions()
+        totals.pool_decisions.update({(p, r): int(n) for p, r, n in report.get("pool_decisions", [])})
         stats.invalid_tokens.update({str(k): int(n) for k, n in report.get("invalid_tokens", {}).items()})
         stats.unsealed_cookies.update({str(k): int(n) for k, n in report.get("unsealed_cookies", {}).items()})
         stats.rejected.update({int(k): int(n) for k, n in report.get("rejected", {}).items()})
