@@ -23,7 +23,7 @@ lookup counts as an error (`last_error` names the target and the cause,
 target has no address (NXDOMAIN, or NOERROR without A/AAAA records) is DNS
 saying the pod is gone, and drops it ("no A/AAAA address"): an answer, not a
 failure.  (`lb.control.dns_backends.from_srv` applies the rule;
-`_target_addresses` tells an answer from a failure.)
+`_addresses` tells an answer from a failure.)
 
 Every process that routes runs its own loop (the owner and each worker with
 `workers: N`): they resolve the same name and converge, with no message
@@ -227,14 +227,17 @@ async def _lookup_srv(
     failed: dict[str, str] = {}  # target -> why its address lookup failed
 
     async def resolve_target(target: str) -> None:
-        async with gate:
-            found, ttl, failure = await _target_addresses(resolver, target + ".")
-        if failure is not None:
-            failed[target] = _cause(failure, config.timeout)
-        elif found:
-            addresses[target] = found
-            if ttl is not None:
-                ttls.append(ttl)
+        try:
+            async with gate:
+                found, ttl = await _addresses(resolver, target + ".")
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return  # DNS answered: no address (`from_srv` drops the target)
+        except (dns.exception.DNSException, OSError) as exc:
+            failed[target] = _cause(exc, config.timeout)  # no answer: its last known backend stays
+            return
+        addresses[target] = found
+        if ttl is not None:
+            ttls.append(ttl)
 
     await asyncio.gather(*(resolve_target(t) for t in missing))
     discovered = from_srv(records, addresses, max_backends=config.max_backends, reserved_ids=reserved_ids,
@@ -246,61 +249,41 @@ async def _lookup_srv(
 async def _lookup_addresses(
     config: DiscoveryConfig, resolver: ThreadedResolver, reserved_ids: frozenset[str]
 ) -> tuple[Discovered, float | None]:
-    found, ttl = await _addresses_of(resolver, config.dns)
+    found, ttl = await _addresses(resolver, config.dns)
     assert config.port is not None  # lb.config.sections requires it for type a
     return from_addresses(found, port=config.port, max_backends=config.max_backends, reserved_ids=reserved_ids), ttl
 
 
-async def _addresses_of(resolver: ThreadedResolver, name: str) -> tuple[list[str], float | None]:
-    """A and AAAA addresses of `name` (`type: a`); a name with neither raises the more telling failure."""
-    found: list[str] = []
-    ttls: list[float] = []
-    failures: list[BaseException] = []
-    for rdtype in ("A", "AAAA"):
-        try:
-            answer = await resolver.resolve(name, rdtype, search=False)
-        except dns.exception.DNSException as exc:
-            failures.append(exc)
-            continue
-        found.extend(rdata.address for rdata in answer)
-        if answer.rrset is not None:
-            ttls.append(float(answer.rrset.ttl))
-    if not found and failures:
-        # Prefer the more telling error (NXDOMAIN, timeout) over "no AAAA records".
-        raise next((f for f in failures if not isinstance(f, dns.resolver.NoAnswer)), failures[0])
-    return found, min(ttls) if ttls else None
+async def _addresses(resolver: ThreadedResolver, name: str) -> tuple[list[str], float | None]:
+    """The A and AAAA addresses of `name` (a `type: a` name, or an SRV target) and their smallest TTL.
 
+    An A answer with addresses decides alone whatever AAAA does (`pick_address` takes IPv4 first).
+    Without one, a failed query leaves the addresses unknown, and that failure is raised: a failed A
+    query is not followed by AAAA, whose answer could not decide (an A address would have won) and
+    would swap an IPv4 set for an IPv6 one.
 
-async def _target_addresses(
-    resolver: ThreadedResolver, name: str
-) -> tuple[list[str], float | None, BaseException | None]:
-    """An SRV target's A and AAAA addresses, their smallest TTL, and why they are unknown (None: DNS answered).
-
-    NXDOMAIN, or NOERROR without records, is an answer: the target has no address ([], None, None),
-    and `from_srv` drops it.  A query that got no answer (timeout, SERVFAIL or REFUSED from every
-    nameserver, a malformed answer, a network error) says nothing about the target: the third item
-    is that failure, and `from_srv` keeps its last known backend.  An A answer with addresses
-    decides alone whatever AAAA does (`pick_address` takes IPv4 first); without one, a failed query
-    leaves the address unknown, and a failed A query is not followed by AAAA (whose answer could not
-    decide: an A address would have won).
+    Raises:
+        dns.resolver.NXDOMAIN, dns.resolver.NoAnswer: DNS answered that `name` has no address.
+        dns.exception.DNSException, OSError: a query got no answer (timeout, SERVFAIL or REFUSED from
+            every nameserver, a malformed answer, a network error): DNS said nothing about `name`.
     """
     found: list[str] = []
     ttls: list[float] = []
     for rdtype in ("A", "AAAA"):
         try:
             answer = await resolver.resolve(name, rdtype, search=False)
-        except dns.resolver.NXDOMAIN:
-            break  # the name does not exist: no AAAA either
         except dns.resolver.NoAnswer:
             continue
-        except (dns.exception.DNSException, OSError) as exc:
+        except (dns.exception.DNSException, OSError):  # NXDOMAIN included: the name does not exist
             if found:  # the A answer decides
                 break
-            return [], None, exc
+            raise
         found.extend(rdata.address for rdata in answer)
         if answer.rrset is not None:
             ttls.append(float(answer.rrset.ttl))
-    return found, min(ttls) if ttls else None, None
+    if not found:
+        raise dns.resolver.NoAnswer
+    return found, min(ttls) if ttls else None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -215,6 +215,18 @@ def test_one_failed_target_lookup_keeps_the_backend_and_shows_the_error(
     assert not [line for line in said if "no A/AAAA address" in line or "removed gw-2" in line], said
 
 
+def resolve_twice(loop: discovery.Discoverer, scripted: ScriptedResolver, key: tuple[str, str],
+                  then: dns.resolver.Answer | BaseException) -> None:
+    """One lookup as scripted, then one with `key` answering `then`."""
+
+    async def twice() -> None:
+        await loop.resolve_once()
+        scripted.script[key] = then
+        await loop.resolve_once()
+
+    asyncio.run(twice())
+
+
 def test_a_definite_no_address_still_removes_the_backend(
     scripted: ScriptedResolver, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -223,13 +235,8 @@ def test_a_definite_no_address_still_removes_the_backend(
     pool = PoolConfig("gateways", (), discovery=CONFIG)
     loop = discovery.Discoverer(pool, lambda _pool, backends: applied.append(tuple(b.id for b in backends)))
 
-    async def two_lookups() -> None:
-        await loop.resolve_once()
-        scripted.script[(GW2, "A")] = dns.resolver.NXDOMAIN()
-        await loop.resolve_once()
-
     with caplog.at_level("INFO", logger="lb.control.discovery"):
-        asyncio.run(two_lookups())
+        resolve_twice(loop, scripted, (GW2, "A"), dns.resolver.NXDOMAIN())
     assert applied == [("gw-1", "gw-2"), ("gw-1",)]
     assert loop.status.last_error is None and loop.status.errors == 0 and loop.status.skipped == 1
     said = "\n".join(record.getMessage() for record in caplog.records)
@@ -255,16 +262,26 @@ def test_a_failed_whole_lookup_keeps_the_set_as_before(
     applied: list[Any] = []
     loop = discovery.Discoverer(PoolConfig("gateways", (), discovery=CONFIG), lambda *args: applied.append(args))
 
-    async def two_lookups() -> None:
-        await loop.resolve_once()
-        scripted.script[(SERVICE, "SRV")] = dns.resolver.NoNameservers()
-        await loop.resolve_once()
-
     with caplog.at_level("WARNING", logger="lb.control.discovery"):
-        asyncio.run(two_lookups())
+        resolve_twice(loop, scripted, (SERVICE, "SRV"), dns.resolver.NoNameservers())
     assert len(applied) == 1 and loop.known == BOTH
     message = f"{SERVICE}: no nameserver answered (All nameservers failed to answer the query.)"
     assert loop.status.last_error == message and loop.status.errors == 1
     assert [r.getMessage() for r in caplog.records] == [
         f"discovery for pool gateways: {message}; keeping the last known 2 backend(s)"
     ]
+
+
+def test_type_a_whose_a_query_fails_keeps_its_set_rather_than_take_the_aaaa_answer() -> None:
+    """`type: a`: an A query without an answer leaves the IPv4 addresses unknown; the AAAA answer cannot
+    decide (an A address would win), so the lookup fails and the last known set stays.  Before, the
+    set was swapped for the AAAA addresses: every pinned client redispatched for one lost packet."""
+    resolver = ScriptedResolver()
+    resolver.script = {
+        ("gw.test", "A"): dns.resolver.LifetimeTimeout(timeout=0.3, errors=[]),
+        ("gw.test", "AAAA"): answer("gw.test.", "AAAA", "::1"),
+    }
+    config = DiscoveryConfig(SERVICE, type=DiscoveryType.A, port=9000, nameservers=(("127.0.0.1", 53),), timeout=0.3)
+    with pytest.raises(discovery.DiscoveryError, match=r"no answer within 0\.3s"):
+        run_lookup(resolver, config=config)
+    assert resolver.queries == [("gw.test", "A")]  # AAAA could not decide: not asked
