@@ -93,6 +93,9 @@ class ListenerConfig:
     # Each connection starts with a PROXY v1/v2 header from an L4 balancer (lb.http.proxy_header);
     # without a valid one it is closed without an answer.
     proxy_protocol: bool = False
+    # The peers whose PROXY header is believed (the L4 balancers in front); empty: any peer, so anyone
+    # who can reach the listener names their own client address.  Others are closed at accept.
+    proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # listen() queue; lb.config.sections fills in max(net.core.somaxconn, 4096) when absent.  A
     # reconnect storm arrives as one burst of SYNs: each overflow costs the client a 1s retransmit.
     backlog: int = 4096

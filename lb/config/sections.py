@@ -245,7 +245,7 @@ def build_config(tree: object, check: Checker) -> Config | None:
     logging = simple_section(root, "logging", check, _LOGGING_FIELDS, LoggingConfig)
     runtime = simple_section(root, "runtime", check, _RUNTIME_FIELDS, RuntimeConfig)
     top = parse_fields(root, "", check, [Field("workers", _workers(check.cpu_count))])
-    trusted_proxies = _trusted_proxies(root.get("trusted_proxies"), check)
+    trusted_proxies = _networks(root.get("trusted_proxies"), "trusted_proxies", check)
     if pools is not None and affinity is not None and trusted_proxies is not None:
         _check_request_keys(pools, affinity, bool(trusted_proxies), check)
     if (
@@ -309,44 +309,51 @@ def _listeners(value: object, check: Checker) -> tuple[ListenerConfig, ...] | No
 
 
 def _listener(value: object, path: str, check: Checker) -> ListenerConfig | None:
-    node = mapping_of(value, path, check, ("bind", "tls", "proxy_protocol", "backlog"))
+    node = mapping_of(value, path, check, ("bind", "tls", "proxy_protocol", "proxy_protocol_from", "backlog"))
     if node is None:
         return None
     kwargs = parse_fields(node, path, check, _LISTENER_FIELDS)
+    proxy_from = _networks(node.get("proxy_protocol_from"), join_path(path, "proxy_protocol_from"), check)
     tls: TlsConfig | None = None
     tls_value = node.get("tls")
     if tls_value is not None:
         tls = _tls(tls_value, join_path(path, "tls"), check)
         if tls is None:
             return None
-    if kwargs is None:
+    if kwargs is None or proxy_from is None:
         return None
+    if proxy_from and not kwargs.get("proxy_protocol"):
+        # Without the header there is nothing to believe: the operator meant the listener to read one.
+        check.add(join_path(path, "proxy_protocol_from"), "has no effect without proxy_protocol: true")
+        return None
+    kwargs["proxy_protocol_from"] = proxy_from
     host, port = kwargs.pop("bind")
     kwargs["backlog"] = kwargs.get("backlog") or default_backlog()
     return ListenerConfig(host=host, port=port, tls=tls, **kwargs)
 
 
-def _trusted_proxies(
-    value: object, check: Checker
+def _networks(
+    value: object, path: str, check: Checker
 ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
-    """`trusted_proxies`: a list (possibly empty) of CIDRs or addresses; absent or null is empty."""
+    """`trusted_proxies` or a listener's `proxy_protocol_from`: a list (possibly empty) of CIDRs or
+    addresses; absent or null is empty."""
     if value is None:
         return ()
     if not isinstance(value, list):
-        check.add("trusted_proxies", f"expected a list of CIDRs such as [10.0.0.0/8], got {kind_of(value)}")
+        check.add(path, f"expected a list of CIDRs such as [10.0.0.0/8], got {kind_of(value)}")
         return None
     networks = []
     valid = True
     for i, item in enumerate(value):
-        path = f"trusted_proxies[{i}]"
+        path_i = f"{path}[{i}]"
         if not isinstance(item, str):
-            check.add(path, f"expected a CIDR such as 10.0.0.0/8, got {kind_of(item)}")
+            check.add(path_i, f"expected a CIDR such as 10.0.0.0/8, got {kind_of(item)}")
             valid = False
             continue
         try:
             networks.append(parse_network(item))
         except ValueError as exc:
-            check.add(path, str(exc))
+            check.add(path_i, str(exc))
             valid = False
     return tuple(networks) if valid else None
 

@@ -297,7 +297,8 @@ class Balancer:
             except OSError as exc:
                 raise BindError("listener", listener.bind, exc) from exc
             accepting = AcceptingServer(
-                self.ctx, socks, ssl_context, proxy_protocol=listener.proxy_protocol, start_serving=adopt is None
+                self.ctx, socks, ssl_context, proxy_protocol=listener.proxy_protocol,
+                proxy_from=listener.proxy_protocol_from, start_serving=adopt is None,
             )
             host, port = socks[0].getsockname()[:2]
             return _Listening(listener, accepting, ssl_context, (host, port))
@@ -651,6 +652,8 @@ class Balancer:
                     listening.ssl_context.load_cert_chain(listener.tls.cert, listener.tls.key)
                 except (OSError, ssl.SSLError) as exc:
                     log.error("listener %s keeps its previous certificate: %s", listener.bind, exc)
+            if isinstance(listening.server, AcceptingServer):
+                listening.server.believe_proxy_headers_from(listener.proxy_protocol_from)
             listening.config = listener
         for listening in new_listening:
             if not listening.server.is_serving():  # took over a replaced listener's socket

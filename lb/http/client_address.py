@@ -63,7 +63,10 @@ def parse_network(text: str) -> IPNetwork:
 
 @dataclass(frozen=True, slots=True)
 class TrustedProxies:
-    """The peers whose X-Forwarded-For is believed; empty trusts nobody (the default)."""
+    """The peers whose X-Forwarded-For is believed; empty trusts nobody (the default).
+
+    Also a listener's `proxy_protocol_from` (`lb.proxy.preamble`), where empty means any peer.
+    """
 
     networks: tuple[IPNetwork, ...] = ()
 

@@ -31,6 +31,8 @@ descriptors it spins; this one pauses.
   connections are clients long gone, whose TLS handshakes fail in a moment
   and give their descriptors back, and a fixed second between batches kept
   live clients waiting behind them for 10 s and more.
+- With PROXY protocol and a `proxy_protocol_from` list, a peer outside it
+  is closed at accept, unread: its header could name any client.
 - Each accepted socket is counted at once (`_Accepted`).  With PROXY
   protocol it gets a `_Preamble`: on readability it peeks
   (`recv(n, MSG_PEEK)`) and parses what it has so far plus the peeked bytes
@@ -71,6 +73,7 @@ import time
 from collections.abc import Sequence
 
 from lb.errors import LOCAL_ERRNOS, BadProxyHeader
+from lb.http.client_address import IPNetwork, TrustedProxies, parse_address
 from lb.http.proxy_header import MAX_V2_LENGTH, V2_FIXED, parse_proxy_header
 from lb.log import Throttle
 from lb.proxy.server import AcceptCount, ClientConnection, accept_errors
@@ -140,12 +143,15 @@ class AcceptingServer:
         ssl_context: ssl.SSLContext | None,
         *,
         proxy_protocol: bool = True,
+        proxy_from: Sequence[IPNetwork] = (),
         start_serving: bool = True,
     ) -> None:
-        """`socks`: the listening sockets (`listening_sockets`: one per address of the listener's name)."""
+        """`socks`: the listening sockets (`listening_sockets`: one per address of the listener's name);
+        `proxy_from`: the listener's `proxy_protocol_from` (empty: a PROXY header from any peer)."""
         self._ctx = ctx
         self._ssl = ssl_context
         self._proxy_protocol = proxy_protocol
+        self._proxy_from = TrustedProxies(tuple(proxy_from))
         # Past the limit and its answered overflow, a connection whose TLS handshake or PROXY header
         # comes first is closed at once (ctx.sheds); a plain one (asyncio's loop) is answered 503 at
         # its head, as create_server's are.
@@ -172,6 +178,10 @@ class AcceptingServer:
 
     async def start_serving(self) -> None:
         self.start_serving_now()
+
+    def believe_proxy_headers_from(self, networks: Sequence[IPNetwork]) -> None:
+        """A reload that keeps this listener: its new `proxy_protocol_from`, for connections accepted from now."""
+        self._proxy_from = TrustedProxies(tuple(networks))
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -237,6 +247,11 @@ class AcceptingServer:
                 self._ctx.stats.shed += 1
                 continue
             if self._proxy_protocol:
+                if self._proxy_from.networks and parse_address(address[0]) not in self._proxy_from:
+                    # Not an L4 balancer of ours: its header would name any client it likes.
+                    conn.close()
+                    _refusals.report(address[0], "the peer is not in listeners[].proxy_protocol_from")
+                    continue
                 conn.setblocking(False)  # the preamble peeks; the transport sets the rest (TCP_NODELAY)
                 self._preambles.add(_Preamble(self, conn, address))
             else:

@@ -133,9 +133,13 @@ def read_all(sock: socket.socket | ssl.SSLSocket, within: float) -> bytes:
     return out
 
 
-def exchange(port: int, pieces: list[bytes], *, tls_ca: Path | None = None, header: bytes = b"") -> bytes:
-    """Send `header` (before TLS, if any), then `pieces` one write each; return all that came back."""
-    with socket.create_connection((HOST, port), timeout=5 * UNIT) as raw:
+def exchange(
+    port: int, pieces: list[bytes], *, tls_ca: Path | None = None, header: bytes = b"", source: str = ""
+) -> bytes:
+    """Send `header` (before TLS, if any), then `pieces` one write each; return all that came back.
+
+    `source`: the client's own address (any 127.x is a distinct peer), else the system's choice."""
+    with socket.create_connection((HOST, port), timeout=5 * UNIT, source_address=(source, 0)) as raw:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if header:
             raw.sendall(header)
@@ -388,6 +392,42 @@ def test_reload_turns_proxy_protocol_on_and_off(launcher: Launcher) -> None:
     tag = new_tag()
     assert exchange(lb.port, [request(tag)]).startswith(b"HTTP/1.1 404")
     assert forwarded_for(spy, tag) == "127.0.0.1"
+    lb.assert_alive()
+
+
+def test_a_header_is_believed_only_from_the_peers_in_proxy_protocol_from(launcher: Launcher) -> None:
+    """`proxy_protocol_from`: a peer outside it is closed unanswered (its header would name any client it
+    likes), and says so in the log; a reload that keeps the listener changes whom it believes."""
+    spy = launcher.spy()
+    config = lb_config(
+        pools={"spy": [spy]},
+        health=STEADY_HEALTH,
+        overrides={"limits": {"handshake_rate_per_ip": 0}, "logging": {"level": "INFO"}},
+    )
+    config["listeners"][0].update(proxy_protocol=True, proxy_protocol_from=["127.0.0.2/32", "2001:db8::/32"])
+    lb = launcher.balancer(config, name="pp-from")
+    lb.wait_states({("spy", spy.id): "up"})
+    assert lb.port is not None
+
+    tag = new_tag()
+    assert exchange(lb.port, [v1("203.0.113.8") + request(tag)], source="127.0.0.2").startswith(b"HTTP/1.1 404")
+    assert forwarded_for(spy, tag) == "203.0.113.8"
+    tag = new_tag()
+    assert exchange(lb.port, [v1("203.0.113.9") + request(tag)], source="127.0.0.3") == b""
+    assert not [r for r in spy.requests if r.path == f"/pp/{tag}"]
+    deadline = time.monotonic() + 5 * UNIT
+    while "not in listeners[].proxy_protocol_from" not in lb.log_text():
+        assert time.monotonic() < deadline, lb.logs_tail()
+        time.sleep(0.05)
+
+    config["listeners"][0]["proxy_protocol_from"] = ["127.0.0.3"]
+    reload_with(lb, config)
+    tag = new_tag()
+    assert exchange(lb.port, [v1("203.0.113.10") + request(tag)], source="127.0.0.3").startswith(b"HTTP/1.1 404")
+    assert forwarded_for(spy, tag) == "203.0.113.10"
+    tag = new_tag()
+    assert exchange(lb.port, [v1("203.0.113.11") + request(tag)], source="127.0.0.2") == b""
+    assert not [r for r in spy.requests if r.path == f"/pp/{tag}"]
     lb.assert_alive()
 
 

@@ -1,4 +1,5 @@
-"""Config keys for the real client address: `listeners[].proxy_protocol` and `trusted_proxies` (SPEC part 2)."""
+"""Config keys for the real client address: `listeners[].proxy_protocol` (and `proxy_protocol_from`) and
+`trusted_proxies` (SPEC part 2)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,47 @@ def test_proxy_protocol_must_be_a_boolean(bad: object) -> None:
     found = problems(value)
     assert list(found) == ["listeners[1].proxy_protocol"]
     assert "expected true or false" in found["listeners[1].proxy_protocol"]
+
+
+def test_proxy_protocol_from_is_a_list_of_networks_per_listener() -> None:
+    """`proxy_protocol_from`: the peers whose header is believed; absent, empty or null is any peer."""
+    value = tree()
+    value["listeners"][0].update(proxy_protocol=True, proxy_protocol_from=["10.0.0.0/8", "::ffff:192.0.2.9"])
+    value["listeners"][1].update(proxy_protocol=True, proxy_protocol_from=None)
+    config = parse(value)
+    # An IPv4-mapped address is its IPv4 one, as a peer's address is compared.
+    assert config.listeners[0].proxy_protocol_from == (
+        ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.0.2.9/32")
+    )
+    assert config.listeners[1].proxy_protocol_from == ()
+    value["listeners"][1]["proxy_protocol_from"] = []
+    assert parse(value).listeners[1].proxy_protocol_from == ()
+
+
+def test_proxy_protocol_from_without_proxy_protocol_is_a_problem() -> None:
+    """Set on a listener that reads no header, it would do nothing: the operator meant something else."""
+    value = tree()
+    value["listeners"][1]["proxy_protocol_from"] = ["10.0.0.0/8"]
+    found = problems(value)
+    assert list(found) == ["listeners[1].proxy_protocol_from"]
+    assert "proxy_protocol: true" in found["listeners[1].proxy_protocol_from"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "path", "says"),
+    [
+        ("10.0.0.0/8", "listeners[0].proxy_protocol_from", "expected a list of CIDRs"),
+        (["10.0.0.1/8"], "listeners[0].proxy_protocol_from[0]", "host bits"),
+        ([7], "listeners[0].proxy_protocol_from[0]", "expected a CIDR"),
+    ],
+)
+def test_a_bad_proxy_protocol_from_is_reported_at_its_path(bad: object, path: str, says: str) -> None:
+    """Reported with the listener's other problems, each at its own path."""
+    value = tree()
+    value["listeners"][0].update(proxy_protocol=True, proxy_protocol_from=bad, backlog=0)
+    found = problems(value)
+    assert set(found) == {path, "listeners[0].backlog"}
+    assert says in found[path]
 
 
 def test_trusted_proxies_are_networks() -> None:
