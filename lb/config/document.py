@@ -235,7 +235,8 @@ def expand(node: object, path: str, environ: Mapping[str, str], check: Checker, 
             check.add(path, f"mappings and lists nested more than {MAX_CONFIG_DEPTH} deep, which no configuration "
                             "needs (YAML aliases nested inside each other?)")
         return REPORTED
-    active.add(id(node))
+    walking = id(node)  # the node as parsed: a stood-in mapping below is a copy, with an id of its own
+    active.add(walking)
     try:
         if isinstance(node, dict):
             if check.stood_in:  # keys are not expanded, but must read as written (in messages, say)
@@ -243,7 +244,7 @@ def expand(node: object, path: str, environ: Mapping[str, str], check: Checker, 
             return {k: expand(item, join_path(path, k), environ, check, active) for k, item in node.items()}
         return [expand(item, f"{path}[{i}]", environ, check, active) for i, item in enumerate(node)]
     finally:
-        active.discard(id(node))
+        active.discard(walking)
 
 
 def _expand_string(text: str, path: str, environ: Mapping[str, str], check: Checker) -> object:

@@ -816,6 +816,23 @@ def test_unquoted_references_inside_flow_collections_expand_as_spec_writes_them(
     assert config.pools["gateways"].health_check.rise == 3
 
 
+def test_spec_s_unquoted_reference_leaves_anchors_and_many_backends_alone(base_dir: Path) -> None:
+    """With `[${KEY}]` read, a mapping's stood-in copy once left the original in the walk's set of parents
+    for good: an alias used twice read as one of its own parents, and 57 mappings read as 64 deep."""
+    backends = "".join(f"      - {{id: b{i}, address: 127.0.0.1:{10000 + i}}}\n" for i in range(80))
+    text = SPEC_EXAMPLE.replace("\npools:\n", f"""\npools:
+  second:
+    health_check: &check {{type: tcp}}
+    backends:
+{backends}  third:
+    health_check: *check
+    backends: [{{id: c, address: 127.0.0.1:9}}]
+""")
+    config = parse_config(text, base_dir=base_dir, environ={"LB_ADMIN_TOKEN": "t0ken", "LB_COOKIE_KEY": LONG_A})
+    assert len(config.pools["second"].backends) == 80
+    assert config.pools["third"].health_check == config.pools["second"].health_check
+
+
 def test_an_unset_reference_inside_a_flow_list_is_named_by_its_path(base_dir: Path) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(SPEC_EXAMPLE, base_dir=base_dir, environ={"LB_ADMIN_TOKEN": "t"})
