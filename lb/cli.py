@@ -22,7 +22,7 @@ from pathlib import Path
 from lb import __version__, startup_signals
 from lb.compiled import compiled_state, stale_message
 from lb.config.advice import advice
-from lb.config.load import load_config, load_config_source
+from lb.config.load import load_config_source
 from lb.errors import ConfigError
 
 EXIT_OK = 0
@@ -189,7 +189,11 @@ def _worker(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     config_path: Path = args.config
     try:
-        config = load_config(config_path)
+        config, source = load_config_source(config_path)
+        if config.workers > 1:  # what `lb run` refuses, said here too
+            from lb.control.ipc import check_config_handover
+
+            check_config_handover(source)
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_USAGE

@@ -98,7 +98,10 @@ def got(value: object) -> str:
 
 
 def show(value: object) -> str:
-    """Quote a value of the right type but wrong content for "got '...'" messages."""
+    """Quote a value of the right type but wrong content for "got '...'" messages; a `${...}`'s is not
+    quoted (a variable or a mounted file may hold a secret, and the message goes to the reload log)."""
+    if isinstance(value, Expanded):
+        return f"the {len(value)} characters its ${{...}} reference gave (not shown)"
     if isinstance(value, str):
         return repr(str(value) if len(value) <= 60 else value[:57] + "...")
     if isinstance(value, bool):

@@ -30,6 +30,26 @@ MAX_CONFIG_NODES: Final = 100_000
 MAX_CONFIG_DEPTH: Final = 64
 
 
+def relative_to_config(base_dir: Path, name: str) -> Path:
+    """A file named in the configuration: `~` expanded, then relative to the config file's folder.
+
+    Raises:
+        ValueError: no file can have that name (a NUL, a lone surrogate), or a `~user` with no home;
+        the message says which, without the rest of the name.
+    """
+    if "\0" in name:
+        raise ValueError("a file name cannot hold a NUL character")
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        raise ValueError("a file name cannot hold a lone surrogate (\\udxxx)") from None
+    try:
+        expanded = Path(name).expanduser()
+    except RuntimeError:  # pathlib's word for `~nosuchuser`
+        raise ValueError(f"{show(name.split('/', 1)[0])} names no user with a home directory") from None
+    return Path(os.path.abspath(base_dir / expanded))
+
+
 def read_regular_file(path: Path, limit: int) -> bytes:
     """The bytes of `path`, which must be a regular file of at most `limit` bytes.
 
@@ -291,7 +311,10 @@ def _read_reference(name: str, check: Checker) -> tuple[str, str | None]:
     From `check.snapshot` when there is one (a worker: what its owner read, so both substitute the same
     bytes), else from the disk; either way recorded in `check.files_read`.
     """
-    path = Path(os.path.abspath(check.base_dir / Path(name.strip()).expanduser()))
+    try:
+        path = relative_to_config(check.base_dir, name.strip())
+    except ValueError as exc:
+        return "", f"cannot read file: {exc}"
     if str(path) in check.files_read:  # named twice: read once, so one load never sees two versions of it
         return check.files_read[str(path)], None
     if check.snapshot is not None:

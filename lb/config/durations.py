@@ -22,6 +22,15 @@ _BLANKS = " \t\r\n"
 _EXPECTED = "expected a duration like 500ms, 2s, 5m or 1h"
 
 
+class BadDuration(ValueError):
+    """Not a duration; `problem` says why without the value (which may have come from a secret)."""
+
+    def __init__(self, problem: str, value: object) -> None:
+        shown = repr(value)
+        super().__init__(f"{problem}, got {shown if len(shown) <= 62 else shown[:58] + '...'}")
+        self.problem = problem
+
+
 def parse_duration(value: str | int | float) -> float:
     """Convert a configuration duration to seconds.
 
@@ -33,28 +42,29 @@ def parse_duration(value: str | int | float) -> float:
         The duration in seconds, always finite and >= 0.
 
     Raises:
-        ValueError: the value is not a duration, is negative, or is not finite.
+        BadDuration: the value is not a duration, is negative, or is not finite (ValueError: not a
+            str, int or float).
     """
     # bool is an int subclass, but `interval: true` is a mistake, not 1 second.
     if isinstance(value, bool):
-        raise ValueError(f"{_EXPECTED}, got {value!r}")
+        raise BadDuration(_EXPECTED, value)
     if isinstance(value, int | float):
         return _checked(float(value), value)
     if not isinstance(value, str):
-        raise ValueError(f"{_EXPECTED}, got {type(value).__name__}")
+        raise ValueError(f"{_EXPECTED}, got {type(value).__name__}")  # the caller's type error
     text = value.strip(_BLANKS)
     if text.startswith("-") and _DURATION_RE.fullmatch(text[1:].lstrip(_BLANKS)):
-        raise ValueError(f"a duration cannot be negative, got {value!r}")
+        raise BadDuration("a duration cannot be negative", value)
     match = _DURATION_RE.fullmatch(text)
     if match is None:
-        raise ValueError(f"{_EXPECTED}, got {value!r}")
+        raise BadDuration(_EXPECTED, value)
     seconds = float(match["number"]) * _UNIT_SECONDS[match["unit"] or "s"]
     return _checked(seconds, value)
 
 
 def _checked(seconds: float, original: str | int | float) -> float:
     if math.isnan(seconds) or math.isinf(seconds):
-        raise ValueError(f"{_EXPECTED}, got {original!r}")
+        raise BadDuration(_EXPECTED, original)
     if seconds < 0:
-        raise ValueError(f"a duration cannot be negative, got {original!r}")
+        raise BadDuration("a duration cannot be negative", original)
     return seconds

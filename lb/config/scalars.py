@@ -15,7 +15,7 @@ from enum import Enum
 from typing import TypeVar
 
 from lb.config.checker import Bad, Expanded, Parser, got, kind_of, show
-from lb.config.durations import parse_duration
+from lb.config.durations import BadDuration, parse_duration
 from lb.config.model import HashKey, HashKeySource, SecureMode
 
 T = TypeVar("T")
@@ -27,7 +27,25 @@ def string(value: object) -> str:
         raise Bad(f"expected a string, got {kind_of(value)}")
     if not value:
         raise Bad("expected a non-empty string")
+    if not is_utf8(value):
+        raise Bad(NOT_UTF8)
     return str(value)  # a plain str, not Expanded
+
+
+NOT_UTF8 = ("expected UTF-8 text: it holds bytes that are not (a variable set from random bytes?) "
+            "or a lone surrogate such as \\ud800")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` can be sent or sealed as UTF-8: an environment variable's bytes that are not UTF-8
+    arrive as lone surrogates (Python's surrogateescape), and so does a YAML `"\\ud800"`."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def secret(value: object) -> str:
@@ -40,6 +58,8 @@ def secret(value: object) -> str:
 def integer(low: int, high: int) -> Parser:
     def parse(value: object) -> int:
         if isinstance(value, Expanded) and value.isascii() and value.isdigit():
+            if len(value) > 30:  # int() refuses over 4,300 digits, and no key's range comes near 30
+                raise Bad(f"expected an integer from {low} to {high}, got one of {len(value)} digits")
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise Bad(f"expected an integer from {low} to {high}, got {got(value)}")
@@ -72,16 +92,24 @@ def boolean(value: object) -> bool:
     return value
 
 
+# The longest any duration may be: browsers keep a cookie at most 400 days (RFC 6265bis), and no timeout
+# or interval needs more.  Unbounded, `max_age: 99999999999999999999h` sealed tokens whose expiry no
+# date can show (/lookup failed on it).
+MAX_DURATION_DAYS = 400
+
+
 def duration(*, allow_zero: bool = False) -> Parser:
     def parse(value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise Bad(f"expected a duration like 500ms, 2s, 5m or 1h, got {kind_of(value)}")
         try:
             seconds = parse_duration(value)
-        except ValueError as exc:
-            raise Bad(str(exc)) from None
+        except BadDuration as exc:
+            raise Bad(f"{exc.problem}, got {show(value)}") from None
         if seconds == 0 and not allow_zero:
             raise Bad(f"expected a duration greater than 0, got {show(value)}")
+        if seconds > MAX_DURATION_DAYS * 86_400:
+            raise Bad(f"expected a duration of at most {MAX_DURATION_DAYS} days, got {show(value)}")
         return seconds
 
     return parse
@@ -113,7 +141,7 @@ def secure_mode(value: object) -> SecureMode:
 def prefixed_path(value: object) -> str:
     text = string(value)
     if not text.startswith("/"):
-        raise Bad(f"expected a path starting with '/', got {show(text)}")
+        raise Bad(f"expected a path starting with '/', got {show(value)}")
     return text
 
 
@@ -128,7 +156,7 @@ def request_path(value: object) -> str:
     if not _REQUEST_PATH_RE.fullmatch(text):
         raise Bad(
             f"expected a request path of visible ASCII without '#' (percent-encode spaces and anything "
-            f"else), got {show(text)}"
+            f"else), got {show(value)}"
         )
     return text
 
@@ -149,7 +177,7 @@ def matching(pattern: re.Pattern[str], expected: str, *, max_chars: int = MAX_NA
         if len(text) > max_chars:
             raise Bad(f"expected at most {max_chars} characters, got {len(text)}")
         if not pattern.fullmatch(text):
-            raise Bad(f"expected {expected}, got {show(text)}")
+            raise Bad(f"expected {expected}, got {show(value)}")
         return text
 
     return parse
@@ -179,9 +207,9 @@ def hash_key(value: object) -> HashKey:
     source, colon, name = text.partition(":")
     expected = "header:NAME, query:NAME or cookie:NAME"
     if not colon or source not in HashKeySource.__members__.values():
-        raise Bad(f"expected {expected}, got {show(text)}")
+        raise Bad(f"expected {expected}, got {show(value)}")
     if not _COOKIE_NAME_RE.fullmatch(name) or len(name) > 256:
-        raise Bad(f"expected {expected} with NAME a token (letters, digits and !#$%&'*+-.^_`|~), got {show(text)}")
+        raise Bad(f"expected {expected} with NAME a token (letters, digits and !#$%&'*+-.^_`|~), got {show(value)}")
     return HashKey(source=HashKeySource(source), name=name)
 
 
@@ -212,8 +240,20 @@ def _split_host_port(text: str) -> tuple[str | None, int | None]:
     else:
         host, sep, port_text = text.rpartition(":")
         valid_host = bool(sep) and _is_host(host)
-    port = int(port_text) if port_text.isascii() and port_text.isdigit() else None
+    # int() refuses over 4,300 digits; ten is a number the range check below can name.
+    port = int(port_text) if port_text.isascii() and port_text.isdigit() and len(port_text) <= 10 else None
     return (host if valid_host else None), port
+
+
+def bind_address(value: object) -> tuple[str, int]:
+    """A listener's or the admin API's host:port (port 0: any free one)."""
+    host, port = address(min_port=0)(value)
+    with contextlib.suppress(ValueError):
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+        if mapped is not None:
+            # Our IPv6 sockets are IPv6-only (an IPv4 listener may share the port), so this never binds.
+            raise Bad(f"an IPv4-mapped address does not bind here: write {mapped}:{port}")
+    return host, port
 
 
 def is_ip(text: str, *, version: int) -> bool:

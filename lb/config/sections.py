@@ -20,6 +20,7 @@ from lb.config.checker import (
     REPORTED,
     Bad,
     Checker,
+    Expanded,
     Field,
     Parser,
     got,
@@ -34,6 +35,7 @@ from lb.config.checker import (
     simple_section,
     value_at,
 )
+from lb.config.document import relative_to_config
 from lb.config.model import (
     AdminConfig,
     AffinityConfig,
@@ -62,7 +64,9 @@ from lb.config.model import (
 )
 from lb.config.scalars import (
     HOSTNAME_RE,
+    NOT_UTF8,
     address,
+    bind_address,
     boolean,
     choice,
     cookie_name,
@@ -74,6 +78,7 @@ from lb.config.scalars import (
     integer,
     is_ip,
     is_loopback,
+    is_utf8,
     matching,
     number,
     prefixed_path,
@@ -122,7 +127,7 @@ _LOGGING_FIELDS = (
     Field("access_log", boolean),
 )
 _RUNTIME_FIELDS = (Field("event_loop", enum_of(EventLoop)),)
-_ADMIN_FIELDS = (Field("bind", address(min_port=0)), Field("token", secret))
+_ADMIN_FIELDS = (Field("bind", bind_address), Field("token", secret))
 _AFFINITY_FIELDS = (
     Field("mode", enum_of(AffinityMode)),
     Field("cookie", cookie_name),
@@ -135,7 +140,7 @@ _AFFINITY_FIELDS = (
     Field("redispatch_grace", duration(allow_zero=True)),
 )
 _LISTENER_FIELDS = (
-    Field("bind", address(min_port=0), required=True),
+    Field("bind", bind_address, required=True),
     Field("proxy_protocol", boolean),
     Field("backlog", integer(1, 1_000_000)),
 )
@@ -353,7 +358,9 @@ def _networks(
         try:
             networks.append(parse_network(item))
         except ValueError as exc:
-            check.add(path_i, str(exc))
+            # Its message quotes the value, which a `${...}` may have taken from a secret.
+            check.add(path_i, f"expected a CIDR such as 10.0.0.0/8, got {show(item)}" if isinstance(item, Expanded)
+                      else str(exc))
             valid = False
     return tuple(networks) if valid else None
 
@@ -368,10 +375,18 @@ def _tls(value: object, path: str, check: Checker) -> TlsConfig | None:
     files: dict[str, str] = {}
     for key in ("cert", "key"):
         # Relative to the config file, so `lb run --config deploy/lb.yaml` works from anywhere.
-        resolved = Path(os.path.abspath(check.base_dir / Path(kwargs[key]).expanduser()))
-        if resolved.is_file():
+        try:
+            resolved = relative_to_config(check.base_dir, kwargs[key])
+            is_file, exists = resolved.is_file(), resolved.exists()
+        except ValueError as exc:
+            check.add(join_path(path, key), str(exc))
+            continue
+        except OSError as exc:  # a name too long, a folder on the way we may not search
+            check.add(join_path(path, key), f"cannot read {resolved}: {exc.strerror or exc}")
+            continue
+        if is_file:
             files[key] = str(resolved)
-        elif resolved.exists():
+        elif exists:
             check.add(join_path(path, key), f"not a regular file: {resolved}")  # a directory, a device
         else:
             check.add(join_path(path, key), f"file not found: {resolved}")
@@ -535,6 +550,8 @@ def _secret_keys(value: object, check: Checker) -> tuple[str, ...] | None:
             check.add(f"{path}[{i}]", f"expected a string, got {type(item).__name__}")  # never echo a key
         elif len(item) < MIN_SECRET_KEY_CHARS:
             check.add(f"{path}[{i}]", _SHORT_KEY)
+        elif not is_utf8(item):
+            check.add(f"{path}[{i}]", NOT_UTF8)
         else:
             keys.append(str(item))
     return tuple(keys) if len(keys) == len(items) else None

@@ -501,6 +501,10 @@ class Balancer:
             log.error("reload failed, keeping the running configuration: %s", shown)
             self.reloads["failure"] += 1
             return False
+        except Exception:  # a fault of ours in reading it: said now and counted, not when the task is collected
+            log.exception("reload failed, keeping the running configuration: reading it raised")
+            self.reloads["failure"] += 1
+            return False
         try:
             await self.apply(config)
         except BindError as exc:

@@ -83,6 +83,20 @@ def test_validate_reports_each_problem_by_path(tmp_path: Path, capsys: pytest.Ca
     ]
 
 
+@pytest.mark.usefixtures("env")
+def test_validate_refuses_what_run_cannot_hand_to_its_workers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lb run` refuses a configuration too large for one control message to its workers: so does validate."""
+    from lb.control import ipc
+
+    path = write_config(tmp_path)
+    path.write_text("workers: 2\n" + path.read_text() + "# " + "x" * 6000 + "\n")
+    monkeypatch.setattr(ipc, "MAX_MESSAGE_BYTES", 5000)
+    assert main(["validate", "--config", str(path)]) == 2
+    assert "too large to hand to the workers" in capsys.readouterr().err
+
+
 def test_validate_names_unset_variables(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

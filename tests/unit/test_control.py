@@ -246,6 +246,32 @@ def test_an_owner_reload_its_workers_cannot_get_fails_before_anything_is_applied
 
 
 
+def test_a_reload_whose_reading_raises_says_so_at_once_and_counts_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anything but a ConfigError out of reading the file (a fault of ours) was left in the SIGHUP task:
+    no "reload failed" line, no failure counted, a traceback only when the task was collected."""
+    from lb.control.balancer import Balancer
+
+    path = tmp_path / "lb.yaml"
+    path.write_text(OWNER_YAML.replace("workers: 2", "workers: 1").replace("BACKENDS", "[{id: a, address: '127.0.0.1:9'}]"))
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a fault of ours")
+
+    async def scenario() -> None:
+        config, _ = load_config_source(path)
+        balancer = Balancer(config, path)
+        monkeypatch.setattr(balancer, "_read_config", broken)
+        with caplog.at_level(logging.ERROR, logger="lb.control.balancer"):
+            assert not await balancer.reload()
+        assert "reload failed, keeping the running configuration" in caplog.text
+        assert "RuntimeError: a fault of ours" in caplog.text
+        assert balancer.reloads == {"failure": 1}
+
+    asyncio.run(scenario())
+
+
 @given(total=st.integers(0, 10_000), count=st.integers(1, 64))
 def test_shares_add_up_to_the_total(total: int, count: int) -> None:
     """However many workers, their shares sum to exactly the configured number."""

@@ -1,0 +1,151 @@
+"""Configuration values that once gave a traceback, a secret in a message, or a config that validates and
+then fails: each is now a problem at its key path (`lb validate` exit 2, a failed reload that says why)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lb.config.load import parse_config
+from lb.errors import ConfigError
+
+KEY = "k" * 43
+SECRET = "s3cret-" + "x" * 40
+
+
+def tree(**extra: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "listeners": [{"bind": "127.0.0.1:8080"}],
+        "affinity": {"secret_keys": [KEY]},
+        "routes": [{"path_prefix": "/", "pool": "p"}],
+        "pools": {"p": {"backends": [{"id": "a", "address": "127.0.0.1:1"}]}},
+    }
+    base.update(extra)
+    return base
+
+
+def problems(text: str, base_dir: Path, environ: dict[str, str] | None = None) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir=base_dir, environ=environ or {})
+    return {p.path: p.message for p in info.value.problems}
+
+
+def tree_problems(value: dict[str, Any], base_dir: Path, environ: dict[str, str] | None = None) -> dict[str, str]:
+    return problems(yaml.safe_dump(value), base_dir, environ)
+
+
+# -- file names -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("x" * 300 + ".crt", "File name too long"),  # the OSError is.is_file() raised
+        ("~no-such-user-of-this-host/server.crt", "names no user"),  # pathlib's RuntimeError
+        ("a\0b.crt", "NUL"),  # os.stat's ValueError
+        ("\ud800.crt", "lone surrogate"),  # os.fsencode's UnicodeEncodeError
+    ],
+)
+def test_a_tls_file_name_no_file_can_have_is_a_problem_at_its_path(tmp_path: Path, name: str, says: str) -> None:
+    value = tree()
+    value["listeners"][0]["tls"] = {"cert": name, "key": "server.key"}
+    found = tree_problems(value, tmp_path)
+    assert says in found["listeners[0].tls.cert"], found
+
+
+@pytest.mark.parametrize(
+    ("reference", "says"),
+    [("~no-such-user-of-this-host/key", "names no user"), ("a\\0b", "NUL"), ("\\ud800", "lone surrogate")],
+)
+def test_a_file_reference_no_file_can_have_is_a_problem_at_its_path(tmp_path: Path, reference: str, says: str) -> None:
+    # In double quotes, as YAML reads the escapes.
+    text = yaml.safe_dump(tree()).replace(f"- {KEY}", f'- "${{file:{reference}}}"')
+    found = problems(text, tmp_path)
+    assert says in found["affinity.secret_keys[0]"], found
+
+
+# -- what a message may show -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("logging", "level"), "${SECRET}"),
+        (("timeouts", "handshake"), "${SECRET}"),
+        (("listeners", 0, "bind"), "${SECRET}"),
+        (("routes", 0, "path_prefix"), "${SECRET}"),
+        (("pools", "p", "hash_key"), "${SECRET}"),
+        (("trusted_proxies",), ["${SECRET}"]),
+        (("affinity", "same_site"), "${file:secret.txt}"),
+    ],
+)
+def test_a_value_from_a_reference_is_never_shown(tmp_path: Path, path: tuple[str | int, ...], value: object) -> None:
+    """A variable or a mounted file may hold a key: a message names its length, never its text (the
+    message goes to the reload's log line too)."""
+    (tmp_path / "secret.txt").write_text(SECRET)
+    config = tree()
+    node: Any = config
+    for step in path[:-1]:
+        node = node.setdefault(step, {}) if isinstance(step, str) else node[step]
+    node[path[-1]] = value
+    found = tree_problems(config, tmp_path, {"SECRET": SECRET})
+    text = "\n".join(found.values())
+    assert found and "s3cret" not in text, found
+    assert "not shown" in text
+
+
+def test_a_long_duration_written_in_the_file_is_shown_cut_short(tmp_path: Path) -> None:
+    found = tree_problems(tree(timeouts={"handshake": "9" * 5000 + "x"}), tmp_path)
+    assert len(found["timeouts.handshake"]) < 200, found
+
+
+# -- values that validated, then failed --------------------------------------------------------------
+
+
+def test_a_secret_key_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    """`LB_COOKIE_KEY=$(head -c32 /dev/urandom)`: its bytes arrive as lone surrogates; validate said ok
+    and `lb run` died sealing the first token."""
+    text = yaml.safe_dump(tree()).replace(KEY, "${KEY}")
+    found = problems(text, tmp_path, {"KEY": "\udcff" + "k" * 43})
+    assert "UTF-8" in found["affinity.secret_keys[0]"]
+
+
+def test_an_admin_token_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    """With it, every POST to the admin API answered 500."""
+    found = tree_problems(tree(admin={"bind": "127.0.0.1:9000", "token": "${TOKEN}"}), tmp_path,
+                          {"TOKEN": "\udcfe" + "t" * 40})
+    assert "UTF-8" in found["admin.token"]
+
+
+def test_an_integer_of_thousands_of_digits_is_out_of_range(tmp_path: Path) -> None:
+    """int() refuses over 4,300 digits with a ValueError: that was a traceback."""
+    found = tree_problems(tree(limits={"max_connections": "${N}"}), tmp_path, {"N": "9" * 5000})
+    assert "5000 digits" in found["limits.max_connections"]
+    assert "workers" in tree_problems(tree(workers="${N}"), tmp_path, {"N": "9" * 5000})
+    value = tree()
+    value["listeners"][0]["bind"] = "127.0.0.1:" + "9" * 5000
+    assert "expected host:port" in tree_problems(value, tmp_path)["listeners[0].bind"]
+
+
+def test_a_duration_has_an_upper_bound(tmp_path: Path) -> None:
+    """`max_age: 99999999999999999999h` sealed tokens whose expiry no date can show."""
+    found = tree_problems(tree(affinity={"secret_keys": [KEY], "max_age": "99999999999999999999h"}), tmp_path)
+    assert "at most 400 days" in found["affinity.max_age"]
+    longest = tree(affinity={"secret_keys": [KEY], "max_age": f"{400 * 24}h"})
+    assert parse_config(yaml.safe_dump(longest), base_dir=tmp_path, environ={}).affinity.max_age == 400 * 86_400
+
+
+@pytest.mark.parametrize("section", ["listener", "admin"])
+def test_an_ipv4_mapped_bind_is_refused_with_the_address_to_write(tmp_path: Path, section: str) -> None:
+    """Our IPv6 sockets are IPv6-only: `[::ffff:127.0.0.1]:8080` validated and never bound."""
+    value = tree()
+    if section == "listener":
+        value["listeners"][0]["bind"] = "[::ffff:127.0.0.1]:8080"
+        path = "listeners[0].bind"
+    else:
+        value["admin"] = {"bind": "[::ffff:127.0.0.1]:9000"}
+        path = "admin.bind"
+    assert "write 127.0.0.1:" in tree_problems(value, tmp_path)[path]
