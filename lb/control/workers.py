@@ -426,6 +426,10 @@ class WorkerSupervisor:
             self._pusher.cancel()
         for worker in self._workers.values():
             if worker.process.returncode is None:
+                # A stopped worker (SIGSTOP, Ctrl-Z in a debugger) would hold its SIGTERM, and its
+                # listening socket the kernel still queues new clients to, until the kill at the end of
+                # `within`; resumed, it stops as the others do and its tunnels are closed gracefully.
+                worker.process.send_signal(signal.SIGCONT)
                 worker.process.send_signal(signal.SIGTERM)
         waits = [worker.process.wait() for worker in self._workers.values()]
         try:

@@ -161,6 +161,26 @@ async def test_sigterm_stops_owner_and_workers(tmp_path: Path) -> None:
         assert not left, f"workers still running after the owner exited: {left}"
 
 
+async def test_sigterm_with_a_stopped_worker_resumes_it_and_stops_it_gracefully(tmp_path: Path) -> None:
+    """A SIGSTOPped worker held its SIGTERM (and its listening socket, where the kernel still queued new
+    clients) until the owner killed it at the end of its wait: 10 s for a 1 s grace.  Now it is resumed,
+    stops as the other does, and nothing is killed."""
+    overrides = {"workers": 2, "timeouts": {"shutdown_delay": "0s", "shutdown_grace": "1s"}}
+    with started_stack(tmp_path, gateways=1, overrides=overrides) as stack:
+        workers = await two_workers(stack.balancer)
+        assert stack.balancer.proc is not None
+        os.kill(workers[0], signal.SIGSTOP)
+        try:
+            stack.balancer.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(stack.balancer.proc.wait, 15 * UNIT)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(workers[0], signal.SIGCONT)
+        assert code == 0
+        assert "did not stop in time" not in stack.balancer.log_text(), stack.balancer.logs_tail()
+        assert not [pid for pid in workers if process_alive(pid)]
+
+
 async def test_sigusr1_and_sigusr2_are_logged_not_fatal(ops: OpsStack) -> None:
     """A logrotate `postrotate kill -USR1` meant for another daemon (or `pkill -USR2 -f lb`) must not be
     an outage: owner and workers log a WARNING each and keep serving; their default action kills."""
