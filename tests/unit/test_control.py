@@ -254,7 +254,8 @@ def test_a_reload_whose_reading_raises_says_so_at_once_and_counts_a_failure(
     from lb.control.balancer import Balancer
 
     path = tmp_path / "lb.yaml"
-    path.write_text(OWNER_YAML.replace("workers: 2", "workers: 1").replace("BACKENDS", "[{id: a, address: '127.0.0.1:9'}]"))
+    single = OWNER_YAML.replace("workers: 2", "workers: 1")
+    path.write_text(single.replace("BACKENDS", "[{id: a, address: '127.0.0.1:9'}]"))
 
     def broken(*_: object) -> None:
         raise RuntimeError("a fault of ours")
