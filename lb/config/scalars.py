@@ -247,13 +247,16 @@ def _split_host_port(text: str) -> tuple[str | None, int | None]:
 
 def bind_address(value: object) -> tuple[str, int]:
     """A listener's or the admin API's host:port (port 0: any free one)."""
-    host, port = address(min_port=0)(value)
+    host, port = _any_port(value)
     with contextlib.suppress(ValueError):
         mapped = ipaddress.IPv6Address(host).ipv4_mapped
         if mapped is not None:
             # Our IPv6 sockets are IPv6-only (an IPv4 listener may share the port), so this never binds.
             raise Bad(f"an IPv4-mapped address does not bind here: write {mapped}:{port}")
     return host, port
+
+
+_any_port = address(min_port=0)
 
 
 def is_ip(text: str, *, version: int) -> bool:
