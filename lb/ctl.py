@@ -32,11 +32,14 @@ loop) and the printing; what the answers mean is the admin API's business.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
 import re
+import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -201,38 +204,16 @@ def call(
         headers["Authorization"] = f"Bearer {target.token}"
     request = urllib.request.Request(target.url + path, data=data, headers=headers, method=method)
     timeout = target.timeout if timeout is None else timeout
-    deadline = time.monotonic() + timeout
-    too_slow = CtlError(
-        f"no complete answer from the admin API at {target.url} within {timeout:g}s", EXIT_API_ERROR
-    )
-    try:
-        with _OPENER.open(request, timeout=timeout) as reply:
-            raw = _read_until(reply, MAX_ANSWER_BYTES + 1, deadline)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            try:
-                raw = _read_until(exc, MAX_ANSWER_BYTES, deadline) if exc.fp is not None else b""
-            except (http.client.HTTPException, OSError, _TooSlow):
-                raw = b""  # the status is the answer; a body cut short only loses its message
-        if 300 <= exc.code < 400:
-            where = _printable(exc.headers.get("Location", "?"), 200)
-            raise CtlError(f"{method} {path}: HTTP {exc.code}: redirected to {where} (not followed: "
-                           "give the admin API's own URL)", EXIT_API_ERROR) from None
-        message = _server_message(raw) or _printable(str(exc.reason), 200)
-        hint = " (give the admin token with --token, LB_ADMIN_TOKEN or --config)" if exc.code == 401 else ""
-        raise CtlError(f"{method} {path}: HTTP {exc.code}: {message}{hint}", EXIT_API_ERROR) from None
-    except TimeoutError:
-        raise too_slow from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        if isinstance(reason, TimeoutError):
-            raise too_slow from None
-        raise CtlError(f"cannot reach the admin API at {target.url}: {reason}", EXIT_API_ERROR) from None
-    except _TooSlow:
-        raise too_slow from None
-    except http.client.HTTPException as exc:  # a status line or a body that is not HTTP's
-        message = f"{method} {path}: not an HTTP answer ({type(exc).__name__}; is {target.url} the admin API?)"
-        raise CtlError(message, EXIT_API_ERROR) from None
+    too_slow = _too_slow(target.url, timeout)
+    with _Watchdog(timeout) as watchdog:
+        try:
+            raw = _exchange(request, method, path, target.url, watchdog)
+        except CtlError:
+            if watchdog.fired:  # whatever broke, our shutdown at the deadline broke it
+                raise too_slow from None
+            raise
+        if watchdog.fired:  # an answer without a length ends at our shutdown: it may be cut short
+            raise too_slow
     if len(raw) > MAX_ANSWER_BYTES:
         raise CtlError(f"{method} {path}: answer larger than {MAX_ANSWER_BYTES} bytes", EXIT_API_ERROR)
     try:
@@ -242,6 +223,42 @@ def call(
         raise CtlError(message, EXIT_API_ERROR) from None
 
 
+def _exchange(request: urllib.request.Request, method: str, path: str, url: str, watchdog: _Watchdog) -> bytes:
+    """Send `request`; returns the answer's body (at most MAX_ANSWER_BYTES + 1 bytes) when its status is 2xx.
+
+    Raises:
+        CtlError: the server's refusal, a redirect, no connection, or an answer that is not HTTP.
+    """
+    try:
+        with _opener(watchdog).open(request, timeout=watchdog.remaining()) as reply:
+            return _read_until(reply, MAX_ANSWER_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            try:
+                raw = _read_until(exc, MAX_ANSWER_BYTES) if exc.fp is not None else b""
+            except (http.client.HTTPException, OSError):
+                raw = b""  # the status is the answer; a body cut short only loses its message
+        if 300 <= exc.code < 400:
+            where = _printable(exc.headers.get("Location", "?"), 200)
+            raise CtlError(f"{method} {path}: HTTP {exc.code}: redirected to {where} (not followed: "
+                           "give the admin API's own URL)", EXIT_API_ERROR) from None
+        message = _server_message(raw) or _printable(str(exc.reason), 200)
+        hint = " (give the admin token with --token, LB_ADMIN_TOKEN or --config)" if exc.code == 401 else ""
+        raise CtlError(f"{method} {path}: HTTP {exc.code}: {message}{hint}", EXIT_API_ERROR) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, TimeoutError):
+            raise _too_slow(url, watchdog.seconds) from None
+        raise CtlError(f"cannot reach the admin API at {url}: {reason}", EXIT_API_ERROR) from None
+    except http.client.HTTPException as exc:  # a status line or a body that is not HTTP's
+        message = f"{method} {path}: not an HTTP answer ({type(exc).__name__}; is {url} the admin API?)"
+        raise CtlError(message, EXIT_API_ERROR) from None
+
+
+def _too_slow(url: str, seconds: float) -> CtlError:
+    return CtlError(f"no complete answer from the admin API at {url} within {seconds:g}s", EXIT_API_ERROR)
+
+
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     """Every 3xx is an HTTPError for `call` to report: a redirect must not carry the bearer token."""
 
@@ -249,20 +266,111 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
+class _Watchdog:
+    """Ends one admin call at its deadline wherever it waits, by shutting its socket down from a timer.
+
+    A socket timeout bounds each read, not the call: a status line, headers or chunk sizes dripped a
+    byte at a time, or a `100 Continue` every 0.2 s, held `lb ctl` as long as the server liked, and
+    those reads happen inside http.client, where no check of ours runs between them.  A shutdown
+    wakes a read blocked anywhere (the head, the body, the TLS handshake) with the end of the
+    stream; `fired` then tells the caller that the deadline, not the server, ended it.
+
+    The socket is watched through a duplicate of its descriptor: TLS detaches the original one
+    (`wrap_socket`), and a descriptor of our own cannot be reused by another file before we close it.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.fired = False
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._socket is not None:
+                self._socket.close()
+            self._socket = sock.dup()
+            if self.fired:
+                self._shut()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            self._shut()
+
+    def _shut(self) -> None:
+        if self._socket is not None:
+            with contextlib.suppress(OSError):  # already closed by the peer: nothing left to wake
+                self._socket.shutdown(socket.SHUT_RDWR)
 
 
-class _TooSlow(Exception):
-    """The whole-call deadline passed while the answer was still arriving."""
+class _WatchedHTTPConnection(http.client.HTTPConnection):
+    """Gives its socket to the call's watchdog as soon as TCP connects, before a byte is read from it."""
+
+    watchdog: _Watchdog
+
+    def connect(self) -> None:
+        left = self.watchdog.remaining()
+        if left <= 0:
+            raise TimeoutError("the deadline passed before connecting")
+        self.timeout = left  # each connect attempt (one per address of the name) ends by the deadline
+        super().connect()
+        self.watchdog.watch(self.sock)
 
 
-def _read_until(reply: Any, limit: int, deadline: float) -> bytes:
-    """Up to `limit` bytes of the answer, in pieces, giving up at `deadline` (each read is also bounded)."""
+class _WatchedHTTPSConnection(http.client.HTTPSConnection, _WatchedHTTPConnection):
+    """HTTPS watched from before its handshake: with these bases, `super().connect()` in
+    HTTPSConnection.connect is _WatchedHTTPConnection's, which runs before the socket is wrapped."""
+
+
+class _WatchedHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """urllib's http and https openers, with connections the call's watchdog sees."""
+
+    def __init__(self, watchdog: _Watchdog) -> None:
+        super().__init__()
+        self.watchdog = watchdog
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._connection(_WatchedHTTPConnection), req)
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._connection(_WatchedHTTPSConnection), req)
+
+    def _connection(self, kind: type[_WatchedHTTPConnection]) -> Callable[..., http.client.HTTPConnection]:
+        def connect(host: str, **kwargs: Any) -> http.client.HTTPConnection:
+            connection = kind(host, **kwargs)
+            connection.watchdog = self.watchdog
+            return connection
+
+        return connect
+
+
+def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_NoRedirects, _WatchedHandler(watchdog))
+
+
+def _read_until(reply: Any, limit: int) -> bytes:
+    """Up to `limit` bytes of the answer, in pieces (the call's watchdog bounds the time)."""
     chunks: list[bytes] = []
     size = 0
     while size < limit:
-        if time.monotonic() > deadline:
-            raise _TooSlow
         chunk = reply.read1(min(65536, limit - size)) if hasattr(reply, "read1") else reply.read(limit - size)
         if not chunk:
             break
