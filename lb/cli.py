@@ -5,7 +5,8 @@ configuration is `lb.config.load`'s job, running the balancer `lb.control.balanc
 making certificates `devcerts`'.
 
 Exit codes: 0 success, 2 bad usage or an invalid configuration, 1 any other
-failure (such as an unwritable certificate directory).
+failure (such as an unwritable certificate directory), 130 Ctrl-C (no traceback), 141 the
+reader of our output went away.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2  # also what argparse uses for bad arguments
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a C tool whose reader went away
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a C tool stopped by Ctrl-C
 
 DEFAULT_CERT_HOSTS = "localhost,127.0.0.1"
 # 32 random bytes: 256 bits of key material, 43 URL-safe characters.
@@ -57,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        # Ctrl-C in `lb ctl` (a slow admin API), `validate`, or a start before it serves: the operator
+        # asked for it, so no traceback, and 128 + 2 as for a C tool.  A serving `lb run` or worker never
+        # gets here: its event loop turns SIGINT into the graceful stop (exit 0).
+        return EXIT_INTERRUPTED
     return code
 
 

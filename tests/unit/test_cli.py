@@ -310,3 +310,20 @@ def test_a_reader_that_went_away_ends_the_command_quietly_with_141(tmp_path: Pat
         os.close(write_end)
     assert done.returncode == 141, done
     assert done.stderr == b"", done.stderr.decode()
+
+
+def test_ctrl_c_ends_a_command_with_130_and_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while `lb ctl` waits for the admin API: exit 130, as a C tool, and nothing on stderr."""
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lb.ctl.call", interrupted)
+    try:
+        code = main(["ctl", "--admin", "127.0.0.1:1", "status"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main(): Python prints its traceback")
+    assert code == 130
+    assert capsys.readouterr().err == ""
