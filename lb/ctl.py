@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import math
 import os
 import re
 import socket
@@ -47,7 +48,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 EXIT_OK = 0
 # SPEC: "exit 0 on success, 1 with the server's message otherwise": every call that did not succeed,
@@ -217,7 +218,7 @@ def call(
     if len(raw) > MAX_ANSWER_BYTES:
         raise CtlError(f"{method} {path}: answer larger than {MAX_ANSWER_BYTES} bytes", EXIT_API_ERROR)
     try:
-        return json.loads(raw)
+        return parse_answer(raw)
     except ValueError:
         message = f"{method} {path}: the answer is not JSON (is {target.url} the admin API?)"
         raise CtlError(message, EXIT_API_ERROR) from None
@@ -253,6 +254,31 @@ def _exchange(request: urllib.request.Request, method: str, path: str, url: str,
     except http.client.HTTPException as exc:  # a status line or a body that is not HTTP's
         message = f"{method} {path}: not an HTTP answer ({type(exc).__name__}; is {url} the admin API?)"
         raise CtlError(message, EXIT_API_ERROR) from None
+
+
+def parse_answer(raw: bytes) -> Any:
+    """An answer's JSON, as strict as RFC 8259: what Python's json accepts beyond it is refused.
+
+    Raises:
+        ValueError: not JSON; `NaN` or `Infinity` (not JSON, though json.loads takes them, and
+            `--json` would print them on); a number too large for a float (1e999 would come out as
+            `Infinity`); nested too deeply for the parser (it raises RecursionError).
+    """
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")  # RFC 8259 §6: "Infinity and NaN are not permitted"
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"number out of range: {text[:20]}")
+    return number
 
 
 def _too_slow(url: str, seconds: float) -> CtlError:
@@ -392,7 +418,7 @@ def _printable(text: str, limit: int = 500) -> str:
 def _server_message(raw: bytes) -> str:
     """The server's message, on one printable line: `error` of a JSON body, else the text (HTML tags dropped)."""
     try:
-        answer = json.loads(raw)
+        answer = parse_answer(raw)
     except ValueError:
         text = _TAG.sub(" ", raw.decode("utf-8", "replace"))
         return _printable(" ".join(text.split()), 200)
@@ -412,12 +438,11 @@ def _server_message(raw: bytes) -> str:
 def _status(args: argparse.Namespace, target: Target, out: TextIO) -> None:
     document = call(target, "GET", "/status")
     if getattr(args, "json", False):
-        json.dump(document, out, indent=2)
-        out.write("\n")
+        _print_json(document, out, "/status", target)
         return
     try:
         out.write(render_status(document))
-    except (AttributeError, TypeError, ValueError) as exc:  # a pool or backend that is not an object
+    except (AttributeError, TypeError, ValueError, RecursionError) as exc:  # a pool or backend that is not an object
         raise CtlError(f"/status: unexpected answer ({type(exc).__name__}; is {target.url} the admin API?)",
                        EXIT_API_ERROR) from None
 
@@ -434,8 +459,7 @@ def _action(action: str) -> Callable[[argparse.Namespace, Target, TextIO], None]
         )
         answer = call(target, "POST", path, body)
         if getattr(args, "json", False):
-            json.dump(answer, out, indent=2)
-            out.write("\n")
+            _print_json(answer, out, path, target)
             return
         if not isinstance(answer, dict):
             raise CtlError(f"POST {path}: unexpected answer (is {target.url} the admin API?)", EXIT_API_ERROR)
@@ -459,8 +483,18 @@ def _lookup(args: argparse.Namespace, target: Target, out: TextIO) -> None:
     if args.key is not None:
         query["key"] = args.key
     answer = call(target, "GET", "/lookup?" + urllib.parse.urlencode(query))
-    json.dump(answer, out, indent=2)
-    out.write("\n")
+    _print_json(answer, out, "/lookup", target)
+
+
+def _print_json(answer: Any, out: TextIO, path: str, target: Target) -> None:
+    """`answer` as indented JSON, all of it or nothing: a document json cannot write back is an error."""
+    try:
+        # Whole first: json.dump writes as it goes, and would leave half a document on stdout.
+        # allow_nan=False: never print NaN/Infinity, which a script's JSON parser rejects.
+        text = json.dumps(answer, indent=2, allow_nan=False)
+    except (ValueError, RecursionError):  # json's encoder with indent recurses in Python, one frame a level
+        raise CtlError(f"{path}: unexpected answer (is {target.url} the admin API?)", EXIT_API_ERROR) from None
+    out.write(text + "\n")
 
 
 # -- tables --------------------------------------------------------------------------------------

@@ -137,6 +137,11 @@ def raw(reply: bytes) -> Script:
     pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{", id="body cut short"),
     pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", id="bad chunk"),
     pytest.param(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 100\r\n\r\n{", id="error body cut short"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"[" * 100_000 + b"]" * 100_000,
+                 id="JSON nested too deeply"),
+    pytest.param(b"HTTP/1.1 500 Oops\r\nConnection: close\r\n\r\n" + b"[" * 100_000 + b"]" * 100_000,
+                 id="error body nested too deeply"),
+    pytest.param(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"pools": {}, "tunnels": NaN}', id="NaN"),
 ])
 def test_an_answer_that_is_not_http_is_one_line_and_exit_1(reply: bytes) -> None:
     """Something else on the admin port: one line saying so, never a Python traceback."""

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from lb.cli import _parser, join_opaque_values
-from lb.ctl import EXIT_USAGE, CtlError, render_status, resolve_target, run_ctl
+from lb.ctl import (
+    EXIT_USAGE,
+    CtlError,
+    _print_json,
+    _server_message,
+    parse_answer,
+    render_status,
+    resolve_target,
+    run_ctl,
+)
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -177,3 +186,45 @@ def test_a_token_starting_with_a_dash_is_still_the_token() -> None:
         with pytest.raises(SystemExit) as exc:  # a missing value stays a usage error
             parse(*join_opaque_values(missing))
         assert exc.value.code == EXIT_USAGE, missing
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        DEEP,
+        b'{"pools": ' + DEEP + b"}",
+        b'{"tunnels": NaN}',
+        b'{"tunnels": Infinity}',
+        b'{"tunnels": -Infinity}',
+        b'{"tunnels": 1e999}',
+        b"{not json",
+    ],
+    ids=["nested arrays", "nested in an object", "NaN", "Infinity", "-Infinity", "overflowing number", "not JSON"],
+)
+def test_an_answer_json_would_take_beyond_rfc_8259_is_not_json(raw: bytes) -> None:
+    """Deep nesting (a RecursionError in json.loads), NaN and Infinity are the "not JSON" error, never a traceback."""
+    with pytest.raises(ValueError):
+        parse_answer(raw)
+
+
+def test_an_answer_within_rfc_8259_is_parsed() -> None:
+    parsed = parse_answer(b'{"a": [1, 2.5, -0.0, 1e308, null, true, "x"]}')
+    assert parsed == {"a": [1, 2.5, -0.0, 1e308, None, True, "x"]}
+
+
+def test_an_error_body_nested_too_deeply_is_one_short_line() -> None:
+    message = _server_message(DEEP)
+    assert "\n" not in message and len(message) <= 200
+
+
+def test_json_output_never_carries_nan_or_a_half_document() -> None:
+    """`--json` prints standard JSON or nothing: NaN/Infinity (or what the encoder cannot nest) is an error."""
+    out = io.StringIO()
+    target = resolve_target(parse("status"), {})
+    for answer in ({"pools": {}, "tunnels": float("nan")}, {"x": [float("inf")]}):
+        with pytest.raises(CtlError):
+            _print_json(answer, out, "/status", target)
+    assert out.getvalue() == ""
