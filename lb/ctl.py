@@ -154,10 +154,14 @@ def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[st
     """
     url: str | None = getattr(args, "admin", None) or None
     token: str | None = getattr(args, "token", None) or None
+    # Where each came from, for a message that names what to fix.
+    url_from, token_from = "--admin", "--token"
     config_path: Path | None = getattr(args, "config", None)
     if config_path is None:
-        url = url or environ.get("LB_ADMIN_URL") or None
-        token = token or environ.get("LB_ADMIN_TOKEN") or None
+        if url is None:
+            url, url_from = environ.get("LB_ADMIN_URL") or None, "LB_ADMIN_URL"
+        if token is None:
+            token, token_from = environ.get("LB_ADMIN_TOKEN") or None, "LB_ADMIN_TOKEN"
     elif url is None or token is None:
         from lb.config.load import load_admin_config
         from lb.config.model import host_port
@@ -168,20 +172,73 @@ def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[st
             admin = load_admin_config(config_path, environ, token=token)
         except ConfigError as exc:
             raise CtlError(f"cannot use --config {config_path}:\n{exc}", EXIT_USAGE) from None
-        # A wildcard bind is reached on loopback from the same host.
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(admin.host, admin.host)
-        url = url or f"http://{host_port(host, admin.port)}"
-        token = token or admin.token
-    url = (url or DEFAULT_ADMIN_URL).rstrip("/")
+        if url is None:
+            # A wildcard bind is reached on loopback from the same host.
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(admin.host, admin.host)
+            url, url_from = f"http://{host_port(host, admin.port)}", f"admin.bind in {config_path}"
+        if token is None:
+            token, token_from = admin.token, f"admin.token in {config_path}"
+    if url is None:
+        url, url_from = DEFAULT_ADMIN_URL, "the default admin URL"
+    _check_header_text(url, url_from)
+    if token is not None:
+        _check_header_text(token, token_from)
+    return Target(url=_admin_url(url, url_from), token=token, timeout=_timeout(args))
+
+
+def _check_header_text(value: str, source: str) -> None:
+    """Refuse what http.client cannot send (a traceback that printed the whole token) or the server never matches.
+
+    A header carries visible ASCII: a CR or LF would split it (http.client refuses it), and the admin
+    API compares a token's UTF-8 bytes where http.client sends Latin-1.  The value is never echoed:
+    it may be the token.
+
+    Raises:
+        CtlError: exit 2, naming `source` and where in the value the character is.
+    """
+    for index, character in enumerate(value):
+        if " " <= character <= "~":
+            continue
+        where = f"character {index + 1} of {len(value)}"
+        if character.isascii():  # C0 controls and DEL
+            name = _CONTROL_NAMES.get(character, f"\\x{ord(character):02x}")
+            hint = " (a file saved with CRLF line ends?)" if character == "\r" and index == len(value) - 1 else ""
+            raise CtlError(f"{source}: has a control character, {name} at {where}{hint}", EXIT_USAGE)
+        raise CtlError(f"{source}: has a character outside ASCII at {where}; use ASCII only", EXIT_USAGE)
+
+
+_CONTROL_NAMES = {"\r": "CR", "\n": "LF", "\t": "TAB", "\x00": "NUL", "\x7f": "DEL"}
+
+
+def _admin_url(url: str, source: str) -> str:
+    """`url` as `call` uses it: http(s)://host:port (a bare host:port as admin.bind spells it gets http://).
+
+    Raises:
+        CtlError: exit 2 for a URL that is not one (a port outside 1-65535 would silently wrap in the
+            socket layer: 84536 reached 19000); a user:password@ part is refused without printing it.
+    """
+    url = url.rstrip("/")
     if "://" not in url:
         url = "http://" + url  # host:port, as admin.bind spells it
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise CtlError(f"--admin: expected http://host:port, got {url!r}", EXIT_USAGE)
-    timeout = getattr(args, "timeout", TIMEOUT)
+    expected = f"{source}: expected http://host:port"
+    if "@" in url.partition("://")[2].partition("/")[0]:
+        # Never echoed: the part before "@" is a password.  The admin API takes a bearer token.
+        raise CtlError(f"{expected}, without user:password@ (give the admin token with --token)", EXIT_USAGE)
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        port = parsed.port  # ValueError: not a number, or above 65535
+    except ValueError:
+        raise CtlError(f"{expected}, got {_printable(url, 200)!r}", EXIT_USAGE) from None
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or port == 0:
+        raise CtlError(f"{expected}, got {_printable(url, 200)!r}", EXIT_USAGE)
+    return url
+
+
+def _timeout(args: argparse.Namespace) -> float:
+    timeout: float = getattr(args, "timeout", TIMEOUT)
     if not 0 < timeout <= 3600:  # also refuses nan
         raise CtlError(f"--timeout: expected seconds above 0 and at most 3600, got {timeout:g}", EXIT_USAGE)
-    return Target(url=url, token=token, timeout=timeout)
+    return timeout
 
 
 def call(

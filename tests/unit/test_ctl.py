@@ -143,6 +143,82 @@ def test_bad_admin_url_is_a_usage_error() -> None:
     assert "expected http://host:port" in err.getvalue()
 
 
+SECRET = "s3cr3t-admin-token"
+
+
+def usage_error(monkeypatch: pytest.MonkeyPatch, args: argparse.Namespace, environ: dict[str, str]) -> str:
+    """What run_ctl prints with only `environ`'s admin variables set, once it has returned EXIT_USAGE."""
+    for name in ("LB_ADMIN_URL", "LB_ADMIN_TOKEN", "CTL_UNIT_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    err = io.StringIO()
+    assert run_ctl(args, io.StringIO(), err) == EXIT_USAGE, err.getvalue()
+    return err.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        (SECRET + "\r", "CR at character 19 of 19 (a file saved with CRLF line ends?)"),
+        (SECRET + "\n", "LF"),
+        ("a\r\nX-Injected: 1" + SECRET, "CR"),
+        (SECRET + "\x00", "NUL"),
+        (SECRET + "\x1b", "\\x1b"),
+        (SECRET + "\u20ac", "outside ASCII"),
+        (SECRET + "\u00e9", "outside ASCII"),  # Latin-1: http.client sends it, but the admin API compares UTF-8
+    ],
+    ids=["trailing CR", "trailing LF", "CRLF inside", "NUL", "ESC", "not Latin-1", "Latin-1"],
+)
+def test_a_token_http_cannot_carry_is_a_usage_error_that_never_echoes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, said: str
+) -> None:
+    """From the flag, the environment (a CRLF env file) or --config: exit 2 naming the source, not the token."""
+    config = tmp_path / "lb.yaml"
+    config.write_text("admin: {bind: 127.0.0.1:9100, token: '${CTL_UNIT_TOKEN}'}\n")
+    cases = [
+        (parse("--token", value, "status"), {}, "--token"),
+        (parse("status"), {"LB_ADMIN_TOKEN": value}, "LB_ADMIN_TOKEN"),
+        (parse("--config", str(config), "status"), {"CTL_UNIT_TOKEN": value}, f"admin.token in {config}"),
+    ]
+    if "\x00" in value:
+        cases = cases[:1]  # no environment variable holds a NUL
+    for args, environ, source in cases:
+        message = usage_error(monkeypatch, args, environ)
+        assert message.startswith(f"lb ctl: {source}: has ") and said in message, message
+        assert SECRET not in message and len(message.splitlines()) == 1, message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1",
+        "http://127.0.0.1:84536",  # would wrap to port 19000
+        "http://127.0.0.1:65536",
+        "http://127.0.0.1:0",
+        "http://127.0.0.1:abc",
+        "http://:9000",
+        "ftp://127.0.0.1:9000",
+        "http://127.0.0.1:9000\r",
+        "http://admin:" + SECRET + "@127.0.0.1:9000",
+        "admin:" + SECRET + "@127.0.0.1:9000",
+        "http://" + SECRET + "@[::1",
+    ],
+)
+def test_an_admin_url_that_is_not_http_host_port_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """exit 2 naming --admin or LB_ADMIN_URL, never a traceback or a wrapped port, never the password."""
+    for args, environ, source in ((parse("--admin", url, "status"), {}, "--admin"),
+                                  (parse("status"), {"LB_ADMIN_URL": url}, "LB_ADMIN_URL")):
+        message = usage_error(monkeypatch, args, environ)
+        assert message.startswith(f"lb ctl: {source}: ") and SECRET not in message, message
+
+
+def test_an_admin_url_of_host_and_port_is_taken() -> None:
+    for url, expected in (("127.0.0.1:9000", "http://127.0.0.1:9000"), ("https://[::1]:65535/", "https://[::1]:65535"),
+                          ("http://localhost:1/admin", "http://localhost:1/admin")):
+        assert resolve_target(parse("--admin", url, "status"), {}).url == expected
+
+
 def test_status_table() -> None:
     document = {
         "pools": {
