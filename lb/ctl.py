@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import http.client
 import json
 import math
@@ -263,9 +264,10 @@ def call(
     request = urllib.request.Request(target.url + path, data=data, headers=headers, method=method)
     timeout = target.timeout if timeout is None else timeout
     too_slow = _too_slow(target.url, timeout)
+    asked = f"{method} {shown_path(path)}"
     with _Watchdog(timeout) as watchdog:
         try:
-            raw = _exchange(request, method, path, target.url, watchdog)
+            raw = _exchange(request, asked, target.url, watchdog)
         except CtlError:
             if watchdog.fired:  # whatever broke, our shutdown at the deadline broke it
                 raise too_slow from None
@@ -273,16 +275,18 @@ def call(
         if watchdog.fired:  # an answer without a length ends at our shutdown: it may be cut short
             raise too_slow
     if len(raw) > MAX_ANSWER_BYTES:
-        raise CtlError(f"{method} {path}: answer larger than {MAX_ANSWER_BYTES} bytes", EXIT_API_ERROR)
+        raise CtlError(f"{asked}: answer larger than {MAX_ANSWER_BYTES} bytes", EXIT_API_ERROR)
     try:
         return parse_answer(raw)
     except ValueError:
-        message = f"{method} {path}: the answer is not JSON (is {target.url} the admin API?)"
+        message = f"{asked}: the answer is not JSON (is {target.url} the admin API?)"
         raise CtlError(message, EXIT_API_ERROR) from None
 
 
-def _exchange(request: urllib.request.Request, method: str, path: str, url: str, watchdog: _Watchdog) -> bytes:
+def _exchange(request: urllib.request.Request, asked: str, url: str, watchdog: _Watchdog) -> bytes:
     """Send `request`; returns the answer's body (at most MAX_ANSWER_BYTES + 1 bytes) when its status is 2xx.
+
+    `asked` is the request as messages show it ("GET /status").
 
     Raises:
         CtlError: the server's refusal, a redirect, no connection, or an answer that is not HTTP.
@@ -298,19 +302,34 @@ def _exchange(request: urllib.request.Request, method: str, path: str, url: str,
                 raw = b""  # the status is the answer; a body cut short only loses its message
         if 300 <= exc.code < 400:
             where = _printable(exc.headers.get("Location", "?"), 200)
-            raise CtlError(f"{method} {path}: HTTP {exc.code}: redirected to {where} (not followed: "
+            raise CtlError(f"{asked}: HTTP {exc.code}: redirected to {where} (not followed: "
                            "give the admin API's own URL)", EXIT_API_ERROR) from None
         message = _server_message(raw) or _printable(str(exc.reason), 200)
         hint = " (give the admin token with --token, LB_ADMIN_TOKEN or --config)" if exc.code == 401 else ""
-        raise CtlError(f"{method} {path}: HTTP {exc.code}: {message}{hint}", EXIT_API_ERROR) from None
+        raise CtlError(f"{asked}: HTTP {exc.code}: {message}{hint}", EXIT_API_ERROR) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, TimeoutError):
             raise _too_slow(url, watchdog.seconds) from None
         raise CtlError(f"cannot reach the admin API at {url}: {reason}", EXIT_API_ERROR) from None
     except http.client.HTTPException as exc:  # a status line or a body that is not HTTP's
-        message = f"{method} {path}: not an HTTP answer ({type(exc).__name__}; is {url} the admin API?)"
+        message = f"{asked}: not an HTTP answer ({type(exc).__name__}; is {url} the admin API?)"
         raise CtlError(message, EXIT_API_ERROR) from None
+
+
+def shown_path(path: str) -> str:
+    """`path` as a message shows it: one short line, and an affinity token only as its digest.
+
+    The query is left out: /lookup's carries the token, which may be 100 KB long and is a
+    session's credential; `sha256(token)[:8]` (lb.proxy.connection.token_digest) is what the
+    balancer's own log lines show of one, so the two can be matched.
+    """
+    path, _, query = path.partition("?")
+    shown = _printable(path, 200)
+    tokens = urllib.parse.parse_qs(query).get("token")
+    if tokens:
+        shown += f" (token {hashlib.sha256(tokens[0].encode()).hexdigest()[:8]})"
+    return shown
 
 
 def parse_answer(raw: bytes) -> Any:
@@ -519,7 +538,8 @@ def _action(action: str) -> Callable[[argparse.Namespace, Target, TextIO], None]
             _print_json(answer, out, path, target)
             return
         if not isinstance(answer, dict):
-            raise CtlError(f"POST {path}: unexpected answer (is {target.url} the admin API?)", EXIT_API_ERROR)
+            raise CtlError(f"POST {shown_path(path)}: unexpected answer (is {target.url} the admin API?)",
+                           EXIT_API_ERROR)
         line = f"{answer.get('pool', args.pool)}/{answer.get('id', args.backend)}: {answer.get('state', '?')}"
         close_after, rate = answer.get("close_after"), answer.get("rate", 0)
         if isinstance(close_after, int | float) and isinstance(rate, int | float):
@@ -550,7 +570,8 @@ def _print_json(answer: Any, out: TextIO, path: str, target: Target) -> None:
         # allow_nan=False: never print NaN/Infinity, which a script's JSON parser rejects.
         text = json.dumps(answer, indent=2, allow_nan=False)
     except (ValueError, RecursionError):  # json's encoder with indent recurses in Python, one frame a level
-        raise CtlError(f"{path}: unexpected answer (is {target.url} the admin API?)", EXIT_API_ERROR) from None
+        raise CtlError(f"{shown_path(path)}: unexpected answer (is {target.url} the admin API?)",
+                       EXIT_API_ERROR) from None
     out.write(text + "\n")
 
 

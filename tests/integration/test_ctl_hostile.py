@@ -236,3 +236,13 @@ def test_a_status_of_the_wrong_shape_is_an_error_not_a_traceback(document: objec
         done, _ = ctl("--admin", admin.url, "status")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done
     assert "unexpected answer" in done.stderr
+
+
+def test_a_refused_lookup_of_a_huge_token_is_one_short_line_without_the_token() -> None:
+    """The error line names the request without its query: the token only as its digest, as the logs do."""
+    token = "A" * 30_000
+    with scripted(answer("400 Bad Request", json.dumps({"error": "bad token"}).encode())) as admin:
+        done, _ = ctl("--admin", admin.url, "--token", "t", "lookup", token)
+    assert done.returncode == 1, done
+    assert "AAAAAAAAAA" not in done.stderr and len(done.stderr) < 300, done.stderr
+    assert "HTTP 400: bad token" in done.stderr

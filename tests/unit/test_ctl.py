@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lb.ctl import (
     render_status,
     resolve_target,
     run_ctl,
+    shown_path,
 )
 
 
@@ -304,3 +306,14 @@ def test_json_output_never_carries_nan_or_a_half_document() -> None:
         with pytest.raises(CtlError):
             _print_json(answer, out, "/status", target)
     assert out.getvalue() == ""
+
+
+def test_a_path_in_a_message_is_short_and_shows_a_token_only_as_its_digest() -> None:
+    """A 100 KB lookup token made a 106 KB error line that printed it whole: now its sha256[:8], as the logs."""
+    token = "T" * 100_000
+    shown = shown_path("/lookup?token=" + token + "&pool=p")
+    digest = hashlib.sha256(token.encode()).hexdigest()[:8]
+    assert shown == f"/lookup (token {digest})"
+    long_pool = shown_path("/pools/" + "p" * 100_000 + "/backends/b/drain")
+    assert len(long_pool) <= 200 and long_pool.endswith("...")
+    assert shown_path("/pools/p/backends/b/drain") == "/pools/p/backends/b/drain"
