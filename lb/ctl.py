@@ -59,7 +59,15 @@ EXIT_USAGE = 2  # the command line or --config cannot be used: nothing was asked
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9000"
 TIMEOUT = 10.0  # seconds for one admin call: the admin API answers from memory
-MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a /status of thousands of backends fits; a runaway answer does not
+# What one answer may weigh.  A /status backend entry is 345-500 bytes (lb.control.admin._backend_document:
+# 15 fields and a health reason, as aiohttp's json.dumps writes them), so 8 MiB carries 17,000-24,000
+# backends: more than one pool at discovery's max_backends cap (10,000).  Memory goes with it: json.loads
+# makes up to ~30 bytes of objects of each byte (`{},` is a 64-byte dict), so a hostile answer of empty
+# objects costs ~250 MB, where 16 MiB cost 450 MB before the table was drawn.
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+# Rows of the status table: more than MAX_ANSWER_BYTES carries of real backends, so no real answer is cut;
+# a hostile one of 2.8 million `{}` backends is (drawing 5.6 million rows took 4 GB and a minute).
+MAX_ROWS = 25_000
 
 
 class CtlError(Exception):
@@ -586,8 +594,14 @@ def render_status(document: Any) -> str:
         raise CtlError("/status: unexpected answer", EXIT_API_ERROR)
     rows: list[Sequence[str]] = []
     notes: list[str] = []
+    left_out = 0  # backends past MAX_ROWS: counted, not drawn
     for pool_name, pool in document["pools"].items():
-        for backend in pool.get("backends", []):
+        backends = pool.get("backends", [])
+        room = MAX_ROWS - len(rows)
+        if len(backends) > room:
+            left_out += len(backends) - room
+            backends = backends[:room]
+        for backend in backends:
             state = str(backend.get("state", "?"))
             if backend.get("migrating"):
                 state += "*"
@@ -600,7 +614,7 @@ def render_status(document: Any) -> str:
                 backend.get("reason", ""),
             )))
         discovery = pool.get("discovery")
-        if isinstance(discovery, dict):
+        if isinstance(discovery, dict) and len(notes) < MAX_ROWS:
             parts = ", ".join(f"{k}={v}" for k, v in discovery.items() if not isinstance(v, (dict, list)))
             notes.append(_printable(f"discovery {pool_name}: {parts}"))
     widths = [max(len(column), *(len(row[i]) for row in rows)) if rows else len(column)
@@ -612,6 +626,8 @@ def render_status(document: Any) -> str:
         return "  ".join(padded).rstrip()
 
     text = [line(_COLUMNS), *(line(row) for row in rows)]
+    if left_out:
+        text.append(f"... and {left_out} more backends: the table stops at {MAX_ROWS} rows (--json has them all)")
     if any(row[3].endswith("*") for row in rows):
         text.append("* migrating: its tunnels are being closed (drain with --close-after/--rate)")
     text.extend(notes)

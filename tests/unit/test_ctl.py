@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 from lb.cli import _parser, join_opaque_values
 from lb.ctl import (
     EXIT_USAGE,
+    MAX_ANSWER_BYTES,
+    MAX_ROWS,
     CtlError,
     _print_json,
     _server_message,
@@ -317,3 +320,23 @@ def test_a_path_in_a_message_is_short_and_shows_a_token_only_as_its_digest() -> 
     long_pool = shown_path("/pools/" + "p" * 100_000 + "/backends/b/drain")
     assert len(long_pool) <= 200 and long_pool.endswith("...")
     assert shown_path("/pools/p/backends/b/drain") == "/pools/p/backends/b/drain"
+
+
+def test_a_status_of_more_backends_than_rows_draws_the_first_and_counts_the_rest() -> None:
+    """The table stops at MAX_ROWS (5.6 million empty backends took 4 GB and a minute to draw)."""
+    document = {"pools": {"a": {"backends": [{}] * MAX_ROWS}, "b": {"backends": [{"id": "b"}] * 1000}}}
+    lines = render_status(document).splitlines()
+    assert len(lines) == 1 + MAX_ROWS + 2, lines[-3:]
+    assert lines[-2].startswith("... and 1000 more backends: the table stops at")
+    assert lines[-1] == "live tunnels: 0, role: ?"
+
+
+def test_every_backend_a_real_answer_can_carry_fits_in_the_table() -> None:
+    """MAX_ROWS is above what MAX_ANSWER_BYTES carries of /status backends, as the admin API writes them."""
+    from lb.config.model import BackendConfig
+    from lb.control.admin import _backend_document
+    from lb.state.pool import BackendStatus
+
+    smallest = _backend_document(BackendStatus(BackendConfig(id="b1", host="10.0.0.1", port=9001)), None)
+    entry_bytes = len(json.dumps(smallest)) + 2  # aiohttp's json.dumps, and ", " between entries
+    assert MAX_ANSWER_BYTES // entry_bytes <= MAX_ROWS, entry_bytes
