@@ -251,8 +251,11 @@ def build_config(tree: object, check: Checker) -> Config | None:
     runtime = simple_section(root, "runtime", check, _RUNTIME_FIELDS, RuntimeConfig)
     top = parse_fields(root, "", check, [Field("workers", _workers(check.cpu_count))])
     trusted_proxies = _networks(root.get("trusted_proxies"), "trusted_proxies", check)
-    if pools is not None and affinity is not None and trusted_proxies is not None:
-        _check_request_keys(pools, affinity, bool(trusted_proxies), check)
+    if affinity is not None:
+        # With pools wrong, affinity.header is still checked (every problem at once); hash keys need
+        # both pools and trusted_proxies right.
+        checked = pools if pools is not None and trusted_proxies is not None else {}
+        _check_request_keys(checked, affinity, bool(trusted_proxies), check)
     if (
         top is None
         or trusted_proxies is None

@@ -149,3 +149,10 @@ def test_an_ipv4_mapped_bind_is_refused_with_the_address_to_write(tmp_path: Path
         value["admin"] = {"bind": "[::ffff:127.0.0.1]:9000"}
         path = "admin.bind"
     assert "write 127.0.0.1:" in tree_problems(value, tmp_path)[path]
+
+
+def test_a_wrong_affinity_header_is_said_with_a_wrong_pool(tmp_path: Path) -> None:
+    """Every problem at once: the header's check waited for valid pools, so it came after the fix of another."""
+    value = tree(affinity={"secret_keys": [KEY], "header": "X_Forwarded_For"})
+    value["pools"]["p"]["backends"][0]["address"] = "127.0.0.1"
+    assert set(tree_problems(value, tmp_path)) == {"affinity.header", "pools.p.backends[0].address"}
