@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -37,16 +37,18 @@ def config_hash(config: Config) -> str:
 
 
 Retired = Callable[[], list[tuple[str, BackendStatus]]]  # backends gone from their pool, tunnels still live
+Kept = Callable[[], Iterable[tuple[str, str]]]  # (pool, backend) whose series are kept (lb.state.series)
 
 
 class LbCollector(Collector):
     def __init__(
         self, get_context: Callable[[], ProxyContext], reloads: Callable[[], Mapping[str, int]] | None = None,
-        retired: Retired | None = None,
+        retired: Retired | None = None, kept: Kept | None = None,
     ) -> None:
         self._get_context = get_context
         self._reloads = reloads
         self._retired = retired
+        self._kept = kept
         self._hashed: tuple[Config, str] | None = None
 
     def _config_hash(self, config: Config) -> str:
@@ -70,7 +72,14 @@ class LbCollector(Collector):
             for result in ("success", "failure"):
                 reloads.add_metric([result], counts.get(result, 0))
             yield reloads
-        yield from self._backends(ctx, self._retired() if self._retired is not None else [])
+        retired = self._retired() if self._retired is not None else []
+        in_pools = [(pool.name, backend_id) for pool in ctx.pools.values() for backend_id in pool.backends]
+        # Departed backends the retention keeps (a reload, DNS) export their last counts until it forgets
+        # them (README: kept for the last max(16, static + max_backends) to leave each pool).
+        present = dict.fromkeys([*in_pools, *((name, backend.id) for name, backend in retired)])
+        kept = self._kept() if self._kept is not None else ()
+        departed = [key for key in dict.fromkeys(kept) if key not in present]
+        yield from self._backends(ctx, retired, departed)
         clients = GaugeMetricFamily(
             "lb_client_connections",
             "Client connections now (handshakes in flight, TLS and PROXY included, and live tunnels), "
@@ -151,13 +160,15 @@ class LbCollector(Collector):
             ended.add_metric([cause, ended_with], count)
         yield ended
         # Latency histograms, backend errors and health checks (lb.state.observations), workers summed.
-        known = [(pool.name, backend_id) for pool in ctx.pools.values() for backend_id in pool.backends]
-        yield from ctx.observations.families(known)
+        yield from ctx.observations.families([*present, *departed])
 
     @staticmethod
-    def _backends(ctx: ProxyContext, retired: list[tuple[str, BackendStatus]]) -> Iterator[Metric]:
+    def _backends(
+        ctx: ProxyContext, retired: list[tuple[str, BackendStatus]], departed: list[tuple[str, str]]
+    ) -> Iterator[Metric]:
         """Per backend; one removed from its pool (reload, DNS) counts on while its tunnels run, as
-        /status shows it, so that lb_active_connections sums to the live tunnels; it has no state."""
+        /status shows it, so that lb_active_connections sums to the live tunnels; it has no state.
+        A `departed` one (gone, no tunnel, its series still kept) shows its counters only."""
         active = GaugeMetricFamily(
             "lb_active_connections", "Live tunnels and in-flight handshakes per backend.",
             labels=["pool", "backend"],
@@ -191,6 +202,10 @@ class LbCollector(Collector):
                 up.add_metric(labels, 1 if backend.healthy else 0)
                 for candidate in BackendState:
                     state.add_metric([*labels, candidate.value], 1 if backend.state is candidate else 0)
+        for key in departed:
+            counted = counts.get(key, _NONE_COUNTED)
+            for attribute, family in backend_counters.items():
+                family.add_metric(list(key), getattr(counted, attribute))
         yield active
         yield up
         yield state
@@ -260,6 +275,7 @@ def make_registry(
     reloads: Callable[[], Mapping[str, int]] | None = None,
     worker_pids: Callable[[], list[int]] | None = None,
     retired: Retired | None = None,
+    kept: Kept | None = None,
 ) -> CollectorRegistry:
     """A registry of our own (not the global one), so tests and reloads never collide.
 
@@ -267,9 +283,10 @@ def make_registry(
         reloads: counts of reloads by result ("success", "failure") for lb_config_reloads_total.
         worker_pids: the owner of `workers: N` passes its live workers; process_* then covers them.
         retired: backends removed from their pool (reload, DNS) whose tunnels still run.
+        kept: every (pool, backend) whose series the process keeps, departed ones included (lb.state.series).
     """
     registry = CollectorRegistry()
-    registry.register(LbCollector(get_context, reloads, retired))
+    registry.register(LbCollector(get_context, reloads, retired, kept))
     if worker_pids is None:
         ProcessCollector(registry=registry)
     else:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from lb.affinity.codec import TokenCodec
 from lb.config.model import AffinityConfig, BackendConfig, Config, DiscoveryConfig, PoolConfig
 from lb.control.ipc import StatsAggregate, stats_message
+from lb.control.metrics import LbCollector
 from lb.state.context import ProxyContext, Stats
 from lb.state.observations import Observations
 from lb.state.pool import PoolState
@@ -230,3 +231,59 @@ def test_a_single_process_pool_total_is_exact_whatever_it_forgets(forgets: bool)
             stats.forget(lambda pool, backend_id, keep=f"{backend}{generation}": backend_id == keep)
         totals.append(stats.pool_decisions()[("p", "hit")])
     assert totals == list(range(1, 11))
+
+
+# -- what /metrics exports of them --------------------------------------------------------------
+
+
+def _scrape(ctx: ProxyContext, retention: SeriesRetention) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, its labels) → value, as the balancer's collector exports them."""
+    collector = LbCollector(lambda: ctx, kept=retention.held)
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in collector.collect() for sample in family.samples
+    }
+
+
+def _series_of(scrape: dict[tuple[str, tuple[tuple[str, str], ...]], float], backend: str) -> dict[str, float]:
+    """The per-backend series of `backend`, keyed by name and the labels other than pool and backend."""
+    return {
+        name + "".join(f",{key}={value}" for key, value in labels if key not in ("pool", "backend")): value
+        for (name, labels), value in scrape.items() if ("backend", backend) in labels
+    }
+
+
+@pytest.mark.parametrize("workers", [False, True])
+def test_a_departed_backend_the_retention_keeps_stays_in_metrics_at_its_last_counts(workers: bool) -> None:
+    """A backend a reload removed keeps every series at its last value until the retention forgets it."""
+    retention = SeriesRetention()
+    ctx = _ctx(("a", "b"))
+    retention.update({"p": ["a", "b"]}, {"p": 2})
+    if workers:  # the owner's sums of a worker's report (lb.control.ipc)
+        aggregate = StatsAggregate(retention.holds)
+        aggregate.update(100, _report({"b": 3}))
+        aggregate.apply_to(ctx)
+    else:
+        ctx.stats.decisions[("p", "b", "hit")] += 3
+        ctx.observations.count_health_check("p", "b", True)
+        ctx.observations.observe_connect("p", "b", 0.001)
+    before = _series_of(_scrape(ctx, retention), "b")
+    assert before["lb_backend_handshakes_total"] == 3
+    assert before["lb_backend_errors_total,kind=refused"] == 0
+    assert before["lb_health_checks_total,result=failure"] == 0
+    after_reload = _ctx(("a",))  # the reload's new pools: b is gone, the process's counts stay
+    after_reload.stats, after_reload.observations = ctx.stats, ctx.observations
+    retention.update({"p": ["a"]}, {"p": 2})
+    kept = _series_of(_scrape(after_reload, retention), "b")
+    gauges = {"lb_active_connections", "lb_backend_up"}
+    assert kept == {name: value for name, value in before.items()
+                    if name.split(",")[0] not in gauges and not name.startswith("lb_backend_state")}
+    for generation in range(3):  # three more leave: b, the first to leave, is forgotten (bound 2)
+        retention.update({"p": ["a", f"n{generation}"]}, {"p": 2})
+        retention.update({"p": ["a"]}, {"p": 2})
+    ctx.stats.forget(retention.holds)
+    ctx.observations.forget(retention.holds)
+    if workers:
+        aggregate.forget()
+        aggregate.apply_to(after_reload)
+    assert _series_of(_scrape(after_reload, retention), "b") == {}
