@@ -7,21 +7,38 @@ state.pool → control.admin / control.metrics.  Pure layers: http, ws, affinity
 
 The data plane may run compiled (`build_native.py`, `lb.compiled`); LB_PURE_PYTHON=1 in the
 environment runs the sources instead, without removing anything (`pure_python_requested`).
+
+Importing this package stays cheap: `lb run` imports it before `lb.startup_signals.hold()` can run
+(`lb.__main__`), and until then a SIGHUP or SIGTERM ends the process.  So `__version__` is read
+from the installed metadata on first use (importlib.metadata alone took ~20 ms), and nothing here
+imports importlib.abc (~10 ms).
 """
 
 import os
 import sys
 from collections.abc import Sequence
 from importlib import import_module
-from importlib.abc import MetaPathFinder
 from importlib.machinery import SOURCE_SUFFIXES, FileFinder, ModuleSpec, SourceFileLoader
-from importlib.metadata import PackageNotFoundError, version
 from types import ModuleType
 
-try:
-    __version__ = version("ws-affinity-lb")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy reads the name alike)
+
+if TYPE_CHECKING:
+    __version__: str
+else:
+
+    def __getattr__(name: str) -> str:
+        """`lb.__version__`, looked up once, when first asked for (`lb --version`, lb_build_info)."""
+        if name != "__version__":
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("ws-affinity-lb")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            found = "0+unknown"
+        globals()["__version__"] = found
+        return found
 
 
 def pure_python_requested() -> bool:
@@ -41,9 +58,10 @@ def built_in_c(module: str, name: str) -> object | None:
         return None
 
 
-class _SourcesOnly(MetaPathFinder):
+class _SourcesOnly:
     """A meta-path finder that finds our submodules as `.py` files only, ahead of the extension modules
-    the path finder would pick first (workers, started by `sys.executable -m lb`, inherit the variable)."""
+    the path finder would pick first (workers, started by `sys.executable -m lb`, inherit the variable).
+    importlib.abc.MetaPathFinder's protocol, not its subclass: importing importlib.abc costs ~10 ms."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None

@@ -3,6 +3,8 @@
 `lb run` and `lb worker` call `lb.startup_signals.hold()` here, before `lb.cli` and what it
 imports (the configuration loader, YAML, the compiled data plane): a SIGHUP or SIGTERM in those
 first few hundred milliseconds would otherwise meet its default action, the end of the process.
+What comes before `hold()` is kept to `import lb` (cheap on purpose: see its docstring) and the
+`signal` module; only the interpreter's own start comes earlier.
 """
 
 from __future__ import annotations

@@ -298,6 +298,24 @@ def test_lb_run_holds_its_signals_before_the_command_line_is_imported(tmp_path: 
     assert done.stdout.splitlines()[0] == "lb.cli [True, True]", done.stdout
 
 
+def test_what_runs_before_the_hold_imports_nothing_heavy() -> None:
+    """`lb run` and `lb worker` (the `lb` command, `python -m lb`) import the package and lb.startup_signals
+    before `hold()`: until then a SIGHUP or SIGTERM is fatal, so neither imports importlib.metadata (the
+    version, ~20 ms) nor importlib.abc (~10 ms); `lb.__version__` is read when first asked for."""
+    check = (
+        "import sys\n"
+        "import lb.__main__\n"
+        "heavy = ('importlib.metadata', 'importlib.abc', 'typing', 'email', 'lb.cli', 'yaml', 'asyncio')\n"
+        "print(sorted(name for name in heavy if name in sys.modules))\n"
+        "import lb\n"
+        "print(lb.__version__ == lb.__version__ != '', 'importlib.metadata' in sys.modules)\n"
+        "print(hasattr(lb, 'no_such_name'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "True True", "False"], done.stdout
+
+
 def test_a_reader_that_went_away_ends_the_command_quietly_with_141(tmp_path: Path) -> None:
     """`lb ctl status --json | head -c 100`: no BrokenPipeError traceback, and 128 + SIGPIPE as a C tool."""
     read_end, write_end = os.pipe()
