@@ -409,25 +409,23 @@ def test_a_header_is_believed_only_from_the_peers_in_proxy_protocol_from(launche
     lb.wait_states({("spy", spy.id): "up"})
     assert lb.port is not None
 
-    tag = new_tag()
-    assert exchange(lb.port, [v1("203.0.113.8") + request(tag)], source="127.0.0.2").startswith(b"HTTP/1.1 404")
-    assert forwarded_for(spy, tag) == "203.0.113.8"
-    tag = new_tag()
-    assert exchange(lb.port, [v1("203.0.113.9") + request(tag)], source="127.0.0.3") == b""
-    assert not [r for r in spy.requests if r.path == f"/pp/{tag}"]
+    def believed_only_from(believed: str, refused: str, client: str) -> None:
+        assert lb.port is not None
+        tag = new_tag()
+        assert exchange(lb.port, [v1(client) + request(tag)], source=believed).startswith(b"HTTP/1.1 404")
+        assert forwarded_for(spy, tag) == client
+        tag = new_tag()
+        assert exchange(lb.port, [v1(client) + request(tag)], source=refused) == b""
+        assert not [r for r in spy.requests if r.path == f"/pp/{tag}"]
+
+    believed_only_from("127.0.0.2", "127.0.0.3", "203.0.113.8")
     deadline = time.monotonic() + 5 * UNIT
     while "not in listeners[].proxy_protocol_from" not in lb.log_text():
         assert time.monotonic() < deadline, lb.logs_tail()
         time.sleep(0.05)
-
     config["listeners"][0]["proxy_protocol_from"] = ["127.0.0.3"]
     reload_with(lb, config)
-    tag = new_tag()
-    assert exchange(lb.port, [v1("203.0.113.10") + request(tag)], source="127.0.0.3").startswith(b"HTTP/1.1 404")
-    assert forwarded_for(spy, tag) == "203.0.113.10"
-    tag = new_tag()
-    assert exchange(lb.port, [v1("203.0.113.11") + request(tag)], source="127.0.0.2") == b""
-    assert not [r for r in spy.requests if r.path == f"/pp/{tag}"]
+    believed_only_from("127.0.0.3", "127.0.0.2", "203.0.113.10")
     lb.assert_alive()
 
 
