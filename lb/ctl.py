@@ -60,14 +60,14 @@ EXIT_USAGE = 2  # the command line or --config cannot be used: nothing was asked
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9000"
 TIMEOUT = 10.0  # seconds for one admin call: the admin API answers from memory
 # What one answer may weigh.  A /status backend entry is 345-500 bytes (lb.control.admin._backend_document:
-# 15 fields and a health reason, as aiohttp's json.dumps writes them), so 8 MiB carries 17,000-24,000
-# backends: more than one pool at discovery's max_backends cap (10,000).  Memory goes with it: json.loads
-# makes up to ~30 bytes of objects of each byte (`{},` is a 64-byte dict), so a hostile answer of empty
-# objects costs ~250 MB, where 16 MiB cost 450 MB before the table was drawn.
-MAX_ANSWER_BYTES = 8 * 1024 * 1024
+# 15 fields and a health reason, as aiohttp's json.dumps writes them), so 16 MiB carries 33,000-48,000
+# backends: three pools at discovery's max_backends cap (10,000) and then some.  Memory goes with it:
+# json.loads makes up to ~30 bytes of objects of each byte (`{},` is a 64-byte dict), so a hostile answer
+# of empty objects costs ~450 MB; the table's rows are bounded below.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
 # Rows of the status table: more than MAX_ANSWER_BYTES carries of real backends, so no real answer is cut;
-# a hostile one of 2.8 million `{}` backends is (drawing 5.6 million rows took 4 GB and a minute).
-MAX_ROWS = 25_000
+# a hostile one of 5.6 million `{}` backends is (drawing all of them took 4 GB and a minute).
+MAX_ROWS = 50_000
 
 
 class CtlError(Exception):
@@ -437,12 +437,33 @@ class _WatchedHTTPConnection(http.client.HTTPConnection):
     watchdog: _Watchdog
 
     def connect(self) -> None:
-        left = self.watchdog.remaining()
-        if left <= 0:
-            raise TimeoutError("the deadline passed before connecting")
-        self.timeout = left  # each connect attempt (one per address of the name) ends by the deadline
+        # The watchdog has no socket to shut down before TCP connects: each attempt (one per address of
+        # the name) gets only the time left, where socket.create_connection gives each the whole timeout.
+        self._create_connection = self._connect_by_the_deadline
         super().connect()
         self.watchdog.watch(self.sock)
+
+    def _connect_by_the_deadline(
+        self, address: tuple[str, int], timeout: object = None, source_address: tuple[str, int] | None = None
+    ) -> socket.socket:
+        host, port = address
+        failed: OSError = TimeoutError("the deadline passed before connecting")
+        for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+            left = self.watchdog.remaining()
+            if left <= 0:
+                break
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(left)
+                if source_address is not None:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+            except OSError as exc:
+                sock.close()
+                failed = exc
+                continue
+            return sock
+        raise failed
 
 
 class _WatchedHTTPSConnection(http.client.HTTPSConnection, _WatchedHTTPConnection):
@@ -473,7 +494,9 @@ class _WatchedHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
 
 
 def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
-    return urllib.request.build_opener(_NoRedirects, _WatchedHandler(watchdog))
+    # No proxy, whatever http_proxy/https_proxy say: the admin API is ours to reach directly, and a proxy
+    # would carry the bearer token elsewhere (as a followed redirect would), its CONNECT outside the deadline.
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects, _WatchedHandler(watchdog))
 
 
 def _read_until(reply: Any, limit: int) -> bytes:

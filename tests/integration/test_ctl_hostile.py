@@ -109,9 +109,9 @@ def endless_continue(server: Scripted, conn: socket.socket, head: bytes) -> None
         conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
-def ctl(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+def ctl(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
-    done = run_ctl(*args)
+    done = run_ctl(*args, env=env)
     return done, time.monotonic() - started
 
 
@@ -123,6 +123,41 @@ def test_a_redirect_is_not_followed_and_never_carries_the_token() -> None:
     assert done.returncode == 1, done
     assert "302" in done.stderr and "redirect" in done.stderr.lower()
     assert elsewhere.heads == [], "the redirect was followed"
+
+
+def test_an_http_proxy_in_the_environment_is_not_used() -> None:
+    """A proxy would carry the bearer token elsewhere, as a followed redirect would: the admin API is
+    reached directly, whatever http_proxy says."""
+    with scripted(answer("200 OK", b"{}")) as proxy, scripted(answer("200 OK", b'{"pools": {}}')) as admin:
+        done, _ = ctl("--admin", admin.url, "--token", "s3cret-token", "status",
+                      env={"http_proxy": proxy.url, "HTTP_PROXY": proxy.url, "no_proxy": ""})
+    assert proxy.heads == [], "the request went through the proxy"
+    assert len(admin.heads) == 1, done
+
+
+def test_each_address_of_the_admin_name_gets_only_the_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    """socket.create_connection gave each address of a name the whole timeout: three addresses whose SYNs
+    go unanswered took three times --timeout."""
+    from lb.ctl import CtlError, Target, call
+
+    with socket.socket() as full:  # a listen queue of one, filled: further SYNs are dropped
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        address = full.getsockname()
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:  # without waiting: the last ones stay unanswered
+            filler.setblocking(False)
+            filler.connect_ex(address)
+        resolved = socket.getaddrinfo(*address, 0, socket.SOCK_STREAM)
+        monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: resolved * 3)
+        started = time.monotonic()
+        try:
+            with pytest.raises(CtlError, match="within 1s"):
+                call(Target(url=f"http://admin.test:{address[1]}", token=None, timeout=1.0), "GET", "/status")
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert time.monotonic() - started < 2.0
 
 
 def raw(reply: bytes) -> Script:
@@ -246,3 +281,30 @@ def test_a_refused_lookup_of_a_huge_token_is_one_short_line_without_the_token() 
     assert done.returncode == 1, done
     assert "AAAAAAAAAA" not in done.stderr and len(done.stderr) < 300, done.stderr
     assert "HTTP 400: bad token" in done.stderr
+
+
+def test_ctrl_c_while_waiting_ends_ctl_by_sigint_without_a_traceback() -> None:
+    """As a C tool ends on Ctrl-C: by SIGINT itself (a shell loop around `lb ctl` stops; an exit of 130
+    told it the child had handled the signal, and the loop went on), and no traceback."""
+    import signal
+    import sys
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        port = silent.getsockname()[1]
+        ctl = subprocess.Popen(
+            [sys.executable, "-m", "lb", "ctl", "--admin", f"http://127.0.0.1:{port}", "--timeout", "60", "status"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            silent.settimeout(10 * UNIT)
+            conn, _ = silent.accept()  # it is waiting for the answer now
+            with conn:
+                conn.recv(65536)
+                ctl.send_signal(signal.SIGINT)
+                _, err = ctl.communicate(timeout=10 * UNIT)
+        finally:
+            if ctl.poll() is None:
+                ctl.kill()
+                ctl.wait()
+    assert ctl.returncode == -signal.SIGINT, (ctl.returncode, err)
+    assert err == ""
