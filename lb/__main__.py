@@ -19,9 +19,26 @@ _STARTS = ("run", "worker")  # the commands that become a balancer process
 def main() -> int:
     if sys.argv[1:2] and sys.argv[1] in _STARTS:
         startup_signals.hold()
+    from lb.cli import EXIT_INTERRUPTED
     from lb.cli import main as command_line
 
-    return command_line()
+    code = command_line()
+    if code == EXIT_INTERRUPTED:
+        _end_by_sigint()
+    return code
+
+
+def _end_by_sigint() -> None:
+    """End as Ctrl-C ends a C tool: by SIGINT itself, not an exit code.  A shell running us in a loop
+    (`for b in ...; do lb ctl drain ...; done`) stops only when its child died of SIGINT; an exit of 130
+    tells it the child handled the signal, and the loop goes on."""
+    import os
+    import signal
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 if __name__ == "__main__":

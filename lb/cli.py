@@ -5,8 +5,8 @@ configuration is `lb.config.load`'s job, running the balancer `lb.control.balanc
 making certificates `devcerts`'.
 
 Exit codes: 0 success, 2 bad usage or an invalid configuration, 1 any other
-failure (such as an unwritable certificate directory), 130 Ctrl-C (no traceback), 141 the
-reader of our output went away.
+failure (such as an unwritable certificate directory), 130 Ctrl-C (no traceback; `lb.__main__`
+then ends the process by SIGINT, as a shell expects), 141 the reader of our output went away.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 from lb import __version__, startup_signals
 from lb.compiled import compiled_state, stale_message
 from lb.config.advice import advice
-from lb.config.load import load_config_source
+from lb.config.load import ConfigSource, load_config_source
+from lb.config.model import Config
 from lb.errors import ConfigError
 
 EXIT_OK = 0
@@ -146,19 +147,30 @@ def _compiled_is_stale() -> bool:
     return bool(state.stale)
 
 
+def _load_runnable(config_path: Path) -> tuple[Config, ConfigSource]:
+    """The configuration `lb run` would start with, and its source.
+
+    With workers: N, they run this source (the text and every ${file:PATH} as read now), never the
+    files themselves (lb.control.workers): it must fit in one control message.
+
+    Raises:
+        ConfigError: every problem, the workers' hand-over included.
+    """
+    config, source = load_config_source(config_path)
+    if config.workers > 1:
+        from lb.control.ipc import check_config_handover
+
+        check_config_handover(source)
+    return config, source
+
+
 def _run(args: argparse.Namespace) -> int:
     startup_signals.hold()  # first: a SIGHUP while starting must not kill us (its default action)
     if _compiled_is_stale():
         return EXIT_FAILURE
     config_path: Path = args.config
     try:
-        # With workers: N, they run this source (the text and every ${file:PATH} as read now), never the
-        # files themselves (lb.control.workers).
-        config, source = load_config_source(config_path)
-        if config.workers > 1:
-            from lb.control.ipc import check_config_handover
-
-            check_config_handover(source)
+        config, source = _load_runnable(config_path)
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_USAGE
@@ -196,11 +208,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     config_path: Path = args.config
     try:
-        config, source = load_config_source(config_path)
-        if config.workers > 1:  # what `lb run` refuses, said here too
-            from lb.control.ipc import check_config_handover
-
-            check_config_handover(source)
+        config, _ = _load_runnable(config_path)  # what `lb run` refuses, validate refuses too
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_USAGE
