@@ -48,11 +48,21 @@ def is_utf8(text: str) -> bool:
     return True
 
 
+_VISIBLE_ASCII_RE = re.compile(r"[\x21-\x7e]+")
+
+
 def secret(value: object) -> str:
-    """Like string, but for tokens: the message never echoes the value, even a numeric one."""
+    """Like string, but for the admin token: the message never echoes the value, even a numeric one.
+
+    Visible ASCII only: the token travels in an `Authorization` header, which lb ctl (http.client) sends
+    as Latin-1 and the admin API compares as UTF-8, so another character could never match (and a space
+    would end a bearer token)."""
     if not isinstance(value, str):
         raise Bad(f"expected a string, got {type(value).__name__}")
-    return string(value)
+    text = string(value)
+    if not _VISIBLE_ASCII_RE.fullmatch(text):
+        raise Bad("expected visible ASCII (no spaces): the token travels in an HTTP header; `lb keygen` makes one")
+    return text
 
 
 def integer(low: int, high: int) -> Parser:
@@ -92,10 +102,11 @@ def boolean(value: object) -> bool:
     return value
 
 
-# The longest any duration may be: browsers keep a cookie at most 400 days (RFC 6265bis), and no timeout
-# or interval needs more.  Unbounded, `max_age: 99999999999999999999h` sealed tokens whose expiry no
-# date can show (/lookup failed on it).
-MAX_DURATION_DAYS = 400
+# The longest any duration may be, a hundred years: more than any timeout, interval or token lifetime needs
+# (browsers keep a cookie 400 days at most, native clients as long as they like), and far inside what a
+# date and a timer can hold.  Unbounded, `max_age: 99999999999999999999h` sealed tokens whose expiry no date
+# can show (/lookup failed on it).
+MAX_DURATION_DAYS = 36_500
 
 
 def duration(*, allow_zero: bool = False) -> Parser:
@@ -109,7 +120,7 @@ def duration(*, allow_zero: bool = False) -> Parser:
         if seconds == 0 and not allow_zero:
             raise Bad(f"expected a duration greater than 0, got {show(value)}")
         if seconds > MAX_DURATION_DAYS * 86_400:
-            raise Bad(f"expected a duration of at most {MAX_DURATION_DAYS} days, got {show(value)}")
+            raise Bad(f"expected a duration of at most {MAX_DURATION_DAYS} days (100 years), got {show(value)}")
         return seconds
 
     return parse
@@ -252,7 +263,8 @@ def bind_address(value: object) -> tuple[str, int]:
         mapped = ipaddress.IPv6Address(host).ipv4_mapped
         if mapped is not None:
             # Our IPv6 sockets are IPv6-only (an IPv4 listener may share the port), so this never binds.
-            raise Bad(f"an IPv4-mapped address does not bind here: write {mapped}:{port}")
+            write = "its IPv4 address" if isinstance(value, Expanded) else f"{mapped}:{port}"  # never a ${...}'s
+            raise Bad(f"an IPv4-mapped address does not bind here: write {write}")
     return host, port
 
 
