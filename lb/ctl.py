@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import http.client
 import json
 import math
@@ -329,14 +328,16 @@ def shown_path(path: str) -> str:
     """`path` as a message shows it: one short line, and an affinity token only as its digest.
 
     The query is left out: /lookup's carries the token, which may be 100 KB long and is a
-    session's credential; `sha256(token)[:8]` (lb.proxy.connection.token_digest) is what the
-    balancer's own log lines show of one, so the two can be matched.
+    session's credential; its `lb.log.token_digest` is what the balancer's own log lines show of
+    one, so the two can be matched.
     """
     path, _, query = path.partition("?")
     shown = _printable(path, 200)
     tokens = urllib.parse.parse_qs(query).get("token")
     if tokens:
-        shown += f" (token {hashlib.sha256(tokens[0].encode()).hexdigest()[:8]})"
+        from lb.log import token_digest  # here: only a lookup's message needs it
+
+        shown += f" (token {token_digest(tokens[0])})"
     return shown
 
 

@@ -11,6 +11,7 @@ of access events (durations, byte counts) stay numbers in JSON.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import io
 import json
 import logging
@@ -60,6 +61,12 @@ def iso_utc(created: float, *, millis: bool = True) -> str:
     text += _MILLI_SUFFIXES[milli - seconds * 1000]
     _last_milli = (milli, text)
     return text
+
+
+def token_digest(token: str) -> str:
+    """What a line may say of an affinity token (never the token itself): the balancer's logs and
+    `lb ctl`'s messages alike, so the two can be matched."""
+    return hashlib.sha256(token.encode()).hexdigest()[:8]
 
 
 class Throttle:

@@ -44,7 +44,6 @@ Why it is shaped this way (each is a smuggling or memory bug of the await chain 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import math
@@ -93,7 +92,7 @@ from lb.http.head import (
     take_answer_head,
 )
 from lb.http.routing import match_route
-from lb.log import Throttle
+from lb.log import Throttle, token_digest
 from lb.state.context import ProxyContext
 from lb.state.observations import ErrorKind
 from lb.state.pool import BackendStatus, PoolState
@@ -245,11 +244,6 @@ def new_request_id() -> str:
 
 
 _BODY_INCOMPLETE: Final = "request body incomplete"  # the client half-closed before the end of its body
-
-
-def token_digest(token: str) -> str:
-    """What logs may say about a token (never the token itself)."""
-    return hashlib.sha256(token.encode()).hexdigest()[:8]
 
 
 class _Failure(Exception):
