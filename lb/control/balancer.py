@@ -142,7 +142,7 @@ class Balancer:
         self.registry = make_registry(
             lambda: self.ctx, lambda: self.reloads,
             (lambda: self._supervisor.pids() if self._supervisor is not None else []) if role is Role.OWNER else None,
-            retired=self.retired_backends, kept=lambda: self.series.held(),
+            retired=self.retired_backends, departed=lambda: self.series.departed_everywhere(),  # series: made below
         )
         # /readyz: True once every listener is open, False again from SIGTERM on.
         self.ready = False

@@ -37,18 +37,18 @@ def config_hash(config: Config) -> str:
 
 
 Retired = Callable[[], list[tuple[str, BackendStatus]]]  # backends gone from their pool, tunnels still live
-Kept = Callable[[], Iterable[tuple[str, str]]]  # (pool, backend) whose series are kept (lb.state.series)
+Departed = Callable[[], Iterable[tuple[str, str]]]  # (pool, backend) gone, its series still kept (lb.state.series)
 
 
 class LbCollector(Collector):
     def __init__(
         self, get_context: Callable[[], ProxyContext], reloads: Callable[[], Mapping[str, int]] | None = None,
-        retired: Retired | None = None, kept: Kept | None = None,
+        retired: Retired | None = None, departed: Departed | None = None,
     ) -> None:
         self._get_context = get_context
         self._reloads = reloads
         self._retired = retired
-        self._kept = kept
+        self._departed = departed
         self._hashed: tuple[Config, str] | None = None
 
     def _config_hash(self, config: Config) -> str:
@@ -77,8 +77,8 @@ class LbCollector(Collector):
         # Departed backends the retention keeps (a reload, DNS) export their last counts until it forgets
         # them (README: kept for the last max(16, static + max_backends) to leave each pool).
         present = dict.fromkeys([*in_pools, *((name, backend.id) for name, backend in retired)])
-        kept = self._kept() if self._kept is not None else ()
-        departed = [key for key in dict.fromkeys(kept) if key not in present]
+        # Not present, though the retention's view may lag a pool's by a moment: each series once.
+        departed = [key for key in (self._departed() if self._departed else ()) if key not in present]
         yield from self._backends(ctx, retired, departed)
         clients = GaugeMetricFamily(
             "lb_client_connections",
@@ -275,7 +275,7 @@ def make_registry(
     reloads: Callable[[], Mapping[str, int]] | None = None,
     worker_pids: Callable[[], list[int]] | None = None,
     retired: Retired | None = None,
-    kept: Kept | None = None,
+    departed: Departed | None = None,
 ) -> CollectorRegistry:
     """A registry of our own (not the global one), so tests and reloads never collide.
 
@@ -283,10 +283,10 @@ def make_registry(
         reloads: counts of reloads by result ("success", "failure") for lb_config_reloads_total.
         worker_pids: the owner of `workers: N` passes its live workers; process_* then covers them.
         retired: backends removed from their pool (reload, DNS) whose tunnels still run.
-        kept: every (pool, backend) whose series the process keeps, departed ones included (lb.state.series).
+        departed: every (pool, backend) gone from its pool whose series are still kept (lb.state.series).
     """
     registry = CollectorRegistry()
-    registry.register(LbCollector(get_context, reloads, retired, kept))
+    registry.register(LbCollector(get_context, reloads, retired, departed))
     if worker_pids is None:
         ProcessCollector(registry=registry)
     else:

@@ -90,11 +90,10 @@ class SeriesRetention:
         departed = self._departed.get(pool)
         return departed is not None and backend in departed
 
-    def held(self) -> list[tuple[str, str]]:
-        """Every (pool, id) whose series are kept: those present, then the departed, oldest first (/metrics
-        exports each of them, a departed one at its last counts)."""
-        present = [(pool, backend) for pool, ids in self._present.items() for backend in sorted(ids)]
-        return present + [(pool, backend) for pool, departed in self._departed.items() for backend in departed]
+    def departed_everywhere(self) -> list[tuple[str, str]]:
+        """Every departed (pool, id) whose series are kept, each pool's oldest first (/metrics exports
+        their last counts; the present ones it knows from the pools)."""
+        return [(pool, backend) for pool, departed in self._departed.items() for backend in departed]
 
     def departed(self, pool: str) -> list[str]:
         """The departed ids of `pool` whose series are kept, oldest first."""

@@ -238,7 +238,7 @@ def test_a_single_process_pool_total_is_exact_whatever_it_forgets(forgets: bool)
 
 def _scrape(ctx: ProxyContext, retention: SeriesRetention) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """(sample name, its labels) → value, as the balancer's collector exports them."""
-    collector = LbCollector(lambda: ctx, kept=retention.held)
+    collector = LbCollector(lambda: ctx, departed=retention.departed_everywhere)
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in collector.collect() for sample in family.samples
