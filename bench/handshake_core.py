@@ -30,6 +30,7 @@ from bench.runner import balancer_config
 from bench.wire import BENCH_KEY, accept_key, client_request, hello_message, server_frame, set_cookies
 from lb.config.load import parse_config
 from lb.proxy.connection import Connection, JoinTunnel, SendBackend, SendClient
+from lb.proxy.server import wall_offset
 from lb.state.context import ProxyContext
 
 SWITCH = (
@@ -42,7 +43,7 @@ BACKENDS = (("g1", "127.0.0.1", 7001), ("g2", "127.0.0.1", 7002), ("g3", "127.0.
 def make_context() -> ProxyContext:
     document = balancer_config(BACKENDS, 8080, 9000)
     config = parse_config(yaml.safe_dump(document), base_dir=Path("."), environ={})
-    return ProxyContext.build(config, lambda pool, backend, what: None)
+    return ProxyContext.build(config, lambda pool, backend, what: None, wall_offset=wall_offset())
 
 
 def handshake(ctx: ProxyContext, request: bytes, answer: bytes, now: float) -> bytes:

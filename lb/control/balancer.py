@@ -77,7 +77,7 @@ from lb.http.proxy_header import CRC32C_IN_C
 from lb.http.routing import sort_routes
 from lb.log import setup_logging
 from lb.proxy.preamble import AcceptingServer, listening_sockets
-from lb.proxy.server import abort_in_flight, client_factory, install_accept_error_filter, stop_in_flight
+from lb.proxy.server import abort_in_flight, client_factory, install_accept_error_filter, stop_in_flight, wall_offset
 from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY, idle_sweep_interval
 from lb.state.context import ProxyContext, configured_protected
 from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange
@@ -131,7 +131,7 @@ class Balancer:
         self.role = role
         # What only a restart changes (the process tree and its event loop), as this process started.
         self._started_with = (config.workers, config.runtime.event_loop)
-        self.ctx = ProxyContext.build(config, self.record_backend_failure)
+        self.ctx = ProxyContext.build(config, self.record_backend_failure, wall_offset=wall_offset())
         started = time.time()
         for pool in self.ctx.pools.values():
             for backend in pool.backends.values():
@@ -409,17 +409,19 @@ class Balancer:
                     tunnel.close_gracefully(GOING_AWAY, "idle timeout", cause="idle")
 
     async def _each_second(self) -> None:
-        """Log the summaries of 429s and 503s whose interval has passed (`RateLimitSummary`), and give
-        back the heap a burst of connections freed (`lb.control.memory`)."""
+        """Follow a step of the wall clock (`ProxyContext.wall_offset`), log the summaries of 429s and 503s
+        whose interval has passed (`RateLimitSummary`), and give back the heap a burst of connections
+        freed (`lb.control.memory`)."""
         policy = ReleasePolicy()
         while True:
             await asyncio.sleep(1.0)
+            self.ctx.wall_offset = wall_offset()
             self._report_refusals_now()
             if policy.due(self.ctx.handshaking + len(self.ctx.tunnels), time.monotonic()):
                 release_free_memory()
 
     def _report_refusals_now(self, *, final: bool = False) -> None:
-        now = time.time()  # the data plane's clock (lb.proxy.server), which `note` was given
+        now = time.monotonic()  # the data plane's clock (lb.proxy.server), which `note` was given
         for summary in (self.ctx.rate_limited_log, self.ctx.over_limit_log):
             summary.tick(now, final=final)
 

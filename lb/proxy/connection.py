@@ -2,7 +2,9 @@
 
 In the manner of h11's `Connection` and websockets' `ServerProtocol`, nothing
 here touches a socket, a clock or the event loop.  The shell (`lb.proxy.server`)
-feeds it events with the current time and carries out the actions it returns:
+feeds it events with the current time and carries out the actions it returns.  `now` is the
+monotonic clock (a step of the wall clock moves no deadline); the wall-clock instant a token
+is issued or checked at is `now + ctx.wall_offset`, taken once per request:
 
     events:  receive_client(data, now)   client_eof(now)      client_lost(status, reason)
              backend_connected(now)      backend_failed(cause, now)
@@ -272,6 +274,7 @@ class Connection:
         "_answer_scan",
         "_backend_blocked_at",
         "_balance_key",
+        "_began",
         "_body_left",
         "_buf",
         "_claim",
@@ -384,7 +387,8 @@ class Connection:
         self._interim = 0
         self._last_client = 0.0
         self._last_backend = 0.0  # the last bytes of an answer's body relayed: the backend's quiet spell counts from it
-        self._wall = 0.0
+        self._began = 0.0  # when its head was complete (the events' monotonic clock)
+        self._wall = 0.0  # the same instant in wall-clock seconds: tokens and backend states speak it
 
     @property
     def request_id(self) -> str:
@@ -692,7 +696,8 @@ class Connection:
         self._request = request
         self._rid = new_request_id()
         self._started = True
-        self._wall = now
+        self._began = now
+        self._wall = now + ctx.wall_offset
         if self._proxy is not None:
             self._client_ip = client_behind(self._proxy, request.head.get_all("x-forwarded-for"), self._trusted)
             self._client_port = self._peer_port if self._client_ip == self._peer else 0
@@ -719,7 +724,7 @@ class Connection:
             if wait:
                 raise TooManyRequests("too many handshakes from this address", retry_after=math.ceil(wait))
             pool = self._pools[route.pool]
-            decision = self._first_decision(request, pool, now)
+            decision = self._first_decision(request, pool, self._wall)
         except RequestRejected as exc:
             return self._refuse(exc, now)
         framer = request_framer(request, protected=self._protected)
@@ -733,6 +738,7 @@ class Connection:
         return self._open(decision, now)
 
     def _first_decision(self, request: RequestHead, pool: PoolState, now: float) -> Decision:
+        """`now`: wall-clock seconds (tokens' issue times, backend states' change times)."""
         affinity = self._config.affinity
         lookup = find_token(request, affinity, self._codec, now, pool=pool.name)
         self._balance_key = balance_key(request, pool.config, self._client_ip)
@@ -893,7 +899,7 @@ class Connection:
     def _switch(self, response: ResponseHead, now: float) -> list[Action]:
         decision, pool = self._decision, self._pool
         assert decision is not None and pool is not None and self._request is not None
-        head = self._client_head(response, switching=True)
+        head = self._client_head(response, now, switching=True)
         self._observe(now)
         self._count("switched")
         self._log(response.status)
@@ -935,7 +941,7 @@ class Connection:
         self._response_framer = framer
         self.state = RELAY
         actions: list[Action] = [
-            SendClient(self._client_head(response, switching=False, keep_alive=keep)),
+            SendClient(self._client_head(response, now, switching=False, keep_alive=keep)),
             self._relay_timer(now),
         ]
         if self._answer_buf:
@@ -1053,7 +1059,7 @@ class Connection:
                 pool,
                 session=claim.session if claim else None,
                 exclude=self._tried,
-                now=now,
+                now=now + ctx.wall_offset,
                 balance_key=self._balance_key,
             )
         except NoHealthyBackend:
@@ -1128,13 +1134,13 @@ class Connection:
 
     # -- answers -------------------------------------------------------------------
 
-    def _client_head(self, response: ResponseHead, *, switching: bool, keep_alive: bool = False) -> bytes:
-        """The backend's answer plus the affinity token, as the mode wants it."""
+    def _client_head(self, response: ResponseHead, now: float, *, switching: bool, keep_alive: bool = False) -> bytes:
+        """The backend's answer plus the affinity token, as the mode wants it (at `now`, the events' clock)."""
         ctx = self._ctx
         affinity = self._config.affinity
         decision, claim, lookup, pool = self._decision, self._claim, self._lookup, self._pool
         assert decision is not None and lookup is not None and pool is not None
-        now = self._wall
+        wall = self._wall
         nonces: list[bytes] = []  # fresh, each used once
         if claim is not None:
             session = claim.session
@@ -1151,7 +1157,7 @@ class Connection:
                     backend_id=decision.backend.id,
                     # Whole seconds, rounded up: a token never expires before max_age has passed
                     # (rounded down, one opened up to 1 s early, while the browser still sent it).
-                    issued_at=math.ceil(now),
+                    issued_at=math.ceil(wall),
                     session=session,
                     app_value=app_value,
                     pool=pool.name,
@@ -1168,7 +1174,7 @@ class Connection:
         ):
             rewrite, token = rewrite_response_cookies(
                 response, affinity, seal, secure=secure, others=lookup.others,
-                on_unsealed=lambda app_value: unsealed.append(len(app_value)), now=now,
+                on_unsealed=lambda app_value: unsealed.append(len(app_value)), now=wall,
             )
             if unsealed:
                 # Counted each; one line per answer however many it held (a backend cannot flood the log).
@@ -1204,7 +1210,7 @@ class Connection:
             # would replace (or delete) the client's pins, in every pool, whenever we issue none
             # (HAProxy's `cookie ... insert` drops it too).
             drop = affinity.cookie
-            suppressed = _backend_set_our_cookie.due(now)
+            suppressed = _backend_set_our_cookie.due(now)  # the events' clock, not `wall`
             if suppressed is not None:
                 log.warning(
                     "backend %s sets cookie %s, the name affinity.cookie gives ours: its Set-Cookie is left out "
@@ -1232,7 +1238,7 @@ class Connection:
         assert decision is not None and pool is not None
         observations = self._ctx.observations
         observations.observe_connect(pool.name, decision.backend.id, now - self._opened_at)
-        observations.observe_handshake(pool.name, now - self._wall)
+        observations.observe_handshake(pool.name, now - self._began)
 
     def _count(self, outcome: str) -> None:
         decision, pool = self._decision, self._pool

@@ -301,7 +301,7 @@ class AcceptingServer:
             )
             return made
 
-        left = ctx.config.timeouts.handshake - (time.time() - accepted.accepted)
+        left = ctx.config.timeouts.handshake - (time.monotonic() - accepted.accepted)
         try:
             await self._loop.connect_accepted_socket(
                 factory,
@@ -358,7 +358,7 @@ class _Accepted:
         self.server = server
         self.sock = sock
         self.peer = peer
-        self.accepted = time.time()
+        self.accepted = time.monotonic()  # the clock of the connection's events (lb.proxy.server)
         self.count = AcceptCount(server._ctx)  # within limits.max_connections or not: decided now
 
     def release(self) -> None:

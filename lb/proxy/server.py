@@ -54,9 +54,17 @@ from lb.state.observations import error_kind
 from lb.tls import bound_buffers
 
 log: Final = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
-# The wall clock every event is stamped with, as a Final: compiled, a call from a C static
-# rather than a lookup of the `time` module and then of its attribute (five a handshake).
-_now: Final = time.time
+# The clock every event is stamped with: monotonic, so that a step of the wall clock neither
+# stretches nor cuts a deadline (the core adds `ctx.wall_offset` where it needs wall time).  A
+# Final: compiled, a call from a C static rather than a lookup of the `time` module and then of
+# its attribute (five a handshake).
+_now: Final = time.monotonic
+
+
+def wall_offset() -> float:
+    """Wall-clock seconds minus the events' clock, as of now (`ProxyContext.wall_offset`)."""
+    return time.time() - _now()
+
 
 _HELD: Final = 1  # pause reasons, a bit each
 _BACKEND_FULL: Final = 2
@@ -215,8 +223,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._early = count  # counted, and timed, from its accept (a TLS handshake or PROXY header first)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None  # the deadline the core asked for (wall clock)
-        self._timer_armed = 0.0  # when the armed handle fires (wall clock); may be before _timer_at
+        self._timer_at: float | None = None  # the deadline the core asked for (the events' clock)
+        self._timer_armed = 0.0  # when the armed handle fires (the events' clock); may be before _timer_at
         self._upstream: _Upstream | None = None
         self._connecting: asyncio.Task[Any] | None = None
         self._paused = 0

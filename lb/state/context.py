@@ -127,6 +127,14 @@ class ProxyContext:
     observations: Observations = field(default_factory=Observations)
     # Set by the last tunnel to close while shutdown waits for them.
     all_tunnels_closed: asyncio.Event | None = None
+    # The connections' events carry the monotonic clock, so that a step of the wall clock (an NTP
+    # step, a VM resumed, `date -s`) neither stretches nor cuts a timeout, a rate limit or a
+    # latency.  What must be wall time (a token's issue time and expiry, backend states' times,
+    # which every instance and the control plane share) is that clock plus this offset, which the
+    # balancer reads again every second (`Balancer._each_second`): a step reaches tokens within 1 s.
+    # Given to `build` by whoever builds one (`lb.proxy.server.wall_offset()`): 0 would issue tokens
+    # dated 1970, expired at once.
+    wall_offset: float = 0.0
 
     def client_connections(self) -> int:
         """Client connections now, as limits.max_connections counts them (lb_client_connections).
@@ -173,8 +181,11 @@ class ProxyContext:
         )
 
     @classmethod
-    def build(cls, config: Config, on_backend_failure: Callable[[str, str, str], None]) -> ProxyContext:
+    def build(
+        cls, config: Config, on_backend_failure: Callable[[str, str, str], None], *, wall_offset: float
+    ) -> ProxyContext:
         return cls(
+            wall_offset=wall_offset,
             config=config,
             codec=TokenCodec(config.affinity.secret_keys, config.affinity.max_age),
             pools={name: PoolState(config=pool) for name, pool in config.pools.items()},

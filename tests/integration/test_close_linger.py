@@ -28,7 +28,7 @@ from lb.affinity.codec import TokenCodec
 from lb.config.load import parse_config
 from lb.config.model import AffinityConfig, BackendConfig, Config, PoolConfig
 from lb.proxy import tunnel as tunnel_module
-from lb.proxy.server import client_factory
+from lb.proxy.server import client_factory, wall_offset
 from lb.proxy.tunnel import Tunnel
 from lb.state.context import ProxyContext
 from lb.state.pool import PoolState
@@ -137,7 +137,9 @@ affinity: {{secret_keys: ["{"k" * 43}"]}}
 routes: [{{path_prefix: /, pool: p}}]
 pools: {{p: {{backends: [{{id: gw-1, address: "{HOST}:{gateways.sockets[0].getsockname()[1]}"}}]}}}}
 """
-    ctx = ProxyContext.build(parse_config(text, base_dir=tmp_path, environ={}), lambda *_: None)
+    ctx = ProxyContext.build(
+        parse_config(text, base_dir=tmp_path, environ={}), lambda *_: None, wall_offset=wall_offset()
+    )
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it
     listener.bind((HOST, 0))

@@ -103,6 +103,9 @@ class Play:
         self.ctx = ProxyContext.build(
             parse_config(config, base_dir=Path("."), environ={}),
             lambda pool, backend, what: self.failures.append((pool, backend, what)),
+            # The tables' times read as wall-clock seconds as well (T0 is a date): the wall instant of
+            # an event is its time plus this offset, and a table that seals a token at T0 issued it at T0.
+            wall_offset=0.0,
         )
         self.ctx.handshaking = 1
         self.conn = Connection(
@@ -1539,6 +1542,29 @@ def test_the_cookies_max_age_is_whole_seconds_rounded_up_and_never_0(max_age: st
     play.backend(SWITCH)
     cookie = next(v for k, v in play.answer()[1].items() if k == "set-cookie")
     assert f"; Max-Age={cookie_max_age};" in cookie, cookie
+
+
+def test_a_step_of_the_wall_clock_moves_no_deadline_and_dates_tokens_by_the_wall_clock() -> None:
+    """Events carry the monotonic clock: the wall clock stepped back an hour (an NTP step, a VM
+    resumed) neither stretches the head's deadline nor the backend's, and a token is issued at the
+    wall-clock instant (`ctx.wall_offset`), so every instance agrees on its expiry."""
+    play = Play(now=100.0)  # a monotonic reading: seconds since boot
+    play.ctx.wall_offset = T0 - 100.0
+    assert play.timer == 100.0 + 5  # timeouts.handshake
+    play.ctx.wall_offset -= 3600  # the wall clock steps back an hour
+    play.client(upgrade("/a/ws"), dt=1.0)
+    assert play.timer == 101.0 + 2  # timeouts.backend_connect, from the request's own instant
+    play.connected(dt=0.5)
+    play.backend(SWITCH)
+    token = next(line for line in _set_cookie_lines(play) if line.startswith("LB=")).partition(";")[0][3:]
+    claim = play.ctx.codec.open(token, T0 - 3600 + 2)
+    assert claim.issued_at == T0 - 3600 + 1  # the head was complete at 101.0
+    # ...and a returning client's token is judged by the wall clock too: past max_age (1 h by
+    # default) by it, expired, whatever the monotonic clock says.
+    later = Play(now=100.0)
+    later.ctx.wall_offset = T0 - 3600 + 3600 + 5  # an hour and a few seconds after that issue
+    later.client(upgrade("/a/ws").replace(b"\r\n\r\n", f"\r\nCookie: LB={token}\r\n\r\n".encode()))
+    assert later.ctx.stats.invalid_tokens["expired"] == 1
 
 
 def test_our_own_answer_to_a_head_ends_at_its_head() -> None:

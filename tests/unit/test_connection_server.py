@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from bench.handshake_shell import BenchLoop, FakeTransport, deliver
 from lb.config.load import parse_config
 from lb.proxy import connection as core_module
 from lb.proxy import server as server_module
-from lb.proxy.server import ClientConnection, client_factory, stop_in_flight
+from lb.proxy.server import ClientConnection, client_factory, stop_in_flight, wall_offset
 from lb.proxy.tunnel import TunnelEnd, WebSocketServerEnd
 from lb.state.context import ProxyContext
 
@@ -26,7 +27,9 @@ async def _serve(ctx: ProxyContext) -> tuple[asyncio.Server, int]:
 
 
 def _ctx() -> ProxyContext:
-    return ProxyContext.build(parse_config(CONFIG, base_dir=Path("."), environ={}), lambda *_: None)
+    return ProxyContext.build(
+        parse_config(CONFIG, base_dir=Path("."), environ={}), lambda *_: None, wall_offset=wall_offset()
+    )
 
 
 async def test_a_bug_in_the_core_is_a_bare_500_and_releases_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,6 +68,24 @@ async def test_idle_and_partial_connections_at_stop() -> None:
         assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and b"Retry-After: 1" in refused
         for writer in (idle_w, part_w):
             writer.close()
+        await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
+    finally:
+        server.close()
+
+
+async def test_a_connections_deadline_is_on_the_monotonic_clock() -> None:
+    """The shell stamps events with the monotonic clock, so a step of the wall clock (an NTP step, a
+    VM resumed) neither stretches nor cuts a connection's deadline: here, timeouts.handshake (5 s)."""
+    ctx = _ctx()
+    server, port = await _serve(ctx)
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /a/x HTTP/1.1\r\nHo")
+        before = time.monotonic()
+        await _wait(lambda: any(c.core._buf for c in ctx.in_flight))
+        (connection,) = ctx.in_flight
+        assert before - 1 < connection._timer_at - 5 < time.monotonic()
+        writer.close()
         await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
     finally:
         server.close()

@@ -25,6 +25,7 @@ from lb.config.load import load_config, parse_config
 from lb.config.model import ListenerConfig
 from lb.control.balancer import Balancer, BindError, _probe_bind
 from lb.proxy.preamble import AcceptingServer, listening_sockets
+from lb.proxy.server import wall_offset
 from lb.state.context import ProxyContext
 
 NAME = "two.test"
@@ -121,7 +122,9 @@ def test_the_owner_of_workers_probes_every_address_of_a_name() -> None:
 
 @pytest.mark.usefixtures("two_addresses")
 async def test_an_accepting_listener_serves_every_address_and_closes_them_all() -> None:
-    ctx = ProxyContext.build(parse_config(CONFIG, base_dir=Path("."), environ={}), lambda *_: None)
+    ctx = ProxyContext.build(
+        parse_config(CONFIG, base_dir=Path("."), environ={}), lambda *_: None, wall_offset=wall_offset()
+    )
     port = _free_port_on_both()
     socks = listening_sockets(NAME, port, backlog=16, reuse_port=False)
     server = AcceptingServer(ctx, socks, None, proxy_protocol=False)

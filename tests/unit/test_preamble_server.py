@@ -23,7 +23,7 @@ from test_connection import CONFIG
 from lb.config.load import parse_config
 from lb.devcerts import write_dev_certs
 from lb.proxy.preamble import AcceptingServer, listening_sockets
-from lb.proxy.server import ClientConnection, stop_in_flight
+from lb.proxy.server import ClientConnection, stop_in_flight, wall_offset
 from lb.state.context import ProxyContext
 from lb.tls import server_ssl_context
 
@@ -35,7 +35,9 @@ def _ctx(handshake: str = "5s", tls: str = "") -> ProxyContext:
     text = CONFIG.replace("timeouts: {handshake: 5s", f"timeouts: {{handshake: {handshake}")
     if tls:
         text = text.replace('listeners: [{bind: "127.0.0.1:8080"}]', tls)
-    return ProxyContext.build(parse_config(text, base_dir=Path("."), environ={}), lambda *_: None)
+    return ProxyContext.build(
+        parse_config(text, base_dir=Path("."), environ={}), lambda *_: None, wall_offset=wall_offset()
+    )
 
 
 async def _server(
