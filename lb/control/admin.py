@@ -43,6 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lb.access_log import plain_value
 from lb.config.durations import parse_duration
+from lb.control.metrics import CostlyScrapes
 from lb.control.migration import DEFAULT_MIGRATION_RATE
 from lb.log import Throttle
 from lb.state.context import BackendCounts
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BALANCER: web.AppKey[Balancer] = web.AppKey("balancer")
+SCRAPES: web.AppKey[CostlyScrapes] = web.AppKey("scrapes")
 
 # An action's parameters, in the query string or a JSON body; anything else is refused.
 ACTION_PARAMS = frozenset({"close_after", "rate"})
@@ -72,6 +74,10 @@ MAX_JSON_DEPTH = 4  # {"close_after": "30s"} is depth 1; deeper is not a request
 MAX_ADMIN_CONNECTIONS = 512
 MAX_ADMIN_CONNECTIONS_PER_ADDRESS = 32
 MAX_RATE = 100_000.0
+# One tunnel every 100 s, the dashboard's own least: slower, a drain's closes would outlast the backend
+# (after `close_after` it takes not even its cookie holders, so a rate near 0 is a disable that never
+# empties it).  A drain that closes nothing is a drain without `rate` and `close_after`.
+MIN_RATE = 0.01
 
 
 class AdminInputError(ValueError):
@@ -110,7 +116,8 @@ async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamRe
         response, detail = _error(400, str(exc)), exc.detail
     except Exception:
         request_id = new_request_id()
-        log.exception("admin API: 500 %s %s request_id=%s", request.method, _path(request), request_id)
+        log.exception("admin API: 500 %s %s request_id=%s", request.method, _path(request), request_id,
+                      extra=_fields(request, 500, request_id))
         return _error(500, "internal error", request_id=request_id)
     if isinstance(response, _ErrorAnswer):  # one of ours (_error), not a /readyz 503
         _log_error(request, response, detail)
@@ -123,7 +130,17 @@ def _log_error(request: web.Request, response: _ErrorAnswer, detail: str | None)
     log.log(
         level, "admin API: %d %s %s: %s%s request_id=%s client=%s", response.status, request.method, _path(request),
         response.fixed_reason, f" ({detail})" if detail else "", response.request_id, request.remote or "-",
+        extra=_fields(request, response.status, response.request_id),
     )
+
+
+def _fields(request: web.Request, status: int, request_id: str) -> dict[str, object]:
+    """The line's fields of their own in `logging.format: json` (as an access line has them), so that a
+    query on `request_id` finds an admin error as it finds a data-plane one."""
+    return {"access": {
+        "request_id": request_id, "status": status, "method": plain_value(request.method), "path": _path(request),
+        "client": request.remote or "-",
+    }}
 
 
 def _path(request: web.Request) -> str:
@@ -136,6 +153,7 @@ def make_admin_app(balancer: Balancer) -> web.Application:
     # client_max_size: aiohttp answers 413 itself beyond it, before any handler reads the body.
     app = web.Application(middlewares=[_answer_errors], client_max_size=MAX_BODY_BYTES)
     app[BALANCER] = balancer
+    app[SCRAPES] = CostlyScrapes()
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/healthz", healthz)
@@ -279,7 +297,8 @@ def _backend_document(b: BackendStatus, counted: BackendCounts | None) -> dict[s
 
 async def metrics(request: web.Request) -> web.Response:
     refuse_parameters(request)
-    body = generate_latest(request.app[BALANCER].registry)
+    registry = request.app[BALANCER].registry
+    body = request.app[SCRAPES].body(lambda: generate_latest(registry), time.monotonic)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -550,7 +569,7 @@ async def _migration_params(request: web.Request) -> tuple[float | None, float |
                 raise ValueError
             rate = float(value)
         except (ValueError, OverflowError):
-            raise AdminInputError("rate: expected connections per second, a number above 0") from None
-        if not 0 < rate <= MAX_RATE:  # also refuses nan and inf
-            raise AdminInputError(f"rate: expected connections per second above 0 and at most {MAX_RATE:g}")
+            raise AdminInputError(f"rate: expected connections per second, a number from {MIN_RATE:g}") from None
+        if not MIN_RATE <= rate <= MAX_RATE:  # also refuses nan and inf
+            raise AdminInputError(f"rate: expected connections per second from {MIN_RATE:g} to {MAX_RATE:g}")
     return close_after, rate

@@ -5,6 +5,7 @@ traceback in the log only; readiness follows the balancer's flag.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from types import SimpleNamespace
 from typing import Any
@@ -14,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from lb.config.model import BackendConfig, PoolConfig
 from lb.control.admin import make_admin_app
+from lb.log import JsonFormatter
 from lb.state.pool import PoolState
 
 TOKEN = "t" * 20
@@ -50,6 +52,24 @@ async def test_a_bug_in_a_handler_is_a_bare_500_logged_with_its_traceback(caplog
         assert any(r.exc_info and "secret internal detail" in str(r.exc_info[1]) for r in caplog.records)
         # The request id in the answer finds the traceback in the log.
         assert any(body["request_id"] in r.getMessage() for r in caplog.records if r.exc_info)
+    finally:
+        await client.close()
+
+
+async def test_in_json_logs_an_admin_error_line_has_its_request_id_as_a_field(caplog: pytest.LogCaptureFixture) -> None:
+    """SPEC: the log carries an error answer's request id; in `logging.format: json` as a field of its own, as
+    on an access line, so a query on the field finds admin errors (a bug's 500 too) as well."""
+    client = await _client(_fake_balancer())
+    try:
+        with caplog.at_level(logging.INFO, logger="lb.control.admin"):
+            refused = await (await client.get("/status?verbose=1")).json()
+            broken = await (await client.post(
+                "/pools/p/backends/gw-1/drain", headers={"Authorization": f"Bearer {TOKEN}"}
+            )).json()
+        lines = [json.loads(JsonFormatter().format(record)) for record in caplog.records]
+        for body, status in ((refused, 400), (broken, 500)):
+            (line,) = [line for line in lines if line.get("request_id") == body["request_id"]]
+            assert line["status"] == status and line["client"] == "127.0.0.1"
     finally:
         await client.close()
 
