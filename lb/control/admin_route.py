@@ -18,10 +18,11 @@ from aiohttp import web
 
 from lb.affinity.balancing import HASHED_METHODS, BadKey, admin_key
 from lb.affinity.decision import route_for_key
-from lb.control.admin import BALANCER, error_response, key_values
+from lb.control.admin import BALANCER, error_response, key_values, refuse_parameters
 
 MAX_KEY_CHARS = 4096
 _ONE_KEY = "expected exactly one non-empty key parameter"
+_TAKES = frozenset({"key"})
 
 
 def add_route_endpoint(app: web.Application) -> None:
@@ -36,9 +37,7 @@ async def pool_route(request: web.Request) -> web.Response:
         return _error(404, "unknown pool")
     if pool.config.balance not in HASHED_METHODS:
         return _error(400, "route lookup needs a pool with balance: source or hash")
-    unknown = set(request.query) - {"key"}
-    if unknown:
-        return _error(400, "unknown query parameter")
+    refuse_parameters(request, _TAKES)  # as every endpoint: "unknown parameter", named in the log line
     keys = key_values(request)
     if len(keys) != 1 or not keys[0]:
         return _error(400, _ONE_KEY)

@@ -186,6 +186,9 @@ async def test_route_errors_name_nothing_internal(stacks: Stacks) -> None:
     for params in ({"key": "x" * 5000}, {"key": "a", "keyy": "b"}, {"key": ["a", "b"]}):
         status, _, body = await http_get_async(url, params=params)
         assert status == 400 and b"xxxx" not in body, params
+    # A parameter /route does not take is refused as on every endpoint: "unknown parameter", named in the log.
+    status, _, body = await http_get_async(url, params={"key": "a", "Key": "b"})
+    assert status == 400 and json.loads(body)["error"] == "unknown parameter"
 
 
 async def test_two_pools_keep_one_pin_each(stacks: Stacks) -> None:
