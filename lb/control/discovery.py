@@ -337,6 +337,9 @@ class Discoverer:
             # Each query is bounded by `timeout`; the whole lookup (SRV, then its targets) by a few of them.
             async with asyncio.timeout(LOOKUP_BUDGET * self.config.timeout):
                 discovered, ttl = await lookup(self.config, self._resolver, self._reserved, self.known)
+            # Counted at every lookup, this one's too when nothing in it was usable: else /status kept
+            # the count of the last lookup that gave backends beside an error that lists the skipped.
+            status.skipped = len(discovered.skipped) + discovered.truncated
             if not discovered.backends:
                 reasons = "; ".join((discovered.failed + discovered.skipped)[:3])
                 raise DiscoveryError(f"{self.config.dns}: no usable backend in the answer{': ' if reasons else ''}"
@@ -356,7 +359,6 @@ class Discoverer:
             self._targets_failed(discovered.failed)
         else:
             status.last_ok, status.last_error, status.last_error_at = time.time(), None, None
-        status.skipped = len(discovered.skipped) + discovered.truncated
         changes = diff(self.known, discovered.backends)
         if changes:
             log.info(

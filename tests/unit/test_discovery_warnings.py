@@ -41,6 +41,30 @@ def test_records_left_out_are_warned_of_once_per_change(
     assert loop.status.skipped == 1 and loop.status.lookups == 4
 
 
+def test_a_lookup_that_skipped_every_record_counts_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/status's `skipped` is this lookup's count, also when nothing in it was usable (a lookup error
+    that lists them): it was left at the count of the last lookup that gave backends."""
+    answers = [
+        Discovered((BackendConfig("gw-0", "10.0.0.1", 9000),), ()),
+        Discovered((), ("target '-x.svc': first label is not valid", "target '-y.svc': first label is not valid")),
+    ]
+
+    async def lookup(*_: Any) -> tuple[Discovered, float]:
+        return answers.pop(0), 5.0
+
+    monkeypatch.setattr(discovery, "lookup", lookup)
+    pool = PoolConfig("gateways", (), discovery=DiscoveryConfig("gateway.svc", nameservers=(("127.0.0.1", 53),)))
+    loop = discovery.Discoverer(pool, lambda *_: None)
+
+    async def two_lookups() -> None:
+        for _ in range(2):
+            await loop.resolve_once()
+
+    asyncio.run(two_lookups())
+    assert loop.status.skipped == 2 and loop.status.errors == 1
+    assert loop.status.last_error is not None and "no usable backend" in loop.status.last_error
+
+
 async def test_a_lookup_without_a_thread_to_run_on_fails_as_a_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
     """Out of threads (a cgroup's pids.max): the pool keeps its last answer with a lookup error, as for a
     nameserver that does not answer, not an unexpected-failure traceback at every interval."""
