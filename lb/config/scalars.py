@@ -209,6 +209,10 @@ def identifier(value: object) -> str:
     text = _id_chars(value)
     if len(text) > MAX_ID_CHARS:
         raise Bad(f"expected at most {MAX_ID_CHARS} characters, got {len(text)}")
+    if text in (".", ".."):
+        # A URL path segment of its own: a browser (the dashboard's buttons) and curl resolve it away, so
+        # /pools/gateways/backends/../disable names the pool, not the backend.
+        raise Bad(f"expected an id other than {text!r}, which a URL path reads as a directory")
     return text
 
 

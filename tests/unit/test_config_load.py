@@ -300,6 +300,8 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ("pools.gateways.backends[1].address", "127.0.0.1:0", "expected a port from 1 to 65535, got 0"),
     ("pools.gateways.backends[1].id", "", "expected a non-empty string"),
     ("pools.gateways.backends[1].id", "gw 2", "expected letters, digits and . _ : - only, got 'gw 2'"),
+    ("pools.gateways.backends[1].id", "..", "expected an id other than '..', which a URL path reads as a directory"),
+    ("pools.gateways.backends[1].id", ".", "expected an id other than '.', which a URL path reads as a directory"),
     ("pools.gateways.backends[1].weight", 0, "expected an integer from 1 to 256, got 0"),
     ("pools.gateways.backends[1].weight", 257, "expected an integer from 1 to 256, got 257"),
     ("pools.gateways.backends[1].weight", "heavy", "expected an integer from 1 to 256, got str 'heavy'"),
@@ -600,6 +602,15 @@ def test_invalid_pool_name(base_dir: Path) -> None:
     problems = problems_of(tree, base_dir)
     assert list(problems) == ["pools.bad name"]
     assert problems["pools.bad name"].startswith("invalid pool name: expected letters, digits")
+
+
+def test_a_pool_named_dot_dot_is_refused(base_dir: Path) -> None:
+    """`/pools/../backends/gw-1/disable` is `/backends/gw-1/disable` to a browser: the dashboard's buttons
+    (and curl) could never name that pool."""
+    tree = good_tree()
+    tree["pools"][".."] = tree["pools"]["gateways"]
+    assert problems_of(tree, base_dir) == {"pools...": "invalid pool name: expected an id other than '..', "
+                                            "which a URL path reads as a directory"}
 
 
 def test_tls_key_must_match_certificate(base_dir: Path, tmp_path: Path) -> None:
