@@ -39,6 +39,7 @@ HOSTILE: list[tuple[str, str, bytes, str, str]] = [
     ("bad duration", "close_after=soon", b"", "application/json", "close_after"),
     ("negative duration", "close_after=-5s", b"", "application/json", "close_after"),
     ("rate zero", "rate=0", b"", "application/json", "rate"),
+    ("rate near zero", "rate=0.0000000001", b"", "application/json", "rate: expected connections per second from 0.01"),
     ("rate nan", "rate=nan", b"", "application/json", "rate"),
     ("rate inf", "rate=inf", b"", "application/json", "rate"),
     ("rate word", "rate=fast", b"", "application/json", "rate"),
