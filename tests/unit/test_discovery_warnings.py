@@ -13,26 +13,33 @@ from lb.control import discovery
 from lb.control.dns_backends import Discovered
 
 
+def _looked_up(monkeypatch: pytest.MonkeyPatch, answers: list[Discovered]) -> discovery.Discoverer:
+    """A discovery loop of pool `gateways` after one lookup per answer, each answer as `lookup` returned it."""
+    remaining = list(answers)
+
+    async def lookup(*_: Any) -> tuple[Discovered, float]:
+        return remaining.pop(0), 5.0
+
+    monkeypatch.setattr(discovery, "lookup", lookup)
+    pool = PoolConfig("gateways", (), discovery=DiscoveryConfig("gateway.svc", nameservers=(("127.0.0.1", 53),)))
+    loop = discovery.Discoverer(pool, lambda *_: None)
+
+    async def each() -> None:
+        for _ in answers:
+            await loop.resolve_once()
+
+    asyncio.run(each())
+    return loop
+
+
 def test_records_left_out_are_warned_of_once_per_change(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     answers = [
         Discovered((BackendConfig("gw-0", "10.0.0.1", 9000),), ("target '-x.svc': first label is not valid",)),
     ] * 3 + [Discovered((BackendConfig("gw-0", "10.0.0.1", 9000),), ("target '127.0.0.1': an IP address",))]
-
-    async def lookup(*_: Any) -> tuple[Discovered, float]:
-        return answers.pop(0), 5.0
-
-    monkeypatch.setattr(discovery, "lookup", lookup)
-    pool = PoolConfig("gateways", (), discovery=DiscoveryConfig("gateway.svc", nameservers=(("127.0.0.1", 53),)))
-    loop = discovery.Discoverer(pool, lambda *_: None)
-
-    async def four_lookups() -> None:
-        for _ in range(4):
-            await loop.resolve_once()
-
     with caplog.at_level("WARNING", logger="lb.control.discovery"):
-        asyncio.run(four_lookups())
+        loop = _looked_up(monkeypatch, answers)
     said = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
     assert said == [
         "discovery for pool gateways skipped target '-x.svc': first label is not valid",
@@ -44,23 +51,10 @@ def test_records_left_out_are_warned_of_once_per_change(
 def test_a_lookup_that_skipped_every_record_counts_them(monkeypatch: pytest.MonkeyPatch) -> None:
     """/status's `skipped` is this lookup's count, also when nothing in it was usable (a lookup error
     that lists them): it was left at the count of the last lookup that gave backends."""
-    answers = [
+    loop = _looked_up(monkeypatch, [
         Discovered((BackendConfig("gw-0", "10.0.0.1", 9000),), ()),
         Discovered((), ("target '-x.svc': first label is not valid", "target '-y.svc': first label is not valid")),
-    ]
-
-    async def lookup(*_: Any) -> tuple[Discovered, float]:
-        return answers.pop(0), 5.0
-
-    monkeypatch.setattr(discovery, "lookup", lookup)
-    pool = PoolConfig("gateways", (), discovery=DiscoveryConfig("gateway.svc", nameservers=(("127.0.0.1", 53),)))
-    loop = discovery.Discoverer(pool, lambda *_: None)
-
-    async def two_lookups() -> None:
-        for _ in range(2):
-            await loop.resolve_once()
-
-    asyncio.run(two_lookups())
+    ])
     assert loop.status.skipped == 2 and loop.status.errors == 1
     assert loop.status.last_error is not None and "no usable backend" in loop.status.last_error
 
