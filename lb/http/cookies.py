@@ -15,8 +15,8 @@ from lb.config.model import SameSite
 from lb.http.head import ResponseHead
 
 # RFC 6265bis §4.1.3: a browser keeps a cookie whose name starts with one of these only if it comes with
-# Secure (a `__Host-` one also with Path=/ and no Domain, as ours always is).  Matched whatever the case,
-# as browsers match them now.
+# Secure (a `__Host-` one also with Path=/ and no Domain, as insert mode's always is; a rewrite-mode one
+# keeps the backend's own).  Matched whatever the case, as browsers match them now.
 _SECURE_PREFIXES = ("__secure-", "__host-")
 
 
@@ -171,7 +171,10 @@ def reissue_set_cookie(
     The cookie now carries the route, so the affinity settings govern it as they govern
     insert mode's cookie (`render_set_cookie`), without undoing what the backend asked for:
     - its Path and Domain stay (the last of each, as a browser reads them): where the cookie
-      belongs is the application's (Path=/ if none, or none valid: a browser's default);
+      belongs is the application's.  Without a valid Path (none, or one not starting with `/`)
+      it gets none: the browser then stores it at the request's default path (RFC 6265 §5.1.4,
+      `/api` for `/api/login`), as it would without us, and the backend's deletion without a
+      Path (from `/api/logout`) reaches it; `Path=/` would have kept it beyond that deletion;
     - lifetime: Max-Age is `max_age`, the token's life, or the backend's own if shorter; a
       backend that gave Expires and no Max-Age keeps its Expires (its lifetime, its dates);
     - HttpOnly and Secure are on when the settings or the backend say so, and SameSite is
@@ -193,7 +196,7 @@ def reissue_set_cookie(
         same_site=same_site,
         http_only=http_only or "httponly" in names,
         secure=secure or "secure" in names,
-        path=path if path and path.startswith("/") else "/",
+        path=path if path and path.startswith("/") else None,  # RFC 6265 §5.2.4: the default path
         # The last Domain with a value: an empty one is ignored by browsers (RFC 6265 §5.2.3).
         domain=next((value for name, value, _ in reversed(cookie.attributes) if name == "domain" and value), None),
         extra=[written for attribute, _, written in cookie.attributes if attribute not in _RESTATED],
@@ -219,17 +222,19 @@ def render_set_cookie(
     same_site: SameSite,
     http_only: bool,
     secure: bool,
-    path: str = "/",
+    path: str | None = "/",
     domain: str | None = None,
     expires: str | None = None,
     extra: Iterable[str] = (),
 ) -> str:
     """Our Set-Cookie value: `name=value; Path=/; Max-Age=N; HttpOnly; SameSite=X[; Secure]`.
 
-    `path`, `domain`, `expires` (instead of Max-Age) and `extra` attributes: a backend's
-    own, kept on a rewrite-mode cookie (`reissue_set_cookie`).
+    `path` (None: no Path attribute), `domain`, `expires` (instead of Max-Age) and `extra`
+    attributes: a backend's own, kept on a rewrite-mode cookie (`reissue_set_cookie`).
     """
-    parts = [f"{name}={value}", f"Path={path}"]
+    parts = [f"{name}={value}"]
+    if path is not None:
+        parts.append(f"Path={path}")
     if domain is not None:
         parts.append(f"Domain={domain}")
     parts.append(f"Max-Age={max_age}" if max_age is not None else f"Expires={expires}")

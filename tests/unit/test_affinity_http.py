@@ -429,13 +429,13 @@ EXPIRES = "Expires=Wed, 21 Oct 2026 07:28:00 GMT"
 @pytest.mark.parametrize(
     ("app_attributes", "ours"),
     [
-        ("", f"Path=/; Max-Age=3600; {SETTINGS}"),
+        ("", f"Max-Age=3600; {SETTINGS}"),  # no Path: the browser's default path, as without us
         ("; Path=/app; Domain=example.com", f"Path=/app; Domain=example.com; Max-Age=3600; {SETTINGS}"),
-        ("; Max-Age=60", f"Path=/; Max-Age=60; {SETTINGS}"),  # the backend's shorter life
-        ("; Max-Age=86400", f"Path=/; Max-Age=3600; {SETTINGS}"),  # never beyond the token's
-        (f"; {EXPIRES}", f"Path=/; {EXPIRES}; {SETTINGS}"),
-        ("; SameSite=None; Partitioned; Priority=H", f"Path=/; Max-Age=3600; {SETTINGS}; Partitioned; Priority=H"),
-        ("; Path=relative; Max-Age=x", f"Path=/; Max-Age=3600; {SETTINGS}"),  # ignored by browsers too
+        ("; Max-Age=60", f"Max-Age=60; {SETTINGS}"),  # the backend's shorter life
+        ("; Max-Age=86400", f"Max-Age=3600; {SETTINGS}"),  # never beyond the token's
+        (f"; {EXPIRES}", f"{EXPIRES}; {SETTINGS}"),
+        ("; SameSite=None; Partitioned; Priority=H", f"Max-Age=3600; {SETTINGS}; Partitioned; Priority=H"),
+        ("; Path=relative; Max-Age=x", f"Max-Age=3600; {SETTINGS}"),  # ignored by browsers too
     ],
     ids=["bare", "scope kept", "shorter max-age", "longer max-age", "expires", "others kept", "invalid"],
 )
@@ -455,7 +455,7 @@ def test_rewrite_response_never_weakens_the_apps_httponly_secure_or_samesite() -
     _, seal_value = sealer()
     rewrite, token = rewrite_response_cookies(head, relaxed, seal_value, secure=False)
     assert rewrite is not None
-    assert rewrite(app) == f"SESSIONID={token}; Path=/; Max-Age=3600; HttpOnly; SameSite=Strict; Secure"
+    assert rewrite(app) == f"SESSIONID={token}; Max-Age=3600; HttpOnly; SameSite=Strict; Secure"
 
 
 @pytest.mark.parametrize("deletion", ["SESSIONID=gone; Max-Age=0", "SESSIONID=gone; max-age=-1; Path=/"])
@@ -482,7 +482,7 @@ def test_rewrite_response_deletion_passes_beside_a_new_value() -> None:
     rewrite, token = rewrite_response_cookies(head, REWRITE, seal_value)
     assert rewrite is not None and token is not None
     assert rewrite("SESSIONID=; Max-Age=0") == "SESSIONID=; Max-Age=0"
-    assert rewrite("SESSIONID=new1") == f"SESSIONID={token}; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax"
+    assert rewrite("SESSIONID=new1") == f"SESSIONID={token}; Max-Age=3600; HttpOnly; SameSite=Lax"
 
 
 # A cookie-octet (RFC 6265 §4.1.1) value, as a backend's session id would be.

@@ -241,8 +241,11 @@ def test_a_reissued_cookie_states_each_setting_once_whatever_the_backend_wrote(
     pair, *parts = out.split("; ")
     assert pair == "SID=TOKEN"
     names = [part.partition("=")[0].strip().lower() for part in parts]
-    for restated in ("path", "samesite", "httponly"):
+    for restated in ("samesite", "httponly"):
         assert names.count(restated) == 1, out
+    # The backend's Path when it gave a valid one, else none (the browser's default path, RFC 6265 §5.2.4).
+    valid_path = parse_set_cookie(header).last("path") or ""
+    assert names.count("path") == (1 if valid_path.startswith("/") else 0), out
     assert names.count("max-age") + names.count("expires") == 1, out
     assert names.count("secure") == (1 if secure or "secure" in [a.strip().lower() for a in attributes] else 0)
     max_ages = [int(part.partition("=")[2]) for part in parts if part.lower().startswith("max-age=")]
@@ -287,7 +290,7 @@ def test_a_huge_max_age_is_a_long_life_not_an_error() -> None:
         parse_set_cookie("SID=v; Max-Age=" + "9" * 5000), "T", max_age=60, same_site=SameSite.LAX,
         http_only=False, secure=False,
     )
-    assert out == "SID=T; Path=/; Max-Age=60; SameSite=Lax"
+    assert out == "SID=T; Max-Age=60; SameSite=Lax"
 
 
 def test_the_backends_last_samesite_is_the_one_compared() -> None:
@@ -297,3 +300,20 @@ def test_the_backends_last_samesite_is_the_one_compared() -> None:
         http_only=False, secure=True,
     )
     assert "SameSite=Lax" in out and "Strict" not in out
+
+
+@pytest.mark.parametrize(
+    ("attributes", "path"),
+    [("", None), ("; Path=", None), ("; Path=api", None), ("; Path=/api", "/api"), ("; Path=/api; Path=x", None),
+     ("; Path=x; Path=/", "/")],
+    ids=["none", "empty", "relative", "kept", "last invalid", "last valid"],
+)
+def test_a_reissued_cookie_without_a_valid_path_gets_none(attributes: str, path: str | None) -> None:
+    """Without a valid Path the browser stores the cookie at the request's default path (RFC 6265 §5.1.4,
+    `/api` for `/api/login`): `Path=/` would outlive the backend's logout `SID=; Max-Age=0` from `/api/logout`."""
+    out = reissue_set_cookie(
+        parse_set_cookie(f"SID=app; HttpOnly{attributes}"), "T", max_age=60, same_site=SameSite.LAX,
+        http_only=False, secure=False,
+    )
+    paths = [part for part in out.split("; ") if part.lower().startswith("path=")]
+    assert paths == ([] if path is None else [f"Path={path}"]), out
