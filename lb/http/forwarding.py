@@ -230,10 +230,7 @@ def render_client_response(
         if not keep_alive:
             headers.append(("Connection", "close"))
     if drop_cookie is not None:
-        headers = [
-            (name, value) for name, value in headers
-            if name.lower() != "set-cookie" or set_cookie_value(value, drop_cookie) is None
-        ]
+        headers = _without_set_cookie(headers, drop_cookie)
     if rewrite_set_cookie is not None:
         headers = [
             (name, rewrite_set_cookie(value) if name.lower() == "set-cookie" else value)
@@ -306,14 +303,26 @@ def _switch_headers(head: Head) -> list[tuple[str, str]]:
     return headers
 
 
-def render_interim(response: ResponseHead) -> bytes:
+def render_interim(response: ResponseHead, affinity_cookie: str) -> bytes:
     """A 1xx interim answer (100 Continue, 103 Early Hints) as the client receives it.
 
     Only its end-to-end headers: nothing hop-by-hop (the backend's Connection speaks of its
-    connection to us) and no framing (a 1xx has no body, RFC 9112 §6.1-6.2).
+    connection to us) and no framing (a 1xx has no body, RFC 9112 §6.1-6.2), and no Set-Cookie
+    of `affinity_cookie`.  A client's jar (curl's, a native client's) may store a 1xx's cookie,
+    and an interim answer is never rewritten: in insert mode the backend's cookie of our name
+    would replace the client's pins, and in rewrite mode its session value would reach the
+    client unsealed.  The final answer sets that cookie as the mode says; other cookies pass.
     """
-    headers = _end_to_end(response.head, _NO_BODY)
+    headers = _without_set_cookie(_end_to_end(response.head, _NO_BODY), affinity_cookie)
     return render_head(f"HTTP/1.1 {response.status} {response.reason}", headers)
+
+
+def _without_set_cookie(headers: list[tuple[str, str]], cookie: str) -> list[tuple[str, str]]:
+    """`headers` less each Set-Cookie about cookie `cookie` (a value or a deletion)."""
+    return [
+        (name, value) for name, value in headers
+        if name.lower() != "set-cookie" or set_cookie_value(value, cookie) is None
+    ]
 
 
 def render_refusal(

@@ -878,11 +878,12 @@ class Connection:
             if status < 200 and status != 101:
                 # Interim (100 Continue, 103 Early Hints): passed on, except to an HTTP/1.0 client,
                 # which would take one for the answer (RFC 9110 §15.2); they do not extend the deadline.
+                # Never with a Set-Cookie of affinity.cookie: only the final answer's is ours to set.
                 self._interim += 1
                 if self._interim > MAX_INTERIM:
                     raise _Failure("too many interim answers")
                 if request.version != "HTTP/1.0":
-                    actions.append(SendClient(render_interim(response)))
+                    actions.append(SendClient(render_interim(response, self._config.affinity.cookie)))
                 continue
             if status == 101:
                 if not self._websocket:

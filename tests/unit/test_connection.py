@@ -709,6 +709,32 @@ def test_short_answer_after_a_long_interim_in_the_same_read_is_found() -> None:
     assert b"HTTP/1.1 200 OK" in play.to_client and play.to_client.endswith(b"done")
 
 
+
+@pytest.mark.parametrize(("mode", "cookie"), [("insert", "LB"), ("rewrite", "SID")])
+def test_an_interim_answer_sets_no_cookie_of_the_affinity_name(mode: str, cookie: str) -> None:
+    """A 103's Set-Cookie of `affinity.cookie` is left out, other cookies pass: in insert mode it would replace
+    the client's pin, in rewrite mode give it the backend's session unsealed (a 1xx is never rewritten)."""
+    play = Play(REWRITE_CONFIG if mode == "rewrite" else CONFIG)
+    play.client(get("/a/x"))
+    play.connected()
+    play.backend(
+        f"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\nSet-Cookie: {cookie}=raw-secret; Path=/\r\n"
+        f"Set-Cookie: theme=dark\r\nset-cookie: {cookie} = ; Max-Age=0\r\n\r\n".encode()
+    )
+    interim = parse_response_head(bytes(play.to_client))
+    assert interim.status == 103
+    assert interim.head.headers == (("Link", "</s.css>"), ("Set-Cookie", "theme=dark"))
+    assert b"raw-secret" not in play.to_client
+    play.to_client.clear()
+    play.backend(ok())
+    status, headers, _ = play.answer()
+    assert status == 200
+    # The final answer still sets the cookie as the mode says: insert mode's own pin for a new client.
+    if mode == "insert":
+        assert headers["set-cookie"].startswith("LB=")
+    else:
+        assert "set-cookie" not in headers
+
 # -- backend faults: 502, retried when safe --------------------------------------------------------
 
 BAD_ANSWERS = [

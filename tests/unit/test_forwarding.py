@@ -337,7 +337,7 @@ def test_bodyless_answers_lose_framing_headers(status: int, framing: str) -> Non
     """1xx and 204 have no body (RFC 9112 §6.1-6.2): a length or coding on one would desync the client."""
     response = parse_response_head(f"HTTP/1.1 {status} X\r\n{framing}\r\nX-Kept: 1\r\n\r\n".encode())
     out = parse_response_head(
-        render_interim(response) if status < 200
+        render_interim(response, "LB") if status < 200
         else render_client_response(response, switching=False, set_cookies=[], extra=[], keep_alive=True)
     )
     assert out.head.get_all("transfer-encoding") == [] and out.head.get_all("content-length") == []
@@ -368,7 +368,7 @@ def test_a_switch_keeps_only_the_switch_of_the_backends_hop_by_hop_headers() -> 
 def test_an_interim_answer_loses_the_backends_hop_by_hop_headers() -> None:
     """103 Early Hints keeps its Link headers; its Connection and what that lists are the backend's."""
     raw = b"HTTP/1.1 103 Early Hints\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nLink: </a.css>\r\n\r\n"
-    out = parse_response_head(render_interim(parse_response_head(raw)))
+    out = parse_response_head(render_interim(parse_response_head(raw), "LB"))
     assert (out.status, out.reason, out.head.headers) == (103, "Early Hints", (("Link", "</a.css>"),))
 
 
