@@ -34,7 +34,6 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import unquote_plus
 
 from lb.affinity.balancing import hash_key_text, header_text, source_key
 from lb.affinity.codec import Claim, TokenCodec, TokenTooLarge, looks_sealed
@@ -49,7 +48,7 @@ from lb.http.cookies import (
     set_cookie_value,
     strip_cookie,
 )
-from lb.http.forwarding import query_values, strip_query_param
+from lb.http.forwarding import form_value, query_values, strip_query_param
 from lb.http.head import RequestHead, ResponseHead
 
 
@@ -192,9 +191,10 @@ def balance_key(request: RequestHead, pool: PoolConfig, client_ip: str) -> str |
     name = pool.hash_key.name
     if pool.hash_key.source is HashKeySource.QUERY:
         # Unlike tokens, user ids may be form-encoded, as a browser's URLSearchParams writes them:
-        # `uid=a%40b` is `a@b`, and `uid=a+b` is `a b` (`%2B` is a plus), as aiohttp reads `/route?key=`.
-        values = query_values(request.target, name) if "?" in request.target else []
-        return hash_key_text(unquote_plus(values[0], errors="surrogateescape")) if values else None
+        # `uid=a%40b` is `a@b`, and `uid=a+b` is `a b` (`%2B` is a plus), as aiohttp reads `/route?key=`;
+        # the name too (`u%69d=` is `uid=`), and of a repeated name the first.
+        value = form_value(request.target, name) if "?" in request.target else None
+        return hash_key_text(value) if value is not None else None
     if pool.hash_key.source is HashKeySource.HEADER:
         values = request.head.get_all(name)
         if len(values) > 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from typing import Final, cast
+from urllib.parse import unquote_plus
 
 from lb.http.cookies import set_cookie_value
 from lb.http.head import Head, RequestHead, ResponseHead, is_host, render_head
@@ -197,6 +198,22 @@ def query_values(target: str, name: str) -> list[str]:
         if eq and key == name:
             values.append(value)
     return values
+
+
+def form_value(target: str, name: str) -> str | None:
+    """The first value of query parameter `name`, read as a form (URL Standard §5.1, what a browser's
+    `URLSearchParams` writes and aiohttp reads `/route?key=` with): None when it has none.
+
+    The name is decoded as its value is (`%69` is `i`, `+` a space, `%2B` a plus): `?u%69d=k1` is
+    `uid=k1` to every framework, and compared raw it was no key at all.  Of a repeated name the first
+    counts, as aiohttp's `query.get`, Flask's `args.get` and `URLSearchParams.get` take it (a pair
+    without `=` is an empty value: no key).
+    """
+    for pair in target.partition("?")[2].split("&"):
+        key, _, value = pair.partition("=")
+        if unquote_plus(key, errors="surrogateescape") == name:
+            return unquote_plus(value, errors="surrogateescape")
+    return None
 
 
 def render_client_response(

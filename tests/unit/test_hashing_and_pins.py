@@ -187,6 +187,30 @@ def test_a_request_and_route_read_one_key_alike(hash_key: HashKey, req: RequestH
     assert decide(None, pool, balance_key=key, now=NOW).backend is route_for_key(pool, key, NOW)
 
 
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("u%69d=k1", "k1"),  # `uid=k1` to every framework
+        ("%75%69%64=k1", "k1"),
+        ("a=1&U%49D=x&u%69d=k1", "k1"),  # names are case-sensitive: `UID` is another parameter
+        ("uid=k1&uid=k2", "k1"),  # repeated: the first, as aiohttp's query.get and URLSearchParams.get
+        ("u%69d=k1&uid=k2", "k1"),
+        ("uid=&uid=k2", None),  # the first is empty: no key, as /route refuses an empty one
+        ("uid&uid=k2", None),  # a name without `=` has the empty value
+        ("u+id=k1", None),  # `+` in a name is a space: `u id`
+        ("ui%64x=k1", None),
+    ],
+)
+def test_a_query_key_is_found_by_its_decoded_name(query: str, expected: str | None) -> None:
+    """query:NAME compares the form-decoded parameter name, and the first of a repeated one counts."""
+    pool = make_pool(hash_key=HashKey(HashKeySource.QUERY, "uid"), sticky=False, n=7)
+    key = balance_key(request("/ws?" + query), pool.config, "127.0.0.1")
+    assert key == expected
+    if expected is not None:  # and it names the backend /route names for that key
+        assert key == hash_key_text(route_key(expected))
+        assert decide(None, pool, balance_key=key, now=NOW).backend is route_for_key(pool, key, NOW)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=40))
 def test_any_key_sent_in_a_query_reads_as_route_reads_it(text: str) -> None:
