@@ -260,11 +260,30 @@ def plan_forward(request: RequestHead, affinity: AffinityConfig, lookup: TokenLo
     rewrite = lambda value: rewrite_cookie(value, name, restore)  # noqa: E731
     if restored is not None and not lookup.from_cookie:
         # The token came as header or query: the backend still expects its cookie.
-        if request.head.get_all("cookie"):
-            rewrite = lambda value: _append_pair(rewrite_cookie(value, name, restore), name, restored)  # noqa: E731
+        lines = len(request.head.get_all("cookie"))
+        if lines:
+            rewrite = _appending_once(rewrite, lines, f"{name}={restored}")
         else:
             add.append(("Cookie", f"{name}={restored}"))
     return ForwardPlan(rewrite, drop, target, add)
+
+
+def _appending_once(rewrite: Callable[[str], str | None], lines: int, pair: str) -> Callable[[str], str | None]:
+    """`rewrite` for each of the request's `lines` Cookie lines (called once each, in order, by
+    render_forwarded_request), with `pair` appended to the last one only: appended to each, the
+    backend got its cookie once per line (`a=1; SID=v` and `b=2; SID=v`), one value too many
+    (RFC 6265 §5.4 sends one pair per cookie; a server reading the lines as one list sees two)."""
+    seen = 0
+
+    def rewrite_last(value: str) -> str | None:
+        nonlocal seen
+        seen += 1
+        rewritten = rewrite(value)
+        if seen != lines:
+            return rewritten
+        return f"{rewritten}; {pair}" if rewritten else pair
+
+    return rewrite_last
 
 
 @functools.lru_cache(maxsize=8)
@@ -272,11 +291,6 @@ def _header_drop(header: str) -> frozenset[str]:
     """The affinity header as a drop set: one object per configuration, so the renderer's own cache
     of drop sets (keyed by it) hits without hashing a new set per request."""
     return frozenset({header.lower()})
-
-
-def _append_pair(header_value: str | None, name: str, value: str) -> str:
-    pair = f"{name}={value}"
-    return f"{header_value}; {pair}" if header_value else pair
 
 
 # Browsers keep a cookie whose name and value together are at most 4096 bytes (RFC 6265 §6.1's

@@ -284,6 +284,27 @@ def test_rewrite_mode_header_token_is_appended_to_other_cookies() -> None:
     assert seen.head.get_all("cookie") == [f"theme=dark; SESSIONID={APP}"]
 
 
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (["a=1", "b=2"], ["a=1", f"b=2; SESSIONID={APP}"]),
+        (["a=1", "b=2", "c=3"], ["a=1", "b=2", f"c=3; SESSIONID={APP}"]),
+        # The last line held only a stale token, dropped: the pair is that line alone.
+        (["a=1", f"SESSIONID={seal('gw-1', app_value='old', issued_at=NOW - 7200)}"], ["a=1", f"SESSIONID={APP}"]),
+    ],
+    ids=["two lines", "three lines", "last line emptied"],
+)
+def test_rewrite_mode_header_token_becomes_the_cookie_once_whatever_the_cookie_lines(
+    lines: list[str], expected: list[str]
+) -> None:
+    """The backend gets its cookie once, on the last Cookie line, not once per line."""
+    req = request("/ws", *[("Cookie", line) for line in lines], ("X-LB-Affinity", APP_TOKEN))
+    lookup = find_token(req, REWRITE, CODEC, NOW)
+    assert lookup.claim is not None and not lookup.from_cookie
+    seen = forwarded(req, REWRITE, lookup, to_claimed=True)
+    assert seen.head.get_all("cookie") == expected
+
+
 def test_rewrite_mode_drops_expired_tokens() -> None:
     """A token of ours that has expired is not a value the backend ever set: it is dropped."""
     stale = seal("gw-1", app_value=APP, issued_at=NOW - 7200)
