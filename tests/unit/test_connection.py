@@ -709,7 +709,6 @@ def test_short_answer_after_a_long_interim_in_the_same_read_is_found() -> None:
     assert b"HTTP/1.1 200 OK" in play.to_client and play.to_client.endswith(b"done")
 
 
-
 @pytest.mark.parametrize(("mode", "cookie"), [("insert", "LB"), ("rewrite", "SID")])
 def test_an_interim_answer_sets_no_cookie_of_the_affinity_name(mode: str, cookie: str) -> None:
     """A 103's Set-Cookie of `affinity.cookie` is left out, other cookies pass: in insert mode it would replace
@@ -734,6 +733,7 @@ def test_an_interim_answer_sets_no_cookie_of_the_affinity_name(mode: str, cookie
         assert headers["set-cookie"].startswith("LB=")
     else:
         assert "set-cookie" not in headers
+
 
 # -- backend faults: 502, retried when safe --------------------------------------------------------
 
