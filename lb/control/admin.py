@@ -298,7 +298,7 @@ def _backend_document(b: BackendStatus, counted: BackendCounts | None) -> dict[s
 async def metrics(request: web.Request) -> web.Response:
     refuse_parameters(request)
     registry = request.app[BALANCER].registry
-    body = request.app[SCRAPES].body(lambda: generate_latest(registry), time.monotonic)
+    body = request.app[SCRAPES].body(lambda: generate_latest(registry), time.monotonic, time.thread_time)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -44,13 +44,15 @@ class CostlyScrapes:
     A scrape renders on the event loop the data plane shares, and its cost grows with the backends
     (about 0.37 ms each: a connect-latency histogram, error kinds and states per backend).  At 1,000
     backends one render is about 0.4 s, and an address that can reach the admin port could render
-    back to back: every handshake of the process waited behind it.  So a render that took `COSTLY`
-    or more is served again until `SHARE` times its own duration has passed: scrapes then take at
-    most 1/(SHARE+1) of the loop, whoever asks how often.  A cheaper render (a few backends: about
-    3 ms) is never reused, so every scrape of a small pool sees the counters as they are.
+    back to back: every handshake of the process waited behind it.  So a render that cost `COSTLY`
+    or more is served again until `SHARE` times its cost has passed: scrapes then take at most
+    1/(SHARE+1) of the loop, whoever asks how often.  A cheaper render (a few backends: about 3 ms)
+    is never reused, so every scrape of a small pool sees the counters as they are.  The cost is
+    the render's CPU time, not its wall time: on a loaded machine a cheap render may take long to
+    finish, and that is no reason to serve old counters.
     """
 
-    COSTLY: ClassVar[float] = 0.02
+    COSTLY: ClassVar[float] = 0.05  # seconds of CPU: about 130 backends
     SHARE: ClassVar[int] = 10
 
     __slots__ = ("_body", "_until")
@@ -59,14 +61,18 @@ class CostlyScrapes:
         self._body = b""
         self._until = -math.inf
 
-    def body(self, render: Callable[[], bytes], clock: Callable[[], float]) -> bytes:
-        """The body to answer with: the last one while it may be reused, else `render()`."""
-        started = clock()
-        if started < self._until:
+    def body(self, render: Callable[[], bytes], clock: Callable[[], float], cpu: Callable[[], float]) -> bytes:
+        """The body to answer with: the last one while it may be reused, else `render()`.
+
+        `clock` tells when (monotonic), `cpu` what the render cost (this thread's CPU time).
+        """
+        now = clock()
+        if now < self._until:
             return self._body
+        spent = cpu()
         body = render()
-        took = clock() - started
-        self._body, self._until = (body, started + took * (self.SHARE + 1)) if took >= self.COSTLY else (b"", -math.inf)
+        cost = cpu() - spent
+        self._body, self._until = (body, clock() + cost * self.SHARE) if cost >= self.COSTLY else (b"", -math.inf)
         return body
 
 
