@@ -65,6 +65,7 @@ from lb.affinity.carriers import (
     join_pins,
     our_set_cookie,
     plan_forward,
+    refreshed_copy_deletion,
     rewrite_response_cookies,
 )
 from lb.affinity.codec import NONCE_BYTES, SESSION_BYTES, Claim
@@ -1196,6 +1197,12 @@ class Connection:
                 if refreshed is not None:  # else the cookie it has stands until it expires
                     token = refreshed
                     set_cookies.append(our_set_cookie(affinity, token, secure=secure))
+            elif rewrite is None and sets_cookie(response, affinity.cookie):
+                # A logout scoped elsewhere than a re-issue's copy (host-only, Path=/) deletes that copy
+                # too: it would survive the backend's deletion, route, and give the session back.
+                deletion = refreshed_copy_deletion(response, affinity, secure=secure, now=wall)
+                if deletion is not None:
+                    set_cookies.append(deletion)
             extra = [(affinity.header, token)] if token else []
             return render_client_response(
                 response,

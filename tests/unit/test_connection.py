@@ -1470,6 +1470,40 @@ def test_rewrite_mode_reissues_once_beside_a_backend_cookie_with_its_own_path() 
 
 
 @pytest.mark.parametrize(
+    ("deletion", "copy_deleted"),
+    [
+        ("SID=; Max-Age=0", True),  # the browser's default path (/a for /a/ws): not the copy's
+        ("SID=; Max-Age=0; Path=/game", True),
+        ("SID=; Max-Age=0; Path=/; Domain=example.com", True),  # a domain cookie: not the host-only copy
+        ("SID=; Max-Age=0; Path=/", False),  # the copy itself
+        ("SID=; Max-Age=0; Path=/game\r\nSet-Cookie: SID=anon; Path=/game", False),  # a new value: it routes
+    ],
+    ids=["default path", "own path", "domain", "root", "new value"],
+)
+def test_a_logout_elsewhere_deletes_the_copy_a_reissue_left_at_the_root(deletion: str, copy_deleted: bool) -> None:
+    """A re-issue past half the token's life is host-only with `Path=/` (the backend's own scope is not
+    known then), beside the backend's cookie at its own scope.  The backend's logout deletes only its
+    own: the copy kept routing and gave it the session back.  So such a deletion deletes the copy too."""
+    first = Play(REWRITE_CONFIG)
+    first.client(upgrade())
+    first.connected()
+    first.backend(SWITCH[:-2] + b"Set-Cookie: SID=abc; HttpOnly\r\n\r\n")  # no Path: /a, where it was set
+    old = bytes(first.to_client).split(b"Set-Cookie: SID=")[1].partition(b";")[0].decode()
+    later = _returning(f"SID={old}", T0 + 60)
+    later.backend(SWITCH)
+    young = _rewrite_token(later)  # the copy: Path=/
+
+    logout = _returning(f"SID={old}; SID={young}", T0 + 61)
+    logout.backend(SWITCH[:-2] + f"Set-Cookie: {deletion}\r\n\r\n".encode())
+    lines = _set_cookie_lines(logout)
+    assert lines[0] == deletion.partition("\r\n")[0]  # the backend's own, first and as it wrote it
+    copy = "SID=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax"
+    assert (copy in lines) is copy_deleted, lines
+    if copy_deleted:
+        assert lines[-1] == copy  # after the backend's own
+
+
+@pytest.mark.parametrize(
     "set_cookie", ["SID=; Max-Age=0; Path=/", "SID=" + "v" * 4000 + "; Path=/"], ids=["logout", "too-large"]
 )
 def test_rewrite_mode_never_reissues_over_what_the_backend_said_of_its_cookie(set_cookie: str) -> None:
@@ -1570,27 +1604,26 @@ def test_the_cookies_max_age_is_whole_seconds_rounded_up_and_never_0(max_age: st
     assert f"; Max-Age={cookie_max_age};" in cookie, cookie
 
 
-def test_a_step_of_the_wall_clock_moves_no_deadline_and_dates_tokens_by_the_wall_clock() -> None:
-    """Events carry the monotonic clock: the wall clock stepped back an hour (an NTP step, a VM
-    resumed) neither stretches the head's deadline nor the backend's, and a token is issued at the
-    wall-clock instant (`ctx.wall_offset`), so every instance agrees on its expiry."""
+def test_tokens_are_dated_and_judged_by_the_wall_clock_not_the_events_clock() -> None:
+    """Events carry the monotonic clock (deadlines: `test_a_connections_deadline_is_on_the_monotonic_clock`);
+    a token is issued and judged at the wall-clock instant, `now + ctx.wall_offset`, so every instance
+    agrees on its expiry, also after the wall clock stepped back an hour (an NTP step, a VM resumed)."""
     play = Play(now=100.0)  # a monotonic reading: seconds since boot
     play.ctx.wall_offset = T0 - 100.0
-    assert play.timer == 100.0 + 5  # timeouts.handshake
     play.ctx.wall_offset -= 3600  # the wall clock steps back an hour
     play.client(upgrade("/a/ws"), dt=1.0)
-    assert play.timer == 101.0 + 2  # timeouts.backend_connect, from the request's own instant
     play.connected(dt=0.5)
     play.backend(SWITCH)
     token = next(line for line in _set_cookie_lines(play) if line.startswith("LB=")).partition(";")[0][3:]
-    claim = play.ctx.codec.open(token, T0 - 3600 + 2)
-    assert claim.issued_at == T0 - 3600 + 1  # the head was complete at 101.0
-    # ...and a returning client's token is judged by the wall clock too: past max_age (1 h by
-    # default) by it, expired, whatever the monotonic clock says.
-    later = Play(now=100.0)
-    later.ctx.wall_offset = T0 - 3600 + 3600 + 5  # an hour and a few seconds after that issue
-    later.client(upgrade("/a/ws").replace(b"\r\n\r\n", f"\r\nCookie: LB={token}\r\n\r\n".encode()))
-    assert later.ctx.stats.invalid_tokens["expired"] == 1
+    issued = T0 - 3600 + 1  # the head was complete at 101.0
+    assert play.ctx.codec.open(token, issued + 1).issued_at == issued
+    # ...and a returning client's token is judged by the wall clock too (max_age: 1 h by default),
+    # whatever the monotonic clock says: the same monotonic instant, a second inside or outside.
+    for age, expired in ((3599, 0), (3601, 1)):
+        later = Play(now=100.0)
+        later.ctx.wall_offset = issued + age - 100.0
+        later.client(upgrade("/a/ws").replace(b"\r\n\r\n", f"\r\nCookie: LB={token}\r\n\r\n".encode()))
+        assert later.ctx.stats.invalid_tokens["expired"] == expired, age
 
 
 def test_our_own_answer_to_a_head_ends_at_its_head() -> None:
