@@ -137,9 +137,10 @@ def _log_error(request: web.Request, response: _ErrorAnswer, detail: str | None)
 def _fields(request: web.Request, status: int, request_id: str) -> dict[str, object]:
     """The line's fields of their own in `logging.format: json` (as an access line has them), so that a
     query on `request_id` finds an admin error as it finds a data-plane one."""
-    return {"access": {
-        "request_id": request_id, "status": status, "method": plain_value(request.method), "path": _path(request),
-        "client": request.remote or "-",
+    path = request.rel_url.raw_path
+    return {"access": {  # raw values, as an access line's: JSON escapes what the plain line quotes
+        "request_id": request_id, "status": status, "method": request.method,
+        "path": path if len(path) <= 200 else path[:197] + "...", "client": request.remote or "-",
     }}
 
 

@@ -45,7 +45,7 @@ class CostlyScrapes:
     (about 0.37 ms each: a connect-latency histogram, error kinds and states per backend).  At 1,000
     backends one render is about 0.4 s, and an address that can reach the admin port could render
     back to back: every handshake of the process waited behind it.  So a render that cost `COSTLY`
-    or more is served again until `SHARE` times its cost has passed: scrapes then take at most
+    or more is served again until `SHARE` times its duration has passed: scrapes then take at most
     1/(SHARE+1) of the loop, whoever asks how often.  A cheaper render (a few backends: about 3 ms)
     is never reused, so every scrape of a small pool sees the counters as they are.  The cost is
     the render's CPU time, not its wall time: on a loaded machine a cheap render may take long to
@@ -71,8 +71,10 @@ class CostlyScrapes:
             return self._body
         spent = cpu()
         body = render()
-        cost = cpu() - spent
-        self._body, self._until = (body, clock() + cost * self.SHARE) if cost >= self.COSTLY else (b"", -math.inf)
+        cost, done = cpu() - spent, clock()
+        # Reused for SHARE times what the loop waited for it (its wall time: on a loaded machine more
+        # than its CPU), so the share holds whatever else runs.
+        self._body, self._until = (body, done + (done - now) * self.SHARE) if cost >= self.COSTLY else (b"", -math.inf)
         return body
 
 

@@ -66,10 +66,13 @@ async def test_in_json_logs_an_admin_error_line_has_its_request_id_as_a_field(ca
             broken = await (await client.post(
                 "/pools/p/backends/gw-1/drain", headers={"Authorization": f"Bearer {TOKEN}"}
             )).json()
+            unknown = await (await client.get("/a=b")).json()  # a plain line quotes it: `"/a=b"`
         lines = [json.loads(JsonFormatter().format(record)) for record in caplog.records]
-        for body, status in ((refused, 400), (broken, 500)):
+        for body, status, path in (
+            (refused, 400, "/status"), (broken, 500, "/pools/p/backends/gw-1/drain"), (unknown, 404, "/a=b"),
+        ):
             (line,) = [line for line in lines if line.get("request_id") == body["request_id"]]
-            assert line["status"] == status and line["client"] == "127.0.0.1"
+            assert (line["status"], line["path"], line["client"]) == (status, path, "127.0.0.1"), line
     finally:
         await client.close()
 

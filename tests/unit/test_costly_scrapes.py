@@ -76,3 +76,14 @@ def test_a_render_that_is_cheap_again_is_not_reused() -> None:
     assert clocks.body(scrapes, render) == b"render 1"
     clocks.now += 10
     assert [clocks.body(scrapes, render), clocks.body(scrapes, render)] == [b"render 2", b"render 3"]
+
+
+def test_a_costly_render_slowed_by_a_loaded_machine_is_reused_for_share_times_what_the_loop_waited() -> None:
+    """0.4 s of CPU that took 1 s to finish held the loop 1 s: reused for 10 s, so the share still holds."""
+    clocks, scrapes = Clocks(), CostlyScrapes()
+    render = clocks.renderer([0.4], waited=0.6)
+    assert clocks.body(scrapes, render) == b"render 1"
+    clocks.now += 1.0 * CostlyScrapes.SHARE - 0.001
+    assert clocks.body(scrapes, render) == b"render 1"
+    clocks.now += 0.002
+    assert clocks.body(scrapes, render) == b"render 2"
