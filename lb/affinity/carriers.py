@@ -164,39 +164,28 @@ def our_set_cookie(affinity: AffinityConfig, token: str, *, secure: bool) -> str
     return affinity.cookie + "=" + token + memo.attributes
 
 
-def refreshed_copy_deletion(
-    response: ResponseHead, affinity: AffinityConfig, *, secure: bool, now: float
-) -> str | None:
-    """Rewrite mode: a deletion of the copy a half-life re-issue may have left, when the backend deletes its
-    cookie somewhere else (None: it does not, or deletes that very copy).
+def refreshed_copy_deletion(response: ResponseHead, affinity: AffinityConfig, *, secure: bool) -> str | None:
+    """Rewrite mode: a deletion of the copy a half-life re-issue may have left, to go before the backend's
+    own Set-Cookie lines when it sets or deletes its cookie at another scope (None: it does not).
 
     A re-issue is insert mode's line (`our_set_cookie`: host-only, `Path=/`), since the backend's own
     Path and Domain are not known then.  A backend cookie with another scope (a Path of its own, none
-    given so the browser's default path, a Domain) then has that copy beside it, and the backend's
-    logout deletes only its own: the copy kept routing and gave the backend the session back.
-
-    Only when the answer sets no new value of the cookie: one would be the client's youngest, which
-    routes and wins over the copy, and a deletion after it could remove it (a new value at `Path=/`).
-
-    Args:
-        now: wall-clock seconds, to read a past Expires as the deletion it is.
+    given so the browser's default path, a Domain) then has that copy beside it, and what the backend
+    says of its cookie reaches only its own: after a logout the copy kept routing and gave the
+    backend the session back; after a new login it was re-issued in its turn, became the youngest
+    value and routed the old session.  Deleted first, whatever the backend says next has the last word.
     """
     name = affinity.cookie
-    elsewhere = False
     for value in response.head.get_all("set-cookie"):
         if set_cookie_value(value, name) is None:
             continue
         cookie = parse_set_cookie(value)
-        if not cookie.deletes_at(now):
-            return None
-        elsewhere = elsewhere or cookie.last("path") != "/" or any(
-            attribute == "domain" and domain for attribute, domain, _ in cookie.attributes
-        )
-    if not elsewhere:
-        return None
-    return render_set_cookie(
-        name, "", max_age=0, same_site=affinity.same_site, http_only=affinity.http_only, secure=secure
-    )
+        domain = any(attribute == "domain" and given for attribute, given, _ in cookie.attributes)
+        if domain or cookie.last("path") != "/":
+            return render_set_cookie(
+                name, "", max_age=0, same_site=affinity.same_site, http_only=affinity.http_only, secure=secure
+            )
+    return None
 
 
 class _Attributes:

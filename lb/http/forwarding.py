@@ -225,6 +225,7 @@ def render_client_response(
     rewrite_set_cookie: Callable[[str], str] | None = None,
     keep_alive: bool = False,
     drop_cookie: str | None = None,
+    set_cookie_first: str | None = None,
 ) -> bytes:
     """The response head the client receives: the backend's, plus our cookie.
 
@@ -234,6 +235,8 @@ def render_client_response(
     is persistent by default, so nothing is added).  Interim answers: `render_interim`.
     `rewrite_set_cookie` is applied to each of the backend's Set-Cookie values.  The backend's
     Set-Cookie headers for cookie `drop_cookie` are left out (insert mode: that name is ours).
+    `set_cookie_first` goes before the backend's Set-Cookie headers (a browser applies them in
+    order, so the backend's own have the last word), `set_cookies` after them.
     """
     if switching:
         headers = _switch_headers(response.head)
@@ -253,6 +256,9 @@ def render_client_response(
             (name, rewrite_set_cookie(value) if name.lower() == "set-cookie" else value)
             for name, value in headers
         ]
+    if set_cookie_first is not None:
+        first = next((i for i, (name, _) in enumerate(headers) if name.lower() == "set-cookie"), len(headers))
+        headers.insert(first, ("Set-Cookie", set_cookie_first))
     carries_token = bool(set_cookies) or rewrite_set_cookie is not None  # ours, or the backend's sealed
     if carries_token and not switching and not _kept_from_shared_caches(response.head):
         # Our token on an answer a shared cache may store would be handed to everyone it serves

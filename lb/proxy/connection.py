@@ -1187,6 +1187,7 @@ class Connection:
                     decision.backend.id, len(unsealed), affinity.cookie, max(unsealed), MAX_SEALS, self._rid,
                 )
             set_cookies = []
+            first = None
             if (
                 decision.issue_cookie and decision.reason == "hit" and claim is not None
                 and claim.app_value is not None and not sets_cookie(response, affinity.cookie)
@@ -1197,12 +1198,11 @@ class Connection:
                 if refreshed is not None:  # else the cookie it has stands until it expires
                     token = refreshed
                     set_cookies.append(our_set_cookie(affinity, token, secure=secure))
-            elif rewrite is None and sets_cookie(response, affinity.cookie):
-                # A logout scoped elsewhere than a re-issue's copy (host-only, Path=/) deletes that copy
-                # too: it would survive the backend's deletion, route, and give the session back.
-                deletion = refreshed_copy_deletion(response, affinity, secure=secure, now=wall)
-                if deletion is not None:
-                    set_cookies.append(deletion)
+            elif (lookup.from_cookie or lookup.rejected or lookup.others) and sets_cookie(response, affinity.cookie):
+                # A value or a deletion scoped elsewhere than a re-issue's copy (host-only, Path=/), from a
+                # client that sent our cookie (so may hold such a copy: it goes with every request): that
+                # copy is deleted first, or it would outlive what the backend says (a logout, a new login).
+                first = refreshed_copy_deletion(response, affinity, secure=secure)
             extra = [(affinity.header, token)] if token else []
             return render_client_response(
                 response,
@@ -1211,6 +1211,7 @@ class Connection:
                 extra=extra,
                 rewrite_set_cookie=rewrite,
                 keep_alive=keep_alive,
+                set_cookie_first=first,
             )
         drop = None
         if affinity.mode is AffinityMode.INSERT and sets_cookie(response, affinity.cookie):

@@ -1470,37 +1470,46 @@ def test_rewrite_mode_reissues_once_beside_a_backend_cookie_with_its_own_path() 
 
 
 @pytest.mark.parametrize(
-    ("deletion", "copy_deleted"),
+    ("said", "copy_deleted"),
     [
-        ("SID=; Max-Age=0", True),  # the browser's default path (/a for /a/ws): not the copy's
+        ("SID=; Max-Age=0", True),  # a logout at the browser's default path (/a for /a/ws): not the copy's
         ("SID=; Max-Age=0; Path=/game", True),
         ("SID=; Max-Age=0; Path=/; Domain=example.com", True),  # a domain cookie: not the host-only copy
-        ("SID=; Max-Age=0; Path=/", False),  # the copy itself
-        ("SID=; Max-Age=0; Path=/game\r\nSet-Cookie: SID=anon; Path=/game", False),  # a new value: it routes
+        ("SID=new", True),  # a new login at the default path: the copy, re-issued later, would route the old
+        ("SID=; Max-Age=0; Path=/game\r\nSet-Cookie: SID=anon; Path=/game", True),
+        ("SID=; Max-Age=0; Path=/", False),  # the copy's own scope: the backend's line reaches it
+        ("SID=new; Path=/", False),
     ],
-    ids=["default path", "own path", "domain", "root", "new value"],
+    ids=["logout at default path", "logout at own path", "logout of domain", "login", "logout and login",
+         "logout at root", "login at root"],
 )
-def test_a_logout_elsewhere_deletes_the_copy_a_reissue_left_at_the_root(deletion: str, copy_deleted: bool) -> None:
+def test_what_the_backend_says_of_its_cookie_elsewhere_deletes_the_copy_a_reissue_left_first(
+    said: str, copy_deleted: bool
+) -> None:
     """A re-issue past half the token's life is host-only with `Path=/` (the backend's own scope is not
-    known then), beside the backend's cookie at its own scope.  The backend's logout deletes only its
-    own: the copy kept routing and gave it the session back.  So such a deletion deletes the copy too."""
+    known then), beside the backend's cookie at its own scope, and what the backend says of its cookie
+    reaches only its own: after a logout the copy kept routing and gave the session back; after a new
+    login the copy was re-issued in turn, became the youngest and routed the old session.  So the copy
+    is deleted first, and the backend's own lines have the last word (a browser applies them in order)."""
     first = Play(REWRITE_CONFIG)
     first.client(upgrade())
     first.connected()
     first.backend(SWITCH[:-2] + b"Set-Cookie: SID=abc; HttpOnly\r\n\r\n")  # no Path: /a, where it was set
+    assert len(_set_cookie_lines(first)) == 1  # a client that sent no cookie of ours holds no copy
     old = bytes(first.to_client).split(b"Set-Cookie: SID=")[1].partition(b";")[0].decode()
     later = _returning(f"SID={old}", T0 + 60)
     later.backend(SWITCH)
     young = _rewrite_token(later)  # the copy: Path=/
 
-    logout = _returning(f"SID={old}; SID={young}", T0 + 61)
-    logout.backend(SWITCH[:-2] + f"Set-Cookie: {deletion}\r\n\r\n".encode())
-    lines = _set_cookie_lines(logout)
-    assert lines[0] == deletion.partition("\r\n")[0]  # the backend's own, first and as it wrote it
+    answer = _returning(f"SID={old}; SID={young}", T0 + 61)
+    answer.backend(SWITCH[:-2] + f"Set-Cookie: {said}\r\n\r\n".encode())
+    lines = _set_cookie_lines(answer)
     copy = "SID=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax"
-    assert (copy in lines) is copy_deleted, lines
-    if copy_deleted:
-        assert lines[-1] == copy  # after the backend's own
+    assert (lines[0] == copy) is copy_deleted and lines.count(copy) == int(copy_deleted), lines
+    own = lines[1:] if copy_deleted else lines
+    assert len(own) == said.count("SID=")  # the backend's own lines follow, one each
+    for line, wrote in zip(own, said.split("\r\nSet-Cookie: "), strict=True):
+        assert line == wrote if "Max-Age=0" in wrote else line.startswith("SID=A"), (line, wrote)  # sealed
 
 
 @pytest.mark.parametrize(
