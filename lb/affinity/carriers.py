@@ -237,16 +237,16 @@ class ForwardPlan:
     rewrite_cookie: Callable[[str], str | None]
     drop: frozenset[str]
     target: str | None
-    add: list[tuple[str, str]]
+    append_cookie: str | None  # rewrite mode, a token from header or query: the backend's own pair
 
     def __init__(
         self, rewrite_cookie: Callable[[str], str | None], drop: frozenset[str], target: str | None,
-        add: list[tuple[str, str]],
+        append_cookie: str | None = None,
     ) -> None:
         self.rewrite_cookie = rewrite_cookie
         self.drop = drop
         self.target = target
-        self.add = add
+        self.append_cookie = append_cookie
 
 
 def plan_forward(request: RequestHead, affinity: AffinityConfig, lookup: TokenLookup, to_claimed: bool) -> ForwardPlan:
@@ -261,7 +261,7 @@ def plan_forward(request: RequestHead, affinity: AffinityConfig, lookup: TokenLo
         target = strip_query_param(request.target, affinity.query_param)
     drop = _header_drop(affinity.header)
     if affinity.mode is AffinityMode.INSERT:
-        return ForwardPlan(lambda value: strip_cookie(value, name), drop, target, [])
+        return ForwardPlan(lambda value: strip_cookie(value, name), drop, target)
 
     restored = lookup.claim.app_value if (lookup.claim is not None and to_claimed) else None
     ours = frozenset(lookup.others)
@@ -280,34 +280,10 @@ def plan_forward(request: RequestHead, affinity: AffinityConfig, lookup: TokenLo
             return None
         return value
 
-    add: list[tuple[str, str]] = []
-    rewrite = lambda value: rewrite_cookie(value, name, restore)  # noqa: E731
-    if restored is not None and not lookup.from_cookie:
-        # The token came as header or query: the backend still expects its cookie.
-        lines = len(request.head.get_all("cookie"))
-        if lines:
-            rewrite = _appending_once(rewrite, lines, f"{name}={restored}")
-        else:
-            add.append(("Cookie", f"{name}={restored}"))
-    return ForwardPlan(rewrite, drop, target, add)
-
-
-def _appending_once(rewrite: Callable[[str], str | None], lines: int, pair: str) -> Callable[[str], str | None]:
-    """`rewrite` for each of the request's `lines` Cookie lines (called once each, in order, by
-    render_forwarded_request), with `pair` appended to the last one only: appended to each, the
-    backend got its cookie once per line (`a=1; SID=v` and `b=2; SID=v`), one value too many
-    (RFC 6265 §5.4 sends one pair per cookie; a server reading the lines as one list sees two)."""
-    seen = 0
-
-    def rewrite_last(value: str) -> str | None:
-        nonlocal seen
-        seen += 1
-        rewritten = rewrite(value)
-        if seen != lines:
-            return rewritten
-        return f"{rewritten}; {pair}" if rewritten else pair
-
-    return rewrite_last
+    # The token came as header or query: the backend still expects its cookie, once
+    # (render_forwarded_request puts it on the last Cookie line, or a line of its own).
+    restore_pair = f"{name}={restored}" if restored is not None and not lookup.from_cookie else None
+    return ForwardPlan(lambda value: rewrite_cookie(value, name, restore), drop, target, restore_pair)
 
 
 @functools.lru_cache(maxsize=8)

@@ -80,7 +80,7 @@ def render_forwarded_request(
     rewrite_cookie: Callable[[str], str | None] | None = None,
     drop: frozenset[str] = frozenset(),
     target: str | None = None,
-    add: list[tuple[str, str]] | None = None,
+    append_cookie: str | None = None,
     backend_host: str = "localhost",
     trusted_peer: bool = False,
 ) -> bytes:
@@ -95,7 +95,9 @@ def render_forwarded_request(
         rewrite_cookie: applied to each Cookie header value; None drops that header.
         drop: more header names (lower case) to remove, e.g. the affinity token header.
         target: the request target to send instead of the client's.
-        add: headers to add (after the client's).
+        append_cookie: a `name=value` pair the backend must get once (rewrite mode, the token sent
+            as header or query): on the client's last Cookie line, or where that line was dropped,
+            or on a line of its own after the client's headers.
         backend_host: the Host to send when the client (HTTP/1.0) sent none.
         trusted_peer: the peer is a trusted proxy, whose Forwarded, X-Real-IP, X-Forwarded-Port
             and X-Forwarded-Prefix pass on, and whose X-Forwarded-Proto and X-Forwarded-Host
@@ -116,6 +118,7 @@ def render_forwarded_request(
     # Held as objects: compiled, a `tuple[str, str]` variable is unpacked, and appending it would
     # build the pair again.
     fields: list[object] = []
+    cookie_at, cookie_kept = -1, False  # where the client's last Cookie line is (or was dropped)
     for field in cast("tuple[object, ...]", head.headers):
         name, value = cast("tuple[str, str]", field)
         lowered = name.lower()
@@ -123,12 +126,17 @@ def render_forwarded_request(
             continue
         if lowered == "cookie" and rewrite_cookie is not None:
             new_value = rewrite_cookie(value)
+            cookie_at, cookie_kept = len(fields), new_value is not None
             if new_value is None:
                 continue
             field = (name, new_value)
         fields.append(field)
-    if add:
-        fields.extend(add)
+    if append_cookie is not None:
+        if cookie_kept:
+            name, value = cast("tuple[str, str]", fields[cookie_at])
+            fields[cookie_at] = (name, f"{value}; {append_cookie}")
+        else:
+            fields.insert(cookie_at if cookie_at >= 0 else len(fields), ("Cookie", append_cookie))
     forwarded_host = host
     if trusted_peer:
         # The proxy in front ended the client's connection: its word on the scheme and the host the
@@ -211,7 +219,9 @@ def form_value(target: str, name: str) -> str | None:
     """
     for pair in target.partition("?")[2].split("&"):
         key, _, value = pair.partition("=")
-        if unquote_plus(key, errors="surrogateescape") == name:
+        # Decoded only when it has something to decode: a query of thousands of plain pairs (up to
+        # limits.max_header_bytes) costs a compare each, not a decode each.
+        if key == name or (("%" in key or "+" in key) and unquote_plus(key, errors="surrogateescape") == name):
             return unquote_plus(value, errors="surrogateescape")
     return None
 

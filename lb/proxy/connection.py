@@ -806,7 +806,7 @@ class Connection:
             rewrite_cookie=plan.rewrite_cookie,
             drop=plan.drop,
             target=plan.target,
-            add=plan.add,
+            append_cookie=plan.append_cookie,
             backend_host=decision.backend.config.address,
             trusted_peer=self._proxy is not None,
         )

@@ -71,7 +71,7 @@ def forwarded(req: RequestHead, affinity: AffinityConfig, lookup: TokenLookup, *
         rewrite_cookie=plan.rewrite_cookie,
         drop=plan.drop,
         target=plan.target,
-        add=plan.add,
+        append_cookie=plan.append_cookie,
     )
     return parse_request_head(raw)
 
@@ -303,6 +303,14 @@ def test_rewrite_mode_header_token_becomes_the_cookie_once_whatever_the_cookie_l
     assert lookup.claim is not None and not lookup.from_cookie
     seen = forwarded(req, REWRITE, lookup, to_claimed=True)
     assert seen.head.get_all("cookie") == expected
+
+
+def test_rewrite_mode_header_token_becomes_the_cookie_when_the_client_made_cookie_hop_by_hop() -> None:
+    """`Connection: Cookie` drops the client's Cookie lines; the backend still gets its own value, once."""
+    req = request("/ws", ("Connection", "keep-alive, Cookie"), ("Cookie", "a=1"), ("X-LB-Affinity", APP_TOKEN))
+    lookup = find_token(req, REWRITE, CODEC, NOW)
+    seen = forwarded(req, REWRITE, lookup, to_claimed=True)
+    assert seen.head.get_all("cookie") == [f"SESSIONID={APP}"]
 
 
 def test_rewrite_mode_drops_expired_tokens() -> None:
