@@ -61,16 +61,18 @@ class TokenLookup:
     from_cookie: bool
     rejected: dict[str, str]  # token → InvalidToken reason
     others: tuple[str, ...]  # valid pins for other pools, kept when this pool's pin is re-issued
+    cookie_sent: bool  # the request carried the affinity cookie (whatever its values)
 
     def __init__(
         self, claim: Claim | None = None, token: str | None = None, from_cookie: bool = False,
-        rejected: dict[str, str] | None = None, others: tuple[str, ...] = (),
+        rejected: dict[str, str] | None = None, others: tuple[str, ...] = (), cookie_sent: bool = False,
     ) -> None:
         self.claim = claim
         self.token = token
         self.from_cookie = from_cookie
         self.rejected = {} if rejected is None else rejected
         self.others = others
+        self.cookie_sent = cookie_sent
 
 
 # Pins one cookie value carries at most (one per pool); the oldest goes first beyond it.
@@ -136,6 +138,7 @@ def find_token(
     lookup = found if found is not None else TokenLookup()
     lookup.rejected = rejected
     lookup.others = tuple([pin for _, pin in others.values()])
+    lookup.cookie_sent = bool(cookies)
     return lookup
 
 
@@ -176,9 +179,11 @@ def refreshed_copy_deletion(response: ResponseHead, affinity: AffinityConfig, *,
     value and routed the old session.  Deleted first, whatever the backend says next has the last word.
     """
     name = affinity.cookie
+    seen: set[str] = set()  # a line repeated a thousand times is read once
     for value in response.head.get_all("set-cookie"):
-        if set_cookie_value(value, name) is None:
+        if value in seen or set_cookie_value(value, name) is None:
             continue
+        seen.add(value)
         cookie = parse_set_cookie(value)
         domain = any(attribute == "domain" and given for attribute, given, _ in cookie.attributes)
         if domain or cookie.last("path") != "/":
@@ -336,11 +341,13 @@ def rewrite_response_cookies(
     name = affinity.cookie
     tokens: dict[str, str] = {}  # app value → its token (one seal per value)
     rewritten: dict[str, str] = {}  # Set-Cookie header value → what the client gets instead
+    deletions: set[str] = set()  # read once each: a date parse per repeated line adds up
     for value in response.head.get_all("set-cookie"):
-        if set_cookie_value(value, name) is None or value in rewritten:
+        if set_cookie_value(value, name) is None or value in rewritten or value in deletions:
             continue
         cookie = parse_set_cookie(value)
         if cookie.deletes_at(now):
+            deletions.add(value)
             continue  # empty, Max-Age <= 0 or a past Expires: the backend ends its session; passed on as it is
         if cookie.value not in tokens:
             sealed = None

@@ -1188,9 +1188,10 @@ class Connection:
                 )
             set_cookies = []
             first = None
+            said = sets_cookie(response, affinity.cookie)  # the backend said something of its cookie
             if (
                 decision.issue_cookie and decision.reason == "hit" and claim is not None
-                and claim.app_value is not None and not sets_cookie(response, affinity.cookie)
+                and claim.app_value is not None and not said
             ):
                 # Past half its life, and the backend said nothing of its cookie (a value, a deletion):
                 # the same value sealed again, so an active client keeps its backend and session.
@@ -1198,7 +1199,7 @@ class Connection:
                 if refreshed is not None:  # else the cookie it has stands until it expires
                     token = refreshed
                     set_cookies.append(our_set_cookie(affinity, token, secure=secure))
-            elif (lookup.from_cookie or lookup.rejected or lookup.others) and sets_cookie(response, affinity.cookie):
+            elif said and lookup.cookie_sent:
                 # A value or a deletion scoped elsewhere than a re-issue's copy (host-only, Path=/), from a
                 # client that sent our cookie (so may hold such a copy: it goes with every request): that
                 # copy is deleted first, or it would outlive what the backend says (a logout, a new login).
