@@ -32,11 +32,14 @@ def _end_by_sigint() -> None:
     """End as Ctrl-C ends a C tool: by SIGINT itself, not an exit code.  A shell running us in a loop
     (`for b in ...; do lb ctl drain ...; done`) stops only when its child died of SIGINT; an exit of 130
     tells it the child handled the signal, and the loop goes on."""
+    import contextlib
     import os
     import signal
 
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        # A reader already gone (`lb ctl status | head`, Ctrl-C): nothing left to say to it.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGINT)
 

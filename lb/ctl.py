@@ -191,6 +191,9 @@ def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[st
     _check_header_text(url, url_from)
     if token is not None:
         _check_header_text(token, token_from)
+        if " " in token:  # as admin.token is checked: the server reads a bearer token up to a space
+            where = f"character {token.index(' ') + 1} of {len(token)}"
+            raise CtlError(f"{token_from}: has a space at {where}; a token is visible ASCII only", EXIT_USAGE)
     return Target(url=_admin_url(url, url_from), token=token, timeout=_timeout(args))
 
 

@@ -137,17 +137,21 @@ def _log_error(request: web.Request, response: _ErrorAnswer, detail: str | None)
 def _fields(request: web.Request, status: int, request_id: str) -> dict[str, object]:
     """The line's fields of their own in `logging.format: json` (as an access line has them), so that a
     query on `request_id` finds an admin error as it finds a data-plane one."""
-    path = request.rel_url.raw_path
     return {"access": {  # raw values, as an access line's: JSON escapes what the plain line quotes
-        "request_id": request_id, "status": status, "method": request.method,
-        "path": path if len(path) <= 200 else path[:197] + "...", "client": request.remote or "-",
+        "request_id": request_id, "status": status, "method": request.method, "path": _cut_path(request),
+        "client": request.remote or "-",
     }}
 
 
 def _path(request: web.Request) -> str:
-    """The path asked for, as a log can hold it: quoted when it is not plain visible ASCII, cut at 200."""
+    """The path asked for, as a plain log line can hold it: quoted when it is not plain visible ASCII."""
+    return plain_value(_cut_path(request))
+
+
+def _cut_path(request: web.Request) -> str:
+    """The path asked for, cut at 200 characters."""
     path = request.rel_url.raw_path
-    return plain_value(path if len(path) <= 200 else path[:197] + "...")
+    return path if len(path) <= 200 else path[:197] + "..."
 
 
 def make_admin_app(balancer: Balancer) -> web.Application:

@@ -172,8 +172,9 @@ def usage_error(monkeypatch: pytest.MonkeyPatch, args: argparse.Namespace, envir
         (SECRET + "\x1b", "\\x1b"),
         (SECRET + "\u20ac", "outside ASCII"),
         (SECRET + "\u00e9", "outside ASCII"),  # Latin-1: http.client sends it, but the admin API compares UTF-8
+        (SECRET[:5] + " " + SECRET[5:], "a space at character 6"),  # admin.token refuses one too
     ],
-    ids=["trailing CR", "trailing LF", "CRLF inside", "NUL", "ESC", "not Latin-1", "Latin-1"],
+    ids=["trailing CR", "trailing LF", "CRLF inside", "NUL", "ESC", "not Latin-1", "Latin-1", "space"],
 )
 def test_a_token_http_cannot_carry_is_a_usage_error_that_never_echoes_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, said: str
