@@ -139,10 +139,13 @@ class Balancer:
         self.reloads: Counter[str] = Counter()  # result → count, for lb_config_reloads_total
         # workers: N — worker `index` of `count` enforces its share of the per-instance limits.
         self._share = share
+        # Whose per-backend series this process keeps: its pools' backends and the last to leave them
+        # (lb.state.series); the owner of `workers: N` filters its workers' reports by it too.
+        self.series = SeriesRetention()
         self.registry = make_registry(
             lambda: self.ctx, lambda: self.reloads,
             (lambda: self._supervisor.pids() if self._supervisor is not None else []) if role is Role.OWNER else None,
-            retired=self.retired_backends, departed=lambda: self.series.departed_everywhere(),  # series: made below
+            retired=self.retired_backends, departed=self.series.departed_everywhere,
         )
         # /readyz: True once every listener is open, False again from SIGTERM on.
         self.ready = False
@@ -164,9 +167,6 @@ class Balancer:
         self._serving_until: float | None = None  # time.monotonic() when a stop's shutdown_delay runs out
         # Backends removed by a reload that still carry tunnels, shown in /status until they end.
         self._retired: list[tuple[str, BackendStatus]] = []
-        # Whose per-backend series this process keeps: its pools' backends and the last to leave them
-        # (lb.state.series); the owner of `workers: N` filters its workers' reports by it too.
-        self.series = SeriesRetention()
         self._supervisor: WorkerSupervisor | None = None
         self._control: ControlChannel | None = None
         if role is Role.OWNER:

@@ -101,6 +101,14 @@ class ProxyContext:
     routes: tuple[RouteConfig, ...]
     # A backend failed a handshake (refused, reset, silent): a failed health check, wherever checks run.
     on_backend_failure: Callable[[str, str, str], None]  # pool, backend id, what happened
+    # The connections' events carry the monotonic clock, so that a step of the wall clock (an NTP
+    # step, a VM resumed, `date -s`) neither stretches nor cuts a timeout, a rate limit or a
+    # latency.  What must be wall time (a token's issue time and expiry, backend states' times,
+    # which every instance and the control plane share) is that clock plus this offset, which the
+    # balancer reads again every second (`Balancer._each_second`): a step reaches tokens within 1 s.
+    # No default: whoever builds one gives it (`lb.proxy.server.wall_offset()`); a forgotten 0 would
+    # issue tokens dated 1970, expired at once.
+    wall_offset: float
     # The header names a client may not send spelt with `_` for `-` (nor as trailers): ours, and the
     # configuration's (`configured_protected`).  Swapped with `config` on reload, as `codec` is.
     protected: frozenset[str] = PROTECTED_HEADERS
@@ -127,14 +135,6 @@ class ProxyContext:
     observations: Observations = field(default_factory=Observations)
     # Set by the last tunnel to close while shutdown waits for them.
     all_tunnels_closed: asyncio.Event | None = None
-    # The connections' events carry the monotonic clock, so that a step of the wall clock (an NTP
-    # step, a VM resumed, `date -s`) neither stretches nor cuts a timeout, a rate limit or a
-    # latency.  What must be wall time (a token's issue time and expiry, backend states' times,
-    # which every instance and the control plane share) is that clock plus this offset, which the
-    # balancer reads again every second (`Balancer._each_second`): a step reaches tokens within 1 s.
-    # Given to `build` by whoever builds one (`lb.proxy.server.wall_offset()`): 0 would issue tokens
-    # dated 1970, expired at once.
-    wall_offset: float = 0.0
 
     def client_connections(self) -> int:
         """Client connections now, as limits.max_connections counts them (lb_client_connections).

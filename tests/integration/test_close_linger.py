@@ -62,7 +62,7 @@ def context() -> tuple[ProxyContext, Any]:
     config = Config(listeners=(), affinity=AffinityConfig(secret_keys=("k" * 43,)), routes=(), pools={"p": pool})
     ctx = ProxyContext(
         config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=pool)},
-        routes=(), on_backend_failure=lambda *_: None,
+        routes=(), on_backend_failure=lambda *_: None, wall_offset=0.0,
     )
     return ctx, ctx.pools["p"].backends["gw-1"]
 

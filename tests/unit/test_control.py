@@ -323,7 +323,7 @@ def _ctx() -> ProxyContext:
         codec=TokenCodec(("k" * 43,), 60.0),
         pools={"p": PoolState(config=config.pools["p"])},
         routes=(),
-        on_backend_failure=lambda *_: None,
+        on_backend_failure=lambda *_: None, wall_offset=0.0,
     )
 
 

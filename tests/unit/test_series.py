@@ -118,7 +118,7 @@ def _ctx(backends: tuple[str, ...] = ("a",)) -> ProxyContext:
     config = Config(listeners=(), pools={"p": pool}, routes=(), affinity=AffinityConfig(secret_keys=("k" * 43,)))
     return ProxyContext(
         config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=pool)}, routes=(),
-        on_backend_failure=lambda *_: None,
+        on_backend_failure=lambda *_: None, wall_offset=0.0,
     )
 
 

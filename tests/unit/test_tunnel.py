@@ -79,7 +79,7 @@ def _setup() -> tuple[ProxyContext, BackendStatus]:
     config = Config(listeners=(), affinity=AffinityConfig(secret_keys=("k" * 43,)), routes=(), pools={"p": pool})
     ctx = ProxyContext(
         config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=pool)},
-        routes=(), on_backend_failure=lambda *_: None,
+        routes=(), on_backend_failure=lambda *_: None, wall_offset=0.0,
     )
     backend = ctx.pools["p"].backends["gw-1"]
     backend.connections = 1  # the caller of join counts the connection
