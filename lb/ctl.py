@@ -452,7 +452,7 @@ class _WatchedHTTPConnection(http.client.HTTPConnection):
     ) -> socket.socket:
         host, port = address
         failed: OSError = TimeoutError("the deadline passed before connecting")
-        for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        for family, kind, proto, _, sockaddr in _resolve_within(host, port, self.watchdog.remaining()):
             left = self.watchdog.remaining()
             if left <= 0:
                 break
@@ -468,6 +468,41 @@ class _WatchedHTTPConnection(http.client.HTTPConnection):
                 continue
             return sock
         raise failed
+
+
+def _resolve_within(host: str, port: int, seconds: float) -> list[Any]:
+    """`socket.getaddrinfo` for the admin host, given up after `seconds` (TimeoutError).
+
+    The call's watchdog has no socket to shut down while a name resolves, and a resolver that does not
+    answer holds getaddrinfo for its own timeouts and retries (30 s and more): so the lookup runs in a
+    daemon thread that the call stops waiting for.  An address needs no lookup and none is started.
+    """
+    if _is_address(host):
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    answer: list[Any] = []
+
+    def resolve() -> None:
+        try:
+            answer.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+        except OSError as exc:
+            answer.append(exc)
+
+    lookup = threading.Thread(target=resolve, name="lb-ctl-resolve", daemon=True)
+    lookup.start()
+    lookup.join(max(seconds, 0.0))
+    if not answer:
+        raise TimeoutError("the admin host's name did not resolve in time")
+    if isinstance(answer[0], OSError):
+        raise answer[0]
+    return list(answer[0])
+
+
+def _is_address(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 class _WatchedHTTPSConnection(http.client.HTTPSConnection, _WatchedHTTPConnection):
@@ -622,6 +657,7 @@ def render_status(document: Any) -> str:
     rows: list[Sequence[str]] = []
     notes: list[str] = []
     left_out = 0  # backends past MAX_ROWS: counted, not drawn
+    notes_left_out = 0  # discovery notes past MAX_ROWS, likewise
     for pool_name, pool in document["pools"].items():
         backends = pool.get("backends", [])
         room = MAX_ROWS - len(rows)
@@ -641,7 +677,9 @@ def render_status(document: Any) -> str:
                 backend.get("reason", ""),
             )))
         discovery = pool.get("discovery")
-        if isinstance(discovery, dict) and len(notes) < MAX_ROWS:
+        if isinstance(discovery, dict) and len(notes) == MAX_ROWS:
+            notes_left_out += 1
+        elif isinstance(discovery, dict):
             parts = ", ".join(f"{k}={v}" for k, v in discovery.items() if not isinstance(v, (dict, list)))
             notes.append(_printable(f"discovery {pool_name}: {parts}"))
     widths = [max(len(column), *(len(row[i]) for row in rows)) if rows else len(column)
@@ -658,6 +696,8 @@ def render_status(document: Any) -> str:
     if any(row[3].endswith("*") for row in rows):
         text.append("* migrating: its tunnels are being closed (drain with --close-after/--rate)")
     text.extend(notes)
+    if notes_left_out:
+        text.append(f"... and {notes_left_out} more pools' discovery notes (--json has them all)")
     accepting = "" if document.get("accepting", True) else ", NOT accepting (shutting down)"
     workers = document.get("workers")
     if isinstance(workers, dict) and workers.get("serving") == 0:

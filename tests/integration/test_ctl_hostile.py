@@ -160,6 +160,22 @@ def test_each_address_of_the_admin_name_gets_only_the_time_left(monkeypatch: pyt
     assert time.monotonic() - started < 2.0
 
 
+def test_a_name_that_does_not_resolve_in_time_ends_the_call_at_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watchdog has no socket to shut down while the admin host's name resolves: a resolver that does
+    not answer held `lb ctl` for its own timeouts, past --timeout."""
+    from lb.ctl import CtlError, Target, call
+
+    def silent_resolver(*args: object, **kwargs: object) -> list[object]:
+        time.sleep(5)
+        return []
+
+    monkeypatch.setattr(socket, "getaddrinfo", silent_resolver)
+    started = time.monotonic()
+    with pytest.raises(CtlError, match="within 1s"):
+        call(Target(url="http://admin.test:9", token=None, timeout=1.0), "GET", "/status")
+    assert time.monotonic() - started < 2.0
+
+
 def raw(reply: bytes) -> Script:
     def run(server: Scripted, conn: socket.socket, head: bytes) -> None:
         conn.sendall(reply)

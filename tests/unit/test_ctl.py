@@ -336,6 +336,13 @@ def test_a_status_of_more_backends_than_rows_draws_the_first_and_counts_the_rest
     assert lines[-1] == "live tunnels: 0, role: ?"
 
 
+def test_discovery_notes_past_the_rows_are_counted_not_dropped_unsaid() -> None:
+    document = {"pools": {f"p{i}": {"backends": [], "discovery": {"last_ok": 1}} for i in range(MAX_ROWS + 3)}}
+    lines = render_status(document).splitlines()
+    assert lines[-2] == "... and 3 more pools' discovery notes (--json has them all)"
+    assert sum(line.startswith("discovery p") for line in lines) == MAX_ROWS
+
+
 def test_every_backend_a_real_answer_can_carry_fits_in_the_table() -> None:
     """MAX_ROWS is above what MAX_ANSWER_BYTES carries of /status backends, as the admin API writes them."""
     from lb.config.model import BackendConfig
