@@ -2,7 +2,8 @@
 
 In: the client may carry the token as a cookie (browsers), in the
 `affinity.header` header or the `affinity.query_param` query parameter
-(native clients without a cookie jar).  All three carry the same token and
+(native clients without a cookie jar; its name read as a form, so
+`lb%5Faffinity` is `lb_affinity`).  All three carry the same token and
 are checked in that order; the header and query forms are removed before the
 request reaches the backend.
 
@@ -262,7 +263,11 @@ def plan_forward(request: RequestHead, affinity: AffinityConfig, lookup: TokenLo
     """
     name = affinity.cookie
     target = None
-    if affinity.query_param in request.target.partition("?")[2]:
+    query = request.target.partition("?")[2]
+    # A substring test spares most queries the split: a pair can be ours only if the name is in
+    # the query as it is, or form-encoded (`lb%5Faffinity`; a `+` is a space, which no
+    # query_param has).
+    if affinity.query_param in query or "%" in query:
         target = strip_query_param(request.target, affinity.query_param)
     drop = _header_drop(affinity.header)
     if affinity.mode is AffinityMode.INSERT:

@@ -190,38 +190,49 @@ def _request_drop(extra: frozenset[str], trusted_peer: bool) -> frozenset[str]:
 
 
 def strip_query_param(target: str, name: str) -> str:
-    """`target` without any `name=...` pair in its query; everything else byte for byte."""
+    """`target` without any pair named `name` (read as a form: `is_form_name`) in its query;
+    everything else byte for byte."""
     path, question, query = target.partition("?")
     if not question:
         return target
-    kept = [pair for pair in query.split("&") if pair.partition("=")[0] != name]
+    kept = [pair for pair in query.split("&") if not is_form_name(pair.partition("=")[0], name)]
     return f"{path}?{'&'.join(kept)}" if kept else path
 
 
 def query_values(target: str, name: str) -> list[str]:
-    """Values of query parameter `name` (tokens are base64url: no percent-decoding needed)."""
+    """Values of query parameter `name`, its name read as a form (`is_form_name`); the values raw
+    (tokens are base64url, which a form encoder leaves as it is)."""
     values = []
-    for pair in target.partition("?")[2].split("&"):
+    query = target.partition("?")[2]
+    encoded = "%" in query or "+" in query  # once per query: most have nothing to decode
+    for pair in query.split("&"):
         key, eq, value = pair.partition("=")
-        if eq and key == name:
+        if eq and (key == name or (encoded and is_form_name(key, name))):
             values.append(value)
     return values
+
+
+def is_form_name(key: str, name: str) -> bool:
+    """Whether the query key `key` is `name` read as a form (URL Standard §5.1): `u%69d` is `uid`,
+    as every framework reads it, and compared raw it was no key at all (nor one to take off).
+
+    Decoded only when it has something to decode: a query of thousands of plain pairs (up to
+    limits.max_header_bytes) costs a compare each, not a decode each.
+    """
+    return key == name or (("%" in key or "+" in key) and unquote_plus(key, errors="surrogateescape") == name)
 
 
 def form_value(target: str, name: str) -> str | None:
     """The first value of query parameter `name`, read as a form (URL Standard §5.1, what a browser's
     `URLSearchParams` writes and aiohttp reads `/route?key=` with): None when it has none.
 
-    The name is decoded as its value is (`%69` is `i`, `+` a space, `%2B` a plus): `?u%69d=k1` is
-    `uid=k1` to every framework, and compared raw it was no key at all.  Of a repeated name the first
-    counts, as aiohttp's `query.get`, Flask's `args.get` and `URLSearchParams.get` take it (a pair
-    without `=` is an empty value: no key).
+    The name is decoded as its value is (`%69` is `i`, `+` a space, `%2B` a plus: `is_form_name`).
+    Of a repeated name the first counts, as aiohttp's `query.get`, Flask's `args.get` and
+    `URLSearchParams.get` take it (a pair without `=` is an empty value: no key).
     """
     for pair in target.partition("?")[2].split("&"):
         key, _, value = pair.partition("=")
-        # Decoded only when it has something to decode: a query of thousands of plain pairs (up to
-        # limits.max_header_bytes) costs a compare each, not a decode each.
-        if key == name or (("%" in key or "+" in key) and unquote_plus(key, errors="surrogateescape") == name):
+        if is_form_name(key, name):
             return unquote_plus(value, errors="surrogateescape")
     return None
 
