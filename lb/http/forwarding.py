@@ -347,17 +347,20 @@ def _switch_headers(head: Head) -> list[tuple[str, str]]:
     return headers
 
 
-def render_interim(response: ResponseHead, affinity_cookie: str) -> bytes:
+def render_interim(response: ResponseHead, affinity_cookie: str | None) -> bytes:
     """A 1xx interim answer (100 Continue, 103 Early Hints) as the client receives it.
 
     Only its end-to-end headers: nothing hop-by-hop (the backend's Connection speaks of its
     connection to us) and no framing (a 1xx has no body, RFC 9112 §6.1-6.2), and no Set-Cookie
-    of `affinity_cookie`.  A client's jar (curl's, a native client's) may store a 1xx's cookie,
-    and an interim answer is never rewritten: in insert mode the backend's cookie of our name
-    would replace the client's pins, and in rewrite mode its session value would reach the
-    client unsealed.  The final answer sets that cookie as the mode says; other cookies pass.
+    of `affinity_cookie` (None: every cookie passes).  A client's jar (curl's, a native
+    client's) may store a 1xx's cookie, and an interim answer is never rewritten: in insert mode
+    the backend's cookie of our name would replace the client's pins, and in rewrite mode its
+    session value would reach the client unsealed.  The final answer sets that cookie as the
+    mode says; other cookies pass.
     """
-    headers = _without_set_cookie(_end_to_end(response.head, _NO_BODY), affinity_cookie)
+    headers = _end_to_end(response.head, _NO_BODY)
+    if affinity_cookie is not None:
+        headers = _without_set_cookie(headers, affinity_cookie)
     return render_head(f"HTTP/1.1 {response.status} {response.reason}", headers)
 
 

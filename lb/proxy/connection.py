@@ -70,7 +70,7 @@ from lb.affinity.carriers import (
 )
 from lb.affinity.codec import NONCE_BYTES, SESSION_BYTES, Claim
 from lb.affinity.decision import Decision, decide
-from lb.config.model import AffinityMode, SecureMode
+from lb.config.model import AffinityMode, PoolConfig, SecureMode
 from lb.errors import (
     BadGateway,
     BadRequest,
@@ -244,6 +244,13 @@ def new_request_id() -> str:
     """Unique per process and cheap: a random per-process prefix and a counter, in hex."""
     # hex(), not an `:x` format: compiled, that one is a str.format call parsing its template.
     return _ID_PREFIX + hex(next(_ids))[2:]
+
+
+def _pins(pool: PoolConfig) -> bool:
+    """Whether the pool pins its clients by token: all do but a `source` or `hash` pool with
+    `sticky: false`, which the hash alone routes (in rewrite mode its backend's cookie is then the
+    backend's alone: it passes unchanged, on interim answers and final ones)."""
+    return pool.balance not in HASHED_METHODS or pool.sticky
 
 
 _BODY_INCOMPLETE: Final = "request body incomplete"  # the client half-closed before the end of its body
@@ -879,12 +886,12 @@ class Connection:
             if status < 200 and status != 101:
                 # Interim (100 Continue, 103 Early Hints): passed on, except to an HTTP/1.0 client,
                 # which would take one for the answer (RFC 9110 §15.2); they do not extend the deadline.
-                # Never with a Set-Cookie of affinity.cookie: only the final answer's is ours to set.
+                # A Set-Cookie of affinity.cookie only where the final answer would pass it as it is.
                 self._interim += 1
                 if self._interim > MAX_INTERIM:
                     raise _Failure("too many interim answers")
                 if request.version != "HTTP/1.0":
-                    actions.append(SendClient(render_interim(response, self._config.affinity.cookie)))
+                    actions.append(SendClient(render_interim(response, self._interim_drop())))
                 continue
             if status == 101:
                 if not self._websocket:
@@ -1136,6 +1143,14 @@ class Connection:
 
     # -- answers -------------------------------------------------------------------
 
+    def _interim_drop(self) -> str | None:
+        """The cookie whose Set-Cookie a 1xx loses: affinity.cookie where only the final answer's is
+        ours to set (insert mode; rewrite mode on a pool that pins, as an interim answer is never
+        sealed), else None: the backend's cookie passes as the final answer passes it."""
+        affinity, pool = self._config.affinity, self._pool
+        assert pool is not None
+        return affinity.cookie if affinity.mode is AffinityMode.INSERT or _pins(pool.config) else None
+
     def _client_head(self, response: ResponseHead, now: float, *, switching: bool, keep_alive: bool = False) -> bytes:
         """The backend's answer plus the affinity token, as the mode wants it (at `now`, the events' clock)."""
         ctx = self._ctx
@@ -1171,9 +1186,7 @@ class Connection:
 
         secure = affinity.secure is SecureMode.ALWAYS or (affinity.secure is SecureMode.AUTO and self._tls)
 
-        if affinity.mode is AffinityMode.REWRITE and not (
-            pool.config.balance in HASHED_METHODS and not pool.config.sticky
-        ):
+        if affinity.mode is AffinityMode.REWRITE and _pins(pool.config):
             rewrite, token = rewrite_response_cookies(
                 response, affinity, seal, secure=secure, others=lookup.others,
                 on_unsealed=lambda app_value: unsealed.append(len(app_value)), now=wall,

@@ -735,6 +735,27 @@ def test_an_interim_answer_sets_no_cookie_of_the_affinity_name(mode: str, cookie
         assert "set-cookie" not in headers
 
 
+@pytest.mark.parametrize("balance", ["source", "hash\n    hash_key: header:X-User-Id"], ids=["source", "hash"])
+def test_an_interim_answer_of_a_pool_that_does_not_pin_passes_the_backends_cookie(balance: str) -> None:
+    """Rewrite mode, `sticky: false`: a pool routed by the hash alone seals nothing, so a 103's Set-Cookie
+    of the backend's cookie passes unchanged, as its final answer's does."""
+    config = REWRITE_CONFIG.replace(
+        "balance: round_robin\n    backends: [{id: a1",
+        f"balance: {balance}\n    sticky: false\n    backends: [{{id: a1",
+    )
+    assert "sticky: false" in config
+    play = Play(config)
+    play.client(get("/a/x"))
+    play.connected()
+    play.backend(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\nSet-Cookie: SID=early; Path=/\r\n\r\n")
+    interim = parse_response_head(bytes(play.to_client))
+    assert interim.head.headers == (("Link", "</s.css>"), ("Set-Cookie", "SID=early; Path=/"))
+    play.to_client.clear()
+    play.backend(b"HTTP/1.1 200 OK\r\nSet-Cookie: SID=final; Path=/\r\nContent-Length: 0\r\n\r\n")
+    status, headers, _ = play.answer()
+    assert (status, headers["set-cookie"]) == (200, "SID=final; Path=/")
+
+
 # -- backend faults: 502, retried when safe --------------------------------------------------------
 
 BAD_ANSWERS = [
