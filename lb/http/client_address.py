@@ -49,7 +49,9 @@ def parse_network(text: str) -> IPNetwork:
     """
     try:
         if "%" in text:
-            raise ValueError("a zone index has no place here")  # parse_address refuses zones too
+            # A peer matches by its address, whatever interface it comes in on (`peer_address`):
+            # accepted, `fe80::1%eth0` would have trusted fe80::1 on every link, unsaid.
+            raise ValueError("write it without its zone: a peer matches by its address, on any interface")
         network = ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as exc:
         raise ValueError(f"expected a CIDR such as 10.0.0.0/8 or an IP address, got {text!r} ({exc})") from None
@@ -107,6 +109,17 @@ def parse_address(text: str) -> IPAddress | None:
     except ValueError:
         return None
     return unmapped(address)
+
+
+def peer_address(peer: str) -> IPAddress | None:
+    """A socket peer's IP address (the host `accept()` gives), or None: `parse_address`, less the
+    zone of a link-local peer (`fe80::1%eth0`).
+
+    The zone names our interface, not the peer, and a CIDR match ignores it (`ipaddress` compares
+    the address alone), so such a peer matches `fe80::/10` or `fe80::1` in `proxy_protocol_from`.
+    Refused, it was closed at accept whatever the list said.
+    """
+    return parse_address(peer.partition("%")[0])
 
 
 def unmapped(address: IPAddress) -> IPAddress:

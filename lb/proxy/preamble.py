@@ -32,7 +32,8 @@ descriptors it spins; this one pauses.
   and give their descriptors back, and a fixed second between batches kept
   live clients waiting behind them for 10 s and more.
 - With PROXY protocol and a `proxy_protocol_from` list, a peer outside it
-  is closed at accept, unread: its header could name any client.
+  is closed at accept, unread: its header could name any client.  A
+  link-local peer (`fe80::1%eth0`) is matched by its address, its zone aside.
 - Each accepted socket is counted at once (`_Accepted`).  With PROXY
   protocol it gets a `_Preamble`: on readability it peeks
   (`recv(n, MSG_PEEK)`) and parses what it has so far plus the peeked bytes
@@ -73,7 +74,7 @@ import time
 from collections.abc import Sequence
 
 from lb.errors import LOCAL_ERRNOS, BadProxyHeader
-from lb.http.client_address import IPNetwork, TrustedProxies, parse_address
+from lb.http.client_address import IPNetwork, TrustedProxies, peer_address
 from lb.http.proxy_header import MAX_V2_LENGTH, V2_FIXED, parse_proxy_header
 from lb.log import Throttle
 from lb.proxy.server import AcceptCount, ClientConnection, accept_errors
@@ -247,7 +248,7 @@ class AcceptingServer:
                 self._ctx.stats.shed += 1
                 continue
             if self._proxy_protocol:
-                if self._proxy_from.networks and parse_address(address[0]) not in self._proxy_from:
+                if self._proxy_from.networks and peer_address(address[0]) not in self._proxy_from:
                     # Not an L4 balancer of ours: its header would name any client it likes.
                     conn.close()
                     _refusals.report(address[0], "the peer is not in listeners[].proxy_protocol_from")

@@ -15,6 +15,7 @@ from lb.http.client_address import (
     forwarded_for,
     parse_address,
     parse_network,
+    peer_address,
 )
 
 TRUSTED = TrustedProxies.parse(["10.0.0.0/8", "192.168.1.1", "2001:db8:ffff::/48"])
@@ -129,6 +130,30 @@ def test_a_trusted_proxy_written_ipv4_mapped_is_believed() -> None:
     """`trusted_proxies: ["::ffff:127.0.0.2/128"]` validated, then never matched the peer 127.0.0.2."""
     trusted = TrustedProxies.parse(["::ffff:127.0.0.2/128"])
     assert client_address("127.0.0.2", ["203.0.113.9"], trusted) == "203.0.113.9"
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [("fe80::1%eth0", "fe80::1"), ("fe80::1%2", "fe80::1"), ("2001:db8::7", "2001:db8::7"), ("10.1.2.3", "10.1.2.3"),
+     ("::ffff:10.1.2.3", "10.1.2.3"), ("/run/lb.sock", None)],
+)
+def test_peer_address_drops_a_link_local_zone(peer: str, address: str | None) -> None:
+    """A socket's peer `fe80::1%eth0` is fe80::1 on our interface eth0: matched by its address."""
+    found = peer_address(peer)
+    assert (str(found) if found is not None else None) == address
+
+
+def test_a_zoned_peer_is_in_the_networks_of_its_address() -> None:
+    """`proxy_protocol_from: [fe80::/10]` or `[fe80::1]` holds a peer the socket reports as `fe80::1%eth0`."""
+    for written in ("fe80::/10", "fe80::1", "fe80::1/128"):
+        assert peer_address("fe80::1%eth0") in TrustedProxies.parse([written]), written
+    assert peer_address("fe80::1%eth0") not in TrustedProxies.parse(["fe80::2", "2001:db8::/32"])
+
+
+def test_a_network_with_a_zone_says_how_to_write_it() -> None:
+    """A zone matches nothing more (peers match by address, on any interface): refused with the way to write it."""
+    with pytest.raises(ValueError, match="without its zone"):
+        parse_network("fe80::1%eth0")
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from test_connection import CONFIG
 
 from lb.config.load import parse_config
 from lb.devcerts import write_dev_certs
+from lb.http.client_address import TrustedProxies
 from lb.proxy.preamble import AcceptingServer, listening_sockets
 from lb.proxy.server import ClientConnection, stop_in_flight, wall_offset
 from lb.state.context import ProxyContext
@@ -272,6 +273,44 @@ async def test_out_of_descriptors_pauses_accepting_logs_once_and_recovers(caplog
         assert _only_connection(ctx).core.client_ip == "192.0.2.1"
         lines = [r for r in caplog.records if "accept connections" in r.getMessage()]
         assert len(lines) <= 1, [r.getMessage() for r in lines]  # rate-limited: never a line per failure
+        writer.close()
+        await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
+    finally:
+        server.close()
+
+
+class _LinkLocalPeerSocket(socket.socket):
+    """A listening socket whose accepted peers are reported as a link-local IPv6 peer on an interface
+    (the tests reach it on loopback, the only network they use)."""
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        conn, _ = super().accept()
+        return conn, ("fe80::1%eth0", 4711, 0, 2)  # AF_INET6's (host, port, flowinfo, scope_id)
+
+
+@pytest.mark.parametrize(
+    ("proxy_from", "believed"),
+    [(["fe80::/10"], True), (["fe80::1"], True), (["2001:db8::/32", "fe80::2"], False)],
+    ids=["its network", "its address", "neither"],
+)
+async def test_a_zoned_peer_is_matched_by_its_address(proxy_from: list[str], believed: bool) -> None:
+    """proxy_protocol_from: a link-local peer (`fe80::1%eth0`) is in it when its address is; the zone names
+    our interface, not the peer."""
+    ctx = _ctx()
+    (plain,) = listening_sockets("127.0.0.1", 0, backlog=16, reuse_port=False)
+    sock = _LinkLocalPeerSocket(fileno=plain.detach())
+    networks = TrustedProxies.parse(proxy_from).networks
+    server = AcceptingServer(ctx, [sock], None, proxy_from=networks)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(sock.getsockname()[1]))
+        writer.write(b"PROXY TCP4 192.0.2.1 127.0.0.1 5555 443\r\n" + HEAD_START)
+        if believed:
+            await _wait(lambda: len(ctx.in_flight) == 1 and _only_connection(ctx).core._buf)
+            assert _only_connection(ctx).core.client_ip == "192.0.2.1"
+        else:
+            with contextlib.suppress(ConnectionResetError):  # closed at accept, unread: maybe a reset
+                assert await asyncio.wait_for(reader.read(), 3) == b""  # unanswered
+            assert not ctx.in_flight
         writer.close()
         await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
     finally:
