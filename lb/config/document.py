@@ -15,7 +15,7 @@ import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeGuard
 
 import yaml
 
@@ -124,7 +124,7 @@ _READERS_DIFFER: Final = re.compile("[\t!]|[|>][-+0-9]*#|(?s:.)\ufeff")
 
 
 def _safe_load(text: str, check: Checker) -> object:
-    """`yaml.safe_load`, in its two steps, so that the node tree is at hand for `_duplicate_keys`."""
+    """`yaml.safe_load`, in its two steps, so that the node tree is at hand for `_check_nodes`."""
     if _FAST_LOADER is not None and not _READERS_DIFFER.search(text):
         found = len(check.problems)
         try:
@@ -140,39 +140,61 @@ def _load_with(loader_class: type[yaml.SafeLoader] | type[yaml.CSafeLoader], tex
         node = loader.get_single_node()
         if node is None:
             return None
-        _duplicate_keys(node, check)  # first: constructing flattens `<<` merges into the nodes
-        return loader.construct_document(node)
+        # First: constructing flattens `<<` merges into the nodes.
+        for scalar in _check_nodes(node, check):
+            loader.constructed_objects[scalar] = REPORTED  # built as said, never read
+        return None if check.unreadable else loader.construct_document(node)
     finally:
         loader.dispose()
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_INT_TAG = "tag:yaml.org,2002:int"
+# An integer's characters, at most.  No setting comes near (the largest are byte counts of ten
+# digits), and an integer this long in any YAML form (decimal, 0x, 0o, 0b, 1:2:3) is read and
+# printed within Python's int-string limit (4,300 digits by default, never under 640).  Past it,
+# a decimal one failed while read (a ValueError naming no key) and a hexadecimal one when a message
+# printed it (a traceback out of `lb validate`).
+MAX_INTEGER_CHARS: Final = 100
 
 
-def _duplicate_keys(root: yaml.Node, check: Checker) -> None:
-    """A key given twice in one mapping is a problem at its path.
+def _check_nodes(root: yaml.Node, check: Checker) -> list[yaml.ScalarNode]:
+    """What the node tree shows before it is built, each a problem at its path: a key given twice,
+    an integer too long (`MAX_INTEGER_CHARS`).
 
     YAML loaders keep the last value without a word, so a second `token:` or a second pool of the
     same name would silently replace the first (yaml.v3, behind Traefik, refuses them too).  Keys
     merged in with `<<` are meant to be overridden and are not counted.  Each node is walked once:
     aliases share nodes, and a "billion laughs" file must not multiply the walk.
+
+    Returns:
+        The values too long, for the caller to build as REPORTED (the rest is still checked).  A key
+        too long leaves the document unread (`check.unreadable`): no value can stand in for a key.
     """
     seen: set[int] = set()
     pending: list[tuple[yaml.Node, str]] = [(root, "")]
     found: list[tuple[int, str, str]] = []
+    too_long: list[yaml.ScalarNode] = []
     while pending:
         node, path = pending.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
+        if _too_long(node):
+            found.append((node.start_mark.line + 1, path, _too_long_message(node)))
+            too_long.append(node)
+        elif isinstance(node, yaml.MappingNode):
             first_lines: dict[tuple[str, str], int] = {}  # (tag, text) of each key → its line
             for key_node, value_node in node.value:
                 if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
                     pending.append((value_node, path))
                     continue
-                key_path = join_path(path, key_node.value)
                 line = key_node.start_mark.line + 1
+                if _too_long(key_node):
+                    found.append((line, path, "a key: " + _too_long_message(key_node)))
+                    check.unreadable = True
+                    continue
+                key_path = join_path(path, key_node.value)
                 key = (key_node.tag, key_node.value)
                 if key in first_lines:
                     first = first_lines[key]
@@ -185,6 +207,15 @@ def _duplicate_keys(root: yaml.Node, check: Checker) -> None:
             pending.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
     for _, key_path, message in sorted(found):
         check.add(key_path, message)
+    return too_long
+
+
+def _too_long(node: yaml.Node) -> TypeGuard[yaml.ScalarNode]:
+    return isinstance(node, yaml.ScalarNode) and node.tag == _INT_TAG and len(node.value) > MAX_INTEGER_CHARS
+
+
+def _too_long_message(node: yaml.ScalarNode) -> str:
+    return f"integer too long: {len(node.value)} characters, where no setting takes more than {MAX_INTEGER_CHARS}"
 
 
 def _yaml_message(exc: yaml.MarkedYAMLError, text: str) -> str:

@@ -347,6 +347,8 @@ def _networks(
     addresses; absent or null is empty."""
     if value is None:
         return ()
+    if value is REPORTED:
+        return None
     if not isinstance(value, list):
         check.add(path, f"expected a list of CIDRs such as [10.0.0.0/8], got {kind_of(value)}")
         return None
@@ -354,6 +356,9 @@ def _networks(
     valid = True
     for i, item in enumerate(value):
         path_i = f"{path}[{i}]"
+        if item is REPORTED:  # said already (an unset ${VAR}, an integer too long): said once
+            valid = False
+            continue
         if not isinstance(item, str):
             check.add(path_i, f"expected a CIDR such as 10.0.0.0/8, got {kind_of(item)}")
             valid = False
@@ -663,35 +668,41 @@ def _discovery(value: object, path: str, check: Checker) -> DiscoveryConfig | No
     if node is None:
         return None
     kwargs = parse_fields(node, path, check, _DISCOVERY_FIELDS)
-    nameservers: list[tuple[str, int]] = []
-    valid = True
-    servers_value = node.get("nameservers")
-    if servers_value is not None:
-        servers_path = join_path(path, "nameservers")
-        if not isinstance(servers_value, list):
-            check.add(servers_path, f"expected a list of host:port, got {kind_of(servers_value)}")
-            valid = False
-        else:
-            parse = address(min_port=1)
-            for i, item in enumerate(servers_value):
-                try:
-                    host, port = parse(item)
-                except Bad as exc:
-                    check.add(f"{servers_path}[{i}]", str(exc))
-                    valid = False
-                    continue
-                # dnspython talks to nameservers by address only: a name would need a resolver first.
-                if not (is_ip(host, version=4) or is_ip(host, version=6)):
-                    check.add(f"{servers_path}[{i}]", f"expected an IP address, got {show(host)}")
-                    valid = False
-                    continue
-                nameservers.append((host, port))
+    nameservers = _nameservers(node.get("nameservers"), join_path(path, "nameservers"), check)
     if kwargs is not None and kwargs.get("type") is DiscoveryType.A and kwargs.get("port") is None:
         check.add(join_path(path, "port"), "type a needs a port (A records carry none)")
         return None
-    if kwargs is None or not valid:
+    if kwargs is None or nameservers is None:
         return None
-    return DiscoveryConfig(nameservers=tuple(nameservers), **kwargs)
+    return DiscoveryConfig(nameservers=nameservers, **kwargs)
+
+
+def _nameservers(value: object, path: str, check: Checker) -> tuple[tuple[str, int], ...] | None:
+    """`discovery.nameservers`: IP address and port of each (absent, null or empty: the system resolver);
+    None: a problem, said."""
+    if value is None:
+        return ()
+    if value is REPORTED:
+        return None
+    if not isinstance(value, list):
+        check.add(path, f"expected a list of host:port, got {kind_of(value)}")
+        return None
+    parse = address(min_port=1)
+    nameservers: list[tuple[str, int]] = []
+    for i, item in enumerate(value):
+        if item is REPORTED:  # said already (an unset ${VAR}, an integer too long): said once
+            continue
+        try:
+            host, port = parse(item)
+        except Bad as exc:
+            check.add(f"{path}[{i}]", str(exc))
+            continue
+        # dnspython talks to nameservers by address only: a name would need a resolver first.
+        if not (is_ip(host, version=4) or is_ip(host, version=6)):
+            check.add(f"{path}[{i}]", f"expected an IP address, got {show(host)}")
+            continue
+        nameservers.append((host, port))
+    return tuple(nameservers) if len(nameservers) == len(value) else None
 
 
 def _health_check(value: object, path: str, check: Checker) -> HealthCheckConfig | None:

@@ -168,6 +168,21 @@ def test_run_with_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.usefixtures("env")
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_an_integer_of_thousands_of_digits_is_named_by_its_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """`listeners[0].backlog: 0x<4,000 hex digits>` gave run and validate a traceback (its message printed
+    it past int()'s 4,300-digit limit); now a problem at its path, exit 2, before anything starts."""
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("127.0.0.1:0\n", "127.0.0.1:0\n    backlog: 0x" + "f" * 4000 + "\n"))
+    assert main([command, "--config", str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "listeners[0].backlog: integer too long: 4002 characters, where no setting takes more than 100"
+    ]
+
+
+@pytest.mark.usefixtures("env")
 def test_run_hands_the_config_to_the_balancer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """run passes the loaded Config, its path and its source (the text) to lb.balancer.run and returns its exit
     code."""

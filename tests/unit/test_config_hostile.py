@@ -139,6 +139,44 @@ def test_an_integer_of_thousands_of_digits_is_out_of_range(tmp_path: Path) -> No
     assert "expected host:port" in tree_problems(value, tmp_path)["listeners[0].bind"]
 
 
+@pytest.mark.parametrize(
+    "literal", ["9" * 5000, "-" + "9" * 5000, "0x" + "f" * 4000, "0b" + "1" * 20_000, "1:" * 3000 + "1", "9" * 101],
+    ids=["decimal", "negative", "hexadecimal", "binary", "sexagesimal", "just past the bound"],
+)
+def test_an_integer_written_with_thousands_of_digits_is_a_problem_at_its_path(tmp_path: Path, literal: str) -> None:
+    """A decimal one failed as YAML was read (int()'s 4,300-digit limit: "invalid YAML", no key path), a
+    hexadecimal one as its message printed it (a traceback); each is now said once, at its path, and the rest
+    of the file is still checked."""
+    text = yaml.safe_dump(tree(limits={"max_connections": "@"}, timeouts={"handshake": "0s"})).replace("'@'", literal)
+    found = problems(text, tmp_path)
+    assert found == {
+        "limits.max_connections": f"integer too long: {len(literal)} characters, where no setting takes more than 100",
+        "timeouts.handshake": "expected a duration greater than 0, got '0s'",
+    }
+
+
+@pytest.mark.parametrize(("written", "says"), [("9" * 5000, "integer too long"), ("${UNSET}", "is not set")])
+def test_a_list_item_already_reported_is_said_once(tmp_path: Path, written: str, says: str) -> None:
+    """An integer too long (or an unset variable) in a list of CIDRs or nameservers: said at its index, once
+    (not again as "expected a CIDR ..., got _Reported")."""
+    value = tree(trusted_proxies=["10.0.0.0/8", "@"])
+    value["listeners"][0].update(proxy_protocol=True, proxy_protocol_from=["@"])
+    value["pools"]["q"] = {"discovery": {"dns": "gw.example", "nameservers": ["127.0.0.1:53", "@"]}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_dump(value).replace("'@'", written), base_dir=tmp_path, environ={})
+    found = info.value.problems
+    paths = ["listeners[0].proxy_protocol_from[0]", "pools.q.discovery.nameservers[1]", "trusted_proxies[1]"]
+    assert sorted(problem.path for problem in found) == paths
+    assert all(says in problem.message for problem in found), found
+
+
+def test_an_integer_too_long_as_a_key_is_named_by_its_mapping(tmp_path: Path) -> None:
+    """No path can name it and no value stand for it: said at its mapping's path, and nothing more is read."""
+    text = yaml.safe_dump(tree(limits={"max_connections": 10, "@": 1}, timeouts={"handshake": "0s"}))
+    found = problems(text.replace("'@'", "? " + "9" * 5000 + "\n  "), tmp_path)
+    assert found == {"limits": "a key: integer too long: 5000 characters, where no setting takes more than 100"}
+
+
 def test_a_duration_has_an_upper_bound(tmp_path: Path) -> None:
     """`max_age: 99999999999999999999h` sealed tokens whose expiry no date can show; a hundred years is
     the bound (a native client may keep its cookie past a browser's 400 days)."""
