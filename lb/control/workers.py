@@ -4,8 +4,9 @@ The owner runs health checks, the admin API and drain migrations, and holds
 the backend states; it starts N workers (`python -m lb worker ...`), each of
 which binds every listener with SO_REUSEPORT so the kernel spreads clients
 over them, and relays.  They talk over a socketpair in `lb.control.ipc` messages:
-the owner pushes backend states (on every change and every second), reloads
-and migration shares; workers report passive health failures and counters.
+the owner pushes backend states (once per turn of its event loop that changed any,
+and every second), reloads and migration shares; workers report passive health
+failures and counters.
 A worker that dies is restarted; its clients reconnect with their tokens, and
 every worker opens every token, so they reach the same backends.
 
@@ -214,6 +215,7 @@ class WorkerSupervisor:
         self._stopping = False
         self._pusher: asyncio.Task[None] | None = None
         self._sum_stats: asyncio.TimerHandle | None = None  # a re-sum is due
+        self._push_states_soon: asyncio.Handle | None = None  # a states push is due (`states_changed`)
         self._checked_at = 0.0  # event loop time of the last look for silent workers (from start())
         self._too_large = TooLargeReports()
         self.live_tunnels = 0
@@ -394,6 +396,10 @@ class WorkerSupervisor:
         worker.writer.write(frame)
 
     def broadcast(self, message: dict[str, Any]) -> None:
+        if message["op"] != "states":
+            # A states push that is due goes first: the workers see the changes in the order they were made
+            # (a migration's `close_tunnels` after the state that started it).
+            self._flush_states()
         frame = _encode(message, self._too_large)  # once for every worker: a reload carries the whole config
         if frame is not None:
             for worker in self._workers.values():
@@ -405,7 +411,21 @@ class WorkerSupervisor:
         self.broadcast(config_message("reload", source))
 
     def states_changed(self) -> None:
-        self.broadcast(states_message(self._balancer.ctx.pools))
+        """Push every backend's state to the workers once this turn of the event loop is over.
+
+        A states message carries the whole table, so changes made in one turn (a reload, a DNS answer, a
+        burst of health verdicts: 3,000 backends going down together) go out as one message.  Pushed at
+        each change, they cost the owner a table per change: 3,000 verdicts encoded 3,000 tables of 3,000
+        backends, and its event loop (admin, health checks) stood still for tens of seconds.
+        """
+        if self._push_states_soon is None:
+            self._push_states_soon = asyncio.get_running_loop().call_soon(self._flush_states)
+
+    def _flush_states(self) -> None:
+        if self._push_states_soon is not None:
+            self._push_states_soon.cancel()
+            self._push_states_soon = None
+            self.broadcast(states_message(self._balancer.ctx.pools))
 
     async def migrate(self, pool: str, backend_id: str, close_after: float, rate: float) -> None:
         """The owner's half of a drain migration: each worker closes its share at rate / N."""
@@ -424,6 +444,7 @@ class WorkerSupervisor:
         self._stopping = True
         if self._pusher is not None:
             self._pusher.cancel()
+        self._flush_states()  # a change made just before the stop still reaches the workers
         for worker in self._workers.values():
             if worker.process.returncode is None:
                 # A stopped worker (SIGSTOP, Ctrl-Z in a debugger) would hold its SIGTERM, and its

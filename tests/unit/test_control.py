@@ -638,3 +638,39 @@ def test_a_worker_that_fails_a_reload_the_owner_applied_is_a_counted_failure(
         assert "worker 1 (pid 4242) could not apply the reload" in caplog.text
 
     asyncio.run(scenario())
+
+
+def test_state_changes_of_one_turn_reach_each_worker_as_one_push_before_what_follows() -> None:
+    """A burst of changes (a reload, 3,000 health verdicts at once) is one states message of the latest
+    states per worker, not one whole table per change; a message sent after them still comes after it."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from lb.control.workers import WorkerSupervisor
+
+    async def scenario() -> list[dict[str, Any]]:
+        ctx = _ctx()
+        supervisor = WorkerSupervisor(
+            SimpleNamespace(ctx=ctx, retired_backends=list, series=SeriesRetention()), 1,  # type: ignore[arg-type]
+            config_path=mock.sentinel.path, config_source=ConfigSource(""),
+        )
+        written: list[bytes] = []
+        writer = SimpleNamespace(is_closing=lambda: False, write=written.append,
+                                 transport=SimpleNamespace(get_write_buffer_size=lambda: 0))
+        supervisor._workers[0] = SimpleNamespace(writer=writer, process=SimpleNamespace(returncode=None),
+                                                 killed=False)  # type: ignore[assignment]
+        backend = ctx.pools["p"].backends["a"]
+        for reason in ("first", "second", "third"):
+            backend.reason = reason
+            supervisor.states_changed()
+        assert written == [], "pushed once the turn is over"
+        await asyncio.sleep(0)
+        backend.reason = "fourth"
+        supervisor.states_changed()
+        supervisor.stop_migration("p", "a")  # flushes the push that is due first
+        await asyncio.sleep(0)
+        return [decode(frame[LENGTH.size:]) for frame in written]
+
+    messages = asyncio.run(scenario())
+    assert [m["op"] for m in messages] == ["states", "states", "stop_migration"]
+    assert [m["pools"]["p"]["a"]["reason"] for m in messages[:2]] == ["third", "fourth"]
