@@ -22,7 +22,9 @@ is swapped in one synchronous block (no await in between), so a connection
 that reads `ProxyContext` at accept always sees one consistent snapshot.
 Backends keep their health and counts by id, including a backend that a
 reload removed and a later one brought back while its tunnels still ran;
-health checkers are replaced, never duplicated.  A listener whose kind changes
+health checkers follow the new pools, never duplicated (a kept backend keeps
+its probe loop and schedule; an added or moved one, and every backend of a
+pool whose checks changed, is probed at once).  A listener whose kind changes
 at the same address (TLS or `proxy_protocol` turned on or off) is a new
 listener that takes over the running socket (a second descriptor on it), so
 the reload needs no free port and loses nothing queued in its backlog.
@@ -338,6 +340,37 @@ class Balancer:
             checker.start()
             self._checkers.append(checker)
 
+    async def _follow_health_checks(self, previous: Config) -> None:
+        """After a reload's swap: a pool whose `health_check` is unchanged keeps its checker, which follows
+        the new pool (`HealthChecker.retarget`: added backends, and those whose address changed, are
+        probed at once; the others keep their loops and their schedule); any other pool gets a new one.
+
+        Replacing every checker made a reload probe every backend at once: 3,000 backends were 3,000
+        tasks cancelled, 3,000 made and 3,000 connects in one turn of the event loop, a stall of
+        100-300 ms after each SIGHUP (and a burst of probes at every backend), for a file that
+        changed one line.
+        """
+        pools = self.ctx.pools
+        kept: list[HealthChecker] = []
+        stopped: list[HealthChecker] = []
+        for checker in self._checkers:
+            pool = pools.get(checker.pool_name)
+            before = previous.pools.get(checker.pool_name)
+            if pool is not None and before is not None and before.health_check == pool.config.health_check:
+                checker.retarget(pool)
+                kept.append(checker)
+            else:
+                stopped.append(checker)
+        self._checkers = kept
+        for checker in stopped:
+            await checker.stop()
+        followed = {checker.pool_name for checker in kept}
+        for name, pool in pools.items():
+            if name not in followed:
+                checker = HealthChecker(pool, self._on_state_change, self.ctx.observations)
+                checker.start()
+                self._checkers.append(checker)
+
     async def _stop_health_checks(self) -> None:
         checkers, self._checkers = self._checkers, []
         for checker in checkers:
@@ -585,16 +618,16 @@ class Balancer:
                 raise
             raise BindError("TLS", "a reloaded listener", exc) from exc
         # 2. Swap: one synchronous block, so every connection sees the old state or the new one.
+        previous = self.config
         self._swap(config, kept, new_listening)
         old_admin = None
         if new_admin is not None:
             old_admin, (self._admin, self.admin_address) = self._admin, new_admin
             log.info("admin API moved to %s:%d", *self.admin_address)
-        # 3. Replace the health checkers (reloads are serialized: never two sets) and release the old admin.
+        # 3. Update the health checkers (reloads are serialized: never two sets) and release the old admin.
         setup_logging(config.logging)
         if self.role is not Role.WORKER:
-            await self._stop_health_checks()
-            self._start_health_checks()
+            await self._follow_health_checks(previous)
         self.discovery.start(self.config.pools)  # DNS discovery loops (lb.control.discovery)
         if old_admin is not None:
             await old_admin.cleanup()

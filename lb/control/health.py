@@ -18,8 +18,9 @@ with no shared state and no fan-out of admin calls.  An operator's `disable`
 still wins (`lb.state.pool` combines the two).
 
 The probed set follows the pool: `retarget` (after DNS discovery merged a new
-set) starts loops for new backends and stops those of removed ones, leaving
-the others' loops and counters alone.
+set, or a reload) starts loops for new backends and stops those of removed
+ones, leaving the others' loops and counters alone; a kept backend whose
+address changed gets a new loop, probed at once, as a new one is.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class HealthChecker:
         self._pool = pool
         self._observations = observations or Observations()  # lb_health_checks_total
         self._on_change = on_change
-        self._tasks: dict[str, tuple[BackendStatus, asyncio.Task[None]]] = {}
+        # backend id → (its state, the (host, port) its loop was started for, the loop)
+        self._tasks: dict[str, tuple[BackendStatus, tuple[str, int], asyncio.Task[None]]] = {}
         self._unknown_values: set[str] = set()
         self._unknown_said = Throttle(60.0)  # once the set is full: one line a minute, with a count
 
@@ -89,20 +91,21 @@ class HealthChecker:
         self.retarget(self._pool)
 
     def retarget(self, pool: PoolState) -> None:
-        """Probe `pool`'s backends from now on: new ones get a loop, removed ones lose theirs."""
+        """Probe `pool`'s backends from now on: new ones get a loop, removed ones lose theirs, and one whose
+        address changed a new one (its next verdict is about where it is now, at once)."""
         self._pool = pool
         loop = asyncio.get_running_loop()
-        for backend_id, (backend, task) in list(self._tasks.items()):
-            if pool.backends.get(backend_id) is not backend:
+        for backend_id, (backend, address, task) in list(self._tasks.items()):
+            if pool.backends.get(backend_id) is not backend or (backend.config.host, backend.config.port) != address:
                 task.cancel()
                 del self._tasks[backend_id]
         for backend in pool.backends.values():
             if backend.id not in self._tasks:
                 task = loop.create_task(self._probe_loop(backend), name=f"health {pool.name}/{backend.id}")
-                self._tasks[backend.id] = (backend, task)
+                self._tasks[backend.id] = (backend, (backend.config.host, backend.config.port), task)
 
     async def stop(self) -> None:
-        tasks = [task for _, task in self._tasks.values()]
+        tasks = [task for _, _, task in self._tasks.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
