@@ -69,7 +69,7 @@ from lb.control.admin import AdminRunner, make_admin_app
 from lb.control.discovery import DiscoveryManager
 from lb.control.health import HealthChecker
 from lb.control.ipc import check_config_handover, split_limits
-from lb.control.memory import ReleasePolicy, release_free_memory
+from lb.control.memory import ReleasePolicy, collection_paused, release_free_memory
 from lb.control.metrics import make_registry
 from lb.control.migration import DEFAULT_MIGRATION_RATE, migrate
 from lb.control.workers import ControlChannel, WorkerSupervisor, watch_owner
@@ -570,10 +570,12 @@ class Balancer:
         return changed
 
     def _read_config(self, source: ConfigSource | None) -> tuple[ConfigSource, Config]:
-        """The config to reload to, and its source (None: read from the files now).  Runs in a thread."""
+        """The config to reload to, and its source (None: read from the files now).  Runs in a thread,
+        without cyclic garbage collection (`collection_paused` says why)."""
         assert self.config_path is not None
-        config, applied = load_config_source(self.config_path, source=source)
-        return applied, split_limits(config, *self._share)
+        with collection_paused():
+            config, applied = load_config_source(self.config_path, source=source)
+            return applied, split_limits(config, *self._share)
 
     async def apply(self, config: Config) -> None:
         """Swap in `config` without closing a live tunnel; raises BindError having changed nothing."""

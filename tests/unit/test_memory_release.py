@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import platform
 
 import pytest
 
-from lb.control.memory import ReleasePolicy, release_free_memory
+from lb.control.memory import ReleasePolicy, collection_paused, release_free_memory
 
 
 def test_nothing_to_release_while_connections_hold_steady() -> None:
@@ -46,3 +47,19 @@ def test_slow_churn_is_released_now_and_then() -> None:
 def test_glibc_can_release() -> None:
     assert hasattr(ctypes.CDLL(None), "malloc_trim")
     assert release_free_memory() is True
+
+
+def test_collection_is_paused_over_the_block_and_left_as_it_was_found() -> None:
+    """A reload's parse runs without cyclic collection; after it, collection is as the process had it."""
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collection_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("a parse that fails")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collection_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled(), "a caller that runs without collection keeps it off"
+    finally:
+        gc.enable()
