@@ -195,3 +195,19 @@ def test_a_backend_that_sends_a_new_unknown_state_at_every_check_is_not_a_line_a
     with caplog.at_level("WARNING", logger="lb.control.health"):
         checker._note_unknown(backend, "junk-again")
     assert "(967 more unknown value(s) since the last report)" in caplog.records[-1].getMessage()
+
+
+def test_first_probes_of_many_new_loops_come_in_slices() -> None:
+    """3,000 new loops at once: `at_once` first probes per `gap`, in order; a few new ones later start at once."""
+    from lb.control.health import FirstProbes
+
+    pacer = FirstProbes(at_once=100, gap=0.01)
+    delays = [pacer.delay(50.0) for _ in range(3000)]
+    assert delays[:100] == [0.0] * 100
+    assert delays[100:200] == [pytest.approx(0.01)] * 100
+    assert delays[-1] == pytest.approx(0.29)
+    assert max(delays.count(d) for d in set(delays)) == 100
+    # Halfway through the slices, a reload adds two: they queue behind the slices already given out.
+    assert pacer.delay(50.15) == pytest.approx(0.15)
+    # Once those have passed, a new loop probes at once again.
+    assert [pacer.delay(60.0) for _ in range(3)] == [0.0, 0.0, 0.0]
