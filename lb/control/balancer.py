@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -990,6 +991,13 @@ async def serve(
 ) -> int:
     balancer = Balancer(config, config_path, role=role, control_fd=control_fd, share=share,
                         config_source=config_source)
+    # Out of the cyclic garbage collector's sight from here on: the modules, the first configuration and the
+    # balancer's own state, some 60,000 objects that live as long as the process or are freed by reference
+    # counting when a reload replaces them (no cycle holds them: 4 reloads renaming 3,000 backends left
+    # nothing more to collect).  A full collection walks every object it tracks, with the GIL held, and
+    # collections come at reloads and as the heap grows: without them 57-67 ms at 3,000 backends, 14-28 ms
+    # with, in which no connection moves.
+    gc.freeze()
     loop = asyncio.get_running_loop()
     # SIGTERM handlers before start(): one that arrives while we bind must stop us once we are up,
     # not be lost (as PID 1 in a container, a signal without a handler is dropped by the kernel).
