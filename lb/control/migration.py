@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 from lb.proxy.tunnel import CLOSE_DEADLINE, CLOSE_LINGER, Tunnel
 from lb.state.context import ProxyContext
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_RESTART = 1012  # IANA WebSocket close code registry: the service is restarting; reconnect
 DEFAULT_MIGRATION_RATE = 10.0  # tunnels closed per second when `rate` is not given
+SETTLE_LOOK = 0.25  # seconds between two looks at whether every close has ended
 
 
 def start_migrating(pool: str, backend: BackendStatus, rate: float) -> None:
@@ -33,7 +35,9 @@ async def migrate(ctx: ProxyContext, pool: str, backend: BackendStatus, close_af
     """Wait `close_after` seconds, then close `backend`'s tunnels at `rate` per second.
 
     Each close either reaches its client as a close frame or, for a client that does not read, is
-    cut at TCP level within `CLOSE_DEADLINE + CLOSE_LINGER`; the last log line says how many of each.
+    cut at TCP level within `CLOSE_DEADLINE + CLOSE_LINGER`; one whose client is still reading a long
+    frame waits for it up to `timeouts.shutdown_grace` (`lb.proxy.tunnel.next_close_look`).  The last
+    log line says how many of each, once every close has ended.
     """
     await asyncio.sleep(close_after)
     start_migrating(pool, backend, rate)
@@ -51,9 +55,13 @@ async def migrate(ctx: ProxyContext, pool: str, backend: BackendStatus, close_af
             tunnel.close_gracefully(SERVICE_RESTART, "service restart", cause="drain")
             closing.append(tunnel)
             await asyncio.sleep(interval)
-    if any(not t.closed for t in closing):
-        # By construction each one is closed or cut by now plus this much: then count how.
-        await asyncio.sleep(CLOSE_DEADLINE + CLOSE_LINGER + 0.1)
+    # By construction each one is closed or cut within this much of its close: until then, look
+    # now and then whether they all have, and count how.
+    settle = max(CLOSE_DEADLINE, ctx.config.timeouts.shutdown_grace) + CLOSE_LINGER + 0.1
+    for _ in range(math.ceil(settle / SETTLE_LOOK)):
+        if all(t.closed for t in closing):
+            break
+        await asyncio.sleep(SETTLE_LOOK)
     sent = [t for t in closing if not t.server_end.backend_closed_first]  # those began their own close first
     cut = sum(1 for t in sent if t.ended_with == "tcp")
     log.info(

@@ -17,8 +17,13 @@ frame boundary of the backend's stream; a client that stopped reading pauses
 that stream, so the boundary may never come.  If the close frame is not out
 within `CLOSE_DEADLINE`, or the client has not taken it (nor hung up) within
 `CLOSE_LINGER` after, the tunnel is aborted at TCP level: no buffer is kept
-for a peer that does not read.  Each such end is counted by cause and by how
-it ended (`close_frame` or `tcp`) in `Stats.balancer_closes`.
+for a peer that does not read.  A client still taking the bytes of a long
+frame is not such a peer: each look, every `CLOSE_DEADLINE`, that finds it
+took some since the last one waits on (`next_close_look`), up to the close's
+own bound (the end of SIGTERM's `timeouts.shutdown_grace`, or that long from
+a drain's or an idle timeout's close); meanwhile flow control still pauses
+the backend whenever its buffer is full.  Each such end is counted by cause
+and by how it ended (`close_frame` or `tcp`) in `Stats.balancer_closes`.
 
 Backend loss (issue 11): when the backend's connection ends without the
 backend having sent a close frame, the client gets close 1012 (Service
@@ -44,13 +49,35 @@ log: Final = logging.getLogger(__name__)
 _monotonic: Final = time.monotonic  # a C static for compiled code (as lb.proxy.server._now)
 
 CLOSE_LINGER = 2.0  # seconds a tunnel may stay open after we sent the client a close frame
-CLOSE_DEADLINE = 2.0  # seconds a close frame may wait for a frame boundary before TCP is cut
+# Seconds a close frame may wait for a frame boundary before TCP is cut, unless its client took bytes
+# meanwhile (`next_close_look`): then it waits as long again, up to the close's bound.
+CLOSE_DEADLINE = 2.0
 # Seconds a closed connection's unsent bytes may go without the peer taking any (TCP's own retries
 # on a lossy mobile link stall a few seconds; a peer that keeps its window shut stalls for ever).
 FLUSH_STALL = 10.0
 SERVICE_RESTART: Final = 1012  # IANA close code registry: the service is restarting; reconnect
 GOING_AWAY: Final = 1001  # RFC 6455 §7.4.1: the server is going down
 OP_CLOSE: Final = 0x8  # RFC 6455 §5.5.1
+
+
+def next_close_look(taken_before: int, taken_now: int, now: float, close_by: float) -> float | None:
+    """When a close frame still waiting for a frame boundary is looked at next; None: cut TCP now.
+
+    Args:
+        taken_before: bytes the client had taken at the last look (relayed to it, less what was
+            still in our write buffer for it).
+        taken_now: the same now.
+        now: the event loop's time.
+        close_by: the close's bound (loop time): past it, even a client still reading is cut.
+
+    Returns:
+        Seconds to the next look: `CLOSE_DEADLINE`, or what is left before `close_by` if less.
+        None when the client took nothing since the last look (it stopped reading, or the backend
+        stalled mid-frame: either way no boundary is coming) or the bound has passed.
+    """
+    if taken_now <= taken_before or now >= close_by:
+        return None
+    return min(CLOSE_DEADLINE, close_by - now)
 
 
 def idle_sweep_interval(idle: float) -> float:
@@ -147,7 +174,7 @@ class TunnelEnd(asyncio.BufferedProtocol):
 class WebSocketServerEnd(TunnelEnd):
     """The backend side of a WebSocket tunnel: follows frame boundaries so a close can be injected."""
 
-    __slots__ = ("backend_closed_first", "deadline", "frames", "pending_close", "silenced")
+    __slots__ = ("backend_closed_first", "close_by", "deadline", "frames", "pending_close", "silenced", "taken")
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
         super().__init__(tunnel, peer)
@@ -157,6 +184,10 @@ class WebSocketServerEnd(TunnelEnd):
         # A close of ours was asked for after the backend's own close frame had begun: none is sent.
         self.backend_closed_first = False
         self.deadline: asyncio.TimerHandle | None = None
+        # While a close waits for a frame boundary: the bytes its client had taken at the last look,
+        # and the loop time past which it is cut even if it is still reading (`next_close_look`).
+        self.taken = 0
+        self.close_by = 0.0
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(READ_VIEW[:nbytes].tobytes())
@@ -205,11 +236,13 @@ class WebSocketServerEnd(TunnelEnd):
                 tunnel.ended_with = "tcp"
         tunnel.close()
 
-    def inject_close(self, code: int, reason: str) -> None:
+    def inject_close(self, code: int, reason: str, until: float | None = None) -> None:
         """Send the client a close frame at the next frame boundary of the backend's stream.
 
         None if the backend has sent its own (or is sending it): nothing may follow that frame (RFC 6455
-        §5.5.1), and the close handshake it began is left to finish, within CLOSE_LINGER.
+        §5.5.1), and the close handshake it began is left to finish, within CLOSE_LINGER.  `until`
+        (loop time) bounds the wait for a client still taking the frame in flight; by default
+        `timeouts.shutdown_grace` from now.
         """
         if self.silenced or self.pending_close is not None or self.backend_closed_first:
             return
@@ -222,7 +255,12 @@ class WebSocketServerEnd(TunnelEnd):
         else:
             if self.deadline is not None:
                 self.deadline.cancel()  # a half-close's linger: this close's own deadlines take over
-            self.deadline = asyncio.get_running_loop().call_later(CLOSE_DEADLINE, self._overdue)
+            loop = asyncio.get_running_loop()
+            self.taken = self.nbytes - self.peer.get_write_buffer_size()
+            self.close_by = (
+                until if until is not None else loop.time() + self.tunnel.ctx.config.timeouts.shutdown_grace
+            )
+            self.deadline = loop.call_later(CLOSE_DEADLINE, self._overdue)
 
     def _let_backend_close(self) -> None:
         """The backend began the close handshake before ours could go: ours is not sent (the rest of the
@@ -242,9 +280,22 @@ class WebSocketServerEnd(TunnelEnd):
             self.deadline = asyncio.get_running_loop().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)
 
     def _overdue(self) -> None:
-        """No frame boundary came in time (a stalled reader pauses the backend): cut TCP."""
-        if not self.silenced:
+        """No frame boundary came yet: cut TCP, unless the client is still taking the frame in flight.
+
+        A stalled reader pauses the backend, so its boundary may never come; a client that reads a
+        long frame (a large message, a slow backend) gets its end, and then the close frame.  One
+        look per CLOSE_DEADLINE: nothing is counted per byte for it.
+        """
+        if self.silenced:
+            return
+        loop = asyncio.get_running_loop()
+        taken = self.nbytes - self.peer.get_write_buffer_size()
+        wait = next_close_look(self.taken, taken, loop.time(), self.close_by)
+        if wait is None:
             self.tunnel.abort()
+            return
+        self.taken = taken
+        self.deadline = loop.call_later(wait, self._overdue)
 
     def _send_close(self) -> None:
         assert self.pending_close is not None
@@ -389,20 +440,25 @@ class Tunnel:
         end = self.server_end
         return end.silenced or end.pending_close is not None or end.backend_closed_first
 
-    def close_gracefully(self, code: int, reason: str, *, cause: str | None = None) -> None:
+    def close_gracefully(
+        self, code: int, reason: str, *, cause: str | None = None, until: float | None = None
+    ) -> None:
         """End the tunnel with a close frame to the client (e.g. 1001, 1012), at a frame boundary.
 
-        `cause` names why, for `Stats.balancer_closes` ("shutdown", "drain", "idle").
+        `cause` names why, for `Stats.balancer_closes` ("shutdown", "drain", "idle").  `until` (event
+        loop time): how long a client still reading the backend's frame in flight is waited for
+        (`WebSocketServerEnd.inject_close`).
         """
         if self.closed or self.closing:  # one close at a time; the first one's cause stays
             return
         if self.cause is None:
             self.cause = cause or f"close_{code}"
-        self.server_end.inject_close(code, reason)
+        self.server_end.inject_close(code, reason, until)
 
     def shut_down(self) -> None:
-        """SIGTERM's close of this tunnel: a 1001 at a frame boundary (nothing, once closed)."""
-        self.close_gracefully(GOING_AWAY, "balancer shutting down", cause="shutdown")
+        """SIGTERM's close of this tunnel: a 1001 at a frame boundary (nothing, once closed), within
+        the shutdown's grace (SPEC: close tunnels with 1001 after timeouts.shutdown_grace)."""
+        self.close_gracefully(GOING_AWAY, "balancer shutting down", cause="shutdown", until=self.ctx.spread_until)
 
     def close_or_abort(self) -> None:
         """After the close linger: close if the client took everything we sent, else cut TCP."""

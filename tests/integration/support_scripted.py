@@ -10,6 +10,8 @@ The request path picks the script, so one backend serves every case of a test mo
 - `/die`: send one text frame `"last words"`, then close TCP without a close frame (a crash between
   two frames).
 - `/die-mid-frame`: send the header and 10 of 100 payload bytes of a frame, then close TCP.
+- `/slow-frame`: one binary frame of `SLOW_FRAME_BYTES`, its payload trickled over `SLOW_FRAME_SECONDS`
+  (a large message from a slow backend, or to a slow link), then `AFTER_SLOW_FRAME`; then as below.
 - anything else: say nothing, answer a close frame, end when the peer does.
 
 Every loop is bounded in count and time; `close()` stops the accept thread and every connection.
@@ -41,6 +43,10 @@ STALL = 0.3  # a send blocked this long means the peer stopped taking bytes
 LAST_WORDS = b"\x81\x0alast words"
 PARTIAL = b"\x82\x64" + b"y" * 10  # a frame announcing 100 bytes, cut after 10
 BACKEND_CLOSE = b"\x88\x08\x03\xe8normal"  # close 1000 "normal", unmasked (server to client)
+SLOW_FRAME_SECONDS = 5.0  # longer than a close's first deadline and linger together (2 + 2 s)
+SLOW_FRAME_STEPS = 100
+SLOW_FRAME_BYTES = 1000 * SLOW_FRAME_STEPS
+AFTER_SLOW_FRAME = b"\x81\x05after"  # a text frame once the slow one is whole
 
 
 def _accept_value(key: str) -> str:
@@ -101,6 +107,9 @@ class ScriptedBackend:
             elif path.startswith("/die"):
                 conn.sendall(LAST_WORDS)
                 time.sleep(0.2)
+            elif path.startswith("/slow-frame"):
+                self._slow_frame(conn)
+                self._hold(conn)
             elif path.startswith("/close-first"):  # begins the close handshake, then waits for the answer
                 conn.sendall(BACKEND_CLOSE)
                 self._hold(conn, closed=True)
@@ -122,6 +131,16 @@ class ScriptedBackend:
                     return
                 if data[0] & 0x0F == 0x8 and not closed:
                     conn.sendall(b"\x88\x02\x03\xe9")  # close 1001 back (RFC 6455 §5.5.1)
+
+    def _slow_frame(self, conn: socket.socket) -> None:
+        step = SLOW_FRAME_BYTES // SLOW_FRAME_STEPS
+        with contextlib.suppress(OSError):
+            conn.sendall(b"\x82\x7f" + SLOW_FRAME_BYTES.to_bytes(8, "big"))
+            for _ in range(SLOW_FRAME_STEPS):
+                if self._stop.wait(SLOW_FRAME_SECONDS / SLOW_FRAME_STEPS):
+                    return
+                conn.sendall(b"s" * step)
+            conn.sendall(AFTER_SLOW_FRAME)
 
     def _flood(self, conn: socket.socket) -> None:
         deadline = time.monotonic() + MAX_SECONDS

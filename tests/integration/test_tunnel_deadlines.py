@@ -3,6 +3,8 @@
 - A client that stops reading pauses its backend's stream, so a close frame may never find a frame
   boundary: under drain (`close_after`/`rate`) and under `timeouts.idle` the tunnel is then cut at TCP
   level within a bounded time, and counted as such (`lb_tunnel_closes_total{ended_with="tcp"}`).
+- A client still taking the bytes of a long frame is not a stalled reader: the close waits for the
+  frame's end (within SIGTERM's `timeouts.shutdown_grace`, or that long for a drain), then goes out.
 - Backend loss (issue 11): a backend that dies between frames gets its client a close 1012; one that
   dies mid-frame, a TCP close (a close frame there would corrupt the stream).
 - Until then, a stalled reader (of a tunnel or of a plain answer), or a stalled upload, holds a bounded
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import signal
 import socket
 import struct
 import time
@@ -27,10 +30,13 @@ import aiohttp
 import pytest
 from conftest import (
     HOST,
+    OP_BINARY,
+    OP_CLOSE,
     UNIT,
     Balancer,
     Gateway,
     Launcher,
+    RawWs,
     assert_echo,
     find_backend,
     lb_certs,
@@ -41,12 +47,24 @@ from conftest import (
     ws_connect,
     ws_key,
 )
-from support_ops import admin_post, launched, metric, metrics_text, reload_with, wait_close, wait_until
+from support_ops import (
+    admin_post,
+    launched,
+    metric,
+    metrics_text,
+    reload_with,
+    signal_balancer,
+    wait_close,
+    wait_exit,
+    wait_until,
+)
 from support_raw import rss_kib
 from support_scripted import (
     BACKEND_CLOSE,
     LAST_WORDS,
     PARTIAL,
+    SLOW_FRAME_BYTES,
+    SLOW_FRAME_SECONDS,
     ScriptedBackend,
     stalled_client,
     stalled_tls_client,
@@ -113,6 +131,44 @@ async def test_a_stalled_reader_under_drain_is_cut_at_tcp_level(launcher: Launch
     finally:
         sock.close()
     lb.assert_alive()
+
+
+@pytest.mark.parametrize("how", ["drain", "sigterm"])
+async def test_a_client_still_reading_a_long_frame_gets_its_end_then_the_close(
+    launcher: Launcher, scripted: ScriptedBackend, how: str
+) -> None:
+    """A drain's 1012, or SIGTERM's 1001 with shutdown_grace to spare, asked for while the client is
+    reading a frame that takes longer than the close's first deadline: the client gets the whole frame,
+    then the close frame, instead of a TCP cut 2 s in."""
+    lb = start(launcher, scripted, shutdown_grace="15s")
+    assert lb.port is not None
+    async with RawWs.connect(lb.port, "/slow-frame") as raw:
+        slow = asyncio.create_task(raw.recv_frame(within=SLOW_FRAME_SECONDS + 5 * UNIT))
+        await asyncio.sleep(0.5)  # the frame is under way
+        if how == "drain":
+            code, body, _ = await admin_post(
+                lb, f"/pools/scripted/backends/{scripted.id}/drain", params={"close_after": "0s", "rate": "100"}
+            )
+            assert code == 200, body
+        else:
+            signal_balancer(lb, signal.SIGTERM)
+        try:
+            frame = await slow
+        except asyncio.IncompleteReadError as exc:
+            raise AssertionError(f"cut after {len(exc.partial)} of {SLOW_FRAME_BYTES} payload bytes") from exc
+        assert frame.opcode == OP_BINARY and len(frame.payload) == SLOW_FRAME_BYTES
+        closing = await raw.recv_frame(within=5 * UNIT)
+        assert closing.opcode == OP_CLOSE, closing
+        assert struct.unpack("!H", closing.payload[:2])[0] == (1012 if how == "drain" else 1001)
+        await raw.send(OP_CLOSE, closing.payload[:2])
+    if how == "drain":
+
+        async def counted() -> bool:
+            return await metric_value(lb, "lb_tunnel_closes_total", cause="drain", ended_with="close_frame") == 1
+
+        await wait_until(counted, what='lb_tunnel_closes_total{cause="drain",ended_with="close_frame"} == 1')
+    else:
+        assert await wait_exit(lb, 15 * UNIT) == 0
 
 
 async def test_a_stalled_reader_times_out_idle(launcher: Launcher, scripted: ScriptedBackend) -> None:

@@ -17,7 +17,7 @@ from lb.affinity.codec import TokenCodec
 from lb.config.model import AffinityConfig, BackendConfig, Config, PoolConfig
 from lb.proxy import tunnel as tunnel_module
 from lb.proxy.reading import READ_CHUNK
-from lb.proxy.tunnel import Tunnel, idle_sweep_interval
+from lb.proxy.tunnel import CLOSE_DEADLINE, Tunnel, idle_sweep_interval, next_close_look
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus, PoolState
 from lb.ws.frames import close_frame
@@ -169,6 +169,92 @@ def test_close_that_finds_no_boundary_is_cut_after_the_deadline(monkeypatch: pyt
         assert tunnel.closed and client.aborted and server.aborted
         assert ctx.stats.balancer_closes[("idle", "tcp")] == 1
         assert tunnel.close_code is None  # never sent: the close line names no code
+
+    _run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("taken_before", "taken_now", "now", "close_by", "expected"),
+    [
+        (100, 100, 10.0, 40.0, None),  # took nothing since the last look: it stopped reading
+        (100, 90, 10.0, 40.0, None),  # (cannot happen; still nothing taken)
+        (100, 101, 10.0, 40.0, CLOSE_DEADLINE),  # still reading: look again a deadline later
+        (100, 5000, 39.5, 40.0, 0.5),  # still reading, near the bound: the last look falls on it
+        (100, 5000, 40.0, 40.0, None),  # at the bound: cut even a reader
+        (100, 5000, 50.0, 40.0, None),  # past it (a close asked for after SIGTERM's grace)
+    ],
+    ids=["stalled", "no-progress", "reading", "reading-near-bound", "at-bound", "past-bound"],
+)
+def test_a_close_waits_on_only_while_its_client_takes_bytes_and_within_its_bound(
+    taken_before: int, taken_now: int, now: float, close_by: float, expected: float | None
+) -> None:
+    """A close waiting for a frame boundary: the next look comes a CLOSE_DEADLINE later while the client
+    took bytes since the last one, never past the close's bound; otherwise TCP is cut now."""
+    assert next_close_look(taken_before, taken_now, now, close_by) == expected
+
+
+class DrainingTransport(FakeTransport):
+    """A client that reads: what is written to it leaves its buffer a moment later."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.buffered += len(data)
+        asyncio.get_running_loop().call_later(0.001, self._taken, len(data))
+
+    def _taken(self, size: int) -> None:
+        self.buffered -= size
+
+
+@pytest.mark.parametrize("how", ["drain", "shutdown"])
+def test_a_client_still_reading_a_long_frame_gets_its_end_then_the_close(
+    monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The backend's frame goes on past many deadlines while the client keeps taking it: no cut; the
+    close frame goes at the frame's end, the tunnel counted as ended by a close frame."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_DEADLINE", 0.02)
+    monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.02)
+
+    async def scenario() -> None:
+        client, server = DrainingTransport(), FakeTransport()
+        ctx, tunnel = _join(client, server)
+        server.protocol.data_received(b"\x82\x7e\x03\xe8")  # a 1000-byte frame's header: mid-frame now
+        if how == "drain":
+            tunnel.close_gracefully(1012, "service restart", cause="drain")
+        else:
+            ctx.spread_until = asyncio.get_running_loop().time() + 10.0
+            tunnel.shut_down()
+        for _ in range(20):  # 10 deadlines' worth, a little at a time
+            await asyncio.sleep(0.01)
+            server.protocol.data_received(b"y" * 40)
+            assert not tunnel.closed, "a client still reading was cut"
+        server.protocol.data_received(b"y" * 200 + TEXT)
+        code, reason = (1012, "service restart") if how == "drain" else (1001, "balancer shutting down")
+        assert bytes(client.written).endswith(b"y" * 200 + close_frame(code, reason))
+        await asyncio.sleep(0.1)
+        assert tunnel.closed and not client.aborted
+        assert ctx.stats.balancer_closes[(how, "close_frame")] == 1 and tunnel.close_code == code
+
+    _run(scenario())
+
+
+def test_a_client_reading_past_the_shutdown_grace_is_cut_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM's close waits for a reading client only until the grace ends (SPEC: tunnels are closed
+    after timeouts.shutdown_grace): a frame that goes on past it is cut at TCP level."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_DEADLINE", 0.02)
+
+    async def scenario() -> None:
+        client, server = DrainingTransport(), FakeTransport()
+        ctx, tunnel = _join(client, server)
+        server.protocol.data_received(b"\x82\x7f" + (1 << 40).to_bytes(8, "big"))  # a frame without end
+        loop = asyncio.get_running_loop()
+        ctx.spread_until = loop.time() + 0.15
+        tunnel.shut_down()
+        while not tunnel.closed and loop.time() < ctx.spread_until + 1.0:
+            await asyncio.sleep(0.01)
+            server.protocol.data_received(b"y" * 40)
+        assert tunnel.closed and client.aborted
+        assert loop.time() >= ctx.spread_until, "cut before the grace ended"
+        assert ctx.stats.balancer_closes[("shutdown", "tcp")] == 1
 
     _run(scenario())
 
