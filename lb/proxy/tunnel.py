@@ -57,7 +57,6 @@ CLOSE_DEADLINE = 2.0
 FLUSH_STALL = 10.0
 SERVICE_RESTART: Final = 1012  # IANA close code registry: the service is restarting; reconnect
 GOING_AWAY: Final = 1001  # RFC 6455 §7.4.1: the server is going down
-OP_CLOSE: Final = 0x8  # RFC 6455 §5.5.1
 
 
 def next_close_look(taken_before: int, taken_now: int, now: float, close_by: float) -> float | None:
@@ -137,7 +136,7 @@ class TunnelEnd(asyncio.BufferedProtocol):
         server_end = tunnel.server_end
         if (
             server_end.silenced  # we said goodbye already: nothing more goes to this client
-            or server_end.frames.last_opcode == OP_CLOSE  # the backend has, too: the close handshake is done
+            or server_end.frames.close_seen  # the backend has, too: the close handshake is done
             or not self.peer.can_write_eof()
             or server_end.peer.get_extra_info("sslcontext") is not None
         ):
@@ -222,7 +221,7 @@ class WebSocketServerEnd(TunnelEnd):
         tunnel = self.tunnel
         if tunnel.closed:
             return
-        if not self.silenced and self.frames.last_opcode != OP_CLOSE and not tunnel.client_finished:
+        if not self.silenced and not self.frames.close_seen and not tunnel.client_finished:
             # The backend died rather than closing (and not in answer to the client's FIN, passed on):
             # tell the client to reconnect now (1012), if a close frame can go between two frames;
             # mid-frame, only a TCP close is honest.
@@ -246,7 +245,7 @@ class WebSocketServerEnd(TunnelEnd):
         """
         if self.silenced or self.pending_close is not None or self.backend_closed_first:
             return
-        if self.frames.last_opcode == OP_CLOSE:
+        if self.frames.close_seen:
             self._let_backend_close()
             return
         self.pending_close = (code, close_frame(code, reason))
@@ -299,7 +298,7 @@ class WebSocketServerEnd(TunnelEnd):
 
     def _send_close(self) -> None:
         assert self.pending_close is not None
-        if self.frames.last_opcode == OP_CLOSE:  # the frame our close waited for was the backend's close
+        if self.frames.close_seen:  # the frame our close waited for was the backend's close
             self._let_backend_close()
             return
         if self.deadline is not None:

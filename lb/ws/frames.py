@@ -11,21 +11,25 @@ looked at.  Control frames may sit between the fragments of a message
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _MAX_HEADER = 14  # 2 + 8 (64-bit length) + 4 (masking key)
+OP_CLOSE: Final = 0x8  # RFC 6455 §5.5.1
 
 
 class FrameBoundaries:
     """Tracks where frames end in one direction of a WebSocket stream."""
 
-    __slots__ = ("_header", "_remaining", "last_opcode")
+    __slots__ = ("_header", "_remaining", "close_seen")
 
     def __init__(self) -> None:
         self._remaining = 0  # payload bytes of the current frame still to come
         self._header = b""  # a frame header split across reads
-        self.last_opcode = -1  # of the last frame whose header was read (0x8: a close frame)
+        # A close frame's header has been read.  For good: nothing may follow a close frame (RFC 6455
+        # §5.5.1), and a peer that sends more frames after it anyway has still closed.
+        self.close_seen = False
 
     @property
     def at_boundary(self) -> bool:
@@ -65,12 +69,14 @@ class FrameBoundaries:
                     return None
                 self._header = b""
                 i += size - len(pending)
-                self.last_opcode = header[0] & 0x0F
+                if header[0] & 0x0F == OP_CLOSE:
+                    self.close_seen = True
                 remaining = _payload_length(header)
             else:
                 second = data[i + 1]
                 remaining = second & 0x7F
-                self.last_opcode = data[i] & 0x0F
+                if data[i] & 0x0F == OP_CLOSE:
+                    self.close_seen = True
                 if remaining < 126:
                     i += 2
                 elif remaining == 126:

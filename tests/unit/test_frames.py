@@ -182,7 +182,7 @@ def test_any_split_reads_like_the_stream_read_whole(
     frames: list[tuple[int, int]], mask: bool, cuts: list[int], stop: bool
 ) -> None:
     """Split anywhere, read with or without `stop`, the tracker is at a boundary exactly at frame ends,
-    and `last_opcode` is the opcode of the last frame whose header it has read (the tunnel's close check)."""
+    and `close_seen` says whether a close frame's header has been read (the tunnel's close check)."""
     data = b""
     header_ends: list[tuple[int, int]] = []  # (offset just past a frame's header, its opcode)
     for opcode, size in frames:
@@ -208,7 +208,30 @@ def test_any_split_reads_like_the_stream_read_whole(
             assert start + position in ends
         assert boundaries.at_boundary == (end in ends)
         read = [opcode for header_end, opcode in header_ends if header_end <= end]
-        assert boundaries.last_opcode == (read[-1] if read else -1)
+        assert boundaries.close_seen == (0x8 in read)
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["server", "client"])
+@pytest.mark.parametrize("split", [None, 1, 2, 4, 5], ids=["whole", "1", "2", "4", "5"])
+def test_a_close_frame_stays_seen_after_frames_that_follow_it(mask: bool, split: int | None) -> None:
+    """A peer that sends a ping and a message after its close frame has still closed (RFC 6455 §5.5.1):
+    `close_seen` stays set however the reads fall, so the tunnel never sends its own close after it."""
+    close = frame(0x8, b"\x03\xe8bye", mask=mask)
+    data = frame(0x1, b"before", mask=mask) + close + frame(0x9, b"late", mask=mask) + frame(0x1, b"x", mask=mask)
+    boundaries = FrameBoundaries()
+    if split is None:
+        boundaries.feed(data)
+    else:
+        start = len(frame(0x1, b"before", mask=mask))
+        boundaries.feed(data[:start])
+        assert not boundaries.close_seen
+        boundaries.feed(data[start : start + split])
+        header = 6 if mask else 2
+        assert boundaries.close_seen == (split >= header)  # once its header is whole
+        for offset in range(start + split, len(data)):
+            boundaries.feed(data[offset : offset + 1])
+            assert boundaries.close_seen == (offset + 1 >= start + header)
+    assert boundaries.close_seen and boundaries.at_boundary
 
 
 @pytest.mark.parametrize(

@@ -303,6 +303,64 @@ def test_a_close_asked_for_after_the_backends_own_close_frame_sends_nothing(
     _run(scenario())
 
 
+LATE_PING = b"\x89\x04late"  # a ping the backend sends after its own close frame (which it may not)
+
+
+@pytest.mark.parametrize("cause", ["idle", "drain", "shutdown"])
+def test_frames_after_the_backends_close_frame_do_not_let_a_close_of_ours_follow_it(
+    monkeypatch: pytest.MonkeyPatch, cause: str
+) -> None:
+    """The backend sent its close frame, then a ping in a later read: the backend has still closed,
+    so no close of ours goes after its close (RFC 6455 §5.5.1), and no balancer close is counted."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.05)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        ctx, tunnel = _join(client, server)
+        server.protocol.data_received(TEXT + SERVER_CLOSE)
+        server.protocol.data_received(LATE_PING)
+        if cause == "shutdown":
+            tunnel.shut_down()
+        else:
+            tunnel.close_gracefully(1012 if cause == "drain" else 1001, "bye", cause=cause)
+        await asyncio.sleep(0.2)
+        assert tunnel.closed and bytes(client.written) == TEXT + SERVER_CLOSE + LATE_PING
+        assert not ctx.stats.balancer_closes and tunnel.close_code is None
+
+    _run(scenario())
+
+
+def test_a_backend_that_hangs_up_after_its_close_frame_and_a_later_frame_gets_its_client_no_1012() -> None:
+    """Close frame, a ping after it, then EOF: the backend closed (no `backend_lost`, no 1012 after its
+    own close)."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        ctx, tunnel = _join(client, server)
+        server.protocol.data_received(SERVER_CLOSE)
+        server.protocol.data_received(LATE_PING)
+        server.protocol.eof_received()
+        assert tunnel.closed and bytes(client.written) == SERVER_CLOSE + LATE_PING
+        assert not ctx.stats.balancer_closes
+
+    _run(scenario())
+
+
+def test_a_client_fin_after_the_backends_close_and_a_later_frame_ends_the_tunnel_at_once() -> None:
+    """The backend's close frame, then a ping: the client's FIN still finishes a close handshake, so the
+    tunnel ends at once instead of passing the FIN on and lingering."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
+        _, tunnel = _join(client, server)
+        server.protocol.data_received(SERVER_CLOSE)
+        server.protocol.data_received(LATE_PING)
+        client.protocol.eof_received()
+        assert tunnel.closed and not server.eof_written
+
+    _run(scenario())
+
+
 @given(st.floats(min_value=0.001, max_value=30 * 86400, allow_nan=False))
 def test_the_idle_sweep_divides_idle_into_at_least_two_parts_of_at_most_max_1s_and_a_tenth(idle: float) -> None:
     """A tunnel is closed between `idle` and `idle` + one interval after its last byte: the interval is
