@@ -347,7 +347,7 @@ class Tunnel:
         self.pool = pool
         self.closed = False
         # Set when the balancer ends the tunnel: why ("shutdown", "drain", "idle", "backend_lost") and
-        # how it ended ("close_frame", or "tcp" when no close frame could be delivered).
+        # what its client got ("close_frame", or "tcp" when no close frame could be delivered).
         self.cause: str | None = None
         self.ended_with = "tcp"
         self.close_code: int | None = None  # the close code the balancer sent the client, if it sent one
@@ -470,11 +470,18 @@ class Tunnel:
             self.close()
 
     def abort(self) -> None:
-        """Cut both connections at TCP level, dropping what is buffered (a peer that does not read)."""
+        """Cut both connections at TCP level, dropping what is buffered (a peer that does not read).
+
+        `ended_with` says what the client got: a close frame of ours that has left our buffer for it
+        stays "close_frame" (the cut then costs only the backend, which did not take what the client
+        sent, or has not hung up); one still in that buffer is dropped with it: "tcp".
+        """
         if self.closed:
             return
-        self.ended_with = "tcp"
-        self.server_end.peer.abort()
+        client = self.server_end.peer
+        if client.get_write_buffer_size():
+            self.ended_with = "tcp"
+        client.abort()
         self.client_end.peer.abort()
         self.close()
 

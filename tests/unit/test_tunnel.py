@@ -173,6 +173,43 @@ def test_close_that_finds_no_boundary_is_cut_after_the_deadline(monkeypatch: pyt
     _run(scenario())
 
 
+def test_a_close_the_client_took_is_a_close_frame_even_when_the_backend_side_is_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client took our close frame (nothing left in its buffer) but the backend has not taken what
+    the client sent: the linger cuts both at TCP level, yet the client got a close frame, and
+    `ended_with` says what the client got."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.05)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport(buffered=1 << 20)
+        ctx, tunnel = _join(client, server)
+        tunnel.close_gracefully(1012, "service restart", cause="drain")
+        assert bytes(client.written).endswith(close_frame(1012, "service restart"))
+        await asyncio.sleep(0.2)
+        assert tunnel.closed and server.aborted
+        assert ctx.stats.balancer_closes == {("drain", "close_frame"): 1}
+        assert tunnel.ended_with == "close_frame" and tunnel.close_code == 1012
+
+    _run(scenario())
+
+
+@pytest.mark.parametrize("taken", [True, False], ids=["close-taken", "close-still-buffered"])
+def test_what_is_left_at_the_end_of_the_grace_counts_by_what_the_client_got(taken: bool) -> None:
+    """SIGTERM's end of grace aborts what is left: a tunnel whose client took its 1001 ended with a
+    close frame; one whose 1001 is still in our buffer (the client stopped reading) ended at TCP level."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(buffered=0 if taken else 4096), FakeTransport()
+        ctx, tunnel = _join(client, server)
+        tunnel.shut_down()
+        tunnel.abort()  # as Balancer._end_tunnels does
+        assert tunnel.closed and client.aborted
+        assert ctx.stats.balancer_closes == {("shutdown", "close_frame" if taken else "tcp"): 1}
+
+    _run(scenario())
+
+
 @pytest.mark.parametrize(
     ("taken_before", "taken_now", "now", "close_by", "expected"),
     [
