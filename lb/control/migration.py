@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Sequence
 
 from lb.proxy.tunnel import CLOSE_DEADLINE, CLOSE_LINGER, Tunnel
 from lb.state.context import ProxyContext
@@ -37,35 +38,65 @@ async def migrate(ctx: ProxyContext, pool: str, backend: BackendStatus, close_af
     Each close either reaches its client as a close frame or, for a client that does not read, is
     cut at TCP level within `CLOSE_DEADLINE + CLOSE_LINGER`; one whose client is still reading a long
     frame waits for it up to `timeouts.shutdown_grace` (`lb.proxy.tunnel.next_close_look`).  The last
-    log line says how many of each, once every close has ended.
+    log line says how many of each, once every close has ended; or, when the task is cancelled once
+    closing has begun (`enable`, another drain, SIGTERM), what was done until then.
     """
     await asyncio.sleep(close_after)
     start_migrating(pool, backend, rate)
-    interval = 1.0 / rate
     closing: list[Tunnel] = []
+    try:
+        await _close_at_rate(ctx, backend, rate, closing)
+        # By construction each one is closed or cut within this much of its close: until then, look
+        # now and then whether they all have, and count how.
+        settle = max(CLOSE_DEADLINE, ctx.config.timeouts.shutdown_grace) + CLOSE_LINGER + 0.1
+        for _ in range(math.ceil(settle / SETTLE_LOOK)):
+            if all(t.closed for t in closing):
+                break
+            await asyncio.sleep(SETTLE_LOOK)
+    except asyncio.CancelledError:
+        # The closes asked for go on, each on its own deadlines; the rest of the backend's tunnels stay.
+        # Said now, or the operator, who saw the drain's first line, never hears how it went.
+        left = sum(1 for t in ctx.tunnels if t.backend is backend and not (t.closed or t.closing))
+        log_summary(pool, backend.id, closing, left_open=left)
+        raise
+    log_summary(pool, backend.id, closing)
+
+
+async def _close_at_rate(ctx: ProxyContext, backend: BackendStatus, rate: float, closing: list[Tunnel]) -> None:
+    """Ask each of `backend`'s live tunnels for a 1012, `rate` per second, adding each to `closing`."""
+    interval = 1.0 / rate
     while True:
         # One scan per round, not per close: the backend takes no new tunnels now, so a
         # later round only picks up handshakes that were in flight during the first.
         pending = [t for t in ctx.tunnels if t.backend is backend and not (t.closed or t.closing)]
         if not pending:
-            break
+            return
         for tunnel in pending:
             if tunnel.closed or tunnel.closing:
                 continue  # ended by itself meanwhile
             tunnel.close_gracefully(SERVICE_RESTART, "service restart", cause="drain")
             closing.append(tunnel)
             await asyncio.sleep(interval)
-    # By construction each one is closed or cut within this much of its close: until then, look
-    # now and then whether they all have, and count how.
-    settle = max(CLOSE_DEADLINE, ctx.config.timeouts.shutdown_grace) + CLOSE_LINGER + 0.1
-    for _ in range(math.ceil(settle / SETTLE_LOOK)):
-        if all(t.closed for t in closing):
-            break
-        await asyncio.sleep(SETTLE_LOOK)
-    sent = [t for t in closing if not t.server_end.backend_closed_first]  # those began their own close first
-    cut = sum(1 for t in sent if t.ended_with == "tcp")
+
+
+def log_summary(pool: str, backend_id: str, closing: Sequence[Tunnel], *, left_open: int | None = None) -> None:
+    """The drain's last line: how its closes ended.  `left_open`: the drain was stopped, with that many
+    of the backend's tunnels not asked yet; closes still under way are counted apart."""
+    first = sum(1 for t in closing if t.server_end.backend_closed_first)  # began their own close first
+    ours = [t for t in closing if not t.server_end.backend_closed_first]
+    under_way = sum(1 for t in ours if not t.closed)
+    cut = sum(1 for t in ours if t.closed and t.ended_with == "tcp")
+    sent = len(ours) - under_way - cut
+    if left_open is None:
+        log.info(
+            "drain of %s/%s: %d tunnel(s) closed with 1012, %d cut at TCP level (the client did not take the "
+            "close), %d closed by the backend first%s",
+            pool, backend_id, sent, cut, first, f", {under_way} still closing" if under_way else "",
+        )
+        return
     log.info(
-        "drain of %s/%s: %d tunnel(s) closed with 1012, %d cut at TCP level (the client did not take the close), "
-        "%d closed by the backend first",
-        pool, backend.id, len(sent) - cut, cut, len(closing) - len(sent),
+        "drain of %s/%s stopped (another action on the backend, or shutdown): %d tunnel(s) closed with 1012, "
+        "%d cut at TCP level (the client did not take the close), %d closed by the backend first, "
+        "%d still closing, %d not asked to close",
+        pool, backend_id, sent, cut, first, under_way, left_open,
     )

@@ -1,0 +1,159 @@
+"""A drain's paced closes (`lb.control.migration`) with tunnels over fake transports: its summary line.
+
+The closes run on the tunnels' own timers, so a short event loop runs each scenario; no socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from lb.affinity.codec import TokenCodec
+from lb.config.model import AffinityConfig, BackendConfig, Config, PoolConfig
+from lb.control.migration import migrate
+from lb.proxy import tunnel as tunnel_module
+from lb.proxy.tunnel import Tunnel
+from lb.state.context import ProxyContext
+from lb.state.pool import BackendStatus, PoolState
+
+PARTIAL = b"\x82\x64" + b"y" * 10  # 10 of 100 payload bytes: no frame boundary until the rest comes
+
+
+class FakeTransport:
+    """Records nothing but what the tunnel asks of a transport; `buffered` bytes never leave."""
+
+    def __init__(self, buffered: int = 0) -> None:
+        self.buffered = buffered
+        self.closed = False
+        self.protocol: Any = None
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _context() -> tuple[ProxyContext, BackendStatus]:
+    backend_config = BackendConfig("gw-1", "127.0.0.1", 1)
+    pool = PoolConfig("p", (backend_config,))
+    config = Config(listeners=(), affinity=AffinityConfig(secret_keys=("k" * 43,)), routes=(), pools={"p": pool})
+    ctx = ProxyContext(
+        config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=pool)},
+        routes=(), on_backend_failure=lambda *_: None, wall_offset=0.0,
+    )
+    return ctx, ctx.pools["p"].backends["gw-1"]
+
+
+def _tunnel(ctx: ProxyContext, backend: BackendStatus, client: FakeTransport, *, mid_frame: bool = False) -> Tunnel:
+    backend.connections += 1  # as the caller of join counts it
+    return Tunnel.join(
+        ctx, backend, client, FakeTransport(), client_ip="1.2.3.4", pool="p",  # type: ignore[arg-type]
+        to_client=PARTIAL if mid_frame else b"",
+    )
+
+
+def _summaries(caplog: pytest.LogCaptureFixture) -> list[str]:
+    lines = [r.getMessage() for r in caplog.records if r.name == "lb.control.migration"]
+    return [line for line in lines if "tunnel(s)" in line]
+
+
+def test_a_drain_stopped_while_its_closes_end_still_says_how_they_went(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`enable` (or SIGTERM) cancels the drain while it waits for its last close to end: the summary
+    line still comes, with the closes done so far and the one still under way."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.05)
+    monkeypatch.setattr(tunnel_module, "CLOSE_DEADLINE", 30.0)  # the mid-frame close is still waiting
+    caplog.set_level(logging.INFO, logger="lb.control.migration")
+
+    async def scenario() -> None:
+        ctx, backend = _context()
+        taken = _tunnel(ctx, backend, FakeTransport())  # takes its 1012
+        stalled = _tunnel(ctx, backend, FakeTransport(buffered=1 << 20))  # never takes it: cut after the linger
+        waiting = _tunnel(ctx, backend, FakeTransport(), mid_frame=True)  # its 1012 waits for a boundary
+        task = asyncio.get_running_loop().create_task(migrate(ctx, "p", backend, 0.0, 1000.0))
+        await asyncio.sleep(0.3)
+        assert taken.closed and stalled.closed and not waiting.closed and not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        waiting.abort()
+
+    asyncio.run(scenario())
+    assert _summaries(caplog) == [
+        "drain of p/gw-1 stopped (another action on the backend, or shutdown): 1 tunnel(s) closed with 1012, "
+        "1 cut at TCP level (the client did not take the close), 0 closed by the backend first, "
+        "1 still closing, 0 not asked to close"
+    ]
+
+
+def test_a_drain_stopped_between_two_closes_says_how_many_it_left_open(caplog: pytest.LogCaptureFixture) -> None:
+    """Cancelled while pacing its closes (1 a second): one asked for, the others left open and said so."""
+    caplog.set_level(logging.INFO, logger="lb.control.migration")
+
+    async def scenario() -> None:
+        ctx, backend = _context()
+        tunnels = [_tunnel(ctx, backend, FakeTransport(), mid_frame=True) for _ in range(3)]
+        task = asyncio.get_running_loop().create_task(migrate(ctx, "p", backend, 0.0, 1.0))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sum(t.closing for t in tunnels) == 1
+        for tunnel in tunnels:
+            tunnel.abort()
+
+    asyncio.run(scenario())
+    assert _summaries(caplog) == [
+        "drain of p/gw-1 stopped (another action on the backend, or shutdown): 0 tunnel(s) closed with 1012, "
+        "0 cut at TCP level (the client did not take the close), 0 closed by the backend first, "
+        "1 still closing, 2 not asked to close"
+    ]
+
+
+def test_a_drain_that_runs_to_its_end_says_how_its_closes_went(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not stopped: one line once every close has ended, as soon as they have."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.05)
+    caplog.set_level(logging.INFO, logger="lb.control.migration")
+
+    async def scenario() -> None:
+        ctx, backend = _context()
+        _tunnel(ctx, backend, FakeTransport())
+        _tunnel(ctx, backend, FakeTransport(buffered=1 << 20))
+        await asyncio.wait_for(migrate(ctx, "p", backend, 0.0, 1000.0), 2.0)
+
+    asyncio.run(scenario())
+    assert _summaries(caplog) == [
+        "drain of p/gw-1: 1 tunnel(s) closed with 1012, 1 cut at TCP level (the client did not take the close), "
+        "0 closed by the backend first"
+    ]
