@@ -137,7 +137,7 @@ class HealthChecker:
                 del self._tasks[backend_id]
         for backend in pool.backends.values():
             if backend.id not in self._tasks:
-                first_in = _first_probes.delay(loop.time())
+                first_in = _first_probes.delay(time.monotonic())  # one clock for every loop of the process
                 task = loop.create_task(self._probe_loop(backend, first_in), name=f"health {pool.name}/{backend.id}")
                 self._tasks[backend.id] = (backend, (backend.config.host, backend.config.port), task)
 
