@@ -7,69 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import pytest
+from support_tunnel import FakeTransport, one_backend_context
 
-from lb.affinity.codec import TokenCodec
-from lb.config.model import AffinityConfig, BackendConfig, Config, PoolConfig
 from lb.control.migration import migrate
 from lb.proxy import tunnel as tunnel_module
 from lb.proxy.tunnel import Tunnel
 from lb.state.context import ProxyContext
-from lb.state.pool import BackendStatus, PoolState
+from lb.state.pool import BackendStatus
 
 PARTIAL = b"\x82\x64" + b"y" * 10  # 10 of 100 payload bytes: no frame boundary until the rest comes
-
-
-class FakeTransport:
-    """Records nothing but what the tunnel asks of a transport; `buffered` bytes never leave."""
-
-    def __init__(self, buffered: int = 0) -> None:
-        self.buffered = buffered
-        self.closed = False
-        self.protocol: Any = None
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_write_buffer_size(self) -> int:
-        return self.buffered
-
-    def set_protocol(self, protocol: Any) -> None:
-        self.protocol = protocol
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
-def _context() -> tuple[ProxyContext, BackendStatus]:
-    backend_config = BackendConfig("gw-1", "127.0.0.1", 1)
-    pool = PoolConfig("p", (backend_config,))
-    config = Config(listeners=(), affinity=AffinityConfig(secret_keys=("k" * 43,)), routes=(), pools={"p": pool})
-    ctx = ProxyContext(
-        config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=pool)},
-        routes=(), on_backend_failure=lambda *_: None, wall_offset=0.0,
-    )
-    return ctx, ctx.pools["p"].backends["gw-1"]
 
 
 def _tunnel(ctx: ProxyContext, backend: BackendStatus, client: FakeTransport, *, mid_frame: bool = False) -> Tunnel:
@@ -95,7 +43,7 @@ def test_a_drain_stopped_while_its_closes_end_still_says_how_they_went(
     caplog.set_level(logging.INFO, logger="lb.control.migration")
 
     async def scenario() -> None:
-        ctx, backend = _context()
+        ctx, backend = one_backend_context()
         taken = _tunnel(ctx, backend, FakeTransport())  # takes its 1012
         stalled = _tunnel(ctx, backend, FakeTransport(buffered=1 << 20))  # never takes it: cut after the linger
         waiting = _tunnel(ctx, backend, FakeTransport(), mid_frame=True)  # its 1012 waits for a boundary
@@ -120,7 +68,7 @@ def test_a_drain_stopped_between_two_closes_says_how_many_it_left_open(caplog: p
     caplog.set_level(logging.INFO, logger="lb.control.migration")
 
     async def scenario() -> None:
-        ctx, backend = _context()
+        ctx, backend = one_backend_context()
         tunnels = [_tunnel(ctx, backend, FakeTransport(), mid_frame=True) for _ in range(3)]
         task = asyncio.get_running_loop().create_task(migrate(ctx, "p", backend, 0.0, 1.0))
         await asyncio.sleep(0.1)
@@ -147,7 +95,7 @@ def test_a_drain_that_runs_to_its_end_says_how_its_closes_went(
     caplog.set_level(logging.INFO, logger="lb.control.migration")
 
     async def scenario() -> None:
-        ctx, backend = _context()
+        ctx, backend = one_backend_context()
         _tunnel(ctx, backend, FakeTransport())
         _tunnel(ctx, backend, FakeTransport(buffered=1 << 20))
         await asyncio.wait_for(migrate(ctx, "p", backend, 0.0, 1000.0), 2.0)

@@ -12,14 +12,13 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support_tunnel import FakeTransport, one_backend_context
 
-from lb.affinity.codec import TokenCodec
-from lb.config.model import AffinityConfig, BackendConfig, Config, PoolConfig
 from lb.proxy import tunnel as tunnel_module
 from lb.proxy.reading import READ_CHUNK
 from lb.proxy.tunnel import CLOSE_DEADLINE, Tunnel, idle_sweep_interval, next_close_look
 from lb.state.context import ProxyContext
-from lb.state.pool import BackendStatus, PoolState
+from lb.state.pool import BackendStatus
 from lb.ws.frames import close_frame
 
 TEXT = b"\x81\x02hi"  # a whole unmasked text frame
@@ -27,61 +26,8 @@ PARTIAL = b"\x82\x64" + b"y" * 10  # 10 of 100 payload bytes
 SERVER_CLOSE = b"\x88\x02\x03\xe8"  # the backend's own close 1000
 
 
-class FakeTransport:
-    def __init__(self, buffered: int = 0, *, half_close: bool = False, tls: bool = False) -> None:
-        self.written = bytearray()
-        self.closed = False
-        self.aborted = False
-        self.buffered = buffered
-        self.protocol: Any = None
-        self.half_close = half_close  # can_write_eof(), as a plain TCP transport
-        self.tls = tls
-        self.eof_written = False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def can_write_eof(self) -> bool:
-        return self.half_close
-
-    def write_eof(self) -> None:
-        assert self.half_close
-        self.eof_written = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return object() if name == "sslcontext" and self.tls else default
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.aborted = self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_write_buffer_size(self) -> int:
-        return self.buffered
-
-    def set_protocol(self, protocol: Any) -> None:
-        self.protocol = protocol
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
 def _setup() -> tuple[ProxyContext, BackendStatus]:
-    backend_config = BackendConfig("gw-1", "127.0.0.1", 1)
-    pool = PoolConfig("p", (backend_config,))
-    config = Config(listeners=(), affinity=AffinityConfig(secret_keys=("k" * 43,)), routes=(), pools={"p": pool})
-    ctx = ProxyContext(
-        config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=pool)},
-        routes=(), on_backend_failure=lambda *_: None, wall_offset=0.0,
-    )
-    backend = ctx.pools["p"].backends["gw-1"]
+    ctx, backend = one_backend_context()
     backend.connections = 1  # the caller of join counts the connection
     return ctx, backend
 

@@ -1,0 +1,74 @@
+"""Tunnels over fake transports, for the unit tests of the tunnel and of a drain's paced closes.
+
+The relay is callback-driven, so a transport that records what the tunnel asks of it (writes, closes,
+aborts, half-closes) is enough; no socket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lb.affinity.codec import TokenCodec
+from lb.config.model import AffinityConfig, BackendConfig, Config, PoolConfig
+from lb.state.context import ProxyContext
+from lb.state.pool import BackendStatus, PoolState
+
+
+class FakeTransport:
+    """Records writes, closes and aborts; `buffered` bytes never leave its write buffer."""
+
+    def __init__(self, buffered: int = 0, *, half_close: bool = False, tls: bool = False) -> None:
+        self.written = bytearray()
+        self.closed = False
+        self.aborted = False
+        self.buffered = buffered
+        self.protocol: Any = None
+        self.half_close = half_close  # can_write_eof(), as a plain TCP transport
+        self.tls = tls
+        self.eof_written = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def can_write_eof(self) -> bool:
+        return self.half_close
+
+    def write_eof(self) -> None:
+        assert self.half_close
+        self.eof_written = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return object() if name == "sslcontext" and self.tls else default
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def one_backend_context() -> tuple[ProxyContext, BackendStatus]:
+    """A context with pool `p` of one backend, `gw-1`, and that backend (no connection counted yet)."""
+    backend_config = BackendConfig("gw-1", "127.0.0.1", 1)
+    pool = PoolConfig("p", (backend_config,))
+    config = Config(listeners=(), affinity=AffinityConfig(secret_keys=("k" * 43,)), routes=(), pools={"p": pool})
+    ctx = ProxyContext(
+        config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=pool)},
+        routes=(), on_backend_failure=lambda *_: None, wall_offset=0.0,
+    )
+    return ctx, ctx.pools["p"].backends["gw-1"]
