@@ -176,16 +176,28 @@ def test_a_close_waits_on_only_while_its_client_takes_bytes_and_within_its_bound
     assert next_close_look(taken_before, taken_now, now, close_by) == expected
 
 
-class DrainingTransport(FakeTransport):
-    """A client that reads: what is written to it leaves its buffer a moment later."""
+def _stream_to_the_client(server: FakeTransport, pieces: int, *, every: float = 0.005) -> asyncio.Future[None]:
+    """The backend's frame goes on: 40 bytes every `every` seconds, `pieces` times, to a client that
+    takes each at once (its buffer stays empty); done when the last has gone.
 
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        self.buffered += len(data)
-        asyncio.get_running_loop().call_later(0.001, self._taken, len(data))
+    Fed from a timer chain, not from the test's own sleeps: after a stall of the event loop, the feed
+    that fell due runs before the close's look that fell due after it, so the look always sees the
+    client's progress, however loaded the machine.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
 
-    def _taken(self, size: int) -> None:
-        self.buffered -= size
+    def feed(left: int) -> None:
+        if done.done():
+            return
+        if left == 0 or server.protocol.tunnel.closed:
+            done.set_result(None)
+            return
+        server.protocol.data_received(b"y" * 40)
+        loop.call_later(every, feed, left - 1)
+
+    feed(pieces)
+    return done
 
 
 @pytest.mark.parametrize("how", ["drain", "shutdown"])
@@ -198,7 +210,7 @@ def test_a_client_still_reading_a_long_frame_gets_its_end_then_the_close(
     monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.02)
 
     async def scenario() -> None:
-        client, server = DrainingTransport(), FakeTransport()
+        client, server = FakeTransport(), FakeTransport()
         ctx, tunnel = _join(client, server)
         server.protocol.data_received(b"\x82\x7e\x03\xe8")  # a 1000-byte frame's header: mid-frame now
         if how == "drain":
@@ -206,10 +218,8 @@ def test_a_client_still_reading_a_long_frame_gets_its_end_then_the_close(
         else:
             ctx.spread_until = asyncio.get_running_loop().time() + 10.0
             tunnel.shut_down()
-        for _ in range(20):  # 10 deadlines' worth, a little at a time
-            await asyncio.sleep(0.01)
-            server.protocol.data_received(b"y" * 40)
-            assert not tunnel.closed, "a client still reading was cut"
+        await _stream_to_the_client(server, 20)  # five deadlines' worth, a little at a time
+        assert not tunnel.closed, "a client still reading was cut"
         server.protocol.data_received(b"y" * 200 + TEXT)
         code, reason = (1012, "service restart") if how == "drain" else (1001, "balancer shutting down")
         assert bytes(client.written).endswith(b"y" * 200 + close_frame(code, reason))
@@ -226,15 +236,13 @@ def test_a_client_reading_past_the_shutdown_grace_is_cut_there(monkeypatch: pyte
     monkeypatch.setattr(tunnel_module, "CLOSE_DEADLINE", 0.02)
 
     async def scenario() -> None:
-        client, server = DrainingTransport(), FakeTransport()
+        client, server = FakeTransport(), FakeTransport()
         ctx, tunnel = _join(client, server)
         server.protocol.data_received(b"\x82\x7f" + (1 << 40).to_bytes(8, "big"))  # a frame without end
         loop = asyncio.get_running_loop()
         ctx.spread_until = loop.time() + 0.15
         tunnel.shut_down()
-        while not tunnel.closed and loop.time() < ctx.spread_until + 1.0:
-            await asyncio.sleep(0.01)
-            server.protocol.data_received(b"y" * 40)
+        await asyncio.wait_for(_stream_to_the_client(server, 1000), 5.0)  # ends when the tunnel is cut
         assert tunnel.closed and client.aborted
         assert loop.time() >= ctx.spread_until, "cut before the grace ended"
         assert ctx.stats.balancer_closes[("shutdown", "tcp")] == 1
