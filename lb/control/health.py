@@ -29,8 +29,8 @@ the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,32 +74,48 @@ def requested_state(header: str | None) -> str | None:
 
 
 class FirstProbes:
-    """When each new probe loop makes its first probe: at most `at_once` in each `gap` seconds, in order.
+    """Lets new probe loops make their first probe `at_once` at a time, `gap` seconds apart, in order.
 
-    A loop's first probe starts at once, so a pool of 3,000 backends (at start, or added by a reload or a
-    DNS answer) made 3,000 connects in one turn of the event loop, and their 3,000 verdicts in another:
-    300-400 ms in which no handshake and no admin request was answered.  Sliced, a turn holds at most
-    `at_once` of them (about 20 ms of the loop); the last of 3,000 is probed 0.6 s after the first.  The
-    later loops then keep their place, so their probes stay spread over the interval.  One for the
-    process: every pool's checker shares it.  Pure: the caller says what time it is.
+    A loop's first probe used to start at once, so a pool of 3,000 backends (at start, or added by a
+    reload or a DNS answer) made 3,000 connects in one turn of the event loop, and took their 3,000
+    verdicts in another: 300-400 ms in which no handshake and no admin request was answered.  Let
+    through in slices, a turn holds at most `at_once` of them; the last of 3,000 is probed some 0.6 s
+    after the first, and the loops keep that spread over their interval.  The next slice goes `gap`
+    after the last one went, as the event loop runs: a loop that fell behind lets one slice through,
+    not the several that fell due meanwhile (slices given out by the clock ahead of time piled up so,
+    each turn as long as the one before).  One for the process: every pool's checker shares it.
     """
 
-    __slots__ = ("_count", "_slot", "at_once", "gap")
+    __slots__ = ("_opener", "_waiting", "at_once", "gap")
 
     def __init__(self, at_once: int = 50, gap: float = 0.01) -> None:
         self.at_once = at_once
         self.gap = gap
-        self._slot = -math.inf  # when the slot being filled starts
-        self._count = 0  # first probes given to it
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._opener: asyncio.Task[None] | None = None
 
-    def delay(self, now: float) -> float:
-        """Seconds from `now` until the next new loop may make its first probe (0: at once)."""
-        if now >= self._slot + self.gap:  # the slots given out so far have passed: one starts now
-            self._slot, self._count = now, 0
-        elif self._count >= self.at_once:
-            self._slot, self._count = self._slot + self.gap, 0
-        self._count += 1
-        return max(0.0, self._slot - now)
+    async def turn(self) -> None:
+        """Return when the calling probe loop may make its first probe."""
+        loop = asyncio.get_running_loop()
+        if self._opener is None or self._opener.done() or self._opener.get_loop() is not loop:
+            # Nothing is being let through now (or that was on an event loop that has ended): start it.
+            self._waiting = collections.deque(w for w in self._waiting if w.get_loop() is loop and not w.done())
+            self._opener = loop.create_task(self._open(), name="health: first probes")
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiting.append(waiter)
+        await waiter
+
+    async def _open(self) -> None:
+        while True:
+            let_through = 0
+            while self._waiting and let_through < self.at_once:
+                waiter = self._waiting.popleft()
+                if not waiter.done():  # done: its probe loop was cancelled while it waited
+                    waiter.set_result(None)
+                    let_through += 1
+            if not self._waiting:
+                return
+            await asyncio.sleep(self.gap)
 
 
 _first_probes = FirstProbes()
@@ -137,8 +153,7 @@ class HealthChecker:
                 del self._tasks[backend_id]
         for backend in pool.backends.values():
             if backend.id not in self._tasks:
-                first_in = _first_probes.delay(time.monotonic())  # one clock for every loop of the process
-                task = loop.create_task(self._probe_loop(backend, first_in), name=f"health {pool.name}/{backend.id}")
+                task = loop.create_task(self._probe_loop(backend), name=f"health {pool.name}/{backend.id}")
                 self._tasks[backend.id] = (backend, (backend.config.host, backend.config.port), task)
 
     async def stop(self) -> None:
@@ -148,10 +163,9 @@ class HealthChecker:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = {}
 
-    async def _probe_loop(self, backend: BackendStatus, first_in: float = 0.0) -> None:
+    async def _probe_loop(self, backend: BackendStatus) -> None:
         interval = self._pool.config.health_check.interval
-        if first_in > 0:
-            await asyncio.sleep(first_in)  # its slice of the first probes (FirstProbes)
+        await _first_probes.turn()  # with the other new loops' first probes, a slice at a time
         while True:
             started = time.monotonic()
             try:

@@ -197,17 +197,27 @@ def test_a_backend_that_sends_a_new_unknown_state_at_every_check_is_not_a_line_a
     assert "(967 more unknown value(s) since the last report)" in caplog.records[-1].getMessage()
 
 
-def test_first_probes_of_many_new_loops_come_in_slices() -> None:
-    """3,000 new loops at once: `at_once` first probes per `gap`, in order; a few new ones later start at once."""
+async def test_first_probes_of_many_new_loops_come_in_slices_in_order() -> None:
+    """120 new loops: `at_once` first probes per slice, in the order the loops asked; one cancelled while
+    it waits takes no place; once they are through, a new loop goes at the next turn."""
     from lb.control.health import FirstProbes
 
-    pacer = FirstProbes(at_once=100, gap=0.01)
-    delays = [pacer.delay(50.0) for _ in range(3000)]
-    assert delays[:100] == [0.0] * 100
-    assert delays[100:200] == [pytest.approx(0.01)] * 100
-    assert delays[-1] == pytest.approx(0.29)
-    assert max(delays.count(d) for d in set(delays)) == 100
-    # Halfway through the slices, a reload adds two: they queue behind the slices already given out.
-    assert pacer.delay(50.15) == pytest.approx(0.15)
-    # Once those have passed, a new loop probes at once again.
-    assert [pacer.delay(60.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    gate = FirstProbes(at_once=50, gap=0.5)  # no second slice within the few turns the first is looked at
+    through: list[int] = []
+
+    async def new_loop(index: int) -> None:
+        await gate.turn()
+        through.append(index)
+
+    loops = [asyncio.create_task(new_loop(index)) for index in range(120)]
+    await asyncio.sleep(0)  # every loop waits at the gate now
+    loops[10].cancel()
+    for _ in range(5):  # turns of the event loop
+        await asyncio.sleep(0)
+    assert through == [*range(10), *range(11, 51)], "one slice, the cancelled loop's place given to the next"
+    await asyncio.wait_for(asyncio.gather(*loops, return_exceptions=True), 10)
+    assert through == [index for index in range(120) if index != 10]
+    late = asyncio.create_task(new_loop(120))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert late.done() and through[-1] == 120
