@@ -268,7 +268,8 @@ def plan_forward(request: RequestHead, affinity: AffinityConfig, lookup: TokenLo
     # the query as it is, or form-encoded (`lb%5Faffinity`; a `+` is a space, which no
     # query_param has).
     if affinity.query_param in query or "%" in query:
-        target = strip_query_param(request.target, affinity.query_param)
+        stripped = strip_query_param(request.target, affinity.query_param)
+        target = stripped if stripped is not request.target else None  # None: the target as it came
     drop = _header_drop(affinity.header)
     if affinity.mode is AffinityMode.INSERT:
         return ForwardPlan(lambda value: strip_cookie(value, name), drop, target)

@@ -191,11 +191,14 @@ def _request_drop(extra: frozenset[str], trusted_peer: bool) -> frozenset[str]:
 
 def strip_query_param(target: str, name: str) -> str:
     """`target` without any pair named `name` (read as a form: `is_form_name`) in its query;
-    everything else byte for byte."""
+    everything else byte for byte (`target` itself when no pair was `name`'s)."""
     path, question, query = target.partition("?")
     if not question:
         return target
-    kept = [pair for pair in query.split("&") if not is_form_name(pair.partition("=")[0], name)]
+    pairs = query.split("&")
+    kept = [pair for pair in pairs if not is_form_name(pair.partition("=")[0], name)]
+    if len(kept) == len(pairs):
+        return target  # a query with a `%` but no pair of ours (the caller tries every such query)
     return f"{path}?{'&'.join(kept)}" if kept else path
 
 

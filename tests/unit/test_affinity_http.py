@@ -255,6 +255,13 @@ def test_insert_mode_leaves_the_target_alone_without_the_parameter(target: str) 
     assert (plan.target or req.target) == target
 
 
+def test_a_query_with_a_percent_but_no_parameter_of_ours_is_not_rewritten() -> None:
+    """A `%` sends the query through the strip (an encoded name may be ours); keeping every pair, it
+    leaves the target as it came: no new target to render."""
+    req = request("/ws?q=a%20b&room=7")
+    assert plan_forward(req, INSERT, find_token(req, INSERT, CODEC, NOW), True).target is None
+
+
 # -- plan_forward, rewrite mode ----------------------------------------------------------------
 
 
