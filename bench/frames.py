@@ -2,7 +2,8 @@
 
 `python -m bench.frames [--mb N]` feeds `lb.ws.frames.FrameBoundaries` N MiB (default 8) of
 server frames, as every byte a backend sends a client passes through it (so the balancer can
-put its close frame between two frames): 64-byte and 4 KiB frames in 64 KiB reads (what the
+put its close frame between two frames), and every byte a client sends through another (so it
+knows whether the client has sent its close frame): 64-byte and 4 KiB frames in 64 KiB reads (what the
 echo and stream rows of `make bench` send), 64-byte frames in 1 KiB reads, and 4 KiB frames
 in reads that split every header.  Best of 5 passes, process CPU.  Bench code, never imported
 by `lb/`.

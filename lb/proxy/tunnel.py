@@ -5,8 +5,9 @@ straight into the other side's transport: no task or queue per chunk, and one co
 out of the data plane's read buffer (`lb.proxy.reading`: at most 32 KiB a read).
 The backend's side of a WebSocket also follows frame headers (`lb.ws.frames`) so
 the balancer can end a tunnel with a close frame of its own (drain, shutdown,
-idle).  That is also why compression, fragmentation, subprotocols and close
-codes pass unchanged.  Backpressure: when one transport's write buffer passes
+idle); the client's side, to know whether the client has sent its close frame.
+Headers only: that is also why compression, fragmentation, subprotocols and
+close codes pass unchanged.  Backpressure: when one transport's write buffer passes
 its high-water mark, asyncio calls `pause_writing` on its protocol, which
 pauses reading from the peer; so a slow client cannot make the balancer
 buffer without bound.  When either side closes or fails, both close (flushing
@@ -28,7 +29,9 @@ and by how it ended (`close_frame` or `tcp`) in `Stats.balancer_closes`.
 Backend loss (issue 11): when the backend's connection ends without the
 backend having sent a close frame, the client gets close 1012 (Service
 Restart) if the stream is at a frame boundary, so client libraries reconnect
-at once instead of reporting an abnormal 1006; mid-frame, TCP is closed.
+at once instead of reporting an abnormal 1006; mid-frame, TCP is closed.  Not
+after the client's own close frame (or its FIN): a backend that hangs up then,
+without a close frame of its own, is answering, and the tunnel just ends.
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ class TunnelEnd(asyncio.BufferedProtocol):
         self.peer.write(READ_VIEW[:nbytes].tobytes())
         self.nbytes += nbytes
 
-    def data_received(self, data: bytes | bytearray) -> None:
+    def data_received(self, data: bytes) -> None:
         self.peer.write(data)
         self.nbytes += len(data)
 
@@ -170,6 +173,33 @@ class TunnelEnd(asyncio.BufferedProtocol):
         self.peer.resume_reading()
 
 
+class WebSocketClientEnd(TunnelEnd):
+    """The client side of a WebSocket tunnel: follows its frame headers too, to know whether the client
+    has sent its close frame (a backend that hangs up after that is answering it, not lost).
+
+    The same header-only tracker as the backend's side: one more call per read, payloads skipped by
+    count; about 230 instructions per echoed message (callgrind), against some 20 µs of CPU the
+    relay spends on one, and no more than the tracker's bytes-typed reads saved on the backend's side.
+    """
+
+    __slots__ = ("frames",)
+
+    def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
+        super().__init__(tunnel, peer)
+        self.frames = FrameBoundaries()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = READ_VIEW[:nbytes].tobytes()  # as TunnelEnd.buffer_updated, with the tracker's look
+        self.frames.feed(data)
+        self.peer.write(data)
+        self.nbytes += nbytes
+
+    def data_received(self, data: bytes) -> None:
+        self.frames.feed(data)
+        self.peer.write(data)
+        self.nbytes += len(data)
+
+
 class WebSocketServerEnd(TunnelEnd):
     """The backend side of a WebSocket tunnel: follows frame boundaries so a close can be injected."""
 
@@ -191,7 +221,7 @@ class WebSocketServerEnd(TunnelEnd):
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(READ_VIEW[:nbytes].tobytes())
 
-    def data_received(self, data: bytes | bytearray) -> None:
+    def data_received(self, data: bytes) -> None:
         if self.silenced:
             return
         if self.pending_close is None:
@@ -221,8 +251,14 @@ class WebSocketServerEnd(TunnelEnd):
         tunnel = self.tunnel
         if tunnel.closed:
             return
-        if not self.silenced and not self.frames.close_seen and not tunnel.client_finished:
-            # The backend died rather than closing (and not in answer to the client's FIN, passed on):
+        if (
+            not self.silenced
+            and not self.frames.close_seen
+            and not tunnel.client_finished
+            and not tunnel.client_end.frames.close_seen
+        ):
+            # The backend died rather than closing (and not in answer to the client's close frame, or
+            # to its FIN passed on: a backend may answer either by hanging up without a close frame):
             # tell the client to reconnect now (1012), if a close frame can go between two frames;
             # mid-frame, only a TCP close is honest.
             tunnel.cause = "backend_lost"
@@ -356,7 +392,7 @@ class Tunnel:
         # (bytes seen, when): the idle sweeper's last look.  None seen yet, so its first look stamps the
         # time: looks fall on its own grid, and a silence is never judged from between two of them.
         self.idle_mark = (-1, self.opened_at)
-        self.client_end: TunnelEnd
+        self.client_end: WebSocketClientEnd
         self.server_end: WebSocketServerEnd  # every tunnel is a WebSocket's: the backend side reads frames
 
     @classmethod
@@ -391,7 +427,7 @@ class Tunnel:
         """
         tunnel = cls(ctx, backend, client_ip, pool, request_id)
         tunnel.client_port = client_port
-        tunnel.client_end = TunnelEnd(tunnel, server)
+        tunnel.client_end = WebSocketClientEnd(tunnel, server)
         tunnel.server_end = WebSocketServerEnd(tunnel, client)
         ctx.tunnels.add(tunnel)
         client.set_protocol(tunnel.client_end)

@@ -12,6 +12,8 @@ The request path picks the script, so one backend serves every case of a test mo
 - `/die-mid-frame`: send the header and 10 of 100 payload bytes of a frame, then close TCP.
 - `/slow-frame`: one binary frame of `SLOW_FRAME_BYTES`, its payload trickled over `SLOW_FRAME_SECONDS`
   (a large message from a slow backend, or to a slow link), then `AFTER_SLOW_FRAME`; then as below.
+- `/hang-up-on-close`: say nothing; on the client's close frame, close TCP without a close frame of
+  its own (a sloppy but common server).
 - anything else: say nothing, answer a close frame, end when the peer does.
 
 Every loop is bounded in count and time; `close()` stops the accept thread and every connection.
@@ -110,15 +112,17 @@ class ScriptedBackend:
             elif path.startswith("/slow-frame"):
                 self._slow_frame(conn)
                 self._hold(conn)
+            elif path.startswith("/hang-up-on-close"):
+                self._hold(conn, hang_up_on_close=True)
             elif path.startswith("/close-first"):  # begins the close handshake, then waits for the answer
                 conn.sendall(BACKEND_CLOSE)
                 self._hold(conn, closed=True)
             else:
                 self._hold(conn)
 
-    def _hold(self, conn: socket.socket, *, closed: bool = False) -> None:
-        """Say nothing; answer a close frame with a close frame (unless `closed`: ours went first); end
-        when the peer does."""
+    def _hold(self, conn: socket.socket, *, closed: bool = False, hang_up_on_close: bool = False) -> None:
+        """Say nothing; answer a close frame with a close frame (unless `closed`: ours went first; or
+        `hang_up_on_close`: end instead); end when the peer does."""
         conn.settimeout(0.2)
         deadline = time.monotonic() + MAX_SECONDS
         with contextlib.suppress(OSError):
@@ -128,6 +132,8 @@ class ScriptedBackend:
                 except TimeoutError:
                     continue
                 if not data:
+                    return
+                if data[0] & 0x0F == 0x8 and hang_up_on_close:
                     return
                 if data[0] & 0x0F == 0x8 and not closed:
                     conn.sendall(b"\x88\x02\x03\xe9")  # close 1001 back (RFC 6455 §5.5.1)

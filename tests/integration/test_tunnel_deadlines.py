@@ -252,6 +252,24 @@ async def test_a_backend_that_dies_between_frames_gets_the_client_a_1012(
     assert await metric_value(lb, "lb_tunnel_closes_total", cause="backend_lost", ended_with="close_frame") == 1
 
 
+async def test_a_backend_that_hangs_up_after_the_clients_close_frame_is_an_ordinary_end(
+    launcher: Launcher, scripted: ScriptedBackend
+) -> None:
+    """The client sends close 1000; the backend answers by closing TCP, without a close frame: the client
+    gets the end of the connection, not a 1012 "backend went away", and no backend_lost is counted."""
+    lb = start(launcher, scripted)
+    assert lb.port is not None
+    async with RawWs.connect(lb.port, "/hang-up-on-close") as raw:
+        await raw.send(OP_CLOSE, struct.pack("!H", 1000) + b"user left")
+        async with asyncio.timeout(5 * UNIT):
+            rest = await raw.reader.read()  # until EOF
+        assert rest == b"", f"after the client's close: {rest!r}"
+    await asyncio.sleep(0.3)  # the tunnel's close is counted as it ends, with the connection
+    for ended_with in ("close_frame", "tcp"):
+        assert await metric_value(lb, "lb_tunnel_closes_total", cause="backend_lost", ended_with=ended_with) == 0
+    assert find_backend(await status(lb), "scripted", scripted.id)["connections"] == 0
+
+
 async def test_a_backend_that_dies_mid_frame_gets_a_tcp_close(launcher: Launcher, scripted: ScriptedBackend) -> None:
     """Mid-frame, a close frame would corrupt the stream: the client gets the partial bytes, then EOF."""
     lb = start(launcher, scripted)

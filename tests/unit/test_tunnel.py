@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from support_tunnel import FakeTransport, one_backend_context
 
 from lb.proxy import tunnel as tunnel_module
-from lb.proxy.reading import READ_CHUNK
+from lb.proxy.reading import READ_CHUNK, READ_VIEW
 from lb.proxy.tunnel import CLOSE_DEADLINE, Tunnel, idle_sweep_interval, next_close_look
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
@@ -438,6 +438,60 @@ def test_a_client_eof_after_a_finished_close_handshake_ends_the_tunnel_at_once()
                 tunnel.close_gracefully(1001, "going away", cause="shutdown")
             assert client.protocol.eof_received() is None
             assert tunnel.closed and not server.eof_written and not ctx.tunnels
+
+    _run(scenario())
+
+
+# Close 1000 as a client sends it: masked, key 12 34 56 78 (RFC 6455 §5.3).
+CLIENT_CLOSE = b"\x88\x82\x12\x34\x56\x78" + bytes(b ^ k for b, k in zip(b"\x03\xe8", b"\x12\x34", strict=True))
+CLIENT_TEXT = b"\x81\x82\x00\x00\x00\x00hi"  # a masked text frame (a zero key)
+
+
+def _client_sends(client: FakeTransport, data: bytes, how: str) -> None:
+    """The client's bytes as a transport delivers them: one read, or a byte per read (both through the
+    shared read buffer, as the transports fill it)."""
+    pieces = [data] if how == "one read" else [data[i : i + 1] for i in range(len(data))]
+    for piece in pieces:
+        READ_VIEW[: len(piece)] = piece
+        client.protocol.buffer_updated(len(piece))
+
+
+@pytest.mark.parametrize("how", ["one read", "byte by byte", "ahead of the switch"])
+def test_a_backend_that_hangs_up_after_the_clients_close_frame_is_not_a_backend_lost(how: str) -> None:
+    """The client sent close 1000 and the backend, instead of a close frame back, closes TCP (a sloppy
+    but common server): it answered; the client gets no 1012 "backend went away" and no `backend_lost`
+    close is counted."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        stream = CLIENT_TEXT + CLIENT_CLOSE
+        if how == "ahead of the switch":
+            ctx, tunnel = _join(client, server, to_server=stream)
+        else:
+            ctx, tunnel = _join(client, server)
+            _client_sends(client, stream, how)
+        assert bytes(server.written) == stream
+        server.protocol.data_received(TEXT)
+        server.protocol.eof_received()
+        assert tunnel.closed and client.closed and not client.aborted
+        assert bytes(client.written) == TEXT  # no close frame of ours
+        assert tunnel.cause is None and not ctx.stats.balancer_closes
+
+    _run(scenario())
+
+
+def test_a_close_frame_inside_a_clients_message_is_no_close() -> None:
+    """A binary message whose payload ends with the bytes of a masked close frame: frames are followed
+    from the first header, so this is no close, and a backend that hangs up then is a backend lost."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        ctx, _ = _join(client, server)
+        payload = b"x" * 10 + CLIENT_CLOSE
+        _client_sends(client, bytes((0x82, 0x80 | len(payload))) + b"\x00\x00\x00\x00" + payload, "one read")
+        server.protocol.eof_received()
+        assert bytes(client.written) == close_frame(1012, "backend went away")
+        assert ctx.stats.balancer_closes[("backend_lost", "close_frame")] == 1
 
     _run(scenario())
 
