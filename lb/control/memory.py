@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import threading
 from collections.abc import Callable, Iterator
 
 
@@ -53,25 +54,40 @@ def release_free_memory() -> bool:
     return True
 
 
+# How long a build may hold off cyclic collection: a file of 3,000 backends parses in 0.2-0.5 s, so
+# four times that covers it.  Longer (a huge or pathological file: a 3.6 MB one takes 28 s with pure
+# PyYAML), collection resumes: the cycles the rest of the process makes (an exception's traceback, a
+# cancelled handshake's task) must not pile up for as long as a parse may take.
+PAUSE_LIMIT = 2.0
+
+
 @contextlib.contextmanager
-def collection_paused() -> Iterator[None]:
-    """No cyclic garbage collection in this process while the block runs (reference counting goes on).
+def collection_paused(limit: float = PAUSE_LIMIT) -> Iterator[None]:
+    """No cyclic garbage collection in this process while the block runs, for at most `limit` seconds
+    (reference counting goes on).
 
     For a reload's parse of a large file, in its thread: it builds a tree of a few hundred thousand
     objects (YAML nodes, then the checked values), which sets off full collections as it grows, each
     walking every object of the process with the GIL held: 80-110 ms at 3,000 backends, during which
     the event loop, waiting for the GIL, relays nothing and answers nobody.  The tree holds no
     cycles that matter (it is freed by reference counting when the parse ends), and the cyclic
-    garbage the rest of the process makes meanwhile waits for the next collection after it.
-    Left as it was found: a caller that runs with collection disabled keeps it disabled.
+    garbage the rest of the process makes meanwhile waits for the next collection after it.  The
+    whole process pauses, not just the parse, hence the limit: a timer thread turns collection back
+    on if the block outlasts it.  Left as it was found: a caller that runs with collection disabled
+    keeps it disabled, and no timer is started for it.
     """
-    enabled = gc.isenabled()
+    if not gc.isenabled():
+        yield
+        return
     gc.disable()
+    resume = threading.Timer(limit, gc.enable)
+    resume.daemon = True  # a process that exits mid-parse does not wait for it
+    resume.start()
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
+        resume.cancel()
+        gc.enable()
 
 
 class ReleasePolicy:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import platform
+import time
 
 import pytest
 
@@ -61,5 +62,28 @@ def test_collection_is_paused_over_the_block_and_left_as_it_was_found() -> None:
         with collection_paused():
             assert not gc.isenabled()
         assert not gc.isenabled(), "a caller that runs without collection keeps it off"
+    finally:
+        gc.enable()
+
+
+def test_collection_resumes_when_the_block_outlasts_its_limit() -> None:
+    """The whole process pauses, so a parse that runs long (a huge file) gets collection back."""
+    with collection_paused(limit=0.05):
+        assert not gc.isenabled()
+        deadline = time.monotonic() + 5
+        while not gc.isenabled() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gc.isenabled(), "collection came back on after the limit, the block still running"
+    assert gc.isenabled()
+
+
+def test_a_block_that_ends_in_time_leaves_no_timer_to_fire_later() -> None:
+    """The timer is cancelled at the block's end: it cannot turn on a collection someone disabled since."""
+    with collection_paused(limit=0.05):
+        pass
+    gc.disable()
+    try:
+        time.sleep(0.15)
+        assert not gc.isenabled()
     finally:
         gc.enable()
