@@ -68,7 +68,7 @@ from lb.config.load import ConfigSource, load_config_source
 from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
 from lb.control.admin import AdminRunner, make_admin_app
 from lb.control.discovery import DiscoveryManager
-from lb.control.health import HealthChecker
+from lb.control.health import FirstProbes, HealthChecker
 from lb.control.ipc import check_config_handover, split_limits
 from lb.control.memory import ReleasePolicy, collection_paused, release_free_memory
 from lb.control.metrics import make_registry
@@ -160,6 +160,7 @@ class Balancer:
         self._admin: web.AppRunner | None = None
         self.admin_address: tuple[str, int] | None = None
         self._checkers: list[HealthChecker] = []
+        self._first_probes = FirstProbes()  # every pool's new probe loops, paced together
         # DNS discovery runs wherever routing happens (owner and every worker resolve on their own).
         self.discovery = DiscoveryManager(self.update_discovered, self.registry)
         self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -337,9 +338,12 @@ class Balancer:
         """One checker per pool; the caller has stopped the previous ones (never two loops per backend)."""
         assert not self._checkers, "health checkers must be stopped before new ones start"
         for pool in self.ctx.pools.values():
-            checker = HealthChecker(pool, self._on_state_change, self.ctx.observations)
-            checker.start()
-            self._checkers.append(checker)
+            self._start_checker(pool)
+
+    def _start_checker(self, pool: PoolState) -> None:
+        checker = HealthChecker(pool, self._on_state_change, self.ctx.observations, self._first_probes)
+        checker.start()
+        self._checkers.append(checker)
 
     async def _follow_health_checks(self, previous: Config) -> None:
         """After a reload's swap: a pool whose `health_check` is unchanged keeps its checker, which follows
@@ -372,9 +376,7 @@ class Balancer:
         followed = {checker.pool_name for checker in kept}
         for name, pool in pools.items():
             if name not in followed:
-                checker = HealthChecker(pool, self._on_state_change, self.ctx.observations)
-                checker.start()
-                self._checkers.append(checker)
+                self._start_checker(pool)
 
     async def _stop_health_checks(self) -> None:
         checkers, self._checkers = self._checkers, []

@@ -83,7 +83,7 @@ class FirstProbes:
     after the first, and the loops keep that spread over their interval.  The next slice goes `gap`
     after the last one went, as the event loop runs: a loop that fell behind lets one slice through,
     not the several that fell due meanwhile (slices given out by the clock ahead of time piled up so,
-    each turn as long as the one before).  One for the process: every pool's checker shares it.
+    each turn as long as the one before).  One for the balancer: every pool's checker shares it.
     """
 
     __slots__ = ("_opener", "_waiting", "at_once", "gap")
@@ -118,16 +118,16 @@ class FirstProbes:
             await asyncio.sleep(self.gap)
 
 
-_first_probes = FirstProbes()
-
 
 class HealthChecker:
     """Probes every backend of one pool on its interval until stopped."""
 
     def __init__(
-        self, pool: PoolState, on_change: Callable[[StateChange], None], observations: Observations | None = None
+        self, pool: PoolState, on_change: Callable[[StateChange], None], observations: Observations | None = None,
+        first_probes: FirstProbes | None = None,
     ) -> None:
         self._pool = pool
+        self._first_probes = first_probes or FirstProbes()  # shared with the other pools' checkers, if given
         self._observations = observations or Observations()  # lb_health_checks_total
         self._on_change = on_change
         # backend id → (its state, the (host, port) its loop was started for, the loop)
@@ -165,7 +165,7 @@ class HealthChecker:
 
     async def _probe_loop(self, backend: BackendStatus) -> None:
         interval = self._pool.config.health_check.interval
-        await _first_probes.turn()  # with the other new loops' first probes, a slice at a time
+        await self._first_probes.turn()  # with the other new loops' first probes, a slice at a time
         while True:
             started = time.monotonic()
             try:
