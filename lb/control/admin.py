@@ -39,11 +39,11 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 from aiohttp.web_server import Server
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from lb.access_log import plain_value
 from lb.config.durations import parse_duration
-from lb.control.metrics import CostlyScrapes
+from lb.control.exposition import Scrapes
 from lb.control.migration import DEFAULT_MIGRATION_RATE
 from lb.log import Throttle
 from lb.state.context import BackendCounts
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BALANCER: web.AppKey[Balancer] = web.AppKey("balancer")
-SCRAPES: web.AppKey[CostlyScrapes] = web.AppKey("scrapes")
+SCRAPES: web.AppKey[Scrapes] = web.AppKey("scrapes")
 
 # An action's parameters, in the query string or a JSON body; anything else is refused.
 ACTION_PARAMS = frozenset({"close_after", "rate"})
@@ -158,7 +158,7 @@ def make_admin_app(balancer: Balancer) -> web.Application:
     # client_max_size: aiohttp answers 413 itself beyond it, before any handler reads the body.
     app = web.Application(middlewares=[_answer_errors], client_max_size=MAX_BODY_BYTES)
     app[BALANCER] = balancer
-    app[SCRAPES] = CostlyScrapes()
+    app[SCRAPES] = Scrapes(lambda: balancer.registry.collect_slices())
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/healthz", healthz)
@@ -302,8 +302,8 @@ def _backend_document(b: BackendStatus, counted: BackendCounts | None) -> dict[s
 
 async def metrics(request: web.Request) -> web.Response:
     refuse_parameters(request)
-    registry = request.app[BALANCER].registry
-    body = request.app[SCRAPES].body(lambda: generate_latest(registry), time.monotonic, time.thread_time)
+    # Rendered a slice at a time between the loop's other work (lb.control.exposition).
+    body = await request.app[SCRAPES].body()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import ClassVar
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lb import __version__
 from lb.config.model import Config
+from lb.control.exposition import SlicedCollector, SlicedRegistry
 from lb.state.context import BackendCounts, ProxyContext
+from lb.state.families import Family, in_slices
 from lb.state.pool import BackendState, BackendStatus
 
 _NONE_COUNTED = BackendCounts()  # a backend that has answered nothing yet
@@ -38,51 +38,13 @@ def config_hash(config: Config) -> str:
     return hashlib.sha256(repr(config).encode()).hexdigest()[:12]
 
 
-class CostlyScrapes:
-    """The last /metrics body, served again for a while when rendering it was costly.
-
-    A scrape renders on the event loop the data plane shares, and its cost grows with the backends
-    (about 0.37 ms each: a connect-latency histogram, error kinds and states per backend).  At 1,000
-    backends one render is about 0.4 s, and an address that can reach the admin port could render
-    back to back: every handshake of the process waited behind it.  So a render that cost `COSTLY`
-    or more is served again until `SHARE` times its duration has passed: scrapes then take at most
-    1/(SHARE+1) of the loop, whoever asks how often.  A cheaper render (a few backends: about 3 ms)
-    is never reused, so every scrape of a small pool sees the counters as they are.  The cost is
-    the render's CPU time, not its wall time: on a loaded machine a cheap render may take long to
-    finish, and that is no reason to serve old counters.
-    """
-
-    COSTLY: ClassVar[float] = 0.05  # seconds of CPU: about 130 backends
-    SHARE: ClassVar[int] = 10
-
-    __slots__ = ("_body", "_until")
-
-    def __init__(self) -> None:
-        self._body = b""
-        self._until = -math.inf
-
-    def body(self, render: Callable[[], bytes], clock: Callable[[], float], cpu: Callable[[], float]) -> bytes:
-        """The body to answer with: the last one while it may be reused, else `render()`.
-
-        `clock` tells when (monotonic), `cpu` what the render cost (this thread's CPU time).
-        """
-        now = clock()
-        if now < self._until:
-            return self._body
-        spent = cpu()
-        body = render()
-        cost, done = cpu() - spent, clock()
-        # Reused for SHARE times what the loop waited for it (its wall time: on a loaded machine more
-        # than its CPU), so the share holds whatever else runs.
-        self._body, self._until = (body, done + (done - now) * self.SHARE) if cost >= self.COSTLY else (b"", -math.inf)
-        return body
-
-
 Retired = Callable[[], list[tuple[str, BackendStatus]]]  # backends gone from their pool, tunnels still live
 Departed = Callable[[], Iterable[tuple[str, str]]]  # (pool, backend) gone, its series still kept (lb.state.series)
 
 
-class LbCollector(Collector):
+class LbCollector(SlicedCollector):
+    """The lb_* families, read from the live state; a per-backend family comes in slices."""
+
     def __init__(
         self, get_context: Callable[[], ProxyContext], reloads: Callable[[], Mapping[str, int]] | None = None,
         retired: Retired | None = None, departed: Departed | None = None,
@@ -98,7 +60,7 @@ class LbCollector(Collector):
             self._hashed = (config, config_hash(config))
         return self._hashed[1]
 
-    def collect(self) -> Iterator[Metric]:
+    def collect_slices(self) -> Iterator[Metric]:
         ctx = self._get_context()
         build = GaugeMetricFamily(
             "lb_build_info", "Always 1: the running version and a hash of its effective configuration.",
@@ -202,56 +164,79 @@ class LbCollector(Collector):
             ended.add_metric([cause, ended_with], count)
         yield ended
         # Latency histograms, backend errors and health checks (lb.state.observations), workers summed.
-        yield from ctx.observations.families([*present, *departed])
+        yield from ctx.observations.family_slices([*present, *departed])
 
     @staticmethod
     def _backends(
         ctx: ProxyContext, retired: list[tuple[str, BackendStatus]], departed: list[tuple[str, str]]
     ) -> Iterator[Metric]:
-        """Per backend; one removed from its pool (reload, DNS) counts on while its tunnels run, as
-        /status shows it, so that lb_active_connections sums to the live tunnels; it has no state.
-        A `departed` one (gone, no tunnel, its series still kept) shows its counters only."""
-        active = GaugeMetricFamily(
-            "lb_active_connections", "Live tunnels and in-flight handshakes per backend.",
-            labels=["pool", "backend"],
-        )
-        up = GaugeMetricFamily("lb_backend_up", "1 if the backend passes health checks.", labels=["pool", "backend"])
-        state = GaugeMetricFamily(
-            "lb_backend_state", "1 for the backend's current state.", labels=["pool", "backend", "state"]
-        )
-        # The per-backend counters /status shows, under the same names (lb ctl status, the dashboard).
-        backend_counters = {
-            "handshakes": CounterMetricFamily(
-                "lb_backend_handshakes", "Handshakes and requests answered by the backend.", labels=["pool", "backend"]
-            ),
-            "affinity_hits": CounterMetricFamily(
-                "lb_backend_affinity_hits", "Handshakes whose token pinned them here.", labels=["pool", "backend"]
-            ),
-            "redispatches": CounterMetricFamily(
-                "lb_backend_redispatches", "Handshakes sent here because their pinned backend could not take them.",
-                labels=["pool", "backend"],
-            ),
-        }
+        """Per backend, in slices of a few backends (`lb.state.families`); one removed from its pool
+        (reload, DNS) counts on while its tunnels run, as /status shows it, so that
+        lb_active_connections sums to the live tunnels; it has no state.  A `departed` one (gone, no
+        tunnel, its series still kept) shows its counters only.  Each slice reads the backends as
+        they are when it is built."""
+        in_pools = [(pool.name, backend) for pool in ctx.pools.values() for backend in pool.backends.values()]
+        live = [*in_pools, *retired]
+        yield from in_slices(_family(GaugeMetricFamily, *_ACTIVE), live, _add_active)
+        yield from in_slices(_family(GaugeMetricFamily, *_UP), in_pools, _add_up)  # a retired one has no health
+        yield from in_slices(_family(GaugeMetricFamily, *_STATE), in_pools, _add_states, len(BackendState))
+        # The per-backend counters /status shows, under the same names (lb ctl status, the dashboard);
+        # counted once per body, as /status counts them.
         counts = ctx.stats.backend_counts()
-        in_pools = [(pool.name, backend, True) for pool in ctx.pools.values() for backend in pool.backends.values()]
-        for pool_name, backend, in_pool in [*in_pools, *((name, backend, False) for name, backend in retired)]:
-            labels = [pool_name, backend.id]
-            counted = counts.get((pool_name, backend.id), _NONE_COUNTED)
-            for attribute, family in backend_counters.items():
-                family.add_metric(labels, getattr(counted, attribute))
-            active.add_metric(labels, backend.connections)
-            if in_pool:  # a retired backend has no health or state any more
-                up.add_metric(labels, 1 if backend.healthy else 0)
-                for candidate in BackendState:
-                    state.add_metric([*labels, candidate.value], 1 if backend.state is candidate else 0)
-        for key in departed:
-            counted = counts.get(key, _NONE_COUNTED)
-            for attribute, family in backend_counters.items():
-                family.add_metric(list(key), getattr(counted, attribute))
-        yield active
-        yield up
-        yield state
-        yield from backend_counters.values()
+        keys = [*((pool, backend.id) for pool, backend in live), *departed]
+        for attribute, described in _BACKEND_COUNTERS.items():
+            yield from in_slices(_family(CounterMetricFamily, *described), keys, _counted(counts, attribute))
+
+
+# (name, help, labels) of the per-backend families.
+_Described = tuple[str, str, list[str]]
+_ACTIVE: _Described = (
+    "lb_active_connections", "Live tunnels and in-flight handshakes per backend.", ["pool", "backend"]
+)
+_UP: _Described = ("lb_backend_up", "1 if the backend passes health checks.", ["pool", "backend"])
+_STATE: _Described = ("lb_backend_state", "1 for the backend's current state.", ["pool", "backend", "state"])
+_BACKEND_COUNTERS: dict[str, _Described] = {
+    "handshakes": (
+        "lb_backend_handshakes", "Handshakes and requests answered by the backend.", ["pool", "backend"]
+    ),
+    "affinity_hits": (
+        "lb_backend_affinity_hits", "Handshakes whose token pinned them here.", ["pool", "backend"]
+    ),
+    "redispatches": (
+        "lb_backend_redispatches", "Handshakes sent here because their pinned backend could not take them.",
+        ["pool", "backend"],
+    ),
+}
+
+
+def _family(kind: Callable[..., Family], name: str, documentation: str, labels: list[str]) -> Callable[[], Family]:
+    """A maker of empty slices of one family (`in_slices`)."""
+    return lambda: kind(name, documentation, labels=labels)
+
+
+def _add_active(family: GaugeMetricFamily, row: tuple[str, BackendStatus]) -> None:
+    pool, backend = row
+    family.add_metric([pool, backend.id], backend.connections)
+
+
+def _add_up(family: GaugeMetricFamily, row: tuple[str, BackendStatus]) -> None:
+    pool, backend = row
+    family.add_metric([pool, backend.id], 1 if backend.healthy else 0)
+
+
+def _add_states(family: GaugeMetricFamily, row: tuple[str, BackendStatus]) -> None:
+    pool, backend = row
+    for candidate in BackendState:
+        family.add_metric([pool, backend.id, candidate.value], 1 if backend.state is candidate else 0)
+
+
+def _counted(
+    counts: Mapping[tuple[str, str], BackendCounts], attribute: str
+) -> Callable[[CounterMetricFamily, tuple[str, str]], None]:
+    def add(family: CounterMetricFamily, key: tuple[str, str]) -> None:
+        family.add_metric(list(key), getattr(counts.get(key, _NONE_COUNTED), attribute))
+
+    return add
 
 
 def _process_samples(pid: int | str) -> dict[str, float]:
@@ -318,8 +303,9 @@ def make_registry(
     worker_pids: Callable[[], list[int]] | None = None,
     retired: Retired | None = None,
     departed: Departed | None = None,
-) -> CollectorRegistry:
-    """A registry of our own (not the global one), so tests and reloads never collide.
+) -> SlicedRegistry:
+    """A registry of our own (not the global one), so tests and reloads never collide; /metrics renders
+    it a slice at a time (`lb.control.exposition`).
 
     Args:
         reloads: counts of reloads by result ("success", "failure") for lb_config_reloads_total.
@@ -327,7 +313,7 @@ def make_registry(
         retired: backends removed from their pool (reload, DNS) whose tunnels still run.
         departed: every (pool, backend) gone from its pool whose series are still kept (lb.state.series).
     """
-    registry = CollectorRegistry()
+    registry = SlicedRegistry()
     registry.register(LbCollector(get_context, reloads, retired, departed))
     if worker_pids is None:
         ProcessCollector(registry=registry)

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
-from lb.state.histogram import Histogram
+from lb.state.families import in_slices, whole_families
+from lb.state.histogram import LAN_BUCKETS, Histogram
 from lb.state.tally import Tally
 
 # The `kind` label of lb_backend_errors_total.
@@ -151,53 +152,92 @@ class Observations:
     # -- export ---------------------------------------------------------------------------------
 
     def families(self, known: Iterable[tuple[str, str]] = ()) -> Iterator[Metric]:
-        """Prometheus metric families for everything recorded here and by the workers.
+        """Prometheus metric families for everything recorded here and by the workers, each whole."""
+        return whole_families(self.family_slices(known))
+
+    def family_slices(self, known: Iterable[tuple[str, str]] = ()) -> Iterator[Metric]:
+        """The same families, a per-backend one in slices of a few backends (`lb.state.families`).
+
+        Each series is summed over this process and its workers when its slice is built (a histogram
+        whole: its buckets, sum and count together), not all at once before the first: adding up
+        1,500 histograms in one go held the loop for several ms more.
 
         Args:
             known: (pool, backend) pairs configured now; their series are exported at zero before
                 anything happened, so `rate()` and alerts see them from the first scrape.
         """
-        total = self.combined()
-        for pool, backend in known:
-            total.handshake.setdefault(pool, Histogram())
-            total.connect.setdefault((pool, backend), Histogram())
-            for kind in ERROR_KINDS:
-                total.backend_errors.setdefault((pool, backend, kind), 0)
-            for result in ("success", "failure"):
-                total.health_checks.setdefault((pool, backend, result), 0)
-        handshake = HistogramMetricFamily(
-            "lb_handshake_duration_seconds",
-            "Handshakes answered by a backend: request head complete to answer head sent, by pool.",
-            labels=["pool"],
-        )
-        for pool, histogram in sorted(total.handshake.items()):
-            handshake.add_metric([pool], histogram.cumulative(), histogram.total)
-        yield handshake
-        connect = HistogramMetricFamily(
-            "lb_backend_connect_duration_seconds",
-            "Successful backend attempts: TCP connect to the backend's answer head.",
-            labels=["pool", "backend"],
-        )
-        for (pool, backend), histogram in sorted(total.connect.items()):
-            connect.add_metric([pool, backend], histogram.cumulative(), histogram.total)
-        yield connect
-        yield _counter(
+        sources = (self, self.from_workers) if self.from_workers is not None else (self,)
+        known = list(known)
+
+        def handshake() -> HistogramMetricFamily:
+            return HistogramMetricFamily(
+                "lb_handshake_duration_seconds",
+                "Handshakes answered by a backend: request head complete to answer head sent, by pool.",
+                labels=["pool"],
+            )
+
+        def add_handshake(family: HistogramMetricFamily, pool: str) -> None:
+            _add_histogram(family, [pool], [source.handshake.get(pool) for source in sources])
+
+        def connect() -> HistogramMetricFamily:
+            return HistogramMetricFamily(
+                "lb_backend_connect_duration_seconds",
+                "Successful backend attempts: TCP connect to the backend's answer head.",
+                labels=["pool", "backend"],
+            )
+
+        def add_connect(family: HistogramMetricFamily, key: tuple[str, str]) -> None:
+            _add_histogram(family, list(key), [source.connect.get(key) for source in sources])
+
+        # Each family's rows are listed (and sorted: a stable scrape output) when its first slice is built.
+        pools = sorted({*(pool for source in sources for pool in source.handshake), *(pool for pool, _ in known)})
+        yield from in_slices(handshake, pools, add_handshake, _samples(LAN_BUCKETS))
+        backends = sorted({*(key for source in sources for key in source.connect), *known})
+        yield from in_slices(connect, backends, add_connect, _samples(LAN_BUCKETS))
+        yield from _counter(
             "lb_backend_errors",
             "Failed backend attempts by kind: refused, timeout, reset, bad_answer.",
             ["pool", "backend", "kind"],
-            total.backend_errors,
+            [source.backend_errors for source in sources],
+            ((pool, backend, kind) for pool, backend in known for kind in ERROR_KINDS),
         )
-        yield _counter(
+        yield from _counter(
             "lb_health_checks",
             "Active health check results per backend (success, failure).",
             ["pool", "backend", "result"],
-            total.health_checks,
+            [source.health_checks for source in sources],
+            ((pool, backend, result) for pool, backend in known for result in ("success", "failure")),
         )
 
 
-def _counter(name: str, documentation: str, labels: list[str], counts: Tally[tuple[str, str, str]]) -> Metric:
-    """One counter family with a series per key of `counts`, in key order (stable scrape output)."""
-    family = CounterMetricFamily(name, documentation, labels=labels)
-    for key, n in sorted(counts.items()):
-        family.add_metric(list(key), n)
-    return family
+def _samples(bounds: tuple[float, ...]) -> int:
+    """Samples one histogram series writes: a bucket per bound, +Inf, sum and count."""
+    return len(bounds) + 3
+
+
+def _add_histogram(family: HistogramMetricFamily, labels: list[str], parts: list[Histogram | None]) -> None:
+    """One series: the sum of `parts` (this process's and its workers'; None: nothing recorded there)."""
+    present = [part for part in parts if part is not None]
+    if len(present) == 1:
+        histogram = present[0]
+    else:
+        histogram = Histogram()
+        for part in present:
+            histogram.merge(part)
+    family.add_metric(labels, histogram.cumulative(), histogram.total)
+
+
+def _counter(
+    name: str, documentation: str, labels: list[str], sources: list[Tally[tuple[str, str, str]]],
+    zeros: Iterable[tuple[str, str, str]],
+) -> Iterator[CounterMetricFamily]:
+    """One counter family with a series per key of `sources` and `zeros`, in key order (stable scrape
+    output), in slices; each series the sum over `sources`, read when its slice is built."""
+
+    def make() -> CounterMetricFamily:
+        return CounterMetricFamily(name, documentation, labels=labels)
+
+    def add(family: CounterMetricFamily, key: tuple[str, str, str]) -> None:
+        family.add_metric(list(key), sum(source.get(key, 0) for source in sources))
+
+    yield from in_slices(make, sorted({*(key for source in sources for key in source), *zeros}), add)
