@@ -141,14 +141,6 @@ class Observations:
         self.backend_errors.update(other.backend_errors)
         self.health_checks.update(other.health_checks)
 
-    def combined(self) -> Observations:
-        """This process's counts plus its workers' (what the owner exports)."""
-        total = Observations()
-        total.merge(self)
-        if self.from_workers is not None:
-            total.merge(self.from_workers)
-        return total
-
     # -- export ---------------------------------------------------------------------------------
 
     def families(self, known: Iterable[tuple[str, str]] = ()) -> Iterator[Metric]:
