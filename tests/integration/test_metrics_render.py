@@ -71,7 +71,12 @@ async def test_metrics_body_is_what_generate_latest_gives_for_the_same_registry(
         for i in range(BACKENDS):  # series that are not all zero, in every per-backend family
             observations.observe_connect("p", f"gw-{i}", 0.0001 * (i % 40))
             observations.count_backend_error("p", f"gw-{i}", "refused")
-        await asyncio.sleep(0.5)  # the first health checks (refused) have all been answered
+        # The first health checks (refused) all answered: no counter moves between the scrapes and `whole`.
+        for _ in range(300):
+            if sum(observations.health_checks.values()) >= BACKENDS:
+                break
+            await asyncio.sleep(0.05)
+        assert sum(observations.health_checks.values()) == BACKENDS
         assert balancer.admin_address is not None
         scrapes = await asyncio.gather(*(_get(balancer.admin_address, "/metrics") for _ in range(3)))
         whole = generate_latest(balancer.registry)
