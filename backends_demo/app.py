@@ -1,4 +1,5 @@
-"""The demo gateway's aiohttp application: `/ws`, `/health`, `/whoami`, `POST /drain` and `POST /undrain`.
+"""The demo gateway's aiohttp application: `/ws`, `/health`, `/whoami`, `/whoami/details`, `POST /drain`
+and `POST /undrain`.
 
 It owns what a backend behind the balancer shows to tests and to the demo:
 which server answered (`server_id`), which cookies and `X-Forwarded-*` headers
@@ -40,6 +41,9 @@ from aiohttp import WSCloseCode, WSMsgType, web
 SUBPROTOCOLS = ("chat", "superchat")
 # Room for the 16 MiB messages the pass-through tests send, plus headroom.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The largest request head the balancer forwards (the top of `limits.max_header_bytes`); a header
+# line is at least 4 bytes (`a:` and CRLF), hence the count.
+MAX_HEAD_BYTES = 1024 * 1024
 
 SERVER_ID = web.AppKey("server_id", str)
 APP_COOKIE: web.AppKey[str | None] = web.AppKey("app_cookie")
@@ -58,14 +62,18 @@ def make_app(server_id: str, app_cookie: str | None = None, close_spread: float 
     Args:
         server_id: the id every answer reports (`gw-1`).
         app_cookie: if set, the name of a session cookie the gateway plants on
-            `/ws` and `/whoami` responses for requests that do not carry it.
+            `/ws`, `/whoami` and `/whoami/details` answers to requests that do not carry it.
         close_spread: seconds over which shutdown closes live WebSockets with
             1012, one after another; 0 closes them all at once with 1001.
 
     Returns:
         The application, ready for `web.run_app` or an `AppRunner`.
     """
-    app = web.Application()
+    # Heads as large as the balancer lets through (`limits.max_header_bytes`, at most 1 MiB): aiohttp's
+    # own limits (8,190 bytes a line, 128 headers) refused heads the balancer had passed.
+    app = web.Application(handler_args={
+        "max_line_size": MAX_HEAD_BYTES, "max_field_size": MAX_HEAD_BYTES, "max_headers": MAX_HEAD_BYTES // 4,
+    })
     app[SERVER_ID] = server_id
     app[APP_COOKIE] = app_cookie
     app[OPEN_SOCKETS] = weakref.WeakSet()
@@ -76,12 +84,13 @@ def make_app(server_id: str, app_cookie: str | None = None, close_spread: float 
     app.router.add_post("/drain", handle_drain)
     app.router.add_post("/undrain", handle_undrain)
     app.router.add_get("/whoami", handle_whoami)
+    app.router.add_get("/whoami/details", handle_whoami_details)
     app.on_shutdown.append(_close_open_sockets)
     return app
 
 
 def describe_request(request: web.Request, app_cookie_set: str | None) -> dict[str, Any]:
-    """What the gateway reports about a request in `hello` and `/whoami`.
+    """What the gateway reports about a request in `hello` and `/whoami/details`.
 
     `peer` is the TCP peer address (the balancer, or the client when connected
     directly); `app_cookie` is the value of the app cookie the request carried;
@@ -130,6 +139,14 @@ async def handle_undrain(request: web.Request) -> web.Response:
 
 
 async def handle_whoami(request: web.Request) -> web.Response:
+    """`{"server_id": ID}` and nothing else, as the product's contract gives it (plain-HTTP affinity)."""
+    response = web.json_response({"server_id": request.app[SERVER_ID]})
+    _plant_app_cookie(request, response)
+    return response
+
+
+async def handle_whoami_details(request: web.Request) -> web.Response:
+    """Everything `hello` says of the request (`describe_request`), for plain HTTP."""
     response = web.Response(content_type="application/json")
     planted = _plant_app_cookie(request, response)
     response.text = json.dumps(describe_request(request, planted))

@@ -209,7 +209,8 @@ async def test_app_cookie_is_set_on_the_101_and_seen_on_return(start_gateway: St
 
 
 async def test_health_and_whoami(start_gateway: StartGateway) -> None:
-    """GET /health is 200 {status: ok, server_id}; GET /whoami reports server_id, cookies, X-Forwarded-For."""
+    """GET /health is 200 {status: ok, server_id}; GET /whoami is {server_id} exactly, as SPEC gives it;
+    GET /whoami/details reports server_id, cookies, X-Forwarded-For."""
     base = await start_gateway("gw-3")
     async with asyncio.timeout(UNIT), aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
         async with session.get(f"{base}/health") as response:
@@ -217,6 +218,9 @@ async def test_health_and_whoami(start_gateway: StartGateway) -> None:
             assert await response.json() == {"status": "ok", "server_id": "gw-3"}
         headers = {"X-Forwarded-For": "198.51.100.7", "Cookie": "b=1; a=2"}
         async with session.get(f"{base}/whoami", headers=headers) as response:
+            assert response.status == 200
+            assert await response.json() == {"server_id": "gw-3"}
+        async with session.get(f"{base}/whoami/details", headers=headers) as response:
             assert response.status == 200
             assert "Set-Cookie" not in response.headers
             whoami = await response.json()
@@ -227,13 +231,16 @@ async def test_health_and_whoami(start_gateway: StartGateway) -> None:
 
 
 async def test_whoami_sets_the_app_cookie_once(start_gateway: StartGateway) -> None:
-    """With --app-cookie, /whoami sets the cookie when absent and reports it when present."""
+    """With --app-cookie, /whoami sets the cookie when absent; /whoami/details reports it when present."""
     base = await start_gateway("gw-4", app_cookie="SID")
     async with asyncio.timeout(UNIT), aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
-        async with session.get(f"{base}/whoami") as response:
+        async with session.get(f"{base}/whoami/details") as response:
             set_cookie = response.headers.getall("Set-Cookie")
             first = await response.json()
-        async with session.get(f"{base}/whoami", headers={"Cookie": f"SID={first['app_cookie_set']}"}) as response:
+        async with session.get(f"{base}/whoami") as response:
+            assert response.headers.getall("Set-Cookie")[0].startswith("SID="), "/whoami plants it too"
+        cookie = {"Cookie": f"SID={first['app_cookie_set']}"}
+        async with session.get(f"{base}/whoami/details", headers=cookie) as response:
             assert "Set-Cookie" not in response.headers
             again = await response.json()
     assert set_cookie[0].startswith(f"SID={first['app_cookie_set']};")

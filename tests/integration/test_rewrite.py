@@ -133,7 +133,7 @@ async def test_rewrite_mode_other_cookies_pass_and_sticky_plain_http(lb: Balance
     assert v.hello["cookies"] == sorted([APP, "lang", "theme"])
     assert v.hello["app_cookie"] == planted
 
-    code, headers, body = await http_get_async(lb.http_url("/whoami"), cookie={APP: token})
+    code, headers, body = await http_get_async(lb.http_url("/whoami/details"), cookie={APP: token})
     assert code == 200
     who = json.loads(body)
     assert who["server_id"] == server and who["app_cookie"] == planted

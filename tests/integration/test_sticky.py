@@ -232,7 +232,7 @@ async def test_plain_http_gets_cookie_and_sticks(lb: Balancer) -> None:
     assert cookie.normalized_attrs() == SPEC_ATTRS
     server_id = json.loads(body)["server_id"]
     for ip in source_ips(5, start=40):
-        code, headers, body = await http_get_async(lb.http_url("/whoami"), cookie=cookie.value, source_ip=ip)
+        code, headers, body = await http_get_async(lb.http_url("/whoami/details"), cookie=cookie.value, source_ip=ip)
         assert code == 200
         data = json.loads(body)
         assert data["server_id"] == server_id
