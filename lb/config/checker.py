@@ -172,6 +172,15 @@ def parse_fields(
 
     Absent (or null) optional keys are left out, so the dataclass default applies.
     """
+    kwargs, valid = parse_each_field(node, path, check, fields)
+    return kwargs if valid else None
+
+
+def parse_each_field(
+    node: Mapping[Any, object], path: str, check: Checker, fields: Sequence[Field]
+) -> tuple[dict[str, Any], bool]:
+    """`parse_fields`, with the fields that parsed even when another did not (and whether all did): a
+    section's checks across fields still run on those, so one bad key hides no other problem."""
     kwargs: dict[str, Any] = {}
     valid = True
     for field in fields:
@@ -186,7 +195,13 @@ def parse_fields(
         except Bad as exc:
             check.add(join_path(path, field.key), str(exc))
             valid = False
-    return kwargs if valid else None
+    return kwargs, valid
+
+
+def settled(node: Mapping[Any, object], kwargs: Mapping[str, Any], *keys: str) -> bool:
+    """Whether each of `keys` parsed (`parse_each_field`) or is absent (at its default): a check across
+    them then judges what the operator meant, not a value already said to be wrong."""
+    return all(key in kwargs or node.get(key) is None for key in keys)
 
 
 def simple_section(

@@ -28,9 +28,11 @@ from lb.config.checker import (
     kind_of,
     list_of,
     mapping_of,
+    parse_each_field,
     parse_fields,
     scalar_mapping,
     scalar_section,
+    settled,
     show,
     simple_section,
     value_at,
@@ -320,19 +322,18 @@ def _listener(value: object, path: str, check: Checker) -> ListenerConfig | None
     node = mapping_of(value, path, check, ("bind", "tls", "proxy_protocol", "proxy_protocol_from", "backlog"))
     if node is None:
         return None
-    kwargs = parse_fields(node, path, check, _LISTENER_FIELDS)
+    kwargs, valid = parse_each_field(node, path, check, _LISTENER_FIELDS)
     proxy_from = _networks(node.get("proxy_protocol_from"), join_path(path, "proxy_protocol_from"), check)
     tls: TlsConfig | None = None
     tls_value = node.get("tls")
     if tls_value is not None:
         tls = _tls(tls_value, join_path(path, "tls"), check)
-        if tls is None:
-            return None
-    if kwargs is None or proxy_from is None:
-        return None
-    if proxy_from and not kwargs.get("proxy_protocol"):
+        valid = valid and tls is not None
+    if proxy_from and settled(node, kwargs, "proxy_protocol") and not kwargs.get("proxy_protocol"):
         # Without the header there is nothing to believe: the operator meant the listener to read one.
         check.add(join_path(path, "proxy_protocol_from"), "has no effect without proxy_protocol: true")
+        return None
+    if not valid or proxy_from is None:
         return None
     kwargs["proxy_protocol_from"] = proxy_from
     host, port = kwargs.pop("bind")
@@ -475,12 +476,12 @@ def _affinity(value: object, check: Checker) -> AffinityConfig | None:
     node = mapping_of(value, "affinity", check, [*(f.key for f in _AFFINITY_FIELDS), "secret_keys"])
     if node is None:
         return None
-    kwargs = parse_fields(node, "affinity", check, _AFFINITY_FIELDS)
+    kwargs, valid = parse_each_field(node, "affinity", check, _AFFINITY_FIELDS)
     keys = _secret_keys(value_at(node, "secret_keys", "affinity", check, required=True), check)
-    if kwargs is None or keys is None:
-        return None
-    affinity = AffinityConfig(secret_keys=keys, **kwargs)
-    valid = True
+    # The checks across keys run on the keys that parsed (the others at their defaults, which pass
+    # every check), so that a bad key or secret hides no other problem.
+    affinity = AffinityConfig(secret_keys=keys or (), **kwargs)
+    valid = valid and keys is not None
     if affinity.header.lower() in BALANCER_HEADERS:
         check.add(
             "affinity.header",
@@ -636,7 +637,7 @@ def _pool(name: str, value: object, path: str, check: Checker) -> PoolConfig | N
     node = mapping_of(value, path, check, (*(f.key for f in _POOL_FIELDS), "health_check", "backends", "discovery"))
     if node is None:
         return None
-    kwargs = parse_fields(node, path, check, _POOL_FIELDS)
+    kwargs, valid = parse_each_field(node, path, check, _POOL_FIELDS)
     health = _health_check(node.get("health_check"), join_path(path, "health_check"), check)
     discovery: DiscoveryConfig | None = None
     discovered = node.get("discovery") is not None
@@ -645,20 +646,20 @@ def _pool(name: str, value: object, path: str, check: Checker) -> PoolConfig | N
     # A pool needs backends from somewhere: a static list, DNS, or both.
     backends_value = value_at(node, "backends", path, check, required=not discovered)
     backends = () if backends_value is None else _backends(backends_value, join_path(path, "backends"), check)
-    if kwargs is not None:
+    if settled(node, kwargs, "balance", "hash_key", "sticky"):  # judged even when another key is wrong
         balance = kwargs.get("balance")
         if balance is BalanceMethod.HASH and kwargs.get("hash_key") is None:
             check.add(
                 join_path(path, "hash_key"), "balance: hash needs a hash_key (header:NAME, query:NAME or cookie:NAME)"
             )
-            kwargs = None
+            valid = False
         elif balance is not BalanceMethod.HASH and kwargs.get("hash_key") is not None:
             check.add(join_path(path, "hash_key"), "only used with balance: hash")
-            kwargs = None
+            valid = False
         elif balance not in HASHED_METHODS and kwargs.get("sticky") is False:
             check.add(join_path(path, "sticky"), "only used with balance: source or hash (other pools always pin)")
-            kwargs = None
-    if kwargs is None or health is None or backends is None or (discovered and discovery is None):
+            valid = False
+    if not valid or health is None or backends is None or (discovered and discovery is None):
         return None
     return PoolConfig(name=name, backends=backends, health_check=health, discovery=discovery, **kwargs)
 
@@ -667,12 +668,12 @@ def _discovery(value: object, path: str, check: Checker) -> DiscoveryConfig | No
     node = mapping_of(value, path, check, (*(f.key for f in _DISCOVERY_FIELDS), "nameservers"))
     if node is None:
         return None
-    kwargs = parse_fields(node, path, check, _DISCOVERY_FIELDS)
+    kwargs, valid = parse_each_field(node, path, check, _DISCOVERY_FIELDS)
     nameservers = _nameservers(node.get("nameservers"), join_path(path, "nameservers"), check)
-    if kwargs is not None and kwargs.get("type") is DiscoveryType.A and kwargs.get("port") is None:
+    if kwargs.get("type") is DiscoveryType.A and node.get("port") is None:  # absent (a wrong one is said already)
         check.add(join_path(path, "port"), "type a needs a port (A records carry none)")
         return None
-    if kwargs is None or nameservers is None:
+    if not valid or nameservers is None:
         return None
     return DiscoveryConfig(nameservers=nameservers, **kwargs)
 

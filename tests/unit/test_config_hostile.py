@@ -211,3 +211,43 @@ def test_a_wrong_affinity_header_is_said_with_a_wrong_pool(tmp_path: Path) -> No
     value = tree(affinity={"secret_keys": [KEY], "header": "X_Forwarded_For"})
     value["pools"]["p"]["backends"][0]["address"] = "127.0.0.1"
     assert set(tree_problems(value, tmp_path)) == {"affinity.header", "pools.p.backends[0].address"}
+
+
+@pytest.mark.parametrize(
+    ("affinity", "expected"),
+    [
+        ({"secret_keys": [KEY], "header": "Cookie", "max_age": "soon"}, {"affinity.header", "affinity.max_age"}),
+        ({"secret_keys": ["short"], "same_site": "None", "secure": "never"},
+         {"affinity.secret_keys[0]", "affinity.same_site"}),
+        ({"secret_keys": [KEY], "cookie": "__Host-lb", "secure": "never", "http_only": "maybe"},
+         {"affinity.cookie", "affinity.http_only"}),
+    ],
+)
+def test_a_bad_affinity_key_hides_no_problem_across_keys(
+    tmp_path: Path, affinity: dict[str, object], expected: set[str]
+) -> None:
+    """The checks across affinity's keys run on those that parsed: one bad key is not fixed first to see the next."""
+    assert set(tree_problems(tree(affinity=affinity), tmp_path)) == expected
+
+
+def test_a_bad_pool_or_listener_key_hides_no_problem_across_keys(tmp_path: Path) -> None:
+    """balance: hash without hash_key is said beside a wrong slow_start; proxy_protocol_from without
+    proxy_protocol beside a wrong backlog."""
+    value = tree()
+    value["pools"]["p"].update(balance="hash", slow_start="later")
+    value["listeners"][0].update(proxy_protocol_from=["10.0.0.0/8"], backlog="deep")
+    assert set(tree_problems(value, tmp_path)) == {
+        "pools.p.hash_key", "pools.p.slow_start", "listeners[0].proxy_protocol_from", "listeners[0].backlog",
+    }
+
+
+def test_a_wrong_key_is_not_judged_by_a_check_across_keys(tmp_path: Path) -> None:
+    """A wrong `balance` or `hash_key` is said once, as itself, not as a mismatch between the two."""
+    value = tree()
+    value["pools"]["p"].update(balance="hashh", hash_key="header:X-User")
+    assert set(tree_problems(value, tmp_path)) == {"pools.p.balance"}
+    value["pools"]["p"].update(balance="hash", hash_key="body:x")
+    assert set(tree_problems(value, tmp_path)) == {"pools.p.hash_key"}
+    value = tree()
+    value["listeners"][0].update(proxy_protocol_from=["10.0.0.0/8"], proxy_protocol="yes please")
+    assert set(tree_problems(value, tmp_path)) == {"listeners[0].proxy_protocol"}

@@ -266,6 +266,12 @@ def test_discovery_full(tmp_path: Path) -> None:
     [
         ({}, {"pools.gateways.backends": "missing required key"}),
         ({"discovery": {"type": "a", "dns": SERVICE}}, {"pools.gateways.discovery.port": "type a needs a port"}),
+        # One bad key hides no other problem of the section: both are said at once.
+        ({"discovery": {"type": "a", "dns": SERVICE, "interval": "fast"}},
+         {"pools.gateways.discovery.port": "type a needs a port",
+          "pools.gateways.discovery.interval": "expected a duration"}),
+        ({"discovery": {"type": "a", "dns": SERVICE, "port": 0}},
+         {"pools.gateways.discovery.port": "expected an integer from 1"}),
         ({"discovery": {"dns": "bad name!"}}, {"pools.gateways.discovery.dns": "expected a DNS name"}),
         ({"discovery": {"dns": SERVICE, "type": "mx"}}, {"pools.gateways.discovery.type": "expected one of"}),
         ({"discovery": {"dns": SERVICE, "nameservers": ["dns.example:53"]}},
