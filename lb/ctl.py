@@ -665,7 +665,7 @@ def render_status(document: Any) -> str:
             left_out += len(backends) - room
             backends = backends[:room]
         for backend in backends:
-            state = str(backend.get("state", "?"))
+            state = "removed" if backend.get("removed") is True else str(backend.get("state", "?"))
             if backend.get("migrating"):
                 state += "*"
             # Every cell through _printable: ids, reasons and discovery errors come from DNS and

@@ -47,7 +47,7 @@ from lb.control.exposition import Scrapes
 from lb.control.migration import DEFAULT_MIGRATION_RATE
 from lb.log import Throttle
 from lb.state.context import BackendCounts
-from lb.state.pool import AdminAction, BackendStatus
+from lb.state.pool import AdminAction, BackendState, BackendStatus
 
 if TYPE_CHECKING:
     from lb.control.balancer import Balancer
@@ -255,7 +255,9 @@ def status_document(balancer: Balancer) -> dict[str, Any]:
     for name, backend in balancer.retired_backends():
         entry = pools.setdefault(name, {"balance": None, "backends": []})
         document = _backend_document(backend, counts.get((name, backend.id)))
-        entry["backends"].append({**document, "state": "removed"})
+        # SPEC's four states: `disabled` is what it is (nothing new reaches it, its cookie holders go
+        # elsewhere, its tunnels stay); `removed` says why it is not in the pool's list any more.
+        entry["backends"].append({**document, "state": BackendState.DISABLED.value, "removed": True})
     return {
         "pools": pools,
         "tunnels": balancer.live_tunnels(),
@@ -295,6 +297,7 @@ def _backend_document(b: BackendStatus, counted: BackendCounts | None) -> dict[s
         "redispatches": counted.redispatches,
         "health": {"passing": b.healthy, "successes": b.successes, "failures": b.failures},
         "migrating": b.migrating,
+        "removed": False,  # True: gone from the pool (reload, DNS), shown while its tunnels run
         "requested_state": "draining" if b.requested_drain else None,  # from X-Backend-State
         "changed_at": b.changed_at or None,
     }

@@ -897,8 +897,10 @@ def affinity_cookie(headers: Any, name: str = COOKIE) -> SetCookie | None:
 
 
 def backend_states(status_json: Mapping[str, Any]) -> dict[tuple[str, str], str]:
+    """(pool, id) → state, as `lb ctl status` shows it: `removed` for one gone from its pool, whose tunnels
+    still run (/status: state `disabled`, `removed: true`)."""
     return {
-        (pool, backend["id"]): backend["state"]
+        (pool, backend["id"]): "removed" if backend["removed"] else backend["state"]
         for pool, body in status_json["pools"].items()
         for backend in body["backends"]
     }

@@ -202,7 +202,8 @@ def test_discovery_status_and_new_backends_render(stack: tuple[Balancer, list[Ga
           pool.discovery = {dns: "gateway.game.svc", type: "srv", last_ok: doc.time - 3,
                             last_error: "SERVFAIL from 127.0.0.1:53"};
           pool.backends = pool.backends.slice(1).concat([{...pool.backends[0], id: "gw-9", address: "127.0.0.9:1",
-                                                          state: "removed", reason: "removed from DNS"}]);
+                                                          state: "disabled", removed: true,
+                                                          reason: "removed from DNS"}]);
           return new Response(JSON.stringify(doc), {status: 200, headers: {"Content-Type": "application/json"}});
         };
         """

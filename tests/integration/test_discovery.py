@@ -87,7 +87,7 @@ async def _pause() -> None:
 
 
 def ids(data: dict[str, Any]) -> set[str]:
-    return {b["id"] for b in data["pools"]["gateways"]["backends"] if b["state"] != "removed"}
+    return {b["id"] for b in data["pools"]["gateways"]["backends"] if not b["removed"]}
 
 
 async def test_srv_records_name_backends_by_first_label(launcher: Launcher, zone: ZoneServer) -> None:

@@ -238,6 +238,9 @@ def test_status_table() -> None:
                      "connections": 12, "handshakes": 340, "affinity_hits": 200, "redispatches": 3},
                     {"id": "gw-22", "address": "127.0.0.1:9002", "state": "draining", "reason": "operator: drain",
                      "connections": 0, "handshakes": 5, "affinity_hits": 0, "redispatches": 0, "migrating": True},
+                    {"id": "gw-3", "address": "127.0.0.1:9003", "state": "disabled", "removed": True,
+                     "reason": "removed from DNS", "connections": 2, "handshakes": 9, "affinity_hits": 0,
+                     "redispatches": 0},
                 ],
                 "discovery": {"last_ok": 1.0, "last_error": None},
             }
@@ -250,6 +253,7 @@ def test_status_table() -> None:
                                 "REDISPATCHES", "REASON"]
     assert lines[1].split()[:8] == ["gateways", "gw-1", "127.0.0.1:9001", "up", "12", "340", "200", "3"]
     assert lines[2].split()[3] == "draining*"
+    assert lines[3].split()[3] == "removed", "gone from the pool, its tunnels still running"
     assert lines[1].index("127.0.0.1") == lines[2].index("127.0.0.1"), "columns line up"
     assert any(line.startswith("* migrating") for line in lines)
     assert "discovery gateways: last_ok=1.0, last_error=None" in lines
