@@ -1,13 +1,13 @@
 """Where the affinity token travels in HTTP, per mode.  [pure]
 
 In: the client may carry the token as a cookie (browsers), in the
-`affinity.header` header or the `affinity.query_param` query parameter
+`affinity.header` header (when one is named) or the `affinity.query_param` query parameter
 (native clients without a cookie jar; its name read as a form, so
 `lb%5Faffinity` is `lb_affinity`).  All three carry the same token and
 are checked in that order; the header and query forms are removed before the
 request reaches the backend.
 
-Out, insert mode: our own cookie `affinity.cookie` (plus the header) when a
+Out, insert mode: our own cookie `affinity.cookie` (plus the header, if named) when a
 token is issued; the cookie is stripped from what the backend receives.
 
 Out, rewrite mode: the backend's own cookie `affinity.cookie` carries the
@@ -105,7 +105,8 @@ def find_token(
             None: the first token that opens, whatever its pool.
     """
     cookies = read_cookie(request.head.get_all("cookie"), affinity.cookie)
-    extra = [value.strip() for value in request.head.get_all(affinity.header)]
+    header = affinity.header
+    extra = [] if header is None else [value.strip() for value in request.head.get_all(header)]
     if "?" in request.target:
         extra += query_values(request.target, affinity.query_param)
     rejected: dict[str, str] = {}
@@ -298,10 +299,10 @@ def plan_forward(request: RequestHead, affinity: AffinityConfig, lookup: TokenLo
 
 
 @functools.lru_cache(maxsize=8)
-def _header_drop(header: str) -> frozenset[str]:
-    """The affinity header as a drop set: one object per configuration, so the renderer's own cache
-    of drop sets (keyed by it) hits without hashing a new set per request."""
-    return frozenset({header.lower()})
+def _header_drop(header: str | None) -> frozenset[str]:
+    """The affinity header as a drop set (empty without one): one object per configuration, so the
+    renderer's own cache of drop sets (keyed by it) hits without hashing a new set per request."""
+    return frozenset() if header is None else frozenset({header.lower()})
 
 
 # Browsers keep a cookie whose name and value together are at most 4096 bytes (RFC 6265 §6.1's

@@ -125,8 +125,11 @@ class AffinityConfig:
     same_site: SameSite = SameSite.LAX
     http_only: bool = True
     secure: SecureMode = SecureMode.AUTO
-    # Native clients without a cookie jar send the token back in this header or query parameter.
-    header: str = "X-LB-Affinity"
+    # Native clients without a cookie jar send the token back in this query parameter, or in this header
+    # (None: no header), which answers then carry too.  Off unless named: SPEC's answer is the backend's
+    # "plus the cookie", and a header on a plain answer would show page scripts the token that an
+    # HttpOnly cookie hides from them.
+    header: str | None = None
     query_param: str = "lb_affinity"
     # A backend that went down less than this long ago keeps its clients' cookies
     # (they are served elsewhere meanwhile): a flapping gateway does not re-pin everyone.

@@ -482,11 +482,11 @@ def _affinity(value: object, check: Checker) -> AffinityConfig | None:
     # every check), so that a bad key or secret hides no other problem.
     affinity = AffinityConfig(secret_keys=keys or (), **kwargs)
     valid = valid and keys is not None
-    if affinity.header.lower() in BALANCER_HEADERS:
+    if affinity.header is not None and affinity.header.lower() in BALANCER_HEADERS:
         check.add(
             "affinity.header",
             f"{affinity.header} is a header the balancer reads or writes itself: the token would take its place; "
-            "name one of your own (default X-LB-Affinity)",
+            "name one of your own (X-LB-Affinity, say)",
         )
         valid = False
     # RFC 6265bis §5.4.7: browsers drop SameSite=None cookies that lack Secure.
@@ -512,7 +512,7 @@ def _check_request_keys(
         if pool.hash_key is not None and pool.hash_key.source is HashKeySource.HEADER
     ]
     protected = protected_headers(affinity.header, routing)
-    if dropped_as_alias(affinity.header, protected):
+    if affinity.header is not None and dropped_as_alias(affinity.header, protected):
         check.add(
             "affinity.header",
             f"{affinity.header} stands for a header of ours once '_' reads as '-' (as CGI and WSGI read it): every "
@@ -538,7 +538,7 @@ def _check_request_keys(
 def _carries_token(key: HashKey, affinity: AffinityConfig) -> bool:
     """Whether `key` names where the affinity token travels (taken off every request before the backend)."""
     if key.source is HashKeySource.HEADER:
-        return key.name.lower() == affinity.header.lower()
+        return affinity.header is not None and key.name.lower() == affinity.header.lower()
     # Cookie names and query parameters are case-sensitive.
     return key.name == (affinity.cookie if key.source is HashKeySource.COOKIE else affinity.query_param)
 

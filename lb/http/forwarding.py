@@ -298,7 +298,7 @@ def _kept_from_shared_caches(head: Head) -> bool:
     """The answer says `private` or `no-store` (RFC 9111 §5.2.2): no shared cache stores it.
 
     Not `private="Set-Cookie"`: a shared cache may store that answer without the fields named,
-    and our token is in X-LB-Affinity too.
+    and our token may be in `affinity.header` too.
     """
     for value in head.get_all("cache-control"):
         for directive in value.split(","):

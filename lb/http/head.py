@@ -127,7 +127,7 @@ PROTECTED_HEADERS: Final = frozenset(
         "x-real-ip",
         "forwarded",
         "x-request-id",
-        "x-lb-affinity",  # the default `affinity.header`; pass another via `protected=`
+        "x-lb-affinity",  # the `affinity.header` README names (off by default); pass another via `protected=`
         "host",
         "content-length",
         "transfer-encoding",
@@ -174,10 +174,11 @@ _names_lowered: Final[dict[str, str]] = {}
 _MAX_NAMES_REMEMBERED: Final = 256
 
 
-def protected_headers(affinity_header: str, routing_headers: Iterable[str] = ()) -> frozenset[str]:
-    """PROTECTED_HEADERS plus the configured `affinity.header` and the headers pools route by
+def protected_headers(affinity_header: str | None, routing_headers: Iterable[str] = ()) -> frozenset[str]:
+    """PROTECTED_HEADERS plus the configured `affinity.header` (if any) and the headers pools route by
     (`hash_key: header:NAME`): compute once per configuration (`ProxyContext.protected`)."""
-    return PROTECTED_HEADERS | {affinity_header.lower()} | {name.lower() for name in routing_headers}
+    ours = () if affinity_header is None else (affinity_header,)
+    return PROTECTED_HEADERS | {name.lower() for name in (*ours, *routing_headers)}
 
 
 @dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action

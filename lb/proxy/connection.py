@@ -1217,7 +1217,7 @@ class Connection:
                 # client that sent our cookie (so may hold such a copy: it goes with every request): that
                 # copy is deleted first, or it would outlive what the backend says (a logout, a new login).
                 first = refreshed_copy_deletion(response, affinity, secure=secure)
-            extra = [(affinity.header, token)] if token else []
+            extra = [(affinity.header, token)] if token and affinity.header is not None else []
             return render_client_response(
                 response,
                 switching=switching,
@@ -1250,7 +1250,7 @@ class Connection:
             response,
             switching=switching,
             set_cookies=[our_set_cookie(affinity, token, secure=secure)],
-            extra=[(affinity.header, token)],
+            extra=[] if affinity.header is None else [(affinity.header, token)],
             keep_alive=keep_alive,
             drop_cookie=drop,
         )

@@ -19,6 +19,7 @@ from conftest import (
     Balancer,
     Gateway,
     Launcher,
+    affinity_cookie,
     assert_echo,
     find_backend,
     http_get_async,
@@ -156,8 +157,9 @@ async def test_full_backend_sends_new_clients_elsewhere(launcher: Launcher, gate
         landed = Counter([(await visit(lb.ws_url())).server_id for _ in range(6)])
         assert landed == Counter({big.id: 6}), f"new clients reached the full backend: {dict(landed)}"
         # A client pinned to the full backend is still served (HAProxy's option redispatch), not refused.
-        token = holder[1].get("X-LB-Affinity")
-        assert token
+        cookie = affinity_cookie(holder[1])
+        assert cookie is not None
+        token = cookie.value
         assert (await visit(lb.ws_url(), cookie=token)).server_id in {small.id, big.id}
         await assert_echo(holder[0], "the tunnel at the limit works")
         await stack.aclose()

@@ -114,7 +114,8 @@ async def test_header_and_query_tokens_stick_like_the_cookie(launcher: Launcher)
     """The token given on the 101 (Set-Cookie and X-LB-Affinity) pins the client whichever way it comes back,
     from any source address, without a new cookie."""
     gateways = launcher.gateways(3)
-    lb = launcher.balancer(lb_config(pools={POOL: gateways}, overrides={"limits": {"handshake_rate_per_ip": 0}}))
+    overrides = {"limits": {"handshake_rate_per_ip": 0}, "affinity": {"header": HEADER}}
+    lb = launcher.balancer(lb_config(pools={POOL: gateways}, overrides=overrides))
     lb.wait_states({(POOL, g.id): "up" for g in gateways})
     pinned: dict[str, str] = {}
     for _ in range(3):
@@ -139,7 +140,7 @@ async def test_header_and_query_tokens_stick_like_the_cookie(launcher: Launcher)
 async def test_header_and_query_tokens_never_reach_the_backend(launcher: Launcher) -> None:
     """X-LB-Affinity and ?lb_affinity= are removed from the forwarded request; other parameters stay."""
     spy: SpyBackend = launcher.spy()
-    lb = launcher.balancer(lb_config(pools={"spy": [spy]}))
+    lb = launcher.balancer(lb_config(pools={"spy": [spy]}, overrides={"affinity": {"header": HEADER}}))
     lb.wait_states({("spy", spy.id): "up"})
     async with tunnel(lb.ws_url("/spy"), hello=False) as ws:
         token = handshake_headers(ws)[HEADER]
@@ -156,6 +157,21 @@ async def test_header_and_query_tokens_never_reach_the_backend(launcher: Launche
     async with tunnel(encoded, hello=False) as ws:  # type: ignore[arg-type]  # aiohttp takes a URL too
         assert "Set-Cookie" not in handshake_headers(ws), "the token routed: nothing issued afresh"
     assert spy.requests[-1].path == "/spy?room=7"
+
+
+async def test_without_affinity_header_answers_carry_only_the_cookie(launcher: Launcher) -> None:
+    """`affinity.header` unset (the default): the 101 is the backend's answer plus the cookie (SPEC), and a
+    client's header of that name is nobody's: it reaches the backend as sent and routes nothing."""
+    spy: SpyBackend = launcher.spy()
+    lb = launcher.balancer(lb_config(pools={"spy": [spy]}))
+    lb.wait_states({("spy", spy.id): "up"})
+    async with tunnel(lb.ws_url("/spy"), hello=False) as ws:
+        headers = handshake_headers(ws)
+    assert HEADER not in headers and "Set-Cookie" in headers
+    token = headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+    async with tunnel(lb.ws_url("/spy"), hello=False, headers={HEADER: token}) as ws:
+        assert "Set-Cookie" in handshake_headers(ws), "the header carried no token: one is issued"
+    assert spy.requests[-1].get_all(HEADER) == [token]
 
 
 def start_with_hung_backend(

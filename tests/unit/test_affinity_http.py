@@ -33,8 +33,9 @@ KEYS = ("current-secret-for-tests", "previous-secret-for-tests")
 CODEC = TokenCodec(KEYS, 3600)
 OTHER_CODEC = TokenCodec(("somebody-elses-secret",), 3600)
 SESSION = bytes(range(8))
-INSERT = AffinityConfig(secret_keys=KEYS)
-REWRITE = AffinityConfig(secret_keys=KEYS, mode=AffinityMode.REWRITE, cookie="SESSIONID")
+HEADER = "X-LB-Affinity"  # the token's header is off unless named: these tests name it
+INSERT = AffinityConfig(secret_keys=KEYS, header=HEADER)
+REWRITE = AffinityConfig(secret_keys=KEYS, mode=AffinityMode.REWRITE, cookie="SESSIONID", header=HEADER)
 
 
 def seal(
@@ -221,6 +222,18 @@ def test_insert_mode_strips_every_trace_of_the_token(to_claimed: bool) -> None:
     assert seen.head.get_all("x-lb-affinity") == []
     assert seen.head.get("x-other") == "kept"
     assert all(GW1 not in value for _, value in seen.head.headers)
+
+
+def test_without_a_named_header_the_token_header_is_nobodys_and_passes() -> None:
+    """By default (`affinity.header` unset) a header of that name is not read for a token, and reaches the
+    backend as sent, like any other; the cookie and the query parameter still carry the token."""
+    default = AffinityConfig(secret_keys=KEYS)
+    req = request("/ws", ("X-LB-Affinity", GW1))
+    lookup = find_token(req, default, CODEC, NOW)
+    assert lookup.claim is None
+    assert forwarded(req, default, lookup, to_claimed=False).head.get_all("x-lb-affinity") == [GW1]
+    req = request(f"/ws?lb_affinity={GW1}")
+    assert find_token(req, default, CODEC, NOW).claim is not None
 
 
 def test_insert_mode_drops_a_cookie_header_left_empty() -> None:

@@ -559,7 +559,7 @@ def test_affinity_header_of_ones_own_is_taken(base_dir: Path, header: str) -> No
     ("header:X-Forwarded-For", False, "balance: source"), ("header:X-Forwarded-For", True, "balance: source"),
     ("header:x-real-ip", False, "balance: source"), ("header:Forwarded", False, "balance: source"),
     ("header:Connection", False, "replaced or dropped"), ("header:X_Forwarded_For", False, "'_' reads as '-'"),
-    ("header:X_Request_Id", False, "'_' reads as '-'"), ("header:X-LB-Affinity", False, "affinity token"),
+    ("header:X_Request_Id", False, "'_' reads as '-'"), ("header:X-LB-Affinity", False, None),  # not named: off
     ("cookie:LB_AFFINITY", False, "affinity token"), ("query:lb_affinity", False, "affinity token"),
     # what the backend gets as sent: a trusted proxy's claims pass, and so do other X-Forwarded-* names
     ("header:X-Real-IP", True, None), ("header:X-Forwarded-User", False, None), ("header:X-User-Id", False, None),
@@ -578,6 +578,17 @@ def test_a_hash_key_must_be_what_the_backend_gets(base_dir: Path, key: str, trus
         assert list(problems) == ["pools.gateways.hash_key"] and why in problems["pools.gateways.hash_key"]
     else:
         assert str(parse(tree, base_dir).pools["gateways"].hash_key) == key
+
+
+def test_a_hash_key_may_not_be_the_affinity_header_once_named(base_dir: Path) -> None:
+    tree = set_at(good_tree(), "affinity.header", "X-Route")
+    tree["pools"]["gateways"].update(balance="hash", hash_key="header:x-route")
+    problems = problems_of(tree, base_dir)
+    assert list(problems) == ["pools.gateways.hash_key"] and "affinity token" in problems["pools.gateways.hash_key"]
+
+
+def test_the_affinity_header_is_off_unless_named(base_dir: Path) -> None:
+    assert parse(good_tree(), base_dir).affinity.header is None
 
 
 def test_an_affinity_header_the_parse_leaves_out_as_an_alias_is_refused(base_dir: Path) -> None:
