@@ -66,6 +66,7 @@ answers according to the shutdown in progress.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -85,6 +86,8 @@ log = logging.getLogger("lb.proxy.server")
 
 # The most a header can be: peeking this much always shows its end (a v1 line is far shorter).
 _PEEK = V2_FIXED + MAX_V2_LENGTH
+_DISCARD = 64 * 1024  # what a refused peer's unread bytes are read off up to, for a FIN rather than a reset
+_DISCARD_READ = 16 * 1024
 # Accepts per wake-up: drains a burst of SYNs quickly without holding the loop for long.
 _ACCEPT_BATCH = 128
 # Seconds without accepting after EMFILE & co: the first pause, doubled up to the last (asyncio's one).
@@ -388,8 +391,15 @@ class _Preamble(_Accepted):
             self.server._loop.remove_reader(self.sock.fileno())
 
     def _abort(self, why: str) -> None:
-        """Close without an answer (unread bytes make the kernel send a reset)."""
+        """Close without an answer: with a FIN, as SPEC's "closed" reads, once what the peer sent is read off
+        (bytes left unread make the kernel answer the close with a reset, which a client reading to the
+        end takes for an error).  Read off and dropped, at most `_DISCARD` bytes: more than that, and
+        the reset it then gets is the flood's own doing."""
         _refusals.report(self.peer[0], why)
+        with contextlib.suppress(OSError):  # BlockingIOError: all read; any other error: the reset is due
+            for _ in range(_DISCARD // _DISCARD_READ):
+                if not self.sock.recv(_DISCARD_READ):
+                    break
         self._close()
 
     def _close(self) -> None:

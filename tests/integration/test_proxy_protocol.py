@@ -279,6 +279,17 @@ def test_garbage_is_closed_without_an_answer(pp: PPStack, garbage: bytes) -> Non
     assert_closed_silently(pp, pp.pp_port, garbage + request(tag), tag)
 
 
+@pytest.mark.parametrize("sent", [b"", b"PROXY TCP4 999.1.1.1 127.0.0.1 1 2\r\n", bytes(range(256)) * 40])
+def test_a_refused_connection_is_closed_with_a_fin_not_a_reset(pp: PPStack, sent: bytes) -> None:
+    """What the peer sent is read off before the close, so a client reading to the end gets an orderly end
+    (b""), not ECONNRESET (SPEC: "closed without an answer")."""
+    tag = new_tag()
+    with socket.create_connection((HOST, pp.pp_port), timeout=5 * UNIT) as sock:
+        sock.sendall(sent + request(tag))
+        sock.settimeout(5 * UNIT)
+        assert sock.recv(65536) == b"", "closed, unanswered"  # ConnectionResetError: a reset
+
+
 def test_silent_client_is_closed_after_the_handshake_timeout(pp: PPStack) -> None:
     started = time.monotonic()
     with socket.create_connection((HOST, pp.pp_port), timeout=5 * UNIT) as sock:
