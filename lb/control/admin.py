@@ -158,7 +158,7 @@ def make_admin_app(balancer: Balancer) -> web.Application:
     # client_max_size: aiohttp answers 413 itself beyond it, before any handler reads the body.
     app = web.Application(middlewares=[_answer_errors], client_max_size=MAX_BODY_BYTES)
     app[BALANCER] = balancer
-    app[SCRAPES] = Scrapes(lambda: balancer.registry.collect_slices())
+    app[SCRAPES] = Scrapes(lambda: balancer.registry.collect_slices(), before=balancer.fresh_counts)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/healthz", healthz)
@@ -233,7 +233,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     refuse_parameters(request)
-    return web.json_response(status_document(request.app[BALANCER]))
+    balancer = request.app[BALANCER]
+    await balancer.fresh_counts()  # with workers: what they count now, not up to two seconds ago
+    return web.json_response(status_document(balancer))
 
 
 def status_document(balancer: Balancer) -> dict[str, Any]:

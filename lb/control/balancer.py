@@ -805,6 +805,12 @@ class Balancer:
             return "no worker serving"
         return None
 
+    async def fresh_counts(self) -> None:
+        """The workers' counters as of now, for /metrics and /status (`WorkerSupervisor.fresh_counts`);
+        a process without workers counts in place."""
+        if self._supervisor is not None:
+            await self._supervisor.fresh_counts()
+
     def workers_serving(self) -> tuple[int, int] | None:
         """(how many of the owner's workers serve now, how many it runs); None without workers."""
         if self._supervisor is None:

@@ -139,14 +139,17 @@ class Scrapes:
     # client saw 18 ms.  Each turn costs the render one pass of the loop, tens of µs.
     TURN: ClassVar[float] = 0.002
 
-    __slots__ = ("_body", "_clock", "_cpu", "_next_turn", "_rendering", "_slices", "_until")
+    __slots__ = ("_before", "_body", "_clock", "_cpu", "_next_turn", "_rendering", "_slices", "_until")
 
     def __init__(
         self, slices: Callable[[], Iterator[Metric]], clock: Callable[[], float] = time.monotonic,
         cpu: Callable[[], float] = time.thread_time, next_turn: Callable[[], Awaitable[None]] = _next_turn,
+        before: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """`slices` gives every family in slices (`SlicedRegistry.collect_slices`); `clock` tells when
-        (monotonic), `cpu` what a turn cost (this thread's CPU time), `next_turn` lets the loop run."""
+        (monotonic), `cpu` what a turn cost (this thread's CPU time), `next_turn` lets the loop run;
+        `before` is awaited before a render reads anything (the workers' fresh counts)."""
+        self._before = before
         self._slices = slices
         self._clock = clock
         self._cpu = cpu
@@ -167,6 +170,8 @@ class Scrapes:
 
     async def _render(self) -> bytes:
         try:
+            if self._before is not None:
+                await self._before()
             render = SlicedRender(self._slices())
             held = spent = 0.0  # loop time and CPU time of the turns
             while True:

@@ -15,6 +15,7 @@ backend states; workers accept clients and relay.  Owner → worker:
     {"op": "reload", "text", "files"}                apply this `ConfigSource` (the owner has just applied it)
     {"op": "close_tunnels", "pool", "backend", "rate"}   a drain migration's share of this worker
     {"op": "stop_migration", "pool", "backend"}      an operator acted again (enable, a new drain): stop
+    {"op": "report", "seq"}                          send a stats report now, carrying this seq (a scrape)
 
 Worker → owner:
 
@@ -22,7 +23,7 @@ Worker → owner:
     {"op": "failure", "pool", "backend", "detail"}   a backend failed a handshake (passive health)
     {"op": "reload_failed"}                          it could not apply a reload (the owner logs and counts it)
     {"op": "stats", ...}                             counters and listening addresses, every second, for
-                                                     /status and /metrics
+                                                     /status and /metrics; "seq": the last `report` asked
     {"op": "alive"}                                  instead of a message too large to send (still heard from)
 
 Counters are cumulative per worker process; the owner keeps the latest

@@ -93,6 +93,9 @@ OWNER_LATE = 3 * STATES_EVERY
 # The owner re-sums its workers' reports at most this often.  Summing on every report cost N sums of
 # N reports per second (64 workers of 1000 backends: over 3 s of owner CPU each second).
 SUM_STATS_EVERY = 0.25
+# How long /metrics and /status wait for the workers' answers to `report` (`WorkerSupervisor.fresh_counts`):
+# a worker answers in a turn of its loop; one stopped or stuck is read from its last report after this.
+REPORT_WAIT = 1.0
 # Beyond this much unsent control data a peer is not reading: drop messages rather than buffer them.
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 SKIP_CHUNK = 1024 * 1024  # an oversized message is read past in chunks of this size
@@ -176,6 +179,7 @@ class _Worker:
     heard_at: float = 0.0  # event loop time of its last message
     killed: bool = False  # by the owner (`_write`, `_kill_unresponsive`): once, and it serves no more
     listeners: tuple[tuple[str, int], ...] = ()  # where it listens, as its last report said
+    answered: int = 0  # the highest `report` seq its stats have answered
 
     @property
     def name(self) -> str:
@@ -211,6 +215,11 @@ class WorkerSupervisor:
         # What the owner runs, and every worker with it: a restarted worker gets this, never the files.
         self._config_source = config_source
         self._workers: dict[int, _Worker] = {}
+        # fresh_counts: the `report` being waited for, the workers asked, and whether all have answered.
+        self._report_seq = 0
+        self._refresh: asyncio.Future[None] | None = None
+        self._asked: list[_Worker] = []
+        self._reported: asyncio.Future[None] | None = None
         self._stats = StatsAggregate(balancer.series.holds)  # the owner's retention (lb.state.series)
         self._stopping = False
         self._pusher: asyncio.Task[None] | None = None
@@ -283,6 +292,9 @@ class WorkerSupervisor:
         elif op == "stats":
             self._stats.update(pid, message)
             worker.listeners = tuple((str(host), int(port)) for host, port in message.get("listeners", ()))
+            worker.answered = max(worker.answered, int(message.get("seq", 0)))
+            if self._reported is not None and not self._reported.done() and self._all_answered():
+                self._reported.set_result(None)
             if self._sum_stats is None:
                 self._sum_stats = asyncio.get_running_loop().call_later(SUM_STATS_EVERY, self._apply_stats)
         elif op == "alive":
@@ -300,8 +312,38 @@ class WorkerSupervisor:
             raise ValueError(f"unknown op {op!r}")
 
     def _apply_stats(self) -> None:
+        if self._sum_stats is not None:
+            self._sum_stats.cancel()
         self._sum_stats = None
         self.live_tunnels = self._stats.apply_to(self._balancer.ctx, self._balancer.retired_backends())
+
+    async def fresh_counts(self) -> None:
+        """Have every serving worker report its counters now, and sum them, before /metrics or /status
+        reads them: a handshake a client has just made is counted there, not up to two seconds later
+        (a report a second, summed a quarter second after).  Waits at most REPORT_WAIT for the answers
+        (one stopped or stuck is read from its last report); scrapes that come meanwhile share the wait."""
+        if self._refresh is None:
+            self._refresh = asyncio.ensure_future(self._ask_reports())
+        await asyncio.shield(self._refresh)
+
+    async def _ask_reports(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            self._report_seq += 1
+            now = loop.time()
+            self._asked = [w for w in self._workers.values() if w.serving(now)]
+            self._reported = loop.create_future()
+            for worker in self._asked:
+                self._send(worker, {"op": "report", "seq": self._report_seq})
+            if not self._all_answered():
+                await asyncio.wait([self._reported], timeout=REPORT_WAIT)
+            self._apply_stats()
+        finally:
+            self._refresh = self._reported = None
+            self._asked = []
+
+    def _all_answered(self) -> bool:
+        return all(w.answered >= self._report_seq or w.process.returncode is not None for w in self._asked)
 
     async def _watch(self, worker: _Worker) -> None:
         code = await worker.process.wait()
@@ -536,6 +578,7 @@ class ControlChannel:
         self._tasks: list[asyncio.Task[Any]] = []
         self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._too_large = TooLargeReports()
+        self._seq = 0  # the owner's last `report` seq: every stats message carries it
 
     async def start(self) -> None:
         reader, self._writer = await asyncio.open_connection(sock=socket.socket(fileno=self._fd))
@@ -596,6 +639,9 @@ class ControlChannel:
                 task.add_done_callback(lambda done: self._forget(key, done))
         elif op == "stop_migration":
             self._stop_migration((str(message["pool"]), str(message["backend"])))
+        elif op == "report":
+            self._seq = max(self._seq, int(message["seq"]))
+            self._send(self._stats_message())
         else:
             raise ValueError(f"unknown op {op!r}")
 
@@ -616,7 +662,7 @@ class ControlChannel:
 
     def _stats_message(self) -> dict[str, Any]:
         balancer = self._balancer
-        return stats_message(balancer.ctx, balancer.retired_backends(), balancer.listen_addresses)
+        return {**stats_message(balancer.ctx, balancer.retired_backends(), balancer.listen_addresses), "seq": self._seq}
 
     async def stop(self) -> None:
         for task in [*self._tasks, *self._migrations.values()]:

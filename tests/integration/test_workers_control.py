@@ -24,10 +24,21 @@ from conftest import (
     deep_merge,
     lb_config,
     recv_hello,
+    status,
     visit,
     ws_connect,
 )
-from support_ops import process_alive, set_state, started_stack, token_of, two_workers, visit_until, wait_until
+from support_ops import (
+    metric,
+    metrics_text,
+    process_alive,
+    set_state,
+    started_stack,
+    token_of,
+    two_workers,
+    visit_until,
+    wait_until,
+)
 
 POOL = "gateways"
 SLOW_TCP_HEALTH = {"type": "tcp", "interval": "10s", "timeout": "1s", "rise": 1, "fall": 1}
@@ -94,6 +105,22 @@ async def test_drain_then_enable_stops_the_closes_in_every_worker(
             if index not in closed_early:
                 await assert_echo(ws, "still open after enable")
     lb.assert_alive()
+
+
+async def test_counters_read_right_after_the_handshakes_count_them(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """/status and /metrics ask the workers for their counters as they are asked: handshakes a client has
+    just made are counted there at once, not one or two seconds later (a report a second, then summed)."""
+    lb = start(launcher, {POOL: gateways}, {"pools": {POOL: {"health_check": SLOW_TCP_HEALTH}}})
+    lb.wait_states({(POOL, g.id): "up" for g in gateways})
+    await two_workers(lb)
+    for round_ in (1, 2):
+        for _ in range(6):
+            await visit(lb.ws_url())
+        counted = sum(b["handshakes"] for b in (await status(lb))["pools"][POOL]["backends"])
+        assert counted == 6 * round_, "/status right after the handshakes"
+        text = await metrics_text(lb)
+        exported = sum(metric(text, "lb_backend_handshakes_total", pool=POOL, backend=g.id) or 0 for g in gateways)
+        assert exported == 6 * round_, "/metrics right after the handshakes"
 
 
 async def test_a_state_message_past_64k_reaches_the_workers(launcher: Launcher, gateways: list[Gateway]) -> None:

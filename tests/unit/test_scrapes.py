@@ -201,3 +201,27 @@ def test_a_costly_render_slowed_by_a_loaded_machine_is_reused_for_share_times_wh
         return seen
 
     assert asyncio.run(run()) == [1, 1, 2]
+
+
+def test_a_render_reads_after_its_before_hook_and_concurrent_scrapes_share_one_wait() -> None:
+    """`before` (the workers' fresh counts) is awaited once per render, before any slice reads the state;
+    scrapes that come while it waits share it and the render."""
+    clocks = Clocks()
+    order: list[str] = []
+
+    async def before() -> None:
+        order.append("before")
+        await asyncio.sleep(0.01)  # the workers answering
+        order.append("answered")
+
+    def slices() -> Iterator[Metric]:
+        order.append("read")
+        return clocks.slices(1, 0.001)
+
+    scrapes = Scrapes(slices, clocks.wall, clocks.spent, clocks.next_turn, before=before)
+
+    async def run() -> list[int]:
+        return [render_number(body) for body in await asyncio.gather(*(scrapes.body() for _ in range(3)))]
+
+    assert asyncio.run(run()) == [1, 1, 1]
+    assert order == ["before", "answered", "read"]
