@@ -30,8 +30,11 @@ def _fake_balancer(*, ready: bool = True, serving: bool | None = None, not_ready
     ctx = SimpleNamespace(config=SimpleNamespace(admin=SimpleNamespace(token=TOKEN)), pools={"p": pool})
     serving = ready if serving is None else serving
     reason = not_ready or (None if ready else "shutting down")
+    async def fresh_counts() -> None:  # no workers: counted in place
+        return None
+
     return SimpleNamespace(ctx=ctx, ready=ready, serving=serving, shutting_down=not ready, apply_admin=apply_admin,
-                           not_ready=lambda: reason)
+                           not_ready=lambda: reason, fresh_counts=fresh_counts)
 
 
 async def _client(balancer: Any) -> TestClient[Any, Any]:
