@@ -419,7 +419,7 @@ def test_the_owner_sums_a_burst_of_reports_once() -> None:
         )
         with mock.patch.object(StatsAggregate, "apply_to", autospec=True, side_effect=StatsAggregate.apply_to) as sums:
             for pid in (100, 200, 300):
-                supervisor._handle(mock.Mock(), pid, _report(handshakes=pid, tunnels=1))
+                supervisor._handle(mock.Mock(answered=0), pid, _report(handshakes=pid, tunnels=1))
             assert sums.call_count == 0 and supervisor.live_tunnels == 0
             await asyncio.sleep(SUM_STATS_EVERY * 2)
             assert sums.call_count == 1
