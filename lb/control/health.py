@@ -118,7 +118,6 @@ class FirstProbes:
             await asyncio.sleep(self.gap)
 
 
-
 class HealthChecker:
     """Probes every backend of one pool on its interval until stopped."""
 
