@@ -24,7 +24,7 @@ Worker → owner:
     {"op": "reload_failed"}                          it could not apply a reload (the owner logs and counts it)
     {"op": "stats", ...}                             counters and listening addresses, every second, for
                                                      /status and /metrics; "seq": the last `report` asked
-    {"op": "alive"}                                  instead of a message too large to send (still heard from)
+    {"op": "alive", "seq"}                           instead of a message too large to send (still heard from)
 
 Counters are cumulative per worker process; the owner keeps the latest
 report of every worker pid it has seen, live or dead, so a restart never

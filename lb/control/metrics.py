@@ -164,7 +164,7 @@ class LbCollector(SlicedCollector):
             ended.add_metric([cause, ended_with], count)
         yield ended
         # Latency histograms, backend errors and health checks (lb.state.observations), workers summed.
-        yield from ctx.observations.family_slices([*present, *departed])
+        yield from ctx.observations.family_slices(present, departed)
 
     @staticmethod
     def _backends(
@@ -183,7 +183,14 @@ class LbCollector(SlicedCollector):
         # The per-backend counters /status shows, under the same names (lb ctl status, the dashboard);
         # counted once per body, as /status counts them.
         counts = ctx.stats.backend_counts()
-        keys = [*((pool, backend.id) for pool, backend in live), *departed]
+        # A departed backend forgotten since the render began (its counts and its observations go
+        # together) is left out, not shown at 0: a counter going backwards.  Its counts, once read
+        # here, are this body's to the end.
+        observations = ctx.observations
+        keys = [
+            *((pool, backend.id) for pool, backend in live),
+            *(key for key in departed if key in counts or observations.holds_backend(*key)),
+        ]
         for attribute, described in _BACKEND_COUNTERS.items():
             yield from in_slices(_family(CounterMetricFamily, *described), keys, _counted(counts, attribute))
 

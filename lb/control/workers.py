@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import signal
 import site
@@ -96,6 +97,10 @@ SUM_STATS_EVERY = 0.25
 # How long /metrics and /status wait for the workers' answers to `report` (`WorkerSupervisor.fresh_counts`):
 # a worker answers in a turn of its loop; one stopped or stuck is read from its last report after this.
 REPORT_WAIT = 1.0
+# Rounds of `report` start at most this often, however often /status is asked (it needs no token): each
+# round costs every worker a report built on its data-plane loop, and the owner a sum of them all.  A
+# request that comes sooner waits for the next round rather than take an older one's counts.
+REPORT_ROUND_GAP = SUM_STATS_EVERY
 # Beyond this much unsent control data a peer is not reading: drop messages rather than buffer them.
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 SKIP_CHUNK = 1024 * 1024  # an oversized message is read past in chunks of this size
@@ -215,9 +220,11 @@ class WorkerSupervisor:
         # What the owner runs, and every worker with it: a restarted worker gets this, never the files.
         self._config_source = config_source
         self._workers: dict[int, _Worker] = {}
-        # fresh_counts: the `report` being waited for, the workers asked, and whether all have answered.
+        # fresh_counts: the round under way (shared by the requests that come meanwhile), the `report`
+        # seq it asked with, the workers asked, and a future done once all of them have answered.
+        self._round: asyncio.Future[None] | None = None
+        self._round_started = -math.inf
         self._report_seq = 0
-        self._refresh: asyncio.Future[None] | None = None
         self._asked: list[_Worker] = []
         self._reported: asyncio.Future[None] | None = None
         self._stats = StatsAggregate(balancer.series.holds)  # the owner's retention (lb.state.series)
@@ -292,13 +299,11 @@ class WorkerSupervisor:
         elif op == "stats":
             self._stats.update(pid, message)
             worker.listeners = tuple((str(host), int(port)) for host, port in message.get("listeners", ()))
-            worker.answered = max(worker.answered, int(message.get("seq", 0)))
-            if self._reported is not None and not self._reported.done() and self._all_answered():
-                self._reported.set_result(None)
+            self._answered(worker, message)
             if self._sum_stats is None:
                 self._sum_stats = asyncio.get_running_loop().call_later(SUM_STATS_EVERY, self._apply_stats)
         elif op == "alive":
-            pass  # a report that could not be sent (too large): heard from, nothing else
+            self._answered(worker, message)  # its report could not be sent (too large): all it has to say
         elif op == "reload_failed":
             # The owner's reload succeeded, so this is local to the worker (a port it alone cannot bind, a
             # TLS file it alone reads).  The instance now runs two configurations until the next reload:
@@ -321,33 +326,47 @@ class WorkerSupervisor:
         """Have every serving worker report its counters now, and sum them, before /metrics or /status
         reads them: a handshake a client has just made is counted there, not up to two seconds later
         (a report a second, summed a quarter second after).  Waits at most REPORT_WAIT for the answers
-        (one stopped or stuck is read from its last report); scrapes that come meanwhile share the wait."""
-        if self._refresh is None:
-            self._refresh = asyncio.ensure_future(self._ask_reports())
-        await asyncio.shield(self._refresh)
+        (one stopped or stuck is read from its last report); requests that come meanwhile share the
+        round, and a round starts REPORT_ROUND_GAP after the last one at the soonest."""
+        if self._round is None:
+            self._round = asyncio.ensure_future(self._ask_reports())
+        await asyncio.shield(self._round)
 
     async def _ask_reports(self) -> None:
         try:
             loop = asyncio.get_running_loop()
+            soonest = self._round_started + REPORT_ROUND_GAP
+            if loop.time() < soonest:
+                await asyncio.sleep(soonest - loop.time())
+            self._round_started = now = loop.time()
             self._report_seq += 1
-            now = loop.time()
             self._asked = [w for w in self._workers.values() if w.serving(now)]
             self._reported = loop.create_future()
             for worker in self._asked:
                 self._send(worker, {"op": "report", "seq": self._report_seq})
-            if not self._all_answered():
-                await asyncio.wait([self._reported], timeout=REPORT_WAIT)
+            self._check_answers()
+            await asyncio.wait([self._reported], timeout=REPORT_WAIT)
             self._apply_stats()
         finally:
-            self._refresh = self._reported = None
+            self._round = self._reported = None
             self._asked = []
 
-    def _all_answered(self) -> bool:
-        return all(w.answered >= self._report_seq or w.process.returncode is not None for w in self._asked)
+    def _answered(self, worker: _Worker, message: dict[str, Any]) -> None:
+        worker.answered = max(worker.answered, int(message.get("seq", 0)))
+        self._check_answers()
+
+    def _check_answers(self) -> None:
+        """Ends the round's wait once every worker asked has answered it, or exited (`_watch`)."""
+        reported = self._reported
+        if reported is not None and not reported.done() and all(
+            w.answered >= self._report_seq or w.process.returncode is not None for w in self._asked
+        ):
+            reported.set_result(None)
 
     async def _watch(self, worker: _Worker) -> None:
         code = await worker.process.wait()
         pid = worker.process.pid
+        self._check_answers()  # a round of `report` waits for it no more
         self._stats.retire(pid)
         self._apply_stats()  # at once: its tunnels are gone now
         # Its last report may still be in the socket: read to EOF, then fold its counters away.
@@ -604,7 +623,7 @@ class ControlChannel:
             self._too_large.say(message["op"], exc)
             # The owner hears from us through these (its watchdog kills a silent worker): a stats
             # report grown past the frame limit must not make this one silent.
-            writer.write(encode({"op": "alive"}))
+            writer.write(encode({"op": "alive", "seq": self._seq}))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         async for message in read_messages(reader, "the owner"):

@@ -147,7 +147,19 @@ class Observations:
         """Prometheus metric families for everything recorded here and by the workers, each whole."""
         return whole_families(self.family_slices(known))
 
-    def family_slices(self, known: Iterable[tuple[str, str]] = ()) -> Iterator[Metric]:
+    def holds_backend(self, pool: str, backend: str) -> bool:
+        """Whether this process or its workers hold any series of `backend` (`forget` drops them all)."""
+        sources = (self, self.from_workers) if self.from_workers is not None else (self,)
+        return any(
+            (pool, backend) in source.connect
+            or any((pool, backend, kind) in source.backend_errors for kind in ERROR_KINDS)
+            or any((pool, backend, result) in source.health_checks for result in ("success", "failure"))
+            for source in sources
+        )
+
+    def family_slices(
+        self, known: Iterable[tuple[str, str]] = (), departed: Iterable[tuple[str, str]] = ()
+    ) -> Iterator[Metric]:
         """The same families, a per-backend one in slices of a few backends (`lb.state.families`).
 
         Each series is summed over this process and its workers when its slice is built (a histogram
@@ -157,9 +169,20 @@ class Observations:
         Args:
             known: (pool, backend) pairs configured now; their series are exported at zero before
                 anything happened, so `rate()` and alerts see them from the first scrape.
+            departed: pairs gone from their pool whose series the retention keeps: exported as `known`
+                ones are, while any of their series is held when their slice is built.  One forgotten
+                since the render listed it (the loop runs between slices) is left out of the body, not
+                shown at zero: from N to 0 is a counter going backwards, from N to absent a series
+                that ended.
         """
         sources = (self, self.from_workers) if self.from_workers is not None else (self,)
-        known = list(known)
+        present = set(known)
+        departed = set(departed) - present
+        known = [*present, *departed]
+
+        def at_zero(key: tuple[str, str]) -> bool:
+            """Whether `key`'s series are exported, at zero where nothing was recorded."""
+            return key in present or (key in departed and self.holds_backend(*key))
 
         def handshake() -> HistogramMetricFamily:
             return HistogramMetricFamily(
@@ -168,8 +191,10 @@ class Observations:
                 labels=["pool"],
             )
 
+        known_pools = {pool for pool, _ in known}
+
         def add_handshake(family: HistogramMetricFamily, pool: str) -> None:
-            _add_histogram(family, [pool], [source.handshake.get(pool) for source in sources])
+            _add_histogram(family, [pool], [source.handshake.get(pool) for source in sources], pool in known_pools)
 
         def connect() -> HistogramMetricFamily:
             return HistogramMetricFamily(
@@ -179,7 +204,7 @@ class Observations:
             )
 
         def add_connect(family: HistogramMetricFamily, key: tuple[str, str]) -> None:
-            _add_histogram(family, list(key), [source.connect.get(key) for source in sources])
+            _add_histogram(family, list(key), [source.connect.get(key) for source in sources], at_zero(key))
 
         # Each family's rows are listed (and sorted: a stable scrape output) when its first slice is built.
         pools = sorted({*(pool for source in sources for pool in source.handshake), *(pool for pool, _ in known)})
@@ -192,6 +217,7 @@ class Observations:
             ["pool", "backend", "kind"],
             [source.backend_errors for source in sources],
             ((pool, backend, kind) for pool, backend in known for kind in ERROR_KINDS),
+            at_zero,
         )
         yield from _counter(
             "lb_health_checks",
@@ -199,6 +225,7 @@ class Observations:
             ["pool", "backend", "result"],
             [source.health_checks for source in sources],
             ((pool, backend, result) for pool, backend in known for result in ("success", "failure")),
+            at_zero,
         )
 
 
@@ -207,9 +234,14 @@ def _samples(bounds: tuple[float, ...]) -> int:
     return len(bounds) + 3
 
 
-def _add_histogram(family: HistogramMetricFamily, labels: list[str], parts: list[Histogram | None]) -> None:
-    """One series: the sum of `parts` (this process's and its workers'; None: nothing recorded there)."""
+def _add_histogram(
+    family: HistogramMetricFamily, labels: list[str], parts: list[Histogram | None], known: bool
+) -> None:
+    """One series: the sum of `parts` (this process's and its workers'; None: nothing recorded there).
+    Nothing recorded anywhere, and not `known` (forgotten since the render listed it): no series."""
     present = [part for part in parts if part is not None]
+    if not present and not known:
+        return
     if len(present) == 1:
         histogram = present[0]
     else:
@@ -221,7 +253,7 @@ def _add_histogram(family: HistogramMetricFamily, labels: list[str], parts: list
 
 def _counter(
     name: str, documentation: str, labels: list[str], sources: list[Tally[tuple[str, str, str]]],
-    zeros: Iterable[tuple[str, str, str]],
+    zeros: Iterable[tuple[str, str, str]], at_zero: Callable[[tuple[str, str]], bool],
 ) -> Iterator[CounterMetricFamily]:
     """One counter family with a series per key of `sources` and `zeros`, in key order (stable scrape
     output), in slices; each series the sum over `sources`, read when its slice is built."""
@@ -230,6 +262,8 @@ def _counter(
         return CounterMetricFamily(name, documentation, labels=labels)
 
     def add(family: CounterMetricFamily, key: tuple[str, str, str]) -> None:
-        family.add_metric(list(key), sum(source.get(key, 0) for source in sources))
+        counts = [source[key] for source in sources if key in source]
+        if counts or at_zero(key[:2]):  # else forgotten since the render listed it: no series (not 0)
+            family.add_metric(list(key), sum(counts))
 
     yield from in_slices(make, sorted({*(key for source in sources for key in source), *zeros}), add)

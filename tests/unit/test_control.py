@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
 from pathlib import Path
@@ -499,25 +500,84 @@ def test_a_worker_whose_report_is_too_large_to_send_is_still_heard_from(caplog: 
     channel = workers.ControlChannel.__new__(workers.ControlChannel)
     channel._writer = writer  # type: ignore[assignment]
     channel._too_large = workers.TooLargeReports()
+    channel._seq = 3  # the owner's last `report`: the `alive` answers it (a round of /status waits no more)
     channel._send({"op": "stats", "padding": "x" * (ipc.MAX_MESSAGE_BYTES + 1)})
-    assert len(written) == 1 and ipc.decode(written[0][ipc.LENGTH.size:]) == {"op": "alive"}
+    assert len(written) == 1 and ipc.decode(written[0][ipc.LENGTH.size:]) == {"op": "alive", "seq": 3}
     assert "not sent" in caplog.text
     # The next report, a second later, is as large: an `alive` again, and no second line.
     caplog.clear()
     channel._send({"op": "stats", "padding": "x" * (ipc.MAX_MESSAGE_BYTES + 1)})
-    assert len(written) == 2 and ipc.decode(written[1][ipc.LENGTH.size:]) == {"op": "alive"}
+    assert len(written) == 2 and ipc.decode(written[1][ipc.LENGTH.size:]) == {"op": "alive", "seq": 3}
     assert "not sent" not in caplog.text
 
     heard: list[float] = []
-    worker = SimpleNamespace(heard_at=0.0)
+    worker = SimpleNamespace(heard_at=0.0, answered=0)
     supervisor = workers.WorkerSupervisor.__new__(workers.WorkerSupervisor)
+    supervisor._reported = None  # no round of `report` under way
 
     async def owner_hears() -> None:
-        supervisor._handle(worker, 4242, {"op": "alive"})  # type: ignore[arg-type]
+        supervisor._handle(worker, 4242, {"op": "alive", "seq": 3})  # type: ignore[arg-type]
         heard.append(worker.heard_at)
 
     asyncio.run(owner_hears())
     assert heard[0] > 0
+    assert worker.answered == 3
+
+
+def test_a_round_of_report_is_shared_ends_when_every_worker_has_answered_or_exited_and_is_paced() -> None:
+    """/status and /metrics ask the workers for fresh counts (`fresh_counts`): requests that come together
+    share one round; a worker that answers or exits ends its part of the wait (not REPORT_WAIT); the next
+    round starts REPORT_ROUND_GAP after the last at the soonest, so a flood of /status cannot make the
+    workers report on their data-plane loops at its rate."""
+    from types import SimpleNamespace
+
+    from lb.control import workers
+
+    sent: list[tuple[int, dict[str, Any]]] = []
+    both_asked = asyncio.Event()
+
+    def send(w: Any, message: dict[str, Any]) -> None:
+        sent.append((w.index, message))
+        if len(sent) == 2:
+            both_asked.set()
+
+    def worker(index: int) -> Any:
+        return SimpleNamespace(index=index, answered=0, process=SimpleNamespace(returncode=None),
+                               serving=lambda now: True)
+
+    supervisor = workers.WorkerSupervisor.__new__(workers.WorkerSupervisor)
+    supervisor._workers = {0: worker(0), 1: worker(1)}
+    supervisor._round, supervisor._round_started, supervisor._report_seq = None, -math.inf, 0
+    supervisor._asked, supervisor._reported = [], None
+    supervisor._send = send  # type: ignore[method-assign]
+    sums: list[float] = []
+    supervisor._apply_stats = lambda: sums.append(asyncio.get_running_loop().time())  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        asked = [loop.create_task(supervisor.fresh_counts()) for _ in range(3)]
+        for _ in range(5):  # the requests, then the round they started
+            await asyncio.sleep(0)
+        assert [index for index, _ in sent] == [0, 1], "one round for the three requests"
+        seq = sent[0][1]["seq"]
+        supervisor._answered(supervisor._workers[0], {"op": "stats", "seq": seq})
+        supervisor._workers[1].process.returncode = -9  # killed before it answered
+        supervisor._check_answers()  # as _watch does when it sees the exit
+        await asyncio.gather(*asked)
+        assert len(sums) == 1 and sums[0] - started < workers.REPORT_WAIT / 2, "not the full wait"
+        sent.clear()
+        both_asked.clear()
+        supervisor._workers[1].process.returncode = None
+        await asyncio.gather(supervisor.fresh_counts(), answer_when_asked(seq + 1))
+        assert loop.time() - started >= workers.REPORT_ROUND_GAP, "the next round waits for its gap"
+
+    async def answer_when_asked(seq: int) -> None:
+        await both_asked.wait()
+        for index in (0, 1):
+            supervisor._answered(supervisor._workers[index], {"op": "stats", "seq": seq})
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize(

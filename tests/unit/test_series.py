@@ -295,3 +295,43 @@ def test_a_departed_backend_the_retention_keeps_stays_in_metrics_at_its_last_cou
         aggregate.forget()
         aggregate.apply_to(after_reload)
     assert _series_of(_scrape(after_reload, retention), "b") == {}
+
+
+def test_a_departed_backend_forgotten_mid_render_leaves_the_body_and_is_never_shown_at_zero() -> None:
+    """/metrics renders a slice at a time with the loop running between: a departed backend's series that
+    the retention forgets meanwhile (a DNS answer) are left out of that body, not exported at 0 after N
+    in the body before (a counter going backwards)."""
+    from lb.control.exposition import SlicedRender
+    from lb.control.metrics import make_registry
+
+    retention = SeriesRetention()
+    retention.update({"p": ["a", "gone"]}, {"p": 16})
+    retention.update({"p": ["a"]}, {"p": 16})  # gone departed, its series kept
+
+    def gone_series(forget_after: int | None) -> dict[str, float]:
+        """The series of `gone` in one body, its counts forgotten after slice `forget_after` (None: never)."""
+        ctx = _ctx(("a",))
+        ctx.stats.decisions[("p", "gone", "new")] += 7
+        for _ in range(7):
+            ctx.observations.observe_connect("p", "gone", 0.01)
+            ctx.observations.count_health_check("p", "gone", True)
+        registry = make_registry(lambda: ctx, departed=retention.departed_everywhere, worker_pids=list)
+        render = SlicedRender(registry.collect_slices())
+        turns = 0
+        while not render.advance(lambda: 0.0, -1.0):  # one slice a turn, the loop running in between
+            turns += 1
+            if turns == forget_after:
+                ctx.stats.forget(lambda pool, backend: backend != "gone")
+                ctx.observations.forget(lambda pool, backend: backend != "gone")
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in render.body().decode().splitlines()
+            if 'backend="gone"' in line and not line.startswith("#")
+        }
+
+    before = gone_series(None)
+    assert before['lb_backend_handshakes_total{backend="gone",pool="p"}'] == 7
+    assert before['lb_backend_connect_duration_seconds_count{backend="gone",pool="p"}'] == 7
+    for forget_after in range(1, 40):
+        shown = gone_series(forget_after)
+        assert all(before[series] == value for series, value in shown.items()), (forget_after, shown)
