@@ -478,8 +478,9 @@ def _affinity(value: object, check: Checker) -> AffinityConfig | None:
         return None
     kwargs, valid = parse_each_field(node, "affinity", check, _AFFINITY_FIELDS)
     keys = _secret_keys(value_at(node, "secret_keys", "affinity", check, required=True), check)
-    # The checks across keys run on the keys that parsed (the others at their defaults, which pass
-    # every check), so that a bad key or secret hides no other problem.
+    # Each check across keys runs once the keys it reads parsed (or are absent, at their defaults), so
+    # that a bad key or secret hides no other problem, and a wrong one (a misspelt `mode`) is not
+    # judged as its default.
     affinity = AffinityConfig(secret_keys=keys or (), **kwargs)
     valid = valid and keys is not None
     if affinity.header is not None and affinity.header.lower() in BALANCER_HEADERS:
@@ -490,11 +491,13 @@ def _affinity(value: object, check: Checker) -> AffinityConfig | None:
         )
         valid = False
     # RFC 6265bis §5.4.7: browsers drop SameSite=None cookies that lack Secure.
-    if affinity.same_site is SameSite.NONE and affinity.secure is SecureMode.NEVER:
+    if settled(node, kwargs, "same_site", "secure") and affinity.same_site is SameSite.NONE \
+            and affinity.secure is SecureMode.NEVER:
         check.add("affinity.same_site", "same_site None needs the Secure attribute, but secure is never")
         valid = False
     prefix = secure_prefix(affinity.cookie)
-    if prefix is not None and affinity.mode is AffinityMode.INSERT and affinity.secure is SecureMode.NEVER:
+    if settled(node, kwargs, "cookie", "mode", "secure") and prefix is not None \
+            and affinity.mode is AffinityMode.INSERT and affinity.secure is SecureMode.NEVER:
         check.add("affinity.cookie", f"a {prefix} cookie needs the Secure attribute (browsers drop it without), "
                   "but secure is never")
         valid = False
@@ -646,8 +649,10 @@ def _pool(name: str, value: object, path: str, check: Checker) -> PoolConfig | N
     # A pool needs backends from somewhere: a static list, DNS, or both.
     backends_value = value_at(node, "backends", path, check, required=not discovered)
     backends = () if backends_value is None else _backends(backends_value, join_path(path, "backends"), check)
-    if settled(node, kwargs, "balance", "hash_key", "sticky"):  # judged even when another key is wrong
-        balance = kwargs.get("balance")
+    # Each check across keys runs once the keys it reads parsed (or are absent): judged even when
+    # another key is wrong, never on a wrong one.
+    balance = kwargs.get("balance")
+    if settled(node, kwargs, "balance", "hash_key"):
         if balance is BalanceMethod.HASH and kwargs.get("hash_key") is None:
             check.add(
                 join_path(path, "hash_key"), "balance: hash needs a hash_key (header:NAME, query:NAME or cookie:NAME)"
@@ -656,9 +661,9 @@ def _pool(name: str, value: object, path: str, check: Checker) -> PoolConfig | N
         elif balance is not BalanceMethod.HASH and kwargs.get("hash_key") is not None:
             check.add(join_path(path, "hash_key"), "only used with balance: hash")
             valid = False
-        elif balance not in HASHED_METHODS and kwargs.get("sticky") is False:
-            check.add(join_path(path, "sticky"), "only used with balance: source or hash (other pools always pin)")
-            valid = False
+    if settled(node, kwargs, "balance", "sticky") and balance not in HASHED_METHODS and kwargs.get("sticky") is False:
+        check.add(join_path(path, "sticky"), "only used with balance: source or hash (other pools always pin)")
+        valid = False
     if not valid or health is None or backends is None or (discovered and discovery is None):
         return None
     return PoolConfig(name=name, backends=backends, health_check=health, discovery=discovery, **kwargs)

@@ -127,7 +127,7 @@ PROTECTED_HEADERS: Final = frozenset(
         "x-real-ip",
         "forwarded",
         "x-request-id",
-        "x-lb-affinity",  # the `affinity.header` README names (off by default); pass another via `protected=`
+        "x-lb-affinity",  # reserved even while `affinity.header` is off (its default); another via `protected=`
         "host",
         "content-length",
         "transfer-encoding",

@@ -251,3 +251,13 @@ def test_a_wrong_key_is_not_judged_by_a_check_across_keys(tmp_path: Path) -> Non
     value = tree()
     value["listeners"][0].update(proxy_protocol_from=["10.0.0.0/8"], proxy_protocol="yes please")
     assert set(tree_problems(value, tmp_path)) == {"listeners[0].proxy_protocol"}
+
+
+def test_checks_across_keys_wait_only_for_the_keys_they_read(tmp_path: Path) -> None:
+    """A misspelt `mode` is not judged as insert (no false `__Host-` problem); a wrong `sticky` does not
+    hide a `balance: hash` without `hash_key`."""
+    value = tree(affinity={"secret_keys": [KEY], "mode": "rewrit", "cookie": "__Host-sid", "secure": "never"})
+    assert set(tree_problems(value, tmp_path)) == {"affinity.mode"}
+    value = tree()
+    value["pools"]["p"].update(balance="hash", sticky="maybe")
+    assert set(tree_problems(value, tmp_path)) == {"pools.p.hash_key", "pools.p.sticky"}
