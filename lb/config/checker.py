@@ -155,6 +155,18 @@ def list_of(value: object, path: str, check: Checker, *, what: str) -> list[obje
     return value
 
 
+def optional_list(value: object, path: str, check: Checker, *, what: str) -> list[object] | None:
+    """The value as a list, possibly empty (absent or null: empty); None: a problem, said (or said already)."""
+    if value is None:
+        return []
+    if value is REPORTED:
+        return None
+    if not isinstance(value, list):
+        check.add(path, f"expected a list of {what}, got {kind_of(value)}")
+        return None
+    return value
+
+
 def value_at(node: Mapping[Any, object], key: str, path: str, check: Checker, *, required: bool) -> object:
     """The value at `key`; None if absent or null (use the default); REPORTED if required and absent."""
     value = node.get(key)

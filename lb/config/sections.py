@@ -28,6 +28,7 @@ from lb.config.checker import (
     kind_of,
     list_of,
     mapping_of,
+    optional_list,
     parse_each_field,
     parse_fields,
     scalar_mapping,
@@ -346,16 +347,12 @@ def _networks(
 ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
     """`trusted_proxies` or a listener's `proxy_protocol_from`: a list (possibly empty) of CIDRs or
     addresses; absent or null is empty."""
-    if value is None:
-        return ()
-    if value is REPORTED:
-        return None
-    if not isinstance(value, list):
-        check.add(path, f"expected a list of CIDRs such as [10.0.0.0/8], got {kind_of(value)}")
+    items = optional_list(value, path, check, what="CIDRs such as [10.0.0.0/8]")
+    if items is None:
         return None
     networks = []
     valid = True
-    for i, item in enumerate(value):
+    for i, item in enumerate(items):
         path_i = f"{path}[{i}]"
         if item is REPORTED:  # said already (an unset ${VAR}, an integer too long): said once
             valid = False
@@ -686,16 +683,12 @@ def _discovery(value: object, path: str, check: Checker) -> DiscoveryConfig | No
 def _nameservers(value: object, path: str, check: Checker) -> tuple[tuple[str, int], ...] | None:
     """`discovery.nameservers`: IP address and port of each (absent, null or empty: the system resolver);
     None: a problem, said."""
-    if value is None:
-        return ()
-    if value is REPORTED:
-        return None
-    if not isinstance(value, list):
-        check.add(path, f"expected a list of host:port, got {kind_of(value)}")
+    items = optional_list(value, path, check, what="host:port")
+    if items is None:
         return None
     parse = address(min_port=1)
     nameservers: list[tuple[str, int]] = []
-    for i, item in enumerate(value):
+    for i, item in enumerate(items):
         if item is REPORTED:  # said already (an unset ${VAR}, an integer too long): said once
             continue
         try:
@@ -708,7 +701,7 @@ def _nameservers(value: object, path: str, check: Checker) -> tuple[tuple[str, i
             check.add(f"{path}[{i}]", f"expected an IP address, got {show(host)}")
             continue
         nameservers.append((host, port))
-    return tuple(nameservers) if len(nameservers) == len(value) else None
+    return tuple(nameservers) if len(nameservers) == len(items) else None
 
 
 def _health_check(value: object, path: str, check: Checker) -> HealthCheckConfig | None:

@@ -28,6 +28,16 @@ def _tunnel(ctx: ProxyContext, backend: BackendStatus, client: FakeTransport, *,
     )
 
 
+async def _drain_cancelled_after(ctx: ProxyContext, backend: BackendStatus, rate: float, after: float) -> None:
+    """A drain of `backend` at `rate` closes a second, cancelled `after` seconds (as `enable` does)."""
+    task = asyncio.get_running_loop().create_task(migrate(ctx, "p", backend, 0.0, rate))
+    await asyncio.sleep(after)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 def _summaries(caplog: pytest.LogCaptureFixture) -> list[str]:
     lines = [r.getMessage() for r in caplog.records if r.name == "lb.control.migration"]
     return [line for line in lines if "tunnel(s)" in line]
@@ -47,12 +57,8 @@ def test_a_drain_stopped_while_its_closes_end_still_says_how_they_went(
         taken = _tunnel(ctx, backend, FakeTransport())  # takes its 1012
         stalled = _tunnel(ctx, backend, FakeTransport(buffered=1 << 20))  # never takes it: cut after the linger
         waiting = _tunnel(ctx, backend, FakeTransport(), mid_frame=True)  # its 1012 waits for a boundary
-        task = asyncio.get_running_loop().create_task(migrate(ctx, "p", backend, 0.0, 1000.0))
-        await asyncio.sleep(0.3)
-        assert taken.closed and stalled.closed and not waiting.closed and not task.done()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await _drain_cancelled_after(ctx, backend, 1000.0, 0.3)
+        assert taken.closed and stalled.closed and not waiting.closed
         waiting.abort()
 
     asyncio.run(scenario())
@@ -70,11 +76,7 @@ def test_a_drain_stopped_between_two_closes_says_how_many_it_left_open(caplog: p
     async def scenario() -> None:
         ctx, backend = one_backend_context()
         tunnels = [_tunnel(ctx, backend, FakeTransport(), mid_frame=True) for _ in range(3)]
-        task = asyncio.get_running_loop().create_task(migrate(ctx, "p", backend, 0.0, 1.0))
-        await asyncio.sleep(0.1)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await _drain_cancelled_after(ctx, backend, 1.0, 0.1)
         assert sum(t.closing for t in tunnels) == 1
         for tunnel in tunnels:
             tunnel.abort()
