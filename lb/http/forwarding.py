@@ -206,11 +206,9 @@ def query_values(target: str, name: str) -> list[str]:
     """Values of query parameter `name`, its name read as a form (`is_form_name`); the values raw
     (tokens are base64url, which a form encoder leaves as it is)."""
     values = []
-    query = target.partition("?")[2]
-    encoded = "%" in query or "+" in query  # once per query: most have nothing to decode
-    for pair in query.split("&"):
+    for pair in target.partition("?")[2].split("&"):
         key, eq, value = pair.partition("=")
-        if eq and (key == name or (encoded and is_form_name(key, name))):
+        if eq and is_form_name(key, name):
             values.append(value)
     return values
 
@@ -219,10 +217,17 @@ def is_form_name(key: str, name: str) -> bool:
     """Whether the query key `key` is `name` read as a form (URL Standard §5.1): `u%69d` is `uid`,
     as every framework reads it, and compared raw it was no key at all (nor one to take off).
 
-    Decoded only when it has something to decode: a query of thousands of plain pairs (up to
-    limits.max_header_bytes) costs a compare each, not a decode each.
+    Decoded only when it has something to decode and could decode to `name`: decoding never
+    lengthens a key (a `+` is one space) and takes at most three characters to each byte of
+    `name` (`%XX`).  So a query of thousands of pairs (up to limits.max_header_bytes, which may be
+    1 MiB), plain or every one percent-encoded, costs a compare and a length check each, and a
+    decode only for keys of about `name`'s length: a 16 KiB query of `%41`s took 8-26 ms of decoding.
     """
-    return key == name or (("%" in key or "+" in key) and unquote_plus(key, errors="surrogateescape") == name)
+    if key == name:
+        return True
+    if not len(name) <= len(key) <= 3 * len(name.encode("utf-8")):
+        return False
+    return ("%" in key or "+" in key) and unquote_plus(key, errors="surrogateescape") == name
 
 
 def form_value(target: str, name: str) -> str | None:

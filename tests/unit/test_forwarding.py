@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lb.http.client_address import TrustedProxies, forwarded_for
 from lb.http.forwarding import (
     HOP_BY_HOP,
+    is_form_name,
     render_client_response,
     render_forwarded_request,
     render_interim,
@@ -470,3 +473,16 @@ def test_a_backend_cookie_sealed_in_rewrite_mode_is_kept_from_shared_caches_too(
 def test_a_switch_carrying_our_cookie_is_not_marked_private() -> None:
     out = render_client_response(parse_response_head(SWITCHING), switching=True, set_cookies=["LB=t"], extra=[])
     assert b"Cache-Control" not in out
+
+
+_FORM_PIECES = st.sampled_from(
+    ["lb_affinity", "lb", "_", "%5F", "%5f", "%6C", "+", " ", "%", "%2", "%C3%A9", "a", "%FF"]
+)
+
+
+@given(st.lists(_FORM_PIECES, max_size=8).map("".join), st.sampled_from(["lb_affinity", "uid", "a b", "é"]))
+def test_a_query_key_is_the_name_exactly_when_it_decodes_to_it(key: str, name: str) -> None:
+    """The length bound that spares a hostile query its decodes never changes the answer."""
+    from urllib.parse import unquote_plus
+
+    assert is_form_name(key, name) == (unquote_plus(key, errors="surrogateescape") == name)
