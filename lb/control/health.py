@@ -97,9 +97,7 @@ class FirstProbes:
     async def turn(self) -> None:
         """Return when the calling probe loop may make its first probe."""
         loop = asyncio.get_running_loop()
-        if self._opener is None or self._opener.done() or self._opener.get_loop() is not loop:
-            # Nothing is being let through now (or that was on an event loop that has ended): start it.
-            self._waiting = collections.deque(w for w in self._waiting if w.get_loop() is loop and not w.done())
+        if self._opener is None or self._opener.done():  # nothing is being let through now: start it
             self._opener = loop.create_task(self._open(), name="health: first probes")
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiting.append(waiter)

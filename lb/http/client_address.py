@@ -116,8 +116,8 @@ def peer_address(peer: str) -> IPAddress | None:
     zone of a link-local peer (`fe80::1%eth0`).
 
     The zone names our interface, not the peer, and a CIDR match ignores it (`ipaddress` compares
-    the address alone), so such a peer matches `fe80::/10` or `fe80::1` in `proxy_protocol_from`.
-    Refused, it was closed at accept whatever the list said.
+    the address alone), so such a peer matches `fe80::/10` or `fe80::1` in `proxy_protocol_from` and
+    in `trusted_proxies`.  Refused, it was closed at accept (or never trusted) whatever the list said.
     """
     return parse_address(peer.partition("%")[0])
 
@@ -159,12 +159,12 @@ def client_address(peer: str, forwarded_for: Sequence[str], trusted: TrustedProx
         The peer itself unless it is trusted; else the right-most untrusted X-Forwarded-For hop
         (see the module docstring for broken hops and all-trusted chains), as a normalised IP.
     """
-    peer_address = parse_address(peer)
-    if peer_address is None:
+    address = peer_address(peer)
+    if address is None:
         return peer  # not an IP (a UNIX socket path, say): nothing to match, nothing to believe
-    if not trusted.networks or peer_address not in trusted:
-        return str(peer_address)
-    return client_behind(peer_address, forwarded_for, trusted)
+    if not trusted.networks or address not in trusted:
+        return str(address)
+    return client_behind(address, forwarded_for, trusted)
 
 
 def client_behind(proxy: IPAddress, forwarded_for: Sequence[str], trusted: TrustedProxies) -> str:

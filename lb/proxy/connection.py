@@ -81,7 +81,7 @@ from lb.errors import (
     RequestTimeout,
     TooManyRequests,
 )
-from lb.http.client_address import IPAddress, TrustedProxies, chain_through, client_behind, parse_address
+from lb.http.client_address import IPAddress, TrustedProxies, chain_through, client_behind, peer_address
 from lb.http.cookies import sets_cookie
 from lb.http.forwarding import render_client_response, render_forwarded_request, render_interim, render_refusal
 from lb.http.framing import BodyFramer, request_framer, response_framer
@@ -349,7 +349,7 @@ class Connection:
         self._trusted = _TRUST_NOBODY
         self._proxy: IPAddress | None = None  # the peer, when it is a trusted proxy
         if config.trusted_proxies:
-            address = parse_address(client_ip)
+            address = peer_address(client_ip)  # a link-local proxy's zone aside, as proxy_protocol_from reads it
             if address is not None:
                 client_ip = str(address)  # normalised (IPv4-mapped as IPv4), as client_address gives it
                 trusted = TrustedProxies(config.trusted_proxies)

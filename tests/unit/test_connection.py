@@ -373,6 +373,16 @@ def test_a_trusted_proxy_is_recognised_once_and_its_chain_believed() -> None:
     assert (play.conn.client_ip, play.conn.client_port) == ("203.0.113.7", 4711)
 
 
+def test_a_link_local_trusted_proxy_is_believed_whatever_interface_it_comes_in_on() -> None:
+    """`trusted_proxies: [fe80::/10]` holds a peer the socket reports as `fe80::1%eth0` (the zone names our
+    interface), as `proxy_protocol_from` does: its chain names the client."""
+    play = Play(CONFIG + 'trusted_proxies: ["fe80::/10"]\n', client_ip="fe80::1%eth0")
+    play.client(get("/a/x", "X-Forwarded-For: 198.51.100.1\r\n"))
+    play.connected()
+    assert b"X-Forwarded-For: 198.51.100.1, fe80::1\r\n" in play.to_backend[0]
+    assert play.conn.client_ip == "198.51.100.1"
+
+
 def test_a_refused_head_after_a_trusted_proxys_request_is_logged_as_the_peers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
