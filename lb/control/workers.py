@@ -461,6 +461,10 @@ class WorkerSupervisor:
             # A states push that is due goes first: the workers see the changes in the order they were made
             # (a migration's `close_tunnels` after the state that started it).
             self._flush_states()
+        elif self._push_states_soon is not None:
+            # This table is the newest: the push due this turn would encode and send the same one again.
+            self._push_states_soon.cancel()
+            self._push_states_soon = None
         frame = _encode(message, self._too_large)  # once for every worker: a reload carries the whole config
         if frame is not None:
             for worker in self._workers.values():

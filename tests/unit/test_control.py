@@ -729,8 +729,13 @@ def test_state_changes_of_one_turn_reach_each_worker_as_one_push_before_what_fol
         supervisor.states_changed()
         supervisor.stop_migration("p", "a")  # flushes the push that is due first
         await asyncio.sleep(0)
+        backend.reason = "fifth"
+        supervisor.states_changed()
+        supervisor.broadcast(ipc.states_message(ctx.pools))  # the once-a-second push: the due one goes with it
+        await asyncio.sleep(0)
         return [decode(frame[LENGTH.size:]) for frame in written]
 
     messages = asyncio.run(scenario())
-    assert [m["op"] for m in messages] == ["states", "states", "stop_migration"]
+    assert [m["op"] for m in messages] == ["states", "states", "stop_migration", "states"]
     assert [m["pools"]["p"]["a"]["reason"] for m in messages[:2]] == ["third", "fourth"]
+    assert messages[3]["pools"]["p"]["a"]["reason"] == "fifth"
