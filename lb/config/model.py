@@ -199,6 +199,10 @@ class PoolConfig:
     # source/hash pools: false = no cookie, the hash alone routes (what /route says is where
     # every client is); true = the cookie wins while its backend is up or draining.
     sticky: bool = True
+    # A handshake whose backend fails goes on to another while there is one, but waits out
+    # backend_connect on at most 1 + this many (HAProxy's `retries 3`, counting waits alone): a
+    # wedged pool answers 502 after 4 waits, not after one per gateway.
+    retries: int = 3
 
 
 @dataclass(frozen=True, slots=True)

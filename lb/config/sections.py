@@ -154,6 +154,7 @@ _POOL_FIELDS = (
     Field("slow_start", duration(allow_zero=True)),
     Field("hash_key", hash_key),
     Field("sticky", boolean),
+    Field("retries", integer(0, 100)),
 )
 _HEALTH_FIELDS = (
     Field("type", enum_of(HealthCheckType)),

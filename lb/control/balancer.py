@@ -393,14 +393,29 @@ class Balancer:
             self._supervisor.states_changed()
 
     def record_backend_failure(self, pool: str, backend_id: str, detail: str) -> None:
-        """A backend failed a handshake: counts as a failed health check (passive health)."""
+        """A backend failed a handshake here (passive health): `fall` in a row take it down.
+
+        A worker counts its own handshakes (only it sees their answers, which start the count
+        again) and tells the owner when they took the backend down; the owner decides for everyone.
+        """
         state = self.ctx.pools.get(pool)
         if state is None or state.get(backend_id) is None:
             return  # removed by a reload meanwhile
-        change = state.record_probe(backend_id, False, time.time(), detail)
+        change = state.record_handshake_failure(backend_id, time.time(), detail)
+        if change is None:
+            return
         if self._control is not None:
-            self._control.report_failure(pool, backend_id, detail)  # the owner decides for everyone
-        elif change is not None:
+            self._control.report_failure(pool, backend_id, change.reason)
+        else:
+            self._on_state_change(change)
+
+    def take_down(self, pool: str, backend_id: str, reason: str) -> None:
+        """A worker's handshakes took this backend down (passive health): so it is, for every worker."""
+        state = self.ctx.pools.get(pool)
+        if state is None or state.get(backend_id) is None:
+            return  # removed by a reload meanwhile
+        change = state.take_down(backend_id, time.time(), reason)
+        if change is not None:
             self._on_state_change(change)
 
     def apply_admin(

@@ -20,7 +20,7 @@ backend states; workers accept clients and relay.  Owner → worker:
 Worker → owner:
 
     {"op": "ready"}                                  its listeners are bound
-    {"op": "failure", "pool", "backend", "detail"}   a backend failed a handshake (passive health)
+    {"op": "failure", "pool", "backend", "detail"}   its handshakes took a backend down (passive health)
     {"op": "reload_failed"}                          it could not apply a reload (the owner logs and counts it)
     {"op": "stats", ...}                             counters and listening addresses, every second, for
                                                      /status and /metrics; "seq": the last `report` asked
@@ -254,7 +254,10 @@ def apply_states(pools: dict[str, PoolState], message: dict[str, Any]) -> None:
             backend = pool.get(backend_id)
             if backend is None:
                 continue
-            backend.healthy = bool(state["healthy"])
+            healthy = bool(state["healthy"])
+            if healthy and not backend.healthy:
+                backend.handshake_failures = 0  # back up: its failed handshakes are counted afresh
+            backend.healthy = healthy
             backend.admin = AdminAction(state["admin"])
             backend.migrating = bool(state["migrating"])
             backend.ramp_from = state["ramp_from"]

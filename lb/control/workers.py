@@ -311,8 +311,7 @@ class WorkerSupervisor:
             self._balancer.reloads["failure"] += 1
             log.error("%s could not apply the reload and keeps its previous configuration", worker.name)
         elif op == "failure":
-            self._balancer.record_backend_failure(str(message["pool"]), str(message["backend"]),
-                                                  str(message["detail"]))
+            self._balancer.take_down(str(message["pool"]), str(message["backend"]), str(message["detail"]))
         else:
             raise ValueError(f"unknown op {op!r}")
 
@@ -613,6 +612,7 @@ class ControlChannel:
         self._send(self._stats_message())  # the listeners just bound, for /status now rather than a report later
 
     def report_failure(self, pool: str, backend: str, detail: str) -> None:
+        """This worker's handshakes took the backend down (`detail`: the reason /status will show)."""
         self._send({"op": "failure", "pool": pool, "backend": backend, "detail": detail})
 
     def _send(self, message: dict[str, Any]) -> None:

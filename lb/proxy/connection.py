@@ -10,6 +10,7 @@ is issued or checked at is `now + ctx.wall_offset`, taken once per request:
              backend_connected(now)      backend_failed(cause, now)
              receive_backend(data, now)  backend_eof(now)      deadline(now)
              shutdown(now)               client_blocked(blocked, now)  backend_blocked(blocked, now)
+             stop_bound_passed(now)
     actions: SendClient  SendBackend  OpenBackend  CloseBackend  CloseClient
              PauseClient  ResumeClient  SetTimer  JoinTunnel
 
@@ -37,9 +38,11 @@ Why it is shaped this way (each is a smuggling or memory bug of the await chain 
   wait is follows backpressure: an upload the backend stopped reading is the
   backend's (`backend_blocked`), an answer not read because the client is full
   is the client's (`client_blocked`).
-- A backend that refuses, resets, stays silent or answers garbage counts as a
-  failed health check and the request goes to another backend when that is
-  safe; otherwise the client gets 502 (also after a timeout), never a 500.
+- A backend that refuses, resets, stays silent or answers garbage counts towards
+  taking it down (passive health: `fall` such handshakes in a row) and the
+  request goes to another backend when that is safe (after at most 1 + the
+  pool's `retries` that did not answer in time); otherwise the client gets 502
+  (also after a timeout), never a 500.
   Not a plain request that was sent whole and answered late: that is a slow
   endpoint, not a broken backend (`_retry_or_fail`).
 """
@@ -319,6 +322,7 @@ class Connection:
         "_tls",
         "_tried",
         "_trusted",
+        "_waited",
         "_wall",
         "_websocket",
         "client_eof_seen",
@@ -381,6 +385,7 @@ class Connection:
         self._claim: Claim | None = None
         self._decision: Decision | None = None  # set while a backend connection is counted
         self._tried: list[str] = []
+        self._waited = 0  # backends of this request that did not answer in time (`retries`)
         self._balance_key: str | None = None  # balance: source|hash, for the first choice and retries
         self._opened_at = 0.0
         self._websocket = False
@@ -656,6 +661,15 @@ class Connection:
             return actions + self._refuse(NoHealthyBackend("balancer is shutting down"), now)
         self._keep_alive = False  # WAITING or RELAY: the answer comes, then the connection closes
         return []
+
+    def stop_bound_passed(self, now: float) -> list[Action]:
+        """The stop's bound has passed with this request still in flight: one still waiting for its
+        answer gets its 503 now (with Retry-After: nothing but interim answers has reached its client,
+        so it can still be answered, as the log says it was); an answer still streaming is cut."""
+        if self.state in (CONNECTING, WAITING):
+            actions = self._release_backend()
+            return actions + self._refuse(NoHealthyBackend("balancer is shutting down"), now)
+        return self._close(abort=True)
 
     def local_failure(self, now: float) -> list[Action]:
         """The balancer could not open a backend connection for lack of its own descriptors or memory.
@@ -1054,11 +1068,22 @@ class Connection:
             # a backend that accepts and never answers is left to its active checks, and to the
             # upgrades it fails).
             return actions + self._refuse(last, now)
-        # A backend that fails a handshake counts as a failed health check (passive health).
-        ctx.on_backend_failure(pool.name, backend.id, f"handshake failed: {failure.cause}")
+        # A backend that fails a handshake counts towards taking it down (passive health).
+        ctx.on_backend_failure(pool.name, backend.id, failure.cause)
         if self._sent and not self._retriable:
             return actions + self._refuse(last, now)
         self._tried.append(backend.id)
+        if failure.timeout:
+            # Waits are what make a retry costly (a refusal costs a round trip, and SPEC tries another
+            # backend while there is one): a pool of wedged gateways answers 502 after 1 + `retries` of
+            # them, not after timeouts.backend_connect once per gateway.
+            self._waited += 1
+            if self._waited > pool.config.retries:
+                return actions + self._refuse(last, now)
+        if not ctx.accepting:
+            # A stop answers what has not reached a backend with 503 (SPEC): this has not, and the
+            # stop's bound would otherwise cut it between two attempts.
+            return actions + self._refuse(NoHealthyBackend("balancer is shutting down"), now)
         claim = self._claim
         try:
             # The same choice again without the failed ones: a pinned client goes
@@ -1256,9 +1281,11 @@ class Connection:
         )
 
     def _observe(self, now: float) -> None:
-        """lb_backend_connect_duration_seconds (connect + answer) and lb_handshake_duration_seconds."""
+        """The backend gave its final answer: lb_backend_connect_duration_seconds (connect + answer) and
+        lb_handshake_duration_seconds, and its failed handshakes (passive health) count from 0 again."""
         decision, pool = self._decision, self._pool
         assert decision is not None and pool is not None
+        decision.backend.handshake_failures = 0
         observations = self._ctx.observations
         observations.observe_connect(pool.name, decision.backend.id, now - self._opened_at)
         observations.observe_handshake(pool.name, now - self._began)

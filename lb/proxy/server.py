@@ -553,14 +553,16 @@ async def stop_in_flight(
 
 
 def abort_in_flight(ctx: ProxyContext) -> None:
-    """The end of a shutdown: whatever is still in flight is closed, and the log says so."""
+    """The end of a shutdown: a request still waiting for its answer gets its 503, an answer still
+    streaming is cut, and the log says so."""
     left = list(ctx.in_flight)
     streaming = sum(1 for connection in left if connection.core.state == RELAY)
     if streaming:
         log.info("closing %d answer(s) still streaming to their clients at the end of shutdown", streaming)
+    now = _now()
     for connection in left:
-        connection.run(connection.core.client_lost(503, "balancer_is_shutting_down"))
-        connection._close(abort=True)
+        if not connection.drive(connection.core.stop_bound_passed, now):
+            connection._close(abort=True)  # a core bug, logged: the connection is dropped all the same
         connection._end()
 
 

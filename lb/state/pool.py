@@ -36,8 +36,11 @@ class BackendStatus:
     healthy: bool = True  # HAProxy's default: servers start up and checks confirm it
     admin: AdminAction = AdminAction.ENABLE
     reason: str = "initial state"
-    successes: int = 0  # consecutive, toward `rise`
-    failures: int = 0   # consecutive, toward `fall`
+    successes: int = 0  # consecutive passed checks, toward `rise`
+    failures: int = 0   # consecutive failed checks, toward `fall`
+    # Consecutive handshakes it failed (passive health), toward `fall` too; only an answer from it
+    # (or its coming back up) starts them again, never a passed check (`record_handshake_failure`).
+    handshake_failures: int = 0
     changed_at: float = 0.0
     ramp_from: float | None = None  # when the backend came back: slow start runs from here
     effective_weight: float = 0.0  # weight after slow start; refreshed before each choice
@@ -140,6 +143,7 @@ class PoolState:
             backend.successes += 1
             if not backend.healthy and backend.successes >= check.rise:
                 backend.healthy = True
+                backend.handshake_failures = 0
                 _health_reason(backend, f"health check passed {backend.successes} time(s)")
         else:
             backend.successes = 0
@@ -147,6 +151,33 @@ class PoolState:
             if backend.healthy and backend.failures >= check.fall:
                 backend.healthy = False
                 _health_reason(backend, f"health check failed {backend.failures} time(s): {detail}")
+        return self._change(backend, old, now)
+
+    def record_handshake_failure(self, backend_id: str, now: float, detail: str) -> StateChange | None:
+        """Count one handshake the backend failed (passive health); `fall` in a row take it down.
+
+        Counted apart from the active checks: a gateway whose health endpoint answers while its
+        WebSocket handshakes go unanswered passed a check between two failed handshakes, and with one
+        counter for both it never went down (every other new client waited out backend_connect, for
+        good).  An answer from it starts the count again (the connection sets it to 0).
+        """
+        backend = self.backends[backend_id]
+        backend.handshake_failures += 1
+        count = backend.handshake_failures
+        if count < self.config.health_check.fall:
+            return None
+        return self.take_down(backend_id, now, f"handshake failed {count} time(s) in a row: {detail}")
+
+    def take_down(self, backend_id: str, now: float, reason: str) -> StateChange | None:
+        """Passive health's verdict (this process's, or a worker's through the owner): down until `rise`
+        checks pass, as after failed checks."""
+        backend = self.backends[backend_id]
+        if not backend.healthy:
+            return None
+        old = backend.state
+        backend.healthy = False
+        backend.successes = 0
+        _health_reason(backend, reason)
         return self._change(backend, old, now)
 
     def record_requested_state(self, backend_id: str, draining: bool, now: float) -> StateChange | None:

@@ -42,7 +42,7 @@ from conftest import (
     status,
     wait_closed_by_peer,
 )
-from support_ops import metric, metrics_text, wait_until
+from support_ops import BlackHole, metric, metrics_text, wait_until
 from support_raw import RecordingBackend, rss_kib
 
 from bench.procs import cpu_seconds
@@ -588,6 +588,32 @@ async def test_sigterm_cuts_a_streaming_answer_at_the_end_of_the_grace_and_says_
         assert "closing 1 answer(s) still streaming to their clients at the end of shutdown" in lb.log_text()
     finally:
         slow.close()
+
+
+async def test_sigterm_answers_503_to_a_request_its_backend_has_not_answered_by_the_end(launcher: Launcher) -> None:
+    """A plain request out whole to a silent backend when the stop's bound passes (a long
+    timeouts.response allows it): the client gets the 503 with Retry-After that the access line
+    says it got, not a bare close."""
+    silent = BlackHole("silent-1")
+    try:
+        lb = launcher.balancer(lb_config(
+            pools={"p": [silent]}, health=TCP_HEALTH,
+            overrides={"timeouts": {"shutdown_grace": "1s", "backend_connect": "500ms", "response": "30s"}},
+        ))
+        assert lb.port is not None and lb.proc is not None
+        reader, writer = await open_raw(lb.port)
+        try:
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await wait_until(lambda: silent.requests_seen() == 1, within=5 * UNIT)
+            lb.proc.send_signal(signal.SIGTERM)
+            answer = await read_response(reader, within=5 * UNIT)
+            assert answer.status == 503 and answer.get("Retry-After"), answer
+        finally:
+            await close_raw(writer)
+        assert lb.proc.wait(timeout=10 * UNIT) == 0
+        assert "status=503 reason=balancer_is_shutting_down" in lb.log_text()
+    finally:
+        silent.close()
 
 
 LATE_UPGRADES = 10

@@ -244,6 +244,24 @@ async def test_redispatch_grace_keeps_the_cookie_of_a_briefly_down_backend(launc
     assert (await visit(lb.ws_url(), cookie=token)).server_id == home.id
 
 
+async def test_failed_handshakes_take_a_gateway_down_though_its_checks_pass_between_them(launcher: Launcher) -> None:
+    """A gateway whose checks pass (TCP here, its /health in the field) while its handshakes hang: passive
+    health counts the handshakes apart from the checks, so five checks passing between two failed
+    handshakes do not undo them (with one count for both, it never went down)."""
+    hung = BlackHole("hung-1")
+    try:
+        (gw,) = launcher.gateways(1)
+        lb = start_with_hung_backend(launcher, hung, gw, connect_timeout="500ms", interval="100ms", fall=2, rise=100)
+        for _ in range(4):
+            assert (await visit(lb.ws_url(), within=5 * UNIT)).server_id == gw.id
+        await wait_for_state(lb, POOL, hung.id, "down", within=2 * UNIT)
+        backends = {b["id"]: b for b in (await status(lb))["pools"][POOL]["backends"]}
+        assert backends[hung.id]["reason"].startswith("handshake failed 2 time(s) in a row: ")
+    finally:
+        launcher.close()
+        hung.close()
+
+
 async def test_backend_failing_handshakes_is_marked_down_before_the_next_active_check(launcher: Launcher) -> None:
     """Passive health: handshakes that time out on a gateway count as failed checks, so it turns down
     long before the next (slow) active check would notice, and clients go elsewhere meanwhile."""

@@ -952,6 +952,93 @@ def test_shutdown_lets_a_request_at_a_backend_complete_then_closes() -> None:
     assert play.closed_client == CloseClient() and play.opened == ["a1"]
 
 
+@pytest.mark.parametrize("stage", ["waiting", "waiting-after-100"])
+def test_the_stop_bound_answers_503_to_a_request_still_waiting(stage: str, caplog: pytest.LogCaptureFixture) -> None:
+    """At the end of a stop's bound a request still waiting for its answer gets the 503 (with
+    Retry-After) that its access line says it got, not a bare close; its backend connection goes."""
+    play = Play()
+    play.client(post("/a/x", b"hi", "Expect: 100-continue\r\n") if stage == "waiting-after-100" else get("/a/x"))
+    play.connected()
+    if stage == "waiting-after-100":
+        play.backend(b"HTTP/1.1 100 Continue\r\n\r\n")
+        play.to_client.clear()
+    play.shutdown()
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        play._apply(play.conn.stop_bound_passed(play.now))
+    status, headers, _ = play.answer()
+    assert status == 503 and headers.get("retry-after")
+    assert play.closed_client == CloseClient(abort=False) and play.connections()["a1"] == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "lb.access"]
+    assert len(lines) == 1 and "status=503" in lines[0] and "reason=balancer_is_shutting_down" in lines[0]
+
+
+def test_the_stop_bound_cuts_an_answer_still_streaming() -> None:
+    """Its head is out: nothing can be answered any more, so the connection is cut (and its backend's)."""
+    play = Play()
+    play.client(get("/a/x"))
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    play.shutdown()
+    play._apply(play.conn.stop_bound_passed(play.now))
+    assert play.closed_client == CloseClient(abort=True) and play.connections()["a1"] == 0
+
+
+def test_a_handshake_whose_backend_fails_after_sigterm_gets_503_not_another_backend() -> None:
+    """A stop answers 503 to what has not reached a backend (SPEC); a failed one is not tried elsewhere,
+    where the stop's bound could cut it between two attempts."""
+    play = Play()
+    play.client(upgrade("/b/ws"))
+    play.connected()
+    play.shutdown()  # at its backend: it may complete
+    play.backend_eof()
+    status, headers, _ = play.answer()
+    assert status == 503 and headers.get("retry-after") and play.opened == ["b1"]
+
+
+SIX_BACKENDS = CONFIG.replace(
+    """backends: [{id: b1, address: "127.0.0.1:7002"}, {id: b2, address: "127.0.0.1:7003"}]""",
+    "backends: [" + ", ".join(f'{{id: b{n}, address: "127.0.0.1:{7001 + n}"}}' for n in range(1, 7)) + "]"
+    + "\n    retries: RETRIES",
+)
+
+
+@pytest.mark.parametrize(("retries", "tried"), [(3, 4), (0, 1), (10, 6)])
+def test_a_handshake_waits_out_at_most_1_plus_retries_silent_backends(retries: int, tried: int) -> None:
+    """HAProxy's `retries`: a pool of wedged gateways answers 502 after (1 + retries) waits, not one
+    timeouts.backend_connect per gateway (with 20 of them, a minute)."""
+    play = Play(SIX_BACKENDS.replace("RETRIES", str(retries)))
+    play.client(upgrade("/b/ws"))
+    while play.closed_client is None:
+        play.connected()
+        play.fire()  # silent: timeouts.backend_connect
+    assert len(play.opened) == tried and len(set(play.opened)) == tried
+    assert play.answer()[0] == 502 and len(play.failures) == tried
+
+
+def test_refusals_cost_no_wait_and_go_on_through_the_pool() -> None:
+    """SPEC: a backend that cannot be reached, another is tried; a refusal costs a round trip, so only
+    waits count against `retries` (with `retries: 0`, four refusals and then the fifth answers)."""
+    play = Play(SIX_BACKENDS.replace("RETRIES", "0"))
+    play.client(upgrade("/b/ws"))
+    for _ in range(4):
+        play.backend_failed()
+    play.connected()
+    play.backend(SWITCH)
+    assert len(play.opened) == 5 and play.answer()[0] == 101
+
+
+def test_a_final_answer_starts_the_backends_failed_handshakes_afresh() -> None:
+    """Passive health counts failed handshakes in a row: an answer from the backend ends the row."""
+    for answer in (SWITCH, b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"):
+        play = Play()
+        backend = play.ctx.pools["a"].backends["a1"]
+        backend.handshake_failures = 1
+        play.client(upgrade())
+        play.connected()
+        play.backend(answer)
+        assert backend.handshake_failures == 0
+
+
 def test_half_closed_client_still_gets_its_answer() -> None:
     """A client that sends its request and then shuts down its side (nc, HTTP/1.0 tools) is answered."""
     play = Play()

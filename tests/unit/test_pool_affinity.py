@@ -92,6 +92,51 @@ def test_successes_on_an_up_backend_change_nothing() -> None:
         assert pool.record_probe("gw-1", True, float(now), "ok") is None
 
 
+def test_failed_handshakes_take_a_backend_down_though_checks_pass_between_them() -> None:
+    """Passive health counts handshakes apart from the checks: a gateway whose health endpoint answers
+    while its handshakes go unanswered is down after `fall` failed handshakes in a row (with one count
+    for both, each passed check undid the failed handshake before it and it stayed up for good)."""
+    pool = make_pool("gw-1", rise=2, fall=2)
+    assert pool.record_handshake_failure("gw-1", 1.0, "timed out") is None
+    assert pool.record_probe("gw-1", True, 1.5, "HTTP 200") is None
+    change = pool.record_handshake_failure("gw-1", 2.0, "timed out")
+    assert change is not None and (change.old, change.new) == (BackendState.UP, BackendState.DOWN)
+    assert change.reason == "handshake failed 2 time(s) in a row: timed out"
+    assert pool.record_handshake_failure("gw-1", 2.5, "timed out") is None, "already down: reported once"
+    assert pool.record_probe("gw-1", True, 3.0, "HTTP 200") is None
+    assert pool.record_probe("gw-1", True, 4.0, "HTTP 200") is not None, "`rise` passed checks bring it back"
+    assert pool.record_handshake_failure("gw-1", 5.0, "timed out") is None, "back up, its count starts afresh"
+
+
+def test_an_answer_between_failed_handshakes_starts_their_count_again() -> None:
+    """The connection sets `handshake_failures` to 0 when the backend answers: only failures in a row count."""
+    pool = make_pool("gw-1", fall=2)
+    backend = pool.backends["gw-1"]
+    for now in (1.0, 2.0, 3.0):
+        assert pool.record_handshake_failure("gw-1", now, "refused") is None
+        backend.handshake_failures = 0  # an answer
+    assert state_of(pool, "gw-1") is BackendState.UP
+
+
+def test_failed_checks_and_failed_handshakes_are_counted_apart() -> None:
+    """One of each does not make `fall: 2`: the checks' verdict and the handshakes' are each their own."""
+    pool = make_pool("gw-1", fall=2)
+    assert pool.record_probe("gw-1", False, 1.0, "refused") is None
+    assert pool.record_handshake_failure("gw-1", 2.0, "refused") is None
+    assert state_of(pool, "gw-1") is BackendState.UP
+
+
+def test_a_workers_verdict_takes_the_backend_down_once_with_its_reason() -> None:
+    """The owner takes down what a worker's handshakes took down (`take_down`), as after failed checks."""
+    pool = make_pool("gw-1", rise=2)
+    change = pool.take_down("gw-1", 1.0, "handshake failed 2 time(s) in a row: refused")
+    assert change is not None and change.new is BackendState.DOWN
+    assert pool.backends["gw-1"].reason == "handshake failed 2 time(s) in a row: refused"
+    assert pool.take_down("gw-1", 2.0, "again") is None
+    assert pool.record_probe("gw-1", True, 3.0, "ok") is None
+    assert pool.record_probe("gw-1", True, 4.0, "ok") is not None
+
+
 # -- pool: admin and combined states -----------------------------------------
 
 
