@@ -17,6 +17,9 @@ DESCRIPTOR_RESERVE = 64
 # Shorter than this, an admin token is advice (not refused: a test rig may want `t`).  16 random
 # base64 characters are 96 bits; `lb keygen` gives 43.
 MIN_ADMIN_TOKEN_CHARS = 16
+# Shorter than this, a discovery's interval is advice: `1ms` (for `1m`) was 270 lookups a second and
+# 40 % of a core for three records, where a Kubernetes zone follows its endpoints within seconds.
+MIN_DISCOVERY_INTERVAL = 1.0
 
 
 def _most_backends(config: Config) -> int:
@@ -62,6 +65,14 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
             "proxies in front only"
         )
     for name, pool in config.pools.items():
+        discovery = pool.discovery
+        if discovery is not None and discovery.interval < MIN_DISCOVERY_INTERVAL:
+            said.append(
+                f"pools.{name}.discovery.interval is {discovery.interval * 1000:g}ms: about "
+                f"{1 / discovery.interval:.0f} DNS lookups a second (a share of a core, and the nameserver's "
+                f"load), where a zone's changes take seconds to spread anyway; {MIN_DISCOVERY_INTERVAL:g}s or "
+                "more (was 1m meant?)"
+            )
         if pool.slow_start > 0 and pool.balance in HASHED_METHODS:
             said.append(
                 f"pools.{name}.slow_start is ignored with balance: {pool.balance.value}: a weight ramping on each "

@@ -303,10 +303,10 @@ def _expand_string(text: str, path: str, environ: Mapping[str, str], check: Chec
         return text
     unset: list[str] = []
     unreadable: list[str] = []
-    malformed = False
+    malformed = nested = False
 
     def substitute(match: re.Match[str]) -> str:
-        nonlocal malformed
+        nonlocal malformed, nested
         if match[0] == "$${":
             return "${"
         if match["file"] is not None:
@@ -317,6 +317,11 @@ def _expand_string(text: str, path: str, environ: Mapping[str, str], check: Chec
         name, default = match["name"], match["default"]
         if name is None:
             malformed = True
+            return match[0]
+        if default is not None and "${" in default:
+            # `${A:-${B}}` would end at the first `}`: a literal `${B` and a stray `}`, which a secret
+            # could silently become (a token printed in the file itself).  Not read as a shell would.
+            nested = True
             return match[0]
         value = environ.get(name)
         if default is not None and not value:  # shell semantics: unset or empty
@@ -333,7 +338,10 @@ def _expand_string(text: str, path: str, environ: Mapping[str, str], check: Chec
         check.add(path, problem)
     if malformed:
         check.add(path, f"expected ${{NAME}} or ${{NAME:-default}}, got {show(text)}")
-    return REPORTED if unset or unreadable or malformed else Expanded(result)
+    if nested:
+        check.add(path, "a ${NAME:-default} default cannot hold a ${ (nesting is not supported): "
+                        "give the outer variable a value, or write the default out")
+    return REPORTED if unset or unreadable or malformed or nested else Expanded(result)
 
 
 def _read_reference(name: str, check: Checker) -> tuple[str, str | None]:

@@ -602,7 +602,7 @@ def _route(value: object, path: str, check: Checker, pools: Collection[str] | No
 def _unchecked_text(value: object, key: str, path: str, check: Checker) -> str | None:
     """The text at `key` of an entry whose other fields failed, when nothing was said of this one."""
     text = value.get(key) if isinstance(value, dict) else None
-    if not isinstance(text, str) or any(problem.path == join_path(path, key) for problem in check.problems):
+    if not isinstance(text, str) or check.said(join_path(path, key)):
         return None
     return text
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -67,6 +68,7 @@ from lb.config.advice import advice
 from lb.config.load import ConfigSource, load_config_source
 from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
 from lb.control.admin import AdminRunner, make_admin_app
+from lb.control.daemon_thread import in_daemon_thread
 from lb.control.discovery import DiscoveryManager
 from lb.control.health import FirstProbes, HealthChecker
 from lb.control.ipc import check_config_handover, split_limits
@@ -541,7 +543,8 @@ class Balancer:
         try:
             # In a thread: a large file takes seconds to parse and check, and the event loop keeps
             # relaying meanwhile (it shares the GIL with the parse, but is no longer frozen by it).
-            applied, config = await asyncio.to_thread(self._read_config, source)
+            # A daemon thread: a SIGTERM meanwhile exits without waiting for the check to end.
+            applied, config = await in_daemon_thread(functools.partial(self._read_config, source), name="reload")
             if self._stopping is not None:
                 # SIGTERM came during the parse: nothing new is bound or sent to stopping workers.
                 log.warning("reload abandoned: shutting down")

@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -51,6 +50,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from lb.config.model import BackendConfig, DiscoveryConfig, DiscoveryType, PoolConfig
+from lb.control.daemon_thread import in_daemon_thread
 from lb.control.dns_backends import Discovered, SrvRecord, diff, from_addresses, from_srv, next_lookup_in
 
 log = logging.getLogger(__name__)
@@ -116,34 +116,12 @@ class ThreadedResolver:
     async def resolve(self, name: str, rdtype: str, *, search: bool | None = None) -> dns.resolver.Answer:
         """`dns.resolver.Resolver.resolve` on a thread; cancelling returns at once (the query itself
         ends within the resolver's lifetime)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[dns.resolver.Answer] = loop.create_future()
-
-        def query() -> None:
-            try:
-                answer = self.sync.resolve(name, rdtype, search=search)
-            except BaseException as exc:  # handed to the awaiting task as it is
-                outcome: Callable[[], None] = functools.partial(_settle_error, done, exc)
-            else:
-                outcome = functools.partial(_settle, done, answer)
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
-                loop.call_soon_threadsafe(outcome)
-
         try:
-            threading.Thread(target=query, name=f"dns {name}", daemon=True).start()
+            return await in_daemon_thread(
+                functools.partial(self.sync.resolve, name, rdtype, search=search), name=f"dns {name}"
+            )
         except RuntimeError as exc:  # out of threads (a cgroup's pids.max): a failed lookup, not a bug
             raise OSError(f"no thread for the DNS query: {exc}") from exc
-        return await done
-
-
-def _settle(done: asyncio.Future[dns.resolver.Answer], answer: dns.resolver.Answer) -> None:
-    if not done.done():  # not cancelled meanwhile
-        done.set_result(answer)
-
-
-def _settle_error(done: asyncio.Future[dns.resolver.Answer], exc: BaseException) -> None:
-    if not done.done():
-        done.set_exception(exc)
 
 
 def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:

@@ -192,3 +192,21 @@ def test_discovered_backends_count_at_their_maximum(tmp_path: Path) -> None:
     assert advice(limited(tmp_path, 429, discovery=discovered), descriptors=1024) == []  # (1024 - 65 - 100) // 2
     (sentence,) = advice(limited(tmp_path, 430, discovery=discovered), descriptors=1024)
     assert "past about 429 connections per process" in sentence
+
+
+@pytest.mark.parametrize(("interval", "advised"), [("1ms", True), ("500ms", True), ("1s", False), ("1m", False)])
+def test_a_discovery_interval_under_a_second_is_advice(tmp_path: Path, interval: str, advised: bool) -> None:
+    """`1ms` for `1m` validated silently and made about 270 DNS lookups a second."""
+    text = f"""
+listeners: [{{bind: "127.0.0.1:0"}}]
+admin: {{token: {TOKEN}}}
+affinity: {{secret_keys: [{KEY}]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{discovery: {{dns: gw.example, type: a, port: 9000, interval: {interval}}}}}}}
+"""
+    said = advice(parse_config(text, base_dir=tmp_path, environ={}))
+    if not advised:
+        assert said == []
+        return
+    (sentence,) = said
+    assert sentence.startswith(f"pools.p.discovery.interval is {interval}") and "1m meant" in sentence

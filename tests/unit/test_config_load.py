@@ -732,6 +732,18 @@ def test_malformed_reference(base_dir: Path) -> None:
     assert problems == {"admin.token": "expected ${NAME} or ${NAME:-default}, got '${1BAD}'"}
 
 
+@pytest.mark.parametrize("value", ["${TOKEN:-${FALLBACK_TOKEN}}", "${TOKEN:-x${FALLBACK_TOKEN}}", "${TOKEN:-$${B}}"])
+@pytest.mark.parametrize("fallback", [None, "b" * 40])
+def test_a_reference_inside_a_default_is_a_problem_not_a_literal(
+    base_dir: Path, value: str, fallback: str | None
+) -> None:
+    """`${A:-${B}}` (a shell's nested fallback) ended at the first `}`: the value was the literal
+    text `${B` plus `}`, long enough to pass as an admin token or a cookie key printed in the file."""
+    environ = {**ENV, **({"FALLBACK_TOKEN": fallback} if fallback else {})}
+    problems = problems_of(set_at(good_tree(), "admin.token", value), base_dir, environ)
+    assert list(problems) == ["admin.token"] and "nesting is not supported" in problems["admin.token"]
+
+
 def test_keys_are_not_expanded(base_dir: Path) -> None:
     """Only values expand; a ${...} key is just an unknown key."""
     tree = good_tree()
