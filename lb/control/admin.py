@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
@@ -124,7 +124,7 @@ async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamRe
     return response
 
 
-def _log_error(request: web.Request, response: _ErrorAnswer, detail: str | None) -> None:
+def _log_error(request: BaseRequest, response: _ErrorAnswer, detail: str | None) -> None:
     """One line per error answer.  A refused token is a WARNING: failed logins are what an operator looks for."""
     level = logging.WARNING if response.status == 401 else logging.INFO
     log.log(
@@ -134,7 +134,7 @@ def _log_error(request: web.Request, response: _ErrorAnswer, detail: str | None)
     )
 
 
-def _fields(request: web.Request, status: int, request_id: str) -> dict[str, object]:
+def _fields(request: BaseRequest, status: int, request_id: str) -> dict[str, object]:
     """The line's fields of their own in `logging.format: json` (as an access line has them), so that a
     query on `request_id` finds an admin error as it finds a data-plane one."""
     return {"access": {  # raw values, as an access line's: JSON escapes what the plain line quotes
@@ -143,12 +143,12 @@ def _fields(request: web.Request, status: int, request_id: str) -> dict[str, obj
     }}
 
 
-def _path(request: web.Request) -> str:
+def _path(request: BaseRequest) -> str:
     """The path asked for, as a plain log line can hold it: quoted when it is not plain visible ASCII."""
     return plain_value(_cut_path(request))
 
 
-def _cut_path(request: web.Request) -> str:
+def _cut_path(request: BaseRequest) -> str:
     """The path asked for, cut at 200 characters."""
     path = request.rel_url.raw_path
     return path if len(path) <= 200 else path[:197] + "..."
@@ -388,9 +388,10 @@ class AdminRunner(web.AppRunner):
     aiohttp answers a request it cannot parse (a 1 MB `/lookup?token=`, a 100 KB header) before
     any middleware runs: `text/plain` quoting the start of the input, and an ERROR log line with a
     traceback for each one.  Here such a request gets our JSON error with a fixed reason and a
-    request id, and one debug line; the status is aiohttp's.  A connection that sends no complete
-    request within `IDLE_TIMEOUT` is closed, and the rest of a body refused unread is read for
-    `LINGER` at most.
+    request id, and one debug line; the status is aiohttp's.  So does an `Expect` other than
+    100-continue (a 417), which aiohttp also answers before any middleware, quoting the value.
+    A connection that sends no complete request within `IDLE_TIMEOUT` is closed, and the rest of
+    a body refused unread is read for `LINGER` at most.
     """
 
     def __init__(self, app: web.Application, **kwargs: Any) -> None:
@@ -404,7 +405,44 @@ class AdminRunner(web.AppRunner):
         server = await super()._make_server()
         if type(server) is Server:  # aiohttp's own: swap in the subclass that adds __call__ below
             server.__class__ = _AdminServer
+        # Around the application, not in it: aiohttp meets `Expect` after routing and before any middleware,
+        # and its default refuses all but 100-continue with a text/plain 417 quoting the value.  Its own hook,
+        # a route's `expect_handler=`, would not reach a path no route matches: a 404 or 405 takes a
+        # SystemRoute with the default handler.
+        server.request_handler = _expectations_first(server.request_handler)
         return server
+
+
+_Handle = Callable[[BaseRequest], Awaitable[StreamResponse]]
+
+
+def _expectations_first(handle: _Handle) -> _Handle:
+    """`handle`, after refusing an expectation we cannot meet with our JSON 417 (and its log line)."""
+
+    async def handle_expectations_first(request: BaseRequest) -> StreamResponse:
+        unmet = _unmet_expectation(request)
+        if unmet is None:
+            return await handle(request)  # 100-continue, if asked, is aiohttp's: sent once the route is known
+        answer = _ErrorAnswer(417, "Expect: only 100-continue is supported", new_request_id(), None)
+        _log_error(request, answer, unmet)
+        return answer
+
+    return handle_expectations_first
+
+
+def _unmet_expectation(request: BaseRequest) -> str | None:
+    """The `Expect` value of `request` other than 100-continue, as a log line names it; None if there is none.
+
+    RFC 9110 §10.1.1: 100-continue is the one expectation defined, and a server may answer any other
+    with 417.  As aiohttp does, an HTTP/1.0 request's `Expect` is ignored (§10.1.1: "MUST ignore" a
+    100-continue there) and an empty one is none; unlike aiohttp, every `Expect` line counts, not the first.
+    """
+    if request.version != HttpVersion11:
+        return None
+    for value in request.headers.getall(hdrs.EXPECT, ()):
+        if value and value.lower() != "100-continue":
+            return _name(value)
+    return None
 
 
 class _AdminServer(Server):

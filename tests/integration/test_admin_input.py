@@ -16,7 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import UNIT, Balancer, DeadBackend, Stack, find_backend, http_get, lb_config, status
+from conftest import (
+    UNIT,
+    Balancer,
+    DeadBackend,
+    Stack,
+    find_backend,
+    http_get,
+    lb_config,
+    open_raw,
+    raw_exchange,
+    read_response,
+    status,
+)
 from support_ops import admin_request
 
 PATH = "/pools/dead/backends/{id}/drain"
@@ -127,6 +139,51 @@ async def test_a_refused_token_is_a_warning_in_the_log(stack: Stack) -> None:
     assert reply.status == 401
     line = await _log_line_with(stack.balancer, reply.body["request_id"])
     assert "WARNING" in line and "wrong-token" not in line, line
+
+
+EXPECTATION = "ZQXJ-<b>input</b>"  # client input that must never be echoed
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/status"), ("GET", "/no/such/page"), ("DELETE", "/status"), ("POST", PATH.format(id="x"))],
+    ids=["a route", "no route (404)", "wrong method (405)", "an action"],
+)
+async def test_an_expectation_other_than_100_continue_is_a_json_417_echoing_nothing(
+    stack: Stack, method: str, path: str
+) -> None:
+    """SPEC: an `Expect` we cannot meet is answered like every admin error: a fixed reason and a request id that
+    the log line carries, with the value it names.  aiohttp's own 417 was text/plain quoting it, and logged nothing."""
+    lb = stack.balancer
+    request = f"{method} {path} HTTP/1.1\r\nHost: admin\r\nExpect: {EXPECTATION}\r\nContent-Length: 0\r\n\r\n"
+    answer = await raw_exchange(lb.admin_port, request.encode())
+    assert answer is not None and answer.status == 417, answer
+    assert (answer.get("content-type") or "").startswith("application/json"), answer.headers
+    assert EXPECTATION not in answer.body.decode() and "ZQXJ" not in str(answer.headers), answer
+    body = json.loads(answer.body)
+    assert body["error"] == "Expect: only 100-continue is supported", body
+    assert answer.get("x-request-id") == body["request_id"], answer.headers
+    line = await _log_line_with(lb, body["request_id"])
+    assert f" 417 {method} {path}: " in line and EXPECTATION in line, line
+
+
+async def test_expect_100_continue_still_gets_its_interim_answer(stack: Stack) -> None:
+    """RFC 9110 §10.1.1: a client that waits for `100 Continue` before its body gets it, then the action's answer."""
+    lb = stack.balancer
+    body = b'{"rate": "x"}'
+    reader, writer = await open_raw(lb.admin_port)
+    try:
+        writer.write(
+            f"POST {PATH.format(id=stack.dead[0].id)} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {lb.token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        interim = await read_response(reader, body=False)
+        assert interim.status == 100, interim
+        writer.write(body)
+        final = await read_response(reader)
+    finally:
+        writer.close()
+    assert final.status == 400 and "rate" in json.loads(final.body)["error"], final  # the body was read
 
 
 async def _log_line_with(lb: Balancer, request_id: str) -> str:
