@@ -583,14 +583,35 @@ def _server_message(raw: bytes) -> str:
 
 def _status(args: argparse.Namespace, target: Target, out: TextIO) -> None:
     document = call(target, "GET", "/status")
+    fault = _status_fault(document)
+    if fault is not None:  # with --json too: a script reads the document, and is owed the same check
+        raise _unexpected("/status", fault, target)
     if getattr(args, "json", False):
         _print_json(document, out, "/status", target)
         return
     try:
         out.write(render_status(document))
-    except (AttributeError, TypeError, ValueError, RecursionError) as exc:  # a pool or backend that is not an object
-        raise CtlError(f"/status: unexpected answer ({type(exc).__name__}; is {target.url} the admin API?)",
-                       EXIT_API_ERROR) from None
+    except (AttributeError, TypeError, ValueError, RecursionError) as exc:  # a field the table cannot draw
+        raise _unexpected("/status", type(exc).__name__, target) from None
+
+
+def _unexpected(asked: str, fault: str, target: Target) -> CtlError:
+    """Exit 1: a 2xx JSON answer that is not the admin API's (a proxy's, another service's)."""
+    return CtlError(f"{asked}: unexpected answer ({fault}; is {target.url} the admin API?)", EXIT_API_ERROR)
+
+
+def _status_fault(document: Any) -> str | None:
+    """Why `document` is not a /status answer the table can draw, or None: `{"pools": {NAME: {"backends":
+    [{...}, ...]}}, ...}`, each pool and backend an object (lb.control.admin.status_document)."""
+    if not isinstance(document, dict) or not isinstance(document.get("pools"), dict):
+        return 'not an object with "pools"'
+    for pool in document["pools"].values():
+        if not isinstance(pool, dict):
+            return "a pool that is not an object"
+        backends = pool.get("backends", [])
+        if not isinstance(backends, list) or not all(isinstance(backend, dict) for backend in backends):
+            return "backends that are not a list of objects"
+    return None
 
 
 def _action(action: str) -> Callable[[argparse.Namespace, Target, TextIO], None]:
@@ -604,19 +625,39 @@ def _action(action: str) -> Callable[[argparse.Namespace, Target, TextIO], None]
             urllib.parse.quote(args.pool, safe=""), urllib.parse.quote(args.backend, safe=""), action
         )
         answer = call(target, "POST", path, body)
+        # Exit 0 tells a deploy script the backend is drained: only the admin API's answer for that backend
+        # says so, not any 2xx JSON (`{"message": "accepted"}` from a proxy or another service printed `: ?`).
+        fault = _action_fault(answer, args.pool, args.backend)
+        if fault is not None:
+            raise _unexpected(f"POST {shown_path(path)}", fault, target)
         if getattr(args, "json", False):
             _print_json(answer, out, path, target)
             return
-        if not isinstance(answer, dict):
-            raise CtlError(f"POST {shown_path(path)}: unexpected answer (is {target.url} the admin API?)",
-                           EXIT_API_ERROR)
-        line = f"{answer.get('pool', args.pool)}/{answer.get('id', args.backend)}: {answer.get('state', '?')}"
+        line = f"{answer['pool']}/{answer['id']}: {answer['state']}"
         close_after, rate = answer.get("close_after"), answer.get("rate", 0)
         if isinstance(close_after, int | float) and isinstance(rate, int | float):
             line += f" (tunnels close after {close_after:g}s at {rate:g}/s)"
         out.write(_printable(line) + "\n")
 
     return run
+
+
+def _action_fault(answer: Any, pool: str, backend: str) -> str | None:
+    """Why `answer` is not the admin API's answer to an action on `pool`/`backend`, or None.
+
+    That answer is `{"pool": P, "id": ID, "state": S}`, with `close_after` and `rate` (numbers) when
+    tunnels are to be closed (lb.control.admin.backend_action); P and ID are the ones asked about.
+    """
+    if not isinstance(answer, dict):
+        return "not a JSON object"
+    if not isinstance(answer.get("state"), str) or not answer["state"]:
+        return 'no "state"'
+    if answer.get("pool") != pool or answer.get("id") != backend:
+        return "not about the backend asked for"
+    for key in ("close_after", "rate"):
+        if key in answer and (isinstance(answer[key], bool) or not isinstance(answer[key], int | float)):
+            return f'"{key}" is not a number'
+    return None
 
 
 def _lookup(args: argparse.Namespace, target: Target, out: TextIO) -> None:
@@ -629,8 +670,32 @@ def _lookup(args: argparse.Namespace, target: Target, out: TextIO) -> None:
         query["pool"] = args.pool
     if args.key is not None:
         query["key"] = args.key
-    answer = call(target, "GET", "/lookup?" + urllib.parse.urlencode(query))
+    path = "/lookup?" + urllib.parse.urlencode(query)
+    answer = call(target, "GET", path)
+    fault = _lookup_fault(answer)
+    if fault is not None:  # exit 0 says the printed JSON is the balancer's word on this session
+        raise _unexpected(f"GET {shown_path(path)}", fault, target)
     _print_json(answer, out, "/lookup", target)
+
+
+# What a valid /lookup answer holds besides `"valid": true` (lb.control.lookup): each a string, or null.
+_LOOKUP_FIELDS = {"pool": (str,), "backend": (str,), "state": (str,), "routes_to": (str, type(None)),
+                  "issued_at": (str,), "expires_at": (str,)}
+
+
+def _lookup_fault(answer: Any) -> str | None:
+    """Why `answer` is not a /lookup answer, or None: `{"valid": false, "reason": R}`, or `{"valid": true}`
+    with the pool, backend, state, routes_to (null when no backend takes the client) and the times."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("valid"), bool):
+        return 'not an object with "valid"'
+    if not answer["valid"]:
+        return None if isinstance(answer.get("reason"), str) else 'no "reason"'
+    for key, kinds in _LOOKUP_FIELDS.items():
+        if key not in answer:
+            return f'no "{key}"'
+        if not isinstance(answer[key], kinds):
+            return f'"{key}" is not a string'
+    return None
 
 
 def _print_json(answer: Any, out: TextIO, path: str, target: Target) -> None:
@@ -652,8 +717,9 @@ _COLUMNS = ("POOL", "BACKEND", "ADDRESS", "STATE", "TUNNELS", "HANDSHAKES", "HIT
 
 def render_status(document: Any) -> str:
     """/status as a table: one line per backend, then one line per pool's discovery, then totals."""
-    if not isinstance(document, dict) or not isinstance(document.get("pools"), dict):
-        raise CtlError("/status: unexpected answer", EXIT_API_ERROR)
+    fault = _status_fault(document)
+    if fault is not None:
+        raise CtlError(f"/status: unexpected answer ({fault})", EXIT_API_ERROR)
     rows: list[Sequence[str]] = []
     notes: list[str] = []
     left_out = 0  # backends past MAX_ROWS: counted, not drawn

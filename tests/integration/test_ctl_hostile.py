@@ -289,6 +289,59 @@ def test_a_status_of_the_wrong_shape_is_an_error_not_a_traceback(document: objec
     assert "unexpected answer" in done.stderr
 
 
+ACTION = {"pool": "p", "id": "b", "state": "draining"}  # the admin API's answer to an action on p/b
+LOOKUP = {"valid": True, "pool": "p", "backend": "b", "state": "down", "routes_to": None,
+          "issued_at": "2026-11-30T16:20:41Z", "expires_at": "2026-11-30T17:20:41Z"}
+
+
+@pytest.mark.parametrize(
+    ("command", "document"),
+    [
+        pytest.param(["drain", "p", "b"], {"message": "accepted"}, id="drain: another service's object"),
+        pytest.param(["disable", "p", "b"], {"pool": "p", "id": "c", "state": "disabled"}, id="another backend"),
+        pytest.param(["enable", "p", "b"], [1, 2, 3], id="enable: a list"),
+        pytest.param(["drain", "p", "b", "--json"], {"message": "accepted"}, id="drain --json"),
+        pytest.param(["drain", "p", "b", "--rate", "5"], {**ACTION, "close_after": 0, "rate": "5"},
+                     id="rate not a number"),
+        pytest.param(["lookup", "T"], [1, 2, 3], id="lookup: a list"),
+        pytest.param(["lookup", "T"], {"message": "accepted"}, id="lookup: no valid"),
+        pytest.param(["lookup", "T"], {"valid": True}, id="lookup: valid, no backend"),
+        pytest.param(["lookup", "T"], {**LOOKUP, "routes_to": 7}, id="lookup: routes_to not a string"),
+        pytest.param(["lookup", "T"], {"valid": False}, id="lookup: not valid, no reason"),
+        pytest.param(["status", "--json"], {"message": "accepted"}, id="status --json: no pools"),
+        pytest.param(["status", "--json"], {"pools": {"p": {"backends": [1]}}}, id="status --json: backends"),
+    ],
+)
+def test_a_2xx_json_answer_that_is_not_the_admin_apis_is_exit_1(command: list[str], document: object) -> None:
+    """README: exit 1 when the server "answers something that is not the admin API's JSON, with the reason".
+    A deploy script's `lb ctl drain` was told a drain happened by any 200 JSON object (printing `p/b: ?`)."""
+    with scripted(answer("200 OK", json.dumps(document).encode())) as admin:
+        done, _ = ctl("--admin", admin.url, "--token", "t", *command)
+    assert done.returncode == 1 and "unexpected answer (" in done.stderr, done
+    assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done
+
+
+@pytest.mark.parametrize(
+    ("command", "document", "printed"),
+    [
+        pytest.param(["drain", "p", "b", "--rate", "5"], {**ACTION, "close_after": 0.0, "rate": 5.0},
+                     "p/b: draining (tunnels close after 0s at 5/s)", id="drain"),
+        pytest.param(["enable", "p", "b", "--json"], {**ACTION, "state": "up"}, '"state": "up"', id="enable --json"),
+        pytest.param(["lookup", "T"], LOOKUP, '"routes_to": null', id="lookup: valid"),
+        pytest.param(["lookup", "T"], {**LOOKUP, "routes_to": None, "routes_by": "key"}, '"routes_by": "key"',
+                     id="lookup: routed by key"),
+        pytest.param(["lookup", "T"], {"valid": False, "reason": "expired"}, '"reason": "expired"',
+                     id="lookup: not valid"),
+        pytest.param(["status", "--json"], {"pools": {"p": {"backends": [{"id": "b"}]}}}, '"id": "b"',
+                     id="status --json"),
+    ],
+)
+def test_the_admin_apis_own_answers_are_exit_0(command: list[str], document: object, printed: str) -> None:
+    with scripted(answer("200 OK", json.dumps(document).encode())) as admin:
+        done, _ = ctl("--admin", admin.url, "--token", "t", *command)
+    assert done.returncode == 0 and printed in done.stdout, done
+
+
 def test_a_refused_lookup_of_a_huge_token_is_one_short_line_without_the_token() -> None:
     """The error line names the request without its query: the token only as its digest, as the logs do."""
     token = "A" * 30_000
