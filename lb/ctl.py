@@ -322,6 +322,12 @@ def _exchange(request: urllib.request.Request, asked: str, url: str, watchdog: _
         if isinstance(reason, TimeoutError):
             raise _too_slow(url, watchdog.seconds) from None
         raise CtlError(f"cannot reach the admin API at {url}: {reason}", EXIT_API_ERROR) from None
+    except http.client.IncompleteRead as exc:  # the connection ended before the body did
+        if isinstance(exc, _ShortOfItsLength):
+            cut = f"{len(exc.partial)} of the {len(exc.partial) + exc.owed} bytes its Content-Length announced"
+        else:  # http.client's own: only a chunked body is read by pieces that raise it
+            cut = "a chunked body that ends before its last chunk"
+        raise CtlError(f"{asked}: the answer was cut short, {cut} (is {url} the admin API?)", EXIT_API_ERROR) from None
     except http.client.HTTPException as exc:  # a status line or a body that is not HTTP's
         message = f"{asked}: not an HTTP answer ({type(exc).__name__}; is {url} the admin API?)"
         raise CtlError(message, EXIT_API_ERROR) from None
@@ -539,7 +545,12 @@ def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
 
 
 def _read_until(reply: Any, limit: int) -> bytes:
-    """Up to `limit` bytes of the answer, in pieces (the call's watchdog bounds the time)."""
+    """Up to `limit` bytes of the answer, in pieces (the call's watchdog bounds the time).
+
+    Raises:
+        http.client.IncompleteRead: the connection ended before the body did: _ShortOfItsLength before
+            its Content-Length, http.client's own before a chunked body's last chunk.
+    """
     chunks: list[bytes] = []
     size = 0
     while size < limit:
@@ -548,7 +559,22 @@ def _read_until(reply: Any, limit: int) -> bytes:
             break
         chunks.append(chunk)
         size += len(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    # http.client raises IncompleteRead for a chunked body cut short, but read1(n) and read(n) of one with
+    # a Content-Length return b"" at the end of the stream as if the body were whole: 13 bytes of `{"pools":
+    # {}}` announced as 4000 were a complete, empty /status.  `length` is what it still owes (None: no length).
+    owed = getattr(reply, "length", None)
+    if size < limit and isinstance(owed, int) and owed > 0:
+        raise _ShortOfItsLength(body, owed)
+    return body
+
+
+class _ShortOfItsLength(http.client.IncompleteRead):
+    """An answer whose connection ended `owed` bytes before its Content-Length did."""
+
+    def __init__(self, partial: bytes, owed: int) -> None:
+        super().__init__(partial, owed)
+        self.owed = owed
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")

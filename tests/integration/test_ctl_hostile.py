@@ -202,6 +202,31 @@ def test_an_answer_that_is_not_http_is_one_line_and_exit_1(reply: bytes) -> None
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+STATUS_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "reply", "said"),
+    [
+        pytest.param(["status"], STATUS_HEAD + b'Content-Length: 4000\r\n\r\n{"pools": {}}', "13 of the 4000 bytes",
+                     id="status"),
+        pytest.param(["status", "--json"], STATUS_HEAD + b'Content-Length: 4000\r\n\r\n{"pools": {}}',
+                     "13 of the 4000 bytes", id="status --json"),
+        pytest.param(["enable", "p", "b"], STATUS_HEAD + b"Content-Length: 4000\r\n\r\n"
+                     + json.dumps({"pool": "p", "id": "b", "state": "up"}).encode(), "of the 4000 bytes", id="enable"),
+        pytest.param(["status"], STATUS_HEAD + b'Transfer-Encoding: chunked\r\n\r\nd\r\n{"pools": {}}\r\n',
+                     "chunked body", id="chunked, no last chunk"),
+    ],
+)
+def test_an_answer_cut_short_of_its_length_is_exit_1(command: list[str], reply: bytes, said: str) -> None:
+    """README: exit 1 when the admin API "does not answer in full".  JSON that parses is not the whole answer
+    when the connection ends before its Content-Length: an empty /status was drawn, and exited 0."""
+    with scripted(raw(reply)) as admin:
+        done, _ = ctl("--admin", admin.url, "--token", "t", *command)
+    assert done.returncode == 1 and "cut short" in done.stderr and said in done.stderr, done
+    assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done
+
+
 def test_an_html_error_page_is_one_readable_line() -> None:
     page = b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad \x1b[31mGateway</h1></body></html>"
     with scripted(answer("502 Bad Gateway", page, "text/html")) as admin:

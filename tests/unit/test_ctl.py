@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import io
 import json
 from pathlib import Path
@@ -17,6 +18,7 @@ from lb.ctl import (
     MAX_ROWS,
     CtlError,
     _print_json,
+    _read_until,
     _server_message,
     parse_answer,
     render_status,
@@ -356,3 +358,48 @@ def test_every_backend_a_real_answer_can_carry_fits_in_the_table() -> None:
     smallest = _backend_document(BackendStatus(BackendConfig(id="b1", host="10.0.0.1", port=9001)), None)
     entry_bytes = len(json.dumps(smallest)) + 2  # aiohttp's json.dumps, and ", " between entries
     assert MAX_ANSWER_BYTES // entry_bytes <= MAX_ROWS, entry_bytes
+
+
+class _Canned:
+    """What http.client.HTTPResponse reads an answer from: these bytes, then the end of the stream."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def makefile(self, mode: str) -> io.BytesIO:
+        return io.BytesIO(self.data)
+
+
+def _reply(raw: bytes) -> http.client.HTTPResponse:
+    reply = http.client.HTTPResponse(_Canned(raw))  # type: ignore[arg-type]
+    reply.begin()
+    return reply
+
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\n"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [OK_HEAD + b'Content-Length: 4000\r\n\r\n{"pools": {}}', OK_HEAD + b"Content-Length: 1\r\n\r\n",
+     OK_HEAD + b'Transfer-Encoding: chunked\r\n\r\nd\r\n{"pools": {}}\r\n'],
+    ids=["13 of 4000 bytes", "none of 1", "chunked without its last chunk"],
+)
+def test_an_answer_that_ends_before_its_body_does_is_incomplete(raw: bytes) -> None:
+    """read1 returns b"" at the end of the stream as if the body were whole: the length still owed says not."""
+    with pytest.raises(http.client.IncompleteRead):
+        _read_until(_reply(raw), MAX_ANSWER_BYTES + 1)
+
+
+@pytest.mark.parametrize(
+    ("raw", "limit", "body"),
+    [
+        (OK_HEAD + b'Content-Length: 13\r\n\r\n{"pools": {}}', 1000, b'{"pools": {}}'),
+        (OK_HEAD + b'Connection: close\r\n\r\n{"pools": {}}', 1000, b'{"pools": {}}'),  # no length: to the end
+        (OK_HEAD + b'Transfer-Encoding: chunked\r\n\r\nd\r\n{"pools": {}}\r\n0\r\n\r\n', 1000, b'{"pools": {}}'),
+        (OK_HEAD + b"Content-Length: 4000\r\n\r\n" + b" " * 4000, 100, b" " * 100),  # the limit, for the caller
+    ],
+    ids=["by length", "to the end", "chunked", "past the limit"],
+)
+def test_a_whole_answer_is_read_whole(raw: bytes, limit: int, body: bytes) -> None:
+    assert _read_until(_reply(raw), limit) == body
