@@ -47,6 +47,7 @@ import contextlib
 import functools
 import gc
 import logging
+import math
 import os
 import signal
 import socket
@@ -74,7 +75,7 @@ from lb.control.health import FirstProbes, HealthChecker
 from lb.control.ipc import check_config_handover, split_limits
 from lb.control.memory import ReleasePolicy, collection_paused, release_free_memory
 from lb.control.metrics import make_registry
-from lb.control.migration import DEFAULT_MIGRATION_RATE, migrate
+from lb.control.migration import DEFAULT_MIGRATION_RATE, log_failed, migrate
 from lb.control.workers import ControlChannel, WorkerSupervisor, watch_owner
 from lb.descriptors import descriptor_limit, raise_descriptor_limit
 from lb.errors import ConfigError, LbError
@@ -87,6 +88,7 @@ from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY, idle_sweep_interval
 from lb.state.context import ProxyContext, configured_protected
 from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange
 from lb.state.ratelimit import RateLimiter
+from lb.state.retired import RetiredBackends
 from lb.state.series import SeriesRetention, departed_kept
 from lb.tls import bound_asyncio_reads, server_ssl_context
 
@@ -171,8 +173,9 @@ class Balancer:
         self._stopping: asyncio.Task[None] | None = None
         self._stop_called = asyncio.Event()
         self._serving_until: float | None = None  # time.monotonic() when a stop's shutdown_delay runs out
-        # Backends removed by a reload that still carry tunnels, shown in /status until they end.
-        self._retired: list[tuple[str, BackendStatus]] = []
+        # Backends removed by a reload or DNS that still carry tunnels, shown in /status until they end
+        # (the owner of workers keeps each one until its workers' reports say so: lb.state.retired).
+        self._retired = RetiredBackends()
         self._supervisor: WorkerSupervisor | None = None
         self._control: ControlChannel | None = None
         if role is Role.OWNER:
@@ -197,9 +200,25 @@ class Balancer:
     # -- start -------------------------------------------------------------
 
     def retired_backends(self) -> list[tuple[str, BackendStatus]]:
-        """(pool, backend) removed by a reload whose tunnels still run; forgets those that ended."""
-        self._retired = [(name, b) for name, b in self._retired if b.connections > 0]
-        return self._retired
+        """(pool, backend) removed by a reload or DNS whose tunnels still run; forgets those that ended."""
+        return [(name, b) for name, b in self.retired_counted() if b.connections > 0]
+
+    def retired_counted(self) -> list[tuple[str, BackendStatus]]:
+        """(pool, backend) removed whose connections are still counted: those with tunnels, and with
+        `workers: N` also those whose count the workers' reports have not told yet (at 0 until they do)."""
+        settled = self._supervisor.settled_reports() if self._supervisor is not None else math.inf
+        self._retired.prune(settled)
+        return list(self._retired)
+
+    def find_backend(self, pool: str, backend_id: str) -> BackendStatus | None:
+        """The pool's backend `backend_id`, else the one of that id a reload or DNS removed from it whose
+        tunnels still run: an operator's drain goes on closing those (`close_tunnels` in a worker)."""
+        state = self.ctx.pools.get(pool)
+        backend = state.get(backend_id) if state is not None else None
+        if backend is None:
+            self.retired_counted()  # forgets those whose tunnels have ended
+            backend = self._retired.find(pool, backend_id)
+        return backend
 
     def live_tunnels(self) -> int:
         return self._supervisor.live_tunnels if self._supervisor is not None else len(self.ctx.tunnels)
@@ -437,15 +456,26 @@ class Balancer:
         if change is not None:
             self._on_state_change(change)
         if action is not AdminAction.ENABLE and (close_after is not None or rate is not None):
+            # The backend itself, not its id: a reload or DNS answer that removes it before `close_after`
+            # has run out leaves its tunnels running (lb.state.retired), and the operator asked for them
+            # to be closed.  Looked up again by id, it was gone, and the closes with it.
             backend = state_pool.backends[backend_id]
             delay, pace = close_after or 0.0, rate or DEFAULT_MIGRATION_RATE
             task = asyncio.get_running_loop().create_task(
-                self._supervisor.migrate(pool, backend_id, delay, pace)
+                self._supervisor.migrate(pool, backend, delay, pace)
                 if self._supervisor is not None
                 else migrate(self.ctx, pool, backend, delay, pace)
             )
             self._migrations[key] = task
+            task.add_done_callback(functools.partial(self._migration_done, key))
         return state_pool.backends[backend_id].state
+
+    def _migration_done(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
+        # Held here until done, a task that raised would never have its exception reported by asyncio:
+        # the operator's closes lost with no word (lb.control.migration.log_failed says it).
+        log_failed(*key, task)
+        if self._migrations.get(key) is task:
+            del self._migrations[key]
 
     async def _sweep_idle_tunnels(self) -> None:
         """Close tunnels that moved no byte for `timeouts.idle` (off when 0; `idle_sweep_interval` says
@@ -502,6 +532,9 @@ class Balancer:
                 checker.retarget(merged)
         if self._supervisor is not None:
             self._supervisor.states_changed()
+            # Each worker resolves on its own: no message of ours carries this change; a report made from
+            # now on is the soonest one to tell the removed backends' counts.
+            self._retired.fence(self._supervisor.fence())
 
     # -- reload --------------------------------------------------------------
 
@@ -579,6 +612,9 @@ class Balancer:
         if self._supervisor is not None:
             self._supervisor.reloaded(applied)
             self._supervisor.states_changed()
+            # After the reload message: a worker handles its messages in order, so a report that answers
+            # this fence was made once it ran the new pools, with the removed backends' tunnels counted.
+            self._retired.fence(self._supervisor.fence())
         return True
 
     def _restart_only_changes(self, config: Config) -> list[str]:
@@ -733,17 +769,21 @@ class Balancer:
 
     def _retire(self, old_pools: Mapping[str, PoolState], new_pools: Mapping[str, PoolState], reason: str) -> None:
         """Backends of `old_pools` that `new_pools` no longer hold keep counting while their tunnels run
-        (`retired_backends`); one that is back (`_merge_pool` reuses it) is itself again, not also removed."""
-        self._retired = [(name, b) for name, b in self._retired
-                         if (pool := new_pools.get(name)) is None or pool.backends.get(b.id) is not b]
+        (`retired_backends`); one that is back (`_merge_pool` reuses it) is itself again, not also removed.
+
+        The owner of workers keeps every one provisionally (lb.state.retired): its count is as of the
+        workers' last reports, and a backend whose tunnels all opened since then would be dropped at 0
+        while they run.  The caller fences them once the change has reached the workers.
+        """
+        self._retired.drop_back(new_pools)
+        provisional = self.role is Role.OWNER
         for name, old in old_pools.items():
             now = new_pools.get(name)
             for backend in old.backends.values():
                 if now is None or now.backends.get(backend.id) is not backend:
                     backend.reason = reason
                     backend.changed_at = time.time()
-                    if backend.connections:
-                        self._retired.append((name, backend))
+                    self._retired.retire(name, backend, provisional=provisional)
 
     def _forget_departed_series(self) -> None:
         """After the pools changed (start, DNS, reload): keep the series of the backends they hold, of
@@ -754,7 +794,10 @@ class Balancer:
         churning answer grew /metrics and the heap without bound.
         """
         present: dict[str, set[str]] = {name: set(pool.backends) for name, pool in self.ctx.pools.items()}
-        for name, backend in self.retired_backends():  # their lb_backend_* still show (lb.control.metrics)
+        # Their lb_backend_* still show (lb.control.metrics).  Those the owner keeps only until its workers'
+        # reports tell (lb.state.retired) are departed until then: counted present, 8 backends a DNS answer
+        # removed kept their series on top of the departed ones' bound until the next change.
+        for name, backend in self.retired_backends():
             present.setdefault(name, set()).add(backend.id)
         # The configured pools (static backends only): a pool's state holds its discovered ones too.
         bounds = {name: departed_kept(pool) for name, pool in self.config.pools.items()}
@@ -774,10 +817,7 @@ class Balancer:
         # one connection count (least_conn must see its live tunnels).  Looked up by id: a scan of the
         # retired list per backend was 9 million steps when a reload brought back 3,000 that one had
         # removed with their tunnels (the first listed, should an id be there twice).
-        retired: dict[str, BackendStatus] = {}
-        for name, b in self._retired:
-            if name == config.name:
-                retired.setdefault(b.id, b)
+        retired = self._retired.of_pool(config.name)
         for backend_config in config.backends:
             status = old.backends.get(backend_config.id) if old is not None else None
             if status is None:

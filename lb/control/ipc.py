@@ -15,7 +15,8 @@ backend states; workers accept clients and relay.  Owner → worker:
     {"op": "reload", "text", "files"}                apply this `ConfigSource` (the owner has just applied it)
     {"op": "close_tunnels", "pool", "backend", "rate"}   a drain migration's share of this worker
     {"op": "stop_migration", "pool", "backend"}      an operator acted again (enable, a new drain): stop
-    {"op": "report", "seq"}                          send a stats report now, carrying this seq (a scrape)
+    {"op": "report", "seq"}                          send a stats report now, carrying this seq (a scrape,
+                                                     or a fence after a reload or DNS change: lb.state.retired)
 
 Worker → owner:
 

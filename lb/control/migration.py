@@ -79,6 +79,13 @@ async def _close_at_rate(ctx: ProxyContext, backend: BackendStatus, rate: float,
             await asyncio.sleep(interval)
 
 
+def log_failed(pool: str, backend_id: str, task: asyncio.Task[None]) -> None:
+    """A drain task's done callback: one that raised says so.  Its owner holds it until the next action on
+    the backend, so asyncio would never report the exception, and the closes would end with no word."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("drain of %s/%s failed; its tunnels are no longer being closed", pool, backend_id, exc_info=exc)
+
+
 def log_summary(pool: str, backend_id: str, closing: Sequence[Tunnel], *, left_open: int | None = None) -> None:
     """The drain's last line: how its closes ended.  `left_open`: the drain was stopped, with that many
     of the backend's tunnels not asked yet; closes still under way are counted apart."""

@@ -61,11 +61,12 @@ from lb.control.ipc import (
     states_message,
     stats_message,
 )
-from lb.control.migration import migrate, start_migrating
+from lb.control.migration import log_failed, migrate, start_migrating
 from lb.log import Throttle
 
 if TYPE_CHECKING:
     from lb.control.balancer import Balancer
+    from lb.state.pool import BackendStatus
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,12 @@ class _Worker:
     killed: bool = False  # by the owner (`_write`, `_kill_unresponsive`): once, and it serves no more
     listeners: tuple[tuple[str, int], ...] = ()  # where it listens, as its last report said
     answered: int = 0  # the highest `report` seq its stats have answered
+    # Removed backends (lb.state.retired): the `report` seq when it started (it runs the owner's pools of
+    # then, and has no tunnel to a backend removed before), the highest its stats reports carried, and
+    # that of those in the owner's last sum.
+    since: int = 0
+    reported: int = 0
+    summed: int = 0
 
     @property
     def name(self) -> str:
@@ -272,7 +279,7 @@ class WorkerSupervisor:
         reader, writer = await asyncio.open_connection(sock=ours)
         loop = asyncio.get_running_loop()
         worker = _Worker(index, process, writer, loop.create_future(), started_at=loop.time(),
-                         restart_delay=restart_delay, heard_at=loop.time())
+                         restart_delay=restart_delay, heard_at=loop.time(), since=self._report_seq)
         self._workers[index] = worker
         worker.tasks = (loop.create_task(self._read(worker, reader)), loop.create_task(self._watch(worker)))
         # First, before any other message: the config the worker runs (`receive_config`), the owner's
@@ -298,6 +305,7 @@ class WorkerSupervisor:
                 worker.ready.set_result(None)
         elif op == "stats":
             self._stats.update(pid, message)
+            worker.reported = max(worker.reported, int(message.get("seq", 0)))
             worker.listeners = tuple((str(host), int(port)) for host, port in message.get("listeners", ()))
             self._answered(worker, message)
             if self._sum_stats is None:
@@ -319,7 +327,29 @@ class WorkerSupervisor:
         if self._sum_stats is not None:
             self._sum_stats.cancel()
         self._sum_stats = None
-        self.live_tunnels = self._stats.apply_to(self._balancer.ctx, self._balancer.retired_backends())
+        # Which removed backends to count is decided on the previous sum's counts and the reports it held
+        # (`settled_reports`), before this sum moves either: deciding on this sum's reports with the
+        # previous counts would forget a backend whose tunnels only this sum tells.
+        retired = self._balancer.retired_counted()
+        self.live_tunnels = self._stats.apply_to(self._balancer.ctx, retired)
+        for worker in self._workers.values():
+            worker.summed = worker.reported
+
+    def fence(self) -> int:
+        """Ask every worker for a report now; returns its seq.  A report carrying it was made after every
+        message sent to that worker before this one (a worker handles them in order): after a reload, with
+        its tunnels to the backends it removed counted under them (lb.state.retired)."""
+        self._report_seq += 1
+        for worker in self._workers.values():
+            self._send(worker, {"op": "report", "seq": self._report_seq})
+        return self._report_seq
+
+    def settled_reports(self) -> float:
+        """The `report` seq up to which every worker's counts are in the last sum (`math.inf` with none
+        running): a fence at or below it has settled.  A worker started since a fence has settled it (it
+        never ran the pools of before); one that has exited holds no tunnel."""
+        running = [max(w.summed, w.since) for w in self._workers.values() if w.process.returncode is None]
+        return min(running, default=math.inf)
 
     async def fresh_counts(self) -> None:
         """Have every serving worker report its counters now, and sum them, before /metrics or /status
@@ -491,13 +521,18 @@ class WorkerSupervisor:
             self._push_states_soon = None
             self.broadcast(states_message(self._balancer.ctx.pools))
 
-    async def migrate(self, pool: str, backend_id: str, close_after: float, rate: float) -> None:
-        """The owner's half of a drain migration: each worker closes its share at rate / N."""
+    async def migrate(self, pool: str, backend: BackendStatus, close_after: float, rate: float) -> None:
+        """The owner's half of a drain migration: each worker closes its share at rate / N.
+
+        `backend` is the object drained, which a reload or DNS answer may have removed from its pool
+        meanwhile: its tunnels still run in the workers, and are closed as asked (they look it up among
+        their removed backends too).
+        """
         await asyncio.sleep(close_after)
-        start_migrating(pool, self._balancer.ctx.pools[pool].backends[backend_id], rate)
+        start_migrating(pool, backend, rate)
         self.states_changed()
         share = rate / max(1, len(self._workers))
-        self.broadcast({"op": "close_tunnels", "pool": pool, "backend": backend_id, "rate": share})
+        self.broadcast({"op": "close_tunnels", "pool": pool, "backend": backend.id, "rate": share})
 
     def stop_migration(self, pool: str, backend_id: str) -> None:
         """An operator acted on the backend again: every worker stops closing its tunnels."""
@@ -654,8 +689,8 @@ class ControlChannel:
             if not rate > 0:
                 raise ValueError(f"rate must be above 0, got {rate!r}")
             self._stop_migration(key)
-            pool = ctx.pools.get(key[0])
-            backend = pool.backends.get(key[1]) if pool is not None else None
+            # Also one a reload or DNS removed from the pool since the drain: its tunnels still run here.
+            backend = self._balancer.find_backend(*key)
             if backend is not None:
                 task = asyncio.get_running_loop().create_task(migrate(ctx, key[0], backend, 0.0, rate))
                 self._migrations[key] = task
@@ -675,6 +710,7 @@ class ControlChannel:
             log.info("migration of %s/%s stopped by the owner", *key)
 
     def _forget(self, key: tuple[str, str], done: asyncio.Task[None]) -> None:
+        log_failed(*key, done)
         if self._migrations.get(key) is done:
             del self._migrations[key]
 

@@ -203,6 +203,45 @@ async def test_a_removed_backend_counts_its_tunnels_down_to_none(launcher: Launc
     await wait_until(gone, what="gw-1 gone once its tunnels ended", within=10 * UNIT)
 
 
+async def test_a_backend_removed_right_after_its_tunnels_opened_still_shows_them(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """workers: 2, tunnels on gw-1 and at once a reload that removes gw-1, before a worker's report has told
+    the owner of them: /status still shows gw-1 `removed` with its tunnels, and lb_active_connections counts
+    them.  The owner keeps a removed backend until every worker has reported after the reload; it dropped one
+    it counted at 0, and its tunnels ran on counted nowhere."""
+    from conftest import recv_hello, ws_connect
+    from support_ops import visit_until
+
+    def gw1_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+        return [b for b in data["pools"][POOL]["backends"] if b["id"] == "gw-1"]
+
+    lb, config = two_worker_balancer(launcher, *gateways)
+    await two_workers(lb)
+    changed = copy.deepcopy(config)
+    changed["pools"][POOL]["backends"] = [b for b in changed["pools"][POOL]["backends"] if b["id"] != "gw-1"]
+    token = token_of(await visit_until(lb.ws_url(), "gw-1", tries=20))
+    rewrite_config(lb, changed)  # now, so that the SIGHUP follows the tunnels within milliseconds
+    async with contextlib.AsyncExitStack() as tunnels:
+        for _ in range(2):
+            ws, _ = await tunnels.enter_async_context(ws_connect(lb.ws_url(), cookie=token))
+            assert (await recv_hello(ws))["server_id"] == "gw-1"
+        signal_balancer(lb, signal.SIGHUP)
+
+        async def shown_removed() -> bool:
+            rows = gw1_rows(await status(lb))
+            return [(row["state"], row["removed"], row["connections"]) for row in rows] == [("disabled", True, 2)]
+
+        await wait_until(shown_removed, what="gw-1 removed with its 2 tunnels", within=10 * UNIT)
+        assert metric(await metrics_text(lb), "lb_active_connections", pool=POOL, backend="gw-1") == 2
+
+    async def gone() -> bool:
+        return not gw1_rows(await status(lb)) and metric(
+            await metrics_text(lb), "lb_active_connections", pool=POOL, backend="gw-1") is None
+
+    await wait_until(gone, what="gw-1 gone once its tunnels ended", within=10 * UNIT)
+
+
 # -- ${file:PATH}: the cookie keys from a file, one set of keys for the whole instance -------------------
 
 

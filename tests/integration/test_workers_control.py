@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import os
 import signal
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from conftest import (
     UNIT,
     Balancer,
@@ -32,11 +34,13 @@ from support_ops import (
     metric,
     metrics_text,
     process_alive,
+    reload_with,
     set_state,
     started_stack,
     token_of,
     two_workers,
     visit_until,
+    wait_close,
     wait_until,
 )
 
@@ -104,6 +108,37 @@ async def test_drain_then_enable_stops_the_closes_in_every_worker(
         for index, (ws, _) in enumerate(held):
             if index not in closed_early:
                 await assert_echo(ws, "still open after enable")
+    lb.assert_alive()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_drain_closes_its_tunnels_even_when_a_reload_removes_the_backend_first(
+    launcher: Launcher, gateways: list[Gateway], workers: int
+) -> None:
+    """`drain` with close_after and rate, then a reload that removes the backend before the closes begin
+    (a gateway's decommission): its tunnels still get their 1012s, as the operator asked, with one process
+    or with workers.  With workers the drain looked the backend up again in the pool, found none, and its
+    closes were lost without a word."""
+    gw1, gw2 = gateways
+    config = lb_config(pools={POOL: gateways}, overrides={"workers": workers, "limits": {"handshake_rate_per_ip": 0}})
+    lb = launcher.balancer(config)
+    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+    token = token_of(await visit_until(lb.ws_url(), gw1.id, tries=10))
+    changed = copy.deepcopy(config)
+    changed["pools"][POOL]["backends"] = [b for b in changed["pools"][POOL]["backends"] if b["id"] != gw1.id]
+    close_after = 2.0
+    async with contextlib.AsyncExitStack() as stack:
+        held = [(await stack.enter_async_context(ws_connect(lb.ws_url(), cookie=token)))[0] for _ in range(4)]
+        for ws in held:
+            assert (await recv_hello(ws))["server_id"] == gw1.id
+        drained_at = time.monotonic()
+        await set_state(lb, gw1.id, "drain", params={"close_after": f"{close_after:g}s", "rate": "20"})
+        await reload_with(lb, changed)
+        assert time.monotonic() - drained_at < close_after, "the reload came after the closes began"
+        closes = await asyncio.gather(*(wait_close(ws, 6 * UNIT + close_after) for ws in held))
+        assert [c.code for c in closes] == [1012] * len(held), closes
+        assert min(c.at for c in closes) - drained_at >= close_after - 0.1, "closed before close_after"
+    assert "Traceback" not in lb.log_text(), lb.logs_tail()
     lb.assert_alive()
 
 

@@ -11,7 +11,7 @@ import logging
 import pytest
 from support_tunnel import FakeTransport, one_backend_context
 
-from lb.control.migration import migrate
+from lb.control.migration import log_failed, migrate
 from lb.proxy import tunnel as tunnel_module
 from lb.proxy.tunnel import Tunnel
 from lb.state.context import ProxyContext
@@ -107,3 +107,25 @@ def test_a_drain_that_runs_to_its_end_says_how_its_closes_went(
         "drain of p/gw-1: 1 tunnel(s) closed with 1012, 1 cut at TCP level (the client did not take the close), "
         "0 closed by the backend first"
     ]
+
+
+def test_a_drain_task_that_fails_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A drain task that raised says so at ERROR (its holder keeps it, so asyncio never would); a cancelled
+    one (enable, another drain) is no failure."""
+    caplog.set_level(logging.INFO, logger="lb.control.migration")
+
+    async def fail() -> None:
+        raise KeyError("gw-1")
+
+    async def scenario() -> None:
+        failed = asyncio.get_running_loop().create_task(fail())
+        cancelled = asyncio.get_running_loop().create_task(asyncio.sleep(10))
+        cancelled.cancel()
+        await asyncio.wait([failed, cancelled])
+        log_failed("p", "gw-1", failed)
+        log_failed("p", "gw-2", cancelled)
+
+    asyncio.run(scenario())
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["drain of p/gw-1 failed; its tunnels are no longer being closed"]
+    assert errors[0].exc_info is not None and errors[0].exc_info[0] is KeyError
