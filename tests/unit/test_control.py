@@ -415,12 +415,12 @@ def test_the_owner_sums_a_burst_of_reports_once() -> None:
         series = SeriesRetention()  # the owner keeps the series of its pools' backends (lb.state.series)
         series.update({name: list(pool.backends) for name, pool in ctx.pools.items()}, {})
         supervisor = WorkerSupervisor(
-            SimpleNamespace(ctx=ctx, retired_backends=list, series=series), 3,  # type: ignore[arg-type]
+            SimpleNamespace(ctx=ctx, retired_backends=list, retired_counted=list, series=series), 3,  # type: ignore[arg-type]
             config_path=mock.sentinel.path, config_source=ConfigSource(""),
         )
         with mock.patch.object(StatsAggregate, "apply_to", autospec=True, side_effect=StatsAggregate.apply_to) as sums:
             for pid in (100, 200, 300):
-                supervisor._handle(mock.Mock(answered=0), pid, _report(handshakes=pid, tunnels=1))
+                supervisor._handle(mock.Mock(answered=0, reported=0), pid, _report(handshakes=pid, tunnels=1))
             assert sums.call_count == 0 and supervisor.live_tunnels == 0
             await asyncio.sleep(SUM_STATS_EVERY * 2)
             assert sums.call_count == 1
