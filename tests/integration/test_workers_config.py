@@ -159,15 +159,34 @@ async def test_a_restarted_worker_runs_the_owners_config_not_the_file_changed_si
     lb.assert_alive()
 
 
+def _gw1_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    return [b for b in data["pools"][POOL]["backends"] if b["id"] == "gw-1"]
+
+
+async def _wait_gw1_removed_with_2_tunnels(lb: Balancer) -> None:
+    """/status shows gw-1 `removed` (state disabled) with its 2 tunnels, and lb_active_connections counts them."""
+
+    async def shown_removed() -> bool:
+        rows = _gw1_rows(await status(lb))
+        return [(row["state"], row["removed"], row["connections"]) for row in rows] == [("disabled", True, 2)]
+
+    await wait_until(shown_removed, what="gw-1 removed with its 2 tunnels", within=10 * UNIT)
+    assert metric(await metrics_text(lb), "lb_active_connections", pool=POOL, backend="gw-1") == 2
+
+
+async def _wait_gw1_gone(lb: Balancer) -> None:
+    async def gone() -> bool:
+        return not _gw1_rows(await status(lb)) and metric(
+            await metrics_text(lb), "lb_active_connections", pool=POOL, backend="gw-1") is None
+
+    await wait_until(gone, what="gw-1 gone once its tunnels ended", within=10 * UNIT)
+
+
 async def test_a_removed_backend_counts_its_tunnels_down_to_none(launcher: Launcher, gateways: list[Gateway]) -> None:
     """workers: 2, tunnels on gw-1, then a reload that removes gw-1: the owner shows it `removed` with its
     live tunnels (in /status and lb_active_connections), and once they end, not at all.  The workers'
     reports carry their removed backends; without them the owner's count stayed at its last value."""
     from conftest import recv_hello, ws_connect
-    from support_ops import metric, metrics_text
-
-    def gw1_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
-        return [b for b in data["pools"][POOL]["backends"] if b["id"] == "gw-1"]
 
     lb, config = two_worker_balancer(launcher, *gateways)
     async with contextlib.AsyncExitStack() as tunnels:
@@ -180,27 +199,15 @@ async def test_a_removed_backend_counts_its_tunnels_down_to_none(launcher: Launc
                     on_gw1 += 1
 
         async def counted() -> bool:  # the owner knows of them: the workers report every second
-            return [row["connections"] for row in gw1_rows(await status(lb))] == [2]
+            return [row["connections"] for row in _gw1_rows(await status(lb))] == [2]
 
         await wait_until(counted, what="the owner counting gw-1's 2 tunnels", within=10 * UNIT)
         changed = copy.deepcopy(config)
         changed["pools"][POOL]["backends"] = [b for b in changed["pools"][POOL]["backends"] if b["id"] != "gw-1"]
         rewrite_config(lb, changed)
         signal_balancer(lb, signal.SIGHUP)
-
-        async def shown_removed() -> bool:
-            rows = gw1_rows(await status(lb))
-            shown = [(row["state"], row["removed"], row["connections"]) for row in rows]
-            return shown == [("disabled", True, 2)]
-
-        await wait_until(shown_removed, what="gw-1 removed with its 2 tunnels", within=10 * UNIT)
-        assert metric(await metrics_text(lb), "lb_active_connections", pool=POOL, backend="gw-1") == 2
-
-    async def gone() -> bool:
-        return not gw1_rows(await status(lb)) and metric(
-            await metrics_text(lb), "lb_active_connections", pool=POOL, backend="gw-1") is None
-
-    await wait_until(gone, what="gw-1 gone once its tunnels ended", within=10 * UNIT)
+        await _wait_gw1_removed_with_2_tunnels(lb)
+    await _wait_gw1_gone(lb)
 
 
 async def test_a_backend_removed_right_after_its_tunnels_opened_still_shows_them(
@@ -213,9 +220,6 @@ async def test_a_backend_removed_right_after_its_tunnels_opened_still_shows_them
     from conftest import recv_hello, ws_connect
     from support_ops import visit_until
 
-    def gw1_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
-        return [b for b in data["pools"][POOL]["backends"] if b["id"] == "gw-1"]
-
     lb, config = two_worker_balancer(launcher, *gateways)
     await two_workers(lb)
     changed = copy.deepcopy(config)
@@ -227,19 +231,8 @@ async def test_a_backend_removed_right_after_its_tunnels_opened_still_shows_them
             ws, _ = await tunnels.enter_async_context(ws_connect(lb.ws_url(), cookie=token))
             assert (await recv_hello(ws))["server_id"] == "gw-1"
         signal_balancer(lb, signal.SIGHUP)
-
-        async def shown_removed() -> bool:
-            rows = gw1_rows(await status(lb))
-            return [(row["state"], row["removed"], row["connections"]) for row in rows] == [("disabled", True, 2)]
-
-        await wait_until(shown_removed, what="gw-1 removed with its 2 tunnels", within=10 * UNIT)
-        assert metric(await metrics_text(lb), "lb_active_connections", pool=POOL, backend="gw-1") == 2
-
-    async def gone() -> bool:
-        return not gw1_rows(await status(lb)) and metric(
-            await metrics_text(lb), "lb_active_connections", pool=POOL, backend="gw-1") is None
-
-    await wait_until(gone, what="gw-1 gone once its tunnels ended", within=10 * UNIT)
+        await _wait_gw1_removed_with_2_tunnels(lb)
+    await _wait_gw1_gone(lb)
 
 
 # -- ${file:PATH}: the cookie keys from a file, one set of keys for the whole instance -------------------
