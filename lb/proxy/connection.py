@@ -621,10 +621,19 @@ class Connection:
                 cause = f"no answer within {self._answer_wait():g}s"
             return self._retry_or_fail(_Failure(cause, "timeout"), now)
         if state == RELAY:
-            if self._client_blocked_at is not None:
+            blocked_at = self._client_blocked_at
+            if blocked_at is not None:
                 # The backend is not read while the client is full: its silence says nothing.  A slow
-                # reader (a big download on a poor link) is not cut; client_blocked(False) re-arms.
-                return []
+                # reader (a big download on a poor link) drains its buffer now and then, and each time
+                # client_blocked(False) re-arms the backend's timer.  One that takes nothing for as
+                # long as a backend may stay silent (nginx's send_timeout, HAProxy's `timeout client`)
+                # is cut: it held its connection and a backend's for good.
+                until = blocked_at + timeouts.answer_body
+                if now < until:
+                    return [SetTimer(until)]
+                log.info("client %s read nothing of its answer for %gs: closing (request %s)",
+                         self._client_ip, timeouts.answer_body, self._rid)
+                return self._release_backend() + self._close(abort=True)
             until = self._last_backend + timeouts.answer_body
             if now < until:
                 return [SetTimer(until)]  # bytes came since the timer was set: the wait counts from the last

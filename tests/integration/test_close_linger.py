@@ -171,3 +171,50 @@ pools: {{p: {{backends: [{{id: gw-1, address: "{HOST}:{gateways.sockets[0].getso
         server.close()
         gateways.close()
         await asyncio.sleep(0.05)
+
+
+async def test_a_client_that_takes_nothing_of_a_streaming_answer_is_cut_with_its_backend(tmp_path: Path) -> None:
+    """An answer still streaming (a big download, an event stream) to a client that reads nothing at all:
+    after as long as a backend may stay silent mid-body (timeouts.response) the client is cut and the
+    backend connection with it.  Nothing bounded it: one cheap client per gateway connection held both."""
+    loop = asyncio.get_running_loop()
+    backend_gone = loop.create_future()
+
+    async def gateway(reader_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader_.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n")
+        try:
+            for _ in range(2000):  # at most 128 MB, and it stalls long before: the balancer stops reading
+                writer.write(b"x" * 65536)
+                await asyncio.wait_for(writer.drain(), 20 * UNIT)
+        except (ConnectionError, TimeoutError) as exc:
+            backend_gone.set_result(type(exc).__name__)
+        writer.close()
+
+    gateways = await asyncio.start_server(gateway, HOST, 0)
+    text = f"""
+listeners: [{{bind: "{HOST}:0"}}]
+affinity: {{secret_keys: ["{"k" * 43}"]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{backends: [{{id: gw-1, address: "{HOST}:{gateways.sockets[0].getsockname()[1]}"}}]}}}}
+timeouts: {{response: 1s}}
+"""
+    ctx = ProxyContext.build(parse_config(text, base_dir=tmp_path, environ={}), lambda *_: None, wall_offset=0.0)
+    server = await loop.create_server(client_factory(ctx), HOST, 0)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    try:
+        await loop.sock_connect(client, server.sockets[0].getsockname())
+        await loop.sock_sendall(client, b"GET /download HTTP/1.1\r\nHost: h\r\n\r\n")
+        started = time.monotonic()
+        while ctx.handshaking or ctx.in_flight:
+            assert time.monotonic() - started < 10 * UNIT, "a client that reads nothing holds its answer for good"
+            await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(backend_gone, 10 * UNIT) != "TimeoutError", "the backend connection was cut"
+        assert ctx.pools["p"].backends["gw-1"].connections == 0
+    finally:
+        client.close()
+        server.close()
+        gateways.close()
+        await asyncio.sleep(0.05)

@@ -1190,19 +1190,35 @@ def test_without_timeouts_response_a_body_may_be_quiet_for_a_minute(refused: boo
 
 def test_a_full_client_is_never_cut_for_the_backend_it_is_not_read_for() -> None:
     """While the client's buffer is full the backend is not read: its silence is not its fault, and a slow
-    reader (a big download on a poor link) is not cut either.  Reading again hands the wait back."""
+    reader (a big download on a poor link) that drains its buffer now and then is not cut either.
+    Reading again hands the wait back."""
     play = Play(CONFIG.replace("backend_connect: 2s", "backend_connect: 2s, response: 3s"))
     play.client(get("/a/x"))
     play.connected()
     play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
     play._apply(play.conn.client_blocked(True, play.now + 1))
-    play.fire()  # at 3 s: nothing judged while it is full
-    assert play.closed_client is None and play.timer is None
-    play.now = T0 + 40
+    play.fire()  # at 3 s: the backend's silence is not judged while the client is full
+    assert play.closed_client is None and play.timer == T0 + 1 + 3  # the client's own bound
+    play.now = T0 + 3.5
     play._apply(play.conn.client_blocked(False, play.now))  # it read: the backend's time again, whole
-    assert play.timer == T0 + 40 + 3
+    assert play.timer == T0 + 3.5 + 3
     play.backend(b"cde")
     assert play.conn.state == HEAD and play.ctx.observations.backend_errors[("a", "a1", "timeout")] == 0
+
+
+def test_a_client_that_takes_nothing_of_its_answer_for_the_body_bound_is_cut() -> None:
+    """nginx's send_timeout: a client that reads nothing at all held its connection and a backend's for
+    good; after as long as a backend may stay silent mid-body (timeouts.response, here 3 s) it is cut,
+    and the backend is not blamed."""
+    play = Play(CONFIG.replace("backend_connect: 2s", "backend_connect: 2s, response: 3s"))
+    play.client(get("/a/x"))
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 5000000\r\n\r\nab")
+    play._apply(play.conn.client_blocked(True, play.now + 1))
+    play.fire()
+    play.fire()
+    assert play.now == T0 + 1 + 3 and play.closed_client == CloseClient(abort=True)
+    assert play.connections()["a1"] == 0 and play.ctx.observations.backend_errors[("a", "a1", "timeout")] == 0
 
 
 def test_an_upload_that_stalls_after_the_answer_began_is_closed_on_time() -> None:
