@@ -77,6 +77,11 @@ class Checker:
         """Whether a problem was added at exactly `path`."""
         return path in self._said
 
+    def keep(self, wanted: Callable[[Problem], bool]) -> None:
+        """Drop the problems found so far that are not `wanted` (and their paths from `said`)."""
+        self.problems[:] = [problem for problem in self.problems if wanted(problem)]
+        self._said = {problem.path for problem in self.problems}
+
 
 def join_path(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)

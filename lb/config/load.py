@@ -115,8 +115,7 @@ def load_admin_config(
     if not check.unreadable:
         # The keys YAML repeated below the other sections (in a pool, say) are `lb validate`'s to say;
         # the top level's and admin's are ours.  Every problem found after this point is ours too.
-        repeated = [p for p in check.problems if "." not in p.path or p.path.startswith("admin.")]
-        check.problems[:] = repeated
+        check.keep(lambda p: "." not in p.path or p.path.startswith("admin."))
         root = root_of(tree, check)
         if root is not None:
             node, env = root.get("admin"), os.environ if environ is None else environ

@@ -419,10 +419,8 @@ class Balancer:
         A worker counts its own handshakes (only it sees their answers, which start the count
         again) and tells the owner when they took the backend down; the owner decides for everyone.
         """
-        state = self.ctx.pools.get(pool)
-        if state is None or state.get(backend_id) is None:
-            return  # removed by a reload meanwhile
-        change = state.record_handshake_failure(backend_id, time.time(), detail)
+        state = self._pool_holding(pool, backend_id)
+        change = state.record_handshake_failure(backend_id, time.time(), detail) if state is not None else None
         if change is None:
             return
         if self._control is not None:
@@ -432,12 +430,15 @@ class Balancer:
 
     def take_down(self, pool: str, backend_id: str, reason: str) -> None:
         """A worker's handshakes took this backend down (passive health): so it is, for every worker."""
-        state = self.ctx.pools.get(pool)
-        if state is None or state.get(backend_id) is None:
-            return  # removed by a reload meanwhile
-        change = state.take_down(backend_id, time.time(), reason)
+        state = self._pool_holding(pool, backend_id)
+        change = state.take_down(backend_id, time.time(), reason) if state is not None else None
         if change is not None:
             self._on_state_change(change)
+
+    def _pool_holding(self, pool: str, backend_id: str) -> PoolState | None:
+        """The pool's state if it still holds `backend_id` (a reload or DNS answer may have removed it since)."""
+        state = self.ctx.pools.get(pool)
+        return state if state is not None and state.get(backend_id) is not None else None
 
     def apply_admin(
         self, pool: str, backend_id: str, action: AdminAction, *, close_after: float | None = None,

@@ -664,10 +664,9 @@ class Connection:
         if state == HEAD:
             if not self._buf:
                 return self._close_headless()  # idle between requests, or never started: nothing is lost
-            return self._refuse(NoHealthyBackend("balancer is shutting down"), now)
+            return self._refuse_stopping(now)
         if state == CONNECTING:
-            actions = self._release_backend()
-            return actions + self._refuse(NoHealthyBackend("balancer is shutting down"), now)
+            return self._refuse_stopping(now)
         self._keep_alive = False  # WAITING or RELAY: the answer comes, then the connection closes
         return []
 
@@ -676,9 +675,13 @@ class Connection:
         answer gets its 503 now (with Retry-After: nothing but interim answers has reached its client,
         so it can still be answered, as the log says it was); an answer still streaming is cut."""
         if self.state in (CONNECTING, WAITING):
-            actions = self._release_backend()
-            return actions + self._refuse(NoHealthyBackend("balancer is shutting down"), now)
+            return self._refuse_stopping(now)
         return self._close(abort=True)
+
+    def _refuse_stopping(self, now: float) -> list[Action]:
+        """A stop's 503 with Retry-After, for a request no backend has answered; the backend connection
+        it holds, if any, goes with it."""
+        return self._release_backend() + self._refuse(NoHealthyBackend("balancer is shutting down"), now)
 
     def local_failure(self, now: float) -> list[Action]:
         """The balancer could not open a backend connection for lack of its own descriptors or memory.
@@ -1092,7 +1095,7 @@ class Connection:
         if not ctx.accepting:
             # A stop answers what has not reached a backend with 503 (SPEC): this has not, and the
             # stop's bound would otherwise cut it between two attempts.
-            return actions + self._refuse(NoHealthyBackend("balancer is shutting down"), now)
+            return actions + self._refuse_stopping(now)
         claim = self._claim
         try:
             # The same choice again without the failed ones: a pinned client goes

@@ -115,6 +115,18 @@ async def test_a_closed_tunnel_cuts_a_client_that_never_reads(end: str) -> None:
         await asyncio.sleep(0.05)  # the gateway's handler sees its EOF and ends
 
 
+def proxied_to(gateways: asyncio.Server, tmp_path: Path, extra: str = "") -> ProxyContext:
+    """The context of a balancer whose one pool is the one gateway `gateways` serves (+ `extra` config)."""
+    text = f"""
+listeners: [{{bind: "{HOST}:0"}}]
+affinity: {{secret_keys: ["{"k" * 43}"]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{backends: [{{id: gw-1, address: "{HOST}:{gateways.sockets[0].getsockname()[1]}"}}]}}}}
+{extra}"""
+    config = parse_config(text, base_dir=tmp_path, environ={})
+    return ProxyContext.build(config, lambda *_: None, wall_offset=wall_offset())
+
+
 ANSWER_BODY = 60 * 1024  # under the 64 KiB high-water mark: relayed whole, so the answer completes
 
 
@@ -131,15 +143,7 @@ async def test_a_complete_answer_is_flushed_to_a_slow_reader_and_cut_for_one_tha
         writer.close()
 
     gateways = await asyncio.start_server(gateway, HOST, 0)
-    text = f"""
-listeners: [{{bind: "{HOST}:0"}}]
-affinity: {{secret_keys: ["{"k" * 43}"]}}
-routes: [{{path_prefix: /, pool: p}}]
-pools: {{p: {{backends: [{{id: gw-1, address: "{HOST}:{gateways.sockets[0].getsockname()[1]}"}}]}}}}
-"""
-    ctx = ProxyContext.build(
-        parse_config(text, base_dir=tmp_path, environ={}), lambda *_: None, wall_offset=wall_offset()
-    )
+    ctx = proxied_to(gateways, tmp_path)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it
     listener.bind((HOST, 0))
@@ -192,14 +196,7 @@ async def test_a_client_that_takes_nothing_of_a_streaming_answer_is_cut_with_its
         writer.close()
 
     gateways = await asyncio.start_server(gateway, HOST, 0)
-    text = f"""
-listeners: [{{bind: "{HOST}:0"}}]
-affinity: {{secret_keys: ["{"k" * 43}"]}}
-routes: [{{path_prefix: /, pool: p}}]
-pools: {{p: {{backends: [{{id: gw-1, address: "{HOST}:{gateways.sockets[0].getsockname()[1]}"}}]}}}}
-timeouts: {{response: 1s}}
-"""
-    ctx = ProxyContext.build(parse_config(text, base_dir=tmp_path, environ={}), lambda *_: None, wall_offset=0.0)
+    ctx = proxied_to(gateways, tmp_path, "timeouts: {response: 1s}\n")
     server = await loop.create_server(client_factory(ctx), HOST, 0)
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
