@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 import time
 from typing import Final
 
@@ -58,6 +59,9 @@ CLOSE_DEADLINE = 2.0
 # Seconds a closed connection's unsent bytes may go without the peer taking any (TCP's own retries
 # on a lossy mobile link stall a few seconds; a peer that keeps its window shut stalls for ever).
 FLUSH_STALL = 10.0
+# Seconds between two looks at a client whose reading is paused because its backend takes nothing:
+# paused, its FIN or RST is not read, so it is asked of the kernel (`client_has_left`).
+PAUSED_CLIENT_LOOK = 2.0
 SERVICE_RESTART: Final = 1012  # IANA close code registry: the service is restarting; reconnect
 GOING_AWAY: Final = 1001  # RFC 6455 §7.4.1: the server is going down
 
@@ -80,6 +84,32 @@ def next_close_look(taken_before: int, taken_now: int, now: float, close_by: flo
     if taken_now <= taken_before or now >= close_by:
         return None
     return min(CLOSE_DEADLINE, close_by - now)
+
+
+# The socket states (Linux's tcp_states.h, `tcpi_state` in TCP_INFO) of a peer that has left: its FIN
+# was received (CLOSE_WAIT), or its RST (CLOSE).
+_TCP_CLOSE: Final = 7
+_TCP_CLOSE_WAIT: Final = 8
+_TCP_INFO: Final = getattr(socket, "TCP_INFO", 0)  # Linux only; elsewhere no look is made
+
+
+def has_left(tcp_state: int) -> bool:
+    """Whether a socket in `tcp_state` (TCP_INFO's first byte) has heard its peer's FIN or RST."""
+    return tcp_state in (_TCP_CLOSE, _TCP_CLOSE_WAIT)
+
+
+def client_has_left(transport: asyncio.Transport) -> bool:
+    """Whether the peer of `transport`'s socket has closed it, asked of the kernel: a paused transport
+    reads nothing, so neither its FIN nor its RST reaches the protocol (HAProxy and nginx hear both from
+    the poller, EPOLLRDHUP and EPOLLERR; asyncio's loops do not watch a paused socket at all)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not _TCP_INFO:
+        return False
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
+    except OSError:  # closed under us, or not TCP (a test's pipe): nothing known
+        return False
+    return bool(info) and has_left(info[0])
 
 
 def idle_sweep_interval(idle: float) -> float:
@@ -203,7 +233,9 @@ class WebSocketClientEnd(TunnelEnd):
 class WebSocketServerEnd(TunnelEnd):
     """The backend side of a WebSocket tunnel: follows frame boundaries so a close can be injected."""
 
-    __slots__ = ("backend_closed_first", "close_by", "deadline", "frames", "pending_close", "silenced", "taken")
+    __slots__ = (
+        "backend_closed_first", "close_by", "deadline", "frames", "paused_look", "pending_close", "silenced", "taken",
+    )
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
         super().__init__(tunnel, peer)
@@ -217,9 +249,37 @@ class WebSocketServerEnd(TunnelEnd):
         # and the loop time past which it is cut even if it is still reading (`next_close_look`).
         self.taken = 0
         self.close_by = 0.0
+        # While the backend's buffer is full and its client therefore paused: the next look at whether
+        # that client has left (`_look_at_paused_client`).
+        self.paused_look: asyncio.TimerHandle | None = None
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(READ_VIEW[:nbytes].tobytes())
+
+    def pause_writing(self) -> None:
+        """The backend takes nothing more for now: its client is paused, so a client that leaves now
+        is not read.  It is looked for every PAUSED_CLIENT_LOOK while the pause lasts: without the look
+        a wedged backend would keep a gone client's tunnel, its place in limits.max_connections and its
+        count in least_conn for as long as it stays wedged."""
+        self.full = True
+        self.peer.pause_reading()
+        self.look_at_paused_client_later()
+
+    def look_at_paused_client_later(self) -> None:
+        if self.paused_look is None:
+            self.paused_look = asyncio.get_running_loop().call_later(PAUSED_CLIENT_LOOK, self._look_at_paused_client)
+
+    def _look_at_paused_client(self) -> None:
+        self.paused_look = None
+        if not self.full:  # resumed since: the client is read again, and its leaving will be seen
+            return
+        if client_has_left(self.peer):
+            # What it sent last is still unread in the kernel, and the backend took nothing for it:
+            # nothing can be delivered either way, and a FIN passed on now would tell the backend the
+            # client's stream ended whole.  Both sides are cut.
+            self.tunnel.abort()
+            return
+        self.look_at_paused_client_later()
 
     def data_received(self, data: bytes) -> None:
         if self.silenced:
@@ -434,6 +494,8 @@ class Tunnel:
         server.set_protocol(tunnel.server_end)
         tunnel.client_end.full = client_full
         tunnel.server_end.full = server_full
+        if server_full:  # full before the switch: no pause_writing comes to this end to start the looks
+            tunnel.server_end.look_at_paused_client_later()
         if to_server:
             tunnel.client_end.data_received(to_server)
         if client_lead:
@@ -529,6 +591,8 @@ class Tunnel:
         end = self.server_end
         if end.deadline is not None:
             end.deadline.cancel()
+        if end.paused_look is not None:
+            end.paused_look.cancel()  # it reads the end's tunnel, which `forget` takes
         close_flushing(end.peer)
         close_flushing(self.client_end.peer)
         self.backend.connections -= 1

@@ -3,6 +3,7 @@
 The request path picks the script, so one backend serves every case of a test module:
 
 - `/deaf`: read the request's head, then nothing more, without answering (an upload that never drains).
+- `/unread`: after the 101, read nothing more (a wedged gateway under a client's upload).
 - `/flood-http`: a plain `200` whose body (as many bytes as `/flood` sends) goes on as `/flood`'s.
 - `/flood`: after the 101, send 16 KiB binary frames as fast as the peer takes them; once a send has
   been blocked for a moment the backend is `stalled` (the balancer paused reading from it because
@@ -49,6 +50,8 @@ SLOW_FRAME_SECONDS = 5.0  # longer than a close's first deadline and linger toge
 SLOW_FRAME_STEPS = 100
 SLOW_FRAME_BYTES = 1000 * SLOW_FRAME_STEPS
 AFTER_SLOW_FRAME = b"\x81\x05after"  # a text frame once the slow one is whole
+# A client's binary frame of 2**40 bytes, masked with a zero key (the payload goes as it is), unfinished.
+ENDLESS_FRAME = b"\x82\xff" + (1 << 40).to_bytes(8, "big") + b"\x00" * 4
 
 
 def _accept_value(key: str) -> str:
@@ -101,7 +104,10 @@ class ScriptedBackend:
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 + f"Sec-WebSocket-Accept: {_accept_value(key)}\r\n\r\n".encode()
             )
-            if path.startswith("/flood"):
+            if path.startswith("/unread"):
+                self.stalled.set()
+                self._stop.wait(MAX_SECONDS)
+            elif path.startswith("/flood"):
                 self._flood(conn)
             elif path.startswith("/die-mid-frame"):
                 conn.sendall(PARTIAL)
@@ -222,6 +228,31 @@ async def stalled_upload(lb: Balancer) -> socket.socket:
     await asyncio.wait_for(loop.sock_connect(sock, (HOST, lb.port)), 5 * UNIT)
     head = f"POST /deaf HTTP/1.1\r\nHost: {HOST}:{lb.port}\r\nContent-Length: {1 << 40}\r\n\r\n".encode()
     await loop.sock_sendall(sock, head)
+    await _send_until_refused(sock)
+    return sock
+
+
+async def stalled_tunnel_upload(lb: Balancer) -> socket.socket:
+    """A client whose upgrade to `/unread` is answered, and which then sends one endless binary frame
+    for as long as anything takes it."""
+    assert lb.port is not None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(loop.sock_connect(sock, (HOST, lb.port)), 5 * UNIT)
+    await loop.sock_sendall(sock, upgrade_request("/unread", host=f"{HOST}:{lb.port}", key=ws_key()))
+    head = b""
+    async with asyncio.timeout(5 * UNIT):
+        while b"\r\n\r\n" not in head:
+            head += await loop.sock_recv(sock, 1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    await loop.sock_sendall(sock, ENDLESS_FRAME)
+    await _send_until_refused(sock)
+    return sock
+
+
+async def _send_until_refused(sock: socket.socket) -> None:
+    """Send on the non-blocking `sock` until nothing more is taken for half a second (bounded)."""
     chunk = b"u" * 65536
     deadline = time.monotonic() + 10 * UNIT
     idle_since = time.monotonic()
@@ -231,7 +262,6 @@ async def stalled_upload(lb: Balancer) -> socket.socket:
                 idle_since = time.monotonic()
         except BlockingIOError:
             await asyncio.sleep(0.02)
-    return sock
 
 
 def _tls_client(lb: Balancer, ca: Path, rcvbuf: int | None) -> ssl.SSLSocket:
@@ -257,6 +287,23 @@ def _stalled_tls_client(lb: Balancer, ca: Path, path: str) -> ssl.SSLSocket:
 def _stalled_tls_upload(lb: Balancer, ca: Path) -> ssl.SSLSocket:
     sock = _tls_client(lb, ca, rcvbuf=None)
     sock.sendall(f"POST /deaf HTTP/1.1\r\nHost: {HOST}:{lb.tls_port}\r\nContent-Length: {1 << 40}\r\n\r\n".encode())
+    sock.settimeout(0.5)  # a send blocked this long: nothing more is taken
+    chunk = b"u" * 16384  # one TLS record
+    deadline = time.monotonic() + 10 * UNIT
+    with contextlib.suppress(TimeoutError):
+        while time.monotonic() < deadline:
+            sock.sendall(chunk)
+    return sock
+
+
+def _stalled_tls_tunnel_upload(lb: Balancer, ca: Path) -> ssl.SSLSocket:
+    sock = _tls_client(lb, ca, rcvbuf=None)
+    sock.sendall(upgrade_request("/unread", host=f"{HOST}:{lb.tls_port}", key=ws_key()))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    sock.sendall(ENDLESS_FRAME)
     sock.settimeout(0.5)  # a send blocked this long: nothing more is taken
     chunk = b"u" * 16384  # one TLS record
     deadline = time.monotonic() + 10 * UNIT
@@ -292,3 +339,8 @@ async def stalled_tls_client(lb: Balancer, ca: Path, path: str = "/flood") -> ss
 async def stalled_tls_upload(lb: Balancer, ca: Path) -> ssl.SSLSocket:
     """`stalled_upload` over the TLS listener: a huge body sent until the balancer takes no more."""
     return await _in_own_thread(lambda: _stalled_tls_upload(lb, ca))
+
+
+async def stalled_tls_tunnel_upload(lb: Balancer, ca: Path) -> ssl.SSLSocket:
+    """`stalled_tunnel_upload` over the TLS listener."""
+    return await _in_own_thread(lambda: _stalled_tls_tunnel_upload(lb, ca))

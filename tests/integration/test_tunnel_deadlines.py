@@ -68,7 +68,9 @@ from support_scripted import (
     ScriptedBackend,
     stalled_client,
     stalled_tls_client,
+    stalled_tls_tunnel_upload,
     stalled_tls_upload,
+    stalled_tunnel_upload,
     stalled_upload,
     start,
 )
@@ -385,3 +387,38 @@ async def test_a_tls_tunnel_that_ends_abruptly_is_released(
     finally:
         sock.close()
     assert "Traceback" not in lb.log_text(), lb.logs_tail(30)
+
+
+UPLOADS: dict[str, Callable[[Balancer, Path], Awaitable[socket.socket]]] = {
+    "plain": lambda lb, ca: stalled_tunnel_upload(lb),
+    "TLS": stalled_tls_tunnel_upload,
+}
+
+
+@pytest.mark.parametrize("kind", list(UPLOADS))
+async def test_a_client_that_resets_an_upload_its_gateway_stopped_reading_is_let_go(
+    launcher: Launcher, scripted: ScriptedBackend, kind: str, tmp_path: Path
+) -> None:
+    """A gateway that stops reading a tunnel pauses its client (backpressure), and a paused client's
+    RST is not read: the balancer asks the kernel about it while the pause lasts, so the tunnel, the
+    client's place in limits.max_connections and the gateway's count go within seconds, not when the
+    gateway reads again (with timeouts.idle at 0, never)."""
+    certs = lb_certs(tmp_path / "certs")
+    lb = start(launcher, scripted, tls=(certs / "server.crt", certs / "server.key"))
+    client = await UPLOADS[kind](lb, certs / "ca.crt")
+    try:
+        assert scripted.stalled.is_set()
+        document = await status(lb)
+        assert (document["tunnels"], find_backend(document, "scripted", scripted.id)["connections"]) == (1, 1)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        client.close()  # with unread data and linger 0: an RST
+
+    async def let_go() -> bool:
+        document = await status(lb)
+        return (document["tunnels"], document["client_connections"]) == (0, 0) and (
+            find_backend(document, "scripted", scripted.id)["connections"] == 0
+        )
+
+    await wait_until(let_go, within=6 * UNIT, what="the reset client's tunnel closed")
+    lb.assert_alive()

@@ -14,10 +14,23 @@ from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus, PoolState
 
 
-class FakeTransport:
-    """Records writes, closes and aborts; `buffered` bytes never leave its write buffer."""
+class FakeSocket:
+    """What the tunnel asks of a socket: TCP_INFO, whose first byte is the connection's state."""
 
-    def __init__(self, buffered: int = 0, *, half_close: bool = False, tls: bool = False) -> None:
+    def __init__(self, tcp_state: int) -> None:
+        self.tcp_state = tcp_state
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        return bytes([self.tcp_state])
+
+
+class FakeTransport:
+    """Records writes, closes and aborts; `buffered` bytes never leave its write buffer.  `sock`: what
+    get_extra_info("socket") gives (none by default)."""
+
+    def __init__(
+        self, buffered: int = 0, *, half_close: bool = False, tls: bool = False, sock: FakeSocket | None = None
+    ) -> None:
         self.written = bytearray()
         self.closed = False
         self.aborted = False
@@ -26,6 +39,7 @@ class FakeTransport:
         self.half_close = half_close  # can_write_eof(), as a plain TCP transport
         self.tls = tls
         self.eof_written = False
+        self.sock = sock
 
     def write(self, data: bytes) -> None:
         self.written += data
@@ -38,6 +52,8 @@ class FakeTransport:
         self.eof_written = True
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket" and self.sock is not None:
+            return self.sock
         return object() if name == "sslcontext" and self.tls else default
 
     def close(self) -> None:

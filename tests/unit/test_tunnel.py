@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from support_tunnel import FakeTransport, one_backend_context
+from support_tunnel import FakeSocket, FakeTransport, one_backend_context
 
 from lb.proxy import tunnel as tunnel_module
 from lb.proxy.reading import READ_CHUNK, READ_VIEW
-from lb.proxy.tunnel import CLOSE_DEADLINE, Tunnel, idle_sweep_interval, next_close_look
+from lb.proxy.tunnel import CLOSE_DEADLINE, Tunnel, has_left, idle_sweep_interval, next_close_look
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
 from lb.ws.frames import close_frame
@@ -649,20 +649,85 @@ def test_a_flush_that_fills_a_side_leaves_its_peer_paused(full_side: str) -> Non
     Resumed anyway, the peer would be read into a transport that counts itself paused already,
     so nothing would pause it again: the balancer would buffer whatever the peer sends.
     """
-    client, server = FillingTransport(high=64), FillingTransport(high=64)
-    lead = b"x" * 100
-    _join(client, server, **({"to_client": lead} if full_side == "client" else {"to_server": lead}))
-    full, peer = (client, server) if full_side == "client" else (server, client)
-    assert full.paused_writing and not peer.reading and full.reading
-    full.protocol.resume_writing()  # the full side drains
-    assert peer.reading
+
+    async def scenario() -> None:  # in a loop, as every switch is: a paused client is looked at later
+        client, server = FillingTransport(high=64), FillingTransport(high=64)
+        lead = b"x" * 100
+        _join(client, server, **({"to_client": lead} if full_side == "client" else {"to_server": lead}))
+        full, peer = (client, server) if full_side == "client" else (server, client)
+        assert full.paused_writing and not peer.reading and full.reading
+        full.protocol.resume_writing()  # the full side drains
+        assert peer.reading
+
+    _run(scenario())
 
 
 @pytest.mark.parametrize("full_side", ["client", "server"])
 def test_a_side_full_before_the_switch_keeps_its_peer_paused(full_side: str) -> None:
-    client, server = FillingTransport(high=1 << 20), FillingTransport(high=1 << 20)
-    _join(client, server, client_full=full_side == "client", server_full=full_side == "server")
-    full, peer = (client, server) if full_side == "client" else (server, client)
-    assert not peer.reading and full.reading
-    full.protocol.resume_writing()
-    assert peer.reading
+
+    async def scenario() -> None:
+        client, server = FillingTransport(high=1 << 20), FillingTransport(high=1 << 20)
+        _join(client, server, client_full=full_side == "client", server_full=full_side == "server")
+        full, peer = (client, server) if full_side == "client" else (server, client)
+        assert not peer.reading and full.reading
+        full.protocol.resume_writing()
+        assert peer.reading
+
+    _run(scenario())
+
+
+ESTABLISHED, CLOSE, CLOSE_WAIT = 1, 7, 8  # Linux's tcp_states.h
+
+
+@pytest.mark.parametrize(("state", "left"), [(ESTABLISHED, False), (CLOSE, True), (CLOSE_WAIT, True), (4, False)])
+def test_a_socket_has_left_once_its_peers_fin_or_rst_came(state: int, left: bool) -> None:
+    assert has_left(state) is left
+
+
+@pytest.mark.parametrize("state", [CLOSE, CLOSE_WAIT])
+def test_a_client_paused_behind_its_wedged_backend_is_cut_once_it_has_left(
+    monkeypatch: pytest.MonkeyPatch, state: int
+) -> None:
+    """Paused, the client's FIN or RST is not read: a look at its socket while the pause lasts finds it."""
+    monkeypatch.setattr(tunnel_module, "PAUSED_CLIENT_LOOK", 0.05)
+
+    async def scenario() -> None:
+        sock = FakeSocket(ESTABLISHED)
+        client, server = FakeTransport(sock=sock), FakeTransport(buffered=1 << 20)
+        _, tunnel = _join(client, server)
+        tunnel.server_end.pause_writing()  # the backend's buffer is full: its client is paused
+        await asyncio.sleep(0.2)
+        assert not tunnel.closed  # still there: looked at, and looked at again
+        sock.tcp_state = state
+        await asyncio.sleep(0.2)
+        assert tunnel.closed and client.aborted and server.aborted
+        assert tunnel.backend.connections == 0
+
+    _run(scenario())
+
+
+def test_a_client_read_again_is_not_looked_at(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once reading resumes, its own EOF tells of a client's leaving: the look ends with the pause."""
+    monkeypatch.setattr(tunnel_module, "PAUSED_CLIENT_LOOK", 0.05)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(sock=FakeSocket(CLOSE_WAIT)), FakeTransport()
+        _, tunnel = _join(client, server)
+        tunnel.server_end.pause_writing()
+        tunnel.server_end.resume_writing()
+        await asyncio.sleep(0.2)
+        assert not tunnel.closed and not client.aborted
+
+    _run(scenario())
+
+
+def test_a_backend_full_before_the_switch_has_its_paused_client_looked_at(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tunnel_module, "PAUSED_CLIENT_LOOK", 0.05)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(sock=FakeSocket(CLOSE)), FakeTransport(buffered=1 << 20)
+        _, tunnel = _join(client, server, server_full=True)
+        await asyncio.sleep(0.2)
+        assert tunnel.closed and client.aborted
+
+    _run(scenario())
