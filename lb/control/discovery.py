@@ -297,9 +297,17 @@ class Discoverer:
             self._task = None
 
     def adopt(self, previous: Discoverer) -> None:
-        """Take over a previous loop's last known set (a reload with the same discovery config)."""
+        """Take over the last known set of the pool's previous loop (a reload), and its record when it
+        looked up the same name the same way.  Under a new name (or type) the pool still holds the old
+        one's backends until the new one answers: they are this loop's last known set, which a failed
+        lookup keeps and the first answer replaces; its record starts afresh, but for its counts of
+        lookups and errors, which are counters (`lb_discovery_*_total`) and never go backwards."""
         self.known = previous.known
-        self.status = previous.status
+        if (previous.config.dns, previous.config.type) == (self.config.dns, self.config.type):
+            self.status = previous.status
+            return
+        self.status.lookups, self.status.errors = previous.status.lookups, previous.status.errors
+        self.status.backends = len(self.known)
 
     async def _run(self) -> None:
         while True:
@@ -408,8 +416,7 @@ class DiscoveryManager:
             del self._loops[name]
             if pool is not None:
                 replacement = Discoverer(pool, self._apply)
-                if pool.discovery is not None and pool.discovery.dns == loop.config.dns:
-                    replacement.adopt(loop)
+                replacement.adopt(loop)
                 self._loops[name] = replacement
                 replacement.start()
         for name, pool in wanted.items():

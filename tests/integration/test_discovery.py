@@ -694,3 +694,29 @@ async def test_dns_churn_keeps_metrics_bounded_and_a_kept_backend_monotonic(
         assert all(later >= earlier for earlier, later in itertools.pairwise(values)), f"{name}: {values}"
     assert samples["lb_backend_handshakes_total"][-1] >= generations
     lb.assert_alive()
+
+
+async def test_a_reload_to_a_name_that_does_not_answer_keeps_the_old_names_set_on_show(
+    launcher: Launcher, zone: ZoneServer
+) -> None:
+    """`discovery.dns` changed by a reload to a name the nameserver does not know: the pool keeps the old
+    name's backends (a failed lookup keeps the last known set), /status says how many, and the
+    discovery counters go on from where they were."""
+    gw1, gw2 = launcher.gateways(2)
+    publish(zone, [gw1, gw2])
+    lb = launcher.balancer(discovery_config(zone, interval="5s"))
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both discovered")
+    lookups_before = metric(await metrics_text(lb), "lb_discovery_lookups_total", pool="gateways")
+    assert lookups_before is not None and lookups_before >= 1
+    config = json.loads(json.dumps(lb.config))
+    config["pools"]["gateways"]["discovery"]["dns"] = "nowhere.game.svc.cluster.local"
+    await reload_with(lb, config, expect="reloaded configuration")
+    data = await wait_status(
+        lb, lambda s: "nowhere" in s["pools"]["gateways"]["discovery"]["last_error"], "the new name's error"
+    )
+    found = data["pools"]["gateways"]["discovery"]
+    assert (found["dns"], found["backends"]) == ("nowhere.game.svc.cluster.local", 2), found
+    assert ids(data) == {"gw-1", "gw-2"}
+    assert {(await visit(lb.ws_url())).server_id for _ in range(4)} == {"gw-1", "gw-2"}
+    lookups_after = metric(await metrics_text(lb), "lb_discovery_lookups_total", pool="gateways")
+    assert lookups_after is not None and lookups_after > lookups_before
