@@ -287,13 +287,18 @@ def _stalled_tls_client(lb: Balancer, ca: Path, path: str) -> ssl.SSLSocket:
 def _stalled_tls_upload(lb: Balancer, ca: Path) -> ssl.SSLSocket:
     sock = _tls_client(lb, ca, rcvbuf=None)
     sock.sendall(f"POST /deaf HTTP/1.1\r\nHost: {HOST}:{lb.tls_port}\r\nContent-Length: {1 << 40}\r\n\r\n".encode())
+    _send_tls_until_refused(sock)
+    return sock
+
+
+def _send_tls_until_refused(sock: ssl.SSLSocket) -> None:
+    """Send on the blocking `sock` until a send is blocked for half a second (bounded)."""
     sock.settimeout(0.5)  # a send blocked this long: nothing more is taken
     chunk = b"u" * 16384  # one TLS record
     deadline = time.monotonic() + 10 * UNIT
     with contextlib.suppress(TimeoutError):
         while time.monotonic() < deadline:
             sock.sendall(chunk)
-    return sock
 
 
 def _stalled_tls_tunnel_upload(lb: Balancer, ca: Path) -> ssl.SSLSocket:
@@ -304,12 +309,7 @@ def _stalled_tls_tunnel_upload(lb: Balancer, ca: Path) -> ssl.SSLSocket:
         head += sock.recv(1)
     assert head.startswith(b"HTTP/1.1 101"), head
     sock.sendall(ENDLESS_FRAME)
-    sock.settimeout(0.5)  # a send blocked this long: nothing more is taken
-    chunk = b"u" * 16384  # one TLS record
-    deadline = time.monotonic() + 10 * UNIT
-    with contextlib.suppress(TimeoutError):
-        while time.monotonic() < deadline:
-            sock.sendall(chunk)
+    _send_tls_until_refused(sock)
     return sock
 
 
