@@ -136,8 +136,11 @@ def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:
     else:
         resolver = dns.resolver.Resolver(configure=False)
         resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in config.nameservers]
+    # `timeout` bounds one query over all the nameservers; each gets its share of it.  With a whole
+    # `timeout` each, a first nameserver that never answers (a host gone, a firewall dropping) took
+    # all of it, and the next ones in the list were never asked: every lookup failed.
     resolver.lifetime = config.timeout
-    resolver.timeout = config.timeout
+    resolver.timeout = config.timeout / max(1, len(resolver.nameservers))
     return ThreadedResolver(resolver)
 
 
