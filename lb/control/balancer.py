@@ -983,7 +983,11 @@ class Balancer:
             return
         log.info("closing %d live tunnel(s) with 1001, spread over %gs", len(tunnels), grace)
         start = loop.time()
-        for offset, tunnel in zip(close_schedule(len(tunnels), grace), tunnels, strict=True):
+        # With `workers: N` each worker spreads its own tunnels: worker i starts i/N of a step later,
+        # so that the workers' closes interleave instead of going N at a time.
+        index, count = self._share
+        schedule = close_schedule(len(tunnels), grace, phase=index / count if count > 1 else 0.0)
+        for offset, tunnel in zip(schedule, tunnels, strict=True):
             if not self.ctx.tunnels:
                 break  # every client left on its own: nothing to spread
             wait = start + offset - loop.time()
@@ -1005,14 +1009,15 @@ class Balancer:
                 tunnel.abort()
 
 
-def close_schedule(count: int, grace: float) -> list[float]:
+def close_schedule(count: int, grace: float, phase: float = 0.0) -> list[float]:
     """Seconds after the grace starts at which each of `count` tunnels gets its 1001: evenly spaced.
 
-    The first goes at once and the last one step before the end, so even the last client has
-    `grace / count` to answer before whatever is left is closed.
+    The first goes at once (`phase` of a step later, 0 <= phase < 1: one worker of several) and the
+    last one step before the end or less, so even the last client has at least
+    `grace / count * (1 - phase)` to answer before whatever is left is closed.
     """
     step = grace / count if count else 0.0
-    return [index * step for index in range(count)]
+    return [(index + phase) * step for index in range(count)]
 
 
 def _dup_sockets(socks: Iterable[Any]) -> list[socket.socket]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,3 +28,13 @@ def test_evenly_spaced_within_the_grace(count: int, grace: float) -> None:
         gap = grace / count
         assert schedule[1] - schedule[0] == pytest.approx(gap)
         assert schedule[-1] - schedule[-2] == pytest.approx(gap, rel=1e-6)
+
+
+def test_workers_schedules_interleave() -> None:
+    # workers: 2, 10 tunnels each over 4 s: worker 1 starts half a step after worker 0, so the
+    # two never close a tunnel at the same moment (they did at every step: clients in pairs).
+    first = close_schedule(10, 4.0, phase=0 / 2)
+    second = close_schedule(10, 4.0, phase=1 / 2)
+    merged = sorted(first + second)
+    assert min(b - a for a, b in itertools.pairwise(merged)) == pytest.approx(0.2)
+    assert max(second) < 4.0
