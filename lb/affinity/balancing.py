@@ -102,8 +102,11 @@ def source_key(address: str) -> str | None:
 
     Returns None for something that is not an IP address (the caller falls back).
     """
+    # A link-local address's zone (`fe80::1%eth0`, as `ss` shows it) names our interface, not the
+    # client: the data plane's client address has none (lb.http.client_address.peer_address), so a
+    # `/route` key written with one must hash as that client does.
     try:
-        ip = ipaddress.ip_address(address.strip().strip("[]"))
+        ip = ipaddress.ip_address(address.strip().strip("[]").partition("%")[0])
     except ValueError:
         return None
     return str(unmapped(ip))

@@ -134,6 +134,13 @@ def test_source_hashes_the_canonical_address() -> None:
     assert decide(None, pool, balance_key=key, now=NOW).backend is route_for_key(pool, "127.0.0.9", NOW)
 
 
+def test_source_key_drops_a_zone_as_the_data_plane_does() -> None:
+    """`/route?key=fe80::1%eth0` (as `ss` shows a link-local client) is the client the data plane hashes
+    as `fe80::1`: its peer address has no zone (`lb.http.client_address.peer_address`)."""
+    assert source_key("fe80::1%eth0") == "fe80::1"
+    assert source_key("[fe80::1%eth0]") == "fe80::1"
+
+
 @pytest.mark.parametrize(
     ("hash_key", "req", "expected"),
     [
