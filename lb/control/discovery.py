@@ -402,6 +402,9 @@ class DiscoveryManager:
     def __init__(self, apply: Apply, registry: CollectorRegistry | None = None) -> None:
         self._apply = apply
         self._loops: dict[str, Discoverer] = {}
+        # The lookups and errors counted for each pool whose discovery a reload dropped: should a later
+        # reload bring it back, lb_discovery_*_total go on from there rather than from 0.
+        self._counted: dict[str, tuple[int, int]] = {}
         if registry is not None:
             registry.register(DiscoveryCollector(lambda: self._loops))
 
@@ -422,9 +425,12 @@ class DiscoveryManager:
                 replacement.adopt(loop)
                 self._loops[name] = replacement
                 replacement.start()
+            else:
+                self._counted[name] = (loop.status.lookups, loop.status.errors)
         for name, pool in wanted.items():
             if name not in self._loops:
                 self._loops[name] = Discoverer(pool, self._apply)
+                self._loops[name].status.lookups, self._loops[name].status.errors = self._counted.pop(name, (0, 0))
                 self._loops[name].start()
 
     async def first_lookups(self) -> None:
