@@ -261,7 +261,21 @@ def _split_host_port(text: str) -> tuple[str | None, int | None]:
 
 
 def bind_address(value: object) -> tuple[str, int]:
-    """A listener's or the admin API's host:port (port 0: any free one)."""
+    """A listener's or the admin API's host:port (port 0: any free one).
+
+    `:8080` and `*:8080` (HAProxy's `bind :8080`, Traefik's `address: ":8080"`) mean every IPv4
+    address, as HAProxy reads them: `0.0.0.0:8080`.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        for wildcard in ("*:", ":"):
+            if text.startswith(wildcard) and not text.startswith("::"):
+                port_text = text[len(wildcard):]
+                if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 10):
+                    raise Bad(f"expected host:port, got {show(value)}")
+                if int(port_text) > 65535:
+                    raise Bad(f"expected a port from 0 to 65535, got {int(port_text)}")
+                return "0.0.0.0", int(port_text)
     host, port = _any_port(value)
     with contextlib.suppress(ValueError):
         mapped = ipaddress.IPv6Address(host).ipv4_mapped

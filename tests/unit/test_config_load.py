@@ -339,6 +339,28 @@ def test_zero_shutdown_grace_is_allowed(base_dir: Path) -> None:
     assert parse(set_at(good_tree(), "timeouts.shutdown_grace", "0s"), base_dir).timeouts.shutdown_grace == 0
 
 
+@pytest.mark.parametrize("form", [":{port}", "*:{port}", " :{port} "])
+def test_port_only_bind_is_every_ipv4_address(base_dir: Path, form: str) -> None:
+    """HAProxy's `bind :8080` / `bind *:8080` and Traefik's `address: ":8080"` bind 0.0.0.0, as there."""
+    tree = set_at(good_tree(), "listeners[0].bind", form.format(port=18080))
+    tree = set_at(tree, "admin.bind", form.format(port=19000))
+    config = parse(tree, base_dir)
+    assert (config.listeners[0].host, config.listeners[0].port) == ("0.0.0.0", 18080)
+    assert (config.admin.host, config.admin.port) == ("0.0.0.0", 19000)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (":", "expected host:port, got ':'"),
+    ("*:http", "expected host:port, got '*:http'"),
+    ("*:70000", "expected a port from 0 to 65535, got 70000"),
+    ("::8080", "write IPv6 addresses as [::1]:8080"),
+])
+def test_port_only_bind_still_checks_the_port(base_dir: Path, value: str, message: str) -> None:
+    problems = problems_of(set_at(good_tree(), "listeners[0].bind", value), base_dir)
+    assert list(problems) == ["listeners[0].bind"]
+    assert message in problems["listeners[0].bind"]
+
+
 @pytest.mark.parametrize(
     "path",
     [
