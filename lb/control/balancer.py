@@ -99,8 +99,10 @@ log = logging.getLogger(__name__)
 # a silence that short of `idle` by this share of a look still counts, rather than wait a whole look.
 _LOOK_SLACK = 0.01
 
-# After the grace period, how long the last clients told 1001 may take to answer before TCP close.
-LAST_CLOSE_ANSWER = 0.25
+# After the grace period, how long the last clients told 1001 may take to answer before TCP close:
+# the last 1001 goes at the grace's end (close_schedule), and a mobile client's round trip is a few
+# hundred ms.  Only a client that does not answer makes the stop wait it out.
+LAST_CLOSE_ANSWER = 1.0
 EXIT_BIND = 2  # SPEC part 2: `lb run` with a port in use exits 2
 MAX_LOGGED_PROBLEMS = 20  # of a failed reload, in its one log line
 
@@ -983,10 +985,10 @@ class Balancer:
             return
         log.info("closing %d live tunnel(s) with 1001, spread over %gs", len(tunnels), grace)
         start = loop.time()
-        # With `workers: N` each worker spreads its own tunnels: worker i starts i/N of a step later,
-        # so that the workers' closes interleave instead of going N at a time.
+        # With `workers: N` each worker spreads its own tunnels: worker i's closes fall (i + 1)/N of a
+        # step into each step, so that the workers' closes interleave instead of going N at a time.
         index, count = self._share
-        schedule = close_schedule(len(tunnels), grace, phase=index / count if count > 1 else 0.0)
+        schedule = close_schedule(len(tunnels), grace, phase=(index + 1) / count if count > 1 else 1.0)
         for offset, tunnel in zip(schedule, tunnels, strict=True):
             if not self.ctx.tunnels:
                 break  # every client left on its own: nothing to spread
@@ -1009,12 +1011,14 @@ class Balancer:
                 tunnel.abort()
 
 
-def close_schedule(count: int, grace: float, phase: float = 0.0) -> list[float]:
-    """Seconds after the grace starts at which each of `count` tunnels gets its 1001: evenly spaced.
+def close_schedule(count: int, grace: float, phase: float = 1.0) -> list[float]:
+    """Seconds after the grace starts at which each of `count` tunnels gets its 1001: one per step of
+    `grace / count`, `phase` of the way into it (0 < phase <= 1; one worker of N: (i + 1)/N).
 
-    The first goes at once (`phase` of a step later, 0 <= phase < 1: one worker of several) and the
-    last one step before the end or less, so even the last client has at least
-    `grace / count * (1 - phase)` to answer before whatever is left is closed.
+    A lone process closes at the end of each step: a lone tunnel gets its 1001 when the grace ends
+    (SPEC: "close tunnels with WebSocket close 1001 after timeouts.shutdown_grace"), N tunnels one
+    every grace/N, the last at the end; none at once, so a client still relays for a step at least.
+    The last clients then have LAST_CLOSE_ANSWER to answer before whatever is left is closed.
     """
     step = grace / count if count else 0.0
     return [(index + phase) * step for index in range(count)]

@@ -121,7 +121,7 @@ async def test_sigterm_spreads_the_1001_closes_over_the_grace(lb: Balancer) -> N
     assert all(c.code == 1001 for c in closes), closes
     times = sorted(c.at - sent for c in closes)
     span = times[-1] - times[0]
-    # Even spacing: closes at 0, G/n, 2G/n, ... (n-1)G/n.  Allow for a busy machine.
+    # Even spacing: closes at G/n, 2G/n, ... G.  Allow for a busy machine.
     assert span >= 0.5 * GRACE * (n - 1) / n, f"1001s not spread over the grace: {times}"
     assert times[-1] <= GRACE + 2 * UNIT, f"the last 1001 came after the grace: {times}"
     gaps = [b - a for a, b in itertools.pairwise(times)]
@@ -142,10 +142,25 @@ async def test_during_the_grace_no_new_handshakes_and_tunnels_still_relay(lb: Ba
         await wait_until(unhealthy, within=GRACE, what="/healthz and /readyz 503 during the shutdown grace")
         with pytest.raises((aiohttp.ClientError, OSError, asyncio.TimeoutError)):
             await visit(lb.ws_url(), within=2 * UNIT)
-        # Of the two tunnels, the younger is closed last (about GRACE / 2 after SIGTERM).
+        # Of the two tunnels, the younger is closed last (as the grace ends).
         await assert_echo(late, "during the grace the tunnel still relays")
     assert await wait_exit(lb, GRACE + CLOSE_LINGER + 5 * UNIT) == 0
     assert "Traceback" not in lb.log_text(), lb.logs_tail()
+
+
+async def test_a_lone_tunnel_relays_through_the_grace_and_gets_its_1001_as_it_ends(lb: Balancer) -> None:
+    """SPEC: SIGTERM closes tunnels with 1001 after `timeouts.shutdown_grace`.  Spread over the grace,
+    one tunnel's close is the last step's, at its end: it got its 1001 at once before."""
+    async with ws_connect(lb.ws_url()) as (ws, _):
+        await recv_hello(ws)
+        sent = time.monotonic()
+        signal_balancer(lb, signal.SIGTERM)
+        await asyncio.sleep(0.5 * GRACE)
+        await assert_echo(ws, "halfway through the grace")
+        closed = await wait_close(ws, GRACE + 5 * UNIT)
+    assert closed.code == 1001, closed
+    assert closed.at - sent >= 0.9 * GRACE, f"1001 after {closed.at - sent:.2f}s of a {GRACE}s grace"
+    assert await wait_exit(lb, CLOSE_LINGER + 5 * UNIT) == 0
 
 
 async def test_sigterm_without_tunnels_exits_0_promptly(lb: Balancer) -> None:

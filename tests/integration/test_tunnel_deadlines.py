@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import signal
@@ -141,10 +142,16 @@ async def test_a_client_still_reading_a_long_frame_gets_its_end_then_the_close(
 ) -> None:
     """A drain's 1012, or SIGTERM's 1001 with shutdown_grace to spare, asked for while the client is
     reading a frame that takes longer than the close's first deadline: the client gets the whole frame,
-    then the close frame, instead of a TCP cut 2 s in."""
-    lb = start(launcher, scripted, shutdown_grace="15s")
+    then the close frame, instead of a TCP cut 2 s in.
+
+    SIGTERM's closes go one per step of the grace, the last as it ends: two younger idle tunnels put
+    this one's a third of the way in (2.7 s, mid-frame), with 5 s of the grace to spare after it."""
+    lb = start(launcher, scripted, shutdown_grace="8s")
     assert lb.port is not None
-    async with RawWs.connect(lb.port, "/slow-frame") as raw:
+    async with contextlib.AsyncExitStack() as younger, RawWs.connect(lb.port, "/slow-frame") as raw:
+        if how == "sigterm":
+            for _ in range(2):
+                await younger.enter_async_context(RawWs.connect(lb.port, "/hold"))
         slow = asyncio.create_task(raw.recv_frame(within=SLOW_FRAME_SECONDS + 5 * UNIT))
         await asyncio.sleep(0.5)  # the frame is under way
         if how == "drain":
