@@ -251,12 +251,23 @@ async def test_admin_errors_name_nothing_internal(stack: Stack) -> None:
     assert "Traceback" not in text
 
 
-@pytest.mark.parametrize("path", ["/status?verbose=1", "/metrics?name=x", "/livez?x", "/readyz?now=1"])
-async def test_read_endpoints_refuse_unknown_parameters(stack: Stack, path: str) -> None:
+async def test_status_refuses_unknown_parameters(stack: Stack) -> None:
     """A parameter an endpoint does not take is a 400 naming it, not silently ignored."""
-    reply = await admin_request(stack.balancer, "GET", path, token=None)
+    reply = await admin_request(stack.balancer, "GET", "/status?verbose=1", token=None)
     assert reply.status == 400
     assert "unknown parameter" in reply.body["error"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/healthz?nocache=1712", "/livez?x", "/readyz?now=1&now=2", "/metrics?name[]=lb_build_info"]
+)
+async def test_probes_and_metrics_ignore_a_query_string(stack: Stack, path: str) -> None:
+    """A probe's cache-buster or a Prometheus job's `params:` must not make a healthy balancer look
+    failed: these endpoints take no parameter, and a query changes nothing."""
+    code, _, text = await get_raw(stack.balancer, path)
+    assert code == 200, text[:200]
+    if path.startswith("/metrics"):
+        assert "lb_build_info" in text and "lb_config_reloads_total" in text
 
 
 async def get_raw(lb: Balancer, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
