@@ -12,7 +12,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from enum import Enum
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from lb.config.checker import Bad, Expanded, Parser, got, kind_of, show
 from lb.config.durations import BadDuration, parse_duration
@@ -94,9 +94,14 @@ def number(low: float, high: float) -> Parser:
     return parse
 
 
+# The words YAML 1.1 (PyYAML, libyaml) reads as booleans in the file: a `${VAR}` reference's text means
+# the same, so that a value moved from the file into the environment keeps its meaning.
+_BOOLEAN_WORDS: Final = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
 def boolean(value: object) -> bool:
-    if isinstance(value, Expanded) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
+    if isinstance(value, Expanded) and value.lower() in _BOOLEAN_WORDS:
+        return _BOOLEAN_WORDS[value.lower()]
     if not isinstance(value, bool):
         raise Bad(f"expected true or false, got {show(value)}")
     return value

@@ -742,6 +742,24 @@ def test_expanded_numbers_and_booleans(base_dir: Path) -> None:
     assert config.listeners[0].port == 8181
 
 
+@pytest.mark.parametrize(
+    ("word", "meaning"), [("yes", True), ("On", True), ("NO", False), ("off", False), ("TRUE", True)]
+)
+def test_an_expanded_boolean_means_what_the_same_word_means_in_the_file(
+    base_dir: Path, word: str, meaning: bool
+) -> None:
+    """YAML 1.1 reads yes/no/on/off as booleans in the file; a ${VAR} giving the same word agrees."""
+    in_file = parse_config(GOOD_YAML.replace("http_only: true", f"http_only: {word}"), base_dir=base_dir, environ=ENV)
+    expanded = parse(set_at(good_tree(), "affinity.http_only", "${HTTP_ONLY}"), base_dir, {**ENV, "HTTP_ONLY": word})
+    assert in_file.affinity.http_only is expanded.affinity.http_only is meaning
+
+
+def test_an_expanded_boolean_that_is_no_such_word_is_a_problem(base_dir: Path) -> None:
+    tree = set_at(good_tree(), "affinity.http_only", "${HTTP_ONLY}")
+    problems = problems_of(tree, base_dir, {**ENV, "HTTP_ONLY": "y"})
+    assert "expected true or false" in problems["affinity.http_only"]
+
+
 def test_literal_strings_are_not_coerced(base_dir: Path) -> None:
     """A quoted "7" written in the file is still a string where an integer is expected."""
     problems = problems_of(set_at(good_tree(), "pools.gateways.backends[0].weight", "7"), base_dir)
