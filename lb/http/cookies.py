@@ -51,13 +51,16 @@ def rewrite_cookie(header_value: str, name: str, replace: Callable[[str], str | 
     """Apply `replace` to each value of cookie `name`; None from it removes that pair.
 
     Without cookie `name`, the header is returned as it came, byte for byte (None if empty).
-    With it, the other pairs keep their bytes (only the spaces around `;` become one) and are
-    joined by `; `.  Returns None when no cookie is left.
+    With it, every other pair keeps its bytes, and the separator before it its own (SPEC: other
+    cookies pass unchanged; `a=1;b=2` stays so): a removed pair goes with the separator before it
+    (after it, when first), empty pairs go, and what is left starts and ends with a pair.
+    Returns None when no cookie is left.
     """
     if name not in header_value:  # most Cookie headers of a new client: nothing to find or rewrite
         return header_value if header_value.strip(" \t;") else None
-    kept = []
+    out: list[str] = []
     found = False
+    before = ""  # the part before this one: its trailing spaces, `;` and this one's leading ones separate them
     for part in header_value.split(";"):
         pair_name, eq, value = part.partition("=")
         if eq and pair_name.strip() == name:
@@ -65,16 +68,20 @@ def rewrite_cookie(header_value: str, name: str, replace: Callable[[str], str | 
             unquoted = _unquote(value.strip())
             new_value = replace(unquoted)
             if new_value is None:
+                before = part
                 continue
-            # A value `replace` leaves as it is keeps its bytes: `"legacy"` stays quoted, as it came.
-            part = part.strip(" \t") if new_value == unquoted else f"{name}={new_value}"
+            # One left as it is keeps its bytes: `"legacy"` stays quoted, as it came.
+            pair = part.strip(" \t") if new_value == unquoted else f"{name}={new_value}"
         else:
-            part = part.strip(" \t")  # the separator's spaces only: a pair's own bytes stay
-        if part:
-            kept.append(part)
+            pair = part.strip(" \t")
+        if pair:
+            if out:  # the separator as it came (only between two pairs kept: one is seldom there)
+                out.append(before[len(before.rstrip(" \t")):] + ";" + part[: len(part) - len(part.lstrip(" \t"))])
+            out.append(pair)
+        before = part
     if not found:
-        return header_value if kept else None
-    return "; ".join(kept) if kept else None
+        return header_value if out else None
+    return "".join(out) if out else None
 
 
 def strip_cookie(header_value: str, name: str) -> str | None:

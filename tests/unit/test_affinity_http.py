@@ -289,7 +289,7 @@ def test_rewrite_mode_restores_the_app_value_to_the_claimed_backend() -> None:
     assert lookup.claim is not None and lookup.claim.app_value == APP
     seen = forwarded(req, REWRITE, lookup, to_claimed=True)
     cookies = seen.head.get_all("cookie")
-    assert cookies == [f'theme=dark; SESSIONID={APP}; q="x y"']
+    assert cookies == [f'theme=dark;SESSIONID={APP}; q="x y"']  # the separators as the client sent them
 
 
 def test_rewrite_mode_gives_a_redispatched_backend_no_session_cookie() -> None:

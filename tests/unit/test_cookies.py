@@ -117,7 +117,7 @@ def test_a_value_replace_leaves_as_it_is_keeps_its_quotes() -> None:
     """Rewrite mode: the backend's own cookie that is no token of ours passes as it came (SPEC: "the
     backend always sees the value it set, unchanged"), `"legacy"` with its quotes."""
     assert rewrite_cookie('SESSIONID="legacy"; y=2', "SESSIONID", lambda v: v) == 'SESSIONID="legacy"; y=2'
-    assert rewrite_cookie('x=1;  SESSIONID=plain', "SESSIONID", lambda v: v) == "x=1; SESSIONID=plain"
+    assert rewrite_cookie('x=1;  SESSIONID=plain', "SESSIONID", lambda v: v) == "x=1;  SESSIONID=plain"
 
 
 def test_rewrite_cookie_none_removes_pair() -> None:
@@ -142,7 +142,10 @@ def test_a_header_without_the_cookie_passes_byte_for_byte(header: str) -> None:
 
 
 def test_other_pairs_keep_their_bytes_when_ours_is_stripped() -> None:
-    assert strip_cookie("a=1\xa0;LB_AFFINITY=t;b= 2", NAME) == "a=1\xa0; b= 2"
+    """SPEC: other cookies pass unchanged, their separators too (`a=1;b=2` was sent on as `a=1; b=2`)."""
+    assert strip_cookie("a=1\xa0;LB_AFFINITY=t;b= 2", NAME) == "a=1\xa0;b= 2"
+    assert strip_cookie("a=1;b=2;LB_AFFINITY=t", NAME) == "a=1;b=2"
+    assert strip_cookie("LB_AFFINITY=t;  a=1 ;b=2 ", NAME) == "a=1 ;b=2"
     assert strip_cookie(" ; ", NAME) is None  # an empty header is still dropped
 
 
@@ -197,8 +200,8 @@ def test_strip_cookie_removes_ours_and_keeps_every_other_pair(pairs: list[tuple[
     if not others:
         assert result is None
         return
-    # Without ours the header is untouched; with it, the others are joined by `; `.
-    assert result == ("; ".join(others) if len(others) < len(pairs) else header)
+    # Without ours the header is untouched; with it, the others keep their separators.
+    assert result == (seps.join(others).lstrip(" \t") if len(others) < len(pairs) else header)
     assert read_cookie([result], NAME) == []
 
 
