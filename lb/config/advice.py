@@ -8,7 +8,7 @@ as warnings at start and on every reload, so they are seen before a player is.
 from __future__ import annotations
 
 from lb.affinity.balancing import HASHED_METHODS
-from lb.config.model import AffinityMode, Config, SameSite, SecureMode, over_limit_answered
+from lb.config.model import AffinityMode, Config, DiscoveryType, SameSite, SecureMode, over_limit_answered
 from lb.http.cookies import secure_prefix
 
 # Descriptors a process needs besides its client connections and its health checks (one per backend
@@ -72,6 +72,11 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
                 f"{1 / discovery.interval:.0f} DNS lookups a second (a share of a core, and the nameserver's "
                 f"load), where a zone's changes take seconds to spread anyway; {MIN_DISCOVERY_INTERVAL:g}s or "
                 "more (was 1m meant?)"
+            )
+        if discovery is not None and discovery.type is DiscoveryType.SRV and discovery.port is not None:
+            said.append(
+                f"pools.{name}.discovery.port is ignored with type: srv: each record carries its own port "
+                "(the port is for type: a)"
             )
         if pool.slow_start > 0 and pool.balance in HASHED_METHODS:
             said.append(

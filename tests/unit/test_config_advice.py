@@ -210,3 +210,20 @@ pools: {{p: {{discovery: {{dns: gw.example, type: a, port: 9000, interval: {inte
         return
     (sentence,) = said
     assert sentence.startswith(f"pools.p.discovery.interval is {interval}") and "1m meant" in sentence
+
+
+@pytest.mark.parametrize(
+    ("kind", "port", "advised"), [("srv", "9000", True), ("srv", "null", False), ("a", "9000", False)]
+)
+def test_a_port_with_srv_discovery_is_advice(tmp_path: Path, kind: str, port: str, advised: bool) -> None:
+    """SRV records carry their own ports: a `port` beside `type: srv` did nothing, without a word."""
+    text = f"""
+listeners: [{{bind: "127.0.0.1:0"}}]
+admin: {{token: {TOKEN}}}
+affinity: {{secret_keys: [{KEY}]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{discovery: {{dns: gw.example, type: {kind}, port: {port}}}}}}}
+"""
+    said = advice(parse_config(text, base_dir=tmp_path, environ={}))
+    assert said == (["pools.p.discovery.port is ignored with type: srv: each record carries its own port "
+                     "(the port is for type: a)"] if advised else [])
