@@ -741,6 +741,18 @@ def _print_json(answer: Any, out: TextIO, path: str, target: Target) -> None:
 _COLUMNS = ("POOL", "BACKEND", "ADDRESS", "STATE", "TUNNELS", "HANDSHAKES", "HITS", "REDISPATCHES", "REASON")
 
 
+# /status's discovery times are Unix seconds (for scripts, as --json gives them): the table says when.
+_DISCOVERY_TIMES = frozenset({"last_ok", "last_error_at"})
+
+
+def _shown_discovery_value(key: str, value: object) -> object:
+    """A discovery field for the table: its times as UTC ISO-8601 (`2026-12-04T00:05:10Z`)."""
+    if key in _DISCOVERY_TIMES and isinstance(value, int | float) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError, OSError, ValueError):
+            return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+    return value
+
+
 def render_status(document: Any) -> str:
     """/status as a table: one line per backend, then one line per pool's discovery, then totals."""
     fault = _status_fault(document)
@@ -772,7 +784,8 @@ def render_status(document: Any) -> str:
         if isinstance(discovery, dict) and len(notes) == MAX_ROWS:
             notes_left_out += 1
         elif isinstance(discovery, dict):
-            parts = ", ".join(f"{k}={v}" for k, v in discovery.items() if not isinstance(v, (dict, list)))
+            parts = ", ".join(f"{k}={_shown_discovery_value(k, v)}" for k, v in discovery.items()
+                              if not isinstance(v, (dict, list)))
             notes.append(_printable(f"discovery {pool_name}: {parts}"))
     widths = [max(len(column), *(len(row[i]) for row in rows)) if rows else len(column)
               for i, column in enumerate(_COLUMNS)]
