@@ -236,13 +236,20 @@ def hash_key(value: object) -> HashKey:
 HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
 
 
-def address(*, min_port: int) -> Callable[[object], tuple[str, int]]:
-    """host:port with the host a name, an IPv4 literal, or an IPv6 literal in brackets."""
+def address(*, min_port: int, wildcard: bool = False) -> Callable[[object], tuple[str, int]]:
+    """host:port with the host a name, an IPv4 literal, or an IPv6 literal in brackets.
+
+    `wildcard`: a port alone, `:8080` or `*:8080` (HAProxy's `bind :8080`, Traefik's `address: ":8080"`),
+    means every IPv4 address, as HAProxy reads it: `0.0.0.0:8080`.
+    """
 
     def parse(value: object) -> tuple[str, int]:
         if not isinstance(value, str):
             raise Bad(f"expected host:port, got {kind_of(value)}")
-        host, port = _split_host_port(value.strip())
+        text = value.strip()
+        host, port = _split_host_port(text)
+        if wildcard and text.rpartition(":")[0] in ("", "*"):
+            host = "0.0.0.0"
         if host is None or port is None:
             hint = " (write IPv6 addresses as [::1]:8080)" if value.count(":") > 1 else ""
             raise Bad(f"expected host:port{hint}, got {show(value)}")
@@ -266,21 +273,7 @@ def _split_host_port(text: str) -> tuple[str | None, int | None]:
 
 
 def bind_address(value: object) -> tuple[str, int]:
-    """A listener's or the admin API's host:port (port 0: any free one).
-
-    `:8080` and `*:8080` (HAProxy's `bind :8080`, Traefik's `address: ":8080"`) mean every IPv4
-    address, as HAProxy reads them: `0.0.0.0:8080`.
-    """
-    if isinstance(value, str):
-        text = value.strip()
-        for wildcard in ("*:", ":"):
-            if text.startswith(wildcard) and not text.startswith("::"):
-                port_text = text[len(wildcard):]
-                if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 10):
-                    raise Bad(f"expected host:port, got {show(value)}")
-                if int(port_text) > 65535:
-                    raise Bad(f"expected a port from 0 to 65535, got {int(port_text)}")
-                return "0.0.0.0", int(port_text)
+    """A listener's or the admin API's host:port (port 0: any free one; `:8080` every IPv4 address)."""
     host, port = _any_port(value)
     with contextlib.suppress(ValueError):
         mapped = ipaddress.IPv6Address(host).ipv4_mapped
@@ -291,7 +284,7 @@ def bind_address(value: object) -> tuple[str, int]:
     return host, port
 
 
-_any_port = address(min_port=0)
+_any_port = address(min_port=0, wildcard=True)
 
 
 def is_ip(text: str, *, version: int) -> bool:

@@ -171,6 +171,10 @@ class Play:
         self.ctx.accepting = False
         return self._apply(self.conn.shutdown(self.now))
 
+    def stop_bound(self) -> list[Action]:
+        """The stop's bound passes with this connection still in flight (`abort_in_flight`)."""
+        return self._apply(self.conn.stop_bound_passed(self.now))
+
     def answer(self) -> tuple[int, dict[str, str], bytes]:
         head, _, body = bytes(self.to_client).partition(b"\r\n\r\n")
         parsed = parse_response_head(head + b"\r\n\r\n")
@@ -964,7 +968,7 @@ def test_the_stop_bound_answers_503_to_a_request_still_waiting(stage: str, caplo
         play.to_client.clear()
     play.shutdown()
     with caplog.at_level(logging.INFO, logger="lb.access"):
-        play._apply(play.conn.stop_bound_passed(play.now))
+        play.stop_bound()
     status, headers, _ = play.answer()
     assert status == 503 and headers.get("retry-after")
     assert play.closed_client == CloseClient(abort=False) and play.connections()["a1"] == 0
@@ -979,7 +983,7 @@ def test_the_stop_bound_cuts_an_answer_still_streaming() -> None:
     play.connected()
     play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
     play.shutdown()
-    play._apply(play.conn.stop_bound_passed(play.now))
+    play.stop_bound()
     assert play.closed_client == CloseClient(abort=True) and play.connections()["a1"] == 0
 
 
