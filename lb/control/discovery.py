@@ -309,8 +309,12 @@ class Discoverer:
         if (previous.config.dns, previous.config.type) == (self.config.dns, self.config.type):
             self.status = previous.status
             return
-        self.status.lookups, self.status.errors = previous.status.lookups, previous.status.errors
+        self.count_on(previous.status.lookups, previous.status.errors)
         self.status.backends = len(self.known)
+
+    def count_on(self, lookups: int, errors: int) -> None:
+        """Start this loop's lookup and error counts where an earlier loop of the pool left them."""
+        self.status.lookups, self.status.errors = lookups, errors
 
     async def _run(self) -> None:
         while True:
@@ -430,7 +434,7 @@ class DiscoveryManager:
         for name, pool in wanted.items():
             if name not in self._loops:
                 self._loops[name] = Discoverer(pool, self._apply)
-                self._loops[name].status.lookups, self._loops[name].status.errors = self._counted.pop(name, (0, 0))
+                self._loops[name].count_on(*self._counted.pop(name, (0, 0)))
                 self._loops[name].start()
 
     async def first_lookups(self) -> None:
