@@ -62,15 +62,23 @@ class ProbeResult:
 
 
 def requested_state(header: str | None) -> str | None:
-    """Map an `X-Backend-State` value to "draining" or "up"; an unknown value counts as "up".
+    """Map an `X-Backend-State` field value to "draining" or "up"; an unknown value counts as "up".
+
+    The value may be a list (`up, draining`), which is what repeated lines of the field are (RFC 9110
+    §5.3): any `draining` in it wins, whatever the order.  A gateway that asks to drain is not sent new
+    players because something in front of it added a line of its own; read by its first line alone, the
+    same two lines drained the backend in one order and not in the other.
 
     Returns:
         "draining", or "up" (also for a missing header: no header returns the backend to normal).
     """
-    value = (header or "").strip().lower()
-    if value in _DRAIN_VALUES:
+    if any(value in _DRAIN_VALUES for value in _state_values(header)):
         return "draining"
     return "up"
+
+
+def _state_values(header: str | None) -> list[str]:
+    return [value.strip().lower() for value in (header or "").split(",")]
 
 
 class FirstProbes:
@@ -219,7 +227,8 @@ class HealthChecker:
                     # huge, or announced and never sent, or endless, neither fills memory nor fails the
                     # check by timing out; abort drops it without waiting to drain anything.
                     writer.transport.abort()
-            header = response.head.get(STATE_HEADER)
+            lines = response.head.get_all(STATE_HEADER)
+            header = ", ".join(lines) if lines else None  # one field value (RFC 9110 §5.3)
             self._note_unknown(backend, header)
             requested = requested_state(header)
             # A failing answer still says what the backend wants once it passes again.
@@ -237,9 +246,12 @@ class HealthChecker:
             return ProbeResult(False, _short(str(exc) or type(exc).__name__), local=exc.errno in LOCAL_ERRNOS)
 
     def _note_unknown(self, backend: BackendStatus, header: str | None) -> None:
-        value = (header or "").strip().lower()
-        if value in _DRAIN_VALUES or value in _UP_VALUES or value in self._unknown_values:
-            return
+        for value in _state_values(header):
+            if value not in _DRAIN_VALUES and value not in _UP_VALUES and value not in self._unknown_values:
+                self._say_unknown(backend, value)
+                return  # one line per answer at most
+
+    def _say_unknown(self, backend: BackendStatus, value: str) -> None:
         if len(self._unknown_values) < 32:  # a backend cycling through junk values must not grow this forever
             self._unknown_values.add(value)
             more = ""
@@ -248,7 +260,7 @@ class HealthChecker:
             if suppressed is None:
                 return
             more = f" ({suppressed} more unknown value(s) since the last report)" if suppressed else ""
-        log.warning("backend %s/%s sent %s: %r, which is neither draining nor up; treating it as up%s",
+        log.warning("backend %s/%s sent %s: %r, which is neither draining nor up: it does not ask to drain%s",
                     self._pool.name, backend.id, STATE_HEADER, value[:40], more)
 
 

@@ -124,6 +124,11 @@ SCRIPTS: dict[str, tuple[Callable[[HealthScript, socket.socket], None], str]] = 
     "switch": (answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"), "down"),
     "banner": (answer(b"SSH-2.0-OpenSSH_9.2\r\n"), "down"),
     "closer": (lambda server, conn: None, "down"),  # reads the request, then closes without a word
+    # Two lines of the state header are one list (RFC 9110 §5.3): a `draining` in it wins in either order.
+    "up-draining": (answer(b"HTTP/1.1 200 OK\r\nX-Backend-State: up\r\nX-Backend-State: draining\r\n"
+                           b"Content-Length: 0\r\n\r\n"), "draining"),
+    "draining-up": (answer(b"HTTP/1.1 200 OK\r\nX-Backend-State: draining\r\nX-Backend-State: up\r\n"
+                           b"Content-Length: 0\r\n\r\n"), "draining"),
 }
 # Failed at once with a reason, not after the whole timeout with "no answer".
 QUICK_REASONS = {

@@ -20,10 +20,13 @@ def pool() -> PoolState:
 @pytest.mark.parametrize(
     ("header", "expected"),
     [("draining", "draining"), ("Draining ", "draining"), ("drain", "draining"), ("up", "up"), (None, "up"),
-     ("", "up"), ("maint", "up"), ("x" * 10_000, "up")],
+     ("", "up"), ("maint", "up"), ("x" * 10_000, "up"),
+     ("up, draining", "draining"), ("draining, up", "draining"), ("maint,Drain", "draining"), ("up,up", "up"),
+     ("up, maint", "up")],
 )
 def test_header_values(header: str | None, expected: str) -> None:
-    """`draining` (or HAProxy's `drain`) asks to drain; anything else, or no header, means up."""
+    """`draining` (or HAProxy's `drain`) asks to drain, also in a list (repeated lines); anything else, or no
+    header, means up."""
     assert requested_state(header) == expected
 
 
