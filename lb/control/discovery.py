@@ -210,7 +210,7 @@ async def _lookup_srv(
     async def resolve_target(target: str) -> None:
         try:
             async with gate:
-                found, ttl = await _addresses(resolver, target + ".")
+                found, ttl = await _addresses(resolver, target + ".", a_decides=True)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return  # DNS answered: no address (`from_srv` drops the target)
         except (dns.exception.DNSException, OSError) as exc:
@@ -235,13 +235,17 @@ async def _lookup_addresses(
     return from_addresses(found, port=config.port, max_backends=config.max_backends, reserved_ids=reserved_ids), ttl
 
 
-async def _addresses(resolver: ThreadedResolver, name: str) -> tuple[list[str], float | None]:
+async def _addresses(
+    resolver: ThreadedResolver, name: str, *, a_decides: bool = False
+) -> tuple[list[str], float | None]:
     """The A and AAAA addresses of `name` (a `type: a` name, or an SRV target) and their smallest TTL.
 
     An A answer with addresses decides alone whatever AAAA does (`pick_address` takes IPv4 first).
-    Without one, a failed query leaves the addresses unknown, and that failure is raised: a failed A
-    query is not followed by AAAA, whose answer could not decide (an A address would have won) and
-    would swap an IPv4 set for an IPv6 one.
+    With `a_decides` (an SRV target, which gets one address of them) AAAA is then not asked at all:
+    its answer could change nothing, and asking it doubled each target's queries and the time a
+    lookup of many targets takes within its budget.  Without an A address, a failed query leaves the
+    addresses unknown, and that failure is raised: a failed A query is not followed by AAAA, whose
+    answer could not decide (an A address would have won) and would swap an IPv4 set for an IPv6 one.
 
     Raises:
         dns.resolver.NXDOMAIN, dns.resolver.NoAnswer: DNS answered that `name` has no address.
@@ -262,6 +266,8 @@ async def _addresses(resolver: ThreadedResolver, name: str) -> tuple[list[str], 
         found.extend(rdata.address for rdata in answer)
         if answer.rrset is not None:
             ttls.append(float(answer.rrset.ttl))
+        if found and a_decides:
+            break
     if not found:
         raise dns.resolver.NoAnswer
     return found, min(ttls) if ttls else None

@@ -105,6 +105,24 @@ def test_a_failed_aaaa_query_without_an_a_address_leaves_the_address_unknown(
     assert found.failed == (f"target 'gw-2.{SERVICE}': address lookup failed ({cause}); kept gw-2 at 127.0.0.2:28103",)
 
 
+def test_a_target_with_an_a_address_is_not_asked_for_aaaa() -> None:
+    """An SRV target gets one address, IPv4 first: once A has answered, an AAAA query could change nothing
+    (it doubled the queries, and the time a lookup of many targets takes within its budget)."""
+    resolver = ScriptedResolver().healthy()
+    found = run_lookup(resolver)
+    assert found.backends == BOTH
+    assert [query for query in resolver.queries if query[1] == "AAAA"] == []
+
+
+def test_a_target_without_an_a_address_is_asked_for_aaaa() -> None:
+    resolver = ScriptedResolver().healthy()
+    resolver.script[(GW2, "A")] = dns.resolver.NoAnswer()
+    resolver.script[(GW2, "AAAA")] = answer(GW2, "AAAA", "::1")
+    found = run_lookup(resolver)
+    assert [(b.id, b.host) for b in found.backends] == [("gw-1", "127.0.0.1"), ("gw-2", "::1")]
+    assert (GW2, "AAAA") in resolver.queries and (GW1, "AAAA") not in resolver.queries
+
+
 def test_an_a_address_decides_whatever_aaaa_does() -> None:
     """IPv4 is picked first, so a failed AAAA query after an A answer is not a failure (and gw-2's move shows)."""
     resolver = ScriptedResolver().healthy()
