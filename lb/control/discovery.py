@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -57,12 +58,14 @@ log = logging.getLogger(__name__)
 
 # At most this many target lookups at once for one SRV answer (those not in the additional section).
 _TARGET_LOOKUPS = 16
-# A whole lookup (the SRV query, then its targets' A/AAAA) may take this many `timeout`s.
+# A whole lookup may take this many `timeout`s, and two more for each wave of `_TARGET_LOOKUPS` target
+# lookups its SRV answer needs (A, then AAAA only for a target without an A address).
 LOOKUP_BUDGET = 3
 # How long a process that serves waits for its first lookups before it listens (DiscoveryManager.first_lookups).
 FIRST_LOOKUPS_WAIT = 5.0
 
 Apply = Callable[[str, tuple[BackendConfig, ...]], None]
+Extend = Callable[[float], None]  # gives the lookup under way this many more seconds
 
 
 class DiscoveryError(Exception):
@@ -149,18 +152,20 @@ async def lookup(
     resolver: ThreadedResolver,
     reserved_ids: frozenset[str] = frozenset(),
     known: tuple[BackendConfig, ...] = (),
+    extend: Extend | None = None,
 ) -> tuple[Discovered, float | None]:
     """Resolve once: the backends the name yields now, and the smallest TTL seen.
 
     `known` (the last known set) stands in for an SRV target whose own address lookup failed
-    (listed in `Discovered.failed`).
+    (listed in `Discovered.failed`).  `extend`, if given, is called with the time the SRV answer's
+    target lookups may take (`target_lookups_budget`), before they start.
 
     Raises:
         DiscoveryError: the lookup failed, or the answer holds no usable backend.
     """
     try:
         if config.type is DiscoveryType.SRV:
-            return await _lookup_srv(config, resolver, reserved_ids, known)
+            return await _lookup_srv(config, resolver, reserved_ids, known, extend)
         return await _lookup_addresses(config, resolver, reserved_ids)
     except (dns.exception.DNSException, OSError) as exc:
         raise DiscoveryError(f"{config.dns}: {_cause(exc, config.timeout)}") from None
@@ -185,7 +190,7 @@ def _cause(exc: BaseException, timeout: float) -> str:
 
 async def _lookup_srv(
     config: DiscoveryConfig, resolver: ThreadedResolver, reserved_ids: frozenset[str],
-    known: tuple[BackendConfig, ...],
+    known: tuple[BackendConfig, ...], extend: Extend | None = None,
 ) -> tuple[Discovered, float | None]:
     answer = await resolver.resolve(config.dns, "SRV")
     ttls = [float(answer.rrset.ttl)] if answer.rrset is not None else []
@@ -204,6 +209,8 @@ async def _lookup_srv(
             addresses.setdefault(name, []).extend(rdata.address for rdata in rrset)
             ttls.append(float(rrset.ttl))
     missing = sorted({r.target.lower().rstrip(".") for r in records} - set(addresses))
+    if extend is not None and missing:
+        extend(target_lookups_budget(len(missing), config.timeout))
     gate = asyncio.Semaphore(_TARGET_LOOKUPS)
     failed: dict[str, str] = {}  # target -> why its address lookup failed
 
@@ -273,6 +280,18 @@ async def _addresses(
     return found, min(ttls) if ttls else None
 
 
+def target_lookups_budget(targets: int, timeout: float) -> float:
+    """The time `targets` SRV targets' address lookups may take: two `timeout`s (A, then AAAA for a target
+    without an A address) per wave of `_TARGET_LOOKUPS` run at once.
+
+    A whole lookup's budget was a fixed LOOKUP_BUDGET `timeout`s: 256 targets from a nameserver that
+    answered each query in 450 ms (well within `timeout`) took 16 waves, past it, and every lookup was
+    given up: the pool never learned its backends.  Each query is bounded by `timeout` on its own (the
+    resolver's lifetime), so this is the lookup's own bound, not a guess.
+    """
+    return 2 * math.ceil(targets / _TARGET_LOOKUPS) * timeout
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else ""
 
@@ -332,10 +351,20 @@ class Discoverer:
         """One lookup; applies a changed set, records errors; returns the answer's TTL (None on error)."""
         status = self.status
         status.lookups += 1
+        allowed = LOOKUP_BUDGET * self.config.timeout
         try:
-            # Each query is bounded by `timeout`; the whole lookup (SRV, then its targets) by a few of them.
-            async with asyncio.timeout(LOOKUP_BUDGET * self.config.timeout):
-                discovered, ttl = await lookup(self.config, self._resolver, self._reserved, self.known)
+            # Each query is bounded by `timeout`; the whole lookup by a few of them, and by the waves of
+            # target lookups its SRV answer needs (`target_lookups_budget`), once that answer is in.
+            async with asyncio.timeout(allowed) as budget:
+
+                def extend(seconds: float) -> None:
+                    nonlocal allowed
+                    when = budget.when()
+                    if when is not None:
+                        allowed += seconds
+                        budget.reschedule(when + seconds)
+
+                discovered, ttl = await lookup(self.config, self._resolver, self._reserved, self.known, extend)
             # Counted at every lookup, this one's too when nothing in it was usable: else /status kept
             # the count of the last lookup that gave backends beside an error that lists the skipped.
             status.skipped = len(discovered.skipped) + discovered.truncated
@@ -347,7 +376,7 @@ class Discoverer:
             self._failed(str(exc))
             return None
         except TimeoutError:
-            self._failed(f"{self.config.dns}: lookup not complete within {LOOKUP_BUDGET * self.config.timeout:g}s")
+            self._failed(f"{self.config.dns}: lookup not complete within {allowed:g}s")
             return None
         except Exception as exc:  # a bug in a DNS library must not end discovery for good
             log.error("discovery for pool %s failed unexpectedly", self.pool, exc_info=True)

@@ -303,3 +303,41 @@ def test_type_a_whose_a_query_fails_keeps_its_set_rather_than_take_the_aaaa_answ
     with pytest.raises(discovery.DiscoveryError, match=r"no answer within 0\.3s"):
         run_lookup(resolver, config=config)
     assert resolver.queries == [("gw.test", "A")]  # AAAA could not decide: not asked
+
+
+class SlowResolver(ScriptedResolver):
+    """Every query answered, each after `delay` seconds (well within the configured timeout)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def resolve(self, name: str, rdtype: str, *, search: bool | None = None) -> dns.resolver.Answer:
+        await asyncio.sleep(self.delay)
+        return await super().resolve(name, rdtype, search=search)
+
+
+def test_many_targets_from_a_slow_nameserver_are_all_looked_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """80 SRV targets without an additional section, each A query answered in 0.1s of a 0.2s timeout: five waves
+    of target lookups, past the fixed 3 x timeout a lookup had, which gave up every lookup so that the pool never
+    learned its backends.  The budget now grows with the waves the answer needs."""
+    targets = [f"gw-{i}.{SERVICE}." for i in range(80)]
+    resolver = SlowResolver(0.1)
+    resolver.script = {(SERVICE, "SRV"): answer(SERVICE + ".", "SRV", *(f"10 50 28102 {t}" for t in targets))}
+    for i, target in enumerate(targets):
+        resolver.script[(target, "A")] = answer(target, "A", f"127.0.1.{i + 1}")
+    monkeypatch.setattr(discovery, "make_resolver", lambda _config: resolver)
+    config = DiscoveryConfig(SERVICE, nameservers=(("127.0.0.1", 53),), timeout=0.2)
+    applied: list[int] = []
+    loop = discovery.Discoverer(PoolConfig("gateways", (), discovery=config),
+                                lambda _pool, backends: applied.append(len(backends)))
+    asyncio.run(loop.resolve_once())
+    assert loop.status.last_error is None
+    assert applied == [80] and loop.status.backends == 80
+
+
+def test_the_target_lookups_budget_counts_waves() -> None:
+    assert discovery.target_lookups_budget(1, 2.0) == 4.0
+    assert discovery.target_lookups_budget(16, 2.0) == 4.0
+    assert discovery.target_lookups_budget(17, 2.0) == 8.0
+    assert discovery.target_lookups_budget(256, 2.0) == 64.0
