@@ -174,8 +174,23 @@ _TOP_KEYS = (
     "listeners", "admin", "affinity", "routes", "pools", "timeouts", "limits", "logging", "runtime", "workers",
     "trusted_proxies",
 )
+# RFC 1035 §2.3.4: a name is at most 255 octets on the wire, 253 characters as text (without the root's
+# dot).  Not the 64 characters of an id: a Kubernetes SRV name is `_port._proto.service.namespace.svc.
+# cluster.local`, whose service and namespace may have 63 characters each.
+MAX_DNS_NAME_CHARS = 253
+_dns_name_text = matching(HOSTNAME_RE, "a DNS name", max_chars=MAX_DNS_NAME_CHARS + 1)
+
+
+def dns_name(value: object) -> str:
+    """`discovery.dns`: a DNS name of at most 253 characters, a trailing dot aside."""
+    text = _dns_name_text(value)
+    if len(text.rstrip(".")) > MAX_DNS_NAME_CHARS:
+        raise Bad(f"expected at most {MAX_DNS_NAME_CHARS} characters, got {len(text.rstrip('.'))}")
+    return text
+
+
 _DISCOVERY_FIELDS = (
-    Field("dns", matching(HOSTNAME_RE, "a DNS name"), required=True),
+    Field("dns", dns_name, required=True),
     Field("type", enum_of(DiscoveryType)),
     Field("port", integer(1, 65535)),
     Field("interval", duration()),

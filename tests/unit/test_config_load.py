@@ -1273,3 +1273,25 @@ def test_the_problems_kept_are_the_ones_said(base_dir: Path) -> None:
     check.keep(lambda problem: problem.path.startswith("admin."))
     assert [p.path for p in check.problems] == ["admin.token"]
     assert check.said("admin.token") and not check.said("pools.p.backends[0].id")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "_websocket._tcp.player-gateway-headless.multiplayer-production.svc.cluster.local",  # 80 characters
+        ".".join(["a" * 63] * 3 + ["b" * 61]),  # 253: the longest a DNS name can be
+        ".".join(["a" * 63] * 3 + ["b" * 61]) + ".",  # and its trailing dot
+    ],
+)
+def test_a_discovery_name_may_be_as_long_as_dns_allows(base_dir: Path, name: str) -> None:
+    """A Kubernetes SRV name (`_port._proto.service.namespace.svc.cluster.local`) is often longer than an id's 64
+    characters; DNS allows 253."""
+    tree = good_tree()
+    tree["pools"]["gateways"]["discovery"] = {"dns": name}
+    assert parse(tree, base_dir).pools["gateways"].discovery.dns == name  # type: ignore[union-attr]
+
+
+def test_a_discovery_name_longer_than_dns_allows_is_a_problem(base_dir: Path) -> None:
+    tree = good_tree()
+    tree["pools"]["gateways"]["discovery"] = {"dns": ".".join(["a" * 63] * 3 + ["b" * 62])}
+    assert problems_of(tree, base_dir) == {"pools.gateways.discovery.dns": "expected at most 253 characters, got 254"}
