@@ -52,7 +52,16 @@ from prometheus_client.registry import Collector
 
 from lb.config.model import BackendConfig, DiscoveryConfig, DiscoveryType, PoolConfig
 from lb.control.daemon_thread import in_daemon_thread
-from lb.control.dns_backends import Discovered, SrvRecord, diff, from_addresses, from_srv, next_lookup_in
+from lb.control.dns_backends import (
+    Discovered,
+    SrvRecord,
+    could_be_backend,
+    cut_srv,
+    diff,
+    from_addresses,
+    from_srv,
+    next_lookup_in,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +207,9 @@ async def _lookup_srv(
         SrvRecord(target=rdata.target.to_text(), port=rdata.port, weight=rdata.weight, priority=rdata.priority)
         for rdata in answer
     ]
-    # Cut before any per-target lookup: a hostile answer must not buy thousands of queries.
-    records = sorted(records, key=lambda r: (r.target.lower(), r.port))[: config.max_backends]
-    truncated = max(0, len(answer) - len(records))
+    # Cut before any per-target lookup: a hostile answer must not buy thousands of queries.  Records that
+    # can never be a backend are kept to say why they are skipped, and never looked up.
+    records, truncated = cut_srv(records, config.max_backends)
     addresses: dict[str, list[str]] = {}
     # Servers (CoreDNS among them) put the targets' addresses in the additional section.
     for rrset in answer.response.additional:
@@ -208,7 +217,7 @@ async def _lookup_srv(
             name = rrset.name.to_text().lower().rstrip(".")
             addresses.setdefault(name, []).extend(rdata.address for rdata in rrset)
             ttls.append(float(rrset.ttl))
-    missing = sorted({r.target.lower().rstrip(".") for r in records} - set(addresses))
+    missing = sorted({r.target.lower().rstrip(".") for r in records if could_be_backend(r)} - set(addresses))
     if extend is not None and missing:
         extend(target_lookups_budget(len(missing), config.timeout))
     gate = asyncio.Semaphore(_TARGET_LOOKUPS)

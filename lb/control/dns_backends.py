@@ -88,10 +88,12 @@ def srv_id(target: str) -> str | None:
     Args:
         target: the record's target, e.g. `gw-0.gateway.game.svc.cluster.local.`.
     """
-    if _is_address(target.rstrip(".")):
-        return None
     label = target.split(".", 1)[0]
-    return label if _LABEL_RE.fullmatch(label) else None
+    if not _LABEL_RE.fullmatch(label):
+        return None
+    # Only an IPv4 address has a first label that passes (all digits; an IPv6 one has a `:`): the address
+    # parse, which costs an exception for every name, is left for those (every record is checked).
+    return None if label.isdigit() and _is_address(target.rstrip(".")) else label
 
 
 def _is_address(text: str) -> bool:
@@ -100,6 +102,35 @@ def _is_address(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def could_be_backend(record: SrvRecord) -> bool:
+    """Whether `record` can become a backend whatever its target resolves to: its target names an id
+    (`srv_id`) and its port is in 1..65535.  Target `.` (RFC 2782: "decidedly not available"), an IP
+    address, a label that is no host name's, port 0: none ever can."""
+    return 1 <= record.port <= 65535 and srv_id(record.target.lower().rstrip(".")) is not None
+
+
+def cut_srv(records: Sequence[SrvRecord], max_backends: int) -> tuple[list[SrvRecord], int]:
+    """The records of an SRV answer to read, and how many were cut: at most `max_backends` of those that
+    could be backends (`could_be_backend`; the first by target and port, so every instance keeps the
+    same), and every one that could not (read only to say why it is skipped: no lookup, no backend).
+
+    Records that can never be a backend are not counted against `max_backends`: cut first, they took
+    the places of valid records that sort after them (three junk records and `max_backends: 3` left a
+    pool with no backend while the answer named three valid targets).
+    """
+    kept: list[SrvRecord] = []
+    usable = cut = 0
+    for record in sorted(records, key=lambda r: (r.target.lower(), r.port)):
+        if not could_be_backend(record):
+            kept.append(record)
+        elif usable < max_backends:
+            kept.append(record)
+            usable += 1
+        else:
+            cut += 1
+    return kept, cut
 
 
 def pick_address(addresses: Iterable[str]) -> str | None:
@@ -152,19 +183,24 @@ def from_srv(
     reserved = set(reserved_ids)
     failures = dict(failed or {})
     last_known = {b.id: b for b in known}
-    unique = sorted({(r.target.lower().rstrip("."), r.port): r for r in records}.items())
-    truncated = max(0, len(unique) - max_backends)
-    kept = [record for _, record in unique[:max_backends]]
-    weights = srv_weights(kept)
+    unique = [record for _, record in sorted({(r.target.lower().rstrip("."), r.port): r for r in records}.items())]
+    kept, truncated = cut_srv(unique, max_backends)
+    usable = [could_be_backend(record) for record in kept]
+    weights = srv_weights([record for record, ok in zip(kept, usable, strict=True) if ok])
+    weights.reverse()  # popped in the order of the records that could be backends
     backends: dict[str, BackendConfig] = {}
     skipped: list[str] = []
     not_resolved: list[str] = []
-    for record, weight in zip(kept, weights, strict=True):
+    for record, ok in zip(kept, usable, strict=True):
+        weight = weights.pop() if ok else 1
         target = record.target.lower().rstrip(".")
         backend_id = srv_id(target)
         if backend_id is None:
             why = "an IP address, not a host name" if _is_address(target) else "first label is not a valid backend id"
             skipped.append(f"target {_short(target)!r}: {why}")
+            continue
+        if not ok:  # a valid id on a port out of range: never a backend, so never looked up (`cut_srv`)
+            skipped.append(f"target {_short(target)!r}: port {record.port} out of range")
             continue
         if backend_id in reserved or backend_id in backends:
             skipped.append(f"target {_short(target)!r}: id {backend_id} is already taken")
@@ -176,7 +212,7 @@ def from_srv(
             if previous is None:
                 not_resolved.append(f"target {_short(target)!r}: address lookup failed ({cause}); "
                                     "not added until it resolves")
-            elif 1 <= record.port <= 65535:
+            else:
                 # The address as last known; the port and weight as this answer's record says.
                 held = BackendConfig(id=backend_id, host=previous.host, port=record.port, weight=weight)
                 backends[backend_id] = held
@@ -186,9 +222,6 @@ def from_srv(
         address = pick_address(addresses.get(target, ()) or addresses.get(target + ".", ()))
         if address is None:
             skipped.append(f"target {_short(target)!r}: no A/AAAA address")
-            continue
-        if not 1 <= record.port <= 65535:
-            skipped.append(f"target {_short(target)!r}: port {record.port} out of range")
             continue
         backends[backend_id] = BackendConfig(id=backend_id, host=address, port=record.port, weight=weight)
     return Discovered(

@@ -18,6 +18,7 @@ from lb.config.model import BackendConfig, DiscoveryType
 from lb.config.sections import _cgroup_cpu_quota
 from lb.control.dns_backends import (
     SrvRecord,
+    cut_srv,
     diff,
     from_addresses,
     from_srv,
@@ -105,6 +106,36 @@ def test_from_srv_caps_a_huge_answer() -> None:
     found = from_srv(records, addresses, max_backends=100)
     assert len(found.backends) == 100 and found.truncated == 4900
     assert found.backends[0].id == "gw-00000"
+
+
+JUNK = [SrvRecord(".", 9000), SrvRecord("127.0.0.1.", 9000), SrvRecord(f"-x.{SERVICE}.", 9000),
+        SrvRecord(f"a-port-0.{SERVICE}.", 0)]  # sort before gw-*: never a backend, whatever they resolve to
+
+
+def test_records_that_can_never_be_backends_take_no_place_under_max_backends() -> None:
+    """Cut first, junk records (target ".", an IP address, a bad label, port 0) that sort before the valid ones
+    left a pool with no backend although the answer named as many valid targets as max_backends allows."""
+    valid = [SrvRecord(f"gw-{i}.{SERVICE}.", 9000) for i in range(3)]
+    addresses = {r.target.rstrip("."): ["10.0.0.1"] for r in JUNK + valid}
+    found = from_srv(JUNK + valid, addresses, max_backends=3)
+    assert [b.id for b in found.backends] == ["gw-0", "gw-1", "gw-2"]
+    assert len(found.skipped) == 4 and found.truncated == 0
+    assert any("port 0 out of range" in reason for reason in found.skipped)
+    # Said as it is, not "no A/AAAA address": a record on port 0 is never looked up.
+    assert from_srv(JUNK[3:], {}, max_backends=3).skipped == (f"target 'a-port-0.{SERVICE}': port 0 out of range",)
+
+
+def test_cut_srv_counts_only_records_that_could_be_backends() -> None:
+    valid = [SrvRecord(f"gw-{i}.{SERVICE}.", 9000) for i in range(5)]
+    kept, cut = cut_srv(list(reversed(valid)) + JUNK, 2)
+    assert [r.target for r in kept] == [r.target for r in sorted(JUNK + valid[:2], key=lambda r: (r.target, r.port))]
+    assert cut == 3
+
+
+def test_srv_id_of_addresses_and_names_alike_digits() -> None:
+    """Only an IPv4 address is refused among first labels of digits."""
+    assert srv_id("127.0.0.1") is None and srv_id("10.1.2.3.") is None
+    assert srv_id("123.gw.example") == "123" and srv_id("1.2.3") == "1"
 
 
 FAILED_GW1 = {f"gw-1.{SERVICE}": "no answer within 2s"}

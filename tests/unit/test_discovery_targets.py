@@ -341,3 +341,17 @@ def test_the_target_lookups_budget_counts_waves() -> None:
     assert discovery.target_lookups_budget(16, 2.0) == 4.0
     assert discovery.target_lookups_budget(17, 2.0) == 8.0
     assert discovery.target_lookups_budget(256, 2.0) == 64.0
+
+
+def test_records_that_can_never_be_backends_are_not_looked_up_nor_counted_against_max_backends() -> None:
+    """Target ".", an IP address and a bad label sort before gw-1 and gw-2: with max_backends 2 both still join,
+    and no query is made for the junk."""
+    resolver = ScriptedResolver().healthy()
+    resolver.script[(SERVICE, "SRV")] = answer(
+        SERVICE + ".", "SRV", "10 50 28100 .", "10 50 28100 127.0.0.1.", f"10 50 28100 -x.{SERVICE}.",
+        f"10 50 28102 {GW1}", f"10 50 28103 {GW2}",
+    )
+    config = DiscoveryConfig(SERVICE, nameservers=(("127.0.0.1", 53),), timeout=0.3, max_backends=2)
+    found = run_lookup(resolver, known=(), config=config)
+    assert found.backends == BOTH and found.truncated == 0 and len(found.skipped) == 3
+    assert {name for name, _ in resolver.queries} == {SERVICE, GW1, GW2}
