@@ -17,6 +17,8 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +244,37 @@ def test_containerfile_is_slim_non_root_uvloop_lb_run() -> None:
     assert user and user[-1].split(":")[0] not in ("0", "root")
     assert "uvloop" in text
     assert 'ENTRYPOINT ["lb"]' in text and 'CMD ["run", "--config", "/etc/lb/lb.yaml"]' in text
+
+
+def test_image_build_stage_installs_every_source_build_native_compiles(tmp_path: Path) -> None:
+    """The Containerfile's build stage pip-installs a copy of the checkout, then compiles the installed package
+    (`build_native.py --require --into`): the wheel must hold every source build_native compiles, .c included."""
+    import build_native
+
+    src = tmp_path / "src"
+    src.mkdir()
+    copied = re.findall(r"^COPY (?!--from)(.+) \S+$", (DEPLOY / "Containerfile").read_text(), re.M)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*.so", "*.partial", "_native.json")
+    for name in " ".join(copied).split():
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=ignore)
+        else:
+            shutil.copy2(path, src / name)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+         "."],
+        cwd=src, capture_output=True, text=True, timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    [wheel] = tmp_path.glob("*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(site)
+    missing = [path for path in build_native.sources() + build_native.c_sources() if path not in names]
+    assert not missing, f"pyproject's package-data leaves out {missing}: the image's build_native --require fails"
+    assert build_native.digests(site) == build_native.digests(ROOT)
 
 
 def _seconds(text: str) -> float:
