@@ -215,17 +215,25 @@ def _workers(cpu_count: int | None) -> Parser:
     return parse
 
 
-def _usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota if one is set.
+CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
+
+
+def _usable_cpus(cgroup: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may use: its affinity mask, capped by the container's cgroup CPU quota if one is set.
 
     Not os.cpu_count(): a container pinned to 2 of 64 cores, or limited to 2 CPUs of quota
-    (Kubernetes `resources.limits.cpu: 2`), wants 2 workers, not 64.
+    (Kubernetes `resources.limits.cpu: 2`), wants 2 workers, not 64.  The quota is cgroup v2's
+    `cpu.max`, else cgroup v1's `cpu.cfs_quota_us` (nodes still on v1: there auto used to mean a
+    worker per CPU of the node, 16-64 processes of ~60 MB in a pod limited to 2 CPUs and 1 GiB).
     """
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota(Path("/sys/fs/cgroup/cpu.max"))
+    quota = _cgroup_cpu_quota(cgroup / "cpu.max")
+    if quota is None:
+        # A container's v1 cpu controller: `cpu,cpuacct` with a `cpu` link (Docker, containerd), or `cpu` alone.
+        quota = _cgroup_v1_cpu_quota(cgroup / "cpu") or _cgroup_v1_cpu_quota(cgroup / "cpu,cpuacct")
     return max(1, min(cpus, quota)) if quota is not None else cpus
 
 
@@ -238,6 +246,19 @@ def _cgroup_cpu_quota(path: Path) -> int | None:
         return max(1, -(-int(quota) // int(period)))
     except (OSError, ValueError, ZeroDivisionError):
         return None
+
+
+def _cgroup_v1_cpu_quota(directory: Path) -> int | None:
+    """CPUs allowed by a cgroup v1 quota (`cpu.cfs_quota_us` over `cpu.cfs_period_us`, rounded up); None
+    without one (a quota of -1) or without the files."""
+    try:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, -(-quota // period))
 
 
 def root_of(tree: object, check: Checker) -> dict[Any, object] | None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from lb.cli import main
 from lb.config.document import MAX_FILE_REFERENCE_BYTES
 from lb.config.load import load_config, parse_config
 from lb.config.model import BackendConfig, DiscoveryType
-from lb.config.sections import _cgroup_cpu_quota
+from lb.config.sections import _cgroup_cpu_quota, _cgroup_v1_cpu_quota, _usable_cpus
 from lb.control.dns_backends import (
     SrvRecord,
     cut_srv,
@@ -439,6 +440,36 @@ def test_cgroup_cpu_quota(tmp_path: Path, content: str, expected: int | None) ->
     path.write_text(content)
     assert _cgroup_cpu_quota(path) == expected
     assert _cgroup_cpu_quota(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize(
+    ("quota", "period", "expected"),
+    [("-1\n", "100000\n", None), ("200000\n", "100000\n", 2), ("150000", "100000", 2), ("50000", "100000", 1),
+     ("junk", "100000", None), ("100000", "0", None)],
+)
+def test_cgroup_v1_cpu_quota(tmp_path: Path, quota: str, period: str, expected: int | None) -> None:
+    """workers: auto honours a cgroup v1 CPU quota too (cpu.cfs_quota_us / cpu.cfs_period_us), rounded up."""
+    (tmp_path / "cpu.cfs_quota_us").write_text(quota)
+    (tmp_path / "cpu.cfs_period_us").write_text(period)
+    assert _cgroup_v1_cpu_quota(tmp_path) == expected
+    assert _cgroup_v1_cpu_quota(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize("layout", ["v2", "v1", "v1-cpu-only", "none"])
+def test_usable_cpus_capped_by_the_containers_quota(tmp_path: Path, layout: str) -> None:
+    """A 1-CPU quota gives one worker under cgroup v2 and under v1 (a Kubernetes node still on v1 gave
+    one worker per CPU of the node); without a quota, every CPU of the affinity mask."""
+    if layout == "v2":
+        (tmp_path / "cpu.max").write_text("100000 100000\n")
+    elif layout.startswith("v1"):
+        controller = tmp_path / ("cpu" if layout == "v1-cpu-only" else "cpu,cpuacct")
+        controller.mkdir()
+        (controller / "cpu.cfs_quota_us").write_text("100000\n")
+        (controller / "cpu.cfs_period_us").write_text("100000\n")
+        if layout == "v1":
+            (tmp_path / "cpu").symlink_to("cpu,cpuacct")
+    expected = len(os.sched_getaffinity(0)) if layout == "none" else 1
+    assert _usable_cpus(tmp_path) == expected
 
 
 def test_lb_validate_names_the_unreadable_secret_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
