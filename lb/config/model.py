@@ -99,6 +99,9 @@ class ListenerConfig:
     # listen() queue; lb.config.sections fills in max(net.core.somaxconn, 4096) when absent.  A
     # reconnect storm arrives as one burst of SYNs: each overflow costs the client a 1s retransmit.
     backlog: int = 4096
+    # No `backlog` in the file: the value above is this host's default.  config_hash hashes it as
+    # written, so replicas on hosts whose somaxconn differ do not count as different configurations.
+    backlog_default: bool = field(default=False, repr=False, compare=False)
 
     @property
     def bind(self) -> str:

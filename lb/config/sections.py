@@ -375,6 +375,7 @@ def _listener(value: object, path: str, check: Checker) -> ListenerConfig | None
         return None
     kwargs["proxy_protocol_from"] = proxy_from
     host, port = kwargs.pop("bind")
+    kwargs["backlog_default"] = not kwargs.get("backlog")
     kwargs["backlog"] = kwargs.get("backlog") or default_backlog()
     return ListenerConfig(host=host, port=port, tls=tls, **kwargs)
 

@@ -30,11 +30,18 @@ def config_hash(config: Config) -> str:
 
     The repr of the frozen dataclasses covers every key with its default filled in, so two files that
     differ only in comments or key order hash alike.  `workers: auto` is hashed as written, not as the
-    number it came to on this machine: replicas on nodes of different sizes run the same config.
+    number it came to on this machine: replicas on nodes of different sizes run the same config.  So is
+    a listener's default `backlog` (max(net.core.somaxconn, 4096), which differs between hosts).
     12 hex digits: a label, not a security boundary.
     """
     if config.workers_auto:
         config = dataclasses.replace(config, workers=0)
+    if any(listener.backlog_default for listener in config.listeners):
+        listeners = tuple(
+            dataclasses.replace(listener, backlog=0) if listener.backlog_default else listener
+            for listener in config.listeners
+        )
+        config = dataclasses.replace(config, listeners=listeners)
     return hashlib.sha256(repr(config).encode()).hexdigest()[:12]
 
 

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lb.cli import main
+from lb.config import sections
 from lb.config.document import MAX_FILE_REFERENCE_BYTES
 from lb.config.load import load_config, parse_config
 from lb.config.model import BackendConfig, DiscoveryType
@@ -386,6 +387,26 @@ def test_workers_auto_hashes_as_written_not_as_this_machines_count(tmp_path: Pat
     tree["workers"] = 2
     written = {hashed(cpus) for cpus in (1, 2)}
     assert len(written) == 1 and written != hashes  # `auto` and a number are different configs
+
+
+def test_default_backlog_hashes_as_written_not_as_this_hosts_somaxconn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lb_build_info{config_hash}: replicas on hosts whose net.core.somaxconn differ run the same file (the
+    default backlog, max(somaxconn, 4096), was hashed as this host's number: LbConfigDrift for ever)."""
+    tree = base_tree({"backends": [{"id": "a", "address": "127.0.0.1:1"}]})
+
+    def hashed(somaxconn: int) -> tuple[str, int]:
+        monkeypatch.setattr(sections, "default_backlog", lambda: somaxconn)
+        config = parse_config(yaml.safe_dump(tree), base_dir=tmp_path, environ={})
+        return config_hash(config), config.listeners[0].backlog
+
+    (one, backlog_one), (other, backlog_other) = hashed(4096), hashed(65535)
+    assert (backlog_one, backlog_other) == (4096, 65535)  # each host still listens with its own default
+    assert one == other
+    tree["listeners"][0]["backlog"] = 4096
+    written = {hashed(somaxconn)[0] for somaxconn in (4096, 65535)}
+    assert len(written) == 1 and written != {one}  # a backlog in the file is part of the configuration
 
 
 def test_workers_auto_without_override_uses_this_machine(tmp_path: Path) -> None:
