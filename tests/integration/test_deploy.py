@@ -143,6 +143,40 @@ def test_balancer_deployment_promises() -> None:
     assert referenced == set(example["stringData"]), "the config reads keys the example Secret does not hold"
 
 
+def test_ports_and_paths_agree_across_files() -> None:
+    """What one file names, the others match: the config's binds are the container's ports (which the probes,
+    the Service and the NetworkPolicy use), the config and the Secret are mounted where `--config` and
+    `${file:}` read them, and the gateway listens on the port its container, Service and policy declare."""
+    resources = base_resources()
+    config = yaml.safe_load(config_text())
+    deployment = resources[("Deployment", "lb")]
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert int(config["listeners"][0]["bind"].rsplit(":", 1)[1]) == ports["ws"]
+    assert int(config["admin"]["bind"].rsplit(":", 1)[1]) == ports["admin"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] in (ports["admin"], "admin")
+    assert resources[("Service", "lb")]["spec"]["ports"][0]["targetPort"] in (ports["ws"], "ws")
+    policy_ports = {p["port"] for rule in resources[("NetworkPolicy", "lb")]["spec"]["ingress"] for p in rule["ports"]}
+    assert policy_ports == set(ports.values())
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    config_path = container["args"][container["args"].index("--config") + 1]
+    assert config_path in mounts and mounts[config_path].get("subPath") == "lb.yaml"
+    files = re.findall(r"\$\{file:(/[^}]+)\}", config_text())
+    assert files and {str(Path(f).parent) for f in files} == {"/etc/lb/secrets"} and "/etc/lb/secrets" in mounts
+
+    statefulset = resources[("StatefulSet", "gw")]
+    [gateway] = statefulset["spec"]["template"]["spec"]["containers"]
+    port = int(gateway["args"][gateway["args"].index("--port") + 1])
+    assert port == _container_port(statefulset, "ws")
+    headless = resources[("Service", statefulset["spec"]["serviceName"])]["spec"]["ports"][0]
+    assert headless["port"] == port and headless["targetPort"] in (port, "ws")
+    gateway_policy = resources[("NetworkPolicy", "gateway")]["spec"]["ingress"]
+    assert {p["port"] for rule in gateway_policy for p in rule["ports"]} == {port}
+    assert f"127.0.0.1:{port}/drain" in gateway["lifecycle"]["preStop"]["exec"]["command"][-1]
+
+
 def test_service_pdb_and_gateways() -> None:
     """LoadBalancer keeping client addresses; PDB over the balancers; SRV name matches the headless Service."""
     resources = base_resources()
