@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from lb import __version__
+from lb.affinity.decision import DecisionReason
 from lb.config.model import Config
 from lb.control.exposition import SlicedCollector, SlicedRegistry
 from lb.state.context import BackendCounts, ProxyContext
@@ -23,6 +24,10 @@ from lb.state.families import Family, in_slices
 from lb.state.pool import BackendState, BackendStatus
 
 _NONE_COUNTED = BackendCounts()  # a backend that has answered nothing yet
+# lb_affinity_decisions_total's results, each exported from 0 for every configured pool: Prometheus'
+# rate()/increase() count nothing of the value a series is born with, so a first redispatch storm (a
+# gateway dies) would be missing from the dashboard's redispatch rate and from LbRedispatchSpike.
+DECISION_RESULTS: tuple[DecisionReason, ...] = ("hit", "new", "redispatch", "invalid")
 
 
 def config_hash(config: Config) -> str:
@@ -114,8 +119,13 @@ class LbCollector(SlicedCollector):
             labels=["pool", "result"],
         )
         # Summed over every backend ever counted: one whose series were forgotten still counts here.
-        for (pool, result), count in stats.pool_decisions().items():
-            decisions.add_metric([pool, result], count)
+        decided = stats.pool_decisions()
+        series: dict[tuple[str, str], None] = dict.fromkeys(
+            (pool, result) for pool in ctx.config.pools for result in DECISION_RESULTS
+        )
+        series.update(dict.fromkeys(decided))
+        for pool, result in series:
+            decisions.add_metric([pool, result], decided.get((pool, result), 0))
         yield decisions
         invalid = CounterMetricFamily(
             "lb_affinity_invalid_tokens", "Affinity tokens treated as absent, by reason.", labels=["reason"]

@@ -335,3 +335,19 @@ def test_a_departed_backend_forgotten_mid_render_leaves_the_body_and_is_never_sh
     for forget_after in range(1, 40):
         shown = gone_series(forget_after)
         assert all(before[series] == value for series, value in shown.items()), (forget_after, shown)
+
+
+def test_every_decision_result_is_exported_from_zero_for_each_configured_pool() -> None:
+    """lb_affinity_decisions_total{pool,result} exists at 0 before its first count: rate()/increase() count
+    nothing of the value a series is born with, so a first redispatch storm would not show."""
+    ctx = _ctx()
+    before = _scrape(ctx, SeriesRetention())
+    assert {
+        dict(labels)["result"]: value for (name, labels), value in before.items()
+        if name == "lb_affinity_decisions_total"
+    } == {"hit": 0, "new": 0, "redispatch": 0, "invalid": 0}
+    ctx.stats.decisions[("p", "a", "redispatch")] += 3
+    ctx.stats.decisions[("gone", "x", "hit")] += 1  # a pool a reload removed keeps its count
+    after = _scrape(ctx, SeriesRetention())
+    assert after[("lb_affinity_decisions_total", (("pool", "p"), ("result", "redispatch")))] == 3
+    assert after[("lb_affinity_decisions_total", (("pool", "gone"), ("result", "hit")))] == 1
