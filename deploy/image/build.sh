@@ -104,7 +104,7 @@ chmod -R a+rX "$tmp/pip"
 say "image: podman build --isolation=chroot FROM $BUILD_BASE_IMAGE, then $BASE_IMAGE"
 "${PODMAN[@]}" build --isolation=chroot --layers \
     --build-arg "BASE=$BASE_IMAGE" --build-arg "BUILD_BASE=$BUILD_BASE_IMAGE" --build-arg PIP_CONFIG_FILE=/mnt/pip.conf \
-    --volume "$tmp/pip:/mnt:ro" --ignorefile deploy/image/containerignore \
+    --volume "$tmp/pip:/mnt:ro" \
     --file deploy/Containerfile --tag "$IMAGE:$VERSION" --tag "$IMAGE:latest" . \
     >"$tmp/build.log" 2>&1 || { tail -n 40 "$tmp/build.log" >&2; fail "podman build failed (last lines above)"; }
 took "image: built $IMAGE:$VERSION"

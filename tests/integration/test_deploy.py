@@ -280,6 +280,37 @@ def test_containerfile_is_slim_non_root_uvloop_lb_run() -> None:
     assert 'ENTRYPOINT ["lb"]' in text and 'CMD ["run", "--config", "/etc/lb/lb.yaml"]' in text
 
 
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """Whether `.dockerignore`'s `patterns` leave `path` (relative to the context) out, as podman and docker read
+    them: a pattern matches a path or any of its parents; `*` and `?` stay within one name, `**/` spans names."""
+    def regex(pattern: str) -> re.Pattern[str]:
+        parts = re.split(r"(\*\*/|\*|\?)", pattern.strip("/"))
+        table = {"**/": "(?:.*/)?", "*": "[^/]*", "?": "[^/]"}
+        return re.compile("".join(table.get(part, re.escape(part)) for part in parts))
+
+    compiled = [regex(p) for p in patterns]
+    names = path.split("/")
+    return any(r.fullmatch("/".join(names[:n])) for n in range(1, len(names) + 1) for r in compiled)
+
+
+def test_the_build_context_leaves_out_secrets_and_caches_and_keeps_what_the_image_copies() -> None:
+    """`podman build -f deploy/Containerfile .` (the README's command) and `docker build` read `.dockerignore`
+    from the context's root: without it they sent the whole checkout, .venv, .git, `.dev/secrets.env` and
+    the dev CA's key among it, to the builder (366 MB after `make run`)."""
+    patterns = [line for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert not any(p.startswith("!") for p in patterns), "an exception would need the rules above re-read"
+    for secret in (".dev/secrets.env", "certs/ca.key", "certs/server.key", ".venv/bin/python", ".git/config",
+                   "lb/__pycache__/cli.cpython-311.pyc", "lb/http/_render.cpython-311-x86_64-linux-gnu.so"):
+        assert _ignored(secret, patterns), f"{secret} is sent to the image builder"
+    copied = re.findall(r"^COPY (?!--from)(.+) \S+$", (DEPLOY / "Containerfile").read_text(), re.M)
+    tracked = subprocess.run(["git", "ls-files", *" ".join(copied).split()], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert tracked, "git ls-files named none of the Containerfile's sources"
+    left_out = [path for path in tracked if _ignored(path, patterns)]
+    assert not left_out, f"the Containerfile copies {left_out[:5]}, which .dockerignore leaves out"
+
+
 def test_image_build_stage_installs_every_source_build_native_compiles(tmp_path: Path) -> None:
     """The Containerfile's build stage pip-installs a copy of the checkout, then compiles the installed package
     (`build_native.py --require --into`): the wheel must hold every source build_native compiles, .c included."""
