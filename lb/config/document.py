@@ -28,6 +28,10 @@ MAX_CONFIG_NODES: Final = 100_000
 # Mappings and lists inside each other: a real configuration nests six deep.  The walks over the tree
 # recurse, and libyaml reads a thousand levels (PyYAML's own reader stopped at about five hundred).
 MAX_CONFIG_DEPTH: Final = 64
+# Characters the `${...}` expansion may produce in all: each expanded string is a new copy, so a value
+# shared by YAML aliases (or one string naming a variable or file thousands of times) costs its size
+# at every use.  A 20 KB file asked for gigabytes; a real one produces a few kilobytes.
+MAX_EXPANDED_CHARS: Final = 16 * 1024 * 1024
 
 
 def relative_to_config(base_dir: Path, name: str) -> Path:
@@ -301,11 +305,26 @@ def expand(node: object, path: str, environ: Mapping[str, str], check: Checker, 
 def _expand_string(text: str, path: str, environ: Mapping[str, str], check: Checker) -> object:
     if "${" not in text:
         return text
+    if check.too_large:  # said once; scanning the rest would only spend the time the budget saves
+        return REPORTED
     unset: list[str] = []
     unreadable: list[str] = []
-    malformed = nested = False
+    malformed = nested = too_large = False
+    # What this string may still add; the text between its references counts as it is copied too.
+    budget = MAX_EXPANDED_CHARS - check.expanded_chars - len(text)
 
     def substitute(match: re.Match[str]) -> str:
+        nonlocal too_large, budget
+        if too_large:
+            return ""
+        piece = _substitute(match)
+        budget -= len(piece)
+        if budget < 0:  # never built: stop adding to it
+            too_large = True
+            return ""
+        return piece
+
+    def _substitute(match: re.Match[str]) -> str:
         nonlocal malformed, nested
         if match[0] == "$${":
             return "${"
@@ -331,7 +350,18 @@ def _expand_string(text: str, path: str, environ: Mapping[str, str], check: Chec
             return ""
         return value
 
-    result = _REFERENCE_RE.sub(substitute, text)
+    if budget < 0:
+        too_large = True
+        result = ""
+    else:
+        result = _REFERENCE_RE.sub(substitute, text)
+    if too_large:
+        if not check.too_large:
+            check.too_large = True
+            check.add(path, f"the ${{...}} references expand to more than {MAX_EXPANDED_CHARS} characters, which "
+                            "no configuration needs (a value with a reference shared by YAML aliases?)")
+        return REPORTED
+    check.expanded_chars += len(result)
     for name in unset:
         check.add(path, f"environment variable {name} is not set")
     for problem in unreadable:

@@ -261,3 +261,43 @@ def test_checks_across_keys_wait_only_for_the_keys_they_read(tmp_path: Path) -> 
     value = tree()
     value["pools"]["p"].update(balance="hash", sticky="maybe")
     assert set(tree_problems(value, tmp_path)) == {"pools.p.hash_key", "pools.p.sticky"}
+
+
+# -- the size of what ${...} references expand to ---------------------------------------------------
+
+
+def _aliased(value: str, uses: int = 90_000) -> str:
+    """`value` under an anchor, then lists of aliases that use it `uses` times (a few lines of YAML)."""
+    lines = [f"x_s: &s {value}", "x_l1: &l1 [" + ",".join(["*s"] * 10) + "]"]
+    for level in range(2, 5):
+        lines.append(f"x_l{level}: &l{level} [" + ",".join([f"*l{level - 1}"] * 10) + "]")
+    lines.append("x_l5: [" + ",".join(["*l4"] * (uses // 10_000)) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "environ"),
+    [
+        # A 100 KB value shared by 90,000 aliases: each use was expanded into a copy of its own (9 GB).
+        (_aliased('"' + "A" * 100_000 + '$${"'), {}),
+        (_aliased('"${BIG}"'), {"BIG": "B" * 100_000}),
+        # One value naming a long variable many times: one string of gigabytes.
+        ("pools: {p: {x: '" + "${BIG}" * 100_000 + "'}}\n", {"BIG": "B" * 100_000}),
+    ],
+    ids=["aliased-literal", "aliased-variable", "repeated-reference"],
+)
+def test_references_that_expand_past_the_budget_are_one_problem(
+    tmp_path: Path, text: str, environ: dict[str, str]
+) -> None:
+    """A config whose ${...} references expand to more than any real one is a problem, not gigabytes."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir=tmp_path, environ=environ)
+    budget = [problem for problem in info.value.problems if "expand to more than" in problem.message]
+    assert len(budget) == 1, info.value.problems
+
+
+def test_references_within_the_budget_expand(tmp_path: Path) -> None:
+    """The budget counts what the references produce, and a large real value is well within it."""
+    value = tree(admin={"token": "${TOKEN}"}, affinity={"secret_keys": ["${KEY}"] * 100})
+    config = parse_config(yaml.safe_dump(value), base_dir=tmp_path, environ={"TOKEN": "t" * 60_000, "KEY": KEY})
+    assert config.admin.token == "t" * 60_000
