@@ -160,11 +160,16 @@ _INT_TAG = "tag:yaml.org,2002:int"
 # a decimal one failed while read (a ValueError naming no key) and a hexadecimal one when a message
 # printed it (a traceback out of `lb validate`).
 MAX_INTEGER_CHARS: Final = 100
+# A mapping key's characters, at most: YAML's own bound on a plain key, which only an explicit `? key`
+# passes.  The longest a configuration needs is a pool name (64; a longer one is that key's problem).
+# A key is copied into the path of every value below it (and of every problem there), so a key of a
+# megabyte over a few aliased lists cost seconds of a reload's thread and a log line of a megabyte.
+MAX_KEY_CHARS: Final = 1024
 
 
 def _check_nodes(root: yaml.Node, check: Checker) -> list[yaml.ScalarNode]:
     """What the node tree shows before it is built, each a problem at its path: a key given twice,
-    an integer too long (`MAX_INTEGER_CHARS`).
+    an integer too long (`MAX_INTEGER_CHARS`), a key too long (`MAX_KEY_CHARS`).
 
     YAML loaders keep the last value without a word, so a second `token:` or a second pool of the
     same name would silently replace the first (yaml.v3, behind Traefik, refuses them too).  Keys
@@ -173,7 +178,8 @@ def _check_nodes(root: yaml.Node, check: Checker) -> list[yaml.ScalarNode]:
 
     Returns:
         The values too long, for the caller to build as REPORTED (the rest is still checked).  A key
-        too long leaves the document unread (`check.unreadable`): no value can stand in for a key.
+        too long (either kind) leaves the document unread (`check.unreadable`): no value can stand in
+        for a key, and its problem is said at the path of its mapping, which never holds it.
     """
     seen: set[int] = set()
     pending: list[tuple[yaml.Node, str]] = [(root, "")]
@@ -196,6 +202,11 @@ def _check_nodes(root: yaml.Node, check: Checker) -> list[yaml.ScalarNode]:
                 line = key_node.start_mark.line + 1
                 if _too_long(key_node):
                     found.append((line, path, "a key: " + _too_long_message(key_node)))
+                    check.unreadable = True
+                    continue
+                if len(key_node.value) > MAX_KEY_CHARS:
+                    found.append((line, path, f"a key of {len(key_node.value)} characters, where no key takes "
+                                              f"more than {MAX_KEY_CHARS}"))
                     check.unreadable = True
                     continue
                 key_path = join_path(path, key_node.value)

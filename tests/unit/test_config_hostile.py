@@ -301,3 +301,24 @@ def test_references_within_the_budget_expand(tmp_path: Path) -> None:
     value = tree(admin={"token": "${TOKEN}"}, affinity={"secret_keys": ["${KEY}"] * 100})
     config = parse_config(yaml.safe_dump(value), base_dir=tmp_path, environ={"TOKEN": "t" * 60_000, "KEY": KEY})
     assert config.admin.token == "t" * 60_000
+
+
+def test_a_key_too_long_is_one_short_problem_at_its_mappings_path(tmp_path: Path) -> None:
+    """A megabyte key (an explicit `? key`) is refused before it is copied into the path of every value below it:
+    with aliased lists below, it cost seconds and put the megabyte into the problem's path and the reload's log."""
+    lines = ["x_s: &s 1", "x_l1: &l1 [" + ",".join(["*s"] * 10) + "]"]
+    lines += [f"x_l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 10) + "]" for i in range(2, 5)]
+    text = "\n".join([*lines, "pools:", f"  ? {'K' * 1_000_000}", "  : [" + ",".join(["*l4"] * 9) + "]"]) + "\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir=tmp_path, environ={})
+    assert [(p.path, p.message) for p in info.value.problems] == [
+        ("pools", "a key of 1000000 characters, where no key takes more than 1024")
+    ]
+
+
+@pytest.mark.parametrize(("chars", "refused"), [(1024, False), (1025, True)])
+def test_the_key_length_limit(tmp_path: Path, chars: int, refused: bool) -> None:
+    """The limit is YAML's own for a plain key; a longer pool name is still that key's own problem below it."""
+    said = problems(f"pools:\n  ? {'p' * chars}\n  : {{}}\n", tmp_path)
+    assert (said.get("pools") == f"a key of {chars} characters, where no key takes more than 1024") is refused, said
+    assert (f"pools.{'p' * chars}" in said) is not refused
