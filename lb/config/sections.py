@@ -601,7 +601,13 @@ def _secret_keys(value: object, check: Checker) -> tuple[str, ...] | None:
             check.add(f"{path}[{i}]", NOT_UTF8)
         else:
             keys.append(str(item))
-    return tuple(keys) if len(keys) == len(items) else None
+    if len(keys) != len(items):
+        return None
+    # A key given twice opens nothing the first copy does not, but each copy is tried on every token
+    # that names its key id, a forged one too: 20,000 copies (a list of aliases) made a forged cookie
+    # cost 40 ms of the event loop.  Given twice on purpose too: `[current, previous]` from two Secret
+    # files that hold one key until the first rotation.  Kept once, in the place it was first given.
+    return tuple(dict.fromkeys(keys))
 
 
 def _routes(value: object, check: Checker, pools: Collection[str] | None) -> tuple[RouteConfig, ...] | None:

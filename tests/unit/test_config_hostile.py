@@ -322,3 +322,11 @@ def test_the_key_length_limit(tmp_path: Path, chars: int, refused: bool) -> None
     said = problems(f"pools:\n  ? {'p' * chars}\n  : {{}}\n", tmp_path)
     assert (said.get("pools") == f"a key of {chars} characters, where no key takes more than 1024") is refused, said
     assert (f"pools.{'p' * chars}" in said) is not refused
+
+
+def test_a_secret_key_given_twice_is_kept_once_in_its_first_place(tmp_path: Path) -> None:
+    """Each copy of a key was tried on every token naming its key id (a forged one too); the first seals."""
+    other = "o" * 43
+    value = tree(affinity={"secret_keys": [KEY, other, KEY, *[other] * 1000]})
+    config = parse_config(yaml.safe_dump(value), base_dir=tmp_path, environ={})
+    assert config.affinity.secret_keys == (KEY, other)
