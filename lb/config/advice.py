@@ -20,6 +20,10 @@ MIN_ADMIN_TOKEN_CHARS = 16
 # Shorter than this, a discovery's interval is advice: `1ms` (for `1m`) was 270 lookups a second and
 # 40 % of a core for three records, where a Kubernetes zone follows its endpoints within seconds.
 MIN_DISCOVERY_INTERVAL = 1.0
+# Shorter than this, a health check's interval is advice: `1ms` (for `1m` or `1s`) was some 700 probes
+# a second to each backend and a third of a core for three of them, and a backend that stops answering
+# is seen within `fall` intervals anyway.
+MIN_HEALTH_CHECK_INTERVAL = 0.1
 
 
 def _most_backends(config: Config) -> int:
@@ -65,6 +69,13 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
             "proxies in front only"
         )
     for name, pool in config.pools.items():
+        interval = pool.health_check.interval
+        if interval < MIN_HEALTH_CHECK_INTERVAL and (pool.backends or pool.discovery is not None):
+            said.append(
+                f"pools.{name}.health_check.interval is {interval * 1000:g}ms: up to {1 / interval:.0f} probes a "
+                f"second to each backend (a share of a core here, and load on every backend); "
+                f"{MIN_HEALTH_CHECK_INTERVAL * 1000:g}ms or more (was 1s or 1m meant?)"
+            )
         discovery = pool.discovery
         if discovery is not None and discovery.interval < MIN_DISCOVERY_INTERVAL:
             said.append(

@@ -227,3 +227,21 @@ pools: {{p: {{discovery: {{dns: gw.example, type: {kind}, port: {port}}}}}}}
     said = advice(parse_config(text, base_dir=tmp_path, environ={}))
     assert said == (["pools.p.discovery.port is ignored with type: srv: each record carries its own port "
                      "(the port is for type: a)"] if advised else [])
+
+
+@pytest.mark.parametrize(("interval", "advised"), [("1ms", True), ("99ms", True), ("100ms", False), ("1m", False)])
+def test_a_health_check_interval_under_100ms_is_advice(tmp_path: Path, interval: str, advised: bool) -> None:
+    """`1ms` for `1m` validated silently and sent each backend some 700 probes a second."""
+    text = f"""
+listeners: [{{bind: "127.0.0.1:0"}}]
+admin: {{token: {TOKEN}}}
+affinity: {{secret_keys: [{KEY}]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{health_check: {{interval: {interval}}}, backends: [{{id: a, address: "127.0.0.1:9001"}}]}}}}
+"""
+    said = advice(parse_config(text, base_dir=tmp_path, environ={}))
+    if not advised:
+        assert said == []
+        return
+    (sentence,) = said
+    assert sentence.startswith(f"pools.p.health_check.interval is {interval}") and "1m meant" in sentence
