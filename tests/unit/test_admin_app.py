@@ -176,3 +176,76 @@ async def test_a_request_head_that_never_completes_is_closed_by_the_admin_runner
         writer.close()
     finally:
         await runner.cleanup()
+
+
+def _status_balancer(backends: int) -> Any:
+    """A balancer for /status: pool `p` of `backends`, pool `q`, a retired backend of `p` and one of a pool gone."""
+    from lb.state.pool import AdminAction
+
+    many = PoolState(config=PoolConfig("p", tuple(BackendConfig(f"b{i}", "127.0.0.1", 1000 + i % 60000)
+                                                  for i in range(backends))))
+    other = PoolState(config=PoolConfig("q", (BackendConfig("gw-1", "127.0.0.1", 1),)))
+    other.apply_admin("gw-1", AdminAction.DRAIN, 1.0)
+    gone = PoolState(config=PoolConfig("x", (
+        BackendConfig("old", "127.0.0.1", 2),
+        BackendConfig("old2", "10.0.0.1", 3))))
+    ctx = SimpleNamespace(
+        config=SimpleNamespace(admin=SimpleNamespace(token=TOKEN), limits=SimpleNamespace(max_connections=7)),
+        pools={"p": many, "q": other}, stats=SimpleNamespace(backend_counts=dict), accepting=True,
+        client_connections=lambda: 5,
+    )
+
+    async def fresh_counts() -> None:
+        return None
+
+    return SimpleNamespace(
+        ctx=ctx, fresh_counts=fresh_counts, live_tunnels=lambda: 3, role=SimpleNamespace(value="single"),
+        workers_serving=lambda: None, listen_addresses=[("127.0.0.1", 8080)],
+        discovery=SimpleNamespace(
+            status=lambda name: {"last_ok": 1.5, "last_error": "x\u0000y"} if name == "q" else None
+        ),
+        retired_backends=lambda: [("p", gone.backends["old"]), ("x", gone.backends["old2"])],
+    )
+
+
+async def test_status_answers_the_status_document() -> None:
+    """/status, built a slice at a time, is the document `status_document` describes."""
+    from lb.control.admin import status_document
+
+    balancer = _status_balancer(50)
+    client = await _client(balancer)
+    try:
+        reply = await client.get("/status")
+        answer = await reply.json()
+        assert reply.status == 200 and reply.content_type == "application/json"
+    finally:
+        await client.close()
+    expected = json.loads(json.dumps(status_document(balancer)))
+    assert {**answer, "time": 0} == {**expected, "time": 0}
+    assert [b["id"] for b in answer["pools"]["p"]["backends"]][-2:] == ["b49", "old"]
+    assert answer["pools"]["x"]["backends"][0]["removed"] is True
+    assert answer["pools"]["q"]["discovery"]["last_ok"] == 1.5
+
+
+async def test_status_of_many_backends_lets_the_loop_run() -> None:
+    """Built whole, /status of 40,000 backends held the event loop (and every handshake) for a few hundred ms."""
+    client = await _client(_status_balancer(40_000))
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    ticker = loop.create_task(tick())
+    try:
+        reply = await client.get("/status")
+        assert len((await reply.json())["pools"]["p"]["backends"]) == 40_001
+    finally:
+        ticker.cancel()
+        await client.close()
+    assert max(gaps) < 0.1, f"the loop was held {max(gaps) * 1000:.0f} ms"
