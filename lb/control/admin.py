@@ -29,7 +29,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
@@ -257,65 +257,71 @@ async def status_text(balancer: Balancer) -> str:
     """
     loop = asyncio.get_running_loop()
     turn_ends = loop.time() + STATUS_TURN
-    ctx = balancer.ctx
-    counts = ctx.stats.backend_counts()
-    # Each pool's list stands in the document as a string naming it, replaced by the list's JSON at the end.
-    nonce = secrets.token_hex(8)
-    lists: list[list[str]] = []  # each pool's backends, each as JSON
-
-    def placeholder() -> str:
-        lists.append([])
-        return f"\0{nonce}:{len(lists) - 1}\0"
-
-    async def add(key: str, document: dict[str, Any]) -> None:
-        nonlocal turn_ends
-        lists[int(key.split(":")[1].rstrip("\0"))].append(json.dumps(document))
+    pools = _pool_entries(balancer)
+    listed: dict[str, list[str]] = {name: [] for name in pools}  # each pool's backends, each as JSON
+    for name, document in _backend_entries(balancer):
+        listed.setdefault(name, []).append(json.dumps(document))
         if loop.time() >= turn_ends:
             await asyncio.sleep(0)
             turn_ends = loop.time() + STATUS_TURN
-
-    pools: dict[str, Any] = {}
-    for pool in list(ctx.pools.values()):
-        key = placeholder()
-        pools[pool.name] = {"balance": pool.config.balance.value, "slow_start": pool.slow_start, "backends": key}
-        for b in list(pool.backends.values()):
-            await add(key, _backend_document(b, counts.get((pool.name, b.id))))
-    for name, entry in pools.items():  # as status_document
-        discovery = balancer.discovery.status(name)
-        if discovery is not None:
-            entry["discovery"] = discovery
-    for name, backend in balancer.retired_backends():
-        entry = pools.setdefault(name, {"balance": None, "backends": placeholder()})
-        document = _backend_document(backend, counts.get((name, backend.id)))
-        await add(entry["backends"], {**document, "state": BackendState.DISABLED.value, "removed": True})
-    stand_in = re.compile(r'"\\u0000' + nonce + r':([0-9]+)\\u0000"')
-    return stand_in.sub(lambda match: "[" + ", ".join(lists[int(match[1])]) + "]",
-                        json.dumps(_status_totals(balancer, pools)))
+    # The document around the lists, each list's JSON put in as it was made (a pool's entry is never empty).
+    entries = (
+        f"{json.dumps(name)}: {json.dumps(pools.get(name, _removed_pool()))[:-1]}, "
+        f'"backends": [{", ".join(items)}]}}'
+        for name, items in listed.items()
+    )
+    totals = _status_totals(balancer, {})
+    del totals["pools"]
+    return f'{{"pools": {{{", ".join(entries)}}}, {json.dumps(totals)[1:]}'
 
 
 def status_document(balancer: Balancer) -> dict[str, Any]:
-    ctx = balancer.ctx
-    counts = ctx.stats.backend_counts()
-    pools: dict[str, Any] = {
+    pools = _pool_entries(balancer)
+    for entry in pools.values():
+        entry["backends"] = []
+    for name, document in _backend_entries(balancer):
+        pools.setdefault(name, _removed_pool())["backends"].append(document)
+    return _status_totals(balancer, pools)
+
+
+def _pool_entries(balancer: Balancer) -> dict[str, dict[str, Any]]:
+    """Each pool's /status entry but its backends, and one for each pool only removed backends are left of."""
+    pools: dict[str, dict[str, Any]] = {
         pool.name: {
             "balance": pool.config.balance.value,
             "slow_start": pool.slow_start,  # in force: none with balance: hash or source
-            "backends": [_backend_document(b, counts.get((pool.name, b.id))) for b in pool.backends.values()],
         }
-        for pool in ctx.pools.values()
+        for pool in balancer.ctx.pools.values()
     }
     for name, entry in pools.items():  # DNS discovery: last_ok, last_error, ... (lb.control.discovery)
         discovery = balancer.discovery.status(name)
         if discovery is not None:
             entry["discovery"] = discovery
+    for name, _ in balancer.retired_backends():
+        pools.setdefault(name, _removed_pool())
+    return pools
+
+
+def _removed_pool() -> dict[str, Any]:
+    return {"balance": None}
+
+
+def _backend_entries(balancer: Balancer) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(pool, backend's /status entry) for every backend, those a reload removed last.
+
+    A generator, so that `status_text` may let the loop run between two: each pool's backends are listed
+    as the walk reaches the pool (a reload in between shows its outcome, never a pool half of each).
+    """
+    counts = balancer.ctx.stats.backend_counts()
+    for pool in list(balancer.ctx.pools.values()):
+        for backend in list(pool.backends.values()):
+            yield pool.name, _backend_document(backend, counts.get((pool.name, backend.id)))
     # Backends a reload removed stay visible while their last tunnels run.
-    for name, backend in balancer.retired_backends():
-        entry = pools.setdefault(name, {"balance": None, "backends": []})
+    for name, backend in list(balancer.retired_backends()):
         document = _backend_document(backend, counts.get((name, backend.id)))
         # SPEC's four states: `disabled` is what it is (nothing new reaches it, its cookie holders go
         # elsewhere, its tunnels stay); `removed` says why it is not in the pool's list any more.
-        entry["backends"].append({**document, "state": BackendState.DISABLED.value, "removed": True})
-    return _status_totals(balancer, pools)
+        yield name, {**document, "state": BackendState.DISABLED.value, "removed": True}
 
 
 def _status_totals(balancer: Balancer, pools: dict[str, Any]) -> dict[str, Any]:
