@@ -29,7 +29,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
@@ -309,15 +309,24 @@ def _removed_pool() -> dict[str, Any]:
 def _backend_entries(balancer: Balancer) -> Iterator[tuple[str, dict[str, Any]]]:
     """(pool, backend's /status entry) for every backend, those a reload removed last.
 
-    A generator, so that `status_text` may let the loop run between two: each pool's backends are listed
-    as the walk reaches the pool (a reload in between shows its outcome, never a pool half of each).
+    Which backends are listed is read at once, when called; each entry is built as the walk reaches it,
+    so that `status_text` may let the loop run between two.  Read as the walk went, a backend that a
+    reload or DNS removed mid-render was listed twice: in its pool, walked already, and again as removed.
     """
     counts = balancer.ctx.stats.backend_counts()
-    for pool in list(balancer.ctx.pools.values()):
-        for backend in list(pool.backends.values()):
-            yield pool.name, _backend_document(backend, counts.get((pool.name, backend.id)))
-    # Backends a reload removed stay visible while their last tunnels run.
-    for name, backend in list(balancer.retired_backends()):
+    members = [(pool.name, list(pool.backends.values())) for pool in balancer.ctx.pools.values()]
+    retired = list(balancer.retired_backends())  # removed backends stay visible while their last tunnels run
+    return _documents(members, retired, counts)
+
+
+def _documents(
+    members: list[tuple[str, list[BackendStatus]]], retired: list[tuple[str, BackendStatus]],
+    counts: Mapping[tuple[str, str], BackendCounts],
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    for name, backends in members:
+        for backend in backends:
+            yield name, _backend_document(backend, counts.get((name, backend.id)))
+    for name, backend in retired:
         document = _backend_document(backend, counts.get((name, backend.id)))
         # SPEC's four states: `disabled` is what it is (nothing new reaches it, its cookie holders go
         # elsewhere, its tunnels stay); `removed` says why it is not in the pool's list any more.

@@ -251,3 +251,26 @@ async def test_status_of_many_backends_lets_the_loop_run() -> None:
     assert len(json.loads(text)["pools"]["p"]["backends"]) == 40_001
     assert counted >= 10, f"{counted} turns of the loop while /status of 40,000 backends was built"
     assert {**json.loads(text), "time": 0} == {**json.loads(json.dumps(status_document(balancer))), "time": 0}
+
+
+async def test_a_backend_removed_mid_render_is_listed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/status lets the loop run between backends: one a reload or DNS removes meanwhile is listed once (as it was
+    when the render began), not in its pool and again as removed."""
+    from lb.control import admin
+
+    monkeypatch.setattr(admin, "STATUS_TURN", 0.0)  # a turn after every backend
+    balancer = _status_balancer(5)
+    retired = balancer.retired_backends()
+    balancer.retired_backends = lambda: list(retired)
+    pool = balancer.ctx.pools["p"]
+
+    async def remove() -> None:
+        await asyncio.sleep(0)  # the render has listed b0 and b1
+        retired.append(("p", pool.backends.pop("b0")))
+
+    remover = asyncio.get_running_loop().create_task(remove())
+    text = await admin.status_text(balancer)
+    await remover
+    assert "b0" not in pool.backends and ("p", "b0") in [(name, b.id) for name, b in retired]
+    listed = [b["id"] for b in json.loads(text)["pools"]["p"]["backends"]]
+    assert sorted(listed) == ["b0", "b1", "b2", "b3", "b4", "old"], listed
