@@ -111,20 +111,30 @@ def could_be_backend(record: SrvRecord) -> bool:
     return 1 <= record.port <= 65535 and srv_id(record.target.lower().rstrip(".")) is not None
 
 
+# Records that can never be backends kept to say why (the rest are counted as cut): each is a reason in
+# `Discovered.skipped` at every lookup, and a 64 KiB answer holds thousands of records with target `.`.
+MAX_UNUSABLE_KEPT = 64
+
+
 def cut_srv(records: Sequence[SrvRecord], max_backends: int) -> tuple[list[SrvRecord], int]:
     """The records of an SRV answer to read, and how many were cut: at most `max_backends` of those that
     could be backends (`could_be_backend`; the first by target and port, so every instance keeps the
-    same), and every one that could not (read only to say why it is skipped: no lookup, no backend).
+    same), and `MAX_UNUSABLE_KEPT` of those that could not (read only to say why they are skipped: no
+    lookup, no backend).
 
     Records that can never be a backend are not counted against `max_backends`: cut first, they took
     the places of valid records that sort after them (three junk records and `max_backends: 3` left a
-    pool with no backend while the answer named three valid targets).
+    pool with no backend while the answer named three valid targets).  They have a bound of their own.
     """
     kept: list[SrvRecord] = []
-    usable = cut = 0
+    usable = junk = cut = 0
     for record in sorted(records, key=lambda r: (r.target.lower(), r.port)):
         if not could_be_backend(record):
-            kept.append(record)
+            if junk < MAX_UNUSABLE_KEPT:
+                kept.append(record)
+                junk += 1
+            else:
+                cut += 1
         elif usable < max_backends:
             kept.append(record)
             usable += 1

@@ -19,6 +19,7 @@ from lb.config.load import load_config, parse_config
 from lb.config.model import BackendConfig, DiscoveryType
 from lb.config.sections import _cgroup_cpu_quota, _cgroup_v1_cpu_quota, _usable_cpus
 from lb.control.dns_backends import (
+    MAX_UNUSABLE_KEPT,
     SrvRecord,
     cut_srv,
     diff,
@@ -505,3 +506,15 @@ def test_lb_validate_names_the_unreadable_secret_file(tmp_path: Path, capsys: py
     (tmp_path / "keys").mkdir()
     (tmp_path / "keys" / "current").write_text(KEY)
     assert main(["validate", "--config", str(path)]) == 0
+
+
+def test_records_that_can_never_be_backends_are_cut_past_max_backends_too() -> None:
+    """Junk records take no place of a valid one, but are not kept without bound either: each is a reason in
+    `skipped` at every lookup (a 64 KiB answer holds thousands of records with target `.`)."""
+    junk = [SrvRecord(".", port) for port in range(1, 1001)]
+    valid = [SrvRecord(f"gw-{i}.{SERVICE}.", 9000) for i in range(3)]
+    kept, cut = cut_srv(junk + valid, 3)
+    assert len(kept) == MAX_UNUSABLE_KEPT + 3 and cut == 1000 - MAX_UNUSABLE_KEPT
+    found = from_srv(junk + valid, {r.target.rstrip("."): ["10.0.0.1"] for r in valid}, max_backends=3)
+    assert [b.id for b in found.backends] == ["gw-0", "gw-1", "gw-2"]
+    assert len(found.skipped) == MAX_UNUSABLE_KEPT and found.truncated == 1000 - MAX_UNUSABLE_KEPT
