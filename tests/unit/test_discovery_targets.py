@@ -306,23 +306,28 @@ def test_type_a_whose_a_query_fails_keeps_its_set_rather_than_take_the_aaaa_answ
 
 
 class SlowResolver(ScriptedResolver):
-    """Every query answered, each after `delay` seconds (well within the configured timeout)."""
+    """Every query answered after `delay` seconds of `clock`, the test loop's own (well within the timeout):
+    a wave of `_TARGET_LOOKUPS` target queries, made at once, takes `delay` in all."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, clock: list[float]) -> None:
         super().__init__()
         self.delay = delay
+        self.clock = clock
 
     async def resolve(self, name: str, rdtype: str, *, search: bool | None = None) -> dns.resolver.Answer:
-        await asyncio.sleep(self.delay)
+        self.clock[0] += self.delay if rdtype == "SRV" else self.delay / discovery._TARGET_LOOKUPS
+        await asyncio.sleep(0)  # the loop runs, and fires a budget this clock has passed
         return await super().resolve(name, rdtype, search=search)
 
 
 def test_many_targets_from_a_slow_nameserver_are_all_looked_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    """80 SRV targets without an additional section, each A query answered in 0.1s of a 0.2s timeout: five waves
-    of target lookups, past the fixed 3 x timeout a lookup had, which gave up every lookup so that the pool never
-    learned its backends.  The budget now grows with the waves the answer needs."""
+    """80 SRV targets without an additional section, each A query answered in 0.15s of a 0.2s timeout: five waves
+    of target lookups (0.9s with the SRV query), past the fixed 3 x timeout a lookup had, which gave up every
+    lookup so that the pool never learned its backends.  The budget now grows with the waves the answer needs.
+    Timed on the loop's clock, which only the queries move: the same on a loaded machine as on an idle one."""
     targets = [f"gw-{i}.{SERVICE}." for i in range(80)]
-    resolver = SlowResolver(0.1)
+    clock = [0.0]
+    resolver = SlowResolver(0.15, clock)
     resolver.script = {(SERVICE, "SRV"): answer(SERVICE + ".", "SRV", *(f"10 50 28102 {t}" for t in targets))}
     for i, target in enumerate(targets):
         resolver.script[(target, "A")] = answer(target, "A", f"127.0.1.{i + 1}")
@@ -331,7 +336,13 @@ def test_many_targets_from_a_slow_nameserver_are_all_looked_up(monkeypatch: pyte
     applied: list[int] = []
     loop = discovery.Discoverer(PoolConfig("gateways", (), discovery=config),
                                 lambda _pool, backends: applied.append(len(backends)))
-    asyncio.run(loop.resolve_once())
+    event_loop = asyncio.new_event_loop()
+    event_loop.time = lambda: clock[0]  # type: ignore[method-assign]
+    try:
+        event_loop.run_until_complete(loop.resolve_once())
+    finally:
+        event_loop.close()
+    assert clock[0] > discovery.LOOKUP_BUDGET * config.timeout  # the old budget would have given it up
     assert loop.status.last_error is None
     assert applied == [80] and loop.status.backends == 80
 
