@@ -1291,7 +1291,15 @@ def test_a_discovery_name_may_be_as_long_as_dns_allows(base_dir: Path, name: str
     assert parse(tree, base_dir).pools["gateways"].discovery.dns == name  # type: ignore[union-attr]
 
 
-def test_a_discovery_name_longer_than_dns_allows_is_a_problem(base_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "chars"),
+    [(".".join(["a" * 63] * 3 + ["b" * 62]), 254), (".".join(["a" * 63] * 4 + ["b" * 40]), 296),
+     (".".join(["a" * 63] * 4 + ["b" * 40]) + ".", 296)],
+)
+def test_a_discovery_name_longer_than_dns_allows_is_a_problem(base_dir: Path, name: str, chars: int) -> None:
+    """Said with DNS's bound, however long the name (the pattern's own bound, one more for a dot, said 254)."""
     tree = good_tree()
-    tree["pools"]["gateways"]["discovery"] = {"dns": ".".join(["a" * 63] * 3 + ["b" * 62])}
-    assert problems_of(tree, base_dir) == {"pools.gateways.discovery.dns": "expected at most 253 characters, got 254"}
+    tree["pools"]["gateways"]["discovery"] = {"dns": name}
+    assert problems_of(tree, base_dir) == {
+        "pools.gateways.discovery.dns": f"expected at most 253 characters, got {chars}"
+    }
