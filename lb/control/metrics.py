@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import get_args
 
 from prometheus_client import PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -27,7 +28,8 @@ _NONE_COUNTED = BackendCounts()  # a backend that has answered nothing yet
 # lb_affinity_decisions_total's results, each exported from 0 for every configured pool: Prometheus'
 # rate()/increase() count nothing of the value a series is born with, so a first redispatch storm (a
 # gateway dies) would be missing from the dashboard's redispatch rate and from LbRedispatchSpike.
-DECISION_RESULTS: tuple[DecisionReason, ...] = ("hit", "new", "redispatch", "invalid")
+# Read from the type, so that a result added there is exported from 0 too.
+DECISION_RESULTS: tuple[DecisionReason, ...] = get_args(DecisionReason)
 
 
 def config_hash(config: Config) -> str:
