@@ -194,22 +194,36 @@ def test_discovered_backends_count_at_their_maximum(tmp_path: Path) -> None:
     assert "past about 429 connections per process" in sentence
 
 
-@pytest.mark.parametrize(("interval", "advised"), [("1ms", True), ("500ms", True), ("1s", False), ("1m", False)])
-def test_a_discovery_interval_under_a_second_is_advice(tmp_path: Path, interval: str, advised: bool) -> None:
-    """`1ms` for `1m` validated silently and made about 270 DNS lookups a second."""
+_DISCOVERED = "discovery: {{dns: gw.example, type: a, port: 9000, interval: {interval}}}"
+_CHECKED = 'health_check: {{interval: {interval}}}, backends: [{{id: a, address: "127.0.0.1:9001"}}]'
+
+
+@pytest.mark.parametrize(
+    ("key", "pool", "interval", "advised"),
+    [
+        # `1ms` for `1m` validated silently and made about 270 DNS lookups a second.
+        *[("discovery.interval", _DISCOVERED, interval, advised)
+          for interval, advised in [("1ms", True), ("500ms", True), ("1s", False), ("1m", False)]],
+        # `1ms` for `1m` validated silently and sent each backend some 700 probes a second.
+        *[("health_check.interval", _CHECKED, interval, advised)
+          for interval, advised in [("1ms", True), ("99ms", True), ("100ms", False), ("1m", False)]],
+    ],
+)
+def test_an_interval_too_short_is_advice(tmp_path: Path, key: str, pool: str, interval: str, advised: bool) -> None:
+    """A discovery interval under a second, or a health check interval under 100ms, is said (was `1m` meant?)."""
     text = f"""
 listeners: [{{bind: "127.0.0.1:0"}}]
 admin: {{token: {TOKEN}}}
 affinity: {{secret_keys: [{KEY}]}}
 routes: [{{path_prefix: /, pool: p}}]
-pools: {{p: {{discovery: {{dns: gw.example, type: a, port: 9000, interval: {interval}}}}}}}
+pools: {{p: {{{pool.format(interval=interval)}}}}}
 """
     said = advice(parse_config(text, base_dir=tmp_path, environ={}))
     if not advised:
         assert said == []
         return
     (sentence,) = said
-    assert sentence.startswith(f"pools.p.discovery.interval is {interval}") and "1m meant" in sentence
+    assert sentence.startswith(f"pools.p.{key} is {interval}") and "1m meant" in sentence
 
 
 @pytest.mark.parametrize(
@@ -227,21 +241,3 @@ pools: {{p: {{discovery: {{dns: gw.example, type: {kind}, port: {port}}}}}}}
     said = advice(parse_config(text, base_dir=tmp_path, environ={}))
     assert said == (["pools.p.discovery.port is ignored with type: srv: each record carries its own port "
                      "(the port is for type: a)"] if advised else [])
-
-
-@pytest.mark.parametrize(("interval", "advised"), [("1ms", True), ("99ms", True), ("100ms", False), ("1m", False)])
-def test_a_health_check_interval_under_100ms_is_advice(tmp_path: Path, interval: str, advised: bool) -> None:
-    """`1ms` for `1m` validated silently and sent each backend some 700 probes a second."""
-    text = f"""
-listeners: [{{bind: "127.0.0.1:0"}}]
-admin: {{token: {TOKEN}}}
-affinity: {{secret_keys: [{KEY}]}}
-routes: [{{path_prefix: /, pool: p}}]
-pools: {{p: {{health_check: {{interval: {interval}}}, backends: [{{id: a, address: "127.0.0.1:9001"}}]}}}}
-"""
-    said = advice(parse_config(text, base_dir=tmp_path, environ={}))
-    if not advised:
-        assert said == []
-        return
-    (sentence,) = said
-    assert sentence.startswith(f"pools.p.health_check.interval is {interval}") and "1m meant" in sentence
