@@ -488,7 +488,8 @@ class DiscoveryManager:
         A process that serves clients waits for this before it listens: a pool made by discovery
         alone would otherwise answer 503 until then (with `workers: N`, a worker the kernel hands
         connections while the owner already shows the pool up).  Bounded apart from the lookups'
-        own budgets (3 x `timeout`, which no key caps): a nameserver down at start must not keep a
+        own budgets (3 x `timeout`, and two more per wave of an SRV answer's target lookups, which no
+        key caps beyond max_backends): a nameserver down or slow at start must not keep a
         worker from its owner's WORKER_READY.  Lookups not done by then go on, and apply when done.
         """
         # Each first lookup ends within its own budget; the cap is for budgets longer than it.
