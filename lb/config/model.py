@@ -10,6 +10,7 @@ import ipaddress
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Final
 
 
 def host_port(host: str, port: int) -> str:
@@ -85,6 +86,10 @@ class TlsConfig:
     key: str
 
 
+# A listener's backlog when none is written, at least (lb.config.sections.default_backlog).
+DEFAULT_BACKLOG: Final = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
     host: str
@@ -96,11 +101,11 @@ class ListenerConfig:
     # The peers whose PROXY header is believed (the L4 balancers in front); empty: any peer, so anyone
     # who can reach the listener names their own client address.  Others are closed at accept.
     proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    # listen() queue; lb.config.sections fills in max(net.core.somaxconn, 4096) when absent.  A
-    # reconnect storm arrives as one burst of SYNs: each overflow costs the client a 1s retransmit.
-    backlog: int = 4096
+    # listen() queue; lb.config.sections fills in max(net.core.somaxconn, DEFAULT_BACKLOG) when absent.
+    # A reconnect storm arrives as one burst of SYNs: each overflow costs the client a 1s retransmit.
+    backlog: int = DEFAULT_BACKLOG
     # No `backlog` in the file: the value above is this host's default.  config_hash hashes it as
-    # written, so replicas on hosts whose somaxconn differ do not count as different configurations.
+    # DEFAULT_BACKLOG, so replicas on hosts whose somaxconn differ do not count as different configurations.
     backlog_default: bool = field(default=False, repr=False, compare=False)
 
     @property

@@ -40,6 +40,7 @@ from lb.config.checker import (
 )
 from lb.config.document import relative_to_config
 from lb.config.model import (
+    DEFAULT_BACKLOG,
     AdminConfig,
     AffinityConfig,
     AffinityMode,
@@ -102,12 +103,12 @@ LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def default_backlog(somaxconn_path: str = "/proc/sys/net/core/somaxconn") -> int:
-    """max(net.core.somaxconn, 4096): the kernel caps listen() at somaxconn anyway."""
+    """max(net.core.somaxconn, DEFAULT_BACKLOG): the kernel caps listen() at somaxconn anyway."""
     try:
         with open(somaxconn_path, encoding="ascii") as file:
-            return max(int(file.read().strip()), 4096)
+            return max(int(file.read().strip()), DEFAULT_BACKLOG)
     except (OSError, ValueError):
-        return 4096
+        return DEFAULT_BACKLOG
 
 
 _TIMEOUT_FIELDS = (

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from lb import __version__
 from lb.affinity.decision import DecisionReason
-from lb.config.model import Config
+from lb.config.model import DEFAULT_BACKLOG, Config
 from lb.control.exposition import SlicedCollector, SlicedRegistry
 from lb.state.context import BackendCounts, ProxyContext
 from lb.state.families import Family, in_slices
@@ -37,15 +37,16 @@ def config_hash(config: Config) -> str:
 
     The repr of the frozen dataclasses covers every key with its default filled in, so two files that
     differ only in comments or key order hash alike.  `workers: auto` is hashed as written, not as the
-    number it came to on this machine: replicas on nodes of different sizes run the same config.  So is
-    a listener's default `backlog` (max(net.core.somaxconn, 4096), which differs between hosts).
+    number it came to on this machine: replicas on nodes of different sizes run the same config.  A
+    listener's default `backlog` (max(net.core.somaxconn, 4096), which differs between hosts) is hashed
+    as DEFAULT_BACKLOG: as any key left at its default, it hashes like the same key written at it.
     12 hex digits: a label, not a security boundary.
     """
     if config.workers_auto:
         config = dataclasses.replace(config, workers=0)
     if any(listener.backlog_default for listener in config.listeners):
         listeners = tuple(
-            dataclasses.replace(listener, backlog=0) if listener.backlog_default else listener
+            dataclasses.replace(listener, backlog=DEFAULT_BACKLOG) if listener.backlog_default else listener
             for listener in config.listeners
         )
         config = dataclasses.replace(config, listeners=listeners)

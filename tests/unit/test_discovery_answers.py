@@ -405,9 +405,13 @@ def test_default_backlog_hashes_as_written_not_as_this_hosts_somaxconn(
     (one, backlog_one), (other, backlog_other) = hashed(4096), hashed(65535)
     assert (backlog_one, backlog_other) == (4096, 65535)  # each host still listens with its own default
     assert one == other
+    # As any key written at its default: `backlog: 4096` hashes like none (it is the default where somaxconn is
+    # 4096, Linux's own since 5.4); hashed as 0, it made the two files replicas with the same setting apart.
     tree["listeners"][0]["backlog"] = 4096
+    assert {hashed(somaxconn)[0] for somaxconn in (4096, 65535)} == {one}
+    tree["listeners"][0]["backlog"] = 8192
     written = {hashed(somaxconn)[0] for somaxconn in (4096, 65535)}
-    assert len(written) == 1 and written != {one}  # a backlog in the file is part of the configuration
+    assert len(written) == 1 and written != {one}  # another backlog in the file is another configuration
 
 
 def test_workers_auto_without_override_uses_this_machine(tmp_path: Path) -> None:
