@@ -66,6 +66,7 @@ class Checker:
         self._said: set[str] = set()
         self.nodes = 0  # values the ${...} expansion has walked (MAX_CONFIG_NODES)
         self.too_deep = False  # the expansion met a value nested past MAX_CONFIG_DEPTH (said once)
+        self.too_long_path = False  # the expansion met a value whose path is past MAX_PATH_CHARS (said once)
         self.expanded_chars = 0  # characters the ${...} expansion has produced (MAX_EXPANDED_CHARS)
         self.too_large = False  # the expansion went past MAX_EXPANDED_CHARS (said once)
         self.stood_in = False  # the YAML was read with references in stand-in characters (parse_yaml)

@@ -28,6 +28,10 @@ MAX_CONFIG_NODES: Final = 100_000
 # Mappings and lists inside each other: a real configuration nests six deep.  The walks over the tree
 # recurse, and libyaml reads a thousand levels (PyYAML's own reader stopped at about five hundred).
 MAX_CONFIG_DEPTH: Final = 64
+# A value's path (`pools.gateways.backends[1].address`), in characters: a real one has well under 200.  Each
+# value's path is a copy of its parent's and one more key, so keys of up to MAX_KEY_CHARS nested some 60 deep
+# and walked through YAML aliases (66 KB of file) cost 1.6 s of a reload building paths of 30 KB each.
+MAX_PATH_CHARS: Final = 2048
 # Characters the `${...}` expansion may produce in all: each expanded string is a new copy, so a value
 # shared by YAML aliases (or one string naming a variable or file thousands of times) costs its size
 # at every use.  A 20 KB file asked for gigabytes; a real one produces a few kilobytes.
@@ -300,6 +304,12 @@ def expand(node: object, path: str, environ: Mapping[str, str], check: Checker, 
             check.too_deep = True
             check.add(path, f"mappings and lists nested more than {MAX_CONFIG_DEPTH} deep, which no configuration "
                             "needs (YAML aliases nested inside each other?)")
+        return REPORTED
+    if len(path) > MAX_PATH_CHARS:  # nothing below it is walked: every path there is longer still
+        if not check.too_long_path:
+            check.too_long_path = True
+            check.add(path[:MAX_PATH_CHARS] + "...", f"a value's path is longer than {MAX_PATH_CHARS} characters, "
+                                                      "which no configuration needs (long keys nested deep?)")
         return REPORTED
     walking = id(node)  # the node as parsed: a stood-in mapping below is a copy, with an id of its own
     active.add(walking)
