@@ -102,14 +102,27 @@ def client_has_left(transport: asyncio.Transport) -> bool:
     """Whether the peer of `transport`'s socket has closed it, asked of the kernel: a paused transport
     reads nothing, so neither its FIN nor its RST reaches the protocol (HAProxy and nginx hear both from
     the poller, EPOLLRDHUP and EPOLLERR; asyncio's loops do not watch a paused socket at all)."""
+    return has_left(_tcp_state(transport))
+
+
+def backend_has_reset(transport: asyncio.Transport) -> bool:
+    """Whether the peer of `transport`'s socket has reset it, asked of the kernel as `client_has_left`.
+
+    A reset only: behind a FIN, what the backend sent last (its close frame, perhaps) waits unread in the
+    kernel for a client that is slow, not gone, to make room for it."""
+    return _tcp_state(transport) == _TCP_CLOSE
+
+
+def _tcp_state(transport: asyncio.Transport) -> int:
+    """TCP_INFO's first byte for `transport`'s socket; 0 (no state) when it cannot be asked."""
     sock = transport.get_extra_info("socket")
     if sock is None or not _TCP_INFO:
-        return False
+        return 0
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
     except OSError:  # closed under us, or not TCP (a test's pipe): nothing known
-        return False
-    return bool(info) and has_left(info[0])
+        return 0
+    return info[0] if info else 0
 
 
 def idle_sweep_interval(idle: float) -> float:
@@ -212,11 +225,39 @@ class WebSocketClientEnd(TunnelEnd):
     relay spends on one, and no more than the tracker's bytes-typed reads saved on the backend's side.
     """
 
-    __slots__ = ("frames",)
+    __slots__ = ("frames", "paused_look")
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
         super().__init__(tunnel, peer)
         self.frames = FrameBoundaries()
+        # While the client's buffer is full and its backend therefore paused: the next look at whether
+        # that backend has left (`_look_at_paused_backend`), the mirror of the server end's look.
+        self.paused_look: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        """The client takes nothing more for now: its backend is paused, so a backend that resets now
+        is not read either.  Its reset is looked for every PAUSED_CLIENT_LOOK while the pause lasts, as a
+        paused client's leaving is: without the look, a gateway that crashed behind a client that stopped
+        reading would keep its tunnel, its count in least_conn and lb_active_connections, for as long as
+        that client stays.  (A FIN is not acted on: what came before it is the client's to read.)"""
+        self.full = True
+        self.peer.pause_reading()
+        self.look_at_paused_backend_later()
+
+    def look_at_paused_backend_later(self) -> None:
+        if self.paused_look is None:
+            self.paused_look = asyncio.get_running_loop().call_later(PAUSED_CLIENT_LOOK, self._look_at_paused_backend)
+
+    def _look_at_paused_backend(self) -> None:
+        self.paused_look = None
+        if not self.full:  # resumed since: the backend is read again, and its leaving will be seen
+            return
+        if backend_has_reset(self.peer):
+            # What the backend sent last may still be unread in the kernel: the client cannot have it
+            # whole, so no 1012 claims an orderly end; it gets what was read, then the close.
+            self.tunnel.server_end.backend_gone(unread=True)
+            return
+        self.look_at_paused_backend_later()
 
     def buffer_updated(self, nbytes: int) -> None:
         data = READ_VIEW[:nbytes].tobytes()  # as TunnelEnd.buffer_updated, with the tracker's look
@@ -306,8 +347,12 @@ class WebSocketServerEnd(TunnelEnd):
         self.backend_gone()
         self.forget()
 
-    def backend_gone(self) -> None:
-        """The backend's connection ended (EOF or error): close the tunnel, with 1012 if it did not close."""
+    def backend_gone(self, *, unread: bool = False) -> None:
+        """The backend's connection ended (EOF or error): close the tunnel, with 1012 if it did not close.
+
+        `unread`: its end was seen by a look at its paused socket, not read: bytes it sent before may
+        be left unread, so its client gets no close frame (a TCP close, as mid-frame).
+        """
         tunnel = self.tunnel
         if tunnel.closed:
             return
@@ -322,7 +367,7 @@ class WebSocketServerEnd(TunnelEnd):
             # tell the client to reconnect now (1012), if a close frame can go between two frames;
             # mid-frame, only a TCP close is honest.
             tunnel.cause = "backend_lost"
-            if self.frames.at_boundary and self.pending_close is None:
+            if self.frames.at_boundary and self.pending_close is None and not unread:
                 self.peer.write(close_frame(SERVICE_RESTART, "backend went away"))
                 self.silenced = True
                 tunnel.ended_with = "close_frame"
@@ -496,6 +541,8 @@ class Tunnel:
         tunnel.server_end.full = server_full
         if server_full:  # full before the switch: no pause_writing comes to this end to start the looks
             tunnel.server_end.look_at_paused_client_later()
+        if client_full:
+            tunnel.client_end.look_at_paused_backend_later()
         if to_server:
             tunnel.client_end.data_received(to_server)
         if client_lead:
@@ -593,6 +640,8 @@ class Tunnel:
             end.deadline.cancel()
         if end.paused_look is not None:
             end.paused_look.cancel()  # it reads the end's tunnel, which `forget` takes
+        if self.client_end.paused_look is not None:
+            self.client_end.paused_look.cancel()
         close_flushing(end.peer)
         close_flushing(self.client_end.peer)
         self.backend.connections -= 1

@@ -8,6 +8,8 @@ The request path picks the script, so one backend serves every case of a test mo
 - `/flood`: after the 101, send 16 KiB binary frames as fast as the peer takes them; once a send has
   been blocked for a moment the backend is `stalled` (the balancer paused reading from it because
   its client stopped reading), and it then only waits to see the connection end (`ended`).
+- `/flood-then-reset`: as `/flood`, and once `stalled`, reset the connection (SO_LINGER 0: a gateway that
+  crashed; its FIN would wait behind the bytes the balancer's shut window refuses).
 - `/die`: send one text frame `"last words"`, then close TCP without a close frame (a crash between
   two frames).
 - `/die-mid-frame`: send the header and 10 of 100 payload bytes of a frame, then close TCP.
@@ -28,6 +30,7 @@ import contextlib
 import hashlib
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -107,6 +110,8 @@ class ScriptedBackend:
             if path.startswith("/unread"):
                 self.stalled.set()
                 self._stop.wait(MAX_SECONDS)
+            elif path.startswith("/flood-then-reset"):
+                self._flood(conn, reset=True)
             elif path.startswith("/flood"):
                 self._flood(conn)
             elif path.startswith("/die-mid-frame"):
@@ -154,7 +159,7 @@ class ScriptedBackend:
                 conn.sendall(b"s" * step)
             conn.sendall(AFTER_SLOW_FRAME)
 
-    def _flood(self, conn: socket.socket) -> None:
+    def _flood(self, conn: socket.socket, *, reset: bool = False) -> None:
         deadline = time.monotonic() + MAX_SECONDS
         conn.settimeout(STALL)
         try:
@@ -165,6 +170,11 @@ class ScriptedBackend:
                     self.stalled.set()
                     break
                 self.frames_sent += 1
+            if reset:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.ended_at = time.monotonic()
+                self.ended.set()
+                return  # closed by the caller's `with`: with linger 0, an RST
             # Only watch for the end now: a reset or an EOF from the balancer.
             while time.monotonic() < deadline and not self._stop.is_set():
                 try:

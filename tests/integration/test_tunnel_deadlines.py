@@ -429,3 +429,28 @@ async def test_a_client_that_resets_an_upload_its_gateway_stopped_reading_is_let
 
     await wait_until(let_go, within=6 * UNIT, what="the reset client's tunnel closed")
     lb.assert_alive()
+
+
+async def test_a_gateway_that_resets_behind_a_client_that_stopped_reading_is_let_go(
+    launcher: Launcher, scripted: ScriptedBackend
+) -> None:
+    """A client that stops reading pauses its gateway (backpressure), and a paused gateway's RST is not
+    read: the balancer asks the kernel about it while the pause lasts, so the tunnel, the client's place
+    in limits.max_connections and the gateway's count go within seconds, not when the client reads again
+    (with timeouts.idle at 0, never)."""
+    lb = start(launcher, scripted)
+    client = await stalled_client(lb, "/flood-then-reset")
+    try:
+        assert await asyncio.to_thread(scripted.ended.wait, 10 * UNIT), "the flood never stalled"
+
+        async def let_go() -> bool:
+            document = await status(lb)
+            return (document["tunnels"], document["client_connections"]) == (0, 0) and (
+                find_backend(document, "scripted", scripted.id)["connections"] == 0
+            )
+
+        await wait_until(let_go, within=6 * UNIT, what="the reset gateway's tunnel closed")
+        assert metric(await metrics_text(lb), "lb_tunnel_closes_total", cause="backend_lost", ended_with="tcp") == 1
+    finally:
+        client.close()
+    lb.assert_alive()

@@ -731,3 +731,71 @@ def test_a_backend_full_before_the_switch_has_its_paused_client_looked_at(monkey
         assert tunnel.closed and client.aborted
 
     _run(scenario())
+
+
+def test_a_backend_paused_behind_a_client_that_stopped_reading_is_let_go_once_it_has_reset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Paused, the backend's RST is not read either: a look at its socket while the client's buffer stays
+    full finds it, and the tunnel ends as a backend lost mid-stream (no 1012: bytes may be unread)."""
+    monkeypatch.setattr(tunnel_module, "PAUSED_CLIENT_LOOK", 0.05)
+
+    async def scenario() -> None:
+        sock = FakeSocket(ESTABLISHED)
+        client, server = FakeTransport(buffered=1 << 20), FakeTransport(sock=sock)
+        ctx, tunnel = _join(client, server)
+        tunnel.server_end.data_received(TEXT)  # at a frame boundary: only the look's own rule withholds a 1012
+        tunnel.client_end.pause_writing()  # the client's buffer is full: its backend is paused
+        await asyncio.sleep(0.2)
+        assert not tunnel.closed  # still there: looked at, and looked at again
+        sock.tcp_state = CLOSE
+        await asyncio.sleep(0.2)
+        assert tunnel.closed and tunnel.backend.connections == 0
+        assert bytes(client.written) == TEXT  # what was read, and no close frame after it
+        assert ctx.stats.balancer_closes[("backend_lost", "tcp")] == 1
+
+    _run(scenario())
+
+
+def test_a_backend_that_sent_its_fin_behind_a_paused_client_is_left_for_the_client_to_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behind a FIN the backend's last bytes (its close frame, perhaps) wait unread for a slow client."""
+    monkeypatch.setattr(tunnel_module, "PAUSED_CLIENT_LOOK", 0.05)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(buffered=1 << 20), FakeTransport(sock=FakeSocket(CLOSE_WAIT))
+        _, tunnel = _join(client, server)
+        tunnel.client_end.pause_writing()
+        await asyncio.sleep(0.2)
+        assert not tunnel.closed
+        tunnel.abort()
+
+    _run(scenario())
+
+
+def test_a_backend_read_again_is_not_looked_at(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the client takes bytes again the backend is read, and its own EOF tells of its leaving."""
+    monkeypatch.setattr(tunnel_module, "PAUSED_CLIENT_LOOK", 0.05)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport(sock=FakeSocket(CLOSE))
+        _, tunnel = _join(client, server)
+        tunnel.client_end.pause_writing()
+        tunnel.client_end.resume_writing()
+        await asyncio.sleep(0.2)
+        assert not tunnel.closed
+
+    _run(scenario())
+
+
+def test_a_client_full_before_the_switch_has_its_paused_backend_looked_at(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tunnel_module, "PAUSED_CLIENT_LOOK", 0.05)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(buffered=1 << 20), FakeTransport(sock=FakeSocket(CLOSE))
+        _, tunnel = _join(client, server, client_full=True)
+        await asyncio.sleep(0.2)
+        assert tunnel.closed and tunnel.backend.connections == 0
+
+    _run(scenario())
