@@ -96,14 +96,15 @@ def log_summary(pool: str, backend_id: str, closing: Sequence[Tunnel], *, left_o
     sent = len(ours) - under_way - cut
     if left_open is None:
         log.info(
-            "drain of %s/%s: %d tunnel(s) closed with 1012, %d cut at TCP level (the client did not take the "
-            "close), %d closed by the backend first%s",
+            "drain of %s/%s: %d tunnel(s) closed with 1012, %d cut at TCP level (the client did not take the close, "
+            "or the backend's frame in flight did not end in time), %d closed by the backend first%s",
             pool, backend_id, sent, cut, first, f", {under_way} still closing" if under_way else "",
         )
         return
     log.info(
         "drain of %s/%s stopped (another action on the backend, or shutdown): %d tunnel(s) closed with 1012, "
-        "%d cut at TCP level (the client did not take the close), %d closed by the backend first, "
+        "%d cut at TCP level (the client did not take the close, or the backend's frame in flight did not end in "
+        "time), %d closed by the backend first, "
         "%d still closing, %d not asked to close",
         pool, backend_id, sent, cut, first, under_way, left_open,
     )
