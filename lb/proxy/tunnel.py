@@ -59,9 +59,9 @@ CLOSE_DEADLINE = 2.0
 # Seconds a closed connection's unsent bytes may go without the peer taking any (TCP's own retries
 # on a lossy mobile link stall a few seconds; a peer that keeps its window shut stalls for ever).
 FLUSH_STALL = 10.0
-# Seconds between two looks at a client whose reading is paused because its backend takes nothing:
-# paused, its FIN or RST is not read, so it is asked of the kernel (`client_has_left`).
-PAUSED_CLIENT_LOOK = 2.0
+# Seconds between two looks at a side whose reading is paused because its peer takes nothing: paused,
+# its FIN or RST is not read, so it is asked of the kernel (`TunnelEnd.let_go_if_peer_gone`).
+PAUSED_PEER_LOOK = 2.0
 SERVICE_RESTART: Final = 1012  # IANA close code registry: the service is restarting; reconnect
 GOING_AWAY: Final = 1001  # RFC 6455 §7.4.1: the server is going down
 
@@ -142,7 +142,7 @@ def idle_sweep_interval(idle: float) -> float:
 class TunnelEnd(asyncio.BufferedProtocol):
     """One side of a tunnel: reads from its own transport, writes into `peer`."""
 
-    __slots__ = ("full", "nbytes", "peer", "tunnel")
+    __slots__ = ("full", "nbytes", "paused_look", "peer", "tunnel")
     __deletable__ = ("peer", "tunnel")  # compiled (mypyc), a native class deletes only these: see forget()
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
@@ -150,6 +150,8 @@ class TunnelEnd(asyncio.BufferedProtocol):
         self.peer = peer
         self.nbytes = 0
         self.full = False  # this end's own transport is over its high-water mark (the peer is paused)
+        # While it is: the next look at whether the paused peer has gone (`let_go_if_peer_gone`).
+        self.paused_look: asyncio.TimerHandle | None = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return READ_VIEW
@@ -208,8 +210,24 @@ class TunnelEnd(asyncio.BufferedProtocol):
         del self.peer, self.tunnel
 
     def pause_writing(self) -> None:
+        """This end's transport takes nothing more for now: the peer is paused, so the peer's leaving is
+        not read either.  It is looked for every PAUSED_PEER_LOOK while the pause lasts."""
         self.full = True
         self.peer.pause_reading()
+        self.look_at_paused_peer_later()
+
+    def look_at_paused_peer_later(self) -> None:
+        if self.paused_look is None:
+            self.paused_look = asyncio.get_running_loop().call_later(PAUSED_PEER_LOOK, self._look_at_paused_peer)
+
+    def _look_at_paused_peer(self) -> None:
+        self.paused_look = None
+        if self.full and not self.let_go_if_peer_gone():  # else resumed since: the peer is read again
+            self.look_at_paused_peer_later()
+
+    def let_go_if_peer_gone(self) -> bool:
+        """Whether the paused peer has gone, asked of the kernel; if so, the tunnel is ended here."""
+        return False
 
     def resume_writing(self) -> None:
         self.full = False
@@ -225,39 +243,23 @@ class WebSocketClientEnd(TunnelEnd):
     relay spends on one, and no more than the tracker's bytes-typed reads saved on the backend's side.
     """
 
-    __slots__ = ("frames", "paused_look")
+    __slots__ = ("frames",)
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
         super().__init__(tunnel, peer)
         self.frames = FrameBoundaries()
-        # While the client's buffer is full and its backend therefore paused: the next look at whether
-        # that backend has left (`_look_at_paused_backend`), the mirror of the server end's look.
-        self.paused_look: asyncio.TimerHandle | None = None
 
-    def pause_writing(self) -> None:
-        """The client takes nothing more for now: its backend is paused, so a backend that resets now
-        is not read either.  Its reset is looked for every PAUSED_CLIENT_LOOK while the pause lasts, as a
-        paused client's leaving is: without the look, a gateway that crashed behind a client that stopped
-        reading would keep its tunnel, its count in least_conn and lb_active_connections, for as long as
-        that client stays.  (A FIN is not acted on: what came before it is the client's to read.)"""
-        self.full = True
-        self.peer.pause_reading()
-        self.look_at_paused_backend_later()
-
-    def look_at_paused_backend_later(self) -> None:
-        if self.paused_look is None:
-            self.paused_look = asyncio.get_running_loop().call_later(PAUSED_CLIENT_LOOK, self._look_at_paused_backend)
-
-    def _look_at_paused_backend(self) -> None:
-        self.paused_look = None
-        if not self.full:  # resumed since: the backend is read again, and its leaving will be seen
-            return
-        if backend_has_reset(self.peer):
-            # What the backend sent last may still be unread in the kernel: the client cannot have it
-            # whole, so no 1012 claims an orderly end; it gets what was read, then the close.
-            self.tunnel.server_end.backend_gone(unread=True)
-            return
-        self.look_at_paused_backend_later()
+    def let_go_if_peer_gone(self) -> bool:
+        """The client takes nothing, so its backend is paused: a backend that has reset is let go.
+        Without this, a gateway that crashed behind a client that stopped reading would keep its tunnel,
+        its count in least_conn and lb_active_connections, for as long as that client stays.  A FIN is
+        not acted on: what came before it is the client's to read."""
+        if not backend_has_reset(self.peer):
+            return False
+        # What the backend sent last may still be unread in the kernel: the client cannot have it
+        # whole, so no 1012 claims an orderly end; it gets what was read, then the close.
+        self.tunnel.server_end.backend_gone(unread=True)
+        return True
 
     def buffer_updated(self, nbytes: int) -> None:
         data = READ_VIEW[:nbytes].tobytes()  # as TunnelEnd.buffer_updated, with the tracker's look
@@ -275,7 +277,7 @@ class WebSocketServerEnd(TunnelEnd):
     """The backend side of a WebSocket tunnel: follows frame boundaries so a close can be injected."""
 
     __slots__ = (
-        "backend_closed_first", "close_by", "deadline", "frames", "paused_look", "pending_close", "silenced", "taken",
+        "backend_closed_first", "close_by", "deadline", "frames", "pending_close", "silenced", "taken",
     )
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
@@ -290,37 +292,21 @@ class WebSocketServerEnd(TunnelEnd):
         # and the loop time past which it is cut even if it is still reading (`next_close_look`).
         self.taken = 0
         self.close_by = 0.0
-        # While the backend's buffer is full and its client therefore paused: the next look at whether
-        # that client has left (`_look_at_paused_client`).
-        self.paused_look: asyncio.TimerHandle | None = None
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(READ_VIEW[:nbytes].tobytes())
 
-    def pause_writing(self) -> None:
-        """The backend takes nothing more for now: its client is paused, so a client that leaves now
-        is not read.  It is looked for every PAUSED_CLIENT_LOOK while the pause lasts: without the look
-        a wedged backend would keep a gone client's tunnel, its place in limits.max_connections and its
-        count in least_conn for as long as it stays wedged."""
-        self.full = True
-        self.peer.pause_reading()
-        self.look_at_paused_client_later()
-
-    def look_at_paused_client_later(self) -> None:
-        if self.paused_look is None:
-            self.paused_look = asyncio.get_running_loop().call_later(PAUSED_CLIENT_LOOK, self._look_at_paused_client)
-
-    def _look_at_paused_client(self) -> None:
-        self.paused_look = None
-        if not self.full:  # resumed since: the client is read again, and its leaving will be seen
-            return
-        if client_has_left(self.peer):
-            # What it sent last is still unread in the kernel, and the backend took nothing for it:
-            # nothing can be delivered either way, and a FIN passed on now would tell the backend the
-            # client's stream ended whole.  Both sides are cut.
-            self.tunnel.abort()
-            return
-        self.look_at_paused_client_later()
+    def let_go_if_peer_gone(self) -> bool:
+        """The backend takes nothing, so its client is paused: a client that has left is let go.  Without
+        this, a wedged backend would keep a gone client's tunnel, its place in limits.max_connections and
+        its count in least_conn for as long as it stays wedged."""
+        if not client_has_left(self.peer):
+            return False
+        # What it sent last is still unread in the kernel, and the backend took nothing for it: nothing
+        # can be delivered either way, and a FIN passed on now would tell the backend the client's stream
+        # ended whole.  Both sides are cut.
+        self.tunnel.abort()
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self.silenced:
@@ -539,10 +525,11 @@ class Tunnel:
         server.set_protocol(tunnel.server_end)
         tunnel.client_end.full = client_full
         tunnel.server_end.full = server_full
-        if server_full:  # full before the switch: no pause_writing comes to this end to start the looks
-            tunnel.server_end.look_at_paused_client_later()
+        # Full before the switch: no pause_writing comes to that end to start the looks.
+        if server_full:
+            tunnel.server_end.look_at_paused_peer_later()
         if client_full:
-            tunnel.client_end.look_at_paused_backend_later()
+            tunnel.client_end.look_at_paused_peer_later()
         if to_server:
             tunnel.client_end.data_received(to_server)
         if client_lead:
@@ -638,10 +625,9 @@ class Tunnel:
         end = self.server_end
         if end.deadline is not None:
             end.deadline.cancel()
-        if end.paused_look is not None:
-            end.paused_look.cancel()  # it reads the end's tunnel, which `forget` takes
-        if self.client_end.paused_look is not None:
-            self.client_end.paused_look.cancel()
+        for paused in (end.paused_look, self.client_end.paused_look):
+            if paused is not None:
+                paused.cancel()  # it reads the end's tunnel, which `forget` takes
         close_flushing(end.peer)
         close_flushing(self.client_end.peer)
         self.backend.connections -= 1

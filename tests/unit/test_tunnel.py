@@ -689,7 +689,7 @@ def test_a_client_paused_behind_its_wedged_backend_is_cut_once_it_has_left(
     monkeypatch: pytest.MonkeyPatch, state: int
 ) -> None:
     """Paused, the client's FIN or RST is not read: a look at its socket while the pause lasts finds it."""
-    monkeypatch.setattr(tunnel_module, "PAUSED_CLIENT_LOOK", 0.05)
+    monkeypatch.setattr(tunnel_module, "PAUSED_PEER_LOOK", 0.05)
 
     async def scenario() -> None:
         sock = FakeSocket(ESTABLISHED)
@@ -708,7 +708,7 @@ def test_a_client_paused_behind_its_wedged_backend_is_cut_once_it_has_left(
 
 def test_a_client_read_again_is_not_looked_at(monkeypatch: pytest.MonkeyPatch) -> None:
     """Once reading resumes, its own EOF tells of a client's leaving: the look ends with the pause."""
-    monkeypatch.setattr(tunnel_module, "PAUSED_CLIENT_LOOK", 0.05)
+    monkeypatch.setattr(tunnel_module, "PAUSED_PEER_LOOK", 0.05)
 
     async def scenario() -> None:
         client, server = FakeTransport(sock=FakeSocket(CLOSE_WAIT)), FakeTransport()
@@ -722,7 +722,7 @@ def test_a_client_read_again_is_not_looked_at(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_a_backend_full_before_the_switch_has_its_paused_client_looked_at(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tunnel_module, "PAUSED_CLIENT_LOOK", 0.05)
+    monkeypatch.setattr(tunnel_module, "PAUSED_PEER_LOOK", 0.05)
 
     async def scenario() -> None:
         client, server = FakeTransport(sock=FakeSocket(CLOSE)), FakeTransport(buffered=1 << 20)
@@ -738,7 +738,7 @@ def test_a_backend_paused_behind_a_client_that_stopped_reading_is_let_go_once_it
 ) -> None:
     """Paused, the backend's RST is not read either: a look at its socket while the client's buffer stays
     full finds it, and the tunnel ends as a backend lost mid-stream (no 1012: bytes may be unread)."""
-    monkeypatch.setattr(tunnel_module, "PAUSED_CLIENT_LOOK", 0.05)
+    monkeypatch.setattr(tunnel_module, "PAUSED_PEER_LOOK", 0.05)
 
     async def scenario() -> None:
         sock = FakeSocket(ESTABLISHED)
@@ -761,7 +761,7 @@ def test_a_backend_that_sent_its_fin_behind_a_paused_client_is_left_for_the_clie
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Behind a FIN the backend's last bytes (its close frame, perhaps) wait unread for a slow client."""
-    monkeypatch.setattr(tunnel_module, "PAUSED_CLIENT_LOOK", 0.05)
+    monkeypatch.setattr(tunnel_module, "PAUSED_PEER_LOOK", 0.05)
 
     async def scenario() -> None:
         client, server = FakeTransport(buffered=1 << 20), FakeTransport(sock=FakeSocket(CLOSE_WAIT))
@@ -776,7 +776,7 @@ def test_a_backend_that_sent_its_fin_behind_a_paused_client_is_left_for_the_clie
 
 def test_a_backend_read_again_is_not_looked_at(monkeypatch: pytest.MonkeyPatch) -> None:
     """Once the client takes bytes again the backend is read, and its own EOF tells of its leaving."""
-    monkeypatch.setattr(tunnel_module, "PAUSED_CLIENT_LOOK", 0.05)
+    monkeypatch.setattr(tunnel_module, "PAUSED_PEER_LOOK", 0.05)
 
     async def scenario() -> None:
         client, server = FakeTransport(), FakeTransport(sock=FakeSocket(CLOSE))
@@ -790,7 +790,7 @@ def test_a_backend_read_again_is_not_looked_at(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_a_client_full_before_the_switch_has_its_paused_backend_looked_at(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tunnel_module, "PAUSED_CLIENT_LOOK", 0.05)
+    monkeypatch.setattr(tunnel_module, "PAUSED_PEER_LOOK", 0.05)
 
     async def scenario() -> None:
         client, server = FakeTransport(buffered=1 << 20), FakeTransport(sock=FakeSocket(CLOSE))
