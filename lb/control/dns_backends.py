@@ -120,15 +120,17 @@ def cut_srv(records: Sequence[SrvRecord], max_backends: int) -> tuple[list[SrvRe
     """The records of an SRV answer to read, and how many were cut: at most `max_backends` of those that
     could be backends (`could_be_backend`; the first by target and port, so every instance keeps the
     same), and `MAX_UNUSABLE_KEPT` of those that could not (read only to say why they are skipped: no
-    lookup, no backend).
+    lookup, no backend).  A record repeated (one target and port) is read once, the last given.
 
     Records that can never be a backend are not counted against `max_backends`: cut first, they took
     the places of valid records that sort after them (three junk records and `max_backends: 3` left a
-    pool with no backend while the answer named three valid targets).  They have a bound of their own.
+    pool with no backend while the answer named three valid targets).  They have a bound of their own,
+    and so do repeated records: made unique after the cut, they took places too.
     """
+    unique = {(r.target.lower().rstrip("."), r.port): r for r in records}
     kept: list[SrvRecord] = []
     usable = junk = cut = 0
-    for record in sorted(records, key=lambda r: (r.target.lower(), r.port)):
+    for record in sorted(unique.values(), key=lambda r: (r.target.lower(), r.port)):
         if not could_be_backend(record):
             if junk < MAX_UNUSABLE_KEPT:
                 kept.append(record)
@@ -193,8 +195,7 @@ def from_srv(
     reserved = set(reserved_ids)
     failures = dict(failed or {})
     last_known = {b.id: b for b in known}
-    unique = [record for _, record in sorted({(r.target.lower().rstrip("."), r.port): r for r in records}.items())]
-    kept, truncated = cut_srv(unique, max_backends)
+    kept, truncated = cut_srv(records, max_backends)
     usable = [could_be_backend(record) for record in kept]
     weights = srv_weights([record for record, ok in zip(kept, usable, strict=True) if ok])
     weights.reverse()  # popped in the order of the records that could be backends

@@ -522,3 +522,10 @@ def test_records_that_can_never_be_backends_are_cut_past_max_backends_too() -> N
     found = from_srv(junk + valid, {r.target.rstrip("."): ["10.0.0.1"] for r in valid}, max_backends=3)
     assert [b.id for b in found.backends] == ["gw-0", "gw-1", "gw-2"]
     assert len(found.skipped) == MAX_UNUSABLE_KEPT and found.truncated == 1000 - MAX_UNUSABLE_KEPT
+
+
+def test_a_repeated_record_takes_one_place_under_max_backends() -> None:
+    """Made unique only after the cut, five copies of one record took the places of the targets after it."""
+    records = [SrvRecord(f"gw-0.{SERVICE}.", 9000)] * 5 + [SrvRecord(f"gw-1.{SERVICE}.", 9000)]
+    kept, cut = cut_srv(records, 2)
+    assert [r.target for r in kept] == [f"gw-0.{SERVICE}.", f"gw-1.{SERVICE}."] and cut == 0
