@@ -12,7 +12,7 @@ NATIVE_ARGS ?=
 NATIVE := $(VENV)/.native$(if $(PURE),-pure)
 CONFIG ?= config.example.yaml
 
-.PHONY: install setup native run demo test style types unit integration bench bench-quick image clean
+.PHONY: install setup native run demo test style types unit integration bench bench-quick image prometheusrule clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -84,6 +84,10 @@ bench-quick: $(NATIVE)
 # 1-2 min from nothing, ~20 s when nothing changed. See README "Container image".
 image:
 	deploy/image/build.sh
+
+# The alert rules as the Prometheus Operator's PrometheusRule (deploy/observability/prometheusrule.py).
+prometheusrule:
+	$(PYTHON) deploy/observability/prometheusrule.py > deploy/kubernetes/overlays/prometheus-operator/prometheusrule.yaml
 
 clean:
 	rm -rf $(VENV) .dev .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -44,12 +44,35 @@ def load_all(text: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
+# The Prometheus Operator's custom resources (overlays/prometheus-operator): kubernetes-validate has no schema
+# for them, so `validate` holds them to the fields of the operator's CRDs (monitoring.coreos.com/v1) we use.
+OPERATOR_FIELDS: dict[str, dict[str, set[str]]] = {
+    "PodMonitor": {
+        "spec": {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel", "podTargetLabels"},
+        "podMetricsEndpoints": {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings"},
+    },
+    "PrometheusRule": {"spec": {"groups"}},
+}
+
+
 def validate(resource: dict[str, Any]) -> None:
+    if resource.get("kind") in OPERATOR_FIELDS:
+        validate_operator_resource(resource)
+        return
     try:
         kubernetes_validate.validate(resource, SCHEMA_VERSION, strict=True)
     except kubernetes_validate.ValidationError as exc:
         name = f"{resource.get('kind')}/{resource.get('metadata', {}).get('name')}"
         pytest.fail(f"{name} does not validate against Kubernetes {SCHEMA_VERSION}: {exc.message} at {list(exc.path)}")
+
+
+def validate_operator_resource(resource: dict[str, Any]) -> None:
+    fields = OPERATOR_FIELDS[resource["kind"]]
+    assert resource["apiVersion"] == "monitoring.coreos.com/v1", resource["apiVersion"]
+    assert set(resource) == {"apiVersion", "kind", "metadata", "spec"}, set(resource)
+    assert set(resource["spec"]) <= fields["spec"], set(resource["spec"]) - fields["spec"]
+    for endpoint in resource["spec"].get("podMetricsEndpoints", []):
+        assert set(endpoint) <= fields["podMetricsEndpoints"], set(endpoint) - fields["podMetricsEndpoints"]
 
 
 def base_resources() -> dict[tuple[str, str], dict[str, Any]]:
@@ -175,6 +198,31 @@ def test_ports_and_paths_agree_across_files() -> None:
     gateway_policy = resources[("NetworkPolicy", "gateway")]["spec"]["ingress"]
     assert {p["port"] for rule in gateway_policy for p in rule["ports"]} == {port}
     assert f"127.0.0.1:{port}/drain" in gateway["lifecycle"]["preStop"]["exec"]["command"][-1]
+
+
+def test_the_prometheus_operator_overlay_scrapes_the_admin_port_and_carries_every_alert() -> None:
+    """kube-prometheus-stack ignores the pods' prometheus.io annotations: its PodMonitor must select the
+    balancer's pods and name their admin port, and its PrometheusRule must be alerts.yaml itself
+    (`make prometheusrule` writes it; an edit of either alone fails here)."""
+    overlay = KUBE / "overlays" / "prometheus-operator"
+    deployment = base_resources()[("Deployment", "lb")]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    [monitor] = load_all((overlay / "podmonitor.yaml").read_text())
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] in {p["name"] for p in container["ports"]} and endpoint["port"] == "admin"
+    assert endpoint["path"] == "/metrics"
+
+    script = DEPLOY / "observability" / "prometheusrule.py"
+    rendered = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True)
+    committed = (overlay / "prometheusrule.yaml").read_text()
+    assert rendered.stdout == committed, "prometheusrule.yaml is out of date: run `make prometheusrule`"
+    [rule] = load_all(committed)
+    assert rule["spec"] == yaml.safe_load((DEPLOY / "observability" / "alerts.yaml").read_text())
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["namespace"] == "game"
+    assert set(kustomization["resources"]) == {"../../base", "podmonitor.yaml", "prometheusrule.yaml"}
 
 
 def test_service_pdb_and_gateways() -> None:
