@@ -902,6 +902,8 @@ class Balancer:
             await asyncio.wait([self._reload_task], timeout=5.0)
         for task in self._migrations.values():
             task.cancel()
+        if self._control is not None:
+            self._control.stop_migrations()  # a worker's shares of the owner's drains
         # From here the delay runs (here too in each worker, told to stop just below): until then, serving,
         # with every answer asking its keep-alive client to go (to the instances still ready).
         self._serving_until = time.monotonic() + timeouts.shutdown_delay

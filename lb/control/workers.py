@@ -688,6 +688,8 @@ class ControlChannel:
             rate = float(message["rate"])
             if not rate > 0:
                 raise ValueError(f"rate must be above 0, got {rate!r}")
+            if ctx.deregistering:
+                return  # sent just before our SIGTERM: the shutdown's 1001s are this worker's closes now
             self._stop_migration(key)
             # Also one a reload or DNS removed from the pool since the drain: its tunnels still run here.
             backend = self._balancer.find_backend(*key)
@@ -702,6 +704,13 @@ class ControlChannel:
             self._send(self._stats_message())
         else:
             raise ValueError(f"unknown op {op!r}")
+
+    def stop_migrations(self) -> None:
+        """SIGTERM: this worker's drains stop as the owner's do, each saying what it did (`migrate`), and
+        the shutdown's 1001s over `shutdown_grace` close what is left.  Without this a worker went on
+        asking its tunnels for 1012s at the drain's rate through the whole shutdown."""
+        for task in self._migrations.values():
+            task.cancel()
 
     def _stop_migration(self, key: tuple[str, str]) -> None:
         task = self._migrations.pop(key, None)

@@ -36,11 +36,13 @@ from support_ops import (
     process_alive,
     reload_with,
     set_state,
+    signal_balancer,
     started_stack,
     token_of,
     two_workers,
     visit_until,
     wait_close,
+    wait_exit,
     wait_until,
 )
 
@@ -109,6 +111,37 @@ async def test_drain_then_enable_stops_the_closes_in_every_worker(
             if index not in closed_early:
                 await assert_echo(ws, "still open after enable")
     lb.assert_alive()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_stops_a_paced_drain_and_the_rest_get_1001(
+    launcher: Launcher, gateways: list[Gateway], workers: int
+) -> None:
+    """README: a drain stopped by SIGTERM stops asking for closes; the shutdown's 1001s over
+    `shutdown_grace` close the rest.  With workers, each worker went on closing its share with 1012 at
+    the drain's rate through the whole grace."""
+    gw1, gw2 = gateways
+    grace = 4.0
+    lb = start(launcher, {POOL: gateways}, {"workers": workers, "timeouts": {"shutdown_grace": f"{grace:g}s"}})
+    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+    if workers == 2:
+        await two_workers(lb)
+    token = token_of(await visit_until(lb.ws_url(), gw1.id, tries=10))
+    async with contextlib.AsyncExitStack() as stack:
+        held = [(await stack.enter_async_context(ws_connect(lb.ws_url(), cookie=token)))[0] for _ in range(12)]
+        for ws in held:
+            assert (await recv_hello(ws))["server_id"] == gw1.id
+        # One close every 2 s over the instance: at most one or two before SIGTERM, about two more per
+        # worker through the grace if the drain ran on.
+        await set_state(lb, gw1.id, "drain", params={"close_after": "0s", "rate": "0.5"})
+        await asyncio.sleep(0.5)
+        signal_balancer(lb, signal.SIGTERM)
+        stopped_at = time.monotonic()
+        closes = await asyncio.gather(*(wait_close(ws, grace + 6 * UNIT) for ws in held))
+    late_1012 = [c for c in closes if c.code == 1012 and c.at > stopped_at + 0.5]
+    assert not late_1012, f"{len(late_1012)} tunnel(s) closed with 1012 after SIGTERM: {closes}"
+    assert sum(c.code == 1001 for c in closes) >= len(held) - 2 * workers, closes
+    assert await wait_exit(lb, grace + 10 * UNIT) == 0
 
 
 @pytest.mark.parametrize("workers", [1, 2])
