@@ -53,7 +53,6 @@ import signal
 import socket
 import ssl
 import time
-from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -74,7 +73,7 @@ from lb.control.discovery import DiscoveryManager
 from lb.control.health import FirstProbes, HealthChecker
 from lb.control.ipc import check_config_handover, split_limits
 from lb.control.memory import ReleasePolicy, collection_paused, release_free_memory
-from lb.control.metrics import make_registry
+from lb.control.metrics import ReloadResults, make_registry
 from lb.control.migration import DEFAULT_MIGRATION_RATE, log_failed, migrate
 from lb.control.workers import ControlChannel, WorkerSupervisor, watch_owner
 from lb.descriptors import descriptor_limit, raise_descriptor_limit
@@ -145,7 +144,7 @@ class Balancer:
         for pool in self.ctx.pools.values():
             for backend in pool.backends.values():
                 backend.changed_at = started  # /status: "initial state" since when
-        self.reloads: Counter[str] = Counter()  # result → count, for lb_config_reloads_total
+        self.reloads = ReloadResults()
         # workers: N — worker `index` of `count` enforces its share of the per-instance limits.
         self._share = share
         # Whose per-backend series this process keeps: its pools' backends and the last to leave them
@@ -574,7 +573,7 @@ class Balancer:
         """
         if self.config_path is None:
             log.error("reload failed: no configuration file to read")
-            self.reloads["failure"] += 1
+            self.reloads.failed()
             return False
         try:
             # In a thread: a large file takes seconds to parse and check, and the event loop keeps
@@ -584,7 +583,7 @@ class Balancer:
             if self._stopping is not None:
                 # SIGTERM came during the parse: nothing new is bound or sent to stopping workers.
                 log.warning("reload abandoned: shutting down")
-                self.reloads["failure"] += 1
+                self.reloads.failed()
                 return False
             if self._supervisor is not None:
                 check_config_handover(applied)  # before anything is applied: the workers must get it too
@@ -595,19 +594,19 @@ class Balancer:
             if more > 0:
                 shown += f"; and {more} more (`lb validate --config {self.config_path}` lists them all)"
             log.error("reload failed, keeping the running configuration: %s", shown)
-            self.reloads["failure"] += 1
+            self.reloads.failed()
             return False
         except Exception:  # a fault of ours in reading it: said now and counted, not when the task is collected
             log.exception("reload failed, keeping the running configuration: reading it raised")
-            self.reloads["failure"] += 1
+            self.reloads.failed()
             return False
         try:
             await self.apply(config)
         except BindError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
-            self.reloads["failure"] += 1
+            self.reloads.failed()
             return False
-        self.reloads["success"] += 1
+        self.reloads.succeeded()
         log.info("reloaded configuration from %s", self.config_path)
         self._advise()
         for setting in self._restart_only_changes(config):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import get_args
 
@@ -30,6 +31,25 @@ _NONE_COUNTED = BackendCounts()  # a backend that has answered nothing yet
 # gateway dies) would be missing from the dashboard's redispatch rate and from LbRedispatchSpike.
 # Read from the type, so that a result added there is exported from 0 too.
 DECISION_RESULTS: tuple[DecisionReason, ...] = get_args(DecisionReason)
+
+
+@dataclasses.dataclass
+class ReloadResults:
+    """What SIGHUP reloads came to: `lb_config_reloads_total{result}`, and whether the last one applied
+    (`lb_config_last_reload_successful`: LbConfigReloadFailed clears on the reload that fixes it, where
+    a window over the failure counter kept it on for that window after the fix)."""
+
+    counts: Counter[str] = dataclasses.field(default_factory=Counter)
+    last_ok: bool = True  # no reload yet: the process runs the file it started with
+
+    def succeeded(self) -> None:
+        self.counts["success"] += 1
+        self.last_ok = True
+
+    def failed(self) -> None:
+        """The file was refused, or (workers: N) a worker could not apply what the owner applied."""
+        self.counts["failure"] += 1
+        self.last_ok = False
 
 
 def config_hash(config: Config) -> str:
@@ -61,7 +81,7 @@ class LbCollector(SlicedCollector):
     """The lb_* families, read from the live state; a per-backend family comes in slices."""
 
     def __init__(
-        self, get_context: Callable[[], ProxyContext], reloads: Callable[[], Mapping[str, int]] | None = None,
+        self, get_context: Callable[[], ProxyContext], reloads: Callable[[], ReloadResults] | None = None,
         retired: Retired | None = None, departed: Departed | None = None,
     ) -> None:
         self._get_context = get_context
@@ -87,10 +107,16 @@ class LbCollector(SlicedCollector):
             reloads = CounterMetricFamily(
                 "lb_config_reloads", "Configuration reloads (SIGHUP) by result.", labels=["result"]
             )
-            counts = self._reloads()
+            results = self._reloads()
             for result in ("success", "failure"):
-                reloads.add_metric([result], counts.get(result, 0))
+                reloads.add_metric([result], results.counts.get(result, 0))
             yield reloads
+            last = GaugeMetricFamily(
+                "lb_config_last_reload_successful",
+                "1 when the last SIGHUP reload applied everywhere (or none has run yet), 0 when it failed.",
+            )
+            last.add_metric([], 1 if results.last_ok else 0)
+            yield last
         retired = self._retired() if self._retired is not None else []
         in_pools = [(pool.name, backend_id) for pool in ctx.pools.values() for backend_id in pool.backends]
         # Departed backends the retention keeps (a reload, DNS) export their last counts until it forgets
@@ -326,7 +352,7 @@ class AllProcessesCollector(Collector):
 
 def make_registry(
     get_context: Callable[[], ProxyContext],
-    reloads: Callable[[], Mapping[str, int]] | None = None,
+    reloads: Callable[[], ReloadResults] | None = None,
     worker_pids: Callable[[], list[int]] | None = None,
     retired: Retired | None = None,
     departed: Departed | None = None,
@@ -335,7 +361,7 @@ def make_registry(
     it a slice at a time (`lb.control.exposition`).
 
     Args:
-        reloads: counts of reloads by result ("success", "failure") for lb_config_reloads_total.
+        reloads: the reloads' results, for lb_config_reloads_total and lb_config_last_reload_successful.
         worker_pids: the owner of `workers: N` passes its live workers; process_* then covers them.
         retired: backends removed from their pool (reload, DNS) whose tunnels still run.
         departed: every (pool, backend) gone from its pool whose series are still kept (lb.state.series).

@@ -316,7 +316,7 @@ class WorkerSupervisor:
             # The owner's reload succeeded, so this is local to the worker (a port it alone cannot bind, a
             # TLS file it alone reads).  The instance now runs two configurations until the next reload:
             # counted as a failed reload, so that LbConfigReloadFailed fires, not as the owner's success.
-            self._balancer.reloads["failure"] += 1
+            self._balancer.reloads.failed()
             log.error("%s could not apply the reload and keeps its previous configuration", worker.name)
         elif op == "failure":
             self._balancer.take_down(str(message["pool"]), str(message["backend"]), str(message["detail"]))

@@ -489,6 +489,23 @@ def test_the_error_ratio_alert_fires_before_every_kind_of_error_has_happened(tmp
     promtool_test(tmp_path, series, "LbHandshakeErrorRatio", expected)
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package: prometheus)")
+def test_the_reload_alert_fires_on_a_failed_reload_and_clears_on_the_one_that_fixes_it(tmp_path: Path) -> None:
+    """A window over the failure counter kept it firing for 15 minutes after the operator's fix."""
+    rule = next(rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
+                if rule.get("alert") == "LbConfigReloadFailed")
+    # Minute 5: a reload fails; minute 7: the fixed file reloads.
+    series = [('lb_config_last_reload_successful{job="lb", instance="a"}', "1 1 1 1 1 0 0 1 1 1 1 1")]
+    fired = [{
+        "exp_labels": {"severity": "warning", "job": "lb", "instance": "a"},
+        "exp_annotations": {
+            "summary": "Configuration reload failed on a", "description": rule["annotations"]["description"],
+        },
+    }]
+    promtool_test(tmp_path, series, "LbConfigReloadFailed", fired, at="6m")
+    promtool_test(tmp_path, series, "LbConfigReloadFailed", [], at="8m")
+
+
 def promtool_test(
     tmp_path: Path, series: list[tuple[str, str]], alertname: str, expected: list[dict[str, Any]], at: str = "15m"
 ) -> None:

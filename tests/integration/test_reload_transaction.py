@@ -192,6 +192,7 @@ async def test_a_reload_that_cannot_bind_changes_nothing_and_the_next_applies_in
             # Nothing changed: admin where it was, both backends, old listener serving.
             text = await metrics_text(lb)
             assert metric(text, "lb_config_reloads_total", result="failure") == 1
+            assert metric(text, "lb_config_last_reload_successful") == 0  # LbConfigReloadFailed fires
             states = backend_states(await status(lb))
             assert states.get((POOL, gw2.id)) == "up", states
             with pytest.raises(OSError):
@@ -206,6 +207,7 @@ async def test_a_reload_that_cannot_bind_changes_nothing_and_the_next_applies_in
     assert (POOL, gw2.id) not in states or states[(POOL, gw2.id)] == "removed", states
     text = await metrics_text(lb)
     assert metric(text, "lb_config_reloads_total", result="success") == 1
+    assert metric(text, "lb_config_last_reload_successful") == 1  # and clears on the reload that applies
     lb.port = taken_port
     assert (await visit(lb.ws_url())).server_id == gw1.id
     lb.assert_alive()

@@ -239,7 +239,7 @@ def test_an_owner_reload_its_workers_cannot_get_fails_before_anything_is_applied
         with caplog.at_level(logging.ERROR, logger="lb.control.balancer"):
             assert not await balancer.reload()
         assert "reload failed, keeping the running configuration: too large to hand to the workers" in caplog.text
-        assert balancer.reloads == {"failure": 1}
+        assert balancer.reloads.counts == {"failure": 1} and not balancer.reloads.last_ok
         assert list(balancer.ctx.pools["p"].backends) == ["a"]
         assert balancer._supervisor is not None and balancer._supervisor._config_source == ConfigSource(running)
 
@@ -269,7 +269,7 @@ def test_a_reload_whose_reading_raises_says_so_at_once_and_counts_a_failure(
             assert not await balancer.reload()
         assert "reload failed, keeping the running configuration" in caplog.text
         assert "RuntimeError: a fault of ours" in caplog.text
-        assert balancer.reloads == {"failure": 1}
+        assert balancer.reloads.counts == {"failure": 1} and not balancer.reloads.last_ok
 
     asyncio.run(scenario())
 
@@ -677,24 +677,25 @@ def test_a_config_too_large_with_its_files_is_a_config_error(monkeypatch: pytest
 def test_a_worker_that_fails_a_reload_the_owner_applied_is_a_counted_failure(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The instance then runs two configurations: lb_config_reloads_total{result="failure"} goes up (what
-    LbConfigReloadFailed watches) and the log names the worker, not only the owner's success."""
-    from collections import Counter
+    """The instance then runs two configurations: lb_config_reloads_total{result="failure"} goes up and
+    lb_config_last_reload_successful goes to 0 (what LbConfigReloadFailed watches) and the log names the
+    worker, not only the owner's success."""
     from types import SimpleNamespace
     from unittest import mock
 
+    from lb.control.metrics import ReloadResults
     from lb.control.workers import WorkerSupervisor
 
     async def scenario() -> None:
-        owner = SimpleNamespace(
-            ctx=_ctx(), retired_backends=list, series=SeriesRetention(), reloads=Counter({"success": 1})
-        )
+        reloads = ReloadResults()
+        reloads.succeeded()  # the owner's
+        owner = SimpleNamespace(ctx=_ctx(), retired_backends=list, series=SeriesRetention(), reloads=reloads)
         supervisor = WorkerSupervisor(owner, 2, config_path=mock.sentinel.path,  # type: ignore[arg-type]
                                       config_source=ConfigSource(""))
         worker = SimpleNamespace(name="worker 1 (pid 4242)")
         with caplog.at_level(logging.ERROR, logger="lb.control.workers"):
             supervisor._handle(worker, 4242, {"op": "reload_failed"})  # type: ignore[arg-type]
-        assert owner.reloads == {"success": 1, "failure": 1}
+        assert reloads.counts == {"success": 1, "failure": 1} and not reloads.last_ok
         assert "worker 1 (pid 4242) could not apply the reload" in caplog.text
 
     asyncio.run(scenario())
