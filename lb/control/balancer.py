@@ -171,6 +171,9 @@ class Balancer:
         self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._reporter: asyncio.Task[None] | None = None
+        self._retired_watch: asyncio.Task[None] | None = None
+        # The removed backends the series retention last counted present (their tunnels then still ran).
+        self._retired_in_series: frozenset[tuple[str, str]] = frozenset()
         self._stopping: asyncio.Task[None] | None = None
         self._stop_called = asyncio.Event()
         self._serving_until: float | None = None  # time.monotonic() when a stop's shutdown_delay runs out
@@ -270,6 +273,7 @@ class Balancer:
         if self.role is not Role.OWNER:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
             self._reporter = asyncio.get_running_loop().create_task(self._each_second())
+        self._retired_watch = asyncio.get_running_loop().create_task(self._forget_series_of_ended_tunnels())
         if self.role is not Role.WORKER:
             self._start_health_checks()
         if self.role is Role.OWNER:
@@ -508,6 +512,16 @@ class Balancer:
             self._report_refusals_now()
             if policy.due(self.ctx.handshaking + len(self.ctx.tunnels), time.monotonic()):
                 release_free_memory()
+
+    async def _forget_series_of_ended_tunnels(self) -> None:
+        """Once a second: a removed backend whose last tunnel has ended has left its pool, and counts under
+        the departed bound from then on.  The retention was only recomputed at a DNS change or a reload,
+        so after a rollout of gateways holding long tunnels, with DNS then stable, their series stayed in
+        /metrics past the bound for the process's life."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self._retired_in_series.difference((name, b.id) for name, b in self.retired_backends()):
+                self._forget_departed_series()
 
     def _report_refusals_now(self, *, final: bool = False) -> None:
         now = time.monotonic()  # the data plane's clock (lb.proxy.server), which `note` was given
@@ -799,8 +813,10 @@ class Balancer:
         # Their lb_backend_* still show (lb.control.metrics).  Those the owner keeps only until its workers'
         # reports tell (lb.state.retired) are departed until then: counted present, 8 backends a DNS answer
         # removed kept their series on top of the departed ones' bound until the next change.
-        for name, backend in self.retired_backends():
+        retired = self.retired_backends()
+        for name, backend in retired:
             present.setdefault(name, set()).add(backend.id)
+        self._retired_in_series = frozenset((name, backend.id) for name, backend in retired)
         # The configured pools (static backends only): a pool's state holds its discovered ones too.
         bounds = {name: departed_kept(pool) for name, pool in self.config.pools.items()}
         forgotten = self.series.update(present, bounds)
@@ -941,6 +957,8 @@ class Balancer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None  # and no reload that races this stop starts another (_swap)
+        if self._retired_watch is not None:
+            self._retired_watch.cancel()
         if self._reporter is not None:
             self._reporter.cancel()
             self._report_refusals_now(final=True)  # what the last interval counted, before the process goes

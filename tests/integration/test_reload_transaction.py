@@ -284,3 +284,46 @@ def test_lb_run_with_the_admin_port_in_use_exits_2(tmp_path: Path) -> None:
         done, lines = _run_to_exit(tmp_path, config)
     assert done.returncode == 2, done
     assert len(lines) == 1 and re.search(rf"{HOST}:\d+", lines[0]), lines
+
+
+def _backend_labels(text: str, pool: str) -> set[str]:
+    """Every `backend` label value of `pool` in an exposition."""
+    return {m.group(1) for line in text.splitlines() if f'pool="{pool}"' in line
+            for m in [re.search(r'[{,]backend="([^"]*)"', line)] if m}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_removed_backends_leave_metrics_within_the_bound_once_their_tunnels_end(
+    launcher: Launcher, gateways: list[Gateway], workers: int
+) -> None:
+    """README: the series of backends that left are kept for the last max(16, ...) to leave.  A backend a
+    reload removes while its tunnels run is still counted present; once they have ended it has left.
+    The retention was recomputed only at the next reload or DNS change, so after a rollout with long
+    tunnels its series stayed past the bound for the process's life."""
+    gw = gateways[0]
+    generations = 20
+
+    base = lb_config(pools={POOL: [gw]}, overrides={"workers": workers, "limits": {"handshake_rate_per_ip": 0}})
+
+    def config_of(generation: int) -> dict[str, Any]:
+        config = copy.deepcopy(base)
+        config["pools"][POOL]["backends"] = [{"id": f"g{generation}", "address": gw.address, "weight": 1}]
+        return config
+
+    lb = launcher.balancer(config_of(0))
+    async with contextlib.AsyncExitStack() as stack:
+        for generation in range(generations + 1):
+            if generation:
+                await reload_with(lb, config_of(generation))
+            ws, _ = await stack.enter_async_context(ws_connect(lb.ws_url()))  # the only backend: g{generation}
+            await recv_hello(ws)
+        assert len(_backend_labels(await metrics_text(lb), POOL)) == generations + 1  # all live: all present
+    # Every tunnel has ended; no reload or DNS change follows.
+    bound = 1 + 16  # g20 present, and the last 16 to leave
+
+    async def within_bound() -> bool:
+        return len(_backend_labels(await metrics_text(lb), POOL)) <= bound
+
+    await wait_until(within_bound, within=6 * UNIT, what=f"at most {bound} backends' series once the tunnels ended")
+    assert f"g{generations}" in _backend_labels(await metrics_text(lb), POOL)
+    lb.assert_alive()
