@@ -138,7 +138,7 @@ class Balancer:
         self.config_path = config_path
         self.role = role
         # What only a restart changes (the process tree and its event loop), as this process started.
-        self._started_with = (config.workers, config.runtime.event_loop)
+        self._started_with = (config.workers, config.workers_auto, config.runtime.event_loop)
         self.ctx = ProxyContext.build(config, self.record_backend_failure, wall_offset=wall_offset())
         started = time.time()
         for pool in self.ctx.pools.values():
@@ -614,6 +614,8 @@ class Balancer:
             log.exception("reload failed, keeping the running configuration: reading it raised")
             self.reloads.failed()
             return False
+        restart_only = self._restart_only_changes(config)
+        config = self._as_running(config)
         try:
             await self.apply(config)
         except BindError as exc:
@@ -623,7 +625,7 @@ class Balancer:
         self.reloads.succeeded()
         log.info("reloaded configuration from %s", self.config_path)
         self._advise()
-        for setting in self._restart_only_changes(config):
+        for setting in restart_only:
             log.warning("%s: the reload applied everything else; this takes a restart", setting)
         if self._supervisor is not None:
             self._supervisor.reloaded(applied)
@@ -638,13 +640,24 @@ class Balancer:
         owner says so for the tree)."""
         if self.role is Role.WORKER:
             return []
-        workers, event_loop = self._started_with
+        workers, _, event_loop = self._started_with
         changed = []
         if config.workers != workers:
             changed.append(f"workers: {config.workers} (running: {workers})")
         if config.runtime.event_loop is not event_loop:
             changed.append(f"runtime.event_loop: {config.runtime.event_loop.value} (running: {event_loop.value})")
         return changed
+
+    def _as_running(self, config: Config) -> Config:
+        """`config` with what only a restart changes (`workers`, `runtime.event_loop`) as this process runs
+        it: /status, the advice and `config_hash` (LbConfigDrift) then describe the configuration in
+        effect.  With the file's values, a replica reloaded to `workers: 2` while running one process
+        hashed alike a replica started with two, and the drift between them went unseen."""
+        workers, auto, event_loop = self._started_with
+        if (config.workers, config.workers_auto, config.runtime.event_loop) == self._started_with:
+            return config
+        runtime = replace(config.runtime, event_loop=event_loop)
+        return replace(config, workers=workers, workers_auto=auto, runtime=runtime)
 
     def _read_config(self, source: ConfigSource | None) -> tuple[ConfigSource, Config]:
         """The config to reload to, and its source (None: read from the files now).  Runs in a thread,

@@ -7,6 +7,7 @@ Gateways are shared by the module; each test starts its own balancer (it rewrite
 from __future__ import annotations
 
 import copy
+import re
 import signal
 import time
 
@@ -25,6 +26,7 @@ from conftest import (
 )
 from support_ops import (
     backend_entry,
+    metrics_text,
     reload_with,
     rewrite_config,
     signal_balancer,
@@ -173,10 +175,20 @@ async def test_a_reload_that_changes_restart_only_settings_says_so(
     changed["workers"] = 2
     running = config.get("runtime", {}).get("event_loop")
     changed["runtime"] = {"event_loop": "asyncio" if running == "uvloop" else "uvloop"}
+    hash_before = _config_hash(await metrics_text(lb))
     mark = lb.log_lines()
     await reload_with(lb, changed)
     await wait_for_log(lb, "workers: 2 (running: 1): the reload applied everything else; this takes a restart",
                        after=mark)
     await wait_for_log(lb, "runtime.event_loop: ", after=mark)
     assert (await visit(lb.ws_url())).server_id in {gw1.id, gw2.id}
+    # What runs is unchanged, so is its hash: the file's `workers: 2` hashed alike a replica started with two
+    # workers, and LbConfigDrift missed the difference.
+    assert _config_hash(await metrics_text(lb)) == hash_before
     lb.assert_alive()
+
+
+def _config_hash(exposition: str) -> str:
+    found = re.search(r'^lb_build_info\{[^}]*config_hash="([0-9a-f]+)"', exposition, re.MULTILINE)
+    assert found, "no lb_build_info in /metrics"
+    return found.group(1)
