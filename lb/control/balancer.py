@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import itertools
 import logging
 import math
 import os
@@ -104,6 +105,9 @@ _LOOK_SLACK = 0.01
 LAST_CLOSE_ANSWER = 1.0
 EXIT_BIND = 2  # SPEC part 2: `lb run` with a port in use exits 2
 MAX_LOGGED_PROBLEMS = 20  # of a failed reload, in its one log line
+# Seconds between two sweeps of the per-IP rate limiter's refilled buckets: O(addresses) each, a few ms
+# for 100,000, so not every second.
+RATE_SWEEP_EVERY = 10
 
 
 class BindError(LbError, OSError):
@@ -506,10 +510,12 @@ class Balancer:
         whose interval has passed (`RateLimitSummary`), and give back the heap a burst of connections
         freed (`lb.control.memory`)."""
         policy = ReleasePolicy()
-        while True:
+        for second in itertools.count(1):
             await asyncio.sleep(1.0)
             self.ctx.wall_offset = wall_offset()
             self._report_refusals_now()
+            if second % RATE_SWEEP_EVERY == 0:
+                self.ctx.rate_limiter.sweep(time.monotonic())  # the data plane's clock, which `check` was given
             if policy.due(self.ctx.handshaking + len(self.ctx.tunnels), time.monotonic()):
                 release_free_memory()
 

@@ -1,8 +1,10 @@
 """Per-key token buckets: how many handshakes a source IP may start per second.  [pure]
 
-Memory stays bounded: when the table grows past `max_keys`, buckets that have
-refilled completely (their owners went quiet) are dropped, since a full
-bucket is what a new key starts with anyway.
+Memory stays bounded: buckets that have refilled completely (their owners went
+quiet) are dropped, since a full bucket is what a new key starts with anyway:
+at once when the table grows past `max_keys`, and otherwise by `sweep`, which
+the balancer calls every few seconds so that a burst of one-off addresses
+gives its memory back (it stayed until the table reached `max_keys`: 18 MB).
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ class RateLimiter:
         if len(self._buckets) > self._max_keys:
             self._prune(now)
         return 0.0
+
+    def sweep(self, now: float) -> None:
+        """Drop the buckets that have refilled completely by `now`."""
+        if self._buckets and self._rate > 0:
+            refill = self._burst / self._rate
+            self._buckets = {key: entry for key, entry in self._buckets.items() if now - entry[1] < refill}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def _prune(self, now: float) -> None:
         refill = self._burst / self._rate

@@ -106,3 +106,20 @@ def test_pruning_forgets_only_full_buckets() -> None:
     for i in range(10):
         limiter.check(f"other-{i}", now=0.5)
     assert limiter.check("busy", 0.5) > 0, "the busy address got its burst back through pruning"
+
+
+def test_a_sweep_forgets_the_refilled_buckets_of_quiet_addresses_whatever_the_table_size() -> None:
+    """50,000 one-off addresses far below `max_keys`: a sweep once they have refilled gives the table
+    back (they stayed until the table reached max_keys: 18 MB at 100,000).  An address still short of
+    tokens keeps its bucket, so the sweep gives nothing away."""
+    limiter = RateLimiter(rate=1, burst=2)  # full again 2 s after the last use
+    for n in range(50_000):
+        limiter.check(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}", now=0.0)
+    limiter.check("busy", now=2.5)
+    limiter.check("busy", now=2.5)
+    assert len(limiter) == 50_001
+    limiter.sweep(now=1.9)
+    assert len(limiter) == 50_001  # not yet refilled
+    limiter.sweep(now=3.0)
+    assert len(limiter) == 1
+    assert limiter.check("busy", now=3.0) > 0  # its empty bucket kept: still limited
