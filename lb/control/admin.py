@@ -422,6 +422,8 @@ async def backend_action(request: web.Request) -> web.Response:
     if action is AdminAction.ENABLE and (close_after is not None or rate is not None):
         raise AdminInputError("close_after and rate apply to drain and disable, not enable")
     state = balancer.apply_admin(pool.name, backend_id, action, close_after=close_after, rate=rate)
+    # SPEC: disabled, "nothing new reaches it": with workers, from the answer on, in every worker.
+    await balancer.states_applied()
     answer: dict[str, Any] = {"pool": pool.name, "id": backend_id, "state": state.value}
     if close_after is not None or rate is not None:
         answer["close_after"] = close_after or 0.0

@@ -76,7 +76,7 @@ from lb.control.ipc import check_config_handover, split_limits
 from lb.control.memory import ReleasePolicy, collection_paused, release_free_memory
 from lb.control.metrics import ReloadResults, make_registry
 from lb.control.migration import DEFAULT_MIGRATION_RATE, log_failed, migrate
-from lb.control.workers import ControlChannel, WorkerSupervisor, watch_owner
+from lb.control.workers import REPORT_WAIT, ControlChannel, WorkerSupervisor, watch_owner
 from lb.descriptors import descriptor_limit, raise_descriptor_limit
 from lb.errors import ConfigError, LbError
 from lb.http.proxy_header import CRC32C_IN_C
@@ -479,6 +479,13 @@ class Balancer:
             self._migrations[key] = task
             task.add_done_callback(functools.partial(self._migration_done, key))
         return state_pool.backends[backend_id].state
+
+    async def states_applied(self) -> None:
+        """With `workers: N`, until every worker runs the backends' states as this process holds them (at
+        most `REPORT_WAIT`; one stopped or stuck applies them when it runs again).  At once otherwise."""
+        if self._supervisor is not None and not await self._supervisor.states_applied():
+            log.warning("a worker has not applied the backends' new states within %gs: it will once it runs "
+                        "again (it is stopped, or its event loop is stuck)", REPORT_WAIT)
 
     def _migration_done(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
         # Held here until done, a task that raised would never have its exception reported by asyncio:

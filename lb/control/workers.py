@@ -98,6 +98,8 @@ SUM_STATS_EVERY = 0.25
 # How long /metrics and /status wait for the workers' answers to `report` (`WorkerSupervisor.fresh_counts`):
 # a worker answers in a turn of its loop; one stopped or stuck is read from its last report after this.
 REPORT_WAIT = 1.0
+# Seconds between two looks at whether every worker has applied an operator's state change.
+STATES_LOOK = 0.002
 # Rounds of `report` start at most this often, however often /status is asked (it needs no token): each
 # round costs every worker a report built on its data-plane loop, and the owner a sum of them all.  A
 # request that comes sooner waits for the next round rather than take an older one's counts.
@@ -515,11 +517,31 @@ class WorkerSupervisor:
         if self._push_states_soon is None:
             self._push_states_soon = asyncio.get_running_loop().call_soon(self._flush_states)
 
+    async def states_applied(self, within: float = REPORT_WAIT) -> bool:
+        """Push the backends' states now and wait, at most `within`, until every running worker has
+        applied them (it answers a `report` sent after them: it handles messages in order).  An operator's
+        `disable` answered before that let a worker route a handshake to the backend after the 200.
+        False if one has not answered in time (stopped, or its event loop stuck): it applies them when
+        it runs again, after the connections that queued for it meanwhile."""
+        self._push_states_now()
+        seq = self.fence()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while any(w.answered < seq and w.process.returncode is None for w in self._workers.values()):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(STATES_LOOK)
+        return True
+
     def _flush_states(self) -> None:
+        if self._push_states_soon is not None:
+            self._push_states_now()
+
+    def _push_states_now(self) -> None:
         if self._push_states_soon is not None:
             self._push_states_soon.cancel()
             self._push_states_soon = None
-            self.broadcast(states_message(self._balancer.ctx.pools))
+        self.broadcast(states_message(self._balancer.ctx.pools))
 
     async def migrate(self, pool: str, backend: BackendStatus, close_after: float, rate: float) -> None:
         """The owner's half of a drain migration: each worker closes its share at rate / N.

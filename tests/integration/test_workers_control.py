@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import os
 import signal
 import time
@@ -18,15 +19,22 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import (
+    COOKIE,
+    HOST,
     UNIT,
     Balancer,
     Gateway,
     Launcher,
+    RawWs,
     assert_echo,
+    close_raw,
     deep_merge,
     lb_config,
+    open_raw,
+    read_response,
     recv_hello,
     status,
+    upgrade_request,
     visit,
     ws_connect,
 )
@@ -110,6 +118,42 @@ async def test_drain_then_enable_stops_the_closes_in_every_worker(
         for index, (ws, _) in enumerate(held):
             if index not in closed_early:
                 await assert_echo(ws, "still open after enable")
+    lb.assert_alive()
+
+
+async def test_after_the_answer_to_disable_no_worker_routes_to_the_backend(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """SPEC: disabled, "nothing new reaches it".  The answer used to come before the workers had the new
+    state: handshakes sent right after the 200 reached the disabled backend in a few rounds of 40."""
+    gw1, gw2 = gateways
+    lb = start(launcher, {POOL: gateways})
+    lb.wait_states({(POOL, gw1.id): "up", (POOL, gw2.id): "up"})
+    await two_workers(lb)
+    token = token_of(await visit_until(lb.ws_url(), gw1.id, tries=10))
+    head = upgrade_request(host=f"{HOST}:{lb.port}", extra=[("Cookie", f"{COOKIE}={token}")])
+
+    async def hello_from(reader: asyncio.StreamReader) -> str:
+        response = await read_response(reader, body=False)
+        assert response.status == 101, response
+        frame = RawWs(reader, writer=None, response=response)  # type: ignore[arg-type]
+        _, payload, _ = await frame.recv_message()
+        return str(json.loads(payload)["server_id"])
+
+    reached: list[int] = []
+    for round_ in range(30):
+        # Connected (accepted by the workers) before the disable; their heads go out as its 200 comes in.
+        clients = [await open_raw(lb.port) for _ in range(8)]
+        await set_state(lb, gw1.id, "disable")
+        for _, writer in clients:
+            writer.write(head)
+        landed = await asyncio.gather(*(hello_from(reader) for reader, _ in clients))
+        for _, writer in clients:
+            await close_raw(writer)
+        if gw1.id in landed:
+            reached.append(round_)
+        await set_state(lb, gw1.id, "enable")
+    assert not reached, f"handshakes sent after the 200 reached the disabled backend in rounds {reached}"
     lb.assert_alive()
 
 
