@@ -105,6 +105,9 @@ _LOOK_SLACK = 0.01
 LAST_CLOSE_ANSWER = 1.0
 EXIT_BIND = 2  # SPEC part 2: `lb run` with a port in use exits 2
 MAX_LOGGED_PROBLEMS = 20  # of a failed reload, in its one log line
+# Seconds a stop keeps accepting (each connection then answered 503) before it closes its listeners, so that
+# the connections already in their queues are answered, not reset.
+ACCEPT_QUEUE_DRAIN = 0.05
 # Seconds between two sweeps of the per-IP rate limiter's refilled buckets: O(addresses) each, a few ms
 # for 100,000, so not every second.
 RATE_SWEEP_EVERY = 10
@@ -964,6 +967,10 @@ class Balancer:
         self.ctx.accepting = False
         spread_until = asyncio.get_running_loop().time() + timeouts.shutdown_grace
         self.ctx.spread_until = spread_until  # tunnels that join from now on close within it too
+        if self._listening:
+            # Connections the kernel has queued are reset when their listening socket closes, with no
+            # answer: a few turns of the loop accept them first, and each gets its 503 as its head comes.
+            await asyncio.sleep(ACCEPT_QUEUE_DRAIN)
         for listening in self._listening:
             listening.server.close()
         # Handshakes in flight (TLS handshakes and PROXY headers still arriving included): 503 if not yet

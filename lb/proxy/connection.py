@@ -662,9 +662,14 @@ class Connection:
         """The balancer stops: a request that has not reached a backend gets 503, the others complete."""
         state = self.state
         if state == HEAD:
-            if not self._buf:
-                return self._close_headless()  # idle between requests, or never started: nothing is lost
-            return self._refuse_stopping(now)
+            if self._buf:
+                return self._refuse_stopping(now)
+            if self._started:
+                return self._close_headless()  # idle between requests: nothing is lost
+            # Accepted a moment ago, its head likely on its way: it gets its 503 as it arrives (the stop
+            # checked at every head), or its handshake deadline or the stop's bound closes it.  Closed
+            # now, a client that connected as the stop began got a FIN and no answer.
+            return []
         if state == CONNECTING:
             return self._refuse_stopping(now)
         self._keep_alive = False  # WAITING or RELAY: the answer comes, then the connection closes

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 from conftest import (
+    HOST,
     OP_CLOSE,
     OP_TEXT,
     UNIT,
@@ -25,13 +26,17 @@ from conftest import (
     Gateway,
     RawWs,
     assert_echo,
+    close_raw,
     http_get_async,
     lb_config,
+    open_raw,
+    read_response,
     recv_hello,
+    upgrade_request,
     visit,
     ws_connect,
 )
-from support_ops import launched, signal_balancer, wait_close, wait_exit, wait_until
+from support_ops import launched, signal_balancer, wait_close, wait_exit, wait_for_log, wait_until
 
 POOL = "gateways"
 GRACE = 1.5  # seconds: timeouts.shutdown_grace of these balancers
@@ -184,3 +189,20 @@ async def test_client_that_ignores_the_1001_is_cut_and_exit_is_still_0(lb: Balan
         assert struct.unpack("!H", frame.payload[:2])[0] == 1001
         # We never answer; the balancer must still finish.
         assert await wait_exit(lb, GRACE + CLOSE_LINGER + 5 * UNIT) == 0
+
+
+async def test_a_client_that_connected_as_the_stop_began_gets_its_503(lb: Balancer) -> None:
+    """README: on SIGTERM, handshakes that have not reached a backend get 503 with Retry-After.  One whose
+    connection was accepted and whose head had not arrived yet got a FIN and no answer."""
+    assert lb.port is not None
+    reader, writer = await open_raw(lb.port)
+    await asyncio.sleep(0.2)  # accepted, nothing sent yet
+    mark = lb.log_lines()
+    signal_balancer(lb, signal.SIGTERM)
+    await wait_for_log(lb, "no longer accepting connections", after=mark)
+    await asyncio.sleep(0.2)  # the stop has gone over the connections in flight
+    writer.write(upgrade_request(host=f"{HOST}:{lb.port}"))
+    response = await read_response(reader)
+    assert response.status == 503 and response.get("Retry-After"), response
+    await close_raw(writer)
+    assert await wait_exit(lb, GRACE + 5 * UNIT) == 0

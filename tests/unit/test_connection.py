@@ -925,17 +925,35 @@ def test_shutdown_answers_503_to_what_has_not_reached_a_backend() -> None:
     assert connecting.answer()[0] == 503
     assert CloseBackend() in connecting.actions and connecting.connections()["a1"] == 0
 
+    # Idle between two requests: closed, nothing is lost.
     idle = Play()
+    idle.client(get("/a/1"))
+    idle.connected()
+    idle.backend(ok())
+    idle.answer()
     idle.shutdown()
-    assert idle.closed_client == CloseClient() and idle.to_client == b""
+    assert idle.closed_client == CloseClient()
+
+    # Accepted as the stop began, its head still on its way: not closed with no word, but its 503 as
+    # the head comes (a FIN and no answer before).
+    fresh = Play()
+    fresh.shutdown()
+    assert fresh.closed_client is None and fresh.to_client == b""
+    fresh.client(get("/a/x"))
+    assert fresh.answer()[0] == 503 and fresh.opened == []
 
 
 def test_under_tls_a_stop_cuts_a_connection_that_never_sent_a_request() -> None:
     """A stop, like the head timer, does not wait for the close_notify of a TLS client that sent
     nothing (the stop waits for every connection to go); after an answer it still closes gracefully."""
     silent = Play(tls=True)
-    silent.shutdown()
+    silent.shutdown()  # its head may be on its way: kept until it comes or the stop's bound
+    silent.stop_bound()
     assert silent.closed_client == CloseClient(abort=True) and silent.to_client == b""
+    timed_out = Play(tls=True)
+    timed_out.shutdown()
+    timed_out.fire()  # the head timer
+    assert timed_out.closed_client == CloseClient(abort=True)
 
     answered = Play(tls=True)
     answered.client(get("/a/1"))
