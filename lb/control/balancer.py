@@ -850,8 +850,8 @@ class Balancer:
         bounds = {name: departed_kept(pool) for name, pool in self.config.pools.items()}
         forgotten = self.series.update(present, bounds)
         keep = self.series.holds
-        self.ctx.stats.forget(keep)
-        self.ctx.observations.forget(keep)
+        self.ctx.stats.forget(keep, self.series.holds_pool)
+        self.ctx.observations.forget(keep, self.series.holds_pool)
         if self._supervisor is not None:
             self._supervisor.forget_series()
         if forgotten:

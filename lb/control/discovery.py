@@ -62,6 +62,7 @@ from lb.control.dns_backends import (
     from_srv,
     next_lookup_in,
 )
+from lb.state.series import REMOVED_POOLS_KEPT
 
 log = logging.getLogger(__name__)
 
@@ -475,6 +476,8 @@ class DiscoveryManager:
                 replacement.start()
             else:
                 self._counted[name] = (loop.status.lookups, loop.status.errors)
+                while len(self._counted) > REMOVED_POOLS_KEPT:  # as the pools' own series (lb.state.series)
+                    del self._counted[next(iter(self._counted))]
         for name, pool in wanted.items():
             if name not in self._loops:
                 self._loops[name] = Discoverer(pool, self._apply)

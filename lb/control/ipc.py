@@ -271,6 +271,7 @@ def apply_states(pools: dict[str, PoolState], message: dict[str, Any]) -> None:
 
 
 Keep = Callable[[str, str], bool]  # (pool, backend) → whether its series are kept (lb.state.series)
+KeepPool = Callable[[str], bool]  # pool → whether its per-pool series are kept (lb.state.series)
 RetiredBackends = Iterable[tuple[str, BackendStatus]]  # backends gone from their pool whose tunnels still run
 
 
@@ -371,10 +372,14 @@ class _Totals:
             self.tunnels += other.tunnels
             self.clients += other.clients
 
-    def forget(self, keep: Keep) -> None:
-        """Drop the per-backend counters of every (pool, backend) `keep` refuses (lb.state.series)."""
-        self.stats.forget(keep)
-        self.observations.forget(keep)
+    def forget(self, keep: Keep, keep_pool: KeepPool | None = None) -> None:
+        """Drop the per-backend counters of every (pool, backend) `keep` refuses, and the per-pool ones of
+        every pool `keep_pool` refuses (lb.state.series)."""
+        self.stats.forget(keep, keep_pool)
+        self.observations.forget(keep, keep_pool)
+        if keep_pool is not None:
+            for counted in [counted for counted in self.pool_decisions if not keep_pool(counted[0])]:
+                del self.pool_decisions[counted]
 
     def carry(self, before: _Totals, carried: _Totals) -> None:
         """Move into `carried` the counts `before` (this worker's previous report) held that this report
@@ -410,8 +415,9 @@ class StatsAggregate:
     many backends the workers have seen; `forget` applies it again after it changed.
     """
 
-    def __init__(self, keep: Keep = lambda pool, backend: True) -> None:
+    def __init__(self, keep: Keep = lambda pool, backend: True, keep_pool: KeepPool | None = None) -> None:
         self._keep = keep
+        self._keep_pool = keep_pool
         self._latest: dict[int, _Totals] = {}
         # Per pid: counts it reported and then no longer did (it forgot those series; see `_Totals.carry`).
         self._carried: dict[int, _Totals] = {}
@@ -421,7 +427,7 @@ class StatsAggregate:
     def update(self, pid: int, report: dict[str, Any]) -> None:
         """The latest cumulative report of worker `pid` (late reports of dead workers included)."""
         totals = _Totals.of(report)
-        totals.forget(self._keep)  # series the owner does not keep are not stored (bounded)
+        totals.forget(self._keep, self._keep_pool)  # series the owner does not keep are not stored (bounded)
         before = self._latest.get(pid)
         if before is not None:
             totals.carry(before, self._carried.setdefault(pid, _Totals()))
@@ -430,7 +436,7 @@ class StatsAggregate:
     def forget(self) -> None:
         """Drop every per-backend series `keep` no longer accepts (the owner's retention changed)."""
         for totals in [*self._latest.values(), *self._carried.values(), self._departed]:
-            totals.forget(self._keep)
+            totals.forget(self._keep, self._keep_pool)
 
     def retire(self, pid: int) -> None:
         """Worker `pid` exited: its counters stay in every sum, its gauges leave them."""

@@ -236,7 +236,8 @@ class WorkerSupervisor:
         self._report_seq = 0
         self._asked: list[_Worker] = []
         self._reported: asyncio.Future[None] | None = None
-        self._stats = StatsAggregate(balancer.series.holds)  # the owner's retention (lb.state.series)
+        # The owner's retention (lb.state.series).
+        self._stats = StatsAggregate(balancer.series.holds, balancer.series.holds_pool)
         self._stopping = False
         self._pusher: asyncio.Task[None] | None = None
         self._sum_stats: asyncio.TimerHandle | None = None  # a re-sum is due

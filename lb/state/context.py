@@ -53,13 +53,19 @@ class Stats:
     # Tunnels the balancer ended: (cause, "close_frame" | "tcp") → count (lb_tunnel_closes_total).
     balancer_closes: Tally[tuple[str, str]] = field(default_factory=Tally)
 
-    def forget(self, keep: Callable[[str, str], bool]) -> None:
+    def forget(self, keep: Callable[[str, str], bool], keep_pool: Callable[[str], bool] | None = None) -> None:
         """Drop the per-backend series of every (pool, backend) that `keep` refuses (`lb.state.series`);
-        their decisions stay in the pool's sum (`pool_decisions`)."""
+        their decisions stay in the pool's sum (`pool_decisions`), until `keep_pool` refuses the pool
+        (removed long enough ago): then its per-pool series go too."""
         for key in [key for key in self.handshakes if not keep(key[0], key[1])]:
             del self.handshakes[key]
         for key in [key for key in self.decisions if not keep(key[0], key[1])]:
             self.forgotten_decisions[(key[0], key[2])] += self.decisions.pop(key)
+        if keep_pool is not None:
+            for counted in [counted for counted in self.forgotten_decisions if not keep_pool(counted[0])]:
+                del self.forgotten_decisions[counted]
+            for pool in [pool for pool in self.unsealed_cookies if not keep_pool(pool)]:
+                del self.unsealed_cookies[pool]
 
     def pool_decisions(self) -> Tally[tuple[str, str]]:
         """(pool, result) → decisions, over every backend ever counted (lb_affinity_decisions_total)."""

@@ -90,12 +90,16 @@ class Observations:
     def count_health_check(self, pool: str, backend: str, ok: bool) -> None:
         self.health_checks[(pool, backend, "success" if ok else "failure")] += 1
 
-    def forget(self, keep: Callable[[str, str], bool]) -> None:
-        """Drop the per-backend series of every (pool, backend) that `keep` refuses (`lb.state.series`).
+    def forget(self, keep: Callable[[str, str], bool], keep_pool: Callable[[str], bool] | None = None) -> None:
+        """Drop the per-backend series of every (pool, backend) that `keep` refuses (`lb.state.series`),
+        and the per-pool histograms of the pools `keep_pool` refuses (removed long enough ago).
 
         Only this process's own; the owner's sum of its workers' reports forgets on its own
-        (`lb.control.ipc.StatsAggregate.forget`).  Per-pool histograms stay.
+        (`lb.control.ipc.StatsAggregate.forget`).
         """
+        if keep_pool is not None:
+            for pool in [pool for pool in self.handshake if not keep_pool(pool)]:
+                del self.handshake[pool]
         for key in [key for key in self.connect if not keep(*key)]:
             del self.connect[key]
         for tally in (self.backend_errors, self.health_checks):

@@ -24,6 +24,10 @@ from lb.config.model import PoolConfig
 # Departed backends a pool keeps the series of, at least: a static pool of one or two backends
 # replaced one reload at a time still keeps a few generations.
 MIN_DEPARTED_KEPT = 16
+# Pools a reload removed whose series (per pool, and of their departed backends) are kept: the last
+# this many to leave.  Kept for good, pools renamed at every reload (`gateways-v41`, `-v42`: release
+# names) grew /metrics by 3.7 KB and 50 series per reload, for the process's life.
+REMOVED_POOLS_KEPT = 16
 
 
 def departed_kept(pool: PoolConfig) -> int:
@@ -37,10 +41,11 @@ def departed_kept(pool: PoolConfig) -> int:
 class SeriesRetention:
     """Per pool: the backend ids present now, and those departed, oldest first (bounded)."""
 
-    __slots__ = ("_bounds", "_departed", "_present")
+    __slots__ = ("_bounds", "_departed", "_present", "_removed")
 
     def __init__(self) -> None:
         self._present: dict[str, frozenset[str]] = {}
+        self._removed: dict[str, None] = {}  # pools gone, oldest first (kept: the last REMOVED_POOLS_KEPT)
         # Insertion order is departure order: a dict is an ordered set with O(1) removal.
         self._departed: dict[str, dict[str, None]] = {}
         self._bounds: dict[str, int] = {}
@@ -64,11 +69,18 @@ class SeriesRetention:
         for pool, ids in present.items():
             now = frozenset(ids)
             self._present[pool] = now
+            self._removed.pop(pool, None)  # back: its series go on
             departed = self._departed.setdefault(pool, {})
             for backend in [backend for backend in now if backend in departed]:
                 del departed[backend]  # back: present again, its counts go on
         for pool in [name for name in self._present if name not in present]:
             del self._present[pool]
+            self._removed[pool] = None
+        while len(self._removed) > REMOVED_POOLS_KEPT:
+            oldest = next(iter(self._removed))
+            del self._removed[oldest]
+            forgotten.extend((oldest, backend) for backend in self._departed.pop(oldest, {}))
+            self._bounds.pop(oldest, None)
         for pool, bound in bounds.items():
             self._bounds[pool] = bound
         for pool, departed in list(self._departed.items()):
@@ -89,6 +101,10 @@ class SeriesRetention:
             return True
         departed = self._departed.get(pool)
         return departed is not None and backend in departed
+
+    def holds_pool(self, pool: str) -> bool:
+        """Whether the per-pool series of `pool` are kept (it is configured, or one of the last removed)."""
+        return pool in self._present or pool in self._removed
 
     def departed_everywhere(self) -> list[tuple[str, str]]:
         """Every departed (pool, id) whose series are kept, each pool's oldest first (/metrics exports

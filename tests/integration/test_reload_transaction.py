@@ -327,3 +327,32 @@ async def test_removed_backends_leave_metrics_within_the_bound_once_their_tunnel
     await wait_until(within_bound, within=6 * UNIT, what=f"at most {bound} backends' series once the tunnels ended")
     assert f"g{generations}" in _backend_labels(await metrics_text(lb), POOL)
     lb.assert_alive()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_pools_renamed_at_every_reload_leave_metrics_bounded(
+    launcher: Launcher, gateways: list[Gateway], workers: int
+) -> None:
+    """A pool renamed at each reload (release names): /metrics keeps the series of the last 16 removed
+    pools, not of every pool ever configured (200 reloads grew it from 16 KB to 752 KB)."""
+    gw = gateways[0]
+    generations = 24
+    base = lb_config(pools={"v0": [gw]}, overrides={"workers": workers, "limits": {"handshake_rate_per_ip": 0}})
+
+    def config_of(generation: int) -> dict[str, Any]:
+        config = copy.deepcopy(base)
+        config["pools"] = {f"v{generation}": config["pools"]["v0"]}
+        config["routes"] = [{"path_prefix": "/", "pool": f"v{generation}"}]
+        return config
+
+    lb = launcher.balancer(config_of(0))
+    for generation in range(generations + 1):
+        if generation:
+            await reload_with(lb, config_of(generation))
+        await visit(lb.ws_url())
+    await asyncio.sleep(1.5)  # with workers, their last reports reach the owner
+    pools = set(re.findall(r'pool="(v\d+)"', await metrics_text(lb)))
+    assert f"v{generations}" in pools
+    assert len(pools) <= 1 + 16, f"{len(pools)} pools in /metrics: {sorted(pools)}"
+    assert "v0" not in pools
+    lb.assert_alive()

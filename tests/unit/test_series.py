@@ -17,7 +17,7 @@ from lb.control.metrics import LbCollector
 from lb.state.context import ProxyContext, Stats
 from lb.state.observations import Observations
 from lb.state.pool import PoolState
-from lb.state.series import MIN_DEPARTED_KEPT, SeriesRetention, departed_kept
+from lb.state.series import MIN_DEPARTED_KEPT, REMOVED_POOLS_KEPT, SeriesRetention, departed_kept
 
 
 def _held(retention: SeriesRetention, pool: str, ids: list[str]) -> list[str]:
@@ -351,3 +351,40 @@ def test_every_decision_result_is_exported_from_zero_for_each_configured_pool() 
     after = _scrape(ctx, SeriesRetention())
     assert after[("lb_affinity_decisions_total", (("pool", "p"), ("result", "redispatch")))] == 3
     assert after[("lb_affinity_decisions_total", (("pool", "gone"), ("result", "hit")))] == 1
+
+
+def test_pools_renamed_at_every_reload_keep_the_series_of_the_last_removed_only() -> None:
+    """A release-named pool (`gateways-v1`, `-v2`, ...) renamed at each reload: the series of the last
+    REMOVED_POOLS_KEPT removed pools stay (per pool, and of their backends), older ones are forgotten
+    whole; they stayed for the process's life (50 series a reload)."""
+    retention = SeriesRetention()
+    reloads = REMOVED_POOLS_KEPT + 5
+    forgotten: list[tuple[str, str]] = []
+    for version in range(reloads + 1):
+        forgotten += retention.update({"static": ["s"], f"v{version}": [f"b{version}"]}, {f"v{version}": 16})
+    removed = [f"v{version}" for version in range(reloads)]
+    held = [pool for pool in removed if retention.holds_pool(pool)]
+    assert held == removed[-REMOVED_POOLS_KEPT:]
+    assert retention.holds_pool("static") and retention.holds_pool(f"v{reloads}")
+    assert forgotten == [(f"v{version}", f"b{version}") for version in range(reloads - REMOVED_POOLS_KEPT)]
+    assert not retention.holds("v0", "b0") and retention.holds(f"v{reloads - 1}", f"b{reloads - 1}")
+    # Back before it is forgotten: its series go on.
+    retention.update({"static": ["s"], f"v{reloads - 1}": [f"b{reloads - 1}"]}, {})
+    assert retention.holds_pool(f"v{reloads - 1}") and retention.holds(f"v{reloads - 1}", f"b{reloads - 1}")
+
+
+def test_stats_and_observations_forget_the_per_pool_series_of_a_forgotten_pool() -> None:
+    stats, observations = Stats(), Observations()
+    for pool in ("gone", "kept"):
+        stats.decisions[(pool, "b", "new")] += 2
+        stats.unsealed_cookies[pool] += 1
+        observations.observe_handshake(pool, 0.01)
+    stats.forget(lambda pool, backend: pool == "kept", lambda pool: pool == "kept")
+    observations.forget(lambda pool, backend: pool == "kept", lambda pool: pool == "kept")
+    assert dict(stats.pool_decisions()) == {("kept", "new"): 2}
+    assert set(stats.unsealed_cookies) == {"kept"} and set(observations.handshake) == {"kept"}
+    aggregate = StatsAggregate(lambda pool, backend: True, lambda pool: pool == "kept")
+    report = {"pool_decisions": [["gone", "new", 2], ["kept", "new", 3]]}
+    aggregate.update(1, report)
+    total = aggregate._latest[1]
+    assert dict(total.pool_decisions) == {("kept", "new"): 3}
