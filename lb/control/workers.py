@@ -406,6 +406,10 @@ class WorkerSupervisor:
             await asyncio.wait_for(asyncio.shield(worker.tasks[0]), 1.0)
         self._stats.compact(pid)
         if self._stopping:
+            if code != 0 and not worker.killed:
+                # Not the owner's kill of a straggler (said where it is done): the operator hears that
+                # this worker's tunnels ended without their 1001s.
+                log.warning("%s exited with %s while stopping; its tunnels were cut", worker.name, code)
             return
         lived = asyncio.get_running_loop().time() - worker.started_at
         delay = RESTART_DELAY if lived >= STABLE_AFTER else worker.restart_delay
@@ -581,6 +585,7 @@ class WorkerSupervisor:
             for worker in self._workers.values():
                 if worker.process.returncode is None:
                     log.warning("worker %d did not stop in time; killing it", worker.index)
+                    worker.killed = True
                     worker.process.kill()
             await asyncio.gather(*(worker.process.wait() for worker in self._workers.values()))
         for worker in self._workers.values():

@@ -51,6 +51,7 @@ from support_ops import (
     visit_until,
     wait_close,
     wait_exit,
+    wait_for_log,
     wait_until,
 )
 
@@ -333,3 +334,18 @@ async def test_per_ip_handshake_rate_holds_at_the_configured_number(
     results = await asyncio.gather(*(one() for _ in range(10)))
     elapsed = time.monotonic() - started
     assert sum(results) <= 2 + int(elapsed * 1) + 1, (sum(results), elapsed)
+
+
+async def test_a_worker_killed_while_stopping_is_logged(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """Its tunnels were cut without their 1001s: the operator hears of it (nothing was logged)."""
+    lb = start(launcher, {POOL: gateways}, {"timeouts": {"shutdown_grace": "4s"}})
+    lb.wait_states({(POOL, g.id): "up" for g in gateways})
+    first, _ = await two_workers(lb)
+    mark = lb.log_lines()
+    signal_balancer(lb, signal.SIGTERM)
+    await wait_for_log(lb, "shutting down", after=mark)
+    os.kill(first, signal.SIGKILL)
+    assert await wait_exit(lb, 10 * UNIT) == 0
+    assert any(f"(pid {first}) exited with -9 while stopping" in line for line in lb.log_text().splitlines()[mark:]), (
+        lb.logs_tail()
+    )
