@@ -523,6 +523,30 @@ def test_the_reload_alert_fires_on_a_failed_reload_and_clears_on_the_one_that_fi
     promtool_test(tmp_path, series, "LbConfigReloadFailed", [], at="8m")
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package: prometheus)")
+def test_the_redispatch_alert_is_the_share_of_pinned_clients(tmp_path: Path) -> None:
+    """A third of the pinned clients lose their gateway while a flood of new clients (a launch, or anyone
+    sending no cookie) comes in beside them: the alert fires; it read 0.6 % of all decisions."""
+    rule = next(rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
+                if rule.get("alert") == "LbRedispatchSpike")
+    decisions = 'lb_affinity_decisions_total{{job="lb", pool="{pool}", result="{result}"}}'
+    series = [
+        (decisions.format(pool="lost", result="hit"), "0+120x20"),
+        (decisions.format(pool="lost", result="redispatch"), "0+60x20"),
+        (decisions.format(pool="lost", result="new"), "0+10000x20"),
+        (decisions.format(pool="fine", result="hit"), "0+120x20"),
+        (decisions.format(pool="fine", result="new"), "0+10000x20"),
+    ]
+    expected = [{
+        "exp_labels": {"severity": "warning", "job": "lb", "pool": "lost"},
+        "exp_annotations": {
+            "summary": "33.33% of pinned clients of lost are redispatched",
+            "description": rule["annotations"]["description"],
+        },
+    }]
+    promtool_test(tmp_path, series, "LbRedispatchSpike", expected)
+
+
 def promtool_test(
     tmp_path: Path, series: list[tuple[str, str]], alertname: str, expected: list[dict[str, Any]], at: str = "15m"
 ) -> None:
