@@ -34,7 +34,7 @@ instead of an `asyncio.Server`: it reads the PROXY header before TLS and HTTP,
 and holds each TLS handshake as a task of its own.  So is a plain listener on
 asyncio's own loop, whose accept spins after EMFILE (`_bind` says how).
 
-`run()` wires SIGTERM/SIGINT to `stop` and SIGHUP to `request_reload` (a
+`run()` wires SIGTERM/SIGINT/SIGQUIT to `stop` and SIGHUP to `request_reload` (a
 worker reloads on its owner's word instead, from the `ConfigSource` the owner
 applied: its text and `${file:PATH}` contents, never the files), and picks the event loop
 (uvloop when installed and `runtime.event_loop` allows).
@@ -1143,7 +1143,9 @@ async def serve(
         balancer.stop_asked = True
         stop_requested.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # SIGQUIT too: nginx's graceful stop (its container image's STOPSIGNAL); Python's default for it ended
+    # the process at once, every tunnel cut without its 1001.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         loop.add_signal_handler(signum, on_stop_signal)
     if startup_signals.take(signal.SIGTERM):  # held since the first line of `lb run`: we stop once up
         on_stop_signal()
@@ -1192,7 +1194,7 @@ def _loop_runner(choice: EventLoop) -> Callable[[Coroutine[Any, Any, int]], int]
 
 
 def run(config: Config, config_path: Path | None = None, config_source: ConfigSource | None = None) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code.
+    """Run until SIGTERM/SIGINT/SIGQUIT; returns the process exit code.
 
     `config_source` is what `config` was parsed from: with `workers: N` the workers run it.
     """

@@ -206,3 +206,14 @@ async def test_a_client_that_connected_as_the_stop_began_gets_its_503(lb: Balanc
     assert response.status == 503 and response.get("Retry-After"), response
     await close_raw(writer)
     assert await wait_exit(lb, GRACE + 5 * UNIT) == 0
+
+
+async def test_sigquit_stops_gracefully_like_sigterm(lb: Balancer) -> None:
+    """nginx's graceful stop (its image's STOPSIGNAL): a live tunnel gets its 1001 and the exit is 0.  Python's
+    default ended the process at once, the tunnel cut with no close frame."""
+    async with ws_connect(lb.ws_url()) as (ws, _):
+        await recv_hello(ws)
+        signal_balancer(lb, signal.SIGQUIT)
+        closed = await wait_close(ws, GRACE + 5 * UNIT)
+    assert closed.code == 1001, closed
+    assert await wait_exit(lb, GRACE + 5 * UNIT) == 0
