@@ -401,10 +401,22 @@ class _Totals:
             for key, count in earlier.items():
                 if now.get(key, 0) < count:
                     kept[key] += count
+        # Per pool too: a worker forgets a removed pool on its own schedule (it may hold no tunnel of it
+        # while another worker does, and the owner keeps it), and its share must stay in the owner's sum.
+        for counted, count in before.pool_decisions.items():
+            if self.pool_decisions.get(counted, 0) < count:
+                carried.pool_decisions[counted] += count
+        for pool, unsealed in before.stats.unsealed_cookies.items():
+            if self.stats.unsealed_cookies.get(pool, 0) < unsealed:
+                carried.stats.unsealed_cookies[pool] += unsealed
         for backend, histogram in before.observations.connect.items():
             current = self.observations.connect.get(backend)
             if current is None or current.count < histogram.count:
                 carried.observations.connect.setdefault(backend, Histogram()).merge(histogram)
+        for pool, histogram in before.observations.handshake.items():
+            current = self.observations.handshake.get(pool)
+            if current is None or current.count < histogram.count:
+                carried.observations.handshake.setdefault(pool, Histogram()).merge(histogram)
 
 
 class StatsAggregate:

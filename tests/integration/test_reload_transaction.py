@@ -47,6 +47,7 @@ from support_ops import (
     signal_balancer,
     start_two,
     token_of,
+    two_workers,
     visit_until,
     wait_for_log,
     wait_until,
@@ -356,3 +357,35 @@ async def test_pools_renamed_at_every_reload_leave_metrics_bounded(
     assert len(pools) <= 1 + 16, f"{len(pools)} pools in /metrics: {sorted(pools)}"
     assert "v0" not in pools
     lb.assert_alive()
+
+
+async def test_with_workers_a_removed_pools_counters_never_go_back(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """Each worker forgets a removed pool on its own: one with no tunnel of it at the 17th removal after, while
+    the owner keeps it for another worker's tunnel.  The owner's sum carries that worker's share (a review's
+    case: lb_handshake_duration_seconds_count{pool="v0"} fell from 31 to 14)."""
+    gw = gateways[0]
+    base = lb_config(pools={"v0": [gw]}, overrides={"workers": 2, "limits": {"handshake_rate_per_ip": 0}})
+
+    def config_of(generation: int) -> dict[str, Any]:
+        config = copy.deepcopy(base)
+        config["pools"] = {f"v{generation}": config["pools"]["v0"]}
+        config["routes"] = [{"path_prefix": "/", "pool": f"v{generation}"}]
+        return config
+
+    def count(text: str) -> float:
+        found = re.search(r'^lb_handshake_duration_seconds_count\{[^}]*pool="v0"[^}]*\} (\S+)', text, re.MULTILINE)
+        return float(found.group(1)) if found else -1.0
+
+    lb = launcher.balancer(config_of(0))
+    await two_workers(lb)
+    for _ in range(30):
+        await visit(lb.ws_url())  # over both workers, as the kernel spreads them
+    async with contextlib.AsyncExitStack() as stack:
+        ws, _ = await stack.enter_async_context(ws_connect(lb.ws_url()))  # one long tunnel, in one worker
+        await recv_hello(ws)
+        seen = [count(await metrics_text(lb))]
+        for generation in range(1, 19):
+            await reload_with(lb, config_of(generation))
+            await asyncio.sleep(0.3)
+            seen.append(count(await metrics_text(lb)))
+    assert seen[0] >= 30 and seen == sorted(seen), f'lb_handshake_duration_seconds_count{{pool="v0"}}: {seen}'
