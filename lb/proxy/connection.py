@@ -113,6 +113,9 @@ _backend_set_our_cookie: Final = Throttle(60.0)
 HELD_LIMIT: Final = 65536
 MAX_RESPONSE_HEAD: Final = 65536
 MAX_INTERIM: Final = 8  # 1xx answers per request: a backend that sends more is broken
+# Seconds a stop waits for the head of a connection that has sent nothing yet (it connected as the stop
+# began): a head on its way comes within a round trip; then it is closed.
+STOP_HEAD_WAIT: Final = 0.5
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 _TRUST_NOBODY: Final = TrustedProxies()
 
@@ -667,9 +670,10 @@ class Connection:
             if self._started:
                 return self._close_headless()  # idle between requests: nothing is lost
             # Accepted a moment ago, its head likely on its way: it gets its 503 as it arrives (the stop
-            # checked at every head), or its handshake deadline or the stop's bound closes it.  Closed
-            # now, a client that connected as the stop began got a FIN and no answer.
-            return []
+            # checked at every head).  Closed now, a client that connected as the stop began got a FIN
+            # and no answer.  Waited for a moment only: a silent connection held every stop for its
+            # whole handshake deadline (10 s), which anyone could open.
+            return [SetTimer(now + min(STOP_HEAD_WAIT, self._config.timeouts.handshake))]
         if state == CONNECTING:
             return self._refuse_stopping(now)
         self._keep_alive = False  # WAITING or RELAY: the answer comes, then the connection closes

@@ -217,3 +217,16 @@ async def test_sigquit_stops_gracefully_like_sigterm(lb: Balancer) -> None:
         closed = await wait_close(ws, GRACE + 5 * UNIT)
     assert closed.code == 1001, closed
     assert await wait_exit(lb, GRACE + 5 * UNIT) == 0
+
+
+async def test_a_silent_connection_holds_a_stop_for_a_moment_only(lb: Balancer) -> None:
+    """A connection that sends nothing is waited for briefly (its head may be on its way), then closed: it
+    held every stop for the stop's bound (a review's case: 0.11 s became 9.9 s), and anyone can open one."""
+    assert lb.port is not None
+    _, writer = await open_raw(lb.port)
+    await asyncio.sleep(0.2)  # accepted
+    sent = time.monotonic()
+    signal_balancer(lb, signal.SIGTERM)
+    assert await wait_exit(lb, 10 * UNIT) == 0
+    assert time.monotonic() - sent < 2.2, "a silent connection held the stop"
+    await close_raw(writer)

@@ -27,6 +27,7 @@ from lb.proxy.connection import (
     MAX_INTERIM,
     MAX_RESPONSE_HEAD,
     RELAY,
+    STOP_HEAD_WAIT,
     TUNNEL,
     WAITING,
     Action,
@@ -941,6 +942,13 @@ def test_shutdown_answers_503_to_what_has_not_reached_a_backend() -> None:
     assert fresh.closed_client is None and fresh.to_client == b""
     fresh.client(get("/a/x"))
     assert fresh.answer()[0] == 503 and fresh.opened == []
+    # For a moment only: a silent one must not hold the stop for its whole handshake deadline.
+    silent = Play()
+    stop_at = silent.now
+    silent.shutdown()
+    assert silent.timer == stop_at + STOP_HEAD_WAIT
+    silent.fire()
+    assert silent.closed_client == CloseClient() and silent.to_client == b""
 
 
 def test_under_tls_a_stop_cuts_a_connection_that_never_sent_a_request() -> None:
