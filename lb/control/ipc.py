@@ -12,7 +12,8 @@ backend states; workers accept clients and relay.  Owner → worker:
 
     {"op": "config", "text", "files"}                first, once: the owner's running `ConfigSource`
     {"op": "states", "pools": {pool: {id: {"healthy", "admin", "migrating", "ramp_from", "reason"}}}}
-    {"op": "reload", "text", "files"}                apply this `ConfigSource` (the owner has just applied it)
+    {"op": "reload", "text", "files", "reload"}      apply this `ConfigSource` (the owner has just applied
+                                                     it); "reload": its number, counted by the owner
     {"op": "close_tunnels", "pool", "backend", "rate"}   a drain migration's share of this worker
     {"op": "stop_migration", "pool", "backend"}      an operator acted again (enable, a new drain): stop
     {"op": "report", "seq"}                          send a stats report now, carrying this seq (a scrape,
@@ -22,7 +23,7 @@ Worker → owner:
 
     {"op": "ready"}                                  its listeners are bound
     {"op": "failure", "pool", "backend", "detail"}   its handshakes took a backend down (passive health)
-    {"op": "reload_failed"}                          it could not apply a reload (the owner logs and counts it)
+    {"op": "reload_failed", "reload"}                it could not apply that reload (the owner logs and counts it)
     {"op": "stats", ...}                             counters and listening addresses, every second, for
                                                      /status and /metrics; "seq": the last `report` asked
     {"op": "alive", "seq"}                           instead of a message too large to send (still heard from)

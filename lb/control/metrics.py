@@ -46,10 +46,13 @@ class ReloadResults:
         self.counts["success"] += 1
         self.last_ok = True
 
-    def failed(self) -> None:
-        """The file was refused, or (workers: N) a worker could not apply what the owner applied."""
+    def failed(self, *, latest: bool = True) -> None:
+        """The file was refused, or (workers: N) a worker could not apply what the owner applied; `latest`
+        False: a worker's late report of a reload before the last, which is counted but says nothing of
+        the last."""
         self.counts["failure"] += 1
-        self.last_ok = False
+        if latest:
+            self.last_ok = False
 
 
 def config_hash(config: Config) -> str:

@@ -228,6 +228,7 @@ class WorkerSupervisor:
         self._config_path = config_path  # workers resolve relative paths in the text against its directory
         # What the owner runs, and every worker with it: a restarted worker gets this, never the files.
         self._config_source = config_source
+        self._reloads_sent = 0  # the number of the last `reload` message: a worker's failure names its own
         self._workers: dict[int, _Worker] = {}
         # fresh_counts: the round under way (shared by the requests that come meanwhile), the `report`
         # seq it asked with, the workers asked, and a future done once all of them have answered.
@@ -319,7 +320,9 @@ class WorkerSupervisor:
             # The owner's reload succeeded, so this is local to the worker (a port it alone cannot bind, a
             # TLS file it alone reads).  The instance now runs two configurations until the next reload:
             # counted as a failed reload, so that LbConfigReloadFailed fires, not as the owner's success.
-            self._balancer.reloads.failed()
+            # Of the latest reload only does it make the last one failed: a late report of an earlier one
+            # (the owner has applied another since) left lb_config_last_reload_successful at 0 for good.
+            self._balancer.reloads.failed(latest=message.get("reload") == self._reloads_sent)
             log.error("%s could not apply the reload and keeps its previous configuration", worker.name)
         elif op == "failure":
             self._balancer.take_down(str(message["pool"]), str(message["backend"]), str(message["detail"]))
@@ -509,7 +512,8 @@ class WorkerSupervisor:
     def reloaded(self, source: ConfigSource) -> None:
         """The owner now runs the config from `source`: running workers apply it, and new ones start with it."""
         self._config_source = source
-        self.broadcast(config_message("reload", source))
+        self._reloads_sent += 1
+        self.broadcast({**config_message("reload", source), "reload": self._reloads_sent})
 
     def states_changed(self) -> None:
         """Push every backend's state to the workers once this turn of the event loop is over.
@@ -527,12 +531,14 @@ class WorkerSupervisor:
         applied them (it answers a `report` sent after them: it handles messages in order).  An operator's
         `disable` answered before that let a worker route a handshake to the backend after the 200.
         False if one has not answered in time (stopped, or its event loop stuck): it applies them when
-        it runs again, after the connections that queued for it meanwhile."""
+        it runs again, after the connections that queued for it meanwhile (or it was busy applying a
+        reload, and applies them right after)."""
         self._push_states_now()
         seq = self.fence()
+        asked = list(self._workers.values())  # one (re)started meanwhile begins with the states as they are
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
-        while any(w.answered < seq and w.process.returncode is None for w in self._workers.values()):
+        while any(w.answered < seq and w.process.returncode is None and not w.killed for w in asked):
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(STATES_LOOK)
@@ -710,7 +716,7 @@ class ControlChannel:
         elif op == "reload":
             # The owner's source, `${file:PATH}` contents included: this worker reads none of those files.
             if not await self._balancer.reload(config_source(message)):
-                self._send({"op": "reload_failed"})
+                self._send({"op": "reload_failed", "reload": message.get("reload")})
         elif op == "close_tunnels":
             key = (str(message["pool"]), str(message["backend"]))
             rate = float(message["rate"])

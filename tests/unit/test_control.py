@@ -693,9 +693,15 @@ def test_a_worker_that_fails_a_reload_the_owner_applied_is_a_counted_failure(
         supervisor = WorkerSupervisor(owner, 2, config_path=mock.sentinel.path,  # type: ignore[arg-type]
                                       config_source=ConfigSource(""))
         worker = SimpleNamespace(name="worker 1 (pid 4242)")
+        supervisor.reloaded(ConfigSource("first"))
+        supervisor.reloaded(ConfigSource("second"))
         with caplog.at_level(logging.ERROR, logger="lb.control.workers"):
-            supervisor._handle(worker, 4242, {"op": "reload_failed"})  # type: ignore[arg-type]
-        assert reloads.counts == {"success": 1, "failure": 1} and not reloads.last_ok
+            # A late report of the first: counted, but the last reload is not said to have failed (a
+            # review's case: the gauge stayed 0 with every process on the second).
+            supervisor._handle(worker, 4242, {"op": "reload_failed", "reload": 1})  # type: ignore[arg-type]
+            assert reloads.counts == {"success": 1, "failure": 1} and reloads.last_ok
+            supervisor._handle(worker, 4242, {"op": "reload_failed", "reload": 2})  # type: ignore[arg-type]
+        assert reloads.counts == {"success": 1, "failure": 2} and not reloads.last_ok
         assert "worker 1 (pid 4242) could not apply the reload" in caplog.text
 
     asyncio.run(scenario())
