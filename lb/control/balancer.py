@@ -178,7 +178,6 @@ class Balancer:
         self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._reporter: asyncio.Task[None] | None = None
-        self._retired_watch: asyncio.Task[None] | None = None
         # The removed backends the series retention last counted present (their tunnels then still ran).
         self._retired_in_series: frozenset[tuple[str, str]] = frozenset()
         self._stopping: asyncio.Task[None] | None = None
@@ -279,8 +278,7 @@ class Balancer:
         self._advise()
         if self.role is not Role.OWNER:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_tunnels())
-            self._reporter = asyncio.get_running_loop().create_task(self._each_second())
-        self._retired_watch = asyncio.get_running_loop().create_task(self._forget_series_of_ended_tunnels())
+        self._reporter = asyncio.get_running_loop().create_task(self._each_second())
         if self.role is not Role.WORKER:
             self._start_health_checks()
         if self.role is Role.OWNER:
@@ -517,28 +515,27 @@ class Balancer:
                     tunnel.close_gracefully(GOING_AWAY, "idle timeout", cause="idle")
 
     async def _each_second(self) -> None:
-        """Follow a step of the wall clock (`ProxyContext.wall_offset`), log the summaries of 429s and 503s
-        whose interval has passed (`RateLimitSummary`), and give back the heap a burst of connections
-        freed (`lb.control.memory`)."""
+        """Follow a step of the wall clock (`ProxyContext.wall_offset`: tokens, /lookup), and let go of
+        the series of removed backends whose last tunnel has ended.  A serving process also logs the
+        summaries of 429s and 503s whose interval has passed (`RateLimitSummary`), sweeps the per-IP
+        buckets, and gives back the heap a burst of connections freed (`lb.control.memory`)."""
         policy = ReleasePolicy()
+        serving = self.role is not Role.OWNER
         for second in itertools.count(1):
             await asyncio.sleep(1.0)
             self.ctx.wall_offset = wall_offset()
+            # A removed backend whose last tunnel has ended has left its pool, and counts under the
+            # departed bound from then on; recomputed only at a DNS change or a reload, its series stayed
+            # past the bound for good after a rollout of gateways holding long tunnels.
+            if self._retired_in_series.difference((name, b.id) for name, b in self.retired_backends()):
+                self._forget_departed_series()
+            if not serving:
+                continue
             self._report_refusals_now()
             if second % RATE_SWEEP_EVERY == 0:
                 self.ctx.rate_limiter.sweep(time.monotonic())  # the data plane's clock, which `check` was given
             if policy.due(self.ctx.handshaking + len(self.ctx.tunnels), time.monotonic()):
                 release_free_memory()
-
-    async def _forget_series_of_ended_tunnels(self) -> None:
-        """Once a second: a removed backend whose last tunnel has ended has left its pool, and counts under
-        the departed bound from then on.  The retention was only recomputed at a DNS change or a reload,
-        so after a rollout of gateways holding long tunnels, with DNS then stable, their series stayed in
-        /metrics past the bound for the process's life."""
-        while True:
-            await asyncio.sleep(1.0)
-            if self._retired_in_series.difference((name, b.id) for name, b in self.retired_backends()):
-                self._forget_departed_series()
 
     def _report_refusals_now(self, *, final: bool = False) -> None:
         now = time.monotonic()  # the data plane's clock (lb.proxy.server), which `note` was given
@@ -995,8 +992,6 @@ class Balancer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None  # and no reload that races this stop starts another (_swap)
-        if self._retired_watch is not None:
-            self._retired_watch.cancel()
         if self._reporter is not None:
             self._reporter.cancel()
             self._report_refusals_now(final=True)  # what the last interval counted, before the process goes
