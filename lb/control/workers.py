@@ -393,9 +393,7 @@ class WorkerSupervisor:
     def _check_answers(self) -> None:
         """Ends the round's wait once every worker asked has answered it, or exited (`_watch`)."""
         reported = self._reported
-        if reported is not None and not reported.done() and all(
-            w.answered >= self._report_seq or w.process.returncode is not None for w in self._asked
-        ):
+        if reported is not None and not reported.done() and _all_answered(self._asked, self._report_seq):
             reported.set_result(None)
 
     async def _watch(self, worker: _Worker) -> None:
@@ -538,7 +536,7 @@ class WorkerSupervisor:
         asked = list(self._workers.values())  # one (re)started meanwhile begins with the states as they are
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
-        while any(w.answered < seq and w.process.returncode is None and not w.killed for w in asked):
+        while not _all_answered(asked, seq):
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(STATES_LOOK)
@@ -598,6 +596,12 @@ class WorkerSupervisor:
             worker.writer.close()
             for task in worker.tasks:
                 task.cancel()
+
+
+def _all_answered(asked: list[_Worker], seq: int) -> bool:
+    """Whether every worker of `asked` has answered the `report` of `seq`, or has exited or been killed
+    (it will answer nothing, and one restarted begins with what it was asked to have)."""
+    return all(w.answered >= seq or w.killed or w.process.returncode is not None for w in asked)
 
 
 def _encode(message: dict[str, Any], reports: TooLargeReports) -> bytes | None:

@@ -542,7 +542,7 @@ def test_a_round_of_report_is_shared_ends_when_every_worker_has_answered_or_exit
             both_asked.set()
 
     def worker(index: int) -> Any:
-        return SimpleNamespace(index=index, answered=0, process=SimpleNamespace(returncode=None),
+        return SimpleNamespace(index=index, answered=0, killed=False, process=SimpleNamespace(returncode=None),
                                serving=lambda now: True)
 
     supervisor = workers.WorkerSupervisor.__new__(workers.WorkerSupervisor)
