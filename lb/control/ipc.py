@@ -56,9 +56,9 @@ import dataclasses
 import json
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from lb.config.load import ConfigSource
 from lb.config.model import Config
@@ -271,6 +271,7 @@ def apply_states(pools: dict[str, PoolState], message: dict[str, Any]) -> None:
 # -- counters: workers → owner -------------------------------------------------------
 
 
+K = TypeVar("K", bound=Hashable)
 Keep = Callable[[str, str], bool]  # (pool, backend) → whether its series are kept (lb.state.series)
 KeepPool = Callable[[str], bool]  # pool → whether its per-pool series are kept (lb.state.series)
 RetiredBackends = Iterable[tuple[str, BackendStatus]]  # backends gone from their pool whose tunnels still run
@@ -392,32 +393,33 @@ class _Totals:
         worker last reported stays, and what it counts from then on is added.  A lower count (forgotten
         and counted again between two reports) is a restart from 0 too.
         """
-        pairs = (
-            (before.stats.handshakes, self.stats.handshakes, carried.stats.handshakes),
-            (before.stats.decisions, self.stats.decisions, carried.stats.decisions),
-            (before.observations.backend_errors, self.observations.backend_errors, carried.observations.backend_errors),
-            (before.observations.health_checks, self.observations.health_checks, carried.observations.health_checks),
-        )
-        for earlier, now, kept in pairs:
-            for key, count in earlier.items():
-                if now.get(key, 0) < count:
-                    kept[key] += count
+        _carry_counts(before.stats.handshakes, self.stats.handshakes, carried.stats.handshakes)
+        _carry_counts(before.stats.decisions, self.stats.decisions, carried.stats.decisions)
+        _carry_counts(before.observations.backend_errors, self.observations.backend_errors,
+                      carried.observations.backend_errors)
+        _carry_counts(before.observations.health_checks, self.observations.health_checks,
+                      carried.observations.health_checks)
+        _carry_histograms(before.observations.connect, self.observations.connect, carried.observations.connect)
         # Per pool too: a worker forgets a removed pool on its own schedule (it may hold no tunnel of it
         # while another worker does, and the owner keeps it), and its share must stay in the owner's sum.
-        for counted, count in before.pool_decisions.items():
-            if self.pool_decisions.get(counted, 0) < count:
-                carried.pool_decisions[counted] += count
-        for pool, unsealed in before.stats.unsealed_cookies.items():
-            if self.stats.unsealed_cookies.get(pool, 0) < unsealed:
-                carried.stats.unsealed_cookies[pool] += unsealed
-        for backend, histogram in before.observations.connect.items():
-            current = self.observations.connect.get(backend)
-            if current is None or current.count < histogram.count:
-                carried.observations.connect.setdefault(backend, Histogram()).merge(histogram)
-        for pool, histogram in before.observations.handshake.items():
-            current = self.observations.handshake.get(pool)
-            if current is None or current.count < histogram.count:
-                carried.observations.handshake.setdefault(pool, Histogram()).merge(histogram)
+        _carry_counts(before.pool_decisions, self.pool_decisions, carried.pool_decisions)
+        _carry_counts(before.stats.unsealed_cookies, self.stats.unsealed_cookies, carried.stats.unsealed_cookies)
+        _carry_histograms(before.observations.handshake, self.observations.handshake, carried.observations.handshake)
+
+
+def _carry_counts(earlier: Mapping[K, int], now: Mapping[K, int], kept: Tally[K]) -> None:
+    """Into `kept`, each count of `earlier` (a worker's previous report) that `now` holds less of."""
+    for key, count in earlier.items():
+        if now.get(key, 0) < count:
+            kept[key] += count
+
+
+def _carry_histograms(earlier: Mapping[K, Histogram], now: Mapping[K, Histogram], kept: dict[K, Histogram]) -> None:
+    """As `_carry_counts`, for histograms (their counts compared)."""
+    for key, histogram in earlier.items():
+        current = now.get(key)
+        if current is None or current.count < histogram.count:
+            kept.setdefault(key, Histogram()).merge(histogram)
 
 
 class StatsAggregate:
