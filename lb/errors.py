@@ -14,6 +14,7 @@
     │   ├── HeadersTooLarge          431
     │   ├── UnsupportedTransferCoding 501 a transfer coding other than chunked
     │   ├── UnsupportedMethod        501 CONNECT (a tunnel to a host of the client's choice)
+    │   ├── HttpVersionNotSupported  505 a major version of HTTP other than 1
     │   ├── RequestTimeout           408 the client did not send its request body in time
     │   ├── NoHealthyBackend         503 with Retry-After
     │   └── BadGateway               502 no backend could be reached, or none answered in time and well-formed

@@ -21,6 +21,7 @@ from lb import __version__
 from lb.affinity.decision import DecisionReason
 from lb.config.model import DEFAULT_BACKLOG, Config
 from lb.control.exposition import SlicedCollector, SlicedRegistry
+from lb.errors import RequestRejected
 from lb.state.context import BackendCounts, ProxyContext
 from lb.state.families import Family, in_slices
 from lb.state.pool import BackendState, BackendStatus
@@ -31,6 +32,23 @@ _NONE_COUNTED = BackendCounts()  # a backend that has answered nothing yet
 # gateway dies) would be missing from the dashboard's redispatch rate and from LbRedispatchSpike.
 # Read from the type, so that a result added there is exported from 0 too.
 DECISION_RESULTS: tuple[DecisionReason, ...] = get_args(DecisionReason)
+
+
+def _answered_statuses() -> tuple[int, ...]:
+    """Every status the balancer answers itself: each `RequestRejected`'s, and the bare 500 of a bug."""
+    statuses: set[int] = {500}
+    kinds: list[type[RequestRejected]] = [RequestRejected]
+    while kinds:
+        kind = kinds.pop()
+        statuses.add(kind.status)
+        kinds.extend(kind.__subclasses__())
+    return tuple(sorted(statuses))
+
+
+# lb_rejected_requests_total's statuses, each exported from 0, for the same reason as the decisions: the
+# first 502 or 503 storm after a start (LbHandshakeErrorRatio, the dashboard's refusals) would not
+# show.  Read from the error tree, so that a status added there is exported from 0 too.
+ANSWERED_STATUSES: tuple[int, ...] = _answered_statuses()
 
 
 @dataclasses.dataclass
@@ -176,7 +194,9 @@ class LbCollector(SlicedCollector):
         rejected = CounterMetricFamily(
             "lb_rejected_requests", "Requests the balancer answered itself, by status.", labels=["status"]
         )
-        for status, count in stats.rejected.items():
+        answered: dict[int, int] = dict.fromkeys(ANSWERED_STATUSES, 0)
+        answered.update(stats.rejected)
+        for status, count in answered.items():
             rejected.add_metric([str(status)], count)
         yield rejected
         relayed = CounterMetricFamily(

@@ -353,6 +353,23 @@ def test_every_decision_result_is_exported_from_zero_for_each_configured_pool() 
     assert after[("lb_affinity_decisions_total", (("pool", "gone"), ("result", "hit")))] == 1
 
 
+def test_every_status_the_balancer_answers_is_exported_from_zero() -> None:
+    """lb_rejected_requests_total{status} exists at 0 for every status of the error tree before its first
+    count: the first 502 or 503 storm after a start would not show in rate() (LbHandshakeErrorRatio)."""
+    ctx = _ctx()
+    before = _scrape(ctx, SeriesRetention())
+    exported = {
+        dict(labels)["status"]: value for (name, labels), value in before.items()
+        if name == "lb_rejected_requests_total"
+    }
+    assert exported == dict.fromkeys(["400", "404", "408", "426", "429", "431", "500", "501", "502", "503", "505"], 0)
+    ctx.stats.rejected[503] += 4
+    ctx.stats.rejected[418] += 1  # a status outside the tree (none today) is still exported once counted
+    after = _scrape(ctx, SeriesRetention())
+    assert after[("lb_rejected_requests_total", (("status", "503"),))] == 4
+    assert after[("lb_rejected_requests_total", (("status", "418"),))] == 1
+
+
 def test_pools_renamed_at_every_reload_keep_the_series_of_the_last_removed_only() -> None:
     """A release-named pool (`gateways-v1`, `-v2`, ...) renamed at each reload: the series of the last
     REMOVED_POOLS_KEPT removed pools stay (per pool, and of their backends), older ones are forgotten
