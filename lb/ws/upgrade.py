@@ -34,13 +34,19 @@ def check_upgrade(request: RequestHead) -> None:
     """Validate a WebSocket opening handshake (RFC 6455 §4.2.1).
 
     Raises:
-        BadHandshake: a malformed upgrade (the listener answers 400), a repeated Sec-WebSocket-Version too.
+        BadHandshake: a malformed upgrade (the listener answers 400), a repeated Sec-WebSocket-Version
+            too, and one that carries a body.
         UnsupportedVersion: Sec-WebSocket-Version is not 13 (426, RFC 6455 §4.2.2).
     """
     if request.method != "GET":
         raise BadHandshake("WebSocket upgrade must use GET")
     if request.version != "HTTP/1.1":
         raise BadHandshake("WebSocket upgrade needs HTTP/1.1")
+    if request.chunked or request.content_length:
+        # No WebSocket client sends a body with its opening handshake, and gateway libraries
+        # (websockets) hang up on one: forwarded, it would let any client fail the backend's
+        # handshake, and a few of them would take the pool `down` by passive health.
+        raise BadHandshake("WebSocket upgrade with a request body")
     if not request.head.has_token("connection", "upgrade"):
         raise BadHandshake("Connection header must include Upgrade")
     keys = request.head.get_all("sec-websocket-key")

@@ -1288,10 +1288,18 @@ def test_a_malformed_chunk_after_the_answer_began_aborts_instead_of_a_second_ans
     assert play.closed_client == CloseClient(abort=True) and play.connections()["a1"] == 0
 
 
-def test_an_upgrade_whose_body_went_out_is_not_retried() -> None:
-    """A retry would send the next backend the head without the body it announces."""
+def test_an_upgrade_with_a_body_is_400_without_reaching_a_backend() -> None:
+    """A gateway library (websockets) hangs up on a handshake's body, which passive health counted
+    against it (s40c F03): refused before any backend, as no WebSocket client sends one."""
     play = Play()
     play.client(upgrade("/b/ws")[:-2] + b"Content-Length: 5\r\n\r\nhello")
+    assert play.opened == [] and play.answer()[0] == 400
+
+
+def test_a_request_whose_body_went_out_is_not_retried() -> None:
+    """A retry would send the next backend the head without the body it announces."""
+    play = Play()
+    play.client(post("/a/x", b"hello"))
     play.connected()
     play.backend_eof()
     assert len(play.opened) == 1 and play.answer()[0] == 502

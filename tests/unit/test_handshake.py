@@ -219,3 +219,19 @@ def test_a_101_the_client_must_fail_is_a_fault(offered: tuple[str, ...], answer:
     assert found is not None and fault in found
     if not fault.startswith("Upgrade"):
         assert switch_fault(request, answer) is None
+
+
+@pytest.mark.parametrize(
+    "extra", [("Content-Length: 5",), ("Transfer-Encoding: chunked",)], ids=["Content-Length", "chunked"]
+)
+def test_an_upgrade_with_a_body_is_400(extra: tuple[str, ...]) -> None:
+    """No WebSocket client sends a body with its handshake; a gateway library (websockets) hangs up on
+    one, which passive health would count against the gateway: two such handshakes per gateway took a
+    pool `down` (s40c F03)."""
+    with pytest.raises(BadHandshake) as info:
+        check_upgrade(upgrade(extra=extra))
+    assert info.value.status == 400
+
+
+def test_an_upgrade_with_an_empty_body_is_an_upgrade() -> None:
+    check_upgrade(upgrade(extra=("Content-Length: 0",)))
