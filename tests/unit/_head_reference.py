@@ -63,6 +63,13 @@ PROTECTED_HEADERS = frozenset(
         "transfer-encoding",
         "connection",
         "upgrade",
+        # The handshake's own, which the 101 is checked against: a gateway that read a client's
+        # `Sec_WebSocket_Key` as the key would answer a wrong Accept, which blames the gateway.
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+        "cookie",  # we route by it and strip ours from it: a `Cookie` trailer would carry it past us
     }
 )
 

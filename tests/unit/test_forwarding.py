@@ -286,7 +286,10 @@ def test_empty_reason_phrase_round_trips() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["X_Forwarded_For", "x_forwarded_proto", "X-Forwarded_Host", "Transfer_Encoding", "Content_Length"]
+    "name", [
+        "X_Forwarded_For", "x_forwarded_proto", "X-Forwarded_Host", "Transfer_Encoding", "Content_Length",
+        "Sec_WebSocket_Key", "Sec-WebSocket_Protocol",
+    ]
 )
 def test_underscore_aliases_of_our_headers_are_dropped(name: str) -> None:
     """CGI-style backends read `_` as `-`: a client's X_Forwarded_For would forge the real one."""

@@ -228,7 +228,7 @@ def test_malformed_chunked_raises(body: bytes) -> None:
 @pytest.mark.parametrize(
     "name", ["X-Forwarded-For", "x_forwarded_for", "X-Forwarded-Anything", "Content-Length", "Transfer-Encoding",
              "Host", "X-Real-IP", "Forwarded", "X-LB-Affinity", "X-Game-Affinity", "Proxy-Connection", "Keep_Alive",
-             "TE", "Connection", "Upgrade"],
+             "TE", "Connection", "Upgrade", "Cookie", "Sec-WebSocket-Key", "sec_websocket_protocol"],
 )
 def test_a_request_trailer_named_like_a_protected_header_is_refused(name: str) -> None:
     """A backend that merges trailers into the head must not find ours (or framing) there: refused,

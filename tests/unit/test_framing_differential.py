@@ -337,6 +337,8 @@ HOSTILE_BODIES = {
     "Proxy-Connection trailer": b"0\r\nProxy-Connection: close\r\n\r\n",
     "Keep-Alive trailer": b"0\r\nKeep-Alive: timeout=1\r\n\r\n",
     "X_Forwarded_For trailer": b"0\r\nX_Forwarded_For: 6.6.6.6\r\n\r\n",
+    "Cookie trailer": b"0\r\nCookie: LB_AFFINITY=forged\r\n\r\n",
+    "Sec-WebSocket-Key trailer": b"0\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n\r\n",
     "X-Forwarded-Anything trailer": b"0\r\nX-Forwarded-Anything: 1\r\n\r\n",
     "trailers at the limit": b"0\r\n" + _TRAILER_LINE * ((MAX_TRAILERS - 2) // len(_TRAILER_LINE)) + b"\r\n",
     "trailers past the limit": b"0\r\n" + _TRAILER_LINE * (MAX_TRAILERS // len(_TRAILER_LINE) + 1) + b"\r\n",
