@@ -65,28 +65,42 @@ class RoundRobin:
 
 
 class LeastConn:
-    """Fewest live connections per unit of weight; ties take turns so idle pools still spread."""
+    """Fewest live connections per unit of weight; among the tied, the one picked least recently.
 
-    __slots__ = ("_turn",)
+    Least recently picked, as HAProxy's leastconn requeues a picked server behind its equals.  Not
+    "the next in turn among the tied": the set of tied backends changes with every pick, and a turn
+    counter lined up with it.  Connections that overlap by one (a client opens its new WebSocket
+    before it closes the old) always left the same two tied, and three backends took 75 / 1 / 74.
+    """
+
+    __slots__ = ("_picked", "_picks")
 
     def __init__(self) -> None:
-        self._turn = 0
+        self._picks = 0
+        self._picked: dict[str, int] = {}  # backend id -> number of the pick that last chose it
 
     def choose(self, candidates: Sequence[C]) -> C | None:
         if not candidates:
             return None
-        # One pass (this runs per handshake): the lowest load so far and every candidate tied with it.
-        tied: list[C] = []
-        best_load = 0.0
+        # One pass (this runs per handshake): the lowest load so far, the least recently picked on a tie.
+        picked = self._picked
+        best = candidates[0]
+        best_load = best.connections / best.weight
+        best_pick = picked.get(best.id, 0)
         for candidate in candidates:
             load = candidate.connections / candidate.weight
-            if not tied or load < best_load:
-                tied = [candidate]
-                best_load = load
+            if load < best_load:
+                best, best_load, best_pick = candidate, load, picked.get(candidate.id, 0)
             elif load == best_load:
-                tied.append(candidate)
-        self._turn += 1
-        return tied[self._turn % len(tied)]
+                pick = picked.get(candidate.id, 0)
+                if pick < best_pick:
+                    best, best_pick = candidate, pick
+        self._picks += 1
+        picked[best.id] = self._picks
+        if len(picked) > 2 * len(candidates) + 64:
+            # Ids of backends gone by reload or discovery: keep only those still candidates.
+            self._picked = {c.id: picked[c.id] for c in candidates if c.id in picked}
+        return best
 
 
 def make_policy(method: BalanceMethod) -> RoundRobin | LeastConn:

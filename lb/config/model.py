@@ -251,7 +251,17 @@ class LimitsConfig:
     max_header_bytes: int = 16384
     max_connections: int = 50000          # client connections at once, all listeners
     handshake_rate_per_ip: float = 0.0    # handshakes per second per source IP; 0 = off (carrier NAT)
-    handshake_burst_per_ip: int = 100
+    handshake_burst_per_ip: int | None = None  # unset: `burst_per_ip`
+
+    @property
+    def burst_per_ip(self) -> int:
+        """How many handshakes one address may open at once after a quiet spell: as set, else one
+        second's worth of the rate (at least 1).  Not a fixed 100: with a rate of 5/s, a fixed
+        burst let one address through 100 handshakes at once, 20 seconds' worth of what the operator
+        asked for, where nginx's `limit_req` and HAProxy's `sc_http_req_rate` allow none past it."""
+        if self.handshake_burst_per_ip is not None:
+            return self.handshake_burst_per_ip
+        return max(1, math.ceil(self.handshake_rate_per_ip))
 
 
 @dataclass(frozen=True, slots=True)

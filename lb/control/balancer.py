@@ -773,7 +773,7 @@ class Balancer:
         self._retire(old_pools, pools, "removed by reload")
         rate_limiter = ctx.rate_limiter
         if config.limits != ctx.config.limits:
-            rate_limiter = RateLimiter(config.limits.handshake_rate_per_ip, config.limits.handshake_burst_per_ip)
+            rate_limiter = RateLimiter(config.limits.handshake_rate_per_ip, config.limits.burst_per_ip)
         ctx.pools = pools
         ctx.codec = TokenCodec(config.affinity.secret_keys, config.affinity.max_age)
         ctx.routes = sort_routes(config.routes)

@@ -206,7 +206,7 @@ def split_limits(config: Config, index: int, count: int) -> Config:
         limits,
         max_connections=share(limits.max_connections, index, count),
         handshake_rate_per_ip=limits.handshake_rate_per_ip / count,
-        handshake_burst_per_ip=max(1, share(limits.handshake_burst_per_ip, index, count)),
+        handshake_burst_per_ip=max(1, share(limits.burst_per_ip, index, count)),
     )
     pools = {
         name: dataclasses.replace(

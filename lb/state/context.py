@@ -198,7 +198,7 @@ class ProxyContext:
             routes=sort_routes(config.routes),
             protected=configured_protected(config),
             on_backend_failure=on_backend_failure,
-            rate_limiter=RateLimiter(config.limits.handshake_rate_per_ip, config.limits.handshake_burst_per_ip),
+            rate_limiter=RateLimiter(config.limits.handshake_rate_per_ip, config.limits.burst_per_ip),
         )
 
 

@@ -79,6 +79,15 @@ async def test_per_ip_handshake_rate_gets_429_with_retry_after(launcher: Launche
     assert time.monotonic() - started <= int(retry_after) + 2 * UNIT
 
 
+async def test_a_rate_alone_admits_one_second_s_worth_at_once(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """With only handshake_rate_per_ip set, one address's burst is one second's worth of that rate: 12
+    handshakes at once with a rate of 3/s get three 101s (four if a token refilled meanwhile) and 429s for the
+    rest, where a fixed default burst of 100 let them all in."""
+    lb = start(launcher, gateways, {"limits": {"handshake_rate_per_ip": 3}})
+    statuses = await asyncio.gather(*(handshake_status(lb, "127.0.0.81") for _ in range(12)))
+    assert set(statuses) == {101, 429} and statuses.count(101) in (3, 4), statuses
+
+
 async def test_every_429_s_request_id_reaches_the_log(launcher: Launcher, gateways: list[Gateway]) -> None:
     """SPEC part 2: an error answer's request id is one the log carries, for a summarised burst of 429s too
     (named by the summary line, written at the interval's end or, as here, when the balancer stops)."""

@@ -96,6 +96,50 @@ def test_least_conn_ties_spread_evenly_around_a_busier_backend() -> None:
     assert counts == {"a": 100, "c": 100, "d": 100}
 
 
+@pytest.mark.parametrize("backends", [2, 3, 4, 5])
+def test_least_conn_spreads_connections_that_overlap_by_one(backends: int) -> None:
+    """150 connections one after another, each opened just before the one before it closes: every backend
+    takes its share.  Ties took turns by position among the tied, which lined up with the changing set of
+    tied backends: three backends took 75 / 1 / 74."""
+    pool = [Backend(chr(ord("a") + i)) for i in range(backends)]
+    policy = LeastConn()
+    taken: Counter[str] = Counter()
+    previous: Backend | None = None
+    for _ in range(150):
+        chosen = policy.choose(pool)
+        assert chosen is not None
+        chosen.connections += 1
+        taken[chosen.id] += 1
+        if previous is not None:
+            previous.connections -= 1
+        previous = chosen
+    share = 150 // backends
+    assert all(share <= taken[b.id] <= share + 1 for b in pool), taken
+
+
+@pytest.mark.parametrize("backends", [3, 4, 5])
+def test_least_conn_keeps_clients_even_when_each_reconnects_before_closing(backends: int) -> None:
+    """150 held clients each reconnect five times, opening the new WebSocket before closing the old: they
+    stay spread evenly."""
+    pool = [Backend(chr(ord("a") + i)) for i in range(backends)]
+    policy = LeastConn()
+    holding: list[Backend] = []
+    for _ in range(150):
+        chosen = policy.choose(pool)
+        assert chosen is not None
+        chosen.connections += 1
+        holding.append(chosen)
+    for _ in range(5):
+        for client, old in enumerate(holding):
+            new = policy.choose(pool)
+            assert new is not None
+            new.connections += 1
+            old.connections -= 1
+            holding[client] = new
+    counts = [backend.connections for backend in pool]
+    assert max(counts) - min(counts) <= 1, counts
+
+
 @pytest.mark.parametrize("policy", [RoundRobin(), LeastConn()], ids=["round_robin", "least_conn"])
 def test_no_candidates_gives_none(policy: RoundRobin | LeastConn) -> None:
     """With no candidates, choose returns None (the caller answers 503)."""

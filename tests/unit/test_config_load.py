@@ -162,6 +162,16 @@ def test_good_config_builds_typed_values(base_dir: Path) -> None:
     assert config.limits == LimitsConfig(16384)
 
 
+@pytest.mark.parametrize(
+    ("limits", "burst"),
+    [({}, 1), ({"handshake_rate_per_ip": 5}, 5), ({"handshake_rate_per_ip": 0.2}, 1),
+     ({"handshake_rate_per_ip": 2.5}, 3), ({"handshake_rate_per_ip": 5, "handshake_burst_per_ip": 40}, 40)],
+)
+def test_the_per_ip_burst_is_one_second_of_the_rate_unless_set(limits: dict[str, float], burst: int) -> None:
+    """A rate set alone admits one second's worth at once (at least 1), not a fixed 100."""
+    assert LimitsConfig(**limits).burst_per_ip == burst  # type: ignore[arg-type]
+
+
 def test_absent_optional_keys_take_the_dataclass_defaults(tmp_path: Path) -> None:
     """Only listeners, affinity.secret_keys, routes and pools are required; the rest defaults."""
     config = parse_config(MINIMAL_YAML, base_dir=tmp_path, environ={})

@@ -4,6 +4,7 @@ keyed by pid."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -300,6 +301,13 @@ def test_split_limits_gives_each_worker_its_share() -> None:
     assert all(p.pools["p"].backends[1].max_connections is None for p in parts)
     assert sum(p.limits.handshake_rate_per_ip for p in parts) == 10.0
     assert split_limits(_config(), 0, 1) == _config()
+
+
+def test_split_limits_shares_the_burst_the_rate_implies() -> None:
+    """A rate set alone implies a burst of one second's worth, and that is what the workers share."""
+    config = dataclasses.replace(_config(), limits=LimitsConfig(handshake_rate_per_ip=5.0))
+    parts = [split_limits(config, i, 2) for i in range(2)]
+    assert [p.limits.burst_per_ip for p in parts] == [3, 2]
 
 
 def _report(handshakes: int, tunnels: int, handshaking: int = 0) -> dict[str, Any]:
