@@ -44,7 +44,9 @@ Why it is shaped this way (each is a smuggling or memory bug of the await chain 
   pool's `retries` that did not answer in time); otherwise the client gets 502
   (also after a timeout), never a 500.
   Not a plain request that was sent whole and answered late: that is a slow
-  endpoint, not a broken backend (`_retry_or_fail`).
+  endpoint, not a broken backend (`_retry_or_fail`).  Not, either, a backend
+  that hung up on a request without a word, unless another backend then
+  answered that request: a client can shape a request gateways close on.
 """
 
 from __future__ import annotations
@@ -299,6 +301,7 @@ class Connection:
         "_config",
         "_ctx",
         "_decision",
+        "_hung_up",
         "_interim",
         "_keep_alive",
         "_last_backend",
@@ -388,6 +391,7 @@ class Connection:
         self._claim: Claim | None = None
         self._decision: Decision | None = None  # set while a backend connection is counted
         self._tried: list[str] = []
+        self._hung_up: list[tuple[str, str]] | None = None  # (backend id, cause): blamed if another answers
         self._waited = 0  # backends of this request that did not answer in time (`retries`)
         self._balance_key: str | None = None  # balance: source|hash, for the first choice and retries
         self._opened_at = 0.0
@@ -1089,8 +1093,15 @@ class Connection:
             # a backend that accepts and never answers is left to its active checks, and to the
             # upgrades it fails).
             return actions + self._refuse(last, now)
-        # A backend that fails a handshake counts towards taking it down (passive health).
-        ctx.on_backend_failure(pool.name, backend.id, failure.cause)
+        if self.state == WAITING and failure.kind == "reset" and not self._answer_buf and not self._interim:
+            # Hung up on the request without a word.  That may be the request's doing: a gateway closes
+            # on one it will not take, and tried on every gateway in turn, one such request counted a
+            # failure against each, so a client took a pool down with `fall` requests.  Counted only
+            # once another backend answers this same request (`_observe`).
+            self._hung_up = [*(self._hung_up or ()), (backend.id, failure.cause)]
+        else:
+            # A backend that fails a handshake counts towards taking it down (passive health).
+            ctx.on_backend_failure(pool.name, backend.id, failure.cause)
         if self._sent and not self._retriable:
             return actions + self._refuse(last, now)
         self._tried.append(backend.id)
@@ -1115,13 +1126,15 @@ class Connection:
                 session=claim.session if claim else None,
                 exclude=self._tried,
                 now=now + ctx.wall_offset,
+                # As the first choice: a pin kept while its backend is briefly down or full stays kept
+                # when a stand-in refuses (a fresh cookie here moved the client for good).
+                grace=self._config.affinity.redispatch_grace,
                 balance_key=self._balance_key,
             )
         except NoHealthyBackend:
             return actions + self._refuse(last, now)
         reason = decision.reason if decision.reason != "hit" else "redispatch"
-        issue_cookie = retry.issue_cookie or pool.config.sticky
-        return actions + self._open(Decision(backend=retry.backend, reason=reason, issue_cookie=issue_cookie), now)
+        return actions + self._open(Decision(retry.backend, reason, retry.issue_cookie), now)
 
     def _log_abandoned(self, status: int, reason: str) -> None:
         """A request on its way to a backend that ends before its answer: still its one access line, and
@@ -1303,10 +1316,15 @@ class Connection:
 
     def _observe(self, now: float) -> None:
         """The backend gave its final answer: lb_backend_connect_duration_seconds (connect + answer) and
-        lb_handshake_duration_seconds, and its failed handshakes (passive health) count from 0 again."""
+        lb_handshake_duration_seconds, and its failed handshakes (passive health) count from 0 again.
+        Those that hung up on this request without a word count now: the request was not the cause."""
         decision, pool = self._decision, self._pool
         assert decision is not None and pool is not None
         decision.backend.handshake_failures = 0
+        if self._hung_up is not None:
+            for backend_id, cause in self._hung_up:
+                self._ctx.on_backend_failure(pool.name, backend_id, cause)
+            self._hung_up = None
         observations = self._ctx.observations
         observations.observe_connect(pool.name, decision.backend.id, now - self._opened_at)
         observations.observe_handshake(pool.name, now - self._began)

@@ -112,6 +112,8 @@ class RecordingBackend:
                             conn.sendall(bytes((byte,)))
                     elif self.mode == "raw":
                         conn.sendall(self.raw)
+                    elif self.mode == "hang-up":  # a gateway that closes on a request it will not take
+                        return
                     elif self.mode == "interim-flood":
                         self._flood(conn, deadline)
                         return

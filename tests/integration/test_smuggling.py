@@ -335,6 +335,36 @@ async def _get(port: int, path: str) -> int:
         await close_raw(writer)
 
 
+async def test_requests_every_gateway_hangs_up_on_leave_the_pool_up(
+    launcher: Launcher, recorders: list[RecordingBackend]
+) -> None:
+    """A client can shape a request that gateways close on without a word (s40c F03): it gets 502, tried on
+    each gateway, and passive health counts none of it (with `fall: 1`, one such request took the pool down).
+    A gateway that hangs up on what another one answers is still counted, and goes down."""
+    rec_a, rec_b = RecordingBackend("rec-a", mode="hang-up"), RecordingBackend("rec-b", mode="hang-up")
+    recorders += [rec_a, rec_b]
+    config = lb_config(pools={"a": [rec_a, rec_b]}, routes={"/a": "a"}, health=dict(TCP_HEALTH, fall=1))
+    lb = launcher.balancer(config)
+    assert lb.port is not None
+    for i in range(3):
+        assert await _get(lb.port, f"/a/refused{i}") == 502
+        reader, writer = await open_raw(lb.port)
+        try:
+            writer.write(upgrade_request(f"/a/ws{i}"))
+            assert (await read_response(reader, within=10 * UNIT)).status == 502
+        finally:
+            await close_raw(writer)
+    assert len(rec_a.requests()) == len(rec_b.requests()) == 6  # each request was tried on both
+    document = await status(lb)
+    assert [find_backend(document, "a", b)["state"] for b in ("rec-a", "rec-b")] == ["up", "up"]
+
+    rec_b.mode = "answer"
+    statuses = [await _get(lb.port, f"/a/answered{i}") for i in range(4)]
+    assert statuses == [200] * 4
+    document = await status(lb)
+    assert find_backend(document, "a", "rec-a")["state"] == "down", document
+
+
 @pytest.mark.parametrize("response", [None, 4.0], ids=["default", "response-4s"])
 async def test_slow_plain_answers_are_not_sent_twice_and_leave_the_pool_up(
     launcher: Launcher, recorders: list[RecordingBackend], response: float | None

@@ -9,6 +9,7 @@ without bound.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from pathlib import Path
@@ -872,6 +873,49 @@ def test_backend_closing_before_answering_is_502() -> None:
     assert play.answer()[0] == 502
 
 
+def test_a_backend_that_starts_an_answer_and_closes_is_blamed() -> None:
+    """Half an answer is the backend's fault whatever the request: passive health hears of it at once."""
+    play = Play()
+    play.client(post("/a/x", b"abc"))
+    play.connected()
+    play.backend(b"HTTP/1.1 2")
+    play.backend_eof()
+    assert [f[:2] for f in play.failures] == [("a", "a1")]
+
+
+@pytest.mark.parametrize("hang_up", ["eof", "reset"])
+@pytest.mark.parametrize("request_bytes", [upgrade("/b/ws"), get("/b/x")], ids=["upgrade", "get"])
+def test_a_request_every_backend_hangs_up_on_blames_none(hang_up: str, request_bytes: bytes) -> None:
+    """Closing on a request without a word may be the request's doing (a gateway closes on one it will not
+    take): when every backend tried does, the client gets 502 and no backend is counted a failure.  Counted,
+    one such request was a failure for every gateway, and `fall` of them took the pool down."""
+    play = Play()
+    play.client(request_bytes)
+    for _ in range(2):
+        play.connected()
+        if hang_up == "eof":
+            play.backend_eof()
+        else:
+            play.backend_failed("connection reset by peer")
+    assert play.answer()[0] == 502 and play.opened == ["b1", "b2"]
+    assert play.failures == []
+    assert play.connections() == {"a1": 0, "b1": 0, "b2": 0}
+
+
+def test_a_backend_that_hung_up_is_blamed_once_another_answers_the_same_request() -> None:
+    """Another backend answering the request shows the request was not the cause: the one that hung up is
+    counted then, and the one that answered starts afresh."""
+    play = Play()
+    play.client(upgrade("/b/ws"))
+    play.connected()
+    play.backend_eof()
+    play.connected()
+    assert play.failures == []
+    play.backend(SWITCH)
+    assert play.answer()[0] == 101
+    assert play.failures == [("b", "b1", "closed the connection before answering")]
+
+
 def test_slow_upload_is_the_clients_time_not_the_backends() -> None:
     play = Play()
     play.client(post("/a/up", b"0123456789")[:-8])  # head and 2 bytes of 10
@@ -1055,6 +1099,45 @@ def test_refusals_cost_no_wait_and_go_on_through_the_pool() -> None:
     play.connected()
     play.backend(SWITCH)
     assert len(play.opened) == 5 and play.answer()[0] == 101
+
+
+GRACE_CONFIG = SIX_BACKENDS.replace("RETRIES", "3").replace(
+    "affinity: {mode: insert, cookie: LB,", "affinity: {mode: insert, cookie: LB, redispatch_grace: 30s,"
+)
+
+
+def _pinned_cookie() -> tuple[str, str]:
+    """A client's first handshake on pool b: its cookie pair and the backend it pins."""
+    first = Play(GRACE_CONFIG)
+    first.client(upgrade("/b/ws"))
+    first.connected()
+    first.backend(SWITCH)
+    return first.answer()[1]["set-cookie"].partition(";")[0], first.opened[0]
+
+
+@pytest.mark.parametrize("refusals", [0, 1, 2])
+@pytest.mark.parametrize("why", ["down within redispatch_grace", "full"])
+def test_a_kept_pin_stays_kept_when_the_stand_in_refuses(why: str, refusals: int) -> None:
+    """A pinned client served by a stand-in keeps its cookie (its backend is briefly down, or full), and so it
+    does when that stand-in refuses and another serves it: the retry decided afresh and issued a cookie."""
+    cookie, pinned = _pinned_cookie()
+    play = Play(GRACE_CONFIG, now=T0 + 5)
+    pool = play.ctx.pools["b"]
+    if why == "full":
+        backend = pool.backends[pinned]
+        backend.config = dataclasses.replace(backend.config, max_connections=1)
+        backend.connections = 1
+    else:
+        for _ in range(pool.config.health_check.fall):
+            pool.record_probe(pinned, False, T0 + 1, "refused")
+    play.client(upgrade("/b/ws").replace(b"\r\n\r\n", f"\r\nCookie: {cookie}\r\n\r\n".encode()))
+    for _ in range(refusals):
+        play.backend_failed()  # a stand-in refuses
+    play.connected()
+    play.backend(SWITCH)
+    status, headers, _ = play.answer()
+    assert status == 101 and len(play.opened) == 1 + refusals and pinned not in play.opened
+    assert "set-cookie" not in headers, headers
 
 
 def test_a_final_answer_starts_the_backends_failed_handshakes_afresh() -> None:
