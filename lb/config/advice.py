@@ -8,7 +8,8 @@ as warnings at start and on every reload, so they are seen before a player is.
 from __future__ import annotations
 
 from lb.affinity.balancing import HASHED_METHODS
-from lb.config.model import AffinityMode, Config, DiscoveryType, SameSite, SecureMode, over_limit_answered
+from lb.affinity.carriers import MAX_PINS
+from lb.config.model import AffinityMode, Config, DiscoveryType, PoolConfig, SameSite, SecureMode, over_limit_answered
 from lb.http.cookies import secure_prefix
 
 # Descriptors a process needs besides its client connections and its health checks (one per backend
@@ -94,6 +95,13 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
                 f"pools.{name}.slow_start is ignored with balance: {pool.balance.value}: a weight ramping on each "
                 "instance's own clock would send one key to different backends through different instances"
             )
+    pinning = _pinning_pools(config)
+    if len(pinning) > MAX_PINS:
+        said.append(
+            f"{len(pinning)} routed pools pin their clients ({', '.join(pinning)}): the affinity cookie holds "
+            f"{MAX_PINS} pins, one per pool, so a client that uses more than {MAX_PINS} of them loses its oldest "
+            "pin on each visit to another and may move; merge pools, or give hashed ones sticky: false"
+        )
     affinity = config.affinity
     plain = [f"listeners[{i}]" for i, listener in enumerate(config.listeners) if listener.tls is None]
     if plain and affinity.secure is SecureMode.AUTO:
@@ -135,3 +143,40 @@ def _descriptor_advice(config: Config, descriptors: int) -> list[str]:
         "raise the limit (ulimit -n, systemd LimitNOFILE=, the container runtime's nofile) or lower "
         "limits.max_connections"
     ]
+
+
+def _pinning_pools(config: Config) -> list[str]:
+    """The routed pools that pin their clients with a cookie (all but hashed pools with `sticky: false`)."""
+    routed = {route.pool for route in config.routes}
+    return [
+        name for name, pool in config.pools.items()
+        if name in routed and (pool.sticky or pool.balance not in HASHED_METHODS)
+    ]
+
+
+def reload_advice(running: Config, new: Config) -> list[str]:
+    """What a reload from `running` to `new` will do to clients that its operator may not expect."""
+    said = []
+    gone = {name: pool for name, pool in running.pools.items() if name not in new.pools}
+    added = {name: pool for name, pool in new.pools.items() if name not in running.pools}
+    for old_name, old_pool in gone.items():
+        for new_name, new_pool in added.items():
+            shared = _shared_backends(old_pool, new_pool)
+            if shared:
+                said.append(
+                    f"pool {old_name} is gone and pool {new_name} has its backends ({', '.join(shared)}): a pin "
+                    f"names its pool, so {old_name}'s clients get new cookies and some move; to keep them, "
+                    f"keep the name {old_name} (a route can send any path to it)"
+                )
+    return said
+
+
+def _shared_backends(old: PoolConfig, new: PoolConfig) -> list[str]:
+    """The ids of `old`'s backends that `new` also has (by id or by address), and its discovery's name if
+    `new` discovers the same one."""
+    ids = {backend.id for backend in new.backends}
+    addresses = {backend.address for backend in new.backends}
+    shared = [backend.id for backend in old.backends if backend.id in ids or backend.address in addresses]
+    if old.discovery is not None and new.discovery is not None and old.discovery.dns == new.discovery.dns:
+        shared.append(f"discovery {old.discovery.dns}")
+    return shared

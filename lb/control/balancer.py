@@ -65,7 +65,7 @@ from aiohttp import web
 from lb import startup_signals
 from lb.affinity.codec import TokenCodec
 from lb.compiled import compiled_state
-from lb.config.advice import advice
+from lb.config.advice import advice, reload_advice
 from lb.config.load import ConfigSource, load_config_source
 from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
 from lb.control.admin import AdminRunner, make_admin_app
@@ -630,6 +630,7 @@ class Balancer:
             return False
         restart_only = self._restart_only_changes(config)
         config = self._as_running(config)
+        running = self.config
         try:
             await self.apply(config)
         except BindError as exc:
@@ -639,6 +640,9 @@ class Balancer:
         self.reloads.succeeded()
         log.info("reloaded configuration from %s", self.config_path)
         self._advise()
+        if self.role is not Role.WORKER:
+            for sentence in reload_advice(running, config):
+                log.warning("%s", sentence)
         for setting in restart_only:
             log.warning("%s: the reload applied everything else; this takes a restart", setting)
         if self._supervisor is not None:

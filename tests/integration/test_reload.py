@@ -188,6 +188,23 @@ async def test_a_reload_that_changes_restart_only_settings_says_so(
     lb.assert_alive()
 
 
+async def test_a_reload_that_renames_a_pool_says_its_pins_are_dropped(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """A pin names its pool: a reload that renames one gives every client of it a new cookie, and some
+    move.  The reload applies it and says so, naming the name to keep."""
+    gw1, gw2, _ = gateways
+    lb, config = start_two(launcher, POOL, gw1, gw2)
+    renamed = copy.deepcopy(config)
+    renamed["pools"] = {"arena": renamed["pools"].pop(POOL)}
+    renamed["routes"] = [dict(route, pool="arena") for route in renamed["routes"]]
+    mark = lb.log_lines()
+    await reload_with(lb, renamed)
+    await wait_for_log(lb, f"pool {POOL} is gone and pool arena has its backends ({gw1.id}, {gw2.id})", after=mark)
+    assert (await visit(lb.ws_url())).server_id in {gw1.id, gw2.id}
+    lb.assert_alive()
+
+
 def _config_hash(exposition: str) -> str:
     found = re.search(r'^lb_build_info\{[^}]*config_hash="([0-9a-f]+)"', exposition, re.MULTILINE)
     assert found, "no lb_build_info in /metrics"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lb.config.advice import advice
+from lb.config.advice import advice, reload_advice
 from lb.config.load import parse_config
 from lb.config.model import Config
 from lb.devcerts import write_dev_certs
@@ -241,3 +241,59 @@ pools: {{p: {{discovery: {{dns: gw.example, type: {kind}, port: {port}}}}}}}
     said = advice(parse_config(text, base_dir=tmp_path, environ={}))
     assert said == (["pools.p.discovery.port is ignored with type: srv: each record carries its own port "
                      "(the port is for type: a)"] if advised else [])
+
+
+def _pools(tmp_path: Path, pools: dict[str, str]) -> Config:
+    """A configuration whose pools are `pools` (name: the pool's YAML), each routed at /name."""
+    routes = ", ".join(f"{{path_prefix: /{name}, pool: {name}}}" for name in pools)
+    text = f"""
+listeners: [{{bind: "127.0.0.1:0"}}]
+admin: {{token: {TOKEN}}}
+affinity: {{secret_keys: [{KEY}]}}
+routes: [{routes}]
+pools: {{{", ".join(f"{name}: {pool}" for name, pool in pools.items())}}}
+"""
+    return parse_config(text, base_dir=tmp_path, environ={})
+
+
+def _backend(n: int) -> str:
+    return f'{{backends: [{{id: b{n}, address: "127.0.0.1:{1000 + n}"}}]}}'
+
+
+@pytest.mark.parametrize(("count", "advised"), [(8, False), (9, True)])
+def test_more_pinning_pools_than_a_cookie_holds_is_advice(tmp_path: Path, count: int, advised: bool) -> None:
+    """A cookie holds 8 pins, one per pool: a client of nine pools lost a pin on every visit, silently."""
+    found = [s for s in advice(_pools(tmp_path, {f"p{n}": _backend(n) for n in range(count)})) if "pins" in s]
+    assert bool(found) is advised, found
+    if advised:
+        assert "9 routed pools pin their clients" in found[0] and "holds 8 pins" in found[0]
+
+
+def test_hashed_pools_without_a_cookie_do_not_count_as_pinning(tmp_path: Path) -> None:
+    pools = {f"p{n}": _backend(n) for n in range(8)}
+    pools["h"] = '{balance: source, sticky: false, backends: [{id: h, address: "127.0.0.1:2000"}]}'
+    assert [s for s in advice(_pools(tmp_path, pools)) if "pins" in s] == []
+
+
+@pytest.mark.parametrize(
+    ("new_pool", "advised"),
+    [
+        ('{backends: [{id: b1, address: "127.0.0.1:1001"}]}', True),  # the same backends under a new name
+        ('{backends: [{id: other, address: "127.0.0.1:1001"}]}', True),  # same address, id changed too
+        ('{backends: [{id: b1, address: "127.0.0.1:1002"}]}', True),  # same id, moved
+        ('{backends: [{id: fresh, address: "127.0.0.1:3000"}]}', False),  # a different pool
+    ],
+)
+def test_a_pool_renamed_by_a_reload_says_its_pins_are_dropped(tmp_path: Path, new_pool: str, advised: bool) -> None:
+    """A pin names its pool: renamed, every client of the pool got a new cookie and some moved, and
+    neither the reload nor anything else said so."""
+    running = _pools(tmp_path, {"games": _backend(1), "chat": _backend(5)})
+    renamed = _pools(tmp_path, {"arena": new_pool, "chat": _backend(5)})
+    said = reload_advice(running, renamed)
+    if not advised:
+        assert said == []
+        return
+    (sentence,) = said
+    assert sentence.startswith("pool games is gone and pool arena has its backends")
+    assert "keep the name games" in sentence
+    assert reload_advice(running, running) == []
