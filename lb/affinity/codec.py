@@ -49,6 +49,9 @@ NONCE_BYTES: Final = 12
 SESSION_BYTES: Final = 8
 MAX_TOKEN_CHARS: Final = 4096  # longer than any token we issue; refuse before decoding
 CLOCK_SKEW: Final = 300  # seconds a token may appear to come from the future (other instances' clocks)
+# Why a token is treated as absent: lb_affinity_invalid_tokens_total{reason}, /lookup's `reason`
+# (`unknown_backend` is the decision's: a valid token naming a backend no pool has).
+INVALID_REASONS: Final = ("malformed", "unknown_key", "bad_mac", "expired", "future", "unknown_backend")
 
 _HEADER: Final = struct.Struct(">BH")  # version, key id
 _CLAIM: Final = struct.Struct(">I8sB")  # issued_at, session, backend id length
@@ -153,7 +156,8 @@ class TokenCodec:
         """Decrypt and check a token.
 
         Raises:
-            InvalidToken: reason "malformed", "unknown_key", "bad_mac" or "expired".
+            InvalidToken: reason "malformed", "unknown_key", "bad_mac", "expired" or "future" (issued more
+                than CLOCK_SKEW ahead of `now`: a clock is wrong, this instance's or the issuer's).
         """
         raw = _decode(token)
         version, key_id = _HEADER.unpack_from(raw)
@@ -173,8 +177,12 @@ class TokenCodec:
             raise InvalidToken("bad_mac")
         claim = _parse_claim(plaintext, version, older_key=key is not self._keys[0])
         age = now - claim.issued_at
-        if age > self._max_age or age < -CLOCK_SKEW:
+        if age > self._max_age:
             raise InvalidToken("expired")
+        if age < -CLOCK_SKEW:
+            # Not "expired": the operator's fix is a clock, not max_age.  Bounded, as a token from an
+            # instance whose clock ran a year ahead would otherwise live a year past max_age.
+            raise InvalidToken("future")
         return claim
 
 

@@ -5,7 +5,7 @@ where does a handshake carrying this token go right now?  Answer shapes:
 
     {"valid": true, "pool": P, "backend": ID, "state": S, "routes_to": ID | null,
      "issued_at": "2026-11-30T16:20:41Z", "expires_at": "2026-11-30T17:20:41Z"}
-    {"valid": false, "reason": "expired" | "bad_mac" | "malformed" | "unknown_key" | "unknown_backend"}
+    {"valid": false, "reason": "expired" | "future" | "bad_mac" | "malformed" | "unknown_key" | "unknown_backend"}
 
 - `backend` is what the token names; `routes_to` is where a handshake carrying it
   goes now, after the redispatch rules: the same backend while it is up or

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from lb import __version__
+from lb.affinity.codec import INVALID_REASONS
 from lb.affinity.decision import DecisionReason
 from lb.config.model import DEFAULT_BACKLOG, Config
 from lb.control.exposition import SlicedCollector, SlicedRegistry
@@ -180,8 +181,9 @@ class LbCollector(SlicedCollector):
         invalid = CounterMetricFamily(
             "lb_affinity_invalid_tokens", "Affinity tokens treated as absent, by reason.", labels=["reason"]
         )
-        for reason, count in stats.invalid_tokens.items():
-            invalid.add_metric([reason], count)
+        # Every reason from 0: rate() counts nothing of the value a series is born with.
+        for reason in dict.fromkeys([*INVALID_REASONS, *stats.invalid_tokens]):
+            invalid.add_metric([reason], stats.invalid_tokens.get(reason, 0))
         yield invalid
         unsealed = CounterMetricFamily(
             "lb_affinity_unsealed_cookies",

@@ -370,6 +370,22 @@ def test_every_status_the_balancer_answers_is_exported_from_zero() -> None:
     assert after[("lb_rejected_requests_total", (("status", "418"),))] == 1
 
 
+def test_every_reason_a_token_is_refused_for_is_exported_from_zero() -> None:
+    """lb_affinity_invalid_tokens_total{reason} exists at 0 for every reason before its first count, so the
+    first burst of `bad_mac` (a key left out of one instance) or `future` (a clock ahead) shows in rate()."""
+    ctx = _ctx()
+    exported = {
+        dict(labels)["reason"]: value for (name, labels), value in _scrape(ctx, SeriesRetention()).items()
+        if name == "lb_affinity_invalid_tokens_total"
+    }
+    assert exported == dict.fromkeys(
+        ["malformed", "unknown_key", "bad_mac", "expired", "future", "unknown_backend"], 0
+    )
+    ctx.stats.invalid_tokens["future"] += 3
+    after = _scrape(ctx, SeriesRetention())
+    assert after[("lb_affinity_invalid_tokens_total", (("reason", "future"),))] == 3
+
+
 def test_pools_renamed_at_every_reload_keep_the_series_of_the_last_removed_only() -> None:
     """A release-named pool (`gateways-v1`, `-v2`, ...) renamed at each reload: the series of the last
     REMOVED_POOLS_KEPT removed pools stay (per pool, and of their backends), older ones are forgotten
