@@ -1262,12 +1262,15 @@ class Connection:
             first = None
             said = sets_cookie(response, affinity.cookie)  # the backend said something of its cookie
             if (
-                decision.issue_cookie and decision.reason == "hit" and claim is not None
-                and claim.app_value is not None and not said
+                decision.issue_cookie and claim is not None and not said
+                and (decision.reason == "redispatch" or decision.reason == "hit")
             ):
-                # Past half its life, and the backend said nothing of its cookie (a value, a deletion):
-                # the same value sealed again, so an active client keeps its backend and session.
-                refreshed = fitting_value(affinity.cookie, lookup.others, seal(claim.app_value))
+                # The backend said nothing of its cookie (a value, a deletion).  A hit past half its
+                # life: the same value sealed again, so an active client keeps its backend and session.
+                # A redispatch (SPEC: the cookie is replaced): a pin with no value, as the stand-in saw
+                # none; kept, the old pin took the client back to the old backend once it returned.
+                app_value = claim.app_value if decision.reason == "hit" else None
+                refreshed = fitting_value(affinity.cookie, lookup.others, seal(app_value))
                 if refreshed is not None:  # else the cookie it has stands until it expires
                     token = refreshed
                     set_cookies.append(our_set_cookie(affinity, token, secure=secure))

@@ -46,6 +46,7 @@ from lb.proxy.connection import (
 )
 from lb.proxy.server import AcceptCount
 from lb.state.context import ProxyContext
+from lb.state.pool import AdminAction
 from lb.ws.upgrade import accept_value
 
 KEY = "k" * 40
@@ -1702,6 +1703,42 @@ def test_rewrite_mode_reissues_the_backends_value_past_half_the_tokens_life(age:
     assert fresh != token
     claim = later.ctx.codec.open(fresh, T0 + age + 99)  # a full max_age from now: still opens
     assert (claim.backend_id, claim.app_value) == ("a1", "abc")
+
+
+@pytest.mark.parametrize("why", ["disabled", "down"])
+def test_rewrite_mode_replaces_the_cookie_of_a_redispatched_client_whose_stand_in_sets_none(why: str) -> None:
+    """SPEC: a token for a down or disabled backend is redispatched and the cookie replaced.  A stand-in that
+    sets no cookie of its own (it saw none: the old session is not its) gets a pin with no session, so
+    the client stays with it once the old backend is back, and the stand-in still sees no cookie."""
+    first = Play(REWRITE_CONFIG)
+    first.client(upgrade("/b/ws"))
+    first.connected()
+    first.backend(SWITCH_SETTING_SID)
+    token = _rewrite_token(first)
+    old = first.opened[0]
+
+    later = Play(REWRITE_CONFIG, now=T0 + 5)
+    pool = later.ctx.pools["b"]
+    if why == "disabled":
+        pool.apply_admin(old, AdminAction.DISABLE, T0 + 1)
+    else:
+        for _ in range(pool.config.health_check.fall):
+            pool.record_probe(old, False, T0 + 1, "refused")
+    later.client(upgrade("/b/ws").replace(b"\r\n\r\n", f"\r\nCookie: SID={token}\r\n\r\n".encode()))
+    later.connected()
+    assert b"Cookie:" not in later.to_backend[0], "the stand-in never sees the old backend's session"
+    later.backend(SWITCH)  # and sets no cookie of its own
+    (stand_in,) = later.opened
+    assert stand_in != old
+    fresh = _rewrite_token(later)
+    claim = later.ctx.codec.open(fresh, T0 + 6)
+    session = first.ctx.codec.open(token, T0).session
+    assert (claim.backend_id, claim.app_value, claim.session) == (stand_in, None, session)
+
+    back = Play(REWRITE_CONFIG, now=T0 + 10)  # the old backend is up and enabled again
+    back.client(upgrade("/b/ws").replace(b"\r\n\r\n", f"\r\nCookie: SID={fresh}\r\n\r\n".encode()))
+    back.connected()
+    assert back.opened == [stand_in] and b"Cookie:" not in back.to_backend[0]
 
 
 def test_rewrite_mode_reissues_once_beside_a_backend_cookie_with_its_own_path() -> None:
