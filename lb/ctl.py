@@ -109,7 +109,7 @@ def add_ctl_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     actions = ctl.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     status = actions.add_parser("status", parents=[common], help="pools and backends: state, reason, counters")
-    status.set_defaults(ctl=_status)
+    status.set_defaults(ctl=_status, sends_token=False)
 
     drain = actions.add_parser("drain", parents=[common], help="no new clients; cookie holders still reach it")
     _backend_arguments(drain)
@@ -177,7 +177,10 @@ def resolve_target(args: argparse.Namespace, environ: os._Environ[str] | dict[st
 
         try:
             # The admin section alone: the operator's shell need not hold the cookie keys or read the TLS key.
-            admin = load_admin_config(config_path, environ, token=token)
+            # Nor need it hold the admin token for `status`, which sends none (GET /status is open).
+            admin = load_admin_config(
+                config_path, environ, token=token, read_token=getattr(args, "sends_token", True)
+            )
         except ConfigError as exc:
             raise CtlError(f"cannot use --config {config_path}:\n{exc}", EXIT_USAGE) from None
         if url is None:

@@ -93,7 +93,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
 
 
 def load_admin_config(
-    path: str | Path, environ: Mapping[str, str] | None = None, *, token: str | None = None
+    path: str | Path, environ: Mapping[str, str] | None = None, *, token: str | None = None, read_token: bool = True
 ) -> AdminConfig:
     """Only the `admin` section of the configuration file at `path`, expanded and checked as `lb run` would.
 
@@ -103,7 +103,8 @@ def load_admin_config(
     so a wrong file or a typo (`admn:`) is refused rather than read as "admin on its defaults".
 
     `token` (`lb ctl --token`) stands in for `admin.token`, which is then not read: its variable or
-    file need not be there.
+    file need not be there.  Nor with `read_token=False` (`lb ctl status`, which sends none), which
+    gives no token at all.
 
     Raises:
         ConfigError: the file cannot be read, is not YAML, its top level is wrong, or its `admin`
@@ -119,10 +120,10 @@ def load_admin_config(
         root = root_of(tree, check)
         if root is not None:
             node, env = root.get("admin"), os.environ if environ is None else environ
-            if token is not None and isinstance(node, dict):
+            if (token is not None or not read_token) and isinstance(node, dict):
                 node = expand({key: value for key, value in node.items() if key != "token"}, "admin", env, check,
                                set())
-                if isinstance(node, dict):
+                if isinstance(node, dict) and token is not None:
                     # After the expansion, so the flag's value is taken as it is; marked as if from a
                     # variable, so that no message ever shows it.
                     node["token"] = Expanded(token)

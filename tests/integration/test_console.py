@@ -309,8 +309,10 @@ def test_ctl_url_and_token_from_config(console: ConsoleStack, tmp_path: Path) ->
     done = ctl("--config", str(path), "enable", "gateways", console.gateways[1].id,
                env={"CONSOLE_TEST_TOKEN": console.a.token})
     assert done.returncode == 0, done.stderr
-    unset = ctl("--config", str(path), "status")
+    unset = ctl("--config", str(path), "disable", "gateways", console.gateways[1].id)
     assert unset.returncode == 2 and "CONSOLE_TEST_TOKEN" in unset.stderr
+    status = ctl("--config", str(path), "status")  # sends no token, so needs none
+    assert status.returncode == 0 and console.gateways[1].id in status.stdout, status.stderr
 
 
 async def test_ctl_lookup(console: ConsoleStack) -> None:

@@ -54,6 +54,9 @@ def test_flags_win_over_environment_over_default() -> None:
     assert resolve_target(parse("status"), {}).url == "http://127.0.0.1:9000"
 
 
+DRAIN = ("drain", "p", "a")  # a command that sends the token
+
+
 def test_config_gives_url_and_expanded_token(tmp_path: Path) -> None:
     config = tmp_path / "lb.yaml"
     config.write_text(
@@ -64,22 +67,22 @@ def test_config_gives_url_and_expanded_token(tmp_path: Path) -> None:
         "pools: {p: {backends: [{id: a, address: 127.0.0.1:9001}]}}\n"
     )
     # The cookie key is not in the operator's environment: only admin.* needs to expand.
-    target = resolve_target(parse("--config", str(config), "status"), {"CTL_UNIT_TOKEN": "from-config"})
+    target = resolve_target(parse("--config", str(config), *DRAIN), {"CTL_UNIT_TOKEN": "from-config"})
     assert target.url == "http://127.0.0.1:9100" and target.token == "from-config"
     # A file named on the command line wins over the environment, for both: never one's URL with the other's token.
     environ = {"LB_ADMIN_URL": "http://other:1", "LB_ADMIN_TOKEN": "env", "CTL_UNIT_TOKEN": "x"}
-    target = resolve_target(parse("--config", str(config), "status"), environ)
+    target = resolve_target(parse("--config", str(config), *DRAIN), environ)
     assert (target.url, target.token) == ("http://127.0.0.1:9100", "x")
-    target = resolve_target(parse("--config", str(config), "--admin", "flag:2", "status"), environ)
+    target = resolve_target(parse("--config", str(config), "--admin", "flag:2", *DRAIN), environ)
     assert (target.url, target.token) == ("http://flag:2", "x")
-    target = resolve_target(parse("--config", str(config), "--token", "flag", "status"), environ)
+    target = resolve_target(parse("--config", str(config), "--token", "flag", *DRAIN), environ)
     assert (target.url, target.token) == ("http://127.0.0.1:9100", "flag")
     with pytest.raises(CtlError) as exc:
-        resolve_target(parse("--config", str(config), "status"), {})
+        resolve_target(parse("--config", str(config), *DRAIN), {})
     assert exc.value.exit_code == EXIT_USAGE and "CTL_UNIT_TOKEN" in str(exc.value)
     config.write_text(config.read_text().replace("0.0.0.0:9100", "nonsense"))
     with pytest.raises(CtlError) as exc:
-        resolve_target(parse("--config", str(config), "status"), {"CTL_UNIT_TOKEN": "x"})
+        resolve_target(parse("--config", str(config), *DRAIN), {"CTL_UNIT_TOKEN": "x"})
     assert "admin.bind" in str(exc.value)
 
 
@@ -93,10 +96,10 @@ def test_a_token_flag_stands_in_for_the_files_token(tmp_path: Path) -> None:
         "routes: [{path_prefix: /, pool: p}]\n"
         "pools: {p: {backends: [{id: a, address: 127.0.0.1:9001}]}}\n"
     )
-    target = resolve_target(parse("--config", str(config), "--token", "t-${HOME}", "status"), {"HOME": "/root"})
+    target = resolve_target(parse("--config", str(config), "--token", "t-${HOME}", *DRAIN), {"HOME": "/root"})
     assert (target.url, target.token) == ("http://127.0.0.1:9100", "t-${HOME}")
     with pytest.raises(CtlError) as exc:
-        resolve_target(parse("--config", str(config), "status"), {})
+        resolve_target(parse("--config", str(config), *DRAIN), {})
     assert "CTL_UNIT_UNSET" in str(exc.value)
 
 
@@ -112,12 +115,35 @@ def test_config_needs_only_its_admin_section_to_be_usable(tmp_path: Path) -> Non
         "pools: {p: {backends: [{id: a, address: nonsense}], backends: []}}\n"  # lb validate's to say
     )
     (tmp_path / "admin-token").write_text("from-a-file\n")
-    target = resolve_target(parse("--config", str(config), "status"), {})
+    target = resolve_target(parse("--config", str(config), *DRAIN), {})
     assert (target.url, target.token) == ("http://127.0.0.1:9100", "from-a-file")
     (tmp_path / "admin-token").unlink()
     with pytest.raises(CtlError) as exc:
-        resolve_target(parse("--config", str(config), "status"), {})
+        resolve_target(parse("--config", str(config), *DRAIN), {})
     assert exc.value.exit_code == EXIT_USAGE and "admin.token" in str(exc.value)
+
+
+def test_status_does_not_read_the_files_token(tmp_path: Path) -> None:
+    """It sends none (GET /status is open): a shell without the admin token's variable or file still reads
+    the state (`lb ctl --config F status` exited 2 for want of a token it would not have sent).  The
+    actions and `lookup` send it, and still need it."""
+    config = tmp_path / "lb.yaml"
+    config.write_text(
+        "listeners: [{bind: 127.0.0.1:8080}]\n"
+        "admin: {bind: 127.0.0.1:9100, token: '${CTL_UNIT_UNSET}'}\n"
+        "routes: [{path_prefix: /, pool: p}]\n"
+        "pools: {p: {backends: [{id: a, address: 127.0.0.1:9001}]}}\n"
+    )
+    target = resolve_target(parse("--config", str(config), "status"), {})
+    assert (target.url, target.token) == ("http://127.0.0.1:9100", None)
+    for command in (DRAIN, ("lookup", "TOKEN")):
+        with pytest.raises(CtlError) as exc:
+            resolve_target(parse("--config", str(config), *command), {})
+        assert exc.value.exit_code == EXIT_USAGE and "CTL_UNIT_UNSET" in str(exc.value)
+    config.write_text(config.read_text().replace("127.0.0.1:9100", "nonsense"))
+    with pytest.raises(CtlError) as exc:
+        resolve_target(parse("--config", str(config), "status"), {})
+    assert "admin.bind" in str(exc.value), "the rest of the admin section is still checked"
 
 
 @pytest.mark.parametrize(
@@ -196,7 +222,7 @@ def test_a_token_http_cannot_carry_is_a_usage_error_that_never_echoes_it(
     if "\x00" not in value:
         config = tmp_path / "lb.yaml"
         config.write_text("admin: {bind: 127.0.0.1:9100, token: '${CTL_UNIT_TOKEN}'}\n")
-        message = usage_error(monkeypatch, parse("--config", str(config), "status"), {"CTL_UNIT_TOKEN": value})
+        message = usage_error(monkeypatch, parse("--config", str(config), *DRAIN), {"CTL_UNIT_TOKEN": value})
         assert message.startswith(f"lb ctl: cannot use --config {config}:"), message
         assert "admin.token: expected visible ASCII" in message and SECRET not in message, message
 
