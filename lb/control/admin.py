@@ -43,6 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from lb.access_log import plain_value
 from lb.config.durations import parse_duration
+from lb.config.model import host_port
 from lb.control.exposition import Scrapes
 from lb.control.migration import DEFAULT_MIGRATION_RATE
 from lb.log import Throttle
@@ -343,7 +344,7 @@ def _status_totals(balancer: Balancer, pools: dict[str, Any]) -> dict[str, Any]:
         "max_connections": ctx.config.limits.max_connections,
         "role": balancer.role.value,
         **_workers_document(balancer),
-        "listeners": [f"{host}:{port}" for host, port in balancer.listen_addresses],
+        "listeners": [host_port(host, port) for host, port in balancer.listen_addresses],
         "accepting": ctx.accepting,
         "time": time.time(),
     }

@@ -35,7 +35,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from lb.config.model import BackendConfig
+from lb.config.model import BackendConfig, host_port
 
 # Backend weights in the config file run 1..256.
 MAX_WEIGHT = 256
@@ -243,7 +243,7 @@ def from_srv(
 def from_addresses(
     addresses: Iterable[str], *, port: int, max_backends: int, reserved_ids: Iterable[str] = ()
 ) -> Discovered:
-    """Backends from A/AAAA records: one per distinct address, id `ip:port`.
+    """Backends from A/AAAA records: one per distinct address, id `ip:port` (`[ip]:port` for IPv6).
 
     Args:
         addresses: IPv4 and IPv6 addresses as text, in any order.
@@ -263,7 +263,7 @@ def from_addresses(
     truncated = max(0, len(ordered) - max_backends)
     backends: list[BackendConfig] = []
     for ip in ordered[:max_backends]:
-        backend_id = f"{ip}:{port}"
+        backend_id = host_port(str(ip), port)  # `[fd00::1]:8080`: `fd00::1:8080` reads as another address
         if backend_id in reserved:
             skipped.append(f"address {ip}: id {backend_id} is already taken")
             continue

@@ -223,7 +223,7 @@ def test_pick_address_prefers_ipv4_and_is_deterministic() -> None:
 
 def test_from_addresses_ids_are_ip_port() -> None:
     found = from_addresses(["10.0.0.2", "10.0.0.1", "10.0.0.1", "fd00::1", "nonsense"], port=8080, max_backends=10)
-    assert [b.id for b in found.backends] == ["10.0.0.1:8080", "10.0.0.2:8080", "fd00::1:8080"]
+    assert [b.id for b in found.backends] == ["10.0.0.1:8080", "10.0.0.2:8080", "[fd00::1]:8080"]
     assert found.backends[2].address == "[fd00::1]:8080"
     assert len(found.skipped) == 1
 
