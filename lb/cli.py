@@ -238,6 +238,10 @@ def _certs(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"lb certs: cannot write to {out_dir}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    print(f"wrote {written.ca_cert}, {written.server_cert} and {written.server_key} for {', '.join(hosts)}")
+    if written.ca_kept:
+        print(f"kept the CA in {written.ca_cert} (whoever trusts it trusts the new certificate)")
+        print(f"wrote {written.server_cert} and {written.server_key} for {', '.join(hosts)}")
+    else:
+        print(f"wrote {written.ca_cert}, {written.server_cert} and {written.server_key} for {', '.join(hosts)}")
     print(f"clients trust the server with: --cafile {written.ca_cert}")
     return EXIT_OK

@@ -8,6 +8,7 @@ the certificates.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import os
@@ -25,6 +26,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 VALIDITY = datetime.timedelta(days=825)
 # Backdated so that a client whose clock runs a little behind still accepts it.
 BACKDATE = datetime.timedelta(days=1)
+# A CA from an earlier run with less than this left is replaced, not kept: what it signs would expire with it.
+CA_MIN_LEFT = datetime.timedelta(days=30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +38,21 @@ class DevCerts:
     ca_key: Path
     server_cert: Path
     server_key: Path
+    ca_kept: bool = False  # the CA of an earlier run signed the new server certificate
+
+
+class UnusableCa(ValueError):
+    """`ca.crt` and `ca.key` are there but are not a CA and its key: not replaced (someone may trust it)."""
 
 
 def write_dev_certs(
     out_dir: Path, hosts: Sequence[str], *, now: datetime.datetime | None = None
 ) -> DevCerts:
-    """Create a dev CA and a server certificate for `hosts`, overwriting any previous ones.
+    """Create a server certificate for `hosts`, signed by the CA already in `out_dir` or by a new one.
+
+    A CA written by an earlier run is kept (as mkcert keeps its root): clients and browsers told to
+    trust it go on trusting the new server certificate.  Replacing it on every run broke each of
+    them.  It is replaced only when it has less than CA_MIN_LEFT to live.
 
     Args:
         out_dir: created if missing.
@@ -52,29 +64,63 @@ def write_dev_certs(
 
     Raises:
         ValueError: `hosts` is empty or holds an empty or non-ASCII name.
+        UnusableCa: `ca.crt` and `ca.key` are there, but do not load as a CA and its key.
         OSError: the directory or a file cannot be written.
     """
     names = [_general_name(host) for host in hosts]
     if not names:
         raise ValueError("at least one host is required")
-    start = (now or datetime.datetime.now(datetime.UTC)) - BACKDATE
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = _ca_certificate(ca_key, start)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = _server_certificate(server_key, names, hosts[0], ca_cert, ca_key, start)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
+    moment = now or datetime.datetime.now(datetime.UTC)
+    start = moment - BACKDATE
     paths = DevCerts(
         ca_cert=out_dir / "ca.crt",
         ca_key=out_dir / "ca.key",
         server_cert=out_dir / "server.crt",
         server_key=out_dir / "server.key",
     )
-    _write(paths.ca_key, _key_pem(ca_key), private=True)
-    _write(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
+    kept = _earlier_ca(paths, moment)
+    if kept is None:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_cert = _ca_certificate(ca_key, start)
+    else:
+        ca_key, ca_cert = kept
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = _server_certificate(server_key, names, hosts[0], ca_cert, ca_key, start)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if kept is None:
+        _write(paths.ca_key, _key_pem(ca_key), private=True)
+        _write(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(paths.server_key, _key_pem(server_key), private=True)
     _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), private=False)
-    return paths
+    return dataclasses.replace(paths, ca_kept=kept is not None)
+
+
+def _earlier_ca(
+    paths: DevCerts, now: datetime.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
+    """The CA an earlier run left in the directory, if there is one with CA_MIN_LEFT to live.
+
+    Raises:
+        UnusableCa: both files are there, but are not a CA certificate and its EC key.
+    """
+    if not (paths.ca_cert.exists() and paths.ca_key.exists()):
+        return None
+    unusable = UnusableCa(
+        f"{paths.ca_cert} and {paths.ca_key} are there but are not a CA and its key that lb certs wrote; "
+        "move them away for a new CA"
+    )
+    try:
+        cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except (OSError, ValueError, TypeError, x509.ExtensionNotFound) as exc:
+        raise unusable from exc
+    if not (isinstance(key, ec.EllipticCurvePrivateKey) and constraints.ca and key.public_key() == cert.public_key()):
+        raise unusable
+    if cert.not_valid_after_utc - now < CA_MIN_LEFT:
+        return None
+    return key, cert
 
 
 # RFC 1123 labels (letters, digits, inner hyphens, up to 63 each, 253 in all); a leading `*.`
@@ -142,7 +188,8 @@ def _server_certificate(
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
-        .not_valid_after(start + VALIDITY)
+        # Not past its CA (a kept one may have less than VALIDITY left): clients refuse the chain then.
+        .not_valid_after(min(start + VALIDITY, ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

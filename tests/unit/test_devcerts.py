@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from lb.config.model import TlsConfig
-from lb.devcerts import DevCerts, write_dev_certs
+from lb.devcerts import DevCerts, UnusableCa, write_dev_certs
 from lb.tls import server_ssl_context
 
 TIMEOUT = 5.0  # seconds; bounds every blocking socket call in the loopback test
@@ -148,3 +148,47 @@ def test_python_ssl_verifies_the_chain_on_loopback(certs: DevCerts) -> None:
         server.join(TIMEOUT)
     assert not server.is_alive()
     assert len(errors) == 1  # only the refused example.com handshake
+
+
+def test_a_second_run_keeps_the_ca_so_whoever_trusts_it_trusts_the_new_certificate(tmp_path: Path) -> None:
+    """As mkcert keeps its root: a new CA at every run broke every client told to trust the first."""
+    first = write_dev_certs(tmp_path, ["localhost"])
+    ca_pem, ca_key_pem = first.ca_cert.read_bytes(), first.ca_key.read_bytes()
+    old_server = first.server_cert.read_bytes()
+    second = write_dev_certs(tmp_path, ["gw.example", "127.0.0.1"])
+    assert second.ca_kept and not first.ca_kept
+    assert (second.ca_cert.read_bytes(), second.ca_key.read_bytes()) == (ca_pem, ca_key_pem)
+    assert second.server_cert.read_bytes() != old_server
+    server = load(second.server_cert)
+    server.verify_directly_issued_by(load(second.ca_cert))
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["gw.example"]
+
+
+def test_a_ca_about_to_expire_is_replaced_and_never_outlived(tmp_path: Path) -> None:
+    """A kept CA signs a certificate that ends with it at the latest; one with under 30 days left is replaced."""
+    now = datetime.datetime(2030, 1, 15, 12, 0, tzinfo=datetime.UTC)
+    write_dev_certs(tmp_path, ["localhost"], now=now)
+    ca_pem = (tmp_path / "ca.crt").read_bytes()
+    later = now + datetime.timedelta(days=700)
+    kept = write_dev_certs(tmp_path, ["localhost"], now=later)
+    assert kept.ca_kept and kept.ca_cert.read_bytes() == ca_pem
+    assert load(kept.server_cert).not_valid_after_utc == load(kept.ca_cert).not_valid_after_utc
+    replaced = write_dev_certs(tmp_path, ["localhost"], now=now + datetime.timedelta(days=800))
+    assert not replaced.ca_kept and replaced.ca_cert.read_bytes() != ca_pem
+
+
+@pytest.mark.parametrize("which", ["ca.crt", "ca.key", "both", "another CA's key"])
+def test_ca_files_that_are_not_a_ca_are_refused_and_left_alone(tmp_path: Path, which: str) -> None:
+    written = write_dev_certs(tmp_path, ["localhost"])
+    other = write_dev_certs(tmp_path / "other", ["localhost"])
+    if which in ("ca.crt", "both"):
+        written.ca_cert.write_bytes(other.server_cert.read_bytes())  # a certificate, not a CA
+    if which in ("ca.key", "both"):
+        written.ca_key.write_text("not a key")
+    if which == "another CA's key":
+        written.ca_key.write_bytes(other.ca_key.read_bytes())
+    before = {path: path.read_bytes() for path in (written.ca_cert, written.ca_key)}
+    with pytest.raises(UnusableCa, match="move them away"):
+        write_dev_certs(tmp_path, ["localhost"])
+    assert {path: path.read_bytes() for path in before} == before
