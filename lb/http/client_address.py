@@ -41,6 +41,16 @@ MAX_HOPS = 64
 _MAPPED_PREFIX = 96  # ::ffff:0:0/96 holds the IPv4-mapped addresses (RFC 4291 §2.5.5.2)
 
 
+def _loose_network(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, IPNetwork] | None:
+    """(the address, its network) of an `address/prefix` with host bits set; None for anything else."""
+    try:
+        network = ipaddress.ip_network(text.strip(), strict=False)
+        address = ipaddress.ip_address(text.strip().partition("/")[0])
+    except ValueError:
+        return None
+    return address, network
+
+
 def parse_network(text: str) -> IPNetwork:
     """A CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a single address (`/32` or `/128`).
 
@@ -54,6 +64,15 @@ def parse_network(text: str) -> IPNetwork:
             raise ValueError("write it without its zone: a peer matches by its address, on any interface")
         network = ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as exc:
+        loose = _loose_network(text)
+        if loose is not None:
+            # Refused, where nginx and HAProxy take the network: `10.0.0.1/8` may as well mean the one
+            # address, and trusting 16 million in its place lets any of them name its own client.
+            address, network = loose
+            raise ValueError(
+                f"{text!r} has host bits set: write {network} for the network, or "
+                f"{address}/{address.max_prefixlen} for the one address"
+            ) from None
         raise ValueError(f"expected a CIDR such as 10.0.0.0/8 or an IP address, got {text!r} ({exc})") from None
     # Addresses are compared as IPv4 when IPv4-mapped (`::ffff:a.b.c.d`, as dual-stack logs show a
     # client), so a network written that way is its IPv4 one: else it would never match.
