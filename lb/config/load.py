@@ -22,6 +22,7 @@ a worker's cannot leave one instance sealing cookies with two sets of keys.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,6 +93,10 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     return load_config_source(path, environ)[0]
 
 
+# What stands in for admin.token when it is not read (`read_token=False`): it is never sent.
+_UNREAD_TOKEN: Final = "unread-admin-token"
+
+
 def load_admin_config(
     path: str | Path, environ: Mapping[str, str] | None = None, *, token: str | None = None, read_token: bool = True
 ) -> AdminConfig:
@@ -120,18 +125,20 @@ def load_admin_config(
         root = root_of(tree, check)
         if root is not None:
             node, env = root.get("admin"), os.environ if environ is None else environ
-            if (token is not None or not read_token) and isinstance(node, dict):
+            stand_in = token if token is not None else None if read_token else _UNREAD_TOKEN
+            if stand_in is not None and isinstance(node, dict):
                 node = expand({key: value for key, value in node.items() if key != "token"}, "admin", env, check,
                                set())
-                if isinstance(node, dict) and token is not None:
+                if isinstance(node, dict):
                     # After the expansion, so the flag's value is taken as it is; marked as if from a
-                    # variable, so that no message ever shows it.
-                    node["token"] = Expanded(token)
+                    # variable, so that no message ever shows it.  Unread, a stand-in still passes the
+                    # check that a non-loopback admin has a token, and none is given back.
+                    node["token"] = Expanded(stand_in)
             else:
                 node = expand(node, "admin", env, check, set())
             admin = admin_section(node, check)
             if admin is not None and not check.problems:
-                return admin
+                return admin if stand_in is not _UNREAD_TOKEN else dataclasses.replace(admin, token=None)
     raise ConfigError(check.problems or [Problem("", "invalid configuration")])
 
 

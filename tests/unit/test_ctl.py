@@ -136,11 +136,15 @@ def test_status_does_not_read_the_files_token(tmp_path: Path) -> None:
     )
     target = resolve_target(parse("--config", str(config), "status"), {})
     assert (target.url, target.token) == ("http://127.0.0.1:9100", None)
+    # Off loopback (the Kubernetes manifest binds 0.0.0.0), where a token is required of the file: still none read.
+    config.write_text(config.read_text().replace("bind: 127.0.0.1:9100", "bind: 0.0.0.0:9100"))
+    target = resolve_target(parse("--config", str(config), "status"), {})
+    assert (target.url, target.token) == ("http://127.0.0.1:9100", None)
     for command in (DRAIN, ("lookup", "TOKEN")):
         with pytest.raises(CtlError) as exc:
             resolve_target(parse("--config", str(config), *command), {})
         assert exc.value.exit_code == EXIT_USAGE and "CTL_UNIT_UNSET" in str(exc.value)
-    config.write_text(config.read_text().replace("127.0.0.1:9100", "nonsense"))
+    config.write_text(config.read_text().replace("0.0.0.0:9100", "nonsense"))
     with pytest.raises(CtlError) as exc:
         resolve_target(parse("--config", str(config), "status"), {})
     assert "admin.bind" in str(exc.value), "the rest of the admin section is still checked"
