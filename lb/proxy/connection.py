@@ -41,7 +41,7 @@ Why it is shaped this way (each is a smuggling or memory bug of the await chain 
 - A backend that refuses, resets, stays silent or answers garbage counts towards
   taking it down (passive health: `fall` such handshakes in a row) and the
   request goes to another backend when that is safe (after at most 1 + the
-  pool's `retries` that did not answer in time); otherwise the client gets 502
+  pool's `retries` that did not answer in time or hung up); otherwise the client gets 502
   (also after a timeout), never a 500.
   Not a plain request that was sent whole and answered late: that is a slow
   endpoint, not a broken backend (`_retry_or_fail`).  Not, either, a backend
@@ -103,7 +103,7 @@ from lb.http.routing import match_route
 from lb.log import Throttle, token_digest
 from lb.state.context import ProxyContext
 from lb.state.observations import ErrorKind
-from lb.state.pool import BackendStatus, PoolState
+from lb.state.pool import AdminAction, BackendStatus, PoolState
 from lb.ws.upgrade import check_upgrade, is_websocket_upgrade, negotiation_fault, switch_fault
 
 log: Final = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
@@ -259,6 +259,12 @@ def _pins(pool: PoolConfig) -> bool:
     `sticky: false`, which the hash alone routes (in rewrite mode its backend's cookie is then the
     backend's alone: it passes unchanged, on interim answers and final ones)."""
     return pool.balance not in HASHED_METHODS or pool.sticky
+
+
+def _left(pool: PoolState, claim: Claim) -> bool:
+    """Whether the backend `claim` names has left its clients: down, disabled, migrating them, or gone."""
+    backend = pool.get(claim.backend_id)
+    return backend is None or not backend.healthy or backend.admin is AdminAction.DISABLE or backend.migrating
 
 
 _BODY_INCOMPLETE: Final = "request body incomplete"  # the client half-closed before the end of its body
@@ -1093,22 +1099,27 @@ class Connection:
             # a backend that accepts and never answers is left to its active checks, and to the
             # upgrades it fails).
             return actions + self._refuse(last, now)
-        if self.state == WAITING and failure.kind == "reset" and not self._answer_buf and not self._interim:
+        hung_up = self.state == WAITING and failure.kind == "reset" and not self._answer_buf and not self._interim
+        if hung_up:
             # Hung up on the request without a word.  That may be the request's doing: a gateway closes
             # on one it will not take, and tried on every gateway in turn, one such request counted a
             # failure against each, so a client took a pool down with `fall` requests.  Counted only
-            # once another backend answers this same request (`_observe`).
-            self._hung_up = [*(self._hung_up or ()), (backend.id, failure.cause)]
+            # once another backend answers this same request (`_observe`), and never when this one got
+            # more than the others would (rewrite mode gives the pinned backend alone its session: a
+            # client replaying a session its gateway drops would have that gateway blamed).
+            if not self._restored_session(decision):
+                self._hung_up = [*(self._hung_up or ()), (backend.id, failure.cause)]
         else:
             # A backend that fails a handshake counts towards taking it down (passive health).
             ctx.on_backend_failure(pool.name, backend.id, failure.cause)
         if self._sent and not self._retriable:
             return actions + self._refuse(last, now)
         self._tried.append(backend.id)
-        if failure.timeout:
+        if failure.timeout or hung_up:
             # Waits are what make a retry costly (a refusal costs a round trip, and SPEC tries another
             # backend while there is one): a pool of wedged gateways answers 502 after 1 + `retries` of
-            # them, not after timeouts.backend_connect once per gateway.
+            # them, not after timeouts.backend_connect once per gateway.  Hang-ups too: a request every
+            # gateway closes on would otherwise cost a connection to each of them, unblamed.
             self._waited += 1
             if self._waited > pool.config.retries:
                 return actions + self._refuse(last, now)
@@ -1135,6 +1146,14 @@ class Connection:
             return actions + self._refuse(last, now)
         reason = decision.reason if decision.reason != "hit" else "redispatch"
         return actions + self._open(Decision(retry.backend, reason, retry.issue_cookie), now)
+
+    def _restored_session(self, decision: Decision) -> bool:
+        """Whether `decision`'s backend got the client's session from its token (rewrite mode, pinned)."""
+        claim = self._claim
+        return (
+            self._config.affinity.mode is AffinityMode.REWRITE and claim is not None
+            and claim.app_value is not None and claim.backend_id == decision.backend.id
+        )
 
     def _log_abandoned(self, status: int, reason: str) -> None:
         """A request on its way to a backend that ends before its answer: still its one access line, and
@@ -1263,12 +1282,14 @@ class Connection:
             said = sets_cookie(response, affinity.cookie)  # the backend said something of its cookie
             if (
                 decision.issue_cookie and claim is not None and not said
-                and (decision.reason == "redispatch" or decision.reason == "hit")
+                and (decision.reason == "hit" or (decision.reason == "redispatch" and _left(pool, claim)))
             ):
                 # The backend said nothing of its cookie (a value, a deletion).  A hit past half its
                 # life: the same value sealed again, so an active client keeps its backend and session.
-                # A redispatch (SPEC: the cookie is replaced): a pin with no value, as the stand-in saw
-                # none; kept, the old pin took the client back to the old backend once it returned.
+                # A redispatch from a backend down or disabled (SPEC: the cookie is replaced): a pin with
+                # no value, as the stand-in saw none; kept, the old pin took the client back to the old
+                # backend once it returned.  Not from one that only failed this request and is still
+                # up: its session (the value) is kept for the client's next handshake.
                 app_value = claim.app_value if decision.reason == "hit" else None
                 refreshed = fitting_value(affinity.cookie, lookup.others, seal(app_value))
                 if refreshed is not None:  # else the cookie it has stands until it expires

@@ -903,6 +903,17 @@ def test_a_request_every_backend_hangs_up_on_blames_none(hang_up: str, request_b
     assert play.connections() == {"a1": 0, "b1": 0, "b2": 0}
 
 
+def test_a_request_every_backend_hangs_up_on_is_tried_on_at_most_1_plus_retries() -> None:
+    """Hang-ups count against `retries` as waits do: a request every gateway closes on costs 1 + retries
+    backend connections, not one to each gateway of the pool (unblamed, it would go on for ever)."""
+    play = Play(SIX_BACKENDS.replace("RETRIES", "1"))
+    play.client(upgrade("/b/ws"))
+    while play.closed_client is None:
+        play.connected()
+        play.backend_eof()
+    assert play.answer()[0] == 502 and play.failures == [] and len(play.opened) == 2
+
+
 def test_a_backend_that_hung_up_is_blamed_once_another_answers_the_same_request() -> None:
     """Another backend answering the request shows the request was not the cause: the one that hung up is
     counted then, and the one that answered starts afresh."""
@@ -1739,6 +1750,44 @@ def test_rewrite_mode_replaces_the_cookie_of_a_redispatched_client_whose_stand_i
     back.client(upgrade("/b/ws").replace(b"\r\n\r\n", f"\r\nCookie: SID={fresh}\r\n\r\n".encode()))
     back.connected()
     assert back.opened == [stand_in] and b"Cookie:" not in back.to_backend[0]
+
+
+def test_rewrite_mode_a_retry_past_a_healthy_pinned_backend_keeps_the_clients_session() -> None:
+    """A pinned backend that refuses one connection and is still up keeps its client's session: the stand-in
+    that served this handshake and set no cookie does not replace the cookie with a pin of no value."""
+    first = Play(REWRITE_CONFIG)
+    first.client(upgrade("/b/ws"))
+    first.connected()
+    first.backend(SWITCH_SETTING_SID)
+    token = _rewrite_token(first)
+    later = Play(REWRITE_CONFIG, now=T0 + 5)
+    later.client(upgrade("/b/ws").replace(b"\r\n\r\n", f"\r\nCookie: SID={token}\r\n\r\n".encode()))
+    later.backend_failed()  # the pinned backend refuses, once; it is still up
+    later.connected()
+    later.backend(SWITCH)
+    assert later.opened[0] == first.opened[0] and len(later.opened) == 2
+    assert "set-cookie" not in later.answer()[1]
+
+
+def test_rewrite_mode_a_hang_up_on_the_pinned_backends_own_session_is_not_blamed() -> None:
+    """A client replays a token whose session its gateway now drops without a word: the stand-in, which
+    gets no session, answers, and that does not show the request was not the cause.  Blamed, `fall`
+    replays of one stored cookie took the gateway down for everyone."""
+    first = Play(REWRITE_CONFIG)
+    first.client(upgrade("/b/ws"))
+    first.connected()
+    first.backend(SWITCH_SETTING_SID)
+    token = _rewrite_token(first)
+    for i in range(3):
+        play = Play(REWRITE_CONFIG, now=T0 + 5 + i)
+        play.client(upgrade("/b/ws").replace(b"\r\n\r\n", f"\r\nCookie: SID={token}\r\n\r\n".encode()))
+        play.connected()
+        assert b"Cookie: SID=abc" in play.to_backend[0]
+        play.backend_eof()  # the pinned gateway will not take session abc
+        play.connected()
+        assert b"Cookie:" not in play.to_backend[1], "the stand-in got a different request"
+        play.backend(SWITCH)
+        assert play.answer()[0] == 101 and play.failures == []
 
 
 def test_rewrite_mode_reissues_once_beside_a_backend_cookie_with_its_own_path() -> None:
