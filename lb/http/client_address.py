@@ -43,6 +43,8 @@ _MAPPED_PREFIX = 96  # ::ffff:0:0/96 holds the IPv4-mapped addresses (RFC 4291 Â
 
 def _loose_network(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, IPNetwork] | None:
     """(the address, its network) of an `address/prefix` with host bits set; None for anything else."""
+    if "/" not in text or "%" in text:
+        return None
     try:
         network = ipaddress.ip_network(text.strip(), strict=False)
         address = ipaddress.ip_address(text.strip().partition("/")[0])
@@ -70,8 +72,8 @@ def parse_network(text: str) -> IPNetwork:
             # address, and trusting 16 million in its place lets any of them name its own client.
             address, network = loose
             raise ValueError(
-                f"{text!r} has host bits set: write {network} for the network, or "
-                f"{address}/{address.max_prefixlen} for the one address"
+                f"expected a CIDR such as 10.0.0.0/8 or an IP address, got {text!r}, which has host bits set: "
+                f"write {network} for the network, or {address}/{address.max_prefixlen} for the one address"
             ) from None
         raise ValueError(f"expected a CIDR such as 10.0.0.0/8 or an IP address, got {text!r} ({exc})") from None
     # Addresses are compared as IPv4 when IPv4-mapped (`::ffff:a.b.c.d`, as dual-stack logs show a

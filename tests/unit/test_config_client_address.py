@@ -134,10 +134,10 @@ def test_every_bad_cidr_is_reported_at_its_index() -> None:
     """Each bad entry is its own problem, keyed by its index, saying what is expected."""
     found = problems(tree(trusted_proxies=["10.0.0.0/8", "10.0.0.1/8", "example.com", 7, "10.0.0.0/40"]))
     assert set(found) == {"trusted_proxies[1]", "trusted_proxies[2]", "trusted_proxies[3]", "trusted_proxies[4]"}
-    assert all("expected a CIDR" in message for key, message in found.items() if key != "trusted_proxies[1]")
+    assert all("expected a CIDR" in message for message in found.values())
     # Host bits set: the two things it may have meant (nginx and HAProxy take the network, unsaid).
-    assert found["trusted_proxies[1]"] == (
-        "'10.0.0.1/8' has host bits set: write 10.0.0.0/8 for the network, or 10.0.0.1/32 for the one address"
+    assert found["trusted_proxies[1]"].endswith(
+        "'10.0.0.1/8', which has host bits set: write 10.0.0.0/8 for the network, or 10.0.0.1/32 for the one address"
     )
 
 
