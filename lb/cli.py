@@ -242,6 +242,8 @@ def _certs(args: argparse.Namespace) -> int:
         print(f"kept the CA in {written.ca_cert} (whoever trusts it trusts the new certificate)")
         print(f"wrote {written.server_cert} and {written.server_key} for {', '.join(hosts)}")
     else:
+        if written.ca_replaced:
+            print(f"replaced the CA in {written.ca_cert}: it had under 30 days left; clients must trust the new one")
         print(f"wrote {written.ca_cert}, {written.server_cert} and {written.server_key} for {', '.join(hosts)}")
     print(f"clients trust the server with: --cafile {written.ca_cert}")
     return EXIT_OK

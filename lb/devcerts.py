@@ -39,6 +39,7 @@ class DevCerts:
     server_cert: Path
     server_key: Path
     ca_kept: bool = False  # the CA of an earlier run signed the new server certificate
+    ca_replaced: bool = False  # an earlier run's CA had under CA_MIN_LEFT to live: clients must trust the new one
 
 
 class UnusableCa(ValueError):
@@ -79,6 +80,7 @@ def write_dev_certs(
         server_key=out_dir / "server.key",
     )
     kept = _earlier_ca(paths, moment)
+    replaced = kept is None and paths.ca_cert.exists()  # one that was about to expire
     if kept is None:
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_cert = _ca_certificate(ca_key, start)
@@ -93,7 +95,7 @@ def write_dev_certs(
         _write(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(paths.server_key, _key_pem(server_key), private=True)
     _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), private=False)
-    return dataclasses.replace(paths, ca_kept=kept is not None)
+    return dataclasses.replace(paths, ca_kept=kept is not None, ca_replaced=replaced)
 
 
 def _earlier_ca(
@@ -104,12 +106,18 @@ def _earlier_ca(
     Raises:
         UnusableCa: both files are there, but are not a CA certificate and its EC key.
     """
-    if not (paths.ca_cert.exists() and paths.ca_key.exists()):
+    found = [path for path in (paths.ca_cert, paths.ca_key) if path.exists()]
+    if not found:
         return None
     unusable = UnusableCa(
         f"{paths.ca_cert} and {paths.ca_key} are there but are not a CA and its key that lb certs wrote; "
         "move them away for a new CA"
+        if len(found) == 2 else
+        f"{found[0]} is there without its {'key' if found[0] == paths.ca_cert else 'certificate'}; "
+        "move it away for a new CA"
     )
+    if len(found) == 1:
+        raise unusable
     try:
         cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
         key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)

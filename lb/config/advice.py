@@ -148,16 +148,14 @@ def _descriptor_advice(config: Config, descriptors: int) -> list[str]:
 def _pinning_pools(config: Config) -> list[str]:
     """The routed pools that pin their clients with a cookie (all but hashed pools with `sticky: false`)."""
     routed = {route.pool for route in config.routes}
-    return [
-        name for name, pool in config.pools.items()
-        if name in routed and (pool.sticky or pool.balance not in HASHED_METHODS)
-    ]
+    return [name for name, pool in config.pools.items() if name in routed and pool.pins]
 
 
 def reload_advice(running: Config, new: Config) -> list[str]:
-    """What a reload from `running` to `new` will do to clients that its operator may not expect."""
+    """What a reload from `running` to `new` will do to clients that its operator may not expect: one
+    sentence per surprise.  Today, a pool that pins its clients renamed (the new name has its backends)."""
     said = []
-    gone = {name: pool for name, pool in running.pools.items() if name not in new.pools}
+    gone = {name: pool for name, pool in running.pools.items() if name not in new.pools and pool.pins}
     added = {name: pool for name, pool in new.pools.items() if name not in running.pools}
     for old_name, old_pool in gone.items():
         for new_name, new_pool in added.items():

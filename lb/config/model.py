@@ -212,6 +212,13 @@ class PoolConfig:
     # wedged pool answers 502 after 4 waits, not after one per gateway.
     retries: int = 3
 
+    @property
+    def pins(self) -> bool:
+        """Whether the pool pins its clients by token: all do but a `source` or `hash` pool with
+        `sticky: false`, which the hash alone routes (in rewrite mode its backend's cookie is then the
+        backend's alone: it passes unchanged, on interim answers and final ones)."""
+        return self.sticky or self.balance not in (BalanceMethod.SOURCE, BalanceMethod.HASH)
+
 
 @dataclass(frozen=True, slots=True)
 class TimeoutsConfig:

@@ -13,7 +13,7 @@ where does a handshake carrying this token go right now?  Answer shapes:
   session, which is what every balancer instance sharing the keys picks
   (`null` when no backend can take the client).  It runs the data path's own
   `affinity.decide`; a valid token always carries a session, so decide never
-  reaches a balancing policy's turn counter: the lookup changes nothing.
+  calls a balancing policy's `choose` (which records its picks): the lookup changes nothing.
 - In a `balance: source` or `hash` pool the data path hashes the client's key (its address, its
   `hash_key` value), not the session, wherever it balances: for a pin that no longer holds, and
   for every client of a pool without `sticky`.  The token does not carry that key, so there
@@ -102,8 +102,8 @@ def lookup_token(
         elif not state.config.sticky or not backend.takes_sticky_clients:
             return _answer(claim, state, backend, max_age, None) | {"routes_by": "key"}  # the key decides
     try:
-        # With a session (a valid token has one) or a key, decide hashes: it never reaches a
-        # balancing policy's turn counter, so the lookup changes nothing.
+        # With a session (a valid token has one) or a key, decide hashes: it never calls a balancing
+        # policy's `choose` (which records its picks), so the lookup changes nothing.
         routes_to: str | None = decide(
             claim.backend_id, state, session=claim.session, now=now, grace=grace, balance_key=balance_key
         ).backend.id

@@ -60,7 +60,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from lb.access_log import RateLimitSummary, log_answered, log_request
-from lb.affinity.balancing import HASHED_METHODS
 from lb.affinity.carriers import (
     MAX_SEALS,
     TokenLookup,
@@ -75,7 +74,7 @@ from lb.affinity.carriers import (
 )
 from lb.affinity.codec import NONCE_BYTES, SESSION_BYTES, Claim
 from lb.affinity.decision import Decision, decide
-from lb.config.model import AffinityMode, PoolConfig, SecureMode
+from lb.config.model import AffinityMode, SecureMode
 from lb.errors import (
     BadGateway,
     BadRequest,
@@ -252,13 +251,6 @@ def new_request_id() -> str:
     """Unique per process and cheap: a random per-process prefix and a counter, in hex."""
     # hex(), not an `:x` format: compiled, that one is a str.format call parsing its template.
     return _ID_PREFIX + hex(next(_ids))[2:]
-
-
-def _pins(pool: PoolConfig) -> bool:
-    """Whether the pool pins its clients by token: all do but a `source` or `hash` pool with
-    `sticky: false`, which the hash alone routes (in rewrite mode its backend's cookie is then the
-    backend's alone: it passes unchanged, on interim answers and final ones)."""
-    return pool.balance not in HASHED_METHODS or pool.sticky
 
 
 def _left(pool: PoolState, claim: Claim) -> bool:
@@ -1227,7 +1219,7 @@ class Connection:
         sealed), else None: the backend's cookie passes as the final answer passes it."""
         affinity, pool = self._config.affinity, self._pool
         assert pool is not None
-        return affinity.cookie if affinity.mode is AffinityMode.INSERT or _pins(pool.config) else None
+        return affinity.cookie if affinity.mode is AffinityMode.INSERT or pool.config.pins else None
 
     def _client_head(self, response: ResponseHead, now: float, *, switching: bool, keep_alive: bool = False) -> bytes:
         """The backend's answer plus the affinity token, as the mode wants it (at `now`, the events' clock)."""
@@ -1264,7 +1256,7 @@ class Connection:
 
         secure = affinity.secure is SecureMode.ALWAYS or (affinity.secure is SecureMode.AUTO and self._tls)
 
-        if affinity.mode is AffinityMode.REWRITE and _pins(pool.config):
+        if affinity.mode is AffinityMode.REWRITE and pool.config.pins:
             rewrite, token = rewrite_response_cookies(
                 response, affinity, seal, secure=secure, others=lookup.others,
                 on_unsealed=lambda app_value: unsealed.append(len(app_value)), now=wall,

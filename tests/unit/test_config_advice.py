@@ -297,3 +297,9 @@ def test_a_pool_renamed_by_a_reload_says_its_pins_are_dropped(tmp_path: Path, ne
     assert sentence.startswith("pool games is gone and pool arena has its backends")
     assert "keep the name games" in sentence
     assert reload_advice(running, running) == []
+
+
+def test_renaming_a_pool_that_pins_nothing_is_not_said_to_drop_pins(tmp_path: Path) -> None:
+    """A hashed pool without `sticky` issues no cookie, so its rename moves no pin."""
+    hashed = '{balance: source, sticky: false, backends: [{id: b1, address: "127.0.0.1:1001"}]}'
+    assert reload_advice(_pools(tmp_path, {"games": hashed}), _pools(tmp_path, {"arena": hashed})) == []

@@ -175,7 +175,7 @@ def test_a_ca_about_to_expire_is_replaced_and_never_outlived(tmp_path: Path) -> 
     assert kept.ca_kept and kept.ca_cert.read_bytes() == ca_pem
     assert load(kept.server_cert).not_valid_after_utc == load(kept.ca_cert).not_valid_after_utc
     replaced = write_dev_certs(tmp_path, ["localhost"], now=now + datetime.timedelta(days=800))
-    assert not replaced.ca_kept and replaced.ca_cert.read_bytes() != ca_pem
+    assert not replaced.ca_kept and replaced.ca_replaced and replaced.ca_cert.read_bytes() != ca_pem
 
 
 @pytest.mark.parametrize("which", ["ca.crt", "ca.key", "both", "another CA's key"])
@@ -192,3 +192,14 @@ def test_ca_files_that_are_not_a_ca_are_refused_and_left_alone(tmp_path: Path, w
     with pytest.raises(UnusableCa, match="move them away"):
         write_dev_certs(tmp_path, ["localhost"])
     assert {path: path.read_bytes() for path in before} == before
+
+
+@pytest.mark.parametrize("alone", ["ca.crt", "ca.key"])
+def test_half_a_ca_is_refused_and_left_alone(tmp_path: Path, alone: str) -> None:
+    """A CA certificate without its key (or the key alone) may be one someone trusts: not replaced, unsaid."""
+    written = write_dev_certs(tmp_path, ["localhost"])
+    (written.ca_key if alone == "ca.crt" else written.ca_cert).unlink()
+    before = (tmp_path / alone).read_bytes()
+    with pytest.raises(UnusableCa, match="move it away"):
+        write_dev_certs(tmp_path, ["localhost"])
+    assert (tmp_path / alone).read_bytes() == before
