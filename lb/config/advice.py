@@ -95,6 +95,13 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
                 f"pools.{name}.slow_start is ignored with balance: {pool.balance.value}: a weight ramping on each "
                 "instance's own clock would send one key to different backends through different instances"
             )
+    limits = config.limits
+    if limits.handshake_burst_per_ip is not None and limits.handshake_rate_per_ip == 0:
+        said.append(
+            "limits.handshake_burst_per_ip is set but handshake_rate_per_ip is 0 (off): nothing is limited; "
+            "set a rate per second too"
+        )
+    said += _zero_share_advice(config)
     pinning = _pinning_pools(config)
     if len(pinning) > MAX_PINS:
         said.append(
@@ -142,6 +149,27 @@ def _descriptor_advice(config: Config, descriptors: int) -> list[str]:
         f"backend's: past about {fits} connections per process new clients fail instead of getting a 503; "
         "raise the limit (ulimit -n, systemd LimitNOFILE=, the container runtime's nofile) or lower "
         "limits.max_connections"
+    ]
+
+
+def _zero_share_advice(config: Config) -> list[str]:
+    """Connection limits below the number of workers: each worker enforces its share, and a share of 0
+    refuses every client that worker gets, however few connections the instance holds."""
+    workers = config.workers
+    if workers <= 1:
+        return []
+    limited = [("limits.max_connections", config.limits.max_connections)] + [
+        (f"pools.{name}.backends[{i}].max_connections", backend.max_connections)
+        for name, pool in config.pools.items()
+        for i, backend in enumerate(pool.backends)
+        if backend.max_connections is not None
+    ]
+    return [
+        f"{key} is {limit} with {workers} workers: each worker enforces its share, so {workers - limit} of them "
+        f"have a share of 0 and refuse every client they get (503, or another backend), however few are "
+        f"connected; set {workers} or more, or fewer workers"
+        for key, limit in limited
+        if limit < workers
     ]
 
 

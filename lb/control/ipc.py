@@ -438,6 +438,7 @@ class StatsAggregate:
         self._carried: dict[int, _Totals] = {}
         self._dead: set[int] = set()
         self._departed = _Totals()  # counters of workers dead and folded (see compact)
+        self._shown_sums: dict[tuple[str, ...], float] = {}  # each histogram's sum as last applied
 
     def update(self, pid: int, report: dict[str, Any]) -> None:
         """The latest cumulative report of worker `pid` (late reports of dead workers included)."""
@@ -491,5 +492,22 @@ class StatsAggregate:
             b.connections = total.backends[(pool_name, b.id)]
         ctx.stats = total.stats
         ctx.worker_clients = total.clients
+        self._never_less(total.observations)
         ctx.observations.from_workers = total.observations
         return total.tunnels
+
+    def _never_less(self, observations: Observations) -> None:
+        """Keep each histogram's sum from going below what was last applied.
+
+        A dead worker's sums are folded into `_departed`, and the floats are then added in another
+        order: a sum can come out an ulp lower (0.013000000000000001, then 0.013), which Prometheus
+        takes for a counter reset (a false spike in rate()).  A series forgotten and counted again
+        starts afresh: only the histograms applied now are remembered.
+        """
+        shown: dict[tuple[str, ...], float] = {}
+        keyed = [*((("handshake", pool), h) for pool, h in observations.handshake.items()),
+                 *((("connect", *key), h) for key, h in observations.connect.items())]
+        for key, histogram in keyed:
+            histogram.total = max(histogram.total, self._shown_sums.get(key, 0.0))
+            shown[key] = histogram.total
+        self._shown_sums = shown

@@ -340,6 +340,7 @@ class AllProcessesCollector(Collector):
         self._worker_pids = worker_pids
         self._last_cpu: dict[int, float] = {}
         self._departed_cpu = 0.0
+        self._shown_cpu = 0.0
 
     def collect(self) -> Iterator[Metric]:
         own = _process_samples("self")
@@ -354,7 +355,11 @@ class AllProcessesCollector(Collector):
             "process_cpu_seconds", "User and system CPU time of the owner and every worker, in seconds."
         )
         own_cpu = own.get("process_cpu_seconds_total", 0.0)
-        cpu.add_metric([], own_cpu + self._departed_cpu + sum(self._last_cpu.values()))
+        # Never less than shown before: a dying worker's time moves into `_departed_cpu`, the floats
+        # are then added in another order, and the sum can come out an ulp lower (2.62 shown as
+        # 2.6199999999999997), which Prometheus takes for a counter reset: a false spike in rate().
+        self._shown_cpu = max(self._shown_cpu, own_cpu + self._departed_cpu + sum(self._last_cpu.values()))
+        cpu.add_metric([], self._shown_cpu)
         yield cpu
         for name in self._SUMMED:
             total = GaugeMetricFamily(name, f"{name} summed over the owner and its workers.")

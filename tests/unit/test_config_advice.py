@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,40 @@ def test_renaming_a_pool_that_pins_nothing_is_not_said_to_drop_pins(tmp_path: Pa
     """A hashed pool without `sticky` issues no cookie, so its rename moves no pin."""
     hashed = '{balance: source, sticky: false, backends: [{id: b1, address: "127.0.0.1:1001"}]}'
     assert reload_advice(_pools(tmp_path, {"games": hashed}), _pools(tmp_path, {"arena": hashed})) == []
+
+
+@pytest.mark.parametrize(("max_connections", "workers", "zero_shares"), [(1, 2, 1), (3, 4, 1), (2, 2, 0), (1, 1, 0)])
+def test_a_connection_limit_below_the_workers_says_some_refuse_everyone(
+    tmp_path: Path, max_connections: int, workers: int, zero_shares: int
+) -> None:
+    """Each worker enforces its share: with max_connections 1 and 2 workers, one of them refused every
+    client it got while the instance held none, and nothing said so."""
+    found = [s for s in advice(limited(tmp_path, max_connections, workers=workers)) if "share of 0" in s]
+    if not zero_shares:
+        assert found == []
+        return
+    (sentence,) = found
+    assert sentence.startswith(f"limits.max_connections is {max_connections} with {workers} workers: ")
+    assert f"so {zero_shares} of them have a share of 0" in sentence
+
+
+def test_a_backend_limit_below_the_workers_is_advice_too(tmp_path: Path) -> None:
+    text = limited(tmp_path, 100, workers=4)
+    capped = dataclasses.replace(
+        text, pools={"p": dataclasses.replace(text.pools["p"], backends=(
+            dataclasses.replace(text.pools["p"].backends[0], max_connections=2),
+        ))}
+    )
+    (sentence,) = [s for s in advice(capped) if "share of 0" in s]
+    assert sentence.startswith("pools.p.backends[0].max_connections is 2 with 4 workers: ")
+    assert "so 2 of them have a share of 0" in sentence
+
+
+def test_a_burst_without_a_rate_limits_nothing_and_says_so(tmp_path: Path) -> None:
+    found = [s for s in advice(config(tmp_path, extra="limits: {handshake_burst_per_ip: 5}\n")) if "burst" in s]
+    assert found == [
+        "limits.handshake_burst_per_ip is set but handshake_rate_per_ip is 0 (off): nothing is limited; "
+        "set a rate per second too"
+    ]
+    with_rate = config(tmp_path, extra="limits: {handshake_burst_per_ip: 5, handshake_rate_per_ip: 2}\n")
+    assert [s for s in advice(with_rate) if "burst" in s] == []

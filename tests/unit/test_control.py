@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from lb.config.load import ConfigSource, load_config_source
 from lb.config.model import AffinityConfig, BackendConfig, Config, LimitsConfig, PoolConfig
-from lb.control import ipc
+from lb.control import ipc, metrics
 from lb.control import workers as workers_module
 from lb.control.ipc import (
     LENGTH,
@@ -37,6 +37,7 @@ from lb.control.ipc import (
 from lb.control.workers import read_messages, receive_config
 from lb.errors import ConfigError
 from lb.state.context import ProxyContext
+from lb.state.observations import Observations
 from lb.state.pool import PoolState
 from lb.state.series import SeriesRetention
 
@@ -377,6 +378,48 @@ def test_a_backend_one_worker_no_longer_lists_keeps_its_counts_in_the_sums() -> 
     aggregate.compact(100)  # a worker that died while `a` was gone: its counts stay in the sums
     aggregate.apply_to(ctx)
     assert _handshakes(ctx, "a") == 17
+
+
+def test_a_histogram_sum_never_goes_back_when_a_worker_dies() -> None:
+    """A dead worker's sums are folded and then added in another order: 0.013000000000000001 came out
+    0.013, a decrease Prometheus takes for a counter reset (a false spike in rate())."""
+    def report(seconds: float) -> dict[str, Any]:
+        observations = Observations()
+        observations.observe_handshake("p", seconds)
+        return {**_report(handshakes=1, tunnels=0), "observations": observations.snapshot()}
+
+    aggregate, ctx = StatsAggregate(), _ctx()
+    aggregate.update(1, report(0.001))
+    aggregate.retire(1)
+    aggregate.compact(1)
+    aggregate.update(2, report(0.002))
+    aggregate.update(3, report(0.010))
+    aggregate.apply_to(ctx)
+    assert ctx.observations.from_workers is not None
+    before = ctx.observations.from_workers.handshake["p"].total
+    aggregate.retire(3)
+    aggregate.compact(3)  # no new observation anywhere
+    aggregate.apply_to(ctx)
+    assert ctx.observations.from_workers.handshake["p"].total >= before
+
+
+def test_the_instances_cpu_seconds_never_go_back_when_a_worker_dies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """process_cpu_seconds_total over owner and workers: a dead worker's time moves into a sum of its own,
+    and 2.62 came out 2.6199999999999997 (a counter reset to Prometheus)."""
+    samples: dict[int | str, float] = {"self": 0.01, 101: 0.01, 102: 0.12}
+    monkeypatch.setattr(
+        metrics, "_process_samples",
+        lambda pid: {"process_cpu_seconds_total": samples[pid]} if pid in samples else {},
+    )
+    collector = metrics.AllProcessesCollector(lambda: [pid for pid in (101, 102) if pid in samples])
+
+    def shown() -> float:
+        (family,) = [f for f in collector.collect() if f.name == "process_cpu_seconds"]
+        return float(family.samples[0].value)
+
+    before = shown()
+    del samples[101]  # worker 101 dies; no CPU time changes anywhere
+    assert shown() >= before
 
 
 def _handshakes(ctx: ProxyContext, backend_id: str) -> int:
