@@ -40,7 +40,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Final
 
 import dns.exception
 import dns.nameserver
@@ -62,6 +62,7 @@ from lb.control.dns_backends import (
     from_srv,
     next_lookup_in,
 )
+from lb.log import Throttle
 from lb.state.series import REMOVED_POOLS_KEPT
 
 log = logging.getLogger(__name__)
@@ -302,6 +303,10 @@ def target_lookups_budget(targets: int, timeout: float) -> float:
     return 2 * math.ceil(targets / _TARGET_LOOKUPS) * timeout
 
 
+# At most one line a minute of lookup errors per pool (their count is in /status and the metrics).
+ERROR_LINE_INTERVAL: Final = 60.0
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else ""
 
@@ -320,6 +325,11 @@ class Discoverer:
         self._task: asyncio.Task[None] | None = None
         self._resolver = make_resolver(self.config)
         self._skipped_said: tuple[tuple[str, ...], int] = ((), 0)  # what _report_skipped last logged
+        # Errors that differ from one lookup to the next (REFUSED, then SERVFAIL; a nameserver that fails
+        # every other lookup) logged a line each: one a minute at most, with how many were left unsaid.
+        self._error_lines = Throttle(ERROR_LINE_INTERVAL)
+        self._failing = 0  # lookups failed since the last good one
+        self._said_failing = False  # a warning of them was logged: the recovery is logged too
         self.first_done = asyncio.Event()  # the first lookup has ended, with an answer or not
 
     def start(self) -> None:
@@ -397,6 +407,10 @@ class Discoverer:
             self._targets_failed(discovered.failed)
         else:
             status.last_ok, status.last_error, status.last_error_at = time.time(), None, None
+            if self._said_failing:
+                log.info("discovery for pool %s: %s answers again, after %d failed lookup(s)",
+                         self.pool, self.config.dns, self._failing)
+            self._failing, self._said_failing = 0, False
         changes = diff(self.known, discovered.backends)
         if changes:
             log.info(
@@ -414,9 +428,14 @@ class Discoverer:
         the whole last known set stays (False: the rest of the answer was applied, `_targets_failed`)."""
         status = self.status
         status.errors += 1
+        self._failing += 1
         if message != status.last_error:
-            kept = f"; keeping the last known {len(self.known)} backend(s)" if kept_all else ""
-            log.warning("discovery for pool %s: %s%s", self.pool, message, kept)
+            unsaid = self._error_lines.due()
+            if unsaid is not None:
+                kept = f"; keeping the last known {len(self.known)} backend(s)" if kept_all else ""
+                more = f" ({unsaid} other error(s) since the last line: /status has each)" if unsaid else ""
+                log.warning("discovery for pool %s: %s%s%s", self.pool, message, kept, more)
+                self._said_failing = True
         status.last_error, status.last_error_at = message, time.time()
 
     def _targets_failed(self, failed: tuple[str, ...]) -> None:

@@ -366,3 +366,34 @@ def test_records_that_can_never_be_backends_are_not_looked_up_nor_counted_agains
     found = run_lookup(resolver, known=(), config=config)
     assert found.backends == BOTH and found.truncated == 0 and len(found.skipped) == 3
     assert {name for name, _ in resolver.queries} == {SERVICE, GW1, GW2}
+
+
+def test_errors_that_change_at_every_lookup_log_a_line_a_minute_and_the_recovery_once(
+    scripted: ScriptedResolver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """REFUSED, then SERVFAIL, then a timeout... (or a nameserver that fails every other lookup) logged a
+    warning at every lookup: 17,000 lines a day per pool at the default interval.  Now the first, then one
+    a minute with the count of the others; a good lookup after a warning says so, once."""
+    loop = discovery.Discoverer(PoolConfig("gateways", (), discovery=CONFIG), lambda *args: None)
+    errors = [dns.resolver.NoNameservers(), dns.resolver.LifetimeTimeout(timeout=0.3, errors=[])]
+
+    async def lookups() -> None:
+        await loop.resolve_once()  # a good one first
+        for i in range(10):
+            scripted.script[(SERVICE, "SRV")] = errors[i % 2]
+            await loop.resolve_once()
+        scripted.healthy()
+        await loop.resolve_once()
+        for i in range(4):  # failing every other lookup
+            scripted.script[(SERVICE, "SRV")] = errors[i % 2]
+            await loop.resolve_once()
+            scripted.healthy()
+            await loop.resolve_once()
+
+    with caplog.at_level("INFO", logger="lb.control.discovery"):
+        asyncio.run(lookups())
+    lines = [r.getMessage() for r in caplog.records if "discovery for pool" in r.getMessage()]
+    assert loop.status.errors == 14
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"discovery for pool gateways: {SERVICE}: no nameserver answered")
+    assert lines[1] == f"discovery for pool gateways: {SERVICE} answers again, after 10 failed lookup(s)"
