@@ -118,10 +118,15 @@ def source_key(address: str) -> str | None:
     """
     # A link-local address's zone (`fe80::1%eth0`, as `ss` shows it) names our interface, not the
     # client: the data plane's client address has none (lb.http.client_address.peer_address), so a
-    # `/route` key written with one must hash as that client does.
+    # `/route` key written with one must hash as that client does.  Only there: no other address
+    # reaches the data plane with a zone (a zoned X-Forwarded-For hop is no address to it), so
+    # `203.0.113.1%eth0` is no key, where hashing 203.0.113.1 named a backend its client never reaches.
+    text, zoned, _ = address.strip().strip("[]").partition("%")
     try:
-        ip = ipaddress.ip_address(address.strip().strip("[]").partition("%")[0])
+        ip = ipaddress.ip_address(text)
     except ValueError:
+        return None
+    if zoned and not (ip.version == 6 and ip.is_link_local):
         return None
     return str(unmapped(ip))
 

@@ -141,6 +141,14 @@ def test_source_key_drops_a_zone_as_the_data_plane_does() -> None:
     assert source_key("[fe80::1%eth0]") == "fe80::1"
 
 
+@pytest.mark.parametrize("zoned", ["203.0.113.1%eth0", "2001:db8::1%eth0", "::ffff:10.0.0.1%1"])
+def test_source_key_refuses_a_zone_no_client_address_has(zoned: str) -> None:
+    """Only a link-local peer comes with a zone; the data plane takes a zoned X-Forwarded-For hop for no
+    address and falls back to the proxy, so `/route` hashing `203.0.113.1` named a backend its client
+    never reached.  No key: `/route` answers 400."""
+    assert source_key(zoned) is None
+
+
 @pytest.mark.parametrize(
     ("hash_key", "req", "expected"),
     [
