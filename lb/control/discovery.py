@@ -408,7 +408,7 @@ class Discoverer:
         else:
             status.last_ok, status.last_error, status.last_error_at = time.time(), None, None
             if self._said_failing:
-                log.info("discovery for pool %s: %s answers again, after %d failed lookup(s)",
+                log.info("discovery for pool %s: recovered, %s answers again after %d failed lookup(s)",
                          self.pool, self.config.dns, self._failing)
             self._failing, self._said_failing = 0, False
         changes = diff(self.known, discovered.backends)

@@ -396,4 +396,4 @@ def test_errors_that_change_at_every_lookup_log_a_line_a_minute_and_the_recovery
     assert loop.status.errors == 14
     assert len(lines) == 2, lines
     assert lines[0].startswith(f"discovery for pool gateways: {SERVICE}: no nameserver answered")
-    assert lines[1] == f"discovery for pool gateways: {SERVICE} answers again, after 10 failed lookup(s)"
+    assert lines[1] == f"discovery for pool gateways: recovered, {SERVICE} answers again after 10 failed lookup(s)"
