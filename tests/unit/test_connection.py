@@ -865,22 +865,14 @@ def test_refused_connect_tries_the_next_backend_then_502() -> None:
     assert len(play.failures) == 2
 
 
-def test_backend_closing_before_answering_is_502() -> None:
-    play = Play()
-    play.client(post("/a/x", b"abc"))
-    play.connected()
-    play.backend(b"HTTP/1.1 2")
-    play.backend_eof()
-    assert play.answer()[0] == 502
-
-
-def test_a_backend_that_starts_an_answer_and_closes_is_blamed() -> None:
+def test_a_backend_that_starts_an_answer_and_closes_is_502_and_blamed() -> None:
     """Half an answer is the backend's fault whatever the request: passive health hears of it at once."""
     play = Play()
     play.client(post("/a/x", b"abc"))
     play.connected()
     play.backend(b"HTTP/1.1 2")
     play.backend_eof()
+    assert play.answer()[0] == 502
     assert [f[:2] for f in play.failures] == [("a", "a1")]
 
 
