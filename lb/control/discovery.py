@@ -429,7 +429,9 @@ class Discoverer:
         status = self.status
         status.errors += 1
         self._failing += 1
-        if message != status.last_error:
+        # Not only a changed error: one that went unsaid (held back by the minute since the last
+        # line) is said once the minute has passed, or an outage that began then was never logged.
+        if message != status.last_error or not self._said_failing:
             unsaid = self._error_lines.due()
             if unsaid is not None:
                 kept = f"; keeping the last known {len(self.known)} backend(s)" if kept_all else ""

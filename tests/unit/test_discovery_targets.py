@@ -397,3 +397,42 @@ def test_errors_that_change_at_every_lookup_log_a_line_a_minute_and_the_recovery
     assert len(lines) == 2, lines
     assert lines[0].startswith(f"discovery for pool gateways: {SERVICE}: no nameserver answered")
     assert lines[1] == f"discovery for pool gateways: recovered, {SERVICE} answers again after 10 failed lookup(s)"
+
+
+def test_an_outage_that_begins_within_a_minute_of_the_last_line_is_still_logged(
+    scripted: ScriptedResolver, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same error at every lookup is said once; held back by the minute since the last line, it is
+    said when the minute has passed, not never."""
+    clock = [1000.0]
+    monkeypatch.setattr(discovery.Throttle, "due", _due_at(clock))
+    loop = discovery.Discoverer(PoolConfig("gateways", (), discovery=CONFIG), lambda *args: None)
+
+    async def lookups() -> None:
+        await loop.resolve_once()
+        scripted.script[(SERVICE, "SRV")] = dns.resolver.NoNameservers()
+        await loop.resolve_once()  # said
+        scripted.healthy()
+        await loop.resolve_once()  # recovered: said
+        scripted.script[(SERVICE, "SRV")] = dns.resolver.LifetimeTimeout(timeout=0.3, errors=[])
+        for _ in range(3):
+            clock[0] += 10.0
+            await loop.resolve_once()  # within the minute: held back
+        clock[0] += 60.0
+        await loop.resolve_once()  # the same error, the minute passed: said
+        await loop.resolve_once()  # and not again
+
+    with caplog.at_level("INFO", logger="lb.control.discovery"):
+        asyncio.run(lookups())
+    lines = [r.getMessage() for r in caplog.records if "discovery for pool" in r.getMessage()]
+    assert len(lines) == 3, lines
+    assert "no answer within 0.3s" in lines[2] and "(3 other error(s) since the last line" in lines[2]
+
+
+def _due_at(clock: list[float]) -> Any:
+    real = discovery.Throttle.due
+
+    def due(self: discovery.Throttle, now: float | None = None) -> int | None:
+        return real(self, clock[0])
+
+    return due
