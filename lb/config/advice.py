@@ -7,6 +7,8 @@ as warnings at start and on every reload, so they are seen before a player is.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from lb.affinity.balancing import HASHED_METHODS
 from lb.affinity.carriers import MAX_PINS
 from lb.config.model import AffinityMode, Config, DiscoveryType, PoolConfig, SameSite, SecureMode, over_limit_answered
@@ -25,6 +27,8 @@ MIN_DISCOVERY_INTERVAL = 1.0
 # a second to each backend and a third of a core for three of them, and a backend that stops answering
 # is seen within `fall` intervals anyway.
 MIN_HEALTH_CHECK_INTERVAL = 0.1
+# Backends a sentence names at most (a pool of thousands would make a line of them).
+MAX_NAMED = 8
 
 
 def _most_backends(config: Config) -> int:
@@ -183,26 +187,40 @@ def reload_advice(running: Config, new: Config) -> list[str]:
     """What a reload from `running` to `new` will do to clients that its operator may not expect: one
     sentence per surprise.  Today, a pool that pins its clients renamed (the new name has its backends)."""
     said = []
-    gone = {name: pool for name, pool in running.pools.items() if name not in new.pools and pool.pins}
-    added = {name: pool for name, pool in new.pools.items() if name not in running.pools}
-    for old_name, old_pool in gone.items():
-        for new_name, new_pool in added.items():
-            shared = _shared_backends(old_pool, new_pool)
-            if shared:
-                said.append(
-                    f"pool {old_name} is gone and pool {new_name} has its backends ({', '.join(shared)}): a pin "
-                    f"names its pool, so {old_name}'s clients get new cookies and some move; to keep them, "
-                    f"keep the name {old_name} (a route can send any path to it)"
-                )
+    # Which added pools hold each backend id, address and discovery name: one pass over each side,
+    # not every gone pool against every added one (a release-named pool of thousands renamed at
+    # every reload would hold the event loop for seconds).
+    holders: dict[str, set[str]] = {}
+    for name, pool in new.pools.items():
+        if name not in running.pools:
+            for key, _ in _backend_keys(pool):
+                holders.setdefault(key, set()).add(name)
+    for old_name, old_pool in running.pools.items():
+        if old_name in new.pools or not old_pool.pins:
+            continue
+        shared: dict[str, dict[str, None]] = {}  # added pool -> the backends it shares with this one, in order
+        for key, shown in _backend_keys(old_pool):
+            for new_name in holders.get(key, ()):
+                shared.setdefault(new_name, {})[shown] = None
+        for new_name, names in sorted(shared.items()):
+            listed = ", ".join(list(names)[:MAX_NAMED])
+            if len(names) > MAX_NAMED:
+                listed += f" and {len(names) - MAX_NAMED} more"
+            said.append(
+                f"pool {old_name} is gone and pool {new_name} has its backends ({listed}): a pin "
+                f"names its pool, so {old_name}'s clients get new cookies and some move; to keep them, "
+                f"keep the name {old_name} (a route can send any path to it)"
+            )
+    if len(said) > MAX_NAMED:  # a line each for the first few, not thousands of lines at one reload
+        said[MAX_NAMED:] = [f"and {len(said) - MAX_NAMED} more pools renamed so, whose clients' pins are dropped too"]
     return said
 
 
-def _shared_backends(old: PoolConfig, new: PoolConfig) -> list[str]:
-    """The ids of `old`'s backends that `new` also has (by id or by address), and its discovery's name if
-    `new` discovers the same one."""
-    ids = {backend.id for backend in new.backends}
-    addresses = {backend.address for backend in new.backends}
-    shared = [backend.id for backend in old.backends if backend.id in ids or backend.address in addresses]
-    if old.discovery is not None and new.discovery is not None and old.discovery.dns == new.discovery.dns:
-        shared.append(f"discovery {old.discovery.dns}")
-    return shared
+def _backend_keys(pool: PoolConfig) -> Iterator[tuple[str, str]]:
+    """(what a renamed pool is matched by, the name to show) for each of `pool`'s backends (its id, its
+    address) and its discovery."""
+    for backend in pool.backends:
+        yield f"id {backend.id}", backend.id
+        yield f"address {backend.address}", backend.id
+    if pool.discovery is not None:
+        yield f"dns {pool.discovery.dns}", f"discovery {pool.discovery.dns}"

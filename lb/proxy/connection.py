@@ -102,7 +102,7 @@ from lb.http.routing import match_route
 from lb.log import Throttle, token_digest
 from lb.state.context import ProxyContext
 from lb.state.observations import ErrorKind
-from lb.state.pool import AdminAction, BackendStatus, PoolState
+from lb.state.pool import BackendState, BackendStatus, PoolState
 from lb.ws.upgrade import check_upgrade, is_websocket_upgrade, negotiation_fault, switch_fault
 
 log: Final = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
@@ -253,10 +253,14 @@ def new_request_id() -> str:
     return _ID_PREFIX + hex(next(_ids))[2:]
 
 
+_LEFT_STATES: Final = frozenset({BackendState.DOWN, BackendState.DISABLED})
+
+
 def _left(pool: PoolState, claim: Claim) -> bool:
-    """Whether the backend `claim` names has left its clients: down, disabled, migrating them, or gone."""
+    """Whether the backend `claim` names has left its clients: SPEC's down or disabled, migrating them
+    (a drain closing its tunnels), or gone from the pool."""
     backend = pool.get(claim.backend_id)
-    return backend is None or not backend.healthy or backend.admin is AdminAction.DISABLE or backend.migrating
+    return backend is None or backend.state in _LEFT_STATES or backend.migrating
 
 
 _BODY_INCOMPLETE: Final = "request body incomplete"  # the client half-closed before the end of its body

@@ -9,7 +9,7 @@ import pytest
 
 from lb.config.advice import advice, reload_advice
 from lb.config.load import parse_config
-from lb.config.model import Config
+from lb.config.model import AffinityConfig, BackendConfig, Config, PoolConfig
 from lb.devcerts import write_dev_certs
 
 KEY = "k" * 43
@@ -341,3 +341,23 @@ def test_a_burst_without_a_rate_limits_nothing_and_says_so(tmp_path: Path) -> No
     ]
     with_rate = config(tmp_path, extra="limits: {handshake_burst_per_ip: 5, handshake_rate_per_ip: 2}\n")
     assert [s for s in advice(with_rate) if "burst" in s] == []
+
+
+def test_a_rename_says_a_bounded_amount_however_many_pools_and_backends() -> None:
+    """A sentence names 8 backends and the rest by count; 8 renamed pools are said one by one, the rest in
+    one sentence.  Each gone pool is matched through an index, not against every added pool."""
+    def pools(prefix: str, count: int, backends: int) -> dict[str, PoolConfig]:
+        return {
+            f"{prefix}{n}": PoolConfig(f"{prefix}{n}", tuple(
+                BackendConfig(f"b{n}-{i}", "127.0.0.1", 1000 + n * backends + i) for i in range(backends)
+            ))
+            for n in range(count)
+        }
+
+    def config(pooled: dict[str, PoolConfig]) -> Config:
+        return Config(listeners=(), affinity=AffinityConfig(secret_keys=(KEY,)), routes=(), pools=pooled)
+
+    (one,) = reload_advice(config(pools("old", 1, 20)), config(pools("new", 1, 20)))
+    assert "(b0-0, b0-1, b0-2, b0-3, b0-4, b0-5, b0-6, b0-7 and 12 more)" in one
+    said = reload_advice(config(pools("old", 500, 3)), config(pools("new", 500, 3)))
+    assert len(said) == 9 and said[-1] == "and 492 more pools renamed so, whose clients' pins are dropped too"
