@@ -226,7 +226,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from lb.devcerts import write_dev_certs  # cryptography is slow to import; only this command needs it
+    from lb.devcerts import CaFate, write_dev_certs  # cryptography is slow to import; only this command needs it
 
     out_dir: Path = args.out
     hosts = [host.strip() for host in str(args.hosts).split(",") if host.strip()]
@@ -238,11 +238,11 @@ def _certs(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"lb certs: cannot write to {out_dir}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    if written.ca_kept:
+    if written.ca is CaFate.KEPT:
         print(f"kept the CA in {written.ca_cert} (whoever trusts it trusts the new certificate)")
         print(f"wrote {written.server_cert} and {written.server_key} for {', '.join(hosts)}")
     else:
-        if written.ca_replaced:
+        if written.ca is CaFate.REPLACED:
             print(f"replaced the CA in {written.ca_cert}: it had under 30 days left; clients must trust the new one")
         print(f"wrote {written.ca_cert}, {written.server_cert} and {written.server_key} for {', '.join(hosts)}")
     print(f"clients trust the server with: --cafile {written.ca_cert}")

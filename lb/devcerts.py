@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import enum
 import ipaddress
 import os
 import re
@@ -30,16 +31,23 @@ BACKDATE = datetime.timedelta(days=1)
 CA_MIN_LEFT = datetime.timedelta(days=30)
 
 
+class CaFate(enum.Enum):
+    """What `write_dev_certs` did with the CA."""
+
+    MADE = "made"  # there was none
+    KEPT = "kept"  # an earlier run's CA signed the new server certificate: whoever trusts it still does
+    REPLACED = "replaced"  # an earlier run's CA had under CA_MIN_LEFT to live: clients must trust the new one
+
+
 @dataclass(frozen=True, slots=True)
 class DevCerts:
-    """Where `write_dev_certs` put each file."""
+    """Where `write_dev_certs` put each file, and what became of the CA."""
 
     ca_cert: Path
     ca_key: Path
     server_cert: Path
     server_key: Path
-    ca_kept: bool = False  # the CA of an earlier run signed the new server certificate
-    ca_replaced: bool = False  # an earlier run's CA had under CA_MIN_LEFT to live: clients must trust the new one
+    ca: CaFate = CaFate.MADE
 
 
 class UnusableCa(ValueError):
@@ -80,11 +88,12 @@ def write_dev_certs(
         server_key=out_dir / "server.key",
     )
     kept = _earlier_ca(paths, moment)
-    replaced = kept is None and paths.ca_cert.exists()  # one that was about to expire
-    if kept is None:
+    if kept is None:  # none, or one that was about to expire
+        fate = CaFate.REPLACED if paths.ca_cert.exists() else CaFate.MADE
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_cert = _ca_certificate(ca_key, start)
     else:
+        fate = CaFate.KEPT
         ca_key, ca_cert = kept
     server_key = ec.generate_private_key(ec.SECP256R1())
     server_cert = _server_certificate(server_key, names, hosts[0], ca_cert, ca_key, start)
@@ -95,7 +104,7 @@ def write_dev_certs(
         _write(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(paths.server_key, _key_pem(server_key), private=True)
     _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), private=False)
-    return dataclasses.replace(paths, ca_kept=kept is not None, ca_replaced=replaced)
+    return dataclasses.replace(paths, ca=fate)
 
 
 def _earlier_ca(

@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from lb.config.model import TlsConfig
-from lb.devcerts import DevCerts, UnusableCa, write_dev_certs
+from lb.devcerts import CaFate, DevCerts, UnusableCa, write_dev_certs
 from lb.tls import server_ssl_context
 
 TIMEOUT = 5.0  # seconds; bounds every blocking socket call in the loopback test
@@ -156,7 +156,7 @@ def test_a_second_run_keeps_the_ca_so_whoever_trusts_it_trusts_the_new_certifica
     ca_pem, ca_key_pem = first.ca_cert.read_bytes(), first.ca_key.read_bytes()
     old_server = first.server_cert.read_bytes()
     second = write_dev_certs(tmp_path, ["gw.example", "127.0.0.1"])
-    assert second.ca_kept and not first.ca_kept
+    assert (first.ca, second.ca) == (CaFate.MADE, CaFate.KEPT)
     assert (second.ca_cert.read_bytes(), second.ca_key.read_bytes()) == (ca_pem, ca_key_pem)
     assert second.server_cert.read_bytes() != old_server
     server = load(second.server_cert)
@@ -172,10 +172,10 @@ def test_a_ca_about_to_expire_is_replaced_and_never_outlived(tmp_path: Path) -> 
     ca_pem = (tmp_path / "ca.crt").read_bytes()
     later = now + datetime.timedelta(days=700)
     kept = write_dev_certs(tmp_path, ["localhost"], now=later)
-    assert kept.ca_kept and kept.ca_cert.read_bytes() == ca_pem
+    assert kept.ca is CaFate.KEPT and kept.ca_cert.read_bytes() == ca_pem
     assert load(kept.server_cert).not_valid_after_utc == load(kept.ca_cert).not_valid_after_utc
     replaced = write_dev_certs(tmp_path, ["localhost"], now=now + datetime.timedelta(days=800))
-    assert not replaced.ca_kept and replaced.ca_replaced and replaced.ca_cert.read_bytes() != ca_pem
+    assert replaced.ca is CaFate.REPLACED and replaced.ca_cert.read_bytes() != ca_pem
 
 
 @pytest.mark.parametrize("which", ["ca.crt", "ca.key", "both", "another CA's key"])
