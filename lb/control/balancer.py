@@ -86,6 +86,7 @@ from lb.proxy.preamble import AcceptingServer, listening_sockets
 from lb.proxy.server import abort_in_flight, client_factory, install_accept_error_filter, stop_in_flight, wall_offset
 from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY, idle_sweep_interval
 from lb.state.context import ProxyContext, configured_protected
+from lb.state.operator_states import OperatorStates
 from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange
 from lb.state.ratelimit import RateLimiter
 from lb.state.retired import RetiredBackends
@@ -186,6 +187,8 @@ class Balancer:
         # Backends removed by a reload or DNS that still carry tunnels, shown in /status until they end
         # (the owner of workers keeps each one until its workers' reports say so: lb.state.retired).
         self._retired = RetiredBackends()
+        # An operator's drain or disable of a discovered backend outlives its absences from DNS.
+        self._operator_states = OperatorStates()
         self._supervisor: WorkerSupervisor | None = None
         self._control: ControlChannel | None = None
         if role is Role.OWNER:
@@ -554,6 +557,9 @@ class Balancer:
             return
         static = self.config.pools[pool]
         merged = self._merge_pool(replace(static, backends=static.backends + backends), old, cause="DNS")
+        for backend in old.backends.values():
+            if merged.backends.get(backend.id) is not backend:
+                self._operator_states.remember(pool, backend)
         self.ctx.pools[pool] = merged
         self._retire({pool: old}, self.ctx.pools, "removed from DNS")
         self._forget_departed_series()
@@ -880,6 +886,9 @@ class Balancer:
                     status.changed_at = time.time()
             if status is None:
                 status = BackendStatus(config=backend_config, changed_at=time.time())
+                if cause == "DNS" and self._operator_states.restore(config.name, status) is not None:
+                    log.info("discovery: %s/%s is back in DNS, still %s as an operator said", config.name,
+                             status.id, status.state.value)
             else:
                 status.config = backend_config  # address or weight may have changed; state stays
             backends[backend_config.id] = status

@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import dns.exception
+import dns.message
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
@@ -61,6 +62,7 @@ from lb.control.dns_backends import (
     from_addresses,
     from_srv,
     next_lookup_in,
+    retry_lookup_in,
 )
 from lb.log import Throttle
 from lb.state.series import REMOVED_POOLS_KEPT
@@ -177,7 +179,7 @@ async def lookup(
     try:
         if config.type is DiscoveryType.SRV:
             return await _lookup_srv(config, resolver, reserved_ids, known, extend)
-        return await _lookup_addresses(config, resolver, reserved_ids)
+        return await _lookup_addresses(config, resolver, reserved_ids, known)
     except (dns.exception.DNSException, OSError) as exc:
         raise DiscoveryError(f"{config.dns}: {_cause(exc, config.timeout)}") from None
 
@@ -189,14 +191,38 @@ def _cause(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, dns.resolver.NoAnswer):
         return "empty answer"
     if isinstance(exc, dns.resolver.NoNameservers):  # every nameserver said SERVFAIL, REFUSED, ...
-        return f"no nameserver answered ({_first_line(exc)})"
+        return f"no nameserver answered ({_attempts(exc) or _first_line(exc)})"
     if isinstance(exc, dns.exception.Timeout):
-        return f"no answer within {timeout:g}s"
+        attempts = _attempts(exc)
+        return f"no answer within {timeout:g}s" + (f" ({attempts})" if attempts else "")
     if isinstance(exc, dns.exception.DNSException):
         return _first_line(exc) or type(exc).__name__
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc}"
     return type(exc).__name__
+
+
+def _attempts(exc: dns.exception.DNSException) -> str:
+    """What each nameserver did, from the trace dnspython keeps (`errors`: server, over TCP, port, error, answer).
+
+    Its own text said nothing of a truncated answer ("Server Do53:10.0.0.10@53 answered ;" then the
+    TCP retry's "answered EOF"), where a firewall that lets UDP/53 through and drops TCP/53 is the
+    usual cause, and one an operator can only fix once told.
+    """
+    errors = exc.kwargs.get("errors") or []
+    said = [f"{server}{' over TCP' if tcp else ''}: {_attempt_error(error)}"
+            for server, tcp, _port, error, _answer in errors[:4]]
+    return "; ".join(said) + (f"; and {len(errors) - 4} more" if len(errors) > 4 else "")
+
+
+def _attempt_error(error: object) -> str:
+    if isinstance(error, dns.message.Truncated):
+        return "truncated answer (too large for UDP; asked again over TCP)"
+    if isinstance(error, EOFError):
+        return "closed the connection without an answer"
+    if isinstance(error, str):  # an answer's rcode
+        return f"answered {error}"
+    return str(error).splitlines()[0][:120] if str(error) else type(error).__name__
 
 
 async def _lookup_srv(
@@ -228,7 +254,7 @@ async def _lookup_srv(
     async def resolve_target(target: str) -> None:
         try:
             async with gate:
-                found, ttl = await _addresses(resolver, target + ".", a_decides=True)
+                found, ttl, _ = await _addresses(resolver, target + ".", a_decides=True)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return  # DNS answered: no address (`from_srv` drops the target)
         except (dns.exception.DNSException, OSError) as exc:
@@ -246,24 +272,37 @@ async def _lookup_srv(
 
 
 async def _lookup_addresses(
-    config: DiscoveryConfig, resolver: ThreadedResolver, reserved_ids: frozenset[str]
+    config: DiscoveryConfig, resolver: ThreadedResolver, reserved_ids: frozenset[str],
+    known: tuple[BackendConfig, ...] = (),
 ) -> tuple[Discovered, float | None]:
-    found, ttl = await _addresses(resolver, config.dns)
+    """`type: a`: a backend per A and AAAA address.  A failed AAAA query after an A answer keeps the
+    last known IPv6 backends and is reported as an error, as a failed SRV target's lookup is: taking
+    the A answer alone dropped every IPv6 backend (and redispatched its clients) at each lost packet,
+    and called the lookup a success."""
+    found, ttl, aaaa_failed = await _addresses(resolver, config.dns)
+    failed: tuple[str, ...] = ()
+    if aaaa_failed is not None:
+        kept = [b.host for b in known if ":" in b.host]
+        found += kept
+        failed = (f"AAAA query: {_cause(aaaa_failed, config.timeout)}; its last known {len(kept)} IPv6 backend(s) "
+                  "kept",)
     assert config.port is not None  # lb.config.sections requires it for type a
-    return from_addresses(found, port=config.port, max_backends=config.max_backends, reserved_ids=reserved_ids), ttl
+    discovered = from_addresses(found, port=config.port, max_backends=config.max_backends, reserved_ids=reserved_ids)
+    return replace(discovered, failed=failed), ttl
 
 
 async def _addresses(
     resolver: ThreadedResolver, name: str, *, a_decides: bool = False
-) -> tuple[list[str], float | None]:
-    """The A and AAAA addresses of `name` (a `type: a` name, or an SRV target) and their smallest TTL.
+) -> tuple[list[str], float | None, BaseException | None]:
+    """The A and AAAA addresses of `name` (a `type: a` name, or an SRV target), their smallest TTL, and
+    how the AAAA query failed after an A answer (None: it did not).
 
-    An A answer with addresses decides alone whatever AAAA does (`pick_address` takes IPv4 first).
-    With `a_decides` (an SRV target, which gets one address of them) AAAA is then not asked at all:
-    its answer could change nothing, and asking it doubled each target's queries and the time a
-    lookup of many targets takes within its budget.  Without an A address, a failed query leaves the
-    addresses unknown, and that failure is raised: a failed A query is not followed by AAAA, whose
-    answer could not decide (an A address would have won) and would swap an IPv4 set for an IPv6 one.
+    With `a_decides` (an SRV target, which gets one address of them, IPv4 first: `pick_address`) an
+    A answer with addresses decides alone, and AAAA is not asked at all: its answer could change
+    nothing, and asking it doubled each target's queries and the time a lookup of many targets takes
+    within its budget.  Without an A address, a failed query leaves the addresses unknown, and that
+    failure is raised: a failed A query is not followed by AAAA, whose answer could not decide (an A
+    address would have won) and would swap an IPv4 set for an IPv6 one.
 
     Raises:
         dns.resolver.NXDOMAIN, dns.resolver.NoAnswer: DNS answered that `name` has no address.
@@ -277,9 +316,9 @@ async def _addresses(
             answer = await resolver.resolve(name, rdtype, search=False)
         except dns.resolver.NoAnswer:
             continue
-        except (dns.exception.DNSException, OSError):  # NXDOMAIN included: the name does not exist
-            if found:  # the A answer decides
-                break
+        except (dns.exception.DNSException, OSError) as exc:  # NXDOMAIN included: the name does not exist
+            if found:  # the A answer stands; the caller decides what the IPv6 addresses are meanwhile
+                return found, min(ttls) if ttls else None, exc
             raise
         found.extend(rdata.address for rdata in answer)
         if answer.rrset is not None:
@@ -288,7 +327,7 @@ async def _addresses(
             break
     if not found:
         raise dns.resolver.NoAnswer
-    return found, min(ttls) if ttls else None
+    return found, min(ttls) if ttls else None, None
 
 
 def target_lookups_budget(targets: int, timeout: float) -> float:
@@ -365,7 +404,10 @@ class Discoverer:
         while True:
             ttl = await self.resolve_once()
             self.first_done.set()
-            await asyncio.sleep(next_lookup_in(self.config.interval, ttl))
+            # A lookup that failed, wholly or for some targets, is tried again sooner.
+            failing = self._failing
+            await asyncio.sleep(retry_lookup_in(self.config.interval, failing) if failing
+                                else next_lookup_in(self.config.interval, ttl))
 
     async def resolve_once(self) -> float | None:
         """One lookup; applies a changed set, records errors; returns the answer's TTL (None on error)."""

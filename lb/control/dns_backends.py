@@ -298,6 +298,19 @@ def next_lookup_in(interval: float, ttl: float | None) -> float:
     return max(min(1.0, interval), ttl)
 
 
+def retry_lookup_in(interval: float, failing: int) -> float:
+    """Seconds until the next lookup after `failing` (1 or more) lookups in a row failed: 1, 2, 4 ... s,
+    never more than `interval`.
+
+    A failed lookup keeps the last known set, but at start there is none: with the whole `interval`
+    before the next try, one SERVFAIL or one lost packet left a ready balancer with an empty pool
+    (503 for every client) for 5 s, or for a minute where the interval was raised to spare the DNS.
+    Resolvers and HAProxy (`timeout retry 1s`) retry within about a second; backing off spares a DNS
+    server that is down.
+    """
+    return min(interval, 2.0 ** min(max(failing, 1) - 1, 16))
+
+
 def _short(text: str, limit: int = 80) -> str:
     """Hostile names go into log lines: keep them short."""
     return text if len(text) <= limit else text[: limit - 3] + "..."

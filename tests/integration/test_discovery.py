@@ -39,7 +39,7 @@ from conftest import (
     ws_connect,
 )
 from support_dns import ZoneServer
-from support_ops import metric, metrics_text, reload_with, token_of, visit_until
+from support_ops import metric, metrics_text, reload_with, set_state, token_of, visit_until
 
 SERVICE = "gateway.game.svc.cluster.local"
 
@@ -479,7 +479,9 @@ async def test_truncated_answers_keep_the_set_and_show_the_error(launcher: Launc
     await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both gateways")
     zone.truncate = True
     data = await wait_status(lb, lambda s: s["pools"]["gateways"]["discovery"]["last_error"], "a discovery error")
-    assert SERVICE in data["pools"]["gateways"]["discovery"]["last_error"]
+    error = data["pools"]["gateways"]["discovery"]["last_error"]
+    # Named: the UDP answer was truncated, then TCP failed (dnspython's own text said neither).
+    assert SERVICE in error and "truncated answer" in error and "over TCP: " in error, error
     assert ids(data) == {"gw-1", "gw-2"}
     assert {(await visit(lb.ws_url())).server_id for _ in range(4)} == {"gw-1", "gw-2"}
     zone.truncate = False
@@ -537,6 +539,38 @@ async def test_a_backend_that_leaves_and_comes_back_counts_on(
             await sampler
     assert samples and samples[-1] >= 3, samples
     assert all(later >= earlier for earlier, later in itertools.pairwise(samples)), f"went backwards: {samples}"
+
+
+@pytest.mark.parametrize("action", ["disable", "drain"])
+async def test_an_operators_word_outlives_a_backends_absence_from_dns(
+    launcher: Launcher, zone: ZoneServer, action: str
+) -> None:
+    """A headless Service drops a pod from DNS while it fails readiness: the gateway an operator disabled
+    (or drained) comes back to its pool disabled, not `up` as a new one taking new clients."""
+    gw1, gw2 = launcher.gateways(2)
+    publish(zone, [gw1, gw2])
+    lb = launcher.balancer(discovery_config(zone))
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both discovered")
+    await wait_for_state(lb, "gateways", "gw-2", "up", within=10 * UNIT)
+    state = "disabled" if action == "disable" else "draining"
+    assert (await set_state(lb, "gw-1", action))["state"] == state
+    publish(zone, [gw2])
+    await wait_status(lb, lambda s: ids(s) == {"gw-2"}, "gw-1 gone from DNS")
+    publish(zone, [gw1, gw2])
+    data = await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "gw-1 back in DNS")
+    backend = find_backend(data, "gateways", "gw-1")
+    assert backend["state"] == state and "operator" in backend["reason"], backend
+    assert {(await visit(lb.ws_url())).server_id for _ in range(6)} == {"gw-2"}
+
+
+async def test_a_first_lookup_that_fails_is_tried_again_within_a_second(launcher: Launcher, zone: ZoneServer) -> None:
+    """At start there is no last known set to keep: one SERVFAIL left a ready balancer with an empty pool
+    (503 for everyone) until the next lookup, a whole `interval` later."""
+    publish(zone, launcher.gateways(1))
+    zone.fail_next(SERVICE, "SRV", "SERVFAIL")
+    lb = launcher.balancer(discovery_config(zone, interval="30s"))
+    await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-1 found by the next lookup", within=4 * UNIT)
+    assert zone.failed(SERVICE, "SRV")
 
 
 async def test_the_first_client_finds_the_discovered_backends(launcher: Launcher, zone: ZoneServer) -> None:

@@ -27,6 +27,7 @@ from lb.control.dns_backends import (
     from_srv,
     next_lookup_in,
     pick_address,
+    retry_lookup_in,
     srv_id,
 )
 from lb.control.metrics import config_hash
@@ -253,6 +254,17 @@ def test_diff_added_removed_changed() -> None:
 )
 def test_next_lookup_honours_short_ttls_only(interval: float, ttl: float | None, expected: float) -> None:
     assert next_lookup_in(interval, ttl) == expected
+
+
+@pytest.mark.parametrize(
+    ("interval", "failing", "expected"),
+    [(30.0, 1, 1.0), (30.0, 2, 2.0), (30.0, 3, 4.0), (30.0, 5, 16.0), (30.0, 6, 30.0), (30.0, 10_000, 30.0),
+     (5.0, 1, 1.0), (5.0, 4, 5.0), (0.2, 1, 0.2)],
+)
+def test_a_failed_lookup_is_tried_again_sooner_backing_off_to_the_interval(
+    interval: float, failing: int, expected: float
+) -> None:
+    assert retry_lookup_in(interval, failing) == expected
 
 
 # ----------------------------------------------------------------------------- config

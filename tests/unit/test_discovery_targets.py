@@ -158,6 +158,46 @@ def test_a_never_seen_target_whose_lookup_fails_waits_for_the_next_lookup() -> N
     assert found.failed[0].endswith("not added until it resolves")
 
 
+A_CONFIG = DiscoveryConfig(SERVICE, type=DiscoveryType.A, port=9000, nameservers=(("127.0.0.1", 53),), timeout=0.3)
+DUAL = (BackendConfig("127.0.0.1:9000", "127.0.0.1", 9000), BackendConfig("[::1]:9000", "::1", 9000))
+
+
+@pytest.mark.parametrize("failure", [dns.resolver.NoNameservers(), dns.exception.Timeout(), dns.resolver.NXDOMAIN()])
+def test_type_a_keeps_its_ipv6_backends_when_the_aaaa_query_fails_after_an_a_answer(failure: BaseException) -> None:
+    """Every A and AAAA address is a backend of its own: a lost AAAA answer is not DNS saying the IPv6 ones
+    left (they were dropped, their clients redispatched, and the lookup called a success)."""
+    resolver = ScriptedResolver()
+    resolver.script = {(SERVICE, "A"): answer(SERVICE + ".", "A", "127.0.0.2"), (SERVICE, "AAAA"): failure}
+    found = run_lookup(resolver, known=DUAL, config=A_CONFIG)
+    assert [b.id for b in found.backends] == ["127.0.0.2:9000", "[::1]:9000"]
+    assert len(found.failed) == 1 and found.failed[0].startswith("AAAA query: ")
+    assert found.failed[0].endswith("its last known 1 IPv6 backend(s) kept")
+
+
+def test_type_a_takes_a_definite_aaaa_answer_as_it_comes() -> None:
+    resolver = ScriptedResolver()
+    resolver.script = {(SERVICE, "A"): answer(SERVICE + ".", "A", "127.0.0.1"),
+                       (SERVICE, "AAAA"): dns.resolver.NoAnswer()}
+    found = run_lookup(resolver, known=DUAL, config=A_CONFIG)
+    assert (found.backends, found.failed) == (DUAL[:1], ())
+    resolver.script[(SERVICE, "AAAA")] = answer(SERVICE + ".", "AAAA", "::2")
+    found = run_lookup(resolver, known=DUAL, config=A_CONFIG)
+    assert [b.id for b in found.backends] == ["127.0.0.1:9000", "[::2]:9000"]
+
+
+def test_a_failure_says_what_each_nameserver_did_truncated_answers_and_tcp_included() -> None:
+    """dnspython's own text for a truncated UDP answer is empty ("answered ;"): a firewall that drops TCP/53,
+    the usual cause, could not be told from the message."""
+    errors = [("Do53:10.0.0.10@53", False, 53, dns.message.Truncated(), None),
+              ("Do53:10.0.0.10@53", True, 53, EOFError(), None)]
+    cause = discovery._cause(dns.resolver.NoNameservers(request=dns.message.make_query(SERVICE, "SRV"), errors=errors),
+                             0.3)
+    assert cause == ("no nameserver answered (Do53:10.0.0.10@53: truncated answer (too large for UDP; asked again "
+                     "over TCP); Do53:10.0.0.10@53 over TCP: closed the connection without an answer)")
+    timeout = dns.resolver.LifetimeTimeout(timeout=0.3, errors=[("Do53:10.0.0.11@53", False, 53, "SERVFAIL", None)])
+    assert discovery._cause(timeout, 0.3) == "no answer within 0.3s (Do53:10.0.0.11@53: answered SERVFAIL)"
+
+
 @pytest.mark.parametrize(
     ("failure", "message"),
     [
