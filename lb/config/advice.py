@@ -141,7 +141,7 @@ def _descriptor_advice(config: Config, descriptors: int) -> list[str]:
     if any(listener.tls is not None or listener.proxy_protocol for listener in config.listeners):
         # Those listeners answer an overflow past the limit with a 503, one descriptor each while its
         # handshake runs (ProxyContext.sheds).
-        reserve += over_limit_answered(per_process)
+        reserve += over_limit_answered(per_process, workers)
     # Each client connection holds two descriptors while it lasts: its own and its backend's.
     if 2 * per_process + reserve <= descriptors:
         return []

@@ -246,11 +246,15 @@ class TimeoutsConfig:
 ANSWER_BODY_SILENCE = 60.0
 
 
-def over_limit_answered(limit: int) -> int:
+def over_limit_answered(limit: int, workers: int = 1) -> int:
     """How many connections past `limit` still get their 503 on TLS or PROXY-protocol listeners (the
     rest are closed as accepted: lb.state.context.ProxyContext.sheds): a tenth of it, at least 64,
-    so that a burst a little over a small limit is answered, not cut."""
-    return max(64, limit // 10)
+    so that a burst a little over a small limit is answered, not cut.
+
+    With `workers`, `limit` is one worker's share of `limits.max_connections`, and the 64 is shared
+    too: each worker kept 64 of its own, and the instance N x 64 silent connections where 64 were
+    promised (2,048 descriptors with `workers: auto` on 32 cores)."""
+    return max(-(-64 // max(1, workers)), limit // 10)
 
 
 @dataclass(frozen=True, slots=True)

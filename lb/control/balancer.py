@@ -67,7 +67,7 @@ from lb.affinity.codec import TokenCodec
 from lb.compiled import compiled_state
 from lb.config.advice import advice, reload_advice
 from lb.config.load import ConfigSource, load_config_source
-from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig
+from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig, host_port
 from lb.control.admin import AdminRunner, make_admin_app
 from lb.control.daemon_thread import in_daemon_thread
 from lb.control.discovery import DiscoveryManager
@@ -270,12 +270,12 @@ class Balancer:
         # Everything is bound: from here on nothing can fail for want of an address.
         for listening in self._listening:
             log.info(
-                "listening on %s:%d%s%s (backlog %d)",
-                *listening.address, " (TLS)" if listening.ssl_context else "",
+                "listening on %s%s%s (backlog %d)",
+                host_port(*listening.address), " (TLS)" if listening.ssl_context else "",
                 " (PROXY protocol)" if listening.config.proxy_protocol else "", listening.config.backlog,
             )
         if self.admin_address is not None:  # said here, not at its bind: a failed start is one line
-            log.info("admin API on %s:%d", *self.admin_address)
+            log.info("admin API on %s", host_port(*self.admin_address))
         if self.role is not Role.WORKER:  # workers run the same files
             log.info("data plane: %s", compiled_state().describe())
         self._advise()
@@ -743,7 +743,7 @@ class Balancer:
         old_admin = None
         if new_admin is not None:
             old_admin, (self._admin, self.admin_address) = self._admin, new_admin
-            log.info("admin API moved to %s:%d", *self.admin_address)
+            log.info("admin API moved to %s", host_port(*self.admin_address))
         # 3. Update the health checkers (reloads are serialized: never two sets) and release the old admin.
         setup_logging(config.logging)
         if self.role is not Role.WORKER:
@@ -801,16 +801,22 @@ class Balancer:
         for listening in self._listening:
             if id(listening) not in kept_ids:
                 listening.server.close()
-                log.info("stopped listening on %s:%d", *listening.address)
+                log.info("stopped listening on %s", host_port(*listening.address))
         for listening, listener in kept:
-            if listener.tls is not None and listening.ssl_context is not None:
-                # New handshakes use the new certificate; established sessions are untouched.  load_config
+            if listener.tls is not None and isinstance(listening.server, AcceptingServer):
+                # New handshakes use the new certificate; established sessions are untouched.  A new context,
+                # not the old one loaded again: OpenSSL holds a certificate per key type, so an RSA pair
+                # loaded over an ECDSA one left the ECDSA certificate and its key served to every client
+                # that prefers ECDSA (most), and a load that failed halfway left no usable key.  load_config
                 # loaded these files already; should they have changed into something unloadable since,
-                # this listener keeps its certificate rather than leave the swap half done.
+                # this listener keeps its context, untouched, rather than leave the swap half done.
                 try:
-                    listening.ssl_context.load_cert_chain(listener.tls.cert, listener.tls.key)
+                    context = server_ssl_context(listener.tls)
                 except (OSError, ssl.SSLError) as exc:
                     log.error("listener %s keeps its previous certificate: %s", listener.bind, exc)
+                else:
+                    listening.server.serve_tls_with(context)
+                    listening.ssl_context = context
             if isinstance(listening.server, AcceptingServer):
                 listening.server.believe_proxy_headers_from(listener.proxy_protocol_from)
             listening.config = listener
@@ -818,8 +824,8 @@ class Balancer:
             if not listening.server.is_serving():  # took over a replaced listener's socket
                 _start_serving(listening.server)
             log.info(
-                "listening on %s:%d%s%s (backlog %d)",
-                *listening.address, " (TLS)" if listening.ssl_context else "",
+                "listening on %s%s%s (backlog %d)",
+                host_port(*listening.address), " (TLS)" if listening.ssl_context else "",
                 " (PROXY protocol)" if listening.config.proxy_protocol else "", listening.config.backlog,
             )
         self._listening = [listening for listening, _ in kept] + new_listening

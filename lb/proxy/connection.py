@@ -347,28 +347,11 @@ class Connection:
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self._ctx = ctx
-        # One consistent snapshot at accept, used to the end of the connection: a reload swaps
-        # these in one synchronous step (lb.control.balancer), so a request is never routed under one
-        # configuration and answered under another.
-        config = ctx.config
-        self._config = config
-        self._pools = ctx.pools
-        self._routes = ctx.routes
-        self._codec = ctx.codec
-        self._protected = ctx.protected
-        # Whether the peer's X-Forwarded-For is believed is known at accept: decided once here,
-        # so a request from anyone else costs no address parsing at all.
+        self._peer = client_ip  # the socket's peer, or the PROXY header's source address
         self._trusted = _TRUST_NOBODY
         self._proxy: IPAddress | None = None  # the peer, when it is a trusted proxy
-        if config.trusted_proxies:
-            address = peer_address(client_ip)  # a link-local proxy's zone aside, as proxy_protocol_from reads it
-            if address is not None:
-                client_ip = str(address)  # normalised (IPv4-mapped as IPv4), as client_address gives it
-                trusted = TrustedProxies(config.trusted_proxies)
-                if address in trusted:
-                    self._trusted, self._proxy = trusted, address
-        self._peer = client_ip  # the socket's peer, or the PROXY header's source address
-        self._client_ip = client_ip  # per request: the peer, or a trusted X-Forwarded-For hop
+        self._snapshot()
+        self._client_ip = self._peer  # per request: the peer, or a trusted X-Forwarded-For hop
         self._peer_port = client_port
         self._client_port = client_port  # 0 when the address came from X-Forwarded-For (no port there)
         self._tls = tls
@@ -710,7 +693,37 @@ class Connection:
 
     # -- head and dispatch ------------------------------------------------------------
 
+    def _snapshot(self) -> None:
+        """The configuration the next request runs under, whole: a reload swaps these in one synchronous
+        step (lb.control.balancer), so a request is never routed under one configuration and answered
+        under another.  Taken at accept, and again at the next head after a reload: kept to the end of a
+        keep-alive connection, a proxy taken out of `trusted_proxies` went on having its X-Forwarded-For
+        believed, and requests went to backends the reload had removed, for as long as it stayed busy.
+
+        Whether the peer's X-Forwarded-For is believed is decided here, so a request from anyone else
+        costs no address parsing at all.
+        """
+        ctx = self._ctx
+        config = ctx.config
+        self._config = config
+        self._pools = ctx.pools
+        self._routes = ctx.routes
+        self._codec = ctx.codec
+        self._protected = ctx.protected
+        self._trusted = _TRUST_NOBODY
+        self._proxy = None
+        if config.trusted_proxies:
+            address = peer_address(self._peer)  # a link-local proxy's zone aside, as proxy_protocol_from reads it
+            if address is not None:
+                self._peer = str(address)  # normalised (IPv4-mapped as IPv4), as client_address gives it
+                trusted = TrustedProxies(config.trusted_proxies)
+                if address in trusted:
+                    self._trusted, self._proxy = trusted, address
+
     def _read_head(self, now: float) -> list[Action]:
+        if self._ctx.config is not self._config:  # reloaded since this connection's last request began
+            self._snapshot()
+            self._client_ip = self._peer
         buf = self._buf
         limit = self._config.limits.max_header_bytes
         if self._scan < 2 and buf.startswith(b"\r\n"):

@@ -183,6 +183,10 @@ class AcceptingServer:
     async def start_serving(self) -> None:
         self.start_serving_now()
 
+    def serve_tls_with(self, context: ssl.SSLContext) -> None:
+        """A reload that keeps this TLS listener: its new context (certificate), for handshakes from now on."""
+        self._ssl = context
+
     def believe_proxy_headers_from(self, networks: Sequence[IPNetwork]) -> None:
         """A reload that keeps this listener: its new `proxy_protocol_from`, for connections accepted from now."""
         self._proxy_from = TrustedProxies(tuple(networks))

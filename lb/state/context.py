@@ -165,8 +165,8 @@ class ProxyContext:
         `over_limit_answered` gets that 503; beyond it a connection is closed as it is accepted,
         as HAProxy leaves it in the backlog past `maxconn`.
         """
-        limit = self.config.limits.max_connections
-        return self.own_connections() >= limit + over_limit_answered(limit)
+        limit = self.config.limits.max_connections  # with workers: this one's share (lb.control.ipc.split_limits)
+        return self.own_connections() >= limit + over_limit_answered(limit, self.config.workers)
 
     def count_in(self) -> bool:
         """Count a client connection in `handshaking` at its accept; whether it is within the limit.

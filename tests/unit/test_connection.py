@@ -406,6 +406,30 @@ def test_a_refused_head_after_a_trusted_proxys_request_is_logged_as_the_peers(
     assert "client=203.0.113.7" in lines[0], lines
 
 
+def test_a_reload_reaches_a_keep_alive_connection_at_its_next_request() -> None:
+    """A connection's configuration was taken at accept and kept to its end: a proxy taken out of
+    `trusted_proxies` by a reload went on having its X-Forwarded-For believed on a keep-alive connection, and
+    its requests routed by the old routes, to the old pools, for as long as it stayed busy."""
+    play = Play(TRUSTING, client_ip="::ffff:203.0.113.7")
+    play.client(get("/a/x", "X-Forwarded-For: 198.51.100.1\r\n"))
+    play.connected()
+    assert play.opened == ["a1"] and play.conn.client_ip == "198.51.100.1"
+    play.backend(ok())
+    # What the balancer's reload swaps in, in one step: no trusted proxy, and /a now routed to pool b.
+    reloaded = ProxyContext.build(
+        parse_config(CONFIG.replace("pool: a}", "pool: b}"), base_dir=Path("."), environ={}),
+        lambda *_: None, wall_offset=0.0,
+    )
+    ctx = play.ctx
+    ctx.pools, ctx.routes, ctx.codec = reloaded.pools, reloaded.routes, reloaded.codec
+    ctx.protected, ctx.config = reloaded.protected, reloaded.config
+    play.client(get("/a/y", "X-Forwarded-For: 198.51.100.1\r\n"))
+    play.connected()
+    assert play.opened[-1] in ("b1", "b2")
+    assert b"X-Forwarded-For: 203.0.113.7\r\n" in play.to_backend[-1] and b"198.51.100.1" not in play.to_backend[-1]
+    assert (play.conn.client_ip, play.conn.client_port) == ("203.0.113.7", 4711)
+
+
 def test_an_untrusted_peer_is_never_asked_for_its_chain() -> None:
     """With trusted_proxies set, any other peer's X-Forwarded-For is replaced by its own address."""
     play = Play(TRUSTING, client_ip="::ffff:192.0.2.9")

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lb.config.load import ConfigSource, load_config_source
-from lb.config.model import AffinityConfig, BackendConfig, Config, LimitsConfig, PoolConfig
+from lb.config.model import AffinityConfig, BackendConfig, Config, LimitsConfig, PoolConfig, over_limit_answered
 from lb.control import ipc, metrics
 from lb.control import workers as workers_module
 from lb.control.ipc import (
@@ -311,6 +311,23 @@ def test_split_limits_shares_the_burst_the_rate_implies() -> None:
     assert [p.limits.burst_per_ip for p in parts] == [3, 2]
 
 
+@given(st.integers(min_value=0, max_value=10**6), st.integers(min_value=1, max_value=64))
+def test_the_workers_answered_overflow_adds_up_to_the_instances(total: int, count: int) -> None:
+    """Past `max_connections`, TLS and PROXY listeners answer a tenth more (at least 64) and close the rest as
+    accepted; with workers that is the instance's overflow, shared, not each worker's (N x 64 where 64 was said)."""
+    config = dataclasses.replace(_config(), workers=count, limits=LimitsConfig(max_connections=total))
+    held = 0  # connections the workers hold before each sheds the next one
+    for index in range(count):
+        ctx = _ctx(split_limits(config, index, count))
+        low, high = 0, total + 10**6  # the first count of its own connections at which it sheds
+        while low < high:
+            ctx.handshaking = (low + high) // 2
+            low, high = (low, ctx.handshaking) if ctx.sheds() else (ctx.handshaking + 1, high)
+        held += low
+    # The instance's overflow, to within one connection per worker (each rounds its own share).
+    assert abs(held - (total + over_limit_answered(total))) <= count
+
+
 def _report(handshakes: int, tunnels: int, handshaking: int = 0) -> dict[str, Any]:
     return {
         "op": "stats",
@@ -323,8 +340,8 @@ def _report(handshakes: int, tunnels: int, handshaking: int = 0) -> dict[str, An
     }
 
 
-def _ctx() -> ProxyContext:
-    config = _config()
+def _ctx(config: Config | None = None) -> ProxyContext:
+    config = config or _config()
     from lb.affinity.codec import TokenCodec
     from lb.state.pool import PoolState
 
