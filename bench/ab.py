@@ -1,4 +1,4 @@
-"""Two trees side by side: `python -m bench.ab REV [--rounds N] [--window S] [--check]`.
+"""Two trees side by side: `python -m bench.ab REV [--rounds N] [--window S] [--check] [--old-python PY]`.
 
 CPU per handshake of the balancer at git revision REV ("old") and of this checkout ("new"),
 with HAProxy (when installed) and the floor, in alternating windows of one run: the comparison a
@@ -8,6 +8,11 @@ and its data plane compiled there (`build_native.py --require`), then removed.  
 round's µs per handshake and the medians of the per-round ratios new/old, new/haproxy and
 old/haproxy (and the floor's).  The balancers run the benchmark's configuration
 (bench.runner.balancer_config), on CPU 0; everything else on CPU 1, as `python -m bench`.
+
+`--old-python PY` compiles and runs the old tree with another interpreter: the python of a venv that
+has the dependencies (`make setup PYTHON=/usr/bin/python3` in another checkout makes one).  With REV
+`HEAD` that compares two interpreters on the same code: what `deploy/Containerfile`'s choice of base
+rests on.
 """
 
 from __future__ import annotations
@@ -36,26 +41,27 @@ def paired_ratios(costs: Mapping[str, Sequence[float]], top: str, bottom: str) -
     return statistics.median(ratios) if ratios else None
 
 
-def _worktree(rev: str, into: Path) -> Path:
-    """`rev` checked out at `into` with its data plane compiled; raises BenchError with git's or the build's words."""
+def _worktree(rev: str, into: Path, python: str) -> Path:
+    """`rev` checked out at `into` with its data plane compiled by `python`; raises BenchError with git's or the
+    build's words."""
     done = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(into), rev],
                           capture_output=True, text=True, timeout=120, check=False)
     if done.returncode != 0:
         raise BenchError(f"git worktree add {rev}: {done.stderr.strip()}")
-    built = subprocess.run([sys.executable, "build_native.py", "--require"], cwd=into,
+    built = subprocess.run([python, "build_native.py", "--require"], cwd=into,
                            capture_output=True, text=True, timeout=600, check=False)
     if built.returncode != 0:
         raise BenchError(f"build_native.py at {rev}: {(built.stdout + built.stderr).strip()[-2000:]}")
     return into
 
 
-def _start_tree(run: Run, children: list[Child], name: str, tree: Path) -> Target:
-    """A balancer running the sources and build at `tree` (PYTHONPATH first, then its own folder)."""
+def _start_tree(run: Run, children: list[Child], name: str, tree: Path, python: str) -> Target:
+    """A balancer running the sources and build at `tree` (PYTHONPATH first, then its own folder) on `python`."""
     path, port, admin_port = runner._write_config(run, name, None)
     env = procs.child_env()
     env["PYTHONPATH"] = str(tree)
     command = ["taskset", "-c", run.pinning.proxy] if run.pinning.proxy is not None else []
-    command += procs.python_module("lb", "run", "--config", str(path))
+    command += [python, "-m", "lb", "run", "--config", str(path)]
     log_path = run.log_dir / f"{name}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=tree,
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
     parser.add_argument("--window", type=float, default=5.0, help="seconds measured per target and round")
     parser.add_argument("--check", action="store_true", help="send the issued cookie back (check, not issue)")
+    parser.add_argument("--old-python", default=sys.executable, metavar="PY",
+                        help="the interpreter that compiles and runs the old tree (default: this one)")
     args = parser.parse_args(argv)
     plan = Plan.make(False)
     procs.raise_nofile()
@@ -80,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         children: list[Child] = []
         tree = Path(tmp) / "old"
         try:
-            _worktree(args.rev, tree)
+            _worktree(args.rev, tree, args.old_python)
             runner._start_backends(run, children)
-            targets = [_start_tree(run, children, OLD, tree), _start_tree(run, children, NEW, ROOT)]
+            targets = [_start_tree(run, children, OLD, tree, args.old_python),
+                       _start_tree(run, children, NEW, ROOT, sys.executable)]
             haproxy = find_haproxy()
             if haproxy is not None:
                 targets.append(runner._start_haproxy(run, children, haproxy))
