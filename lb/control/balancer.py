@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import hashlib
 import itertools
 import logging
 import math
@@ -67,7 +68,7 @@ from lb.affinity.codec import TokenCodec
 from lb.compiled import compiled_state
 from lb.config.advice import advice, reload_advice
 from lb.config.load import ConfigSource, load_config_source
-from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig, host_port
+from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig, TlsConfig, host_port
 from lb.control.admin import AdminRunner, make_admin_app
 from lb.control.daemon_thread import in_daemon_thread
 from lb.control.discovery import DiscoveryManager
@@ -129,6 +130,18 @@ class _Listening:
     server: asyncio.Server | AcceptingServer
     ssl_context: ssl.SSLContext | None
     address: tuple[str, int] = field(default=("", 0))
+    tls_made_of: bytes | None = None  # `_tls_files`: what ssl_context was built from
+
+
+def _tls_files(tls: TlsConfig) -> bytes | None:
+    """A digest of a TLS listener's paths and of the bytes in them (None: one cannot be read)."""
+    digest = hashlib.sha256()
+    try:
+        for path in (tls.cert, tls.key):
+            digest.update(path.encode() + b"\0" + Path(path).read_bytes() + b"\0")
+    except OSError:
+        return None
+    return digest.digest()
 
 
 class Role(StrEnum):
@@ -306,6 +319,7 @@ class Balancer:
         With `adopt` (a reload changing a running listener's kind), serve those already-listening
         sockets instead, not accepting until `_start_serving`; they are closed if this fails.
         """
+        tls_made_of = _tls_files(listener.tls) if listener.tls else None
         try:
             ssl_context = server_ssl_context(listener.tls) if listener.tls else None
         except (OSError, ssl.SSLError) as exc:
@@ -339,7 +353,7 @@ class Balancer:
                 proxy_from=listener.proxy_protocol_from, start_serving=adopt is None,
             )
             host, port = socks[0].getsockname()[:2]
-            return _Listening(listener, accepting, ssl_context, (host, port))
+            return _Listening(listener, accepting, ssl_context, (host, port), tls_made_of)
         where: dict[str, Any] = (
             # Workers each bind every listener; the kernel spreads connections over them.
             {"host": listener.host, "port": listener.port, "reuse_address": True,
@@ -561,6 +575,7 @@ class Balancer:
             if merged.backends.get(backend.id) is not backend:
                 self._operator_states.remember(pool, backend)
         self.ctx.pools[pool] = merged
+        self._operator_states.keep_absent(self.ctx.pools)
         self._retire({pool: old}, self.ctx.pools, "removed from DNS")
         self._forget_departed_series()
         for checker in self._checkers:
@@ -781,6 +796,7 @@ class Balancer:
             for name, pool in config.pools.items()
         }
         self._retire(old_pools, pools, "removed by reload")
+        self._operator_states.keep_absent(pools)
         rate_limiter = ctx.rate_limiter
         if config.limits != ctx.config.limits:
             rate_limiter = RateLimiter(config.limits.handshake_rate_per_ip, config.limits.burst_per_ip)
@@ -803,7 +819,13 @@ class Balancer:
                 listening.server.close()
                 log.info("stopped listening on %s", host_port(*listening.address))
         for listening, listener in kept:
-            if listener.tls is not None and isinstance(listening.server, AcceptingServer):
+            made_of = _tls_files(listener.tls) if listener.tls is not None else None
+            if (
+                listener.tls is not None and isinstance(listening.server, AcceptingServer)
+                # The same files: the same context, whose session cache and ticket keys let clients that
+                # reconnect resume (a new one at every reload made each of them a full handshake).
+                and (made_of is None or made_of != listening.tls_made_of)
+            ):
                 # New handshakes use the new certificate; established sessions are untouched.  A new context,
                 # not the old one loaded again: OpenSSL holds a certificate per key type, so an RSA pair
                 # loaded over an ECDSA one left the ECDSA certificate and its key served to every client
@@ -816,7 +838,7 @@ class Balancer:
                     log.error("listener %s keeps its previous certificate: %s", listener.bind, exc)
                 else:
                     listening.server.serve_tls_with(context)
-                    listening.ssl_context = context
+                    listening.ssl_context, listening.tls_made_of = context, made_of
             if isinstance(listening.server, AcceptingServer):
                 listening.server.believe_proxy_headers_from(listener.proxy_protocol_from)
             listening.config = listener

@@ -281,8 +281,8 @@ async def _lookup_addresses(
     and called the lookup a success."""
     found, ttl, aaaa_failed = await _addresses(resolver, config.dns)
     failed: tuple[str, ...] = ()
-    if aaaa_failed is not None:
-        kept = [b.host for b in known if ":" in b.host]
+    kept = [b.host for b in known if ":" in b.host] if aaaa_failed is not None else []
+    if aaaa_failed is not None and kept:  # none to keep: the A answer is the set, as for a name with no AAAA
         found += kept
         failed = (f"AAAA query: {_cause(aaaa_failed, config.timeout)}; its last known {len(kept)} IPv6 backend(s) "
                   "kept",)
@@ -360,6 +360,9 @@ class Discoverer:
         self._reserved = frozenset(b.id for b in pool.backends)
         self._apply = apply
         self.known: tuple[BackendConfig, ...] = ()
+        # Whether `known` came from this name's own answers (not a previous name's, `adopt`): only then may
+        # it stand in for what a failed query did not say (an SRV target's address, type a's IPv6 ones).
+        self._known_is_ours = True
         self.status = DiscoveryStatus(dns=self.config.dns, type=self.config.type.value)
         self._task: asyncio.Task[None] | None = None
         self._resolver = make_resolver(self.config)
@@ -392,7 +395,9 @@ class Discoverer:
         self.known = previous.known
         if (previous.config.dns, previous.config.type) == (self.config.dns, self.config.type):
             self.status = previous.status
+            self._known_is_ours = previous._known_is_ours
             return
+        self._known_is_ours = False
         self.count_on(previous.status.lookups, previous.status.errors)
         self.status.backends = len(self.known)
 
@@ -426,7 +431,8 @@ class Discoverer:
                         allowed += seconds
                         budget.reschedule(when + seconds)
 
-                discovered, ttl = await lookup(self.config, self._resolver, self._reserved, self.known, extend)
+                stand_ins = self.known if self._known_is_ours else ()
+                discovered, ttl = await lookup(self.config, self._resolver, self._reserved, stand_ins, extend)
             # Counted at every lookup, this one's too when nothing in it was usable: else /status kept
             # the count of the last lookup that gave backends beside an error that lists the skipped.
             status.skipped = len(discovered.skipped) + discovered.truncated
@@ -453,6 +459,7 @@ class Discoverer:
                 log.info("discovery for pool %s: recovered, %s answers again after %d failed lookup(s)",
                          self.pool, self.config.dns, self._failing)
             self._failing, self._said_failing = 0, False
+        self._known_is_ours = True  # from here on, whether or not it changed
         changes = diff(self.known, discovered.backends)
         if changes:
             log.info(
@@ -610,14 +617,22 @@ class DiscoveryCollector(Collector):
             "lb_discovery_last_success_timestamp_seconds",
             "Unix time of the last lookup that gave backends (0: never).", labels=["pool"],
         )
+        # /status said how many records an answer left out; nothing an alert could read did.
+        skipped = GaugeMetricFamily(
+            "lb_discovery_skipped_records",
+            "Records of the last answer left out: unusable (bad name or port, duplicate, id taken) or past "
+            "max_backends.", labels=["pool"],
+        )
         for name, loop in sorted(self._get_loops().items()):
             status = loop.status
             errors.add_metric([name], status.errors)
             lookups.add_metric([name], status.lookups)
             backends.add_metric([name], status.backends)
             last_ok.add_metric([name], status.last_ok or 0.0)
+            skipped.add_metric([name], status.skipped)
         yield errors
         yield lookups
         yield backends
         yield last_ok
+        yield skipped
 

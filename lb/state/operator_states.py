@@ -10,7 +10,9 @@ held depended on whether a tunnel happened to be open.  Bounded: past `limit`, t
 
 from __future__ import annotations
 
-from lb.state.pool import AdminAction, BackendStatus
+from collections.abc import Mapping
+
+from lb.state.pool import AdminAction, BackendStatus, PoolState
 
 OPERATOR_STATES_KEPT = 4096
 
@@ -38,6 +40,16 @@ class OperatorStates:
             backend.admin = action
             backend.reason = f"operator: {action.value} (kept while it was out of DNS)"
         return action
+
+    def keep_absent(self, pools: Mapping[str, PoolState]) -> None:
+        """Forget what is kept for a backend its pool holds again (by whatever path: back as itself with the
+        tunnels it kept, or re-added by a reload), and for pools that are gone: the word is on the backend
+        now, or has nothing left to apply to.  Kept, it came back once more later: an operator's `enable`
+        in between undone by a disable from before it."""
+        self._said = {
+            key: action for key, action in self._said.items()
+            if key[0] in pools and key[1] not in pools[key[0]].backends
+        }
 
     def __len__(self) -> int:
         return len(self._said)

@@ -44,3 +44,19 @@ def test_counts_go_on_when_a_reload_drops_discovery_and_a_later_one_restores_it(
     dropped, restored = asyncio.run(scenario())
     assert dropped == (None, None)  # no loop, no series (stale to Prometheus, not a reset)
     assert restored[0] is not None and restored[0] >= 7 and restored[1] is not None and restored[1] >= 3
+
+
+def test_records_an_answer_left_out_are_a_gauge() -> None:
+    """What /status shows as `skipped` (bad records, or past max_backends) is in the metrics too, for an alert."""
+    async def scenario() -> tuple[float | None, float | None]:
+        registry = CollectorRegistry()
+        manager = DiscoveryManager(lambda _pool, _backends: None, registry)
+        manager.start({"gateways": _pool("_ws._tcp.gw.test")})
+        (loop,) = manager._loops.values()
+        before = _counted(registry, "lb_discovery_skipped_records")
+        loop.status.skipped = 5  # as a lookup records it
+        after = _counted(registry, "lb_discovery_skipped_records")
+        await manager.stop()
+        return before, after
+
+    assert asyncio.run(scenario()) == (0.0, 5.0)

@@ -84,3 +84,30 @@ async def test_the_same_name_looked_up_anew_keeps_its_record() -> None:
         assert after["lookups"] >= before["lookups"] and manager.known("gateways") == OLD_NAME_BACKENDS
     finally:
         await manager.stop()
+
+
+async def test_a_new_names_first_lookup_takes_no_stand_ins_from_the_old_names_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The old name's set stays in use until the new name answers, but it does not stand in for what the new
+    name's answer leaves unsaid (type a's IPv6 backends after a failed AAAA query, an SRV target whose lookup
+    failed): the old name's backends became members of the new name's set."""
+    given: list[tuple[str, tuple[BackendConfig, ...]]] = []
+
+    async def lookup(config: DiscoveryConfig, _resolver: Any, _reserved: Any, known: tuple[BackendConfig, ...],
+                     *_: Any) -> tuple[Discovered, float]:
+        given.append((config.dns, known))
+        return Discovered(OLD_NAME_BACKENDS if config.dns == "old.svc" else OLD_NAME_BACKENDS[:1], ()), 5.0
+
+    monkeypatch.setattr(discovery, "lookup", lookup)
+    manager = discovery.DiscoveryManager(lambda pool, backends: None)
+    manager.start({"gateways": _pool("old.svc")})
+    await manager.first_lookups()
+    try:
+        manager.start({"gateways": _pool("new.svc")})
+        await manager.first_lookups()
+        (loop,) = manager._loops.values()
+        await loop.resolve_once()  # the new name's second lookup: its own first answer stands in now
+    finally:
+        await manager.stop()
+    assert given == [("old.svc", ()), ("new.svc", ()), ("new.svc", OLD_NAME_BACKENDS[:1])]

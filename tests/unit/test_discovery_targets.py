@@ -174,6 +174,16 @@ def test_type_a_keeps_its_ipv6_backends_when_the_aaaa_query_fails_after_an_a_ans
     assert found.failed[0].endswith("its last known 1 IPv6 backend(s) kept")
 
 
+def test_type_a_with_no_ipv6_backend_to_keep_takes_a_failed_aaaa_query_as_no_error() -> None:
+    """An IPv4-only name behind a resolver that fails every AAAA query: the A answer is the whole set, and the
+    lookup a good one (else `last_ok` never moved and `LbDiscoveryStale` fired for good)."""
+    resolver = ScriptedResolver()
+    resolver.script = {(SERVICE, "A"): answer(SERVICE + ".", "A", "127.0.0.1"),
+                       (SERVICE, "AAAA"): dns.resolver.NoNameservers()}
+    found = run_lookup(resolver, known=DUAL[:1], config=A_CONFIG)
+    assert (found.backends, found.failed) == (DUAL[:1], ())
+
+
 def test_type_a_takes_a_definite_aaaa_answer_as_it_comes() -> None:
     resolver = ScriptedResolver()
     resolver.script = {(SERVICE, "A"): answer(SERVICE + ".", "A", "127.0.0.1"),

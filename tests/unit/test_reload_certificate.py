@@ -131,3 +131,31 @@ def test_a_reload_to_another_key_type_serves_the_new_certificate_alone(tmp_path:
             await balancer.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_reload_that_leaves_the_files_as_they_were_keeps_the_context_and_its_sessions(tmp_path: Path) -> None:
+    """A new context at every reload threw away the session cache and ticket keys: every client that reconnected
+    after a reload (of anything) made a full handshake."""
+    certs = write_dev_certs(tmp_path / "certs", ["127.0.0.1"])
+    config_path = tmp_path / "lb.yaml"
+    config_path.write_text(in_process_config(f"""
+  - bind: 127.0.0.1:0
+    tls: {{cert: {certs.server_cert}, key: {certs.server_key}}}
+"""))
+
+    async def scenario() -> None:
+        balancer = Balancer(load_config(config_path), config_path)
+        await balancer.start()
+        try:
+            [listening] = balancer._listening
+            before = listening.ssl_context
+            assert await balancer.reload()
+            assert listening.ssl_context is before
+            await asyncio.to_thread(write_dev_certs, tmp_path / "certs", ["127.0.0.1"])  # renewed: new files
+            assert await balancer.reload()
+            assert listening.ssl_context is not before
+            assert await asyncio.to_thread(served, tls_port(balancer)) == der(certs.server_cert)
+        finally:
+            await balancer.stop()
+
+    asyncio.run(scenario())
