@@ -4,10 +4,12 @@ change of key type (the new certificate alone is served, whatever the client pre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,20 +25,34 @@ from lb.control.balancer import Balancer
 from lb.devcerts import write_dev_certs
 
 
+@contextlib.asynccontextmanager
+async def running(config_path: Path) -> AsyncIterator[Balancer]:
+    """The balancer on `config_path`, started, in this process; stopped at the end."""
+    balancer = Balancer(load_config(config_path), config_path)
+    await balancer.start()
+    try:
+        yield balancer
+    finally:
+        await balancer.stop()
+
+
+def write_tls_config(config_path: Path, cert: Path, key: Path) -> None:
+    """A balancer config with one TLS listener on a port the kernel picks."""
+    config_path.write_text(in_process_config(f"""
+  - bind: 127.0.0.1:0
+    tls: {{cert: {cert}, key: {key}}}
+"""))
+
+
 def test_a_certificate_unloadable_at_the_swap_keeps_the_old_one_and_completes_the_reload(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     certs = write_dev_certs(tmp_path / "certs", ["127.0.0.1"])
     config_path = tmp_path / "lb.yaml"
-    config_path.write_text(in_process_config(f"""
-  - bind: 127.0.0.1:0
-    tls: {{cert: {certs.server_cert}, key: {certs.server_key}}}
-"""))
+    write_tls_config(config_path, certs.server_cert, certs.server_key)
 
     async def scenario() -> None:
-        balancer = Balancer(load_config(config_path), config_path)
-        await balancer.start()
-        try:
+        async with running(config_path) as balancer:
             # load_config's check saw good files; by the swap the certificate is a new one and the key still
             # the old one (a renewal halfway through writing the pair).
             monkeypatch.setattr(sections, "server_ssl_context", lambda tls: None)
@@ -50,8 +66,6 @@ def test_a_certificate_unloadable_at_the_swap_keeps_the_old_one_and_completes_th
             # And it still serves the previous one with its key (loaded into the old context, the new
             # certificate took the slot and dropped the old key: every handshake failed).
             assert await asyncio.to_thread(served, tls_port(balancer)) == before
-        finally:
-            await balancer.stop()
 
     asyncio.run(scenario())
 
@@ -106,29 +120,18 @@ def test_a_reload_to_another_key_type_serves_the_new_certificate_alone(tmp_path:
     second = "rsa" if first == "ecdsa" else "ecdsa"
     config_path = tmp_path / "lb.yaml"
 
-    def write_config(pair: str) -> None:
-        cert, key = pairs[pair]
-        config_path.write_text(in_process_config(f"""
-  - bind: 127.0.0.1:0
-    tls: {{cert: {cert}, key: {key}}}
-"""))
-
-    write_config(first)
+    write_tls_config(config_path, *pairs[first])
 
     async def scenario() -> None:
-        balancer = Balancer(load_config(config_path), config_path)
-        await balancer.start()
-        try:
+        async with running(config_path) as balancer:
             port = tls_port(balancer)
             assert await asyncio.to_thread(served, port) == der(pairs[first][0])
-            write_config(second)
+            write_tls_config(config_path, *pairs[second])
             assert await balancer.reload()
             assert await asyncio.to_thread(served, port) == der(pairs[second][0])
             # A client that takes RSA alone gets the new RSA certificate, or none once it is ECDSA.
             expected = der(rsa_cert) if second == "rsa" else None
             assert await asyncio.to_thread(served, port, rsa_only=True) == expected
-        finally:
-            await balancer.stop()
 
     asyncio.run(scenario())
 
@@ -138,15 +141,10 @@ def test_a_reload_that_leaves_the_files_as_they_were_keeps_the_context_and_its_s
     after a reload (of anything) made a full handshake."""
     certs = write_dev_certs(tmp_path / "certs", ["127.0.0.1"])
     config_path = tmp_path / "lb.yaml"
-    config_path.write_text(in_process_config(f"""
-  - bind: 127.0.0.1:0
-    tls: {{cert: {certs.server_cert}, key: {certs.server_key}}}
-"""))
+    write_tls_config(config_path, certs.server_cert, certs.server_key)
 
     async def scenario() -> None:
-        balancer = Balancer(load_config(config_path), config_path)
-        await balancer.start()
-        try:
+        async with running(config_path) as balancer:
             [listening] = balancer._listening
             before = listening.ssl_context
             assert await balancer.reload()
@@ -155,7 +153,5 @@ def test_a_reload_that_leaves_the_files_as_they_were_keeps_the_context_and_its_s
             assert await balancer.reload()
             assert listening.ssl_context is not before
             assert await asyncio.to_thread(served, tls_port(balancer)) == der(certs.server_cert)
-        finally:
-            await balancer.stop()
 
     asyncio.run(scenario())
