@@ -17,7 +17,7 @@ import hashlib
 import ipaddress
 import math
 from collections.abc import Sequence
-from typing import Final, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from lb.config.model import BalanceMethod
 from lb.http.client_address import unmapped
@@ -106,9 +106,6 @@ class LeastConn:
 def make_policy(method: BalanceMethod) -> RoundRobin | LeastConn:
     """The pool's stateful policy; for source and hash pools, the fallback when a request has no key."""
     return RoundRobin() if method is BalanceMethod.ROUND_ROBIN else LeastConn()
-
-
-HASHED_METHODS: Final = frozenset({BalanceMethod.SOURCE, BalanceMethod.HASH})
 
 
 def source_key(address: str) -> str | None:

@@ -23,7 +23,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
-from lb.affinity.balancing import HASHED_METHODS, hash_choose, rendezvous_choose
+from lb.affinity.balancing import hash_choose, rendezvous_choose
+from lb.config.model import HASHED_METHODS
 from lb.errors import NoHealthyBackend
 from lb.state.pool import AdminAction, BackendStatus, PoolState
 
@@ -77,7 +78,7 @@ def decide(
         NoHealthyBackend: no backend can take a new client (the listener answers 503).
     """
     hashed = balance_key is not None and pool.config.balance in HASHED_METHODS
-    if pool.config.balance in HASHED_METHODS and not pool.config.sticky:
+    if not pool.config.pins:
         chosen = _require(_choose_new(pool, balance_key if hashed else None, exclude, now), pool)
         return Decision(backend=chosen, reason="new", issue_cookie=False)
     if claimed is not None:

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from lb.affinity.balancing import HASHED_METHODS
 from lb.affinity.carriers import MAX_PINS
-from lb.config.model import AffinityMode, Config, DiscoveryType, PoolConfig, SameSite, SecureMode, over_limit_answered
+from lb.config.model import (
+    HASHED_METHODS,
+    AffinityMode,
+    Config,
+    DiscoveryType,
+    PoolConfig,
+    SameSite,
+    SecureMode,
+    over_limit_answered,
+)
 from lb.http.cookies import secure_prefix
 
 # Descriptors a process needs besides its client connections and its health checks (one per backend

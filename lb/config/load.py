@@ -138,7 +138,7 @@ def load_admin_config(
                 node = expand(node, "admin", env, check, set())
             admin = admin_section(node, check)
             if admin is not None and not check.problems:
-                return admin if stand_in is not _UNREAD_TOKEN else dataclasses.replace(admin, token=None)
+                return admin if token is not None or read_token else dataclasses.replace(admin, token=None)
     raise ConfigError(check.problems or [Problem("", "invalid configuration")])
 
 

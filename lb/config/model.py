@@ -42,6 +42,10 @@ class BalanceMethod(StrEnum):
     HASH = "hash"      # rendezvous hash of `hash_key`; requests without it fall back to least_conn
 
 
+# The methods that route by a hash of the client's key, and may do without pins (`sticky: false`).
+HASHED_METHODS: Final = frozenset({BalanceMethod.SOURCE, BalanceMethod.HASH})
+
+
 class HashKeySource(StrEnum):
     HEADER = "header"
     QUERY = "query"
@@ -217,7 +221,7 @@ class PoolConfig:
         """Whether the pool pins its clients by token: all do but a `source` or `hash` pool with
         `sticky: false`, which the hash alone routes (in rewrite mode its backend's cookie is then the
         backend's alone: it passes unchanged, on interim answers and final ones)."""
-        return self.sticky or self.balance not in (BalanceMethod.SOURCE, BalanceMethod.HASH)
+        return self.sticky or self.balance not in HASHED_METHODS
 
 
 @dataclass(frozen=True, slots=True)

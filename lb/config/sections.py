@@ -15,7 +15,6 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from lb.affinity.balancing import HASHED_METHODS
 from lb.config.checker import (
     REPORTED,
     Bad,
@@ -41,6 +40,7 @@ from lb.config.checker import (
 from lb.config.document import relative_to_config
 from lb.config.model import (
     DEFAULT_BACKLOG,
+    HASHED_METHODS,
     AdminConfig,
     AffinityConfig,
     AffinityMode,

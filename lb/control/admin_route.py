@@ -16,8 +16,9 @@ import time
 
 from aiohttp import web
 
-from lb.affinity.balancing import HASHED_METHODS, BadKey, admin_key
+from lb.affinity.balancing import BadKey, admin_key
 from lb.affinity.decision import route_for_key
+from lb.config.model import HASHED_METHODS
 from lb.control.admin import BALANCER, error_response, key_values, refuse_parameters
 
 MAX_KEY_CHARS = 4096

@@ -222,7 +222,8 @@ def _attempt_error(error: object) -> str:
         return "closed the connection without an answer"
     if isinstance(error, str):  # an answer's rcode
         return f"answered {error}"
-    return str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+    text = str(error)
+    return text.splitlines()[0][:120] if text else type(error).__name__
 
 
 async def _lookup_srv(

@@ -32,10 +32,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lb.affinity.balancing import HASHED_METHODS, admin_key
+from lb.affinity.balancing import admin_key
 from lb.affinity.carriers import MAX_PINS, PIN_SEPARATOR
 from lb.affinity.codec import Claim, TokenCodec
 from lb.affinity.decision import decide
+from lb.config.model import HASHED_METHODS
 from lb.errors import InvalidToken, NoHealthyBackend
 from lb.log import iso_utc as log_iso_utc
 from lb.state.pool import BackendStatus, PoolState

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from lb.affinity.balancing import HASHED_METHODS, LeastConn, RoundRobin, make_policy
-from lb.config.model import BackendConfig, PoolConfig
+from lb.affinity.balancing import LeastConn, RoundRobin, make_policy
+from lb.config.model import HASHED_METHODS, BackendConfig, PoolConfig
 
 
 class BackendState(StrEnum):
