@@ -14,9 +14,10 @@ from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Final, TypeVar
 
+from lb.config.backend_address import as_ipv4, not_a_host
 from lb.config.checker import Bad, Expanded, Parser, got, kind_of, show
 from lb.config.durations import BadDuration, parse_duration
-from lb.config.model import HashKey, HashKeySource, SecureMode
+from lb.config.model import HashKey, HashKeySource, SecureMode, host_port
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Enum)
@@ -285,6 +286,24 @@ def bind_address(value: object) -> tuple[str, int]:
 
 
 _any_port = address(min_port=0, wildcard=True)
+_gateway_port = address(min_port=1)
+
+
+def backend_address(value: object) -> tuple[str, int]:
+    """A backend's host:port: a name, or an address some gateway can listen at (`lb.config.backend_address`)."""
+    host, port = _gateway_port(value)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host, port
+    mapped = as_ipv4(ip)
+    if mapped != ip:
+        write = "its IPv4 address" if isinstance(value, Expanded) else host_port(str(mapped), port)
+        raise Bad(f"an IPv4-mapped address is an IPv4 one: write {write}")
+    why = not_a_host(ip)
+    if why is not None:
+        raise Bad(why)
+    return host, port
 
 
 def is_ip(text: str, *, version: int) -> bool:

@@ -15,6 +15,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from lb.config.backend_address import OwnListeners, own_listener_reason
 from lb.config.checker import (
     REPORTED,
     Bad,
@@ -70,6 +71,7 @@ from lb.config.scalars import (
     HOSTNAME_RE,
     NOT_UTF8,
     address,
+    backend_address,
     bind_address,
     boolean,
     choice,
@@ -167,7 +169,7 @@ _HEALTH_FIELDS = (
 )
 _BACKEND_FIELDS = (
     Field("id", identifier, required=True),
-    Field("address", address(min_port=1), required=True),
+    Field("address", backend_address, required=True),
     Field("weight", integer(1, 256)),
     Field("max_connections", integer(1, 10_000_000)),
 )
@@ -287,6 +289,8 @@ def build_config(tree: object, check: Checker) -> Config | None:
     pool_names = pool_names or None  # no pools at all: that problem is reported under pools
     routes = _routes(value_at(root, "routes", "", check, required=True), check, pool_names)
     pools = _pools(value_at(root, "pools", "", check, required=True), check)
+    if pools is not None and listeners is not None:
+        _check_backend_loops(pools, listeners, check)
     timeouts = simple_section(root, "timeouts", check, _TIMEOUT_FIELDS, TimeoutsConfig)
     limits = simple_section(root, "limits", check, _LIMIT_FIELDS, LimitsConfig)
     logging = simple_section(root, "logging", check, _LOGGING_FIELDS, LoggingConfig)
@@ -479,6 +483,16 @@ def _check_admin_bind(admin: AdminConfig, listeners: Sequence[ListenerConfig], c
             check.add("admin.bind", f"{admin.bind} overlaps listeners[{i}] ({listener.bind}); the admin API needs "
                                     "an address of its own")
             return
+
+
+def _check_backend_loops(pools: Mapping[str, PoolConfig], listeners: Sequence[ListenerConfig], check: Checker) -> None:
+    """A backend at one of the balancer's own listeners (`lb.config.backend_address`)."""
+    own = OwnListeners.of(listeners)
+    for name, pool in pools.items():
+        for i, backend in enumerate(pool.backends):
+            bind = own.reached_by(backend.host, backend.port)
+            if bind is not None:
+                check.add(f"pools.{name}.backends[{i}].address", f"{backend.address} {own_listener_reason(bind)}")
 
 
 _WILDCARDS = {"0.0.0.0": 4, "::": 6}

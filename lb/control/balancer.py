@@ -269,7 +269,7 @@ class Balancer:
         if self.role is not Role.OWNER:
             # Discovered backends before the first client: a process the kernel hands connections
             # as soon as it listens would answer them 503 until its first lookups end.
-            self.discovery.start(self.config.pools)
+            self.discovery.start(self.config.pools, self.config.listeners)
             await self.discovery.first_lookups()
             if self._stopping is not None:
                 return  # told to stop while waiting (a worker's owner going away): bind nothing
@@ -298,7 +298,8 @@ class Balancer:
         if self.role is not Role.WORKER:
             self._start_health_checks()
         if self.role is Role.OWNER:
-            self.discovery.start(self.config.pools)  # a serving process started its loops before binding
+            # A serving process started its loops before binding.
+            self.discovery.start(self.config.pools, self.config.listeners)
         if self._supervisor is not None:
             await self._supervisor.start()
         if self._control is not None:
@@ -763,7 +764,7 @@ class Balancer:
         setup_logging(config.logging)
         if self.role is not Role.WORKER:
             await self._follow_health_checks(previous)
-        self.discovery.start(self.config.pools)  # DNS discovery loops (lb.control.discovery)
+        self.discovery.start(self.config.pools, self.config.listeners)  # DNS discovery loops (lb.control.discovery)
         if old_admin is not None:
             await old_admin.cleanup()
 

@@ -25,6 +25,10 @@ saying the pod is gone, and drops it ("no A/AAAA address"): an answer, not a
 failure.  (`lb.control.dns_backends.from_srv` applies the rule;
 `_addresses` tells an answer from a failure.)
 
+An address no gateway can listen at (`0.0.0.0`, multicast) is skipped, and so is one that reaches
+the balancer's own listener (`lb.config.backend_address`): a name that resolves to the balancer
+itself (its own Service, a typo) would send every request back to it as a new one.
+
 Every process that routes runs its own loop (the owner and each worker with
 `workers: N`): they resolve the same name and converge, with no message
 between them.
@@ -37,8 +41,9 @@ import contextlib
 import functools
 import logging
 import math
+import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -51,7 +56,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from lb.config.model import BackendConfig, DiscoveryConfig, DiscoveryType, PoolConfig
+from lb.config.backend_address import NO_LISTENERS, IPAddress, OwnListeners
+from lb.config.model import BackendConfig, DiscoveryConfig, DiscoveryType, ListenerConfig, PoolConfig
 from lb.control.daemon_thread import in_daemon_thread
 from lb.control.dns_backends import (
     Discovered,
@@ -160,26 +166,46 @@ def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:
     return ThreadedResolver(resolver)
 
 
+def is_local_address(ip: IPAddress) -> bool:
+    """Whether `ip` is one of this host's addresses, which a wildcard listener accepts on.
+
+    Asked of the kernel's routing: a UDP socket connected to a local address takes that address as
+    its own (the local table's `src`); to any other, the outgoing interface's.  No packet is sent,
+    and unlike a trial bind it holds with `ip_nonlocal_bind` set (where every bind succeeds, and
+    every gateway on the listener's port would have looked like the balancer itself).
+    """
+    if ip.is_loopback:
+        return True
+    try:
+        with socket.socket(socket.AF_INET if ip.version == 4 else socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.connect((str(ip), 9))
+            return bool(probe.getsockname()[0] == str(ip))
+    except OSError:  # no route: not an address of ours
+        return False
+
+
 async def lookup(
     config: DiscoveryConfig,
     resolver: ThreadedResolver,
     reserved_ids: frozenset[str] = frozenset(),
     known: tuple[BackendConfig, ...] = (),
     extend: Extend | None = None,
+    own: OwnListeners = NO_LISTENERS,
 ) -> tuple[Discovered, float | None]:
     """Resolve once: the backends the name yields now, and the smallest TTL seen.
 
     `known` (the last known set) stands in for an SRV target whose own address lookup failed
     (listed in `Discovered.failed`).  `extend`, if given, is called with the time the SRV answer's
-    target lookups may take (`target_lookups_budget`), before they start.
+    target lookups may take (`target_lookups_budget`), before they start.  An address that reaches
+    one of `own` is skipped.
 
     Raises:
         DiscoveryError: the lookup failed, or the answer holds no usable backend.
     """
     try:
         if config.type is DiscoveryType.SRV:
-            return await _lookup_srv(config, resolver, reserved_ids, known, extend)
-        return await _lookup_addresses(config, resolver, reserved_ids, known)
+            return await _lookup_srv(config, resolver, reserved_ids, known, extend, own)
+        return await _lookup_addresses(config, resolver, reserved_ids, known, own)
     except (dns.exception.DNSException, OSError) as exc:
         raise DiscoveryError(f"{config.dns}: {_cause(exc, config.timeout)}") from None
 
@@ -228,7 +254,7 @@ def _attempt_error(error: object) -> str:
 
 async def _lookup_srv(
     config: DiscoveryConfig, resolver: ThreadedResolver, reserved_ids: frozenset[str],
-    known: tuple[BackendConfig, ...], extend: Extend | None = None,
+    known: tuple[BackendConfig, ...], extend: Extend | None = None, own: OwnListeners = NO_LISTENERS,
 ) -> tuple[Discovered, float | None]:
     answer = await resolver.resolve(config.dns, "SRV")
     ttls = [float(answer.rrset.ttl)] if answer.rrset is not None else []
@@ -267,14 +293,14 @@ async def _lookup_srv(
 
     await asyncio.gather(*(resolve_target(t) for t in missing))
     discovered = from_srv(records, addresses, max_backends=config.max_backends, reserved_ids=reserved_ids,
-                          failed=failed, known=known)
+                          failed=failed, known=known, own=own)
     discovered = replace(discovered, truncated=discovered.truncated + truncated)
     return discovered, min(ttls) if ttls else None
 
 
 async def _lookup_addresses(
     config: DiscoveryConfig, resolver: ThreadedResolver, reserved_ids: frozenset[str],
-    known: tuple[BackendConfig, ...] = (),
+    known: tuple[BackendConfig, ...] = (), own: OwnListeners = NO_LISTENERS,
 ) -> tuple[Discovered, float | None]:
     """`type: a`: a backend per A and AAAA address.  A failed AAAA query after an A answer keeps the
     last known IPv6 backends and is reported as an error, as a failed SRV target's lookup is: taking
@@ -288,7 +314,8 @@ async def _lookup_addresses(
         failed = (f"AAAA query: {_cause(aaaa_failed, config.timeout)}; its last known {len(kept)} IPv6 backend(s) "
                   "kept",)
     assert config.port is not None  # lb.config.sections requires it for type a
-    discovered = from_addresses(found, port=config.port, max_backends=config.max_backends, reserved_ids=reserved_ids)
+    discovered = from_addresses(found, port=config.port, max_backends=config.max_backends, reserved_ids=reserved_ids,
+                                own=own)
     return replace(discovered, failed=failed), ttl
 
 
@@ -354,9 +381,10 @@ def _first_line(exc: BaseException) -> str:
 class Discoverer:
     """The lookup loop of one pool: resolve, diff, apply on change, sleep, again."""
 
-    def __init__(self, pool: PoolConfig, apply: Apply) -> None:
+    def __init__(self, pool: PoolConfig, apply: Apply, own: OwnListeners = NO_LISTENERS) -> None:
         assert pool.discovery is not None
         self.pool = pool.name
+        self.own = own  # the balancer's listeners, which no backend may be (a reload sets it anew)
         self.config = pool.discovery
         self._reserved = frozenset(b.id for b in pool.backends)
         self._apply = apply
@@ -433,7 +461,7 @@ class Discoverer:
                         budget.reschedule(when + seconds)
 
                 stand_ins = self.known if self._known_is_ours else ()
-                discovered, ttl = await lookup(self.config, self._resolver, self._reserved, stand_ins, extend)
+                discovered, ttl = await lookup(self.config, self._resolver, self._reserved, stand_ins, extend, self.own)
             # Counted at every lookup, this one's too when nothing in it was usable: else /status kept
             # the count of the last lookup that gave backends beside an error that lists the skipped.
             status.skipped = len(discovered.skipped) + discovered.truncated
@@ -528,8 +556,10 @@ class DiscoveryManager:
         if registry is not None:
             registry.register(DiscoveryCollector(lambda: self._loops))
 
-    def start(self, pools: Mapping[str, PoolConfig]) -> None:
-        """Start loops for pools with discovery; keep unchanged ones; stop those no longer configured."""
+    def start(self, pools: Mapping[str, PoolConfig], listeners: Sequence[ListenerConfig] = ()) -> None:
+        """Start loops for pools with discovery; keep unchanged ones; stop those no longer configured.
+        `listeners`: the balancer's own, at which no discovered backend may be."""
+        own = OwnListeners.of(listeners, is_local_address)
         wanted = {name: pool for name, pool in pools.items() if pool.discovery is not None}
         for name in list(self._loops):
             loop = self._loops[name]
@@ -537,11 +567,12 @@ class DiscoveryManager:
             if pool is not None and pool.discovery == loop.config and frozenset(
                 b.id for b in pool.backends
             ) == loop._reserved:
+                loop.own = own  # from its next lookup on
                 continue
             loop.stop()
             del self._loops[name]
             if pool is not None:
-                replacement = Discoverer(pool, self._apply)
+                replacement = Discoverer(pool, self._apply, own)
                 replacement.adopt(loop)
                 self._loops[name] = replacement
                 replacement.start()
@@ -551,7 +582,7 @@ class DiscoveryManager:
                     del self._counted[next(iter(self._counted))]
         for name, pool in wanted.items():
             if name not in self._loops:
-                self._loops[name] = Discoverer(pool, self._apply)
+                self._loops[name] = Discoverer(pool, self._apply, own)
                 self._loops[name].count_on(*self._counted.pop(name, (0, 0)))
                 self._loops[name].start()
 

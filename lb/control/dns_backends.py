@@ -35,6 +35,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from lb.config.backend_address import NO_LISTENERS, OwnListeners, as_ipv4, not_a_host, own_listener_reason
 from lb.config.model import BackendConfig, host_port
 
 # Backend weights in the config file run 1..256.
@@ -146,13 +147,16 @@ def cut_srv(records: Sequence[SrvRecord], max_backends: int) -> tuple[list[SrvRe
 
 
 def pick_address(addresses: Iterable[str]) -> str | None:
-    """One address for a target with several: IPv4 first, then the lowest, so every instance agrees."""
+    """One address for a target with several: IPv4 first, then the lowest, so every instance agrees.
+    An IPv4-mapped address counts as IPv4; one no gateway can listen at is passed over (`not_a_host`)."""
     parsed = []
     for text in addresses:
         try:
-            parsed.append(ipaddress.ip_address(text))
+            ip = as_ipv4(ipaddress.ip_address(text))
         except ValueError:
             continue
+        if not_a_host(ip) is None:
+            parsed.append(ip)
     if not parsed:
         return None
     return str(min(parsed, key=lambda ip: (ip.version, ip)))
@@ -177,6 +181,7 @@ def from_srv(
     reserved_ids: Iterable[str] = (),
     failed: Mapping[str, str] | None = None,
     known: Iterable[BackendConfig] = (),
+    own: OwnListeners = NO_LISTENERS,
 ) -> Discovered:
     """Backends from SRV records.
 
@@ -188,6 +193,7 @@ def from_srv(
         failed: target name (lower case, without the trailing dot) → why its address lookup failed
             ("no answer within 2s"); such a target keeps its backend from `known`, if it has one.
         known: the last known set (what the previous answers gave).
+        own: the balancer's own listeners: a target at one of them is skipped (a request loop).
 
     Returns:
         The backends sorted by id, why any record was left out, and which targets' lookups failed.
@@ -230,9 +236,14 @@ def from_srv(
                 not_resolved.append(f"target {_short(target)!r}: address lookup failed ({cause}); "
                                     f"kept {backend_id} at {held.address}")
             continue
-        address = pick_address(addresses.get(target, ()) or addresses.get(target + ".", ()))
+        found = addresses.get(target, ()) or addresses.get(target + ".", ())
+        address = pick_address(found)
         if address is None:
-            skipped.append(f"target {_short(target)!r}: no A/AAAA address")
+            skipped.append(f"target {_short(target)!r}: no {'usable ' if found else ''}A/AAAA address")
+            continue
+        bind = own.reached_by(address, record.port)
+        if bind is not None:
+            skipped.append(f"target {_short(target)!r}: {host_port(address, record.port)} {own_listener_reason(bind)}")
             continue
         backends[backend_id] = BackendConfig(id=backend_id, host=address, port=record.port, weight=weight)
     return Discovered(
@@ -241,24 +252,38 @@ def from_srv(
 
 
 def from_addresses(
-    addresses: Iterable[str], *, port: int, max_backends: int, reserved_ids: Iterable[str] = ()
+    addresses: Iterable[str], *, port: int, max_backends: int, reserved_ids: Iterable[str] = (),
+    own: OwnListeners = NO_LISTENERS,
 ) -> Discovered:
     """Backends from A/AAAA records: one per distinct address, id `ip:port` (`[ip]:port` for IPv6).
 
     Args:
-        addresses: IPv4 and IPv6 addresses as text, in any order.
+        addresses: IPv4 and IPv6 addresses as text, in any order.  An IPv4-mapped IPv6 address is
+            its IPv4 address (one backend for a pod's A and mapped AAAA records).
         port: the port every backend listens on (`discovery.port`).
         max_backends: keep at most this many (lowest addresses first, so every instance keeps the same).
         reserved_ids: ids already taken by static backends.
+        own: the balancer's own listeners: an address that reaches one of them is skipped (a request loop).
     """
     reserved = set(reserved_ids)
     parsed: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
     skipped: list[str] = []
+    unusable: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}  # one reason per address
     for text in addresses:
         try:
-            parsed.add(ipaddress.ip_address(text))
+            ip = as_ipv4(ipaddress.ip_address(text))
         except ValueError:
             skipped.append(f"address {_short(text)!r} is not an IP address")
+            continue
+        why = not_a_host(ip)
+        if why is None:
+            bind = own.reached_by(str(ip), port)
+            why = None if bind is None else f"{host_port(str(ip), port)} {own_listener_reason(bind)}"
+        if why is None:
+            parsed.add(ip)
+        else:
+            unusable[ip] = f"address {why}"
+    skipped += unusable.values()
     ordered = sorted(parsed, key=lambda ip: (ip.version, ip))
     truncated = max(0, len(ordered) - max_backends)
     backends: list[BackendConfig] = []

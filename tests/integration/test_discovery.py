@@ -297,6 +297,33 @@ async def test_a_records_give_ip_port_backends(launcher: Launcher, zone: ZoneSer
             g.stop()
 
 
+async def test_a_name_that_resolves_to_the_balancer_itself_is_no_backend(
+    launcher: Launcher, zone: ZoneServer, tmp_path: Path
+) -> None:
+    """A name pointing back at the balancer (its own Service, a typo): every request sent there would come
+    back as a new one (stop 42: 3,930 connections in under a second).  That address is skipped and said,
+    and so is 0.0.0.0 (which Linux connects to this host); the gateway at the same port serves."""
+    config = discovery_config(zone, type="a", port=0)
+    own_host, _, port_text = config["listeners"][0]["bind"].rpartition(":")
+    port = int(port_text)
+    config["pools"]["gateways"]["discovery"]["port"] = port
+    gateway = Gateway("gw-2", tmp_path, host="127.0.0.2", port=port)
+    try:
+        gateway.launch()
+        gateway.wait_ready()
+        zone.set_a(SERVICE, [own_host, "127.0.0.2", "0.0.0.0"])
+        lb = launcher.balancer(config)
+        data = await wait_status(lb, lambda s: ids(s) == {f"127.0.0.2:{port}"}, "the gateway alone")
+        assert data["pools"]["gateways"]["discovery"]["skipped"] == 2
+        await wait_for_state(lb, "gateways", f"127.0.0.2:{port}", "up")
+        assert {(await visit(lb.ws_url())).server_id for _ in range(3)} == {"gw-2"}
+        text = lb.log_text()
+        assert f"skipped address {own_host}:{port} reaches this balancer's own listener {own_host}:{port}" in text
+        assert "skipped address 0.0.0.0 is no host's address" in text
+    finally:
+        gateway.stop()
+
+
 def _parse_seconds(addresses: list[str]) -> float:
     """How long dnspython takes, in this process, to parse one answer holding these A records."""
     query = dns.message.make_query(SERVICE, "A")

@@ -1313,3 +1313,49 @@ def test_a_discovery_name_longer_than_dns_allows_is_a_problem(base_dir: Path, na
     assert problems_of(tree, base_dir) == {
         "pools.gateways.discovery.dns": f"expected at most 253 characters, got {chars}"
     }
+
+
+@pytest.mark.parametrize(("address", "message"), [
+    ("0.0.0.0:9001", "0.0.0.0 is no host's address (connecting to it reaches this host)"),
+    ("[::]:9001", ":: is no host's address (connecting to it reaches this host)"),
+    ("224.0.0.1:9001", "224.0.0.1 is a multicast address"),
+    ("[ff02::1]:9001", "ff02::1 is a multicast address"),
+    ("255.255.255.255:9001", "255.255.255.255 is the broadcast address"),
+    ("[::ffff:10.0.0.5]:9001", "an IPv4-mapped address is an IPv4 one: write 10.0.0.5:9001"),
+])
+def test_a_backend_address_no_gateway_can_listen_at_is_refused(base_dir: Path, address: str, message: str) -> None:
+    """Linux connects 0.0.0.0 to this host itself; a TCP connect to multicast or broadcast only fails."""
+    tree = set_at(good_tree(), "pools.gateways.backends[1].address", address)
+    assert problems_of(tree, base_dir) == {"pools.gateways.backends[1].address": message}
+
+
+@pytest.mark.parametrize(("listener", "backend", "reached"), [
+    ("127.0.0.1:9100", "127.0.0.1:9100", "127.0.0.1:9100"),
+    ("0.0.0.0:9100", "127.0.0.9:9100", "0.0.0.0:9100"),  # a wildcard takes every loopback address
+    ("127.0.0.1:9100", "LOCALHOST:9100", "127.0.0.1:9100"),
+    ("localhost:9100", "[::1]:9100", "localhost:9100"),
+    ("[::]:9100", "[::1]:9100", "[::]:9100"),
+])
+def test_a_backend_at_the_balancers_own_listener_is_refused(
+    base_dir: Path, listener: str, backend: str, reached: str
+) -> None:
+    """Each request sent there would come back as a new one, until limits.max_connections is spent."""
+    tree = good_tree()
+    tree["listeners"].append({"bind": listener})
+    tree = set_at(tree, "pools.gateways.backends[1].address", backend)
+    assert problems_of(tree, base_dir) == {
+        "pools.gateways.backends[1].address": f"{backend} reaches this balancer's own listener {reached}: "
+                                              "each request sent there would come back as a new one",
+    }
+
+
+@pytest.mark.parametrize(("listener", "backend"), [
+    ("127.0.0.1:9100", "127.0.0.2:9100"),  # another address: the listener does not take it
+    ("[::]:9100", "127.0.0.1:9100"),  # every socket is IPV6_V6ONLY
+    ("0.0.0.0:9100", "127.0.0.1:9101"),
+    ("0.0.0.0:9100", "gateway.internal:9100"),  # a name is the start's business, not validate's
+])
+def test_a_backend_beside_the_balancers_listener_is_fine(base_dir: Path, listener: str, backend: str) -> None:
+    tree = good_tree()
+    tree["listeners"].append({"bind": listener})
+    parse(set_at(tree, "pools.gateways.backends[1].address", backend), base_dir)

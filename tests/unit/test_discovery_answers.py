@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from lb.cli import main
 from lb.config import sections
+from lb.config.backend_address import OwnListeners
 from lb.config.document import MAX_FILE_REFERENCE_BYTES
 from lb.config.load import load_config, parse_config
 from lb.config.model import BackendConfig, DiscoveryType
@@ -232,6 +233,58 @@ def test_from_addresses_ids_are_ip_port() -> None:
 def test_from_addresses_caps() -> None:
     found = from_addresses([f"10.0.{i // 256}.{i % 256}" for i in range(1000)], port=1, max_backends=3)
     assert len(found.backends) == 3 and found.truncated == 997
+
+
+NO_HOSTS = ["0.0.0.0", "::", "224.0.0.1", "ff02::1", "255.255.255.255"]
+
+
+def test_from_addresses_reads_a_mapped_address_as_ipv4_and_skips_those_no_gateway_listens_at() -> None:
+    """A pod's A and IPv4-mapped AAAA records are one backend; 0.0.0.0 (this host), multicast and broadcast
+    are none, each said once however often the answer repeats it."""
+    found = from_addresses(["10.0.0.1", "::ffff:10.0.0.1", *NO_HOSTS, *NO_HOSTS], port=8080, max_backends=10)
+    assert [b.id for b in found.backends] == ["10.0.0.1:8080"]
+    assert found.skipped == (
+        "address 0.0.0.0 is no host's address (connecting to it reaches this host)",
+        "address :: is no host's address (connecting to it reaches this host)",
+        "address 224.0.0.1 is a multicast address",
+        "address ff02::1 is a multicast address",
+        "address 255.255.255.255 is the broadcast address",
+    )
+
+
+OWN = OwnListeners((("0.0.0.0", 8080), ("::1", 8443)), is_local=lambda ip: ip.is_loopback or str(ip) == "10.0.0.7")
+
+
+def test_from_addresses_skips_the_balancers_own_listener() -> None:
+    """A name that resolves to the balancer itself (its own Service) would loop every request."""
+    found = from_addresses(["10.0.0.7", "10.0.0.8", "::ffff:10.0.0.7"], port=8080, max_backends=10, own=OWN)
+    assert [b.id for b in found.backends] == ["10.0.0.8:8080"]
+    assert found.skipped == ("address 10.0.0.7:8080 reaches this balancer's own listener 0.0.0.0:8080: each "
+                             "request sent there would come back as a new one",)
+    assert len(from_addresses(["10.0.0.7"], port=8081, max_backends=10, own=OWN).backends) == 1
+
+
+def test_from_srv_takes_a_mapped_address_as_ipv4_and_passes_over_unusable_ones() -> None:
+    records = [SrvRecord(f"gw-{i}.{SERVICE}.", 8080) for i in range(3)]
+    addresses = {f"gw-0.{SERVICE}": ["::ffff:10.0.0.5"], f"gw-1.{SERVICE}": NO_HOSTS,
+                 f"gw-2.{SERVICE}": ["0.0.0.0", "10.0.0.6"]}
+    found = from_srv(records, addresses, max_backends=10)
+    assert [(b.id, b.address) for b in found.backends] == [("gw-0", "10.0.0.5:8080"), ("gw-2", "10.0.0.6:8080")]
+    assert found.skipped == (f"target 'gw-1.{SERVICE}': no usable A/AAAA address",)
+
+
+def test_from_srv_skips_a_target_at_the_balancers_own_listener() -> None:
+    records = [SrvRecord(f"gw-0.{SERVICE}.", 8080), SrvRecord(f"lb-0.{SERVICE}.", 8080),
+               SrvRecord(f"lb-1.{SERVICE}.", 8443)]
+    addresses = {f"gw-0.{SERVICE}": ["10.0.0.5"], f"lb-0.{SERVICE}": ["10.0.0.7"], f"lb-1.{SERVICE}": ["::1"]}
+    found = from_srv(records, addresses, max_backends=10, own=OWN)
+    assert [b.id for b in found.backends] == ["gw-0"]
+    assert found.skipped == (
+        f"target 'lb-0.{SERVICE}': 10.0.0.7:8080 reaches this balancer's own listener 0.0.0.0:8080: each request "
+        "sent there would come back as a new one",
+        f"target 'lb-1.{SERVICE}': [::1]:8443 reaches this balancer's own listener [::1]:8443: each request "
+        "sent there would come back as a new one",
+    )
 
 
 # ----------------------------------------------------------------------------- diff and timing

@@ -1,0 +1,63 @@
+"""Addresses no gateway can have (`lb.config.backend_address`), and discovery's question to the kernel of
+which addresses are this host's (`lb.control.discovery.is_local_address`)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lb.config.backend_address import OwnListeners, as_ipv4, not_a_host
+from lb.control.discovery import is_local_address
+
+_ipv4 = st.ip_addresses(v=4)
+_ipv6 = st.ip_addresses(v=6)
+_hosts = st.one_of(_ipv4.map(str), _ipv6.map(str), st.sampled_from(["localhost", "gw.internal", "0.0.0.0", "::"]))
+_ports = st.integers(0, 65535)
+
+
+@given(binds=st.lists(st.tuples(_hosts, _ports), max_size=4), host=_hosts, port=_ports)
+def test_only_a_listener_on_the_backends_port_is_ever_reached(
+    binds: list[tuple[str, int]], host: str, port: int
+) -> None:
+    """Whatever the addresses, a listener on another port, or on port 0 (any free one), is never the one."""
+    own = OwnListeners(tuple(binds), is_local=lambda _ip: True)
+    reached = own.reached_by(host, port)
+    if port == 0 or all(bind_port != port for _, bind_port in binds):
+        assert reached is None
+
+
+@given(ip=_ipv4)
+def test_an_ipv6_wildcard_never_takes_an_ipv4_address(ip: ipaddress.IPv4Address) -> None:
+    """Every socket here is IPV6_V6ONLY, and an IPv4-mapped address is its IPv4 one."""
+    own = OwnListeners((("::", 8080),), is_local=lambda _ip: True)
+    assert own.reached_by(str(ip), 8080) is None
+    assert own.reached_by(f"::ffff:{ip}", 8080) is None
+
+
+@given(ip=st.one_of(_ipv4, _ipv6))
+def test_a_mapped_address_reads_as_its_ipv4_and_only_then(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    mapped = as_ipv4(ip)
+    assert mapped == ip or (isinstance(ip, ipaddress.IPv6Address) and mapped == ip.ipv4_mapped)
+    assert (not_a_host(ip) is None) == (not (ip.is_unspecified or ip.is_multicast or str(ip) == "255.255.255.255"))
+
+
+def test_loopback_addresses_are_this_hosts() -> None:
+    assert is_local_address(ipaddress.ip_address("127.0.0.9"))
+    assert is_local_address(ipaddress.ip_address("::1"))
+
+
+def test_an_address_of_this_host_is_told_from_one_beyond_it() -> None:
+    """The address the kernel sends from towards another network is one of ours; that network's is not."""
+    elsewhere = ipaddress.ip_address("198.51.100.7")  # TEST-NET-2: no host here has it
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((str(elsewhere), 9))
+        except OSError:
+            pytest.skip("this host has no route beyond its loopback addresses")
+        ours = ipaddress.ip_address(probe.getsockname()[0])
+    assert is_local_address(ours)
+    assert not is_local_address(elsewhere)
