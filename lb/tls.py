@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
+import contextlib
+import os
 import ssl
 import warnings
+from collections.abc import Iterator
 
 from lb.config.model import TlsConfig
 from lb.proxy.reading import READ_CHUNK
@@ -18,42 +21,51 @@ from lb.proxy.tunnel import FLUSH_STALL
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
-    """Build the server-side SSLContext for one TLS listener.
-
-    Args:
-        tls: absolute paths of the PEM certificate chain and its private key.
+    """Build the server-side SSLContext for one TLS listener, from the bytes its files held when the
+    configuration was read (`TlsConfig.cert_pem`, `key_pem`); the paths are not read again.
 
     Returns:
         A server context: TLS 1.2 or newer, ALPN offering only http/1.1.
 
     Raises:
-        OSError: a file cannot be read.
-        ssl.SSLError: the files are not PEM, the key is encrypted, or it does not match the certificate.
+        ssl.SSLError: the bytes are not PEM, the key is encrypted, or it does not match the certificate.
+        OSError: no memory file could be made for them (`_in_memory`).
     """
     # Purpose.CLIENT_AUTH gives a *server* context with the stdlib's vetted
     # defaults (no compression, no renegotiation, sane cipher list).
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # An empty passphrase rather than none: with none, OpenSSL asks for one on the terminal and a
-    # start with an encrypted key waits there; with this one the load fails and the config says why.
-    context.load_cert_chain(certfile=tls.cert, keyfile=tls.key, password=b"")
+    with _in_memory(tls.cert_pem, "cert") as cert, _in_memory(tls.key_pem, "key") as key:
+        # An empty passphrase rather than none: with none, OpenSSL asks for one on the terminal and a
+        # start with an encrypted key waits there; with this one the load fails and the config says why.
+        context.load_cert_chain(certfile=cert, keyfile=key, password=b"")
     # WebSocket over HTTP/2 (RFC 8441) is not supported: the upgrade is an
     # HTTP/1.1 mechanism (RFC 6455 §4.1), so never let a client pick h2.
     context.set_alpn_protocols(["http/1.1"])
     return context
 
 
-# A PEM file is a few KiB (a chain of four is under 10); past this, whatever it is, it is not one.
-_PEM_LIMIT = 1024 * 1024
+@contextlib.contextmanager
+def _in_memory(data: bytes, name: str) -> Iterator[str]:
+    """A path that reads as `data`, for OpenSSL's file-only `load_cert_chain`: an anonymous memory file
+    (`memfd_create`), so a private key is never written to a disk, and gone once closed."""
+    fd = os.memfd_create(f"lb-tls-{name}", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def tls_files_fault(tls: TlsConfig, refused: ssl.SSLError | OSError) -> list[tuple[str, str]]:
     """Which files (`cert`, `key`) are at fault, and why, once `server_ssl_context` has refused the pair.
 
     OpenSSL's error for a file that is not PEM names neither file (`[SSL] PEM lib (_ssl.c:3905)`,
-    without a reason), nor does an OSError; the operator needs to know which one to look at.  Empty:
-    the error `refused` has a reason (`[X509: KEY_VALUES_MISMATCH]`: a pair that parses but does not
-    fit), which says more than a guess of ours, or each file loads alone.
+    without a reason); the operator needs to know which one to look at.  Empty: the error `refused`
+    has a reason (`[X509: KEY_VALUES_MISMATCH]`: a pair that parses but does not fit), which says
+    more than a guess of ours, or each file loads alone.
     """
     # Read as an object: typeshed says str, but OpenSSL's errors without one carry None, and the
     # compiled build checks the declared type.
@@ -65,17 +77,8 @@ def tls_files_fault(tls: TlsConfig, refused: ssl.SSLError | OSError) -> list[tup
     from cryptography.hazmat.primitives import serialization
 
     faults: list[tuple[str, str]] = []
-    for which, path in (("cert", tls.cert), ("key", tls.key)):
+    for which, path, data in (("cert", tls.cert, tls.cert_pem), ("key", tls.key, tls.key_pem)):
         what = "certificate" if which == "cert" else "private key"
-        try:
-            with open(path, "rb") as file:
-                data = file.read(_PEM_LIMIT + 1)
-        except OSError as exc:
-            faults.append((which, f"cannot read {path}: {exc.strerror or exc}"))
-            continue
-        if len(data) > _PEM_LIMIT:
-            faults.append((which, f"{path} is larger than 1 MiB: not a PEM {what}"))
-            continue
         try:
             # cryptography warns, rather than fails, on what OpenSSL accepts (a negative serial
             # number); a warning here is not the fault being looked for, and not the operator's to read.

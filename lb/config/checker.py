@@ -54,12 +54,15 @@ class Checker:
     """Collects problems during the one validation pass."""
 
     def __init__(self, *, base_dir: Path, cpu_count: int | None = None,
-                 snapshot: Mapping[str, str] | None = None) -> None:
+                 snapshot: Mapping[str, str] | None = None, tls_snapshot: Mapping[str, bytes] | None = None) -> None:
         self.base_dir = base_dir
         self.cpu_count = cpu_count
         # `${file:PATH}`: None reads the disk; a mapping (the owner's `ConfigSource.files`) is read instead.
         self.snapshot = snapshot
         self.files_read: dict[str, str] = {}  # absolute path → what replaced the reference (a ConfigSource's files)
+        # The listeners' certificates and keys, the same way (`ConfigSource.tls_files`).
+        self.tls_snapshot = tls_snapshot
+        self.tls_read: dict[str, bytes] = {}
         self.problems: list[Problem] = []
         # The paths of `problems`, for `said`: a file of 30,000 bad backends asked the list itself
         # once per backend, 2 minutes of a reload's thread (and of the data plane's GIL).

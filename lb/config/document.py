@@ -419,6 +419,39 @@ def _read_reference(name: str, check: Checker) -> tuple[str, str | None]:
     return content, problem
 
 
+# A PEM file is a few KiB (a chain of four is under 10); past this, whatever it is, it is not one.
+MAX_TLS_FILE_BYTES = 1024 * 1024
+
+
+def read_tls_file(path: Path, what: str, check: Checker) -> tuple[bytes, str | None]:
+    """The bytes of a listener's certificate or key (`what`), or a problem naming the path.
+
+    From `check.tls_snapshot` when there is one (a worker: what its owner read), else from the disk,
+    once per load whoever names it; recorded in `check.tls_read` either way.
+    """
+    name = str(path)
+    if name in check.tls_read:
+        return check.tls_read[name], None
+    if check.tls_snapshot is not None:
+        snapshotted = check.tls_snapshot.get(name)
+        if snapshotted is None:
+            return b"", f"file {path} is not among the files the configuration was read with"
+        check.tls_read[name] = snapshotted
+        return snapshotted, None
+    try:
+        data = read_regular_file(path, MAX_TLS_FILE_BYTES)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return b"", f"file not found: {path}"
+        if exc.errno == errno.EFBIG:
+            return b"", f"{path} is larger than 1 MiB: not a PEM {what}"
+        if exc.errno == errno.EINVAL or exc.errno == errno.EISDIR:
+            return b"", f"not a regular file: {path}"  # a directory, a device
+        return b"", f"cannot read {path}: {exc.strerror or exc}"
+    check.tls_read[name] = data
+    return data, None
+
+
 def _read_reference_file(path: Path) -> tuple[str, str | None]:
     try:
         data = read_regular_file(path, MAX_FILE_REFERENCE_BYTES)

@@ -52,6 +52,9 @@ class ConfigSource:
 
     text: str
     files: Mapping[str, str] = dataclass_field(default_factory=dict, repr=False)  # secrets: out of every repr
+    # The listeners' certificates and keys (absolute path → bytes): a worker builds its TLS contexts
+    # from these, not from the disk (`TlsConfig.cert_pem`).
+    tls_files: Mapping[str, bytes] = dataclass_field(default_factory=dict, repr=False)
 
 
 def load_config_source(
@@ -72,9 +75,10 @@ def load_config_source(
     path = Path(path)
     text = read_config_text(path) if source is None else source.text
     env = os.environ if environ is None else environ
-    config, files = _parse(text, base_dir=path.absolute().parent, environ=env,
-                           snapshot=None if source is None else source.files)
-    return config, ConfigSource(text, files)
+    config, files, tls_files = _parse(text, base_dir=path.absolute().parent, environ=env,
+                                      snapshot=None if source is None else source.files,
+                                      tls_snapshot=None if source is None else source.tls_files)
+    return config, ConfigSource(text, files, tls_files)
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -178,10 +182,11 @@ def parse_config(
 
 def _parse(
     text: str, *, base_dir: Path, environ: Mapping[str, str], cpu_count: int | None = None,
-    snapshot: Mapping[str, str] | None = None,
-) -> tuple[Config, dict[str, str]]:
-    """`parse_config`, and the `${file:PATH}` contents it substituted; `snapshot`: take them from there, not disk."""
-    check = Checker(base_dir=base_dir, cpu_count=cpu_count, snapshot=snapshot)
+    snapshot: Mapping[str, str] | None = None, tls_snapshot: Mapping[str, bytes] | None = None,
+) -> tuple[Config, dict[str, str], dict[str, bytes]]:
+    """`parse_config`, and the `${file:PATH}` contents it substituted and the TLS files it read; `snapshot`
+    and `tls_snapshot`: take them from there, not disk."""
+    check = Checker(base_dir=base_dir, cpu_count=cpu_count, snapshot=snapshot, tls_snapshot=tls_snapshot)
     tree = parse_yaml(text, check)
     if not check.unreadable:  # a repeated key is a problem, but the rest is still checked
         tree = expand(tree, "", environ, check, active=set())
@@ -189,6 +194,6 @@ def _parse(
             raise ConfigError(check.problems)  # the one problem that matters; the rest is cut short
         config = build_config(tree, check)
         if config is not None and not check.problems:
-            return config, check.files_read
+            return config, check.files_read, check.tls_read
     # A builder only returns None after recording why, so problems is non-empty here.
     raise ConfigError(check.problems or [Problem("", "invalid configuration")])

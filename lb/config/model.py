@@ -88,6 +88,11 @@ class LogFormat(StrEnum):
 class TlsConfig:
     cert: str  # absolute path after loading
     key: str
+    # What the two files held when the configuration was read (lb.config.sections): every context is
+    # built from these, never from the paths again.  So a worker restarted after the files changed, or
+    # broke, runs its owner's pair (it crash-looped on broken files), and a reload reads each file once.
+    cert_pem: bytes = field(repr=False, compare=False)
+    key_pem: bytes = field(repr=False, compare=False)  # a secret: never in a repr or a log
 
 
 # A listener's backlog when none is written, at least (lb.config.sections.default_backlog).

@@ -38,7 +38,7 @@ from lb.config.checker import (
     simple_section,
     value_at,
 )
-from lb.config.document import relative_to_config
+from lb.config.document import read_tls_file, relative_to_config
 from lb.config.model import (
     DEFAULT_BACKLOG,
     HASHED_METHODS,
@@ -422,27 +422,23 @@ def _tls(value: object, path: str, check: Checker) -> TlsConfig | None:
     kwargs = parse_fields(node, path, check, _TLS_FIELDS)
     if kwargs is None:
         return None
-    files: dict[str, str] = {}
+    files: dict[str, tuple[str, bytes]] = {}
     for key in ("cert", "key"):
         # Relative to the config file, so `lb run --config deploy/lb.yaml` works from anywhere.
         try:
             resolved = relative_to_config(check.base_dir, kwargs[key])
-            is_file, exists = resolved.is_file(), resolved.exists()
         except ValueError as exc:
             check.add(join_path(path, key), str(exc))
             continue
-        except OSError as exc:  # a name too long, a folder on the way we may not search
-            check.add(join_path(path, key), f"cannot read {resolved}: {exc.strerror or exc}")
-            continue
-        if is_file:
-            files[key] = str(resolved)
-        elif exists:
-            check.add(join_path(path, key), f"not a regular file: {resolved}")  # a directory, a device
+        content, problem = read_tls_file(resolved, "certificate" if key == "cert" else "private key", check)
+        if problem is not None:
+            check.add(join_path(path, key), problem)
         else:
-            check.add(join_path(path, key), f"file not found: {resolved}")
+            files[key] = str(resolved), content
     if len(files) < 2:
         return None
-    tls = TlsConfig(cert=files["cert"], key=files["key"])
+    (cert, cert_pem), (key, key_pem) = files["cert"], files["key"]
+    tls = TlsConfig(cert, key, cert_pem, key_pem)
     try:
         server_ssl_context(tls)
     except (ssl.SSLError, OSError) as exc:

@@ -133,14 +133,11 @@ class _Listening:
     tls_made_of: bytes | None = None  # `_tls_files`: what ssl_context was built from
 
 
-def _tls_files(tls: TlsConfig) -> bytes | None:
-    """A digest of a TLS listener's paths and of the bytes in them (None: one cannot be read)."""
+def _tls_files(tls: TlsConfig) -> bytes:
+    """A digest of a TLS listener's paths and of what they held when the configuration was read."""
     digest = hashlib.sha256()
-    try:
-        for path in (tls.cert, tls.key):
-            digest.update(path.encode() + b"\0" + Path(path).read_bytes() + b"\0")
-    except OSError:
-        return None
+    for path, data in ((tls.cert, tls.cert_pem), (tls.key, tls.key_pem)):
+        digest.update(path.encode() + b"\0" + data + b"\0")
     return digest.digest()
 
 
@@ -825,14 +822,14 @@ class Balancer:
                 listener.tls is not None and isinstance(listening.server, AcceptingServer)
                 # The same files: the same context, whose session cache and ticket keys let clients that
                 # reconnect resume (a new one at every reload made each of them a full handshake).
-                and (made_of is None or made_of != listening.tls_made_of)
+                and made_of != listening.tls_made_of
             ):
                 # New handshakes use the new certificate; established sessions are untouched.  A new context,
                 # not the old one loaded again: OpenSSL holds a certificate per key type, so an RSA pair
                 # loaded over an ECDSA one left the ECDSA certificate and its key served to every client
                 # that prefers ECDSA (most), and a load that failed halfway left no usable key.  load_config
-                # loaded these files already; should they have changed into something unloadable since,
-                # this listener keeps its context, untouched, rather than leave the swap half done.
+                # loaded these bytes already; should a context still not be made of them (no memory file
+                # to be had), this listener keeps its context, untouched, rather than leave the swap half done.
                 try:
                     context = server_ssl_context(listener.tls)
                 except (OSError, ssl.SSLError) as exc:

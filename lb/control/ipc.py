@@ -45,13 +45,17 @@ never the files: a file rewritten between the owner's read and a worker's, or
 since the owner's last reload, cannot make a worker run something else than
 what /status shows (two workers sealing cookies with different keys lost every
 other client's affinity).  The files' contents are secrets: they travel only
-over the socketpair, and no message about them quotes them.  TLS certificate
-files are still read by each worker that serves them (an `ssl.SSLContext` loads
-from paths); a worker that then fails its reload says so (`reload_failed`).
+over the socketpair, and no message about them quotes them.  So do the TLS
+certificates and keys the owner read (base64): a worker restarted after they
+changed on disk, or broke, serves the owner's pair (it crash-looped on broken
+files).  A worker that still fails a reload (a port it alone cannot bind) says
+so (`reload_failed`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import struct
@@ -147,10 +151,11 @@ def _read_exactly(recv: Callable[[int], bytes], size: int) -> bytes:
 def config_message(op: Literal["config", "reload"], source: ConfigSource) -> dict[str, Any]:
     """The owner's config for its workers: op "config" at a worker's start, "reload" after a reload.
 
-    The whole `ConfigSource`, `${file:PATH}` contents included: a worker parses exactly what the owner
-    parsed, and reads none of those files itself.
+    The whole `ConfigSource`, `${file:PATH}` contents and the TLS files (base64) included: a worker
+    parses exactly what the owner parsed, and reads none of those files itself.
     """
-    return {"op": op, "text": source.text, "files": dict(source.files)}
+    tls = {path: base64.b64encode(data).decode("ascii") for path, data in source.tls_files.items()}
+    return {"op": op, "text": source.text, "files": dict(source.files), "tls": tls}
 
 
 def config_source(message: dict[str, Any]) -> ConfigSource:
@@ -160,15 +165,22 @@ def config_source(message: dict[str, Any]) -> ConfigSource:
         ValueError: the text is not a string, or the files not an object of strings (the error names the
             path, never a content: they are secrets).
     """
-    text, files = message.get("text"), message.get("files", {})
+    text, files, tls = message.get("text"), message.get("files", {}), message.get("tls", {})
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, got {type(text).__name__}")
-    if not isinstance(files, dict):
-        raise ValueError(f"files must be an object, got {type(files).__name__}")
-    for path, content in files.items():
-        if not isinstance(content, str):
-            raise ValueError(f"files[{path!r}] must be a string, got {type(content).__name__}")
-    return ConfigSource(text, files)
+    for key, found in (("files", files), ("tls", tls)):
+        if not isinstance(found, dict):
+            raise ValueError(f"{key} must be an object, got {type(found).__name__}")
+        for path, content in found.items():
+            if not isinstance(content, str):
+                raise ValueError(f"{key}[{path!r}] must be a string, got {type(content).__name__}")
+    tls_files: dict[str, bytes] = {}
+    for path, content in tls.items():
+        try:
+            tls_files[path] = base64.b64decode(content, validate=True)
+        except binascii.Error:
+            raise ValueError(f"tls[{path!r}] is not base64") from None
+    return ConfigSource(text, files, tls_files)
 
 
 def check_config_handover(source: ConfigSource) -> None:

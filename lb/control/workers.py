@@ -10,15 +10,15 @@ failures and counters.
 A worker that dies is restarted; its clients reconnect with their tokens, and
 every worker opens every token, so they reach the same backends.
 
-Only the owner reads the config file and the `${file:PATH}` files it names.  A
+Only the owner reads the config file and the `${file:PATH}` and TLS files it names.  A
 worker's first message is the owner's running `ConfigSource` (the text and the
-content of every `${file:PATH}` it used; `receive_config` reads it before the
+content of every `${file:PATH}` and certificate and key it used; `receive_config` reads it before the
 event loop starts), and a reload message carries the source the owner has just
 applied: a worker started at boot, restarted after a crash or told to reload
 runs what the owner runs, whatever the files hold by then.  A worker that still
-fails a reload the owner applied (a TLS file it alone reads, a port it alone
-cannot bind) is an instance not running one configuration: the owner logs it
-naming the worker and counts it in `lb_config_reloads_total{result="failure"}`.
+fails a reload the owner applied (a port it alone cannot bind) is an instance not
+running one configuration: the owner logs it naming the worker and counts it in
+`lb_config_reloads_total{result="failure"}`.
 
 A worker never outlives its owner: it stops when the control socket reaches
 EOF, and the kernel sends it SIGTERM if the owner dies however it dies

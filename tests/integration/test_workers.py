@@ -13,12 +13,24 @@ import json
 import os
 import re
 import signal
+import ssl
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import UNIT, Balancer, Launcher, assert_echo, http_get, lb_config, recv_hello, visit, ws_connect
+from conftest import (
+    UNIT,
+    Balancer,
+    Launcher,
+    assert_echo,
+    http_get,
+    lb_certs,
+    lb_config,
+    recv_hello,
+    visit,
+    ws_connect,
+)
 from support_ops import OpsStack, catches, process_alive, started_stack, two_workers, wait_until, worker_pids
 
 # A log event's line, as lb.log writes it: `TIME LEVEL PROCESS logger: message` (not a traceback's or a
@@ -84,6 +96,41 @@ async def test_a_killed_worker_is_restarted_and_cookies_still_stick(ops: OpsStac
     for _ in range(8):
         again = await visit(ops.balancer.ws_url(), cookie=f"{first.cookie.name}={first.cookie.value}")
         assert again.server_id == first.server_id
+
+
+async def test_a_worker_restarted_after_its_tls_files_broke_serves_the_owners_pair(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    """The owner hands its workers the certificate and key it read: a worker restarted after the files on
+    disk were cut or replaced by garbage serves the running pair (it read the files itself, failed to
+    parse them and crash-looped, with /readyz still 200 and its share of the instance gone)."""
+    certs = lb_certs(tmp_path / "certs")
+    gateways = launcher.gateways(1)
+    config = lb_config(pools={"gateways": gateways}, tls=(certs / "server.crt", certs / "server.key"),
+                       overrides={"workers": 2})
+    lb = launcher.balancer(config)
+    lb.wait_states({("gateways", gateways[0].id): "up"})
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    before = await two_workers(lb)
+    (certs / "server.crt").write_text("-----BEGIN CERTIFICATE-----\ncut short\n")
+    (certs / "server.key").unlink()
+    assert lb.proc is not None
+    owner = lb.proc.pid
+    os.kill(before[0], signal.SIGKILL)
+    replaced = await wait_until(
+        lambda: pids if len(pids := worker_pids(owner)) == 2 and before[0] not in pids else None,
+        within=10 * UNIT, what="a replacement worker",
+    )
+    await wait_until(lambda: _serving(lb) == 2, within=10 * UNIT, what="both workers serving")
+    for _ in range(6):
+        assert (await visit(lb.ws_url(tls=True), ssl=context)).server_id == gateways[0].id
+    await asyncio.sleep(2 * UNIT)  # a crash loop would have replaced it again by now
+    assert sorted(worker_pids(owner)) == sorted(replaced) and _serving(lb) == 2, lb.logs_tail()
+
+
+def _serving(lb: Balancer) -> int:
+    code, body = http_get(lb.admin_url("/status"))
+    return int(json.loads(body)["workers"]["serving"]) if code == 200 else -1
 
 
 UNRESPONSIVE_AFTER = 10.0  # the product's bound on a worker that sends its owner nothing

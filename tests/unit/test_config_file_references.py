@@ -7,6 +7,7 @@ writes to) would freeze the whole balancer; anything but a regular file is a con
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -177,3 +178,72 @@ def test_a_source_never_shows_the_secrets_it_holds(tmp_path: Path) -> None:
     from lb.config.load import ConfigSource
 
     assert KEY_2 not in repr(ConfigSource("text", {"/run/secrets/key": KEY_2}))
+
+
+def _tls_config(cert: Path | str, key: Path | str) -> str:
+    return f"""
+listeners: [{{bind: "127.0.0.1:0", tls: {{cert: "{cert}", key: "{key}"}}}}]
+affinity: {{secret_keys: ["{KEY}"]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
+"""
+
+
+def test_a_source_carries_the_tls_files_as_read_and_a_worker_serves_them_whatever_the_disk_says(
+    tmp_path: Path,
+) -> None:
+    """The owner's load records the certificate and key it read; a worker parsing that source builds its
+    context from those bytes once the files are cut short or gone (it read them, and crash-looped)."""
+    import ssl
+
+    from lb.config.load import load_config_source
+    from lb.devcerts import write_dev_certs
+    from lb.tls import server_ssl_context
+
+    certs = write_dev_certs(tmp_path / "certs", ["127.0.0.1"])
+    cert_pem, key_pem = certs.server_cert.read_bytes(), certs.server_key.read_bytes()
+    path = tmp_path / "lb.yaml"
+    path.write_text(_tls_config("certs/server.crt", "certs/server.key"), encoding="utf-8")
+    owners, source = load_config_source(path, {})
+    assert dict(source.tls_files) == {str(certs.server_cert): cert_pem, str(certs.server_key): key_pem}
+    assert "BEGIN" not in repr(source) and "BEGIN" not in repr(owners)  # the key is a secret
+
+    certs.server_cert.write_text("-----BEGIN CERTIFICATE-----\ncut short\n")
+    certs.server_key.unlink()
+    workers, again = load_config_source(path, {}, source=source)
+    assert again == source
+    tls = workers.listeners[0].tls
+    assert tls is not None and (tls.cert_pem, tls.key_pem) == (cert_pem, key_pem)
+    assert isinstance(server_ssl_context(tls), ssl.SSLContext)
+    with pytest.raises(ConfigError, match=re.escape("listeners[0].tls.key: file not found")):
+        load_config_source(path, {})  # the owner's next reload reads the disk, and says what is wrong
+
+
+def test_a_tls_file_missing_from_the_source_is_a_problem_not_a_read(tmp_path: Path) -> None:
+    from lb.config.load import ConfigSource, load_config_source
+    from lb.devcerts import write_dev_certs
+
+    certs = write_dev_certs(tmp_path, ["127.0.0.1"])
+    path = tmp_path / "lb.yaml"
+    path.write_text(_tls_config(certs.server_cert, certs.server_key), encoding="utf-8")
+    source = ConfigSource(path.read_text(encoding="utf-8"), {}, {str(certs.server_cert): b"x"})
+    with pytest.raises(ConfigError) as info:
+        load_config_source(path, {}, source=source)
+    assert f"file {certs.server_key} is not among the files the configuration was read with" in str(info.value)
+
+
+def test_a_tls_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "server.crt"
+    os.mkfifo(fifo)
+    (tmp_path / "server.key").write_text("not a key")
+    message = parse_within(_tls_config(fifo, tmp_path / "server.key"), tmp_path, unblock=fifo)
+    assert f"listeners[0].tls.cert: not a regular file: {fifo}" in message
+
+
+def test_a_huge_tls_file_is_refused_unread(tmp_path: Path) -> None:
+    big = tmp_path / "server.crt"
+    with big.open("wb") as file:
+        file.truncate(64 * 1024 * 1024)  # sparse: costs no disk
+    (tmp_path / "server.key").write_text("not a key")
+    message = parse_within(_tls_config(big, tmp_path / "server.key"), tmp_path)
+    assert f"{big} is larger than 1 MiB: not a PEM certificate" in message

@@ -716,8 +716,9 @@ def test_an_owner_that_was_paused_does_not_blame_its_workers_for_its_own_silence
 
 
 def test_a_config_message_carries_the_whole_source_and_back() -> None:
-    """Text and `${file:PATH}` contents travel together, as JSON, and come back equal."""
-    source = ConfigSource("affinity: {secret_keys: ['${file:/k}']}\n", {"/k": "s\u00e9cret \"quoted\""})
+    """Text, `${file:PATH}` contents and TLS files (any bytes) travel together, as JSON, and come back equal."""
+    source = ConfigSource("affinity: {secret_keys: ['${file:/k}']}\n", {"/k": "s\u00e9cret \"quoted\""},
+                          {"/tls/server.key": b"-----BEGIN PRIVATE KEY-----\n\x00\xff\n"})
     for op in ("config", "reload"):
         message = decode(encode(ipc.config_message(op, source))[4:])  # type: ignore[arg-type]
         assert message["op"] == op and ipc.config_source(message) == source
@@ -726,8 +727,10 @@ def test_a_config_message_carries_the_whole_source_and_back() -> None:
 @pytest.mark.parametrize(
     "message",
     [{"op": "reload", "text": 5}, {"op": "reload", "text": "", "files": []},
-     {"op": "reload", "text": "", "files": {"/k": 5}}],
-    ids=["text not a string", "files not an object", "a content not a string"],
+     {"op": "reload", "text": "", "files": {"/k": 5}}, {"op": "reload", "text": "", "tls": ["/c"]},
+     {"op": "reload", "text": "", "tls": {"/c": 5}}, {"op": "reload", "text": "", "tls": {"/c": "not base64!"}}],
+    ids=["text not a string", "files not an object", "a content not a string", "tls not an object",
+         "a tls file not a string", "a tls file not base64"],
 )
 def test_a_malformed_config_source_is_a_value_error(message: dict[str, Any]) -> None:
     with pytest.raises(ValueError):

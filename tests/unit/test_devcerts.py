@@ -103,9 +103,14 @@ def test_rejects_unusable_hosts(tmp_path: Path, hosts: list[str]) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def _tls_of(certs: DevCerts) -> TlsConfig:
+    return TlsConfig(str(certs.server_cert), str(certs.server_key), certs.server_cert.read_bytes(),
+                     certs.server_key.read_bytes())
+
+
 def test_server_context_policy(certs: DevCerts) -> None:
     """The listener context is a TLS server context with TLS 1.2 as the floor."""
-    context = server_ssl_context(TlsConfig(cert=str(certs.server_cert), key=str(certs.server_key)))
+    context = server_ssl_context(_tls_of(certs))
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert context.protocol == ssl.PROTOCOL_TLS_SERVER
 
@@ -123,7 +128,7 @@ def _serve(listener: socket.socket, context: ssl.SSLContext, count: int, errors:
 
 def test_python_ssl_verifies_the_chain_on_loopback(certs: DevCerts) -> None:
     """A default-verification client trusting ca.crt connects to 127.0.0.1 and localhost; ALPN is http/1.1."""
-    server_context = server_ssl_context(TlsConfig(cert=str(certs.server_cert), key=str(certs.server_key)))
+    server_context = server_ssl_context(_tls_of(certs))
     client_context = ssl.create_default_context(cafile=str(certs.ca_cert))
     client_context.set_alpn_protocols(["h2", "http/1.1"])
     errors: list[BaseException] = []
