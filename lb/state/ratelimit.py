@@ -1,4 +1,4 @@
-"""Per-key token buckets: how many handshakes a source IP may start per second.  [pure]
+"""Per-client token buckets: how many handshakes a source IP (an IPv6 /64) may start per second.  [pure]
 
 Memory stays bounded: buckets that have refilled completely (their owners went
 quiet) are dropped, since a full bucket is what a new key starts with anyway:
@@ -8,6 +8,26 @@ gives its memory back (it stayed until the table reached `max_keys`: 18 MB).
 """
 
 from __future__ import annotations
+
+import ipaddress
+
+
+def source_key(ip: str) -> str:
+    """The bucket of a client address: an IPv4 address is its own, an IPv6 one shares its /64's.
+
+    One subscriber gets a whole /64 (RFC 6177, and every mobile carrier): a host that rotates its
+    address inside it (privacy addresses, or a script choosing one per connection) was a new client
+    at every handshake, and never limited.  An IPv4-mapped address is its IPv4 one.
+    """
+    if ":" not in ip:
+        return ip
+    try:
+        address = ipaddress.IPv6Address(ip.partition("%")[0])
+    except ValueError:
+        return ip
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return f"{ipaddress.IPv6Address(address.packed[:8] + bytes(8))}/64"
 
 
 class RateLimiter:
@@ -23,10 +43,12 @@ class RateLimiter:
         self._max_keys = max_keys
         self._buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, updated at)
 
-    def check(self, key: str, now: float) -> float:
-        """Take one token for `key`; return 0 if allowed, else the seconds until one is available."""
+    def check(self, ip: str, now: float) -> float:
+        """Take one token for the client at `ip` (its `source_key`); return 0 if allowed, else the seconds
+        until one is available."""
         if self._rate <= 0:
             return 0.0
+        key = source_key(ip)
         tokens, updated = self._buckets.get(key, (self._burst, now))
         tokens = min(self._burst, tokens + (now - updated) * self._rate)
         if tokens < 1.0:

@@ -79,6 +79,24 @@ async def test_per_ip_handshake_rate_gets_429_with_retry_after(launcher: Launche
     assert time.monotonic() - started <= int(retry_after) + 2 * UNIT
 
 
+async def test_an_ipv6_client_rotating_inside_its_64_is_one_client(launcher: Launcher, gateways: list[Gateway]) -> None:
+    """Behind a trusted proxy, IPv6 clients as X-Forwarded-For names them: a host picking a new address of its
+    /64 for each handshake shares one bucket (it was never limited); the next /64 has its own."""
+    lb = start(launcher, gateways, {"limits": {"handshake_rate_per_ip": 0.1, "handshake_burst_per_ip": 2},
+                                    "trusted_proxies": ["127.0.0.0/8"]})
+    assert lb.port is not None
+
+    async def status_as(client: str) -> int:
+        head = upgrade_request(host=f"127.0.0.1:{lb.port}", extra=[("X-Forwarded-For", client)])
+        answer = await raw_exchange(lb.port, head, source_ip="127.0.0.90")
+        assert answer is not None, "the connection closed without an answer"
+        return answer.status
+
+    rotating = [await status_as(f"2001:db8:7:1:{i:x}::1") for i in range(1, 5)]
+    assert rotating == [101, 101, 429, 429], rotating
+    assert await status_as("2001:db8:7:2::1") == 101
+
+
 async def test_a_rate_alone_admits_one_second_s_worth_at_once(launcher: Launcher, gateways: list[Gateway]) -> None:
     """With only handshake_rate_per_ip set, one address's burst is one second's worth of that rate: 12
     handshakes at once with a rate of 3/s get three 101s (four if a token refilled meanwhile) and 429s for the

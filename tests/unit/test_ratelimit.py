@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
-from lb.state.ratelimit import RateLimiter
+from lb.state.ratelimit import RateLimiter, source_key
 
 
 def take(limiter: RateLimiter, key: str, n: int, now: float) -> list[float]:
@@ -123,3 +126,28 @@ def test_a_sweep_forgets_the_refilled_buckets_of_quiet_addresses_whatever_the_ta
     limiter.sweep(now=3.0)
     assert len(limiter) == 1
     assert limiter.check("busy", now=3.0) > 0  # its empty bucket kept: still limited
+
+
+@pytest.mark.parametrize(("ip", "key"), [
+    ("10.0.0.1", "10.0.0.1"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+    ("::1", "::/64"),
+    ("::ffff:10.0.0.1", "10.0.0.1"),
+    ("fe80::1%eth0", "fe80::/64"),
+    ("not an address", "not an address"),
+])
+def test_an_ipv6_client_counts_per_64(ip: str, key: str) -> None:
+    assert source_key(ip) == key
+
+
+@given(st.ip_addresses(v=6), st.ip_addresses(v=6))
+def test_a_host_rotating_inside_its_64_shares_one_bucket(
+    first: ipaddress.IPv6Address, second: ipaddress.IPv6Address
+) -> None:
+    """RFC 6177: a subscriber holds a /64; privacy addresses and a script picking one per handshake stay in it."""
+    same_64 = ipaddress.IPv6Address(first.packed[:8] + second.packed[8:])
+    assume(first.ipv4_mapped is None and same_64.ipv4_mapped is None)  # those are IPv4 clients
+    limiter = RateLimiter(rate=1.0, burst=1)
+    assert limiter.check(str(first), 0.0) == 0.0
+    assert limiter.check(str(same_64), 0.0) > 0
