@@ -415,17 +415,24 @@ async def backend_action(request: web.Request) -> web.Response:
         action = AdminAction(request.match_info["action"])
     except ValueError:
         return _error(404, "action must be drain, disable or enable")
-    pool = balancer.ctx.pools.get(request.match_info["pool"])
-    backend_id = request.match_info["backend"]
-    if pool is None or pool.get(backend_id) is None:
+    pool_name, backend_id = request.match_info["pool"], request.match_info["backend"]
+    pool = balancer.ctx.pools.get(pool_name)
+    removed = pool is None or pool.get(backend_id) is None
+    # One a reload or DNS removed, shown in /status while its tunnels run, is the operator's to close.
+    if removed and not balancer.is_removed_with_tunnels(pool_name, backend_id):
         return _error(404, "unknown pool or backend")
+    if removed and action is AdminAction.ENABLE:
+        return _error(409, "the backend was removed from its pool: a reload or DNS answer that names it again "
+                           "brings it back")
     close_after, rate = await _migration_params(request)
     if action is AdminAction.ENABLE and (close_after is not None or rate is not None):
         raise AdminInputError("close_after and rate apply to drain and disable, not enable")
-    state = balancer.apply_admin(pool.name, backend_id, action, close_after=close_after, rate=rate)
+    state = balancer.apply_admin(pool_name, backend_id, action, close_after=close_after, rate=rate)
     # SPEC: disabled, "nothing new reaches it": with workers, from the answer on, in every worker.
     await balancer.states_applied()
-    answer: dict[str, Any] = {"pool": pool.name, "id": backend_id, "state": state.value}
+    answer: dict[str, Any] = {"pool": pool_name, "id": backend_id, "state": state.value}
+    if removed:
+        answer["removed"] = True
     if close_after is not None or rate is not None:
         answer["close_after"] = close_after or 0.0
         answer["rate"] = rate or DEFAULT_MIGRATION_RATE

@@ -243,6 +243,11 @@ class Balancer:
             backend = self._retired.find(pool, backend_id)
         return backend
 
+    def is_removed_with_tunnels(self, pool: str, backend_id: str) -> bool:
+        """Whether `backend_id` is one a reload or DNS removed from `pool` whose tunnels still run (as
+        /status lists it, `removed`)."""
+        return any(name == pool and b.id == backend_id for name, b in self.retired_backends())
+
     def live_tunnels(self) -> int:
         return self._supervisor.live_tunnels if self._supervisor is not None else len(self.ctx.tunnels)
 
@@ -469,7 +474,11 @@ class Balancer:
         self, pool: str, backend_id: str, action: AdminAction, *, close_after: float | None = None,
         rate: float | None = None,
     ) -> BackendState:
-        """An operator's drain, disable or enable; with `rate`, also close its tunnels gradually (1012)."""
+        """An operator's drain, disable or enable; with `rate`, also close its tunnels gradually (1012).
+
+        A backend removed from its pool whose tunnels still run (`is_removed_with_tunnels`) takes no
+        client whatever its state: a drain or disable of it only closes its tunnels, if asked (not enable).
+        """
         key = (pool, backend_id)
         previous = self._migrations.pop(key, None)
         if previous is not None:
@@ -477,15 +486,21 @@ class Balancer:
         if self._supervisor is not None:
             # Any operator action ends the running migration everywhere, not just in the owner.
             self._supervisor.stop_migration(pool, backend_id)
-        state_pool = self.ctx.pools[pool]
-        change = state_pool.apply_admin(backend_id, action, time.time())
-        if change is not None:
-            self._on_state_change(change)
+        state_pool = self.ctx.pools.get(pool)
+        backend = state_pool.get(backend_id) if state_pool is not None else None
+        if backend is not None and state_pool is not None:
+            change = state_pool.apply_admin(backend_id, action, time.time())
+            if change is not None:
+                self._on_state_change(change)
+        else:
+            backend = self.find_backend(pool, backend_id)
+            if backend is None or action is AdminAction.ENABLE:
+                raise KeyError(f"{pool}/{backend_id} is not in its pool (removed backends are drained or disabled)")
+            backend.reason = f"{backend.reason.partition('; operator: ')[0]}; operator: {action.value}"
         if action is not AdminAction.ENABLE and (close_after is not None or rate is not None):
             # The backend itself, not its id: a reload or DNS answer that removes it before `close_after`
             # has run out leaves its tunnels running (lb.state.retired), and the operator asked for them
             # to be closed.  Looked up again by id, it was gone, and the closes with it.
-            backend = state_pool.backends[backend_id]
             delay, pace = close_after or 0.0, rate or DEFAULT_MIGRATION_RATE
             task = asyncio.get_running_loop().create_task(
                 self._supervisor.migrate(pool, backend, delay, pace)
@@ -494,7 +509,8 @@ class Balancer:
             )
             self._migrations[key] = task
             task.add_done_callback(functools.partial(self._migration_done, key))
-        return state_pool.backends[backend_id].state
+        return backend.state if state_pool is not None and state_pool.get(backend_id) is backend \
+            else BackendState.DISABLED  # as /status shows a removed one: it takes no client
 
     async def states_applied(self) -> None:
         """With `workers: N`, until every worker runs the backends' states as this process holds them (at

@@ -23,11 +23,13 @@ from typing import Any
 
 from conftest import UNIT, Balancer, Gateway, Launcher, backend_states, lb_config, new_key, status, visit
 from support_ops import (
+    admin_post,
     admin_request,
     backend_entry,
     metric,
     metrics_text,
     rewrite_config,
+    set_state,
     signal_balancer,
     token_of,
     two_workers,
@@ -208,6 +210,48 @@ async def test_a_removed_backend_counts_its_tunnels_down_to_none(launcher: Launc
         signal_balancer(lb, signal.SIGHUP)
         await _wait_gw1_removed_with_2_tunnels(lb)
     await _wait_gw1_gone(lb)
+
+
+async def test_a_removed_backends_tunnels_are_the_operators_to_close(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """workers: 2, a reload removes gw-1 while 2 tunnels run on it: /status lists it `removed`, and a drain
+    with close_after/rate closes them with 1012 in every worker (it answered 404: a decommission begun by
+    the config, or by DNS, could not be finished by the operator).  Enable cannot bring it back (409); once
+    its tunnels have ended it is unknown again (404)."""
+    import aiohttp
+    from conftest import recv_hello, ws_connect
+
+    lb, config = two_worker_balancer(launcher, *gateways)
+    async with contextlib.AsyncExitStack() as stack:
+        on_gw1: list[aiohttp.ClientWebSocketResponse] = []
+        while len(on_gw1) < 2:
+            async with contextlib.AsyncExitStack() as attempt:
+                ws, _ = await attempt.enter_async_context(ws_connect(lb.ws_url()))
+                if (await recv_hello(ws))["server_id"] == "gw-1":
+                    stack.push_async_callback(attempt.pop_all().aclose)
+                    on_gw1.append(ws)
+
+        async def counted() -> bool:
+            return [row["connections"] for row in _gw1_rows(await status(lb))] == [2]
+
+        await wait_until(counted, what="the owner counting gw-1's 2 tunnels", within=10 * UNIT)
+        changed = copy.deepcopy(config)
+        changed["pools"][POOL]["backends"] = [b for b in changed["pools"][POOL]["backends"] if b["id"] != "gw-1"]
+        rewrite_config(lb, changed)
+        signal_balancer(lb, signal.SIGHUP)
+        await _wait_gw1_removed_with_2_tunnels(lb)
+        code, body, _ = await admin_post(lb, f"/pools/{POOL}/backends/gw-1/enable")
+        assert code == 409, (code, body)
+        answer = await set_state(lb, "gw-1", "drain", pool=POOL, params={"close_after": "0s", "rate": "50"})
+        assert (answer["state"], answer["removed"]) == ("disabled", True), answer
+        for ws in on_gw1:
+            async with asyncio.timeout(10 * UNIT):
+                closed = await ws.receive()
+            assert (closed.type, closed.data) == (aiohttp.WSMsgType.CLOSE, 1012), (closed.type, closed.data)
+    await _wait_gw1_gone(lb)
+    code, body, _ = await admin_post(lb, f"/pools/{POOL}/backends/gw-1/drain")
+    assert code == 404, (code, body)
 
 
 async def test_a_backend_removed_right_after_its_tunnels_opened_still_shows_them(
