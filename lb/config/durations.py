@@ -1,4 +1,4 @@
-"""Duration values from configuration ("500ms", "2s", "5m", "1h") as float seconds.  [pure]
+"""Duration values from configuration ("500ms", "2s", "5m", "1h", "1h30m") as float seconds.  [pure]
 
 Owns only the text → seconds conversion.  Whether a duration must be positive
 for a given key (an interval of 0 is meaningless, a shutdown grace of 0 is fine)
@@ -15,6 +15,11 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # A decimal number and an optional unit; a bare number means seconds, so that
 # "${GRACE}" expanded to "10" reads like the YAML integer 10 would.
 _DURATION_RE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)[ \t]*(?P<unit>ms|s|m|h)?")
+# Units from the largest down, each once (Go's and systemd's `1h30m`, `2m30s`, `1s500ms`): what an
+# operator writes for 90 minutes, which `5400s` hides.  Each part is a number and its unit.
+_PART = r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
+_COMPOUND_RE = re.compile(rf"(?:{_PART}h)?(?:{_PART}m(?!s))?(?:{_PART}s)?(?:{_PART}ms)?")
+_COMPOUND_UNITS = (3600.0, 60.0, 1.0, 0.001)
 # Only ASCII blanks around it: str.strip() and `\s` also take a thin or no-break space, which
 # an operator did not type on purpose and a reviewer cannot see.
 _BLANKS = " \t\r\n"
@@ -35,8 +40,8 @@ def parse_duration(value: str | int | float) -> float:
     """Convert a configuration duration to seconds.
 
     Args:
-        value: "500ms", "2s", "1.5s", "5m", "1h", or a bare number of seconds
-            (int, float, or a numeric string).
+        value: "500ms", "2s", "1.5s", "5m", "1h", units from the largest down ("1h30m", "2m30s",
+            "1s500ms"), or a bare number of seconds (int, float, or a numeric string).
 
     Returns:
         The duration in seconds, always finite and >= 0.
@@ -53,13 +58,20 @@ def parse_duration(value: str | int | float) -> float:
     if not isinstance(value, str):
         raise ValueError(f"{_EXPECTED}, got {type(value).__name__}")  # the caller's type error
     text = value.strip(_BLANKS)
-    if text.startswith("-") and _DURATION_RE.fullmatch(text[1:].lstrip(_BLANKS)):
+    if text.startswith("-") and _is_duration(text[1:].lstrip(_BLANKS)):
         raise BadDuration("a duration cannot be negative", value)
     match = _DURATION_RE.fullmatch(text)
-    if match is None:
+    if match is not None:
+        return _checked(float(match["number"]) * _UNIT_SECONDS[match["unit"] or "s"], value)
+    compound = _COMPOUND_RE.fullmatch(text)
+    if compound is None or not text:
         raise BadDuration(_EXPECTED, value)
-    seconds = float(match["number"]) * _UNIT_SECONDS[match["unit"] or "s"]
-    return _checked(seconds, value)
+    parts = zip(compound.groups(), _COMPOUND_UNITS, strict=True)
+    return _checked(sum(float(number) * unit for number, unit in parts if number is not None), value)
+
+
+def _is_duration(text: str) -> bool:
+    return _DURATION_RE.fullmatch(text) is not None or (bool(text) and _COMPOUND_RE.fullmatch(text) is not None)
 
 
 def _checked(seconds: float, original: str | int | float) -> float:

@@ -92,3 +92,34 @@ def test_only_ascii_digits_and_blanks_make_a_duration(value: str) -> None:
 
 def test_ascii_blanks_around_a_duration_are_fine() -> None:
     assert parse_duration(" 30 s\n") == 30.0
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("1h30m", 5400.0), ("2m30s", 150.0), ("1s500ms", 1.5), ("1h1m1s1ms", 3661.001), ("1.5h30m", 7200.0),
+    ("1h0m", 3600.0), (" 1m30s ", 90.0),
+])
+def test_parses_units_from_the_largest_down(value: str, seconds: float) -> None:
+    """What an operator writes for 90 minutes (Go's and systemd's form), which `5400s` hides."""
+    assert parse_duration(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["30m1h", "5s5s", "1h 30m", "1m30", "ms1s", "1hm", "1h30"])
+def test_a_compound_out_of_order_repeated_or_spaced_is_no_duration(value: str) -> None:
+    with pytest.raises(ValueError, match="expected a duration like"):
+        parse_duration(value)
+
+
+def test_a_negative_compound_is_said_to_be_negative() -> None:
+    with pytest.raises(ValueError, match="cannot be negative"):
+        parse_duration("-1h30m")
+
+
+@given(st.lists(st.integers(0, 10_000), min_size=4, max_size=4), st.lists(st.booleans(), min_size=4, max_size=4))
+def test_a_compound_is_the_sum_of_its_parts(numbers: list[int], present: list[bool]) -> None:
+    units = (("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 0.001))
+    parts = [(n, unit) for n, (unit, _), keep in zip(numbers, units, present, strict=True) if keep]
+    if not parts:
+        return
+    text = "".join(f"{n}{unit}" for n, unit in parts)
+    expected = sum(n * dict(units)[unit] for n, unit in parts)
+    assert parse_duration(text) == pytest.approx(expected)
