@@ -663,6 +663,8 @@ def _action(action: str) -> Callable[[argparse.Namespace, Target, TextIO], None]
             _print_json(answer, out, path, target)
             return
         line = f"{answer['pool']}/{answer['id']}: {answer['state']}"
+        if answer.get("removed") is True:  # gone from its pool (reload, DNS): only its tunnels are left
+            line += ", removed"
         close_after, rate = answer.get("close_after"), answer.get("rate", 0)
         if isinstance(close_after, int | float) and isinstance(rate, int | float):
             line += f" (tunnels close after {close_after:g}s at {rate:g}/s)"

@@ -351,6 +351,9 @@ def test_a_2xx_json_answer_that_is_not_the_admin_apis_is_exit_1(command: list[st
     [
         pytest.param(["drain", "p", "b", "--rate", "5"], {**ACTION, "close_after": 0.0, "rate": 5.0},
                      "p/b: draining (tunnels close after 0s at 5/s)", id="drain"),
+        pytest.param(["drain", "p", "b", "--rate", "5"],
+                     {**ACTION, "state": "disabled", "removed": True, "close_after": 0.0, "rate": 5.0},
+                     "p/b: disabled, removed (tunnels close after 0s at 5/s)", id="drain a removed backend"),
         pytest.param(["enable", "p", "b", "--json"], {**ACTION, "state": "up"}, '"state": "up"', id="enable --json"),
         pytest.param(["lookup", "T"], LOOKUP, '"routes_to": null', id="lookup: valid"),
         pytest.param(["lookup", "T"], {**LOOKUP, "routes_to": None, "routes_by": "key"}, '"routes_by": "key"',
