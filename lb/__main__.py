@@ -19,13 +19,43 @@ _STARTS = ("run", "worker")  # the commands that become a balancer process
 def main() -> int:
     if sys.argv[1:2] and sys.argv[1] in _STARTS:
         startup_signals.hold()
-    from lb.cli import EXIT_INTERRUPTED
-    from lb.cli import main as command_line
+        _standard_descriptors()
+    try:
+        from lb.cli import EXIT_INTERRUPTED
+        from lb.cli import main as command_line
 
-    code = command_line()
+        code = command_line()
+    except KeyboardInterrupt:  # Ctrl-C before the command handles it (its imports, say): no traceback
+        _end_by_sigint()
+        raise
     if code == EXIT_INTERRUPTED:
         _end_by_sigint()
     return code
+
+
+def _standard_descriptors() -> None:
+    """Open /dev/null on any of descriptors 0, 1 and 2 that the process was started without.
+
+    A service script's `<&-` or `2>&-` (daemontools, `nohup ... <&-`) left one free, and the event
+    loop's own descriptor took it: libuv then aborts (`uv__close: Assertion 'fd > STDERR_FILENO'`)
+    at the loop's close, so every stop ended in a core dump, and with `workers: N` every worker, which
+    inherits the gap, died at its start, for ever.  With 2 closed the operator wants no log: /dev/null.
+    """
+    import os
+
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: `fd`, the ones below are open
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+    # Python saw them closed at its start and left these None; logging writes to sys.stderr.
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - the process's own, for its whole life
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115 - line-buffered, as stderr is
 
 
 def _end_by_sigint() -> None:

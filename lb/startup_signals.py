@@ -11,7 +11,7 @@ few hundred milliseconds): from then on an early SIGHUP only sets a flag, and
 since it was read).  In a worker it stays held for good: the owner tells its
 workers when to reload.  Plain `signal.signal`, no asyncio: there is no loop yet.
 
-SIGTERM is held the same way: one that comes before `serve` handles it stops
+SIGTERM (and SIGQUIT, which stops as it does) is held the same way: one that comes before `serve` handles it stops
 the balancer as soon as it is up, with exit 0, as SPEC's SIGTERM does (its
 default action was exit 143, and a worker the owner had just restarted was
 "restarted" again).  SIGINT keeps its default: Ctrl-C at a terminal stops a
@@ -30,7 +30,10 @@ from types import FrameType
 
 _held: set[int] = set()  # signals that came while held, not yet taken
 
-HELD = (signal.SIGHUP, signal.SIGTERM)  # remembered, then acted on once serving
+# Remembered, then acted on once serving.  SIGQUIT stops gracefully, as SIGTERM does (nginx's STOPSIGNAL):
+# its default action dumped core, and as PID 1 in a container a signal without a handler is dropped.
+HELD = (signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT)
+STOPS = (signal.SIGTERM, signal.SIGQUIT)  # the held signals that mean "stop once up"
 UNUSED = (signal.SIGUSR1, signal.SIGUSR2)  # no meaning here; not fatal either
 
 
@@ -39,7 +42,7 @@ def _remember(signum: int, frame: FrameType | None) -> None:
 
 
 def hold() -> None:
-    """From now until the event loop takes them over, SIGHUP and SIGTERM are remembered instead of fatal.
+    """From now until the event loop takes them over, SIGHUP, SIGTERM and SIGQUIT are remembered instead of fatal.
 
     Idempotent: a second call (the command line's, after `lb.__main__`'s) keeps what came between.
     """

@@ -1202,7 +1202,8 @@ async def serve(
     # the process at once, every tunnel cut without its 1001.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         loop.add_signal_handler(signum, on_stop_signal)
-    if startup_signals.take(signal.SIGTERM):  # held since the first line of `lb run`: we stop once up
+    # Held since the first line of `lb run`: we stop once up.
+    if any([startup_signals.take(signum) for signum in startup_signals.STOPS]):
         on_stop_signal()
     for signum in startup_signals.UNUSED:
         loop.add_signal_handler(signum, _ignore_signal, signum)

@@ -62,9 +62,11 @@ def signals_caught(pid: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to see signal dispositions")
-def test_a_sigterm_as_soon_as_the_start_holds_signals_stops_it_with_exit_0(tmp_path: Path) -> None:
-    """SPEC: SIGTERM → exit 0.  Fired the moment SIGHUP is caught (the hold, before the command line's
-    imports), long before `serve` handles SIGTERM: its default action was exit 143 (-15)."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGQUIT], ids=["SIGTERM", "SIGQUIT"])
+def test_a_stop_signal_as_soon_as_the_start_holds_signals_stops_it_with_exit_0(tmp_path: Path, signum: int) -> None:
+    """SPEC: SIGTERM → exit 0, and README's SIGQUIT (nginx's graceful stop) the same.  Fired the moment
+    SIGHUP is caught (the hold, before the command line's imports), long before `serve` handles them:
+    SIGTERM's default action was exit 143 (-15), SIGQUIT's a core dump (-3)."""
     lb = Balancer(lb_config(pools={"gateways": [DeadBackend("dead-1")]}), tmp_path)
     lb.launch()
     try:
@@ -74,7 +76,57 @@ def test_a_sigterm_as_soon_as_the_start_holds_signals_stops_it_with_exit_0(tmp_p
             assert lb.proc.poll() is None, f"exited with {lb.proc.returncode}:\n{lb.logs_tail()}"
             assert time.monotonic() < deadline, "the balancer never caught SIGHUP"
             time.sleep(0.001)
-        os.kill(lb.proc.pid, signal.SIGTERM)
+        os.kill(lb.proc.pid, signum)
         assert lb.proc.wait(timeout=30 * UNIT) == 0, lb.logs_tail()
     finally:
         lb.stop()
+
+
+
+_INTERRUPTED_IMPORT = """
+import sys
+
+class Interrupt:  # Ctrl-C landing while `lb.cli` (and all it imports) is still being imported
+    def find_spec(self, name, path, target=None):
+        if name == "lb.cli":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["lb", "run", "--config", "unread.yaml"]
+from lb.__main__ import main
+main()
+"""
+
+
+def test_ctrl_c_while_the_command_line_loads_ends_by_sigint_without_a_traceback() -> None:
+    """SIGINT keeps its default while starting (Ctrl-C stops a start at once), but one that landed while
+    `lb.cli` was still being imported printed a KeyboardInterrupt traceback of 20-30 lines."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT], capture_output=True, text=True, timeout=30)
+    assert done.returncode == -signal.SIGINT, done
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
+
+
+class _StartedWithoutStdin(Balancer):
+    """`lb run ... <&-`, as a service script or `nohup ... <&-` starts it: descriptor 0 closed."""
+
+    def command(self) -> list[str]:
+        return ["bash", "-c", 'exec "$0" "$@" <&-', *super().command()]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_start_without_descriptor_0_serves_and_stops_with_exit_0(tmp_path: Path, workers: int) -> None:
+    """The event loop's descriptor took the free 0, and libuv aborts on it: every stop dumped core (exit -6),
+    and with workers: 2 every worker died at its start, for ever (never ready).  /dev/null fills the gap."""
+    config = lb_config(pools={"gateways": [DeadBackend("dead-1")]}, overrides={"workers": workers})
+    lb = _StartedWithoutStdin(config, tmp_path)
+    lb.launch()
+    try:
+        lb.wait_ready()
+        lb.assert_alive()
+        assert "exited with" not in lb.log_text(), lb.logs_tail()
+    finally:
+        code = lb.stop()
+    assert code == 0, lb.logs_tail()
