@@ -1,7 +1,8 @@
 /* lb._logwrite: one timestamped log line written straight to a descriptor, in one call.
  *
  * `write_line(fd, created, middle, text)` writes `<time><middle><text>\n` to `fd` with write(2),
- * all of it: `<time>` is `created` (epoch seconds) as lb.log.iso_utc formats it
+ * all of it, or none of it when `fd` is non-blocking and full (False; `write_all` says why):
+ * `<time>` is `created` (epoch seconds) as lb.log.iso_utc formats it
  * (`2026-12-02T06:30:00.123Z`, milliseconds truncated), and `middle` and `text` are str
  * (written as UTF-8; an access line is ASCII).  A write that fails raises OSError as os.write
  * would, a time before 1970 or past 9999 ValueError (lb.log.iso_utc would format it: a line is
@@ -23,6 +24,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <limits.h>
+#include <poll.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -68,10 +70,22 @@ format_stamp(double created, char *out)
     return 0;
 }
 
-/* All of `data` to `fd`; -1 with OSError set (or the exception a signal handler raised). */
+/* How long the rest of a line begun on a full non-blocking descriptor may wait for room (ms). */
+#define FINISH_WAIT_MS 1000
+
+/* All of `data` to `fd`: 0; or 1 when `fd` is non-blocking and full before the first byte (the line
+ * is dropped: lb.log counts it); -1 with OSError set (or the exception a signal handler raised).
+ *
+ * lb.log makes stderr non-blocking when it is a pipe or a socket, so that a log reader that stalls
+ * (a wedged log shipper) costs log lines, not the event loop.  A line is dropped whole or written
+ * whole: a pipe takes up to PIPE_BUF bytes at once or nothing, and once part of a longer line (or a
+ * socket's) is in, the rest waits for room, FINISH_WAIT_MS at most, so the next line does not
+ * start inside it. */
 static int
 write_all(int fd, const char *data, Py_ssize_t length)
 {
+    int begun = 0;
+    int waited_ms = 0;
     while (length > 0) {
         ssize_t written;
         int error = 0;
@@ -84,6 +98,12 @@ write_all(int fd, const char *data, Py_ssize_t length)
             error = EIO; /* nothing taken of a non-empty buffer: an error, not a reason to spin */
             written = -1;
         }
+        if (written < 0 && (error == EAGAIN || error == EWOULDBLOCK) && begun && waited_ms < FINISH_WAIT_MS) {
+            struct pollfd room = {fd, POLLOUT, 0};
+            (void)poll(&room, 1, 50);
+            waited_ms += 50;
+            error = EINTR; /* try again (signals checked, as for an interrupted write) */
+        }
         Py_END_ALLOW_THREADS
         if (written < 0) {
             if (error == EINTR) {
@@ -92,10 +112,14 @@ write_all(int fd, const char *data, Py_ssize_t length)
                 }
                 continue;
             }
+            if ((error == EAGAIN || error == EWOULDBLOCK) && !begun) {
+                return 1;
+            }
             errno = error;
             PyErr_SetFromErrno(PyExc_OSError);
             return -1;
         }
+        begun = 1;
         data += written;
         length -= written;
     }
@@ -154,12 +178,13 @@ write_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (result < 0) {
         return NULL;
     }
-    Py_RETURN_NONE;
+    return PyBool_FromLong(result == 0);
 }
 
 static PyMethodDef methods[] = {
     {"write_line", (PyCFunction)(void (*)(void))write_line, METH_FASTCALL,
-     "write_line(fd, created, middle, text) -> None: `<time><middle><text>\\n`, all of it, to fd."},
+     "write_line(fd, created, middle, text) -> bool: `<time><middle><text>\\n`, all of it, to fd "
+     "(False: fd is non-blocking and full, and the line was dropped)."},
     {NULL, NULL, 0, NULL},
 };
 

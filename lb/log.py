@@ -15,6 +15,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -201,7 +203,8 @@ class AccessLineWriter:
                 if self._flush_first:
                     stream.flush()  # what the buffered layer holds goes first (a part line, say)
                 # What the lines below would write, in one call (lb/_logwrite.c says why).
-                _WRITE_LINE(self._fd, now, self._prefix, text)
+                if not _WRITE_LINE(self._fd, now, self._prefix, text):
+                    _note_dropped()
             else:
                 stream.write(self._line(now, text, fields) + handler.terminator)
                 stream.flush()
@@ -248,10 +251,62 @@ _ASCII_AS_ASCII: Final = frozenset({"utf-8", "ascii", "iso8859-1", "cp1252"})
 
 
 # lb._logwrite's write_line, or None (not built, or LB_PURE_PYTHON=1): lines go through the stream.
-_WRITE_LINE: Final = cast("Callable[[int, float, str, str], None] | None", built_in_c("lb._logwrite", "write_line"))
+_WRITE_LINE: Final = cast("Callable[[int, float, str, str], bool] | None", built_in_c("lb._logwrite", "write_line"))
 
 
 _process_name = ""
+
+# Lines dropped since the last `report_dropped_lines` because stderr was full (`unblock_stderr`).
+_dropped = 0
+
+
+def _note_dropped() -> None:
+    global _dropped
+    _dropped += 1
+
+
+def unblock_stderr() -> None:
+    """Make writes to stderr drop a line rather than wait, when stderr is a pipe or a socket.
+
+    A log reader that stalls (a wedged log shipper, a container runtime's stream under pressure)
+    filled the pipe, and the next line's write(2) then blocked the event loop for as long as it
+    stalled: every client hung, the probes timed out, and SIGTERM could not be handled.  HAProxy
+    (syslog datagrams) and Envoy (a buffered access log) drop lines instead; so do we, counting
+    them (`report_dropped_lines`).  A pipe is opened anew (`/proc/self/fd/2`, the same pipe through
+    a description of our own), so the non-blocking flag does not reach the process that gave it to
+    us (a shell's `| tee`); a socket cannot be, and is set non-blocking as it is (journald's stream
+    is ours alone).  A terminal or a file is left as it is: neither fills up for good.
+    """
+    try:
+        mode = os.fstat(2).st_mode
+        if stat.S_ISFIFO(mode):
+            fd = os.open("/proc/self/fd/2", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            os.dup2(fd, 2)  # inheritable, as stderr was: the workers write to it too
+            os.close(fd)
+        elif stat.S_ISSOCK(mode):
+            os.set_blocking(2, False)
+    except OSError:  # no /proc, a pipe with no reader left: stderr stays as it was
+        return
+
+
+def report_dropped_lines() -> None:
+    """Log how many lines stderr's reader has missed since the last call, if any (every second)."""
+    global _dropped
+    dropped, _dropped = _dropped, 0
+    if dropped:
+        logging.getLogger("lb.log").warning("%d log line(s) dropped: stderr was full (its reader fell behind)",
+                                            dropped)
+
+
+class _DroppingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler whose stream may be full (`unblock_stderr`): a line it cannot take is counted as
+    dropped, not reported as a logging error (whose report goes to the same full stream)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BlockingIOError):
+            _note_dropped()
+            return
+        super().handleError(record)
 
 
 def _log_uncaught(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
@@ -270,7 +325,7 @@ def setup_logging(config: LoggingConfig, *, process: str | None = None) -> None:
     if process is not None:
         _process_name = process
     process = _process_name
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _DroppingHandler(sys.stderr)
     if config.format is LogFormat.JSON:
         handler.setFormatter(JsonFormatter(process))
     else:

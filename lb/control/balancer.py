@@ -82,7 +82,7 @@ from lb.descriptors import descriptor_limit, raise_descriptor_limit
 from lb.errors import ConfigError, LbError
 from lb.http.proxy_header import CRC32C_IN_C
 from lb.http.routing import sort_routes
-from lb.log import setup_logging
+from lb.log import report_dropped_lines, setup_logging, unblock_stderr
 from lb.proxy.preamble import AcceptingServer, listening_sockets
 from lb.proxy.server import abort_in_flight, client_factory, install_accept_error_filter, stop_in_flight, wall_offset
 from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY, idle_sweep_interval
@@ -560,6 +560,7 @@ class Balancer:
             # past the bound for good after a rollout of gateways holding long tunnels.
             if self._retired_in_series.difference((name, b.id) for name, b in self.retired_backends()):
                 self._forget_departed_series()
+            report_dropped_lines()
             if not serving:
                 continue
             self._report_refusals_now()
@@ -1255,6 +1256,7 @@ def run(config: Config, config_path: Path | None = None, config_source: ConfigSo
     `config_source` is what `config` was parsed from: with `workers: N` the workers run it.
     """
     role = Role.OWNER if config.workers > 1 else Role.SINGLE
+    unblock_stderr()  # a stalled log reader costs log lines, never the event loop
     # With workers, every line names its process: `owner` here, `worker-N` in each worker.
     setup_logging(config.logging, process="owner" if role is Role.OWNER else None)
     raise_descriptor_limit()  # workers inherit it
@@ -1265,6 +1267,7 @@ def run_worker(config: Config, config_path: Path, control_fd: int, index: int, c
                owner_pid: int = 0) -> int:
     """One of `workers: N` processes, started by the owner; `count` is N, `owner_pid` the owner's pid."""
     watch_owner(owner_pid)
+    unblock_stderr()
     setup_logging(config.logging, process=f"worker-{index}")
     share = (index, max(1, count))
     config = split_limits(config, *share)

@@ -6,11 +6,15 @@ with `workers: 2`, process_* covers every worker.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import re
 import signal
+from pathlib import Path
 
+import pytest
 from conftest import UNIT, Balancer, Gateway, Launcher, http_get_async, lb_config, run_lb, visit
 from support_ops import reload_with, rewrite_config, signal_balancer, wait_exit, wait_until
 
@@ -107,3 +111,58 @@ async def test_process_metrics_cover_every_worker(launcher: Launcher, gateways: 
     rss = float(re.search(r"^process_resident_memory_bytes (\S+)$", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
     workers = sum(float(v) for v in re.findall(r"^lb_worker_resident_memory_bytes\{[^}]*\} (\S+)$", text, re.MULTILINE))
     assert rss > workers > 0, (rss, workers)
+
+
+class _LoggingToAFifo(Balancer):
+    """stdout and stderr on a FIFO whose reader (the test) stops reading: a wedged log shipper."""
+
+    def __init__(self, config: dict[str, object], workdir: Path) -> None:
+        super().__init__(config, workdir)
+        self.fifo = workdir / "log.fifo"
+        os.mkfifo(self.fifo)
+        self.reader = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)  # open, never read until `drain`
+
+    def command(self) -> list[str]:
+        return ["bash", "-c", 'exec "$0" "$@" >"$LOG_FIFO" 2>&1', *super().command()]
+
+    def drain(self) -> str:
+        taken = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.reader, 1 << 16):
+                taken += chunk
+        return taken.decode(errors="replace")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_stalled_log_reader_costs_log_lines_not_the_balancer(
+    launcher: Launcher, gateways: list[Gateway], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Once the pipe under stderr is full, a write(2) of the next line blocked the event loop: every client
+    hung, the probes timed out and SIGTERM went unheard.  Lines are dropped instead, whole, and counted."""
+    config = lb_config(pools={"gateways": gateways}, overrides={"workers": workers})
+    lb = _LoggingToAFifo(config, tmp_path)
+    monkeypatch.setenv("LOG_FIFO", str(lb.fifo))
+    lb.launch()
+    try:
+        async def ready() -> bool:
+            return (await http_get_async(lb.admin_url("/readyz")))[0] == 200
+
+        await wait_until(ready, within=20 * UNIT, what="ready")
+        for _ in range(400):  # ~250 bytes of access log each: more than the pipe's 64 KiB
+            assert (await http_get_async(lb.http_url("/whoami")))[0] == 200
+        assert (await http_get_async(lb.admin_url("/livez")))[0] == 200
+        lines = lb.drain().splitlines()
+        # Whole lines only: a dropped line is dropped whole, never cut with the next glued onto it.
+        assert lines and all(re.match(r"\d{4}-\d\d-\d\dT", line) for line in lines), lines[-3:]
+        assert len([line for line in lines if "lb.access" in line]) < 400
+
+        async def said() -> bool:
+            return "log line(s) dropped: stderr was full" in lb.drain()
+
+        await wait_until(said, within=5 * UNIT, what="the dropped lines said")
+        assert lb.proc is not None
+        lb.proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(lb, within=20 * UNIT) == 0
+    finally:
+        lb.stop()
+        os.close(lb.reader)
