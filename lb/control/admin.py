@@ -416,6 +416,13 @@ async def backend_action(request: web.Request) -> web.Response:
     except ValueError:
         return _error(404, "action must be drain, disable or enable")
     pool_name, backend_id = request.match_info["pool"], request.match_info["backend"]
+    if balancer.find_backend(pool_name, backend_id) is None:  # said before the body is waited for
+        return _error(404, "unknown pool or backend")
+    close_after, rate = await _migration_params(request)
+    if action is AdminAction.ENABLE and (close_after is not None or rate is not None):
+        raise AdminInputError("close_after and rate apply to drain and disable, not enable")
+    # Decided after the body, with no wait from here to the action: a reload, a DNS answer or a last tunnel
+    # ending while the body came would otherwise change the answer under it (a 500 from apply_admin).
     pool = balancer.ctx.pools.get(pool_name)
     removed = pool is None or pool.get(backend_id) is None
     # One a reload or DNS removed, shown in /status while its tunnels run, is the operator's to close.
@@ -424,9 +431,6 @@ async def backend_action(request: web.Request) -> web.Response:
     if removed and action is AdminAction.ENABLE:
         return _error(409, "the backend was removed from its pool: a reload or DNS answer that names it again "
                            "brings it back")
-    close_after, rate = await _migration_params(request)
-    if action is AdminAction.ENABLE and (close_after is not None or rate is not None):
-        raise AdminInputError("close_after and rate apply to drain and disable, not enable")
     state = balancer.apply_admin(pool_name, backend_id, action, close_after=close_after, rate=rate)
     # SPEC: disabled, "nothing new reaches it": with workers, from the answer on, in every worker.
     await balancer.states_applied()

@@ -496,7 +496,12 @@ class Balancer:
             backend = self.find_backend(pool, backend_id)
             if backend is None or action is AdminAction.ENABLE:
                 raise KeyError(f"{pool}/{backend_id} is not in its pool (removed backends are drained or disabled)")
+            # The operator's word stays on it, as on one drained before it left: should a reload or DNS
+            # bring it back (as itself while its tunnels run, or anew), it is back drained or disabled,
+            # as answered, not `up` with a migration that turns its own cookie holders away.
+            backend.admin = action
             backend.reason = f"{backend.reason.partition('; operator: ')[0]}; operator: {action.value}"
+            self._operator_states.remember(pool, backend)
         if action is not AdminAction.ENABLE and (close_after is not None or rate is not None):
             # The backend itself, not its id: a reload or DNS answer that removes it before `close_after`
             # has run out leaves its tunnels running (lb.state.retired), and the operator asked for them

@@ -70,6 +70,8 @@ async def _close_at_rate(ctx: ProxyContext, backend: BackendStatus, rate: float,
         # later round only picks up handshakes that were in flight during the first.
         pending = [t for t in ctx.tunnels if t.backend is backend and not (t.closed or t.closing)]
         if not pending:
+            pending = await _in_flight_become_tunnels(ctx, backend, interval)
+        if not pending:
             return
         for tunnel in pending:
             if tunnel.closed or tunnel.closing:
@@ -77,6 +79,27 @@ async def _close_at_rate(ctx: ProxyContext, backend: BackendStatus, rate: float,
             tunnel.close_gracefully(SERVICE_RESTART, "service restart", cause="drain")
             closing.append(tunnel)
             await asyncio.sleep(interval)
+
+
+async def _in_flight_become_tunnels(ctx: ProxyContext, backend: BackendStatus, interval: float) -> list[Tunnel]:
+    """The tunnels that handshakes still in flight to `backend` become, once some do; [] when none is left.
+
+    A handshake routed to it before the drain (counted in its connections, not yet a tunnel) became one
+    after the last scan found none, and was never closed: the drain said it was done while /status kept
+    showing those clients on it, for as long as they stayed.  Each such handshake ends within
+    `timeouts.backend_connect` (its answer's deadline); a plain request, whose answer may take longer,
+    is not waited on past that.
+    """
+    deadline = asyncio.get_running_loop().time() + ctx.config.timeouts.backend_connect + 1.0
+    while asyncio.get_running_loop().time() < deadline:
+        tunnels = [t for t in ctx.tunnels if t.backend is backend]
+        if backend.connections <= len(tunnels):  # nothing in flight
+            return []
+        await asyncio.sleep(min(interval, 0.1))
+        pending = [t for t in ctx.tunnels if t.backend is backend and not (t.closed or t.closing)]
+        if pending:
+            return pending
+    return []
 
 
 def log_failed(pool: str, backend_id: str, task: asyncio.Task[None]) -> None:

@@ -112,6 +112,33 @@ def test_a_drain_that_runs_to_its_end_says_how_its_closes_went(
     ]
 
 
+def test_a_handshake_in_flight_at_the_drain_is_closed_once_it_becomes_a_tunnel(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Routed to the backend before the drain (counted in its connections), a slow gateway's handshake
+    became a tunnel after the drain's last scan: it was never closed, while the drain said it was done."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.05)
+    caplog.set_level(logging.INFO, logger="lb.control.migration")
+
+    async def scenario() -> None:
+        ctx, backend = one_backend_context()
+        first = _tunnel(ctx, backend, FakeTransport())
+        backend.connections += 1  # a handshake in flight, its 101 not yet in
+        drain = asyncio.get_running_loop().create_task(migrate(ctx, "p", backend, 0.0, 1000.0))
+        await asyncio.sleep(0.3)
+        assert first.closed and not drain.done()  # the drain waits for the handshake
+        backend.connections -= 1  # the 101 comes: the handshake becomes a tunnel
+        late = _tunnel(ctx, backend, FakeTransport())
+        await asyncio.wait_for(drain, 2.0)
+        assert late.closed and late.close_code == 1012
+
+    asyncio.run(scenario())
+    assert _summaries(caplog) == [
+        "drain of p/gw-1: 2 tunnel(s) closed with 1012, 0 cut at TCP level (the client did not take the close, "
+        "or the backend's frame in flight did not end in time), 0 closed by the backend first"
+    ]
+
+
 def test_a_drain_task_that_fails_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     """A drain task that raised says so at ERROR (its holder keeps it, so asyncio never would); a cancelled
     one (enable, another drain) is no failure."""
