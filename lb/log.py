@@ -15,8 +15,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +24,7 @@ from typing import Final, TextIO, cast
 from lb import built_in_c
 from lb.access_log import set_access_writer
 from lb.config.model import LogFormat, LoggingConfig
+from lb.log_stream import DroppingHandler, note_dropped
 
 # What a line break inside one event becomes in the plain format.
 LINE_FOLD = " | "
@@ -204,7 +203,7 @@ class AccessLineWriter:
                     stream.flush()  # what the buffered layer holds goes first (a part line, say)
                 # What the lines below would write, in one call (lb/_logwrite.c says why).
                 if not _WRITE_LINE(self._fd, now, self._prefix, text):
-                    _note_dropped()
+                    note_dropped()
             else:
                 stream.write(self._line(now, text, fields) + handler.terminator)
                 stream.flush()
@@ -256,59 +255,6 @@ _WRITE_LINE: Final = cast("Callable[[int, float, str, str], bool] | None", built
 
 _process_name = ""
 
-# Lines dropped since the last `report_dropped_lines` because stderr was full (`unblock_stderr`).
-_dropped = 0
-
-
-def _note_dropped() -> None:
-    global _dropped
-    _dropped += 1
-
-
-def unblock_stderr() -> None:
-    """Make writes to stderr drop a line rather than wait, when stderr is a pipe or a socket.
-
-    A log reader that stalls (a wedged log shipper, a container runtime's stream under pressure)
-    filled the pipe, and the next line's write(2) then blocked the event loop for as long as it
-    stalled: every client hung, the probes timed out, and SIGTERM could not be handled.  HAProxy
-    (syslog datagrams) and Envoy (a buffered access log) drop lines instead; so do we, counting
-    them (`report_dropped_lines`).  A pipe is opened anew (`/proc/self/fd/2`, the same pipe through
-    a description of our own), so the non-blocking flag does not reach the process that gave it to
-    us (a shell's `| tee`); a socket cannot be, and is set non-blocking as it is (journald's stream
-    is ours alone).  A terminal or a file is left as it is: neither fills up for good.
-    """
-    try:
-        mode = os.fstat(2).st_mode
-        if stat.S_ISFIFO(mode):
-            fd = os.open("/proc/self/fd/2", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            os.dup2(fd, 2)  # inheritable, as stderr was: the workers write to it too
-            os.close(fd)
-        elif stat.S_ISSOCK(mode):
-            os.set_blocking(2, False)
-    except OSError:  # no /proc, a pipe with no reader left: stderr stays as it was
-        return
-
-
-def report_dropped_lines() -> None:
-    """Log how many lines stderr's reader has missed since the last call, if any (every second)."""
-    global _dropped
-    dropped, _dropped = _dropped, 0
-    if dropped:
-        logging.getLogger("lb.log").warning("%d log line(s) dropped: stderr was full (its reader fell behind)",
-                                            dropped)
-
-
-class _DroppingHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A StreamHandler whose stream may be full (`unblock_stderr`): a line it cannot take is counted as
-    dropped, not reported as a logging error (whose report goes to the same full stream)."""
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        if isinstance(sys.exc_info()[1], BlockingIOError):
-            _note_dropped()
-            return
-        super().handleError(record)
-
-
 def _log_uncaught(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
     if issubclass(kind, KeyboardInterrupt):
         sys.__excepthook__(kind, value, traceback)
@@ -325,7 +271,7 @@ def setup_logging(config: LoggingConfig, *, process: str | None = None) -> None:
     if process is not None:
         _process_name = process
     process = _process_name
-    handler = _DroppingHandler(sys.stderr)
+    handler = DroppingHandler(sys.stderr)
     if config.format is LogFormat.JSON:
         handler.setFormatter(JsonFormatter(process))
     else:

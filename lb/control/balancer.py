@@ -82,7 +82,8 @@ from lb.descriptors import descriptor_limit, raise_descriptor_limit
 from lb.errors import ConfigError, LbError
 from lb.http.proxy_header import CRC32C_IN_C
 from lb.http.routing import sort_routes
-from lb.log import report_dropped_lines, setup_logging, unblock_stderr
+from lb.log import setup_logging
+from lb.log_stream import report_dropped_lines, unblock_stderr
 from lb.proxy.preamble import AcceptingServer, listening_sockets
 from lb.proxy.server import abort_in_flight, client_factory, install_accept_error_filter, stop_in_flight, wall_offset
 from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY, idle_sweep_interval

@@ -34,7 +34,8 @@ def _fake_balancer(*, ready: bool = True, serving: bool | None = None, not_ready
         return None
 
     return SimpleNamespace(ctx=ctx, ready=ready, serving=serving, shutting_down=not ready, apply_admin=apply_admin,
-                           not_ready=lambda: reason, fresh_counts=fresh_counts)
+                           not_ready=lambda: reason, fresh_counts=fresh_counts,
+                           find_backend=lambda name, backend_id: pool.get(backend_id) if name == "p" else None)
 
 
 async def _client(balancer: Any) -> TestClient[Any, Any]:
