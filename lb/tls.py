@@ -12,6 +12,7 @@ import asyncio.sslproto
 import contextlib
 import os
 import ssl
+import tempfile
 import warnings
 from collections.abc import Iterator
 
@@ -47,16 +48,32 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 
 @contextlib.contextmanager
 def _in_memory(data: bytes, name: str) -> Iterator[str]:
-    """A path that reads as `data`, for OpenSSL's file-only `load_cert_chain`: an anonymous memory file
-    (`memfd_create`), so a private key is never written to a disk, and gone once closed."""
-    fd = os.memfd_create(f"lb-tls-{name}", os.MFD_CLOEXEC)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        yield f"/proc/self/fd/{fd}"
-    finally:
-        os.close(fd)
+    """A path that reads as `data`, for OpenSSL's file-only `load_cert_chain`: on Linux an anonymous
+    memory file (`memfd_create`), so a private key is never written to a disk, and gone once closed;
+    elsewhere (a developer's macOS, a BSD) a file only we may read, in a directory of our own, removed
+    at once."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create(f"lb-tls-{name}", os.MFD_CLOEXEC)
+        try:
+            _write_all(fd, data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="lb-tls-") as private:  # mode 0700
+        path = os.path.join(private, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        yield path
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def tls_files_fault(tls: TlsConfig, refused: ssl.SSLError | OSError) -> list[tuple[str, str]]:

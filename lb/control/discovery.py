@@ -166,16 +166,16 @@ def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:
     return ThreadedResolver(resolver)
 
 
-@functools.lru_cache(maxsize=1024)
 def is_local_address(ip: IPAddress) -> bool:
     """Whether `ip` is one of this host's addresses, which a wildcard listener accepts on.
 
     Asked of the kernel's routing: a UDP socket connected to a local address takes that address as
     its own (the local table's `src`); to any other, the outgoing interface's.  No packet is sent,
     and unlike a trial bind it holds with `ip_nonlocal_bind` set (where every bind succeeds, and
-    every gateway on the listener's port would have looked like the balancer itself).  Remembered:
-    a pod's addresses are its own for its life, and an answer of 256 gateways on the listener's port
-    asked four system calls of each at every lookup, on the event loop.
+    every gateway on the listener's port would have looked like the balancer itself).  Asked anew at
+    every lookup (four system calls, and only of an answer's addresses on a wildcard listener's port):
+    a host's addresses change (DHCP, a floating address), and one remembered would go on skipping a
+    gateway given an address the host has since let go.
     """
     if ip.is_loopback:
         return True

@@ -208,3 +208,19 @@ def test_half_a_ca_is_refused_and_left_alone(tmp_path: Path, alone: str) -> None
     with pytest.raises(UnusableCa, match="move it away"):
         write_dev_certs(tmp_path, ["localhost"])
     assert (tmp_path / alone).read_bytes() == before
+
+
+
+def test_a_context_is_built_without_memory_files_too(
+    certs: DevCerts, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """macOS and the BSDs have no memfd_create: the pair goes through a private file, removed at once (on
+    them `make run`, whose example config has a TLS listener, died with an AttributeError)."""
+    import os
+    import tempfile
+
+    monkeypatch.delattr(os, "memfd_create")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    context = server_ssl_context(_tls_of(certs))
+    assert context.protocol == ssl.PROTOCOL_TLS_SERVER
+    assert list(tmp_path.iterdir()) == []  # nothing of the key left behind
