@@ -179,6 +179,7 @@ class Balancer:
         # Set by `serve`'s SIGTERM handler, which may run while we start: such a start is never ready.
         self.stop_asked = False
         self._reload_task: asyncio.Task[None] | None = None
+        self._reload_reading = False  # a reload's file is being read and checked (on a thread)
         self._reload_pending = False
         self._listening: list[_Listening] = []
         self._admin: web.AppRunner | None = None
@@ -649,7 +650,11 @@ class Balancer:
             # In a thread: a large file takes seconds to parse and check, and the event loop keeps
             # relaying meanwhile (it shares the GIL with the parse, but is no longer frozen by it).
             # A daemon thread: a SIGTERM meanwhile exits without waiting for the check to end.
-            applied, config = await in_daemon_thread(functools.partial(self._read_config, source), name="reload")
+            self._reload_reading = True
+            try:
+                applied, config = await in_daemon_thread(functools.partial(self._read_config, source), name="reload")
+            finally:
+                self._reload_reading = False
             if self._stopping is not None:
                 # SIGTERM came during the parse: nothing new is bound or sent to stopping workers.
                 log.warning("reload abandoned: shutting down")
@@ -1005,8 +1010,10 @@ class Balancer:
     async def _stop(self) -> None:
         timeouts = self.config.timeouts
         self.ready = False
-        if self._reload_task is not None and not self._reload_task.done():
+        if self._reload_task is not None and not self._reload_task.done() and not self._reload_reading:
             # Let a reload in progress finish its swap: stopping half-way would leave its pieces running.
+            # One still reading its file is not waited for (README: the exit does not wait for a large
+            # file's check): it abandons once the read ends, and the delay and grace start now.
             await asyncio.wait([self._reload_task], timeout=5.0)
         for task in self._migrations.values():
             task.cancel()

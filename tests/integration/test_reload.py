@@ -6,6 +6,7 @@ Gateways are shared by the module; each test starts its own balancer (it rewrite
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import re
 import signal
@@ -33,6 +34,7 @@ from support_ops import (
     start_two,
     token_of,
     visit_until,
+    wait_exit,
     wait_for_log,
     wait_until,
 )
@@ -141,6 +143,31 @@ async def test_a_reload_with_many_problems_logs_one_bounded_line_and_tunnels_kee
         assert len(line) < 10_000, len(line)
         await assert_echo(ws, "after the failed reload")
     lb.assert_alive()
+
+
+async def test_a_sigterm_while_a_large_file_is_checked_stops_at_once(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """README: a reload still reading or checking its file when the stop comes is abandoned, and the exit does
+    not wait for its check.  The stop waited for it (up to 5 s) before it began: the delay and the grace
+    started that late, past terminationGracePeriodSeconds."""
+    gw1, gw2, _ = gateways
+    lb, config = start_two(launcher, POOL, gw1, gw2)
+    large = copy.deepcopy(config)
+    large["trusted_proxies"] = [f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}/32" for i in range(80_000)]
+    rewrite_config(lb, large)
+    mark = lb.log_lines()
+    signal_balancer(lb, signal.SIGHUP)
+    await asyncio.sleep(0.2 * UNIT)  # the check has begun
+    signal_balancer(lb, signal.SIGTERM)
+    assert await wait_exit(lb, within=60 * UNIT) == 0, lb.logs_tail()
+    lines = lb.log_text().splitlines()[mark:]
+    stop = next(i for i, line in enumerate(lines) if "no longer accepting connections" in line)
+    applied = [i for i, line in enumerate(lines) if "reloaded configuration" in line]
+    if applied and applied[0] < stop:
+        pytest.skip("this machine checked the file before the SIGTERM came: nothing to abandon")
+    abandoned = [i for i, line in enumerate(lines) if "reload abandoned" in line]
+    assert not abandoned or stop < abandoned[0], lines  # the stop began before the check ended
 
 
 async def test_sighup_removing_a_backend_keeps_its_live_tunnel(launcher: Launcher, gateways: list[Gateway]) -> None:
