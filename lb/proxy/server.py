@@ -539,14 +539,17 @@ async def stop_in_flight(
     start = loop.time()
 
     # Polled, not an event: connections join while this waits (handshakes completing) and leave its
-    # concern by entering RELAY inside the core; a 50 ms poll during shutdown costs nothing.
+    # concern by entering RELAY inside the core; a 50 ms poll during shutdown costs nothing.  One the
+    # core has closed is no one's concern either: its transport may still be closing (a TLS one waits
+    # for a close_notify that a pooled client never sends), which held the stop for the whole grace
+    # with no request in it; `abort_in_flight` ends it with the rest.
     def handshaking() -> bool:
         return loop.time() < start + within and bool(
-            pending() or any(c.core.state != RELAY for c in ctx.in_flight)
+            pending() or any(c.core.state != RELAY and c.core.state != CLOSED for c in ctx.in_flight)
         )
 
     def streaming() -> bool:
-        return loop.time() < start + streaming_within and bool(ctx.in_flight)
+        return loop.time() < start + streaming_within and any(c.core.state != CLOSED for c in ctx.in_flight)
 
     while handshaking() or streaming():  # noqa: ASYNC110
         await asyncio.sleep(0.05)

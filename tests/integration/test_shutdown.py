@@ -230,3 +230,35 @@ async def test_a_silent_connection_holds_a_stop_for_a_moment_only(lb: Balancer) 
     assert await wait_exit(lb, 10 * UNIT) == 0
     assert time.monotonic() - sent < 2.2, "a silent connection held the stop"
     await close_raw(writer)
+
+
+@pytest.mark.parametrize("sent", [b"GET /whoami HTTP/1.1\r\nHost: a\r\n\r\n", b"GET /whoami HTTP/1.1\r\nHost: a\r\n"],
+                         ids=["idle-keep-alive", "part-of-a-head"])
+async def test_a_quiet_tls_client_that_never_answers_close_notify_does_not_hold_the_stop(
+    tmp_path_factory: pytest.TempPathFactory, gateways: list[Gateway], sent: bytes
+) -> None:
+    """Closed at once, as on a plain listener, but its TLS transport waited for a close_notify that a pooled
+    client never sends, and held the exit for the whole grace with no tunnel open."""
+    import socket
+    import ssl
+
+    from conftest import lb_certs
+
+    grace = 8.0
+    with launched(tmp_path_factory, "shutdown-tls") as launcher:
+        certs = lb_certs(launcher.workdir / "certs")
+        config = lb_config(pools={POOL: gateways}, tls=(certs / "server.crt", certs / "server.key"),
+                           overrides={"timeouts": {"shutdown_grace": f"{grace:g}s"}})
+        lb = launcher.balancer(config)
+        lb.wait_states({(POOL, g.id): "up" for g in gateways})
+        assert lb.tls_port is not None
+        raw = socket.create_connection((HOST, lb.tls_port), timeout=5)
+        with ssl.create_default_context(cafile=str(certs / "ca.crt")).wrap_socket(raw, server_hostname=HOST) as tls:
+            tls.sendall(sent)
+            if sent.endswith(b"\r\n\r\n"):
+                assert tls.recv(65536).startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            signal_balancer(lb, signal.SIGTERM)
+            assert await wait_exit(lb, within=grace + 10) == 0  # the socket stays open, unread, meanwhile
+            assert time.monotonic() - started < grace / 2, lb.logs_tail()
