@@ -75,7 +75,7 @@ from lb.control.discovery import DiscoveryManager
 from lb.control.health import FirstProbes, HealthChecker
 from lb.control.ipc import check_config_handover, split_limits
 from lb.control.memory import ReleasePolicy, collection_paused, release_free_memory
-from lb.control.metrics import ReloadResults, make_registry
+from lb.control.metrics import ReloadResults, WorkerCounts, make_registry
 from lb.control.migration import DEFAULT_MIGRATION_RATE, log_failed, migrate
 from lb.control.workers import REPORT_WAIT, ControlChannel, WorkerSupervisor, watch_owner
 from lb.descriptors import descriptor_limit, raise_descriptor_limit
@@ -173,6 +173,7 @@ class Balancer:
             lambda: self.ctx, lambda: self.reloads,
             (lambda: self._supervisor.pids() if self._supervisor is not None else []) if role is Role.OWNER else None,
             retired=self.retired_backends, departed=self.series.departed_everywhere,
+            workers=self._worker_counts if role is Role.OWNER else None,
         )
         # /readyz: True once every listener is open, False again from SIGTERM on.
         self.ready = False
@@ -990,6 +991,10 @@ class Balancer:
         if self._supervisor is None:
             return None
         return self._supervisor.serving_workers(asyncio.get_running_loop().time()), self._supervisor.count
+
+    def _worker_counts(self) -> WorkerCounts:
+        serving, count = self.workers_serving() or (0, self.config.workers)
+        return WorkerCounts(count, serving, self._supervisor.restarts if self._supervisor is not None else 0)
 
     def _no_worker_serving(self) -> bool:
         workers = self.workers_serving()

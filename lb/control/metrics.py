@@ -386,6 +386,7 @@ def make_registry(
     worker_pids: Callable[[], list[int]] | None = None,
     retired: Retired | None = None,
     departed: Departed | None = None,
+    workers: Callable[[], WorkerCounts] | None = None,
 ) -> SlicedRegistry:
     """A registry of our own (not the global one), so tests and reloads never collide; /metrics renders
     it a slice at a time (`lb.control.exposition`).
@@ -395,6 +396,7 @@ def make_registry(
         worker_pids: the owner of `workers: N` passes its live workers; process_* then covers them.
         retired: backends removed from their pool (reload, DNS) whose tunnels still run.
         departed: every (pool, backend) gone from its pool whose series are still kept (lb.state.series).
+        workers: the owner of `workers: N` passes how many it runs, serve and restarted (`WorkersCollector`).
     """
     registry = SlicedRegistry()
     registry.register(LbCollector(get_context, reloads, retired, departed))
@@ -402,5 +404,34 @@ def make_registry(
         ProcessCollector(registry=registry)
     else:
         registry.register(AllProcessesCollector(worker_pids))
+    if workers is not None:
+        registry.register(WorkersCollector(workers))
     PlatformCollector(registry=registry)
     return registry
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerCounts:
+    configured: int  # `workers: N`
+    serving: int  # as /readyz and /status count them
+    restarts: int  # workers replaced after they died (exited, or killed unresponsive), since start
+
+
+class WorkersCollector(Collector):
+    """`lb_workers{state}` and `lb_worker_restarts_total`: /status's `workers`, for alerts.  A worker that
+    crash-loops (a port it cannot bind, a bug at start) left the instance at part of its capacity with
+    /readyz at 200, seen only in the log."""
+
+    def __init__(self, counts: Callable[[], WorkerCounts]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._counts()
+        workers = GaugeMetricFamily("lb_workers", "Worker processes: configured (workers: N) and serving now.",
+                                    labels=["state"])
+        workers.add_metric(["configured"], counts.configured)
+        workers.add_metric(["serving"], counts.serving)
+        yield workers
+        restarts = CounterMetricFamily("lb_worker_restarts", "Workers replaced after they died, since start.")
+        restarts.add_metric([], counts.restarts)
+        yield restarts

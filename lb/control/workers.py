@@ -225,6 +225,7 @@ class WorkerSupervisor:
     def __init__(self, balancer: Balancer, count: int, config_path: Path, config_source: ConfigSource) -> None:
         self._balancer = balancer
         self.count = count
+        self.restarts = 0  # workers replaced after they died (lb_worker_restarts_total)
         self._config_path = config_path  # workers resolve relative paths in the text against its directory
         # What the owner runs, and every worker with it: a restarted worker gets this, never the files.
         self._config_source = config_source
@@ -415,6 +416,7 @@ class WorkerSupervisor:
         lived = asyncio.get_running_loop().time() - worker.started_at
         delay = RESTART_DELAY if lived >= STABLE_AFTER else worker.restart_delay
         log.warning("%s exited with %s after %.1fs; restarting it in %gs", worker.name, code, lived, delay)
+        self.restarts += 1  # lb_worker_restarts_total
         await asyncio.sleep(delay)
         if not self._stopping:
             await self._spawn(worker.index, min(2 * delay, MAX_RESTART_DELAY))

@@ -436,7 +436,9 @@ async def test_every_metric_in_rules_and_dashboard_exists(console: ConsoleStack)
     assert {"lb_backend_state", "lb_handshake_duration_seconds_bucket", "lb_backend_errors_total"} <= used
     # A pool with DNS discovery exports these; this stack has none (test_discovery scrapes them live).
     discovery = {"lb_discovery_backends", "lb_discovery_errors_total", "lb_discovery_last_success_timestamp_seconds"}
-    missing = sorted(name for name in used - discovery if name not in samples)
+    # The owner of `workers: N` exports these; this stack runs one process (test_workers scrapes them live).
+    workers = {"lb_worker_restarts_total", "lb_workers"}
+    missing = sorted(name for name in used - discovery - workers if name not in samples)
     assert not missing, f"used by deploy/observability but not exported: {missing}"
     assert {name for name in used if name.startswith("lb_discovery_")} <= discovery
 
@@ -664,4 +666,20 @@ def test_promtool_accepts_the_example_prometheus_config() -> None:
         timeout=60, check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 10 rules found" in done.stdout + done.stderr
+    assert "SUCCESS: 11 rules found" in done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package: prometheus)")
+def test_a_worker_that_keeps_dying_is_alerted_and_one_restart_is_not(tmp_path: Path) -> None:
+    """Four restarts in 15 minutes fire LbWorkerCrashLoop; the one restart of a worker killed once does not."""
+    rule = next(rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
+                if rule.get("alert") == "LbWorkerCrashLoop")
+    looping = [('lb_worker_restarts_total{job="lb", instance="a"}', "0 0 1 2 3 4 5 5 5")]
+    fired = [{
+        "exp_labels": {"severity": "warning", "job": "lb", "instance": "a"},
+        "exp_annotations": {"summary": "Workers of a restarted 5 times in 15 minutes",
+                            "description": rule["annotations"]["description"]},
+    }]
+    promtool_test(tmp_path, looping, "LbWorkerCrashLoop", fired, at="7m")
+    once = [('lb_worker_restarts_total{job="lb", instance="a"}', "0 0 1 1 1 1 1 1 1")]
+    promtool_test(tmp_path, once, "LbWorkerCrashLoop", [], at="7m")

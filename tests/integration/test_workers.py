@@ -96,6 +96,12 @@ async def test_a_killed_worker_is_restarted_and_cookies_still_stick(ops: OpsStac
     for _ in range(8):
         again = await visit(ops.balancer.ws_url(), cookie=f"{first.cookie.name}={first.cookie.value}")
         assert again.server_id == first.server_id
+    # Metrics say it too (an alert on a worker that crash-loops has nothing else to go by).
+    code, body = http_get(ops.balancer.admin_url("/metrics"))
+    text = body.decode()
+    assert code == 200 and 'lb_workers{state="configured"} 2.0' in text, text[:300]
+    restarts = re.search(r"^lb_worker_restarts_total (\S+)$", text, re.MULTILINE)
+    assert restarts is not None and float(restarts.group(1)) >= 1, text[-500:]
 
 
 async def test_a_worker_restarted_after_its_tls_files_broke_serves_the_owners_pair(
