@@ -21,6 +21,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from conftest import UNIT, Balancer, Gateway, Launcher, backend_states, lb_config, new_key, status, visit
 from support_ops import (
     admin_post,
@@ -188,28 +189,36 @@ async def test_a_removed_backend_counts_its_tunnels_down_to_none(launcher: Launc
     """workers: 2, tunnels on gw-1, then a reload that removes gw-1: the owner shows it `removed` with its
     live tunnels (in /status and lb_active_connections), and once they end, not at all.  The workers'
     reports carry their removed backends; without them the owner's count stayed at its last value."""
-    from conftest import recv_hello, ws_connect
-
     lb, config = two_worker_balancer(launcher, *gateways)
     async with contextlib.AsyncExitStack() as tunnels:
-        on_gw1 = 0
-        while on_gw1 < 2:
-            async with contextlib.AsyncExitStack() as attempt:
-                ws, _ = await attempt.enter_async_context(ws_connect(lb.ws_url()))
-                if (await recv_hello(ws))["server_id"] == "gw-1":
-                    tunnels.push_async_callback(attempt.pop_all().aclose)  # kept open until the reload is seen
-                    on_gw1 += 1
-
-        async def counted() -> bool:  # the owner knows of them: the workers report every second
-            return [row["connections"] for row in _gw1_rows(await status(lb))] == [2]
-
-        await wait_until(counted, what="the owner counting gw-1's 2 tunnels", within=10 * UNIT)
-        changed = copy.deepcopy(config)
-        changed["pools"][POOL]["backends"] = [b for b in changed["pools"][POOL]["backends"] if b["id"] != "gw-1"]
-        rewrite_config(lb, changed)
-        signal_balancer(lb, signal.SIGHUP)
-        await _wait_gw1_removed_with_2_tunnels(lb)
+        await _remove_gw1_under_2_tunnels(lb, config, tunnels)
     await _wait_gw1_gone(lb)
+
+
+async def _remove_gw1_under_2_tunnels(
+    lb: Balancer, config: dict[str, Any], tunnels: contextlib.AsyncExitStack
+) -> list[aiohttp.ClientWebSocketResponse]:
+    """Two tunnels on gw-1 (kept open by `tunnels`), then a reload without gw-1, seen by the owner."""
+    from conftest import recv_hello, ws_connect
+
+    on_gw1: list[aiohttp.ClientWebSocketResponse] = []
+    while len(on_gw1) < 2:
+        async with contextlib.AsyncExitStack() as attempt:
+            ws, _ = await attempt.enter_async_context(ws_connect(lb.ws_url()))
+            if (await recv_hello(ws))["server_id"] == "gw-1":
+                tunnels.push_async_callback(attempt.pop_all().aclose)  # kept open until the reload is seen
+                on_gw1.append(ws)
+
+    async def counted() -> bool:  # the owner knows of them: the workers report every second
+        return [row["connections"] for row in _gw1_rows(await status(lb))] == [2]
+
+    await wait_until(counted, what="the owner counting gw-1's 2 tunnels", within=10 * UNIT)
+    changed = copy.deepcopy(config)
+    changed["pools"][POOL]["backends"] = [b for b in changed["pools"][POOL]["backends"] if b["id"] != "gw-1"]
+    rewrite_config(lb, changed)
+    signal_balancer(lb, signal.SIGHUP)
+    await _wait_gw1_removed_with_2_tunnels(lb)
+    return on_gw1
 
 
 async def test_a_removed_backends_tunnels_are_the_operators_to_close(
@@ -219,28 +228,9 @@ async def test_a_removed_backends_tunnels_are_the_operators_to_close(
     with close_after/rate closes them with 1012 in every worker (it answered 404: a decommission begun by
     the config, or by DNS, could not be finished by the operator).  Enable cannot bring it back (409); once
     its tunnels have ended it is unknown again (404)."""
-    import aiohttp
-    from conftest import recv_hello, ws_connect
-
     lb, config = two_worker_balancer(launcher, *gateways)
     async with contextlib.AsyncExitStack() as stack:
-        on_gw1: list[aiohttp.ClientWebSocketResponse] = []
-        while len(on_gw1) < 2:
-            async with contextlib.AsyncExitStack() as attempt:
-                ws, _ = await attempt.enter_async_context(ws_connect(lb.ws_url()))
-                if (await recv_hello(ws))["server_id"] == "gw-1":
-                    stack.push_async_callback(attempt.pop_all().aclose)
-                    on_gw1.append(ws)
-
-        async def counted() -> bool:
-            return [row["connections"] for row in _gw1_rows(await status(lb))] == [2]
-
-        await wait_until(counted, what="the owner counting gw-1's 2 tunnels", within=10 * UNIT)
-        changed = copy.deepcopy(config)
-        changed["pools"][POOL]["backends"] = [b for b in changed["pools"][POOL]["backends"] if b["id"] != "gw-1"]
-        rewrite_config(lb, changed)
-        signal_balancer(lb, signal.SIGHUP)
-        await _wait_gw1_removed_with_2_tunnels(lb)
+        on_gw1 = await _remove_gw1_under_2_tunnels(lb, config, stack)
         code, body, _ = await admin_post(lb, f"/pools/{POOL}/backends/gw-1/enable")
         assert code == 409, (code, body)
         answer = await set_state(lb, "gw-1", "drain", pool=POOL, params={"close_after": "0s", "rate": "50"})
