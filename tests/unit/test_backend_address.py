@@ -7,7 +7,7 @@ import ipaddress
 import socket
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lb.config.backend_address import OwnListeners, as_ipv4, not_a_host
@@ -19,6 +19,7 @@ _hosts = st.one_of(_ipv4.map(str), _ipv6.map(str), st.sampled_from(["localhost",
 _ports = st.integers(0, 65535)
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # 2 loaded cores
 @given(binds=st.lists(st.tuples(_hosts, _ports), max_size=4), host=_hosts, port=_ports)
 def test_only_a_listener_on_the_backends_port_is_ever_reached(
     binds: list[tuple[str, int]], host: str, port: int
@@ -30,6 +31,7 @@ def test_only_a_listener_on_the_backends_port_is_ever_reached(
         assert reached is None
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # 2 loaded cores
 @given(ip=_ipv4)
 def test_an_ipv6_wildcard_never_takes_an_ipv4_address(ip: ipaddress.IPv4Address) -> None:
     """Every socket here is IPV6_V6ONLY, and an IPv4-mapped address is its IPv4 one."""
@@ -38,6 +40,7 @@ def test_an_ipv6_wildcard_never_takes_an_ipv4_address(ip: ipaddress.IPv4Address)
     assert own.reached_by(f"::ffff:{ip}", 8080) is None
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # 2 loaded cores
 @given(ip=st.one_of(_ipv4, _ipv6))
 def test_a_mapped_address_reads_as_its_ipv4_and_only_then(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     mapped = as_ipv4(ip)

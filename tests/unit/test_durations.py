@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lb.config.durations import parse_duration
@@ -114,6 +114,7 @@ def test_a_negative_compound_is_said_to_be_negative() -> None:
         parse_duration("-1h30m")
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # 2 loaded cores
 @given(st.lists(st.integers(0, 10_000), min_size=4, max_size=4), st.lists(st.booleans(), min_size=4, max_size=4))
 def test_a_compound_is_the_sum_of_its_parts(numbers: list[int], present: list[bool]) -> None:
     units = (("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 0.001))

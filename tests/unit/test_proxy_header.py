@@ -7,7 +7,7 @@ import ipaddress
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lb.errors import BadProxyHeader
@@ -254,7 +254,7 @@ def test_an_ipv4_mapped_source_is_the_ipv4_client() -> None:
         assert header is not None and header.client_ip == "198.51.100.9"
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # 2 loaded cores
 @given(raw=st.one_of(st.binary(max_size=300), st.binary(max_size=120).map(lambda b: b"PROXY " + b)))
 def test_arbitrary_bytes_wait_parse_or_raise_bad_proxy_header(raw: bytes) -> None:
     """Hostile bytes give None, a header within the bytes given, or BadProxyHeader; nothing else."""

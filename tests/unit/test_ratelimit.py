@@ -6,7 +6,7 @@ import ipaddress
 import math
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lb.state.ratelimit import RateLimiter, source_key
@@ -141,6 +141,7 @@ def test_an_ipv6_client_counts_per_64(ip: str, key: str) -> None:
     assert source_key(ip) == key
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # 2 loaded cores
 @given(st.ip_addresses(v=6), st.ip_addresses(v=6))
 def test_a_host_rotating_inside_its_64_shares_one_bucket(
     first: ipaddress.IPv6Address, second: ipaddress.IPv6Address
