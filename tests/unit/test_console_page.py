@@ -6,6 +6,9 @@ import base64
 import hashlib
 import re
 
+import pytest
+
+from lb.config.durations import parse_duration
 from lb.control.console import _PAGE, _POLICY, SNAPSHOT_MARK, render_snapshot
 
 
@@ -38,3 +41,24 @@ def test_every_inline_script_and_style_is_allowed_by_hash_and_nothing_else() -> 
             assert f"'sha256-{digest}'" in _POLICY
     assert "default-src 'none'" in _POLICY and "unsafe-inline" not in _POLICY
     assert not re.search(r"<(script|link|img|iframe)[^>]*\s(src|href)=", _PAGE)
+
+
+
+def _close_after_pattern() -> str:
+    found = re.search(r'id="drain-close-after"[^>]*pattern="([^"]*)"', _PAGE)
+    assert found is not None
+    return found.group(1)
+
+
+@pytest.mark.parametrize("value", ["30s", "500ms", ".5s", "1h30m", "2m30s", "1s500ms", " 5m ", ""])
+def test_the_drain_dialog_takes_every_duration_the_api_takes(value: str) -> None:
+    """An HTML pattern must match the whole value (re.fullmatch stands in for the browser): the dialog refused
+    `1h30m` once the admin API took it.  Empty means "keep the tunnels"."""
+    assert re.fullmatch(_close_after_pattern(), value) is not None
+    if value.strip():
+        parse_duration(value)  # and the API takes it
+
+
+@pytest.mark.parametrize("value", ["soon", "1h 30m", "30m1h", "-5s"])
+def test_the_drain_dialog_refuses_what_the_api_refuses(value: str) -> None:
+    assert re.fullmatch(_close_after_pattern(), value) is None
