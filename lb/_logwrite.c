@@ -74,9 +74,10 @@ format_stamp(double created, char *out)
 #define FINISH_WAIT_MS 1000
 
 /* All of `data` to `fd`: 0; or 1 when `fd` is non-blocking and full before the first byte (the line
- * is dropped: lb.log counts it); -1 with OSError set (or the exception a signal handler raised).
+ * is dropped: lb.log counts it, lb.log_stream says so); -1 with OSError set (or the exception a
+ * signal handler raised).
  *
- * lb.log makes stderr non-blocking when it is a pipe or a socket, so that a log reader that stalls
+ * lb.log_stream makes stderr non-blocking when it is a pipe or a socket, so that a log reader that stalls
  * (a wedged log shipper) costs log lines, not the event loop.  A line is dropped whole or written
  * whole: a pipe takes up to PIPE_BUF bytes at once or nothing, and once part of a longer line (or a
  * socket's) is in, the rest waits for room, FINISH_WAIT_MS at most, so the next line does not
