@@ -77,8 +77,14 @@ class ProxyHeader:
 
     @property
     def client_ip(self) -> str | None:
-        """The client's address from the header, or None: use the socket's peer."""
-        return None if self.source is None else self.source[0]
+        """The client's address from the header, or None: use the socket's peer.
+
+        None for a UDP family too: a datagram's endpoints say nothing of who holds this TCP connection,
+        and HAProxy, whose specification this is, takes a client address from TCP4 and TCP6 alone.
+        """
+        if self.source is None or (self.family is not Family.TCP4 and self.family is not Family.TCP6):
+            return None
+        return self.source[0]
 
 
 def parse_proxy_header(buf: bytes | bytearray, *, max_v2_length: int = MAX_V2_LENGTH) -> ProxyHeader | None:

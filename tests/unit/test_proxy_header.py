@@ -324,3 +324,15 @@ def test_a_v2_header_failing_its_crc32c_is_refused(raw: bytes) -> None:
     """A corrupted header would give a wrong client address: the connection is dropped (spec §2.2.5)."""
     with pytest.raises(BadProxyHeader):
         parse_proxy_header(raw)
+
+
+@pytest.mark.parametrize(("family", "client"), [(0x11, "10.0.0.1"), (0x12, None), (0x21, "fd00::1"), (0x22, None)])
+def test_only_a_tcp_family_names_the_client(family: int, client: str | None) -> None:
+    """A UDP4/UDP6 header on a TCP connection: its source is parsed, but the peer stands as the client, as
+    HAProxy has it (a datagram's endpoints say nothing of who holds this connection)."""
+    v6 = family >> 4 == 2
+    src = ipaddress.ip_address("fd00::1" if v6 else "10.0.0.1").packed
+    dst = ipaddress.ip_address("fd00::2" if v6 else "10.0.0.2").packed
+    header = parse_proxy_header(v2(1, family, src + dst + b"\x00\x01\x00\x02"))
+    assert header is not None and header.source is not None
+    assert header.client_ip == client
