@@ -5,20 +5,24 @@ one balancer, no client: a tunnel is stood in for by the backend's connection co
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from lb.config.load import load_config
 from lb.control.balancer import Balancer
-from lb.state.pool import AdminAction, BackendState
+from lb.state.pool import AdminAction, BackendState, BackendStatus
+
+TOKEN = "t" * 40
 
 
 def _config(with_b: bool) -> str:
     b = ', {id: b, address: "127.0.0.1:19"}' if with_b else ""
     return f"""
 listeners: [{{bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
+admin: {{bind: "127.0.0.1:0", token: "{TOKEN}"}}
 affinity: {{secret_keys: ["{'k' * 43}"]}}
 pools:
   p:
@@ -28,13 +32,9 @@ routes: [{{path_prefix: /, pool: p}}]
 """
 
 
-@pytest.mark.parametrize(("action", "back_as"), [(AdminAction.DRAIN, BackendState.DRAINING),
-                                                  (AdminAction.DISABLE, BackendState.DISABLED)])
-async def test_a_removed_backend_drained_and_named_again_comes_back_as_answered(
-    tmp_path: Path, action: AdminAction, back_as: BackendState
-) -> None:
-    """It came back `up`, taking new clients, while the drain's `migrating` turned its own cookie holders
-    away (and, had close_after not run out, would have closed the tunnels of a backend back in service)."""
+@contextlib.asynccontextmanager
+async def _b_removed_with_a_tunnel(tmp_path: Path) -> AsyncIterator[tuple[Balancer, Path, BackendStatus]]:
+    """A balancer whose backend `b` a reload has removed while one tunnel (its count) runs on it."""
     path = tmp_path / "lb.yaml"
     path.write_text(_config(True))
     balancer = Balancer(load_config(path), path)
@@ -45,52 +45,44 @@ async def test_a_removed_backend_drained_and_named_again_comes_back_as_answered(
         path.write_text(_config(False))
         assert await balancer.reload()
         assert balancer.is_removed_with_tunnels("p", "b")
+        yield balancer, path, b
+    finally:
+        await balancer.stop()
+
+
+@pytest.mark.parametrize(("action", "back_as"), [(AdminAction.DRAIN, BackendState.DRAINING),
+                                                  (AdminAction.DISABLE, BackendState.DISABLED)])
+async def test_a_removed_backend_drained_and_named_again_comes_back_as_answered(
+    tmp_path: Path, action: AdminAction, back_as: BackendState
+) -> None:
+    """It came back `up`, taking new clients, while the drain's `migrating` turned its own cookie holders
+    away (and, had close_after not run out, would have closed the tunnels of a backend back in service)."""
+    async with _b_removed_with_a_tunnel(tmp_path) as (balancer, path, b):
         assert balancer.apply_admin("p", "b", action, close_after=0.0, rate=50.0) is BackendState.DISABLED
         await asyncio.sleep(0.2)  # the closes begin
         path.write_text(_config(True))
         assert await balancer.reload()
         back = balancer.ctx.pools["p"].backends["b"]
         assert back is b and back.state is back_as and not back.takes_new_clients, (back.state, back.reason)
-    finally:
-        await balancer.stop()
 
 
 async def test_enable_of_a_removed_backend_is_refused_and_changes_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "lb.yaml"
-    path.write_text(_config(True))
-    balancer = Balancer(load_config(path), path)
-    await balancer.start()
-    try:
-        balancer.ctx.pools["p"].backends["b"].connections = 1
-        path.write_text(_config(False))
-        assert await balancer.reload()
+    async with _b_removed_with_a_tunnel(tmp_path) as (balancer, _, _):
         with pytest.raises(KeyError):
             balancer.apply_admin("p", "b", AdminAction.ENABLE)
         with pytest.raises(KeyError):
             balancer.apply_admin("p", "nobody", AdminAction.DRAIN)
-    finally:
-        await balancer.stop()
 
 
 async def test_a_removed_backends_last_tunnel_ending_while_its_drain_body_comes_is_a_404(tmp_path: Path) -> None:
     """The handler decided "removed, with tunnels", then waited for the body: the last tunnel ended meanwhile,
     and the operator got a bare 500 (apply_admin's KeyError, with a traceback in the log)."""
-    token = "t" * 40
-    path = tmp_path / "lb.yaml"
-    path.write_text(_config(True).replace('admin: {bind: "127.0.0.1:0"}',
-                                          f'admin: {{bind: "127.0.0.1:0", token: "{token}"}}'))
-    balancer = Balancer(load_config(path), path)
-    await balancer.start()
-    try:
-        b = balancer.ctx.pools["p"].backends["b"]
-        b.connections = 1
-        path.write_text(path.read_text().replace(', {id: b, address: "127.0.0.1:19"}', ""))
-        assert await balancer.reload()
+    async with _b_removed_with_a_tunnel(tmp_path) as (balancer, _, b):
         assert balancer.admin_address is not None
         reader, writer = await asyncio.open_connection(*balancer.admin_address[:2])
         body = b'{"close_after": "0s", "rate": 5}'
         writer.write(b"POST /pools/p/backends/b/drain HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                     + token.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                     + TOKEN.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
                      + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
         await writer.drain()
         await asyncio.sleep(0.3)  # the handler waits for the body
@@ -99,5 +91,3 @@ async def test_a_removed_backends_last_tunnel_ending_while_its_drain_body_comes_
         answer = await asyncio.wait_for(reader.read(), 5)
         writer.close()
         assert answer.split(b" ", 2)[1] == b"404", answer
-    finally:
-        await balancer.stop()
