@@ -80,6 +80,7 @@ from lb.control.migration import DEFAULT_MIGRATION_RATE, log_failed, migrate
 from lb.control.workers import REPORT_WAIT, ControlChannel, WorkerSupervisor, watch_owner
 from lb.descriptors import descriptor_limit, raise_descriptor_limit
 from lb.errors import ConfigError, LbError
+from lb.http.client_address import TrustedProxies
 from lb.http.proxy_header import CRC32C_IN_C
 from lb.http.routing import sort_routes
 from lb.log import setup_logging
@@ -831,6 +832,7 @@ class Balancer:
         ctx.codec = TokenCodec(config.affinity.secret_keys, config.affinity.max_age)
         ctx.routes = sort_routes(config.routes)
         ctx.protected = configured_protected(config)
+        ctx.trusted_proxies = TrustedProxies(config.trusted_proxies)
         ctx.rate_limiter = rate_limiter
         idle_before = ctx.config.timeouts.idle
         ctx.config = config

@@ -716,7 +716,7 @@ class Connection:
             address = peer_address(self._peer)  # a link-local proxy's zone aside, as proxy_protocol_from reads it
             if address is not None:
                 self._peer = str(address)  # normalised (IPv4-mapped as IPv4), as client_address gives it
-                trusted = TrustedProxies(config.trusted_proxies)
+                trusted = ctx.trusted_proxies
                 if address in trusted:
                     self._trusted, self._proxy = trusted, address
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from lb.access_log import RateLimitSummary
 from lb.affinity.codec import TokenCodec
 from lb.config.model import Config, HashKeySource, RouteConfig, over_limit_answered
+from lb.http.client_address import TrustedProxies
 from lb.http.head import PROTECTED_HEADERS, protected_headers
 from lb.http.routing import sort_routes
 from lb.state.observations import Observations
@@ -118,6 +119,9 @@ class ProxyContext:
     # The header names a client may not send spelt with `_` for `-` (nor as trailers): ours, and the
     # configuration's (`configured_protected`).  Swapped with `config` on reload, as `codec` is.
     protected: frozenset[str] = PROTECTED_HEADERS
+    # `trusted_proxies`, made once per configuration: a connection from a trusted proxy built it again
+    # at its accept, and at its next head after a reload.  Swapped with `config`.
+    trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
     stats: Stats = field(default_factory=Stats)
     tunnels: set[Tunnel] = field(default_factory=set)
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
@@ -197,6 +201,7 @@ class ProxyContext:
             pools={name: PoolState(config=pool) for name, pool in config.pools.items()},
             routes=sort_routes(config.routes),
             protected=configured_protected(config),
+            trusted_proxies=TrustedProxies(config.trusted_proxies),
             on_backend_failure=on_backend_failure,
             rate_limiter=RateLimiter(config.limits.handshake_rate_per_ip, config.limits.burst_per_ip),
         )

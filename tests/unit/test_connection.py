@@ -422,7 +422,7 @@ def test_a_reload_reaches_a_keep_alive_connection_at_its_next_request() -> None:
     )
     ctx = play.ctx
     ctx.pools, ctx.routes, ctx.codec = reloaded.pools, reloaded.routes, reloaded.codec
-    ctx.protected, ctx.config = reloaded.protected, reloaded.config
+    ctx.protected, ctx.trusted_proxies, ctx.config = reloaded.protected, reloaded.trusted_proxies, reloaded.config
     play.client(get("/a/y", "X-Forwarded-For: 198.51.100.1\r\n"))
     play.connected()
     assert play.opened[-1] in ("b1", "b2")
