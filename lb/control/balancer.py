@@ -46,7 +46,6 @@ import asyncio
 import contextlib
 import functools
 import gc
-import hashlib
 import itertools
 import logging
 import math
@@ -132,15 +131,13 @@ class _Listening:
     server: asyncio.Server | AcceptingServer
     ssl_context: ssl.SSLContext | None
     address: tuple[str, int] = field(default=("", 0))
-    tls_made_of: bytes | None = None  # `_tls_files`: what ssl_context was built from
+    tls_made_of: tuple[str, str, bytes, bytes] | None = None  # `_tls_files`: what ssl_context was built from
 
 
-def _tls_files(tls: TlsConfig) -> bytes:
-    """A digest of a TLS listener's paths and of what they held when the configuration was read."""
-    digest = hashlib.sha256()
-    for path, data in ((tls.cert, tls.cert_pem), (tls.key, tls.key_pem)):
-        digest.update(path.encode() + b"\0" + data + b"\0")
-    return digest.digest()
+def _tls_files(tls: TlsConfig) -> tuple[str, str, bytes, bytes]:
+    """A TLS listener's paths and what they held when the configuration was read (TlsConfig's equality
+    leaves the bytes out, so that config_hash and a reload's comparison see the paths alone)."""
+    return tls.cert, tls.key, tls.cert_pem, tls.key_pem
 
 
 class Role(StrEnum):
@@ -491,15 +488,18 @@ class Balancer:
             # Any operator action ends the running migration everywhere, not just in the owner.
             self._supervisor.stop_migration(pool, backend_id)
         state_pool = self.ctx.pools.get(pool)
-        backend = state_pool.get(backend_id) if state_pool is not None else None
-        if backend is not None and state_pool is not None:
+        in_pool = state_pool.get(backend_id) if state_pool is not None else None
+        removed = in_pool is None
+        if state_pool is not None and in_pool is not None:
+            backend = in_pool
             change = state_pool.apply_admin(backend_id, action, time.time())
             if change is not None:
                 self._on_state_change(change)
         else:
-            backend = self.find_backend(pool, backend_id)
-            if backend is None or action is AdminAction.ENABLE:
+            found = self.find_backend(pool, backend_id)
+            if found is None or action is AdminAction.ENABLE:
                 raise KeyError(f"{pool}/{backend_id} is not in its pool (removed backends are drained or disabled)")
+            backend = found
             # The operator's word stays on it, as on one drained before it left: should a reload or DNS
             # bring it back (as itself while its tunnels run, or anew), it is back drained or disabled,
             # as answered, not `up` with a migration that turns its own cookie holders away.
@@ -518,8 +518,7 @@ class Balancer:
             )
             self._migrations[key] = task
             task.add_done_callback(functools.partial(self._migration_done, key))
-        return backend.state if state_pool is not None and state_pool.get(backend_id) is backend \
-            else BackendState.DISABLED  # as /status shows a removed one: it takes no client
+        return BackendState.DISABLED if removed else backend.state  # as /status shows a removed one
 
     async def states_applied(self) -> None:
         """With `workers: N`, until every worker runs the backends' states as this process holds them (at
