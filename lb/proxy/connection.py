@@ -90,12 +90,14 @@ from lb.http.cookies import sets_cookie
 from lb.http.forwarding import render_client_response, render_forwarded_request, render_interim, render_refusal
 from lb.http.framing import BodyFramer, request_framer, response_framer
 from lb.http.head import (
+    HEAD_END,
     REQUEST_START_BYTES,
     RequestHead,
     ResponseHead,
     could_start_request,
     find_head_end,
     parse_request_head,
+    render_head,
     take_answer_head,
 )
 from lb.http.routing import match_route
@@ -103,7 +105,7 @@ from lb.log import Throttle, token_digest
 from lb.state.context import ProxyContext
 from lb.state.observations import ErrorKind
 from lb.state.pool import BackendState, BackendStatus, PoolState
-from lb.ws.upgrade import check_upgrade, is_websocket_upgrade, negotiation_fault, switch_fault
+from lb.ws.upgrade import PLAIN_SWITCH, check_upgrade, is_websocket_upgrade, negotiation_fault, switch_fault
 
 log: Final = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
 # A backend that sets our cookie's name does it on every answer: one line a minute, with a count.
@@ -113,6 +115,7 @@ _backend_set_our_cookie: Final = Throttle(60.0)
 # is awaited, or the next pipelined request): past this, reading pauses.
 HELD_LIMIT: Final = 65536
 MAX_RESPONSE_HEAD: Final = 65536
+SWITCHING_PROTOCOLS: Final = 101
 MAX_INTERIM: Final = 8  # 1xx answers per request: a backend that sends more is broken
 # Seconds a stop waits for the head of a connection that has sent nothing yet (it connected as the stop
 # began): a head on its way comes within a round trip; then it is closed.
@@ -926,6 +929,9 @@ class Connection:
         request = self._request
         assert request is not None
         while True:
+            plain = self._plain_switch(now)
+            if plain is not None:
+                return actions + plain
             try:
                 response = take_answer_head(buf, self._answer_scan, MAX_RESPONSE_HEAD)
             except HeadersTooLarge:
@@ -956,16 +962,36 @@ class Connection:
                 mismatch = negotiation_fault(request, response)
                 if mismatch is not None:
                     raise _Failure(f"answer this client must fail: {mismatch}", this_client_only=True)
-                return actions + self._switch(response, now)
+                return actions + self._switch(self._client_head(response, now, switching=True), now)
             return actions + self._answer(response, now)
 
-    def _switch(self, response: ResponseHead, now: float) -> list[Action]:
+    def _plain_switch(self, now: float) -> list[Action] | None:
+        """The backend's 101, when it passes to the client as it came but for our cookie, without reading
+        it into objects (lb/ws/_switch.c says which 101s: what nearly every gateway sends); None for
+        any other answer, or one not whole yet, which the ordinary reading then takes."""
+        request = self._request
+        if PLAIN_SWITCH is None or request is None or not self._websocket or (
+                self._config.affinity.mode is not AffinityMode.INSERT):
+            return None
+        buf = self._answer_buf
+        end = buf.find(HEAD_END, max(0, self._answer_scan - (len(HEAD_END) - 1)), MAX_RESPONSE_HEAD)
+        if end < 0:
+            return None
+        raw = bytes(buf[: end + len(HEAD_END)])
+        key = request.head.get("sec-websocket-key")
+        if key is None or not PLAIN_SWITCH(raw, key):
+            return None
+        del buf[: end + len(HEAD_END)]
+        self._answer_scan = 0
+        return self._switch(self._plain_client_head(raw), now)
+
+    def _switch(self, head: bytes, now: float) -> list[Action]:
+        """The backend switched protocols; `head` is its 101 as the client gets it."""
         decision, pool = self._decision, self._pool
         assert decision is not None and pool is not None and self._request is not None
-        head = self._client_head(response, now, switching=True)
         self._observe(now)
         self._count("switched")
-        self._log(response.status)
+        self._log(SWITCHING_PROTOCOLS)
         to_server = bytes(self._buf)
         self._buf.clear()
         to_client = bytes(self._answer_buf)
@@ -1245,33 +1271,9 @@ class Connection:
         decision, claim, lookup, pool = self._decision, self._claim, self._lookup, self._pool
         assert decision is not None and lookup is not None and pool is not None
         wall = self._wall
-        nonces: list[bytes] = []  # fresh, each used once
-        if claim is not None:
-            session = claim.session
-        else:
-            # A new client's session and its first token's nonce in one read of the system's
-            # randomness: one getrandom syscall per new client, not two.
-            fresh = self._random(SESSION_BYTES + NONCE_BYTES)
-            session = fresh[:SESSION_BYTES]
-            nonces.append(fresh[SESSION_BYTES:])
-
-        def seal(app_value: str | None) -> str:
-            return self._codec.seal(
-                Claim(
-                    backend_id=decision.backend.id,
-                    # Whole seconds, rounded up: a token never expires before max_age has passed
-                    # (rounded down, one opened up to 1 s early, while the browser still sent it).
-                    issued_at=math.ceil(wall),
-                    session=session,
-                    app_value=app_value,
-                    pool=pool.name,
-                ),
-                nonces.pop() if nonces else self._random(NONCE_BYTES),
-            )
-
+        seal = self._sealer()
         unsealed: list[int] = []  # sizes of the backend's values passed unsealed, logged once below
-
-        secure = affinity.secure is SecureMode.ALWAYS or (affinity.secure is SecureMode.AUTO and self._tls)
+        secure = self._secure_cookie()
 
         if affinity.mode is AffinityMode.REWRITE and pool.config.pins:
             rewrite, token = rewrite_response_cookies(
@@ -1337,15 +1339,65 @@ class Connection:
             return render_client_response(
                 response, switching=switching, set_cookies=[], extra=[], keep_alive=keep_alive, drop_cookie=drop
             )
-        token = join_pins(lookup.others, seal(None))
+        set_cookie, extra = self._inserted(seal, secure)
         return render_client_response(
-            response,
-            switching=switching,
-            set_cookies=[our_set_cookie(affinity, token, secure=secure)],
-            extra=[] if affinity.header is None else [(affinity.header, token)],
-            keep_alive=keep_alive,
+            response, switching=switching, set_cookies=[set_cookie], extra=extra, keep_alive=keep_alive,
             drop_cookie=drop,
         )
+
+    def _plain_client_head(self, raw: bytes) -> bytes:
+        """`_client_head` of a 101 that `plain_switch` passed (insert mode, nothing of the backend's to
+        take out or change): `raw` as it came, with our cookie when this decision issues one."""
+        decision = self._decision
+        assert decision is not None
+        if not decision.issue_cookie:
+            return raw
+        set_cookie, extra = self._inserted(self._sealer(), self._secure_cookie())
+        return render_head(raw[: -len(HEAD_END)].decode("latin-1"), [("Set-Cookie", set_cookie), *extra])
+
+    def _inserted(self, seal: Callable[[str | None], str], secure: bool) -> tuple[str, list[tuple[str, str]]]:
+        """Insert mode's new token: its Set-Cookie value, and `affinity.header`'s field when there is one."""
+        affinity, lookup = self._config.affinity, self._lookup
+        assert lookup is not None
+        token = join_pins(lookup.others, seal(None))
+        return our_set_cookie(affinity, token, secure=secure), [] if affinity.header is None else [
+            (affinity.header, token)]
+
+    def _secure_cookie(self) -> bool:
+        affinity = self._config.affinity
+        return affinity.secure is SecureMode.ALWAYS or (affinity.secure is SecureMode.AUTO and self._tls)
+
+    def _sealer(self) -> Callable[[str | None], str]:
+        """Seals this decision's tokens (at the events' wall clock): one session for all of them, the
+        client's own when it has one, and a fresh nonce for each."""
+        decision, claim, pool = self._decision, self._claim, self._pool
+        assert decision is not None and pool is not None
+        wall = self._wall
+        nonces: list[bytes] = []  # fresh, each used once
+        if claim is not None:
+            session = claim.session
+        else:
+            # A new client's session and its first token's nonce in one read of the system's
+            # randomness: one getrandom syscall per new client, not two.
+            fresh = self._random(SESSION_BYTES + NONCE_BYTES)
+            session = fresh[:SESSION_BYTES]
+            nonces.append(fresh[SESSION_BYTES:])
+
+        def seal(app_value: str | None) -> str:
+            return self._codec.seal(
+                Claim(
+                    backend_id=decision.backend.id,
+                    # Whole seconds, rounded up: a token never expires before max_age has passed
+                    # (rounded down, one opened up to 1 s early, while the browser still sent it).
+                    issued_at=math.ceil(wall),
+                    session=session,
+                    app_value=app_value,
+                    pool=pool.name,
+                ),
+                nonces.pop() if nonces else self._random(NONCE_BYTES),
+            )
+
+        return seal
 
     def _observe(self, now: float) -> None:
         """The backend gave its final answer: lb_backend_connect_duration_seconds (connect + answer) and

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import binascii
 import hashlib
-from typing import Final
+from collections.abc import Callable
+from typing import Final, cast
 
+from lb import built_in_c
 from lb.errors import BadHandshake, UnsupportedVersion
 from lb.http.head import RequestHead, ResponseHead
 
@@ -67,6 +69,11 @@ def accept_value(key: str) -> str:
     """The Sec-WebSocket-Accept that answers Sec-WebSocket-Key `key` (RFC 6455 §4.2.2, step 5.4)."""
     return _b2a_base64(_sha1(key.encode("ascii") + _GUID).digest(), newline=False).decode("ascii")
 
+
+# lb/ws/_switch.c's check of a backend's 101 (whether the client may have it as it came, passing every
+# check below), or None (not built, or LB_PURE_PYTHON=1): every 101 is then read into objects and checked
+# here.  No Python twin: it only ever saves work the ordinary reading does anyway.
+PLAIN_SWITCH: Final = cast("Callable[[bytes, str], bool] | None", built_in_c("lb.ws._switch", "plain_switch"))
 
 # Bound once: compiled, `hashlib.sha1` is a module attribute looked up on every call.
 _sha1: Final = hashlib.sha1

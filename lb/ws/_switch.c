@@ -1,0 +1,342 @@
+/* lb.ws._switch: a backend's 101 that the client may have exactly as it came.  [pure]
+ *
+ * `plain_switch(raw: bytes, key: str) -> bool` says whether `raw`, a complete answer head (up to and
+ * with its CRLFCRLF), is a WebSocket switch that every check of the Python path passes and that the
+ * Python rendering would give the client byte for byte as it came, before our own fields:
+ *   - `HTTP/1.1 101 ` and a reason phrase, then field lines `name: value` (one space after the
+ *     colon, no whitespace after the value) in the grammar of lb.http.head;
+ *   - exactly one `Upgrade: websocket` (any case), one `Connection: Upgrade` (or `upgrade`) and one
+ *     `Sec-WebSocket-Accept` that answers `key` (RFC 6455 §4.2.2);
+ *   - none of the fields the Python path would take out, change or have to judge against the
+ *     client's offer: hop-by-hop ones, body framing, `Set-Cookie` (insert mode drops one of our name),
+ *     `Sec-WebSocket-Protocol` and `Sec-WebSocket-Extensions`.
+ * For such a head, lb.http.head.take_answer_head, lb.ws.upgrade.switch_fault and negotiation_fault
+ * find nothing to refuse, and lb.http.forwarding.render_client_response writes `raw` less its last
+ * CRLF, then our fields, then CRLF.  Anything else is False, and the connection reads the head the
+ * ordinary way, which has the last word (a 502, a field taken out, a subprotocol checked).
+ * tests/unit/test_ws_switch.py holds the two paths equal on hostile heads.
+ * `accept(key: str) -> str | None` is the Sec-WebSocket-Accept for an ASCII `key` (None otherwise),
+ * which the same test holds to lb.ws.upgrade.accept_value.
+ *
+ * Why C, by hand: every WebSocket handshake reads its backend's 101.  In compiled Python that was
+ * the head read into objects, the checks on them, SHA-1 through hashlib and the head written again:
+ * about 30,000 instructions, a sixth of a handshake, to learn that nothing was to be done.  Here it
+ * is one pass over the bytes and a SHA-1 of 60 bytes, and no object at all.  No library answers
+ * "is this 101 one we pass as it is": llhttp calls back per field and judges nothing of ours.
+ * It reads the objects it is given without modifying them, never past the end of `raw` (every scan
+ * is bounded by its length), and allocates nothing but `accept`'s result.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* RFC 9110 §5.6.2 tchar: a field name. */
+static unsigned char TCHAR[256];
+/* A field value's bytes, SP and HTAB included (RFC 9110 §5.5: VCHAR, obs-text); a reason phrase's too. */
+static unsigned char VALUE[256];
+
+static void
+fill_tables(void)
+{
+    for (int c = 0; c < 256; c++) {
+        TCHAR[c] = (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z')
+                   || (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
+        VALUE[c] = c == '\t' || (c >= 0x20 && c <= 0x7e) || c >= 0x80;
+    }
+}
+
+/* -- SHA-1 (FIPS 180-4), for one Sec-WebSocket-Accept: 60 bytes, two blocks. ------------------------ */
+
+typedef struct {
+    uint32_t state[5];
+    uint64_t length;          /* bytes so far */
+    unsigned char block[64];
+    size_t used;              /* bytes of `block` filled */
+} Sha1;
+
+static uint32_t
+rotl(uint32_t x, int n)
+{
+    return (x << n) | (x >> (32 - n));
+}
+
+static void
+sha1_block(Sha1 *sha, const unsigned char *p)
+{
+    uint32_t w[80];
+    for (int i = 0; i < 16; i++) {
+        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 | (uint32_t)p[4 * i + 2] << 8
+               | (uint32_t)p[4 * i + 3];
+    }
+    for (int i = 16; i < 80; i++) {
+        w[i] = rotl(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+    }
+    uint32_t a = sha->state[0], b = sha->state[1], c = sha->state[2], d = sha->state[3], e = sha->state[4];
+    for (int i = 0; i < 80; i++) {
+        uint32_t f, k;
+        if (i < 20) {
+            f = (b & c) | (~b & d);
+            k = 0x5A827999u;
+        } else if (i < 40) {
+            f = b ^ c ^ d;
+            k = 0x6ED9EBA1u;
+        } else if (i < 60) {
+            f = (b & c) | (b & d) | (c & d);
+            k = 0x8F1BBCDCu;
+        } else {
+            f = b ^ c ^ d;
+            k = 0xCA62C1D6u;
+        }
+        uint32_t t = rotl(a, 5) + f + e + k + w[i];
+        e = d;
+        d = c;
+        c = rotl(b, 30);
+        b = a;
+        a = t;
+    }
+    sha->state[0] += a;
+    sha->state[1] += b;
+    sha->state[2] += c;
+    sha->state[3] += d;
+    sha->state[4] += e;
+}
+
+static void
+sha1_init(Sha1 *sha)
+{
+    static const uint32_t initial[5] = {0x67452301u, 0xEFCDAB89u, 0x98BADCFEu, 0x10325476u, 0xC3D2E1F0u};
+    memcpy(sha->state, initial, sizeof initial);
+    sha->length = 0;
+    sha->used = 0;
+}
+
+static void
+sha1_update(Sha1 *sha, const unsigned char *p, size_t n)
+{
+    sha->length += n;
+    while (n > 0) {
+        size_t take = 64 - sha->used < n ? 64 - sha->used : n;
+        memcpy(sha->block + sha->used, p, take);
+        sha->used += take;
+        p += take;
+        n -= take;
+        if (sha->used == 64) {
+            sha1_block(sha, sha->block);
+            sha->used = 0;
+        }
+    }
+}
+
+static void
+sha1_final(Sha1 *sha, unsigned char digest[20])
+{
+    uint64_t bits = sha->length * 8;
+    unsigned char pad = 0x80;
+    sha1_update(sha, &pad, 1);
+    pad = 0;
+    while (sha->used != 56) {
+        sha1_update(sha, &pad, 1);
+    }
+    unsigned char length[8];
+    for (int i = 0; i < 8; i++) {
+        length[i] = (unsigned char)(bits >> (56 - 8 * i));
+    }
+    sha1_update(sha, length, 8);
+    for (int i = 0; i < 5; i++) {
+        digest[4 * i] = (unsigned char)(sha->state[i] >> 24);
+        digest[4 * i + 1] = (unsigned char)(sha->state[i] >> 16);
+        digest[4 * i + 2] = (unsigned char)(sha->state[i] >> 8);
+        digest[4 * i + 3] = (unsigned char)sha->state[i];
+    }
+}
+
+/* -- The accept value ----------------------------------------------------------------------------- */
+
+#define ACCEPT_LENGTH 28  /* base64 of a 20-byte digest: 27 characters and one `=` */
+
+static const char GUID[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";  /* RFC 6455 §1.3 */
+static const char BASE64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/* base64(SHA-1(key GUID)) into `out` (RFC 6455 §4.2.2 step 5.4). */
+static void
+accept_of(const unsigned char *key, size_t length, char out[ACCEPT_LENGTH])
+{
+    Sha1 sha;
+    unsigned char digest[21];
+    sha1_init(&sha);
+    sha1_update(&sha, key, length);
+    sha1_update(&sha, (const unsigned char *)GUID, sizeof GUID - 1);
+    sha1_final(&sha, digest);
+    digest[20] = 0;  /* the last group's missing byte: zero bits under the `=` */
+    for (int i = 0, j = 0; i < 21; i += 3, j += 4) {
+        uint32_t group = (uint32_t)digest[i] << 16 | (uint32_t)digest[i + 1] << 8 | (uint32_t)digest[i + 2];
+        out[j] = BASE64[group >> 18];
+        out[j + 1] = BASE64[(group >> 12) & 63];
+        out[j + 2] = BASE64[(group >> 6) & 63];
+        out[j + 3] = BASE64[group & 63];
+    }
+    out[ACCEPT_LENGTH - 1] = '=';
+}
+
+/* The key's bytes when it is an exact str of ASCII characters, else NULL (no error set). */
+static const unsigned char *
+ascii_key(PyObject *key, Py_ssize_t *length)
+{
+    if (!PyUnicode_CheckExact(key) || PyUnicode_READY(key) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (!PyUnicode_IS_ASCII(key)) {
+        return NULL;
+    }
+    *length = PyUnicode_GET_LENGTH(key);
+    return PyUnicode_1BYTE_DATA(key);
+}
+
+/* -- The 101 -------------------------------------------------------------------------------------- */
+
+/* Whether the field name at `s` (`length` bytes of tchar) is `lower` in any case.  For tchar, `| 0x20`
+ * turns only A-Z into letters, so it matches exactly the names str.lower() would. */
+static int
+name_is(const unsigned char *s, Py_ssize_t length, const char *lower)
+{
+    Py_ssize_t i = 0;
+    for (; lower[i] != '\0'; i++) {
+        if (i >= length || (s[i] | 0x20) != (unsigned char)lower[i]) {
+            return 0;
+        }
+    }
+    return i == length;
+}
+
+/* Names the Python path takes out of a 101, changes, or judges against the client's offer. */
+static const char *const NOT_PLAIN[] = {
+    "keep-alive", "proxy-connection", "te", "proxy-authorization", "transfer-encoding", "content-length",
+    "trailer", "set-cookie", "sec-websocket-protocol", "sec-websocket-extensions",
+};
+#define NOT_PLAIN_COUNT (sizeof NOT_PLAIN / sizeof NOT_PLAIN[0])
+
+static int
+is_plain(const unsigned char *s, Py_ssize_t n, const char accept[ACCEPT_LENGTH])
+{
+    static const char STATUS[] = "HTTP/1.1 101 ";
+    const Py_ssize_t status_length = (Py_ssize_t)sizeof STATUS - 1;
+    if (n < status_length + 4 || memcmp(s, STATUS, (size_t)status_length) != 0
+        || memcmp(s + n - 4, "\r\n\r\n", 4) != 0) {
+        return 0;
+    }
+    Py_ssize_t p = status_length;
+    while (p < n && VALUE[s[p]]) {
+        p++;
+    }
+    if (p + 1 >= n || s[p] != '\r' || s[p + 1] != '\n') {
+        return 0;
+    }
+    p += 2;
+    int upgrades = 0, connections = 0, accepts = 0;
+    for (;;) {
+        if (p + 1 < n && s[p] == '\r' && s[p + 1] == '\n') {
+            return p + 2 == n && upgrades == 1 && connections == 1 && accepts == 1;
+        }
+        Py_ssize_t name = p;
+        while (p < n && TCHAR[s[p]]) {
+            p++;
+        }
+        Py_ssize_t name_length = p - name;
+        /* `: ` and then a value with no whitespace at either end (as rendered again), maybe empty. */
+        if (name_length == 0 || p + 1 >= n || s[p] != ':' || s[p + 1] != ' ') {
+            return 0;
+        }
+        p += 2;
+        Py_ssize_t value = p;
+        while (p < n && VALUE[s[p]]) {
+            p++;
+        }
+        Py_ssize_t value_length = p - value;
+        if (p + 1 >= n || s[p] != '\r' || s[p + 1] != '\n') {
+            return 0;
+        }
+        p += 2;
+        if (value_length > 0 && (s[value] == ' ' || s[value] == '\t' || s[value + value_length - 1] == ' '
+                                 || s[value + value_length - 1] == '\t')) {
+            return 0;
+        }
+        const unsigned char *field = s + name;
+        const unsigned char *text = s + value;
+        if (name_is(field, name_length, "upgrade")) {
+            if (++upgrades > 1 || !name_is(text, value_length, "websocket")) {
+                return 0;
+            }
+        } else if (name_is(field, name_length, "connection")) {
+            if (++connections > 1 || value_length != 7
+                || (memcmp(text, "Upgrade", 7) != 0 && memcmp(text, "upgrade", 7) != 0)) {
+                return 0;
+            }
+        } else if (name_is(field, name_length, "sec-websocket-accept")) {
+            if (++accepts > 1 || value_length != ACCEPT_LENGTH || memcmp(text, accept, ACCEPT_LENGTH) != 0) {
+                return 0;
+            }
+        } else {
+            for (size_t i = 0; i < NOT_PLAIN_COUNT; i++) {
+                if (name_is(field, name_length, NOT_PLAIN[i])) {
+                    return 0;
+                }
+            }
+        }
+    }
+}
+
+static PyObject *
+plain_switch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "plain_switch(raw: bytes, key: str)");
+        return NULL;
+    }
+    Py_ssize_t key_length;
+    const unsigned char *key = ascii_key(args[1], &key_length);
+    if (!PyBytes_CheckExact(args[0]) || key == NULL) {
+        Py_RETURN_FALSE;
+    }
+    char accept[ACCEPT_LENGTH];
+    accept_of(key, (size_t)key_length, accept);
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    return PyBool_FromLong(is_plain(s, PyBytes_GET_SIZE(args[0]), accept));
+}
+
+static PyObject *
+accept(PyObject *module, PyObject *key)
+{
+    (void)module;
+    Py_ssize_t length;
+    const unsigned char *bytes = ascii_key(key, &length);
+    if (bytes == NULL) {
+        Py_RETURN_NONE;
+    }
+    char out[ACCEPT_LENGTH];
+    accept_of(bytes, (size_t)length, out);
+    return PyUnicode_FromStringAndSize(out, ACCEPT_LENGTH);
+}
+
+static PyMethodDef methods[] = {
+    {"plain_switch", (PyCFunction)(void (*)(void))plain_switch, METH_FASTCALL,
+     "plain_switch(raw, key) -> bool: whether a backend's 101 passes to the client as it came."},
+    {"accept", accept, METH_O, "accept(key) -> str | None: the Sec-WebSocket-Accept for an ASCII key."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_definition = {
+    PyModuleDef_HEAD_INIT, "lb.ws._switch", "A backend's 101 that the client may have exactly as it came.", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+/* Single-phase initialisation, as lb.http._scan. */
+PyMODINIT_FUNC
+PyInit__switch(void)
+{
+    fill_tables();
+    return PyModule_Create(&module_definition);
+}

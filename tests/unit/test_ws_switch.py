@@ -1,0 +1,221 @@
+"""Differential test: lb.ws._switch (C) passes a backend's 101 only where the ordinary path would pass it as it came.
+
+`plain_switch(raw, key)` lets the connection skip reading a 101 into objects.  So whenever it says
+yes, the ordinary path (`parse_response_head`, `switch_fault`, `negotiation_fault`, insert mode's
+Set-Cookie check, `render_client_response`) must accept the head, whatever the client offered, and
+write exactly `raw` with our fields before its last CRLF.  It may say no to heads the ordinary path
+takes (they are then read the ordinary way); it must say yes to what gateways send.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lb.errors import RequestRejected
+from lb.http.cookies import sets_cookie
+from lb.http.forwarding import render_client_response
+from lb.http.head import HEAD_END, parse_request_head, parse_response_head, render_head
+from lb.ws.upgrade import accept_value, negotiation_fault, switch_fault
+
+switch = pytest.importorskip("lb.ws._switch", reason="lb/ws/_switch.c is not built (make native needs a C compiler)")
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 §1.3's example
+COOKIE = "LB_AFFINITY"
+OFFERS = (
+    b"",
+    b"Sec-WebSocket-Protocol: chat, superchat\r\n",
+    b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+)
+
+
+def request(key: str = KEY, offers: bytes = b"") -> bytes:
+    return (f"GET /ws HTTP/1.1\r\nHost: lb.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n").encode() + offers + b"\r\n"
+
+
+def ordinary(raw: bytes, key: str, offers: bytes, set_cookies: list[str], extra: list[tuple[str, str]]) -> bytes | None:
+    """What the client gets from the ordinary path in insert mode, or None where it would not pass the 101 as it is
+    (refused, not a 101, or our cookie's Set-Cookie to take out)."""
+    try:
+        response = parse_response_head(raw)
+    except RequestRejected:
+        return None
+    upgrade = parse_request_head(request(key, offers))
+    if response.status != 101 or switch_fault(upgrade, response) or negotiation_fault(upgrade, response):
+        return None
+    if sets_cookie(response, COOKIE):
+        return None
+    return render_client_response(response, switching=True, set_cookies=set_cookies, extra=extra)
+
+
+def assert_plain_means_unchanged(raw: bytes, key: str = KEY) -> None:
+    if not switch.plain_switch(raw, key):
+        return
+    body = raw[: -len(HEAD_END)].decode("latin-1")
+    for offers in OFFERS:
+        assert ordinary(raw, key, offers, [], []) == raw
+        fields = [("Set-Cookie", f"{COOKIE}=t0k3n; Path=/; HttpOnly"), ("X-LB-Affinity", "t0k3n")]
+        assert ordinary(raw, key, offers, [fields[0][1]], fields[1:]) == render_head(body, fields)
+
+
+_GATEWAY_101S = [
+    # websockets (legacy and new servers), aiohttp, a Go gorilla/websocket, Node's ws, our demo gateway
+    "HTTP/1.1 101 Switching Protocols\r\nDate: Fri, 04 Dec 2026 18:00:00 GMT\r\nUpgrade: websocket\r\n"
+    "Connection: Upgrade\r\nSec-WebSocket-Accept: {a}\r\nServer: Python/3.11 websockets/12.0\r\n\r\n",
+    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Accept: {a}\r\n"
+    "Date: Fri, 04 Dec 2026 18:00:00 GMT\r\nServer: Python/3.11 aiohttp/3.9.5\r\n\r\n",
+    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Accept: {a}\r\n\r\n",
+    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {a}\r\n"
+    "X-Gateway: gw-1\r\nX-Empty: \r\n\r\n",
+    "HTTP/1.1 101 \r\nsec-websocket-accept: {a}\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("template", _GATEWAY_101S)
+def test_what_gateways_send_passes_as_it_came(template: str) -> None:
+    raw = template.format(a=ACCEPT).encode("latin-1")
+    assert switch.plain_switch(raw, KEY)
+    assert_plain_means_unchanged(raw)
+
+
+_PLAIN = (
+    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {a}\r\n"
+)
+
+
+@pytest.mark.parametrize("tail", [
+    "Set-Cookie: LB_AFFINITY=x\r\n",  # insert mode takes it out
+    "Set-Cookie: session=1\r\n",  # another cookie: passed, but judged by the ordinary path
+    "Sec-WebSocket-Protocol: chat\r\n",  # judged against the client's offer
+    "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    "Keep-Alive: timeout=5\r\n", "Proxy-Connection: keep-alive\r\n", "TE: trailers\r\n", "Trailer: x\r\n",
+    "Proxy-Authorization: Basic eA==\r\n", "Content-Length: 0\r\n", "Transfer-Encoding: chunked\r\n",
+    "Upgrade: websocket\r\n", "Connection: Upgrade\r\n", "Sec-WebSocket-Accept: {a}\r\n",  # a second one
+    "X-Spaced:  two\r\n", "X-Spaced:tight\r\n", "X-Spaced: trailing \r\n", "X-Spaced: tab\t\r\n",
+    "X-Bare: lf\n", "X Name: v\r\n", ": v\r\n", "X-Ctl: \x00\r\n", " X-Fold: v\r\n",
+])
+def test_anything_the_ordinary_path_changes_or_judges_is_left_to_it(tail: str) -> None:
+    raw = (_PLAIN + tail + "\r\n").format(a=ACCEPT).encode("latin-1")
+    assert not switch.plain_switch(raw, KEY)
+
+
+@pytest.mark.parametrize("raw", [
+    _PLAIN.replace("HTTP/1.1", "HTTP/1.0") + "\r\n",  # rendered again as HTTP/1.1
+    _PLAIN.replace(" Switching Protocols", "") + "\r\n",  # rendered again with the reason's space
+    _PLAIN.replace("101", "200") + "\r\n",
+    _PLAIN.replace("Upgrade: websocket", "Upgrade: h2c, websocket") + "\r\n",
+    _PLAIN.replace("Connection: Upgrade", "Connection: keep-alive, Upgrade") + "\r\n",
+    _PLAIN.replace("Connection: Upgrade", "Connection: UPGRADE") + "\r\n",
+    _PLAIN.replace("{a}", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo") + "\r\n",
+    _PLAIN.replace("{a}", "S3pPLMBiTxaQ9kYGzzhZRbK+xOo=") + "\r\n",
+    _PLAIN.replace("Upgrade: websocket\r\n", "") + "\r\n",
+    _PLAIN.replace("Connection: Upgrade\r\n", "") + "\r\n",
+    _PLAIN.replace("Sec-WebSocket-Accept: {a}\r\n", "") + "\r\n",
+    _PLAIN,  # no end
+    _PLAIN + "\r\nmore",  # not one head
+    "",
+])
+def test_a_head_that_is_no_plain_switch_is_refused(raw: str) -> None:
+    assert not switch.plain_switch(raw.format(a=ACCEPT).encode("latin-1"), KEY)
+
+
+def test_only_exact_bytes_and_an_ascii_key() -> None:
+    raw = (_PLAIN + "\r\n").format(a=ACCEPT).encode()
+    assert switch.plain_switch(raw, KEY)
+    assert not switch.plain_switch(bytearray(raw), KEY)
+    assert not switch.plain_switch(memoryview(raw), KEY)  # type: ignore[arg-type]
+    assert not switch.plain_switch(raw, KEY[:-1] + "\xe9")
+    assert not switch.plain_switch(raw, "another key")
+    assert switch.accept(KEY + "\u20ac") is None
+    assert switch.accept(b"key") is None  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        switch.plain_switch(raw)  # type: ignore[call-arg]
+
+
+@settings(max_examples=400, deadline=None)
+@given(key=st.text(st.characters(max_codepoint=0x7F), max_size=200))
+def test_accept_is_sha1_and_base64_of_the_key_and_the_guid(key: str) -> None:
+    digest = hashlib.sha1(key.encode("ascii") + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+    assert switch.accept(key) == base64.b64encode(digest).decode() == accept_value(key)
+
+
+# Hostile heads: the fields a 101 is judged by, in every spelling and near miss, among others.
+_NAMES = st.sampled_from([
+    "Upgrade", "upgrade", "UPGRADE", "Upgrade ", "Upgrade_", "Connection", "connection", "Sec-WebSocket-Accept",
+    "sec-websocket-accept", "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions", "Set-Cookie", "set-cookie",
+    "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Content-Length", "Transfer-Encoding",
+    "Proxy-Authorization", "Server", "X-A", "Date", "x^y", "",
+]) | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=8)
+_VALUES = st.sampled_from([
+    "websocket", "WebSocket", "websocket ", " websocket", "h2c, websocket", "websocket, h2c", "Upgrade", "upgrade",
+    "UPGRADE", "keep-alive, Upgrade", "close", ACCEPT, ACCEPT.lower(), ACCEPT[:-1], "", " ", "\t", "a b",
+    "LB_AFFINITY=x", "chat", "permessage-deflate", "0", "chunked", "caf\xe9", "\x00", "\x7f", "\xa0",
+]) | st.text(st.characters(max_codepoint=0xFF), max_size=12)
+_HOSTILE_FIELD = st.tuples(_NAMES, st.sampled_from([": ", ":", ":  ", ":\t", " : "]), _VALUES,
+                          st.sampled_from(["\r\n", "\n", "\r", " \r\n"]))
+# And fields as gateways write them (`name: value`, no whitespace around the value), where most heads pass.
+_TCHARS = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_WRITTEN_FIELD = st.tuples(
+    st.text(st.sampled_from(_TCHARS), min_size=1, max_size=10) | _NAMES, st.just(": "),
+    st.text(st.characters(min_codepoint=0x21, max_codepoint=0xFF).filter(lambda c: c != "\x7f"), max_size=12)
+    | _VALUES, st.just("\r\n"),
+)
+_FIELD = _WRITTEN_FIELD | _WRITTEN_FIELD | _WRITTEN_FIELD | _HOSTILE_FIELD
+_STATUS = st.just("HTTP/1.1 101 Switching Protocols") | st.sampled_from([
+    "HTTP/1.1 101 Switching Protocols", "HTTP/1.1 101 ", "HTTP/1.1 101", "HTTP/1.0 101 Switching Protocols",
+    "HTTP/1.1 101 \xe9t\xe9", "HTTP/1.1 101 a\tb", "HTTP/1.1 101  two", "HTTP/1.1 200 OK", "HTTP/1.1 100 Continue",
+    "http/1.1 101 x", "HTTP/1.1 1010 x", "HTTP/1.1 101 \x00",
+])
+
+
+def _required(key: str) -> list[tuple[str, str, str, str]]:
+    return [("Upgrade", ": ", "websocket", "\r\n"), ("Connection", ": ", "Upgrade", "\r\n"),
+            ("Sec-WebSocket-Accept", ": ", accept_value(key), "\r\n")]
+
+
+@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(status=_STATUS, fields=st.lists(_FIELD, max_size=6), required=st.integers(0, 3), order=st.randoms(),
+       key=st.sampled_from([KEY, "x3JJHMbDL1EzLkh9GBhXDw==", ""]), answers=st.sampled_from([KEY, "other"]))
+def test_a_plain_switch_is_what_the_ordinary_path_passes_unchanged(
+    status: str, fields: list[tuple[str, str, str, str]], required: int, order: object, key: str, answers: str
+) -> None:
+    # Mostly all three fields a switch needs (the Accept mostly for this key), sometimes fewer.
+    lines = fields + _required(key if answers == KEY else answers)[: 3 if required else 2]
+    order.shuffle(lines)  # type: ignore[attr-defined]
+    text = status + "\r\n" + "".join(name + colon + value + end for name, colon, value, end in lines) + "\r\n"
+    raw = text.encode("latin-1")
+    end = raw.find(HEAD_END)
+    head = raw[: end + len(HEAD_END)] if end >= 0 else raw  # what the connection hands it: the first head
+    assert_plain_means_unchanged(head, key)
+    if answers == KEY and not fields and required and status == "HTTP/1.1 101 Switching Protocols":
+        assert switch.plain_switch(head, key)  # the canonical 101, in any order
+
+
+_JUDGED = {"upgrade", "connection", "sec-websocket-accept", "sec-websocket-protocol", "sec-websocket-extensions",
+           "set-cookie", "keep-alive", "proxy-connection", "te", "trailer", "content-length", "transfer-encoding",
+           "proxy-authorization"}
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fields=st.lists(_WRITTEN_FIELD, max_size=8), order=st.randoms(),
+       reason=st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF).filter(lambda c: c != "\x7f"), max_size=20))
+def test_every_written_101_that_says_nothing_judged_is_plain(
+    fields: list[tuple[str, str, str, str]], order: object, reason: str
+) -> None:
+    """The other way: a 101 with the three fields a switch needs, the rest as gateways write them, none of
+    them judged or taken out, passes as it came (so the fast path is the common path, not a rare one)."""
+    lines = fields + _required(KEY)
+    order.shuffle(lines)  # type: ignore[attr-defined]
+    raw = (f"HTTP/1.1 101 {reason}\r\n" + "".join(n + c + v + e for n, c, v, e in lines) + "\r\n").encode("latin-1")
+    judged = any(name.lower() in _JUDGED for name, _, _, _ in fields)
+    written = all(name and not name.strip(_TCHARS) and value == value.strip(" \t") and all(
+        c == "\t" or " " <= c <= "~" or c >= "\x80" for c in value) for name, _, value, _ in fields)
+    assert switch.plain_switch(raw, KEY) == (written and not judged)
+    assert_plain_means_unchanged(raw)
