@@ -47,14 +47,7 @@ fill_tables(void)
     }
 }
 
-/* -- SHA-1 (FIPS 180-4), for one Sec-WebSocket-Accept: 60 bytes, two blocks. ------------------------ */
-
-typedef struct {
-    uint32_t state[5];
-    uint64_t length;          /* bytes so far */
-    unsigned char block[64];
-    size_t used;              /* bytes of `block` filled */
-} Sha1;
+/* -- SHA-1 (FIPS 180-4), for one Sec-WebSocket-Accept: a key and the GUID, two blocks. -------------- */
 
 static uint32_t
 rotl(uint32_t x, int n)
@@ -62,8 +55,9 @@ rotl(uint32_t x, int n)
     return (x << n) | (x >> (32 - n));
 }
 
+/* One 64-byte block into `state`: four loops of 20 rounds, so no round tests which function it uses. */
 static void
-sha1_block(Sha1 *sha, const unsigned char *p)
+sha1_block(uint32_t state[5], const unsigned char *p)
 {
     uint32_t w[80];
     for (int i = 0; i < 16; i++) {
@@ -73,82 +67,71 @@ sha1_block(Sha1 *sha, const unsigned char *p)
     for (int i = 16; i < 80; i++) {
         w[i] = rotl(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
     }
-    uint32_t a = sha->state[0], b = sha->state[1], c = sha->state[2], d = sha->state[3], e = sha->state[4];
-    for (int i = 0; i < 80; i++) {
-        uint32_t f, k;
-        if (i < 20) {
-            f = (b & c) | (~b & d);
-            k = 0x5A827999u;
-        } else if (i < 40) {
-            f = b ^ c ^ d;
-            k = 0x6ED9EBA1u;
-        } else if (i < 60) {
-            f = (b & c) | (b & d) | (c & d);
-            k = 0x8F1BBCDCu;
-        } else {
-            f = b ^ c ^ d;
-            k = 0xCA62C1D6u;
-        }
-        uint32_t t = rotl(a, 5) + f + e + k + w[i];
-        e = d;
-        d = c;
-        c = rotl(b, 30);
-        b = a;
-        a = t;
+    uint32_t a = state[0], b = state[1], c = state[2], d = state[3], e = state[4], t;
+#define ROUND(f, k, i) (t = rotl(a, 5) + (f) + e + (k) + w[i], e = d, d = c, c = rotl(b, 30), b = a, a = t)
+    for (int i = 0; i < 20; i++) {
+        ROUND((b & c) | (~b & d), 0x5A827999u, i);
     }
-    sha->state[0] += a;
-    sha->state[1] += b;
-    sha->state[2] += c;
-    sha->state[3] += d;
-    sha->state[4] += e;
+    for (int i = 20; i < 40; i++) {
+        ROUND(b ^ c ^ d, 0x6ED9EBA1u, i);
+    }
+    for (int i = 40; i < 60; i++) {
+        ROUND((b & c) | (b & d) | (c & d), 0x8F1BBCDCu, i);
+    }
+    for (int i = 60; i < 80; i++) {
+        ROUND(b ^ c ^ d, 0xCA62C1D6u, i);
+    }
+#undef ROUND
+    state[0] += a;
+    state[1] += b;
+    state[2] += c;
+    state[3] += d;
+    state[4] += e;
 }
 
+/* SHA-1 of `first` then `second` (any lengths) into `digest`. */
 static void
-sha1_init(Sha1 *sha)
+sha1_of_two(const unsigned char *first, size_t first_length, const unsigned char *second, size_t second_length,
+            unsigned char digest[20])
 {
-    static const uint32_t initial[5] = {0x67452301u, 0xEFCDAB89u, 0x98BADCFEu, 0x10325476u, 0xC3D2E1F0u};
-    memcpy(sha->state, initial, sizeof initial);
-    sha->length = 0;
-    sha->used = 0;
-}
-
-static void
-sha1_update(Sha1 *sha, const unsigned char *p, size_t n)
-{
-    sha->length += n;
-    while (n > 0) {
-        size_t take = 64 - sha->used < n ? 64 - sha->used : n;
-        memcpy(sha->block + sha->used, p, take);
-        sha->used += take;
-        p += take;
-        n -= take;
-        if (sha->used == 64) {
-            sha1_block(sha, sha->block);
-            sha->used = 0;
+    uint32_t state[5] = {0x67452301u, 0xEFCDAB89u, 0x98BADCFEu, 0x10325476u, 0xC3D2E1F0u};
+    unsigned char block[64];
+    size_t used = 0;
+    const unsigned char *parts[2] = {first, second};
+    size_t lengths[2] = {first_length, second_length};
+    for (int part = 0; part < 2; part++) {
+        const unsigned char *p = parts[part];
+        size_t n = lengths[part];
+        while (n > 0) {
+            size_t take = 64 - used < n ? 64 - used : n;
+            memcpy(block + used, p, take);
+            used += take;
+            p += take;
+            n -= take;
+            if (used == 64) {
+                sha1_block(state, block);
+                used = 0;
+            }
         }
     }
-}
-
-static void
-sha1_final(Sha1 *sha, unsigned char digest[20])
-{
-    uint64_t bits = sha->length * 8;
-    unsigned char pad = 0x80;
-    sha1_update(sha, &pad, 1);
-    pad = 0;
-    while (sha->used != 56) {
-        sha1_update(sha, &pad, 1);
+    /* The padding: 0x80, zeros up to 56 bytes into a block, and the message's length in bits. */
+    block[used++] = 0x80;
+    if (used > 56) {
+        memset(block + used, 0, 64 - used);
+        sha1_block(state, block);
+        used = 0;
     }
-    unsigned char length[8];
+    memset(block + used, 0, 56 - used);
+    uint64_t bits = ((uint64_t)first_length + (uint64_t)second_length) * 8;
     for (int i = 0; i < 8; i++) {
-        length[i] = (unsigned char)(bits >> (56 - 8 * i));
+        block[56 + i] = (unsigned char)(bits >> (56 - 8 * i));
     }
-    sha1_update(sha, length, 8);
+    sha1_block(state, block);
     for (int i = 0; i < 5; i++) {
-        digest[4 * i] = (unsigned char)(sha->state[i] >> 24);
-        digest[4 * i + 1] = (unsigned char)(sha->state[i] >> 16);
-        digest[4 * i + 2] = (unsigned char)(sha->state[i] >> 8);
-        digest[4 * i + 3] = (unsigned char)sha->state[i];
+        digest[4 * i] = (unsigned char)(state[i] >> 24);
+        digest[4 * i + 1] = (unsigned char)(state[i] >> 16);
+        digest[4 * i + 2] = (unsigned char)(state[i] >> 8);
+        digest[4 * i + 3] = (unsigned char)state[i];
     }
 }
 
@@ -163,12 +146,8 @@ static const char BASE64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 static void
 accept_of(const unsigned char *key, size_t length, char out[ACCEPT_LENGTH])
 {
-    Sha1 sha;
     unsigned char digest[21];
-    sha1_init(&sha);
-    sha1_update(&sha, key, length);
-    sha1_update(&sha, (const unsigned char *)GUID, sizeof GUID - 1);
-    sha1_final(&sha, digest);
+    sha1_of_two(key, length, (const unsigned char *)GUID, sizeof GUID - 1, digest);
     digest[20] = 0;  /* the last group's missing byte: zero bits under the `=` */
     for (int i = 0, j = 0; i < 21; i += 3, j += 4) {
         uint32_t group = (uint32_t)digest[i] << 16 | (uint32_t)digest[i + 1] << 8 | (uint32_t)digest[i + 2];
