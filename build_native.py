@@ -6,7 +6,7 @@ look-ups): `python -m bench.instructions --by-function 12`. mypyc compiles the s
 (`mypy --strict` already holds it) to C extension modules, with native classes and direct calls.
 It is the compiler mypy and black ship with; the tests run against the compiled modules, and the
 `.py` files stay the pure-Python fallback for a machine without a C compiler.  Five small modules are
-written in C (`c_sources()`: lb/http/_scan.c, lb/http/_render.c, lb/affinity/_token64.c, lb/ws/_switch.c,
+written in C (`c_sources()`: lb/http/_scan.c, lb/http/_render.c, lb/affinity/_token64.c, lb/ws/_plain.c,
 lb/_logfmt.c, lb/_logwrite.c, whose headers say why); they are built in the same step, beside the Python
 that stands in for each when it is not.
 
@@ -72,8 +72,8 @@ def sources(pattern: str = "*.py") -> list[str]:
 def c_sources() -> list[str]:
     """The data plane's modules written in C (each a `.c` beside the `.pyi` that types it), relative paths.
 
-    `lb/http/_scan.c` (reading a head), `lb/http/_render.c` (writing one), `lb/ws/_switch.c` (a backend's
-    101 that passes as it came), `lb/affinity/_token64.c` (an affinity token's text), `lb/_logfmt.c` (an
+    `lb/http/_scan.c` (reading a head), `lb/http/_render.c` (writing one), `lb/ws/_plain.c` (a WebSocket
+    handshake's heads that pass as they came), `lb/affinity/_token64.c` (an affinity token's text), `lb/_logfmt.c` (an
     access-log value's check) and `lb/_logwrite.c` (writing a log line): each one's header comment says
     why it is C.
     """

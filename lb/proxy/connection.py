@@ -105,7 +105,14 @@ from lb.log import Throttle, token_digest
 from lb.state.context import ProxyContext
 from lb.state.observations import ErrorKind
 from lb.state.pool import BackendState, BackendStatus, PoolState
-from lb.ws.upgrade import PLAIN_SWITCH, check_upgrade, is_websocket_upgrade, negotiation_fault, switch_fault
+from lb.ws.upgrade import (
+    PLAIN_SWITCH,
+    PLAIN_UPGRADE,
+    check_upgrade,
+    is_websocket_upgrade,
+    negotiation_fault,
+    switch_fault,
+)
 
 log: Final = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
 # A backend that sets our cookie's name does it on every answer: one line a minute, with a count.
@@ -754,9 +761,11 @@ class Connection:
             # ends at its head.  Read from its first bytes, as the request never parsed; only here,
             # off the path of every head that parses.
             return self._refuse(exc, now, head_only=(raw or buf).startswith(b"HEAD "))
-        return self._dispatch(request, now)
+        # An upgrade as browsers send it passes check_upgrade: lb/ws/_plain.c says so from its bytes.
+        return self._dispatch(request, now, plain_upgrade=PLAIN_UPGRADE is not None and PLAIN_UPGRADE(raw))
 
-    def _dispatch(self, request: RequestHead, now: float) -> list[Action]:
+    def _dispatch(self, request: RequestHead, now: float, *, plain_upgrade: bool) -> list[Action]:
+        """Route and decide a parsed request (`plain_upgrade`: a WebSocket upgrade known to pass check_upgrade)."""
         ctx = self._ctx
         self._request = request
         self._rid = new_request_id()
@@ -777,14 +786,15 @@ class Connection:
             route = match_route(self._routes, request.path)
             if route is None:
                 raise NoRoute("no route for the path")
-            websocket = is_websocket_upgrade(request)
+            websocket = plain_upgrade or is_websocket_upgrade(request)
             if websocket:
                 if self.client_eof_seen:
                     # Pipelined behind answers, from a client that has half-closed: a tunnel could relay
                     # nothing to the backend, and an upgrade whose client ends before its 101 is dropped.
                     log.debug("closing %s: upgrade after the client's EOF (request %s)", self._client_ip, self._rid)
                     return self._close(abort=False)
-                check_upgrade(request)
+                if not plain_upgrade:
+                    check_upgrade(request)
             wait = ctx.rate_limiter.check(self._client_ip, now)
             if wait:
                 raise TooManyRequests("too many handshakes from this address", retry_after=math.ceil(wait))
@@ -967,7 +977,7 @@ class Connection:
 
     def _plain_switch(self, now: float) -> list[Action] | None:
         """The backend's 101, when it passes to the client as it came but for our cookie, without reading
-        it into objects (lb/ws/_switch.c says which 101s: what nearly every gateway sends); None for
+        it into objects (lb/ws/_plain.c says which 101s: what nearly every gateway sends); None for
         any other answer, or one not whole yet, which the ordinary reading then takes."""
         request = self._request
         if PLAIN_SWITCH is None or request is None or not self._websocket or (

@@ -70,10 +70,12 @@ def accept_value(key: str) -> str:
     return _b2a_base64(_sha1(key.encode("ascii") + _GUID).digest(), newline=False).decode("ascii")
 
 
-# lb/ws/_switch.c's check of a backend's 101 (whether the client may have it as it came, passing every
-# check below), or None (not built, or LB_PURE_PYTHON=1): every 101 is then read into objects and checked
-# here.  No Python twin: it only ever saves work the ordinary reading does anyway.
-PLAIN_SWITCH: Final = cast("Callable[[bytes, str], bool] | None", built_in_c("lb.ws._switch", "plain_switch"))
+# lb/ws/_plain.c's checks of an upgrade request (whether it passes `check_upgrade`) and of a backend's 101
+# (whether the client may have it as it came, passing every check below), or None (not built, or
+# LB_PURE_PYTHON=1): every head is then checked here.  No Python twins: they only ever save work that
+# the checks here do anyway.
+PLAIN_UPGRADE: Final = cast("Callable[[bytes], bool] | None", built_in_c("lb.ws._plain", "plain_upgrade"))
+PLAIN_SWITCH: Final = cast("Callable[[bytes, str], bool] | None", built_in_c("lb.ws._plain", "plain_switch"))
 
 # Bound once: compiled, `hashlib.sha1` is a module attribute looked up on every call.
 _sha1: Final = hashlib.sha1

@@ -1,4 +1,17 @@
-/* lb.ws._switch: a backend's 101 that the client may have exactly as it came.  [pure]
+/* lb.ws._plain: the WebSocket handshake's two heads as browsers and gateways write them.  [pure]
+ *
+ * Each function says whether a head is one that every check of the ordinary path passes with
+ * nothing to change, so that the connection may skip those checks (and for the 101, reading it
+ * into objects at all).  False is always safe: the ordinary path then decides, and has the last word
+ * (a 400, a 502, a field taken out).  tests/unit/test_ws_plain.py holds both to the ordinary path
+ * on hostile heads, and to saying yes to what browsers and gateways send.
+ *
+ * `plain_upgrade(raw: bytes) -> bool`, for a request head that lb.http.head.parse_request_head has
+ * accepted: whether it is a WebSocket upgrade (lb.ws.upgrade.is_websocket_upgrade) that
+ * lb.ws.upgrade.check_upgrade passes: `GET`, `HTTP/1.1`, no body framing, `Upgrade` and
+ * `Connection` lists naming websocket and Upgrade, one well-formed `Sec-WebSocket-Key` and one
+ * `Sec-WebSocket-Version: 13`.  Values are read as the parser reads them (whitespace around them
+ * left out; a name spelt with `_`, which the parser drops, is no name of ours).
  *
  * `plain_switch(raw: bytes, key: str) -> bool` says whether `raw`, a complete answer head (up to and
  * with its CRLFCRLF), is a WebSocket switch that every check of the Python path passes and that the
@@ -12,17 +25,16 @@
  *     `Sec-WebSocket-Protocol` and `Sec-WebSocket-Extensions`.
  * For such a head, lb.http.head.take_answer_head, lb.ws.upgrade.switch_fault and negotiation_fault
  * find nothing to refuse, and lb.http.forwarding.render_client_response writes `raw` less its last
- * CRLF, then our fields, then CRLF.  Anything else is False, and the connection reads the head the
- * ordinary way, which has the last word (a 502, a field taken out, a subprotocol checked).
- * tests/unit/test_ws_switch.py holds the two paths equal on hostile heads.
+ * CRLF, then our fields, then CRLF.
  * `accept(key: str) -> str | None` is the Sec-WebSocket-Accept for an ASCII `key` (None otherwise),
  * which the same test holds to lb.ws.upgrade.accept_value.
  *
- * Why C, by hand: every WebSocket handshake reads its backend's 101.  In compiled Python that was
- * the head read into objects, the checks on them, SHA-1 through hashlib and the head written again:
- * about 30,000 instructions, a sixth of a handshake, to learn that nothing was to be done.  Here it
- * is one pass over the bytes and a SHA-1 of 60 bytes, and no object at all.  No library answers
- * "is this 101 one we pass as it is": llhttp calls back per field and judges nothing of ours.
+ * Why C, by hand: every WebSocket handshake checks its upgrade and reads its backend's 101.  In
+ * compiled Python the upgrade's checks were a dozen lookups and splits of the parsed head (about
+ * 8,500 instructions), and the 101 was read into objects, checked, its Accept's SHA-1 taken through
+ * hashlib and written again (about 30,000), to learn that nothing was to be done.  Here each is one
+ * pass over the bytes (and a SHA-1 of 60 bytes), and no object at all.  No library answers "is this
+ * head one we pass as it is": llhttp calls back per field and judges nothing of ours.
  * It reads the objects it is given without modifying them, never past the end of `raw` (every scan
  * is bounded by its length), and allocates nothing but `accept`'s result.
  */
@@ -174,7 +186,7 @@ ascii_key(PyObject *key, Py_ssize_t *length)
     return PyUnicode_1BYTE_DATA(key);
 }
 
-/* -- The 101 -------------------------------------------------------------------------------------- */
+/* -- The backend's 101 ------------------------------------------------------------------------------ */
 
 /* Whether the field name at `s` (`length` bytes of tchar) is `lower` in any case.  For tchar, `| 0x20`
  * turns only A-Z into letters, so it matches exactly the names str.lower() would. */
@@ -267,6 +279,131 @@ is_plain(const unsigned char *s, Py_ssize_t n, const char accept[ACCEPT_LENGTH])
     }
 }
 
+/* -- The upgrade request ---------------------------------------------------------------------------- */
+
+static int
+is_ows(unsigned char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+/* Whether the comma-separated list at `s` names `lower` (lower case letters), any element of it with
+ * the whitespace around it left out, in any case: Head.has_token's reading of one value. */
+static int
+lists(const unsigned char *s, Py_ssize_t length, const char *lower)
+{
+    Py_ssize_t start = 0;
+    while (start <= length) {
+        Py_ssize_t end = start;
+        while (end < length && s[end] != ',') {
+            end++;
+        }
+        Py_ssize_t a = start, b = end;
+        while (a < b && is_ows(s[a])) {
+            a++;
+        }
+        while (b > a && is_ows(s[b - 1])) {
+            b--;
+        }
+        if (name_is(s + a, b - a, lower)) {
+            return 1;
+        }
+        start = end + 1;
+    }
+    return 0;
+}
+
+/* RFC 6455 §4.1: 22 base64 characters and `==` (lb.ws.upgrade.is_websocket_key). */
+static int
+is_key(const unsigned char *s, Py_ssize_t length)
+{
+    if (length != 24 || s[22] != '=' || s[23] != '=') {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < 22; i++) {
+        unsigned char c = s[i];
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '+' || c == '/')) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static int
+is_upgrade(const unsigned char *s, Py_ssize_t n)
+{
+    static const char VERSION[] = " HTTP/1.1\r\n";
+    const Py_ssize_t version_length = (Py_ssize_t)sizeof VERSION - 1;
+    if (n < 4 || memcmp(s, "GET ", 4) != 0) {
+        return 0;
+    }
+    Py_ssize_t p = 4;
+    while (p < n && s[p] != '\r' && s[p] != '\n') {
+        p++;
+    }
+    if (p + 1 >= n || s[p] != '\r' || p + 2 < version_length
+        || memcmp(s + p + 2 - version_length, VERSION, (size_t)version_length) != 0) {
+        return 0;
+    }
+    p += 2;
+    int upgrade = 0, connection = 0, keys = 0, key_ok = 0, versions = 0, version_ok = 0;
+    for (;;) {
+        if (p + 1 < n && s[p] == '\r' && s[p + 1] == '\n') {
+            return p + 2 == n && upgrade && connection && keys == 1 && key_ok && versions == 1 && version_ok;
+        }
+        Py_ssize_t name = p;
+        while (p < n && TCHAR[s[p]]) {
+            p++;
+        }
+        Py_ssize_t name_length = p - name;
+        if (name_length == 0 || p >= n || s[p] != ':') {
+            return 0;
+        }
+        p++;
+        Py_ssize_t value = p;
+        while (p < n && VALUE[s[p]]) {
+            p++;
+        }
+        Py_ssize_t value_end = p;
+        if (p + 1 >= n || s[p] != '\r' || s[p + 1] != '\n') {
+            return 0;
+        }
+        p += 2;
+        while (value < value_end && is_ows(s[value])) {
+            value++;
+        }
+        while (value_end > value && is_ows(s[value_end - 1])) {
+            value_end--;
+        }
+        const unsigned char *field = s + name;
+        const unsigned char *text = s + value;
+        Py_ssize_t length = value_end - value;
+        if (name_is(field, name_length, "upgrade")) {
+            upgrade |= lists(text, length, "websocket");
+        } else if (name_is(field, name_length, "connection")) {
+            connection |= lists(text, length, "upgrade");
+        } else if (name_is(field, name_length, "sec-websocket-key")) {
+            keys++;
+            key_ok = is_key(text, length);
+        } else if (name_is(field, name_length, "sec-websocket-version")) {
+            versions++;
+            version_ok = length == 2 && text[0] == '1' && text[1] == '3';
+        } else if (name_is(field, name_length, "content-length") || name_is(field, name_length, "transfer-encoding")) {
+            return 0;  /* a body, or a length of 0 the ordinary path reads */
+        }
+    }
+}
+
+static PyObject *
+plain_upgrade(PyObject *module, PyObject *raw)
+{
+    (void)module;
+    if (!PyBytes_CheckExact(raw)) {
+        Py_RETURN_FALSE;
+    }
+    return PyBool_FromLong(is_upgrade((const unsigned char *)PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw)));
+}
+
 static PyObject *
 plain_switch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -301,6 +438,8 @@ accept(PyObject *module, PyObject *key)
 }
 
 static PyMethodDef methods[] = {
+    {"plain_upgrade", plain_upgrade, METH_O,
+     "plain_upgrade(raw) -> bool: whether a parsed request head is a WebSocket upgrade that passes every check."},
     {"plain_switch", (PyCFunction)(void (*)(void))plain_switch, METH_FASTCALL,
      "plain_switch(raw, key) -> bool: whether a backend's 101 passes to the client as it came."},
     {"accept", accept, METH_O, "accept(key) -> str | None: the Sec-WebSocket-Accept for an ASCII key."},
@@ -308,13 +447,13 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module_definition = {
-    PyModuleDef_HEAD_INIT, "lb.ws._switch", "A backend's 101 that the client may have exactly as it came.", -1,
+    PyModuleDef_HEAD_INIT, "lb.ws._plain", "The WebSocket handshake's two heads as browsers and gateways write them.", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 
 /* Single-phase initialisation, as lb.http._scan. */
 PyMODINIT_FUNC
-PyInit__switch(void)
+PyInit__plain(void)
 {
     fill_tables();
     return PyModule_Create(&module_definition);

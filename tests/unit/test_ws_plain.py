@@ -1,10 +1,13 @@
-"""Differential test: lb.ws._switch (C) passes a backend's 101 only where the ordinary path would pass it as it came.
+"""Differential test: lb.ws._plain (C) says yes to a handshake's head only where the ordinary path passes it as it is.
 
-`plain_switch(raw, key)` lets the connection skip reading a 101 into objects.  So whenever it says
-yes, the ordinary path (`parse_response_head`, `switch_fault`, `negotiation_fault`, insert mode's
+`plain_upgrade(raw)` lets the connection skip `check_upgrade`: whenever it says yes to a request head
+that `parse_request_head` accepts, `is_websocket_upgrade` and `check_upgrade` must pass it.
+`plain_switch(raw, key)` lets the connection skip reading a 101 into objects: whenever it says yes,
+the ordinary path (`parse_response_head`, `switch_fault`, `negotiation_fault`, insert mode's
 Set-Cookie check, `render_client_response`) must accept the head, whatever the client offered, and
-write exactly `raw` with our fields before its last CRLF.  It may say no to heads the ordinary path
-takes (they are then read the ordinary way); it must say yes to what gateways send.
+write exactly `raw` with our fields before its last CRLF.  Either may say no to heads the ordinary
+path takes (they are then checked the ordinary way); both must say yes to what browsers and
+gateways send.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lb.errors import RequestRejected
+from lb.errors import BadHandshake, RequestRejected, UnsupportedVersion
 from lb.http.cookies import sets_cookie
 from lb.http.forwarding import render_client_response
 from lb.http.head import HEAD_END, parse_request_head, parse_response_head, render_head
-from lb.ws.upgrade import accept_value, negotiation_fault, switch_fault
+from lb.ws.upgrade import accept_value, check_upgrade, is_websocket_upgrade, negotiation_fault, switch_fault
 
-switch = pytest.importorskip("lb.ws._switch", reason="lb/ws/_switch.c is not built (make native needs a C compiler)")
+switch = pytest.importorskip("lb.ws._plain", reason="lb/ws/_plain.c is not built (make native needs a C compiler)")
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 §1.3's example
@@ -219,3 +222,125 @@ def test_every_written_101_that_says_nothing_judged_is_plain(
         c == "\t" or " " <= c <= "~" or c >= "\x80" for c in value) for name, _, value, _ in fields)
     assert switch.plain_switch(raw, KEY) == (written and not judged)
     assert_plain_means_unchanged(raw)
+
+
+# -- The upgrade request ---------------------------------------------------------------------------------------
+
+
+def passes_check_upgrade(raw: bytes) -> bool | None:
+    """Whether the ordinary path takes `raw` for a WebSocket upgrade that check_upgrade passes (None: unparsed)."""
+    try:
+        parsed = parse_request_head(raw)
+    except RequestRejected:
+        return None
+    if not is_websocket_upgrade(parsed):
+        return False
+    try:
+        check_upgrade(parsed)
+    except (BadHandshake, UnsupportedVersion):
+        return False
+    return True
+
+
+_BROWSER_UPGRADES = [
+    # Chrome, Firefox (its Connection lists keep-alive), Safari, python websockets, Go's gorilla
+    "GET /ws HTTP/1.1\r\nHost: lb.example\r\nConnection: Upgrade\r\nPragma: no-cache\r\nCache-Control: no-cache\r\n"
+    "User-Agent: Mozilla/5.0 Chrome/120.0\r\nUpgrade: websocket\r\nOrigin: https://lb.example\r\n"
+    "Sec-WebSocket-Version: 13\r\nAccept-Encoding: gzip, deflate, br\r\nAccept-Language: en-US,en;q=0.9\r\n"
+    "Cookie: LB_AFFINITY=abc; other=1\r\nSec-WebSocket-Key: {k}\r\n"
+    "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+    "GET /ws?room=1 HTTP/1.1\r\nHost: lb.example:8080\r\nUser-Agent: Mozilla/5.0 Firefox/121.0\r\nAccept: */*\r\n"
+    "Sec-WebSocket-Version: 13\r\nOrigin: https://lb.example\r\nSec-WebSocket-Extensions: permessage-deflate\r\n"
+    "Sec-WebSocket-Key: {k}\r\nConnection: keep-alive, Upgrade\r\nSec-Fetch-Dest: websocket\r\n"
+    "Sec-Fetch-Mode: websocket\r\nSec-Fetch-Site: same-origin\r\nPragma: no-cache\r\nUpgrade: websocket\r\n\r\n",
+    "GET /ws HTTP/1.1\r\nHost: lb.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {k}\r\n"
+    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat\r\n\r\n",
+    "GET /ws HTTP/1.1\r\nhost: lb.example\r\nupgrade: WebSocket\r\nconnection: upgrade\r\nsec-websocket-key: {k}\r\n"
+    "sec-websocket-version: 13\r\n\r\n",
+    "GET /ws HTTP/1.1\r\nHost: lb.example\r\nUpgrade:websocket\r\nConnection:\t Upgrade \r\n"
+    "Sec-WebSocket-Key:  {k} \r\nSec-WebSocket-Version: 13\t\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("template", _BROWSER_UPGRADES)
+def test_what_browsers_send_is_a_plain_upgrade(template: str) -> None:
+    raw = template.format(k=KEY).encode("latin-1")
+    assert passes_check_upgrade(raw) is True
+    assert switch.plain_upgrade(raw)
+
+
+_UPGRADE = ("GET /ws HTTP/1.1\r\nHost: lb.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+
+
+@pytest.mark.parametrize("raw", [
+    _UPGRADE.replace("GET", "POST") + "\r\n",
+    _UPGRADE.replace("HTTP/1.1", "HTTP/1.0") + "\r\n",
+    _UPGRADE + "Content-Length: 0\r\n\r\n",  # passes the ordinary path, which reads the length
+    _UPGRADE + "Content-Length: 5\r\n\r\n",
+    _UPGRADE + "Transfer-Encoding: chunked\r\n\r\n",
+    _UPGRADE.replace("Upgrade: websocket", "Upgrade: h2c") + "\r\n",
+    _UPGRADE.replace("Upgrade: websocket", "Upgrade_: websocket") + "\r\n",
+    _UPGRADE.replace("Connection: Upgrade", "Connection: close") + "\r\n",
+    _UPGRADE.replace("Connection: Upgrade", "Connection: upgraded") + "\r\n",
+    _UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25jZQ=") + "\r\n",
+    _UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25jZ-==") + "\r\n",
+    _UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25jZQ==, x") + "\r\n",
+    _UPGRADE + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",  # a second key
+    _UPGRADE.replace("Sec-WebSocket-Key", "Sec_WebSocket_Key") + "\r\n",  # the parser drops an alias
+    _UPGRADE.replace("13", "8") + "\r\n",
+    _UPGRADE.replace("13", "13, 13") + "\r\n",
+    _UPGRADE + "Sec-WebSocket-Version: 13\r\n\r\n",
+    _UPGRADE.replace("Sec-WebSocket-Version: 13\r\n", "") + "\r\n",
+    _UPGRADE,  # no end
+    "GET / HTTP/1.1\r\n\r\n",
+    "",
+])
+def test_anything_check_upgrade_refuses_or_reads_further_is_left_to_it(raw: str) -> None:
+    assert not switch.plain_upgrade(raw.encode("latin-1"))
+
+
+def test_only_exact_bytes_are_read() -> None:
+    raw = (_UPGRADE + "\r\n").encode()
+    assert switch.plain_upgrade(raw)
+    assert not switch.plain_upgrade(bytearray(raw))  # type: ignore[arg-type]
+    assert not switch.plain_upgrade(raw.decode())  # type: ignore[arg-type]
+
+
+_REQUEST_NAMES = st.sampled_from([
+    "Upgrade", "upgrade", "UPGRADE", "Upgrade_", "Connection", "connection", "Sec-WebSocket-Key", "sec-websocket-key",
+    "Sec_WebSocket_Key", "Sec-WebSocket-Version", "sec-websocket-version", "Content-Length", "Transfer-Encoding",
+    "Content_Length", "Host", "Cookie", "X-A", "Sec-WebSocket-Protocol",
+]) | st.text(st.sampled_from(_TCHARS), min_size=1, max_size=8)
+_REQUEST_VALUES = st.sampled_from([
+    "websocket", "WebSocket", " websocket ", "h2c, websocket", "websocket,", ",websocket", "web socket", "Upgrade",
+    "upgrade", "keep-alive, Upgrade", "keep-alive,Upgrade", "Upgrade, close", "close", KEY, " " + KEY, KEY + "\t",
+    KEY[:-1], KEY.replace("Z", "-"), "13", " 13", "13 ", "013", "8", "0", "chunked", "", "lb.example", "\xe9",
+]) | st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF).filter(lambda c: c != "\x7f"), max_size=12)
+_REQUEST_FIELD = st.tuples(_REQUEST_NAMES, st.sampled_from([": ", ":", ":  ", ":\t"]), _REQUEST_VALUES,
+                           st.sampled_from(["\r\n", "\r\n", "\r\n", " \r\n", "\t\r\n"]))
+_UPGRADE_FIELDS = [("Host", ": ", "lb.example", "\r\n"), ("Upgrade", ": ", "websocket", "\r\n"),
+                   ("Connection", ": ", "Upgrade", "\r\n"), ("Sec-WebSocket-Key", ": ", KEY, "\r\n"),
+                   ("Sec-WebSocket-Version", ": ", "13", "\r\n")]
+
+
+@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(start=st.sampled_from(["GET /ws HTTP/1.1", "GET /ws HTTP/1.1", "GET http://lb.example/ws HTTP/1.1",
+                              "GET /ws HTTP/1.0", "HEAD /ws HTTP/1.1", "POST /ws HTTP/1.1", "GET /ws  HTTP/1.1"]),
+       fields=st.lists(_REQUEST_FIELD, max_size=6), keep=st.lists(st.booleans(), min_size=5, max_size=5),
+       order=st.randoms())
+def test_a_plain_upgrade_passes_check_upgrade(
+    start: str, fields: list[tuple[str, str, str, str]], keep: list[bool], order: object
+) -> None:
+    # Mostly every field an upgrade needs, sometimes one left out, among hostile ones.
+    lines = fields + [field for field, kept in zip(_UPGRADE_FIELDS, keep, strict=True) if kept or field[0] == "Host"]
+    order.shuffle(lines)  # type: ignore[attr-defined]
+    raw = (start + "\r\n" + "".join(n + c + v + e for n, c, v, e in lines) + "\r\n").encode("latin-1")
+    ordinary = passes_check_upgrade(raw)
+    if ordinary is None:
+        return  # the parser refused it: the connection never asks
+    if switch.plain_upgrade(raw):
+        assert ordinary
+    if start == "GET /ws HTTP/1.1" and all(keep) and ordinary and not any(
+            name.lower() in ("content-length", "transfer-encoding") for name, _, _, _ in fields):
+        assert switch.plain_upgrade(raw)  # every upgrade the checks pass, less those with a body's framing
