@@ -32,6 +32,8 @@ _BODY_FRAMING: Final = frozenset({"transfer-encoding", "content-length", "traile
 _NOT_ON_A_SWITCH: Final = (HOP_BY_HOP - {"connection", "upgrade"}) | _BODY_FRAMING
 _NO_BODY: Final = HOP_BY_HOP | _BODY_FRAMING  # what a 1xx or a 204 loses
 _ONLY_UPGRADE: Final = (["Upgrade"], ["upgrade"])  # the Connection header every gateway sends on a 101
+# What browsers send as Connection on an upgrade (Firefox: keep-alive too): names only hop-by-hop ones.
+_ONLY_HOP_BY_HOP_LISTED: Final = (["Upgrade"], ["upgrade"], ["keep-alive, Upgrade"])
 # RFC 9110 §5.6.3 OWS: space and tab only.  A bare str.strip() would also take NBSP (0xA0) and
 # NEL (0x85) off a latin-1 value, reading a token that a backend sees differently.
 _OWS: Final = " \t"
@@ -107,9 +109,10 @@ def render_forwarded_request(
     # hop-by-hop, ours to set, or Connection-listed; rewrite Cookie; render as we go.
     head = request.head
     dropped = _request_drop(drop, trusted_peer)
-    listed = _connection_listed(head)
-    if listed - dropped:
-        dropped = dropped | listed
+    if head.get_all("connection") not in _ONLY_HOP_BY_HOP_LISTED:  # those list nothing not dropped already
+        listed = _connection_listed(head)
+        if listed - dropped:
+            dropped = dropped | listed
     # An absolute-form target is already origin-form here, with Host from its authority, and
     # `_` aliases of our headers (X_Forwarded_For) are already dropped: lb.http.head does both.
     sent_target = target or request.target
@@ -184,9 +187,21 @@ def _first_claim(head: Head, name: str, read: Callable[[str], str | None]) -> st
 @functools.lru_cache(maxsize=16)
 def _request_drop(extra: frozenset[str], trusted_peer: bool) -> frozenset[str]:
     """Hop-by-hop, X-Forwarded-* (we set them), `extra`, and from an untrusted peer its proxy
-    claims; one set per configuration and kind of peer, not per request."""
+    claims; one set per configuration and kind of peer, not per request (`extra` is the
+    configuration's: a few distinct sets, each made once)."""
+    known = _drops_made.get((extra, trusted_peer))
+    if known is not None:
+        return known
     dropped = HOP_BY_HOP | _FORWARDED | extra
-    return dropped if trusted_peer else dropped | _PROXY_CLAIMS
+    made = dropped if trusted_peer else dropped | _PROXY_CLAIMS
+    if len(_drops_made) >= _MAX_DROPS_MADE:
+        _drops_made.clear()  # configurations reloaded many times over: start afresh
+    _drops_made[(extra, trusted_peer)] = made
+    return made
+
+
+_drops_made: Final[dict[tuple[frozenset[str], bool], frozenset[str]]] = {}
+_MAX_DROPS_MADE: Final = 64
 
 
 def strip_query_param(target: str, name: str) -> str:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lb.http import forwarding
 from lb.http.client_address import TrustedProxies, forwarded_for
 from lb.http.forwarding import (
     HOP_BY_HOP,
@@ -489,3 +490,18 @@ def test_a_query_key_is_the_name_exactly_when_it_decodes_to_it(key: str, name: s
     from urllib.parse import unquote_plus
 
     assert is_form_name(key, name) == (unquote_plus(key, errors="surrogateescape") == name)
+
+
+@pytest.mark.parametrize("connection", [["Upgrade"], ["upgrade"], ["keep-alive, Upgrade"]])
+@pytest.mark.parametrize("trusted_peer", [False, True])
+@pytest.mark.parametrize("extra", [frozenset(), frozenset({"x-lb-affinity"})])
+def test_the_connection_values_taken_as_read_list_only_what_is_dropped_anyway(
+    connection: list[str], trusted_peer: bool, extra: frozenset[str]
+) -> None:
+    """render_forwarded_request skips reading these Connection values: what they list must be dropped anyway."""
+    assert connection in forwarding._ONLY_HOP_BY_HOP_LISTED
+    raw = ("GET / HTTP/1.1\r\nHost: a\r\n" + "".join(f"Connection: {value}\r\n" for value in connection)
+           + "\r\n").encode()
+    listed = forwarding._connection_listed(parse_request_head(raw).head)
+    assert listed and listed <= forwarding._request_drop(extra, trusted_peer)
+    assert forwarding._request_drop(extra, trusted_peer) is forwarding._request_drop(extra, trusted_peer)  # made once
