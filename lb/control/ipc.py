@@ -62,7 +62,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from lb.config.load import ConfigSource
 from lb.config.model import Config
@@ -434,6 +434,9 @@ def _carry_histograms(earlier: Mapping[K, Histogram], now: Mapping[K, Histogram]
             kept.setdefault(key, Histogram()).merge(histogram)
 
 
+WORKER_EXIT: Final = "worker_exit"  # lb_tunnel_closes' cause for the tunnels a dead worker held
+
+
 class StatsAggregate:
     """The owner's sum of what its workers report, keyed by worker pid.
 
@@ -471,13 +474,21 @@ class StatsAggregate:
         self._dead.add(pid)
 
     def compact(self, pid: int) -> None:
-        """Fold a dead worker whose reader has ended (no report can come) into one departed total."""
+        """Fold a dead worker whose reader has ended (no report can come) into one departed total.
+
+        The tunnels its last report held open ended with it (the kernel closed their sockets): they
+        count as closed, as the balancer's closes with cause `worker_exit` at TCP level.  Only now,
+        not at `retire`: a late report could still say fewer were open, and a counter must not go back.
+        """
         totals = self._latest.pop(pid, None)
         carried = self._carried.pop(pid, None)
         self._dead.discard(pid)
         for counted in (totals, carried):
             if counted is not None:
                 self._departed.add(counted, counters_only=True)
+        if totals is not None and totals.tunnels > 0:
+            self._departed.stats.tunnels_closed += totals.tunnels
+            self._departed.stats.balancer_closes[(WORKER_EXIT, "tcp")] += totals.tunnels
 
     def apply_to(self, ctx: ProxyContext, retired: RetiredBackends = ()) -> int:
         """Write the sums into the owner's counters (read by /status and /metrics); returns live tunnels.

@@ -227,8 +227,9 @@ class LbCollector(SlicedCollector):
         yield shed
         ended = CounterMetricFamily(
             "lb_tunnel_closes",
-            "Tunnels the balancer ended, by cause (shutdown, drain, idle, backend_lost) and how: with a "
-            "close frame, or at TCP level when none could be delivered in time.",
+            "Tunnels the balancer ended, by cause (shutdown, drain, idle, backend_lost; worker_exit: a worker "
+            "that died, with workers: N) and how: with a close frame, or at TCP level when none could be "
+            "delivered in time.",
             labels=["cause", "ended_with"],
         )
         for (cause, ended_with), count in stats.balancer_closes.items():

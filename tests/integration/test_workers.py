@@ -31,7 +31,16 @@ from conftest import (
     visit,
     ws_connect,
 )
-from support_ops import OpsStack, catches, process_alive, started_stack, two_workers, wait_until, worker_pids
+from support_ops import (
+    OpsStack,
+    catches,
+    metric,
+    process_alive,
+    started_stack,
+    two_workers,
+    wait_until,
+    worker_pids,
+)
 
 # A log event's line, as lb.log writes it: `TIME LEVEL PROCESS logger: message` (not a traceback's or a
 # child's stray output).
@@ -102,6 +111,37 @@ async def test_a_killed_worker_is_restarted_and_cookies_still_stick(ops: OpsStac
     assert code == 200 and 'lb_workers{state="configured"} 2.0' in text, text[:300]
     restarts = re.search(r"^lb_worker_restarts_total (\S+)$", text, re.MULTILINE)
     assert restarts is not None and float(restarts.group(1)) >= 1, text[-500:]
+
+
+async def test_the_tunnels_of_workers_that_died_count_as_closed(ops: OpsStack) -> None:
+    """Killed, a worker takes its tunnels with it: lb_tunnels_closed_total counts them, and
+    lb_tunnel_closes_total{cause="worker_exit"} says why (they were open, then neither open nor closed)."""
+
+    def scrape() -> str:
+        code, body = http_get(ops.balancer.admin_url("/metrics"))
+        assert code == 200
+        return body.decode()
+
+    await two_workers(ops.balancer)
+    await wait_until(lambda: status(ops)["tunnels"] == 0, within=10 * UNIT, what="no tunnel left open")
+    closed_before = metric(scrape(), "lb_tunnels_closed_total") or 0.0
+    exits_before = metric(scrape(), "lb_tunnel_closes_total", cause="worker_exit") or 0.0
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(6):
+            ws, _ = await stack.enter_async_context(ws_connect(ops.balancer.ws_url()))
+            await recv_hello(ws)
+        await wait_until(lambda: status(ops)["tunnels"] == 6, within=5 * UNIT, what="6 tunnels in the reports")
+        for pid in await two_workers(ops.balancer):  # SO_REUSEPORT spread them: both go
+            os.kill(pid, signal.SIGKILL)
+
+        def counted() -> tuple[float, float] | None:
+            text = scrape()
+            closed = (metric(text, "lb_tunnels_closed_total") or 0.0) - closed_before
+            exits = (metric(text, "lb_tunnel_closes_total", cause="worker_exit") or 0.0) - exits_before
+            return (closed, exits) if exits >= 6 else None
+
+        assert await wait_until(counted, within=10 * UNIT, what="the dead workers' tunnels counted") == (6.0, 6.0)
+    await wait_until(lambda: len(worker_pids(owner_pid(ops))) == 2, within=10 * UNIT, what="two new workers")
 
 
 async def test_a_worker_restarted_after_its_tls_files_broke_serves_the_owners_pair(

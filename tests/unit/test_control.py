@@ -371,6 +371,27 @@ def test_counters_stay_monotonic_across_a_worker_death_keyed_by_pid() -> None:
     assert aggregate.apply_to(ctx) == 2 and ctx.stats.handshakes[("p", "a", "ok")] == 17
 
 
+def test_a_dead_workers_open_tunnels_count_as_closed_once_its_last_report_is_in() -> None:
+    """Its tunnels ended with it: lb_tunnels_closed_total and lb_tunnel_closes{cause="worker_exit"} count
+    them, from the last report it sent (a late one included), so opened = closed + open holds again."""
+    aggregate, ctx = StatsAggregate(), _ctx()
+    aggregate.update(100, _report(handshakes=10, tunnels=4))  # 6 closed, 4 open
+    aggregate.update(200, _report(handshakes=5, tunnels=1))
+    aggregate.apply_to(ctx)
+    assert ctx.stats.tunnels_closed == 6 + 4
+    aggregate.retire(100)
+    aggregate.update(100, _report(handshakes=11, tunnels=3))  # its last report, late: 8 closed, 3 open
+    assert aggregate.apply_to(ctx) == 1
+    assert ctx.stats.tunnels_closed == 8 + 4 and not ctx.stats.balancer_closes
+    aggregate.compact(100)
+    assert aggregate.apply_to(ctx) == 1
+    assert ctx.stats.tunnels_closed == 8 + 3 + 4
+    assert ctx.stats.balancer_closes == {("worker_exit", "tcp"): 3}
+    aggregate.update(300, _report(handshakes=2, tunnels=2))
+    aggregate.apply_to(ctx)
+    assert ctx.stats.tunnels_closed == 11 + 4 + 0 and ctx.stats.balancer_closes[("worker_exit", "tcp")] == 3
+
+
 def test_a_backend_one_worker_no_longer_lists_keeps_its_counts_in_the_sums() -> None:
     """Each worker applies a DNS change or a reload on its own schedule: while one of them has dropped a
     backend, the owner's sum for it must not go back.  A worker's counts live in its Stats for its whole
