@@ -187,21 +187,9 @@ def _first_claim(head: Head, name: str, read: Callable[[str], str | None]) -> st
 @functools.lru_cache(maxsize=16)
 def _request_drop(extra: frozenset[str], trusted_peer: bool) -> frozenset[str]:
     """Hop-by-hop, X-Forwarded-* (we set them), `extra`, and from an untrusted peer its proxy
-    claims; one set per configuration and kind of peer, not per request (`extra` is the
-    configuration's: a few distinct sets, each made once)."""
-    known = _drops_made.get((extra, trusted_peer))
-    if known is not None:
-        return known
+    claims; one set per configuration and kind of peer, not per request."""
     dropped = HOP_BY_HOP | _FORWARDED | extra
-    made = dropped if trusted_peer else dropped | _PROXY_CLAIMS
-    if len(_drops_made) >= _MAX_DROPS_MADE:
-        _drops_made.clear()  # configurations reloaded many times over: start afresh
-    _drops_made[(extra, trusted_peer)] = made
-    return made
-
-
-_drops_made: Final[dict[tuple[frozenset[str], bool], frozenset[str]]] = {}
-_MAX_DROPS_MADE: Final = 64
+    return dropped if trusted_peer else dropped | _PROXY_CLAIMS
 
 
 def strip_query_param(target: str, name: str) -> str:
