@@ -294,6 +294,7 @@ _UPGRADE = ("GET /ws HTTP/1.1\r\nHost: lb.example\r\nUpgrade: websocket\r\nConne
     _UPGRADE.replace("Sec-WebSocket-Version: 13\r\n", "") + "\r\n",
     _UPGRADE,  # no end
     "GET / HTTP/1.1\r\n\r\n",
+    _UPGRADE.replace("GET /ws", "GET") + "\r\n",  # no target (the parser refuses it too: helper s44h1)
     "",
 ])
 def test_anything_check_upgrade_refuses_or_reads_further_is_left_to_it(raw: str) -> None:
@@ -344,3 +345,13 @@ def test_a_plain_upgrade_passes_check_upgrade(
     if start == "GET /ws HTTP/1.1" and all(keep) and ordinary and not any(
             name.lower() in ("content-length", "transfer-encoding") for name, _, _, _ in fields):
         assert switch.plain_upgrade(raw)  # every upgrade the checks pass, less those with a body's framing
+
+
+@pytest.mark.parametrize("key", [" " + KEY, KEY + "\t", "\t" + KEY + " "])
+def test_the_key_is_read_without_the_whitespace_around_it_as_switch_fault_reads_it(key: str) -> None:
+    """The connection passes the parser's key (no whitespace around it); given one with some, C reads it as
+    switch_fault does (helper s44h1's finding: it hashed the key as given)."""
+    for accept_for, plain in ((KEY, True), (key, False)):
+        raw = (_PLAIN.format(a=accept_value(accept_for)) + "\r\n").encode()
+        assert switch.plain_switch(raw, key) is plain
+        assert_plain_means_unchanged(raw, key)
