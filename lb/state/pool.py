@@ -120,8 +120,11 @@ class PoolState:
 
     def new_client_candidates(self, exclude: Iterable[str] = (), now: float | None = None) -> list[BackendStatus]:
         """Backends that may take a new client, with slow-start weights refreshed for `now`."""
-        excluded = set(exclude)
-        candidates = [b for b in self.backends.values() if b.takes_new_clients and b.id not in excluded]
+        if exclude:  # backends this request already tried
+            excluded = set(exclude)
+            candidates = [b for b in self.backends.values() if b.takes_new_clients and b.id not in excluded]
+        else:
+            candidates = [b for b in self.backends.values() if b.takes_new_clients]
         window = self.slow_start
         for backend in candidates:
             if backend.ramp_from is None:
