@@ -652,8 +652,21 @@ def parse_response_head(raw: bytes) -> ResponseHead:
 def take_answer_head(buffer: bytearray, scanned: int, limit: int) -> ResponseHead | None:
     """The next complete answer head at the start of a backend's `buffer`, taken off it; None until whole.
 
-    The proxy and the health checks both read a backend's answers with it, so a backend is
-    judged one way: what every handshake would get a 502 for fails a check too.
+    The proxy and the health checks both read a backend's answers with it (the proxy through its two
+    halves, `take_answer_bytes` and `parse_response_head`), so a backend is judged one way: what every
+    handshake would get a 502 for fails a check too.
+
+    Raises:
+        HeadersTooLarge, BadGateway: as `take_answer_bytes`.
+        BadRequest: a malformed head, a status outside 100-599 included (`parse_response_head`).
+    """
+    raw = take_answer_bytes(buffer, scanned, limit)
+    return None if raw is None else parse_response_head(raw)  # which refuses a status outside 100-599 too
+
+
+def take_answer_bytes(buffer: bytearray, scanned: int, limit: int) -> bytes | None:
+    """The bytes of the next complete answer head at the start of a backend's `buffer` (up to and with
+    its blank line), taken off it; None until whole.
 
     Args:
         scanned: `len(buffer)` as it was when the last call returned None (0 after a head):
@@ -664,7 +677,6 @@ def take_answer_head(buffer: bytearray, scanned: int, limit: int) -> ResponseHea
         HeadersTooLarge: no end of head within `limit` bytes.
         BadGateway: not an HTTP/1.x head (an SSH banner, an HTTP/2 preface, bare-LF lines),
             said as soon as it shows rather than after a wait for an end that never comes.
-        BadRequest: a malformed head, a status outside 100-599 included (`parse_response_head`).
     """
     resume = max(0, scanned - (len(HEAD_END) - 1))
     end = buffer.find(HEAD_END, resume, limit)
@@ -676,7 +688,7 @@ def take_answer_head(buffer: bytearray, scanned: int, limit: int) -> ResponseHea
         return None
     raw = bytes(buffer[: end + len(HEAD_END)])
     del buffer[: end + len(HEAD_END)]
-    return parse_response_head(raw)  # which refuses a status outside 100-599 too
+    return raw
 
 
 def render_head(start_line: str, headers: Sequence[tuple[str, str]]) -> bytes:

@@ -97,8 +97,9 @@ from lb.http.head import (
     could_start_request,
     find_head_end,
     parse_request_head,
+    parse_response_head,
     render_head,
-    take_answer_head,
+    take_answer_bytes,
 )
 from lb.http.routing import match_route
 from lb.log import Throttle, token_digest
@@ -939,19 +940,19 @@ class Connection:
         request = self._request
         assert request is not None
         while True:
-            plain = self._plain_switch(now)
-            if plain is not None:
-                return actions + plain
             try:
-                response = take_answer_head(buf, self._answer_scan, MAX_RESPONSE_HEAD)
+                raw = take_answer_bytes(buf, self._answer_scan, MAX_RESPONSE_HEAD)
+                if raw is None:
+                    self._answer_scan = len(buf)
+                    return actions
+                self._answer_scan = 0
+                if self._plain_switch(request, raw):
+                    return actions + self._switch(self._plain_client_head(raw), now)
+                response = parse_response_head(raw)
             except HeadersTooLarge:
                 raise _Failure("answer head too large") from None
             except RequestRejected as exc:
                 raise _Failure(f"malformed answer: {exc}") from None
-            if response is None:
-                self._answer_scan = len(buf)
-                return actions
-            self._answer_scan = 0
             status = response.status
             if status < 200 and status != 101:
                 # Interim (100 Continue, 103 Early Hints): passed on, except to an HTTP/1.0 client,
@@ -975,25 +976,14 @@ class Connection:
                 return actions + self._switch(self._client_head(response, now, switching=True), now)
             return actions + self._answer(response, now)
 
-    def _plain_switch(self, now: float) -> list[Action] | None:
-        """The backend's 101, when it passes to the client as it came but for our cookie, without reading
-        it into objects (lb/ws/_plain.c says which 101s: what nearly every gateway sends); None for
-        any other answer, or one not whole yet, which the ordinary reading then takes."""
-        request = self._request
-        if PLAIN_SWITCH is None or request is None or not self._websocket or (
-                self._config.affinity.mode is not AffinityMode.INSERT):
-            return None
-        buf = self._answer_buf
-        end = buf.find(HEAD_END, max(0, self._answer_scan - (len(HEAD_END) - 1)), MAX_RESPONSE_HEAD)
-        if end < 0:
-            return None
-        raw = bytes(buf[: end + len(HEAD_END)])
+    def _plain_switch(self, request: RequestHead, raw: bytes) -> bool:
+        """Whether the answer head `raw` is a 101 that passes to the client as it came but for our cookie,
+        so that it need not be read into objects (lb/ws/_plain.c says which: what nearly every gateway
+        sends); any other is read and checked the ordinary way."""
+        if PLAIN_SWITCH is None or not self._websocket or self._config.affinity.mode is not AffinityMode.INSERT:
+            return False
         key = request.head.get("sec-websocket-key")
-        if key is None or not PLAIN_SWITCH(raw, key):
-            return None
-        del buf[: end + len(HEAD_END)]
-        self._answer_scan = 0
-        return self._switch(self._plain_client_head(raw), now)
+        return key is not None and PLAIN_SWITCH(raw, key)
 
     def _switch(self, head: bytes, now: float) -> list[Action]:
         """The backend switched protocols; `head` is its 101 as the client gets it."""
