@@ -255,6 +255,7 @@ _WRITE_LINE: Final = cast("Callable[[int, float, str, str], bool] | None", built
 
 _process_name = ""
 
+
 def _log_uncaught(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
     if issubclass(kind, KeyboardInterrupt):
         sys.__excepthook__(kind, value, traceback)

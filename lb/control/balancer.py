@@ -1222,7 +1222,8 @@ async def serve(
     # the process at once, every tunnel cut without its 1001.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         loop.add_signal_handler(signum, on_stop_signal)
-    # Held since the first line of `lb run`: we stop once up.
+    # Held since the first line of `lb run`: we stop once up.  A list, not a generator: every held stop
+    # signal is taken (any() would leave the second one held).
     if any([startup_signals.take(signum) for signum in startup_signals.STOPS]):
         on_stop_signal()
     for signum in startup_signals.UNUSED:

@@ -397,7 +397,8 @@ def make_registry(
         worker_pids: the owner of `workers: N` passes its live workers; process_* then covers them.
         retired: backends removed from their pool (reload, DNS) whose tunnels still run.
         departed: every (pool, backend) gone from its pool whose series are still kept (lb.state.series).
-        workers: the owner of `workers: N` passes how many it runs, serve and restarted (`WorkersCollector`).
+        workers: the owner of `workers: N` passes how many workers it runs, serve and has restarted
+            (`WorkersCollector`).
     """
     registry = SlicedRegistry()
     registry.register(LbCollector(get_context, reloads, retired, departed))

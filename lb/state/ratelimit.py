@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from lb.http.client_address import unmapped
+
 
 def source_key(ip: str) -> str:
     """The bucket of a client address: an IPv4 address is its own, an IPv6 one shares its /64's.
@@ -22,11 +24,11 @@ def source_key(ip: str) -> str:
     if ":" not in ip:
         return ip
     try:
-        address = ipaddress.IPv6Address(ip.partition("%")[0])
+        address = unmapped(ipaddress.IPv6Address(ip.partition("%")[0]))
     except ValueError:
         return ip
-    if address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
+    if address.version == 4:
+        return str(address)
     return f"{ipaddress.IPv6Address(address.packed[:8] + bytes(8))}/64"
 
 
