@@ -213,7 +213,7 @@ class ResumeClient(Action):
 
 @dataclass(slots=True, init=False)  # not frozen (a frozen __init__ costs ~1 µs); own __init__: see Action
 class SetTimer(Action):
-    """Call `deadline` at time `at` (same clock as `now`); None cancels.  One timer per connection."""
+    """Call `deadline` at time `at` (same clock as `now`); None cancels.  One deadline per connection."""
 
     at: float | None
 

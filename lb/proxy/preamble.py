@@ -78,6 +78,7 @@ from lb.errors import LOCAL_ERRNOS, BadProxyHeader
 from lb.http.client_address import IPNetwork, TrustedProxies, peer_address
 from lb.http.proxy_header import MAX_V2_LENGTH, V2_FIXED, parse_proxy_header
 from lb.log import Throttle
+from lb.proxy.deadlines import Deadline, Deadlines
 from lb.proxy.server import AcceptCount, ClientConnection, accept_errors
 from lb.state.context import ProxyContext
 from lb.tls import TLS_SHUTDOWN_TIMEOUT
@@ -161,6 +162,7 @@ class AcceptingServer:
         # its head, as create_server's are.
         self._sheds = ssl_context is not None or proxy_protocol
         self._loop = asyncio.get_running_loop()
+        self._deadlines = Deadlines(self._loop)  # its connections' (lb.proxy.deadlines)
         self._preambles: set[_Preamble] = set()  # reading their PROXY header
         self._tasks: set[asyncio.Task[None]] = set()
         # Each socket's accepting pauses on its own after a failed accept: its handle to resume it.
@@ -305,7 +307,8 @@ class AcceptingServer:
             nonlocal made
             # Its count goes with it: from here on the connection releases it (or hands it to _end).
             made = ClientConnection(
-                ctx, tls, client=client, accepted=accepted.accepted, count=accepted.count, loop=self._loop
+                ctx, tls, client=client, accepted=accepted.accepted, count=accepted.count, loop=self._loop,
+                deadlines=self._deadlines,
             )
             return made
 
@@ -382,11 +385,10 @@ class _Preamble(_Accepted):
     def __init__(self, server: AcceptingServer, sock: socket.socket, peer: tuple[str, int]) -> None:
         super().__init__(server, sock, peer)
         self.buf = bytearray()
-        loop = server._loop
-        self.timer: asyncio.TimerHandle | None = loop.call_later(
+        self.timer: Deadline | None = server._deadlines.call_later(
             server._ctx.config.timeouts.handshake, self._timed_out
         )
-        loop.add_reader(sock.fileno(), self._readable)
+        server._loop.add_reader(sock.fileno(), self._readable)
 
     def _stop_reading(self) -> None:
         if self.timer is not None:

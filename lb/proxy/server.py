@@ -1,7 +1,8 @@
 """The asyncio shell around `connection.Connection`: the one place where its actions become I/O.
 
-Per client connection: one `ClientConnection` protocol, one timer handle
-(`loop.call_later`, replaced when the core asks for a new deadline) and, while
+Per client connection: one `ClientConnection` protocol, one deadline
+(`lb.proxy.deadlines`: a place on a timer its listener's connections share,
+replaced when the core asks for an earlier one) and, while
 a request is being served, one `_Upstream` protocol on the backend connection.
 No task and no `asyncio.timeout` per request; the backend connect is the one
 coroutine (`loop.create_connection`), watched by a done-callback.  TLS
@@ -47,6 +48,7 @@ from lb.proxy.connection import (
     SetTimer,
 )
 from lb.proxy.connection import Action as Action
+from lb.proxy.deadlines import Deadline, Deadlines
 from lb.proxy.reading import READ_VIEW
 from lb.proxy.tunnel import Tunnel, close_flushing
 from lb.state.context import ProxyContext
@@ -187,6 +189,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         "_client",
         "_connecting",
         "_ctx",
+        "_deadlines",
         "_early",
         "_loop",
         "_paused",
@@ -209,20 +212,23 @@ class ClientConnection(asyncio.BufferedProtocol):
         accepted: float | None = None,
         count: AcceptCount | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         """`client`: the client's (address, port) when not the socket's peer (a PROXY header's source);
         `accepted`: when the socket was accepted, if before this protocol is made;
         `count`: its place in ctx.handshaking since then (None: counted at connection_made);
-        `loop`: the running loop, when the caller has it at hand (see `client_factory`)."""
+        `loop`: the running loop, when the caller has it at hand (see `client_factory`);
+        `deadlines`: the listener's, on that loop, shared with its other connections (None: its own)."""
         self._ctx = ctx
         # Asked once per listener, not per connection: on Python 3.11 every get_running_loop()
         # is a getpid() system call (it checks for a fork), and a handshake would make two.
         self._loop = loop or asyncio.get_running_loop()
+        self._deadlines = deadlines or Deadlines(self._loop)
         self._accepted = accepted or 0.0
         self._client = client
         self._early = count  # counted, and timed, from its accept (a TLS handshake or PROXY header first)
         self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Deadline | None = None
         self._timer_at: float | None = None  # the deadline the core asked for (the events' clock)
         self._timer_armed = 0.0  # when the armed handle fires (the events' clock); may be before _timer_at
         self._upstream: _Upstream | None = None
@@ -345,13 +351,14 @@ class ClientConnection(asyncio.BufferedProtocol):
             self._transport.write(lead)
 
     def _set_timer(self, at: float | None) -> None:
-        """Keep one handle that fires no later than the core's deadline, re-armed only when it must.
+        """Keep one deadline that is reached no later than the core's (give or take the GRAIN of
+        `lb.proxy.deadlines`), placed again only when it must.
 
-        A handle that fires before the deadline re-arms itself for the rest.  So a deadline
-        that moves later, or goes away, costs no cancel and no new handle, and the first
-        handle is armed at most max(backend_connect, 1 s) ahead: a handshake's backend
-        phase (a later deadline than that) then needs no timer of its own.  One
-        call_later per handshake instead of three (each with a cancel).
+        One reached before the core's places itself again for the rest.  So a deadline
+        that moves later, or goes away, costs no cancel and no new one, and the first
+        is placed at most max(backend_connect, 1 s) ahead: a handshake's backend
+        phase (a later deadline than that) then needs none of its own.  One
+        deadline per handshake instead of three (each with a cancel).
         """
         self._timer_at = at
         if at is None:
@@ -364,7 +371,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         now = _now()
         delay = min(at - now, max(self._ctx.config.timeouts.backend_connect, 1.0))
         self._timer_armed = now + delay
-        self._timer = self._loop.call_later(delay, self._on_timer)
+        self._timer = self._deadlines.call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -460,6 +467,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             client_lead=head,
             client_full=self.client_full,
             server_full=bool(self._paused & _BACKEND_FULL),
+            deadlines=self._deadlines,
         )
         if not self._ctx.accepting:
             # A handshake that was at its backend when SIGTERM came completes, then closes: its tunnel
@@ -515,9 +523,10 @@ def client_factory(
     (`lb.proxy.preamble.AcceptingServer`).  Call it with the loop running (the loop that will
     serve the listener), or name that loop."""
     serving = loop or asyncio.get_running_loop()
+    deadlines = Deadlines(serving)
     # Compiled, the lambda calls the native constructor directly: no argument tuple or keyword
     # dictionary to parse per connection, as a call from interpreted code would have.
-    return lambda: ClientConnection(ctx, loop=serving)
+    return lambda: ClientConnection(ctx, loop=serving, deadlines=deadlines)
 
 
 async def stop_in_flight(

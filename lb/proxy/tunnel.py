@@ -44,6 +44,7 @@ import time
 from typing import Final
 
 from lb.access_log import log_tunnel_closed, log_tunnel_ended
+from lb.proxy.deadlines import Deadline, Deadlines
 from lb.proxy.reading import READ_VIEW
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
@@ -151,7 +152,7 @@ class TunnelEnd(asyncio.BufferedProtocol):
         self.nbytes = 0
         self.full = False  # this end's own transport is over its high-water mark (the peer is paused)
         # While it is: the next look at whether the paused peer has gone (`let_go_if_peer_gone`).
-        self.paused_look: asyncio.TimerHandle | None = None
+        self.paused_look: Deadline | None = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return READ_VIEW
@@ -218,7 +219,7 @@ class TunnelEnd(asyncio.BufferedProtocol):
 
     def look_at_paused_peer_later(self) -> None:
         if self.paused_look is None:
-            self.paused_look = asyncio.get_running_loop().call_later(PAUSED_PEER_LOOK, self._look_at_paused_peer)
+            self.paused_look = self.tunnel.deadlines().call_later(PAUSED_PEER_LOOK, self._look_at_paused_peer)
 
     def _look_at_paused_peer(self) -> None:
         self.paused_look = None
@@ -287,7 +288,7 @@ class WebSocketServerEnd(TunnelEnd):
         self.silenced = False  # our close frame went out: nothing more may follow it
         # A close of ours was asked for after the backend's own close frame had begun: none is sent.
         self.backend_closed_first = False
-        self.deadline: asyncio.TimerHandle | None = None
+        self.deadline: Deadline | None = None
         # While a close waits for a frame boundary: the bytes its client had taken at the last look,
         # and the loop time past which it is cut even if it is still reading (`next_close_look`).
         self.taken = 0
@@ -381,12 +382,12 @@ class WebSocketServerEnd(TunnelEnd):
         else:
             if self.deadline is not None:
                 self.deadline.cancel()  # a half-close's linger: this close's own deadlines take over
-            loop = asyncio.get_running_loop()
+            deadlines = self.tunnel.deadlines()
             self.taken = self.nbytes - self.peer.get_write_buffer_size()
             self.close_by = (
-                until if until is not None else loop.time() + self.tunnel.ctx.config.timeouts.shutdown_grace
+                until if until is not None else deadlines.loop.time() + self.tunnel.ctx.config.timeouts.shutdown_grace
             )
-            self.deadline = loop.call_later(CLOSE_DEADLINE, self._overdue)
+            self.deadline = deadlines.call_later(CLOSE_DEADLINE, self._overdue)
 
     def _let_backend_close(self) -> None:
         """The backend began the close handshake before ours could go: ours is not sent (the rest of the
@@ -397,13 +398,13 @@ class WebSocketServerEnd(TunnelEnd):
         self.tunnel.cause = None  # the backend ended it, not the balancer: no balancer close is counted
         if self.deadline is not None:
             self.deadline.cancel()
-        self.deadline = asyncio.get_running_loop().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)
+        self.deadline = self.tunnel.deadlines().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)
 
     def linger(self) -> None:
         """The client has said its last: the backend has CLOSE_LINGER to finish, unless a close of
         ours already runs on its own deadline."""
         if self.deadline is None and not self.tunnel.closed:
-            self.deadline = asyncio.get_running_loop().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)
+            self.deadline = self.tunnel.deadlines().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)
 
     def _overdue(self) -> None:
         """No frame boundary came yet: cut TCP, unless the client is still taking the frame in flight.
@@ -414,14 +415,14 @@ class WebSocketServerEnd(TunnelEnd):
         """
         if self.silenced:
             return
-        loop = asyncio.get_running_loop()
+        deadlines = self.tunnel.deadlines()
         taken = self.nbytes - self.peer.get_write_buffer_size()
-        wait = next_close_look(self.taken, taken, loop.time(), self.close_by)
+        wait = next_close_look(self.taken, taken, deadlines.loop.time(), self.close_by)
         if wait is None:
             self.tunnel.abort()
             return
         self.taken = taken
-        self.deadline = loop.call_later(wait, self._overdue)
+        self.deadline = deadlines.call_later(wait, self._overdue)
 
     def _send_close(self) -> None:
         assert self.pending_close is not None
@@ -439,13 +440,14 @@ class WebSocketServerEnd(TunnelEnd):
         self.tunnel.close_code = code
         # The client answers with its own close frame, which still reaches the
         # backend; whoever is slow to hang up after that is cut off.
-        self.deadline = asyncio.get_running_loop().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)
+        self.deadline = self.tunnel.deadlines().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)
 
 
 class Tunnel:
     """A client and a backend connection joined after the handshake."""
 
     __slots__ = (
+        "_deadlines",
         "backend",
         "cause",
         "client_end",
@@ -485,6 +487,7 @@ class Tunnel:
         self.idle_mark = (-1, self.opened_at)
         self.client_end: WebSocketClientEnd
         self.server_end: WebSocketServerEnd  # every tunnel is a WebSocket's: the backend side reads frames
+        self._deadlines: Deadlines | None = None  # see deadlines()
 
     @classmethod
     def join(
@@ -504,6 +507,7 @@ class Tunnel:
         client_lead: bytes = b"",
         client_full: bool = False,
         server_full: bool = False,
+        deadlines: Deadlines | None = None,
     ) -> Tunnel:
         """Switch both transports to relaying; flush what each side sent ahead of the switch.
 
@@ -515,9 +519,11 @@ class Tunnel:
         one write (one syscall, not two), and only `to_client` counts as relayed.
         `client_full`, `server_full`: that transport is already over its high-water mark (it told
         the protocol before this one); its peer stays paused until it drains.
+        `deadlines`: the handshake's, on the running loop (see `deadlines()`).
         """
         tunnel = cls(ctx, backend, client_ip, pool, request_id)
         tunnel.client_port = client_port
+        tunnel._deadlines = deadlines
         tunnel.client_end = WebSocketClientEnd(tunnel, server)
         tunnel.server_end = WebSocketServerEnd(tunnel, client)
         ctx.tunnels.add(tunnel)
@@ -554,6 +560,16 @@ class Tunnel:
             if not tunnel.client_end.full:
                 server.resume_reading()
         return tunnel
+
+    def deadlines(self) -> Deadlines:
+        """Where this tunnel's deadlines go (`lb.proxy.deadlines`: a loop timer shared with others, not
+        one each): the handshake's, else its own on the running loop, made once.  Not the loop asked
+        for each time: on Python 3.11 every get_running_loop() is a getpid() system call (it checks
+        for a fork), and a client's hang-up asked for one."""
+        deadlines = self._deadlines
+        if deadlines is None:
+            deadlines = self._deadlines = Deadlines(asyncio.get_running_loop())
+        return deadlines
 
     @property
     def bytes_in(self) -> int:

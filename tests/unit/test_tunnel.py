@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from support_tunnel import FakeSocket, FakeTransport, one_backend_context
 
 from lb.proxy import tunnel as tunnel_module
+from lb.proxy.deadlines import Deadlines
 from lb.proxy.reading import READ_CHUNK, READ_VIEW
 from lb.proxy.tunnel import CLOSE_DEADLINE, Tunnel, has_left, idle_sweep_interval, next_close_look
 from lb.state.context import ProxyContext
@@ -420,6 +421,28 @@ def test_a_client_half_close_is_passed_on_and_the_backends_answer_still_reaches_
         assert bytes(client.written).endswith(close_frame(1000, "bye"))
         server.protocol.eof_received()
         assert tunnel.closed and client.closed and not client.aborted and not ctx.tunnels
+
+    _run(scenario())
+
+
+def test_a_tunnel_given_its_loop_never_asks_asyncio_for_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hang-up's linger goes on the loop the tunnel was given: on Python 3.11 each
+    get_running_loop() is a getpid() system call, and every client that hangs up asked for one."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
+        ctx, tunnel = _join(client, server, deadlines=Deadlines(loop))
+
+        def no_loop() -> asyncio.AbstractEventLoop:
+            raise AssertionError("the tunnel asked asyncio for its loop")
+
+        monkeypatch.setattr(asyncio, "get_running_loop", no_loop)
+        assert client.protocol.eof_received() is True
+        linger = tunnel.server_end.deadline
+        assert linger is not None and not linger.cancelled()
+        server.protocol.eof_received()
+        assert tunnel.closed and linger.cancelled() and not ctx.tunnels
 
     _run(scenario())
 

@@ -1,0 +1,102 @@
+"""Deadlines on shared loop timers: one timer per GRAIN of time, however many connections wait.
+
+Nearly every deadline the data plane sets is never reached: a handshake's ends with the handshake,
+a millisecond after it began, and a tunnel's linger after a client's hang-up ends when the backend
+hangs up too.  Under uvloop a loop timer costs about 4,000 instructions to arm and cancel (a
+TimerHandle, a libuv timer, a heap insert and a deferred close): 2-3 % of a handshake each, and a
+handshake whose client hangs up armed two.  Here a deadline joins the set of its slice (the GRAIN
+of time it falls in), whose one loop timer fires at the slice's end, and cancelling it is a set
+discard.  So a deadline is reached up to GRAIN late and never early: timeouts of seconds do not
+notice, and a reconnect storm's thousands of handshakes share a few dozen timers.
+
+Times are on the events' clock, `time.monotonic` (as `lb.proxy.server` stamps them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Final
+
+GRAIN: Final = 0.05  # seconds: how late a deadline may be reached
+
+log: Final = logging.getLogger("lb.proxy")
+_now: Final = time.monotonic  # a C static for compiled code (as lb.proxy.server._now)
+
+
+class Deadline:
+    """One deadline: its callback runs once the clock has passed `when`, unless cancelled first.
+    `cancel()` and `cancelled()` as an asyncio.TimerHandle's."""
+
+    __slots__ = ("_callback", "_cancelled", "_slice", "when")
+
+    def __init__(self, when: float, callback: Callable[[], object]) -> None:
+        self.when = when
+        self._callback = callback
+        self._cancelled = False
+        self._slice: set[Deadline] | None = None  # the slice it waits in (Deadlines._place)
+
+    def cancel(self) -> None:
+        if not self._cancelled:
+            self._cancelled = True
+            owners = self._slice
+            if owners is not None:
+                self._slice = None
+                owners.discard(self)  # so a cancelled deadline holds nothing until its slice ends
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+
+class Deadlines:
+    """The deadlines of one event loop, GRAIN of time to a loop timer."""
+
+    __slots__ = ("_slices", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._slices: dict[int, set[Deadline]] = {}  # slice number (its end, in GRAINs) → its deadlines
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> Deadline:
+        """`callback()` once `delay` seconds have passed, up to GRAIN later (as loop.call_later)."""
+        deadline = Deadline(_now() + delay, callback)
+        self._place(deadline)
+        return deadline
+
+    def __len__(self) -> int:
+        """Deadlines waiting (for tests and the curious: O(slices))."""
+        return sum(len(owners) for owners in self._slices.values())
+
+    def _place(self, deadline: Deadline) -> None:
+        number = math.ceil(deadline.when / GRAIN)
+        owners = self._slices.get(number)
+        if owners is None:
+            owners = self._slices[number] = set()
+            self.loop.call_later(max(0.0, number * GRAIN - _now()), self._reach, number)
+        deadline._slice = owners
+        owners.add(deadline)
+
+    def _reach(self, number: int) -> None:
+        """The slice's end: every deadline in it that is still waiting is reached (one callback's
+        error is logged, and the rest still run: a deadline missed is a connection never closed)."""
+        owners = self._slices.pop(number, None)
+        if not owners:
+            return
+        now = _now()
+        # A copy: a callback may cancel another deadline of this slice (the tunnel's two ends).
+        for deadline in list(owners):
+            if deadline._cancelled:
+                continue
+            deadline._slice = None
+            if deadline.when > now:
+                # The loop's clock is coarser than ours (libuv's is cached per iteration, in ms),
+                # so its timer may fire a little early: the deadline waits on, in its next slice.
+                self._place(deadline)
+                continue
+            try:
+                deadline._callback()
+            except Exception:
+                log.exception("a deadline's callback failed")

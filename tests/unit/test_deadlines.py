@@ -1,0 +1,138 @@
+"""lb.proxy.deadlines: deadlines of many connections on a few shared loop timers.
+
+A recording loop stands in for the event loop: its timers run when a test says so, so each test
+decides whether a loop timer fires on time or early.  Times are the real monotonic clock's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from lb.proxy.deadlines import GRAIN, Deadlines
+
+
+class _RecordingLoop:
+    """call_later that keeps (delay, callback, args) for the test to run."""
+
+    def __init__(self) -> None:
+        self.timers: list[tuple[float, Callable[..., object], tuple[Any, ...]]] = []
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> None:
+        self.timers.append((delay, callback, args))
+
+    def fire_all(self) -> None:
+        timers, self.timers = self.timers, []
+        for _delay, callback, args in timers:
+            callback(*args)
+
+
+def _wheel() -> tuple[Deadlines, _RecordingLoop]:
+    loop = _RecordingLoop()
+    return Deadlines(loop), loop  # type: ignore[arg-type]
+
+
+def test_deadlines_in_one_grain_share_one_loop_timer_that_fires_at_its_end() -> None:
+    deadlines, loop = _wheel()
+    reached: list[int] = []
+    now = time.monotonic()
+    # Three deadlines in the slice that ends at the next multiple of GRAIN after `now`, or the one after.
+    slice_end = (int(now / GRAIN) + 2) * GRAIN
+    for number in range(3):
+        deadlines.call_later(slice_end - GRAIN / 2 + number * GRAIN / 8 - now, lambda n=number: reached.append(n))
+    assert len(loop.timers) == 1 and len(deadlines) == 3
+    delay, _callback, _args = loop.timers[0]
+    # Never early: the timer is for the end of the slice, at most GRAIN after each deadline.
+    assert slice_end - now - 0.01 <= delay <= slice_end - now + 0.001
+    time.sleep(max(0.0, slice_end - time.monotonic()))
+    loop.fire_all()
+    assert sorted(reached) == [0, 1, 2] and len(deadlines) == 0
+
+
+def test_deadlines_grains_apart_get_a_timer_each() -> None:
+    deadlines, loop = _wheel()
+    for delay in (1.0, 1.0 + 2 * GRAIN, 5.0):
+        deadlines.call_later(delay, lambda: None)
+    assert len(loop.timers) == 3
+
+
+def test_a_cancelled_deadline_never_runs_and_is_let_go_at_once() -> None:
+    deadlines, loop = _wheel()
+    ran: list[str] = []
+    kept = deadlines.call_later(0.0, lambda: ran.append("kept"))
+    dropped = deadlines.call_later(0.0, lambda: ran.append("dropped"))
+    dropped.cancel()
+    dropped.cancel()  # twice: nothing more happens
+    assert dropped.cancelled() and not kept.cancelled() and len(deadlines) == 1
+    time.sleep(GRAIN)
+    loop.fire_all()
+    assert ran == ["kept"] and not kept.cancelled()  # as asyncio.TimerHandle: run is not cancelled
+    kept.cancel()  # after it ran: harmless
+    assert len(deadlines) == 0
+
+
+def test_a_timer_that_fires_early_leaves_its_deadlines_waiting() -> None:
+    """libuv's clock is cached per loop iteration, so its timer may fire a little before our clock
+    has passed a deadline: the deadline then waits on, on a timer of its own slice's end again."""
+    deadlines, loop = _wheel()
+    ran: list[str] = []
+    deadlines.call_later(30.0, lambda: ran.append("late"))
+    loop.fire_all()  # 30 s early
+    assert ran == [] and len(deadlines) == 1
+    (delay, _callback, _args), = loop.timers
+    assert 29.0 < delay <= 30.0 + GRAIN
+
+
+def test_a_callback_may_cancel_another_deadline_of_its_slice() -> None:
+    """The tunnel's two ends: one deadline reached may end what the other was waiting for."""
+    deadlines, loop = _wheel()
+    ran: list[str] = []
+    handles: dict[str, Any] = {}
+
+    def first() -> None:
+        ran.append("first")
+        handles["second"].cancel()
+
+    def second() -> None:
+        ran.append("second")
+        handles["first"].cancel()
+
+    handles["first"] = deadlines.call_later(0.0, first)
+    handles["second"] = deadlines.call_later(0.0, second)
+    time.sleep(GRAIN)
+    loop.fire_all()
+    assert ran in (["first"], ["second"]) and len(deadlines) == 0
+
+
+def test_one_failing_callback_is_logged_and_the_rest_of_its_slice_still_runs(caplog: pytest.LogCaptureFixture) -> None:
+    deadlines, loop = _wheel()
+    ran: list[int] = []
+
+    def fail() -> None:
+        raise RuntimeError("boom")
+
+    deadlines.call_later(0.0, fail)
+    for number in range(3):
+        deadlines.call_later(0.0, lambda n=number: ran.append(n))
+    time.sleep(GRAIN)
+    with caplog.at_level(logging.ERROR, logger="lb.proxy"):
+        loop.fire_all()
+    assert sorted(ran) == [0, 1, 2]
+    assert any("deadline" in record.getMessage() and record.exc_info for record in caplog.records)
+
+
+def test_on_a_real_loop_a_deadline_is_reached_after_its_time_and_within_a_grain_or_so() -> None:
+    async def scenario() -> tuple[float, float]:
+        deadlines = Deadlines(asyncio.get_running_loop())
+        reached = asyncio.get_running_loop().create_future()
+        start = time.monotonic()
+        deadlines.call_later(0.12, lambda: reached.set_result(time.monotonic()))
+        return start, await asyncio.wait_for(reached, 5)
+
+    start, at = asyncio.run(scenario())
+    assert 0.12 <= at - start < 0.12 + GRAIN + 0.25  # the slack: a loaded CI machine's scheduling
