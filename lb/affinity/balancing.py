@@ -1,7 +1,11 @@
 """Balancing policies: which of the candidate backends takes a new client.  [pure]
 
-Policies see candidates through the `Candidate` protocol (id, weight, live
-connections) and keep only their own small state (round-robin position).
+The pool's policies (`RoundRobin`, `LeastConn`) choose among the pool's
+`BackendStatus`es (id, weight, live connections) and keep only their own small
+state (round-robin position, last picks).  The class itself, not a protocol:
+compiled, reading a candidate's fields is then a load each, where through a
+protocol it was an attribute lookup each (13 a handshake: 2 % of its work).
+`lb.state.pool` imports this module, so the name is only imported for the type.
 
 `balance: source` and `balance: hash` keep no state at all: a key (the client
 address, or the `hash_key` value) picks a backend by weighted rendezvous
@@ -17,26 +21,26 @@ import hashlib
 import ipaddress
 import math
 from collections.abc import Sequence
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from lb.config.model import BalanceMethod
 from lb.http.client_address import unmapped
 
+if TYPE_CHECKING:
+    from lb.state.pool import BackendStatus
+
 
 class Candidate(Protocol):
+    """What `hash_choose` and `rendezvous_choose` read of a candidate (they run on a failure or a
+    keyed request, with candidates of any kind: a pool's backends, a test's or `/route`'s)."""
+
     @property
     def id(self) -> str: ...
     @property
     def weight(self) -> float: ...
-    @property
-    def connections(self) -> int: ...
 
 
 C = TypeVar("C", bound=Candidate)
-
-
-class BalancingPolicy(Protocol):
-    def choose(self, candidates: Sequence[C]) -> C | None: ...
 
 
 class RoundRobin:
@@ -47,11 +51,11 @@ class RoundRobin:
     def __init__(self) -> None:
         self._current: dict[str, float] = {}
 
-    def choose(self, candidates: Sequence[C]) -> C | None:
+    def choose(self, candidates: Sequence[BackendStatus]) -> BackendStatus | None:
         if not candidates:
             return None
         total = 0.0
-        best: C | None = None
+        best: BackendStatus | None = None
         best_score = 0.0
         for candidate in candidates:
             score = self._current.get(candidate.id, 0) + candidate.weight
@@ -79,7 +83,7 @@ class LeastConn:
         self._picks = 0
         self._picked: dict[str, int] = {}  # backend id -> number of the pick that last chose it
 
-    def choose(self, candidates: Sequence[C]) -> C | None:
+    def choose(self, candidates: Sequence[BackendStatus]) -> BackendStatus | None:
         if not candidates:
             return None
         # One pass (this runs per handshake): the lowest load so far, the least recently picked on a tie.
