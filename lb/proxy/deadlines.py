@@ -35,13 +35,17 @@ class Deadline:
 
     def __init__(self, when: float, callback: Callable[[], object]) -> None:
         self.when = when
-        self._callback = callback
+        # Let go of once run or cancelled, as asyncio's handles do: its owner usually holds the deadline
+        # (a connection, a tunnel's end), and a bound method of the owner kept here would make a cycle
+        # that only the collector frees.
+        self._callback: Callable[[], object] | None = callback
         self._cancelled = False
         self._slice: set[Deadline] | None = None  # the slice it waits in (Deadlines._place)
 
     def cancel(self) -> None:
         if not self._cancelled:
             self._cancelled = True
+            self._callback = None
             owners = self._slice
             if owners is not None:
                 self._slice = None
@@ -88,7 +92,8 @@ class Deadlines:
         now = _now()
         # A copy: a callback may cancel another deadline of this slice (the tunnel's two ends).
         for deadline in list(owners):
-            if deadline._cancelled:
+            callback = deadline._callback
+            if callback is None:  # cancelled by a callback before it
                 continue
             deadline._slice = None
             if deadline.when > now:
@@ -96,7 +101,8 @@ class Deadlines:
                 # so its timer may fire a little early: the deadline waits on, in its next slice.
                 self._place(deadline)
                 continue
+            deadline._callback = None
             try:
-                deadline._callback()
+                callback()
             except Exception:
                 log.exception("a deadline's callback failed")

@@ -7,8 +7,10 @@ decides whether a loop timer fires on time or early.  Times are the real monoton
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -74,6 +76,35 @@ def test_a_cancelled_deadline_never_runs_and_is_let_go_at_once() -> None:
     assert ran == ["kept"] and not kept.cancelled()  # as asyncio.TimerHandle: run is not cancelled
     kept.cancel()  # after it ran: harmless
     assert len(deadlines) == 0
+
+
+@pytest.mark.parametrize("finish", ["cancelled", "reached"])
+def test_a_deadline_done_with_holds_its_callback_no_more(finish: str) -> None:
+    """As asyncio's TimerHandle: cancelled or reached, a deadline lets go of its callback, so an owner
+    that keeps its deadline (a connection, a tunnel's end) is freed by reference counting, not left in
+    a cycle (owner → deadline → bound method → owner) for the collector."""
+
+    class Owner:
+        def __init__(self, deadlines: Deadlines) -> None:
+            self.deadline = deadlines.call_later(0.0, self.expire)
+
+        def expire(self) -> None:
+            pass
+
+    deadlines, loop = _wheel()
+    gc.disable()
+    try:
+        owner = Owner(deadlines)
+        gone = weakref.ref(owner)
+        if finish == "cancelled":
+            owner.deadline.cancel()
+        else:
+            time.sleep(GRAIN)
+            loop.fire_all()
+        del owner
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_a_timer_that_fires_early_leaves_its_deadlines_waiting() -> None:

@@ -643,6 +643,31 @@ def test_a_closed_tunnel_is_freed_without_the_cycle_collector(first: str) -> Non
         gc.enable()
 
 
+def test_a_tunnel_closed_after_a_half_close_linger_is_freed_without_the_cycle_collector() -> None:
+    """The client hangs up first and the backend answers its FIN: the linger deadline the FIN armed
+    is cancelled, and it leads back to nothing (a cancelled deadline holds its callback no more)."""
+    import gc
+
+    async def scenario() -> None:
+        gc.collect()
+        gc.disable()
+        try:
+            client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
+            ctx, tunnel = _join(client, server, to_client=TEXT, deadlines=Deadlines(asyncio.get_running_loop()))
+            assert client.protocol.eof_received() is True and tunnel.server_end.deadline is not None
+            server.protocol.eof_received()
+            assert tunnel.closed and tunnel.server_end.deadline.cancelled() and not ctx.tunnels
+            for transport in (client, server):
+                transport.protocol.connection_lost(None)
+                transport.protocol = None
+            del tunnel, ctx
+            assert gc.collect() == 0
+        finally:
+            gc.enable()
+
+    _run(scenario())
+
+
 class FillingTransport(FakeTransport):
     """A transport with a small high-water mark: a write past it tells its protocol, as asyncio does."""
 
