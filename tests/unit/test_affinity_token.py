@@ -8,7 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.affinity.codec import CLOCK_SKEW, MAX_TOKEN_CHARS, NONCE_BYTES, SESSION_BYTES, Claim, TokenCodec
+from lb.affinity import codec
+from lb.affinity.codec import (
+    CLOCK_SKEW,
+    MAX_TOKEN_CHARS,
+    NONCE_BYTES,
+    SESSION_BYTES,
+    Claim,
+    TokenCodec,
+    TokenTooLarge,
+    base64_chars,
+)
 from lb.errors import InvalidToken
 
 MAX_AGE = 3600.0
@@ -364,3 +374,35 @@ def test_round_trip_any_claim(
     if len(backend_id.encode("utf-8")) > 255:
         return
     assert CODEC.open(CODEC.seal(claim, nonce), issued_at) == claim
+
+
+def test_the_layouts_sizes_are_their_structs() -> None:
+    """`open` and `_parse_claim` read the header and the claim by indexing, with sizes as constants."""
+    assert codec._HEADER.size == codec._HEADER_SIZE and codec._CLAIM.size == codec._CLAIM_SIZE
+
+
+@settings(max_examples=300, deadline=None)
+@given(issued_at=st.integers(0, 2**32 - 1), session=st.binary(min_size=SESSION_BYTES, max_size=SESSION_BYTES))
+def test_a_claim_is_read_as_its_struct_writes_it(issued_at: int, session: bytes) -> None:
+    plaintext = codec._CLAIM.pack(issued_at, session, 2) + b"b1" + b"\x01p"
+    claim = codec._parse_claim(plaintext, 2, older_key=False)
+    assert (claim.issued_at, claim.session, claim.backend_id, claim.pool) == (issued_at, session, "b1", "p")
+
+
+def test_a_value_is_refused_exactly_when_its_token_would_pass_max_token_chars() -> None:
+    """Rewrite mode seals the backend's own value: the largest that fits makes a token of at most
+    MAX_TOKEN_CHARS, and one byte more is refused (TokenTooLarge), not sealed into a longer one."""
+    claim_bytes = 3 + NONCE_BYTES + 4 + SESSION_BYTES + 1 + len("gw-1") + 1 + len("p") + 16  # all but the value
+    outcomes = []
+    for size in range(3000, 3100):
+        claim = Claim(backend_id="gw-1", issued_at=ISSUED, session=SESSION, app_value="v" * size, pool="p")
+        fits = base64_chars(claim_bytes + size) <= MAX_TOKEN_CHARS
+        try:
+            token = CODEC.seal(claim, NONCE)
+        except TokenTooLarge:
+            outcomes.append(False)
+            assert not fits, size
+            continue
+        outcomes.append(True)
+        assert fits and len(token) == base64_chars(claim_bytes + size), size
+    assert True in outcomes and False in outcomes
