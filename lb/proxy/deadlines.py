@@ -70,8 +70,9 @@ class Deadlines:
         self._place(deadline)
         return deadline
 
-    def __len__(self) -> int:
-        """Deadlines waiting (for tests and the curious: O(slices))."""
+    def waiting(self) -> int:
+        """How many deadlines wait (O(slices)).  Not `__len__`: an empty Deadlines would then be false,
+        and `deadlines or Deadlines(loop)` would make a new one whenever none waited."""
         return sum(len(owners) for owners in self._slices.values())
 
     def _place(self, deadline: Deadline) -> None:

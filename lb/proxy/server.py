@@ -223,7 +223,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         # Asked once per listener, not per connection: on Python 3.11 every get_running_loop()
         # is a getpid() system call (it checks for a fork), and a handshake would make two.
         self._loop = loop or asyncio.get_running_loop()
-        self._deadlines = deadlines or Deadlines(self._loop)
+        self._deadlines = deadlines if deadlines is not None else Deadlines(self._loop)
         self._accepted = accepted or 0.0
         self._client = client
         self._early = count  # counted, and timed, from its accept (a TLS handshake or PROXY header first)

@@ -146,3 +146,11 @@ async def test_a_read_through_data_received_is_the_same_read(read: str) -> None:
     give(upstream, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     answer = b"".join(client.written)
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok"), answer
+
+
+async def test_a_listeners_connections_share_its_deadlines_even_while_none_is_waiting() -> None:
+    """lb.proxy.deadlines: one loop timer per slice of time for all of a listener's connections.  The
+    connections it makes share its Deadlines from the first, when nothing waits in it yet."""
+    factory = client_factory(_ctx(), asyncio.get_running_loop())
+    first, second = factory(), factory()
+    assert first._deadlines is second._deadlines
