@@ -5,7 +5,7 @@ of its instructions were the interpreter itself (the bytecode loop, frame set-up
 look-ups): `python -m bench.instructions --by-function 12`. mypyc compiles the same typed source
 (`mypy --strict` already holds it) to C extension modules, with native classes and direct calls.
 It is the compiler mypy and black ship with; the tests run against the compiled modules, and the
-`.py` files stay the pure-Python fallback for a machine without a C compiler.  Five small modules are
+`.py` files stay the pure-Python fallback for a machine without a C compiler.  Six small modules are
 written in C (`c_sources()`: lb/http/_scan.c, lb/http/_render.c, lb/affinity/_token64.c, lb/ws/_plain.c,
 lb/_logfmt.c, lb/_logwrite.c, whose headers say why); they are built in the same step, beside the Python
 that stands in for each when it is not.

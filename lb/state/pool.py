@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Final
 
 from lb.affinity.balancing import LeastConn, RoundRobin, make_policy
 from lb.config.model import HASHED_METHODS, BackendConfig, PoolConfig
@@ -93,6 +94,9 @@ class StateChange:
     reason: str
 
 
+_NOTHING_TRIED: Final[frozenset[str]] = frozenset()
+
+
 @dataclass(slots=True)
 class PoolState:
     """All backends of one pool, with its balancing policy."""
@@ -120,11 +124,9 @@ class PoolState:
 
     def new_client_candidates(self, exclude: Iterable[str] = (), now: float | None = None) -> list[BackendStatus]:
         """Backends that may take a new client, with slow-start weights refreshed for `now`."""
-        if exclude:  # backends this request already tried
-            excluded = set(exclude)
-            candidates = [b for b in self.backends.values() if b.takes_new_clients and b.id not in excluded]
-        else:
-            candidates = [b for b in self.backends.values() if b.takes_new_clients]
+        # The backends this request already tried; none on a first attempt, which then builds no set.
+        excluded = set(exclude) if exclude else _NOTHING_TRIED
+        candidates = [b for b in self.backends.values() if b.takes_new_clients and b.id not in excluded]
         window = self.slow_start
         for backend in candidates:
             if backend.ramp_from is None:
