@@ -27,6 +27,7 @@ import logging
 import pstats
 import sys
 import time
+from collections.abc import Generator
 from typing import Any
 
 from bench.handshake_core import SWITCH, make_context, parse_args, warmup_count
@@ -82,7 +83,7 @@ class BenchLoop:
     """The running loop, except that a backend "connects" when the bench says so, not through a socket.
 
     The real shell asks its loop for the connection (`_open`): here `create_connection` builds the
-    shell's own `_Upstream` through the factory it is given and keeps it, and the task is one that
+    shell's own `_Upstream` through the factory it is given and keeps it, and the connect is one that
     never finishes.  (A stand-in loop rather than a subclass of the shell: compiled, the shell is
     a native class, which an interpreted class cannot subclass.)
     """
@@ -97,21 +98,22 @@ class BenchLoop:
     def time(self) -> float:
         return self._loop.time()
 
-    def create_connection(self, factory: Any, host: str, port: int) -> None:
+    def create_connection(self, factory: Any, host: str, port: int) -> Generator[_NeverDone, None, None]:
         self.opened.append(factory())
+        return _never_connects()
 
-    def create_task(self, coroutine: None) -> _NeverDone:
-        return _NeverDone()
+
+def _never_connects() -> Generator[_NeverDone, None, None]:
+    """The connect of `BenchLoop`: it awaits a future that never finishes (the bench delivers
+    `connection_made` itself), as the loop's coroutine awaits its connect."""
+    yield _NeverDone()
 
 
 class _NeverDone:
-    """The connect task of `BenchLoop`: the bench delivers `connection_made` itself."""
+    """The future `_never_connects` awaits."""
 
     def add_done_callback(self, callback: Any) -> None:
         pass
-
-    def done(self) -> bool:
-        return False
 
     def cancel(self) -> bool:
         return True

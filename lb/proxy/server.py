@@ -5,7 +5,7 @@ Per client connection: one `ClientConnection` protocol, one deadline
 replaced when the core asks for an earlier one) and, while
 a request is being served, one `_Upstream` protocol on the backend connection.
 No task and no `asyncio.timeout` per request; the backend connect is the one
-coroutine (`loop.create_connection`), watched by a done-callback.  TLS
+coroutine (`loop.create_connection`), stepped by `lb.proxy.connecting`.  TLS
 listeners accept themselves (`lb.proxy.preamble.AcceptingServer`, with
 `ssl_handshake_timeout`); its `AcceptCount` counts it in `ctx.handshaking`
 from accept, through the handshake, so that a TLS connection is counted and
@@ -32,6 +32,7 @@ from typing import Any, Final, cast
 from lb.errors import LOCAL_ERRNOS
 from lb.http.forwarding import render_refusal
 from lb.log import Throttle
+from lb.proxy.connecting import Connecting
 from lb.proxy.connection import (
     CLOSED,
     RELAY,
@@ -92,12 +93,9 @@ class _Upstream(asyncio.BufferedProtocol):
             self.transport.pause_reading()  # the client is not reading: nothing more to pass it yet
         owner.backend_connected()
 
-    def connect_done(self, task: asyncio.Task[Any]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
+    def connect_failed(self, exc: BaseException) -> None:
         owner = self.owner
-        if exc is None or owner is None:
+        if owner is None:
             return
         if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
             owner.local_failure(exc)
@@ -232,7 +230,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._timer_at: float | None = None  # the deadline the core asked for (the events' clock)
         self._timer_armed = 0.0  # when the armed handle fires (the events' clock); may be before _timer_at
         self._upstream: _Upstream | None = None
-        self._connecting: asyncio.Task[Any] | None = None
+        self._connecting: Connecting | None = None
         self._paused = 0
         self.client_full = False
         self._tls = tls
@@ -419,13 +417,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         loop = self._loop
         upstream = _Upstream(self)
         self._upstream = upstream
-        try:
-            task = loop.create_task(loop.create_connection(lambda: upstream, action.host, action.port))
-        except OSError as exc:  # pragma: no cover - create_task does not raise OSError
-            self.run(self.core.backend_failed(str(exc), _now()))
-            return
-        self._connecting = task
-        task.add_done_callback(upstream.connect_done)
+        self._connecting = Connecting(
+            loop, loop.create_connection(lambda: upstream, action.host, action.port), upstream.connect_failed)
 
     def local_failure(self, exc: OSError) -> None:
         """The balancer itself is out of descriptors or memory: 503, and no backend is blamed."""
@@ -440,10 +433,10 @@ class ClientConnection(asyncio.BufferedProtocol):
         upstream.owner = None
         if upstream.transport is not None:
             close_flushing(upstream.transport)
-        task = self._connecting
+        connecting = self._connecting
         self._connecting = None
-        if task is not None and not task.done():
-            task.cancel()
+        if connecting is not None:
+            connecting.cancel()  # a no-op once it has ended
         self._paused &= ~_BACKEND_FULL
         self._apply_pause()
 

@@ -45,6 +45,28 @@ def test_instruction_count_per_handshake_and_by_function() -> None:
     assert len(lines) == 7 and all(re.fullmatch(r"\s*-?[\d,]+\s+-?[\d.]+%  \S+:\S+", line) for line in lines[2:])
 
 
+
+@pytest.mark.skipif(shutil.which("callgrind_control") is None,
+                    reason="valgrind is not installed (apt-get install valgrind)")
+def test_instruction_count_of_the_real_balancer_per_handshake() -> None:
+    """bench.instructions_live: `lb run` under callgrind, counted over windows of real handshakes, less what
+    it spends idle.  Tiny windows: the count is only held to be a plausible handshake's."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.instructions_live", "--handshakes", "20", "--windows", "2", "--idle", "1",
+         "--check"],
+        capture_output=True, text=True, timeout=300, cwd=root,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert re.fullmatch(r"idle: [\d,]+ instructions a second", lines[0]), lines
+    assert re.fullmatch(r"windows: -?[\d,]+  -?[\d,]+", lines[1]), lines
+    found = re.fullmatch(r"lb run: ([\d,]+) instructions per handshake \(check cookie, callgrind, median of 2 "
+                         r"windows of 20\)", lines[2])
+    assert found is not None, lines
+    assert 50_000 < int(found.group(1).replace(",", "")) < 5_000_000
+
+
 _ANNOTATED = """\
 --------------------------------------------------------------------------------
 1,904,149,241 (100.0%)  PROGRAM TOTALS

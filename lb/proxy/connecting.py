@@ -1,0 +1,92 @@
+"""A backend connect in flight: the loop's `create_connection` coroutine, stepped without a Task.
+
+Why not a Task: under uvloop a Task costs a connect about 7,300 instructions more than
+stepping its coroutine here (callgrind, a real loopback connect each way): its entry in
+asyncio's set of all tasks (a WeakSet, in interpreted Python, added to and removed from), a
+`call_soon` for its first step and another for its done-callbacks.  A handshake opens one
+backend connection, so that was 4-5 % of its instructions in a real run, where the handshake
+micro-benchmark (`bench.handshake_shell`), which never connects, could not see it.
+
+The coroutine is stepped as a Task steps it: once at once, then each time a future it awaits
+is done (a bare `yield`, as `asyncio.sleep(0)` makes, is stepped on the loop's next turn).
+Success needs no report: the protocol's `connection_made` has already been called by then.  A
+failure is reported to `failed` on the loop's next turn, never from inside the call that
+started the connect, as a Task's done-callback would be.
+
+`cancel()` is a Task's cancel: the awaited future is cancelled, and whichever step comes next
+throws CancelledError into the coroutine, so that `create_connection` closes the transport it
+made (uvloop and asyncio both close it on any exception, including one whose connect had
+already succeeded when it was given up).  Nothing is reported for a cancelled connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+
+class Connecting:
+    """`coroutine` stepped to its end on `loop`; `failed(exc)` is called (soon) if it raises."""
+
+    __slots__ = ("_coroutine", "_failed", "_giving_up", "_loop", "_waiting")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any],
+        failed: Callable[[BaseException], object],
+    ) -> None:
+        self._loop = loop
+        self._coroutine: Coroutine[Any, Any, Any] | None = coroutine
+        self._failed: Callable[[BaseException], object] | None = failed
+        self._giving_up = False  # cancel() was called: CancelledError goes in at the next step
+        self._waiting: asyncio.Future[Any] | None = None  # the future the coroutine awaits
+        self._step()
+
+    def done(self) -> bool:
+        return self._coroutine is None
+
+    def cancel(self) -> None:
+        """Give the connect up (no-op once it has ended): its transport, if any, is closed."""
+        if self._coroutine is None or self._giving_up:
+            return
+        self._giving_up = True
+        waiting = self._waiting
+        if waiting is not None:
+            waiting.cancel()  # its callback steps the coroutine; if it had finished, that step is on its way
+
+    def _step(self, _future: object = None) -> None:
+        coroutine = self._coroutine
+        if coroutine is None:
+            return
+        self._waiting = None
+        try:
+            awaited = coroutine.throw(asyncio.CancelledError()) if self._giving_up else coroutine.send(None)
+        except StopIteration:
+            self._report(None)
+            return
+        except (KeyboardInterrupt, SystemExit):
+            self._report(None)
+            raise  # as a Task does: these are not a connect's failure
+        except BaseException as exc:  # the connect's own error (OSError, mostly), reported as a Task reports it
+            self._report(None if self._giving_up else exc)
+            return
+        if awaited is None:
+            self._loop.call_soon(self._step)
+            return
+        try:
+            awaited.add_done_callback(self._step)
+        except AttributeError:  # not a future: a coroutine no loop could run (a Task raises into it too)
+            coroutine.close()
+            self._report(RuntimeError(f"a connect awaited {awaited!r}, not a future"))
+            return
+        self._waiting = awaited
+
+    def _report(self, exc: BaseException | None) -> None:
+        """The connect has ended (`exc`: how it failed, None for success or a cancel): let go of the
+        coroutine (its frame held the protocol, which holds its owner) and of `failed`."""
+        failed = self._failed
+        self._coroutine = None
+        self._waiting = None
+        self._failed = None
+        if exc is not None and failed is not None:
+            self._loop.call_soon(failed, exc)
