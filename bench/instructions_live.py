@@ -1,9 +1,10 @@
 """Instructions per handshake of the real balancer: `lb run` under callgrind, real sockets, uvloop.
 
-`python -m bench.instructions_live [--check] [--handshakes N] [--windows W] [--idle S] [--profile FILE]` starts
-three echo gateways and the balancer on the benchmark's configuration (`bench.runner`), the
-balancer under `valgrind --tool=callgrind --instr-atstart=no`, so that start-up runs
-uncounted.  After a warm-up it turns counting on (`callgrind_control`) and measures:
+`python -m bench.instructions_live [--floor] [--check] [--handshakes N] [--windows W] [--idle S] [--profile FILE]`
+starts three echo gateways and the balancer on the benchmark's configuration (`bench.runner`),
+the balancer under `valgrind --tool=callgrind --instr-atstart=no`, so that start-up runs
+uncounted.  `--floor` counts `bench.floor` instead: what the runtime alone costs a handshake.
+After a warm-up it turns counting on (`callgrind_control`) and measures:
 
 - an idle window of S seconds: what the balancer spends with no client (health checks, its
   once-a-second ticks), as instructions per second;
@@ -111,7 +112,7 @@ class Counted:
 
 
 def measure(
-    handshakes: int, windows: int, idle: float, check: bool, profile: Path | None = None
+    handshakes: int, windows: int, idle: float, check: bool, profile: Path | None = None, floor: bool = False
 ) -> tuple[float, list[float]]:
     """(idle instructions per second, instructions per handshake of each window)."""
     valgrind, control = shutil.which("valgrind"), shutil.which("callgrind_control")
@@ -130,21 +131,29 @@ def measure(
                 line = procs.read_line(child, time.monotonic() + 30)
                 host, _, backend_port = line.rpartition(" ")[2].rpartition(":")
                 backends.append((child.name, host, int(backend_port)))
-            port, admin_port = procs.free_port(), procs.free_port()
-            config = log_dir / "balancer.yaml"
-            config.write_text(yaml.safe_dump(runner.balancer_config(backends, port, admin_port), sort_keys=False))
             out = log_dir / "callgrind.out"
-            balancer = procs.start("balancer", [
-                valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-                *procs.python_module("lb", "run", "--config", str(config)),
-            ], log_dir)
-            children.append(balancer)
-            address = (procs.HOST, port)
-            _wait_upgrading(address, balancer)
+            counting = [valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+            if floor:
+                listed = ",".join(f"{host}:{backend_port}" for _, host, backend_port in backends)
+                target = procs.start("floor", [*counting, *procs.python_module(
+                    "bench.floor", "--port", "0", "--backends", listed)], log_dir, stdout_pipe=True)
+                children.append(target)
+                line = procs.read_line(target, time.monotonic() + READY_WITHIN)
+                host, _, bound = line.rpartition(" ")[2].rpartition(":")
+                address = (host, int(bound))
+            else:
+                port, admin_port = procs.free_port(), procs.free_port()
+                config = log_dir / "balancer.yaml"
+                config.write_text(yaml.safe_dump(runner.balancer_config(backends, port, admin_port), sort_keys=False))
+                target = procs.start("balancer", [
+                    *counting, *procs.python_module("lb", "run", "--config", str(config))], log_dir)
+                children.append(target)
+                address = (procs.HOST, port)
+            _wait_upgrading(address, target)
             cookie = first_cookie(address) if check else None
             for _ in range(100):  # warm: caches filled, every code path taken once
                 handshake(address, cookie)
-            counted = Counted(control, balancer.pid, out)
+            counted = Counted(control, target.pid, out)
             counted.start()
             began = time.monotonic()
             time.sleep(idle)
@@ -162,22 +171,23 @@ def measure(
             procs.stop_all(children)
 
 
-def _wait_upgrading(address: tuple[str, int], balancer: procs.Child) -> None:
+def _wait_upgrading(address: tuple[str, int], target: procs.Child) -> None:
     deadline = time.monotonic() + READY_WITHIN
     while time.monotonic() < deadline:
-        if not balancer.alive():
-            raise RuntimeError(f"the balancer exited: {balancer.log_path.read_text()[-2000:]}")
+        if not target.alive():
+            raise RuntimeError(f"{target.name} exited: {target.log_path.read_text()[-2000:]}")
         try:
             if runner.probe(address)[0] == 101:
                 return
         except OSError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"the balancer did not upgrade a handshake within {READY_WITHIN:.0f} s")
+    raise RuntimeError(f"{target.name} did not upgrade a handshake within {READY_WITHIN:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions_live", description=__doc__.splitlines()[0])
+    parser.add_argument("--floor", action="store_true", help="count bench.floor, not the balancer")
     parser.add_argument("--check", action="store_true", help="send the issued cookie back (check, not issue)")
     parser.add_argument("--handshakes", type=int, default=1000, metavar="N", help="handshakes a window (1000)")
     parser.add_argument("--windows", type=int, default=3, metavar="W", help="windows counted (3)")
@@ -186,15 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.handshakes < 1 or args.windows < 1 or args.idle <= 0:
         parser.error("need N >= 1, W >= 1 and S > 0")
+    if args.floor and args.check:
+        parser.error("--check is for the balancer: the floor checks no cookie")
     try:
-        idle_rate, per_window = measure(args.handshakes, args.windows, args.idle, args.check, args.profile)
+        idle_rate, per_window = measure(args.handshakes, args.windows, args.idle, args.check, args.profile,
+                                        args.floor)
     except NoValgrind as exc:
         print(exc, file=sys.stderr)
         return 2
     kind = "check cookie" if args.check else "issue cookie"
     print(f"idle: {idle_rate:,.0f} instructions a second")
     print("windows: " + "  ".join(f"{value:,.0f}" for value in per_window))
-    print(f"lb run: {statistics.median(per_window):,.0f} instructions per handshake ({kind}, callgrind, "
+    print(f"{'bench.floor' if args.floor else 'lb run'}: {statistics.median(per_window):,.0f} instructions per "
+          f"handshake ({kind}, callgrind, "
           f"median of {args.windows} windows of {args.handshakes})")
     return 0
 
