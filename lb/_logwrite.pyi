@@ -1,3 +1,8 @@
-# lb/_logwrite.c: one timestamped log line written straight to a descriptor (lb.log uses it when built).
+# lb/_logwrite.c: access lines rendered and written straight to a descriptor (lb.log, lb.access_log use it
+# when built).
 
 def write_line(fd: int, created: float, middle: str, text: str, /) -> bool: ...
+def write_fields(
+    fd: int, created: float, middle: str, keys: tuple[str, ...], values: tuple[object, ...], /
+) -> bool: ...
+def bare(text: str, /) -> bool: ...

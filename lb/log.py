@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Final, TextIO, cast
 
 from lb import built_in_c
-from lb.access_log import set_access_writer
+from lb.access_log import render_fields, set_access_writer
 from lb.config.model import LogFormat, LoggingConfig
 from lb.log_stream import DroppingHandler, note_dropped
 
@@ -186,6 +186,16 @@ class AccessLineWriter:
 
     def write(self, text: str, fields: dict[str, object]) -> None:
         """One event: `text` is its rendered `key=value` message, `fields` its JSON keys."""
+        self._write(text, (), (), fields)
+
+    def write_fields(self, keys: tuple[str, ...], values: tuple[object, ...]) -> None:
+        """One plain event, its text `render_fields(keys, values)`: rendered by lb._logwrite as it writes,
+        when it does, so that no str is made for it."""
+        self._write(None, keys, values, {})
+
+    def _write(
+        self, text: str | None, keys: tuple[str, ...], values: tuple[object, ...], fields: dict[str, object]
+    ) -> None:
         now = _now()
         handler = self._handler
         # The same lock the ordinary path takes (lines from other threads never interleave), taken
@@ -198,19 +208,26 @@ class AccessLineWriter:
             if stream is not self._stream:
                 self._find_descriptor(stream)
             raw = self._raw
-            if self.plain and raw is not None and not raw.closed and _WRITE_LINE is not None:
+            if (self.plain and raw is not None and not raw.closed and _WRITE_LINE is not None
+                    and _WRITE_FIELDS is not None):
                 if self._flush_first:
                     stream.flush()  # what the buffered layer holds goes first (a part line, say)
                 # What the lines below would write, in one call (lb/_logwrite.c says why).
-                if not _WRITE_LINE(self._fd, now, self._prefix, text):
+                if text is None:
+                    written = _WRITE_FIELDS(self._fd, now, self._prefix, keys, values)
+                else:
+                    written = _WRITE_LINE(self._fd, now, self._prefix, text)
+                if not written:
                     note_dropped()
             else:
-                stream.write(self._line(now, text, fields) + handler.terminator)
+                stream.write(self._line(now, render_fields(keys, values) if text is None else text, fields)
+                             + handler.terminator)
                 stream.flush()
         except Exception:
             # As StreamHandler.emit: a log that cannot be written (stderr closed, EPIPE) must never
             # fail the handshake that logs; handleError reports it the way logging does.
-            handler.handleError(logging.makeLogRecord({"name": "lb.access", "msg": text, "levelno": logging.INFO,
+            message = render_fields(keys, values) if text is None else text
+            handler.handleError(logging.makeLogRecord({"name": "lb.access", "msg": message, "levelno": logging.INFO,
                                                        "levelname": "INFO"}))
         finally:
             if lock is not None:
@@ -249,8 +266,11 @@ class AccessLineWriter:
 _ASCII_AS_ASCII: Final = frozenset({"utf-8", "ascii", "iso8859-1", "cp1252"})
 
 
-# lb._logwrite's write_line, or None (not built, or LB_PURE_PYTHON=1): lines go through the stream.
+# lb._logwrite's write_line and write_fields, or None (not built, or LB_PURE_PYTHON=1): lines go through
+# the stream.
 _WRITE_LINE: Final = cast("Callable[[int, float, str, str], bool] | None", built_in_c("lb._logwrite", "write_line"))
+_WRITE_FIELDS: Final = cast("Callable[[int, float, str, tuple[str, ...], tuple[object, ...]], bool] | None",
+                            built_in_c("lb._logwrite", "write_fields"))
 
 
 _process_name = ""

@@ -489,9 +489,8 @@ class Tunnel:
         self.server_end: WebSocketServerEnd  # every tunnel is a WebSocket's: the backend side reads frames
         self._deadlines: Deadlines | None = None  # see deadlines()
 
-    @classmethod
+    @staticmethod
     def join(
-        cls,
         ctx: ProxyContext,
         backend: BackendStatus,
         client: asyncio.Transport,
@@ -521,7 +520,9 @@ class Tunnel:
         the protocol before this one); its peer stays paused until it drains.
         `deadlines`: the handshake's, on the running loop (see `deadlines()`).
         """
-        tunnel = cls(ctx, backend, client_ip, pool, request_id)
+        # Tunnel, not a classmethod's cls: compiled, the constructor is then called directly, not
+        # through the type's call (its arguments packed into a tuple and parsed again).
+        tunnel = Tunnel(ctx, backend, client_ip, pool, request_id)
         tunnel.client_port = client_port
         tunnel._deadlines = deadlines
         tunnel.client_end = WebSocketClientEnd(tunnel, server)

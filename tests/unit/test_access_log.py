@@ -117,6 +117,10 @@ class _Recorder:
     def write(self, text: str, fields: dict[str, object]) -> None:
         self.lines.append((text, fields))
 
+    def write_fields(self, keys: tuple[str, ...], values: tuple[object, ...]) -> None:
+        # What lb._logwrite renders in C (tests/unit/test_log.py holds the two equal).
+        self.lines.append((access_log.render_fields(keys, values), {}))
+
 
 @contextlib.contextmanager
 def _recording(plain: bool) -> Iterator[_Recorder]:
@@ -142,7 +146,8 @@ def test_the_handshake_line_is_the_generic_request_line(
     client: str, method: str, path: str, pool: str, backend: str, affinity: str, request_id: str,
     port: int, status: int, plain: bool,
 ) -> None:
-    """log_answered renders by one f-string what log_request renders by its loop: same text, same fields."""
+    """log_answered renders from its keys and values what log_request renders by its loop: same text, same
+    fields."""
     with _recording(plain) as recorder:
         access_log.log_answered(client, port, method, path, pool, backend, affinity, status, request_id)
         access_log.log_request(client=client, client_port=port, method=method, path=path, pool=pool,
@@ -179,7 +184,7 @@ _BARE = re.compile(r'[!#-<>-~]+')
 
 def _checks() -> list[Callable[[str], bool]]:
     try:
-        from lb._logfmt import bare
+        from lb._logwrite import bare
     except ImportError:  # not built (no C compiler): the Python check alone, and the wiring test skips
         return [access_log._bare_in_python]
     return [access_log._bare_in_python, bare]
@@ -206,13 +211,14 @@ def test_each_ascii_character_alone_is_bare_or_quoted_as_the_pattern_says(char: 
 
 
 def test_the_c_check_is_used_when_built_and_set_aside_by_lb_pure_python() -> None:
-    logfmt = pytest.importorskip("lb._logfmt", reason="lb/_logfmt.c is not built (make native needs a C compiler)")
+    logwrite = pytest.importorskip("lb._logwrite",
+                                   reason="lb/_logwrite.c is not built (make native needs a C compiler)")
     if pure_python_requested():
         pytest.skip("LB_PURE_PYTHON=1: the Python check runs")
-    assert access_log._bare is logfmt.bare
-    assert logfmt.bare("") is False
+    assert access_log._bare is logwrite.bare
+    assert logwrite.bare("") is False
     with pytest.raises(TypeError):
-        logfmt.bare(b"bytes")  # type: ignore[arg-type]
+        logwrite.bare(b"bytes")  # type: ignore[arg-type]
     probe = "import lb.access_log as a; print(a._bare is a._bare_in_python)"
     env = {**os.environ, "LB_PURE_PYTHON": "1"}
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)

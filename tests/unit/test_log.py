@@ -348,6 +348,87 @@ def test_the_c_line_writer_writes_all_of_a_long_line_through_a_pipe_and_reports_
         logwrite.write_line(1, 1.0, " ")  # type: ignore[call-arg]
 
 
+def _written_fields(keys: tuple[str, ...], values: tuple[object, ...], created: float = 1.5) -> str:
+    """What lb._logwrite.write_fields writes for `keys` and `values`, read back from a pipe."""
+    logwrite = pytest.importorskip("lb._logwrite", reason=NOT_BUILT)
+    read, write = os.pipe()
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read, 65536), b"")))
+    reader.start()
+    try:
+        assert logwrite.write_fields(write, created, " INFO lb.access: ", keys, values) is True
+    finally:
+        os.close(write)
+        reader.join(10)
+        os.close(read)
+    return b"".join(chunks).decode()
+
+
+class _Shown:
+    """A value that is neither str, int nor float: printed as its str(), bare or quoted."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_field_values = (
+    st.text(st.characters(codec="utf-8"), max_size=16) | st.text(alphabet="ab =\"\x1b\u00e9", max_size=8)
+    | st.integers() | st.floats() | st.booleans() | st.none() | st.text(max_size=8).map(_Shown)
+)
+
+
+@given(values=st.lists(_field_values, max_size=10), created=st.floats(0, 253402300799.999))
+@settings(max_examples=500, deadline=None)
+def test_the_c_field_writer_renders_each_value_as_plain_value_does(values: list[object], created: float) -> None:
+    """write_fields(keys, values) writes the line lb.access_log.render_fields renders in Python: ints of any
+    size, floats (inf, nan, -0.0), text bare or JSON-quoted, anything else by its str()."""
+    from lb.access_log import render_fields
+
+    keys = tuple(f" k{index}=" for index in range(len(values)))
+    assert _written_fields(keys, tuple(values), created) == (
+        iso_utc(created) + " INFO lb.access: " + render_fields(keys, tuple(values)) + "\n")
+
+
+@pytest.mark.parametrize("number", [0, 7, -1, 10, -10, 2**63 - 1, -(2**63), 2**63, -(2**63) - 1, 10**30, True])
+def test_the_c_field_writer_prints_an_int_at_every_edge_as_str_does(number: int) -> None:
+    """Digits by hand within a C long long (its most negative one included), str() past it; a bool as its
+    str() too (plain_value prints `True`, not `1`)."""
+    assert _written_fields((" n=",), (number,)) == f"1970-01-01T00:00:01.500Z INFO lb.access:  n={number}\n"
+
+
+def test_the_c_field_writer_takes_a_line_past_its_stack_buffer_and_refuses_what_it_cannot_render() -> None:
+    logwrite = pytest.importorskip("lb._logwrite", reason=NOT_BUILT)
+    keys, values = ("event=x path=", " status="), ("/" + "a b" * 20_000, 101)  # quoted: 60,000 and more
+    line = _written_fields(keys, values)
+    assert line == "1970-01-01T00:00:01.500Z INFO lb.access: event=x path=" + json.dumps(values[0]) + " status=101\n"
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    read, write = os.pipe()
+    try:
+        for bad_keys, bad_values, error in [
+            (("a=",), (), TypeError),  # one key, no value
+            (["a="], ["x"], TypeError),  # lists, not tuples
+            ((b"a=",), ("x",), TypeError),  # a key that is not str
+            (("a=",), (Unprintable(),), RuntimeError),  # str() raised: that error, nothing written
+        ]:
+            with pytest.raises(error):
+                logwrite.write_fields(write, 1.0, " ", bad_keys, bad_values)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            logwrite.write_fields(write, -1.0, " ", ("a=",), ("x",))
+        os.set_blocking(read, False)
+        with pytest.raises(BlockingIOError):
+            os.read(read, 10)  # none of the refused lines was written, not even in part
+    finally:
+        os.close(read)
+        os.close(write)
+
+
 def test_an_extra_handler_still_hears_access_events(captured: Captured) -> None:
     """While anyone else listens on the root logger, access events go through logging."""
     from lb.access_log import log_request

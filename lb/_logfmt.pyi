@@ -1,3 +1,0 @@
-# lb/_logfmt.c: which access-log values may be printed bare (lb.access_log uses it when built).
-
-def bare(text: str, /) -> bool: ...
