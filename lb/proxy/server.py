@@ -491,6 +491,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             client_full=self.client_full,
             server_full=bool(self._paused & _BACKEND_FULL),
             deadlines=self._deadlines,
+            client_tls=self._tls,
         )
         if not self._ctx.accepting:
             # A handshake that was at its backend when SIGTERM came completes, then closes: its tunnel

@@ -187,7 +187,7 @@ class TunnelEnd(asyncio.BufferedProtocol):
             server_end.silenced  # we said goodbye already: nothing more goes to this client
             or server_end.frames.close_seen  # the backend has, too: the close handshake is done
             or not self.peer.can_write_eof()
-            or server_end.peer.get_extra_info("sslcontext") is not None
+            or tunnel.client_tls
         ):
             tunnel.close()  # at once, so the backend's connection count drops with the client's close
             return None
@@ -454,6 +454,7 @@ class Tunnel:
         "client_finished",
         "client_ip",
         "client_port",
+        "client_tls",
         "close_code",
         "closed",
         "ctx",
@@ -473,6 +474,7 @@ class Tunnel:
         self.backend = backend
         self.client_ip = client_ip
         self.client_port = 0
+        self.client_tls = False  # the client's connection is TLS: no half-close (asyncio's has none)
         self.pool = pool
         self.closed = False
         # Set when the balancer ends the tunnel: why ("shutdown", "drain", "idle", "backend_lost") and
@@ -507,6 +509,7 @@ class Tunnel:
         client_full: bool = False,
         server_full: bool = False,
         deadlines: Deadlines | None = None,
+        client_tls: bool = False,
     ) -> Tunnel:
         """Switch both transports to relaying; flush what each side sent ahead of the switch.
 
@@ -519,11 +522,14 @@ class Tunnel:
         `client_full`, `server_full`: that transport is already over its high-water mark (it told
         the protocol before this one); its peer stays paused until it drains.
         `deadlines`: the handshake's, on the running loop (see `deadlines()`).
+        `client_tls`: the client's connection is TLS (known to the caller; asking the transport for its
+        `sslcontext` cost a client's hang-up about 1,800 instructions).
         """
         # Tunnel, not a classmethod's cls: compiled, the constructor is then called directly, not
         # through the type's call (its arguments packed into a tuple and parsed again).
         tunnel = Tunnel(ctx, backend, client_ip, pool, request_id)
         tunnel.client_port = client_port
+        tunnel.client_tls = client_tls
         tunnel._deadlines = deadlines
         tunnel.client_end = WebSocketClientEnd(tunnel, server)
         tunnel.server_end = WebSocketServerEnd(tunnel, client)

@@ -37,7 +37,7 @@ class FakeTransport:
         self.buffered = buffered
         self.protocol: Any = None
         self.half_close = half_close  # can_write_eof(), as a plain TCP transport
-        self.tls = tls
+        self.tls = tls  # a TLS client's: test_tunnel's join says so (Tunnel.join's client_tls)
         self.eof_written = False
         self.sock = sock
 
@@ -54,7 +54,7 @@ class FakeTransport:
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "socket" and self.sock is not None:
             return self.sock
-        return object() if name == "sslcontext" and self.tls else default
+        return default
 
     def close(self) -> None:
         self.closed = True

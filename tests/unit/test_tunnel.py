@@ -35,6 +35,7 @@ def _setup() -> tuple[ProxyContext, BackendStatus]:
 
 def _join(client: FakeTransport, server: FakeTransport, **kwargs: Any) -> tuple[ProxyContext, Tunnel]:
     ctx, backend = _setup()
+    kwargs.setdefault("client_tls", client.tls)  # the shell tells join, as it knows its listener
     tunnel = Tunnel.join(ctx, backend, client, server, client_ip="1.2.3.4", pool="p", **kwargs)  # type: ignore[arg-type]
     return ctx, tunnel
 
