@@ -134,6 +134,23 @@ write_all(int fd, const char *data, Py_ssize_t length)
     return 0;
 }
 
+/* The first two arguments of either writer: a descriptor and a time; -1 with an exception set. */
+static int
+read_fd_and_time(PyObject *const *args, int *fd, double *created)
+{
+    long number = PyLong_AsLong(args[0]);
+    if (number == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (number < 0 || number > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a log line's writer takes a descriptor");
+        return -1;
+    }
+    *fd = (int)number;
+    *created = PyFloat_AsDouble(args[1]);
+    return *created == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
 static PyObject *
 write_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -142,16 +159,9 @@ write_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "write_line(fd, created, middle, text) takes 4 arguments");
         return NULL;
     }
-    long fd = PyLong_AsLong(args[0]);
-    if (fd == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (fd < 0 || fd > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "write_line() takes a descriptor");
-        return NULL;
-    }
-    double created = PyFloat_AsDouble(args[1]);
-    if (created == -1.0 && PyErr_Occurred()) {
+    int fd;
+    double created;
+    if (read_fd_and_time(args, &fd, &created) < 0) {
         return NULL;
     }
     if (!PyUnicode_Check(args[2]) || !PyUnicode_Check(args[3])) {
@@ -178,7 +188,7 @@ write_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         memcpy(line + STAMP_LENGTH, middle, (size_t)middle_length);
         memcpy(line + STAMP_LENGTH + middle_length, text, (size_t)text_length);
         line[length - 1] = '\n';
-        result = write_all((int)fd, line, length);
+        result = write_all(fd, line, length);
     }
     if (line != on_stack) {
         PyMem_Free(line);
@@ -353,16 +363,9 @@ write_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "write_fields(fd, created, middle, keys, values) takes 5 arguments");
         return NULL;
     }
-    long fd = PyLong_AsLong(args[0]);
-    if (fd == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (fd < 0 || fd > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "write_fields() takes a descriptor");
-        return NULL;
-    }
-    double created = PyFloat_AsDouble(args[1]);
-    if (created == -1.0 && PyErr_Occurred()) {
+    int fd;
+    double created;
+    if (read_fd_and_time(args, &fd, &created) < 0) {
         return NULL;
     }
     PyObject *middle = args[2], *keys = args[3], *values = args[4];
@@ -393,7 +396,7 @@ write_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         result = line_add(&line, "\n", 1);
     }
     if (result == 0) {
-        result = write_all((int)fd, line.data, line.length);
+        result = write_all(fd, line.data, line.length);
     }
     if (line.on_heap) {
         PyMem_Free(line.data);

@@ -33,6 +33,14 @@ async def _turns(count: int = 3) -> None:
         await asyncio.sleep(0)
 
 
+async def _until(condition: Callable[[], bool]) -> None:
+    """Until `condition` holds, a second at most (a loopback connect takes a turn or two)."""
+    for _ in range(100):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
 class _Recorded(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.BaseTransport | None = None
@@ -61,10 +69,7 @@ def test_a_connect_that_succeeds_tells_its_protocol_and_reports_nothing(
         port = server.sockets[0].getsockname()[1]
         protocol, failures = _Recorded(), []
         connecting = Connecting(loop, loop.create_connection(lambda: protocol, "127.0.0.1", port), failures.append)
-        for _ in range(100):
-            if connecting.done():
-                break
-            await asyncio.sleep(0.01)
+        await _until(connecting.done)
         assert connecting.done() and protocol.transport is not None and not protocol.transport.is_closing()
         await _turns()
         assert failures == []
@@ -83,10 +88,7 @@ def test_a_refused_connect_is_reported_on_a_later_turn_never_from_inside_the_cal
         failures: list[BaseException] = []
         connecting = Connecting(loop, loop.create_connection(_Recorded, "127.0.0.1", _closed_port()), failures.append)
         assert failures == []
-        for _ in range(100):
-            if failures:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: bool(failures))
         assert [type(exc) for exc in failures] == [ConnectionRefusedError] and connecting.done()
 
     _run(new_loop, main)
@@ -110,10 +112,7 @@ def test_a_connect_given_up_at_once_closes_what_it_made_and_reports_nothing(
         connecting = Connecting(loop, loop.create_connection(lambda: protocol, "127.0.0.1", port), failures.append)
         connecting.cancel()
         connecting.cancel()  # twice is once
-        for _ in range(100):
-            if connecting.done() and all(side.lost for side in accepted):
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: connecting.done() and all(side.lost for side in accepted))
         assert connecting.done() and failures == []
         # Whatever the connect had made is closed: no transport of ours is left open, and the listener's
         # side of any connection that reached it has been hung up on.
