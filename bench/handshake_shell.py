@@ -84,16 +84,27 @@ class BenchLoop:
 
     The real shell asks its loop for the connection (`_open`): here `create_connection` builds the
     shell's own `_Upstream` through the factory it is given and keeps it, and the connect is one that
-    never finishes.  (A stand-in loop rather than a subclass of the shell: compiled, the shell is
-    a native class, which an interpreted class cannot subclass.)
+    never finishes.  What the shell asks for the loop's next turn runs when the bench says so.  (A
+    stand-in loop rather than a subclass of the shell: compiled, the shell is a native class, which an
+    interpreted class cannot subclass.)
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.opened: list[Any] = []
+        self.soon: list[tuple[Any, tuple[Any, ...]]] = []
 
     def call_later(self, delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
         return self._loop.call_later(delay, callback, *args)
+
+    def call_soon(self, callback: Any, *args: Any) -> None:
+        self.soon.append((callback, args))
+
+    def next_turn(self) -> None:
+        """Run what was asked for the loop's next turn (the connect's first step), as the loop would."""
+        soon, self.soon = self.soon, []
+        for callback, args in soon:
+            callback(*args)
 
     def time(self) -> float:
         return self._loop.time()
@@ -145,6 +156,7 @@ class Bench:
         client.protocol = protocol
         protocol.connection_made(client)
         deliver(protocol, request)
+        self.loop.next_turn()  # the connect's first step: it awaits a connect that never finishes
         assert len(self.loop.opened) == 1, "one backend should have been opened"
         upstream = self.loop.opened.pop()
         backend.protocol = upstream

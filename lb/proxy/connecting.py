@@ -1,22 +1,25 @@
 """A backend connect in flight: the loop's `create_connection` coroutine, stepped without a Task.
 
-Why not a Task: under uvloop a Task costs a connect about 7,300 instructions more than
-stepping its coroutine here (callgrind, a real loopback connect each way): its entry in
-asyncio's set of all tasks (a WeakSet, in interpreted Python, added to and removed from), a
-`call_soon` for its first step and another for its done-callbacks.  A handshake opens one
-backend connection, so that was 4-5 % of its instructions in a real run, where the handshake
-micro-benchmark (`bench.handshake_shell`), which never connects, could not see it.
+Why not a Task: a Task cost a handshake about 11,000 instructions more than stepping its
+coroutine here (`python -m bench.instructions_live`, the real balancer under callgrind): its
+entry in asyncio's set of all tasks (a WeakSet, in interpreted Python, added to and removed
+from) and a `call_soon` for its done-callbacks.  The handshake micro-benchmark
+(`bench.handshake_shell`), whose stand-in loop never connects, could not see it.
 
-The coroutine is stepped as a Task steps it: once at once, then each time a future it awaits
-is done (a bare `yield`, as `asyncio.sleep(0)` makes, is stepped on the loop's next turn).
-Success needs no report: the protocol's `connection_made` has already been called by then.  A
-failure is reported to `failed` on the loop's next turn, never from inside the call that
-started the connect, as a Task's done-callback would be.
+The coroutine is stepped as a Task steps it: first on the loop's next turn, then each time a
+future it awaits is done (a bare `yield`, as `asyncio.sleep(0)` makes, on the next turn).  The
+first step is not taken at once, from inside the read that asked for the backend, although that
+would save a `call_soon`: measured side by side (`python -m bench.ab`), a handshake then cost 4 %
+more CPU, fewer instructions notwithstanding (the connect's system calls, and the loopback
+handshake the kernel runs inside `connect()`, land in the middle of the read's work).  Success
+needs no report: the protocol's `connection_made` has been called by then.  A failure is
+reported to `failed` from the step that met it.
 
 `cancel()` is a Task's cancel: the awaited future is cancelled, and whichever step comes next
 throws CancelledError into the coroutine, so that `create_connection` closes the transport it
 made (uvloop and asyncio both close it on any exception, including one whose connect had
-already succeeded when it was given up).  Nothing is reported for a cancelled connect.
+already succeeded when it was given up).  Given up before its first step, it never starts.
+Nothing is reported for a cancelled connect.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 
 class Connecting:
-    """`coroutine` stepped to its end on `loop`; `failed(exc)` is called (soon) if it raises."""
+    """`coroutine` stepped to its end on `loop`, from its next turn on; `failed(exc)` is called if it raises."""
 
     __slots__ = ("_coroutine", "_failed", "_giving_up", "_loop", "_waiting")
 
@@ -40,7 +43,7 @@ class Connecting:
         self._failed: Callable[[BaseException], object] | None = failed
         self._giving_up = False  # cancel() was called: CancelledError goes in at the next step
         self._waiting: asyncio.Future[Any] | None = None  # the future the coroutine awaits
-        self._step()
+        loop.call_soon(self._step)  # not at once: see the module's docstring
 
     def done(self) -> bool:
         return self._coroutine is None
@@ -89,4 +92,4 @@ class Connecting:
         self._waiting = None
         self._failed = None
         if exc is not None and failed is not None:
-            self._loop.call_soon(failed, exc)
+            failed(exc)
