@@ -10,8 +10,9 @@ The coroutine is stepped as a Task steps it: first on the loop's next turn, then
 future it awaits is done (a bare `yield`, as `asyncio.sleep(0)` makes, on the next turn).  The
 first step is not taken at once, from inside the read that asked for the backend, although that
 would save a `call_soon`: measured side by side (`python -m bench.ab`), a handshake then cost 4 %
-more CPU, fewer instructions notwithstanding (the connect's system calls, and the loopback
-handshake the kernel runs inside `connect()`, land in the middle of the read's work).  Success
+more CPU, fewer instructions notwithstanding (most likely because the connect's system calls, and
+the loopback handshake the kernel runs inside `connect()`, then land in the middle of the read's
+work: the system calls are the same ones either way).  Success
 needs no report: the protocol's `connection_made` has been called by then.  A failure is
 reported to `failed` from the step that met it.
 
