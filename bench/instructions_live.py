@@ -128,9 +128,7 @@ def measure(
                 children.append(procs.start(name, procs.python_module("bench.echo_server", "--port", "0", "--id", name),
                                             log_dir, stdout_pipe=True))
             for child in children:
-                line = procs.read_line(child, time.monotonic() + 30)
-                host, _, backend_port = line.rpartition(" ")[2].rpartition(":")
-                backends.append((child.name, host, int(backend_port)))
+                backends.append((child.name, *procs.read_address(child, time.monotonic() + 30)))
             out = log_dir / "callgrind.out"
             counting = [valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
             if floor:
@@ -138,9 +136,7 @@ def measure(
                 target = procs.start("floor", [*counting, *procs.python_module(
                     "bench.floor", "--port", "0", "--backends", listed)], log_dir, stdout_pipe=True)
                 children.append(target)
-                line = procs.read_line(target, time.monotonic() + READY_WITHIN)
-                host, _, bound = line.rpartition(" ")[2].rpartition(":")
-                address = (host, int(bound))
+                address = procs.read_address(target, time.monotonic() + READY_WITHIN)
             else:
                 port, admin_port = procs.free_port(), procs.free_port()
                 config = log_dir / "balancer.yaml"

@@ -309,6 +309,13 @@ def start(
     return Child(name, proc, log_path)
 
 
+def read_address(child: Child, deadline: float) -> tuple[str, int]:
+    """The (host, port) a child names on its first stdout line (`listening on HOST:PORT`, as
+    `bench.echo_server` and `bench.floor` print it)."""
+    host, _, port = read_line(child, deadline).rpartition(" ")[2].rpartition(":")
+    return host, int(port)
+
+
 def read_line(child: Child, deadline: float) -> str:
     """The next line on a child's stdout pipe, or BenchError at the deadline or if it exits."""
     assert child.proc.stdout is not None

@@ -394,9 +394,7 @@ def _start_backends(run: Run, children: list[Child]) -> None:
         children.append(child)
         run.backends.append(child)
     for child in run.backends:
-        line = procs.read_line(child, deadline)
-        host, _, port = line.rpartition(" ")[2].rpartition(":")
-        run.backend_addresses.append((child.name, host, int(port)))
+        run.backend_addresses.append((child.name, *procs.read_address(child, deadline)))
 
 
 def balancer_config(backends: Sequence[tuple[str, str, int]], port: int, admin_port: int,
@@ -459,10 +457,9 @@ def _start_floor(run: Run, children: list[Child]) -> Target:
     child = procs.start("floor", procs.python_module("bench.floor", "--port", "0", "--backends", backends),
                         run.log_dir, cpus=run.pinning.proxy, stdout_pipe=True)
     children.append(child)
-    line = procs.read_line(child, time.monotonic() + READY_TIMEOUT)
-    host, _, port = line.rpartition(" ")[2].rpartition(":")
-    _wait_ready(child, (host, int(port)), None)
-    return Target(FLOOR, ((host, int(port)),), child)
+    address = procs.read_address(child, time.monotonic() + READY_TIMEOUT)
+    _wait_ready(child, address, None)
+    return Target(FLOOR, (address,), child)
 
 
 def _wait_ready(child: Child, address: tuple[str, int], admin_port: int | None) -> None:

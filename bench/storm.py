@@ -282,9 +282,7 @@ class Stack:
             )
             self.gateways.append(child)
         for sid, child in zip(ids, self.gateways, strict=True):
-            line = procs.read_line(child, deadline)
-            host, _, port = line.rpartition(" ")[2].rpartition(":")
-            self.addresses.append((sid, host, int(port)))
+            self.addresses.append((sid, *procs.read_address(child, deadline)))
         if self.kind == BALANCER:
             self._start_balancer(pinning)
         elif self.kind == HAPROXY:
