@@ -5,9 +5,9 @@ of its instructions were the interpreter itself (the bytecode loop, frame set-up
 look-ups): `python -m bench.instructions --by-function 12`. mypyc compiles the same typed source
 (`mypy --strict` already holds it) to C extension modules, with native classes and direct calls.
 It is the compiler mypy and black ship with; the tests run against the compiled modules, and the
-`.py` files stay the pure-Python fallback for a machine without a C compiler.  Five small modules are
+`.py` files stay the pure-Python fallback for a machine without a C compiler.  Six small modules are
 written in C (`c_sources()`: lb/http/_scan.c, lb/http/_render.c, lb/affinity/_token64.c, lb/ws/_plain.c,
-lb/_logwrite.c, whose headers say why); they are built in the same step, beside the Python
+lb/_logwrite.c, lb/proxy/_coroutine.c, whose headers say why); they are built in the same step, beside the Python
 that stands in for each when it is not.
 
 What: the modules are compiled from this checkout and each extension module is placed next to its
@@ -73,9 +73,9 @@ def c_sources() -> list[str]:
     """The data plane's modules written in C (each a `.c` beside the `.pyi` that types it), relative paths.
 
     `lb/http/_scan.c` (reading a head), `lb/http/_render.c` (writing one), `lb/ws/_plain.c` (a WebSocket
-    handshake's heads that pass as they came), `lb/affinity/_token64.c` (an affinity token's text) and
-    `lb/_logwrite.c` (rendering and writing an access line): each one's header comment says
-    why it is C.
+    handshake's heads that pass as they came), `lb/affinity/_token64.c` (an affinity token's text),
+    `lb/_logwrite.c` (rendering and writing an access line) and `lb/proxy/_coroutine.c` (a backend
+    connect's step that ends without an exception): each one's header comment says why it is C.
     """
     return sources("*.c")
 

@@ -68,7 +68,7 @@ def per_handshake(calls: dict[str, int]) -> dict[str, float]:
 LIBRARY_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kernel", ("[kernel",)),
     ("interpreter (libpython)", ("libpython", "python3")),
-    ("our compiled code", ("_native__mypyc", "_scan.", "_render.", "_token64.", "_logfmt.", "_logwrite.")),
+    ("our compiled code", ("_native__mypyc", "_scan.", "_render.", "_token64.", "_logwrite.", "_coroutine.")),
     ("uvloop", ("loop.cpython",)),
     ("libc", ("libc.so", "libc-", "ld-linux")),
     ("AEAD (cryptography, OpenSSL)", ("_rust.abi3", "libcrypto", "libssl")),

@@ -46,7 +46,7 @@ PERF_DSO = """\
   0.86% ;libcrypto.so.3
   0.51% ;_scan.cpython-311-x86_64-linux-gnu.so
   0.48% ;_asyncio.cpython-311-x86_64-linux-gnu.so
-  0.09% ;_logfmt.cpython-311-x86_64-linux-gnu.so
+  0.09% ;_coroutine.cpython-311-x86_64-linux-gnu.so
 
 
 """
@@ -54,7 +54,7 @@ PERF_DSO = """\
 
 def test_perf_report_lines_become_library_shares() -> None:
     shares = parse_perf_dso(PERF_DSO)
-    assert shares["[kernel.kallsyms]"] == 41.99 and shares["_logfmt.cpython-311-x86_64-linux-gnu.so"] == 0.09
+    assert shares["[kernel.kallsyms]"] == 41.99 and shares["_coroutine.cpython-311-x86_64-linux-gnu.so"] == 0.09
     assert len(shares) == 10
     assert parse_perf_dso(" 1.00% ;libc.so.6" + " " * 20 + "\n") == {"libc.so.6": 1.0}  # perf pads the column
     assert parse_perf_dso("") == {} and parse_perf_dso("# a comment\nError: no samples\n") == {}

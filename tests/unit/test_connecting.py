@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import types
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
@@ -268,3 +269,65 @@ def test_an_ended_connect_holds_neither_its_coroutine_nor_its_callback(
 
     _run(new_loop, main)
 
+
+
+def _coroutine_module() -> Any:
+    """lb.proxy._coroutine, or a skip when it is not built (no C compiler: connecting steps in Python)."""
+    return pytest.importorskip("lb.proxy._coroutine", reason="lb.proxy._coroutine is not built (make native)")
+
+
+def test_the_c_step_gives_what_was_yielded_then_the_end_as_a_value() -> None:
+    step = _coroutine_module()
+
+    class Result:
+        pass
+
+    results = [Result()]
+    held = weakref.ref(results[0])
+
+    @types.coroutine
+    def yields(first: object) -> Generator[object, None, None]:
+        yield first
+        yield None
+
+    async def steps(first: object) -> Result:
+        await yields(first)
+        return results.pop()  # the coroutine's only reference to it, from here on
+
+    marker = object()
+    coroutine = steps(marker)
+    assert step.send(coroutine) is marker
+    assert step.send(coroutine) is None  # a bare yield
+    assert step.send(coroutine) is step.RETURNED  # no StopIteration: the end is a value
+    assert held() is None  # and the coroutine's result is let go of
+    with pytest.raises(RuntimeError):
+        step.send(coroutine)  # sent into after its end, as coroutine.send(None) would raise
+
+
+def test_the_c_step_raises_what_the_coroutine_raised_and_runs_uvloops_own_connect() -> None:
+    step = _coroutine_module()
+
+    async def fails() -> None:
+        raise ConnectionRefusedError("refused")
+
+    coroutine = fails()
+    with pytest.raises(ConnectionRefusedError, match="refused"):
+        step.send(coroutine)
+
+    async def main() -> None:
+        # uvloop's create_connection is Cython's coroutine (its own am_send), not CPython's.
+        loop = asyncio.get_running_loop()
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            protocol = _Recorded()
+            made = loop.create_connection(lambda: protocol, *listener.getsockname())
+            awaited = step.send(made)
+            while awaited is not step.RETURNED:
+                assert isinstance(awaited, asyncio.Future)
+                await asyncio.wait([awaited])
+                awaited = step.send(made)
+            assert protocol.transport is not None  # connected by the steps alone
+            protocol.transport.close()
+
+    _run(uvloop.new_event_loop, main)
