@@ -193,13 +193,16 @@ def dns_name(value: object) -> str:
     return _dns_name_text(value)
 
 
+# `discovery.max_backends` at most (and what a worker accepts in a set its owner sends: lb.control.ipc).
+MAX_DISCOVERED_BACKENDS = 10_000
+
 _DISCOVERY_FIELDS = (
     Field("dns", dns_name, required=True),
     Field("type", enum_of(DiscoveryType)),
     Field("port", integer(1, 65535)),
     Field("interval", duration()),
     Field("timeout", duration()),
-    Field("max_backends", integer(1, 10_000)),
+    Field("max_backends", integer(1, MAX_DISCOVERED_BACKENDS)),
 )
 
 

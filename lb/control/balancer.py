@@ -185,8 +185,8 @@ class Balancer:
         self.admin_address: tuple[str, int] | None = None
         self._checkers: list[HealthChecker] = []
         self._first_probes = FirstProbes()  # every pool's new probe loops, paced together
-        # DNS discovery runs wherever routing happens (owner and every worker resolve on their own).
-        self.discovery = DiscoveryManager(self.update_discovered, self.registry)
+        # DNS discovery: the owner (or a single process) resolves; a worker follows the sets its owner sends.
+        self.discovery = DiscoveryManager(self.update_discovered, self.registry, follower=role is Role.WORKER)
         self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._reporter: asyncio.Task[None] | None = None
@@ -301,8 +301,12 @@ class Balancer:
         if self.role is not Role.WORKER:
             self._start_health_checks()
         if self.role is Role.OWNER:
-            # A serving process started its loops before binding.
+            # A serving process started its loops before binding.  The owner's first answers, before any
+            # worker starts: each is sent them first, and listens only then (`first_lookups`).
             self.discovery.start(self.config.pools, self.config.listeners)
+            await self.discovery.first_lookups()
+            if self._stopping is not None:
+                return  # told to stop while waiting: start no worker
         if self._supervisor is not None:
             await self._supervisor.start()
         if self._control is not None:
@@ -590,10 +594,12 @@ class Balancer:
         client, their cookie holders are redispatched, their tunnels stay.
         """
         old = self.ctx.pools.get(pool)
-        if old is None:
-            return
-        static = self.config.pools[pool]
-        merged = self._merge_pool(replace(static, backends=static.backends + backends), old, cause="DNS")
+        static = self.config.pools.get(pool)
+        if old is None or static is None or static.discovery is None:
+            return  # not (or no longer, or not yet) a discovered pool here: a worker's set may come first
+        static_ids = {b.id for b in static.backends}  # a static backend wins over DNS, as in `with_discovered`
+        found = tuple(b for b in backends if b.id not in static_ids)
+        merged = self._merge_pool(replace(static, backends=static.backends + found), old, cause="DNS")
         for backend in old.backends.values():
             if merged.backends.get(backend.id) is not backend:
                 self._operator_states.remember(pool, backend)
@@ -605,9 +611,10 @@ class Balancer:
             if checker.pool_name == pool:
                 checker.retarget(merged)
         if self._supervisor is not None:
+            # The set first, then the states that name its backends (a worker skips states of backends it
+            # does not know); a report answering the fence is made after the worker applied both.
+            self._supervisor.discovered(pool, backends)
             self._supervisor.states_changed()
-            # Each worker resolves on its own: no message of ours carries this change; a report made from
-            # now on is the soonest one to tell the removed backends' counts.
             self._retired.fence(self._supervisor.fence())
 
     # -- reload --------------------------------------------------------------

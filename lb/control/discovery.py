@@ -29,9 +29,11 @@ An address no gateway can listen at (`0.0.0.0`, multicast) is skipped, and so is
 the balancer's own listener (`lb.config.backend_address`): a name that resolves to the balancer
 itself (its own Service, a typo) would send every request back to it as a new one.
 
-Every process that routes runs its own loop (the owner and each worker with
-`workers: N`): they resolve the same name and converge, with no message
-between them.
+With `workers: N`, the owner alone resolves, and sends each set it applies to its workers
+(lb.control.ipc's `discovered`); a worker's manager follows (`follower=True`): it runs no loop,
+and applies what it is sent.  Each process resolving on its own, answers that differ from one
+query to the next (a round-robin nameserver, a headless Service's subset) left the workers with
+different sets for good, and the same client went to different gateways.
 """
 
 from __future__ import annotations
@@ -548,11 +550,18 @@ def _ids(backends: tuple[BackendConfig, ...]) -> str:
 
 
 class DiscoveryManager:
-    """Every pool's discovery loop, kept across reloads when a pool's discovery config is unchanged."""
+    """Every pool's discovery loop, kept across reloads when a pool's discovery config is unchanged.
 
-    def __init__(self, apply: Apply, registry: CollectorRegistry | None = None) -> None:
+    A follower (a worker of `workers: N`) runs no loop: it applies the sets its owner sends (`follow`),
+    and its first "lookups" are the owner's sets sent at its start (`owner_sent_all`).
+    """
+
+    def __init__(self, apply: Apply, registry: CollectorRegistry | None = None, *, follower: bool = False) -> None:
         self._apply = apply
         self._loops: dict[str, Discoverer] = {}
+        self.follower = follower
+        self._followed: dict[str, tuple[BackendConfig, ...]] = {}  # a follower's sets, by pool
+        self._owner_sent_all = asyncio.Event()
         # The lookups and errors counted for each pool whose discovery a reload dropped: should a later
         # reload bring it back, lb_discovery_*_total go on from there rather than from 0.
         self._counted: dict[str, tuple[int, int]] = {}
@@ -561,7 +570,12 @@ class DiscoveryManager:
 
     def start(self, pools: Mapping[str, PoolConfig], listeners: Sequence[ListenerConfig] = ()) -> None:
         """Start loops for pools with discovery; keep unchanged ones; stop those no longer configured.
-        `listeners`: the balancer's own, at which no discovered backend may be."""
+        `listeners`: the balancer's own, at which no discovered backend may be.  A follower only forgets
+        the sets of pools no longer discovered (as the owner forgets them with their loops)."""
+        if self.follower:
+            for name in [name for name in self._followed if name not in pools or pools[name].discovery is None]:
+                del self._followed[name]
+            return
         own = OwnListeners.of(listeners, is_local_address)
         wanted = {name: pool for name, pool in pools.items() if pool.discovery is not None}
         for name in list(self._loops):
@@ -603,8 +617,22 @@ class DiscoveryManager:
         # Each first lookup ends within its own budget; the cap is for budgets longer than it.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FIRST_LOOKUPS_WAIT):
+                if self.follower:
+                    await self._owner_sent_all.wait()  # the owner's own first lookups came before
                 for loop in list(self._loops.values()):
                     await loop.first_done.wait()
+
+    def follow(self, pool: str, backends: tuple[BackendConfig, ...]) -> None:
+        """A follower's owner says DNS gave `pool` this set: applied as a loop of its own would apply it,
+        when it changed (`apply` leaves alone a pool not discovered here: its reload, on its way, takes
+        the set from `with_discovered`)."""
+        if diff(self._followed.get(pool, ()), backends):
+            self._followed[pool] = backends
+            self._apply(pool, backends)
+
+    def owner_sent_all(self) -> None:
+        """A follower has been sent every set its owner knows at its start: it may listen."""
+        self._owner_sent_all.set()
 
     async def stop(self) -> None:
         loops, self._loops = list(self._loops.values()), {}
@@ -614,6 +642,8 @@ class DiscoveryManager:
             await loop.wait_stopped()
 
     def known(self, pool: str) -> tuple[BackendConfig, ...]:
+        if self.follower:
+            return self._followed.get(pool, ())
         loop = self._loops.get(pool)
         return loop.known if loop is not None else ()
 
@@ -626,6 +656,8 @@ class DiscoveryManager:
 
     def settled(self) -> bool:
         """Every discovery loop has finished its first lookup (for a readiness check to wait on)."""
+        if self.follower:
+            return self._owner_sent_all.is_set()
         return all(loop.status.lookups > 0 and (loop.status.last_ok or loop.status.last_error)
                    for loop in self._loops.values())
 

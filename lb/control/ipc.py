@@ -11,6 +11,9 @@ The owner runs health checks and the admin API and holds the authoritative
 backend states; workers accept clients and relay.  Owner → worker:
 
     {"op": "config", "text", "files"}                first, once: the owner's running `ConfigSource`
+    {"op": "discovered", "pool", "backends": [[id, host, port, weight], ...]}
+                                                     DNS gave `pool` this set (the owner alone resolves):
+                                                     at each change, and to a new worker after "config"
     {"op": "states", "pools": {pool: {id: {"healthy", "admin", "migrating", "ramp_from", "reason"}}}}
     {"op": "reload", "text", "files", "reload"}      apply this `ConfigSource` (the owner has just applied
                                                      it); "reload": its number, counted by the owner
@@ -38,6 +41,11 @@ Limits (`split_limits`): `limits.max_connections`, each backend's
 N workers enforces its share; the shares add up to exactly the configured
 number, which therefore holds whatever N is.
 
+Only the owner resolves DNS discovery (`discovered`): each process resolving on its own, answers
+that differ per query (a round-robin nameserver, a headless Service's subset, a pod in and out of
+readiness) left the workers with different sets for good, and two workers sent the same client to
+different gateways.  A worker is sent each pool's set before the states that name its backends.
+
 Only the owner reads the config file and the `${file:PATH}` files it names.  A
 worker parses the `ConfigSource` its owner runs (at spawn, and with each
 reload): the text and the content the owner substituted for each `${file:PATH}`,
@@ -57,6 +65,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import ipaddress
 import json
 import struct
 from collections import Counter
@@ -64,8 +73,10 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
+from lb.config.checker import Bad
 from lb.config.load import ConfigSource
-from lb.config.model import Config
+from lb.config.model import BackendConfig, Config
+from lb.config.scalars import identifier
 from lb.errors import ConfigError, Problem
 from lb.state.context import ProxyContext, Stats
 from lb.state.histogram import Histogram
@@ -234,6 +245,50 @@ def split_limits(config: Config, index: int, count: int) -> Config:
     return dataclasses.replace(config, limits=limits, pools=pools)
 
 
+# -- discovered backends: owner → workers -------------------------------------------
+
+
+def discovered_message(pool: str, backends: Sequence[BackendConfig]) -> dict[str, Any]:
+    """The set DNS gave `pool` (lb.control.discovery), as the owner sends it to its workers."""
+    return {"op": "discovered", "pool": pool, "backends": [[b.id, b.host, b.port, b.weight] for b in backends]}
+
+
+def discovered_backends(message: dict[str, Any], max_backends: int) -> tuple[BackendConfig, ...]:
+    """The backends of a `discovered` message, each checked as discovery checks what DNS gives
+    (an id as the config's, an IP address, a port, an SRV weight) and at most `max_backends`, the pool's
+    `discovery.max_backends` (the owner cuts its answer to it).
+
+    Raises:
+        ValueError: any entry is not one, an id is repeated, or there are too many (the worker keeps
+            the set it had: a bug must not empty a pool).
+    """
+    entries = message["backends"]
+    if not isinstance(entries, list):
+        raise ValueError("backends must be a list")
+    if len(entries) > max_backends:
+        raise ValueError(f"{len(entries)} backends, more than max_backends={max_backends}")
+    backends: dict[str, BackendConfig] = {}
+    for entry in entries:
+        if not isinstance(entry, list) or len(entry) != 4:
+            raise ValueError("a backend must be [id, host, port, weight]")
+        backend_id, host, port, weight = entry
+        try:
+            backend_id = identifier(backend_id)
+        except Bad as exc:
+            raise ValueError(f"backend id: {exc}") from None
+        if not isinstance(host, str):
+            raise ValueError(f"backend {backend_id}: host must be a string")
+        ipaddress.ip_address(host)  # ValueError for anything but an address (kept as the owner wrote it)
+        if type(port) is not int or not 1 <= port <= 65535:
+            raise ValueError(f"backend {backend_id}: port must be 1..65535")
+        if type(weight) is not int or not 1 <= weight <= 256:
+            raise ValueError(f"backend {backend_id}: weight must be 1..256")
+        if backend_id in backends:
+            raise ValueError(f"backend {backend_id} is listed twice")
+        backends[backend_id] = BackendConfig(id=backend_id, host=host, port=port, weight=weight)
+    return tuple(backends.values())
+
+
 # -- backend states: owner → workers ----------------------------------------------
 
 
@@ -399,9 +454,9 @@ class _Totals:
         """Move into `carried` the counts `before` (this worker's previous report) held that this report
         no longer does, or holds less of.
 
-        A worker forgets a departed backend's series on its own schedule (its own DNS lookups,
+        A worker forgets a departed backend's series on its own schedule (when its tunnels end,
         lb.state.series) and counts it from 0 should it come back; the owner may still keep that
-        backend (its own lookups lag, or differ).  Its sum must not go back with the worker's: what the
+        backend (its own tunnels, or its own schedule).  Its sum must not go back with the worker's: what the
         worker last reported stays, and what it counts from then on is added.  A lower count (forgotten
         and counted again between two reports) is a restart from 0 too.
         """

@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import lb
 from lb.config.load import ConfigSource
+from lb.config.model import BackendConfig
+from lb.config.sections import MAX_DISCOVERED_BACKENDS
 from lb.control.ipc import (
     LENGTH,
     MessageTooLarge,
@@ -55,6 +57,8 @@ from lb.control.ipc import (
     config_message,
     config_source,
     decode,
+    discovered_backends,
+    discovered_message,
     encode,
     frame_length,
     read_frame,
@@ -172,7 +176,7 @@ _SITE_DIRS = {str(Path(path).resolve()) for path in [*site.getsitepackages(), si
 
 
 # What the owner sends that a worker must not miss (lb.control.ipc's protocol); the rest is resent.
-_MUST_ARRIVE = frozenset({"config", "reload", "close_tunnels", "stop_migration"})
+_MUST_ARRIVE = frozenset({"config", "discovered", "reload", "close_tunnels", "stop_migration"})
 
 
 @dataclass(slots=True)
@@ -291,6 +295,12 @@ class WorkerSupervisor:
         # running source with the `${file:PATH}` contents it used, never re-read: a Secret rotated since
         # the last SIGHUP must not give a restarted worker other keys than its siblings.
         self._send(worker, config_message("config", self._config_source))
+        # Then every set DNS gave (only the owner resolves), before the states that name their backends:
+        # the worker listens once the first states have come (ControlChannel), so its first client finds them.
+        discovery = self._balancer.discovery
+        for name, pool in self._balancer.config.pools.items():
+            if pool.discovery is not None:
+                self._send(worker, discovered_message(name, discovery.known(name)))
         self._send(worker, states_message(self._balancer.ctx.pools))
         log.info("worker %d started (pid %d)", index, process.pid)
 
@@ -515,6 +525,10 @@ class WorkerSupervisor:
         self._reloads_sent += 1
         self.broadcast({**config_message("reload", source), "reload": self._reloads_sent})
 
+    def discovered(self, pool: str, backends: tuple[BackendConfig, ...]) -> None:
+        """DNS gave `pool` a new set: every worker applies it (workers do not resolve)."""
+        self.broadcast(discovered_message(pool, backends))
+
     def states_changed(self) -> None:
         """Push every backend's state to the workers once this turn of the event loop is over.
 
@@ -719,6 +733,15 @@ class ControlChannel:
         op = message["op"]
         if op == "states":
             apply_states(ctx.pools, message)
+            self._balancer.discovery.owner_sent_all()  # a new worker's first states follow its sets
+        elif op == "discovered":
+            name = str(message["pool"])
+            pool = self._balancer.config.pools.get(name)
+            # A pool not discovered here yet still gets its set: the owner's first lookup for a pool its
+            # reload added can end before the reload is sent, and the reload here takes the set then.
+            discovered = pool.discovery if pool is not None else None
+            cap = discovered.max_backends if discovered is not None else MAX_DISCOVERED_BACKENDS
+            self._balancer.discovery.follow(name, discovered_backends(message, cap))
         elif op == "reload":
             # The owner's source, `${file:PATH}` contents included: this worker reads none of those files.
             if not await self._balancer.reload(config_source(message)):

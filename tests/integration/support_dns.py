@@ -7,6 +7,8 @@ kernel picks.  The zone is a mutable table: `set_srv(name, [(target, port), ...]
 CoreDNS does); `delay` makes every answer late; `truncate` makes every answer a truncated (TC)
 one; `fail_next(name, qtype, fault)` makes only the next query for that name and type fail
 (answered late, or with SERVFAIL or REFUSED), as one lost packet or one hiccup of a cluster's DNS.
+`rotate_srv(name, [records, records, ...])` answers each SRV query for `name` with the next set in
+turn, as a round-robin nameserver or a headless Service returning a subset does.
 `stop()` takes the server away, so lookups fail (connection refused) as they do when a cluster's
 DNS is down.  Nothing here imports `lb`.
 """
@@ -53,6 +55,10 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
             return reply
         with zone.lock:
             zone.queries.append((name, qtype))
+            rotation = zone.rotations.get(name)
+            if qtype == "SRV" and rotation:
+                zone.srv[name] = rotation.pop(0)
+                rotation.append(zone.srv[name])
             srv = zone.srv.get(name)
             addresses = zone.a.get(name)
             known = srv is not None or addresses is not None
@@ -95,6 +101,7 @@ class ZoneServer:
         self.truncate = False  # answer with TC set and no records (this server speaks no TCP)
         self.faults: dict[tuple[str, str], str] = {}  # (name, qtype) -> the fault of its next query
         self.faulted: list[tuple[str, str, str]] = []  # (name, qtype, fault) of the queries that failed
+        self.rotations: dict[str, list[list[tuple[str, int, int]]]] = {}  # SRV answers taken in turn, by name
         self.late = 2.0  # seconds a "timeout" fault holds its answer back
         self.port = 0
         self._server: DNSServer | None = None
@@ -128,6 +135,12 @@ class ZoneServer:
         """SRV records (target, port[, weight]) for `name`; an empty list means "no records"."""
         with self.lock:
             self.srv[_key(name)] = [(_key(r[0]), r[1], r[2] if len(r) > 2 else 50) for r in records]  # type: ignore[misc]
+
+    def rotate_srv(self, name: str, answers: Sequence[Iterable[tuple[str, int]]]) -> None:
+        """Each SRV query for `name` is answered with the next of `answers` (records as `set_srv`'s)."""
+        with self.lock:
+            self.rotations[_key(name)] = [[(_key(target), port, 50) for target, port in records]
+                                          for records in answers]
 
     def set_a(self, name: str, addresses: Sequence[str]) -> None:
         with self.lock:

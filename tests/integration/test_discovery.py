@@ -409,8 +409,8 @@ async def test_hostile_answer_is_capped_and_bad_names_skipped(launcher: Launcher
 
 
 async def test_workers_route_to_discovered_backends(launcher: Launcher, zone: ZoneServer) -> None:
-    """With workers: 2, every worker resolves too: new clients reach discovered backends, and a removed
-    one stops getting them."""
+    """With workers: 2, every worker follows the owner's lookups: new clients reach discovered backends,
+    and a removed one stops getting them."""
     gw1, gw2 = launcher.gateways(2)
     publish(zone, [gw1, gw2])
     config = discovery_config(zone)
@@ -429,6 +429,37 @@ async def test_workers_route_to_discovered_backends(launcher: Launcher, zone: Zo
         if seen == {"gw-1"}:
             break
         assert time.monotonic() < deadline, f"a worker still sends new clients to gw-2: {seen}"
+
+
+async def test_workers_route_over_the_owners_set_when_answers_differ_per_query(
+    launcher: Launcher, zone: ZoneServer
+) -> None:
+    """A nameserver that answers each query with another subset (round robin, a headless Service's
+    subset): the owner alone resolves, and every worker routes over the set the owner shows.  Each
+    process resolving on its own, a worker held the other subset for good, and one client's
+    reconnects reached different gateways by the worker that took them."""
+    gw1, gw2 = launcher.gateways(2)
+    for g in (gw1, gw2):
+        zone.set_a(f"{g.id}.{SERVICE}", [HOST])
+    zone.rotate_srv(SERVICE, [[(f"{gw1.id}.{SERVICE}", gw1.port)], [(f"{gw2.id}.{SERVICE}", gw2.port)]])
+    config = discovery_config(zone, interval="1s")
+    config["workers"] = 2
+    lb = launcher.balancer(config)
+    queried, started = zone.queried(SERVICE), time.monotonic()
+    rounds = 0
+    deadline = time.monotonic() + 20 * UNIT
+    while rounds < 3:
+        assert time.monotonic() < deadline, f"only {rounds} rounds with the owner's set steady"
+        before = ids(await status(lb))
+        seen = {(await visit(lb.ws_url())).server_id for _ in range(8)}  # spread over both workers
+        if len(before) != 1 or ids(await status(lb)) != before:
+            continue  # the owner's set changed meanwhile: this round says nothing
+        assert seen == before, f"the owner shows {before}, its workers routed to {seen}"
+        rounds += 1
+        await asyncio.sleep(1.0)  # the next answer (the zone's TTL, 1 s, paces the lookups): the other gateway
+    # One process asks, about once a second; three processes asked three times as often.
+    asked, elapsed = zone.queried(SERVICE) - queried, time.monotonic() - started
+    assert asked <= 1.5 * elapsed + 2, f"{asked} SRV queries in {elapsed:.1f} s: more than the owner's"
 
 
 async def test_reload_keeps_discovered_backends_and_their_tunnels(launcher: Launcher, zone: ZoneServer) -> None:
@@ -600,15 +631,21 @@ async def test_a_first_lookup_that_fails_is_tried_again_within_a_second(launcher
     assert zone.failed(SERVICE, "SRV")
 
 
-async def test_the_first_client_finds_the_discovered_backends(launcher: Launcher, zone: ZoneServer) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_the_first_client_finds_the_discovered_backends(
+    launcher: Launcher, zone: ZoneServer, workers: int
+) -> None:
     """A process that serves listens only once its first lookups have ended: with a nameserver slow to
     answer, the first handshake after start reaches a discovered gateway, not a 503 for an empty pool
-    (with `workers: 2` a worker served 503s while the owner already showed the pool up)."""
+    (with `workers: 2` a worker served 503s while the owner already showed the pool up).  A worker
+    listens once its owner has sent it the sets of its first lookups."""
     gateways = launcher.gateways(1)
     publish(zone, gateways)
     zone.delay = 0.5 * UNIT  # per query: the SRV, then its target's A
-    lb = launcher.balancer(discovery_config(zone, timeout=f"{2 * UNIT:g}s"))
-    assert (await visit(lb.ws_url())).server_id == "gw-1"
+    config = discovery_config(zone, timeout=f"{2 * UNIT:g}s")
+    config["workers"] = workers
+    lb = launcher.balancer(config)
+    assert {(await visit(lb.ws_url())).server_id for _ in range(4)} == {"gw-1"}
 
 
 async def test_a_silent_nameserver_delays_the_start_by_one_lookup_budget_at_most(
@@ -687,9 +724,9 @@ async def test_a_sigterm_while_starting_is_never_ready(launcher: Launcher, zone:
 async def test_workers_start_with_a_silent_nameserver_and_a_long_lookup_timeout(
     launcher: Launcher, zone: ZoneServer
 ) -> None:
-    """With `workers: 2` each worker waits for its first lookups before it listens, 5 s at most whatever
-    `discovery.timeout` says: a 15 s timeout kept a worker past its owner's 15 s for starting, and the
-    balancer did not start (a reviewer's case)."""
+    """With `workers: 2` the owner waits for its first lookups before it starts its workers, 5 s at most
+    whatever `discovery.timeout` says: a 15 s timeout kept a worker (which resolved on its own then)
+    past its owner's 15 s for starting, and the balancer did not start (a reviewer's case)."""
     publish(zone, launcher.gateways(1))
     zone.delay = 20.0
     config = discovery_config(zone, timeout="16s")  # its SRV query alone outlasts the owner's 15 s
