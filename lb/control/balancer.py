@@ -305,7 +305,7 @@ class Balancer:
             # worker starts: each is sent them first, and listens only then (`first_lookups`).
             self.discovery.start(self.config.pools, self.config.listeners)
             await self.discovery.first_lookups()
-            if self._stopping is not None:
+            if self._stopping is not None or self.stop_asked:
                 return  # told to stop while waiting: start no worker
         if self._supervisor is not None:
             await self._supervisor.start()
@@ -611,8 +611,9 @@ class Balancer:
             if checker.pool_name == pool:
                 checker.retarget(merged)
         if self._supervisor is not None:
-            # The set first, then the states that name its backends (a worker skips states of backends it
-            # does not know); a report answering the fence is made after the worker applied both.
+            # The set before the next states push that names its backends (a worker skips states of
+            # backends it does not know, until the push after); a report answering the fence is made after
+            # the worker applied the set.
             self._supervisor.discovered(pool, backends)
             self._supervisor.states_changed()
             self._retired.fence(self._supervisor.fence())
@@ -949,7 +950,8 @@ class Balancer:
                     status.changed_at = time.time()
             if status is None:
                 status = BackendStatus(config=backend_config, changed_at=time.time())
-                if cause == "DNS" and self._operator_states.restore(config.name, status) is not None:
+                restored = cause == "DNS" and self._operator_states.restore(config.name, status) is not None
+                if restored and self.role is not Role.WORKER:  # said once, by the owner: workers follow its sets
                     log.info("discovery: %s/%s is back in DNS, still %s as an operator said", config.name,
                              status.id, status.state.value)
             else:

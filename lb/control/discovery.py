@@ -604,15 +604,16 @@ class DiscoveryManager:
                 self._loops[name].start()
 
     async def first_lookups(self) -> None:
-        """Wait until every loop's first lookup has ended (answered, failed or timed out), for
-        FIRST_LOOKUPS_WAIT at most.
+        """Wait until every loop's first lookup has ended (answered, failed or timed out), or for a
+        follower until its owner has sent every set it holds; for FIRST_LOOKUPS_WAIT at most.
 
-        A process that serves clients waits for this before it listens: a pool made by discovery
-        alone would otherwise answer 503 until then (with `workers: N`, a worker the kernel hands
-        connections while the owner already shows the pool up).  Bounded apart from the lookups'
-        own budgets (3 x `timeout`, and two more per wave of an SRV answer's target lookups, which no
-        key caps beyond max_backends): a nameserver down or slow at start must not keep a
-        worker from its owner's WORKER_READY.  Lookups not done by then go on, and apply when done.
+        A process that serves clients waits for this before it listens, and the owner of workers
+        before it starts them: a pool made by discovery alone would otherwise answer 503 until then
+        (a worker the kernel hands connections while the owner already shows the pool up).  Bounded
+        apart from the lookups' own budgets (3 x `timeout`, and two more per wave of an SRV answer's
+        target lookups, which no key caps beyond max_backends): a nameserver down or slow at start
+        must not keep the balancer from starting (a worker from its owner's WORKER_READY).  Lookups
+        not done by then go on, and apply when done.
         """
         # Each first lookup ends within its own budget; the cap is for budgets longer than it.
         with contextlib.suppress(TimeoutError):
@@ -653,13 +654,6 @@ class DiscoveryManager:
         static_ids = {b.id for b in pool.backends}  # a static backend wins over DNS, as in `lookup`
         found = tuple(b for b in found if b.id not in static_ids)
         return replace(pool, backends=pool.backends + found) if found else pool
-
-    def settled(self) -> bool:
-        """Every discovery loop has finished its first lookup (for a readiness check to wait on)."""
-        if self.follower:
-            return self._owner_sent_all.is_set()
-        return all(loop.status.lookups > 0 and (loop.status.last_ok or loop.status.last_error)
-                   for loop in self._loops.values())
 
     def status(self, pool: str) -> dict[str, Any] | None:
         loop = self._loops.get(pool)

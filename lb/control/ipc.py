@@ -75,7 +75,7 @@ from typing import Any, Final, Literal, TypeVar
 
 from lb.config.checker import Bad
 from lb.config.load import ConfigSource
-from lb.config.model import BackendConfig, Config
+from lb.config.model import BackendConfig, Config, host_port
 from lb.config.scalars import identifier
 from lb.errors import ConfigError, Problem
 from lb.state.context import ProxyContext, Stats
@@ -254,9 +254,10 @@ def discovered_message(pool: str, backends: Sequence[BackendConfig]) -> dict[str
 
 
 def discovered_backends(message: dict[str, Any], max_backends: int) -> tuple[BackendConfig, ...]:
-    """The backends of a `discovered` message, each checked as discovery checks what DNS gives
-    (an id as the config's, an IP address, a port, an SRV weight) and at most `max_backends`, the pool's
-    `discovery.max_backends` (the owner cuts its answer to it).
+    """The backends of a `discovered` message, each checked as discovery makes them (an id, an IP
+    address, a port, an SRV weight), and at most `max_backends`: a bound on what a bug could make a
+    worker hold, not the pool's own `discovery.max_backends` (the owner cut its answer to that, and a
+    reload may change it between the owner's set and the worker's config).
 
     Raises:
         ValueError: any entry is not one, an id is repeated, or there are too many (the worker keeps
@@ -272,15 +273,18 @@ def discovered_backends(message: dict[str, Any], max_backends: int) -> tuple[Bac
         if not isinstance(entry, list) or len(entry) != 4:
             raise ValueError("a backend must be [id, host, port, weight]")
         backend_id, host, port, weight = entry
-        try:
-            backend_id = identifier(backend_id)
-        except Bad as exc:
-            raise ValueError(f"backend id: {exc}") from None
         if not isinstance(host, str):
-            raise ValueError(f"backend {backend_id}: host must be a string")
+            raise ValueError("a backend's host must be a string")
         ipaddress.ip_address(host)  # ValueError for anything but an address (kept as the owner wrote it)
         if type(port) is not int or not 1 <= port <= 65535:
-            raise ValueError(f"backend {backend_id}: port must be 1..65535")
+            raise ValueError(f"backend at {host}: port must be 1..65535")
+        # As discovery names them: an SRV target's first label (the config's rule for an id), or an
+        # A/AAAA answer's `host:port` (`[fd00::1]:8080`: brackets, which no configured id may hold).
+        if backend_id != host_port(host, port):
+            try:
+                backend_id = identifier(backend_id)
+            except Bad as exc:
+                raise ValueError(f"backend id: {exc}") from None
         if type(weight) is not int or not 1 <= weight <= 256:
             raise ValueError(f"backend {backend_id}: weight must be 1..256")
         if backend_id in backends:

@@ -74,8 +74,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WORKER_READY = 15.0  # seconds a new worker may take to bind its listeners (its first DNS lookups included:
-# lb.control.discovery.FIRST_LOOKUPS_WAIT, 5 s at most)
+WORKER_READY = 15.0  # seconds a new worker may take to bind its listeners (the owner's discovered sets,
+# sent right after its config, included: lb.control.discovery.FIRST_LOOKUPS_WAIT, 5 s at most)
 CONFIG_WAIT = WORKER_READY  # seconds a new worker waits for its owner's config
 RESTART_DELAY = 0.5  # seconds before a dead worker is replaced (no tight crash loop)
 MAX_RESTART_DELAY = 10.0  # a worker that keeps dying young waits twice as long each time, up to this
@@ -175,8 +175,9 @@ _LB_ROOT = str(Path(lb.__file__).resolve().parent.parent)
 _SITE_DIRS = {str(Path(path).resolve()) for path in [*site.getsitepackages(), site.getusersitepackages()]}
 
 
-# What the owner sends that a worker must not miss (lb.control.ipc's protocol); the rest is resent.
-_MUST_ARRIVE = frozenset({"config", "discovered", "reload", "close_tunnels", "stop_migration"})
+# What the owner sends that a worker must not miss (lb.control.ipc's protocol); the rest is resent: the
+# states each second, the discovered sets (each a whole set) before the first states it takes again.
+_MUST_ARRIVE = frozenset({"config", "reload", "close_tunnels", "stop_migration"})
 
 
 @dataclass(slots=True)
@@ -190,6 +191,7 @@ class _Worker:
     restart_delay: float = RESTART_DELAY
     heard_at: float = 0.0  # event loop time of its last message
     killed: bool = False  # by the owner (`_write`, `_kill_unresponsive`): once, and it serves no more
+    sets_dropped: bool = False  # a `discovered` set was not sent (`_write`): every set goes before its next states
     listeners: tuple[tuple[str, int], ...] = ()  # where it listens, as its last report said
     answered: int = 0  # the highest `report` seq its stats have answered
     # Removed backends (lb.state.retired): the `report` seq when it started (it runs the owner's pools of
@@ -297,10 +299,7 @@ class WorkerSupervisor:
         self._send(worker, config_message("config", self._config_source))
         # Then every set DNS gave (only the owner resolves), before the states that name their backends:
         # the worker listens once the first states have come (ControlChannel), so its first client finds them.
-        discovery = self._balancer.discovery
-        for name, pool in self._balancer.config.pools.items():
-            if pool.discovery is not None:
-                self._send(worker, discovered_message(name, discovery.known(name)))
+        self._send_sets(worker)
         self._send(worker, states_message(self._balancer.ctx.pools))
         log.info("worker %d started (pid %d)", index, process.pid)
 
@@ -489,10 +488,21 @@ class WorkerSupervisor:
         if frame is not None:
             self._write(worker, message["op"], frame)
 
+    def _send_sets(self, worker: _Worker) -> None:
+        """Every pool's discovered set, as the owner holds it now."""
+        discovery = self._balancer.discovery
+        for name, pool in self._balancer.config.pools.items():
+            if pool.discovery is not None:
+                self._send(worker, discovered_message(name, discovery.known(name)))
+
     def _write(self, worker: _Worker, op: str, frame: bytes) -> None:
         if worker.writer.is_closing():
             return
+        if op == "states" and worker.sets_dropped:
+            worker.sets_dropped = False
+            self._send_sets(worker)  # each a whole set, the newest: what was dropped is sent again first
         if worker.writer.transport.get_write_buffer_size() > MAX_PENDING_BYTES:
+            worker.sets_dropped |= op == "discovered"
             # A `states` push is sent again whole every second: dropping one loses nothing.  Dropping
             # the others is not enough: a lost reload would leave it on another configuration than
             # /status shows, for good.  Restarted, it gets the owner's running text first.  Not while
@@ -735,13 +745,9 @@ class ControlChannel:
             apply_states(ctx.pools, message)
             self._balancer.discovery.owner_sent_all()  # a new worker's first states follow its sets
         elif op == "discovered":
-            name = str(message["pool"])
-            pool = self._balancer.config.pools.get(name)
-            # A pool not discovered here yet still gets its set: the owner's first lookup for a pool its
-            # reload added can end before the reload is sent, and the reload here takes the set then.
-            discovered = pool.discovery if pool is not None else None
-            cap = discovered.max_backends if discovered is not None else MAX_DISCOVERED_BACKENDS
-            self._balancer.discovery.follow(name, discovered_backends(message, cap))
+            # Kept even for a pool not discovered here yet: the owner's first lookup for a pool its reload
+            # added can end before the reload is sent, and the reload here takes the set then.
+            self._balancer.discovery.follow(str(message["pool"]), discovered_backends(message, MAX_DISCOVERED_BACKENDS))
         elif op == "reload":
             # The owner's source, `${file:PATH}` contents included: this worker reads none of those files.
             if not await self._balancer.reload(config_source(message)):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import re
 import signal
 import time
@@ -39,7 +40,17 @@ from conftest import (
     ws_connect,
 )
 from support_dns import ZoneServer
-from support_ops import metric, metrics_text, reload_with, set_state, token_of, visit_until
+from support_ops import (
+    metric,
+    metrics_text,
+    reload_with,
+    set_state,
+    token_of,
+    two_workers,
+    visit_until,
+    wait_until,
+    worker_pids,
+)
 
 SERVICE = "gateway.game.svc.cluster.local"
 
@@ -450,16 +461,40 @@ async def test_workers_route_over_the_owners_set_when_answers_differ_per_query(
     deadline = time.monotonic() + 20 * UNIT
     while rounds < 3:
         assert time.monotonic() < deadline, f"only {rounds} rounds with the owner's set steady"
-        before = ids(await status(lb))
+        data = await status(lb)
+        before, lookups = ids(data), data["pools"]["gateways"]["discovery"]["lookups"]
         seen = {(await visit(lb.ws_url())).server_id for _ in range(8)}  # spread over both workers
-        if len(before) != 1 or ids(await status(lb)) != before:
-            continue  # the owner's set changed meanwhile: this round says nothing
+        if len(before) != 1 or (await status(lb))["pools"]["gateways"]["discovery"]["lookups"] != lookups:
+            continue  # the owner looked up (and flipped) meanwhile: this round says nothing
         assert seen == before, f"the owner shows {before}, its workers routed to {seen}"
         rounds += 1
         await asyncio.sleep(1.0)  # the next answer (the zone's TTL, 1 s, paces the lookups): the other gateway
     # One process asks, about once a second; three processes asked three times as often.
     asked, elapsed = zone.queried(SERVICE) - queried, time.monotonic() - started
     assert asked <= 1.5 * elapsed + 2, f"{asked} SRV queries in {elapsed:.1f} s: more than the owner's"
+
+
+async def test_a_restarted_worker_starts_with_the_owners_set_of_now(launcher: Launcher, zone: ZoneServer) -> None:
+    """A worker that dies is replaced; the new one gets the owner's sets as they are now (it resolves
+    nothing), before it listens: its first clients reach what DNS says now, not a 503 and not the set
+    of when the balancer started."""
+    gw1, gw2 = launcher.gateways(2)
+    publish(zone, [gw1, gw2])
+    config = discovery_config(zone)
+    config["workers"] = 2
+    lb = launcher.balancer(config)
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both gateways")
+    publish(zone, [gw2])
+    await wait_status(lb, lambda s: ids(s) == {"gw-2"}, "gw-1 removed")
+    assert lb.proc is not None
+    before = await two_workers(lb)
+    zone.stop()  # from here on no lookup answers: the new worker has what the owner sends it, or nothing
+    os.kill(before[0], signal.SIGKILL)
+    await wait_until(lambda: len(pids := worker_pids(lb.proc.pid)) == 2 and before[0] not in pids,  # type: ignore[union-attr]
+                     within=10 * UNIT, what="a replacement worker")
+    await asyncio.sleep(0.5 * UNIT)  # the replacement binds its listeners
+    seen = {(await visit(lb.ws_url())).server_id for _ in range(12)}  # over both workers
+    assert seen == {"gw-2"}, seen
 
 
 async def test_reload_keeps_discovered_backends_and_their_tunnels(launcher: Launcher, zone: ZoneServer) -> None:
@@ -553,7 +588,7 @@ async def test_a_backend_that_leaves_and_comes_back_counts_on(
 ) -> None:
     """SPEC: counters never go backwards.  gw-2 leaves DNS, then a reload drops it from the static list too,
     and each time it comes back: every sample of its lb_backend_handshakes_total series, taken all along
-    (while the owner and each worker apply the change on their own schedules), is at least the one before."""
+    (while the owner and then each worker apply the change), is at least the one before."""
     gw1, gw2 = launcher.gateways(2)
     publish(zone, [gw1, gw2])
     config = discovery_config(zone)
@@ -696,12 +731,16 @@ async def test_readyz_is_503_until_the_listeners_open(launcher: Launcher, zone: 
     assert (503, 200, 503, False) in seen, f"no answer while starting: {sorted(seen)}"
 
 
-async def test_a_sigterm_while_starting_is_never_ready(launcher: Launcher, zone: ZoneServer) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_sigterm_while_starting_is_never_ready(launcher: Launcher, zone: ZoneServer, workers: int) -> None:
     """SIGTERM while the first lookups hold the start back: the balancer stops when up, and /readyz
-    never says 200 on the way (a probe that saw it would send traffic to a process leaving)."""
+    never says 200 on the way (a probe that saw it would send traffic to a process leaving).  With
+    workers, the owner (waiting for its lookups) starts none."""
     publish(zone, launcher.gateways(1))
     zone.delay = 5.0
-    lb = launcher.starting_balancer(discovery_config(zone, timeout=f"{UNIT:g}s"))
+    config = discovery_config(zone, timeout=f"{UNIT:g}s")
+    config["workers"] = workers
+    lb = launcher.starting_balancer(config)
     assert lb.proc is not None
     deadline = time.monotonic() + 15 * UNIT
     while True:  # admin is up first: the start is under way
@@ -719,6 +758,7 @@ async def test_a_sigterm_while_starting_is_never_ready(launcher: Launcher, zone:
         await asyncio.sleep(0.01)
     assert lb.proc.returncode == 0, lb.logs_tail()
     assert 200 not in codes, f"/readyz said 200 after SIGTERM: {sorted(codes)}"
+    assert "worker 0 started" not in lb.log_text()
 
 
 async def test_workers_start_with_a_silent_nameserver_and_a_long_lookup_timeout(

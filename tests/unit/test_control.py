@@ -545,7 +545,8 @@ def test_a_worker_that_stops_reading_its_control_socket_is_killed_not_fed_less()
     transport = SimpleNamespace(get_write_buffer_size=lambda: pending[0])
     writer = SimpleNamespace(is_closing=lambda: False, transport=transport, write=written.append)
     process = SimpleNamespace(pid=4242, returncode=None, kill=lambda: killed.append(True))
-    worker = SimpleNamespace(writer=writer, process=process, name="worker 0 (pid 4242)", killed=False)
+    worker = SimpleNamespace(writer=writer, process=process, name="worker 0 (pid 4242)", killed=False,
+                             sets_dropped=False)
     supervisor = workers.WorkerSupervisor.__new__(workers.WorkerSupervisor)
     supervisor._stopping = False
     supervisor._write(worker, "states", b"frame")  # type: ignore[arg-type]
@@ -569,7 +570,8 @@ def test_a_worker_not_reading_its_control_socket_during_a_stop_is_left_to_the_st
     transport = SimpleNamespace(get_write_buffer_size=lambda: workers.MAX_PENDING_BYTES + 1)
     writer = SimpleNamespace(is_closing=lambda: False, transport=transport, write=lambda frame: None)
     process = SimpleNamespace(pid=4242, returncode=None, kill=lambda: killed.append(True))
-    worker = SimpleNamespace(writer=writer, process=process, name="worker 0 (pid 4242)", killed=False)
+    worker = SimpleNamespace(writer=writer, process=process, name="worker 0 (pid 4242)", killed=False,
+                             sets_dropped=False)
     supervisor = workers.WorkerSupervisor.__new__(workers.WorkerSupervisor)
     supervisor._stopping = True
     supervisor._write(worker, "reload", b"text")  # type: ignore[arg-type]
@@ -817,7 +819,7 @@ def test_state_changes_of_one_turn_reach_each_worker_as_one_push_before_what_fol
         writer = SimpleNamespace(is_closing=lambda: False, write=written.append,
                                  transport=SimpleNamespace(get_write_buffer_size=lambda: 0))
         supervisor._workers[0] = SimpleNamespace(writer=writer, process=SimpleNamespace(returncode=None),
-                                                 killed=False)  # type: ignore[assignment]
+                                                 killed=False, sets_dropped=False)  # type: ignore[assignment]
         backend = ctx.pools["p"].backends["a"]
         for reason in ("first", "second", "third"):
             backend.reason = reason

@@ -13,6 +13,7 @@ import pytest
 
 from lb.config.model import BackendConfig, DiscoveryConfig, PoolConfig
 from lb.control import discovery
+from lb.control.dns_backends import from_addresses
 from lb.control.ipc import decode, discovered_backends, discovered_message, encode
 from lb.control.workers import ControlChannel
 
@@ -27,11 +28,25 @@ def _follower() -> tuple[discovery.DiscoveryManager, list[tuple[str, tuple[Backe
     return manager, applied
 
 
+def _sent(pool: str, backends: tuple[BackendConfig, ...]) -> dict[str, Any]:
+    return decode(encode(discovered_message(pool, backends))[4:])
+
+
 def test_a_set_goes_to_the_worker_as_it_was_found() -> None:
-    message = decode(encode(discovered_message("gateways", SET))[4:])
+    message = _sent("gateways", SET)
     assert message["op"] == "discovered" and message["pool"] == "gateways"
     assert discovered_backends(message, max_backends=4) == SET
-    assert discovered_backends(decode(encode(discovered_message("gateways", ()))[4:]), 4) == ()
+    assert discovered_backends(_sent("gateways", ()), 4) == ()
+
+
+def test_an_a_or_aaaa_answers_ids_pass_as_discovery_made_them() -> None:
+    """`type: a` names a backend `ip:port`, `[ip]:port` for IPv6: brackets no configured id may hold.  A
+    worker refusing them refused the whole set, and served 503 while its owner showed the pool up."""
+    found = from_addresses(["fd00::1", "10.0.0.1"], port=8080, max_backends=4).backends
+    assert {b.id for b in found} == {"[fd00::1]:8080", "10.0.0.1:8080"}
+    assert discovered_backends(_sent("gateways", found), 4) == found
+    with pytest.raises(ValueError, match="backend id"):  # brackets only as that backend's own address
+        discovered_backends(_sent("gateways", (BackendConfig("[fd00::1]:8080", "fd00::2", 8080),)), 4)
 
 
 @pytest.mark.parametrize(
@@ -87,15 +102,13 @@ async def test_a_follower_listens_once_its_owner_has_sent_every_set(monkeypatch:
     manager.start({"gateways": DISCOVERED})
     waiting = asyncio.ensure_future(manager.first_lookups())
     await asyncio.sleep(0.01)
-    assert not waiting.done() and not manager.settled()
+    assert not waiting.done()
     manager.owner_sent_all()
     await asyncio.wait_for(waiting, 1.0)
-    assert manager.settled()
     # Bounded as the owner's own first lookups are: an owner that never says so cannot hold a worker back.
     monkeypatch.setattr(discovery, "FIRST_LOOKUPS_WAIT", 0.05)
     silent, _ = _follower()
     await asyncio.wait_for(silent.first_lookups(), 1.0)
-    assert not silent.settled()
 
 
 async def test_the_control_channel_follows_each_set_and_refuses_bad_ones() -> None:
@@ -106,12 +119,17 @@ async def test_the_control_channel_follows_each_set_and_refuses_bad_ones() -> No
     channel = ControlChannel(balancer, -1)  # type: ignore[arg-type]
     await channel._handle(discovered_message("gateways", SET))
     assert applied == [("gateways", SET)]
-    with pytest.raises(ValueError, match="more than max_backends=4"):
-        await channel._handle(discovered_message("gateways", SET * 3))
-    assert manager.known("gateways") == SET  # the set it had stays
-    assert not manager.settled()
+    # More than the pool's own max_backends (a reload lowered it after the owner's answer): taken.
+    larger = tuple(BackendConfig(f"gw-{i}", "10.0.0.1", 9000 + i) for i in range(6))
+    await channel._handle(discovered_message("gateways", larger))
+    assert manager.known("gateways") == larger
+    with pytest.raises(ValueError, match="listed twice"):
+        await channel._handle(discovered_message("gateways", SET * 2))
+    assert manager.known("gateways") == larger  # the set it had stays
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(manager.first_lookups(), 0.05)
     await channel._handle({"op": "states", "pools": {}})  # a new worker's first states follow its sets
-    assert manager.settled()
+    await asyncio.wait_for(manager.first_lookups(), 1.0)
 
 
 async def test_a_set_sent_before_the_reload_that_makes_its_pool_discovered_is_kept_for_it() -> None:
@@ -123,8 +141,9 @@ async def test_a_set_sent_before_the_reload_that_makes_its_pool_discovered_is_ke
                                ctx=SimpleNamespace(pools={}))
     channel = ControlChannel(balancer, -1)  # type: ignore[arg-type]
     await channel._handle(discovered_message("gateways", SET))  # no such pool here yet
-    with pytest.raises(ValueError, match="more than max_backends=10000"):
-        await channel._handle(discovered_message("gateways", SET * 5001))  # bounded all the same
+    many = [[f"gw-{i}", "10.0.0.1", 9000, 1] for i in range(10_001)]
+    with pytest.raises(ValueError, match="more than max_backends=10000"):  # bounded all the same
+        await channel._handle({"op": "discovered", "pool": "gateways", "backends": many})
     assert manager.with_discovered(DISCOVERED).backends == SET  # the reload's new pool
     manager.start({"gateways": DISCOVERED})  # after the reload's swap: nothing it runs is forgotten
     assert manager.known("gateways") == SET
@@ -175,3 +194,41 @@ routes: [{{path_prefix: /, pool: p}}]
     balancer.update_discovered("p", (BackendConfig("d-1", "10.0.0.2", 9000),))
     balancer.update_discovered("q", (BackendConfig("d-1", "10.0.0.2", 9000),))
     assert balancer.ctx.pools["p"] is pool and list(pool.backends) == ["s-1"]
+
+
+def test_a_set_a_worker_could_not_be_sent_goes_again_before_its_next_states() -> None:
+    """A worker not reading its control socket misses a set (each a whole one): it is not killed for it
+    (its tunnels would go), and every set goes to it again, before the next states it takes."""
+    from unittest import mock
+
+    from lb.config.load import ConfigSource
+    from lb.control import ipc
+    from lb.control.ipc import LENGTH
+    from lb.control.workers import MAX_PENDING_BYTES, WorkerSupervisor
+    from lb.state.pool import PoolState
+    from lb.state.series import SeriesRetention
+
+    manager, _ = _follower()
+    manager._followed["gateways"] = SET  # the owner's set (the owner's own manager holds it in its loop)
+    pools = {"gateways": PoolState(config=DISCOVERED), "static": PoolState(config=STATIC)}
+    balancer = SimpleNamespace(ctx=SimpleNamespace(pools=pools), discovery=manager, series=SeriesRetention(),
+                               config=SimpleNamespace(pools={"gateways": DISCOVERED, "static": STATIC}))
+    supervisor = WorkerSupervisor(balancer, 1, config_path=mock.sentinel.path,  # type: ignore[arg-type]
+                                  config_source=ConfigSource(""))
+    written: list[bytes] = []
+    backlog = [MAX_PENDING_BYTES + 1]
+    writer = SimpleNamespace(is_closing=lambda: False, write=written.append,
+                             transport=SimpleNamespace(get_write_buffer_size=lambda: backlog[0]))
+    process = SimpleNamespace(returncode=None, kill=mock.Mock())
+    supervisor._workers[0] = SimpleNamespace(writer=writer, process=process, killed=False,  # type: ignore[assignment]
+                                             sets_dropped=False, name="worker 0")
+    supervisor.discovered("gateways", SET)
+    supervisor.broadcast(ipc.states_message(pools))  # still full: dropped too, the sets still owed
+    assert written == [] and not process.kill.called
+    backlog[0] = 0
+    supervisor.broadcast(ipc.states_message(pools))
+    sent = [decode(frame[LENGTH.size:]) for frame in written]
+    assert [m["op"] for m in sent] == ["discovered", "states"]
+    assert discovered_backends(sent[0], 4) == SET
+    supervisor.broadcast(ipc.states_message(pools))  # owed no more
+    assert [decode(frame[LENGTH.size:])["op"] for frame in written[2:]] == ["states"]
