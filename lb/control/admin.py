@@ -74,9 +74,11 @@ IDLE_TIMEOUT = 15.0  # seconds an admin connection may sit without a complete re
 LINGER = 0.5
 MAX_JSON_DEPTH = 4  # {"close_after": "30s"} is depth 1; deeper is not a request we understand
 # Open admin connections, all and from one address: a flood of idle ones (each held IDLE_TIMEOUT) took
-# every descriptor of the process, the listeners' and the health checks' too.  Past either, a new one
-# is closed as accepted.  Per address, so that one flooding client does not lock out the kubelet's
-# probes or Prometheus; a browser opens about 6 per origin.
+# every descriptor of the process, the listeners' and the health checks' too.  Past the address's
+# share, a new one is closed as accepted.  Per address, so that one flooding client does not lock out
+# the kubelet's probes or Prometheus; a browser opens about 6 per origin.  Past the whole cap, a new
+# one takes the place of the oldest connection of the address holding the most, if that is more than
+# its own address holds (`_admission`): 17 flooding addresses filled the cap, probes and all.
 MAX_ADMIN_CONNECTIONS = 512
 MAX_ADMIN_CONNECTIONS_PER_ADDRESS = 32
 MAX_RATE = 100_000.0
@@ -548,7 +550,16 @@ class _AdminRequestHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # registered with the server, so counted below with the others
         assert self._manager is not None
-        refused = _over_connection_limit(self._manager.connections, transport)
+        refused, evicted = _admission(self._manager.connections, transport)
+        if evicted is not None and evicted.transport is not None:
+            # Its place, for an address holding fewer: aborted, so that the count drops at once.
+            evicted_from = _peer_host(evicted.transport) or "-"
+            evicted.transport.abort()
+            suppressed = _evictions.due()
+            if suppressed is not None:
+                log.warning("admin API: %d admin connections open: the oldest from %s closed for one from %s "
+                            "(%d more since the last line)", MAX_ADMIN_CONNECTIONS, evicted_from,
+                            _peer_host(transport) or "-", suppressed)
         if refused is None:
             return
         cast(asyncio.Transport, transport).abort()  # aiohttp's connection_lost then unregisters it
@@ -579,6 +590,7 @@ class _AdminRequestHandler(RequestHandler):
 
 
 _refusals = Throttle()
+_evictions = Throttle()  # a line of their own: a refused flood's lines must not hide that probes took places
 
 
 def _peer_host(transport: asyncio.BaseTransport) -> str | None:
@@ -586,15 +598,26 @@ def _peer_host(transport: asyncio.BaseTransport) -> str | None:
     return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
 
-def _over_connection_limit(open_now: list[RequestHandler], transport: asyncio.BaseTransport) -> str | None:
-    """Why a connection just made (and counted in `open_now`) is one too many, or None."""
-    if len(open_now) > MAX_ADMIN_CONNECTIONS:
-        return f"{MAX_ADMIN_CONNECTIONS} admin connections open"
+def _admission(
+    open_now: list[RequestHandler], transport: asyncio.BaseTransport
+) -> tuple[str | None, RequestHandler | None]:
+    """For a connection just made (and counted in `open_now`, oldest first): why it is one too many, or
+    None; and, past the whole cap, the connection to close in its place: the oldest of the address
+    holding the most, when that holds more than the new one's address (its count with it)."""
     host = _peer_host(transport)
-    same = sum(1 for handler in open_now if handler.transport is not None and _peer_host(handler.transport) == host)
+    by_address: dict[str | None, list[RequestHandler]] = {}
+    for handler in open_now:
+        if handler.transport is not None:
+            by_address.setdefault(_peer_host(handler.transport), []).append(handler)
+    same = len(by_address.get(host, ()))
     if same > MAX_ADMIN_CONNECTIONS_PER_ADDRESS:
-        return f"{MAX_ADMIN_CONNECTIONS_PER_ADDRESS} admin connections open from that address"
-    return None
+        return f"{MAX_ADMIN_CONNECTIONS_PER_ADDRESS} admin connections open from that address", None
+    if len(open_now) <= MAX_ADMIN_CONNECTIONS:
+        return None, None
+    most = max(by_address.values(), key=len)  # the first address to hold the most
+    if len(most) > same:
+        return None, most[0]
+    return f"{MAX_ADMIN_CONNECTIONS} admin connections open", None
 
 
 def _depth(value: object, limit: int) -> int:
