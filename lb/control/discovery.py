@@ -269,7 +269,7 @@ async def _lookup_srv(
     ]
     # Cut before any per-target lookup: a hostile answer must not buy thousands of queries.  Records that
     # can never be a backend are kept to say why they are skipped, and never looked up.
-    records, truncated = cut_srv(records, config.max_backends)
+    records, truncated = cut_srv(records, config.max_backends, reserved_ids)
     addresses: dict[str, list[str]] = {}
     # Servers (CoreDNS among them) put the targets' addresses in the additional section.
     for rrset in answer.response.additional:

@@ -117,22 +117,28 @@ def could_be_backend(record: SrvRecord) -> bool:
 MAX_UNUSABLE_KEPT = 64
 
 
-def cut_srv(records: Sequence[SrvRecord], max_backends: int) -> tuple[list[SrvRecord], int]:
+def cut_srv(
+    records: Sequence[SrvRecord], max_backends: int, reserved_ids: Iterable[str] = ()
+) -> tuple[list[SrvRecord], int]:
     """The records of an SRV answer to read, and how many were cut: at most `max_backends` of those that
-    could be backends (`could_be_backend`; the first by target and port, so every instance keeps the
-    same), and `MAX_UNUSABLE_KEPT` of those that could not (read only to say why they are skipped: no
-    lookup, no backend).  A record repeated (one target and port) is read once, the last given.
+    could be backends (`could_be_backend`, with an id neither in `reserved_ids` nor an earlier record's;
+    the first by target and port, so every instance keeps the same), and `MAX_UNUSABLE_KEPT` of those
+    that could not (read only to say why they are skipped: no backend).  A record repeated (one
+    target and port) is read once, the last given.
 
     Records that can never be a backend are not counted against `max_backends`: cut first, they took
     the places of valid records that sort after them (three junk records and `max_backends: 3` left a
     pool with no backend while the answer named three valid targets).  They have a bound of their own,
-    and so do repeated records: made unique after the cut, they took places too.
+    and so do repeated records and ids: made unique after the cut, they took places too (a target
+    named as a static backend, or `gw-1` under two domains, left a pool one backend short).
     """
     unique = {(r.target.lower().rstrip("."), r.port): r for r in records}
+    taken = set(reserved_ids)
     kept: list[SrvRecord] = []
     usable = junk = cut = 0
     for record in sorted(unique.values(), key=lambda r: (r.target.lower(), r.port)):
-        if not could_be_backend(record):
+        backend_id = srv_id(record.target.lower().rstrip(".")) if could_be_backend(record) else None
+        if backend_id is None or backend_id in taken:  # never a backend, or one skipped as "already taken"
             if junk < MAX_UNUSABLE_KEPT:
                 kept.append(record)
                 junk += 1
@@ -141,6 +147,7 @@ def cut_srv(records: Sequence[SrvRecord], max_backends: int) -> tuple[list[SrvRe
         elif usable < max_backends:
             kept.append(record)
             usable += 1
+            taken.add(backend_id)
         else:
             cut += 1
     return kept, cut
@@ -201,7 +208,7 @@ def from_srv(
     reserved = set(reserved_ids)
     failures = dict(failed or {})
     last_known = {b.id: b for b in known}
-    kept, truncated = cut_srv(records, max_backends)
+    kept, truncated = cut_srv(records, max_backends, reserved)
     usable = [could_be_backend(record) for record in kept]
     weights = srv_weights([record for record, ok in zip(kept, usable, strict=True) if ok])
     weights.reverse()  # popped in the order of the records that could be backends

@@ -594,3 +594,17 @@ def test_a_repeated_record_takes_one_place_under_max_backends() -> None:
     records = [SrvRecord(f"gw-0.{SERVICE}.", 9000)] * 5 + [SrvRecord(f"gw-1.{SERVICE}.", 9000)]
     kept, cut = cut_srv(records, 2)
     assert [r.target for r in kept] == [f"gw-0.{SERVICE}.", f"gw-1.{SERVICE}."] and cut == 0
+
+
+def test_a_target_whose_id_is_taken_takes_no_place_under_max_backends() -> None:
+    """A target named as a static backend, or `gw-1` under two domains, is skipped as "already taken";
+    counted against max_backends before that, it left the pool one backend short of what DNS named and
+    counted a valid target as cut."""
+    records = [SrvRecord(f"gw-{i}.{SERVICE}.", 9000) for i in range(4)] + [SrvRecord(f"gw-1.other.{SERVICE}.", 9000)]
+    addresses = {r.target.rstrip("."): ["10.0.0.1"] for r in records}
+    found = from_srv(records, addresses, max_backends=3, reserved_ids={"gw-0"})
+    assert [b.id for b in found.backends] == ["gw-1", "gw-2", "gw-3"] and found.truncated == 0
+    assert sorted(found.skipped) == [f"target 'gw-0.{SERVICE}': id gw-0 is already taken",
+                                     f"target 'gw-1.other.{SERVICE}': id gw-1 is already taken"]
+    _, cut = cut_srv([*records, SrvRecord(f"gw-4.{SERVICE}.", 9000)], 3, {"gw-0"})
+    assert cut == 1  # gw-4: the one past max_backends
