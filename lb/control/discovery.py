@@ -165,7 +165,16 @@ def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:
     # all of it, and the next ones in the list were never asked: every lookup failed.
     resolver.lifetime = config.timeout
     resolver.timeout = config.timeout / max(1, len(resolver.nameservers))
+    # EDNS0, offering EDNS_PAYLOAD bytes over UDP (about 15 pods of a headless Service, with their
+    # addresses): without it an answer past 512 bytes (about 6) came truncated and was asked again over
+    # TCP/53, which many NetworkPolicies and firewalls do not let through.  Larger answers still go over TCP.
+    resolver.use_edns(0, 0, EDNS_PAYLOAD)
     return ThreadedResolver(resolver)
+
+
+# The UDP answer size offered: the largest that needs no IP fragment on common paths (DNS Flag Day 2020,
+# and what BIND, Unbound and CoreDNS use).
+EDNS_PAYLOAD = 1232
 
 
 def is_local_address(ip: IPAddress) -> bool:
