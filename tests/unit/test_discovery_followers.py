@@ -149,12 +149,12 @@ async def test_a_set_sent_before_the_reload_that_makes_its_pool_discovered_is_ke
     assert manager.known("gateways") == SET
 
 
-async def test_a_set_naming_a_static_backend_leaves_the_static_one_in_place(tmp_path: Path) -> None:
-    """A static backend wins over DNS (as `with_discovered` has it): a set that names its id, as a worker
-    may be sent one before the reload that made it static, does not put a second `s-1` in the pool."""
+def _balancer(tmp_path: Path, *, discovered: bool) -> Any:
+    """A balancer (not started) with pool `p` of static backend `s-1`, discovered too or not."""
     from lb.config.load import load_config
     from lb.control.balancer import Balancer
 
+    discovery = '    discovery: {dns: gw.svc, nameservers: ["127.0.0.1:9"]}\n' if discovered else ""
     path = tmp_path / "lb.yaml"
     path.write_text(f"""
 listeners: [{{bind: "127.0.0.1:0"}}]
@@ -162,11 +162,16 @@ affinity: {{secret_keys: ["{'k' * 43}"]}}
 pools:
   p:
     backends: [{{id: s-1, address: "127.0.0.1:9"}}]
-    discovery: {{dns: gw.svc, nameservers: ["127.0.0.1:9"]}}
-    health_check: {{type: tcp, interval: 1h}}
+{discovery}    health_check: {{type: tcp, interval: 1h}}
 routes: [{{path_prefix: /, pool: p}}]
 """)
-    balancer = Balancer(load_config(path), path)
+    return Balancer(load_config(path), path)
+
+
+async def test_a_set_naming_a_static_backend_leaves_the_static_one_in_place(tmp_path: Path) -> None:
+    """A static backend wins over DNS (as `with_discovered` has it): a set that names its id, as a worker
+    may be sent one before the reload that made it static, does not put a second `s-1` in the pool."""
+    balancer = _balancer(tmp_path, discovered=True)
     balancer.update_discovered("p", (BackendConfig("s-1", "10.0.0.1", 9000), BackendConfig("d-1", "10.0.0.2", 9000)))
     backends = balancer.ctx.pools["p"].backends
     assert list(backends) == ["s-1", "d-1"]
@@ -176,20 +181,7 @@ routes: [{{path_prefix: /, pool: p}}]
 async def test_a_set_for_a_pool_not_discovered_here_changes_nothing(tmp_path: Path) -> None:
     """A worker may be sent a pool's set before the reload that makes the pool discovered: its static
     pool of the same name is not merged with it meanwhile."""
-    from lb.config.load import load_config
-    from lb.control.balancer import Balancer
-
-    path = tmp_path / "lb.yaml"
-    path.write_text(f"""
-listeners: [{{bind: "127.0.0.1:0"}}]
-affinity: {{secret_keys: ["{'k' * 43}"]}}
-pools:
-  p:
-    backends: [{{id: s-1, address: "127.0.0.1:9"}}]
-    health_check: {{type: tcp, interval: 1h}}
-routes: [{{path_prefix: /, pool: p}}]
-""")
-    balancer = Balancer(load_config(path), path)
+    balancer = _balancer(tmp_path, discovered=False)
     pool = balancer.ctx.pools["p"]
     balancer.update_discovered("p", (BackendConfig("d-1", "10.0.0.2", 9000),))
     balancer.update_discovered("q", (BackendConfig("d-1", "10.0.0.2", 9000),))

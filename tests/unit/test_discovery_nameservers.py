@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Callable
 
 import dns.exception
 import dns.flags
@@ -17,7 +18,8 @@ from lb.config.model import DiscoveryConfig, DiscoveryType
 from lb.control import discovery
 
 
-def _answering_server() -> tuple[socket.socket, int]:
+def _udp_server(answer: Callable[[dns.message.Message], bytes]) -> tuple[socket.socket, int]:
+    """A nameserver on a loopback UDP port, on a thread: `answer` turns each query into its reply."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
 
@@ -27,13 +29,19 @@ def _answering_server() -> tuple[socket.socket, int]:
                 data, peer = sock.recvfrom(4096)
             except OSError:
                 return
-            query = dns.message.from_wire(data)
-            reply = dns.message.make_response(query)
-            reply.answer.append(dns.rrset.from_text(query.question[0].name, 5, "IN", "A", "127.0.0.7"))
-            sock.sendto(reply.to_wire(), peer)
+            sock.sendto(answer(dns.message.from_wire(data)), peer)
 
     threading.Thread(target=serve, daemon=True).start()
     return sock, sock.getsockname()[1]
+
+
+def _answering_server() -> tuple[socket.socket, int]:
+    def answer(query: dns.message.Message) -> bytes:
+        reply = dns.message.make_response(query)
+        reply.answer.append(dns.rrset.from_text(query.question[0].name, 5, "IN", "A", "127.0.0.7"))
+        return reply.to_wire()
+
+    return _udp_server(answer)
 
 
 def test_a_silent_first_nameserver_leaves_time_for_the_next() -> None:
@@ -56,30 +64,19 @@ def _sized_server(addresses: int) -> tuple[socket.socket, int]:
     """Answers every A query with `addresses` records over UDP, as a nameserver does: whole when it fits
     the size the query offers (EDNS0's payload, else 512 bytes), else truncated (TC, no records: ask
     again over TCP, which nobody here answers)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
 
-    def serve() -> None:
-        while True:
-            try:
-                data, peer = sock.recvfrom(4096)
-            except OSError:
-                return
-            query = dns.message.from_wire(data)
-            reply = dns.message.make_response(query)
-            ips = [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(addresses)]
-            reply.answer.append(dns.rrset.from_text_list(query.question[0].name, 5, "IN", "A", ips))
-            limit = max(512, query.payload) if query.edns >= 0 else 512
-            try:
-                wire = reply.to_wire(max_size=limit)
-            except dns.exception.TooBig:
-                reply.answer = []
-                reply.flags |= dns.flags.TC
-                wire = reply.to_wire()
-            sock.sendto(wire, peer)
+    def answer(query: dns.message.Message) -> bytes:
+        reply = dns.message.make_response(query)
+        ips = [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(addresses)]
+        reply.answer.append(dns.rrset.from_text_list(query.question[0].name, 5, "IN", "A", ips))
+        try:
+            return reply.to_wire(max_size=max(512, query.payload) if query.edns >= 0 else 512)
+        except dns.exception.TooBig:
+            reply.answer = []
+            reply.flags |= dns.flags.TC
+            return reply.to_wire()
 
-    threading.Thread(target=serve, daemon=True).start()
-    return sock, sock.getsockname()[1]
+    return _udp_server(answer)
 
 
 def test_an_answer_past_512_bytes_comes_over_udp() -> None:
