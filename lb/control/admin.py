@@ -44,6 +44,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from lb.access_log import plain_value
 from lb.config.durations import parse_duration
 from lb.config.model import host_port
+from lb.control.admin_connections import AdminConnections, address_key
 from lb.control.exposition import Scrapes
 from lb.control.migration import DEFAULT_MIGRATION_RATE
 from lb.log import Throttle
@@ -73,14 +74,6 @@ IDLE_TIMEOUT = 15.0  # seconds an admin connection may sit without a complete re
 # gigabytes of a flood on the event loop that the data plane shares (echoes went from 1 to 13 ms).
 LINGER = 0.5
 MAX_JSON_DEPTH = 4  # {"close_after": "30s"} is depth 1; deeper is not a request we understand
-# Open admin connections, all and from one address: a flood of idle ones (each held IDLE_TIMEOUT) took
-# every descriptor of the process, the listeners' and the health checks' too.  Past the address's
-# share, a new one is closed as accepted.  Per address, so that one flooding client does not lock out
-# the kubelet's probes or Prometheus; a browser opens about 6 per origin.  Past the whole cap, a new
-# one takes the place of the oldest connection of the address holding the most, if that is more than
-# its own address holds (`_admission`): 17 flooding addresses filled the cap, probes and all.
-MAX_ADMIN_CONNECTIONS = 512
-MAX_ADMIN_CONNECTIONS_PER_ADDRESS = 32
 MAX_RATE = 100_000.0
 # One tunnel every 100 s, the dashboard's own least: slower, a drain's closes would outlast the backend
 # (after `close_after` it takes not even its cookie holders, so a rate near 0 is a disable that never
@@ -496,6 +489,7 @@ class AdminRunner(web.AppRunner):
         server = await super()._make_server()
         if type(server) is Server:  # aiohttp's own: swap in the subclass that adds __call__ below
             server.__class__ = _AdminServer
+            cast(_AdminServer, server).admitted = AdminConnections()
         # Around the application, not in it: aiohttp meets `Expect` after routing and before any middleware,
         # and its default refuses all but 100-continue with a text/plain 417 quoting the value.  Its own hook,
         # a route's `expect_handler=`, would not reach a path no route matches: a 404 or 405 takes a
@@ -537,6 +531,9 @@ def _unmet_expectation(request: BaseRequest) -> str | None:
 
 
 class _AdminServer(Server):
+    # Who gets a connection (lb.control.admin_connections): set as the class is swapped in.
+    admitted: AdminConnections
+
     def __call__(self) -> RequestHandler:
         handler = super().__call__()
         if type(handler) is RequestHandler:  # same slots, one method more: a safe class swap
@@ -548,25 +545,32 @@ class _AdminRequestHandler(RequestHandler):
     __slots__ = ()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # registered with the server, so counted below with the others
-        assert self._manager is not None
-        refused, evicted = _admission(self._manager.connections, transport)
-        if evicted is not None and evicted.transport is not None:
-            # Its place, for an address holding fewer: aborted, so that the count drops at once.
+        super().connection_made(transport)
+        server = self._manager
+        assert isinstance(server, _AdminServer)
+        host = _peer_host(transport)
+        refused, evicted = server.admitted.admit(self, address_key(host), _idle)
+        if isinstance(evicted, RequestHandler) and evicted.transport is not None:
             evicted_from = _peer_host(evicted.transport) or "-"
-            evicted.transport.abort()
+            evicted.transport.abort()  # idle: no request of its own is cut
             suppressed = _evictions.due()
             if suppressed is not None:
-                log.warning("admin API: %d admin connections open: the oldest from %s closed for one from %s "
-                            "(%d more since the last line)", MAX_ADMIN_CONNECTIONS, evicted_from,
-                            _peer_host(transport) or "-", suppressed)
+                log.warning("admin API: %d admin connections open: an idle one from %s closed for one from %s "
+                            "(%d more since the last line)", server.admitted.limit, evicted_from, host or "-",
+                            suppressed)
         if refused is None:
             return
         cast(asyncio.Transport, transport).abort()  # aiohttp's connection_lost then unregisters it
         suppressed = _refusals.due()
         if suppressed is not None:
             log.warning("admin API: connection from %s closed as accepted: %s (%d more since the last line)",
-                        _peer_host(transport) or "-", refused, suppressed)
+                        host or "-", refused, suppressed)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        server = self._manager
+        if isinstance(server, _AdminServer):
+            server.admitted.remove(self)  # at once (the server lists it until its task ends)
+        super().connection_lost(exc)
 
     def handle_error(
         self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
@@ -590,7 +594,7 @@ class _AdminRequestHandler(RequestHandler):
 
 
 _refusals = Throttle()
-_evictions = Throttle()  # a line of their own: a refused flood's lines must not hide that probes took places
+_evictions = Throttle()  # a line of their own: a refused flood's lines must not hide that others took places
 
 
 def _peer_host(transport: asyncio.BaseTransport) -> str | None:
@@ -598,26 +602,10 @@ def _peer_host(transport: asyncio.BaseTransport) -> str | None:
     return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
 
-def _admission(
-    open_now: list[RequestHandler], transport: asyncio.BaseTransport
-) -> tuple[str | None, RequestHandler | None]:
-    """For a connection just made (and counted in `open_now`, oldest first): why it is one too many, or
-    None; and, past the whole cap, the connection to close in its place: the oldest of the address
-    holding the most, when that holds more than the new one's address (its count with it)."""
-    host = _peer_host(transport)
-    by_address: dict[str | None, list[RequestHandler]] = {}
-    for handler in open_now:
-        if handler.transport is not None:
-            by_address.setdefault(_peer_host(handler.transport), []).append(handler)
-    same = len(by_address.get(host, ()))
-    if same > MAX_ADMIN_CONNECTIONS_PER_ADDRESS:
-        return f"{MAX_ADMIN_CONNECTIONS_PER_ADDRESS} admin connections open from that address", None
-    if len(open_now) <= MAX_ADMIN_CONNECTIONS:
-        return None, None
-    most = max(by_address.values(), key=len)  # the first address to hold the most
-    if len(most) > same:
-        return None, most[0]
-    return f"{MAX_ADMIN_CONNECTIONS} admin connections open", None
+def _idle(handler: object) -> bool:
+    """No request of this connection is in progress (aiohttp's own flag; a version without it: never idle,
+    so that a new connection is refused rather than one cut)."""
+    return not getattr(handler, "_request_in_progress", True)
 
 
 def _depth(value: object, limit: int) -> int:

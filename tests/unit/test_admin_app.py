@@ -278,28 +278,3 @@ async def test_a_backend_removed_mid_render_is_listed_once(monkeypatch: pytest.M
     listed = [b["id"] for b in json.loads(text)["pools"]["p"]["backends"]]
     assert sorted(listed) == ["b0", "b1", "b2", "b3", "b4", "old"], listed
 
-
-def test_past_the_whole_cap_a_new_address_takes_the_place_of_the_oldest_of_the_address_holding_most(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Admission of admin connections (lb.control.admin._admission), with a cap of 4 and 2 per address."""
-    from lb.control import admin
-
-    monkeypatch.setattr(admin, "MAX_ADMIN_CONNECTIONS", 4)
-    monkeypatch.setattr(admin, "MAX_ADMIN_CONNECTIONS_PER_ADDRESS", 2)
-
-    def connection(host: str) -> Any:
-        return SimpleNamespace(transport=SimpleNamespace(get_extra_info=lambda name: (host, 1234)))
-
-    a1, a2, b1, c1 = connection("10.0.0.1"), connection("10.0.0.1"), connection("10.0.0.2"), connection("10.0.0.3")
-    # Under the cap: in; past an address's share: refused, nothing closed.
-    assert admin._admission([a1, a2], a2.transport) == (None, None)
-    a3 = connection("10.0.0.1")
-    assert admin._admission([a1, a2, a3], a3.transport) == ("2 admin connections open from that address", None)
-    # Past the whole cap, from an address holding fewer than the one holding most: the oldest of those goes.
-    d1 = connection("10.0.0.4")
-    assert admin._admission([a1, a2, b1, c1, d1], d1.transport) == (None, a1)
-    # Every address holding as many as the new one's would with it: refused, nothing closed.
-    b2 = connection("10.0.0.2")
-    assert admin._admission([b1, c1, d1, connection("10.0.0.5"), b2], b2.transport) == (
-        "4 admin connections open", None)
