@@ -64,7 +64,7 @@ from lb.control.daemon_thread import in_daemon_thread
 from lb.control.dns_backends import (
     Discovered,
     SrvRecord,
-    could_be_backend,
+    claimants,
     cut_srv,
     diff,
     from_addresses,
@@ -165,8 +165,8 @@ def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:
     # all of it, and the next ones in the list were never asked: every lookup failed.
     resolver.lifetime = config.timeout
     resolver.timeout = config.timeout / max(1, len(resolver.nameservers))
-    # EDNS0, offering EDNS_PAYLOAD bytes over UDP (about 15 pods of a headless Service, with their
-    # addresses): without it an answer past 512 bytes (about 6) came truncated and was asked again over
+    # EDNS0, offering EDNS_PAYLOAD bytes over UDP (11 to 15 pods of a headless Service, with their
+    # addresses): without it an answer past 512 bytes (about 5) came truncated and was asked again over
     # TCP/53, which many NetworkPolicies and firewalls do not let through.  Larger answers still go over TCP.
     resolver.use_edns(0, 0, EDNS_PAYLOAD)
     return ThreadedResolver(resolver)
@@ -286,7 +286,10 @@ async def _lookup_srv(
             name = rrset.name.to_text().lower().rstrip(".")
             addresses.setdefault(name, []).extend(rdata.address for rdata in rrset)
             ttls.append(float(rrset.ttl))
-    missing = sorted({r.target.lower().rstrip(".") for r in records if could_be_backend(r)} - set(addresses))
+    # Only the records that name their backend (`claimants`): a target whose id is taken is never one.
+    claiming = {r.target.lower().rstrip(".") for r, claims in zip(records, claimants(records, reserved_ids),
+                                                                   strict=True) if claims}
+    missing = sorted(claiming - set(addresses))
     if extend is not None and missing:
         extend(target_lookups_budget(len(missing), config.timeout))
     gate = asyncio.Semaphore(_TARGET_LOOKUPS)

@@ -153,6 +153,22 @@ def cut_srv(
     return kept, cut
 
 
+def claimants(records: Sequence[SrvRecord], reserved_ids: Iterable[str] = ()) -> list[bool]:
+    """For each record in order (as `cut_srv` keeps them): whether it is the one that names its backend,
+    that is, it could be one (`could_be_backend`) and no static backend and no record before it has its
+    id.  Only those are looked up and weighed, and an id stays its claimant's whatever its lookup
+    gives: a later `gw-1` under another domain does not take over when the first one has no address
+    (instances whose lookups failed differently pointed gw-1 at different pods)."""
+    taken = set(reserved_ids)
+    claims = []
+    for record in records:
+        backend_id = srv_id(record.target.lower().rstrip(".")) if could_be_backend(record) else None
+        claims.append(backend_id is not None and backend_id not in taken)
+        if backend_id is not None:
+            taken.add(backend_id)
+    return claims
+
+
 def pick_address(addresses: Iterable[str]) -> str | None:
     """One address for a target with several: IPv4 first, then the lowest, so every instance agrees.
     An IPv4-mapped address counts as IPv4; one no gateway can listen at is passed over (`not_a_host`)."""
@@ -209,24 +225,24 @@ def from_srv(
     failures = dict(failed or {})
     last_known = {b.id: b for b in known}
     kept, truncated = cut_srv(records, max_backends, reserved)
-    usable = [could_be_backend(record) for record in kept]
-    weights = srv_weights([record for record, ok in zip(kept, usable, strict=True) if ok])
-    weights.reverse()  # popped in the order of the records that could be backends
+    claims = claimants(kept, reserved)
+    weights = srv_weights([record for record, claims_id in zip(kept, claims, strict=True) if claims_id])
+    weights.reverse()  # popped in the order of the records that name their backend
     backends: dict[str, BackendConfig] = {}
     skipped: list[str] = []
     not_resolved: list[str] = []
-    for record, ok in zip(kept, usable, strict=True):
-        weight = weights.pop() if ok else 1
+    for record, claims_id in zip(kept, claims, strict=True):
+        weight = weights.pop() if claims_id else 1
         target = record.target.lower().rstrip(".")
         backend_id = srv_id(target)
         if backend_id is None:
             why = "an IP address, not a host name" if _is_address(target) else "first label is not a valid backend id"
             skipped.append(f"target {_short(target)!r}: {why}")
             continue
-        if not ok:  # a valid id on a port out of range: never a backend, so never looked up (`cut_srv`)
+        if not could_be_backend(record):  # a valid id on a port out of range: never a backend, never looked up
             skipped.append(f"target {_short(target)!r}: port {record.port} out of range")
             continue
-        if backend_id in reserved or backend_id in backends:
+        if not claims_id:  # a static backend's id, or an earlier record's (`claimants`)
             skipped.append(f"target {_short(target)!r}: id {backend_id} is already taken")
             continue
         cause = failures.get(target)

@@ -608,3 +608,13 @@ def test_a_target_whose_id_is_taken_takes_no_place_under_max_backends() -> None:
                                      f"target 'gw-1.other.{SERVICE}': id gw-1 is already taken"]
     _, cut = cut_srv([*records, SrvRecord(f"gw-4.{SERVICE}.", 9000)], 3, {"gw-0"})
     assert cut == 1  # gw-4: the one past max_backends
+
+
+def test_a_record_that_names_no_backend_weighs_nothing() -> None:
+    """Weights come from the records that name their backends: a static backend's record with another
+    weight made every discovered backend's 10 where the answer gave them all the same (1 each)."""
+    records = [SrvRecord(f"gw-0.{SERVICE}.", 9000, weight=5), SrvRecord(f"gw-1.{SERVICE}.", 9000, weight=50),
+               SrvRecord(f"gw-2.{SERVICE}.", 9000, weight=50)]
+    addresses = {r.target.rstrip("."): ["10.0.0.1"] for r in records}
+    found = from_srv(records, addresses, max_backends=3, reserved_ids={"gw-0"})
+    assert [(b.id, b.weight) for b in found.backends] == [("gw-1", 1), ("gw-2", 1)]

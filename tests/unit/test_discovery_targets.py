@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import dns.exception
 import dns.message
@@ -486,3 +486,22 @@ def _due_at(clock: list[float]) -> Any:
         return real(self, clock[0])
 
     return due
+
+
+def test_only_a_target_that_names_its_backend_is_looked_up_and_its_id_stays_its_own() -> None:
+    """`gw-0` is a static backend's id and `gw-1` is named under two domains: only `gw-1.gw.test` (first
+    by name) is asked for its address.  It has none: gw-1 is left out, not taken over by the other
+    domain's record (instances whose lookups failed differently pointed gw-1 at different pods)."""
+    other = f"gw-1.other.{SERVICE}."
+    resolver = ScriptedResolver()
+    resolver.script = {
+        (SERVICE, "SRV"): answer(SERVICE + ".", "SRV", f"10 50 9000 gw-0.{SERVICE}.", f"10 50 9000 {GW1}",
+                                 f"10 50 9000 {other}", f"10 50 9000 {GW2}"),
+        (GW2, "A"): answer(GW2, "A", "127.0.0.2"),
+        (other, "A"): answer(other, "A", "127.0.0.3"),
+    }
+    found, _ = asyncio.run(discovery.lookup(CONFIG, cast(Any, resolver), frozenset({"gw-0"})))
+    assert [(b.id, b.host) for b in found.backends] == [("gw-2", "127.0.0.2")]
+    asked = {name for name, _ in resolver.queries if name != SERVICE}
+    assert asked == {GW1, GW2}, asked  # neither gw-0's record nor the other gw-1's
+    assert f"target 'gw-1.other.{SERVICE}': id gw-1 is already taken" in found.skipped
