@@ -490,6 +490,9 @@ class AdminRunner(web.AppRunner):
         if type(server) is Server:  # aiohttp's own: swap in the subclass that adds __call__ below
             server.__class__ = _AdminServer
             cast(_AdminServer, server).admitted = AdminConnections()
+            cast(_AdminServer, server).transports = {}
+        else:
+            log.warning("admin API: aiohttp's server is a %s: admin connections are not capped", type(server))
         # Around the application, not in it: aiohttp meets `Expect` after routing and before any middleware,
         # and its default refuses all but 100-continue with a text/plain 417 quoting the value.  Its own hook,
         # a route's `expect_handler=`, would not reach a path no route matches: a 404 or 405 takes a
@@ -531,8 +534,11 @@ def _unmet_expectation(request: BaseRequest) -> str | None:
 
 
 class _AdminServer(Server):
-    # Who gets a connection (lb.control.admin_connections): set as the class is swapped in.
+    # Who gets a connection (lb.control.admin_connections), and each counted one's transport (aiohttp sets
+    # a handler's to None when it gives up on a keep-alive, while the socket stays open until its buffer
+    # drains: a peer that reads nothing would keep it for good): set as the class is swapped in.
     admitted: AdminConnections
+    transports: dict[RequestHandler, asyncio.Transport]
 
     def __call__(self) -> RequestHandler:
         handler = super().__call__()
@@ -550,12 +556,15 @@ class _AdminRequestHandler(RequestHandler):
         assert isinstance(server, _AdminServer)
         host = _peer_host(transport)
         refused, evicted = server.admitted.admit(self, address_key(host), _idle)
-        if isinstance(evicted, RequestHandler) and evicted.transport is not None:
-            evicted_from = _peer_host(evicted.transport) or "-"
-            evicted.transport.abort()  # idle: no request of its own is cut
+        if refused is None:
+            server.transports[self] = cast(asyncio.Transport, transport)
+        evicted_transport = server.transports.pop(evicted, None) if isinstance(evicted, RequestHandler) else None
+        if evicted_transport is not None:
+            evicted_from = _peer_host(evicted_transport) or "-"
+            evicted_transport.abort()
             suppressed = _evictions.due()
             if suppressed is not None:
-                log.warning("admin API: %d admin connections open: an idle one from %s closed for one from %s "
+                log.warning("admin API: %d admin connections open: one from %s closed for one from %s "
                             "(%d more since the last line)", server.admitted.limit, evicted_from, host or "-",
                             suppressed)
         if refused is None:
@@ -570,6 +579,7 @@ class _AdminRequestHandler(RequestHandler):
         server = self._manager
         if isinstance(server, _AdminServer):
             server.admitted.remove(self)  # at once (the server lists it until its task ends)
+            server.transports.pop(self, None)
         super().connection_lost(exc)
 
     def handle_error(

@@ -5,10 +5,12 @@ descriptor of the process, the listeners' and the health checks' too; capped in 
 out the kubelet's probes and Prometheus.  So (`AdminConnections.admit`):
 - an address holding `per_address` connections gets no more: the new one is refused;
 - under `limit` in all, a new connection is let in;
-- at `limit`, a new one takes the place of the oldest idle connection (no request in progress: a
-  drain action's answer is never cut) of the address holding the most, when that address holds
-  more than the new one's would with it; otherwise it is refused.  The flood, not the probe, gives
-  way; and floods from many addresses share the cap evenly.
+- at `limit`, a new one takes the place of a connection of the address holding the most, when that
+  address holds more than the new one's would with it; otherwise it is refused.  The one closed is
+  its oldest idle connection (no request in progress: an operator's drain is not cut), else its
+  oldest: a connection kept busy on purpose (pipelined requests whose answers it never reads) must
+  not make a flood's places its own for good.  The flood, not the probe, gives way; and floods
+  from many addresses share the cap evenly.
 
 An address is the peer's IP; an IPv6 one counts by its /64 (one host's usual share: a /64 is
 otherwise 2^64 addresses of one flood), an IPv4-mapped one as its IPv4 address (`address_key`).
@@ -68,10 +70,10 @@ class AdminConnections:
             return f"{self.per_address} admin connections open from that address", None
         evicted = None
         if len(self._address_of) >= self.limit:
-            most = max(self._by_address.values(), key=len)
-            evicted = next((c for c in most if idle(c)), None) if len(most) > len(held) + 1 else None
-            if evicted is None:
+            most = max(self._by_address.values(), key=len)  # the first address to hold the most
+            if len(most) <= len(held) + 1:
                 return f"{self.limit} admin connections open", None
+            evicted = next((c for c in most if idle(c)), next(iter(most)))
             self.remove(evicted)
         self._by_address.setdefault(address, {})[connection] = None
         self._address_of[connection] = address
