@@ -124,7 +124,7 @@ def cut_srv(
     could be backends (`could_be_backend`, with an id neither in `reserved_ids` nor an earlier record's;
     the first by target and port, so every instance keeps the same), and `MAX_UNUSABLE_KEPT` of those
     that could not (read only to say why they are skipped: no backend).  A record repeated (one
-    target and port) is read once, the last given.
+    target and port) is read once, with its highest weight.
 
     Records that can never be a backend are not counted against `max_backends`: cut first, they took
     the places of valid records that sort after them (three junk records and `max_backends: 3` left a
@@ -132,7 +132,9 @@ def cut_srv(
     and so do repeated records and ids: made unique after the cut, they took places too (a target
     named as a static backend, or `gw-1` under two domains, left a pool one backend short).
     """
-    unique = {(r.target.lower().rstrip("."), r.port): r for r in records}
+    # Repeated with other weights, the highest is read, whatever the answer's order (instances agree).
+    by_weight = sorted(records, key=lambda r: (r.weight, r.priority, r.target))
+    unique = {(r.target.lower().rstrip("."), r.port): r for r in by_weight}
     taken = set(reserved_ids)
     kept: list[SrvRecord] = []
     usable = junk = cut = 0

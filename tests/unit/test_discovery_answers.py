@@ -22,6 +22,7 @@ from lb.config.sections import _cgroup_cpu_quota, _cgroup_v1_cpu_quota, _usable_
 from lb.control.dns_backends import (
     MAX_UNUSABLE_KEPT,
     SrvRecord,
+    claimants,
     cut_srv,
     diff,
     from_addresses,
@@ -618,3 +619,30 @@ def test_a_record_that_names_no_backend_weighs_nothing() -> None:
     addresses = {r.target.rstrip("."): ["10.0.0.1"] for r in records}
     found = from_srv(records, addresses, max_backends=3, reserved_ids={"gw-0"})
     assert [(b.id, b.weight) for b in found.backends] == [("gw-1", 1), ("gw-2", 1)]
+
+
+_LABELS = st.sampled_from(["gw-0", "gw-1", "gw-2", "gw-3", "static", "127", "bad_label", ""])
+_RECORDS = st.lists(
+    st.builds(SrvRecord, target=st.tuples(_LABELS, st.sampled_from(["a.svc.", "b.svc.", "."])).map("".join),
+              port=st.sampled_from([0, 9000, 9001]), weight=st.integers(0, 300)),
+    max_size=30,
+)
+
+
+@given(_RECORDS, st.integers(1, 4), st.randoms(use_true_random=False))
+def test_every_instance_keeps_and_names_the_same_backends_whatever_the_answers_order(
+    records: list[SrvRecord], max_backends: int, order: Any
+) -> None:
+    """The cut and the claims (an id is its first record's) depend on the answer, not on its order: two
+    instances given it in different orders keep the same records, with the same weights, and the records
+    that name a backend are at most max_backends, each id once, never a static backend's."""
+    shuffled = list(records)
+    order.shuffle(shuffled)
+    kept, cut = cut_srv(records, max_backends, {"static"})
+    assert (kept, cut) == cut_srv(shuffled, max_backends, {"static"})
+    claims = claimants(kept, {"static"})
+    named = [srv_id(r.target.lower().rstrip(".")) for r, claims_id in zip(kept, claims, strict=True) if claims_id]
+    assert len(named) <= max_backends and len(set(named)) == len(named) and "static" not in named
+    addresses = {r.target.lower().rstrip("."): ["10.0.0.1"] for r in records}
+    forward = from_srv(records, addresses, max_backends=max_backends, reserved_ids={"static"})
+    assert forward == from_srv(shuffled, addresses, max_backends=max_backends, reserved_ids={"static"})
