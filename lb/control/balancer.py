@@ -70,7 +70,7 @@ from lb.config.load import ConfigSource, load_config_source
 from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig, TlsConfig, host_port
 from lb.control.admin import AdminRunner, make_admin_app
 from lb.control.daemon_thread import in_daemon_thread
-from lb.control.discovery import DiscoveryManager
+from lb.control.discovery import DiscoveryManager, add_discovered
 from lb.control.health import FirstProbes, HealthChecker
 from lb.control.ipc import check_config_handover, split_limits
 from lb.control.memory import ReleasePolicy, collection_paused, release_free_memory
@@ -597,9 +597,7 @@ class Balancer:
         static = self.config.pools.get(pool)
         if old is None or static is None or static.discovery is None:
             return  # not (or no longer, or not yet) a discovered pool here: a worker's set may come first
-        static_ids = {b.id for b in static.backends}  # a static backend wins over DNS, as in `with_discovered`
-        found = tuple(b for b in backends if b.id not in static_ids)
-        merged = self._merge_pool(replace(static, backends=static.backends + found), old, cause="DNS")
+        merged = self._merge_pool(add_discovered(static, backends), old, cause="DNS")
         for backend in old.backends.values():
             if merged.backends.get(backend.id) is not backend:
                 self._operator_states.remember(pool, backend)

@@ -662,14 +662,20 @@ class DiscoveryManager:
 
     def with_discovered(self, pool: PoolConfig) -> PoolConfig:
         """`pool` with its last known discovered backends added after the static ones."""
-        found = self.known(pool.name) if pool.discovery is not None else ()
-        static_ids = {b.id for b in pool.backends}  # a static backend wins over DNS, as in `lookup`
-        found = tuple(b for b in found if b.id not in static_ids)
-        return replace(pool, backends=pool.backends + found) if found else pool
+        return add_discovered(pool, self.known(pool.name)) if pool.discovery is not None else pool
 
     def status(self, pool: str) -> dict[str, Any] | None:
         loop = self._loops.get(pool)
         return loop.status.document() if loop is not None else None
+
+
+def add_discovered(pool: PoolConfig, found: Sequence[BackendConfig]) -> PoolConfig:
+    """`pool` with `found` added after its static backends, but for any whose id a static one has:
+    a static backend wins over DNS, as in `lookup` (a set made before a reload made it static may
+    still name it)."""
+    static_ids = {b.id for b in pool.backends}
+    found = tuple(b for b in found if b.id not in static_ids)
+    return replace(pool, backends=pool.backends + found) if found else pool
 
 
 class DiscoveryCollector(Collector):

@@ -64,8 +64,11 @@ def zone() -> Iterator[ZoneServer]:
         server.stop()
 
 
-def discovery_config(zone: ZoneServer, **discovery: Any) -> dict[str, Any]:
+def discovery_config(zone: ZoneServer, *, workers: int | None = None, **discovery: Any) -> dict[str, Any]:
+    """A pool `gateways` of `discovery` alone (SRV of SERVICE on `zone`, every 200 ms), and `workers` if given."""
     config = lb_config(pools={"gateways": []})
+    if workers is not None:
+        config["workers"] = workers
     pool = config["pools"]["gateways"]
     del pool["backends"]
     pool["discovery"] = {"dns": SERVICE, "type": "srv", "interval": "200ms", "nameservers": [zone.nameserver],
@@ -424,8 +427,7 @@ async def test_workers_route_to_discovered_backends(launcher: Launcher, zone: Zo
     and a removed one stops getting them."""
     gw1, gw2 = launcher.gateways(2)
     publish(zone, [gw1, gw2])
-    config = discovery_config(zone)
-    config["workers"] = 2
+    config = discovery_config(zone, workers=2)
     lb = launcher.balancer(config)
     await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both gateways")
     for g in (gw1, gw2):
@@ -453,8 +455,7 @@ async def test_workers_route_over_the_owners_set_when_answers_differ_per_query(
     for g in (gw1, gw2):
         zone.set_a(f"{g.id}.{SERVICE}", [HOST])
     zone.rotate_srv(SERVICE, [[(f"{gw1.id}.{SERVICE}", gw1.port)], [(f"{gw2.id}.{SERVICE}", gw2.port)]])
-    config = discovery_config(zone, interval="1s")
-    config["workers"] = 2
+    config = discovery_config(zone, interval="1s", workers=2)
     lb = launcher.balancer(config)
     queried, started = zone.queried(SERVICE), time.monotonic()
     rounds = 0
@@ -480,8 +481,7 @@ async def test_a_restarted_worker_starts_with_the_owners_set_of_now(launcher: La
     of when the balancer started."""
     gw1, gw2 = launcher.gateways(2)
     publish(zone, [gw1, gw2])
-    config = discovery_config(zone)
-    config["workers"] = 2
+    config = discovery_config(zone, workers=2)
     lb = launcher.balancer(config)
     await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both gateways")
     publish(zone, [gw2])
@@ -591,8 +591,7 @@ async def test_a_backend_that_leaves_and_comes_back_counts_on(
     (while the owner and then each worker apply the change), is at least the one before."""
     gw1, gw2 = launcher.gateways(2)
     publish(zone, [gw1, gw2])
-    config = discovery_config(zone)
-    config["workers"] = workers
+    config = discovery_config(zone, workers=workers)
     lb = launcher.balancer(config)
     await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both discovered")
     await wait_for_state(lb, "gateways", "gw-2", "up", within=10 * UNIT)
@@ -677,8 +676,7 @@ async def test_the_first_client_finds_the_discovered_backends(
     gateways = launcher.gateways(1)
     publish(zone, gateways)
     zone.delay = 0.5 * UNIT  # per query: the SRV, then its target's A
-    config = discovery_config(zone, timeout=f"{2 * UNIT:g}s")
-    config["workers"] = workers
+    config = discovery_config(zone, timeout=f"{2 * UNIT:g}s", workers=workers)
     lb = launcher.balancer(config)
     assert {(await visit(lb.ws_url())).server_id for _ in range(4)} == {"gw-1"}
 
@@ -738,8 +736,7 @@ async def test_a_sigterm_while_starting_is_never_ready(launcher: Launcher, zone:
     workers, the owner (waiting for its lookups) starts none."""
     publish(zone, launcher.gateways(1))
     zone.delay = 5.0
-    config = discovery_config(zone, timeout=f"{UNIT:g}s")
-    config["workers"] = workers
+    config = discovery_config(zone, timeout=f"{UNIT:g}s", workers=workers)
     lb = launcher.starting_balancer(config)
     assert lb.proc is not None
     deadline = time.monotonic() + 15 * UNIT
@@ -769,8 +766,7 @@ async def test_workers_start_with_a_silent_nameserver_and_a_long_lookup_timeout(
     past its owner's 15 s for starting, and the balancer did not start (a reviewer's case)."""
     publish(zone, launcher.gateways(1))
     zone.delay = 20.0
-    config = discovery_config(zone, timeout="16s")  # its SRV query alone outlasts the owner's 15 s
-    config["workers"] = 2
+    config = discovery_config(zone, timeout="16s", workers=2)  # its SRV query alone outlasts the owner's 15 s
     started = time.monotonic()
     lb = launcher.balancer(config)  # ready within the launcher's deadline, or this fails
     assert time.monotonic() - started < 12 * UNIT
@@ -796,9 +792,8 @@ async def test_dns_churn_keeps_metrics_bounded_and_a_kept_backend_monotonic(
     [gateway] = launcher.gateways(1)
     port = free_port()  # nothing listens: the churned backends answer no check
     per_answer = 8
-    config = discovery_config(zone, type="a", port=port, max_backends=per_answer)
+    config = discovery_config(zone, type="a", port=port, max_backends=per_answer, workers=workers)
     config["pools"]["gateways"]["backends"] = [{"id": gateway.id, "address": gateway.address, "weight": 1}]
-    config["workers"] = workers
     zone.set_a(SERVICE, [f"127.2.0.{i + 1}" for i in range(per_answer)])
     lb = launcher.balancer(config)
     await wait_status(lb, lambda s: len(ids(s)) == 1 + per_answer, "the static backend and a first answer")
