@@ -226,7 +226,10 @@ class AccessLineWriter:
         except Exception:
             # As StreamHandler.emit: a log that cannot be written (stderr closed, EPIPE) must never
             # fail the handshake that logs; handleError reports it the way logging does.
-            message = render_fields(keys, values) if text is None else text
+            try:
+                message = render_fields(keys, values) if text is None else text
+            except Exception:  # the rendering is what failed (a value whose str() raises): name the values' types
+                message = "".join(keys) + " (values not rendered: " + ", ".join(type(v).__name__ for v in values) + ")"
             handler.handleError(logging.makeLogRecord({"name": "lb.access", "msg": message, "levelno": logging.INFO,
                                                        "levelname": "INFO"}))
         finally:

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb.config.model import LogFormat, LoggingConfig
-from lb.log import iso_utc, setup_logging
+from lb.log import PlainFormatter, iso_utc, setup_logging
 
 ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -291,6 +291,29 @@ def test_an_access_line_to_a_descriptor_that_fails_does_not_raise(captured: Capt
         logging.getLogger().handlers.clear()
         with contextlib.suppress(OSError):
             stream.close()
+
+
+@pytest.mark.parametrize("kind", ["unbuffered", "buffered"])  # lb._logwrite's path, and the stream's
+def test_an_access_line_whose_value_cannot_be_rendered_does_not_raise(tmp_path: Path, kind: str) -> None:
+    """A value whose str() raises (or an int past Python's 4,300 digits) fails the line, and the
+    rendering of its message for the error report failed again, out of the handler: the handshake
+    that logged it with it (a reviewer's case; the typed callers pass no such value today)."""
+    from lb.log import AccessLineWriter
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    stream = _stderr_like(tmp_path / "err", kind)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(PlainFormatter(""))
+    writer = AccessLineWriter(handler, LogFormat.PLAIN, "")
+    reported: list[logging.LogRecord] = []
+    handler.handleError = reported.append  # type: ignore[method-assign]
+    writer.write_fields(("event=x a=",), (Unprintable(),))
+    writer.write_fields(("event=x a=",), (10**5000,))
+    assert len(reported) == 2 and "Unprintable" in str(reported[0].msg)
+    stream.close()
 
 
 NOT_BUILT = "lb/_logwrite.c is not built (make native needs a C compiler)"
