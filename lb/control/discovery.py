@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import logging
 import math
@@ -52,6 +53,7 @@ from typing import Any, Final
 import dns.exception
 import dns.message
 import dns.nameserver
+import dns.rcode
 import dns.rdatatype
 import dns.resolver
 from prometheus_client import CollectorRegistry
@@ -136,16 +138,55 @@ class ThreadedResolver:
 
     def __init__(self, resolver: dns.resolver.Resolver) -> None:
         self.sync = resolver
+        # The same resolver without EDNS0, for a nameserver that does not speak it (`_resolve`).
+        self._plain = copy.copy(resolver)
+        self._plain.use_edns(False)
+        self._told_edns_refused = False
 
     async def resolve(self, name: str, rdtype: str, *, search: bool | None = None) -> dns.resolver.Answer:
         """`dns.resolver.Resolver.resolve` on a thread; cancelling returns at once (the query itself
         ends within the resolver's lifetime)."""
         try:
-            return await in_daemon_thread(
-                functools.partial(self.sync.resolve, name, rdtype, search=search), name=f"dns {name}"
+            answer, refused_by = await in_daemon_thread(
+                functools.partial(self._resolve, name, rdtype, search), name=f"dns {name}"
             )
         except RuntimeError as exc:  # out of threads (a cgroup's pids.max): a failed lookup, not a bug
             raise OSError(f"no thread for the DNS query: {exc}") from exc
+        if refused_by and not self._told_edns_refused:
+            self._told_edns_refused = True
+            log.warning("discovery: nameserver %s does not speak EDNS0 (it answered FORMERR or NOTIMP); asked "
+                        "again without it, as each query will be: answers past 512 bytes come over TCP/53",
+                        refused_by)
+        return answer
+
+    def _resolve(self, name: str, rdtype: str, search: bool | None) -> tuple[dns.resolver.Answer, str | None]:
+        """The answer (on this thread), and the nameserver that refused EDNS0 when it was asked again without.
+
+        RFC 6891 (7): a nameserver that does not know EDNS0 answers its OPT record with FORMERR (some
+        with NOTIMP), and the asker should ask again without it.  dnspython does not: every lookup
+        against such a server failed once EDNS0 was on.  The retry has what is left of the lifetime.
+        """
+        started = time.monotonic()
+        try:
+            return self.sync.resolve(name, rdtype, search=search), None
+        except dns.resolver.NoNameservers as exc:
+            refused_by = edns_refused_by(exc)
+            if refused_by is None:
+                raise
+            left = self.sync.lifetime - (time.monotonic() - started)
+            if left <= 0:
+                raise
+        return self._plain.resolve(name, rdtype, search=search, lifetime=left), refused_by
+
+
+def edns_refused_by(exc: dns.resolver.NoNameservers) -> str | None:
+    """The first nameserver that answered a query's EDNS0 as one that does not speak it: FORMERR or
+    NOTIMP with no OPT record of its own (one that speaks EDNS0 sends OPT even in an error), else None."""
+    for server, _tcp, _port, _error, answer in exc.kwargs.get("errors") or ():
+        if (isinstance(answer, dns.message.Message) and answer.edns < 0
+                and answer.rcode() in (dns.rcode.FORMERR, dns.rcode.NOTIMP)):
+            return str(server)
+    return None
 
 
 def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:

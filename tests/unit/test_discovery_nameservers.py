@@ -5,6 +5,7 @@ Real UDP sockets on loopback: one that drops every query, one that answers."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 from collections.abc import Callable
@@ -12,7 +13,9 @@ from collections.abc import Callable
 import dns.exception
 import dns.flags
 import dns.message
+import dns.rcode
 import dns.rrset
+import pytest
 
 from lb.config.model import DiscoveryConfig, DiscoveryType
 from lb.control import discovery
@@ -90,5 +93,67 @@ def test_an_answer_past_512_bytes_comes_over_udp() -> None:
                                  nameservers=(("127.0.0.1", port),))
         found, _ttl = asyncio.run(discovery.lookup(config, discovery.make_resolver(config)))
         assert len(found.backends) == 40
+    finally:
+        server.close()
+
+
+def _edns_refusing_server(rcode: int, *, with_opt: bool = False) -> tuple[socket.socket, int, list[bool]]:
+    """Answers a query with EDNS0 by `rcode` (an OPT record of its own only `with_opt`), one without
+    it with an A record, as a nameserver that does not speak EDNS0 does (RFC 6891, 7).  The list
+    records whether each query offered EDNS0."""
+    offered: list[bool] = []
+
+    def answer(query: dns.message.Message) -> bytes:
+        offered.append(query.edns >= 0)
+        reply = dns.message.make_response(query)
+        if query.edns >= 0:
+            if not with_opt:
+                reply.use_edns(False)
+            reply.set_rcode(rcode)
+            return reply.to_wire()
+        reply.answer.append(dns.rrset.from_text(query.question[0].name, 5, "IN", "A", "127.0.0.7"))
+        return reply.to_wire()
+
+    server, port = _udp_server(answer)
+    return server, port, offered
+
+
+@pytest.mark.parametrize("rcode", [dns.rcode.FORMERR, dns.rcode.NOTIMP], ids=["FORMERR", "NOTIMP"])
+def test_a_nameserver_that_does_not_speak_edns0_is_asked_again_without_it(
+    rcode: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dnspython takes a FORMERR to EDNS0 for a failure and asks no more: with EDNS0 on, every lookup
+    against an old or minimal nameserver failed.  Asked again without it, the lookup gets its answer,
+    and the operator is told once (answers past 512 bytes will need TCP/53)."""
+    server, port, offered = _edns_refusing_server(rcode)
+    try:
+        config = DiscoveryConfig("gw.test", type=DiscoveryType.A, port=9000, timeout=1.0,
+                                 nameservers=(("127.0.0.1", port),))
+        resolver = discovery.make_resolver(config)
+
+        async def twice() -> list[discovery.Discovered]:
+            return [(await discovery.lookup(config, resolver))[0] for _ in range(2)]
+
+        with caplog.at_level(logging.WARNING, logger="lb.control.discovery"):
+            found = asyncio.run(twice())
+        assert [[(b.host, b.port) for b in one.backends] for one in found] == [[("127.0.0.7", 9000)]] * 2
+        # Each query (A and AAAA, in each lookup) offered EDNS0 and was asked again without it.
+        assert len(offered) >= 4 and offered == [True, False] * (len(offered) // 2), offered
+        warnings = [r.getMessage() for r in caplog.records if "EDNS0" in r.getMessage()]
+        assert len(warnings) == 1 and f"127.0.0.1@{port}" in warnings[0], warnings
+    finally:
+        server.close()
+
+
+def test_a_formerr_from_a_nameserver_that_speaks_edns0_is_a_failure() -> None:
+    """FORMERR with an OPT record of its own: the server knows EDNS0 and found the query itself wrong,
+    so asking again without EDNS0 would only hide the error."""
+    server, port, offered = _edns_refusing_server(dns.rcode.FORMERR, with_opt=True)
+    try:
+        config = DiscoveryConfig("gw.test", type=DiscoveryType.A, port=9000, timeout=1.0,
+                                 nameservers=(("127.0.0.1", port),))
+        with pytest.raises(discovery.DiscoveryError, match="FORMERR"):
+            asyncio.run(discovery.lookup(config, discovery.make_resolver(config)))
+        assert offered == [True]
     finally:
         server.close()
