@@ -35,6 +35,24 @@ class AccessWriter(Protocol):
 _writer: AccessWriter | None = None
 
 
+def _info_enabled() -> bool:
+    """`access.isEnabledFor(logging.INFO)`, read from the logger's own cache when it holds the answer.
+
+    Why: isEnabledFor is interpreted Python (a frame, a try around the same dict lookup), about
+    1,200 instructions a call, and a WebSocket handshake asks twice.  The cache is the one it fills
+    and `setLevel`, `logging.disable` and a new logger clear, so the answer is its answer; when it is
+    missing (not filled yet, or a Python without it) the call itself fills it.
+    """
+    if access.disabled:
+        return False
+    cache = getattr(access, "_cache", None)
+    if type(cache) is dict:
+        enabled = cache.get(logging.INFO)
+        if enabled is not None:
+            return bool(enabled)
+    return access.isEnabledFor(logging.INFO)
+
+
 def set_access_writer(writer: AccessWriter | None) -> None:
     """Called by `lb.log.setup_logging`: access lines skip the logging machinery while it applies."""
     global _writer
@@ -89,7 +107,7 @@ def _emit(event: str, fields: dict[str, Any]) -> None:
 
 def log_request(**fields: Any) -> None:
     """client, method, path, pool, backend, affinity, status (all keyword arguments)."""
-    if access.isEnabledFor(logging.INFO):
+    if _info_enabled():
         _emit("request", fields)
 
 
@@ -119,7 +137,7 @@ def log_answered(
     status: int, request_id: str,
 ) -> None:
     """The request line of a request a backend answered (`event=request`)."""
-    if not access.isEnabledFor(logging.INFO):
+    if not _info_enabled():
         return
     if (writer := _plain_writer()) is not None:
         writer.write_fields(_ANSWERED, (client, client_port, method, path, pool, backend, affinity, status, request_id))
@@ -133,7 +151,7 @@ def log_tunnel_ended(
     request_id: str,
 ) -> None:
     """The close line of a tunnel the balancer did not end itself (`event=tunnel_closed`, no cause)."""
-    if not access.isEnabledFor(logging.INFO):
+    if not _info_enabled():
         return
     if (writer := _plain_writer()) is not None:
         writer.write_fields(_TUNNEL_ENDED, (client, client_port, pool, backend, duration, bytes_in, bytes_out,
@@ -199,7 +217,7 @@ class RateLimitSummary:
 
     def _flush(self, now: float) -> None:
         """Log what the interval counted, if anything (and the access log is on); then start counting afresh."""
-        if self._count and self._since is not None and access.isEnabledFor(logging.INFO):
+        if self._count and self._since is not None and _info_enabled():
             top = max(self._addresses.items(), key=lambda item: item[1]) if self._addresses else ("-", 0)
             _emit(self.event, {
                 "count": self._count, "addresses": len(self._addresses), "top_client": top[0],
@@ -212,5 +230,5 @@ class RateLimitSummary:
 
 def log_tunnel_closed(**fields: Any) -> None:
     """client, pool, backend, duration, bytes_in, bytes_out (all keyword arguments)."""
-    if access.isEnabledFor(logging.INFO):
+    if _info_enabled():
         _emit("tunnel_closed", fields)

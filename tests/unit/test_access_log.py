@@ -223,3 +223,47 @@ def test_the_c_check_is_used_when_built_and_set_aside_by_lb_pure_python() -> Non
     env = {**os.environ, "LB_PURE_PYTHON": "1"}
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True", done.stderr
+
+
+@contextlib.contextmanager
+def _logging_restored() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in ("", "lb", "lb.access")]
+    saved = [(logger.level, logger.disabled) for logger in loggers]
+    saved_disable = logging.root.manager.disable
+    try:
+        yield
+    finally:
+        logging.disable(saved_disable)
+        for logger, (level, disabled) in zip(loggers, saved, strict=True):
+            logger.setLevel(level)
+            logger.disabled = disabled
+
+
+_LEVEL_CHANGES: list[tuple[str, Callable[[], object]]] = [
+    ("access DEBUG", lambda: logging.getLogger("lb.access").setLevel(logging.DEBUG)),
+    ("access WARNING", lambda: logging.getLogger("lb.access").setLevel(logging.WARNING)),
+    ("lb WARNING", lambda: logging.getLogger("lb").setLevel(logging.WARNING)),
+    ("lb INFO", lambda: logging.getLogger("lb").setLevel(logging.INFO)),
+    ("root ERROR", lambda: logging.getLogger().setLevel(logging.ERROR)),
+    ("root INFO", lambda: logging.getLogger().setLevel(logging.INFO)),
+    ("access NOTSET", lambda: logging.getLogger("lb.access").setLevel(logging.NOTSET)),
+    ("disable INFO", lambda: logging.disable(logging.INFO)),
+    ("disable NOTSET", lambda: logging.disable(logging.NOTSET)),
+    ("access disabled", lambda: setattr(logging.getLogger("lb.access"), "disabled", True)),
+    ("access enabled", lambda: setattr(logging.getLogger("lb.access"), "disabled", False)),
+]
+
+
+@given(st.lists(st.sampled_from(range(len(_LEVEL_CHANGES))), max_size=12))
+@settings(max_examples=300)
+def test_the_access_log_is_on_exactly_when_its_logger_says_info_is(changes: list[int]) -> None:
+    """_info_enabled reads isEnabledFor's own cache: after any sequence of level changes, `disable`s and
+    a disabled logger, before the cache is filled and after, it answers what isEnabledFor answers."""
+    access = logging.getLogger("lb.access")
+    with _logging_restored():
+        for index in changes:
+            _LEVEL_CHANGES[index][1]()
+            first = access_log._info_enabled()  # the cache was cleared by most changes: the slow way
+            expected = access.isEnabledFor(logging.INFO)
+            assert first is expected, _LEVEL_CHANGES[index][0]
+            assert access_log._info_enabled() is expected, _LEVEL_CHANGES[index][0]  # from the cache
