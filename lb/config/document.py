@@ -189,6 +189,7 @@ def _check_nodes(root: yaml.Node, check: Checker) -> list[yaml.ScalarNode]:
     pending: list[tuple[yaml.Node, str]] = [(root, "")]
     found: list[tuple[int, str, str]] = []
     too_long: list[yaml.ScalarNode] = []
+    merging: list[tuple[yaml.MappingNode, str]] = []  # mappings with a `<<`, for _merged_pairs
     while pending:
         node, path = pending.pop()
         if id(node) in seen:
@@ -201,6 +202,8 @@ def _check_nodes(root: yaml.Node, check: Checker) -> list[yaml.ScalarNode]:
             first_lines: dict[tuple[str, str], int] = {}  # (tag, text) of each key → its line
             for key_node, value_node in node.value:
                 if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                    if key_node.tag == _MERGE_TAG and (not merging or merging[-1][0] is not node):
+                        merging.append((node, path))
                     pending.append((value_node, path))
                     continue
                 line = key_node.start_mark.line + 1
@@ -224,9 +227,64 @@ def _check_nodes(root: yaml.Node, check: Checker) -> list[yaml.ScalarNode]:
                 pending.append((value_node, key_path))
         elif isinstance(node, yaml.SequenceNode):
             pending.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+    memo: dict[int, int] = {}
+    for node, path in merging:
+        if _merged_pairs(node, memo) > MAX_CONFIG_NODES:
+            found.append((node.start_mark.line + 1, path, f"`<<` merges that expand to more than {MAX_CONFIG_NODES} "
+                                                          "values, which no configuration needs (merges of merges?)"))
+            check.unreadable = True
+            break
     for _, key_path, message in sorted(found):
         check.add(key_path, message)
     return too_long
+
+
+def _merge_sources(node: yaml.Node) -> list[yaml.MappingNode]:
+    """The mappings a mapping's `<<` keys merge in (none for anything else), as PyYAML reads them."""
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    sources: list[yaml.MappingNode] = []
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE_TAG:
+            if isinstance(value_node, yaml.MappingNode):
+                sources.append(value_node)
+            elif isinstance(value_node, yaml.SequenceNode):
+                sources.extend(item for item in value_node.value if isinstance(item, yaml.MappingNode))
+    return sources
+
+
+def _merged_pairs(root: yaml.MappingNode, memo: dict[int, int]) -> int:
+    """How many key-value pairs building `root` copies, each merge flattened as PyYAML before 6.0.4 does:
+    the merged mappings' own merges again, every time one is named, with no note of those done.
+
+    Merges of merges grow as a power: nine levels of a mapping merged nine times over, 495 bytes,
+    took 26 s and 760 MB to build, past any check on the node tree (which shares the aliased nodes).
+    PyYAML 6.0.4 flattens each merged mapping once, and pyproject asks for it; counted here, a file is
+    refused the same whatever PyYAML reads it.  Counts stop at MAX_CONFIG_NODES + 1, and a mapping that
+    merges itself in (which PyYAML cannot build) counts as past it.  Each mapping is counted once (`memo`).
+    """
+    past = MAX_CONFIG_NODES + 1
+    in_progress: set[int] = set()
+    stack: list[yaml.MappingNode] = [root]
+    while stack:
+        node = stack[-1]
+        if id(node) in memo:
+            stack.pop()
+            continue
+        sources = _merge_sources(node)
+        waiting = [source for source in sources if id(source) not in memo]
+        if waiting and id(node) not in in_progress:
+            in_progress.add(id(node))
+            stack.extend(waiting)
+            continue
+        stack.pop()
+        in_progress.discard(id(node))
+        if any(id(source) not in memo for source in sources):  # a source still in progress: a cycle
+            memo[id(node)] = past
+            continue
+        own = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE_TAG)
+        memo[id(node)] = min(past, own + sum(memo[id(source)] for source in sources))
+    return memo[id(root)]
 
 
 def _too_long(node: yaml.Node) -> TypeGuard[yaml.ScalarNode]:

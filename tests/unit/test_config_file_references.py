@@ -14,7 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
+from lb.config import document
 from lb.config.load import load_config, parse_config
 from lb.errors import ConfigError
 
@@ -101,6 +103,55 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
     message = error_within(lambda: parse_config(text, base_dir=tmp_path, environ={}))
     assert time.monotonic() - started < 2.0
     assert "expands to more than" in message
+
+
+def _merge_bomb(levels: int, fan: int) -> str:
+    """`levels` mappings, each merging the one before `fan` times over: fan**levels pairs to build."""
+    lines = ["x0: &x0 {k: 1}"]
+    lines += [f"x{i}: &x{i} {{<<: [{', '.join([f'*x{i - 1}'] * fan)}]}}" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_merges_of_merges_are_refused_before_they_are_built(tmp_path: Path) -> None:
+    """495 bytes of `<<` merges, nine levels of nine: PyYAML before 6.0.4 built 9**8 pairs (26 s, 760 MB)
+    past every check on the node tree, which shares aliased nodes.  Counted before the build, they are one
+    problem at the mapping that merges, whatever PyYAML reads the file."""
+    text = _merge_bomb(8, 9) + config_with_key(KEY)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir=tmp_path, environ={})
+    assert time.monotonic() - started < 2.0
+    merges = [p for p in info.value.problems if "merges that expand to more than" in p.message]
+    assert len(merges) == 1 and merges[0].path.startswith("x"), info.value.problems
+
+
+@pytest.mark.parametrize(("levels", "fan", "pairs"), [(1, 3, 3), (3, 2, 8), (2, 5, 25), (5, 10, 100_000)])
+def test_a_merge_is_counted_as_pyyaml_copies_it(levels: int, fan: int, pairs: int) -> None:
+    """The count is what flattening without memory copies: each merged mapping's pairs, its own merges
+    flattened again, every time it is named (fan**levels here), and stops past the cap."""
+    loader = yaml.SafeLoader(_merge_bomb(levels, fan))
+    try:
+        root = loader.get_single_node()
+    finally:
+        loader.dispose()
+    last = next(value for key, value in root.value if key.value == f"x{levels}")
+    assert document._merged_pairs(last, {}) == min(pairs, document.MAX_CONFIG_NODES + 1)
+
+
+def test_a_mapping_merged_into_itself_is_a_problem_not_a_hang(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("x: &x {a: 1, <<: *x}\n" + config_with_key(KEY), base_dir=tmp_path, environ={})
+    assert any("merges that expand" in p.message for p in info.value.problems), info.value.problems
+
+
+def test_ordinary_merges_still_build(tmp_path: Path) -> None:
+    """The first backend as the template merged into the next 199: the use `<<` has in a configuration."""
+    backends = ['&gw {id: gw-0, address: "127.0.0.1:9000", weight: 2}']
+    backends += [f'{{<<: *gw, id: gw-{i}, address: "127.0.0.1:{9000 + i}"}}' for i in range(1, 200)]
+    text = config_with_key(KEY).replace('backends: [{id: a, address: "127.0.0.1:1"}]',
+                                        f"backends: [{', '.join(backends)}]")
+    config = parse_config(text, base_dir=tmp_path, environ={})
+    assert [b.weight for b in next(iter(config.pools.values())).backends] == [2] * 200
 
 
 def test_a_file_of_too_many_values_is_one_problem_not_one_per_value(tmp_path: Path) -> None:
