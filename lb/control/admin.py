@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
 import logging
 import re
@@ -97,6 +98,23 @@ class AdminInputError(ValueError):
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# Bytes of answers sent to admin clients and not yet taken by them, over every admin connection, past
+# which a GET of anything but a probe is answered 503: a client that asks for /status and never reads
+# left its whole answer (2 MB at 5,000 backends) queued on its connection, and 500 of them (17
+# addresses, under the per-address share) held 800 MB.  The probes' answers are a few bytes, and must
+# go on being given while the budget is spent (a failing probe restarts or takes out a healthy balancer).
+MAX_UNREAD_ANSWER_BYTES = 32 * 1024 * 1024
+_PROBES = frozenset({"/livez", "/readyz", "/healthz"})
+
+
+def unread_answer_bytes(request: web.Request) -> int:
+    """What the admin port's connections hold of answers their clients have not read yet."""
+    server = getattr(request.protocol, "_manager", None)
+    if not isinstance(server, _AdminServer):
+        return 0
+    return sum(transport.get_write_buffer_size() for transport in server.transports.values())
+
+
 @web.middleware
 async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """HTTP errors keep their status with a JSON body; anything else is a bug: logged, bare 500.
@@ -105,8 +123,13 @@ async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamRe
     leaves out: the method and path asked for, and the input at fault.
     """
     detail = None
+    response: web.StreamResponse
     try:
-        response = await handler(request)
+        if (request.method in ("GET", "HEAD") and request.path not in _PROBES
+                and unread_answer_bytes(request) > MAX_UNREAD_ANSWER_BYTES):
+            response = _error(503, "busy: answers sent earlier are not read yet", headers={"Retry-After": "1"})
+        else:
+            response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -271,13 +294,24 @@ async def status_text(balancer: Balancer) -> str:
     return f'{{"pools": {{{", ".join(entries)}}}, {json.dumps(totals)[1:]}'
 
 
-def status_document(balancer: Balancer) -> dict[str, Any]:
+def status_document(balancer: Balancer, max_backends: int | None = None) -> dict[str, Any]:
+    """The /status document; with `max_backends`, only the first that many backends in /status's order
+    (each pool's entry is there, its list maybe short: `backends_per_pool` says how many it has)."""
     pools = _pool_entries(balancer)
     for entry in pools.values():
         entry["backends"] = []
-    for name, document in _backend_entries(balancer):
+    entries = _backend_entries(balancer)
+    for name, document in entries if max_backends is None else itertools.islice(entries, max_backends):
         pools.setdefault(name, _removed_pool())["backends"].append(document)
     return _status_totals(balancer, pools)
+
+
+def backends_per_pool(balancer: Balancer) -> dict[str, int]:
+    """How many backends /status lists in each pool (those a reload removed, still draining, included)."""
+    counts = {pool.name: len(pool.backends) for pool in balancer.ctx.pools.values()}
+    for name, _ in balancer.retired_backends():
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def _pool_entries(balancer: Balancer) -> dict[str, dict[str, Any]]:
