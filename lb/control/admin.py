@@ -23,12 +23,14 @@ a body).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import itertools
 import json
 import logging
 import re
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
@@ -115,6 +117,32 @@ def unread_answer_bytes(request: web.Request) -> int:
     return sum(transport.get_write_buffer_size() for transport in server.transports.values())
 
 
+class LargeAnswer(web.Response):
+    """An answer of up to megabytes (/status, /metrics, the dashboard), let go of once it is written.
+
+    aiohttp keeps the last answer of a keep-alive connection (its request loop's variable) until the
+    next request comes or the connection closes: 500 idle connections that had each asked for /status
+    of 5,000 backends held 2 MB each, 1 GB in all, for the 15 s they may stay idle."""
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            await super().write_eof(data)
+        finally:
+            self._body = None
+            self._compressed_body = None
+
+
+def too_much_unread(request: web.Request) -> web.Response | None:
+    """The 503 a GET gets while the admin port holds more than MAX_UNREAD_ANSWER_BYTES unread, else None.
+
+    Asked as a request comes (the middleware), and again by a large answer once its turn to render has
+    come (`status`, the dashboard): 500 requests sent together all passed the first while the first
+    answers were still being rendered, and each then queued its 2 MB."""
+    if unread_answer_bytes(request) > MAX_UNREAD_ANSWER_BYTES:
+        return _error(503, "busy: answers sent earlier are not read yet", headers={"Retry-After": "1"})
+    return None
+
+
 @web.middleware
 async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """HTTP errors keep their status with a JSON body; anything else is a bug: logged, bare 500.
@@ -125,11 +153,8 @@ async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamRe
     detail = None
     response: web.StreamResponse
     try:
-        if (request.method in ("GET", "HEAD") and request.path not in _PROBES
-                and unread_answer_bytes(request) > MAX_UNREAD_ANSWER_BYTES):
-            response = _error(503, "busy: answers sent earlier are not read yet", headers={"Retry-After": "1"})
-        else:
-            response = await handler(request)
+        busy = too_much_unread(request) if request.method in ("GET", "HEAD") and request.path not in _PROBES else None
+        response = busy if busy is not None else await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -264,8 +289,11 @@ async def status(request: web.Request) -> web.Response:
     await balancer.fresh_counts()  # with workers: what they count now, not up to two seconds ago (rounds shared)
     # One render at a time: two would share the loop's time between them and the data plane.
     async with request.app[STATUS_RENDER]:
+        busy = too_much_unread(request)
+        if busy is not None:
+            return busy
         text = await status_text(balancer)
-    return web.Response(text=text, content_type="application/json")
+    return LargeAnswer(text=text, content_type="application/json")
 
 
 async def status_text(balancer: Balancer) -> str:
@@ -414,7 +442,7 @@ def _backend_document(b: BackendStatus, counted: BackendCounts | None) -> dict[s
 async def metrics(request: web.Request) -> web.Response:
     # Rendered a slice at a time between the loop's other work (lb.control.exposition).
     body = await request.app[SCRAPES].body()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return LargeAnswer(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def _authorized(request: web.Request, token: str | None) -> bool:
@@ -581,6 +609,21 @@ class _AdminServer(Server):
         return handler
 
 
+# The kernel's send buffer of an admin connection, at most (Linux doubles it for its bookkeeping).  Left to
+# grow (to 4 MB here), each connection whose client reads nothing took in a whole large answer, out of
+# sight of MAX_UNREAD_ANSWER_BYTES: 500 of them, a gigabyte of kernel memory.  Past this, what is
+# unread waits in the transport, where the budget counts it.  64 KiB is a megabyte a second per 64 ms of
+# round trip, and /status is read once a second.
+ADMIN_SEND_BUFFER = 64 * 1024
+
+
+def _limit_send_buffer(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ADMIN_SEND_BUFFER)
+
+
 class _AdminRequestHandler(RequestHandler):
     __slots__ = ()
 
@@ -592,6 +635,7 @@ class _AdminRequestHandler(RequestHandler):
         refused, evicted = server.admitted.admit(self, address_key(host), _idle)
         if refused is None:
             server.transports[self] = cast(asyncio.Transport, transport)
+            _limit_send_buffer(transport)
         evicted_transport = server.transports.pop(evicted, None) if isinstance(evicted, RequestHandler) else None
         if evicted_transport is not None:
             evicted_from = _peer_host(evicted_transport) or "-"

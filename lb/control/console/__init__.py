@@ -30,12 +30,14 @@ from lb.affinity.balancing import BadKey
 from lb.control.admin import (
     BALANCER,
     STATUS_RENDER,
+    LargeAnswer,
     authorized,
     backends_per_pool,
     error_response,
     key_values,
     refuse_parameters,
     status_document,
+    too_much_unread,
 )
 from lb.control.admin_route import MAX_KEY_CHARS
 from lb.control.lookup import lookup_token
@@ -85,8 +87,11 @@ async def dashboard(request: web.Request) -> web.Response:
     # (every JSON endpoint refuses unknown parameters; this page takes none and acts on nothing).
     balancer = request.app[BALANCER]
     async with request.app[STATUS_RENDER]:
+        busy = too_much_unread(request)
+        if busy is not None:
+            return busy
         snapshot = render_snapshot(status_document(balancer, SNAPSHOT_BACKENDS), backends_per_pool(balancer))
-    return web.Response(
+    return LargeAnswer(
         body=_PAGE.replace(SNAPSHOT_MARK, snapshot, 1).encode(),
         content_type="text/html",
         charset="utf-8",
