@@ -11,7 +11,7 @@ from typing import Final, cast
 from urllib.parse import unquote_plus
 
 from lb.http.cookies import set_cookie_value
-from lb.http.head import Head, RequestHead, ResponseHead, is_host, render_head
+from lb.http.head import PROXY_CLAIMS, Head, RequestHead, ResponseHead, is_host, render_head
 
 # RFC 9110 §7.6.1 plus the de-facto ones every proxy strips.  Transfer-Encoding
 # stays: bodies are relayed as they come, so their framing must travel with them, and
@@ -22,8 +22,9 @@ HOP_BY_HOP: Final = frozenset(
 )
 _FORWARDED: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 # Claims about the client or the proxy chain that we do not set: believed by many backends
-# (nginx's X-Real-IP, RFC 7239 Forwarded), so only a trusted proxy in front may pass them on.
-_PROXY_CLAIMS = frozenset({"forwarded", "x-real-ip", "x-forwarded-port", "x-forwarded-prefix"})
+# (nginx's X-Real-IP, RFC 7239 Forwarded, lb.http.head.PROXY_CLAIMS), so only a trusted proxy in
+# front may pass them on.
+_PROXY_CLAIMS: Final = PROXY_CLAIMS
 # Not on an answer without a body (1xx, 204: RFC 9112 §6.1-6.2); see render_client_response.
 # Nor the announcement of a body's trailer fields.
 _BODY_FRAMING: Final = frozenset({"transfer-encoding", "content-length", "trailer"})

@@ -115,17 +115,47 @@ _HOST: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)
 # RFC 9110 §8.6: 1*DIGIT; 18 digits stay below 2**63 in every parser behind us.
 _MAX_LENGTH_DIGITS: Final = 18
 
+# Claims about the client, its connection or the chain of proxies that we do not set, and that backends
+# and their frameworks believe: only a peer in `trusted_proxies` may pass them on (lb.http.forwarding).
+# From anyone else, `True-Client-IP: 6.6.6.6` would be the client's address to a backend that reads it,
+# `X-Forwarded-Ssl: on` its scheme (Rack), `X-Forwarded-Client-Cert` its identity (Envoy's XFCC), and
+# `X-Original-URL` its path (Symfony, IIS: past a path-based access rule).  Traefik drops the
+# X-Forwarded-* ones it sets; the rest are those a CDN or front proxy adds.
+PROXY_CLAIMS: Final = frozenset(
+    {
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-forwarded-uri",
+        "x-forwarded-method",
+        "x-forwarded-ssl",
+        "x-forwarded-scheme",
+        "front-end-https",
+        "x-url-scheme",
+        "x-client-ip",
+        "true-client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-original-forwarded-for",
+        "x-forwarded-client-cert",
+        "x-forwarded-tls-client-cert",
+        "x-forwarded-tls-client-cert-info",
+        "x-ssl-client-cert",
+        "ssl-client-cert",
+        "x-original-url",
+        "x-rewrite-url",
+    }
+)
 # Header names (lower case, `-` form) that we set, strip, or frame the body by.  A client's
 # name that differs only by `_` for `-` is dropped: CGI/WSGI backends read both as one.
-PROTECTED_HEADERS: Final = frozenset(
+PROTECTED_HEADERS: Final = PROXY_CLAIMS | frozenset(
     {
         "x-forwarded-for",
         "x-forwarded-proto",
         "x-forwarded-host",
-        "x-forwarded-port",
-        "x-forwarded-prefix",
-        "x-real-ip",
-        "forwarded",
         "x-request-id",
         "x-lb-affinity",  # reserved even while `affinity.header` is off (its default); another via `protected=`
         "host",

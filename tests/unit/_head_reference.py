@@ -12,6 +12,9 @@ Connection/Upgrade tokens) are trimmed of SP and HTAB only (RFC 9110 OWS), not b
 here while a backend reads another coding (a CL/TE desync).  test_http_head_rfc9112 holds it.
 A second one: an absolute-form target whose authority differs from Host replaces the Host
 (RFC 9112 §3.2.2: the received Host MUST be ignored), where both refused it with a 400.
+A third: the proxy claims a backend believes (lb.http.head.PROXY_CLAIMS: `True-Client-IP`,
+`X-Forwarded-Ssl`, `X-Forwarded-Client-Cert`, ...) are protected too, so a name with `_` for
+one of them is dropped as one for `X-Real-IP` was.
 """
 
 from __future__ import annotations
@@ -56,6 +59,27 @@ PROTECTED_HEADERS = frozenset(
         "x-forwarded-prefix",
         "x-real-ip",
         "forwarded",
+        # The third change (the docstring): the other proxy claims.
+        "x-forwarded-server",
+        "x-forwarded-uri",
+        "x-forwarded-method",
+        "x-forwarded-ssl",
+        "x-forwarded-scheme",
+        "front-end-https",
+        "x-url-scheme",
+        "x-client-ip",
+        "true-client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-original-forwarded-for",
+        "x-forwarded-client-cert",
+        "x-forwarded-tls-client-cert",
+        "x-forwarded-tls-client-cert-info",
+        "x-ssl-client-cert",
+        "ssl-client-cert",
+        "x-original-url",
+        "x-rewrite-url",
         "x-request-id",
         "x-lb-affinity",  # the default `affinity.header`; pass another via `protected=`
         "host",

@@ -18,7 +18,7 @@ from lb.http.forwarding import (
     render_interim,
     render_refusal,
 )
-from lb.http.head import RequestHead, ResponseHead, parse_request_head, parse_response_head
+from lb.http.head import PROXY_CLAIMS, RequestHead, ResponseHead, parse_request_head, parse_response_head
 
 
 def request(*headers: str, start: str = "GET /ws?x=1 HTTP/1.1") -> RequestHead:
@@ -325,8 +325,12 @@ def test_an_empty_reason_keeps_the_status_lines_second_space() -> None:
 
 @pytest.mark.parametrize("trusted_peer", [False, True])
 def test_proxy_claims_pass_only_from_a_trusted_peer(trusted_peer: bool) -> None:
-    """Forwarded, X-Real-IP, X-Forwarded-Port/-Prefix say who the client is or how it came: spoofable."""
+    """Forwarded, X-Real-IP, X-Forwarded-Port/-Prefix, True-Client-IP, X-Forwarded-Ssl, X-Forwarded-Client-Cert
+    and the rest say who the client is or how it came, and backends believe them: spoofable."""
     claims = ["Forwarded: for=6.6.6.6", "X-Real-IP: 6.6.6.6", "X-Forwarded-Port: 1", "X-Forwarded-Prefix: /evil"]
+    claims += [f"{name.title()}: 6.6.6.6" for name in sorted(PROXY_CLAIMS - {"forwarded", "x-real-ip",
+                                                                         "x-forwarded-port", "x-forwarded-prefix"})]
+    assert len(claims) == len(PROXY_CLAIMS)
     raw = render_forwarded_request(
         request("Host: a", *claims, "X-Request-Id: r1"), forwarded_for="203.0.113.7", proto="http",
         websocket=False, trusted_peer=trusted_peer,
@@ -505,3 +509,14 @@ def test_the_connection_values_taken_as_read_list_only_what_is_dropped_anyway(
     listed = forwarding._connection_listed(parse_request_head(raw).head)
     assert listed and listed <= forwarding._request_drop(extra, trusted_peer)
     assert forwarding._request_drop(extra, trusted_peer) is forwarding._request_drop(extra, trusted_peer)  # made once
+
+
+@pytest.mark.parametrize("name", ["True_Client_IP", "X_Forwarded_Ssl", "X-Forwarded_Client_Cert", "X_Original_URL"])
+def test_a_proxy_claim_spelled_with_underscores_is_dropped_even_from_a_trusted_peer(name: str) -> None:
+    """CGI and WSGI backends read `True_Client_IP` as `True-Client-IP`: a client's name that stands for a
+    proxy claim is dropped, as one for X-Real-IP is, whoever sent it."""
+    raw = render_forwarded_request(
+        parse_request_head(f"GET / HTTP/1.1\r\nHost: a\r\n{name}: 6.6.6.6\r\n\r\n".encode()),
+        forwarded_for="203.0.113.7", proto="http", websocket=False, trusted_peer=True,
+    )
+    assert b"6.6.6.6" not in raw
