@@ -3,7 +3,7 @@
     lb ctl [--admin URL] [--token T] [--config FILE] [--timeout SECONDS] [--json] COMMAND
         status                                   table of pools and backends
         drain POOL ID [--close-after D] [--rate R]
-        disable POOL ID
+        disable POOL ID [--close-after D] [--rate R]
         enable POOL ID
         lookup TOKEN [--pool POOL]               which backend holds this session now (the /lookup JSON)
 
@@ -113,12 +113,13 @@ def add_ctl_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
 
     drain = actions.add_parser("drain", parents=[common], help="no new clients; cookie holders still reach it")
     _backend_arguments(drain)
-    drain.add_argument("--close-after", metavar="D", help="then close its tunnels (1012) after this delay (30s, 5m)")
-    drain.add_argument("--rate", metavar="R", type=float, help="tunnels closed per second once closing starts")
+    _migration_arguments(drain)
     drain.set_defaults(ctl=_action("drain"))
 
+    # The admin API takes close_after and rate on disable as on drain (README's state table): so does ctl.
     disable = actions.add_parser("disable", parents=[common], help="nothing reaches it; cookie holders go elsewhere")
     _backend_arguments(disable)
+    _migration_arguments(disable)
     disable.set_defaults(ctl=_action("disable"))
 
     enable = actions.add_parser("enable", parents=[common], help="back to normal (health checks decide)")
@@ -139,6 +140,11 @@ def add_ctl_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
 def _backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pool", metavar="POOL")
     parser.add_argument("backend", metavar="ID")
+
+
+def _migration_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--close-after", metavar="D", help="then close its tunnels (1012) after this delay (30s, 5m)")
+    parser.add_argument("--rate", metavar="R", type=float, help="tunnels closed per second once closing starts")
 
 
 def run_ctl(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:

@@ -39,6 +39,28 @@ def test_options_before_or_after_the_subcommand() -> None:
     assert (args.token, args.pool, args.backend, args.close_after, args.rate) == ("t", "gateways", "gw-1", "30s", 5.0)
 
 
+@pytest.mark.parametrize("action", ["drain", "disable"])
+def test_drain_and_disable_both_ask_for_their_tunnels_to_close(action: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The admin API takes close_after and rate on disable as on drain (README's state table): `lb ctl disable`
+    refused them as unrecognized arguments."""
+    from lb import ctl
+
+    sent: list[tuple[str, str, object]] = []
+
+    def call(_target: object, method: str, path: str, body: object = None) -> object:
+        sent.append((method, path, body))
+        return {"pool": "gateways", "id": "gw-1", "state": "draining", "close_after": 30.0,
+                "rate": 5.0}
+
+    monkeypatch.setattr(ctl, "call", call)
+    out = io.StringIO()
+    args = parse("--admin", "http://127.0.0.1:1", "--token", "t", action, "gateways", "gw-1", "--close-after", "30s",
+                 "--rate", "5")
+    assert run_ctl(args, out, io.StringIO()) == 0
+    assert sent == [("POST", f"/pools/gateways/backends/gw-1/{action}", {"close_after": "30s", "rate": 5.0})]
+    assert "(tunnels close after 30s at 5/s)" in out.getvalue()
+
+
 def test_missing_arguments_are_usage_errors() -> None:
     with pytest.raises(SystemExit) as exc:
         parse("drain", "gateways")
