@@ -703,7 +703,12 @@ def _pool(name: str, value: object, path: str, check: Checker) -> PoolConfig | N
     if discovered:  # a wrong discovery still lets the rest of the pool be checked: every problem at once
         discovery = _discovery(node["discovery"], join_path(path, "discovery"), check)
     # A pool needs backends from somewhere: a static list, DNS, or both.
-    backends_value = value_at(node, "backends", path, check, required=not discovered)
+    backends_value: object
+    if not discovered and "backends" not in node:
+        check.add(join_path(path, "backends"), "missing required key (a pool needs backends, a discovery, or both)")
+        backends_value = REPORTED
+    else:
+        backends_value = value_at(node, "backends", path, check, required=not discovered)
     backends = () if backends_value is None else _backends(backends_value, join_path(path, "backends"), check)
     # Each check across keys runs once the keys it reads parsed (or are absent): judged even when
     # another key is wrong, never on a wrong one.

@@ -364,7 +364,7 @@ def test_discovery_full(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("pool", "expected"),
     [
-        ({}, {"pools.gateways.backends": "missing required key"}),
+        ({}, {"pools.gateways.backends": "missing required key (a pool needs backends, a discovery, or both)"}),
         ({"discovery": {"type": "a", "dns": SERVICE}}, {"pools.gateways.discovery.port": "type a needs a port"}),
         # One bad key hides no other problem of the section: both are said at once.
         ({"discovery": {"type": "a", "dns": SERVICE, "interval": "fast"}},
