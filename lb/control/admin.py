@@ -100,12 +100,14 @@ class AdminInputError(ValueError):
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-# Bytes of answers sent to admin clients and not yet taken by them, over every admin connection, past
-# which a GET of anything but a probe is answered 503: a client that asks for /status and never reads
-# left its whole answer (2 MB at 5,000 backends) queued on its connection, and 500 of them (17
-# addresses, under the per-address share) held 800 MB.  The probes' answers are a few bytes, and must
-# go on being given while the budget is spent (a failing probe restarts or takes out a healthy balancer).
+# Bytes of answers sent to admin clients and not yet taken by them, over every admin connection.  A client
+# that asks for /status and never reads left its whole answer (2 MB at 5,000 backends) queued on its
+# connection, and 500 of them (17 addresses, under the per-address share) held 800 MB.  Past this, room is
+# made before a large answer is rendered (`make_room`).  The probes' answers are a few bytes, and are
+# never held up (a failing probe restarts or takes out a healthy balancer).
 MAX_UNREAD_ANSWER_BYTES = 32 * 1024 * 1024
+# Seconds an answer's unread bytes may stay where they are before its connection counts as stalled.
+UNREAD_STALL = 1.0
 _PROBES = frozenset({"/livez", "/readyz", "/healthz"})
 
 
@@ -132,15 +134,51 @@ class LargeAnswer(web.Response):
             self._compressed_body = None
 
 
-def too_much_unread(request: web.Request) -> web.Response | None:
-    """The 503 a GET gets while the admin port holds more than MAX_UNREAD_ANSWER_BYTES unread, else None.
+def make_room(request: web.Request) -> web.Response | None:
+    """Before a large answer: None when the admin port's unread answers are within MAX_UNREAD_ANSWER_BYTES,
+    or are once the stalled connections holding the most have been cut; else the 503 to answer with.
 
-    Asked as a request comes (the middleware), and again by a large answer once its turn to render has
-    come (`status`, the dashboard): 500 requests sent together all passed the first while the first
-    answers were still being rendered, and each then queued its 2 MB."""
-    if unread_answer_bytes(request) > MAX_UNREAD_ANSWER_BYTES:
-        return _error(503, "busy: answers sent earlier are not read yet", headers={"Retry-After": "1"})
-    return None
+    Cut, not waited for: a client that reads nothing never gives its bytes back (aiohttp waits on it
+    without a deadline), and refusing everyone else instead let 20 such connections keep /status and
+    /metrics at 503 for good, for Prometheus and the operator too.  Stalled: its unread bytes have not
+    gone down for UNREAD_STALL.  A client still reading a large answer is left to finish, and only then
+    does the asker get a 503 (Retry-After).  Asked as a request comes (the middleware) and again once a
+    large answer's turn to render has come (/status, /metrics, the dashboard): requests sent together
+    all passed the first while the first answers were being made.
+    """
+    server = getattr(request.protocol, "_manager", None)
+    if not isinstance(server, _AdminServer):
+        return None
+    now = time.monotonic()
+    held = {transport: transport.get_write_buffer_size() for transport in server.transports.values()}
+    server.unread_since = {
+        transport: since if (since := server.unread_since.get(transport)) is not None and size >= since[0]
+        else (size, now)
+        for transport, size in held.items() if size
+    }
+    total = sum(held.values())
+    if total <= MAX_UNREAD_ANSWER_BYTES:
+        return None
+    own = request.transport
+    stalled = sorted(((size, transport) for transport, size in held.items()
+                      if size and transport is not own and now - server.unread_since[transport][1] >= UNREAD_STALL),
+                     key=lambda item: -item[0])
+    cut = 0
+    for size, transport in stalled:
+        if total <= MAX_UNREAD_ANSWER_BYTES:
+            break
+        transport.abort()
+        total -= size
+        cut += 1
+    if cut:
+        suppressed = _stalled_cuts.due()
+        if suppressed is not None:
+            log.warning("admin API: %d connection(s) that left answers unread cut, the admin port's unread answers "
+                        "being past %d MiB (%d more since the last line)", cut,
+                        MAX_UNREAD_ANSWER_BYTES // (1024 * 1024), suppressed)
+    if total <= MAX_UNREAD_ANSWER_BYTES:
+        return None
+    return _error(503, "busy: answers sent earlier are still being read", headers={"Retry-After": "1"})
 
 
 @web.middleware
@@ -153,7 +191,7 @@ async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamRe
     detail = None
     response: web.StreamResponse
     try:
-        busy = too_much_unread(request) if request.method in ("GET", "HEAD") and request.path not in _PROBES else None
+        busy = make_room(request) if request.method in ("GET", "HEAD") and request.path not in _PROBES else None
         response = busy if busy is not None else await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -289,7 +327,7 @@ async def status(request: web.Request) -> web.Response:
     await balancer.fresh_counts()  # with workers: what they count now, not up to two seconds ago (rounds shared)
     # One render at a time: two would share the loop's time between them and the data plane.
     async with request.app[STATUS_RENDER]:
-        busy = too_much_unread(request)
+        busy = make_room(request)
         if busy is not None:
             return busy
         text = await status_text(balancer)
@@ -442,6 +480,9 @@ def _backend_document(b: BackendStatus, counted: BackendCounts | None) -> dict[s
 async def metrics(request: web.Request) -> web.Response:
     # Rendered a slice at a time between the loop's other work (lb.control.exposition).
     body = await request.app[SCRAPES].body()
+    busy = make_room(request)  # scrapes that waited on one render are all answered when it is done
+    if busy is not None:
+        return busy
     return LargeAnswer(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -553,6 +594,7 @@ class AdminRunner(web.AppRunner):
             server.__class__ = _AdminServer
             cast(_AdminServer, server).admitted = AdminConnections()
             cast(_AdminServer, server).transports = {}
+            cast(_AdminServer, server).unread_since = {}
         else:
             log.warning("admin API: aiohttp's server is a %s: admin connections are not capped", type(server))
         # Around the application, not in it: aiohttp meets `Expect` after routing and before any middleware,
@@ -601,6 +643,8 @@ class _AdminServer(Server):
     # drains: a peer that reads nothing would keep it for good): set as the class is swapped in.
     admitted: AdminConnections
     transports: dict[RequestHandler, asyncio.Transport]
+    # Each connection holding unread answer bytes: the fewest it has held, and since when (`make_room`).
+    unread_since: dict[asyncio.Transport, tuple[int, float]]
 
     def __call__(self) -> RequestHandler:
         handler = super().__call__()
@@ -612,9 +656,9 @@ class _AdminServer(Server):
 # The kernel's send buffer of an admin connection, at most (Linux doubles it for its bookkeeping).  Left to
 # grow (to 4 MB here), each connection whose client reads nothing took in a whole large answer, out of
 # sight of MAX_UNREAD_ANSWER_BYTES: 500 of them, a gigabyte of kernel memory.  Past this, what is
-# unread waits in the transport, where the budget counts it.  64 KiB is a megabyte a second per 64 ms of
-# round trip, and /status is read once a second.
-ADMIN_SEND_BUFFER = 64 * 1024
+# unread waits in the transport, where the budget counts it.  256 KiB (512 in the kernel's count) carries
+# 10 MB of /metrics in 2 s over a 100 ms round trip, within Prometheus's default 10 s scrape timeout.
+ADMIN_SEND_BUFFER = 256 * 1024
 
 
 def _limit_send_buffer(transport: asyncio.BaseTransport) -> None:
@@ -682,6 +726,7 @@ class _AdminRequestHandler(RequestHandler):
 
 
 _refusals = Throttle()
+_stalled_cuts = Throttle()
 _evictions = Throttle()  # a line of their own: a refused flood's lines must not hide that others took places
 
 

@@ -299,10 +299,28 @@ async def test_the_dashboard_lists_a_bounded_snapshot_and_says_how_many_more() -
     assert "and 1 more backend (/status" in page  # q's one and x's one, past the cap too
 
 
-async def test_answers_nobody_reads_are_bounded_and_the_probes_still_answer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A client that asks for /status and never reads leaves its answer queued on its connection: with
-    the admin port's unread answers past MAX_UNREAD_ANSWER_BYTES, a GET is a 503 (Retry-After) until they
-    are taken or their connections go, and the probes answer all along."""
+async def _stall(loop: asyncio.AbstractEventLoop, host: str, port: int, path: str, count: int) -> list[Any]:
+    """`count` connections that each ask for `path` at once and read nothing (a 4 KiB receive buffer)."""
+    import socket
+
+    stalled = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, port))
+        stalled.append(sock)
+    request = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    await asyncio.gather(*(loop.sock_sendall(sock, request) for sock in stalled))
+    return stalled
+
+
+async def test_answers_nobody_reads_are_bounded_and_cut_when_room_is_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that asks for /status and never reads leaves its answer queued on its connection.  The
+    admin port's unread answers stay within MAX_UNREAD_ANSWER_BYTES (and one answer): requests that
+    came together get a 503 (Retry-After) while the unread ones are fresh, and once they have stalled
+    for UNREAD_STALL the next large answer cuts them and is given.  Refusing everyone instead kept
+    /status and /metrics at 503 for good.  The probes answer all along."""
     import socket
 
     from aiohttp import web
@@ -310,6 +328,7 @@ async def test_answers_nobody_reads_are_bounded_and_the_probes_still_answer(monk
     from lb.control import admin
 
     monkeypatch.setattr(admin, "MAX_UNREAD_ANSWER_BYTES", 64 * 1024)
+    monkeypatch.setattr(admin, "UNREAD_STALL", 2.0)
     runner = admin.AdminRunner(make_admin_app(_status_balancer(12_000)))
     await runner.setup()
     loop = asyncio.get_running_loop()
@@ -335,30 +354,75 @@ async def test_answers_nobody_reads_are_bounded_and_the_probes_still_answer(monk
                 _manager=runner.server)))
 
         # Six at once: each waits for its turn to render, and must not be rendered past the budget then.
-        for _ in range(6):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, (host, port))
-            stalled.append(sock)
-        await asyncio.gather(*(loop.sock_sendall(sock, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
-                               for sock in stalled))
+        stalled = await _stall(loop, host, port, "/status", 6)
         await wait_for(lambda: unread() > admin.MAX_UNREAD_ANSWER_BYTES, within=5)
-        await asyncio.sleep(0.5)  # the other five have had their turns
+        await asyncio.sleep(0.3)  # the other five have had their turns
         assert unread() <= admin.MAX_UNREAD_ANSWER_BYTES + one_answer
         # And the kernel holds little of it, out of the budget's sight (Linux doubles what is set).
         buffers = [transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
                    for transport in runner.server.transports.values()]  # type: ignore[union-attr]
         assert buffers and max(buffers) <= 2 * admin.ADMIN_SEND_BUFFER, buffers
         status, answer = await ask("/status")
-        assert status == 503 and b"Retry-After: 1" in answer and b"not read yet" in answer
-        assert (await ask("/"))[0] == 503
+        assert status == 503 and b"Retry-After: 1" in answer and b"still being read" in answer
         assert (await ask("/livez"))[0] == 200
+        await asyncio.sleep(admin.UNREAD_STALL)  # what is unread now has stalled
+        status, _ = await ask("/")
+        assert status == 200  # the stalled connection was cut to make room
+        assert (await ask("/status"))[0] == 200
+        assert unread() <= admin.MAX_UNREAD_ANSWER_BYTES + one_answer
+        assert any(_was_cut(sock, one_answer) for sock in stalled)
+    finally:
         for sock in stalled:
             sock.close()
-        stalled.clear()
-        await wait_for(lambda: unread() <= admin.MAX_UNREAD_ANSWER_BYTES, within=5)
-        assert (await ask("/status"))[0] == 200
+        await runner.cleanup()
+
+
+def _was_cut(sock: Any, whole: int) -> bool:
+    """Whether the server cut this connection: it ends (what the kernel had of the answer read, then
+    the end) before a whole answer of `whole` bytes came."""
+    sock.setblocking(True)
+    sock.settimeout(0.5)
+    got = 0
+    try:
+        while chunk := sock.recv(1 << 20):
+            got += len(chunk)
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False  # still open: not cut
+    return got < whole
+
+
+async def test_scrapes_that_waited_on_one_render_are_held_to_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scrapes that come while /metrics renders share that render, and were all answered at once when it was
+    done, past the budget (40 of 4 MB: 125 MB unread against 32).  Each is asked again then."""
+    from aiohttp import web
+
+    from lb.control import admin
+
+    monkeypatch.setattr(admin, "MAX_UNREAD_ANSWER_BYTES", 64 * 1024)
+    body = b"lb_x 1\n" * 600_000  # 4.2 MB
+
+    class _Scrapes:
+        async def body(self) -> bytes:
+            await asyncio.sleep(0.2)  # every scrape below arrives meanwhile
+            return body
+
+    app = make_admin_app(_status_balancer(1))
+    app[admin.SCRAPES] = _Scrapes()  # type: ignore[assignment]
+    runner = admin.AdminRunner(app)
+    await runner.setup()
+    loop = asyncio.get_running_loop()
+    stalled: list[Any] = []
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        stalled = await _stall(loop, host, port, "/metrics", 20)
+        await asyncio.sleep(0.6)
+        unread = admin.unread_answer_bytes(SimpleNamespace(protocol=SimpleNamespace(  # type: ignore[arg-type]
+            _manager=runner.server)))
+        assert 0 < unread <= admin.MAX_UNREAD_ANSWER_BYTES + len(body)
     finally:
         for sock in stalled:
             sock.close()

@@ -35,9 +35,9 @@ from lb.control.admin import (
     backends_per_pool,
     error_response,
     key_values,
+    make_room,
     refuse_parameters,
     status_document,
-    too_much_unread,
 )
 from lb.control.admin_route import MAX_KEY_CHARS
 from lb.control.lookup import lookup_token
@@ -87,7 +87,7 @@ async def dashboard(request: web.Request) -> web.Response:
     # (every JSON endpoint refuses unknown parameters; this page takes none and acts on nothing).
     balancer = request.app[BALANCER]
     async with request.app[STATUS_RENDER]:
-        busy = too_much_unread(request)
+        busy = make_room(request)
         if busy is not None:
             return busy
         snapshot = render_snapshot(status_document(balancer, SNAPSHOT_BACKENDS), backends_per_pool(balancer))
