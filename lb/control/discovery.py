@@ -141,45 +141,50 @@ class ThreadedResolver:
         # The same resolver without EDNS0, for a nameserver that does not speak it (`_resolve`).
         self._plain = copy.copy(resolver)
         self._plain.use_edns(False)
+        self.edns_refused_by: str | None = None  # once one has: every query goes without EDNS0
         self._told_edns_refused = False
 
     async def resolve(self, name: str, rdtype: str, *, search: bool | None = None) -> dns.resolver.Answer:
         """`dns.resolver.Resolver.resolve` on a thread; cancelling returns at once (the query itself
         ends within the resolver's lifetime)."""
         try:
-            answer, refused_by = await in_daemon_thread(
-                functools.partial(self._resolve, name, rdtype, search), name=f"dns {name}"
-            )
+            return await in_daemon_thread(functools.partial(self._resolve, name, rdtype, search), name=f"dns {name}")
         except RuntimeError as exc:  # out of threads (a cgroup's pids.max): a failed lookup, not a bug
             raise OSError(f"no thread for the DNS query: {exc}") from exc
-        if refused_by and not self._told_edns_refused:
-            self._told_edns_refused = True
-            log.warning("discovery: nameserver %s does not speak EDNS0 (it answered FORMERR or NOTIMP); asked "
-                        "again without it, as each query will be: answers past 512 bytes come over TCP/53",
-                        refused_by)
-        return answer
+        finally:
+            if self.edns_refused_by is not None and not self._told_edns_refused:  # whether the retry worked or not
+                self._told_edns_refused = True
+                log.warning("discovery: nameserver %s does not speak EDNS0 (it answered FORMERR or NOTIMP); asked "
+                            "without it from now on: answers past 512 bytes come over TCP/53", self.edns_refused_by)
 
-    def _resolve(self, name: str, rdtype: str, search: bool | None) -> tuple[dns.resolver.Answer, str | None]:
-        """The answer (on this thread), and the nameserver that refused EDNS0 when it was asked again without.
+    def _resolve(self, name: str, rdtype: str, search: bool | None) -> dns.resolver.Answer:
+        """The answer, on this thread.
 
         RFC 6891 (7): a nameserver that does not know EDNS0 answers its OPT record with FORMERR (some
         with NOTIMP), and the asker should ask again without it.  dnspython does not: every lookup
-        against such a server failed once EDNS0 was on.  The retry has what is left of the lifetime.
+        against such a server failed once EDNS0 was on.  The query is asked again, with what is left
+        of its lifetime, and every query after it goes without EDNS0 (to every nameserver: one of
+        a list that does not speak it, beside one that does not answer, failed every query; a
+        reload makes a new resolver, which offers EDNS0 again).  Also when the query ran out of
+        time after the refusal: the next one goes without.
         """
+        if self.edns_refused_by is not None:
+            return self._plain.resolve(name, rdtype, search=search)
         started = time.monotonic()
         try:
-            return self.sync.resolve(name, rdtype, search=search), None
-        except dns.resolver.NoNameservers as exc:
+            return self.sync.resolve(name, rdtype, search=search)
+        except (dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout) as exc:
             refused_by = edns_refused_by(exc)
             if refused_by is None:
                 raise
+            self.edns_refused_by = refused_by
             left = self.sync.lifetime - (time.monotonic() - started)
             if left <= 0:
                 raise
-        return self._plain.resolve(name, rdtype, search=search, lifetime=left), refused_by
+        return self._plain.resolve(name, rdtype, search=search, lifetime=left)
 
 
-def edns_refused_by(exc: dns.resolver.NoNameservers) -> str | None:
+def edns_refused_by(exc: dns.exception.DNSException) -> str | None:
     """The first nameserver that answered a query's EDNS0 as one that does not speak it: FORMERR or
     NOTIMP with no OPT record of its own (one that speaks EDNS0 sends OPT even in an error), else None."""
     for server, _tcp, _port, _error, answer in exc.kwargs.get("errors") or ():
