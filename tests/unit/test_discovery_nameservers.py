@@ -184,6 +184,7 @@ def test_one_nameserver_without_edns0_beside_one_that_never_answers() -> None:
         first, second = asyncio.run(twice())
         assert second == [("127.0.0.7", 9000)], first
         assert resolver.edns_refused_by is not None and str(port) in resolver.edns_refused_by
+        assert offered[0] is True and offered[-1] is False, offered
     finally:
         server.close()
         silent.close()
