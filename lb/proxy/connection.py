@@ -73,7 +73,6 @@ from lb.affinity.carriers import (
 )
 from lb.affinity.codec import NONCE_BYTES, SESSION_BYTES, Claim
 from lb.affinity.decision import Decision, decide
-from lb.affinity.randomness import take_random
 from lb.config.model import AffinityMode, SecureMode
 from lb.errors import (
     BadGateway,
@@ -369,7 +368,7 @@ class Connection:
         client_ip: str,
         tls: bool,
         client_port: int = 0,
-        random: Callable[[int], bytes] = take_random,
+        random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self._ctx = ctx
         self._peer = client_ip  # the socket's peer, or the PROXY header's source address
@@ -1391,7 +1390,8 @@ class Connection:
         if claim is not None:
             session = claim.session
         else:
-            # A new client's session and its first token's nonce in one take.
+            # A new client's session and its first token's nonce in one read of the system's
+            # randomness: one getrandom syscall per new client, not two.
             fresh = self._random(SESSION_BYTES + NONCE_BYTES)
             session = fresh[:SESSION_BYTES]
             nonces.append(fresh[SESSION_BYTES:])
