@@ -40,7 +40,7 @@ def _info_enabled() -> bool:
 
     Why: isEnabledFor is interpreted Python (a frame, a try around the same dict lookup), about
     1,200 instructions a call, and a WebSocket handshake asks twice.  The cache is the one it fills
-    and `setLevel`, `logging.disable` and a new logger clear, so the answer is its answer; when it is
+    and `setLevel` and `logging.disable` clear, so the answer is its answer; when it is
     missing (not filled yet, or a Python without it) the call itself fills it.
     """
     if access.disabled:

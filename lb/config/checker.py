@@ -186,12 +186,15 @@ def optional_list(value: object, path: str, check: Checker, *, what: str) -> lis
     return value
 
 
-def value_at(node: Mapping[Any, object], key: str, path: str, check: Checker, *, required: bool) -> object:
-    """The value at `key`; None if absent or null (use the default); REPORTED if required and absent."""
+def value_at(
+    node: Mapping[Any, object], key: str, path: str, check: Checker, *, required: bool, instead: str = ""
+) -> object:
+    """The value at `key`; None if absent or null (use the default); REPORTED if required and absent.
+    `instead`: what else would do, said with the problem (`(a pool needs backends, a discovery, or both)`)."""
     value = node.get(key)
     if value is None and required:
         message = "expected a value, got null" if key in node else "missing required key"
-        check.add(join_path(path, key), message)
+        check.add(join_path(path, key), f"{message} ({instead})" if instead else message)
         return REPORTED
     return value
 

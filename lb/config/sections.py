@@ -95,8 +95,8 @@ from lb.config.scalars import (
 )
 from lb.http.client_address import parse_network
 from lb.http.cookies import secure_prefix
-from lb.http.forwarding import BALANCER_HEADERS, REPLACED_HEADERS, UNTRUSTED_CLAIMS
-from lb.http.head import dropped_as_alias, protected_headers
+from lb.http.forwarding import BALANCER_HEADERS, REPLACED_HEADERS
+from lb.http.head import PROXY_CLAIMS, dropped_as_alias, protected_headers
 from lb.tls import server_ssl_context, tls_files_fault
 
 MIN_SECRET_KEY_CHARS: Final = 32
@@ -571,7 +571,7 @@ def _check_request_keys(
             f"{affinity.header} stands for a header of ours once '_' reads as '-' (as CGI and WSGI read it): every "
             "request's parse leaves it out, so the token would never come back; name one with '-'",
         )
-    replaced = REPLACED_HEADERS if trusted_proxies else REPLACED_HEADERS | UNTRUSTED_CLAIMS
+    replaced = REPLACED_HEADERS if trusted_proxies else REPLACED_HEADERS | PROXY_CLAIMS
     for name, pool in pools.items():
         key = pool.hash_key
         if key is None:
@@ -703,12 +703,8 @@ def _pool(name: str, value: object, path: str, check: Checker) -> PoolConfig | N
     if discovered:  # a wrong discovery still lets the rest of the pool be checked: every problem at once
         discovery = _discovery(node["discovery"], join_path(path, "discovery"), check)
     # A pool needs backends from somewhere: a static list, DNS, or both.
-    backends_value: object
-    if not discovered and "backends" not in node:
-        check.add(join_path(path, "backends"), "missing required key (a pool needs backends, a discovery, or both)")
-        backends_value = REPORTED
-    else:
-        backends_value = value_at(node, "backends", path, check, required=not discovered)
+    backends_value = value_at(node, "backends", path, check, required=not discovered,
+                              instead="a pool needs backends, a discovery, or both")
     backends = () if backends_value is None else _backends(backends_value, join_path(path, "backends"), check)
     # Each check across keys runs once the keys it reads parsed (or are absent): judged even when
     # another key is wrong, never on a wrong one.

@@ -21,10 +21,6 @@ HOP_BY_HOP: Final = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "upgrade", "proxy-authorization"}
 )
 _FORWARDED: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
-# Claims about the client or the proxy chain that we do not set: believed by many backends
-# (nginx's X-Real-IP, RFC 7239 Forwarded, lb.http.head.PROXY_CLAIMS), so only a trusted proxy in
-# front may pass them on.
-_PROXY_CLAIMS: Final = PROXY_CLAIMS
 # Not on an answer without a body (1xx, 204: RFC 9112 §6.1-6.2); see render_client_response.
 # Nor the announcement of a body's trailer fields.
 _BODY_FRAMING: Final = frozenset({"transfer-encoding", "content-length", "trailer"})
@@ -51,13 +47,12 @@ _NEVER_CONNECTION_LISTED: Final = frozenset({
 # dropped (hop-by-hop), from any peer; and the proxy claims, dropped from a peer not trusted.  A pool may
 # not hash on one (lb.config.sections): the client would pick its backend with a value no backend sees.
 REPLACED_HEADERS: Final = HOP_BY_HOP | _FORWARDED
-UNTRUSTED_CLAIMS: Final = _PROXY_CLAIMS
 # Headers the balancer frames, routes or upgrades by, or writes itself: none may carry the affinity
 # token (`affinity.header`), which is taken off every forwarded request and added to answers.
 # `header: Host` left every backend without a Host, `Cookie` took every cookie off, `Upgrade`
 # gave the 101 a second Upgrade that clients refuse (lb.config.sections refuses these names).
 BALANCER_HEADERS: Final = (
-    HOP_BY_HOP | _BODY_FRAMING | _FORWARDED | _PROXY_CLAIMS | _NEVER_CONNECTION_LISTED
+    HOP_BY_HOP | _BODY_FRAMING | _FORWARDED | PROXY_CLAIMS | _NEVER_CONNECTION_LISTED
     | frozenset({"cookie", "set-cookie", "expect", "x-request-id"})
 )
 
@@ -190,7 +185,7 @@ def _request_drop(extra: frozenset[str], trusted_peer: bool) -> frozenset[str]:
     """Hop-by-hop, X-Forwarded-* (we set them), `extra`, and from an untrusted peer its proxy
     claims; one set per configuration and kind of peer, not per request."""
     dropped = HOP_BY_HOP | _FORWARDED | extra
-    return dropped if trusted_peer else dropped | _PROXY_CLAIMS
+    return dropped if trusted_peer else dropped | PROXY_CLAIMS
 
 
 def strip_query_param(target: str, name: str) -> str:

@@ -147,6 +147,17 @@ PROXY_CLAIMS: Final = frozenset(
         "ssl-client-cert",
         "x-original-url",
         "x-rewrite-url",
+        "x-original-host",
+        # Who the client is, as an authenticating proxy in front says (oauth2-proxy, Apache's REMOTE_USER):
+        # a backend that believes them lets a client name itself.
+        "remote-user",
+        "x-remote-user",
+        "x-forwarded-user",
+        "x-forwarded-email",
+        "x-forwarded-groups",
+        "x-forwarded-preferred-username",
+        "x-auth-request-user",
+        "x-auth-request-email",
     }
 )
 # Header names (lower case, `-` form) that we set, strip, or frame the body by.  A client's

@@ -664,7 +664,7 @@ class Tunnel:
         if not self.ctx.tunnels and self.ctx.all_tunnels_closed is not None:
             self.ctx.all_tunnels_closed.set()
         # Milliseconds, as seconds: round(x, 3) rounds in decimal (a dtoa pass, 1,900 instructions);
-        # this is the same value but at an exact tie, for a tenth of that.
+        # this is the same value but at a tie (or a hair from one: x * 1000 may round onto it), for a tenth.
         duration = round((_monotonic() - self.opened_at) * 1000.0) / 1000.0
         if self.cause is None and self.close_code is None:  # a client or backend hung up: the common end
             log_tunnel_ended(

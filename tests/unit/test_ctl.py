@@ -49,8 +49,8 @@ def test_drain_and_disable_both_ask_for_their_tunnels_to_close(action: str, monk
 
     def call(_target: object, method: str, path: str, body: object = None) -> object:
         sent.append((method, path, body))
-        return {"pool": "gateways", "id": "gw-1", "state": "draining", "close_after": 30.0,
-                "rate": 5.0}
+        state = "draining" if action == "drain" else "disabled"
+        return {"pool": "gateways", "id": "gw-1", "state": state, "close_after": 30.0, "rate": 5.0}
 
     monkeypatch.setattr(ctl, "call", call)
     out = io.StringIO()

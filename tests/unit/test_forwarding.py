@@ -331,6 +331,9 @@ def test_proxy_claims_pass_only_from_a_trusted_peer(trusted_peer: bool) -> None:
     claims += [f"{name.title()}: 6.6.6.6" for name in sorted(PROXY_CLAIMS - {"forwarded", "x-real-ip",
                                                                          "x-forwarded-port", "x-forwarded-prefix"})]
     assert len(claims) == len(PROXY_CLAIMS)
+    # Named here too, so that one taken out of the set fails this test.
+    assert {"true-client-ip", "cf-connecting-ip", "x-forwarded-ssl", "x-forwarded-client-cert", "x-original-url",
+            "x-forwarded-user", "remote-user", "x-forwarded-server"} <= PROXY_CLAIMS
     raw = render_forwarded_request(
         request("Host: a", *claims, "X-Request-Id: r1"), forwarded_for="203.0.113.7", proto="http",
         websocket=False, trusted_peer=trusted_peer,
