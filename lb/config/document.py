@@ -25,6 +25,10 @@ from lb.config.checker import REPORTED, Checker, Expanded, join_path, show
 MAX_FILE_REFERENCE_BYTES: Final = 64 * 1024
 # Values (mappings, lists, scalars) in the expanded tree: a config with a thousand backends has a few thousand.
 MAX_CONFIG_NODES: Final = 100_000
+# Key-value pairs `<<` merges may copy into the mappings that merge, in all (`_merged_pairs`): twice the
+# values, as a mapping that overrides every key it merges copies each twice (a template's 8 keys, all
+# overridden in 7,000 backends, is 112,000 copies for 56,000 values).
+MAX_MERGED_PAIRS: Final = 2 * MAX_CONFIG_NODES
 # Mappings and lists inside each other: a real configuration nests six deep.  The walks over the tree
 # recurse, and libyaml reads a thousand levels (PyYAML's own reader stopped at about five hundred).
 MAX_CONFIG_DEPTH: Final = 64
@@ -233,9 +237,9 @@ def _check_nodes(root: yaml.Node, check: Checker) -> list[yaml.ScalarNode]:
     copied = 0
     for node, path in merging:
         copied += _merged_pairs(node, memo)
-        if copied > MAX_CONFIG_NODES:
+        if copied > MAX_MERGED_PAIRS:
             found.append((node.start_mark.line + 1, path,
-                          f"`<<` merges that copy more than {MAX_CONFIG_NODES} values, which no configuration needs "
+                          f"`<<` merges that copy more than {MAX_MERGED_PAIRS} values, which no configuration needs "
                           "(merges of merges, a large mapping merged many times, or one merged into itself)"))
             check.unreadable = True
             break
@@ -265,11 +269,11 @@ def _merged_pairs(root: yaml.MappingNode, memo: dict[int, int]) -> int:
     Merges of merges grow as a power: nine levels of a mapping merged nine times over, 495 bytes,
     took 26 s and 760 MB to build, past any check on the node tree (which shares the aliased nodes).
     PyYAML 6.0.4 flattens each merged mapping once, and pyproject asks for it; counted here, a file is
-    refused the same whatever PyYAML reads it.  Counts stop at MAX_CONFIG_NODES + 1, and a mapping that
+    refused the same whatever PyYAML reads it.  Counts stop at MAX_MERGED_PAIRS + 1, and a mapping that
     merges itself in (PyYAML builds it as if it did not) counts as past it: no configuration needs one.
     Each mapping is counted once (`memo`).
     """
-    past = MAX_CONFIG_NODES + 1
+    past = MAX_MERGED_PAIRS + 1
     in_progress: set[int] = set()
     stack: list[yaml.MappingNode] = [root]
     while stack:

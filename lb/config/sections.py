@@ -577,7 +577,10 @@ def _check_request_keys(
         if key is None:
             continue
         lowered = key.name.lower()
-        if key.source is HashKeySource.HEADER and lowered in replaced:
+        if key.source is HashKeySource.HEADER and lowered in PROXY_CLAIMS and lowered in replaced:
+            why = ("is dropped before the backend (for the client's address, use balance: source; a proxy in front "
+                   "that sets it passes it once trusted_proxies names it)")
+        elif key.source is HashKeySource.HEADER and lowered in replaced:
             why = "is replaced or dropped before the backend (for the client's address, use balance: source)"
         elif key.source is HashKeySource.HEADER and dropped_as_alias(key.name, protected):
             why = "stands for a header of ours once '_' reads as '-': every request's parse leaves it out"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hmac
 import itertools
 import json
@@ -31,6 +32,8 @@ import logging
 import re
 import secrets
 import socket
+import struct
+import termios
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
@@ -134,35 +137,55 @@ class LargeAnswer(web.Response):
             self._compressed_body = None
 
 
+def _unacknowledged(transport: asyncio.Transport, held: int) -> int:
+    """Bytes of `transport`'s answers its client has not acknowledged: those held above the socket
+    (`held`) and those the kernel has sent or holds unsent (SIOCOUTQ).  Only a client that reads makes
+    this go down, and it goes down as it reads: the transport's own buffer moves only when the kernel
+    takes a third of its send buffer at once, so a client reading 150 KB/s looked still for 1.5 s."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return held
+    try:
+        (queued,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))
+    except (OSError, ValueError):  # closed meanwhile, or not a TCP socket: what is held above it
+        return held
+    return held + int(queued)
+
+
 def make_room(request: web.Request) -> web.Response | None:
     """Before a large answer: None when the admin port's unread answers are within MAX_UNREAD_ANSWER_BYTES,
     or are once the stalled connections holding the most have been cut; else the 503 to answer with.
 
     Cut, not waited for: a client that reads nothing never gives its bytes back (aiohttp waits on it
     without a deadline), and refusing everyone else instead let 20 such connections keep /status and
-    /metrics at 503 for good, for Prometheus and the operator too.  Stalled: its unread bytes have not
-    gone down for UNREAD_STALL.  A client still reading a large answer is left to finish, and only then
-    does the asker get a 503 (Retry-After).  Asked as a request comes (the middleware) and again once a
-    large answer's turn to render has come (/status, /metrics, the dashboard): requests sent together
-    all passed the first while the first answers were being made.
+    /metrics at 503 for good, for Prometheus and the operator too.  Stalled: what its client has not
+    acknowledged has not gone down for UNREAD_STALL (`_unacknowledged`).  A client still reading is
+    left to finish; when cutting the stalled ones would not make room, none is cut, and the asker gets
+    a 503 (Retry-After).  Asked as a request comes (the middleware, for every GET but the probes) and
+    again once a large answer's turn to render has come (/status, /metrics, the dashboard): requests
+    sent together all passed the first while the first answers were being made.
     """
     server = getattr(request.protocol, "_manager", None)
     if not isinstance(server, _AdminServer):
         return None
     now = time.monotonic()
     held = {transport: transport.get_write_buffer_size() for transport in server.transports.values()}
+    owed = {transport: _unacknowledged(transport, size) for transport, size in held.items() if size}
     server.unread_since = {
-        transport: since if (since := server.unread_since.get(transport)) is not None and size >= since[0]
-        else (size, now)
-        for transport, size in held.items() if size
+        transport: since if (since := server.unread_since.get(transport)) is not None and left >= since[0]
+        else (left, now)
+        for transport, left in owed.items()
     }
     total = sum(held.values())
     if total <= MAX_UNREAD_ANSWER_BYTES:
         return None
     own = request.transport
-    stalled = sorted(((size, transport) for transport, size in held.items()
-                      if size and transport is not own and now - server.unread_since[transport][1] >= UNREAD_STALL),
+    stalled = sorted(((held[transport], transport) for transport in owed
+                      if transport is not own and now - server.unread_since[transport][1] >= UNREAD_STALL),
                      key=lambda item: -item[0])
+    if total - sum(size for size, _ in stalled) > MAX_UNREAD_ANSWER_BYTES:
+        # Clients still reading hold the rest: cutting the stalled ones would not make room.
+        return _error(503, "busy: answers sent earlier are still being read", headers={"Retry-After": "1"})
     cut = 0
     for size, transport in stalled:
         if total <= MAX_UNREAD_ANSWER_BYTES:
@@ -170,15 +193,12 @@ def make_room(request: web.Request) -> web.Response | None:
         transport.abort()
         total -= size
         cut += 1
-    if cut:
-        suppressed = _stalled_cuts.due()
-        if suppressed is not None:
-            log.warning("admin API: %d connection(s) that left answers unread cut, the admin port's unread answers "
-                        "being past %d MiB (%d more since the last line)", cut,
-                        MAX_UNREAD_ANSWER_BYTES // (1024 * 1024), suppressed)
-    if total <= MAX_UNREAD_ANSWER_BYTES:
-        return None
-    return _error(503, "busy: answers sent earlier are still being read", headers={"Retry-After": "1"})
+    suppressed = _stalled_cuts.due()
+    if suppressed is not None:
+        log.warning("admin API: %d connection(s) that left answers unread cut, the admin port's unread answers "
+                    "being past %d MiB (%d more since the last line)", cut,
+                    MAX_UNREAD_ANSWER_BYTES // (1024 * 1024), suppressed)
+    return None
 
 
 @web.middleware

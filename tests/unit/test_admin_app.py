@@ -393,6 +393,61 @@ def _was_cut(sock: Any, whole: int) -> bool:
     return got < whole
 
 
+async def test_a_client_still_reading_slowly_is_not_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client reading a large answer at 50 KB/s (an operator on a slow link) leaves the transport's buffer
+    still for seconds at a time: the kernel takes from it only once a third of its send buffer is free.
+    What the client has not acknowledged goes down all along, so it is not stalled and is not cut; with
+    nothing stalled to cut, the asker gets a 503."""
+    import socket
+
+    from aiohttp import web
+
+    from lb.control import admin
+
+    monkeypatch.setattr(admin, "MAX_UNREAD_ANSWER_BYTES", 64 * 1024)
+    monkeypatch.setattr(admin, "UNREAD_STALL", 0.5)
+    runner = admin.AdminRunner(make_admin_app(_status_balancer(12_000)))
+    await runner.setup()
+    loop = asyncio.get_running_loop()
+    slow = socket.socket()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.setblocking(False)
+        await loop.sock_connect(slow, (host, port))
+        await loop.sock_sendall(slow, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = 0
+
+        async def read_slowly(seconds: float) -> None:
+            nonlocal got
+            for _ in range(int(seconds / 0.05)):
+                await asyncio.sleep(0.05)
+                chunk = await asyncio.wait_for(loop.sock_recv(slow, 2500), 1.0)  # 50 KB/s
+                assert chunk, "the slow reader's connection was ended"
+                got += len(chunk)
+
+        async def ask(path: str) -> bytes:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            answer = await reader.read()
+            writer.close()
+            return answer
+
+        await read_slowly(0.5)
+        assert (await ask("/status"))[:12] == b"HTTP/1.1 503"  # the slow reader's bytes are first seen here
+        await read_slowly(1.5)  # longer than UNREAD_STALL: it would count as stalled, if judged by the buffer
+        answer = await ask("/status")
+        assert answer.startswith(b"HTTP/1.1 503") and b"still being read" in answer
+        before = got
+        await read_slowly(1.0)  # still served
+        assert got > before
+    finally:
+        slow.close()
+        await runner.cleanup()
+
+
 async def test_scrapes_that_waited_on_one_render_are_held_to_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """Scrapes that come while /metrics renders share that render, and were all answered at once when it was
     done, past the budget (40 of 4 MB: 125 MB unread against 32).  Each is asked again then."""

@@ -136,7 +136,7 @@ def test_a_merge_is_counted_as_pyyaml_copies_it(levels: int, fan: int, pairs: in
     finally:
         loader.dispose()
     last = next(value for key, value in root.value if key.value == f"x{levels}")
-    assert document._merged_pairs(last, {}) == min(pairs, document.MAX_CONFIG_NODES + 1)
+    assert document._merged_pairs(last, {}) == min(pairs, document.MAX_MERGED_PAIRS + 1)
 
 
 def test_a_large_mapping_merged_many_times_is_refused_before_it_is_built(tmp_path: Path) -> None:

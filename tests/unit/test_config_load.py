@@ -599,7 +599,7 @@ def test_affinity_header_of_ones_own_is_taken(base_dir: Path, header: str) -> No
     # what the backend gets as sent: a trusted proxy's claims pass (who the user is, as an authenticating
     # proxy in front says, only from it), and so do other X-Forwarded-* names
     ("header:X-Real-IP", True, None), ("header:X-Forwarded-User", True, None),
-    ("header:X-Forwarded-User", False, "replaced or dropped"), ("header:X-Forwarded-Tenant", False, None),
+    ("header:X-Forwarded-User", False, "once trusted_proxies names it"), ("header:X-Forwarded-Tenant", False, None),
     ("header:X-User-Id", False, None),
     ("header:Host", False, None), ("cookie:session", False, None), ("cookie:lb_affinity", False, None),
     ("query:uid", False, None),
