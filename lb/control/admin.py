@@ -137,16 +137,20 @@ class LargeAnswer(web.Response):
             self._compressed_body = None
 
 
+# Linux's SIOCOUTQ (TIOCOUTQ on a socket): a TCP socket's bytes not yet acknowledged by the peer.
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
+
+
 def _unacknowledged(transport: asyncio.Transport, held: int) -> int:
     """Bytes of `transport`'s answers its client has not acknowledged: those held above the socket
     (`held`) and those the kernel has sent or holds unsent (SIOCOUTQ).  Only a client that reads makes
     this go down, and it goes down as it reads: the transport's own buffer moves only when the kernel
     takes a third of its send buffer at once, so a client reading 150 KB/s looked still for 1.5 s."""
     sock = transport.get_extra_info("socket")
-    if sock is None:
+    if sock is None or _OUTQ is None:
         return held
     try:
-        (queued,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))
+        (queued,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))
     except (OSError, ValueError):  # closed meanwhile, or not a TCP socket: what is held above it
         return held
     return held + int(queued)
