@@ -194,6 +194,9 @@ class Balancer:
         self._retired_in_series: frozenset[tuple[str, str]] = frozenset()
         self._stopping: asyncio.Task[None] | None = None
         self._stop_called = asyncio.Event()
+        # Set by a second Ctrl-C (`hurry`): what is left of the delay and the grace is not waited for.
+        self._hurried = asyncio.Event()
+        self._stop_repeated = False
         self._serving_until: float | None = None  # time.monotonic() when a stop's shutdown_delay runs out
         # Backends removed by a reload or DNS that still carry tunnels, shown in /status until they end
         # (the owner of workers keeps each one until its workers' reports say so: lb.state.retired).
@@ -966,6 +969,41 @@ class Balancer:
             self._stop_called.set()
         return self._stopping
 
+    def hurry(self) -> None:
+        """A second Ctrl-C while stopping: stop now, as servers run at a terminal do (uvicorn, compose).
+
+        What is left of `shutdown_delay` is skipped, the live tunnels get their 1001 together rather
+        than spread over what is left of `shutdown_grace`, and a handshake in flight gets its 503 (an
+        answer still streaming is cut). Workers are told the same way (SIGINT: they are in a session
+        of their own, so only their owner sends it).
+        """
+        if (not self.stop_asked and self._stopping is None) or self._hurried.is_set():
+            return
+        self._hurried.set()
+        log.warning("stopping now (a second SIGINT): live tunnels get 1001 at once, handshakes in flight 503")
+        if self._supervisor is not None:
+            self._supervisor.hurry()
+
+    def stop_repeated(self) -> None:
+        """Another SIGTERM or SIGQUIT while stopping: said once (a supervisor that repeats its signal
+        must not fill the log), so that an operator at a terminal knows how to stop now."""
+        if not self._stop_repeated:
+            self._stop_repeated = True
+            log.info("already stopping; a SIGINT (Ctrl-C) stops at once")
+
+    async def _unless_hurried(self, within: float, event: asyncio.Event | None = None) -> None:
+        """Wait `within` seconds, or less: until `event` is set, if given, or a second Ctrl-C comes."""
+        if within <= 0 or self._hurried.is_set():
+            return
+        waits = [asyncio.ensure_future(self._hurried.wait())]
+        if event is not None:
+            waits.append(asyncio.ensure_future(event.wait()))
+        try:
+            await asyncio.wait(waits, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+
     @property
     def shutting_down(self) -> bool:
         return self._stopping is not None
@@ -1046,7 +1084,9 @@ class Balancer:
             )
         elif timeouts.shutdown_delay > 0:
             log.info("shutting down: /readyz answers 503; still serving for %gs", timeouts.shutdown_delay)
-            await asyncio.sleep(timeouts.shutdown_delay)
+            await self._unless_hurried(timeouts.shutdown_delay)
+            if self._hurried.is_set():
+                self._serving_until = time.monotonic()  # /healthz: no longer serving from here
         log.info("shutting down: no longer accepting connections")
         self.ctx.accepting = False
         spread_until = asyncio.get_running_loop().time() + timeouts.shutdown_grace
@@ -1070,6 +1110,7 @@ class Balancer:
                 if isinstance(listening.server, AcceptingServer)
             ),
             streaming_within=timeouts.shutdown_grace,
+            hurried=self._hurried.is_set,
         ))
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -1102,9 +1143,8 @@ class Balancer:
         ctx = self.ctx
         if not ctx.tunnels:
             return
-        ctx.all_tunnels_closed = asyncio.Event()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ctx.all_tunnels_closed.wait(), within)
+        ctx.all_tunnels_closed = closed = asyncio.Event()
+        await self._unless_hurried(within, closed)
         ctx.all_tunnels_closed = None
 
     async def _close_tunnels_spread(self, grace: float) -> None:
@@ -1126,9 +1166,7 @@ class Balancer:
         for offset, tunnel in zip(schedule, tunnels, strict=True):
             if not self.ctx.tunnels:
                 break  # every client left on its own: nothing to spread
-            wait = start + offset - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            await self._unless_hurried(start + offset - loop.time())
             tunnel.shut_down()
         await self._end_tunnels(start + grace)
 
@@ -1221,18 +1259,25 @@ async def serve(
     # a SIGTERM held there before these handlers is acted on at once.
     stop_requested = asyncio.Event()
 
-    def on_stop_signal() -> None:
-        balancer.stop_asked = True
-        stop_requested.set()
+    def on_stop_signal(signum: int) -> None:
+        if not balancer.stop_asked:
+            balancer.stop_asked = True
+            stop_requested.set()
+        elif signum == signal.SIGINT:
+            balancer.hurry()
+        else:
+            # Not a hurry: `pkill -f 'lb run'` reaches the workers, and their owner's SIGTERM then reaches
+            # them too, a second one in the course of an ordinary stop.
+            balancer.stop_repeated()
 
     # SIGQUIT too: nginx's graceful stop (its container image's STOPSIGNAL); Python's default for it ended
     # the process at once, every tunnel cut without its 1001.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        loop.add_signal_handler(signum, on_stop_signal)
+        loop.add_signal_handler(signum, on_stop_signal, signum)
     # Held since the first line of `lb run`: we stop once up.  A list, not a generator: every held stop
     # signal is taken (any() would leave the second one held).
     if any([startup_signals.take(signum) for signum in startup_signals.STOPS]):
-        on_stop_signal()
+        on_stop_signal(signal.SIGTERM)
     for signum in startup_signals.UNUSED:
         loop.add_signal_handler(signum, _ignore_signal, signum)
     try:

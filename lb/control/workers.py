@@ -247,6 +247,7 @@ class WorkerSupervisor:
         # The owner's retention (lb.state.series).
         self._stats = StatsAggregate(balancer.series.holds, balancer.series.holds_pool)
         self._stopping = False
+        self._hurried = False  # a second Ctrl-C at the owner (hurry)
         self._pusher: asyncio.Task[None] | None = None
         self._sum_stats: asyncio.TimerHandle | None = None  # a re-sum is due
         self._push_states_soon: asyncio.Handle | None = None  # a states push is due (`states_changed`)
@@ -595,6 +596,18 @@ class WorkerSupervisor:
         """An operator acted on the backend again: every worker stops closing its tunnels."""
         self.broadcast({"op": "stop_migration", "pool": pool, "backend": backend_id})
 
+    def hurry(self) -> None:
+        """A second Ctrl-C at the owner: every worker stops now too (`Balancer.hurry`); one not yet told to
+        stop is told when `stop` comes."""
+        self._hurried = True
+        if self._stopping:
+            self._signal_workers(signal.SIGINT)
+
+    def _signal_workers(self, signum: int) -> None:
+        for worker in self._workers.values():
+            if worker.process.returncode is None:
+                worker.process.send_signal(signum)
+
     async def stop(self, within: float) -> None:
         """SIGTERM every worker (each closes its tunnels gracefully), wait, then kill stragglers."""
         self._stopping = True
@@ -608,6 +621,8 @@ class WorkerSupervisor:
                 # `within`; resumed, it stops as the others do and its tunnels are closed gracefully.
                 worker.process.send_signal(signal.SIGCONT)
                 worker.process.send_signal(signal.SIGTERM)
+        if self._hurried:
+            self._signal_workers(signal.SIGINT)
         waits = [worker.process.wait() for worker in self._workers.values()]
         try:
             await asyncio.wait_for(asyncio.gather(*waits), within)

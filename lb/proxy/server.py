@@ -554,7 +554,8 @@ def client_factory(
 
 
 async def stop_in_flight(
-    ctx: ProxyContext, within: float, pending: Callable[[], int] = lambda: 0, streaming_within: float = 0.0
+    ctx: ProxyContext, within: float, pending: Callable[[], int] = lambda: 0, streaming_within: float = 0.0,
+    hurried: Callable[[], bool] = lambda: False,
 ) -> None:
     """SIGTERM: every handshake in flight gets its answer; wait up to `within` for them.
 
@@ -564,7 +565,8 @@ async def stop_in_flight(
     listeners still hold (a TLS handshake, a PROXY header arriving): each becomes a
     connection here when it completes, whose request is then refused (503) as it arrives.
     Answers still streaming to their clients then get until `streaming_within` (from the
-    start, as the tunnels get `shutdown_grace`); `abort_in_flight` ends what is left.
+    start, as the tunnels get `shutdown_grace`); `abort_in_flight` ends what is left.  Once `hurried()`
+    (a second Ctrl-C), nothing more is waited for.
     """
     for connection in list(ctx.in_flight):
         connection.shutdown()
@@ -584,7 +586,7 @@ async def stop_in_flight(
     def streaming() -> bool:
         return loop.time() < start + streaming_within and any(c.core.state != CLOSED for c in ctx.in_flight)
 
-    while handshaking() or streaming():  # noqa: ASYNC110
+    while not hurried() and (handshaking() or streaming()):  # noqa: ASYNC110
         await asyncio.sleep(0.05)
 
 

@@ -262,3 +262,60 @@ async def test_a_quiet_tls_client_that_never_answers_close_notify_does_not_hold_
             signal_balancer(lb, signal.SIGTERM)
             assert await wait_exit(lb, within=grace + 10) == 0  # the socket stays open, unread, meanwhile
             assert time.monotonic() - started < grace / 2, lb.logs_tail()
+
+
+LONG_GRACE = 20.0  # seconds: a stop that a second Ctrl-C must not have to wait out
+LONG_DELAY = 3.0
+
+
+@pytest.fixture(params=[1, 2], ids=["single", "workers-2"])
+def patient(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, gateways: list[Gateway]
+) -> Iterator[Balancer]:
+    with launched(tmp_path_factory, "shutdown-patient") as launcher:
+        timeouts = {"shutdown_grace": f"{LONG_GRACE:g}s", "shutdown_delay": f"{LONG_DELAY:g}s"}
+        overrides = {"timeouts": timeouts, "workers": request.param}
+        balancer = launcher.balancer(lb_config(pools={POOL: gateways}, overrides=overrides))
+        balancer.wait_states({(POOL, g.id): "up" for g in gateways})
+        yield balancer
+
+
+@pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_second_ctrl_c_stops_at_once(patient: Balancer, first: int) -> None:
+    """Ctrl-C again while stopping is "stop now", as at any server run at a terminal: the rest of the
+    delay and the grace is not waited for, every tunnel gets its 1001 together, and the exit is 0.  The
+    second signal did nothing: only the grace's end (or SIGKILL) ended it."""
+    n = 4
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = [await stack.enter_async_context(ws_connect(patient.ws_url())) for _ in range(n)]
+        for ws, _ in sockets:
+            await recv_hello(ws)
+        mark = patient.log_lines()
+        signal_balancer(patient, first)
+        await wait_for_log(patient, "shutting down: /readyz answers 503", after=mark)
+        await asyncio.sleep(0.5)
+        sent = time.monotonic()
+        signal_balancer(patient, signal.SIGINT)
+        closes = await asyncio.gather(*(wait_close(ws, 5 * UNIT) for ws, _ in sockets))
+    assert all(c.code == 1001 for c in closes), closes
+    assert max(c.at for c in closes) - sent < 2 * UNIT, [c.at - sent for c in closes]
+    assert await wait_exit(patient, 5 * UNIT) == 0
+    assert time.monotonic() - sent < LONG_DELAY + 2 * UNIT
+    assert "stopping now" in patient.log_text() and "Traceback" not in patient.log_text(), patient.logs_tail()
+
+
+async def test_a_second_sigterm_is_not_a_hurry_but_says_how_to_stop_now(lb: Balancer) -> None:
+    """`pkill -f 'lb run'` and a supervisor that repeats itself send SIGTERM twice in an ordinary stop: the
+    tunnels still get their grace.  The log says, once, what would stop at once."""
+    async with ws_connect(lb.ws_url()) as (ws, _):
+        await recv_hello(ws)
+        sent = time.monotonic()
+        for _ in range(3):
+            signal_balancer(lb, signal.SIGTERM)
+            await asyncio.sleep(0.1)
+        await wait_for_log(lb, "already stopping")
+        await assert_echo(ws, "the grace goes on")
+        closed = await wait_close(ws, GRACE + 5 * UNIT)
+    assert closed.code == 1001 and closed.at - sent >= 0.9 * GRACE, (closed, closed.at - sent)
+    assert await wait_exit(lb, CLOSE_LINGER + 5 * UNIT) == 0
+    assert lb.log_text().count("already stopping") == 1, lb.logs_tail()
