@@ -162,20 +162,22 @@ def log_tunnel_ended(
 
 
 class RateLimitSummary:
-    """Refusals a flood repeats, summarised: one line per `interval` instead of one per refusal.
+    """Refusals a flood repeats: each logged as it happens up to a rate, past it summarised.
 
     A client hammering the handshake rate limit (429), or a storm beyond
     limits.max_connections (503), would otherwise turn every refusal into a log line
-    (a log flood is a second denial of service).  The first refusal of a quiet spell
-    is logged as it happens; the ones after it are counted and reported in one
-    `event` line once `interval` has passed (`tick`, every second, or the next
-    refusal).  That line names the request ids of the first MAX_IDS it counts, so
-    an error answer of a short burst is still found in the log by its id.  The
-    count of every refusal is also in lb_rejected_requests_total{status}.
+    (a log flood is a second denial of service).  Refusals get their own request line,
+    as every answer does, while a bucket of LINES_BURST lines refilled at LINES_PER_SECOND
+    lasts (so the refusals of an ordinary burst are each found by their request id at once);
+    past it they are counted and reported in one `event` line once `interval` has passed
+    (`tick`, every second, or the next refusal), which names the request ids of the first
+    MAX_IDS it counts.  The count of every refusal is also in lb_rejected_requests_total{status}.
     """
 
     MAX_ADDRESSES: ClassVar[int] = 1024  # distinct addresses remembered per interval; past that only counted
     MAX_IDS: ClassVar[int] = 32  # request ids a summary names (17 bytes each: the line stays a few hundred)
+    LINES_BURST: ClassVar[float] = 128.0  # refusals logged one by one at once, after a quiet spell
+    LINES_PER_SECOND: ClassVar[float] = 16.0  # and then, in a flood: some 3 KB/s of log at most
 
     def __init__(
         self, interval: float = 10.0, *, status: int = 429, reason: str = "handshake_rate_limited",
@@ -185,7 +187,9 @@ class RateLimitSummary:
         self.status = status
         self.reason = reason
         self.event = event
-        self._since: float | None = None
+        self._lines = self.LINES_BURST  # the bucket: refusals that may still be logged one by one
+        self._filled_at: float | None = None
+        self._since: float | None = None  # when the refusals being counted began
         self._count = 0
         self._addresses: dict[str, int] = {}
         self._ids: list[str] = []
@@ -193,15 +197,22 @@ class RateLimitSummary:
     def note(
         self, client: str, now: float, request_id: str, *, client_port: int = 0, method: str = "-", path: str = "-"
     ) -> None:
-        """One refusal to `client` at `now` (any monotonic-enough clock, the caller's); the first of a
-        spell gets its own request line, with the fields every request line has."""
-        if self._since is None or now - self._since >= self.interval:
+        """One refusal to `client` at `now` (any monotonic-enough clock, the caller's): its own request line,
+        with the fields every request line has, while the bucket lasts; else counted for the summary."""
+        if self._filled_at is not None:
+            self._lines = min(self.LINES_BURST, self._lines + max(0.0, now - self._filled_at) * self.LINES_PER_SECOND)
+        self._filled_at = now
+        if self._since is not None and now - self._since >= self.interval:
             self._flush(now)
-            self._since = now
+            self._since = None
+        if self._lines >= 1.0:
+            self._lines -= 1.0
+            note = f"further {self.status}s summarised every {self.interval:g}s" if self._lines < 1.0 else None
             log_request(client=client, client_port=client_port, method=method, path=path, status=self.status,
-                        reason=self.reason, request_id=request_id,
-                        note=f"further {self.status}s summarised every {self.interval:g}s")
+                        reason=self.reason, request_id=request_id, **({"note": note} if note else {}))
             return
+        if self._since is None:
+            self._since = now
         self._count += 1
         if client in self._addresses or len(self._addresses) < self.MAX_ADDRESSES:
             self._addresses[client] = self._addresses.get(client, 0) + 1
@@ -213,7 +224,7 @@ class RateLimitSummary:
         without waiting for another refusal."""
         if self._since is not None and (final or now - self._since >= self.interval):
             self._flush(now)
-            self._since = None  # the next refusal begins a new spell, and is logged as it happens
+            self._since = None  # the next refusal past the bucket begins a new count
 
     def _flush(self, now: float) -> None:
         """Log what the interval counted, if anything (and the access log is on); then start counting afresh."""

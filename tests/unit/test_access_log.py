@@ -1,5 +1,5 @@
-"""Access log: 429s are summarised, not logged one by one (issue 8), naming the first ids they answered (SPEC
-part 2: an error answer's request id is in the log); the handshake lines' fast rendering."""
+"""Access log: 429s are logged one by one up to a rate, past it summarised (issue 8), naming the first ids they
+answered (SPEC part 2: an error answer's request id is in the log); the handshake lines' fast rendering."""
 
 from __future__ import annotations
 
@@ -24,82 +24,111 @@ def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "lb.access"]
 
 
-def test_a_flood_of_429s_is_one_line_then_one_summary_per_interval(caplog: pytest.LogCaptureFixture) -> None:
-    """The first 429 is logged; the next ones are counted and reported once the interval has passed."""
+BURST = int(RateLimitSummary.LINES_BURST)
+RATE = RateLimitSummary.LINES_PER_SECOND
+
+
+def test_an_ordinary_burst_of_429s_is_logged_one_line_each(caplog: pytest.LogCaptureFixture) -> None:
+    """SPEC part 2: an error answer's request id is one the log carries.  A burst within the bucket gets a
+    request line per refusal, at once (the summary named only 32 of them, 10 s later)."""
     summary = RateLimitSummary(interval=10.0)
     with caplog.at_level(logging.INFO, logger="lb.access"):
-        summary.note("198.51.100.1", 100.0, "r1", client_port=4242, method="GET", path="/ws?x=1")
-        for i in range(500):
-            summary.note("198.51.100.1" if i % 5 else "198.51.100.2", 100.0 + i / 100, f"r{i + 2}")
-        assert len(lines(caplog)) == 1
-        # The fields every request line has (the head was read before the rate was checked).
-        assert 'client_port=4242 method=GET path="/ws?x=1" status=429' in lines(caplog)[0]
+        for i in range(BURST):
+            summary.note("198.51.100.1", 100.0, f"r{i}", client_port=4242, method="GET", path="/ws?x=1")
+        summary.tick(200.0)
+    logged = lines(caplog)
+    assert len(logged) == BURST and all(f"request_id=r{i}" in line for i, line in enumerate(logged))
+    # The fields every request line has (the head was read before the rate was checked).
+    assert 'client_port=4242 method=GET path="/ws?x=1" status=429' in logged[0]
+    assert "note=" not in logged[0] and "further 429s summarised every 10s" in logged[-1]
+
+
+def test_a_flood_of_429s_is_held_to_the_bucket_then_one_summary_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """Past the bucket, refusals are counted and reported once the interval has passed; the bucket refills at
+    LINES_PER_SECOND meanwhile, so a flood logs that many lines a second, not one per refusal."""
+    summary = RateLimitSummary(interval=10.0)
+    flood = BURST + 1000
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        for i in range(flood):  # over 5 s
+            summary.note("198.51.100.1" if i % 5 else "198.51.100.2", 100.0 + 5 * i / flood, f"r{i}")
+        one_by_one = len(lines(caplog))
+        assert BURST + 5 * RATE - 2 <= one_by_one <= BURST + 5 * RATE + 1, one_by_one
         summary.note("198.51.100.3", 111.0, "last")
     logged = lines(caplog)
-    assert len(logged) == 3
-    assert "event=rate_limited count=500 addresses=2 top_client=198.51.100.1 top_count=400" in logged[1]
-    assert "request_id=last" in logged[2]
+    assert len(logged) == one_by_one + 2
+    assert f"event=rate_limited count={flood - one_by_one} addresses=2 top_client=198.51.100.1" in logged[-2]
+    assert "request_id=last" in logged[-1]
+
+
+def _drain(summary: RateLimitSummary, now: float) -> None:
+    """Empty the bucket of one-by-one lines at `now`."""
+    for i in range(BURST):
+        summary.note("198.51.100.250", now, f"d{i}")
 
 
 def test_a_storm_beyond_max_connections_is_summarised_the_same_way(caplog: pytest.LogCaptureFixture) -> None:
     summary = RateLimitSummary(interval=10.0, status=503, reason="too_many_connections", event="over_max_connections")
     with caplog.at_level(logging.INFO, logger="lb.access"):
-        for i in range(300):
-            summary.note(f"198.51.100.{i % 7}", 100.0 + i / 100, f"r{i}")
+        _drain(summary, 100.0)
+        assert "status=503 reason=too_many_connections request_id=d0" in lines(caplog)[0]
+        for i in range(299):
+            summary.note(f"198.51.100.{i % 7}", 100.0, f"r{i}")
         summary.note("198.51.100.9", 111.0, "last")
-    logged = lines(caplog)
-    assert len(logged) == 3
-    assert "status=503 reason=too_many_connections request_id=r0" in logged[0]
-    assert logged[1].startswith("event=over_max_connections count=299 addresses=7 ")
-    assert "status=503" in logged[2] and "request_id=last" in logged[2]
+    logged = lines(caplog)[BURST:]
+    assert len(logged) == 2
+    assert logged[0].startswith("event=over_max_connections count=299 addresses=7 ")
+    assert "status=503" in logged[1] and "request_id=last" in logged[1]
 
 
 def test_a_summary_names_the_first_request_ids_it_counts(caplog: pytest.LogCaptureFixture) -> None:
-    """A burst's error answers are found in the log by their ids: the summary lists the first MAX_IDS."""
+    """A flood's error answers past the bucket are found in the log by their ids: the summary lists the first
+    MAX_IDS."""
     summary = RateLimitSummary(interval=10.0)
     ids = [f"{i:016x}" for i in range(100)]
     with caplog.at_level(logging.INFO, logger="lb.access"):
-        for i, request_id in enumerate(ids):
-            summary.note("198.51.100.1", 100.0 + i / 100, request_id)
+        _drain(summary, 100.0)
+        for request_id in ids:
+            summary.note("198.51.100.1", 100.0, request_id)
         summary.tick(111.0)
-    first, summarised = lines(caplog)
-    assert f"request_id={ids[0]}" in first
-    assert "count=99 " in summarised
-    assert f"request_ids={','.join(ids[1 : 1 + RateLimitSummary.MAX_IDS])} " in summarised + " "
+    (summarised,) = lines(caplog)[BURST:]
+    assert "count=100 " in summarised
+    assert f"request_ids={','.join(ids[: RateLimitSummary.MAX_IDS])} " in summarised + " "
     assert len(summarised) < 1000
 
 
 def test_a_summary_is_reported_when_its_interval_ends_not_at_the_next_refusal(caplog: pytest.LogCaptureFixture) -> None:
-    """`tick` (every second, from the balancer) reports a burst that is over; the next refusal starts afresh."""
+    """`tick` (every second, from the balancer) reports a flood that is over; the next refusal, the bucket
+    refilled, is logged as it happens."""
     summary = RateLimitSummary(interval=10.0)
     with caplog.at_level(logging.INFO, logger="lb.access"):
+        _drain(summary, 100.0)
         for i in range(5):
-            summary.note("198.51.100.1", 100.0 + i, f"r{i}")
+            summary.note("198.51.100.1", 100.0, f"r{i}")
         summary.tick(109.9)
-        assert len(lines(caplog)) == 1, "not before the interval has passed"
+        assert len(lines(caplog)) == BURST, "not before the interval has passed"
         summary.tick(110.0)
-        assert len(lines(caplog)) == 2 and "count=4 " in lines(caplog)[1]
+        assert len(lines(caplog)) == BURST + 1 and "count=5 " in lines(caplog)[-1]
         summary.tick(130.0)
-        assert len(lines(caplog)) == 2, "said once"
+        assert len(lines(caplog)) == BURST + 1, "said once"
         summary.note("198.51.100.2", 300.0, "next")
-    assert "request_id=next" in lines(caplog)[2] and "status=429" in lines(caplog)[2]
+    assert "request_id=next" in lines(caplog)[-1] and "status=429" in lines(caplog)[-1]
 
 
 def test_a_stopping_balancer_reports_what_the_interval_counted_so_far(caplog: pytest.LogCaptureFixture) -> None:
     summary = RateLimitSummary(interval=10.0)
     with caplog.at_level(logging.INFO, logger="lb.access"):
-        summary.note("198.51.100.1", 100.0, "r0")
-        summary.note("198.51.100.1", 101.0, "r1")
-        summary.tick(102.0, final=True)
-    assert "count=1 " in lines(caplog)[1] and "request_ids=r1" in lines(caplog)[1]
+        _drain(summary, 100.0)
+        summary.note("198.51.100.1", 100.0, "r1")
+        summary.tick(100.01, final=True)
+    assert "count=1 " in lines(caplog)[-1] and "request_ids=r1" in lines(caplog)[-1]
 
 
 def test_addresses_remembered_are_bounded() -> None:
     """A flood from many addresses counts them all but remembers at most MAX_ADDRESSES."""
     summary = RateLimitSummary(interval=1e9)
-    summary.note("first", 0.0, "r")
+    _drain(summary, 0.0)
     for i in range(5 * RateLimitSummary.MAX_ADDRESSES):
-        summary.note(f"10.0.{i // 256}.{i % 256}", 1.0, "r")
+        summary.note(f"10.0.{i // 256}.{i % 256}", 0.0, "r")  # the same moment: the bucket stays empty
     assert summary._count == 5 * RateLimitSummary.MAX_ADDRESSES
     assert len(summary._addresses) == RateLimitSummary.MAX_ADDRESSES
 
