@@ -74,6 +74,7 @@ from lb.control.dns_backends import (
     next_lookup_in,
     retry_lookup_in,
 )
+from lb.control.hosts_file import HostsFile
 from lb.log import Throttle
 from lb.state.series import REMOVED_POOLS_KEPT
 
@@ -136,8 +137,10 @@ class ThreadedResolver:
     (its budget passed, a reload) leaves its queries to end within the resolver's lifetime.
     """
 
-    def __init__(self, resolver: dns.resolver.Resolver) -> None:
+    def __init__(self, resolver: dns.resolver.Resolver, hosts: HostsFile | None = None) -> None:
         self.sync = resolver
+        # The system resolver's: a name /etc/hosts lists is answered from it, and DNS is not asked.
+        self.hosts = hosts
         # The same resolver without EDNS0, for a nameserver that does not speak it (`_resolve`).
         self._plain = copy.copy(resolver)
         self._plain.use_edns(False)
@@ -195,7 +198,8 @@ def edns_refused_by(exc: dns.exception.DNSException) -> str | None:
 
 
 def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:
-    """A resolver for the configured nameservers (host:port), or the system's (/etc/resolv.conf)."""
+    """A resolver for the configured nameservers (host:port), or the system's (/etc/hosts, then the
+    nameservers of /etc/resolv.conf, as the C library's `hosts: files dns`)."""
     if not config.nameservers:
         try:
             resolver = dns.resolver.Resolver()
@@ -215,7 +219,7 @@ def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:
     # addresses): without it an answer past 512 bytes (about 5) came truncated and was asked again over
     # TCP/53, which many NetworkPolicies and firewalls do not let through.  Larger answers still go over TCP.
     resolver.use_edns(0, 0, EDNS_PAYLOAD)
-    return ThreadedResolver(resolver)
+    return ThreadedResolver(resolver, None if config.nameservers else HostsFile())
 
 
 # The UDP answer size offered: the largest that needs no IP fragment on common paths (DNS Flag Day 2020,
@@ -400,6 +404,10 @@ async def _addresses(
         dns.exception.DNSException, OSError: a query got no answer (timeout, SERVFAIL or REFUSED from
             every nameserver, a malformed answer, a network error): DNS said nothing about `name`.
     """
+    listed = resolver.hosts.addresses(name) if resolver.hosts is not None else ()
+    if listed:  # the system resolver answers from /etc/hosts first, with no TTL: asked again each interval
+        ipv4 = [address for address in listed if ":" not in address]
+        return (ipv4 if a_decides and ipv4 else list(listed)), None, None
     found: list[str] = []
     ttls: list[float] = []
     for rdtype in ("A", "AAAA"):

@@ -311,6 +311,33 @@ async def test_a_records_give_ip_port_backends(launcher: Launcher, zone: ZoneSer
             g.stop()
 
 
+async def test_the_system_resolver_answers_localhost_from_the_hosts_file(launcher: Launcher, tmp_path: Path) -> None:
+    """SPEC part 2: `nameservers: []` is the system resolver, which answers a name /etc/hosts lists (NSS
+    `files dns`): `dns: localhost` found no backend (NXDOMAIN from resolv.conf's nameserver)."""
+    import socket
+
+    listed = {info[4][0] for info in socket.getaddrinfo("localhost", None, type=socket.SOCK_STREAM)}
+    if "127.0.0.1" not in listed:
+        pytest.skip(f"this host's resolver does not give localhost 127.0.0.1 ({sorted(listed)})")
+    gateway = Gateway("gw-local", tmp_path, host="127.0.0.1", port=free_port())
+    try:
+        gateway.launch()
+        gateway.wait_ready()
+        config = lb_config(pools={"gateways": []})
+        pool = config["pools"]["gateways"]
+        del pool["backends"]
+        pool["discovery"] = {"dns": "localhost", "type": "a", "port": gateway.port, "interval": "200ms"}
+        lb = launcher.balancer(config)
+        backend_id = f"127.0.0.1:{gateway.port}"
+        await wait_status(lb, lambda s: backend_id in ids(s), "localhost's 127.0.0.1 as a backend")
+        await wait_for_state(lb, "gateways", backend_id, "up")
+        assert (await visit(lb.ws_url())).server_id == "gw-local"
+        data = await status(lb)
+        assert data["pools"]["gateways"]["discovery"]["last_error"] is None, data["pools"]["gateways"]["discovery"]
+    finally:
+        gateway.stop()
+
+
 async def test_a_name_that_resolves_to_the_balancer_itself_is_no_backend(
     launcher: Launcher, zone: ZoneServer, tmp_path: Path
 ) -> None:

@@ -40,6 +40,8 @@ def answer(name: str, rdtype: str, *texts: str) -> dns.resolver.Answer:
 class ScriptedResolver:
     """Answers (name, rdtype) from `script`: an Answer, or an exception to raise.  Records every query."""
 
+    hosts = None  # configured nameservers: no hosts file is read
+
     def __init__(self) -> None:
         self.script: dict[tuple[str, str], dns.resolver.Answer | BaseException] = {}
         self.queries: list[tuple[str, str]] = []
