@@ -708,7 +708,9 @@ def _pool(name: str, value: object, path: str, check: Checker) -> PoolConfig | N
     # A pool needs backends from somewhere: a static list, DNS, or both.
     backends_value = value_at(node, "backends", path, check, required=not discovered,
                               instead="a pool needs backends, a discovery, or both")
-    backends = () if backends_value is None else _backends(backends_value, join_path(path, "backends"), check)
+    # `backends: []` beside a discovery is "none static" (what a template emits), as the key left out is.
+    none_static = backends_value is None or (discovered and backends_value == [])
+    backends = () if none_static else _backends(backends_value, join_path(path, "backends"), check)
     # Each check across keys runs once the keys it reads parsed (or are absent): judged even when
     # another key is wrong, never on a wrong one.
     balance = kwargs.get("balance")

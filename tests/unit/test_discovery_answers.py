@@ -348,6 +348,21 @@ def test_discovery_alone_is_a_pool(tmp_path: Path) -> None:
     assert (pool.discovery.type, pool.discovery.interval, pool.discovery.nameservers) == (DiscoveryType.SRV, 5.0, ())
 
 
+@pytest.mark.parametrize("backends", [[], None], ids=["empty list", "null"])
+def test_discovery_beside_an_empty_backends_list_is_a_pool(tmp_path: Path, backends: list[Any] | None) -> None:
+    """SPEC: discovery "instead of (or besides)" a static list; a template emits `backends: []` for none, which
+    was refused ("expected at least one backend") where the key left out passed."""
+    tree = base_tree({"backends": backends, "discovery": {"dns": SERVICE}})
+    pool = parse_config(yaml.safe_dump(tree), base_dir=tmp_path, environ={}).pools["gateways"]
+    assert pool.backends == () and pool.discovery is not None
+
+
+def test_an_empty_backends_list_without_discovery_is_still_refused(tmp_path: Path) -> None:
+    assert problems(base_tree({"backends": []}), tmp_path) == {
+        "pools.gateways.backends": "expected at least one backend"
+    }
+
+
 def test_discovery_full(tmp_path: Path) -> None:
     tree = base_tree({
         "backends": [{"id": "gw-static", "address": "127.0.0.1:9000"}],
