@@ -170,7 +170,7 @@ class Balancer:
         self.registry = make_registry(
             lambda: self.ctx, lambda: self.reloads,
             (lambda: self._supervisor.pids() if self._supervisor is not None else []) if role is Role.OWNER else None,
-            retired=self.retired_backends, departed=self.series.departed_everywhere,
+            retired=self.retired_backends, departed=self._departed_series,
             workers=self._worker_counts if role is Role.OWNER else None,
         )
         # /readyz: True once every listener is open, False again from SIGTERM on.
@@ -906,6 +906,14 @@ class Balancer:
                     backend.reason = reason
                     backend.changed_at = time.time()
                     self._retired.retire(name, backend, provisional=provisional)
+
+    def _departed_series(self) -> list[tuple[str, str]]:
+        """The departed backends /metrics shows: those the series retention keeps, and a removed one whose
+        last tunnel has ended since the retention last counted it present (`_each_second` recounts).
+        Until then it was in neither, and a scrape within that second missed its series (Prometheus
+        marks such a series stale: one gap in a counter that never went away)."""
+        retired = self._retired_in_series
+        return [*self.series.departed_everywhere(), *retired] if retired else self.series.departed_everywhere()
 
     def _forget_departed_series(self) -> None:
         """After the pools changed (start, DNS, reload): keep the series of the backends they hold, of

@@ -610,6 +610,43 @@ async def test_truncated_answers_keep_the_set_and_show_the_error(launcher: Launc
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+async def test_a_removed_backend_s_series_show_through_its_last_tunnel_s_end(launcher: Launcher, workers: int) -> None:
+    """A reload removes gw-2 while a tunnel runs there; the tunnel ends.  Its series are kept (README: the
+    departed ones' bound), and every scrape shows them: between the last tunnel's end and the next second's
+    recount they were in no list /metrics reads, and a scrape then missed them (stale in Prometheus)."""
+    gw1, gw2 = launcher.gateways(2)
+    config = lb_config(pools={"gateways": [gw1, gw2]}, overrides={"workers": workers})
+    lb = launcher.balancer(config)
+    lb.wait_states({("gateways", g.id): "up" for g in (gw1, gw2)})
+    pinned = await visit_until(lb.ws_url(), "gw-2", tries=8)
+    assert pinned.cookie is not None
+
+    def gw2_handshakes(text: str) -> float | None:
+        return metric(text, "lb_backend_handshakes_total", pool="gateways", backend="gw-2")
+
+    async with ws_connect(lb.ws_url(), cookie=pinned.cookie.value) as (ws, _):
+        assert (await recv_hello(ws))["server_id"] == "gw-2"
+        await wait_until(lambda: _counted(lb, gw2_handshakes, 2), within=5 * UNIT, what="gw-2's two handshakes")
+        removed = dict(lb.config)
+        removed["pools"] = {"gateways": {**config["pools"]["gateways"], "backends": [
+            {"id": gw1.id, "address": gw1.address}]}}
+        await reload_with(lb, removed, expect="reloaded configuration")
+        await asyncio.sleep(0.6)  # every worker has applied it
+    missing = 0
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        if gw2_handshakes(await metrics_text(lb)) is None:
+            missing += 1
+        await asyncio.sleep(0.02)
+    assert missing == 0, f"gw-2's series missing from {missing} scrapes after its last tunnel ended"
+    assert (gw2_handshakes(await metrics_text(lb)) or 0) >= 2
+
+
+async def _counted(lb: Balancer, read: Any, at_least: float) -> bool:
+    return (read(await metrics_text(lb)) or 0) >= at_least
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_a_backend_that_leaves_and_comes_back_counts_on(
     launcher: Launcher, zone: ZoneServer, workers: int
 ) -> None:
