@@ -146,15 +146,25 @@ def _descriptor_advice(config: Config, descriptors: int) -> list[str]:
     workers = max(1, config.workers)
     per_process = -(-config.limits.max_connections // workers)  # a worker's share, rounded up
     reserve = DESCRIPTOR_RESERVE + _most_backends(config)
-    if any(listener.tls is not None or listener.proxy_protocol for listener in config.listeners):
-        # Those listeners answer an overflow past the limit with a 503, one descriptor each while its
-        # handshake runs (ProxyContext.sheds).
-        reserve += over_limit_answered(per_process, workers)
+    # TLS and PROXY-protocol listeners answer an overflow past the limit with a 503, one descriptor each
+    # while its handshake runs (ProxyContext.sheds).  Only past the limit: when the descriptors run out
+    # first, there is no such overflow to count (a shed reserve of 5,000 said "past about 0").
+    shed = (over_limit_answered(per_process, workers)
+            if any(listener.tls is not None or listener.proxy_protocol for listener in config.listeners) else 0)
     # Each client connection holds two descriptors while it lasts: its own and its backend's.
-    if 2 * per_process + reserve <= descriptors:
+    if 2 * per_process + reserve + shed <= descriptors:
         return []
     fits = max(0, (descriptors - reserve) // 2)
     each = f" ({per_process} for each of {workers} workers)" if workers > 1 else ""
+    if fits >= per_process:
+        room = descriptors - reserve - 2 * per_process
+        return [
+            f"limits.max_connections is {config.limits.max_connections}{each} and fits the {descriptors} "
+            "descriptors a process may open (RLIMIT_NOFILE), but TLS and PROXY-protocol listeners answer "
+            f"the {shed} connections past it with a 503, one descriptor each, and only {room} of those fit: "
+            "past them new clients are closed without an answer; raise the limit (ulimit -n, systemd "
+            "LimitNOFILE=, the container runtime's nofile) or lower limits.max_connections"
+        ]
     return [
         f"limits.max_connections is {config.limits.max_connections}{each}, but a process may open only "
         f"{descriptors} descriptors (RLIMIT_NOFILE) and each client connection holds two, its own and its "

@@ -181,6 +181,31 @@ def test_max_connections_beyond_the_descriptor_limit_says_where_clients_start_fa
     assert advice(limited(tmp_path, 50000)) == [], "the limit unknown (lb validate): nothing said"
 
 
+def proxied_limited(tmp_path: Path, max_connections: int) -> Config:
+    text = f"""
+listeners: [{{bind: "127.0.0.1:0", proxy_protocol: true}}]
+admin: {{token: {TOKEN}}}
+affinity: {{secret_keys: [{KEY}]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
+limits: {{max_connections: {max_connections}}}
+"""
+    return parse_config(text, base_dir=tmp_path, environ={})
+
+
+def test_on_a_proxy_listener_where_clients_fail_does_not_count_an_overflow_that_never_comes(tmp_path: Path) -> None:
+    """The 503s past the limit (a tenth of it, at least 64) need descriptors only past the limit: 300 descriptors
+    and max_connections 50,000 said "past about 0 connections" where 117 fit (a hostile pass opened 141)."""
+    (sentence,) = advice(proxied_limited(tmp_path, 50000), descriptors=300)
+    assert "past about 117 connections per process" in sentence
+    # The limit's own connections fit; the 64 answered past it do not all: said as that.
+    (sentence,) = advice(proxied_limited(tmp_path, 100), descriptors=300)
+    assert sentence.startswith("limits.max_connections is 100 and fits the 300 descriptors")
+    assert "answer the 64 connections past it with a 503" in sentence and "only 35 of those fit" in sentence
+    assert advice(proxied_limited(tmp_path, 100), descriptors=300 + 64 - 35) == []
+    assert advice(proxied_limited(tmp_path, 100), descriptors=300 + 64 - 36) != []
+
+
 def test_with_workers_each_process_needs_descriptors_for_its_share(tmp_path: Path) -> None:
     assert advice(limited(tmp_path, 1916, workers=4), descriptors=1024) == []  # 479 each
     (sentence,) = advice(limited(tmp_path, 1917, workers=4), descriptors=1024)
