@@ -53,16 +53,25 @@ def lb(tmp_path_factory: pytest.TempPathFactory, gateways: list[Gateway]) -> Ite
         yield balancer
 
 
+def stopping_slowly(
+    tmp_path_factory: pytest.TempPathFactory, gateways: list[Gateway], name: str, *, grace: float, delay: float,
+    workers: int,
+) -> Iterator[Balancer]:
+    """A balancer with this shutdown delay and grace (seconds) and `workers`, its gateways up."""
+    with launched(tmp_path_factory, name) as launcher:
+        timeouts = {"shutdown_grace": f"{int(grace * 1000)}ms", "shutdown_delay": f"{int(delay * 1000)}ms"}
+        overrides = {"timeouts": timeouts, "workers": workers}
+        balancer = launcher.balancer(lb_config(pools={POOL: gateways}, overrides=overrides))
+        balancer.wait_states({(POOL, g.id): "up" for g in gateways})
+        yield balancer
+
+
 @pytest.fixture(params=[1, 2], ids=["single", "workers-2"])
 def delayed(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, gateways: list[Gateway]
 ) -> Iterator[Balancer]:
-    with launched(tmp_path_factory, "shutdown-delay") as launcher:
-        timeouts = {"shutdown_grace": f"{int(GRACE * 1000)}ms", "shutdown_delay": f"{int(DELAY * 1000)}ms"}
-        overrides = {"timeouts": timeouts, "workers": request.param}
-        balancer = launcher.balancer(lb_config(pools={POOL: gateways}, overrides=overrides))
-        balancer.wait_states({(POOL, g.id): "up" for g in gateways})
-        yield balancer
+    yield from stopping_slowly(tmp_path_factory, gateways, "shutdown-delay", grace=GRACE, delay=DELAY,
+                               workers=request.param)
 
 
 async def admin_code(lb: Balancer, path: str) -> int:
@@ -272,12 +281,8 @@ LONG_DELAY = 3.0
 def patient(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, gateways: list[Gateway]
 ) -> Iterator[Balancer]:
-    with launched(tmp_path_factory, "shutdown-patient") as launcher:
-        timeouts = {"shutdown_grace": f"{LONG_GRACE:g}s", "shutdown_delay": f"{LONG_DELAY:g}s"}
-        overrides = {"timeouts": timeouts, "workers": request.param}
-        balancer = launcher.balancer(lb_config(pools={POOL: gateways}, overrides=overrides))
-        balancer.wait_states({(POOL, g.id): "up" for g in gateways})
-        yield balancer
+    yield from stopping_slowly(tmp_path_factory, gateways, "shutdown-patient", grace=LONG_GRACE, delay=LONG_DELAY,
+                               workers=request.param)
 
 
 @pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
