@@ -15,11 +15,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import stat as stat_mode
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-log = logging.getLogger("lb.discovery")
+log = logging.getLogger(__name__)
 
 HOSTS_PATH = Path("/etc/hosts")
 MAX_HOSTS_BYTES = 1 << 20  # a hosts file past this is read no further (real ones are a few hundred bytes)
@@ -77,6 +78,9 @@ class HostsFile:
             return
         seen = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if seen == self._seen:
+            return
+        if not stat_mode.S_ISREG(stat.st_mode):  # a FIFO or a device would block the loop's read
+            self._seen, self._table = seen, {}
             return
         try:
             with open(self.path, "rb") as file:

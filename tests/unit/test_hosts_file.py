@@ -70,6 +70,15 @@ def test_a_huge_file_is_read_no_further_than_its_cap(tmp_path: Path) -> None:
     assert hosts.addresses("first") == ("10.9.9.9",) and hosts.addresses("last") == ()
 
 
+def test_a_fifo_in_its_place_is_not_read(tmp_path: Path) -> None:
+    """A read of a FIFO with no writer would block the event loop for good."""
+    import os
+
+    path = tmp_path / "hosts"
+    os.mkfifo(path)
+    assert HostsFile(path).addresses("localhost") == ()
+
+
 def _system_resolver(hosts: HostsFile) -> discovery.ThreadedResolver:
     """The system resolver's shape with no nameserver to ask: a query that reached DNS would fail."""
     resolver = dns.resolver.Resolver(configure=False)
