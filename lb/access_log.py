@@ -161,6 +161,38 @@ def log_tunnel_ended(
                       bytes_in=bytes_in, bytes_out=bytes_out, request_id=request_id)
 
 
+class LineBucket:
+    """Lines a flood may still write one by one: `burst` at once after a quiet spell, refilled at
+    `per_second` (a token bucket).  Past it the caller counts instead of logging: every event an
+    ordinary burst brings (a refused request, a wrong token) keeps its own line, and a flood writes
+    `per_second` lines a second at most, not one per event (a log flood is a second denial of service).
+    """
+
+    __slots__ = ("burst", "filled_at", "lines", "per_second")
+
+    def __init__(self, burst: float = 128.0, per_second: float = 16.0) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self.lines = burst
+        self.filled_at: float | None = None
+
+    def take(self, now: float) -> bool:
+        """True: write this line (one is taken from the bucket); False: count it.  `now`: the caller's
+        monotonic clock."""
+        if self.filled_at is not None:
+            self.lines = min(self.burst, self.lines + max(0.0, now - self.filled_at) * self.per_second)
+        self.filled_at = now
+        if self.lines >= 1.0:
+            self.lines -= 1.0
+            return True
+        return False
+
+    @property
+    def empty(self) -> bool:
+        """No line left until the next refill: the last `take` was the last one for now."""
+        return self.lines < 1.0
+
+
 class RateLimitSummary:
     """Refusals a flood repeats: each logged as it happens up to a rate, past it summarised.
 
@@ -177,7 +209,7 @@ class RateLimitSummary:
     MAX_ADDRESSES: ClassVar[int] = 1024  # distinct addresses remembered per interval; past that only counted
     MAX_IDS: ClassVar[int] = 32  # request ids a summary names (17 bytes each: the line stays a few hundred)
     LINES_BURST: ClassVar[float] = 128.0  # refusals logged one by one at once, after a quiet spell
-    LINES_PER_SECOND: ClassVar[float] = 16.0  # and then, in a flood: some 3 KB/s of log at most
+    LINES_PER_SECOND: ClassVar[float] = 16.0  # and then, in a flood: some 3 KB/s of log at most (LineBucket)
 
     def __init__(
         self, interval: float = 10.0, *, status: int = 429, reason: str = "handshake_rate_limited",
@@ -187,8 +219,7 @@ class RateLimitSummary:
         self.status = status
         self.reason = reason
         self.event = event
-        self._lines = self.LINES_BURST  # the bucket: refusals that may still be logged one by one
-        self._filled_at: float | None = None
+        self._lines = LineBucket(self.LINES_BURST, self.LINES_PER_SECOND)  # refusals still logged one by one
         self._since: float | None = None  # when the refusals being counted began
         self._count = 0
         self._addresses: dict[str, int] = {}
@@ -199,15 +230,11 @@ class RateLimitSummary:
     ) -> None:
         """One refusal to `client` at `now` (any monotonic-enough clock, the caller's): its own request line,
         with the fields every request line has, while the bucket lasts; else counted for the summary."""
-        if self._filled_at is not None:
-            self._lines = min(self.LINES_BURST, self._lines + max(0.0, now - self._filled_at) * self.LINES_PER_SECOND)
-        self._filled_at = now
         if self._since is not None and now - self._since >= self.interval:
             self._flush(now)
             self._since = None
-        if self._lines >= 1.0:
-            self._lines -= 1.0
-            note = f"further {self.status}s summarised every {self.interval:g}s" if self._lines < 1.0 else None
+        if self._lines.take(now):
+            note = f"further {self.status}s summarised every {self.interval:g}s" if self._lines.empty else None
             log_request(client=client, client_port=client_port, method=method, path=path, status=self.status,
                         reason=self.reason, request_id=request_id, **({"note": note} if note else {}))
             return

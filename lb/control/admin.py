@@ -47,7 +47,7 @@ from aiohttp.web_response import StreamResponse
 from aiohttp.web_server import Server
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from lb.access_log import plain_value
+from lb.access_log import LineBucket, plain_value
 from lb.config.durations import parse_duration
 from lb.config.model import host_port
 from lb.control.admin_connections import AdminConnections, address_key
@@ -236,7 +236,20 @@ async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 def _log_error(request: BaseRequest, response: _ErrorAnswer, detail: str | None) -> None:
-    """One line per error answer.  A refused token is a WARNING: failed logins are what an operator looks for."""
+    """One line per error answer while `_error_lines` lasts; past it counted by status, and the count said
+    as the bucket refills, before any line after it (one line of the bucket too: a flood writes 16 lines a
+    second at most).  A refused token is a WARNING: failed logins are what an operator looks for.  Anyone
+    who reaches the port could otherwise write a line per request: wrong tokens from 20 connections wrote
+    11,000 WARNING lines a second (7.6 GB an hour)."""
+    now = time.monotonic()
+    if _unlogged_errors and _error_lines.take(now):
+        log.warning("admin API: %d error answer(s) not logged one by one (past %d lines a second): %s",
+                    sum(_unlogged_errors.values()), int(_error_lines.per_second),
+                    ", ".join(f"{status}: {count}" for status, count in sorted(_unlogged_errors.items())))
+        _unlogged_errors.clear()
+    if not _error_lines.take(now):
+        _unlogged_errors[response.status] = _unlogged_errors.get(response.status, 0) + 1
+        return
     level = logging.WARNING if response.status == 401 else logging.INFO
     log.log(
         level, "admin API: %d %s %s: %s%s request_id=%s client=%s", response.status, request.method, _path(request),
@@ -751,6 +764,9 @@ class _AdminRequestHandler(RequestHandler):
 
 _refusals = Throttle()
 _stalled_cuts = Throttle()
+# Error answers' lines (`_log_error`): one by one while the bucket lasts, then counted by status.
+_error_lines = LineBucket()
+_unlogged_errors: dict[int, int] = {}
 _evictions = Throttle()  # a line of their own: a refused flood's lines must not hide that others took places
 
 

@@ -277,3 +277,43 @@ async def test_json_access_log_has_request_and_tunnel_closed_events(
     assert all("level" in e and "message" in e for e in entries)
     text = lb.log_text()
     assert token not in text, "an affinity token was written to the log"
+
+
+async def test_a_flood_of_wrong_tokens_is_held_to_the_bucket_and_counted(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """Anyone who reaches the admin port wrote a WARNING line per wrong token: pipelined, 11,000 a second.
+    The first 128 keep their lines (an ordinary burst: each id is found), the rest are counted, and the
+    count is said before the next line written once the bucket refills."""
+    lb = start(launcher, gateways, {})
+    assert lb.admin_port is not None
+    flood = 600
+    request = b"POST /pools/gateways/backends/gw-1/disable HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer guess\r\n" \
+              b"Content-Length: 0\r\n\r\n"
+    port = lb.admin_port
+
+    async def guesses(count: int, source: str) -> int:
+        refused = 0
+        for _ in range(count):  # a connection each: the admin API closes one after its 401
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+            writer.write(request)
+            refused += (await reader.readline()).startswith(b"HTTP/1.1 401")
+            writer.close()
+        return refused
+
+    began = time.monotonic()
+    async with asyncio.timeout(30 * UNIT):
+        # From 20 addresses: one holds at most 32 admin connections (a closed one may not have left yet).
+        assert sum(await asyncio.gather(*(guesses(flood // 20, f"127.0.9.{i + 1}") for i in range(20)))) == flood
+    took = time.monotonic() - began
+    await asyncio.sleep(0.5)  # the bucket refills a few lines
+    code, _, _ = await http_get_async(lb.admin_url("/nothing"))
+    assert code == 404
+    await wait_for_log(lb, "admin API: 404")
+    text = lb.log_text().splitlines()
+    lines = [line for line in text if "admin API: 401" in line]
+    said = [line for line in text if "not logged one by one" in line]
+    assert 128 <= len(lines) + len(said) <= 128 + 16 * (took + 1), (len(lines), len(said), took)
+    counted = sum(int(line.rsplit("401: ", 1)[1]) for line in said)
+    assert len(lines) + counted == flood, (len(lines), counted, said)
+    assert lb.proc is not None and lb.proc.poll() is None

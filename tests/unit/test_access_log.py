@@ -296,3 +296,15 @@ def test_the_access_log_is_on_exactly_when_its_logger_says_info_is(changes: list
             expected = access.isEnabledFor(logging.INFO)
             assert first is expected, _LEVEL_CHANGES[index][0]
             assert access_log._info_enabled() is expected, _LEVEL_CHANGES[index][0]  # from the cache
+
+
+def test_a_line_bucket_gives_its_burst_then_its_rate() -> None:
+    """lb.access_log.LineBucket: `burst` lines at once after a quiet spell, then `per_second`; never more
+    than `burst` saved up, and a clock that steps back takes nothing away."""
+    from lb.access_log import LineBucket
+
+    bucket = LineBucket(burst=4, per_second=2)
+    assert [bucket.take(10.0) for _ in range(5)] == [True, True, True, True, False] and bucket.empty
+    assert bucket.take(10.4) is False and bucket.take(10.5) is True  # 1.0 line after 0.5 s
+    assert sum(bucket.take(1000.0) for _ in range(10)) == 4, "no more than the burst saved up"
+    assert bucket.take(999.0) is False, "a step back of the clock refills nothing"
