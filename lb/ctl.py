@@ -144,7 +144,8 @@ def _backend_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _migration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--close-after", metavar="D", help="then close its tunnels (1012) after this delay (30s, 5m)")
-    parser.add_argument("--rate", metavar="R", type=float, help="tunnels closed per second once closing starts")
+    parser.add_argument("--rate", metavar="R", type=float,
+                        help="tunnels closed per second once closing starts (alone: closing starts now)")
 
 
 def run_ctl(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
