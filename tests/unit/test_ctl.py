@@ -196,9 +196,13 @@ def test_a_file_lb_run_would_refuse_is_a_usage_error(tmp_path: Path, text: str, 
     assert exc.value.exit_code == EXIT_USAGE and said in str(exc.value), str(exc.value)
 
 
-def test_bad_admin_url_is_a_usage_error() -> None:
+@pytest.mark.parametrize("url", ["ftp://x", "http://127.0.0.1:9000?x=1", "http://127.0.0.1:9000/?x=1",
+                                 "http://127.0.0.1:9000#top", "not a url", "http://127.0.0.1 :9000"])
+def test_bad_admin_url_is_a_usage_error(url: str) -> None:
+    """Nothing is asked: a query or fragment went into every path (`POST /?x=1` answered 405, and the
+    message named another path), and `not a url` was exit 1, "not an HTTP answer"."""
     err = io.StringIO()
-    assert run_ctl(parse("--admin", "ftp://x", "status"), io.StringIO(), err) == EXIT_USAGE
+    assert run_ctl(parse("--admin", url, "status"), io.StringIO(), err) == EXIT_USAGE
     assert "expected http://host:port" in err.getvalue()
 
 
