@@ -205,7 +205,8 @@ def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:
             resolver = dns.resolver.Resolver()
         except dns.resolver.NoResolverConfiguration:
             # No /etc/resolv.conf (a scratch container): every lookup fails, shown in /status.
-            log.warning("discovery for %s: no system resolver configuration; set nameservers", config.dns)
+            log.warning("discovery for %s: no system resolver configuration (/etc/resolv.conf); only names "
+                        "/etc/hosts lists are found; set nameservers", config.dns)
             resolver = dns.resolver.Resolver(configure=False)
     else:
         resolver = dns.resolver.Resolver(configure=False)
@@ -219,7 +220,11 @@ def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:
     # addresses): without it an answer past 512 bytes (about 5) came truncated and was asked again over
     # TCP/53, which many NetworkPolicies and firewalls do not let through.  Larger answers still go over TCP.
     resolver.use_edns(0, 0, EDNS_PAYLOAD)
-    return ThreadedResolver(resolver, None if config.nameservers else HostsFile())
+    return ThreadedResolver(resolver, None if config.nameservers else SYSTEM_HOSTS)
+
+
+# /etc/hosts, read once for every pool of the system resolver (each change parsed once, not once a pool).
+SYSTEM_HOSTS: Final = HostsFile()
 
 
 # The UDP answer size offered: the largest that needs no IP fragment on common paths (DNS Flag Day 2020,
