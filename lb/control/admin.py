@@ -237,16 +237,11 @@ async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamRe
 
 def _log_error(request: BaseRequest, response: _ErrorAnswer, detail: str | None) -> None:
     """One line per error answer while `_error_lines` lasts; past it counted by status, and the count said
-    as the bucket refills, before any line after it (one line of the bucket too: a flood writes 16 lines a
-    second at most).  A refused token is a WARNING: failed logins are what an operator looks for.  Anyone
-    who reaches the port could otherwise write a line per request: wrong tokens from 20 connections wrote
-    11,000 WARNING lines a second (7.6 GB an hour)."""
+    as the bucket refills (`report_unlogged_errors`), before any line after it.  A refused token is a
+    WARNING: failed logins are what an operator looks for.  Anyone who reaches the port could otherwise
+    write a line per request: wrong tokens from 20 connections wrote 11,000 WARNING lines a second."""
     now = time.monotonic()
-    if _unlogged_errors and _error_lines.take(now):
-        log.warning("admin API: %d error answer(s) not logged one by one (past %d lines a second): %s",
-                    sum(_unlogged_errors.values()), int(_error_lines.per_second),
-                    ", ".join(f"{status}: {count}" for status, count in sorted(_unlogged_errors.items())))
-        _unlogged_errors.clear()
+    report_unlogged_errors(now)
     if not _error_lines.take(now):
         _unlogged_errors[response.status] = _unlogged_errors.get(response.status, 0) + 1
         return
@@ -256,6 +251,18 @@ def _log_error(request: BaseRequest, response: _ErrorAnswer, detail: str | None)
         response.fixed_reason, f" ({detail})" if detail else "", response.request_id, request.remote or "-",
         extra=_fields(request, response.status, response.request_id),
     )
+
+
+def report_unlogged_errors(now: float, *, final: bool = False) -> None:
+    """Say how many error answers were counted, not logged, once the bucket has a line for it (before the
+    next error's line, and every second from the balancer, so that the last of a flood of wrong tokens
+    is said when it stops), or at once (`final`: the process is stopping).  The line is one of the
+    bucket's too: a flood writes 16 lines a second at most."""
+    if _unlogged_errors and (final or _error_lines.take(now)):
+        log.warning("admin API: %d error answer(s) not logged one by one (past %d lines a second, per process): %s",
+                    sum(_unlogged_errors.values()), int(_error_lines.per_second),
+                    ", ".join(f"{status}: {count}" for status, count in sorted(_unlogged_errors.items())))
+        _unlogged_errors.clear()
 
 
 def _fields(request: BaseRequest, status: int, request_id: str) -> dict[str, object]:

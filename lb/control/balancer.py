@@ -68,7 +68,7 @@ from lb.compiled import compiled_state
 from lb.config.advice import advice, reload_advice
 from lb.config.load import ConfigSource, load_config_source
 from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig, TlsConfig, host_port
-from lb.control.admin import AdminRunner, make_admin_app
+from lb.control.admin import AdminRunner, make_admin_app, report_unlogged_errors
 from lb.control.daemon_thread import in_daemon_thread
 from lb.control.discovery import DiscoveryManager, add_discovered
 from lb.control.health import FirstProbes, HealthChecker
@@ -578,6 +578,7 @@ class Balancer:
             if self._retired_in_series.difference((name, b.id) for name, b in self.retired_backends()):
                 self._forget_departed_series()
             report_dropped_lines()
+            report_unlogged_errors(time.monotonic())
             if not serving:
                 continue
             self._report_refusals_now()
@@ -1150,6 +1151,7 @@ class Balancer:
         await self.discovery.stop()
         if self._admin is not None:
             await self._admin.cleanup()
+        report_unlogged_errors(time.monotonic(), final=True)  # the last of a flood of wrong tokens
         if self._control is not None:
             await self._control.stop()
         for listening in self._listening:
