@@ -179,9 +179,10 @@ class LineBucket:
     def take(self, now: float) -> bool:
         """True: write this line (one is taken from the bucket); False: count it.  `now`: the caller's
         monotonic clock."""
-        if self.filled_at is not None:
-            self.lines = min(self.burst, self.lines + max(0.0, now - self.filled_at) * self.per_second)
-        self.filled_at = now
+        if self.filled_at is None or now > self.filled_at:  # a clock stepped back refills nothing, nor its way back
+            if self.filled_at is not None:
+                self.lines = min(self.burst, self.lines + (now - self.filled_at) * self.per_second)
+            self.filled_at = now
         if self.lines >= 1.0:
             self.lines -= 1.0
             return True

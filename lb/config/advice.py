@@ -161,7 +161,8 @@ def _descriptor_advice(config: Config, descriptors: int) -> list[str]:
         return [
             f"limits.max_connections is {config.limits.max_connections}{each} and fits the {descriptors} "
             "descriptors a process may open (RLIMIT_NOFILE), but TLS and PROXY-protocol listeners answer "
-            f"the {shed} connections past it with a 503, one descriptor each, and only {room} of those fit: "
+            f"the {shed} connections past it{' (per process)' if workers > 1 else ''} with a 503, one descriptor "
+            f"each, and only {room} of those fit: "
             "past them new clients are closed without an answer; raise the limit (ulimit -n, systemd "
             "LimitNOFILE=, the container runtime's nofile) or lower limits.max_connections"
         ]

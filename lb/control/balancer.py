@@ -1159,13 +1159,18 @@ class Balancer:
                 await asyncio.wait_for(listening.server.wait_closed(), 1.0)
         log.info("stopped")
 
-    async def _wait_tunnels_closed(self, within: float) -> None:
-        """Until the last live tunnel closes (lb.proxy.tunnel sets the event), or `within` seconds."""
+    async def _wait_tunnels_closed(self, within: float, *, even_hurried: bool = False) -> None:
+        """Until the last live tunnel closes (lb.proxy.tunnel sets the event), or `within` seconds (less
+        once a second Ctrl-C comes, unless `even_hurried`)."""
         ctx = self.ctx
         if not ctx.tunnels:
             return
         ctx.all_tunnels_closed = closed = asyncio.Event()
-        await self._unless_hurried(within, closed)
+        if even_hurried:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closed.wait(), within)
+        else:
+            await self._unless_hurried(within, closed)
         ctx.all_tunnels_closed = None
 
     async def _close_tunnels_spread(self, grace: float) -> None:
@@ -1193,11 +1198,19 @@ class Balancer:
 
     async def _end_tunnels(self, until: float) -> None:
         """Wait for the tunnels to close until `until` (loop time) and a last answer's time, then close
-        what is left."""
+        what is left.  Hurried (a second Ctrl-C), every tunnel gets its 1001 now (those that joined
+        after SIGTERM too), and a last answer's time to answer it, as at a grace's end: cut at once,
+        the clients got a TCP close where a close frame was on its way."""
         loop = asyncio.get_running_loop()
         await self._wait_tunnels_closed(max(0.0, until - loop.time()) + LAST_CLOSE_ANSWER)
+        hurried = self._hurried.is_set()
+        if hurried and self.ctx.tunnels:
+            for tunnel in list(self.ctx.tunnels):
+                tunnel.shut_down()  # nothing for one already closing
+            await self._wait_tunnels_closed(LAST_CLOSE_ANSWER, even_hurried=True)
         if self.ctx.tunnels:
-            log.info("closing %d tunnel(s) left at the end of the grace period", len(self.ctx.tunnels))
+            log.info("closing %d tunnel(s) left %s", len(self.ctx.tunnels),
+                     "a second after their 1001 (stopping now)" if hurried else "at the end of the grace period")
             for tunnel in list(self.ctx.tunnels):
                 if tunnel.cause is None:
                     tunnel.cause = "shutdown"
@@ -1286,7 +1299,7 @@ async def serve(
             stop_requested.set()
         elif signum == signal.SIGINT:
             balancer.hurry()
-        else:
+        elif role is not Role.WORKER:  # a worker's hint would hurry that worker alone
             # Not a hurry: `pkill -f 'lb run'` reaches the workers, and their owner's SIGTERM then reaches
             # them too, a second one in the course of an ordinary stop.
             balancer.stop_repeated()

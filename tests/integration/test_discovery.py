@@ -631,7 +631,8 @@ async def test_a_removed_backend_s_series_show_through_its_last_tunnel_s_end(lau
         removed["pools"] = {"gateways": {**config["pools"]["gateways"], "backends": [
             {"id": gw1.id, "address": gw1.address}]}}
         await reload_with(lb, removed, expect="reloaded configuration")
-        await asyncio.sleep(0.6)  # every worker has applied it
+        await wait_status(lb, lambda s: "gw-2" not in ids(s), "gw-2 removed, its tunnel still running")
+        await asyncio.sleep(0.6)  # and every worker has applied it (the owner's /status says so first)
     missing = 0
     deadline = time.monotonic() + 2.5
     while time.monotonic() < deadline:

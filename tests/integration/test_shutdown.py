@@ -288,8 +288,8 @@ def patient(
 @pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_a_second_ctrl_c_stops_at_once(patient: Balancer, first: int) -> None:
     """Ctrl-C again while stopping is "stop now", as at any server run at a terminal: the rest of the
-    delay and the grace is not waited for, every tunnel gets its 1001 together, and the exit is 0.  The
-    second signal did nothing: only the grace's end (or SIGKILL) ended it."""
+    delay and the grace is not waited for, every tunnel gets its 1001 together, and the exit is 0.  Before,
+    the second signal did nothing: only the grace's end (or SIGKILL) ended it."""
     n = 4
     async with contextlib.AsyncExitStack() as stack:
         sockets = [await stack.enter_async_context(ws_connect(patient.ws_url())) for _ in range(n)]

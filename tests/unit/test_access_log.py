@@ -308,3 +308,4 @@ def test_a_line_bucket_gives_its_burst_then_its_rate() -> None:
     assert bucket.take(10.4) is False and bucket.take(10.5) is True  # 1.0 line after 0.5 s
     assert sum(bucket.take(1000.0) for _ in range(10)) == 4, "no more than the burst saved up"
     assert bucket.take(999.0) is False, "a step back of the clock refills nothing"
+    assert bucket.take(1000.0) is False, "nor the time back to where it was"
