@@ -614,13 +614,11 @@ class WorkerSupervisor:
         if self._pusher is not None:
             self._pusher.cancel()
         self._flush_states()  # a change made just before the stop still reaches the workers
-        for worker in self._workers.values():
-            if worker.process.returncode is None:
-                # A stopped worker (SIGSTOP, Ctrl-Z in a debugger) would hold its SIGTERM, and its
-                # listening socket the kernel still queues new clients to, until the kill at the end of
-                # `within`; resumed, it stops as the others do and its tunnels are closed gracefully.
-                worker.process.send_signal(signal.SIGCONT)
-                worker.process.send_signal(signal.SIGTERM)
+        # A stopped worker (SIGSTOP, Ctrl-Z in a debugger) would hold its SIGTERM, and its listening socket
+        # the kernel still queues new clients to, until the kill at the end of `within`; resumed, it stops
+        # as the others do and its tunnels are closed gracefully.
+        self._signal_workers(signal.SIGCONT)
+        self._signal_workers(signal.SIGTERM)
         if self._hurried:
             self._signal_workers(signal.SIGINT)
         waits = [worker.process.wait() for worker in self._workers.values()]
