@@ -35,15 +35,49 @@ def unblock_stderr() -> None:
     socket cannot be, and is set non-blocking as it is (journald's stream is ours alone).  A
     terminal or a file is left as it is: neither fills up for good.
     """
+    global _unblocked
     try:
         mode = os.fstat(2).st_mode
         if stat.S_ISFIFO(mode):
             fd = os.open("/proc/self/fd/2", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            os.dup2(fd, 2)  # inheritable, as stderr was: the workers write to it too
+            os.dup2(fd, 2)  # inheritable, as stderr was
             os.close(fd)
+            _unblocked = True
         elif stat.S_ISSOCK(mode):
             os.set_blocking(2, False)
+            _unblocked = True
     except OSError:  # no /proc, a pipe with no reader left: stderr stays as it was
+        return
+
+
+_unblocked = False  # `unblock_stderr` made ours non-blocking (`restore_after_spawn` keeps it so)
+
+
+def stderr_for_child() -> int | None:
+    """A descriptor of stderr for a child process of its own, or None: the child inherits ours.
+
+    libuv (uvloop's spawn) makes a child's stdio blocking before it runs, and a flag is the open
+    description's, not the descriptor's: on the description the owner of workers shared with them,
+    that undid `unblock_stderr`, and a full pipe then stopped the owner for good (its probes, health
+    checks and SIGTERM with it) while the workers dropped lines as they should.  A pipe is opened anew
+    (`/proc/self/fd/2`), so the child's flags are its own; the caller closes it once the child runs.
+    A socket cannot be: `restore_after_spawn` sets ours again.
+    """
+    try:
+        if stat.S_ISFIFO(os.fstat(2).st_mode):
+            return os.open("/proc/self/fd/2", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:  # no /proc (then ours was not made non-blocking either), no stderr: the child inherits ours
+        return None
+    return None
+
+
+def restore_after_spawn() -> None:
+    """Writes to our stderr fail rather than wait again after a child was spawned on a description
+    shared with it (a socket: journald's stream), as `unblock_stderr` left them."""
+    try:
+        if _unblocked and stat.S_ISSOCK(os.fstat(2).st_mode):
+            os.set_blocking(2, False)
+    except OSError:
         return
 
 

@@ -67,6 +67,7 @@ from lb.control.ipc import (
 )
 from lb.control.migration import log_failed, migrate, start_migrating
 from lb.log import Throttle
+from lb.log_stream import restore_after_spawn, stderr_for_child
 
 if TYPE_CHECKING:
     from lb.control.balancer import Balancer
@@ -271,6 +272,7 @@ class WorkerSupervisor:
 
     async def _spawn(self, index: int, restart_delay: float = RESTART_DELAY) -> None:
         ours, theirs = socket.socketpair()
+        stderr = stderr_for_child()  # the worker's own description of our stderr (libuv blocks its stdio)
         try:
             process = await asyncio.create_subprocess_exec(
                 # -P: not the working directory first on sys.path, where a stray dns.py or yaml.py
@@ -285,9 +287,13 @@ class WorkerSupervisor:
                 env=_worker_env(),
                 # Terminal signals reach the owner only; it stops the workers in order.
                 start_new_session=True,
+                stderr=stderr,
             )
         finally:
             theirs.close()
+            if stderr is not None:
+                os.close(stderr)
+            restore_after_spawn()
         reader, writer = await asyncio.open_connection(sock=ours)
         loop = asyncio.get_running_loop()
         worker = _Worker(index, process, writer, loop.create_future(), started_at=loop.time(),

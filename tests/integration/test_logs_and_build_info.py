@@ -6,6 +6,7 @@ with `workers: 2`, process_* covers every worker.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import json
@@ -150,6 +151,12 @@ async def test_a_stalled_log_reader_costs_log_lines_not_the_balancer(
         await wait_until(ready, within=20 * UNIT, what="ready")
         for _ in range(400):  # ~250 bytes of access log each: more than the pipe's 64 KiB
             assert (await http_get_async(lb.http_url("/whoami")))[0] == 200
+        # A line of the owner's own (SIGUSR1 is a WARNING) into the full pipe: spawning its workers, libuv had
+        # made the description it shares with them blocking, and the owner stopped there for good.
+        assert lb.proc is not None
+        for _ in range(3):
+            lb.proc.send_signal(signal.SIGUSR1)
+        await asyncio.sleep(0.2)
         assert (await http_get_async(lb.admin_url("/livez")))[0] == 200
         lines = lb.drain().splitlines()
         # Whole lines only: a dropped line is dropped whole, never cut with the next glued onto it.
