@@ -57,6 +57,13 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
     said: list[str] = []
     if descriptors is not None:
         said += _descriptor_advice(config, descriptors)
+    if config.workers > 1:
+        # Each worker binds its listeners itself (SO_REUSEPORT): port 0 gives each a port of its own.
+        said += [
+            f"listeners[{i}].bind: port 0 (any free port) with workers: {config.workers}: each worker listens on "
+            "a port of its own (a restarted one on yet another), and clients reach one worker's; give a port"
+            for i, listener in enumerate(config.listeners) if listener.port == 0
+        ]
     proxied = [f"listeners[{i}]" for i, listener in enumerate(config.listeners) if listener.proxy_protocol]
     if proxied and not crc32c_in_c:
         said.append(

@@ -156,9 +156,11 @@ pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
     assert advice(config(tmp_path), crc32c_in_c=False) == [], "no PROXY listener: the checksum is never computed"
 
 
-def limited(tmp_path: Path, max_connections: int, workers: int = 1, discovery: str = "") -> Config:
+def limited(
+    tmp_path: Path, max_connections: int, workers: int = 1, discovery: str = "", bind: str = "127.0.0.1:8080"
+) -> Config:
     text = f"""
-listeners: [{{bind: "127.0.0.1:0"}}]
+listeners: [{{bind: "{bind}"}}]
 admin: {{token: {TOKEN}}}
 affinity: {{secret_keys: [{KEY}]}}
 routes: [{{path_prefix: /, pool: p}}]
@@ -204,6 +206,15 @@ def test_on_a_proxy_listener_where_clients_fail_does_not_count_an_overflow_that_
     assert "answer the 64 connections past it with a 503" in sentence and "only 35 of those fit" in sentence
     assert advice(proxied_limited(tmp_path, 100), descriptors=300 + 64 - 35) == []
     assert advice(proxied_limited(tmp_path, 100), descriptors=300 + 64 - 36) != []
+
+
+def test_port_0_with_workers_is_advice(tmp_path: Path) -> None:
+    """Each worker binds its listeners itself: port 0 gave each worker, and each restarted one, a port of its own."""
+    any_port = "127.0.0.1:0"
+    (sentence,) = [said for said in advice(limited(tmp_path, 50000, workers=2, bind=any_port)) if "port 0" in said]
+    assert sentence.startswith("listeners[0].bind: port 0 (any free port) with workers: 2")
+    assert not [said for said in advice(limited(tmp_path, 50000, workers=1, bind=any_port)) if "port 0" in said]
+    assert not [said for said in advice(limited(tmp_path, 50000, workers=2)) if "port 0" in said]
 
 
 def test_with_workers_each_process_needs_descriptors_for_its_share(tmp_path: Path) -> None:
