@@ -161,6 +161,12 @@ def log_tunnel_ended(
                       bytes_in=bytes_in, bytes_out=bytes_out, request_id=request_id)
 
 
+# A log's lines that a flood may still write one by one (LineBucket): this many at once after a quiet
+# spell, then this many a second, some 3 KB/s of log at most.
+LINES_AT_ONCE: Final = 128.0
+LINES_PER_SECOND: Final = 16.0
+
+
 class LineBucket:
     """Lines a flood may still write one by one: `burst` at once after a quiet spell, refilled at
     `per_second` (a token bucket).  Past it the caller counts instead of logging: every event an
@@ -170,7 +176,7 @@ class LineBucket:
 
     __slots__ = ("burst", "filled_at", "lines", "per_second")
 
-    def __init__(self, burst: float = 128.0, per_second: float = 16.0) -> None:
+    def __init__(self, burst: float = LINES_AT_ONCE, per_second: float = LINES_PER_SECOND) -> None:
         self.burst = burst
         self.per_second = per_second
         self.lines = burst
@@ -200,7 +206,7 @@ class RateLimitSummary:
     A client hammering the handshake rate limit (429), or a storm beyond
     limits.max_connections (503), would otherwise turn every refusal into a log line
     (a log flood is a second denial of service).  Refusals get their own request line,
-    as every answer does, while a bucket of LINES_BURST lines refilled at LINES_PER_SECOND
+    as every answer does, while a bucket of LINES_AT_ONCE lines refilled at LINES_PER_SECOND
     lasts (so the refusals of an ordinary burst are each found by their request id at once);
     past it they are counted and reported in one `event` line once `interval` has passed
     (`tick`, every second, or the next refusal), which names the request ids of the first
@@ -209,8 +215,6 @@ class RateLimitSummary:
 
     MAX_ADDRESSES: ClassVar[int] = 1024  # distinct addresses remembered per interval; past that only counted
     MAX_IDS: ClassVar[int] = 32  # request ids a summary names (17 bytes each: the line stays a few hundred)
-    LINES_BURST: ClassVar[float] = 128.0  # refusals logged one by one at once, after a quiet spell
-    LINES_PER_SECOND: ClassVar[float] = 16.0  # and then, in a flood: some 3 KB/s of log at most (LineBucket)
 
     def __init__(
         self, interval: float = 10.0, *, status: int = 429, reason: str = "handshake_rate_limited",
@@ -220,7 +224,7 @@ class RateLimitSummary:
         self.status = status
         self.reason = reason
         self.event = event
-        self._lines = LineBucket(self.LINES_BURST, self.LINES_PER_SECOND)  # refusals still logged one by one
+        self._lines = LineBucket()  # refusals still logged one by one
         self._since: float | None = None  # when the refusals being counted began
         self._count = 0
         self._addresses: dict[str, int] = {}

@@ -251,8 +251,8 @@ def _admin_url(url: str, source: str) -> str:
     except ValueError:
         raise CtlError(f"{expected}, got {_printable(url, 200)!r}", EXIT_USAGE) from None
     # A query or fragment would be sent as part of every path (`?x=1/status`), and a space is no host's.
-    if (parsed.scheme not in ("http", "https") or not parsed.hostname or port == 0 or parsed.query
-            or parsed.fragment or "?" in url or "#" in url or any(c.isspace() for c in url)):
+    if (parsed.scheme not in ("http", "https") or not parsed.hostname or port == 0 or "?" in url or "#" in url
+            or any(c.isspace() for c in url)):
         raise CtlError(f"{expected}, got {_printable(url, 200)!r}", EXIT_USAGE)
     return url
 

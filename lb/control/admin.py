@@ -114,14 +114,6 @@ UNREAD_STALL = 1.0
 _PROBES = frozenset({"/livez", "/readyz", "/healthz"})
 
 
-def unread_answer_bytes(request: web.Request) -> int:
-    """What the admin port's connections hold of answers their clients have not read yet."""
-    server = getattr(request.protocol, "_manager", None)
-    if not isinstance(server, _AdminServer):
-        return 0
-    return sum(transport.get_write_buffer_size() for transport in server.transports.values())
-
-
 class LargeAnswer(web.Response):
     """An answer of up to megabytes (/status, /metrics, the dashboard), let go of once it is written.
 

@@ -24,8 +24,8 @@ def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "lb.access"]
 
 
-BURST = int(RateLimitSummary.LINES_BURST)
-RATE = RateLimitSummary.LINES_PER_SECOND
+BURST = int(access_log.LINES_AT_ONCE)
+RATE = access_log.LINES_PER_SECOND
 
 
 def test_an_ordinary_burst_of_429s_is_logged_one_line_each(caplog: pytest.LogCaptureFixture) -> None:
