@@ -18,7 +18,7 @@ _STARTS = ("run", "worker")  # the commands that become a balancer process
 
 def main() -> int:
     if sys.argv[1:2] and sys.argv[1] in _STARTS:
-        startup_signals.hold()
+        startup_signals.hold(worker=sys.argv[1] == "worker")
         _standard_descriptors()
     try:
         from lb.cli import EXIT_INTERRUPTED

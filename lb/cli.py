@@ -181,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    startup_signals.hold()
+    startup_signals.hold(worker=True)
     # No check of the compiled build here: the owner checked it when it started, and a worker it
     # restarts later loads the same module files (a `git pull` changes sources, not the build), so
     # refusing would only lose the worker for good.

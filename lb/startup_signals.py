@@ -15,7 +15,9 @@ SIGTERM (and SIGQUIT, which stops as it does) is held the same way: one that com
 the balancer as soon as it is up, with exit 0, as SPEC's SIGTERM does (its
 default action was exit 143, and a worker the owner had just restarted was
 "restarted" again).  SIGINT keeps its default: Ctrl-C at a terminal stops a
-start at once.
+start at once.  Not in a worker: it has a session of its own, so a SIGINT there is its owner's
+second Ctrl-C ("stop now", `Balancer.hurry`), held like SIGTERM until the worker is up (by its
+default action, two Ctrl-Cs while workers started ended one with a traceback).
 
 SIGUSR1 and SIGUSR2 mean nothing to the balancer, but their default action also
 ends the process, and a logrotate `postrotate kill -USR1` written for another
@@ -41,12 +43,13 @@ def _remember(signum: int, frame: FrameType | None) -> None:
     _held.add(signum)
 
 
-def hold() -> None:
-    """From now until the event loop takes them over, SIGHUP, SIGTERM and SIGQUIT are remembered instead of fatal.
+def hold(*, worker: bool = False) -> None:
+    """From now until the event loop takes them over, SIGHUP, SIGTERM and SIGQUIT (and SIGINT in a
+    `worker`) are remembered instead of fatal.
 
     Idempotent: a second call (the command line's, after `lb.__main__`'s) keeps what came between.
     """
-    for signum in HELD:
+    for signum in (*HELD, signal.SIGINT) if worker else HELD:
         if signal.getsignal(signum) is not _remember:
             _held.discard(signum)
             signal.signal(signum, _remember)

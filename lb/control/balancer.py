@@ -1312,6 +1312,8 @@ async def serve(
     # signal is taken (any() would leave the second one held).
     if any([startup_signals.take(signum) for signum in startup_signals.STOPS]):
         on_stop_signal(signal.SIGTERM)
+    if startup_signals.take(signal.SIGINT):  # a worker's: its owner's second Ctrl-C, held while it started
+        on_stop_signal(signal.SIGINT)
     for signum in startup_signals.UNUSED:
         loop.add_signal_handler(signum, _ignore_signal, signum)
     try:

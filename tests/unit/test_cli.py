@@ -285,6 +285,30 @@ def test_a_sighup_while_starting_is_held_not_fatal() -> None:
             signal.signal(signum, handler)
 
 
+def test_a_worker_holds_sigint_too_and_lb_run_leaves_it_to_ctrl_c() -> None:
+    """A worker's SIGINT is its owner's second Ctrl-C ("stop now"): sent while the worker started, its default
+    action ended the worker with a KeyboardInterrupt traceback.  `lb run` keeps Ctrl-C's default."""
+    import os
+    import signal
+
+    from lb import startup_signals
+
+    watched = (*startup_signals.HELD, *startup_signals.UNUSED, signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in watched}
+    try:
+        startup_signals.hold()
+        assert signal.getsignal(signal.SIGINT) is previous[signal.SIGINT]
+        startup_signals.hold(worker=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: held
+        assert startup_signals.take(signal.SIGTERM) is True
+        assert startup_signals.take(signal.SIGINT) is True
+        assert startup_signals.take(signal.SIGINT) is False
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def test_lb_run_holds_its_signals_before_the_command_line_is_imported(tmp_path: Path) -> None:
     """The `lb` command and `python -m lb` hold SIGHUP and SIGTERM before importing lb.cli (YAML, the config
     loader, the compiled data plane: most of a start), where their default action would end the process."""
