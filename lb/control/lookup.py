@@ -21,8 +21,9 @@ where does a handshake carrying this token go right now?  Answer shapes:
   is `"routes_to": null, "routes_by": "key"`, never a guess from the session.
 - Times are ISO-8601 UTC with `Z`, to the second (tokens carry whole seconds).
 - The token may be the whole affinity cookie value: with pins per pool it holds
-  one pin per pool (`pin.pin`), and the first that opens (for `?pool=`, when
-  given) is the one answered for.  A pin sealed for a pool is looked up in that
+  one pin per pool (`pin.pin`), and the answer is for the pool `?pool=` names,
+  else for the first pin's that opens; of several pins for that pool, the
+  youngest is answered for, as it is the one the data path routes by.  A pin sealed for a pool is looked up in that
   pool; a version-1 token names no pool: the first pool (in config order) with
   its backend id, or the one asked for with `?pool=`.
 """
@@ -75,7 +76,9 @@ def lookup_token(
     claim: Claim | None = None
     reason = "unknown_backend"  # every pin opened, none for the pool asked about
     # The affinity cookie of a client using several pools carries one pin per pool (`a.b`); read it
-    # as the data path does: at most MAX_PINS of them, the first that opens for the pool wins.
+    # as the data path does (lb.affinity.carriers.find_token): at most MAX_PINS of them, and of the
+    # pins for the pool (`?pool=`, else the first pin's that opens) the youngest routes.
+    wanted_pool = pool
     for index, pin in enumerate(token.split(PIN_SEPARATOR)[:MAX_PINS]):
         try:
             opened = codec.open(pin, now)
@@ -83,9 +86,11 @@ def lookup_token(
             if index == 0:
                 reason = exc.reason
             continue
-        if pool is None or opened.for_pool(pool):
+        if wanted_pool is not None and not opened.for_pool(wanted_pool):
+            continue
+        if claim is None or opened.issued_at > claim.issued_at:
             claim = opened
-            break
+            wanted_pool = wanted_pool or opened.pool
     if claim is None:
         return {"valid": False, "reason": reason}
     # A pin sealed for a pool routes in that pool only (two pools may share backend ids); a

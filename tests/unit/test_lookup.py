@@ -7,10 +7,12 @@ import os
 import pytest
 
 from lb.affinity.balancing import BadKey
+from lb.affinity.carriers import find_token
 from lb.affinity.codec import NONCE_BYTES, Claim, TokenCodec
 from lb.affinity.decision import decide, route_for_key
-from lb.config.model import BackendConfig, BalanceMethod, PoolConfig
+from lb.config.model import AffinityConfig, BackendConfig, BalanceMethod, PoolConfig
 from lb.control.lookup import iso_utc, lookup_token
+from lb.http.head import parse_request_head
 from lb.state.pool import AdminAction, PoolState
 
 NOW = 1_800_000_000.0
@@ -103,8 +105,8 @@ def test_iso_utc() -> None:
     assert iso_utc(0) == "1970-01-01T00:00:00Z"
 
 
-def seal_for(pool: str, backend: str, session: bytes = b"p" * 8) -> str:
-    claim = Claim(backend_id=backend, issued_at=int(NOW - 10), session=session, pool=pool)
+def seal_for(pool: str, backend: str, session: bytes = b"p" * 8, issued_at: float = NOW - 10) -> str:
+    claim = Claim(backend_id=backend, issued_at=int(issued_at), session=session, pool=pool)
     return TokenCodec([KEY], 3600).seal(claim, os.urandom(NONCE_BYTES))
 
 
@@ -127,6 +129,21 @@ def test_a_cookie_value_with_one_pin_per_pool_is_understood() -> None:
     assert answer(value + ".garbage", state, pool="plain")["backend"] == "gw-3"
     assert answer(seal_for("gateways", "gw-1"), state, pool="plain") == {"valid": False, "reason": "unknown_backend"}
     assert answer("x" * 40 + "." + "y" * 40, state)["valid"] is False
+
+
+def test_of_two_pins_for_one_pool_the_youngest_is_answered_for_as_the_data_path_routes_by_it() -> None:
+    """A value the balancer never builds, but a client may send: the answer is where its handshake goes."""
+    state = pools("gateways", "plain")
+    old, young = seal_for("gateways", "gw-1", issued_at=NOW - 100), seal_for("gateways", "gw-2", issued_at=NOW - 10)
+    value = ".".join([old, seal_for("plain", "gw-3"), young])
+    routed = find_token(parse_request_head(f"GET /ws HTTP/1.1\r\nHost: lb\r\nCookie: LB_AFFINITY={value}\r\n\r\n"
+                                           .encode()), AffinityConfig(secret_keys=(KEY,)), TokenCodec([KEY], 3600), NOW,
+                        pool="gateways")
+    assert routed.claim is not None and routed.claim.backend_id == "gw-2"
+    assert answer(value, state, pool="gateways")["backend"] == "gw-2"
+    assert answer(value, state)["backend"] == "gw-2"  # the first pin's pool, and its youngest pin
+    assert answer(value, state, pool="plain")["backend"] == "gw-3"
+    assert answer(".".join([young, old]), state)["backend"] == "gw-2"
 
 
 def hashed_pool(balance: BalanceMethod, *, sticky: bool = True) -> dict[str, PoolState]:
