@@ -35,6 +35,9 @@ MIN_DISCOVERY_INTERVAL = 1.0
 # a second to each backend and a third of a core for three of them, and a backend that stops answering
 # is seen within `fall` intervals anyway.
 MIN_HEALTH_CHECK_INTERVAL = 0.1
+# Longer than this, a cookie's Max-Age is advice: browsers cap it there (RFC 6265bis, 400 days), so a
+# browser's pin ends sooner than `affinity.max_age` says; a native client keeps it as long.
+BROWSER_COOKIE_DAYS = 400
 # Backends a sentence names at most (a pool of thousands would make a line of them).
 MAX_NAMED = 8
 
@@ -129,6 +132,12 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
             "pin on each visit to another and may move; merge pools, or give hashed ones sticky: false"
         )
     affinity = config.affinity
+    if affinity.max_age > BROWSER_COOKIE_DAYS * 86400:
+        said.append(
+            f"affinity.max_age is {affinity.max_age / 86400:g} days: browsers keep a cookie {BROWSER_COOKIE_DAYS} "
+            f"days at most (RFC 6265bis), so a browser client's pin ends sooner than that; "
+            f"{BROWSER_COOKIE_DAYS * 24}h or less"
+        )
     plain = [f"listeners[{i}]" for i, listener in enumerate(config.listeners) if listener.tls is None]
     if plain and affinity.secure is SecureMode.AUTO:
         # Browsers drop a `SameSite=None` cookie, or one named `__Secure-`/`__Host-`, without `Secure`

@@ -68,6 +68,13 @@ def test_a_short_admin_token_is_advice(tmp_path: Path, token: str, advised: bool
     assert sentence.startswith(f"admin.token is {len(token)} characters") and "16" in sentence
 
 
+@pytest.mark.parametrize(("max_age", "advised"), [("1h", False), ("9600h", False), ("9601h", True), ("20000h", True)])
+def test_a_max_age_past_what_browsers_keep_is_advice(tmp_path: Path, max_age: str, advised: bool) -> None:
+    """Browsers cap a cookie's Max-Age at 400 days: past it, a browser's pin ends sooner than configured."""
+    said = advice(config(tmp_path, affinity=f", max_age: {max_age}"))
+    assert [s.startswith("affinity.max_age is") and "400 days" in s for s in said] == ([True] if advised else [])
+
+
 @pytest.mark.parametrize(
     ("secure", "tls", "expected"),
     [
