@@ -477,6 +477,7 @@ def _status_totals(balancer: Balancer, pools: dict[str, Any]) -> dict[str, Any]:
         **_workers_document(balancer),
         "listeners": [host_port(host, port) for host, port in balancer.listen_addresses],
         "accepting": ctx.accepting,
+        "shutting_down": balancer.shutting_down,  # from SIGTERM on: through shutdown_delay, accepting stays true
         "time": time.time(),
     }
 

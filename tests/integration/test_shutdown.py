@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import signal
 import struct
 import time
@@ -98,6 +99,9 @@ async def test_sigterm_keeps_serving_for_the_delay_with_readyz_503(delayed: Bala
 
         await wait_until(not_ready, within=0.5 * DELAY, what="/readyz 503 right after SIGTERM")
         assert await admin_code(delayed, "/livez") == 200
+        # /status (and the dashboard's banner) say it too, while the listeners still accept.
+        status = json.loads((await http_get_async(delayed.admin_url("/status")))[2])
+        assert (status["shutting_down"], status["accepting"]) == (True, True), status
         assert await admin_code(delayed, "/healthz") == 200, "SPEC part 1: /healthz is 200 while the balancer serves"
         # Still serving new clients: an L4 balancer may send some until it deregisters us.
         fresh = await visit(delayed.ws_url(), within=2 * UNIT)

@@ -202,7 +202,7 @@ def _status_balancer(backends: int) -> Any:
 
     return SimpleNamespace(
         ctx=ctx, fresh_counts=fresh_counts, live_tunnels=lambda: 3, role=SimpleNamespace(value="single"),
-        workers_serving=lambda: None, listen_addresses=[("127.0.0.1", 8080)],
+        workers_serving=lambda: None, listen_addresses=[("127.0.0.1", 8080)], shutting_down=False,
         discovery=SimpleNamespace(
             status=lambda name: {"last_ok": 1.5, "last_error": "x\u0000y"} if name == "q" else None
         ),
