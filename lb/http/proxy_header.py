@@ -76,15 +76,21 @@ class ProxyHeader:
     tlvs: tuple[tuple[int, bytes], ...] = ()  # v2 type-length-value extensions, in order
 
     @property
-    def client_ip(self) -> str | None:
-        """The client's address from the header, or None: use the socket's peer.
+    def client_address(self) -> tuple[str, int] | None:
+        """The client's (ip, port) from the header, or None: use the socket's peer.
 
         None for a UDP family too: a datagram's endpoints say nothing of who holds this TCP connection,
         and HAProxy, whose specification this is, takes a client address from TCP4 and TCP6 alone.
         """
         if self.source is None or (self.family is not Family.TCP4 and self.family is not Family.TCP6):
             return None
-        return self.source[0]
+        return self.source
+
+    @property
+    def client_ip(self) -> str | None:
+        """`client_address`'s ip, or None."""
+        address = self.client_address
+        return None if address is None else address[0]
 
 
 def parse_proxy_header(buf: bytes | bytearray, *, max_v2_length: int = MAX_V2_LENGTH) -> ProxyHeader | None:

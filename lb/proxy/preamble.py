@@ -458,5 +458,5 @@ class _Preamble(_Accepted):
             return  # more to come; the next readability re-parses from what is taken so far
         self._stop_reading()
         self.server._preamble_done(self)
-        self.server._hand_over(self, header.source or self.peer)
+        self.server._hand_over(self, header.client_address or self.peer)
 

@@ -99,10 +99,19 @@ async def test_v2_header_split_byte_by_byte(served: tuple[ProxyContext, Acceptin
     await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
 
 
-async def test_local_header_uses_the_peer(served: tuple[ProxyContext, AcceptingServer, int]) -> None:
+@pytest.mark.parametrize("header", [
+    V2_SIGNATURE + bytes([0x20, 0x00, 0x00, 0x00]),  # LOCAL
+    # PROXY over UDP4 and UDP6: a datagram's endpoints say nothing of who holds this TCP connection
+    V2_SIGNATURE + bytes([0x21, 0x12, 0, 12, 198, 51, 100, 9, 127, 0, 0, 1, 0x12, 0x67, 1, 0xBB]),
+    V2_SIGNATURE + bytes([0x21, 0x22, 0, 36]) + bytes.fromhex("20010db8" + "00" * 11 + "09") + bytes(15) + b"\x01"
+    + bytes([0x12, 0x67, 1, 0xBB]),
+], ids=["local", "udp4", "udp6"])
+async def test_local_or_udp_header_uses_the_peer(
+    served: tuple[ProxyContext, AcceptingServer, int], header: bytes
+) -> None:
     ctx, _, port = served
     _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(V2_SIGNATURE + bytes([0x20, 0x00, 0x00, 0x00]) + HEAD_START)
+    writer.write(header + HEAD_START)
     await _wait(lambda: len(ctx.in_flight) == 1 and _only_connection(ctx).core._buf)
     assert _only_connection(ctx).core.client_ip == "127.0.0.1"
     writer.close()
