@@ -14,7 +14,8 @@ A second one: an absolute-form target whose authority differs from Host replaces
 (RFC 9112 §3.2.2: the received Host MUST be ignored), where both refused it with a 400.
 A third: the proxy claims a backend believes (lb.http.head.PROXY_CLAIMS: `True-Client-IP`,
 `X-Forwarded-Ssl`, `X-Forwarded-Client-Cert`, ...) are protected too, so a name with `_` for
-one of them is dropped as one for `X-Real-IP` was.
+one of them is dropped as one for `X-Real-IP` was.  A fourth: less common spellings of those
+claims (`Client-IP`, `X-Forwarded`, `Forwarded-For`, `X-Remote-IP`, ...) joined them.
 """
 
 from __future__ import annotations
@@ -73,6 +74,17 @@ PROTECTED_HEADERS = frozenset(
         "cf-connecting-ip",
         "fastly-client-ip",
         "x-original-forwarded-for",
+        # The fourth change (the docstring): less common spellings of the same claims.
+        "client-ip",
+        "x-forwarded",
+        "forwarded-for",
+        "x-forwarded-protocol",
+        "x-remote-ip",
+        "x-remote-addr",
+        "x-originating-ip",
+        "x-proxyuser-ip",
+        "akamai-client-ip",
+        "x-appengine-user-ip",
         "x-forwarded-client-cert",
         "x-forwarded-tls-client-cert",
         "x-forwarded-tls-client-cert-info",

@@ -333,7 +333,8 @@ def test_proxy_claims_pass_only_from_a_trusted_peer(trusted_peer: bool) -> None:
     assert len(claims) == len(PROXY_CLAIMS)
     # Named here too, so that one taken out of the set fails this test.
     assert {"true-client-ip", "cf-connecting-ip", "x-forwarded-ssl", "x-forwarded-client-cert", "x-original-url",
-            "x-forwarded-user", "remote-user", "x-forwarded-server"} <= PROXY_CLAIMS
+            "x-forwarded-user", "remote-user", "x-forwarded-server", "client-ip", "x-forwarded", "forwarded-for",
+            "x-remote-addr"} <= PROXY_CLAIMS
     raw = render_forwarded_request(
         request("Host: a", *claims, "X-Request-Id: r1"), forwarded_for="203.0.113.7", proto="http",
         websocket=False, trusted_peer=trusted_peer,
