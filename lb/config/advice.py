@@ -7,6 +7,7 @@ as warnings at start and on every reload, so they are seen before a player is.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 
 from lb.affinity.carriers import MAX_PINS
@@ -18,6 +19,7 @@ from lb.config.model import (
     PoolConfig,
     SameSite,
     SecureMode,
+    host_port,
     over_limit_answered,
 )
 from lb.http.cookies import secure_prefix
@@ -73,6 +75,15 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
             f"{', '.join(proxied)}.proxy_protocol: google-crc32c runs its pure-Python fallback here, so a PROXY "
             "v2 header's CRC32c costs ~200 µs instead of 0.2 µs; install a google-crc32c wheel for this platform"
         )
+    # A PROXY header names any client it likes: believed from every peer, any client that reaches the
+    # listener picks its own address (per-IP limits, balance: source, the logs, trusted_proxies' claims).
+    said += [
+        f"listeners[{i}].proxy_protocol without proxy_protocol_from: a PROXY header is believed from any peer, so "
+        f"anyone who reaches {host_port(listener.host, listener.port)} names its own client address; list the L4 "
+        "balancers' CIDRs there, unless a firewall or NetworkPolicy lets only them in"
+        for i, listener in enumerate(config.listeners)
+        if listener.proxy_protocol and not listener.proxy_protocol_from and not _loopback(listener.host)
+    ]
     token = config.admin.token
     if token is None:
         said.append(
@@ -155,6 +166,14 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
                 "clients never stick"
             )
     return said
+
+
+def _loopback(host: str) -> bool:
+    """Whether a listener's bind host is a loopback address (only this host's processes reach it)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _descriptor_advice(config: Config, descriptors: int) -> list[str]:

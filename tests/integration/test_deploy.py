@@ -137,6 +137,17 @@ def test_config_validates_with_keys_from_files(overlay: Path | None, tmp_path: P
     assert discovery is not None and discovery.type is DiscoveryType.SRV
 
 
+def test_the_nlb_overlay_s_config_is_the_base_s_with_proxy_protocol() -> None:
+    """The overlay replaces the ConfigMap whole (a file cannot be patched): a change to the base's lb.yaml must
+    be made there too, and this says so, rather than the overlay running on an old config."""
+    base = yaml.safe_load(config_text())
+    nlb = yaml.safe_load(config_text(KUBE / "overlays" / "aws-nlb-proxy-protocol"))
+    assert all(listener.pop("proxy_protocol", False) for listener in nlb["listeners"])
+    for listener in nlb["listeners"]:
+        listener.pop("proxy_protocol_from", None)
+    assert nlb == base, "overlays/aws-nlb-proxy-protocol/lb.yaml must be base/lb.yaml plus proxy_protocol"
+
+
 def test_balancer_deployment_promises() -> None:
     """3 replicas; /readyz and /livez; preStop = shutdown_delay; grace period covers preStop + delay + grace."""
     resources = base_resources()

@@ -68,6 +68,28 @@ def test_a_short_admin_token_is_advice(tmp_path: Path, token: str, advised: bool
     assert sentence.startswith(f"admin.token is {len(token)} characters") and "16" in sentence
 
 
+@pytest.mark.parametrize(("listener", "advised"), [
+    ('{bind: "0.0.0.0:8080", proxy_protocol: true}', True),
+    ('{bind: "[::]:8080", proxy_protocol: true}', True),
+    ('{bind: "0.0.0.0:8080", proxy_protocol: true, proxy_protocol_from: [10.0.0.0/24]}', False),
+    ('{bind: "127.0.0.1:8080", proxy_protocol: true}', False),
+    ('{bind: "localhost:8080", proxy_protocol: true}', False),
+    ('{bind: "0.0.0.0:8080"}', False),
+])
+def test_a_proxy_listener_open_to_any_peer_is_advice(tmp_path: Path, listener: str, advised: bool) -> None:
+    """Whoever reaches such a listener names its own client address in a PROXY header."""
+    text = f"""
+listeners: [{listener}]
+admin: {{token: {TOKEN}}}
+affinity: {{secret_keys: [{KEY}]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
+"""
+    said = advice(parse_config(text, base_dir=tmp_path, environ={}))
+    assert [s.startswith("listeners[0].proxy_protocol without proxy_protocol_from") for s in said] == (
+        [True] if advised else [])
+
+
 @pytest.mark.parametrize(("max_age", "advised"), [("1h", False), ("9600h", False), ("9601h", True), ("20000h", True)])
 def test_a_max_age_past_what_browsers_keep_is_advice(tmp_path: Path, max_age: str, advised: bool) -> None:
     """Browsers cap a cookie's Max-Age at 400 days: past it, a browser's pin ends sooner than configured."""
