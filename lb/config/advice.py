@@ -37,6 +37,13 @@ MIN_DISCOVERY_INTERVAL = 1.0
 # a second to each backend and a third of a core for three of them, and a backend that stops answering
 # is seen within `fall` intervals anyway.
 MIN_HEALTH_CHECK_INTERVAL = 0.1
+# Longer than this, `timeouts.handshake` or `backend_connect` is advice: each is seconds in HAProxy's and
+# nginx's defaults, and an HAProxy user's `backend_connect: 3000` (a bare number is seconds) is 50 minutes.
+MAX_LIKELY_TIMEOUT = 60.0
+# Longer than this, and not shorter than its interval, a health check's timeout is advice: a frozen backend
+# is marked down only after `fall` of them (`timeout: 500`, meant as ms, kept one up for 1000 s).
+MAX_LIKELY_PROBE_TIMEOUT = 10.0
+BARE_NUMBER_HINT = " (a number without a unit is seconds: was ms meant?)"
 # Longer than this, a cookie's Max-Age is advice: browsers cap it there (RFC 6265bis, 400 days), so a
 # browser's pin ends sooner than `affinity.max_age` says; a native client keeps it as long.
 BROWSER_COOKIE_DAYS = 400
@@ -110,6 +117,15 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
                 f"second to each backend (a share of a core here, and load on every backend); "
                 f"{MIN_HEALTH_CHECK_INTERVAL * 1000:g}ms or more (was 1s or 1m meant?)"
             )
+        check = pool.health_check
+        if check.timeout >= check.interval and check.timeout > MAX_LIKELY_PROBE_TIMEOUT and (
+            pool.backends or pool.discovery is not None
+        ):
+            said.append(
+                f"pools.{name}.health_check.timeout is {check.timeout:g}s, not shorter than its interval "
+                f"({check.interval:g}s): a backend that stops answering is marked down only after "
+                f"{check.fall} x {check.timeout:g}s{BARE_NUMBER_HINT}"
+            )
         discovery = pool.discovery
         if discovery is not None and discovery.interval < MIN_DISCOVERY_INTERVAL:
             said.append(
@@ -128,6 +144,14 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
                 f"pools.{name}.slow_start is ignored with balance: {pool.balance.value}: a weight ramping on each "
                 "instance's own clock would send one key to different backends through different instances"
             )
+    timeouts = config.timeouts
+    for key, seconds, why in (
+        ("handshake", timeouts.handshake, "a client may take that long to send its head, holding a connection"),
+        ("backend_connect", timeouts.backend_connect,
+         "a client waits that long on a gateway that does not answer before another is tried"),
+    ):
+        if seconds > MAX_LIKELY_TIMEOUT:
+            said.append(f"timeouts.{key} is {seconds:g}s: {why}{BARE_NUMBER_HINT}")
     limits = config.limits
     if limits.handshake_burst_per_ip is not None and limits.handshake_rate_per_ip == 0:
         said.append(

@@ -68,6 +68,41 @@ def test_a_short_admin_token_is_advice(tmp_path: Path, token: str, advised: bool
     assert sentence.startswith(f"admin.token is {len(token)} characters") and "16" in sentence
 
 
+@pytest.mark.parametrize(("extra", "start"), [
+    ("", None),
+    ("pools: {p: {backends: [{id: a, address: '127.0.0.1:1'}], health_check: {interval: 1s, timeout: 500}}}",
+     "pools.p.health_check.timeout is 500s, not shorter than its interval (1s)"),
+    ("pools: {p: {backends: [{id: a, address: '127.0.0.1:1'}], health_check: {interval: 11s, timeout: 11s}}}",
+     "pools.p.health_check.timeout is 11s"),
+    ("pools: {p: {backends: [{id: a, address: '127.0.0.1:1'}], health_check: {interval: 1s, timeout: 10s}}}",
+     None),
+    ("pools: {p: {backends: [{id: a, address: '127.0.0.1:1'}], health_check: {interval: 1m, timeout: 30s}}}",
+     None),
+    ("timeouts: {backend_connect: 3000}", "timeouts.backend_connect is 3000s"),
+    ("timeouts: {handshake: 10000}", "timeouts.handshake is 10000s"),
+    ("timeouts: {handshake: 1m, backend_connect: 1m}", None),
+])
+def test_a_timeout_that_reads_as_a_unitless_number_of_milliseconds_is_advice(
+    tmp_path: Path, extra: str, start: str | None
+) -> None:
+    """`timeout: 500` is 500 seconds (a bare number is seconds), which an HAProxy user meant as milliseconds:
+    a frozen backend stayed up for minutes, and `lb validate` said only ok."""
+    text = f"""
+listeners: [{{bind: "127.0.0.1:0"}}]
+admin: {{token: {TOKEN}}}
+affinity: {{secret_keys: [{KEY}]}}
+routes: [{{path_prefix: /, pool: p}}]
+{extra if extra.startswith("pools") else "pools: {p: {backends: [{id: a, address: '127.0.0.1:1'}]}}"}
+{extra if not extra.startswith("pools") else ""}
+"""
+    said = advice(parse_config(text, base_dir=tmp_path, environ={}))
+    if start is None:
+        assert said == []
+    else:
+        (sentence,) = said
+        assert sentence.startswith(start) and "was ms meant?" in sentence, sentence
+
+
 @pytest.mark.parametrize(("listener", "advised"), [
     ('{bind: "0.0.0.0:8080", proxy_protocol: true}', True),
     ('{bind: "[::]:8080", proxy_protocol: true}', True),
