@@ -327,7 +327,10 @@ def _exchange(request: urllib.request.Request, asked: str, url: str, watchdog: _
             raise CtlError(f"{asked}: HTTP {exc.code}: redirected to {where} (not followed: "
                            "give the admin API's own URL)", EXIT_API_ERROR) from None
         message = _server_message(raw) or _printable(str(exc.reason), 200)
-        hint = " (give the admin token with --token, LB_ADMIN_TOKEN or --config)" if exc.code == 401 else ""
+        hint = ""
+        if exc.code == 401:
+            hint = (" (set admin.token in the balancer's config and reload it)" if "no admin.token" in message
+                    else " (give the admin token with --token, LB_ADMIN_TOKEN or --config)")
         raise CtlError(f"{asked}: HTTP {exc.code}: {message}{hint}", EXIT_API_ERROR) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)

@@ -523,9 +523,21 @@ async def metrics(request: web.Request) -> web.Response:
     return LargeAnswer(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _authorized(request: web.Request, token: str | None) -> bool:
+# The 401s' fixed reasons: with no token configured, asking for one would send the operator looking for it.
+WRONG_TOKEN = "missing or wrong bearer token"
+NO_TOKEN_CONFIGURED = "admin actions are off: the balancer has no admin.token configured"
+
+
+def _refused(request: web.Request, token: str | None) -> web.Response | None:
+    """The 401 for a request that may not act (no token configured, or not this one), or None: it may."""
     if token is None:
-        return False
+        return _error(401, NO_TOKEN_CONFIGURED, headers={"WWW-Authenticate": "Bearer"})
+    if not _authorized(request, token):
+        return _error(401, WRONG_TOKEN, headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
+def _authorized(request: web.Request, token: str) -> bool:
     credentials = request.headers.getall("Authorization", [])
     if len(credentials) != 1:
         return False  # two: which one a proxy in front checked, or logged, is anyone's guess
@@ -544,8 +556,8 @@ async def backend_action(request: web.Request) -> web.Response:
     after the delay, the backend's tunnels are closed with 1012 at that rate.
     """
     balancer = request.app[BALANCER]
-    if not _authorized(request, balancer.ctx.config.admin.token):
-        return _error(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    if (refused := _refused(request, balancer.ctx.config.admin.token)) is not None:
+        return refused
     try:
         action = AdminAction(request.match_info["action"])
     except ValueError:
@@ -841,7 +853,7 @@ def _name(key: object) -> str:
 
 
 # For other admin route modules (lb.control.console): the same bearer check and error body.
-authorized = _authorized
+refused = _refused
 error_response = _error
 
 

@@ -243,6 +243,22 @@ def test_an_answer_cut_short_of_its_length_is_exit_1(command: list[str], reply: 
     assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done
 
 
+@pytest.mark.parametrize(("configured", "hint"), [
+    (False, "set admin.token in the balancer's config"),
+    (True, "give the admin token with --token"),
+])
+def test_a_401_s_hint_follows_its_reason(configured: bool, hint: str) -> None:
+    """With no token configured, asking the operator for one sent them looking for a token that does not exist."""
+    from lb.control.admin import NO_TOKEN_CONFIGURED, WRONG_TOKEN
+
+    reason = WRONG_TOKEN if configured else NO_TOKEN_CONFIGURED
+    body = json.dumps({"error": reason, "request_id": "r"}).encode()
+    reply = b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with scripted(raw(reply + body)) as admin:
+        done, _ = ctl("--admin", admin.url, "--token", "t" * 20, "enable", "p", "b")
+    assert done.returncode == 1 and reason in done.stderr and hint in done.stderr, done.stderr
+
+
 def test_an_html_error_page_is_one_readable_line() -> None:
     page = b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad \x1b[31mGateway</h1></body></html>"
     with scripted(answer("502 Bad Gateway", page, "text/html")) as admin:

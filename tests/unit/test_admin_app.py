@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from support_poll import wait_for
 
 from lb.config.model import BackendConfig, PoolConfig
-from lb.control.admin import make_admin_app
+from lb.control.admin import NO_TOKEN_CONFIGURED, WRONG_TOKEN, make_admin_app
 from lb.log import JsonFormatter
 from lb.state.pool import PoolState
 
@@ -95,6 +95,27 @@ async def test_a_token_of_bytes_that_are_not_utf8_is_a_401_not_a_500(caplog: pyt
         writer.close()
         assert answer.startswith(b"HTTP/1.1 401 ")
         assert not caplog.records
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("path", ["/pools/p/backends/gw-1/drain", "/lookup?token=x"])
+async def test_with_no_admin_token_configured_the_401_says_so_rather_than_ask_for_one(path: str) -> None:
+    """"missing or wrong bearer token" sent an operator (and lb ctl's hint, and the dashboard's prompt) looking
+    for a token that does not exist."""
+    balancer = _fake_balancer()
+    balancer.ctx.config.admin.token = None
+    client = await _client(balancer)
+    try:
+        ask = client.post if "/pools/" in path else client.get
+        for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):
+            reply = await ask(path, headers=headers)
+            body = await reply.json()
+            assert (reply.status, body["error"]) == (401, NO_TOKEN_CONFIGURED), body
+            assert reply.headers["WWW-Authenticate"] == "Bearer"
+        balancer.ctx.config.admin.token = TOKEN
+        reply = await ask(path)
+        assert (reply.status, (await reply.json())["error"]) == (401, WRONG_TOKEN)
     finally:
         await client.close()
 

@@ -31,12 +31,12 @@ from lb.control.admin import (
     BALANCER,
     STATUS_RENDER,
     LargeAnswer,
-    authorized,
     backends_per_pool,
     error_response,
     key_values,
     make_room,
     refuse_parameters,
+    refused,
     status_document,
 )
 from lb.control.admin_route import MAX_KEY_CHARS
@@ -112,8 +112,8 @@ async def lookup(request: web.Request) -> web.Response:
     have (as /pools/{pool}/... answers)."""
     balancer = request.app[BALANCER]
     ctx = balancer.ctx
-    if not authorized(request, ctx.config.admin.token):
-        return error_response(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    if (refusal := refused(request, ctx.config.admin.token)) is not None:
+        return refusal
     refuse_parameters(request, LOOKUP_PARAMS)
     token = request.query.get("token", "")
     if not token:
