@@ -84,7 +84,7 @@ from lb.http.proxy_header import CRC32C_IN_C
 from lb.http.routing import sort_routes
 from lb.log import setup_logging
 from lb.log_stream import report_dropped_lines, unblock_stderr
-from lb.proxy.preamble import AcceptingServer, listening_sockets
+from lb.proxy.preamble import AcceptingServer, claim_address, listening_sockets
 from lb.proxy.server import abort_in_flight, client_factory, install_accept_error_filter, stop_in_flight, wall_offset
 from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY, idle_sweep_interval
 from lb.state.context import ProxyContext, configured_protected
@@ -183,6 +183,8 @@ class Balancer:
         self._reload_reading = False  # a reload's file is being read and checked (on a thread)
         self._reload_pending = False
         self._listening: list[_Listening] = []
+        # The owner of workers: its listeners' addresses, held for the workers (`_probe_and_hold`).
+        self._held: dict[tuple[str, int], list[socket.socket]] = {}
         self._admin: web.AppRunner | None = None
         self.admin_address: tuple[str, int] | None = None
         self._checkers: list[HealthChecker] = []
@@ -285,9 +287,10 @@ class Balancer:
                 self._listening.append(await self._bind(listener))
         else:
             # The workers bind with SO_REUSEPORT; a port held by someone else would only show as
-            # workers dying one after the other.  Probe each address once, here, to fail fast.
+            # workers dying one after the other.  Probe each address once, here, to fail fast, and
+            # hold it for the workers from then on.
             for listener in self.config.listeners:
-                _probe_bind(listener)
+                self._held[(listener.host, listener.port)] = _probe_and_hold(listener)
         # Everything is bound: from here on nothing can fail for want of an address.
         for listening in self._listening:
             log.info(
@@ -321,6 +324,8 @@ class Balancer:
         for listening in self._listening:
             listening.server.close()
         self._listening = []
+        _release(self._held)
+        self._held = {}
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
@@ -755,6 +760,7 @@ class Balancer:
         new_listening: list[_Listening] = []
         kept: list[tuple[_Listening, ListenerConfig]] = []
         new_admin: tuple[web.AppRunner, tuple[str, int]] | None = None
+        new_held: dict[tuple[str, int], list[socket.socket]] = {}
         try:
             if self.role is not Role.OWNER:
                 # A kept TLS listener's files were loaded by load_config (a bad one failed the reload there).
@@ -775,10 +781,9 @@ class Balancer:
                         adopted = _dup_sockets(replaced.server.sockets)
                         new_listening.append(await self._bind(listener, adopt=adopted))
             else:
-                running = {(item.host, item.port) for item in self.config.listeners}
                 for listener in config.listeners:
-                    if (listener.host, listener.port) not in running:  # ours are held by our workers
-                        _probe_bind(listener)
+                    if (listener.host, listener.port) not in self._held:  # ours are held, for our workers
+                        new_held[(listener.host, listener.port)] = _probe_and_hold(listener)
             if self.role is not Role.WORKER and (config.admin.host, config.admin.port) != (
                 self.config.admin.host, self.config.admin.port
             ):
@@ -786,6 +791,7 @@ class Balancer:
         except (BindError, OSError, ssl.SSLError) as exc:
             for listening in new_listening:
                 listening.server.close()
+            _release(new_held)
             if new_admin is not None:
                 await new_admin[0].cleanup()
             if isinstance(exc, BindError):
@@ -794,6 +800,10 @@ class Balancer:
         # 2. Swap: one synchronous block, so every connection sees the old state or the new one.
         previous = self.config
         self._swap(config, kept, new_listening)
+        # The owner's holds follow its listeners (a removed one's workers close theirs as they apply it).
+        addresses = {(listener.host, listener.port) for listener in config.listeners}
+        _release({key: held for key, held in self._held.items() if key not in addresses})
+        self._held = {key: held for key, held in self._held.items() if key in addresses} | new_held
         old_admin = None
         if new_admin is not None:
             old_admin, (self._admin, self.admin_address) = self._admin, new_admin
@@ -1102,6 +1112,8 @@ class Balancer:
                 + max(timeouts.shutdown_grace + CLOSE_LINGER, timeouts.backend_connect + 1.0)
                 + 5.0
             )
+            _release(self._held)  # the workers are gone: so is the address, for whoever starts next
+            self._held = {}
         elif timeouts.shutdown_delay > 0:
             log.info("shutting down: /readyz answers 503; still serving for %gs", timeouts.shutdown_delay)
             await self._unless_hurried(timeouts.shutdown_delay)
@@ -1257,18 +1269,24 @@ def _start_serving(server: asyncio.Server | AcceptingServer) -> None:
 _background: set[asyncio.Task[None]] = set()
 
 
-def _probe_bind(listener: ListenerConfig) -> None:
-    """Raise BindError if `listener`'s addresses cannot be bound right now (the owner of `workers: N`).
+def _release(held: dict[tuple[str, int], list[socket.socket]]) -> None:
+    """Close the holding sockets of these addresses (`_probe_and_hold`)."""
+    for socks in held.values():
+        for sock in socks:
+            sock.close()
+
+
+def _probe_and_hold(listener: ListenerConfig) -> list[socket.socket]:
+    """Raise BindError if `listener`'s addresses cannot be bound right now (the owner of `workers: N`);
+    else claim them for its workers (`claim_address`), for as long as it runs this listener.
 
     Every address of a name, as each worker binds them: one taken would fail every worker.  Nothing
     serves the address yet (the workers bind it next), so listening for a moment refuses no one.
     """
     try:
-        probes = listening_sockets(listener.host, listener.port, backlog=1, reuse_port=False)
+        return claim_address(listener.host, listener.port)
     except OSError as exc:
         raise BindError("listener", listener.bind, exc) from exc
-    for probe in probes:
-        probe.close()
 
 
 async def serve(

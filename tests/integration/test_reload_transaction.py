@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,12 +25,14 @@ import pytest
 import yaml
 from conftest import (
     HOST,
+    ROOT,
     UNIT,
     DeadBackend,
     Gateway,
     Launcher,
     assert_echo,
     backend_states,
+    child_env,
     find_backend,
     free_port,
     lb_config,
@@ -275,6 +278,49 @@ def test_lb_run_with_a_port_in_use_prints_one_line_and_exits_2(tmp_path: Path) -
     for leftover in (free, admin):
         with pytest.raises(OSError):
             socket.create_connection((HOST, leftover), timeout=1).close()
+
+
+def test_two_lb_runs_started_at_once_on_one_listener_one_serves_and_the_other_exits_2(tmp_path: Path) -> None:
+    """With `workers: N` the owner checked the port, then let it go until its workers bound it, half a second
+    later: two `lb run`s started together both passed the check, and both served, splitting the clients."""
+    port = free_port()
+    runs: list[tuple[subprocess.Popen[bytes], Path, int]] = []
+    try:
+        for name in ("a", "b"):
+            config = lb_config(pools={POOL: [DeadBackend("gw-1", 9)]}, overrides={"workers": 2})
+            config["listeners"] = [{"bind": f"{HOST}:{port}"}]
+            admin = free_port()
+            config["admin"]["bind"] = f"{HOST}:{admin}"
+            (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+            with (tmp_path / f"{name}.log").open("wb") as log:
+                command = [sys.executable, "-m", "lb", "run", "--config", str(tmp_path / f"{name}.yaml")]
+                runs.append((subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=log, stderr=log),
+                             tmp_path / f"{name}.log", admin))
+        deadline = time.monotonic() + 30 * UNIT
+        while all(proc.poll() is None for proc, _, _ in runs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        refused = [(proc, log) for proc, log, _ in runs if proc.poll() is not None]
+        assert len(refused) == 1, "both served" if not refused else "both exited"
+        proc, log = refused[0]
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and f"{HOST}:{port}" in lines[0], lines
+        (survivor, _, admin), = [run for run in runs if run[0].poll() is None]
+        deadline = time.monotonic() + 20 * UNIT
+        while time.monotonic() < deadline:  # its workers came up on the port: it alone serves there
+            with contextlib.suppress(OSError), socket.create_connection((HOST, admin), timeout=1) as probe:
+                probe.sendall(b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                if probe.recv(64).startswith(b"HTTP/1.1 200"):
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the survivor never got ready")
+        survivor.send_signal(signal.SIGTERM)
+        assert survivor.wait(timeout=20 * UNIT) == 0
+    finally:
+        for proc, _, _ in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_lb_run_with_the_admin_port_in_use_exits_2(tmp_path: Path) -> None:
