@@ -167,6 +167,22 @@ def prefixed_path(value: object) -> str:
 _REQUEST_PATH_RE = re.compile(r"/[\x21-\x22\x24-\x7e]*")
 
 
+# A route's prefix is matched against a request's path as sent (visible ASCII, no query): anything else
+# in it (a newline, a space, `é` unencoded, a `?`) would make a route no request can reach.
+_ROUTE_PREFIX_RE = re.compile(r"/[\x21-\x22\x24-\x3e\x40-\x7e]*")
+
+
+def route_prefix(value: object) -> str:
+    """A route's `path_prefix`: a path a request's can begin with."""
+    text = prefixed_path(value)
+    if not _ROUTE_PREFIX_RE.fullmatch(text):
+        raise Bad(
+            f"expected a path of visible ASCII without '?' or '#' (a request's path is matched as sent: "
+            f"percent-encode spaces and anything else), got {show(value)}"
+        )
+    return text
+
+
 def request_path(value: object) -> str:
     """A path the health check sends as is: what a strict backend (and our own parser) reads."""
     text = prefixed_path(value)

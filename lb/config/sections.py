@@ -87,8 +87,8 @@ from lb.config.scalars import (
     is_utf8,
     matching,
     number,
-    prefixed_path,
     request_path,
+    route_prefix,
     secret,
     secure_mode,
     string,
@@ -151,7 +151,7 @@ _LISTENER_FIELDS = (
     Field("backlog", integer(1, 1_000_000)),
 )
 _TLS_FIELDS = (Field("cert", string, required=True), Field("key", string, required=True))
-_ROUTE_FIELDS = (Field("path_prefix", prefixed_path, required=True), Field("pool", string, required=True))
+_ROUTE_FIELDS = (Field("path_prefix", route_prefix, required=True), Field("pool", string, required=True))
 _POOL_FIELDS = (
     Field("balance", enum_of(BalanceMethod)),
     Field("slow_start", duration(allow_zero=True)),

@@ -286,6 +286,11 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ("routes", [], "expected at least one route"),
     ("routes", {"/": "gateways"}, "expected a list of routes, got mapping"),
     ("routes[0].path_prefix", "ws", "expected a path starting with '/', got 'ws'"),
+    # Matched against a request's path as sent: a route none could reach is a mistake (a newline, `é`, a query).
+    ("routes[0].path_prefix", "/\n2026 ERROR x", "expected a path of visible ASCII without '?' or '#'"),
+    ("routes[0].path_prefix", "/caf\u00e9", "percent-encode spaces and anything else), got '/caf\u00e9'"),
+    ("routes[0].path_prefix", "/ws?v=2", "without '?' or '#'"),
+    ("routes[0].path_prefix", "/my game", "without '?' or '#'"),
     ("routes[0].pool", "nope", "unknown pool 'nope'; defined pools: gateways"),
     ("pools", {}, "expected at least one pool"),
     ("pools", ["gateways"], "expected a mapping of pool names to pools, got list"),
