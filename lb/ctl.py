@@ -763,7 +763,10 @@ _DISCOVERY_TIMES = frozenset({"last_ok", "last_error_at"})
 
 
 def _shown_discovery_value(key: str, value: object) -> object:
-    """A discovery field for the table: its times as UTC ISO-8601 (`2026-12-04T00:05:10Z`)."""
+    """A discovery field for the table: its times as UTC ISO-8601 (`2026-12-04T00:05:10Z`); null as `never`
+    for a time, `-` for the rest (not Python's `None`)."""
+    if value is None:
+        return "never" if key in _DISCOVERY_TIMES else "-"
     if key in _DISCOVERY_TIMES and isinstance(value, int | float) and not isinstance(value, bool):
         with contextlib.suppress(OverflowError, OSError, ValueError):
             return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))

@@ -314,8 +314,10 @@ def test_status_table() -> None:
     assert lines[3].split()[3] == "removed", "gone from the pool, its tunnels still running"
     assert lines[1].index("127.0.0.1") == lines[2].index("127.0.0.1"), "columns line up"
     assert any(line.startswith("* migrating") for line in lines)
-    assert "discovery gateways: last_ok=1970-01-01T00:00:01Z, last_error=None" in lines  # a time, not seconds
+    assert "discovery gateways: last_ok=1970-01-01T00:00:01Z, last_error=-" in lines  # a time, not seconds; no None
     assert lines[-1] == "live tunnels: 12, role: single"
+    document["pools"]["gateways"]["discovery"] = {"last_ok": None, "last_error": None}
+    assert "discovery gateways: last_ok=never, last_error=-" in render_status(document).splitlines()
     owner = {**document, "role": "owner", "workers": {"count": 2, "serving": 0}}
     assert render_status(owner).splitlines()[-1] == "live tunnels: 12, role: owner, NO worker serving"
     owner["workers"] = {"count": 2, "serving": 1}
