@@ -183,7 +183,7 @@ class Balancer:
         self._reload_reading = False  # a reload's file is being read and checked (on a thread)
         self._reload_pending = False
         self._listening: list[_Listening] = []
-        # The owner of workers: its listeners' addresses, held for the workers (`_probe_and_hold`).
+        # Its listeners' addresses, claimed (`_claim`): a single process's, or an owner's for its workers.
         self._held: dict[tuple[str, int], list[socket.socket]] = {}
         self._admin: web.AppRunner | None = None
         self.admin_address: tuple[str, int] | None = None
@@ -284,13 +284,15 @@ class Balancer:
             if self._stopping is not None:
                 return  # told to stop while waiting (a worker's owner going away): bind nothing
             for listener in self.config.listeners:
+                if self.role is Role.SINGLE:  # a worker's are its owner's
+                    self._held[(listener.host, listener.port)] = _claim(listener, probe=False)
                 self._listening.append(await self._bind(listener))
         else:
             # The workers bind with SO_REUSEPORT; a port held by someone else would only show as
             # workers dying one after the other.  Probe each address once, here, to fail fast, and
-            # hold it for the workers from then on.
+            # claim it for the workers from then on.
             for listener in self.config.listeners:
-                self._held[(listener.host, listener.port)] = _probe_and_hold(listener)
+                self._held[(listener.host, listener.port)] = _claim(listener, probe=True)
         # Everything is bound: from here on nothing can fail for want of an address.
         for listening in self._listening:
             log.info(
@@ -320,12 +322,16 @@ class Balancer:
         if self._control is not None:
             self._control.report_ready()
 
+    def _release_claims(self) -> None:
+        """Give up the claims on the listeners' addresses (`_claim`): from now on they are not ours."""
+        _release(self._held)
+        self._held = {}
+
     async def _close_bound(self) -> None:
         for listening in self._listening:
             listening.server.close()
         self._listening = []
-        _release(self._held)
-        self._held = {}
+        self._release_claims()
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
@@ -776,14 +782,16 @@ class Balancer:
                         None,
                     )
                     if replaced is None:
+                        if self.role is Role.SINGLE:
+                            new_held[(listener.host, listener.port)] = _claim(listener, probe=False)
                         new_listening.append(await self._bind(listener))
                     else:
                         adopted = _dup_sockets(replaced.server.sockets)
                         new_listening.append(await self._bind(listener, adopt=adopted))
             else:
                 for listener in config.listeners:
-                    if (listener.host, listener.port) not in self._held:  # ours are held, for our workers
-                        new_held[(listener.host, listener.port)] = _probe_and_hold(listener)
+                    if (listener.host, listener.port) not in self._held:  # ours are claimed, for our workers
+                        new_held[(listener.host, listener.port)] = _claim(listener, probe=True)
             if self.role is not Role.WORKER and (config.admin.host, config.admin.port) != (
                 self.config.admin.host, self.config.admin.port
             ):
@@ -800,7 +808,7 @@ class Balancer:
         # 2. Swap: one synchronous block, so every connection sees the old state or the new one.
         previous = self.config
         self._swap(config, kept, new_listening)
-        # The owner's holds follow its listeners (a removed one's workers close theirs as they apply it).
+        # The claims follow the listeners (a removed one's workers close theirs as they apply it).
         addresses = {(listener.host, listener.port) for listener in config.listeners}
         _release({key: held for key, held in self._held.items() if key not in addresses})
         self._held = {key: held for key, held in self._held.items() if key in addresses} | new_held
@@ -1107,13 +1115,16 @@ class Balancer:
         if self._supervisor is not None:
             # Each worker runs the same delay and spread for its own tunnels.
             log.info("shutting down: /readyz answers 503; stopping the workers")
+            # They stop accepting as the delay ends, and the claim with them: another `lb run` may take
+            # the address over while they drain their tunnels, as with one process.
+            released = asyncio.get_running_loop().call_later(timeouts.shutdown_delay, self._release_claims)
             await self._supervisor.stop(
                 timeouts.shutdown_delay
                 + max(timeouts.shutdown_grace + CLOSE_LINGER, timeouts.backend_connect + 1.0)
                 + 5.0
             )
-            _release(self._held)  # the workers are gone: so is the address, for whoever starts next
-            self._held = {}
+            released.cancel()
+            self._release_claims()  # sooner, if the workers are gone sooner
         elif timeouts.shutdown_delay > 0:
             log.info("shutting down: /readyz answers 503; still serving for %gs", timeouts.shutdown_delay)
             await self._unless_hurried(timeouts.shutdown_delay)
@@ -1129,6 +1140,7 @@ class Balancer:
             await asyncio.sleep(ACCEPT_QUEUE_DRAIN)
         for listening in self._listening:
             listening.server.close()
+        self._release_claims()
         # Handshakes in flight (TLS handshakes and PROXY headers still arriving included): 503 if not yet
         # at a backend, else their answer completes.  Live tunnels get their 1001s meanwhile: a silent
         # connection waiting out its handshake deadline must not hold up the spread.
@@ -1270,23 +1282,34 @@ _background: set[asyncio.Task[None]] = set()
 
 
 def _release(held: dict[tuple[str, int], list[socket.socket]]) -> None:
-    """Close the holding sockets of these addresses (`_probe_and_hold`)."""
+    """Give up the claims on these addresses (`_claim`)."""
     for socks in held.values():
         for sock in socks:
             sock.close()
 
 
-def _probe_and_hold(listener: ListenerConfig) -> list[socket.socket]:
-    """Raise BindError if `listener`'s addresses cannot be bound right now (the owner of `workers: N`);
-    else claim them for its workers (`claim_address`), for as long as it runs this listener.
+def _claim(listener: ListenerConfig, *, probe: bool) -> list[socket.socket]:
+    """Claim `listener`'s addresses for this `lb run` (`claim_address`), held for as long as it runs the
+    listener; raise BindError if another claims them, or, with `probe` (the owner of `workers: N`, whose
+    workers bind later), if they cannot be bound right now.
 
-    Every address of a name, as each worker binds them: one taken would fail every worker.  Nothing
-    serves the address yet (the workers bind it next), so listening for a moment refuses no one.
+    The probe binds every address of a name, as each worker binds them: one taken would fail every
+    worker.  Nothing serves the address yet (the workers bind it next), so listening for a moment
+    refuses no one.
     """
     try:
-        return claim_address(listener.host, listener.port)
+        locks = claim_address(listener.host, listener.port)
     except OSError as exc:
         raise BindError("listener", listener.bind, exc) from exc
+    if probe:
+        try:
+            probes = listening_sockets(listener.host, listener.port, backlog=1, reuse_port=False)
+        except OSError as exc:
+            _release({(listener.host, listener.port): locks})
+            raise BindError("listener", listener.bind, exc) from exc
+        for sock in probes:
+            sock.close()
+    return locks
 
 
 async def serve(

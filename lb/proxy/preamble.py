@@ -107,48 +107,6 @@ def listening_sockets(host: str, port: int, *, backlog: int, reuse_port: bool) -
         OSError: the address cannot be resolved, or one of them bound (in use, not ours, no permission);
         the sockets bound before it are closed.
     """
-    return _bound_sockets(host, port, backlog=backlog, reuse_port=reuse_port)
-
-
-def claim_address(host: str, port: int) -> list[socket.socket]:
-    """Sockets that claim (host, port) for this process's workers, checked free first; closing them
-    gives it up.  Without them the port was free from an owner's check until its workers bound it,
-    and whenever every worker was down: a second `lb run` on it started too, and both served.
-
-    - A lock per address, a Unix socket in the abstract namespace (scoped, as ports are, to the
-      network namespace; gone with the process): of two `lb run`s checking the port at once, one
-      binds it, the other is told the address is in use.
-    - The check: a listening socket of its own, closed at once (the port held by anyone else).
-    - A socket per address bound with SO_REUSEPORT alone, not listening (no connection reaches it):
-      the workers' binds (SO_REUSEPORT, the same user) may join it, any other bind there fails.
-
-    Raises:
-        OSError: as `listening_sockets` (EADDRINUSE for an address another `lb run` claims).
-    """
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    claimed: list[socket.socket] = []
-    try:
-        for ip in dict.fromkeys(str(info[4][0]) for info in infos):
-            lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            claimed.append(lock)
-            try:
-                lock.bind(f"\0ws-affinity-lb listener {ip} {port}")
-            except OSError as exc:
-                raise OSError(exc.errno, f"{exc.strerror} (another lb run claims it)") from None
-        for probe in listening_sockets(host, port, backlog=1, reuse_port=False):
-            probe.close()
-        claimed += _bound_sockets(host, port, backlog=None, reuse_port=True, reuse_address=False)
-    except BaseException:
-        for sock in claimed:
-            sock.close()
-        raise
-    return claimed
-
-
-def _bound_sockets(
-    host: str, port: int, *, backlog: int | None, reuse_port: bool, reuse_address: bool = True
-) -> list[socket.socket]:
-    """`listening_sockets`, or bound only (`backlog` None)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     addresses = list(dict.fromkeys((family, kind, proto, address) for family, kind, proto, _, address in infos))
     unsupported: OSError = OSError(errno.EADDRNOTAVAIL, f"no address for {host!r}")
@@ -161,16 +119,14 @@ def _bound_sockets(
                 unsupported = exc
                 continue
             socks.append(sock)
-            if reuse_address:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 # As asyncio does: an IPv6 listener is IPv6 only (an IPv4 one may share the port).
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            if backlog is not None:
-                sock.listen(backlog)
+            sock.listen(backlog)
             sock.setblocking(False)
     except BaseException:
         for sock in socks:
@@ -179,6 +135,44 @@ def _bound_sockets(
     if not socks:
         raise unsupported
     return socks
+
+
+def claim_address(host: str, port: int) -> list[socket.socket]:
+    """Locks that claim (host, port)'s addresses for this `lb run` (its listener, or its workers'), one
+    per address: Unix sockets in the abstract namespace, scoped as ports are to the network namespace
+    and gone with the process.  Of two `lb run`s that start on one address at once, one takes it, the
+    other is told the address is in use.  Without them, a `workers: N` owner's check of the port
+    passed, and its workers bound it half a second later: a second `lb run` on it started in between,
+    passed its own check, and both served.  None for port 0 (a port of its own each time).  Where Unix
+    sockets cannot be made (a sandbox's policy), no lock: the binds still refuse an address in use.
+
+    Raises:
+        OSError: EADDRINUSE, an address another `lb run` claims (or this one, under another
+        spelling); or it cannot be resolved.
+    """
+    if port == 0:
+        return []
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    locks: list[socket.socket] = []
+    try:
+        for ip in dict.fromkeys(str(info[4][0]) for info in infos):
+            try:
+                lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            except OSError:
+                continue
+            locks.append(lock)
+            try:
+                lock.bind(f"\0ws-affinity-lb listener {ip} {port}")
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    continue  # not a claim of someone else's: go without this lock
+                raise OSError(errno.EADDRINUSE, "Address already in use (another lb run claims it, "
+                              "or this one under another spelling)") from None
+    except BaseException:
+        for lock in locks:
+            lock.close()
+        raise
+    return locks
 
 
 class AcceptingServer:

@@ -280,47 +280,118 @@ def test_lb_run_with_a_port_in_use_prints_one_line_and_exits_2(tmp_path: Path) -
             socket.create_connection((HOST, leftover), timeout=1).close()
 
 
+class _Run:
+    """`lb run` of its own config (`workers: 2`, a listener on `port`), its output in a file."""
+
+    def __init__(
+        self, tmp_path: Path, name: str, port: int, *, workers: int = 2, gateways: list[Gateway] | None = None,
+        grace: str = "10s",
+    ) -> None:
+        pools = {POOL: gateways or [DeadBackend("gw-1", 9)]}
+        config = lb_config(pools=pools, overrides={"workers": workers, "timeouts": {"shutdown_grace": grace}})
+        config["listeners"] = [{"bind": f"{HOST}:{port}"}]
+        self.admin = free_port()
+        config["admin"]["bind"] = f"{HOST}:{self.admin}"
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        self.log = tmp_path / f"{name}.log"
+        with self.log.open("wb") as log:
+            command = [sys.executable, "-m", "lb", "run", "--config", str(tmp_path / f"{name}.yaml")]
+            self.proc = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=log, stderr=log)
+
+    def ready(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((HOST, self.admin), timeout=1) as probe:
+            probe.sendall(b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            return probe.recv(64).startswith(b"HTTP/1.1 200")
+        return False
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 20 * UNIT
+        while not self.ready():
+            assert self.proc.poll() is None, self.log.read_text(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, "never ready"
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20 * UNIT)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def test_two_lb_runs_started_at_once_on_one_listener_one_serves_and_the_other_exits_2(tmp_path: Path) -> None:
     """With `workers: N` the owner checked the port, then let it go until its workers bound it, half a second
     later: two `lb run`s started together both passed the check, and both served, splitting the clients."""
     port = free_port()
-    runs: list[tuple[subprocess.Popen[bytes], Path, int]] = []
+    runs: list[_Run] = []
     try:
-        for name in ("a", "b"):
-            config = lb_config(pools={POOL: [DeadBackend("gw-1", 9)]}, overrides={"workers": 2})
-            config["listeners"] = [{"bind": f"{HOST}:{port}"}]
-            admin = free_port()
-            config["admin"]["bind"] = f"{HOST}:{admin}"
-            (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
-            with (tmp_path / f"{name}.log").open("wb") as log:
-                command = [sys.executable, "-m", "lb", "run", "--config", str(tmp_path / f"{name}.yaml")]
-                runs.append((subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=log, stderr=log),
-                             tmp_path / f"{name}.log", admin))
+        runs = [_Run(tmp_path, "a", port), _Run(tmp_path, "b", port)]
         deadline = time.monotonic() + 30 * UNIT
-        while all(proc.poll() is None for proc, _, _ in runs) and time.monotonic() < deadline:
+        while all(run.proc.poll() is None for run in runs) and time.monotonic() < deadline:
             time.sleep(0.05)
-        refused = [(proc, log) for proc, log, _ in runs if proc.poll() is not None]
+        refused = [run for run in runs if run.proc.poll() is not None]
         assert len(refused) == 1, "both served" if not refused else "both exited"
-        proc, log = refused[0]
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-        assert proc.returncode == 2 and len(lines) == 1 and f"{HOST}:{port}" in lines[0], lines
-        (survivor, _, admin), = [run for run in runs if run[0].poll() is None]
-        deadline = time.monotonic() + 20 * UNIT
-        while time.monotonic() < deadline:  # its workers came up on the port: it alone serves there
-            with contextlib.suppress(OSError), socket.create_connection((HOST, admin), timeout=1) as probe:
-                probe.sendall(b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-                if probe.recv(64).startswith(b"HTTP/1.1 200"):
-                    break
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the survivor never got ready")
-        survivor.send_signal(signal.SIGTERM)
-        assert survivor.wait(timeout=20 * UNIT) == 0
+        lines = [line for line in refused[0].log.read_text(errors="replace").splitlines() if line.strip()]
+        assert refused[0].proc.returncode == 2 and len(lines) == 1 and f"{HOST}:{port}" in lines[0], lines
+        (survivor,) = [run for run in runs if run.proc.poll() is None]
+        survivor.wait_ready()  # its workers came up on the port: it alone serves there
+        assert survivor.stop() == 0
     finally:
-        for proc, _, _ in runs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        for run in runs:
+            run.kill()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_new_lb_run_takes_the_address_over_while_the_old_one_drains(
+    tmp_path: Path, gateways: list[Gateway], workers: int
+) -> None:
+    """Blue/green on one host: the old balancer, stopped, closes its listeners and drains its tunnels over
+    `shutdown_grace`, and the new one starts on the same address meanwhile.  The claim on the address goes
+    with the listeners, not with the process."""
+    port = free_port()
+    old = _Run(tmp_path, "old", port, workers=workers, gateways=gateways, grace="20s")
+    new: _Run | None = None
+    try:
+        old.wait_ready()
+        async with ws_connect(f"ws://{HOST}:{port}/ws") as (ws, _):
+            await recv_hello(ws)
+            old.proc.send_signal(signal.SIGTERM)
+            await wait_until(lambda: "no longer accepting" in old.log.read_text(errors="replace"),
+                             within=10 * UNIT, what="the old balancer's listeners closed")
+            new = _Run(tmp_path, "new", port, workers=workers, gateways=gateways)
+            await asyncio.to_thread(new.wait_ready)
+            assert old.proc.poll() is None, "the old one still drains its tunnel"
+            fresh = await visit(f"ws://{HOST}:{port}/ws", within=5 * UNIT)
+            assert fresh.hello is not None
+            await assert_echo(ws, "the old tunnel relays on")
+        assert new.stop() == 0
+    finally:
+        for run in (old, new):
+            if run is not None:
+                run.kill()
+
+
+def test_an_lb_run_with_workers_starts_where_an_earlier_server_left_connections_in_time_wait(tmp_path: Path) -> None:
+    """The port holds only TIME_WAIT connections of a server that closed them first (a balancer stopped a
+    moment ago): it is free.  A claim that bound the port itself, with SO_REUSEPORT alone, found it in
+    use, and a restart from one process to `workers: 2` exited 2 for a minute."""
+    with socket.socket() as earlier:
+        earlier.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        earlier.bind((HOST, 0))
+        earlier.listen(4)
+        port = int(earlier.getsockname()[1])
+        with socket.create_connection((HOST, port)) as client:
+            accepted, _ = earlier.accept()
+            accepted.close()  # the server closes first: its side goes to TIME_WAIT
+            client.recv(1)
+    run = _Run(tmp_path, "after", port)
+    try:
+        run.wait_ready()
+        assert run.stop() == 0
+    finally:
+        run.kill()
 
 
 def test_lb_run_with_the_admin_port_in_use_exits_2(tmp_path: Path) -> None:
