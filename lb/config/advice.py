@@ -43,7 +43,7 @@ MAX_LIKELY_TIMEOUT = 60.0
 # Longer than this, and not shorter than its interval, a health check's timeout is advice: a frozen backend
 # is marked down only after `fall` of them (`timeout: 500`, meant as ms, kept one up for 1000 s).
 MAX_LIKELY_PROBE_TIMEOUT = 10.0
-BARE_NUMBER_HINT = " (a number without a unit is seconds: was ms meant?)"
+BARE_NUMBER_HINT = " (if it was written without a unit: a bare number is seconds, not milliseconds)"
 # Longer than this, a cookie's Max-Age is advice: browsers cap it there (RFC 6265bis, 400 days), so a
 # browser's pin ends sooner than `affinity.max_age` says; a native client keeps it as long.
 BROWSER_COOKIE_DAYS = 400
@@ -197,7 +197,7 @@ def _loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host == "localhost"
+        return host.lower() == "localhost"
 
 
 def _descriptor_advice(config: Config, descriptors: int) -> list[str]:

@@ -1044,7 +1044,8 @@ class Balancer:
 
     @property
     def shutting_down(self) -> bool:
-        return self._stopping is not None
+        """From the stop signal on (one taken while starting too, as /readyz says)."""
+        return self._stopping is not None or self.stop_asked
 
     async def stopped(self) -> None:
         """Returns once `stop()` has been called, by whoever."""

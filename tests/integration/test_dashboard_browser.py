@@ -156,6 +156,24 @@ def test_wrong_token_is_asked_again(stack: tuple[Balancer, list[Gateway]], brows
     assert browser.execute_script("return sessionStorage.getItem('lb-admin-token');") is None
 
 
+def test_with_no_admin_token_configured_an_action_says_so_and_asks_for_none(
+    tmp_path_factory: pytest.TempPathFactory, browser: WebDriver
+) -> None:
+    """The dashboard asked for the token, then said it was wrong, again and again, where none exists."""
+    with launched(tmp_path_factory, "dashboard-no-token") as launcher:
+        gateways = launcher.gateways(1)
+        config = lb_config(pools={"gateways": gateways})
+        config["admin"]["token"] = None
+        lb = launcher.balancer(config)
+        target = gateways[0].id
+        open_dashboard(browser, lb)
+        wait_for(browser, lambda d: shown_state(d, target) == "up", f"{target} up")
+        row(browser, target).find_element(By.CSS_SELECTOR, "button.act-disable").click()
+        wait_for(browser, lambda d: "admin actions are off" in d.find_element(By.ID, "toast").text, "the reason")
+        assert not browser.find_element(By.ID, "token-dialog").is_displayed()
+        assert server_state(lb, target) == "up"
+
+
 def test_dashboard_fits_a_phone(stack: tuple[Balancer, list[Gateway]], browser: WebDriver) -> None:
     """At 390 px wide nothing scrolls sideways, and every backend with its buttons is there."""
     lb, gateways = stack

@@ -100,7 +100,7 @@ routes: [{{path_prefix: /, pool: p}}]
         assert said == []
     else:
         (sentence,) = said
-        assert sentence.startswith(start) and "was ms meant?" in sentence, sentence
+        assert sentence.startswith(start) and "a bare number is seconds" in sentence, sentence
 
 
 @pytest.mark.parametrize(("listener", "advised"), [
@@ -109,6 +109,7 @@ routes: [{{path_prefix: /, pool: p}}]
     ('{bind: "0.0.0.0:8080", proxy_protocol: true, proxy_protocol_from: [10.0.0.0/24]}', False),
     ('{bind: "127.0.0.1:8080", proxy_protocol: true}', False),
     ('{bind: "localhost:8080", proxy_protocol: true}', False),
+    ('{bind: "LocalHost:8080", proxy_protocol: true}', False),
     ('{bind: "0.0.0.0:8080"}', False),
 ])
 def test_a_proxy_listener_open_to_any_peer_is_advice(tmp_path: Path, listener: str, advised: bool) -> None:
