@@ -174,23 +174,19 @@ _ROUTE_PREFIX_RE = re.compile(r"/[\x21-\x22\x24-\x3e\x40-\x7e]*")
 
 def route_prefix(value: object) -> str:
     """A route's `path_prefix`: a path a request's can begin with."""
-    text = prefixed_path(value)
-    if not _ROUTE_PREFIX_RE.fullmatch(text):
-        raise Bad(
-            f"expected a path of visible ASCII without '?' or '#' (a request's path is matched as sent: "
-            f"percent-encode spaces and anything else), got {show(value)}"
-        )
-    return text
+    return _visible_path(value, _ROUTE_PREFIX_RE, "a path of visible ASCII without '?' or '#'",
+                         "a request's path is matched as sent: ")
 
 
 def request_path(value: object) -> str:
     """A path the health check sends as is: what a strict backend (and our own parser) reads."""
+    return _visible_path(value, _REQUEST_PATH_RE, "a request path of visible ASCII without '#'")
+
+
+def _visible_path(value: object, pattern: re.Pattern[str], what: str, why: str = "") -> str:
     text = prefixed_path(value)
-    if not _REQUEST_PATH_RE.fullmatch(text):
-        raise Bad(
-            f"expected a request path of visible ASCII without '#' (percent-encode spaces and anything "
-            f"else), got {show(value)}"
-        )
+    if not pattern.fullmatch(text):
+        raise Bad(f"expected {what} ({why}percent-encode spaces and anything else), got {show(value)}")
     return text
 
 
