@@ -23,9 +23,10 @@ where does a handshake carrying this token go right now?  Answer shapes:
 - The token may be the whole affinity cookie value: with pins per pool it holds
   one pin per pool (`pin.pin`), and the answer is for the pool `?pool=` names,
   else for the first pin's that opens; of several pins for that pool, the
-  youngest is answered for, as it is the one the data path routes by.  A pin sealed for a pool is looked up in that
-  pool; a version-1 token names no pool: the first pool (in config order) with
-  its backend id, or the one asked for with `?pool=`.
+  youngest is answered for, as it is the one the data path routes by.  A pin
+  sealed for a pool is looked up in that pool; a version-1 token names no pool:
+  the first pool (in config order) with its backend id, or the one asked for
+  with `?pool=`.
 """
 
 from __future__ import annotations
