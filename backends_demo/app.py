@@ -30,6 +30,7 @@ WebSocket behaviour on `/ws`:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import secrets
 import weakref
@@ -129,13 +130,38 @@ async def handle_health(request: web.Request) -> web.Response:
 
 async def handle_drain(request: web.Request) -> web.Response:
     """Ask every balancer for no new clients (through /health); live sockets stay."""
+    if (refused := _not_from_this_host(request)) is not None:
+        return refused
     request.app[DRAINING][0] = True
     return web.json_response({"status": "draining", "server_id": request.app[SERVER_ID]})
 
 
 async def handle_undrain(request: web.Request) -> web.Response:
+    if (refused := _not_from_this_host(request)) is not None:
+        return refused
     request.app[DRAINING][0] = False
     return web.json_response({"status": "ok", "server_id": request.app[SERVER_ID]})
+
+
+# Headers a proxy adds to what it forwards (ours always sets X-Forwarded-For).
+_FORWARDED = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+
+
+def _not_from_this_host(request: web.Request) -> web.Response | None:
+    """A 403 for a drain or undrain not asked from this host itself, or None.
+
+    The route that reaches `/ws` reaches these paths too: through the balancer, any player could drain
+    every gateway (each new player then gets a 503), or undo a rolling update's drain with the cookie
+    of a gateway on its way out.  The preStop hook asks on loopback, directly.
+    """
+    try:
+        local = ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        local = False
+    if local and not any(name in request.headers for name in _FORWARDED):
+        return None
+    return web.json_response({"error": "drain and undrain are asked from the gateway's own host, not through a proxy"},
+                             status=403)
 
 
 async def handle_whoami(request: web.Request) -> web.Response:

@@ -648,7 +648,7 @@ class Connection:
                 if now < until:
                     return [SetTimer(until)]
                 log.info("client %s read nothing of its answer for %gs: closing (request %s)",
-                         self._client_ip, timeouts.answer_body, self._rid)
+                         self._client_ip, timeouts.answer_body, self._rid, extra=self._log_fields())
                 return self._release_backend() + self._close(abort=True)
             until = self._last_backend + timeouts.answer_body
             if now < until:
@@ -660,7 +660,8 @@ class Connection:
             if decision is not None and pool is not None:
                 self._ctx.observations.count_backend_error(pool.name, decision.backend.id, "timeout")
             log.warning("backend %s sent nothing of its answer's body for %gs: closing %s (request %s)",
-                        self._decision_id(), timeouts.answer_body, self._client_ip, self._rid)
+                        self._decision_id(), timeouts.answer_body, self._client_ip, self._rid,
+                        extra=self._log_fields())
             return self._release_backend() + self._close(abort=True)
         return []
 
@@ -917,7 +918,8 @@ class Connection:
             released = self._release_backend()
             if self.state == RELAY:
                 # The answer has begun: an error of ours now would land inside its body.
-                log.info("closing %s: malformed chunked request body (request %s)", self._client_ip, self._rid)
+                log.info("closing %s: malformed chunked request body (request %s)", self._client_ip, self._rid,
+                         extra=self._log_fields())
                 return released + self._close(abort=True)
             return released + self._refuse(RequestRejected("malformed chunked request body"), now)
         if end is None:
@@ -1024,7 +1026,8 @@ class Connection:
             # Forbidden to a 1.0 request (RFC 9112 §6.1), and its client could not read the body.
             # 502, but no retry and no failed check: the client picks the version, and an app that
             # always chunks would otherwise let one request mark every backend down.
-            log.info("chunked answer from %s to an HTTP/1.0 request %s", self._decision_id(), self._rid)
+            log.info("chunked answer from %s to an HTTP/1.0 request %s", self._decision_id(), self._rid,
+                     extra=self._log_fields())
             return self._release_backend() + self._refuse(BadGateway("chunked answer to an HTTP/1.0 request"), now)
         framer = response_framer(response, request_method=request.method)
         keep = (
@@ -1058,6 +1061,13 @@ class Connection:
         decision = self._decision
         return decision.backend.id if decision is not None else "-"
 
+    def _log_fields(self, backend_id: str | None = None) -> dict[str, object]:
+        """A line about this request's failure, its fields of their own in `logging.format: json` (as the
+        access line's are): a query on `request_id` finds why a request failed, not only its status."""
+        pool = self._pool
+        return {"access": {"request_id": self._rid, "pool": pool.name if pool is not None else "-",
+                           "backend": backend_id or self._decision_id(), "client": self._client_ip}}
+
     def _relay_timer(self, now: float) -> SetTimer:
         """While an answer is relayed: the upload's quiet-spell deadline while the body still comes, else
         the backend's (`timeouts.answer_body`: HAProxy's `timeout server`, nginx's `proxy_read_timeout`)."""
@@ -1076,6 +1086,7 @@ class Connection:
                 "malformed chunked body from backend %s; closing (request %s)",
                 self._decision_id(),
                 self._rid,
+                extra=self._log_fields(),
             )
             return self._release_backend() + self._close(abort=True)
         if end is None:
@@ -1111,6 +1122,7 @@ class Connection:
             "backend %s closed before its answer was complete (request %s)",
             self._decision_id(),
             self._rid,
+            extra=self._log_fields(),
         )
         return self._release_backend() + self._close(abort=False)
 
@@ -1133,6 +1145,7 @@ class Connection:
             backend.config.address,
             self._rid,
             failure.cause,
+            extra=self._log_fields(backend.id),
         )
         # 502 also after a timeout: SPEC's "a backend that cannot be reached → 502", and the
         # log line (with the request id) says it was silence.
@@ -1300,6 +1313,7 @@ class Connection:
                     "backend %s set %d %s cookie value(s) too large to seal (up to %d bytes) or past %d in one "
                     "answer: passed to the client unsealed (no affinity for them; request %s)",
                     decision.backend.id, len(unsealed), affinity.cookie, max(unsealed), MAX_SEALS, self._rid,
+                    extra=self._log_fields(),
                 )
             set_cookies = []
             first = None
@@ -1346,7 +1360,7 @@ class Connection:
                     "backend %s sets cookie %s, the name affinity.cookie gives ours: its Set-Cookie is left out "
                     "(request %s; %d more like it since the last line). Give the backend's cookie another name, "
                     "or use affinity.mode: rewrite to route by it", decision.backend.id, affinity.cookie,
-                    self._rid, suppressed,
+                    self._rid, suppressed, extra=self._log_fields(),
                 )
         if not decision.issue_cookie or affinity.mode is AffinityMode.REWRITE:
             return render_client_response(

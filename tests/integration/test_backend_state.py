@@ -71,6 +71,23 @@ async def test_demo_gateway_drain_and_undrain_toggle_its_health_answer(launcher:
     assert (await gateway_health(gateway))[0] == "up"
 
 
+async def test_no_player_can_drain_or_undrain_a_gateway_through_the_balancer(launcher: Launcher) -> None:
+    """The route to `/ws` reaches `/drain` too: any client could drain every gateway (every new player then got
+    a 503), or undo a rolling update's drain.  Only the gateway's own host asks, directly (the preStop)."""
+    lb, gateways = await _stack(launcher)
+    async with aiohttp.ClientSession() as session:
+        for path in ("/drain", "/undrain") * len(gateways):  # round robin: each gateway is asked
+            async with session.post(lb.http_url(path), timeout=aiohttp.ClientTimeout(total=5 * UNIT)) as reply:
+                assert reply.status == 403, await reply.text()
+        async with session.post(gateways[0].url + "/drain", headers={"X-Forwarded-For": "203.0.113.9"},
+                                timeout=aiohttp.ClientTimeout(total=5 * UNIT)) as reply:
+            assert reply.status == 403  # a proxy on this host is not this host's own hook either
+    for gateway in gateways:
+        assert (await gateway_health(gateway))[0] == "up"
+        assert find_backend(await status(lb), "gateways", gateway.id)["state"] == "up"
+    assert (await gateway_post(gateways[0], "/drain"))["status"] == "draining"  # the preStop's way still works
+
+
 async def test_backend_asks_to_drain_then_comes_back(launcher: Launcher) -> None:
     """A gateway saying draining gets no new client, keeps its cookie holders and tunnels; undrained, it is up."""
     lb, (gw1, gw2) = await _stack(launcher)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from lb.config.load import parse_config
 from lb.http.head import parse_response_head
+from lb.log import JsonFormatter
 from lb.proxy.connection import (
     CLOSED,
     CONNECTING,
@@ -887,6 +889,25 @@ def test_refused_connect_tries_the_next_backend_then_502() -> None:
     assert play.answer()[0] == 502
     assert play.connections() == {"a1": 0, "b1": 0, "b2": 0}
     assert len(play.failures) == 2
+
+
+def test_why_a_request_failed_carries_its_request_id_pool_and_backend_as_json_fields(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In `logging.format: json` the 502's access line names no backend; the warning that does is found by
+    its `request_id` field, as the access line is (it was only inside its message)."""
+    play = Play()
+    with caplog.at_level(logging.WARNING, logger="lb.proxy"):
+        play.client(post("/b/x", b"abc"))
+        play.backend_failed()
+        play.backend_failed()
+    status, headers, _ = play.answer()
+    assert status == 502
+    lines = [json.loads(JsonFormatter().format(record)) for record in caplog.records if "failed request" in
+             record.getMessage()]
+    assert len(lines) == 2
+    assert {line["backend"] for line in lines} == {"b1", "b2"}
+    assert all(line["request_id"] == headers["x-request-id"] and line["pool"] == "b" for line in lines), lines
 
 
 def test_a_backend_that_starts_an_answer_and_closes_is_502_and_blamed() -> None:
