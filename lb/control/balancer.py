@@ -76,6 +76,7 @@ from lb.control.ipc import check_config_handover, split_limits
 from lb.control.memory import ReleasePolicy, collection_paused, release_free_memory
 from lb.control.metrics import ReloadResults, WorkerCounts, make_registry
 from lb.control.migration import DEFAULT_MIGRATION_RATE, log_failed, migrate
+from lb.control.state_lines import StateLines
 from lb.control.workers import REPORT_WAIT, ControlChannel, WorkerSupervisor, watch_owner
 from lb.descriptors import descriptor_limit, raise_descriptor_limit
 from lb.errors import ConfigError, LbError
@@ -185,6 +186,7 @@ class Balancer:
         self._listening: list[_Listening] = []
         # Its listeners' addresses, claimed (`_claim`): a single process's, or an owner's for its workers.
         self._held: dict[tuple[str, int], list[socket.socket]] = {}
+        self._state_lines = StateLines()  # how many of a backend's state changes get a line of their own
         self._admin: web.AppRunner | None = None
         self.admin_address: tuple[str, int] | None = None
         self._checkers: list[HealthChecker] = []
@@ -458,9 +460,12 @@ class Balancer:
     # -- state ---------------------------------------------------------------
 
     def _on_state_change(self, change: StateChange) -> None:
-        level = logging.WARNING if change.new is BackendState.DOWN else logging.INFO
-        log.log(level, "backend %s/%s is %s (was %s): %s",
-                change.pool, change.backend, change.new.value, change.old.value, change.reason)
+        unlogged = self._state_lines.take((change.pool, change.backend), time.monotonic())
+        if unlogged is not None:
+            level = logging.WARNING if change.new is BackendState.DOWN else logging.INFO
+            log.log(level, "backend %s/%s is %s (was %s): %s%s",
+                    change.pool, change.backend, change.new.value, change.old.value, change.reason,
+                    f" ({unlogged} change(s) before this one not logged one by one: flapping)" if unlogged else "")
         if self._supervisor is not None:
             self._supervisor.states_changed()
 
@@ -590,6 +595,7 @@ class Balancer:
                 self._forget_departed_series()
             report_dropped_lines()
             report_unlogged_errors(time.monotonic())
+            self._report_unlogged_state_changes()
             if not serving:
                 continue
             self._report_refusals_now()
@@ -597,6 +603,16 @@ class Balancer:
                 self.ctx.rate_limiter.sweep(time.monotonic())  # the data plane's clock, which `check` was given
             if policy.due(self.ctx.handshaking + len(self.ctx.tunnels), time.monotonic()):
                 release_free_memory()
+
+    def _report_unlogged_state_changes(self) -> None:
+        """The state changes of flapping backends that were counted rather than logged (`StateLines`), with
+        the state each is in now."""
+        for (pool, backend_id), count in self._state_lines.due(time.monotonic()):
+            state = self.ctx.pools.get(pool)
+            backend = state.get(backend_id) if state is not None else None
+            now = f"is {backend.state.value}: {backend.reason}" if backend is not None else "has left its pool"
+            log.info("backend %s/%s %s (%d state change(s) not logged one by one: flapping)",
+                     pool, backend_id, now, count)
 
     def _report_refusals_now(self, *, final: bool = False) -> None:
         now = time.monotonic()  # the data plane's clock (lb.proxy.server), which `note` was given
