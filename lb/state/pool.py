@@ -156,6 +156,10 @@ class PoolState:
             if backend.healthy and backend.failures >= check.fall:
                 backend.healthy = False
                 _health_reason(backend, f"health check failed {backend.failures} time(s): {detail}")
+            elif not backend.healthy:
+                # Down already: the reason follows the latest failure, as HAProxy's last check status does
+                # (the first one's detail stayed for as long as the backend was down, whatever it answered).
+                _health_reason(backend, f"health check failed {backend.failures} time(s): {detail}")
         return self._change(backend, old, now)
 
     def record_handshake_failure(self, backend_id: str, now: float, detail: str) -> StateChange | None:

@@ -79,6 +79,23 @@ def test_the_reason_shown_is_the_one_in_force_through_down_and_back() -> None:
     assert backend.reason == "health check passed 2 time(s); backend asks to drain"
 
 
+def test_a_down_backend_s_reason_follows_its_latest_failed_check() -> None:
+    """An operator debugging a down backend wants what it answers now: the first failure's detail stayed."""
+    state = pool()
+    backend = state.backends["gw-1"]
+    for now in (1.0, 2.0):
+        state.record_probe("gw-1", False, now, "no answer within 0.5s")
+    assert backend.reason == "health check failed 2 time(s): no answer within 0.5s"
+    changed_at = backend.changed_at
+    assert state.record_probe("gw-1", False, 3.0, "not a valid HTTP answer") is None  # no state change, no line
+    assert backend.state is BackendState.DOWN
+    assert backend.reason == "health check failed 3 time(s): not a valid HTTP answer"
+    assert backend.changed_at == changed_at, "down since the first time, still"
+    state.apply_admin("gw-1", AdminAction.DISABLE, 4.0)
+    state.record_probe("gw-1", False, 5.0, "refused")
+    assert backend.reason == "operator: disable", "the operator's reason wins while in force"
+
+
 def test_an_operators_reason_outlives_health_transitions_while_it_is_in_force() -> None:
     """Disabled, the backend shows the operator's reason through down and up; drained by the operator,
     down shows the failure and back up says both."""
