@@ -7,7 +7,6 @@ as warnings at start and on every reload, so they are seen before a player is.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterator
 
 from lb.affinity.carriers import MAX_PINS
@@ -22,6 +21,7 @@ from lb.config.model import (
     host_port,
     over_limit_answered,
 )
+from lb.config.scalars import is_loopback
 from lb.http.cookies import secure_prefix
 
 # Descriptors a process needs besides its client connections and its health checks (one per backend
@@ -89,7 +89,7 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
         f"anyone who reaches {host_port(listener.host, listener.port)} names its own client address; list the L4 "
         "balancers' CIDRs there, unless a firewall or NetworkPolicy lets only them in"
         for i, listener in enumerate(config.listeners)
-        if listener.proxy_protocol and not listener.proxy_protocol_from and not _loopback(listener.host)
+        if listener.proxy_protocol and not listener.proxy_protocol_from and not is_loopback(listener.host)
     ]
     token = config.admin.token
     if token is None:
@@ -190,14 +190,6 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
                 "clients never stick"
             )
     return said
-
-
-def _loopback(host: str) -> bool:
-    """Whether a listener's bind host is a loopback address (only this host's processes reach it)."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host.lower() == "localhost"
 
 
 def _descriptor_advice(config: Config, descriptors: int) -> list[str]:

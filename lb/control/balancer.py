@@ -1322,7 +1322,8 @@ def _claim(listener: ListenerConfig, *, probe: bool) -> list[socket.socket]:
         try:
             probes = listening_sockets(listener.host, listener.port, backlog=1, reuse_port=False)
         except OSError as exc:
-            _release({(listener.host, listener.port): locks})
+            for lock in locks:
+                lock.close()
             raise BindError("listener", listener.bind, exc) from exc
         for sock in probes:
             sock.close()
