@@ -254,6 +254,7 @@ def render_client_response(
     keep_alive: bool = False,
     drop_cookie: str | None = None,
     set_cookie_first: str | None = None,
+    drop_header: str | None = None,
 ) -> bytes:
     """The response head the client receives: the backend's, plus our cookie.
 
@@ -262,7 +263,8 @@ def render_client_response(
     unless `keep_alive` (the client connection then carries the next request; HTTP/1.1
     is persistent by default, so nothing is added).  Interim answers: `render_interim`.
     `rewrite_set_cookie` is applied to each of the backend's Set-Cookie values.  The backend's
-    Set-Cookie headers for cookie `drop_cookie` are left out (insert mode: that name is ours).
+    Set-Cookie headers for cookie `drop_cookie` are left out (insert mode: that name is ours), and so
+    are its `drop_header` fields (`affinity.header`: ours in both modes, only `extra` may carry it).
     `set_cookie_first` goes before the backend's Set-Cookie headers (a browser applies them in
     order, so the backend's own have the last word), `set_cookies` after them.
     """
@@ -279,6 +281,8 @@ def render_client_response(
             headers.append(("Connection", "close"))
     if drop_cookie is not None:
         headers = _without_set_cookie(headers, drop_cookie)
+    if drop_header is not None:
+        headers = _without_field(headers, drop_header)
     if rewrite_set_cookie is not None:
         headers = [
             (name, rewrite_set_cookie(value) if name.lower() == "set-cookie" else value)
@@ -354,7 +358,7 @@ def _switch_headers(head: Head) -> list[tuple[str, str]]:
     return headers
 
 
-def render_interim(response: ResponseHead, affinity_cookie: str | None) -> bytes:
+def render_interim(response: ResponseHead, affinity_cookie: str | None, affinity_header: str | None = None) -> bytes:
     """A 1xx interim answer (100 Continue, 103 Early Hints) as the client receives it.
 
     Only its end-to-end headers: nothing hop-by-hop (the backend's Connection speaks of its
@@ -363,11 +367,14 @@ def render_interim(response: ResponseHead, affinity_cookie: str | None) -> bytes
     client's) may store a 1xx's cookie, and an interim answer is never rewritten: in insert mode
     the backend's cookie of our name would replace the client's pins, and in rewrite mode its
     session value would reach the client unsealed.  The final answer sets that cookie as the
-    mode says; other cookies pass.
+    mode says; other cookies pass.  Nor the backend's own `affinity_header` field: that header
+    is ours, and a native client reading its token there would take the backend's for it.
     """
     headers = _end_to_end(response.head, _NO_BODY)
     if affinity_cookie is not None:
         headers = _without_set_cookie(headers, affinity_cookie)
+    if affinity_header is not None:
+        headers = _without_field(headers, affinity_header)
     return render_head(f"HTTP/1.1 {response.status} {response.reason}", headers)
 
 
@@ -377,6 +384,12 @@ def _without_set_cookie(headers: list[tuple[str, str]], cookie: str) -> list[tup
         (name, value) for name, value in headers
         if name.lower() != "set-cookie" or set_cookie_value(value, cookie) is None
     ]
+
+
+def _without_field(headers: list[tuple[str, str]], name: str) -> list[tuple[str, str]]:
+    """`headers` less each field named `name` (any case)."""
+    lowered = name.lower()
+    return [(field, value) for field, value in headers if field.lower() != lowered]
 
 
 def render_refusal(

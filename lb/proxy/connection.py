@@ -51,6 +51,7 @@ Why it is shaped this way (each is a smuggling or memory bug of the await chain 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -285,6 +286,12 @@ def _left(pool: PoolState, claim: Claim) -> bool:
     (a drain closing its tunnels), or gone from the pool."""
     backend = pool.get(claim.backend_id)
     return backend is None or backend.state in _LEFT_STATES or backend.migrating
+
+
+@functools.lru_cache(maxsize=8)
+def _field_line(name: str) -> bytes:
+    """How a field `name` starts a line of a lowered answer head: one needle per configuration."""
+    return b"\n" + name.lower().encode("ascii") + b":"
 
 
 _BODY_INCOMPLETE: Final = "request body incomplete"  # the client half-closed before the end of its body
@@ -977,7 +984,8 @@ class Connection:
                 if self._interim > MAX_INTERIM:
                     raise _Failure("too many interim answers")
                 if request.version != "HTTP/1.0":
-                    actions.append(SendClient(render_interim(response, self._interim_drop())))
+                    interim = render_interim(response, self._interim_drop(), self._config.affinity.header)
+                    actions.append(SendClient(interim))
                 continue
             if status == 101:
                 if not self._websocket:
@@ -995,8 +1003,11 @@ class Connection:
         """Whether the answer head `raw` is a 101 that passes to the client as it came but for our cookie,
         so that it need not be read into objects (lb/ws/_plain.c says which: what nearly every gateway
         sends); any other is read and checked the ordinary way."""
-        if PLAIN_SWITCH is None or not self._websocket or self._config.affinity.mode is not AffinityMode.INSERT:
+        affinity = self._config.affinity
+        if PLAIN_SWITCH is None or not self._websocket or affinity.mode is not AffinityMode.INSERT:
             return False
+        if affinity.header is not None and _field_line(affinity.header) in raw.lower():
+            return False  # the backend's own affinity.header field, which the client must not get
         key = request.head.get("sec-websocket-key")
         return key is not None and PLAIN_SWITCH(raw, key)
 
@@ -1347,6 +1358,7 @@ class Connection:
                 rewrite_set_cookie=rewrite,
                 keep_alive=keep_alive,
                 set_cookie_first=first,
+                drop_header=affinity.header,
             )
         drop = None
         if affinity.mode is AffinityMode.INSERT and sets_cookie(response, affinity.cookie):
@@ -1364,12 +1376,13 @@ class Connection:
                 )
         if not decision.issue_cookie or affinity.mode is AffinityMode.REWRITE:
             return render_client_response(
-                response, switching=switching, set_cookies=[], extra=[], keep_alive=keep_alive, drop_cookie=drop
+                response, switching=switching, set_cookies=[], extra=[], keep_alive=keep_alive, drop_cookie=drop,
+                drop_header=affinity.header,
             )
         set_cookie, extra = self._inserted(seal, secure)
         return render_client_response(
             response, switching=switching, set_cookies=[set_cookie], extra=extra, keep_alive=keep_alive,
-            drop_cookie=drop,
+            drop_cookie=drop, drop_header=affinity.header,
         )
 
     def _plain_client_head(self, raw: bytes) -> bytes:

@@ -778,6 +778,42 @@ def test_an_interim_answer_sets_no_cookie_of_the_affinity_name(mode: str, cookie
         assert "set-cookie" not in headers
 
 
+HEADER_CONFIG = CONFIG.replace("mode: insert, cookie: LB,", "mode: insert, cookie: LB, header: X-Aff,")
+BACKENDS_OWN = b"X-Aff: backend-said\r\nSet-Cookie: SID=abc\r\n"  # SID: rewrite mode's cookie, so a token is sealed
+OK_WITH_OWN = ok()[:17] + BACKENDS_OWN + ok()[17:]
+OWN_HEADER_ANSWERS = [
+    pytest.param(upgrade(), SWITCH[:-2] + BACKENDS_OWN + b"\r\n", id="101"),
+    pytest.param(get("/a/x"), OK_WITH_OWN, id="200"),
+    pytest.param(get("/a/x"), b"HTTP/1.1 103 Early Hints\r\nx-aff: backend-said\r\n\r\n" + OK_WITH_OWN, id="103"),
+]
+
+
+@pytest.mark.parametrize("mode", ["insert", "rewrite"])
+@pytest.mark.parametrize(("request_bytes", "answer"), OWN_HEADER_ANSWERS)
+def test_the_backends_own_affinity_header_never_reaches_the_client(
+    mode: str, request_bytes: bytes, answer: bytes
+) -> None:
+    """`affinity.header` is ours, as insert mode's cookie name is: a backend's field of that name is left out of
+    every answer (a 101, a plain one, an interim one), or a native client reading its token there would take
+    the backend's value for it (the first of two, or the only one when we issue none) and lose its pin."""
+    cookie = "LB" if mode == "insert" else "SID"
+    config = HEADER_CONFIG.replace("mode: insert, cookie: LB", f"mode: {mode}, cookie: {cookie}")
+    new = Play(config)
+    new.client(request_bytes)
+    new.connected()
+    new.backend(answer)
+    assert b"backend-said" not in new.to_client
+    final = b"HTTP/1.1 " + bytes(new.to_client).rpartition(b"HTTP/1.1 ")[2].partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    ours = parse_response_head(final).head.get_all("x-aff")
+    assert len(ours) == 1 and new.ctx.codec.open(ours[0], T0).backend_id == "a1"
+    if mode == "insert":  # a returning client: no token of ours to issue, and still none of the backend's
+        back = Play(config)
+        back.client(request_bytes.replace(b"\r\n\r\n", f"\r\nX-Aff: {ours[0]}\r\n\r\n".encode()))
+        back.connected()
+        back.backend(answer.replace(b"Set-Cookie: SID=abc\r\n", b""))  # a 101 as gateways write it
+        assert back.opened == ["a1"] and b"x-aff:" not in bytes(back.to_client).lower()
+
+
 @pytest.mark.parametrize("balance", ["source", "hash\n    hash_key: header:X-User-Id"], ids=["source", "hash"])
 def test_an_interim_answer_of_a_pool_that_does_not_pin_passes_the_backends_cookie(balance: str) -> None:
     """Rewrite mode, `sticky: false`: a pool routed by the hash alone seals nothing, so a 103's Set-Cookie
