@@ -116,9 +116,14 @@ def find_token(
     # Bounded: a hostile cookie of a thousand dots costs at most MAX_PINS decryptions per value,
     # and all the values together at most MAX_OPENS.
     opens = 0
+    rewrite = affinity.mode is AffinityMode.REWRITE
     for index, value in enumerate(cookies + extra):
+        # Rewrite mode: a part of the cookie without our shape can never open (every token has it), and
+        # is the backend's own value (set before we were in front, or too large to seal), which passes
+        # on unchanged (plan_forward): not a token treated as absent, so neither opened nor counted.
+        owns_unshaped = rewrite and index < len(cookies)
         for token in value.split(PIN_SEPARATOR)[:MAX_PINS] if PIN_SEPARATOR in value else (value,):
-            if token in rejected:
+            if token in rejected or (owns_unshaped and not looks_sealed(token)):
                 continue
             if opens == MAX_OPENS:
                 break

@@ -386,6 +386,24 @@ def test_rewrite_mode_passes_a_plain_app_cookie_unchanged(plain: str) -> None:
     assert seen.head.get_all("cookie") == [f"SESSIONID={plain}; other=1"]
 
 
+@pytest.mark.parametrize(
+    "plain",
+    ["abc123", "a.b", "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJwbGF5ZXItMSJ9.c2lnbmF0dXJl", "y" * 5000],
+    ids=["session-id", "dotted", "jwt", "too-large-to-seal"],
+)
+def test_rewrite_mode_counts_no_invalid_token_for_a_value_of_the_backends_own(plain: str) -> None:
+    """A SESSIONID not shaped like our pins is the backend's own and passes unchanged, so it is not a token
+    treated as absent: neither opened nor counted (lb_affinity_invalid_tokens_total, affinity=invalid)."""
+    lookup = find_token(request("/ws", ("Cookie", f"SESSIONID={plain}")), REWRITE, CODEC, NOW)
+    assert lookup.claim is None and lookup.rejected == {} and lookup.cookie_sent
+    # A value of our shape that does not open is still a broken token, counted by its reason; a token
+    # beside a part of another shape still routes, as before.
+    broken = find_token(request("/ws", ("Cookie", f"SESSIONID={tamper(APP_TOKEN)}")), REWRITE, CODEC, NOW)
+    assert broken.rejected == {tamper(APP_TOKEN): "bad_mac"}
+    mixed = find_token(request("/ws", ("Cookie", f"SESSIONID={APP_TOKEN}.{plain}")), REWRITE, CODEC, NOW)
+    assert mixed.token == APP_TOKEN and mixed.rejected == {}
+
+
 @pytest.mark.parametrize("size", [16, 32, 43])
 def test_rewrite_mode_passes_a_random_app_id_shorter_than_any_token_whatever_its_first_bytes(size: int) -> None:
     """A backend's own random id of up to 43 bytes (a UUID, 32 random bytes in base64url) is never taken for
