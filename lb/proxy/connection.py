@@ -118,6 +118,9 @@ from lb.ws.upgrade import (
 log: Final = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
 # A backend that sets our cookie's name does it on every answer: one line a minute, with a count.
 _backend_set_our_cookie: Final = Throttle(60.0)
+# Rewrite mode's backend values passed unsealed: a backend may set one on every answer (a cookie-store
+# session), so a line a minute says so, with how many answers since; the counter has each value.
+_backend_set_unsealed: Final = Throttle(60.0)
 
 # Client bytes held while they may not go anywhere yet (behind a head whose answer
 # is awaited, or the next pipelined request): past this, reading pauses.
@@ -1318,14 +1321,17 @@ class Connection:
                 on_unsealed=lambda app_value: unsealed.append(len(app_value)), now=wall,
             )
             if unsealed:
-                # Counted each; one line per answer however many it held (a backend cannot flood the log).
+                # Counted each; one line a minute however many answers held them (a backend cannot flood the log).
                 ctx.stats.unsealed_cookies[pool.name] += len(unsealed)
-                log.warning(
-                    "backend %s set %d %s cookie value(s) too large to seal (up to %d bytes) or past %d in one "
-                    "answer: passed to the client unsealed (no affinity for them; request %s)",
-                    decision.backend.id, len(unsealed), affinity.cookie, max(unsealed), MAX_SEALS, self._rid,
-                    extra=self._log_fields(),
-                )
+                suppressed = _backend_set_unsealed.due(now)  # the events' clock, not `wall`
+                if suppressed is not None:
+                    log.warning(
+                        "backend %s set %d %s cookie value(s) too large to seal (up to %d bytes) or past %d in "
+                        "one answer: passed to the client unsealed (no affinity for them; request %s; %d more "
+                        "answers like it since the last line)",
+                        decision.backend.id, len(unsealed), affinity.cookie, max(unsealed), MAX_SEALS, self._rid,
+                        suppressed, extra=self._log_fields(),
+                    )
             set_cookies = []
             first = None
             said = sets_cookie(response, affinity.cookie)  # the backend said something of its cookie

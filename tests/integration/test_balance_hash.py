@@ -287,3 +287,22 @@ async def test_rewrite_value_too_large_to_seal_passes_unsealed_with_warning_and_
     metrics = await metrics_text(lb)
     assert 'lb_affinity_unsealed_cookies_total{pool="big"} 2.0' in metrics
 
+
+
+async def test_a_backend_setting_a_value_too_large_to_seal_on_every_answer_gets_a_warning_a_minute(
+    launcher: Launcher, big_cookie_backend: tuple[Backend, list[str]]
+) -> None:
+    """A backend that sets such a value on every answer (a cookie-store session) cannot flood the log: one
+    WARNING line a minute, while the counter counts each value."""
+    backend, _ = big_cookie_backend
+    config = lb_config(
+        pools={"big": [backend]}, health=STEADY_HEALTH,
+        overrides={"affinity": {"mode": "rewrite", "cookie": "SESSIONID"}},
+    )
+    lb = await asyncio.to_thread(launcher.balancer, config)
+    for _ in range(20):
+        status, _, _ = await http_get_async(lb.http_url("/whoami"))
+        assert status == 200
+    metrics = await metrics_text(lb)
+    assert 'lb_affinity_unsealed_cookies_total{pool="big"} 20.0' in metrics
+    assert len(re.findall(r"WARNING.*too large to seal", lb.log_text())) == 1, lb.logs_tail()
