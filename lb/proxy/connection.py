@@ -45,8 +45,10 @@ Why it is shaped this way (each is a smuggling or memory bug of the await chain 
   (also after a timeout), never a 500.
   Not a plain request that was sent whole and answered late: that is a slow
   endpoint, not a broken backend (`_retry_or_fail`).  Not, either, a backend
-  that hung up on a request without a word, unless another backend then
-  answered that request: a client can shape a request gateways close on.
+  that hung up on a request without a word, or answered it with an HTTP head
+  that cannot pass, unless another backend then answered that request: a
+  client can shape a request gateways close on, or one a gateway writes into
+  a header of its answer.
 """
 
 from __future__ import annotations
@@ -303,12 +305,17 @@ _BODY_INCOMPLETE: Final = "request body incomplete"  # the client half-closed be
 class _Failure(Exception):
     """A backend attempt that failed: why, and what kind of failure (lb_backend_errors_total{kind})."""
 
-    def __init__(self, cause: str, kind: ErrorKind = "bad_answer", *, this_client_only: bool = False) -> None:
+    def __init__(
+        self, cause: str, kind: ErrorKind = "bad_answer", *, this_client_only: bool = False, not_http: bool = False
+    ) -> None:
         super().__init__(cause)
         self.cause = cause
         self.kind = kind
         # Wrong for this client only (a 101 naming what it did not offer): its 502, no retry, no verdict.
         self.this_client_only = this_client_only
+        # Not HTTP/1.x at all (an SSH banner, an HTTP/2 preface): no request makes a gateway answer so, so
+        # it is blamed at once, where a bad HTTP head may be the request's doing (`_retry_or_fail`).
+        self.not_http = not_http
 
     @property
     def timeout(self) -> bool:
@@ -337,12 +344,12 @@ class Connection:
         "_config",
         "_ctx",
         "_decision",
-        "_hung_up",
         "_interim",
         "_keep_alive",
         "_last_backend",
         "_last_client",
         "_lookup",
+        "_on_trial",
         "_opened_at",
         "_paused",
         "_peer",
@@ -410,7 +417,7 @@ class Connection:
         self._claim: Claim | None = None
         self._decision: Decision | None = None  # set while a backend connection is counted
         self._tried: list[str] = []
-        self._hung_up: list[tuple[str, str]] | None = None  # (backend id, cause): blamed if another answers
+        self._on_trial: list[tuple[str, str]] | None = None  # (backend id, cause): blamed if another answers
         self._waited = 0  # backends of this request that did not answer in time (`retries`)
         self._balance_key: str | None = None  # balance: source|hash, for the first choice and retries
         self._opened_at = 0.0
@@ -967,15 +974,18 @@ class Connection:
         while True:
             try:
                 raw = take_answer_bytes(buf, self._answer_scan, MAX_RESPONSE_HEAD)
-                if raw is None:
-                    self._answer_scan = len(buf)
-                    return actions
-                self._answer_scan = 0
-                if self._plain_switch(request, raw):
-                    return actions + self._switch(self._plain_client_head(raw), now)
-                response = parse_response_head(raw)
             except HeadersTooLarge:
                 raise _Failure("answer head too large") from None
+            except BadGateway as exc:
+                raise _Failure(f"malformed answer: {exc}", not_http=True) from None
+            if raw is None:
+                self._answer_scan = len(buf)
+                return actions
+            self._answer_scan = 0
+            if self._plain_switch(request, raw):
+                return actions + self._switch(self._plain_client_head(raw), now)
+            try:
+                response = parse_response_head(raw)
             except RequestRejected as exc:
                 raise _Failure(f"malformed answer: {exc}") from None
             status = response.status
@@ -1175,26 +1185,30 @@ class Connection:
             # upgrades it fails).
             return actions + self._refuse(last, now)
         hung_up = self.state == WAITING and failure.kind == "reset" and not self._answer_buf and not self._interim
-        if hung_up:
-            # Hung up on the request without a word.  That may be the request's doing: a gateway closes
-            # on one it will not take, and tried on every gateway in turn, one such request counted a
-            # failure against each, so a client took a pool down with `fall` requests.  Counted only
-            # once another backend answers this same request (`_observe`), and never when this one got
-            # more than the others would (rewrite mode gives the pinned backend alone its session: a
-            # client replaying a session its gateway drops would have that gateway blamed).
+        # An HTTP answer head it could not pass on (a control byte, too large), with nothing relayed yet.
+        bad_head = failure.kind == "bad_answer" and not failure.not_http and not self._interim
+        if hung_up or bad_head:
+            # Either may be the request's doing: a gateway closes on a request it will not take, or writes
+            # what the client sent into a header (a cookie from a query parameter, with a control byte in
+            # it).  Tried on every gateway in turn, one such request counted a failure against each, so
+            # a client took a pool down with `fall` requests.  Counted only once another backend answers
+            # this same request (`_observe`), and never when this one got more than the others would
+            # (rewrite mode gives the pinned backend alone its session: a client replaying a session its
+            # gateway drops would have that gateway blamed).
             if not self._restored_session(decision):
-                self._hung_up = [*(self._hung_up or ()), (backend.id, failure.cause)]
+                self._on_trial = [*(self._on_trial or ()), (backend.id, failure.cause)]
         else:
             # A backend that fails a handshake counts towards taking it down (passive health).
             ctx.on_backend_failure(pool.name, backend.id, failure.cause)
         if self._sent and not self._retriable:
             return actions + self._refuse(last, now)
         self._tried.append(backend.id)
-        if failure.timeout or hung_up:
+        if failure.timeout or hung_up or bad_head:
             # Waits are what make a retry costly (a refusal costs a round trip, and SPEC tries another
             # backend while there is one): a pool of wedged gateways answers 502 after 1 + `retries` of
-            # them, not after timeouts.backend_connect once per gateway.  Hang-ups too: a request every
-            # gateway closes on would otherwise cost a connection to each of them, unblamed.
+            # them, not after timeouts.backend_connect once per gateway.  Hang-ups and bad heads too: a
+            # request every gateway closes on, or answers badly, would otherwise cost a connection to
+            # each of them, unblamed.
             self._waited += 1
             if self._waited > pool.config.retries:
                 return actions + self._refuse(last, now)
@@ -1448,14 +1462,15 @@ class Connection:
     def _observe(self, now: float) -> None:
         """The backend gave its final answer: lb_backend_connect_duration_seconds (connect + answer) and
         lb_handshake_duration_seconds, and its failed handshakes (passive health) count from 0 again.
-        Those that hung up on this request without a word count now: the request was not the cause."""
+        Those that hung up on this request without a word, or answered it with a head that could not pass,
+        count now: the request was not the cause."""
         decision, pool = self._decision, self._pool
         assert decision is not None and pool is not None
         decision.backend.handshake_failures = 0
-        if self._hung_up is not None:
-            for backend_id, cause in self._hung_up:
+        if self._on_trial is not None:
+            for backend_id, cause in self._on_trial:
                 self._ctx.on_backend_failure(pool.name, backend_id, cause)
-            self._hung_up = None
+            self._on_trial = None
         observations = self._ctx.observations
         observations.observe_connect(pool.name, decision.backend.id, now - self._opened_at)
         observations.observe_handshake(pool.name, now - self._began)
