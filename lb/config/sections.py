@@ -584,6 +584,11 @@ def _check_request_keys(
             why = "is replaced or dropped before the backend (for the client's address, use balance: source)"
         elif key.source is HashKeySource.HEADER and dropped_as_alias(key.name, protected):
             why = "stands for a header of ours once '_' reads as '-': every request's parse leaves it out"
+        elif key.source is HashKeySource.HEADER and lowered == "cookie":
+            # The whole Cookie line holds the affinity cookie too, which the backend never gets (insert
+            # mode takes it off, rewrite mode opens it): a client's pin of another pool, re-sealed at
+            # every refresh, moved it between gateways, and /route could not say where.
+            why = "carries the affinity cookie, which is taken off the request (hash one cookie: cookie:NAME)"
         elif _carries_token(key, affinity):
             why = "carries the affinity token, which is taken off the request"
         else:

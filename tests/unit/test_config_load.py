@@ -601,6 +601,7 @@ def test_affinity_header_of_ones_own_is_taken(base_dir: Path, header: str) -> No
     ("header:Connection", False, "replaced or dropped"), ("header:X_Forwarded_For", False, "'_' reads as '-'"),
     ("header:X_Request_Id", False, "'_' reads as '-'"), ("header:X-LB-Affinity", False, None),  # not named: off
     ("cookie:LB_AFFINITY", False, "affinity token"), ("query:lb_affinity", False, "affinity token"),
+    ("header:Cookie", False, "affinity cookie"), ("header:cookie", True, "affinity cookie"),
     # what the backend gets as sent: a trusted proxy's claims pass (who the user is, as an authenticating
     # proxy in front says, only from it), and so do other X-Forwarded-* names
     ("header:X-Real-IP", True, None), ("header:X-Forwarded-User", True, None),
