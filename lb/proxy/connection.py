@@ -595,7 +595,7 @@ class Connection:
         if self.state in (CONNECTING, WAITING):
             return self._retry_or_fail(_Failure(cause, kind), now)
         if self.state == RELAY:
-            return self._backend_gone(now)
+            return self._backend_gone(now, lost=True)
         return []
 
     def backend_eof(self, now: float) -> list[Action]:
@@ -1137,10 +1137,11 @@ class Connection:
                 return actions + self._close(abort=False)  # what the client left is no whole request
         return actions + self._maybe_resume()
 
-    def _backend_gone(self, now: float) -> list[Action]:
-        """The backend closed while its answer's body was being relayed."""
+    def _backend_gone(self, now: float, *, lost: bool = False) -> list[Action]:
+        """The backend closed (`lost`: reset, or failed otherwise) while its answer's body was being relayed."""
         framer = self._response_framer
-        if framer is not None and framer.until_eof:
+        until_eof = framer is not None and framer.until_eof
+        if until_eof and not lost:
             return self._finish(now)  # that is how this body ends; keep_alive is already off
         log.warning(
             "backend %s closed before its answer was complete (request %s)",
@@ -1148,7 +1149,9 @@ class Connection:
             self._rid,
             extra=self._log_fields(),
         )
-        return self._release_backend() + self._close(abort=False)
+        # A body that ends at close can be told cut short only by a transport error (RFC 9112 §8): a
+        # FIN here would pass a crashed backend's half answer for a whole one, so the client is reset.
+        return self._release_backend() + self._close(abort=until_eof)
 
     # -- failures -------------------------------------------------------------------
 

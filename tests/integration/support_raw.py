@@ -8,7 +8,8 @@ ahead of its turn, early data sent before a switch.  It answers health checks
 
 Behaviours (`mode`): "answer" (a fixed answer per request, connection kept
 open so that anything sent after it would be seen), "silent" (never answers),
-"raw" (sends `raw` after the head), "interim-flood" (100 Continue until the
+"raw" (sends `raw` after the head), "raw-then-reset" (sends `raw`, then resets the
+connection: a gateway that crashes mid-answer), "interim-flood" (100 Continue until the
 socket fails or a bound is reached).  Threads stop when `close()` is called;
 every loop is bounded.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -112,6 +114,11 @@ class RecordingBackend:
                             conn.sendall(bytes((byte,)))
                     elif self.mode == "raw":
                         conn.sendall(self.raw)
+                    elif self.mode == "raw-then-reset":
+                        conn.sendall(self.raw)
+                        self._stop.wait(0.2)  # what was sent arrives first
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return  # closed with SO_LINGER 0: a reset
                     elif self.mode == "hang-up":  # a gateway that closes on a request it will not take
                         return
                     elif self.mode == "interim-flood":

@@ -218,6 +218,32 @@ async def test_broken_backend_gives_502(
     assert "Traceback" not in lb.log_text()
 
 
+async def test_a_body_that_ends_at_close_cut_by_a_reset_resets_the_client(
+    launcher: Launcher, recorders: list[RecordingBackend]
+) -> None:
+    """A backend that resets in a body that ends at close: the client is reset too, never closed cleanly,
+    which would pass the half answer for a whole one (RFC 9112 §8)."""
+    half = b"HTTP/1.1 200 OK\r\n\r\nhalf an answer"
+    lb, _, _ = start(launcher, recorders, a={"mode": "raw-then-reset", "raw": half})
+    assert lb.port is not None
+    reader, writer = await open_raw(lb.port)
+    received, reset = bytearray(), False
+    try:
+        writer.write(b"GET /a/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        for _ in range(100):
+            chunk = await asyncio.wait_for(reader.read(65536), timeout=5 * UNIT)
+            if not chunk:
+                break
+            received += chunk
+    except ConnectionResetError:
+        reset = True
+    finally:
+        await close_raw(writer)
+    assert received.endswith(b"half an answer"), bytes(received)
+    assert reset, "closed cleanly after a cut body"
+    assert "closed before its answer was complete" in lb.log_text()
+
+
 async def test_slow_upload_leaves_the_backend_up(launcher: Launcher, recorders: list[RecordingBackend]) -> None:
     """An upload slower than backend_connect (but never quiet for timeouts.handshake) is the client's time."""
     health = dict(TCP_HEALTH, fall=1)  # one failure would mark it down

@@ -670,6 +670,19 @@ def test_answer_until_eof_closes_the_client_after_it() -> None:
     assert play.closed_client == CloseClient() and play.opened == ["a1"]
 
 
+def test_answer_until_eof_cut_by_a_reset_resets_the_client() -> None:
+    """A body that ends at close, then a reset: the client is cut at TCP level too (RFC 9112 §8), as a
+    FIN would have it take the half answer for a whole one."""
+    play = Play()
+    play.client(get("/a/x"))
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\n\r\nhalf an ans")
+    play.backend_failed("connection lost: [Errno 104] Connection reset by peer")
+    assert bytes(play.to_client).endswith(b"\r\n\r\nhalf an ans")
+    assert play.closed_client == CloseClient(abort=True)
+    assert play.connections()["a1"] == 0
+
+
 # -- bounds ---------------------------------------------------------------------------------------
 
 
