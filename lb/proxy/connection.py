@@ -673,9 +673,7 @@ class Connection:
             # The head promised a body that stopped coming: counted as the backend's timeout, but a
             # slow endpoint, not a broken gateway (passive health does not hear of it).  Cut: the
             # client cannot take the answer for complete.
-            decision, pool = self._decision, self._pool
-            if decision is not None and pool is not None:
-                self._ctx.observations.count_backend_error(pool.name, decision.backend.id, "timeout")
+            self._count_answer_failure("timeout")
             log.warning("backend %s sent nothing of its answer's body for %gs: closing %s (request %s)",
                         self._decision_id(), timeouts.answer_body, self._client_ip, self._rid,
                         extra=self._log_fields())
@@ -1112,6 +1110,7 @@ class Connection:
                 self._rid,
                 extra=self._log_fields(),
             )
+            self._count_answer_failure("bad_answer")
             return self._release_backend() + self._close(abort=True)
         if end is None:
             self._last_backend = now  # no new timer: deadline() moves the quiet-spell one on when it fires
@@ -1149,11 +1148,19 @@ class Connection:
             self._rid,
             extra=self._log_fields(),
         )
+        self._count_answer_failure("reset")
         # A body that ends at close can be told cut short only by a transport error (RFC 9112 §8): a
         # FIN here would pass a crashed backend's half answer for a whole one, so the client is reset.
         return self._release_backend() + self._close(abort=until_eof)
 
     # -- failures -------------------------------------------------------------------
+
+    def _count_answer_failure(self, kind: ErrorKind) -> None:
+        """A backend that failed an answer it had begun (silent, closed or malformed in its body): in
+        lb_backend_errors_total, though not a failed handshake (passive health does not hear of it)."""
+        decision, pool = self._decision, self._pool
+        if decision is not None and pool is not None:
+            self._ctx.observations.count_backend_error(pool.name, decision.backend.id, kind)
 
     def _retry_or_fail(self, failure: _Failure, now: float) -> list[Action]:
         decision, pool = self._decision, self._pool

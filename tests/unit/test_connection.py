@@ -1079,6 +1079,36 @@ def test_truncated_answer_body_closes_the_client() -> None:
     assert play.closed_client is not None and bytes(play.to_client).endswith(b"abc")
 
 
+@pytest.mark.parametrize(
+    ("head", "body", "end", "kind"),
+    [
+        (b"Content-Length: 10", b"abc", "eof", "reset"),
+        (b"Transfer-Encoding: chunked", b"5\r\nab", "eof", "reset"),
+        (b"Content-Length: 10", b"abc", "reset", "reset"),
+        (b"Connection: close", b"abc", "reset", "reset"),  # a body that ends at close, cut by a reset
+        (b"Transfer-Encoding: chunked", b"zz\r\nabc", None, "bad_answer"),
+        (b"Transfer-Encoding: chunked", b"ffffffffffffffffffff\r\n", None, "bad_answer"),
+    ],
+    ids=["length-eof", "chunked-eof", "length-reset", "close-reset", "bad-hex", "huge-chunk"],
+)
+def test_an_answer_failed_in_its_body_is_counted_against_the_backend(
+    head: bytes, body: bytes, end: str | None, kind: str
+) -> None:
+    """A backend that closes, resets or breaks the chunked framing in an answer's body is in
+    lb_backend_errors_total, as one silent there is; passive health does not hear of it."""
+    play = Play()
+    play.client(get("/a/x"))
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\n" + body)
+    if end == "eof":
+        play.backend_eof()
+    elif end == "reset":
+        play.backend_failed("connection lost: [Errno 104] Connection reset by peer")
+    assert play.closed_client is not None and play.connections()["a1"] == 0
+    assert dict(play.ctx.observations.backend_errors) == {("a", "a1", kind): 1}
+    assert play.failures == []
+
+
 # -- shutdown ---------------------------------------------------------------------------------------
 
 
