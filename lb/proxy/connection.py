@@ -342,6 +342,7 @@ class Connection:
         "_client_port",
         "_codec",
         "_config",
+        "_continue_wait",
         "_ctx",
         "_decision",
         "_interim",
@@ -426,6 +427,7 @@ class Connection:
         self._keep_alive = False
         self._sent = False  # some of the request reached the current backend
         self._body_left = False  # request body bytes still to come from the client
+        self._continue_wait = False  # the client waits for the backend's 100 Continue before its body
         self._request_framer: BodyFramer | None = None
         self._response_framer: BodyFramer | None = None
         self._answer_buf = bytearray()
@@ -474,6 +476,7 @@ class Connection:
             return self._read_head(now)
         if state in (CLOSED, TUNNEL):
             return []
+        self._continue_wait = False
         if self._body_left and self._sent and not self._buf:
             # Streaming the request body: straight through, up to the end of the body.
             self._last_client = now
@@ -550,11 +553,14 @@ class Connection:
 
     def _upload_deadline(self) -> float:
         """When an upload in progress times out: the client's quiet spell, or, while the backend's
-        buffer is full (the client is not read then, so its quiet time does not run), the backend's."""
+        buffer is full (the client is not read then, so its quiet time does not run), the backend's;
+        the backend's too while the client waits for its 100 Continue (from the head sent)."""
         timeouts = self._config.timeouts
         blocked_at = self._backend_blocked_at
         if blocked_at is not None:
             return blocked_at + timeouts.backend_connect
+        if self._continue_wait:
+            return self._last_client + self._answer_wait()
         return self._last_client + timeouts.handshake
 
     def backend_connected(self, now: float) -> list[Action]:
@@ -566,6 +572,8 @@ class Connection:
         actions: list[Action] = [SendBackend(self._forwarded_head())]
         if self._body_left:
             self._last_client = now
+            # RFC 9110 §10.1.1: a client that expects 100-continue may send no body before an answer.
+            self._continue_wait = not self._buf and self._request.head.has_token("expect", "100-continue")
             if self._buf:
                 data = bytes(self._buf)
                 self._buf.clear()
@@ -578,7 +586,7 @@ class Connection:
             if self._body_left and self.state == WAITING:
                 # Uploading: the client's time, counted from its last byte.  Ahead of the writes:
                 # a full backend buffer they cause sets an earlier deadline (backend_blocked).
-                actions.insert(0, SetTimer(now + self._config.timeouts.handshake))
+                actions.insert(0, SetTimer(self._upload_deadline()))
         elif not self._websocket:
             # A plain request is out whole: its answer has timeouts.response from here.  (An
             # upgrade's answer is part of backend_connect, counted from the connect: SPEC.)
@@ -633,6 +641,10 @@ class Connection:
                 if state == WAITING:
                     return self._retry_or_fail(_Failure("stopped reading the request body", "timeout"), now)
                 log.debug("closing %s: backend stopped reading its upload (request %s)", self._client_ip, self._rid)
+            elif state == WAITING and self._continue_wait:
+                # Neither 100 Continue nor an answer to a client allowed to wait for one: as silent
+                # as to a request sent whole (a 502 of its own, _retry_or_fail).
+                return self._retry_or_fail(_Failure(f"no answer within {self._answer_wait():g}s", "timeout"), now)
             elif state == WAITING:
                 # The client stopped uploading: its fault, so passive health does not hear of it.
                 return self._release_backend() + self._refuse(RequestTimeout("request body not received in time"), now)
@@ -987,6 +999,10 @@ class Connection:
             except RequestRejected as exc:
                 raise _Failure(f"malformed answer: {exc}") from None
             status = response.status
+            if self._continue_wait:
+                self._continue_wait = False
+                self._last_client = now  # the client's time starts with the backend's word
+                actions.append(SetTimer(self._upload_deadline()))
             if status < 200 and status != 101:
                 # Interim (100 Continue, 103 Early Hints): passed on, except to an HTTP/1.0 client,
                 # which would take one for the answer (RFC 9110 §15.2); they do not extend the deadline.
@@ -1169,7 +1185,8 @@ class Connection:
         ctx = self._ctx
         # A plain request delivered whole and answered late is a slow endpoint (a long poll, a
         # report), not a backend that cannot be reached: a 502 for this request only (below).
-        late = failure.timeout and not self._websocket and self.state == WAITING and not self._body_left
+        late = (failure.timeout and not self._websocket and self.state == WAITING
+                and (not self._body_left or self._continue_wait))
         actions = self._release_backend()
         ctx.stats.handshakes[(pool.name, backend.id, "answer_late" if late else "connect_failed")] += 1
         ctx.observations.count_backend_error(pool.name, backend.id, failure.kind)

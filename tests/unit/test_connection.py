@@ -733,6 +733,31 @@ def test_interim_answers_do_not_extend_the_deadline() -> None:
     assert b"502 Bad Gateway" in play.to_client
 
 
+EXPECTING = b"POST /a/x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+
+
+def test_an_expect_100_continue_left_unanswered_is_the_backends_502_not_the_clients_408() -> None:
+    """The client may wait for 100 Continue before its body (RFC 9110 §10.1.1): a backend that says nothing
+    is silent as to a request sent whole (502 after timeouts.response), not a client that stopped uploading."""
+    play = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 8s}"))
+    play.client(EXPECTING)
+    play.connected()
+    assert play.timer == play.now + 8  # the backend's time, not the client's 5 s (timeouts.handshake)
+    play.fire()
+    assert play.answer()[0] == 502 and play.opened == ["a1"] and play.failures == []
+    assert play.ctx.stats.rejected[408] == 0
+
+
+def test_after_100_continue_the_body_is_the_clients_time() -> None:
+    play = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 8s}"))
+    play.client(EXPECTING)
+    play.connected()
+    play.now += 1
+    play.backend(b"HTTP/1.1 100 Continue\r\n\r\n")
+    play.fire()  # set for the backend's 8 s; the client's 5 s run from the 100
+    assert play.now == T0 + 6 and b"408 Request Timeout" in play.to_client
+
+
 def test_answer_head_is_bounded() -> None:
     play = Play()
     play.client(post("/a/x", b"1"))
