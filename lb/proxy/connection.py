@@ -1200,7 +1200,12 @@ class Connection:
         )
         # 502 also after a timeout: SPEC's "a backend that cannot be reached → 502", and the
         # log line (with the request id) says it was silence.
-        last = BadGateway("no backend answered in time" if failure.timeout else "no backend could be reached")
+        if failure.timeout:
+            last = BadGateway("no backend answered in time")
+        elif failure.kind == "bad_answer":
+            last = BadGateway("no backend gave a well-formed answer")  # the access line's reason: not unreachable
+        else:
+            last = BadGateway("no backend could be reached")
         if failure.this_client_only:
             # Every gateway of the pool may answer so (one that requires a subprotocol this client
             # did not offer): another would fail it alike, and the backend serves other clients.

@@ -916,6 +916,27 @@ def test_malformed_answer_to_a_get_is_retried_on_another_backend(answer: bytes) 
     assert [failure[:2] for failure in play.failures] == [("b", play.opened[0])]
 
 
+@pytest.mark.parametrize(("answer", "reason"), [
+    pytest.param(b"HTTP/1.1 000 Zero\r\n\r\n", "no_backend_gave_a_well-formed_answer", id="malformed"),
+    pytest.param(None, "no_backend_could_be_reached", id="refused"),
+])
+def test_the_502s_access_line_says_why_the_last_backend_failed(
+    answer: bytes | None, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A malformed answer's 502 said `no_backend_could_be_reached`, as if none had been."""
+    play = Play()
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        play.client(post("/a/x", b"data"))
+        if answer is None:
+            play.backend_failed("connection refused")
+        else:
+            play.connected()
+            play.backend(answer)
+    assert play.answer()[0] == 502
+    lines = [r.getMessage() for r in caplog.records if r.name == "lb.access"]
+    assert len(lines) == 1 and f"reason={reason}" in lines[0], lines
+
+
 # What a gateway that writes the client's input into its answer's head may send for one request alone.
 REFLECTED = [
     pytest.param(b"HTTP/1.1 200 OK\r\nSet-Cookie: s=a\x01b\r\nContent-Length: 0\r\n\r\n", id="control-byte"),
