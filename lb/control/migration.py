@@ -115,19 +115,24 @@ def log_summary(pool: str, backend_id: str, closing: Sequence[Tunnel], *, left_o
     first = sum(1 for t in closing if t.server_end.backend_closed_first)  # began their own close first
     ours = [t for t in closing if not t.server_end.backend_closed_first]
     under_way = sum(1 for t in ours if not t.closed)
-    cut = sum(1 for t in ours if t.closed and t.ended_with == "tcp")
-    sent = len(ours) - under_way - cut
+    # Ended by their client while the 1012 waited for a frame boundary (`client_left_first`): no cause left.
+    client_first = sum(1 for t in ours if t.closed and t.cause is None)
+    cut = sum(1 for t in ours if t.closed and t.cause is not None and t.ended_with == "tcp")
+    sent = len(ours) - under_way - cut - client_first
     if left_open is None:
         log.info(
             "drain of %s/%s: %d tunnel(s) closed with 1012, %d cut at TCP level (the client did not take the close, "
-            "or the backend's frame in flight did not end in time), %d closed by the backend first%s",
-            pool, backend_id, sent, cut, first, f", {under_way} still closing" if under_way else "",
+            "or the backend's frame in flight did not end in time), %d closed by the backend first%s%s",
+            pool, backend_id, sent, cut, first,
+            f", {client_first} ended by their client first" if client_first else "",
+            f", {under_way} still closing" if under_way else "",
         )
         return
     log.info(
         "drain of %s/%s stopped (another action on the backend, or shutdown): %d tunnel(s) closed with 1012, "
         "%d cut at TCP level (the client did not take the close, or the backend's frame in flight did not end in "
-        "time), %d closed by the backend first, "
+        "time), %d closed by the backend first, %s"
         "%d still closing, %d not asked to close",
-        pool, backend_id, sent, cut, first, under_way, left_open,
+        pool, backend_id, sent, cut, first, f"{client_first} ended by their client first, " if client_first else "",
+        under_way, left_open,
     )

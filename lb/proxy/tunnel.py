@@ -189,6 +189,7 @@ class TunnelEnd(asyncio.BufferedProtocol):
             or not self.peer.can_write_eof()
             or tunnel.client_tls
         ):
+            server_end.client_left_first()
             tunnel.close()  # at once, so the backend's connection count drops with the client's close
             return None
         tunnel.client_finished = True
@@ -197,7 +198,10 @@ class TunnelEnd(asyncio.BufferedProtocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.tunnel.close()
+        tunnel = self.tunnel
+        if not tunnel.closed:  # the client's own end (ours, an abort, has closed the tunnel already)
+            tunnel.server_end.client_left_first()
+        tunnel.close()
         self.forget()
 
     def forget(self) -> None:
@@ -306,6 +310,7 @@ class WebSocketServerEnd(TunnelEnd):
         # What it sent last is still unread in the kernel, and the backend took nothing for it: nothing
         # can be delivered either way, and a FIN passed on now would tell the backend the client's stream
         # ended whole.  Both sides are cut.
+        self.client_left_first()
         self.tunnel.abort()
         return True
 
@@ -361,7 +366,16 @@ class WebSocketServerEnd(TunnelEnd):
                 tunnel.close_code = SERVICE_RESTART
             else:
                 tunnel.ended_with = "tcp"
+        elif tunnel.client_finished or tunnel.client_end.frames.close_seen:
+            self.client_left_first()  # the backend answered the client's close or FIN
         tunnel.close()
+
+    def client_left_first(self) -> None:
+        """The client ended the tunnel (hung up, or began the close, and the backend answered) while a close
+        of ours still waited for a frame boundary: the balancer did not end it, so no close of ours is
+        counted (`Stats.balancer_closes`, the drain's last line) or logged as its cause."""
+        if self.pending_close is not None and not self.silenced:
+            self.tunnel.cause = None
 
     def inject_close(self, code: int, reason: str, until: float | None = None) -> None:
         """Send the client a close frame at the next frame boundary of the backend's stream.

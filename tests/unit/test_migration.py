@@ -112,6 +112,27 @@ def test_a_drain_that_runs_to_its_end_says_how_its_closes_went(
     ]
 
 
+def test_a_drain_does_not_count_a_tunnel_its_client_ended_first_as_cut(caplog: pytest.LogCaptureFixture) -> None:
+    """A client that hangs up while its 1012 waits for a frame boundary was not cut by the drain: said apart."""
+    caplog.set_level(logging.INFO, logger="lb.control.migration")
+
+    async def scenario() -> None:
+        ctx, backend = one_backend_context()
+        client = FakeTransport()
+        _tunnel(ctx, backend, client, mid_frame=True)
+        drain = asyncio.create_task(migrate(ctx, "p", backend, 0.0, 1000.0))
+        await asyncio.sleep(0.05)
+        client.protocol.connection_lost(ConnectionResetError())
+        await asyncio.wait_for(drain, 2.0)
+
+    asyncio.run(scenario())
+    assert _summaries(caplog) == [
+        "drain of p/gw-1: 0 tunnel(s) closed with 1012, 0 cut at TCP level (the client did not take the close, "
+        "or the backend's frame in flight did not end in time), "
+        "0 closed by the backend first, 1 ended by their client first"
+    ]
+
+
 def test_a_handshake_in_flight_at_the_drain_is_closed_once_it_becomes_a_tunnel(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -520,6 +520,33 @@ def test_a_close_frame_inside_a_clients_message_is_no_close() -> None:
     _run(scenario())
 
 
+@pytest.mark.parametrize("how", ["reset", "close-frame-answered", "fin-answered", "tls-close"])
+def test_a_client_that_ends_the_tunnel_while_our_close_waits_for_a_boundary_is_no_close_of_ours(how: str) -> None:
+    """The client hangs up (or closes, and the backend answers) while our 1012 still waits for the end of
+    the backend's frame: the client ended the tunnel, so no balancer close is counted or logged as its cause."""
+
+    async def scenario() -> None:
+        client = FakeTransport(half_close=True, tls=how == "tls-close")
+        server = FakeTransport(half_close=True)
+        ctx, tunnel = _join(client, server, to_client=PARTIAL)
+        tunnel.close_gracefully(1012, "service restart", cause="drain")
+        assert not tunnel.closed and tunnel.closing
+        if how == "reset":
+            client.protocol.connection_lost(ConnectionResetError())
+        elif how == "tls-close":
+            client.protocol.eof_received()
+        else:
+            if how == "close-frame-answered":
+                client.protocol.data_received(b"\x88\x82abcdb\x8a")  # close 1000, masked with "abcd"
+            client.protocol.eof_received()
+            server.protocol.eof_received()  # the backend hangs up in answer, mid-frame
+        assert tunnel.closed and tunnel.cause is None and tunnel.close_code is None
+        assert not ctx.stats.balancer_closes
+        assert bytes(client.written) == PARTIAL  # no close frame of ours
+
+    _run(scenario())
+
+
 def test_a_client_that_hangs_up_without_a_close_frame_is_not_a_backend_lost() -> None:
     """A killed app's FIN, passed on: the backend then closes without a close frame, which is its
     answer to that FIN, not a crash. No 1012 to a client that has left, no `backend_lost` close."""
