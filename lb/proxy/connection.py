@@ -98,6 +98,7 @@ from lb.http.head import (
     ResponseHead,
     could_start_request,
     find_head_end,
+    has_bare_lf,
     parse_request_head,
     parse_response_head,
     render_head,
@@ -997,7 +998,10 @@ class Connection:
             try:
                 response = parse_response_head(raw)
             except RequestRejected as exc:
-                raise _Failure(f"malformed answer: {exc}") from None
+                # Judged as take_answer_bytes judges a head still incomplete: the verdict (at once, or on
+                # trial) must not hang on whether the blank line came in the same read as the rest.
+                not_http = not raw.startswith(b"HTTP/") or has_bare_lf(raw, 0)
+                raise _Failure(f"malformed answer: {exc}", not_http=not_http) from None
             status = response.status
             if self._continue_wait:
                 self._continue_wait = False

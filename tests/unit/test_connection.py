@@ -523,6 +523,26 @@ def test_an_answer_that_is_not_http_fails_at_once_as_a_bad_answer(answer: bytes)
     assert "not an HTTP/1.x head" in play.failures[0][2]
 
 
+@pytest.mark.parametrize("answer", [
+    pytest.param(b"garbage garbage\r\n\r\n", id="garbage"),
+    pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", id="http2-preface"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nX: a\nb\r\nContent-Length: 0\r\n\r\n", id="bare-lf"),
+])
+@pytest.mark.parametrize("reads", [1, 2])
+def test_an_answer_that_is_not_http_is_blamed_at_once_however_it_is_read(answer: bytes, reads: int) -> None:
+    """Whole in one read (its blank line included) or in two: the same verdict, at once, with no other
+    backend answering the request (a POST is not retried).  Whole, it went on trial, never to be blamed."""
+    play = Play()
+    play.client(post("/a/x", b"data"))
+    play.connected()
+    cut = answer.index(b"\r\n") + 2 if reads == 2 else len(answer)
+    play.backend(answer[:cut])
+    if answer[cut:]:
+        play.backend(answer[cut:])
+    assert play.answer()[0] == 502 and play.opened == ["a1"]
+    assert [failure[:2] for failure in play.failures] == [("a", "a1")]
+
+
 def test_an_http10_client_gets_no_interim_answer() -> None:
     """An HTTP/1.0 client would take a 103 or 100 for the answer (RFC 9110 §15.2): only the final one."""
     play = Play()
@@ -876,19 +896,28 @@ def test_an_interim_answer_of_a_pool_that_does_not_pin_passes_the_backends_cooki
 
 # -- backend faults: 502, retried when safe --------------------------------------------------------
 
-BAD_ANSWERS = [
+# Not HTTP/1.x at all, though whole in one read (a blank line and all): counted at once, as in pieces.
+NOT_HTTP_WHOLE = [
     pytest.param(b"garbage garbage\r\n\r\n", id="garbage"),
+    pytest.param(b"HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n", id="bare-lf"),
+]
+BAD_ANSWERS = [
+    *NOT_HTTP_WHOLE,
     pytest.param(b"HTTP/1.1 000 Zero\r\n\r\n", id="status-000"),
     pytest.param(b"HTTP/1.1 99 Low\r\n\r\n", id="two-digits"),
     pytest.param(b"HTTP/1.1 600 High\r\nContent-Length: 0\r\n\r\n", id="status-600"),
     pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", id="cl-and-te"),
-    pytest.param(b"HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n", id="bare-lf"),
 ]
+
+
+def not_http(answer: bytes) -> bool:
+    return any(answer in param.values for param in NOT_HTTP_WHOLE)
 
 
 @pytest.mark.parametrize("answer", BAD_ANSWERS)
 def test_malformed_answer_is_502_never_relayed(answer: bytes) -> None:
-    """Not blamed either: a POST goes to no other backend, so nothing shows the request was not the cause."""
+    """Blamed only if it is not HTTP at all: a POST goes to no other backend, so nothing shows the request
+    was not the cause."""
     play = Play()
     play.client(post("/a/x", b"data"))
     play.connected()
@@ -896,7 +925,7 @@ def test_malformed_answer_is_502_never_relayed(answer: bytes) -> None:
     status, _headers, _ = play.answer()
     assert status == 502 and play.to_client.count(b"HTTP/1.1") == 1
     assert answer.split(b"\r\n")[0] not in play.to_client
-    assert play.failures == []
+    assert [failure[:2] for failure in play.failures] == ([("a", "a1")] if not_http(answer) else [])
     assert play.ctx.observations.backend_errors[("a", "a1", "bad_answer")] == 1
     assert play.connections()["a1"] == 0
 
@@ -910,7 +939,7 @@ def test_malformed_answer_to_a_get_is_retried_on_another_backend(answer: bytes) 
     play.backend(answer)
     assert len(play.opened) == 2 and set(play.opened) == {"b1", "b2"}
     play.connected()
-    assert play.failures == []
+    assert len(play.failures) == not_http(answer)  # else on trial
     play.backend(ok())
     assert play.answer()[0] == 200
     assert [failure[:2] for failure in play.failures] == [("b", play.opened[0])]
