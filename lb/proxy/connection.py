@@ -477,7 +477,13 @@ class Connection:
             return self._read_head(now)
         if state in (CLOSED, TUNNEL):
             return []
-        self._continue_wait = False
+        if self._continue_wait:
+            # The body comes before any 100 Continue (RFC 9110 §10.1.1 allows both): its quiet spells
+            # are the client's time again, where the timer still held the backend's longer wait.
+            # Ahead of the writes, as in backend_connected.
+            self._continue_wait = False
+            self._last_client = now
+            return [SetTimer(self._upload_deadline()), *self.receive_client(data, now)]
         if self._body_left and self._sent and not self._buf:
             # Streaming the request body: straight through, up to the end of the body.
             self._last_client = now

@@ -768,6 +768,18 @@ def test_an_expect_100_continue_left_unanswered_is_the_backends_502_not_the_clie
     assert play.ctx.stats.rejected[408] == 0
 
 
+def test_a_body_sent_without_waiting_for_100_continue_is_the_clients_time() -> None:
+    """The client may also send its body at once: a quiet spell in it is the client's 408 after
+    timeouts.handshake from its last byte, not after the backend's timeouts.response set for the 100."""
+    play = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 8s}"))
+    play.client(EXPECTING)
+    play.connected()
+    play.client(b"a", dt=1)
+    assert play.timer == T0 + 1 + 5
+    play.fire()
+    assert b"408 Request Timeout" in play.to_client and play.failures == []
+
+
 def test_after_100_continue_the_body_is_the_clients_time() -> None:
     play = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 8s}"))
     play.client(EXPECTING)
