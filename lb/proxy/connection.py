@@ -579,8 +579,12 @@ class Connection:
         actions: list[Action] = [SendBackend(self._forwarded_head())]
         if self._body_left:
             self._last_client = now
-            # RFC 9110 §10.1.1: a client that expects 100-continue may send no body before an answer.
-            self._continue_wait = not self._buf and self._request.head.has_token("expect", "100-continue")
+            # RFC 9110 §10.1.1: a client that expects 100-continue may send no body before an answer; in an
+            # HTTP/1.0 request the expectation is ignored (and no 1xx would reach that client anyway).
+            request = self._request
+            self._continue_wait = (
+                not self._buf and request.version != "HTTP/1.0" and request.head.has_token("expect", "100-continue")
+            )
             if self._buf:
                 data = bytes(self._buf)
                 self._buf.clear()

@@ -768,6 +768,18 @@ def test_an_expect_100_continue_left_unanswered_is_the_backends_502_not_the_clie
     assert play.ctx.stats.rejected[408] == 0
 
 
+def test_an_http10_expect_100_continue_is_ignored() -> None:
+    """RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored (and that client gets
+    no 1xx): a body that does not come is the client's 408 after timeouts.handshake, the backend unblamed."""
+    play = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 8s}"))
+    play.client(EXPECTING.replace(b"HTTP/1.1", b"HTTP/1.0"))
+    play.connected()
+    assert play.timer == play.now + 5
+    play.fire()
+    assert b"408 Request Timeout" in play.to_client and play.failures == []
+    assert play.ctx.observations.backend_errors[("a", "a1", "timeout")] == 0
+
+
 def test_a_body_sent_without_waiting_for_100_continue_is_the_clients_time() -> None:
     """The client may also send its body at once: a quiet spell in it is the client's 408 after
     timeouts.handshake from its last byte, not after the backend's timeouts.response set for the 100."""
