@@ -1013,9 +1013,11 @@ class Connection:
                 not_http = not raw.startswith(b"HTTP/") or has_bare_lf(raw, 0)
                 raise _Failure(f"malformed answer: {exc}", not_http=not_http) from None
             status = response.status
-            if self._continue_wait:
+            if self._continue_wait and (status == 100 or status >= 200):
+                # The client's time starts with the backend's word: its 100, or its answer.  Not with
+                # another 1xx (103 Early Hints), which is no leave to send (RFC 9110 §10.1.1).
                 self._continue_wait = False
-                self._last_client = now  # the client's time starts with the backend's word
+                self._last_client = now
                 actions.append(SetTimer(self._upload_deadline()))
             if status < 200 and status != 101:
                 # Interim (100 Continue, 103 Early Hints): passed on, except to an HTTP/1.0 client,

@@ -768,6 +768,18 @@ def test_an_expect_100_continue_left_unanswered_is_the_backends_502_not_the_clie
     assert play.ctx.stats.rejected[408] == 0
 
 
+def test_early_hints_are_no_100_continue() -> None:
+    """A 103 before the 100 is not the leave the client waits for: the wait stays the backend's."""
+    play = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 8s}"))
+    play.client(EXPECTING)
+    play.connected()
+    play.now += 1
+    play.backend(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+    play.fire()
+    assert play.now == T0 + 8 and b"502 Bad Gateway" in play.to_client and play.failures == []
+    assert play.ctx.stats.rejected[408] == 0
+
+
 def test_an_http10_expect_100_continue_is_ignored() -> None:
     """RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored (and that client gets
     no 1xx): a body that does not come is the client's 408 after timeouts.handshake, the backend unblamed."""
