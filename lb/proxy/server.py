@@ -25,8 +25,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import socket
-import struct
 import time
 from collections.abc import Callable
 from typing import Any, Final, cast
@@ -53,7 +51,7 @@ from lb.proxy.connection import (
 from lb.proxy.connection import Action as Action
 from lb.proxy.deadlines import Deadline, Deadlines
 from lb.proxy.reading import READ_VIEW
-from lb.proxy.tunnel import Tunnel, close_flushing
+from lb.proxy.tunnel import Tunnel, close_flushing, reset
 from lb.state.context import ProxyContext
 from lb.state.observations import error_kind
 from lb.tls import bound_buffers
@@ -64,20 +62,6 @@ log: Final = logging.getLogger("lb.proxy")  # the data plane's logger, for both 
 # Final: compiled, a call from a C static rather than a lookup of the `time` module and then of
 # its attribute (five a handshake).
 _now: Final = time.monotonic
-
-
-_NO_LINGER: Final = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}
-
-
-def reset(transport: asyncio.Transport) -> None:
-    """Cut a connection with a TCP reset: abort() alone drops our buffer but closes with a FIN once the
-    kernel has sent what it holds, which tells the peer it got everything (a body that ends at close
-    passes for whole) and keeps a peer that reads nothing on the kernel's memory for minutes."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):  # already gone: abort() below is all there is to do
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
-    transport.abort()
 
 
 def wall_offset() -> float:

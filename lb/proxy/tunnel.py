@@ -37,9 +37,11 @@ without a close frame of its own, is answering, and the tunnel just ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import socket
+import struct
 import time
 from typing import Final
 
@@ -694,6 +696,20 @@ class Tunnel:
         )
 
 
+_NO_LINGER: Final = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Cut a connection with a TCP reset: abort() alone drops our buffer but closes with a FIN once the
+    kernel has sent what it holds, which tells the peer it got everything (a body that ends at close
+    passes for whole) and keeps a peer that reads nothing on the kernel's memory for minutes."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already gone: abort() below is all there is to do
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+    transport.abort()
+
+
 def close_flushing(transport: asyncio.Transport) -> None:
     """close(), which sends what is buffered first, with no time limit of its own: a peer that keeps
     its window shut would hold the descriptor and our buffer for ever (a tunnel's counted nowhere once
@@ -716,6 +732,6 @@ def _watch_flush(transport: asyncio.Transport, before: int) -> None:
     if not pending:
         return
     if pending >= before:
-        transport.abort()  # nothing taken for FLUSH_STALL
+        reset(transport)  # nothing taken for FLUSH_STALL: what the kernel holds for it goes too
         return
     asyncio.get_running_loop().call_later(FLUSH_STALL, _watch_flush, transport, pending)
