@@ -756,12 +756,18 @@ def test_interim_answers_do_not_extend_the_deadline() -> None:
 EXPECTING = b"POST /a/x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
 
 
+def expecting(head: bytes = EXPECTING) -> Play:
+    """`head` (with Expect: 100-continue, no body yet) out to its backend; timeouts.response 8 s, handshake 5 s."""
+    play = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 8s}"))
+    play.client(head)
+    play.connected()
+    return play
+
+
 def test_an_expect_100_continue_left_unanswered_is_the_backends_502_not_the_clients_408() -> None:
     """The client may wait for 100 Continue before its body (RFC 9110 §10.1.1): a backend that says nothing
     is silent as to a request sent whole (502 after timeouts.response), not a client that stopped uploading."""
-    play = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 8s}"))
-    play.client(EXPECTING)
-    play.connected()
+    play = expecting()
     assert play.timer == play.now + 8  # the backend's time, not the client's 5 s (timeouts.handshake)
     play.fire()
     assert play.answer()[0] == 502 and play.opened == ["a1"] and play.failures == []
@@ -770,9 +776,7 @@ def test_an_expect_100_continue_left_unanswered_is_the_backends_502_not_the_clie
 
 def test_early_hints_are_no_100_continue() -> None:
     """A 103 before the 100 is not the leave the client waits for: the wait stays the backend's."""
-    play = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 8s}"))
-    play.client(EXPECTING)
-    play.connected()
+    play = expecting()
     play.now += 1
     play.backend(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
     play.fire()
@@ -783,9 +787,7 @@ def test_early_hints_are_no_100_continue() -> None:
 def test_an_http10_expect_100_continue_is_ignored() -> None:
     """RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored (and that client gets
     no 1xx): a body that does not come is the client's 408 after timeouts.handshake, the backend unblamed."""
-    play = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 8s}"))
-    play.client(EXPECTING.replace(b"HTTP/1.1", b"HTTP/1.0"))
-    play.connected()
+    play = expecting(EXPECTING.replace(b"HTTP/1.1", b"HTTP/1.0"))
     assert play.timer == play.now + 5
     play.fire()
     assert b"408 Request Timeout" in play.to_client and play.failures == []
@@ -795,9 +797,7 @@ def test_an_http10_expect_100_continue_is_ignored() -> None:
 def test_a_body_sent_without_waiting_for_100_continue_is_the_clients_time() -> None:
     """The client may also send its body at once: a quiet spell in it is the client's 408 after
     timeouts.handshake from its last byte, not after the backend's timeouts.response set for the 100."""
-    play = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 8s}"))
-    play.client(EXPECTING)
-    play.connected()
+    play = expecting()
     play.client(b"a", dt=1)
     assert play.timer == T0 + 1 + 5
     play.fire()
@@ -805,9 +805,7 @@ def test_a_body_sent_without_waiting_for_100_continue_is_the_clients_time() -> N
 
 
 def test_after_100_continue_the_body_is_the_clients_time() -> None:
-    play = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 8s}"))
-    play.client(EXPECTING)
-    play.connected()
+    play = expecting()
     play.now += 1
     play.backend(b"HTTP/1.1 100 Continue\r\n\r\n")
     play.fire()  # set for the backend's 8 s; the client's 5 s run from the 100
