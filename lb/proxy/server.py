@@ -522,12 +522,18 @@ class ClientConnection(asyncio.BufferedProtocol):
         log.error("internal error on a connection from %s (request %s)", core.client_ip, core.request_id, exc_info=True)
         self._ctx.stats.rejected[500] += 1
         answered = core.state in (RELAY, TUNNEL, CLOSED)
+        mid_answer = core.state == RELAY
         with contextlib.suppress(Exception):
             self.run(core.client_lost(500, "internal_error"))  # releases the backend's count
         core.state = CLOSED
         self._drop_upstream()
         transport = self._transport
         if transport is not None and not transport.is_closing():
+            if mid_answer:
+                # Cut as the core cuts an answer (`_close(abort=True)`): a FIN would pass the part already
+                # sent of a body that ends at close for all of it.
+                reset(transport)
+                return
             if not answered:
                 transport.write(render_refusal(500, "Internal Server Error", core.request_id, {}))
             close_flushing(transport)
@@ -599,8 +605,9 @@ def abort_in_flight(ctx: ProxyContext) -> None:
         log.info("closing %d answer(s) still streaming to their clients at the end of shutdown", streaming)
     now = _now()
     for connection in left:
-        if not connection.drive(connection.core.stop_bound_passed, now):
-            connection._close(abort=True)  # a core bug, logged: the connection is dropped all the same
+        # A core bug there is logged and ends the connection (internal_error): not reset after, which
+        # would take back the 500 it has just written.
+        connection.drive(connection.core.stop_bound_passed, now)
         connection._end()
 
 

@@ -90,12 +90,12 @@ async def test_a_connections_deadline_is_on_the_monotonic_clock() -> None:
 
 
 def _request_at_backend(
-    give: Callable[[Any, bytes], None], backend: FakeTransport
+    give: Callable[[Any, bytes], None], backend: FakeTransport, client: FakeTransport | None = None
 ) -> tuple[ClientConnection, FakeTransport, Any]:
-    """A shell (with a BenchLoop) whose client sent `GET /a/x` through `give` and whose backend is `backend`,
-    connected: the connection, its client transport and its upstream protocol."""
+    """A shell (with a BenchLoop) whose client (`client`, or a plain one) sent `GET /a/x` through `give` and
+    whose backend is `backend`, connected: the connection, its client transport and its upstream protocol."""
     loop = BenchLoop(asyncio.get_running_loop())
-    client = FakeTransport(("127.0.0.2", 40000))
+    client = client or FakeTransport(("127.0.0.2", 40000))
     connection = ClientConnection(_ctx(), loop=loop)  # type: ignore[arg-type]
     connection.connection_made(client)  # type: ignore[arg-type]
     give(connection, b"GET /a/x HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -124,6 +124,30 @@ async def test_a_backend_read_while_the_client_is_full_is_paused_again() -> None
     deliver(upstream, b"Content-Length: 0\r\n\r\n")
     assert calls == ["pause"]
     assert b"".join(client.written).startswith(b"HTTP/1.1 200 OK\r\n"), client.written  # the first read was kept
+
+
+async def test_a_bug_in_the_core_mid_answer_resets_the_client() -> None:
+    """An answer whose body ends at close, cut by a core bug: the client is reset, as by any cut, never
+    closed cleanly, which would pass the part it got for the whole answer (RFC 9112 §8)."""
+    ends: list[str] = []
+
+    class Client(FakeTransport):
+        def close(self) -> None:
+            ends.append("close")
+            super().close()
+
+        def abort(self) -> None:
+            ends.append("abort")
+            super().abort()
+
+    connection, client, upstream = _request_at_backend(
+        deliver, FakeTransport(("127.0.0.1", 7001)), Client(("127.0.0.2", 40000))
+    )
+    deliver(upstream, b"HTTP/1.1 200 OK\r\n\r\nhalf an ")
+    connection.core._response_framer = None  # the bug: state the core takes for granted is gone
+    deliver(upstream, b"answer")
+    assert ends == ["abort"] and connection.core.closed
+    assert b"".join(client.written).endswith(b"half an ") and b"500" not in b"".join(client.written)
 
 
 @pytest.mark.parametrize("read", ["buffered", "data_received"])
