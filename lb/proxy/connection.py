@@ -1233,8 +1233,10 @@ class Connection:
             # upgrades it fails).
             return actions + self._refuse(last, now)
         hung_up = self.state == WAITING and failure.kind == "reset" and not self._answer_buf and not self._interim
-        # An HTTP answer head it could not pass on (a control byte, too large), with nothing relayed yet.
-        bad_head = failure.kind == "bad_answer" and not failure.not_http and not self._interim
+        # An HTTP answer head it could not pass on (a control byte, too large), with nothing relayed yet;
+        # not a connect that failed otherwise (error_kind's "bad_answer" for an exception of no known kind).
+        bad_head = (self.state == WAITING and failure.kind == "bad_answer" and not failure.not_http
+                    and not self._interim)
         if hung_up or bad_head:
             # Either may be the request's doing: a gateway closes on a request it will not take, or writes
             # what the client sent into a header (a cookie from a query parameter, with a control byte in

@@ -1000,6 +1000,16 @@ def test_the_502s_access_line_says_why_the_last_backend_failed(
     assert len(lines) == 1 and f"reason={reason}" in lines[0], lines
 
 
+def test_a_connect_that_fails_oddly_is_no_answer_on_trial() -> None:
+    """A connect that fails with an exception of no known kind (error_kind: bad_answer) reached no answer
+    the request could have shaped: counted at once, as a refusal is, and not against `retries`."""
+    play = Play(SIX_BACKENDS.replace("RETRIES", "0"))
+    play.client(get("/b/x"))
+    play._apply(play.conn.backend_failed("a connect awaited None, not a future", play.now, "bad_answer"))
+    assert [failure[:2] for failure in play.failures] == [("b", play.opened[0])]
+    assert len(play.opened) == 2 and play.conn.state == CONNECTING
+
+
 # What a gateway that writes the client's input into its answer's head may send for one request alone.
 REFLECTED = [
     pytest.param(b"HTTP/1.1 200 OK\r\nSet-Cookie: s=a\x01b\r\nContent-Length: 0\r\n\r\n", id="control-byte"),
