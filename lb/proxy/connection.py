@@ -307,16 +307,19 @@ class _Failure(Exception):
     """A backend attempt that failed: why, and what kind of failure (lb_backend_errors_total{kind})."""
 
     def __init__(
-        self, cause: str, kind: ErrorKind = "bad_answer", *, this_client_only: bool = False, not_http: bool = False
+        self, cause: str, kind: ErrorKind = "bad_answer", *, this_client_only: bool = False,
+        request_shaped: bool = False,
     ) -> None:
         super().__init__(cause)
         self.cause = cause
         self.kind = kind
         # Wrong for this client only (a 101 naming what it did not offer): its 502, no retry, no verdict.
         self.this_client_only = this_client_only
-        # Not HTTP/1.x at all (an SSH banner, an HTTP/2 preface): no request makes a gateway answer so, so
-        # it is blamed at once, where a bad HTTP head may be the request's doing (`_retry_or_fail`).
-        self.not_http = not_http
+        # An HTTP answer head that may be the request's doing (a gateway writes what the client sent into a
+        # header): on trial, blamed only once another backend answers the request (`_retry_or_fail`).  Not
+        # an answer that is not HTTP at all (an SSH banner, an HTTP/2 preface): no request makes a gateway
+        # answer so, and it is blamed at once, as every failure not said to be so is.
+        self.request_shaped = request_shaped
 
     @property
     def timeout(self) -> bool:
@@ -996,9 +999,9 @@ class Connection:
             try:
                 raw = take_answer_bytes(buf, self._answer_scan, MAX_RESPONSE_HEAD)
             except HeadersTooLarge:
-                raise _Failure("answer head too large") from None
+                raise _Failure("answer head too large", request_shaped=True) from None
             except BadGateway as exc:
-                raise _Failure(f"malformed answer: {exc}", not_http=True) from None
+                raise _Failure(f"malformed answer: {exc}") from None
             if raw is None:
                 self._answer_scan = len(buf)
                 return actions
@@ -1010,8 +1013,8 @@ class Connection:
             except RequestRejected as exc:
                 # Judged as take_answer_bytes judges a head still incomplete: the verdict (at once, or on
                 # trial) must not hang on whether the blank line came in the same read as the rest.
-                not_http = not raw.startswith(b"HTTP/") or has_bare_lf(raw, 0)
-                raise _Failure(f"malformed answer: {exc}", not_http=not_http) from None
+                shaped = raw.startswith(b"HTTP/") and not has_bare_lf(raw, 0)
+                raise _Failure(f"malformed answer: {exc}", request_shaped=shaped) from None
             status = response.status
             if self._continue_wait and (status == 100 or status >= 200):
                 # The client's time starts with the backend's word: its 100, or its answer.  Not with
@@ -1025,7 +1028,7 @@ class Connection:
                 # A Set-Cookie of affinity.cookie only where the final answer would pass it as it is.
                 self._interim += 1
                 if self._interim > MAX_INTERIM:
-                    raise _Failure("too many interim answers")
+                    raise _Failure("too many interim answers", request_shaped=True)
                 if request.version != "HTTP/1.0":
                     interim = render_interim(response, self._interim_drop(), self._config.affinity.header)
                     actions.append(SendClient(interim))
@@ -1035,7 +1038,7 @@ class Connection:
                     raise _Failure("switched protocols without being asked to")
                 fault = switch_fault(request, response)
                 if fault is not None:
-                    raise _Failure(f"malformed answer: {fault}")
+                    raise _Failure(f"malformed answer: {fault}", request_shaped=True)
                 mismatch = negotiation_fault(request, response)
                 if mismatch is not None:
                     raise _Failure(f"answer this client must fail: {mismatch}", this_client_only=True)
@@ -1233,10 +1236,8 @@ class Connection:
             # upgrades it fails).
             return actions + self._refuse(last, now)
         hung_up = self.state == WAITING and failure.kind == "reset" and not self._answer_buf and not self._interim
-        # An HTTP answer head it could not pass on (a control byte, too large), with nothing relayed yet;
-        # not a connect that failed otherwise (error_kind's "bad_answer" for an exception of no known kind).
-        bad_head = (self.state == WAITING and failure.kind == "bad_answer" and not failure.not_http
-                    and not self._interim)
+        # An HTTP answer head it could not pass on (a control byte, too large), with nothing relayed yet.
+        bad_head = self.state == WAITING and failure.request_shaped and not self._interim
         if hung_up or bad_head:
             # Either may be the request's doing: a gateway closes on a request it will not take, or writes
             # what the client sent into a header (a cookie from a query parameter, with a control byte in
