@@ -288,7 +288,6 @@ async def test_rewrite_value_too_large_to_seal_passes_unsealed_with_warning_and_
     assert 'lb_affinity_unsealed_cookies_total{pool="big"} 2.0' in metrics
 
 
-
 async def test_a_backend_setting_a_value_too_large_to_seal_on_every_answer_gets_a_warning_a_minute(
     launcher: Launcher, big_cookie_backend: tuple[Backend, list[str]]
 ) -> None:
