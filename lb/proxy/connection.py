@@ -1097,15 +1097,15 @@ class Connection:
             and not self._ctx.deregistering
         )
         self._keep_alive = keep
+        # Made before the answer counts as begun (RELAY): a bug in it leaves nothing sent, so the client
+        # gets the bare 500 (lb.proxy.server's internal_error), not the cut of an answer under way.
+        head = self._client_head(response, now, switching=False, keep_alive=keep)
         self._observe(now)
         self._count("refused" if self._websocket else "answered")
         self._log(response.status)
         self._response_framer = framer
         self.state = RELAY
-        actions: list[Action] = [
-            SendClient(self._client_head(response, now, switching=False, keep_alive=keep)),
-            self._relay_timer(now),
-        ]
+        actions: list[Action] = [SendClient(head), self._relay_timer(now)]
         if self._answer_buf:
             rest = bytes(self._answer_buf)
             self._answer_buf.clear()

@@ -15,9 +15,10 @@ from test_connection import CONFIG
 from bench.handshake_shell import BenchLoop, FakeTransport, deliver
 from lb.config.load import parse_config
 from lb.proxy import server as server_module
-from lb.proxy.server import ClientConnection, client_factory, stop_in_flight, wall_offset
+from lb.proxy.server import ClientConnection, abort_in_flight, client_factory, stop_in_flight, wall_offset
 from lb.proxy.tunnel import TunnelEnd, WebSocketServerEnd
 from lb.state.context import ProxyContext
+from lb.state.tally import Tally
 
 
 async def _serve(ctx: ProxyContext) -> tuple[asyncio.Server, int]:
@@ -148,6 +149,58 @@ async def test_a_bug_in_the_core_mid_answer_resets_the_client() -> None:
     deliver(upstream, b"answer")
     assert ends == ["abort"] and connection.core.closed
     assert b"".join(client.written).endswith(b"half an ") and b"500" not in b"".join(client.written)
+
+
+async def test_a_bug_in_making_the_answers_head_is_a_bare_500() -> None:
+    """Nothing of the answer has gone out: the client gets SPEC's bare 500, not the reset of an answer cut."""
+    ends: list[str] = []
+
+    class Client(FakeTransport):
+        def close(self) -> None:
+            ends.append("close")
+            super().close()
+
+        def abort(self) -> None:
+            ends.append("abort")
+            super().abort()
+
+    connection, client, upstream = _request_at_backend(
+        deliver, FakeTransport(("127.0.0.1", 7001)), Client(("127.0.0.2", 40000))
+    )
+    connection.core._lookup = None  # the bug: state the core takes for granted is gone
+    deliver(upstream, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    assert ends == ["close"] and connection.core.closed
+    assert b"".join(client.written).startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+
+
+async def test_a_bug_at_the_stops_bound_leaves_its_500_to_flush() -> None:
+    """A core bug as the stop's bound passes (`abort_in_flight`) on a request still waiting for its answer:
+    the bare 500 that internal_error writes is flushed (a close), not taken back by a reset after it."""
+    ends: list[str] = []
+
+    class Client(FakeTransport):
+        def close(self) -> None:
+            ends.append("close")
+            super().close()
+
+        def abort(self) -> None:
+            ends.append("abort")
+            super().abort()
+
+    class Rejected(Tally[int]):
+        def __setitem__(self, status: int, count: int) -> None:
+            if status == 503:  # the bug: the stop's own 503 cannot be counted
+                raise RuntimeError("bug")
+            super().__setitem__(status, count)
+
+    connection, client, _upstream = _request_at_backend(
+        deliver, FakeTransport(("127.0.0.1", 7001)), Client(("127.0.0.2", 40000))
+    )
+    ctx = connection._ctx
+    ctx.stats.rejected = Rejected()
+    abort_in_flight(ctx)
+    assert ends == ["close"] and connection.core.closed and not ctx.in_flight
+    assert b"".join(client.written).startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
 
 
 @pytest.mark.parametrize("read", ["buffered", "data_received"])
