@@ -520,7 +520,9 @@ def test_a_close_frame_inside_a_clients_message_is_no_close() -> None:
     _run(scenario())
 
 
-@pytest.mark.parametrize("how", ["reset", "close-frame-answered", "fin-answered", "tls-close"])
+@pytest.mark.parametrize(
+    "how", ["reset", "close-frame-answered", "close-frame-alone-answered", "fin-answered", "tls-close"]
+)
 def test_a_client_that_ends_the_tunnel_while_our_close_waits_for_a_boundary_is_no_close_of_ours(how: str) -> None:
     """The client hangs up (or closes, and the backend answers) while our 1012 still waits for the end of
     the backend's frame: the client ended the tunnel, so no balancer close is counted or logged as its cause."""
@@ -536,9 +538,10 @@ def test_a_client_that_ends_the_tunnel_while_our_close_waits_for_a_boundary_is_n
         elif how == "tls-close":
             client.protocol.eof_received()
         else:
-            if how == "close-frame-answered":
+            if how.startswith("close-frame"):
                 client.protocol.data_received(b"\x88\x82abcdb\x8a")  # close 1000, masked with "abcd"
-            client.protocol.eof_received()
+            if how != "close-frame-alone-answered":  # that one's client keeps its side open
+                client.protocol.eof_received()
             server.protocol.eof_received()  # the backend hangs up in answer, mid-frame
         assert tunnel.closed and tunnel.cause is None and tunnel.close_code is None
         assert not ctx.stats.balancer_closes
