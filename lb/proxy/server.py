@@ -517,7 +517,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         ctx.in_flight.discard(self)
 
     def internal_error(self) -> None:
-        """A bug in the core: logged with its traceback; the client gets a bare 500 if nothing was sent yet."""
+        """A bug in the core: logged with its traceback; the client gets a bare 500 if nothing was sent yet,
+        and is reset if its answer was under way (RELAY), as the core's own cuts of an answer are."""
         core = self.core
         log.error("internal error on a connection from %s (request %s)", core.client_ip, core.request_id, exc_info=True)
         self._ctx.stats.rejected[500] += 1
