@@ -1097,10 +1097,10 @@ class Connection:
             and not self._ctx.deregistering
         )
         self._keep_alive = keep
+        self._observe(now)  # ahead of the head: a backend it takes down is one the cookie must leave
         # Made before the answer counts as begun (RELAY): a bug in it leaves nothing sent, so the client
         # gets the bare 500 (lb.proxy.server's internal_error), not the cut of an answer under way.
         head = self._client_head(response, now, switching=False, keep_alive=keep)
-        self._observe(now)
         self._count("refused" if self._websocket else "answered")
         self._log(response.status)
         self._response_framer = framer
