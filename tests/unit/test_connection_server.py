@@ -127,66 +127,49 @@ async def test_a_backend_read_while_the_client_is_full_is_paused_again() -> None
     assert b"".join(client.written).startswith(b"HTTP/1.1 200 OK\r\n"), client.written  # the first read was kept
 
 
+class _EndSeen(FakeTransport):
+    """A client transport that says how the shell ended it: "close" (a FIN once flushed) or "abort" (reset)."""
+
+    def __init__(self, peer: tuple[str, int]) -> None:
+        super().__init__(peer)
+        self.ends: list[str] = []
+
+    def close(self) -> None:
+        self.ends.append("close")
+        super().close()
+
+    def abort(self) -> None:
+        self.ends.append("abort")
+        super().abort()
+
+
 async def test_a_bug_in_the_core_mid_answer_resets_the_client() -> None:
     """An answer whose body ends at close, cut by a core bug: the client is reset, as by any cut, never
     closed cleanly, which would pass the part it got for the whole answer (RFC 9112 §8)."""
-    ends: list[str] = []
-
-    class Client(FakeTransport):
-        def close(self) -> None:
-            ends.append("close")
-            super().close()
-
-        def abort(self) -> None:
-            ends.append("abort")
-            super().abort()
-
     connection, client, upstream = _request_at_backend(
-        deliver, FakeTransport(("127.0.0.1", 7001)), Client(("127.0.0.2", 40000))
+        deliver, FakeTransport(("127.0.0.1", 7001)), _EndSeen(("127.0.0.2", 40000))
     )
     deliver(upstream, b"HTTP/1.1 200 OK\r\n\r\nhalf an ")
     connection.core._response_framer = None  # the bug: state the core takes for granted is gone
     deliver(upstream, b"answer")
-    assert ends == ["abort"] and connection.core.closed
+    assert client.ends == ["abort"] and connection.core.closed
     assert b"".join(client.written).endswith(b"half an ") and b"500" not in b"".join(client.written)
 
 
 async def test_a_bug_in_making_the_answers_head_is_a_bare_500() -> None:
     """Nothing of the answer has gone out: the client gets SPEC's bare 500, not the reset of an answer cut."""
-    ends: list[str] = []
-
-    class Client(FakeTransport):
-        def close(self) -> None:
-            ends.append("close")
-            super().close()
-
-        def abort(self) -> None:
-            ends.append("abort")
-            super().abort()
-
     connection, client, upstream = _request_at_backend(
-        deliver, FakeTransport(("127.0.0.1", 7001)), Client(("127.0.0.2", 40000))
+        deliver, FakeTransport(("127.0.0.1", 7001)), _EndSeen(("127.0.0.2", 40000))
     )
     connection.core._lookup = None  # the bug: state the core takes for granted is gone
     deliver(upstream, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
-    assert ends == ["close"] and connection.core.closed
+    assert client.ends == ["close"] and connection.core.closed
     assert b"".join(client.written).startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
 
 
 async def test_a_bug_at_the_stops_bound_leaves_its_500_to_flush() -> None:
     """A core bug as the stop's bound passes (`abort_in_flight`) on a request still waiting for its answer:
     the bare 500 that internal_error writes is flushed (a close), not taken back by a reset after it."""
-    ends: list[str] = []
-
-    class Client(FakeTransport):
-        def close(self) -> None:
-            ends.append("close")
-            super().close()
-
-        def abort(self) -> None:
-            ends.append("abort")
-            super().abort()
-
     class Rejected(Tally[int]):
         def __setitem__(self, status: int, count: int) -> None:
             if status == 503:  # the bug: the stop's own 503 cannot be counted
@@ -194,12 +177,12 @@ async def test_a_bug_at_the_stops_bound_leaves_its_500_to_flush() -> None:
             super().__setitem__(status, count)
 
     connection, client, _upstream = _request_at_backend(
-        deliver, FakeTransport(("127.0.0.1", 7001)), Client(("127.0.0.2", 40000))
+        deliver, FakeTransport(("127.0.0.1", 7001)), _EndSeen(("127.0.0.2", 40000))
     )
     ctx = connection._ctx
     ctx.stats.rejected = Rejected()
     abort_in_flight(ctx)
-    assert ends == ["close"] and connection.core.closed and not ctx.in_flight
+    assert client.ends == ["close"] and connection.core.closed and not ctx.in_flight
     assert b"".join(client.written).startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
 
 
