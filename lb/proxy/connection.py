@@ -1028,7 +1028,7 @@ class Connection:
                 # A Set-Cookie of affinity.cookie only where the final answer would pass it as it is.
                 self._interim += 1
                 if self._interim > MAX_INTERIM:
-                    raise _Failure("too many interim answers", request_shaped=True)
+                    raise _Failure("too many interim answers")  # some were relayed: no retry, blamed at once
                 if request.version != "HTTP/1.0":
                     interim = render_interim(response, self._interim_drop(), self._config.affinity.header)
                     actions.append(SendClient(interim))
@@ -1237,7 +1237,7 @@ class Connection:
             return actions + self._refuse(last, now)
         hung_up = self.state == WAITING and failure.kind == "reset" and not self._answer_buf and not self._interim
         # An HTTP answer head it could not pass on (a control byte, too large), with nothing relayed yet.
-        bad_head = self.state == WAITING and failure.request_shaped and not self._interim
+        bad_head = failure.request_shaped and not self._interim
         if hung_up or bad_head:
             # Either may be the request's doing: a gateway closes on a request it will not take, or writes
             # what the client sent into a header (a cookie from a query parameter, with a control byte in

@@ -463,11 +463,13 @@ def test_refused_upgrade_is_an_answer_and_what_follows_is_the_next_request() -> 
 
 
 def test_unasked_101_is_a_502() -> None:
+    """And the backend's fault at once: the request carried no upgrade (hop-by-hop, it is not passed on)."""
     play = Play()
     play.client(get("/a/x"))
     play.connected()
     play.backend(SWITCH)
     assert play.answer()[0] == 502 and play.conn.state == CLOSED
+    assert [failure[:2] for failure in play.failures] == [("a", "a1")]
 
 
 @pytest.mark.parametrize("bad", [
