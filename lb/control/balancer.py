@@ -601,7 +601,7 @@ class Balancer:
             self._report_refusals_now()
             if second % RATE_SWEEP_EVERY == 0:
                 self.ctx.rate_limiter.sweep(time.monotonic())  # the data plane's clock, which `check` was given
-            if policy.due(self.ctx.handshaking + len(self.ctx.tunnels), time.monotonic()):
+            if policy.due(self.ctx.own_connections(), time.monotonic(), peak=self.ctx.take_peak()):
                 release_free_memory()
 
     def _report_unlogged_state_changes(self) -> None:

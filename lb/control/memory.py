@@ -102,11 +102,12 @@ class ReleasePolicy:
         self.peak = 0
         self.last: float | None = None  # when the last release was (None: never; the first `due` starts the clock)
 
-    def due(self, held: int, now: float) -> bool:
-        """Whether to release now, given the client connections `held` (call it every second or so)."""
+    def due(self, held: int, now: float, *, peak: int = 0) -> bool:
+        """Whether to release now, given the client connections `held` (call it every second or so) and the
+        most held at once since the last call (`peak`: a burst that came and went in between counts)."""
         if self.last is None:
             self.last = now
-        self.peak = max(self.peak, held)
+        self.peak = max(self.peak, held, peak)
         since = now - self.last
         dropped = self.peak - held >= self.min_drop and since >= self.min_gap
         if not (dropped or since >= self.every):

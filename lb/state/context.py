@@ -131,6 +131,9 @@ class ProxyContext:
         status=503, reason="too_many_connections", event="over_max_connections"
     ))
     handshaking: int = 0  # client connections not (yet) handed to a tunnel
+    # The most client connections held at once since `take_peak`: the memory release looks once a second
+    # (lb.control.memory), and a burst of handshakes that came and went between two looks was never seen.
+    peak_connections: int = 0
     # The same connections, so that stop() can answer each one (503, or let it complete).
     in_flight: set[ClientConnection] = field(default_factory=set)
     # `workers: N`, in the owner: its workers' client connections as they last reported them.
@@ -179,9 +182,19 @@ class ProxyContext:
         header) completes later, and counted then, a burst larger than `limits.max_connections`
         saw itself over the limit connection by connection, and refused everyone.
         """
-        admitted = self.own_connections() < self.config.limits.max_connections
+        held = self.own_connections()
         self.handshaking += 1
-        return admitted
+        if held >= self.peak_connections:
+            self.peak_connections = held + 1
+        return held < self.config.limits.max_connections
+
+    def take_peak(self) -> int:
+        """The most client connections this process held at once since the last call (those held now at
+        least); the next call counts from those held now."""
+        held = self.own_connections()
+        peak = max(self.peak_connections, held)
+        self.peak_connections = held
+        return peak
 
     def bytes_relayed(self) -> tuple[int, int]:
         """(client → backend, backend → client) so far: closed tunnels plus live ones."""

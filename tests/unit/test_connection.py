@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lb.config.load import parse_config
+from lb.control.memory import ReleasePolicy
 from lb.http.head import parse_response_head
 from lb.log import JsonFormatter
 from lb.proxy.connection import (
@@ -345,6 +346,20 @@ def test_a_burst_is_admitted_in_accept_order_up_to_the_limit(limit: int, burst: 
         count.release()  # ...once
     assert play.ctx.handshaking == burst - burst // 2
     assert [count.admitted for count in counts] == admitted  # a decision made at accept is kept
+
+
+def test_a_burst_between_two_looks_of_the_memory_release_still_releases() -> None:
+    """1,500 TLS handshakes that come and go within a second were never seen by the once-a-second look
+    of lb.control.memory: their heap stayed for 5 minutes (150 MB).  The peak counted at accept is."""
+    play = Play()
+    play.ctx.handshaking = 0
+    policy = ReleasePolicy(min_drop=256, min_gap=5.0, every=300.0)
+    assert not policy.due(play.ctx.own_connections(), 0.0, peak=play.ctx.take_peak())
+    counts = [AcceptCount(play.ctx) for _ in range(1_500)]
+    for count in counts:
+        count.release()
+    assert policy.due(play.ctx.own_connections(), 10.0, peak=play.ctx.take_peak())
+    assert play.ctx.take_peak() == 0, "counted from those held at the last look"
 
 
 # -- upgrades: nothing behind the head reaches the backend before it switches ------------------------
