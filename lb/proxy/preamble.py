@@ -160,14 +160,15 @@ def claim_address(host: str, port: int) -> list[socket.socket]:
                 lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             except OSError:
                 continue
-            locks.append(lock)
             try:
                 lock.bind(f"\0ws-affinity-lb listener {ip} {port}")
             except OSError as exc:
+                lock.close()
                 if exc.errno != errno.EADDRINUSE:
                     continue  # not a claim of someone else's: go without this lock
                 raise OSError(errno.EADDRINUSE, "Address already in use (another lb run claims it, "
                               "or this one under another spelling)") from None
+            locks.append(lock)
     except BaseException:
         for lock in locks:
             lock.close()
