@@ -326,6 +326,15 @@ class _Failure(Exception):
         return self.kind == "timeout"
 
 
+def _attempt_outcome(failure: _Failure, late: bool) -> str:
+    """lb_handshakes_total{outcome} of a failed attempt: an answer that came and was not HTTP (or not one
+    the client could take) is no failure to connect, and an operator reading `connect_failed` would look
+    at the network rather than at the gateway's code."""
+    if late:
+        return "answer_late"
+    return "bad_answer" if failure.kind == "bad_answer" else "connect_failed"
+
+
 # -- the state machine ---------------------------------------------------------------
 
 
@@ -1207,7 +1216,7 @@ class Connection:
         late = (failure.timeout and not self._websocket and self.state == WAITING
                 and (not self._body_left or self._continue_wait))
         actions = self._release_backend()
-        ctx.stats.handshakes[(pool.name, backend.id, "answer_late" if late else "connect_failed")] += 1
+        ctx.stats.handshakes[(pool.name, backend.id, _attempt_outcome(failure, late))] += 1
         ctx.observations.count_backend_error(pool.name, backend.id, failure.kind)
         log.warning(
             "backend %s at %s failed request %s: %s",

@@ -485,10 +485,12 @@ def test_the_error_ratio_alert_fires_before_every_kind_of_error_has_happened(tmp
         # Instance b, healthy beside it: no alert.
         ('lb_build_info{job="lb", instance="b", version="1", config_hash="x"}', "1x30"),
         ('lb_handshakes_total{job="lb", instance="b", pool="p", backend="b", outcome="switched"}', "0+100x30"),
-        # Instance c: every client gets 502 (3 attempts each), under a flood of 400s from anyone: still
-        # 100% of the clients that reached a pool; the flood counted did keep it at 3%.
+        # Instance c: every client gets 502 (3 attempts each: refused, or answered with junk), under a flood
+        # of 400s from anyone: still 100% of the clients that reached a pool; the flood counted did keep it
+        # at 3%.
         ('lb_build_info{job="lb", instance="c", version="1", config_hash="x"}', "1x30"),
-        ('lb_handshakes_total{job="lb", instance="c", pool="p", backend="b", outcome="connect_failed"}', "0+30x30"),
+        ('lb_handshakes_total{job="lb", instance="c", pool="p", backend="b", outcome="connect_failed"}', "0+15x30"),
+        ('lb_handshakes_total{job="lb", instance="c", pool="p", backend="b", outcome="bad_answer"}', "0+15x30"),
         ('lb_rejected_requests_total{job="lb", instance="c", status="502"}', "0+10x30"),
         ('lb_rejected_requests_total{job="lb", instance="c", status="400"}', "0+600x30"),
         # Instance d: a third of the attempts fail and are retried elsewhere, every client served: no alert

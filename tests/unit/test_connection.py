@@ -978,6 +978,8 @@ def test_malformed_answer_is_502_never_relayed(answer: bytes) -> None:
     assert answer.split(b"\r\n")[0] not in play.to_client
     assert [failure[:2] for failure in play.failures] == ([("a", "a1")] if not_http(answer) else [])
     assert play.ctx.observations.backend_errors[("a", "a1", "bad_answer")] == 1
+    # An answer came: no failure to connect (lb_handshakes_total{outcome}).
+    assert dict(play.ctx.stats.handshakes) == {("a", "a1", "bad_answer"): 1}
     assert play.connections()["a1"] == 0
 
 
