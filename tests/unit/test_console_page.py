@@ -33,6 +33,28 @@ def test_snapshot_lists_every_backend_escaped() -> None:
     assert "last_error: &lt;b&gt;SERVFAIL&lt;/b&gt;" in snapshot
 
 
+def test_snapshot_shows_a_removed_backend_as_removed() -> None:
+    """A backend gone from its pool is `removed` on the page, as in its live table and `lb ctl status`.
+
+    /status says `"state": "disabled", "removed": true`; the page before its script ran said `disabled`.
+    """
+    document = {
+        "pools": {
+            "gateways": {
+                "backends": [
+                    {"id": "gw-2", "address": "127.0.0.1:9002", "state": "disabled", "removed": True,
+                     "reason": "removed by reload", "connections": 2},
+                    {"id": "gw-3", "address": "127.0.0.1:9003", "state": "disabled", "removed": False,
+                     "reason": "operator: disable", "connections": 0},
+                ],
+            }
+        }
+    }
+    snapshot = render_snapshot(document)
+    assert '<tr data-state="removed"><td>gw-2</td><td>127.0.0.1:9002</td><td>removed</td>' in snapshot
+    assert '<tr data-state="disabled"><td>gw-3</td><td>127.0.0.1:9003</td><td>disabled</td>' in snapshot
+
+
 def test_every_inline_script_and_style_is_allowed_by_hash_and_nothing_else() -> None:
     assert SNAPSHOT_MARK in _PAGE
     for tag in ("script", "style"):

@@ -172,8 +172,11 @@ def render_snapshot(document: dict[str, Any], backends: Mapping[str, int] | None
         out.append("<table><tr>" + "".join(f"<th>{title}</th>" for title, _ in _SNAPSHOT_COLUMNS) + "</tr>")
         listed = pool.get("backends", [])
         for backend in listed:
-            cells = "".join(f"<td>{html.escape(str(backend.get(key, '')))}</td>" for _, key in _SNAPSHOT_COLUMNS)
-            out.append(f'<tr data-state="{html.escape(str(backend.get("state", "")))}">{cells}</tr>')
+            # /status keeps SPEC's four states (a removed backend is `disabled`, `removed: true`); the page
+            # says `removed`, as its live table and `lb ctl status` do.
+            shown = {**backend, "state": "removed"} if backend.get("removed") is True else backend
+            cells = "".join(f"<td>{html.escape(str(shown.get(key, '')))}</td>" for _, key in _SNAPSHOT_COLUMNS)
+            out.append(f'<tr data-state="{html.escape(str(shown.get("state", "")))}">{cells}</tr>')
         out.append("</table>")
         more = (backends or {}).get(str(pool_name), len(listed)) - len(listed)
         if more > 0:
