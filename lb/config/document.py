@@ -321,7 +321,8 @@ def _yaml_message(exc: yaml.MarkedYAMLError, text: str) -> str:
 
 
 # `$${` is a literal `${` (as in docker compose); a `${` that matches no form is an error.
-# `${file:PATH}` is the file's content without its trailing newline (how Secrets are mounted).
+# `${file:PATH}` is the file's content without the line ends at its end (CR and LF: `echo`, an editor
+# on Windows, a Secret made with --from-file).
 _REFERENCE_RE = re.compile(
     r"\$\$\{|\$\{file:(?P<file>[^}]+)\}|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|\$\{"
 )

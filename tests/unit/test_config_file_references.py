@@ -88,6 +88,14 @@ def test_file_reference_through_a_symlink_still_works(tmp_path: Path) -> None:
     assert config.affinity.secret_keys[0] == KEY
 
 
+@pytest.mark.parametrize("ending", ["", "\n", "\r\n", "\n\n", "\r\n\r\n"])
+def test_file_reference_drops_the_line_ends_at_its_end(tmp_path: Path, ending: str) -> None:
+    """README: `${file:PATH}` is the file's text without the CR/LF at its end (a Secret saved on Windows too)."""
+    (tmp_path / "key").write_bytes((KEY + ending).encode())
+    config = parse_config(config_with_key("${file:key}"), base_dir=tmp_path, environ={})
+    assert config.affinity.secret_keys[0] == KEY
+
+
 def test_config_file_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
     fifo = tmp_path / "lb.yaml"
     os.mkfifo(fifo)
