@@ -5,7 +5,8 @@ where does a handshake carrying this token go right now?  Answer shapes:
 
     {"valid": true, "pool": P, "backend": ID, "state": S, "routes_to": ID | null,
      "issued_at": "2026-11-30T16:20:41Z", "expires_at": "2026-11-30T17:20:41Z"}
-    {"valid": false, "reason": "expired" | "future" | "bad_mac" | "malformed" | "unknown_key" | "unknown_backend"}
+    {"valid": false, "reason": "expired" | "future" | "bad_mac" | "malformed" | "unknown_key" | "unknown_backend"
+                      | "no_pin_for_pool"}
 
 - `backend` is what the token names; `routes_to` is where a handshake carrying it
   goes now, after the redispatch rules: the same backend while it is up or
@@ -75,7 +76,7 @@ def lookup_token(
         BadKey: `key` is not a key of the token's pool (not an address, or only spaces).
     """
     claim: Claim | None = None
-    reason = "unknown_backend"  # every pin opened, none for the pool asked about
+    reason = "malformed"  # no pin at all (an empty value, or only separators)
     # The affinity cookie of a client using several pools carries one pin per pool (`a.b`); read it
     # as the data path does (lb.affinity.carriers.find_token): at most MAX_PINS of them, and of the
     # pins for the pool (`?pool=`, else the first pin's that opens) the youngest routes.
@@ -88,6 +89,9 @@ def lookup_token(
                 reason = exc.reason
             continue
         if wanted_pool is not None and not opened.for_pool(wanted_pool):
+            # A valid pin for another pool: the data path makes a fresh choice in this one, as for no
+            # cookie at all (not an invalid token), and nothing here is broken or forged.
+            reason = "no_pin_for_pool"
             continue
         if claim is None or opened.issued_at > claim.issued_at:
             claim = opened

@@ -127,7 +127,9 @@ def test_a_cookie_value_with_one_pin_per_pool_is_understood() -> None:
     first = answer(value, state)
     assert (first["pool"], first["backend"]) == ("gateways", "gw-1")
     assert answer(value + ".garbage", state, pool="plain")["backend"] == "gw-3"
-    assert answer(seal_for("gateways", "gw-1"), state, pool="plain") == {"valid": False, "reason": "unknown_backend"}
+    # A valid pin, for another pool: nothing is wrong with it, the client has no pin in this one.
+    assert answer(seal_for("gateways", "gw-1"), state, pool="plain") == {"valid": False, "reason": "no_pin_for_pool"}
+    assert answer("x" * 40 + "." + seal_for("gateways", "gw-1"), state, pool="plain")["reason"] == "no_pin_for_pool"
     assert answer("x" * 40 + "." + "y" * 40, state)["valid"] is False
 
 
