@@ -49,6 +49,9 @@ class BackendStatus:
     migrating: bool = False  # a drain is closing its tunnels: cookie holders go elsewhere now
     # The backend's own health answer says `X-Backend-State: draining` (HAProxy's agent-check, simply).
     requested_drain: bool = False
+    # What health said last (`_health_reason`), kept under an operator's reason: a down backend an
+    # operator drains or enables is still down for this, and /status must say so (`apply_admin`).
+    health_said: str = ""
     # config.id, copied once: read a dozen times per handshake, where a property is a call each.
     # A reload may swap `config`, always for one with the same id (backends are matched by id).
     id: str = field(init=False)
@@ -209,7 +212,11 @@ class PoolState:
         backend.admin = action
         backend.migrating = False
         backend.reason = f"operator: {action.value}"
-        if action is AdminAction.ENABLE and backend.requested_drain:
+        if not backend.healthy and action is not AdminAction.DISABLE and backend.health_said:
+            # Still down: a drain or an enable changes nothing of why (the state is `down` either way),
+            # and until the next check (an `interval` away) /status named the act instead of the failure.
+            backend.reason = backend.health_said
+        elif action is AdminAction.ENABLE and backend.requested_drain:
             # Enabled, yet still draining: the reason /status shows must be the one in force.
             backend.reason = "operator: enable; backend still asks to drain"
         return self._change(backend, old, now)
@@ -227,6 +234,7 @@ class PoolState:
 def _health_reason(backend: BackendStatus, said: str) -> None:
     """After a health transition, the reason /status shows is the one in force: an operator's disable
     keeps its own (it wins over health); back up, a drain (the operator's or the backend's) is named."""
+    backend.health_said = said
     if backend.admin is AdminAction.DISABLE:
         return
     if backend.healthy and backend.admin is AdminAction.DRAIN:

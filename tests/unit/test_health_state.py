@@ -114,6 +114,32 @@ def test_an_operators_reason_outlives_health_transitions_while_it_is_in_force() 
     assert (backend.state, backend.reason) == (BackendState.DRAINING, "health check passed 2 time(s); operator: drain")
 
 
+def test_an_operators_drain_or_enable_of_a_down_backend_leaves_the_failure_as_its_reason() -> None:
+    """Down, drained, enabled, disabled and enabled again: the state stays `down` and so does why, until the
+    next check. /status said `down` with reason `operator: drain` (then `operator: enable`) for a whole
+    `interval`; after a disable, health's reason had not even been kept to come back to."""
+    state = pool()
+    backend = state.backends["gw-1"]
+    for now in (1.0, 2.0):
+        state.record_probe("gw-1", False, now, "refused")
+    failed = "health check failed 2 time(s): refused"
+    for now, action in ((3.0, AdminAction.DRAIN), (4.0, AdminAction.ENABLE)):
+        assert state.apply_admin("gw-1", action, now) is None  # down before and after: no change, no line
+        assert (backend.state, backend.reason) == (BackendState.DOWN, failed), action
+    state.apply_admin("gw-1", AdminAction.DISABLE, 5.0)
+    state.record_probe("gw-1", False, 6.0, "no answer within 0.5s")
+    assert (backend.state, backend.reason) == (BackendState.DISABLED, "operator: disable")
+    change = state.apply_admin("gw-1", AdminAction.ENABLE, 7.0)
+    assert change is not None and change.reason == "health check failed 3 time(s): no answer within 0.5s"
+    assert (backend.state, backend.reason) == (BackendState.DOWN, change.reason)
+    state.apply_admin("gw-1", AdminAction.DRAIN, 8.0)
+    for now in (9.0, 10.0):
+        state.record_probe("gw-1", True, now, "HTTP 200")
+    assert (backend.state, backend.reason) == (BackendState.DRAINING, "health check passed 2 time(s); operator: drain")
+    state.apply_admin("gw-1", AdminAction.ENABLE, 11.0)
+    assert (backend.state, backend.reason) == (BackendState.UP, "operator: enable"), "up: the act is the reason"
+
+
 @pytest.mark.parametrize(("balance", "ramps"), [
     (BalanceMethod.LEAST_CONN, True), (BalanceMethod.ROUND_ROBIN, True),
     (BalanceMethod.HASH, False), (BalanceMethod.SOURCE, False),
