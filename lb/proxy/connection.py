@@ -1400,9 +1400,9 @@ class Connection:
                 suppressed = _backend_set_unsealed.due(now)  # the events' clock, not `wall`
                 if suppressed is not None:
                     log.warning(
-                        "backend %s set %d %s cookie value(s) too large to seal (up to %d bytes) or past %d in "
-                        "one answer: passed to the client unsealed (no affinity for them; request %s; %d more "
-                        "answers like it since the last line)",
+                        "backend %s set %d %s cookie value(s) that pass to the client unsealed, with no affinity "
+                        "for them: each too large to seal (the largest is %d bytes) or past the first %d of one "
+                        "answer (request %s; %d more answers like it since the last line)",
                         decision.backend.id, len(unsealed), affinity.cookie, max(unsealed), MAX_SEALS, self._rid,
                         suppressed, extra=self._log_fields(),
                     )
