@@ -16,9 +16,10 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # "${GRACE}" expanded to "10" reads like the YAML integer 10 would.
 _DURATION_RE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)[ \t]*(?P<unit>ms|s|m|h)?")
 # Units from the largest down, each once (Go's and systemd's `1h30m`, `2m30s`, `1s500ms`): what an
-# operator writes for 90 minutes, which `5400s` hides.  Each part is a number and its unit.
-_PART = r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
-_COMPOUND_RE = re.compile(rf"(?:{_PART}h)?(?:{_PART}m(?!s))?(?:{_PART}s)?(?:{_PART}ms)?")
+# operator writes for 90 minutes, which `5400s` hides.  Each part is a number and its unit, with
+# blanks allowed where a single duration allows them (`5 s`, so `1h 30m` and `1 h 30 m` too).
+_PART = r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)[ \t]*"
+_COMPOUND_RE = re.compile(rf"(?:{_PART}h[ \t]*)?(?:{_PART}m(?!s)[ \t]*)?(?:{_PART}s[ \t]*)?(?:{_PART}ms)?")
 _COMPOUND_UNITS = (3600.0, 60.0, 1.0, 0.001)
 # Only ASCII blanks around it: str.strip() and `\s` also take a thin or no-break space, which
 # an operator did not type on purpose and a reviewer cannot see.
