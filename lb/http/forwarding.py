@@ -198,7 +198,8 @@ def strip_query_param(target: str, name: str) -> str:
     kept = [pair for pair in pairs if not is_form_name(pair.partition("=")[0], name)]
     if len(kept) == len(pairs):
         return target  # a query with a `%` but no pair of ours (the caller tries every such query)
-    return f"{path}?{'&'.join(kept)}" if kept else path
+    # Left with only empty pairs (`?lb_affinity=T&`): no query, rather than a bare `?` the client never sent alone.
+    return f"{path}?{'&'.join(kept)}" if any(kept) else path
 
 
 def query_values(target: str, name: str) -> list[str]:

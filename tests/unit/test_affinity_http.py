@@ -236,6 +236,17 @@ def test_without_a_named_header_the_token_header_is_nobodys_and_passes() -> None
     assert find_token(req, default, CODEC, NOW).claim is not None
 
 
+@pytest.mark.parametrize(("target", "sent"), [
+    (f"/ws?lb_affinity={GW1}", "/ws"),
+    (f"/ws?lb_affinity={GW1}&", "/ws"),
+    (f"/ws?&lb_affinity={GW1}&&", "/ws"),
+    (f"/ws?a=1&&lb_affinity={GW1}", "/ws?a=1&"),  # what else the client sent goes as sent
+])
+def test_insert_mode_leaves_no_bare_query_behind(target: str, sent: str) -> None:
+    req = request(target)
+    assert forwarded(req, INSERT, find_token(req, INSERT, CODEC, NOW), to_claimed=True).target == sent
+
+
 def test_insert_mode_drops_a_cookie_header_left_empty() -> None:
     req = request("/ws", ("Cookie", f"LB_AFFINITY={GW1}"))
     seen = forwarded(req, INSERT, find_token(req, INSERT, CODEC, NOW), to_claimed=True)
