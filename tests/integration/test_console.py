@@ -650,6 +650,30 @@ async def test_histograms_and_errors_sum_over_workers(tmp_path: Path) -> None:
             assert total(samples, "lb_health_checks_total", pool="gateways", backend=gateway.id, result="success") > 0
 
 
+def documented_metrics() -> set[str]:
+    """Every lb_* family README's "Metrics" section names (its table and the lines around it), `_total` cut."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Metrics\n"):readme.index("### Log fields\n")]
+    return {name.removesuffix("_total") for name in re.findall(r"\blb_[a-z_]+", section)}
+
+
+async def test_every_exported_metric_is_in_the_readme(tmp_path: Path) -> None:
+    """workers: 2, the most families a scrape has: every lb_* family of the owner's /metrics is in README."""
+    from support_ops import started_stack
+
+    with started_stack(tmp_path, gateways=1, overrides={"workers": 2}) as stack:
+        lb = stack.balancer
+        await visit(lb.ws_url())
+
+        async def both_workers() -> set[str] | None:
+            families = {re.sub(r"_(total|bucket|count|sum)$", "", name) for name in await scrape(lb)}
+            return families if "lb_worker_cpu_seconds" in families else None
+
+        families = await wait_until(both_workers, within=10 * UNIT, what="the workers' series in the owner's metrics")
+    undocumented = sorted(name for name in families if name.startswith("lb_") and name not in documented_metrics())
+    assert not undocumented, f"exported but not in README's Metrics: {undocumented}"
+
+
 async def test_dashboard_html_lists_backends_without_javascript(console: ConsoleStack) -> None:
     """GET / is HTML naming every pool, backend and state before any script runs."""
     code, headers, body = await http_get_async(console.a.admin_url("/"))
