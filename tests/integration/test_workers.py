@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import (
+    ROOT,
     UNIT,
     Balancer,
     Launcher,
@@ -111,6 +113,14 @@ async def test_a_killed_worker_is_restarted_and_cookies_still_stick(ops: OpsStac
     assert code == 200 and 'lb_workers{state="configured"} 2.0' in text, text[:300]
     restarts = re.search(r"^lb_worker_restarts_total (\S+)$", text, re.MULTILINE)
     assert restarts is not None and float(restarts.group(1)) >= 1, text[-500:]
+    # The line the LbWorkerCrashLoop alert tells the operator to look for is the one the owner wrote.
+    rules = yaml.safe_load((ROOT / "deploy" / "observability" / "alerts.yaml").read_text())
+    alert = next(rule for group in rules["groups"] for rule in group["rules"]
+                 if rule.get("alert") == "LbWorkerCrashLoop")
+    quoted = re.search(r'"([^"]*exited with[^"]*)"', alert["annotations"]["description"])
+    assert quoted is not None, alert["annotations"]["description"]
+    said = re.escape(quoted.group(1).removesuffix("...")).replace("N", r"\d+").replace("P", str(before[0]))
+    assert re.search(said, ops.balancer.log_text()), (said, ops.balancer.logs_tail())
 
 
 async def test_the_tunnels_of_workers_that_died_count_as_closed(ops: OpsStack) -> None:
