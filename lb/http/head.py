@@ -330,6 +330,13 @@ class RequestHead:
         query = target.find("?")
         return target if query < 0 else target[:query]
 
+    @property
+    def logged_path(self) -> str:
+        """The path the access log names: `path`, but `*` for `OPTIONS *` (asterisk-form, which `path`
+        reads as `/` for routing), so that the log says what the request line said."""
+        target = self.target
+        return "*" if target == "*" else self.path
+
 
 @dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
 class ResponseHead:

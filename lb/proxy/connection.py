@@ -1313,7 +1313,7 @@ class Connection:
             return
         self._count("abandoned")
         log_request(
-            client=self._client_ip, client_port=self._client_port, method=request.method, path=request.path,
+            client=self._client_ip, client_port=self._client_port, method=request.method, path=request.logged_path,
             pool=pool.name, backend=decision.backend.id, affinity=decision.reason, status=status,
             reason=reason, request_id=self._rid,
         )
@@ -1341,7 +1341,7 @@ class Connection:
         request = self._request
         if summary is None and exc.status == 429:
             summary = self._ctx.rate_limited_log
-        method, path = (request.method, request.path) if request else ("-", "-")
+        method, path = (request.method, request.logged_path) if request else ("-", "-")
         if summary is not None:
             summary.note(self._client_ip, now, self._rid, client_port=self._client_port, method=method, path=path)
         else:
@@ -1547,6 +1547,6 @@ class Connection:
         request, decision, pool = self._request, self._decision, self._pool
         assert request is not None and decision is not None and pool is not None
         log_answered(
-            self._client_ip, self._client_port, request.method, request.path, pool.name, decision.backend.id,
+            self._client_ip, self._client_port, request.method, request.logged_path, pool.name, decision.backend.id,
             decision.reason, status, self._rid,
         )

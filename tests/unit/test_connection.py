@@ -1777,6 +1777,21 @@ def test_a_client_that_never_reads_is_closed_without_blaming_the_backend(caplog:
     assert len(lines) == 1 and "status=408" in lines[0] and "reason=client_not_reading" in lines[0]
 
 
+@pytest.mark.parametrize("routed", [True, False], ids=["forwarded", "refused"])
+def test_the_access_line_of_options_asterisk_names_the_asterisk(routed: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """`OPTIONS *` (asterisk-form, routed as `/`) is logged with `path=*`, as its request line says, not `/`."""
+    play = Play(CONFIG.replace("  - {path_prefix: /a, pool: a}", "  - {path_prefix: /, pool: a}") if routed else CONFIG)
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        play.client(b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n")
+        if routed:
+            play.connected()
+            assert play.to_backend[0].startswith(b"OPTIONS * HTTP/1.1\r\n")
+            play.backend(ok())
+    assert play.answer()[0] == (200 if routed else 404)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "lb.access"]
+    assert " method=OPTIONS path=* " in line, line
+
+
 def test_headers_dropped_as_aliases_of_ours_are_named_at_debug(caplog: pytest.LogCaptureFixture) -> None:
     """The backend never sees `X_Forwarded_For` (it would read it as ours): whoever looks for it finds why."""
     play = Play()
