@@ -95,6 +95,21 @@ def render_fields(keys: tuple[str, ...], values: tuple[object, ...]) -> str:
     return "".join([key + plain_value(value) for key, value in zip(keys, values, strict=True)])
 
 
+# A line must stay one write that a pipe takes whole (PIPE_BUF, 4 KiB on Linux): with `workers: N` every
+# process writes to the one stderr, and under a container runtime that is a pipe, where a longer write is
+# taken in pieces between which another process's line lands (400 requests with 12 KB paths through two
+# workers split 2 lines so).  The client's method and path are the only fields as long as its head
+# (limits.max_header_bytes): they are cut, as the admin API's path is.  512 characters keep a JSON line
+# under 4 KiB even when every one is a `"` (6 bytes: escaped in its field, and twice in the message's logfmt).
+MAX_LOGGED_PATH: Final = 512
+MAX_LOGGED_METHOD: Final = 64
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` as the log holds it: its first `limit - 3` characters and `...` when it is longer than `limit`."""
+    return text[: limit - 3] + "..."
+
+
 def _emit(event: str, fields: dict[str, Any]) -> None:
     fields = {"event": event, **fields}
     text = " ".join([f"{key}={plain_value(value)}" for key, value in fields.items()])
@@ -108,6 +123,11 @@ def _emit(event: str, fields: dict[str, Any]) -> None:
 def log_request(**fields: Any) -> None:
     """client, method, path, pool, backend, affinity, status (all keyword arguments)."""
     if _info_enabled():
+        path, method = fields.get("path"), fields.get("method")
+        if type(path) is str and len(path) > MAX_LOGGED_PATH:
+            fields["path"] = _cut(path, MAX_LOGGED_PATH)
+        if type(method) is str and len(method) > MAX_LOGGED_METHOD:
+            fields["method"] = _cut(method, MAX_LOGGED_METHOD)
         _emit("request", fields)
 
 
@@ -139,6 +159,10 @@ def log_answered(
     """The request line of a request a backend answered (`event=request`)."""
     if not _info_enabled():
         return
+    if len(path) > MAX_LOGGED_PATH:
+        path = _cut(path, MAX_LOGGED_PATH)
+    if len(method) > MAX_LOGGED_METHOD:
+        method = _cut(method, MAX_LOGGED_METHOD)
     if (writer := _plain_writer()) is not None:
         writer.write_fields(_ANSWERED, (client, client_port, method, path, pool, backend, affinity, status, request_id))
         return

@@ -309,3 +309,33 @@ def test_a_line_bucket_gives_its_burst_then_its_rate() -> None:
     assert sum(bucket.take(1000.0) for _ in range(10)) == 4, "no more than the burst saved up"
     assert bucket.take(999.0) is False, "a step back of the clock refills nothing"
     assert bucket.take(1000.0) is False, "nor the time back to where it was"
+
+
+PIPE_BUF = 4096  # Linux: a longer write to a pipe may be taken in pieces, another process's line between them
+
+
+@pytest.mark.parametrize("path", ['"' * 16000, "/" + "x" * 16000], ids=["quotes", "plain"])
+@pytest.mark.parametrize("entry", ["log_request", "log_answered"])
+def test_a_request_line_fits_one_pipe_write_whatever_its_method_and_path(
+    entry: str, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One event per line with `workers: N` on a pipe: the client's method and path (as long as its head) are
+    cut, so that a line, plain or JSON, is one write a pipe takes whole and no worker's line lands inside it."""
+    from lb.log import JsonFormatter, PlainFormatter
+
+    method = "M" * 6000
+    client = "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        if entry == "log_request":
+            access_log.log_request(client=client, client_port=65535, method=method, path=path, pool="p" * 64,
+                                   backend="b" * 64, affinity="redispatch", status=503,
+                                   reason="no_healthy_backend_in_the_pool", request_id="f" * 24)
+        else:
+            access_log.log_answered(client, 65535, method, path, "p" * 64, "b" * 64, "redispatch", 101, "f" * 24)
+    (record,) = [r for r in caplog.records if r.name == "lb.access"]
+    for formatter in (PlainFormatter("worker-63"), JsonFormatter("worker-63")):
+        line = (formatter.format(record) + "\n").encode()
+        assert len(line) <= PIPE_BUF, (type(formatter).__name__, len(line))
+    fields = json.loads(JsonFormatter().format(record))
+    assert fields["path"] == path[: access_log.MAX_LOGGED_PATH - 3] + "..."
+    assert fields["method"] == method[: access_log.MAX_LOGGED_METHOD - 3] + "..."
