@@ -214,7 +214,8 @@ class LbCollector(SlicedCollector):
         tls = CounterMetricFamily(
             "lb_tls_handshake_failures",
             "TLS handshakes that failed or timed out (plain HTTP or garbage on a TLS port, a client that "
-            "rejects the certificate, one that never finishes).",
+            "rejects the certificate, one that never finishes, a TCP connect closed without a byte: an L4 "
+            "balancer's or a tcpSocket probe's check).",
         )
         tls.add_metric([], stats.tls_failures)
         yield tls
