@@ -646,14 +646,23 @@ class Tunnel:
         `ended_with` says what the client got: a close frame of ours that has left our buffer for it
         stays "close_frame" (the cut then costs only the backend, which did not take what the client
         sent, or has not hung up); one still in that buffer is dropped with it: "tcp".
+
+        A side that left bytes in our buffer is reset (`reset`): it is not reading, and a FIN would
+        keep what the kernel holds for it (up to megabytes) in FIN-WAIT-1 for minutes.  A client
+        whose buffer is empty gets a FIN: the close frame it was sent may still be in the kernel.
         """
         if self.closed:
             return
-        client = self.server_end.peer
+        client, backend = self.server_end.peer, self.client_end.peer
         if client.get_write_buffer_size():
             self.ended_with = "tcp"
-        client.abort()
-        self.client_end.peer.abort()
+            reset(client)
+        else:
+            client.abort()
+        if backend.get_write_buffer_size():
+            reset(backend)
+        else:
+            backend.abort()
         self.close()
 
     def close(self) -> None:
