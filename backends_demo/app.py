@@ -14,9 +14,12 @@ which balancers read as "no new clients, keep the cookie holders"; `POST
 /undrain` returns it to `ok`.  A Kubernetes preStop hook calls `/drain`, so a
 rolling update empties each gateway gently across every balancer replica.
 With `close_spread` (`--close-spread SECONDS`), shutdown closes the players
-still connected with 1012 (Service Restart) spread evenly over that window,
-after the gateway has stopped listening: each reconnects at the gateway's pace,
-finds it gone, and is redispatched by the balancer.
+still connected with 1012 (Service Restart) spread evenly over that window
+(one every SECONDS/N, the last at its end, as the balancer's own shutdown
+spreads its 1001s), after the gateway has stopped listening: each reconnects at
+the gateway's pace, finds it gone, and is redispatched by the balancer.  Every
+close the gateway starts, shutdown's included, waits for the client's close
+frame (up to `CLOSE_ANSWER_WAIT`) before it closes TCP (RFC 6455 §7.1.1).
 
 WebSocket behaviour on `/ws`:
 
@@ -30,10 +33,10 @@ WebSocket behaviour on `/ws`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import secrets
-import weakref
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -45,10 +48,12 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # The largest request head the balancer forwards (the top of `limits.max_header_bytes`); a header
 # line is at least 4 bytes (`a:` and CRLF), hence the count.
 MAX_HEAD_BYTES = 1024 * 1024
+# Seconds a close the gateway starts waits for the client's close frame before it closes TCP.
+CLOSE_ANSWER_WAIT = 2.0
 
 SERVER_ID = web.AppKey("server_id", str)
 APP_COOKIE: web.AppKey[str | None] = web.AppKey("app_cookie")
-OPEN_SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("open_sockets")
+PLAYERS: web.AppKey[dict[_Player, None]] = web.AppKey("players")  # live WebSockets, oldest first
 DRAINING: web.AppKey[list[bool]] = web.AppKey("draining")  # one mutable cell: apps freeze their mapping
 CLOSE_SPREAD = web.AppKey("close_spread", float)
 STATE_HEADER = "X-Backend-State"
@@ -77,7 +82,7 @@ def make_app(server_id: str, app_cookie: str | None = None, close_spread: float 
     })
     app[SERVER_ID] = server_id
     app[APP_COOKIE] = app_cookie
-    app[OPEN_SOCKETS] = weakref.WeakSet()
+    app[PLAYERS] = {}
     app[DRAINING] = [False]
     app[CLOSE_SPREAD] = close_spread
     app.router.add_get("/ws", handle_ws)
@@ -86,7 +91,7 @@ def make_app(server_id: str, app_cookie: str | None = None, close_spread: float 
     app.router.add_post("/undrain", handle_undrain)
     app.router.add_get("/whoami", handle_whoami)
     app.router.add_get("/whoami/details", handle_whoami_details)
-    app.on_shutdown.append(_close_open_sockets)
+    app.on_shutdown.append(_close_left_players)
     return app
 
 
@@ -179,31 +184,75 @@ async def handle_whoami_details(request: web.Request) -> web.Response:
     return response
 
 
+class _Player:
+    """One live WebSocket on `/ws`, and how shutdown asks its handler to close it.
+
+    Shutdown does not call `ws.close()` itself: from another task, while the handler waits in
+    `receive()`, aiohttp sends the close frame and closes TCP at once, so a client not reading at
+    that moment (or answering the close then) saw 1006 instead of the code.  It sets `stop` and
+    interrupts the handler's `receive()`; the handler then closes, and waits for the client's close
+    frame (up to `CLOSE_ANSWER_WAIT`) before TCP goes.
+    """
+
+    __slots__ = ("echo", "finished", "receiving", "stop", "ws")
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.echo: asyncio.Task[None] | None = None
+        self.receiving = False  # the echo task waits in receive(), where cancelling it loses nothing
+        self.stop: tuple[int, bytes] | None = None  # the close shutdown asked for
+        self.finished = asyncio.Event()  # the handler is done with the socket
+
+    def shut_down(self, code: int, reason: bytes) -> None:
+        if self.stop is not None or self.ws.closed:
+            return
+        self.stop = (code, reason)
+        if self.receiving and self.echo is not None:
+            self.echo.cancel()  # mid-send, the echo loop sees `stop` once the send is done
+
+
 async def handle_ws(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(
         protocols=SUBPROTOCOLS,
         compress=True,
         max_msg_size=MAX_MESSAGE_BYTES,
         autoclose=False,  # we answer close frames ourselves, echoing code and reason
+        timeout=CLOSE_ANSWER_WAIT,  # how long a close we start waits for the client's close frame
     )
     # Headers set before prepare() go out on the 101 response.
     planted = _plant_app_cookie(request, ws)
     await ws.prepare(request)
-    sockets = request.app[OPEN_SOCKETS]
-    sockets.add(ws)
+    player = _Player(ws)
+    players = request.app[PLAYERS]
+    players[player] = None
     try:
         await ws.send_str(json.dumps({"type": "hello", **describe_request(request, planted)}))
-        await _echo(ws)
+        player.echo = asyncio.create_task(_echo(player))
+        await player.echo
+        if player.stop is not None and not ws.closed:
+            await ws.close(code=player.stop[0], message=player.stop[1])
     finally:
-        sockets.discard(ws)
+        players.pop(player, None)
         if not ws.closed:
             await ws.close()
+        player.finished.set()
     return ws
 
 
-async def _echo(ws: web.WebSocketResponse) -> None:
-    while True:
-        msg = await ws.receive()
+async def _echo(player: _Player) -> None:
+    ws = player.ws
+    while player.stop is None:
+        player.receiving = True
+        try:
+            msg = await ws.receive()
+        except asyncio.CancelledError:
+            if player.stop is None:
+                raise
+            if (task := asyncio.current_task()) is not None:
+                task.uncancel()  # shutdown's cancel: handle_ws closes with `stop`
+            return
+        finally:
+            player.receiving = False
         if msg.type is WSMsgType.TEXT:
             command = _close_command(msg.data)
             if command is None:
@@ -240,18 +289,44 @@ def _close_command(text: str) -> tuple[int, str] | None:
     return data["code"], data.get("reason", "")
 
 
-async def _close_open_sockets(app: web.Application) -> None:
-    """On shutdown, close live WebSockets: all at once with 1001, or with 1012 over `close_spread`."""
-    sockets = list(app[OPEN_SOCKETS])  # a copy: handlers discard their socket as they finish
+async def close_players(app: web.Application) -> None:
+    """Close the live WebSockets: all at once with 1001, or with 1012 over `close_spread`.
+
+    Spread as the balancer spreads its own 1001s: one every spread/N, oldest first, the last at the
+    end of the window.  Returns once every handler is done, or a little after the last close could
+    have had its answer.  `python -m backends_demo` calls this once it has stopped listening and
+    before aiohttp's shutdown: from then on aiohttp drops what clients send (their close frames too).
+    """
+    players = list(app[PLAYERS].keys())  # a copy: handlers remove their player as they finish
+    code, reason = _shutdown_close(app)
     spread = app[CLOSE_SPREAD]
-    if spread <= 0 or not sockets:
-        for ws in sockets:
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
-        return
-    # Evenly over the window, never all at once: reconnects arrive at a pace the others can take.
-    pause = spread / len(sockets)
-    closing = []
-    for ws in sockets:
-        closing.append(asyncio.create_task(ws.close(code=WSCloseCode.SERVICE_RESTART, message=b"gateway restarting")))
-        await asyncio.sleep(pause)
-    await asyncio.gather(*closing, return_exceptions=True)
+    if spread <= 0 or not players:
+        for player in players:
+            player.shut_down(code, reason)
+    else:
+        # Evenly over the window, never all at once: reconnects arrive at a pace the others can take.
+        loop = asyncio.get_running_loop()
+        start, step = loop.time(), spread / len(players)
+        for index, player in enumerate(players, 1):
+            await asyncio.sleep(max(0.0, start + index * step - loop.time()))
+            player.shut_down(code, reason)
+    with contextlib.suppress(TimeoutError):  # a handler stuck in a send: aiohttp's shutdown ends it
+        await asyncio.wait_for(asyncio.gather(*(p.finished.wait() for p in players)), CLOSE_ANSWER_WAIT + 1.0)
+
+
+async def _close_left_players(app: web.Application) -> None:
+    """aiohttp's shutdown (`on_shutdown`): close whoever `close_players` did not, all at once.
+
+    Those are the players of a shutdown hurried by a second signal, or of an embedder that went
+    straight to `AppRunner.cleanup()`; their close frames no longer reach us (see `close_players`), so
+    each handler gives up on the answer after `CLOSE_ANSWER_WAIT`.
+    """
+    code, reason = _shutdown_close(app)
+    for player in list(app[PLAYERS].keys()):
+        player.shut_down(code, reason)
+
+
+def _shutdown_close(app: web.Application) -> tuple[int, bytes]:
+    if app[CLOSE_SPREAD] > 0:
+        return WSCloseCode.SERVICE_RESTART, b"gateway restarting"
+    return WSCloseCode.GOING_AWAY, b"server shutdown"

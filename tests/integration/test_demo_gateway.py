@@ -345,3 +345,65 @@ async def test_drain_and_undrain_change_what_health_says(start_gateway: StartGat
             assert reply.headers["X-Backend-State"] == "up" and (await reply.json())["status"] == "ok"
         async with session.get(base + "/drain") as reply:
             assert reply.status == 405  # only POST changes state
+
+
+async def _raw_ws_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw WebSocket client on `/ws` that has read its hello; it reads only when the test says so."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+    opcode, payload = await read_frame(reader)
+    assert opcode == 0x1 and json.loads(payload)["type"] == "hello"
+    return reader, writer
+
+
+
+@pytest.mark.parametrize(("spread", "code"), [(0.0, 1001), (0.6, 1012)])
+async def test_sigterm_close_waits_for_the_clients_close_frame(spread: float, code: int) -> None:
+    """SIGTERM's close (1001, or 1012 with `--close-spread`) leaves TCP open for the client's close frame
+    (RFC 6455 §7.1.1) and closes it once that arrives.  It went out from another task while the handler
+    was in receive(), and aiohttp closed the transport right after the frame: a client not reading at that
+    moment saw 1006, not the code.  With a spread the closes fall one every spread/N, the last at the end,
+    as the balancer's own shutdown spreads them (the first went at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "backends_demo", "--id", "gw-s", "--port", str(port), "--close-spread", str(spread),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        async with asyncio.timeout(4 * UNIT):
+            assert proc.stdout is not None
+            await proc.stdout.readline()  # listening
+            clients = [await _raw_ws_client(port) for _ in range(2)]
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            proc.send_signal(signal.SIGTERM)
+            times = []
+            for reader, writer in clients:
+                opcode, payload = await read_frame(reader)
+                times.append(loop.time() - started)
+                assert opcode == 0x8 and struct.unpack("!H", payload[:2])[0] == code, payload
+                # The gateway waits for our close frame: no EOF while we take our time to answer.
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(reader.read(1), 0.3)
+                writer.write(masked_frame(0x8, payload[:2]))
+                await writer.drain()
+                assert await asyncio.wait_for(reader.read(), 0.5) == b""  # then it closes TCP, at once
+            if spread:
+                assert times[0] >= 0.9 * spread / 2, f"the first close went out at once: {times}"
+            assert await proc.wait() == 0
+    finally:
+        for _, writer in clients:
+            writer.close()
+        if proc.returncode is None:
+            proc.kill()
+            await asyncio.wait_for(proc.wait(), UNIT)
