@@ -404,8 +404,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="a request header for every attempt, e.g. X-User-Id:player-42 (repeatable)",
     )
     args = parser.parse_args(argv)
-    if URL(args.url).scheme not in ("ws", "wss"):
+    try:
+        url = URL(args.url)
+        scheme, host, _ = url.scheme, url.host, url.port  # yarl checks the port when asked for it
+    except ValueError as exc:
+        parser.error(f"--url is not a valid URL ({exc}): {args.url!r}")
+    if scheme not in ("ws", "wss"):
         parser.error(f"--url must be ws:// or wss://, got {args.url!r}")
+    if not host:
+        parser.error(f"--url names no host: {args.url!r}")
     if args.reconnects < 0:
         parser.error("--reconnects must be 0 or more")
     if args.timeout <= 0:

@@ -13,6 +13,7 @@ from backends_demo.client import (
     default_source_ips,
     describe_cookies,
     is_sticky,
+    parse_args,
     parse_set_cookie,
     render_cookie_header,
     render_table,
@@ -147,3 +148,16 @@ def test_render_table_without_verdict() -> None:
     table = render_table([attempt(0, "gw-1")], include_verdict=False)
     assert len(table.splitlines()) == 2
     assert "STICKY" not in table
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ws://127.0.0.1:99999/ws", "ws://127.0.0.1:abc/ws", "ws://:8080/ws", "ws:/ws", "ws:///ws", "http://127.0.0.1/ws"],
+)
+def test_a_bad_url_is_a_usage_error(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A URL with no host or a bad port is a bad argument: one line naming --url, exit 2.  It was a traceback
+    and exit 1, the client's answer for "not sticky" (found black-box: --url ws://127.0.0.1:99999/ws)."""
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--url", url])
+    assert exited.value.code == 2
+    assert "error: --url" in capsys.readouterr().err
