@@ -12,27 +12,66 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import re
 import signal
 import sys
 from collections.abc import Sequence
 
 from aiohttp import web
 
-from backends_demo.app import close_players, make_app
+from backends_demo.app import SERVER_ID, close_players, make_app
 
 SHUTDOWN_TIMEOUT = 5.0
+# A cookie name is an HTTP token (RFC 6265 §4.1.1, RFC 9110 §5.6.2), as the balancer's config takes it.
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {port}")
+    return port
+
+
+def _server_id(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the server id must not be empty")
+    return text
+
+
+def _cookie_name(text: str) -> str:
+    if not _COOKIE_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"a cookie name is letters, digits and !#$%&'*+-.^_`|~, got {text!r}")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more seconds, got {text!r}")
+    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m backends_demo", description="Run one demo gateway.")
-    parser.add_argument("--id", required=True, dest="server_id", help="server id reported to clients")
-    parser.add_argument("--port", required=True, type=int, help="TCP port to listen on")
+    parser.add_argument(
+        "--id", required=True, dest="server_id", type=_server_id, help="server id reported to clients"
+    )
+    parser.add_argument("--port", required=True, type=_port, help="TCP port to listen on")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument(
-        "--app-cookie", default=None, metavar="NAME", help="plant a session cookie NAME (rewrite mode)"
+        "--app-cookie", default=None, metavar="NAME", type=_cookie_name,
+        help="plant a session cookie NAME (rewrite mode)",
     )
     parser.add_argument(
-        "--close-spread", default=0.0, type=float, metavar="SECONDS",
+        "--close-spread", default=0.0, type=_seconds, metavar="SECONDS",
         help="on SIGTERM, close live WebSockets with 1012 spread over this many seconds (default: all at once, 1001)",
     )
     return parser.parse_args(argv)
@@ -40,17 +79,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    app = make_app(args.server_id, app_cookie=args.app_cookie, close_spread=max(0.0, args.close_spread))
-    banner = f"gateway {args.server_id} listening on {args.host}:{args.port}"
+    app = make_app(args.server_id, app_cookie=args.app_cookie, close_spread=args.close_spread)
     try:
-        asyncio.run(serve(app, args.host, args.port, banner))
+        asyncio.run(serve(app, args.host, args.port))
     except OSError as exc:  # port taken, address not available
         print(f"gateway {args.server_id}: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def serve(app: web.Application, host: str, port: int, banner: str) -> None:
+async def serve(app: web.Application, host: str, port: int) -> None:
     """Serve until SIGTERM/SIGINT, then stop listening, close the players, and shut down.
 
     Not `web.run_app`: its shutdown stops reading every connection before `on_shutdown` runs, so a
@@ -70,7 +108,8 @@ async def serve(app: web.Application, host: str, port: int, banner: str) -> None
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()
-        print(banner, flush=True)
+        bound = runner.addresses[0][1] if port == 0 and runner.addresses else port  # --port 0: the one picked
+        print(f"gateway {app[SERVER_ID]} listening on {host}:{bound}", flush=True)
         await stopping.wait()
         await site.stop()  # no new players
         closing = asyncio.create_task(close_players(app))

@@ -407,3 +407,24 @@ async def test_sigterm_close_waits_for_the_clients_close_frame(spread: float, co
         if proc.returncode is None:
             proc.kill()
             await asyncio.wait_for(proc.wait(), UNIT)
+
+
+async def test_port_0_listens_on_a_free_port_and_the_banner_names_it() -> None:
+    """`--port 0` picks a free port; the banner said `listening on 127.0.0.1:0`, which no one can reach."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "backends_demo", "--id", "gw-0", "--port", "0", stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(4 * UNIT), aiohttp.ClientSession() as session:
+            assert proc.stdout is not None
+            banner = (await proc.stdout.readline()).decode().strip()
+            port = int(banner.rsplit(":", 1)[1])
+            assert banner == f"gateway gw-0 listening on 127.0.0.1:{port}" and port != 0
+            async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                assert await response.json() == {"status": "ok", "server_id": "gw-0"}
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await asyncio.wait_for(proc.wait(), UNIT)
