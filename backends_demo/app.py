@@ -231,6 +231,8 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
         await player.echo
         if player.stop is not None and not ws.closed:
             await ws.close(code=player.stop[0], message=player.stop[1])
+    except ConnectionError:
+        pass  # the client went away mid-send (a reset, a phone off the network): nothing to report
     finally:
         players.pop(player, None)
         if not ws.closed:

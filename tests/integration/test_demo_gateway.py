@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import signal
 import socket
@@ -428,3 +429,26 @@ async def test_port_0_listens_on_a_free_port_and_the_banner_names_it() -> None:
         if proc.returncode is None:
             proc.kill()
             await asyncio.wait_for(proc.wait(), UNIT)
+
+
+async def test_a_client_gone_mid_echo_is_no_error(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that resets its connection while its echo is being sent (a phone switching networks) just
+    ends the handler.  It logged `Error handling request` and a traceback (ConnectionError from the echo's
+    send), one per player gone, in every gateway's log; found black-box by the demo audit."""
+    base = await start_gateway()
+    port = int(base.rsplit(":", 1)[1])
+    async with asyncio.timeout(2 * UNIT):
+        _, writer = await _raw_ws_client(port)
+        writer.write(masked_frame(0x2, os.urandom(8 * 1024 * 1024)))  # its echo fills both socket buffers
+        await writer.drain()
+        await asyncio.sleep(0.5)  # the gateway is in the echo's send, waiting for us to read
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: a reset
+        writer.close()
+        await asyncio.sleep(0.5)
+        async with aiohttp.ClientSession() as session, session.get(base + "/health") as reply:
+            assert reply.status == 200  # still serving
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
