@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import errno
 import ipaddress
@@ -54,6 +55,7 @@ from backends_demo.client import (
 GATEWAY_DEADLINE = 10.0  # seconds for every gateway to answer /health
 BALANCER_DEADLINE = 15.0  # seconds for the balancer's /healthz and its backends to come up
 STOP_GRACE = 5.0  # seconds between terminate() and kill()
+HURRY_AFTER = 0.5  # seconds between a balancer's first SIGINT (stop) and its second (stop now)
 POLL_INTERVAL = 0.1
 DEMO_RECONNECTS = 8
 DEMO_SOURCE_IPS = tuple(f"127.0.0.{i}" for i in range(2, 10))
@@ -352,12 +354,14 @@ def _signals_ignored() -> Iterator[None]:
 
 
 class Children:
-    """The processes the stack started, stopped by PID in reverse start order."""
+    """The processes the stack started, stopped by PID: the balancers first, then the gateways."""
 
     def __init__(self) -> None:
-        self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._procs: list[tuple[str, subprocess.Popen[bytes], bool]] = []  # (name, process, is a balancer)
 
-    def start(self, name: str, argv: Sequence[str], log_file: Path | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: Sequence[str], log_file: Path | None = None, *, balancer: bool = False
+    ) -> subprocess.Popen[bytes]:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         output = None
         if log_file is not None:
@@ -370,28 +374,47 @@ class Children:
         finally:
             if output is not None:
                 output.close()  # the child holds its own descriptor
-        self._procs.append((name, proc))
+        self._procs.append((name, proc, balancer))
         return proc
 
     def exited(self) -> list[tuple[str, int]]:
-        return [(name, code) for name, proc in self._procs if (code := proc.poll()) is not None]
+        return [(name, code) for name, proc, _ in self._procs if (code := proc.poll()) is not None]
 
     def stop(self) -> None:
-        """Terminate every child (the balancer first), wait up to STOP_GRACE, then kill. Idempotent."""
+        """Stop every child, the balancers first; kill what is left after STOP_GRACE. Idempotent.
+
+        A balancer gets Ctrl-C twice, as at a terminal (`lb run` in a session of its own does not see
+        ours): the first stops it, the second makes its live tunnels get their 1001 now rather than
+        spread over `shutdown_grace` (10 s in the example, past STOP_GRACE: a SIGTERM alone got them
+        killed before their 1001, and the players saw 1006).  The gateways get SIGTERM.
+        """
         with _signals_ignored():
-            for group in (self._procs[len(self._procs) - 1 :], self._procs[: len(self._procs) - 1]):
+            balancers = [(name, proc) for name, proc, balancer in self._procs if balancer]
+            gateways = [(name, proc) for name, proc, balancer in self._procs if not balancer]
+            for group, sig in ((balancers, signal.SIGINT), (gateways, signal.SIGTERM)):
                 for _, proc in group:
                     if proc.poll() is None:
-                        proc.terminate()
+                        proc.send_signal(sig)
                 deadline = time.monotonic() + STOP_GRACE
+                if sig == signal.SIGINT and group:
+                    _wait_all(group, time.monotonic() + HURRY_AFTER)
+                    for _, proc in group:
+                        if proc.poll() is None:
+                            proc.send_signal(signal.SIGINT)  # the second Ctrl-C: stop now
+                _wait_all(group, deadline)
                 for name, proc in group:
-                    try:
-                        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
+                    if proc.poll() is None:
                         print(f"stack: {name} (pid {proc.pid}) did not stop in {STOP_GRACE:g}s; killing it")
                         proc.kill()
                         proc.wait()
             self._procs.clear()
+
+
+def _wait_all(procs: Sequence[tuple[str, subprocess.Popen[bytes]]], deadline: float) -> None:
+    """Wait until every process has exited or `deadline` (monotonic) has passed."""
+    for _, proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
 
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never route loopback via a proxy
@@ -468,7 +491,8 @@ def run_stack(config: Path, plan: StackPlan, demo: bool, raw: Mapping[str, Any] 
         # The demo's table should not drown in the balancer's access log: that goes to a file.
         log_file = DEMO_LOG if demo else None
         balancer = children.start(
-            "balancer", [sys.executable, "-m", "lb", "run", "--config", str(config)], log_file=log_file
+            "balancer", [sys.executable, "-m", "lb", "run", "--config", str(config)], log_file=log_file,
+            balancer=True,
         )
         if log_file is not None:
             print(f"stack: balancer log in {log_file}")
@@ -494,6 +518,7 @@ def run_stack(config: Path, plan: StackPlan, demo: bool, raw: Mapping[str, Any] 
                     f"balancer {story.name}",
                     [sys.executable, "-m", "lb", "run", "--config", str(story.config_path)],
                     log_file=DEMO_LOG.parent / f"demo-{story.name}.log",
+                    balancer=True,
                 )
                 for story in stories
             ]

@@ -6,13 +6,19 @@ listeners, admin) with certificates and secrets of its own, so it never meets an
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 from conftest import ROOT, UNIT, free_port, lb_certs, new_key, stop_process
 
@@ -73,3 +79,52 @@ def test_story_config_hashes_every_pool_without_cookie() -> None:
     pool = config["pools"][ws_pool(raw)]
     assert (pool["balance"], pool["hash_key"], pool["sticky"]) == ("hash", "header:X-User-Id", False)
     assert raw["pools"][ws_pool(raw)]["balance"] == "least_conn"  # the example itself is untouched
+
+
+def test_ctrl_c_of_make_run_closes_live_tunnels_with_1001_and_stops_everything(tmp_path: Path) -> None:
+    """`make run`, a player connected, Ctrl-C: the player gets close 1001, the stack exits 0 at once, nothing
+    is left listening.  The stack sent the balancer one SIGTERM and killed it 5 s later, while its
+    `shutdown_grace` (10 s in the example) still spread the 1001s: the player got no close frame (1006) and the
+    stack said it had to kill the balancer (found black-box: make run, a held WebSocket, Ctrl-C)."""
+    config = _example_on_free_ports(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    env_file = tmp_path / "secrets.env"
+    env_file.write_text(f"LB_COOKIE_KEY={new_key()}\nLB_ADMIN_TOKEN={new_key()}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("LB_COOKIE_KEY", "LB_ADMIN_TOKEN")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backends_demo.stack", "--config", str(config), "--env-file", str(env_file)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("stack: running"):
+                break
+        else:
+            raise AssertionError("the stack never said it was running")
+
+        async def player() -> tuple[aiohttp.WSMsgType, object, float]:
+            async with aiohttp.ClientSession() as session, session.ws_connect(
+                f"ws://{raw['listeners'][0]['bind']}/ws", timeout=aiohttp.ClientWSTimeout(ws_close=UNIT)
+            ) as ws:
+                await ws.receive()  # hello
+                started = time.monotonic()
+                proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the stack (its children have sessions of their own)
+                msg = await asyncio.wait_for(ws.receive(), 4 * UNIT)
+                return msg.type, msg.data, time.monotonic() - started
+
+        kind, code, after = asyncio.run(player())
+        out = proc.communicate(timeout=4 * UNIT)[0]
+    finally:
+        stop_process(proc)
+    assert (kind, code) == (aiohttp.WSMsgType.CLOSE, 1001), (kind, code, out)
+    assert after < 4.0, f"the 1001 came {after:.1f}s after Ctrl-C"
+    assert proc.returncode == 0 and "killing it" not in out, out
+    binds = [listener["bind"] for listener in raw["listeners"]] + [raw["admin"]["bind"]]
+    binds += [backend["address"] for pool in raw["pools"].values() for backend in pool["backends"]]
+    for bind in binds:
+        host, port = bind.rsplit(":", 1)
+        with socket.socket() as probe, contextlib.suppress(OSError):
+            probe.settimeout(UNIT)
+            probe.connect((host, int(port)))
+            raise AssertionError(f"{bind} still listening after the stack exited")
