@@ -270,11 +270,12 @@ def render_client_response(
     order, so the backend's own have the last word), `set_cookies` after them.
     """
     if switching:
-        headers = _switch_headers(response.head)
+        headers = _switch_headers(response.head, _dropping(_NOT_ON_A_SWITCH, drop_header))
     else:
         # A 204 has no body, and RFC 9112 §6.1-6.2 forbid a length or a coding on it: relayed, a
         # client that believed one would read the next answer's bytes as this body.
-        headers = _end_to_end(response.head, _NO_BODY if response.status == 204 else HOP_BY_HOP)
+        dropped = _NO_BODY if response.status == 204 else HOP_BY_HOP
+        headers = _end_to_end(response.head, _dropping(dropped, drop_header))
         lengths = response.head.get_all("content-length") if response.status != 204 else []
         if len(lengths) > 1 or (lengths and "," in lengths[0]):
             headers = _one_length(headers)
@@ -282,8 +283,6 @@ def render_client_response(
             headers.append(("Connection", "close"))
     if drop_cookie is not None:
         headers = _without_set_cookie(headers, drop_cookie)
-    if drop_header is not None:
-        headers = _without_field(headers, drop_header)
     if rewrite_set_cookie is not None:
         headers = [
             (name, rewrite_set_cookie(value) if name.lower() == "set-cookie" else value)
@@ -336,16 +335,16 @@ def _one_length(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
-def _switch_headers(head: Head) -> list[tuple[str, str]]:
+def _switch_headers(head: Head, not_on_a_switch: frozenset[str]) -> list[tuple[str, str]]:
     """A 101's headers for the client: the switch and the end-to-end ones, in the backend's order.
 
     The backend's Connection header speaks of its connection to us: a `Keep-Alive`, or a name
     it lists there, is not the client's.  What stays is `Connection: Upgrade` (lb.ws.upgrade
-    checked that the backend said so) and everything end-to-end.
+    checked that the backend said so) and everything end-to-end but `not_on_a_switch`.
     """
-    if head.get_all("connection") in _ONLY_UPGRADE and not head.has_any(_NOT_ON_A_SWITCH):
+    if head.get_all("connection") in _ONLY_UPGRADE and not head.has_any(not_on_a_switch):
         return list(head.headers)  # what every gateway sends: nothing to take out
-    drop = _NOT_ON_A_SWITCH | (_connection_listed(head) - {"upgrade"})
+    drop = not_on_a_switch | (_connection_listed(head) - {"upgrade"})
     headers: list[tuple[str, str]] = []
     connection_said = False
     for name, value in head.headers:
@@ -371,11 +370,9 @@ def render_interim(response: ResponseHead, affinity_cookie: str | None, affinity
     mode says; other cookies pass.  Nor the backend's own `affinity_header` field: that header
     is ours, and a native client reading its token there would take the backend's for it.
     """
-    headers = _end_to_end(response.head, _NO_BODY)
+    headers = _end_to_end(response.head, _dropping(_NO_BODY, affinity_header))
     if affinity_cookie is not None:
         headers = _without_set_cookie(headers, affinity_cookie)
-    if affinity_header is not None:
-        headers = _without_field(headers, affinity_header)
     return render_head(f"HTTP/1.1 {response.status} {response.reason}", headers)
 
 
@@ -387,10 +384,11 @@ def _without_set_cookie(headers: list[tuple[str, str]], cookie: str) -> list[tup
     ]
 
 
-def _without_field(headers: list[tuple[str, str]], name: str) -> list[tuple[str, str]]:
-    """`headers` less each field named `name` (any case)."""
-    lowered = name.lower()
-    return [(field, value) for field, value in headers if field.lower() != lowered]
+@functools.lru_cache(maxsize=16)
+def _dropping(drop: frozenset[str], name: str | None) -> frozenset[str]:
+    """`drop` and the field `name` too (`affinity.header`, ours in every answer): one set per configuration,
+    so that the head is filtered in its one pass (`_end_to_end`, `_switch_headers`), not again after."""
+    return drop if name is None else drop | {name.lower()}
 
 
 def render_refusal(
