@@ -653,16 +653,9 @@ class Tunnel:
         """
         if self.closed:
             return
-        client, backend = self.server_end.peer, self.client_end.peer
-        if client.get_write_buffer_size():
+        if _cut(self.server_end.peer):
             self.ended_with = "tcp"
-            reset(client)
-        else:
-            client.abort()
-        if backend.get_write_buffer_size():
-            reset(backend)
-        else:
-            backend.abort()
+        _cut(self.client_end.peer)
         self.close()
 
     def close(self) -> None:
@@ -717,6 +710,15 @@ def reset(transport: asyncio.Transport) -> None:
         with contextlib.suppress(OSError):  # already gone: abort() below is all there is to do
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
     transport.abort()
+
+
+def _cut(transport: asyncio.Transport) -> bool:
+    """abort(), as a reset when our buffer still holds bytes for the peer (`Tunnel.abort`); whether it did."""
+    if transport.get_write_buffer_size():
+        reset(transport)
+        return True
+    transport.abort()
+    return False
 
 
 def close_flushing(transport: asyncio.Transport) -> None:
