@@ -105,9 +105,9 @@ MAX_LOGGED_PATH: Final = 512
 MAX_LOGGED_METHOD: Final = 64
 
 
-def _cut(text: str, limit: int) -> str:
-    """`text` as the log holds it: its first `limit - 3` characters and `...` when it is longer than `limit`."""
-    return text[: limit - 3] + "..."
+def _bounded(text: str, limit: int) -> str:
+    """`text` as the log holds it: whole up to `limit` characters, else its first `limit - 3` and `...`."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _emit(event: str, fields: dict[str, Any]) -> None:
@@ -123,11 +123,9 @@ def _emit(event: str, fields: dict[str, Any]) -> None:
 def log_request(**fields: Any) -> None:
     """client, method, path, pool, backend, affinity, status (all keyword arguments)."""
     if _info_enabled():
-        path, method = fields.get("path"), fields.get("method")
-        if type(path) is str and len(path) > MAX_LOGGED_PATH:
-            fields["path"] = _cut(path, MAX_LOGGED_PATH)
-        if type(method) is str and len(method) > MAX_LOGGED_METHOD:
-            fields["method"] = _cut(method, MAX_LOGGED_METHOD)
+        for key, limit in (("method", MAX_LOGGED_METHOD), ("path", MAX_LOGGED_PATH)):
+            if key in fields:
+                fields[key] = _bounded(fields[key], limit)
         _emit("request", fields)
 
 
@@ -159,10 +157,7 @@ def log_answered(
     """The request line of a request a backend answered (`event=request`)."""
     if not _info_enabled():
         return
-    if len(path) > MAX_LOGGED_PATH:
-        path = _cut(path, MAX_LOGGED_PATH)
-    if len(method) > MAX_LOGGED_METHOD:
-        method = _cut(method, MAX_LOGGED_METHOD)
+    method, path = _bounded(method, MAX_LOGGED_METHOD), _bounded(path, MAX_LOGGED_PATH)
     if (writer := _plain_writer()) is not None:
         writer.write_fields(_ANSWERED, (client, client_port, method, path, pool, backend, affinity, status, request_id))
         return
