@@ -374,6 +374,28 @@ def could_start_request(buffer: bytes | bytearray) -> bool:
     return _REQUEST_START.match(buffer) is not None
 
 
+def check_request_line(line: bytes | bytearray) -> None:
+    """Refuse a request line, whole while its head is not, that no head starting with it could make valid.
+
+    HTTP/0.9's `GET /` ends at its CRLF and its client then waits for an answer: read only as part of a
+    head, it got none, just the close at `timeouts.handshake`.  HAProxy answers it 400 at once; so does
+    this, for any line `parse_request_head` would refuse (a version, method or target no field line
+    can mend), with the status it would give.  Called once per head, when its first CRLF has come.
+
+    Args:
+        line: the request line, without its CRLF.
+
+    Raises:
+        BadRequest: as `parse_request_head` would for a head beginning with this line.
+        HttpVersionNotSupported: HTTP/2 or later (505).
+    """
+    if b"\r" in line:  # a bare CR: the line ends at its first CRLF
+        raise BadRequest("bare CR or LF in head")
+    if line.translate(None, _LINE_BYTES):
+        raise BadRequest("control character in head")
+    _read_request_line(line.decode("latin-1"))
+
+
 def find_head_end(buffer: bytes | bytearray, limit: int, start: int = 0) -> int:
     """Return the length of the complete head at the start of `buffer`, or -1 if incomplete.
 

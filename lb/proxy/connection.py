@@ -96,6 +96,7 @@ from lb.http.head import (
     REQUEST_START_BYTES,
     RequestHead,
     ResponseHead,
+    check_request_line,
     could_start_request,
     find_head_end,
     has_bare_lf,
@@ -362,6 +363,7 @@ class Connection:
         "_keep_alive",
         "_last_backend",
         "_last_client",
+        "_line_checked",
         "_lookup",
         "_on_trial",
         "_opened_at",
@@ -415,6 +417,7 @@ class Connection:
         self.client_eof_seen = False
         self._buf = bytearray()  # client bytes not yet consumed
         self._scan = 0  # where the search for the end of the head resumes
+        self._line_checked = False  # whether this head's request line is whole and was checked
         self._paused = False
         # Since when the shell has stopped reading the backend because the client is not reading
         # (its write buffer is full), and since when the backend is not reading what we send it.
@@ -815,11 +818,19 @@ class Connection:
             if end < 0:
                 if self._scan < REQUEST_START_BYTES and not could_start_request(buf):
                     raise BadRequest("malformed request line")
+                if not self._line_checked:
+                    # The request line's CRLF, searched for in the new bytes only (and the CR before
+                    # them): one no head could mend (HTTP/0.9's `GET /`) is refused now, not at the timer.
+                    line_end = buf.find(b"\r\n", max(0, self._scan - 1))
+                    if line_end >= 0:
+                        self._line_checked = True
+                        check_request_line(buf[:line_end])
                 self._scan = len(buf)
                 return []
             raw = bytes(buf[:end])
             del buf[:end]
             self._scan = 0
+            self._line_checked = False
             request = parse_request_head(raw, protected=self._protected)
         except RequestRejected as exc:
             # A HEAD whose head we refuse (431, 505, a malformed field) is still a HEAD: its answer

@@ -212,6 +212,35 @@ async def test_incomplete_head_is_closed_after_handshake_timeout(lb: Balancer, o
         await assert_echo(ws, "after")
 
 
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        pytest.param(b"GET /spy/x\r\n", 400, id="http09"),
+        pytest.param(b"HEAD /spy/x\r\n", 400, id="http09-head"),
+        pytest.param(b"GET /spy/x HTTP/2.0\r\nHost: 127.0.0.1\r\n", 505, id="http2-line"),
+    ],
+)
+async def test_a_request_line_no_head_can_mend_is_answered_at_its_crlf(
+    stack: Stack, line: bytes, expected: int
+) -> None:
+    """HTTP/0.9's `GET /` is whole at its CRLF and its client sends nothing more: it is refused then,
+    as HAProxy does, not left without an answer until timeouts.handshake closes it."""
+    lb = stack.balancer
+    assert lb.port is not None
+    before = len(stack.spy.requests)
+    reader, writer = await open_raw(lb.port)
+    try:
+        writer.write(line)
+        await writer.drain()
+        start = time.monotonic()
+        answer = await read_response(reader, within=SHARED_HANDSHAKE + 3 * UNIT, body=not line.startswith(b"HEAD"))
+        elapsed = time.monotonic() - start
+    finally:
+        await close_raw(writer)
+    assert answer.status == expected and elapsed < 0.5 * SHARED_HANDSHAKE, (answer.status, elapsed)
+    await _assert_spy_untouched(stack, before)
+
+
 async def test_drip_fed_head_is_closed_after_handshake_timeout(lb: Balancer) -> None:
     """The whole head must arrive within timeouts.handshake: a byte every 100 ms does not extend it."""
     assert lb.port is not None

@@ -211,6 +211,12 @@ REFUSED = [
     pytest.param(b"\x81\x85\x01\x02\x03\x04abcde", 400, id="ws-frame-unfinished"),
     pytest.param(b" GET /a HTTP/1.1", 400, id="space-first-unfinished"),
     pytest.param(b"GE\x00T /a", 400, id="nul-in-method-unfinished"),
+    # A whole request line that no head can make good: 400 (505) at its CRLF, as HAProxy answers
+    # HTTP/0.9's `GET /`, whose client sends nothing more and waits.
+    pytest.param(b"GET /a\r\n", 400, id="http09-unfinished"),
+    pytest.param(b"GET /a HTTP/1.1 \r\n", 400, id="trailing-space-line-unfinished"),
+    pytest.param(b"GET /a#frag HTTP/1.1\r\nHost: h\r\n", 400, id="fragment-unfinished"),
+    pytest.param(b"GET /a HTTP/2.0\r\nHost: h\r\n", 505, id="http2-line-unfinished"),
     pytest.param(b"GET /nowhere HTTP/1.1\r\nHost: h\r\n\r\n", 404, id="no-route"),
     pytest.param(upgrade().replace(b"Version: 13", b"Version: 8"), 426, id="ws-version"),
     pytest.param(upgrade().replace(WS_KEY.encode(), b"short"), 400, id="ws-key"),
@@ -314,6 +320,23 @@ def test_a_request_line_that_starts_well_in_pieces_is_read(pieces: list[bytes]) 
         assert play.conn.state == HEAD
         play.client(piece)
     assert play.opened == ["a1"]
+
+
+def test_a_bad_request_line_is_refused_at_its_crlf_on_every_request_of_a_connection() -> None:
+    """Checked once per head, when its first CRLF comes: the field lines after a good request line are
+    not read as one, and the next request on a kept-alive connection has its own line checked."""
+    play = Play()
+    for piece in (b"GET /a/1 HTTP/1.1\r", b"\nHo", b"st: h\r\n", b"X: y\r\n", b"\r\n"):
+        assert play.conn.state == HEAD and play.to_client == b""
+        play.client(piece)
+    assert play.opened == ["a1"]
+    play.connected()
+    play.backend(ok())
+    assert play.conn.state == HEAD
+    answered = len(play.to_client)
+    play.client(b"GET /a/2\r\n")
+    assert play.opened == ["a1"] and play.conn.state == CLOSED
+    assert play.to_client[answered:].startswith(b"HTTP/1.1 400 ")
 
 
 def test_over_max_connections_is_503_with_retry_after() -> None:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from lb.errors import BadRequest, HeadersTooLarge, HttpVersionNotSupported, RequestRejected, UnsupportedMethod
 from lb.http.head import (
     HEAD_END,
+    check_request_line,
     find_head_end,
     parse_request_head,
     parse_response_head,
@@ -461,3 +462,59 @@ def test_connect_is_501_whatever_its_target(target: str) -> None:
     with pytest.raises(UnsupportedMethod) as info:
         parse_request_head(f"CONNECT {target} HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n".encode())
     assert info.value.status == 501
+
+
+# -- check_request_line: a whole request line in a head that is not ------------------------------
+
+def _mostly(good: list[bytes], bad: list[bytes]) -> st.SearchStrategy[bytes]:
+    """One part of a request line: a good one four times in five, so that whole good lines come often."""
+    return st.one_of(*[st.sampled_from(good)] * 4, st.sampled_from(bad))
+
+
+_METHODS = _mostly([b"GET", b"OPTIONS", b"get", b"CONNECT"], [b"G\x00T", b"G@T", b""])
+_SEPARATORS = _mostly([b" "], [b"", b"  ", b"\t", b"\r"])
+_TARGETS = _mostly(
+    [b"/", b"/a?b=%41", b"*", b"http://h/x", b"HTTPS://h"], [b"h:443", b"/a#f", b"/\x7f", b"/\xe9", b"/\x00", b"", b"x"]
+)
+_VERSIONS = _mostly([b"HTTP/1.1", b"HTTP/1.0"], [b"HTTP/2.0", b"HTTP/1.2", b"http/1.1", b"HTTP/", b""])
+_TAILS = _mostly([b""], [b" ", b" x", b"\x00", b"\r"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(parts=st.tuples(_METHODS, _SEPARATORS, _TARGETS, _SEPARATORS, _VERSIONS, _TAILS))
+def test_a_request_line_refused_early_is_one_the_whole_head_is_refused_for(parts: tuple[bytes, ...]) -> None:
+    """What the early check refuses, the parse of a head beginning with that line refuses too, with the
+    same status; what it passes, that parse does not refuse for its line: refusing it before the head
+    ends changes when the client hears, never what."""
+    line = b"".join(parts)
+    head = line + b"\r\nHost: a\r\n\r\n"
+    try:
+        check_request_line(line)
+    except RequestRejected as early:
+        with pytest.raises(RequestRejected) as whole:
+            parse_request_head(head)
+        assert type(whole.value) is type(early) and whole.value.status == early.status
+    else:
+        # CONNECT's 501 waits for the whole head, whatever its line.
+        with contextlib.suppress(UnsupportedMethod):
+            parse_request_head(head)
+
+
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [(b"GET /", 400), (b"GET / ", 400), (b"GET", 400), (b"GET / HTTP/1.1 x", 400), (b"GET /a#f HTTP/1.1", 400),
+     (b"GET / HTTP/2.0", 505), (b"GET / FOO/1.1", 400), (b"GET /\x00 HTTP/1.1", 400), (b"GET /\rx HTTP/1.1", 400)],
+)
+def test_a_request_line_no_head_can_mend_is_refused_alone(line: bytes, status: int) -> None:
+    """HTTP/0.9's `GET /` (whose client sends nothing more), and any other line whose head cannot parse."""
+    with pytest.raises(RequestRejected) as info:
+        check_request_line(line)
+    assert info.value.status == status
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"GET / HTTP/1.1", b"GET /a HTTP/1.0", b"OPTIONS * HTTP/1.0", b"POST http://h/x HTTP/1.1", b"CONNECT /x HTTP/1.1"],
+)
+def test_a_request_line_a_head_can_follow_passes(line: bytes) -> None:
+    check_request_line(line)
