@@ -327,6 +327,31 @@ def test_nlb_overlay_uses_proxy_protocol_on_both_sides() -> None:
     assert yaml.safe_load(config_text(overlay))["listeners"][0]["proxy_protocol"] is True
 
 
+READINESS_GATE = "elbv2.k8s.aws/pod-readiness-gate-inject"
+
+
+def test_nlb_overlay_gates_readiness_on_the_target_group() -> None:
+    """ip targets: the NLB takes a minute or more to see a new pod healthy, Kubernetes seconds to call it ready, so
+    without the AWS Load Balancer Controller's readiness gate a rolling update of the balancers ended (the old
+    targets draining) before any new target was healthy.  The overlay labels the namespace for the gate."""
+    overlay = KUBE / "overlays" / "aws-nlb-proxy-protocol"
+    text = (overlay / "kustomization.yaml").read_text()
+    assert "service.beta.kubernetes.io/aws-load-balancer-nlb-target-type: ip" in text
+    kustomization = yaml.safe_load(text)
+    namespace = yaml.safe_load((KUBE / "base" / "kustomization.yaml").read_text())["namespace"]
+    patched = [yaml.safe_load(p["patch"]) for p in kustomization.get("patches", []) if "target" not in p]
+    labels = [p["metadata"].get("labels", {}) for p in patched
+              if p.get("kind") == "Namespace" and p["metadata"]["name"] == namespace]
+    assert labels and labels[0].get(READINESS_GATE) == "enabled", "the NLB overlay's namespace has no readiness gate"
+    kubectl = shutil.which("kubectl")
+    if kubectl is not None:  # and kustomize applies it (a JSON patch's `add` of /metadata/labels would drop the rest)
+        built = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+        assert built.returncode == 0, built.stderr
+        [built_namespace] = [r for r in load_all(built.stdout) if r["kind"] == "Namespace"]
+        assert built_namespace["metadata"]["labels"][READINESS_GATE] == "enabled"
+        assert "app.kubernetes.io/part-of" in built_namespace["metadata"]["labels"]
+
+
 def test_containerfile_is_slim_non_root_uvloop_lb_run() -> None:
     text = (DEPLOY / "Containerfile").read_text()
     # FROM ${BASE}: the base is an ARG (make image swaps in a local one); its default is what ships.
