@@ -26,8 +26,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from backends_demo.__main__ import SHUTDOWN_TIMEOUT
+from backends_demo.app import CLOSE_ANSWER_WAIT
 from lb.config.load import parse_config
 from lb.config.model import DiscoveryType
+from lb.control.balancer import LAST_CLOSE_ANSWER
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -148,6 +151,9 @@ def test_the_nlb_overlay_s_config_is_the_base_s_with_proxy_protocol() -> None:
     assert nlb == base, "overlays/aws-nlb-proxy-protocol/lb.yaml must be base/lb.yaml plus proxy_protocol"
 
 
+EXIT_MARGIN = 2.0  # seconds for the process to exit once the last tunnel is closed (with workers: N, theirs too)
+
+
 def test_balancer_deployment_promises() -> None:
     """3 replicas; /readyz and /livez; preStop = shutdown_delay; grace period covers preStop + delay + grace."""
     resources = base_resources()
@@ -164,7 +170,11 @@ def test_balancer_deployment_promises() -> None:
     grace = _seconds(timeouts["shutdown_grace"])
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pre_stop == delay, "preStop must match timeouts.shutdown_delay"
-    assert pod["terminationGracePeriodSeconds"] >= pre_stop + delay + grace
+    # After the grace the balancer gives the last 1001s LAST_CLOSE_ANSWER to be answered, then exits (measured on
+    # this config with workers: 2 and three clients that never answer: exit 0 at 46.1 s, 15 + 30 + 1.1): a period
+    # of just preStop + delay + grace, which this test took, had the kubelet's SIGKILL cut those last closes.
+    needed = pre_stop + delay + grace + LAST_CLOSE_ANSWER + EXIT_MARGIN
+    assert pod["terminationGracePeriodSeconds"] >= needed, f"terminationGracePeriodSeconds under {needed:g}"
     assert pod["securityContext"]["runAsNonRoot"] is True
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -253,6 +263,19 @@ def test_service_pdb_and_gateways() -> None:
     assert dns == f"_{port_name}._tcp.{headless['metadata']['name']}.game.svc.cluster.local"
     gateway = statefulset["spec"]["template"]["spec"]["containers"][0]
     assert "/drain" in " ".join(gateway["lifecycle"]["preStop"]["exec"]["command"])
+
+
+def test_gateway_grace_period_covers_its_drain_and_close_spread() -> None:
+    """The gateway's preStop drains for its sleep, then SIGTERM closes its players over --close-spread; the demo
+    gateway then waits up to 2 s for the last close's answer and shuts down (measured: exit 0 at 22.1 s after
+    SIGTERM with --close-spread 20 and five clients that never answer).  The kubelet's SIGKILL must come later."""
+    statefulset = base_resources()[("StatefulSet", "gw")]
+    pod = statefulset["spec"]["template"]["spec"]
+    [gateway] = pod["containers"]
+    [sleep] = re.findall(r"time\.sleep\((\d+(?:\.\d+)?)\)", gateway["lifecycle"]["preStop"]["exec"]["command"][-1])
+    spread = float(gateway["args"][gateway["args"].index("--close-spread") + 1])
+    needed = float(sleep) + spread + CLOSE_ANSWER_WAIT + SHUTDOWN_TIMEOUT
+    assert pod["terminationGracePeriodSeconds"] >= needed, f"gateway terminationGracePeriodSeconds under {needed:g}"
 
 
 def _container_port(workload: dict[str, Any], name: str) -> int:
