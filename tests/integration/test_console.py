@@ -421,6 +421,42 @@ def names_in_rules_and_dashboard() -> set[str]:
     return names
 
 
+def matchers_in_rules_and_dashboard() -> set[tuple[str, str, str, str]]:
+    """(metric, label, operator, value) of every label matcher the rules and the dashboard put on an lb_* name;
+    the scrape's own labels (job, instance) and Grafana's variables left out."""
+    expressions = [rule["expr"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions += [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    found = set()
+    for expr in expressions:
+        for selector in re.finditer(r"\b(lb_[a-z_]+)\{([^}]*)\}", expr):
+            for label, operator, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', selector[2]):
+                if label not in ("job", "instance") and "$" not in value:
+                    found.add((selector[1], label, operator, value))
+    return found
+
+
+def unmatched(samples: dict[str, list[tuple[dict[str, str], float]]], metric: str, label: str, operator: str,
+              value: str) -> str | None:
+    """Why a matcher finds nothing in `samples` (None: it does).  A positive one that is an alternation of plain
+    values (`hit|redispatch`) needs each value, since the others would still match if one were renamed; a
+    negative one only needs the label (its values may not have happened yet)."""
+    values = {labels[label] for labels, _ in samples.get(metric, []) if label in labels}
+    if not values:
+        return f"{metric} has no label {label}"
+    if operator in ("!~", "!="):
+        return None
+    if operator == "=":
+        return None if value in values else f'{metric}{{{label}="{value}"}}: the scrape has {sorted(values)}'
+    alternatives = value.split("|")
+    if all(re.fullmatch(r"[A-Za-z0-9_]+", alternative) for alternative in alternatives):
+        missing = [alternative for alternative in alternatives if alternative not in values]
+        return f"{metric}{{{label}=~{value!r}}}: no {missing} in {sorted(values)}" if missing else None
+    if any(re.fullmatch(value, v) for v in values):
+        return None
+    return f"{metric}{{{label}=~{value!r}}}: none of {sorted(values)}"
+
+
 async def test_every_metric_in_rules_and_dashboard_exists(console: ConsoleStack) -> None:
     """Scrape a live balancer: every lb_* name the alert rules and the Grafana dashboard use is exported."""
     # Labelled counters appear with their first count: a handshake and a refusal of our own, so that the
@@ -440,6 +476,11 @@ async def test_every_metric_in_rules_and_dashboard_exists(console: ConsoleStack)
     workers = {"lb_worker_restarts_total", "lb_workers"}
     missing = sorted(name for name in used - discovery - workers if name not in samples)
     assert not missing, f"used by deploy/observability but not exported: {missing}"
+    # And the labels and values they select by (a value renamed in the product left a panel empty, the names fine).
+    matchers = matchers_in_rules_and_dashboard()
+    assert {("lb_health_checks_total", "result"), ("lb_backend_state", "state")} <= {m[:2] for m in matchers}
+    wrong = [why for matcher in sorted(matchers) if matcher[0] in samples and (why := unmatched(samples, *matcher))]
+    assert not wrong, f"deploy/observability selects what a live scrape does not have: {wrong}"
     assert {name for name in used if name.startswith("lb_discovery_")} <= discovery
 
 
