@@ -104,7 +104,12 @@ def boolean(value: object) -> bool:
     if isinstance(value, Expanded) and value.lower() in _BOOLEAN_WORDS:
         return _BOOLEAN_WORDS[value.lower()]
     if not isinstance(value, bool):
-        raise Bad(f"expected true or false, got {show(value)}")
+        # A word in quotes is a string, as a quoted "7" is where an integer goes: saying so (`got str
+        # 'false'`) keeps the message from reading "expected true or false, got 'false'".
+        hint = ""
+        if isinstance(value, str) and not isinstance(value, Expanded) and value.lower() in _BOOLEAN_WORDS:
+            hint = f" (a quoted string: write {value.lower()} without quotes)"
+        raise Bad(f"expected true or false, got {got(value)}{hint}")
     return value
 
 

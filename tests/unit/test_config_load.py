@@ -281,7 +281,7 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ),
     ("affinity.secret_keys[0]", 12345, "expected a string, got int"),
     ("affinity.same_site", "loose", "expected one of Strict, Lax, None, got 'loose'"),
-    ("affinity.http_only", "sure", "expected true or false, got 'sure'"),
+    ("affinity.http_only", "sure", "expected true or false, got str 'sure'"),
     ("affinity.secure", "sometimes", "expected one of auto, always, never, got 'sometimes'"),
     ("routes", [], "expected at least one route"),
     ("routes", {"/": "gateways"}, "expected a list of routes, got mapping"),
@@ -786,6 +786,17 @@ def test_literal_strings_are_not_coerced(base_dir: Path) -> None:
     """A quoted "7" written in the file is still a string where an integer is expected."""
     problems = problems_of(set_at(good_tree(), "pools.gateways.backends[0].weight", "7"), base_dir)
     assert problems == {"pools.gateways.backends[0].weight": "expected an integer from 1 to 256, got str '7'"}
+
+
+def test_a_quoted_boolean_word_is_named_a_string_not_echoed_as_if_it_were_the_boolean(base_dir: Path) -> None:
+    """`http_only: "false"` (Helm quoting everything) was refused as "expected true or false, got 'false'",
+    which reads as if false itself were wrong; the message says it is a string and how to write it."""
+    text = GOOD_YAML.replace("http_only: true", 'http_only: "false"')
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, base_dir=base_dir, environ=ENV)
+    expected = "affinity.http_only: expected true or false, got str 'false'"
+    expected += " (a quoted string: write false without quotes)"
+    assert expected in str(caught.value)
 
 
 def test_malformed_reference(base_dir: Path) -> None:
