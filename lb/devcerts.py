@@ -164,6 +164,11 @@ def _general_name(host: str) -> x509.GeneralName:
     if not _DNS_NAME.fullmatch(host):
         # A name no client can ask for would only make a certificate that never verifies.
         raise ValueError(f"not a DNS name or IP address: {host!r}")
+    if host.rstrip(".").rsplit(".", 1)[-1].isdigit():
+        # `10.0.0.256`, `1.2.3.4.5`: a top-level label is never all digits (RFC 3696 §2), and URL
+        # parsers read such a host as an IPv4 address (`127.1` is 127.0.0.1 to a browser), so it is a
+        # mistyped IP, and a dNSName of it would match no client.
+        raise ValueError(f"not a DNS name or IP address: {host!r} (it ends in digits, as an IPv4 address does)")
     return x509.DNSName(host)
 
 

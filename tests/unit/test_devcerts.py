@@ -93,11 +93,12 @@ def test_accepts_dns_names_wildcards_and_ip_literals(tmp_path: Path, host: str) 
 @pytest.mark.parametrize(
     "hosts",
     [[], [""], ["bücher.example"], ["bad host!"], ["a..b"], ["-lead.example"], ["x" * 64 + ".example"],
-     ["localhost", "under_score.example"]],
+     ["localhost", "under_score.example"], ["10.0.0.256"], ["1.2.3.4.5"], ["127.1"], ["localhost", "example.123."]],
 )
 def test_rejects_unusable_hosts(tmp_path: Path, hosts: list[str]) -> None:
     """No hosts, an empty host, a non-ASCII name or anything not a DNS name (no client could ask for it)
-    is a ValueError, and nothing is written."""
+    is a ValueError, and nothing is written.  A mistyped IPv4 address (`10.0.0.256`) was written as a DNS
+    name no client matches: a name ending in an all-digit label is one of these."""
     with pytest.raises(ValueError):
         write_dev_certs(tmp_path / "out", hosts)
     assert not (tmp_path / "out").exists()
