@@ -188,14 +188,20 @@ def pick_address(addresses: Iterable[str]) -> str | None:
 
 
 def srv_weights(records: Sequence[SrvRecord]) -> list[int]:
-    """Backend weights for SRV records: all 1 when the records agree, else the SRV weight clamped to 1..256.
+    """Backend weights for SRV records: all 1 when the records agree, else the SRV weights as proportions.
 
     Kubernetes gives every record of a headless Service the same weight; a
-    hand-written zone that differs means it, within the config's range.
+    hand-written zone that differs means it: weights up to 256 are taken as
+    they are (0 is 1), and larger ones (SRV's run to 65,535) are scaled so the
+    largest is 256, keeping their ratios (RFC 2782: a record's share is its
+    weight over the sum).  Clamped instead, 1000 and 3000 were 256 and 256.
     """
     if len({r.weight for r in records}) <= 1:
         return [1] * len(records)
-    return [max(1, min(MAX_WEIGHT, r.weight)) for r in records]
+    largest = max(r.weight for r in records)
+    if largest <= MAX_WEIGHT:
+        return [max(1, r.weight) for r in records]
+    return [max(1, round(r.weight * MAX_WEIGHT / largest)) for r in records]
 
 
 def from_srv(

@@ -206,10 +206,12 @@ def test_repeated_record_counts_once() -> None:
 
 @pytest.mark.parametrize(
     ("weights", "expected"),
-    [((50, 50, 50), [1, 1, 1]), ((10, 20, 0), [10, 20, 1]), ((1000, 1), [256, 1])],
+    [((50, 50, 50), [1, 1, 1]), ((10, 20, 0), [10, 20, 1]), ((1000, 1), [256, 1]), ((256, 100), [256, 100]),
+     ((1000, 3000), [85, 256]), ((300, 600, 0), [128, 256, 1]), ((65535, 1, 32768), [256, 1, 128])],
 )
 def test_srv_weights(weights: tuple[int, ...], expected: list[int]) -> None:
-    """Equal SRV weights (Kubernetes) mean weight 1; different ones are kept, clamped to 1..256."""
+    """Equal SRV weights (Kubernetes) mean weight 1; different ones are kept as proportions (RFC 2782), those
+    past 256 scaled so that the largest is 256: clamped, 1000 and 3000 were both 256, an even spread."""
     records = [SrvRecord(f"gw-{i}.x", 80, weight=w) for i, w in enumerate(weights)]
     found = from_srv(records, {f"gw-{i}.x": ["10.0.0.1"] for i in range(len(weights))}, max_backends=10)
     assert [b.weight for b in found.backends] == expected
