@@ -202,7 +202,13 @@ def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:
     nameservers of /etc/resolv.conf, as the C library's `hosts: files dns`)."""
     if not config.nameservers:
         try:
-            resolver = dns.resolver.Resolver()
+            resolver = dns.resolver.Resolver(filename=RESOLV_CONF)
+            # A name with fewer dots than `options ndots` (1 unless set; Kubernetes sets 5) is tried
+            # with each `search` domain, as the C library does: dnspython does not unless told, and
+            # `dns: _ws._tcp.gateway` in a pod, which `getent`, `nslookup` and every client there
+            # find under its namespace's domain, was NXDOMAIN at every lookup.  A name ending in `.`
+            # is asked as written.
+            resolver.use_search_by_default = True
         except dns.resolver.NoResolverConfiguration:
             # No /etc/resolv.conf (a scratch container): every lookup fails, shown in /status.
             log.warning("discovery for %s: no system resolver configuration (/etc/resolv.conf); only names "
@@ -222,6 +228,9 @@ def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:
     resolver.use_edns(0, 0, EDNS_PAYLOAD)
     return ThreadedResolver(resolver, None if config.nameservers else SYSTEM_HOSTS)
 
+
+# The system resolver's configuration (nameservers, and the search list a short name is tried with).
+RESOLV_CONF = "/etc/resolv.conf"
 
 # /etc/hosts, read once for every pool of the system resolver (each change parsed once, not once a pool).
 SYSTEM_HOSTS: Final = HostsFile()
@@ -417,7 +426,9 @@ async def _addresses(
     ttls: list[float] = []
     for rdtype in ("A", "AAAA"):
         try:
-            answer = await resolver.resolve(name, rdtype, search=False)
+            # The resolver's own rule: the system's applies its search list to a `type: a` name with
+            # fewer dots than ndots; an SRV target comes absolute (`target + "."`), as DNS wrote it.
+            answer = await resolver.resolve(name, rdtype)
         except dns.resolver.NoAnswer:
             continue
         except (dns.exception.DNSException, OSError) as exc:  # NXDOMAIN included: the name does not exist

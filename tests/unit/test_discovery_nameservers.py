@@ -9,11 +9,14 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import dns.exception
 import dns.flags
 import dns.message
+import dns.nameserver
 import dns.rcode
+import dns.rdatatype
 import dns.rrset
 import pytest
 
@@ -188,3 +191,61 @@ def test_one_nameserver_without_edns0_beside_one_that_never_answers() -> None:
     finally:
         server.close()
         silent.close()
+
+
+def _zone_server(zone: dict[tuple[str, str], list[str]]) -> tuple[socket.socket, int, list[str]]:
+    """Answers from `zone` ((name, type) -> records, names absolute), NXDOMAIN for a name it has not;
+    returns the names asked, in order."""
+    asked: list[str] = []
+
+    def answer(query: dns.message.Message) -> bytes:
+        question = query.question[0]
+        name, rdtype = question.name.to_text().lower(), dns.rdatatype.to_text(question.rdtype)
+        asked.append(name)
+        reply = dns.message.make_response(query)
+        if (name, rdtype) in zone:
+            reply.answer.append(dns.rrset.from_text_list(question.name, 5, "IN", rdtype, zone[(name, rdtype)]))
+        elif not any(known == name for known, _ in zone):
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+        return reply.to_wire()
+
+    sock, port = _udp_server(answer)
+    return sock, port, asked
+
+
+@pytest.mark.parametrize(("name", "rdtype"), [("_ws._tcp.gateway", DiscoveryType.SRV), ("gateway", DiscoveryType.A)])
+def test_the_system_resolver_tries_a_short_name_with_its_search_domains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, rdtype: DiscoveryType
+) -> None:
+    """`nameservers: []` is the system resolver, which looks a name up as `getent hosts` does: one with
+    fewer dots than ndots is tried under each `search` domain of /etc/resolv.conf (a pod's namespace:
+    `search game.svc.cluster.local ...`, `options ndots:5`).  dnspython's resolver does that only when
+    told: `dns: _ws._tcp.gateway` was asked as `_ws._tcp.gateway.` alone, NXDOMAIN at every lookup,
+    where everything else in the pod finds it."""
+    domain = "game.svc.cluster.local."
+    server, port, asked = _zone_server({
+        (f"_ws._tcp.gateway.{domain}", "SRV"): [f"0 50 9000 gw-0.gateway.{domain}"],
+        (f"gw-0.gateway.{domain}", "A"): ["127.0.0.7"],
+        (f"gateway.{domain}", "A"): ["127.0.0.8"],
+    })
+    resolv_conf = tmp_path / "resolv.conf"
+    resolv_conf.write_text(f"nameserver 127.0.0.1\nsearch {domain} svc.cluster.local.\noptions ndots:5\n")
+    monkeypatch.setattr(discovery, "RESOLV_CONF", str(resolv_conf))
+    try:
+        config = DiscoveryConfig(name, type=rdtype, port=9000 if rdtype is DiscoveryType.A else None, timeout=1.0)
+        resolver = discovery.make_resolver(config)
+        for each in (resolver.sync, resolver._plain):  # resolv.conf names no port: this test's server has one
+            each.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", port)]
+        found, _ttl = asyncio.run(discovery.lookup(config, resolver))
+        expected = [("gw-0", "127.0.0.7")] if rdtype is DiscoveryType.SRV else [("127.0.0.8:9000", "127.0.0.8")]
+        assert [(b.id, b.host) for b in found.backends] == expected
+        # A name ending in a dot is asked as written.
+        absolute = DiscoveryConfig(name + ".", type=rdtype, port=config.port, timeout=1.0)
+        resolver = discovery.make_resolver(absolute)
+        for each in (resolver.sync, resolver._plain):
+            each.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", port)]
+        with pytest.raises(discovery.DiscoveryError, match="NXDOMAIN"):
+            asyncio.run(discovery.lookup(absolute, resolver))
+        assert asked[-1] == name + "."
+    finally:
+        server.close()
