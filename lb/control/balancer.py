@@ -149,6 +149,20 @@ class Role(StrEnum):
     WORKER = "worker"  # accepts and relays; states come from the owner
 
 
+def _back_reason(status: BackendStatus, cause: str) -> str:
+    """The reason /status shows for a backend a reload or DNS names again while its tunnels kept it: the one
+    in force.  It said "added back by DNS" whatever its state: `draining` or `disabled` by an operator's word
+    that it kept (as one with no tunnel left is told, `OperatorStates.restore`), or `down`."""
+    if status.admin is not AdminAction.ENABLE:
+        absent = "it was out of DNS" if cause == "DNS" else "a reload had removed it"
+        return f"operator: {status.admin.value} (kept while {absent})"
+    if not status.healthy and status.health_said:
+        return status.health_said
+    if status.requested_drain:
+        return f"added back by {cause}; backend asks to drain"
+    return f"added back by {cause}"
+
+
 class Balancer:
     def __init__(
         self, config: Config, config_path: Path | None = None, *, role: Role = Role.SINGLE, control_fd: int = -1,
@@ -992,7 +1006,7 @@ class Balancer:
             if status is None:
                 status = retired.get(backend_config.id)
                 if status is not None:
-                    status.reason = f"added back by {cause}"
+                    status.reason = _back_reason(status, cause)
                     status.changed_at = time.time()
             if status is None:
                 status = BackendStatus(config=backend_config, changed_at=time.time())

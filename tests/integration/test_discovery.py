@@ -720,6 +720,32 @@ async def test_an_operators_word_outlives_a_backends_absence_from_dns(
     assert {(await visit(lb.ws_url())).server_id for _ in range(6)} == {"gw-2"}
 
 
+@pytest.mark.parametrize("action", ["drain", "disable"])
+async def test_an_operators_word_kept_through_dns_by_a_live_tunnel_is_the_reason_shown(
+    launcher: Launcher, zone: ZoneServer, action: str
+) -> None:
+    """The same absence while a tunnel keeps the backend: it comes back in its state, and /status (the
+    dashboard, `lb ctl status`) says why.  It said `draining` with the reason "added back by DNS"."""
+    gw1, gw2 = launcher.gateways(2)
+    publish(zone, [gw1, gw2])
+    lb = launcher.balancer(discovery_config(zone))
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both discovered")
+    await wait_for_state(lb, "gateways", "gw-1", "up", within=10 * UNIT)
+    pinned = await visit_until(lb.ws_url(), "gw-1", tries=10)
+    assert pinned.cookie is not None
+    async with ws_connect(lb.ws_url(), cookie=pinned.cookie.value) as (ws, _):
+        assert (await recv_hello(ws))["server_id"] == "gw-1"
+        state = "disabled" if action == "disable" else "draining"
+        assert (await set_state(lb, "gw-1", action))["state"] == state
+        publish(zone, [gw2])
+        await wait_status(lb, lambda s: find_backend(s, "gateways", "gw-1")["removed"], "gw-1 gone from DNS")
+        publish(zone, [gw1, gw2])
+        data = await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "gw-1 back in DNS")
+        backend = find_backend(data, "gateways", "gw-1")
+        assert (backend["state"], backend["reason"]) == (state, f"operator: {action} (kept while it was out of DNS)")
+        await assert_echo(ws, "the tunnel that kept it")
+
+
 async def test_a_first_lookup_that_fails_is_tried_again_within_a_second(launcher: Launcher, zone: ZoneServer) -> None:
     """At start there is no last known set to keep: one SERVFAIL left a ready balancer with an empty pool
     (503 for everyone) until the next lookup, a whole `interval` later."""

@@ -64,6 +64,49 @@ async def test_a_removed_backend_drained_and_named_again_comes_back_as_answered(
         assert await balancer.reload()
         back = balancer.ctx.pools["p"].backends["b"]
         assert back is b and back.state is back_as and not back.takes_new_clients, (back.state, back.reason)
+        # The reason /status shows is the one in force (it said "added back by reload" while draining).
+        assert back.reason == f"operator: {action.value} (kept while a reload had removed it)"
+
+
+@pytest.mark.parametrize("action", [AdminAction.DRAIN, AdminAction.DISABLE])
+async def test_a_backend_drained_then_gone_from_dns_with_its_tunnels_comes_back_saying_why(
+    tmp_path: Path, action: AdminAction
+) -> None:
+    """Drained (or disabled), then out of DNS while a tunnel kept it: back in the answer, /status said `draining`
+    with the reason "added back by DNS", where one that kept no tunnel says the operator's word."""
+    from lb.config.model import BackendConfig
+
+    path = tmp_path / "lb.yaml"
+    # A pool that discovers (the nameserver, the discard port, never answers: only the sets given here apply).
+    path.write_text(_config(False).replace(
+        "    health_check:",
+        '    discovery: {dns: gw.test, type: srv, interval: 1h, timeout: 100ms, nameservers: ["127.0.0.1:9"]}\n'
+        "    health_check:"))
+    balancer = Balancer(load_config(path), path)
+    await balancer.start()
+    try:
+        found = (BackendConfig(id="d", host="127.0.0.1", port=19),)
+        balancer.update_discovered("p", found)
+        d = balancer.ctx.pools["p"].backends["d"]
+        balancer.apply_admin("p", "d", action)
+        d.connections = 1  # a live tunnel
+        balancer.update_discovered("p", ())
+        assert balancer.is_removed_with_tunnels("p", "d")
+        balancer.update_discovered("p", found)
+        back = balancer.ctx.pools["p"].backends["d"]
+        assert back is d and back.admin is action, (back.state, back.reason)
+        assert back.reason == f"operator: {action.value} (kept while it was out of DNS)"
+        d.admin = AdminAction.ENABLE  # (as an `enable` would leave it) out and back again: no operator's word
+        balancer.update_discovered("p", ())
+        balancer.update_discovered("p", found)
+        assert balancer.ctx.pools["p"].backends["d"].reason == "added back by DNS"
+        d.healthy, d.health_said = False, "health check failed 2 time(s): HTTP 503"  # down: health says why
+        balancer.update_discovered("p", ())
+        balancer.update_discovered("p", found)
+        back = balancer.ctx.pools["p"].backends["d"]
+        assert (back.state, back.reason) == (BackendState.DOWN, "health check failed 2 time(s): HTTP 503")
+    finally:
+        await balancer.stop()
 
 
 async def test_enable_of_a_removed_backend_is_refused_and_changes_nothing(tmp_path: Path) -> None:
