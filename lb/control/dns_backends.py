@@ -244,6 +244,10 @@ def from_srv(
         target = record.target.lower().rstrip(".")
         backend_id = srv_id(target)
         if backend_id is None:
+            if not target:  # RFC 2782: "the service is decidedly not available at this domain"
+                # Said as the record has it: it read "target '': first label is not a valid backend id".
+                skipped.append("target '.': the service is not offered here (RFC 2782)")
+                continue
             why = "an IP address, not a host name" if _is_address(target) else "first label is not a valid backend id"
             skipped.append(f"target {_short(target)!r}: {why}")
             continue

@@ -129,6 +129,8 @@ def test_records_that_can_never_be_backends_take_no_place_under_max_backends() -
     assert any("port 0 out of range" in reason for reason in found.skipped)
     # Said as it is, not "no A/AAAA address": a record on port 0 is never looked up.
     assert from_srv(JUNK[3:], {}, max_backends=3).skipped == (f"target 'a-port-0.{SERVICE}': port 0 out of range",)
+    # A zone's "no service here" (target `.`) is named as the record has it: it read "target ''".
+    assert from_srv(JUNK[:1], {}, max_backends=3).skipped == ("target '.': the service is not offered here (RFC 2782)",)
 
 
 def test_cut_srv_counts_only_records_that_could_be_backends() -> None:
