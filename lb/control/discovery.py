@@ -149,7 +149,18 @@ class ThreadedResolver:
 
     async def resolve(self, name: str, rdtype: str, *, search: bool | None = None) -> dns.resolver.Answer:
         """`dns.resolver.Resolver.resolve` on a thread; cancelling returns at once (the query itself
-        ends within the resolver's lifetime)."""
+        ends within the resolver's lifetime).
+
+        A resolver that searches (the system's) tries its search list only for a name with fewer dots
+        than ndots, as README says.  dnspython also tries it after a name with as many has failed: the
+        deploy example's `_ws._tcp.gateway.game.svc.cluster.local` (5 dots, a pod's ndots), its Service
+        not there yet, cost a query per search domain at each lookup, and a host's search domain that
+        did not answer in time turned /status's "no such name (NXDOMAIN)" into "no answer within 1s"
+        (glibc also tries the list after such a name; musl does not).
+        """
+        if search is None and self.sync.use_search_by_default:
+            ndots = 1 if self.sync.ndots is None else self.sync.ndots
+            search = name.count(".") < ndots
         try:
             return await in_daemon_thread(functools.partial(self._resolve, name, rdtype, search), name=f"dns {name}")
         except RuntimeError as exc:  # out of threads (a cgroup's pids.max): a failed lookup, not a bug
@@ -204,10 +215,10 @@ def make_resolver(config: DiscoveryConfig) -> ThreadedResolver:
         try:
             resolver = dns.resolver.Resolver(filename=RESOLV_CONF)
             # A name with fewer dots than `options ndots` (1 unless set; Kubernetes sets 5) is tried
-            # with each `search` domain, as the C library does: dnspython does not unless told, and
-            # `dns: _ws._tcp.gateway` in a pod, which `getent`, `nslookup` and every client there
-            # find under its namespace's domain, was NXDOMAIN at every lookup.  A name ending in `.`
-            # is asked as written.
+            # with each `search` domain first, as the C library does (and only such a name: see
+            # `ThreadedResolver.resolve`): dnspython does not unless told, and `dns: _ws._tcp.gateway`
+            # in a pod, which `getent`, `nslookup` and every client there find under its namespace's
+            # domain, was NXDOMAIN at every lookup.  A name ending in `.` is asked as written.
             resolver.use_search_by_default = True
         except dns.resolver.NoResolverConfiguration:
             # No /etc/resolv.conf (a scratch container): every lookup fails, shown in /status.

@@ -249,3 +249,28 @@ def test_the_system_resolver_tries_a_short_name_with_its_search_domains(
         assert asked[-1] == name + "."
     finally:
         server.close()
+
+
+def test_the_system_resolver_asks_a_name_with_ndots_dots_as_written_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name with as many dots as ndots (README's `_ws._tcp.gateway.game.svc.cluster.local` in a pod) is
+    asked as written, and its NXDOMAIN is the answer.  dnspython went on under each search domain: a
+    query more per domain at every lookup while the Service was missing, and a host's search domain that
+    answered nothing in time made /status say "no answer" instead of NXDOMAIN."""
+    domain = "game.svc.cluster.local."
+    server, port, asked = _zone_server({})
+    resolv_conf = tmp_path / "resolv.conf"
+    resolv_conf.write_text(f"nameserver 127.0.0.1\nsearch {domain} svc.cluster.local. corp.example.\noptions ndots:5\n")
+    monkeypatch.setattr(discovery, "RESOLV_CONF", str(resolv_conf))
+    try:
+        name = f"_ws._tcp.gateway.{domain}".rstrip(".")
+        config = DiscoveryConfig(name, type=DiscoveryType.SRV, timeout=1.0)
+        resolver = discovery.make_resolver(config)
+        for each in (resolver.sync, resolver._plain):
+            each.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", port)]
+        with pytest.raises(discovery.DiscoveryError, match="NXDOMAIN"):
+            asyncio.run(discovery.lookup(config, resolver))
+        assert asked == [name + "."]
+    finally:
+        server.close()
