@@ -152,12 +152,15 @@ class Role(StrEnum):
 def _back_reason(status: BackendStatus, cause: str) -> str:
     """The reason /status shows for a backend a reload or DNS names again while its tunnels kept it: the one
     in force.  It said "added back by DNS" whatever its state: `draining` or `disabled` by an operator's word
-    that it kept (as one with no tunnel left is told, `OperatorStates.restore`), or `down`."""
-    if status.admin is not AdminAction.ENABLE:
-        absent = "it was out of DNS" if cause == "DNS" else "a reload had removed it"
-        return f"operator: {status.admin.value} (kept while {absent})"
+    that it kept (as one with no tunnel left is told, `OperatorStates.restore`), or `down`.  Down, a drain
+    does not say why (the state is `down`): the health failure does, as after `PoolState.apply_admin`."""
+    absent = "it was out of DNS" if cause == "DNS" else "a reload had removed it"
+    if status.admin is AdminAction.DISABLE:
+        return f"operator: disable (kept while {absent})"
     if not status.healthy and status.health_said:
         return status.health_said
+    if status.admin is AdminAction.DRAIN:
+        return f"operator: drain (kept while {absent})"
     if status.requested_drain:
         return f"added back by {cause}; backend asks to drain"
     return f"added back by {cause}"

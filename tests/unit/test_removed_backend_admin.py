@@ -105,6 +105,15 @@ async def test_a_backend_drained_then_gone_from_dns_with_its_tunnels_comes_back_
         balancer.update_discovered("p", found)
         back = balancer.ctx.pools["p"].backends["d"]
         assert (back.state, back.reason) == (BackendState.DOWN, "health check failed 2 time(s): HTTP 503")
+        # Down and drained: `down` is the state, and the failure its reason, as after a drain of a down
+        # backend (`apply_admin`).  It said "operator: drain (kept while it was out of DNS)".
+        d.admin = action
+        balancer.update_discovered("p", ())
+        balancer.update_discovered("p", found)
+        back = balancer.ctx.pools["p"].backends["d"]
+        said = "health check failed 2 time(s): HTTP 503"
+        expected = (BackendState.DISABLED, "operator: disable (kept while it was out of DNS)")
+        assert (back.state, back.reason) == (expected if action is AdminAction.DISABLE else (BackendState.DOWN, said))
     finally:
         await balancer.stop()
 
