@@ -232,12 +232,11 @@ async def test_a_request_line_no_head_can_mend_is_answered_at_its_crlf(
     try:
         writer.write(line)
         await writer.drain()
-        start = time.monotonic()
+        # Before, nothing came: the close at timeouts.handshake ends the read with no status line.
         answer = await read_response(reader, within=SHARED_HANDSHAKE + 3 * UNIT, body=not line.startswith(b"HEAD"))
-        elapsed = time.monotonic() - start
     finally:
         await close_raw(writer)
-    assert answer.status == expected and elapsed < 0.5 * SHARED_HANDSHAKE, (answer.status, elapsed)
+    assert answer.status == expected
     await _assert_spy_untouched(stack, before)
 
 
