@@ -237,3 +237,54 @@ def test_discovery_status_and_new_backends_render(stack: tuple[Balancer, list[Ga
     wait_for(browser, lambda d: shown_state(d, "gw-9") == "removed", "the new backend")
     assert not browser.find_elements(By.CSS_SELECTOR, f'.row[data-backend="{gateways[0].id}"]'), "gone from /status"
     assert not row(browser, "gw-9").find_element(By.CSS_SELECTOR, "button.act-drain").is_enabled()
+
+
+# What DNS puts in a pool's /status (`type: a` with AAAA records; an SRV answer of unusable targets), taken
+# from a balancer resolving against a hostile zone: runs of 50-90 characters with no space to break at.
+_DNS_ADDRESS = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe]:65535"
+_DNS_ERROR = (
+    "_ws._tcp.gw.test: no usable backend in the answer: target '</script><script>alert\\\\(1\\\\)</script>.svc.test': "
+    "first label is not a valid backend id; target '\\\\226\\\\128\\\\174" + "y" * 60 + ".svc....': first label is not "
+    "a valid backend id"
+)
+
+
+def test_text_from_dns_wraps_on_a_phone(stack: tuple[Balancer, list[Gateway]], browser: WebDriver) -> None:
+    """A backend's address and the discovery line come from DNS: at 390 px each is shown whole, wrapped in its
+    card, neither cut off by the card's edge nor running into the state column beside it."""
+    lb, gateways = stack
+    browser.set_window_size(390, 844)
+    try:
+        open_dashboard(browser, lb)
+        wait_for(browser, lambda d: shown_state(d, gateways[0].id) == "up", "the first poll")
+        browser.execute_script(
+            """
+            const real = window.fetch;
+            window.fetch = async (url, init) => {
+              const reply = await real(url, init);
+              if (String(url) !== "status") return reply;
+              const doc = await reply.json();
+              const pool = doc.pools.gateways;
+              pool.discovery = {dns: "_ws._tcp.gw.test", type: "srv", last_ok: null, last_error: DNS_ERROR};
+              pool.backends[0].address = DNS_ADDRESS;
+              return new Response(JSON.stringify(doc), {status: 200, headers: {"Content-Type": "application/json"}});
+            };
+            """.replace("DNS_ERROR", json.dumps(_DNS_ERROR)).replace("DNS_ADDRESS", json.dumps(_DNS_ADDRESS))
+        )
+        discovery = wait_for(
+            browser,
+            lambda d: (e := d.find_element(By.CSS_SELECTOR, '.pool[data-pool="gateways"] .discovery')).is_displayed()
+            and "yyyy" in e.text and e,
+            "the discovery line",
+        )
+        address = wait_for(
+            browser,
+            lambda d: (e := row(d, gateways[0].id).find_element(By.CSS_SELECTOR, ".addr")).text.startswith("[ffff")
+            and e,
+            "the address from DNS",
+        )
+        for what, element in (("discovery line", discovery), ("address", address)):
+            wide, room = browser.execute_script("return [arguments[0].scrollWidth, arguments[0].clientWidth];", element)
+            assert wide <= room, f"the {what} needs {wide} px and has {room}: the rest is cut off or overlaps"
+    finally:
+        browser.set_window_size(1400, 900)
