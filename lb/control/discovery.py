@@ -638,8 +638,24 @@ class Discoverer:
                         self.pool, self.config.max_backends, discovered.truncated)
 
 
+# What the line of a changed set names of each list (added, removed, changed): ids are DNS labels of up to 63
+# characters, and 20 of them in each list, with a 253-character name, made a line of 4.3 KB; a line must stay one
+# write that a pipe takes whole (4 KiB: with `workers: N` the processes share stderr, lb.access_log says more).
+_IDS_SHOWN: Final = 20
+_IDS_CHARACTERS: Final = 800
+
+
 def _ids(backends: tuple[BackendConfig, ...]) -> str:
-    return ", ".join(b.id for b in backends[:20]) + (" ..." if len(backends) > 20 else "") if backends else "none"
+    if not backends:
+        return "none"
+    shown: list[str] = []
+    length = 0
+    for backend in backends[:_IDS_SHOWN]:
+        length += len(backend.id) + 2
+        if shown and length > _IDS_CHARACTERS:
+            break
+        shown.append(backend.id)
+    return ", ".join(shown) + (f" and {len(backends) - len(shown)} more" if len(backends) > len(shown) else "")
 
 
 class DiscoveryManager:

@@ -76,3 +76,43 @@ async def test_a_lookup_without_a_thread_to_run_on_fails_as_a_lookup(monkeypatch
     resolver = discovery.ThreadedResolver(dns.resolver.Resolver(configure=False))
     with pytest.raises(discovery.DiscoveryError, match="no thread for the DNS query"):
         await discovery.lookup(config, resolver)
+
+
+def test_the_line_of_a_changed_set_is_one_write_a_pipe_takes_whole(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DNS names the ids (a target's first label: up to 63 characters), and one answer can add, remove and
+    change 20 of them at once: the line that says so stays under PIPE_BUF (4 KiB) in either format, as an
+    access line does, so that with `workers: N` on a shared pipe no other process's line lands inside it."""
+    from lb.config.model import LogFormat
+    from lb.log import JsonFormatter, PlainFormatter
+
+    def ids(prefix: str) -> list[str]:
+        return [f"{prefix}{n:02d}".ljust(63, "x") for n in range(20)]
+
+    changed, removed, added = ids("c"), ids("r"), ids("a")
+    before = Discovered(tuple(BackendConfig(i, "10.0.0.1", 9000) for i in changed + removed))
+    after = Discovered(tuple(BackendConfig(i, "10.0.0.2", 9000) for i in changed + added))
+    name = ".".join(["n" * 63] * 3 + ["s" * 61])  # 253 characters: the longest name DNS has
+    with caplog.at_level("INFO", logger="lb.control.discovery"):
+        remaining = [before, after]
+
+        async def lookup(*_: Any) -> tuple[Discovered, float]:
+            return remaining.pop(0), 5.0
+
+        monkeypatch.setattr(discovery, "lookup", lookup)
+        pool = PoolConfig("gateways", (), discovery=DiscoveryConfig(name, nameservers=(("127.0.0.1", 53),)))
+        loop = discovery.Discoverer(pool, lambda *_: None)
+
+        async def both() -> None:
+            await loop.resolve_once()
+            await loop.resolve_once()
+
+        asyncio.run(both())
+    record = [r for r in caplog.records if "; added" in r.getMessage()][-1]
+    message = record.getMessage()
+    assert added[0] in message and removed[0] in message and changed[0] in message and " more" in message
+    formatters = ((LogFormat.PLAIN, PlainFormatter("worker-12")), (LogFormat.JSON, JsonFormatter("worker-12")))
+    for log_format, formatter in formatters:
+        line = (formatter.format(record) + "\n").encode()
+        assert len(line) <= 4096, f"{log_format.value}: {len(line)} bytes"
