@@ -189,6 +189,24 @@ def test_dashboard_fits_a_phone(stack: tuple[Balancer, list[Gateway]], browser: 
         browser.set_window_size(1400, 900)
 
 
+def test_snapshot_without_script_fits_a_phone(stack: tuple[Balancer, list[Gateway]], browser: WebDriver) -> None:
+    """Without its script (blocked, or not run yet) the page is the server's snapshot: at 390 px its wide tables
+    scroll inside their own box, and the page itself does not scroll sideways."""
+    lb, gateways = stack
+    browser.set_window_size(390, 844)
+    browser.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": True})
+    try:
+        browser.get(lb.admin_url("/"))
+        snapshot = browser.find_element(By.ID, "snapshot")
+        for gateway in gateways:
+            assert gateway.id in snapshot.text
+        width = browser.execute_script("return document.documentElement.clientWidth;")
+        assert browser.execute_script("return document.documentElement.scrollWidth;") <= width
+    finally:
+        browser.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": False})
+        browser.set_window_size(1400, 900)
+
+
 def test_page_is_self_contained(stack: tuple[Balancer, list[Gateway]]) -> None:
     """No external asset: no src/href to another origin, and a CSP that forbids loading any."""
     lb, _ = stack

@@ -169,7 +169,9 @@ def render_snapshot(document: dict[str, Any], backends: Mapping[str, int] | None
         if isinstance(discovery, dict):
             parts = ", ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in discovery.items())
             out.append(f"<p>discovery: {parts}</p>")
-        out.append("<table><tr>" + "".join(f"<th>{title}</th>" for title, _ in _SNAPSHOT_COLUMNS) + "</tr>")
+        # Eight columns are wider than a phone: the table scrolls in its own box, not the page.
+        out.append('<div class="wide"><table><tr>' + "".join(f"<th>{title}</th>" for title, _ in _SNAPSHOT_COLUMNS)
+                   + "</tr>")
         listed = pool.get("backends", [])
         for backend in listed:
             # /status keeps SPEC's four states (a removed backend is `disabled`, `removed: true`); the page
@@ -177,7 +179,7 @@ def render_snapshot(document: dict[str, Any], backends: Mapping[str, int] | None
             shown = {**backend, "state": "removed"} if backend.get("removed") is True else backend
             cells = "".join(f"<td>{html.escape(str(shown.get(key, '')))}</td>" for _, key in _SNAPSHOT_COLUMNS)
             out.append(f'<tr data-state="{html.escape(str(shown.get("state", "")))}">{cells}</tr>')
-        out.append("</table>")
+        out.append("</table></div>")
         more = (backends or {}).get(str(pool_name), len(listed)) - len(listed)
         if more > 0:
             out.append(f"<p>and {more} more backend{'s' if more > 1 else ''} (/status lists every one)</p>")
