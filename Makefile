@@ -14,9 +14,14 @@ CONFIG ?= config.example.yaml
 
 .PHONY: install setup native run demo test style types unit integration bench bench-quick image prometheusrule clean
 
-$(STAMP): pyproject.toml
+# .venv is made once, with $(PYTHON); `make clean` to make it with another.  Not again when pyproject.toml
+# changes: `venv` run over an existing one by another interpreter rewrites its pyvenv.cfg (home, version)
+# and keeps its bin/python, a .venv that says one version and runs another.
+$(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,fast]'
 	@touch $@
