@@ -69,6 +69,24 @@ def open_dashboard(driver: WebDriver, lb: Balancer) -> None:
     driver.execute_script("sessionStorage.clear();")
 
 
+def rewrite_status(driver: WebDriver, edit: str) -> None:
+    """Have the page see each /status answer changed by `edit`, JavaScript that changes `doc` (the answer) and
+    `pool` (its pool `gateways`): what a balancer would show that these gateways cannot be made to cause."""
+    driver.execute_script(
+        """
+        const real = window.fetch;
+        window.fetch = async (url, init) => {
+          const reply = await real(url, init);
+          if (String(url) !== "status") return reply;
+          const doc = await reply.json();
+          const pool = doc.pools.gateways;
+          EDIT
+          return new Response(JSON.stringify(doc), {status: 200, headers: {"Content-Type": "application/json"}});
+        };
+        """.replace("EDIT", edit)
+    )
+
+
 def wait_for(driver: WebDriver, check: Callable[[WebDriver], Any], what: str) -> Any:
     return WebDriverWait(driver, WAIT, poll_frequency=0.05).until(check, message=f"page never showed {what}")
 
@@ -227,22 +245,14 @@ def test_discovery_status_and_new_backends_render(stack: tuple[Balancer, list[Ga
     lb, gateways = stack
     open_dashboard(browser, lb)
     wait_for(browser, lambda d: shown_state(d, gateways[0].id) == "up", "the first poll")
-    browser.execute_script(
+    rewrite_status(
+        browser,
         """
-        const real = window.fetch;
-        window.fetch = async (url, init) => {
-          const reply = await real(url, init);
-          if (String(url) !== "status") return reply;
-          const doc = await reply.json();
-          const pool = doc.pools.gateways;
-          pool.discovery = {dns: "gateway.game.svc", type: "srv", last_ok: doc.time - 3,
-                            last_error: "SERVFAIL from 127.0.0.1:53"};
-          pool.backends = pool.backends.slice(1).concat([{...pool.backends[0], id: "gw-9", address: "127.0.0.9:1",
-                                                          state: "disabled", removed: true,
-                                                          reason: "removed from DNS"}]);
-          return new Response(JSON.stringify(doc), {status: 200, headers: {"Content-Type": "application/json"}});
-        };
-        """
+        pool.discovery = {dns: "gateway.game.svc", type: "srv", last_ok: doc.time - 3,
+                          last_error: "SERVFAIL from 127.0.0.1:53"};
+        pool.backends = pool.backends.slice(1).concat([{...pool.backends[0], id: "gw-9", address: "127.0.0.9:1",
+                                                        state: "disabled", removed: true, reason: "removed from DNS"}]);
+        """,
     )
     discovery = wait_for(
         browser,
@@ -275,19 +285,13 @@ def test_text_from_dns_wraps_on_a_phone(stack: tuple[Balancer, list[Gateway]], b
     try:
         open_dashboard(browser, lb)
         wait_for(browser, lambda d: shown_state(d, gateways[0].id) == "up", "the first poll")
-        browser.execute_script(
-            """
-            const real = window.fetch;
-            window.fetch = async (url, init) => {
-              const reply = await real(url, init);
-              if (String(url) !== "status") return reply;
-              const doc = await reply.json();
-              const pool = doc.pools.gateways;
-              pool.discovery = {dns: "_ws._tcp.gw.test", type: "srv", last_ok: null, last_error: DNS_ERROR};
-              pool.backends[0].address = DNS_ADDRESS;
-              return new Response(JSON.stringify(doc), {status: 200, headers: {"Content-Type": "application/json"}});
-            };
-            """.replace("DNS_ERROR", json.dumps(_DNS_ERROR)).replace("DNS_ADDRESS", json.dumps(_DNS_ADDRESS))
+        rewrite_status(
+            browser,
+            f"""
+            pool.discovery = {{dns: "_ws._tcp.gw.test", type: "srv", last_ok: null,
+                              last_error: {json.dumps(_DNS_ERROR)}}};
+            pool.backends[0].address = {json.dumps(_DNS_ADDRESS)};
+            """,
         )
         discovery = wait_for(
             browser,

@@ -15,7 +15,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -547,21 +547,30 @@ async def test_reload_keeps_discovered_backends_and_their_tunnels(launcher: Laun
         await assert_echo(ws, "through the reload")
 
 
+@contextlib.asynccontextmanager
+async def _tunnel_to_discovered(
+    launcher: Launcher, zone: ZoneServer, target: str
+) -> AsyncIterator[tuple[Balancer, tuple[Gateway, Gateway], Any]]:
+    """gw-1 and gw-2 found by SRV, and a live tunnel pinned to `target` (its hello read)."""
+    gateways = launcher.gateways(2)
+    publish(zone, gateways)
+    lb = launcher.balancer(discovery_config(zone))
+    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both discovered")
+    await wait_for_state(lb, "gateways", target, "up", within=10 * UNIT)
+    pinned = await visit_until(lb.ws_url(), target, tries=10)
+    assert pinned.cookie is not None
+    async with ws_connect(lb.ws_url(), cookie=pinned.cookie.value) as (ws, _):
+        assert (await recv_hello(ws))["server_id"] == target
+        yield lb, (gateways[0], gateways[1]), ws
+
+
 async def test_a_record_removed_and_back_while_its_tunnel_lives_is_one_backend(
     launcher: Launcher, zone: ZoneServer
 ) -> None:
     """gw-2 leaves DNS and comes back while a tunnel to it lives: /status shows it once, up, with its
     live tunnel counted, and says DNS brought it back (not a reload).  It was shown twice, once up and
     once `removed`, and the dashboard showed it removed."""
-    gw1, gw2 = launcher.gateways(2)
-    publish(zone, [gw1, gw2])
-    lb = launcher.balancer(discovery_config(zone))
-    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both discovered")
-    await wait_for_state(lb, "gateways", "gw-2", "up", within=10 * UNIT)
-    pinned = await visit_until(lb.ws_url(), "gw-2", tries=10)
-    assert pinned.cookie is not None
-    async with ws_connect(lb.ws_url(), cookie=pinned.cookie.value) as (ws, _):
-        assert (await recv_hello(ws))["server_id"] == "gw-2"
+    async with _tunnel_to_discovered(launcher, zone, "gw-2") as (lb, (gw1, gw2), ws):
         for _ in range(2):
             publish(zone, [gw1])
             await wait_status(lb, lambda s: ids(s) == {"gw-1"}, "gw-2 removed")
@@ -726,15 +735,7 @@ async def test_an_operators_word_kept_through_dns_by_a_live_tunnel_is_the_reason
 ) -> None:
     """The same absence while a tunnel keeps the backend: it comes back in its state, and /status (the
     dashboard, `lb ctl status`) says why.  It said `draining` with the reason "added back by DNS"."""
-    gw1, gw2 = launcher.gateways(2)
-    publish(zone, [gw1, gw2])
-    lb = launcher.balancer(discovery_config(zone))
-    await wait_status(lb, lambda s: ids(s) == {"gw-1", "gw-2"}, "both discovered")
-    await wait_for_state(lb, "gateways", "gw-1", "up", within=10 * UNIT)
-    pinned = await visit_until(lb.ws_url(), "gw-1", tries=10)
-    assert pinned.cookie is not None
-    async with ws_connect(lb.ws_url(), cookie=pinned.cookie.value) as (ws, _):
-        assert (await recv_hello(ws))["server_id"] == "gw-1"
+    async with _tunnel_to_discovered(launcher, zone, "gw-1") as (lb, (gw1, gw2), ws):
         state = "disabled" if action == "disable" else "draining"
         assert (await set_state(lb, "gw-1", action))["state"] == state
         publish(zone, [gw2])
