@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -100,8 +101,13 @@ class Throttle:
         return suppressed
 
 
+# Every break `str.splitlines` splits at, not LF alone: a lone CR put the rest of a message over the start of
+# its line in a terminal (its time and level shown as another's), and a reader splitting on CR saw two events.
+_LINE_BREAK: Final = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
 def _fold(text: str) -> str:
-    return LINE_FOLD.join(part for part in text.splitlines() if part.strip()) if "\n" in text else text
+    return LINE_FOLD.join(part for part in text.splitlines() if part.strip()) if _LINE_BREAK.search(text) else text
 
 
 class JsonFormatter(logging.Formatter):

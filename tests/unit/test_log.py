@@ -64,6 +64,18 @@ def test_plain_is_one_line_with_iso_timestamp(captured: Captured) -> None:
     assert "limits.y: bad" in lines[0] and "RuntimeError: boom" in lines[0]
 
 
+@pytest.mark.parametrize("brk", ["\r", "\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\u2029", "\r\n"])
+def test_plain_folds_every_line_break_not_only_lf(captured: Captured, brk: str) -> None:
+    """A lone CR (or any break `splitlines` knows) in a message is folded as an LF is: a terminal would
+    return to the start of the line and show the rest over the event's own time and level, and a reader
+    that splits on it would see a second event.  Only LF was folded."""
+    setup_logging(LoggingConfig(format=LogFormat.PLAIN))
+    logging.getLogger("lb.test").warning("bad answer: %s", f"first{brk}2026-01-01T00:00:00.000Z ERROR forged")
+    out = captured.getvalue()
+    assert out.count("\n") == 1 and out.splitlines() == [out.rstrip("\n")], repr(out)
+    assert "first | 2026-01-01T00:00:00.000Z ERROR forged" in out
+
+
 def test_json_is_one_line_with_traceback_and_numbers(captured: Captured) -> None:
     """JSON: one object per line, the traceback inside it, numeric fields as numbers."""
     setup_logging(LoggingConfig(format=LogFormat.JSON))
