@@ -42,6 +42,7 @@ import socket
 import sys
 import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -592,13 +593,16 @@ class _ShortOfItsLength(http.client.IncompleteRead):
         self.owed = owed
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# What a terminal must not be given from an answer: controls (Cc: C0 and C1, escape sequences), format
+# characters (Cf: bidi overrides, marks and isolates, zero-width ones, a BOM), which reorder or hide what is
+# shown, and the line and paragraph separators (Zl, Zp).
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 _TAG = re.compile(r"<[^>]{0,200}>")
 
 
 def _printable(text: str, limit: int = 500) -> str:
-    """`text` safe for a terminal: control characters (escape sequences, bidi overrides) become `?`."""
-    text = _CONTROL.sub("?", text)
+    """`text` safe for a terminal: control and format characters (escape sequences, bidi, zero-width) become `?`."""
+    text = "".join("?" if unicodedata.category(c) in _HIDDEN_CATEGORIES else c for c in text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

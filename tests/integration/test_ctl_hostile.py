@@ -13,6 +13,7 @@ import json
 import socket
 import subprocess
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -320,6 +321,8 @@ def test_escape_sequences_in_an_answer_never_reach_the_terminal() -> None:
     document = {
         "pools": {"p\x1b[2J": {"backends": [
             {"id": "gw\x1b]0;owned\x07", "address": "127.0.0.1:1", "state": "up\r", "reason": "\x1b[1Ahidden"},
+            # Invisible ones too: zero-width, bidi marks and isolates, a BOM, Arabic letter mark.
+            {"id": "gw\u200b2", "address": "127.0.0.1:2", "state": "up", "reason": "\u200e\u2066x\u2069\ufeff\u061c"},
         ]}},
         "tunnels": 0, "role": "single",
     }
@@ -327,6 +330,7 @@ def test_escape_sequences_in_an_answer_never_reach_the_terminal() -> None:
         done, _ = ctl("--admin", admin.url, "status")
     assert done.returncode == 0, done
     assert "\x1b" not in done.stdout and "\x07" not in done.stdout and "\r" not in done.stdout
+    assert not any(unicodedata.category(character) in ("Cc", "Cf") for character in done.stdout.replace("\n", ""))
     assert "gw" in done.stdout and "hidden" in done.stdout
     message = json.dumps({"error": "no \x1b[2Jway"}).encode()
     with scripted(answer("400 Bad Request", message)) as admin:
