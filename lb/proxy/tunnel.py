@@ -94,6 +94,9 @@ def next_close_look(taken_before: int, taken_now: int, now: float, close_by: flo
 _TCP_CLOSE: Final = 7
 _TCP_CLOSE_WAIT: Final = 8
 _TCP_INFO: Final = getattr(socket, "TCP_INFO", 0)  # Linux only; elsewhere no look is made
+# struct tcp_info's tcpi_bytes_acked (Linux 4.1+): a u64 at offset 120, so the first 128 bytes hold it.
+_TCPI_BYTES_ACKED_END: Final = 128
+_U64: Final = struct.Struct("=Q")
 
 
 def has_left(tcp_state: int) -> bool:
@@ -114,6 +117,24 @@ def backend_has_reset(transport: asyncio.Transport) -> bool:
     A reset only: behind a FIN, what the backend sent last (its close frame, perhaps) waits unread in the
     kernel for a client that is slow, not gone, to make room for it."""
     return _tcp_state(transport) == _TCP_CLOSE
+
+
+def taken_by(transport: asyncio.Transport, relayed: int) -> int:
+    """A count that grows while the peer of `transport` takes bytes: TCP_INFO's tcpi_bytes_acked, what its
+    kernel has acknowledged (it stops once its receive buffer is full and it reads nothing).  Not our own
+    write buffer's drain: the kernel's send buffer below it (up to tcp_wmem's 4 MiB) takes what a slow reader
+    frees, and reports room only once a third of it is free, so a client reading 500 KB/s left that buffer
+    unchanged for seconds.  Where the kernel cannot be asked, `relayed` (bytes written into `transport`)
+    less what is still in its buffer."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _TCP_INFO:
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCPI_BYTES_ACKED_END)
+        except OSError:
+            info = b""
+        if len(info) >= _TCPI_BYTES_ACKED_END:
+            return int(_U64.unpack_from(info, _TCPI_BYTES_ACKED_END - 8)[0])
+    return relayed - transport.get_write_buffer_size()
 
 
 def _tcp_state(transport: asyncio.Transport) -> int:
@@ -393,16 +414,16 @@ class WebSocketServerEnd(TunnelEnd):
             self._let_backend_close()
             return
         self.pending_close = (code, close_frame(code, reason))
+        deadlines = self.tunnel.deadlines()
+        self.close_by = (
+            until if until is not None else deadlines.loop.time() + self.tunnel.ctx.config.timeouts.shutdown_grace
+        )
         if self.frames.at_boundary:
             self._send_close()
         else:
             if self.deadline is not None:
                 self.deadline.cancel()  # a half-close's linger: this close's own deadlines take over
-            deadlines = self.tunnel.deadlines()
-            self.taken = self.nbytes - self.peer.get_write_buffer_size()
-            self.close_by = (
-                until if until is not None else deadlines.loop.time() + self.tunnel.ctx.config.timeouts.shutdown_grace
-            )
+            self.taken = taken_by(self.peer, self.nbytes)
             self.deadline = deadlines.call_later(CLOSE_DEADLINE, self._overdue)
 
     def _let_backend_close(self) -> None:
@@ -432,7 +453,7 @@ class WebSocketServerEnd(TunnelEnd):
         if self.silenced:
             return
         deadlines = self.tunnel.deadlines()
-        taken = self.nbytes - self.peer.get_write_buffer_size()
+        taken = taken_by(self.peer, self.nbytes)
         wait = next_close_look(self.taken, taken, deadlines.loop.time(), self.close_by)
         if wait is None:
             self.tunnel.abort()
@@ -455,8 +476,27 @@ class WebSocketServerEnd(TunnelEnd):
         # ends at TCP, and its log line must not name a code the client never got.
         self.tunnel.close_code = code
         # The client answers with its own close frame, which still reaches the
-        # backend; whoever is slow to hang up after that is cut off.
+        # backend; whoever is slow to hang up after that is cut off, unless the client is still
+        # taking what was sent before the close (`outlasts_linger`), until `close_by`.
+        self.taken = taken_by(self.peer, self.nbytes)
         self.deadline = self.tunnel.deadlines().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)
+
+    def outlasts_linger(self) -> bool:
+        """Our close frame went out behind bytes the client is still taking (a long frame, to a slow link):
+        its linger is renewed, up to `close_by`, rather than the client cut with the frame's end and the
+        close unread.  Looked at once per linger, as `_overdue` looks at a close still waiting."""
+        if not self.silenced or self.tunnel.client_end.peer.get_write_buffer_size():
+            return False
+        if not self.peer.get_write_buffer_size():
+            return False  # all of it is the kernel's now: closing flushes it
+        deadlines = self.tunnel.deadlines()
+        taken = taken_by(self.peer, self.nbytes)
+        wait = next_close_look(self.taken, taken, deadlines.loop.time(), self.close_by)
+        if wait is None:
+            return False
+        self.taken = taken
+        self.deadline = deadlines.call_later(wait, self.tunnel.close_or_abort)
+        return True
 
 
 class Tunnel:
@@ -632,7 +672,7 @@ class Tunnel:
 
     def close_or_abort(self) -> None:
         """After the close linger: close if the client took everything we sent, else cut TCP."""
-        if self.closed:
+        if self.closed or self.server_end.outlasts_linger():
             return
         client = self.server_end.peer
         if client.get_write_buffer_size() or self.client_end.peer.get_write_buffer_size():

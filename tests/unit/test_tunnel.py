@@ -7,6 +7,8 @@ a short event loop runs only where a deadline (call_later) is the point.
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from typing import Any
 
 import pytest
@@ -878,3 +880,49 @@ def test_a_client_full_before_the_switch_has_its_paused_backend_looked_at(monkey
         assert tunnel.closed and tunnel.backend.connections == 0
 
     _run(scenario())
+
+
+class _SocketOnly:
+    """A transport as `taken_by` sees it: its socket, and a write buffer that never moves."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.sock if name == "socket" else None
+
+    def get_write_buffer_size(self) -> int:
+        return 65536
+
+
+@pytest.mark.skipif(not tunnel_module._TCP_INFO, reason="TCP_INFO is Linux's")
+def test_taken_by_sees_a_slow_reader_take_bytes_that_our_buffer_does_not_show() -> None:
+    """A client reading slowly takes bytes out of the kernel's send buffer below ours, which reports room
+    only once a third of it is free: our buffer stays as it was, and a close waiting for a frame's end took
+    such a client for a stalled one and cut it mid-frame.  What its kernel acknowledged grows as it reads."""
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    ours, _ = server.accept()
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        ours.setblocking(False)
+        sent = 0
+        for _ in range(10_000):  # until the client's window and our send buffer are full
+            try:
+                sent += ours.send(b"x" * 65536)
+            except BlockingIOError:
+                break
+        transport: Any = _SocketOnly(ours)
+        time.sleep(0.05)
+        before = tunnel_module.taken_by(transport, sent)
+        assert before < sent, "the client has not taken everything: it reads nothing yet"
+        taken = 0
+        client.settimeout(2.0)
+        while taken < 200_000:
+            taken += len(client.recv(65536))
+        time.sleep(0.05)
+        after = tunnel_module.taken_by(transport, sent)
+        assert after > before, f"the client took {taken} bytes, but taken_by says {before} -> {after}"
+    finally:
+        for sock in (client, ours, server):
+            sock.close()
