@@ -79,14 +79,21 @@ from lb.control.migration import DEFAULT_MIGRATION_RATE, log_failed, migrate
 from lb.control.state_lines import StateLines
 from lb.control.workers import REPORT_WAIT, ControlChannel, WorkerSupervisor, watch_owner
 from lb.descriptors import descriptor_limit, raise_descriptor_limit
-from lb.errors import ConfigError, LbError
+from lb.errors import LOCAL_ERRNOS, ConfigError, LbError
 from lb.http.client_address import TrustedProxies
 from lb.http.proxy_header import CRC32C_IN_C
 from lb.http.routing import sort_routes
 from lb.log import setup_logging
 from lb.log_stream import report_dropped_lines, unblock_stderr
 from lb.proxy.preamble import AcceptingServer, claim_address, listening_sockets
-from lb.proxy.server import abort_in_flight, client_factory, install_accept_error_filter, stop_in_flight, wall_offset
+from lb.proxy.server import (
+    abort_in_flight,
+    accept_errors,
+    client_factory,
+    install_accept_error_filter,
+    stop_in_flight,
+    wall_offset,
+)
 from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY, idle_sweep_interval
 from lb.state.context import ProxyContext, configured_protected
 from lb.state.operator_states import OperatorStates
@@ -615,11 +622,34 @@ class Balancer:
             self._report_unlogged_state_changes()
             if not serving:
                 continue
+            self._probe_descriptors()
             self._report_refusals_now()
             if second % RATE_SWEEP_EVERY == 0:
                 self.ctx.rate_limiter.sweep(time.monotonic())  # the data plane's clock, which `check` was given
             if policy.due(self.ctx.own_connections(), time.monotonic(), peak=self.ctx.take_peak()):
                 release_free_memory()
+
+    def _probe_descriptors(self) -> None:
+        """Say that connections are being dropped for want of descriptors where no accept error says it.
+
+        uvloop's plain listeners (`loop.create_server`) accept in libuv, which meets EMFILE or ENFILE by
+        closing a descriptor it keeps in reserve, accepting and closing the waiting connections, and
+        taking the reserve back: every new client is reset, and nothing reaches us to log (out of
+        descriptors, a balancer said nothing at all, unless a health check happened to fail for the
+        same want).  So, with such a listener, one socket a second is opened and closed: when that fails
+        as libuv's accept would, `accept_errors` reports it (one line per interval, with our own
+        listeners' failures).  About 2 µs a second; AcceptingServer's listeners report their own.
+        """
+        plain = next(
+            (item.server for item in self._listening if not isinstance(item.server, AcceptingServer)), None
+        )
+        if plain is None or not plain.sockets:
+            return
+        try:
+            socket.socket(plain.sockets[0].family, socket.SOCK_STREAM).close()
+        except OSError as exc:
+            if exc.errno in LOCAL_ERRNOS:  # anything else says nothing of descriptors: not this report's
+                accept_errors.report(exc, "accept connections")
 
     def _report_unlogged_state_changes(self) -> None:
         """The state changes of flapping backends that were counted rather than logged (`StateLines`), with
