@@ -389,10 +389,7 @@ def check_request_line(line: bytes | bytearray) -> None:
         BadRequest: as `parse_request_head` would for a head beginning with this line.
         HttpVersionNotSupported: HTTP/2 or later (505).
     """
-    if b"\r" in line:  # a bare CR: the line ends at its first CRLF
-        raise BadRequest("bare CR or LF in head")
-    if line.translate(None, _LINE_BYTES):
-        raise BadRequest("control character in head")
+    _check_line_bytes(bytes(line) + HEAD_END)  # the whole head's byte checks, as if the line were all of it
     _read_request_line(line.decode("latin-1"))
 
 
