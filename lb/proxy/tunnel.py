@@ -43,6 +43,7 @@ import math
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Final
 
 from lb.access_log import log_tunnel_closed, log_tunnel_ended
@@ -126,27 +127,28 @@ def taken_by(transport: asyncio.Transport, relayed: int) -> int:
     frees, and reports room only once a third of it is free, so a client reading 500 KB/s left that buffer
     unchanged for seconds.  Where the kernel cannot be asked, `relayed` (bytes written into `transport`)
     less what is still in its buffer."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and _TCP_INFO:
-        try:
-            info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCPI_BYTES_ACKED_END)
-        except OSError:
-            info = b""
-        if len(info) >= _TCPI_BYTES_ACKED_END:
-            return int(_U64.unpack_from(info, _TCPI_BYTES_ACKED_END - 8)[0])
+    info = _tcp_info(transport, _TCPI_BYTES_ACKED_END)
+    if len(info) >= _TCPI_BYTES_ACKED_END:
+        return int(_U64.unpack_from(info, _TCPI_BYTES_ACKED_END - 8)[0])
     return relayed - transport.get_write_buffer_size()
 
 
 def _tcp_state(transport: asyncio.Transport) -> int:
     """TCP_INFO's first byte for `transport`'s socket; 0 (no state) when it cannot be asked."""
+    info = _tcp_info(transport, 1)
+    return info[0] if info else 0
+
+
+def _tcp_info(transport: asyncio.Transport, length: int) -> bytes:
+    """The first `length` bytes of TCP_INFO for `transport`'s socket (the kernel may give fewer); none when
+    it cannot be asked."""
     sock = transport.get_extra_info("socket")
     if sock is None or not _TCP_INFO:
-        return 0
+        return b""
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
+        return bytes(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, length))
     except OSError:  # closed under us, or not TCP (a test's pipe): nothing known
-        return 0
-    return info[0] if info else 0
+        return b""
 
 
 def idle_sweep_interval(idle: float) -> float:
@@ -450,16 +452,8 @@ class WebSocketServerEnd(TunnelEnd):
         long frame (a large message, a slow backend) gets its end, and then the close frame.  One
         look per CLOSE_DEADLINE: nothing is counted per byte for it.
         """
-        if self.silenced:
-            return
-        deadlines = self.tunnel.deadlines()
-        taken = taken_by(self.peer, self.nbytes)
-        wait = next_close_look(self.taken, taken, deadlines.loop.time(), self.close_by)
-        if wait is None:
+        if not self.silenced and not self._still_taking(self._overdue):
             self.tunnel.abort()
-            return
-        self.taken = taken
-        self.deadline = deadlines.call_later(wait, self._overdue)
 
     def _send_close(self) -> None:
         assert self.pending_close is not None
@@ -489,13 +483,18 @@ class WebSocketServerEnd(TunnelEnd):
             return False
         if not self.peer.get_write_buffer_size():
             return False  # all of it is the kernel's now: closing flushes it
+        return self._still_taking(self.tunnel.close_or_abort)
+
+    def _still_taking(self, look_again: Callable[[], None]) -> bool:
+        """Whether the client took bytes since the last look and `close_by` is not past: if so, `look_again`
+        is called at the next look (`next_close_look`)."""
         deadlines = self.tunnel.deadlines()
         taken = taken_by(self.peer, self.nbytes)
         wait = next_close_look(self.taken, taken, deadlines.loop.time(), self.close_by)
         if wait is None:
             return False
         self.taken = taken
-        self.deadline = deadlines.call_later(wait, self.tunnel.close_or_abort)
+        self.deadline = deadlines.call_later(wait, look_again)
         return True
 
 
