@@ -97,7 +97,7 @@ from lb.proxy.server import (
 from lb.proxy.tunnel import CLOSE_LINGER, GOING_AWAY, idle_sweep_interval
 from lb.state.context import ProxyContext, configured_protected
 from lb.state.operator_states import OperatorStates
-from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange
+from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, StateChange, reason_in_force
 from lb.state.ratelimit import RateLimiter
 from lb.state.retired import RetiredBackends
 from lb.state.series import SeriesRetention, departed_kept
@@ -158,19 +158,12 @@ class Role(StrEnum):
 
 def _back_reason(status: BackendStatus, cause: str) -> str:
     """The reason /status shows for a backend a reload or DNS names again while its tunnels kept it: the one
-    in force.  It said "added back by DNS" whatever its state: `draining` or `disabled` by an operator's word
-    that it kept (as one with no tunnel left is told, `OperatorStates.restore`), or `down`.  Down, a drain
-    does not say why (the state is `down`): the health failure does, as after `PoolState.apply_admin`."""
+    in force (`reason_in_force`).  It said "added back by DNS" whatever its state: `draining` or `disabled` by
+    an operator's word that it kept (as one with no tunnel left is told, `OperatorStates.restore`), or `down`."""
+    if status.admin is AdminAction.ENABLE:
+        return reason_in_force(status, f"added back by {cause}")
     absent = "it was out of DNS" if cause == "DNS" else "a reload had removed it"
-    if status.admin is AdminAction.DISABLE:
-        return f"operator: disable (kept while {absent})"
-    if not status.healthy and status.health_said:
-        return status.health_said
-    if status.admin is AdminAction.DRAIN:
-        return f"operator: drain (kept while {absent})"
-    if status.requested_drain:
-        return f"added back by {cause}; backend asks to drain"
-    return f"added back by {cause}"
+    return reason_in_force(status, f"operator: {status.admin.value} (kept while {absent})")
 
 
 class Balancer:

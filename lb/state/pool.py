@@ -211,14 +211,7 @@ class PoolState:
         old = backend.state
         backend.admin = action
         backend.migrating = False
-        backend.reason = f"operator: {action.value}"
-        if not backend.healthy and action is not AdminAction.DISABLE and backend.health_said:
-            # Still down: a drain or an enable changes nothing of why (the state is `down` either way),
-            # and until the next check (an `interval` away) /status named the act instead of the failure.
-            backend.reason = backend.health_said
-        elif action is AdminAction.ENABLE and backend.requested_drain:
-            # Enabled, yet still draining: the reason /status shows must be the one in force.
-            backend.reason = "operator: enable; backend still asks to drain"
+        backend.reason = reason_in_force(backend, f"operator: {action.value}", "; backend still asks to drain")
         return self._change(backend, old, now)
 
     def _change(self, backend: BackendStatus, old: BackendState, now: float) -> StateChange | None:
@@ -229,6 +222,19 @@ class PoolState:
         if new is BackendState.UP and old in (BackendState.DOWN, BackendState.DISABLED):
             backend.ramp_from = now
         return StateChange(pool=self.name, backend=backend.id, old=old, new=new, reason=backend.reason)
+
+
+def reason_in_force(backend: BackendStatus, word: str, drain_asked: str = "; backend asks to drain") -> str:
+    """The reason /status shows once `word` (an operator's act, or what brought the backend back) is said
+    of `backend`, with its `admin` already set: the one in force.  A disable is the operator's own (it wins
+    over health); down, the health failure (a drain or an enable changes nothing of why: the state is
+    `down` either way, and until the next check, an `interval` away, /status named the act); enabled yet
+    draining because the backend asks to, `word` and `drain_asked`."""
+    if backend.admin is not AdminAction.DISABLE and not backend.healthy and backend.health_said:
+        return backend.health_said
+    if backend.admin is AdminAction.ENABLE and backend.requested_drain:
+        return word + drain_asked
+    return word
 
 
 def _health_reason(backend: BackendStatus, said: str) -> None:
