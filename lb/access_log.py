@@ -105,8 +105,9 @@ MAX_LOGGED_PATH: Final = 512
 MAX_LOGGED_METHOD: Final = 64
 
 
-def _bounded(text: str, limit: int) -> str:
-    """`text` as the log holds it: whole up to `limit` characters, else its first `limit - 3` and `...`."""
+def shortened(text: str, limit: int) -> str:
+    """`text` as a log line, /status or a terminal shows outside text: whole up to `limit` characters, else
+    its first `limit - 3` and `...`."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -125,7 +126,7 @@ def log_request(**fields: Any) -> None:
     if _info_enabled():
         for key, limit in (("method", MAX_LOGGED_METHOD), ("path", MAX_LOGGED_PATH)):
             if key in fields:
-                fields[key] = _bounded(fields[key], limit)
+                fields[key] = shortened(fields[key], limit)
         _emit("request", fields)
 
 
@@ -157,7 +158,7 @@ def log_answered(
     """The request line of a request a backend answered (`event=request`)."""
     if not _info_enabled():
         return
-    method, path = _bounded(method, MAX_LOGGED_METHOD), _bounded(path, MAX_LOGGED_PATH)
+    method, path = shortened(method, MAX_LOGGED_METHOD), shortened(path, MAX_LOGGED_PATH)
     if (writer := _plain_writer()) is not None:
         writer.write_fields(_ANSWERED, (client, client_port, method, path, pool, backend, affinity, status, request_id))
         return

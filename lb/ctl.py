@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from lb.access_log import shortened
+
 EXIT_OK = 0
 # SPEC: "exit 0 on success, 1 with the server's message otherwise": every call that did not succeed,
 # whether the server refused it or no usable answer came (unreachable, too slow, not the admin API).
@@ -603,7 +605,7 @@ _TAG = re.compile(r"<[^>]{0,200}>")
 def _printable(text: str, limit: int = 500) -> str:
     """`text` safe for a terminal: control and format characters (escape sequences, bidi, zero-width) become `?`."""
     text = "".join("?" if unicodedata.category(c) in _HIDDEN_CATEGORIES else c for c in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shortened(text, limit)
 
 
 def _server_message(raw: bytes) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from lb.access_log import shortened
 from lb.errors import Problem
 
 T = TypeVar("T")
@@ -122,7 +123,7 @@ def show(value: object) -> str:
     if isinstance(value, Expanded):
         return f"the {len(value)} characters its ${{...}} reference gave (not shown)"
     if isinstance(value, str):
-        return repr(str(value) if len(value) <= 60 else value[:57] + "...")
+        return repr(shortened(str(value), 60))
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, int | float):

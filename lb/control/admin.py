@@ -47,7 +47,7 @@ from aiohttp.web_response import StreamResponse
 from aiohttp.web_server import Server
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from lb.access_log import LineBucket, plain_value
+from lb.access_log import LineBucket, plain_value, shortened
 from lb.config.durations import parse_duration
 from lb.config.model import host_port
 from lb.control.admin_connections import AdminConnections, address_key
@@ -274,7 +274,7 @@ def _path(request: BaseRequest) -> str:
 def _cut_path(request: BaseRequest) -> str:
     """The path asked for, cut at 200 characters."""
     path = request.rel_url.raw_path
-    return path if len(path) <= 200 else path[:197] + "..."
+    return shortened(path, 200)
 
 
 def make_admin_app(balancer: Balancer) -> web.Application:
@@ -849,7 +849,7 @@ _DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?|\.[0-9]+")
 
 def _name(key: object) -> str:
     text = str(key)
-    return repr(text if len(text) <= 40 else text[:37] + "...")
+    return repr(shortened(text, 40))
 
 
 # For other admin route modules (lb.control.console): the same bearer check and error body.

@@ -35,6 +35,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from lb.access_log import shortened
 from lb.config.backend_address import NO_LISTENERS, OwnListeners, as_ipv4, not_a_host, own_listener_reason
 from lb.config.model import BackendConfig, host_port
 
@@ -373,4 +374,4 @@ def retry_lookup_in(interval: float, failing: int) -> float:
 
 def _short(text: str, limit: int = 80) -> str:
     """Hostile names go into log lines: keep them short."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shortened(text, limit)

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lb.access_log import shortened
 from lb.config.model import HealthCheckType
 from lb.errors import LOCAL_ERRNOS, BadGateway, HeadersTooLarge, RequestRejected
 from lb.http.head import ResponseHead, take_answer_head
@@ -308,5 +309,4 @@ async def _read_answer(reader: asyncio.StreamReader) -> ResponseHead:
 
 def _short(text: str, limit: int = 160) -> str:
     """A detail for /status: one line, bounded (an exception's text can be long)."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shortened(" ".join(text.split()), limit)
