@@ -36,7 +36,7 @@ import struct
 import termios
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import parse_qsl
 
 from aiohttp import HttpVersion11, hdrs, web
@@ -58,11 +58,80 @@ from lb.state.context import BackendCounts
 from lb.state.pool import AdminAction, BackendState, BackendStatus
 
 if TYPE_CHECKING:
-    from lb.control.balancer import Balancer
+    from enum import StrEnum
+
+    from lb.control.discovery import DiscoveryManager
+    from lb.control.exposition import SlicedRegistry
+    from lb.state.context import ProxyContext
 
 log = logging.getLogger(__name__)
 
-BALANCER: web.AppKey[Balancer] = web.AppKey("balancer")
+
+class Administered(Protocol):
+    """What the admin API, its route lookup (`lb.control.admin_route`) and the console use of the running
+    balancer (`lb.control.balancer.Balancer`): what /status, /metrics and the probes show, and the
+    operator's actions.  Starting, reloading and stopping it are not the admin API's to reach."""
+
+    @property
+    def ctx(self) -> ProxyContext:
+        """The running pools, config and counters."""
+
+    @property
+    def registry(self) -> SlicedRegistry:
+        """What /metrics renders."""
+
+    @property
+    def discovery(self) -> DiscoveryManager:
+        """Each discovered pool's `discovery` object in /status."""
+
+    @property
+    def role(self) -> StrEnum:
+        """single, owner or worker: /status's `role`."""
+
+    @property
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        """/status's `listeners`."""
+
+    @property
+    def serving(self) -> bool:
+        """/healthz: accepting connections."""
+
+    @property
+    def shutting_down(self) -> bool:
+        """From the stop signal on."""
+
+    def not_ready(self) -> str | None:
+        """Why /readyz answers 503, or None."""
+
+    def workers_serving(self) -> tuple[int, int] | None:
+        """(serving, count) of the owner's workers; None without workers."""
+
+    def live_tunnels(self) -> int:
+        """/status's `tunnels`."""
+
+    def retired_backends(self) -> list[tuple[str, BackendStatus]]:
+        """(pool, backend) removed by a reload or DNS whose tunnels still run."""
+
+    def find_backend(self, pool: str, backend_id: str) -> BackendStatus | None:
+        """The backend an operator's action names, in its pool or removed with tunnels."""
+
+    def is_removed_with_tunnels(self, pool: str, backend_id: str) -> bool:
+        """Whether the backend is one /status lists as `removed`."""
+
+    def apply_admin(
+        self, pool: str, backend_id: str, action: AdminAction, *, close_after: float | None = None,
+        rate: float | None = None,
+    ) -> BackendState:
+        """An operator's drain, disable or enable; the state /status then shows."""
+
+    async def fresh_counts(self) -> None:
+        """Until the counters are as of now (the workers' too)."""
+
+    async def states_applied(self) -> None:
+        """Until every worker runs the backends' states as this process holds them."""
+
+
+BALANCER: web.AppKey[Administered] = web.AppKey("balancer")
 SCRAPES: web.AppKey[Scrapes] = web.AppKey("scrapes")
 # /status renders one at a time (each begun after its request arrived: never an answer older than its question).
 STATUS_RENDER: web.AppKey[asyncio.Lock] = web.AppKey("status_render", asyncio.Lock)
@@ -277,7 +346,7 @@ def _cut_path(request: BaseRequest) -> str:
     return shortened(path, 200)
 
 
-def make_admin_app(balancer: Balancer) -> web.Application:
+def make_admin_app(balancer: Administered) -> web.Application:
     # client_max_size: aiohttp answers 413 itself beyond it, before any handler reads the body.
     app = web.Application(middlewares=[_answer_errors], client_max_size=MAX_BODY_BYTES)
     app[BALANCER] = balancer
@@ -370,7 +439,7 @@ async def status(request: web.Request) -> web.Response:
     return LargeAnswer(text=text, content_type="application/json")
 
 
-async def status_text(balancer: Balancer) -> str:
+async def status_text(balancer: Administered) -> str:
     """`status_document(balancer)` as JSON, its backends built and serialized `STATUS_TURN` at a time.
 
     The loop runs between turns, so a backend's state may change while the answer is built: each
@@ -396,7 +465,7 @@ async def status_text(balancer: Balancer) -> str:
     return f'{{"pools": {{{", ".join(entries)}}}, {json.dumps(totals)[1:]}'
 
 
-def status_document(balancer: Balancer, max_backends: int | None = None) -> dict[str, Any]:
+def status_document(balancer: Administered, max_backends: int | None = None) -> dict[str, Any]:
     """The /status document; with `max_backends`, only the first that many backends in /status's order
     (each pool's entry is there, its list maybe short: `backends_per_pool` says how many it has)."""
     pools = _pool_entries(balancer)
@@ -408,7 +477,7 @@ def status_document(balancer: Balancer, max_backends: int | None = None) -> dict
     return _status_totals(balancer, pools)
 
 
-def backends_per_pool(balancer: Balancer) -> dict[str, int]:
+def backends_per_pool(balancer: Administered) -> dict[str, int]:
     """How many backends /status lists in each pool (those a reload removed, still draining, included)."""
     counts = {pool.name: len(pool.backends) for pool in balancer.ctx.pools.values()}
     for name, _ in balancer.retired_backends():
@@ -416,7 +485,7 @@ def backends_per_pool(balancer: Balancer) -> dict[str, int]:
     return counts
 
 
-def _pool_entries(balancer: Balancer) -> dict[str, dict[str, Any]]:
+def _pool_entries(balancer: Administered) -> dict[str, dict[str, Any]]:
     """Each pool's /status entry but its backends, and one for each pool only removed backends are left of."""
     pools: dict[str, dict[str, Any]] = {
         pool.name: {
@@ -438,7 +507,7 @@ def _removed_pool() -> dict[str, Any]:
     return {"balance": None}
 
 
-def _backend_entries(balancer: Balancer) -> Iterator[tuple[str, dict[str, Any]]]:
+def _backend_entries(balancer: Administered) -> Iterator[tuple[str, dict[str, Any]]]:
     """(pool, backend's /status entry) for every backend, those a reload removed last.
 
     Which backends are listed is read at once, when called; each entry is built as the walk reaches it,
@@ -465,7 +534,7 @@ def _documents(
         yield name, {**document, "state": BackendState.DISABLED.value, "removed": True}
 
 
-def _status_totals(balancer: Balancer, pools: dict[str, Any]) -> dict[str, Any]:
+def _status_totals(balancer: Administered, pools: dict[str, Any]) -> dict[str, Any]:
     """The /status document around its `pools`."""
     ctx = balancer.ctx
     return {
@@ -482,7 +551,7 @@ def _status_totals(balancer: Balancer, pools: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _workers_document(balancer: Balancer) -> dict[str, Any]:
+def _workers_document(balancer: Administered) -> dict[str, Any]:
     """The owner's `"workers": {"count": N, "serving": n}` (serving: see `Balancer.not_ready`); nothing
     in a process without workers."""
     workers = balancer.workers_serving()

@@ -43,7 +43,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import lb
 from lb.config.load import ConfigSource
@@ -70,10 +70,74 @@ from lb.log import Throttle
 from lb.log_stream import restore_after_spawn, stderr_for_child
 
 if TYPE_CHECKING:
-    from lb.control.balancer import Balancer
+    from lb.config.model import Config
+    from lb.control.discovery import DiscoveryManager
+    from lb.control.metrics import ReloadResults
+    from lb.state.context import ProxyContext
     from lb.state.pool import BackendStatus
+    from lb.state.series import SeriesRetention
 
 log = logging.getLogger(__name__)
+
+
+class OwnerBalancer(Protocol):
+    """What the owner's `WorkerSupervisor` uses of its balancer (`lb.control.balancer.Balancer`): the states
+    and discovered sets it pushes, and where the workers' reports and failures go."""
+
+    @property
+    def ctx(self) -> ProxyContext:
+        """The running pools (their states go to the workers; the workers' counts are summed into them)."""
+
+    @property
+    def config(self) -> Config:
+        """The running config: which pools are discovered."""
+
+    @property
+    def discovery(self) -> DiscoveryManager:
+        """Each discovered pool's known set, sent to a new worker."""
+
+    @property
+    def reloads(self) -> ReloadResults:
+        """Where a worker's failed reload is counted."""
+
+    @property
+    def series(self) -> SeriesRetention:
+        """Whose per-backend series the owner keeps, which filters the workers' reports."""
+
+    def retired_counted(self) -> list[tuple[str, BackendStatus]]:
+        """(pool, backend) removed whose connections are still counted."""
+
+    def take_down(self, pool: str, backend_id: str, reason: str) -> None:
+        """A worker's handshakes took the backend down."""
+
+
+class WorkerBalancer(Protocol):
+    """What a worker's `ControlChannel` uses of its balancer (`lb.control.balancer.Balancer`): where the
+    owner's states, sets and reloads go, what it reports back, and the stop when the owner goes away."""
+
+    @property
+    def ctx(self) -> ProxyContext:
+        """The running pools (the owner's states apply to them) and counters (reported to the owner)."""
+
+    @property
+    def discovery(self) -> DiscoveryManager:
+        """The follower that applies the owner's discovered sets."""
+
+    @property
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        """Where this worker listens, in its reports."""
+
+    def retired_backends(self) -> list[tuple[str, BackendStatus]]:
+        """(pool, backend) removed whose tunnels still run here, in its reports."""
+
+    def find_backend(self, pool: str, backend_id: str) -> BackendStatus | None:
+        """The backend whose tunnels the owner's drain closes, in its pool or removed with tunnels."""
+
+    async def reload(self, source: ConfigSource | None = None) -> bool:
+        """Apply the owner's source; False if this worker cannot."""
+
+    def stop(self) -> asyncio.Task[None]:
+        """Begin the shutdown (the owner went away)."""
 
 WORKER_READY = 15.0  # seconds a new worker may take to bind its listeners (the owner's discovered sets,
 # sent right after its config, included: lb.control.discovery.FIRST_LOOKUPS_WAIT, 5 s at most)
@@ -229,7 +293,7 @@ def worker_serves(*, ready: bool, exited: bool, silent: float) -> bool:
 class WorkerSupervisor:
     """The owner's side: start, feed, watch and restart the workers."""
 
-    def __init__(self, balancer: Balancer, count: int, config_path: Path, config_source: ConfigSource) -> None:
+    def __init__(self, balancer: OwnerBalancer, count: int, config_path: Path, config_source: ConfigSource) -> None:
         self._balancer = balancer
         self.count = count
         self.restarts = 0  # workers replaced after they died (lb_worker_restarts_total)
@@ -711,7 +775,7 @@ def receive_config(fd: int, timeout: float = CONFIG_WAIT) -> ConfigSource:
 class ControlChannel:
     """A worker's side: apply the owner's states, report failures and counters."""
 
-    def __init__(self, balancer: Balancer, fd: int) -> None:
+    def __init__(self, balancer: WorkerBalancer, fd: int) -> None:
         self._balancer = balancer
         self._fd = fd
         self._writer: asyncio.StreamWriter | None = None

@@ -57,3 +57,23 @@ def test_pure_module_does_no_io(path: Path) -> None:
 
 def test_the_pure_list_is_not_empty() -> None:
     assert len(PURE) > 20
+
+
+def balancer_imports(path: Path) -> list[str]:
+    """The names `path` imports from `lb.control.balancer`, for type checking too."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "lb.control.balancer"
+        for alias in node.names
+    ]
+
+
+NOT_BALANCER = sorted(path for path in LB.rglob("*.py") if path != LB / "control" / "balancer.py")
+
+
+@pytest.mark.parametrize("path", NOT_BALANCER, ids=lambda p: str(p.relative_to(LB)))
+def test_no_module_imports_the_whole_balancer(path: Path) -> None:
+    """Admin, workers and discovery depend on a small Protocol of what they use, never on `Balancer`."""
+    assert "Balancer" not in balancer_imports(path), f"{path.relative_to(LB)} imports Balancer"
