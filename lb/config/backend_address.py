@@ -63,6 +63,7 @@ class OwnListeners:
     @classmethod
     def of(cls, listeners: Iterable[ListenerConfig], is_local: Callable[[IPAddress], bool] = is_loopback,
            ) -> OwnListeners:
+        """The binds of `listeners`, with `is_local` telling which addresses a wildcard bind accepts on."""
         return cls(tuple((listener.host, listener.port) for listener in listeners), is_local)
 
     def reached_by(self, host: str, port: int) -> str | None:

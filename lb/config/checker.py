@@ -77,6 +77,7 @@ class Checker:
         self.unreadable = False  # not YAML at all: nothing more to check
 
     def add(self, path: str, message: str) -> None:
+        """A problem at `path` ("pools.gateways.backends[1].address"): `message` says what is wrong."""
         self.problems.append(Problem(path, message))
         self._said.add(path)
 
@@ -91,6 +92,7 @@ class Checker:
 
 
 def join_path(path: str, key: object) -> str:
+    """The path of `key` inside `path` ("pools" and "gateways" → "pools.gateways"; at the top, the key)."""
     return f"{path}.{key}" if path else str(key)
 
 

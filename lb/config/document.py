@@ -89,6 +89,15 @@ def read_regular_file(path: Path, limit: int) -> bytes:
 
 
 def parse_yaml(text: str, check: Checker) -> object:
+    """The YAML tree of `text`, `${...}` references not yet expanded.
+
+    Refusals are problems in `check`, not exceptions: YAML that does not parse (with its line and
+    column), a repeated key.  SPEC's `[${VAR}]`, which YAML alone refuses, is read again with the
+    references standing in for themselves (`check.stood_in`).
+
+    Returns:
+        The tree (None for an empty text), or None with `check.unreadable` set when the text is not YAML.
+    """
     found = len(check.problems)
     try:
         return _safe_load(text, check)

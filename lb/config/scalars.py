@@ -2,7 +2,10 @@
 
 Strings and secrets, bounded integers and numbers, booleans, durations, choices and enums, host:port
 addresses, request paths, cookie and header names, ids and hash keys.  Pure: nothing is read.  Which
-key takes which parser is `lb.config.sections`' business.
+key takes which parser is `lb.config.sections`' business, and so is the path a problem is keyed by:
+a parser raises `Bad(message)` ("expected a port from 1 to 65535, got 70000") and the caller adds the
+path (`lb.config.checker`).  A value from `${...}` arrives as `Expanded` text, which the number,
+integer and boolean parsers read as YAML would have read the same text in the file.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ E = TypeVar("E", bound=Enum)
 
 
 def string(value: object) -> str:
+    """A non-empty string of UTF-8 text (a plain `str`, not `Expanded`).
+
+    Raises:
+        Bad: not a string, empty, or not UTF-8 (`NOT_UTF8`).
+    """
     if not isinstance(value, str):
         raise Bad(f"expected a string, got {kind_of(value)}")
     if not value:
@@ -57,7 +65,11 @@ def secret(value: object) -> str:
 
     Visible ASCII only: the token travels in an `Authorization` header, which lb ctl (http.client) sends
     as Latin-1 and the admin API compares as UTF-8, so another character could never match (and a space
-    would end a bearer token)."""
+    would end a bearer token).
+
+    Raises:
+        Bad: not a string, empty, or not visible ASCII; the message names the value's type only.
+    """
     if not isinstance(value, str):
         raise Bad(f"expected a string, got {type(value).__name__}")
     text = string(value)
@@ -67,6 +79,12 @@ def secret(value: object) -> str:
 
 
 def integer(low: int, high: int) -> Parser:
+    """A parser of an integer from `low` to `high` inclusive (`${...}` text of digits too, bools never).
+
+    Returns:
+        The parser; it raises `Bad` for anything else, or a value out of the range.
+    """
+
     def parse(value: object) -> int:
         if isinstance(value, Expanded) and value.isascii() and value.isdigit():
             if len(value) > 30:  # int() refuses over 4,300 digits, and no key's range comes near 30
@@ -82,6 +100,12 @@ def integer(low: int, high: int) -> Parser:
 
 
 def number(low: float, high: float) -> Parser:
+    """A parser of a number from `low` to `high` inclusive, returned as a float (NaN and bools never).
+
+    Returns:
+        The parser; it raises `Bad` for anything else, or a value out of the range.
+    """
+
     def parse(value: object) -> float:
         if isinstance(value, Expanded):
             with contextlib.suppress(ValueError):
@@ -101,6 +125,11 @@ _BOOLEAN_WORDS: Final = {"true": True, "yes": True, "on": True, "false": False, 
 
 
 def boolean(value: object) -> bool:
+    """true or false; from `${...}` also the other YAML 1.1 words (yes/no, on/off), in any case.
+
+    Raises:
+        Bad: anything else, with a hint when it is such a word in quotes.
+    """
     if isinstance(value, Expanded) and value.lower() in _BOOLEAN_WORDS:
         return _BOOLEAN_WORDS[value.lower()]
     if not isinstance(value, bool):
@@ -121,6 +150,16 @@ MAX_DURATION_DAYS = 36_500
 
 
 def duration(*, allow_zero: bool = False) -> Parser:
+    """A parser of a duration (`500ms`, `2s`, `5m`, `1h`, or a number of seconds) into float seconds.
+
+    Args:
+        allow_zero: whether 0 is taken (`shutdown_delay: 0`); otherwise the least is above 0.
+
+    Returns:
+        The parser; it raises `Bad` for anything else, 0 unless allowed, or more than
+        `MAX_DURATION_DAYS`.
+    """
+
     def parse(value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise Bad(f"expected a duration like 500ms, 2s, 5m or 1h, got {kind_of(value)}")
@@ -138,7 +177,11 @@ def duration(*, allow_zero: bool = False) -> Parser:
 
 
 def choice(options: Mapping[str, T]) -> Callable[[object], T]:
-    """Case-insensitive choice; `options` maps each accepted spelling to its value."""
+    """Case-insensitive choice; `options` maps each accepted spelling to its value.
+
+    Returns:
+        The parser; it raises `Bad` naming every option for anything else.
+    """
     by_lower = {name.lower(): value for name, value in options.items()}
 
     def parse(value: object) -> T:
@@ -150,10 +193,16 @@ def choice(options: Mapping[str, T]) -> Callable[[object], T]:
 
 
 def enum_of(enum: type[E]) -> Callable[[object], E]:
+    """`choice` over the enum's values, each giving its member."""
     return choice({str(member.value): member for member in enum})
 
 
 def secure_mode(value: object) -> SecureMode:
+    """`affinity.secure`: auto, always or never; a YAML boolean is always or never.
+
+    Raises:
+        Bad: anything else.
+    """
     # YAML reads `secure: true` as a bool; it can only mean "always" (and false "never").
     if isinstance(value, bool):
         return SecureMode.ALWAYS if value else SecureMode.NEVER
@@ -161,6 +210,11 @@ def secure_mode(value: object) -> SecureMode:
 
 
 def prefixed_path(value: object) -> str:
+    """A string starting with `/`.
+
+    Raises:
+        Bad: not such a string.
+    """
     text = string(value)
     if not text.startswith("/"):
         raise Bad(f"expected a path starting with '/', got {show(value)}")
@@ -206,6 +260,17 @@ MAX_NAME_CHARS = 64
 
 
 def matching(pattern: re.Pattern[str], expected: str, *, max_chars: int = MAX_NAME_CHARS) -> Callable[[object], str]:
+    """A parser of a string that `pattern` matches whole.
+
+    Args:
+        pattern: what the whole string must match.
+        expected: what the problem says was expected ("a cookie name (letters, ...)").
+        max_chars: the longest string taken, checked before the pattern.
+
+    Returns:
+        The parser; it raises `Bad` for a string too long or not matching (and as `string` does).
+    """
+
     def parse(value: object) -> str:
         text = string(value)
         if len(text) > max_chars:
@@ -229,6 +294,11 @@ MAX_ID_CHARS = 64
 
 
 def identifier(value: object) -> str:
+    """A backend id or pool name: at most `MAX_ID_CHARS` of letters, digits and `._:-`, not `.` or `..`.
+
+    Raises:
+        Bad: anything else.
+    """
     text = _id_chars(value)
     if len(text) > MAX_ID_CHARS:
         raise Bad(f"expected at most {MAX_ID_CHARS} characters, got {len(text)}")
@@ -240,7 +310,11 @@ def identifier(value: object) -> str:
 
 
 def hash_key(value: object) -> HashKey:
-    """`header:X-User-Id`, `query:uid` or `cookie:NAME`."""
+    """`header:X-User-Id`, `query:uid` or `cookie:NAME`.
+
+    Raises:
+        Bad: another source, or a NAME that is not a token of at most 256 characters.
+    """
     text = string(value)
     source, colon, name = text.partition(":")
     expected = "header:NAME, query:NAME or cookie:NAME"
@@ -259,6 +333,13 @@ def address(*, min_port: int, wildcard: bool = False) -> Callable[[object], tupl
 
     `wildcard`: a port alone, `:8080` or `*:8080` (HAProxy's `bind :8080`, Traefik's `address: ":8080"`),
     means every IPv4 address, as HAProxy reads it: `0.0.0.0:8080`.
+
+    Args:
+        min_port: the lowest port taken (0 for a listener: any free one).
+        wildcard: whether a port alone means every IPv4 address.
+
+    Returns:
+        The parser, giving (host, port); it raises `Bad` for anything else.
     """
 
     def parse(value: object) -> tuple[str, int]:
@@ -291,7 +372,11 @@ def _split_host_port(text: str) -> tuple[str | None, int | None]:
 
 
 def bind_address(value: object) -> tuple[str, int]:
-    """A listener's or the admin API's host:port (port 0: any free one; `:8080` every IPv4 address)."""
+    """A listener's or the admin API's host:port (port 0: any free one; `:8080` every IPv4 address).
+
+    Raises:
+        Bad: not host:port, or an IPv4-mapped IPv6 address (it never binds here).
+    """
     host, port = _any_port(value)
     with contextlib.suppress(ValueError):
         mapped = ipaddress.IPv6Address(host).ipv4_mapped
@@ -307,7 +392,11 @@ _gateway_port = address(min_port=1)
 
 
 def backend_address(value: object) -> tuple[str, int]:
-    """A backend's host:port: a name, or an address some gateway can listen at (`lb.config.backend_address`)."""
+    """A backend's host:port: a name, or an address some gateway can listen at (`lb.config.backend_address`).
+
+    Raises:
+        Bad: not host:port with a port from 1, an IPv4-mapped address, or one no gateway listens at.
+    """
     host, port = _gateway_port(value)
     try:
         ip = ipaddress.ip_address(host)
@@ -324,6 +413,7 @@ def backend_address(value: object) -> tuple[str, int]:
 
 
 def is_ip(text: str, *, version: int) -> bool:
+    """Whether `text` is an IP address literal of that version (4 or 6)."""
     try:
         return ipaddress.ip_address(text).version == version
     except ValueError:
@@ -337,6 +427,7 @@ def _is_host(text: str) -> bool:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether `host` is `localhost` or a loopback address literal (no name is resolved)."""
     if host.lower() in ("localhost", "localhost."):
         return True
     try:

@@ -185,7 +185,11 @@ _dns_name_text = matching(HOSTNAME_RE, "a DNS name", max_chars=MAX_DNS_NAME_CHAR
 
 
 def dns_name(value: object) -> str:
-    """`discovery.dns`: a DNS name of at most 253 characters, a trailing dot aside."""
+    """`discovery.dns`: a DNS name of at most 253 characters, a trailing dot aside.
+
+    Raises:
+        Bad: longer, or not a DNS name.
+    """
     # Measured before the pattern's own bound (one more, for the dot), which said "at most 254".
     chars = len(string(value).removesuffix("."))
     if chars > MAX_DNS_NAME_CHARS:
@@ -277,6 +281,15 @@ def root_of(tree: object, check: Checker) -> dict[Any, object] | None:
 
 
 def build_config(tree: object, check: Checker) -> Config | None:
+    """The whole `Config` from the expanded tree, every section checked even after one fails.
+
+    Args:
+        tree: the parsed YAML with every `${...}` expanded (`lb.config.document.expand`).
+        check: where each problem is added, at its key path.
+
+    Returns:
+        The config, or None when `check` holds at least one problem from this pass.
+    """
     root = root_of(tree, check)
     if root is None:
         return None
@@ -455,6 +468,11 @@ def _tls(value: object, path: str, check: Checker) -> TlsConfig | None:
 
 
 def admin_section(value: object, check: Checker) -> AdminConfig | None:
+    """The `admin:` section (its defaults when absent); `lb ctl` reads it alone.
+
+    Returns:
+        The admin config, or None with its problems added to `check` (a token is required off loopback).
+    """
     if value is None:
         return AdminConfig()
     node = mapping_of(value, "admin", check, [f.key for f in _ADMIN_FIELDS])
