@@ -385,8 +385,9 @@ class Balancer:
             time.sleep(0.05)
 
     def wait_states(self, expected: Mapping[tuple[str, str], str], timeout: float = 10 * UNIT) -> None:
-        """Best effort: wait until /status shows these (pool, id) → state; tests check for themselves."""
+        """Wait until /status shows these (pool, id) → state; fail, with what it last showed, at `timeout`."""
         deadline = time.monotonic() + timeout
+        got: dict[tuple[str, str], str] = {}
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 _, body = http_get(self.admin_url("/status"), timeout=1.0)
@@ -394,6 +395,11 @@ class Balancer:
                 if all(got.get(key) == state for key, state in expected.items()):
                     return
             time.sleep(0.05)
+        wanted = {key: (got.get(key), state) for key, state in expected.items() if got.get(key) != state}
+        pytest.fail(
+            f"balancer {self.name}: /status never showed {expected} within {timeout}s "
+            f"((pool, id): (shown, wanted) {wanted}):\n{self.logs_tail()}"
+        )
 
     def stop(self) -> int | None:
         code = stop_process(self.proc)
