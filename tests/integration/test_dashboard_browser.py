@@ -34,7 +34,7 @@ WAIT = 10 * UNIT
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Balancer, list[Gateway]]]:
+def lb_and_gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Balancer, list[Gateway]]]:
     with launched(tmp_path_factory, "dashboard") as launcher:
         gateways = launcher.gateways(3)
         balancer = launcher.balancer(lb_config(pools={"gateways": gateways}))
@@ -108,10 +108,10 @@ def server_state(lb: Balancer, backend_id: str) -> str:
 
 
 def test_dashboard_shows_every_backend_and_drains_live(
-    stack: tuple[Balancer, list[Gateway]], browser: WebDriver
+    lb_and_gateways: tuple[Balancer, list[Gateway]], browser: WebDriver
 ) -> None:
     """Load /, see every backend up; drain one (token asked once), watch it turn draining without a reload."""
-    lb, gateways = stack
+    lb, gateways = lb_and_gateways
     open_dashboard(browser, lb)
     for gateway in gateways:
         wait_for(browser, lambda d, g=gateway: shown_state(d, g.id) == "up", f"{gateway.id} up")
@@ -158,9 +158,9 @@ def http_post_enable(lb: Balancer, backend_id: str) -> None:
         assert reply.status == 200
 
 
-def test_wrong_token_is_asked_again(stack: tuple[Balancer, list[Gateway]], browser: WebDriver) -> None:
+def test_wrong_token_is_asked_again(lb_and_gateways: tuple[Balancer, list[Gateway]], browser: WebDriver) -> None:
     """A wrong token is forgotten and asked for again; nothing changes on the server."""
-    lb, gateways = stack
+    lb, gateways = lb_and_gateways
     target = gateways[0].id
     open_dashboard(browser, lb)
     wait_for(browser, lambda d: shown_state(d, target) == "up", f"{target} up")
@@ -192,9 +192,9 @@ def test_with_no_admin_token_configured_an_action_says_so_and_asks_for_none(
         assert server_state(lb, target) == "up"
 
 
-def test_dashboard_fits_a_phone(stack: tuple[Balancer, list[Gateway]], browser: WebDriver) -> None:
+def test_dashboard_fits_a_phone(lb_and_gateways: tuple[Balancer, list[Gateway]], browser: WebDriver) -> None:
     """At 390 px wide nothing scrolls sideways, and every backend with its buttons is there."""
-    lb, gateways = stack
+    lb, gateways = lb_and_gateways
     browser.set_window_size(390, 844)
     try:
         open_dashboard(browser, lb)
@@ -207,10 +207,12 @@ def test_dashboard_fits_a_phone(stack: tuple[Balancer, list[Gateway]], browser: 
         browser.set_window_size(1400, 900)
 
 
-def test_snapshot_without_script_fits_a_phone(stack: tuple[Balancer, list[Gateway]], browser: WebDriver) -> None:
+def test_snapshot_without_script_fits_a_phone(
+    lb_and_gateways: tuple[Balancer, list[Gateway]], browser: WebDriver
+) -> None:
     """Without its script (blocked, or not run yet) the page is the server's snapshot: at 390 px its wide tables
     scroll inside their own box, and the page itself does not scroll sideways."""
-    lb, gateways = stack
+    lb, gateways = lb_and_gateways
     browser.set_window_size(390, 844)
     browser.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": True})
     try:
@@ -225,9 +227,9 @@ def test_snapshot_without_script_fits_a_phone(stack: tuple[Balancer, list[Gatewa
         browser.set_window_size(1400, 900)
 
 
-def test_page_is_self_contained(stack: tuple[Balancer, list[Gateway]]) -> None:
+def test_page_is_self_contained(lb_and_gateways: tuple[Balancer, list[Gateway]]) -> None:
     """No external asset: no src/href to another origin, and a CSP that forbids loading any."""
-    lb, _ = stack
+    lb, _ = lb_and_gateways
     import urllib.request
 
     with urllib.request.urlopen(lb.admin_url("/"), timeout=5 * UNIT) as reply:
@@ -239,10 +241,12 @@ def test_page_is_self_contained(stack: tuple[Balancer, list[Gateway]]) -> None:
     assert " src=" not in html and "<link" not in html
 
 
-def test_discovery_status_and_new_backends_render(stack: tuple[Balancer, list[Gateway]], browser: WebDriver) -> None:
+def test_discovery_status_and_new_backends_render(
+    lb_and_gateways: tuple[Balancer, list[Gateway]], browser: WebDriver
+) -> None:
     """A pool's `discovery` object (SPEC part 2: last_ok, last_error) is shown; backends that appear or go are
     added and removed in place. The page's /status answer is rewritten in the browser to carry them."""
-    lb, gateways = stack
+    lb, gateways = lb_and_gateways
     open_dashboard(browser, lb)
     wait_for(browser, lambda d: shown_state(d, gateways[0].id) == "up", "the first poll")
     rewrite_status(
@@ -277,10 +281,10 @@ _DNS_ERROR = (
 )
 
 
-def test_text_from_dns_wraps_on_a_phone(stack: tuple[Balancer, list[Gateway]], browser: WebDriver) -> None:
+def test_text_from_dns_wraps_on_a_phone(lb_and_gateways: tuple[Balancer, list[Gateway]], browser: WebDriver) -> None:
     """A backend's address and the discovery line come from DNS: at 390 px each is shown whole, wrapped in its
     card, neither cut off by the card's edge nor running into the state column beside it."""
-    lb, gateways = stack
+    lb, gateways = lb_and_gateways
     browser.set_window_size(390, 844)
     try:
         open_dashboard(browser, lb)
