@@ -43,6 +43,7 @@ def request(path: str) -> bytes:
 
 
 async def test_three_requests_on_one_connection_each_routed_by_its_own_path(two: tuple) -> None:  # type: ignore[type-arg]
+    """Each request on a keep-alive connection is routed by its own path and logged with its own id."""
     port, rec_a, rec_b, lb = two
     reader, writer = await open_raw(port)
     try:
@@ -70,6 +71,7 @@ async def test_three_requests_on_one_connection_each_routed_by_its_own_path(two:
 
 
 async def test_pipelined_requests_are_answered_in_order_each_routed(two: tuple) -> None:  # type: ignore[type-arg]
+    """Pipelined requests are answered in order, each sent to the pool its own path routes to."""
     port, rec_a, rec_b, _ = two
     reader, writer = await open_raw(port)
     try:
@@ -83,6 +85,7 @@ async def test_pipelined_requests_are_answered_in_order_each_routed(two: tuple) 
 
 
 async def test_bad_request_in_a_pipeline_stops_it_there(two: tuple) -> None:  # type: ignore[type-arg]
+    """A bad request in a pipeline gets 400 and a close; the requests after it reach no backend."""
     port, rec_a, _, _ = two
     reader, writer = await open_raw(port)
     try:

@@ -190,6 +190,7 @@ SOURCES = ["203.0.113.7", "2001:db8::7"]
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("make", [v1, v2], ids=["v1", "v2"])
 def test_plain_listener_takes_the_client_from_the_header(pp: PPStack, make: Any, source: str) -> None:
+    """On a proxy_protocol listener the client address is the v1/v2 header's source, not the peer's."""
     tag = new_tag()
     answer = exchange(pp.pp_port, [make(source) + request(tag)])  # header and request in one segment
     assert_forwarded(pp, answer, tag, source)
@@ -198,6 +199,7 @@ def test_plain_listener_takes_the_client_from_the_header(pp: PPStack, make: Any,
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("make", [v1, v2], ids=["v1", "v2"])
 def test_tls_listener_reads_the_header_before_the_handshake(pp: PPStack, make: Any, source: str) -> None:
+    """A TLS proxy_protocol listener reads the header first, then the TLS handshake, and uses its source."""
     tag = new_tag()
     answer = exchange(pp.pp_tls_port, [request(tag)], tls_ca=pp.ca, header=make(source))
     assert_forwarded(pp, answer, tag, source)
@@ -206,6 +208,7 @@ def test_tls_listener_reads_the_header_before_the_handshake(pp: PPStack, make: A
 @pytest.mark.parametrize("port", ["pp_port", "pp_tls_port"])
 @pytest.mark.parametrize("header", [v2_local(), b"PROXY UNKNOWN\r\n"], ids=["v2-local", "v1-unknown"])
 def test_header_without_an_address_leaves_the_peer(pp: PPStack, port: str, header: bytes) -> None:
+    """A header with no address (v2 LOCAL, v1 UNKNOWN) is accepted and the client address stays the peer's."""
     tag = new_tag()
     tls = pp.ca if port == "pp_tls_port" else None
     answer = exchange(getattr(pp, port), [request(tag)], tls_ca=tls, header=header)
@@ -257,6 +260,7 @@ def assert_closed_silently(pp: PPStack, port: int, data: bytes, tag: str) -> Non
 
 @pytest.mark.parametrize("port", ["pp_port", "pp_tls_port"])
 def test_missing_header_is_closed_without_an_answer(pp: PPStack, port: str) -> None:
+    """A connection without the PROXY header is closed unanswered and reaches no backend."""
     tag = new_tag()
     assert_closed_silently(pp, getattr(pp, port), request(tag), tag)
 
@@ -275,6 +279,7 @@ def test_missing_header_is_closed_without_an_answer(pp: PPStack, port: str) -> N
     ids=["v1-bad-ip", "v1-short", "v1-binary", "v2-version", "v2-huge", "tls-first", "noise"],
 )
 def test_garbage_is_closed_without_an_answer(pp: PPStack, garbage: bytes) -> None:
+    """A malformed PROXY header is closed unanswered and what follows it reaches no backend."""
     tag = new_tag()
     assert_closed_silently(pp, pp.pp_port, garbage + request(tag), tag)
 
@@ -291,6 +296,7 @@ def test_a_refused_connection_is_closed_with_a_fin_not_a_reset(pp: PPStack, sent
 
 
 def test_silent_client_is_closed_after_the_handshake_timeout(pp: PPStack) -> None:
+    """A client that sends no header is closed, unanswered, once timeouts.handshake runs out."""
     started = time.monotonic()
     with socket.create_connection((HOST, pp.pp_port), timeout=5 * UNIT) as sock:
         answer = read_all(sock, HANDSHAKE + 5 * UNIT)
@@ -300,6 +306,7 @@ def test_silent_client_is_closed_after_the_handshake_timeout(pp: PPStack) -> Non
 
 
 def test_half_a_header_then_silence_is_closed_after_the_handshake_timeout(pp: PPStack) -> None:
+    """Half a header, then silence: closed, unanswered, once timeouts.handshake runs out."""
     started = time.monotonic()
     with socket.create_connection((HOST, pp.pp_port), timeout=5 * UNIT) as sock:
         sock.sendall(b"PROXY TCP4 192.0.2")
@@ -326,6 +333,7 @@ def test_a_bad_connection_does_not_disturb_others(pp: PPStack) -> None:
 
 
 def test_listener_without_proxy_protocol_is_unchanged(pp: PPStack) -> None:
+    """A listener without proxy_protocol forwards as before, with the peer as the client."""
     tag = new_tag()
     answer = exchange(pp.plain_port, [request(tag)])
     assert_forwarded(pp, answer, tag, "127.0.0.1")
@@ -340,6 +348,7 @@ def test_listener_without_proxy_protocol_does_not_read_a_header(pp: PPStack) -> 
 
 
 def test_balancer_survived(pp: PPStack) -> None:
+    """After every hostile preamble above, the balancer still runs and logged no traceback."""
     pp.balancer.assert_alive()
     text = pp.balancer.log_text()
     assert "Traceback" not in text, pp.balancer.logs_tail()
