@@ -21,6 +21,10 @@ spoofing gap; HAProxy, Envoy, nginx and llhttp are the references):
   400 (RFC 9112 §6.1, §6.3, §7.1); another coding before `chunked`
   (`identity, chunked`, `gzip, chunked`) is a 501 (RFC 9112 §6.1; h11 and Envoy
   do the same): we cannot decode it and will not pass it on undecoded.
+- Version: `HTTP/1.0` and `HTTP/1.1`; a higher minor one (`HTTP/1.2`..`HTTP/1.9`, a request's or
+  an answer's) is read, and sent on, as HTTP/1.1 (RFC 9110 §2.5; HAProxy does the same, llhttp
+  refuses it, so a backend must never see it); `HTTP/2.0` and later on an HTTP/1 connection is a
+  505 (RFC 9110 §15.6.6), anything else (`HTTP/1.10`, `http/1.1`) a 400.
 - Host: exactly one on HTTP/1.1, at most one on HTTP/1.0, and a valid
   `uri-host [":" port]` (RFC 9112 §3.2).
 - Absolute-form target (`GET http://a.example/x`): rewritten to origin-form
@@ -98,6 +102,10 @@ _TARGET_CHAR = r"[\x21\x22\x24-\x7e]"  # and no `#`: a fragment is no part of a 
 _TARGET: Final = re.compile(_TARGET_CHAR + "+")
 _VERSIONS: Final = ("HTTP/1.1", "HTTP/1.0")
 _OTHER_MAJOR: Final = re.compile(r"HTTP/[2-9]\.[0-9]")  # HTTP/2.0 on an HTTP/1 connection: 505
+# RFC 9110 §2.5: a higher minor version of HTTP/1 is read as the highest we implement, HTTP/1.1 (as
+# HAProxy, nginx and Apache do; llhttp refuses it), and sent on as HTTP/1.1, our own version.  Only
+# the checks' reading takes it: the fast readings stop at anything but 1.0 and 1.1.
+_HIGHER_MINOR: Final = re.compile(r"HTTP/1\.[2-9]")
 # The fast path's grammar (see `_read_well_formed`): each line exactly as the checks below accept
 # it, control characters and bare CR or LF excluded.  Possessive quantifiers: a failing line
 # costs one pass, never a backtracking search (the head comes from the client).
@@ -482,9 +490,12 @@ def _read_request_line(line: str) -> tuple[str, str, str]:
     if not _TARGET.fullmatch(target):
         raise BadRequest("malformed request target")
     if version not in _VERSIONS:
-        if _OTHER_MAJOR.fullmatch(version):
+        if _HIGHER_MINOR.fullmatch(version):
+            version = "HTTP/1.1"
+        elif _OTHER_MAJOR.fullmatch(version):
             raise HttpVersionNotSupported(f"HTTP version {version[5]} is not supported")
-        raise BadRequest("unsupported HTTP version")
+        else:
+            raise BadRequest("unsupported HTTP version")
     # RFC 3986 §3.1: the scheme is case-insensitive.
     origin_or_absolute = target[0] == "/" or target[:8].lower().startswith(("http://", "https://"))
     if not origin_or_absolute and not (method == "OPTIONS" and target == "*"):
@@ -500,6 +511,8 @@ def _read_status_line(line: str) -> tuple[str, str, str]:
     """
     version, _, rest = line.partition(" ")
     status, _, reason = rest.partition(" ")
+    if _HIGHER_MINOR.fullmatch(version):
+        version = "HTTP/1.1"  # RFC 9110 §2.5, as a request's
     # isascii: str.isdigit() also takes `²` and other digits that bytes.isdigit() never did.
     if version not in _VERSIONS or len(status) != 3 or not (status.isascii() and status.isdigit()):
         raise BadRequest("malformed status line")

@@ -16,6 +16,8 @@ A third: the proxy claims a backend believes (lb.http.head.PROXY_CLAIMS: `True-C
 `X-Forwarded-Ssl`, `X-Forwarded-Client-Cert`, ...) are protected too, so a name with `_` for
 one of them is dropped as one for `X-Real-IP` was.  A fourth: less common spellings of those
 claims (`Client-IP`, `X-Forwarded`, `Forwarded-For`, `X-Remote-IP`, ...) joined them.
+A fifth: a higher minor version of HTTP/1 (`HTTP/1.2`..`HTTP/1.9`) in a request or status line is
+read as HTTP/1.1 (RFC 9110 §2.5), where both refused it (a 400, a 502).
 """
 
 from __future__ import annotations
@@ -374,6 +376,8 @@ def parse_request_head(raw: bytes, *, protected: frozenset[str] = PROTECTED_HEAD
         raise BadRequest("fragment in request target")
     if not target or target.translate(None, _TARGET):
         raise BadRequest("malformed request target")
+    if len(version) == 8 and version[:7] == b"HTTP/1." and version[7:8] in b"23456789":
+        version = b"HTTP/1.1"
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         if len(version) == 8 and version[:5] == b"HTTP/" and version[5:6] in b"23456789" and version[6:7] == b"." \
                 and version[7:8].isdigit():
@@ -421,6 +425,8 @@ def parse_response_head(raw: bytes) -> ResponseHead:
     lines = _split_lines(raw)
     version, _, rest = lines[0].partition(b" ")
     status, _, reason = rest.partition(b" ")
+    if len(version) == 8 and version[:7] == b"HTTP/1." and version[7:8] in b"23456789":
+        version = b"HTTP/1.1"
     if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(status) != 3 or not status.isdigit():
         raise BadRequest("malformed status line")
     if not b"100" <= status <= b"599":

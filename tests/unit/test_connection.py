@@ -606,6 +606,28 @@ def test_a_chunked_answer_to_an_http10_client_is_a_502() -> None:
     assert play.failures == [] and play.opened == ["a1"] and play.connections()["a1"] == 0
 
 
+def test_a_higher_minor_version_is_served_and_sent_on_as_http11() -> None:
+    """RFC 9110 §2.5: HTTP/1.2 is read as the highest minor version we implement, and a backend (llhttp
+    refuses 1.2) gets our own, HTTP/1.1 (§2.5: an intermediary sends its own version); HAProxy does the same."""
+    play = Play()
+    play.client(b"POST /a/x HTTP/1.2\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    play.connected()
+    assert play.to_backend[0].startswith(b"POST /a/x HTTP/1.1\r\n") and b"HTTP/1.2" not in play.to_backend[0]
+    play.backend(b"HTTP/1.2 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    assert play.answer()[0] == 200 and play.to_client.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert play.conn.state == HEAD  # kept alive, as for HTTP/1.1
+
+
+def test_a_websocket_upgrade_in_a_higher_minor_version_and_its_101_are_read_as_http11() -> None:
+    play = Play()
+    play.client(upgrade().replace(b" HTTP/1.1\r\n", b" HTTP/1.9\r\n", 1))
+    play.connected()
+    assert play.to_backend[0].startswith(b"GET /a/ws HTTP/1.1\r\n")
+    join = play.backend(SWITCH.replace(b"HTTP/1.1", b"HTTP/1.2", 1))[-1]
+    assert isinstance(join, JoinTunnel) and play.conn.state == TUNNEL
+    assert play.to_client.startswith(b"HTTP/1.1 101 Switching Protocols\r\n") and play.answer()[0] == 101
+
+
 def test_accept_value_is_rfc_6455s_worked_example() -> None:
     assert accept_value(WS_KEY) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 

@@ -259,6 +259,27 @@ def test_another_major_version_is_a_505(version: str) -> None:
     assert info.value.status == 505
 
 
+@pytest.mark.parametrize("version", ["HTTP/1.2", "HTTP/1.9"])
+def test_a_higher_minor_version_is_read_as_http11(version: str) -> None:
+    """RFC 9110 §2.5: processed as the highest minor version we implement, with its rules (Host, TE)."""
+    request = parse_request_head(f"POST / {version}\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    assert (request.version, request.head.start_line[2], request.chunked) == ("HTTP/1.1", "HTTP/1.1", True)
+    with pytest.raises(BadRequest, match="needs a Host"):
+        parse_request_head(f"GET / {version}\r\n\r\n".encode())
+    response = parse_response_head(f"{version} 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n".encode())
+    assert (response.version, response.status) == ("HTTP/1.1", 101)
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.10", "HTTP/1.a", "http/1.2", "HTTP/1.2 "])
+def test_a_malformed_version_is_still_a_400(version: str) -> None:
+    """RFC 9112 §2.3: HTTP-version is `HTTP/` DIGIT `.` DIGIT, case-sensitive."""
+    with pytest.raises(BadRequest) as info:
+        parse_request_head(f"GET / {version}\r\nHost: a\r\n\r\n".encode())
+    assert info.value.status == 400
+    with pytest.raises(BadRequest):
+        parse_response_head(f"{version} 200 OK\r\n\r\n".encode())
+
+
 def test_non_ascii_digit_content_length_is_rejected() -> None:
     """Content-Length is 1*DIGIT in ASCII (RFC 9110 §8.6); a superscript two is a 400."""
     with pytest.raises(BadRequest):

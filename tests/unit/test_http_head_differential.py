@@ -10,6 +10,8 @@ must never accept what it reads differently.
 What we change on purpose is accounted for: an absolute-form target is
 compared as received (we rewrite it to origin-form and set Host from it), and
 header names we drop as `_` aliases of ours are left out of llhttp's list.
+A higher minor version (`HTTP/1.2`, which llhttp refuses) we read as HTTP/1.1
+and send on as such (RFC 9110 §2.5): llhttp is given the line as we send it.
 llhttp keeps trailing whitespace in a value, which RFC 9112 §5 says is not
 part of it, so its values are compared stripped.
 
@@ -83,6 +85,9 @@ def assert_llhttp_agrees(raw: bytes) -> None:
         return
     body, payload = _body_for(ours)
     method = ours.method
+    line_end = raw.index(b"\r\n")
+    if not raw[:line_end].endswith(ours.version.encode()):  # HTTP/1.2: the version we send on
+        raw = raw[: line_end - len(ours.version)] + ours.version.encode() + raw[line_end:]
     try:
         try:
             recorder, parser, upgraded_at = _llhttp(raw + body)
