@@ -17,6 +17,10 @@ spoofing gap; HAProxy, Envoy, nginx and llhttp are the references):
   A backend's equal repeats are accepted (its answer is framed by the value).
 - Transfer-Encoding: only `chunked`, once, last, and only on HTTP/1.1 (a
   backend may put other codings before it: we relay, not decode, them).
+  Empty list elements (`,chunked`, `chunked,`) are ignored, as RFC 9110
+  §5.6.1.2 says a recipient MUST, and left out of what we send on (parsers
+  behind us disagree on them: llhttp refuses `chunked,`, HAProxy 2.6 answers
+  `,chunked` 422, Go anything but `chunked`).
   HTTP/1.0 with TE, `chunked` twice, or a final coding other than chunked is a
   400 (RFC 9112 §6.1, §6.3, §7.1); another coding before `chunked`
   (`identity, chunked`, `gzip, chunked`) is a 501 (RFC 9112 §6.1; h11 and Envoy
@@ -615,8 +619,9 @@ def _drop_aliases(head: Head, protected: frozenset[str]) -> tuple[Head, tuple[st
     return Head(start_line=head.start_line, headers=tuple(headers), _index=index), tuple(dropped)
 
 
-def _check_framing(head: Head, version: str, *, request: bool) -> None:
-    """Reject the framing ambiguities that enable smuggling (RFC 9112 §6.1, §6.3, §7.1).
+def _check_framing(head: Head, version: str, *, request: bool) -> Head:
+    """Reject the framing ambiguities that enable smuggling (RFC 9112 §6.1, §6.3, §7.1); return `head`,
+    or, when its Transfer-Encoding holds empty list elements, a copy without them (`_without_empty_codings`).
 
     Raises:
         BadFraming: ambiguous or invalid framing (a backend's answer: the caller's 502).
@@ -624,7 +629,7 @@ def _check_framing(head: Head, version: str, *, request: bool) -> None:
     """
     index = head._index
     if "content-length" not in index and "transfer-encoding" not in index:
-        return  # the common case (every WebSocket upgrade): two lookups, no lists
+        return head  # the common case (every WebSocket upgrade): two lookups, no lists
     lengths = head.get_all("content-length")
     encodings = head.get_all("transfer-encoding")
     if lengths and encodings:
@@ -640,17 +645,41 @@ def _check_framing(head: Head, version: str, *, request: bool) -> None:
             raise BadFraming("invalid Content-Length")
         if len(only) > _MAX_LENGTH_DIGITS:
             raise BadFraming("Content-Length too large")
-        return
+        return head
     if version == "HTTP/1.0":
         raise BadFraming("Transfer-Encoding in an HTTP/1.0 message")  # RFC 9112 §6.1: faulty framing
     codings = [part.strip(" \t").lower() for value in encodings for part in value.split(",")]
-    if codings[-1] != "chunked":
+    if "" in codings:
+        # RFC 9110 §5.6.1.2: a recipient MUST ignore empty list elements (`,chunked`, `chunked,`, a
+        # blank line merged in), so they count for nothing here; and they go on without them, since the
+        # parsers behind us disagree on them (llhttp refuses `chunked,`, HAProxy 2.6 `,chunked`, Go
+        # anything but `chunked` alone): a backend reads the framing we read, or none.
+        codings = [coding for coding in codings if coding]
+        head = _without_empty_codings(head)
+    if not codings or codings[-1] != "chunked":
         raise BadFraming("Transfer-Encoding must end with chunked")  # RFC 9112 §6.3
     if codings.count("chunked") > 1:
         raise BadFraming("chunked applied more than once")  # RFC 9112 §7.1
     if request and len(codings) > 1:
         # A backend may answer `gzip, chunked`: we relay its bytes and only de-chunk to find the end.
         raise UnsupportedTransferCoding(f"unsupported transfer coding {codings[0]!r}")
+    return head
+
+
+def _without_empty_codings(head: Head) -> Head:
+    """`head` with each Transfer-Encoding line's empty list elements left out (`, chunked` reads
+    `chunked`), and a line of nothing but those left out whole."""
+    headers: list[tuple[str, str]] = []
+    for name, value in head.headers:
+        if name.lower() == "transfer-encoding":
+            value = ", ".join(part for part in (part.strip(" \t") for part in value.split(",")) if part)
+            if not value:
+                continue
+        headers.append((name, value))
+    index: dict[str, list[str]] = {}
+    for name, value in headers:
+        index.setdefault(name.lower(), []).append(value)
+    return Head(head.start_line, tuple(headers), index)
 
 
 def _rewrite_absolute_form(start: tuple[str, str, str], head: Head) -> tuple[str, Head]:
@@ -720,7 +749,7 @@ def parse_request_head(raw: bytes, *, protected: frozenset[str] = PROTECTED_HEAD
         raise BadHost("HTTP/1.1 request needs a Host header")
     if hosts and not is_host(hosts[0]):
         raise BadHost("malformed Host header")
-    _check_framing(head, version, request=True)
+    head = _check_framing(head, version, request=True)
     absolute = None
     first = target[0]
     if first != "/" and first != "*":
@@ -737,7 +766,7 @@ def parse_response_head(raw: bytes) -> ResponseHead:
     """
     head = _read(raw, False, _STATUS_LINE, _read_status_line)
     version, status, reason = head.start_line
-    _check_framing(head, version, request=False)
+    head = _check_framing(head, version, request=False)
     return ResponseHead(version, int(status), reason, head)
 
 

@@ -17,7 +17,9 @@ A third: the proxy claims a backend believes (lb.http.head.PROXY_CLAIMS: `True-C
 one of them is dropped as one for `X-Real-IP` was.  A fourth: less common spellings of those
 claims (`Client-IP`, `X-Forwarded`, `Forwarded-For`, `X-Remote-IP`, ...) joined them.
 A fifth: a higher minor version of HTTP/1 (`HTTP/1.2`..`HTTP/1.9`) in a request or status line is
-read as HTTP/1.1 (RFC 9110 §2.5), where both refused it (a 400, a 502).
+read as HTTP/1.1 (RFC 9110 §2.5), where both refused it (a 400, a 502).  A sixth: empty list
+elements in Transfer-Encoding (`,chunked`, `chunked,`, an empty line) count for nothing and are
+left out of the head (RFC 9110 §5.6.1.2), where both refused them (400, or 501 naming coding '').
 """
 
 from __future__ import annotations
@@ -284,8 +286,9 @@ def _drop_aliases(head: Head, protected: frozenset[str]) -> tuple[Head, tuple[st
     return Head(start_line=head.start_line, headers=tuple(headers), _index=index), tuple(dropped)
 
 
-def _check_framing(head: Head, version: str, *, request: bool) -> None:
-    """Reject the framing ambiguities that enable smuggling (RFC 9112 §6.1, §6.3, §7.1).
+def _check_framing(head: Head, version: str, *, request: bool) -> Head:
+    """Reject the framing ambiguities that enable smuggling (RFC 9112 §6.1, §6.3, §7.1); the head
+    without Transfer-Encoding's empty list elements.
 
     Raises:
         BadFraming: ambiguous or invalid framing (a backend's answer: the caller's 502).
@@ -294,7 +297,7 @@ def _check_framing(head: Head, version: str, *, request: bool) -> None:
     lengths = head.get_all("content-length")
     encodings = head.get_all("transfer-encoding")
     if not lengths and not encodings:
-        return
+        return head
     if lengths and encodings:
         raise BadFraming("both Content-Length and Transfer-Encoding")
     if lengths:
@@ -308,17 +311,33 @@ def _check_framing(head: Head, version: str, *, request: bool) -> None:
             raise BadFraming("invalid Content-Length")
         if len(only) > _MAX_LENGTH_DIGITS:
             raise BadFraming("Content-Length too large")
-        return
+        return head
     if version == "HTTP/1.0":
         raise BadFraming("Transfer-Encoding in an HTTP/1.0 message")  # RFC 9112 §6.1: faulty framing
-    codings = [part.strip(" \t").lower() for value in encodings for part in value.split(",")]
-    if codings[-1] != "chunked":
+    kept: list[tuple[str, str]] = []
+    for name, value in head.headers:
+        if name.lower() != "transfer-encoding":
+            kept.append((name, value))
+            continue
+        elements = [part.strip(" \t") for part in value.split(",")]
+        if "" not in elements:
+            kept.append((name, value))
+        elif any(elements):
+            kept.append((name, ", ".join(e for e in elements if e)))
+    if kept != list(head.headers):
+        index: dict[str, list[str]] = {}
+        for name, value in kept:
+            index.setdefault(name.lower(), []).append(value)
+        head = Head(start_line=head.start_line, headers=tuple(kept), _index=index)
+    codings = [part.strip(" \t").lower() for value in head.get_all("transfer-encoding") for part in value.split(",")]
+    if not codings or codings[-1] != "chunked":
         raise BadFraming("Transfer-Encoding must end with chunked")  # RFC 9112 §6.3
     if codings.count("chunked") > 1:
         raise BadFraming("chunked applied more than once")  # RFC 9112 §7.1
     if request and len(codings) > 1:
         # A backend may answer `gzip, chunked`: we relay its bytes and only de-chunk to find the end.
         raise UnsupportedTransferCoding(f"unsupported transfer coding {codings[0]!r}")
+    return head
 
 
 def _rewrite_absolute_form(start: tuple[str, str, str], head: Head) -> tuple[str, Head]:
@@ -401,7 +420,7 @@ def parse_request_head(raw: bytes, *, protected: frozenset[str] = PROTECTED_HEAD
         raise BadHost("HTTP/1.1 request needs a Host header")
     if hosts and not _HOST.match(hosts[0]):
         raise BadHost("malformed Host header")
-    _check_framing(head, start[2], request=True)
+    head = _check_framing(head, start[2], request=True)
     absolute = None
     if text_target[:1] not in ("/", "*"):
         absolute = text_target
@@ -434,7 +453,7 @@ def parse_response_head(raw: bytes) -> ResponseHead:
         raise BadRequest(f"status code {status.decode('ascii')} out of range")
     start = (version.decode("ascii"), status.decode("ascii"), reason.decode("latin-1"))
     head = _parse_fields(start, lines[1:])
-    _check_framing(head, start[0], request=False)
+    head = _check_framing(head, start[0], request=False)
     return ResponseHead(version=start[0], status=int(start[1]), reason=start[2], head=head)
 
 

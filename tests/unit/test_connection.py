@@ -689,6 +689,38 @@ def test_chunked_body_is_framed_to_its_last_chunk() -> None:
     assert play.opened == ["a1", "b1"]
 
 
+@pytest.mark.parametrize("coding", [b",chunked", b"chunked,", b" , chunked, ,"])
+def test_empty_transfer_coding_elements_are_ignored_and_not_sent_on(coding: bytes) -> None:
+    """RFC 9110 §5.6.1.2 (a recipient MUST ignore them); the backend gets `chunked` alone, since parsers
+    read the empties apart (llhttp refuses `chunked,`, HAProxy 2.6 answers `,chunked` 422)."""
+    play = Play()
+    body = b"5\r\nhello\r\n0\r\n\r\n"
+    play.client(b"POST /a/c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: " + coding + b"\r\n\r\n" + body + get("/b/after"))
+    play.connected()
+    head, _, sent_body = play.to_backend[0].partition(b"\r\n\r\n")
+    assert b"\r\nTransfer-Encoding: chunked\r\n" in head + b"\r\n" and head.count(b"Transfer-Encoding") == 1
+    assert sent_body == body
+    play.backend(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+    assert play.to_client.startswith(b"HTTP/1.1 200 OK\r\n") and b"Transfer-Encoding: chunked\r\n" in play.to_client
+    assert coding not in play.to_client and play.to_client.endswith(b"2\r\nhi\r\n0\r\n\r\n")
+    assert play.opened == ["a1", "b1"]  # the next request is read where the chunked body ends
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [(b"Connection: Upgrade", b"Connection: , Upgrade"), (b"Upgrade: websocket", b"Upgrade: , websocket"),
+     (b"Connection: Upgrade", b"Connection: Upgrade,,"), (b"Upgrade: websocket", b"Upgrade: websocket,")],
+)
+def test_empty_elements_of_an_upgrades_lists_are_ignored(old: bytes, new: bytes) -> None:
+    """RFC 9110 §5.6.1.2, as HAProxy does; the backend gets our own `Connection: Upgrade`, `Upgrade: websocket`."""
+    play = Play()
+    play.client(upgrade().replace(old, new, 1))
+    play.connected()
+    assert b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" in play.to_backend[0] and new not in play.to_backend[0]
+    play.backend(SWITCH)
+    assert play.conn.state == TUNNEL and play.answer()[0] == 101
+
+
 def test_a_trailer_named_like_our_headers_never_reaches_the_backend() -> None:
     """A request trailer `X-Forwarded-For` (or the configured affinity header) is a 400 before its
     line is forwarded: a backend that merges trailers into the head would read it as ours."""

@@ -11,7 +11,9 @@ What we change on purpose is accounted for: an absolute-form target is
 compared as received (we rewrite it to origin-form and set Host from it), and
 header names we drop as `_` aliases of ours are left out of llhttp's list.
 A higher minor version (`HTTP/1.2`, which llhttp refuses) we read as HTTP/1.1
-and send on as such (RFC 9110 §2.5): llhttp is given the line as we send it.
+and send on as such (RFC 9110 §2.5), and Transfer-Encoding's empty list
+elements (`chunked,`, which llhttp refuses) we ignore and send on without
+(RFC 9110 §5.6.1.2): llhttp is given those lines as we send them.
 llhttp keeps trailing whitespace in a value, which RFC 9112 §5 says is not
 part of it, so its values are compared stripped.
 
@@ -85,9 +87,7 @@ def assert_llhttp_agrees(raw: bytes) -> None:
         return
     body, payload = _body_for(ours)
     method = ours.method
-    line_end = raw.index(b"\r\n")
-    if not raw[:line_end].endswith(ours.version.encode()):  # HTTP/1.2: the version we send on
-        raw = raw[: line_end - len(ours.version)] + ours.version.encode() + raw[line_end:]
+    raw = _as_sent_on(raw, ours)
     try:
         try:
             recorder, parser, upgraded_at = _llhttp(raw + body)
@@ -118,6 +118,24 @@ def assert_llhttp_agrees(raw: bytes) -> None:
         assert recorder.body == payload
 
 
+def _as_sent_on(raw: bytes, ours: RequestHead) -> bytes:
+    """`raw` with the changes we make on purpose to the lines a backend reads: the version we send on
+    (HTTP/1.2 goes as HTTP/1.1) and Transfer-Encoding lines without their empty list elements."""
+    start, *fields = raw[: -len(HEAD_END)].split(b"\r\n")
+    if not start.endswith(ours.version.encode()):
+        start = start[: -len(ours.version)] + ours.version.encode()
+    lines = [start]
+    for line in fields:
+        name, _, value = line.partition(b":")
+        elements = [part.strip(b" \t") for part in value.split(b",")]
+        if name.lower() == b"transfer-encoding" and b"" in elements:
+            if not any(elements):
+                continue
+            line = name + b": " + b", ".join(element for element in elements if element)
+        lines.append(line)
+    return b"\r\n".join(lines) + HEAD_END
+
+
 def head(*lines: bytes, start: bytes = b"GET / HTTP/1.1") -> bytes:
     return b"\r\n".join([start, *lines]) + HEAD_END
 
@@ -144,6 +162,9 @@ HOSTILE_CORPUS = {
     "TE obs-fold": head(b"Host: a", b"Transfer-Encoding:", b" chunked", start=b"POST / HTTP/1.1"),
     "TE identity, chunked": head(b"Host: a", b"Transfer-Encoding: identity, chunked", start=b"POST / HTTP/1.1"),
     "TE chunked twice": head(b"Host: a", b"Transfer-Encoding: chunked, chunked", start=b"POST / HTTP/1.1"),
+    "TE empty element first": head(b"Host: a", b"Transfer-Encoding: ,chunked", start=b"POST / HTTP/1.1"),
+    "TE empty element last": head(b"Host: a", b"Transfer-Encoding: chunked, ,", start=b"POST / HTTP/1.1"),
+    "TE empty line": head(b"Host: a", b"Transfer-Encoding:", b"Transfer-Encoding: chunked", start=b"POST / HTTP/1.1"),
     "TE on 1.0": head(b"Transfer-Encoding: chunked", start=b"POST / HTTP/1.0"),
     "TE CHUNKED upper": head(b"Host: a", b"Transfer-Encoding: CHUNKED", start=b"POST / HTTP/1.1"),
     "TE with NUL": head(b"Host: a", b"Transfer-Encoding: chunked\x00", start=b"POST / HTTP/1.1"),
@@ -240,6 +261,8 @@ _VALUES = st.one_of(
             b"5, 5",
             b"chunked",
             b"gzip, chunked",
+            b", chunked",
+            b"chunked,",
             b"identity",
             b"Upgrade",
             b"websocket",

@@ -48,7 +48,9 @@ REJECTED_FRAMING: dict[str, tuple[bytes, type[RequestRejected], int]] = {
     "final coding gzip": (request("Host: a", "Transfer-Encoding: chunked, gzip"), BadFraming, 400),
     "only gzip": (request("Host: a", "Transfer-Encoding: gzip"), BadFraming, 400),
     "only identity": (request("Host: a", "Transfer-Encoding: identity"), BadFraming, 400),
-    "empty TE element last": (request("Host: a", "Transfer-Encoding: chunked,"), BadFraming, 400),
+    "TE of empty elements only": (request("Host: a", "Transfer-Encoding: , ,"), BadFraming, 400),
+    "TE empty": (request("Host: a", "Transfer-Encoding:"), BadFraming, 400),
+    "gzip, empty, chunked": (request("Host: a", "Transfer-Encoding: gzip,,chunked"), UnsupportedTransferCoding, 501),
     "identity, chunked": (request("Host: a", "Transfer-Encoding: identity, chunked"), UnsupportedTransferCoding, 501),
     "gzip, chunked": (request("Host: a", "Transfer-Encoding: gzip, chunked"), UnsupportedTransferCoding, 501),
     "gzip then chunked lines": (
@@ -88,6 +90,26 @@ def test_body_framing_is_exposed() -> None:
     plain = parse_request_head(request("Host: a", start="GET / HTTP/1.1"))
     assert plain.content_length is None
     assert not plain.chunked
+
+
+@pytest.mark.parametrize(
+    ("values", "sent"),
+    [
+        (["chunked,"], ["chunked"]),
+        ([",chunked"], ["chunked"]),
+        ([" , chunked , "], ["chunked"]),
+        (["", "chunked"], ["chunked"]),
+        (["Chunked", ","], ["Chunked"]),
+    ],
+)
+def test_empty_transfer_coding_elements_count_for_nothing_and_are_left_out(values: list[str], sent: list[str]) -> None:
+    """RFC 9110 §5.6.1.2: a recipient MUST ignore empty list elements.  They are left out of the head
+    we send on, since backends read them apart (llhttp refuses `chunked,`, HAProxy 2.6 `,chunked`)."""
+    parsed = parse_request_head(request("Host: a", *(f"Transfer-Encoding: {value}" for value in values)))
+    assert parsed.chunked and parsed.head.get_all("transfer-encoding") == sent
+    assert [value for name, value in parsed.head.headers if name == "Transfer-Encoding"] == sent
+    answer = parse_response_head(f"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip,, {', '.join(values)}\r\n\r\n".encode())
+    assert answer.head.get_all("transfer-encoding") == ["gzip, " + ", ".join(sent)]
 
 
 @pytest.mark.parametrize(

@@ -282,6 +282,7 @@ _UPGRADE = ("GET /ws HTTP/1.1\r\nHost: lb.example\r\nUpgrade: websocket\r\nConne
     _UPGRADE + "Content-Length: 0\r\n\r\n",  # passes the ordinary path, which reads the length
     _UPGRADE + "Content-Length: 5\r\n\r\n",
     _UPGRADE + "Transfer-Encoding: chunked\r\n\r\n",
+    _UPGRADE + "Transfer-Encoding: ,chunked\r\n\r\n",  # a body all the same (RFC 9110 §5.6.1.2)
     _UPGRADE.replace("Upgrade: websocket", "Upgrade: h2c") + "\r\n",
     _UPGRADE.replace("Upgrade: websocket", "Upgrade_: websocket") + "\r\n",
     _UPGRADE.replace("Connection: Upgrade", "Connection: close") + "\r\n",
@@ -319,7 +320,8 @@ _REQUEST_NAMES = st.sampled_from([
 _REQUEST_VALUES = st.sampled_from([
     "websocket", "WebSocket", " websocket ", "h2c, websocket", "websocket,", ",websocket", "web socket", "Upgrade",
     "upgrade", "keep-alive, Upgrade", "keep-alive,Upgrade", "Upgrade, close", "close", KEY, " " + KEY, KEY + "\t",
-    KEY[:-1], KEY.replace("Z", "-"), "13", " 13", "13 ", "013", "8", "0", "chunked", "", "lb.example", "\xe9",
+    KEY[:-1], KEY.replace("Z", "-"), "13", " 13", "13 ", "013", "8", "0", "chunked", "chunked,", ", chunked", "",
+    "lb.example", "\xe9",
 ]) | st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF).filter(lambda c: c != "\x7f"), max_size=12)
 _REQUEST_FIELD = st.tuples(_REQUEST_NAMES, st.sampled_from([": ", ":", ":  ", ":\t"]), _REQUEST_VALUES,
                            st.sampled_from(["\r\n", "\r\n", "\r\n", " \r\n", "\t\r\n"]))
