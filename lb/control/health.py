@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lb.access_log import shortened
+from lb.affinity.balancing import header_text
 from lb.config.model import HealthCheckType
 from lb.errors import LOCAL_ERRNOS, BadGateway, HeadersTooLarge, RequestRejected
 from lb.http.head import ResponseHead, take_answer_head
@@ -73,13 +74,15 @@ def requested_state(header: str | None) -> str | None:
     Returns:
         "draining", or "up" (also for a missing header: no header returns the backend to normal).
     """
-    if any(value in _DRAIN_VALUES for value in _state_values(header)):
+    if any(value.lower() in _DRAIN_VALUES for value in _state_values(header)):
         return "draining"
     return "up"
 
 
 def _state_values(header: str | None) -> list[str]:
-    return [value.strip().lower() for value in (header or "").split(",")]
+    """The list's elements as sent, less the SP and HTAB around them (RFC 9110 OWS): not `str.strip()`,
+    which takes NBSP and NEL too, bytes 0xA0 and 0x85 that end UTF-8 characters (`à` is C3 A0)."""
+    return [value.strip(" \t") for value in (header or "").split(",")]
 
 
 class FirstProbes:
@@ -248,21 +251,24 @@ class HealthChecker:
 
     def _note_unknown(self, backend: BackendStatus, header: str | None) -> None:
         for value in _state_values(header):
-            if value not in _DRAIN_VALUES and value not in _UP_VALUES and value not in self._unknown_values:
+            lowered = value.lower()
+            if lowered not in _DRAIN_VALUES and lowered not in _UP_VALUES and lowered not in self._unknown_values:
                 self._say_unknown(backend, value)
                 return  # one line per answer at most
 
     def _say_unknown(self, backend: BackendStatus, value: str) -> None:
         if len(self._unknown_values) < 32:  # a backend cycling through junk values must not grow this forever
-            self._unknown_values.add(value)
+            self._unknown_values.add(value.lower())
             more = ""
         else:  # nor write a line at every check
             suppressed = self._unknown_said.due()
             if suppressed is None:
                 return
             more = f" ({suppressed} more unknown value(s) since the last report)" if suppressed else ""
+        # The value as the text its bytes spell in UTF-8 (`drainé`, not the latin-1 reading `drainÃ©`);
+        # bytes that are not UTF-8 show as `\udcXX` escapes in the repr.
         log.warning("backend %s/%s sent %s: %r, which is neither draining nor up: it does not ask to drain%s",
-                    self._pool.name, backend.id, STATE_HEADER, value[:40], more)
+                    self._pool.name, backend.id, STATE_HEADER, shortened(header_text(value), 40), more)
 
 
 _local_errors = Throttle()  # checks not made for want of our own descriptors or memory

@@ -243,6 +243,25 @@ def test_a_backend_that_sends_a_new_unknown_state_at_every_check_is_not_a_line_a
     assert "(967 more unknown value(s) since the last report)" in caplog.records[-1].getMessage()
 
 
+@pytest.mark.parametrize(
+    ("sent", "said"),
+    [("drainé".encode().decode("latin-1"), "'drainé'"), ("voilà".encode().decode("latin-1"), "'voilà'"),
+     ("Drain\xe9", "'Drain\\udce9'"),
+     ("x" * 60, "'" + "x" * 37 + "...'")],
+    ids=["utf-8", "utf-8 ending in 0xa0", "not utf-8", "long"],
+)
+def test_an_unknown_state_is_said_as_the_text_its_bytes_spell(
+    caplog: pytest.LogCaptureFixture, sent: str, said: str
+) -> None:
+    """The parser reads a field as latin-1 (one character a byte): UTF-8 `drainé` must not be logged as `drainÃ©`,
+    nor as it is once lower-cased or stripped of 0xA0 (NBSP to `str.strip()`, the last byte of `à`)."""
+    state = pool()
+    checker = HealthChecker(state, lambda change: None)
+    with caplog.at_level("WARNING", logger="lb.control.health"):
+        checker._note_unknown(state.backends["gw-1"], sent)
+    assert f"X-Backend-State: {said}, which is neither" in caplog.records[-1].getMessage()
+
+
 async def test_first_probes_of_many_new_loops_come_in_slices_in_order() -> None:
     """120 new loops: `at_once` first probes per slice, in the order the loops asked; one cancelled while
     it waits takes no place; once they are through, a new loop goes at the next turn."""
