@@ -33,6 +33,17 @@ def test_snapshot_lists_every_backend_escaped() -> None:
     assert "last_error: &lt;b&gt;SERVFAIL&lt;/b&gt;" in snapshot
 
 
+def test_snapshot_says_discovery_times_in_utc_as_the_logs_do() -> None:
+    """/status gives Unix seconds (for scripts); the page before its script ran printed them raw, and null as `None`."""
+    document = {"pools": {"gateways": {"backends": [], "discovery": {
+        "dns": "gw.internal", "last_ok": 1_764_892_800.25, "last_error": None, "last_error_at": None, "errors": 0,
+    }}}}
+    snapshot = render_snapshot(document)
+    assert ("discovery: dns: gw.internal, last_ok: 2025-12-05T00:00:00Z, last_error: -, last_error_at: never, "
+            "errors: 0</p>") in snapshot
+    assert "1764892800" not in snapshot and "None" not in snapshot
+
+
 def test_snapshot_shows_a_removed_backend_as_removed() -> None:
     """A backend gone from its pool is `removed` on the page, as in its live table and `lb ctl status`.
 
