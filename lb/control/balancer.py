@@ -1021,7 +1021,14 @@ class Balancer:
                       len(forgotten), ", ".join(f"{pool}/{backend}" for pool, backend in forgotten[:5]))
 
     def _merge_pool(self, config: PoolConfig, old: PoolState | None, cause: str = "reload") -> PoolState:
+        """`config`'s backends with their states: a kept one's, a removed one's still running tunnels
+        (`_retired`), or a new one's.  A backend that joins a pool already there (a reload or a DNS answer
+        adds it, or names one it had removed) ramps up over `slow_start` as one back up does: at full
+        weight from its first second, `least_conn` sent it every new client until it held as many as the
+        others (HAProxy ramps a server added at run time, too).  A new pool's backends take their full
+        weight, as at start: all ramping together, none would take fewer than the others."""
         backends: dict[str, BackendStatus] = {}
+        joined = time.time() if old is not None else None
         # A backend removed by an earlier reload whose tunnels still run comes back as itself: one backend,
         # one connection count (least_conn must see its live tunnels).  Looked up by id: a scan of the
         # retired list per backend was 9 million steps when a reload brought back 3,000 that one had
@@ -1034,8 +1041,9 @@ class Balancer:
                 if status is not None:
                     status.reason = _back_reason(status, cause)
                     status.changed_at = time.time()
+                    status.ramp_from = joined
             if status is None:
-                status = BackendStatus(config=backend_config, changed_at=time.time())
+                status = BackendStatus(config=backend_config, changed_at=time.time(), ramp_from=joined)
                 restored = cause == "DNS" and self._operator_states.restore(config.name, status) is not None
                 if restored and self.role is not Role.WORKER:  # said once, by the owner: workers follow its sets
                     log.info("discovery: %s/%s is back in DNS, still %s as an operator said", config.name,
