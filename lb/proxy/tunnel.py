@@ -307,8 +307,15 @@ class WebSocketServerEnd(TunnelEnd):
     """The backend side of a WebSocket tunnel: follows frame boundaries so a close can be injected."""
 
     __slots__ = (
-        "backend_closed_first", "close_by", "deadline", "frames", "pending_close", "silenced", "taken",
+        "backend_closed_first", "close_by", "deadline", "frames", "pending_close", "sent", "silenced", "taken",
+        "upload_end",
     )
+
+    # Set when our close goes out (`_send_close`), read only after, so not at each tunnel's start: the
+    # client's bytes read at the last look, and where the frame it was sending then ends
+    # (`still_uploading`), both as counted by the client end's `nbytes`.
+    sent: int
+    upload_end: int
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
         super().__init__(tunnel, peer)
@@ -473,17 +480,47 @@ class WebSocketServerEnd(TunnelEnd):
         # backend; whoever is slow to hang up after that is cut off, unless the client is still
         # taking what was sent before the close (`outlasts_linger`), until `close_by`.
         self.taken = taken_by(self.peer, self.nbytes)
+        uploading = self.tunnel.client_end
+        self.sent = uploading.nbytes
+        self.upload_end = uploading.nbytes + uploading.frames.left_in_frame
         self.deadline = self.tunnel.deadlines().call_later(CLOSE_LINGER, self.tunnel.close_or_abort)
 
     def outlasts_linger(self) -> bool:
-        """Our close frame went out behind bytes the client is still taking (a long frame, to a slow link):
-        its linger is renewed, up to `close_by`, rather than the client cut with the frame's end and the
-        close unread.  Looked at once per linger, as `_overdue` looks at a close still waiting."""
-        if not self.silenced or self.tunnel.client_end.peer.get_write_buffer_size():
+        """Our close frame went out behind bytes the client is still taking (a long frame, to a slow link),
+        or while the client is still sending a frame (`still_uploading`): its linger is renewed, up to
+        `close_by`, rather than the client cut with the frame's end and the close unread, or its message
+        cut short.  Looked at once per linger, as `_overdue` looks at a close still waiting."""
+        if not self.silenced:
+            return False
+        if self.still_uploading():
+            return True
+        if self.tunnel.client_end.peer.get_write_buffer_size():
             return False
         if not self.peer.get_write_buffer_size():
             return False  # all of it is the kernel's now: closing flushes it
         return self._still_taking(self.tunnel.close_or_abort)
+
+    def still_uploading(self) -> bool:
+        """Whether the client is still sending the frame it was in when our close went out, and sent some of
+        it since the last look; if so, the tunnel is looked at again then (`next_close_look`).
+
+        RFC 6455 §5.5.1 lets an endpoint finish the message it is sending before it answers a close, and a
+        browser's answer waits behind it in its socket: a message of some megabytes over a slow uplink was
+        cut CLOSE_LINGER after our close, lost to the backend, the client told 1006.  That frame's end is
+        known from its header (a fragmented message's later frames are not waited for); one more look
+        is given after it, for the close that follows.  A client paused behind a backend that takes
+        nothing sends nothing, so is not waited for; nor one past `close_by`.
+        """
+        client = self.tunnel.client_end
+        if self.sent >= self.upload_end or client.frames.close_seen or self.tunnel.client_finished:
+            return False
+        deadlines = self.tunnel.deadlines()
+        wait = next_close_look(self.sent, client.nbytes, deadlines.loop.time(), self.close_by)
+        if wait is None:
+            return False
+        self.sent = client.nbytes
+        self.deadline = deadlines.call_later(wait, self.tunnel.close_or_abort)
+        return True
 
     def _still_taking(self, look_again: Callable[[], None]) -> bool:
         """Whether the client took bytes since the last look and `close_by` is not past: if so, `look_again`

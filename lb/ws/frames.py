@@ -37,6 +37,11 @@ class FrameBoundaries:
     def at_boundary(self) -> bool:
         return self._remaining == 0 and not self._header
 
+    @property
+    def left_in_frame(self) -> int:
+        """Payload bytes of the frame in flight still to come: 0 at a boundary (and while a header is split)."""
+        return self._remaining
+
     def feed(self, data: bytes) -> None:
         """Advance over `data`."""
         self.first_boundary(data, stop=False)

@@ -254,6 +254,97 @@ def test_a_client_reading_past_the_shutdown_grace_is_cut_there(monkeypatch: pyte
     _run(scenario())
 
 
+def _upload_to_the_backend(client: FakeTransport, pieces: int, *, every: float = 0.005) -> asyncio.Future[None]:
+    """The client's frame goes on: 40 bytes every `every` seconds, `pieces` times (as `_stream_to_the_client`,
+    the other way); done when the last has gone or the tunnel has ended."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def feed(left: int) -> None:
+        if done.done():
+            return
+        if left == 0 or client.protocol.tunnel is None or client.protocol.tunnel.closed:
+            done.set_result(None)
+            return
+        client.protocol.data_received(b"u" * 40)
+        loop.call_later(every, feed, left - 1)
+
+    feed(pieces)
+    return done
+
+
+_UPLOAD_HEADER = b"\x82\xfe\x03\xe8" + b"mask"  # a masked 1000-byte binary frame's header: mid-frame after it
+_CLIENT_CLOSE = b"\x88\x82mask" + bytes(a ^ b for a, b in zip(b"\x03\xe8", b"ma", strict=True))
+
+
+@pytest.mark.parametrize("how", ["drain", "shutdown"])
+def test_a_client_still_sending_a_long_frame_when_our_close_goes_out_may_finish_it(
+    monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """RFC 6455 §5.5.1: an endpoint may finish the message it is sending before it answers a close.  The
+    upload goes on past many lingers: its backend gets all of it and the client's close, no cut (it was
+    cut CLOSE_LINGER after our close: the message lost, the client told 1006)."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_DEADLINE", 0.02)
+    monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.02)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport(half_close=True)
+        ctx, tunnel = _join(client, server)
+        client.protocol.data_received(_UPLOAD_HEADER)
+        if how == "drain":
+            tunnel.close_gracefully(1012, "service restart", cause="drain")
+        else:
+            ctx.spread_until = asyncio.get_running_loop().time() + 10.0
+            tunnel.shut_down()
+        assert client.written.endswith(close_frame(*((1012, "service restart") if how == "drain"
+                                                     else (1001, "balancer shutting down"))))
+        await _upload_to_the_backend(client, 25)  # the frame's 1000 bytes, over some five lingers
+        assert not tunnel.closed, "a client still sending its message was cut"
+        client.protocol.data_received(_CLIENT_CLOSE)
+        assert bytes(server.written) == _UPLOAD_HEADER + b"u" * 1000 + _CLIENT_CLOSE
+        server.protocol.eof_received()  # the backend answers the client's close by hanging up
+        assert tunnel.closed and not client.aborted and not server.aborted
+        assert ctx.stats.balancer_closes[(how, "close_frame")] == 1
+
+    _run(scenario())
+
+
+@pytest.mark.parametrize("stall", ["stops sending", "sends past its frame", "past the bound"])
+def test_an_upload_is_waited_for_only_while_its_frame_comes_and_within_the_close_bound(
+    monkeypatch: pytest.MonkeyPatch, stall: str
+) -> None:
+    """A client that stops mid-frame, or goes on to other frames without answering our close, or is still
+    sending when the close's bound (the shutdown grace) passes, is let go at the next look."""
+    monkeypatch.setattr(tunnel_module, "CLOSE_DEADLINE", 0.02)
+    monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.02)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        ctx, tunnel = _join(client, server)
+        client.protocol.data_received(_UPLOAD_HEADER)
+        loop = asyncio.get_running_loop()
+        ctx.spread_until = loop.time() + (0.1 if stall == "past the bound" else 10.0)
+        tunnel.shut_down()
+        started = loop.time()
+        if stall == "stops sending":
+            await _upload_to_the_backend(client, 5)
+        elif stall == "sends past its frame":
+            await _upload_to_the_backend(client, 25)
+            client.protocol.data_received(_UPLOAD_HEADER)  # a second message, no close
+            await asyncio.wait_for(_upload_to_the_backend(client, 1000), 5.0)  # ends when the tunnel does
+        else:
+            client.protocol.data_received(b"\x82\xff" + (1 << 40).to_bytes(8, "big") + b"mask")
+            await asyncio.wait_for(_upload_to_the_backend(client, 10_000), 5.0)
+        await asyncio.sleep(0.1)
+        assert tunnel.closed, "an upload that stopped, or went past its frame or the bound, kept the tunnel"
+        if stall == "past the bound":
+            assert loop.time() >= ctx.spread_until > started
+        elif stall == "sends past its frame":
+            assert loop.time() - started < 1.0
+
+    _run(scenario())
+
+
 def test_close_sent_but_not_taken_is_cut_after_the_linger(monkeypatch: pytest.MonkeyPatch) -> None:
     """At a boundary the close goes out; a client whose buffer never drains is aborted after the linger."""
     monkeypatch.setattr(tunnel_module, "CLOSE_LINGER", 0.05)
