@@ -1026,9 +1026,12 @@ class Balancer:
         adds it, or names one it had removed) ramps up over `slow_start` as one back up does: at full
         weight from its first second, `least_conn` sent it every new client until it held as many as the
         others (HAProxy ramps a server added at run time, too).  A new pool's backends take their full
-        weight, as at start: all ramping together, none would take fewer than the others."""
+        weight, as at start (discovery's first answers included): all ramping together, none would take
+        fewer than the others."""
         backends: dict[str, BackendStatus] = {}
-        joined = time.time() if old is not None else None
+        # Only once serving: discovery's first answers, applied while the balancer starts (before its first
+        # client), are its starting set, which takes its full weight as a static one does.
+        joined = time.time() if old is not None and self.ready else None
         # A backend removed by an earlier reload whose tunnels still run comes back as itself: one backend,
         # one connection count (least_conn must see its live tunnels).  Looked up by id: a scan of the
         # retired list per backend was 9 million steps when a reload brought back 3,000 that one had

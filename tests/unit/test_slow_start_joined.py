@@ -69,3 +69,16 @@ async def test_a_backend_a_dns_answer_adds_ramps_up(tmp_path: Path) -> None:
         assert weights["a"] == 10.0 and 0 < weights["d"] < 1.0, weights
     finally:
         await balancer.stop()
+
+
+async def test_discoverys_first_answer_at_start_takes_its_full_weight(tmp_path: Path) -> None:
+    """The set discovery's first lookups find while the balancer starts is its starting set: no ramp, as
+    for static backends (it ramped as if added to a running pool: every discovered gateway at a tenth)."""
+    path = tmp_path / "lb.yaml"
+    path.write_text(_config(_A, discovery=True))
+    balancer = Balancer(load_config(path), path)
+    # As discovery's first lookups apply their answer: before the balancer is ready.
+    balancer.update_discovered("p", (BackendConfig(id="d", host="127.0.0.1", port=39, weight=10),))
+    assert _weights(balancer, "p") == {"a": 10.0, "d": 10.0}
+    await balancer.start()
+    await balancer.stop()
