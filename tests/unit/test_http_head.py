@@ -17,6 +17,7 @@ from lb.http.head import (
     parse_request_head,
     parse_response_head,
     render_head,
+    take_answer_bytes,
     take_answer_head,
 )
 
@@ -468,12 +469,23 @@ def test_an_answer_head_trickled_byte_by_byte_is_taken_whole_and_the_rest_stays(
         (b"HTTP/1.1 200 OK\nContent-Length: 0\n", "not an HTTP/1.x head"),
         (b"HTTP/1.1 000 Zero\r\n\r\n", "status code 000"),
         (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 5000, "answer head exceeds 4096 bytes"),
+        (b"HTTP 200 OK\r\n", "not an HTTP/1.x head"),
     ],
-    ids=["banner", "bare-lf", "status-000", "too-large"],
+    ids=["banner", "bare-lf", "status-000", "too-large", "no-slash"],
 )
 def test_an_answer_that_is_not_http_says_so_at_once(wire: bytes, error: str) -> None:
     with pytest.raises(RequestRejected, match=error):
         take_answer_head(bytearray(wire), 0, 4096)
+
+
+def test_an_answer_head_of_exactly_the_limit_is_taken_and_one_that_fills_it_unfinished_is_too_large() -> None:
+    """A backend's head of `limit` bytes fits; an unfinished one that fills the limit can only grow past it."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    buffer = bytearray(head + b"next")
+    assert take_answer_bytes(buffer, 0, len(head)) == head and buffer == b"next"
+    assert take_answer_bytes(bytearray(head[:-1]), 0, len(head)) is None
+    with pytest.raises(HeadersTooLarge, match=f"answer head exceeds {len(head) - 1} bytes"):
+        take_answer_bytes(bytearray(head[:-1]), 0, len(head) - 1)
 
 
 @pytest.mark.parametrize("target", ["/", "/a/x", "http://evil.example/admin"])

@@ -266,6 +266,8 @@ ALIASES = [
     "X_LB_Affinity",
     "Content_Length",
     "Transfer_Encoding",
+    "Sec_WebSocket_Version",
+    "Sec-WebSocket_Extensions",
     "Host_",
 ]
 
