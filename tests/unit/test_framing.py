@@ -211,6 +211,8 @@ MALFORMED_CHUNKED = {
     "CR inside a trailer name": b"0\r\nX\rA: c\r\n",
     "CR before any digit": b"5\r\nhello\r\n\r",
     "CR alone": b"\r",
+    "blank size line": b" \r\n",
+    "tab as the size line": b"\t\r\n",
 }
 
 
@@ -225,10 +227,22 @@ def test_malformed_chunked_raises(body: bytes) -> None:
             framer.feed(bytes([byte]))
 
 
+@pytest.mark.parametrize("first", [b"\r", b"\n", b";", b" ", b"\t"], ids=["CR", "LF", "semicolon", "space", "tab"])
+def test_a_size_line_is_refused_at_a_first_byte_no_size_begins_with(first: bytes) -> None:
+    """A chunk-size line starts with a hex digit: any other first byte raises there, not at the line's end."""
+    with pytest.raises(ValueError, match="malformed chunk size"):
+        BodyFramer(length=None, chunked=True).feed(first)
+    framer = BodyFramer(length=None, chunked=True)
+    assert framer.feed(b"1\r\nx\r\n") is None
+    with pytest.raises(ValueError, match="malformed chunk size"):
+        framer.feed(first)
+
+
 @pytest.mark.parametrize(
-    "name", ["X-Forwarded-For", "x_forwarded_for", "X-Forwarded-Anything", "Content-Length", "Transfer-Encoding",
-             "Host", "X-Real-IP", "Forwarded", "X-LB-Affinity", "X-Game-Affinity", "Proxy-Connection", "Keep_Alive",
-             "TE", "Connection", "Upgrade", "Cookie", "Sec-WebSocket-Key", "sec_websocket_protocol"],
+    "name", ["X-Forwarded-For", "x_forwarded_for", "X-Forwarded-Anything", "x_forwarded_anything", "Trailer",
+             "Content-Length", "Transfer-Encoding", "Host", "X-Real-IP", "Forwarded", "X-LB-Affinity",
+             "X-Game-Affinity", "Proxy-Connection", "Keep_Alive", "TE", "Connection", "Upgrade", "Cookie",
+             "Sec-WebSocket-Key", "sec_websocket_protocol"],
 )
 def test_a_request_trailer_named_like_a_protected_header_is_refused(name: str) -> None:
     """A backend that merges trailers into the head must not find ours (or framing) there: refused,
