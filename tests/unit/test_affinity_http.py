@@ -90,6 +90,12 @@ def test_no_token_anywhere() -> None:
     assert lookup.claim is None and lookup.token is None and lookup.rejected == {}
 
 
+def test_a_query_parameter_without_a_value_is_no_token() -> None:
+    """`?lb_affinity` (no `=`) carries no token: nothing is opened, so nothing is counted invalid."""
+    lookup = find_token(request("/ws?lb_affinity&a=1"), INSERT, CODEC, NOW)
+    assert lookup.claim is None and lookup.token is None and lookup.rejected == {}
+
+
 @pytest.mark.parametrize(
     ("req", "from_cookie"),
     [
