@@ -90,8 +90,11 @@ def test_token_is_url_safe_unpadded_text() -> None:
         (Claim(backend_id="gw-1", issued_at=ISSUED, session=b"short"), NONCE),
         (CLAIM, b"short"),
         (CLAIM, NONCE + b"x"),
+        (Claim(backend_id="gw-1", issued_at=ISSUED, session=SESSION, pool="p" * 256), NONCE),
+        (Claim(backend_id="gw-1", issued_at=ISSUED, session=SESSION, pool="é" * 128), NONCE),
     ],
-    ids=["id over 255 bytes", "id over 255 utf-8 bytes", "short session", "short nonce", "long nonce"],
+    ids=["id over 255 bytes", "id over 255 utf-8 bytes", "short session", "short nonce", "long nonce",
+         "pool over 255 bytes", "pool over 255 utf-8 bytes"],
 )
 def test_seal_refuses_claims_that_do_not_fit(claim: Claim, nonce: bytes) -> None:
     """seal raises ValueError for claims or nonces the layout cannot hold."""
@@ -245,8 +248,10 @@ def test_malformed_tokens_are_invalid(token: str) -> None:
         "A" * (MAX_TOKEN_CHARS + 1),
         TOKEN + "A" * ((1 - len(TOKEN)) % 4),
         TOKEN[:40],
+        TOKEN[:4] + "A" * MAX_TOKEN_CHARS,  # our version and key id, then zeros: canonical base64, too long
     ],
-    ids=["empty", "one char", "padding", "space", "non-ASCII", "overlong", "length 4n+1", "too short"],
+    ids=["empty", "one char", "padding", "space", "non-ASCII", "overlong", "length 4n+1", "too short",
+         "overlong with our header"],
 )
 def test_malformed_reason(token: str) -> None:
     """Text that is not a token at all is counted as "malformed"."""
