@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lb.affinity.decision import decide
@@ -255,6 +257,43 @@ def test_redispatch_never_goes_to_a_draining_backend() -> None:
     mark_down(pool, "gw-1")
     pool.apply_admin("gw-2", AdminAction.DRAIN, 1.0)
     assert {decide("gw-1", pool).backend.id for _ in range(6)} == {"gw-3"}
+
+
+def _pinned_backend_in(pool: PoolState, condition: str) -> None:
+    """Put gw-1 in `condition`, its state changed at t=100 (what redispatch_grace counts from)."""
+    backend = pool.backends["gw-1"]
+    if condition.startswith("down"):
+        for _ in range(pool.config.health_check.fall):
+            pool.record_probe("gw-1", False, 100.0, "refused")
+        if condition == "down, then disabled":
+            pool.apply_admin("gw-1", AdminAction.DISABLE, 100.0)
+        backend.changed_at = 100.0
+        return
+    backend.config = dataclasses.replace(backend.config, max_connections=1)
+    backend.connections = 1
+    if condition == "full and draining":
+        pool.apply_admin("gw-1", AdminAction.DRAIN, 100.0)
+
+
+@pytest.mark.parametrize(
+    ("condition", "now", "keeps_pin"),
+    [
+        ("down", 129.0, True),
+        ("down", 130.0, False),  # the grace is over at its end
+        ("down, then disabled", 101.0, False),  # an operator's disable is no passing condition
+        ("full", 500.0, True),
+        ("full and draining", 500.0, False),  # its clients are being moved anyway
+        ("full and draining", 110.0, False),  # drained 10 s ago: the grace is for a backend that is down
+    ],
+)
+def test_a_redispatched_client_keeps_its_pin_only_while_its_backend_may_take_it_back(
+    condition: str, now: float, keeps_pin: bool
+) -> None:
+    """Served elsewhere, a client keeps its cookie while its backend is briefly down (redispatch_grace) or full."""
+    pool = make_pool("gw-1", "gw-2")
+    _pinned_backend_in(pool, condition)
+    decision = decide("gw-1", pool, session=b"\x01" * 8, now=now, grace=30.0)
+    assert (decision.backend.id, decision.reason, decision.issue_cookie) == ("gw-2", "redispatch", not keeps_pin)
 
 
 @pytest.mark.parametrize("claimed", ["gw-9", "", "GW-1"])
