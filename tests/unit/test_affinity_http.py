@@ -15,9 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb.affinity.carriers import (
+    MAX_COOKIE_PAIR,
     MAX_SEALS,
     TokenLookup,
     find_token,
+    fitting_value,
     our_set_cookie,
     plan_forward,
     rewrite_response_cookies,
@@ -419,6 +421,39 @@ def test_rewrite_mode_counts_no_invalid_token_for_a_value_of_the_backends_own(pl
     assert broken.rejected == {tamper(APP_TOKEN): "bad_mac"}
     mixed = find_token(request("/ws", ("Cookie", f"SESSIONID={APP_TOKEN}.{plain}")), REWRITE, CODEC, NOW)
     assert mixed.token == APP_TOKEN and mixed.rejected == {}
+
+
+def test_rewrite_mode_counts_junk_in_the_header_or_the_query_as_an_invalid_token() -> None:
+    """Only the cookie holds the backend's own values: our header and query parameter carry nothing but tokens,
+    so a value there that does not open is a token treated as absent, counted by its reason."""
+    req = request("/ws?lb_affinity=abc", ("Cookie", "SESSIONID=abc123"), ("X-LB-Affinity", "junk"))
+    lookup = find_token(req, REWRITE, CODEC, NOW)
+    assert lookup.claim is None and lookup.rejected == {"junk": "malformed", "abc": "malformed"}
+
+
+def test_of_two_cookie_values_issued_in_the_same_second_the_first_routes() -> None:
+    """Only a younger value takes the place of the first: one of the same age does not."""
+    first, second = seal("gw-1", nonce=1), seal("gw-2", nonce=2)
+    lookup = find_token(request("/ws", ("Cookie", f"LB_AFFINITY={first}; LB_AFFINITY={second}")), INSERT, CODEC, NOW)
+    assert lookup.claim is not None and lookup.claim.backend_id == "gw-1" and lookup.token == first
+
+
+@pytest.mark.parametrize(
+    ("others", "token", "expected"),
+    [
+        ((), "t" * (MAX_COOKIE_PAIR - 3), "t" * (MAX_COOKIE_PAIR - 3)),  # `LB=` and the value: 4096 bytes
+        ((), "t" * (MAX_COOKIE_PAIR - 2), None),
+        (("p",), "t" * (MAX_COOKIE_PAIR - 5), "p." + "t" * (MAX_COOKIE_PAIR - 5)),
+        (("p",), "t" * (MAX_COOKIE_PAIR - 4), "t" * (MAX_COOKIE_PAIR - 4)),  # the other pool's pin gives way
+    ],
+    ids=["token fits", "token one over", "pins fit", "pins one over"],
+)
+def test_a_cookie_value_fits_a_browsers_4096_bytes_with_its_name_and_equals_sign(
+    others: tuple[str, ...], token: str, expected: str | None
+) -> None:
+    """Browsers drop a cookie whose `name=value` passes 4096 bytes: other pins give way first, then the value
+    passes unsealed."""
+    assert fitting_value("LB", others, token) == expected
 
 
 @pytest.mark.parametrize("size", [16, 32, 43])
