@@ -156,6 +156,27 @@ def test_slow_start_ramps_the_dynamic_balancers_only(balance: BalanceMethod, ram
     assert candidate.weight == (pytest.approx(0.4) if ramps else 4)
 
 
+@pytest.mark.parametrize(("since", "weight"), [(0.0, 0.2), (1.2, 0.2), (6.0, 0.4), (60.0, 4)])
+def test_slow_start_never_quite_starts_from_zero(since: float, weight: float) -> None:
+    """Back up, a backend's weight ramps from 5% of its own to the whole over slow_start."""
+    backend_config = BackendConfig("gw-1", "127.0.0.1", 9001, weight=4)
+    state = PoolState(config=PoolConfig(name="p", backends=(backend_config,), slow_start=60.0))
+    state.apply_admin("gw-1", AdminAction.DISABLE, 1.0)
+    state.apply_admin("gw-1", AdminAction.ENABLE, 2.0)
+    (candidate,) = state.new_client_candidates(now=2.0 + since)
+    assert candidate.weight == pytest.approx(weight)
+
+
+def test_an_operators_drain_is_the_reason_even_while_the_backend_asks_to_drain_too() -> None:
+    """`; backend still asks to drain` is said of an enabled backend only: drained, the operator's act is the reason."""
+    state = PoolState(config=PoolConfig(name="p", backends=(BackendConfig("gw-1", "127.0.0.1", 9001),)))
+    state.record_requested_state("gw-1", True, 1.0)
+    state.apply_admin("gw-1", AdminAction.DRAIN, 2.0)
+    assert state.backends["gw-1"].reason == "operator: drain"
+    state.apply_admin("gw-1", AdminAction.ENABLE, 3.0)
+    assert state.backends["gw-1"].reason == "operator: enable; backend still asks to drain"
+
+
 @pytest.mark.parametrize(
     ("error", "local"),
     [

@@ -296,6 +296,18 @@ def test_a_redispatched_client_keeps_its_pin_only_while_its_backend_may_take_it_
     assert (decision.backend.id, decision.reason, decision.issue_cookie) == ("gw-2", "redispatch", not keeps_pin)
 
 
+def test_a_backend_whose_tunnels_a_drain_is_closing_sends_its_cookie_holders_elsewhere_until_an_operator_acts() -> None:
+    """A drain that migrates (closes tunnels) redispatches the clients who reconnect; the next act stops it."""
+    pool = make_pool("gw-1", "gw-2")
+    pool.apply_admin("gw-1", AdminAction.DRAIN, 1.0)
+    pool.backends["gw-1"].migrating = True
+    decision = decide("gw-1", pool)
+    assert (decision.backend.id, decision.reason, decision.issue_cookie) == ("gw-2", "redispatch", True)
+    pool.apply_admin("gw-1", AdminAction.ENABLE, 2.0)
+    assert not pool.backends["gw-1"].migrating
+    assert (decide("gw-1", pool).backend.id, decide("gw-1", pool).reason) == ("gw-1", "hit")
+
+
 @pytest.mark.parametrize("claimed", ["gw-9", "", "GW-1"])
 def test_token_for_unknown_backend_is_invalid(claimed: str) -> None:
     """A token naming a backend the pool does not have is treated as absent (reason "invalid")."""
