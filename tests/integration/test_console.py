@@ -31,9 +31,11 @@ from conftest import (
     http_get_async,
     lb_config,
     new_key,
+    recv_hello,
     run_ctl,
     visit,
     wait_for_state,
+    ws_connect,
 )
 from support_ops import BlackHole, admin_request, launched, token_of, visit_until, wait_until
 
@@ -356,6 +358,10 @@ def total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **m
     return sum(v for labels, v in samples.get(name, []) if all(labels.get(k) == want for k, want in match.items()))
 
 
+def present(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **match: str) -> bool:
+    return any(all(labels.get(k) == want for k, want in match.items()) for labels, _ in samples.get(name, []))
+
+
 async def test_handshake_histogram_counts_every_handshake(console: ConsoleStack) -> None:
     """lb_handshake_duration_seconds{pool} counts exactly the handshakes answered by a backend; buckets add up."""
     lb = console.b
@@ -395,16 +401,26 @@ async def test_backend_error_and_health_check_counters(console: ConsoleStack) ->
 async def test_status_counters_are_metrics(console: ConsoleStack) -> None:
     """Every per-backend counter /status shows is in /metrics with the same value."""
     lb = console.b
-    await visit(lb.ws_url())
-    await asyncio.sleep(0)  # no traffic between the two reads below
-    _, document = await admin_get(lb, "/status")
-    samples = await scrape(lb)
-    for backend in document["pools"]["gateways"]["backends"]:
+    pinned = await visit(lb.ws_url())
+    await visit(lb.ws_url(), cookie=token_of(pinned))  # an affinity hit: not every counter is 0
+    async with ws_connect(lb.ws_url(), cookie=token_of(pinned)) as (ws, _):
+        await recv_hello(ws)  # one live tunnel while both are read
+        await asyncio.sleep(0)  # no traffic between the two reads below
+        _, document = await admin_get(lb, "/status")
+        samples = await scrape(lb)
+    backends = document["pools"]["gateways"]["backends"]
+    assert {backend["id"] for backend in backends} == {g.id for g in console.gateways}, backends
+    home = next(backend for backend in backends if backend["id"] == pinned.server_id)
+    assert home["handshakes"] >= 3 and home["affinity_hits"] >= 2 and home["connections"] >= 1, home
+    for backend in backends:
         labels = {"pool": "gateways", "backend": backend["id"]}
-        assert total(samples, "lb_backend_handshakes_total", **labels) == backend["handshakes"]
-        assert total(samples, "lb_backend_affinity_hits_total", **labels) == backend["affinity_hits"]
-        assert total(samples, "lb_backend_redispatches_total", **labels) == backend["redispatches"]
-        assert total(samples, "lb_active_connections", **labels) == backend["connections"]
+        for name, key in (("lb_backend_handshakes_total", "handshakes"),
+                          ("lb_backend_affinity_hits_total", "affinity_hits"),
+                          ("lb_backend_redispatches_total", "redispatches"),
+                          ("lb_active_connections", "connections")):
+            # In /metrics, not only equal: a missing series would read as 0 and match a 0 in /status.
+            assert present(samples, name, **labels), f"{name} {labels} is not in /metrics"
+            assert total(samples, name, **labels) == backend[key], (name, labels, backend)
 
 
 # ---------------------------------------------------------------------------------------------------
