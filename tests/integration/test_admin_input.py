@@ -125,6 +125,7 @@ async def test_an_admin_error_body_holds_no_client_input_and_its_log_line_names_
 async def test_every_admin_error_answer_is_logged_with_its_request_id(
     stack: Stack, method: str, path: str, status: int
 ) -> None:
+    """SPEC errors: an admin error answer carries a request id (header and body) that its log line also carries."""
     reply = await admin_request(stack.balancer, method, path)
     assert reply.status == status
     headers = {name.lower(): value for name, value in reply.headers.items()}
@@ -310,11 +311,13 @@ async def test_oversized_request_heads_get_a_json_error_echoing_nothing(
 
 
 async def test_lookup_refuses_unknown_parameters(stack: Stack) -> None:
+    """/lookup with a parameter it does not know (a typo) is a 400 naming the fault, not a silent answer."""
     code, _, text = await get_raw(stack.balancer, "/lookup?token=abc&tokne=abc")
     assert code == 400 and "unknown parameter" in json.loads(text)["error"], text
 
 
 async def test_lookup_refuses_an_empty_pool_rather_than_searching_every_pool(stack: Stack) -> None:
+    """/lookup?pool= (empty) is a 400, not a search of every pool."""
     code, _, text = await get_raw(stack.balancer, "/lookup?token=abc&pool=")
     assert code == 400 and "pool" in json.loads(text)["error"], text
 
@@ -323,6 +326,7 @@ async def test_lookup_refuses_an_empty_pool_rather_than_searching_every_pool(sta
     "path", ["/status?verbose=1", "/nowhere", "/lookup", "/pools/nope/route?key=1", "/pools/gateways/route?key=1"]
 )
 async def test_every_admin_error_carries_a_request_id(stack: Stack, path: str) -> None:
+    """SPEC errors: every admin error body carries a request id (the log carries it too)."""
     code, _, text = await get_raw(stack.balancer, path)
     answer = json.loads(text)
     assert code >= 400 and isinstance(answer.get("request_id"), str) and answer["request_id"], answer

@@ -69,6 +69,8 @@ def context() -> tuple[ProxyContext, Any]:
 
 @pytest.mark.parametrize("end", ["client FIN after the close handshake", "backend hangs up"])
 async def test_a_closed_tunnel_cuts_a_client_that_never_reads(end: str) -> None:
+    """A tunnel that has ended (close handshake and FIN, or the backend gone) cuts a client that never reads once
+    FLUSH_STALL passes, and counts nothing of it."""
     loop = asyncio.get_running_loop()
     ctx, backend = context()
     accepted: asyncio.Future[asyncio.Transport] = loop.create_future()
@@ -134,6 +136,8 @@ ANSWER_BODY = 60 * 1024  # under the 64 KiB high-water mark: relayed whole, so t
 async def test_a_complete_answer_is_flushed_to_a_slow_reader_and_cut_for_one_that_never_reads(
     tmp_path: Path, reader: str
 ) -> None:
+    """A complete plain answer reaches a slow reader whole; a client that reads none of it is reset after FLUSH_STALL
+    and no longer counted."""
     loop = asyncio.get_running_loop()
 
     async def gateway(reader_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -158,6 +158,7 @@ async def test_lookup_with_the_token_given_twice_is_400(console: ConsoleStack) -
 
 
 async def test_lookup_without_token_parameter_is_400(console: ConsoleStack) -> None:
+    """SPEC /lookup: without a `token` parameter the answer is 400 saying so."""
     code, answer = await admin_get(console.a, "/lookup", token=console.a.token)
     assert code == 400 and "token" in answer["error"]
 
@@ -167,6 +168,7 @@ async def test_lookup_without_token_parameter_is_400(console: ConsoleStack) -> N
     [("not a token", "malformed"), ("A" * 5000, "malformed"), ("AAAA", "malformed")],
 )
 async def test_lookup_garbage_is_an_answer_not_an_error(console: ConsoleStack, token: str, reason: str) -> None:
+    """SPEC /lookup: a malformed token is a 200 `{"valid": false, "reason": "malformed"}`, not an error."""
     code, answer = await lookup(console.a, token)
     assert code == 200
     assert answer == {"valid": False, "reason": reason}
@@ -181,6 +183,7 @@ async def test_lookup_foreign_key_token(console: ConsoleStack) -> None:
 
 
 async def test_lookup_tampered_token(console: ConsoleStack) -> None:
+    """SPEC /lookup: a token with one character changed is `{"valid": false, "reason": "bad_mac"}`."""
     token = token_of(await visit(console.a.ws_url()))
     middle = len(token) // 2
     tampered = token[:middle] + ("A" if token[middle] != "A" else "B") + token[middle + 1 :]
@@ -247,6 +250,7 @@ def test_ctl_status_table(console: ConsoleStack) -> None:
 
 
 def test_ctl_status_json(console: ConsoleStack) -> None:
+    """SPEC `lb ctl status --json`: exit 0 and the /status document, every backend of the pool in order."""
     done = ctl(*admin_args(console.a), "status", "--json")
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)
@@ -296,6 +300,8 @@ def test_ctl_exit_codes_on_errors(console: ConsoleStack) -> None:
 
 
 def test_ctl_url_and_token_from_environment(console: ConsoleStack) -> None:
+    """SPEC `lb ctl`: the admin URL and token default from LB_ADMIN_URL / LB_ADMIN_TOKEN (an action succeeds with
+    neither flag)."""
     lb = console.a
     env = {"LB_ADMIN_URL": lb.admin_url(""), "LB_ADMIN_TOKEN": lb.token}
     done = ctl("enable", "gateways", console.gateways[1].id, env=env)
@@ -318,6 +324,8 @@ def test_ctl_url_and_token_from_config(console: ConsoleStack, tmp_path: Path) ->
 
 
 async def test_ctl_lookup(console: ConsoleStack) -> None:
+    """SPEC `lb ctl lookup TOKEN`: the /lookup answer (exit 0, also for an invalid token); without the admin
+    token, exit 1 with the 401."""
     v = await visit(console.a.ws_url())
     token = token_of(v)
     done = ctl(*admin_args(console.a), "lookup", token, "--json")
@@ -512,6 +520,8 @@ def test_grafana_dashboard_panels() -> None:
 
 
 def test_alert_rules_cover_the_incidents() -> None:
+    """The shipped Prometheus rules alert on each incident an operator must hear of (backend down, no healthy backend,
+    redispatch spike, error ratio, failed reload, drift, stale discovery)."""
     alerts = {rule["alert"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]}
     assert {"LbBackendDown", "LbPoolNoHealthyBackend", "LbRedispatchSpike", "LbHandshakeErrorRatio",
             "LbConfigReloadFailed", "LbConfigDrift", "LbDiscoveryStale"} <= alerts
@@ -519,6 +529,7 @@ def test_alert_rules_cover_the_incidents() -> None:
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package: prometheus)")
 def test_promtool_accepts_the_rules() -> None:
+    """`promtool check rules` accepts the shipped alert rules."""
     done = subprocess.run(
         ["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60, check=False,
         env={**os.environ},

@@ -133,6 +133,7 @@ def ctl(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Compl
 
 
 def test_a_redirect_is_not_followed_and_never_carries_the_token() -> None:
+    """`lb ctl` does not follow an admin redirect (exit 1 saying so): the bearer token never goes elsewhere."""
     with scripted(answer("200 OK", b"{}")) as elsewhere:
         to = f"Location: {elsewhere.url}/status\r\n"
         with scripted(answer("302 Found", b"", extra=to)) as admin:
@@ -261,6 +262,8 @@ def test_a_401_s_hint_follows_its_reason(configured: bool, hint: str) -> None:
 
 
 def test_an_html_error_page_is_one_readable_line() -> None:
+    """`lb ctl` against an HTML error page (a proxy's 502) exits 1 with one line naming the status, no markup or escape
+    sequence."""
     page = b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad \x1b[31mGateway</h1></body></html>"
     with scripted(answer("502 Bad Gateway", page, "text/html")) as admin:
         done, _ = ctl("--admin", admin.url, "status")
@@ -270,6 +273,8 @@ def test_an_html_error_page_is_one_readable_line() -> None:
 
 
 def test_an_html_page_with_200_is_not_taken_for_an_answer() -> None:
+    """`lb ctl`: a 200 that is not JSON (a captive or proxy page) is exit 1, "not JSON", never taken as the API's
+    answer."""
     with scripted(answer("200 OK", b"<html>welcome</html>", "text/html")) as admin:
         done, _ = ctl("--admin", admin.url, "status")
     assert done.returncode == 1 and "not JSON" in done.stderr, done
@@ -318,6 +323,7 @@ def test_a_tls_handshake_that_drips_is_given_up_on_within_the_timeout() -> None:
 
 
 def test_escape_sequences_in_an_answer_never_reach_the_terminal() -> None:
+    """`lb ctl`: control and invisible characters in the admin API's answer or error never reach the terminal."""
     document = {
         "pools": {"p\x1b[2J": {"backends": [
             {"id": "gw\x1b]0;owned\x07", "address": "127.0.0.1:1", "state": "up\r", "reason": "\x1b[1Ahidden"},
@@ -344,6 +350,7 @@ def test_escape_sequences_in_an_answer_never_reach_the_terminal() -> None:
     ids=["pool not an object", "backends not objects", "backends not a list", "not an object"],
 )
 def test_a_status_of_the_wrong_shape_is_an_error_not_a_traceback(document: object) -> None:
+    """`lb ctl status`: a /status document of the wrong shape is exit 1 "unexpected answer", never a traceback."""
     with scripted(answer("200 OK", json.dumps(document).encode())) as admin:
         done, _ = ctl("--admin", admin.url, "status")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done
@@ -401,6 +408,7 @@ def test_a_2xx_json_answer_that_is_not_the_admin_apis_is_exit_1(command: list[st
     ],
 )
 def test_the_admin_apis_own_answers_are_exit_0(command: list[str], document: object, printed: str) -> None:
+    """SPEC `lb ctl`: every answer the admin API gives on success prints and exits 0."""
     with scripted(answer("200 OK", json.dumps(document).encode())) as admin:
         done, _ = ctl("--admin", admin.url, "--token", "t", *command)
     assert done.returncode == 0 and printed in done.stdout, done

@@ -104,6 +104,7 @@ def test_manifest_validates(path: Path) -> None:
 
 
 def test_the_oldest_kubernetes_checked_is_the_one_readme_names() -> None:
+    """The oldest Kubernetes version the manifests are validated against is the one README names."""
     major_minor = OLDEST_KUBERNETES.rsplit(".", 1)[0]
     assert f"Kubernetes {major_minor} or newer" in (ROOT / "README.md").read_text()
 
@@ -391,6 +392,8 @@ def test_nlb_overlay_gates_readiness_on_the_target_group() -> None:
 
 
 def test_containerfile_is_slim_non_root_uvloop_lb_run() -> None:
+    """SPEC deployment: the container build uses slim images, runs as a non-root user, ships uvloop, and
+    starts `lb run --config /etc/lb/lb.yaml`."""
     text = (DEPLOY / "Containerfile").read_text()
     # FROM ${BASE}: the base is an ARG (make image swaps in a local one); its default is what ships.
     args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))

@@ -146,6 +146,7 @@ async def test_admin_unknown_target_is_404(lb: Balancer, path: str) -> None:
     ids=["rate 0", "rate word", "bad duration", "negative rate"],
 )
 async def test_admin_bad_migration_params_are_400(lb: Balancer, ops: OpsStack, params: dict[str, str]) -> None:
+    """A drain with a bad `rate` or `close_after` is a 400 and leaves the backend `up`."""
     code, body, _ = await admin_post(lb, f"/pools/{POOL}/backends/{ops.ids[0]}/drain", params=params)
     assert code == 400, body
     assert (await backend_state(lb, ops.ids[0]))["state"] == "up"

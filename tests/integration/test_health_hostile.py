@@ -152,6 +152,8 @@ def hostile() -> Iterator[list[HealthScript]]:
 async def test_hostile_health_answers_are_bounded_and_judged_by_their_head(
     launcher: Launcher, hostile: list[HealthScript]
 ) -> None:
+    """Hostile health answers (huge, stalled, endless, malformed) get a stable verdict from their head, cost a bounded
+    read per probe, and show a bounded reason in /status."""
     health: dict[str, Any] = {"type": "http", "path": "/health", "interval": "300ms", "timeout": "1s",
                               "rise": 1, "fall": 1}
     lb = launcher.balancer(lb_config(pools={"gateways": hostile}, health=health))

@@ -76,6 +76,8 @@ def tls_balancer(launcher: Launcher, backend: RecordingBackend, certs: Path) -> 
 async def test_stalled_tls_handshake_is_closed_on_time(
     launcher: Launcher, backend: RecordingBackend, certs: Path
 ) -> None:
+    """SPEC errors: a TLS client that sends nothing, or half a ClientHello, is closed once timeouts.handshake has
+    passed."""
     lb = tls_balancer(launcher, backend, certs)
     assert lb.tls_port is not None
     for opening in (b"", b"\x16\x03\x01\x00\xff"):  # nothing at all, or half a ClientHello
@@ -403,6 +405,8 @@ async def test_a_low_soft_descriptor_limit_is_raised_and_what_is_left_is_said(
 
 
 async def test_sigterm_answers_handshakes_in_flight(launcher: Launcher, backend: RecordingBackend) -> None:
+    """SPEC shutdown: on SIGTERM a request head still arriving gets 503 with Retry-After, one already at its backend
+    gets its answer (Connection: close), and the exit is 0."""
     lb = launcher.balancer(
         lb_config(pools={"p": [backend]}, health=TCP_HEALTH, overrides={"timeouts": {"shutdown_grace": "500ms"}})
     )
@@ -570,6 +574,8 @@ async def test_sigterm_lets_a_streaming_answer_finish_within_the_grace(launcher:
 
 
 async def test_sigterm_cuts_a_streaming_answer_at_the_end_of_the_grace_and_says_so(launcher: Launcher) -> None:
+    """SPEC shutdown: an answer still streaming at the end of shutdown_grace is cut, the exit is 0, and the log says
+    so."""
     slow = RecordingBackend(
         "slow-1", answer=b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n", drip=(b"x" * 8, 0.5)
     )

@@ -62,6 +62,8 @@ def _check_exposition(body: bytes) -> None:
 
 
 async def test_metrics_body_is_what_generate_latest_gives_for_the_same_registry(tmp_path: Path) -> None:
+    """GET /metrics serves what prometheus_client's generate_latest renders for the same registry, and promtool parses
+    it."""
     config_path = tmp_path / "lb.yaml"
     config_path.write_text(_config(BACKENDS))
     balancer = Balancer(load_config(config_path), config_path)

@@ -194,6 +194,8 @@ async def test_early_data_waits_for_the_switch(launcher: Launcher, recorders: li
 async def test_broken_backend_gives_502(
     launcher: Launcher, recorders: list[RecordingBackend], mode: str, raw: bytes
 ) -> None:
+    """SPEC errors: a backend answering garbage, or nothing, gives the client our 502 with a request id and none of the
+    backend's bytes; the balancer lives on."""
     lb, _, _ = start(
         launcher, recorders, a={"mode": mode, "raw": raw}, overrides={"timeouts": {"backend_connect": "1s"}}
     )
@@ -279,6 +281,7 @@ async def test_slow_upload_leaves_the_backend_up(launcher: Launcher, recorders: 
 async def test_stalled_upload_gets_408_and_leaves_the_backend_up(
     launcher: Launcher, recorders: list[RecordingBackend]
 ) -> None:
+    """A client that stops mid-body gets 408, and the backend is not marked down for it."""
     health = dict(TCP_HEALTH, fall=1)
     lb, _, _ = start(
         launcher,
@@ -318,6 +321,8 @@ def _stream_until_blocked(port: int, head: bytes, seconds: float, limit: int) ->
 
 
 async def test_early_data_flood_leaves_memory_bounded(launcher: Launcher, recorders: list[RecordingBackend]) -> None:
+    """A client flooding bytes after its upgrade head, before the backend answers, is not read on (memory stays bounded)
+    and none of it reaches the backend before the switch."""
     lb, rec_a, _ = start(launcher, recorders, a={"mode": "silent"}, overrides={"timeouts": {"backend_connect": "10s"}})
     assert lb.port is not None and lb.proc is not None
     before = rss_kib(lb.proc.pid)
@@ -330,6 +335,8 @@ async def test_early_data_flood_leaves_memory_bounded(launcher: Launcher, record
 
 
 async def test_interim_flood_leaves_memory_bounded(launcher: Launcher, recorders: list[RecordingBackend]) -> None:
+    """A backend flooding 100 Continue answers to a client that does not read leaves memory bounded, relays few, and
+    ends in a 502."""
     lb, rec_a, _ = start(launcher, recorders, a={"mode": "interim-flood"})
     assert lb.port is not None and lb.proc is not None
     before = rss_kib(lb.proc.pid)

@@ -29,6 +29,8 @@ def catches_sighup(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to see signal dispositions")
 def test_sighup_burst_while_starting_is_survived_and_applied(tmp_path: Path) -> None:
+    """SPEC reload: SIGHUPs while the balancer is still starting neither kill it nor get lost: the reload is applied
+    once it runs."""
     lb = Balancer(lb_config(pools={"gateways": [DeadBackend("dead-1")]}), tmp_path)
     lb.launch()
     try:

@@ -352,6 +352,7 @@ BOUNDS_KIB = {"TLS tunnel": TLS_BOUND_KIB, "TLS upload": TLS_UPLOAD_BOUND_KIB, "
 async def test_stalled_connections_hold_a_bounded_amount_each(
     launcher: Launcher, scripted: ScriptedBackend, kind: str, tmp_path: Path
 ) -> None:
+    """Each stalled connection (tunnel, upload or idle, plain or TLS) costs the balancer a bounded amount of memory."""
     certs = lb_certs(tmp_path / "certs")
     # A backend that stops reading an upload fails it after backend_connect: not while it is measured.
     lb = start(launcher, scripted, tls=(certs / "server.crt", certs / "server.key"), backend_connect="30s")
