@@ -37,12 +37,41 @@ def test_names_map_to_their_addresses_as_the_c_library_reads_them() -> None:
     assert set(table) == {"localhost", "ip6-localhost", "gw.example", "gw-alias"}
 
 
-@given(st.text(max_size=400))
-def test_any_text_gives_only_addresses_that_parse(text: str) -> None:
-    for name, addresses in parse_hosts(text).items():
+_ADDRESS = st.one_of(
+    st.ip_addresses().map(str),
+    st.ip_addresses(v=6).map(lambda a: f"{a}%eth0"),  # scoped: skipped
+    st.text(st.characters(blacklist_categories=("Zs", "Cc")), min_size=1, max_size=12),  # mostly not an address
+)
+_NAME = st.from_regex(r"[A-Za-z0-9_.-]{1,16}", fullmatch=True)
+_LINE = st.one_of(
+    st.tuples(_ADDRESS, st.lists(_NAME, max_size=4), st.sampled_from(["", " # a comment", "#x"])),
+    st.text(max_size=60).map(lambda text: (text, [], "")),  # anything at all, as one line
+)
+
+
+def _listed(address: str) -> bool:
+    """An address line glibc would read: it parses, and carries no zone."""
+    try:
+        return not getattr(ipaddress.ip_address(address), "scope_id", None)
+    except ValueError:
+        return False
+
+
+@given(st.lists(_LINE, max_size=12), st.sampled_from([" ", "\t", "  \t "]))
+def test_any_text_gives_only_addresses_that_parse(lines: list[tuple[str, list[str], str]], gap: str) -> None:
+    """Whatever the file holds: names lower-case without a trailing dot, each with its unscoped addresses
+    that parse, listed once; and every name on a line whose address parses is found."""
+    text = "\n".join(gap.join([address, *names]) + comment for address, names, comment in lines)
+    table = parse_hosts(text)
+    for name, addresses in table.items():
         assert name == name.lower() and not name.endswith(".") and addresses
+        assert len(set(addresses)) == len(addresses) <= MAX_ADDRESSES_PER_NAME
         for address in addresses:
-            assert str(ipaddress.ip_address(address)) == address
+            assert _listed(address) and str(ipaddress.ip_address(address)) == address
+    for address, names, _ in lines:
+        if names and "\n" not in address and "\r" not in address and _listed(address):
+            for name in names:
+                assert name.lower().rstrip(".") in table, (name, text)
 
 
 def test_the_file_is_reread_when_it_changes_and_missing_lists_nothing(tmp_path: Path) -> None:
