@@ -180,13 +180,13 @@ def test_a_close_waits_on_only_while_its_client_takes_bytes_and_within_its_bound
     assert next_close_look(taken_before, taken_now, now, close_by) == expected
 
 
-def _stream_to_the_client(server: FakeTransport, pieces: int, *, every: float = 0.005) -> asyncio.Future[None]:
-    """The backend's frame goes on: 40 bytes every `every` seconds, `pieces` times, to a client that
-    takes each at once (its buffer stays empty); done when the last has gone.
+def _feed_bit_by_bit(end: FakeTransport, piece: bytes, pieces: int, every: float) -> asyncio.Future[None]:
+    """`piece` into `end`'s protocol every `every` seconds, `pieces` times; done when the last has gone
+    or the tunnel has ended.
 
     Fed from a timer chain, not from the test's own sleeps: after a stall of the event loop, the feed
     that fell due runs before the close's look that fell due after it, so the look always sees the
-    client's progress, however loaded the machine.
+    peer's progress, however loaded the machine.
     """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
@@ -194,14 +194,21 @@ def _stream_to_the_client(server: FakeTransport, pieces: int, *, every: float = 
     def feed(left: int) -> None:
         if done.done():
             return
-        if left == 0 or server.protocol.tunnel.closed:
+        tunnel = end.protocol.tunnel
+        if left == 0 or tunnel is None or tunnel.closed:
             done.set_result(None)
             return
-        server.protocol.data_received(b"y" * 40)
+        end.protocol.data_received(piece)
         loop.call_later(every, feed, left - 1)
 
     feed(pieces)
     return done
+
+
+def _stream_to_the_client(server: FakeTransport, pieces: int, *, every: float = 0.005) -> asyncio.Future[None]:
+    """The backend's frame goes on: 40 bytes every `every` seconds, `pieces` times, to a client that
+    takes each at once (its buffer stays empty)."""
+    return _feed_bit_by_bit(server, b"y" * 40, pieces, every)
 
 
 @pytest.mark.parametrize("how", ["drain", "shutdown"])
@@ -256,21 +263,8 @@ def test_a_client_reading_past_the_shutdown_grace_is_cut_there(monkeypatch: pyte
 
 def _upload_to_the_backend(client: FakeTransport, pieces: int, *, every: float = 0.005) -> asyncio.Future[None]:
     """The client's frame goes on: 40 bytes every `every` seconds, `pieces` times (as `_stream_to_the_client`,
-    the other way); done when the last has gone or the tunnel has ended."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def feed(left: int) -> None:
-        if done.done():
-            return
-        if left == 0 or client.protocol.tunnel is None or client.protocol.tunnel.closed:
-            done.set_result(None)
-            return
-        client.protocol.data_received(b"u" * 40)
-        loop.call_later(every, feed, left - 1)
-
-    feed(pieces)
-    return done
+    the other way)."""
+    return _feed_bit_by_bit(client, b"u" * 40, pieces, every)
 
 
 _UPLOAD_HEADER = b"\x82\xfe\x03\xe8" + b"mask"  # a masked 1000-byte binary frame's header: mid-frame after it
