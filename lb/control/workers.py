@@ -139,6 +139,7 @@ class WorkerBalancer(Protocol):
     def stop(self) -> asyncio.Task[None]:
         """Begin the shutdown (the owner went away)."""
 
+
 WORKER_READY = 15.0  # seconds a new worker may take to bind its listeners (the owner's discovered sets,
 # sent right after its config, included: lb.control.discovery.FIRST_LOOKUPS_WAIT, 5 s at most)
 CONFIG_WAIT = WORKER_READY  # seconds a new worker waits for its owner's config
