@@ -15,6 +15,7 @@ from lb.http.proxy_header import (
     MAX_V2_LENGTH,
     PP2_TYPE_CRC32C,
     V1_MAX,
+    V1_PREFIX,
     V2_SIGNATURE,
     Command,
     Family,
@@ -254,16 +255,72 @@ def test_an_ipv4_mapped_source_is_the_ipv4_client() -> None:
         assert header is not None and header.client_ip == "198.51.100.9"
 
 
+# Headers as senders write them (v1 lines, v2 blocks with TLVs and a right CRC32c), so the hostile inputs
+# below are mostly one mutation away from a header, on either side of the line between parsed and refused.
+_V1_LINES = st.one_of(
+    st.builds(lambda s, d, p, q: f"PROXY TCP4 {s} {d} {p} {q}\r\n".encode(), st.ip_addresses(v=4),
+              st.ip_addresses(v=4), st.integers(0, 65535), st.integers(0, 65535)),
+    st.builds(lambda s, d, p, q: f"PROXY TCP6 {s} {d} {p} {q}\r\n".encode(), st.ip_addresses(v=6),
+              st.ip_addresses(v=6), st.integers(0, 65535), st.integers(0, 65535)),
+    st.binary(max_size=20).filter(lambda b: b"\r\n" not in b).map(lambda b: b"PROXY UNKNOWN " + b + b"\r\n"),
+    st.just(b"PROXY UNKNOWN\r\n"),
+)
+
+
+@st.composite
+def _v2_headers(draw: st.DrawFn) -> bytes:
+    family = draw(st.sampled_from([0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32]))
+    size = {0x11: 12, 0x12: 12, 0x21: 36, 0x22: 36, 0x31: 216, 0x32: 216}.get(family, draw(st.integers(0, 8)))
+    block = draw(st.binary(min_size=size, max_size=size))
+    block += b"".join(draw(st.lists(st.builds(tlv, st.sampled_from([0x01, 0x02, 0x04, 0x05, 0x20, 0xEA]),
+                                              st.binary(max_size=8)), max_size=3)))
+    command = draw(st.sampled_from([0, 1]))
+    if draw(st.booleans()):  # a CRC32c TLV, as `send-proxy-v2-options crc32c` adds it
+        zeroed = v2(command, family, block + bytes((PP2_TYPE_CRC32C, 0, 4)) + bytes(4))
+        return zeroed[:-4] + struct.pack("!I", crc32c(zeroed))
+    return v2(command, family, block)
+
+
+@st.composite
+def _one_mutation(draw: st.DrawFn, header: bytes) -> bytes:
+    """`header` with at most one change: a byte replaced, dropped or repeated, a cut, or the v2 length moved."""
+    at = draw(st.integers(0, len(header) - 1))
+    kind = draw(st.sampled_from(["none", "replace", "drop", "repeat", "cut", "length"]))
+    if kind == "replace":
+        byte = draw(st.sampled_from(b" \r\n\x00:.0f9") | st.integers(0, 255))
+        return header[:at] + bytes((byte,)) + header[at + 1 :]
+    if kind == "drop":
+        return header[:at] + header[at + 1 :]
+    if kind == "repeat":
+        return header[: at + 1] + header[at:]
+    if kind == "cut":
+        return header[:at]
+    if kind == "length" and header.startswith(V2_SIGNATURE):
+        length = int.from_bytes(header[14:16], "big") + draw(st.integers(-40, 40) | st.integers(0, 0xFFFF))
+        return header[:14] + struct.pack("!H", length % 0x10000) + header[16:]
+    return header
+
+
+_NEAR_HEADERS = (_V1_LINES | _v2_headers()).flatmap(_one_mutation)
+
+
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # 2 loaded cores
-@given(raw=st.one_of(st.binary(max_size=300), st.binary(max_size=120).map(lambda b: b"PROXY " + b)))
-def test_arbitrary_bytes_wait_parse_or_raise_bad_proxy_header(raw: bytes) -> None:
-    """Hostile bytes give None, a header within the bytes given, or BadProxyHeader; nothing else."""
+@given(raw=st.one_of(st.binary(max_size=300), st.binary(max_size=120).map(lambda b: b"PROXY " + b),
+                     _NEAR_HEADERS, _NEAR_HEADERS, _NEAR_HEADERS),
+       tail=st.sampled_from([b"", REQUEST, b"\x16\x03\x01"]))
+def test_arbitrary_bytes_wait_parse_or_raise_bad_proxy_header(raw: bytes, tail: bytes) -> None:
+    """Hostile bytes give None, a header within the bytes given, or BadProxyHeader; nothing else. A header
+    is the same whatever follows it, and each of its proper prefixes waits for more (None)."""
     try:
-        header = parse_proxy_header(raw)
+        header = parse_proxy_header(raw + tail)
     except BadProxyHeader:
         return
     if header is not None:
-        assert 0 < header.consumed <= len(raw)
+        assert 0 < header.consumed <= len(raw + tail)
+        exact = (raw + tail)[: header.consumed]
+        assert parse_proxy_header(exact) == header
+        for cut in range(header.consumed):
+            assert parse_proxy_header(exact[:cut]) is None, cut
 
 
 @settings(max_examples=300, deadline=None)
@@ -271,11 +328,19 @@ def test_arbitrary_bytes_wait_parse_or_raise_bad_proxy_header(raw: bytes) -> Non
     raw=st.one_of(
         st.binary(max_size=40).map(lambda b: V2_SIGNATURE + b),
         st.binary(min_size=V1_MAX, max_size=V1_MAX + 20).map(lambda b: b"PROXY " + b),
+        # A v2 start the parser takes (version 2, a known command and family) and any length, near the cap
+        # or not; a v1 start in the characters a line may hold, so only its length can refuse it.
+        st.builds(lambda c, f, n, b: V2_SIGNATURE + bytes((0x20 | c, f)) + struct.pack("!H", n) + b,
+                  st.sampled_from([0, 1]), st.sampled_from([0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32]),
+                  st.integers(MAX_V2_LENGTH - 8, MAX_V2_LENGTH + 8) | st.integers(0, 0xFFFF), st.binary(max_size=40)),
+        st.text(st.sampled_from("PROXYTCPUNKWN46 0123456789abcdefABCDEF.:"), max_size=V1_MAX + 20)
+        .map(lambda t: b"PROXY " + t.encode()),
+        st.binary(max_size=V1_MAX + 20).filter(lambda b: b"\r\n" not in b).map(lambda b: b"PROXY UNKNOWN " + b),
     )
 )
 def test_waiting_is_bounded(raw: bytes) -> None:
     """Past 107 bytes (v1) or 16 + cap (v2), the parser never asks for more: memory stays bounded."""
-    padded = raw + b"\x00" * (V1_MAX + 16 + MAX_V2_LENGTH)
+    padded = raw + (b"1" if raw.startswith(V1_PREFIX) else b"\x00") * (V1_MAX + 16 + MAX_V2_LENGTH)
     with contextlib.suppress(BadProxyHeader):
         assert parse_proxy_header(padded) is not None
 
