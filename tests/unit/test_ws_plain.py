@@ -181,32 +181,67 @@ _STATUS = st.just("HTTP/1.1 101 Switching Protocols") | st.sampled_from([
 ])
 
 
+_JUDGED = {"upgrade", "connection", "sec-websocket-accept", "sec-websocket-protocol", "sec-websocket-extensions",
+           "set-cookie", "keep-alive", "proxy-connection", "te", "trailer", "content-length", "transfer-encoding",
+           "proxy-authorization"}
+
+# Fields no check looks at, as gateways write them: with the three a switch needs, a head that passes as it came.
+_BENIGN_FIELD = st.tuples(
+    st.text(st.sampled_from(_TCHARS), min_size=1, max_size=10).filter(lambda name: name.lower() not in _JUDGED),
+    st.just(": "), st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=12), st.just("\r\n"),
+)
+# One byte of a head replaced, dropped or repeated (the position taken modulo the head's length).
+_BYTE_MUTATION = st.tuples(st.integers(0, 400), st.sampled_from(["replace", "drop", "repeat"]),
+                           st.sampled_from(b" \t:,\r\n\x00_-=aAzZ0") | st.integers(0, 255))
+# The one thing a head does otherwise than a plain one ("none": it is plain), so that most heads are plain or
+# a step from it; "any" is a free mix of hostile fields, start lines and missing fields.
+_DEVIATIONS = ["none", "none", "none", "none", "start", "drop", "field", "byte", "any", "any"]
+
+
+def mutate(raw: bytes, mutation: tuple[int, str, int]) -> bytes:
+    if not raw:
+        return raw
+    at, kind, byte = mutation
+    at %= len(raw)
+    if kind == "replace":
+        return raw[:at] + bytes((byte,)) + raw[at + 1 :]
+    return raw[:at] + raw[at + 1 :] if kind == "drop" else raw[: at + 1] + raw[at:]
+
+
 def _required(key: str) -> list[tuple[str, str, str, str]]:
     return [("Upgrade", ": ", "websocket", "\r\n"), ("Connection", ": ", "Upgrade", "\r\n"),
             ("Sec-WebSocket-Accept", ": ", accept_value(key), "\r\n")]
 
 
-@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(status=_STATUS, fields=st.lists(_FIELD, max_size=6), required=st.integers(0, 3), order=st.randoms(),
-       key=st.sampled_from([KEY, "x3JJHMbDL1EzLkh9GBhXDw==", ""]), answers=st.sampled_from([KEY, "other"]))
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(deviation=st.sampled_from(_DEVIATIONS), status=_STATUS, benign=st.lists(_BENIGN_FIELD, max_size=5),
+       fields=st.lists(_FIELD, max_size=6), required=st.integers(0, 3), order=st.randoms(),
+       key=st.sampled_from([KEY, "x3JJHMbDL1EzLkh9GBhXDw==", ""]), answers=st.sampled_from([KEY, "other"]),
+       mutation=_BYTE_MUTATION)
 def test_a_plain_switch_is_what_the_ordinary_path_passes_unchanged(
-    status: str, fields: list[tuple[str, str, str, str]], required: int, order: object, key: str, answers: str
+    deviation: str, status: str, benign: list[tuple[str, str, str, str]], fields: list[tuple[str, str, str, str]],
+    required: int, order: object, key: str, answers: str, mutation: tuple[int, str, int],
 ) -> None:
-    # Mostly all three fields a switch needs (the Accept mostly for this key), sometimes fewer.
-    lines = fields + _required(key if answers == KEY else answers)[: 3 if required else 2]
+    # A 101 with the three fields a switch needs among fields no check reads, or that with one thing changed
+    # (its status line, a field dropped, a hostile field, a byte), or anything: about half are plain.
+    if deviation != "any":
+        answers = KEY
+    if deviation not in ("start", "any"):
+        status = "HTTP/1.1 101 Switching Protocols"
+    needed = _required(key if answers == KEY else answers)
+    if deviation == "drop" or (deviation == "any" and not required):
+        del needed[required % 3]
+    lines = benign + (fields if deviation == "any" else fields[:1] if deviation == "field" else []) + needed
     order.shuffle(lines)  # type: ignore[attr-defined]
     text = status + "\r\n" + "".join(name + colon + value + end for name, colon, value, end in lines) + "\r\n"
     raw = text.encode("latin-1")
+    if deviation == "byte":
+        raw = mutate(raw, mutation)
     end = raw.find(HEAD_END)
     head = raw[: end + len(HEAD_END)] if end >= 0 else raw  # what the connection hands it: the first head
     assert_plain_means_unchanged(head, key)
-    if answers == KEY and not fields and required and status == "HTTP/1.1 101 Switching Protocols":
-        assert switch.plain_switch(head, key)  # the canonical 101, in any order
-
-
-_JUDGED = {"upgrade", "connection", "sec-websocket-accept", "sec-websocket-protocol", "sec-websocket-extensions",
-           "set-cookie", "keep-alive", "proxy-connection", "te", "trailer", "content-length", "transfer-encoding",
-           "proxy-authorization"}
+    if deviation == "none":
+        assert switch.plain_switch(head, key)  # the canonical 101 with fields no check reads, in any order
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -330,25 +365,48 @@ _UPGRADE_FIELDS = [("Host", ": ", "lb.example", "\r\n"), ("Upgrade", ": ", "webs
                    ("Sec-WebSocket-Version", ": ", "13", "\r\n")]
 
 
-@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(start=st.sampled_from(["GET /ws HTTP/1.1", "GET /ws HTTP/1.1", "GET http://lb.example/ws HTTP/1.1",
+_REQUEST_JUDGED = {"upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "content-length",
+                   "transfer-encoding", "host"}
+_BENIGN_REQUEST_FIELD = st.tuples(
+    st.text(st.sampled_from(_TCHARS), min_size=1, max_size=10).filter(lambda name: name.lower() not in _REQUEST_JUDGED),
+    st.just(": "), st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=12), st.just("\r\n"),
+)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(deviation=st.sampled_from(_DEVIATIONS),
+       start=st.sampled_from(["GET /ws HTTP/1.1", "GET /ws HTTP/1.1", "GET http://lb.example/ws HTTP/1.1",
                               "GET /ws HTTP/1.0", "HEAD /ws HTTP/1.1", "POST /ws HTTP/1.1", "GET /ws  HTTP/1.1"]),
-       fields=st.lists(_REQUEST_FIELD, max_size=6), keep=st.lists(st.booleans(), min_size=5, max_size=5),
-       order=st.randoms())
+       benign=st.lists(_BENIGN_REQUEST_FIELD, max_size=5), fields=st.lists(_REQUEST_FIELD, max_size=6),
+       keep=st.lists(st.booleans(), min_size=5, max_size=5), order=st.randoms(), mutation=_BYTE_MUTATION)
 def test_a_plain_upgrade_passes_check_upgrade(
-    start: str, fields: list[tuple[str, str, str, str]], keep: list[bool], order: object
+    deviation: str, start: str, benign: list[tuple[str, str, str, str]], fields: list[tuple[str, str, str, str]],
+    keep: list[bool], order: object, mutation: tuple[int, str, int],
 ) -> None:
-    # Mostly every field an upgrade needs, sometimes one left out, among hostile ones.
-    lines = fields + [field for field, kept in zip(_UPGRADE_FIELDS, keep, strict=True) if kept or field[0] == "Host"]
+    # Every field an upgrade needs among fields no check reads, or that with one thing changed (the request
+    # line, a field dropped, a hostile field, a byte), or anything: about half pass the ordinary path.
+    if deviation not in ("start", "any"):
+        start = "GET /ws HTTP/1.1"
+    if deviation == "drop":
+        keep = [index != 1 + keep.count(True) % 4 for index in range(5)]
+    elif deviation != "any":
+        keep = [True] * 5
+    hostile = fields if deviation == "any" else fields[:1] if deviation == "field" else []
+    lines = benign + hostile + [field for field, kept in zip(_UPGRADE_FIELDS, keep, strict=True)
+                                if kept or field[0] == "Host"]
     order.shuffle(lines)  # type: ignore[attr-defined]
     raw = (start + "\r\n" + "".join(n + c + v + e for n, c, v, e in lines) + "\r\n").encode("latin-1")
+    if deviation == "byte":
+        raw = mutate(raw, mutation)
     ordinary = passes_check_upgrade(raw)
+    if deviation == "none":
+        assert ordinary and switch.plain_upgrade(raw)  # what browsers send, with fields no check reads
     if ordinary is None:
         return  # the parser refused it: the connection never asks
     if switch.plain_upgrade(raw):
         assert ordinary
-    if start == "GET /ws HTTP/1.1" and all(keep) and ordinary and not any(
-            name.lower() in ("content-length", "transfer-encoding") for name, _, _, _ in fields):
+    if deviation != "byte" and start == "GET /ws HTTP/1.1" and all(keep) and ordinary and not any(
+            name.lower() in ("content-length", "transfer-encoding") for name, _, _, _ in hostile):
         assert switch.plain_upgrade(raw)  # every upgrade the checks pass, less those with a body's framing
 
 
