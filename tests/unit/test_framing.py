@@ -413,7 +413,7 @@ _trailer_lines = st.sampled_from([
 @settings(max_examples=400, deadline=None)
 @given(
     lines=st.lists(_trailer_lines | st.binary(max_size=8), max_size=6),
-    cuts=st.lists(st.integers(0, 70000), max_size=4),
+    cuts=st.lists(st.integers(0, 200) | st.integers(0, 70000), min_size=1, max_size=4),
     forbid=st.booleans(),
 )
 def test_whole_trailer_lines_and_the_loop_read_alike(lines: list[bytes], cuts: list[int], forbid: bool) -> None:
