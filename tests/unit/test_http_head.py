@@ -89,14 +89,16 @@ def test_a_bare_lf_head_is_refused_before_it_could_end() -> None:
     assert find_head_end(b"GET / HTTP/1.1\r\nHost: x\r", 4096) == -1  # a CR whose LF is still to come
 
 
-# Buffers made of the pieces a head end is found among (CRLFs, bare LFs and CRs, field text, an end):
-# random bytes hold a CRLFCRLF in none of 200 examples, these in most.
-_HEADISH = st.lists(st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r", b"Host: a", b"GET / HTTP/1.1", HEAD_END])
+def _headish() -> st.SearchStrategy[bytes]:
+    """Buffers made of the pieces a head end is found among (CRLFs, bare LFs and CRs, field text, an
+    end): random bytes hold a CRLFCRLF in none of 200 examples, these in most.  A function: st.one_of
+    keeps one of each strategy object, so `_HEADISH | _HEADISH` drew them one time in two, not two in three."""
+    return st.lists(st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r", b"Host: a", b"GET / HTTP/1.1", HEAD_END])
                     | st.binary(max_size=6), max_size=30).map(b"".join)
 
 
 @settings(max_examples=200, deadline=None)
-@given(body=st.binary(max_size=200) | _HEADISH | _HEADISH, limit=st.integers(min_value=1, max_value=300))
+@given(body=st.binary(max_size=200) | _headish() | _headish(), limit=st.integers(min_value=1, max_value=300))
 def test_find_head_end_agrees_with_a_plain_search(body: bytes, limit: int) -> None:
     """Any buffer gives the first head end within the limit, -1, HeadersTooLarge, or (incomplete,
     with a bare LF that would keep it from ever ending) BadRequest, never more."""
