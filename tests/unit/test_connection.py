@@ -1946,15 +1946,43 @@ def test_a_connection_the_shell_drops_is_logged_with_its_cause(
 # -- hostile input: whatever the bytes, the invariants hold ---------------------------------------
 
 
+_REQUESTS = [get("/a/1"), get("/b/2"), upgrade(), get("/nowhere"), get("/a/x", "Connection: close\r\n"),
+             b"GET /a/1 HTTP/1.0\r\n\r\n"]
+
+
+@st.composite
+def _near_requests(draw: st.DrawFn) -> bytes:
+    """A bodiless request with one byte replaced, dropped or inserted, maybe cut short."""
+    request = draw(st.sampled_from(_REQUESTS))
+    at = draw(st.integers(0, len(request) - 1))
+    byte = bytes([draw(st.sampled_from(b" \r\n:/\x00a") | st.integers(0, 255))])
+    request = request[:at] + draw(st.sampled_from([b"", byte, byte + request[at : at + 1]])) + request[at + 1 :]
+    return request[: draw(st.integers(0, len(request)))] if draw(st.booleans()) else request
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(chunks=st.lists(st.binary(max_size=300), max_size=12), head=st.sampled_from([b"", upgrade(), get("/a/1")]))
-def test_hostile_client_bytes_keep_the_invariants(chunks: list[bytes], head: bytes) -> None:
+@given(
+    # Whole requests one chunk in two (two strategy objects: st.one_of keeps one of each).
+    chunks=st.lists(st.one_of(st.binary(max_size=300), st.sampled_from(_REQUESTS), st.sampled_from(_REQUESTS),
+                              _near_requests()), max_size=12),
+    head=st.sampled_from([b"", upgrade(), get("/a/1")]),
+    answer=st.booleans(),
+)
+def test_hostile_client_bytes_keep_the_invariants(chunks: list[bytes], head: bytes, answer: bool) -> None:
+    """Random bytes, whole requests and requests one byte off, in any order, with a backend that
+    answers each request (or never does): only whole heads reach a backend, the held bytes stay
+    bounded, and no backend connection stays counted."""
     play = Play()
     play.client(head)
     if play.opened:
         play.connected()
     for chunk in chunks:
         play.client(chunk)
+        while play.conn.state == CONNECTING or (answer and play.conn.state == WAITING):
+            if play.conn.state == CONNECTING:
+                play.connected()
+            else:
+                play.backend(ok())
         if play.conn.state == CLOSED:
             break
     # Only complete, parsed heads reach a backend, each one ending its head.
