@@ -6,6 +6,7 @@ import contextlib
 import copy
 import ipaddress
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -1121,14 +1122,64 @@ trees = st.recursive(
 )
 
 
+def _node_paths(node: object, path: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """The path of every node under `node`, inner ones too."""
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    return [path, *(p for k, v in children for p in _node_paths(v, (*path, k)))]
+
+
+def _at(tree: Any, path: Iterable[str | int]) -> Any:
+    for step in path:
+        tree = tree[step]
+    return tree
+
+
+# Settings of GOOD_YAML that need no file and no variable, any of which MINIMAL_YAML may take.
+_OPTIONAL = [
+    ("affinity", "mode", "insert"), ("affinity", "cookie", "LB_AFFINITY"), ("affinity", "max_age", "1h"),
+    ("affinity", "same_site", "Lax"), ("affinity", "http_only", True), ("affinity", "secure", "auto"),
+    ("timeouts", "handshake", "10s"), ("timeouts", "backend_connect", "3s"), ("timeouts", "shutdown_grace", "10s"),
+    ("limits", "max_header_bytes", 16384), ("admin", "bind", "127.0.0.1:0"), ("admin", "token", "t" * 32),
+]
+
+
+@st.composite
+def _near_minimal_trees(draw: st.DrawFn) -> tuple[object, bool]:
+    """MINIMAL_YAML's tree (which needs no file and no variable), with any of _OPTIONAL, and, four times
+    in five, one change:
+    a node (a whole section, a list, a value) deleted or replaced by an arbitrary tree, or a key added
+    to a mapping.  With it whether it is unchanged (then it must parse)."""
+    tree = yaml.safe_load(MINIMAL_YAML)
+    for section, key, value in _OPTIONAL:
+        if draw(st.booleans()):
+            tree.setdefault(section, {})[key] = value
+    edit = draw(st.sampled_from(["none", "delete", "replace", "add"]))
+    if edit == "none":
+        return tree, True
+    paths = _node_paths(tree)
+    if edit == "add":
+        node = _at(tree, draw(st.sampled_from([path for path in paths if isinstance(_at(tree, path), dict)])))
+        node[draw(keys)] = draw(trees)
+        return tree, False
+    *parents, last = draw(st.sampled_from(paths[1:]))
+    node = _at(tree, parents)
+    if edit == "delete":
+        del node[last]
+    else:
+        node[last] = draw(trees)
+    return tree, False
+
+
 @settings(max_examples=300, deadline=None)
-@given(trees)
-def test_arbitrary_trees_only_raise_config_error(tree: object) -> None:
-    """Whatever YAML holds, parse_config returns a Config or raises ConfigError, nothing else."""
+@given(trees.map(lambda tree: (tree, False)) | _near_minimal_trees())
+def test_arbitrary_trees_only_raise_config_error(drawn: tuple[object, bool]) -> None:
+    """Whatever YAML holds, parse_config returns a Config or raises ConfigError, nothing else; a
+    valid tree unchanged parses."""
+    tree, unchanged = drawn
     try:
         parse_config(yaml.safe_dump(tree), base_dir=Path("/nonexistent"), environ={"X": "1"})
     except ConfigError as exc:
-        assert exc.problems
+        assert exc.problems and not unchanged
 
 
 def _leaf_paths(node: object, path: str = "") -> list[str]:
