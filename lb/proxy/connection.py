@@ -1271,7 +1271,12 @@ class Connection:
         else:
             # A backend that fails a handshake counts towards taking it down (passive health).
             ctx.on_backend_failure(pool.name, backend.id, failure.cause)
-        if self._sent and not self._retriable:
+        request = self._request
+        assert request is not None
+        # Nothing goes elsewhere once the client has some of this backend's answer (its 1xx): another
+        # backend's answer would follow them, and MAX_INTERIM bounds a request only if it stays here.
+        relayed = self._interim > 0 and request.version != "HTTP/1.0"
+        if (self._sent and not self._retriable) or relayed:
             return actions + self._refuse(last, now)
         self._tried.append(backend.id)
         if failure.timeout or hung_up or bad_head:

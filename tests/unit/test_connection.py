@@ -1758,6 +1758,67 @@ def test_a_request_whose_body_went_out_is_not_retried() -> None:
     assert len(play.opened) == 1 and play.answer()[0] == 502
 
 
+@pytest.mark.parametrize(("request_bytes", "retried"), [
+    pytest.param(get("/b/x"), True, id="GET"),
+    pytest.param(b"HEAD /b/x HTTP/1.1\r\nHost: h\r\n\r\n", True, id="HEAD"),
+    pytest.param(b"OPTIONS /b/x HTTP/1.1\r\nHost: h\r\n\r\n", True, id="OPTIONS"),
+    pytest.param(upgrade("/b/ws"), True, id="upgrade"),
+    pytest.param(post("/b/x", b""), False, id="POST-no-body"),
+    pytest.param(b"DELETE /b/x HTTP/1.1\r\nHost: h\r\n\r\n", False, id="DELETE"),
+    pytest.param(post("/b/x", b"hello"), False, id="POST-body"),
+    pytest.param(get("/b/x", "Content-Length: 5\r\n") + b"hello", False, id="GET-body"),
+])
+def test_only_a_bodiless_get_head_options_or_upgrade_is_retried_once_it_reached_a_backend(
+    request_bytes: bytes, retried: bool
+) -> None:
+    """A backend that took the request and answered garbage: another backend gets only what a retry cannot
+    repeat harmfully or send short (it sends the head again, never the body); the rest get their 502."""
+    play = Play()
+    play.client(request_bytes)
+    play.connected()
+    play.backend(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+    assert play.opened == (["b1", "b2"] if retried else ["b1"])
+    assert (play.closed_client is None) == retried and play.failures[0][:2] == ("b", "b1")
+    if not retried:
+        assert play.answer()[0] == 502
+
+
+@pytest.mark.parametrize(("then", "cause"), [
+    ("eof", "closed the connection before answering"),
+    ("reflected", "malformed answer"),
+    ("too-many", "too many interim answers"),
+])
+def test_a_backend_whose_interim_answer_reached_the_client_is_not_replaced_and_is_blamed_at_once(
+    then: str, cause: str
+) -> None:
+    """After a 1xx reached the client, a failure is this backend's alone (it answered, so no hang-up or
+    reflected head on trial) and the request's 502: no other backend's answer follows its interim ones."""
+    play = Play()
+    play.client(get("/b/x"))
+    play.connected()
+    play.backend(b"HTTP/1.1 103 Early Hints\r\n\r\n")
+    if then == "eof":
+        play.backend_eof()
+    elif then == "reflected":
+        play.backend(b"HTTP/1.1 200 OK\r\nSet-Cookie: s=a\x01b\r\nContent-Length: 0\r\n\r\n")
+    else:
+        for _ in range(MAX_INTERIM):
+            play.backend(b"HTTP/1.1 103 Early Hints\r\n\r\n")
+    assert play.opened == ["b1"] and b"502 Bad Gateway" in play.to_client
+    assert len(play.failures) == 1 and play.failures[0][:2] == ("b", "b1") and cause in play.failures[0][2]
+    assert play.to_client.count(b" 103 ") == MAX_INTERIM if then == "too-many" else 1
+
+
+def test_an_http10_clients_request_goes_on_after_an_interim_answer_it_never_got() -> None:
+    """An HTTP/1.0 client is sent no 1xx: nothing of the failed backend's reached it, so a GET is retried."""
+    play = Play()
+    play.client(b"GET /b/x HTTP/1.0\r\nHost: h\r\n\r\n")
+    play.connected()
+    play.backend(b"HTTP/1.1 103 Early Hints\r\n\r\n")
+    play.backend_eof()
+    assert play.opened == ["b1", "b2"] and play.to_client == b""
+
+
 def test_one_empty_line_before_a_request_is_ignored() -> None:
     """RFC 9112 §2.2: the stray CRLF some clients send after a body does not make the next request a 400."""
     play = Play()
