@@ -651,6 +651,79 @@ def test_keep_alive_three_requests_each_routed_by_its_own_path() -> None:
     assert play.connections() == {"a1": 0, "b1": 0, "b2": 0}
 
 
+@pytest.mark.parametrize("failure", ["refused", "silent"])
+def test_each_request_of_a_keep_alive_connection_has_its_own_retries(failure: str) -> None:
+    """What one request spent (the backends it tried, its waits against `retries`) does not shorten the
+    next one's: the first choice of both failing, each still goes on to the other backend."""
+    play = Play(CONFIG.replace('address: "127.0.0.1:7003"}]', 'address: "127.0.0.1:7003"}]\n    retries: 1'))
+    for n in (1, 2):
+        play.to_client.clear()
+        play.client(get(f"/b/{n}"))
+        if failure == "refused":
+            play.backend_failed()
+        else:
+            play.fire()  # not connected within timeouts.backend_connect: a wait
+        play.connected()
+        play.backend(ok())
+        assert play.answer()[0] == 200, n
+    assert len(play.opened) == 4 and set(play.opened[:2]) == set(play.opened[2:]) == {"b1", "b2"}
+
+
+def test_a_head_refused_after_an_answered_request_is_a_request_of_its_own() -> None:
+    """Its own request id, and its own method: the HEAD before it does not take the 400's body away."""
+    play = Play()
+    play.client(b"HEAD /a/1 HTTP/1.1\r\nHost: h\r\n\r\n")
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+    first = play.conn.request_id
+    assert play.conn.state == HEAD
+    play.to_client.clear()
+    play.client(b"GET /a/2 HTTP/1.1\r\n\r\n")  # no Host: refused as it is read, before it is routed
+    status, headers, body = play.answer()
+    assert status == 400 and headers["x-request-id"] not in ("-", first) and body.startswith(b"400 Bad Request")
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 204 No Content\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n",
+])
+def test_an_answer_without_a_body_ends_the_request_with_its_head(answer: bytes) -> None:
+    """No body to wait for: the backend is released and the next request goes out at once, not after
+    the body's quiet-spell deadline."""
+    play = Play()
+    play.client(get("/a/1") + get("/a/2"))
+    play.connected()
+    play.backend(answer)
+    assert play.opened == ["a1", "a1"] and play.conn.state == CONNECTING
+    assert play.to_client.startswith(answer.split(b"\r\n")[0]) and play.connections()["a1"] == 1
+
+
+def test_an_answer_before_the_end_of_the_upload_closes_the_connection_after_it() -> None:
+    """The rest of the body still comes: read as the next request's head it would smuggle one past the
+    router, so the answer says Connection: close and the connection ends with it."""
+    play = Play()
+    play.client(post("/a/x", b"x" * 10)[:-5])
+    play.connected()
+    play.backend(ok())
+    assert play.answer()[1]["connection"] == "close"
+    play.client(b"GET /")
+    play.client(b"b/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert play.opened == ["a1"] and play.closed_client is not None
+
+
+def test_a_client_that_half_closes_while_its_answer_streams_is_closed_at_its_end() -> None:
+    """Nothing more will come from it: closed as its answer ends, not left to the head timer."""
+    play = Play()
+    play.client(get("/a/x"))
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    play._apply(play.conn.client_eof(play.now))
+    assert play.closed_client is None
+    play.backend(b"cd")
+    assert play.closed_client == CloseClient() and play.conn.state == CLOSED
+
+
 def test_pipelined_requests_are_sent_one_at_a_time() -> None:
     play = Play()
     play.client(get("/a/1") + get("/b/2") + get("/a/3"))
