@@ -1151,6 +1151,7 @@ def test_malformed_answer_to_a_get_is_retried_on_another_backend(answer: bytes) 
 @pytest.mark.parametrize(("answer", "reason"), [
     pytest.param(b"HTTP/1.1 000 Zero\r\n\r\n", "no_backend_gave_a_well-formed_answer", id="malformed"),
     pytest.param(None, "no_backend_could_be_reached", id="refused"),
+    pytest.param(b"", "no_backend_answered_in_time", id="not-connected-in-time"),
 ])
 def test_the_502s_access_line_says_why_the_last_backend_failed(
     answer: bytes | None, reason: str, caplog: pytest.LogCaptureFixture
@@ -1161,6 +1162,8 @@ def test_the_502s_access_line_says_why_the_last_backend_failed(
         play.client(post("/a/x", b"data"))
         if answer is None:
             play.backend_failed("connection refused")
+        elif not answer:
+            play.fire()
         else:
             play.connected()
             play.backend(answer)
@@ -2582,6 +2585,118 @@ def test_a_request_abandoned_before_its_answer_is_counted_as_logged() -> None:
     assert stats.handshakes[("b", "b1", "abandoned")] == 1
     assert stats.decisions[("b", "b1", "new")] == 1
     assert play.connections() == {"a1": 0, "b1": 0, "b2": 0}
+
+
+@pytest.mark.parametrize(("how", "outcome"), [
+    ("refused", "connect_failed"),
+    ("garbage", "bad_answer"),
+    ("404 to an upgrade", "refused"),
+    ("200", "answered"),
+])
+def test_each_attempt_is_counted_by_its_outcome(how: str, outcome: str) -> None:
+    """lb_handshakes_total{outcome}: a connect that failed, an answer that was not HTTP, an upgrade the
+    backend answered without switching, and a plain answer are four outcomes, each the attempt's own."""
+    play = Play()
+    play.client(upgrade("/b/ws") if how == "404 to an upgrade" else get("/b/x"))
+    if how == "refused":
+        play.backend_failed()
+    else:
+        play.connected()
+        play.backend({"garbage": b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "200": ok()}.get(
+            how, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"))
+    counted = {key: n for key, n in play.ctx.stats.handshakes.items() if n}
+    assert counted == {("b", "b1", outcome): 1}
+
+
+def test_a_client_that_half_closes_before_its_upgrade_is_answered_is_closed_at_once() -> None:
+    """An upgrade whose client ends before its 101 is dropped: the backend released, the request logged 499."""
+    play = Play()
+    play.client(upgrade("/b/ws"))
+    play._apply(play.conn.client_eof(play.now))
+    assert play.closed_client == CloseClient() and CloseBackend() in play.actions
+    assert play.connections() == {"a1": 0, "b1": 0, "b2": 0}
+    assert play.ctx.stats.handshakes[("b", "b1", "abandoned")] == 1
+
+
+def test_a_client_gone_while_its_answer_streams_is_not_counted_abandoned(caplog: pytest.LogCaptureFixture) -> None:
+    """Its answer was given (one access line, `answered`): leaving during the body adds no 499 line."""
+    play = Play()
+    play.client(get("/b/x"))
+    play.connected()
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        play._apply(play.conn.client_lost())
+    lines = [r.getMessage() for r in caplog.records if r.name == "lb.access"]
+    assert len(lines) == 1 and "status=200" in lines[0]
+    assert play.ctx.stats.handshakes[("b", "b1", "abandoned")] == 0
+    assert play.connections() == {"a1": 0, "b1": 0, "b2": 0}
+
+
+def test_a_buffer_reported_full_again_keeps_the_time_it_first_filled() -> None:
+    """The client's bound, and the backend's stall, count from when the buffer first filled, however often
+    the shell says it again."""
+    client = Play()
+    client.client(get("/a/x"))
+    client.connected()
+    client._apply(client.conn.client_blocked(True, client.now))
+    client._apply(client.conn.client_blocked(True, client.now + 4))
+    client._apply(client.conn.deadline(T0 + 6))  # the client's 5 s (timeouts.handshake) from T0 have passed
+    assert client.closed_client == CloseClient(abort=True)
+    backend = Play()
+    backend.client(post("/a/x", b"x" * 100)[:-50])
+    backend.connected()
+    backend._apply(backend.conn.backend_blocked(True, backend.now))
+    backend._apply(backend.conn.backend_blocked(True, backend.now + 1.5))
+    assert backend.timer == T0 + 2  # backend_connect from the first report
+
+
+def test_a_backend_that_stops_reading_an_upload_after_answering_has_backend_connect() -> None:
+    """The upload goes on behind an early answer: a full backend buffer then is the backend's stall."""
+    play = Play()
+    play.client(post("/a/x", b"x" * 100)[:-50])
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    assert play.conn.state == RELAY and play.timer == T0 + 5
+    play._apply(play.conn.backend_blocked(True, play.now + 1))
+    assert play.timer == T0 + 1 + 2
+
+
+def test_a_final_answer_instead_of_100_continue_gives_the_upload_back_to_the_client() -> None:
+    """RFC 9110 §10.1.1: the final answer ends the wait for leave to send; the rest of the body (the
+    connection is then closed) is the client's time from that answer, not the backend's 8 s."""
+    play = expecting()
+    play.now += 1
+    play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nx")
+    assert play.conn.state == RELAY and play.timer == T0 + 1 + 5
+
+
+def test_a_stop_waits_no_longer_for_a_head_than_timeouts_handshake() -> None:
+    """STOP_HEAD_WAIT, or timeouts.handshake where that is shorter."""
+    play = Play(CONFIG.replace("handshake: 5s", "handshake: 200ms"))
+    play.shutdown()
+    assert play.timer == T0 + 0.2
+
+
+def test_a_stop_during_an_answer_already_promised_keep_alive_closes_after_it() -> None:
+    """The head went out without Connection: close; the stop still ends the connection with the body."""
+    play = Play()
+    play.client(get("/a/x"))
+    play.connected()
+    play.backend(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    play.shutdown()
+    play.backend(b"cd")
+    assert play.closed_client == CloseClient() and play.conn.state == CLOSED
+
+
+def test_an_answer_after_the_listeners_stopped_accepting_asks_its_client_to_go() -> None:
+    """Between `accepting = False` and the stop reaching each connection (the accept queue drains), an
+    answer already says Connection: close."""
+    play = Play()
+    play.client(get("/a/x"))
+    play.connected()
+    play.ctx.accepting = False
+    play.backend(ok())
+    assert play.answer()[1]["connection"] == "close" and play.closed_client == CloseClient()
 
 
 def test_after_sigterm_answers_ask_keep_alive_clients_to_go() -> None:
