@@ -186,8 +186,9 @@ def switch(*extra: str, upgrade_value: str = "websocket") -> ResponseHead:
      switch("Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover")),
     (("Sec-WebSocket-Extensions: permessage-deflate",), switch()),
     (('Sec-WebSocket-Extensions: x-a; p="1,2", x-b',), switch("Sec-WebSocket-Extensions: X-B, x-a")),
+    (("Sec-WebSocket-Extensions: x-a",), switch('Sec-WebSocket-Extensions: x-a; p="1\\",2"')),
 ], ids=["plain", "upgrade-case", "protocol-picked", "protocol-second-line", "protocol-none", "deflate",
-        "extension-none", "extensions-quoted-comma"])
+        "extension-none", "extensions-quoted-comma", "extension-escaped-quote"])
 def test_a_101_the_client_accepts_has_no_fault(offered: tuple[str, ...], answer: ResponseHead) -> None:
     request = upgrade(extra=offered)
     assert switch_fault(request, answer) is None and negotiation_fault(request, answer) is None
@@ -195,6 +196,7 @@ def test_a_101_the_client_accepts_has_no_fault(offered: tuple[str, ...], answer:
 
 @pytest.mark.parametrize(("offered", "answer", "fault"), [
     ((), switch(upgrade_value="h2c, websocket"), "Upgrade other than websocket"),
+    ((), switch("Upgrade: h2c"), "Upgrade other than websocket"),
     ((), switch("Sec-WebSocket-Protocol: evilproto"), "Sec-WebSocket-Protocol"),
     (("Sec-WebSocket-Protocol: chat",), switch("Sec-WebSocket-Protocol: Chat"), "Sec-WebSocket-Protocol"),
     (("Sec-WebSocket-Protocol: chat, v2",), switch("Sec-WebSocket-Protocol: chat, v2"), "Sec-WebSocket-Protocol"),
@@ -208,8 +210,8 @@ def test_a_101_the_client_accepts_has_no_fault(offered: tuple[str, ...], answer:
      "Sec-WebSocket-Extensions"),
     (("Sec-WebSocket-Extensions: x-a",), switch('Sec-WebSocket-Extensions: x-a; p="open'), "Sec-WebSocket-Extensions"),
     (("Sec-WebSocket-Extensions: x-a",), switch("Sec-WebSocket-Extensions: ; p=1"), "Sec-WebSocket-Extensions"),
-], ids=["upgrade-list", "protocol-not-offered", "protocol-other-case", "protocol-list", "protocol-twice",
-        "protocol-empty", "extension-not-offered", "extension-other", "extension-only-inside-quotes",
+], ids=["upgrade-list", "upgrade-second-line", "protocol-not-offered", "protocol-other-case", "protocol-list",
+        "protocol-twice", "protocol-empty", "extension-not-offered", "extension-other", "extension-only-inside-quotes",
         "extension-open-quote", "extension-no-name"])
 def test_a_101_the_client_must_fail_is_a_fault(offered: tuple[str, ...], answer: ResponseHead, fault: str) -> None:
     """Upgrade is the backend's fault whatever the client sent; a subprotocol or an extension depends on
