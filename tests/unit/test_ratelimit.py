@@ -111,6 +111,19 @@ def test_pruning_forgets_only_full_buckets() -> None:
     assert limiter.check("busy", 0.5) > 0, "the busy address got its burst back through pruning"
 
 
+def test_a_prune_forgets_refilled_buckets_and_halves_a_flood_of_live_ones() -> None:
+    """Past max_keys, the buckets already full again go first; a flood of live ones is cut to max_keys/2,
+    the headroom that keeps the next prune max_keys/2 checks away."""
+    limiter = RateLimiter(rate=1, burst=2, max_keys=8)
+    for i in range(8):
+        limiter.check(f"old-{i}", now=0.0)
+    limiter.check("new", now=10.0)  # the ninth key: the eight old ones have refilled
+    assert len(limiter) == 1
+    for i in range(8):
+        limiter.check(f"flood-{i}", now=10.0)
+    assert len(limiter) == 4
+
+
 def test_a_sweep_forgets_the_refilled_buckets_of_quiet_addresses_whatever_the_table_size() -> None:
     """50,000 one-off addresses far below `max_keys`: a sweep once they have refilled gives the table
     back (they stayed until the table reached max_keys: 18 MB at 100,000).  An address still short of
