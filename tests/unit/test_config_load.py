@@ -6,6 +6,7 @@ import contextlib
 import copy
 import ipaddress
 import re
+import string
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -1190,16 +1191,114 @@ def _leaf_paths(node: object, path: str = "") -> list[str]:
     return [path]
 
 
+_ports = st.integers(10_000, 65_535)
+_durations = st.builds("{}{}".format, st.integers(1, 9999), st.sampled_from(["ms", "s", "m", "h"])) | st.sampled_from(
+    ["1h30m", "2m5s", "1.5s"]
+)
+_names = st.text(string.ascii_letters + string.digits + "_-", min_size=1, max_size=20)
+_secrets = st.text(string.ascii_lowercase + string.digits, min_size=32, max_size=64)
+_paths = st.text(string.ascii_lowercase[:6] + string.digits + "-._~/%", max_size=20).map(lambda path: "/" + path)
+
+# What each leaf of GOOD_YAML may hold, the rest unchanged, and the config still be valid.
+_VALID_VALUES: dict[str, st.SearchStrategy[object]] = {
+    "listeners[0].bind": st.builds("127.0.0.1:{}".format, _ports) | st.builds("[::1]:{}".format, _ports)
+    | _ports.map(str),
+    "listeners[1].bind": st.builds("127.0.0.2:{}".format, _ports),
+    "listeners[1].tls.cert": st.just("certs/server.crt"),
+    "listeners[1].tls.key": st.just("certs/server.key"),
+    "admin.bind": st.builds("127.0.0.1:{}".format, _ports) | st.builds("[::1]:{}".format, _ports),
+    "admin.token": _secrets,
+    "affinity.mode": st.sampled_from(["insert", "rewrite", "INSERT"]),
+    "affinity.cookie": _names,
+    "affinity.max_age": _durations,
+    "affinity.secret_keys[0]": _secrets,
+    "affinity.same_site": st.sampled_from(["Strict", "Lax", "lax", "None"]),
+    "affinity.http_only": st.booleans(),
+    "affinity.secure": st.sampled_from(["auto", "always", "never", True, False]),
+    "routes[0].path_prefix": _paths,
+    "routes[0].pool": st.just("gateways"),
+    "pools.gateways.balance": st.sampled_from(["round_robin", "least_conn", "source"]),
+    "pools.gateways.health_check.type": st.sampled_from(["http", "tcp"]),
+    "pools.gateways.health_check.path": _paths,
+    "pools.gateways.health_check.interval": _durations,
+    "pools.gateways.health_check.timeout": _durations,
+    "pools.gateways.health_check.rise": st.integers(1, 1000),
+    "pools.gateways.health_check.fall": st.integers(1, 1000),
+    "pools.gateways.backends[0].id": _names,
+    "pools.gateways.backends[0].address": st.builds(
+        "{}:{}".format, st.sampled_from(["127.0.0.1", "[::1]", "localhost"]), st.integers(1, 65535).filter(
+            lambda port: port not in (8080, 8443)  # a listener's: the balancer itself
+        )
+    ),
+    "pools.gateways.backends[0].weight": st.integers(1, 256),
+    "pools.gateways.backends[1].id": _names,
+    "pools.gateways.backends[1].address": st.builds("10.0.0.1:{}".format, st.integers(1, 65535)),
+    "pools.gateways.backends[1].weight": st.integers(1, 256),
+    "timeouts.handshake": _durations,
+    "timeouts.backend_connect": _durations,
+    "timeouts.shutdown_grace": _durations | st.just("0s"),
+    "limits.max_header_bytes": st.integers(1024, 1048576),
+}
+# Values fine alone that another setting makes wrong; `_ALSO_AT` says where else the problem may be told.
+_CLASHES = [
+    ("listeners[0].bind", "127.0.0.1:9000"), ("listeners[0].bind", "0.0.0.0:8443"),
+    ("listeners[1].bind", "127.0.0.1:8080"), ("admin.bind", "0.0.0.0:8080"), ("admin.bind", "127.0.0.1:8443"),
+    ("pools.gateways.backends[1].id", "gw-1"), ("pools.gateways.backends[1].address", "127.0.0.1:9001"),
+    ("pools.gateways.backends[0].address", "127.0.0.1:8080"), ("pools.gateways.balance", "hash"),
+    ("routes[0].pool", "p"), ("listeners[1].tls.cert", "certs/server.key"),
+]  # fmt: skip
+_ALSO_AT = {
+    "listeners[0].bind": ("admin.bind", "listeners[1].bind"),
+    "listeners[1].bind": ("admin.bind", "listeners[0].bind"),
+    "pools.gateways.balance": ("pools.gateways.hash_key",),
+}
+
+
+@st.composite
+def _one_value_changed(draw: st.DrawFn) -> tuple[str, object, bool | None]:
+    """A leaf of GOOD_YAML and a value for it, with whether the config must then parse (None: either).
+
+    A third each: a valid value; a valid value one character off (or a value that clashes with another
+    setting, which must not parse); an arbitrary tree."""
+    path = draw(st.sampled_from(sorted(_VALID_VALUES)))
+    kind = draw(st.sampled_from(["valid", "near", "tree"]))
+    if kind == "tree":
+        return path, draw(trees), None
+    value = draw(_VALID_VALUES[path])
+    if kind == "valid":
+        return path, value, True
+    if draw(st.integers(0, 3)) == 0:
+        clash_path, clash = draw(st.sampled_from(_CLASHES))
+        return clash_path, clash, False
+    text = yaml.safe_dump(value).removesuffix("\n...\n").strip() if not isinstance(value, str) else value
+    at = draw(st.integers(0, len(text)))
+    char = draw(st.sampled_from(" :-/.%[]{}#0\n") | st.characters())
+    edit = draw(st.sampled_from(["replace", "drop", "insert"]))
+    return path, text[:at] + ("" if edit == "drop" else char) + text[at + (edit != "insert") :], None
+
+
+def test_every_leaf_of_the_good_config_has_its_valid_values() -> None:
+    assert sorted(_VALID_VALUES) == sorted(_leaf_paths(good_tree()))
+
+
+def _at_or_under(problem: str, path: str) -> bool:
+    return problem == path or problem.startswith((f"{path}.", f"{path}["))
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(_leaf_paths(yaml.safe_load(GOOD_YAML))), trees)
-def test_one_mutated_value_only_raises_config_error(base_dir: Path, path: str, value: object) -> None:
-    """Replacing any value of a good config yields a Config or ConfigError problems at or under that path."""
+@given(_one_value_changed())
+def test_one_mutated_value_only_raises_config_error(base_dir: Path, change: tuple[str, object, bool | None]) -> None:
+    """Replacing any value of a good config yields a Config or ConfigError problems at or under that path
+    (or at the other side of a rule it broke): a valid value always parses, a clash never does."""
+    path, value, parses = change
     try:
         parse(set_at(good_tree(), path, value), base_dir)
     except ConfigError as exc:
-        assert exc.problems
-        root = _steps(path)[0]
-        assert all(p.path.startswith(str(root)) or p.path.startswith("routes") for p in exc.problems)
+        assert exc.problems and parses is not True
+        also = _ALSO_AT.get(path, ())
+        assert all(_at_or_under(p.path, path) or p.path in also for p in exc.problems), exc.problems
+    else:
+        assert parses is not False
 
 
 @st.composite
