@@ -188,21 +188,36 @@ def test_parse_address_rejects(text: str) -> None:
     assert parse_address(text) is None
 
 
+_in_10 = st.integers(0, 2**24 - 1).map(lambda n: ipaddress.IPv4Address(0x0A000000 + n))
+# Any address; one inside 10.0.0.0/8, as itself or IPv4-mapped (the same client); one just outside it.
+_peers = st.one_of(
+    st.ip_addresses(),
+    _in_10,
+    _in_10.map(lambda a: ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + a.packed)),
+    st.sampled_from(["9.255.255.255", "11.0.0.0", "::ffff:9.255.255.255", "::a00:1"]).map(ipaddress.ip_address),
+)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
-    peer=st.ip_addresses(),
-    hops=st.lists(st.one_of(st.ip_addresses().map(str), st.text(max_size=12)), max_size=8),
+    peer=_peers,
+    hops=st.lists(st.one_of(st.ip_addresses().map(str), _in_10.map(str), st.text(max_size=12)), max_size=8),
 )
 def test_untrusted_peer_is_always_the_client(
     peer: ipaddress.IPv4Address | ipaddress.IPv6Address, hops: list[str]
 ) -> None:
-    """Whatever an untrusted peer writes in X-Forwarded-For, the client is the peer and the chain is replaced."""
+    """Whatever an untrusted peer writes in X-Forwarded-For, the client is the peer and the chain is replaced;
+    a trusted one (IPv4-mapped too) names the peer or a hop it sent, and the chain goes on with it."""
     trusted = TrustedProxies.parse(["10.0.0.0/8"])
     normal = str(parse_address(str(peer)))
+    client = client_address(str(peer), [", ".join(hops)], trusted)
+    chain = forwarded_for(str(peer), [", ".join(hops)], trusted)
     if parse_address(str(peer)) in trusted:
+        assert client in {normal, *(str(parse_address(hop)) for hop in hops)}
+        assert chain == normal or chain.endswith(", " + normal)
         return
-    assert client_address(str(peer), [", ".join(hops)], trusted) == normal
-    assert forwarded_for(str(peer), [", ".join(hops)], trusted) == normal
+    assert client == normal
+    assert chain == normal
 
 
 @settings(max_examples=300, deadline=None)
