@@ -363,22 +363,36 @@ def test_mutated_token_never_opens_to_another_claim(base: tuple[str, Claim], edi
     assert unb64(mutated) == unb64(token)
 
 
+# Names of any text, and long ones of one- to four-byte characters, about as often under 255 bytes as over.
+_names = st.text(max_size=40) | st.text(st.sampled_from("a-\u00e9\u20ac\U0001f600"), min_size=60, max_size=140)
+
+
 @settings(max_examples=100, deadline=None)
 @given(
-    backend_id=st.text(max_size=40),
-    app_value=st.one_of(st.none(), st.text(min_size=1, max_size=40)),
+    backend_id=_names,
+    pool=st.none() | _names.filter(bool),
+    app_value=st.none() | st.text(min_size=1, max_size=40) | st.integers(2900, 3100).map(lambda size: "v" * size),
     issued_at=st.integers(min_value=0, max_value=2**32 - 1),
     session=st.binary(min_size=SESSION_BYTES, max_size=SESSION_BYTES),
     nonce=st.binary(min_size=NONCE_BYTES, max_size=NONCE_BYTES),
 )
 def test_round_trip_any_claim(
-    backend_id: str, app_value: str | None, issued_at: int, session: bytes, nonce: bytes
+    backend_id: str, pool: str | None, app_value: str | None, issued_at: int, session: bytes, nonce: bytes
 ) -> None:
-    """Any claim that fits the layout opens to itself."""
-    claim = Claim(backend_id=backend_id, issued_at=issued_at, session=session, app_value=app_value)
-    if len(backend_id.encode("utf-8")) > 255:
+    """Any claim that fits the layout opens to itself; an id or pool over 255 bytes is a ValueError, an app
+    value that would make the token too long for `open` is TokenTooLarge."""
+    claim = Claim(backend_id=backend_id, issued_at=issued_at, session=session, app_value=app_value, pool=pool)
+    if len(backend_id.encode("utf-8")) > 255 or len((pool or "").encode("utf-8")) > 255:
+        with pytest.raises(ValueError, match="does not fit the token layout"):
+            CODEC.seal(claim, nonce)
         return
-    assert CODEC.open(CODEC.seal(claim, nonce), issued_at) == claim
+    try:
+        token = CODEC.seal(claim, nonce)
+    except TokenTooLarge:
+        assert app_value is not None and len(app_value) >= 2900
+        return
+    assert len(token) <= MAX_TOKEN_CHARS
+    assert CODEC.open(token, issued_at) == claim
 
 
 def test_the_layouts_sizes_are_their_structs() -> None:
