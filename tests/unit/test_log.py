@@ -409,9 +409,11 @@ class _Shown:
         return self.text
 
 
+# Visible ASCII, bare unless it holds `"` or `=` (which it often does): the writer's fast path and its edge.
+_visible = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=12)
 _field_values = (
-    st.text(st.characters(codec="utf-8"), max_size=16) | st.text(alphabet="ab =\"\x1b\u00e9", max_size=8)
-    | st.integers() | st.floats() | st.booleans() | st.none() | st.text(max_size=8).map(_Shown)
+    st.text(st.characters(codec="utf-8"), max_size=16) | st.text(alphabet="ab =\"\x1b\u00e9", max_size=8) | _visible
+    | st.integers() | st.floats() | st.booleans() | st.none() | (st.text(max_size=8) | _visible).map(_Shown)
 )
 
 
