@@ -1243,6 +1243,9 @@ class Connection:
             last = BadGateway("no backend answered in time")
         elif failure.kind == "bad_answer":
             last = BadGateway("no backend gave a well-formed answer")  # the access line's reason: not unreachable
+        elif self._interim:
+            # It answered (its 1xx went to the client, which is why nothing goes elsewhere): reached.
+            last = BadGateway("the backend closed after its interim answer")
         else:
             last = BadGateway("no backend could be reached")
         if failure.this_client_only:

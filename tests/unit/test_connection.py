@@ -1885,6 +1885,26 @@ def test_a_backend_whose_interim_answer_reached_the_client_is_not_replaced_and_i
     assert play.to_client.count(b" 103 ") == MAX_INTERIM if then == "too-many" else 1
 
 
+@pytest.mark.parametrize("then", ["eof", "reset"])
+def test_the_502_after_a_relayed_interim_answer_does_not_say_no_backend_was_reached(
+    then: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The backend answered (its 103 reached the client), then closed: the access line said
+    `no_backend_could_be_reached`, as for a refused connect, where the operator must look at that backend."""
+    play = Play()
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        play.client(get("/b/x"))
+        play.connected()
+        play.backend(b"HTTP/1.1 103 Early Hints\r\n\r\n")
+        if then == "eof":
+            play.backend_eof()
+        else:
+            play.backend_failed("connection reset by peer")
+    assert play.opened == ["b1"] and b"502 Bad Gateway" in play.to_client
+    lines = [r.getMessage() for r in caplog.records if r.name == "lb.access"]
+    assert len(lines) == 1 and "reason=the_backend_closed_after_its_interim_answer" in lines[0], lines
+
+
 def test_an_http10_clients_request_goes_on_after_an_interim_answer_it_never_got() -> None:
     """An HTTP/1.0 client is sent no 1xx: nothing of the failed backend's reached it, so a GET is retried."""
     play = Play()
