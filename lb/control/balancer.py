@@ -1025,9 +1025,10 @@ class Balancer:
         (`_retired`), or a new one's.  A backend that joins a pool already there (a reload or a DNS answer
         adds it, or names one it had removed) ramps up over `slow_start` as one back up does: at full
         weight from its first second, `least_conn` sent it every new client until it held as many as the
-        others (HAProxy ramps a server added at run time, too).  A new pool's backends take their full
-        weight, as at start (discovery's first answers included): all ramping together, none would take
-        fewer than the others."""
+        others (HAProxy ramps a server added at run time, too).  The backends a pool starts with take their
+        full weight (at start, with discovery's first answers before the balancer listens; a new pool's):
+        all ramping together, none would take fewer than the others.  A DNS answer after that, a new pool's
+        first one too, joins a pool already serving, so what it adds ramps."""
         backends: dict[str, BackendStatus] = {}
         # Only once serving: discovery's first answers, applied while the balancer starts (before its first
         # client), are its starting set, which takes its full weight as a static one does.
