@@ -24,8 +24,11 @@ from test_http_head_reference import (
     _STATUS_LINES,
     _WEBSOCKET_REQUEST,
     _WEBSOCKET_RESPONSE,
+    _WELL_FORMED_REQUEST_LINES,
+    _WELL_FORMED_STATUS_LINES,
     _head,
     _near_valid,
+    _well_formed,
 )
 
 from lb import pure_python_requested
@@ -99,8 +102,8 @@ def test_known_heads_read_alike(raw: bytes) -> None:
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_head(_REQUEST_LINES) | _near_valid(_LISTED_REQUEST_LINES) | _head(_STATUS_LINES)
-       | _near_valid(_LISTED_STATUS_LINES))
+@given(_head(_REQUEST_LINES) | _near_valid(_LISTED_REQUEST_LINES) | _well_formed(_WELL_FORMED_REQUEST_LINES)
+       | _head(_STATUS_LINES) | _near_valid(_LISTED_STATUS_LINES) | _well_formed(_WELL_FORMED_STATUS_LINES))
 def test_generated_heads_read_alike(raw: bytes) -> None:
     assert_read_alike(raw)
 
