@@ -504,11 +504,35 @@ _FORM_PIECES = st.sampled_from(
 )
 
 
-@given(st.lists(_FORM_PIECES, max_size=8).map("".join), st.sampled_from(["lb_affinity", "uid", "a b", "é"]))
-def test_a_query_key_is_the_name_exactly_when_it_decodes_to_it(key: str, name: str) -> None:
+_NAMES = ["lb_affinity", "uid", "a b", "é"]
+
+
+@st.composite
+def _keys_and_names(draw: st.DrawFn) -> tuple[str, str]:
+    """A name, and a key: pieces at random, or one spelling the name (each character as itself,
+    %XX of its UTF-8 bytes in either case, or + for a space), as it is or with a piece more or a
+    character less."""
+    name = draw(st.sampled_from(_NAMES))
+    edit = draw(st.sampled_from(["random", "random", "none", "none", "none", "add", "drop"]))
+    if edit == "random":
+        return draw(st.lists(_FORM_PIECES, max_size=8).map("".join)), name
+    key = ""
+    for character in name:
+        spellings = [character, "".join(f"%{byte:02X}" for byte in character.encode())]
+        spellings += [spellings[1].lower()] + (["+"] if character == " " else [])
+        key += draw(st.sampled_from(spellings))
+    at = draw(st.integers(0, len(key) - 1))
+    if edit == "add":
+        return key[:at] + draw(_FORM_PIECES) + key[at:], name
+    return (key[:at] + key[at + 1 :] if edit == "drop" else key), name
+
+
+@given(_keys_and_names())
+def test_a_query_key_is_the_name_exactly_when_it_decodes_to_it(key_and_name: tuple[str, str]) -> None:
     """The length bound that spares a hostile query its decodes never changes the answer."""
     from urllib.parse import unquote_plus
 
+    key, name = key_and_name
     assert is_form_name(key, name) == (unquote_plus(key, errors="surrogateescape") == name)
 
 
