@@ -476,10 +476,14 @@ _PART = st.one_of(
         lambda second, rest: "A" + second + rest, st.sampled_from(_B64URL), st.text(_B64URL, min_size=50, max_size=90)
     ),
 )
+# Every part shaped: our version prefix and a token's length (59 and up).
+_SHAPED = st.builds(
+    lambda second, rest: "A" + second + rest, st.sampled_from(_SECOND), st.text(_B64URL, min_size=57, max_size=90)
+)
 
 
 @settings(max_examples=400, deadline=None)
-@given(parts=st.lists(_PART, min_size=1, max_size=3))
+@given(parts=st.lists(_SHAPED, min_size=1, max_size=3) | st.lists(_PART, min_size=1, max_size=3))
 def test_rewrite_mode_drops_a_value_only_when_every_part_is_shaped_like_a_token(parts: list[str]) -> None:
     """Decided by shape alone: our version prefix and a token's length, for every `.`-joined part (pins of
     several pools).  A value with any other part (a JWT: `eyJ...`) is the backend's own and passes."""
