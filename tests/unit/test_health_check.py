@@ -1,0 +1,158 @@
+"""One health check against a real backend on 127.0.0.1 port 0: what is asked, and the verdict on each answer."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import pytest
+
+from lb.config.model import BackendConfig, HealthCheckConfig, HealthCheckType, PoolConfig
+from lb.control.health import HealthChecker, ProbeResult
+from lb.state.pool import PoolState
+
+
+@asynccontextmanager
+async def backend(chunks: Sequence[bytes], *, close: bool = True) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A backend that reads the check's request, then writes `chunks` 50 ms apart (each its own read) and
+    closes (or, `close=False`, keeps the connection open); yields its port and the requests it read."""
+    requests: list[bytes] = []
+    handlers: set[asyncio.Task[object]] = set()
+    done = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            requests.append(await reader.readuntil(b"\r\n\r\n"))
+            for index, chunk in enumerate(chunks):
+                if index:
+                    await asyncio.sleep(0.05)
+                writer.write(chunk)
+                await writer.drain()
+            if not close:
+                await done.wait()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], requests
+    finally:
+        server.close()
+        done.set()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+
+async def check(port: int, type: HealthCheckType = HealthCheckType.HTTP, check_timeout: float = 2.0) -> ProbeResult:
+    config = PoolConfig(
+        name="p", backends=(BackendConfig("gw-1", "127.0.0.1", port),),
+        health_check=HealthCheckConfig(type=type, path="/ready?deep=1", timeout=check_timeout),
+    )
+    state = PoolState(config=config)
+    return await HealthChecker(state, lambda change: None).check(state.backends["gw-1"])
+
+
+def answer(status: str, *fields: str) -> bytes:
+    return "".join([f"HTTP/1.1 {status}\r\n", *(f"{field}\r\n" for field in fields), "\r\n"]).encode("latin-1")
+
+
+async def test_the_check_asks_for_the_configured_path_of_that_backend_and_closes() -> None:
+    """GET of `health_check.path` with the backend's host:port as Host, and `Connection: close`."""
+    async with backend([answer("200 OK")]) as (port, requests):
+        assert (await check(port)).ok
+    assert requests == [
+        f"GET /ready?deep=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: ws-affinity-lb health check\r\n"
+        "Connection: close\r\n\r\n".encode()
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "ok"),
+    [("200 OK", True), ("204 No Content", True), ("299 Whatever", True), ("301 Moved", True),
+     ("399 Whatever", True), ("400 Bad Request", False), ("404 Not Found", False), ("503 Unavailable", False)],
+)
+async def test_2xx_and_3xx_pass_and_4xx_and_5xx_fail(status: str, ok: bool) -> None:
+    """A 2xx or 3xx answer passes, 400 and above fail; the detail names the status."""
+    async with backend([answer(status)]) as (port, _):
+        result = await check(port)
+    assert (result.ok, result.detail) == (ok, f"HTTP {status[:3]}")
+
+
+@pytest.mark.parametrize(
+    ("fields", "requested"),
+    [((), "up"), (("X-Backend-State: draining",), "draining"),
+     (("X-Backend-State: up", "X-Backend-State: draining"), "draining"),
+     (("X-Backend-State: draining", "X-Backend-State: up"), "draining")],
+    ids=["none", "draining", "draining on a second line", "draining on the first line"],
+)
+@pytest.mark.parametrize("status", ["200 OK", "503 Unavailable"])
+async def test_the_requested_state_is_read_from_every_line_and_from_a_failing_answer_too(
+    fields: tuple[str, ...], requested: str, status: str
+) -> None:
+    """Repeated `X-Backend-State` lines are one list; a failing answer still says what the backend asks for."""
+    async with backend([answer(status, *fields)]) as (port, _):
+        assert (await check(port)).requested == requested
+
+
+@pytest.mark.parametrize("interim", [0, 1, 8])
+async def test_interim_answers_are_skipped_up_to_the_proxys_limit(interim: int) -> None:
+    """Up to MAX_INTERIM (8) 1xx answers before the final one, as the proxy takes them: the final one counts."""
+    async with backend([answer("100 Continue") * interim + answer("200 OK")]) as (port, _):
+        result = await check(port)
+    assert (result.ok, result.detail) == (True, "HTTP 200")
+
+
+@pytest.mark.parametrize(
+    ("chunks", "detail"),
+    [([answer("100 Continue") * 9 + answer("200 OK")], "not a valid HTTP answer"),
+     ([answer("101 Switching Protocols") + answer("200 OK")], "not a valid HTTP answer"),
+     ([b"SSH-2.0-OpenSSH_9.6\r\n"], "not a valid HTTP answer"),
+     ([b"HTTP/1.1 200 OK\r\nContent-"], "not a valid HTTP answer"),
+     ([], "closed without answering"),
+     ([b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 70_000], "answer head too large")],
+    ids=["nine interim", "unasked 101", "not http", "cut short", "closed", "head too large"],
+)
+async def test_answers_the_proxy_would_refuse_fail_the_check(chunks: list[bytes], detail: str) -> None:
+    """What a handshake would get a 502 for fails the check, with a fixed detail (never the backend's bytes)."""
+    async with backend(chunks) as (port, _):
+        assert await check(port) == ProbeResult(False, detail)
+
+
+async def test_a_final_head_after_an_interim_one_read_in_pieces_is_found() -> None:
+    """An interim head split across reads, then the final one: the search for its end starts again at the
+    final head (a search resumed where the interim head's read left off ran past it, waiting for more)."""
+    interim = answer("100 Continue", "X-Pad: " + "a" * 200)
+    async with backend([interim[:150], interim[150:] + answer("200 OK")], close=False) as (port, _):
+        result = await check(port)
+    assert (result.ok, result.detail) == (True, "HTTP 200")
+
+
+async def test_a_tcp_check_passes_on_an_accepted_connection() -> None:
+    """`type: tcp` wants the connection accepted, and reads nothing."""
+    async with backend([], close=False) as (port, requests):
+        assert await check(port, HealthCheckType.TCP) == ProbeResult(True, "connected")
+    assert requests == []
+
+
+async def test_a_backend_silent_past_the_timeout_fails() -> None:
+    async with backend([], close=False) as (port, _):
+        assert await check(port, check_timeout=0.1) == ProbeResult(False, "no answer within 0.1s")
+
+
+async def test_a_connect_error_s_text_is_one_bounded_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The detail shown in /status: the error's words joined by single spaces, cut at 160 characters."""
+
+    async def failing_connect(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ECONNREFUSED, "refused\n  by   peer " + "x" * 300)
+
+    monkeypatch.setattr(asyncio, "open_connection", failing_connect)
+    result = await check(9)
+    assert not result.ok and not result.local
+    assert result.detail.startswith("[Errno 111] refused by peer xxx") and len(result.detail) == 160
+    assert "\n" not in result.detail
