@@ -10,7 +10,8 @@ import pytest
 
 from lb.config.model import BackendConfig, BalanceMethod, HealthCheckConfig, PoolConfig
 from lb.control.health import HealthChecker, ProbeResult, requested_state
-from lb.state.pool import AdminAction, BackendState, PoolState
+from lb.state.observations import Observations
+from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState
 
 
 def pool() -> PoolState:
@@ -22,7 +23,7 @@ def pool() -> PoolState:
     [("draining", "draining"), ("Draining ", "draining"), ("drain", "draining"), ("up", "up"), (None, "up"),
      ("", "up"), ("maint", "up"), ("x" * 10_000, "up"),
      ("up, draining", "draining"), ("draining, up", "draining"), ("maint,Drain", "draining"), ("up,up", "up"),
-     ("up, maint", "up")],
+     ("up, maint", "up"), ("\tdraining\t", "draining"), ("up,\t Drain \t", "draining")],
 )
 def test_header_values(header: str | None, expected: str) -> None:
     """`draining` (or HAProxy's `drain`) asks to drain, also in a list (repeated lines); anything else, or no
@@ -201,15 +202,17 @@ async def test_a_check_that_failed_for_our_own_shortage_is_not_the_backends(
     assert not result.ok and result.local is local
 
 
-async def _probe_loop_with(check: Callable[[], ProbeResult], rounds: int) -> tuple[PoolState, list[object]]:
+async def _probe_loop_with(
+    check: Callable[[], ProbeResult], rounds: int, *, interval: float = 0.01, observations: Observations | None = None,
+) -> tuple[PoolState, list[object]]:
     """One backend (`fall: 1`, 10 ms interval) probed `rounds` times by `check` through the real loop."""
     config = PoolConfig(
         name="p", backends=(BackendConfig("gw-1", "127.0.0.1", 9001),),
-        health_check=HealthCheckConfig(interval=0.01, fall=1, rise=1),
+        health_check=HealthCheckConfig(interval=interval, fall=1, rise=1),
     )
     state = PoolState(config=config)
     changes: list[object] = []
-    checker = HealthChecker(state, changes.append)
+    checker = HealthChecker(state, changes.append, observations)
     calls = 0
     done = asyncio.Event()
 
@@ -244,6 +247,119 @@ async def test_a_check_that_raises_is_logged_and_the_loop_goes_on(caplog: pytest
     state, changes = await _probe_loop_with(broken, 3)  # three rounds: the loop survived the first two
     assert state.backends["gw-1"].state is BackendState.UP and changes == []
     assert any("health check of p/gw-1 failed in the balancer" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_failing_answer_s_drain_request_is_recorded_and_the_failure_counted() -> None:
+    """A 503 that says `draining`: the backend goes down and asks to drain once it passes again; the check
+    counts as a failure in lb_health_checks_total."""
+    observations = Observations()
+    state, _ = await _probe_loop_with(lambda: ProbeResult(False, "HTTP 503", "draining"), 2, observations=observations)
+    backend = state.backends["gw-1"]
+    assert backend.state is BackendState.DOWN and backend.requested_drain
+    assert set(observations.health_checks) == {("p", "gw-1", "failure")}
+
+
+async def test_probes_start_an_interval_apart_whatever_a_check_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check that takes 0.3 s of a 1 s interval is followed by 0.7 s of sleep, not a whole interval."""
+    import time
+    from types import SimpleNamespace
+
+    from lb.control import health
+
+    clock = [100.0]
+
+    def slow_check() -> ProbeResult:
+        clock[0] += 0.3
+        return ProbeResult(True, "HTTP 200", "up")
+
+    sleeps: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float) -> None:
+        sleeps.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(health, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    await _probe_loop_with(slow_check, 3, interval=1.0)
+    assert sleeps[:2] == [pytest.approx(0.7), pytest.approx(0.7)]
+
+
+async def test_a_backend_removed_and_added_back_is_probed_again() -> None:
+    """A backend that leaves the pool loses its loop; back (a new status, same id and address), it gets a
+    new one at once: a loop kept for the one that left would leave the new one unprobed for good."""
+    backends = (BackendConfig("gw-1", "127.0.0.1", 9001), BackendConfig("gw-2", "127.0.0.1", 9002))
+    check_config = HealthCheckConfig(interval=3600.0)
+    state = PoolState(config=PoolConfig(name="p", backends=backends, health_check=check_config))
+    checker = HealthChecker(state, lambda change: None)
+    probed: list[str] = []
+    arrived = asyncio.Event()
+
+    async def check(backend: BackendStatus) -> ProbeResult:
+        probed.append(backend.id)
+        arrived.set()
+        return ProbeResult(True, "HTTP 200", "up")
+
+    async def probed_now(count: int) -> list[str]:
+        while len(probed) < count:
+            arrived.clear()
+            await asyncio.wait_for(arrived.wait(), 5)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        taken = sorted(probed)
+        probed.clear()
+        return taken
+
+    checker.check = check  # type: ignore[method-assign]
+    checker.retarget(state)
+    try:
+        assert await probed_now(2) == ["gw-1", "gw-2"]
+        without = PoolState(config=PoolConfig(name="p", backends=backends[1:], health_check=check_config))
+        without.backends["gw-2"] = state.backends["gw-2"]  # kept, as a reload or a DNS answer keeps it
+        checker.retarget(without)
+        assert sorted(checker._tasks) == ["gw-2"]
+        again = PoolState(config=PoolConfig(name="p", backends=backends, health_check=check_config))
+        again.backends["gw-2"] = state.backends["gw-2"]
+        checker.retarget(again)
+        assert await probed_now(1) == ["gw-1"]
+    finally:
+        await checker.stop()
+
+
+@pytest.mark.parametrize("header", [None, "", "up", "READY", "drain", "Draining", "up, draining", "up,", " , "])
+def test_known_values_and_no_value_are_not_said_to_be_unknown(
+    caplog: pytest.LogCaptureFixture, header: str | None
+) -> None:
+    """No header, an empty one, `up`/`ready`/`draining`/`drain` in any case: no warning (an answer without
+    the header is most answers)."""
+    state = pool()
+    with caplog.at_level("WARNING", logger="lb.control.health"):
+        HealthChecker(state, lambda change: None)._note_unknown(state.backends["gw-1"], header)
+    assert caplog.records == []
+
+
+def test_an_unknown_value_is_said_once_whatever_its_case_and_one_line_an_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`Maint` then `MAINT` is one unknown value, said once; an answer with two unknown values is one line."""
+    state = pool()
+    checker = HealthChecker(state, lambda change: None)
+    with caplog.at_level("WARNING", logger="lb.control.health"):
+        for header in ("Maint", "MAINT", "maint", "junk-1, junk-2"):
+            checker._note_unknown(state.backends["gw-1"], header)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "'Maint'" in lines[0] and "'junk-1'" in lines[1], lines
+
+
+def test_the_first_throttled_unknown_value_line_has_no_count(caplog: pytest.LogCaptureFixture) -> None:
+    """Past the 32 values remembered, the next line carries a count only when some were left unsaid."""
+    state = pool()
+    checker = HealthChecker(state, lambda change: None)
+    with caplog.at_level("WARNING", logger="lb.control.health"):
+        for i in range(33):
+            checker._note_unknown(state.backends["gw-1"], f"junk-{i}")
+    said = caplog.records[-1].getMessage()
+    assert said.endswith("'junk-32', which is neither draining nor up: it does not ask to drain"), said
 
 
 def test_a_backend_that_sends_a_new_unknown_state_at_every_check_is_not_a_line_a_check(
