@@ -91,6 +91,15 @@ VALID = {
     ),
     "v2 UNSPEC": (v2(1, 0x00, b"junk"), ProxyHeader(2, Command.PROXY, Family.UNKNOWN, None, None, 20)),
     "v2 UNIX": (v2(1, 0x31, bytes(216)), ProxyHeader(2, Command.PROXY, Family.UNIX, None, None, 232)),
+    "v2 UNIX datagram": (v2(1, 0x32, bytes(216)), ProxyHeader(2, Command.PROXY, Family.UNIX, None, None, 232)),
+    "v2 TCP6 IPv4-mapped both ends": (
+        v2_tcp6("::ffff:198.51.100.9", "::ffff:10.0.0.1", 1, 2),
+        ProxyHeader(2, Command.PROXY, Family.TCP6, ("198.51.100.9", 1), ("10.0.0.1", 2), 52),
+    ),
+    "v2 TCP4 with an empty TLV last": (
+        v2(1, 0x11, bytes(12) + tlv(0xEA, b"")),
+        ProxyHeader(2, Command.PROXY, Family.TCP4, ("0.0.0.0", 0), ("0.0.0.0", 0), 31, ((0xEA, b""),)),
+    ),
     "v2 TCP4 with TLVs": (
         v2(1, 0x11, bytes([1, 2, 3, 4, 5, 6, 7, 8, 0, 80, 0, 81]) + tlv(0x01, b"h2") + tlv(0xEA, b"vpce-1")),
         ProxyHeader(
@@ -133,6 +142,7 @@ INVALID = {
     "TLS ClientHello": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
     "lower-case proxy": b"proxy TCP4 1.2.3.4 5.6.7.8 1 2\r\n",
     "PROXY without space": b"PROXYTCP4 1.2.3.4 5.6.7.8 1 2\r\n",
+    "PROXX": b"PROXX TCP4 1.2.3.4 5.6.7.8 1 2\r\n",
     "v1 TCP5": b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n",
     "v1 UDP4": b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
     "v1 leading zero in address": b"PROXY TCP4 01.2.3.4 5.6.7.8 1 2\r\n",
@@ -189,6 +199,8 @@ def test_invalid_headers_are_refused(raw: bytes) -> None:
         b"\x16",  # TLS
         b"PROXY\t",
         b"PROXY TCP4 1.2.3.4\n",
+        b"PX",
+        b"PROXY TCP4 1\r2",  # a CR not followed by LF
         b"\r\n\r\n\x00\r\nQUIT\n\x10",  # v2 signature, version 1
         b"\r\n\r\n\x00\r\nQUIT\n\x23",  # v2 signature, command 3
         b"\r\n\r\n\x01",
@@ -371,6 +383,20 @@ def _with_crc(corrupt: bool = False) -> bytes:
     return header[:16] + bytes((header[16] ^ 1,)) + header[17:] if corrupt else header  # a bit of the source
 
 
+def _crc_filled(zeroed: bytes, at: int) -> bytes:
+    """`zeroed` with the CRC32c of itself written over its 4 zero bytes at `at`."""
+    return zeroed[:at] + struct.pack("!I", crc32c(zeroed)) + zeroed[at + 4 :]
+
+
+_CRC_TLV = bytes((PP2_TYPE_CRC32C, 0, 4))
+# A CRC32c TLV that a checksum alone would pass: a second one holding the right value; one of 5 bytes
+# whose first 4 are the right value.
+_CRC_REPEATED = _crc_filled(
+    v2(1, 0x11, bytes(12) + _CRC_TLV + b"\x01\x02\x03\x04" + _CRC_TLV + bytes(4)), 16 + 12 + 7 + 3
+)
+_CRC_FIVE_BYTES = _crc_filled(v2(1, 0x11, bytes(12) + bytes((PP2_TYPE_CRC32C, 0, 5)) + bytes(5)), 16 + 12 + 3)
+
+
 def test_a_v2_header_with_a_right_crc32c_is_accepted() -> None:
     header = parse_proxy_header(_with_crc())
     assert header is not None and header.source == ("203.0.113.7", 51234)
@@ -382,8 +408,10 @@ def test_a_v2_header_with_a_right_crc32c_is_accepted() -> None:
         _with_crc(corrupt=True),
         v2(1, 0x11, bytes(12) + bytes((PP2_TYPE_CRC32C, 0, 2)) + bytes(2)),  # not 4 bytes
         v2(1, 0x11, bytes(12) + (bytes((PP2_TYPE_CRC32C, 0, 4)) + bytes(4)) * 2),
+        _CRC_REPEATED,
+        _CRC_FIVE_BYTES,
     ],
-    ids=["corrupted", "short", "repeated"],
+    ids=["corrupted", "short", "repeated", "repeated, the second right", "five bytes, four of them right"],
 )
 def test_a_v2_header_failing_its_crc32c_is_refused(raw: bytes) -> None:
     """A corrupted header would give a wrong client address: the connection is dropped (spec §2.2.5)."""
