@@ -185,3 +185,12 @@ def test_a_reload_changing_the_kind_of_a_listener_on_two_addresses_keeps_both(tm
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+@pytest.mark.parametrize("reuse_port", [False, True])
+def test_so_reuseport_is_set_only_when_asked(reuse_port: bool) -> None:
+    """SO_REUSEPORT only for `workers: N` (their shared sockets): a lone `lb run` keeps its port to itself."""
+    (sock,) = listening_sockets("127.0.0.1", 0, backlog=16, reuse_port=reuse_port)
+    with sock:
+        assert bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)) is reuse_port
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)

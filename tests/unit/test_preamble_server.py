@@ -324,3 +324,142 @@ async def test_a_zoned_peer_is_matched_by_its_address(proxy_from: list[str], bel
         await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
     finally:
         server.close()
+
+
+async def test_a_header_finished_in_a_segment_with_the_client_s_bytes_takes_only_its_rest(
+    served: tuple[ProxyContext, AcceptingServer, int],
+) -> None:
+    """Half a header, then its other half and the head in one segment: the preamble takes the header's
+    rest only (not its whole length again), and the core gets every byte of the head."""
+    ctx, _, port = served
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"PROXY TCP4 192.0.2.1 ")
+    await _wait(lambda: ctx.handshaking == 1)
+    await asyncio.sleep(0.05)  # taken by the preamble as header so far
+    writer.write(b"127.0.0.1 5555 443\r\n" + HEAD_START)
+    await _wait(lambda: len(ctx.in_flight) == 1 and _only_connection(ctx).core._buf)
+    assert _only_connection(ctx).core.client_ip == "192.0.2.1"
+    assert bytes(_only_connection(ctx).core._buf) == HEAD_START
+    writer.close()
+    await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
+
+
+async def test_a_connection_closed_before_a_byte_is_not_warned_of(
+    served: tuple[ProxyContext, AcceptingServer, int], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connected and closed without a byte is an L4 balancer's TCP health check: no warning, only a count back."""
+    from lb.proxy import preamble
+
+    monkeypatch.setattr(preamble, "_refusals", preamble._RateLimitedRefusals())  # its next refusal would warn
+    ctx, server, port = served
+    with caplog.at_level(logging.WARNING, logger="lb.proxy.server"):
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await _wait(lambda: ctx.handshaking == 1)
+        writer.close()
+        await _wait(lambda: ctx.handshaking == 0 and server.pending == 0)
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("proxy_protocol", [True, False], ids=["proxy protocol", "plain"])
+async def test_past_the_answered_overflow_a_header_first_listener_sheds_and_a_plain_one_answers_503(
+    proxy_protocol: bool,
+) -> None:
+    """Over max_connections and its answered overflow, a PROXY-protocol listener closes a connection as it is
+    accepted (counted in lb_connections_shed_total); a plain one (asyncio's loop) still answers it 503."""
+    ctx = _ctx()
+    server, port = await _server(ctx, proxy_protocol=proxy_protocol)
+    ctx.handshaking = 10**6  # as many handshakes in flight: past any limit
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        header = b"PROXY TCP4 192.0.2.1 127.0.0.1 5555 443\r\n" if proxy_protocol else b""
+        answer = b""
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # shed: closed, maybe already
+            writer.write(header + b"GET /a/x HTTP/1.1\r\nHost: h\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 3)
+        if proxy_protocol:
+            assert (answer, ctx.stats.shed) == (b"", 1)
+        else:
+            assert answer.startswith(b"HTTP/1.1 503 ") and ctx.stats.shed == 0
+        writer.close()
+    finally:
+        ctx.handshaking -= 10**6
+        server.close()
+        for connection in list(ctx.in_flight):
+            connection._close(abort=True)
+
+
+async def test_abort_pending_drops_headers_and_tls_handshakes_and_then_wait_closed_returns(tmp_path: Path) -> None:
+    """At the end of a stop, a silent PROXY header and a silent TLS handshake are dropped at once (well
+    before timeouts.handshake), their counts released; wait_closed waits for both until then."""
+    certs = write_dev_certs(tmp_path, ["127.0.0.1"])
+    tls = f'{{cert: "{certs.server_cert}", key: "{certs.server_key}"}}'
+    ctx = _ctx("30s", tls=f'listeners: [{{bind: "127.0.0.1:8443", tls: {tls}}}]')
+    assert ctx.config.listeners[0].tls is not None
+    header_server, header_port = await _server(ctx)
+    tls_server, tls_port = await _server(ctx, server_ssl_context(ctx.config.listeners[0].tls), proxy_protocol=False)
+    header_r, header_w = await asyncio.open_connection("127.0.0.1", header_port)
+    header_w.write(b"PROXY TCP4 ")
+    tls_r, tls_w = await asyncio.open_connection("127.0.0.1", tls_port)
+    await _wait(lambda: header_server.pending == 1 and tls_server.pending == 1 and ctx.handshaking == 2)
+    waits = [asyncio.ensure_future(server.wait_closed()) for server in (header_server, tls_server)]
+    for server in (header_server, tls_server):
+        server.close()
+    await asyncio.sleep(0.05)
+    assert not any(wait.done() for wait in waits), "wait_closed returned with a connection still pending"
+    for server in (header_server, tls_server):
+        server.abort_pending()
+    await asyncio.wait_for(asyncio.gather(*waits), 2)
+    assert ctx.handshaking == 0
+    for reader in (header_r, tls_r):
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 2) == b""
+    header_w.close()
+    tls_w.close()
+
+
+async def test_accepting_pauses_longer_at_each_failure_up_to_a_second_and_again_briefly_after_a_success() -> None:
+    """Out of descriptors: 0.1 s, 0.2, 0.4, 0.8, then 1 s at most; an accept that succeeds brings the next
+    pause back to 0.1 s; close() cancels a pending resume."""
+    ctx = _ctx()
+    (plain,) = listening_sockets("127.0.0.1", 0, backlog=16, reuse_port=False)
+    sock = _ExhaustedSocket(fileno=plain.detach())
+    sock.failures = 5
+    server = AcceptingServer(ctx, [sock], None, start_serving=False)
+    loop = asyncio.get_running_loop()
+
+    def pause_after_an_accept() -> float:
+        server._accept(sock)
+        handle = server._resume.pop(sock)
+        handle.cancel()
+        return handle.when() - loop.time()
+
+    try:
+        pauses = [pause_after_an_accept() for _ in range(5)]
+        assert pauses == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0], abs=0.05)
+        _, writer = await asyncio.open_connection("127.0.0.1", int(sock.getsockname()[1]))
+        server._accept(sock)  # this one succeeds
+        await _wait(lambda: server.pending == 1)
+        sock.failures = 1
+        assert pause_after_an_accept() == pytest.approx(0.1, abs=0.05)
+        sock.failures = 1
+        server._accept(sock)
+        resume = server._resume[sock]
+        server.close()
+        assert resume.cancelled()
+        writer.close()
+    finally:
+        server.close()
+        server.abort_pending()
+
+
+async def test_a_listener_closed_before_it_served_never_starts() -> None:
+    """start_serving after close does nothing: its sockets are closed."""
+    ctx = _ctx()
+    (sock,) = listening_sockets("127.0.0.1", 0, backlog=16, reuse_port=False)
+    server = AcceptingServer(ctx, [sock], None, start_serving=False)
+    server.close()
+    server.start_serving_now()
+    await server.start_serving()
+    assert not server.is_serving()
+    await asyncio.wait_for(server.wait_closed(), 1)
