@@ -18,8 +18,8 @@ decides what they mean, so every rule here is tested without a socket:
 - A target whose own address lookup failed (timeout, SERVFAIL or REFUSED, a
   malformed answer, a network error: the caller decides, see
   `lb.control.discovery`) is not a target without an address.  DNS said nothing
-  about it, so it keeps its last known backend as it was (same id, address,
-  port and weight), and its cookie holders stay pinned (SPEC part 2: "A failed
+  about it, so it keeps its last known backend (same id and address; the port
+  and weight as this answer's record says), and its cookie holders stay pinned (SPEC part 2: "A failed
   or empty lookup keeps the last known set", which holds per target as it does
   for the whole answer).  One never seen before is left out until it resolves.
   Either way the failure is reported (`Discovered.failed`) for /status and the

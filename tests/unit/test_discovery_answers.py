@@ -167,6 +167,10 @@ def test_from_srv_keeps_a_target_whose_lookup_failed_as_last_known() -> None:
     found = from_srv(moved, {f"gw-0.{SERVICE}": ["10.0.0.5"]}, max_backends=10, failed=FAILED_GW1,
                      known=LAST_KNOWN)
     assert found.backends[1].address == "10.0.0.6:9002"
+    reweighed = [SrvRecord(f"gw-0.{SERVICE}.", 9000, weight=1), SrvRecord(f"gw-1.{SERVICE}.", 9001, weight=7)]
+    found = from_srv(reweighed, {f"gw-0.{SERVICE}": ["10.0.0.5"]}, max_backends=10, failed=FAILED_GW1,
+                     known=LAST_KNOWN)
+    assert (found.backends[1].address, found.backends[1].weight) == ("10.0.0.6:9001", 7)
 
 
 def test_from_srv_adds_a_never_seen_target_only_once_it_resolves() -> None:
@@ -209,7 +213,8 @@ def test_repeated_record_counts_once() -> None:
 @pytest.mark.parametrize(
     ("weights", "expected"),
     [((50, 50, 50), [1, 1, 1]), ((10, 20, 0), [10, 20, 1]), ((1000, 1), [256, 1]), ((256, 100), [256, 100]),
-     ((1000, 3000), [85, 256]), ((300, 600, 0), [128, 256, 1]), ((65535, 1, 32768), [256, 1, 128])],
+     ((1000, 3000), [85, 256]), ((300, 600, 0), [128, 256, 1]), ((65535, 1, 32768), [256, 1, 128]),
+     ((2000, 3000), [171, 256])],
 )
 def test_srv_weights(weights: tuple[int, ...], expected: list[int]) -> None:
     """Equal SRV weights (Kubernetes) mean weight 1; different ones are kept as proportions (RFC 2782), those
@@ -238,6 +243,38 @@ def test_from_addresses_ids_are_ip_port() -> None:
 def test_from_addresses_caps() -> None:
     found = from_addresses([f"10.0.{i // 256}.{i % 256}" for i in range(1000)], port=1, max_backends=3)
     assert len(found.backends) == 3 and found.truncated == 997
+    assert from_addresses(["10.0.0.1"], port=1, max_backends=3).truncated == 0, "fewer than the cap: none cut"
+
+
+def test_from_addresses_leaves_a_static_backend_s_id_to_it() -> None:
+    """An address whose `ip:port` id a static backend has is skipped, with why; the others are kept."""
+    found = from_addresses(["10.0.0.1", "10.0.0.2"], port=8080, max_backends=10, reserved_ids=["10.0.0.1:8080"])
+    assert [b.id for b in found.backends] == ["10.0.0.2:8080"]
+    assert found.skipped == ("address 10.0.0.1: id 10.0.0.1:8080 is already taken",)
+
+
+def test_from_srv_edges_of_a_record() -> None:
+    """Port 65535 is a port; a target spelt in capitals or with the trailing dot is one target (its highest
+    weight read); addresses are found under the name with or without its dot; backends come sorted by id
+    (not by target); an IP address as a target is said to be one."""
+    records = [
+        SrvRecord("a.zz.", 65535, weight=1), SrvRecord("a-b.yy.", 9000, weight=1),
+        SrvRecord("GW-1.example.", 9000, weight=10), SrvRecord("gw-1.example", 9000, weight=1),
+        SrvRecord("10.0.0.9.", 9000),
+    ]
+    addresses = {"a.zz.": ["10.0.0.1"], "a-b.yy": ["10.0.0.2"], "gw-1.example": ["10.0.0.3"]}
+    found = from_srv(records, addresses, max_backends=10)
+    assert [(b.id, b.port, b.weight) for b in found.backends] == [("a", 65535, 1), ("a-b", 9000, 1), ("gw-1", 9000, 10)]
+    assert found.skipped == ("target '10.0.0.9': an IP address, not a host name",)
+
+
+def test_from_srv_weighs_only_the_records_that_name_their_backend() -> None:
+    """A record whose id a static backend has takes no weight from those after it."""
+    records = [SrvRecord("gw-1.a.", 9000, weight=5), SrvRecord("gw-2.a.", 9000, weight=10),
+               SrvRecord("gw-3.a.", 9000, weight=20)]
+    addresses = {f"gw-{i}.a": [f"10.0.0.{i}"] for i in (1, 2, 3)}
+    found = from_srv(records, addresses, max_backends=10, reserved_ids=["gw-1"])
+    assert [(b.id, b.weight) for b in found.backends] == [("gw-2", 10), ("gw-3", 20)]
 
 
 NO_HOSTS = ["0.0.0.0", "::", "224.0.0.1", "ff02::1", "255.255.255.255"]
@@ -304,6 +341,8 @@ def test_diff_added_removed_changed() -> None:
     assert [b.id for b in changes.removed] == ["gw-1"]
     assert [(b.id, b.host) for b in changes.changed] == [("gw-0", "10.0.0.9")]
     assert not diff(old, list(reversed(old)))
+    reweighed = diff(old, [BackendConfig("gw-0", "10.0.0.1", 80, weight=3), old[1]])
+    assert [(b.id, b.weight) for b in reweighed.changed] == [("gw-0", 3)], "a new weight is a change too"
 
 
 @pytest.mark.parametrize(
