@@ -111,3 +111,36 @@ async def test_a_new_names_first_lookup_takes_no_stand_ins_from_the_old_names_se
     finally:
         await manager.stop()
     assert given == [("old.svc", ()), ("new.svc", ()), ("new.svc", OLD_NAME_BACKENDS[:1])]
+
+
+async def test_a_second_reload_before_the_new_name_answered_still_takes_no_stand_ins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reloaded to a new name that has not answered yet, then reloaded again under that name (its interval
+    changed): the set held is still the old name's, and still stands in for nothing."""
+    given: list[tuple[str, tuple[BackendConfig, ...]]] = []
+
+    async def lookup(config: DiscoveryConfig, _resolver: Any, _reserved: Any, known: tuple[BackendConfig, ...],
+                     *_: Any) -> tuple[Discovered, float]:
+        given.append((config.dns, known))
+        if config.dns == "old.svc":
+            return Discovered(OLD_NAME_BACKENDS, ()), 5.0
+        raise discovery.DiscoveryError(f"{config.dns}: no answer")
+
+    monkeypatch.setattr(discovery, "lookup", lookup)
+    manager = discovery.DiscoveryManager(lambda pool, backends: None)
+    manager.start({"gateways": _pool("old.svc")})
+    await manager.first_lookups()
+    new = _pool("new.svc")
+    assert new.discovery is not None
+    slower = PoolConfig("gateways", (), discovery=DiscoveryConfig(
+        "new.svc", nameservers=new.discovery.nameservers, interval=new.discovery.interval * 2))
+    try:
+        manager.start({"gateways": new})
+        await manager.first_lookups()
+        manager.start({"gateways": slower})
+        await manager.first_lookups()
+        assert manager.known("gateways") == OLD_NAME_BACKENDS
+    finally:
+        await manager.stop()
+    assert given == [("old.svc", ()), ("new.svc", ()), ("new.svc", ())]

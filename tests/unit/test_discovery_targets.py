@@ -507,3 +507,98 @@ def test_only_a_target_that_names_its_backend_is_looked_up_and_its_id_stays_its_
     asked = {name for name, _ in resolver.queries if name != SERVICE}
     assert asked == {GW1, GW2}, asked  # neither gw-0's record nor the other gw-1's
     assert f"target 'gw-1.other.{SERVICE}': id gw-1 is already taken" in found.skipped
+
+
+def answer_with(name: str, rdtype: str, ttl: int, texts: tuple[str, ...],
+                additional: tuple[tuple[str, str, int, str], ...] = ()) -> dns.resolver.Answer:
+    """A real dnspython answer with TTL `ttl`, and (name, rdtype, ttl, text) records in its additional section."""
+    query = dns.message.make_query(name, rdtype)
+    response = dns.message.make_response(query)
+    response.answer.append(dns.rrset.from_text(name, ttl, "IN", rdtype, *texts))
+    for extra_name, extra_type, extra_ttl, text in additional:
+        response.additional.append(dns.rrset.from_text(extra_name, extra_ttl, "IN", extra_type, text))
+    parsed = dns.message.from_wire(response.to_wire())
+    assert isinstance(parsed, dns.message.QueryMessage)
+    return dns.resolver.Answer(dns.name.from_text(name), dns.rdatatype.from_text(rdtype), dns.rdataclass.IN, parsed)
+
+
+def _ttl_of(resolver: ScriptedResolver) -> float | None:
+    fake: Any = resolver
+    _, ttl = asyncio.run(discovery.lookup(CONFIG, fake, frozenset()))
+    return ttl
+
+
+def test_an_srv_lookup_s_ttl_is_the_smallest_of_its_answers() -> None:
+    """The next lookup comes when the first record of the answer expires: the smallest TTL of the SRV
+    answer, the addresses in its additional section (A and AAAA both) and the targets' own lookups."""
+    srv = (f"10 50 28102 {GW1}", f"10 50 28103 {GW2}")
+    resolver = ScriptedResolver().healthy()
+    resolver.script[(SERVICE, "SRV")] = answer_with(SERVICE + ".", "SRV", 60, srv)
+    resolver.script[(GW1, "A")] = answer_with(GW1, "A", 7, ("127.0.0.1",))
+    resolver.script[(GW2, "A")] = answer_with(GW2, "A", 30, ("127.0.0.2",))
+    assert _ttl_of(resolver) == 7.0
+    additional = ((GW1, "A", 40, "127.0.0.1"), (GW2, "AAAA", 3, "fd00::2"))
+    resolver = ScriptedResolver()
+    resolver.script = {(SERVICE, "SRV"): answer_with(SERVICE + ".", "SRV", 60, srv, additional)}
+    fake: Any = resolver
+    found, ttl = asyncio.run(discovery.lookup(CONFIG, fake, frozenset()))
+    assert ttl == 3.0
+    assert [(b.id, b.host) for b in found.backends] == [("gw-1", "127.0.0.1"), ("gw-2", "fd00::2")]
+    assert resolver.queries == [(SERVICE, "SRV")], "the additional section's addresses, A and AAAA, were enough"
+
+
+def test_records_cut_at_max_backends_are_counted_in_the_lookup_and_in_status(scripted: ScriptedResolver) -> None:
+    """An answer of two records under `max_backends: 1`: one backend, one record counted as cut, and /status's
+    `skipped` counts it."""
+    config = DiscoveryConfig(SERVICE, nameservers=(("127.0.0.1", 53),), timeout=0.3, max_backends=1)
+    fake: Any = scripted
+    found, _ = asyncio.run(discovery.lookup(config, fake, frozenset()))
+    assert ([b.id for b in found.backends], found.truncated) == (["gw-1"], 1)
+    loop = discovery.Discoverer(PoolConfig("gateways", (), discovery=config), lambda *_: None)
+    asyncio.run(loop.resolve_once())
+    assert loop.status.skipped == 1
+
+
+def test_more_than_three_failed_targets_are_summed_up(scripted: ScriptedResolver) -> None:
+    """/status names three failed targets and counts the rest."""
+    names = [f"gw-{i}.{SERVICE}." for i in range(1, 6)]
+    scripted.script = {(SERVICE, "SRV"): answer(SERVICE + ".", "SRV", *(f"10 50 28102 {name}" for name in names))}
+    scripted.script[(names[0], "A")] = answer(names[0], "A", "127.0.0.1")
+    for name in names[1:]:
+        scripted.script[(name, "A")] = dns.resolver.LifetimeTimeout(timeout=0.3, errors=[])
+    loop = discovery.Discoverer(PoolConfig("gateways", (), discovery=CONFIG), lambda *_: None)
+    asyncio.run(loop.resolve_once())
+    assert loop.status.last_error is not None and loop.status.last_error.endswith("; and 1 more target(s)")
+    assert loop.status.last_error.count("address lookup failed") == 3
+
+
+def test_a_failure_names_four_nameservers_and_counts_the_rest() -> None:
+    errors = [(f"Do53:10.0.0.{i}@53", False, 53, "SERVFAIL", None) for i in range(6)]
+    cause = discovery._cause(dns.resolver.LifetimeTimeout(timeout=0.3, errors=errors), 0.3)
+    assert cause.count("answered SERVFAIL") == 4 and cause.endswith("; and 2 more)")
+
+
+async def test_the_loop_retries_a_failed_lookup_soon_and_goes_back_to_its_interval_once_it_answers(
+    scripted: ScriptedResolver, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """interval 30 s: after a failed lookup the next comes in 1 s; after the one that answers, no longer on
+    the retry schedule: at the answer's TTL (5 s, shorter than the interval)."""
+    config = DiscoveryConfig(SERVICE, nameservers=(("127.0.0.1", 53),), timeout=0.3, interval=30.0)
+    loop = discovery.Discoverer(PoolConfig("gateways", (), discovery=config), lambda *_: None)
+    healthy = dict(scripted.script)
+    scripted.script = {(SERVICE, "SRV"): dns.resolver.LifetimeTimeout(timeout=0.3, errors=[])}
+    sleeps: list[float] = []
+
+    class Enough(Exception):
+        pass
+
+    async def sleep(delay: float) -> None:
+        sleeps.append(delay)
+        scripted.script = healthy
+        if len(sleeps) == 2:
+            raise Enough
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    with pytest.raises(Enough):
+        await loop._run()
+    assert sleeps == [1.0, 5.0]

@@ -116,3 +116,16 @@ def test_the_line_of_a_changed_set_is_one_write_a_pipe_takes_whole(
     for log_format, formatter in formatters:
         line = (formatter.format(record) + "\n").encode()
         assert len(line) <= 4096, f"{log_format.value}: {len(line)} bytes"
+
+
+@pytest.mark.parametrize(("count", "more"), [(10, None), (11, "skipped 1 more record(s)")])
+def test_ten_skipped_records_are_each_said_and_more_are_counted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, count: int, more: str | None
+) -> None:
+    """Up to ten reasons are logged one a line; past ten, one line counts the rest."""
+    reasons = tuple(f"target 'x{i}.svc': first label is not valid" for i in range(count))
+    with caplog.at_level("WARNING", logger="lb.control.discovery"):
+        _looked_up(monkeypatch, [Discovered((BackendConfig("gw-0", "10.0.0.1", 9000),), reasons)])
+    said = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert len(said) == (10 if more is None else 11)
+    assert not [line for line in said if "more record(s)" in line] if more is None else said[-1].endswith(more)
