@@ -2276,7 +2276,8 @@ def _rewrite_token(play: Play) -> str:
     return cookie.partition(";")[0].partition("=")[2]
 
 
-@pytest.mark.parametrize(("age", "refreshed"), [(10.0, False), (49.0, False), (51.0, True), (99.0, True)])
+@pytest.mark.parametrize(("age", "refreshed"), [(10.0, False), (49.0, False), (50.0, False), (51.0, True),
+                                                (99.0, True)])
 def test_rewrite_mode_reissues_the_backends_value_past_half_the_tokens_life(age: float, refreshed: bool) -> None:
     """An active client keeps its backend and the session value it set, however long it plays."""
     first = Play(REWRITE_CONFIG)
@@ -2298,7 +2299,7 @@ def test_rewrite_mode_reissues_the_backends_value_past_half_the_tokens_life(age:
     assert (claim.backend_id, claim.app_value) == ("a1", "abc")
 
 
-@pytest.mark.parametrize("why", ["disabled", "down"])
+@pytest.mark.parametrize("why", ["disabled", "down", "migrating"])
 def test_rewrite_mode_replaces_the_cookie_of_a_redispatched_client_whose_stand_in_sets_none(why: str) -> None:
     """SPEC: a token for a down or disabled backend is redispatched and the cookie replaced.  A stand-in that
     sets no cookie of its own (it saw none: the old session is not its) gets a pin with no session, so
@@ -2314,6 +2315,8 @@ def test_rewrite_mode_replaces_the_cookie_of_a_redispatched_client_whose_stand_i
     pool = later.ctx.pools["b"]
     if why == "disabled":
         pool.apply_admin(old, AdminAction.DISABLE, T0 + 1)
+    elif why == "migrating":  # a drain closing its tunnels: its cookie holders go elsewhere now
+        pool.backends[old].migrating = True
     else:
         for _ in range(pool.config.health_check.fall):
             pool.record_probe(old, False, T0 + 1, "refused")
@@ -2733,3 +2736,146 @@ def test_after_sigterm_answers_ask_keep_alive_clients_to_go() -> None:
     play.connected()
     play.backend(ok())
     assert play.answer()[1]["connection"] == "close"
+
+
+# -- boundaries the earlier tables left open ------------------------------------------------------
+
+PIPELINED = b"GET /a/222 HTTP/1.1\r\nHost: h\r\n\r\n"  # 32 bytes: HELD_LIMIT holds 2048 of them exactly
+
+
+def test_held_bytes_pause_reading_past_held_limit_and_resume_at_it() -> None:
+    """Held behind a request in flight: exactly HELD_LIMIT bytes do not pause reading, one request more does;
+    once the next head is taken and HELD_LIMIT bytes are left, reading resumes."""
+    assert HELD_LIMIT % len(PIPELINED) == 0
+    play = Play()
+    play.client(get("/a/1"))
+    play.connected()
+    play.client(PIPELINED * (HELD_LIMIT // len(PIPELINED)))
+    assert not play.paused
+    play.client(PIPELINED)
+    assert play.paused and len(play.conn._buf) == HELD_LIMIT + len(PIPELINED)
+    play.backend(ok())
+    assert play.opened == ["a1", "a1"] and len(play.conn._buf) == HELD_LIMIT
+    assert not play.paused
+
+
+def test_a_pipelined_tail_behind_a_streamed_body_pauses_reading() -> None:
+    """The end of a body streamed to the backend, and more than HELD_LIMIT bytes of requests behind it in the
+    same read: those are held, and reading pauses."""
+    play = Play()
+    play.client(b"POST /a/x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n")
+    play.connected()
+    play.client(b"abc" + PIPELINED * (HELD_LIMIT // len(PIPELINED) + 1))
+    assert play.to_backend[0].endswith(b"\r\n\r\nabc")
+    assert play.paused
+
+
+def test_a_body_held_while_connecting_resumes_reading_once_it_went_out() -> None:
+    """A body larger than HELD_LIMIT arrives before the backend is connected: reading pauses; once it is out
+    (on connect), reading resumes for what follows."""
+    body = b"x" * (HELD_LIMIT + 100)
+    play = Play()
+    play.client(f"POST /a/x HTTP/1.1\r\nHost: h\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+    play.client(body)
+    assert play.paused and play.conn.state == CONNECTING
+    play.connected()
+    assert play.to_backend[0].endswith(body) and not play.paused
+
+
+def test_a_body_in_the_same_read_as_an_expect_100_continue_head_is_no_wait_for_100() -> None:
+    """A client that sent body bytes with its head did not wait for 100 Continue: what is left of its body is
+    the client's time (timeouts.handshake, 5 s), and its silence is its 408, not the backend's 502."""
+    play = expecting(EXPECTING + b"a")
+    assert play.to_backend[0].endswith(b"\r\n\r\na")
+    assert play.timer == play.now + 5
+    play.fire()
+    assert b"408 Request Timeout" in play.to_client and play.failures == []
+
+
+@pytest.mark.parametrize("stage", ["head", "waiting", "tunnel"])
+def test_a_local_failure_outside_a_connect_changes_nothing(stage: str) -> None:
+    """The balancer's own shortage reported for a connection not connecting (a late report): no 503, nothing
+    released."""
+    play = Play()
+    if stage != "head":
+        play.client(upgrade("/a/ws") if stage == "tunnel" else get("/a/x"))
+        play.connected()
+        if stage == "tunnel":
+            play.backend(SWITCH)
+    state, connections = play.conn.state, play.connections()
+    assert play._apply(play.conn.local_failure(play.now)) == []
+    assert (play.conn.state, play.connections()) == (state, connections)
+    assert b"503" not in play.to_client
+
+
+def test_an_upgrade_s_answer_wait_after_the_client_drains_is_backend_connect() -> None:
+    """A client full while its upgrade waits for the 101 drains again: the backend has timeouts.backend_connect
+    again (an upgrade's answer wait), not timeouts.response, and its silence then is its timeout."""
+    play = Play(CONFIG.replace("backend_connect: 2s}", "backend_connect: 2s, response: 60s}"))
+    play.client(upgrade("/a/ws"))
+    play.connected()
+    play._apply(play.conn.client_blocked(True, play.now + 0.5))
+    play.now += 1.0
+    play._apply(play.conn.client_blocked(False, play.now))
+    assert play.timer == play.now + 2
+    play.fire()
+    assert play.answer()[0] == 502 and "no answer within 2s" in play.failures[0][2]
+
+
+def test_a_101_with_a_wrong_accept_from_the_only_backend_is_on_trial_never_blamed() -> None:
+    """A 101 the client would reject (here a wrong Sec-WebSocket-Accept) may be the request's doing: with no
+    other backend to show otherwise, it is a 502 and no health verdict."""
+    play = Play()
+    play.client(upgrade("/a/ws"))
+    play.connected()
+    play.backend(SWITCH.replace(b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", b"AAAAAAAAAAAAAAAAAAAAAAAAAAA="))
+    assert play.answer()[0] == 502 and play.failures == []
+
+
+@pytest.mark.parametrize(("secure", "tls", "flagged"), [
+    ("auto", False, False), ("auto", True, True), ("never", True, False), ("always", False, True),
+])
+def test_the_inserted_cookie_is_secure_as_affinity_secure_says(secure: str, tls: bool, flagged: bool) -> None:
+    """`auto`: Secure under TLS only; `never`: not even under TLS; `always`: on plain listeners too."""
+    play = Play(CONFIG.replace("mode: insert, cookie: LB,", f"mode: insert, cookie: LB, secure: {secure},"), tls=tls)
+    play.client(upgrade())
+    play.connected()
+    play.backend(SWITCH)
+    assert ("; Secure" in play.answer()[1]["set-cookie"]) is flagged
+
+
+def test_a_token_naming_a_backend_the_pool_lacks_is_counted_as_unknown_backend() -> None:
+    """A cookie pinned to a backend this pool no longer has: balanced as new, counted in
+    lb_invalid_tokens_total{reason="unknown_backend"}."""
+    elsewhere = Play(CONFIG.replace("{id: a1,", "{id: a9,"))
+    elsewhere.client(upgrade())
+    elsewhere.connected()
+    elsewhere.backend(SWITCH)
+    cookie = elsewhere.answer()[1]["set-cookie"].partition(";")[0]
+    play = Play()
+    play.client(upgrade().replace(b"\r\n\r\n", f"\r\nCookie: {cookie}\r\n\r\n".encode()))
+    assert play.opened == ["a1"]
+    assert dict(play.ctx.stats.invalid_tokens) == {"unknown_backend": 1}
+
+
+def test_rewrite_mode_a_stand_in_that_hangs_up_is_on_trial_and_blamed_once_another_answers() -> None:
+    """The pinned backend refuses; the stand-in it was redispatched to hangs up on a request that carries no
+    session of its own: on trial like any hang-up (not spared as the pinned backend's own session would be),
+    and blamed once a third backend answers the same request."""
+    config = SIX_BACKENDS.replace("RETRIES", "3").replace(
+        "affinity: {mode: insert, cookie: LB,", "affinity: {mode: rewrite, cookie: SID, max_age: 100s,")
+    first = Play(config)
+    first.client(upgrade("/b/ws"))
+    first.connected()
+    first.backend(SWITCH_SETTING_SID)
+    token = _rewrite_token(first)
+    play = Play(config, now=T0 + 5)
+    play.client(upgrade("/b/ws").replace(b"\r\n\r\n", f"\r\nCookie: SID={token}\r\n\r\n".encode()))
+    play.backend_failed()  # the pinned backend refuses: blamed at once
+    play.connected()
+    play.backend_eof()  # the stand-in hangs up
+    assert [f[1] for f in play.failures] == [first.opened[0]]
+    play.connected()
+    play.backend(SWITCH)
+    assert play.answer()[0] == 101 and len(play.opened) == 3
+    assert [f[1] for f in play.failures] == play.opened[:2]
