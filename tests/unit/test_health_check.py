@@ -141,8 +141,12 @@ async def test_a_tcp_check_passes_on_an_accepted_connection() -> None:
 
 
 async def test_a_backend_silent_past_the_timeout_fails() -> None:
+    """A backend that accepts and never answers fails the check once `health_check.timeout` has passed."""
+    loop = asyncio.get_running_loop()
     async with backend([], close=False) as (port, _):
+        started = loop.time()
         assert await check(port, check_timeout=0.1) == ProbeResult(False, "no answer within 0.1s")
+        assert loop.time() - started < 0.6
 
 
 async def test_a_connect_error_s_text_is_one_bounded_line(monkeypatch: pytest.MonkeyPatch) -> None:
