@@ -463,3 +463,27 @@ async def test_a_listener_closed_before_it_served_never_starts() -> None:
     await server.start_serving()
     assert not server.is_serving()
     await asyncio.wait_for(server.wait_closed(), 1)
+
+
+async def test_the_header_and_the_tls_handshake_share_one_handshake_timeout_from_accept(tmp_path: Path) -> None:
+    """A header that takes 0.6 s of a 1 s timeouts.handshake leaves the TLS handshake the rest (0.4 s), not
+    a whole second of its own: a silent client is closed about 1 s after accept."""
+    certs = write_dev_certs(tmp_path, ["127.0.0.1"])
+    tls = f'{{cert: "{certs.server_cert}", key: "{certs.server_key}"}}'
+    ctx = _ctx("1s", tls=f'listeners: [{{bind: "127.0.0.1:8443", tls: {tls}}}]')
+    assert ctx.config.listeners[0].tls is not None
+    server, port = await _server(ctx, server_ssl_context(ctx.config.listeners[0].tls))
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.6)
+        writer.write(b"PROXY TCP4 192.0.2.1 127.0.0.1 5555 443\r\n")  # then no ClientHello
+        await _wait(lambda: server.pending == 1 and not server._preambles)  # in its TLS handshake now
+        with contextlib.suppress(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 3)
+        assert loop.time() - started < 1.4
+        await _wait(lambda: ctx.handshaking == 0 and server.pending == 0)
+        writer.close()
+    finally:
+        server.close()
