@@ -68,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import socket
 import ssl
@@ -321,7 +322,7 @@ class AcceptingServer:
         """The header (if any) is complete: the socket becomes a ClientConnection's transport."""
         task = self._loop.create_task(self._connect(accepted, client))
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(functools.partial(self._task_done, accepted))
 
     def abort_pending(self) -> None:
         """The end of a stop: connections still reading a PROXY header or in a TLS handshake are dropped.
@@ -334,11 +335,17 @@ class AcceptingServer:
         for task in list(self._tasks):
             task.cancel()
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, accepted: _Accepted, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        if not accepted.handing_over:
+            # Cancelled before its first step (abort_pending in the turn it was handed over): `_connect`'s
+            # `finally` never ran, and its count and socket would be held for good.
+            accepted.release()
+            accepted.sock.close()
         self._check_done()
 
     async def _connect(self, accepted: _Accepted, client: tuple[str, int]) -> None:
+        accepted.handing_over = True  # from here on, the `finally` below releases what it must
         ctx, tls = self._ctx, self._ssl is not None
         made: ClientConnection | None = None
 
@@ -402,7 +409,7 @@ _refusals = _RateLimitedRefusals()
 class _Accepted:
     """One accepted socket, counted in ctx.handshaking from accept (its count goes to its ClientConnection)."""
 
-    __slots__ = ("accepted", "count", "peer", "server", "sock")
+    __slots__ = ("accepted", "count", "handing_over", "peer", "server", "sock")
 
     def __init__(self, server: AcceptingServer, sock: socket.socket, peer: tuple[str, int]) -> None:
         self.server = server
@@ -410,6 +417,7 @@ class _Accepted:
         self.peer = peer
         self.accepted = time.monotonic()  # the clock of the connection's events (lb.proxy.server)
         self.count = AcceptCount(server._ctx)  # within limits.max_connections or not: decided now
+        self.handing_over = False  # AcceptingServer._connect has started
 
     def release(self) -> None:
         """The socket closes before any ClientConnection took it: it counts no longer (once)."""

@@ -487,3 +487,25 @@ async def test_the_header_and_the_tls_handshake_share_one_handshake_timeout_from
         writer.close()
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("proxy_protocol", [True, False], ids=["header read", "plain"])
+async def test_a_hand_over_aborted_in_the_turn_it_began_releases_its_count_and_socket(proxy_protocol: bool) -> None:
+    """abort_pending in the same turn of the loop as a hand-over cancels its task before its first step: the
+    connection's count and socket are still released (they were held for good, the stop's count never 0)."""
+    from lb.proxy.preamble import _Accepted
+
+    ctx = _ctx()
+    server, _ = await _server(ctx, proxy_protocol=proxy_protocol)
+    ours, theirs = socket.socketpair()
+    try:
+        accepted = _Accepted(server, ours, ("127.0.0.1", 4711))
+        assert ctx.handshaking == 1
+        server._hand_over(accepted, ("192.0.2.1", 5555))
+        server.abort_pending()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 2)
+        assert (ctx.handshaking, server.pending, ours.fileno()) == (0, 0, -1)
+    finally:
+        ours.close()
+        theirs.close()
