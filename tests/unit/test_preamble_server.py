@@ -509,3 +509,26 @@ async def test_a_hand_over_aborted_in_the_turn_it_began_releases_its_count_and_s
     finally:
         ours.close()
         theirs.close()
+
+
+async def test_a_reload_changes_whom_a_kept_listener_believes() -> None:
+    """proxy_protocol_from changed by a reload that keeps the listener: from then on, a peer now in it is
+    believed, where before it was closed unread."""
+    ctx = _ctx()
+    (sock,) = listening_sockets("127.0.0.1", 0, backlog=16, reuse_port=False)
+    port = int(sock.getsockname()[1])
+    server = AcceptingServer(ctx, [sock], None, proxy_from=TrustedProxies.parse(["127.0.0.2/32"]).networks)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 3) == b""  # not in it: closed unread
+        writer.close()
+        server.believe_proxy_headers_from(TrustedProxies.parse(["127.0.0.1/32"]).networks)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"PROXY TCP4 192.0.2.1 127.0.0.1 5555 443\r\n" + HEAD_START)
+        await _wait(lambda: len(ctx.in_flight) == 1 and _only_connection(ctx).core._buf)
+        assert _only_connection(ctx).core.client_ip == "192.0.2.1"
+        writer.close()
+        await _wait(lambda: ctx.handshaking == 0 and not ctx.in_flight)
+    finally:
+        server.close()
