@@ -613,10 +613,7 @@ def _drop_aliases(head: Head, protected: frozenset[str]) -> tuple[Head, tuple[st
         headers.append((name, value))
     if not dropped:
         return head, ()
-    index: dict[str, list[str]] = {}
-    for name, value in headers:
-        index.setdefault(name.lower(), []).append(value)
-    return Head(start_line=head.start_line, headers=tuple(headers), _index=index), tuple(dropped)
+    return _head(head.start_line, headers), tuple(dropped)
 
 
 def _check_framing(head: Head, version: str, *, request: bool) -> Head:
@@ -676,10 +673,7 @@ def _without_empty_codings(head: Head) -> Head:
             if not value:
                 continue
         headers.append((name, value))
-    index: dict[str, list[str]] = {}
-    for name, value in headers:
-        index.setdefault(name.lower(), []).append(value)
-    return Head(head.start_line, tuple(headers), index)
+    return _head(head.start_line, headers)
 
 
 def _rewrite_absolute_form(start: tuple[str, str, str], head: Head) -> tuple[str, Head]:
