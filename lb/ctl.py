@@ -768,15 +768,15 @@ _COLUMNS = ("POOL", "BACKEND", "ADDRESS", "STATE", "TUNNELS", "HANDSHAKES", "HIT
 _DISCOVERY_TIMES = frozenset({"last_ok", "last_error_at"})
 
 
-def _shown_discovery_value(key: str, value: object) -> object:
-    """A discovery field for the table: its times as UTC ISO-8601 (`2026-12-04T00:05:10Z`); null as `never`
-    for a time, `-` for the rest (not Python's `None`)."""
+def shown_discovery_value(key: str, value: object) -> str:
+    """A discovery field as people read it (this table, and the dashboard's snapshot): its times as UTC
+    ISO-8601 (`2026-12-04T00:05:10Z`); null as `never` for a time, `-` for the rest (not Python's `None`)."""
     if value is None:
         return "never" if key in _DISCOVERY_TIMES else "-"
     if key in _DISCOVERY_TIMES and isinstance(value, int | float) and not isinstance(value, bool):
         with contextlib.suppress(OverflowError, OSError, ValueError):
             return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
-    return value
+    return str(value)
 
 
 def render_status(document: Any) -> str:
@@ -810,7 +810,7 @@ def render_status(document: Any) -> str:
         if isinstance(discovery, dict) and len(notes) == MAX_ROWS:
             notes_left_out += 1
         elif isinstance(discovery, dict):
-            parts = ", ".join(f"{k}={_shown_discovery_value(k, v)}" for k, v in discovery.items()
+            parts = ", ".join(f"{k}={shown_discovery_value(k, v)}" for k, v in discovery.items()
                               if not isinstance(v, (dict, list)))
             notes.append(_printable(f"discovery {pool_name}: {parts}"))
     widths = [max(len(column), *(len(row[i]) for row in rows)) if rows else len(column)

@@ -41,7 +41,7 @@ from lb.control.admin import (
 )
 from lb.control.admin_route import MAX_KEY_CHARS
 from lb.control.lookup import lookup_token
-from lb.log import iso_utc
+from lb.ctl import shown_discovery_value
 
 LOOKUP_PARAMS = frozenset({"token", "pool", "key"})
 MAX_TOKEN_PARAM = 4096  # longer than any token we issue (lb.affinity.codec.MAX_TOKEN_CHARS)
@@ -168,7 +168,7 @@ def render_snapshot(document: dict[str, Any], backends: Mapping[str, int] | None
         out.append(f"<h2>{html.escape(str(pool_name))}</h2>")
         discovery = pool.get("discovery")
         if isinstance(discovery, dict):
-            parts = ", ".join(f"{html.escape(str(k))}: {html.escape(_shown_discovery(str(k), v))}"
+            parts = ", ".join(f"{html.escape(str(k))}: {html.escape(shown_discovery_value(str(k), v))}"
                               for k, v in discovery.items())
             out.append(f"<p>discovery: {parts}</p>")
         # Eight columns are wider than a phone: the table scrolls in its own box, not the page.
@@ -188,17 +188,3 @@ def render_snapshot(document: dict[str, Any], backends: Mapping[str, int] | None
     out.append("</div>")
     return "\n".join(out)
 
-
-def _shown_discovery(key: str, value: object) -> str:
-    """A discovery field as the page says it: its times (`last_ok`, `last_error_at`: Unix seconds in /status,
-    for scripts) as UTC ISO-8601 to the second, as the logs and `lb ctl status` write them
-    (`2026-12-04T00:05:10Z`); null as `never` for a time, `-` for the rest (not Python's `None`)."""
-    timed = key.endswith(("_ok", "_at"))  # the live table's rule (dashboard.html) for which fields are times
-    if value is None:
-        return "never" if timed else "-"
-    if timed and isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            return iso_utc(value, millis=False)
-        except (OverflowError, OSError, ValueError):
-            pass
-    return str(value)
