@@ -514,24 +514,29 @@ class WebSocketServerEnd(TunnelEnd):
         client = self.tunnel.client_end
         if self.sent >= self.upload_end or client.frames.close_seen or self.tunnel.client_finished:
             return False
-        deadlines = self.tunnel.deadlines()
-        wait = next_close_look(self.sent, client.nbytes, deadlines.loop.time(), self.close_by)
-        if wait is None:
+        sent = client.nbytes
+        if not self._look_again(self.sent, sent, self.tunnel.close_or_abort):
             return False
-        self.sent = client.nbytes
-        self.deadline = deadlines.call_later(wait, self.tunnel.close_or_abort)
+        self.sent = sent
         return True
 
     def _still_taking(self, look_again: Callable[[], None]) -> bool:
         """Whether the client took bytes since the last look and `close_by` is not past: if so, `look_again`
         is called at the next look (`next_close_look`)."""
-        deadlines = self.tunnel.deadlines()
         taken = taken_by(self.peer, self.nbytes)
-        wait = next_close_look(self.taken, taken, deadlines.loop.time(), self.close_by)
-        if wait is None:
+        if not self._look_again(self.taken, taken, look_again):
             return False
         self.taken = taken
-        self.deadline = deadlines.call_later(wait, look_again)
+        return True
+
+    def _look_again(self, before: int, now: int, look: Callable[[], None]) -> bool:
+        """Progress from `before` to `now` (bytes) within `close_by`: `look` is called at the next look
+        (`next_close_look`), and True; else False, nothing scheduled."""
+        deadlines = self.tunnel.deadlines()
+        wait = next_close_look(before, now, deadlines.loop.time(), self.close_by)
+        if wait is None:
+            return False
+        self.deadline = deadlines.call_later(wait, look)
         return True
 
 
