@@ -1,7 +1,7 @@
 """The `lb` command line: run, validate, keygen, certs, ctl (`lb.ctl`).
 
 Owns argument parsing, exit codes and what is printed.  Loading the
-configuration is `lb.config.load`'s job, running the balancer `lb.control.balancer`'s, and
+configuration is `lb.config.load`'s job, running the balancer `lb.control.process`'s, and
 making certificates `devcerts`'.
 
 Exit codes: 0 success, 2 bad usage or an invalid configuration, 1 any other
@@ -175,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
         _print_problems(exc)
         return EXIT_USAGE
     # Imported here so that validate, keygen and certs never load the server stack.
-    from lb.control.balancer import run
+    from lb.control.process import run
 
     return run(config, config_path, source)
 
@@ -200,7 +200,7 @@ def _worker(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_USAGE
-    from lb.control.balancer import run_worker
+    from lb.control.process import run_worker
 
     return run_worker(config, args.config, args.control_fd, args.index, args.count, args.owner_pid)
 

@@ -22,7 +22,7 @@ default action, two Ctrl-Cs while workers started ended one with a traceback).
 SIGUSR1 and SIGUSR2 mean nothing to the balancer, but their default action also
 ends the process, and a logrotate `postrotate kill -USR1` written for another
 daemon would be an outage.  `hold()` ignores them from the first line;
-`lb.control.balancer.serve` then logs each one as a WARNING.
+`lb.control.process.serve` then logs each one as a WARNING.
 """
 
 from __future__ import annotations

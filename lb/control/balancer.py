@@ -2,8 +2,8 @@
 
 Start binds everything (admin first, so /readyz answers 503 while the rest
 starts; then the listeners) before serving; a bind that fails closes what was
-bound and raises `BindError`, which `run` turns into one line naming the
-address and exit code 2.
+bound and raises `BindError` (lb.control.listening), which `lb.control.process`
+turns into one line naming the address and exit code 2.
 
 `Balancer.stop()` is idempotent (SPEC part 2, rolling updates): /readyz
 answers 503 at once while the listeners keep serving for
@@ -32,12 +32,7 @@ the reload needs no free port and loses nothing queued in its backlog.
 A `proxy_protocol` or TLS listener is a `lb.proxy.preamble.AcceptingServer`
 instead of an `asyncio.Server`: it reads the PROXY header before TLS and HTTP,
 and holds each TLS handshake as a task of its own.  So is a plain listener on
-asyncio's own loop, whose accept spins after EMFILE (`_bind` says how).
-
-`run()` wires SIGTERM/SIGINT/SIGQUIT to `stop` and SIGHUP to `request_reload` (a
-worker reloads on its owner's word instead, from the `ConfigSource` the owner
-applied: its text and `${file:PATH}` contents, never the files), and picks the event loop
-(uvloop when installed and `runtime.event_loop` allows).
+asyncio's own loop, whose accept spins after EMFILE (`lb.control.listening.bind_listener` says how).
 """
 
 from __future__ import annotations
@@ -45,52 +40,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import itertools
 import logging
 import math
-import os
-import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
-from lb import startup_signals
 from lb.affinity.codec import TokenCodec
 from lb.compiled import compiled_state
 from lb.config.advice import advice, reload_advice
 from lb.config.load import ConfigSource, load_config_source
-from lb.config.model import BackendConfig, Config, EventLoop, ListenerConfig, PoolConfig, TlsConfig, host_port
-from lb.control.admin import AdminRunner, make_admin_app, report_unlogged_errors
+from lb.config.model import BackendConfig, Config, ListenerConfig, PoolConfig, host_port
+from lb.control.admin import make_admin_app, report_unlogged_errors
 from lb.control.daemon_thread import in_daemon_thread
 from lb.control.discovery import DiscoveryManager, add_discovered
 from lb.control.health import FirstProbes, HealthChecker
 from lb.control.ipc import check_config_handover, split_limits
+from lb.control.listening import (
+    BindError,
+    Listening,
+    bind_admin,
+    bind_listener,
+    claim,
+    dup_sockets,
+    match_listeners,
+    release,
+    start_serving,
+)
 from lb.control.memory import ReleasePolicy, collection_paused, release_free_memory
 from lb.control.metrics import ReloadResults, WorkerCounts, make_registry
 from lb.control.migration import DEFAULT_MIGRATION_RATE, log_failed, migrate
 from lb.control.state_lines import StateLines
-from lb.control.workers import REPORT_WAIT, ControlChannel, WorkerSupervisor, watch_owner
-from lb.descriptors import descriptor_limit, raise_descriptor_limit
-from lb.errors import LOCAL_ERRNOS, ConfigError, LbError
+from lb.control.tunnel_closing import TunnelClosing
+from lb.control.workers import REPORT_WAIT, ControlChannel, WorkerSupervisor
+from lb.descriptors import descriptor_limit
+from lb.errors import LOCAL_ERRNOS, ConfigError
 from lb.http.client_address import TrustedProxies
 from lb.http.proxy_header import CRC32C_IN_C
 from lb.http.routing import sort_routes
 from lb.log import setup_logging
-from lb.log_stream import report_dropped_lines, unblock_stderr
-from lb.proxy.preamble import AcceptingServer, claim_address, listening_sockets
+from lb.log_stream import report_dropped_lines
+from lb.proxy.preamble import AcceptingServer
 from lb.proxy.server import (
     abort_in_flight,
     accept_errors,
-    client_factory,
-    install_accept_error_filter,
     stop_in_flight,
     wall_offset,
 )
@@ -101,7 +101,6 @@ from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState, S
 from lb.state.ratelimit import RateLimiter
 from lb.state.retired import RetiredBackends
 from lb.state.series import SeriesRetention, departed_kept
-from lb.tls import bound_asyncio_reads, server_ssl_context
 
 log = logging.getLogger(__name__)
 # The idle sweep's looks are `idle_sweep_interval` apart, which divides `idle` into whole parts; a look
@@ -110,44 +109,13 @@ log = logging.getLogger(__name__)
 # a silence that short of `idle` by this share of a look still counts, rather than wait a whole look.
 _LOOK_SLACK = 0.01
 
-# After the grace period, how long the last clients told 1001 may take to answer before TCP close:
-# the last 1001 goes at the grace's end (close_schedule), and a mobile client's round trip is a few
-# hundred ms.  Only a client that does not answer makes the stop wait it out.
-LAST_CLOSE_ANSWER = 1.0
-EXIT_BIND = 2  # SPEC part 2: `lb run` with a port in use exits 2
 MAX_LOGGED_PROBLEMS = 20  # of a failed reload, in its one log line
 # Seconds a stop keeps accepting (each connection then answered 503) before it closes its listeners, so that
 # the connections already in their queues are answered, not reset.
 ACCEPT_QUEUE_DRAIN = 0.05
-# Seconds: how soon a stop's waits see a second Ctrl-C (`Balancer.hurry`).
-HURRY_POLL = 0.1
 # Seconds between two sweeps of the per-IP rate limiter's refilled buckets: O(addresses) each, 17-28 ms of
 # the event loop at 100,000 (a flood from that many), so not every second.
 RATE_SWEEP_EVERY = 10
-
-
-class BindError(LbError, OSError):
-    """A listener or the admin API cannot bind its address (in use, not ours, no permission)."""
-
-    def __init__(self, what: str, address: str, cause: OSError) -> None:
-        reason = cause.strerror or str(cause)
-        super().__init__(f"cannot listen on {address} ({what}): {reason}")
-        self.address = address
-
-
-@dataclass(slots=True)
-class _Listening:
-    config: ListenerConfig
-    server: asyncio.Server | AcceptingServer
-    ssl_context: ssl.SSLContext | None
-    address: tuple[str, int] = field(default=("", 0))
-    tls_made_of: tuple[str, str, bytes, bytes] | None = None  # `_tls_files`: what ssl_context was built from
-
-
-def _tls_files(tls: TlsConfig) -> tuple[str, str, bytes, bytes]:
-    """A TLS listener's paths and what they held when the configuration was read (TlsConfig's equality
-    leaves the bytes out, so that config_hash and a reload's comparison see the paths alone)."""
-    return tls.cert, tls.key, tls.cert_pem, tls.key_pem
 
 
 class Role(StrEnum):
@@ -200,8 +168,8 @@ class Balancer:
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_reading = False  # a reload's file is being read and checked (on a thread)
         self._reload_pending = False
-        self._listening: list[_Listening] = []
-        # Its listeners' addresses, claimed (`_claim`): a single process's, or an owner's for its workers.
+        self._listening: list[Listening] = []
+        # Its listeners' addresses, claimed (`listening.claim`): a single process's, or an owner's for its workers.
         self._held: dict[tuple[str, int], list[socket.socket]] = {}
         self._state_lines = StateLines()  # how many of a backend's state changes get a line of their own
         self._admin: web.AppRunner | None = None
@@ -217,8 +185,7 @@ class Balancer:
         self._retired_in_series: frozenset[tuple[str, str]] = frozenset()
         self._stopping: asyncio.Task[None] | None = None
         self._stop_called = asyncio.Event()
-        # Set by a second Ctrl-C (`hurry`): what is left of the delay and the grace is not waited for.
-        self._hurried = asyncio.Event()
+        self._closing = TunnelClosing(self.ctx, share)
         self._stop_repeated = False
         self._serving_until: float | None = None  # time.monotonic() when a stop's shutdown_delay runs out
         # Backends removed by a reload or DNS that still carry tunnels, shown in /status until they end
@@ -294,7 +261,7 @@ class Balancer:
         if self.role is not Role.WORKER:
             # First, so that /readyz answers 503 (and /livez 200) while discovery's first lookups
             # run and the listeners bind; a failure below closes it again, leaving nothing listening.
-            self._admin, self.admin_address = await self._bind_admin(self.config)
+            self._admin, self.admin_address = await bind_admin(make_admin_app(self), self.config.admin)
         if self.role is not Role.OWNER:
             # Discovered backends before the first client: a process the kernel hands connections
             # as soon as it listens would answer them 503 until its first lookups end.
@@ -304,21 +271,17 @@ class Balancer:
                 return  # told to stop while waiting (a worker's owner going away): bind nothing
             for listener in self.config.listeners:
                 if self.role is Role.SINGLE:  # a worker's are its owner's
-                    self._held[(listener.host, listener.port)] = _claim(listener, probe=False)
+                    self._held[(listener.host, listener.port)] = claim(listener, probe=False)
                 self._listening.append(await self._bind(listener))
         else:
             # The workers bind with SO_REUSEPORT; a port held by someone else would only show as
             # workers dying one after the other.  Probe each address once, here, to fail fast, and
             # claim it for the workers from then on.
             for listener in self.config.listeners:
-                self._held[(listener.host, listener.port)] = _claim(listener, probe=True)
+                self._held[(listener.host, listener.port)] = claim(listener, probe=True)
         # Everything is bound: from here on nothing can fail for want of an address.
         for listening in self._listening:
-            log.info(
-                "listening on %s%s%s (backlog %d)",
-                host_port(*listening.address), " (TLS)" if listening.ssl_context else "",
-                " (PROXY protocol)" if listening.config.proxy_protocol else "", listening.config.backlog,
-            )
+            listening.announce()
         if self.admin_address is not None:  # said here, not at its bind: a failed start is one line
             log.info("admin API on %s", host_port(*self.admin_address))
         if self.role is not Role.WORKER:  # workers run the same files
@@ -342,8 +305,8 @@ class Balancer:
             self._control.report_ready()
 
     def _release_claims(self) -> None:
-        """Give up the claims on the listeners' addresses (`_claim`): from now on they are not ours."""
-        _release(self._held)
+        """Give up the claims on the listeners' addresses (`claim`): from now on they are not ours."""
+        release(self._held)
         self._held = {}
 
     async def _close_bound(self) -> None:
@@ -356,74 +319,9 @@ class Balancer:
             self._admin = None
         await self._stop_health_checks()
 
-    async def _bind(self, listener: ListenerConfig, *, adopt: list[socket.socket] | None = None) -> _Listening:
-        """Bind one listener; raises BindError (TLS files that do not load are an OSError too).
-
-        With `adopt` (a reload changing a running listener's kind), serve those already-listening
-        sockets instead, not accepting until `_start_serving`; they are closed if this fails.
-        """
-        tls_made_of = _tls_files(listener.tls) if listener.tls else None
-        try:
-            ssl_context = server_ssl_context(listener.tls) if listener.tls else None
-        except (OSError, ssl.SSLError) as exc:
-            for sock in adopt or ():
-                sock.close()
-            raise BindError("TLS", listener.bind, exc) from exc
-        tls = ssl_context is not None
-        loop = asyncio.get_running_loop()
-        install_accept_error_filter(loop)
-        # asyncio's own accept loop (not uvloop's) goes on calling accept() after EMFILE within one
-        # wake-up, scheduling a retry for each failure: out of descriptors it spins on a whole core
-        # and health checks time out (CPython's selector_events, 3.11 to 3.13).  There, plain
-        # listeners accept through AcceptingServer too, which pauses instead (0.1 s, up to 1 s); its task
-        # per connection is what asyncio's create_server makes for each one anyway.  So does a plain
-        # listener taking over the sockets of a name's several addresses: create_server takes one.
-        if (
-            listener.proxy_protocol or tls or isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
-            or (adopt is not None and len(adopt) > 1)
-        ):
-            # The PROXY header comes before TLS and HTTP alike: this listener reads it itself.  A TLS
-            # handshake is a task it holds: its failure frees the connection's count at once, and
-            # SIGTERM can wait for it (lb.proxy.preamble).
-            try:
-                socks = adopt or listening_sockets(
-                    listener.host, listener.port, backlog=listener.backlog, reuse_port=self.role is Role.WORKER
-                )
-            except OSError as exc:
-                raise BindError("listener", listener.bind, exc) from exc
-            accepting = AcceptingServer(
-                self.ctx, socks, ssl_context, proxy_protocol=listener.proxy_protocol,
-                proxy_from=listener.proxy_protocol_from, start_serving=adopt is None,
-            )
-            host, port = socks[0].getsockname()[:2]
-            return _Listening(listener, accepting, ssl_context, (host, port), tls_made_of)
-        where: dict[str, Any] = (
-            # Workers each bind every listener; the kernel spreads connections over them.
-            {"host": listener.host, "port": listener.port, "reuse_address": True,
-             "reuse_port": self.role is Role.WORKER}
-            if adopt is None
-            else {"sock": adopt[0], "start_serving": False}
-        )
-        try:
-            server = await loop.create_server(client_factory(self.ctx), backlog=listener.backlog, **where)
-        except OSError as exc:
-            for sock in adopt or ():
-                sock.close()
-            raise BindError("listener", listener.bind, exc) from exc
-        host, port = server.sockets[0].getsockname()[:2]
-        return _Listening(listener, server, ssl_context, (host, port))
-
-    async def _bind_admin(self, config: Config) -> tuple[web.AppRunner, tuple[str, int]]:
-        admin = config.admin
-        runner = AdminRunner(make_admin_app(self), access_log=None, handle_signals=False)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, admin.host, admin.port, reuse_address=True).start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise BindError("admin", admin.bind, exc) from exc
-        host, port = runner.addresses[0][:2]
-        return runner, (host, port)
+    async def _bind(self, listener: ListenerConfig, *, adopt: list[socket.socket] | None = None) -> Listening:
+        # Workers each bind every listener (SO_REUSEPORT); the kernel spreads connections over them.
+        return await bind_listener(self.ctx, listener, reuse_port=self.role is Role.WORKER, adopt=adopt)
 
     def _start_health_checks(self) -> None:
         """One checker per pool; the caller has stopped the previous ones (never two loops per backend)."""
@@ -819,14 +717,14 @@ class Balancer:
     async def apply(self, config: Config) -> None:
         """Swap in `config` without closing a live tunnel; raises BindError having changed nothing."""
         # 1. Build: everything that can fail happens here, before the running state is touched.
-        new_listening: list[_Listening] = []
-        kept: list[tuple[_Listening, ListenerConfig]] = []
+        new_listening: list[Listening] = []
+        kept: list[tuple[Listening, ListenerConfig]] = []
         new_admin: tuple[web.AppRunner, tuple[str, int]] | None = None
         new_held: dict[tuple[str, int], list[socket.socket]] = {}
         try:
             if self.role is not Role.OWNER:
                 # A kept TLS listener's files were loaded by load_config (a bad one failed the reload there).
-                kept, wanted = self._match_listeners(config)
+                kept, wanted = match_listeners(self._listening, config.listeners)
                 kept_ids = {id(listening) for listening, _ in kept}
                 for listener in wanted:
                     # Same address, other kind (TLS or PROXY protocol turned on or off): the new
@@ -839,23 +737,23 @@ class Balancer:
                     )
                     if replaced is None:
                         if self.role is Role.SINGLE:
-                            new_held[(listener.host, listener.port)] = _claim(listener, probe=False)
+                            new_held[(listener.host, listener.port)] = claim(listener, probe=False)
                         new_listening.append(await self._bind(listener))
                     else:
-                        adopted = _dup_sockets(replaced.server.sockets)
+                        adopted = dup_sockets(replaced.server.sockets)
                         new_listening.append(await self._bind(listener, adopt=adopted))
             else:
                 for listener in config.listeners:
                     if (listener.host, listener.port) not in self._held:  # ours are claimed, for our workers
-                        new_held[(listener.host, listener.port)] = _claim(listener, probe=True)
+                        new_held[(listener.host, listener.port)] = claim(listener, probe=True)
             if self.role is not Role.WORKER and (config.admin.host, config.admin.port) != (
                 self.config.admin.host, self.config.admin.port
             ):
-                new_admin = await self._bind_admin(config)
+                new_admin = await bind_admin(make_admin_app(self), config.admin)
         except (BindError, OSError, ssl.SSLError) as exc:
             for listening in new_listening:
                 listening.server.close()
-            _release(new_held)
+            release(new_held)
             if new_admin is not None:
                 await new_admin[0].cleanup()
             if isinstance(exc, BindError):
@@ -866,7 +764,7 @@ class Balancer:
         self._swap(config, kept, new_listening)
         # The claims follow the listeners (a removed one's workers close theirs as they apply it).
         addresses = {(listener.host, listener.port) for listener in config.listeners}
-        _release({key: held for key, held in self._held.items() if key not in addresses})
+        release({key: held for key, held in self._held.items() if key not in addresses})
         self._held = {key: held for key, held in self._held.items() if key in addresses} | new_held
         old_admin = None
         if new_admin is not None:
@@ -880,26 +778,8 @@ class Balancer:
         if old_admin is not None:
             await old_admin.cleanup()
 
-    def _match_listeners(self, config: Config) -> tuple[list[tuple[_Listening, ListenerConfig]], list[ListenerConfig]]:
-        """(running listeners to keep with their new config, listeners to bind)."""
-        wanted = list(config.listeners)
-        keep: list[tuple[_Listening, ListenerConfig]] = []
-        for listening in self._listening:
-            same_bind = next(
-                (w for w in wanted if (w.host, w.port) == (listening.config.host, listening.config.port)), None
-            )
-            if (
-                same_bind is not None
-                and (same_bind.tls is None) == (listening.ssl_context is None)
-                # Reading a PROXY header or not is a different listener: turning it on or off rebinds.
-                and same_bind.proxy_protocol == listening.config.proxy_protocol
-            ):
-                wanted.remove(same_bind)
-                keep.append((listening, same_bind))
-        return keep, wanted
-
     def _swap(
-        self, config: Config, kept: list[tuple[_Listening, ListenerConfig]], new_listening: list[_Listening]
+        self, config: Config, kept: list[tuple[Listening, ListenerConfig]], new_listening: list[Listening]
     ) -> None:
         """Install the new state.  No await in here: this is the reload's atomic step."""
         ctx = self.ctx
@@ -933,37 +813,11 @@ class Balancer:
                 listening.server.close()
                 log.info("stopped listening on %s", host_port(*listening.address))
         for listening, listener in kept:
-            made_of = _tls_files(listener.tls) if listener.tls is not None else None
-            if (
-                listener.tls is not None and isinstance(listening.server, AcceptingServer)
-                # The same files: the same context, whose session cache and ticket keys let clients that
-                # reconnect resume (a new one at every reload made each of them a full handshake).
-                and made_of != listening.tls_made_of
-            ):
-                # New handshakes use the new certificate; established sessions are untouched.  A new context,
-                # not the old one loaded again: OpenSSL holds a certificate per key type, so an RSA pair
-                # loaded over an ECDSA one left the ECDSA certificate and its key served to every client
-                # that prefers ECDSA (most), and a load that failed halfway left no usable key.  load_config
-                # loaded these bytes already; should a context still not be made of them (no memory file
-                # to be had), this listener keeps its context, untouched, rather than leave the swap half done.
-                try:
-                    context = server_ssl_context(listener.tls)
-                except (OSError, ssl.SSLError) as exc:
-                    log.error("listener %s keeps its previous certificate: %s", listener.bind, exc)
-                else:
-                    listening.server.serve_tls_with(context)
-                    listening.ssl_context, listening.tls_made_of = context, made_of
-            if isinstance(listening.server, AcceptingServer):
-                listening.server.believe_proxy_headers_from(listener.proxy_protocol_from)
-            listening.config = listener
+            listening.follow(listener)
         for listening in new_listening:
             if not listening.server.is_serving():  # took over a replaced listener's socket
-                _start_serving(listening.server)
-            log.info(
-                "listening on %s%s%s (backlog %d)",
-                host_port(*listening.address), " (TLS)" if listening.ssl_context else "",
-                " (PROXY protocol)" if listening.config.proxy_protocol else "", listening.config.backlog,
-            )
+                start_serving(listening.server)
+            listening.announce()
         self._listening = [listening for listening, _ in kept] + new_listening
 
     def _retire(self, old_pools: Mapping[str, PoolState], new_pools: Mapping[str, PoolState], reason: str) -> None:
@@ -1074,9 +928,9 @@ class Balancer:
         answer still streaming is cut). Workers are told the same way (SIGINT: they are in a session
         of their own, so only their owner sends it).
         """
-        if (not self.stop_asked and self._stopping is None) or self._hurried.is_set():
+        if (not self.stop_asked and self._stopping is None) or self._closing.hurried.is_set():
             return
-        self._hurried.set()
+        self._closing.hurried.set()
         log.warning("stopping now (SIGINT during the stop): live tunnels get 1001 at once, handshakes in flight 503")
         if self._supervisor is not None:
             self._supervisor.hurry()
@@ -1087,28 +941,6 @@ class Balancer:
         if not self._stop_repeated:
             self._stop_repeated = True
             log.info("already stopping; a SIGINT (Ctrl-C) stops at once")
-
-    async def _unless_hurried(self, within: float, event: asyncio.Event | None = None) -> None:
-        """Wait `within` seconds, or less: until `event` is set, if given, or a second Ctrl-C comes.
-
-        Without an event, a sleep that looks up every HURRY_POLL: the spread waits once per tunnel, most
-        waits a fraction of a millisecond, and a task and a waiter each would be paid 50,000 times over a
-        grace in which those tunnels still relay.
-        """
-        loop = asyncio.get_running_loop()
-        if event is None:
-            until = loop.time() + within
-            while not self._hurried.is_set() and (left := until - loop.time()) > 0:  # noqa: ASYNC110
-                await asyncio.sleep(min(left, HURRY_POLL))
-            return
-        if within <= 0 or self._hurried.is_set():
-            return
-        waits = [loop.create_task(self._hurried.wait()), loop.create_task(event.wait())]
-        try:
-            await asyncio.wait(waits, timeout=within, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
 
     @property
     def shutting_down(self) -> bool:
@@ -1196,8 +1028,8 @@ class Balancer:
             self._release_claims()  # sooner, if the workers are gone sooner
         elif timeouts.shutdown_delay > 0:
             log.info("shutting down: /readyz answers 503; still serving for %gs", timeouts.shutdown_delay)
-            await self._unless_hurried(timeouts.shutdown_delay)
-            if self._hurried.is_set():
+            await self._closing.unless_hurried(timeouts.shutdown_delay)
+            if self._closing.hurried.is_set():
                 self._serving_until = time.monotonic()  # /healthz: no longer serving from here
         log.info("shutting down: no longer accepting connections")
         self.ctx.accepting = False
@@ -1223,7 +1055,7 @@ class Balancer:
                 if isinstance(listening.server, AcceptingServer)
             ),
             streaming_within=timeouts.shutdown_grace,
-            hurried=self._hurried.is_set,
+            hurried=self._closing.hurried.is_set,
         ))
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -1231,14 +1063,14 @@ class Balancer:
         if self._reporter is not None:
             self._reporter.cancel()
             self._report_refusals_now(final=True)  # what the last interval counted, before the process goes
-        await self._close_tunnels_spread(timeouts.shutdown_grace)
+        await self._closing.spread(timeouts.shutdown_grace)
         await handshakes
         for listening in self._listening:
             if isinstance(listening.server, AcceptingServer):
                 listening.server.abort_pending()  # silent TLS or PROXY starts: not waited for any longer
         # Upgrades that completed after SIGTERM: each got its 1001 at a random moment of the window
         # left when it joined (at once past it).  Until the window ends, then what is left is closed.
-        await self._end_tunnels(spread_until)
+        await self._closing.end(spread_until)
         abort_in_flight(self.ctx)  # answers still streaming: cut, and logged
         await self._stop_health_checks()
         await self.discovery.stop()
@@ -1251,243 +1083,3 @@ class Balancer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(listening.server.wait_closed(), 1.0)
         log.info("stopped")
-
-    async def _wait_tunnels_closed(self, within: float, *, even_hurried: bool = False) -> None:
-        """Until the last live tunnel closes (lb.proxy.tunnel sets the event), or `within` seconds (less
-        once a second Ctrl-C comes, unless `even_hurried`)."""
-        ctx = self.ctx
-        if not ctx.tunnels:
-            return
-        ctx.all_tunnels_closed = closed = asyncio.Event()
-        if even_hurried:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(closed.wait(), within)
-        else:
-            await self._unless_hurried(within, closed)
-        ctx.all_tunnels_closed = None
-
-    async def _close_tunnels_spread(self, grace: float) -> None:
-        """Send live tunnels close 1001 evenly over `grace` (oldest first), then close what is left.
-
-        Spread, not all at once: every client that gets its close reconnects, and a thousand
-        reconnects in one millisecond are the herd that the next instance has to absorb.
-        """
-        loop = asyncio.get_running_loop()
-        tunnels = sorted(self.ctx.tunnels, key=lambda t: t.opened_at)
-        if not tunnels:
-            return
-        log.info("closing %d live tunnel(s) with 1001, spread over %gs", len(tunnels), grace)
-        start = loop.time()
-        # With `workers: N` each worker spreads its own tunnels: worker i's closes fall (i + 1)/N of a
-        # step into each step, so that the workers' closes interleave instead of going N at a time.
-        index, count = self._share
-        schedule = close_schedule(len(tunnels), grace, phase=(index + 1) / count if count > 1 else 1.0)
-        for offset, tunnel in zip(schedule, tunnels, strict=True):
-            if not self.ctx.tunnels:
-                break  # every client left on its own: nothing to spread
-            await self._unless_hurried(start + offset - loop.time())
-            tunnel.shut_down()
-        await self._end_tunnels(start + grace)
-
-    async def _end_tunnels(self, until: float) -> None:
-        """Wait for the tunnels to close until `until` (loop time) and a last answer's time, then close
-        what is left.  Hurried (a second Ctrl-C), every tunnel gets its 1001 now (those that joined
-        after SIGTERM too), and a last answer's time to answer it, as at a grace's end: cut at once,
-        the clients got a TCP close where a close frame was on its way."""
-        loop = asyncio.get_running_loop()
-        await self._wait_tunnels_closed(max(0.0, until - loop.time()) + LAST_CLOSE_ANSWER)
-        hurried = self._hurried.is_set()
-        if hurried and self.ctx.tunnels:
-            for tunnel in list(self.ctx.tunnels):
-                tunnel.shut_down()  # nothing for one already closing
-            await self._wait_tunnels_closed(LAST_CLOSE_ANSWER, even_hurried=True)
-        if self.ctx.tunnels:
-            log.info("closing %d tunnel(s) left %s", len(self.ctx.tunnels),
-                     "a second after their 1001 (stopping now)" if hurried else "at the end of the grace period")
-            for tunnel in list(self.ctx.tunnels):
-                if tunnel.cause is None:
-                    tunnel.cause = "shutdown"
-                tunnel.abort()
-
-
-def close_schedule(count: int, grace: float, phase: float = 1.0) -> list[float]:
-    """Seconds after the grace starts at which each of `count` tunnels gets its 1001: one per step of
-    `grace / count`, `phase` of the way into it (0 < phase <= 1; one worker of N: (i + 1)/N).
-
-    A lone process closes at the end of each step: a lone tunnel gets its 1001 when the grace ends
-    (SPEC: "close tunnels with WebSocket close 1001 after timeouts.shutdown_grace"), N tunnels one
-    every grace/N, the last at the end; none at once, so a client still relays for a step at least.
-    The last clients then have LAST_CLOSE_ANSWER to answer before whatever is left is closed.
-    """
-    step = grace / count if count else 0.0
-    return [(index + phase) * step for index in range(count)]
-
-
-def _dup_sockets(socks: Iterable[Any]) -> list[socket.socket]:
-    """A second descriptor on each listening socket (asyncio TransportSockets or sockets): all or none."""
-    duplicates: list[socket.socket] = []
-    try:
-        for sock in socks:
-            duplicates.append(socket.socket(fileno=os.dup(sock.fileno())))
-    except OSError:
-        for duplicate in duplicates:
-            duplicate.close()
-        raise
-    return duplicates
-
-
-def _start_serving(server: asyncio.Server | AcceptingServer) -> None:
-    """Start accepting on a listener made with start_serving=False; from inside the synchronous swap."""
-    if isinstance(server, AcceptingServer):
-        server.start_serving_now()
-    else:
-        # asyncio.Server.start_serving is a coroutine; the socket queues connections until it runs.
-        task = asyncio.get_running_loop().create_task(server.start_serving())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-
-
-_background: set[asyncio.Task[None]] = set()
-
-
-def _release(held: dict[tuple[str, int], list[socket.socket]]) -> None:
-    """Give up the claims on these addresses (`_claim`)."""
-    for socks in held.values():
-        for sock in socks:
-            sock.close()
-
-
-def _claim(listener: ListenerConfig, *, probe: bool) -> list[socket.socket]:
-    """Claim `listener`'s addresses for this `lb run` (`claim_address`), held for as long as it runs the
-    listener; raise BindError if another claims them, or, with `probe` (the owner of `workers: N`, whose
-    workers bind later), if they cannot be bound right now.
-
-    The probe binds every address of a name, as each worker binds them: one taken would fail every
-    worker.  Nothing serves the address yet (the workers bind it next), so listening for a moment
-    refuses no one.
-    """
-    try:
-        locks = claim_address(listener.host, listener.port)
-    except OSError as exc:
-        raise BindError("listener", listener.bind, exc) from exc
-    if probe:
-        try:
-            probes = listening_sockets(listener.host, listener.port, backlog=1, reuse_port=False)
-        except OSError as exc:
-            for lock in locks:
-                lock.close()
-            raise BindError("listener", listener.bind, exc) from exc
-        for sock in probes:
-            sock.close()
-    return locks
-
-
-async def serve(
-    config: Config, config_path: Path | None, role: Role, control_fd: int = -1, share: tuple[int, int] = (0, 1),
-    config_source: ConfigSource | None = None,
-) -> int:
-    balancer = Balancer(config, config_path, role=role, control_fd=control_fd, share=share,
-                        config_source=config_source)
-    # Out of the cyclic garbage collector's sight from here on: the modules, the first configuration and the
-    # balancer's own state, some 60,000 objects that live as long as the process or are freed by reference
-    # counting when a reload replaces them (no cycle holds them: 4 reloads renaming 3,000 backends left
-    # nothing more to collect).  A full collection walks every object it tracks, with the GIL held, and
-    # collections come at reloads and as the heap grows: without them 57-67 ms at 3,000 backends, 14-28 ms
-    # with, in which no connection moves.  What start-up left as cyclic garbage is collected first: frozen,
-    # it would be kept for good.
-    gc.collect()
-    gc.freeze()
-    loop = asyncio.get_running_loop()
-    # SIGTERM handlers before start(): one that arrives while we bind must stop us once we are up,
-    # not be lost (as PID 1 in a container, a signal without a handler is dropped by the kernel).
-    # A SIGHUP then is held by lb.startup_signals (since the first line of `lb run`) and applied below;
-    # a SIGTERM held there before these handlers is acted on at once.
-    stop_requested = asyncio.Event()
-
-    def on_stop_signal(signum: int) -> None:
-        if not balancer.stop_asked:
-            balancer.stop_asked = True
-            stop_requested.set()
-        elif signum == signal.SIGINT:
-            balancer.hurry()
-        elif role is not Role.WORKER:  # a worker's hint would hurry that worker alone
-            # Not a hurry: `pkill -f 'lb run'` reaches the workers, and their owner's SIGTERM then reaches
-            # them too, a second one in the course of an ordinary stop.
-            balancer.stop_repeated()
-
-    # SIGQUIT too: nginx's graceful stop (its container image's STOPSIGNAL); Python's default for it ended
-    # the process at once, every tunnel cut without its 1001.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        loop.add_signal_handler(signum, on_stop_signal, signum)
-    # Held since the first line of `lb run`: we stop once up.  A list, not a generator: every held stop
-    # signal is taken (any() would leave the second one held).
-    if any([startup_signals.take(signum) for signum in startup_signals.STOPS]):
-        on_stop_signal(signal.SIGTERM)
-    if startup_signals.take(signal.SIGINT):  # a worker's: its owner's second Ctrl-C, held while it started
-        on_stop_signal(signal.SIGINT)
-    for signum in startup_signals.UNUSED:
-        loop.add_signal_handler(signum, _ignore_signal, signum)
-    try:
-        await balancer.start()
-    except BindError as exc:
-        log.error("%s", exc)
-        return EXIT_BIND
-    if role is not Role.WORKER:
-        loop.add_signal_handler(signal.SIGHUP, balancer.request_reload)
-        if startup_signals.take():  # a SIGHUP came while we were starting: the file may have changed since
-            balancer.request_reload()
-    # A worker reloads when its owner says so, after the owner's own reload succeeded; a SIGHUP of its
-    # own (`pkill -HUP -f 'lb run'` signals every process) stays held by lb.startup_signals and does
-    # nothing.  Obeying it reloaded the worker twice, once outside the serialized reload loop.
-    signalled = loop.create_task(stop_requested.wait())
-    # A worker also stops when its owner goes away (balancer.stop() called from the control channel).
-    stopped = loop.create_task(balancer.stopped())
-    await asyncio.wait([signalled, stopped], return_when=asyncio.FIRST_COMPLETED)
-    signalled.cancel()
-    stopped.cancel()
-    await balancer.stop()
-    return 0
-
-
-def _ignore_signal(signum: int) -> None:
-    log.warning(
-        "%s ignored: it has no meaning here (SIGHUP reloads, SIGTERM stops; logs go to stderr, so there is "
-        "no file to reopen)", signal.Signals(signum).name,
-    )
-
-
-def _loop_runner(choice: EventLoop) -> Callable[[Coroutine[Any, Any, int]], int]:
-    if choice is not EventLoop.ASYNCIO:
-        try:
-            import uvloop
-        except ImportError:
-            if choice is EventLoop.UVLOOP:
-                raise
-        else:
-            return uvloop.run
-    bound_asyncio_reads()
-    return asyncio.run
-
-
-def run(config: Config, config_path: Path | None = None, config_source: ConfigSource | None = None) -> int:
-    """Run until SIGTERM/SIGINT/SIGQUIT; returns the process exit code.
-
-    `config_source` is what `config` was parsed from: with `workers: N` the workers run it.
-    """
-    role = Role.OWNER if config.workers > 1 else Role.SINGLE
-    unblock_stderr()  # a stalled log reader costs log lines, never the event loop
-    # With workers, every line names its process: `owner` here, `worker-N` in each worker.
-    setup_logging(config.logging, process="owner" if role is Role.OWNER else None)
-    raise_descriptor_limit()  # workers inherit it
-    return _loop_runner(config.runtime.event_loop)(serve(config, config_path, role, config_source=config_source))
-
-
-def run_worker(config: Config, config_path: Path, control_fd: int, index: int, count: int = 1,
-               owner_pid: int = 0) -> int:
-    """One of `workers: N` processes, started by the owner; `count` is N, `owner_pid` the owner's pid."""
-    watch_owner(owner_pid)
-    unblock_stderr()
-    setup_logging(config.logging, process=f"worker-{index}")
-    share = (index, max(1, count))
-    config = split_limits(config, *share)
-    return _loop_runner(config.runtime.event_loop)(serve(config, config_path, Role.WORKER, control_fd, share))

@@ -31,7 +31,7 @@ from backends_demo.__main__ import SHUTDOWN_TIMEOUT
 from backends_demo.app import CLOSE_ANSWER_WAIT
 from lb.config.load import parse_config
 from lb.config.model import DiscoveryType
-from lb.control.balancer import LAST_CLOSE_ANSWER
+from lb.control.tunnel_closing import LAST_CLOSE_ANSWER
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

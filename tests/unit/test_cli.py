@@ -192,9 +192,9 @@ def test_run_hands_the_config_to_the_balancer(tmp_path: Path, monkeypatch: pytes
         calls.append((config, config_path, config_source))
         return 7
 
-    fake = types.ModuleType("lb.control.balancer")
+    fake = types.ModuleType("lb.control.process")
     fake.run = fake_run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "lb.control.balancer", fake)
+    monkeypatch.setitem(sys.modules, "lb.control.process", fake)
     path = write_config(tmp_path)
     assert main(["run", "--config", str(path)]) == 7
     ((config, config_path, config_source),) = calls
@@ -219,9 +219,9 @@ def test_a_worker_runs_its_owners_config_text_not_the_file(
         calls.append((config, config_path, control_fd))
         return 7
 
-    fake = types.ModuleType("lb.control.balancer")
+    fake = types.ModuleType("lb.control.process")
     fake.run_worker = fake_run_worker  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "lb.control.balancer", fake)
+    monkeypatch.setitem(sys.modules, "lb.control.process", fake)
     path = write_config(tmp_path, backend_2="127.0.0.1:9002")  # the file as it is now
     (tmp_path / "token").write_text("rewritten-since\n", encoding="utf-8")  # after the owner read it
     owners = CONFIG.replace("BACKEND_2", "127.0.0.1:9999").replace("${LB_ADMIN_TOKEN}", "${file:token}")

@@ -33,7 +33,7 @@ def test_ipv6_listener_and_admin_addresses_are_bracketed_in_the_log(
 
     async def scenario() -> None:
         balancer = Balancer(load_config(config_path), config_path)
-        with caplog.at_level(logging.INFO, logger="lb.control.balancer"):
+        with caplog.at_level(logging.INFO, logger="lb.control"):
             await balancer.start()
         try:
             [listening] = balancer._listening

@@ -23,7 +23,8 @@ from test_connection import CONFIG
 
 from lb.config.load import load_config, parse_config
 from lb.config.model import ListenerConfig
-from lb.control.balancer import Balancer, BindError, _claim
+from lb.control.balancer import Balancer
+from lb.control.listening import BindError, claim
 from lb.proxy.preamble import AcceptingServer, listening_sockets
 from lb.proxy.server import wall_offset
 from lb.state.context import ProxyContext
@@ -111,14 +112,14 @@ def test_the_owner_of_workers_probes_every_address_of_a_name() -> None:
     """Each worker binds all of them: one taken must stop the start (or reload) before any worker fails."""
     port = _free_port_on_both()
     listener = ListenerConfig(host=NAME, port=port)
-    for lock in _claim(listener, probe=True):  # both free
+    for lock in claim(listener, probe=True):  # both free
         lock.close()
     with socket.socket() as taken:
         taken.bind((ADDRESSES[1], port))
         taken.listen()
         with pytest.raises(BindError):
-            _claim(listener, probe=True)
-    for lock in _claim(listener, probe=True):  # and the probe left nothing bound behind, nor the claim a lock
+            claim(listener, probe=True)
+    for lock in claim(listener, probe=True):  # and the probe left nothing bound behind, nor the claim a lock
         lock.close()
 
 

@@ -59,7 +59,7 @@ def test_a_certificate_unloadable_at_the_swap_keeps_the_old_one_and_completes_th
             before = der(certs.server_cert)
             other = await asyncio.to_thread(write_dev_certs, tmp_path / "other", ["127.0.0.1"])
             await asyncio.to_thread(certs.server_cert.write_bytes, other.server_cert.read_bytes())
-            with caplog.at_level(logging.ERROR, logger="lb.control.balancer"):
+            with caplog.at_level(logging.ERROR, logger="lb.control.listening"):
                 assert await balancer.reload()
             assert "keeps its previous certificate" in caplog.text
             assert all(listening.server.is_serving() for listening in balancer._listening)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lb.control.balancer import close_schedule
+from lb.control.tunnel_closing import close_schedule
 
 
 def test_six_tunnels_over_a_1_5s_grace() -> None:
