@@ -61,7 +61,7 @@ EXIT_USAGE = 2  # the command line or --config cannot be used: nothing was asked
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9000"
 TIMEOUT = 10.0  # seconds for one admin call: the admin API answers from memory
-# What one answer may weigh.  A /status backend entry is 345-500 bytes (lb.control.admin._backend_document:
+# What one answer may weigh.  A /status backend entry is 345-500 bytes (lb.control.status_document._backend_document:
 # 15 fields and a health reason, as aiohttp's json.dumps writes them), so 16 MiB carries 33,000-48,000
 # backends: three pools at discovery's max_backends cap (10,000) and then some.  Memory goes with it:
 # json.loads makes up to ~30 bytes of objects of each byte (`{},` is a 64-byte dict), so a hostile answer
@@ -649,7 +649,7 @@ def _unexpected(asked: str, fault: str, target: Target) -> CtlError:
 
 def _status_fault(document: Any) -> str | None:
     """Why `document` is not a /status answer the table can draw, or None: `{"pools": {NAME: {"backends":
-    [{...}, ...]}}, ...}`, each pool and backend an object (lb.control.admin.status_document)."""
+    [{...}, ...]}}, ...}`, each pool and backend an object (lb.control.status_document.status_document)."""
     if not isinstance(document, dict) or not isinstance(document.get("pools"), dict):
         return 'not an object with "pools"'
     for pool in document["pools"].values():

@@ -233,7 +233,7 @@ def _status_balancer(backends: int) -> Any:
 
 async def test_status_answers_the_status_document() -> None:
     """/status, built a slice at a time, is the document `status_document` describes."""
-    from lb.control.admin import status_document
+    from lb.control.status_document import status_document
 
     balancer = _status_balancer(50)
     client = await _client(balancer)
@@ -254,9 +254,9 @@ async def test_status_of_many_backends_lets_the_loop_run(monkeypatch: pytest.Mon
     """Built whole, /status of 40,000 backends held the event loop (and every handshake) for a few hundred ms:
     now other tasks run between its slices.  Counted in turns, with a turn's time at 0 so that every backend
     ends one: how many 2 ms slices a machine fits is not what is tested (built whole, it gave none)."""
-    from lb.control import admin
+    from lb.control import status_document as document
 
-    monkeypatch.setattr(admin, "STATUS_TURN", 0.0)
+    monkeypatch.setattr(document, "STATUS_TURN", 0.0)
     balancer = _status_balancer(2_000)
     turns = 0
 
@@ -269,21 +269,21 @@ async def test_status_of_many_backends_lets_the_loop_run(monkeypatch: pytest.Mon
     counter = asyncio.get_running_loop().create_task(count_turns())
     await asyncio.sleep(0)  # the counter has started
     try:
-        text = await admin.status_text(balancer)
+        text = await document.status_text(balancer)
         counted = turns
     finally:
         counter.cancel()
     assert len(json.loads(text)["pools"]["p"]["backends"]) == 2_001
     assert counted >= 2_000, f"{counted} turns of the loop while /status of 2,000 backends was built"
-    assert {**json.loads(text), "time": 0} == {**json.loads(json.dumps(admin.status_document(balancer))), "time": 0}
+    assert {**json.loads(text), "time": 0} == {**json.loads(json.dumps(document.status_document(balancer))), "time": 0}
 
 
 async def test_a_backend_removed_mid_render_is_listed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """/status lets the loop run between backends: one a reload or DNS removes meanwhile is listed once (as it was
     when the render began), not in its pool and again as removed."""
-    from lb.control import admin
+    from lb.control import status_document as document
 
-    monkeypatch.setattr(admin, "STATUS_TURN", 0.0)  # a turn after every backend
+    monkeypatch.setattr(document, "STATUS_TURN", 0.0)  # a turn after every backend
     balancer = _status_balancer(5)
     retired = balancer.retired_backends()
     balancer.retired_backends = lambda: list(retired)
@@ -294,7 +294,7 @@ async def test_a_backend_removed_mid_render_is_listed_once(monkeypatch: pytest.M
         retired.append(("p", pool.backends.pop("b0")))
 
     remover = asyncio.get_running_loop().create_task(remove())
-    text = await admin.status_text(balancer)
+    text = await document.status_text(balancer)
     await remover
     assert "b0" not in pool.backends and ("p", "b0") in [(name, b.id) for name, b in retired]
     listed = [b["id"] for b in json.loads(text)["pools"]["p"]["backends"]]

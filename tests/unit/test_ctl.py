@@ -410,7 +410,7 @@ def test_discovery_notes_past_the_rows_are_counted_not_dropped_unsaid() -> None:
 def test_every_backend_a_real_answer_can_carry_fits_in_the_table() -> None:
     """MAX_ROWS is above what MAX_ANSWER_BYTES carries of /status backends, as the admin API writes them."""
     from lb.config.model import BackendConfig
-    from lb.control.admin import _backend_document
+    from lb.control.status_document import _backend_document
     from lb.state.pool import BackendStatus
 
     smallest = _backend_document(BackendStatus(BackendConfig(id="b1", host="10.0.0.1", port=9001)), None)

@@ -31,16 +31,15 @@ from lb.control.admin import (
     BALANCER,
     STATUS_RENDER,
     LargeAnswer,
-    backends_per_pool,
     error_response,
     key_values,
     make_room,
     refuse_parameters,
     refused,
-    status_document,
 )
 from lb.control.admin_route import MAX_KEY_CHARS
 from lb.control.lookup import lookup_token
+from lb.control.status_document import backends_per_pool, status_document
 from lb.ctl import shown_discovery_value
 
 LOOKUP_PARAMS = frozenset({"token", "pool", "key"})
