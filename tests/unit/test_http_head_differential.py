@@ -327,12 +327,55 @@ _FIELD_PIECES = st.sampled_from(
 _LINE_BREAKERS = st.sampled_from([b"\r", b"\n", b"\r\n", b"\r\n ", b"\x00", b"\x7f", b"\r\n\r\n"])
 
 
+# Field lines we accept together: any of these, and at most one that frames a body.
+_ORDINARY = [
+    (b"Accept", b"*/*"),
+    (b"User-Agent", b"probe/1.0"),
+    (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+    (b"Sec-WebSocket-Version", b"13"),
+    (b"Connection", b"Upgrade"),
+    (b"Connection", b"keep-alive"),
+    (b"Upgrade", b"websocket"),
+    (b"Cookie", b"a=1; b=2"),
+    (b"X-Forwarded-For", b"192.0.2.1"),
+    (b"X-A", b" padded\t"),
+    (b"x_app", b"caf\xe9"),
+    (b"!#$%&'*+-.^_`|~", b""),
+]
+_FRAMING = [None, (b"Content-Length", b"5"), (b"Content-Length", b"0"), (b"Transfer-Encoding", b"chunked")]
+
+
+@st.composite
+def _fields_with_one_change(draw: st.DrawFn) -> bytes:
+    """Field lines we accept, then at most one hostile change: bytes the line rules turn on put in, put in
+    place of others, or bytes taken out, anywhere (in a name, a value, the line ends)."""
+    fields = draw(st.lists(st.sampled_from(_ORDINARY), min_size=1, max_size=4))
+    framing = draw(st.sampled_from(_FRAMING))
+    if framing is not None:
+        fields.insert(draw(st.integers(0, len(fields))), framing)
+    raw = b"\r\n".join(name + b": " + value for name, value in fields)
+    change = draw(st.sampled_from(["none", "insert", "replace", "delete"]))
+    if change == "none":
+        return raw
+    at = draw(st.integers(0, len(raw)))
+    if change == "delete":
+        return raw[:at] + raw[at + draw(st.integers(1, 3)) :]
+    piece = draw(_FIELD_PIECES | _LINE_BREAKERS | st.binary(min_size=1, max_size=3))
+    return raw[:at] + piece + raw[at + (len(piece) if change == "replace" else 0) :]
+
+
+# Random bytes and random pieces are almost all refused (the comparison with llhttp was reached in 17% of
+# examples): five in eight examples are fields we accept with at most one hostile change.
+_RAW_KINDS = [
+    _fields_with_one_change(),
+    st.binary(max_size=200),
+    st.lists(_FIELD_PIECES | _LINE_BREAKERS, max_size=16).map(b"".join),
+    st.lists(_FIELD_PIECES, max_size=16).map(lambda pieces: b"X: " + b"".join(pieces)),
+]
+
+
 @settings(max_examples=300, deadline=None)
-@given(
-    raw=st.binary(max_size=200)
-    | st.lists(_FIELD_PIECES | _LINE_BREAKERS, max_size=16).map(b"".join)
-    | st.lists(_FIELD_PIECES, max_size=16).map(lambda pieces: b"X: " + b"".join(pieces))
-)
+@given(raw=st.sampled_from([0, 0, 0, 0, 0, 1, 2, 3]).flatmap(lambda kind: _RAW_KINDS[kind]))
 def test_arbitrary_bytes_are_refused_or_read_alike(raw: bytes) -> None:
     """Arbitrary bytes ending in a blank line: refused by us, or read alike by llhttp."""
     assert_llhttp_agrees(b"GET / HTTP/1.1\r\nHost: a\r\n" + raw + HEAD_END)
