@@ -226,8 +226,15 @@ def test_a_query_key_is_found_by_its_decoded_name(query: str, expected: str | No
         assert decide(None, pool, balance_key=key, now=NOW).backend is route_for_key(pool, key, NOW)
 
 
+def _padded(keys: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """Keys, half of them with spaces and tabs around (both readers take those off: `hash_key_text`).
+    Unpadded, a key began or ended with a space in 1-3% of examples, and never with a tab."""
+    pads = st.text(st.sampled_from(" \t"), max_size=3)
+    return keys | st.tuples(pads, keys, pads).map("".join)
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=40))
+@given(_padded(st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=40)))
 def test_any_key_sent_in_a_query_reads_as_route_reads_it(text: str) -> None:
     """Whatever a browser's URLSearchParams sends as `?uid=`, the request hashes what /route hears."""
     req = request("/ws?" + urllib.parse.urlencode({"uid": text}))
@@ -236,7 +243,7 @@ def test_any_key_sent_in_a_query_reads_as_route_reads_it(text: str) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=40))
+@given(_padded(st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=40)))
 def test_any_key_sent_in_a_utf8_header_reads_as_route_reads_it(text: str) -> None:
     """Whatever UTF-8 a client puts in X-User-Id, the request hashes what /route hears for that text."""
     req = request("/ws", ("X-User-Id", utf8_on_the_wire(text)))
