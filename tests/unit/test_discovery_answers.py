@@ -557,7 +557,14 @@ def test_workers_bad_values(tmp_path: Path, value: object) -> None:
 # ----------------------------------------------------------------------------- fuzz
 
 
-_labels = st.text(alphabet=st.characters(codec="ascii"), min_size=0, max_size=70)
+# Any ASCII, or a host name's label (a few of them, so that targets repeat, and their edges: 63 and 64
+# characters, a hyphen at an end, all digits).  Of random ASCII alone, 45% of answers made a backend and
+# 10% more than `cap` of them.
+_labels = st.one_of(
+    st.text(alphabet=st.characters(codec="ascii"), min_size=0, max_size=70),
+    st.sampled_from(["gw-0", "gw-1", "GW-1", "gw-2", "a" * 63, "a" * 64, "-gw", "gw-", "127", "x_y"]),
+    st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True),
+)
 _records = st.lists(
     st.builds(SrvRecord, target=st.builds(lambda a, b: f"{a}.{b}", _labels, _labels),
               port=st.integers(0, 70000), weight=st.integers(0, 65535), priority=st.integers(0, 65535)),
@@ -565,7 +572,7 @@ _records = st.lists(
 )
 
 
-@given(_records, st.integers(1, 50), st.lists(st.text(max_size=50), max_size=5))
+@given(_records, st.integers(1, 50) | st.integers(1, 4), st.lists(st.text(max_size=50), max_size=5))
 def test_from_srv_never_crashes_and_keeps_its_promises(
     records: list[SrvRecord], cap: int, junk_addresses: list[str]
 ) -> None:
