@@ -276,7 +276,8 @@ def test_a_reload_whose_reading_raises_says_so_at_once_and_counts_a_failure(
     asyncio.run(scenario())
 
 
-@given(total=st.integers(0, 10_000), count=st.integers(1, 64))
+# A total under the count (some workers' share 0) was drawn in 2% of examples from 0-10 000 alone.
+@given(total=st.integers(0, 10_000) | st.integers(0, 64), count=st.integers(1, 64))
 def test_shares_add_up_to_the_total(total: int, count: int) -> None:
     """However many workers, their shares sum to exactly the configured number."""
     parts = [share(total, i, count) for i in range(count)]
