@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from collections import Counter
 
@@ -37,10 +38,22 @@ def test_value_lands_in_the_first_bucket_it_fits(value: float, first_le: str) ->
     assert histogram.count == 1 and histogram.total == value
 
 
-@given(st.floats(allow_nan=False), st.lists(st.floats(min_value=-1e9, max_value=1e9), min_size=1, max_size=20))
-def test_each_value_counts_in_the_bucket_bisect_left_names(value: float, bounds: list[float]) -> None:
+@st.composite
+def _value_and_bounds(draw: st.DrawFn) -> tuple[float, list[float]]:
+    """Strictly increasing bounds, and a value: any, or half the time a bound or the float just under or over
+    it (`le`: a bound counts in its own bucket, the next float up in the next); any value was a bound in
+    10-33% of examples, next to one in none."""
+    bounds = sorted(set(draw(st.lists(st.floats(min_value=-1e9, max_value=1e9), min_size=1, max_size=20))))
+    near = st.sampled_from(bounds).flatmap(
+        lambda bound: st.sampled_from([bound, math.nextafter(bound, -math.inf), math.nextafter(bound, math.inf)])
+    )
+    return draw(st.floats(allow_nan=False) | near), bounds
+
+
+@given(_value_and_bounds())
+def test_each_value_counts_in_the_bucket_bisect_left_names(drawn: tuple[float, list[float]]) -> None:
     """The scan `observe` makes finds the bucket `bisect_left` finds, on any strictly increasing bounds."""
-    bounds = sorted(set(bounds))
+    value, bounds = drawn
     histogram = Histogram(bounds)
     histogram.observe(value)
     expected = [0] * (len(bounds) + 1)
