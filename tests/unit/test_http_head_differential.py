@@ -278,7 +278,8 @@ _VALUES = st.one_of(
 )
 
 
-# Fields each of which we accept on its own: whether the head is accepted turns on how they combine.
+# Fields we read (all but `gzip, chunked`, refused 501, accept on their own): whether the head is accepted
+# turns on how they combine.
 _FITTING = st.sampled_from(
     [
         (b"Content-Length", b"5"),
