@@ -185,7 +185,7 @@ def _worker(args: argparse.Namespace) -> int:
     # No check of the compiled build here: the owner checked it when it started, and a worker it
     # restarts later loads the same module files (a `git pull` changes sources, not the build), so
     # refusing would only lose the worker for good.
-    from lb.control.workers import receive_config
+    from lb.control.worker_channel import receive_config
 
     # The owner's running config, never the files: they may have changed since the owner read them.
     # The source carries the text and the content of each ${file:PATH} the owner used; --config still

@@ -79,7 +79,8 @@ from lb.control.metrics import ReloadResults, WorkerCounts, make_registry
 from lb.control.migration import DEFAULT_MIGRATION_RATE, log_failed, migrate
 from lb.control.state_lines import StateLines
 from lb.control.tunnel_closing import TunnelClosing
-from lb.control.workers import REPORT_WAIT, ControlChannel, WorkerSupervisor
+from lb.control.worker_channel import ControlChannel
+from lb.control.workers import REPORT_WAIT, WorkerSupervisor
 from lb.descriptors import descriptor_limit
 from lb.errors import LOCAL_ERRNOS, ConfigError
 from lb.http.client_address import TrustedProxies

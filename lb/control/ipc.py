@@ -3,7 +3,7 @@
 Framing: each message is a 4-byte big-endian length and that many bytes of
 JSON (an object with an "op").  Lengths are bounded by `MAX_MESSAGE_BYTES`; a
 message beyond it, or one that does not parse, is logged and skipped by the
-reader (`read_message` in `workers`), never fatal: the length prefix says
+reader (`read_messages` in `lb.control.ipc_stream`), never fatal: the length prefix says
 where the next message starts, so one bad message cannot desynchronise the
 stream or grow a buffer without bound (JSON lines could do both).
 
@@ -129,7 +129,7 @@ def read_frame(recv: Callable[[int], bytes]) -> dict[str, Any]:
     """One message from a blocking byte stream, reading no byte past its end.
 
     What a new worker reads first, before the asyncio reader that takes over the same
-    stream (`read_messages` in `workers`): that reader must start at the next frame.
+    stream (`read_messages` in `lb.control.ipc_stream`): that reader must start at the next frame.
 
     Args:
         recv: returns at most the number of bytes asked for, b"" at the end of the stream

@@ -28,7 +28,7 @@ from lb.config.model import Config, EventLoop
 from lb.control.balancer import Balancer, Role
 from lb.control.ipc import split_limits
 from lb.control.listening import BindError
-from lb.control.workers import watch_owner
+from lb.control.worker_channel import watch_owner
 from lb.descriptors import raise_descriptor_limit
 from lb.log import setup_logging
 from lb.log_stream import unblock_stderr

@@ -1,4 +1,4 @@
-"""`workers: N`: an owner process and N worker processes sharing the listeners.
+"""`workers: N`: an owner process and N worker processes sharing the listeners; the owner's side.  [asyncio shell]
 
 The owner runs health checks, the admin API and drain migrations, and holds
 the backend states; it starts N workers (`python -m lb worker ...`), each of
@@ -12,7 +12,7 @@ every worker opens every token, so they reach the same backends.
 
 Only the owner reads the config file and the `${file:PATH}` and TLS files it names.  A
 worker's first message is the owner's running `ConfigSource` (the text and the
-content of every `${file:PATH}` and certificate and key it used; `receive_config` reads it before the
+content of every `${file:PATH}` and certificate and key it used; `worker_channel.receive_config` reads it before the
 event loop starts), and a reload message carries the source the owner has just
 applied: a worker started at boot, restarted after a crash or told to reload
 runs what the owner runs, whatever the files hold by then.  A worker that still
@@ -22,16 +22,17 @@ running one configuration: the owner logs it naming the worker and counts it in
 
 A worker never outlives its owner: it stops when the control socket reaches
 EOF, and the kernel sends it SIGTERM if the owner dies however it dies
-(`PR_SET_PDEATHSIG`, set by `watch_owner`).  Every migration the owner starts
+(`PR_SET_PDEATHSIG`, set by `worker_channel.watch_owner`).  Every migration the owner starts
 reaches every worker, and so does its end: any later operator action on that
 backend (enable, another drain, disable) stops the workers' closes too.
+
+A worker's side is `lb.control.worker_channel`; the stream between them `lb.control.ipc_stream`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import math
 import os
@@ -39,8 +40,6 @@ import signal
 import site
 import socket
 import sys
-import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -48,25 +47,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import lb
 from lb.config.load import ConfigSource
 from lb.config.model import BackendConfig
-from lb.config.sections import MAX_DISCOVERED_BACKENDS
 from lb.control.ipc import (
-    LENGTH,
-    MessageTooLarge,
     StatsAggregate,
-    apply_states,
     config_message,
-    config_source,
-    decode,
-    discovered_backends,
     discovered_message,
-    encode,
-    frame_length,
-    read_frame,
     states_message,
-    stats_message,
 )
-from lb.control.migration import log_failed, migrate, start_migrating
-from lb.log import Throttle
+from lb.control.ipc_stream import MAX_PENDING_BYTES, TooLargeReports, encode_or_report, read_messages
+from lb.control.migration import start_migrating
 from lb.log_stream import restore_after_spawn, stderr_for_child
 
 if TYPE_CHECKING:
@@ -111,38 +99,8 @@ class OwnerBalancer(Protocol):
         """A worker's handshakes took the backend down."""
 
 
-class WorkerBalancer(Protocol):
-    """What a worker's `ControlChannel` uses of its balancer (`lb.control.balancer.Balancer`): where the
-    owner's states, sets and reloads go, what it reports back, and the stop when the owner goes away."""
-
-    @property
-    def ctx(self) -> ProxyContext:
-        """The running pools (the owner's states apply to them) and counters (reported to the owner)."""
-
-    @property
-    def discovery(self) -> DiscoveryManager:
-        """The follower that applies the owner's discovered sets."""
-
-    @property
-    def listen_addresses(self) -> list[tuple[str, int]]:
-        """Where this worker listens, in its reports."""
-
-    def retired_backends(self) -> list[tuple[str, BackendStatus]]:
-        """(pool, backend) removed whose tunnels still run here, in its reports."""
-
-    def find_backend(self, pool: str, backend_id: str) -> BackendStatus | None:
-        """The backend whose tunnels the owner's drain closes, in its pool or removed with tunnels."""
-
-    async def reload(self, source: ConfigSource | None = None) -> bool:
-        """Apply the owner's source; False if this worker cannot."""
-
-    def stop(self) -> asyncio.Task[None]:
-        """Begin the shutdown (the owner went away)."""
-
-
 WORKER_READY = 15.0  # seconds a new worker may take to bind its listeners (the owner's discovered sets,
 # sent right after its config, included: lb.control.discovery.FIRST_LOOKUPS_WAIT, 5 s at most)
-CONFIG_WAIT = WORKER_READY  # seconds a new worker waits for its owner's config
 RESTART_DELAY = 0.5  # seconds before a dead worker is replaced (no tight crash loop)
 MAX_RESTART_DELAY = 10.0  # a worker that keeps dying young waits twice as long each time, up to this
 STABLE_AFTER = 5.0  # a worker that lived this long resets the delay
@@ -174,55 +132,6 @@ STATES_LOOK = 0.002
 # round costs every worker a report built on its data-plane loop, and the owner a sum of them all.  A
 # request that comes sooner waits for the next round rather than take an older one's counts.
 REPORT_ROUND_GAP = SUM_STATS_EVERY
-# Beyond this much unsent control data a peer is not reading: drop messages rather than buffer them.
-MAX_PENDING_BYTES = 64 * 1024 * 1024
-SKIP_CHUNK = 1024 * 1024  # an oversized message is read past in chunks of this size
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-async def read_messages(reader: asyncio.StreamReader, peer: str) -> AsyncIterator[dict[str, Any]]:
-    """Yield each well-formed control message until EOF; log and skip the others.
-
-    An oversized frame is read past in bounded chunks, so neither its size nor its content
-    can stop the reader or make it hold more than `MAX_MESSAGE_BYTES`.
-    """
-    while True:
-        try:
-            prefix = await reader.readexactly(LENGTH.size)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return
-        try:
-            size = frame_length(prefix)
-        except MessageTooLarge as exc:
-            log.error("%s sent a bad control message, skipped: %s", peer, exc)
-            remaining = exc.size
-            try:
-                while remaining:
-                    remaining -= len(await reader.readexactly(min(remaining, SKIP_CHUNK)))
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            continue
-        try:
-            body = await reader.readexactly(size)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return
-        try:
-            yield decode(body)
-        except ValueError as exc:
-            log.error("%s sent a bad control message, skipped: %s", peer, exc)
-
-
-def watch_owner(owner_pid: int) -> None:
-    """Ask the kernel for SIGTERM when the owner dies (Linux), and stop at once if it already has."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    # The owner may have died before prctl took effect: then we were re-parented already.  SIGTERM's
-    # default action first: lb.startup_signals holds it while we start, and an orphan must not bind.
-    if owner_pid > 0 and os.getppid() != owner_pid:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _worker_env() -> dict[str, str]:
@@ -556,7 +465,7 @@ class WorkerSupervisor:
                 return
 
     def _send(self, worker: _Worker, message: dict[str, Any]) -> None:
-        frame = _encode(message, self._too_large)
+        frame = encode_or_report(message, self._too_large)
         if frame is not None:
             self._write(worker, message["op"], frame)
 
@@ -596,7 +505,7 @@ class WorkerSupervisor:
             # This table is the newest: the push due this turn would encode and send the same one again.
             self._push_states_soon.cancel()
             self._push_states_soon = None
-        frame = _encode(message, self._too_large)  # once for every worker: a reload carries the whole config
+        frame = encode_or_report(message, self._too_large)  # once for every worker: a reload carries the whole config
         if frame is not None:
             for worker in self._workers.values():
                 self._write(worker, message["op"], frame)
@@ -712,184 +621,3 @@ def _all_answered(asked: list[_Worker], seq: int) -> bool:
     """Whether every worker of `asked` has answered the `report` of `seq`, or has exited or been killed
     (it will answer nothing, and one restarted begins with what it was asked to have)."""
     return all(w.answered >= seq or w.killed or w.process.returncode is not None for w in asked)
-
-
-def _encode(message: dict[str, Any], reports: TooLargeReports) -> bytes | None:
-    try:
-        return encode(message)
-    except MessageTooLarge as exc:
-        reports.say(message["op"], exc)
-        return None
-
-
-class TooLargeReports:
-    """One line a minute per op for messages past the frame limit: one that outgrew it once does so
-    again each time it is made again (a states push, a stats report: every second)."""
-
-    __slots__ = ("_throttles",)
-
-    def __init__(self) -> None:
-        self._throttles: dict[str, Throttle] = {}  # ops are ours: a handful of keys
-
-    def say(self, op: str, exc: MessageTooLarge) -> None:
-        suppressed = self._throttles.setdefault(op, Throttle(60.0)).due()
-        if suppressed is not None:
-            more = f" ({suppressed} more since the last report)" if suppressed else ""
-            log.error("control message %r not sent: %s%s", op, exc, more)
-
-
-def receive_config(fd: int, timeout: float = CONFIG_WAIT) -> ConfigSource:
-    """A new worker's first read: the owner's running `ConfigSource`, from the control socket `fd`.
-
-    Blocking, before the event loop starts, and it reads that one frame and no byte more: the
-    `ControlChannel` that later wraps the same descriptor reads on from the next message.  `fd`
-    stays open.
-
-    Raises:
-        TimeoutError: no whole frame within `timeout` seconds.
-        OSError, EOFError: the socket failed, or the owner closed it first.
-        ValueError: the frame is too large, not a message, or not the config (text and files as strings).
-    """
-    deadline = time.monotonic() + timeout
-    sock = socket.socket(fileno=fd)
-
-    def recv(size: int) -> bytes:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"no configuration from the owner within {timeout:g}s")
-        sock.settimeout(left)
-        try:
-            return sock.recv(size)
-        except TimeoutError:
-            raise TimeoutError(f"no configuration from the owner within {timeout:g}s") from None
-
-    try:
-        message = read_frame(recv)
-    finally:
-        sock.setblocking(True)
-        sock.detach()  # the descriptor is the ControlChannel's next
-    if message["op"] != "config":
-        raise ValueError(f"expected the owner's configuration first, got a {message['op']!r} message")
-    return config_source(message)
-
-
-class ControlChannel:
-    """A worker's side: apply the owner's states, report failures and counters."""
-
-    def __init__(self, balancer: WorkerBalancer, fd: int) -> None:
-        self._balancer = balancer
-        self._fd = fd
-        self._writer: asyncio.StreamWriter | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._too_large = TooLargeReports()
-        self._seq = 0  # the owner's last `report` seq: every stats message carries it
-
-    async def start(self) -> None:
-        reader, self._writer = await asyncio.open_connection(sock=socket.socket(fileno=self._fd))
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read(reader)), loop.create_task(self._report())]
-
-    def report_ready(self) -> None:
-        self._send({"op": "ready"})
-        self._send(self._stats_message())  # the listeners just bound, for /status now rather than a report later
-
-    def report_failure(self, pool: str, backend: str, detail: str) -> None:
-        """This worker's handshakes took the backend down (`detail`: the reason /status will show)."""
-        self._send({"op": "failure", "pool": pool, "backend": backend, "detail": detail})
-
-    def _send(self, message: dict[str, Any]) -> None:
-        writer = self._writer
-        if writer is None or writer.is_closing():
-            return
-        if writer.transport.get_write_buffer_size() > MAX_PENDING_BYTES:
-            return  # the owner is not reading; it will get the next cumulative report
-        try:
-            writer.write(encode(message))
-        except MessageTooLarge as exc:
-            self._too_large.say(message["op"], exc)
-            # The owner hears from us through these (its watchdog kills a silent worker): a stats
-            # report grown past the frame limit must not make this one silent.
-            writer.write(encode({"op": "alive", "seq": self._seq}))
-
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        async for message in read_messages(reader, "the owner"):
-            try:
-                await self._handle(message)
-            except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                log.error("the owner sent a bad %r message, skipped: %s", message.get("op"), exc)
-        # The owner is gone: a worker must not outlive it.
-        log.warning("owner process went away; stopping")
-        self._balancer.stop()
-
-    async def _handle(self, message: dict[str, Any]) -> None:
-        ctx = self._balancer.ctx
-        op = message["op"]
-        if op == "states":
-            apply_states(ctx.pools, message)
-            self._balancer.discovery.owner_sent_all()  # a new worker's first states follow its sets
-        elif op == "discovered":
-            # Kept even for a pool not discovered here yet: the owner's first lookup for a pool its reload
-            # added can end before the reload is sent, and the reload here takes the set then.
-            self._balancer.discovery.follow(str(message["pool"]), discovered_backends(message, MAX_DISCOVERED_BACKENDS))
-        elif op == "reload":
-            # The owner's source, `${file:PATH}` contents included: this worker reads none of those files.
-            if not await self._balancer.reload(config_source(message)):
-                self._send({"op": "reload_failed", "reload": message.get("reload")})
-        elif op == "close_tunnels":
-            key = (str(message["pool"]), str(message["backend"]))
-            rate = float(message["rate"])
-            if not rate > 0:
-                raise ValueError(f"rate must be above 0, got {rate!r}")
-            if ctx.deregistering:
-                return  # sent just before our SIGTERM: the shutdown's 1001s are this worker's closes now
-            self._stop_migration(key)
-            # Also one a reload or DNS removed from the pool since the drain: its tunnels still run here.
-            backend = self._balancer.find_backend(*key)
-            if backend is not None:
-                task = asyncio.get_running_loop().create_task(migrate(ctx, key[0], backend, 0.0, rate))
-                self._migrations[key] = task
-                task.add_done_callback(lambda done: self._forget(key, done))
-        elif op == "stop_migration":
-            self._stop_migration((str(message["pool"]), str(message["backend"])))
-        elif op == "report":
-            self._seq = max(self._seq, int(message["seq"]))
-            self._send(self._stats_message())
-        else:
-            raise ValueError(f"unknown op {op!r}")
-
-    def stop_migrations(self) -> None:
-        """SIGTERM: this worker's drains stop as the owner's do, each saying what it did (`migrate`), and
-        the shutdown's 1001s over `shutdown_grace` close what is left.  Without this a worker went on
-        asking its tunnels for 1012s at the drain's rate through the whole shutdown."""
-        for task in self._migrations.values():
-            task.cancel()
-
-    def _stop_migration(self, key: tuple[str, str]) -> None:
-        task = self._migrations.pop(key, None)
-        if task is not None:
-            task.cancel()
-            log.info("migration of %s/%s stopped by the owner", *key)
-
-    def _forget(self, key: tuple[str, str], done: asyncio.Task[None]) -> None:
-        log_failed(*key, done)
-        if self._migrations.get(key) is done:
-            del self._migrations[key]
-
-    async def _report(self) -> None:
-        while True:
-            self._send(self._stats_message())
-            await asyncio.sleep(STATS_EVERY)
-
-    def _stats_message(self) -> dict[str, Any]:
-        balancer = self._balancer
-        return {**stats_message(balancer.ctx, balancer.retired_backends(), balancer.listen_addresses), "seq": self._seq}
-
-    async def stop(self) -> None:
-        for task in [*self._tasks, *self._migrations.values()]:
-            task.cancel()
-        if self._writer is not None:
-            self._send(self._stats_message())
-            with contextlib.suppress(ConnectionError):
-                await self._writer.drain()
-            self._writer.close()

@@ -34,7 +34,8 @@ from lb.control.ipc import (
     share,
     split_limits,
 )
-from lb.control.workers import read_messages, receive_config
+from lb.control.ipc_stream import read_messages
+from lb.control.worker_channel import receive_config
 from lb.errors import ConfigError
 from lb.state.context import ProxyContext
 from lb.state.observations import Observations
@@ -584,14 +585,14 @@ def test_a_worker_whose_report_is_too_large_to_send_is_still_heard_from(caplog: 
     goes instead, so the owner's watchdog, which counts any message, does not kill the worker."""
     from types import SimpleNamespace
 
-    from lb.control import ipc, workers
+    from lb.control import ipc, ipc_stream, worker_channel, workers
 
     written: list[bytes] = []
     writer = SimpleNamespace(is_closing=lambda: False, write=written.append,
                              transport=SimpleNamespace(get_write_buffer_size=lambda: 0))
-    channel = workers.ControlChannel.__new__(workers.ControlChannel)
+    channel = worker_channel.ControlChannel.__new__(worker_channel.ControlChannel)
     channel._writer = writer  # type: ignore[assignment]
-    channel._too_large = workers.TooLargeReports()
+    channel._too_large = ipc_stream.TooLargeReports()
     channel._seq = 3  # the owner's last `report`: the `alive` answers it (a round of /status waits no more)
     channel._send({"op": "stats", "padding": "x" * (ipc.MAX_MESSAGE_BYTES + 1)})
     assert len(written) == 1 and ipc.decode(written[0][ipc.LENGTH.size:]) == {"op": "alive", "seq": 3}

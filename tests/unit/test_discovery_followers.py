@@ -1,6 +1,6 @@
 """With `workers: N` only the owner resolves: the `discovered` message (lb.control.ipc) carries each set
 to the workers, whose `DiscoveryManager(follower=True)` applies it and runs no lookup, and whose
-control channel (lb.control.workers.ControlChannel) checks what it is sent.  No socket, no process."""
+control channel (lb.control.worker_channel.ControlChannel) checks what it is sent.  No socket, no process."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lb.config.model import BackendConfig, DiscoveryConfig, PoolConfig
 from lb.control import discovery
 from lb.control.dns_backends import from_addresses
 from lb.control.ipc import decode, discovered_backends, discovered_message, encode
-from lb.control.workers import ControlChannel
+from lb.control.worker_channel import ControlChannel
 
 SET = (BackendConfig("gw-1", "10.0.0.1", 9000, weight=3), BackendConfig("gw-2", "fd00::2", 9001))
 DISCOVERED = PoolConfig("gateways", (), discovery=DiscoveryConfig("gw.svc", max_backends=4))
