@@ -29,7 +29,8 @@ import yaml
 from bench.runner import balancer_config
 from bench.wire import BENCH_KEY, accept_key, client_request, hello_message, server_frame, set_cookies
 from lb.config.load import parse_config
-from lb.proxy.connection import Connection, JoinTunnel, SendBackend, SendClient
+from lb.proxy.actions import JoinTunnel, SendBackend, SendClient
+from lb.proxy.connection import Connection
 from lb.proxy.server import wall_offset
 from lb.state.context import ProxyContext
 

@@ -53,7 +53,7 @@ from lb.http.forwarding import form_value, query_values, strip_query_param
 from lb.http.head import RequestHead, ResponseHead
 
 
-@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
+@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.actions.Action
 class TokenLookup:
     """The token that routes (`find_token` says which), and what was wrong with the ones that did not open."""
 
@@ -242,7 +242,7 @@ def balance_key(request: RequestHead, pool: PoolConfig, client_ip: str) -> str |
     return hash_key_text(header_text(values[0])) if values else None
 
 
-@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
+@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.actions.Action
 class ForwardPlan:
     """How the request head changes on its way to the backend (arguments of render_forwarded_request)."""
 

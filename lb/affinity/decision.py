@@ -32,7 +32,7 @@ from lb.state.pool import AdminAction, BackendStatus, PoolState
 DecisionReason = Literal["hit", "new", "redispatch", "invalid"]
 
 
-@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
+@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.actions.Action
 class Decision:
     """Which backend serves this request, and whether the client needs a fresh cookie."""
 

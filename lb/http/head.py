@@ -253,7 +253,7 @@ def protected_headers(affinity_header: str | None, routing_headers: Iterable[str
     return PROTECTED_HEADERS | {name.lower() for name in (*ours, *routing_headers)}
 
 
-@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
+@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.actions.Action
 class Head:
     """A parsed request or response head; header names keep their case and order."""
 
@@ -295,7 +295,7 @@ class Head:
         return False
 
 
-@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
+@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.actions.Action
 class RequestHead:
     method: str
     target: str  # origin-form (an absolute-form target is rewritten; see `absolute_target`)
@@ -350,7 +350,7 @@ class RequestHead:
         return "*" if target == "*" else self.path
 
 
-@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.connection.Action
+@dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.actions.Action
 class ResponseHead:
     version: str
     status: int

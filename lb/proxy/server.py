@@ -32,14 +32,10 @@ from typing import Any, Final, cast
 from lb.errors import LOCAL_ERRNOS
 from lb.http.forwarding import render_refusal
 from lb.log import Throttle
-from lb.proxy.connecting import Connecting
-from lb.proxy.connection import (
-    CLOSED,
-    RELAY,
-    TUNNEL,
+from lb.proxy.actions import (
+    Action,
     CloseBackend,
     CloseClient,
-    Connection,
     JoinTunnel,
     OpenBackend,
     PauseClient,
@@ -48,7 +44,8 @@ from lb.proxy.connection import (
     SendClient,
     SetTimer,
 )
-from lb.proxy.connection import Action as Action
+from lb.proxy.connecting import Connecting
+from lb.proxy.connection import CLOSED, RELAY, TUNNEL, Connection
 from lb.proxy.deadlines import Deadline, Deadlines
 from lb.proxy.reading import READ_VIEW
 from lb.proxy.tunnel import Tunnel, close_flushing, reset

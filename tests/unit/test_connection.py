@@ -23,6 +23,18 @@ from lb.config.load import parse_config
 from lb.control.memory import ReleasePolicy
 from lb.http.head import parse_response_head
 from lb.log import JsonFormatter
+from lb.proxy.actions import (
+    Action,
+    CloseBackend,
+    CloseClient,
+    JoinTunnel,
+    OpenBackend,
+    PauseClient,
+    ResumeClient,
+    SendBackend,
+    SendClient,
+    SetTimer,
+)
 from lb.proxy.connection import (
     CLOSED,
     CONNECTING,
@@ -34,17 +46,7 @@ from lb.proxy.connection import (
     STOP_HEAD_WAIT,
     TUNNEL,
     WAITING,
-    Action,
-    CloseBackend,
-    CloseClient,
     Connection,
-    JoinTunnel,
-    OpenBackend,
-    PauseClient,
-    ResumeClient,
-    SendBackend,
-    SendClient,
-    SetTimer,
     new_request_id,
 )
 from lb.proxy.server import AcceptCount
