@@ -1155,6 +1155,10 @@ class Connection:
         elif self._interim:
             # It answered (its 1xx went to the client, which is why nothing goes elsewhere): reached.
             last = BadGateway("the backend closed after its interim answer")
+        elif self.state == WAITING:
+            # Connected and given the request (some or all of it), then closed or reset without an answer:
+            # reached, so the operator looks at what the backend did with the request, not at the network.
+            last = BadGateway("the backend closed before answering")
         else:
             last = BadGateway("no backend could be reached")
         if failure.this_client_only:

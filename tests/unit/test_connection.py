@@ -1175,6 +1175,31 @@ def test_the_502s_access_line_says_why_the_last_backend_failed(
     assert len(lines) == 1 and f"reason={reason}" in lines[0], lines
 
 
+@pytest.mark.parametrize("then", ["eof", "reset"])
+@pytest.mark.parametrize("request_bytes", [
+    pytest.param(post("/a/x", b"data"), id="post-sent-whole"),
+    pytest.param(post("/a/x", b"data")[:-2], id="post-body-under-way"),
+    pytest.param(get("/b/x"), id="get-retried-on-each-backend"),
+])
+def test_the_502_of_a_backend_that_closed_on_the_request_does_not_say_none_was_reached(
+    request_bytes: bytes, then: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backend that was connected and given the request, then closed or reset without an answer, was
+    reached: the 502's access line said `no_backend_could_be_reached`, as for a refused connect."""
+    play = Play()
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        play.client(request_bytes)
+        while play.closed_client is None:
+            play.connected()
+            if then == "eof":
+                play.backend_eof()
+            else:
+                play.backend_failed("connection lost: [Errno 104] Connection reset by peer")
+    assert play.answer()[0] == 502
+    lines = [r.getMessage() for r in caplog.records if r.name == "lb.access"]
+    assert len(lines) == 1 and "reason=the_backend_closed_before_answering" in lines[0], lines
+
+
 def test_a_connect_that_fails_oddly_is_no_answer_on_trial() -> None:
     """A connect that fails with an exception of no known kind (error_kind: bad_answer) reached no answer
     the request could have shaped: counted at once, as a refusal is, and not against `retries`."""
