@@ -269,6 +269,7 @@ class Connection:
         "_ctx",
         "_decision",
         "_interim",
+        "_interim_relayed",
         "_keep_alive",
         "_last_backend",
         "_last_client",
@@ -357,7 +358,10 @@ class Connection:
         self._response_framer: BodyFramer | None = None
         self._answer_buf = bytearray()
         self._answer_scan = 0  # bytes of _answer_buf already searched for the end of a head
-        self._interim = 0
+        self._interim = 0  # 1xx heads the current backend sent (MAX_INTERIM)
+        # Whether one of them went out to the client: a 1xx read with a failure behind it is dropped with
+        # the rest of that read's actions, and an HTTP/1.0 client is sent none.
+        self._interim_relayed = False
         self._last_client = 0.0
         self._last_backend = 0.0  # the last bytes of an answer's body relayed: the backend's quiet spell counts from it
         self._began = 0.0  # when its head was complete (the events' monotonic clock)
@@ -924,6 +928,7 @@ class Connection:
         buf = self._answer_buf
         request = self._request
         assert request is not None
+        relaying = False  # a 1xx among `actions`: it reaches the client only if this read returns them
         while True:
             try:
                 raw = take_answer_bytes(buf, self._answer_scan, MAX_RESPONSE_HEAD)
@@ -933,6 +938,8 @@ class Connection:
                 raise _Failure(f"malformed answer: {exc}") from None
             if raw is None:
                 self._answer_scan = len(buf)
+                if relaying:
+                    self._interim_relayed = True
                 return actions
             self._answer_scan = 0
             if self._plain_switch(request, raw):
@@ -957,10 +964,12 @@ class Connection:
                 # A Set-Cookie of affinity.cookie only where the final answer would pass it as it is.
                 self._interim += 1
                 if self._interim > MAX_INTERIM:
-                    raise _Failure("too many interim answers")  # some were relayed: no retry, blamed at once
+                    # Blamed at once; not retried once one of them has reached the client (_retry_or_fail).
+                    raise _Failure("too many interim answers")
                 if request.version != "HTTP/1.0":
                     interim = render_interim(response, self._interim_drop(), self._config.affinity.header)
                     actions.append(SendClient(interim))
+                    relaying = True
                 continue
             if status == 101:
                 if not self._websocket:
@@ -1153,7 +1162,7 @@ class Connection:
         elif failure.kind == "bad_answer":
             last = BadGateway("no backend gave a well-formed answer")  # the access line's reason: not unreachable
         elif self._interim:
-            # It answered (its 1xx went to the client, which is why nothing goes elsewhere): reached.
+            # It answered (a 1xx, whether or not that reached the client), then closed: reached.
             last = BadGateway("the backend closed after its interim answer")
         elif self.state == WAITING:
             # Connected and given the request (some or all of it), then closed or reset without an answer:
@@ -1173,7 +1182,7 @@ class Connection:
             return actions + self._refuse(last, now)
         hung_up = self.state == WAITING and failure.kind == "reset" and not self._answer_buf and not self._interim
         # An HTTP answer head it could not pass on (a control byte, too large), with nothing relayed yet.
-        bad_head = failure.request_shaped and not self._interim
+        bad_head = failure.request_shaped and not self._interim_relayed
         if hung_up or bad_head:
             # Either may be the request's doing: a gateway closes on a request it will not take, or writes
             # what the client sent into a header (a cookie from a query parameter, with a control byte in
@@ -1187,12 +1196,11 @@ class Connection:
         else:
             # A backend that fails a handshake counts towards taking it down (passive health).
             ctx.on_backend_failure(pool.name, backend.id, failure.cause)
-        request = self._request
-        assert request is not None
         # Nothing goes elsewhere once the client has some of this backend's answer (its 1xx): another
         # backend's answer would follow them, and MAX_INTERIM bounds a request only if it stays here.
-        relayed = self._interim > 0 and request.version != "HTTP/1.0"
-        if (self._sent and not self._retriable) or relayed:
+        # A 1xx received but never sent (an HTTP/1.0 client's, or one whose read also held the failure)
+        # left the client nothing to contradict: the request goes on as if none had come.
+        if (self._sent and not self._retriable) or self._interim_relayed:
             return actions + self._refuse(last, now)
         self._tried.append(backend.id)
         if failure.timeout or hung_up or bad_head:

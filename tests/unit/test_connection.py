@@ -1913,6 +1913,44 @@ def test_a_backend_whose_interim_answer_reached_the_client_is_not_replaced_and_i
     assert play.to_client.count(b" 103 ") == MAX_INTERIM if then == "too-many" else 1
 
 
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+
+
+@pytest.mark.parametrize(("then", "at_once"), [
+    pytest.param(b"SSH-2.0-OpenSSH_9.6\r\n\r\n", True, id="not-http"),
+    pytest.param(EARLY_HINTS * MAX_INTERIM, True, id="too-many"),
+    pytest.param(b"HTTP/1.1 000 Zero\r\n\r\n", False, id="malformed-head"),
+    pytest.param(REFLECTED[0].values[0], False, id="reflected-head"),
+])
+def test_a_get_whose_interim_answer_came_in_the_read_that_failed_goes_to_another_backend(
+    then: bytes, at_once: bool
+) -> None:
+    """A 1xx read together with its backend's failure is dropped unsent: nothing of that backend reached the
+    client, so an idempotent request is retried (it was held to its 502), and the failure is judged as
+    without the 1xx: an HTTP head that cannot pass is on trial until another backend answers, or a request
+    every gateway answers so would count a failure against each."""
+    play = Play()
+    play.client(get("/b/x"))
+    play.connected()
+    play.backend(EARLY_HINTS + then)
+    assert play.opened == ["b1", "b2"] and play.to_client == b"" and play.closed_client is None
+    assert [failure[:2] for failure in play.failures] == ([("b", "b1")] if at_once else [])
+    play.connected()
+    play.backend(EARLY_HINTS + ok())
+    assert play.answer()[0] == 103 and play.to_client.count(b" 103 ") == 1
+    assert b"HTTP/1.1 200 OK\r\n" in play.to_client and play.to_client.endswith(b"\r\n\r\nhi")
+    assert [failure[:2] for failure in play.failures] == [("b", "b1")]
+
+
+def test_a_post_whose_interim_answer_came_in_the_read_that_failed_gets_its_502_without_it() -> None:
+    """Not idempotent: its 502, as without the 1xx, and the 1xx never went out."""
+    play = Play()
+    play.client(post("/b/x", b"data"))
+    play.connected()
+    play.backend(EARLY_HINTS + b"HTTP/1.1 000 Zero\r\n\r\n")
+    assert play.opened == ["b1"] and play.answer()[0] == 502 and b" 103 " not in play.to_client
+
+
 @pytest.mark.parametrize("then", ["eof", "reset"])
 def test_the_502_after_a_relayed_interim_answer_does_not_say_no_backend_was_reached(
     then: str, caplog: pytest.LogCaptureFixture
