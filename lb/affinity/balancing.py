@@ -163,16 +163,6 @@ def admin_key(method: BalanceMethod, text: str) -> str:
     return value
 
 
-def header_text(value: str) -> str:
-    """A header's value (read as latin-1: one character a byte) as the text its bytes spell in UTF-8.
-
-    `/route` reads its key as UTF-8 (a URL's percent-escapes are), so `X-User-Id: Jürgen` sent in
-    UTF-8 must hash as `Jürgen`, not as its latin-1 reading `JÃ¼rgen`.  Bytes that are not UTF-8
-    stay themselves as surrogate escapes, which `hash_choose` encodes back to those bytes.
-    """
-    return value if value.isascii() else value.encode("latin-1").decode("utf-8", "surrogateescape")
-
-
 def hash_choose(key: str, candidates: Sequence[C]) -> C | None:
     """`balance: source`/`hash`: the backend for `key` (a client address or a hash_key value).
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from lb.affinity.balancing import hash_key_text, header_text, source_key
+from lb.affinity.balancing import hash_key_text, source_key
 from lb.affinity.codec import Claim, TokenCodec, TokenTooLarge, looks_sealed
 from lb.config.model import AffinityConfig, AffinityMode, BalanceMethod, HashKeySource, PoolConfig
 from lb.errors import InvalidToken
@@ -51,6 +51,7 @@ from lb.http.cookies import (
 )
 from lb.http.forwarding import form_value, query_values, strip_query_param
 from lb.http.head import RequestHead, ResponseHead
+from lb.http.header_values import header_text
 
 
 @dataclass(slots=True, init=False)  # not frozen (~1 µs); own __init__: see lb.proxy.actions.Action

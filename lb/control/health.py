@@ -36,10 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lb.access_log import shortened
-from lb.affinity.balancing import header_text
 from lb.config.model import HealthCheckType
 from lb.errors import LOCAL_ERRNOS, BadGateway, HeadersTooLarge, RequestRejected
 from lb.http.head import ResponseHead, take_answer_head
+from lb.http.header_values import header_text
 from lb.log import Throttle
 from lb.proxy.connection import MAX_INTERIM, MAX_RESPONSE_HEAD
 from lb.state.observations import Observations
