@@ -1,4 +1,4 @@
-"""Duration values from configuration ("500ms", "2s", "5m", "1h", "1h30m") as float seconds.  [pure]
+"""Duration values from configuration ("500ms", "2s", "5m", "1h", "1d", "1h30m") as float seconds.  [pure]
 
 Owns only the text → seconds conversion.  Whether a duration must be positive
 for a given key (an interval of 0 is meaningless, a shutdown grace of 0 is fine)
@@ -10,17 +10,20 @@ from __future__ import annotations
 import math
 import re
 
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Days too, as HAProxy and systemd read them: a cookie lifetime of a week is `7d` (`max_age`).
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 # A decimal number and an optional unit; a bare number means seconds, so that
 # "${GRACE}" expanded to "10" reads like the YAML integer 10 would.
-_DURATION_RE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)[ \t]*(?P<unit>ms|s|m|h)?")
+_DURATION_RE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)[ \t]*(?P<unit>ms|s|m|h|d)?")
 # Units from the largest down, each once (Go's and systemd's `1h30m`, `2m30s`, `1s500ms`): what an
 # operator writes for 90 minutes, which `5400s` hides.  Each part is a number and its unit, with
 # blanks allowed where a single duration allows them (`5 s`, so `1h 30m` and `1 h 30 m` too).
 _PART = r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)[ \t]*"
-_COMPOUND_RE = re.compile(rf"(?:{_PART}h[ \t]*)?(?:{_PART}m(?!s)[ \t]*)?(?:{_PART}s[ \t]*)?(?:{_PART}ms)?")
-_COMPOUND_UNITS = (3600.0, 60.0, 1.0, 0.001)
+_COMPOUND_RE = re.compile(
+    rf"(?:{_PART}d[ \t]*)?(?:{_PART}h[ \t]*)?(?:{_PART}m(?!s)[ \t]*)?(?:{_PART}s[ \t]*)?(?:{_PART}ms)?"
+)
+_COMPOUND_UNITS = (86400.0, 3600.0, 60.0, 1.0, 0.001)
 # Only ASCII blanks around it: str.strip() and `\s` also take a thin or no-break space, which
 # an operator did not type on purpose and a reviewer cannot see.
 _BLANKS = " \t\r\n"
@@ -41,7 +44,7 @@ def parse_duration(value: str | int | float) -> float:
     """Convert a configuration duration to seconds.
 
     Args:
-        value: "500ms", "2s", "1.5s", "5m", "1h", units from the largest down ("1h30m", "2m30s",
+        value: "500ms", "2s", "1.5s", "5m", "1h", "1d", units from the largest down ("1h30m", "1d12h", "2m30s",
             "1s500ms"), or a bare number of seconds (int, float, or a numeric string).
 
     Returns:

@@ -1,4 +1,4 @@
-"""Durations in configuration: 500ms, 2s, 5m, 1h, or bare seconds."""
+"""Durations in configuration: 500ms, 2s, 5m, 1h, 1d, or bare seconds."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from lb.config.durations import parse_duration
         ("1.5s", 1.5),
         ("5m", 300.0),
         ("1h", 3600.0),
+        ("1d", 86400.0),
+        ("7d", 604800.0),
         ("0s", 0.0),
         (" 10s ", 10.0),
         ("250 ms", 0.25),
@@ -36,7 +38,7 @@ def test_parses_units_and_bare_seconds(value: str | float, seconds: float) -> No
 
 
 @pytest.mark.parametrize(
-    "value", ["abc", "", "1d", "s", "1.s", "1e3s", "1 h 5", "5M", "ms500", "nan", "inf", "1,5s"]
+    "value", ["abc", "", "1w", "1y", "d", "s", "1.s", "1e3s", "1 h 5", "5M", "ms500", "nan", "inf", "1,5s"]
 )
 def test_rejects_non_durations_with_an_example(value: str) -> None:
     """Text that is not a duration is rejected with a message that shows the accepted forms."""
@@ -66,16 +68,16 @@ def test_rejects_non_finite_and_booleans(value: str | float) -> None:
         parse_duration(value)
 
 
-@given(st.integers(min_value=0, max_value=10**6), st.sampled_from(["ms", "s", "m", "h"]))
+@given(st.integers(min_value=0, max_value=10**6), st.sampled_from(["ms", "s", "m", "h", "d"]))
 def test_integer_with_unit_round_trips(number: int, unit: str) -> None:
     """N<unit> is N times the unit's length in seconds."""
-    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
     assert parse_duration(f"{number}{unit}") == pytest.approx(number * factor)
 
 
 # What durations are written with, and the near misses (a sign, an exponent, a no-break space, another
 # script's digit).
-_DURATION_CHARS = st.sampled_from("0123456789.hms \t") | st.sampled_from("-+eE,_:\u00a0\u0665\uff15")
+_DURATION_CHARS = st.sampled_from("0123456789.dhms \t") | st.sampled_from("-+eE,_:\u00a0\u0665\uff15")
 _NUMBERS = st.integers(0, 10**6).map(str) | st.decimals(0, 10**4, places=3).map(str) | st.sampled_from([".5", "0"])
 
 
@@ -121,6 +123,7 @@ def test_ascii_blanks_around_a_duration_are_fine() -> None:
 @pytest.mark.parametrize(("value", "seconds"), [
     ("1h30m", 5400.0), ("2m30s", 150.0), ("1s500ms", 1.5), ("1h1m1s1ms", 3661.001), ("1.5h30m", 7200.0),
     ("1h0m", 3600.0), (" 1m30s ", 90.0), ("1h 30m", 5400.0), ("1 h 30 m", 5400.0), ("2m\t30s", 150.0),
+    ("1d12h", 129600.0), ("1d 1s", 86401.0),
 ])
 def test_parses_units_from_the_largest_down(value: str, seconds: float) -> None:
     """What an operator writes for 90 minutes (Go's and systemd's form), which `5400s` hides; blanks
@@ -128,7 +131,9 @@ def test_parses_units_from_the_largest_down(value: str, seconds: float) -> None:
     assert parse_duration(value) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("value", ["30m1h", "5s5s", "1m30", "ms1s", "1hm", "1h30", "1h 30", "1 30m", "5 m s", "5ms 1s"])
+@pytest.mark.parametrize(
+    "value", ["30m1h", "5s5s", "1m30", "ms1s", "1hm", "1h30", "1h 30", "1 30m", "5 m s", "5ms 1s", "1h1d", "1d1d"]
+)
 def test_a_compound_out_of_order_repeated_or_unitless_is_no_duration(value: str) -> None:
     with pytest.raises(ValueError, match="expected a duration like"):
         parse_duration(value)
@@ -140,12 +145,12 @@ def test_a_negative_compound_is_said_to_be_negative() -> None:
 
 
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # 2 loaded cores
-@given(st.lists(st.integers(0, 10_000), min_size=4, max_size=4), st.lists(st.booleans(), min_size=4, max_size=4))
+@given(st.lists(st.integers(0, 10_000), min_size=5, max_size=5), st.lists(st.booleans(), min_size=5, max_size=5))
 def test_a_compound_is_the_sum_of_its_parts(numbers: list[int], present: list[bool]) -> None:
-    units = (("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 0.001))
+    units = (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 0.001))
     parts = [(n, unit) for n, (unit, _), keep in zip(numbers, units, present, strict=True) if keep]
     text = "".join(f"{n}{unit}" for n, unit in parts)
-    if not parts:  # one in sixteen: no part is no duration
+    if not parts:  # one in thirty-two: no part is no duration
         with pytest.raises(ValueError, match="expected a duration like"):
             parse_duration(text)
         return
