@@ -30,6 +30,10 @@ DESCRIPTOR_RESERVE = 64
 # Shorter than this, an admin token is advice (not refused: a test rig may want `t`).  16 random
 # base64 characters are 96 bits; `lb keygen` gives 43.
 MIN_ADMIN_TOKEN_CHARS = 16
+# Shorter than this, a secret key is advice, not refused (a test rig may write its own): whoever holds one
+# cookie can try guesses offline against its seal, and a guessed key forges a pin to any backend and opens
+# rewrite mode's sealed session values.  `lb keygen` prints 43 characters, 256 bits.
+MIN_SECRET_KEY_CHARS = 32
 # Shorter than this, a discovery's interval is advice: `1ms` (for `1m`) was 270 lookups a second and
 # 40 % of a core for three records, where a Kubernetes zone follows its endpoints within seconds.
 MIN_DISCOVERY_INTERVAL = 1.0
@@ -102,6 +106,13 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
             f"admin.token is {len(token)} characters: short enough to guess, and it drains and disables "
             f"backends; use {MIN_ADMIN_TOKEN_CHARS} random characters or more (`lb keygen` prints 43)"
         )
+    said += [
+        # The length alone: a key is never shown, not even in part.
+        f"affinity.secret_keys holds a key of {len(key)} characters: short enough to guess offline from one "
+        f"cookie, and it forges pins and opens rewrite mode's session values; use {MIN_SECRET_KEY_CHARS} random "
+        "characters or more (`lb keygen` prints 43)"
+        for key in config.affinity.secret_keys if len(key) < MIN_SECRET_KEY_CHARS
+    ]
     everyone = [str(network) for network in config.trusted_proxies if network.prefixlen == 0]
     if everyone:
         said.append(

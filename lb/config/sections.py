@@ -99,7 +99,6 @@ from lb.http.forwarding import BALANCER_HEADERS, REPLACED_HEADERS
 from lb.http.head import PROXY_CLAIMS, dropped_as_alias, protected_headers
 from lb.tls import server_ssl_context, tls_files_fault
 
-MIN_SECRET_KEY_CHARS: Final = 32
 MAX_WORKERS: Final = 64
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -622,7 +621,8 @@ def _carries_token(key: HashKey, affinity: AffinityConfig) -> bool:
     return key.name == (affinity.cookie if key.source is HashKeySource.COOKIE else affinity.query_param)
 
 
-_SHORT_KEY = f"secret key must be at least {MIN_SECRET_KEY_CHARS} characters; generate one with `lb keygen`"
+# A short key is advice (lb.config.advice: a test rig may want one), an empty one no key at all.
+_EMPTY_KEY = "expected a secret key, got an empty string; generate one with `lb keygen`"
 
 
 def _secret_keys(value: object, check: Checker) -> tuple[str, ...] | None:
@@ -636,8 +636,8 @@ def _secret_keys(value: object, check: Checker) -> tuple[str, ...] | None:
             continue
         if not isinstance(item, str):
             check.add(f"{path}[{i}]", f"expected a string, got {type(item).__name__}")  # never echo a key
-        elif len(item) < MIN_SECRET_KEY_CHARS:
-            check.add(f"{path}[{i}]", _SHORT_KEY)
+        elif not item:
+            check.add(f"{path}[{i}]", _EMPTY_KEY)
         elif not is_utf8(item):
             check.add(f"{path}[{i}]", NOT_UTF8)
         else:

@@ -57,6 +57,25 @@ def test_no_admin_token_says_the_actions_answer_401(tmp_path: Path) -> None:
     assert sentence.startswith("admin.token is not set") and "401" in sentence
 
 
+@pytest.mark.parametrize(("keys", "advised"), [
+    ('"k"', [1]), ('"test-key"', [8]), ('"' + "k" * 31 + '"', [31]), ('"' + "k" * 32 + '"', []),
+    (f'{KEY}, "old-key"', [7]), ('"a-short-one", "another-short"', [11, 13]),
+])
+def test_a_short_secret_key_is_advice_not_refused(tmp_path: Path, keys: str, advised: list[int]) -> None:
+    """A short key was refused at start, so a test rig's `secret_keys: [test-key]` did not run at all; it
+    runs, and the operator is told why it should not (its length, never any of its characters)."""
+    text = f"""
+listeners: [{{bind: "127.0.0.1:0"}}]
+admin: {{token: {TOKEN}}}
+affinity: {{secret_keys: [{keys}]}}
+routes: [{{path_prefix: /, pool: p}}]
+pools: {{p: {{backends: [{{id: a, address: "127.0.0.1:1"}}]}}}}
+"""
+    said = advice(parse_config(text, base_dir=tmp_path, environ={}))
+    assert [int(s.split("a key of ")[1].split(" ")[0]) for s in said] == advised
+    assert all("lb keygen" in s and "short-" not in s and "test-" not in s and "kkk" not in s for s in said)
+
+
 @pytest.mark.parametrize(("token", "advised"), [("t", True), ("x" * 15, True), ("x" * 16, False), (TOKEN, False)])
 def test_a_short_admin_token_is_advice(tmp_path: Path, token: str, advised: bool) -> None:
     """It drains and disables backends: one a script can guess is a way to take the fleet down."""

@@ -278,8 +278,8 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ("affinity.secret_keys", "x" * 40, "expected a list of secret keys, got str"),
     (
         "affinity.secret_keys[0]",
-        "too-short",
-        "secret key must be at least 32 characters; generate one with `lb keygen`",
+        "",
+        "expected a secret key, got an empty string; generate one with `lb keygen`",
     ),
     ("affinity.secret_keys[0]", 12345, "expected a string, got int"),
     ("affinity.same_site", "loose", "expected one of Strict, Lax, None, got 'loose'"),
