@@ -127,6 +127,9 @@ class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 9000
     token: str | None = None
+    # Whether `admin.bind` was written: a default address that is taken costs the instance its admin
+    # API, not its start (lb.control.balancer.Balancer._start_admin).
+    bind_given: bool = False
 
     @property
     def bind(self) -> str:

@@ -482,6 +482,7 @@ def admin_section(value: object, check: Checker) -> AdminConfig | None:
         return None
     if "bind" in kwargs:
         kwargs["host"], kwargs["port"] = kwargs.pop("bind")
+        kwargs["bind_given"] = True
     admin = AdminConfig(**kwargs)
     # The admin API can drain and disable backends; off-host it must not be open to anyone.
     if admin.token is None and not is_loopback(admin.host):

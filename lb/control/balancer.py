@@ -262,7 +262,7 @@ class Balancer:
         if self.role is not Role.WORKER:
             # First, so that /readyz answers 503 (and /livez 200) while discovery's first lookups
             # run and the listeners bind; a failure below closes it again, leaving nothing listening.
-            self._admin, self.admin_address = await bind_admin(make_admin_app(self), self.config.admin)
+            await self._start_admin()
         if self.role is not Role.OWNER:
             # Discovered backends before the first client: a process the kernel hands connections
             # as soon as it listens would answer them 503 until its first lookups end.
@@ -304,6 +304,23 @@ class Balancer:
             await self._supervisor.start()
         if self._control is not None:
             self._control.report_ready()
+
+    async def _start_admin(self) -> None:
+        """Bind the admin API; raises BindError, unless its address is only the default one.
+
+        Without `admin.bind` the API takes 127.0.0.1:9000, and a second instance on the host, started
+        with no admin section as the first one was (two instances sharing keys, a test rig), found it
+        taken and did not start at all.  The data plane does not need the API: that instance runs
+        without one, and says so.  An address the operator wrote is theirs to fix: exit 2, as before.
+        """
+        admin = self.config.admin
+        try:
+            self._admin, self.admin_address = await bind_admin(make_admin_app(self), admin)
+        except BindError as exc:
+            if admin.bind_given:
+                raise
+            log.warning("%s; no admin.bind is configured, so this instance runs without its admin API "
+                        "(no /status, /metrics or /readyz): give admin.bind to have one", exc)
 
     def _release_claims(self) -> None:
         """Give up the claims on the listeners' addresses (`claim`): from now on they are not ours."""

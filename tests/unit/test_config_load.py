@@ -146,7 +146,7 @@ def test_good_config_builds_typed_values(base_dir: Path) -> None:
     assert tls.port == 8443 and tls.tls is not None
     assert tls.tls.cert == str(base_dir / "certs" / "server.crt")
     assert tls.tls.key == str(base_dir / "certs" / "server.key")
-    assert config.admin == AdminConfig(host="127.0.0.1", port=9000, token="admin-secret")
+    assert config.admin == AdminConfig(host="127.0.0.1", port=9000, token="admin-secret", bind_given=True)
     affinity = config.affinity
     assert affinity.mode is AffinityMode.INSERT and affinity.cookie == "LB_AFFINITY"
     assert affinity.max_age == 3600.0 and affinity.secret_keys == (COOKIE_KEY,)

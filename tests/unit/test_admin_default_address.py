@@ -1,0 +1,71 @@
+"""The admin API's default address, taken, costs an instance its admin API, not its start.
+
+Without `admin.bind` the API takes 127.0.0.1:9000: a second instance on one host, written with no
+admin section as the first was (two instances sharing keys), found it taken and exited 2.  An address
+the operator wrote and cannot have still stops the start (SPEC part 2: one line naming it, exit 2).
+The taken "default" here is a port this test holds, not 9000 itself, which other processes may use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+from support_balancer import in_process_config
+
+from lb.config.load import parse_config
+from lb.config.model import AdminConfig
+from lb.control.balancer import Balancer
+from lb.control.listening import BindError
+
+SECTIONLESS = in_process_config('  - bind: "127.0.0.1:0"').replace('admin: {bind: "127.0.0.1:0"}\n', "")
+
+
+@pytest.mark.parametrize(("section", "given"), [
+    ("", False), ("admin: {token: t-0123456789abcdef}\n", False), ('admin: {bind: "127.0.0.1:9000"}\n', True),
+])
+def test_whether_the_address_was_written_is_kept(tmp_path: Path, section: str, given: bool) -> None:
+    config = parse_config(SECTIONLESS + section, base_dir=tmp_path, environ={})
+    assert (config.admin.host, config.admin.port, config.admin.bind_given) == ("127.0.0.1", 9000, given)
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_a_taken_admin_address_stops_the_start_only_when_it_was_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, given: bool
+) -> None:
+    config = parse_config(SECTIONLESS, base_dir=tmp_path, environ={})
+
+    async def scenario() -> None:
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            admin = AdminConfig(host="127.0.0.1", port=port, bind_given=given)
+            balancer = Balancer(dataclasses.replace(config, admin=admin))
+            if given:
+                with pytest.raises(BindError, match=f"cannot listen on 127.0.0.1:{port} \\(admin\\)"):
+                    await balancer.start()
+                assert balancer.listen_addresses == []
+                return
+            with caplog.at_level(logging.WARNING, logger="lb.control.balancer"):
+                await balancer.start()
+            try:
+                assert balancer.ready and balancer.admin_address is None
+                [(host, listening_port)] = balancer.listen_addresses
+                # The data plane serves: a request reaches the balancer and gets its answer (the pool's one
+                # backend is never reached: 503 or 502, an answer either way).
+                reader, writer = await asyncio.open_connection(host, listening_port)
+                writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+                status = await asyncio.wait_for(reader.readline(), 10)
+                writer.close()
+                assert status.startswith(b"HTTP/1.1 5")
+                assert f"cannot listen on 127.0.0.1:{port} (admin)" in caplog.text
+                assert "runs without its admin API" in caplog.text and "admin.bind" in caplog.text
+            finally:
+                await balancer.stop()
+
+    asyncio.run(scenario())
