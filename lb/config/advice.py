@@ -34,6 +34,9 @@ MIN_ADMIN_TOKEN_CHARS = 16
 # cookie can try guesses offline against its seal, and a guessed key forges a pin to any backend and opens
 # rewrite mode's sealed session values.  `lb keygen` prints 43 characters, 256 bits.
 MIN_SECRET_KEY_CHARS = 32
+# Under this, `limits.max_header_bytes` is advice: a browser's WebSocket handshake (its User-Agent,
+# Sec-WebSocket-* fields and a few cookies) is 500 bytes to well over a kilobyte, and one over gets 431.
+MIN_HEADER_BYTES = 1024
 # Shorter than this, a discovery's interval is advice: `1ms` (for `1m`) was 270 lookups a second and
 # 40 % of a core for three records, where a Kubernetes zone follows its endpoints within seconds.
 MIN_DISCOVERY_INTERVAL = 1.0
@@ -113,6 +116,11 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
         "characters or more (`lb keygen` prints 43)"
         for key in config.affinity.secret_keys if len(key) < MIN_SECRET_KEY_CHARS
     ]
+    if config.limits.max_header_bytes < MIN_HEADER_BYTES:
+        said.append(
+            f"limits.max_header_bytes is {config.limits.max_header_bytes}: a browser's handshake with a few "
+            f"cookies is more, and gets 431; {MIN_HEADER_BYTES} or more (the default is 16384)"
+        )
     everyone = [str(network) for network in config.trusted_proxies if network.prefixlen == 0]
     if everyone:
         said.append(

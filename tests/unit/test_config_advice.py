@@ -481,3 +481,14 @@ def test_a_rename_says_a_bounded_amount_however_many_pools_and_backends() -> Non
     assert "(b0-0, b0-1, b0-2, b0-3, b0-4, b0-5, b0-6, b0-7 and 12 more)" in one
     said = reload_advice(config(pools("old", 500, 3)), config(pools("new", 500, 3)))
     assert len(said) == 9 and said[-1] == "and 492 more pools renamed so, whose clients' pins are dropped too"
+
+
+@pytest.mark.parametrize(("limit", "advised"), [(1, True), (100, True), (1023, True), (1024, False), (16384, False)])
+def test_a_head_limit_under_a_browsers_head_is_advice(tmp_path: Path, limit: int, advised: bool) -> None:
+    """Under 1024 bytes was refused at start; it runs (a test rig's 431), and says browsers will get 431."""
+    said = advice(config(tmp_path, extra=f"limits: {{max_header_bytes: {limit}}}\n"))
+    if not advised:
+        assert said == []
+        return
+    (sentence,) = said
+    assert sentence.startswith(f"limits.max_header_bytes is {limit}:") and "431" in sentence

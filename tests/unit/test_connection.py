@@ -247,6 +247,21 @@ def test_refused_heads_fed_byte_by_byte(data: bytes, status: int) -> None:
     assert play.answer()[0] == status
 
 
+@pytest.mark.parametrize(("size", "status"), [(99, None), (100, None), (101, 431)])
+def test_a_small_head_limit_is_held_to_the_byte(size: int, status: int | None) -> None:
+    """`max_header_bytes: 100` (a test rig's, to see its 431 without sending kilobytes): a head of 100 bytes
+    with its blank line is read and routed, one of 101 is 431 without a backend."""
+    head = b"GET /a HTTP/1.1\r\nHost: h\r\nX: \r\n\r\n"
+    head = head.replace(b"X: ", b"X: " + b"x" * (size - len(head)))
+    assert len(head) == size
+    play = Play(CONFIG.replace("max_header_bytes: 4096", "max_header_bytes: 100"))
+    play.client(head)
+    if status is None:
+        assert len(play.opened) == 1
+    else:
+        assert play.opened == [] and play.answer()[0] == status
+
+
 @pytest.mark.parametrize("split", [1, 2, 3, 5])
 def test_head_fed_in_pieces_opens_the_backend_on_its_last_byte(split: int) -> None:
     """The blank line is found however reads cut it, and the search restarts for the next head."""
