@@ -264,6 +264,12 @@ class Balancer:
             # run and the listeners bind; a failure below closes it again, leaving nothing listening.
             await self._start_admin()
         if self.role is not Role.OWNER:
+            if self.role is Role.SINGLE:  # a worker's are its owner's
+                # Claimed and probed before discovery's first lookups, as the owner of `workers: N`
+                # does: a port in use fails the start before those lookups log a line, so the failure
+                # stays one line (and takes no DNS round trips).
+                for listener in self.config.listeners:
+                    self._held[(listener.host, listener.port)] = claim(listener, probe=True)
             # Discovered backends before the first client: a process the kernel hands connections
             # as soon as it listens would answer them 503 until its first lookups end.
             self.discovery.start(self.config.pools, self.config.listeners)
@@ -271,8 +277,6 @@ class Balancer:
             if self._stopping is not None:
                 return  # told to stop while waiting (a worker's owner going away): bind nothing
             for listener in self.config.listeners:
-                if self.role is Role.SINGLE:  # a worker's are its owner's
-                    self._held[(listener.host, listener.port)] = claim(listener, probe=False)
                 self._listening.append(await self._bind(listener))
         else:
             # The workers bind with SO_REUSEPORT; a port held by someone else would only show as

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import dns.message
 import dns.rrset
 import pytest
+import yaml
 from conftest import (
     HOST,
     UNIT,
@@ -34,6 +36,7 @@ from conftest import (
     http_get_async,
     lb_config,
     recv_hello,
+    run_lb,
     status,
     visit,
     wait_for_state,
@@ -121,6 +124,29 @@ async def test_srv_records_name_backends_by_first_label(launcher: Launcher, zone
     text = await metrics_text(lb)
     assert 'lb_discovery_backends{pool="gateways"} 2.0' in text
     assert 'lb_discovery_last_success_timestamp_seconds{pool="gateways"}' in text
+
+
+@pytest.mark.parametrize("workers", [None, 2])
+def test_lb_run_with_a_port_in_use_is_one_line_with_discovery_too(
+    zone: ZoneServer, tmp_path: Path, workers: int | None
+) -> None:
+    """SPEC: `lb run` with a port in use prints one line naming the address.  A single process ran
+    discovery's first lookups before it bound its listeners, and their line ("discovery gateways (...):
+    1 backend(s); added gw-1") came first: two lines."""
+    zone.set_srv(SERVICE, [(f"gw-1.{SERVICE}", 9)])
+    zone.set_a(f"gw-1.{SERVICE}", [HOST])
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen(1)
+        port = int(taken.getsockname()[1])
+        config = discovery_config(zone, workers=workers)
+        config["listeners"] = [{"bind": f"{HOST}:{port}"}]
+        path = tmp_path / "lb.yaml"
+        path.write_text(yaml.safe_dump(config))
+        done = run_lb("run", "--config", str(path), timeout=20 * UNIT)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done
+    assert len(lines) == 1 and f"{HOST}:{port}" in lines[0], lines
 
 
 async def test_srv_without_additional_section_resolves_targets(launcher: Launcher) -> None:
