@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lb", description="Layer-7 WebSocket load balancer with cookie session affinity."
     )
-    parser.add_argument("--version", action="version", version=f"lb {__version__}")
+    # The version alone, as lb_build_info{version} carries it: what a script compares, with nothing to strip.
+    parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     run = commands.add_parser("run", help="run the balancer")

@@ -71,7 +71,7 @@ async def test_json_lines_parse_with_iso_time_and_numeric_durations(
 def test_lb_version_prints_the_version() -> None:
     """`lb --version`: the version on stdout, exit 0."""
     done = run_lb("--version")
-    assert done.returncode == 0 and re.fullmatch(r"lb \d+\.\d+\.\d+\S*\n", done.stdout), done
+    assert done.returncode == 0 and re.fullmatch(r"\d+\.\d+\.\d+\S*\n", done.stdout), done
 
 
 async def build_info(lb: Balancer) -> tuple[str, str]:

@@ -258,7 +258,7 @@ def test_version_prints_the_version_and_exits_0(capsys: pytest.CaptureFixture[st
         main(["--version"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert re.fullmatch(r"lb \d+\.\d+\.\d+\S*\n", out), out
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*\n", out), out
 
 
 def test_a_sighup_while_starting_is_held_not_fatal() -> None:
