@@ -124,7 +124,7 @@ RUN=("${PODMAN[@]}" run --rm --network=none --ulimit "nofile=$nofile:$nofile" --
 if command -v runc >/dev/null 2>&1; then RUN+=(--runtime runc); fi
 
 out=$("${RUN[@]}" "$IMAGE:$VERSION" --version) || fail "lb --version failed in the image"
-[ "$out" = "lb $VERSION" ] || fail "lb --version printed '$out', expected 'lb $VERSION'"
+[ "$out" = "$VERSION" ] || fail "lb --version printed '$out', expected '$VERSION'"
 say "smoke: lb --version -> $out"
 
 # Throwaway secrets for every ${file:/etc/lb/secrets/NAME} the deploy config reads, from the image's
