@@ -68,6 +68,13 @@ class HealthCheckType(StrEnum):
     TCP = "tcp"
 
 
+class HealthCheckExpect(StrEnum):
+    """What an `http` check's answer must be to pass."""
+
+    SUCCESS = "success"  # a 2xx or 3xx (HAProxy's `option httpchk`, Envoy's and Traefik's default status range)
+    ANY = "any"          # any complete HTTP answer, whatever its status: the backend is alive and speaks HTTP
+
+
 class DiscoveryType(StrEnum):
     SRV = "srv"  # one backend per SRV record, id = first label of the target
     A = "a"      # one backend per A/AAAA record, id "ip:port"
@@ -177,6 +184,22 @@ class HealthCheckConfig:
     timeout: float = 0.5
     rise: int = 2
     fall: int = 2
+    # `success` once `health_check` is written; `any` for the check a pool gets without one
+    # (`implied_health_check`).
+    expect: HealthCheckExpect = HealthCheckExpect.SUCCESS
+
+
+def implied_health_check() -> HealthCheckConfig:
+    """The check of a pool that writes no `health_check`: `GET /health` on the usual schedule, passed by any
+    complete HTTP answer (a 403 or a 404 too), failed by a refused or reset connect, silence past the
+    timeout, or an answer that is not HTTP.
+
+    HAProxy, Envoy and Traefik check nothing unless asked; wanting a 2xx/3xx from a path nobody
+    configured took every backend of a gateway without `/health` down (`HTTP 404`), and every client
+    got a 503.  Checking liveness alone still finds dead backends with no configuration, and still
+    reads `X-Backend-State` from the answer.
+    """
+    return HealthCheckConfig(expect=HealthCheckExpect.ANY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +235,7 @@ class PoolConfig:
     name: str
     backends: tuple[BackendConfig, ...]
     balance: BalanceMethod = BalanceMethod.LEAST_CONN
-    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    health_check: HealthCheckConfig = field(default_factory=implied_health_check)
     slow_start: float = 0.0  # seconds over which a backend back up ramps to its full weight
     discovery: DiscoveryConfig | None = None  # backends from DNS, besides the static ones
     hash_key: HashKey | None = None  # balance: hash only

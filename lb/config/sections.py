@@ -32,7 +32,6 @@ from lb.config.checker import (
     parse_each_field,
     parse_fields,
     scalar_mapping,
-    scalar_section,
     settled,
     show,
     simple_section,
@@ -54,6 +53,7 @@ from lb.config.model import (
     HashKey,
     HashKeySource,
     HealthCheckConfig,
+    HealthCheckExpect,
     HealthCheckType,
     LimitsConfig,
     ListenerConfig,
@@ -66,6 +66,7 @@ from lb.config.model import (
     SecureMode,
     TimeoutsConfig,
     TlsConfig,
+    implied_health_check,
 )
 from lb.config.scalars import (
     HOSTNAME_RE,
@@ -167,6 +168,7 @@ _HEALTH_FIELDS = (
     Field("timeout", duration()),
     Field("rise", integer(1, 1000)),
     Field("fall", integer(1, 1000)),
+    Field("expect", enum_of(HealthCheckExpect)),
 )
 _BACKEND_FIELDS = (
     Field("id", identifier, required=True),
@@ -796,7 +798,20 @@ def _nameservers(value: object, path: str, check: Checker) -> tuple[tuple[str, i
 
 
 def _health_check(value: object, path: str, check: Checker) -> HealthCheckConfig | None:
-    return scalar_section(value, path, check, _HEALTH_FIELDS, HealthCheckConfig)
+    """`pools.X.health_check`; absent (or null): the implied check, which any HTTP answer passes.
+
+    Written, even as `{type: http}` alone, it wants a 2xx/3xx unless it says `expect: any`.
+    """
+    if value is None:
+        return implied_health_check()
+    node = mapping_of(value, path, check, [f.key for f in _HEALTH_FIELDS])
+    if node is None:
+        return None
+    kwargs, valid = parse_each_field(node, path, check, _HEALTH_FIELDS)
+    if settled(node, kwargs, "type", "expect") and kwargs.get("type") is HealthCheckType.TCP and "expect" in kwargs:
+        check.add(join_path(path, "expect"), "only used with type: http (a tcp check passes on a connect)")
+        valid = False
+    return HealthCheckConfig(**kwargs) if valid else None
 
 
 def _backends(value: object, path: str, check: Checker) -> tuple[BackendConfig, ...] | None:

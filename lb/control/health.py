@@ -1,8 +1,14 @@
 """Active health checks: one probe loop per backend, results recorded in the pool.
 
 HTTP checks GET `health_check.path` and want a 2xx or 3xx within
-`health_check.timeout`; TCP checks want the connection accepted.  Each probe
-opens a fresh connection, so a dead backend cannot hide behind a pooled one.
+`health_check.timeout` (`expect: success`, what a written `health_check`
+wants), or any complete HTTP answer (`expect: any`: the implied check of a pool
+that writes none, as HAProxy, Envoy and Traefik check nothing they were not
+asked to: a gateway without `/health` that answers it 404 is alive, not down);
+TCP checks want the connection accepted.  Either way a refused or reset
+connect, silence past the timeout and an answer that is not HTTP fail.  Each
+probe opens a fresh connection, so a dead backend cannot hide behind a pooled
+one.
 
 The answer's head is read with the data path's own parser (`lb.http.head`), not
 an HTTP client's: a backend whose answers the proxy refuses (a bare LF, a folded
@@ -36,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lb.access_log import shortened
-from lb.config.model import HealthCheckType
+from lb.config.model import HealthCheckExpect, HealthCheckType
 from lb.errors import LOCAL_ERRNOS, BadGateway, HeadersTooLarge, RequestRejected
 from lb.http.head import ResponseHead, take_answer_head
 from lb.http.header_values import header_text
@@ -236,7 +242,8 @@ class HealthChecker:
             self._note_unknown(backend, header)
             requested = requested_state(header)
             # A failing answer still says what the backend wants once it passes again.
-            return ProbeResult(200 <= response.status < 400, f"HTTP {response.status}", requested)
+            passed = check.expect is HealthCheckExpect.ANY or 200 <= response.status < 400
+            return ProbeResult(passed, f"HTTP {response.status}", requested)
         except TimeoutError:
             return ProbeResult(False, f"no answer within {check.timeout:g}s")
         except HeadersTooLarge:

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Final
 
 from lb.affinity.balancing import LeastConn, RoundRobin, make_policy
-from lb.config.model import HASHED_METHODS, BackendConfig, PoolConfig
+from lb.config.model import HASHED_METHODS, BackendConfig, HealthCheckExpect, PoolConfig
 
 
 class BackendState(StrEnum):
@@ -152,7 +152,11 @@ class PoolState:
             if not backend.healthy and backend.successes >= check.rise:
                 backend.healthy = True
                 backend.handshake_failures = 0
-                _health_reason(backend, f"health check passed {backend.successes} time(s)")
+                said = f"health check passed {backend.successes} time(s)"
+                if check.expect is HealthCheckExpect.ANY:
+                    # What passed, for an operator who reads `up` beside a /health that answers 404.
+                    said += f": {detail} (expect: any)"
+                _health_reason(backend, said)
         else:
             backend.successes = 0
             backend.failures += 1

@@ -25,6 +25,7 @@ from lb.config.model import (
     Config,
     EventLoop,
     HealthCheckConfig,
+    HealthCheckExpect,
     HealthCheckType,
     LimitsConfig,
     LogFormat,
@@ -33,6 +34,7 @@ from lb.config.model import (
     SameSite,
     SecureMode,
     TimeoutsConfig,
+    implied_health_check,
 )
 from lb.devcerts import write_dev_certs
 from lb.errors import ConfigError
@@ -182,7 +184,7 @@ def test_absent_optional_keys_take_the_dataclass_defaults(tmp_path: Path) -> Non
     assert config.limits == LimitsConfig()
     assert config.logging == LoggingConfig()
     assert config.runtime == RuntimeConfig()
-    assert config.pools["p"].health_check == HealthCheckConfig()
+    assert config.pools["p"].health_check == implied_health_check()
     assert config.pools["p"].balance is BalanceMethod.LEAST_CONN
     assert config.pools["p"].backends[0].weight == 1
     assert config.affinity.cookie == "LB_AFFINITY" and config.affinity.max_age == 3600.0
@@ -310,6 +312,7 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ("pools.gateways.health_check.rise", 0, "expected an integer from 1 to 1000, got 0"),
     ("pools.gateways.health_check.fall", True, "expected an integer from 1 to 1000, got bool true"),
     ("pools.gateways.health_check.fall", 1.5, "expected an integer from 1 to 1000, got float 1.5"),
+    ("pools.gateways.health_check.expect", "2xx", "expected one of success, any, got '2xx'"),
     ("pools.gateways.backends", [], "expected at least one backend"),
     ("pools.gateways.backends", None, "expected a value, got null"),
     ("pools.gateways.backends[1]", "127.0.0.1:9002", "expected a mapping, got str"),
@@ -349,6 +352,38 @@ def test_bad_value_is_reported_at_its_path(base_dir: Path, path: str, value: obj
     problems = problems_of(set_at(good_tree(), path, value), base_dir)
     assert list(problems) == [_problem_path(path, value)]
     assert message in problems[_problem_path(path, value)]
+
+
+@pytest.mark.parametrize(
+    ("health_check", "expected"),
+    [
+        (None, HealthCheckConfig(expect=HealthCheckExpect.ANY)),
+        ({"type": "http"}, HealthCheckConfig(expect=HealthCheckExpect.SUCCESS)),
+        ({"interval": "5s"}, HealthCheckConfig(interval=5.0, expect=HealthCheckExpect.SUCCESS)),
+        ({"expect": "any", "interval": "5s"}, HealthCheckConfig(interval=5.0, expect=HealthCheckExpect.ANY)),
+        ({"expect": "success"}, HealthCheckConfig(expect=HealthCheckExpect.SUCCESS)),
+        ({"type": "tcp"}, HealthCheckConfig(type=HealthCheckType.TCP)),
+    ],
+)
+def test_a_pool_without_health_check_is_checked_for_any_answer_a_written_one_wants_success(
+    base_dir: Path, health_check: dict[str, object] | None, expected: HealthCheckConfig
+) -> None:
+    """No `health_check`: GET /health, any HTTP answer passes (HAProxy, Envoy, Traefik check nothing unasked);
+    a written one, even `{type: http}` alone, wants a 2xx/3xx unless it says `expect: any`."""
+    tree = good_tree()
+    if health_check is None:
+        del tree["pools"]["gateways"]["health_check"]
+    else:
+        tree["pools"]["gateways"]["health_check"] = health_check
+    assert parse(tree, base_dir).pools["gateways"].health_check == expected
+
+
+def test_expect_with_a_tcp_check_is_a_problem_at_its_path(base_dir: Path) -> None:
+    """`expect` judges an HTTP answer: beside `type: tcp` it would be silently ignored, so it is refused."""
+    tree = set_at(good_tree(), "pools.gateways.health_check", {"type": "tcp", "expect": "any"})
+    assert problems_of(tree, base_dir) == {
+        "pools.gateways.health_check.expect": "only used with type: http (a tcp check passes on a connect)"
+    }
 
 
 def test_zero_shutdown_grace_is_allowed(base_dir: Path) -> None:
@@ -1101,7 +1136,7 @@ KEYS = [
     "listeners", "bind", "tls", "cert", "key", "admin", "token", "affinity", "mode", "cookie",
     "max_age", "secret_keys", "same_site", "http_only", "secure", "routes", "path_prefix", "pool",
     "pools", "gateways", "balance", "health_check", "type", "path", "interval", "timeout", "rise",
-    "fall", "backends", "id", "address", "weight", "timeouts", "handshake", "limits", "logging",
+    "fall", "expect", "backends", "id", "address", "weight", "timeouts", "handshake", "limits", "logging",
     "level", "format", "runtime", "event_loop",
 ]  # fmt: skip
 scalars = st.one_of(

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import socket
+import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import pytest
 
-from lb.config.model import BackendConfig, HealthCheckConfig, HealthCheckType, PoolConfig
+from lb.config.model import (
+    BackendConfig,
+    HealthCheckConfig,
+    HealthCheckExpect,
+    HealthCheckType,
+    PoolConfig,
+    implied_health_check,
+)
 from lb.control.health import HealthChecker, ProbeResult
 from lb.state.pool import PoolState
 
@@ -49,10 +58,13 @@ async def backend(chunks: Sequence[bytes], *, close: bool = True) -> AsyncIterat
         await asyncio.gather(*handlers, return_exceptions=True)
 
 
-async def check(port: int, type: HealthCheckType = HealthCheckType.HTTP, check_timeout: float = 2.0) -> ProbeResult:
+async def check(
+    port: int, type: HealthCheckType = HealthCheckType.HTTP, check_timeout: float = 2.0,
+    expect: HealthCheckExpect = HealthCheckExpect.SUCCESS,
+) -> ProbeResult:
     config = PoolConfig(
         name="p", backends=(BackendConfig("gw-1", "127.0.0.1", port),),
-        health_check=HealthCheckConfig(type=type, path="/ready?deep=1", timeout=check_timeout),
+        health_check=HealthCheckConfig(type=type, path="/ready?deep=1", timeout=check_timeout, expect=expect),
     )
     state = PoolState(config=config)
     return await HealthChecker(state, lambda change: None).check(state.backends["gw-1"])
@@ -82,6 +94,77 @@ async def test_2xx_and_3xx_pass_and_4xx_and_5xx_fail(status: str, ok: bool) -> N
     async with backend([answer(status)]) as (port, _):
         result = await check(port)
     assert (result.ok, result.detail) == (ok, f"HTTP {status[:3]}")
+
+
+@pytest.mark.parametrize(
+    "status", ["200 OK", "302 Found", "401 Unauthorized", "403 Forbidden", "404 Not Found", "426 Upgrade Required",
+               "500 Internal Server Error", "503 Unavailable", "599 Whatever"],
+)
+async def test_the_implied_check_passes_any_complete_http_answer(status: str) -> None:
+    """A pool without `health_check` (`expect: any`) asks if the backend is alive and speaks HTTP: a gateway
+    that answers /health 403 or 404 (it has no such path, or refuses what is not a handshake) stays up."""
+    assert implied_health_check().expect is HealthCheckExpect.ANY
+    async with backend([answer(status, "Content-Length: 9")]) as (port, _):
+        result = await check(port, expect=HealthCheckExpect.ANY)
+    assert (result.ok, result.detail) == (True, f"HTTP {status[:3]}")
+
+
+async def test_the_implied_check_reads_the_requested_state_from_any_answer() -> None:
+    """`X-Backend-State: draining` in the implied check's answer drains the backend, whatever the status."""
+    async with backend([answer("403 Forbidden", "X-Backend-State: draining")]) as (port, _):
+        assert await check(port, expect=HealthCheckExpect.ANY) == ProbeResult(True, "HTTP 403", "draining")
+
+
+@pytest.mark.parametrize(
+    ("chunks", "detail"),
+    [([b"SSH-2.0-OpenSSH_9.6\r\n"], "not a valid HTTP answer"),
+     ([b"HTTP/1.1 000 Zero\r\n\r\n"], "not a valid HTTP answer"),
+     ([b"HTTP/1.1 404 Not Found\nContent-Length: 0\n\n"], "not a valid HTTP answer"),
+     ([b"HTTP/1.1 404 Not Found\r\nContent-"], "not a valid HTTP answer"),
+     ([answer("101 Switching Protocols") + answer("404 Not Found")], "not a valid HTTP answer"),
+     ([], "closed without answering"),
+     ([b"HTTP/1.1 404 Not Found\r\nX-Pad: " + b"a" * 70_000], "answer head too large")],
+    ids=["not http", "status 000", "bare LF", "cut short", "unasked 101", "closed", "head too large"],
+)
+async def test_the_implied_check_fails_what_is_not_a_complete_http_answer(chunks: list[bytes], detail: str) -> None:
+    """Any status passes, but not garbage, a malformed or oversized head, or a close before the head ends."""
+    async with backend(chunks) as (port, _):
+        assert await check(port, expect=HealthCheckExpect.ANY) == ProbeResult(False, detail)
+
+
+async def test_the_implied_check_fails_a_silent_backend_and_a_refused_or_reset_connect() -> None:
+    """Liveness still: no answer within the timeout, a closed port and a reset all fail it."""
+    async with backend([], close=False) as (port, _):
+        silent = await check(port, check_timeout=0.1, expect=HealthCheckExpect.ANY)
+    assert silent == ProbeResult(False, "no answer within 0.1s")
+
+    with socket.socket() as sock:  # a port just given up: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    refused = await check(closed_port, expect=HealthCheckExpect.ANY)
+    assert not refused.ok and refused.detail.startswith(f"[Errno {errno.ECONNREFUSED}]")
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        # SO_LINGER 0: closing sends RST instead of FIN (a gateway that crashes on the request).
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(reset, "127.0.0.1", 0)
+    try:
+        result = await check(server.sockets[0].getsockname()[1], expect=HealthCheckExpect.ANY)
+    finally:
+        server.close()
+    assert not result.ok and result.requested is None
+
+
+@pytest.mark.parametrize("status", ["403 Forbidden", "404 Not Found", "500 Internal Server Error"])
+async def test_a_written_check_still_wants_2xx_or_3xx(status: str) -> None:
+    """`health_check` written (here `{type: http}`, `expect: success` by default): a 4xx or 5xx fails, as before."""
+    assert HealthCheckConfig(type=HealthCheckType.HTTP).expect is HealthCheckExpect.SUCCESS
+    async with backend([answer(status)]) as (port, _):
+        result = await check(port)
+    assert (result.ok, result.detail) == (False, f"HTTP {status[:3]}")
 
 
 @pytest.mark.parametrize(

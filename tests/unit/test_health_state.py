@@ -8,14 +8,18 @@ from collections.abc import Callable
 
 import pytest
 
-from lb.config.model import BackendConfig, BalanceMethod, HealthCheckConfig, PoolConfig
+from lb.config.model import BackendConfig, BalanceMethod, HealthCheckConfig, PoolConfig, implied_health_check
 from lb.control.health import HealthChecker, ProbeResult, requested_state
 from lb.state.observations import Observations
 from lb.state.pool import AdminAction, BackendState, BackendStatus, PoolState
 
 
-def pool() -> PoolState:
-    return PoolState(config=PoolConfig(name="p", backends=(BackendConfig("gw-1", "127.0.0.1", 9001),)))
+def pool(health_check: HealthCheckConfig | None = None) -> PoolState:
+    """One backend; its pool's check is a written `health_check` (wants a 2xx/3xx) unless one is given."""
+    config = PoolConfig(
+        name="p", backends=(BackendConfig("gw-1", "127.0.0.1", 9001),), health_check=health_check or HealthCheckConfig()
+    )
+    return PoolState(config=config)
 
 
 @pytest.mark.parametrize(
@@ -78,6 +82,19 @@ def test_the_reason_shown_is_the_one_in_force_through_down_and_back() -> None:
         state.record_probe("gw-1", True, now, "HTTP 200")
     assert backend.state is BackendState.DRAINING
     assert backend.reason == "health check passed 2 time(s); backend asks to drain"
+
+
+def test_back_up_by_the_implied_check_the_reason_says_what_passed() -> None:
+    """A pool without `health_check` passes any HTTP answer: back up, the reason names the answer and that
+    any passes, for an operator who sees `up` beside a /health that answers 404; failures read as ever."""
+    state = pool(implied_health_check())
+    backend = state.backends["gw-1"]
+    for now in (1.0, 2.0):
+        state.record_probe("gw-1", False, now, "[Errno 111] Connection refused")
+    assert backend.reason == "health check failed 2 time(s): [Errno 111] Connection refused"
+    for now in (3.0, 4.0):
+        state.record_probe("gw-1", True, now, "HTTP 404")
+    assert (backend.state, backend.reason) == (BackendState.UP, "health check passed 2 time(s): HTTP 404 (expect: any)")
 
 
 def test_a_down_backend_s_reason_follows_its_latest_failed_check() -> None:
