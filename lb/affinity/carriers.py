@@ -111,9 +111,9 @@ def find_token(
     if "?" in request.target:
         extra += query_values(request.target, affinity.query_param)
     rejected: dict[str, str] = {}
-    others: dict[str, tuple[int, str]] = {}  # pool → (issued_at, token) of its pin, chosen as `found` is
+    others: dict[str, tuple[float, str]] = {}  # pool → (issued_at, token) of its pin, chosen as `found` is
     found: TokenLookup | None = None
-    found_issued_at: int | None = None
+    found_issued_at: float | None = None
     # Bounded: a hostile cookie of a thousand dots costs at most MAX_PINS decryptions per value,
     # and all the values together at most MAX_OPENS.
     opens = 0
@@ -150,7 +150,7 @@ def find_token(
     return lookup
 
 
-def _routes_instead(held_issued_at: int | None, issued_at: int, from_cookie: bool) -> bool:
+def _routes_instead(held_issued_at: float | None, issued_at: float, from_cookie: bool) -> bool:
     """Whether a token issued at `issued_at` takes the place of the one held for its pool (issued at
     `held_issued_at`; None: none yet): the first found, unless a younger value of the cookie follows."""
     return held_issued_at is None or (from_cookie and issued_at > held_issued_at)

@@ -1,12 +1,15 @@
 """The affinity token: which backend a client belongs to, sealed so clients can neither read nor forge it.
 
-Layout (then base64url without padding):
+Layout, version 3 (sizes in bytes; then base64url without padding):
 
-    version(2) | key id(2) | nonce(12) |
-        AES-256-GCM( issued_at(4) | session(8) | id_len(1) | backend id | pool_len(1) | pool | app value )
+    version(1) | key id(2) | nonce(12) |
+        AES-256-GCM( issued_at(6) | session(8) | id_len(1) | backend id | pool_len(1) | pool | app value )
 
-Version 1 (no pool) still opens, as a pin valid for whichever pool reads it,
-so a rolling upgrade keeps every client's pin.
+`issued_at` is Unix time in milliseconds, big-endian.  Every token is sealed as
+version 3; the earlier layouts still open, so a rolling upgrade keeps every
+client's pin: version 2 is the same with `issued_at(4)` in whole Unix seconds
+(sealed rounded up), and version 1 also has no `pool_len | pool` (a pin valid
+for whichever pool reads it).
 
 - The backend is named by its configured id, never its address, so a gateway
   that moves keeps its clients.
@@ -19,7 +22,10 @@ so a rolling upgrade keeps every client's pin.
   key seals, every configured key opens.
 - AES-GCM with random 96-bit nonces stays within NIST's bound (2^32 messages
   per key) for any realistic cookie-issue rate between key rotations.
-- `issued_at` is wall-clock seconds, so every balancer instance agrees on expiry.
+- `issued_at` is wall-clock time, so every balancer instance agrees on expiry, to the
+  millisecond: sealed from the issuing instant floored to the millisecond (never in the future),
+  a token opens until exactly `max_age` after it was issued.  (Version 2's whole seconds, rounded
+  up so as never to expire early, let a token open for up to a second past `max_age`.)
 
 Pure: randomness (`nonce`, `session`) and time (`now`) are arguments.
 """
@@ -43,8 +49,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from lb import built_in_c
 from lb.errors import InvalidToken
 
-VERSION: Final = 2
-_VERSIONS: Final = frozenset({1, 2})
+VERSION: Final = 3
+_VERSIONS: Final = frozenset({1, 2, 3})
 NONCE_BYTES: Final = 12
 SESSION_BYTES: Final = 8
 MAX_TOKEN_CHARS: Final = 4096  # longer than any token we issue; refuse before decoding
@@ -54,12 +60,14 @@ CLOCK_SKEW: Final = 300  # seconds a token may appear to come from the future (o
 INVALID_REASONS: Final = ("malformed", "unknown_key", "bad_mac", "expired", "future", "unknown_backend")
 
 _HEADER: Final = struct.Struct(">BH")  # version, key id
-_CLAIM: Final = struct.Struct(">I8sB")  # issued_at, session, backend id length
-# Their sizes as constants, and both read by indexing (`_parse_claim`, `open`): compiled, a Struct's
+_CLAIM: Final = struct.Struct(">6s8sB")  # issued_at (Unix ms, big-endian), session, backend id length
+_SECONDS_CLAIM: Final = struct.Struct(">I8sB")  # versions 1 and 2: issued_at in whole Unix seconds
+# Their sizes as constants, and all read by indexing (`_parse_claim`, `open`): compiled, a Struct's
 # `size` is an attribute lookup and its `unpack_from` a method call and a tuple, 2,000 instructions a
-# checked cookie between them; a test holds the two readings equal.
+# checked cookie between them; a test holds the readings equal.
 _HEADER_SIZE: Final = 3
-_CLAIM_SIZE: Final = 13
+_CLAIM_SIZE: Final = 15
+_SECONDS_CLAIM_SIZE: Final = 13  # also the shortest claim of any version
 _TAG_BYTES: Final = 16
 _TOKEN_CHARS: Final = re.compile(r"[A-Za-z0-9_-]+")  # base64url, no padding
 _FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
@@ -71,7 +79,9 @@ class Claim:
     """What a token says: the backend, when it was issued, and the client's session."""
 
     backend_id: str
-    issued_at: int
+    # Unix seconds, to the millisecond (a version-1 or -2 token's: whole seconds); `seal` rounds it
+    # to the nearest millisecond, so a time floored to the millisecond is sealed as it is.
+    issued_at: float
     session: bytes
     app_value: str | None  # rewrite mode: the backend's own cookie value
     pool: str | None  # None: a version-1 token, valid for any pool
@@ -80,7 +90,7 @@ class Claim:
     older_key: bool = field(default=False, compare=False)  # how it was opened, not what it says
 
     def __init__(
-        self, backend_id: str, issued_at: int, session: bytes, app_value: str | None = None, pool: str | None = None,
+        self, backend_id: str, issued_at: float, session: bytes, app_value: str | None = None, pool: str | None = None,
         older_key: bool = False,
     ) -> None:
         self.backend_id = backend_id
@@ -153,8 +163,10 @@ class TokenCodec:
         if base64_chars(fixed + len(app_value)) > MAX_TOKEN_CHARS:
             raise TokenTooLarge(len(app_value))
         key = self._keys[0]
-        # _CLAIM's issued_at and session; its id length begins `names`.
-        plaintext = claim.issued_at.to_bytes(4, "big") + claim.session + names + app_value
+        # _CLAIM's issued_at (rounded: an opened claim's is milliseconds / 1000, which a float may hold
+        # a hair under the millisecond) and session; its id length begins `names`.
+        issued_ms = round(claim.issued_at * 1000)
+        plaintext = issued_ms.to_bytes(6, "big") + claim.session + names + app_value
         sealed = key.header + nonce + key.aead.encrypt(nonce, plaintext, key.header)
         return _to_text(sealed)
 
@@ -205,10 +217,11 @@ def base64_chars(raw_bytes: int) -> int:
     return (raw_bytes * 4 + 2) // 3
 
 
-# What every token we seal looks like before it is opened: base64url, a version we issue in its
-# first byte (version 1: "A" then one of Q-f; version 2: "A" then one of g-v), and at least the
-# length of the shortest token (header, nonce, tag and the fixed claim: 44 bytes, 59 characters).
-_SEALED_SHAPE: Final = re.compile(rf"A[Q-Za-v][A-Za-z0-9_-]{{{base64_chars(44) - 2},{MAX_TOKEN_CHARS - 2}}}")
+# What every token we seal or open looks like before it is opened: base64url, a version we open in
+# its first byte (version 1: "A" then one of Q-f; version 2: "A" then one of g-v; version 3: "A" then
+# one of w-z, 0-9, "-", "_"), and at least the length of the shortest token (version 1's header,
+# nonce, tag and fixed claim: 44 bytes, 59 characters).
+_SEALED_SHAPE: Final = re.compile(rf"A[Q-Za-z0-9_-][A-Za-z0-9_-]{{{base64_chars(44) - 2},{MAX_TOKEN_CHARS - 2}}}")
 
 
 def looks_sealed(value: str) -> bool:
@@ -225,7 +238,7 @@ def _decode(token: str) -> bytes:
     if not token or len(token) > MAX_TOKEN_CHARS:
         raise InvalidToken("malformed")
     raw = _from_text(token)
-    if raw is None or len(raw) < _HEADER_SIZE + NONCE_BYTES + _TAG_BYTES + _CLAIM_SIZE:
+    if raw is None or len(raw) < _HEADER_SIZE + NONCE_BYTES + _TAG_BYTES + _SECONDS_CLAIM_SIZE:
         raise InvalidToken("malformed")
     return raw
 
@@ -263,12 +276,24 @@ _from_text: Final = (
 def _parse_claim(plaintext: bytes, version: int, *, older_key: bool) -> Claim:
     # Authenticated, so only our own (older or newer) layouts can arrive here;
     # still checked so a layout bug cannot turn into an exception upstream.
-    if len(plaintext) < _CLAIM_SIZE:
-        raise InvalidToken("malformed")
-    # _CLAIM, by indexing: issued_at (4 bytes, big-endian), session (8), backend id length (1).
-    issued_at = plaintext[0] << 24 | plaintext[1] << 16 | plaintext[2] << 8 | plaintext[3]
-    session, id_len = plaintext[4:12], plaintext[12]
-    rest = plaintext[_CLAIM_SIZE:]
+    issued_at: float
+    if version >= 3:
+        if len(plaintext) < _CLAIM_SIZE:
+            raise InvalidToken("malformed")
+        # _CLAIM, by indexing: issued_at (Unix ms, 6 bytes, big-endian), session (8), backend id length (1).
+        issued_at = (
+            plaintext[0] << 40 | plaintext[1] << 32 | plaintext[2] << 24 | plaintext[3] << 16 | plaintext[4] << 8
+            | plaintext[5]
+        ) / 1000
+        session, id_len = plaintext[6:14], plaintext[14]
+        rest = plaintext[_CLAIM_SIZE:]
+    else:
+        if len(plaintext) < _SECONDS_CLAIM_SIZE:
+            raise InvalidToken("malformed")
+        # _SECONDS_CLAIM, likewise: issued_at (whole Unix seconds, 4 bytes), session (8), backend id length (1).
+        issued_at = float(plaintext[0] << 24 | plaintext[1] << 16 | plaintext[2] << 8 | plaintext[3])
+        session, id_len = plaintext[4:12], plaintext[12]
+        rest = plaintext[_SECONDS_CLAIM_SIZE:]
     if len(rest) < id_len:
         raise InvalidToken("malformed")
     backend_raw, rest = rest[:id_len], rest[id_len:]

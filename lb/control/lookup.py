@@ -20,7 +20,9 @@ where does a handshake carrying this token go right now?  Answer shapes:
   for every client of a pool without `sticky`.  The token does not carry that key, so there
   `routes_to` needs it (`&key=`, read as `/pools/{pool}/route` reads it); without one the answer
   is `"routes_to": null, "routes_by": "key"`, never a guess from the session.
-- Times are ISO-8601 UTC with `Z`, to the second (tokens carry whole seconds).
+- Times are ISO-8601 UTC with `Z`, to the second, truncated (as they always were; a token
+  carries milliseconds, one of an earlier layout whole seconds): the second the token was issued
+  in, and the second it expires in, never one after it.
 - The token may be the whole affinity cookie value: with pins per pool it holds
   one pin per pool (`pin.pin`), and the answer is for the pool `?pool=` names,
   else for the first pin's that opens; of several pins for that pool, the
@@ -138,5 +140,5 @@ def _answer(
 
 
 def iso_utc(epoch: float) -> str:
-    """ISO-8601 in UTC with a `Z`, to the second: 2026-11-30T16:20:41Z (tokens carry whole seconds)."""
+    """ISO-8601 in UTC with a `Z`, to the second (truncated): 2026-11-30T16:20:41Z."""
     return log_iso_utc(epoch, millis=False)

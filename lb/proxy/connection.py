@@ -1447,9 +1447,11 @@ class Connection:
             return self._codec.seal(
                 Claim(
                     backend_id=decision.backend.id,
-                    # Whole seconds, rounded up: a token never expires before max_age has passed
-                    # (rounded down, one opened up to 1 s early, while the browser still sent it).
-                    issued_at=math.ceil(wall),
+                    # Floored to the millisecond, the token's precision: never dated after it was
+                    # issued, so it opens until exactly max_age after, to the millisecond (whole
+                    # seconds, rounded up, let it open up to 1 s past max_age; rounded down, it died
+                    # up to 1 s early, while the browser still sent it).
+                    issued_at=math.floor(wall * 1000) / 1000,
                     session=session,
                     app_value=app_value,
                     pool=pool.name,

@@ -3,7 +3,8 @@
 Most tests share the session stack.  Three more balancers on the same gateways act as other
 instances: `twin` shares the keys (signing with the second, so the rotation path is exercised,
 and with a 2 s max_age for the expiry test), `foreign` has keys of its own, and `stranger`
-shares the keys but names gw-1's address `gw-9`, which the main balancer does not know.
+shares the keys but names gw-1's address `gw-9`, which the main balancer does not know.  A
+fourth, `short`, has keys of its own and a max_age of 1 s, for expiry to the millisecond.
 The redispatch test kills a gateway, so it starts a stack of its own.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,8 +41,11 @@ from conftest import (
     ws_connect,
 )
 
+from lb.affinity.codec import Claim, TokenCodec
+
 SPEC_ATTRS = {"path=/", "max-age=3600", "httponly", "samesite=Lax"}
 TWIN_MAX_AGE = 2  # seconds
+SHORT_MAX_AGE = 1.0  # seconds
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Others:
     twin: Balancer
     foreign: Balancer
     stranger: Balancer
+    short: Balancer
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +64,7 @@ def others(_shared_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> It
     routes = {"/ws": "gateways", "/whoami": "gateways"}
     launcher = Launcher(tmp_path_factory.mktemp("sticky-others"))
     try:
-        twin, foreign, stranger = launcher.balancers(
+        twin, foreign, stranger, short = launcher.balancers(
             lb_config(
                 pools=gateways,
                 routes=routes,
@@ -73,12 +79,19 @@ def others(_shared_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> It
                 keys=keys,
                 health=STEADY_HEALTH,
             ),
-            names=["twin", "foreign", "stranger"],
+            lb_config(
+                pools=gateways,
+                routes=routes,
+                keys=[new_key()],
+                health=STEADY_HEALTH,
+                overrides={"affinity": {"max_age": f"{int(SHORT_MAX_AGE * 1000)}ms"}},
+            ),
+            names=["twin", "foreign", "stranger", "short"],
         )
-        for balancer in (twin, foreign):
+        for balancer in (twin, foreign, short):
             balancer.wait_states({("gateways", g.id): "up" for g in stack.gateways})
         stranger.wait_states({("gateways", "gw-9"): "up"})
-        yield Others(twin, foreign, stranger)
+        yield Others(twin, foreign, stranger, short)
     finally:
         launcher.close()
 
@@ -196,6 +209,65 @@ async def test_expired_token_gets_fresh_cookie(others: Others) -> None:
     late = await visit(twin.ws_url(), cookie=first.cookie.value)
     assert late.cookie is not None, "an expired token must be replaced"
     assert late.cookie.value != first.cookie.value
+
+
+def _claim(balancer: Balancer, token: str) -> Claim:
+    """What `token` (issued by `balancer` just now) says, read with its keys."""
+    return TokenCodec(balancer.keys, SHORT_MAX_AGE).open(token, time.time())
+
+
+async def test_a_client_back_just_past_max_age_gets_a_fresh_choice_every_time(others: Others) -> None:
+    """SPEC: an expired token is treated as absent.  max_age 1 s: a client back 1.2 s after it got its cookie
+    gets a fresh choice (a new session) and a fresh cookie, whatever the fraction of the second it was issued
+    in (issue times in whole seconds, rounded up, let the token open for up to 1 s more)."""
+    short = others.short
+
+    async def returns_late(delay: float) -> None:
+        await asyncio.sleep(delay)  # five clients, 0.2 s apart: issue times over the whole of a second
+        first = await visit(short.ws_url())
+        got_it = time.time()
+        assert first.cookie is not None
+        claim = _claim(short, first.cookie.value)
+        await asyncio.sleep(got_it + SHORT_MAX_AGE + 0.2 - time.time())
+        late = await visit(short.ws_url(), cookie=first.cookie.value)
+        assert late.cookie is not None, f"a token {time.time() - got_it:.3f} s old must be replaced"
+        assert _claim(short, late.cookie.value).session != claim.session, "a fresh choice, not a re-issue"
+
+    await asyncio.wait_for(asyncio.gather(*(returns_late(0.2 * n) for n in range(5))), 20 * UNIT)
+
+
+async def test_a_client_back_within_max_age_keeps_its_backend_and_is_re_issued_past_half_its_life(
+    others: Others,
+) -> None:
+    """A valid token routes to its backend: back at a quarter of max_age (1 s) with the same cookie and no new
+    one; back at three quarters, past half its life, with a re-issued cookie for the same backend and session."""
+    short = others.short
+    checked = {"young": 0, "past half": 0}
+    for _ in range(5):  # a slow machine may blur an attempt's ages; each attempt checks what it can
+        first = await visit(short.ws_url())
+        assert first.cookie is not None
+        token = first.cookie.value
+        claim = _claim(short, token)
+        for name, at in (("young", 0.25), ("past half", 0.75)):
+            await asyncio.sleep(claim.issued_at + at * SHORT_MAX_AGE - time.time())
+            sent = time.time()
+            again = await visit(short.ws_url(), cookie=token)
+            # The token's age when the balancer read it: between these two.
+            youngest, oldest = sent - claim.issued_at, time.time() - claim.issued_at
+            if oldest < SHORT_MAX_AGE:
+                assert again.server_id == first.server_id, f"{name}: {youngest:.3f} to {oldest:.3f} s old"
+            if name == "young" and oldest < SHORT_MAX_AGE / 2:
+                assert again.cookie is None, f"not past half its life ({oldest:.3f} s), yet re-issued"
+                checked[name] += 1
+            elif name == "past half" and youngest > SHORT_MAX_AGE / 2 and oldest < SHORT_MAX_AGE:
+                assert again.cookie is not None, f"past half its life ({youngest:.3f} s), not re-issued"
+                fresh = _claim(short, again.cookie.value)
+                assert (fresh.backend_id, fresh.session) == (claim.backend_id, claim.session)
+                assert fresh.issued_at > claim.issued_at
+                checked[name] += 1
+        if all(checked.values()):
+            return
+    raise AssertionError(f"too slow to check both ages in 5 attempts: {checked}")
 
 
 async def test_affinity_cookie_not_forwarded_other_cookies_are(lb: Balancer) -> None:

@@ -469,7 +469,7 @@ def test_rewrite_mode_passes_a_random_app_id_shorter_than_any_token_whatever_its
 
 
 _B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-_SECOND = "QRSTUVWXYZabcdefghijklmnopqrstuv"  # version 1 or 2 in the first byte, after an "A"
+_SECOND = "QRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"  # version 1, 2 or 3 in the first byte, after an "A"
 _PART = st.one_of(
     st.text(alphabet=_B64URL, max_size=100),  # mostly not shaped
     st.builds(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import struct
 from base64 import urlsafe_b64decode, urlsafe_b64encode
 
 import pytest
@@ -14,10 +16,12 @@ from lb.affinity.codec import (
     MAX_TOKEN_CHARS,
     NONCE_BYTES,
     SESSION_BYTES,
+    VERSION,
     Claim,
     TokenCodec,
     TokenTooLarge,
     base64_chars,
+    looks_sealed,
 )
 from lb.errors import InvalidToken
 
@@ -134,6 +138,93 @@ def test_token_from_beyond_clock_skew_is_invalid(ahead: float) -> None:
     """A token issued further in the future than CLOCK_SKEW is not honoured, and says why: a clock is wrong
     (it said "expired", pointing at max_age)."""
     assert reason_of(CODEC, TOKEN, ISSUED - ahead) == "future"
+
+
+# -- milliseconds (version 3) and the layouts before it ----------------------------------------------
+
+ISSUED_MS = ISSUED + 0.123  # an issue time with a fraction of a second, as the proxy seals them
+MS_CLAIM = Claim(backend_id="gw-1", issued_at=ISSUED_MS, session=SESSION, pool="gateways")
+MS_TOKEN = CODEC.seal(MS_CLAIM, NONCE)
+
+
+def test_tokens_are_sealed_as_version_3_with_the_issue_time_in_milliseconds() -> None:
+    """The claim carries the issue time as 6 bytes of big-endian Unix milliseconds, where version 2 had
+    4 bytes of seconds: the token is 2 bytes longer, and the rest of the layout is unchanged."""
+    raw = unb64(MS_TOKEN)
+    assert raw[0] == VERSION == 3
+    key = codec._derive("current-secret")
+    plaintext = key.aead.decrypt(raw[3:15], raw[15:], raw[:3])
+    assert plaintext[:6] == (1_700_000_000_123).to_bytes(6, "big")
+    assert plaintext[6:] == SESSION + b"\x04gw-1" + b"\x08gateways"
+    assert len(raw) == len(_sealed_as(2, MS_CLAIM)) + 2
+
+
+def test_an_issue_time_keeps_its_milliseconds() -> None:
+    """A version-3 token opens to its issue time to the millisecond, not to the second."""
+    opened = CODEC.open(MS_TOKEN, ISSUED_MS)
+    assert opened.issued_at == ISSUED_MS == 1_700_000_000.123
+    assert opened == MS_CLAIM
+
+
+@pytest.mark.parametrize("ms", [0, 1, 123, 499, 500, 501, 999])
+def test_sealing_an_opened_claim_keeps_its_issue_time(ms: int) -> None:
+    """`seal` rounds to the millisecond: an opened claim (milliseconds / 1000, which a float may hold a hair
+    under the millisecond) is sealed again with exactly its own issue time."""
+    for issued_at in ((ISSUED * 1000 + ms) / 1000, ISSUED + ms / 1000, ISSUED + ms * 0.001):
+        claim = Claim(backend_id="gw-1", issued_at=issued_at, session=SESSION)
+        opened = CODEC.open(CODEC.seal(claim, NONCE), issued_at)
+        assert round(opened.issued_at * 1000) == ISSUED * 1000 + ms
+        assert CODEC.open(CODEC.seal(opened, NONCE), issued_at).issued_at == opened.issued_at
+
+
+@pytest.mark.parametrize("max_age", [1.0, 2.0, 0.5, MAX_AGE])
+def test_a_token_expires_exactly_max_age_after_it_was_issued_to_the_millisecond(max_age: float) -> None:
+    """SPEC: expired after max_age.  To the millisecond, whatever the fraction of its issue second: valid
+    1 ms before max_age has passed, expired 1 ms after (whole seconds let it open up to 1 s longer)."""
+    codec_ = TokenCodec(["current-secret"], max_age)
+    for fraction in (0.0, 0.001, 0.123, 0.5, 0.999):
+        claim = Claim(backend_id="gw-1", issued_at=ISSUED + fraction, session=SESSION, pool="gateways")
+        token = codec_.seal(claim, NONCE)
+        assert codec_.open(token, ISSUED + fraction + max_age - 0.001) == claim
+        assert reason_of(codec_, token, ISSUED + fraction + max_age + 0.001) == "expired"
+
+
+def _sealed_as(version: int, claim: Claim, secret: str = "current-secret") -> bytes:
+    """`claim` sealed in an earlier layout (1: no pool; 2: with its pool), issue time in whole seconds, as
+    builds before version 3 sealed it (rounded up)."""
+    key = codec._derive(secret)
+    header = struct.pack(">BH", version, key.key_id)
+    backend, pool = claim.backend_id.encode(), (claim.pool or "").encode()
+    plaintext = codec._SECONDS_CLAIM.pack(math.ceil(claim.issued_at), claim.session, len(backend)) + backend
+    if version >= 2:
+        plaintext += bytes([len(pool)]) + pool
+    plaintext += (claim.app_value or "").encode()
+    return header + NONCE + key.aead.encrypt(NONCE, plaintext, header)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_tokens_of_earlier_layouts_open_and_expire_as_before(version: int) -> None:
+    """Rolling upgrade: a version-1 or -2 token (whole seconds) still opens, to the same claim, until max_age
+    after its issue second, and is expired past it, exactly as before."""
+    claim = Claim(backend_id="gw-1", issued_at=ISSUED, session=SESSION, app_value="app",
+                  pool="gateways" if version == 2 else None)
+    token = b64(_sealed_as(version, claim))
+    assert looks_sealed(token)
+    for age in (0.0, 1.0, MAX_AGE - 0.001, MAX_AGE):
+        opened = CODEC.open(token, ISSUED + age)
+        assert opened == claim and opened.issued_at == ISSUED
+    for age in (MAX_AGE + 0.001, MAX_AGE + 1):
+        assert reason_of(CODEC, token, ISSUED + age) == "expired"
+    assert reason_of(CODEC, token, ISSUED - CLOCK_SKEW - 0.001) == "future"
+
+
+def test_every_version_we_open_has_the_shape_of_our_tokens() -> None:
+    """Rewrite mode tells a broken token from a backend's own value by its shape: a version-3 token has it
+    whatever its key id, as versions 1 and 2 do."""
+    for secret in ("current-secret", "k1", "k2", "k3", "k4", "k5"):
+        token = TokenCodec([secret], MAX_AGE).seal(MS_CLAIM, NONCE)
+        assert token[0] == "A" and token[1] in "wxyz0123456789-_" and looks_sealed(token), token
+        assert looks_sealed(b64(_sealed_as(1, CLAIM, secret))) and looks_sealed(b64(_sealed_as(2, MS_CLAIM, secret)))
 
 
 # -- keys -------------------------------------------------------------------
@@ -258,10 +349,11 @@ def test_malformed_reason(token: str) -> None:
     assert reason_of(CODEC, token) == "malformed"
 
 
-def test_wrong_version_is_malformed() -> None:
+@pytest.mark.parametrize("version", [0, 4, 255])
+def test_wrong_version_is_malformed(version: int) -> None:
     """A token of another layout version is "malformed"."""
     raw = bytearray(_RAW)
-    raw[0] = 3
+    raw[0] = version
     assert reason_of(CODEC, b64(bytes(raw))) == "malformed"
 
 
@@ -312,7 +404,7 @@ _B64_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 # base64url of random bytes, with a version byte we issue half the time (its key id unknown), and a quarter
 # carry our own header (version and key id), so that they are opened as far as the MAC.
 _HEADER_RAW = unb64(TOKEN)[: codec._HEADER_SIZE]
-_MIN_RAW = codec._HEADER_SIZE + NONCE_BYTES + codec._TAG_BYTES + codec._CLAIM_SIZE  # what `open` decrypts
+_MIN_RAW = codec._HEADER_SIZE + NONCE_BYTES + codec._TAG_BYTES + codec._SECONDS_CLAIM_SIZE  # what `open` decrypts
 _random_tokens = st.one_of(
     st.text(max_size=120),
     st.text(_B64_CHARS, max_size=120),
@@ -390,12 +482,12 @@ _names = st.text(max_size=40) | st.text(st.sampled_from("a-\u00e9\u20ac\U0001f60
     backend_id=_names,
     pool=st.none() | _names.filter(bool),
     app_value=st.none() | st.text(min_size=1, max_size=40) | st.integers(2900, 3100).map(lambda size: "v" * size),
-    issued_at=st.integers(min_value=0, max_value=2**32 - 1),
+    issued_at=st.integers(min_value=0, max_value=2**48 - 1).map(lambda ms: ms / 1000),  # what 6 bytes of ms hold
     session=st.binary(min_size=SESSION_BYTES, max_size=SESSION_BYTES),
     nonce=st.binary(min_size=NONCE_BYTES, max_size=NONCE_BYTES),
 )
 def test_round_trip_any_claim(
-    backend_id: str, pool: str | None, app_value: str | None, issued_at: int, session: bytes, nonce: bytes
+    backend_id: str, pool: str | None, app_value: str | None, issued_at: float, session: bytes, nonce: bytes
 ) -> None:
     """Any claim that fits the layout opens to itself; an id or pool over 255 bytes is a ValueError, an app
     value that would make the token too long for `open` is TokenTooLarge."""
@@ -416,12 +508,21 @@ def test_round_trip_any_claim(
 def test_the_layouts_sizes_are_their_structs() -> None:
     """`open` and `_parse_claim` read the header and the claim by indexing, with sizes as constants."""
     assert codec._HEADER.size == codec._HEADER_SIZE and codec._CLAIM.size == codec._CLAIM_SIZE
+    assert codec._SECONDS_CLAIM.size == codec._SECONDS_CLAIM_SIZE
+
+
+@settings(max_examples=300, deadline=None)
+@given(issued_ms=st.integers(0, 2**48 - 1), session=st.binary(min_size=SESSION_BYTES, max_size=SESSION_BYTES))
+def test_a_claim_is_read_as_its_struct_writes_it(issued_ms: int, session: bytes) -> None:
+    plaintext = codec._CLAIM.pack(issued_ms.to_bytes(6, "big"), session, 2) + b"b1" + b"\x01p"
+    claim = codec._parse_claim(plaintext, 3, older_key=False)
+    assert (claim.issued_at, claim.session, claim.backend_id, claim.pool) == (issued_ms / 1000, session, "b1", "p")
 
 
 @settings(max_examples=300, deadline=None)
 @given(issued_at=st.integers(0, 2**32 - 1), session=st.binary(min_size=SESSION_BYTES, max_size=SESSION_BYTES))
-def test_a_claim_is_read_as_its_struct_writes_it(issued_at: int, session: bytes) -> None:
-    plaintext = codec._CLAIM.pack(issued_at, session, 2) + b"b1" + b"\x01p"
+def test_a_version_2_claim_is_read_as_its_struct_writes_it(issued_at: int, session: bytes) -> None:
+    plaintext = codec._SECONDS_CLAIM.pack(issued_at, session, 2) + b"b1" + b"\x01p"
     claim = codec._parse_claim(plaintext, 2, older_key=False)
     assert (claim.issued_at, claim.session, claim.backend_id, claim.pool) == (issued_at, session, "b1", "p")
 
@@ -429,7 +530,7 @@ def test_a_claim_is_read_as_its_struct_writes_it(issued_at: int, session: bytes)
 def test_a_value_is_refused_exactly_when_its_token_would_pass_max_token_chars() -> None:
     """Rewrite mode seals the backend's own value: the largest that fits makes a token of at most
     MAX_TOKEN_CHARS, and one byte more is refused (TokenTooLarge), not sealed into a longer one."""
-    claim_bytes = 3 + NONCE_BYTES + 4 + SESSION_BYTES + 1 + len("gw-1") + 1 + len("p") + 16  # all but the value
+    claim_bytes = 3 + NONCE_BYTES + 6 + SESSION_BYTES + 1 + len("gw-1") + 1 + len("p") + 16  # all but the value
     outcomes = []
     for size in range(3000, 3100):
         claim = Claim(backend_id="gw-1", issued_at=ISSUED, session=SESSION, app_value="v" * size, pool="p")

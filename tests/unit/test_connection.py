@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from lb.config.load import parse_config
 from lb.control.memory import ReleasePolicy
+from lb.errors import InvalidToken
 from lb.http.head import parse_response_head
 from lb.log import JsonFormatter
 from lb.proxy.actions import (
@@ -2599,14 +2600,23 @@ def test_insert_mode_leaves_out_a_backends_set_cookie_of_our_cookies_name(theirs
     assert not any("evil" in line or "spaced" in line or "Max-Age=0" in line for line in lines)
 
 
-def test_a_token_never_expires_before_max_age_whatever_the_fraction_of_its_issue_second() -> None:
-    """Issue times are whole seconds, rounded up: rounded down, a token died up to 1 s early."""
-    play = Play(REWRITE_CONFIG, now=T0 + 0.9)
+@pytest.mark.parametrize(("fraction", "issued_fraction"), [(0.0, 0.0), (0.9004, 0.9), (0.9996, 0.999)])
+def test_a_token_expires_max_age_after_it_was_issued_to_the_millisecond(
+    fraction: float, issued_fraction: float
+) -> None:
+    """Issue times are the wall clock floored to the millisecond: never in the future, so a token never
+    expires before max_age (rounded down to the second, it died up to 1 s early) nor opens past it
+    (rounded up to the second, it opened up to 1 s late)."""
+    play = Play(REWRITE_CONFIG, now=T0 + fraction)
     play.client(upgrade())
     play.connected()
     play.backend(SWITCH_SETTING_SID)
     token = _rewrite_token(play)
-    assert play.ctx.codec.open(token, T0 + 0.9 + 100).app_value == "abc"
+    issued = T0 + issued_fraction
+    assert play.ctx.codec.open(token, issued).issued_at == issued
+    assert play.ctx.codec.open(token, issued + 100 - 0.001).app_value == "abc"  # max_age: 100 s
+    with pytest.raises(InvalidToken, match="expired"):
+        play.ctx.codec.open(token, issued + 100 + 0.001)
 
 
 @pytest.mark.parametrize(("max_age", "cookie_max_age"), [("500ms", 1), ("1500ms", 2), ("2s", 2), ("1h", 3600)])

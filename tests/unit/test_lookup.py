@@ -209,3 +209,25 @@ def test_a_key_changes_nothing_in_a_round_robin_pool() -> None:
     state = pools("gateways")
     state["gateways"].apply_admin("gw-2", AdminAction.DISABLE, NOW)
     assert answer(seal("gw-2"), state, key="user7") == answer(seal("gw-2"), state)
+
+
+@pytest.mark.parametrize(
+    ("fraction", "max_age", "issued_at", "expires_at"),
+    [
+        (0.0, 3600.0, "2027-01-15T08:00:00Z", "2027-01-15T09:00:00Z"),
+        (0.999, 3600.0, "2027-01-15T08:00:00Z", "2027-01-15T09:00:00Z"),
+        (0.999, 0.5, "2027-01-15T08:00:00Z", "2027-01-15T08:00:01Z"),
+        (0.1, 0.9, "2027-01-15T08:00:00Z", "2027-01-15T08:00:01Z"),
+        (0.1, 0.899, "2027-01-15T08:00:00Z", "2027-01-15T08:00:00Z"),
+    ],
+)
+def test_times_are_to_the_second_truncated_from_the_tokens_milliseconds(
+    fraction: float, max_age: float, issued_at: str, expires_at: str
+) -> None:
+    """A token's issue time has milliseconds; /lookup's times keep their format (whole seconds, `Z`): the
+    second it was issued in and the second it expires in (exactly max_age later), never a later one."""
+    claim = Claim(backend_id="gw-2", issued_at=NOW + fraction, session=b"s" * 8)
+    codec = TokenCodec([KEY], max_age)
+    token = codec.seal(claim, os.urandom(NONCE_BYTES))
+    result = lookup_token(token, codec, pools("gateways"), now=NOW + fraction, max_age=max_age)
+    assert (result["issued_at"], result["expires_at"]) == (issued_at, expires_at)
