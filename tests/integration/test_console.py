@@ -119,6 +119,24 @@ async def test_lookup_valid_token(console: ConsoleStack) -> None:
     assert (expires - issued).total_seconds() == 3600
 
 
+async def test_lookup_issue_time_is_not_after_the_cookie_was_set(console: ConsoleStack) -> None:
+    """A fresh cookie was issued at or before the moment its answer arrived, and is valid now:
+    issued_at <= then <= now < expires_at.  Tokens carry their issue second rounded up, and /lookup
+    showed that second, up to 1 s in the future (the answer's Date said :49, issued_at :50)."""
+    from datetime import UTC, datetime
+
+    for _ in range(3):  # a second's boundary between the handshake and `arrived` would hide it once
+        v = await visit(console.a.ws_url())
+        arrived = datetime.now(UTC)
+        code, answer = await lookup(console.a, token_of(v))
+        now = datetime.now(UTC)
+        assert code == 200 and answer["valid"] is True, answer
+        issued, expires = (datetime.fromisoformat(answer[k]) for k in ("issued_at", "expires_at"))
+        assert issued <= arrived <= now < expires, (answer, arrived.isoformat())
+        assert (expires - issued).total_seconds() == 3600
+        assert (arrived - issued).total_seconds() < 5
+
+
 async def test_every_instance_sharing_the_keys_answers_the_same(console: ConsoleStack) -> None:
     """B shares A's keys: the same answer for A's token."""
     token = token_of(await visit(console.a.ws_url()))
