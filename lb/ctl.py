@@ -5,7 +5,7 @@
         drain POOL ID [--close-after D] [--rate R]
         disable POOL ID [--close-after D] [--rate R]
         enable POOL ID
-        lookup TOKEN [--pool POOL]               which backend holds this session now (the /lookup JSON)
+        lookup TOKEN [--pool POOL] [--key K]     which backend holds this session now (the /lookup JSON)
 
 Where the admin URL and token come from, first found wins: `--admin`/`--token`,
 then `--config FILE` (`admin.bind` and `admin.token`, `${VAR}` expanded by the same
