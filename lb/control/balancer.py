@@ -57,7 +57,7 @@ from lb.affinity.codec import TokenCodec
 from lb.compiled import compiled_state
 from lb.config.advice import advice, reload_advice
 from lb.config.load import ConfigSource, load_config_source
-from lb.config.model import BackendConfig, Config, ListenerConfig, PoolConfig, host_port
+from lb.config.model import AdminConfig, BackendConfig, Config, ListenerConfig, PoolConfig, host_port
 from lb.control.admin import make_admin_app, report_unlogged_errors
 from lb.control.daemon_thread import in_daemon_thread
 from lb.control.discovery import DiscoveryManager, add_discovered
@@ -317,14 +317,25 @@ class Balancer:
         taken and did not start at all.  The data plane does not need the API: that instance runs
         without one, and says so.  An address the operator wrote is theirs to fix: exit 2, as before.
         """
-        admin = self.config.admin
+        bound = await self._bind_admin(self.config.admin)
+        if bound is not None:
+            self._admin, self.admin_address = bound
+
+    async def _bind_admin(self, admin: AdminConfig) -> tuple[web.AppRunner, tuple[str, int]] | None:
+        """The admin API bound at `admin`'s address; None (and a WARNING) if that address is the
+        default one and taken.
+
+        Raises:
+            BindError: an address the operator wrote cannot be had.
+        """
         try:
-            self._admin, self.admin_address = await bind_admin(make_admin_app(self), admin)
+            return await bind_admin(make_admin_app(self), admin)
         except BindError as exc:
             if admin.bind_given:
                 raise
             log.warning("%s; no admin.bind is configured, so this instance runs without its admin API "
                         "(no /status, /metrics or /readyz): give admin.bind to have one", exc)
+            return None
 
     def _release_claims(self) -> None:
         """Give up the claims on the listeners' addresses (`claim`): from now on they are not ours."""
@@ -768,10 +779,13 @@ class Balancer:
                 for listener in config.listeners:
                     if (listener.host, listener.port) not in self._held:  # ours are claimed, for our workers
                         new_held[(listener.host, listener.port)] = claim(listener, probe=True)
-            if self.role is not Role.WORKER and (config.admin.host, config.admin.port) != (
+            if self.role is not Role.WORKER and (self._admin is None or (config.admin.host, config.admin.port) != (
                 self.config.admin.host, self.config.admin.port
-            ):
-                new_admin = await bind_admin(make_admin_app(self), config.admin)
+            )):
+                # Also when the API is not running (its default address was taken at the start): the
+                # reload that writes admin.bind, which the start's warning asks for, binds it even at
+                # the default address, and one without it tries that address again.
+                new_admin = await self._bind_admin(config.admin)
         except (BindError, OSError, ssl.SSLError) as exc:
             for listening in new_listening:
                 listening.server.close()
@@ -791,7 +805,7 @@ class Balancer:
         old_admin = None
         if new_admin is not None:
             old_admin, (self._admin, self.admin_address) = self._admin, new_admin
-            log.info("admin API moved to %s", host_port(*self.admin_address))
+            log.info("admin API %s %s", "on" if old_admin is None else "moved to", host_port(*self.admin_address))
         # 3. Update the health checkers (reloads are serialized: never two sets) and release the old admin.
         setup_logging(config.logging)
         if self.role is not Role.WORKER:

@@ -69,3 +69,59 @@ def test_a_taken_admin_address_stops_the_start_only_when_it_was_written(
                 await balancer.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_a_reload_brings_up_the_admin_api_its_start_could_not_have(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, given: bool
+) -> None:
+    """An instance started without its admin API (the default address taken) gets it at the reload that
+    writes admin.bind, even at that same address, or at one that keeps the default, once it is free."""
+    config = parse_config(SECTIONLESS, base_dir=tmp_path, environ={})
+
+    async def scenario() -> None:
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        balancer = Balancer(dataclasses.replace(config, admin=AdminConfig(host="127.0.0.1", port=port)))
+        try:
+            await balancer.start()
+            assert balancer.admin_address is None
+            holder.close()
+            admin = AdminConfig(host="127.0.0.1", port=port, bind_given=given)
+            with caplog.at_level(logging.INFO, logger="lb.control.balancer"):
+                await balancer.apply(dataclasses.replace(config, admin=admin))
+            assert balancer.admin_address == ("127.0.0.1", port)
+            assert f"admin API on 127.0.0.1:{port}" in caplog.text
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /livez HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            status = await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+            assert status.startswith(b"HTTP/1.1 200")
+        finally:
+            holder.close()
+            await balancer.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_reload_keeping_the_default_address_while_it_is_still_taken_is_no_failure(tmp_path: Path) -> None:
+    """Without admin.bind, a default address still taken at a reload leaves the API off, not the reload failed."""
+    config = parse_config(SECTIONLESS, base_dir=tmp_path, environ={})
+
+    async def scenario() -> None:
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            with_default = dataclasses.replace(config, admin=AdminConfig(host="127.0.0.1", port=port))
+            balancer = Balancer(with_default)
+            try:
+                await balancer.start()
+                await balancer.apply(with_default)
+                assert balancer.admin_address is None and balancer.ready
+            finally:
+                await balancer.stop()
+
+    asyncio.run(scenario())
