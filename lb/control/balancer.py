@@ -175,6 +175,7 @@ class Balancer:
         self._state_lines = StateLines()  # how many of a backend's state changes get a line of their own
         self._admin: web.AppRunner | None = None
         self.admin_address: tuple[str, int] | None = None
+        self._no_admin: BindError | None = None  # the default admin address, taken: said once all is bound
         self._checkers: list[HealthChecker] = []
         self._first_probes = FirstProbes()  # every pool's new probe loops, paced together
         # DNS discovery: the owner (or a single process) resolves; a worker follows the sets its owner sends.
@@ -289,6 +290,7 @@ class Balancer:
             listening.announce()
         if self.admin_address is not None:  # said here, not at its bind: a failed start is one line
             log.info("admin API on %s", host_port(*self.admin_address))
+        self._say_no_admin()  # likewise
         if self.role is not Role.WORKER:  # workers run the same files
             log.info("data plane: %s", compiled_state().describe())
         self._advise()
@@ -322,8 +324,9 @@ class Balancer:
             self._admin, self.admin_address = bound
 
     async def _bind_admin(self, admin: AdminConfig) -> tuple[web.AppRunner, tuple[str, int]] | None:
-        """The admin API bound at `admin`'s address; None (and a WARNING) if that address is the
-        default one and taken.
+        """The admin API bound at `admin`'s address; None if that address is the default one and taken
+        (`_say_no_admin` says so: at a start, once everything is bound, so that a listener address in
+        use is still the one line SPEC part 2 asks for).
 
         Raises:
             BindError: an address the operator wrote cannot be had.
@@ -333,9 +336,15 @@ class Balancer:
         except BindError as exc:
             if admin.bind_given:
                 raise
+            self._no_admin = exc
+            return None
+
+    def _say_no_admin(self) -> None:
+        """The WARNING for a default admin address that was taken (`_bind_admin`), once."""
+        exc, self._no_admin = self._no_admin, None
+        if exc is not None:
             log.warning("%s; no admin.bind is configured, so this instance runs without its admin API "
                         "(no /status, /metrics or /readyz): give admin.bind to have one", exc)
-            return None
 
     def _release_claims(self) -> None:
         """Give up the claims on the listeners' addresses (`claim`): from now on they are not ours."""
@@ -790,6 +799,7 @@ class Balancer:
             for listening in new_listening:
                 listening.server.close()
             release(new_held)
+            self._no_admin = None  # the reload failed: nothing of it is said but that
             if new_admin is not None:
                 await new_admin[0].cleanup()
             if isinstance(exc, BindError):
@@ -806,6 +816,7 @@ class Balancer:
         if new_admin is not None:
             old_admin, (self._admin, self.admin_address) = self._admin, new_admin
             log.info("admin API %s %s", "on" if old_admin is None else "moved to", host_port(*self.admin_address))
+        self._say_no_admin()
         # 3. Update the health checkers (reloads are serialized: never two sets) and release the old admin.
         setup_logging(config.logging)
         if self.role is not Role.WORKER:

@@ -125,3 +125,28 @@ def test_a_reload_keeping_the_default_address_while_it_is_still_taken_is_no_fail
                 await balancer.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_listener_address_in_use_is_still_the_one_line_when_the_default_admin_address_is_taken_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SPEC part 2: `lb run` with a port in use is one line naming the address.  The default admin address
+    taken as well must not add its warning before that line: said once everything is bound, as the
+    admin API's own address is."""
+    async def scenario() -> None:
+        with socket.socket() as admin_holder, socket.socket() as listener_holder:
+            for holder in (admin_holder, listener_holder):
+                holder.bind(("127.0.0.1", 0))
+                holder.listen()
+            admin_port, port = admin_holder.getsockname()[1], listener_holder.getsockname()[1]
+            config = parse_config(
+                SECTIONLESS.replace('bind: "127.0.0.1:0"', f'bind: "127.0.0.1:{port}"'), base_dir=tmp_path, environ={}
+            )
+            balancer = Balancer(dataclasses.replace(config, admin=AdminConfig(host="127.0.0.1", port=admin_port)))
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="lb"), pytest.raises(BindError, match=str(port)):
+                await balancer.start()
+            assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+            assert balancer.listen_addresses == []
+
+    asyncio.run(scenario())
