@@ -190,7 +190,7 @@ def advice(config: Config, *, crc32c_in_c: bool = True, descriptors: int | None 
         said.append(
             f"affinity.max_age is {affinity.max_age / 86400:g} days: browsers keep a cookie {BROWSER_COOKIE_DAYS} "
             f"days at most (RFC 6265bis), so a browser client's pin ends sooner than that; "
-            f"{BROWSER_COOKIE_DAYS * 24}h or less"
+            f"{BROWSER_COOKIE_DAYS}d or less"
         )
     plain = [f"listeners[{i}]" for i, listener in enumerate(config.listeners) if listener.tls is None]
     if plain and affinity.secure is SecureMode.AUTO:
