@@ -153,7 +153,7 @@ def test_what_is_left_at_the_end_of_the_grace_counts_by_what_the_client_got(take
         client, server = FakeTransport(buffered=0 if taken else 4096), FakeTransport()
         ctx, tunnel = _join(client, server)
         tunnel.shut_down()
-        tunnel.abort()  # as Balancer._end_tunnels does
+        tunnel.abort()  # as TunnelClosing.end does
         assert tunnel.closed and client.aborted
         assert ctx.stats.balancer_closes == {("shutdown", "close_frame" if taken else "tcp"): 1}
 
