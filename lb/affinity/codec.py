@@ -5,11 +5,12 @@ Layout, version 3 (sizes in bytes; then base64url without padding):
     version(1) | key id(2) | nonce(12) |
         AES-256-GCM( issued_at(6) | session(8) | id_len(1) | backend id | pool_len(1) | pool | app value )
 
-`issued_at` is Unix time in milliseconds, big-endian.  Every token is sealed as
-version 3; the earlier layouts still open, so a rolling upgrade keeps every
-client's pin: version 2 is the same with `issued_at(4)` in whole Unix seconds
-(sealed rounded up), and version 1 also has no `pool_len | pool` (a pin valid
-for whichever pool reads it).
+`issued_at` is Unix time in milliseconds, big-endian.  Tokens are sealed as
+version 3, or as version 2 with `affinity.token_version: 2` while instances that
+cannot open 3 still share the traffic (a rolling upgrade from them, a rollback to
+them).  Every layout opens, so an upgrade keeps every client's pin: version 2 is
+the same with `issued_at(4)` in whole Unix seconds (sealed rounded up), and
+version 1 also has no `pool_len | pool` (a pin valid for whichever pool reads it).
 
 - The backend is named by its configured id, never its address, so a gateway
   that moves keeps its clients.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import binascii
 import functools
 import hashlib
+import math
 import re
 import struct
 from collections.abc import Callable, Sequence
@@ -123,28 +125,33 @@ def _sealed_names(backend_id: str, pool: str) -> tuple[bytes, bytes]:
     return backend, bytes([min(len(backend), 255)]) + backend + bytes([min(len(pool_bytes), 255)]) + pool_bytes
 
 
-def _derive(secret: str) -> _Key:
+def _derive(secret: str, version: int) -> _Key:
     material = HKDF(
         algorithm=hashes.SHA256(), length=32, salt=None, info=b"lb affinity token v1"
     ).derive(secret.encode("utf-8"))
     key_id = int.from_bytes(hashlib.sha256(b"key id" + material).digest()[:2], "big")
-    return _Key(key_id=key_id, aead=AESGCM(material), header=_HEADER.pack(VERSION, key_id))
+    return _Key(key_id=key_id, aead=AESGCM(material), header=_HEADER.pack(version, key_id))
 
 
 class TokenCodec:
     """Seals and opens affinity tokens with a rotating list of secret keys."""
 
-    __slots__ = ("_keys", "_max_age")
+    __slots__ = ("_keys", "_max_age", "_seconds")
 
-    def __init__(self, secret_keys: Sequence[str], max_age: float) -> None:
+    def __init__(self, secret_keys: Sequence[str], max_age: float, seal_version: int = VERSION) -> None:
         """Args:
         secret_keys: the first seals; all of them open (rotation).
         max_age: seconds after issue when a token stops opening.
+        seal_version: the layout sealed (`affinity.token_version`): 3, or 2 while instances that open
+            only 1 and 2 still share the traffic (a rolling upgrade, a rollback); every version opens.
         """
         if not secret_keys:
             raise ValueError("at least one secret key is required")
-        self._keys = tuple(_derive(secret) for secret in secret_keys)
+        if seal_version not in (2, VERSION):
+            raise ValueError(f"tokens are sealed as version 2 or {VERSION}, not {seal_version}")
+        self._keys = tuple(_derive(secret, seal_version) for secret in secret_keys)
         self._max_age = max_age
+        self._seconds = seal_version == 2
 
     def seal(self, claim: Claim, nonce: bytes) -> str:
         """Encrypt `claim` with the first key; `nonce` must be 12 fresh random bytes.
@@ -159,14 +166,18 @@ class TokenCodec:
         if len(claim.session) != SESSION_BYTES or len(nonce) != NONCE_BYTES:
             raise ValueError("claim does not fit the token layout")
         app_value = claim.app_value.encode("utf-8") if claim.app_value is not None else b""
-        fixed = _HEADER_SIZE + NONCE_BYTES + _CLAIM_SIZE - 1 + len(names) + _TAG_BYTES  # names has the id length
+        claim_size = _SECONDS_CLAIM_SIZE if self._seconds else _CLAIM_SIZE
+        fixed = _HEADER_SIZE + NONCE_BYTES + claim_size - 1 + len(names) + _TAG_BYTES  # names has the id length
         if base64_chars(fixed + len(app_value)) > MAX_TOKEN_CHARS:
             raise TokenTooLarge(len(app_value))
         key = self._keys[0]
         # _CLAIM's issued_at (rounded: an opened claim's is milliseconds / 1000, which a float may hold
         # a hair under the millisecond) and session; its id length begins `names`.
-        issued_ms = round(claim.issued_at * 1000)
-        plaintext = issued_ms.to_bytes(6, "big") + claim.session + names + app_value
+        if self._seconds:  # version 2: whole seconds, rounded up, so as never to expire early
+            issued = math.ceil(round(claim.issued_at * 1000) / 1000).to_bytes(4, "big")
+        else:
+            issued = round(claim.issued_at * 1000).to_bytes(6, "big")
+        plaintext = issued + claim.session + names + app_value
         sealed = key.header + nonce + key.aead.encrypt(nonce, plaintext, key.header)
         return _to_text(sealed)
 

@@ -161,6 +161,9 @@ class AffinityConfig:
     # A backend that went down less than this long ago keeps its clients' cookies
     # (they are served elsewhere meanwhile): a flapping gateway does not re-pin everyone.
     redispatch_grace: float = 0.0
+    # The token layout this instance seals (every instance opens 1, 2 and 3): 2 while a fleet still runs
+    # instances that cannot open 3 (lb.affinity.codec), so that a client they reach keeps its pin.
+    token_version: int = 3
     # The cookie's Max-Age: whole seconds, rounded up, so the cookie outlives its token, and never 0
     # (`max_age: 500ms` as Max-Age=0 would tell a browser to delete the cookie at once).  Derived
     # once here, not per handshake.

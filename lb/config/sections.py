@@ -146,6 +146,7 @@ _AFFINITY_FIELDS = (
     Field("header", header_name),
     Field("query_param", identifier),
     Field("redispatch_grace", duration(allow_zero=True)),
+    Field("token_version", integer(2, 3)),
 )
 _LISTENER_FIELDS = (
     Field("bind", bind_address, required=True),

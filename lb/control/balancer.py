@@ -841,7 +841,7 @@ class Balancer:
         if config.limits != ctx.config.limits:
             rate_limiter = RateLimiter(config.limits.handshake_rate_per_ip, config.limits.burst_per_ip)
         ctx.pools = pools
-        ctx.codec = TokenCodec(config.affinity.secret_keys, config.affinity.max_age)
+        ctx.codec = TokenCodec(config.affinity.secret_keys, config.affinity.max_age, config.affinity.token_version)
         ctx.routes = sort_routes(config.routes)
         ctx.protected = configured_protected(config)
         ctx.trusted_proxies = TrustedProxies(config.trusted_proxies)

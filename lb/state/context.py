@@ -210,7 +210,7 @@ class ProxyContext:
         return cls(
             wall_offset=wall_offset,
             config=config,
-            codec=TokenCodec(config.affinity.secret_keys, config.affinity.max_age),
+            codec=TokenCodec(config.affinity.secret_keys, config.affinity.max_age, config.affinity.token_version),
             pools={name: PoolState(config=pool) for name, pool in config.pools.items()},
             routes=sort_routes(config.routes),
             protected=configured_protected(config),

@@ -152,7 +152,7 @@ def test_tokens_are_sealed_as_version_3_with_the_issue_time_in_milliseconds() ->
     4 bytes of seconds: the token is 2 bytes longer, and the rest of the layout is unchanged."""
     raw = unb64(MS_TOKEN)
     assert raw[0] == VERSION == 3
-    key = codec._derive("current-secret")
+    key = codec._derive("current-secret", 3)
     plaintext = key.aead.decrypt(raw[3:15], raw[15:], raw[:3])
     assert plaintext[:6] == (1_700_000_000_123).to_bytes(6, "big")
     assert plaintext[6:] == SESSION + b"\x04gw-1" + b"\x08gateways"
@@ -192,7 +192,7 @@ def test_a_token_expires_exactly_max_age_after_it_was_issued_to_the_millisecond(
 def _sealed_as(version: int, claim: Claim, secret: str = "current-secret") -> bytes:
     """`claim` sealed in an earlier layout (1: no pool; 2: with its pool), issue time in whole seconds, as
     builds before version 3 sealed it (rounded up)."""
-    key = codec._derive(secret)
+    key = codec._derive(secret, version)
     header = struct.pack(">BH", version, key.key_id)
     backend, pool = claim.backend_id.encode(), (claim.pool or "").encode()
     plaintext = codec._SECONDS_CLAIM.pack(math.ceil(claim.issued_at), claim.session, len(backend)) + backend
@@ -216,6 +216,20 @@ def test_tokens_of_earlier_layouts_open_and_expire_as_before(version: int) -> No
     for age in (MAX_AGE + 0.001, MAX_AGE + 1):
         assert reason_of(CODEC, token, ISSUED + age) == "expired"
     assert reason_of(CODEC, token, ISSUED - CLOCK_SKEW - 0.001) == "future"
+
+
+def test_version_2_is_sealed_when_asked_as_an_earlier_build_sealed_it() -> None:
+    """`affinity.token_version: 2`, while earlier builds share the traffic: the token is byte for byte the
+    layout they seal (whole seconds, rounded up) and open, and this build opens both versions."""
+    old_layout = TokenCodec(["current-secret"], MAX_AGE, seal_version=2)
+    token = old_layout.seal(MS_CLAIM, NONCE)
+    assert unb64(token) == _sealed_as(2, MS_CLAIM)
+    assert unb64(token)[0] == 2 and looks_sealed(token)
+    assert CODEC.open(token, ISSUED + 1).issued_at == ISSUED + 1  # 0.123 rounded up, as version 2 is
+    assert old_layout.open(MS_TOKEN, ISSUED + 1) == MS_CLAIM
+    for seal_version in (1, 4):
+        with pytest.raises(ValueError, match="version 2 or 3"):
+            TokenCodec(["current-secret"], MAX_AGE, seal_version=seal_version)
 
 
 def test_every_version_we_open_has_the_shape_of_our_tokens() -> None:

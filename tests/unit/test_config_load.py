@@ -285,6 +285,8 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ),
     ("affinity.secret_keys[0]", 12345, "expected a string, got int"),
     ("affinity.same_site", "loose", "expected one of Strict, Lax, None, got 'loose'"),
+    ("affinity.token_version", 4, "expected an integer from 2 to 3, got 4"),
+    ("affinity.token_version", 1, "expected an integer from 2 to 3, got 1"),
     ("affinity.http_only", "sure", "expected true or false, got str 'sure'"),
     ("affinity.secure", "sometimes", "expected one of auto, always, never, got 'sometimes'"),
     ("routes", [], "expected at least one route"),
@@ -625,6 +627,22 @@ def test_affinity_header_may_not_be_one_the_balancer_reads_or_writes(base_dir: P
     problems = problems_of(set_at(good_tree(), "affinity.header", header), base_dir)
     said = "'_' reads as '-'" if "_" in header else "X-LB-Affinity"
     assert list(problems) == ["affinity.header"] and said in problems["affinity.header"]
+
+
+@pytest.mark.parametrize(("written", "sealed"), [(None, 3), (3, 3), (2, 2)])
+def test_the_token_version_sealed_is_the_configured_one(base_dir: Path, written: int | None, sealed: int) -> None:
+    """`affinity.token_version: 2` for a rollout beside earlier builds: the running codec seals version 2."""
+    from base64 import urlsafe_b64decode
+
+    from lb.affinity.codec import Claim
+    from lb.state.context import ProxyContext
+
+    tree = good_tree() if written is None else set_at(good_tree(), "affinity.token_version", written)
+    config = parse(tree, base_dir)
+    assert config.affinity.token_version == sealed
+    codec = ProxyContext.build(config, lambda *args: None, wall_offset=0.0).codec
+    token = codec.seal(Claim("gw-1", 1_700_000_000.5, bytes(8), pool="gateways"), bytes(12))
+    assert urlsafe_b64decode(token + "=" * (-len(token) % 4))[0] == sealed
 
 
 @pytest.mark.parametrize("header", ["X-Game-Session", "X_Game_Session", "X-LB-Affinity"])

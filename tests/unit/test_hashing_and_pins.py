@@ -529,7 +529,7 @@ def test_version_1_tokens_still_open_for_any_pool() -> None:
 
     from lb.affinity.codec import _derive
 
-    key = _derive(KEYS[0])
+    key = _derive(KEYS[0], 1)
     header = struct.pack(">BH", 1, key.key_id)
     nonce = bytes(NONCE_BYTES)
     plaintext = struct.pack(">I8sB", int(NOW), SESSION, 4) + b"gw-2" + b"app"
