@@ -25,6 +25,14 @@ from lb.control.listening import BindError
 SECTIONLESS = in_process_config('  - bind: "127.0.0.1:0"').replace('admin: {bind: "127.0.0.1:0"}\n', "")
 
 
+def _taken() -> socket.socket:
+    """A loopback port this test holds, listening: an address another process has."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    return holder
+
+
 @pytest.mark.parametrize(("section", "given"), [
     ("", False), ("admin: {token: t-0123456789abcdef}\n", False), ('admin: {bind: "127.0.0.1:9000"}\n', True),
 ])
@@ -40,9 +48,7 @@ def test_a_taken_admin_address_stops_the_start_only_when_it_was_written(
     config = parse_config(SECTIONLESS, base_dir=tmp_path, environ={})
 
     async def scenario() -> None:
-        with socket.socket() as holder:
-            holder.bind(("127.0.0.1", 0))
-            holder.listen()
+        with _taken() as holder:
             port = holder.getsockname()[1]
             admin = AdminConfig(host="127.0.0.1", port=port, bind_given=given)
             balancer = Balancer(dataclasses.replace(config, admin=admin))
@@ -80,9 +86,7 @@ def test_a_reload_brings_up_the_admin_api_its_start_could_not_have(
     config = parse_config(SECTIONLESS, base_dir=tmp_path, environ={})
 
     async def scenario() -> None:
-        holder = socket.socket()
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
+        holder = _taken()
         port = holder.getsockname()[1]
         balancer = Balancer(dataclasses.replace(config, admin=AdminConfig(host="127.0.0.1", port=port)))
         try:
@@ -111,9 +115,7 @@ def test_a_reload_keeping_the_default_address_while_it_is_still_taken_is_no_fail
     config = parse_config(SECTIONLESS, base_dir=tmp_path, environ={})
 
     async def scenario() -> None:
-        with socket.socket() as holder:
-            holder.bind(("127.0.0.1", 0))
-            holder.listen()
+        with _taken() as holder:
             port = holder.getsockname()[1]
             with_default = dataclasses.replace(config, admin=AdminConfig(host="127.0.0.1", port=port))
             balancer = Balancer(with_default)
@@ -134,10 +136,7 @@ def test_a_listener_address_in_use_is_still_the_one_line_when_the_default_admin_
     taken as well must not add its warning before that line: said once everything is bound, as the
     admin API's own address is."""
     async def scenario() -> None:
-        with socket.socket() as admin_holder, socket.socket() as listener_holder:
-            for holder in (admin_holder, listener_holder):
-                holder.bind(("127.0.0.1", 0))
-                holder.listen()
+        with _taken() as admin_holder, _taken() as listener_holder:
             admin_port, port = admin_holder.getsockname()[1], listener_holder.getsockname()[1]
             config = parse_config(
                 SECTIONLESS.replace('bind: "127.0.0.1:0"', f'bind: "127.0.0.1:{port}"'), base_dir=tmp_path, environ={}
