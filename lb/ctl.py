@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from lb.access_log import shortened
+from lb.log import iso_utc
 
 EXIT_OK = 0
 # SPEC: "exit 0 on success, 1 with the server's message otherwise": every call that did not succeed,
@@ -774,8 +775,8 @@ def shown_discovery_value(key: str, value: object) -> str:
     if value is None:
         return "never" if key in _DISCOVERY_TIMES else "-"
     if key in _DISCOVERY_TIMES and isinstance(value, int | float) and not isinstance(value, bool):
-        with contextlib.suppress(OverflowError, OSError, ValueError):
-            return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+        with contextlib.suppress(OverflowError, OSError, ValueError):  # a time no calendar holds: as sent
+            return iso_utc(value, millis=False)
     return str(value)
 
 
