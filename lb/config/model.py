@@ -135,7 +135,7 @@ class AdminConfig:
     port: int = 9000
     token: str | None = None
     # Whether `admin.bind` was written: a default address that is taken costs the instance its admin
-    # API, not its start (lb.control.balancer.Balancer._start_admin).
+    # API, not its start (lb.control.balancer.Balancer._bind_admin).
     bind_given: bool = False
 
     @property

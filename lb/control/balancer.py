@@ -263,7 +263,9 @@ class Balancer:
         if self.role is not Role.WORKER:
             # First, so that /readyz answers 503 (and /livez 200) while discovery's first lookups
             # run and the listeners bind; a failure below closes it again, leaving nothing listening.
-            await self._start_admin()
+            bound = await self._bind_admin(self.config.admin)
+            if bound is not None:
+                self._admin, self.admin_address = bound
         if self.role is not Role.OWNER:
             if self.role is Role.SINGLE:  # a worker's are its owner's
                 # Claimed and probed before discovery's first lookups, as the owner of `workers: N`
@@ -311,22 +313,15 @@ class Balancer:
         if self._control is not None:
             self._control.report_ready()
 
-    async def _start_admin(self) -> None:
-        """Bind the admin API; raises BindError, unless its address is only the default one.
+    async def _bind_admin(self, admin: AdminConfig) -> tuple[web.AppRunner, tuple[str, int]] | None:
+        """The admin API bound at `admin`'s address; None if that address is the default one and taken
+        (`_say_no_admin` says so: at a start, once everything is bound, so that a listener address in
+        use is still the one line SPEC part 2 asks for).
 
         Without `admin.bind` the API takes 127.0.0.1:9000, and a second instance on the host, started
         with no admin section as the first one was (two instances sharing keys, a test rig), found it
         taken and did not start at all.  The data plane does not need the API: that instance runs
         without one, and says so.  An address the operator wrote is theirs to fix: exit 2, as before.
-        """
-        bound = await self._bind_admin(self.config.admin)
-        if bound is not None:
-            self._admin, self.admin_address = bound
-
-    async def _bind_admin(self, admin: AdminConfig) -> tuple[web.AppRunner, tuple[str, int]] | None:
-        """The admin API bound at `admin`'s address; None if that address is the default one and taken
-        (`_say_no_admin` says so: at a start, once everything is bound, so that a listener address in
-        use is still the one line SPEC part 2 asks for).
 
         Raises:
             BindError: an address the operator wrote cannot be had.
