@@ -150,7 +150,7 @@ MAX_DURATION_DAYS = 36_500
 
 
 def duration(*, allow_zero: bool = False) -> Parser:
-    """A parser of a duration (`500ms`, `2s`, `5m`, `1h`, or a number of seconds) into float seconds.
+    """A parser of a duration (`500ms`, `2s`, `5m`, `1h`, `1d`, or a number of seconds) into float seconds.
 
     Args:
         allow_zero: whether 0 is taken (`shutdown_delay: 0`); otherwise the least is above 0.
