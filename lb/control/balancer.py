@@ -61,7 +61,7 @@ from lb.config.model import AdminConfig, BackendConfig, Config, ListenerConfig, 
 from lb.control.admin import make_admin_app, report_unlogged_errors
 from lb.control.daemon_thread import in_daemon_thread
 from lb.control.discovery import DiscoveryManager, add_discovered
-from lb.control.health import FirstProbes, HealthChecker
+from lb.control.health import FirstProbes, HealthChecker, LoopLag
 from lb.control.ipc import check_config_handover, split_limits
 from lb.control.listening import (
     BindError,
@@ -178,6 +178,7 @@ class Balancer:
         self._no_admin: BindError | None = None  # the default admin address, taken: said once all is bound
         self._checkers: list[HealthChecker] = []
         self._first_probes = FirstProbes()  # every pool's new probe loops, paced together
+        self._loop_lag = LoopLag()  # what every check's timeout does not count (the balancer's own stalls)
         # DNS discovery: the owner (or a single process) resolves; a worker follows the sets its owner sends.
         self.discovery = DiscoveryManager(self.update_discovered, self.registry, follower=role is Role.WORKER)
         self._migrations: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -367,7 +368,9 @@ class Balancer:
             self._start_checker(pool)
 
     def _start_checker(self, pool: PoolState) -> None:
-        checker = HealthChecker(pool, self._on_state_change, self.ctx.observations, self._first_probes)
+        checker = HealthChecker(
+            pool, self._on_state_change, self.ctx.observations, self._first_probes, self._loop_lag
+        )
         checker.start()
         self._checkers.append(checker)
 

@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from lb.access_log import shortened
@@ -134,15 +135,98 @@ class FirstProbes:
             await asyncio.sleep(self.gap)
 
 
+class LoopLag:
+    """How late the event loop has run its timers, as a clock that moves only while the loop lags.
+
+    A timer every `period` notes how late it ran, and `lagged()` is the sum, with what the tick now due
+    is late by: a stall shows from the first callback after it, whichever of them runs first.  It runs
+    while a check holds it (`hold`/`release`), so a balancer with nothing in flight keeps no timer.
+    One for the balancer: every pool's checker shares it.
+    """
+
+    __slots__ = ("_due", "_handle", "_lagged", "_users", "period")
+
+    def __init__(self, period: float = 0.05) -> None:
+        self.period = period
+        self._lagged = 0.0
+        self._due = 0.0
+        self._users = 0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def lagged(self) -> float:
+        """Seconds the loop has run late since this clock began (only the times it was held count)."""
+        if self._handle is None:
+            return self._lagged
+        return self._lagged + max(0.0, asyncio.get_running_loop().time() - self._due)
+
+    def hold(self) -> None:
+        self._users += 1
+        if self._handle is None:
+            loop = asyncio.get_running_loop()
+            self._due = loop.time() + self.period
+            self._handle = loop.call_at(self._due, self._tick)
+
+    def release(self) -> None:
+        self._users -= 1  # the next tick stops the clock if nobody holds it then
+
+    def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._lagged += max(0.0, now - self._due)
+        if self._users <= 0:
+            self._handle = None
+            return
+        self._due = now + self.period
+        self._handle = loop.call_at(self._due, self._tick)
+
+
+@contextlib.asynccontextmanager
+async def _within(seconds: float, lag: LoopLag) -> AsyncIterator[None]:
+    """Raise TimeoutError in the block once it has had `seconds` of the event loop's time.
+
+    A check's timeout is the backend's time to answer, not the balancer's: stopped (a paused VM or
+    container, a CPU-starved or SIGSTOPped process) or held by a long turn of its own loop (thousands
+    of checks due at once after such a stall), the balancer reads an answer that came in time only
+    past the deadline by the clock; as `asyncio.timeout` it failed the check, and with `fall: 1` took
+    down every backend it was checking then.  HAProxy and Envoy judge a check by the time it actually
+    ran.  The time the loop ran late meanwhile (`LoopLag`) is not counted: the deadline moves by it.
+    A backend that is really silent still fails: the check ends once it has had `seconds` of the
+    loop's time, which on a loop lagging for good comes later by the clock, never not at all.
+    """
+    loop = asyncio.get_running_loop()
+    lag.hold()
+    start, lagged = loop.time(), lag.lagged()
+    judge: asyncio.TimerHandle | None = None
+    try:
+        async with asyncio.timeout(None) as limit:
+
+            def due() -> None:
+                nonlocal judge
+                had = loop.time() - start - (lag.lagged() - lagged)
+                if had >= seconds - 0.001:
+                    judge = None
+                    limit.reschedule(loop.time())
+                else:
+                    judge = loop.call_at(loop.time() + seconds - had, due)
+
+            judge = loop.call_at(start + seconds, due)
+            yield
+    finally:
+        if judge is not None:
+            judge.cancel()
+        lag.release()
+
+
 class HealthChecker:
     """Probes every backend of one pool on its interval until stopped."""
 
     def __init__(
         self, pool: PoolState, on_change: Callable[[StateChange], None], observations: Observations | None = None,
-        first_probes: FirstProbes | None = None,
+        first_probes: FirstProbes | None = None, lag: LoopLag | None = None,
     ) -> None:
         self._pool = pool
         self._first_probes = first_probes or FirstProbes()  # shared with the other pools' checkers, if given
+        self._lag = lag or LoopLag()  # likewise
         self._observations = observations or Observations()  # lb_health_checks_total
         self._on_change = on_change
         # backend id → (its state, the (host, port) its loop was started for, the loop)
@@ -225,7 +309,7 @@ class HealthChecker:
         check = self._pool.config.health_check
         config = backend.config
         try:
-            async with asyncio.timeout(check.timeout):
+            async with _within(check.timeout, self._lag):
                 reader, writer = await asyncio.open_connection(config.host, config.port)
                 try:
                     if check.type is HealthCheckType.TCP:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
 import struct
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 
@@ -230,6 +233,64 @@ async def test_a_backend_silent_past_the_timeout_fails() -> None:
         started = loop.time()
         assert await check(port, check_timeout=0.1) == ProbeResult(False, "no answer within 0.1s")
         assert loop.time() - started < 0.6
+
+
+@contextmanager
+def threaded_backend(answer_with: bytes | None) -> Iterator[tuple[int, threading.Event, threading.Event]]:
+    """A backend in a thread of its own, to answer while this test's event loop is stalled; yields its
+    port, `asked` (set once the check's request is in) and `go`: once that is set, it writes
+    `answer_with` (None: says nothing, until the test ends)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5.0)
+    asked, go, done = threading.Event(), threading.Event(), threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(5.0)
+                conn.recv(4096)
+                asked.set()
+                if go.wait(5.0) and answer_with is not None:
+                    conn.sendall(answer_with)
+                done.wait(5.0)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], asked, go
+    finally:
+        done.set()
+        go.set()
+        thread.join(5.0)
+        listener.close()
+
+
+async def _stall_once_asked(asked: threading.Event, go: threading.Event) -> None:
+    """Let the check send its request, then stall the loop (a paused VM, a long collection) 0.6 s, while
+    the backend answers."""
+    assert await asyncio.to_thread(asked.wait, 5.0)
+    go.set()
+    time.sleep(0.6)  # noqa: ASYNC251 - the stall itself: this loop runs nothing meanwhile
+
+
+async def test_a_stall_of_the_balancers_own_event_loop_is_not_the_backends_silence() -> None:
+    """An answer that came in time but was read late, the loop stalled past the timeout, passes."""
+    with threaded_backend(answer("200 OK")) as (port, asked, go):
+        probe = asyncio.create_task(check(port, check_timeout=0.2))
+        await _stall_once_asked(asked, go)
+        assert await probe == ProbeResult(True, "HTTP 200", "up")
+
+
+async def test_a_silent_backend_still_fails_when_the_loop_stalled_during_its_check() -> None:
+    """The stall is not counted, the rest of the timeout is: a silent backend fails soon after."""
+    loop = asyncio.get_running_loop()
+    with threaded_backend(None) as (port, asked, go):
+        probe = asyncio.create_task(check(port, check_timeout=0.2))
+        await _stall_once_asked(asked, go)
+        resumed = loop.time()
+        assert await probe == ProbeResult(False, "no answer within 0.2s")
+        assert loop.time() - resumed < 2.0  # the part of its timeout it had not had yet, not a new one
 
 
 async def test_a_connect_error_s_text_is_one_bounded_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,86 @@
+"""A stall of the balancer's own event loop is not a backend's silence: no false `down` after it.
+
+The balancer is stopped (SIGSTOP, as a paused VM, a CPU-starved container or a long GC would hold it)
+just after a health check went out; the backend answers it at once, but the balancer only reads the
+answer once it runs again, past the check's `timeout` by the clock.  HAProxy and Envoy judge a check's
+timeout by the time the check actually had; a balancer that took its own stall for the backend's took
+every backend whose check was in flight `down` (with `fall: 1`, Traefik's behaviour, at once) and
+redispatched their pinned players.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import threading
+
+from conftest import UNIT, Launcher, http_get_async, lb_config, wait_for_state
+from support_tcp import ThreadedServer
+
+ANSWER_AFTER = 0.3  # the backend holds each health answer this long: the balancer is stopped by then
+STALL = 1.5  # seconds the balancer is stopped: three times the check's timeout
+CHECK = {"type": "http", "path": "/health", "interval": "1s", "timeout": "500ms", "rise": 2, "fall": 1}
+
+
+class _HealthBackend:
+    """Answers every GET with 200 after ANSWER_AFTER; `asked` is set as each request arrives."""
+
+    def __init__(self) -> None:
+        self.asked = threading.Event()
+        self.server = ThreadedServer(self._serve, name="health backend")
+        self.id = "gw-1"
+        self.address = self.server.address
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5.0)
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    head += chunk
+                self.asked.set()
+                if self.server.pause(ANSWER_AFTER):
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+
+async def _failed_checks(lb_admin: str) -> float:
+    code, _, body = await http_get_async(lb_admin)
+    assert code == 200
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in body.decode().splitlines()
+        if line.startswith("lb_health_checks_total{") and 'result="failure"' in line
+    )
+
+
+async def test_a_stalled_balancer_does_not_take_a_backend_it_was_checking_down(launcher: Launcher) -> None:
+    """A check in flight while the balancer itself was stopped past its timeout is not a failed check."""
+    backend = _HealthBackend()
+    try:
+        lb = launcher.balancer(lb_config(pools={"gateways": [backend]}, health=CHECK))
+        await wait_for_state(lb, "gateways", backend.id, "up", within=10 * UNIT)
+        assert lb.proc is not None
+        for _ in range(2):
+            backend.asked.clear()
+            assert await asyncio.to_thread(backend.asked.wait, 5 * UNIT), "no health check came"
+            os.kill(lb.proc.pid, signal.SIGSTOP)  # the check is out; its answer comes while we are stopped
+            try:
+                await asyncio.sleep(STALL)
+            finally:
+                os.kill(lb.proc.pid, signal.SIGCONT)
+            await asyncio.sleep(1.5 * UNIT)  # the check's verdict, and the next check's
+            code, _, body = await http_get_async(lb.admin_url("/status"))
+            assert code == 200
+            state = json.loads(body)["pools"]["gateways"]["backends"][0]
+            assert state["state"] == "up", f"{state}\n{lb.logs_tail()}"
+        assert "is down" not in lb.log_text(), lb.logs_tail()
+        assert await _failed_checks(lb.admin_url("/metrics")) == 0, lb.logs_tail()
+    finally:
+        backend.server.close()
