@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
+import time
 from collections.abc import Callable
 
 import pytest
@@ -440,3 +442,42 @@ async def test_first_probes_of_many_new_loops_come_in_slices_in_order() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
     assert late.done() and through[-1] == 120
+
+
+async def test_probes_a_stall_of_the_loop_made_due_together_are_spread_again() -> None:
+    """200 probe loops spread by their first probes; the event loop stalls past their interval, and all of
+    them wake in one turn: they go on in slices of `at_once`, not as one turn of 200 checks at every interval
+    from then on (the loops keep the phase their probe after the stall had)."""
+    from lb.control.health import FirstProbes
+
+    config = PoolConfig(
+        name="p", backends=tuple(BackendConfig(f"gw-{index}", "127.0.0.1", 9001 + index) for index in range(200)),
+        health_check=HealthCheckConfig(interval=1.0, fall=2, rise=1),
+    )
+    state = PoolState(config=config)
+    at_once, gap = 20, 0.05  # ten slices, 0.5 s: within the interval
+    checker = HealthChecker(state, lambda change: None, first_probes=FirstProbes(at_once=at_once, gap=gap))
+    loop = asyncio.get_running_loop()
+    started: list[float] = []
+    stalled = asyncio.Event()
+
+    async def instant(backend: BackendStatus) -> ProbeResult:
+        started.append(loop.time())
+        if len(started) == 200:
+            stalled.set()  # every loop has had its first probe: they are spread now
+        return ProbeResult(True, "HTTP 200", "up")
+
+    checker.check = instant  # type: ignore[method-assign]
+    checker.retarget(state)
+    try:
+        await asyncio.wait_for(stalled.wait(), 10)
+        time.sleep(1.2)  # noqa: ASYNC251 - the stall itself: this loop runs nothing meanwhile
+        resumed = loop.time()
+        await asyncio.sleep(2.2)  # the 200 probes after the stall, and theirs an interval after
+    finally:
+        await checker.stop()
+    after = sorted(at for at in started if at >= resumed)
+    assert len(after) >= 300, f"only {len(after)} probes in 2.2 s after the stall"
+    crowd = max(bisect.bisect_right(after, at + gap / 2) - index for index, at in enumerate(after))
+    # One slice (and on a loaded machine, part of the next one, late), not the 200 of one turn.
+    assert crowd <= 2 * at_once, f"{crowd} probes within {gap / 2}s of each other after the stall"
