@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Final
 
 GRAIN: Final = 0.05  # seconds: how late a deadline may be reached
+STALLED: Final = 0.1  # a slice reached this late: the loop was stalled, and reads what came first
 
 log: Final = logging.getLogger("lb.proxy")
 _now: Final = time.monotonic  # a C static for compiled code (as lb.proxy.server._now)
@@ -86,8 +87,30 @@ class Deadlines:
 
     def _reach(self, number: int) -> None:
         """The slice's end: every deadline in it that is still waiting is reached (one callback's
-        error is logged, and the rest still run: a deadline missed is a connection never closed)."""
+        error is logged, and the rest still run: a deadline missed is a connection never closed).
+
+        Reached more than STALLED late, the event loop was stalled (the process stopped or starved of
+        CPU, a paused VM): what its sockets received meanwhile is read first, and only the deadlines
+        it did not end are reached.  A backend's 101 that came 0.3 s into a 1 s `backend_connect`
+        while the balancer was stopped for 1.5 s was a 502, and a failed handshake counted against
+        a healthy gateway (`fall` of them in flight took it down), because the loop runs the timers
+        due before it looks at its sockets again; HAProxy reads what came before it judges a timeout.
+        """
         owners = self._slices.pop(number, None)
+        if not owners:
+            return
+        if _now() - number * GRAIN > STALLED:
+            self.loop.call_soon(self._after_a_look, owners)
+            return
+        self._expire(owners)
+
+    def _after_a_look(self, owners: set[Deadline]) -> None:
+        # This first hop runs before the loop's next look at its sockets has been acted on (asyncio
+        # queues that look's I/O callbacks after it; uvloop looks after it): the second hop, queued
+        # from here, runs after them under both.
+        self.loop.call_soon(self._expire, owners)
+
+    def _expire(self, owners: set[Deadline]) -> None:
         if not owners:
             return
         now = _now()

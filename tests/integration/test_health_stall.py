@@ -1,35 +1,41 @@
-"""A stall of the balancer's own event loop is not a backend's silence: no false `down` after it.
+"""A stall of the balancer's own event loop is not a backend's silence: no false `down` or 502 after it.
 
 The balancer is stopped (SIGSTOP, as a paused VM, a CPU-starved container or a long GC would hold it)
 just after a health check went out; the backend answers it at once, but the balancer only reads the
 answer once it runs again, past the check's `timeout` by the clock.  HAProxy and Envoy judge a check's
 timeout by the time the check actually had; a balancer that took its own stall for the backend's took
 every backend whose check was in flight `down` (with `fall: 1`, Traefik's behaviour, at once) and
-redispatched their pinned players.
+redispatched their pinned players.  Likewise a backend's answer to a handshake, which came within
+`timeouts.backend_connect` while the balancer was stopped, is read before that deadline is judged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import socket
 import threading
 
-from conftest import UNIT, Launcher, http_get_async, lb_config, wait_for_state
+from conftest import UNIT, Launcher, http_get_async, lb_config, open_raw, read_response, upgrade_request, wait_for_state
 from support_tcp import ThreadedServer
 
 ANSWER_AFTER = 0.3  # the backend holds each health answer this long: the balancer is stopped by then
 STALL = 1.5  # seconds the balancer is stopped: three times the check's timeout
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 CHECK = {"type": "http", "path": "/health", "interval": "1s", "timeout": "500ms", "rise": 2, "fall": 1}
 
 
 class _HealthBackend:
-    """Answers every GET with 200 after ANSWER_AFTER; `asked` is set as each request arrives."""
+    """Answers every GET with 200 after ANSWER_AFTER (a WebSocket upgrade: 101 after ANSWER_AFTER, a health
+    check at once, with `instant_health`); `asked` is set as each such request arrives."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, instant_health: bool = False) -> None:
+        self.instant_health = instant_health
         self.asked = threading.Event()
         self.server = ThreadedServer(self._serve, name="health backend")
         self.id = "gw-1"
@@ -45,9 +51,28 @@ class _HealthBackend:
                     if not chunk:
                         return
                     head += chunk
-                self.asked.set()
-                if self.server.pause(ANSWER_AFTER):
+                key = _ws_key(head)
+                if key is None and self.instant_health:
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                    return
+                self.asked.set()
+                if not self.server.pause(ANSWER_AFTER):
+                    return
+                if key is None:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                    return
+                accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+                self.server.pause(5.0)  # the tunnel, until the test ends
+
+
+def _ws_key(head: bytes) -> bytes | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"sec-websocket-key":
+            return value.strip()
+    return None
 
 
 async def _failed_checks(lb_admin: str) -> float:
@@ -82,5 +107,37 @@ async def test_a_stalled_balancer_does_not_take_a_backend_it_was_checking_down(l
             assert state["state"] == "up", f"{state}\n{lb.logs_tail()}"
         assert "is down" not in lb.log_text(), lb.logs_tail()
         assert await _failed_checks(lb.admin_url("/metrics")) == 0, lb.logs_tail()
+    finally:
+        backend.server.close()
+
+
+async def test_a_backend_answer_that_came_while_the_balancer_was_stopped_is_read_before_its_deadline(
+    launcher: Launcher,
+) -> None:
+    """A 101 sent 0.3 s into a 1 s `backend_connect`, the balancer stopped meanwhile for 1.5 s: the client
+    gets the 101, not a 502, and the gateway is not counted a failed handshake (`fall: 1`: it stays up)."""
+    backend = _HealthBackend(instant_health=True)
+    try:
+        config = lb_config(pools={"gateways": [backend]}, health=CHECK,
+                           overrides={"timeouts": {"backend_connect": "1s", "handshake": "5s"}})
+        lb = launcher.balancer(config)
+        await wait_for_state(lb, "gateways", backend.id, "up", within=10 * UNIT)
+        assert lb.proc is not None and lb.port is not None
+        for _ in range(2):
+            backend.asked.clear()
+            reader, writer = await open_raw(lb.port)
+            try:
+                writer.write(upgrade_request("/ws"))
+                assert await asyncio.to_thread(backend.asked.wait, 5 * UNIT), "the handshake never reached the backend"
+                os.kill(lb.proc.pid, signal.SIGSTOP)  # the backend answers while we are stopped
+                try:
+                    await asyncio.sleep(STALL)
+                finally:
+                    os.kill(lb.proc.pid, signal.SIGCONT)
+                response = await read_response(reader, within=5 * UNIT, body=False)
+                assert response.status == 101, f"{response.status}\n{lb.logs_tail()}"
+            finally:
+                writer.transport.abort()
+        assert "is down" not in lb.log_text(), lb.logs_tail()
     finally:
         backend.server.close()

@@ -16,22 +16,37 @@ from typing import Any
 
 import pytest
 
-from lb.proxy.deadlines import GRAIN, Deadlines
+from lb.proxy.deadlines import GRAIN, STALLED, Deadlines
 
 
 class _RecordingLoop:
-    """call_later that keeps (delay, callback, args) for the test to run."""
+    """call_later that keeps (delay, callback, args) for the test to run; call_soon's callbacks run
+    after the timers fire_all fires (`soon` holds them until then)."""
 
     def __init__(self) -> None:
         self.timers: list[tuple[float, Callable[..., object], tuple[Any, ...]]] = []
+        self.soon: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> None:
         self.timers.append((delay, callback, args))
+
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
+        self.soon.append((callback, args))
+
+    def run_soon_once(self) -> None:
+        """One turn's worth of call_soon callbacks (those they queue wait for the next)."""
+        soon, self.soon = self.soon, []
+        for callback, args in soon:
+            callback(*args)
 
     def fire_all(self) -> None:
         timers, self.timers = self.timers, []
         for _delay, callback, args in timers:
             callback(*args)
+        for _ in range(10):
+            if not self.soon:
+                break
+            self.run_soon_once()
 
 
 def _wheel() -> tuple[Deadlines, _RecordingLoop]:
@@ -167,3 +182,22 @@ def test_on_a_real_loop_a_deadline_is_reached_after_its_time_and_within_a_grain_
 
     start, at = asyncio.run(scenario())
     assert 0.12 <= at - start < 0.12 + GRAIN + 0.25  # the slack: a loaded CI machine's scheduling
+
+
+def test_a_slice_reached_after_a_stall_lets_the_loop_read_its_sockets_before_its_deadlines() -> None:
+    """Reached more than STALLED late (the process was stopped), a slice's deadlines wait two turns of
+    call_soon: what the loop reads meanwhile (a backend's answer that came in time) ends theirs."""
+    deadlines, loop = _wheel()
+    ran: list[str] = []
+    answered = deadlines.call_later(0.0, lambda: ran.append("answered"))
+    deadlines.call_later(0.0, lambda: ran.append("silent"))
+    time.sleep(STALLED + GRAIN + 0.05)
+    timers, loop.timers = loop.timers, []
+    for _delay, callback, args in timers:
+        callback(*args)
+    loop.run_soon_once()
+    assert ran == [], "no deadline is reached before the loop has looked at its sockets"
+    answered.cancel()  # what the look found: the answer, which ends that handshake's deadline
+    loop.run_soon_once()
+    assert ran == ["silent"] and deadlines.waiting() == 0
+
