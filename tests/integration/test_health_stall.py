@@ -25,9 +25,10 @@ from conftest import UNIT, Launcher, http_get_async, lb_config, open_raw, read_r
 from support_tcp import ThreadedServer
 
 ANSWER_AFTER = 0.3  # the backend holds each health answer this long: the balancer is stopped by then
-STALL = 1.5  # seconds the balancer is stopped: three times the check's timeout
+STALL = 2.5  # seconds the balancer is stopped: past the check's timeout and backend_connect
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
-CHECK = {"type": "http", "path": "/health", "interval": "1s", "timeout": "500ms", "rise": 2, "fall": 1}
+# Timeouts with room to spare on a loaded machine: the backend's 0.3 s is well inside them.
+CHECK = {"type": "http", "path": "/health", "interval": "2s", "timeout": "1s", "rise": 2, "fall": 1}
 
 
 class _HealthBackend:
@@ -100,7 +101,7 @@ async def test_a_stalled_balancer_does_not_take_a_backend_it_was_checking_down(l
                 await asyncio.sleep(STALL)
             finally:
                 os.kill(lb.proc.pid, signal.SIGCONT)
-            await asyncio.sleep(1.5 * UNIT)  # the check's verdict, and the next check's
+            await asyncio.sleep(2.5 * UNIT)  # the check's verdict, and the next check's
             code, _, body = await http_get_async(lb.admin_url("/status"))
             assert code == 200
             state = json.loads(body)["pools"]["gateways"]["backends"][0]
@@ -114,12 +115,12 @@ async def test_a_stalled_balancer_does_not_take_a_backend_it_was_checking_down(l
 async def test_a_backend_answer_that_came_while_the_balancer_was_stopped_is_read_before_its_deadline(
     launcher: Launcher,
 ) -> None:
-    """A 101 sent 0.3 s into a 1 s `backend_connect`, the balancer stopped meanwhile for 1.5 s: the client
+    """A 101 sent 0.3 s into a 2 s `backend_connect`, the balancer stopped meanwhile for 2.5 s: the client
     gets the 101, not a 502, and the gateway is not counted a failed handshake (`fall: 1`: it stays up)."""
     backend = _HealthBackend(instant_health=True)
     try:
         config = lb_config(pools={"gateways": [backend]}, health=CHECK,
-                           overrides={"timeouts": {"backend_connect": "1s", "handshake": "5s"}})
+                           overrides={"timeouts": {"backend_connect": "2s", "handshake": "5s"}})
         lb = launcher.balancer(config)
         await wait_for_state(lb, "gateways", backend.id, "up", within=10 * UNIT)
         assert lb.proc is not None and lb.port is not None
