@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -47,7 +48,7 @@ from lb.proxy.actions import (
 from lb.proxy.connecting import Connecting
 from lb.proxy.connection import CLOSED, RELAY, TUNNEL, Connection
 from lb.proxy.deadlines import Deadline, Deadlines
-from lb.proxy.reading import READ_VIEW
+from lb.proxy.reading import READ_CHUNK, READ_VIEW
 from lb.proxy.tunnel import Tunnel, close_flushing, reset
 from lb.state.context import ProxyContext
 from lb.state.observations import error_kind
@@ -68,6 +69,9 @@ def wall_offset() -> float:
 
 _HELD: Final = 1  # pause reasons, a bit each
 _BACKEND_FULL: Final = 2
+# Reads of what a backend sent before a write to it failed (_Upstream._read_what_is_left): 128 KiB,
+# an answer head's limit (64 KiB) and a short body.
+LEFT_READS: Final = 4
 
 
 class _Upstream(asyncio.BufferedProtocol):
@@ -124,9 +128,43 @@ class _Upstream(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         owner = self.owner
+        if owner is not None and isinstance(exc, OSError):
+            self._read_what_is_left(owner)
+            owner = self.owner  # dropped, if what was left ended the answer
         if owner is not None:
             cause = f"connection lost: {exc}" if exc else "backend closed the connection"
             owner.drive(owner.core.backend_failed, cause, _now())
+
+    def _read_what_is_left(self, owner: ClientConnection) -> None:
+        """Pass on what the backend sent before the error that ended its transport.
+
+        A write that meets the backend's reset (EPIPE, ECONNRESET) ends the transport before the loop
+        has read what came ahead of that reset: a gateway that answers an upload early (a 413, a 401)
+        and closes on the body it did not read resets the connection, and when the client's next
+        bytes are handled first, its answer was lost and the client got a 502.  The kernel still holds
+        those bytes, and both loops close the socket only once this callback returns; at most
+        `LEFT_READS` reads (past an answer head's limit: the rest would be a body cut by the reset).
+        """
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return
+        try:
+            fd = int(sock.fileno())
+        except (OSError, ValueError):
+            return
+        if fd < 0:
+            return
+        for _ in range(LEFT_READS):
+            try:
+                data = os.read(fd, READ_CHUNK)  # the socket is non-blocking: BlockingIOError when none is left
+            except OSError:
+                return
+            if not data:
+                return
+            owner.received(data, from_backend=True)
+            if self.owner is not owner:
+                return
 
     def pause_writing(self) -> None:
         owner = self.owner

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +36,7 @@ from conftest import (
 )
 from support_ops import wait_until
 from support_raw import RecordingBackend, rss_kib
+from support_tcp import ThreadedServer
 
 from lb.ws.upgrade import accept_value
 
@@ -425,3 +428,81 @@ async def test_slow_plain_answers_are_not_sent_twice_and_leave_the_pool_up(
     assert [find_backend(document, "a", b)["state"] for b in ("rec-a", "rec-b")] == ["up", "up"]
     if response is None:
         assert lb.log_text().count("no answer within") == 4
+
+
+class _EarlyAnswer:
+    """A gateway that answers an upload from its head alone (a 413, as nginx's `client_max_body_size`
+    gives) and then closes on the body it has not read: its kernel resets the connection."""
+
+    ANSWER = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large"
+
+    def __init__(self) -> None:
+        self.id = "early"
+        self.has_head = threading.Event()
+        self.answer_now = threading.Event()
+        self.answered = threading.Event()
+        self.server = ThreadedServer(self._serve, name="early")
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5.0)
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(1)  # the head alone: the body stays unread
+                    if not chunk:
+                        return  # a TCP health check
+                    head += chunk
+                self.has_head.set()
+                if self.server.stop.wait(0) or not self.answer_now.wait(10 * UNIT):
+                    return
+                conn.sendall(self.ANSWER)
+            self.answered.set()
+        # closed with the body unread: a reset, which reaches the balancer behind the answer
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_an_early_answer_to_an_upload_reaches_the_client_when_a_write_fails_first(
+    launcher: Launcher, event_loop: str
+) -> None:
+    """A gateway that answers an upload early (413) and closes on the rest resets the connection.  When
+    the balancer's next write of the body meets that reset before it has read the answer (the client's
+    bytes came first, as they do on a busy loop), the answer the kernel holds is still the client's: a
+    413, not a 502 for a backend that "closed before answering" (HAProxy and nginx relay it too).
+    The balancer is stopped (SIGSTOP) while both arrive, so that its loop sees them in that order."""
+    backend = _EarlyAnswer()
+    try:
+        lb = launcher.balancer(lb_config(
+            pools={"p": [backend]}, health=TCP_HEALTH, overrides={"runtime": {"event_loop": event_loop}}
+        ))
+        assert lb.port is not None and lb.proc is not None
+        reader, writer = await open_raw(lb.port)
+        try:
+            writer.write(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\n" + b"u" * 8192)
+            await writer.drain()
+            assert await asyncio.to_thread(backend.has_head.wait, 5 * UNIT)
+            await asyncio.sleep(0.3)  # the first body bytes reach the gateway, which does not read them
+            lb.proc.send_signal(signal.SIGSTOP)
+            try:
+                writer.write(b"u" * 16384)  # more of the body: waiting for the balancer first
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                backend.answer_now.set()
+                assert await asyncio.to_thread(backend.answered.wait, 5 * UNIT)
+                await asyncio.sleep(0.3)  # the answer, then the reset, wait behind the client's bytes
+            finally:
+                lb.proc.send_signal(signal.SIGCONT)
+            answer = await read_response(reader, within=5 * UNIT)
+            assert (answer.status, answer.body) == (413, b"too large"), answer
+        finally:
+            await close_raw(writer)
+        lb.assert_alive()
+    finally:
+        backend.close()
