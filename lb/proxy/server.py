@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -48,8 +47,8 @@ from lb.proxy.actions import (
 from lb.proxy.connecting import Connecting
 from lb.proxy.connection import CLOSED, RELAY, TUNNEL, Connection
 from lb.proxy.deadlines import Deadline, Deadlines
-from lb.proxy.reading import READ_CHUNK, READ_VIEW
-from lb.proxy.tunnel import Tunnel, close_flushing, reset
+from lb.proxy.reading import READ_VIEW
+from lb.proxy.tunnel import Tunnel, close_flushing, read_what_is_left, reset
 from lb.state.context import ProxyContext
 from lb.state.observations import error_kind
 from lb.tls import bound_buffers
@@ -69,9 +68,6 @@ def wall_offset() -> float:
 
 _HELD: Final = 1  # pause reasons, a bit each
 _BACKEND_FULL: Final = 2
-# Reads of what a backend sent before a write to it failed (_Upstream._read_what_is_left): 128 KiB,
-# an answer head's limit (64 KiB) and a short body.
-LEFT_READS: Final = 4
 
 
 class _Upstream(asyncio.BufferedProtocol):
@@ -136,35 +132,16 @@ class _Upstream(asyncio.BufferedProtocol):
             owner.drive(owner.core.backend_failed, cause, _now())
 
     def _read_what_is_left(self, owner: ClientConnection) -> None:
-        """Pass on what the backend sent before the error that ended its transport.
+        """Pass on what the backend sent ahead of the error that ended its transport: a gateway that
+        answers an upload from its head (a 413, a 401) and closes on the body it did not read resets
+        the connection, and when the client's next bytes were handled first, the write of them met
+        that reset and the answer was lost (the client got a 502).  See `read_what_is_left`."""
 
-        A write that meets the backend's reset (EPIPE, ECONNRESET) ends the transport before the loop
-        has read what came ahead of that reset: a gateway that answers an upload early (a 413, a 401)
-        and closes on the body it did not read resets the connection, and when the client's next
-        bytes are handled first, its answer was lost and the client got a 502.  The kernel still holds
-        those bytes, and both loops close the socket only once this callback returns; at most
-        `LEFT_READS` reads (past an answer head's limit: the rest would be a body cut by the reset).
-        """
-        transport = self.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None:
-            return
-        try:
-            fd = int(sock.fileno())
-        except (OSError, ValueError):
-            return
-        if fd < 0:
-            return
-        for _ in range(LEFT_READS):
-            try:
-                data = os.read(fd, READ_CHUNK)  # the socket is non-blocking: BlockingIOError when none is left
-            except OSError:
-                return
-            if not data:
-                return
+        def receive(data: bytes) -> bool:
             owner.received(data, from_backend=True)
-            if self.owner is not owner:
-                return
+            return self.owner is owner  # dropped once what was left ended the answer
+
+        read_what_is_left(self.transport, receive)
 
     def pause_writing(self) -> None:
         owner = self.owner

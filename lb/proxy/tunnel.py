@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import socket
 import struct
 import time
@@ -48,7 +49,7 @@ from typing import Final
 
 from lb.access_log import log_tunnel_closed, log_tunnel_ended
 from lb.proxy.deadlines import Deadline, Deadlines
-from lb.proxy.reading import READ_VIEW
+from lb.proxy.reading import READ_CHUNK, READ_VIEW
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
 from lb.ws.frames import FrameBoundaries, close_frame
@@ -149,6 +150,39 @@ def _tcp_info(transport: asyncio.Transport, length: int) -> bytes:
         return bytes(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, length))
     except OSError:  # closed under us, or not TCP (a test's pipe): nothing known
         return b""
+
+
+# Reads of what a backend sent before an error ended its transport (`read_what_is_left`): 128 KiB, an
+# answer head's limit (64 KiB) and a short body, or a tunnel's last frames.
+LEFT_READS: Final = 4
+
+
+def read_what_is_left(transport: asyncio.BaseTransport | None, receive: Callable[[bytes], bool]) -> None:
+    """Hand `receive` what the kernel still holds for `transport`'s socket, whose transport an error ended.
+
+    A write that meets the peer's reset (EPIPE, ECONNRESET) ends the transport before the loop has read
+    what came ahead of that reset: a gateway that answers an upload early (a 413) or sends its close
+    frame, and then closes with bytes of ours unread, resets the connection; when our next write is made
+    first, that answer or close frame was lost.  The kernel keeps those bytes readable, and both loops
+    close the socket only once `connection_lost` returns, so it reads them there: at most `LEFT_READS`
+    reads, until none is left, and while `receive` says to go on.
+    """
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return
+    try:
+        fd = int(sock.fileno())
+    except (OSError, ValueError):
+        return
+    if fd < 0:
+        return
+    for _ in range(LEFT_READS):
+        try:
+            data = os.read(fd, READ_CHUNK)  # non-blocking, as the loops leave it: BlockingIOError when none is left
+        except OSError:
+            return
+        if not data or not receive(data):
+            return
 
 
 def idle_sweep_interval(idle: float) -> float:
@@ -368,8 +402,16 @@ class WebSocketServerEnd(TunnelEnd):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        tunnel = self.tunnel
+        if isinstance(exc, OSError) and not tunnel.closed and not self.silenced:
+            # Its close frame (or last frames) may wait unread behind the reset that ended it.
+            read_what_is_left(tunnel.client_end.peer, self._left_over)
         self.backend_gone()
         self.forget()
+
+    def _left_over(self, data: bytes) -> bool:
+        self.data_received(data)
+        return not self.tunnel.closed and not self.silenced
 
     def backend_gone(self, *, unread: bool = False) -> None:
         """The backend's connection ended (EOF or error): close the tunnel, with 1012 if it did not close.

@@ -17,12 +17,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import importlib.util
 import os
 import signal
 import socket
 import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -39,6 +42,7 @@ from conftest import (
     Launcher,
     RawWs,
     assert_echo,
+    encode_frame,
     find_backend,
     lb_certs,
     lb_config,
@@ -66,6 +70,7 @@ from support_scripted import (
     PARTIAL,
     SLOW_FRAME_BYTES,
     SLOW_FRAME_SECONDS,
+    TCP_HEALTH,
     ScriptedBackend,
     stalled_client,
     stalled_tls_client,
@@ -75,6 +80,7 @@ from support_scripted import (
     stalled_upload,
     start,
 )
+from support_tcp import ThreadedServer
 
 CLOSE_DEADLINE = 2.0  # the product's bound on a close frame waiting for a frame boundary
 CLOSE_LINGER = 2.0  # and on a client taking the close frame once sent
@@ -275,6 +281,96 @@ async def test_a_backend_that_dies_between_frames_gets_the_client_a_1012(
         closed = await wait_close(ws, 5 * UNIT)
         assert closed.code == 1012, closed
     assert await metric_value(lb, "lb_tunnel_closes_total", cause="backend_lost", ended_with="close_frame") == 1
+
+
+POLICY_CLOSE = b"\x88\x08\x03\xf0policy"  # close 1008 "policy", unmasked (server to client)
+
+
+class _CloseAndHangUp:
+    """A gateway that ends a session with its close frame and hangs up at once, without waiting for the
+    client's answer: what the client sent meanwhile is unread, so its kernel resets the connection."""
+
+    id = "closer"
+
+    def __init__(self) -> None:
+        self.switched = threading.Event()
+        self.close_now = threading.Event()
+        self.closed = threading.Event()
+        self.server = ThreadedServer(self._serve, name="closer")
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5.0)
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(1)  # the head alone: the frames after it stay unread
+                    if not chunk:
+                        return  # a TCP health check
+                    head += chunk
+                key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"sec-websocket-key:"))
+                accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+                self.switched.set()
+                if not self.close_now.wait(10 * UNIT):
+                    return
+                conn.sendall(POLICY_CLOSE)
+            self.closed.set()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_a_backends_close_frame_ahead_of_its_reset_reaches_the_client(
+    launcher: Launcher, event_loop: str
+) -> None:
+    """SPEC: close codes and reasons pass through unchanged.  A gateway that sends its close frame (1008)
+    and hangs up with the client's frames unread resets the connection; when the balancer's write of the
+    client's next frame meets that reset before it has read the close frame (the client's bytes came
+    first, as on a busy loop), the client still gets the gateway's 1008 and reason, not a 1012 "backend
+    went away".  The balancer is stopped (SIGSTOP) while both arrive, so that its loop sees them in that
+    order."""
+    backend = _CloseAndHangUp()
+    try:
+        lb = launcher.balancer(lb_config(
+            pools={"p": [backend]}, health=TCP_HEALTH, overrides={"runtime": {"event_loop": event_loop}}
+        ))
+        assert lb.port is not None and lb.proc is not None
+        reader, writer = await asyncio.open_connection(HOST, lb.port)
+        try:
+            writer.write(upgrade_request("/ws", host=f"{HOST}:{lb.port}", key=ws_key()))
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)).startswith(b"HTTP/1.1 101")
+            writer.write(encode_frame(OP_BINARY, b"x" * 1000))  # reaches the gateway, which does not read it
+            await writer.drain()
+            await asyncio.sleep(0.3)
+            lb.proc.send_signal(signal.SIGSTOP)
+            try:
+                writer.write(encode_frame(OP_BINARY, b"y" * 1000))  # waiting for the balancer first
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                backend.close_now.set()
+                assert await asyncio.to_thread(backend.closed.wait, 5 * UNIT)
+                await asyncio.sleep(0.3)  # the close frame, then the reset, wait behind the client's frame
+            finally:
+                lb.proc.send_signal(signal.SIGCONT)
+            got = b""
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(5 * UNIT):
+                    while chunk := await reader.read(65536):
+                        got += chunk
+            assert got == POLICY_CLOSE, got
+        finally:
+            writer.close()
+        lb.assert_alive()
+    finally:
+        backend.close()
 
 
 async def test_a_backend_that_hangs_up_after_the_clients_close_frame_is_an_ordinary_end(
