@@ -258,10 +258,19 @@ class TunnelEnd(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         tunnel = self.tunnel
+        if isinstance(exc, OSError) and not tunnel.closed and not tunnel.client_tls:
+            # Its close frame (or last frames) may wait unread behind the reset that ended it: a client
+            # that closes with the backend's frames unread resets the connection (under TLS the kernel
+            # holds records, which the TLS layer alone could read).
+            read_what_is_left(tunnel.server_end.peer, self._left_over)
         if not tunnel.closed:  # the client's own end (ours, an abort, has closed the tunnel already)
             tunnel.server_end.client_left_first()
         tunnel.close()
         self.forget()
+
+    def _left_over(self, data: bytes) -> bool:
+        self.data_received(data)
+        return not self.tunnel.closed
 
     def forget(self) -> None:
         """Drop this end's references once its connection is lost (no callback comes after that).

@@ -373,6 +373,96 @@ async def test_a_backends_close_frame_ahead_of_its_reset_reaches_the_client(
         backend.close()
 
 
+class _Streamer:
+    """A gateway that streams 1 KiB frames without pause and records what its client sends."""
+
+    id = "streamer"
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.ended = threading.Event()
+        self.server = ThreadedServer(self._serve, name="streamer")
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5.0)
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(1)
+                    if not chunk:
+                        return  # a TCP health check
+                    head += chunk
+                key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"sec-websocket-key:"))
+                accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+                conn.settimeout(0.01)
+                deadline = time.monotonic() + 10 * UNIT
+                while time.monotonic() < deadline and not self.server.stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        conn.sendall(b"\x82\x7e\x04\x00" + b"s" * 1024)
+                    try:
+                        data = conn.recv(65536)
+                    except TimeoutError:
+                        continue
+                    if not data:
+                        break
+                    self.received += data
+        self.ended.set()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_a_clients_close_frame_ahead_of_its_reset_reaches_the_backend(
+    launcher: Launcher, event_loop: str
+) -> None:
+    """Both ways: a client that sends its close frame (1000 "bye") and closes at once, the gateway's frames
+    unread, resets the connection; when the balancer's write of the next frame to it meets that reset
+    before it has read the close frame, the gateway still gets the client's close frame (a player who
+    left, not one whose connection dropped).  SIGSTOP orders the events as a busy loop would."""
+    backend = _Streamer()
+    try:
+        lb = launcher.balancer(lb_config(
+            pools={"p": [backend]}, health=TCP_HEALTH, overrides={"runtime": {"event_loop": event_loop}}
+        ))
+        assert lb.port is not None and lb.proc is not None
+        sock = socket.create_connection((HOST, lb.port), timeout=5 * UNIT)
+        try:
+            sock.sendall(upgrade_request("/ws", host=f"{HOST}:{lb.port}", key=ws_key()))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(65536)
+            assert head.startswith(b"HTTP/1.1 101")
+            await asyncio.sleep(0.3)  # frames stream in, and the client reads no more of them
+            lb.proc.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(0.2)  # the gateway's next frames wait for the balancer first
+                sock.sendall(encode_frame(OP_CLOSE, struct.pack("!H", 1000) + b"bye"))
+                await asyncio.sleep(0.1)
+            finally:
+                sock.close()  # with frames unread: a reset, behind the close frame
+                await asyncio.sleep(0.2)
+                lb.proc.send_signal(signal.SIGCONT)
+        finally:
+            sock.close()
+        assert await asyncio.to_thread(backend.ended.wait, 15 * UNIT)
+        received = bytes(backend.received)
+        assert received[:2] == b"\x88\x85", received[:40]  # a masked close frame with 5 bytes of payload
+        mask = received[2:6]
+        assert bytes(b ^ mask[i % 4] for i, b in enumerate(received[6:11])) == struct.pack("!H", 1000) + b"bye"
+        lb.assert_alive()
+    finally:
+        backend.close()
+
+
 async def test_a_backend_that_hangs_up_after_the_clients_close_frame_is_an_ordinary_end(
     launcher: Launcher, scripted: ScriptedBackend
 ) -> None:
