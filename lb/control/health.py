@@ -38,6 +38,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -102,9 +103,7 @@ class FirstProbes:
     after the first, and the loops keep that spread over their interval.  The next slice goes `gap`
     after the last one went, as the event loop runs: a loop that fell behind lets one slice through,
     not the several that fell due meanwhile (slices given out by the clock ahead of time piled up so,
-    each turn as long as the one before).  A loop whose next probe a stall of the event loop made late
-    goes through the same slices (the others that fell due in the stall woke with it).  One for the
-    balancer: every pool's checker shares it.
+    each turn as long as the one before).  One for the balancer: every pool's checker shares it.
     """
 
     __slots__ = ("_opener", "_waiting", "at_once", "gap")
@@ -299,15 +298,22 @@ class HealthChecker:
                 change = pool.record_requested_state(backend.id, result.requested == "draining", time.time())
                 if change is not None:
                     self._on_change(change)
-            due = started + interval
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            if time.monotonic() - due > _LATE:
+            # Lateness is the sleep's, not the check's: a check that outlasted its interval (a silent
+            # backend, `timeout` >= `interval`) was not bunched with others by a stall.
+            wake_at = max(started + interval, time.monotonic())
+            await asyncio.sleep(max(0.0, wake_at - time.monotonic()))
+            late = time.monotonic() - wake_at
+            if late > _LATE:
                 # Woken late: the loop was stalled (stopped, starved, a long turn), and every probe that
                 # fell due meanwhile woke in this same turn.  Let through together, they would stay
                 # together for good, each interval one turn of thousands of connects and verdicts (a
                 # 1.5 s stop of 3,510 checked backends: a 100-180 ms block every second after it, from
-                # 15 ms); through the slices of first probes, they are spread again at once.
-                await self._first_probes.turn()
+                # 15 ms).  Each waits a random part of its lateness (of its interval at most), which
+                # spreads them again as widely as the stall had bunched them.  Not the first probes'
+                # slices: they let `at_once` through a turn, and on a loop whose every turn is long
+                # (30 ms) every wake is late, so 3,000 backends checked each second were checked once
+                # every five.
+                await asyncio.sleep(random.uniform(0.0, min(late, interval)))
 
     async def probe(self, backend: BackendStatus) -> tuple[bool, str]:
         """One check: (passed, what was seen)."""
@@ -372,8 +378,8 @@ class HealthChecker:
                     self._pool.name, backend.id, STATE_HEADER, shortened(header_text(value), 40), more)
 
 
-# A probe woken later than this after its time goes through `FirstProbes`' slices: a stall made it due with
-# the others that fell due meanwhile.  Twice a slice's gap: an ordinary turn wakes it well within this.
+# A probe woken later than this after its time waits a random part of its lateness: a stall made it due
+# with the others that fell due meanwhile.  An ordinary turn wakes it well within this.
 _LATE = 0.02
 _local_errors = Throttle()  # checks not made for want of our own descriptors or memory
 _check_bugs = Throttle()  # a check that raised: logged with its traceback, once per interval

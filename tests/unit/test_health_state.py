@@ -481,3 +481,55 @@ async def test_probes_a_stall_of_the_loop_made_due_together_are_spread_again() -
     crowd = max(bisect.bisect_right(after, at + gap / 2) - index for index, at in enumerate(after))
     # One slice (and on a loaded machine, part of the next one, late), not the 200 of one turn.
     assert crowd <= 2 * at_once, f"{crowd} probes within {gap / 2}s of each other after the stall"
+
+
+async def test_probes_on_a_loop_whose_every_turn_is_long_keep_their_interval() -> None:
+    """On an event loop that is merely busy (every turn 30 ms), every probe wakes a little late; each is
+    still made about once an interval, not held back a turn at a time behind the others (2,000 backends
+    checked every 0.5 s were checked about once every two seconds)."""
+    count, interval, busy, run = 2000, 0.5, 0.03, 2.0
+    config = PoolConfig(
+        name="p", backends=tuple(BackendConfig(f"gw-{index}", "127.0.0.1", 9001 + index) for index in range(count)),
+        health_check=HealthCheckConfig(interval=interval, fall=2, rise=1),
+    )
+    state = PoolState(config=config)
+    checker = HealthChecker(state, lambda change: None)
+    loop = asyncio.get_running_loop()
+    probes = 0
+    all_made = asyncio.Event()
+    seen: set[str] = set()
+
+    async def instant(backend: BackendStatus) -> ProbeResult:
+        nonlocal probes
+        probes += 1
+        seen.add(backend.id)
+        if len(seen) == count:
+            all_made.set()
+        return ProbeResult(True, "HTTP 200", "up")
+
+    busy_until = 0.0
+
+    def turn_of_30_ms() -> None:
+        if loop.time() >= busy_until:
+            return
+        end = time.perf_counter() + busy
+        while time.perf_counter() < end:
+            pass
+        loop.call_soon(turn_of_30_ms)
+
+    checker.check = instant  # type: ignore[method-assign]
+    checker.retarget(state)
+    try:
+        await asyncio.wait_for(all_made.wait(), 10)  # the first probes, spread
+        before = probes
+        busy_until = loop.time() + run
+        loop.call_soon(turn_of_30_ms)
+        await asyncio.sleep(run)
+        made = probes - before
+    finally:
+        busy_until = 0.0
+        await checker.stop()
+    # About run / interval each (4); half of that leaves room for a loaded machine (the first probes' slices,
+    # taken by every late probe, let through one in eight).
+    expected = run / interval
+    assert made >= count * expected / 2, f"{made / count:.1f} probes a backend in {run} s, not ~{expected:.0f}"
