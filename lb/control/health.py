@@ -161,6 +161,7 @@ class LoopLag:
         return self._lagged + max(0.0, asyncio.get_running_loop().time() - self._due)
 
     def hold(self) -> None:
+        """A check is in flight: the clock runs (its timer starts if nobody held it)."""
         self._users += 1
         if self._handle is None:
             loop = asyncio.get_running_loop()
@@ -168,6 +169,7 @@ class LoopLag:
             self._handle = loop.call_at(self._due, self._tick)
 
     def release(self) -> None:
+        """That check has ended (once per `hold`)."""
         self._users -= 1  # the next tick stops the clock if nobody holds it then
 
     def _tick(self) -> None:
@@ -204,7 +206,7 @@ async def _within(seconds: float, lag: LoopLag) -> AsyncIterator[None]:
             def due() -> None:
                 nonlocal judge
                 had = loop.time() - start - (lag.lagged() - lagged)
-                if had >= seconds - 0.001:
+                if had >= seconds - 0.001:  # uvloop's clock is in milliseconds: no 1 ms wait more
                     judge = None
                     limit.reschedule(loop.time())
                 else:

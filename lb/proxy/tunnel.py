@@ -152,7 +152,7 @@ def _tcp_info(transport: asyncio.Transport, length: int) -> bytes:
         return b""
 
 
-# Reads of what a backend sent before an error ended its transport (`read_what_is_left`): 128 KiB, an
+# Reads of what a peer sent before an error ended its transport (`read_what_is_left`): 128 KiB, an
 # answer head's limit (64 KiB) and a short body, or a tunnel's last frames.
 LEFT_READS: Final = 4
 
@@ -165,7 +165,10 @@ def read_what_is_left(transport: asyncio.BaseTransport | None, receive: Callable
     frame, and then closes with bytes of ours unread, resets the connection; when our next write is made
     first, that answer or close frame was lost.  The kernel keeps those bytes readable, and both loops
     close the socket only once `connection_lost` returns, so it reads them there: at most `LEFT_READS`
-    reads, until none is left, and while `receive` says to go on.
+    reads, until none is left, and while `receive` says to go on.  Called only from the transport's own
+    `connection_lost`: the descriptor is then still that connection's (uvloop's socket object reports -1
+    once it is closed, asyncio's too, and a TLS transport has no socket left by then), never one the
+    kernel has given to another connection since.
     """
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None:
@@ -261,7 +264,8 @@ class TunnelEnd(asyncio.BufferedProtocol):
         if isinstance(exc, OSError) and not tunnel.closed and not tunnel.client_tls:
             # Its close frame (or last frames) may wait unread behind the reset that ended it: a client
             # that closes with the backend's frames unread resets the connection (under TLS the kernel
-            # holds records, which the TLS layer alone could read).
+            # holds records, which the TLS layer alone could read).  The server end's peer is this
+            # end's own transport, the client's.
             read_what_is_left(tunnel.server_end.peer, self._left_over)
         if not tunnel.closed:  # the client's own end (ours, an abort, has closed the tunnel already)
             tunnel.server_end.client_left_first()
@@ -269,6 +273,7 @@ class TunnelEnd(asyncio.BufferedProtocol):
         self.forget()
 
     def _left_over(self, data: bytes) -> bool:
+        """Relay bytes read after the connection was lost; whether to read on."""
         self.data_received(data)
         return not self.tunnel.closed
 
@@ -413,12 +418,14 @@ class WebSocketServerEnd(TunnelEnd):
     def connection_lost(self, exc: Exception | None) -> None:
         tunnel = self.tunnel
         if isinstance(exc, OSError) and not tunnel.closed and not self.silenced:
-            # Its close frame (or last frames) may wait unread behind the reset that ended it.
+            # Its close frame (or last frames) may wait unread behind the reset that ended it.  The client
+            # end's peer is this end's own transport, the backend's.
             read_what_is_left(tunnel.client_end.peer, self._left_over)
         self.backend_gone()
         self.forget()
 
     def _left_over(self, data: bytes) -> bool:
+        """Relay bytes read after the connection was lost; whether to read on (not past our own close)."""
         self.data_received(data)
         return not self.tunnel.closed and not self.silenced
 
