@@ -127,6 +127,13 @@ class _Upstream(asyncio.BufferedProtocol):
         if owner is not None and isinstance(exc, OSError):
             self._read_what_is_left(owner)
             owner = self.owner  # dropped, if what was left ended the answer
+            transport = self.transport
+            if owner is None and transport is not None and transport.get_protocol() is not self:
+                # What was left held a 101, and the tunnel it opened took the transport inside this
+                # callback: the loop tells only the protocol it began with, so the tunnel hears it here
+                # (else it stayed open to a backend that is gone, its client never told).
+                transport.get_protocol().connection_lost(exc)
+                return
         if owner is not None:
             cause = f"connection lost: {exc}" if exc else "backend closed the connection"
             owner.drive(owner.core.backend_failed, cause, _now())

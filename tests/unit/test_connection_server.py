@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 from support_poll import wait_for as _wait
-from test_connection import CONFIG
+from test_connection import CONFIG, upgrade
 
 from bench.handshake_shell import BenchLoop, FakeTransport, deliver
 from lb.config.load import parse_config
@@ -91,15 +92,17 @@ async def test_a_connections_deadline_is_on_the_monotonic_clock() -> None:
 
 
 def _request_at_backend(
-    give: Callable[[Any, bytes], None], backend: FakeTransport, client: FakeTransport | None = None
+    give: Callable[[Any, bytes], None], backend: FakeTransport, client: FakeTransport | None = None,
+    request: bytes = b"GET /a/x HTTP/1.1\r\nHost: h\r\n\r\n", ctx: ProxyContext | None = None,
 ) -> tuple[ClientConnection, FakeTransport, Any]:
-    """A shell (with a BenchLoop) whose client (`client`, or a plain one) sent `GET /a/x` through `give` and
-    whose backend is `backend`, connected: the connection, its client transport and its upstream protocol."""
+    """A shell (with a BenchLoop) whose client (`client`, or a plain one) sent `request` (`GET /a/x`) through
+    `give` and whose backend is `backend`, connected: the connection, its client transport and its upstream
+    protocol."""
     loop = BenchLoop(asyncio.get_running_loop())
     client = client or FakeTransport(("127.0.0.2", 40000))
-    connection = ClientConnection(_ctx(), loop=loop)  # type: ignore[arg-type]
+    connection = ClientConnection(ctx or _ctx(), loop=loop)  # type: ignore[arg-type]
     connection.connection_made(client)  # type: ignore[arg-type]
-    give(connection, b"GET /a/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    give(connection, request)
     upstream = loop.opened.pop()
     upstream.connection_made(backend)
     return connection, client, upstream
@@ -214,3 +217,41 @@ async def test_a_listeners_connections_share_its_deadlines_even_while_none_is_wa
     factory = client_factory(_ctx(), asyncio.get_running_loop())
     first, second = factory(), factory()
     assert first._deadlines is second._deadlines
+
+
+class _LostWithBytesLeft(FakeTransport):
+    """A backend transport that an error ended with bytes still in its socket (`read_what_is_left` reads
+    them), and that says which protocol it has now, as asyncio's and uvloop's do."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(("127.0.0.1", 7001))
+        self.sock = sock
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.sock if name == "socket" else super().get_extra_info(name, default)
+
+    def get_protocol(self) -> Any:
+        return self.protocol
+
+
+async def test_a_101_read_from_a_lost_backend_ends_the_tunnel_it_opens() -> None:
+    """What a backend sent ahead of the error that ended its connection is read in `connection_lost`; when
+    it is the 101, the tunnel it opens takes the transport (set_protocol) inside that callback, and the
+    loop tells only the protocol it began with that the connection is lost.  The tunnel is told too: its
+    client gets the 101 and then 1012, rather than a tunnel left open to a backend that is gone."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        theirs.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+        )
+        theirs.close()
+        ctx = _ctx()
+        backend = _LostWithBytesLeft(ours)
+        _, client, upstream = _request_at_backend(deliver, backend, request=upgrade("/a/ws"), ctx=ctx)
+        upstream.connection_lost(ConnectionResetError(104, "Connection reset by peer"))
+        answer = b"".join(client.written)
+        assert answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\n"), answer
+        assert answer.endswith(b"\x88\x13\x03\xf4backend went away"), answer  # close 1012
+        assert not ctx.tunnels and client.closing and backend.closing
