@@ -205,7 +205,7 @@ def idle_sweep_interval(idle: float) -> float:
 class TunnelEnd(asyncio.BufferedProtocol):
     """One side of a tunnel: reads from its own transport, writes into `peer`."""
 
-    __slots__ = ("full", "nbytes", "paused_look", "peer", "tunnel")
+    __slots__ = ("full", "nbytes", "paused_look", "paused_taken", "peer", "tunnel")
     __deletable__ = ("peer", "tunnel")  # compiled (mypyc), a native class deletes only these: see forget()
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
@@ -215,6 +215,9 @@ class TunnelEnd(asyncio.BufferedProtocol):
         self.full = False  # this end's own transport is over its high-water mark (the peer is paused)
         # While it is: the next look at whether the paused peer has gone (`let_go_if_peer_gone`).
         self.paused_look: Deadline | None = None
+        # What this end's own transport had taken (`taken_by`) when that look was set: one that takes bytes is slow,
+        # not wedged, and what the paused peer sent before it left is still on its way to it.
+        self.paused_taken = 0
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return READ_VIEW
@@ -296,12 +299,21 @@ class TunnelEnd(asyncio.BufferedProtocol):
 
     def look_at_paused_peer_later(self) -> None:
         if self.paused_look is None:
+            self.paused_taken = self.own_taken()
             self.paused_look = self.tunnel.deadlines().call_later(PAUSED_PEER_LOOK, self._look_at_paused_peer)
 
     def _look_at_paused_peer(self) -> None:
+        """Still full (else resumed since: the peer is read again), and this end's transport took nothing
+        since the last look: the paused peer is let go if it has gone.  One that took bytes is slow, not
+        wedged: a client's upload and FIN (or a gateway's last frames and reset) behind it are still on
+        their way to it, and reach it as it reads, as HAProxy relays them."""
         self.paused_look = None
-        if self.full and not self.let_go_if_peer_gone():  # else resumed since: the peer is read again
+        if self.full and (self.own_taken() != self.paused_taken or not self.let_go_if_peer_gone()):
             self.look_at_paused_peer_later()
+
+    def own_taken(self) -> int:
+        """`taken_by` of this end's own transport (the one whose write buffer is full)."""
+        return 0
 
     def let_go_if_peer_gone(self) -> bool:
         """Whether the paused peer has gone, asked of the kernel; if so, the tunnel is ended here."""
@@ -326,6 +338,10 @@ class WebSocketClientEnd(TunnelEnd):
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
         super().__init__(tunnel, peer)
         self.frames = FrameBoundaries()
+
+    def own_taken(self) -> int:
+        server_end = self.tunnel.server_end
+        return taken_by(server_end.peer, server_end.nbytes)
 
     def let_go_if_peer_gone(self) -> bool:
         """The client takes nothing, so its backend is paused: a backend that has reset is let go.
@@ -380,6 +396,10 @@ class WebSocketServerEnd(TunnelEnd):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(READ_VIEW[:nbytes].tobytes())
+
+    def own_taken(self) -> int:
+        client_end = self.tunnel.client_end
+        return taken_by(client_end.peer, client_end.nbytes)
 
     def let_go_if_peer_gone(self) -> bool:
         """The backend takes nothing, so its client is paused: a client that has left is let go.  Without

@@ -657,3 +657,82 @@ async def test_a_gateway_that_resets_behind_a_client_that_stopped_reading_is_let
     finally:
         client.close()
     lb.assert_alive()
+
+
+class _SlowReader:
+    """A gateway that reads its client's frames slowly for a while (a busy game server), then fast, and
+    records all of them."""
+
+    id = "slow-reader"
+
+    def __init__(self, slow_for: float) -> None:
+        self.received = bytearray()
+        self.ended = threading.Event()
+        self.slow_for = slow_for
+        self.server = ThreadedServer(self._serve, name="slow-reader")
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5.0)
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(1)
+                    if not chunk:
+                        return  # a TCP health check
+                    head += chunk
+                key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"sec-websocket-key:"))
+                accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+                slow_until = time.monotonic() + self.slow_for
+                while True:
+                    slow = time.monotonic() < slow_until
+                    data = conn.recv(2048 if slow else 65536)
+                    if not data:
+                        break
+                    self.received += data
+                    if slow and not self.server.pause(0.05):
+                        break
+        self.ended.set()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+async def test_a_clients_upload_and_fin_reach_a_backend_that_reads_slowly(launcher: Launcher) -> None:
+    """A client that sends a large message, its close frame and its FIN at once, to a gateway that reads
+    slowly but reads: all of it reaches the gateway, FIN last.  The balancer looks at a client paused
+    behind a full backend every PAUSED_PEER_LOOK (2 s), to let a wedged backend's gone client go; a backend
+    that took bytes since the last look is not wedged, and its client's bytes are still on their way.  (6 MB:
+    more than the kernel's buffers on the way hold, so the balancer's own stays full; uvloop, whose transport
+    fills it, shows it; asyncio's did not.)"""
+    backend = _SlowReader(slow_for=5.0)
+    try:
+        lb = launcher.balancer(lb_config(pools={"p": [backend]}, health=TCP_HEALTH))
+        assert lb.port is not None
+        sock = socket.create_connection((HOST, lb.port), timeout=20 * UNIT)
+        try:
+            sock.sendall(upgrade_request("/ws", host=f"{HOST}:{lb.port}", key=ws_key()))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(65536)
+            assert head.startswith(b"HTTP/1.1 101")
+            message = encode_frame(OP_BINARY, b"u" * 6_000_000)
+            close = encode_frame(OP_CLOSE, struct.pack("!H", 1000) + b"bye")
+            await asyncio.to_thread(sock.sendall, message + close)
+            sock.shutdown(socket.SHUT_WR)
+            assert await asyncio.to_thread(backend.ended.wait, 30 * UNIT)
+            received = bytes(backend.received)
+            assert len(received) == len(message) + len(close)  # before: about 1 MB of it, then a TCP cut
+            assert received[-len(close):] == close  # the close frame, last
+        finally:
+            sock.close()
+        lb.assert_alive()
+    finally:
+        backend.close()

@@ -875,6 +875,45 @@ def test_a_client_paused_behind_its_wedged_backend_is_cut_once_it_has_left(
     _run(scenario())
 
 
+def test_a_client_that_left_behind_a_backend_still_reading_keeps_its_tunnel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend that took bytes since the last look is slow, not wedged: the upload and FIN its client
+    sent before leaving are still on their way to it.  Once it takes nothing for a look, it is let go."""
+    monkeypatch.setattr(tunnel_module, "PAUSED_PEER_LOOK", 1000.0)  # the looks are made here, not by the timer
+
+    async def scenario() -> None:
+        client, server = FakeTransport(sock=FakeSocket(CLOSE_WAIT)), FakeTransport(buffered=1 << 20)
+        _, tunnel = _join(client, server)
+        end = tunnel.server_end
+        end.pause_writing()
+        for _ in range(3):  # each look finds it took some
+            server.buffered -= 1000
+            end._look_at_paused_peer()
+            assert not tunnel.closed
+        end._look_at_paused_peer()
+        assert tunnel.closed and client.aborted
+
+    _run(scenario())
+
+
+def test_a_backend_that_reset_behind_a_client_still_reading_keeps_its_tunnel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways: a client that takes bytes still gets what its gateway sent before a reset."""
+    monkeypatch.setattr(tunnel_module, "PAUSED_PEER_LOOK", 1000.0)
+
+    async def scenario() -> None:
+        client, server = FakeTransport(buffered=1 << 20), FakeTransport(sock=FakeSocket(CLOSE))
+        _, tunnel = _join(client, server)
+        end = tunnel.client_end
+        end.pause_writing()
+        for _ in range(3):
+            client.buffered -= 1000
+            end._look_at_paused_peer()
+            assert not tunnel.closed
+        end._look_at_paused_peer()
+        assert tunnel.closed and tunnel.backend.connections == 0
+
+    _run(scenario())
+
+
 def test_a_client_read_again_is_not_looked_at(monkeypatch: pytest.MonkeyPatch) -> None:
     """Once reading resumes, its own EOF tells of a client's leaving: the look ends with the pause."""
     monkeypatch.setattr(tunnel_module, "PAUSED_PEER_LOOK", 0.05)
