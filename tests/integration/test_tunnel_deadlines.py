@@ -231,6 +231,32 @@ async def test_a_quiet_reading_client_gets_1001_on_idle(launcher: Launcher, scri
     await wait_until(counted, what='lb_tunnel_closes_total{cause="idle",ended_with="close_frame"} == 1')
 
 
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_a_client_that_spoke_while_the_balancer_was_stalled_is_not_idle(
+    launcher: Launcher, scripted: ScriptedBackend, event_loop: str
+) -> None:
+    """timeouts.idle (4 s) counts the client's silence, not the balancer's: stopped (SIGSTOP, a paused VM)
+    for 4.4 s, with a frame from the client 2 s into the stop, the balancer reads that frame before it
+    judges the tunnel idle.  Before, the first look after the stop came ahead of the read, and the client
+    got 1001 'idle timeout' 2.4 s after it last spoke."""
+    lb = start(launcher, scripted, event_loop=event_loop, idle="4s")
+    assert lb.port is not None and lb.proc is not None
+    async with RawWs.connect(lb.port, "/quiet") as ws:
+        await ws.send(OP_BINARY, b"hi")
+        await asyncio.sleep(1.2)  # a look (one a second) has seen it
+        lb.proc.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2.0)
+            await ws.send(OP_BINARY, b"still here")
+            await asyncio.sleep(2.4)
+        finally:
+            lb.proc.send_signal(signal.SIGCONT)
+        with pytest.raises(TimeoutError):
+            frame = await ws.recv_frame(within=1.0)
+            pytest.fail(f"closed right after the stop: {frame}")
+    lb.assert_alive()
+
+
 async def test_a_reload_that_shortens_idle_applies_to_a_silent_tunnel_at_once(
     launcher: Launcher, scripted: ScriptedBackend
 ) -> None:
