@@ -8,12 +8,36 @@ loop ends when the test does.  Nothing here imports `lb`.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import socket
 import threading
 from collections.abc import Callable
 
 HOST = "127.0.0.1"
 JOIN_WAIT = 5.0  # seconds close() waits for each thread
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+
+
+def read_head(conn: socket.socket) -> bytes | None:
+    """A request's head, read a byte at a time so that nothing after it leaves the kernel (a body or
+    frames the script leaves unread); None if the connection ends first (a TCP health check)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(1)
+        if not chunk:
+            return None
+        head += chunk
+    return head
+
+
+def switch_protocols(conn: socket.socket, head: bytes) -> None:
+    """Answer the upgrade request `head` with a 101 whose Sec-WebSocket-Accept matches its key."""
+    key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:"))
+    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
 
 
 class ThreadedServer:

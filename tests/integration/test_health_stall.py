@@ -12,9 +12,7 @@ redispatched their pinned players.  Likewise a backend's answer to a handshake, 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -22,11 +20,10 @@ import socket
 import threading
 
 from conftest import UNIT, Launcher, http_get_async, lb_config, open_raw, read_response, upgrade_request, wait_for_state
-from support_tcp import ThreadedServer
+from support_tcp import ThreadedServer, read_head, switch_protocols
 
 ANSWER_AFTER = 0.3  # the backend holds each health answer this long: the balancer is stopped by then
 STALL = 2.5  # seconds the balancer is stopped: past the check's timeout and backend_connect
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 # Timeouts with room to spare on a loaded machine: the backend's 0.3 s is well inside them.
 CHECK = {"type": "http", "path": "/health", "interval": "2s", "timeout": "1s", "rise": 2, "fall": 1}
 
@@ -45,35 +42,22 @@ class _HealthBackend:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(5.0)
-            head = b""
             with contextlib.suppress(OSError):
-                while b"\r\n\r\n" not in head and len(head) < 65536:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        return
-                    head += chunk
-                key = _ws_key(head)
-                if key is None and self.instant_health:
+                head = read_head(conn)
+                if head is None:
+                    return
+                upgrade = b"\r\nsec-websocket-key:" in head.lower()
+                if not upgrade and self.instant_health:
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
                     return
                 self.asked.set()
                 if not self.server.pause(ANSWER_AFTER):
                     return
-                if key is None:
+                if not upgrade:
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
                     return
-                accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+                switch_protocols(conn, head)
                 self.server.pause(5.0)  # the tunnel, until the test ends
-
-
-def _ws_key(head: bytes) -> bytes | None:
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"sec-websocket-key":
-            return value.strip()
-    return None
 
 
 async def _failed_checks(lb_admin: str) -> float:

@@ -36,7 +36,7 @@ from conftest import (
 )
 from support_ops import wait_until
 from support_raw import RecordingBackend, rss_kib
-from support_tcp import ThreadedServer
+from support_tcp import ThreadedServer, read_head
 
 from lb.ws.upgrade import accept_value
 
@@ -450,13 +450,9 @@ class _EarlyAnswer:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(5.0)
-            head = b""
             with contextlib.suppress(OSError):
-                while b"\r\n\r\n" not in head:
-                    chunk = conn.recv(1)  # the head alone: the body stays unread
-                    if not chunk:
-                        return  # a TCP health check
-                    head += chunk
+                if read_head(conn) is None:  # the head alone: the body stays unread
+                    return  # a TCP health check
                 self.has_head.set()
                 if self.server.stop.wait(0) or not self.answer_now.wait(10 * UNIT):
                     return

@@ -17,9 +17,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import importlib.util
 import os
 import signal
@@ -80,7 +78,7 @@ from support_scripted import (
     stalled_upload,
     start,
 )
-from support_tcp import ThreadedServer
+from support_tcp import ThreadedServer, read_head, switch_protocols
 
 CLOSE_DEADLINE = 2.0  # the product's bound on a close frame waiting for a frame boundary
 CLOSE_LINGER = 2.0  # and on a client taking the close frame once sent
@@ -331,18 +329,11 @@ class _CloseAndHangUp:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(5.0)
-            head = b""
             with contextlib.suppress(OSError):
-                while b"\r\n\r\n" not in head:
-                    chunk = conn.recv(1)  # the head alone: the frames after it stay unread
-                    if not chunk:
-                        return  # a TCP health check
-                    head += chunk
-                key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"sec-websocket-key:"))
-                accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+                head = read_head(conn)  # the head alone: what follows it stays unread
+                if head is None:
+                    return  # a TCP health check
+                switch_protocols(conn, head)
                 self.switched.set()
                 if not self.close_now.wait(10 * UNIT):
                     return
@@ -416,18 +407,11 @@ class _Streamer:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(5.0)
-            head = b""
             with contextlib.suppress(OSError):
-                while b"\r\n\r\n" not in head:
-                    chunk = conn.recv(1)
-                    if not chunk:
-                        return  # a TCP health check
-                    head += chunk
-                key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"sec-websocket-key:"))
-                accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+                head = read_head(conn)  # the head alone: what follows it stays unread
+                if head is None:
+                    return  # a TCP health check
+                switch_protocols(conn, head)
                 conn.settimeout(0.01)
                 deadline = time.monotonic() + 10 * UNIT
                 while time.monotonic() < deadline and not self.server.stop.is_set():
@@ -704,18 +688,11 @@ class _SlowReader:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(5.0)
-            head = b""
             with contextlib.suppress(OSError):
-                while b"\r\n\r\n" not in head:
-                    chunk = conn.recv(1)
-                    if not chunk:
-                        return  # a TCP health check
-                    head += chunk
-                key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"sec-websocket-key:"))
-                accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+                head = read_head(conn)  # the head alone: what follows it stays unread
+                if head is None:
+                    return  # a TCP health check
+                switch_protocols(conn, head)
                 slow_until = time.monotonic() + self.slow_for
                 while True:
                     slow = time.monotonic() < slow_until
