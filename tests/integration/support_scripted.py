@@ -25,9 +25,7 @@ Every loop is bounded in count and time; `close()` stops the accept thread and e
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import socket
 import ssl
 import struct
@@ -38,10 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from conftest import UNIT, Balancer, Launcher, lb_config, upgrade_request, ws_key
-from support_tcp import ThreadedServer
+from support_tcp import ThreadedServer, read_head, switch_protocols
 
 HOST = "127.0.0.1"
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 FLOOD_FRAME = b"\x82\x7e\x40\x00" + b"x" * 16384  # FIN + binary, 16-bit length 16384, unmasked
 FLOOD_MAX_FRAMES = 20_000  # 320 MiB: far more than every buffer between here and a stalled client
 MAX_SECONDS = 30.0
@@ -55,10 +52,6 @@ SLOW_FRAME_BYTES = 1000 * SLOW_FRAME_STEPS
 AFTER_SLOW_FRAME = b"\x81\x05after"  # a text frame once the slow one is whole
 # A client's binary frame of 2**40 bytes, masked with a zero key (the payload goes as it is), unfinished.
 ENDLESS_FRAME = b"\x82\xff" + (1 << 40).to_bytes(8, "big") + b"\x00" * 4
-
-
-def _accept_value(key: str) -> str:
-    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
 
 
 class ScriptedBackend:
@@ -81,18 +74,15 @@ class ScriptedBackend:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(5.0)
-            head = b""
+            head = None
             with contextlib.suppress(OSError):
-                while b"\r\n\r\n" not in head and len(head) < 65536:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        return  # a TCP health check: connect, then close
-                    head += chunk
-            lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-            if not lines or " " not in lines[0]:
+                head = read_head(conn)
+            if head is None:
+                return  # a TCP health check: connect, then close
+            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            if " " not in request_line:
                 return
-            path = lines[0].split(" ")[1]
-            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            path = request_line.split(" ")[1]
             if path.startswith("/deaf"):  # takes the request's head, then never reads again
                 self.stalled.set()
                 self._stop.wait(MAX_SECONDS)
@@ -102,11 +92,7 @@ class ScriptedBackend:
                              + f"Content-Length: {FLOOD_MAX_FRAMES * len(FLOOD_FRAME)}\r\n\r\n".encode())
                 self._flood(conn)
                 return
-            key = headers.get("sec-websocket-key", "")
-            conn.sendall(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                + f"Sec-WebSocket-Accept: {_accept_value(key)}\r\n\r\n".encode()
-            )
+            switch_protocols(conn, head)
             if path.startswith("/unread"):
                 self.stalled.set()
                 self._stop.wait(MAX_SECONDS)
