@@ -88,7 +88,7 @@ from lb.http.proxy_header import CRC32C_IN_C
 from lb.http.routing import sort_routes
 from lb.log import setup_logging
 from lb.log_stream import report_dropped_lines
-from lb.proxy.deadlines import STALLED
+from lb.proxy.deadlines import read_first_if_stalled
 from lb.proxy.preamble import AcceptingServer
 from lb.proxy.server import (
     abort_in_flight,
@@ -526,13 +526,7 @@ class Balancer:
         while True:
             due = time.monotonic() + interval
             await asyncio.sleep(interval)
-            if time.monotonic() - due > STALLED:
-                # The loop was stalled (the process stopped or starved, a paused VM): what the tunnels
-                # received meanwhile is read first, as `lb.proxy.deadlines` lets it be for its deadlines (two
-                # hops: the first runs before the loop's next look at its sockets is acted on).  Judged
-                # at once, a tunnel whose client spoke during the stall was closed as silent.
-                await asyncio.sleep(0)
-                await asyncio.sleep(0)
+            await read_first_if_stalled(time.monotonic() - due)  # a client that spoke in a stall is not idle
             now = time.monotonic()
             for tunnel in list(self.ctx.tunnels):
                 moved = tunnel.bytes_in + tunnel.bytes_out

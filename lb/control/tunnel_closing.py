@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 
+from lb.proxy.deadlines import read_first_if_stalled
 from lb.state.context import ProxyContext
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class TunnelClosing:
             if not self._ctx.tunnels:
                 break  # every client left on its own: nothing to spread
             await self.unless_hurried(start + offset - loop.time())
+            # Woken past a stall: a gateway's own close frame that came in it is read before our 1001.
+            await read_first_if_stalled(loop.time() - (start + offset))
             tunnel.shut_down()
         await self.end(start + grace)
 

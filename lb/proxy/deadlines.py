@@ -28,6 +28,18 @@ log: Final = logging.getLogger("lb.proxy")
 _now: Final = time.monotonic  # a C static for compiled code (as lb.proxy.server._now)
 
 
+async def read_first_if_stalled(late: float) -> None:
+    """After a wait that ended `late` seconds past its time: more than STALLED, and the event loop was
+    stalled (the process stopped or starved of CPU, a paused VM), so it acts on what its sockets received
+    meanwhile before the caller judges or closes anything by the clock.  Two turns, as `Deadlines._reach`
+    hops: asyncio queues a look's I/O callbacks after the first, uvloop looks after it.  Judged at once,
+    a tunnel whose client spoke during the stall was closed as idle, and a gateway's own close frame lost
+    to a 1001 or a drain's 1012."""
+    if late > STALLED:
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+
 class Deadline:
     """One deadline: its callback runs once the clock has passed `when`, unless cancelled first.
     `cancel()` and `cancelled()` as an asyncio.TimerHandle's."""

@@ -390,6 +390,46 @@ async def test_a_backends_close_frame_ahead_of_its_reset_reaches_the_client(
         backend.close()
 
 
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_a_backends_close_frame_from_a_stall_goes_ahead_of_the_stops_1001(
+    launcher: Launcher, event_loop: str
+) -> None:
+    """SIGTERM with `shutdown_grace: 2s`: the lone tunnel's 1001 is due 2 s in.  The balancer is stopped
+    (SIGSTOP, a paused VM) from 0.5 s to 3 s, and the gateway ends the session (1008 and its reason) at
+    about 0.7 s: the client gets the gateway's close, read before the 1001 that fell due in the stall."""
+    backend = _CloseAndHangUp()
+    try:
+        lb = launcher.balancer(lb_config(
+            pools={"p": [backend]}, health=TCP_HEALTH,
+            overrides={"runtime": {"event_loop": event_loop}, "timeouts": {"shutdown_grace": "2s"}},
+        ))
+        assert lb.port is not None and lb.proc is not None
+        reader, writer = await asyncio.open_connection(HOST, lb.port)
+        try:
+            writer.write(upgrade_request("/ws", host=f"{HOST}:{lb.port}", key=ws_key()))
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)).startswith(b"HTTP/1.1 101")
+            signal_balancer(lb, signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            lb.proc.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(0.2)
+                backend.close_now.set()
+                assert await asyncio.to_thread(backend.closed.wait, 5 * UNIT)
+                await asyncio.sleep(2.3)  # past the 1001's time
+            finally:
+                lb.proc.send_signal(signal.SIGCONT)
+            got = b""
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(5 * UNIT):
+                    while chunk := await reader.read(65536):
+                        got += chunk
+            assert got == POLICY_CLOSE, got
+        finally:
+            writer.close()
+    finally:
+        backend.close()
+
+
 class _Streamer:
     """A gateway that streams 1 KiB frames without pause and records what its client sends."""
 
