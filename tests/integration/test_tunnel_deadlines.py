@@ -56,6 +56,7 @@ from support_ops import (
     metric,
     metrics_text,
     reload_with,
+    set_state,
     signal_balancer,
     wait_close,
     wait_exit,
@@ -426,6 +427,50 @@ async def test_a_backends_close_frame_from_a_stall_goes_ahead_of_the_stops_1001(
             assert got == POLICY_CLOSE, got
         finally:
             writer.close()
+    finally:
+        backend.close()
+
+
+async def test_a_backends_close_frame_from_a_stall_goes_ahead_of_a_drains_1012(launcher: Launcher) -> None:
+    """A drain at one close every 2 s of a gateway's two tunnels: one client gets its 1012 at once, the
+    other's is due 2 s later.  The balancer is stopped from 0.5 s to 3 s, and the gateway ends its
+    sessions (1008 and its reason) at about 0.7 s: the second client gets the gateway's close, read
+    before the 1012 that fell due in the stall."""
+    backend = _CloseAndHangUp()
+    try:
+        lb = launcher.balancer(lb_config(pools={"p": [backend]}, health=TCP_HEALTH))
+        assert lb.port is not None and lb.proc is not None
+        clients = [await asyncio.open_connection(HOST, lb.port) for _ in range(2)]
+        try:
+            for reader, writer in clients:
+                writer.write(upgrade_request("/ws", host=f"{HOST}:{lb.port}", key=ws_key()))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)
+                assert head.startswith(b"HTTP/1.1 101"), head
+            await set_state(lb, backend.id, "drain", pool="p", params={"close_after": "0s", "rate": "0.5"})
+            firsts = [asyncio.ensure_future(reader.read(65536)) for reader, _ in clients]
+            done, _ = await asyncio.wait(firsts, timeout=5 * UNIT, return_when=asyncio.FIRST_COMPLETED)
+            assert len(done) == 1, "one client gets its 1012 at once"
+            (first,) = done
+            assert first.result().startswith(b"\x88"), first.result()  # a close frame: 1012
+            await asyncio.sleep(0.5)
+            lb.proc.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(0.2)
+                backend.close_now.set()
+                await asyncio.sleep(2.3)  # past the second 1012's time
+            finally:
+                lb.proc.send_signal(signal.SIGCONT)
+            (second,) = (read for read in firsts if read is not first)
+            got = b""
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(5 * UNIT):
+                    got = await second
+                    while chunk := await clients[firsts.index(second)][0].read(65536):
+                        got += chunk
+            assert got == POLICY_CLOSE, got
+        finally:
+            for _, writer in clients:
+                writer.close()
     finally:
         backend.close()
 
