@@ -10,10 +10,8 @@ import contextlib
 import re
 import time
 
-from conftest import (
-    UNIT,
-    Balancer,
-    Stack,
+from tests.harness import UNIT
+from tests.harness.clients import (
     assert_echo,
     find_backend,
     http_get_async,
@@ -23,6 +21,7 @@ from conftest import (
     wait_for_state,
     ws_connect,
 )
+from tests.harness.processes import Balancer, Stack
 
 METRIC_NAMES = (
     "lb_handshakes_total",

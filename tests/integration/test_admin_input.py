@@ -16,20 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
-    UNIT,
-    Balancer,
-    DeadBackend,
-    Stack,
-    find_backend,
-    http_get,
-    lb_config,
-    open_raw,
-    raw_exchange,
-    read_response,
-    status,
-)
-from support_ops import admin_request
+
+from tests.harness import UNIT
+from tests.harness.clients import find_backend, status
+from tests.harness.ops import admin_request
+from tests.harness.processes import Balancer, DeadBackend, Stack, http_get, lb_config
+from tests.harness.raw import open_raw, raw_exchange, read_response
 
 PATH = "/pools/dead/backends/{id}/drain"
 

@@ -16,24 +16,20 @@ import sys
 from typing import Any
 
 import aiohttp
-from conftest import (
-    ROOT,
-    UNIT,
-    Balancer,
-    Gateway,
-    Launcher,
+
+from tests.harness import ROOT, UNIT
+from tests.harness.clients import (
     affinity_cookie,
     assert_echo,
-    child_env,
     find_backend,
-    lb_config,
     recv_hello,
     status,
     visit,
     wait_for_state,
     ws_connect,
 )
-from support_ops import set_state, visit_until, wait_close
+from tests.harness.ops import set_state, visit_until, wait_close
+from tests.harness.processes import Balancer, Gateway, Launcher, child_env, lb_config
 
 
 async def gateway_post(gateway: Gateway, path: str) -> dict[str, Any]:

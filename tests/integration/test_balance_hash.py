@@ -17,21 +17,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import (
-    COOKIE,
-    STEADY_HEALTH,
-    UNIT,
-    Backend,
-    Balancer,
-    Launcher,
-    affinity_cookie,
-    http_get_async,
-    lb_config,
-    new_key,
-    source_ips,
-    visit,
-)
-from support_ops import admin_request, metrics_text
+
+from tests.harness import COOKIE, UNIT
+from tests.harness.clients import affinity_cookie, http_get_async, source_ips, visit
+from tests.harness.ops import admin_request, metrics_text
+from tests.harness.processes import STEADY_HEALTH, Backend, Balancer, Launcher, lb_config, new_key
 
 USER_HEADER = "X-User-Id"
 

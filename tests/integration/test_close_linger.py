@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HOST, UNIT
 
 from lb.affinity.codec import TokenCodec
 from lb.config.load import parse_config
@@ -33,6 +32,7 @@ from lb.proxy.tunnel import Tunnel
 from lb.state.context import ProxyContext
 from lb.state.pool import PoolState
 from lb.ws.frames import close_frame
+from tests.harness import HOST, UNIT
 
 FRAME = b"\x82\x7e\x03\xfc" + b"x" * 1020  # a 1 KiB binary frame, unmasked
 STALL = 0.5  # FLUSH_STALL for these tests

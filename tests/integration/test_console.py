@@ -21,23 +21,12 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import (
-    HOST,
-    ROOT,
-    UNIT,
-    Balancer,
-    Gateway,
-    free_port,
-    http_get_async,
-    lb_config,
-    new_key,
-    recv_hello,
-    run_ctl,
-    visit,
-    wait_for_state,
-    ws_connect,
-)
-from support_ops import BlackHole, admin_request, launched, token_of, visit_until, wait_until
+
+from bench.procs import free_port
+from tests.harness import HOST, ROOT, UNIT
+from tests.harness.clients import http_get_async, recv_hello, visit, wait_for_state, ws_connect
+from tests.harness.ops import BlackHole, admin_request, launched, token_of, visit_until, wait_until
+from tests.harness.processes import Balancer, Gateway, lb_config, new_key, run_ctl
 
 OBSERVABILITY = ROOT / "deploy" / "observability"
 RULES = OBSERVABILITY / "alerts.yaml"
@@ -736,7 +725,7 @@ def firing(alertname: str, severity: str, *pools: str) -> list[dict[str, Any]]:
 
 async def test_histograms_and_errors_sum_over_workers(tmp_path: Path) -> None:
     """workers: 2: the owner's /metrics sums the workers' histograms; count still equals handshakes."""
-    from support_ops import started_stack
+    from tests.harness.ops import started_stack
 
     with started_stack(tmp_path, gateways=2, overrides={"workers": 2}) as stack:
         lb = stack.balancer
@@ -768,7 +757,7 @@ def documented_metrics() -> set[str]:
 
 async def test_every_exported_metric_is_in_the_readme(tmp_path: Path) -> None:
     """workers: 2, the most families a scrape has: every lb_* family of the owner's /metrics is in README."""
-    from support_ops import started_stack
+    from tests.harness.ops import started_stack
 
     with started_stack(tmp_path, gateways=1, overrides={"workers": 2}) as stack:
         lb = stack.balancer

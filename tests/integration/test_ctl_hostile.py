@@ -17,8 +17,10 @@ import unicodedata
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import UNIT, run_ctl
-from support_tcp import ThreadedServer
+
+from tests.harness import UNIT
+from tests.harness.processes import run_ctl
+from tests.harness.tcp import ThreadedServer
 
 MAX_SECONDS = 15.0
 Script = Callable[["Scripted", socket.socket, bytes], None]

@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import UNIT, Balancer, Gateway, http_get, lb_config
-from support_ops import launched
+
+from tests.harness import UNIT
+from tests.harness.ops import launched
+from tests.harness.processes import Balancer, Gateway, http_get, lb_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -20,9 +20,11 @@ from typing import Any
 
 import aiohttp
 import yaml
-from conftest import ROOT, UNIT, free_port, lb_certs, new_key, stop_process
 
 from backends_demo.stack import story_config, ws_pool
+from bench.procs import free_port
+from tests.harness import ROOT, UNIT
+from tests.harness.processes import lb_certs, new_key, stop_process
 
 DEMO_WITHIN = 120 * UNIT
 

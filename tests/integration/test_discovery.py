@@ -24,26 +24,21 @@ import dns.message
 import dns.rrset
 import pytest
 import yaml
-from conftest import (
-    HOST,
-    UNIT,
-    Balancer,
-    Gateway,
-    Launcher,
+
+from bench.procs import free_port
+from tests.harness import HOST, UNIT
+from tests.harness.clients import (
     assert_echo,
     find_backend,
-    free_port,
     http_get_async,
-    lb_config,
     recv_hello,
-    run_lb,
     status,
     visit,
     wait_for_state,
     ws_connect,
 )
-from support_dns import ZoneServer
-from support_ops import (
+from tests.harness.dns_server import ZoneServer
+from tests.harness.ops import (
     metric,
     metrics_text,
     reload_with,
@@ -54,6 +49,7 @@ from support_ops import (
     wait_until,
     worker_pids,
 )
+from tests.harness.processes import Balancer, Gateway, Launcher, lb_config, run_lb
 
 SERVICE = "gateway.game.svc.cluster.local"
 

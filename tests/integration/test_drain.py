@@ -18,22 +18,10 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 import yaml
-from conftest import (
-    ROOT,
-    UNIT,
-    Balancer,
-    Launcher,
-    assert_echo,
-    child_env,
-    client_session,
-    find_backend,
-    lb_config,
-    recv_hello,
-    status,
-    visit,
-    ws_connect,
-)
-from support_ops import (
+
+from tests.harness import ROOT, UNIT
+from tests.harness.clients import assert_echo, client_session, find_backend, recv_hello, status, visit, ws_connect
+from tests.harness.ops import (
     CARRIERS,
     OpsStack,
     admin_post,
@@ -44,6 +32,7 @@ from support_ops import (
     visit_via,
     wait_close,
 )
+from tests.harness.processes import Balancer, Launcher, child_env, lb_config
 
 POOL = "gateways"
 

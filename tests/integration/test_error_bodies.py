@@ -10,7 +10,10 @@ import json
 import re
 
 import pytest
-from conftest import HOST, Balancer, DeadBackend, Launcher, lb_config, raw_exchange, upgrade_request
+
+from tests.harness import HOST
+from tests.harness.processes import Balancer, DeadBackend, Launcher, lb_config
+from tests.harness.raw import raw_exchange, upgrade_request
 
 POOL = "secret-pool-7"
 BACKEND = DeadBackend("gw-hidden-42")

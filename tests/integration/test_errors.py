@@ -20,28 +20,27 @@ import time
 
 import aiohttp
 import pytest
-from conftest import (
-    SHARED_HANDSHAKE,
-    UNIT,
-    Balancer,
-    Launcher,
-    Stack,
+
+from tests.harness import UNIT
+from tests.harness.clients import (
     affinity_cookie,
     assert_echo,
-    close_raw,
     find_backend,
-    lb_config,
-    open_raw,
-    raw_exchange,
-    read_response,
     recv_hello,
     status,
     tunnel,
-    upgrade_request,
     visit,
-    wait_closed_by_peer,
     wait_for_state,
     ws_connect,
+)
+from tests.harness.processes import SHARED_HANDSHAKE, Balancer, Launcher, Stack, lb_config
+from tests.harness.raw import (
+    close_raw,
+    open_raw,
+    raw_exchange,
+    read_response,
+    upgrade_request,
+    wait_closed_by_peer,
     ws_key,
 )
 

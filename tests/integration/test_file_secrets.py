@@ -11,8 +11,9 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from conftest import Launcher, lb_config, new_key, visit
-from support_ops import admin_post, reload_with, signal_balancer, wait_until
+from tests.harness.clients import visit
+from tests.harness.ops import admin_post, reload_with, signal_balancer, wait_until
+from tests.harness.processes import Launcher, lb_config, new_key
 
 
 def write(path: Path, text: str) -> None:

@@ -9,19 +9,9 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 
-from conftest import (
-    UNIT,
-    Balancer,
-    Gateway,
-    Launcher,
-    assert_echo,
-    find_backend,
-    lb_config,
-    recv_hello,
-    status,
-    wait_for_state,
-    ws_connect,
-)
+from tests.harness import UNIT
+from tests.harness.clients import assert_echo, find_backend, recv_hello, status, wait_for_state, ws_connect
+from tests.harness.processes import Balancer, Gateway, Launcher, lb_config
 
 
 async def _stack(launcher: Launcher, n: int = 3) -> tuple[Balancer, list[Gateway]]:

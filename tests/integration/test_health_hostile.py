@@ -20,8 +20,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import UNIT, Launcher, find_backend, lb_config, status, wait_for_state
-from support_tcp import ThreadedServer
+
+from tests.harness import UNIT
+from tests.harness.clients import find_backend, status, wait_for_state
+from tests.harness.processes import Launcher, lb_config
+from tests.harness.tcp import ThreadedServer
 
 MAX_SECONDS = 20.0
 CHUNK = b"x" * 65536

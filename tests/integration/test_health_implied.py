@@ -17,20 +17,12 @@ import time
 from typing import Any
 
 import aiohttp
-from conftest import (
-    UNIT,
-    Launcher,
-    affinity_cookie,
-    find_backend,
-    lb_config,
-    raw_exchange,
-    recv_hello,
-    status,
-    upgrade_request,
-    wait_for_state,
-    ws_connect,
-)
-from support_tcp import HOST, ThreadedServer
+
+from tests.harness import UNIT
+from tests.harness.clients import affinity_cookie, find_backend, recv_hello, status, wait_for_state, ws_connect
+from tests.harness.processes import Launcher, lb_config
+from tests.harness.raw import raw_exchange, upgrade_request
+from tests.harness.tcp import HOST, ThreadedServer
 
 REFUSAL_BODY = b"no players from your region\n"
 REFUSAL = (

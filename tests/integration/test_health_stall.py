@@ -19,8 +19,11 @@ import signal
 import socket
 import threading
 
-from conftest import UNIT, Launcher, http_get_async, lb_config, open_raw, read_response, upgrade_request, wait_for_state
-from support_tcp import ThreadedServer, read_head, switch_protocols
+from tests.harness import UNIT
+from tests.harness.clients import http_get_async, wait_for_state
+from tests.harness.processes import Launcher, lb_config
+from tests.harness.raw import open_raw, read_response, upgrade_request
+from tests.harness.tcp import ThreadedServer, read_head, switch_protocols
 
 ANSWER_AFTER = 0.3  # the backend holds each health answer this long: the balancer is stopped by then
 STALL = 2.5  # seconds the balancer is stopped: past the check's timeout and backend_connect

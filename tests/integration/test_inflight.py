@@ -26,26 +26,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
-    ROOT,
-    UNIT,
-    Balancer,
-    Launcher,
-    RawResponse,
-    child_env,
-    close_raw,
-    lb_certs,
-    lb_config,
-    open_raw,
-    raw_exchange,
-    read_response,
-    status,
-    wait_closed_by_peer,
-)
-from support_ops import BlackHole, metric, metrics_text, wait_until
-from support_raw import RecordingBackend, rss_kib
 
 from bench.procs import cpu_seconds
+from tests.harness import ROOT, UNIT
+from tests.harness.clients import status
+from tests.harness.ops import BlackHole, metric, metrics_text, wait_until
+from tests.harness.processes import Balancer, Launcher, child_env, lb_certs, lb_config
+from tests.harness.raw import RawResponse, close_raw, open_raw, raw_exchange, read_response, wait_closed_by_peer
+from tests.harness.recording import RecordingBackend, rss_kib
 
 TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall": 3}
 

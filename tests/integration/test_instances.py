@@ -24,27 +24,21 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import (
-    HOST,
-    UNIT,
-    Balancer,
-    Gateway,
-    Launcher,
+
+from bench.procs import free_port
+from tests.harness import HOST, UNIT
+from tests.harness.clients import (
     assert_echo,
     find_backend,
-    free_port,
-    lb_config,
-    log_tail,
-    new_key,
     recv_hello,
     source_ips,
     status,
-    stop_process,
     visit,
     wait_for_state,
     ws_connect,
 )
-from support_ops import visit_until
+from tests.harness.ops import visit_until
+from tests.harness.processes import Balancer, Gateway, Launcher, lb_config, log_tail, new_key, stop_process
 
 PROXY_V2 = True  # listeners[].proxy_protocol is wired: HAProxy sends PROXY v2, the balancers read it
 

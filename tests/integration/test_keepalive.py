@@ -12,9 +12,12 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from conftest import UNIT, Launcher, close_raw, lb_config, open_raw, read_response
-from support_ops import wait_until
-from support_raw import RecordingBackend
+
+from tests.harness import UNIT
+from tests.harness.ops import wait_until
+from tests.harness.processes import Launcher, lb_config
+from tests.harness.raw import close_raw, open_raw, read_response
+from tests.harness.recording import RecordingBackend
 
 TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall": 3}
 

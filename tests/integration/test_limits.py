@@ -14,24 +14,20 @@ import time
 from collections import Counter
 from typing import Any
 
-from conftest import (
-    UNIT,
-    Balancer,
-    Gateway,
-    Launcher,
+from tests.harness import UNIT
+from tests.harness.clients import (
     affinity_cookie,
     assert_echo,
     find_backend,
     http_get_async,
-    lb_config,
-    raw_exchange,
     recv_hello,
     status,
-    upgrade_request,
     visit,
     ws_connect,
 )
-from support_ops import token_of, wait_close, wait_for_log, wait_until
+from tests.harness.ops import token_of, wait_close, wait_for_log, wait_until
+from tests.harness.processes import Balancer, Gateway, Launcher, lb_config
+from tests.harness.raw import raw_exchange, upgrade_request
 
 POOL = "gateways"
 

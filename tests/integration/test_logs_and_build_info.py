@@ -16,8 +16,11 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import UNIT, Balancer, Gateway, Launcher, http_get_async, lb_config, run_lb, visit
-from support_ops import reload_with, rewrite_config, signal_balancer, wait_exit, wait_until
+
+from tests.harness import UNIT
+from tests.harness.clients import http_get_async, visit
+from tests.harness.ops import reload_with, rewrite_config, signal_balancer, wait_exit, wait_until
+from tests.harness.processes import Balancer, Gateway, Launcher, lb_config, run_lb
 
 POOL = "gateways"
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]00:?00)")

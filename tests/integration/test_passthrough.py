@@ -12,27 +12,23 @@ import json
 import os
 
 import aiohttp
-from conftest import (
-    COOKIE,
+
+from tests.harness import COOKIE, UNIT
+from tests.harness.clients import affinity_cookie, assert_echo, recv_hello, ws_connect
+from tests.harness.ops import metrics_text
+from tests.harness.processes import Balancer, Stack
+from tests.harness.raw import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONT,
     OP_PING,
     OP_PONG,
     OP_TEXT,
-    UNIT,
-    Balancer,
     RawWs,
-    Stack,
-    affinity_cookie,
-    assert_echo,
     close_payload,
     raw_exchange,
-    recv_hello,
     upgrade_request,
-    ws_connect,
 )
-from support_ops import metrics_text
 
 
 async def test_text_messages_echo_in_order(lb: Balancer) -> None:

@@ -18,9 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import HOST, UNIT, free_port, stop_process
 
+from bench.procs import free_port
 from lb.http.proxy_header import Command, Family, ProxyHeader, parse_proxy_header
+from tests.harness import HOST, UNIT
+from tests.harness.processes import stop_process
 
 HAPROXY = shutil.which("haproxy") or shutil.which("/usr/sbin/haproxy")
 pytestmark = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")

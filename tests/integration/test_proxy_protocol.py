@@ -28,19 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
-    HOST,
-    STEADY_HEALTH,
-    UNIT,
-    Balancer,
-    Launcher,
-    SeenRequest,
-    SpyBackend,
-    free_port,
-    lb_certs,
-    lb_config,
-)
-from support_ops import rewrite_config, signal_balancer
+
+from bench.procs import free_port
+from tests.harness import HOST, UNIT
+from tests.harness.ops import rewrite_config, signal_balancer
+from tests.harness.processes import STEADY_HEALTH, Balancer, Launcher, lb_certs, lb_config
+from tests.harness.spy import SeenRequest, SpyBackend
 
 HANDSHAKE = 1.0  # timeouts.handshake of this stack, seconds
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -370,7 +363,7 @@ def wait_reloaded(lb: Balancer, mark: int) -> None:
 
 
 def reload_with(lb: Balancer, config: dict[str, Any]) -> None:
-    """support_ops.reload_with for these blocking tests: also fails at once on a "reload failed" line."""
+    """tests.harness.ops.reload_with for these blocking tests: also fails at once on a "reload failed" line."""
     rewrite_config(lb, config)
     mark = lb.log_lines()
     signal_balancer(lb, signal.SIGHUP)

@@ -17,31 +17,12 @@ from collections import Counter
 from typing import Any
 
 import yarl
-from conftest import (
-    COOKIE,
-    UNIT,
-    Balancer,
-    Launcher,
-    SpyBackend,
-    handshake_headers,
-    http_get_async,
-    lb_config,
-    set_cookies,
-    status,
-    tunnel,
-    visit,
-    wait_for_state,
-)
-from support_ops import (
-    CARRIERS,
-    HEADER,
-    QUERY,
-    BlackHole,
-    set_state,
-    token_of,
-    visit_via,
-    with_query,
-)
+
+from tests.harness import COOKIE, UNIT
+from tests.harness.clients import handshake_headers, http_get_async, set_cookies, status, tunnel, visit, wait_for_state
+from tests.harness.ops import CARRIERS, HEADER, QUERY, BlackHole, set_state, token_of, visit_via, with_query
+from tests.harness.processes import Balancer, Launcher, lb_config
+from tests.harness.spy import SpyBackend
 
 POOL = "gateways"
 N_TOKENS = 120

@@ -13,19 +13,10 @@ import signal
 import time
 
 import pytest
-from conftest import (
-    UNIT,
-    Gateway,
-    Launcher,
-    assert_echo,
-    backend_states,
-    find_backend,
-    recv_hello,
-    status,
-    visit,
-    ws_connect,
-)
-from support_ops import (
+
+from tests.harness import UNIT
+from tests.harness.clients import assert_echo, find_backend, recv_hello, status, visit, ws_connect
+from tests.harness.ops import (
     backend_entry,
     metrics_text,
     reload_with,
@@ -38,6 +29,7 @@ from support_ops import (
     wait_for_log,
     wait_until,
 )
+from tests.harness.processes import Gateway, Launcher, backend_states
 
 POOL = "gateways"
 

@@ -23,26 +23,11 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import (
-    HOST,
-    ROOT,
-    UNIT,
-    DeadBackend,
-    Gateway,
-    Launcher,
-    assert_echo,
-    backend_states,
-    child_env,
-    find_backend,
-    free_port,
-    lb_config,
-    recv_hello,
-    run_lb,
-    status,
-    visit,
-    ws_connect,
-)
-from support_ops import (
+
+from bench.procs import free_port
+from tests.harness import HOST, ROOT, UNIT
+from tests.harness.clients import assert_echo, find_backend, recv_hello, status, visit, ws_connect
+from tests.harness.ops import (
     backend_entry,
     metric,
     metrics_text,
@@ -55,6 +40,7 @@ from support_ops import (
     wait_for_log,
     wait_until,
 )
+from tests.harness.processes import DeadBackend, Gateway, Launcher, backend_states, child_env, lb_config, run_lb
 
 POOL = "gateways"
 PROBE_INTERVAL = 0.1  # seconds between health probes of the counted backend

@@ -13,17 +13,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import (
-    Balancer,
-    affinity_cookie,
-    http_get_async,
-    set_cookies,
-    source_ips,
-    visit,
-)
-from support_ops import HEADER, OpsStack, set_state, started_stack, visit_via
 
 from lb.affinity.codec import Claim, TokenCodec
+from tests.harness.clients import affinity_cookie, http_get_async, set_cookies, source_ips, visit
+from tests.harness.ops import HEADER, OpsStack, set_state, started_stack, visit_via
+from tests.harness.processes import Balancer
 
 APP = "SESSIONID"
 

@@ -18,26 +18,12 @@ from collections.abc import Iterator
 
 import aiohttp
 import pytest
-from conftest import (
-    HOST,
-    OP_CLOSE,
-    OP_TEXT,
-    UNIT,
-    Balancer,
-    Gateway,
-    RawWs,
-    assert_echo,
-    close_raw,
-    http_get_async,
-    lb_config,
-    open_raw,
-    read_response,
-    recv_hello,
-    upgrade_request,
-    visit,
-    ws_connect,
-)
-from support_ops import launched, signal_balancer, wait_close, wait_exit, wait_for_log, wait_until
+
+from tests.harness import HOST, UNIT
+from tests.harness.clients import assert_echo, http_get_async, recv_hello, visit, ws_connect
+from tests.harness.ops import launched, signal_balancer, wait_close, wait_exit, wait_for_log, wait_until
+from tests.harness.processes import Balancer, Gateway, lb_config
+from tests.harness.raw import OP_CLOSE, OP_TEXT, RawWs, close_raw, open_raw, read_response, upgrade_request
 
 POOL = "gateways"
 GRACE = 1.5  # seconds: timeouts.shutdown_grace of these balancers
@@ -255,7 +241,7 @@ async def test_a_quiet_tls_client_that_never_answers_close_notify_does_not_hold_
     import socket
     import ssl
 
-    from conftest import lb_certs
+    from tests.harness.processes import lb_certs
 
     grace = 8.0
     with launched(tmp_path_factory, "shutdown-tls") as launcher:

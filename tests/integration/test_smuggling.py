@@ -22,23 +22,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import (
-    UNIT,
-    Balancer,
-    Launcher,
-    close_raw,
-    find_backend,
-    lb_config,
-    open_raw,
-    read_response,
-    status,
-    upgrade_request,
-)
-from support_ops import wait_until
-from support_raw import RecordingBackend, rss_kib
-from support_tcp import ThreadedServer, read_head
 
 from lb.ws.upgrade import accept_value
+from tests.harness import UNIT
+from tests.harness.clients import find_backend, status
+from tests.harness.ops import wait_until
+from tests.harness.processes import Balancer, Launcher, lb_config
+from tests.harness.raw import close_raw, open_raw, read_response, upgrade_request
+from tests.harness.recording import RecordingBackend, rss_kib
+from tests.harness.tcp import ThreadedServer, read_head
 
 TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall": 3}
 

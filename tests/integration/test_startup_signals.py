@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import UNIT, Balancer, DeadBackend, lb_config
+
+from tests.harness import UNIT
+from tests.harness.processes import Balancer, DeadBackend, lb_config
 
 SIGHUP_BIT = 1 << (signal.SIGHUP - 1)
 

@@ -20,19 +20,12 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
-from conftest import (
-    APP_COOKIE,
-    COOKIE,
-    STEADY_HEALTH,
-    UNIT,
-    Balancer,
-    DeadBackend,
-    Launcher,
-    Stack,
+
+from lb.affinity.codec import Claim, TokenCodec
+from tests.harness import APP_COOKIE, COOKIE, UNIT
+from tests.harness.clients import (
     affinity_cookie,
     http_get_async,
-    lb_config,
-    new_key,
     recv_hello,
     set_cookies,
     source_ips,
@@ -40,8 +33,7 @@ from conftest import (
     wait_for_state,
     ws_connect,
 )
-
-from lb.affinity.codec import Claim, TokenCodec
+from tests.harness.processes import STEADY_HEALTH, Balancer, DeadBackend, Launcher, Stack, lb_config, new_key
 
 SPEC_ATTRS = {"path=/", "max-age=3600", "httponly", "samesite=Lax"}
 TWIN_MAX_AGE = 2  # seconds

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conftest import UNIT, Launcher, lb_config
-
 from bench.storm import Fleet
+from tests.harness import UNIT
+from tests.harness.processes import Launcher, lb_config
 
 PLAYERS = 300
 

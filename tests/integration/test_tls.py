@@ -14,21 +14,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import (
-    COOKIE,
-    STEADY_HEALTH,
-    UNIT,
-    Balancer,
-    Launcher,
-    client_session,
-    close_raw,
-    http_get_async,
-    lb_certs,
-    lb_config,
-    open_raw,
-    visit,
-    wait_closed_by_peer,
-)
+
+from tests.harness import COOKIE, UNIT
+from tests.harness.clients import client_session, http_get_async, visit
+from tests.harness.processes import STEADY_HEALTH, Balancer, Launcher, lb_certs, lb_config
+from tests.harness.raw import close_raw, open_raw, wait_closed_by_peer
 
 
 @dataclass

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import Balancer, Gateway, Launcher, lb_config, visit
+
+from tests.harness.clients import visit
+from tests.harness.processes import Balancer, Gateway, Launcher, lb_config
 
 POOL = "gateways"
 TRUSTED = "127.0.0.2"  # stands in for an L7 proxy in front of the balancer

@@ -30,27 +30,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import (
-    HOST,
-    OP_BINARY,
-    OP_CLOSE,
-    UNIT,
-    Balancer,
-    Gateway,
-    Launcher,
-    RawWs,
-    assert_echo,
-    encode_frame,
-    find_backend,
-    lb_certs,
-    lb_config,
-    recv_hello,
-    status,
-    upgrade_request,
-    ws_connect,
-    ws_key,
-)
-from support_ops import (
+
+from tests.harness import HOST, UNIT
+from tests.harness.clients import assert_echo, find_backend, recv_hello, status, ws_connect
+from tests.harness.ops import (
     admin_post,
     launched,
     metric,
@@ -62,8 +45,10 @@ from support_ops import (
     wait_exit,
     wait_until,
 )
-from support_raw import rss_kib
-from support_scripted import (
+from tests.harness.processes import Balancer, Gateway, Launcher, lb_certs, lb_config
+from tests.harness.raw import OP_BINARY, OP_CLOSE, RawWs, encode_frame, upgrade_request, ws_key
+from tests.harness.recording import rss_kib
+from tests.harness.scripted import (
     BACKEND_CLOSE,
     LAST_WORDS,
     PARTIAL,
@@ -79,7 +64,7 @@ from support_scripted import (
     stalled_upload,
     start,
 )
-from support_tcp import ThreadedServer, read_head, switch_protocols
+from tests.harness.tcp import ThreadedServer, read_head, switch_protocols
 
 CLOSE_DEADLINE = 2.0  # the product's bound on a close frame waiting for a frame boundary
 CLOSE_LINGER = 2.0  # and on a client taking the close frame once sent

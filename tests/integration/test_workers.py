@@ -20,20 +20,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import (
-    ROOT,
-    UNIT,
-    Balancer,
-    Launcher,
-    assert_echo,
-    http_get,
-    lb_certs,
-    lb_config,
-    recv_hello,
-    visit,
-    ws_connect,
-)
-from support_ops import (
+
+from tests.harness import ROOT, UNIT
+from tests.harness.clients import assert_echo, recv_hello, visit, ws_connect
+from tests.harness.ops import (
     OpsStack,
     catches,
     metric,
@@ -43,6 +33,7 @@ from support_ops import (
     wait_until,
     worker_pids,
 )
+from tests.harness.processes import Balancer, Launcher, http_get, lb_certs, lb_config
 
 # A log event's line, as lb.log writes it: `TIME LEVEL PROCESS logger: message` (not a traceback's or a
 # child's stray output).

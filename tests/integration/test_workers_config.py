@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from conftest import UNIT, Balancer, Gateway, Launcher, backend_states, lb_config, new_key, status, visit
-from support_ops import (
+
+from tests.harness import UNIT
+from tests.harness.clients import status, visit
+from tests.harness.ops import (
     admin_post,
     admin_request,
     backend_entry,
@@ -37,6 +39,7 @@ from support_ops import (
     wait_until,
     worker_pids,
 )
+from tests.harness.processes import Balancer, Gateway, Launcher, backend_states, lb_config, new_key
 
 POOL = "gateways"
 GATEWAYS = 3  # gw-1..3 for the whole module; see conftest `gateways`
@@ -199,7 +202,7 @@ async def _remove_gw1_under_2_tunnels(
     lb: Balancer, config: dict[str, Any], tunnels: contextlib.AsyncExitStack
 ) -> list[aiohttp.ClientWebSocketResponse]:
     """Two tunnels on gw-1 (kept open by `tunnels`), then a reload without gw-1, seen by the owner."""
-    from conftest import recv_hello, ws_connect
+    from tests.harness.clients import recv_hello, ws_connect
 
     on_gw1: list[aiohttp.ClientWebSocketResponse] = []
     while len(on_gw1) < 2:
@@ -251,8 +254,8 @@ async def test_a_backend_removed_right_after_its_tunnels_opened_still_shows_them
     the owner of them: /status still shows gw-1 `removed` with its tunnels, and lb_active_connections counts
     them.  The owner keeps a removed backend until every worker has reported after the reload; it dropped one
     it counted at 0, and its tunnels ran on counted nowhere."""
-    from conftest import recv_hello, ws_connect
-    from support_ops import visit_until
+    from tests.harness.clients import recv_hello, ws_connect
+    from tests.harness.ops import visit_until
 
     lb, config = two_worker_balancer(launcher, *gateways)
     await two_workers(lb)

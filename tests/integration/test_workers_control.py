@@ -18,27 +18,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import (
-    COOKIE,
-    HOST,
-    UNIT,
-    Balancer,
-    Gateway,
-    Launcher,
-    RawWs,
-    assert_echo,
-    close_raw,
-    deep_merge,
-    lb_config,
-    open_raw,
-    read_response,
-    recv_hello,
-    status,
-    upgrade_request,
-    visit,
-    ws_connect,
-)
-from support_ops import (
+
+from tests.harness import COOKIE, HOST, UNIT
+from tests.harness.clients import assert_echo, recv_hello, status, visit, ws_connect
+from tests.harness.ops import (
     metric,
     metrics_text,
     process_alive,
@@ -54,6 +37,8 @@ from support_ops import (
     wait_for_log,
     wait_until,
 )
+from tests.harness.processes import Balancer, Gateway, Launcher, deep_merge, lb_config
+from tests.harness.raw import RawWs, close_raw, open_raw, read_response, upgrade_request
 
 POOL = "gateways"
 SLOW_TCP_HEALTH = {"type": "tcp", "interval": "10s", "timeout": "1s", "rise": 1, "fall": 1}

@@ -17,8 +17,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import UNIT, Balancer, http_get_async
-from support_ops import OpsStack, process_alive, started_stack, two_workers, wait_until, worker_pids
+
+from tests.harness import UNIT
+from tests.harness.clients import http_get_async
+from tests.harness.ops import OpsStack, process_alive, started_stack, two_workers, wait_until, worker_pids
+from tests.harness.processes import Balancer
 
 # The product's bound (lb.control.workers.SERVING_SILENCE): a worker silent this long no longer serves.
 SERVING_SILENCE = 3.0

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from support_poll import wait_for
 
 from lb.config.model import BackendConfig, PoolConfig
 from lb.control.admin import NO_TOKEN_CONFIGURED, WRONG_TOKEN, make_admin_app
 from lb.log import JsonFormatter
 from lb.state.pool import PoolState
+from tests.harness.polling import wait_for
 
 TOKEN = "t" * 20
 

@@ -15,12 +15,12 @@ import socket
 from pathlib import Path
 
 import pytest
-from support_balancer import in_process_config
 
 from lb.config.load import parse_config
 from lb.config.model import AdminConfig
 from lb.control.balancer import Balancer
 from lb.control.listening import BindError
+from tests.harness.in_process import in_process_config
 
 SECTIONLESS = in_process_config('  - bind: "127.0.0.1:0"').replace('admin: {bind: "127.0.0.1:0"}\n', "")
 

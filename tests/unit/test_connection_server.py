@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support_poll import wait_for as _wait
 from test_connection import CONFIG, upgrade
 
 from bench.handshake_shell import BenchLoop, FakeTransport, deliver
@@ -20,6 +19,7 @@ from lb.proxy.server import ClientConnection, abort_in_flight, client_factory, s
 from lb.proxy.tunnel import TunnelEnd, WebSocketServerEnd
 from lb.state.context import ProxyContext
 from lb.state.tally import Tally
+from tests.harness.polling import wait_for as _wait
 
 
 async def _serve(ctx: ProxyContext) -> tuple[asyncio.Server, int]:

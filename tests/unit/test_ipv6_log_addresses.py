@@ -9,10 +9,10 @@ import socket
 from pathlib import Path
 
 import pytest
-from support_balancer import in_process_config
 
 from lb.config.load import load_config
 from lb.control.balancer import Balancer
+from tests.harness.in_process import in_process_config
 
 
 def _has_ipv6_loopback() -> bool:

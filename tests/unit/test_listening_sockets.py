@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support_balancer import in_process_config
-from support_poll import wait_for
 from test_connection import CONFIG
 
 from lb.config.load import load_config, parse_config
@@ -28,6 +26,8 @@ from lb.control.listening import BindError, claim
 from lb.proxy.preamble import AcceptingServer, listening_sockets
 from lb.proxy.server import wall_offset
 from lb.state.context import ProxyContext
+from tests.harness.in_process import in_process_config
+from tests.harness.polling import wait_for
 
 NAME = "two.test"
 ADDRESSES = ("127.0.0.1", "127.0.0.2")

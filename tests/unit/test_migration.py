@@ -9,13 +9,13 @@ import asyncio
 import logging
 
 import pytest
-from support_tunnel import FakeTransport, one_backend_context
 
 from lb.control.migration import log_failed, migrate
 from lb.proxy import tunnel as tunnel_module
 from lb.proxy.tunnel import Tunnel
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
+from tests.harness.fake_tunnels import FakeTransport, one_backend_context
 
 PARTIAL = b"\x82\x64" + b"y" * 10  # 10 of 100 payload bytes: no frame boundary until the rest comes
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support_poll import wait_for as _wait
 from test_connection import CONFIG
 
 from lb.config.load import parse_config
@@ -27,6 +26,7 @@ from lb.proxy.preamble import AcceptingServer, listening_sockets
 from lb.proxy.server import ClientConnection, stop_in_flight, wall_offset
 from lb.state.context import ProxyContext
 from lb.tls import server_ssl_context
+from tests.harness.polling import wait_for as _wait
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 HEAD_START = b"GET /a/x HTTP/1.1\r\nHost: h\r\nX-Partial"  # incomplete: the core keeps it buffered

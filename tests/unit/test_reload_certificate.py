@@ -17,12 +17,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
-from support_balancer import in_process_config
 
 from lb.config import sections
 from lb.config.load import load_config
 from lb.control.balancer import Balancer
 from lb.devcerts import write_dev_certs
+from tests.harness.in_process import in_process_config
 
 
 @contextlib.asynccontextmanager

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from support_tunnel import FakeSocket, FakeTransport, one_backend_context
 
 from lb.proxy import tunnel as tunnel_module
 from lb.proxy.deadlines import Deadlines
@@ -23,6 +22,7 @@ from lb.proxy.tunnel import CLOSE_DEADLINE, Tunnel, has_left, idle_sweep_interva
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
 from lb.ws.frames import close_frame
+from tests.harness.fake_tunnels import FakeSocket, FakeTransport, one_backend_context
 
 TEXT = b"\x81\x02hi"  # a whole unmasked text frame
 PARTIAL = b"\x82\x64" + b"y" * 10  # 10 of 100 payload bytes

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from support_tcp import HOST, ThreadedServer
+from tests.harness.tcp import HOST, ThreadedServer
 
 
 @dataclass
@@ -55,7 +55,7 @@ class RecordingBackend:
         self.connections: list[RawConnection] = []
         self.interim_sent = 0
         self._lock = threading.Lock()
-        # The accept loop (and its threads, stopped on close) is the shared one in support_tcp.
+        # The accept loop (and its threads, stopped on close) is the shared one in tests.harness.tcp.
         self._server = ThreadedServer(self._serve, name=backend_id, backlog=128)
         self._stop = self._server.stop
         self.port = self._server.port

@@ -1,6 +1,6 @@
 """Helpers for the operations tests (drain, rewrite, reload, shutdown, redispatch, limits).
 
-A plain module beside `conftest.py`, reusing its processes and clients; what it adds:
+Beside `processes` and `clients`, reusing them; what it adds:
 
 - `started_stack`: gateways plus one balancer for a module-scoped fixture, stopped by PID at the end;
 - admin: `admin_post` (raw answer) and `set_state` (expects 200);
@@ -35,20 +35,11 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from conftest import (
-    COOKIE,
-    UNIT,
-    Balancer,
-    Gateway,
-    Launcher,
-    Visit,
-    client_session,
-    deep_merge,
-    http_get_async,
-    lb_config,
-    visit,
-)
-from support_tcp import ThreadedServer
+
+from tests.harness import COOKIE, UNIT
+from tests.harness.clients import Visit, client_session, http_get_async, visit
+from tests.harness.processes import Balancer, Gateway, Launcher, deep_merge, lb_config
+from tests.harness.tcp import ThreadedServer
 
 HEADER = "X-LB-Affinity"
 QUERY = "lb_affinity"

@@ -35,8 +35,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import UNIT, Balancer, Launcher, lb_config, upgrade_request, ws_key
-from support_tcp import ThreadedServer, read_head, switch_protocols
+from tests.harness import UNIT
+from tests.harness.processes import Balancer, Launcher, lb_config
+from tests.harness.raw import upgrade_request, ws_key
+from tests.harness.tcp import ThreadedServer, read_head, switch_protocols
 
 HOST = "127.0.0.1"
 FLOOD_FRAME = b"\x82\x7e\x40\x00" + b"x" * 16384  # FIN + binary, 16-bit length 16384, unmasked
