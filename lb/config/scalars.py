@@ -206,7 +206,10 @@ def secure_mode(value: object) -> SecureMode:
     # YAML reads `secure: true` as a bool; it can only mean "always" (and false "never").
     if isinstance(value, bool):
         return SecureMode.ALWAYS if value else SecureMode.NEVER
-    return enum_of(SecureMode)(value)
+    try:
+        return enum_of(SecureMode)(value)
+    except Bad:
+        raise Bad(f"expected one of auto, always (or true), never (or false), got {show(value)}") from None
 
 
 def prefixed_path(value: object) -> str:

@@ -566,13 +566,13 @@ def _affinity(value: object, check: Checker) -> AffinityConfig | None:
     # RFC 6265bis §5.4.7: browsers drop SameSite=None cookies that lack Secure.
     if settled(node, kwargs, "same_site", "secure") and affinity.same_site is SameSite.NONE \
             and affinity.secure is SecureMode.NEVER:
-        check.add("affinity.same_site", "same_site None needs the Secure attribute, but secure is never")
+        check.add("affinity.same_site", "same_site None needs the Secure attribute, but secure is never (false)")
         valid = False
     prefix = secure_prefix(affinity.cookie)
     if settled(node, kwargs, "cookie", "mode", "secure") and prefix is not None \
             and affinity.mode is AffinityMode.INSERT and affinity.secure is SecureMode.NEVER:
         check.add("affinity.cookie", f"a {prefix} cookie needs the Secure attribute (browsers drop it without), "
-                  "but secure is never")
+                  "but secure is never (false)")
         valid = False
     return affinity if valid else None
 

@@ -288,7 +288,7 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ("affinity.token_version", 4, "expected an integer from 2 to 3, got 4"),
     ("affinity.token_version", 1, "expected an integer from 2 to 3, got 1"),
     ("affinity.http_only", "sure", "expected true or false, got str 'sure'"),
-    ("affinity.secure", "sometimes", "expected one of auto, always, never, got 'sometimes'"),
+    ("affinity.secure", "sometimes", "expected one of auto, always (or true), never (or false), got 'sometimes'"),
     ("routes", [], "expected at least one route"),
     ("routes", {"/": "gateways"}, "expected a list of routes, got mapping"),
     ("routes[0].path_prefix", "ws", "expected a path starting with '/', got 'ws'"),
@@ -603,6 +603,9 @@ def test_same_site_none_needs_secure(base_dir: Path) -> None:
     assert parse(tree, base_dir).affinity.same_site is SameSite.NONE
     problems = problems_of(set_at(tree, "affinity.secure", "never"), base_dir)
     assert list(problems) == ["affinity.same_site"]
+    # YAML's `false` is `never`: the message names both, for an operator who wrote the one it does not say.
+    problems = problems_of(set_at(tree, "affinity.secure", False), base_dir)
+    assert problems == {"affinity.same_site": "same_site None needs the Secure attribute, but secure is never (false)"}
 
 
 @pytest.mark.parametrize("name", ["__Host-LB", "__Secure-LB", "__host-lb"])
