@@ -321,6 +321,7 @@ def hash_key(value: object) -> HashKey:
     text = string(value)
     source, colon, name = text.partition(":")
     expected = "header:NAME, query:NAME or cookie:NAME"
+    source = source.lower()  # any case, as every other choice in the file (`Header:X-User-Id`, `balance: SOURCE`)
     if not colon or source not in HashKeySource.__members__.values():
         raise Bad(f"expected {expected}, got {show(value)}")
     if not _COOKIE_NAME_RE.fullmatch(name) or len(name) > 256:

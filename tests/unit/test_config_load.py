@@ -682,6 +682,17 @@ def test_a_hash_key_must_be_what_the_backend_gets(base_dir: Path, key: str, trus
         assert str(parse(tree, base_dir).pools["gateways"].hash_key) == key
 
 
+@pytest.mark.parametrize(("key", "read"), [
+    ("Header:X-User-Id", "header:X-User-Id"), ("QUERY:uid", "query:uid"), ("Cookie:Session", "cookie:Session"),
+])
+def test_a_hash_key_s_source_takes_any_case_and_its_name_keeps_its_own(base_dir: Path, key: str, read: str) -> None:
+    """As every other choice in the file (`balance: SOURCE`, `type: SRV`); a query parameter's or a cookie's
+    name is matched as written, so it stays as written."""
+    tree = good_tree()
+    tree["pools"]["gateways"].update(balance="hash", hash_key=key)
+    assert str(parse(tree, base_dir).pools["gateways"].hash_key) == read
+
+
 def test_a_hash_key_may_not_be_the_affinity_header_once_named(base_dir: Path) -> None:
     tree = set_at(good_tree(), "affinity.header", "X-Route")
     tree["pools"]["gateways"].update(balance="hash", hash_key="header:x-route")
