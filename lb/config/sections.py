@@ -790,9 +790,13 @@ def _nameservers(value: object, path: str, check: Checker) -> tuple[tuple[str, i
         except Bad as exc:
             check.add(f"{path}[{i}]", str(exc))
             continue
-        # dnspython talks to nameservers by address only: a name would need a resolver first.
+        if host.lower().rstrip(".") == "localhost":
+            # RFC 6761 §6.3: the name is the loopback address, whatever a resolver says (a test's or a
+            # sidecar's DNS server on `localhost:5353`); IPv4's, as /etc/hosts lists it first.
+            host = "127.0.0.1"
+        # dnspython talks to nameservers by address only: any other name would need a resolver first.
         if not (is_ip(host, version=4) or is_ip(host, version=6)):
-            check.add(f"{path}[{i}]", f"expected an IP address, got {show(host)}")
+            check.add(f"{path}[{i}]", f"expected an IP address (or localhost), got {show(host)}")
             continue
         nameservers.append((host, port))
     return tuple(nameservers) if len(nameservers) == len(items) else None

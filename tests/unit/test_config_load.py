@@ -534,6 +534,23 @@ def test_a_wrong_discovery_does_not_hide_the_pools_other_problems(base_dir: Path
     assert set(problems) == {"pools.gateways.discovery.type", "pools.gateways.hash_key"}, problems
 
 
+@pytest.mark.parametrize(("given", "read"), [
+    ("localhost:5353", ("127.0.0.1", 5353)), ("LOCALHOST.:53", ("127.0.0.1", 53)),
+    ("127.0.0.2:53", ("127.0.0.2", 53)), ("[::1]:5353", ("::1", 5353)),
+])
+def test_a_nameserver_is_an_address_or_localhost(base_dir: Path, given: str, read: tuple[str, int]) -> None:
+    """`localhost` is the loopback address (RFC 6761 §6.3); any other name is refused: dnspython asks
+    nameservers by address, and a name would need a resolver first."""
+    tree = good_tree()
+    tree["pools"]["gateways"]["discovery"] = {"dns": "gw.example", "type": "srv", "nameservers": [given]}
+    discovery = parse(tree, base_dir).pools["gateways"].discovery
+    assert discovery is not None and discovery.nameservers == (read,)
+    tree["pools"]["gateways"]["discovery"]["nameservers"] = ["dns.example:53"]
+    problems = problems_of(tree, base_dir)
+    assert problems == {
+        "pools.gateways.discovery.nameservers[0]": "expected an IP address (or localhost), got 'dns.example'"}
+
+
 @pytest.mark.parametrize("admin_bind", ["127.0.0.1:8080", "0.0.0.0:8080", "LOCALHOST:8443", "[::1]:8444"])
 def test_admin_on_a_listeners_address_is_a_problem(base_dir: Path, admin_bind: str) -> None:
     """It would fail to bind at start; `lb validate` says so first."""
