@@ -47,7 +47,8 @@ PACKAGE = ROOT / "lb"
 # reload or per request to the admin port, nor the config loader.  The config's model is in: a
 # handshake reads its frozen objects dozens of times, and a native class's attribute is a field
 # read, where a Python object's is a dictionary lookup (-16,000 instructions per handshake).
-# lb/errors.py subclasses OSError, which a native class cannot, and is not per connection.
+# lb/errors.py is not: two of its errors have ValueError as a second base, which a native class cannot
+# have, and a handshake that goes well raises none.
 DATA_PLANE = (
     "lb/http", "lb/proxy", "lb/affinity", "lb/state", "lb/ws", "lb/log.py", "lb/access_log.py", "lb/_logwrite.c",
     "lb/tls.py", "lb/config/model.py",

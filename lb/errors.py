@@ -18,8 +18,10 @@
     │   ├── RequestTimeout           408 the client did not send its request body in time
     │   ├── NoHealthyBackend         503 with Retry-After
     │   └── BadGateway               502 no backend could be reached, or none answered in time and well-formed
-    ├── BackendConnectError(OSError) one backend could not be reached (retried elsewhere)
     └── BadProxyHeader(ValueError)   no valid PROXY protocol header: closed without an answer
+
+A backend that cannot be reached, or answers badly, is no exception here: the connection core
+(`lb.proxy.connection`) hears it as an event, tries another backend or answers `BadGateway`.
 """
 
 from __future__ import annotations
@@ -167,17 +169,6 @@ class RequestTimeout(RequestRejected):
 class NoHealthyBackend(RetryLater):
     status = 503
     reason_phrase = "Service Unavailable"
-
-
-class BackendConnectError(LbError, OSError):
-    """One backend could not be reached or did not answer the handshake in time."""
-
-    def __init__(self, backend_id: str, address: str, cause: str, *, request_sent: bool = False) -> None:
-        super().__init__(f"cannot connect to backend {backend_id} at {address}: {cause}")
-        self.backend_id = backend_id
-        self.address = address
-        self.cause = cause
-        self.request_sent = request_sent  # a retry could then repeat a non-idempotent request
 
 
 class BadProxyHeader(LbError, ValueError):

@@ -157,7 +157,6 @@ WAITING: Final = 2
 RELAY: Final = 3
 TUNNEL: Final = 4
 CLOSED: Final = 5
-STATE_NAMES: Final = ("HEAD", "CONNECTING", "WAITING", "RELAY", "TUNNEL", "CLOSED")
 
 
 _CLOSE_BACKEND: Final = CloseBackend()

@@ -37,7 +37,7 @@ def error_kind(exc: BaseException | None) -> ErrorKind:
     """What went wrong talking to a backend, as a metric label.
 
     Args:
-        exc: the exception the connect attempt raised (for `BackendConnectError`, its `__cause__`).
+        exc: the exception the connect attempt raised.
 
     Returns:
         "refused" (nothing listens), "timeout" (no connect or no answer in time),
