@@ -343,8 +343,16 @@ class HealthChecker:
             header = ", ".join(lines) if lines else None  # one field value (RFC 9110 §5.3)
             self._note_unknown(backend, header)
             requested = requested_state(header)
-            # A failing answer still says what the backend wants once it passes again.
-            passed = check.expect is HealthCheckExpect.ANY or 200 <= response.status < 400
+            # An answer that asks to drain passes whatever its status: the backend is alive, speaks HTTP
+            # and says what it wants (SPEC: the header "puts the backend in draining").  A gateway whose
+            # /health is also its readiness fails it (503) while it drains, so that Kubernetes stops
+            # sending it new connections; taken down for it, it had its players redispatched away from
+            # their sessions, which is what draining exists to spare (HAProxy's `disable-on-404`
+            # likewise reads a failing status as drain).  Any other failing answer still fails; one
+            # that says `up` or nothing fails as its status says.
+            passed = (
+                check.expect is HealthCheckExpect.ANY or 200 <= response.status < 400 or requested == "draining"
+            )
             return ProbeResult(passed, f"HTTP {response.status}", requested)
         except TimeoutError:
             return ProbeResult(False, f"no answer within {check.timeout:g}s")

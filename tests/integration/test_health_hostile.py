@@ -132,6 +132,11 @@ SCRIPTS: dict[str, tuple[Callable[[HealthScript, socket.socket], None], str]] = 
                            b"Content-Length: 0\r\n\r\n"), "draining"),
     "draining-up": (answer(b"HTTP/1.1 200 OK\r\nX-Backend-State: draining\r\nX-Backend-State: up\r\n"
                            b"Content-Length: 0\r\n\r\n"), "draining"),
+    # A gateway failing its readiness while it drains: draining, whatever the status (SPEC); saying `up`, down.
+    "503-draining": (answer(b"HTTP/1.1 503 Service Unavailable\r\nX-Backend-State: draining\r\n"
+                            b"Content-Length: 0\r\n\r\n"), "draining"),
+    "503-up": (answer(b"HTTP/1.1 503 Service Unavailable\r\nX-Backend-State: up\r\nContent-Length: 0\r\n\r\n"),
+               "down"),
 }
 # Failed at once with a reason, not after the whole timeout with "no answer".
 QUICK_REASONS = {

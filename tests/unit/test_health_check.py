@@ -170,6 +170,16 @@ async def test_a_written_check_still_wants_2xx_or_3xx(status: str) -> None:
     assert (result.ok, result.detail) == (False, f"HTTP {status[:3]}")
 
 
+@pytest.mark.parametrize("status", ["404 Not Found", "500 Internal Server Error", "503 Unavailable"])
+async def test_a_written_check_passes_a_failing_answer_that_asks_to_drain(status: str) -> None:
+    """SPEC: an answer carrying `X-Backend-State: draining` puts the backend in draining, whatever its
+    status (a gateway failing its readiness while it drains is not down); with `up` it fails as its status says."""
+    async with backend([answer(status, "X-Backend-State: draining")]) as (port, _):
+        assert await check(port) == ProbeResult(True, f"HTTP {status[:3]}", "draining")
+    async with backend([answer(status, "X-Backend-State: up")]) as (port, _):
+        assert await check(port) == ProbeResult(False, f"HTTP {status[:3]}", "up")
+
+
 @pytest.mark.parametrize(
     ("fields", "requested"),
     [((), "up"), (("X-Backend-State: draining",), "draining"),
@@ -181,7 +191,7 @@ async def test_a_written_check_still_wants_2xx_or_3xx(status: str) -> None:
 async def test_the_requested_state_is_read_from_every_line_and_from_a_failing_answer_too(
     fields: tuple[str, ...], requested: str, status: str
 ) -> None:
-    """Repeated `X-Backend-State` lines are one list; a failing answer still says what the backend asks for."""
+    """Repeated `X-Backend-State` lines are one list, whatever the answer's status."""
     async with backend([answer(status, *fields)]) as (port, _):
         assert (await check(port)).requested == requested
 

@@ -268,14 +268,23 @@ async def test_a_check_that_raises_is_logged_and_the_loop_goes_on(caplog: pytest
     assert any("health check of p/gw-1 failed in the balancer" in r.getMessage() for r in caplog.records)
 
 
-async def test_a_failing_answer_s_drain_request_is_recorded_and_the_failure_counted() -> None:
-    """A 503 that says `draining`: the backend goes down and asks to drain once it passes again; the check
-    counts as a failure in lb_health_checks_total."""
+async def test_a_503_that_asks_to_drain_drains_the_backend_and_counts_as_a_passed_check() -> None:
+    """A gateway that fails its readiness (503) while it drains, saying `draining`: draining, not down (its
+    cookie holders keep their sessions); the check counts as a success in lb_health_checks_total."""
     observations = Observations()
-    state, _ = await _probe_loop_with(lambda: ProbeResult(False, "HTTP 503", "draining"), 2, observations=observations)
+    state, _ = await _probe_loop_with(lambda: ProbeResult(True, "HTTP 503", "draining"), 2, observations=observations)
+    backend = state.backends["gw-1"]
+    assert backend.state is BackendState.DRAINING and backend.requested_drain
+    assert set(observations.health_checks) == {("p", "gw-1", "success")}
+
+
+async def test_a_check_that_fails_after_a_drain_request_takes_the_backend_down_and_keeps_the_request() -> None:
+    """A drain request, then silence: down (a dead gateway is not draining), and its request kept for when
+    it answers again."""
+    results = iter([ProbeResult(True, "HTTP 200", "draining")])
+    state, _ = await _probe_loop_with(lambda: next(results, ProbeResult(False, "no answer within 1s")), 3)
     backend = state.backends["gw-1"]
     assert backend.state is BackendState.DOWN and backend.requested_drain
-    assert set(observations.health_checks) == {("p", "gw-1", "failure")}
 
 
 async def test_probes_start_an_interval_apart_whatever_a_check_takes(monkeypatch: pytest.MonkeyPatch) -> None:
