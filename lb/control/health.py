@@ -346,7 +346,7 @@ class HealthChecker:
             # An answer that asks to drain passes whatever its status: the backend is alive, speaks HTTP
             # and says what it wants (SPEC: the header "puts the backend in draining").  A gateway whose
             # /health is also its readiness fails it (503) while it drains, so that Kubernetes stops
-            # sending it new connections; taken down for it, it had its players redispatched away from
+            # sending it new connections; taken down for that, it would have its players redispatched away from
             # their sessions, which is what draining exists to spare (HAProxy's `disable-on-404`
             # likewise reads a failing status as drain).  Any other failing answer still fails; one
             # that says `up` or nothing fails as its status says.
