@@ -88,7 +88,7 @@ from lb.http.proxy_header import CRC32C_IN_C
 from lb.http.routing import sort_routes
 from lb.log import setup_logging
 from lb.log_stream import report_dropped_lines
-from lb.proxy.deadlines import read_first_if_stalled
+from lb.proxy.deadlines import sleep_reading_first
 from lb.proxy.preamble import AcceptingServer
 from lb.proxy.server import (
     abort_in_flight,
@@ -524,9 +524,7 @@ class Balancer:
             return
         interval = idle_sweep_interval(idle)
         while True:
-            due = time.monotonic() + interval
-            await asyncio.sleep(interval)
-            await read_first_if_stalled(time.monotonic() - due)  # a client that spoke in a stall is not idle
+            await sleep_reading_first(interval)  # a client that spoke in a stall is not idle
             now = time.monotonic()
             for tunnel in list(self.ctx.tunnels):
                 moved = tunnel.bytes_in + tunnel.bytes_out

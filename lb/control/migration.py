@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections.abc import Sequence
 
-from lb.proxy.deadlines import read_first_if_stalled
+from lb.proxy.deadlines import sleep_reading_first
 from lb.proxy.tunnel import CLOSE_DEADLINE, CLOSE_LINGER, Tunnel
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
@@ -80,10 +79,8 @@ async def _close_at_rate(ctx: ProxyContext, backend: BackendStatus, rate: float,
                 continue  # ended by itself meanwhile
             tunnel.close_gracefully(SERVICE_RESTART, "service restart", cause="drain")
             closing.append(tunnel)
-            due = time.monotonic() + interval
-            await asyncio.sleep(interval)
             # Woken past a stall: a gateway's own close frame that came in it is read before our next 1012.
-            await read_first_if_stalled(time.monotonic() - due)
+            await sleep_reading_first(interval)
 
 
 async def _in_flight_become_tunnels(ctx: ProxyContext, backend: BackendStatus, interval: float) -> list[Tunnel]:

@@ -40,6 +40,14 @@ async def read_first_if_stalled(late: float) -> None:
         await asyncio.sleep(0)
 
 
+async def sleep_reading_first(seconds: float) -> None:
+    """`asyncio.sleep(seconds)`, then `read_first_if_stalled` by how late it woke: for a paced loop
+    (the idle sweep, a drain's closes) that judges or closes tunnels by the clock each time it wakes."""
+    due = _now() + seconds
+    await asyncio.sleep(seconds)
+    await read_first_if_stalled(_now() - due)
+
+
 class Deadline:
     """One deadline: its callback runs once the clock has passed `when`, unless cancelled first.
     `cancel()` and `cancelled()` as an asyncio.TimerHandle's."""
