@@ -3,12 +3,14 @@
 `ThreadedServer(serve)` listens on 127.0.0.1, on a port the kernel picks, and runs `serve(conn)` for
 each connection in a thread of its own; `serve` owns the socket (closes it, or keeps it open on
 purpose).  `stop` is set by `close()`: a script waits on it (`pause`) instead of sleeping, so every
-loop ends when the test does.  Nothing here imports `lb`.
+loop ends when the test does.  `ScriptedGateway` is such a server that reads each request's head,
+then runs its subclass's script.  Nothing here imports `lb`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import socket
 import threading
@@ -86,3 +88,36 @@ class ThreadedServer:
         self._sock.close()
         for thread in self._threads:
             thread.join(timeout=JOIN_WAIT)
+
+
+class ScriptedGateway:
+    """A backend that runs `script(conn, head)` on each connection once its request head has come (read
+    alone, so what follows it stays unread); a connection that ends first (a TCP health check) runs none.
+    The balancer's hang-up or reset (an OSError) ends a script quietly, and `ended` is set once a
+    script's connection is closed.  Subclasses name themselves (`id`) and write `script`."""
+
+    id = "scripted"
+
+    def __init__(self) -> None:
+        self.ended = threading.Event()
+        self.server = ThreadedServer(self._serve, name=self.id)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def script(self, conn: socket.socket, head: bytes) -> None:
+        raise NotImplementedError
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5.0)
+            with contextlib.suppress(OSError):
+                head = read_head(conn)
+                if head is None:
+                    return
+                self.script(conn, head)
+        self.ended.set()
+
+    def close(self) -> None:
+        self.server.close()

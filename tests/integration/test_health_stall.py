@@ -12,7 +12,6 @@ redispatched their pinned players.  Likewise a backend's answer to a handshake, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ from tests.harness import UNIT
 from tests.harness.clients import http_get_async, wait_for_state
 from tests.harness.processes import Launcher, lb_config
 from tests.harness.raw import open_raw, read_response, upgrade_request
-from tests.harness.tcp import ThreadedServer, read_head, switch_protocols
+from tests.harness.tcp import ScriptedGateway, switch_protocols
 
 ANSWER_AFTER = 0.3  # the backend holds each health answer this long: the balancer is stopped by then
 STALL = 2.5  # seconds the balancer is stopped: past the check's timeout and backend_connect
@@ -31,36 +30,30 @@ STALL = 2.5  # seconds the balancer is stopped: past the check's timeout and bac
 CHECK = {"type": "http", "path": "/health", "interval": "2s", "timeout": "1s", "rise": 2, "fall": 1}
 
 
-class _HealthBackend:
+class _HealthBackend(ScriptedGateway):
     """Answers every GET with 200 after ANSWER_AFTER (a WebSocket upgrade: 101 after ANSWER_AFTER, a health
     check at once, with `instant_health`); `asked` is set as each such request arrives."""
+
+    id = "gw-1"
 
     def __init__(self, *, instant_health: bool = False) -> None:
         self.instant_health = instant_health
         self.asked = threading.Event()
-        self.server = ThreadedServer(self._serve, name="health backend")
-        self.id = "gw-1"
-        self.address = self.server.address
+        super().__init__()
 
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5.0)
-            with contextlib.suppress(OSError):
-                head = read_head(conn)
-                if head is None:
-                    return
-                upgrade = b"\r\nsec-websocket-key:" in head.lower()
-                if not upgrade and self.instant_health:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-                    return
-                self.asked.set()
-                if not self.server.pause(ANSWER_AFTER):
-                    return
-                if not upgrade:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-                    return
-                switch_protocols(conn, head)
-                self.server.pause(5.0)  # the tunnel, until the test ends
+    def script(self, conn: socket.socket, head: bytes) -> None:
+        upgrade = b"\r\nsec-websocket-key:" in head.lower()
+        if not upgrade and self.instant_health:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            return
+        self.asked.set()
+        if not self.server.pause(ANSWER_AFTER):
+            return
+        if not upgrade:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            return
+        switch_protocols(conn, head)
+        self.server.pause(5.0)  # the tunnel, until the test ends
 
 
 async def _failed_checks(lb_admin: str) -> float:

@@ -30,7 +30,7 @@ from tests.harness.ops import wait_until
 from tests.harness.processes import Balancer, Launcher, lb_config
 from tests.harness.raw import close_raw, open_raw, read_response, upgrade_request
 from tests.harness.recording import RecordingBackend, rss_kib
-from tests.harness.tcp import ThreadedServer, read_head
+from tests.harness.tcp import ScriptedGateway
 
 TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall": 3}
 
@@ -422,38 +422,26 @@ async def test_slow_plain_answers_are_not_sent_twice_and_leave_the_pool_up(
         assert lb.log_text().count("no answer within") == 4
 
 
-class _EarlyAnswer:
+class _EarlyAnswer(ScriptedGateway):
     """A gateway that answers an upload from its head alone (a 413, as nginx's `client_max_body_size`
-    gives) and then closes on the body it has not read: its kernel resets the connection."""
+    gives) and then closes on the body it has not read: its kernel resets the connection, and the reset
+    reaches the balancer behind the answer."""
 
     ANSWER = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large"
+    id = "early"
 
     def __init__(self) -> None:
-        self.id = "early"
         self.has_head = threading.Event()
         self.answer_now = threading.Event()
         self.answered = threading.Event()
-        self.server = ThreadedServer(self._serve, name="early")
+        super().__init__()
 
-    @property
-    def address(self) -> str:
-        return self.server.address
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5.0)
-            with contextlib.suppress(OSError):
-                if read_head(conn) is None:  # the head alone: the body stays unread
-                    return  # a TCP health check
-                self.has_head.set()
-                if self.server.stop.wait(0) or not self.answer_now.wait(10 * UNIT):
-                    return
-                conn.sendall(self.ANSWER)
-            self.answered.set()
-        # closed with the body unread: a reset, which reaches the balancer behind the answer
-
-    def close(self) -> None:
-        self.server.close()
+    def script(self, conn: socket.socket, head: bytes) -> None:
+        self.has_head.set()
+        if self.server.stop.wait(0) or not self.answer_now.wait(10 * UNIT):
+            return
+        conn.sendall(self.ANSWER)
+        self.answered.set()
 
 
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])

@@ -64,7 +64,7 @@ from tests.harness.scripted import (
     stalled_upload,
     start,
 )
-from tests.harness.tcp import ThreadedServer, read_head, switch_protocols
+from tests.harness.tcp import ScriptedGateway, switch_protocols
 
 CLOSE_DEADLINE = 2.0  # the product's bound on a close frame waiting for a frame boundary
 CLOSE_LINGER = 2.0  # and on a client taking the close frame once sent
@@ -296,7 +296,7 @@ async def test_a_backend_that_dies_between_frames_gets_the_client_a_1012(
 POLICY_CLOSE = b"\x88\x08\x03\xf0policy"  # close 1008 "policy", unmasked (server to client)
 
 
-class _CloseAndHangUp:
+class _CloseAndHangUp(ScriptedGateway):
     """A gateway that ends a session with its close frame and hangs up at once, without waiting for the
     client's answer: what the client sent meanwhile is unread, so its kernel resets the connection."""
 
@@ -306,28 +306,15 @@ class _CloseAndHangUp:
         self.switched = threading.Event()
         self.close_now = threading.Event()
         self.closed = threading.Event()
-        self.server = ThreadedServer(self._serve, name="closer")
+        super().__init__()
 
-    @property
-    def address(self) -> str:
-        return self.server.address
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5.0)
-            with contextlib.suppress(OSError):
-                head = read_head(conn)  # the head alone: what follows it stays unread
-                if head is None:
-                    return  # a TCP health check
-                switch_protocols(conn, head)
-                self.switched.set()
-                if not self.close_now.wait(10 * UNIT):
-                    return
-                conn.sendall(POLICY_CLOSE)
-            self.closed.set()
-
-    def close(self) -> None:
-        self.server.close()
+    def script(self, conn: socket.socket, head: bytes) -> None:
+        switch_protocols(conn, head)
+        self.switched.set()
+        if not self.close_now.wait(10 * UNIT):
+            return
+        conn.sendall(POLICY_CLOSE)
+        self.closed.set()
 
 
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
@@ -460,44 +447,29 @@ async def test_a_backends_close_frame_from_a_stall_goes_ahead_of_a_drains_1012(l
         backend.close()
 
 
-class _Streamer:
+class _Streamer(ScriptedGateway):
     """A gateway that streams 1 KiB frames without pause and records what its client sends."""
 
     id = "streamer"
 
     def __init__(self) -> None:
         self.received = bytearray()
-        self.ended = threading.Event()
-        self.server = ThreadedServer(self._serve, name="streamer")
+        super().__init__()
 
-    @property
-    def address(self) -> str:
-        return self.server.address
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5.0)
-            with contextlib.suppress(OSError):
-                head = read_head(conn)  # the head alone: what follows it stays unread
-                if head is None:
-                    return  # a TCP health check
-                switch_protocols(conn, head)
-                conn.settimeout(0.01)
-                deadline = time.monotonic() + 10 * UNIT
-                while time.monotonic() < deadline and not self.server.stop.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        conn.sendall(b"\x82\x7e\x04\x00" + b"s" * 1024)
-                    try:
-                        data = conn.recv(65536)
-                    except TimeoutError:
-                        continue
-                    if not data:
-                        break
-                    self.received += data
-        self.ended.set()
-
-    def close(self) -> None:
-        self.server.close()
+    def script(self, conn: socket.socket, head: bytes) -> None:
+        switch_protocols(conn, head)
+        conn.settimeout(0.01)
+        deadline = time.monotonic() + 10 * UNIT
+        while time.monotonic() < deadline and not self.server.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn.sendall(b"\x82\x7e\x04\x00" + b"s" * 1024)
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            self.received += data
 
 
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
@@ -739,7 +711,7 @@ async def test_a_gateway_that_resets_behind_a_client_that_stopped_reading_is_let
     lb.assert_alive()
 
 
-class _SlowReader:
+class _SlowReader(ScriptedGateway):
     """A gateway that reads its client's frames slowly for a while (a busy game server), then fast, and
     records all of them."""
 
@@ -747,35 +719,20 @@ class _SlowReader:
 
     def __init__(self, slow_for: float) -> None:
         self.received = bytearray()
-        self.ended = threading.Event()
         self.slow_for = slow_for
-        self.server = ThreadedServer(self._serve, name="slow-reader")
+        super().__init__()
 
-    @property
-    def address(self) -> str:
-        return self.server.address
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5.0)
-            with contextlib.suppress(OSError):
-                head = read_head(conn)  # the head alone: what follows it stays unread
-                if head is None:
-                    return  # a TCP health check
-                switch_protocols(conn, head)
-                slow_until = time.monotonic() + self.slow_for
-                while True:
-                    slow = time.monotonic() < slow_until
-                    data = conn.recv(2048 if slow else 65536)
-                    if not data:
-                        break
-                    self.received += data
-                    if slow and not self.server.pause(0.05):
-                        break
-        self.ended.set()
-
-    def close(self) -> None:
-        self.server.close()
+    def script(self, conn: socket.socket, head: bytes) -> None:
+        switch_protocols(conn, head)
+        slow_until = time.monotonic() + self.slow_for
+        while True:
+            slow = time.monotonic() < slow_until
+            data = conn.recv(2048 if slow else 65536)
+            if not data:
+                break
+            self.received += data
+            if slow and not self.server.pause(0.05):
+                break
 
 
 async def test_a_clients_upload_and_fin_reach_a_backend_that_reads_slowly(launcher: Launcher) -> None:
