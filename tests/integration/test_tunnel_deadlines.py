@@ -46,7 +46,15 @@ from tests.harness.ops import (
     wait_until,
 )
 from tests.harness.processes import Balancer, Gateway, Launcher, lb_certs, lb_config
-from tests.harness.raw import OP_BINARY, OP_CLOSE, RawWs, encode_frame, upgrade_request, ws_key
+from tests.harness.raw import (
+    OP_BINARY,
+    OP_CLOSE,
+    RawWs,
+    encode_frame,
+    upgrade_request,
+    wait_closed_by_peer,
+    ws_key,
+)
 from tests.harness.recording import rss_kib
 from tests.harness.scripted import (
     BACKEND_CLOSE,
@@ -350,11 +358,7 @@ async def test_a_backends_close_frame_ahead_of_its_reset_reaches_the_client(
                 await asyncio.sleep(0.3)  # the close frame, then the reset, wait behind the client's frame
             finally:
                 lb.proc.send_signal(signal.SIGCONT)
-            got = b""
-            with contextlib.suppress(ConnectionError):
-                async with asyncio.timeout(5 * UNIT):
-                    while chunk := await reader.read(65536):
-                        got += chunk
+            got = await wait_closed_by_peer(reader, 5 * UNIT)
             assert got == POLICY_CLOSE, got
         finally:
             writer.close()
@@ -391,11 +395,7 @@ async def test_a_backends_close_frame_from_a_stall_goes_ahead_of_the_stops_1001(
                 await asyncio.sleep(2.3)  # past the 1001's time
             finally:
                 lb.proc.send_signal(signal.SIGCONT)
-            got = b""
-            with contextlib.suppress(ConnectionError):
-                async with asyncio.timeout(5 * UNIT):
-                    while chunk := await reader.read(65536):
-                        got += chunk
+            got = await wait_closed_by_peer(reader, 5 * UNIT)
             assert got == POLICY_CLOSE, got
         finally:
             writer.close()
@@ -435,10 +435,8 @@ async def test_a_backends_close_frame_from_a_stall_goes_ahead_of_a_drains_1012(l
             (second,) = (read for read in firsts if read is not first)
             got = b""
             with contextlib.suppress(ConnectionError):
-                async with asyncio.timeout(5 * UNIT):
-                    got = await second
-                    while chunk := await clients[firsts.index(second)][0].read(65536):
-                        got += chunk
+                got = await asyncio.wait_for(second, 5 * UNIT)
+            got += await wait_closed_by_peer(clients[firsts.index(second)][0], 5 * UNIT)
             assert got == POLICY_CLOSE, got
         finally:
             for _, writer in clients:
