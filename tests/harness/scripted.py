@@ -275,10 +275,8 @@ def _tls_client(lb: Balancer, ca: Path, rcvbuf: int | None) -> ssl.SSLSocket:
 def _stalled_tls_client(lb: Balancer, ca: Path, path: str) -> ssl.SSLSocket:
     sock = _tls_client(lb, ca, rcvbuf=4096)
     sock.sendall(upgrade_request(path, host=f"{HOST}:{lb.tls_port}", key=ws_key()))
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)  # byte by byte: leave every frame after the head unread
-    assert head.startswith(b"HTTP/1.1 101"), head
+    head = read_head(sock)  # byte by byte: leave every frame after the head unread
+    assert head is not None and head.startswith(b"HTTP/1.1 101"), head
     return sock
 
 
@@ -302,10 +300,8 @@ def _send_tls_until_refused(sock: ssl.SSLSocket) -> None:
 def _stalled_tls_tunnel_upload(lb: Balancer, ca: Path) -> ssl.SSLSocket:
     sock = _tls_client(lb, ca, rcvbuf=None)
     sock.sendall(upgrade_request("/unread", host=f"{HOST}:{lb.tls_port}", key=ws_key()))
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
+    head = read_head(sock)  # byte by byte: leave every frame after the head unread
+    assert head is not None and head.startswith(b"HTTP/1.1 101"), head
     sock.sendall(ENDLESS_FRAME)
     _send_tls_until_refused(sock)
     return sock
