@@ -10,13 +10,14 @@
     │   │   └── BadHost              400 Host missing, repeated, malformed or disagreeing with the target
     │   ├── NoRoute                  404
     │   ├── UnsupportedVersion       426 with Sec-WebSocket-Version: 13
-    │   ├── TooManyRequests          429 with Retry-After
+    │   ├── RetryLater               with Retry-After
+    │   │   ├── TooManyRequests      429
+    │   │   └── NoHealthyBackend     503
     │   ├── HeadersTooLarge          431
     │   ├── UnsupportedTransferCoding 501 a transfer coding other than chunked
     │   ├── UnsupportedMethod        501 CONNECT (a tunnel to a host of the client's choice)
     │   ├── HttpVersionNotSupported  505 a major version of HTTP other than 1
     │   ├── RequestTimeout           408 the client did not send its request body in time
-    │   ├── NoHealthyBackend         503 with Retry-After
     │   └── BadGateway               502 no backend could be reached, or none answered in time and well-formed
     └── BadProxyHeader(ValueError)   no valid PROXY protocol header: closed without an answer
 

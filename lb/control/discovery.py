@@ -776,7 +776,7 @@ def add_discovered(pool: PoolConfig, found: Sequence[BackendConfig]) -> PoolConf
 
 
 class DiscoveryCollector(Collector):
-    """lb_discovery_* read at scrape time, like `lb.metrics.LbCollector`."""
+    """lb_discovery_* read at scrape time, like `lb.control.metrics.LbCollector`."""
 
     def __init__(self, get_loops: Callable[[], Mapping[str, Discoverer]]) -> None:
         self._get_loops = get_loops

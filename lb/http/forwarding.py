@@ -86,7 +86,7 @@ def render_forwarded_request(
 
     Args:
         request: the client's head.
-        forwarded_for: the whole X-Forwarded-For value (`lb.client_address.forwarded_for`): the
+        forwarded_for: the whole X-Forwarded-For value (`lb.http.client_address.forwarded_for`): the
             client's chain only when its peer is a trusted proxy, else the peer alone.
         proto: "http" or "https", for X-Forwarded-Proto.
         websocket: keep the upgrade (Connection: Upgrade); otherwise ask the backend to close after answering.

@@ -37,7 +37,7 @@ descriptors it spins; this one pauses.
 - Each accepted socket is counted at once (`_Accepted`).  With PROXY
   protocol it gets a `_Preamble`: on readability it peeks
   (`recv(n, MSG_PEEK)`) and parses what it has so far plus the peeked bytes
-  with the pure `lb.proxy_header.parse_proxy_header`.  Complete: it takes
+  with the pure `lb.http.proxy_header.parse_proxy_header`.  Complete: it takes
   exactly the header's remaining bytes off the socket and not one more (what
   follows is the TLS ClientHello or the HTTP head, and belongs to the
   transport).  Incomplete: everything peeked is header, so it is taken and

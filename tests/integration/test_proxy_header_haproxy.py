@@ -2,7 +2,7 @@
 
 HAProxy (the author of the protocol) runs in `mode tcp` in front of a plain
 capturing socket; a client connects through it from 127.0.0.2, and what
-arrives is fed to `lb.proxy_header.parse_proxy_header`.  This checks the pure
+arrives is fed to `lb.http.proxy_header.parse_proxy_header`.  This checks the pure
 parser on real bytes (v1 text, v2 binary with a CRC32C TLV, v2 LOCAL from a
 health check), the way an NLB or HAProxy would send them in production.
 Skipped, with the reason, when `haproxy` is not installed.

@@ -184,7 +184,7 @@ def test_an_integer_of_thousands_of_digits_is_named_by_its_path(
 
 @pytest.mark.usefixtures("env")
 def test_run_hands_the_config_to_the_balancer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """run passes the loaded Config, its path and its source (the text) to lb.balancer.run and returns its exit
+    """run passes the loaded Config, its path and its source (the text) to lb.control.process.run and returns its exit
     code."""
     calls: list[tuple[Config, Path, ConfigSource]] = []
 

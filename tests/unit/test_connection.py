@@ -2937,7 +2937,7 @@ def test_the_inserted_cookie_is_secure_as_affinity_secure_says(secure: str, tls:
 
 def test_a_token_naming_a_backend_the_pool_lacks_is_counted_as_unknown_backend() -> None:
     """A cookie pinned to a backend this pool no longer has: balanced as new, counted in
-    lb_invalid_tokens_total{reason="unknown_backend"}."""
+    lb_affinity_invalid_tokens_total{reason="unknown_backend"}."""
     elsewhere = Play(CONFIG.replace("{id: a1,", "{id: a9,"))
     elsewhere.client(upgrade())
     elsewhere.connected()
