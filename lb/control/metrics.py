@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from lb import __version__
+from lb.affinity.carriers import MAX_SEALS
 from lb.affinity.codec import INVALID_REASONS
 from lb.affinity.decision import DecisionReason
 from lb.config.model import DEFAULT_BACKLOG, Config
@@ -187,7 +188,8 @@ class LbCollector(SlicedCollector):
         yield invalid
         unsealed = CounterMetricFamily(
             "lb_affinity_unsealed_cookies",
-            "Rewrite mode: backend cookie values too large to seal, passed through unsealed.",
+            "Rewrite mode: backend cookie values passed through unsealed: too large to seal, or past the "
+            f"first {MAX_SEALS} of one answer.",
             labels=["pool"],
         )
         for pool, count in stats.unsealed_cookies.items():
