@@ -43,7 +43,7 @@ async def test_rotation_through_files_and_sighup(launcher: Launcher, tmp_path: P
     assert before.cookie is not None
     old_cookie = before.cookie.value
 
-    # Step 1: the new key signs, the old one still verifies; the token rotates too.
+    # Step 1: the new key seals, the old one still opens; the token rotates too.
     write(secrets_dir / "current", k2)
     write(secrets_dir / "token", "token-two")
     signal_balancer(lb, signal.SIGHUP)
