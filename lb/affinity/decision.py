@@ -75,7 +75,7 @@ def decide(
             value; None when the request has none (least_conn then).  Ignored by other pools.
 
     Raises:
-        NoHealthyBackend: no backend can take a new client (the listener answers 503).
+        NoHealthyBackend: no backend can take a new client (the connection core answers 503).
     """
     hashed = balance_key is not None and pool.config.balance in HASHED_METHODS
     if not pool.config.pins:

@@ -13,7 +13,7 @@ where does a handshake carrying this token go right now?  Answer shapes:
   draining, else the survivor rendezvous hashing picks from the token's
   session, which is what every balancer instance sharing the keys picks
   (`null` when no backend can take the client).  It runs the data path's own
-  `affinity.decide`; a valid token always carries a session, so decide never
+  `lb.affinity.decision.decide`; a valid token always carries a session, so decide never
   calls a balancing policy's `choose` (which records its picks): the lookup changes nothing.
 - In a `balance: source` or `hash` pool the data path hashes the client's key (its address, its
   `hash_key` value), not the session, wherever it balances: for a pin that no longer holds, and

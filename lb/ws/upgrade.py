@@ -36,7 +36,7 @@ def check_upgrade(request: RequestHead) -> None:
     """Validate a WebSocket opening handshake (RFC 6455 §4.2.1).
 
     Raises:
-        BadHandshake: a malformed upgrade (the listener answers 400), a repeated Sec-WebSocket-Version
+        BadHandshake: a malformed upgrade (the connection core answers 400), a repeated Sec-WebSocket-Version
             too, and one that carries a body.
         UnsupportedVersion: Sec-WebSocket-Version is not 13 (426, RFC 6455 §4.2.2).
     """

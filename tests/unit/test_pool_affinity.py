@@ -416,7 +416,7 @@ def test_sort_routes_orders_longest_first() -> None:
 
 @pytest.mark.parametrize("path", ["/other", "", "api", "/ap"])
 def test_no_matching_route_is_none(path: str) -> None:
-    """A path no prefix matches has no route (the listener answers 404)."""
+    """A path no prefix matches has no route (the connection core answers 404)."""
     routes = sort_routes([RouteConfig("/api", "api"), RouteConfig("/ws", "ws")])
     assert match_route(routes, path) is None
     assert match_route((), "/") is None
