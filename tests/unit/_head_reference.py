@@ -1,4 +1,4 @@
-"""Frozen reference: lb/http/head.py as it was before the one-pass parser (commit bc8f705).
+"""Frozen reference: lb/http/head.py as it was before the one-pass parser (commit fe65345).
 
 The reference of tests/unit/test_http_head_reference.py, which checks on generated and
 hostile heads that lb.http.head accepts, refuses (same exception class and message) and
