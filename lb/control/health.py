@@ -17,11 +17,11 @@ every handshake it gets is a 502, and flapping between the two verdicts.  Only
 the head is read, up to the same 64 KiB; the body never is.
 
 A backend can also ask for a state (HAProxy's agent-check, done simply): an
-HTTP health answer with `X-Backend-State: draining` puts it in `draining` for
-as long as its answers say so; `up` or no header gives it back.  Every balancer
-instance reads the same answer, so a gateway drains itself across all replicas
-with no shared state and no fan-out of admin calls.  An operator's `disable`
-still wins (`lb.state.pool` combines the two).
+HTTP health answer with `X-Backend-State: draining` passes whatever its status
+and puts it in `draining` for as long as its answers say so; `up` or no header
+gives it back.  Every balancer instance reads the same answer, so a gateway
+drains itself across all replicas with no shared state and no fan-out of admin
+calls.  An operator's `disable` still wins (`lb.state.pool` combines the two).
 
 The probed set follows the pool: `retarget` (after DNS discovery merged a new
 set, or a reload) starts loops for new backends and stops those of removed
