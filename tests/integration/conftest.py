@@ -1,7 +1,9 @@
 """Fixtures of the integration tests, wired from the harness (`tests/harness`): the processes a test
 starts (`launcher`), gateways shared by one module (`gateways`), and the shared stack (`stack`, `lb`).
 
-The tests themselves are written from SPEC.md only; nothing here imports `lb`.
+Nothing here imports `lb`: the fixtures run the product as an operator would.  The tests check what
+SPEC.md says; a few also use the product's own modules where that is the point (a token sealed with its
+codec, a configuration read by its loader, a shell function on a real socket).
 """
 
 from __future__ import annotations
