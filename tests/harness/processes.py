@@ -2,8 +2,9 @@
 
 - `Gateway`: `python -m backends_demo --id gw-N --port P`, ready once `/health` answers;
 - `Balancer`: `python -m lb run --config F`, ready once `/healthz` answers (against a deadline);
-- `Launcher`: starts them on ports from `bind(("127.0.0.1", 0))` and stops every one by PID at the end
-  (`terminate()`, `wait(timeout)`, then `kill()`);
+- `Launcher`: starts them on free ports (`bench.procs.free_port`: below the kernel's ephemeral range,
+  else from `bind(("127.0.0.1", 0))`) and stops every one by PID at the end (`terminate()`,
+  `wait(timeout)`, then `kill()`);
 - `lb_config`: a configuration document over given pools and routes; `run_lb`/`run_ctl`: one command;
 - `Stack`: the shared stack (3 gateways, a spy and dead backends behind one balancer).
 
