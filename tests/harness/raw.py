@@ -129,8 +129,11 @@ def upgrade_request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def encode_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True) -> bytes:
-    """One RFC 6455 §5.2 frame; clients mask, servers don't."""
+def encode_frame(
+    opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, key: bytes | None = None
+) -> bytes:
+    """One RFC 6455 §5.2 frame; clients mask, servers don't.  A masked frame's key is random unless
+    `key` (4 bytes) is given, for bytes that are the same at every run."""
     head = bytearray([(0x80 if fin else 0) | opcode])
     mask_bit = 0x80 if mask else 0
     if len(payload) < 126:
@@ -143,7 +146,7 @@ def encode_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = 
         head += struct.pack("!Q", len(payload))
     if not mask:
         return bytes(head) + payload
-    key = secrets.token_bytes(4)
+    key = secrets.token_bytes(4) if key is None else key
     masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
     return bytes(head) + key + masked
 

@@ -7,7 +7,6 @@ balancer's pass-through tests can rely on it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from multidict import CIMultiDictProxy
 
 from backends_demo.app import make_app
 from backends_demo.client import ProofFailed, prove_stickiness
+from tests.harness.raw import encode_frame, upgrade_request, ws_key
 
 UNIT = 5.0  # seconds; every await below is bounded by a small multiple of it
 
@@ -147,21 +147,10 @@ async def test_client_close_code_and_reason_are_echoed_raw(start_gateway: StartG
     base = await start_gateway()
     port = int(base.rsplit(":", 1)[1])
     async with asyncio.timeout(UNIT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await _raw_ws_client(port)
         try:
-            key = base64.b64encode(os.urandom(16)).decode()
-            writer.write(
-                (
-                    f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                ).encode()
-            )
-            head = await reader.readuntil(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 101 ")
-            opcode, payload = await read_frame(reader)
-            assert opcode == 0x1 and json.loads(payload)["type"] == "hello"
             close_payload = struct.pack("!H", 4321) + "bye ✓".encode()
-            writer.write(masked_frame(0x8, close_payload))
+            writer.write(encode_frame(0x8, close_payload))
             opcode, payload = await read_frame(reader)
             assert (opcode, payload) == (0x8, close_payload)
         finally:
@@ -300,19 +289,6 @@ async def test_gateway_process_closes_sockets_with_1001_and_exits_0_on_sigterm()
 # --- raw WebSocket frames (RFC 6455 §5.2) --------------------------------------
 
 
-def masked_frame(opcode: int, payload: bytes) -> bytes:
-    """A final client frame; clients must mask (RFC 6455 §5.3)."""
-    mask = os.urandom(4)
-    length = len(payload)
-    if length < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
-    elif length < 1 << 16:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
 async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     """Read one unmasked server frame; returns (opcode, payload)."""
     first, second = await reader.readexactly(2)
@@ -351,13 +327,7 @@ async def test_drain_and_undrain_change_what_health_says(start_gateway: StartGat
 async def _raw_ws_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A raw WebSocket client on `/ws` that has read its hello; it reads only when the test says so."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
+    writer.write(upgrade_request("/ws", host=f"127.0.0.1:{port}", key=ws_key()))
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
     opcode, payload = await read_frame(reader)
     assert opcode == 0x1 and json.loads(payload)["type"] == "hello"
@@ -396,7 +366,7 @@ async def test_sigterm_close_waits_for_the_clients_close_frame(spread: float, co
                 # The gateway waits for our close frame: no EOF while we take our time to answer.
                 with pytest.raises(TimeoutError):
                     await asyncio.wait_for(reader.read(1), 0.3)
-                writer.write(masked_frame(0x8, payload[:2]))
+                writer.write(encode_frame(0x8, payload[:2]))
                 await writer.drain()
                 assert await asyncio.wait_for(reader.read(), 0.5) == b""  # then it closes TCP, at once
             if spread:
@@ -441,7 +411,7 @@ async def test_a_client_gone_mid_echo_is_no_error(
     port = int(base.rsplit(":", 1)[1])
     async with asyncio.timeout(2 * UNIT):
         _, writer = await _raw_ws_client(port)
-        writer.write(masked_frame(0x2, os.urandom(8 * 1024 * 1024)))  # its echo fills both socket buffers
+        writer.write(encode_frame(0x2, os.urandom(8 * 1024 * 1024)))  # its echo fills both socket buffers
         await writer.drain()
         await asyncio.sleep(0.5)  # the gateway is in the echo's send, waiting for us to read
         sock = writer.get_extra_info("socket")

@@ -8,7 +8,6 @@ masked and unmasked, however the stream is split across reads.
 from __future__ import annotations
 
 import random
-import struct
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -16,27 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb.ws.frames import FrameBoundaries, close_frame
+from tests.harness.raw import encode_frame
 
 # Payload lengths at every edge of the three length encodings, plus a zero-length frame.
 SIZES = (0, 1, 125, 126, 127, 65535, 65536, 70001)
 
 
 def frame(opcode: int, payload: bytes, *, mask: bool, fin: bool = True) -> bytes:
-    """One frame as a client (masked) or server (unmasked) sends it."""
-    head = bytearray([(0x80 if fin else 0) | opcode])
-    bit = 0x80 if mask else 0
-    if len(payload) < 126:
-        head.append(bit | len(payload))
-    elif len(payload) < 2**16:
-        head.append(bit | 126)
-        head += struct.pack("!H", len(payload))
-    else:
-        head.append(bit | 127)
-        head += struct.pack("!Q", len(payload))
-    if mask:
-        key = b"\x37\xfa\x21\x3d"
-        return bytes(head) + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    return bytes(head) + payload
+    """One frame as a client (masked, with the same key at every run) or server (unmasked) sends it."""
+    return encode_frame(opcode, payload, fin=fin, mask=mask, key=b"\x37\xfa\x21\x3d")
 
 
 def hostile_payload(n: int) -> bytes:
