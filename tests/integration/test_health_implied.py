@@ -10,7 +10,6 @@ its cookie holders redispatched), and a gateway's `X-Backend-State: draining` st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import threading
 import time
@@ -22,7 +21,7 @@ from tests.harness import UNIT
 from tests.harness.clients import affinity_cookie, find_backend, recv_hello, status, wait_for_state, ws_connect
 from tests.harness.processes import Launcher, lb_config
 from tests.harness.raw import raw_exchange, upgrade_request
-from tests.harness.tcp import HOST, ThreadedServer
+from tests.harness.tcp import ScriptedGateway
 
 REFUSAL_BODY = b"no players from your region\n"
 REFUSAL = (
@@ -31,7 +30,7 @@ REFUSAL = (
 )
 
 
-class RefusingBackend:
+class RefusingBackend(ScriptedGateway):
     """Answers every request, whatever its path or method, with the same 403 and its body, then closes;
     counts the `GET /health` requests (the balancer's checks) it answered."""
 
@@ -39,34 +38,13 @@ class RefusingBackend:
         self.id = backend_id
         self.health_checks = 0
         self._lock = threading.Lock()
-        self._server = ThreadedServer(self._serve, name=backend_id)
-        self.address = f"{HOST}:{self._server.port}"
+        super().__init__()
 
-    def _serve(self, conn: socket.socket) -> None:
-        head = bytearray()
-        deadline = time.monotonic() + 5.0
-        conn.settimeout(0.1)
-        with conn:
-            while b"\r\n\r\n" not in head and len(head) < 65536 and time.monotonic() < deadline:
-                if self._server.stop.is_set():
-                    return
-                try:
-                    chunk = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                if not chunk:
-                    return
-                head += chunk
-            if head.startswith(b"GET /health "):
-                with self._lock:
-                    self.health_checks += 1
-            with contextlib.suppress(OSError):
-                conn.sendall(REFUSAL)
-
-    def close(self) -> None:
-        self._server.close()
+    def script(self, conn: socket.socket, head: bytes) -> None:
+        if head.startswith(b"GET /health "):
+            with self._lock:
+                self.health_checks += 1
+        conn.sendall(REFUSAL)
 
 
 def without_health_check(config: dict[str, Any]) -> dict[str, Any]:
