@@ -64,11 +64,8 @@ class OpsStack:
 @contextlib.contextmanager
 def launched(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Launcher]:
     """A Launcher in a fresh directory; every process it started is stopped by PID on the way out."""
-    started = Launcher(tmp_path_factory.mktemp(name))
-    try:
+    with contextlib.closing(Launcher(tmp_path_factory.mktemp(name))) as started:
         yield started
-    finally:
-        started.close()
 
 
 @contextlib.contextmanager
@@ -86,16 +83,13 @@ def started_stack(
     127.0.0.1 and are not about the limiter (test_limits is).  The token's header (`affinity.header`, off
     by default) is named: these stacks try every carrier (`visit_via`).
     """
-    launcher = Launcher(workdir)
-    try:
+    with contextlib.closing(Launcher(workdir)) as launcher:
         started = launcher.gateways(gateways, app_cookie=app_cookie)
         base = {"limits": {"handshake_rate_per_ip": 0}, "affinity": {"header": HEADER}}
         config = lb_config(pools={pool: started}, overrides=deep_merge(base, overrides or {}))
         balancer = launcher.balancer(config)
         balancer.wait_states({(pool, g.id): "up" for g in started})
         yield OpsStack(launcher, started, balancer)
-    finally:
-        launcher.close()
 
 
 # ---------------------------------------------------------------------------------------------------

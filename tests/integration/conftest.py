@@ -8,12 +8,14 @@ codec, a configuration read by its loader, a shell function on a real socket).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import APP_COOKIE
+from tests.harness.ops import launched
 from tests.harness.processes import (
     SHARED_HANDSHAKE,
     SHARED_ROUTES,
@@ -33,29 +35,21 @@ def gateways(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     """Gateways `gw-1..gw-n` shared by one module whose tests leave them running; n is the module's
     `GATEWAYS` (default 2).  Each test starts its own balancer in front of them with `launcher`."""
     count = int(getattr(request.module, "GATEWAYS", 2))
-    started = Launcher(tmp_path_factory.mktemp(f"{request.module.__name__}-gateways"))
-    try:
+    with launched(tmp_path_factory, f"{request.module.__name__}-gateways") as started:
         yield started.gateways(count)
-    finally:
-        started.close()
 
 
 @pytest.fixture
 def launcher(tmp_path: Path) -> Iterator[Launcher]:
     """Processes for one test (destructive tests: killing gateways, odd configs)."""
-    started = Launcher(tmp_path)
-    try:
+    with contextlib.closing(Launcher(tmp_path)) as started:
         yield started
-    finally:
-        started.close()
 
 
 @pytest.fixture(scope="session")
 def _shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """3 gateways + a spy + dead backends behind one balancer, for every test that leaves it as it found it."""
-    workdir = tmp_path_factory.mktemp("shared")
-    started = Launcher(workdir)
-    try:
+    with launched(tmp_path_factory, "shared") as started:
         gateways = started.gateways(3, app_cookie=APP_COOKIE)
         spy = started.spy()
         dead = [DeadBackend("dead-1"), DeadBackend("dead-2")]
@@ -70,8 +64,6 @@ def _shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         expected |= {("dead", d.id): "down" for d in dead} | {("spy", spy.id): "up"}
         balancer.wait_states(expected)
         yield Stack(balancer=balancer, gateways=gateways, spy=spy, dead=dead)
-    finally:
-        started.close()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from tests.harness import COOKIE, UNIT
 from tests.harness.clients import affinity_cookie, http_get_async, source_ips, visit
-from tests.harness.ops import admin_request, metrics_text
+from tests.harness.ops import admin_request, launched, metrics_text
 from tests.harness.processes import STEADY_HEALTH, Backend, Balancer, Launcher, lb_config, new_key
 
 USER_HEADER = "X-User-Id"
@@ -36,8 +36,7 @@ class Stacks:
 
 @pytest.fixture(scope="module")
 def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stacks]:
-    launcher = Launcher(tmp_path_factory.mktemp("balance-hash"))
-    try:
+    with launched(tmp_path_factory, "balance-hash") as launcher:
         gw = launcher.gateways(4)
         src = lb_config(
             pools={"gateways": gw[:3]}, health=STEADY_HEALTH,
@@ -58,8 +57,6 @@ def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stacks]:
         )
         started = launcher.balancers(src, hashed, twin, pins, names=["src", "hash_a", "hash_b", "pins"])
         yield Stacks(*started)
-    finally:
-        launcher.close()
 
 
 async def route(balancer: Balancer, pool: str, key: str | None) -> tuple[int, dict[str, Any]]:

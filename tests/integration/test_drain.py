@@ -26,13 +26,14 @@ from tests.harness.ops import (
     OpsStack,
     admin_post,
     admin_request,
+    launched,
     set_state,
     started_stack,
     token_of,
     visit_via,
     wait_close,
 )
-from tests.harness.processes import Balancer, Launcher, child_env, lb_config
+from tests.harness.processes import Balancer, child_env, lb_config
 
 POOL = "gateways"
 
@@ -326,9 +327,7 @@ async def test_reenabled_backend_slow_start_takes_fewer_new_clients(tmp_path_fac
     """pools.NAME.slow_start: 2s — a backend enabled again takes clearly fewer of the next new clients
     than its peers at first (least_conn weighs live connections by the ramped weight), and its full share
     once the window has passed."""
-    workdir = tmp_path_factory.mktemp("slow-start")
-    launcher = Launcher(workdir)
-    try:
+    with launched(tmp_path_factory, "slow-start") as launcher:
         gateways = launcher.gateways(3)
         config = lb_config(
             pools={POOL: gateways},
@@ -337,7 +336,7 @@ async def test_reenabled_backend_slow_start_takes_fewer_new_clients(tmp_path_fac
                 "limits": {"handshake_rate_per_ip": 0},
             },
         )
-        path = workdir / "slow-start.yaml"
+        path = launcher.workdir / "slow-start.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         checked = await asyncio.to_thread(
             subprocess.run,
@@ -366,5 +365,3 @@ async def test_reenabled_backend_slow_start_takes_fewer_new_clients(tmp_path_fac
         assert later[ramped] >= 3, f"still ramping after the slow_start window: {dict(later)}"
         entry = find_backend(await status(lb), POOL, ramped)
         assert entry["effective_weight"] == entry["weight"], entry
-    finally:
-        launcher.close()

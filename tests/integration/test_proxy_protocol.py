@@ -31,7 +31,7 @@ import pytest
 
 from bench.procs import free_port
 from tests.harness import HOST, UNIT
-from tests.harness.ops import rewrite_config, signal_balancer
+from tests.harness.ops import launched, rewrite_config, signal_balancer
 from tests.harness.processes import STEADY_HEALTH, Balancer, Launcher, lb_certs, lb_config
 from tests.harness.spy import SeenRequest, SpyBackend
 
@@ -51,10 +51,8 @@ class PPStack:
 
 @pytest.fixture(scope="module")
 def pp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PPStack]:
-    workdir = tmp_path_factory.mktemp("pp")
-    certs = lb_certs(workdir / "certs")
-    launcher = Launcher(workdir)
-    try:
+    with launched(tmp_path_factory, "pp") as launcher:
+        certs = lb_certs(launcher.workdir / "certs")
         spy = launcher.spy()
         config = lb_config(
             pools={"spy": [spy]},
@@ -75,8 +73,6 @@ def pp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PPStack]:
         balancer = launcher.balancer(config, name="pp")
         balancer.wait_states({("spy", spy.id): "up"})
         yield PPStack(balancer, spy, plain, pp_port, pp_tls, certs / "ca.crt")
-    finally:
-        launcher.close()
 
 
 # -- headers ---------------------------------------------------------------------------------------

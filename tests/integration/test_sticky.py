@@ -33,6 +33,7 @@ from tests.harness.clients import (
     wait_for_state,
     ws_connect,
 )
+from tests.harness.ops import launched
 from tests.harness.processes import STEADY_HEALTH, Balancer, DeadBackend, Launcher, Stack, lb_config, new_key
 
 SPEC_ATTRS = {"path=/", "max-age=3600", "httponly", "samesite=Lax"}
@@ -54,8 +55,7 @@ def others(_shared_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> It
     keys = stack.balancer.keys
     gateways = {"gateways": stack.gateways}
     routes = {"/ws": "gateways", "/whoami": "gateways"}
-    launcher = Launcher(tmp_path_factory.mktemp("sticky-others"))
-    try:
+    with launched(tmp_path_factory, "sticky-others") as launcher:
         twin, foreign, stranger, short = launcher.balancers(
             lb_config(
                 pools=gateways,
@@ -84,8 +84,6 @@ def others(_shared_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> It
             balancer.wait_states({("gateways", g.id): "up" for g in stack.gateways})
         stranger.wait_states({("gateways", "gw-9"): "up"})
         yield Others(twin, foreign, stranger, short)
-    finally:
-        launcher.close()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import pytest
 
 from tests.harness import COOKIE, UNIT
 from tests.harness.clients import client_session, http_get_async, visit
-from tests.harness.processes import STEADY_HEALTH, Balancer, Launcher, lb_certs, lb_config
+from tests.harness.ops import launched
+from tests.harness.processes import STEADY_HEALTH, Balancer, lb_certs, lb_config
 from tests.harness.raw import close_raw, open_raw, wait_closed_by_peer
 
 
@@ -29,10 +30,8 @@ class TlsStack:
 
 @pytest.fixture(scope="module")
 def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
-    workdir = tmp_path_factory.mktemp("tls")
-    certs = lb_certs(workdir / "certs")
-    launcher = Launcher(workdir)
-    try:
+    with launched(tmp_path_factory, "tls") as launcher:
+        certs = lb_certs(launcher.workdir / "certs")
         gateways = launcher.gateways(2)
         config = lb_config(
             pools={"gateways": gateways},
@@ -43,8 +42,6 @@ def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
         balancer = launcher.balancer(config, name="tls")
         balancer.wait_states({("gateways", g.id): "up" for g in gateways})
         yield TlsStack(balancer, certs / "ca.crt")
-    finally:
-        launcher.close()
 
 
 def _context(ca: Path) -> ssl.SSLContext:
