@@ -277,13 +277,18 @@ async def hold(lb: Balancer, n: int) -> int:
         return sum(results)
 
 
+async def assert_holds_at(lb: Balancer, limit: int, *, tries: int) -> None:
+    """Once both workers serve, three rounds of `tries` tunnels at once: each gets 1 to `limit` of them."""
+    await two_workers(lb)
+    for _ in range(3):
+        got = await hold(lb, tries)
+        assert 1 <= got <= limit, got
+
+
 async def test_max_connections_holds_at_the_configured_number(launcher: Launcher, gateways: list[Gateway]) -> None:
     """limits.max_connections: 4 with 2 workers: never more than 4 tunnels at once."""
     lb = start(launcher, {POOL: gateways}, {"limits": {"max_connections": 4}})
-    await two_workers(lb)
-    for _ in range(3):
-        got = await hold(lb, 12)
-        assert 1 <= got <= 4, got
+    await assert_holds_at(lb, 4, tries=12)
 
 
 async def test_backend_max_connections_holds_at_the_configured_number(
@@ -295,10 +300,7 @@ async def test_backend_max_connections_holds_at_the_configured_number(
     config["pools"][POOL]["backends"][0]["max_connections"] = 3
     lb2 = launcher.balancer(config)
     lb2.wait_states({(POOL, gw1.id): "up"})
-    await two_workers(lb2)
-    for _ in range(3):
-        got = await hold(lb2, 10)
-        assert 1 <= got <= 3, got
+    await assert_holds_at(lb2, 3, tries=10)
 
 
 async def test_per_ip_handshake_rate_holds_at_the_configured_number(
