@@ -25,7 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -150,6 +150,26 @@ def stop_process(proc: subprocess.Popen[Any] | None, *, sig: int = signal.SIGTER
     return proc.wait(timeout=STOP_WAIT)
 
 
+def poll_while_running(
+    proc: subprocess.Popen[Any] | None, check: Callable[[], bool], *, within: float, who: str, what: str,
+    tail: Callable[[], str], every: float = 0.05,
+) -> None:
+    """Poll `check()` every `every` seconds (an OSError is a no) until it says yes: a process starting
+    (it answers, it listens, it catches a signal).  Fail, with `tail()`, as soon as `proc` exits, or
+    saying `what` once `within` seconds have passed."""
+    deadline = time.monotonic() + within
+    while True:
+        assert proc is not None
+        if proc.poll() is not None:
+            pytest.fail(f"{who} exited with {proc.returncode}:\n{tail()}")
+        with contextlib.suppress(OSError):
+            if check():
+                return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{who}: {what} within {within}s:\n{tail()}")
+        time.sleep(every)
+
+
 class Gateway:
     """One demo gateway subprocess on a fixed port (restartable on the same port)."""
 
@@ -195,17 +215,10 @@ class Gateway:
         )
 
     def wait_ready(self, timeout: float = GATEWAY_READY) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                pytest.fail(f"gateway {self.id} exited with {self.proc.returncode}:\n{log_tail(self.log_path)}")
-            with contextlib.suppress(OSError):
-                if http_get(f"{self.url}/health", timeout=0.5)[0] == 200:
-                    return
-            if time.monotonic() > deadline:
-                pytest.fail(f"gateway {self.id} not healthy within {timeout}s:\n{log_tail(self.log_path)}")
-            time.sleep(0.05)
+        poll_while_running(
+            self.proc, lambda: http_get(f"{self.url}/health", timeout=0.5)[0] == 200, within=timeout,
+            who=f"gateway {self.id}", what="not healthy", tail=lambda: log_tail(self.log_path),
+        )
 
     def start(self) -> Gateway:
         self.launch()
@@ -356,17 +369,10 @@ class Balancer:
         return [sys.executable, "-m", "lb", "run", "--config", str(self.config_path)]
 
     def wait_ready(self, timeout: float = BALANCER_READY) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                pytest.fail(f"balancer {self.name} exited with {self.proc.returncode}:\n{self.logs_tail()}")
-            with contextlib.suppress(OSError):
-                if http_get(self.admin_url("/healthz"), timeout=0.5)[0] == 200:
-                    return
-            if time.monotonic() > deadline:
-                pytest.fail(f"balancer {self.name}: /healthz not 200 within {timeout}s:\n{self.logs_tail()}")
-            time.sleep(0.05)
+        poll_while_running(
+            self.proc, lambda: http_get(self.admin_url("/healthz"), timeout=0.5)[0] == 200, within=timeout,
+            who=f"balancer {self.name}", what="/healthz not 200", tail=self.logs_tail,
+        )
 
     def wait_states(self, expected: Mapping[tuple[str, str], str], timeout: float = 10 * UNIT) -> None:
         """Wait until /status shows these (pool, id) → state; fail, with what it last showed, at `timeout`."""

@@ -12,7 +12,6 @@ With it on, the gateways must see the client's own address in X-Forwarded-For, n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import shutil
 import socket
@@ -38,7 +37,16 @@ from tests.harness.clients import (
     ws_connect,
 )
 from tests.harness.ops import visit_until
-from tests.harness.processes import Balancer, Gateway, Launcher, lb_config, log_tail, new_key, stop_process
+from tests.harness.processes import (
+    Balancer,
+    Gateway,
+    Launcher,
+    lb_config,
+    log_tail,
+    new_key,
+    poll_while_running,
+    stop_process,
+)
 
 PROXY_V2 = True  # listeners[].proxy_protocol is wired: HAProxy sends PROXY v2, the balancers read it
 
@@ -72,15 +80,15 @@ class HAProxy:
             self.proc = subprocess.Popen(
                 [HAPROXY, "-db", "-f", str(self.config_path)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
             )
-        deadline = time.monotonic() + 10 * UNIT
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"haproxy exited with {self.proc.returncode}:\n{log_tail(self.log_path)}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=0.5):
-                return self
-            if time.monotonic() > deadline:
-                pytest.fail(f"haproxy not listening within {10 * UNIT}s:\n{log_tail(self.log_path)}")
-            time.sleep(0.05)
+        poll_while_running(
+            self.proc, self._listening, within=10 * UNIT, who="haproxy", what="not listening",
+            tail=lambda: log_tail(self.log_path),
+        )
+        return self
+
+    def _listening(self) -> bool:
+        socket.create_connection((HOST, self.port), timeout=0.5).close()
+        return True
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -40,7 +40,16 @@ from tests.harness.ops import (
     wait_for_log,
     wait_until,
 )
-from tests.harness.processes import DeadBackend, Gateway, Launcher, backend_states, child_env, lb_config, run_lb
+from tests.harness.processes import (
+    DeadBackend,
+    Gateway,
+    Launcher,
+    backend_states,
+    child_env,
+    lb_config,
+    poll_while_running,
+    run_lb,
+)
 
 POOL = "gateways"
 PROBE_INTERVAL = 0.1  # seconds between health probes of the counted backend
@@ -291,11 +300,10 @@ class _Run:
         return False
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + 20 * UNIT
-        while not self.ready():
-            assert self.proc.poll() is None, self.log.read_text(errors="replace")[-2000:]
-            assert time.monotonic() < deadline, "never ready"
-            time.sleep(0.1)
+        poll_while_running(
+            self.proc, self.ready, within=20 * UNIT, who="lb run", what="never ready", every=0.1,
+            tail=lambda: self.log.read_text(errors="replace")[-2000:],
+        )
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
