@@ -15,18 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.harness import UNIT
-from tests.harness.processes import Balancer, DeadBackend, lb_config
-
-SIGHUP_BIT = 1 << (signal.SIGHUP - 1)
-
-
-def catches_sighup(pid: int) -> bool:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    line = next((line for line in text.splitlines() if line.startswith("SigCgt:")), "SigCgt: 0")
-    return bool(int(line.split()[1], 16) & SIGHUP_BIT)
+from tests.harness.ops import catches
+from tests.harness.processes import Balancer, DeadBackend, lb_config, poll_while_running
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to see signal dispositions")
@@ -37,11 +27,11 @@ def test_sighup_burst_while_starting_is_survived_and_applied(tmp_path: Path) -> 
     lb.launch()
     try:
         assert lb.proc is not None
-        deadline = time.monotonic() + 10 * UNIT
-        while not catches_sighup(lb.proc.pid):
-            assert lb.proc.poll() is None, f"exited with {lb.proc.returncode}:\n{lb.logs_tail()}"
-            assert time.monotonic() < deadline, "the balancer never caught SIGHUP"
-            time.sleep(0.005)
+        pid = lb.proc.pid
+        poll_while_running(
+            lb.proc, lambda: catches(pid, signal.SIGHUP), within=10 * UNIT, every=0.005,
+            who="the balancer", what="never caught SIGHUP", tail=lb.logs_tail,
+        )
         for _ in range(10):
             os.kill(lb.proc.pid, signal.SIGHUP)
             time.sleep(0.01)
@@ -56,15 +46,6 @@ def test_sighup_burst_while_starting_is_survived_and_applied(tmp_path: Path) -> 
         lb.stop()
 
 
-def signals_caught(pid: int) -> int:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    line = next((line for line in text.splitlines() if line.startswith("SigCgt:")), "SigCgt: 0")
-    return int(line.split()[1], 16)
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to see signal dispositions")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGQUIT], ids=["SIGTERM", "SIGQUIT"])
 def test_a_stop_signal_as_soon_as_the_start_holds_signals_stops_it_with_exit_0(tmp_path: Path, signum: int) -> None:
@@ -75,11 +56,11 @@ def test_a_stop_signal_as_soon_as_the_start_holds_signals_stops_it_with_exit_0(t
     lb.launch()
     try:
         assert lb.proc is not None
-        deadline = time.monotonic() + 10 * UNIT
-        while not signals_caught(lb.proc.pid) & SIGHUP_BIT:
-            assert lb.proc.poll() is None, f"exited with {lb.proc.returncode}:\n{lb.logs_tail()}"
-            assert time.monotonic() < deadline, "the balancer never caught SIGHUP"
-            time.sleep(0.001)
+        pid = lb.proc.pid
+        poll_while_running(
+            lb.proc, lambda: catches(pid, signal.SIGHUP), within=10 * UNIT, every=0.001,
+            who="the balancer", what="never caught SIGHUP", tail=lb.logs_tail,
+        )
         os.kill(lb.proc.pid, signum)
         assert lb.proc.wait(timeout=30 * UNIT) == 0, lb.logs_tail()
     finally:
