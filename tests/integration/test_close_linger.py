@@ -33,6 +33,7 @@ from lb.state.context import ProxyContext
 from lb.state.pool import PoolState
 from lb.ws.frames import close_frame
 from tests.harness import HOST, UNIT
+from tests.harness.ops import wait_until
 
 FRAME = b"\x82\x7e\x03\xfc" + b"x" * 1020  # a 1 KiB binary frame, unmasked
 STALL = 0.5  # FLUSH_STALL for these tests
@@ -101,10 +102,10 @@ async def test_a_closed_tunnel_cuts_a_client_that_never_reads(end: str) -> None:
             gateway_writer.close()
         else:
             client.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + STALL + 5 * UNIT
-        while not (tunnel.closed and to_client.get_write_buffer_size() == 0):
-            assert time.monotonic() < deadline, "the closed tunnel still holds the client's connection"
-            await asyncio.sleep(0.05)
+        await wait_until(
+            lambda: tunnel.closed and to_client.get_write_buffer_size() == 0, within=STALL + 5 * UNIT,
+            what="the closed tunnel letting go of the client's connection",
+        )
         assert backend.connections == 0 and not ctx.tunnels
     finally:
         client.close()
@@ -158,10 +159,10 @@ async def test_a_complete_answer_is_flushed_to_a_slow_reader_and_cut_for_one_tha
     try:
         await loop.sock_connect(client, listener.getsockname())
         await loop.sock_sendall(client, b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-        deadline = time.monotonic() + 5 * UNIT
-        while not ctx.in_flight or not all(c.core.closed for c in ctx.in_flight):
-            assert time.monotonic() < deadline, "the answer never completed"
-            await asyncio.sleep(0.05)
+        await wait_until(
+            lambda: ctx.in_flight and all(c.core.closed for c in ctx.in_flight), within=5 * UNIT,
+            what="the answer completed",
+        )
         received = b""
         deadline = time.monotonic() + 10 * STALL + 5 * UNIT
         while ctx.handshaking or ctx.in_flight:
@@ -213,10 +214,10 @@ async def test_a_client_that_takes_nothing_of_a_streaming_answer_is_cut_with_its
     try:
         await loop.sock_connect(client, server.sockets[0].getsockname())
         await loop.sock_sendall(client, b"GET /download HTTP/1.1\r\nHost: h\r\n\r\n")
-        started = time.monotonic()
-        while ctx.handshaking or ctx.in_flight:
-            assert time.monotonic() - started < 10 * UNIT, "a client that reads nothing holds its answer for good"
-            await asyncio.sleep(0.1)
+        await wait_until(
+            lambda: not (ctx.handshaking or ctx.in_flight), within=10 * UNIT, every=0.1,
+            what="the answer let go of a client that reads nothing",
+        )
         assert await asyncio.wait_for(backend_gone, 10 * UNIT) != "TimeoutError", "the backend connection was cut"
         assert ctx.pools["p"].backends["gw-1"].connections == 0
     finally:

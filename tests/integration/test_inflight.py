@@ -404,10 +404,7 @@ async def test_sigterm_answers_handshakes_in_flight(launcher: Launcher, backend:
     try:
         partial_w.write(b"GET /x HTTP/1.1\r\nHost: 127.0.")  # not complete: has reached no backend
         at_backend_w.write(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # the backend answers in 1 s
-        deadline = time.monotonic() + 5 * UNIT
-        while not backend.requests():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        await wait_until(backend.requests, within=5 * UNIT, every=0.02, what="the request at the backend")
         lb.proc.send_signal(signal.SIGTERM)
         refused = await read_response(partial_r, within=3 * UNIT)
         assert refused.status == 503 and refused.get("Retry-After"), refused
@@ -642,10 +639,10 @@ async def test_upgrades_completing_after_sigterm_get_their_1001s_spread_over_wha
         try:
             for _, writer in clients:
                 writer.write(upgrade)
-            deadline = time.monotonic() + 5 * UNIT
-            while len(gateway.requests()) < LATE_UPGRADES:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.02)
+            await wait_until(
+                lambda: len(gateway.requests()) >= LATE_UPGRADES, within=5 * UNIT, every=0.02,
+                what=f"{LATE_UPGRADES} upgrades at the gateway",
+            )
             lb.proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
 
