@@ -533,50 +533,53 @@ def test_backend_counts_are_read_from_the_decisions_by_backend() -> None:
     assert counts[("q", "a")].handshakes == 7, "per pool: one id in two pools is two backends"
 
 
+def _supervising_one(
+    unsent: Any, write: Any, killed: list[bool], *, stopping: bool
+) -> tuple[workers_module.WorkerSupervisor, Any]:
+    """A supervisor (stopping or not) and one worker whose control socket holds `unsent()` bytes not yet
+    sent; `write` takes what is written to it, and a kill is noted in `killed`."""
+    from types import SimpleNamespace
+
+    transport = SimpleNamespace(get_write_buffer_size=unsent)
+    writer = SimpleNamespace(is_closing=lambda: False, transport=transport, write=write)
+    process = SimpleNamespace(pid=4242, returncode=None, kill=lambda: killed.append(True))
+    worker = SimpleNamespace(writer=writer, process=process, name="worker 0 (pid 4242)", killed=False,
+                             sets_dropped=False)
+    supervisor = workers_module.WorkerSupervisor.__new__(workers_module.WorkerSupervisor)
+    supervisor._stopping = stopping
+    return supervisor, worker
+
+
 def test_a_worker_that_stops_reading_its_control_socket_is_killed_not_fed_less() -> None:
     """Past MAX_PENDING_BYTES of unsent control data, a message would be dropped; a dropped reload would
     leave the worker on another configuration than the owner's for good.  It is killed instead (its
     watcher restarts it with the owner's running text), and nothing more is queued for it."""
-    from types import SimpleNamespace
-
     from lb.control import workers
 
     written: list[bytes] = []
     killed: list[bool] = []
     pending = [0]
-    transport = SimpleNamespace(get_write_buffer_size=lambda: pending[0])
-    writer = SimpleNamespace(is_closing=lambda: False, transport=transport, write=written.append)
-    process = SimpleNamespace(pid=4242, returncode=None, kill=lambda: killed.append(True))
-    worker = SimpleNamespace(writer=writer, process=process, name="worker 0 (pid 4242)", killed=False,
-                             sets_dropped=False)
-    supervisor = workers.WorkerSupervisor.__new__(workers.WorkerSupervisor)
-    supervisor._stopping = False
-    supervisor._write(worker, "states", b"frame")  # type: ignore[arg-type]
+    supervisor, worker = _supervising_one(lambda: pending[0], written.append, killed, stopping=False)
+    supervisor._write(worker, "states", b"frame")
     assert written == [b"frame"] and not killed
     pending[0] = workers.MAX_PENDING_BYTES + 1
-    supervisor._write(worker, "states", b"again")  # type: ignore[arg-type]
+    supervisor._write(worker, "states", b"again")
     assert written == [b"frame"] and not killed, "a states push is resent every second: dropped, not fatal"
-    supervisor._write(worker, "reload", b"text")  # type: ignore[arg-type]
+    supervisor._write(worker, "reload", b"text")
     assert written == [b"frame"] and killed == [True]
-    supervisor._write(worker, "close_tunnels", b"more")  # type: ignore[arg-type]
+    supervisor._write(worker, "close_tunnels", b"more")
     assert killed == [True], "killed once, not at every message until it is reaped"
 
 
 def test_a_worker_not_reading_its_control_socket_during_a_stop_is_left_to_the_stop() -> None:
     """While stopping, its clients get their 1001s from it: nothing it would miss is worth a kill."""
-    from types import SimpleNamespace
-
     from lb.control import workers
 
     killed: list[bool] = []
-    transport = SimpleNamespace(get_write_buffer_size=lambda: workers.MAX_PENDING_BYTES + 1)
-    writer = SimpleNamespace(is_closing=lambda: False, transport=transport, write=lambda frame: None)
-    process = SimpleNamespace(pid=4242, returncode=None, kill=lambda: killed.append(True))
-    worker = SimpleNamespace(writer=writer, process=process, name="worker 0 (pid 4242)", killed=False,
-                             sets_dropped=False)
-    supervisor = workers.WorkerSupervisor.__new__(workers.WorkerSupervisor)
-    supervisor._stopping = True
-    supervisor._write(worker, "reload", b"text")  # type: ignore[arg-type]
+    supervisor, worker = _supervising_one(
+        lambda: workers.MAX_PENDING_BYTES + 1, lambda frame: None, killed, stopping=True
+    )
+    supervisor._write(worker, "reload", b"text")
     assert not killed
 
 
