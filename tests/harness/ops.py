@@ -4,7 +4,8 @@ Beside `processes` and `clients`, reusing them; what it adds:
 
 - `started_stack`: gateways plus one balancer for a module-scoped fixture, stopped by PID at the end;
 - admin: `admin_post` (raw answer) and `set_state` (expects 200);
-- process control: `signal_balancer`, `rewrite_config`, `reload_with`, `wait_for_log`;
+- process control: `signal_balancer`, `paused` (SIGSTOP for a block), `rewrite_config`, `reload_with`,
+  `wait_for_log`;
 - reload set-up: `start_two` (a balancer over two gateways, both up) and `backend_entry` (one backend
   as a config entry, to grow or shrink a pool);
 - polling: `wait_until` (every wait bounded by a deadline in units of `UNIT`);
@@ -173,6 +174,22 @@ async def set_state(
 def signal_balancer(lb: Balancer, sig: int) -> None:
     assert lb.proc is not None and lb.proc.poll() is None, f"balancer {lb.name} is not running"
     os.kill(lb.proc.pid, sig)
+
+
+@contextlib.contextmanager
+def paused(*pids: int) -> Iterator[None]:
+    """Stop these processes (SIGSTOP: a paused VM, a starved container, a stuck loop) for the block, and
+    let each go on (SIGCONT) on the way out, unless it is gone by then."""
+    stopped: list[int] = []
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        yield
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def worker_pids(owner_pid: int) -> list[int]:

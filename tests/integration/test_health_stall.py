@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
 import threading
 
 from tests.harness import UNIT
 from tests.harness.clients import http_get_async, wait_for_state
+from tests.harness.ops import paused
 from tests.harness.processes import Launcher, lb_config
 from tests.harness.raw import open_raw, read_response, upgrade_request
 from tests.harness.tcp import ScriptedGateway, switch_protocols
@@ -76,11 +75,8 @@ async def test_a_stalled_balancer_does_not_take_a_backend_it_was_checking_down(l
         for _ in range(2):
             backend.asked.clear()
             assert await asyncio.to_thread(backend.asked.wait, 5 * UNIT), "no health check came"
-            os.kill(lb.proc.pid, signal.SIGSTOP)  # the check is out; its answer comes while we are stopped
-            try:
+            with paused(lb.proc.pid):  # the check is out; its answer comes while we are stopped
                 await asyncio.sleep(STALL)
-            finally:
-                os.kill(lb.proc.pid, signal.SIGCONT)
             await asyncio.sleep(2.5 * UNIT)  # the check's verdict, and the next check's
             code, _, body = await http_get_async(lb.admin_url("/status"))
             assert code == 200
@@ -110,11 +106,8 @@ async def test_a_backend_answer_that_came_while_the_balancer_was_stopped_is_read
             try:
                 writer.write(upgrade_request("/ws"))
                 assert await asyncio.to_thread(backend.asked.wait, 5 * UNIT), "the handshake never reached the backend"
-                os.kill(lb.proc.pid, signal.SIGSTOP)  # the backend answers while we are stopped
-                try:
+                with paused(lb.proc.pid):  # the backend answers while we are stopped
                     await asyncio.sleep(STALL)
-                finally:
-                    os.kill(lb.proc.pid, signal.SIGCONT)
                 response = await read_response(reader, within=5 * UNIT, body=False)
                 assert response.status == 101, f"{response.status}\n{lb.logs_tail()}"
             finally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import socket
 import threading
 import time
@@ -26,7 +25,7 @@ import pytest
 from lb.ws.upgrade import accept_value
 from tests.harness import UNIT
 from tests.harness.clients import find_backend, status
-from tests.harness.ops import wait_until
+from tests.harness.ops import paused, wait_until
 from tests.harness.processes import Balancer, Launcher, lb_config
 from tests.harness.raw import close_raw, open_raw, read_response, upgrade_request
 from tests.harness.recording import RecordingBackend, rss_kib
@@ -465,16 +464,13 @@ async def test_an_early_answer_to_an_upload_reaches_the_client_when_a_write_fail
             await writer.drain()
             assert await asyncio.to_thread(backend.has_head.wait, 5 * UNIT)
             await asyncio.sleep(0.3)  # the first body bytes reach the gateway, which does not read them
-            lb.proc.send_signal(signal.SIGSTOP)
-            try:
+            with paused(lb.proc.pid):
                 writer.write(b"u" * 16384)  # more of the body: waiting for the balancer first
                 await writer.drain()
                 await asyncio.sleep(0.2)
                 backend.answer_now.set()
                 assert await asyncio.to_thread(backend.answered.wait, 5 * UNIT)
                 await asyncio.sleep(0.3)  # the answer, then the reset, wait behind the client's bytes
-            finally:
-                lb.proc.send_signal(signal.SIGCONT)
             answer = await read_response(reader, within=5 * UNIT)
             assert (answer.status, answer.body) == (413, b"too large"), answer
         finally:

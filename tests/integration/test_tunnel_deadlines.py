@@ -38,6 +38,7 @@ from tests.harness.ops import (
     launched,
     metric,
     metrics_text,
+    paused,
     reload_with,
     set_state,
     signal_balancer,
@@ -236,13 +237,10 @@ async def test_a_client_that_spoke_while_the_balancer_was_stalled_is_not_idle(
     async with RawWs.connect(lb.port, "/quiet") as ws:
         await ws.send(OP_BINARY, b"hi")
         await asyncio.sleep(1.2)  # a look (one a second) has seen it
-        lb.proc.send_signal(signal.SIGSTOP)
-        try:
+        with paused(lb.proc.pid):
             await asyncio.sleep(2.0)
             await ws.send(OP_BINARY, b"still here")
             await asyncio.sleep(2.4)
-        finally:
-            lb.proc.send_signal(signal.SIGCONT)
         with pytest.raises(TimeoutError):
             frame = await ws.recv_frame(within=1.0)
             pytest.fail(f"closed right after the stop: {frame}")
@@ -348,16 +346,13 @@ async def test_a_backends_close_frame_ahead_of_its_reset_reaches_the_client(
             writer.write(encode_frame(OP_BINARY, b"x" * 1000))  # reaches the gateway, which does not read it
             await writer.drain()
             await asyncio.sleep(0.3)
-            lb.proc.send_signal(signal.SIGSTOP)
-            try:
+            with paused(lb.proc.pid):
                 writer.write(encode_frame(OP_BINARY, b"y" * 1000))  # waiting for the balancer first
                 await writer.drain()
                 await asyncio.sleep(0.2)
                 backend.close_now.set()
                 assert await asyncio.to_thread(backend.closed.wait, 5 * UNIT)
                 await asyncio.sleep(0.3)  # the close frame, then the reset, wait behind the client's frame
-            finally:
-                lb.proc.send_signal(signal.SIGCONT)
             got = await wait_closed_by_peer(reader, 5 * UNIT)
             assert got == POLICY_CLOSE, got
         finally:
@@ -387,14 +382,11 @@ async def test_a_backends_close_frame_from_a_stall_goes_ahead_of_the_stops_1001(
             assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)).startswith(b"HTTP/1.1 101")
             signal_balancer(lb, signal.SIGTERM)
             await asyncio.sleep(0.5)
-            lb.proc.send_signal(signal.SIGSTOP)
-            try:
+            with paused(lb.proc.pid):
                 await asyncio.sleep(0.2)
                 backend.close_now.set()
                 assert await asyncio.to_thread(backend.closed.wait, 5 * UNIT)
                 await asyncio.sleep(2.3)  # past the 1001's time
-            finally:
-                lb.proc.send_signal(signal.SIGCONT)
             got = await wait_closed_by_peer(reader, 5 * UNIT)
             assert got == POLICY_CLOSE, got
         finally:
@@ -425,13 +417,10 @@ async def test_a_backends_close_frame_from_a_stall_goes_ahead_of_a_drains_1012(l
             (first,) = done
             assert first.result().startswith(b"\x88"), first.result()  # a close frame: 1012
             await asyncio.sleep(0.5)
-            lb.proc.send_signal(signal.SIGSTOP)
-            try:
+            with paused(lb.proc.pid):
                 await asyncio.sleep(0.2)
                 backend.close_now.set()
                 await asyncio.sleep(2.3)  # past the second 1012's time
-            finally:
-                lb.proc.send_signal(signal.SIGCONT)
             (second,) = (read for read in firsts if read is not first)
             got = b""
             with contextlib.suppress(ConnectionError):
@@ -490,15 +479,14 @@ async def test_a_clients_close_frame_ahead_of_its_reset_reaches_the_backend(
             head = read_head(sock)  # the 101 alone: what follows stays unread
             assert head is not None and head.startswith(b"HTTP/1.1 101"), head
             await asyncio.sleep(0.3)  # frames stream in, and the client reads no more of them
-            lb.proc.send_signal(signal.SIGSTOP)
-            try:
-                await asyncio.sleep(0.2)  # the gateway's next frames wait for the balancer first
-                sock.sendall(encode_frame(OP_CLOSE, struct.pack("!H", 1000) + b"bye"))
-                await asyncio.sleep(0.1)
-            finally:
-                sock.close()  # with frames unread: a reset, behind the close frame
-                await asyncio.sleep(0.2)
-                lb.proc.send_signal(signal.SIGCONT)
+            with paused(lb.proc.pid):
+                try:
+                    await asyncio.sleep(0.2)  # the gateway's next frames wait for the balancer first
+                    sock.sendall(encode_frame(OP_CLOSE, struct.pack("!H", 1000) + b"bye"))
+                    await asyncio.sleep(0.1)
+                finally:
+                    sock.close()  # with frames unread: a reset, behind the close frame
+                    await asyncio.sleep(0.2)
         finally:
             sock.close()
         assert await asyncio.to_thread(backend.ended.wait, 15 * UNIT)

@@ -27,6 +27,7 @@ from tests.harness.ops import (
     OpsStack,
     catches,
     metric,
+    paused,
     process_alive,
     started_stack,
     two_workers,
@@ -188,16 +189,12 @@ async def test_a_stopped_worker_is_killed_and_replaced(ops: OpsStack) -> None:
     clients and serves none: the owner notices its silence, kills it and starts another."""
     before = await two_workers(ops.balancer)
     mark = ops.balancer.log_lines()
-    os.kill(before[0], signal.SIGSTOP)
-    try:
+    with paused(before[0]):
         after = await wait_until(
             lambda: pids if len(pids := worker_pids(owner_pid(ops))) == 2 and before[0] not in pids else None,
             within=UNRESPONSIVE_AFTER + 10 * UNIT,
             what="a replacement for the stopped worker",
         )
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(before[0], signal.SIGCONT)  # if it was never killed, let it go on
     assert before[1] in after
     logged = "\n".join(ops.balancer.log_text().splitlines()[mark:])
     assert "has sent nothing for" in logged and "killing it" in logged, logged[-2000:]
@@ -214,11 +211,8 @@ async def test_an_owner_paused_past_the_watchdog_kills_no_worker(ops: OpsStack) 
     mark = ops.balancer.log_lines()
     async with ws_connect(ops.balancer.ws_url()) as (ws, _):
         await recv_hello(ws)
-        os.kill(owner, signal.SIGSTOP)
-        try:
+        with paused(owner):
             await asyncio.sleep(UNRESPONSIVE_AFTER + 2.0)
-        finally:
-            os.kill(owner, signal.SIGCONT)
         await asyncio.sleep(3.0)  # a few of the owner's looks for silent workers
         await assert_echo(ws, "still here")
     assert sorted(worker_pids(owner)) == sorted(before)
@@ -263,13 +257,9 @@ async def test_sigterm_with_a_stopped_worker_resumes_it_and_stops_it_gracefully(
     with started_stack(tmp_path, gateways=1, overrides=overrides) as stack:
         workers = await two_workers(stack.balancer)
         assert stack.balancer.proc is not None
-        os.kill(workers[0], signal.SIGSTOP)
-        try:
+        with paused(workers[0]):
             stack.balancer.proc.send_signal(signal.SIGTERM)
             code = await asyncio.to_thread(stack.balancer.proc.wait, 15 * UNIT)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(workers[0], signal.SIGCONT)
         assert code == 0
         assert "did not stop in time" not in stack.balancer.log_text(), stack.balancer.logs_tail()
         assert not [pid for pid in workers if process_alive(pid)]

@@ -31,6 +31,7 @@ from tests.harness.ops import (
     backend_entry,
     metric,
     metrics_text,
+    paused,
     rewrite_config,
     set_state,
     signal_balancer,
@@ -342,15 +343,12 @@ async def test_a_key_file_rewritten_right_after_a_sighup_cannot_split_the_worker
         return lambda: next((line for line in lines_after(lb, mark)
                              if f" {name} lb.control.balancer: reload" in line), None)
 
-    os.kill(held, signal.SIGSTOP)
-    try:
+    with paused(held):
         write_key(key_file, new_key())
         signal_balancer(lb, signal.SIGHUP)
         assert "reloaded configuration" in await wait_until(reloaded("owner"), what="the owner's reload")
         assert "reloaded configuration" in await wait_until(reloaded(prompt_name), what=f"{prompt_name}'s reload")
         write_key(key_file, "too-short-to-be-a-key")  # what the held worker would read, did it read the file
-    finally:
-        os.kill(held, signal.SIGCONT)
     outcome = await wait_until(reloaded(held_name), what=f"{held_name}'s reload")
     assert "reloaded configuration" in outcome, f"{held_name} read the file itself:\n{lb.logs_tail()}"
     assert not [line for line in lines_after(lb, mark) if "could not apply the reload" in line]

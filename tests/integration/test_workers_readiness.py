@@ -20,7 +20,7 @@ import pytest
 
 from tests.harness import UNIT
 from tests.harness.clients import http_get_async
-from tests.harness.ops import OpsStack, process_alive, started_stack, two_workers, wait_until, worker_pids
+from tests.harness.ops import OpsStack, paused, started_stack, two_workers, wait_until, worker_pids
 from tests.harness.processes import Balancer
 
 # The product's bound (lb.control.workers.SERVING_SILENCE): a worker silent this long no longer serves.
@@ -59,17 +59,8 @@ def stopped(lb: Balancer, pids: list[int]) -> Iterator[None]:
     """SIGSTOP these workers of `lb`; SIGCONT every one of them still alive on the way out."""
     owner = owner_pid(lb)
     assert set(pids) <= set(worker_pids(owner)), "not this balancer's workers"
-    sent: list[int] = []
-    try:
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-            sent.append(pid)
+    with paused(*pids):
         yield
-    finally:
-        for pid in sent:
-            if process_alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
 
 
 async def test_every_worker_stopped_makes_readyz_and_healthz_503_until_they_resume(ops: OpsStack) -> None:
