@@ -7,9 +7,11 @@ while it is still starting; a unit test in tests/unit covers the hold itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,19 +21,30 @@ from tests.harness.ops import catches
 from tests.harness.processes import Balancer, DeadBackend, lb_config, poll_while_running
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to see signal dispositions")
-def test_sighup_burst_while_starting_is_survived_and_applied(tmp_path: Path) -> None:
-    """SPEC reload: SIGHUPs while the balancer is still starting neither kill it nor get lost: the reload is applied
-    once it runs."""
+@contextlib.contextmanager
+def catching_sighup(tmp_path: Path, *, every: float) -> Iterator[Balancer]:
+    """A balancer over a dead backend, handed over the moment it catches SIGHUP (looked at every `every`
+    seconds), long before it serves; stopped by PID on the way out."""
     lb = Balancer(lb_config(pools={"gateways": [DeadBackend("dead-1")]}), tmp_path)
     lb.launch()
     try:
         assert lb.proc is not None
         pid = lb.proc.pid
         poll_while_running(
-            lb.proc, lambda: catches(pid, signal.SIGHUP), within=10 * UNIT, every=0.005,
+            lb.proc, lambda: catches(pid, signal.SIGHUP), within=10 * UNIT, every=every,
             who="the balancer", what="never caught SIGHUP", tail=lb.logs_tail,
         )
+        yield lb
+    finally:
+        lb.stop()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to see signal dispositions")
+def test_sighup_burst_while_starting_is_survived_and_applied(tmp_path: Path) -> None:
+    """SPEC reload: SIGHUPs while the balancer is still starting neither kill it nor get lost: the reload is applied
+    once it runs."""
+    with catching_sighup(tmp_path, every=0.005) as lb:
+        assert lb.proc is not None
         for _ in range(10):
             os.kill(lb.proc.pid, signal.SIGHUP)
             time.sleep(0.01)
@@ -42,8 +55,6 @@ def test_sighup_burst_while_starting_is_survived_and_applied(tmp_path: Path) -> 
             assert time.monotonic() < deadline, f"the early SIGHUP was never applied:\n{lb.logs_tail()}"
             time.sleep(0.05)
         lb.assert_alive()
-    finally:
-        lb.stop()
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to see signal dispositions")
@@ -52,19 +63,10 @@ def test_a_stop_signal_as_soon_as_the_start_holds_signals_stops_it_with_exit_0(t
     """SPEC: SIGTERM → exit 0, and README's SIGQUIT (nginx's graceful stop) the same.  Fired the moment
     SIGHUP is caught (the hold, before the command line's imports), long before `serve` handles them:
     SIGTERM's default action was exit 143 (-15), SIGQUIT's a core dump (-3)."""
-    lb = Balancer(lb_config(pools={"gateways": [DeadBackend("dead-1")]}), tmp_path)
-    lb.launch()
-    try:
+    with catching_sighup(tmp_path, every=0.001) as lb:
         assert lb.proc is not None
-        pid = lb.proc.pid
-        poll_while_running(
-            lb.proc, lambda: catches(pid, signal.SIGHUP), within=10 * UNIT, every=0.001,
-            who="the balancer", what="never caught SIGHUP", tail=lb.logs_tail,
-        )
         os.kill(lb.proc.pid, signum)
         assert lb.proc.wait(timeout=30 * UNIT) == 0, lb.logs_tail()
-    finally:
-        lb.stop()
 
 
 
