@@ -23,16 +23,14 @@ from typing import Any
 
 import pytest
 
-from lb.affinity.codec import TokenCodec
 from lb.config.load import parse_config
-from lb.config.model import AffinityConfig, BackendConfig, Config, PoolConfig
 from lb.proxy import tunnel as tunnel_module
 from lb.proxy.server import client_factory, wall_offset
 from lb.proxy.tunnel import Tunnel
 from lb.state.context import ProxyContext
-from lb.state.pool import PoolState
 from lb.ws.frames import close_frame
 from tests.harness import HOST, UNIT
+from tests.harness.fake_tunnels import one_backend_context
 from tests.harness.ops import wait_until
 
 FRAME = b"\x82\x7e\x03\xfc" + b"x" * 1020  # a 1 KiB binary frame, unmasked
@@ -58,22 +56,12 @@ class Accepted(asyncio.Protocol):
         self.lost_at = time.monotonic()
 
 
-def context() -> tuple[ProxyContext, Any]:
-    pool = PoolConfig("p", (BackendConfig("gw-1", HOST, 1),))
-    config = Config(listeners=(), affinity=AffinityConfig(secret_keys=("k" * 43,)), routes=(), pools={"p": pool})
-    ctx = ProxyContext(
-        config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=pool)},
-        routes=(), on_backend_failure=lambda *_: None, wall_offset=0.0,
-    )
-    return ctx, ctx.pools["p"].backends["gw-1"]
-
-
 @pytest.mark.parametrize("end", ["client FIN after the close handshake", "backend hangs up"])
 async def test_a_closed_tunnel_cuts_a_client_that_never_reads(end: str) -> None:
     """A tunnel that has ended (close handshake and FIN, or the backend gone) cuts a client that never reads once
     FLUSH_STALL passes, and counts nothing of it."""
     loop = asyncio.get_running_loop()
-    ctx, backend = context()
+    ctx, backend = one_backend_context()
     accepted: asyncio.Future[asyncio.Transport] = loop.create_future()
     server = await loop.create_server(lambda: Accepted(accepted), HOST, 0)
     backend_side: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = loop.create_future()
