@@ -1,4 +1,5 @@
-"""Tunnels over fake transports, for the unit tests of the tunnel and of a drain's paced closes.
+"""Tunnels over fake transports, for the unit tests of the tunnel and of a drain's paced closes, and
+the proxy context they run in (`pool_context`, `one_backend_context`).
 
 The relay is callback-driven, so a transport that records what the tunnel asks of it (writes, closes,
 aborts, half-closes) is enough; no socket.
@@ -78,13 +79,19 @@ class FakeTransport:
         pass
 
 
+def pool_context(config: Config) -> ProxyContext:
+    """The proxy context of `config` with the state of its pool `p` (the only one a test looks at), a codec
+    over the key `k` * 43, no routes and no failure handler."""
+    return ProxyContext(
+        config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=config.pools["p"])},
+        routes=(), on_backend_failure=lambda *_: None, wall_offset=0.0,
+    )
+
+
 def one_backend_context() -> tuple[ProxyContext, BackendStatus]:
     """A context with pool `p` of one backend, `gw-1`, and that backend (no connection counted yet)."""
     backend_config = BackendConfig("gw-1", "127.0.0.1", 1)
     pool = PoolConfig("p", (backend_config,))
     config = Config(listeners=(), affinity=AffinityConfig(secret_keys=("k" * 43,)), routes=(), pools={"p": pool})
-    ctx = ProxyContext(
-        config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=pool)},
-        routes=(), on_backend_failure=lambda *_: None, wall_offset=0.0,
-    )
+    ctx = pool_context(config)
     return ctx, ctx.pools["p"].backends["gw-1"]

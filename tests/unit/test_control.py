@@ -41,6 +41,7 @@ from lb.state.context import ProxyContext
 from lb.state.observations import Observations
 from lb.state.pool import PoolState
 from lb.state.series import SeriesRetention
+from tests.harness.fake_tunnels import pool_context
 
 
 def test_encode_is_length_prefixed_json() -> None:
@@ -343,17 +344,7 @@ def _report(handshakes: int, tunnels: int, handshaking: int = 0) -> dict[str, An
 
 
 def _ctx(config: Config | None = None) -> ProxyContext:
-    config = config or _config()
-    from lb.affinity.codec import TokenCodec
-    from lb.state.pool import PoolState
-
-    return ProxyContext(
-        config=config,
-        codec=TokenCodec(("k" * 43,), 60.0),
-        pools={"p": PoolState(config=config.pools["p"])},
-        routes=(),
-        on_backend_failure=lambda *_: None, wall_offset=0.0,
-    )
+    return pool_context(config or _config())
 
 
 def test_counters_stay_monotonic_across_a_worker_death_keyed_by_pid() -> None:

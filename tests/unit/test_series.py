@@ -10,14 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lb.affinity.codec import TokenCodec
 from lb.config.model import AffinityConfig, BackendConfig, Config, DiscoveryConfig, PoolConfig
 from lb.control.ipc import StatsAggregate, stats_message
 from lb.control.metrics import LbCollector
 from lb.state.context import ProxyContext, Stats
 from lb.state.observations import Observations
-from lb.state.pool import PoolState
 from lb.state.series import MIN_DEPARTED_KEPT, REMOVED_POOLS_KEPT, SeriesRetention, departed_kept
+from tests.harness.fake_tunnels import pool_context
 
 
 def _held(retention: SeriesRetention, pool: str, ids: list[str]) -> list[str]:
@@ -115,10 +114,8 @@ def test_observations_forget_drops_per_backend_series_only() -> None:
 
 def _ctx(backends: tuple[str, ...] = ("a",)) -> ProxyContext:
     pool = PoolConfig(name="p", backends=tuple(BackendConfig(id=b, host="127.0.0.1", port=9000) for b in backends))
-    config = Config(listeners=(), pools={"p": pool}, routes=(), affinity=AffinityConfig(secret_keys=("k" * 43,)))
-    return ProxyContext(
-        config=config, codec=TokenCodec(("k" * 43,), 60.0), pools={"p": PoolState(config=pool)}, routes=(),
-        on_backend_failure=lambda *_: None, wall_offset=0.0,
+    return pool_context(
+        Config(listeners=(), pools={"p": pool}, routes=(), affinity=AffinityConfig(secret_keys=("k" * 43,)))
     )
 
 
