@@ -28,7 +28,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import pytest
 import yaml
@@ -414,6 +414,9 @@ class Balancer:
         return f"--- stdout\n{log_tail(self.out_path, lines)}\n--- stderr\n{log_tail(self.err_path, lines)}"
 
 
+_P = TypeVar("_P", Gateway, Balancer)
+
+
 class Launcher:
     """Starts gateways and balancers for one scope and stops every one of them, newest first."""
 
@@ -426,12 +429,7 @@ class Launcher:
     def gateways(self, n: int, *, prefix: str = "gw", app_cookie: str | None = None) -> list[Gateway]:
         """Start n gateways `gw-1..gw-n` at once, then wait for all of them."""
         started = [Gateway(f"{prefix}-{i}", self.workdir, app_cookie=app_cookie) for i in range(1, n + 1)]
-        self._gateways.extend(started)
-        for gateway in started:
-            gateway.launch()
-        for gateway in started:
-            gateway.wait_ready()
-        return started
+        return self._start(started, self._gateways)
 
     def spy(self, server_id: str = "spy-1") -> SpyBackend:
         spy = SpyBackend(server_id)
@@ -442,11 +440,16 @@ class Launcher:
         """Start balancers at once, then wait for each one's /healthz."""
         names = list(names or [f"lb{len(self._balancers) + i}" for i in range(len(configs))])
         started = [Balancer(config, self.workdir, name) for config, name in zip(configs, names, strict=True)]
-        self._balancers.extend(started)
-        for balancer in started:
-            balancer.launch()
-        for balancer in started:
-            balancer.wait_ready()
+        return self._start(started, self._balancers)
+
+    @staticmethod
+    def _start(started: list[_P], kept: list[_P]) -> list[_P]:
+        """Launch them all (they start side by side), then wait for each; kept to be stopped with the rest."""
+        kept.extend(started)
+        for process in started:
+            process.launch()
+        for process in started:
+            process.wait_ready()
         return started
 
     def balancer(self, config: dict[str, Any], name: str | None = None) -> Balancer:
