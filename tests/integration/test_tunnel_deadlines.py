@@ -635,6 +635,14 @@ async def test_a_tls_tunnel_that_ends_abruptly_is_released(
     assert "Traceback" not in lb.log_text(), lb.logs_tail(30)
 
 
+async def let_go(lb: Balancer, backend: ScriptedBackend) -> bool:
+    """No tunnel and no client connection left, and none counted to the scripted backend."""
+    document = await status(lb)
+    return (document["tunnels"], document["client_connections"]) == (0, 0) and (
+        find_backend(document, "scripted", backend.id)["connections"] == 0
+    )
+
+
 UPLOADS: dict[str, Callable[[Balancer, Path], Awaitable[socket.socket]]] = {
     "plain": lambda lb, ca: stalled_tunnel_upload(lb),
     "TLS": stalled_tls_tunnel_upload,
@@ -659,14 +667,7 @@ async def test_a_client_that_resets_an_upload_its_gateway_stopped_reading_is_let
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     finally:
         client.close()  # with unread data and linger 0: an RST
-
-    async def let_go() -> bool:
-        document = await status(lb)
-        return (document["tunnels"], document["client_connections"]) == (0, 0) and (
-            find_backend(document, "scripted", scripted.id)["connections"] == 0
-        )
-
-    await wait_until(let_go, within=6 * UNIT, what="the reset client's tunnel closed")
+    await wait_until(lambda: let_go(lb, scripted), within=6 * UNIT, what="the reset client's tunnel closed")
     lb.assert_alive()
 
 
@@ -681,14 +682,7 @@ async def test_a_gateway_that_resets_behind_a_client_that_stopped_reading_is_let
     client = await stalled_client(lb, "/flood-then-reset")
     try:
         assert await asyncio.to_thread(scripted.ended.wait, 10 * UNIT), "the flood never stalled"
-
-        async def let_go() -> bool:
-            document = await status(lb)
-            return (document["tunnels"], document["client_connections"]) == (0, 0) and (
-                find_backend(document, "scripted", scripted.id)["connections"] == 0
-            )
-
-        await wait_until(let_go, within=6 * UNIT, what="the reset gateway's tunnel closed")
+        await wait_until(lambda: let_go(lb, scripted), within=6 * UNIT, what="the reset gateway's tunnel closed")
         assert metric(await metrics_text(lb), "lb_tunnel_closes_total", cause="backend_lost", ended_with="tcp") == 1
     finally:
         client.close()
