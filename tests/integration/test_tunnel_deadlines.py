@@ -339,24 +339,17 @@ async def test_a_backends_close_frame_ahead_of_its_reset_reaches_the_client(
             pools={"p": [backend]}, health=TCP_HEALTH, overrides={"runtime": {"event_loop": event_loop}}
         ))
         assert lb.port is not None and lb.proc is not None
-        reader, writer = await asyncio.open_connection(HOST, lb.port)
-        try:
-            writer.write(upgrade_request("/ws", host=f"{HOST}:{lb.port}", key=ws_key()))
-            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)).startswith(b"HTTP/1.1 101")
-            writer.write(encode_frame(OP_BINARY, b"x" * 1000))  # reaches the gateway, which does not read it
-            await writer.drain()
+        async with RawWs.connect(lb.port) as ws:
+            await ws.send(OP_BINARY, b"x" * 1000)  # reaches the gateway, which does not read it
             await asyncio.sleep(0.3)
             with paused(lb.proc.pid):
-                writer.write(encode_frame(OP_BINARY, b"y" * 1000))  # waiting for the balancer first
-                await writer.drain()
+                await ws.send(OP_BINARY, b"y" * 1000)  # waiting for the balancer first
                 await asyncio.sleep(0.2)
                 backend.close_now.set()
                 assert await asyncio.to_thread(backend.closed.wait, 5 * UNIT)
                 await asyncio.sleep(0.3)  # the close frame, then the reset, wait behind the client's frame
-            got = await wait_closed_by_peer(reader, 5 * UNIT)
+            got = await wait_closed_by_peer(ws.reader, 5 * UNIT)
             assert got == POLICY_CLOSE, got
-        finally:
-            writer.close()
         lb.assert_alive()
     finally:
         backend.close()
@@ -376,10 +369,7 @@ async def test_a_backends_close_frame_from_a_stall_goes_ahead_of_the_stops_1001(
             overrides={"runtime": {"event_loop": event_loop}, "timeouts": {"shutdown_grace": "2s"}},
         ))
         assert lb.port is not None and lb.proc is not None
-        reader, writer = await asyncio.open_connection(HOST, lb.port)
-        try:
-            writer.write(upgrade_request("/ws", host=f"{HOST}:{lb.port}", key=ws_key()))
-            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)).startswith(b"HTTP/1.1 101")
+        async with RawWs.connect(lb.port) as ws:
             signal_balancer(lb, signal.SIGTERM)
             await asyncio.sleep(0.5)
             with paused(lb.proc.pid):
@@ -387,10 +377,8 @@ async def test_a_backends_close_frame_from_a_stall_goes_ahead_of_the_stops_1001(
                 backend.close_now.set()
                 assert await asyncio.to_thread(backend.closed.wait, 5 * UNIT)
                 await asyncio.sleep(2.3)  # past the 1001's time
-            got = await wait_closed_by_peer(reader, 5 * UNIT)
+            got = await wait_closed_by_peer(ws.reader, 5 * UNIT)
             assert got == POLICY_CLOSE, got
-        finally:
-            writer.close()
     finally:
         backend.close()
 
@@ -404,14 +392,10 @@ async def test_a_backends_close_frame_from_a_stall_goes_ahead_of_a_drains_1012(l
     try:
         lb = launcher.balancer(lb_config(pools={"p": [backend]}, health=TCP_HEALTH))
         assert lb.port is not None and lb.proc is not None
-        clients = [await asyncio.open_connection(HOST, lb.port) for _ in range(2)]
-        try:
-            for reader, writer in clients:
-                writer.write(upgrade_request("/ws", host=f"{HOST}:{lb.port}", key=ws_key()))
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)
-                assert head.startswith(b"HTTP/1.1 101"), head
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(RawWs.connect(lb.port)) for _ in range(2)]
             await set_state(lb, backend.id, "drain", pool="p", params={"close_after": "0s", "rate": "0.5"})
-            firsts = [asyncio.ensure_future(reader.read(65536)) for reader, _ in clients]
+            firsts = [asyncio.ensure_future(ws.reader.read(65536)) for ws in clients]
             done, _ = await asyncio.wait(firsts, timeout=5 * UNIT, return_when=asyncio.FIRST_COMPLETED)
             assert len(done) == 1, "one client gets its 1012 at once"
             (first,) = done
@@ -425,11 +409,8 @@ async def test_a_backends_close_frame_from_a_stall_goes_ahead_of_a_drains_1012(l
             got = b""
             with contextlib.suppress(ConnectionError):
                 got = await asyncio.wait_for(second, 5 * UNIT)
-            got += await wait_closed_by_peer(clients[firsts.index(second)][0], 5 * UNIT)
+            got += await wait_closed_by_peer(clients[firsts.index(second)].reader, 5 * UNIT)
             assert got == POLICY_CLOSE, got
-        finally:
-            for _, writer in clients:
-                writer.close()
     finally:
         backend.close()
 
