@@ -7,6 +7,7 @@ balancer's pass-through tests can rely on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -258,32 +259,43 @@ async def test_prove_stickiness_fails_clearly_without_a_server() -> None:
         await asyncio.wait_for(prove_stickiness("ws://127.0.0.1:1/ws", 1, ["127.0.0.2"], None, UNIT), 2 * UNIT)
 
 
+@contextlib.asynccontextmanager
+async def gateway_process(server_id: str, port: int, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`python -m backends_demo --id ID --port PORT ARGS`, its output piped (the banner comes first);
+    killed on the way out if it is still running."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "backends_demo", "--id", server_id, "--port", str(port), *args,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await asyncio.wait_for(proc.wait(), UNIT)
+
+
 async def test_gateway_process_closes_sockets_with_1001_and_exits_0_on_sigterm() -> None:
     """The gateway process serves /health; SIGTERM closes live WebSockets with 1001 and exits 0."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "backends_demo", "--id", "gw-9", "--port", str(port),
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(4 * UNIT), aiohttp.ClientSession() as session:
-            assert proc.stdout is not None
-            banner = await proc.stdout.readline()
-            assert banner.decode().strip() == f"gateway gw-9 listening on 127.0.0.1:{port}"
-            async with session.get(f"http://127.0.0.1:{port}/health") as response:
-                assert await response.json() == {"status": "ok", "server_id": "gw-9"}
-            async with session.ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
-                await read_hello(ws)
-                proc.send_signal(signal.SIGTERM)
-                msg = await ws.receive()
-                assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001)
-            assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await asyncio.wait_for(proc.wait(), UNIT)
+    async with (
+        gateway_process("gw-9", port) as proc,
+        asyncio.timeout(4 * UNIT),
+        aiohttp.ClientSession() as session,
+    ):
+        assert proc.stdout is not None
+        banner = await proc.stdout.readline()
+        assert banner.decode().strip() == f"gateway gw-9 listening on 127.0.0.1:{port}"
+        async with session.get(f"http://127.0.0.1:{port}/health") as response:
+            assert await response.json() == {"status": "ok", "server_id": "gw-9"}
+        async with session.ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await read_hello(ws)
+            proc.send_signal(signal.SIGTERM)
+            msg = await ws.receive()
+            assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+        assert await proc.wait() == 0
 
 
 # --- raw WebSocket frames (RFC 6455 §5.2) --------------------------------------
@@ -345,60 +357,50 @@ async def test_sigterm_close_waits_for_the_clients_close_frame(spread: float, co
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "backends_demo", "--id", "gw-s", "--port", str(port), "--close-spread", str(spread),
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    try:
-        async with asyncio.timeout(4 * UNIT):
-            assert proc.stdout is not None
-            await proc.stdout.readline()  # listening
-            clients = [await _raw_ws_client(port) for _ in range(2)]
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            proc.send_signal(signal.SIGTERM)
-            times = []
-            for reader, writer in clients:
-                opcode, payload = await read_frame(reader)
-                times.append(loop.time() - started)
-                assert opcode == 0x8 and struct.unpack("!H", payload[:2])[0] == code, payload
-                # The gateway waits for our close frame: no EOF while we take our time to answer.
-                with pytest.raises(TimeoutError):
-                    await asyncio.wait_for(reader.read(1), 0.3)
-                writer.write(encode_frame(0x8, payload[:2]))
-                await writer.drain()
-                assert await asyncio.wait_for(reader.read(), 0.5) == b""  # then it closes TCP, at once
-            if spread:
-                assert times[0] >= 0.9 * spread / 2, f"the first close went out at once: {times}"
-            assert await proc.wait() == 0
-    finally:
-        for _, writer in clients:
-            writer.close()
-        if proc.returncode is None:
-            proc.kill()
-            await asyncio.wait_for(proc.wait(), UNIT)
+    async with gateway_process("gw-s", port, "--close-spread", str(spread)) as proc:
+        clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        try:
+            async with asyncio.timeout(4 * UNIT):
+                assert proc.stdout is not None
+                await proc.stdout.readline()  # listening
+                clients = [await _raw_ws_client(port) for _ in range(2)]
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                proc.send_signal(signal.SIGTERM)
+                times = []
+                for reader, writer in clients:
+                    opcode, payload = await read_frame(reader)
+                    times.append(loop.time() - started)
+                    assert opcode == 0x8 and struct.unpack("!H", payload[:2])[0] == code, payload
+                    # The gateway waits for our close frame: no EOF while we take our time to answer.
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(reader.read(1), 0.3)
+                    writer.write(encode_frame(0x8, payload[:2]))
+                    await writer.drain()
+                    assert await asyncio.wait_for(reader.read(), 0.5) == b""  # then it closes TCP, at once
+                if spread:
+                    assert times[0] >= 0.9 * spread / 2, f"the first close went out at once: {times}"
+                assert await proc.wait() == 0
+        finally:
+            for _, writer in clients:
+                writer.close()
 
 
 async def test_port_0_listens_on_a_free_port_and_the_banner_names_it() -> None:
     """`--port 0` picks a free port; the banner said `listening on 127.0.0.1:0`, which no one can reach."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "backends_demo", "--id", "gw-0", "--port", "0", stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(4 * UNIT), aiohttp.ClientSession() as session:
-            assert proc.stdout is not None
-            banner = (await proc.stdout.readline()).decode().strip()
-            port = int(banner.rsplit(":", 1)[1])
-            assert banner == f"gateway gw-0 listening on 127.0.0.1:{port}" and port != 0
-            async with session.get(f"http://127.0.0.1:{port}/health") as response:
-                assert await response.json() == {"status": "ok", "server_id": "gw-0"}
-            proc.send_signal(signal.SIGTERM)
-            assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await asyncio.wait_for(proc.wait(), UNIT)
+    async with (
+        gateway_process("gw-0", 0) as proc,
+        asyncio.timeout(4 * UNIT),
+        aiohttp.ClientSession() as session,
+    ):
+        assert proc.stdout is not None
+        banner = (await proc.stdout.readline()).decode().strip()
+        port = int(banner.rsplit(":", 1)[1])
+        assert banner == f"gateway gw-0 listening on 127.0.0.1:{port}" and port != 0
+        async with session.get(f"http://127.0.0.1:{port}/health") as response:
+            assert await response.json() == {"status": "ok", "server_id": "gw-0"}
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0
 
 
 async def test_a_client_gone_mid_echo_is_no_error(
