@@ -195,37 +195,46 @@ def start(
     return lb
 
 
-async def stalled_client(lb: Balancer, path: str = "/flood") -> socket.socket:
-    """A client that completes the upgrade (or, for `/flood-http`, reads the answer's head), then never
-    reads again (a tiny receive buffer)."""
+async def _connected(lb: Balancer, rcvbuf: int | None = None) -> socket.socket:
+    """A non-blocking socket connected to the balancer's listener, with this receive buffer if given."""
     assert lb.port is not None
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.setblocking(False)
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (HOST, lb.port)), 5 * UNIT)
+    return sock
+
+
+async def _sent_and_answered(sock: socket.socket, request: bytes, status: bytes) -> None:
+    """Send `request` and read the answer's head byte by byte, leaving every frame after it unread; the head
+    starts with `status` (b"HTTP/1.1 101")."""
     loop = asyncio.get_running_loop()
-    await asyncio.wait_for(loop.sock_connect(sock, (HOST, lb.port)), 5 * UNIT)
-    plain = path.startswith("/flood-http")
-    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{lb.port}\r\n\r\n".encode() if plain else upgrade_request(
-        path, host=f"{HOST}:{lb.port}", key=ws_key()
-    )
     await loop.sock_sendall(sock, request)
     head = b""
     async with asyncio.timeout(5 * UNIT):
         while b"\r\n\r\n" not in head:
-            head += await loop.sock_recv(sock, 1)  # byte by byte: leave every frame unread
-    assert head.startswith(b"HTTP/1.1 200" if plain else b"HTTP/1.1 101"), head
+            head += await loop.sock_recv(sock, 1)
+    assert head.startswith(status), head
+
+
+async def stalled_client(lb: Balancer, path: str = "/flood") -> socket.socket:
+    """A client that completes the upgrade (or, for `/flood-http`, reads the answer's head), then never
+    reads again (a tiny receive buffer)."""
+    sock = await _connected(lb, rcvbuf=4096)
+    plain = path.startswith("/flood-http")
+    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{lb.port}\r\n\r\n".encode() if plain else upgrade_request(
+        path, host=f"{HOST}:{lb.port}", key=ws_key()
+    )
+    await _sent_and_answered(sock, request, b"HTTP/1.1 200" if plain else b"HTTP/1.1 101")
     return sock
 
 
 async def stalled_upload(lb: Balancer) -> socket.socket:
     """A client that sends a `/deaf` request's head and then as much of its huge body as the kernel takes."""
-    assert lb.port is not None
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await asyncio.wait_for(loop.sock_connect(sock, (HOST, lb.port)), 5 * UNIT)
+    sock = await _connected(lb)
     head = f"POST /deaf HTTP/1.1\r\nHost: {HOST}:{lb.port}\r\nContent-Length: {1 << 40}\r\n\r\n".encode()
-    await loop.sock_sendall(sock, head)
+    await asyncio.get_running_loop().sock_sendall(sock, head)
     await _send_until_refused(sock)
     return sock
 
@@ -233,18 +242,9 @@ async def stalled_upload(lb: Balancer) -> socket.socket:
 async def stalled_tunnel_upload(lb: Balancer) -> socket.socket:
     """A client whose upgrade to `/unread` is answered, and which then sends one endless binary frame
     for as long as anything takes it."""
-    assert lb.port is not None
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await asyncio.wait_for(loop.sock_connect(sock, (HOST, lb.port)), 5 * UNIT)
-    await loop.sock_sendall(sock, upgrade_request("/unread", host=f"{HOST}:{lb.port}", key=ws_key()))
-    head = b""
-    async with asyncio.timeout(5 * UNIT):
-        while b"\r\n\r\n" not in head:
-            head += await loop.sock_recv(sock, 1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    await loop.sock_sendall(sock, ENDLESS_FRAME)
+    sock = await _connected(lb)
+    await _sent_and_answered(sock, upgrade_request("/unread", host=f"{HOST}:{lb.port}", key=ws_key()), b"HTTP/1.1 101")
+    await asyncio.get_running_loop().sock_sendall(sock, ENDLESS_FRAME)
     await _send_until_refused(sock)
     return sock
 
