@@ -410,6 +410,15 @@ class Balancer:
     def log_lines(self) -> int:
         return len(self.log_text().splitlines())
 
+    def wait_logged(self, logged: Callable[[str], bool], *, within: float, what: str) -> None:
+        """Until `logged(the log's text)` says yes, every 50 ms; fail, saying `what` with the log's tail, once
+        `within` seconds have passed (at once if the balancer exits).  For blocking tests: the async ones
+        have `tests.harness.ops.wait_for_log`."""
+        poll_while_running(
+            self.proc, lambda: logged(self.log_text()), within=within, who=f"balancer {self.name}", what=what,
+            tail=self.logs_tail,
+        )
+
     def logs_tail(self, lines: int = 40) -> str:
         return f"--- stdout\n{log_tail(self.out_path, lines)}\n--- stderr\n{log_tail(self.err_path, lines)}"
 

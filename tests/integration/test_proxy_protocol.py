@@ -429,10 +429,8 @@ def test_a_header_is_believed_only_from_the_peers_in_proxy_protocol_from(launche
         assert not [r for r in spy.requests if r.path == f"/pp/{tag}"]
 
     believed_only_from("127.0.0.2", "127.0.0.3", "203.0.113.8")
-    deadline = time.monotonic() + 5 * UNIT
-    while "not in listeners[].proxy_protocol_from" not in lb.log_text():
-        assert time.monotonic() < deadline, lb.logs_tail()
-        time.sleep(0.05)
+    lb.wait_logged(lambda text: "not in listeners[].proxy_protocol_from" in text, within=5 * UNIT,
+                   what="no line for a peer not in proxy_protocol_from")
     config["listeners"][0]["proxy_protocol_from"] = ["127.0.0.3"]
     reload_with(lb, config)
     believed_only_from("127.0.0.3", "127.0.0.2", "203.0.113.10")
@@ -443,10 +441,8 @@ def test_a_refused_connection_is_logged_for_the_operator(pp: PPStack) -> None:
     """An L4 balancer that does not send the header is a misconfiguration: it shows in the log (rate-limited)."""
     tag = new_tag()
     assert_closed_silently(pp, pp.pp_port, request(tag), tag)
-    deadline = time.monotonic() + 5 * UNIT
-    while "without an answer" not in pp.balancer.log_text():
-        assert time.monotonic() < deadline, pp.balancer.logs_tail()
-        time.sleep(0.05)
+    pp.balancer.wait_logged(lambda text: "without an answer" in text, within=5 * UNIT,
+                            what="no line for the connection closed without an answer")
     assert "proxy_protocol" in pp.balancer.log_text()
 
 
@@ -462,10 +458,8 @@ def test_workers_share_a_proxy_protocol_listener(launcher: Launcher) -> None:
     lb = launcher.balancer(config, name="pp-workers")
     lb.wait_states({("spy", spy.id): "up"})
     assert lb.port is not None
-    deadline = time.monotonic() + 10 * UNIT
-    while "listening on" not in lb.log_text() or lb.log_text().count("PROXY protocol") < 2:
-        assert time.monotonic() < deadline, f"two workers not listening:\n{lb.logs_tail()}"
-        time.sleep(0.05)
+    lb.wait_logged(lambda text: "listening on" in text and text.count("PROXY protocol") >= 2, within=10 * UNIT,
+                   what="two workers not listening")
     for index in range(12):
         tag, source = new_tag(), f"192.0.2.{index + 1}"
         assert exchange(lb.port, [v1(source) + request(tag)]).startswith(b"HTTP/1.1 404")
@@ -563,10 +557,7 @@ def test_workers_share_a_tls_listener(launcher: Launcher) -> None:
     lb.wait_states({("spy", spy.id): "up"})
     port = lb.tls_port or lb.port
     assert port is not None
-    deadline = time.monotonic() + 10 * UNIT
-    while lb.log_text().count("(TLS)") < 2:
-        assert time.monotonic() < deadline, f"two workers not listening:\n{lb.logs_tail()}"
-        time.sleep(0.05)
+    lb.wait_logged(lambda text: text.count("(TLS)") >= 2, within=10 * UNIT, what="two workers not listening")
     for _ in range(8):
         assert exchange(port, [request(new_tag())], tls_ca=certs / "ca.crt").startswith(b"HTTP/1.1 404")
     lb.assert_alive()

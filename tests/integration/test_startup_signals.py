@@ -50,10 +50,7 @@ def test_sighup_burst_while_starting_is_survived_and_applied(tmp_path: Path) -> 
             time.sleep(0.01)
         lb.wait_ready()
         lb.assert_alive()
-        deadline = time.monotonic() + 5 * UNIT
-        while "reloaded" not in lb.log_text():
-            assert time.monotonic() < deadline, f"the early SIGHUP was never applied:\n{lb.logs_tail()}"
-            time.sleep(0.05)
+        lb.wait_logged(lambda text: "reloaded" in text, within=5 * UNIT, what="the early SIGHUP was never applied")
         lb.assert_alive()
 
 
