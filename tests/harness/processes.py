@@ -2,6 +2,9 @@
 
 - `Gateway`: `python -m backends_demo --id gw-N --port P`, ready once `/health` answers;
 - `Balancer`: `python -m lb run --config F`, ready once `/healthz` answers (against a deadline);
+  `wait_logged` for a line in its log;
+- `poll_while_running`: a check polled against a deadline while a process runs (it answers, it listens,
+  it catches a signal), failing at once if the process exits;
 - `Launcher`: starts them on free ports (`bench.procs.free_port`: below the kernel's ephemeral range,
   else from `bind(("127.0.0.1", 0))`) and stops every one by PID at the end (`terminate()`,
   `wait(timeout)`, then `kill()`);
