@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,6 +86,13 @@ def lb_certs(out: Path) -> Path:
     for name in ("ca.crt", "server.crt", "server.key"):
         assert (out / name).is_file(), f"lb certs did not write {name}"
     return out
+
+
+def connects(port: int, *, timeout: float = 0.5) -> bool:
+    """Whether something accepts a TCP connection on 127.0.0.1:`port`; raises OSError when nothing does
+    (`poll_while_running` takes that for a no)."""
+    socket.create_connection((HOST, port), timeout=timeout).close()
+    return True
 
 
 def http_get(url: str, *, timeout: float = 1.0, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:

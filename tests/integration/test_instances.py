@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from tests.harness.processes import (
     Balancer,
     Gateway,
     Launcher,
+    connects,
     lb_config,
     log_tail,
     new_key,
@@ -81,14 +81,10 @@ class HAProxy:
                 [HAPROXY, "-db", "-f", str(self.config_path)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
             )
         poll_while_running(
-            self.proc, self._listening, within=10 * UNIT, who="haproxy", what="not listening",
+            self.proc, lambda: connects(self.port), within=10 * UNIT, who="haproxy", what="not listening",
             tail=lambda: log_tail(self.log_path),
         )
         return self
-
-    def _listening(self) -> bool:
-        socket.create_connection((HOST, self.port), timeout=0.5).close()
-        return True
 
     def stop(self) -> None:
         stop_process(self.proc)

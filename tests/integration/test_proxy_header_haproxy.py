@@ -10,6 +10,7 @@ Skipped, with the reason, when `haproxy` is not installed.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 from bench.procs import free_port
 from lb.http.proxy_header import Command, Family, ProxyHeader, parse_proxy_header
 from tests.harness import HOST, UNIT
-from tests.harness.processes import stop_process
+from tests.harness.processes import connects, poll_while_running, stop_process
 
 HAPROXY = shutil.which("haproxy") or shutil.which("/usr/sbin/haproxy")
 pytestmark = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")
@@ -84,14 +85,10 @@ def relays(
     try:
         deadline = time.monotonic() + 10 * UNIT
         for port in ports.values():
-            while True:
-                try:
-                    socket.create_connection((HOST, port), timeout=UNIT).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise AssertionError((workdir / "haproxy.log").read_text()) from None
-                    time.sleep(0.05)
+            poll_while_running(
+                proc, functools.partial(connects, port, timeout=UNIT), within=max(0.0, deadline - time.monotonic()),
+                who="haproxy", what=f"not listening on {port}", tail=(workdir / "haproxy.log").read_text,
+            )
             # The readiness probe was relayed too: take its connection off the sink.
             sink.settimeout(5 * UNIT)
             sink.accept()[0].close()
