@@ -20,6 +20,7 @@ import pytest
 import uvloop
 
 from lb.proxy.connecting import Connecting
+from tests.harness.polling import wait_for
 
 LOOPS = pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
 
@@ -32,14 +33,6 @@ def _run(new_loop: Callable[[], asyncio.AbstractEventLoop], main: Callable[[], A
 async def _turns(count: int = 3) -> None:
     for _ in range(count):
         await asyncio.sleep(0)
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    """Until `condition` holds, a second at most (a loopback connect takes a turn or two)."""
-    for _ in range(100):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
 
 
 class _Recorded(asyncio.Protocol):
@@ -70,7 +63,7 @@ def test_a_connect_that_succeeds_tells_its_protocol_and_reports_nothing(
         port = server.sockets[0].getsockname()[1]
         protocol, failures = _Recorded(), []
         connecting = Connecting(loop, loop.create_connection(lambda: protocol, "127.0.0.1", port), failures.append)
-        await _until(connecting.done)
+        await wait_for(connecting.done, within=1.0)
         assert connecting.done() and protocol.transport is not None and not protocol.transport.is_closing()
         await _turns()
         assert failures == []
@@ -89,7 +82,7 @@ def test_a_refused_connect_is_reported_on_a_later_turn_never_from_inside_the_cal
         failures: list[BaseException] = []
         connecting = Connecting(loop, loop.create_connection(_Recorded, "127.0.0.1", _closed_port()), failures.append)
         assert failures == []
-        await _until(lambda: bool(failures))
+        await wait_for(lambda: bool(failures), within=1.0)
         assert [type(exc) for exc in failures] == [ConnectionRefusedError] and connecting.done()
 
     _run(new_loop, main)
@@ -113,7 +106,7 @@ def test_a_connect_given_up_at_once_closes_what_it_made_and_reports_nothing(
         connecting = Connecting(loop, loop.create_connection(lambda: protocol, "127.0.0.1", port), failures.append)
         connecting.cancel()
         connecting.cancel()  # twice is once
-        await _until(lambda: connecting.done() and all(side.lost for side in accepted))
+        await wait_for(lambda: connecting.done() and all(side.lost for side in accepted), within=1.0)
         assert connecting.done() and failures == []
         # Whatever the connect had made is closed: no transport of ours is left open, and the listener's
         # side of any connection that reached it has been hung up on.
