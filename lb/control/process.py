@@ -85,6 +85,14 @@ async def serve(
     for signum in startup_signals.UNUSED:
         loop.add_signal_handler(signum, _ignore_signal, signum)
     try:
+        return await _serve_started(balancer, role, stop_requested)
+    finally:
+        _ignore_signals_from_now_on(loop)
+
+
+async def _serve_started(balancer: Balancer, role: Role, stop_requested: asyncio.Event) -> int:
+    loop = asyncio.get_running_loop()
+    try:
         await balancer.start()
     except BindError as exc:
         log.error("%s", exc)
@@ -104,6 +112,25 @@ async def serve(
     stopped.cancel()
     await balancer.stop()
     return 0
+
+
+# Every signal `serve` handles on the loop: their default actions end the process.
+_HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, *startup_signals.UNUSED)
+
+
+def _ignore_signals_from_now_on(loop: asyncio.AbstractEventLoop) -> None:
+    """The stop is over: nothing a signal could ask for is left to do, so each is ignored until the exit.
+
+    Closing the event loop puts back the default action of every signal it handled (SIGINT: Python's
+    KeyboardInterrupt), and the interpreter takes some 10 ms more to end: a second SIGTERM (`kill` twice,
+    `pkill` reaching a worker its owner signals too), a SIGHUP from a config reloader or a logrotate's
+    SIGUSR1 in that moment ended the process by that signal (exit 143, 129...) after a clean stop, which
+    a service manager reports as a failure and an owner logs as a worker whose tunnels were cut.  Taken
+    from the loop first, so that its close does not put the defaults back.
+    """
+    for signum in _HANDLED:
+        loop.remove_signal_handler(signum)  # the default action, for the moment until the next line
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _ignore_signal(signum: int) -> None:

@@ -314,3 +314,29 @@ async def test_a_second_sigterm_is_not_a_hurry_but_says_how_to_stop_now(lb: Bala
     assert closed.code == 1001 and closed.at - sent >= 0.9 * GRACE, (closed, closed.at - sent)
     assert await wait_exit(lb, CLOSE_LINGER + 5 * UNIT) == 0
     assert lb.log_text().count("already stopping") == 1, lb.logs_tail()
+
+
+@pytest.fixture(params=[1, 2], ids=["single", "workers-2"])
+def brief(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, gateways: list[Gateway]
+) -> Iterator[Balancer]:
+    yield from stopping_slowly(tmp_path_factory, gateways, "shutdown-brief", grace=0.2, delay=0.0,
+                               workers=request.param)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGUSR1],
+                         ids=["SIGTERM", "SIGHUP", "SIGINT", "SIGUSR1"])
+async def test_signals_until_the_very_exit_leave_the_exit_code_0(brief: Balancer, sig: int) -> None:
+    """A stop ends with exit 0 whatever signal comes while it ends: closing the event loop put back each
+    signal's default action some 10 ms before the process was gone, so a second `kill`, a config reloader's
+    SIGHUP or a logrotate's SIGUSR1 in that moment ended a clean stop by that signal (-15, -1)."""
+    assert brief.proc is not None
+    signal_balancer(brief, signal.SIGTERM)
+    deadline = time.monotonic() + 10 * UNIT
+    sent = 0
+    while brief.proc.poll() is None and time.monotonic() < deadline:
+        brief.proc.send_signal(sig)  # a no-op once the process is reaped
+        sent += 1
+        await asyncio.sleep(0.002)
+    assert await wait_exit(brief, 5 * UNIT) == 0, (sent, brief.logs_tail())
+    assert "Traceback" not in brief.log_text(), brief.logs_tail()
