@@ -400,8 +400,14 @@ class WorkerSupervisor:
         if self._stopping:
             if code != 0 and not worker.killed:
                 # Not the owner's kill of a straggler (said where it is done): the operator hears that
-                # this worker's tunnels ended without their 1001s.
-                log.warning("%s exited with %s while stopping; its tunnels were cut", worker.name, code)
+                # this worker's tunnels ended without their 1001s.  One restarted just before the stop
+                # that had not listened yet had none: the stop's SIGTERM came while its interpreter
+                # started (some 30 ms, before lb.startup_signals holds it), and that ends it, harmlessly.
+                if worker.ready.done():
+                    log.warning("%s exited with %s while stopping; its tunnels were cut", worker.name, code)
+                else:
+                    log.info("%s exited with %s while stopping, before it listened: it had no client",
+                             worker.name, code)
             return
         lived = asyncio.get_running_loop().time() - worker.started_at
         delay = RESTART_DELAY if lived >= STABLE_AFTER else worker.restart_delay
