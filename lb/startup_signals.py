@@ -19,6 +19,8 @@ start at once.  Not in a worker: it has a session of its own, so a SIGINT there 
 second Ctrl-C ("stop now", `Balancer.hurry`), held like SIGTERM until the worker is up (by its
 default action, two Ctrl-Cs while workers started ended one with a traceback).
 
+Whatever the signal mask `lb run` inherits, these signals (and SIGCHLD) are unblocked there.
+
 SIGUSR1 and SIGUSR2 mean nothing to the balancer, but their default action also
 ends the process, and a logrotate `postrotate kill -USR1` written for another
 daemon would be an outage.  `hold()` ignores them from the first line;
@@ -55,6 +57,12 @@ def hold(*, worker: bool = False) -> None:
             signal.signal(signum, _remember)
     for signum in UNUSED:
         signal.signal(signum, signal.SIG_IGN)
+    # Handled from here on, so delivered: a signal mask is inherited through fork and exec, and a parent
+    # that blocks these (one that waits for its own signals with sigwait, a supervisor's thread) left
+    # SIGTERM and SIGHUP pending for ever, and SIGCHLD, by which uvloop hears that a worker died, too:
+    # a dead worker was never restarted, and the stop waited for it for ever.  HAProxy and nginx set
+    # their own mask at start for the same reason.  One that came while blocked is taken now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {*HELD, signal.SIGINT, signal.SIGCHLD, *UNUSED})
 
 
 def take(signum: int = signal.SIGHUP) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import UNIT
-from tests.harness.ops import catches
+from tests.harness.ops import catches, worker_pids
 from tests.harness.processes import Balancer, DeadBackend, lb_config, poll_while_running
 
 
@@ -114,3 +115,53 @@ def test_a_start_without_descriptor_0_serves_and_stops_with_exit_0(tmp_path: Pat
     finally:
         code = lb.stop()
     assert code == 0, lb.logs_tail()
+
+
+# A parent that blocks signals (one that waits for its own with sigwait) and then starts `lb run`: the mask
+# goes through fork and exec.
+_BLOCKED_EXEC = """
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+class _StartedWithSignalsBlocked(Balancer):
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", _BLOCKED_EXEC, *super().command()[1:]]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_signals_blocked_by_the_parent_still_reload_restart_and_stop(tmp_path: Path, workers: int) -> None:
+    """A signal mask inherited from the parent left SIGHUP and SIGTERM pending for ever (no reload, no
+    stop), and SIGCHLD too, so that a dead worker was neither seen nor restarted.  `lb run` unblocks
+    the signals it handles."""
+    config = lb_config(pools={"gateways": [DeadBackend("dead-1")]}, overrides={"workers": workers})
+    lb = _StartedWithSignalsBlocked(config, tmp_path)
+    lb.launch()
+    try:
+        lb.wait_ready()
+        assert lb.proc is not None
+        os.kill(lb.proc.pid, signal.SIGHUP)
+        wait_for_line(lb, "reloaded configuration")
+        if workers > 1:
+            first = min(worker_pids(lb.proc.pid))
+            os.kill(first, signal.SIGKILL)
+            wait_for_line(lb, f"(pid {first}) exited with -9")
+            deadline = time.monotonic() + 5 * UNIT
+            while len(set(worker_pids(lb.proc.pid)) - {first}) < 2:  # its replacement, 0.5 s later
+                assert time.monotonic() < deadline, lb.logs_tail()
+                time.sleep(0.05)
+        lb.proc.send_signal(signal.SIGTERM)
+        code = lb.proc.wait(timeout=10 * UNIT)
+    finally:
+        lb.stop()
+    assert code == 0, lb.logs_tail()
+
+
+def wait_for_line(lb: Balancer, text: str) -> None:
+    deadline = time.monotonic() + 5 * UNIT
+    while text not in lb.log_text():
+        lb.assert_alive()
+        assert time.monotonic() < deadline, f"never logged {text!r}:\n{lb.logs_tail()}"
+        time.sleep(0.05)
