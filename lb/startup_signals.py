@@ -19,7 +19,8 @@ start at once.  Not in a worker: it has a session of its own, so a SIGINT there 
 second Ctrl-C ("stop now", `Balancer.hurry`), held like SIGTERM until the worker is up (by its
 default action, two Ctrl-Cs while workers started ended one with a traceback).
 
-Whatever the signal mask `lb run` inherits, these signals (and SIGCHLD) are unblocked there.
+Whatever the signal mask `lb run` inherits, these signals (and SIGCHLD) are unblocked there, and an
+inherited SIG_IGN of SIGCHLD is undone.
 
 SIGUSR1 and SIGUSR2 mean nothing to the balancer, but their default action also
 ends the process, and a logrotate `postrotate kill -USR1` written for another
@@ -63,6 +64,9 @@ def hold(*, worker: bool = False) -> None:
     # a dead worker was never restarted, and the stop waited for it for ever.  HAProxy and nginx set
     # their own mask at start for the same reason.  One that came while blocked is taken now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {*HELD, signal.SIGINT, signal.SIGCHLD, *UNUSED})
+    # Ignored SIGCHLD is inherited too, and then the kernel reaps children itself: asyncio's child watcher
+    # read each worker's end as "unknown child process, returncode 255", a kill or a clean stop alike.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 def take(signum: int = signal.SIGHUP) -> bool:

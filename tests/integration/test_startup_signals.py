@@ -165,3 +165,42 @@ def wait_for_line(lb: Balancer, text: str) -> None:
         lb.assert_alive()
         assert time.monotonic() < deadline, f"never logged {text!r}:\n{lb.logs_tail()}"
         time.sleep(0.05)
+
+
+# A parent that ignores SIGCHLD (a shell's `trap '' CHLD`, a daemon that reaps nothing) and then starts `lb run`.
+_CHLD_IGNORED_EXEC = """
+import os, signal, sys
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+class _StartedWithSigchldIgnored(Balancer):
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", _CHLD_IGNORED_EXEC, *super().command()[1:]]
+
+
+def test_sigchld_ignored_by_the_parent_still_tells_how_each_worker_ended(tmp_path: Path) -> None:
+    """An ignored SIGCHLD goes through exec, and the kernel then reaps the workers itself: on asyncio's
+    event loop the owner read every worker's end as exit 255 ('unknown child process'), a SIGKILL and a
+    clean stop alike, and said at every stop that their tunnels were cut."""
+    overrides = {"workers": 2, "runtime": {"event_loop": "asyncio"}}
+    lb = _StartedWithSigchldIgnored(lb_config(pools={"gateways": [DeadBackend("dead-1")]}, overrides=overrides),
+                                    tmp_path)
+    lb.launch()
+    try:
+        lb.wait_ready()
+        assert lb.proc is not None
+        first = min(worker_pids(lb.proc.pid))
+        os.kill(first, signal.SIGKILL)
+        wait_for_line(lb, f"(pid {first}) exited with")
+        deadline = time.monotonic() + 5 * UNIT
+        while lb.log_text().count("lb.control.listening: listening on") < 3:  # its replacement listens
+            assert time.monotonic() < deadline, lb.logs_tail()
+            time.sleep(0.05)
+    finally:
+        code = lb.stop()
+    assert code == 0, lb.logs_tail()
+    log = lb.log_text()
+    assert f"(pid {first}) exited with -9" in log, lb.logs_tail()
+    assert "Unknown child process" not in log and "while stopping" not in log, lb.logs_tail()
