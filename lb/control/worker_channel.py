@@ -78,11 +78,18 @@ class WorkerBalancer(Protocol):
 
 
 def watch_owner(owner_pid: int) -> None:
-    """Ask the kernel for SIGTERM when the owner dies (Linux), and stop at once if it already has."""
+    """Ask the kernel for SIGCONT when the owner dies (Linux), and stop at once if it already has.
+
+    The owner's death closes the control channel, and its EOF stops the worker gracefully (`_read`);
+    what the worker may need first is to run at all.  A worker stopped (SIGSTOP, Ctrl-Z in a debugger)
+    when its owner was SIGKILLed (the OOM killer) held a SIGTERM it could not act on, and with it the
+    listening sockets, for ever: a new `lb run` on those addresses failed with 'address in use' until
+    someone found the stopped orphan.  Resumed, it reads the EOF and stops as a running worker does.
+    """
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGCONT, 0, 0, 0)
     # The owner may have died before prctl took effect: then we were re-parented already.  SIGTERM's
     # default action first: lb.startup_signals holds it while we start, and an orphan must not bind.
     if owner_pid > 0 and os.getppid() != owner_pid:

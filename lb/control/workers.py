@@ -21,8 +21,9 @@ running one configuration: the owner logs it naming the worker and counts it in
 `lb_config_reloads_total{result="failure"}`.
 
 A worker never outlives its owner: it stops when the control socket reaches
-EOF, and the kernel sends it SIGTERM if the owner dies however it dies
-(`PR_SET_PDEATHSIG`, set by `worker_channel.watch_owner`).  Every migration the owner starts
+EOF, and the kernel sends it SIGCONT if the owner dies however it dies, so that
+one stopped then runs to read that EOF (`PR_SET_PDEATHSIG`, set by
+`worker_channel.watch_owner`).  Every migration the owner starts
 reaches every worker, and so does its end: any later operator action on that
 backend (enable, another drain, disable) stops the workers' closes too.
 

@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +261,27 @@ async def test_sigkill_of_the_owner_takes_the_workers_with_it(tmp_path: Path) ->
             return not any(process_alive(pid) for pid in workers)
 
         await wait_until(gone, within=10 * UNIT, what="every worker gone after SIGKILL of the owner")
+
+
+async def test_a_stopped_worker_whose_owner_is_sigkilled_resumes_and_frees_the_listener(tmp_path: Path) -> None:
+    """A worker stopped (SIGSTOP, a debugger) when its owner is SIGKILLed (the OOM killer) held the SIGTERM
+    the kernel sent it, and with it the listening socket, for good: a new `lb run` on the address exited 2
+    ('address in use').  It is sent SIGCONT, and stops as a running worker does."""
+    with started_stack(tmp_path, gateways=1, overrides={"workers": 2}) as stack:
+        lb = stack.balancer
+        assert lb.proc is not None and lb.port is not None
+        first, second = await two_workers(lb)
+        os.kill(first, signal.SIGSTOP)
+        os.kill(lb.proc.pid, signal.SIGKILL)
+        try:
+            await wait_until(lambda: not process_alive(first) and not process_alive(second), within=10 * UNIT,
+                             what="the stopped worker gone after SIGKILL of its owner")
+        finally:
+            if process_alive(first):  # no orphan left by a failure
+                os.kill(first, signal.SIGKILL)
+        with socket.socket() as probe:  # as a new `lb run` probes it
+            probe.bind((HOST, lb.port))
+            probe.listen()
 
 
 async def hold(lb: Balancer, n: int) -> int:
