@@ -17,10 +17,11 @@ _STARTS = ("run", "worker")  # the commands that become a balancer process
 
 
 def main() -> int:
-    if sys.argv[1:2] and sys.argv[1] in _STARTS:
-        startup_signals.hold(worker=sys.argv[1] == "worker")
-        _standard_descriptors()
     try:
+        if sys.argv[1:2] and sys.argv[1] in _STARTS:
+            # Inside the try: hold() unblocks SIGINT, and one a parent's mask kept pending comes then.
+            startup_signals.hold(worker=sys.argv[1] == "worker")
+            _standard_descriptors()
         from lb.cli import EXIT_INTERRUPTED
         from lb.cli import main as command_line
 

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.harness import UNIT
 from tests.harness.ops import catches, worker_pids
-from tests.harness.processes import Balancer, DeadBackend, lb_config, poll_while_running
+from tests.harness.processes import Balancer, DeadBackend, child_env, lb_config, poll_while_running
 
 
 @contextlib.contextmanager
@@ -204,3 +205,25 @@ def test_sigchld_ignored_by_the_parent_still_tells_how_each_worker_ended(tmp_pat
     log = lb.log_text()
     assert f"(pid {first}) exited with -9" in log, lb.logs_tail()
     assert "Unknown child process" not in log and "while stopping" not in log, lb.logs_tail()
+
+
+# The same parent with a Ctrl-C of its own still pending in that mask when it starts `lb run`.
+_PENDING_SIGINT_EXEC = """
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+os.kill(os.getpid(), signal.SIGINT)
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+def test_a_sigint_pending_in_the_inherited_mask_stops_the_start_without_a_traceback(tmp_path: Path) -> None:
+    """Unblocked at the start, a SIGINT the parent's mask held is a Ctrl-C while `lb run` loads: it ends by
+    SIGINT, as any other then does, without a KeyboardInterrupt traceback."""
+    import subprocess
+
+    lb = Balancer(lb_config(pools={"gateways": [DeadBackend("dead-1")]}), tmp_path)
+    lb.config_path.write_text(yaml.safe_dump(lb.config))
+    done = subprocess.run([sys.executable, "-c", _PENDING_SIGINT_EXEC, *lb.command()[1:]], capture_output=True,
+                          text=True, timeout=30, env=child_env(), cwd=lb.cwd)
+    assert done.returncode == -signal.SIGINT, done
+    assert "Traceback" not in done.stderr, done.stderr
