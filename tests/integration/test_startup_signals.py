@@ -77,10 +77,11 @@ class Interrupt:  # Ctrl-C landing while `lb.cli` (and all it imports) is still 
         if name == "lb.cli":
             raise KeyboardInterrupt
 
+import lb  # first: with LB_PURE_PYTHON=1 it puts its own finder at the head of sys.meta_path
 sys.meta_path.insert(0, Interrupt())
 sys.argv = ["lb", "run", "--config", "unread.yaml"]
 from lb.__main__ import main
-main()
+raise SystemExit(main())
 """
 
 
