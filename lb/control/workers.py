@@ -270,6 +270,14 @@ class WorkerSupervisor:
                 os.close(stderr)
             restore_after_spawn()
         reader, writer = await asyncio.open_connection(sock=ours)
+        if self._stopping:
+            # The stop began while this worker (a restart's) was being started: it has signalled and is
+            # waiting for the workers it knew, not this one, which would start, listen and outlive its owner.
+            writer.close()  # its channel's EOF stops it too, if it already holds SIGTERM
+            with contextlib.suppress(ProcessLookupError):  # it has ended already
+                process.send_signal(signal.SIGTERM)
+            await process.wait()
+            return
         loop = asyncio.get_running_loop()
         worker = _Worker(index, process, writer, loop.create_future(), started_at=loop.time(),
                          restart_delay=restart_delay, heard_at=loop.time(), since=self._report_seq)

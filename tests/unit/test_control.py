@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -836,3 +837,34 @@ def test_state_changes_of_one_turn_reach_each_worker_as_one_push_before_what_fol
     assert [m["op"] for m in messages] == ["states", "states", "stop_migration", "states"]
     assert [m["pools"]["p"]["a"]["reason"] for m in messages[:2]] == ["third", "fourth"]
     assert messages[3]["pools"]["p"]["a"]["reason"] == "fifth"
+
+
+def test_a_worker_started_as_the_stop_begins_is_stopped_not_left_to_outlive_it() -> None:
+    """A restart's `_spawn` awaits the process and its control socket before the worker is registered; a
+    stop that began in between signalled and waited for the workers it knew, without this one, which then
+    started, listened and outlived its owner.  It is stopped instead, and never registered nor fed."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    signals: list[int] = []
+    supervisor = workers_module.WorkerSupervisor(
+        SimpleNamespace(ctx=_ctx(), retired_backends=list, retired_counted=list, series=SeriesRetention(),
+                        discovery=None, config=SimpleNamespace(pools={})), 1,  # type: ignore[arg-type]
+        config_path=mock.sentinel.path, config_source=ConfigSource(""),
+    )
+
+    async def exec_as_the_stop_begins(*args: Any, **kwargs: Any) -> Any:
+        supervisor._stopping = True  # stop() ran while the process was being started
+
+        async def wait() -> int:
+            return -signal.SIGTERM if signals else 0
+
+        return SimpleNamespace(pid=4243, returncode=None, send_signal=signals.append, wait=wait)
+
+    async def scenario() -> None:
+        with mock.patch.object(workers_module.asyncio, "create_subprocess_exec", exec_as_the_stop_begins):
+            await supervisor._spawn(0)
+        assert signals == [signal.SIGTERM]
+        assert supervisor._workers == {}, "registered: nothing would wait for it or stop it"
+
+    asyncio.run(scenario())
