@@ -17,6 +17,8 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from lb.control import signal_mask
+
 T = TypeVar("T")
 
 
@@ -38,7 +40,8 @@ async def in_daemon_thread(func: Callable[[], T], name: str) -> T:
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
             loop.call_soon_threadsafe(outcome)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    with signal_mask.held():  # inherited: a stop's last moment must not meet a signal here
+        threading.Thread(target=run, name=name, daemon=True).start()
     return await done
 
 
