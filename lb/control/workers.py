@@ -101,7 +101,8 @@ class OwnerBalancer(Protocol):
 
 
 WORKER_READY = 15.0  # seconds a new worker may take to bind its listeners (the owner's discovered sets,
-# sent right after its config, included: lb.control.discovery.FIRST_LOOKUPS_WAIT, 5 s at most)
+# sent right after its config, included: lb.control.discovery.FIRST_LOOKUPS_WAIT, 5 s at most); a first
+# one that takes longer fails the start, a restarted one is killed and started again
 RESTART_DELAY = 0.5  # seconds before a dead worker is replaced (no tight crash loop)
 MAX_RESTART_DELAY = 10.0  # a worker that keeps dying young waits twice as long each time, up to this
 STABLE_AFTER = 5.0  # a worker that lived this long resets the delay
@@ -166,6 +167,7 @@ class _Worker:
     started_at: float = 0.0
     restart_delay: float = RESTART_DELAY
     heard_at: float = 0.0  # event loop time of its last message
+    ready_by: float = 0.0  # event loop time by which it must be ready, or be killed (`_kill_unresponsive`)
     killed: bool = False  # by the owner (`_write`, `_kill_unresponsive`): once, and it serves no more
     sets_dropped: bool = False  # a `discovered` set was not sent (`_write`): every set goes before its next states
     listeners: tuple[tuple[str, int], ...] = ()  # where it listens, as its last report said
@@ -280,7 +282,8 @@ class WorkerSupervisor:
             return
         loop = asyncio.get_running_loop()
         worker = _Worker(index, process, writer, loop.create_future(), started_at=loop.time(),
-                         restart_delay=restart_delay, heard_at=loop.time(), since=self._report_seq)
+                         restart_delay=restart_delay, heard_at=loop.time(), ready_by=loop.time() + WORKER_READY,
+                         since=self._report_seq)
         self._workers[index] = worker
         worker.tasks = (loop.create_task(self._read(worker, reader)), loop.create_task(self._watch(worker)))
         # First, before any other message: the config the worker runs (`receive_config`), the owner's
@@ -456,7 +459,8 @@ class WorkerSupervisor:
             self._kill_unresponsive()
 
     def _kill_unresponsive(self) -> None:
-        """Kill a ready worker silent for UNRESPONSIVE_AFTER (one a check); its watcher restarts it.
+        """Kill a ready worker silent for UNRESPONSIVE_AFTER, or a restarted one not ready WORKER_READY
+        after it started (one a check); its watcher restarts it.
 
         If this look comes late, the owner itself was stopped or blocked (Ctrl-Z, a frozen cgroup, a
         paused VM): its workers' messages are still unread, and their silence is the owner's.  The
@@ -468,16 +472,27 @@ class WorkerSupervisor:
         if late or self._stopping:
             for worker in self._workers.values():
                 worker.heard_at = now
+                worker.ready_by = max(worker.ready_by, now + WORKER_READY)
             return
         for worker in self._workers.values():
-            silent = now - worker.heard_at
-            if worker.ready.done() and worker.process.returncode is None and silent > UNRESPONSIVE_AFTER:
+            if worker.killed or worker.process.returncode is not None:
+                continue  # its watcher has it
+            if worker.ready.done():
+                silent = now - worker.heard_at
+                if silent <= UNRESPONSIVE_AFTER:
+                    continue
                 log.error("%s has sent nothing for %.0fs (stopped, or its event loop is stuck); killing it",
                           worker.name, silent)
-                worker.process.kill()
-                worker.killed = True
-                worker.heard_at = now  # once: its watcher takes over
-                return
+            elif now > worker.ready_by:
+                # The first workers' bound is start()'s; a restart's was none, and one stopped or stuck
+                # before it listened held its share of the instance's workers for good.
+                log.error("%s has not started listening in %gs (stopped, or stuck starting); killing it",
+                          worker.name, WORKER_READY)
+            else:
+                continue
+            worker.process.kill()
+            worker.killed = True
+            return
 
     def _send(self, worker: _Worker, message: dict[str, Any]) -> None:
         frame = encode_or_report(message, self._too_large)

@@ -186,8 +186,11 @@ UNRESPONSIVE_AFTER = 10.0  # the product's bound on a worker that sends its owne
 
 async def test_a_stopped_worker_is_killed_and_replaced(ops: OpsStack) -> None:
     """A worker that stops answering (SIGSTOP here; a stuck event loop alike) takes its share of new
-    clients and serves none: the owner notices its silence, kills it and starts another."""
+    clients and serves none: the owner notices its silence, kills it and starts another.  Both serve first:
+    one paused while it still starts (an earlier test's kills restart both) is judged by another bound
+    (test_workers_control's test_a_restarted_worker_stuck_before_it_listens_is_killed_and_replaced)."""
     before = await two_workers(ops.balancer)
+    await wait_until(lambda: _serving(ops.balancer) == 2, within=10 * UNIT, what="both workers serving")
     mark = ops.balancer.log_lines()
     with paused(before[0]):
         after = await wait_until(

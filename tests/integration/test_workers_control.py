@@ -23,6 +23,7 @@ import pytest
 from tests.harness import COOKIE, HOST, UNIT
 from tests.harness.clients import assert_echo, recv_hello, status, visit, ws_connect
 from tests.harness.ops import (
+    catches,
     metric,
     metrics_text,
     process_alive,
@@ -361,30 +362,84 @@ async def test_a_worker_killed_while_stopping_is_logged(launcher: Launcher, gate
     )
 
 
-def spawned_by(lb: Balancer, known: set[int]) -> None:
-    """Return as soon as the owner has a worker not in `known` (ps, polled without yielding: a worker just
-    spawned is some 30 ms from holding its signals)."""
-    assert lb.proc is not None
-    deadline = time.monotonic() + 5 * UNIT
-    while not set(worker_pids(lb.proc.pid)) - known:
-        assert time.monotonic() < deadline, lb.logs_tail()
-        time.sleep(0.001)
-
-
 async def test_a_worker_restarted_as_the_stop_begins_is_not_said_to_have_cut_tunnels(
     launcher: Launcher, gateways: list[Gateway]
 ) -> None:
     """A worker restarted just before a SIGTERM gets the owner's SIGTERM while its interpreter starts,
     before it can hold it, and ends by it; it had not listened, so it had no tunnel to cut, and the log
-    does not say it had (a WARNING `its tunnels were cut`, an operator's false alarm)."""
+    does not say it had (a WARNING `its tunnels were cut`, an operator's false alarm).  The replacement is
+    stopped (SIGSTOP) before it holds SIGTERM, so that the owner's SIGTERM finds it there for certain (and
+    ends it at once: the kernel does not wait for a stopped process to go on to end it by a default action)."""
     lb = start(launcher, {POOL: gateways})
     lb.wait_states({(POOL, g.id): "up" for g in gateways})
-    assert lb.proc is not None
-    first, second = await two_workers(lb)
-    os.kill(first, signal.SIGKILL)
-    spawned_by(lb, {first, second})
-    signal_balancer(lb, signal.SIGTERM)
-    assert await wait_exit(lb, 10 * UNIT) == 0
+    young = await _replacement_stopped_as_it_starts(lb, before_it_holds=signal.SIGTERM)
+    try:
+        signal_balancer(lb, signal.SIGTERM)
+        assert await wait_exit(lb, 10 * UNIT) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(young, signal.SIGCONT)
+    assert not process_alive(young)
+    # Said at INFO ("before it listened: it had no client"), or not at all if the stop began before the
+    # owner had it among its workers (a restart's _spawn stops it then, without a word).
     stopping = [line for line in lb.log_text().splitlines() if "while stopping" in line]
-    assert stopping, f"the replacement came up before the stop's SIGTERM: nothing tried\n{lb.logs_tail()}"
     assert all("tunnels were cut" not in line for line in stopping), stopping
+
+
+async def test_a_restarted_worker_stuck_before_it_listens_is_killed_and_replaced(
+    launcher: Launcher, gateways: list[Gateway]
+) -> None:
+    """A restart's worker stopped as it starts (SIGSTOP here; a hung mount or a starved cgroup alike)
+    never listened, so the watchdog, which judges ready workers, never judged it: the instance ran a
+    worker short for good.  Past WORKER_READY the owner kills it and starts another, which serves."""
+    lb = start(launcher, {POOL: gateways})
+    lb.wait_states({(POOL, g.id): "up" for g in gateways})
+    stuck = await _replacement_stopped_as_it_starts(lb)
+    assert lb.proc is not None
+    owner = lb.proc.pid
+    mark = lb.log_lines()
+    try:
+        await wait_until(lambda: len(pids := worker_pids(owner)) == 2 and stuck not in pids,
+                         within=WORKER_READY + 10 * UNIT, what="the stuck worker replaced")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGCONT)
+    await wait_until(lambda: _serving(lb, 2), within=10 * UNIT, what="both workers serving")
+    logged = "\n".join(lb.log_text().splitlines()[mark:])
+    assert f"(pid {stuck}) has not started listening in {WORKER_READY:g}s" in logged, logged[-2000:]
+
+
+WORKER_READY = 15.0  # the product's bound on a new worker's start (lb.control.workers)
+
+
+async def _serving(lb: Balancer, count: int) -> bool:
+    return int((await status(lb))["workers"]["serving"]) == count
+
+
+async def _replacement_stopped_as_it_starts(lb: Balancer, *, before_it_holds: int | None = None) -> int:
+    """Kill a worker and stop (SIGSTOP) its replacement as soon as it is there; its PID.
+
+    With `before_it_holds`, one that already holds that signal (lb.startup_signals, some 30 ms into its
+    start) is let go, left to serve and the kill tried again, so that the one returned does not."""
+    assert lb.proc is not None
+    for _ in range(10):
+        await wait_until(lambda: _serving(lb, 2), within=10 * UNIT, what="both workers serving")
+        known = set(await two_workers(lb))
+        os.kill(min(known), signal.SIGKILL)
+        young = spawned_by(lb, known)
+        os.kill(young, signal.SIGSTOP)
+        if before_it_holds is None or not catches(young, before_it_holds):
+            return young
+        os.kill(young, signal.SIGCONT)
+    raise AssertionError(f"every replacement held signal {before_it_holds} before it could be stopped")
+
+
+def spawned_by(lb: Balancer, known: set[int]) -> int:
+    """The owner's worker not in `known`, as soon as it is there (ps, polled without yielding: a worker just
+    spawned is some 30 ms from holding its signals)."""
+    assert lb.proc is not None
+    deadline = time.monotonic() + 5 * UNIT
+    while not (new := set(worker_pids(lb.proc.pid)) - known):
+        assert time.monotonic() < deadline, lb.logs_tail()
+        time.sleep(0.001)
+    return new.pop()

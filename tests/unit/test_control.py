@@ -693,12 +693,14 @@ def test_the_silence_bound_is_several_reports_and_well_inside_the_watchdog() -> 
 
 
 def _fake_worker(*, ready: bool = True, returncode: int | None = None, heard_at: float = 0.0,
-                 killed: bool = False) -> Any:
+                 killed: bool = False, ready_by: float = 0.0, pid: int = 1, kills: list[int] | None = None) -> Any:
+    """A worker as the supervisor holds it; its kill is noted in `kills` (by pid)."""
     from types import SimpleNamespace
 
-    process = SimpleNamespace(pid=1, returncode=returncode)
+    noted = kills if kills is not None else []
+    process = SimpleNamespace(pid=pid, returncode=returncode, kill=lambda: noted.append(pid))
     return workers_module._Worker(0, process, None, SimpleNamespace(done=lambda: ready),  # type: ignore[arg-type]
-                                  heard_at=heard_at, killed=killed)
+                                  heard_at=heard_at, killed=killed, ready_by=ready_by)
 
 
 def _supervisor(checked_at: float, *fakes: Any) -> workers_module.WorkerSupervisor:
@@ -733,6 +735,34 @@ def test_an_owner_that_was_paused_does_not_blame_its_workers_for_its_own_silence
     late = _supervisor(now - workers_module.OWNER_LATE - 0.1, _fake_worker(heard_at=stale),
                        _fake_worker(heard_at=stale, returncode=1))
     assert late.serving_workers(now) == 1
+
+
+def test_a_restarted_worker_not_ready_in_time_is_killed_and_started_again(caplog: pytest.LogCaptureFixture) -> None:
+    """Only the first workers' start was bounded (start() fails past WORKER_READY): a restart's worker
+    stopped or stuck before it listened (a SIGSTOP as it started, a hung mount) held its share of the
+    instance for good, not ready, so never judged silent.  Past its bound it is killed, once, as a silent
+    ready worker is; one still within its bound, and one the owner could not watch, are spared."""
+
+    async def scenario() -> None:
+        now = asyncio.get_running_loop().time()
+        kills: list[int] = []
+        starting = _fake_worker(ready=False, heard_at=now, ready_by=now + 1.0, pid=10, kills=kills)
+        stuck = _fake_worker(ready=False, heard_at=now, ready_by=now - 0.1, pid=11, kills=kills)
+        supervisor = _supervisor(now, starting, stuck)
+        supervisor._stopping = False
+        with caplog.at_level(logging.ERROR, logger="lb.control.workers"):
+            supervisor._kill_unresponsive()
+            supervisor._kill_unresponsive()
+        assert kills == [11] and stuck.killed and not starting.killed
+        assert f"worker 0 (pid 11) has not started listening in {workers_module.WORKER_READY:g}s" in caplog.text
+        # The owner's own look came late (it was paused): the start's clock is its own, as the silence is.
+        overdue = _fake_worker(ready=False, heard_at=now, ready_by=now - 0.1, pid=12, kills=kills)
+        paused_owner = _supervisor(now - workers_module.OWNER_LATE - 0.1, overdue)
+        paused_owner._stopping = False
+        paused_owner._kill_unresponsive()
+        assert kills == [11] and overdue.ready_by >= now + workers_module.WORKER_READY
+
+    asyncio.run(scenario())
 
 
 def test_a_config_message_carries_the_whole_source_and_back() -> None:
