@@ -57,9 +57,7 @@ async def serve(
     gc.collect()
     gc.freeze()
     loop = asyncio.get_running_loop()
-    # Its threads (asyncio's getaddrinfo, for a backend or a health check named by host) never take a
-    # signal, as the balancer's own do not (lb.control.signal_mask).
-    loop.set_default_executor(ThreadPoolExecutor(initializer=signal_mask.refuse_in_this_thread))
+    await _start_thread_pools_refusing_signals(loop)
     # SIGTERM handlers before start(): one that arrives while we bind must stop us once we are up,
     # not be lost (as PID 1 in a container, a signal without a handler is dropped by the kernel).
     # A SIGHUP then is held by lb.startup_signals (since the first line of `lb run`) and applied below;
@@ -93,6 +91,19 @@ async def serve(
         return await _serve_started(balancer, role, stop_requested)
     finally:
         _ignore_signals_from_now_on(loop)
+
+
+async def _start_thread_pools_refusing_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """The event loop's thread pools never take a signal the balancer handles (lb.control.signal_mask).
+
+    uvloop's is libuv's: four threads, all started by its first lookup (binding a listener makes one,
+    even of an address) with the mask of the thread that made it, and they took signals for the life of
+    the process; that first lookup is made here, under `held()`.  asyncio's default executor starts a
+    thread as work comes (a backend or a health check named by host): each refuses them first.
+    """
+    loop.set_default_executor(ThreadPoolExecutor(initializer=signal_mask.refuse_in_this_thread))
+    with signal_mask.held():
+        await loop.getaddrinfo("127.0.0.1", 0)
 
 
 async def _serve_started(balancer: Balancer, role: Role, stop_requested: asyncio.Event) -> int:

@@ -4,8 +4,8 @@ A signal sent to the process goes to any one of its threads that does not block 
 is a handler, which one does not matter: the handler only notes it, and the event loop wakes and acts on
 the main thread.  It matters in a moment when the action is the default one, which ends the process:
 letting go of the event loop's handlers at the end of a stop (see `lb.control.process`).  Held back
-there on the main thread, and for good on the threads the balancer starts, a signal waits for the
-action that follows instead of meeting the default.
+there on the main thread, and for good on every other thread (the balancer's own and its event loop's
+pools), a signal waits for the action that follows instead of meeting the default.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def held() -> Iterator[None]:
     """The handled signals wait (pending, on this thread) until the block ends, then arrive.
 
     A thread started meanwhile inherits the mask: it never takes them.  One whose action turned to
-    ignore meanwhile is discarded, as POSIX says of a pending signal.
+    ignore meanwhile is discarded, as POSIX says of a pending signal.  The end puts back the mask the
+    start found, so two blocks that interleave across awaits would leave these blocked for good: one
+    spans an await only where nothing else runs yet (`serve`'s start).
     """
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     try:

@@ -11,17 +11,29 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import signal
 import struct
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.harness import HOST, UNIT
 from tests.harness.clients import assert_echo, http_get_async, recv_hello, visit, ws_connect
-from tests.harness.ops import launched, signal_balancer, wait_close, wait_exit, wait_for_log, wait_until
+from tests.harness.ops import (
+    catches,
+    launched,
+    signal_balancer,
+    wait_close,
+    wait_exit,
+    wait_for_log,
+    wait_until,
+    worker_pids,
+)
 from tests.harness.processes import Balancer, Gateway, lb_config
 from tests.harness.raw import OP_CLOSE, OP_TEXT, RawWs, close_raw, open_raw, read_response, upgrade_request
 
@@ -340,3 +352,36 @@ async def test_signals_until_the_very_exit_leave_the_exit_code_0(brief: Balancer
         await asyncio.sleep(0.002)
     assert await wait_exit(brief, 5 * UNIT) == 0, (sent, brief.logs_tail())
     assert "Traceback" not in brief.log_text(), brief.logs_tail()
+
+
+# What lb.control.signal_mask.HANDLED names: their default actions end the process.
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+async def test_no_thread_but_the_main_one_takes_a_signal(brief: Balancer) -> None:
+    """The kernel hands a signal to any thread that does not block it, and as a stop ends each one's
+    action is the default for a moment, while the main thread holds them back: libuv's four threads,
+    started by the first listener's lookup, took them, and a SIGTERM then ended a clean stop with 143."""
+    assert brief.proc is not None
+    owner = brief.proc.pid
+    processes = [owner, *worker_pids(owner)]  # its workers are all up once its gateways are (the fixture)
+    if len(processes) > 1 and os.environ.get("LB_TEST_EVENT_LOOP") == "asyncio" and sys.version_info < (3, 12):
+        pytest.skip("Python 3.11's asyncio watches each worker from a thread of its own (ThreadedChildWatcher), "
+                    "which takes signals; it ends with its worker, before a stop's last moment")
+    await wait_until(lambda: all(catches(pid, signal.SIGUSR2) for pid in processes), within=10 * UNIT,
+                     what="every process serving")
+    wanted = sum(1 << (signum - 1) for signum in HANDLED)
+    for pid in processes:
+        threads = {int(task.name): _blocked(task) for task in _threads(pid)}
+        assert len(threads) > 1, f"no thread but the main one in {pid}: nothing tried"
+        taking = {tid: hex(mask) for tid, mask in threads.items() if tid != pid and mask & wanted != wanted}
+        assert not taking, (pid, taking)
+
+
+def _threads(pid: int) -> list[Path]:
+    return list(Path(f"/proc/{pid}/task").iterdir())
+
+
+def _blocked(task: Path) -> int:
+    text = (task / "status").read_text()
+    return int(next(line.split()[1] for line in text.splitlines() if line.startswith("SigBlk:")), 16)

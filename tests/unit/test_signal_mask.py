@@ -14,7 +14,8 @@ from lb.control import signal_mask
 from lb.control.daemon_thread import in_daemon_thread
 
 # A loop whose removal of each handler is followed at once by that very signal: the moment the loop has
-# put the default action back and the balancer has not yet ignored it, made certain instead of rare.
+# put the default action back and the balancer has not yet ignored it, made certain instead of rare;
+# after serve()'s start of the loop's thread pools, and a lookup that uses them.
 _SIGNAL_IN_THE_GAP = textwrap.dedent("""
     import asyncio, os, sys
     from lb.control import process, signal_mask
@@ -33,6 +34,10 @@ _SIGNAL_IN_THE_GAP = textwrap.dedent("""
 
     async def serve_and_stop():
         loop = asyncio.get_running_loop()
+        await process._start_thread_pools_refusing_signals(loop)
+        # Threads of the loop's pools, as binding a listener and a backend named by host start them: the
+        # kernel would hand the signal blocked on the main thread to one of them.
+        await loop.getaddrinfo("localhost", 80)
         for signum in signal_mask.HANDLED:
             loop.add_signal_handler(signum, print, "handled")
         process._ignore_signals_from_now_on(loop)
