@@ -105,7 +105,7 @@ WORKER_READY = 15.0  # seconds a new worker may take to bind its listeners (the 
 # one that takes longer fails the start, a restarted one is killed and started again
 RESTART_DELAY = 0.5  # seconds before a dead worker is replaced (no tight crash loop)
 MAX_RESTART_DELAY = 10.0  # a worker that keeps dying young waits twice as long each time, up to this
-STABLE_AFTER = 5.0  # a worker that lived this long resets the delay
+STABLE_AFTER = 5.0  # a worker that listened and lived this long resets the delay
 STATES_EVERY = 1.0  # seconds between full state pushes (covers anything a worker missed)
 STATS_EVERY = 1.0
 # A ready worker from which the owner has read nothing for this long (ten of its stats reports) is
@@ -188,6 +188,17 @@ class _Worker:
         silent = now - self.heard_at if judge_silence else 0.0
         exited = self.killed or self.process.returncode is not None
         return worker_serves(ready=self.ready.done(), exited=exited, silent=silent)
+
+
+def restart_delay(*, lived: float, served: bool, own: float) -> float:
+    """Seconds before a dead worker is replaced: RESTART_DELAY after one that listened and lived
+    STABLE_AFTER, else its `own` delay (twice its predecessor's, up to MAX_RESTART_DELAY: no tight crash
+    loop).
+
+    Listened, not only lived: one killed for never listening (`_kill_unresponsive`) lived 15 s, and a
+    start that keeps sticking would be retried every 16 s for ever, an ERROR and a WARNING each time.
+    """
+    return RESTART_DELAY if served and lived >= STABLE_AFTER else own
 
 
 def worker_serves(*, ready: bool, exited: bool, silent: float) -> bool:
@@ -422,7 +433,7 @@ class WorkerSupervisor:
                              worker.name, code)
             return
         lived = asyncio.get_running_loop().time() - worker.started_at
-        delay = RESTART_DELAY if lived >= STABLE_AFTER else worker.restart_delay
+        delay = restart_delay(lived=lived, served=worker.ready.done(), own=worker.restart_delay)
         log.warning("%s exited with %s after %.1fs; restarting it in %gs", worker.name, code, lived, delay)
         self.restarts += 1  # lb_worker_restarts_total
         await asyncio.sleep(delay)

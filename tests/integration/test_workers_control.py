@@ -410,6 +410,7 @@ async def test_a_restarted_worker_stuck_before_it_listens_is_killed_and_replaced
 
 
 WORKER_READY = 15.0  # the product's bound on a new worker's start (lb.control.workers)
+MAX_RESTART_DELAY = 10.0  # and its longest wait before it replaces a worker that keeps dying young
 
 
 async def _serving(lb: Balancer, count: int) -> bool:
@@ -422,15 +423,18 @@ async def _replacement_stopped_as_it_starts(lb: Balancer, *, before_it_holds: in
     With `before_it_holds`, one that already holds that signal (lb.startup_signals, some 30 ms into its
     start) is let go, left to serve and the kill tried again, so that the one returned does not."""
     assert lb.proc is not None
-    for _ in range(10):
+    let_go: list[int] = []
+    for _ in range(6):
         await wait_until(lambda: _serving(lb, 2), within=10 * UNIT, what="both workers serving")
         known = set(await two_workers(lb))
-        os.kill(min(known), signal.SIGKILL)
+        # The one that has lived longest: a worker that died young is replaced later each time.
+        os.kill(min(known, key=lambda pid: let_go.index(pid) if pid in let_go else -1), signal.SIGKILL)
         young = spawned_by(lb, known)
         os.kill(young, signal.SIGSTOP)
         if before_it_holds is None or not catches(young, before_it_holds):
             return young
         os.kill(young, signal.SIGCONT)
+        let_go.append(young)
     raise AssertionError(f"every replacement held signal {before_it_holds} before it could be stopped")
 
 
@@ -438,7 +442,7 @@ def spawned_by(lb: Balancer, known: set[int]) -> int:
     """The owner's worker not in `known`, as soon as it is there (ps, polled without yielding: a worker just
     spawned is some 30 ms from holding its signals)."""
     assert lb.proc is not None
-    deadline = time.monotonic() + 5 * UNIT
+    deadline = time.monotonic() + MAX_RESTART_DELAY + 5 * UNIT
     while not (new := set(worker_pids(lb.proc.pid)) - known):
         assert time.monotonic() < deadline, lb.logs_tail()
         time.sleep(0.001)

@@ -737,7 +737,7 @@ def test_an_owner_that_was_paused_does_not_blame_its_workers_for_its_own_silence
     assert late.serving_workers(now) == 1
 
 
-def test_a_restarted_worker_not_ready_in_time_is_killed_and_started_again(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_restarted_worker_not_ready_in_time_is_killed(caplog: pytest.LogCaptureFixture) -> None:
     """Only the first workers' start was bounded (start() fails past WORKER_READY): a restart's worker
     stopped or stuck before it listened (a SIGSTOP as it started, a hung mount) held its share of the
     instance for good, not ready, so never judged silent.  Past its bound it is killed, once, as a silent
@@ -763,6 +763,19 @@ def test_a_restarted_worker_not_ready_in_time_is_killed_and_started_again(caplog
         assert kills == [11] and overdue.ready_by >= now + workers_module.WORKER_READY
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("lived", "served", "own", "delay"),
+    [(60.0, True, 8.0, workers_module.RESTART_DELAY), (1.0, True, 4.0, 4.0), (16.0, False, 2.0, 2.0),
+     (workers_module.STABLE_AFTER, True, 1.0, workers_module.RESTART_DELAY)],
+    ids=["served long", "died young", "never listened", "at the bound"],
+)
+def test_a_dead_worker_waits_its_own_delay_unless_it_served_a_while(
+    lived: float, served: bool, own: float, delay: float
+) -> None:
+    """A worker killed for never listening lived 15 s but never served: its start keeps its growing delay."""
+    assert workers_module.restart_delay(lived=lived, served=served, own=own) == delay
 
 
 def test_a_config_message_carries_the_whole_source_and_back() -> None:
