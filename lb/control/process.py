@@ -15,6 +15,7 @@ logging and pick the event loop (uvloop when installed and `runtime.event_loop` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -102,7 +103,8 @@ async def _start_thread_pools_refusing_signals(loop: asyncio.AbstractEventLoop) 
     thread as work comes (a backend or a health check named by host): each refuses them first.
     """
     loop.set_default_executor(ThreadPoolExecutor(initializer=signal_mask.refuse_in_this_thread))
-    with signal_mask.held():
+    # Its answer does not matter, only the threads it starts: a resolver that fails it must not fail a start.
+    with signal_mask.held(), contextlib.suppress(OSError):
         await loop.getaddrinfo("127.0.0.1", 0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -83,3 +84,23 @@ def test_held_signals_arrive_when_the_block_ends() -> None:
         assert arrived == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+async def test_a_resolver_that_fails_the_first_lookup_fails_no_start() -> None:
+    """serve()'s first lookup is made for the threads it starts, not for its answer."""
+    from lb.control import process
+
+    class FailingResolver:
+        executor: ThreadPoolExecutor | None = None
+
+        def set_default_executor(self, executor: ThreadPoolExecutor) -> None:
+            self.executor = executor
+
+        async def getaddrinfo(self, *args: object) -> None:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    loop = FailingResolver()
+    await process._start_thread_pools_refusing_signals(loop)  # type: ignore[arg-type]
+    assert loop.executor is not None
+    loop.executor.shutdown()
+    assert not _blocked_here() & set(signal_mask.HANDLED), "the main thread takes them again"
