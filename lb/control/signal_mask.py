@@ -16,8 +16,9 @@ from collections.abc import Iterator
 
 from lb import startup_signals
 
-# Every signal `lb.control.process.serve` handles on the loop: their default actions end the process.
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, *startup_signals.UNUSED)
+# Every signal `lb.control.process.serve` handles on the loop, those lb.startup_signals holds until then
+# (SIGINT too: a worker's): their default actions end the process.
+HANDLED = (*startup_signals.HELD, signal.SIGINT, *startup_signals.UNUSED)
 
 
 @contextlib.contextmanager
