@@ -38,7 +38,7 @@ import pytest
 import yaml
 
 from tests.harness import COOKIE, UNIT
-from tests.harness.clients import Visit, client_session, http_get_async, visit
+from tests.harness.clients import Visit, client_session, http_get_async, status, visit
 from tests.harness.processes import Balancer, Gateway, Launcher, deep_merge, lb_config
 from tests.harness.tcp import ThreadedServer
 
@@ -208,15 +208,31 @@ async def two_workers(lb: Balancer) -> list[int]:
     return found
 
 
+async def both_serving(lb: Balancer) -> list[int]:
+    """The two workers' PIDs, once the owner counts both as serving (a replacement may still be starting)."""
+
+    async def counted() -> bool:
+        return (await status(lb)).get("workers") == {"count": 2, "serving": 2}
+
+    await wait_until(counted, within=10 * UNIT, every=0.1, what="both workers serving")
+    return await two_workers(lb)
+
+
 def catches(pid: int, signum: int) -> bool:
     """Whether process `pid` has a handler for `signum` (`SigCgt` in /proc): a worker still starting has
     SIGUSR1/2 ignored without a word (lb.startup_signals) until its event loop takes them over."""
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
+        caught = signal_set(Path(f"/proc/{pid}/status"), "SigCgt")
     except OSError:
         return False
-    caught = next((line.split()[1] for line in text.splitlines() if line.startswith("SigCgt:")), "0")
-    return bool(int(caught, 16) & (1 << (signum - 1)))
+    return bool(caught & (1 << (signum - 1)))
+
+
+def signal_set(status: Path, field: str) -> int:
+    """A signal mask of a process or thread (`SigCgt`, `SigBlk`...) from its /proc `status` file: bit
+    `signum - 1` is that signal.  Raises OSError once it is gone."""
+    text = status.read_text()
+    return int(next((line.split()[1] for line in text.splitlines() if line.startswith(f"{field}:")), "0"), 16)
 
 
 def process_alive(pid: int) -> bool:

@@ -26,6 +26,7 @@ from multidict import CIMultiDictProxy
 
 from backends_demo.app import make_app
 from backends_demo.client import ProofFailed, prove_stickiness
+from bench.procs import free_port
 from tests.harness.raw import encode_frame, upgrade_request, ws_key
 
 UNIT = 5.0  # seconds; every await below is bounded by a small multiple of it
@@ -277,9 +278,7 @@ async def gateway_process(server_id: str, port: int, *args: str) -> AsyncIterato
 
 async def test_gateway_process_closes_sockets_with_1001_and_exits_0_on_sigterm() -> None:
     """The gateway process serves /health; SIGTERM closes live WebSockets with 1001 and exits 0."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     async with (
         gateway_process("gw-9", port) as proc,
         asyncio.timeout(4 * UNIT),
@@ -354,9 +353,7 @@ async def test_sigterm_close_waits_for_the_clients_close_frame(spread: float, co
     was in receive(), and aiohttp closed the transport right after the frame: a client not reading at that
     moment saw 1006, not the code.  With a spread the closes fall one every spread/N, the last at the end,
     as the balancer's own shutdown spreads them (the first went at once)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     async with gateway_process("gw-s", port, "--close-spread", str(spread)) as proc:
         clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         try:

@@ -22,12 +22,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from lb.control.signal_mask import HANDLED
 from tests.harness import HOST, UNIT
 from tests.harness.clients import assert_echo, http_get_async, recv_hello, visit, ws_connect
 from tests.harness.ops import (
     catches,
     launched,
     signal_balancer,
+    signal_set,
     wait_close,
     wait_exit,
     wait_for_log,
@@ -354,10 +356,6 @@ async def test_signals_until_the_very_exit_leave_the_exit_code_0(brief: Balancer
     assert "Traceback" not in brief.log_text(), brief.logs_tail()
 
 
-# What lb.control.signal_mask.HANDLED names: their default actions end the process.
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-
-
 async def test_no_thread_but_the_main_one_takes_a_signal(brief: Balancer) -> None:
     """The kernel hands a signal to any thread that does not block it, and as a stop ends each one's
     action is the default for a moment, while the main thread holds them back: libuv's four threads,
@@ -372,7 +370,7 @@ async def test_no_thread_but_the_main_one_takes_a_signal(brief: Balancer) -> Non
                      what="every process serving")
     wanted = sum(1 << (signum - 1) for signum in HANDLED)
     for pid in processes:
-        threads = {int(task.name): _blocked(task) for task in _threads(pid)}
+        threads = {int(task.name): signal_set(task / "status", "SigBlk") for task in _threads(pid)}
         assert len(threads) > 1, f"no thread but the main one in {pid}: nothing tried"
         taking = {tid: hex(mask) for tid, mask in threads.items() if tid != pid and mask & wanted != wanted}
         assert not taking, (pid, taking)
@@ -381,7 +379,3 @@ async def test_no_thread_but_the_main_one_takes_a_signal(brief: Balancer) -> Non
 def _threads(pid: int) -> list[Path]:
     return list(Path(f"/proc/{pid}/task").iterdir())
 
-
-def _blocked(task: Path) -> int:
-    text = (task / "status").read_text()
-    return int(next(line.split()[1] for line in text.splitlines() if line.startswith("SigBlk:")), 16)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.harness import UNIT
+from tests.harness import BALANCER_READY, UNIT
 from tests.harness.ops import catches, worker_pids
 from tests.harness.processes import Balancer, DeadBackend, child_env, lb_config, poll_while_running
 
@@ -145,15 +145,14 @@ def test_signals_blocked_by_the_parent_still_reload_restart_and_stop(tmp_path: P
         lb.wait_ready()
         assert lb.proc is not None
         os.kill(lb.proc.pid, signal.SIGHUP)
-        wait_for_line(lb, "reloaded configuration")
+        _wait_for_line(lb, "reloaded configuration")
         if workers > 1:
-            first = min(worker_pids(lb.proc.pid))
+            owner = lb.proc.pid
+            first = min(worker_pids(owner))
             os.kill(first, signal.SIGKILL)
-            wait_for_line(lb, f"(pid {first}) exited with -9")
-            deadline = time.monotonic() + 5 * UNIT
-            while len(set(worker_pids(lb.proc.pid)) - {first}) < 2:  # its replacement, 0.5 s later
-                assert time.monotonic() < deadline, lb.logs_tail()
-                time.sleep(0.05)
+            _wait_for_line(lb, f"(pid {first}) exited with -9")
+            poll_while_running(lb.proc, lambda: len(set(worker_pids(owner)) - {first}) >= 2, within=BALANCER_READY,
+                               who="the owner", what="a replacement for the killed worker", tail=lb.logs_tail)
         lb.proc.send_signal(signal.SIGTERM)
         code = lb.proc.wait(timeout=10 * UNIT)
     finally:
@@ -161,12 +160,8 @@ def test_signals_blocked_by_the_parent_still_reload_restart_and_stop(tmp_path: P
     assert code == 0, lb.logs_tail()
 
 
-def wait_for_line(lb: Balancer, text: str) -> None:
-    deadline = time.monotonic() + 5 * UNIT
-    while text not in lb.log_text():
-        lb.assert_alive()
-        assert time.monotonic() < deadline, f"never logged {text!r}:\n{lb.logs_tail()}"
-        time.sleep(0.05)
+def _wait_for_line(lb: Balancer, text: str) -> None:
+    lb.wait_logged(lambda logged: text in logged, within=5 * UNIT, what=f"a line with {text!r}")
 
 
 # A parent that ignores SIGCHLD (a shell's `trap '' CHLD`, a daemon that reaps nothing) and then starts `lb run`.
@@ -195,11 +190,10 @@ def test_sigchld_ignored_by_the_parent_still_tells_how_each_worker_ended(tmp_pat
         assert lb.proc is not None
         first = min(worker_pids(lb.proc.pid))
         os.kill(first, signal.SIGKILL)
-        wait_for_line(lb, f"(pid {first}) exited with")
-        deadline = time.monotonic() + 5 * UNIT
-        while lb.log_text().count("lb.control.listening: listening on") < 3:  # its replacement listens
-            assert time.monotonic() < deadline, lb.logs_tail()
-            time.sleep(0.05)
+        _wait_for_line(lb, f"(pid {first}) exited with")
+        # Its replacement listens: a restart's delay and a whole start.
+        lb.wait_logged(lambda logged: logged.count("lb.control.listening: listening on") >= 3,
+                       within=BALANCER_READY, what="the replacement listening")
     finally:
         code = lb.stop()
     assert code == 0, lb.logs_tail()

@@ -25,6 +25,7 @@ from tests.harness import ROOT, UNIT
 from tests.harness.clients import assert_echo, recv_hello, visit, ws_connect
 from tests.harness.ops import (
     OpsStack,
+    both_serving,
     catches,
     metric,
     paused,
@@ -189,8 +190,7 @@ async def test_a_stopped_worker_is_killed_and_replaced(ops: OpsStack) -> None:
     clients and serves none: the owner notices its silence, kills it and starts another.  Both serve first:
     one paused while it still starts (an earlier test's kills restart both) is judged by another bound
     (test_workers_control's test_a_restarted_worker_stuck_before_it_listens_is_killed_and_replaced)."""
-    before = await two_workers(ops.balancer)
-    await wait_until(lambda: _serving(ops.balancer) == 2, within=10 * UNIT, what="both workers serving")
+    before = await both_serving(ops.balancer)
     mark = ops.balancer.log_lines()
     with paused(before[0]):
         after = await wait_until(

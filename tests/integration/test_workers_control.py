@@ -23,6 +23,7 @@ import pytest
 from tests.harness import COOKIE, HOST, UNIT
 from tests.harness.clients import assert_echo, recv_hello, status, visit, ws_connect
 from tests.harness.ops import (
+    both_serving,
     catches,
     metric,
     metrics_text,
@@ -404,17 +405,13 @@ async def test_a_restarted_worker_stuck_before_it_listens_is_killed_and_replaced
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(stuck, signal.SIGCONT)
-    await wait_until(lambda: _serving(lb, 2), within=10 * UNIT, what="both workers serving")
+    await both_serving(lb)
     logged = "\n".join(lb.log_text().splitlines()[mark:])
     assert f"(pid {stuck}) has not started listening in {WORKER_READY:g}s" in logged, logged[-2000:]
 
 
 WORKER_READY = 15.0  # the product's bound on a new worker's start (lb.control.workers)
 MAX_RESTART_DELAY = 10.0  # and its longest wait before it replaces a worker that keeps dying young
-
-
-async def _serving(lb: Balancer, count: int) -> bool:
-    return int((await status(lb))["workers"]["serving"]) == count
 
 
 async def _replacement_stopped_as_it_starts(lb: Balancer, *, before_it_holds: int | None = None) -> int:
@@ -425,8 +422,7 @@ async def _replacement_stopped_as_it_starts(lb: Balancer, *, before_it_holds: in
     assert lb.proc is not None
     let_go: list[int] = []
     for _ in range(6):
-        await wait_until(lambda: _serving(lb, 2), within=10 * UNIT, what="both workers serving")
-        known = set(await two_workers(lb))
+        known = set(await both_serving(lb))
         # The one that has lived longest: a worker that died young is replaced later each time.
         os.kill(min(known, key=lambda pid: let_go.index(pid) if pid in let_go else -1), signal.SIGKILL)
         young = spawned_by(lb, known)

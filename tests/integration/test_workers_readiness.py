@@ -20,7 +20,7 @@ import pytest
 
 from tests.harness import UNIT
 from tests.harness.clients import http_get_async
-from tests.harness.ops import OpsStack, paused, started_stack, two_workers, wait_until, worker_pids
+from tests.harness.ops import OpsStack, both_serving, paused, started_stack, wait_until, worker_pids
 from tests.harness.processes import Balancer
 
 # The product's bound (lb.control.workers.SERVING_SILENCE): a worker silent this long no longer serves.
@@ -37,16 +37,6 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpsStack]:
 async def admin(lb: Balancer, path: str) -> tuple[int, dict[str, object]]:
     code, _, body = await http_get_async(lb.admin_url(path))
     return code, dict(json.loads(body))
-
-
-async def both_serving(lb: Balancer) -> list[int]:
-    """The two workers' PIDs, once the owner counts both as serving (a replacement may still be starting)."""
-
-    async def counted() -> bool:
-        return (await admin(lb, "/status"))[1].get("workers") == {"count": 2, "serving": 2}
-
-    await wait_until(counted, within=10 * UNIT, every=0.1, what="both workers serving")
-    return await two_workers(lb)
 
 
 def owner_pid(lb: Balancer) -> int:

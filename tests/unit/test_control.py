@@ -537,9 +537,7 @@ def _supervising_one(
     process = SimpleNamespace(pid=4242, returncode=None, kill=lambda: killed.append(True))
     worker = SimpleNamespace(writer=writer, process=process, name="worker 0 (pid 4242)", killed=False,
                              sets_dropped=False)
-    supervisor = workers_module.WorkerSupervisor.__new__(workers_module.WorkerSupervisor)
-    supervisor._stopping = stopping
-    return supervisor, worker
+    return _supervisor(0.0, stopping=stopping), worker
 
 
 def test_a_worker_that_stops_reading_its_control_socket_is_killed_not_fed_less() -> None:
@@ -703,10 +701,11 @@ def _fake_worker(*, ready: bool = True, returncode: int | None = None, heard_at:
                                   heard_at=heard_at, killed=killed, ready_by=ready_by)
 
 
-def _supervisor(checked_at: float, *fakes: Any) -> workers_module.WorkerSupervisor:
+def _supervisor(checked_at: float, *fakes: Any, stopping: bool = False) -> workers_module.WorkerSupervisor:
     supervisor = workers_module.WorkerSupervisor.__new__(workers_module.WorkerSupervisor)
     supervisor._workers = dict(enumerate(fakes))
     supervisor._checked_at = checked_at
+    supervisor._stopping = stopping
     return supervisor
 
 
@@ -749,7 +748,6 @@ def test_a_restarted_worker_not_ready_in_time_is_killed(caplog: pytest.LogCaptur
         starting = _fake_worker(ready=False, heard_at=now, ready_by=now + 1.0, pid=10, kills=kills)
         stuck = _fake_worker(ready=False, heard_at=now, ready_by=now - 0.1, pid=11, kills=kills)
         supervisor = _supervisor(now, starting, stuck)
-        supervisor._stopping = False
         with caplog.at_level(logging.ERROR, logger="lb.control.workers"):
             supervisor._kill_unresponsive()
             supervisor._kill_unresponsive()
@@ -758,7 +756,6 @@ def test_a_restarted_worker_not_ready_in_time_is_killed(caplog: pytest.LogCaptur
         # The owner's own look came late (it was paused): the start's clock is its own, as the silence is.
         overdue = _fake_worker(ready=False, heard_at=now, ready_by=now - 0.1, pid=12, kills=kills)
         paused_owner = _supervisor(now - workers_module.OWNER_LATE - 0.1, overdue)
-        paused_owner._stopping = False
         paused_owner._kill_unresponsive()
         assert kills == [11] and overdue.ready_by >= now + workers_module.WORKER_READY
 
