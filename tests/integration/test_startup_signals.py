@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -88,9 +90,6 @@ raise SystemExit(main())
 def test_ctrl_c_while_the_command_line_loads_ends_by_sigint_without_a_traceback() -> None:
     """SIGINT keeps its default while starting (Ctrl-C stops a start at once), but one that landed while
     `lb.cli` was still being imported printed a KeyboardInterrupt traceback of 20-30 lines."""
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT], capture_output=True, text=True, timeout=30)
     assert done.returncode == -signal.SIGINT, done
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
@@ -121,16 +120,22 @@ def test_a_start_without_descriptor_0_serves_and_stops_with_exit_0(tmp_path: Pat
 
 # A parent that blocks signals (one that waits for its own with sigwait) and then starts `lb run`: the mask
 # goes through fork and exec.
-_BLOCKED_EXEC = """
-import os, signal, sys
+_SIGNALS_BLOCKED = """
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
-os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 """
 
 
-class _StartedWithSignalsBlocked(Balancer):
+class _ExecdByParent(Balancer):
+    """`lb run` exec'd by a Python parent that first runs `prelude` (with `os`, `signal` and `sys` imported):
+    what that sets on the process (a signal mask, an ignored signal, a pending one) goes through exec."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, prelude: str) -> None:
+        super().__init__(config, workdir)
+        self.prelude = prelude
+
     def command(self) -> list[str]:
-        return [sys.executable, "-c", _BLOCKED_EXEC, *super().command()[1:]]
+        script = f"import os, signal, sys\n{self.prelude}\nos.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n"
+        return [sys.executable, "-c", script, *super().command()[1:]]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -139,7 +144,7 @@ def test_signals_blocked_by_the_parent_still_reload_restart_and_stop(tmp_path: P
     stop), and SIGCHLD too, so that a dead worker was neither seen nor restarted.  `lb run` unblocks
     the signals it handles."""
     config = lb_config(pools={"gateways": [DeadBackend("dead-1")]}, overrides={"workers": workers})
-    lb = _StartedWithSignalsBlocked(config, tmp_path)
+    lb = _ExecdByParent(config, tmp_path, _SIGNALS_BLOCKED)
     lb.launch()
     try:
         lb.wait_ready()
@@ -165,16 +170,7 @@ def _wait_for_line(lb: Balancer, text: str) -> None:
 
 
 # A parent that ignores SIGCHLD (a shell's `trap '' CHLD`, a daemon that reaps nothing) and then starts `lb run`.
-_CHLD_IGNORED_EXEC = """
-import os, signal, sys
-signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
-"""
-
-
-class _StartedWithSigchldIgnored(Balancer):
-    def command(self) -> list[str]:
-        return [sys.executable, "-c", _CHLD_IGNORED_EXEC, *super().command()[1:]]
+_SIGCHLD_IGNORED = "signal.signal(signal.SIGCHLD, signal.SIG_IGN)"
 
 
 def test_sigchld_ignored_by_the_parent_still_tells_how_each_worker_ended(tmp_path: Path) -> None:
@@ -182,8 +178,8 @@ def test_sigchld_ignored_by_the_parent_still_tells_how_each_worker_ended(tmp_pat
     event loop the owner read every worker's end as exit 255 ('unknown child process'), a SIGKILL and a
     clean stop alike, and said at every stop that their tunnels were cut."""
     overrides = {"workers": 2, "runtime": {"event_loop": "asyncio"}}
-    lb = _StartedWithSigchldIgnored(lb_config(pools={"gateways": [DeadBackend("dead-1")]}, overrides=overrides),
-                                    tmp_path)
+    lb = _ExecdByParent(lb_config(pools={"gateways": [DeadBackend("dead-1")]}, overrides=overrides), tmp_path,
+                        _SIGCHLD_IGNORED)
     lb.launch()
     try:
         lb.wait_ready()
@@ -203,22 +199,17 @@ def test_sigchld_ignored_by_the_parent_still_tells_how_each_worker_ended(tmp_pat
 
 
 # The same parent with a Ctrl-C of its own still pending in that mask when it starts `lb run`.
-_PENDING_SIGINT_EXEC = """
-import os, signal, sys
+_SIGINT_PENDING = """
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 os.kill(os.getpid(), signal.SIGINT)
-os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 """
 
 
 def test_a_sigint_pending_in_the_inherited_mask_stops_the_start_without_a_traceback(tmp_path: Path) -> None:
     """Unblocked at the start, a SIGINT the parent's mask held is a Ctrl-C while `lb run` loads: it ends by
     SIGINT, as any other then does, without a KeyboardInterrupt traceback."""
-    import subprocess
-
-    lb = Balancer(lb_config(pools={"gateways": [DeadBackend("dead-1")]}), tmp_path)
+    lb = _ExecdByParent(lb_config(pools={"gateways": [DeadBackend("dead-1")]}), tmp_path, _SIGINT_PENDING)
     lb.config_path.write_text(yaml.safe_dump(lb.config))
-    done = subprocess.run([sys.executable, "-c", _PENDING_SIGINT_EXEC, *lb.command()[1:]], capture_output=True,
-                          text=True, timeout=30, env=child_env(), cwd=lb.cwd)
+    done = subprocess.run(lb.command(), capture_output=True, text=True, timeout=30, env=child_env(), cwd=lb.cwd)
     assert done.returncode == -signal.SIGINT, done
     assert "Traceback" not in done.stderr, done.stderr
