@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -373,13 +374,9 @@ async def test_a_worker_restarted_as_the_stop_begins_is_not_said_to_have_cut_tun
     ends it at once: the kernel does not wait for a stopped process to go on to end it by a default action)."""
     lb = start(launcher, {POOL: gateways})
     lb.wait_states({(POOL, g.id): "up" for g in gateways})
-    young = await _replacement_stopped_as_it_starts(lb, before_it_holds=signal.SIGTERM)
-    try:
+    async with _replacement_stopped_as_it_starts(lb, before_it_holds=signal.SIGTERM) as young:
         signal_balancer(lb, signal.SIGTERM)
         assert await wait_exit(lb, 10 * UNIT) == 0
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(young, signal.SIGCONT)
     assert not process_alive(young)
     # Said at INFO ("before it listened: it had no client"), or not at all if the stop began before the
     # owner had it among its workers (a restart's _spawn stops it then, without a word).
@@ -395,16 +392,12 @@ async def test_a_restarted_worker_stuck_before_it_listens_is_killed_and_replaced
     worker short for good.  Past WORKER_READY the owner kills it and starts another, which serves."""
     lb = start(launcher, {POOL: gateways})
     lb.wait_states({(POOL, g.id): "up" for g in gateways})
-    stuck = await _replacement_stopped_as_it_starts(lb)
     assert lb.proc is not None
     owner = lb.proc.pid
-    mark = lb.log_lines()
-    try:
+    async with _replacement_stopped_as_it_starts(lb) as stuck:
+        mark = lb.log_lines()
         await wait_until(lambda: len(pids := worker_pids(owner)) == 2 and stuck not in pids,
                          within=WORKER_READY + 10 * UNIT, what="the stuck worker replaced")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(stuck, signal.SIGCONT)
     await both_serving(lb)
     logged = "\n".join(lb.log_text().splitlines()[mark:])
     assert f"(pid {stuck}) has not started listening in {WORKER_READY:g}s" in logged, logged[-2000:]
@@ -414,11 +407,15 @@ WORKER_READY = 15.0  # the product's bound on a new worker's start (lb.control.w
 MAX_RESTART_DELAY = 10.0  # and its longest wait before it replaces a worker that keeps dying young
 
 
-async def _replacement_stopped_as_it_starts(lb: Balancer, *, before_it_holds: int | None = None) -> int:
-    """Kill a worker and stop (SIGSTOP) its replacement as soon as it is there; its PID.
+@contextlib.asynccontextmanager
+async def _replacement_stopped_as_it_starts(
+    lb: Balancer, *, before_it_holds: int | None = None
+) -> AsyncIterator[int]:
+    """Kill a worker and stop (SIGSTOP) its replacement as soon as it is there, for the block; its PID.
+    It goes on (SIGCONT) on the way out, unless it is gone by then.
 
     With `before_it_holds`, one that already holds that signal (lb.startup_signals, some 30 ms into its
-    start) is let go, left to serve and the kill tried again, so that the one returned does not."""
+    start) is let go, left to serve and the kill tried again, so that the one given does not."""
     assert lb.proc is not None
     let_go: list[int] = []
     for _ in range(6):
@@ -428,7 +425,12 @@ async def _replacement_stopped_as_it_starts(lb: Balancer, *, before_it_holds: in
         young = spawned_by(lb, known)
         os.kill(young, signal.SIGSTOP)
         if before_it_holds is None or not catches(young, before_it_holds):
-            return young
+            try:
+                yield young
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(young, signal.SIGCONT)
+            return
         os.kill(young, signal.SIGCONT)
         let_go.append(young)
     raise AssertionError(f"every replacement held signal {before_it_holds} before it could be stopped")
