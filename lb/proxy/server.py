@@ -47,6 +47,7 @@ from lb.proxy.actions import (
 from lb.proxy.connecting import Connecting
 from lb.proxy.connection import CLOSED, RELAY, TUNNEL, Connection
 from lb.proxy.deadlines import Deadline, Deadlines
+from lb.proxy.randomness import random_bytes
 from lb.proxy.reading import READ_VIEW
 from lb.proxy.tunnel import Tunnel, close_flushing, read_what_is_left, reset
 from lb.state.context import ProxyContext
@@ -264,7 +265,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             bound_buffers(self._transport)
         ctx = self._ctx
         client = self._client or transport.get_extra_info("peername") or ("-", 0)
-        self.core = Connection(ctx, client_ip=client[0], client_port=client[1], tls=self._tls)
+        self.core = Connection(ctx, client_ip=client[0], client_port=client[1], tls=self._tls, random=random_bytes)
         early = self._early
         if early is not None:
             early.hand_over()  # counted since accept: _end releases it from now on
