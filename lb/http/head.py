@@ -111,15 +111,20 @@ _OTHER_MAJOR: Final = re.compile(r"HTTP/[2-9]\.[0-9]")  # HTTP/2.0 on an HTTP/1 
 # the checks' reading takes it: the fast readings stop at anything but 1.0 and 1.1.
 _HIGHER_MINOR: Final = re.compile(r"HTTP/1\.[2-9]")
 # The fast path's grammar (see `_read_well_formed`): each line exactly as the checks below accept
-# it, control characters and bare CR or LF excluded.  Possessive quantifiers: a failing line
-# costs one pass, never a backtracking search (the head comes from the client).
+# it, control characters and bare CR or LF excluded.  Possessive quantifiers and atomic groups: a
+# failing line costs one pass, never a backtracking search (the head comes from the client).  A
+# repeated group is made possessive by an atomic group (`(?>(?:...)*)`), never by `*+`: before 3.11.5,
+# Python's possessive repeat of a group could match what the plain repeat does not (gh-106052,
+# gh-100061), and Debian bookworm's python3, which the container image runs, is 3.11.2.
 _VALUE_CHAR = r"[\x21-\x7e\x80-\xff]"
 # Origin-form and absolute-form targets only: `OPTIONS *` is left to the checks.
 _REQUEST_LINE: Final = re.compile(rf"({TCHAR}++) ((?:/|[Hh][Tt][Tt][Pp][Ss]?://){_TARGET_CHAR}*+) (HTTP/1\.[01])")
 _STATUS_LINE: Final = re.compile(r"(HTTP/1\.[01]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*+))?")
 # A field line between the LF before it and its CRLF: the name, and the value without the SP/HTAB
 # around it (RFC 9112 §5).  Starting at the LF lets a search skip to the next line in one C scan.
-_FIELD_LINE: Final = re.compile(rf"\n({TCHAR}++):[ \t]*+({_VALUE_CHAR}*+(?:[ \t]++{_VALUE_CHAR}++)*+)[ \t]*+\r(?=\n)")
+_FIELD_LINE: Final = re.compile(
+    rf"\n({TCHAR}++):[ \t]*+({_VALUE_CHAR}*+(?>(?:[ \t]++{_VALUE_CHAR}++)*))[ \t]*+\r(?=\n)"
+)
 # A head as read: the start line's three parts, then each field's name and value.
 _Read: TypeAlias = tuple[tuple[str, ...], list[tuple[str, str]]]
 # RFC 3986 §3.2.2 reg-name / IPv4address / IP-literal, then an optional port.
