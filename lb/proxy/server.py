@@ -512,6 +512,9 @@ class ClientConnection(asyncio.BufferedProtocol):
             server_full=bool(self._paused & _BACKEND_FULL),
             deadlines=self._deadlines,
             client_tls=self._tls,
+            # Paused only as _apply_pause and client_full (pause_writing, the backend's connect) left them.
+            client_paused=self._paused != 0,
+            server_paused=self.client_full,
         )
         if not self._ctx.accepting:
             # A handshake that was at its backend when SIGTERM came completes, then closes: its tunnel

@@ -314,6 +314,31 @@ def _stream_until_blocked(port: int, head: bytes, seconds: float, limit: int) ->
     return sent
 
 
+async def test_a_client_paused_by_early_data_is_read_again_after_the_switch(
+    launcher: Launcher, recorders: list[RecordingBackend]
+) -> None:
+    """Past the early data the balancer holds (64 KiB), it stops reading the client until the backend answers;
+    at the switch the client is read again: all it sent reaches the backend, and so does what it sends next."""
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    switch = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_value(key).encode() + b"\r\n\r\n"
+    )
+    lb, rec_a, _ = start(launcher, recorders, a={"answer": switch, "delay": 1.0})
+    assert lb.port is not None
+    early = b"E" * (4 * 65536)  # past the held limit: reading pauses with some of it still unsent
+    reader, writer = await open_raw(lb.port)
+    try:
+        writer.write(upgrade_request("/a/ws", key=key) + early)
+        answer = await read_response(reader)
+        assert answer.status == 101
+        writer.write(b"LATER")
+        await wait_until(lambda: rec_a.requests()[0].endswith(early + b"LATER"), every=0.02,
+                         what="the early bytes and the later ones at rec-a")
+    finally:
+        await close_raw(writer)
+
+
 async def test_early_data_flood_leaves_memory_bounded(launcher: Launcher, recorders: list[RecordingBackend]) -> None:
     """A client flooding bytes after its upgrade head, before the backend answers, is not read on (memory stays bounded)
     and none of it reaches the backend before the switch."""

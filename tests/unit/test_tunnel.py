@@ -845,6 +845,31 @@ def test_a_side_full_before_the_switch_keeps_its_peer_paused(full_side: str) -> 
     _run(scenario())
 
 
+class CountingTransport(FakeTransport):
+    """Counts the resumes of its reading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resumed = 0
+
+    def resume_reading(self) -> None:
+        self.resumed += 1
+
+
+@pytest.mark.parametrize("client_paused", [False, True])
+@pytest.mark.parametrize("server_paused", [False, True])
+def test_the_switch_resumes_only_a_side_that_may_have_been_paused(client_paused: bool, server_paused: bool) -> None:
+    """A side whose reading the handshake paused reads again at the switch; one the caller knows was not
+    paused (nearly every handshake's two) is not asked to, a method call for nothing."""
+
+    async def scenario() -> None:
+        client, server = CountingTransport(), CountingTransport()
+        _join(client, server, client_paused=client_paused, server_paused=server_paused)
+        assert (client.resumed, server.resumed) == (int(client_paused), int(server_paused))
+
+    _run(scenario())
+
+
 ESTABLISHED, CLOSE, CLOSE_WAIT = 1, 7, 8  # Linux's tcp_states.h
 
 
