@@ -10,7 +10,7 @@ old/haproxy (and the floor's).  The balancers run the benchmark's configuration
 (bench.runner.balancer_config), on CPU 0; everything else on CPU 1, as `python -m bench`.
 
 `--old-python PY` compiles and runs the old tree with another interpreter: the python of a venv that
-has the dependencies (`make setup PYTHON=/usr/bin/python3` in another checkout makes one).  With REV
+has the dependencies (`make setup PYTHON=...` in another checkout makes one).  With REV
 `HEAD` that compares two interpreters on the same code: what `deploy/Containerfile`'s choice of base
 rests on.
 """
