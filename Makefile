@@ -2,12 +2,14 @@
 # the first target that needs it creates .venv and installs the package.
 # The interpreter .venv is made with, once (`make clean` to make it with another): PYTHON=... when given;
 # else the system's /usr/bin/python3 where it can make one and compile the data plane (3.11+, ensurepip,
-# Python.h: Debian's python3, python3-venv and python3-dev), the interpreter the container image runs
+# Python.h: Debian's python3, python3-venv and python3-dev; `-m ensurepip --version` answers only where
+# python3-venv installed ensurepip, and costs no venv made each time), the interpreter the container image runs
 # (deploy/Containerfile), so that `make bench` measures what is shipped; else python3 on PATH.  Debian's
 # python3 is one executable built with PGO and LTO: a handshake costs it 6-16 % less CPU than a python3
 # that loads libpython3.x.so, as pyenv's and the python:3.x images' do (bench/HISTORY.md, "Which interpreter").
 SYSTEM_PYTHON := /usr/bin/python3
-PYTHON ?= $(shell $(SYSTEM_PYTHON) -c 'import os, sys, sysconfig; sys.exit(sys.version_info < (3, 11) or not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' >/dev/null 2>&1 && $(SYSTEM_PYTHON) -m ensurepip --version >/dev/null 2>&1 && echo $(SYSTEM_PYTHON) || echo python3)
+PYTHON ?= $(shell $(SYSTEM_PYTHON) -c 'import os, sys, sysconfig; sys.exit(sys.version_info < (3, 11) or not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' >/dev/null 2>&1 \
+	&& $(SYSTEM_PYTHON) -m ensurepip --version >/dev/null 2>&1 && echo $(SYSTEM_PYTHON) || echo python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed

@@ -1436,8 +1436,8 @@ class Connection:
         if claim is not None:
             session = claim.session
         else:
-            # A new client's session and its first token's nonce in one read of the system's
-            # randomness: one getrandom syscall per new client, not two.
+            # A new client's session and its first token's nonce in one draw (the shell's `random`
+            # reads the system's randomness a page at a time: lb.proxy.randomness).
             fresh = self._random(SESSION_BYTES + NONCE_BYTES)
             session = fresh[:SESSION_BYTES]
             nonces.append(fresh[SESSION_BYTES:])

@@ -1,14 +1,14 @@
 """Random bytes for the connections' sessions and nonces (their `random`): the system's, read a page at a time.
 
-Why: a new client's session id and its first token's nonce were one getrandom(2) a handshake, a
-system call in a budget of about twenty.  Read 4 KiB at once, one call serves some 140 new clients.
-The bytes are the kernel's CSPRNG output all the same, held in memory beside the key they are used
-with.
+Why: a new client's session id and its first token's nonce (20 bytes) were one getrandom(2) a
+handshake, a system call in a budget of about twenty.  Read 4 KiB at once, one call serves some 200
+new clients.  The bytes are the kernel's CSPRNG output all the same, held in memory beside the key
+they are used with.
 
 Never handed out twice (a nonce must be unique under its key): each draw is cut from the page and the
 page only moves forward; a forked child starts with none (`os.register_at_fork`), so it never draws
-what its parent drew.  Drawn on the event loop's thread (the proxy's); a refill in one thread while
-another draws hands each thread different bytes, since each refill is a page of its own.
+what its parent drew.  Drawn on the event loop's thread only (the proxy's connections): nothing here
+makes a draw from two threads at once safe.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ _drawn = 0  # how much of _page is handed out
 def random_bytes(count: int) -> bytes:
     """`count` bytes from the system's CSPRNG (os.urandom), none of them handed out before."""
     global _page, _drawn
+    if count < 0:
+        raise ValueError("a negative number of random bytes")  # as os.urandom; never a step back
     end = _drawn + count
     if end > len(_page):
         if count > PAGE:

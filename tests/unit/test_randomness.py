@@ -71,6 +71,16 @@ def test_draws_cut_one_page_in_order_then_read_another(numbered_pages: list[int]
     assert random_bytes(1) == b"\x02"  # the second page goes on where it was left
 
 
+def test_a_negative_count_is_refused_not_a_step_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(randomness.os, "urandom", lambda count: bytes(range(256)) * (count // 256))
+    monkeypatch.setattr(randomness, "_page", b"")
+    monkeypatch.setattr(randomness, "_drawn", 0)
+    assert random_bytes(4) == b"\x00\x01\x02\x03"
+    with pytest.raises(ValueError):
+        random_bytes(-4)
+    assert random_bytes(0) == b"" and random_bytes(4) == b"\x04\x05\x06\x07"
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_never_draws_its_parents_bytes(numbered_pages: list[int]) -> None:
     assert random_bytes(4) == b"\x01" * 4  # the parent holds the rest of page 1
