@@ -32,6 +32,12 @@ from tests.harness.recording import RecordingBackend, rss_kib
 from tests.harness.tcp import ScriptedGateway
 
 TCP_HEALTH = {"type": "tcp", "interval": "5s", "timeout": "1s", "rise": 1, "fall": 3}
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+# A gateway's 101 to an upgrade with KEY (the recording backend answers it, after a delay).
+SWITCH = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: " + accept_value(KEY).encode() + b"\r\n\r\n"
+)
 
 
 @pytest.fixture
@@ -154,16 +160,11 @@ async def test_absolute_form_reaches_the_backend_in_origin_form_with_one_host(
 
 async def test_early_data_waits_for_the_switch(launcher: Launcher, recorders: list[RecordingBackend]) -> None:
     """Bytes sent right behind an upgrade head reach the backend only after its 101."""
-    key = "dGhlIHNhbXBsZSBub25jZQ=="
-    switch = (
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + accept_value(key).encode() + b"\r\n\r\n"
-    )
-    lb, rec_a, _ = start(launcher, recorders, a={"answer": switch, "delay": 0.5})
+    lb, rec_a, _ = start(launcher, recorders, a={"answer": SWITCH, "delay": 0.5})
     assert lb.port is not None
     reader, writer = await open_raw(lb.port)
     try:
-        writer.write(upgrade_request("/a/ws", key=key) + b"EARLY-FRAME")
+        writer.write(upgrade_request("/a/ws", key=KEY) + b"EARLY-FRAME")
         await wait_until(lambda: rec_a.requests() != [], every=0.02, what="a request at rec-a")
         await asyncio.sleep(0.2)  # the backend has not answered yet (0.5 s delay)
         before = rec_a.requests()[0]
@@ -319,17 +320,12 @@ async def test_a_client_paused_by_early_data_is_read_again_after_the_switch(
 ) -> None:
     """Past the early data the balancer holds (64 KiB), it stops reading the client until the backend answers;
     at the switch the client is read again: all it sent reaches the backend, and so does what it sends next."""
-    key = "dGhlIHNhbXBsZSBub25jZQ=="
-    switch = (
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + accept_value(key).encode() + b"\r\n\r\n"
-    )
-    lb, rec_a, _ = start(launcher, recorders, a={"answer": switch, "delay": 1.0})
+    lb, rec_a, _ = start(launcher, recorders, a={"answer": SWITCH, "delay": 1.0})
     assert lb.port is not None
     early = b"E" * (4 * 65536)  # past the held limit: reading pauses with some of it still unsent
     reader, writer = await open_raw(lb.port)
     try:
-        writer.write(upgrade_request("/a/ws", key=key) + early)
+        writer.write(upgrade_request("/a/ws", key=KEY) + early)
         answer = await read_response(reader)
         assert answer.status == 101
         writer.write(b"LATER")
