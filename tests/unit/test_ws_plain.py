@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import platform
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -146,7 +148,26 @@ def test_only_exact_bytes_and_an_ascii_key() -> None:
 @given(key=st.text(st.characters(max_codepoint=0x7F), max_size=200))
 def test_accept_is_sha1_and_base64_of_the_key_and_the_guid(key: str) -> None:
     digest = hashlib.sha1(key.encode("ascii") + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-    assert switch.accept(key) == base64.b64encode(digest).decode() == accept_value(key)
+    expected = base64.b64encode(digest).decode()
+    assert switch.accept(key) == expected == accept_value(key)
+    assert switch.accept_portable(key) == expected  # what a CPU without SHA extensions answers
+
+
+@pytest.mark.parametrize("length", range(200))
+def test_both_sha1s_agree_with_hashlib_over_every_padding(length: int) -> None:
+    # The GUID is 36 bytes: keys of 0 to 199 bytes end their last block at every offset, and take one to
+    # four blocks, with the length in a block of its own or beside the data.
+    key = "".join(chr(33 + (7 * i + length) % 94) for i in range(length))
+    expected = base64.b64encode(hashlib.sha1(key.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode()
+    assert switch.accept(key) == switch.accept_portable(key) == expected
+    assert switch.accept_portable(KEY) == ACCEPT
+
+
+def test_the_sha_extensions_are_used_where_the_cpu_has_them() -> None:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if not flags or platform.machine() != "x86_64":
+        pytest.skip("reads /proc/cpuinfo of an x86-64 Linux")
+    assert switch.sha_extensions() == ("sha_ni" in flags and "sse4_1" in flags and "ssse3" in flags)
 
 
 # Hostile heads: the fields a 101 is judged by, in every spelling and near miss, among others.
