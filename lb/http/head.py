@@ -410,6 +410,18 @@ def check_request_line(line: bytes | bytearray) -> None:
     _read_request_line(line.decode("latin-1"))
 
 
+def _head_end_in_python(buffer: bytes | bytearray, start: int, stop: int) -> int:
+    return buffer.find(HEAD_END, start, stop)
+
+
+# Where the first CRLFCRLF in buffer[start:stop] begins, or -1: lb.http._scan's search (a memchr for
+# each LF), or (not built, or LB_PURE_PYTHON=1) bytes.find.  A test holds the two equal.
+_head_end: Final = (
+    cast("Callable[[bytes | bytearray, int, int], int] | None", built_in_c("lb.http._scan", "head_end"))
+    or _head_end_in_python
+)
+
+
 def find_head_end(buffer: bytes | bytearray, limit: int, start: int = 0) -> int:
     """Return the length of the complete head at the start of `buffer`, or -1 if incomplete.
 
@@ -428,7 +440,7 @@ def find_head_end(buffer: bytes | bytearray, limit: int, start: int = 0) -> int:
             handshake timeout); checked only while the head is incomplete, over the new bytes.
     """
     resume = max(0, start - (len(HEAD_END) - 1))
-    end = buffer.find(HEAD_END, resume, limit + len(HEAD_END))
+    end = _head_end(buffer, resume, limit + len(HEAD_END))
     if end < 0:
         if len(buffer) >= limit:
             raise HeadersTooLarge(f"request head exceeds {limit} bytes")
@@ -799,7 +811,7 @@ def take_answer_bytes(buffer: bytearray, scanned: int, limit: int) -> bytes | No
             said as soon as it shows rather than after a wait for an end that never comes.
     """
     resume = max(0, scanned - (len(HEAD_END) - 1))
-    end = buffer.find(HEAD_END, resume, limit)
+    end = _head_end(buffer, resume, limit)
     if end < 0:
         if len(buffer) >= limit:
             raise HeadersTooLarge(f"answer head exceeds {limit} bytes")

@@ -152,3 +152,31 @@ def test_the_parser_takes_the_c_reading_unless_pure_python_is_asked_for() -> Non
     env = {**os.environ, "LB_PURE_PYTHON": "1"}
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True", done.stderr
+
+
+# head_end is bytes.find(b"\r\n\r\n", start, stop): buffers of CR, LF and another byte (every near
+# miss: CRLFCR, LFCRLF, CRLFCRLF split by the window), and indices anywhere, negative and past the end.
+@settings(max_examples=2000, deadline=None)
+@given(
+    data=st.binary(max_size=64).map(lambda raw: bytes(b"\r\nx"[byte % 3] for byte in raw)),
+    start=st.integers(-80, 80),
+    stop=st.integers(-80, 80),
+    kind=st.sampled_from([bytes, bytearray]),
+)
+def test_head_end_is_find_of_crlfcrlf(data: bytes, start: int, stop: int, kind: type) -> None:
+    buffer = kind(data)
+    assert scan.head_end(buffer, start, stop) == buffer.find(b"\r\n\r\n", start, stop)
+    assert current._head_end_in_python(buffer, start, stop) == buffer.find(b"\r\n\r\n", start, stop)
+
+
+def test_head_end_takes_exact_bytes_and_bytearray_only() -> None:
+    assert scan.head_end(b"GET / HTTP/1.1\r\n\r\n", 0, 1 << 62) == 14
+    for other in (memoryview(b"\r\n\r\n"), "\r\n\r\n", None):
+        with pytest.raises(TypeError):
+            scan.head_end(other, 0, 4)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        scan.head_end(b"\r\n\r\n", 0)  # type: ignore[call-arg]
+    for start, stop in ((0, 1 << 70), (-(1 << 70), 4), (1 << 70, 4)):  # clamped, as find clamps them
+        assert scan.head_end(b"\r\n\r\n", start, stop) == b"\r\n\r\n".find(b"\r\n\r\n", start, stop)
+    with pytest.raises(TypeError):
+        scan.head_end(b"\r\n\r\n", 0, 4.0)  # type: ignore[arg-type]
