@@ -110,6 +110,8 @@ def find_token(
     extra = [] if header is None else [value.strip() for value in request.head.get_all(header)]
     if "?" in request.target:
         extra += query_values(request.target, affinity.query_param)
+    if not cookies and not extra:
+        return TokenLookup()  # a new client (every first handshake): what the loop below ends with for none
     rejected: dict[str, str] = {}
     others: dict[str, tuple[float, str]] = {}  # pool → (issued_at, token) of its pin, chosen as `found` is
     found: TokenLookup | None = None
