@@ -22,14 +22,13 @@ access: Final = logging.getLogger("lb.access")
 class AccessWriter(Protocol):
     """Writes an access event directly (`lb.log.AccessLineWriter`), while `applies()`."""
 
-    plain: bool  # the plain format: the rendered text is all a line needs (no JSON fields)
-
     def applies(self) -> bool: ...
 
     def write(self, text: str, fields: dict[str, object]) -> None: ...
 
-    # A plain event whose text is `render_fields(keys, values)`, rendered as it is written.
-    def write_fields(self, keys: tuple[str, ...], values: tuple[object, ...]) -> None: ...
+    # A plain event whose text is `render_fields(keys, values)`, rendered as it is written, when the
+    # format is plain and `applies()`; False, nothing written, otherwise (the caller's ordinary path).
+    def write_fields(self, keys: tuple[str, ...], values: tuple[object, ...]) -> bool: ...
 
 
 _writer: AccessWriter | None = None
@@ -145,12 +144,6 @@ _TUNNEL_ENDED: Final = (
 )
 
 
-def _plain_writer() -> AccessWriter | None:
-    """The writer a plain line may go straight to, or None (JSON, or someone else listens)."""
-    writer = _writer
-    return writer if writer is not None and writer.plain and writer.applies() else None
-
-
 def log_answered(
     client: str, client_port: int, method: str, path: str, pool: str, backend: str, affinity: str,
     status: int, request_id: str,
@@ -159,8 +152,10 @@ def log_answered(
     if not _info_enabled():
         return
     method, path = shortened(method, MAX_LOGGED_METHOD), shortened(path, MAX_LOGGED_PATH)
-    if (writer := _plain_writer()) is not None:
-        writer.write_fields(_ANSWERED, (client, client_port, method, path, pool, backend, affinity, status, request_id))
+    writer = _writer
+    if writer is not None and writer.write_fields(
+        _ANSWERED, (client, client_port, method, path, pool, backend, affinity, status, request_id)
+    ):
         return
     log_request(client=client, client_port=client_port, method=method, path=path, pool=pool, backend=backend,
                 affinity=affinity, status=status, request_id=request_id)
@@ -173,9 +168,10 @@ def log_tunnel_ended(
     """The close line of a tunnel the balancer did not end itself (`event=tunnel_closed`, no cause)."""
     if not _info_enabled():
         return
-    if (writer := _plain_writer()) is not None:
-        writer.write_fields(_TUNNEL_ENDED, (client, client_port, pool, backend, duration, bytes_in, bytes_out,
-                                            request_id))
+    writer = _writer
+    if writer is not None and writer.write_fields(
+        _TUNNEL_ENDED, (client, client_port, pool, backend, duration, bytes_in, bytes_out, request_id)
+    ):
         return
     log_tunnel_closed(client=client, client_port=client_port, pool=pool, backend=backend, duration=duration,
                       bytes_in=bytes_in, bytes_out=bytes_out, request_id=request_id)

@@ -150,6 +150,10 @@ class PlainFormatter(logging.Formatter):
         return _fold(super().format(record))
 
 
+# A plain event's JSON fields: none (read only: `_line` copies from it for the JSON format alone).
+_NO_FIELDS: Final[dict[str, object]] = {}
+
+
 class AccessLineWriter:
     """`lb.access` events written straight to our handler's stream, exactly as its formatter would.
 
@@ -194,10 +198,15 @@ class AccessLineWriter:
         """One event: `text` is its rendered `key=value` message, `fields` its JSON keys."""
         self._write(text, (), (), fields)
 
-    def write_fields(self, keys: tuple[str, ...], values: tuple[object, ...]) -> None:
-        """One plain event, its text `render_fields(keys, values)`: rendered by lb._logwrite as it writes,
-        when it does, so that no str is made for it."""
-        self._write(None, keys, values, {})
+    def write_fields(self, keys: tuple[str, ...], values: tuple[object, ...]) -> bool:
+        """One plain event, its text `render_fields(keys, values)` (rendered by lb._logwrite as it writes,
+        when it does, so that no str is made for it), when the format is plain and `applies()`; False,
+        nothing written, otherwise, for the caller's ordinary path.  One call for the check and the
+        line: the two each handshake logs asked a writer typed by its protocol three times apiece."""
+        if not self.plain or not self.applies():
+            return False
+        self._write(None, keys, values, _NO_FIELDS)
+        return True
 
     def _write(
         self, text: str | None, keys: tuple[str, ...], values: tuple[object, ...], fields: dict[str, object]

@@ -146,9 +146,11 @@ class _Recorder:
     def write(self, text: str, fields: dict[str, object]) -> None:
         self.lines.append((text, fields))
 
-    def write_fields(self, keys: tuple[str, ...], values: tuple[object, ...]) -> None:
-        # What lb._logwrite renders in C (tests/unit/test_log.py holds the two equal).
-        self.lines.append((access_log.render_fields(keys, values), {}))
+    def write_fields(self, keys: tuple[str, ...], values: tuple[object, ...]) -> bool:
+        # What lb._logwrite renders in C (tests/unit/test_log.py holds the two equal), in the plain format.
+        if self.plain:
+            self.lines.append((access_log.render_fields(keys, values), {}))
+        return self.plain
 
 
 @contextlib.contextmanager

@@ -322,9 +322,16 @@ def test_an_access_line_whose_value_cannot_be_rendered_does_not_raise(tmp_path: 
     writer = AccessLineWriter(handler, LogFormat.PLAIN, "")
     reported: list[logging.LogRecord] = []
     handler.handleError = reported.append  # type: ignore[method-assign]
-    writer.write_fields(("event=x a=",), (Unprintable(),))
-    writer.write_fields(("event=x a=",), (10**5000,))
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers[:] = [handler]  # as setup_logging leaves it: the writer applies
+    try:
+        assert writer.write_fields(("event=x a=",), (Unprintable(),))
+        assert writer.write_fields(("event=x a=",), (10**5000,))
+    finally:
+        root.handlers[:] = saved
     assert len(reported) == 2 and "Unprintable" in str(reported[0].msg)
+    assert not writer.write_fields(("event=x a=",), ("y",))  # its handler gone: the ordinary path's to write
     stream.close()
 
 
