@@ -62,6 +62,33 @@ def test_read_cookie(headers: list[str], values: list[str]) -> None:
     assert read_cookie(headers, NAME) == values
 
 
+def _read_cookie_by_pairs(header_values: list[str], name: str) -> list[str]:
+    """read_cookie as it was: every pair of every header (stripped part, then name and value), then the
+    named ones, unquoted."""
+    found = []
+    for header in header_values:
+        for part in header.split(";"):
+            pair_name, eq, value = part.strip().partition("=")
+            if eq and pair_name.strip() == name:
+                stripped = value.strip()
+                found.append(stripped[1:-1] if len(stripped) >= 2 and stripped[0] == stripped[-1] == '"' else stripped)
+    return found
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    headers=st.lists(
+        st.lists(st.sampled_from([NAME, "LB", "AFFINITY", "=", ";", " ", "\t", '"', "x", "\x0b", "\u00a0"]),
+                 max_size=12).map("".join),
+        max_size=3,
+    )
+)
+def test_read_cookie_reads_as_every_pair_would(headers: list[str]) -> None:
+    """Whitespace of every kind around names and values, quotes, stray `=` and `;`: the same values as
+    reading every pair first."""
+    assert read_cookie(headers, NAME) == _read_cookie_by_pairs(headers, NAME)
+
+
 # -- strip_cookie -----------------------------------------------------------
 
 
