@@ -7,6 +7,9 @@
  * lower-case name to the list of its values, every str decoded as latin-1
  * (tests/unit/test_http_head_scan.py holds the two readings equal on hostile input).
  *
+ * `known_lowered` maps the header names it knows (as browsers and gateways spell them, and in lower case) to
+ * their lower case, interned.
+ *
  * Why C, by hand: a WebSocket handshake parses two heads, and reading them in Python (one regex
  * findall over the decoded head, then a dict built name by name) was about a fifth of the
  * instructions of the whole handshake.  No library reads a head into these objects in one call:
@@ -445,5 +448,26 @@ PyInit__scan(void)
     if (make_known() < 0) {
         return NULL;
     }
-    return PyModule_Create(&module_definition);
+    PyObject *module = PyModule_Create(&module_definition);
+    PyObject *lowered = module == NULL ? NULL : PyDict_New();
+    if (lowered == NULL) {
+        Py_XDECREF(module);
+        return NULL;
+    }
+    /* `known_lowered`: each known name, in its usual spelling and in lower case, to the interned lower case
+     * (whose hash is known): lb.http.forwarding looks a field's name up here before it lowers one. */
+    for (Py_ssize_t i = 0; i < KNOWN_COUNT; i++) {
+        if (PyDict_SetItem(lowered, known_name[i], known_lower[i]) < 0
+            || PyDict_SetItem(lowered, known_lower[i], known_lower[i]) < 0) {
+            Py_DECREF(lowered);
+            Py_DECREF(module);
+            return NULL;
+        }
+    }
+    if (PyModule_AddObject(module, "known_lowered", lowered) < 0) {
+        Py_DECREF(lowered);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

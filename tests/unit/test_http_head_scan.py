@@ -180,3 +180,13 @@ def test_head_end_takes_exact_bytes_and_bytearray_only() -> None:
         assert scan.head_end(b"\r\n\r\n", start, stop) == b"\r\n\r\n".find(b"\r\n\r\n", start, stop)
     with pytest.raises(TypeError):
         scan.head_end(b"\r\n\r\n", 0, 4.0)  # type: ignore[arg-type]
+
+
+def test_known_lowered_maps_each_name_to_its_lower_case() -> None:
+    # lb.http.forwarding takes these for name.lower(): a wrong entry would keep or drop the wrong field.
+    assert len(scan.known_lowered) >= 2 * 30
+    for name, lowered in scan.known_lowered.items():
+        assert lowered == name.lower() and scan.known_lowered[lowered] is lowered
+    head = current.parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nSec-WebSocket-Key: k\r\n\r\n")
+    for name, _ in head.head.headers:
+        assert scan.known_lowered[name] is scan.known_lowered[name.lower()]  # the parser's names are its keys
