@@ -376,10 +376,11 @@ done:
     return result;
 }
 
-/* `buffer.find(b"\r\n\r\n", start, stop)` for exact bytes or bytearray, indices read as find reads them
- * (negative from the end, clamped to the buffer).  Why: every handshake looks for the end of two heads, and
- * find's generic search took some 1,300 instructions over a browser's head or a gateway's 101; a memchr for
- * each LF (one a line) takes about 150 (`python -m bench.instructions_live --profile`: 2,500 fewer a handshake). */
+/* `buffer.find(b"\r\n\r\n", start, stop)` for an exact bytes or bytearray and two integers (not None,
+ * which find also takes), read as find reads them (negative from the end, clamped to the buffer).  Why:
+ * every handshake looks for the end of two heads, and find's generic search took some 1,300 instructions
+ * over a browser's head or a gateway's 101; a memchr for each LF (one a line) takes about 150 (`python -m
+ * bench.instructions_live --profile`: 2,500 fewer a handshake). */
 static PyObject *
 head_end(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {

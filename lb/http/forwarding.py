@@ -44,15 +44,16 @@ _NEVER_CONNECTION_LISTED: Final = frozenset({
     "host", "content-length", "transfer-encoding", "sec-websocket-key", "sec-websocket-version",
     "sec-websocket-protocol", "sec-websocket-extensions", "sec-websocket-accept",
 })
-# What a backend never gets as the client sent it: replaced (X-Forwarded-For, -Proto, -Host: ours), or
-# dropped (hop-by-hop), from any peer; and the proxy claims, dropped from a peer not trusted.  A pool may
-# not hash on one (lb.config.sections): the client would pick its backend with a value no backend sees.
+
 # The header names lb.http._scan knows (as browsers and gateways spell them, and in lower case) to their
 # lower case, interned by it; empty when it is not built (or LB_PURE_PYTHON=1).  A known name's lower case is
 # then a lookup whose hash is known, not a new str, hashed again for the set it is looked up in: some 400
 # instructions a field, five or more a handshake (`python -m bench.instructions_live`: 2,200 fewer).
 _KNOWN_LOWERED: Final = cast("dict[str, str] | None", built_in_c("lb.http._scan", "known_lowered")) or {}
 
+# What a backend never gets as the client sent it: replaced (X-Forwarded-For, -Proto, -Host: ours), or
+# dropped (hop-by-hop), from any peer; and the proxy claims, dropped from a peer not trusted.  A pool may
+# not hash on one (lb.config.sections): the client would pick its backend with a value no backend sees.
 REPLACED_HEADERS: Final = HOP_BY_HOP | _FORWARDED
 # Headers the balancer frames, routes or upgrades by, or writes itself: none may carry the affinity
 # token (`affinity.header`), which is taken off every forwarded request and added to answers.

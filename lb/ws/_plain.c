@@ -53,6 +53,9 @@
 #include <cpuid.h>
 #include <immintrin.h>
 #define HAVE_SHA_EXTENSIONS_CODE 1
+#ifndef bit_SHA
+#define bit_SHA (1u << 29)  /* CPUID leaf 7, EBX: older cpuid.h headers do not name it */
+#endif
 #endif
 
 /* RFC 9110 §5.6.2 tchar: a field name. */
@@ -116,11 +119,11 @@ sha1_block(uint32_t state[5], const unsigned char *p)
 /* The same block with the CPU's SHA extensions (Intel SHA-NI, AMD since Zen), which most x86-64 servers of
  * the last years have: four rounds an instruction.  An accept value takes 138 ns rather than 681 (`python -m
  * timeit` on accept and accept_portable), some 4,000 instructions a handshake.  Chosen once, at import, by
- * CPUID (sha1_block_of_this_cpu); elsewhere, and under valgrind (whose CPUID says no), the portable block runs.  Written from Intel's description of the
- * instructions: SHA1RNDS4 runs four rounds on ABCD (A in the high lane) given E plus the four message words,
- * SHA1NEXTE derives the next E (A of four rounds before, rotated by 30) and adds it to the next four words,
- * and SHA1MSG1, a XOR and SHA1MSG2 extend the message four words at a time (W[t] = rotl1(W[t-3] ^ W[t-8] ^
- * W[t-14] ^ W[t-16])). */
+ * CPUID (sha1_block_of_this_cpu); elsewhere, and under valgrind (whose CPUID says no), the portable block
+ * runs.  Written from Intel's description of the instructions: SHA1RNDS4 runs four rounds on ABCD (A in the
+ * high lane) given E plus the four message words, SHA1NEXTE derives the next E (A of four rounds before,
+ * rotated by 30) and adds it to the next four words, and SHA1MSG1, a XOR and SHA1MSG2 extend the message
+ * four words at a time (W[t] = rotl1(W[t-3] ^ W[t-8] ^ W[t-14] ^ W[t-16])). */
 __attribute__((target("sha,ssse3,sse4.1"))) static void
 sha1_block_sha_extensions(uint32_t state[5], const unsigned char *p)
 {
@@ -167,9 +170,13 @@ sha1_block_of_this_cpu(void)
 {
 #ifdef HAVE_SHA_EXTENSIONS_CODE
     unsigned int eax, ebx, ecx, edx;
+    /* __get_cpuid_max and __cpuid_count, not __get_cpuid_count: every GCC and clang that builds the rest has them. */
     if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_SSSE3) && (ecx & bit_SSE4_1)
-        && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ebx & bit_SHA)) {
-        return sha1_block_sha_extensions;
+        && __get_cpuid_max(0, NULL) >= 7) {
+        __cpuid_count(7, 0, eax, ebx, ecx, edx);
+        if (ebx & bit_SHA) {
+            return sha1_block_sha_extensions;
+        }
     }
 #endif
     return sha1_block;

@@ -160,14 +160,16 @@ def test_both_sha1s_agree_with_hashlib_over_every_padding(length: int) -> None:
     key = "".join(chr(33 + (7 * i + length) % 94) for i in range(length))
     expected = base64.b64encode(hashlib.sha1(key.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode()
     assert switch.accept(key) == switch.accept_portable(key) == expected
-    assert switch.accept_portable(KEY) == ACCEPT
 
 
 def test_the_sha_extensions_are_used_where_the_cpu_has_them() -> None:
+    assert switch.accept_portable(KEY) == switch.accept(KEY) == ACCEPT
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     if not flags or platform.machine() != "x86_64":
         pytest.skip("reads /proc/cpuinfo of an x86-64 Linux")
-    assert switch.sha_extensions() == ("sha_ni" in flags and "sse4_1" in flags and "ssse3" in flags)
+    if "sha_ni" in flags and "sse4_1" in flags and "ssse3" in flags:
+        # One way only: a kernel booted with clearcpuid=sha_ni hides the flag here while CPUID still has it.
+        assert switch.sha_extensions()
 
 
 # Hostile heads: the fields a 101 is judged by, in every spelling and near miss, among others.
