@@ -184,7 +184,7 @@ sha1_block_of_this_cpu(void)
 
 static sha1_block_function sha1_block_fastest = sha1_block;  /* set by PyInit__plain */
 
-/* SHA-1 of `first` then `second` (any lengths) into `digest`, `block` taking each 64 bytes. */
+/* SHA-1 of `first` then `second` (any lengths) into `digest`, `block_function` taking each 64 bytes. */
 static void
 sha1_of_two(sha1_block_function block_function, const unsigned char *first, size_t first_length,
             const unsigned char *second, size_t second_length, unsigned char digest[20])
@@ -237,7 +237,7 @@ sha1_of_two(sha1_block_function block_function, const unsigned char *first, size
 static const char GUID[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";  /* RFC 6455 §1.3 */
 static const char BASE64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-/* base64(SHA-1(key GUID)) into `out` (RFC 6455 §4.2.2 step 5.4), `block` taking each 64 bytes of the SHA-1. */
+/* base64(SHA-1(key GUID)) into `out` (RFC 6455 §4.2.2 step 5.4), `block_function` taking each 64 bytes. */
 static void
 accept_with(sha1_block_function block_function, const unsigned char *key, size_t length, char out[ACCEPT_LENGTH])
 {
