@@ -10,9 +10,8 @@ from collections.abc import Callable
 from typing import Final, cast
 from urllib.parse import unquote_plus
 
-from lb import built_in_c
 from lb.http.cookies import set_cookie_value
-from lb.http.head import PROXY_CLAIMS, Head, RequestHead, ResponseHead, is_host, render_head
+from lb.http.head import PROXY_CLAIMS, Head, RequestHead, ResponseHead, field_name_lowered, is_host, render_head
 
 # RFC 9110 §7.6.1 plus the de-facto ones every proxy strips.  Transfer-Encoding
 # stays: bodies are relayed as they come, so their framing must travel with them, and
@@ -44,12 +43,6 @@ _NEVER_CONNECTION_LISTED: Final = frozenset({
     "host", "content-length", "transfer-encoding", "sec-websocket-key", "sec-websocket-version",
     "sec-websocket-protocol", "sec-websocket-extensions", "sec-websocket-accept",
 })
-
-# The header names lb.http._scan knows (as browsers and gateways spell them, and in lower case) to their
-# lower case, interned by it; empty when it is not built (or LB_PURE_PYTHON=1).  A known name's lower case is
-# then a lookup whose hash is known, not a new str, hashed again for the set it is looked up in: some 400
-# instructions a field, five or more a handshake (`python -m bench.instructions_live`: 2,200 fewer).
-_KNOWN_LOWERED: Final = cast("dict[str, str] | None", built_in_c("lb.http._scan", "known_lowered")) or {}
 
 # What a backend never gets as the client sent it: replaced (X-Forwarded-For, -Proto, -Host: ours), or
 # dropped (hop-by-hop), from any peer; and the proxy claims, dropped from a peer not trusted.  A pool may
@@ -128,7 +121,7 @@ def render_forwarded_request(
     cookie_at, cookie_kept = -1, False  # where the client's last Cookie line is (or was dropped)
     for field in cast("tuple[object, ...]", head.headers):
         name, value = cast("tuple[str, str]", field)
-        lowered = _KNOWN_LOWERED.get(name) or name.lower()
+        lowered = field_name_lowered(name)
         if lowered in dropped:
             continue
         if lowered == "cookie" and rewrite_cookie is not None:

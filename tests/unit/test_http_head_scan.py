@@ -190,3 +190,5 @@ def test_known_lowered_maps_each_name_to_its_lower_case() -> None:
     head = current.parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nSec-WebSocket-Key: k\r\n\r\n")
     for name, _ in head.head.headers:
         assert scan.known_lowered[name] is scan.known_lowered[name.lower()]  # the parser's names are its keys
+    for name in ("Host", "host", "HOST", "X-Odd-Name", "N\u00c9"):  # known, known in lower case, others
+        assert current.field_name_lowered(name) == name.lower()
