@@ -27,14 +27,15 @@ class AccessWriter(Protocol):
     def write(self, text: str, fields: dict[str, object]) -> None: ...
 
     # A plain event whose text is `render_fields(keys, values)`, rendered as it is written, when the
-    # format is plain and `applies()`; False, nothing written, otherwise (the caller's ordinary path).
+    # format is plain and `applies()`: True, and True with nothing written when `lb.access` logs nothing
+    # at INFO (`access_enabled()`); False, nothing written, otherwise (the caller's ordinary path).
     def write_fields(self, keys: tuple[str, ...], values: tuple[object, ...]) -> bool: ...
 
 
 _writer: AccessWriter | None = None
 
 
-def _info_enabled() -> bool:
+def access_enabled() -> bool:
     """`access.isEnabledFor(logging.INFO)`, read from the logger's own cache when it holds the answer.
 
     Why: isEnabledFor is interpreted Python (a frame, a try around the same dict lookup), about
@@ -122,7 +123,7 @@ def _emit(event: str, fields: dict[str, Any]) -> None:
 
 def log_request(**fields: Any) -> None:
     """client, method, path, pool, backend, affinity, status (all keyword arguments)."""
-    if _info_enabled():
+    if access_enabled():
         for key, limit in (("method", MAX_LOGGED_METHOD), ("path", MAX_LOGGED_PATH)):
             if key in fields:
                 fields[key] = shortened(fields[key], limit)
@@ -149,8 +150,6 @@ def log_answered(
     status: int, request_id: str,
 ) -> None:
     """The request line of a request a backend answered (`event=request`)."""
-    if not _info_enabled():
-        return
     method, path = shortened(method, MAX_LOGGED_METHOD), shortened(path, MAX_LOGGED_PATH)
     writer = _writer
     if writer is not None and writer.write_fields(
@@ -166,8 +165,6 @@ def log_tunnel_ended(
     request_id: str,
 ) -> None:
     """The close line of a tunnel the balancer did not end itself (`event=tunnel_closed`, no cause)."""
-    if not _info_enabled():
-        return
     writer = _writer
     if writer is not None and writer.write_fields(
         _TUNNEL_ENDED, (client, client_port, pool, backend, duration, bytes_in, bytes_out, request_id)
@@ -276,7 +273,7 @@ class RateLimitSummary:
 
     def _flush(self, now: float) -> None:
         """Log what the interval counted, if anything (and the access log is on); then start counting afresh."""
-        if self._count and self._since is not None and _info_enabled():
+        if self._count and self._since is not None and access_enabled():
             top = max(self._addresses.items(), key=lambda item: item[1]) if self._addresses else ("-", 0)
             _emit(self.event, {
                 "count": self._count, "addresses": len(self._addresses), "top_client": top[0],
@@ -289,5 +286,5 @@ class RateLimitSummary:
 
 def log_tunnel_closed(**fields: Any) -> None:
     """client, pool, backend, duration, bytes_in, bytes_out (all keyword arguments)."""
-    if _info_enabled():
+    if access_enabled():
         _emit("tunnel_closed", fields)

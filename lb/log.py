@@ -20,12 +20,15 @@ import sys
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Final, TextIO, cast
+from typing import TYPE_CHECKING, Final, TextIO, cast
 
 from lb import built_in_c
-from lb.access_log import render_fields, set_access_writer
+from lb.access_log import access_enabled, render_fields, set_access_writer
 from lb.config.model import LogFormat, LoggingConfig
 from lb.log_stream import DroppingHandler, note_dropped
+
+if TYPE_CHECKING:
+    from lb._logwrite import AccessSink
 
 # What a line break inside one event becomes in the plain format.
 LINE_FOLD = " | "
@@ -165,7 +168,7 @@ class AccessLineWriter:
     """
 
     __slots__ = ("_access", "_fd", "_flush_first", "_formatter", "_handler", "_lb", "_prefix", "_process", "_raw",
-                 "_root", "_stream", "plain")
+                 "_root", "_sink", "_stream", "plain")
 
     def __init__(self, handler: logging.StreamHandler[TextIO], log_format: LogFormat, process: str) -> None:
         self._handler = handler
@@ -181,6 +184,8 @@ class AccessLineWriter:
         self._raw: io.FileIO | None = None
         self._fd = -1
         self._flush_first = False
+        # lb._logwrite.AccessSink's write_fields for `_fd`, when it can be made (see `_find_descriptor`).
+        self._sink: Callable[[tuple[str, ...], tuple[object, ...]], bool | None] | None = None
 
     def applies(self) -> bool:
         """True while the handlers are as set up (so the direct line reaches everyone who listens,
@@ -200,10 +205,28 @@ class AccessLineWriter:
 
     def write_fields(self, keys: tuple[str, ...], values: tuple[object, ...]) -> bool:
         """One plain event, its text `render_fields(keys, values)` (rendered by lb._logwrite as it writes,
-        when it does, so that no str is made for it), when the format is plain and `applies()`; False,
-        nothing written, otherwise, for the caller's ordinary path.  One call for the check and the
-        line: the two each handshake logs asked a writer typed by its protocol three times apiece."""
-        if not self.plain or not self.applies():
+        when it does, so that no str is made for it), when the format is plain and `applies()`; also True,
+        with nothing written, when `lb.access` logs nothing at INFO; False, nothing written, otherwise, for
+        the caller's ordinary path.  One call for every check and the line: the two lines each handshake
+        logs asked a writer typed by its protocol three times apiece, and the level once more."""
+        sink = self._sink
+        if sink is not None:
+            # Every check below, and the lock and the write, in one call (lb/_logwrite.c says why); None
+            # when anything is not exactly as the sink was made for: then the checks below decide.
+            try:
+                written = sink(keys, values)
+            except Exception:
+                self._report_failure(None, keys, values)
+                return True
+            if written is not None:
+                if not written:
+                    note_dropped()
+                return True
+        if not self.plain:
+            return False
+        if not access_enabled():
+            return True
+        if not self.applies():
             return False
         self._write(None, keys, values, _NO_FIELDS)
         return True
@@ -239,17 +262,20 @@ class AccessLineWriter:
                              + handler.terminator)
                 stream.flush()
         except Exception:
-            # As StreamHandler.emit: a log that cannot be written (stderr closed, EPIPE) must never
-            # fail the handshake that logs; handleError reports it the way logging does.
-            try:
-                message = render_fields(keys, values) if text is None else text
-            except Exception:  # the rendering is what failed (a value whose str() raises): name the values' types
-                message = "".join(keys) + " (values not rendered: " + ", ".join(type(v).__name__ for v in values) + ")"
-            handler.handleError(logging.makeLogRecord({"name": "lb.access", "msg": message, "levelno": logging.INFO,
-                                                       "levelname": "INFO"}))
+            self._report_failure(text, keys, values)
         finally:
             if lock is not None:
                 lock.release()
+
+    def _report_failure(self, text: str | None, keys: tuple[str, ...], values: tuple[object, ...]) -> None:
+        """As StreamHandler.emit: a line that cannot be written (stderr closed, EPIPE) must never fail
+        the handshake that logs; handleError reports it the way logging does.  Called in the except."""
+        try:
+            message = render_fields(keys, values) if text is None else text
+        except Exception:  # the rendering is what failed (a value whose str() raises): name the values' types
+            message = "".join(keys) + " (values not rendered: " + ", ".join(type(v).__name__ for v in values) + ")"
+        self._handler.handleError(logging.makeLogRecord({"name": "lb.access", "msg": message, "levelno": logging.INFO,
+                                                         "levelname": "INFO"}))
 
     def _line(self, now: float, text: str, fields: dict[str, object]) -> str:
         if self.plain:
@@ -266,7 +292,7 @@ class AccessLineWriter:
         `python -u`, PYTHONUNBUFFERED and the container image make stderr; or line-buffered, stderr's
         default), in an encoding that writes ASCII as ASCII, ending lines with `\\n`.  Anything
         else (a buffered file, a test's capture) is written through the stream."""
-        self._stream, self._raw, self._fd, self._flush_first = stream, None, -1, False
+        self._stream, self._raw, self._fd, self._flush_first, self._sink = stream, None, -1, False, None
         if not isinstance(stream, io.TextIOWrapper) or not (stream.write_through or stream.line_buffering):
             return
         if self._handler.terminator != "\n" or codecs.lookup(stream.encoding).name not in _ASCII_AS_ASCII:
@@ -278,6 +304,26 @@ class AccessLineWriter:
         # A buffered layer under the text may hold bytes (a part line; anything written before a
         # `reconfigure(write_through=True)`): flushed before each direct line, so it goes first.
         self._raw, self._fd, self._flush_first = raw, raw.fileno(), raw is not buffered
+        handler, objects = self._handler, (self._root, self._lb, self._access, self._handler)
+        if (_ACCESS_SINK is not None and self.plain and handler.lock is not None
+                and all(_attributes_are_its_own(obj) for obj in objects)):
+            self._sink = _ACCESS_SINK(self._fd, self._prefix, self._root, self._lb, self._access, handler,
+                                      self._formatter, stream, raw,
+                                      stream.flush if self._flush_first else None).write_fields
+
+
+# What lb._logwrite.AccessSink reads of the loggers and the handler, each from the object's own __dict__.
+_SINK_READS: Final = ("handlers", "propagate", "filters", "disabled", "_cache", "level", "formatter", "stream",
+                      "lock")
+
+
+def _attributes_are_its_own(obj: object) -> bool:
+    """Whether `obj.name`, for each name an AccessSink reads, is what `obj.__dict__` holds: its class
+    looks attributes up the usual way and defines none of those names (a property there would win
+    over the instance's value).  True for logging's own Logger, RootLogger and StreamHandler."""
+    kind = type(obj)
+    return kind.__getattribute__ is object.__getattribute__ and not any(
+        name in vars(klass) for klass in kind.__mro__ for name in _SINK_READS)
 
 
 # Encodings in which an access line (ASCII: every value is, or is escaped to it) is its own bytes.
@@ -289,6 +335,7 @@ _ASCII_AS_ASCII: Final = frozenset({"utf-8", "ascii", "iso8859-1", "cp1252"})
 _WRITE_LINE: Final = cast("Callable[[int, float, str, str], bool] | None", built_in_c("lb._logwrite", "write_line"))
 _WRITE_FIELDS: Final = cast("Callable[[int, float, str, tuple[str, ...], tuple[object, ...]], bool] | None",
                             built_in_c("lb._logwrite", "write_fields"))
+_ACCESS_SINK: Final = cast("type[AccessSink] | None", built_in_c("lb._logwrite", "AccessSink"))
 
 
 _process_name = ""

@@ -292,16 +292,16 @@ _LEVEL_CHANGES: list[tuple[str, Callable[[], object]]] = [
 @given(st.lists(st.sampled_from(range(len(_LEVEL_CHANGES))), max_size=12))
 @settings(max_examples=300)
 def test_the_access_log_is_on_exactly_when_its_logger_says_info_is(changes: list[int]) -> None:
-    """_info_enabled reads isEnabledFor's own cache: after any sequence of level changes, `disable`s and
+    """access_enabled reads isEnabledFor's own cache: after any sequence of level changes, `disable`s and
     a disabled logger, before the cache is filled and after, it answers what isEnabledFor answers."""
     access = logging.getLogger("lb.access")
     with _logging_restored():
         for index in changes:
             _LEVEL_CHANGES[index][1]()
-            first = access_log._info_enabled()  # the cache was cleared by most changes: the slow way
+            first = access_log.access_enabled()  # the cache was cleared by most changes: the slow way
             expected = access.isEnabledFor(logging.INFO)
             assert first is expected, _LEVEL_CHANGES[index][0]
-            assert access_log._info_enabled() is expected, _LEVEL_CHANGES[index][0]  # from the cache
+            assert access_log.access_enabled() is expected, _LEVEL_CHANGES[index][0]  # from the cache
 
 
 def test_a_line_bucket_gives_its_burst_then_its_rate() -> None:

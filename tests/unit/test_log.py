@@ -10,8 +10,9 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,95 @@ def test_access_lines_written_to_the_descriptor_equal_the_logging_path(
     assert answered.startswith("part:") and ordinary_answered.startswith("part:")
     descriptor = writer._fd >= 0  # type: ignore[attr-defined]
     assert descriptor is (kind != "buffered")
+
+
+# Changes to logging an AccessSink must notice (each with its undoing), for the test below: (name, do).
+_EXTRA = logging.Handler()
+_OTHER_FORMATTER = logging.Formatter("custom %(message)s")
+_SINK_CHANGES: list[tuple[str, Callable[[logging.Handler, io.TextIOWrapper, io.TextIOWrapper], object]]] = [
+    ("handler on root", lambda h, s, o: logging.getLogger().addHandler(_EXTRA)),
+    ("no handler on root", lambda h, s, o: logging.getLogger().removeHandler(_EXTRA)),
+    ("handler on lb", lambda h, s, o: logging.getLogger("lb").addHandler(_EXTRA)),
+    ("no handler on lb", lambda h, s, o: logging.getLogger("lb").removeHandler(_EXTRA)),
+    ("handler on lb.access", lambda h, s, o: logging.getLogger("lb.access").addHandler(_EXTRA)),
+    ("no handler on lb.access", lambda h, s, o: logging.getLogger("lb.access").removeHandler(_EXTRA)),
+    ("lb.access does not propagate", lambda h, s, o: setattr(logging.getLogger("lb.access"), "propagate", False)),
+    ("lb.access propagates", lambda h, s, o: setattr(logging.getLogger("lb.access"), "propagate", True)),
+    ("lb does not propagate", lambda h, s, o: setattr(logging.getLogger("lb"), "propagate", False)),
+    ("lb propagates", lambda h, s, o: setattr(logging.getLogger("lb"), "propagate", True)),
+    ("filter on lb.access", lambda h, s, o: logging.getLogger("lb.access").addFilter(bool)),
+    ("no filter on lb.access", lambda h, s, o: logging.getLogger("lb.access").filters.clear()),
+    ("filter on the handler", lambda h, s, o: h.addFilter(bool)),
+    ("no filter on the handler", lambda h, s, o: h.filters.clear()),
+    ("level on the handler", lambda h, s, o: h.setLevel(logging.ERROR)),
+    ("no level on the handler", lambda h, s, o: h.setLevel(logging.NOTSET)),
+    ("another formatter", lambda h, s, o: h.setFormatter(_OTHER_FORMATTER)),
+    ("another stream", lambda h, s, o: setattr(h, "stream", o)),
+    ("the stream again", lambda h, s, o: setattr(h, "stream", s)),
+    ("lb.access at WARNING", lambda h, s, o: logging.getLogger("lb.access").setLevel(logging.WARNING)),
+    ("lb.access at INFO", lambda h, s, o: logging.getLogger("lb.access").setLevel(logging.INFO)),
+    ("lb.access at NOTSET", lambda h, s, o: logging.getLogger("lb.access").setLevel(logging.NOTSET)),
+    ("root at ERROR", lambda h, s, o: logging.getLogger().setLevel(logging.ERROR)),
+    ("root at INFO", lambda h, s, o: logging.getLogger().setLevel(logging.INFO)),
+    ("disable INFO", lambda h, s, o: logging.disable(logging.INFO)),
+    ("disable nothing", lambda h, s, o: logging.disable(logging.NOTSET)),
+    ("lb.access disabled", lambda h, s, o: setattr(logging.getLogger("lb.access"), "disabled", True)),
+    ("lb.access enabled", lambda h, s, o: setattr(logging.getLogger("lb.access"), "disabled", False)),
+]
+
+
+@pytest.mark.parametrize("kind", ["unbuffered", "line"])  # the sink flushes the buffered layer of the second first
+@given(st.lists(st.sampled_from(range(len(_SINK_CHANGES))), max_size=10))
+@settings(max_examples=200, deadline=None)
+def test_an_access_sink_writes_only_where_the_python_checks_would(kind: str, changes: list[int]) -> None:
+    """lb._logwrite.AccessSink judges `applies()` and the level in C: after any sequence of changes to the
+    loggers, the handler and the level, it writes a line only where the Python checks would write one,
+    says "no line due" only where lb.access logs nothing at INFO, and otherwise leaves the line to them
+    (None).  As set up, it writes."""
+    if not log_writer_built():
+        pytest.skip(NOT_BUILT + ", or LB_PURE_PYTHON=1 sets it aside")
+    from lb import access_log
+    from lb.access_log import access_enabled
+
+    keys, values = ("event=x a=",), ("y",)
+    root, lb_logger, access = logging.getLogger(), logging.getLogger("lb"), logging.getLogger("lb.access")
+    saved = (root.handlers[:], root.level, lb_logger.handlers[:], access.handlers[:], access.level,
+             logging.root.manager.disable)
+    with tempfile.TemporaryDirectory() as tmp, _stderr_like(Path(tmp) / "err", kind) as stream, \
+            _stderr_like(Path(tmp) / "other", "unbuffered") as other:
+        try:
+            _setup_on(stream)
+            writer = access_log._writer
+            assert writer is not None and writer.write_fields(keys, values)  # the Python path: finds the sink
+            sink = writer._sink  # type: ignore[attr-defined]
+            assert sink is not None, "a sink for stderr as Python makes it"
+            handler = root.handlers[0]
+            path = Path(tmp) / "err"
+            for index in [None, *changes]:
+                if index is not None:
+                    _SINK_CHANGES[index][1](handler, stream, other)
+                before = path.stat().st_size
+                result = sink(keys, values)
+                wrote = path.stat().st_size > before
+                name = "as set up" if index is None else _SINK_CHANGES[index][0]
+                if index is None:
+                    assert result is True and wrote, name
+                elif result is None:
+                    assert not wrote, name
+                elif wrote:
+                    assert result is True and access_enabled() and writer.applies(), name
+                else:
+                    assert result is True and not access_enabled(), name
+        finally:
+            for change in ("no handler on root", "no handler on lb", "no handler on lb.access"):
+                dict(_SINK_CHANGES)[change](logging.Handler(), stream, other)
+            root.handlers[:], lb_logger.handlers[:], access.handlers[:] = saved[0], saved[2], saved[3]
+            root.setLevel(saved[1])
+            access.setLevel(saved[4])
+            logging.disable(saved[5])
+            access.propagate = lb_logger.propagate = True
+            access.disabled = False
+            access.filters.clear()
 
 
 def test_the_descriptor_is_not_used_where_it_would_write_otherwise_than_the_stream(
