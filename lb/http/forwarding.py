@@ -10,8 +10,18 @@ from collections.abc import Callable
 from typing import Final, cast
 from urllib.parse import unquote_plus
 
+from lb import built_in_c
 from lb.http.cookies import set_cookie_value
-from lb.http.head import PROXY_CLAIMS, Head, RequestHead, ResponseHead, field_name_lowered, is_host, render_head
+from lb.http.head import (
+    KNOWN_LOWERED,
+    PROXY_CLAIMS,
+    Head,
+    RequestHead,
+    ResponseHead,
+    field_name_lowered,
+    is_host,
+    render_head,
+)
 
 # RFC 9110 §7.6.1 plus the de-facto ones every proxy strips.  Transfer-Encoding
 # stays: bodies are relayed as they come, so their framing must travel with them, and
@@ -114,12 +124,52 @@ def render_forwarded_request(
     # `_` aliases of our headers (X_Forwarded_For) are already dropped: lb.http.head does both.
     sent_target = target or request.target
     host = head.get("host")
+    forwarded_host = host
+    if trusted_peer:
+        # The proxy in front ended the client's connection: its word on the scheme and the host the
+        # client asked for stands (a TLS-terminating front says https), as X-Forwarded-Port does.
+        proto = _first_claim(head, "x-forwarded-proto", _scheme) or proto
+        forwarded_host = _first_claim(head, "x-forwarded-host", _host) or host
+    added = [("X-Forwarded-For", forwarded_for), ("X-Forwarded-Proto", proto)]
+    if forwarded_host is not None:
+        added.append(("X-Forwarded-Host", forwarded_host))
+    if host is None:
+        # HTTP/1.0 may omit Host; a backend may still need one to route (RFC 9112 §3.2).
+        added.append(("Host", backend_host))
+    # A WebSocket keeps the upgrade.  Anything else: one request per backend connection,
+    # so the end of the response is also the end of the connection, and nothing can be
+    # smuggled behind it.
+    tail = _UPGRADE_FIELDS if websocket else _CLOSE_FIELDS
+    # The client's own version: a backend then answers an HTTP/1.0 client as one (no chunked
+    # body, no 1xx, RFC 9112 §6.1, RFC 9110 §15.2), which the client could not read otherwise.
+    if append_cookie is None and _FORWARD is not None:
+        rendered = _FORWARD(request.method, sent_target, request.version, head.headers, dropped, KNOWN_LOWERED,
+                            rewrite_cookie, added, tail)
+        if rendered is not None:  # what forwarded_in_python makes (a test holds them equal)
+            return rendered
+    return forwarded_in_python(request.method, sent_target, request.version, head.headers, dropped, rewrite_cookie,
+                               append_cookie, added, tail)
+
+
+def forwarded_in_python(
+    method: str,
+    target: str,
+    version: str,
+    headers: tuple[tuple[str, str], ...],
+    dropped: frozenset[str],
+    rewrite_cookie: Callable[[str], str | None] | None,
+    append_cookie: str | None,
+    added: list[tuple[str, str]],
+    tail: tuple[tuple[str, str], ...],
+) -> bytes:
+    """The forwarded head (`render_forwarded_request`'s arguments as it passes them on): the client's fields
+    less `dropped`, each Cookie through `rewrite_cookie` and `append_cookie` placed, then `added`, then `tail`."""
     # The client's (name, value) pairs are passed on as they are (render_head copies each once).
     # Held as objects: compiled, a `tuple[str, str]` variable is unpacked, and appending it would
     # build the pair again.
     fields: list[object] = []
     cookie_at, cookie_kept = -1, False  # where the client's last Cookie line is (or was dropped)
-    for field in cast("tuple[object, ...]", head.headers):
+    for field in cast("tuple[object, ...]", headers):
         name, value = cast("tuple[str, str]", field)
         lowered = field_name_lowered(name)
         if lowered in dropped:
@@ -137,26 +187,17 @@ def render_forwarded_request(
             fields[cookie_at] = (name, f"{value}; {append_cookie}")
         else:
             fields.insert(cookie_at if cookie_at >= 0 else len(fields), ("Cookie", append_cookie))
-    forwarded_host = host
-    if trusted_peer:
-        # The proxy in front ended the client's connection: its word on the scheme and the host the
-        # client asked for stands (a TLS-terminating front says https), as X-Forwarded-Port does.
-        proto = _first_claim(head, "x-forwarded-proto", _scheme) or proto
-        forwarded_host = _first_claim(head, "x-forwarded-host", _host) or host
-    fields.append(("X-Forwarded-For", forwarded_for))
-    fields.append(("X-Forwarded-Proto", proto))
-    if forwarded_host is not None:
-        fields.append(("X-Forwarded-Host", forwarded_host))
-    if host is None:
-        # HTTP/1.0 may omit Host; a backend may still need one to route (RFC 9112 §3.2).
-        fields.append(("Host", backend_host))
-    # A WebSocket keeps the upgrade.  Anything else: one request per backend connection,
-    # so the end of the response is also the end of the connection, and nothing can be
-    # smuggled behind it.
-    fields.extend(_UPGRADE_FIELDS if websocket else _CLOSE_FIELDS)
-    # The client's own version: a backend then answers an HTTP/1.0 client as one (no chunked
-    # body, no 1xx, RFC 9112 §6.1, RFC 9110 §15.2), which the client could not read otherwise.
-    return render_head(f"{request.method} {sent_target} {request.version}", cast("list[tuple[str, str]]", fields))
+    fields.extend(added)
+    fields.extend(tail)
+    return render_head(f"{method} {target} {version}", cast("list[tuple[str, str]]", fields))
+
+
+# lb.http._render's one pass (append_cookie aside), or None (not built, or LB_PURE_PYTHON=1): forwarded_in_python.
+_FORWARD: Final = cast(
+    "Callable[[str, str, str, tuple[tuple[str, str], ...], frozenset[str], dict[str, str], "
+    "Callable[[str], str | None] | None, list[tuple[str, str]], tuple[tuple[str, str], ...]], bytes | None] | None",
+    built_in_c("lb.http._render", "forward_request"),
+)
 
 
 _UPGRADE_FIELDS: Final = (("Connection", "Upgrade"), ("Upgrade", "websocket"))

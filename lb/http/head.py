@@ -252,7 +252,7 @@ _MAX_NAMES_REMEMBERED: Final = 256
 
 # The header names lb.http._scan knows (as browsers and gateways spell them, and in lower case) to their
 # lower case, interned by it; empty when it is not built (or LB_PURE_PYTHON=1).
-_KNOWN_LOWERED: Final = cast("dict[str, str] | None", built_in_c("lb.http._scan", "known_lowered")) or {}
+KNOWN_LOWERED: Final = cast("dict[str, str] | None", built_in_c("lb.http._scan", "known_lowered")) or {}
 
 
 def field_name_lowered(name: str) -> str:
@@ -261,7 +261,7 @@ def field_name_lowered(name: str) -> str:
     instructions a field, five or more a handshake (`python -m bench.instructions_live`: 2,200 fewer).
     Any other is lowered as it comes, never remembered (`_lowered` remembers ours: a client's names
     would fill it)."""
-    return _KNOWN_LOWERED.get(name) or name.lower()
+    return KNOWN_LOWERED.get(name) or name.lower()
 
 
 def protected_headers(affinity_header: str | None, routing_headers: Iterable[str] = ()) -> frozenset[str]:

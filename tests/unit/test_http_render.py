@@ -96,3 +96,72 @@ def test_the_c_pass_is_used_when_built_and_set_aside_by_lb_pure_python() -> None
     env = {**os.environ, "LB_PURE_PYTHON": "1"}
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True", done.stderr
+
+
+# -- forward_request: the forwarded request, its client's fields filtered as they are copied ---------------
+
+# Names as clients spell them: known to lb.http._scan in any case, unknown ones, and ones not ASCII
+# (never a token: the C pass leaves those to Python).
+_names = st.sampled_from([
+    "Host", "host", "Cookie", "cookie", "COOKIE", "Connection", "Upgrade", "X-Forwarded-For", "x-forwarded-for",
+    "Sec-WebSocket-Key", "User-Agent", "Keep-Alive", "TE", "X-Real-IP", "X-Custom", "x-custom", "X-CUSTOM", "A",
+    "\xd1ame", "Na\u0100e",
+]) | st.from_regex(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,12}", fullmatch=True)
+_values = st.text(st.characters(max_codepoint=0xFF, exclude_categories=["Cs"]), max_size=20) | st.just("caf\u0100")
+_dropped = st.frozensets(st.sampled_from([
+    "host", "cookie", "connection", "upgrade", "x-forwarded-for", "keep-alive", "te", "x-real-ip", "x-custom", "a",
+    "user-agent", "\xf1ame",
+]))
+
+
+def _rewrites(kind: int) -> object:
+    """None, or a Cookie rewrite: dropping every value, appending to it, or giving one past latin-1."""
+    return [None, lambda value: None, lambda value: value + "; b=1", lambda value: "x\u0100",
+            lambda value: value if "=" in value else None][kind]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "POST", "M\xe9", "G\u0100T"]),
+    target=st.sampled_from(["/", "/ws?x=1", "/caf\xe9"]),
+    version=st.sampled_from(["HTTP/1.1", "HTTP/1.0"]),
+    fields=st.lists(st.tuples(_names, _values), max_size=70),
+    dropped=_dropped,
+    rewrite=st.integers(0, 4),
+    added=st.lists(st.tuples(st.sampled_from(["X-Forwarded-For", "Host"]), _values), max_size=4),
+    websocket=st.booleans(),
+)
+def test_the_c_forwarded_request_is_the_python_one(
+    method: str, target: str, version: str, fields: list[tuple[str, str]], dropped: frozenset[str], rewrite: int,
+    added: list[tuple[str, str]], websocket: bool,
+) -> None:
+    """Whatever lb.http._render.forward_request writes, lb.http.forwarding.forwarded_in_python writes the same
+    bytes; it leaves to Python only what is not one byte a character or a name not ASCII."""
+    from lb.http import forwarding
+
+    rewrite_cookie = _rewrites(rewrite)
+    tail = forwarding._UPGRADE_FIELDS if websocket else forwarding._CLOSE_FIELDS
+    headers = tuple(fields)
+    fast = render.forward_request(method, target, version, headers, dropped, current.KNOWN_LOWERED, rewrite_cookie,
+                                  added, tail)
+    try:
+        expected: bytes | type[Exception] = forwarding.forwarded_in_python(
+            method, target, version, headers, dropped, rewrite_cookie, None, added, tail)  # type: ignore[arg-type]
+    except UnicodeEncodeError:
+        expected = UnicodeEncodeError
+    assert fast is None or fast == expected
+    pieces = [method, target, *(piece for pair in (*fields, *added) for piece in pair)]
+    if all(max(map(ord, piece), default=0) < 256 for piece in pieces) and all(name.isascii() for name, _ in fields) \
+            and rewrite != 3:
+        assert fast == expected  # every such head is the C pass's
+
+
+def test_the_c_forwarded_request_of_a_handshake() -> None:
+    fields = (("Host", "lb.example"), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+              ("Cookie", "a=1; lb=T"), ("X-Forwarded-For", "6.6.6.6"), ("Sec-WebSocket-Key", "k"))
+    dropped = frozenset({"connection", "upgrade", "x-forwarded-for"})
+    rendered = render.forward_request("GET", "/ws", "HTTP/1.1", fields, dropped, current.KNOWN_LOWERED,
+                                      lambda value: "a=1", [("X-Forwarded-For", "127.0.0.9")],
+                                      (("Connection", "Upgrade"), ("Upgrade", "websocket")))
+    assert rendered == (b"GET /ws HTTP/1.1\r\nHost: lb.example\r\nCookie: a=1\r\nSec-WebSocket-Key: k\r\n"
+                        b"X-Forwarded-For: 127.0.0.9\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")

@@ -412,16 +412,20 @@ def test_an_access_line_whose_value_cannot_be_rendered_does_not_raise(tmp_path: 
     writer = AccessLineWriter(handler, LogFormat.PLAIN, "")
     reported: list[logging.LogRecord] = []
     handler.handleError = reported.append  # type: ignore[method-assign]
-    root = logging.getLogger()
-    saved = root.handlers[:]
+    root, access = logging.getLogger(), logging.getLogger("lb.access")
+    saved = root.handlers[:], access.level
     root.handlers[:] = [handler]  # as setup_logging leaves it: the writer applies
+    access.setLevel(logging.INFO)  # a line is due (at WARNING, write_fields has nothing to write)
     try:
         assert writer.write_fields(("event=x a=",), (Unprintable(),))
         assert writer.write_fields(("event=x a=",), (10**5000,))
     finally:
-        root.handlers[:] = saved
+        root.handlers[:] = saved[0]
     assert len(reported) == 2 and "Unprintable" in str(reported[0].msg)
-    assert not writer.write_fields(("event=x a=",), ("y",))  # its handler gone: the ordinary path's to write
+    try:
+        assert not writer.write_fields(("event=x a=",), ("y",))  # its handler gone: the ordinary path's to write
+    finally:
+        access.setLevel(saved[1])
     stream.close()
 
 
