@@ -1,0 +1,280 @@
+/* lb.affinity._aead: the affinity token's AES-256-GCM, through the OpenSSL the interpreter has loaded.
+ *
+ * `AesGcm(key)` holds a 32-byte key; `encrypt(nonce, data, aad)` returns the ciphertext followed by
+ * its 16-byte tag, as cryptography's AESGCM.encrypt does, and `decrypt(nonce, data, aad)` the
+ * plaintext, or None where AESGCM.decrypt raises InvalidTag (a tag that does not match, or data
+ * shorter than a tag).  Nonces are 12 bytes (the token's).  tests/unit/test_aead.py holds both to
+ * cryptography's AESGCM, which lb.affinity.codec uses when this module is not built or not loaded.
+ *
+ * Why C, by hand: each handshake seals one token (a new client) or opens one (a returning client),
+ * and cryptography's AESGCM made a cipher context for every call (a new one, a copy of the key's,
+ * the IV set, then freed), and passed in and out of Rust through pyo3: some 5,000 instructions a
+ * call (`python -m bench.instructions_live --profile`), where the cipher itself is a few hundred.
+ * Here each key keeps one context for sealing and one for opening, made once, and a call only sets
+ * the nonce: the same EVP calls cryptography makes, on the same library.
+ *
+ * Which library: the libcrypto Python's own `_hashlib` is linked against (OpenSSL 1.1.1 or 3), found
+ * through that module's handle (dlopen of the loaded file, RTLD_NOLOAD), so that building needs no
+ * OpenSSL headers and the process holds no second OpenSSL.  The few EVP functions used are declared
+ * here as OpenSSL declares them; their ABI has been stable since 1.1.0.  When `_hashlib` is built in, not
+ * there, or lacks one of them, importing this module fails with ImportError, and the codec uses
+ * cryptography.  The GIL is held throughout: a key's contexts are never used by two threads at once
+ * (the admin thread's /lookup opens tokens too), and a call is too short to be worth releasing it.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <dlfcn.h>
+#include <limits.h>
+#include <string.h>
+
+#define KEY_BYTES 32
+#define NONCE_BYTES 12
+#define TAG_BYTES 16
+
+/* OpenSSL's types, opaque here as they are to its users, and the controls used (include/openssl/evp.h). */
+typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
+typedef struct evp_cipher_st EVP_CIPHER;
+typedef struct engine_st ENGINE;
+#define EVP_CTRL_GCM_GET_TAG 0x10
+#define EVP_CTRL_GCM_SET_TAG 0x11
+
+typedef int (*init_function)(EVP_CIPHER_CTX *, const EVP_CIPHER *, ENGINE *, const unsigned char *,
+                             const unsigned char *);
+typedef int (*update_function)(EVP_CIPHER_CTX *, unsigned char *, int *, const unsigned char *, int);
+typedef int (*final_function)(EVP_CIPHER_CTX *, unsigned char *, int *);
+
+static EVP_CIPHER_CTX *(*ctx_new)(void);
+static void (*ctx_free)(EVP_CIPHER_CTX *);
+static int (*ctx_ctrl)(EVP_CIPHER_CTX *, int, int, void *);
+static const EVP_CIPHER *(*aes_256_gcm)(void);
+static init_function encrypt_init, decrypt_init;
+static update_function encrypt_update, decrypt_update;
+static final_function encrypt_final, decrypt_final;
+
+typedef struct {
+    PyObject_HEAD
+    EVP_CIPHER_CTX *seal; /* the key set; each call sets its nonce */
+    EVP_CIPHER_CTX *open;
+} AesGcm;
+
+static PyObject *
+openssl_failed(const char *what)
+{
+    PyErr_Format(PyExc_RuntimeError, "OpenSSL's %s failed", what);
+    return NULL;
+}
+
+static int
+aead_init(AesGcm *self, PyObject *args, PyObject *kwargs)
+{
+    Py_buffer key;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+        PyErr_SetString(PyExc_TypeError, "AesGcm() takes no keyword arguments");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "y*:AesGcm", &key)) {
+        return -1;
+    }
+    int result = -1;
+    if (key.len != KEY_BYTES) {
+        PyErr_SetString(PyExc_ValueError, "AesGcm() takes a 32-byte key");
+    }
+    else if (self->seal != NULL) {
+        PyErr_SetString(PyExc_TypeError, "AesGcm() is made once");
+    }
+    else if ((self->seal = ctx_new()) == NULL || (self->open = ctx_new()) == NULL) {
+        PyErr_NoMemory();
+    }
+    else if (encrypt_init(self->seal, aes_256_gcm(), NULL, key.buf, NULL) != 1
+             || decrypt_init(self->open, aes_256_gcm(), NULL, key.buf, NULL) != 1) {
+        openssl_failed("cipher set-up");
+    }
+    else {
+        result = 0;
+    }
+    PyBuffer_Release(&key);
+    return result;
+}
+
+static void
+aead_dealloc(AesGcm *self)
+{
+    if (self->seal != NULL) {
+        ctx_free(self->seal);
+    }
+    if (self->open != NULL) {
+        ctx_free(self->open);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The three arguments of either call, as bytes: 0, or -1 with an exception set. */
+static int
+read_arguments(AesGcm *self, PyObject *const *args, Py_ssize_t nargs, const char *name)
+{
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "%s(nonce, data, aad) takes 3 arguments", name);
+        return -1;
+    }
+    if (!PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) || !PyBytes_Check(args[2])) {
+        PyErr_Format(PyExc_TypeError, "%s() takes bytes", name);
+        return -1;
+    }
+    if (PyBytes_GET_SIZE(args[0]) != NONCE_BYTES) {
+        PyErr_Format(PyExc_ValueError, "%s() takes a 12-byte nonce", name);
+        return -1;
+    }
+    if (PyBytes_GET_SIZE(args[1]) > INT_MAX - TAG_BYTES || PyBytes_GET_SIZE(args[2]) > INT_MAX) {
+        PyErr_Format(PyExc_OverflowError, "%s(): data too long", name);
+        return -1;
+    }
+    if (self->seal == NULL) {
+        PyErr_SetString(PyExc_TypeError, "AesGcm() was not given its key");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+aead_encrypt(AesGcm *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (read_arguments(self, args, nargs, "encrypt") < 0) {
+        return NULL;
+    }
+    const unsigned char *nonce = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[1]);
+    const unsigned char *aad = (const unsigned char *)PyBytes_AS_STRING(args[2]);
+    int length = (int)PyBytes_GET_SIZE(args[1]), aad_length = (int)PyBytes_GET_SIZE(args[2]);
+    PyObject *sealed = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)length + TAG_BYTES);
+    if (sealed == NULL) {
+        return NULL;
+    }
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(sealed);
+    int written = 0, last = 0;
+    if (encrypt_init(self->seal, NULL, NULL, NULL, nonce) != 1
+        || (aad_length > 0 && encrypt_update(self->seal, NULL, &last, aad, aad_length) != 1)
+        || (length > 0 && encrypt_update(self->seal, out, &written, data, length) != 1)
+        || encrypt_final(self->seal, out + written, &last) != 1 || written + last != length
+        || ctx_ctrl(self->seal, EVP_CTRL_GCM_GET_TAG, TAG_BYTES, out + length) != 1) {
+        Py_DECREF(sealed);
+        return openssl_failed("AES-GCM encryption");
+    }
+    return sealed;
+}
+
+static PyObject *
+aead_decrypt(AesGcm *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (read_arguments(self, args, nargs, "decrypt") < 0) {
+        return NULL;
+    }
+    if (PyBytes_GET_SIZE(args[1]) < TAG_BYTES) {
+        Py_RETURN_NONE;
+    }
+    const unsigned char *nonce = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[1]);
+    const unsigned char *aad = (const unsigned char *)PyBytes_AS_STRING(args[2]);
+    int length = (int)PyBytes_GET_SIZE(args[1]) - TAG_BYTES, aad_length = (int)PyBytes_GET_SIZE(args[2]);
+    unsigned char tag[TAG_BYTES]; /* SET_TAG takes a pointer it does not write through, typed writable */
+    memcpy(tag, data + length, TAG_BYTES);
+    PyObject *plain = PyBytes_FromStringAndSize(NULL, length);
+    if (plain == NULL) {
+        return NULL;
+    }
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(plain);
+    int written = 0, last = 0;
+    if (decrypt_init(self->open, NULL, NULL, NULL, nonce) != 1
+        || (aad_length > 0 && decrypt_update(self->open, NULL, &last, aad, aad_length) != 1)
+        || (length > 0 && decrypt_update(self->open, out, &written, data, length) != 1) || written != length
+        || ctx_ctrl(self->open, EVP_CTRL_GCM_SET_TAG, TAG_BYTES, tag) != 1) {
+        Py_DECREF(plain);
+        return openssl_failed("AES-GCM decryption");
+    }
+    if (decrypt_final(self->open, out + written, &last) != 1) { /* the tag does not match */
+        Py_DECREF(plain);
+        Py_RETURN_NONE;
+    }
+    return plain;
+}
+
+static PyMethodDef aead_methods[] = {
+    {"encrypt", (PyCFunction)(void (*)(void))aead_encrypt, METH_FASTCALL,
+     "encrypt(nonce, data, aad) -> bytes: the ciphertext and its 16-byte tag (cryptography's AESGCM.encrypt)."},
+    {"decrypt", (PyCFunction)(void (*)(void))aead_decrypt, METH_FASTCALL,
+     "decrypt(nonce, data, aad) -> bytes | None: the plaintext, or None where AESGCM.decrypt raises InvalidTag."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject AesGcmType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lb.affinity._aead.AesGcm",
+    .tp_basicsize = sizeof(AesGcm),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "AesGcm(key): AES-256-GCM with a 32-byte key, its OpenSSL contexts made once.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)aead_init,
+    .tp_dealloc = (destructor)aead_dealloc,
+    .tp_methods = aead_methods,
+};
+
+/* The EVP functions, from the libcrypto `_hashlib` was loaded with: 0, or -1 with ImportError set. */
+static int
+find_libcrypto(void)
+{
+    PyObject *hashlib = PyImport_ImportModule("_hashlib");
+    if (hashlib == NULL) {
+        return -1;
+    }
+    PyObject *file = PyObject_GetAttrString(hashlib, "__file__");
+    Py_DECREF(hashlib);
+    const char *path = file == NULL ? NULL : PyUnicode_AsUTF8(file);
+    void *handle = path == NULL ? NULL : dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    Py_XDECREF(file);
+    if (handle == NULL) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ImportError, "lb.affinity._aead: no loaded _hashlib module to find OpenSSL through");
+        return -1;
+    }
+    struct {
+        void **slot;
+        const char *name;
+    } wanted[] = {
+        {(void **)&ctx_new, "EVP_CIPHER_CTX_new"},         {(void **)&ctx_free, "EVP_CIPHER_CTX_free"},
+        {(void **)&ctx_ctrl, "EVP_CIPHER_CTX_ctrl"},       {(void **)&aes_256_gcm, "EVP_aes_256_gcm"},
+        {(void **)&encrypt_init, "EVP_EncryptInit_ex"},    {(void **)&encrypt_update, "EVP_EncryptUpdate"},
+        {(void **)&encrypt_final, "EVP_EncryptFinal_ex"}, {(void **)&decrypt_init, "EVP_DecryptInit_ex"},
+        {(void **)&decrypt_update, "EVP_DecryptUpdate"},   {(void **)&decrypt_final, "EVP_DecryptFinal_ex"},
+    };
+    for (size_t i = 0; i < sizeof wanted / sizeof wanted[0]; i++) {
+        if ((*wanted[i].slot = dlsym(handle, wanted[i].name)) == NULL) {
+            PyErr_Format(PyExc_ImportError, "lb.affinity._aead: OpenSSL has no %s", wanted[i].name);
+            return -1; /* the handle stays open: _hashlib holds the library anyway */
+        }
+    }
+    return 0;
+}
+
+static struct PyModuleDef module_definition = {
+    PyModuleDef_HEAD_INIT, "lb.affinity._aead", "AES-256-GCM with contexts kept per key.", -1, NULL,
+    NULL, NULL, NULL, NULL,
+};
+
+/* Single-phase initialisation, as mypyc's modules and lb.http._scan: one interpreter per process. */
+PyMODINIT_FUNC
+PyInit__aead(void)
+{
+    if (find_libcrypto() < 0 || PyType_Ready(&AesGcmType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&module_definition);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObject(module, "AesGcm", Py_NewRef((PyObject *)&AesGcmType)) < 0) {
+        Py_DECREF(&AesGcmType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
