@@ -507,6 +507,25 @@ attribute_is(PyObject *obj, PyObject *name, PyObject *expected)
 
 #define NOT_WANTED 2 /* sink_as_set_up: lb.access is not enabled at INFO, and no line is to be written */
 
+/* 1 while the handler's stream is the one the sink was made for and the file under it is open, 0 when
+ * not, -1 on an error.  Asked again once the lock is held, as the Python path asks it: a thread that
+ * held the lock may have replaced the stream and closed the old one (its descriptor's number may
+ * belong to another file by now). */
+static int
+sink_stream_as_set_up(AccessSink *self)
+{
+    int as_set_up = attribute_is(self->handler, NAME_STREAM, self->stream);
+    if (as_set_up != 1) {
+        return as_set_up;
+    }
+    PyObject *closed = PyObject_GetAttr(self->raw, NAME_CLOSED);
+    if (closed == NULL) {
+        return -1;
+    }
+    Py_DECREF(closed);
+    return closed == Py_False;
+}
+
 /* 1 while everything is as the sink was made for (see above), NOT_WANTED when lb.access says for sure
  * that it logs nothing at INFO, 0 when anything is not as set up, -1 on an error. */
 static int
@@ -522,7 +541,9 @@ sink_as_set_up(AccessSink *self)
     if (cache == NULL || !PyDict_CheckExact(cache)) {
         return PyErr_Occurred() ? -1 : 0;
     }
+    Py_INCREF(cache); /* its keys are ints, but held all the same while it is looked in */
     PyObject *enabled = PyDict_GetItemWithError(cache, LEVEL_INFO);
+    Py_DECREF(cache);
     if (enabled != Py_True) {
         return enabled == Py_False ? NOT_WANTED : PyErr_Occurred() ? -1 : 0;
     }
@@ -539,7 +560,6 @@ sink_as_set_up(AccessSink *self)
         || (as_set_up = empty_list(self->access, NAME_FILTERS)) != 1
         || (as_set_up = empty_list(self->handler, NAME_FILTERS)) != 1
         || (as_set_up = attribute_is(self->handler, NAME_FORMATTER, self->formatter)) != 1
-        || (as_set_up = attribute_is(self->handler, NAME_STREAM, self->stream)) != 1
         || (as_set_up = attribute_is(self->handler, NAME_LOCK, self->lock)) != 1) {
         return as_set_up;
     }
@@ -549,13 +569,7 @@ sink_as_set_up(AccessSink *self)
         || overflow) { /* not logging.NOTSET: an exact int can neither fail nor overflow but by being large */
         return PyErr_Occurred() ? -1 : 0;
     }
-    /* A stream closed but left in place: its descriptor's number may belong to another file by now. */
-    PyObject *closed = PyObject_GetAttr(self->raw, NAME_CLOSED);
-    if (closed == NULL) {
-        return -1;
-    }
-    Py_DECREF(closed);
-    return closed == Py_False;
+    return sink_stream_as_set_up(self);
 }
 
 /* time.time(), as it reads the clock. */
@@ -568,6 +582,25 @@ wall_clock(void)
     return (double)nanoseconds / 1e9;
 }
 
+/* The handler's lock released, keeping an exception already set (the line's error survives the release):
+ * 0, or -1 with the release's own exception. */
+static int
+sink_release(AccessSink *self)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *released = PyObject_CallNoArgs(self->release);
+    if (released == NULL) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+        return -1;
+    }
+    Py_DECREF(released);
+    PyErr_Restore(type, value, traceback);
+    return 0;
+}
+
 static PyObject *
 sink_write_fields(AccessSink *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -576,6 +609,10 @@ sink_write_fields(AccessSink *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (keys_and_values(args[0], args[1]) < 0) {
+        return NULL;
+    }
+    if (self->access == NULL) {
+        PyErr_SetString(PyExc_TypeError, "AccessSink() was not given its objects");
         return NULL;
     }
     int as_set_up = sink_as_set_up(self);
@@ -589,7 +626,14 @@ sink_write_fields(AccessSink *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_DECREF(taken);
-    int result = 0;
+    int result = sink_stream_as_set_up(self); /* again, under the lock (see there) */
+    if (result != 1) {
+        if (sink_release(self) < 0 || result < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    result = 0;
     if (self->flush != Py_None) {
         PyObject *flushed = PyObject_CallNoArgs(self->flush);
         result = flushed == NULL ? -1 : 0;
@@ -598,18 +642,7 @@ sink_write_fields(AccessSink *self, PyObject *const *args, Py_ssize_t nargs)
     if (result == 0) {
         result = render_and_write(self->fd, created, self->middle, args[0], args[1]);
     }
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback); /* the line's error, if any, survives the release */
-    PyObject *released = PyObject_CallNoArgs(self->release);
-    if (released == NULL) {
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(traceback);
-        return NULL;
-    }
-    Py_DECREF(released);
-    PyErr_Restore(type, value, traceback);
-    if (result < 0) {
+    if (sink_release(self) < 0 || result < 0) {
         return NULL;
     }
     return PyBool_FromLong(result == 0);
@@ -634,6 +667,10 @@ sink_init(AccessSink *self, PyObject *args, PyObject *kwargs)
     }
     if (fd < 0) {
         PyErr_SetString(PyExc_ValueError, "AccessSink() takes a descriptor");
+        return -1;
+    }
+    if (self->access != NULL) { /* a call in progress reads its fields from the object: made once */
+        PyErr_SetString(PyExc_TypeError, "AccessSink() is made once");
         return -1;
     }
     PyObject *lock = own_attribute(handler, NAME_LOCK);

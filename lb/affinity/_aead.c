@@ -80,18 +80,32 @@ aead_init(AesGcm *self, PyObject *args, PyObject *kwargs)
     if (key.len != KEY_BYTES) {
         PyErr_SetString(PyExc_ValueError, "AesGcm() takes a 32-byte key");
     }
-    else if (self->seal != NULL) {
+    else if (self->seal != NULL || self->open != NULL) {
         PyErr_SetString(PyExc_TypeError, "AesGcm() is made once");
     }
-    else if ((self->seal = ctx_new()) == NULL || (self->open = ctx_new()) == NULL) {
-        PyErr_NoMemory();
-    }
-    else if (encrypt_init(self->seal, aes_256_gcm(), NULL, key.buf, NULL) != 1
-             || decrypt_init(self->open, aes_256_gcm(), NULL, key.buf, NULL) != 1) {
-        openssl_failed("cipher set-up");
-    }
     else {
-        result = 0;
+        self->seal = ctx_new();
+        self->open = ctx_new();
+        if (self->seal == NULL || self->open == NULL) {
+            PyErr_NoMemory();
+        }
+        else if (encrypt_init(self->seal, aes_256_gcm(), NULL, key.buf, NULL) != 1
+                 || decrypt_init(self->open, aes_256_gcm(), NULL, key.buf, NULL) != 1) {
+            openssl_failed("cipher set-up");
+        }
+        else {
+            result = 0;
+        }
+        if (result < 0) { /* made halfway: no context is kept half keyed (read_arguments asks for both) */
+            if (self->seal != NULL) {
+                ctx_free(self->seal);
+                self->seal = NULL;
+            }
+            if (self->open != NULL) {
+                ctx_free(self->open);
+                self->open = NULL;
+            }
+        }
     }
     PyBuffer_Release(&key);
     return result;
@@ -129,7 +143,7 @@ read_arguments(AesGcm *self, PyObject *const *args, Py_ssize_t nargs, const char
         PyErr_Format(PyExc_OverflowError, "%s(): data too long", name);
         return -1;
     }
-    if (self->seal == NULL) {
+    if (self->seal == NULL || self->open == NULL) {
         PyErr_SetString(PyExc_TypeError, "AesGcm() was not given its key");
         return -1;
     }

@@ -130,7 +130,7 @@ lower_name(PyObject *lowered, PyObject *name)
 {
     PyObject *known = PyDict_GetItemWithError(lowered, name);
     if (known != NULL) {
-        return Py_NewRef(known);
+        return PyUnicode_CheckExact(known) ? Py_NewRef(known) : NULL; /* not a str: render it in Python */
     }
     if (PyErr_Occurred() || !PyUnicode_IS_ASCII(name)) {
         return NULL;
@@ -213,22 +213,23 @@ keep_fields(PyObject *fields, PyObject *dropped, PyObject *lowered, PyObject *re
         if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
             return 0;
         }
+        /* Held: a lookup below may run Python (a key's __eq__), which could take it out of the list. */
+        Py_INCREF(pair);
         PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
         int usable = one_byte(name);
         if (usable > 0) {
             usable = one_byte(value);
         }
-        if (usable <= 0) {
-            return usable;
-        }
-        PyObject *lower = lower_name(lowered, name);
+        PyObject *lower = usable > 0 ? lower_name(lowered, name) : NULL;
         if (lower == NULL) {
-            return PyErr_Occurred() ? -1 : 0;
+            Py_DECREF(pair);
+            return usable < 0 || PyErr_Occurred() ? -1 : 0;
         }
         int drop = PySet_Contains(dropped, lower);
         int cookie = drop == 0 && rewrite != Py_None && PyUnicode_CompareWithASCIIString(lower, "cookie") == 0;
         Py_DECREF(lower);
         if (drop != 0) {
+            Py_DECREF(pair);
             if (drop < 0) {
                 return -1;
             }
@@ -236,10 +237,9 @@ keep_fields(PyObject *fields, PyObject *dropped, PyObject *lowered, PyObject *re
         }
         Py_INCREF(name);
         if (cookie) {
-            Py_INCREF(pair); /* `rewrite` is Python: the pair stays whole while it runs */
             value = PyObject_CallOneArg(rewrite, value);
-            Py_DECREF(pair);
             if (value == NULL || value == Py_None) {
+                Py_DECREF(pair);
                 Py_DECREF(name);
                 Py_XDECREF(value);
                 if (value == NULL) {
@@ -249,6 +249,7 @@ keep_fields(PyObject *fields, PyObject *dropped, PyObject *lowered, PyObject *re
             }
             usable = one_byte(value);
             if (usable <= 0) {
+                Py_DECREF(pair);
                 Py_DECREF(name);
                 Py_DECREF(value);
                 return usable;
@@ -257,6 +258,7 @@ keep_fields(PyObject *fields, PyObject *dropped, PyObject *lowered, PyObject *re
         else {
             Py_INCREF(value);
         }
+        Py_DECREF(pair); /* its name and value are held now */
         kept[*count].name = name;
         kept[*count].value = value;
         *count += 1;
@@ -279,7 +281,8 @@ forward_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *method = args[0], *target = args[1], *version = args[2], *fields = args[3], *dropped = args[4],
              *lowered = args[5], *rewrite = args[6], *added = args[7], *tail = args[8];
-    if (!(PyList_CheckExact(fields) || PyTuple_CheckExact(fields)) || !PyAnySet_Check(dropped)
+    if (!(PyList_CheckExact(fields) || PyTuple_CheckExact(fields))
+        || !(PyFrozenSet_CheckExact(dropped) || PySet_CheckExact(dropped)) /* a subclass's `in` may differ */
         || !PyDict_CheckExact(lowered) || (rewrite != Py_None && !PyCallable_Check(rewrite))) {
         Py_RETURN_NONE;
     }

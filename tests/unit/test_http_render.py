@@ -165,3 +165,36 @@ def test_the_c_forwarded_request_of_a_handshake() -> None:
                                       (("Connection", "Upgrade"), ("Upgrade", "websocket")))
     assert rendered == (b"GET /ws HTTP/1.1\r\nHost: lb.example\r\nCookie: a=1\r\nSec-WebSocket-Key: k\r\n"
                         b"X-Forwarded-For: 127.0.0.9\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+
+
+class _DropsAll(frozenset[str]):
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
+class _ClearsOnCompare:
+    """A name in `dropped` whose comparison empties the fields being read (a lookup runs Python)."""
+
+    def __init__(self, name: str, fields: list[tuple[str, str]]) -> None:
+        self.name, self.fields = name, fields
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        self.fields.clear()
+        return False
+
+
+def test_forward_request_leaves_what_it_cannot_read_as_python_would_to_python() -> None:
+    """A set whose `in` is its own, a table of lower-case names that are not str: None (Python renders);
+    a field list emptied by a comparison while it is read: the fields it had, each held while read."""
+    fields = [("A", "b")]
+    assert render.forward_request("GET", "/", "HTTP/1.1", fields, _DropsAll(), current.KNOWN_LOWERED, None, [],
+                                  ()) is None
+    assert render.forward_request("GET", "/", "HTTP/1.1", fields, frozenset(), {"A": 1}, lambda v: v, [],
+                                  ()) is None
+    hostile = [("X-" + "ab", "v" + "1"), ("Y", "2")]
+    dropped = frozenset({_ClearsOnCompare("x-ab", hostile)})
+    rendered = render.forward_request("GET", "/", "HTTP/1.1", hostile, dropped, {}, None, [], ())
+    assert rendered is None or rendered.startswith(b"GET / HTTP/1.1\r\nX-ab: v1\r\n")

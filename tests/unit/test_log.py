@@ -12,6 +12,7 @@ import re
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -281,6 +282,67 @@ def test_an_access_sink_writes_only_where_the_python_checks_would(kind: str, cha
             access.propagate = lb_logger.propagate = True
             access.disabled = False
             access.filters.clear()
+
+
+def test_an_access_sink_looks_at_its_stream_again_once_it_holds_the_lock(tmp_path: Path) -> None:
+    """A thread holding the handler's lock replaces its stream and closes the old one, whose descriptor's
+    number a new file then takes: the line waiting for the lock goes to the new stream, as the Python path
+    sends it, never into that file (a reviewer's case)."""
+    if not log_writer_built():
+        pytest.skip(NOT_BUILT + ", or LB_PURE_PYTHON=1 sets it aside")
+    from lb.log import AccessLineWriter
+
+    raw = io.FileIO(tmp_path / "first", "w")
+    stream = io.TextIOWrapper(raw, write_through=True)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(PlainFormatter(""))
+    root, access = logging.getLogger(), logging.getLogger("lb.access")
+    saved = root.handlers[:], access.level
+    root.handlers[:] = [handler]
+    access.setLevel(logging.INFO)
+    other = io.TextIOWrapper(io.FileIO(tmp_path / "other", "w"), write_through=True)
+    try:
+        writer = AccessLineWriter(handler, LogFormat.PLAIN, "")
+        assert writer.write_fields(("event=first a=",), ("1",))
+        assert writer._sink is not None  # type: ignore[attr-defined]
+        number, holding = raw.fileno(), threading.Event()
+
+        def replace_the_stream() -> None:
+            with handler.lock:  # type: ignore[union-attr]
+                holding.set()
+                time.sleep(0.2)  # the line below waits for the lock meanwhile
+                handler.setStream(other)
+                stream.close()
+                taken = os.open(tmp_path / "victim", os.O_WRONLY | os.O_CREAT, 0o600)
+                assert taken == number
+
+        replacing = threading.Thread(target=replace_the_stream)
+        replacing.start()
+        holding.wait(5)
+        assert writer.write_fields(("event=second a=",), ("1",))
+        replacing.join(5)
+        os.close(number)
+    finally:
+        root.handlers[:] = saved[0]
+        access.setLevel(saved[1])
+        other.close()
+    assert (tmp_path / "victim").read_text() == ""
+    assert "event=second" in (tmp_path / "other").read_text()
+
+
+def test_an_access_sink_is_made_once() -> None:
+    if not log_writer_built():
+        pytest.skip(NOT_BUILT + ", or LB_PURE_PYTHON=1 sets it aside")
+    from lb._logwrite import AccessSink
+
+    with pytest.raises(TypeError):
+        AccessSink.__new__(AccessSink).write_fields((), ())  # never given its objects
+    handler = logging.StreamHandler(io.StringIO())
+    sink = AccessSink(2, " INFO lb.access: ", logging.getLogger(), logging.getLogger("lb"),
+                      logging.getLogger("lb.access"), handler, handler.formatter, handler.stream, object(), None)
+    with pytest.raises(TypeError):  # a call in progress reads its fields from the object
+        sink.__init__(2, " INFO lb.access: ", logging.getLogger(), logging.getLogger("lb"),  # type: ignore[misc]
+                      logging.getLogger("lb.access"), handler, handler.formatter, handler.stream, object(), None)
 
 
 def test_the_descriptor_is_not_used_where_it_would_write_otherwise_than_the_stream(
