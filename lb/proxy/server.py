@@ -49,7 +49,7 @@ from lb.proxy.connection import CLOSED, RELAY, TUNNEL, Connection
 from lb.proxy.deadlines import Deadline, Deadlines
 from lb.proxy.randomness import random_bytes
 from lb.proxy.reading import READ_VIEW
-from lb.proxy.tunnel import Tunnel, close_flushing, read_what_is_left, reset
+from lb.proxy.tunnel import Tunnel, WebSocketClientEnd, close_flushing, read_what_is_left, reset
 from lb.state.context import ProxyContext
 from lb.state.observations import error_kind
 from lb.tls import bound_buffers
@@ -199,8 +199,14 @@ class AcceptCount:
         self.counted = False
 
 
-class ClientConnection(asyncio.BufferedProtocol):
-    """One accepted client connection; the core decides, this carries it out."""
+class ClientConnection(WebSocketClientEnd):
+    """One accepted client connection; the core decides, this carries it out.
+
+    After a WebSocket's switch it is its tunnel's client end (`Tunnel.join(client_end=...)`): the
+    transport's protocol from accept to close, so that the switch sets no new protocol (uvloop's
+    set_protocol looks up four methods and stops and starts reading: 2,600 instructions a
+    handshake).  Each callback the two phases share asks `tunnelled` first.
+    """
 
     __slots__ = (
         "_accepted",
@@ -219,7 +225,10 @@ class ClientConnection(asyncio.BufferedProtocol):
         "_upstream",
         "client_full",
         "core",
+        "tunnelled",
     )
+    # The core goes at the switch (its request, decision and buffers are not the tunnel's to keep).
+    __deletable__ = ("core",)
 
     def __init__(
         self,
@@ -255,6 +264,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.client_full = False
         self._tls = tls
         self.core: Connection  # made in connection_made, once the peer is known
+        self.tunnelled = False  # the tunnel's client end now (`_join`): the callbacks are WebSocketClientEnd's
 
     # -- client transport callbacks ------------------------------------------------
 
@@ -277,26 +287,40 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._start(admitted)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return READ_VIEW  # lb.proxy.reading: at most 32 KiB a read, copied out at once
+        return READ_VIEW  # lb.proxy.reading: at most 32 KiB a read, copied out at once (both phases)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(READ_VIEW[:nbytes].tobytes())
+        if self.tunnelled:
+            super().buffer_updated(nbytes)
+            return
+        self.received(READ_VIEW[:nbytes].tobytes(), from_backend=False)
 
     def data_received(self, data: bytes) -> None:
         # As _Upstream.data_received: what buffer_updated reads, and there for uvloop's lookup.
+        if self.tunnelled:
+            super().data_received(data)
+            return
         self.received(data, from_backend=False)
 
     def eof_received(self) -> bool | None:
+        if self.tunnelled:
+            return super().eof_received()
         if not self.drive(self.core.client_eof, _now()):
             return None
         # Keep our half open while an answer is still on its way (not possible under TLS).
         return None if self._tls or self._transport is None else True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.tunnelled:
+            super().connection_lost(exc)
+            return
         self.run(self.core.client_lost())
         self._end()
 
     def pause_writing(self) -> None:
+        if self.tunnelled:
+            super().pause_writing()
+            return
         self.client_full = True
         upstream = self._upstream
         if upstream is not None and upstream.transport is not None:
@@ -304,6 +328,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.drive(self.core.client_blocked, True, _now())
 
     def resume_writing(self) -> None:
+        if self.tunnelled:
+            super().resume_writing()
+            return
         self.client_full = False
         upstream = self._upstream
         if upstream is not None and upstream.transport is not None:
@@ -495,13 +522,16 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._upstream = None
         self._connecting = None
         self._end()
+        core = self.core
+        del self.core
+        self.tunnelled = True  # from here on every callback is the tunnel's
         tunnel = Tunnel.join(
             self._ctx,
             action.backend,
             client,
             server,
-            client_ip=self.core.client_ip,
-            client_port=self.core.client_port,
+            client_ip=core.client_ip,
+            client_port=core.client_port,
             pool=action.pool,
             to_server=action.to_server,
             to_client=action.to_client,
@@ -515,6 +545,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             # Paused only as _apply_pause and client_full (pause_writing, the backend's connect) left them.
             client_paused=self._paused != 0,
             server_paused=self.client_full,
+            client_end=self,
         )
         if not self._ctx.accepting:
             # A handshake that was at its backend when SIGTERM came completes, then closes: its tunnel

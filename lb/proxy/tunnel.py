@@ -209,6 +209,11 @@ class TunnelEnd(asyncio.BufferedProtocol):
     __deletable__ = ("peer", "tunnel")  # compiled (mypyc), a native class deletes only these: see forget()
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
+        self.begin(tunnel, peer)
+
+    def begin(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
+        """This end of `tunnel`, relaying into `peer`, from now on (made so, or, for the client's
+        handshake protocol, `lb.proxy.server.ClientConnection`, become so at the switch)."""
         self.tunnel = tunnel
         self.peer = peer
         self.nbytes = 0
@@ -335,8 +340,8 @@ class WebSocketClientEnd(TunnelEnd):
 
     __slots__ = ("frames",)
 
-    def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
-        super().__init__(tunnel, peer)
+    def begin(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
+        super().begin(tunnel, peer)
         self.frames = FrameBoundaries()
 
     def own_taken(self) -> int:
@@ -687,6 +692,7 @@ class Tunnel:
         client_tls: bool = False,
         client_paused: bool = True,
         server_paused: bool = True,
+        client_end: WebSocketClientEnd | None = None,
     ) -> Tunnel:
         """Switch both transports to relaying; flush what each side sent ahead of the switch.
 
@@ -705,6 +711,9 @@ class Tunnel:
         so it is resumed here (unless its peer is full).  False when the caller knows it was not (as for
         nearly every handshake): a resume_reading of a transport that reads is a method looked up and
         called for nothing (480 instructions a handshake for both, `bench.instructions_live --profile`).
+        `client_end`: the client transport's protocol already, which becomes the tunnel's client end here
+        (`lb.proxy.server.ClientConnection` is one): no new end, and no set_protocol, which in uvloop
+        looks up four methods of the new protocol and stops and starts reading (2,600 instructions).
         """
         # Tunnel, not a classmethod's cls: compiled, the constructor is then called directly, not
         # through the type's call (its arguments packed into a tuple and parsed again).
@@ -712,10 +721,14 @@ class Tunnel:
         tunnel.client_port = client_port
         tunnel.client_tls = client_tls
         tunnel._deadlines = deadlines
-        tunnel.client_end = WebSocketClientEnd(tunnel, server)
+        if client_end is None:
+            tunnel.client_end = WebSocketClientEnd(tunnel, server)
+            client.set_protocol(tunnel.client_end)
+        else:
+            client_end.begin(tunnel, server)
+            tunnel.client_end = client_end
         tunnel.server_end = WebSocketServerEnd(tunnel, client)
         ctx.tunnels.add(tunnel)
-        client.set_protocol(tunnel.client_end)
         server.set_protocol(tunnel.server_end)
         tunnel.client_end.full = client_full
         tunnel.server_end.full = server_full
