@@ -49,7 +49,7 @@ from lb.proxy.connection import CLOSED, RELAY, TUNNEL, Connection
 from lb.proxy.deadlines import Deadline, Deadlines
 from lb.proxy.randomness import random_bytes
 from lb.proxy.reading import READ_VIEW
-from lb.proxy.tunnel import Tunnel, WebSocketClientEnd, close_flushing, read_what_is_left, reset
+from lb.proxy.tunnel import Tunnel, WebSocketClientEnd, WebSocketServerEnd, close_flushing, read_what_is_left, reset
 from lb.state.context import ProxyContext
 from lb.state.observations import error_kind
 from lb.tls import bound_buffers
@@ -71,14 +71,19 @@ _HELD: Final = 1  # pause reasons, a bit each
 _BACKEND_FULL: Final = 2
 
 
-class _Upstream(asyncio.BufferedProtocol):
-    """The backend side while a request is served; detached (owner None) once dropped."""
+class _Upstream(WebSocketServerEnd):
+    """The backend side while a request is served; detached (owner None) once dropped.
 
-    __slots__ = ("owner", "transport")
+    After a WebSocket's switch it is its tunnel's backend end (`Tunnel.join(server_end=...)`), as
+    `ClientConnection` becomes the client end: each callback of both phases asks `tunnelled` first.
+    """
+
+    __slots__ = ("owner", "transport", "tunnelled")
 
     def __init__(self, owner: ClientConnection) -> None:
         self.owner: ClientConnection | None = owner
         self.transport: asyncio.Transport | None = None
+        self.tunnelled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -104,12 +109,18 @@ class _Upstream(asyncio.BufferedProtocol):
         return READ_VIEW  # lb.proxy.reading: at most 32 KiB a read, copied out at once
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.tunnelled:
+            super().data_received(READ_VIEW[:nbytes].tobytes())  # WebSocketServerEnd's, as its buffer_updated
+            return
         self.data_received(READ_VIEW[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         # What buffer_updated reads, and for a transport that calls this instead.  Defined even so:
         # uvloop looks it up on every set_protocol, and a missing one cost a raised and caught
         # AttributeError (about 1 µs a connection).
+        if self.tunnelled:
+            super().data_received(data)
+            return
         owner = self.owner
         if owner is not None:
             if owner.client_full:
@@ -118,23 +129,27 @@ class _Upstream(asyncio.BufferedProtocol):
             owner.received(data, from_backend=True)
 
     def eof_received(self) -> bool | None:
+        if self.tunnelled:
+            return super().eof_received()
         owner = self.owner
         if owner is not None:
             owner.drive(owner.core.backend_eof, _now())
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.tunnelled:
+            super().connection_lost(exc)
+            return
         owner = self.owner
         if owner is not None and isinstance(exc, OSError):
             self._read_what_is_left(owner)
-            owner = self.owner  # dropped, if what was left ended the answer
-            transport = self.transport
-            if owner is None and transport is not None and transport.get_protocol() is not self:
-                # What was left held a 101, and the tunnel it opened took the transport inside this
-                # callback: the loop tells only the protocol it began with, so the tunnel hears it here
-                # (else it stayed open to a backend that is gone, its client never told).
-                transport.get_protocol().connection_lost(exc)
+            if self.tunnelled:
+                # What was left held a 101, and the tunnel it opened made this its backend end inside
+                # this callback: the tunnel hears of the loss here (else it stayed open to a backend
+                # that is gone, its client never told).
+                super().connection_lost(exc)
                 return
+            owner = self.owner  # dropped, if what was left ended the answer
         if owner is not None:
             cause = f"connection lost: {exc}" if exc else "backend closed the connection"
             owner.drive(owner.core.backend_failed, cause, _now())
@@ -152,12 +167,18 @@ class _Upstream(asyncio.BufferedProtocol):
         read_what_is_left(self.transport, receive)
 
     def pause_writing(self) -> None:
+        if self.tunnelled:
+            super().pause_writing()
+            return
         owner = self.owner
         if owner is not None:
             owner.pause(_BACKEND_FULL)
             owner.drive(owner.core.backend_blocked, True, _now())
 
     def resume_writing(self) -> None:
+        if self.tunnelled:
+            super().resume_writing()
+            return
         owner = self.owner
         if owner is not None:
             owner.resume(_BACKEND_FULL)
@@ -519,12 +540,13 @@ class ClientConnection(WebSocketClientEnd):
         assert upstream is not None and upstream.transport is not None and client is not None
         server = upstream.transport
         upstream.owner = None
+        upstream.transport = None  # the tunnel's ends know their transports as each other's peer
         self._upstream = None
         self._connecting = None
         self._end()
         core = self.core
         del self.core
-        self.tunnelled = True  # from here on every callback is the tunnel's
+        self.tunnelled = upstream.tunnelled = True  # from here on every callback of both is the tunnel's
         tunnel = Tunnel.join(
             self._ctx,
             action.backend,
@@ -546,6 +568,7 @@ class ClientConnection(WebSocketClientEnd):
             client_paused=self._paused != 0,
             server_paused=self.client_full,
             client_end=self,
+            server_end=upstream,
         )
         if not self._ctx.accepting:
             # A handshake that was at its backend when SIGTERM came completes, then closes: its tunnel

@@ -386,8 +386,8 @@ class WebSocketServerEnd(TunnelEnd):
     sent: int
     upload_end: int
 
-    def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
-        super().__init__(tunnel, peer)
+    def begin(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
+        super().begin(tunnel, peer)
         self.frames = FrameBoundaries()
         self.pending_close: tuple[int, bytes] | None = None  # (code, frame): our close, waiting for a boundary
         self.silenced = False  # our close frame went out: nothing more may follow it
@@ -693,6 +693,7 @@ class Tunnel:
         client_paused: bool = True,
         server_paused: bool = True,
         client_end: WebSocketClientEnd | None = None,
+        server_end: WebSocketServerEnd | None = None,
     ) -> Tunnel:
         """Switch both transports to relaying; flush what each side sent ahead of the switch.
 
@@ -711,9 +712,10 @@ class Tunnel:
         so it is resumed here (unless its peer is full).  False when the caller knows it was not (as for
         nearly every handshake): a resume_reading of a transport that reads is a method looked up and
         called for nothing (480 instructions a handshake for both, `bench.instructions_live --profile`).
-        `client_end`: the client transport's protocol already, which becomes the tunnel's client end here
-        (`lb.proxy.server.ClientConnection` is one): no new end, and no set_protocol, which in uvloop
-        looks up four methods of the new protocol and stops and starts reading (2,600 instructions).
+        `client_end`, `server_end`: the client's or the backend's transport's protocol already, which
+        becomes that end of the tunnel here (`lb.proxy.server.ClientConnection` and `_Upstream` are
+        such): no new end, and no set_protocol, which in uvloop looks up four methods of the new
+        protocol and stops and starts reading (2,600 instructions each).
         """
         # Tunnel, not a classmethod's cls: compiled, the constructor is then called directly, not
         # through the type's call (its arguments packed into a tuple and parsed again).
@@ -727,9 +729,13 @@ class Tunnel:
         else:
             client_end.begin(tunnel, server)
             tunnel.client_end = client_end
-        tunnel.server_end = WebSocketServerEnd(tunnel, client)
+        if server_end is None:
+            tunnel.server_end = WebSocketServerEnd(tunnel, client)
+            server.set_protocol(tunnel.server_end)
+        else:
+            server_end.begin(tunnel, client)
+            tunnel.server_end = server_end
         ctx.tunnels.add(tunnel)
-        server.set_protocol(tunnel.server_end)
         tunnel.client_end.full = client_full
         tunnel.server_end.full = server_full
         # Full before the switch: no pause_writing comes to that end to start the looks.
