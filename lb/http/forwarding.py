@@ -222,12 +222,28 @@ def _first_claim(head: Head, name: str, read: Callable[[str], str | None]) -> st
     return read(values[0].partition(",")[0].strip(_OWS)) if values else None
 
 
-@functools.lru_cache(maxsize=16)
 def _request_drop(extra: frozenset[str], trusted_peer: bool) -> frozenset[str]:
     """Hop-by-hop, X-Forwarded-* (we set them), `extra`, and from an untrusted peer its proxy
-    claims; one set per configuration and kind of peer, not per request."""
-    dropped = HOP_BY_HOP | _FORWARDED | extra
-    return dropped if trusted_peer else dropped | PROXY_CLAIMS
+    claims; one set per configuration and kind of peer, not per request.
+
+    Remembered in a dict per kind of peer, keyed by `extra` (one set per configuration: its hash is
+    kept in it), not by functools.lru_cache, whose key tuple and wrapper cost a handshake some 600
+    instructions more; up to _DROPS_KEPT sets each, forgotten together past that (reloads)."""
+    known = _TRUSTED_DROPS if trusted_peer else _UNTRUSTED_DROPS
+    dropped = known.get(extra)
+    if dropped is None:
+        if len(known) >= _DROPS_KEPT:
+            known.clear()
+        dropped = HOP_BY_HOP | _FORWARDED | extra
+        if not trusted_peer:
+            dropped = dropped | PROXY_CLAIMS
+        known[extra] = dropped
+    return dropped
+
+
+_DROPS_KEPT: Final = 16
+_TRUSTED_DROPS: Final[dict[frozenset[str], frozenset[str]]] = {}
+_UNTRUSTED_DROPS: Final[dict[frozenset[str], frozenset[str]]] = {}
 
 
 def strip_query_param(target: str, name: str) -> str:

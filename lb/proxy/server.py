@@ -116,7 +116,7 @@ class _Upstream(WebSocketServerEnd):
 
     def data_received(self, data: bytes) -> None:
         # What buffer_updated reads, and for a transport that calls this instead.  Defined even so:
-        # uvloop looks it up on every set_protocol, and a missing one cost a raised and caught
+        # uvloop looks it up on every protocol it is given, and a missing one cost a raised and caught
         # AttributeError (about 1 µs a connection).
         if self.tunnelled:
             super().data_received(data)

@@ -1,7 +1,9 @@
 """Relay bytes both ways after the handshake, as HAProxy and nginx do: no frame parsing.
 
-Each side's transport gets a `TunnelEnd` protocol that writes what it reads
-straight into the other side's transport: no task or queue per chunk, and one copy
+Each side's transport has a `TunnelEnd` protocol that writes what it reads
+straight into the other side's transport (the handshake's own protocols,
+`lb.proxy.server.ClientConnection` and `_Upstream`, become the ends at the switch;
+`Tunnel.join` makes new ones for transports that had others): no task or queue per chunk, and one copy
 out of the data plane's read buffer (`lb.proxy.reading`: at most 32 KiB a read).
 The backend's side of a WebSocket also follows frame headers (`lb.ws.frames`) so
 the balancer can end a tunnel with a close frame of its own (drain, shutdown,
@@ -699,7 +701,7 @@ class Tunnel:
 
         The caller has already counted the connection on `backend`; the tunnel
         releases it on close.  `server_closed`: the backend hung up before the
-        switch, so no callback will ever tell the new protocol; close after flushing.
+        switch, so no callback will ever tell the tunnel's end; close after flushing.
         `request_id`: the handshake's id, repeated on the tunnel's close line (SPEC part 2).
         `client_lead`: bytes for the client ahead of `to_client` (the 101 head); both leave in
         one write (one syscall, not two), and only `to_client` counts as relayed.

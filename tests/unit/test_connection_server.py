@@ -236,9 +236,9 @@ class _LostWithBytesLeft(FakeTransport):
 
 async def test_a_101_read_from_a_lost_backend_ends_the_tunnel_it_opens() -> None:
     """What a backend sent ahead of the error that ended its connection is read in `connection_lost`; when
-    it is the 101, the tunnel it opens takes the transport (set_protocol) inside that callback, and the
-    loop tells only the protocol it began with that the connection is lost.  The tunnel is told too: its
-    client gets the 101 and then 1012, rather than a tunnel left open to a backend that is gone."""
+    it is the 101, the tunnel it opens makes this protocol its backend end inside that callback, and the
+    loop tells no one else that the connection is lost.  The tunnel is told too: its client gets the
+    101 and then 1012, rather than a tunnel left open to a backend that is gone."""
     ours, theirs = socket.socketpair()
     with ours, theirs:
         ours.setblocking(False)
