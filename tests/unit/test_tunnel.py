@@ -1078,3 +1078,32 @@ def test_taken_by_sees_a_slow_reader_take_bytes_that_our_buffer_does_not_show() 
     finally:
         for sock in (client, ours, server):
             sock.close()
+
+
+def test_ends_given_to_join_become_the_tunnel_s_without_a_new_protocol() -> None:
+    """`Tunnel.join(client_end=..., server_end=...)`, as the shell joins (its protocols are the ends): the
+    transports keep their protocols, the given objects relay both ways and track frames, and the
+    backend's loss still ends the tunnel with 1012."""
+    from lb.proxy.tunnel import WebSocketClientEnd, WebSocketServerEnd
+
+    async def scenario() -> None:
+        client, server = FakeTransport(), FakeTransport()
+        # Protocols that were something else before (the shell's were its handshake): begun afresh by join.
+        elsewhere = Tunnel(*_setup(), "9.9.9.9", "other")
+        client_end = WebSocketClientEnd(elsewhere, FakeTransport())
+        server_end = WebSocketServerEnd(elsewhere, FakeTransport())
+        client_end.nbytes = server_end.nbytes = 99
+        ctx, tunnel = _join(client, server, client_end=client_end, server_end=server_end, client_lead=b"101",
+                            to_server=TEXT)
+        assert tunnel.client_end is client_end and tunnel.server_end is server_end
+        assert client.protocol is None and server.protocol is None  # no set_protocol
+        assert bytes(server.written) == TEXT and bytes(client.written) == b"101"
+        client_end.data_received(TEXT)
+        server_end.data_received(TEXT)
+        assert bytes(server.written) == TEXT * 2 and bytes(client.written) == b"101" + TEXT
+        assert client_end.nbytes == 2 * len(TEXT) and server_end.nbytes == len(TEXT)
+        server_end.eof_received()
+        assert bytes(client.written).endswith(close_frame(1012, "backend went away"))
+        assert tunnel.closed and client.closed and server.closed and not ctx.tunnels
+
+    _run(scenario())
