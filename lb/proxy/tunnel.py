@@ -2,8 +2,8 @@
 
 Each side's transport has a `TunnelEnd` protocol that writes what it reads
 straight into the other side's transport (the handshake's own protocols,
-`lb.proxy.server.ClientConnection` and `_Upstream`, become the ends at the switch;
-`Tunnel.join` makes new ones for transports that had others): no task or queue per chunk, and one copy
+`lb.proxy.server.ClientConnection` and `_Upstream`, become the ends at the switch):
+no task or queue per chunk, and one copy
 out of the data plane's read buffer (`lb.proxy.reading`: at most 32 KiB a read).
 The backend's side of a WebSocket also follows frame headers (`lb.ws.frames`) so
 the balancer can end a tunnel with a close frame of its own (drain, shutdown,
@@ -210,12 +210,12 @@ class TunnelEnd(asyncio.BufferedProtocol):
     __slots__ = ("full", "nbytes", "paused_look", "paused_taken", "peer", "tunnel")
     __deletable__ = ("peer", "tunnel")  # compiled (mypyc), a native class deletes only these: see forget()
 
-    def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
-        self.begin(tunnel, peer)
+    # Made as the transport's protocol (the handshake's, `lb.proxy.server.ClientConnection` and
+    # `_Upstream`, are ends), and an end of a tunnel once `Tunnel.join` begins it: until then none
+    # of the fields below is set.
 
     def begin(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
-        """This end of `tunnel`, relaying into `peer`, from now on (made so, or, for the client's
-        handshake protocol, `lb.proxy.server.ClientConnection`, become so at the switch)."""
+        """This end of `tunnel`, relaying into `peer`, from now on."""
         self.tunnel = tunnel
         self.peer = peer
         self.nbytes = 0
@@ -680,6 +680,8 @@ class Tunnel:
         client: asyncio.Transport,
         server: asyncio.Transport,
         *,
+        client_end: WebSocketClientEnd,
+        server_end: WebSocketServerEnd,
         client_ip: str,
         pool: str,
         to_server: bytes = b"",
@@ -694,8 +696,6 @@ class Tunnel:
         client_tls: bool = False,
         client_paused: bool = True,
         server_paused: bool = True,
-        client_end: WebSocketClientEnd | None = None,
-        server_end: WebSocketServerEnd | None = None,
     ) -> Tunnel:
         """Switch both transports to relaying; flush what each side sent ahead of the switch.
 
@@ -714,9 +714,9 @@ class Tunnel:
         so it is resumed here (unless its peer is full).  False when the caller knows it was not (as for
         nearly every handshake): a resume_reading of a transport that reads is a method looked up and
         called for nothing (480 instructions a handshake for both, `bench.instructions_live --profile`).
-        `client_end`, `server_end`: the client's or the backend's transport's protocol already, which
-        becomes that end of the tunnel here (`lb.proxy.server.ClientConnection` and `_Upstream` are
-        such): no new end, and no set_protocol, which in uvloop looks up four methods of the new
+        `client_end`, `server_end`: the client's and the backend's transport's protocols already
+        (`lb.proxy.server.ClientConnection` and `_Upstream` are ends), which become the tunnel's
+        ends here: no set_protocol at the switch, which in uvloop looks up four methods of the new
         protocol and stops and starts reading (2,600 instructions each).
         """
         # Tunnel, not a classmethod's cls: compiled, the constructor is then called directly, not
@@ -725,18 +725,9 @@ class Tunnel:
         tunnel.client_port = client_port
         tunnel.client_tls = client_tls
         tunnel._deadlines = deadlines
-        if client_end is None:
-            tunnel.client_end = WebSocketClientEnd(tunnel, server)
-            client.set_protocol(tunnel.client_end)
-        else:
-            client_end.begin(tunnel, server)
-            tunnel.client_end = client_end
-        if server_end is None:
-            tunnel.server_end = WebSocketServerEnd(tunnel, client)
-            server.set_protocol(tunnel.server_end)
-        else:
-            server_end.begin(tunnel, client)
-            tunnel.server_end = server_end
+        client_end.begin(tunnel, server)
+        server_end.begin(tunnel, client)
+        tunnel.client_end, tunnel.server_end = client_end, server_end
         ctx.tunnels.add(tunnel)
         tunnel.client_end.full = client_full
         tunnel.server_end.full = server_full

@@ -11,6 +11,7 @@ from typing import Any
 
 from lb.affinity.codec import TokenCodec
 from lb.config.model import AffinityConfig, BackendConfig, Config, PoolConfig
+from lb.proxy.tunnel import Tunnel, WebSocketClientEnd, WebSocketServerEnd
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus, PoolState
 
@@ -95,3 +96,12 @@ def one_backend_context() -> tuple[ProxyContext, BackendStatus]:
     config = Config(listeners=(), affinity=AffinityConfig(secret_keys=("k" * 43,)), routes=(), pools={"p": pool})
     ctx = pool_context(config)
     return ctx, ctx.pools["p"].backends["gw-1"]
+
+
+def join_tunnel(ctx: ProxyContext, backend: BackendStatus, client: Any, server: Any, **kwargs: Any) -> Tunnel:
+    """`Tunnel.join` over two transports (fake or real) whose protocols were not tunnel ends: each gets a
+    fresh end as its protocol first, as the shell's transports have theirs from accept and connect."""
+    client_end, server_end = WebSocketClientEnd(), WebSocketServerEnd()
+    client.set_protocol(client_end)
+    server.set_protocol(server_end)
+    return Tunnel.join(ctx, backend, client, server, client_end=client_end, server_end=server_end, **kwargs)

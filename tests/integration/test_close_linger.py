@@ -26,11 +26,10 @@ import pytest
 from lb.config.load import parse_config
 from lb.proxy import tunnel as tunnel_module
 from lb.proxy.server import client_factory, wall_offset
-from lb.proxy.tunnel import Tunnel
 from lb.state.context import ProxyContext
 from lb.ws.frames import close_frame
 from tests.harness import HOST, UNIT
-from tests.harness.fake_tunnels import one_backend_context
+from tests.harness.fake_tunnels import join_tunnel, one_backend_context
 from tests.harness.ops import wait_until
 
 FRAME = b"\x82\x7e\x03\xfc" + b"x" * 1020  # a 1 KiB binary frame, unmasked
@@ -81,7 +80,7 @@ async def test_a_closed_tunnel_cuts_a_client_that_never_reads(end: str) -> None:
         to_backend, _ = await loop.create_connection(asyncio.Protocol, HOST, gateways.sockets[0].getsockname()[1])
         _, gateway_writer = await asyncio.wait_for(backend_side, 5 * UNIT)
         backend.connections += 1  # as the handshake counts it before handing over
-        tunnel = Tunnel.join(ctx, backend, to_client, to_backend, client_ip=HOST, pool="p")
+        tunnel = join_tunnel(ctx, backend, to_client, to_backend, client_ip=HOST, pool="p")
         gateway_writer.write(FRAME * 60 + close_frame(1000, "bye"))  # under the 64 KiB high-water mark
         await gateway_writer.drain()
         await asyncio.sleep(0.3)

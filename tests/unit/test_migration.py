@@ -15,17 +15,15 @@ from lb.proxy import tunnel as tunnel_module
 from lb.proxy.tunnel import Tunnel
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
-from tests.harness.fake_tunnels import FakeTransport, one_backend_context
+from tests.harness.fake_tunnels import FakeTransport, join_tunnel, one_backend_context
 
 PARTIAL = b"\x82\x64" + b"y" * 10  # 10 of 100 payload bytes: no frame boundary until the rest comes
 
 
 def _tunnel(ctx: ProxyContext, backend: BackendStatus, client: FakeTransport, *, mid_frame: bool = False) -> Tunnel:
     backend.connections += 1  # as the caller of join counts it
-    return Tunnel.join(
-        ctx, backend, client, FakeTransport(), client_ip="1.2.3.4", pool="p",  # type: ignore[arg-type]
-        to_client=PARTIAL if mid_frame else b"",
-    )
+    return join_tunnel(ctx, backend, client, FakeTransport(), client_ip="1.2.3.4", pool="p",
+                       to_client=PARTIAL if mid_frame else b"")
 
 
 async def _drain_cancelled_after(ctx: ProxyContext, backend: BackendStatus, rate: float, after: float) -> None:

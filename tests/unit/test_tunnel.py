@@ -22,7 +22,7 @@ from lb.proxy.tunnel import CLOSE_DEADLINE, Tunnel, has_left, idle_sweep_interva
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
 from lb.ws.frames import close_frame
-from tests.harness.fake_tunnels import FakeSocket, FakeTransport, one_backend_context
+from tests.harness.fake_tunnels import FakeSocket, FakeTransport, join_tunnel, one_backend_context
 
 TEXT = b"\x81\x02hi"  # a whole unmasked text frame
 PARTIAL = b"\x82\x64" + b"y" * 10  # 10 of 100 payload bytes
@@ -38,7 +38,7 @@ def _setup() -> tuple[ProxyContext, BackendStatus]:
 def _join(client: FakeTransport, server: FakeTransport, **kwargs: Any) -> tuple[ProxyContext, Tunnel]:
     ctx, backend = _setup()
     kwargs.setdefault("client_tls", client.tls)  # the shell tells join, as it knows its listener
-    tunnel = Tunnel.join(ctx, backend, client, server, client_ip="1.2.3.4", pool="p", **kwargs)  # type: ignore[arg-type]
+    tunnel = join_tunnel(ctx, backend, client, server, client_ip="1.2.3.4", pool="p", **kwargs)
     return ctx, tunnel
 
 
@@ -730,9 +730,7 @@ def test_close_line_carries_the_request_id(caplog: pytest.LogCaptureFixture) -> 
     async def scenario() -> None:
         client, server = FakeTransport(), FakeTransport()
         ctx, backend = _setup()
-        tunnel = Tunnel.join(
-            ctx, backend, client, server, client_ip="1.2.3.4", pool="p", request_id="r-42",  # type: ignore[arg-type]
-        )
+        tunnel = join_tunnel(ctx, backend, client, server, client_ip="1.2.3.4", pool="p", request_id="r-42")
         tunnel.close()
 
     with caplog.at_level("INFO", logger="lb.access"):
@@ -1082,19 +1080,23 @@ def test_taken_by_sees_a_slow_reader_take_bytes_that_our_buffer_does_not_show() 
 
 def test_ends_given_to_join_become_the_tunnel_s_without_a_new_protocol() -> None:
     """`Tunnel.join(client_end=..., server_end=...)`, as the shell joins (its protocols are the ends): the
-    transports keep their protocols, the given objects relay both ways and track frames, and the
-    backend's loss still ends the tunnel with 1012."""
+    transports keep their protocols (none is set), the given objects are begun afresh, relay both ways and
+    track frames, and the backend's loss still ends the tunnel with 1012."""
     from lb.proxy.tunnel import WebSocketClientEnd, WebSocketServerEnd
 
     async def scenario() -> None:
         client, server = FakeTransport(), FakeTransport()
         # Protocols that were something else before (the shell's were its handshake): begun afresh by join.
         elsewhere = Tunnel(*_setup(), "9.9.9.9", "other")
-        client_end = WebSocketClientEnd(elsewhere, FakeTransport())
-        server_end = WebSocketServerEnd(elsewhere, FakeTransport())
+        client_end, server_end = WebSocketClientEnd(), WebSocketServerEnd()
+        client_end.begin(elsewhere, FakeTransport())
+        server_end.begin(elsewhere, FakeTransport())
         client_end.nbytes = server_end.nbytes = 99
-        ctx, tunnel = _join(client, server, client_end=client_end, server_end=server_end, client_lead=b"101",
-                            to_server=TEXT)
+        ctx, backend = _setup()
+        tunnel = Tunnel.join(
+            ctx, backend, client, server, client_end=client_end, server_end=server_end,  # type: ignore[arg-type]
+            client_ip="1.2.3.4", pool="p", client_lead=b"101", to_server=TEXT,
+        )
         assert tunnel.client_end is client_end and tunnel.server_end is server_end
         assert client.protocol is None and server.protocol is None  # no set_protocol
         assert bytes(server.written) == TEXT and bytes(client.written) == b"101"
