@@ -52,102 +52,6 @@ put(char *out, PyObject *text)
     return out + length;
 }
 
-static PyObject *
-render_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    (void)module;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "render_head(start_line, fields) takes 2 arguments");
-        return NULL;
-    }
-    PyObject *start = args[0], *fields = args[1];
-    if (!(PyList_CheckExact(fields) || PyTuple_CheckExact(fields))) {
-        Py_RETURN_NONE;
-    }
-    int usable = one_byte(start);
-    if (usable <= 0) {
-        return usable < 0 ? NULL : Py_NewRef(Py_None);
-    }
-    /* A list is not changed below (nothing here runs Python code), so its size and items hold. */
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(fields);
-    PyObject **items = PySequence_Fast_ITEMS(fields);
-    Py_ssize_t total = PyUnicode_GET_LENGTH(start);
-    if (!add(&total, 4)) { /* the start line's CRLF and the final CRLF */
-        Py_RETURN_NONE;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *pair = items[i];
-        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            Py_RETURN_NONE;
-        }
-        for (int j = 0; j < 2; j++) {
-            usable = one_byte(PyTuple_GET_ITEM(pair, j));
-            if (usable <= 0) {
-                return usable < 0 ? NULL : Py_NewRef(Py_None);
-            }
-            if (!add(&total, PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(pair, j)))) {
-                Py_RETURN_NONE;
-            }
-        }
-        if (!add(&total, 4)) {
-            Py_RETURN_NONE;
-        }
-    }
-    PyObject *head = PyBytes_FromStringAndSize(NULL, total);
-    if (head == NULL) {
-        return NULL;
-    }
-    char *out = PyBytes_AS_STRING(head);
-    out = put(out, start);
-    memcpy(out, "\r\n", 2);
-    out += 2;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        out = put(out, PyTuple_GET_ITEM(items[i], 0));
-        memcpy(out, ": ", 2);
-        out = put(out + 2, PyTuple_GET_ITEM(items[i], 1));
-        memcpy(out, "\r\n", 2);
-        out += 2;
-    }
-    memcpy(out, "\r\n", 2);
-    return head;
-}
-
-/* -- forward_request: the request a backend receives, its client's fields filtered as they are copied -- */
-
-/* A field kept for the forwarded head (a reference to each: `rewrite` may change the list they came from). */
-typedef struct {
-    PyObject *name;
-    PyObject *value;
-} Kept;
-
-#define KEPT_ON_STACK 64
-
-/* `name` in lower case, as lb.http.head.field_name_lowered gives it: a new reference, from `lowered`
- * (the names lb.http._scan knows) or made here; NULL with no exception for a name that is not ASCII
- * (no token is: the caller renders in Python), NULL with one on an error. */
-static PyObject *
-lower_name(PyObject *lowered, PyObject *name)
-{
-    PyObject *known = PyDict_GetItemWithError(lowered, name);
-    if (known != NULL) {
-        return PyUnicode_CheckExact(known) ? Py_NewRef(known) : NULL; /* not a str: render it in Python */
-    }
-    if (PyErr_Occurred() || !PyUnicode_IS_ASCII(name)) {
-        return NULL;
-    }
-    Py_ssize_t length = PyUnicode_GET_LENGTH(name);
-    PyObject *lower = PyUnicode_New(length, 127);
-    if (lower == NULL) {
-        return NULL;
-    }
-    const Py_UCS1 *from = PyUnicode_1BYTE_DATA(name);
-    Py_UCS1 *to = PyUnicode_1BYTE_DATA(lower);
-    for (Py_ssize_t i = 0; i < length; i++) {
-        to[i] = from[i] >= 'A' && from[i] <= 'Z' ? (Py_UCS1)(from[i] + 32) : from[i];
-    }
-    return lower;
-}
-
 /* Adds a list or tuple of (name, value) str pairs to `total`: 1, 0 (not one-byte, or too large: render in
  * Python), -1 on an error. */
 static int
@@ -195,6 +99,76 @@ put_pairs(char *out, PyObject *pairs)
         out = put_field(out, PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1));
     }
     return out;
+}
+
+static PyObject *
+render_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "render_head(start_line, fields) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *start = args[0], *fields = args[1];
+    int usable = one_byte(start);
+    if (usable <= 0) {
+        return usable < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    /* A list is not changed below (nothing here runs Python code), so its size and items hold. */
+    Py_ssize_t total = PyUnicode_GET_LENGTH(start);
+    if (!add(&total, 4)) { /* the start line's CRLF and the final CRLF */
+        Py_RETURN_NONE;
+    }
+    usable = measure_pairs(fields, &total);
+    if (usable <= 0) {
+        return usable < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    PyObject *head = PyBytes_FromStringAndSize(NULL, total);
+    if (head == NULL) {
+        return NULL;
+    }
+    char *out = PyBytes_AS_STRING(head);
+    out = put(out, start);
+    memcpy(out, "\r\n", 2);
+    out = put_pairs(out + 2, fields);
+    memcpy(out, "\r\n", 2);
+    return head;
+}
+
+/* -- forward_request: the request a backend receives, its client's fields filtered as they are copied -- */
+
+/* A field kept for the forwarded head (a reference to each: `rewrite` may change the list they came from). */
+typedef struct {
+    PyObject *name;
+    PyObject *value;
+} Kept;
+
+#define KEPT_ON_STACK 64
+
+/* `name` in lower case, as lb.http.head.field_name_lowered gives it: a new reference, from `lowered`
+ * (the names lb.http._scan knows) or made here; NULL with no exception for a name that is not ASCII
+ * (no token is: the caller renders in Python), NULL with one on an error. */
+static PyObject *
+lower_name(PyObject *lowered, PyObject *name)
+{
+    PyObject *known = PyDict_GetItemWithError(lowered, name);
+    if (known != NULL) {
+        return PyUnicode_CheckExact(known) ? Py_NewRef(known) : NULL; /* not a str: render it in Python */
+    }
+    if (PyErr_Occurred() || !PyUnicode_IS_ASCII(name)) {
+        return NULL;
+    }
+    Py_ssize_t length = PyUnicode_GET_LENGTH(name);
+    PyObject *lower = PyUnicode_New(length, 127);
+    if (lower == NULL) {
+        return NULL;
+    }
+    const Py_UCS1 *from = PyUnicode_1BYTE_DATA(name);
+    Py_UCS1 *to = PyUnicode_1BYTE_DATA(lower);
+    for (Py_ssize_t i = 0; i < length; i++) {
+        to[i] = from[i] >= 'A' && from[i] <= 'Z' ? (Py_UCS1)(from[i] + 32) : from[i];
+    }
+    return lower;
 }
 
 /* Which of the client's fields pass, into `kept` (room for all of them), counted in `*count`: 1, 0 to
