@@ -832,5 +832,22 @@ PyInit__logwrite(void)
         Py_DECREF(module);
         return NULL;
     }
+    /* The names a sink reads from the loggers' and the handler's own __dict__s (not `closed`, the
+     * FileIO's): lb.log makes a sink only for objects whose classes define none of them. */
+    PyObject *read = PyTuple_New(sizeof names / sizeof names[0] - 1);
+    if (read == NULL) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    for (size_t i = 0, at = 0; i < sizeof names / sizeof names[0]; i++) {
+        if (*names[i].name != NAME_CLOSED) {
+            PyTuple_SET_ITEM(read, at++, Py_NewRef(*names[i].name));
+        }
+    }
+    if (PyModule_AddObject(module, "SINK_READS", read) < 0) {
+        Py_DECREF(read);
+        Py_DECREF(module);
+        return NULL;
+    }
     return module;
 }

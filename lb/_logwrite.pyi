@@ -9,6 +9,8 @@ def write_fields(
 ) -> bool: ...
 def bare(text: str, /) -> bool: ...
 
+SINK_READS: tuple[str, ...]
+
 class AccessSink:
     def __init__(
         self, fd: int, middle: str, root: object, lb: object, access: object, handler: object, formatter: object,

@@ -312,11 +312,6 @@ class AccessLineWriter:
                                       stream.flush if self._flush_first else None).write_fields
 
 
-# What lb._logwrite.AccessSink reads of the loggers and the handler, each from the object's own __dict__.
-_SINK_READS: Final = ("handlers", "propagate", "filters", "disabled", "_cache", "level", "formatter", "stream",
-                      "lock")
-
-
 def _attributes_are_its_own(obj: object) -> bool:
     """Whether `obj.name`, for each name an AccessSink reads, is what `obj.__dict__` holds: its class
     looks attributes up the usual way and defines none of those names (a property there would win
@@ -324,6 +319,11 @@ def _attributes_are_its_own(obj: object) -> bool:
     kind = type(obj)
     return kind.__getattribute__ is object.__getattribute__ and not any(
         name in vars(klass) for klass in kind.__mro__ for name in _SINK_READS)
+
+
+# What lb._logwrite.AccessSink reads of the loggers and the handler, each from the object's own __dict__
+# (its own list, so that the two cannot disagree); empty when it is not built.
+_SINK_READS: Final = cast("tuple[str, ...]", built_in_c("lb._logwrite", "SINK_READS") or ())
 
 
 # Encodings in which an access line (ASCII: every value is, or is escaped to it) is its own bytes.
