@@ -227,7 +227,22 @@ _SINK_CHANGES: list[tuple[str, Callable[[logging.Handler, io.TextIOWrapper, io.T
     ("disable nothing", lambda h, s, o: logging.disable(logging.NOTSET)),
     ("lb.access disabled", lambda h, s, o: setattr(logging.getLogger("lb.access"), "disabled", True)),
     ("lb.access enabled", lambda h, s, o: setattr(logging.getLogger("lb.access"), "disabled", False)),
+    # Changes that no logging call makes, which a sink that remembers what it saw must notice all the same:
+    # a list changed in place (no __dict__ changes), the logger's cache written, a __dict__ replaced.
+    ("root's handler replaced in place", lambda h, s, o: _replace_first(logging.getLogger().handlers, h, _EXTRA)),
+    ("root's handler put back in place", lambda h, s, o: _replace_first(logging.getLogger().handlers, _EXTRA, h)),
+    ("lb.access's cache says no",
+     lambda h, s, o: logging.getLogger("lb.access")._cache.__setitem__(logging.INFO, False)),
+    ("lb.access's cache forgets", lambda h, s, o: logging.getLogger("lb.access")._cache.clear()),
+    ("lb.access's __dict__ replaced", lambda h, s, o: setattr(logging.getLogger("lb.access"), "__dict__",
+                                                             dict(vars(logging.getLogger("lb.access"))))),
+    ("the handler's stream set in its __dict__", lambda h, s, o: vars(h).__setitem__("stream", o)),
 ]
+
+
+def _replace_first(handlers: list[logging.Handler], old: logging.Handler, new: logging.Handler) -> None:
+    if handlers and handlers[0] is old:
+        handlers[0] = new
 
 
 @pytest.mark.parametrize("kind", ["unbuffered", "line"])  # the sink flushes the buffered layer of the second first
@@ -284,10 +299,11 @@ def test_an_access_sink_writes_only_where_the_python_checks_would(kind: str, cha
             access.filters.clear()
 
 
-def test_an_access_sink_looks_at_its_stream_again_once_it_holds_the_lock(tmp_path: Path) -> None:
-    """A thread holding the handler's lock replaces its stream and closes the old one, whose descriptor's
-    number a new file then takes: the line waiting for the lock goes to the new stream, as the Python path
-    sends it, never into that file (a reviewer's case)."""
+@pytest.mark.parametrize("closes_the_old", [True, False])
+def test_an_access_sink_looks_at_its_stream_again_once_it_holds_the_lock(tmp_path: Path, closes_the_old: bool) -> None:
+    """A thread holding the handler's lock replaces its stream, and closes the old one, whose descriptor's
+    number a new file then takes (a reviewer's case), or keeps it open: the line waiting for the lock goes
+    to the new stream, as the Python path sends it, never into that file nor to the old stream."""
     if not log_writer_built():
         pytest.skip(NOT_BUILT + ", or LB_PURE_PYTHON=1 sets it aside")
     from lb.log import AccessLineWriter
@@ -312,22 +328,26 @@ def test_an_access_sink_looks_at_its_stream_again_once_it_holds_the_lock(tmp_pat
                 holding.set()
                 time.sleep(0.2)  # the line below waits for the lock meanwhile
                 handler.setStream(other)
-                stream.close()
-                taken = os.open(tmp_path / "victim", os.O_WRONLY | os.O_CREAT, 0o600)
-                assert taken == number
+                if closes_the_old:
+                    stream.close()
+                    taken = os.open(tmp_path / "victim", os.O_WRONLY | os.O_CREAT, 0o600)
+                    assert taken == number
 
         replacing = threading.Thread(target=replace_the_stream)
         replacing.start()
         holding.wait(5)
         assert writer.write_fields(("event=second a=",), ("1",))
         replacing.join(5)
-        os.close(number)
+        if closes_the_old:
+            os.close(number)
+            assert (tmp_path / "victim").read_text() == ""
     finally:
         root.handlers[:] = saved[0]
         access.setLevel(saved[1])
         other.close()
-    assert (tmp_path / "victim").read_text() == ""
+        stream.close()
     assert "event=second" in (tmp_path / "other").read_text()
+    assert "event=second" not in (tmp_path / "first").read_text()
 
 
 def test_an_access_sink_is_made_once() -> None:
