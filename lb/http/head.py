@@ -435,6 +435,14 @@ _head_end: Final = (
 )
 
 
+def is_whole_head(data: bytes, limit: int) -> bool:
+    """Whether `data` is one complete request head and nothing after it, of at most `limit` bytes, not
+    beginning with a CR: what `find_head_end(data, limit)` would find ending at `len(data)`, raising
+    nothing, with no blank line's CRLF before it for the caller to skip.  False leaves it to them."""
+    end = _head_end(data, 0, limit + len(HEAD_END))
+    return end >= 0 and end + len(HEAD_END) == len(data) and len(data) <= limit and data[0] != 13  # CR
+
+
 def find_head_end(buffer: bytes | bytearray, limit: int, start: int = 0) -> int:
     """Return the length of the complete head at the start of `buffer`, or -1 if incomplete.
 

@@ -99,6 +99,7 @@ from lb.http.head import (
     could_start_request,
     find_head_end,
     has_bare_lf,
+    is_whole_head,
     parse_request_head,
     parse_response_head,
     render_head,
@@ -400,8 +401,7 @@ class Connection:
     def receive_client(self, data: bytes, now: float) -> list[Action]:
         state = self.state
         if state == HEAD:
-            self._buf += data
-            return self._read_head(now)
+            return self._read_head(now, data)
         if state in (CLOSED, TUNNEL):
             return []
         if self._continue_wait:
@@ -710,19 +710,27 @@ class Connection:
                 if address in trusted:
                     self._trusted, self._proxy = trusted, address
 
-    def _read_head(self, now: float) -> list[Action]:
+    def _read_head(self, now: float, data: bytes = b"") -> list[Action]:
+        """Read on for a request head in what is held, with `data` (a read not yet held) after it."""
         if self._ctx.config is not self._config:  # reloaded since this connection's last request began
             self._snapshot()
             self._client_ip = self._peer
         buf = self._buf
         limit = self._config.limits.max_header_bytes
+        if data:
+            if not buf and is_whole_head(data, limit):
+                # Nothing held, and the read is one whole head (as browsers send an upgrade): read as
+                # it came, not copied into the buffer and out again (1,500 instructions a handshake).
+                self._scan = 0
+                self._line_checked = False
+                return self._head_read(data, now)
+            buf += data
         if self._scan < 2 and buf.startswith(b"\r\n"):
             # RFC 9112 §2.2: an empty line before a request line SHOULD be ignored (the stray CRLF
             # some clients send after a body), its CR and LF in one read or two.  One: a second is a
             # malformed request line, and a stream of them, one a read, still runs into the timer.
             del buf[:2]
             self._scan = 0
-        raw = b""
         try:
             # Incremental: only the new bytes (and 3 before them) are searched for the blank
             # line, once; a slow client feeding a head byte by byte costs O(n), not O(n^2).
@@ -743,12 +751,19 @@ class Connection:
             del buf[:end]
             self._scan = 0
             self._line_checked = False
+        except RequestRejected as exc:
+            return self._refuse(exc, now, head_only=buf.startswith(b"HEAD "))
+        return self._head_read(raw, now)
+
+    def _head_read(self, raw: bytes, now: float) -> list[Action]:
+        """A complete request head, `raw`, parsed and dispatched, or refused."""
+        try:
             request = parse_request_head(raw, protected=self._protected)
         except RequestRejected as exc:
             # A HEAD whose head we refuse (431, 505, a malformed field) is still a HEAD: its answer
             # ends at its head.  Read from its first bytes, as the request never parsed; only here,
             # off the path of every head that parses.
-            return self._refuse(exc, now, head_only=(raw or buf).startswith(b"HEAD "))
+            return self._refuse(exc, now, head_only=raw.startswith(b"HEAD "))
         # An upgrade as browsers send it passes check_upgrade: lb/ws/_plain.c says so from its bytes.
         return self._dispatch(request, now, plain_upgrade=PLAIN_UPGRADE is not None and PLAIN_UPGRADE(raw))
 

@@ -281,6 +281,40 @@ def test_head_fed_in_pieces_opens_the_backend_on_its_last_byte(split: int) -> No
     assert play.to_client.count(b"HTTP/1.1 200 OK") == 2
 
 
+# Heads that arrive as one read (read as they came, where nothing is held) and what may come with them.
+_ONE_READ = [
+    pytest.param(upgrade(), id="upgrade"),
+    pytest.param(get("/b/x"), id="get"),
+    pytest.param(b"\r\n" + get("/a/x"), id="stray-crlf-first"),
+    pytest.param(b"\r\n\r\n", id="blank-lines"),
+    pytest.param(get("/a/1") + get("/b/2"), id="pipelined"),
+    pytest.param(post("/a/p", b"body"), id="with-body"),
+    pytest.param(get("/a/x", "X: " + "x" * (4097 - len(get("/a/x", "X: \r\n"))) + "\r\n"), id="a-byte-past-the-limit"),
+    pytest.param(get("/a/x", "X: " + "x" * (4096 - len(get("/a/x", "X: \r\n"))) + "\r\n"), id="at-the-limit"),
+    pytest.param(b"HEAD /a HTTP/1.1\r\nHost: h\r\nBad Name: v\r\n\r\n", id="refused-head"),
+    pytest.param(b"GET /a HTTP/1.1\r\nHost: h\r\nX: a\nY: b\r\n\r\n", id="bare-lf"),
+    pytest.param(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n\r\n", id="crlf-after"),
+]
+
+
+@pytest.mark.parametrize("data", _ONE_READ)
+def test_a_head_read_whole_is_read_as_one_held_first(data: bytes) -> None:
+    """What the core does with a read that is one whole head (no copy into its buffer) is what it does with
+    the same bytes when a first byte of them was already held: the same backends, bytes and answer."""
+    plays = [Play(), Play()]
+    plays[0].client(data)
+    plays[1].client(data[:1])
+    plays[1].client(data[1:])
+    for play in plays:
+        if play.opened:
+            play.connected()
+            play.backend(ok())
+    whole, held = plays
+    assert (whole.opened, whole.to_backend, whole.conn.state) == (held.opened, held.to_backend, held.conn.state)
+    answers = [bytes(play.to_client).replace(play.conn._rid.encode(), b"RID") for play in plays]
+    assert answers[0] == answers[1]
+
+
 def test_error_body_has_status_reason_and_request_id_and_echoes_nothing() -> None:
     play = Play()
     play.client(b"GET /nowhere-SECRET HTTP/1.1\r\nHost: h\r\n\r\n")

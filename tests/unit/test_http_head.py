@@ -6,7 +6,7 @@ import contextlib
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lb.errors import BadRequest, HeadersTooLarge, HttpVersionNotSupported, RequestRejected, UnsupportedMethod
@@ -14,6 +14,7 @@ from lb.http.head import (
     HEAD_END,
     check_request_line,
     find_head_end,
+    is_whole_head,
     parse_request_head,
     parse_response_head,
     render_head,
@@ -115,6 +116,20 @@ def test_find_head_end_agrees_with_a_plain_search(body: bytes, limit: int) -> No
         assert end < 0 and len(body) < limit and b"\n" not in body.replace(b"\r\n", b"")
     else:
         assert result == end + 4 <= limit
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=_headish() | _headish() | st.binary(max_size=40), limit=st.integers(min_value=1, max_value=120))
+@example(body=b"GET / HTTP/1.1\r\n\r\n", limit=17)  # its blank line ends a byte past the limit
+@example(body=b"GET / HTTP/1.1\r\n\r\n", limit=18)
+def test_a_whole_head_is_one_find_head_end_finds_ending_at_the_end(body: bytes, limit: int) -> None:
+    """is_whole_head says yes exactly where find_head_end finds a head that ends with the buffer, and
+    the buffer does not begin with a CR (a blank line's CRLF, which the caller skips first)."""
+    try:
+        whole = find_head_end(body, limit) == len(body) and not body.startswith(b"\r")
+    except RequestRejected:
+        whole = False
+    assert is_whole_head(body, limit) is whole
 
 
 # -- parse_request_head -----------------------------------------------------
