@@ -817,6 +817,13 @@ def take_answer_head(buffer: bytearray, scanned: int, limit: int) -> ResponseHea
     return None if raw is None else parse_response_head(raw)  # which refuses a status outside 100-599 too
 
 
+def answer_head_length(data: bytes, limit: int) -> int:
+    """The length of the complete answer head at the start of `data`, its blank line with it, or -1 (none
+    whole): what `take_answer_bytes` takes off a buffer that holds only `data`, when it takes one."""
+    end = _head_end(data, 0, limit)
+    return end + len(HEAD_END) if end >= 0 else -1
+
+
 def take_answer_bytes(buffer: bytearray, scanned: int, limit: int) -> bytes | None:
     """The bytes of the next complete answer head at the start of a backend's `buffer` (up to and with
     its blank line), taken off it; None until whole.

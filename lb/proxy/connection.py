@@ -95,6 +95,7 @@ from lb.http.head import (
     REQUEST_START_BYTES,
     RequestHead,
     ResponseHead,
+    answer_head_length,
     check_request_line,
     could_start_request,
     find_head_end,
@@ -556,9 +557,8 @@ class Connection:
             return self._relay(data, now)
         if self.state != WAITING:
             return []
-        self._answer_buf += data
         try:
-            return self._read_answer(now)
+            return self._read_answer(now, data)
         except _Failure as failure:
             return self._retry_or_fail(failure, now)
 
@@ -937,27 +937,41 @@ class Connection:
 
     # -- the backend's answer ---------------------------------------------------------------
 
-    def _read_answer(self, now: float) -> list[Action]:
+    def _read_answer(self, now: float, data: bytes) -> list[Action]:
+        """Read on for the backend's answer heads in what is held, with `data` (a read not yet held) after it.
+
+        With nothing held, a head whole at the start of the read is taken from it as it came, and what
+        follows it waits in `data` (not copied into the buffer and out again: about 2,400 instructions a
+        handshake); anything else is held and read as it always was."""
         actions: list[Action] = []
         buf = self._answer_buf
         request = self._request
         assert request is not None
         relaying = False  # a 1xx among `actions`: it reaches the client only if this read returns them
         while True:
-            try:
-                raw = take_answer_bytes(buf, self._answer_scan, MAX_RESPONSE_HEAD)
-            except HeadersTooLarge:
-                raise _Failure("answer head too large", request_shaped=True) from None
-            except BadGateway as exc:
-                raise _Failure(f"malformed answer: {exc}") from None
+            raw: bytes | None = None
+            if data and not buf:
+                length = answer_head_length(data, MAX_RESPONSE_HEAD)
+                if length >= 0:
+                    raw, data = data[:length], data[length:]
             if raw is None:
-                self._answer_scan = len(buf)
-                if relaying:
-                    self._interim_relayed = True
-                return actions
+                if data:
+                    buf += data
+                    data = b""
+                try:
+                    raw = take_answer_bytes(buf, self._answer_scan, MAX_RESPONSE_HEAD)
+                except HeadersTooLarge:
+                    raise _Failure("answer head too large", request_shaped=True) from None
+                except BadGateway as exc:
+                    raise _Failure(f"malformed answer: {exc}") from None
+                if raw is None:
+                    self._answer_scan = len(buf)
+                    if relaying:
+                        self._interim_relayed = True
+                    return actions
             self._answer_scan = 0
             if self._plain_switch(request, raw):
-                return actions + self._switch(self._plain_client_head(raw), now)
+                return actions + self._switch(self._plain_client_head(raw), now, data)
             try:
                 response = parse_response_head(raw)
             except RequestRejected as exc:
@@ -994,7 +1008,9 @@ class Connection:
                 mismatch = negotiation_fault(request, response)
                 if mismatch is not None:
                     raise _Failure(f"answer this client must fail: {mismatch}", this_client_only=True)
-                return actions + self._switch(self._client_head(response, now, switching=True), now)
+                return actions + self._switch(self._client_head(response, now, switching=True), now, data)
+            if data:
+                buf += data  # what follows the answer's head: its body (_answer)
             return actions + self._answer(response, now)
 
     def _plain_switch(self, request: RequestHead, raw: bytes) -> bool:
@@ -1009,17 +1025,22 @@ class Connection:
         key = request.head.get("sec-websocket-key")
         return key is not None and PLAIN_SWITCH(raw, key)
 
-    def _switch(self, head: bytes, now: float) -> list[Action]:
-        """The backend switched protocols; `head` is its 101 as the client gets it."""
+    def _switch(self, head: bytes, now: float, rest: bytes) -> list[Action]:
+        """The backend switched protocols; `head` is its 101 as the client gets it, and `rest` what the
+        backend sent after it that is not held (`_read_answer`)."""
         decision, pool = self._decision, self._pool
         assert decision is not None and pool is not None and self._request is not None
         self._observe(now)
         self._count("switched")
         self._log(SWITCHING_PROTOCOLS)
-        to_server = bytes(self._buf)
-        self._buf.clear()
-        to_client = bytes(self._answer_buf)
-        self._answer_buf.clear()
+        to_server = b""
+        if self._buf:  # early data: a client's first frames, sent with its head
+            to_server = bytes(self._buf)
+            self._buf.clear()
+        to_client = rest
+        if self._answer_buf:
+            to_client = bytes(self._answer_buf) + rest
+            self._answer_buf.clear()
         self._decision = None  # the tunnel releases the backend's count from here on
         self.state = TUNNEL
         return [

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -281,6 +282,12 @@ def test_head_fed_in_pieces_opens_the_backend_on_its_last_byte(split: int) -> No
     assert play.to_client.count(b"HTTP/1.1 200 OK") == 2
 
 
+def _sent_to_client(play: Play) -> bytes:
+    """What the client got, but for its request id (one more each request) and the lengths it changes."""
+    sent = bytes(play.to_client).replace(play.conn._rid.encode(), b"RID")
+    return re.sub(rb"\r\nContent-Length: \d+", b"\r\nContent-Length: N", sent)
+
+
 # Heads that arrive as one read (read as they came, where nothing is held) and what may come with them.
 _ONE_READ = [
     pytest.param(upgrade(), id="upgrade"),
@@ -311,8 +318,7 @@ def test_a_head_read_whole_is_read_as_one_held_first(data: bytes) -> None:
             play.backend(ok())
     whole, held = plays
     assert (whole.opened, whole.to_backend, whole.conn.state) == (held.opened, held.to_backend, held.conn.state)
-    answers = [bytes(play.to_client).replace(play.conn._rid.encode(), b"RID") for play in plays]
-    assert answers[0] == answers[1]
+    assert _sent_to_client(whole) == _sent_to_client(held)
 
 
 def test_error_body_has_status_reason_and_request_id_and_echoes_nothing() -> None:
@@ -1038,6 +1044,44 @@ def test_answer_head_is_bounded() -> None:
     play.connected()
     play.backend(b"HTTP/1.1 200 OK\r\nX: " + b"y" * MAX_RESPONSE_HEAD)
     assert b"502 Bad Gateway" in play.to_client
+
+
+# Backend reads whose first head is whole (taken from the read as it came, where nothing is held), and
+# what may follow it in the same read, for the request each answers (an upgrade, or a POST expecting 100).
+_ANSWERS_IN_ONE_READ = [
+    pytest.param(upgrade(), SWITCH, id="101"),
+    pytest.param(upgrade(), SWITCH + b"\x81\x05hello", id="101-and-a-frame"),
+    pytest.param(upgrade(), b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + SWITCH + b"\x81\x01x", id="103-101"),
+    pytest.param(upgrade(), SWITCH.replace(b"HTTP/1.1", b"HTTP/1.2", 1) + b"\x81\x01x", id="101-read-the-long-way"),
+    pytest.param(upgrade(), SWITCH.replace(b"s3pPLMB", b"AAAAAAA"), id="101-wrong-accept"),
+    pytest.param(upgrade(), ok(b"no"), id="refused-upgrade"),
+    pytest.param(upgrade(), b"HTTP/1.1 000 Zero\r\n\r\n", id="status-000"),
+    pytest.param(upgrade(), b"HTTP/1.1 101 Switching Protocols\r\nX: " + b"x" * 70000 + b"\r\n\r\n", id="too-large"),
+    pytest.param(post("/a/x", b"", "Expect: 100-continue\r\n"), b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"done"),
+                 id="100-200"),
+    pytest.param(post("/a/x", b"", "Expect: 100-continue\r\n"), b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 2",
+                 id="100-then-part"),
+    pytest.param(get("/a/x"), ok(b"body") + b"HTTP/1.1 200 OK\r\n", id="200-and-more"),
+]
+
+
+@pytest.mark.parametrize(("request_head", "answer"), _ANSWERS_IN_ONE_READ)
+def test_an_answer_read_whole_is_read_as_one_held_first(request_head: bytes, answer: bytes) -> None:
+    """What the core does with a backend read whose head is whole (taken from the read, what follows it
+    not held) is what it does with the same bytes when a first byte of them was already held: the same
+    bytes to the client, the same tunnel's bytes, state and failures."""
+    plays = [Play(), Play()]
+    results: list[list[Action]] = []
+    for play, reads in zip(plays, ([answer], [answer[:1], answer[1:]]), strict=True):
+        play.client(request_head)
+        play.connected()
+        results.append([action for data in reads for action in play.backend(data)])
+    joins = [[(a.to_server, a.to_client) for a in actions if isinstance(a, JoinTunnel)] for actions in results]
+    assert joins[0] == joins[1]
+    whole, held = plays
+    assert (whole.opened, whole.to_backend, whole.conn.state, whole.failures) == (
+        held.opened, held.to_backend, held.conn.state, held.failures)
+    assert _sent_to_client(whole) == _sent_to_client(held)
 
 
 @pytest.mark.parametrize("split", [1, 2, 3, 5])

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from lb.errors import BadRequest, HeadersTooLarge, HttpVersionNotSupported, RequestRejected, UnsupportedMethod
 from lb.http.head import (
     HEAD_END,
+    answer_head_length,
     check_request_line,
     find_head_end,
     is_whole_head,
@@ -130,6 +131,21 @@ def test_a_whole_head_is_one_find_head_end_finds_ending_at_the_end(body: bytes, 
     except RequestRejected:
         whole = False
     assert is_whole_head(body, limit) is whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_headish() | _headish() | st.binary(max_size=40), limit=st.integers(min_value=1, max_value=120))
+@example(data=b"HTTP/1.1 101 x\r\n\r\n", limit=14)  # its blank line begins at the limit: none whole
+@example(data=b"HTTP/1.1 101 x\r\n\r\n", limit=15)
+def test_an_answer_head_taken_from_a_read_is_the_one_take_answer_bytes_takes(data: bytes, limit: int) -> None:
+    """answer_head_length finds a head exactly where take_answer_bytes, given only `data`, takes one."""
+    length = answer_head_length(data, limit)
+    buffer = bytearray(data)
+    try:
+        taken = take_answer_bytes(buffer, 0, limit)
+    except RequestRejected:
+        taken = None
+    assert (data[:length] if length >= 0 else None) == taken
 
 
 # -- parse_request_head -----------------------------------------------------
