@@ -32,6 +32,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <poll.h>
 #include <string.h>
 #include <time.h>
@@ -308,6 +309,44 @@ line_add_text(Line *line, PyObject *text)
 
 /* A value as lb.access_log.plain_value prints it: an int or a float as str() writes it (always
  * plain), anything else as its str(), printed as is or quoted. */
+/* repr(x) for a float that is a whole number of milliseconds below 10**12 s, k / 1000 (a tunnel's
+ * duration, which lb.proxy.tunnel rounds so): the length written to `out`, or -1 for any other float.
+ * By hand, as the ints above: PyOS_double_to_string's shortest-text search cost about 1,200
+ * instructions a tunnel's line (`python -m bench.instructions_live`: 183,600 a handshake, 182,400).  The text is k's digits with the point three places in, the zeros that end
+ * it dropped but one (`2.0`, as repr writes it).  It is the shortest that reads back as x, so repr's:
+ * any other text that did would be a decimal within half a unit in the last place of x (at most
+ * 2**-13 below 10**12), where every decimal of three places or fewer but k / 1000 is at least 0.001
+ * away, and one of more places has more digits. */
+static Py_ssize_t
+millis_text(double x, char out[32])
+{
+    if (!(x >= 0.0 && x < 1e12) || signbit(x)) { /* NaN, negative, -0.0, or too large */
+        return -1;
+    }
+    long long k = (long long)(x * 1000.0 + 0.5); /* the nearest whole number of milliseconds */
+    if ((double)k / 1000.0 != x) {
+        return -1;
+    }
+    char digits[24];
+    char *end = digits + sizeof digits, *at = end;
+    unsigned long long whole = (unsigned long long)(k / 1000);
+    do {
+        *--at = (char)('0' + whole % 10);
+        whole /= 10;
+    } while (whole != 0);
+    Py_ssize_t length = end - at;
+    memcpy(out, at, (size_t)length);
+    out[length++] = '.';
+    int fraction = (int)(k % 1000);
+    char places[3] = {(char)('0' + fraction / 100), (char)('0' + fraction / 10 % 10), (char)('0' + fraction % 10)};
+    int kept = 3;
+    while (kept > 1 && places[kept - 1] == '0') {
+        kept--;
+    }
+    memcpy(out + length, places, (size_t)kept);
+    return length + kept;
+}
+
 static int
 line_add_value(Line *line, PyObject *value)
 {
@@ -339,6 +378,11 @@ line_add_value(Line *line, PyObject *value)
     }
     if (PyFloat_CheckExact(value)) {
         /* repr(float), which str() is: the shortest text that reads back as the same float. */
+        char millis[32];
+        Py_ssize_t length = millis_text(PyFloat_AS_DOUBLE(value), millis);
+        if (length > 0) {
+            return line_add(line, millis, length);
+        }
         char *text = PyOS_double_to_string(PyFloat_AS_DOUBLE(value), 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
         if (text == NULL) {
             return -1;

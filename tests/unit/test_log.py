@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -610,6 +611,20 @@ def test_the_c_field_writer_renders_each_value_as_plain_value_does(values: list[
     keys = tuple(f" k{index}=" for index in range(len(values)))
     assert _written_fields(keys, tuple(values), created) == (
         iso_utc(created) + " INFO lb.access: " + render_fields(keys, tuple(values)) + "\n")
+
+
+@given(st.integers(0, 10**12 + 5).map(lambda k: k / 1000) | st.floats(0, 2e12)
+       | st.sampled_from([0.0, 999999999999.999]))
+@settings(max_examples=500, deadline=None)
+def test_the_c_field_writer_prints_a_float_of_milliseconds_as_repr_does(number: float) -> None:
+    """A whole number of milliseconds (a tunnel's duration) is written by hand, anything else by Python's
+    shortest repr: both as str() writes them, and so are the floats either side and the negated one."""
+    from lb.access_log import render_fields
+
+    values = (number, math.nextafter(number, math.inf), math.nextafter(number, -math.inf), -number)
+    keys = tuple(f" k{index}=" for index in range(len(values)))
+    assert render_fields(keys, values) == "".join(f"{key}{value!r}" for key, value in zip(keys, values, strict=True))
+    assert _written_fields(keys, values, 0.0) == iso_utc(0.0) + " INFO lb.access: " + render_fields(keys, values) + "\n"
 
 
 @pytest.mark.parametrize("number", [0, 7, -1, 10, -10, 2**63 - 1, -(2**63), 2**63, -(2**63) - 1, 10**30, True])
