@@ -292,6 +292,7 @@ def _run_end(run: Callable[[bytes, int], re.Match[bytes] | None], data: bytes, s
 # A framer that is done holds no state `feed` changes: this one serves every message without a
 # body (every WebSocket handshake's request), with no allocation per request.
 _BODILESS: Final = BodyFramer(length=0, chunked=False)
+_FRAMING_NAMES: Final = frozenset({"transfer-encoding", "content-length"})
 
 
 def response_framer(response: ResponseHead, *, request_method: str) -> BodyFramer:
@@ -314,6 +315,8 @@ def request_framer(request: RequestHead, *, protected: frozenset[str] = PROTECTE
     and what follows the head is the next request.  Trailer fields named like `protected` (the
     head parser's set: ours, framing, routing) are refused, as the head drops their aliases.
     """
+    if not request.head.has_any(_FRAMING_NAMES):
+        return _BODILESS  # the common case (every WebSocket upgrade): one set operation
     if request.head.get_all("transfer-encoding"):
         return BodyFramer(length=None, chunked=True, forbidden_trailers=protected)
     length = request.head.get("content-length")

@@ -14,6 +14,12 @@ from lb.proxy import randomness
 from lb.proxy.randomness import PAGE, random_bytes
 
 
+def _start_afresh(patch: pytest.MonkeyPatch) -> None:
+    """No page held (the module's state put back after the test)."""
+    patch.setattr(randomness._current, "page", b"")
+    patch.setattr(randomness._current, "drawn", 0)
+
+
 @pytest.fixture
 def numbered_pages(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """os.urandom as pages whose every byte position is known: page k is k repeated (mod 256); the
@@ -26,8 +32,7 @@ def numbered_pages(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         return bytes([next(counter) % 256]) * count
 
     monkeypatch.setattr(randomness.os, "urandom", urandom)
-    monkeypatch.setattr(randomness, "_page", b"")
-    monkeypatch.setattr(randomness, "_drawn", 0)
+    _start_afresh(monkeypatch)
     yield asked
 
 
@@ -45,8 +50,7 @@ def test_each_draw_is_the_next_unused_part_of_a_page_or_a_read_of_its_own(counts
             return reads[-1]
 
         patch.setattr(randomness.os, "urandom", urandom)
-        patch.setattr(randomness, "_page", b"")
-        patch.setattr(randomness, "_drawn", 0)
+        _start_afresh(patch)
         page, used = b"", 0
         for count in counts:
             drawn = random_bytes(count)
@@ -73,8 +77,7 @@ def test_draws_cut_one_page_in_order_then_read_another(numbered_pages: list[int]
 
 def test_a_negative_count_is_refused_not_a_step_back(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(randomness.os, "urandom", lambda count: bytes(range(256)) * (count // 256))
-    monkeypatch.setattr(randomness, "_page", b"")
-    monkeypatch.setattr(randomness, "_drawn", 0)
+    _start_afresh(monkeypatch)
     assert random_bytes(4) == b"\x00\x01\x02\x03"
     with pytest.raises(ValueError):
         random_bytes(-4)
