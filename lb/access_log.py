@@ -32,7 +32,17 @@ class AccessWriter(Protocol):
     def write_fields(self, keys: tuple[str, ...], values: tuple[object, ...]) -> bool: ...
 
 
-_writer: AccessWriter | None = None
+class _Installed:
+    """The writer `set_access_writer` installed: on an object, whose field compiled code reads directly,
+    where a module global is a lookup in the module's dict (two a handshake)."""
+
+    __slots__ = ("writer",)
+
+    def __init__(self) -> None:
+        self.writer: AccessWriter | None = None
+
+
+_installed: Final = _Installed()
 
 
 def access_enabled() -> bool:
@@ -55,8 +65,12 @@ def access_enabled() -> bool:
 
 def set_access_writer(writer: AccessWriter | None) -> None:
     """Called by `lb.log.setup_logging`: access lines skip the logging machinery while it applies."""
-    global _writer
-    _writer = writer
+    _installed.writer = writer
+
+
+def access_writer() -> AccessWriter | None:
+    """The writer `set_access_writer` installed, if any."""
+    return _installed.writer
 
 
 def _bare_in_python(text: str) -> bool:
@@ -114,7 +128,7 @@ def shortened(text: str, limit: int) -> str:
 def _emit(event: str, fields: dict[str, Any]) -> None:
     fields = {"event": event, **fields}
     text = " ".join([f"{key}={plain_value(value)}" for key, value in fields.items()])
-    writer = _writer
+    writer = _installed.writer
     if writer is not None and writer.applies():
         writer.write(text, fields)
     else:
@@ -151,7 +165,7 @@ def log_answered(
 ) -> None:
     """The request line of a request a backend answered (`event=request`)."""
     method, path = shortened(method, MAX_LOGGED_METHOD), shortened(path, MAX_LOGGED_PATH)
-    writer = _writer
+    writer = _installed.writer
     if writer is not None and writer.write_fields(
         _ANSWERED, (client, client_port, method, path, pool, backend, affinity, status, request_id)
     ):
@@ -165,7 +179,7 @@ def log_tunnel_ended(
     request_id: str,
 ) -> None:
     """The close line of a tunnel the balancer did not end itself (`event=tunnel_closed`, no cause)."""
-    writer = _writer
+    writer = _installed.writer
     if writer is not None and writer.write_fields(
         _TUNNEL_ENDED, (client, client_port, pool, backend, duration, bytes_in, bytes_out, request_id)
     ):

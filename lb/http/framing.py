@@ -15,8 +15,19 @@ from typing import Final
 from lb.http.forwarding import HOP_BY_HOP
 from lb.http.head import PROTECTED_HEADERS, TCHAR, RequestHead, ResponseHead
 
-(_SIZE, _SIZE_LF, _SIZE_BWS, _DATA, _DATA_CR, _DATA_LF, _TRAILER_NAME, _TRAILER_VALUE, _TRAILER_LF, _TRAILERS_LF,
- _DONE) = range(11)
+# The chunked body's states, each Final: compiled code reads a constant, where a name unpacked from
+# range() is looked up in the module's dict at every use.
+_SIZE: Final = 0
+_SIZE_LF: Final = 1
+_SIZE_BWS: Final = 2
+_DATA: Final = 3
+_DATA_CR: Final = 4
+_DATA_LF: Final = 5
+_TRAILER_NAME: Final = 6
+_TRAILER_VALUE: Final = 7
+_TRAILER_LF: Final = 8
+_TRAILERS_LF: Final = 9
+_DONE: Final = 10
 
 # Chunk extensions and trailers are never relayed as data: bounded so a peer cannot make them
 # endless (llhttp caps extensions likewise, CVE-2024-22019).

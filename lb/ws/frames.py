@@ -15,9 +15,9 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-_U16 = struct.Struct(">H")
-_U64 = struct.Struct(">Q")
-_MAX_HEADER = 14  # 2 + 8 (64-bit length) + 4 (masking key)
+_U16: Final = struct.Struct(">H")
+_U64: Final = struct.Struct(">Q")
+_MAX_HEADER: Final = 14  # 2 + 8 (64-bit length) + 4 (masking key)
 OP_CLOSE: Final = 0x8  # RFC 6455 §5.5.1
 
 
