@@ -494,13 +494,12 @@ write_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 /* What the last look that found everything as set up saw (sink_as_set_up), on Pythons whose dicts
  * carry PEP 509's version tag: a dict's tag changes with every change to the dict, and a new dict's is
  * one no dict had, so while each object's __dict__ is the same dict with the same tag, every attribute
- * it holds is as it was.  The
- * lists those dicts hold (`handlers`, `filters`) have no tag: their lengths, and root's one handler,
- * are looked at each time, and so is the stream's file (`closed` is not in a __dict__).  Then a line's
- * checks are five tag comparisons and five list lengths, where the full look is fourteen lookups in
- * those dicts: 195,000 instructions a handshake before, 190,300 after (`python -m
- * bench.instructions_live`; a handshake logs two lines, and the handler's dict is looked at again
- * under the lock).
+ * it holds is as it was.  The lists those dicts hold (`handlers`, `filters`) have no tag: their
+ * lengths, and root's one handler, are looked at each time, and so is the stream's file (`closed` is
+ * not in a __dict__).  Then a line's checks are five tag comparisons and five list lengths, where the
+ * full look is fourteen lookups in those dicts: 195,000 instructions a handshake before, 190,300 after
+ * (`python -m bench.instructions_live`; a handshake logs two lines, and the handler's dict is looked at
+ * again under the lock).
  *
  * The tag is deprecated from 3.12 on (dict watchers replace it), so there the full look is made every
  * time, as before.  Pointers here are borrowed and only compared, but for the lists and
@@ -558,17 +557,6 @@ own_attribute(PyObject *obj, PyObject *name)
     PyObject *value = PyDict_Check(dict) ? PyDict_GetItemWithError(dict, name) : NULL;
     Py_DECREF(dict);
     return value;
-}
-
-/* Whether `obj.name` is an empty list (a logger's or handler's `handlers`, `filters`): 1, 0, -1. */
-static int
-empty_list(PyObject *obj, PyObject *name)
-{
-    PyObject *value = own_attribute(obj, name);
-    if (value == NULL) {
-        return PyErr_Occurred() ? -1 : 0;
-    }
-    return PyList_CheckExact(value) && PyList_GET_SIZE(value) == 0;
 }
 
 /* Whether `obj.name is expected`: 1, 0, -1. */

@@ -21,8 +21,7 @@ PAGE: Final = 4096
 
 class _Page:
     """The page being handed out, and how much of it is.  An object, not two module globals: compiled,
-    its fields are read directly, where each global is a lookup in the module's dict (about 700
-    instructions a draw)."""
+    its fields are read directly, where each global is a lookup in the module's dict (four a draw)."""
 
     __slots__ = ("drawn", "page")
 
