@@ -307,15 +307,14 @@ line_add_text(Line *line, PyObject *text)
     return result;
 }
 
-/* A value as lb.access_log.plain_value prints it: an int or a float as str() writes it (always
- * plain), anything else as its str(), printed as is or quoted. */
 /* repr(x) for a float that is a whole number of milliseconds below 10**12 s, k / 1000 (a tunnel's
  * duration, which lb.proxy.tunnel rounds so): the length written to `out`, or -1 for any other float.
- * By hand, as the ints above: PyOS_double_to_string's shortest-text search cost about 1,200
- * instructions a tunnel's line (`python -m bench.instructions_live`: 183,600 a handshake, 182,400).  The text is k's digits with the point three places in, the zeros that end
- * it dropped but one (`2.0`, as repr writes it).  It is the shortest that reads back as x, so repr's:
+ * By hand, as the ints below: PyOS_double_to_string's shortest-text search cost about 1,200
+ * instructions a tunnel's line (`python -m bench.instructions_live`: 183,600 a handshake before,
+ * 182,400 after).  The text is k's digits with the point three places in, the zeros that end it
+ * dropped but one (`2.0`, as repr writes it).  It is the shortest that reads back as x, so repr's:
  * any other text that did would be a decimal within half a unit in the last place of x (at most
- * 2**-13 below 10**12), where every decimal of three places or fewer but k / 1000 is at least 0.001
+ * 2**-14 below 10**12), where every decimal of three places or fewer but k / 1000 is at least 0.001
  * away, and one of more places has more digits. */
 static Py_ssize_t
 millis_text(double x, char out[32])
@@ -347,6 +346,8 @@ millis_text(double x, char out[32])
     return length + kept;
 }
 
+/* A value as lb.access_log.plain_value prints it: an int or a float as str() writes it (always
+ * plain), anything else as its str(), printed as is or quoted. */
 static int
 line_add_value(Line *line, PyObject *value)
 {
