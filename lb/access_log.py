@@ -68,11 +68,6 @@ def set_access_writer(writer: AccessWriter | None) -> None:
     _installed.writer = writer
 
 
-def access_writer() -> AccessWriter | None:
-    """The writer `set_access_writer` installed, if any."""
-    return _installed.writer
-
-
 def _bare_in_python(text: str) -> bool:
     # Visible ASCII (0x21-0x7E), no quote, no `=`, not empty: C string methods, not a regex fullmatch
     # (half the cost; for ASCII, isprintable() leaves out the C0 controls and DEL but keeps the space).

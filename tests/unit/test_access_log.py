@@ -157,7 +157,7 @@ class _Recorder:
 def _recording(plain: bool) -> Iterator[_Recorder]:
     """Access events at INFO go to a fresh recorder for the block; the writer and level are restored after."""
     recorder = _Recorder(plain)
-    saved = access_log.access_writer(), access_log.access.level
+    saved = access_log._installed.writer, access_log.access.level
     access_log.set_access_writer(recorder)
     access_log.access.setLevel(logging.INFO)
     try:

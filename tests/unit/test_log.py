@@ -122,7 +122,7 @@ def test_direct_access_lines_equal_the_logging_path(captured: Captured, log_form
 
     setup_logging(LoggingConfig(format=log_format), process=process)
     fields = {"client": "127.0.0.9", "path": "/a b\x1b", "status": 101, "duration": 0.25, "pool": "g"}
-    writer = access_log.access_writer()
+    writer = access_log._installed.writer
     assert writer is not None and writer.applies()
     access_log.log_request(**fields)
     try:
@@ -172,7 +172,7 @@ def test_access_lines_written_to_the_descriptor_equal_the_logging_path(
 
     with _stderr_like(tmp_path / "stderr", kind) as stream:
         _setup_on(stream, process)
-        writer = access_log.access_writer()
+        writer = access_log._installed.writer
         assert writer is not None and writer.applies()
         fields = {"client": "127.0.0.9", "path": "/a b\x1b" + "x" * 5000, "status": 101, "pool": "g"}
         access_log.log_request(**fields)  # past the C writer's stack buffer
@@ -267,7 +267,7 @@ def test_an_access_sink_writes_only_where_the_python_checks_would(kind: str, cha
             _stderr_like(Path(tmp) / "other", "unbuffered") as other:
         try:
             _setup_on(stream)
-            writer = access_log.access_writer()
+            writer = access_log._installed.writer
             assert writer is not None and writer.write_fields(keys, values)  # the Python path: finds the sink
             sink = writer._sink  # type: ignore[attr-defined]
             assert sink is not None, "a sink for stderr as Python makes it"
@@ -376,7 +376,7 @@ def test_the_descriptor_is_not_used_where_it_would_write_otherwise_than_the_stre
     with io.TextIOWrapper(io.FileIO(tmp_path / "utf16", "w"), encoding="utf-16", write_through=True) as stream:
         _setup_on(stream)
         access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
-        assert access_log.access_writer()._fd == -1  # type: ignore[union-attr]
+        assert access_log._installed.writer._fd == -1  # type: ignore[union-attr]
     assert (tmp_path / "utf16").read_bytes().decode("utf-16").endswith("request_id=r1\n")
 
     with _stderr_like(tmp_path / "crlf", "unbuffered") as stream:
@@ -414,7 +414,7 @@ def test_anything_that_would_change_or_drop_an_access_event_takes_the_logging_pa
     from lb import access_log
 
     setup_logging(LoggingConfig(format=LogFormat.PLAIN))
-    writer = access_log.access_writer()
+    writer = access_log._installed.writer
     assert writer is not None and writer.applies()
     lb_logger, access = logging.getLogger("lb"), logging.getLogger("lb.access")
     handler = logging.getLogger().handlers[0]
