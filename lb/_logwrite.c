@@ -544,7 +544,7 @@ typedef struct {
 
 /* Names looked up in the objects' __dict__s, and INFO (20) as the key of a logger's `_cache`. */
 static PyObject *NAME_HANDLERS, *NAME_PROPAGATE, *NAME_FILTERS, *NAME_DISABLED, *NAME_CACHE, *NAME_LEVEL,
-    *NAME_FORMATTER, *NAME_STREAM, *NAME_LOCK, *NAME_CLOSED, *LEVEL_INFO;
+    *NAME_FORMATTER, *NAME_STREAM, *NAME_LOCK, *NAME_CLOSED, *NAME_TERMINATOR, *LEVEL_INFO;
 
 /* `obj`'s own attribute `name` (borrowed: its __dict__, which `obj` keeps, holds it), or NULL: absent
  * (no exception) or an error (exception set). */
@@ -718,6 +718,12 @@ sink_look(AccessSink *self, Remembered *seen)
         || (as_set_up = attribute_is(self->handler, NAME_LOCK, self->lock)) != 1
         || (as_set_up = attribute_is(self->handler, NAME_STREAM, self->stream)) != 1) {
         return as_set_up;
+    }
+    /* Lines end as the handler's class ends them (`\n`, which lb.log found when it made the sink): no
+     * `terminator` of the handler's own. */
+    PyObject *terminator = own_attribute(self->handler, NAME_TERMINATOR);
+    if (terminator != NULL || PyErr_Occurred()) {
+        return PyErr_Occurred() ? -1 : 0;
     }
     PyObject *level = own_attribute(self->handler, NAME_LEVEL);
     int overflow = 0;
@@ -1004,7 +1010,7 @@ PyInit__logwrite(void)
         {&NAME_HANDLERS, "handlers"}, {&NAME_PROPAGATE, "propagate"}, {&NAME_FILTERS, "filters"},
         {&NAME_DISABLED, "disabled"}, {&NAME_CACHE, "_cache"},        {&NAME_LEVEL, "level"},
         {&NAME_FORMATTER, "formatter"}, {&NAME_STREAM, "stream"},      {&NAME_LOCK, "lock"},
-        {&NAME_CLOSED, "closed"},
+        {&NAME_CLOSED, "closed"},       {&NAME_TERMINATOR, "terminator"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         if ((*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL) {
@@ -1024,14 +1030,15 @@ PyInit__logwrite(void)
         return NULL;
     }
     /* The names a sink reads from the loggers' and the handler's own __dict__s (not `closed`, the
-     * FileIO's): lb.log makes a sink only for objects whose classes define none of them. */
-    PyObject *read = PyTuple_New(sizeof names / sizeof names[0] - 1);
+     * FileIO's, nor `terminator`, which the handler's class defines and its own __dict__ must not):
+     * lb.log makes a sink only for objects whose classes define none of them. */
+    PyObject *read = PyTuple_New(sizeof names / sizeof names[0] - 2);
     if (read == NULL) {
         Py_DECREF(module);
         return NULL;
     }
     for (size_t i = 0, at = 0; i < sizeof names / sizeof names[0]; i++) {
-        if (*names[i].name != NAME_CLOSED) {
+        if (*names[i].name != NAME_CLOSED && *names[i].name != NAME_TERMINATOR) {
             PyTuple_SET_ITEM(read, at++, Py_NewRef(*names[i].name));
         }
     }

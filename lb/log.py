@@ -197,6 +197,7 @@ class AccessLineWriter:
             len(handlers) == 1 and handlers[0] is handler and not access.handlers and not self._lb.handlers
             and access.propagate and self._lb.propagate and not access.filters and not handler.filters
             and handler.level == logging.NOTSET and handler.formatter is self._formatter
+            and handler.terminator == "\n"  # as `_find_descriptor` found it: the direct line ends so
         )
 
     def write(self, text: str, fields: dict[str, object]) -> None:

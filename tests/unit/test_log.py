@@ -238,6 +238,8 @@ _SINK_CHANGES: list[tuple[str, Callable[[logging.Handler, io.TextIOWrapper, io.T
     ("lb.access's __dict__ replaced", lambda h, s, o: setattr(logging.getLogger("lb.access"), "__dict__",
                                                              dict(vars(logging.getLogger("lb.access"))))),
     ("the handler's stream set in its __dict__", lambda h, s, o: vars(h).__setitem__("stream", o)),
+    ("the handler ends lines otherwise", lambda h, s, o: setattr(h, "terminator", "\r\n")),
+    ("the handler ends lines as its class", lambda h, s, o: vars(h).pop("terminator", None)),
 ]
 
 
