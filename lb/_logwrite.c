@@ -25,7 +25,9 @@
  * The caller holds the logging handler's lock, as the ordinary logging path does, so no other
  * thread's line lands inside this one even where one write(2) would not keep it whole (a pipe,
  * past PIPE_BUF bytes).  The GIL is released around each write(2), as os.write releases it: a
- * write that blocks (a full pipe) holds up the thread that logs, not every thread.
+ * write that blocks (a full pipe) holds up the thread that logs, not every thread.  Unless there is
+ * no other thread to hold up (`alone`): then releasing and taking it back is all the release does,
+ * some 800 instructions a handshake's two lines.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -91,15 +93,32 @@ format_stamp(double created, char *out)
  * whole: a pipe takes up to PIPE_BUF bytes at once or nothing, and once part of a longer line (or a
  * socket's) is in, the rest waits for room, FINISH_WAIT_MS at most, so the next line does not
  * start inside it. */
+/* Whether this is the only thread of the only interpreter: no other thread could want the GIL while
+ * a write(2) waits.  Another thread's state is made while this one holds the GIL (threading), or by a
+ * thread of C code on its way to take the GIL (PyGILState_Ensure), which waits for the write either
+ * way.  The lists are read as debuggers read them (the Tool Support API), without their lock: one
+ * being added as they are read is seen or not, and either is an answer above. */
+static int
+alone(PyThreadState *mine)
+{
+    PyInterpreterState *only = PyInterpreterState_Head();
+    return PyInterpreterState_Next(only) == NULL && PyInterpreterState_ThreadHead(only) == mine
+        && PyThreadState_Next(mine) == NULL;
+}
+
 static int
 write_all(int fd, const char *data, Py_ssize_t length)
 {
     int begun = 0;
     int waited_ms = 0;
+    PyThreadState *mine = PyThreadState_Get();
+    int releases = !alone(mine);
     while (length > 0) {
         ssize_t written;
         int error = 0;
-        Py_BEGIN_ALLOW_THREADS
+        if (releases) {
+            PyEval_SaveThread();
+        }
         written = write(fd, data, (size_t)length);
         if (written < 0) {
             error = errno; /* read before the GIL is taken back */
@@ -114,7 +133,9 @@ write_all(int fd, const char *data, Py_ssize_t length)
             waited_ms += 50;
             error = EINTR; /* try again (signals checked, as for an interrupted write) */
         }
-        Py_END_ALLOW_THREADS
+        if (releases) {
+            PyEval_RestoreThread(mine);
+        }
         if (written < 0) {
             if (error == EINTR) {
                 if (PyErr_CheckSignals() < 0) { /* as os.write: a handler's exception ends it (PEP 475) */

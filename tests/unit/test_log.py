@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -570,6 +571,42 @@ def test_the_c_line_writer_writes_all_of_a_long_line_through_a_pipe_and_reports_
         logwrite.write_line(1, 1.0, b" ", "x")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         logwrite.write_line(1, 1.0, " ")  # type: ignore[call-arg]
+
+
+def test_a_line_waiting_for_room_lets_other_threads_run() -> None:
+    """A write(2) to a full blocking pipe lets go of the GIL while another thread lives, as os.write does:
+    here that thread is the pipe's reader, so a writer that kept the GIL would wait for ever (the alarm
+    ends that wait with an error instead)."""
+    logwrite = pytest.importorskip("lb._logwrite", reason=NOT_BUILT)
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write, b"x" * 4096)
+    os.set_blocking(write, True)
+    chunks: list[bytes] = []
+
+    def read_it_all() -> None:
+        time.sleep(0.2)  # the line is waiting for room by now
+        chunks.extend(iter(lambda: os.read(read, 65536), b""))
+
+    reader = threading.Thread(target=read_it_all)
+    reader.start()
+
+    def waited_too_long(signum: int, frame: object) -> None:
+        raise TimeoutError("the line's write kept the GIL: the reader never ran")
+
+    previous = signal.signal(signal.SIGALRM, waited_too_long)
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    try:
+        logwrite.write_line(write, 1.5, " ", "event=last")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        os.close(write)
+        reader.join(10)
+        os.close(read)
+    assert b"".join(chunks).endswith(b"x1970-01-01T00:00:01.500Z event=last\n")
 
 
 def _written_fields(keys: tuple[str, ...], values: tuple[object, ...], created: float = 1.5) -> str:
