@@ -29,6 +29,12 @@ class AdminAction(StrEnum):
     DISABLE = "disable"
 
 
+# The two read for every backend of every choice: compiled, a Final name is read where it is kept,
+# where `AdminAction.ENABLE` is an attribute looked up on the class each time.
+_ENABLE: Final = AdminAction.ENABLE
+_DISABLE: Final = AdminAction.DISABLE
+
+
 @dataclass(slots=True)
 class BackendStatus:
     """The live view of one backend.  Mutated only on the event loop thread."""
@@ -80,12 +86,12 @@ class BackendStatus:
 
     @property
     def takes_new_clients(self) -> bool:
-        return self.healthy and self.admin is AdminAction.ENABLE and not self.requested_drain and not self.full
+        return self.healthy and self.admin is _ENABLE and not self.requested_drain and not self.full
 
     @property
     def takes_sticky_clients(self) -> bool:
         # A full backend sends even its own clients elsewhere (HAProxy's `option redispatch`).
-        return self.healthy and self.admin is not AdminAction.DISABLE and not self.full and not self.migrating
+        return self.healthy and self.admin is not _DISABLE and not self.full and not self.migrating
 
 
 @dataclass(frozen=True, slots=True)
