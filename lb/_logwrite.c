@@ -14,7 +14,8 @@
  * as str() writes it; a str as is when `bare`, else as json.dumps quotes it; anything else as
  * its str(), so).  `bare(text)` is that check alone, for lb.access_log's generic path.
  * tests/unit/test_access_log.py holds all three to lb.access_log's Python.  `AccessSink` (below)
- * makes the checks lb.log.AccessLineWriter makes around each line, and takes its lock, as well.
+ * makes the checks lb.log.AccessLineWriter makes around each line, and takes its lock, as well
+ * (where another thread could want it: sink_write_fields).
  *
  * Why C, by hand: a WebSocket handshake logs two access lines, and writing one through Python
  * (the timestamp, three concatenations, the handler's lock, the stream's write and flush) was
@@ -558,10 +559,14 @@ typedef struct {
     PyObject *lock;      /* the handler's lock, and its bound acquire and release */
     PyObject *acquire;
     PyObject *release;
+    int lock_is_rlock;   /* the lock is a _thread.RLock (see sink_write_fields) */
     PyObject *flush;     /* the stream's flush, called before each line (a buffered layer's part line
                           * goes first), or None */
     Remembered remembered; /* valid only where SINK_REMEMBERS */
 } AccessSink;
+
+/* _thread.RLock, the type of logging's handler locks. */
+static PyTypeObject *rlock_type = NULL;
 
 /* Names looked up in the objects' __dict__s, and INFO (20) as the key of a logger's `_cache`. */
 static PyObject *NAME_HANDLERS, *NAME_PROPAGATE, *NAME_FILTERS, *NAME_DISABLED, *NAME_CACHE, *NAME_LEVEL,
@@ -838,13 +843,22 @@ sink_write_fields(AccessSink *self, PyObject *const *args, Py_ssize_t nargs)
         return as_set_up < 0 ? NULL : Py_NewRef(as_set_up == NOT_WANTED ? Py_True : Py_None);
     }
     double created = wall_clock();
-    /* The handler's lock, as the logging path takes it: no other thread's line lands inside this one. */
-    PyObject *taken = PyObject_CallNoArgs(self->acquire);
-    if (taken == NULL) {
-        return NULL;
+    /* The handler's lock, as the logging path takes it: no other thread's line lands inside this one.
+     * Not when there is no other thread (`alone`) and the lock is an RLock, which the one thread may
+     * always take, held or not: then taking it excludes no one, and nothing can have changed since the
+     * look above (no Python code ran).  About 1,000 instructions a line: the RLock's acquire parses its
+     * arguments, and the look under the lock reads the file's `closed` again.  (A lock a thread took and
+     * then ended without releasing is not waited for here, where the logging path would wait for ever.) */
+    int locks = !(self->lock_is_rlock && alone(PyThreadState_Get()));
+    int result = 1;
+    if (locks) {
+        PyObject *taken = PyObject_CallNoArgs(self->acquire);
+        if (taken == NULL) {
+            return NULL;
+        }
+        Py_DECREF(taken);
+        result = sink_stream_as_set_up(self); /* again, under the lock (see there) */
     }
-    Py_DECREF(taken);
-    int result = sink_stream_as_set_up(self); /* again, under the lock (see there) */
     if (result != 1) {
         if (sink_release(self) < 0 || result < 0) {
             return NULL;
@@ -860,7 +874,7 @@ sink_write_fields(AccessSink *self, PyObject *const *args, Py_ssize_t nargs)
     if (result == 0) {
         result = render_and_write(self->fd, created, self->middle, args[0], args[1]);
     }
-    if (sink_release(self) < 0 || result < 0) {
+    if ((locks && sink_release(self) < 0) || result < 0) {
         return NULL;
     }
     return PyBool_FromLong(result == 0);
@@ -918,6 +932,7 @@ sink_init(AccessSink *self, PyObject *args, PyObject *kwargs)
     Py_XSETREF(self->lock, lock);
     Py_XSETREF(self->acquire, acquire);
     Py_XSETREF(self->release, release);
+    self->lock_is_rlock = Py_IS_TYPE(lock, rlock_type);
     Py_XSETREF(self->flush, Py_NewRef(flush));
     return 0;
 }
@@ -1024,6 +1039,18 @@ PyInit__logwrite(void)
     if (json_dumps == NULL) {
         return NULL;
     }
+    PyObject *thread = PyImport_ImportModule("_thread");
+    PyObject *rlock = thread == NULL ? NULL : PyObject_GetAttrString(thread, "RLock");
+    Py_XDECREF(thread);
+    if (rlock == NULL) {
+        return NULL;
+    }
+    if (!PyType_Check(rlock)) {
+        Py_DECREF(rlock);
+        PyErr_SetString(PyExc_TypeError, "_thread.RLock is not a type");
+        return NULL;
+    }
+    rlock_type = (PyTypeObject *)rlock; /* kept for the module's life */
     struct {
         PyObject **name;
         const char *text;

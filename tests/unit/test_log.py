@@ -357,6 +357,64 @@ def test_an_access_sink_looks_at_its_stream_again_once_it_holds_the_lock(tmp_pat
     assert "event=second" not in (tmp_path / "first").read_text()
 
 
+class _CountingLock:
+    """A handler lock that is no RLock, and says how often it was taken and given back."""
+
+    def __init__(self) -> None:
+        self.inner = threading.RLock()
+        self.taken = self.released = 0
+
+    def acquire(self) -> bool:
+        self.taken += 1
+        return self.inner.acquire()
+
+    def release(self) -> None:
+        self.released += 1
+        self.inner.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@pytest.mark.parametrize("lock", ["its own RLock, held", "a lock of another kind"])
+def test_an_access_sink_alone_in_its_process_takes_only_a_lock_it_must(tmp_path: Path, lock: str) -> None:
+    """With no other thread, an RLock excludes no one and the sink leaves it (the same thread may take it
+    again anyway: a line logged while it holds it is written, as the logging path writes it); a lock
+    of any other kind is taken and given back for each line all the same."""
+    if not log_writer_built():
+        pytest.skip(NOT_BUILT + ", or LB_PURE_PYTHON=1 sets it aside")
+    from lb.log import AccessLineWriter
+
+    stream = io.TextIOWrapper(io.FileIO(tmp_path / "lines", "w"), write_through=True)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(PlainFormatter(""))
+    counting = _CountingLock()
+    if lock == "a lock of another kind":
+        handler.lock = counting  # type: ignore[assignment]
+    root, access = logging.getLogger(), logging.getLogger("lb.access")
+    saved = root.handlers[:], access.level
+    root.handlers[:] = [handler]
+    access.setLevel(logging.INFO)
+    try:
+        assert threading.active_count() == 1, "the case needs this thread alone"
+        writer = AccessLineWriter(handler, LogFormat.PLAIN, "")
+        assert writer.write_fields(("event=first a=",), ("1",))
+        assert writer._sink is not None  # type: ignore[attr-defined]
+        with handler.lock:  # type: ignore[union-attr]
+            assert writer.write_fields(("event=second a=",), ("1",))
+    finally:
+        root.handlers[:] = saved[0]
+        access.setLevel(saved[1])
+        stream.close()
+    assert [line.split(" lb.access: ", 1)[1] for line in (tmp_path / "lines").read_text().splitlines()] == [
+        "event=first a=1", "event=second a=1"]
+    if lock == "a lock of another kind":
+        assert (counting.taken, counting.released) == (3, 3)  # the two lines' and the `with`'s
+
+
 def test_an_access_sink_is_made_once() -> None:
     if not log_writer_built():
         pytest.skip(NOT_BUILT + ", or LB_PURE_PYTHON=1 sets it aside")
