@@ -11,6 +11,7 @@ import math
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -380,10 +381,9 @@ class _CountingLock:
 
 
 @pytest.mark.parametrize("lock", ["its own RLock, held", "a lock of another kind"])
-def test_an_access_sink_alone_in_its_process_takes_only_a_lock_it_must(tmp_path: Path, lock: str) -> None:
-    """With no other thread, an RLock excludes no one and the sink leaves it (the same thread may take it
-    again anyway: a line logged while it holds it is written, as the logging path writes it); a lock
-    of any other kind is taken and given back for each line all the same."""
+def test_an_access_sink_takes_its_handlers_lock_as_the_logging_path_would(tmp_path: Path, lock: str) -> None:
+    """A line logged while this thread holds the handler's RLock is written, as the logging path writes
+    it; a lock of another kind is taken and given back for each line, whatever threads there are."""
     if not log_writer_built():
         pytest.skip(NOT_BUILT + ", or LB_PURE_PYTHON=1 sets it aside")
     from lb.log import AccessLineWriter
@@ -399,7 +399,6 @@ def test_an_access_sink_alone_in_its_process_takes_only_a_lock_it_must(tmp_path:
     root.handlers[:] = [handler]
     access.setLevel(logging.INFO)
     try:
-        assert threading.active_count() == 1, "the case needs this thread alone"
         writer = AccessLineWriter(handler, LogFormat.PLAIN, "")
         assert writer.write_fields(("event=first a=",), ("1",))
         assert writer._sink is not None  # type: ignore[attr-defined]
@@ -413,6 +412,42 @@ def test_an_access_sink_alone_in_its_process_takes_only_a_lock_it_must(tmp_path:
         "event=first a=1", "event=second a=1"]
     if lock == "a lock of another kind":
         assert (counting.taken, counting.released) == (3, 3)  # the two lines' and the `with`'s
+
+
+_ALONE_WITH_A_LOCK_LEFT_HELD = """
+import logging, os, threading
+from lb import access_log
+from lb.config.model import LogFormat, LoggingConfig
+from lb.log import setup_logging
+
+setup_logging(LoggingConfig(format=LogFormat.PLAIN))
+access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r0")  # the first makes the sink
+assert access_log._installed.writer._sink is not None
+lock = logging.getLogger().handlers[0].lock
+taker = threading.Thread(target=lock.acquire)  # takes the handler's RLock and ends, holding it
+taker.start()
+taker.join()
+assert threading.active_count() == 1
+access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
+print("logged", flush=True)
+os._exit(0)  # not logging's shutdown, which takes every handler's lock
+"""
+
+
+def test_an_access_sink_alone_in_its_process_leaves_the_rlock() -> None:
+    """The only thread of a process: the sink takes no RLock, which could exclude no one.  Seen from a
+    lock a thread took and ended holding, which the logging path (and a sink that took it) would wait
+    for for ever; the sink writes the line."""
+    if not log_writer_built():
+        pytest.skip(NOT_BUILT + ", or LB_PURE_PYTHON=1 sets it aside")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("LB_PURE_PYTHON", None)
+    done = subprocess.run([sys.executable, "-c", _ALONE_WITH_A_LOCK_LEFT_HELD], capture_output=True, text=True,
+                          timeout=20, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "logged\n"
+    assert "request_id=r1" in done.stderr
 
 
 def test_an_access_sink_is_made_once() -> None:
