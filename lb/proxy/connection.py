@@ -812,7 +812,9 @@ class Connection:
         self._body_left = not framer.done
         # A retry sends the head again, never the body: only a request without one is retried.
         self._retriable = framer.done and (websocket or request.method in _IDEMPOTENT)
-        self._keep_alive = request.version == "HTTP/1.1" and not request.head.has_token("connection", "close")
+        # Its `Connection: close` is read with the answer, if it is not a 101 (`_answer`): a WebSocket's
+        # connection is the tunnel's after it, and the read cost its handshake 1,200 instructions.
+        self._keep_alive = request.version == "HTTP/1.1"
         return self._open(decision, now)
 
     def _first_decision(self, request: RequestHead, pool: PoolState, now: float) -> Decision:
@@ -1062,6 +1064,7 @@ class Connection:
         framer = response_framer(response, request_method=request.method)
         keep = (
             self._keep_alive
+            and not request.head.has_token("connection", "close")
             and not framer.until_eof
             and not self._body_left
             # After the client's EOF, only for a whole request already here: a partial one will never end.
