@@ -286,6 +286,12 @@ class Head:
         self.headers = headers
         self._index = _index
 
+    @property
+    def index(self) -> dict[str, list[str]]:
+        """Each lower-case name to its values, in order: the head's own, to read and never to change
+        (lb/ws/_plain.c judges an upgrade from it)."""
+        return self._index
+
     def get(self, name: str) -> str | None:
         """The first value of header `name` (case-insensitive), or None."""
         values = self._index.get(_lowered(name))

@@ -764,8 +764,9 @@ class Connection:
             # ends at its head.  Read from its first bytes, as the request never parsed; only here,
             # off the path of every head that parses.
             return self._refuse(exc, now, head_only=raw.startswith(b"HEAD "))
-        # An upgrade as browsers send it passes check_upgrade: lb/ws/_plain.c says so from its bytes.
-        return self._dispatch(request, now, plain_upgrade=PLAIN_UPGRADE is not None and PLAIN_UPGRADE(raw))
+        # An upgrade as browsers send it passes check_upgrade: lb/ws/_plain.c says so from the parsed head.
+        plain = PLAIN_UPGRADE is not None and PLAIN_UPGRADE(request.method, request.version, request.head.index)
+        return self._dispatch(request, now, plain_upgrade=plain)
 
     def _dispatch(self, request: RequestHead, now: float, *, plain_upgrade: bool) -> list[Action]:
         """Route and decide a parsed request (`plain_upgrade`: a WebSocket upgrade known to pass check_upgrade)."""

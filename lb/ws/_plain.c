@@ -6,12 +6,14 @@
  * (a 400, a 502, a field taken out).  tests/unit/test_ws_plain.py holds both to the ordinary path
  * on hostile heads, and to saying yes to what browsers and gateways send.
  *
- * `plain_upgrade(raw: bytes) -> bool`, for a request head that lb.http.head.parse_request_head has
- * accepted: whether it is a WebSocket upgrade (lb.ws.upgrade.is_websocket_upgrade) that
- * lb.ws.upgrade.check_upgrade passes: `GET`, `HTTP/1.1`, no body framing, `Upgrade` and
+ * `plain_upgrade(method: str, version: str, index: dict) -> bool`, for a request head that
+ * lb.http.head.parse_request_head has accepted, given as it read it (`index`: lb.http.head.Head.index,
+ * lower-case name to its values): whether it is a WebSocket upgrade (lb.ws.upgrade.is_websocket_upgrade)
+ * that lb.ws.upgrade.check_upgrade passes: `GET`, `HTTP/1.1`, no body framing, `Upgrade` and
  * `Connection` lists naming websocket and Upgrade, one well-formed `Sec-WebSocket-Key` and one
- * `Sec-WebSocket-Version: 13`.  Values are read as the parser reads them (whitespace around them
- * left out; a name spelt with `_`, which the parser drops, is no name of ours).
+ * `Sec-WebSocket-Version: 13`.  The values are the parser's (whitespace around them left out; a name
+ * spelt with `_` is not there, the parser drops it).  Six lookups in the parsed head, where reading
+ * its bytes again cost 2,700 instructions a handshake (`python -m bench.instructions_live --profile`).
  *
  * `plain_switch(raw: bytes, key: str) -> bool` says whether `raw`, a complete answer head (up to and
  * with its CRLFCRLF), is a WebSocket switch that every check of the Python path passes and that the
@@ -35,13 +37,16 @@
  * Why C, by hand: every WebSocket handshake checks its upgrade and reads its backend's 101.  In
  * compiled Python the upgrade's checks were a dozen lookups and splits of the parsed head (about
  * 8,500 instructions), and the 101 was read into objects, checked, its Accept's SHA-1 taken through
- * hashlib and written again (about 30,000), to learn that nothing was to be done.  Here each is one
- * pass over the bytes (and a SHA-1 of 60 bytes), and no object at all.  No library answers "is this
- * head one we pass as it is": llhttp calls back per field and judges nothing of ours.
+ * hashlib and written again (about 30,000), to learn that nothing was to be done.  Here the upgrade
+ * is six lookups in the parsed head and no split, and the 101 one pass over its bytes (and a SHA-1 of
+ * 60 bytes), and no object at all.  No library answers "is this head one we pass as it is": llhttp
+ * calls back per field and judges nothing of ours.
  * It reads the objects it is given without modifying them, never past the end of `raw` (every scan
- * is bounded by its length), and allocates nothing but `accept`'s result.  A hostile pass (stop 44)
- * ran 32 million mutated heads through both under AddressSanitizer, and 2.3 million through the
- * contract above against the ordinary path: its one finding (the key's whitespace) is mended.
+ * is bounded by its length) or of a str, and allocates nothing but `accept`'s result.  A hostile pass
+ * (stop 44) ran 32 million mutated heads through both under AddressSanitizer, and 2.3 million through
+ * the contract above against the ordinary path: its one finding (the key's whitespace) is mended.
+ * (The upgrade was then read from the head's bytes; it reads the parser's objects now, the same
+ * contract held by the same tests.)
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -412,80 +417,89 @@ is_key(const unsigned char *s, Py_ssize_t length)
     return 1;
 }
 
-static int
-is_upgrade(const unsigned char *s, Py_ssize_t n)
+/* The names plain_upgrade looks up, interned as lb.http._scan interns the names it reads (so that a
+ * lookup finds its key by identity), and the values it asks for. */
+static PyObject *NAME_UPGRADE, *NAME_CONNECTION, *NAME_KEY, *NAME_VERSION, *NAME_LENGTH, *NAME_CODING;
+
+/* The values of `name` in `index` as a list of 1-byte str (borrowed), NULL when there are none; sets
+ * *odd when they are not what the parser makes (not a list, not str), or on an error. */
+static PyObject *
+values_of(PyObject *index, PyObject *name, int *odd)
 {
-    static const char VERSION[] = " HTTP/1.1\r\n";
-    const Py_ssize_t version_length = (Py_ssize_t)sizeof VERSION - 1;
-    if (n < 4 || memcmp(s, "GET ", 4) != 0) {
-        return 0;
+    PyObject *values = PyDict_GetItemWithError(index, name);
+    if (values == NULL) {
+        *odd |= PyErr_Occurred() != NULL;
+        return NULL;
     }
-    Py_ssize_t p = 4;
-    while (p < n && s[p] != '\r' && s[p] != '\n') {
-        p++;
+    if (!PyList_CheckExact(values)) {
+        *odd = 1;
+        return NULL;
     }
-    /* `GET `, a target of one byte at least, then the version: the parser's reading, not `GET HTTP/1.1`. */
-    if (p + 1 >= n || s[p] != '\r' || p + 2 - version_length < 5
-        || memcmp(s + p + 2 - version_length, VERSION, (size_t)version_length) != 0) {
-        return 0;
-    }
-    p += 2;
-    int upgrade = 0, connection = 0, keys = 0, key_ok = 0, versions = 0, version_ok = 0;
-    for (;;) {
-        if (p + 1 < n && s[p] == '\r' && s[p + 1] == '\n') {
-            return p + 2 == n && upgrade && connection && keys == 1 && key_ok && versions == 1 && version_ok;
-        }
-        Py_ssize_t name = p;
-        while (p < n && TCHAR[s[p]]) {
-            p++;
-        }
-        Py_ssize_t name_length = p - name;
-        if (name_length == 0 || p >= n || s[p] != ':') {
-            return 0;
-        }
-        p++;
-        Py_ssize_t value = p;
-        while (p < n && VALUE[s[p]]) {
-            p++;
-        }
-        Py_ssize_t value_end = p;
-        if (p + 1 >= n || s[p] != '\r' || s[p + 1] != '\n') {
-            return 0;
-        }
-        p += 2;
-        while (value < value_end && is_ows(s[value])) {
-            value++;
-        }
-        while (value_end > value && is_ows(s[value_end - 1])) {
-            value_end--;
-        }
-        const unsigned char *field = s + name;
-        const unsigned char *text = s + value;
-        Py_ssize_t length = value_end - value;
-        if (name_is(field, name_length, "upgrade")) {
-            upgrade |= lists(text, length, "websocket");
-        } else if (name_is(field, name_length, "connection")) {
-            connection |= lists(text, length, "upgrade");
-        } else if (name_is(field, name_length, "sec-websocket-key")) {
-            keys++;
-            key_ok = is_key(text, length);
-        } else if (name_is(field, name_length, "sec-websocket-version")) {
-            versions++;
-            version_ok = length == 2 && text[0] == '1' && text[1] == '3';
-        } else if (name_is(field, name_length, "content-length") || name_is(field, name_length, "transfer-encoding")) {
-            return 0;  /* a body, or a length of 0 the ordinary path reads */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(values); i++) {
+        PyObject *value = PyList_GET_ITEM(values, i);
+        if (!PyUnicode_CheckExact(value) || PyUnicode_READY(value) < 0 || PyUnicode_KIND(value) != PyUnicode_1BYTE_KIND) {
+            *odd = 1;
+            return NULL;
         }
     }
+    return values;
+}
+
+/* Whether any of `values` lists `lower` (Head.has_token's reading). */
+static int
+any_lists(PyObject *values, const char *lower)
+{
+    for (Py_ssize_t i = 0; values != NULL && i < PyList_GET_SIZE(values); i++) {
+        PyObject *value = PyList_GET_ITEM(values, i);
+        if (lists(PyUnicode_1BYTE_DATA(value), PyUnicode_GET_LENGTH(value), lower)) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The one value of `values` (borrowed), or NULL when there are none or several. */
+static PyObject *
+only_value(PyObject *values)
+{
+    return values != NULL && PyList_GET_SIZE(values) == 1 ? PyList_GET_ITEM(values, 0) : NULL;
 }
 
 static PyObject *
-plain_upgrade(PyObject *module, PyObject *raw)
+plain_upgrade(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (!PyBytes_CheckExact(raw)) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "plain_upgrade(method: str, version: str, index: dict)");
+        return NULL;
+    }
+    PyObject *method = args[0], *version = args[1], *index = args[2];
+    if (!PyUnicode_CheckExact(method) || !PyUnicode_CheckExact(version) || !PyDict_CheckExact(index)
+        || PyUnicode_CompareWithASCIIString(method, "GET") != 0
+        || PyUnicode_CompareWithASCIIString(version, "HTTP/1.1") != 0) {
         Py_RETURN_FALSE;
     }
-    return PyBool_FromLong(is_upgrade((const unsigned char *)PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw)));
+    int odd = 0;
+    /* A body's framing, even a length of 0: the ordinary path reads it. */
+    if (values_of(index, NAME_LENGTH, &odd) != NULL || values_of(index, NAME_CODING, &odd) != NULL || odd) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_FALSE;
+    }
+    /* Each lookup's values are read before the next lookup, which could run a key's __eq__ (none of the
+     * parser's keys has one) and so change the dict: nothing borrowed is held across one. */
+    int plain = any_lists(values_of(index, NAME_UPGRADE, &odd), "websocket") && !odd
+        && any_lists(values_of(index, NAME_CONNECTION, &odd), "upgrade") && !odd;
+    PyObject *key = plain ? only_value(values_of(index, NAME_KEY, &odd)) : NULL;
+    plain = key != NULL && !odd && is_key(PyUnicode_1BYTE_DATA(key), PyUnicode_GET_LENGTH(key));
+    PyObject *version_value = plain ? only_value(values_of(index, NAME_VERSION, &odd)) : NULL;
+    plain = version_value != NULL && !odd && PyUnicode_GET_LENGTH(version_value) == 2
+        && PyUnicode_1BYTE_DATA(version_value)[0] == '1' && PyUnicode_1BYTE_DATA(version_value)[1] == '3';
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    return PyBool_FromLong(plain);
 }
 
 static PyObject *
@@ -551,8 +565,9 @@ sha_extensions(PyObject *module, PyObject *unused)
 }
 
 static PyMethodDef methods[] = {
-    {"plain_upgrade", plain_upgrade, METH_O,
-     "plain_upgrade(raw) -> bool: whether a parsed request head is a WebSocket upgrade that passes every check."},
+    {"plain_upgrade", (PyCFunction)(void (*)(void))plain_upgrade, METH_FASTCALL,
+     "plain_upgrade(method, version, index) -> bool: whether a parsed request head is a WebSocket upgrade "
+     "that passes every check."},
     {"plain_switch", (PyCFunction)(void (*)(void))plain_switch, METH_FASTCALL,
      "plain_switch(raw, key) -> bool: whether a backend's 101 passes to the client as it came."},
     {"accept", accept, METH_O, "accept(key) -> str | None: the Sec-WebSocket-Accept for an ASCII key."},
@@ -574,5 +589,18 @@ PyInit__plain(void)
 {
     fill_tables();
     sha1_block_fastest = sha1_block_of_this_cpu();
+    struct {
+        PyObject **name;
+        const char *text;
+    } names[] = {
+        {&NAME_UPGRADE, "upgrade"},     {&NAME_CONNECTION, "connection"}, {&NAME_KEY, "sec-websocket-key"},
+        {&NAME_VERSION, "sec-websocket-version"}, {&NAME_LENGTH, "content-length"},
+        {&NAME_CODING, "transfer-encoding"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        if ((*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL) {
+            return NULL;
+        }
+    }
     return PyModule_Create(&module_definition);
 }

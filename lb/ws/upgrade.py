@@ -74,7 +74,8 @@ def accept_value(key: str) -> str:
 # (whether the client may have it as it came, passing every check below), or None (not built, or
 # LB_PURE_PYTHON=1): every head is then checked here.  No Python twins: they only ever save work that
 # the checks here do anyway.
-PLAIN_UPGRADE: Final = cast("Callable[[bytes], bool] | None", built_in_c("lb.ws._plain", "plain_upgrade"))
+PLAIN_UPGRADE: Final = cast("Callable[[str, str, dict[str, list[str]]], bool] | None",
+                            built_in_c("lb.ws._plain", "plain_upgrade"))
 PLAIN_SWITCH: Final = cast("Callable[[bytes, str], bool] | None", built_in_c("lb.ws._plain", "plain_switch"))
 
 # Bound once: compiled, `hashlib.sha1` is a module attribute looked up on every call.

@@ -1,7 +1,8 @@
 """Differential test: lb.ws._plain (C) says yes to a handshake's head only where the ordinary path passes it as it is.
 
-`plain_upgrade(raw)` lets the connection skip `check_upgrade`: whenever it says yes to a request head
-that `parse_request_head` accepts, `is_websocket_upgrade` and `check_upgrade` must pass it.
+`plain_upgrade(method, version, index)` lets the connection skip `check_upgrade`: whenever it says yes to
+a request head that `parse_request_head` accepts (given as it read it), `is_websocket_upgrade` and
+`check_upgrade` must pass it.
 `plain_switch(raw, key)` lets the connection skip reading a 101 into objects: whenever it says yes,
 the ordinary path (`parse_response_head`, `switch_fault`, `negotiation_fault`, insert mode's
 Set-Cookie check, `render_client_response`) must accept the head, whatever the client offered, and
@@ -290,6 +291,15 @@ def test_every_written_101_that_says_nothing_judged_is_plain(
 # -- The upgrade request ---------------------------------------------------------------------------------------
 
 
+def plain_upgrade(raw: bytes) -> bool:
+    """What the connection asks lb.ws._plain of a head the parser accepted (one it refuses: no)."""
+    try:
+        parsed = parse_request_head(raw)
+    except RequestRejected:
+        return False
+    return switch.plain_upgrade(parsed.method, parsed.version, parsed.head.index)
+
+
 def passes_check_upgrade(raw: bytes) -> bool | None:
     """Whether the ordinary path takes `raw` for a WebSocket upgrade that check_upgrade passes (None: unparsed)."""
     try:
@@ -329,7 +339,7 @@ _BROWSER_UPGRADES = [
 def test_what_browsers_send_is_a_plain_upgrade(template: str) -> None:
     raw = template.format(k=KEY).encode("latin-1")
     assert passes_check_upgrade(raw) is True
-    assert switch.plain_upgrade(raw)
+    assert plain_upgrade(raw)
 
 
 _UPGRADE = ("GET /ws HTTP/1.1\r\nHost: lb.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -362,14 +372,45 @@ _UPGRADE = ("GET /ws HTTP/1.1\r\nHost: lb.example\r\nUpgrade: websocket\r\nConne
     "",
 ])
 def test_anything_check_upgrade_refuses_or_reads_further_is_left_to_it(raw: str) -> None:
-    assert not switch.plain_upgrade(raw.encode("latin-1"))
+    assert not plain_upgrade(raw.encode("latin-1"))
 
 
-def test_only_exact_bytes_are_read() -> None:
-    raw = (_UPGRADE + "\r\n").encode()
-    assert switch.plain_upgrade(raw)
-    assert not switch.plain_upgrade(bytearray(raw))  # type: ignore[arg-type]
-    assert not switch.plain_upgrade(raw.decode())  # type: ignore[arg-type]
+def test_only_a_head_as_the_parser_makes_it_is_read() -> None:
+    """Exact str and dict, lists of str as the parser's: anything else is left to the ordinary path."""
+    index = parse_request_head((_UPGRADE + "\r\n").encode()).head.index
+    assert switch.plain_upgrade("GET", "HTTP/1.1", index)
+
+    class Text(str):
+        pass
+
+    for method, version, fields in [
+        (Text("GET"), "HTTP/1.1", index), ("GET", Text("HTTP/1.1"), index), ("GET", "HTTP/1.1", dict(index).items()),
+        ("GET", "HTTP/1.1", {**index, "upgrade": ("websocket",)}),
+        ("GET", "HTTP/1.1", {**index, "upgrade": [b"websocket"]}),
+        ("GET", "HTTP/1.1", {**index, "upgrade": ["websocket\u0100"]}),  # not latin-1: no parser's value
+        ("GET", "HTTP/1.1", {**index, "sec-websocket-key": [KEY, KEY]}),
+        ("GET", "HTTP/1.1", {**index, "content-length": []}),  # named at all: a body's framing
+    ]:
+        assert not switch.plain_upgrade(method, version, fields)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        switch.plain_upgrade("GET", "HTTP/1.1")  # type: ignore[call-arg]
+
+    hostile: dict[str, list[str]] = {}
+
+    class Clearing(str):
+        """A key that meets the lookup of `connection` (its hash) and empties the dict when compared."""
+
+        def __hash__(self) -> int:
+            return hash("connection")
+
+        def __eq__(self, other: object) -> bool:
+            hostile.clear()
+            return False
+
+    hostile.update(index)
+    del hostile["connection"]
+    hostile[Clearing("x")] = ["upgrade"]
+    assert not switch.plain_upgrade("GET", "HTTP/1.1", hostile)  # the upgrade's values were read before
 
 
 _REQUEST_NAMES = st.sampled_from([
@@ -425,14 +466,14 @@ def test_a_plain_upgrade_passes_check_upgrade(
         raw = mutate(raw, mutation)
     ordinary = passes_check_upgrade(raw)
     if deviation == "none":
-        assert ordinary and switch.plain_upgrade(raw)  # what browsers send, with fields no check reads
+        assert ordinary and plain_upgrade(raw)  # what browsers send, with fields no check reads
     if ordinary is None:
         return  # the parser refused it: the connection never asks
-    if switch.plain_upgrade(raw):
+    if plain_upgrade(raw):
         assert ordinary
     if deviation != "byte" and start == "GET /ws HTTP/1.1" and all(keep) and ordinary and not any(
             name.lower() in ("content-length", "transfer-encoding") for name, _, _, _ in hostile):
-        assert switch.plain_upgrade(raw)  # every upgrade the checks pass, less those with a body's framing
+        assert plain_upgrade(raw)  # every upgrade the checks pass, less those with a body's framing
 
 
 @pytest.mark.parametrize("key", [" " + KEY, KEY + "\t", "\t" + KEY + " "])
