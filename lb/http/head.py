@@ -301,8 +301,13 @@ class Head:
         return self._index.get(_lowered(name), [])
 
     def has_any(self, names: frozenset[str]) -> bool:
-        """Whether any header is named in `names` (lower case): one set operation, no loop over headers."""
-        return not names.isdisjoint(self._index)
+        """Whether any header is named in `names` (lower case).  The fewer are looked up in the other: a
+        request's two framing names in its fields, not its fields in them (`isdisjoint` goes through the
+        dict's, a method call and a lookup each, some 900 instructions more a handshake)."""
+        index = self._index
+        if len(names) > len(index):
+            return not names.isdisjoint(index)
+        return any(name in index for name in names)
 
     def has_token(self, name: str, token: str) -> bool:
         """Whether the comma-separated header `name` lists `token` (case-insensitive)."""

@@ -650,3 +650,19 @@ def test_a_request_line_no_head_can_mend_is_refused_alone(line: bytes, status: i
 )
 def test_a_request_line_a_head_can_follow_passes(line: bytes) -> None:
     check_request_line(line)
+
+
+
+_SOME_NAMES = st.sampled_from(["host", "upgrade", "connection", "content-length", "transfer-encoding", "x-a", "cookie"])
+_VALID = {"content-length": "0", "transfer-encoding": "chunked"}
+
+
+@given(fields=st.lists(_SOME_NAMES, unique=True, max_size=6), names=st.frozensets(_SOME_NAMES, max_size=7))
+@settings(max_examples=300, deadline=None)
+def test_has_any_answers_as_the_sets_meet(fields: list[str], names: frozenset[str]) -> None:
+    """Whichever side it looks up in the other (the fewer names, or the head's fewer fields)."""
+    if "content-length" in fields and "transfer-encoding" in fields:
+        fields.remove("content-length")
+    lines = "".join(f"{name}: {_VALID.get(name, 'v')}\r\n" for name in fields if name != "host")
+    head = parse_request_head(f"POST / HTTP/1.1\r\nHost: a\r\n{lines}\r\n".encode()).head
+    assert head.has_any(names) == bool(names & set(head.index))
