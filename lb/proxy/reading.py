@@ -8,8 +8,8 @@ that stops reading) held about 320 KiB of ours, for as long as it stayed.
 
 The data plane's protocols are `asyncio.BufferedProtocol`s instead: the transport
 reads into `READ_VIEW`, at most `READ_CHUNK` bytes at a time, and the protocol
-copies the bytes out (one copy, as the transport made into `bytes` before) before
-anything else can read.  That bounds a stalled direction of a plain connection at
+copies the bytes out (`read_bytes`: one copy, as the transport made into `bytes`
+before) before anything else can read.  That bounds a stalled direction of a plain connection at
 64 + 32 KiB.  Under TLS the TLS layer keeps buffers of its own, which `lb.tls`
 bounds (about 200 KiB per stalled TLS tunnel, from 740).  One
 buffer serves every connection of the process: reads run one at a time on the
@@ -22,8 +22,21 @@ tunnel's).
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Callable
+from typing import Final, cast
+
+from lb import built_in_c
 
 READ_CHUNK = 32 * 1024
 READ_BUFFER: Final[bytearray] = bytearray(READ_CHUNK)
 READ_VIEW: Final[memoryview] = memoryview(READ_BUFFER)
+
+# lb/proxy/_reading.c's copy (its header says why), or None (not built, or LB_PURE_PYTHON=1).
+_COPY_OUT: Final = cast("Callable[[memoryview, int], bytes] | None", built_in_c("lb.proxy._reading", "copy_out"))
+
+
+def read_bytes(nbytes: int) -> bytes:
+    """The `nbytes` a transport has just read into READ_VIEW, copied out (as `bytes`, before the next read)."""
+    if _COPY_OUT is not None:
+        return _COPY_OUT(READ_VIEW, nbytes)
+    return READ_VIEW[:nbytes].tobytes()

@@ -48,7 +48,7 @@ from lb.proxy.connecting import Connecting
 from lb.proxy.connection import CLOSED, RELAY, TUNNEL, Connection
 from lb.proxy.deadlines import Deadline, Deadlines
 from lb.proxy.randomness import random_bytes
-from lb.proxy.reading import READ_VIEW
+from lb.proxy.reading import READ_VIEW, read_bytes
 from lb.proxy.tunnel import Tunnel, WebSocketClientEnd, WebSocketServerEnd, close_flushing, read_what_is_left, reset
 from lb.state.context import ProxyContext
 from lb.state.observations import error_kind
@@ -110,9 +110,9 @@ class _Upstream(WebSocketServerEnd):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.tunnelled:
-            super().data_received(READ_VIEW[:nbytes].tobytes())  # WebSocketServerEnd's, as its buffer_updated
+            super().data_received(read_bytes(nbytes))  # WebSocketServerEnd's, as its buffer_updated
             return
-        self.data_received(READ_VIEW[:nbytes].tobytes())
+        self.data_received(read_bytes(nbytes))
 
     def data_received(self, data: bytes) -> None:
         # What buffer_updated reads, and for a transport that calls this instead.  Defined even so:
@@ -314,7 +314,7 @@ class ClientConnection(WebSocketClientEnd):
         if self.tunnelled:
             super().buffer_updated(nbytes)
             return
-        self.received(READ_VIEW[:nbytes].tobytes(), from_backend=False)
+        self.received(read_bytes(nbytes), from_backend=False)
 
     def data_received(self, data: bytes) -> None:
         # As _Upstream.data_received: what buffer_updated reads, and there for uvloop's lookup.

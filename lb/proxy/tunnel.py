@@ -51,7 +51,7 @@ from typing import Final
 
 from lb.access_log import log_tunnel_closed, log_tunnel_ended
 from lb.proxy.deadlines import Deadline, Deadlines
-from lb.proxy.reading import READ_CHUNK, READ_VIEW
+from lb.proxy.reading import READ_CHUNK, READ_VIEW, read_bytes
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
 from lb.ws.frames import FrameBoundaries, close_frame
@@ -234,7 +234,7 @@ class TunnelEnd(asyncio.BufferedProtocol):
         # A copy of its own (the peer's transport may keep it), as `bytes`: uvloop wraps anything else
         # in a memoryview and casts it (two objects and a method call per write), and writes `bytes`
         # by its fast path.
-        self.peer.write(READ_VIEW[:nbytes].tobytes())
+        self.peer.write(read_bytes(nbytes))
         self.nbytes += nbytes
 
     def data_received(self, data: bytes) -> None:
@@ -363,7 +363,7 @@ class WebSocketClientEnd(TunnelEnd):
         return True
 
     def buffer_updated(self, nbytes: int) -> None:
-        data = READ_VIEW[:nbytes].tobytes()  # as TunnelEnd.buffer_updated, with the tracker's look
+        data = read_bytes(nbytes)  # as TunnelEnd.buffer_updated, with the tracker's look
         self.frames.feed(data)
         self.peer.write(data)
         self.nbytes += nbytes
@@ -402,7 +402,7 @@ class WebSocketServerEnd(TunnelEnd):
         self.close_by = 0.0
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(READ_VIEW[:nbytes].tobytes())
+        self.data_received(read_bytes(nbytes))
 
     def own_taken(self) -> int:
         client_end = self.tunnel.client_end

@@ -178,10 +178,10 @@ def test_build_native_compiles_the_data_plane_and_nothing_else() -> None:
     assert "lb/errors.py" not in modules  # subclasses OSError: not a native class
     # The modules written in C (each one's header says why)
     assert build_native.c_sources() == [
-        "lb/http/_render.c", "lb/http/_scan.c", "lb/proxy/_coroutine.c", "lb/affinity/_aead.c",
+        "lb/http/_render.c", "lb/http/_scan.c", "lb/proxy/_coroutine.c", "lb/proxy/_reading.c", "lb/affinity/_aead.c",
         "lb/affinity/_token64.c", "lb/ws/_plain.c", "lb/_logwrite.c",
     ]
-    written_in_c = {"lb.http._render", "lb.http._scan", "lb.proxy._coroutine", "lb.affinity._aead",
+    written_in_c = {"lb.http._render", "lb.http._scan", "lb.proxy._coroutine", "lb.proxy._reading", "lb.affinity._aead",
                     "lb.affinity._token64", "lb.ws._plain", "lb._logwrite"}
     assert written_in_c <= build_native.digests(build_native.ROOT).keys()
 

@@ -1,0 +1,3 @@
+# lb/proxy/_reading.c: the first bytes of the read buffer, copied out (lb.proxy.reading uses it when built).
+
+def copy_out(buffer: memoryview, nbytes: int, /) -> bytes: ...
