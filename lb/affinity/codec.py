@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 VERSION: Final = 3
 _VERSIONS: Final = frozenset({1, 2, 3})
+_round: Final = round  # a C static for compiled code: `round` is otherwise looked up in builtins at each call
 NONCE_BYTES: Final = 12
 SESSION_BYTES: Final = 8
 MAX_TOKEN_CHARS: Final = 4096  # longer than any token we issue; refuse before decoding
@@ -205,9 +206,9 @@ class TokenCodec:
         # _CLAIM's issued_at (rounded: an opened claim's is milliseconds / 1000, which a float may hold
         # a hair under the millisecond) and session; its id length begins `names`.
         if self._seconds:  # version 2: whole seconds, rounded up, so as never to expire early
-            issued = math.ceil(round(claim.issued_at * 1000) / 1000).to_bytes(4, "big")
+            issued = math.ceil(_round(claim.issued_at * 1000) / 1000).to_bytes(4, "big")
         else:
-            issued = round(claim.issued_at * 1000).to_bytes(6, "big")
+            issued = _round(claim.issued_at * 1000).to_bytes(6, "big")
         plaintext = issued + claim.session + names + app_value
         sealed = key.header + nonce + key.encrypt(nonce, plaintext, key.header)
         return _to_text(sealed)
