@@ -82,18 +82,6 @@ format_stamp(double created, char *out)
     return 0;
 }
 
-/* How long the rest of a line begun on a full non-blocking descriptor may wait for room (ms). */
-#define FINISH_WAIT_MS 1000
-
-/* All of `data` to `fd`: 0; or 1 when `fd` is non-blocking and full before the first byte (the line
- * is dropped: lb.log counts it, lb.log_stream says so); -1 with OSError set (or the exception a
- * signal handler raised).
- *
- * lb.log_stream makes stderr non-blocking when it is a pipe or a socket, so that a log reader that stalls
- * (a wedged log shipper) costs log lines, not the event loop.  A line is dropped whole or written
- * whole: a pipe takes up to PIPE_BUF bytes at once or nothing, and once part of a longer line (or a
- * socket's) is in, the rest waits for room, FINISH_WAIT_MS at most, so the next line does not
- * start inside it. */
 /* Whether this is the only thread of the only interpreter: no other thread could want the GIL while
  * a write(2) waits.  Another thread's state is made while this one holds the GIL (threading), or by a
  * thread of C code on its way to take the GIL (PyGILState_Ensure), which waits for the write either
@@ -107,6 +95,18 @@ alone(PyThreadState *mine)
         && PyThreadState_Next(mine) == NULL;
 }
 
+/* How long the rest of a line begun on a full non-blocking descriptor may wait for room (ms). */
+#define FINISH_WAIT_MS 1000
+
+/* All of `data` to `fd`: 0; or 1 when `fd` is non-blocking and full before the first byte (the line
+ * is dropped: lb.log counts it, lb.log_stream says so); -1 with OSError set (or the exception a
+ * signal handler raised).
+ *
+ * lb.log_stream makes stderr non-blocking when it is a pipe or a socket, so that a log reader that stalls
+ * (a wedged log shipper) costs log lines, not the event loop.  A line is dropped whole or written
+ * whole: a pipe takes up to PIPE_BUF bytes at once or nothing, and once part of a longer line (or a
+ * socket's) is in, the rest waits for room, FINISH_WAIT_MS at most, so the next line does not
+ * start inside it. */
 static int
 write_all(int fd, const char *data, Py_ssize_t length)
 {

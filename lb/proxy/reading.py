@@ -9,8 +9,8 @@ that stops reading) held about 320 KiB of ours, for as long as it stayed.
 The data plane's protocols are `asyncio.BufferedProtocol`s instead: the transport
 reads into `READ_VIEW`, at most `READ_CHUNK` bytes at a time, and the protocol
 copies the bytes out (`read_bytes`: one copy, as the transport made into `bytes`
-before) before anything else can read.  That bounds a stalled direction of a plain connection at
-64 + 32 KiB.  Under TLS the TLS layer keeps buffers of its own, which `lb.tls`
+before) before anything else can read.  That bounds a stalled direction of a
+plain connection at 64 + 32 KiB.  Under TLS the TLS layer keeps buffers of its own, which `lb.tls`
 bounds (about 200 KiB per stalled TLS tunnel, from 740).  One
 buffer serves every connection of the process: reads run one at a time on the
 event loop and each is copied out at once, and an idle connection holds none.

@@ -418,7 +418,7 @@ is_key(const unsigned char *s, Py_ssize_t length)
 }
 
 /* The names plain_upgrade looks up, interned as lb.http._scan interns the names it reads (so that a
- * lookup finds its key by identity), and the values it asks for. */
+ * lookup finds its key by identity). */
 static PyObject *NAME_UPGRADE, *NAME_CONNECTION, *NAME_KEY, *NAME_VERSION, *NAME_LENGTH, *NAME_CODING;
 
 /* The values of `name` in `index` as a list of 1-byte str (borrowed), NULL when there are none; sets
