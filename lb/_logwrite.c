@@ -113,10 +113,12 @@ write_all(int fd, const char *data, Py_ssize_t length)
     int begun = 0;
     int waited_ms = 0;
     PyThreadState *mine = PyThreadState_Get();
-    int releases = !alone(mine);
     while (length > 0) {
         ssize_t written;
         int error = 0;
+        /* Asked again for each write: a signal handler (PyErr_CheckSignals below) may have started a
+         * thread since, one that may be what the write waits for (a pipe's reader). */
+        int releases = !alone(mine);
         if (releases) {
             PyEval_SaveThread();
         }
@@ -870,6 +872,25 @@ sink_write_fields(AccessSink *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject *flushed = PyObject_CallNoArgs(self->flush);
         result = flushed == NULL ? -1 : 0;
         Py_XDECREF(flushed);
+        if (result == 0 && !locks && !alone(PyThreadState_Get())) {
+            /* The stream's flush may be Python of its own, and it started a thread: the lock after all, and
+             * the look under it, as the locked path takes them (the values' own str(), for a value that is
+             * not an int, a float or a str, is the one Python left to run unlocked: lb logs none). */
+            PyObject *taken = PyObject_CallNoArgs(self->acquire);
+            if (taken == NULL) {
+                return NULL;
+            }
+            Py_DECREF(taken);
+            locks = 1;
+            result = sink_stream_as_set_up(self);
+            if (result != 1) {
+                if (sink_release(self) < 0 || result < 0) {
+                    return NULL;
+                }
+                Py_RETURN_NONE;
+            }
+            result = 0;
+        }
     }
     if (result == 0) {
         result = render_and_write(self->fd, created, self->middle, args[0], args[1]);

@@ -450,6 +450,63 @@ def test_an_access_sink_alone_in_its_process_leaves_the_rlock() -> None:
     assert "request_id=r1" in done.stderr
 
 
+_FLUSH_STARTS_A_THREAD = """
+import io, logging, os, sys, threading, time
+from lb import access_log
+from lb.config.model import LogFormat, LoggingConfig
+from lb.log import setup_logging
+
+path = sys.argv[1]
+holding = threading.Event()
+started = []
+
+class Stream(io.TextIOWrapper):
+    def flush(self):
+        super().flush()
+        if armed and not started:  # the second line's flush starts a thread that holds the lock a while
+            started.append(threading.Thread(target=hold_and_write))
+            started[0].start()
+            holding.wait(5)
+
+def hold_and_write():
+    with handler.lock:
+        holding.set()
+        time.sleep(0.3)
+        stream.write("thread line\\n")
+        super(Stream, stream).flush()
+
+armed = False
+stream = Stream(io.BufferedWriter(io.FileIO(path, "w")), line_buffering=True)
+sys.stderr = stream
+setup_logging(LoggingConfig(format=LogFormat.PLAIN))
+handler = logging.getLogger().handlers[0]
+access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r0")  # the first makes the sink
+assert access_log._installed.writer._sink is not None
+assert threading.active_count() == 1
+armed = True
+access_log.log_answered("127.0.0.9", 1, "GET", "/", "p", "b", "new", 101, "r1")
+started[0].join(5)
+print("logged", flush=True, file=sys.__stdout__)
+os._exit(0)
+"""
+
+
+def test_a_thread_a_streams_flush_starts_has_the_lock_waited_for(tmp_path: Path) -> None:
+    """Alone when the line began, not once the stream's own flush started a thread that holds the handler's
+    lock: the line waits for it, as the locked path would (a reviewer's case), and comes after its line."""
+    if not log_writer_built():
+        pytest.skip(NOT_BUILT + ", or LB_PURE_PYTHON=1 sets it aside")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("LB_PURE_PYTHON", None)
+    done = subprocess.run([sys.executable, "-c", _FLUSH_STARTS_A_THREAD, str(tmp_path / "lines")],
+                          capture_output=True, text=True, timeout=20, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr
+    lines = (tmp_path / "lines").read_text().splitlines()
+    assert [line.rsplit("request_id=", 1)[-1] if "request_id" in line else line for line in lines] == [
+        "r0", "thread line", "r1"]
+
+
 def test_an_access_sink_is_made_once() -> None:
     if not log_writer_built():
         pytest.skip(NOT_BUILT + ", or LB_PURE_PYTHON=1 sets it aside")
@@ -700,6 +757,51 @@ def test_a_line_waiting_for_room_lets_other_threads_run() -> None:
         reader.join(10)
         os.close(read)
     assert b"".join(chunks).endswith(b"x1970-01-01T00:00:01.500Z event=last\n")
+
+
+_SIGNAL_STARTS_THE_READER = """
+import contextlib, os, signal, threading
+import lb._logwrite as logwrite
+
+read, write = os.pipe()
+os.set_blocking(write, False)
+with contextlib.suppress(BlockingIOError):
+    while True:
+        os.write(write, b"x" * 4096)
+os.set_blocking(write, True)
+
+def reader():
+    while os.read(read, 65536):
+        pass
+
+def start_reader(signum, frame):
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    threading.Thread(target=reader, daemon=True).start()
+
+signal.signal(signal.SIGALRM, start_reader)
+signal.setitimer(signal.ITIMER_REAL, 0.2)
+assert threading.active_count() == 1
+logwrite.write_line(write, 1.5, " ", "y" * 1_000_000)
+print("written", flush=True)
+os._exit(0)
+"""
+
+
+def test_a_thread_a_signal_handler_starts_during_a_write_gets_the_gil() -> None:
+    """Alone when the line began, not once a handler (run between two writes of it) started the pipe's
+    reader: the rest of the line lets go of the GIL, else it would wait for that reader for ever (a
+    reviewer's case)."""
+    pytest.importorskip("lb._logwrite", reason=NOT_BUILT)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("LB_PURE_PYTHON", None)
+    try:
+        done = subprocess.run([sys.executable, "-c", _SIGNAL_STARTS_THE_READER], capture_output=True, text=True,
+                              timeout=20, env=env, cwd=root)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the write kept the GIL after a signal handler started the pipe's reader")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "written\n"
 
 
 def _written_fields(keys: tuple[str, ...], values: tuple[object, ...], created: float = 1.5) -> str:
