@@ -481,7 +481,8 @@ plain_upgrade(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     int odd = 0;
     /* A body's framing, even a length of 0: the ordinary path reads it. */
-    if (values_of(index, NAME_LENGTH, &odd) != NULL || values_of(index, NAME_CODING, &odd) != NULL || odd) {
+    /* No second lookup once the first has raised (`odd`): it could run a key's __eq__ with the error set. */
+    if (values_of(index, NAME_LENGTH, &odd) != NULL || odd || values_of(index, NAME_CODING, &odd) != NULL || odd) {
         if (PyErr_Occurred()) {
             return NULL;
         }

@@ -412,6 +412,33 @@ def test_only_a_head_as_the_parser_makes_it_is_read() -> None:
     hostile[Clearing("x")] = ["upgrade"]
     assert not switch.plain_upgrade("GET", "HTTP/1.1", hostile)  # the upgrade's values were read before
 
+    compared: list[str] = []
+
+    class Raising(str):
+        """A key met by the lookup of `content-length`, whose comparison raises."""
+
+        def __hash__(self) -> int:
+            return hash("content-length")
+
+        def __eq__(self, other: object) -> bool:
+            compared.append("content-length")
+            raise RuntimeError("hostile")
+
+    class Counted(str):
+        """A key met by the lookup of `transfer-encoding`, which must not be compared with an error set."""
+
+        def __hash__(self) -> int:
+            return hash("transfer-encoding")
+
+        def __eq__(self, other: object) -> bool:
+            compared.append("transfer-encoding")
+            return False
+
+    raising: dict[str, list[str]] = {**index, Raising("a"): ["1"], Counted("b"): ["chunked"]}
+    with pytest.raises(RuntimeError):  # the error itself, not a SystemError for a lookup made with it set
+        switch.plain_upgrade("GET", "HTTP/1.1", raising)
+    assert compared == ["content-length"]
+
 
 _REQUEST_NAMES = st.sampled_from([
     "Upgrade", "upgrade", "UPGRADE", "Upgrade_", "Connection", "connection", "Sec-WebSocket-Key", "sec-websocket-key",
