@@ -55,7 +55,9 @@ def test_a_drain_stopped_while_its_closes_end_still_says_how_they_went(
         taken = _tunnel(ctx, backend, FakeTransport())  # takes its 1012
         stalled = _tunnel(ctx, backend, FakeTransport(buffered=1 << 20))  # never takes it: cut after the linger
         waiting = _tunnel(ctx, backend, FakeTransport(), mid_frame=True)  # its 1012 waits for a boundary
-        await _drain_cancelled_after(ctx, backend, 1000.0, 0.3)
+        # Cancelled a second in: the three asks take 3 ms at 1000/s, and a CI worker once stalled a step of
+        # the drain for 0.425 s, past a cancel at 0.3 s, before the third.
+        await _drain_cancelled_after(ctx, backend, 1000.0, 1.0)
         assert taken.closed and stalled.closed and not waiting.closed
         waiting.abort()
 
