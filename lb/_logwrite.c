@@ -826,6 +826,24 @@ sink_release(AccessSink *self)
     return 0;
 }
 
+/* The handler's lock taken, and the stream looked at again under it (see sink_stream_as_set_up): 1 with the
+ * lock held; 0, not as set up, the lock given back (the caller's Python path decides); -1, an error set,
+ * the lock given back if it was taken. */
+static int
+sink_lock_and_look(AccessSink *self)
+{
+    PyObject *taken = PyObject_CallNoArgs(self->acquire);
+    if (taken == NULL) {
+        return -1;
+    }
+    Py_DECREF(taken);
+    int result = sink_stream_as_set_up(self);
+    if (result != 1 && sink_release(self) < 0) {
+        return -1;
+    }
+    return result;
+}
+
 static PyObject *
 sink_write_fields(AccessSink *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -852,22 +870,13 @@ sink_write_fields(AccessSink *self, PyObject *const *args, Py_ssize_t nargs)
      * arguments, and the look under the lock reads the file's `closed` again.  (A lock a thread took and
      * then ended without releasing is not waited for here, where the logging path would wait for ever.) */
     int locks = !(self->lock_is_rlock && alone(PyThreadState_Get()));
-    int result = 1;
     if (locks) {
-        PyObject *taken = PyObject_CallNoArgs(self->acquire);
-        if (taken == NULL) {
-            return NULL;
+        int held = sink_lock_and_look(self);
+        if (held != 1) {
+            return held < 0 ? NULL : Py_NewRef(Py_None);
         }
-        Py_DECREF(taken);
-        result = sink_stream_as_set_up(self); /* again, under the lock (see there) */
     }
-    if (result != 1) {
-        if (sink_release(self) < 0 || result < 0) {
-            return NULL;
-        }
-        Py_RETURN_NONE;
-    }
-    result = 0;
+    int result = 0;
     if (self->flush != Py_None) {
         PyObject *flushed = PyObject_CallNoArgs(self->flush);
         result = flushed == NULL ? -1 : 0;
@@ -876,20 +885,11 @@ sink_write_fields(AccessSink *self, PyObject *const *args, Py_ssize_t nargs)
             /* The stream's flush may be Python of its own, and it started a thread: the lock after all, and
              * the look under it, as the locked path takes them (the values' own str(), for a value that is
              * not an int, a float or a str, is the one Python left to run unlocked: lb logs none). */
-            PyObject *taken = PyObject_CallNoArgs(self->acquire);
-            if (taken == NULL) {
-                return NULL;
+            int held = sink_lock_and_look(self);
+            if (held != 1) {
+                return held < 0 ? NULL : Py_NewRef(Py_None);
             }
-            Py_DECREF(taken);
             locks = 1;
-            result = sink_stream_as_set_up(self);
-            if (result != 1) {
-                if (sink_release(self) < 0 || result < 0) {
-                    return NULL;
-                }
-                Py_RETURN_NONE;
-            }
-            result = 0;
         }
     }
     if (result == 0) {
