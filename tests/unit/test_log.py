@@ -414,6 +414,15 @@ def test_an_access_sink_takes_its_handlers_lock_as_the_logging_path_would(tmp_pa
         assert (counting.taken, counting.released) == (3, 3)  # the two lines' and the `with`'s
 
 
+def _run_alone(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`script` in a fresh interpreter of one thread (a test process has others), on this checkout's build."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("LB_PURE_PYTHON", None)
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=20,
+                          env=env, cwd=root)
+
+
 _ALONE_WITH_A_LOCK_LEFT_HELD = """
 import logging, os, threading
 from lb import access_log
@@ -440,11 +449,7 @@ def test_an_access_sink_alone_in_its_process_leaves_the_rlock() -> None:
     for for ever; the sink writes the line."""
     if not log_writer_built():
         pytest.skip(NOT_BUILT + ", or LB_PURE_PYTHON=1 sets it aside")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    env.pop("LB_PURE_PYTHON", None)
-    done = subprocess.run([sys.executable, "-c", _ALONE_WITH_A_LOCK_LEFT_HELD], capture_output=True, text=True,
-                          timeout=20, env=env, cwd=root)
+    done = _run_alone(_ALONE_WITH_A_LOCK_LEFT_HELD)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "logged\n"
     assert "request_id=r1" in done.stderr
@@ -496,11 +501,7 @@ def test_a_thread_a_streams_flush_starts_has_the_lock_waited_for(tmp_path: Path)
     lock: the line waits for it, as the locked path would (a reviewer's case), and comes after its line."""
     if not log_writer_built():
         pytest.skip(NOT_BUILT + ", or LB_PURE_PYTHON=1 sets it aside")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    env.pop("LB_PURE_PYTHON", None)
-    done = subprocess.run([sys.executable, "-c", _FLUSH_STARTS_A_THREAD, str(tmp_path / "lines")],
-                          capture_output=True, text=True, timeout=20, env=env, cwd=root)
+    done = _run_alone(_FLUSH_STARTS_A_THREAD, str(tmp_path / "lines"))
     assert done.returncode == 0, done.stderr
     lines = (tmp_path / "lines").read_text().splitlines()
     assert [line.rsplit("request_id=", 1)[-1] if "request_id" in line else line for line in lines] == [
@@ -792,12 +793,8 @@ def test_a_thread_a_signal_handler_starts_during_a_write_gets_the_gil() -> None:
     reader: the rest of the line lets go of the GIL, else it would wait for that reader for ever (a
     reviewer's case)."""
     pytest.importorskip("lb._logwrite", reason=NOT_BUILT)
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    env.pop("LB_PURE_PYTHON", None)
     try:
-        done = subprocess.run([sys.executable, "-c", _SIGNAL_STARTS_THE_READER], capture_output=True, text=True,
-                              timeout=20, env=env, cwd=root)
+        done = _run_alone(_SIGNAL_STARTS_THE_READER)
     except subprocess.TimeoutExpired:
         pytest.fail("the write kept the GIL after a signal handler started the pipe's reader")
     assert done.returncode == 0, done.stderr
