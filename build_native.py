@@ -5,9 +5,10 @@ of its instructions were the interpreter itself (the bytecode loop, frame set-up
 look-ups): `python -m bench.instructions --by-function 12`. mypyc compiles the same typed source
 (`mypy --strict` already holds it) to C extension modules, with native classes and direct calls.
 It is the compiler mypy and black ship with; the tests run against the compiled modules, and the
-`.py` files stay the pure-Python fallback for a machine without a C compiler.  Eight small modules are
+`.py` files stay the pure-Python fallback for a machine without a C compiler.  Nine small modules are
 written in C (`c_sources()`: lb/http/_scan.c, lb/http/_render.c, lb/affinity/_token64.c, lb/affinity/_aead.c,
-lb/ws/_plain.c, lb/_logwrite.c, lb/proxy/_coroutine.c, lb/proxy/_reading.c, whose headers say why); they are
+lb/ws/_plain.c, lb/_logwrite.c, lb/proxy/_coroutine.c, lb/proxy/_reading.c, lb/state/_tally.c, whose headers
+say why); they are
 built in the same step,
 beside the Python that stands in for each when it is not.
 
@@ -78,8 +79,8 @@ def c_sources() -> list[str]:
     handshake's heads that pass as they came), `lb/affinity/_token64.c` (an affinity token's text),
     `lb/_logwrite.c` (rendering and writing an access line), `lb/proxy/_coroutine.c` (a backend
     connect's step that ends without an exception), `lb/proxy/_reading.c` (a read copied out of the read
-    buffer) and `lb/affinity/_aead.c` (the token's AES-GCM, on OpenSSL contexts kept per key): each one's
-    header comment says why it is C.
+    buffer), `lb/state/_tally.c` (one added to a count) and `lb/affinity/_aead.c` (the token's AES-GCM, on
+    OpenSSL contexts kept per key): each one's header comment says why it is C.
     """
     return sources("*.c")
 

@@ -123,6 +123,7 @@ from lb.proxy.actions import (
 from lb.state.context import ProxyContext
 from lb.state.observations import ErrorKind
 from lb.state.pool import BackendState, PoolState
+from lb.state.tally import add_one
 from lb.ws.upgrade import (
     PLAIN_SWITCH,
     PLAIN_UPGRADE,
@@ -1521,8 +1522,8 @@ class Connection:
         assert decision is not None and pool is not None
         backend_id = decision.backend.id
         stats = self._ctx.stats
-        stats.handshakes[(pool.name, backend_id, outcome)] += 1
-        stats.decisions[(pool.name, backend_id, decision.reason)] += 1  # the backend's counts too (backend_counts)
+        add_one(stats.handshakes, (pool.name, backend_id, outcome))
+        add_one(stats.decisions, (pool.name, backend_id, decision.reason))  # the backend's counts too (backend_counts)
 
     def _log(self, status: int) -> None:
         request, decision, pool = self._request, self._decision, self._pool

@@ -179,10 +179,10 @@ def test_build_native_compiles_the_data_plane_and_nothing_else() -> None:
     # The modules written in C (each one's header says why)
     assert build_native.c_sources() == [
         "lb/http/_render.c", "lb/http/_scan.c", "lb/proxy/_coroutine.c", "lb/proxy/_reading.c", "lb/affinity/_aead.c",
-        "lb/affinity/_token64.c", "lb/ws/_plain.c", "lb/_logwrite.c",
+        "lb/affinity/_token64.c", "lb/state/_tally.c", "lb/ws/_plain.c", "lb/_logwrite.c",
     ]
-    written_in_c = {"lb.http._render", "lb.http._scan", "lb.proxy._coroutine", "lb.proxy._reading", "lb.affinity._aead",
-                    "lb.affinity._token64", "lb.ws._plain", "lb._logwrite"}
+    written_in_c = {"lb.http._render", "lb.http._scan", "lb.proxy._coroutine", "lb.proxy._reading", "lb.state._tally",
+                    "lb.affinity._aead", "lb.affinity._token64", "lb.ws._plain", "lb._logwrite"}
     assert written_in_c <= build_native.digests(build_native.ROOT).keys()
 
 

@@ -1,0 +1,3 @@
+# lb/state/_tally.c: one more for a key of a dict of counts (lb.state.tally.add_one uses it when built).
+
+def add_one(tally: dict[object, int], key: object, /) -> None: ...
