@@ -87,7 +87,12 @@ class Deadlines:
 
     def call_later(self, delay: float, callback: Callable[[], object]) -> Deadline:
         """`callback()` once `delay` seconds have passed, up to GRAIN later (as loop.call_later)."""
-        deadline = Deadline(_now() + delay, callback)
+        return self.call_at(_now() + delay, callback)
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> Deadline:
+        """`callback()` once the clock (time.monotonic, the loop's) reads `when`, up to GRAIN later (as
+        loop.call_at): for a caller that has just read the clock, which costs a call and a float."""
+        deadline = Deadline(when, callback)
         self._place(deadline)
         return deadline
 

@@ -465,9 +465,9 @@ class ClientConnection(WebSocketClientEnd):
                 return
             timer.cancel()
         now = _now()
-        delay = min(at - now, max(self._ctx.config.timeouts.backend_connect, 1.0))
-        self._timer_armed = now + delay
-        self._timer = self._deadlines.call_later(delay, self._on_timer)
+        armed = now + min(at - now, max(self._ctx.config.timeouts.backend_connect, 1.0))
+        self._timer_armed = armed
+        self._timer = self._deadlines.call_at(armed, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
