@@ -24,6 +24,8 @@ from lb.affinity.balancing import hash_key_text, source_key
 from lb.affinity.carriers import (
     MAX_OPENS,
     MAX_PINS,
+    TokenLookup,
+    _find_among,
     balance_key,
     find_token,
     join_pins,
@@ -398,6 +400,32 @@ def test_rewrite_mode_restores_only_this_pools_value() -> None:
     lookup_other = find_token(request("/ws", ("Cookie", f"SESSIONID={chat}")), REWRITE, CODEC, NOW, pool="game")
     plan = plan_forward(req, REWRITE, lookup_other, to_claimed=False)
     assert plan.rewrite_cookie(f"SESSIONID={chat}; other=1") == "other=1"
+
+
+def _as_tuple(lookup: TokenLookup) -> tuple[object, ...]:
+    return (lookup.claim, lookup.token, lookup.from_cookie, lookup.rejected, lookup.others, lookup.cookie_sent)
+
+
+_ONE_TOKEN = st.one_of(
+    st.builds(seal, st.sampled_from(["g-1", "c-1"]), st.sampled_from(["game", "chat", None]),
+              app_value=st.none() | st.just("app"), issued_at=st.sampled_from([NOW, NOW - 7200, NOW + 3600])),
+    st.builds(lambda token, cut: token[:cut] + "A" + token[cut + 1 :], st.builds(seal, st.just("g-1"), st.just("game")),
+              st.integers(0, 80)),  # tampered: bad_mac or malformed
+    st.text("ABCDEFabcdef0123456789-_", max_size=90),  # the backend's own value, or junk
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(token=_ONE_TOKEN, rewrite=st.booleans(), pool=st.sampled_from(["game", "chat", None]))
+def test_one_cookie_value_of_one_token_is_found_as_the_search_finds_it(
+    token: str, rewrite: bool, pool: str | None
+) -> None:
+    """find_token's path for the common case (one cookie value, one token, no header or query) answers
+    what the general search answers for the same value."""
+    affinity = REWRITE if rewrite else INSERT
+    req = request("/ws", ("Cookie", f"{affinity.cookie}={token}"))
+    assert _as_tuple(find_token(req, affinity, CODEC, NOW, pool=pool)) == _as_tuple(
+        _find_among([token], [], affinity, CODEC, NOW, pool))
 
 
 # -- what the token can carry -----------------------------------------------
