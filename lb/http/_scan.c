@@ -251,14 +251,39 @@ status_line(const unsigned char *s, Py_ssize_t n, PyObject **parts)
     return p + 2;
 }
 
+/* The dict is sized for at most this many names: a head of a thousand lines of one name (a hostile client's)
+ * must not make an index of a thousand slots that its connection keeps. */
+#define MAX_PRESIZED 32
+
+/* How many field lines the head has from `p` on, if it is this grammar: one LF each, less the blank line's
+ * (its CRLFCRLF end is checked).  So `fields` is a tuple of that size from the start and `index` a dict
+ * sized for as many names, where a list grown by appends was copied into a tuple at the end and the dict
+ * grew as names came (a browser's dozen names: two resizes).  Wrong only for a head the grammar refuses
+ * (a bare LF), which field_lines then finds. */
+static Py_ssize_t
+field_count(const unsigned char *s, Py_ssize_t n, Py_ssize_t p)
+{
+    Py_ssize_t count = 0;
+    const unsigned char *at = s + p, *end = s + n;
+    while ((at = memchr(at, '\n', (size_t)(end - at))) != NULL) {
+        count++;
+        at++;
+    }
+    return count > 0 ? count - 1 : 0;
+}
+
 /* Each `name ":" OWS value OWS CRLF` from `p` to the blank line that ends the head (and `raw`), into
  * `fields` and `index`.  Returns 1, 0 (not this grammar) or -1 (a Python error is set). */
 static int
 field_lines(const unsigned char *s, Py_ssize_t n, Py_ssize_t p, PyObject *fields, PyObject *index)
 {
-    for (;;) {
+    for (Py_ssize_t filled = 0;; filled++) {
         if (is_crlf(s, p, n)) {
-            return p + 2 == n;  /* the blank line, and nothing after it */
+            /* the blank line, and nothing after it; and `fields` full (field_count's count) */
+            return p + 2 == n && filled == PyTuple_GET_SIZE(fields);
+        }
+        if (filled == PyTuple_GET_SIZE(fields)) {
+            return 0;  /* more lines than LFs counted: not this grammar (a line always ends in one) */
         }
         Py_ssize_t name = p;
         while (p < n && TCHAR[s[p]]) {
@@ -292,8 +317,11 @@ field_lines(const unsigned char *s, Py_ssize_t n, Py_ssize_t p, PyObject *fields
             ? NULL : PyUnicode_DecodeLatin1((const char *)s + value, value_end - value, NULL);
         PyObject *pair = NULL, *key = NULL;
         int failed = 1;
-        if (name_text != NULL && value_text != NULL && (pair = PyTuple_Pack(2, name_text, value_text)) != NULL
-            && PyList_Append(fields, pair) == 0
+        if (name_text != NULL && value_text != NULL && (pair = PyTuple_Pack(2, name_text, value_text)) != NULL) {
+            Py_INCREF(pair);
+            PyTuple_SET_ITEM(fields, filled, pair);  /* the tuple's reference; `pair` is let go below */
+        }
+        if (pair != NULL
             && (key = known < 0 ? lower_name(name_text, s + name, name_end - name)
                                 : (Py_INCREF(known_lower[known]), known_lower[known])) != NULL) {
             PyObject *values = PyDict_GetItemWithError(index, key);  /* borrowed */
@@ -344,12 +372,13 @@ read_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (p == 0) {
         Py_RETURN_NONE;
     }
-    PyObject *result = NULL, *start = NULL, *fields = NULL, *index = NULL, *fields_tuple = NULL;
+    PyObject *result = NULL, *start = NULL, *fields = NULL, *index = NULL;
     if (parts[0] == NULL || parts[1] == NULL || parts[2] == NULL) {
         goto done;
     }
-    if ((start = PyTuple_Pack(3, parts[0], parts[1], parts[2])) == NULL || (fields = PyList_New(0)) == NULL
-        || (index = PyDict_New()) == NULL) {
+    Py_ssize_t count = field_count(s, n, p);
+    if ((start = PyTuple_Pack(3, parts[0], parts[1], parts[2])) == NULL || (fields = PyTuple_New(count)) == NULL
+        || (index = _PyDict_NewPresized(count < MAX_PRESIZED ? count : MAX_PRESIZED)) == NULL) {
         goto done;
     }
     int read = field_lines(s, n, p, fields, index);
@@ -361,18 +390,14 @@ read_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(result);
         goto done;
     }
-    fields_tuple = PyList_AsTuple(fields);
-    if (fields_tuple != NULL) {
-        result = PyTuple_Pack(3, start, fields_tuple, index);
-    }
+    result = PyTuple_Pack(3, start, fields, index);
 done:
     Py_XDECREF(parts[0]);
     Py_XDECREF(parts[1]);
     Py_XDECREF(parts[2]);
     Py_XDECREF(start);
-    Py_XDECREF(fields);
+    Py_XDECREF(fields);  /* a tuple left part-filled (not this grammar) frees the pairs it holds */
     Py_XDECREF(index);
-    Py_XDECREF(fields_tuple);
     return result;
 }
 
