@@ -37,7 +37,7 @@ from lb import built_in_c
 class Connecting:
     """`coroutine` stepped to its end on `loop`, from its next turn on; `failed(exc)` is called if it raises."""
 
-    __slots__ = ("_coroutine", "_failed", "_giving_up", "_loop", "_waiting")
+    __slots__ = ("_coroutine", "_failed", "_giving_up", "_loop", "_step_callback", "_waiting")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any],
@@ -48,7 +48,10 @@ class Connecting:
         self._failed: Callable[[BaseException], object] | None = failed
         self._giving_up = False  # cancel() was called: CancelledError goes in at the next step
         self._waiting: asyncio.Future[Any] | None = None  # the future the coroutine awaits
-        loop.call_soon(self._step)  # not at once: see the module's docstring
+        # `_step` bound once, for the first turn and for the future the connect awaits (a bound method
+        # made is about 300 instructions); a cycle through this object, which `_report` breaks.
+        self._step_callback: Callable[..., None] | None = self._step
+        loop.call_soon(self._step_callback)  # not at once: see the module's docstring
 
     def done(self) -> bool:
         return self._coroutine is None
@@ -86,11 +89,13 @@ class Connecting:
         except BaseException as exc:  # the connect's own error (OSError, mostly), reported as a Task reports it
             self._report(None if self._giving_up else exc)
             return
+        step = self._step_callback
+        assert step is not None  # until _report
         if awaited is None:
-            self._loop.call_soon(self._step)
+            self._loop.call_soon(step)
             return
         try:
-            awaited.add_done_callback(self._step)
+            awaited.add_done_callback(step)
         except AttributeError:  # not a future: a coroutine no loop could run (a Task raises into it too)
             coroutine.close()
             self._report(RuntimeError(f"a connect awaited {awaited!r}, not a future"))
@@ -104,6 +109,7 @@ class Connecting:
         self._coroutine = None
         self._waiting = None
         self._failed = None
+        self._step_callback = None
         if exc is not None and failed is not None:
             failed(exc)
 

@@ -253,6 +253,8 @@ def test_an_ended_connect_holds_neither_its_coroutine_nor_its_callback(
         steps.future.set_result("connected")
         await _turns()
         assert connecting.done()
+        # Nor its own step, bound once for its turns: nothing it holds leads back to it.
+        assert all(getattr(held, "__self__", None) is not connecting for held in gc.get_referents(connecting))
         gc.disable()
         try:
             del owner
