@@ -67,7 +67,10 @@ class BackendStatus:
 
     @property
     def weight(self) -> float:
-        return self.effective_weight or self.config.weight
+        # A float on every path: read for each candidate of each choice, and `effective_weight or
+        # config.weight` (a float or an int) was boxed and unboxed, compiled: about 200 instructions.
+        effective = self.effective_weight
+        return effective if effective else float(self.config.weight)
 
     @property
     def full(self) -> bool:
@@ -103,9 +106,6 @@ class StateChange:
     reason: str
 
 
-_NOTHING_TRIED: Final[frozenset[str]] = frozenset()
-
-
 @dataclass(slots=True)
 class PoolState:
     """All backends of one pool, with its balancing policy."""
@@ -134,8 +134,11 @@ class PoolState:
     def new_client_candidates(self, exclude: Iterable[str] = (), now: float | None = None) -> list[BackendStatus]:
         """Backends that may take a new client, with slow-start weights refreshed for `now`."""
         # The backends this request already tried; none on a first attempt, which then builds no set.
-        excluded = set(exclude) if exclude else _NOTHING_TRIED
-        candidates = [b for b in self.backends.values() if b.takes_new_clients and b.id not in excluded]
+        if exclude:
+            excluded = set(exclude)
+            candidates = [b for b in self.backends.values() if b.takes_new_clients and b.id not in excluded]
+        else:  # a first attempt (nearly all): no id to look up in an empty set, backend by backend
+            candidates = [b for b in self.backends.values() if b.takes_new_clients]
         window = self.slow_start
         for backend in candidates:
             if backend.ramp_from is None:

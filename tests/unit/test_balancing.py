@@ -165,3 +165,12 @@ def test_make_policy() -> None:
     """The configured method picks its policy."""
     assert isinstance(make_policy(BalanceMethod.ROUND_ROBIN), RoundRobin)
     assert isinstance(make_policy(BalanceMethod.LEAST_CONN), LeastConn)
+
+
+@pytest.mark.parametrize("effective", [0.0, 0.25, 3.5])
+def test_a_backends_weight_is_a_float_its_ramp_or_its_configured_weight(effective: float) -> None:
+    """What the policies divide and add: the slow start's weight while it ramps, else the configured one,
+    a float either way (compiled and not alike: /status shows it as `effective_weight`)."""
+    status = backend("a", weight=3)
+    status.effective_weight = effective
+    assert status.weight == (effective or 3) and type(status.weight) is float
