@@ -51,7 +51,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._current: dict[str, float] = {}
 
-    def choose(self, candidates: Sequence[BackendStatus]) -> BackendStatus | None:
+    def choose(self, candidates: list[BackendStatus]) -> BackendStatus | None:
         if not candidates:
             return None
         total = 0.0
@@ -83,9 +83,11 @@ class LeastConn:
         self._picks = 0
         self._picked: dict[str, int] = {}  # backend id -> number of the pick that last chose it
 
-    def choose(self, candidates: Sequence[BackendStatus]) -> BackendStatus | None:
+    def choose(self, candidates: list[BackendStatus]) -> BackendStatus | None:
         # One pass (this runs per handshake): the lowest load so far, the least recently picked on a tie.
         # The first candidate is read in it too, not once before it as well: some 400 instructions.
+        # A list, not any Sequence: compiled, a list is indexed, where a Sequence is iterated through
+        # the iterator protocol (an iterator made and a call per candidate).
         picked = self._picked
         best: BackendStatus | None = None
         best_load, best_pick = 0.0, 0
