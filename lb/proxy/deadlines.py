@@ -79,11 +79,20 @@ class Deadline:
 class Deadlines:
     """The deadlines of one event loop, GRAIN of time to a loop timer."""
 
-    __slots__ = ("_slices", "loop")
+    __slots__ = ("_recent", "_recent_number", "_slices", "_used", "_used_number", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._slices: dict[int, set[Deadline]] = {}  # slice number (its end, in GRAINs) → its deadlines
+        # The two slices placed in last (number, set; -1 and None for none), the last first: a handshake
+        # places its deadlines in two (its own, its tunnel's linger), and the handshakes of the same GRAIN
+        # in the same two.  Found here, a slice costs no dict lookup, for which its number, past what
+        # small ints are kept for, is made an int object and hashed (some 350 instructions a deadline).
+        # A slice leaves both when it is reached (`_reach`): one reached must never be placed in again.
+        self._recent_number = -1
+        self._recent: set[Deadline] | None = None
+        self._used_number = -1
+        self._used: set[Deadline] | None = None
 
     def call_later(self, delay: float, callback: Callable[[], object]) -> Deadline:
         """`callback()` once `delay` seconds have passed, up to GRAIN later (as loop.call_later)."""
@@ -103,10 +112,17 @@ class Deadlines:
 
     def _place(self, deadline: Deadline) -> None:
         number = math.ceil(deadline.when / GRAIN)
-        owners = self._slices.get(number)
-        if owners is None:
-            owners = self._slices[number] = set()
-            self.loop.call_later(max(0.0, number * GRAIN - _now()), self._reach, number)
+        owners = self._recent
+        if number != self._recent_number or owners is None:
+            if number == self._used_number and self._used is not None:
+                owners = self._used
+            else:
+                owners = self._slices.get(number)
+                if owners is None:
+                    owners = self._slices[number] = set()
+                    self.loop.call_later(max(0.0, number * GRAIN - _now()), self._reach, number)
+            self._used_number, self._used = self._recent_number, self._recent
+            self._recent_number, self._recent = number, owners
         deadline._slice = owners
         owners.add(deadline)
 
@@ -122,6 +138,10 @@ class Deadlines:
         due before it looks at its sockets again; HAProxy reads what came before it judges a timeout.
         """
         owners = self._slices.pop(number, None)
+        if number == self._recent_number:
+            self._recent_number, self._recent = -1, None
+        if number == self._used_number:
+            self._used_number, self._used = -1, None
         if not owners:
             return
         if _now() - number * GRAIN > STALLED:

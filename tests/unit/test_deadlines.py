@@ -78,6 +78,49 @@ def test_deadlines_grains_apart_get_a_timer_each() -> None:
     assert len(loop.timers) == 3
 
 
+def _past(grains_ago: int) -> float:
+    """A time in the middle of a slice that ended `grains_ago` grains ago (at least one)."""
+    return (int(time.monotonic() / GRAIN) - grains_ago) * GRAIN - GRAIN / 2
+
+
+def test_deadlines_of_alternating_slices_share_their_two_timers() -> None:
+    """A handshake places its own deadline and its tunnel's linger in two slices, and the next handshake
+    in the same two: one timer each, however they alternate, and each reaches its own."""
+    deadlines, loop = _wheel()
+    times = {"own": _past(1), "linger": _past(3), "third": _past(5)}
+    reached: list[str] = []
+    for index in range(6):
+        for name, at in times.items():
+            if name != "third" or index % 3 == 0:
+                deadlines.call_at(at, lambda name=name: reached.append(name))
+    assert len(loop.timers) == 3 and deadlines.waiting() == 14
+    loop.fire_all()
+    assert sorted(reached) == ["linger"] * 6 + ["own"] * 6 + ["third"] * 2 and deadlines.waiting() == 0
+
+
+@pytest.mark.parametrize("placed_last", [True, False])
+def test_a_slice_once_reached_is_never_placed_in_again(placed_last: bool) -> None:
+    """A deadline for a slice whose timer has fired (a late placement, on a loop that fell behind) gets
+    a slice and a timer of its own: placed in the one reached, it would wait for ever.  Whether that
+    slice was the last placed in or the one before."""
+    deadlines, loop = _wheel()
+    when = _past(1)
+    reached: list[str] = []
+    deadlines.call_at(when, lambda: reached.append("first"))
+    if not placed_last:
+        deadlines.call_at(_past(2), lambda: reached.append("other"))  # the first slice is now the one before
+    _delay, reach, args = loop.timers[0]
+    reach(*args)  # the first slice's end
+    loop.run_soon_once()
+    loop.run_soon_once()
+    assert reached == ["first"]
+    deadlines.call_at(when, lambda: reached.append("late"))
+    assert len(loop.timers) == 2 + (not placed_last)
+    loop.fire_all()
+    assert sorted(reached) == sorted(["first", "late"] + ([] if placed_last else ["other"]))
+    assert deadlines.waiting() == 0
+
+
 def test_a_cancelled_deadline_never_runs_and_is_let_go_at_once() -> None:
     deadlines, loop = _wheel()
     ran: list[str] = []
