@@ -184,6 +184,8 @@ def _routes_instead(held_issued_at: float | None, issued_at: float, from_cookie:
 
 def join_pins(others: Sequence[str], token: str) -> str:
     """The cookie value: the other pools' pins, then this pool's fresh one (the newest last)."""
+    if not others:
+        return token  # one pool (nearly every issue): what the join makes of it, without a list and a slice
     return PIN_SEPARATOR.join([*others, token][-MAX_PINS:])
 
 
@@ -198,7 +200,8 @@ def our_set_cookie(affinity: AffinityConfig, token: str, *, secure: bool) -> str
             http_only=affinity.http_only, secure=secure,
         )
         memo.affinity, memo.attributes = affinity, rendered[len(name) + 1 :]
-    return affinity.cookie + "=" + token + memo.attributes
+    # One str built, where `+` made three (each copied the token and what came before it).
+    return f"{affinity.cookie}={token}{memo.attributes}"
 
 
 def refreshed_copy_deletion(response: ResponseHead, affinity: AffinityConfig, *, secure: bool) -> str | None:

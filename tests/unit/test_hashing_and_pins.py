@@ -402,6 +402,13 @@ def test_rewrite_mode_restores_only_this_pools_value() -> None:
     assert plan.rewrite_cookie(f"SESSIONID={chat}; other=1") == "other=1"
 
 
+@given(st.lists(st.text("ABCabc-_", min_size=1, max_size=6), max_size=12), st.text("XYZ", min_size=1, max_size=6))
+def test_pins_join_the_newest_last_and_at_most_max_pins(others: list[str], token: str) -> None:
+    joined = join_pins(others, token)
+    assert joined == ".".join([*others, token][-MAX_PINS:])
+    assert joined.split(".")[-1] == token and len(joined.split(".")) == min(len(others) + 1, MAX_PINS)
+
+
 def _as_tuple(lookup: TokenLookup) -> tuple[object, ...]:
     return (lookup.claim, lookup.token, lookup.from_cookie, lookup.rejected, lookup.others, lookup.cookie_sent)
 
