@@ -332,6 +332,8 @@ class RequestHead:
     head: Head
     absolute_target: str | None  # the target as received, when it was absolute-form
     dropped: tuple[str, ...]  # header names dropped as aliases of ours (`X_Forwarded_For`)
+    # `path`, once read: every request is routed by it and logged with it (`target` is set only here).
+    _path: str | None = field(repr=False, compare=False)
 
     def __init__(
         self, method: str, target: str, version: str, head: Head, absolute_target: str | None = None,
@@ -343,6 +345,7 @@ class RequestHead:
         self.head = head
         self.absolute_target = absolute_target
         self.dropped = dropped
+        self._path = None
 
     @property
     def content_length(self) -> int | None:
@@ -358,6 +361,12 @@ class RequestHead:
     @property
     def path(self) -> str:
         """The path of the target, without the query (absolute-form reduced to its path)."""
+        known = self._path
+        if known is None:
+            known = self._path = self._path_of_target()
+        return known
+
+    def _path_of_target(self) -> str:
         target = self.target
         if not target.startswith("/"):
             # absolute-form: the path starts after the authority, which ends at / ? or #.

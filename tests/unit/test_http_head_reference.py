@@ -262,7 +262,9 @@ def _outcome(parse: Callable[[], object]) -> object:
     head = parsed.head  # type: ignore[attr-defined]
     return (
         type(parsed).__name__,
-        [getattr(parsed, field.name) for field in dataclasses.fields(parsed) if field.name != "head"],  # type: ignore[arg-type]
+        # What a head says, not what it remembers (RequestHead._path: its path, once read).
+        [getattr(parsed, field.name) for field in dataclasses.fields(parsed)  # type: ignore[arg-type]
+         if field.name != "head" and not field.name.startswith("_")],
         head.start_line,
         head.headers,
         head._index,
