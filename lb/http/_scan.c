@@ -18,7 +18,8 @@
  * Python checks, unchanged, have the last word.  It reads a bytes object it does not modify,
  * never past its end (every scan stops at the CR of the head's final CRLFCRLF, which no byte class
  * below admits, and each index is also checked against the length), and allocates only the
- * Python objects it returns.
+ * Python objects it returns (for a head it refuses, those of the lines read before its fault, in a
+ * tuple of MAX_PRESIZED slots at most).
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -255,36 +256,42 @@ status_line(const unsigned char *s, Py_ssize_t n, PyObject **parts)
  * must not make an index of a thousand slots that its connection keeps. */
 #define MAX_PRESIZED 32
 
-/* How many field lines the head has from `p` on, if it is this grammar: one LF each, less the blank line's
- * (its CRLFCRLF end is checked).  So `fields` is a tuple of that size from the start and `index` a dict
- * sized for as many names, where a list grown by appends was copied into a tuple at the end and the dict
- * grew as names came (a browser's dozen names: two resizes).  Wrong only for a head the grammar refuses
- * (a bare LF), which field_lines then finds. */
+/* How many field lines the head has from `p` on, if it is this grammar (one LF each, less the blank line's:
+ * its CRLFCRLF end is checked), counted up to MAX_PRESIZED.  So `fields` is a tuple of that size from the
+ * start and `index` a dict sized for as many names, where a list grown by appends was copied into a tuple
+ * at the end and the dict grew as names came (a browser's dozen names: two resizes).  Counted no further:
+ * a head of thousands of LFs that the grammar refuses at its first line (a hostile client's) costs no pass
+ * over them and no tuple of their size; a longer head that passes grows its tuple as it goes
+ * (field_lines).  Wrong only for a head the grammar refuses (a bare LF), which field_lines then finds. */
 static Py_ssize_t
 field_count(const unsigned char *s, Py_ssize_t n, Py_ssize_t p)
 {
     Py_ssize_t count = 0;
     const unsigned char *at = s + p, *end = s + n;
-    while ((at = memchr(at, '\n', (size_t)(end - at))) != NULL) {
+    while (count <= MAX_PRESIZED && (at = memchr(at, '\n', (size_t)(end - at))) != NULL) {
         count++;
         at++;
     }
     return count > 0 ? count - 1 : 0;
 }
 
-/* Each `name ":" OWS value OWS CRLF` from `p` to the blank line that ends the head (and `raw`), into
- * `fields` and `index`.  Returns 1, 0 (not this grammar) or -1 (a Python error is set). */
+/* Each `name ":" OWS value OWS CRLF` from `p` to the blank line that ends the head (and `raw`), into the
+ * tuple at `fields_at` (ours alone: doubled when full, cut to its fields at the end) and `index`.  Returns
+ * 1, 0 (not this grammar) or -1 (a Python error is set; `*fields_at` may then be NULL). */
 static int
-field_lines(const unsigned char *s, Py_ssize_t n, Py_ssize_t p, PyObject *fields, PyObject *index)
+field_lines(const unsigned char *s, Py_ssize_t n, Py_ssize_t p, PyObject **fields_at, PyObject *index)
 {
     for (Py_ssize_t filled = 0;; filled++) {
         if (is_crlf(s, p, n)) {
-            /* the blank line, and nothing after it; and `fields` full (field_count's count) */
-            return p + 2 == n && filled == PyTuple_GET_SIZE(fields);
+            if (p + 2 != n) {
+                return 0;
+            }
+            return filled == PyTuple_GET_SIZE(*fields_at) || _PyTuple_Resize(fields_at, filled) == 0 ? 1 : -1;
         }
-        if (filled == PyTuple_GET_SIZE(fields)) {
-            return 0;  /* more lines than LFs counted: not this grammar (a line always ends in one) */
+        if (filled == PyTuple_GET_SIZE(*fields_at) && _PyTuple_Resize(fields_at, filled ? 2 * filled : 1) < 0) {
+            return -1;
         }
+        PyObject *fields = *fields_at;
         Py_ssize_t name = p;
         while (p < n && TCHAR[s[p]]) {
             p++;
@@ -381,7 +388,7 @@ read_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         || (index = _PyDict_NewPresized(count < MAX_PRESIZED ? count : MAX_PRESIZED)) == NULL) {
         goto done;
     }
-    int read = field_lines(s, n, p, fields, index);
+    int read = field_lines(s, n, p, &fields, index);
     if (read < 0) {
         goto done;
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -140,6 +141,21 @@ def test_any_bytes_spliced_into_a_good_head_read_alike(noise: bytes, at: int) ->
 def test_long_heads_read_alike(raw: bytes) -> None:
     """Far past any head limit (the parser is handed at most `max_header_bytes`): still the same reading."""
     assert_read_alike(raw)
+
+
+@pytest.mark.parametrize("lines", [b"\n", b"x\r\n", b"x: y\n"], ids=["bare-lfs", "no-colon", "bare-lf-ends"])
+def test_a_head_of_many_lines_refused_at_its_first_costs_nothing_of_their_number(lines: bytes) -> None:
+    """The C reading sizes its fields by the LFs it counts, up to a bound: 16 KiB of lines the grammar
+    refuses at the first one must not make a tuple of thousands of slots (132 KB, and a pass over
+    every LF) before it is refused."""
+    raw = b"GET / HTTP/1.1\r\n" + lines * (16_000 // len(lines)) + b"\r\n\r\n"
+    tracemalloc.start()
+    try:
+        assert scan.read_head(raw, True) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4096, peak
 
 
 def test_only_bytes_are_read_here() -> None:
