@@ -8,9 +8,7 @@ It is the compiler mypy and black ship with; the tests run against the compiled 
 `.py` files stay the pure-Python fallback for a machine without a C compiler.  Nine small modules are
 written in C (`c_sources()`: lb/http/_scan.c, lb/http/_render.c, lb/affinity/_token64.c, lb/affinity/_aead.c,
 lb/ws/_plain.c, lb/_logwrite.c, lb/proxy/_coroutine.c, lb/proxy/_reading.c, lb/state/_tally.c, whose headers
-say why); they are
-built in the same step,
-beside the Python that stands in for each when it is not.
+say why); they are built in the same step, beside the Python that stands in for each when it is not.
 
 What: the modules are compiled from this checkout and each extension module is placed next to its
 source in `DIR` (default: this checkout's `lb`, which an editable install imports; the container

@@ -120,7 +120,8 @@ def find_token(
 def _only_token(token: str, affinity: AffinityConfig, codec: TokenCodec, now: float, pool: str | None) -> TokenLookup:
     """What `_find_among` comes to for one cookie value of one token, and nothing else to look at, without
     its two dicts, its list and its iterator, and without hashing the token for `rejected` (about 1,500
-    instructions of a returning client's handshake).  `test_carriers` holds the two to the same answers."""
+    instructions of a returning client's handshake).  A hypothesis test holds the two to the same answers
+    (`test_one_cookie_value_of_one_token_is_found_as_the_search_finds_it`)."""
     if affinity.mode is AffinityMode.REWRITE and not looks_sealed(token):
         return TokenLookup(cookie_sent=True)  # the backend's own value, passed on unchanged
     try:

@@ -18,7 +18,7 @@
 #include <Python.h>
 
 /* 3.13 moved the store under a known hash into the internal headers (still exported, no longer
- * declared): from there on the store hashes the key again (a tuple's hash is not cached). */
+ * declared): from there on the store hashes the key again. */
 #if PY_VERSION_HEX >= 0x030D0000
 #define STORE(tally, key, value, hash) PyDict_SetItem((tally), (key), (value))
 #else

@@ -133,8 +133,7 @@ class PoolState:
 
     def new_client_candidates(self, exclude: Iterable[str] = (), now: float | None = None) -> list[BackendStatus]:
         """Backends that may take a new client, with slow-start weights refreshed for `now`."""
-        # The backends this request already tried; none on a first attempt, which then builds no set.
-        if exclude:
+        if exclude:  # the backends this request already tried
             excluded = set(exclude)
             candidates = [b for b in self.backends.values() if b.takes_new_clients and b.id not in excluded]
         else:  # a first attempt (nearly all): no id to look up in an empty set, backend by backend
