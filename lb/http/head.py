@@ -298,7 +298,9 @@ class Head:
         return values[0] if values else None
 
     def get_all(self, name: str) -> list[str]:
-        return self._index.get(_lowered(name), [])
+        values = self._index.get(_lowered(name))
+        # A new empty list only for a name that is not there: `.get(name, [])` made one on every call.
+        return values if values is not None else []
 
     def has_any(self, names: frozenset[str]) -> bool:
         """Whether any header is named in `names` (lower case).  The fewer are looked up in the other: a
