@@ -49,7 +49,8 @@ class Histogram:
             if value <= bound:
                 break
             index += 1
-        self.counts[index] += 1
+        counts = self.counts
+        counts[index] = counts[index] + 1  # compiled, `+=` on an item took the generic number protocol
         self.total += value
         self.count += 1
 
