@@ -826,7 +826,7 @@ class Connection:
         self._balance_key = balance_key(request, pool.config, self._client_ip)
         stats = self._ctx.stats
         for token, reason in lookup.rejected.items():
-            stats.invalid_tokens[reason] += 1
+            add_one(stats.invalid_tokens, reason)
             log.debug("ignoring affinity token %s from %s: %s", token_digest(token), self._client_ip, reason)
         claim = lookup.claim
         decision = decide(
@@ -848,7 +848,7 @@ class Connection:
             balance_key=self._balance_key,
         )
         if claim is not None and decision.reason == "invalid":
-            stats.invalid_tokens["unknown_backend"] += 1
+            add_one(stats.invalid_tokens, "unknown_backend")
         self._lookup = lookup
         self._claim = claim
         return decision
@@ -1185,7 +1185,7 @@ class Connection:
         late = (failure.timeout and not self._websocket and self.state == WAITING
                 and (not self._body_left or self._continue_wait))
         actions = self._release_backend()
-        ctx.stats.handshakes[(pool.name, backend.id, _attempt_outcome(failure, late))] += 1
+        add_one(ctx.stats.handshakes, (pool.name, backend.id, _attempt_outcome(failure, late)))
         ctx.observations.count_backend_error(pool.name, backend.id, failure.kind)
         log.warning(
             "backend %s at %s failed request %s: %s",
@@ -1317,7 +1317,7 @@ class Connection:
         """
         if self._rid == "-":
             self._rid = new_request_id()
-        self._ctx.stats.rejected[exc.status] += 1
+        add_one(self._ctx.stats.rejected, exc.status)
         request = self._request
         if summary is None and exc.status == 429:
             summary = self._ctx.rate_limited_log

@@ -52,6 +52,7 @@ from lb.proxy.reading import READ_VIEW, read_bytes
 from lb.proxy.tunnel import Tunnel, WebSocketClientEnd, WebSocketServerEnd, close_flushing, read_what_is_left, reset
 from lb.state.context import ProxyContext
 from lb.state.observations import error_kind
+from lb.state.tally import add_one
 from lb.tls import bound_buffers
 
 log: Final = logging.getLogger("lb.proxy")  # the data plane's logger, for both of its modules
@@ -598,7 +599,7 @@ class ClientConnection(WebSocketClientEnd):
         and is reset if its answer was under way (RELAY), as the core's own cuts of an answer are."""
         core = self.core
         log.error("internal error on a connection from %s (request %s)", core.client_ip, core.request_id, exc_info=True)
-        self._ctx.stats.rejected[500] += 1
+        add_one(self._ctx.stats.rejected, 500)
         answered = core.state in (RELAY, TUNNEL, CLOSED)
         mid_answer = core.state == RELAY
         with contextlib.suppress(Exception):

@@ -54,6 +54,7 @@ from lb.proxy.deadlines import Deadline, Deadlines
 from lb.proxy.reading import READ_CHUNK, READ_VIEW, read_bytes
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
+from lb.state.tally import add_one
 from lb.ws.frames import FrameBoundaries, close_frame
 
 log: Final = logging.getLogger(__name__)
@@ -859,7 +860,7 @@ class Tunnel:
         stats.closed_bytes_out += self.server_end.nbytes
         stats.tunnels_closed += 1
         if self.cause is not None:
-            stats.balancer_closes[(self.cause, self.ended_with)] += 1
+            add_one(stats.balancer_closes, (self.cause, self.ended_with))
         self.ctx.tunnels.discard(self)
         if not self.ctx.tunnels and self.ctx.all_tunnels_closed is not None:
             self.ctx.all_tunnels_closed.set()

@@ -2,7 +2,8 @@
  *
  * `add_one(tally, key)` is `tally[key] = tally.get(key, 0) + 1` for a dict (lb.state.tally.Tally, a dict
  * subclass whose missing keys count 0, or any dict): the key is hashed once, looked up without the
- * subclass's `__missing__`, and its count stored back under the same hash.  A key that cannot be hashed
+ * subclass's `__missing__`, and its count stored back under the same hash.  A subclass with item access
+ * of its own (`__getitem__`, `__setitem__`) gets `tally[key] += 1` as written, through it.  A key that cannot be hashed
  * raises TypeError, a `tally` that is not a dict TypeError, and a count that is not an int adds 1 as `+`
  * does (whatever that raises, it raises), as `tally[key] += 1` would.
  *
@@ -25,6 +26,31 @@
 #define STORE(tally, key, value, hash) _PyDict_SetItem_KnownHash((tally), (key), (value), (hash))
 #endif
 
+/* `tally[key] += 1` as written: for a dict subclass that reads or stores its items its own way (a
+ * `__getitem__` or `__setitem__` of its own, as a test's Tally that fails on one key), which the fast
+ * path below would go round. */
+static PyObject *
+add_one_by_its_items(PyObject *tally, PyObject *key)
+{
+    PyObject *count = PyObject_GetItem(tally, key);
+    if (count == NULL) {
+        return NULL;
+    }
+    PyObject *one = PyLong_FromLong(1);
+    PyObject *next = one == NULL ? NULL : PyNumber_InPlaceAdd(count, one);
+    Py_XDECREF(one);
+    Py_DECREF(count);
+    if (next == NULL) {
+        return NULL;
+    }
+    int stored = PyObject_SetItem(tally, key, next);
+    Py_DECREF(next);
+    if (stored < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 add_one(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -37,6 +63,10 @@ add_one(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (!PyDict_Check(tally)) {
         PyErr_Format(PyExc_TypeError, "add_one(): a dict of counts, not %.100s", Py_TYPE(tally)->tp_name);
         return NULL;
+    }
+    PyMappingMethods *own = Py_TYPE(tally)->tp_as_mapping, *dicts = PyDict_Type.tp_as_mapping;
+    if (own->mp_subscript != dicts->mp_subscript || own->mp_ass_subscript != dicts->mp_ass_subscript) {
+        return add_one_by_its_items(tally, key);
     }
     Py_hash_t hash = PyObject_Hash(key);
     if (hash == -1) {

@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 from lb.state.families import in_slices, whole_families
 from lb.state.histogram import LAN_BUCKETS, Histogram
-from lb.state.tally import Tally
+from lb.state.tally import Tally, add_one
 
 # The `kind` label of lb_backend_errors_total.
 ErrorKind = Literal["refused", "timeout", "reset", "bad_answer"]
@@ -85,10 +85,10 @@ class Observations:
         histogram.observe(seconds)
 
     def count_backend_error(self, pool: str, backend: str, kind: ErrorKind) -> None:
-        self.backend_errors[(pool, backend, kind)] += 1
+        add_one(self.backend_errors, (pool, backend, kind))
 
     def count_health_check(self, pool: str, backend: str, ok: bool) -> None:
-        self.health_checks[(pool, backend, "success" if ok else "failure")] += 1
+        add_one(self.health_checks, (pool, backend, "success" if ok else "failure"))
 
     def forget(self, keep: Callable[[str, str], bool], keep_pool: Callable[[str], bool] | None = None) -> None:
         """Drop the per-backend series of every (pool, backend) that `keep` refuses (`lb.state.series`),

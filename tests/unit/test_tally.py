@@ -41,14 +41,26 @@ def test_a_count_past_a_machine_word_or_of_another_type_adds_as_plus_does() -> N
     assert odd["text"] == "a"
 
 
-def test_the_subclass_missing_is_not_asked_and_nothing_else_is_counted_in() -> None:
-    class Loud(Tally[str]):
+def test_a_subclass_with_item_access_of_its_own_is_counted_through_it_and_nothing_else_is_counted_in() -> None:
+    """The compiled Tally and plain dicts are counted by their table; a subclass written in Python has
+    item access of its own (CPython gives it the generic slots), and gets `tally[key] += 1` as written:
+    its `__missing__`, and its `__setitem__` (as a test's Tally that fails on one key)."""
+    class FromTen(Tally[str]):
         def __missing__(self, key: str) -> int:
-            raise AssertionError("looked up through the mapping protocol")
+            return 10
 
-    loud = Loud()
-    tally_c.add_one(loud, "a")
-    assert dict(loud) == {"a": 1}
+    stored: list[tuple[str, int]] = []
+
+    class Recording(Tally[str]):
+        def __setitem__(self, key: str, count: int) -> None:
+            stored.append((key, count))
+            super().__setitem__(key, count)
+
+    from_ten, recording = FromTen(), Recording()
+    tally_c.add_one(from_ten, "a")
+    tally_c.add_one(recording, "a")
+    tally_c.add_one(recording, "a")
+    assert dict(from_ten) == {"a": 11} and stored == [("a", 1), ("a", 2)]
     not_dicts: tuple[object, ...] = ([], Counter, "a", None)
     for not_a_dict in not_dicts:
         with pytest.raises(TypeError):
