@@ -50,13 +50,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from lb import built_in_c
 from lb.errors import InvalidToken
+from lb.state.rounding import round_half_even
 
 if TYPE_CHECKING:
     from lb.affinity._aead import AesGcm
 
 VERSION: Final = 3
 _VERSIONS: Final = frozenset({1, 2, 3})
-_round: Final = round  # a C static for compiled code: `round` is otherwise looked up in builtins at each call
 NONCE_BYTES: Final = 12
 SESSION_BYTES: Final = 8
 MAX_TOKEN_CHARS: Final = 4096  # longer than any token we issue; refuse before decoding
@@ -206,9 +206,9 @@ class TokenCodec:
         # _CLAIM's issued_at (rounded: an opened claim's is milliseconds / 1000, which a float may hold
         # a hair under the millisecond) and session; its id length begins `names`.
         if self._seconds:  # version 2: whole seconds, rounded up, so as never to expire early
-            issued = math.ceil(_round(claim.issued_at * 1000) / 1000).to_bytes(4, "big")
+            issued = math.ceil(round_half_even(claim.issued_at * 1000) / 1000).to_bytes(4, "big")
         else:
-            issued = _round(claim.issued_at * 1000).to_bytes(6, "big")
+            issued = round_half_even(claim.issued_at * 1000).to_bytes(6, "big")
         plaintext = issued + claim.session + names + app_value
         sealed = key.header + nonce + key.encrypt(nonce, plaintext, key.header)
         return _to_text(sealed)

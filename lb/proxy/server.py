@@ -48,7 +48,7 @@ from lb.proxy.connecting import Connecting
 from lb.proxy.connection import CLOSED, RELAY, TUNNEL, Connection
 from lb.proxy.deadlines import Deadline, Deadlines
 from lb.proxy.randomness import random_bytes
-from lb.proxy.reading import READ_VIEW, read_bytes
+from lb.proxy.reading import read_bytes
 from lb.proxy.tunnel import Tunnel, WebSocketClientEnd, WebSocketServerEnd, close_flushing, read_what_is_left, reset
 from lb.state.context import ProxyContext
 from lb.state.observations import error_kind
@@ -105,9 +105,6 @@ class _Upstream(WebSocketServerEnd):
             owner.local_failure(exc)
             return
         owner.drive(owner.core.backend_failed, str(exc) or type(exc).__name__, _now(), error_kind(exc))
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return READ_VIEW  # lb.proxy.reading: at most 32 KiB a read, copied out at once
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.tunnelled:
@@ -307,9 +304,6 @@ class ClientConnection(WebSocketClientEnd):
             admitted = ctx.count_in()
         ctx.in_flight.add(self)
         self._start(admitted)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return READ_VIEW  # lb.proxy.reading: at most 32 KiB a read, copied out at once (both phases)
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.tunnelled:

@@ -54,12 +54,12 @@ from lb.proxy.deadlines import Deadline, Deadlines
 from lb.proxy.reading import READ_CHUNK, READ_VIEW, read_bytes
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
+from lb.state.rounding import round_half_even
 from lb.state.tally import add_one
 from lb.ws.frames import FrameBoundaries, close_frame
 
 log: Final = logging.getLogger(__name__)
 _monotonic: Final = time.monotonic  # a C static for compiled code (as lb.proxy.server._now)
-_round: Final = round  # likewise: compiled, `round` is looked up in builtins at each call (270 instructions)
 
 CLOSE_LINGER = 2.0  # seconds a tunnel may stay open after we sent the client a close frame
 # Seconds a close frame may wait for a frame boundary before TCP is cut, unless its client took bytes
@@ -228,7 +228,11 @@ class TunnelEnd(asyncio.BufferedProtocol):
         # not wedged, and what the paused peer sent before it left is still on its way to it.
         self.paused_taken = 0
 
-    def get_buffer(self, sizehint: int) -> memoryview:
+    # Static: uvloop looks `get_buffer` up twice as it takes each protocol (hasattr, then the
+    # attribute), and a method would be bound, a new object each time; a static method is the same
+    # function object.  Every read of either phase fills lb.proxy.reading's one buffer.
+    @staticmethod
+    def get_buffer(sizehint: int) -> memoryview:
         return READ_VIEW
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -866,7 +870,7 @@ class Tunnel:
             self.ctx.all_tunnels_closed.set()
         # Milliseconds, as seconds: round(x, 3) rounds in decimal (a dtoa pass, 1,900 instructions);
         # this is the same value but at a tie (or a hair from one: x * 1000 may round onto it), for a tenth.
-        duration = _round((_monotonic() - self.opened_at) * 1000.0) / 1000.0
+        duration = round_half_even((_monotonic() - self.opened_at) * 1000.0) / 1000.0
         if self.cause is None and self.close_code is None:  # a client or backend hung up: the common end
             log_tunnel_ended(
                 self.client_ip, self.client_port, self.pool, self.backend.id, duration, self.bytes_in,
