@@ -254,6 +254,14 @@ class TunnelEnd(asyncio.BufferedProtocol):
         open for its answer: a WebSocket's server then closes TCP first (RFC 6455 §7.1.1), which
         ends the tunnel.  It gets CLOSE_LINGER for that.  Under TLS (no half-close in asyncio's TLS
         transport) or towards a backend that cannot take a FIN, the tunnel closes at once.
+
+        A FIN with no close frame of the client's before it (a killed app, a client that just hangs
+        up) also ends the tunnel at once, where HAProxy passes it on: that client has failed its
+        WebSocket (RFC 6455 §7.1.7), so nothing the backend sends after the FIN is for a WebSocket it
+        still has.  The backend gets what the client sent, then the FIN, as before; the tunnel, its
+        backend's count and the client's connection go now, not a round trip later.  Passed on, the
+        FIN cost 17 µs of CPU a handshake whose client hangs up so (`python -m bench.ab`, 6 rounds:
+        126 µs closing at once against 143; the floor, which closes at once, 115).
         """
         tunnel = self.tunnel
         if tunnel.closed:
@@ -264,6 +272,7 @@ class TunnelEnd(asyncio.BufferedProtocol):
         if (
             server_end.silenced  # we said goodbye already: nothing more goes to this client
             or server_end.frames.close_seen  # the backend has, too: the close handshake is done
+            or not tunnel.client_end.frames.close_seen  # the client failed its WebSocket: no answer is for it
             or not self.peer.can_write_eof()
             or tunnel.client_tls
         ):

@@ -506,6 +506,7 @@ def test_a_client_half_close_is_passed_on_and_the_backends_answer_still_reaches_
     async def scenario() -> None:
         client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
         ctx, tunnel = _join(client, server)
+        client.protocol.data_received(CLIENT_CLOSE)
         assert client.protocol.eof_received() is True  # our half towards the client stays open
         assert server.eof_written and not tunnel.closed
         server.protocol.data_received(close_frame(1000, "bye"))
@@ -529,6 +530,7 @@ def test_a_tunnel_given_its_loop_never_asks_asyncio_for_one(monkeypatch: pytest.
             raise AssertionError("the tunnel asked asyncio for its loop")
 
         monkeypatch.setattr(asyncio, "get_running_loop", no_loop)
+        client.protocol.data_received(CLIENT_CLOSE)  # close frame, then FIN: the FIN is passed on
         assert client.protocol.eof_received() is True
         linger = tunnel.server_end.deadline
         assert linger is not None and not linger.cancelled()
@@ -641,8 +643,8 @@ def test_a_client_that_ends_the_tunnel_while_our_close_waits_for_a_boundary_is_n
 
 
 def test_a_client_that_hangs_up_without_a_close_frame_is_not_a_backend_lost() -> None:
-    """A killed app's FIN, passed on: the backend then closes without a close frame, which is its
-    answer to that FIN, not a crash. No 1012 to a client that has left, no `backend_lost` close."""
+    """A killed app's FIN: the backend then closes without a close frame, which is its answer to that
+    FIN, not a crash. No 1012 to a client that has left, no `backend_lost` close."""
 
     async def scenario() -> None:
         client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
@@ -651,6 +653,25 @@ def test_a_client_that_hangs_up_without_a_close_frame_is_not_a_backend_lost() ->
         server.protocol.eof_received()
         assert tunnel.closed and tunnel.cause is None and not ctx.stats.balancer_closes
         assert bytes(client.written) == TEXT  # no close frame of ours
+
+    _run(scenario())
+
+
+def test_a_fin_with_no_close_frame_before_it_ends_the_tunnel_at_once() -> None:
+    """A client that hangs up without its close frame has failed its WebSocket (RFC 6455 §7.1.7): the
+    backend gets what the client sent and then the close (no FIN alone, no linger), the client's
+    connection is closed, and the backend's count drops now.  After the client's close frame the same
+    FIN is passed on (`test_a_client_half_close_is_passed_on_and_the_backends_answer_still_reaches_it`)."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
+        ctx, tunnel = _join(client, server, deadlines=Deadlines(asyncio.get_running_loop()))
+        client.protocol.data_received(CLIENT_TEXT)
+        assert client.protocol.eof_received() is None
+        assert tunnel.closed and tunnel.server_end.deadline is None and not ctx.tunnels
+        assert bytes(server.written) == CLIENT_TEXT and server.closed and not server.eof_written
+        assert client.closed and not client.aborted and tunnel.backend.connections == 0
+        assert tunnel.cause is None and not ctx.stats.balancer_closes
 
     _run(scenario())
 
@@ -664,7 +685,8 @@ def test_a_backend_slow_to_finish_after_the_clients_half_close_is_closed_after_t
     async def scenario() -> None:
         client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
         ctx, tunnel = _join(client, server)
-        client.protocol.eof_received()
+        client.protocol.data_received(CLIENT_CLOSE)
+        assert client.protocol.eof_received() is True and not tunnel.closed
         await asyncio.sleep(0.2)
         assert tunnel.closed and client.closed and server.closed and not ctx.tunnels
 
@@ -697,6 +719,7 @@ def test_a_close_injected_during_a_half_close_linger_replaces_its_timer(monkeypa
         client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
         ctx, tunnel = _join(client, server)
         server.protocol.data_received(b"\x82\x7e\x00\x10" + b"x" * 4)  # mid-frame: no boundary
+        client.protocol.data_received(CLIENT_CLOSE)
         client.protocol.eof_received()
         linger = tunnel.server_end.deadline
         tunnel.close_gracefully(1001, "going away", cause="shutdown")
@@ -773,6 +796,7 @@ def test_a_tunnel_closed_after_a_half_close_linger_is_freed_without_the_cycle_co
         try:
             client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
             ctx, tunnel = _join(client, server, to_client=TEXT, deadlines=Deadlines(asyncio.get_running_loop()))
+            client.protocol.data_received(CLIENT_CLOSE)
             assert client.protocol.eof_received() is True and tunnel.server_end.deadline is not None
             server.protocol.eof_received()
             assert tunnel.closed and tunnel.server_end.deadline.cancelled() and not ctx.tunnels
