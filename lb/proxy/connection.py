@@ -73,7 +73,7 @@ from lb.affinity.carriers import (
     refreshed_copy_deletion,
     rewrite_response_cookies,
 )
-from lb.affinity.codec import NONCE_BYTES, SESSION_BYTES, Claim
+from lb.affinity.codec import NONCE_BYTES, SESSION_BYTES, Claim, TokenCodec
 from lb.affinity.decision import Decision, decide
 from lb.config.model import AffinityMode, SecureMode
 from lb.errors import (
@@ -245,6 +245,44 @@ def _attempt_outcome(failure: _Failure, late: bool) -> str:
     if late:
         return "answer_late"
     return "bad_answer" if failure.kind == "bad_answer" else "connect_failed"
+
+
+class _Sealer:
+    """One decision's tokens: its backend and pool, issued at one wall-clock time, one session for all of
+    them, a fresh nonce for each.
+
+    A class rather than a closure: compiled, a closure was an environment object and a function object
+    made for every handshake, and each call went through the generic call with its arguments parsed
+    (about 1,200 instructions a handshake issuing a cookie); `seal` here is a direct call."""
+
+    __slots__ = ("_backend_id", "_codec", "_issued_at", "_nonce", "_pool", "_random", "_session")
+
+    def __init__(
+        self, codec: TokenCodec, backend_id: str, pool: str, wall: float, session: bytes,
+        random: Callable[[int], bytes], nonce: bytes | None,
+    ) -> None:
+        self._codec = codec
+        self._backend_id = backend_id
+        self._pool = pool
+        # Floored to the millisecond, the token's precision: never dated after it was issued, so it
+        # opens until exactly max_age after, to the millisecond (whole seconds, rounded up, let it open
+        # up to 1 s past max_age; rounded down, it died up to 1 s early, while the browser still sent it).
+        self._issued_at = math.floor(wall * 1000) / 1000
+        self._session = session
+        self._random = random
+        self._nonce = nonce  # drawn with the session (a new client's first token), used once
+
+    def seal(self, app_value: str | None) -> str:
+        nonce = self._nonce
+        if nonce is None:
+            nonce = self._random(NONCE_BYTES)
+        else:
+            self._nonce = None
+        claim = Claim(
+            backend_id=self._backend_id, issued_at=self._issued_at, session=self._session, app_value=app_value,
+            pool=self._pool,
+        )
+        return self._codec.seal(claim, nonce)
 
 
 # -- the state machine ---------------------------------------------------------------
@@ -1365,13 +1403,13 @@ class Connection:
         decision, claim, lookup, pool = self._decision, self._claim, self._lookup, self._pool
         assert decision is not None and lookup is not None and pool is not None
         wall = self._wall
-        seal = self._sealer()
+        sealer = self._sealer()
         unsealed: list[int] = []  # sizes of the backend's values passed unsealed, logged once below
         secure = self._secure_cookie()
 
         if affinity.mode is AffinityMode.REWRITE and pool.config.pins:
             rewrite, token = rewrite_response_cookies(
-                response, affinity, seal, secure=secure, others=lookup.others,
+                response, affinity, sealer.seal, secure=secure, others=lookup.others,
                 on_unsealed=lambda app_value: unsealed.append(len(app_value)), now=wall,
             )
             if unsealed:
@@ -1400,7 +1438,7 @@ class Connection:
                 # backend once it returned.  Not from one that only failed this request and is still
                 # up: its session (the value) is kept for the client's next handshake.
                 app_value = claim.app_value if decision.reason == "hit" else None
-                refreshed = fitting_value(affinity.cookie, lookup.others, seal(app_value))
+                refreshed = fitting_value(affinity.cookie, lookup.others, sealer.seal(app_value))
                 if refreshed is not None:  # else the cookie it has stands until it expires
                     token = refreshed
                     set_cookies.append(our_set_cookie(affinity, token, secure=secure))
@@ -1439,7 +1477,7 @@ class Connection:
                 response, switching=switching, set_cookies=[], extra=[], keep_alive=keep_alive, drop_cookie=drop,
                 drop_header=affinity.header,
             )
-        set_cookie, extra = self._inserted(seal, secure)
+        set_cookie, extra = self._inserted(sealer, secure)
         return render_client_response(
             response, switching=switching, set_cookies=[set_cookie], extra=extra, keep_alive=keep_alive,
             drop_cookie=drop, drop_header=affinity.header,
@@ -1455,11 +1493,11 @@ class Connection:
         set_cookie, extra = self._inserted(self._sealer(), self._secure_cookie())
         return render_head(raw[: -len(HEAD_END)].decode("latin-1"), [("Set-Cookie", set_cookie), *extra])
 
-    def _inserted(self, seal: Callable[[str | None], str], secure: bool) -> tuple[str, list[tuple[str, str]]]:
+    def _inserted(self, sealer: _Sealer, secure: bool) -> tuple[str, list[tuple[str, str]]]:
         """Insert mode's new token: its Set-Cookie value, and `affinity.header`'s field when there is one."""
         affinity, lookup = self._config.affinity, self._lookup
         assert lookup is not None
-        token = join_pins(lookup.others, seal(None))
+        token = join_pins(lookup.others, sealer.seal(None))
         return our_set_cookie(affinity, token, secure=secure), [] if affinity.header is None else [
             (affinity.header, token)]
 
@@ -1467,39 +1505,20 @@ class Connection:
         affinity = self._config.affinity
         return affinity.secure is SecureMode.ALWAYS or (affinity.secure is SecureMode.AUTO and self._tls)
 
-    def _sealer(self) -> Callable[[str | None], str]:
+    def _sealer(self) -> _Sealer:
         """Seals this decision's tokens (at the events' wall clock): one session for all of them, the
         client's own when it has one, and a fresh nonce for each."""
         decision, claim, pool = self._decision, self._claim, self._pool
         assert decision is not None and pool is not None
-        wall = self._wall
-        nonces: list[bytes] = []  # fresh, each used once
         if claim is not None:
-            session = claim.session
-        else:
-            # A new client's session and its first token's nonce in one draw (the shell's `random`
-            # reads the system's randomness a page at a time: lb.proxy.randomness).
-            fresh = self._random(SESSION_BYTES + NONCE_BYTES)
-            session = fresh[:SESSION_BYTES]
-            nonces.append(fresh[SESSION_BYTES:])
-
-        def seal(app_value: str | None) -> str:
-            return self._codec.seal(
-                Claim(
-                    backend_id=decision.backend.id,
-                    # Floored to the millisecond, the token's precision: never dated after it was
-                    # issued, so it opens until exactly max_age after, to the millisecond (whole
-                    # seconds, rounded up, let it open up to 1 s past max_age; rounded down, it died
-                    # up to 1 s early, while the browser still sent it).
-                    issued_at=math.floor(wall * 1000) / 1000,
-                    session=session,
-                    app_value=app_value,
-                    pool=pool.name,
-                ),
-                nonces.pop() if nonces else self._random(NONCE_BYTES),
-            )
-
-        return seal
+            return _Sealer(self._codec, decision.backend.id, pool.name, self._wall, claim.session, self._random, None)
+        # A new client's session and its first token's nonce in one draw (the shell's `random` reads the
+        # system's randomness a page at a time: lb.proxy.randomness).
+        fresh = self._random(SESSION_BYTES + NONCE_BYTES)
+        return _Sealer(
+            self._codec, decision.backend.id, pool.name, self._wall, fresh[:SESSION_BYTES], self._random,
+            fresh[SESSION_BYTES:],
+        )
 
     def _observe(self, now: float) -> None:
         """The backend gave its final answer: lb_backend_connect_duration_seconds (connect + answer) and
