@@ -253,7 +253,8 @@ class _Sealer:
 
     A class rather than a closure: compiled, a closure was an environment object and a function object
     made for every handshake, and each call went through the generic call with its arguments parsed
-    (about 1,200 instructions a handshake issuing a cookie); `seal` here is a direct call."""
+    (`_plain_client_head`: 11,900 instructions a handshake issuing a cookie, 11,370 with this); `seal`
+    here is a direct call."""
 
     __slots__ = ("_backend_id", "_codec", "_issued_at", "_nonce", "_pool", "_random", "_session")
 
