@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import math
 import os
 import socket
 import struct
+import termios
 import time
 from collections.abc import Callable
 from typing import Final
@@ -103,6 +105,12 @@ _TCP_INFO: Final = getattr(socket, "TCP_INFO", 0)  # Linux only; elsewhere no lo
 # struct tcp_info's tcpi_bytes_acked (Linux 4.1+): a u64 at offset 120, so the first 128 bytes hold it.
 _TCPI_BYTES_ACKED_END: Final = 128
 _U64: Final = struct.Struct("=Q")
+# Linux's SIOCOUTQ: the bytes of a socket's send queue, unsent (a full window holds them) or not yet
+# acknowledged.  An ioctl, not TCP_INFO: uvloop's socket stand-in makes a socket object for each
+# getsockopt (7,000 instructions), where its descriptor is at hand.
+_SEND_QUEUE: Final = getattr(termios, "TIOCOUTQ", 0)
+_NOTHING: Final = bytes(4)  # a C int's 0, what the ioctl writes for an empty queue
+_ioctl: Final = fcntl.ioctl  # a C static for compiled code, not the module's attribute at each call
 
 
 def has_left(tcp_state: int) -> bool:
@@ -123,6 +131,27 @@ def backend_has_reset(transport: asyncio.Transport) -> bool:
     A reset only: behind a FIN, what the backend sent last (its close frame, perhaps) waits unread in the
     kernel for a client that is slow, not gone, to make room for it."""
     return _tcp_state(transport) == _TCP_CLOSE
+
+
+def all_taken(transport: asyncio.Transport) -> bool:
+    """Whether every byte written into `transport` has reached its peer: none in its buffer, and none in
+    the kernel's send queue, unsent or unacknowledged (SIOCOUTQ).  False where the kernel cannot be asked.
+
+    Once it holds, closing the socket loses nothing of what was written: a close with bytes still
+    queued loses them all if the peer then sends anything, which a closed socket answers with a reset."""
+    if transport.get_write_buffer_size():
+        return False
+    sock = transport.get_extra_info("socket")
+    if sock is None or not _SEND_QUEUE:
+        return False
+    # Written into a bytearray: given bytes, fcntl.ioctl first tries them as a writable buffer, and the
+    # error it makes and clears for that cost 4,400 instructions.
+    queued = bytearray(4)
+    try:
+        _ioctl(sock.fileno(), _SEND_QUEUE, queued)
+    except (OSError, ValueError):  # closed under us, or no descriptor (a test's stand-in): nothing known
+        return False
+    return queued == _NOTHING
 
 
 def taken_by(transport: asyncio.Transport, relayed: int) -> int:
@@ -256,12 +285,16 @@ class TunnelEnd(asyncio.BufferedProtocol):
         transport) or towards a backend that cannot take a FIN, the tunnel closes at once.
 
         A FIN with no close frame of the client's before it (a killed app, a client that just hangs
-        up) also ends the tunnel at once, where HAProxy passes it on: that client has failed its
-        WebSocket (RFC 6455 §7.1.7), so nothing the backend sends after the FIN is for a WebSocket it
-        still has.  The backend gets what the client sent, then the FIN, as before; the tunnel, its
-        backend's count and the client's connection go now, not a round trip later.  Passed on, the
-        FIN cost 17 µs of CPU a handshake whose client hangs up so (`python -m bench.ab`, 6 rounds:
-        126 µs closing at once against 143; the floor, which closes at once, 115).
+        up) also ends the tunnel at once, where HAProxy passes it on, once the backend has taken
+        everything the client sent (`all_taken`: the kernel's send queue towards it is empty).  That
+        client has dropped its WebSocket without a close (1006, RFC 6455 §7.1.5): nothing the backend
+        sends after the FIN is for a WebSocket it still has.  The backend has had every byte and gets
+        the FIN; the tunnel, its backend's count and the client's connection go now, not a round trip
+        later.  With bytes still on their way to the backend (a slow reader behind a large last
+        message) the FIN is passed on as HAProxy does: closed, the socket would answer the backend's
+        next ping with a reset, and the kernel would drop what it still held.  Passed on, the FIN
+        cost 17 µs of CPU a handshake whose client hangs up so (`python -m bench.ab`, 6 rounds: 126 µs
+        closing at once against 143; the floor, which closes at once, 115).
         """
         tunnel = self.tunnel
         if tunnel.closed:
@@ -272,7 +305,8 @@ class TunnelEnd(asyncio.BufferedProtocol):
         if (
             server_end.silenced  # we said goodbye already: nothing more goes to this client
             or server_end.frames.close_seen  # the backend has, too: the close handshake is done
-            or not tunnel.client_end.frames.close_seen  # the client failed its WebSocket: no answer is for it
+            # The client dropped its WebSocket: no answer is for it, and the backend has had every byte.
+            or (not tunnel.client_end.frames.close_seen and all_taken(self.peer))
             or not self.peer.can_write_eof()
             or tunnel.client_tls
         ):

@@ -15,15 +15,23 @@ from lb.proxy.tunnel import Tunnel, WebSocketClientEnd, WebSocketServerEnd
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus, PoolState
 
+ESTABLISHED = 1  # Linux's tcp_states.h
+
 
 class FakeSocket:
-    """What the tunnel asks of a socket: TCP_INFO, whose first byte is the connection's state."""
+    """What the tunnel asks of a socket: TCP_INFO, whose first byte is the connection's state, and its
+    descriptor, whose send queue the kernel is asked for (give one of a real socket pair; without, the
+    question fails as on a closed socket)."""
 
-    def __init__(self, tcp_state: int) -> None:
+    def __init__(self, tcp_state: int = ESTABLISHED, *, fd: int = -1) -> None:
         self.tcp_state = tcp_state
+        self.fd = fd
 
     def getsockopt(self, level: int, option: int, size: int) -> bytes:
         return bytes([self.tcp_state])
+
+    def fileno(self) -> int:
+        return self.fd
 
 
 class FakeTransport:

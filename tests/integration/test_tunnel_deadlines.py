@@ -723,3 +723,127 @@ async def test_a_clients_upload_and_fin_reach_a_backend_that_reads_slowly(launch
         lb.assert_alive()
     finally:
         backend.close()
+
+
+class _SlowReaderThatPings(_SlowReader):
+    """A `_SlowReader` that pings its client every 200 ms, as gateways do, and says how its connection
+    ended: "eof", or the error a read or a ping met."""
+
+    id = "slow-pinger"
+
+    def __init__(self, slow_for: float) -> None:
+        self.how_it_ended = "?"
+        super().__init__(slow_for)
+
+    def script(self, conn: socket.socket, head: bytes) -> None:
+        switch_protocols(conn, head)
+        start = time.monotonic()
+        next_ping = start
+        conn.settimeout(0.05)
+        while time.monotonic() < start + 30 * UNIT:
+            now = time.monotonic()
+            if now >= next_ping:
+                next_ping = now + 0.2
+                try:
+                    conn.sendall(b"\x89\x00")  # a ping, empty
+                except OSError as exc:
+                    self.how_it_ended = f"ping: {type(exc).__name__}"
+                    return
+            slow = now < start + self.slow_for
+            try:
+                data = conn.recv(2048 if slow else 65536)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                self.how_it_ended = f"read: {type(exc).__name__}"
+                return
+            if not data:
+                self.how_it_ended = "eof"
+                return
+            self.received += data
+            if slow and not self.server.pause(0.05):
+                return
+
+
+async def test_a_message_then_a_fin_without_a_close_frame_reaches_a_slow_pinging_backend_whole(
+    launcher: Launcher,
+) -> None:
+    """A killed app's last message and FIN (no close frame), to a gateway that reads slowly and pings:
+    the gateway gets all of the message, then EOF.  Closed at the FIN with the message still queued in the
+    kernel, the balancer's socket answered the next ping with a reset and the kernel dropped the rest
+    (10 KB of 3 MB arrived, then ECONNRESET: the review of 1acd7b0); the FIN waits to be passed on."""
+    backend = _SlowReaderThatPings(slow_for=0.5)
+    try:
+        lb = launcher.balancer(lb_config(pools={"p": [backend]}, health=TCP_HEALTH))
+        assert lb.port is not None
+        sock = socket.create_connection((HOST, lb.port), timeout=20 * UNIT)
+        try:
+            sock.sendall(upgrade_request("/ws", host=f"{HOST}:{lb.port}", key=ws_key()))
+            head = read_head(sock)
+            assert head is not None and head.startswith(b"HTTP/1.1 101"), head
+            message = encode_frame(OP_BINARY, b"u" * 3_000_000)
+            await asyncio.to_thread(sock.sendall, message)
+            sock.shutdown(socket.SHUT_WR)  # its FIN, and no close frame
+            assert await asyncio.to_thread(backend.ended.wait, 30 * UNIT)
+            assert (len(backend.received), backend.how_it_ended) == (len(message), "eof")
+        finally:
+            sock.close()
+        lb.assert_alive()
+    finally:
+        backend.close()
+
+
+class _Lingerer(ScriptedGateway):
+    """A gateway that says hello, then keeps its connection open for `stays` seconds after its client's
+    EOF, as one slow to notice would; it records when that EOF came and whether it was a reset."""
+
+    id = "lingerer"
+
+    def __init__(self, stays: float) -> None:
+        self.stays = stays
+        self.eof_at = 0.0
+        self.how_it_ended = "?"
+        super().__init__()
+
+    def script(self, conn: socket.socket, head: bytes) -> None:
+        switch_protocols(conn, head)
+        conn.sendall(b"\x81\x05hello")
+        try:
+            while conn.recv(65536):
+                pass
+            self.how_it_ended = "eof"
+        except OSError as exc:
+            self.how_it_ended = f"read: {type(exc).__name__}"
+        self.eof_at = time.monotonic()
+        self.server.pause(self.stays)
+
+
+async def test_a_hang_up_without_a_close_frame_lets_the_backend_go_at_once(launcher: Launcher) -> None:
+    """A client that reads its hello and hangs up with a FIN and no close frame (a killed app; the
+    benchmark's handshake client): every byte it sent has reached the gateway, so the tunnel ends at
+    the FIN.  The gateway reads a clean EOF, and the balancer counts no tunnel while the gateway stays
+    (before, the FIN was passed on and the tunnel waited up to CLOSE_LINGER, 2 s, for the gateway)."""
+    backend = _Lingerer(stays=3.0)
+    try:
+        lb = launcher.balancer(lb_config(pools={"p": [backend]}, health=TCP_HEALTH))
+        assert lb.port is not None
+        sock = socket.create_connection((HOST, lb.port), timeout=20 * UNIT)
+        try:
+            sock.sendall(upgrade_request("/ws", host=f"{HOST}:{lb.port}", key=ws_key()))
+            head = read_head(sock)
+            assert head is not None and head.startswith(b"HTTP/1.1 101"), head
+            assert await asyncio.to_thread(sock.recv, 7) == b"\x81\x05hello"
+        finally:
+            sock.close()  # a FIN: nothing unread
+        closed = time.monotonic()
+        await wait_until(lambda: backend.eof_at > 0, within=5 * UNIT, what="the gateway's EOF")
+        assert backend.how_it_ended == "eof" and backend.eof_at - closed < 1.0
+
+        async def let_go() -> bool:
+            return find_backend(await status(lb), "p", backend.id)["connections"] == 0
+
+        await wait_until(let_go, within=1.0, what="the tunnel gone while the gateway still stays")
+        assert time.monotonic() < backend.eof_at + backend.stays
+        lb.assert_alive()
+    finally:
+        backend.close()

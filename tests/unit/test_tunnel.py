@@ -7,8 +7,10 @@ a short event loop runs only where a deadline (call_later) is the point.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -643,8 +645,9 @@ def test_a_client_that_ends_the_tunnel_while_our_close_waits_for_a_boundary_is_n
 
 
 def test_a_client_that_hangs_up_without_a_close_frame_is_not_a_backend_lost() -> None:
-    """A killed app's FIN: the backend then closes without a close frame, which is its answer to that
-    FIN, not a crash. No 1012 to a client that has left, no `backend_lost` close."""
+    """A killed app's FIN, passed on (no kernel here says the backend has taken everything): the backend
+    then closes without a close frame, which is its answer to that FIN, not a crash. No 1012 to a client
+    that has left, no `backend_lost` close."""
 
     async def scenario() -> None:
         client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
@@ -658,20 +661,57 @@ def test_a_client_that_hangs_up_without_a_close_frame_is_not_a_backend_lost() ->
 
 
 def test_a_fin_with_no_close_frame_before_it_ends_the_tunnel_at_once() -> None:
-    """A client that hangs up without its close frame has failed its WebSocket (RFC 6455 §7.1.7): the
-    backend gets what the client sent and then the close (no FIN alone, no linger), the client's
-    connection is closed, and the backend's count drops now.  After the client's close frame the same
-    FIN is passed on (`test_a_client_half_close_is_passed_on_and_the_backends_answer_still_reaches_it`)."""
+    """A client that hangs up without its close frame has dropped its WebSocket (1006): once the backend
+    has taken every byte it sent (the kernel's send queue towards it empty: here a socket pair's, idle),
+    the backend's side is closed (no FIN alone, no linger), the client's too, and the backend's count
+    drops now.  After the client's close frame the same FIN is passed on
+    (`test_a_client_half_close_is_passed_on_and_the_backends_answer_still_reaches_it`)."""
 
     async def scenario() -> None:
-        client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
-        ctx, tunnel = _join(client, server, deadlines=Deadlines(asyncio.get_running_loop()))
-        client.protocol.data_received(CLIENT_TEXT)
-        assert client.protocol.eof_received() is None
-        assert tunnel.closed and tunnel.server_end.deadline is None and not ctx.tunnels
-        assert bytes(server.written) == CLIENT_TEXT and server.closed and not server.eof_written
-        assert client.closed and not client.aborted and tunnel.backend.connections == 0
-        assert tunnel.cause is None and not ctx.stats.balancer_closes
+        with _socket_pair() as (ours, _):
+            client = FakeTransport(half_close=True)
+            server = FakeTransport(half_close=True, sock=FakeSocket(fd=ours.fileno()))
+            ctx, tunnel = _join(client, server, deadlines=Deadlines(asyncio.get_running_loop()))
+            client.protocol.data_received(CLIENT_TEXT)
+            assert client.protocol.eof_received() is None
+            assert tunnel.closed and tunnel.server_end.deadline is None and not ctx.tunnels
+            assert bytes(server.written) == CLIENT_TEXT and server.closed and not server.eof_written
+            assert client.closed and not client.aborted and tunnel.backend.connections == 0
+            assert tunnel.cause is None and not ctx.stats.balancer_closes
+
+    _run(scenario())
+
+
+@contextlib.contextmanager
+def _socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """Two connected local sockets: the kernel's answer to "what is queued" without a network."""
+    pair = socket.socketpair()
+    try:
+        yield pair
+    finally:
+        for sock in pair:
+            sock.close()
+
+
+@pytest.mark.parametrize("queued", ["buffered", "in-the-kernel", "no-descriptor", "no-socket"])
+def test_a_fin_with_no_close_frame_is_passed_on_while_the_backend_has_bytes_to_take(queued: str) -> None:
+    """Closed with bytes still on their way, the backend's socket would answer its next ping with a reset
+    and the kernel would drop them (a slow reader behind a large last message): the FIN is passed on, and
+    the backend's own close ends the tunnel, as after a close frame.  So where the kernel cannot be asked."""
+
+    async def scenario() -> None:
+        with _socket_pair() as (ours, _):
+            if queued == "in-the-kernel":
+                ours.send(b"x" * 1000)  # not read by the other end
+            sock = {"no-descriptor": FakeSocket(), "no-socket": None}.get(queued, FakeSocket(fd=ours.fileno()))
+            client = FakeTransport(half_close=True)
+            server = FakeTransport(1 if queued == "buffered" else 0, half_close=True, sock=sock)
+            ctx, tunnel = _join(client, server, deadlines=Deadlines(asyncio.get_running_loop()))
+            assert client.protocol.eof_received() is True
+            assert server.eof_written and not server.closed and not tunnel.closed
+            assert tunnel.server_end.deadline is not None  # the linger
+            server.protocol.eof_received()
+            assert tunnel.closed and not ctx.tunnels
 
     _run(scenario())
 
