@@ -286,7 +286,8 @@ class TunnelEnd(asyncio.BufferedProtocol):
 
         A FIN with no close frame of the client's before it (a killed app, a client that just hangs
         up) also ends the tunnel at once, where HAProxy passes it on, once the backend has taken
-        everything the client sent (`all_taken`: the kernel's send queue towards it is empty).  That
+        everything the client sent (nothing relayed since the head it answered, or `all_taken`: the
+        kernel's send queue towards it is empty).  That
         client has dropped its WebSocket without a close (1006, RFC 6455 §7.1.5): nothing the backend
         sends after the FIN is for a WebSocket it still has.  The backend has had every byte and gets
         the FIN; the tunnel, its backend's count and the client's connection go now, not a round trip
@@ -306,7 +307,9 @@ class TunnelEnd(asyncio.BufferedProtocol):
             server_end.silenced  # we said goodbye already: nothing more goes to this client
             or server_end.frames.close_seen  # the backend has, too: the close handshake is done
             # The client dropped its WebSocket: no answer is for it, and the backend has had every byte.
-            or (not tunnel.client_end.frames.close_seen and all_taken(self.peer))
+            # With nothing relayed, all it was written is the head it answered (read, so taken): the
+            # kernel is asked only when the client sent more.
+            or (not tunnel.client_end.frames.close_seen and (self.nbytes == 0 or all_taken(self.peer)))
             or not self.peer.can_write_eof()
             or tunnel.client_tls
         ):

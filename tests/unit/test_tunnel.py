@@ -682,6 +682,57 @@ def test_a_fin_with_no_close_frame_before_it_ends_the_tunnel_at_once() -> None:
     _run(scenario())
 
 
+def test_a_fin_with_nothing_relayed_before_it_ends_the_tunnel_without_asking_the_kernel() -> None:
+    """A client that relayed nothing (it read its hello and hung up, as the benchmark's does): all the
+    backend was written is the head it answered, so it has taken everything, and no kernel is asked."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)  # no socket to ask
+        ctx, tunnel = _join(client, server, to_client=TEXT)
+        assert client.protocol.eof_received() is None
+        assert tunnel.closed and server.closed and not server.eof_written and not ctx.tunnels
+
+    _run(scenario())
+
+
+@pytest.mark.parametrize(("client_tls", "backend_half_close"), [(True, True), (False, False)], ids=["tls", "no-fin"])
+def test_after_the_clients_close_frame_a_fin_that_cannot_be_passed_on_closes_at_once(
+    client_tls: bool, backend_half_close: bool
+) -> None:
+    """As `test_a_client_half_close_closes_at_once_where_it_cannot_be_passed_on`, after the client's close
+    frame, so that these two conditions decide and not the bare FIN's (from the review of 1acd7b0)."""
+
+    async def scenario() -> None:
+        client = FakeTransport(half_close=not client_tls, tls=client_tls)
+        server = FakeTransport(half_close=backend_half_close)
+        _, tunnel = _join(client, server)
+        client.protocol.data_received(CLIENT_CLOSE)
+        assert not client.protocol.eof_received()
+        assert tunnel.closed and not server.eof_written
+
+    _run(scenario())
+
+
+@pytest.mark.parametrize("how", ["backend-close-then-ping", "our-close-sent"])
+def test_after_a_finished_close_handshake_the_clients_fin_ends_the_tunnel_at_once(how: str) -> None:
+    """The close handshake done (the backend's close frame seen, or ours sent), the client's FIN after its
+    own close frame ends the tunnel at once: those conditions decide, not the bare FIN's."""
+
+    async def scenario() -> None:
+        client, server = FakeTransport(half_close=True), FakeTransport(half_close=True)
+        ctx, tunnel = _join(client, server)
+        if how == "backend-close-then-ping":
+            server.protocol.data_received(SERVER_CLOSE)
+            server.protocol.data_received(LATE_PING)
+        else:
+            tunnel.close_gracefully(1001, "going away", cause="shutdown")
+        client.protocol.data_received(CLIENT_CLOSE)
+        assert client.protocol.eof_received() is None
+        assert tunnel.closed and not server.eof_written and not ctx.tunnels
+
+    _run(scenario())
+
+
 @contextlib.contextmanager
 def _socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     """Two connected local sockets: the kernel's answer to "what is queued" without a network."""
@@ -707,6 +758,7 @@ def test_a_fin_with_no_close_frame_is_passed_on_while_the_backend_has_bytes_to_t
             client = FakeTransport(half_close=True)
             server = FakeTransport(1 if queued == "buffered" else 0, half_close=True, sock=sock)
             ctx, tunnel = _join(client, server, deadlines=Deadlines(asyncio.get_running_loop()))
+            client.protocol.data_received(CLIENT_TEXT)  # relayed: what the backend has taken is the kernel's to say
             assert client.protocol.eof_received() is True
             assert server.eof_written and not server.closed and not tunnel.closed
             assert tunnel.server_end.deadline is not None  # the linger
