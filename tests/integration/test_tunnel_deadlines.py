@@ -670,6 +670,19 @@ async def test_a_gateway_that_resets_behind_a_client_that_stopped_reading_is_let
     lb.assert_alive()
 
 
+def _upgraded(port: int) -> socket.socket:
+    """A raw client socket through the balancer on `port`, upgraded: its 101 read, nothing after it."""
+    sock = socket.create_connection((HOST, port), timeout=20 * UNIT)
+    try:
+        sock.sendall(upgrade_request("/ws", host=f"{HOST}:{port}", key=ws_key()))
+        head = read_head(sock)
+        assert head is not None and head.startswith(b"HTTP/1.1 101"), head
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class _SlowReader(ScriptedGateway):
     """A gateway that reads its client's frames slowly for a while (a busy game server), then fast, and
     records all of them."""
@@ -705,11 +718,8 @@ async def test_a_clients_upload_and_fin_reach_a_backend_that_reads_slowly(launch
     try:
         lb = launcher.balancer(lb_config(pools={"p": [backend]}, health=TCP_HEALTH))
         assert lb.port is not None
-        sock = socket.create_connection((HOST, lb.port), timeout=20 * UNIT)
+        sock = _upgraded(lb.port)  # the 101 alone read: what follows stays unread
         try:
-            sock.sendall(upgrade_request("/ws", host=f"{HOST}:{lb.port}", key=ws_key()))
-            head = read_head(sock)  # the 101 alone: what follows stays unread
-            assert head is not None and head.startswith(b"HTTP/1.1 101"), head
             message = encode_frame(OP_BINARY, b"u" * 6_000_000)
             close = encode_frame(OP_CLOSE, struct.pack("!H", 1000) + b"bye")
             await asyncio.to_thread(sock.sendall, message + close)
@@ -776,11 +786,8 @@ async def test_a_message_then_a_fin_without_a_close_frame_reaches_a_slow_pinging
     try:
         lb = launcher.balancer(lb_config(pools={"p": [backend]}, health=TCP_HEALTH))
         assert lb.port is not None
-        sock = socket.create_connection((HOST, lb.port), timeout=20 * UNIT)
+        sock = _upgraded(lb.port)
         try:
-            sock.sendall(upgrade_request("/ws", host=f"{HOST}:{lb.port}", key=ws_key()))
-            head = read_head(sock)
-            assert head is not None and head.startswith(b"HTTP/1.1 101"), head
             message = encode_frame(OP_BINARY, b"u" * 3_000_000)
             await asyncio.to_thread(sock.sendall, message)
             sock.shutdown(socket.SHUT_WR)  # its FIN, and no close frame
@@ -827,11 +834,8 @@ async def test_a_hang_up_without_a_close_frame_lets_the_backend_go_at_once(launc
     try:
         lb = launcher.balancer(lb_config(pools={"p": [backend]}, health=TCP_HEALTH))
         assert lb.port is not None
-        sock = socket.create_connection((HOST, lb.port), timeout=20 * UNIT)
+        sock = _upgraded(lb.port)
         try:
-            sock.sendall(upgrade_request("/ws", host=f"{HOST}:{lb.port}", key=ws_key()))
-            head = read_head(sock)
-            assert head is not None and head.startswith(b"HTTP/1.1 101"), head
             assert await asyncio.to_thread(sock.recv, 7) == b"\x81\x05hello"
         finally:
             sock.close()  # a FIN: nothing unread
