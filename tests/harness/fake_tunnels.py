@@ -15,7 +15,7 @@ from lb.proxy.tunnel import Tunnel, WebSocketClientEnd, WebSocketServerEnd
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus, PoolState
 
-ESTABLISHED = 1  # Linux's tcp_states.h
+ESTABLISHED, CLOSE, CLOSE_WAIT = 1, 7, 8  # Linux's tcp_states.h: open, reset, its peer's FIN received
 
 
 class FakeSocket:

@@ -24,7 +24,15 @@ from lb.proxy.tunnel import CLOSE_DEADLINE, Tunnel, has_left, idle_sweep_interva
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
 from lb.ws.frames import close_frame
-from tests.harness.fake_tunnels import FakeSocket, FakeTransport, join_tunnel, one_backend_context
+from tests.harness.fake_tunnels import (
+    CLOSE,
+    CLOSE_WAIT,
+    ESTABLISHED,
+    FakeSocket,
+    FakeTransport,
+    join_tunnel,
+    one_backend_context,
+)
 
 TEXT = b"\x81\x02hi"  # a whole unmasked text frame
 PARTIAL = b"\x82\x64" + b"y" * 10  # 10 of 100 payload bytes
@@ -984,7 +992,6 @@ def test_the_switch_resumes_only_a_side_that_may_have_been_paused(client_paused:
     _run(scenario())
 
 
-ESTABLISHED, CLOSE, CLOSE_WAIT = 1, 7, 8  # Linux's tcp_states.h
 
 
 @pytest.mark.parametrize(("state", "left"), [(ESTABLISHED, False), (CLOSE, True), (CLOSE_WAIT, True), (4, False)])
