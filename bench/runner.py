@@ -7,10 +7,13 @@ generator straight to the backends, round robin), `balancer`, `haproxy`,
 The balancer runs on its shipped defaults plus the pool: no limit, timeout or
 logging setting is overridden, so what is measured is what operators get.  The proxy
 under test runs on CPU 0, everything else on CPU 1 (taskset), unless taskset
-is missing.  The echo, stream and handshake scenarios run in `rounds`
-interleaved rounds (target order reversed every other round): each cell reads
-the target's round of median CPU per unit, and the CPU rows' lb/haproxy and
-lb/floor are the median of per-round ratios.  On a shared VM, single windows
+is missing.  The echo and stream scenarios run in `rounds` interleaved rounds, the
+handshakes in `handshake_rounds` (target order reversed every other round): each
+cell reads the target's round of median CPU per unit, and the CPU rows' lb/haproxy
+and lb/floor are the median of per-round ratios.  In the handshake rounds the floor
+runs next to the balancer, HAProxy after it: lb/floor is the closest comparison the
+run makes, and a neighbour's burst that slows one window more often slows the
+window beside it too.  On a shared VM, single windows
 of one tree ranged 306-544 µs per handshake and 1.0-1.25x HAProxy per echoed
 message.  Last, without pinning, the echo scenario through a balancer with
 `workers: 1` and with `workers: 2`, if the configuration accepts `workers`.
@@ -69,7 +72,10 @@ class Plan:
     stream_connections: int = 4
     stream_payload: int = 4096
     handshake_workers: int = 20
-    rounds: int = 3  # of the echo, stream and handshake scenarios, interleaved; a cell is the median round
+    rounds: int = 3  # of the echo and stream scenarios, interleaved; a cell is the median round
+    # Of the handshake scenarios: a handshake's CPU moves most with a shared machine's noise (single
+    # windows 0.7-1.4x their neighbours'), and with three rounds two slow ones set the median.
+    handshake_rounds: int = 5
     idle_connections: int = 5000
     idle_concurrency: int = 100
     idle_settle: float = 1.0
@@ -77,7 +83,7 @@ class Plan:
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls("quick", warmup=0.5, window=1.5, idle_settle=0.5, rounds=1)
+            return cls("quick", warmup=0.5, window=1.5, idle_settle=0.5, rounds=1, handshake_rounds=1)
         return cls("full", warmup=2.0, window=5.0)
 
 
@@ -192,7 +198,8 @@ def _header(
               "(nbthread 1, balance leastconn, cookie insert indirect nocache, option httplog to stderr)")
     return {
         "benchmark": f"{plan.name}: warm-up {plan.warmup:g} s, then a {plan.window:g} s window per run; "
-                     f"echo, stream and handshakes: median of {plan.rounds} interleaved rounds",
+                     f"echo and stream: median of {plan.rounds} interleaved rounds, "
+                     f"handshakes: of {plan.handshake_rounds}",
         "command": command,
         "machine": (
             f"nproc {os.cpu_count()}, {platform.system()} {platform.release()}, "
@@ -245,10 +252,11 @@ def _run_all(run: Run, haproxy_path: str | None, *, floor: bool = True) -> list[
                 _scenario(run, "stream", target, Spec(
                     "stream", target.addresses, plan.stream_connections, plan.stream_payload, plan.warmup,
                     plan.window, proxy_pids=target.proxy_pids(), load_pids=load_pids))
-        for round_index in range(plan.rounds):
+        side_by_side = floor_beside_balancer(targets)
+        for round_index in range(plan.handshake_rounds):
             for check in (False, True):
                 name = "handshake_check" if check else "handshake_issue"
-                for target in targets if round_index % 2 == 0 else targets[::-1]:
+                for target in side_by_side if round_index % 2 == 0 else side_by_side[::-1]:
                     if check and target.name == DIRECT:
                         continue  # no cookie is checked there: the same handshake as above
                     _scenario(run, name, target, handshake_spec(plan, target, plan.window, check, load_pids))
@@ -272,6 +280,14 @@ def _run_all(run: Run, haproxy_path: str | None, *, floor: bool = True) -> list[
             if child.name.startswith(("balancer", "haproxy")):
                 _scan_log(run, child)
     return _rows(run, haproxy_path is not None)
+
+
+def floor_beside_balancer(targets: Sequence[Target]) -> list[Target]:
+    """The targets in the handshake rounds' order: the floor moved to just after the balancer."""
+    floor = [target for target in targets if target.name == FLOOR]
+    rest = [target for target in targets if target.name != FLOOR]
+    at = next((i + 1 for i, target in enumerate(rest) if target.name == BALANCER), len(rest))
+    return [*rest[:at], *floor, *rest[at:]]
 
 
 def _machine_busy(seconds: float = 1.0) -> float:
@@ -690,8 +706,10 @@ def _explain(run: Run, haproxy: bool, workers: bool) -> None:
         "The floor checks no cookie: in the check rounds it is sent back the one it set and answers as in the "
         "issue rounds, next to the balancer's check rounds",
     ]
-    if run.plan.rounds > 1:
-        notes.append(f"echo, stream and handshakes ran in {run.plan.rounds} interleaved rounds: each cell is a "
+    if run.plan.rounds > 1 or run.plan.handshake_rounds > 1:
+        notes.append(f"echo and stream ran in {run.plan.rounds} interleaved rounds, handshakes in "
+                     f"{run.plan.handshake_rounds} (the floor's window just after the balancer's, or before it "
+                     "in the reversed rounds): each cell is a "
                      "target's round of median CPU per unit, and lb/haproxy and lb/floor on the CPU rows are the "
                      "median of the per-round ratios (each pair ran side by side), not the ratio of two cells")
     if workers:

@@ -14,7 +14,7 @@ from bench.floor import HEAD_END, insert_cookie, parse_backends
 from bench.haproxy import render_config
 from bench.procs import CLOCK_TICKS, Pinning, cpu_busy, parse_cpu_times, parse_stat_cpu, parse_status_rss
 from bench.report import Kind, Row, format_value, ratio, render_table, row_ratios, to_document
-from bench.runner import Plan, Run, _keep, _paired, balancer_config
+from bench.runner import Plan, Run, Target, _keep, _paired, balancer_config, floor_beside_balancer
 from bench.wire import (
     BENCH_MASK,
     OP_BINARY,
@@ -294,3 +294,14 @@ def test_a_failed_round_keeps_the_others_paired_and_a_stalled_one_is_the_costlie
     assert run.raw["stream"]["balancer"]["proxy_cpu"] == 2.0
     _keep(run, "idle", "floor", None)
     assert run.raw["idle"]["floor"] == {"rounds": [None]}
+
+
+def test_the_floor_runs_beside_the_balancer_in_the_handshake_rounds() -> None:
+    """lb/floor pairs the windows next to each other in time, with or without HAProxy; a run without
+    the floor keeps its order."""
+    def names(*present: str) -> list[str]:
+        return [t.name for t in floor_beside_balancer([Target(name, ()) for name in present])]
+
+    assert names("direct", "balancer", "haproxy", "floor") == ["direct", "balancer", "floor", "haproxy"]
+    assert names("direct", "balancer", "floor") == ["direct", "balancer", "floor"]
+    assert names("direct", "balancer", "haproxy") == ["direct", "balancer", "haproxy"]
