@@ -43,6 +43,11 @@ def read_cookie(header_values: list[str], name: str) -> list[str]:
     for header in header_values:
         if name not in header:
             continue
+        if ";" not in header:  # one pair (a returning client with no other cookie): no list of parts
+            pair_name, eq, value = header.partition("=")
+            if eq and pair_name.strip() == name:
+                values.append(_unquote(value.strip()))
+            continue
         for part in header.split(";"):
             pair_name, eq, value = part.partition("=")
             if eq and pair_name.strip() == name:
@@ -88,8 +93,21 @@ def rewrite_cookie(header_value: str, name: str, replace: Callable[[str], str | 
 
 
 def strip_cookie(header_value: str, name: str) -> str | None:
-    """The Cookie header without cookie `name`; None when nothing else is left."""
-    return rewrite_cookie(header_value, name, lambda _value: None)
+    """The Cookie header without cookie `name`; None when nothing else is left.  What `rewrite_cookie`
+    gives with a `replace` that removes every value (a test holds them equal)."""
+    if ";" not in header_value:
+        # One pair (nearly every returning client's header, in insert mode ours alone): dropped, or
+        # passed as it came, without the list of parts and the call for each value of ours.
+        pair_name, eq, _ = header_value.partition("=")
+        if eq and pair_name.strip() == name:
+            return None
+        return header_value if header_value.strip(" \t") else None
+    return rewrite_cookie(header_value, name, _removed)
+
+
+def _removed(_value: str) -> None:
+    """`rewrite_cookie`'s `replace` that removes every value."""
+    return None
 
 
 @dataclass(frozen=True, slots=True)

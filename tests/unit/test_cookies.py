@@ -249,6 +249,17 @@ def test_strip_cookie_on_arbitrary_text(header: str) -> None:
         assert read_cookie(kept, other) == read_cookie([header], other)
 
 
+_one_pair_alphabet = st.sampled_from([NAME, "LB", "AFFINITY", "=", " ", "\t", '"', "x", "\x0b", "\u00a0", "\x1c"])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(header=st.one_of(st.lists(_one_pair_alphabet, max_size=10).map("".join), _hostile_headers))
+def test_strip_cookie_is_rewrite_cookie_removing_every_value(header: str) -> None:
+    """The one-pair shortcut gives what the general rewrite does: whitespace of every kind (Python's
+    `strip()` and the separators' " \t"), stray `=` and quotes, and headers of several pairs."""
+    assert strip_cookie(header, NAME) == rewrite_cookie(header, NAME, lambda _value: None)
+
+
 # -- reissue_set_cookie (rewrite mode): a backend's Set-Cookie is hostile input ------------------
 
 ATTRIBUTE = st.one_of(

@@ -190,6 +190,22 @@ def test_head_end_is_find_of_crlfcrlf(data: bytes, start: int, stop: int, kind: 
     assert current._head_end_in_python(buffer, start, stop) == buffer.find(b"\r\n\r\n", start, stop)
 
 
+@settings(max_examples=500, deadline=None)
+@given(names=st.lists(st.text(st.sampled_from("_-ax\u00e9\u0101\U0001f600"), max_size=6), max_size=6))
+def test_any_underscored_is_in_of_each_name(names: list[str]) -> None:
+    """Names of one, two and four bytes a character (a Host-less head's index is any dict of str)."""
+    index = {name: [] for name in names}
+    expected = any("_" in name for name in names)
+    assert scan.any_underscored(index) is expected
+    assert current._any_underscored_in_python(index) is expected
+
+
+def test_any_underscored_takes_a_dict_of_str_only() -> None:
+    for other in ([], {b"_": []}, {1: []}):
+        with pytest.raises(TypeError):
+            scan.any_underscored(other)  # type: ignore[arg-type]
+
+
 def test_head_end_takes_exact_bytes_and_bytearray_only() -> None:
     assert scan.head_end(b"GET / HTTP/1.1\r\n\r\n", 0, 1 << 62) == 14
     for other in (memoryview(b"\r\n\r\n"), "\r\n\r\n", None):
