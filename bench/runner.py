@@ -11,9 +11,10 @@ is missing.  The echo and stream scenarios run in `rounds` interleaved rounds, t
 handshakes in `handshake_rounds` (target order reversed every other round): each
 cell reads the target's round of median CPU per unit, and the CPU rows' lb/haproxy
 and lb/floor are the median of per-round ratios.  In the handshake rounds the floor
-runs next to the balancer, HAProxy after it: lb/floor is the closest comparison the
-run makes, and a neighbour's burst that slows one window more often slows the
-window beside it too.  On a shared VM, single windows
+runs next to the balancer and HAProxy next to the floor (direct, balancer, floor,
+HAProxy, or the reverse): lb/floor is the closest comparison the run makes, and a
+neighbour's burst that slows one window more often slows the window beside it too;
+lb/haproxy, with room to spare, pairs windows one apart.  On a shared VM, single windows
 of one tree ranged 306-544 µs per handshake and 1.0-1.25x HAProxy per echoed
 message.  Last, without pinning, the echo scenario through a balancer with
 `workers: 1` and with `workers: 2`, if the configuration accepts `workers`.
@@ -199,7 +200,7 @@ def _header(
     return {
         "benchmark": f"{plan.name}: warm-up {plan.warmup:g} s, then a {plan.window:g} s window per run; "
                      f"echo and stream: median of {plan.rounds} interleaved rounds, "
-                     f"handshakes: of {plan.handshake_rounds}",
+                     f"handshakes: median of {plan.handshake_rounds}",
         "command": command,
         "machine": (
             f"nproc {os.cpu_count()}, {platform.system()} {platform.release()}, "
@@ -708,10 +709,10 @@ def _explain(run: Run, haproxy: bool, workers: bool) -> None:
     ]
     if run.plan.rounds > 1 or run.plan.handshake_rounds > 1:
         notes.append(f"echo and stream ran in {run.plan.rounds} interleaved rounds, handshakes in "
-                     f"{run.plan.handshake_rounds} (the floor's window just after the balancer's, or before it "
-                     "in the reversed rounds): each cell is a "
+                     f"{run.plan.handshake_rounds} (direct, balancer, floor, haproxy, reversed every other round: "
+                     "the floor's window beside the balancer's, HAProxy's one further): each cell is a "
                      "target's round of median CPU per unit, and lb/haproxy and lb/floor on the CPU rows are the "
-                     "median of the per-round ratios (each pair ran side by side), not the ratio of two cells")
+                     "median of the per-round ratios (each pair ran in the same round), not the ratio of two cells")
     if workers:
         notes.append("workers rows: balancer with `workers: 1` / `workers: 2`, nothing pinned; "
                      "the ratio on the workers 2 row is workers 2 / workers 1")

@@ -193,15 +193,22 @@ def test_head_end_is_find_of_crlfcrlf(data: bytes, start: int, stop: int, kind: 
 @settings(max_examples=500, deadline=None)
 @given(names=st.lists(st.text(st.sampled_from("_-ax\u00e9\u0101\U0001f600"), max_size=6), max_size=6))
 def test_any_underscored_is_in_of_each_name(names: list[str]) -> None:
-    """Names of one, two and four bytes a character (a Host-less head's index is any dict of str)."""
-    index = {name: [] for name in names}
-    expected = any("_" in name for name in names)
+    """What parse_request_head asked before (`"_" in "".join(index)`), for names of one, two and four
+    bytes a character, and str subclasses."""
+    index: dict[str, list[str]] = {name: [] for name in names}
+    expected = "_" in "".join(index)
     assert scan.any_underscored(index) is expected
     assert current._any_underscored_in_python(index) is expected
+    subclassed: dict[str, list[str]] = {_Name(name): [] for name in names}
+    assert scan.any_underscored(subclassed) is expected
+
+
+class _Name(str):
+    pass
 
 
 def test_any_underscored_takes_a_dict_of_str_only() -> None:
-    for other in ([], {b"_": []}, {1: []}):
+    for other in ([], {b"_": []}, {1: []}, {"a": [], 2: []}):
         with pytest.raises(TypeError):
             scan.any_underscored(other)  # type: ignore[arg-type]
 
