@@ -24,15 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hmac
 import json
 import logging
 import re
 import secrets
 import socket
-import struct
-import termios
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -53,6 +50,7 @@ from lb.control.exposition import Scrapes
 from lb.control.migration import DEFAULT_MIGRATION_RATE
 from lb.control.status_document import status_text
 from lb.log import Throttle
+from lb.proxy.tunnel import send_queue
 from lb.state.pool import AdminAction, BackendState, BackendStatus
 
 if TYPE_CHECKING:
@@ -193,23 +191,13 @@ class LargeAnswer(web.Response):
             self._compressed_body = None
 
 
-# Linux's SIOCOUTQ (TIOCOUTQ on a socket): a TCP socket's bytes not yet acknowledged by the peer.
-_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
-
-
 def _unacknowledged(transport: asyncio.Transport, held: int) -> int:
     """Bytes of `transport`'s answers its client has not acknowledged: those held above the socket
     (`held`) and those the kernel has sent or holds unsent (SIOCOUTQ).  Only a client that reads makes
     this go down, and it goes down as it reads: the transport's own buffer moves only when the kernel
-    takes a third of its send buffer at once, so a client reading 150 KB/s looked still for 1.5 s."""
-    sock = transport.get_extra_info("socket")
-    if sock is None or _OUTQ is None:
-        return held
-    try:
-        (queued,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))
-    except (OSError, ValueError):  # closed meanwhile, or not a TCP socket: what is held above it
-        return held
-    return held + int(queued)
+    takes a third of its send buffer at once, so a client reading 150 KB/s looked still for 1.5 s.
+    Where the kernel cannot be asked (closed meanwhile, not TCP), what is held above the socket."""
+    return held + (send_queue(transport) or 0)
 
 
 def make_room(request: web.Request) -> web.Response | None:

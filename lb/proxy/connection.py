@@ -1511,15 +1511,15 @@ class Connection:
         client's own when it has one, and a fresh nonce for each."""
         decision, claim, pool = self._decision, self._claim, self._pool
         assert decision is not None and pool is not None
+        nonce: bytes | None = None
         if claim is not None:
-            return _Sealer(self._codec, decision.backend.id, pool.name, self._wall, claim.session, self._random, None)
-        # A new client's session and its first token's nonce in one draw (the shell's `random` reads the
-        # system's randomness a page at a time: lb.proxy.randomness).
-        fresh = self._random(SESSION_BYTES + NONCE_BYTES)
-        return _Sealer(
-            self._codec, decision.backend.id, pool.name, self._wall, fresh[:SESSION_BYTES], self._random,
-            fresh[SESSION_BYTES:],
-        )
+            session = claim.session
+        else:
+            # A new client's session and its first token's nonce in one draw (the shell's `random` reads
+            # the system's randomness a page at a time: lb.proxy.randomness).
+            fresh = self._random(SESSION_BYTES + NONCE_BYTES)
+            session, nonce = fresh[:SESSION_BYTES], fresh[SESSION_BYTES:]
+        return _Sealer(self._codec, decision.backend.id, pool.name, self._wall, session, self._random, nonce)
 
     def _observe(self, now: float) -> None:
         """The backend gave its final answer: lb_backend_connect_duration_seconds (connect + answer) and

@@ -105,11 +105,11 @@ _TCP_INFO: Final = getattr(socket, "TCP_INFO", 0)  # Linux only; elsewhere no lo
 # struct tcp_info's tcpi_bytes_acked (Linux 4.1+): a u64 at offset 120, so the first 128 bytes hold it.
 _TCPI_BYTES_ACKED_END: Final = 128
 _U64: Final = struct.Struct("=Q")
-# Linux's SIOCOUTQ: the bytes of a socket's send queue, unsent (a full window holds them) or not yet
-# acknowledged.  An ioctl, not TCP_INFO: uvloop's socket stand-in makes a socket object for each
-# getsockopt (7,000 instructions), where its descriptor is at hand.
+# Linux's SIOCOUTQ (TIOCOUTQ on a socket): the bytes of a socket's send queue, unsent (a full window
+# holds them) or not yet acknowledged.  An ioctl, not TCP_INFO: uvloop's socket stand-in makes a socket
+# object for each getsockopt (7,000 instructions), where its descriptor is at hand.
 _SEND_QUEUE: Final = getattr(termios, "TIOCOUTQ", 0)
-_NOTHING: Final = bytes(4)  # a C int's 0, what the ioctl writes for an empty queue
+_C_INT: Final = struct.Struct("=i")  # what the ioctl writes
 _ioctl: Final = fcntl.ioctl  # a C static for compiled code, not the module's attribute at each call
 
 
@@ -133,25 +133,31 @@ def backend_has_reset(transport: asyncio.Transport) -> bool:
     return _tcp_state(transport) == _TCP_CLOSE
 
 
-def all_taken(transport: asyncio.Transport) -> bool:
-    """Whether every byte written into `transport` has reached its peer: none in its buffer, and none in
-    the kernel's send queue, unsent or unacknowledged (SIOCOUTQ).  False where the kernel cannot be asked.
-
-    Once it holds, closing the socket loses nothing of what was written: a close with bytes still
-    queued loses them all if the peer then sends anything, which a closed socket answers with a reset."""
-    if transport.get_write_buffer_size():
-        return False
+def send_queue(transport: asyncio.BaseTransport) -> int | None:
+    """The bytes of `transport`'s socket in the kernel's send queue, unsent or not yet acknowledged by
+    the peer (SIOCOUTQ); None where the kernel cannot be asked (no socket, not Linux, closed under us,
+    not TCP).  The tunnel asks it before it closes at a client's FIN (`all_taken`), the admin port of
+    its slow readers (lb.control.admin)."""
     sock = transport.get_extra_info("socket")
     if sock is None or not _SEND_QUEUE:
-        return False
+        return None
     # Written into a bytearray: given bytes, fcntl.ioctl first tries them as a writable buffer, and the
     # error it makes and clears for that cost 4,400 instructions.
     queued = bytearray(4)
     try:
         _ioctl(sock.fileno(), _SEND_QUEUE, queued)
     except (OSError, ValueError):  # closed under us, or no descriptor (a test's stand-in): nothing known
-        return False
-    return queued == _NOTHING
+        return None
+    return int(_C_INT.unpack(queued)[0])
+
+
+def all_taken(transport: asyncio.Transport) -> bool:
+    """Whether every byte written into `transport` has reached its peer: none in its buffer, and none in
+    the kernel's send queue (`send_queue`).  False where the kernel cannot be asked.
+
+    Once it holds, closing the socket loses nothing of what was written: a close with bytes still
+    queued loses them all if the peer then sends anything, which a closed socket answers with a reset."""
+    return not transport.get_write_buffer_size() and send_queue(transport) == 0
 
 
 def taken_by(transport: asyncio.Transport, relayed: int) -> int:
@@ -287,8 +293,8 @@ class TunnelEnd(asyncio.BufferedProtocol):
         A FIN with no close frame of the client's before it (a killed app, a client that just hangs
         up) also ends the tunnel at once, where HAProxy passes it on, once the backend has taken
         everything the client sent (nothing relayed since the head it answered, or `all_taken`: the
-        kernel's send queue towards it is empty).  That
-        client has dropped its WebSocket without a close (1006, RFC 6455 §7.1.5): nothing the backend
+        kernel's send queue towards it is empty).  That client has dropped its WebSocket without a
+        close (1006, RFC 6455 §7.1.5): nothing the backend
         sends after the FIN is for a WebSocket it still has.  The backend has had every byte and gets
         the FIN; the tunnel, its backend's count and the client's connection go now, not a round trip
         later.  With bytes still on their way to the backend (a slow reader behind a large last

@@ -670,6 +670,14 @@ async def test_a_gateway_that_resets_behind_a_client_that_stopped_reading_is_let
     lb.assert_alive()
 
 
+def _through_balancer(launcher: Launcher, backend: ScriptedGateway) -> tuple[Balancer, socket.socket]:
+    """A balancer in front of `backend` alone (health by TCP connect), and a raw client upgraded through
+    it (`_upgraded`)."""
+    lb = launcher.balancer(lb_config(pools={"p": [backend]}, health=TCP_HEALTH))
+    assert lb.port is not None
+    return lb, _upgraded(lb.port)
+
+
 def _upgraded(port: int) -> socket.socket:
     """A raw client socket through the balancer on `port`, upgraded: its 101 read, nothing after it."""
     sock = socket.create_connection((HOST, port), timeout=20 * UNIT)
@@ -716,9 +724,7 @@ async def test_a_clients_upload_and_fin_reach_a_backend_that_reads_slowly(launch
     fills it, shows it; asyncio's did not.)"""
     backend = _SlowReader(slow_for=5.0)
     try:
-        lb = launcher.balancer(lb_config(pools={"p": [backend]}, health=TCP_HEALTH))
-        assert lb.port is not None
-        sock = _upgraded(lb.port)  # the 101 alone read: what follows stays unread
+        lb, sock = _through_balancer(launcher, backend)  # the 101 alone read: what follows stays unread
         try:
             message = encode_frame(OP_BINARY, b"u" * 6_000_000)
             close = encode_frame(OP_CLOSE, struct.pack("!H", 1000) + b"bye")
@@ -784,9 +790,7 @@ async def test_a_message_then_a_fin_without_a_close_frame_reaches_a_slow_pinging
     (10 KB of 3 MB arrived, then ECONNRESET: the review of 1acd7b0); the FIN waits to be passed on."""
     backend = _SlowReaderThatPings(slow_for=0.5)
     try:
-        lb = launcher.balancer(lb_config(pools={"p": [backend]}, health=TCP_HEALTH))
-        assert lb.port is not None
-        sock = _upgraded(lb.port)
+        lb, sock = _through_balancer(launcher, backend)
         try:
             message = encode_frame(OP_BINARY, b"u" * 3_000_000)
             await asyncio.to_thread(sock.sendall, message)
@@ -832,9 +836,7 @@ async def test_a_hang_up_without_a_close_frame_lets_the_backend_go_at_once(launc
     (before, the FIN was passed on and the tunnel waited up to CLOSE_LINGER, 2 s, for the gateway)."""
     backend = _Lingerer(stays=3.0)
     try:
-        lb = launcher.balancer(lb_config(pools={"p": [backend]}, health=TCP_HEALTH))
-        assert lb.port is not None
-        sock = _upgraded(lb.port)
+        lb, sock = _through_balancer(launcher, backend)
         try:
             assert await asyncio.to_thread(sock.recv, 7) == b"\x81\x05hello"
         finally:

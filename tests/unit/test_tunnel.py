@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from lb.proxy import tunnel as tunnel_module
 from lb.proxy.deadlines import Deadlines
 from lb.proxy.reading import READ_CHUNK, READ_VIEW
-from lb.proxy.tunnel import CLOSE_DEADLINE, Tunnel, has_left, idle_sweep_interval, next_close_look
+from lb.proxy.tunnel import CLOSE_DEADLINE, Tunnel, has_left, idle_sweep_interval, next_close_look, send_queue
 from lb.state.context import ProxyContext
 from lb.state.pool import BackendStatus
 from lb.ws.frames import close_frame
@@ -752,6 +752,22 @@ def _socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
             sock.close()
 
 
+def test_the_send_queue_is_the_kernels_word_or_none() -> None:
+    """`send_queue` (the tunnel's FIN and the admin port's slow readers ask it): bytes the peer has not
+    read are counted (a local socket counts its buffers' size too), none once read; no socket, or one
+    whose descriptor is gone, gives None, never a guess."""
+    with _socket_pair() as (ours, theirs):
+        transport = FakeTransport(sock=FakeSocket(fd=ours.fileno()))
+        assert send_queue(transport) == 0
+        ours.send(b"x" * 1000)
+        queued = send_queue(transport)
+        assert queued is not None and queued >= 1000
+        assert theirs.recv(4096) == b"x" * 1000
+        assert send_queue(transport) == 0
+    assert send_queue(FakeTransport(sock=FakeSocket())) is None  # no descriptor
+    assert send_queue(FakeTransport()) is None  # no socket
+
+
 @pytest.mark.parametrize("queued", ["buffered", "in-the-kernel", "no-descriptor", "no-socket"])
 def test_a_fin_with_no_close_frame_is_passed_on_while_the_backend_has_bytes_to_take(queued: str) -> None:
     """Closed with bytes still on their way, the backend's socket would answer its next ping with a reset
@@ -990,8 +1006,6 @@ def test_the_switch_resumes_only_a_side_that_may_have_been_paused(client_paused:
         assert (client.resumed, server.resumed) == (int(client_paused), int(server_paused))
 
     _run(scenario())
-
-
 
 
 @pytest.mark.parametrize(("state", "left"), [(ESTABLISHED, False), (CLOSE, True), (CLOSE_WAIT, True), (4, False)])
