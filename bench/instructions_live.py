@@ -1,6 +1,7 @@
 """Instructions per handshake of the real balancer: `lb run` under callgrind, real sockets, uvloop.
 
-`python -m bench.instructions_live [--floor] [--check] [--handshakes N] [--windows W] [--idle S] [--profile FILE]`
+`python -m bench.instructions_live [--floor] [--check] [--cache] [--handshakes N] [--windows W] [--idle S]
+[--profile FILE]`
 starts three echo gateways and the balancer on the benchmark's configuration (`bench.runner`),
 the balancer under `valgrind --tool=callgrind --instr-atstart=no`, so that start-up runs
 uncounted.  `--floor` counts `bench.floor` instead: what the runtime alone costs a handshake.
@@ -14,6 +15,16 @@ After a warm-up it turns counting on (`callgrind_control`) and measures:
 It prints each window's instructions per handshake and their median.  `--profile FILE` keeps the
 last window's callgrind profile (for `callgrind_annotate FILE`: its counts are that window's N
 handshakes and what the balancer did idle meanwhile).
+
+`--cache` also simulates the caches (`--cache-sim=yes`) and prints the misses per handshake, counted
+as the instructions are: first-level instruction misses (I1) and data misses (D1, reads and writes).
+The last level, sized as this machine's, holds every line a handshake touches: its misses, about
+none, are not printed.  Why count misses: a handshake's time is not its instructions alone.  Code
+run once per handshake is fetched from beyond the first-level cache each time, and compiled code
+takes more room than the interpreter's loop that runs the floor's Python (`bench/HISTORY.md`,
+"Misses as well as instructions").  The simulation is valgrind's model of a core with nothing else
+on it (not the kernel's code, not a neighbour's), so it counts the footprint, not the time, and
+holds still as the instructions do.
 
 Why, beside `bench.instructions`: that one counts `bench.handshake_shell`, where a stand-in loop
 delivers bytes to the shell, which is steady to 0.2 % but cannot see what the real loop and its
@@ -41,7 +52,10 @@ import yaml
 from bench import procs, runner
 from bench.wire import HEAD_END, client_request, status_code
 
-_SUMMARY = re.compile(r"^summary: (\d+)$", re.MULTILINE)
+_EVENTS = re.compile(r"^events: (.+)$", re.MULTILINE)
+_SUMMARY = re.compile(r"^summary: ([\d ]+)$", re.MULTILINE)
+# The misses `--cache` prints, each a sum of callgrind's events (`--cache-sim=yes`).
+MISSES: dict[str, tuple[str, ...]] = {"I1": ("I1mr",), "D1": ("D1mr", "D1mw")}
 READY_WITHIN = 300.0  # seconds: start-up under valgrind, uncounted but slow
 SETTLE = 0.3  # seconds after the last handshake of a window, for its tunnel's end to be counted in it
 
@@ -76,12 +90,28 @@ def first_cookie(address: tuple[str, int]) -> str:
     return cookies[0].split(";", 1)[0]
 
 
-def summary(path: Path) -> int:
-    """The instructions a callgrind dump counted."""
-    found = _SUMMARY.search(path.read_text(errors="replace"))
-    if found is None:
-        raise RuntimeError(f"no summary in {path}")
-    return int(found.group(1))
+def summary(text: str) -> dict[str, int]:
+    """Each event a callgrind dump counted (`Ir`, the instructions, always; the cache's with
+    `--cache-sim=yes`), by its name on the dump's `events:` line."""
+    names, found = _EVENTS.search(text), _SUMMARY.search(text)
+    if names is None or found is None:
+        raise RuntimeError("no events or summary line in the callgrind dump")
+    events, values = names.group(1).split(), [int(count) for count in found.group(1).split()]
+    if len(values) > len(events):
+        raise RuntimeError(f"the callgrind dump's summary has {len(values)} counts for {len(events)} events")
+    # callgrind leaves out the zeros that end a line of counts (an idle floor misses no last-level line)
+    counts = dict(zip(events, values + [0] * (len(events) - len(values)), strict=True))
+    if "Ir" not in counts:
+        raise RuntimeError(f"the callgrind dump counted no instructions: {sorted(counts)}")
+    return counts
+
+
+def misses(counts: dict[str, float]) -> dict[str, float]:
+    """`MISSES` from a dump's (or a window's per-handshake) events, which must include the simulated caches'."""
+    absent = [event for events in MISSES.values() for event in events if event not in counts]
+    if absent:
+        raise RuntimeError(f"the caches were not simulated (no {', '.join(absent)}): --cache-sim=yes")
+    return {name: sum(counts[event] for event in events) for name, events in MISSES.items()}
 
 
 class Counted:
@@ -101,20 +131,22 @@ class Counted:
         self._call("--instr=on")
         self._call("--zero")
 
-    def dump(self, keep: Path | None = None) -> int:
-        """Instructions since the last dump (or start); the profile is copied to `keep`, if given."""
+    def dump(self, keep: Path | None = None) -> dict[str, int]:
+        """Events (`summary`) since the last dump (or start); the profile is copied to `keep`, if given."""
         self._dumps += 1
         self._call(f"--dump=window {self._dumps}")
         profile = self._out.with_name(f"{self._out.name}.{self._dumps}")
         if keep is not None:
             shutil.copyfile(profile, keep)
-        return summary(profile)
+        return summary(profile.read_text(errors="replace"))
 
 
 def measure(
-    handshakes: int, windows: int, idle: float, check: bool, profile: Path | None = None, floor: bool = False
-) -> tuple[float, list[float]]:
-    """(idle instructions per second, instructions per handshake of each window)."""
+    handshakes: int, windows: int, idle: float, check: bool, profile: Path | None = None, floor: bool = False,
+    cache: bool = False,
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(idle events per second, events per handshake of each window), by callgrind's event name (`Ir`,
+    the instructions; with `cache`, the simulated caches' too)."""
     valgrind, control = shutil.which("valgrind"), shutil.which("callgrind_control")
     if valgrind is None or control is None:
         raise NoValgrind("valgrind is not installed (apt-get install valgrind)")
@@ -130,7 +162,8 @@ def measure(
             for child in children:
                 backends.append((child.name, *procs.read_address(child, time.monotonic() + 30)))
             out = log_dir / "callgrind.out"
-            counting = [valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+            counting = [valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                        *(["--cache-sim=yes"] if cache else [])]
             if floor:
                 listed = ",".join(f"{host}:{backend_port}" for _, host, backend_port in backends)
                 target = procs.start("floor", [*counting, *procs.python_module(
@@ -153,7 +186,8 @@ def measure(
             counted.start()
             began = time.monotonic()
             time.sleep(idle)
-            idle_rate = counted.dump() / (time.monotonic() - began)
+            seconds = time.monotonic() - began
+            idle_rate = {event: count / seconds for event, count in counted.dump().items()}
             per_window = []
             for window in range(windows):
                 began = time.monotonic()
@@ -161,7 +195,9 @@ def measure(
                     handshake(address, cookie)
                 time.sleep(SETTLE)
                 spent = counted.dump(profile if window == windows - 1 else None)
-                per_window.append((spent - idle_rate * (time.monotonic() - began)) / handshakes)
+                seconds = time.monotonic() - began
+                per_window.append({event: (count - idle_rate[event] * seconds) / handshakes
+                                   for event, count in spent.items()})
             return idle_rate, per_window
         finally:
             procs.stop_all(children)
@@ -189,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=3, metavar="W", help="windows counted (3)")
     parser.add_argument("--idle", type=float, default=5.0, metavar="S", help="seconds of the idle window (5)")
     parser.add_argument("--profile", type=Path, metavar="FILE", help="keep the last window's callgrind profile")
+    parser.add_argument("--cache", action="store_true", help="also count the simulated caches' misses")
     args = parser.parse_args(argv)
     if args.handshakes < 1 or args.windows < 1 or args.idle <= 0:
         parser.error("need N >= 1, W >= 1 and S > 0")
@@ -196,16 +233,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--check is for the balancer: the floor checks no cookie")
     try:
         idle_rate, per_window = measure(args.handshakes, args.windows, args.idle, args.check, args.profile,
-                                        args.floor)
+                                        args.floor, args.cache)
     except NoValgrind as exc:
         print(exc, file=sys.stderr)
         return 2
     kind = "check cookie" if args.check else "issue cookie"
-    print(f"idle: {idle_rate:,.0f} instructions a second")
-    print("windows: " + "  ".join(f"{value:,.0f}" for value in per_window))
-    print(f"{'bench.floor' if args.floor else 'lb run'}: {statistics.median(per_window):,.0f} instructions per "
+    instructions = [window["Ir"] for window in per_window]
+    print(f"idle: {idle_rate['Ir']:,.0f} instructions a second")
+    print("windows: " + "  ".join(f"{value:,.0f}" for value in instructions))
+    print(f"{'bench.floor' if args.floor else 'lb run'}: {statistics.median(instructions):,.0f} instructions per "
           f"handshake ({kind}, callgrind, "
           f"median of {args.windows} windows of {args.handshakes})")
+    if args.cache:
+        each = [misses(window) for window in per_window]
+        medians = {name: statistics.median(window[name] for window in each) for name in MISSES}
+        print("misses per handshake (callgrind's simulated caches, median of the windows): "
+              + "  ".join(f"{name} {value:,.0f}" for name, value in medians.items()))
     return 0
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bench import instructions_live
+
 
 @pytest.mark.parametrize("module", ["bench.handshake_core", "bench.handshake_shell"])
 @pytest.mark.parametrize("check", [False, True])
@@ -50,11 +52,12 @@ def test_instruction_count_per_handshake_and_by_function() -> None:
                     reason="valgrind is not installed (apt-get install valgrind)")
 def test_instruction_count_of_the_real_balancer_per_handshake() -> None:
     """bench.instructions_live: `lb run` under callgrind, counted over windows of real handshakes, less what
-    it spends idle.  Tiny windows: the count is only held to be a plausible handshake's."""
+    it spends idle, with the simulated caches' misses (`--cache`).  Tiny windows: the counts are only held
+    to be a plausible handshake's."""
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
         [sys.executable, "-m", "bench.instructions_live", "--handshakes", "20", "--windows", "2", "--idle", "1",
-         "--check"],
+         "--check", "--cache"],
         capture_output=True, text=True, timeout=300, cwd=root,
     )
     assert done.returncode == 0, done.stderr
@@ -64,7 +67,44 @@ def test_instruction_count_of_the_real_balancer_per_handshake() -> None:
     found = re.fullmatch(r"lb run: ([\d,]+) instructions per handshake \(check cookie, callgrind, median of 2 "
                          r"windows of 20\)", lines[2])
     assert found is not None, lines
-    assert 50_000 < int(found.group(1).replace(",", "")) < 5_000_000
+    instructions = int(found.group(1).replace(",", ""))
+    assert 50_000 < instructions < 5_000_000
+    found = re.fullmatch(r"misses per handshake \(callgrind's simulated caches, median of the windows\): "
+                         r"I1 (-?[\d,]+)  D1 (-?[\d,]+)", lines[3])
+    assert found is not None, lines
+    i1, d1 = (int(group.replace(",", "")) for group in found.groups())
+    # Code and data a handshake runs through once are fetched anew (the warm-up runs them first): some
+    # misses, and far fewer than the instructions.
+    assert 100 < i1 < instructions // 4 and 100 < d1 < instructions // 4, lines
+
+
+_DUMP = """\
+version: 1
+creator: callgrind-3.19.0
+events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw
+fn=(1) main
+0 143099918 39444443 25771162 7174397 3368263 1034260 2338 1384 1533
+summary: 143099918 39444443 25771162 7174397 3368263 1034260 2338 1384 1533
+totals: 143099918 39444443 25771162 7174397 3368263 1034260 2338 1384 1533
+"""
+
+
+def test_a_dumps_events_are_read_by_name() -> None:
+    """The summary line read against the events line: the instructions with or without the simulated caches,
+    and the misses `--cache` prints summed from callgrind's events."""
+    counts = instructions_live.summary(_DUMP)
+    assert counts["Ir"] == 143_099_918 and counts["D1mw"] == 1_034_260 and len(counts) == 9
+    assert instructions_live.misses(counts) == {"I1": 7_174_397, "D1": 3_368_263 + 1_034_260}
+    plain = instructions_live.summary("events: Ir\nsummary: 100577052\ntotals: 100577052\n")
+    assert plain == {"Ir": 100_577_052}
+    with pytest.raises(RuntimeError, match="not simulated"):
+        instructions_live.misses(plain)
+    # callgrind leaves out a line's trailing zeros: an idle window may miss no line of the last level
+    idle = instructions_live.summary(_DUMP.replace("7174397 3368263 1034260 2338 1384 1533\nt", "7174397 5\nt"))
+    assert idle["I1mr"] == 7_174_397 and idle["D1mr"] == 5 and idle["D1mw"] == idle["DLmw"] == 0
+    for broken in ("events: Ir\n", "summary: 1\n", "events: Dr\nsummary: 1\n", "events: Ir\nsummary: 1 2\n"):
+        with pytest.raises(RuntimeError):
+            instructions_live.summary(broken)
 
 
 _ANNOTATED = """\
