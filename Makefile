@@ -76,10 +76,11 @@ unit: $(NATIVE)
 integration: $(NATIVE)
 	$(BIN)/pytest -q tests/integration
 
-# Two test processes (pytest-xdist), each taking whole files, so a module's shared stack starts once:
-# most of a test's time is waiting on real processes and deadlines, and two share 2 cores well
-# (about 5 minutes here, where one process took 9).  TEST_JOBS=0 runs them all in this process.
-TEST_JOBS ?= 2
+# Three test processes (pytest-xdist), each taking whole files, so a module's shared stack starts once:
+# most of a test's time is waiting on real processes and deadlines, so three share 2 cores well.  On a
+# slow night of the 2-core VM the suite took 434-446 s with three, 524-551 s with two (which, with the
+# set-up, came to ten minutes), using about 1.55 cores on average.  TEST_JOBS=0 runs them all in this process.
+TEST_JOBS ?= 3
 
 test: style types $(NATIVE)
 	PYTHONASYNCIODEBUG=1 $(BIN)/pytest -q -n $(TEST_JOBS) --dist loadfile
