@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -106,7 +107,7 @@ def summary(text: str) -> dict[str, int]:
     return counts
 
 
-def misses(counts: dict[str, float]) -> dict[str, float]:
+def misses(counts: Mapping[str, float]) -> dict[str, float]:
     """`MISSES` from a dump's (or a window's per-handshake) events, which must include the simulated caches'."""
     absent = [event for events in MISSES.values() for event in events if event not in counts]
     if absent:

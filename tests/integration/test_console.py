@@ -491,7 +491,7 @@ def unmatched(samples: dict[str, list[tuple[dict[str, str], float]]], metric: st
 async def test_every_metric_in_rules_and_dashboard_exists(console: ConsoleStack) -> None:
     """Scrape a live balancer: every lb_* name the alert rules and the Grafana dashboard use is exported."""
     # Labelled counters appear with their first count: a handshake and a refusal of our own, so that the
-    # test holds alone (pytest -n 2 may run it on a worker where no other test of this module visited).
+    # test holds alone (pytest-xdist may run it on a worker where no other test of this module visited).
     await visit(console.a.ws_url())
     assert console.a.port is not None
     reader, writer = await asyncio.open_connection(HOST, console.a.port)
