@@ -6,7 +6,8 @@ Scenarios (each: open the connections, warm up, then one measured window):
 - `stream`    N connections pipeline `payload`-byte messages, `in_flight` frames outstanding each;
 - `handshake` N workers loop: fresh connection, upgrade, read the hello, close; with `check_cookie`
               each worker sends back the cookie its first handshake got (and we count re-issues and
-              changes of server, which should both be zero);
+              changes of server, which should both be zero); with `turns`, through each turn's proxy
+              in turn, `phase` seconds at a time (`run_handshakes` says why), one result per turn;
 - `idle`      open N tunnels (through `concurrency` openers), wait `settle`, hold: RSS before/after.
 
 Cheap per message, or the generator and not the proxy is what gets measured: raw asyncio
@@ -30,7 +31,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 from bench.procs import cpu_busy, cpu_seconds, cpu_times, rss_kib
@@ -39,6 +40,15 @@ from bench.wire import HEAD_END, client_frame, client_request, first_frame, serv
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # linux/in.h
 HANDSHAKE_TIMEOUT = 10.0
 PATH = "/ws"
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One proxy of a handshake window that takes turns (`Spec.turns`): its name, addresses and processes."""
+
+    name: str
+    targets: tuple[tuple[str, int], ...]
+    proxy_pids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,17 +67,25 @@ class Spec:
     batch: int = 16                         # stream: frames per write
     concurrency: int = 200                  # idle: connections being opened at once
     settle: float = 1.0                     # idle: wait before the second RSS sample
+    turns: tuple[Turn, ...] = ()            # handshake: proxies taken in turn (then `targets` is unused)
+    phase: float = 0.5                      # handshake with turns: seconds of one turn at a time
 
     @classmethod
     def from_json(cls, text: str) -> Spec:
         raw: dict[str, Any] = json.loads(text)
         for key in ("source_ips", "proxy_pids", "load_pids"):
             raw[key] = tuple(raw.get(key, ()))
-        raw["targets"] = tuple((str(h), int(p)) for h, p in raw["targets"])
+        raw["targets"] = _addresses(raw["targets"])
+        raw["turns"] = tuple(Turn(str(t["name"]), _addresses(t["targets"]), tuple(int(pid) for pid in t["proxy_pids"]))
+                             for t in raw.get("turns", ()))
         return cls(**raw)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+def _addresses(pairs: Sequence[Sequence[Any]]) -> tuple[tuple[str, int], ...]:
+    return tuple((str(host), int(port)) for host, port in pairs)
 
 
 @dataclass(slots=True)
@@ -75,9 +93,6 @@ class Stats:
     """Counters every protocol bumps; read at the window's edges."""
 
     messages: int = 0          # echoes received (echo, stream)
-    handshakes: int = 0        # completed upgrade + hello
-    cookies_issued: int = 0    # handshakes whose 101 carried a Set-Cookie
-    server_changes: int = 0    # check_cookie: a handshake that reached another server than the first
     closing: bool = False      # we are hanging up ourselves: a lost connection is no error
     errors: Counter[str] = field(default_factory=Counter)
 
@@ -366,21 +381,61 @@ async def run_echo(spec: Spec) -> dict[str, Any]:
     return result
 
 
+@dataclass(slots=True)
+class TurnCounts:
+    """What the handshakes begun in one turn's phases came to so far (a window reads the difference)."""
+
+    handshakes: int = 0
+    cookies_issued: int = 0    # handshakes whose 101 carried a Set-Cookie
+    server_changes: int = 0    # check_cookie: a handshake that reached another server than the first
+
+
+@dataclass(slots=True)
+class TurnPhases:
+    """One turn's measured phases, summed: their seconds, the load side's CPU, each core's jiffies."""
+
+    seconds: float = 0.0
+    load_cpu: float = 0.0
+    jiffies: dict[str, tuple[int, int]] = field(default_factory=dict)  # core: (busy, total)
+
+    def add(self, start: Sample, end: Sample) -> None:
+        self.seconds += end.at - start.at
+        self.load_cpu += end.load_cpu - start.load_cpu
+        for core, (busy, total) in end.cpus.items():
+            busy0, total0 = start.cpus.get(core, (busy, total))
+            had_busy, had_total = self.jiffies.get(core, (0, 0))
+            self.jiffies[core] = (had_busy + busy - busy0, had_total + total - total0)
+
+
 async def run_handshakes(spec: Spec) -> dict[str, Any]:
+    """Handshakes from `spec.connections` workers, each one after the other.
+
+    With `spec.turns`, the workers go through each turn's proxy in turn, `spec.phase` seconds at a
+    time, `spec.window` seconds of each in all (after `spec.warmup` seconds taken the same way,
+    unmeasured), and the result holds one window per turn under "turns".  Why: a shared machine's
+    noise moves windows of a few seconds by 10-30 %, so two proxies measured in windows seconds
+    apart differ by that as well as by what they cost; taken in turns half a second at a time, a
+    neighbour's burst falls on each alike.  A turn's proxy CPU is read at the edges of the whole
+    window (so what it spends finishing, in the next phase, the handshakes begun in its own is its
+    own, and so is what it spends idle in the others'), its handshakes counted by the turn they began
+    in, its seconds, load side and cores over its own phases.
+    """
+    turns = spec.turns or (Turn("", spec.targets, spec.proxy_pids),)
+    counts = [TurnCounts() for _ in turns]
     ips = itertools.cycle(spec.source_ips or (None,))
+    current = 0
     stop = False
-    measuring = False
-    window_issued = 0
 
     async def worker(i: int) -> None:
-        nonlocal window_issued
-        target = spec.targets[i % len(spec.targets)]
-        request = client_request(host_header(target), PATH)
-        first_server: bytes | None = None
+        targets = [turn.targets[i % len(turn.targets)] for turn in turns]
+        requests = [client_request(host_header(target), PATH) for target in targets]
+        first_server: list[bytes | None] = [None] * len(turns)
         while not stop:
+            k = current
             try:
                 async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                    _, client = await open_connection(functools.partial(HandshakeClient, request), target, next(ips))
+                    _, client = await open_connection(
+                        functools.partial(HandshakeClient, requests[k]), targets[k], next(ips))
                     ok = await client.done
             except (OSError, TimeoutError) as exc:
                 STATS.errors[f"connect: {type(exc).__name__}: {exc}"[:80]] += 1
@@ -389,37 +444,62 @@ async def run_handshakes(spec: Spec) -> dict[str, Any]:
             if not ok:
                 await asyncio.sleep(0.01)
                 continue
-            STATS.handshakes += 1
+            tally = counts[k]
+            tally.handshakes += 1
             if client.cookies:
-                STATS.cookies_issued += 1
-                if measuring:
-                    window_issued += 1
+                tally.cookies_issued += 1
             if spec.check_cookie:
-                if first_server is None:
-                    first_server = client.server_id
+                if first_server[k] is None:
+                    first_server[k] = client.server_id
                     if client.cookies:
-                        request = client_request(host_header(target), PATH, cookie="; ".join(client.cookies))
-                elif client.server_id != first_server:
-                    STATS.server_changes += 1
+                        requests[k] = client_request(host_header(targets[k]), PATH, cookie="; ".join(client.cookies))
+                elif client.server_id != first_server[k]:
+                    tally.server_changes += 1
+
+    async def take_turns(seconds: float, measured: list[TurnPhases] | None) -> None:
+        """Each turn for `seconds` in all, `spec.phase` at a time, one turn after another."""
+        nonlocal current
+        phases = max(1, round(seconds / spec.phase)) if len(turns) > 1 else 1
+        for _ in range(phases):
+            for k in range(len(turns)):
+                current = k
+                start = sample(spec, 0)
+                await asyncio.sleep(seconds / phases)
+                if measured is not None:
+                    measured[k].add(start, sample(spec, 0))
+
+    def proxy_cpu() -> list[list[float]]:
+        return [[cpu_seconds((pid,)) for pid in turn.proxy_pids] for turn in turns]
 
     workers = [asyncio.ensure_future(worker(i)) for i in range(spec.connections)]
     try:
-        await asyncio.sleep(spec.warmup)
-        changes_before = STATS.server_changes
-        start = sample(spec, STATS.handshakes)
-        measuring = True
-        await asyncio.sleep(spec.window)
-        end = sample(spec, STATS.handshakes)
-        measuring = False
-        result = window_result(spec, start, end)
-        result["cookies_issued"] = window_issued
-        result["server_changes"] = STATS.server_changes - changes_before
+        await take_turns(spec.warmup / len(turns), None)
+        measured = [TurnPhases() for _ in turns]
+        cpu_before, counts_before = proxy_cpu(), [replace(tally) for tally in counts]
+        await take_turns(spec.window, measured)
+        cpu_after, counts_after = proxy_cpu(), [replace(tally) for tally in counts]
     finally:
         stop = True
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-    return result
+    results = {}
+    for k, turn in enumerate(turns):
+        phases, before, after = measured[k], counts_before[k], counts_after[k]
+        count = after.handshakes - before.handshakes
+        results[turn.name] = {
+            "elapsed": phases.seconds,
+            "count": count,
+            "rate": count / phases.seconds if phases.seconds > 0 else 0.0,
+            "proxy_cpu": sum(cpu_after[k]) - sum(cpu_before[k]),
+            "load_cpu": phases.load_cpu,
+            "proxy_cpu_by_pid": {str(pid): round(b - a, 3)
+                                 for pid, a, b in zip(turn.proxy_pids, cpu_before[k], cpu_after[k], strict=True)},
+            "cpu_busy": cpu_busy(dict.fromkeys(phases.jiffies, (0, 0)), phases.jiffies),
+            "cookies_issued": after.cookies_issued - before.cookies_issued,
+            "server_changes": after.server_changes - before.server_changes,
+        }
+    return {"turns": results} if spec.turns else results[""]
 
 
 async def run_idle(spec: Spec) -> dict[str, Any]:

@@ -10,13 +10,13 @@ under test runs on CPU 0, everything else on CPU 1 (taskset), unless taskset
 is missing.  The echo and stream scenarios run in `rounds` interleaved rounds, the
 handshakes in `handshake_rounds` (target order reversed every other round): each
 cell reads the target's round of median CPU per unit, and the CPU rows' lb/haproxy
-and lb/floor are the median of per-round ratios.  In the handshake rounds the floor
-runs next to the balancer and HAProxy next to the floor (direct, balancer, floor,
-HAProxy, or the reverse): lb/floor is the closest comparison the run makes, and a
-neighbour's burst that slows one window more often slows the window beside it too;
-lb/haproxy, with room to spare, pairs windows one apart.  On a shared VM, single windows
-of one tree ranged 306-544 µs per handshake and 1.0-1.25x HAProxy per echoed
-message.  Last, without pinning, the echo scenario through a balancer with
+and lb/floor are the median of per-round ratios.  In a handshake round the proxies
+take turns within one window, `handshake_phase` seconds at a time (balancer, floor,
+HAProxy, again and again, or the reverse; `bench.loadgen.run_handshakes`), after a
+window of their own for direct: a neighbour's burst then falls on each proxy alike,
+where windows seconds apart each caught their own (single windows of one tree ranged
+306-544 µs per handshake on a shared VM, and one round's lb/floor 0.99-1.34x).
+Last, without pinning, the echo scenario through a balancer with
 `workers: 1` and with `workers: 2`, if the configuration accepts `workers`.
 
 Every child is stopped by PID in a `finally` (terminate, wait, kill), Ctrl-C
@@ -48,7 +48,7 @@ import yaml
 
 from bench import procs
 from bench.haproxy import find_haproxy, haproxy_version, render_config
-from bench.loadgen import Spec
+from bench.loadgen import Spec, Turn
 from bench.procs import HOST, BenchError, Child, Pinning
 from bench.report import Kind, Row, render_table, to_document
 from bench.wire import HEAD_END, client_request, first_frame, set_cookies, status_code
@@ -77,6 +77,9 @@ class Plan:
     # Of the handshake scenarios: a handshake's CPU moves most with a shared machine's noise (single
     # windows 0.7-1.4x their neighbours'), and with three rounds two slow ones set the median.
     handshake_rounds: int = 5
+    # Within a handshake round the proxies take turns this many seconds at a time, so that a burst of
+    # the machine's falls on each alike (`bench.loadgen.run_handshakes`).
+    handshake_phase: float = 0.5
     idle_connections: int = 5000
     idle_concurrency: int = 100
     idle_settle: float = 1.0
@@ -246,23 +249,23 @@ def _run_all(run: Run, haproxy_path: str | None, *, floor: bool = True) -> list[
         for round_index in range(plan.rounds):
             in_turn = targets if round_index % 2 == 0 else targets[::-1]
             for target in in_turn:
-                _scenario(run, "echo", target, Spec(
+                _scenario(run, "echo", [target], Spec(
                     "echo", target.addresses, plan.echo_connections, plan.echo_payload, plan.warmup, plan.window,
                     proxy_pids=target.proxy_pids(), load_pids=load_pids))
             for target in in_turn:
-                _scenario(run, "stream", target, Spec(
+                _scenario(run, "stream", [target], Spec(
                     "stream", target.addresses, plan.stream_connections, plan.stream_payload, plan.warmup,
                     plan.window, proxy_pids=target.proxy_pids(), load_pids=load_pids))
-        side_by_side = floor_beside_balancer(targets)
+        proxies = [target for target in floor_beside_balancer(targets) if target is not direct]
         for round_index in range(plan.handshake_rounds):
+            in_turn = proxies if round_index % 2 == 0 else proxies[::-1]
             for check in (False, True):
                 name = "handshake_check" if check else "handshake_issue"
-                for target in side_by_side if round_index % 2 == 0 else side_by_side[::-1]:
-                    if check and target.name == DIRECT:
-                        continue  # no cookie is checked there: the same handshake as above
-                    _scenario(run, name, target, handshake_spec(plan, target, plan.window, check, load_pids))
+                if not check:  # direct checks no cookie: its check row repeats this one
+                    _scenario(run, name, [direct], handshake_spec(plan, direct, plan.window, check, load_pids))
+                _scenario(run, name, in_turn, turns_spec(plan, in_turn, check, load_pids))
         for target in targets[1:]:
-            _scenario(run, "idle", target, Spec(
+            _scenario(run, "idle", [target], Spec(
                 "idle", target.addresses, plan.idle_connections, source_ips=SOURCE_IPS,
                 concurrency=plan.idle_concurrency, settle=plan.idle_settle, proxy_pids=target.proxy_pids()))
             if target is balancer:
@@ -319,14 +322,20 @@ def _scan_log(run: Run, child: Child) -> None:
         run.note(f"{child.name} log: {len(bad)} warning/error lines of {len(lines)}; first: {first}")
 
 
-def _scenario(run: Run, name: str, target: Target, spec: Spec) -> None:
-    """Run one load generator process (on the load CPU) and keep its result under raw[name][target]."""
-    label = f"{name} → {target.name}"
+def _scenario(run: Run, name: str, targets: Sequence[Target], spec: Spec) -> None:
+    """Run one load generator process (on the load CPU) and keep its result under raw[name][target]
+    for each of `targets` (one, or those that took turns: `spec.turns`)."""
+    label = f"{name} → {' / '.join(target.name for target in targets)}"
     print(f"running {label} ...", file=sys.stderr, flush=True)
     cpus = run.pinning.load
-    timeout = spec.warmup + spec.window + 30 + spec.connections / 200
+    timeout = spec.warmup + spec.window * len(targets) + 30 + spec.connections / 200
     result = _loadgen(run, spec, cpus, timeout, label)
-    _keep(run, name, target.name, result)
+    if spec.turns:
+        turns = (result or {}).get("turns") or {}
+        for target in targets:
+            _keep(run, name, target.name, turns.get(target.name))
+    else:
+        _keep(run, name, targets[0].name, result)
     if result is None:
         return
     errors = result.get("errors") or {}
@@ -335,8 +344,9 @@ def _scenario(run: Run, name: str, target: Target, spec: Spec) -> None:
     opened = result.get("opened")
     if opened is not None and opened < spec.connections:
         run.note(f"{label}: only {opened} of {spec.connections} connections opened")
-    if target.child is not None and not target.child.alive():
-        raise BenchError(f"{target.name} died during {name}\n{target.child.log_tail()}")
+    for target in targets:
+        if target.child is not None and not target.child.alive():
+            raise BenchError(f"{target.name} died during {name}\n{target.child.log_tail()}")
     time.sleep(0.3)  # let the closes settle before the next run
 
 
@@ -376,6 +386,14 @@ def handshake_spec(
     return Spec("handshake", target.addresses, plan.handshake_workers, 0, plan.warmup, window,
                 check_cookie=check and target.name != DIRECT, source_ips=SOURCE_IPS,
                 proxy_pids=target.proxy_pids(), load_pids=load_pids)
+
+
+def turns_spec(plan: Plan, proxies: Sequence[Target], check: bool, load_pids: tuple[int, ...] = ()) -> Spec:
+    """The handshake scenario through `proxies` taking turns, `plan.handshake_phase` seconds at a time,
+    `plan.window` seconds each (`bench.loadgen.run_handshakes` says why)."""
+    return replace(handshake_spec(plan, proxies[0], plan.window, check, load_pids), targets=(), proxy_pids=(),
+                   turns=tuple(Turn(t.name, t.addresses, t.proxy_pids()) for t in proxies),
+                   phase=plan.handshake_phase)
 
 
 def cpu_per_unit_us(result: dict[str, Any] | None) -> float:
@@ -709,10 +727,11 @@ def _explain(run: Run, haproxy: bool, workers: bool) -> None:
     ]
     if run.plan.rounds > 1 or run.plan.handshake_rounds > 1:
         notes.append(f"echo and stream ran in {run.plan.rounds} interleaved rounds, handshakes in "
-                     f"{run.plan.handshake_rounds} (direct, balancer, floor, haproxy, reversed every other round: "
-                     "the floor's window beside the balancer's, HAProxy's one further): each cell is a "
-                     "target's round of median CPU per unit, and lb/haproxy and lb/floor on the CPU rows are the "
-                     "median of the per-round ratios (each pair ran in the same round), not the ratio of two cells")
+                     f"{run.plan.handshake_rounds} (direct's window, then one window in which balancer, floor and "
+                     f"haproxy took turns {run.plan.handshake_phase:g} s at a time, reversed every other round): "
+                     "each cell is a target's round of median CPU per unit, and lb/haproxy and lb/floor on the CPU "
+                     "rows are the median of the per-round ratios (each pair ran in the same round), not the ratio "
+                     "of two cells")
     if workers:
         notes.append("workers rows: balancer with `workers: 1` / `workers: 2`, nothing pinned; "
                      "the ratio on the workers 2 row is workers 2 / workers 1")

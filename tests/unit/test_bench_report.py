@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from bench import runner
 from bench.floor import HEAD_END, insert_cookie, parse_backends
 from bench.haproxy import render_config
 from bench.procs import CLOCK_TICKS, Pinning, cpu_busy, parse_cpu_times, parse_stat_cpu, parse_status_rss
 from bench.report import Kind, Row, format_value, ratio, render_table, row_ratios, to_document
-from bench.runner import Plan, Run, Target, _keep, _paired, balancer_config, floor_beside_balancer
+from bench.runner import Plan, Run, Target, _keep, _paired, balancer_config, floor_beside_balancer, turns_spec
 from bench.wire import (
     BENCH_MASK,
     OP_BINARY,
@@ -305,3 +306,25 @@ def test_the_floor_runs_beside_the_balancer_in_the_handshake_rounds() -> None:
     assert names("direct", "balancer", "haproxy", "floor") == ["direct", "balancer", "floor", "haproxy"]
     assert names("direct", "balancer", "floor") == ["direct", "balancer", "floor"]
     assert names("direct", "balancer", "haproxy") == ["direct", "balancer", "haproxy"]
+
+
+def test_a_window_in_turns_is_kept_under_each_proxy_and_a_failed_one_as_none_for_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proxies that took turns in one window each get that window as their round, so round r of the
+    balancer still meets round r of the floor; a window whose load generator failed is None for each."""
+    run = Run(Plan.make(quick=False), Pinning(None, None, "none"), Path("."))
+    targets = [Target("balancer", (("127.0.0.1", 1),)), Target("floor", (("127.0.0.1", 2),))]
+    spec = turns_spec(run.plan, targets, check=True)
+    assert [(turn.name, turn.targets) for turn in spec.turns] == [("balancer", (("127.0.0.1", 1),)),
+                                                                   ("floor", (("127.0.0.1", 2),))]
+    assert spec.phase == run.plan.handshake_phase and spec.check_cookie and spec.window == run.plan.window
+    windows = iter([None, {"turns": {"balancer": {"proxy_cpu": 3.0, "count": 1}, "floor": {"proxy_cpu": 2.0,
+                                                                                          "count": 1}}}])
+    monkeypatch.setattr(runner, "_loadgen", lambda *args: next(windows))
+    monkeypatch.setattr(runner.time, "sleep", lambda seconds: None)
+    for _ in range(2):
+        runner._scenario(run, "handshake_check", targets, spec)
+    assert run.raw["handshake_check"]["balancer"]["rounds"][0] is None
+    assert run.raw["handshake_check"]["floor"]["rounds"][0] is None
+    assert _paired(run, "handshake_check", "floor") == 1.5
