@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from lb.config.load import parse_config
 from lb.control.memory import ReleasePolicy
 from lb.errors import InvalidToken
-from lb.http.head import parse_response_head
+from lb.http.head import parse_response_head, render_head
 from lb.log import JsonFormatter
 from lb.proxy.actions import (
     Action,
@@ -1136,6 +1136,28 @@ def test_an_interim_answer_sets_no_cookie_of_the_affinity_name(mode: str, cookie
 
 
 HEADER_CONFIG = CONFIG.replace("mode: insert, cookie: LB,", "mode: insert, cookie: LB, header: X-Aff,")
+
+
+@pytest.mark.parametrize("config", [CONFIG, HEADER_CONFIG], ids=["cookie", "cookie-and-header"])
+def test_a_plain_101_reaches_the_client_as_render_head_writes_it_with_our_fields_last(config: str) -> None:
+    """A 101 that plain_switch passes is passed on byte for byte, our Set-Cookie (and the affinity header)
+    after its fields: the bytes render_head makes of its status line, its fields and ours."""
+    play = Play(config)
+    play.client(upgrade())
+    play.connected()
+    play.backend(SWITCH)
+    sent = bytes(play.to_client)
+    _, headers, rest = play.answer()
+    assert rest == b""
+    ours = [("Set-Cookie", headers["set-cookie"])]
+    if config == HEADER_CONFIG:
+        ours.append(("X-Aff", headers["x-aff"]))
+    status_line, *fields = SWITCH[:-4].decode("latin-1").split("\r\n")
+    theirs = [(name, value) for name, _, value in (field.partition(": ") for field in fields)]
+    assert sent == render_head(status_line, theirs + ours)
+    assert sent.startswith(SWITCH[:-2])
+
+
 BACKENDS_OWN = b"X-Aff: backend-said\r\nSet-Cookie: SID=abc\r\n"  # SID: rewrite mode's cookie, so a token is sealed
 OK_WITH_OWN = ok()[:17] + BACKENDS_OWN + ok()[17:]
 OWN_HEADER_ANSWERS = [
