@@ -6,8 +6,10 @@ Scenarios (each: open the connections, warm up, then one measured window):
 - `stream`    N connections pipeline `payload`-byte messages, `in_flight` frames outstanding each;
 - `handshake` N workers loop: fresh connection, upgrade, read the hello, close; with `check_cookie`
               each worker sends back the cookie its first handshake got (and we count re-issues and
-              changes of server, which should both be zero); with `turns`, through each turn's proxy
-              in turn, `phase` seconds at a time (`run_handshakes` says why), one result per turn;
+              changes of server, which should both be zero);
+- with `turns`, any of those three through each turn's proxy in turn, `phase` seconds at a time
+  (`in_turns` says why; echo and stream open N connections to each and rest the others'), one
+  result per turn;
 - `idle`      open N tunnels (through `concurrency` openers), wait `settle`, hold: RSS before/after.
 
 Cheap per message, or the generator and not the proxy is what gets measured: raw asyncio
@@ -90,9 +92,8 @@ def _addresses(pairs: Sequence[Sequence[Any]]) -> tuple[tuple[str, int], ...]:
 
 @dataclass(slots=True)
 class Stats:
-    """Counters every protocol bumps; read at the window's edges."""
+    """What goes wrong, whichever turn it is."""
 
-    messages: int = 0          # echoes received (echo, stream)
     closing: bool = False      # we are hanging up ourselves: a lost connection is no error
     errors: Counter[str] = field(default_factory=Counter)
 
@@ -101,20 +102,42 @@ STATS = Stats()
 
 
 @dataclass(slots=True)
+class TurnCounts:
+    """What one turn's connections came to so far (a window reads the difference at its edges)."""
+
+    count: int = 0             # messages echoed (echo, stream) or handshakes made (begun in its phases)
+    cookies_issued: int = 0    # handshakes whose 101 carried a Set-Cookie
+    server_changes: int = 0    # check_cookie: a handshake that reached another server than the first
+
+
+@dataclass(slots=True)
 class Sample:
+    """The load side's CPU and each core's, at one edge of a phase."""
+
     at: float
-    count: int
-    proxy_cpu: float
     load_cpu: float
-    per_proxy: list[float]
     cpus: dict[str, tuple[int, int]]
 
 
-def sample(spec: Spec, count: int) -> Sample:
-    per_proxy = [cpu_seconds((pid,)) for pid in spec.proxy_pids]
-    return Sample(
-        time.monotonic(), count, sum(per_proxy), cpu_seconds((os.getpid(), *spec.load_pids)), per_proxy, cpu_times()
-    )
+def sample(spec: Spec) -> Sample:
+    return Sample(time.monotonic(), cpu_seconds((os.getpid(), *spec.load_pids)), cpu_times())
+
+
+@dataclass(slots=True)
+class TurnPhases:
+    """One turn's measured phases, summed: their seconds, the load side's CPU, each core's jiffies."""
+
+    seconds: float = 0.0
+    load_cpu: float = 0.0
+    jiffies: dict[str, tuple[int, int]] = field(default_factory=dict)  # core: (busy, total)
+
+    def add(self, start: Sample, end: Sample) -> None:
+        self.seconds += end.at - start.at
+        self.load_cpu += end.load_cpu - start.load_cpu
+        for core, (busy, total) in end.cpus.items():
+            busy0, total0 = start.cpus.get(core, (busy, total))
+            had_busy, had_total = self.jiffies.get(core, (0, 0))
+            self.jiffies[core] = (had_busy + busy - busy0, had_total + total - total0)
 
 
 # -- protocols ------------------------------------------------------------------------------------
@@ -184,15 +207,19 @@ class WsClient(asyncio.Protocol):
 
 
 class EchoClient(WsClient):
-    """Ping-pong: the next message goes out when the previous echo is complete."""
+    """Ping-pong: the next message goes out when the previous echo is complete (and not while it rests:
+    another turn's; `wake` sends it then)."""
 
-    __slots__ = ("frame", "frame_size", "got")
+    __slots__ = ("counts", "frame", "frame_size", "got", "resting", "waiting")
 
-    def __init__(self, request: bytes, payload: int) -> None:
+    def __init__(self, request: bytes, payload: int, counts: TurnCounts) -> None:
         super().__init__(request)
         self.frame = client_frame(b"x" * payload)
         self.frame_size = server_frame_size(payload)
         self.got = 0
+        self.counts = counts
+        self.resting = False
+        self.waiting = False  # resting with its echo in: the next message is owed
 
     def opened(self, rest: bytes) -> None:
         assert self.transport is not None
@@ -206,18 +233,33 @@ class EchoClient(WsClient):
         got = self.got + len(data)
         if got >= self.frame_size:
             got -= self.frame_size
-            STATS.messages += 1
-            self.transport.write(self.frame)  # type: ignore[union-attr]
+            self.counts.count += 1
+            if self.resting:
+                self.waiting = True
+            else:
+                self.transport.write(self.frame)  # type: ignore[union-attr]
         self.got = got
+
+    def rest(self) -> None:
+        self.resting = True
+
+    def wake(self) -> None:
+        self.resting = False
+        if self.waiting and self.transport is not None:
+            self.waiting = False
+            self.transport.write(self.frame)
 
 
 class StreamClient(WsClient):
     """Pipelined: keeps `in_flight` frames outstanding, written `batch` at a time."""
 
-    __slots__ = ("batch", "batch_frames", "echoed", "frame_size", "in_flight", "paused", "remainder", "sent")
+    __slots__ = ("batch", "batch_frames", "counts", "echoed", "frame_size", "in_flight", "paused", "remainder",
+                 "resting", "sent")
 
-    def __init__(self, request: bytes, payload: int, in_flight: int, batch: int) -> None:
+    def __init__(self, request: bytes, payload: int, in_flight: int, batch: int, counts: TurnCounts) -> None:
         super().__init__(request)
+        self.counts = counts
+        self.resting = False  # another turn's: the frames out are echoed, no more are sent
         self.batch = client_frame(b"y" * payload) * batch
         self.batch_frames = batch
         self.frame_size = server_frame_size(payload)
@@ -236,7 +278,7 @@ class StreamClient(WsClient):
         if transport is None:
             return
         room = self.in_flight - self.batch_frames
-        while not self.paused and self.sent - self.echoed <= room:
+        while not self.paused and not self.resting and self.sent - self.echoed <= room:
             self.sent += self.batch_frames
             transport.write(self.batch)
 
@@ -248,8 +290,15 @@ class StreamClient(WsClient):
         frames, self.remainder = divmod(got, self.frame_size)
         if frames:
             self.echoed += frames
-            STATS.messages += frames
+            self.counts.count += frames
             self._fill()
+
+    def rest(self) -> None:
+        self.resting = True
+
+    def wake(self) -> None:
+        self.resting = False
+        self._fill()
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -339,88 +388,111 @@ def close_all(clients: Sequence[WsClient]) -> None:
 # -- scenarios --------------------------------------------------------------------------------------
 
 
-def window_result(spec: Spec, start: Sample, end: Sample) -> dict[str, Any]:
-    elapsed = end.at - start.at
-    return {
-        "elapsed": elapsed,
-        "count": end.count - start.count,
-        "rate": (end.count - start.count) / elapsed if elapsed > 0 else 0.0,
-        "proxy_cpu": end.proxy_cpu - start.proxy_cpu,
-        "load_cpu": end.load_cpu - start.load_cpu,
-        "proxy_cpu_by_pid": {
-            str(pid): round(b - a, 3) for pid, a, b in zip(spec.proxy_pids, start.per_proxy, end.per_proxy, strict=True)
-        },
-        "cpu_busy": cpu_busy(start.cpus, end.cpus),
-    }
+async def in_turns(
+    spec: Spec, turns: Sequence[Turn], counts: Sequence[TurnCounts], switch: Callable[[int], None]
+) -> list[dict[str, Any]]:
+    """`spec.warmup`, then the measured `spec.window` seconds of each turn, the turns taken one after
+    another `spec.phase` seconds at a time (`switch(k)`: turn k's connections go, the others' rest):
+    one result per turn.  With one turn, one window.
+
+    Why turns: a shared machine's noise moves windows of a few seconds by 10-30 %, so two proxies
+    measured in windows seconds apart differ by that as well as by what they cost; taken in turns half
+    a second at a time, a neighbour's burst falls on each alike.  A turn's proxy CPU is read at the
+    edges of the whole window (so what it spends finishing, in the next phase, what its connections
+    began in their own is its own, and so is what it spends idle in the others'); its count is what its
+    connections did, its seconds, load side and cores are those of its own phases.
+    """
+
+    async def take_turns(seconds: float, measured: list[TurnPhases] | None) -> None:
+        phases = max(1, round(seconds / spec.phase)) if len(turns) > 1 else 1
+        for _ in range(phases):
+            for k in range(len(turns)):
+                switch(k)
+                start = sample(spec)
+                await asyncio.sleep(seconds / phases)
+                if measured is not None:
+                    measured[k].add(start, sample(spec))
+
+    def proxy_cpu() -> list[list[float]]:
+        return [[cpu_seconds((pid,)) for pid in turn.proxy_pids] for turn in turns]
+
+    await take_turns(spec.warmup / len(turns), None)
+    measured = [TurnPhases() for _ in turns]
+    cpu_before, counts_before = proxy_cpu(), [replace(tally) for tally in counts]
+    await take_turns(spec.window, measured)
+    cpu_after, counts_after = proxy_cpu(), [replace(tally) for tally in counts]
+    results = []
+    for k, turn in enumerate(turns):
+        phases, before, after = measured[k], counts_before[k], counts_after[k]
+        count = after.count - before.count
+        results.append({
+            "elapsed": phases.seconds,
+            "count": count,
+            "rate": count / phases.seconds if phases.seconds > 0 else 0.0,
+            "proxy_cpu": sum(cpu_after[k]) - sum(cpu_before[k]),
+            "load_cpu": phases.load_cpu,
+            "proxy_cpu_by_pid": {str(pid): round(b - a, 3)
+                                 for pid, a, b in zip(turn.proxy_pids, cpu_before[k], cpu_after[k], strict=True)},
+            "cpu_busy": cpu_busy(dict.fromkeys(phases.jiffies, (0, 0)), phases.jiffies),
+            "cookies_issued": after.cookies_issued - before.cookies_issued,
+            "server_changes": after.server_changes - before.server_changes,
+        })
+    return results
 
 
-async def measure(spec: Spec, counter: Callable[[], int]) -> dict[str, Any]:
-    await asyncio.sleep(spec.warmup)
-    start = sample(spec, counter())
-    await asyncio.sleep(spec.window)
-    end = sample(spec, counter())
-    return window_result(spec, start, end)
+def _turns(spec: Spec) -> tuple[Turn, ...]:
+    """The spec's turns, or its targets as the one turn of a window without turns."""
+    return spec.turns or (Turn("", spec.targets, spec.proxy_pids),)
+
+
+def _by_turn(spec: Spec, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result per turn under "turns", by name; without turns, the one result."""
+    return {"turns": {turn.name: result for turn, result in zip(spec.turns, results, strict=True)}} if spec.turns \
+        else dict(results[0])
+
+
+def give_turn(clients: Sequence[Sequence[EchoClient | StreamClient]], k: int) -> None:
+    """Turn k's connections go (each sends what it owes), every other turn's rest."""
+    for j, turn_clients in enumerate(clients):
+        for client in turn_clients:
+            if j == k:
+                client.wake()
+            else:
+                client.rest()
 
 
 async def run_echo(spec: Spec) -> dict[str, Any]:
+    turns = _turns(spec)
+    counts = [TurnCounts() for _ in turns]
+    clients: list[list[EchoClient | StreamClient]] = []
     payload = spec.payload
-    if spec.scenario == "echo":
-        clients = await open_many(spec, lambda r: EchoClient(r, payload), spec.connections)
-    else:
-        clients = await open_many(
-            spec, lambda r: StreamClient(r, payload, spec.in_flight, spec.batch), spec.connections
-        )
     try:
-        if len(clients) < spec.connections:
-            return {"opened": len(clients), "count": 0, "rate": 0.0}
-        result = await measure(spec, lambda: STATS.messages)
+        for turn, tally in zip(turns, counts, strict=True):
+            def make(request: bytes, tally: TurnCounts = tally) -> EchoClient | StreamClient:
+                if spec.scenario == "echo":
+                    return EchoClient(request, payload, tally)
+                return StreamClient(request, payload, spec.in_flight, spec.batch, tally)
+
+            clients.append(cast("list[EchoClient | StreamClient]",
+                                await open_many(replace(spec, targets=turn.targets), make, spec.connections)))
+        if any(len(opened) < spec.connections for opened in clients):
+            results = [{"opened": len(opened), "count": 0, "rate": 0.0} for opened in clients]
+        else:
+            results = await in_turns(spec, turns, counts, functools.partial(give_turn, clients))
+            for opened, result in zip(clients, results, strict=True):
+                result.pop("cookies_issued")
+                result.pop("server_changes")
+                result["opened"] = len(opened)
+                result["bytes"] = result["count"] * payload
     finally:
-        close_all(clients)
-    result["opened"] = len(clients)
-    result["bytes"] = result["count"] * payload
-    return result
-
-
-@dataclass(slots=True)
-class TurnCounts:
-    """What the handshakes begun in one turn's phases came to so far (a window reads the difference)."""
-
-    handshakes: int = 0
-    cookies_issued: int = 0    # handshakes whose 101 carried a Set-Cookie
-    server_changes: int = 0    # check_cookie: a handshake that reached another server than the first
-
-
-@dataclass(slots=True)
-class TurnPhases:
-    """One turn's measured phases, summed: their seconds, the load side's CPU, each core's jiffies."""
-
-    seconds: float = 0.0
-    load_cpu: float = 0.0
-    jiffies: dict[str, tuple[int, int]] = field(default_factory=dict)  # core: (busy, total)
-
-    def add(self, start: Sample, end: Sample) -> None:
-        self.seconds += end.at - start.at
-        self.load_cpu += end.load_cpu - start.load_cpu
-        for core, (busy, total) in end.cpus.items():
-            busy0, total0 = start.cpus.get(core, (busy, total))
-            had_busy, had_total = self.jiffies.get(core, (0, 0))
-            self.jiffies[core] = (had_busy + busy - busy0, had_total + total - total0)
+        close_all([client for turn_clients in clients for client in turn_clients])
+    return _by_turn(spec, results)
 
 
 async def run_handshakes(spec: Spec) -> dict[str, Any]:
-    """Handshakes from `spec.connections` workers, each one after the other.
-
-    With `spec.turns`, the workers go through each turn's proxy in turn, `spec.phase` seconds at a
-    time, `spec.window` seconds of each in all (after `spec.warmup` seconds taken the same way,
-    unmeasured), and the result holds one window per turn under "turns".  Why: a shared machine's
-    noise moves windows of a few seconds by 10-30 %, so two proxies measured in windows seconds
-    apart differ by that as well as by what they cost; taken in turns half a second at a time, a
-    neighbour's burst falls on each alike.  A turn's proxy CPU is read at the edges of the whole
-    window (so what it spends finishing, in the next phase, the handshakes begun in its own is its
-    own, and so is what it spends idle in the others'), its handshakes counted by the turn they began
-    in, its seconds, load side and cores over its own phases.
-    """
-    turns = spec.turns or (Turn("", spec.targets, spec.proxy_pids),)
+    """Handshakes from `spec.connections` workers, each one after the other; with `spec.turns`, through
+    each turn's proxy in its phases (`in_turns`), counted by the turn they began in."""
+    turns = _turns(spec)
     counts = [TurnCounts() for _ in turns]
     ips = itertools.cycle(spec.source_ips or (None,))
     current = 0
@@ -445,7 +517,7 @@ async def run_handshakes(spec: Spec) -> dict[str, Any]:
                 await asyncio.sleep(0.01)
                 continue
             tally = counts[k]
-            tally.handshakes += 1
+            tally.count += 1
             if client.cookies:
                 tally.cookies_issued += 1
             if spec.check_cookie:
@@ -456,50 +528,19 @@ async def run_handshakes(spec: Spec) -> dict[str, Any]:
                 elif client.server_id != first_server[k]:
                     tally.server_changes += 1
 
-    async def take_turns(seconds: float, measured: list[TurnPhases] | None) -> None:
-        """Each turn for `seconds` in all, `spec.phase` at a time, one turn after another."""
+    def switch(k: int) -> None:
         nonlocal current
-        phases = max(1, round(seconds / spec.phase)) if len(turns) > 1 else 1
-        for _ in range(phases):
-            for k in range(len(turns)):
-                current = k
-                start = sample(spec, 0)
-                await asyncio.sleep(seconds / phases)
-                if measured is not None:
-                    measured[k].add(start, sample(spec, 0))
-
-    def proxy_cpu() -> list[list[float]]:
-        return [[cpu_seconds((pid,)) for pid in turn.proxy_pids] for turn in turns]
+        current = k
 
     workers = [asyncio.ensure_future(worker(i)) for i in range(spec.connections)]
     try:
-        await take_turns(spec.warmup / len(turns), None)
-        measured = [TurnPhases() for _ in turns]
-        cpu_before, counts_before = proxy_cpu(), [replace(tally) for tally in counts]
-        await take_turns(spec.window, measured)
-        cpu_after, counts_after = proxy_cpu(), [replace(tally) for tally in counts]
+        results = await in_turns(spec, turns, counts, switch)
     finally:
         stop = True
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-    results = {}
-    for k, turn in enumerate(turns):
-        phases, before, after = measured[k], counts_before[k], counts_after[k]
-        count = after.handshakes - before.handshakes
-        results[turn.name] = {
-            "elapsed": phases.seconds,
-            "count": count,
-            "rate": count / phases.seconds if phases.seconds > 0 else 0.0,
-            "proxy_cpu": sum(cpu_after[k]) - sum(cpu_before[k]),
-            "load_cpu": phases.load_cpu,
-            "proxy_cpu_by_pid": {str(pid): round(b - a, 3)
-                                 for pid, a, b in zip(turn.proxy_pids, cpu_before[k], cpu_after[k], strict=True)},
-            "cpu_busy": cpu_busy(dict.fromkeys(phases.jiffies, (0, 0)), phases.jiffies),
-            "cookies_issued": after.cookies_issued - before.cookies_issued,
-            "server_changes": after.server_changes - before.server_changes,
-        }
-    return {"turns": results} if spec.turns else results[""]
+    return _by_turn(spec, results)
 
 
 async def run_idle(spec: Spec) -> dict[str, Any]:

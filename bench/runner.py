@@ -7,15 +7,14 @@ generator straight to the backends, round robin), `balancer`, `haproxy`,
 The balancer runs on its shipped defaults plus the pool: no limit, timeout or
 logging setting is overridden, so what is measured is what operators get.  The proxy
 under test runs on CPU 0, everything else on CPU 1 (taskset), unless taskset
-is missing.  The echo and stream scenarios run in `rounds` interleaved rounds, the
-handshakes in `handshake_rounds` (target order reversed every other round): each
-cell reads the target's round of median CPU per unit, and the CPU rows' lb/haproxy
-and lb/floor are the median of per-round ratios.  In a handshake round the proxies
-take turns within one window, `handshake_phase` seconds at a time (balancer, floor,
-HAProxy, again and again, or the reverse; `bench.loadgen.run_handshakes`), after a
-window of their own for direct: a neighbour's burst then falls on each proxy alike,
-where windows seconds apart each caught their own (single windows of one tree ranged
-306-544 µs per handshake on a shared VM, and one round's lb/floor 0.99-1.34x).
+is missing.  The echo and stream scenarios run in `rounds` rounds, the handshakes in
+`handshake_rounds`.  In each round direct has a window of its own, then the proxies take
+turns within one window, `phase` seconds at a time (balancer, floor, HAProxy, again and
+again, reversed every other round; `bench.loadgen.in_turns`): a neighbour's burst then falls
+on each proxy alike, where windows seconds apart each caught their own (single windows of
+one tree ranged 306-544 µs per handshake on a shared VM, and one round's lb/floor
+0.99-1.34x).  Each cell reads the target's round of median CPU per unit, and the CPU rows'
+lb/haproxy and lb/floor are the median of per-round ratios.
 Last, without pinning, the echo scenario through a balancer with
 `workers: 1` and with `workers: 2`, if the configuration accepts `workers`.
 
@@ -73,13 +72,13 @@ class Plan:
     stream_connections: int = 4
     stream_payload: int = 4096
     handshake_workers: int = 20
-    rounds: int = 3  # of the echo and stream scenarios, interleaved; a cell is the median round
+    rounds: int = 3  # of the echo and stream scenarios; a cell is the median round
     # Of the handshake scenarios: a handshake's CPU moves most with a shared machine's noise (single
     # windows 0.7-1.4x their neighbours'), and with three rounds two slow ones set the median.
     handshake_rounds: int = 5
-    # Within a handshake round the proxies take turns this many seconds at a time, so that a burst of
-    # the machine's falls on each alike (`bench.loadgen.run_handshakes`).
-    handshake_phase: float = 0.5
+    # Within a round the proxies take turns this many seconds at a time, so that a burst of the
+    # machine's falls on each alike (`bench.loadgen.in_turns`).
+    phase: float = 0.5
     idle_connections: int = 5000
     idle_concurrency: int = 100
     idle_settle: float = 1.0
@@ -202,8 +201,8 @@ def _header(
               "(nbthread 1, balance leastconn, cookie insert indirect nocache, option httplog to stderr)")
     return {
         "benchmark": f"{plan.name}: warm-up {plan.warmup:g} s, then a {plan.window:g} s window per run; "
-                     f"echo and stream: median of {plan.rounds} interleaved rounds, "
-                     f"handshakes: median of {plan.handshake_rounds}",
+                     f"echo and stream: median of {plan.rounds} rounds, handshakes: median of "
+                     f"{plan.handshake_rounds}; in each, the proxies take turns {plan.phase:g} s at a time",
         "command": command,
         "machine": (
             f"nproc {os.cpu_count()}, {platform.system()} {platform.release()}, "
@@ -246,17 +245,15 @@ def _run_all(run: Run, haproxy_path: str | None, *, floor: bool = True) -> list[
         load_pids = tuple(b.pid for b in run.backends)
         rss_start = procs.rss_kib(balancer.proxy_pids())
 
-        for round_index in range(plan.rounds):
-            in_turn = targets if round_index % 2 == 0 else targets[::-1]
-            for target in in_turn:
-                _scenario(run, "echo", [target], Spec(
-                    "echo", target.addresses, plan.echo_connections, plan.echo_payload, plan.warmup, plan.window,
-                    proxy_pids=target.proxy_pids(), load_pids=load_pids))
-            for target in in_turn:
-                _scenario(run, "stream", [target], Spec(
-                    "stream", target.addresses, plan.stream_connections, plan.stream_payload, plan.warmup,
-                    plan.window, proxy_pids=target.proxy_pids(), load_pids=load_pids))
         proxies = [target for target in floor_beside_balancer(targets) if target is not direct]
+        for round_index in range(plan.rounds):
+            in_turn = proxies if round_index % 2 == 0 else proxies[::-1]
+            for scenario, connections, payload in (("echo", plan.echo_connections, plan.echo_payload),
+                                                   ("stream", plan.stream_connections, plan.stream_payload)):
+                spec = Spec(scenario, direct.addresses, connections, payload, plan.warmup, plan.window,
+                            load_pids=load_pids)
+                _scenario(run, scenario, [direct], spec)
+                _scenario(run, scenario, in_turn, in_turns(spec, in_turn, plan.phase))
         for round_index in range(plan.handshake_rounds):
             in_turn = proxies if round_index % 2 == 0 else proxies[::-1]
             for check in (False, True):
@@ -330,20 +327,18 @@ def _scenario(run: Run, name: str, targets: Sequence[Target], spec: Spec) -> Non
     cpus = run.pinning.load
     timeout = spec.warmup + spec.window * len(targets) + 30 + spec.connections / 200
     result = _loadgen(run, spec, cpus, timeout, label)
-    if spec.turns:
-        turns = (result or {}).get("turns") or {}
-        for target in targets:
-            _keep(run, name, target.name, turns.get(target.name))
-    else:
-        _keep(run, name, targets[0].name, result)
+    by_target = ((result or {}).get("turns") or {}) if spec.turns else {targets[0].name: result}
+    for target in targets:
+        _keep(run, name, target.name, by_target.get(target.name))
     if result is None:
         return
     errors = result.get("errors") or {}
     if errors:
         run.note(f"{label}: client-side errors {errors}")
-    opened = result.get("opened")
-    if opened is not None and opened < spec.connections:
-        run.note(f"{label}: only {opened} of {spec.connections} connections opened")
+    for target in targets:
+        opened = (by_target.get(target.name) or {}).get("opened")
+        if opened is not None and opened < spec.connections:
+            run.note(f"{name} → {target.name}: only {opened} of {spec.connections} connections opened")
     for target in targets:
         if target.child is not None and not target.child.alive():
             raise BenchError(f"{target.name} died during {name}\n{target.child.log_tail()}")
@@ -389,11 +384,15 @@ def handshake_spec(
 
 
 def turns_spec(plan: Plan, proxies: Sequence[Target], check: bool, load_pids: tuple[int, ...] = ()) -> Spec:
-    """The handshake scenario through `proxies` taking turns, `plan.handshake_phase` seconds at a time,
-    `plan.window` seconds each (`bench.loadgen.run_handshakes` says why)."""
-    return replace(handshake_spec(plan, proxies[0], plan.window, check, load_pids), targets=(), proxy_pids=(),
-                   turns=tuple(Turn(t.name, t.addresses, t.proxy_pids()) for t in proxies),
-                   phase=plan.handshake_phase)
+    """The handshake scenario through `proxies` taking turns (`in_turns`)."""
+    return in_turns(handshake_spec(plan, proxies[0], plan.window, check, load_pids), proxies, plan.phase)
+
+
+def in_turns(spec: Spec, proxies: Sequence[Target], phase: float) -> Spec:
+    """`spec` through `proxies` taking turns, `phase` seconds at a time, `spec.window` seconds each
+    (`bench.loadgen.in_turns` says why)."""
+    return replace(spec, targets=(), proxy_pids=(), turns=tuple(Turn(t.name, t.addresses, t.proxy_pids())
+                                                                for t in proxies), phase=phase)
 
 
 def cpu_per_unit_us(result: dict[str, Any] | None) -> float:
@@ -726,9 +725,9 @@ def _explain(run: Run, haproxy: bool, workers: bool) -> None:
         "issue rounds, next to the balancer's check rounds",
     ]
     if run.plan.rounds > 1 or run.plan.handshake_rounds > 1:
-        notes.append(f"echo and stream ran in {run.plan.rounds} interleaved rounds, handshakes in "
-                     f"{run.plan.handshake_rounds} (direct's window, then one window in which balancer, floor and "
-                     f"haproxy took turns {run.plan.handshake_phase:g} s at a time, reversed every other round): "
+        notes.append(f"echo and stream ran in {run.plan.rounds} rounds, handshakes in {run.plan.handshake_rounds} "
+                     f"(direct's window, then one window in which balancer, floor and haproxy took turns "
+                     f"{run.plan.phase:g} s at a time, reversed every other round): "
                      "each cell is a target's round of median CPU per unit, and lb/haproxy and lb/floor on the CPU "
                      "rows are the median of the per-round ratios (each pair ran in the same round), not the ratio "
                      "of two cells")

@@ -68,3 +68,17 @@ async def test_without_turns_a_window_is_one_result(gateways: dict[str, tuple[st
     result = await loadgen.run_handshakes(_spec((), (gateways["gw-a"],)))
     assert "turns" not in result
     assert result["count"] > 20 and 0.7 < result["elapsed"] < 1.2 and result["server_changes"] == 0
+
+
+@pytest.mark.parametrize("scenario", ["echo", "stream"])
+async def test_echo_and_stream_take_turns_over_connections_open_to_each(
+    gateways: dict[str, tuple[str, int]], scenario: str,
+) -> None:
+    turns = (Turn("a", (gateways["gw-a"],)), Turn("b", (gateways["gw-b"],)))
+    spec = Spec(scenario, (), connections=3, payload=64, warmup=0.2, window=0.8, turns=turns, phase=0.1)
+    result = await loadgen.run_echo(spec)
+    assert set(result) == {"turns"} and set(result["turns"]) == {"a", "b"}
+    for name, one in result["turns"].items():
+        assert one["opened"] == 3 and one["count"] > 20, f"turn {name}: {one}"
+        assert 0.7 < one["elapsed"] < 1.2 and one["bytes"] == one["count"] * 64
+        assert "server_changes" not in one  # a handshake's counts only

@@ -318,7 +318,7 @@ def test_a_window_in_turns_is_kept_under_each_proxy_and_a_failed_one_as_none_for
     spec = turns_spec(run.plan, targets, check=True)
     assert [(turn.name, turn.targets) for turn in spec.turns] == [("balancer", (("127.0.0.1", 1),)),
                                                                    ("floor", (("127.0.0.1", 2),))]
-    assert spec.phase == run.plan.handshake_phase and spec.check_cookie and spec.window == run.plan.window
+    assert spec.phase == run.plan.phase and spec.check_cookie and spec.window == run.plan.window
     windows = iter([None, {"turns": {"balancer": {"proxy_cpu": 3.0, "count": 1}, "floor": {"proxy_cpu": 2.0,
                                                                                           "count": 1}}}])
     monkeypatch.setattr(runner, "_loadgen", lambda *args: next(windows))
