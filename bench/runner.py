@@ -639,13 +639,18 @@ def _paired(run: Run, scenario: str, other: str, unit: float = 1.0) -> float | N
     Round r of every target ran next to the others' round r (interleaved), so each pair shares
     the machine's state of that moment.
     """
-    mine = _round_costs(run, scenario, BALANCER, unit)
-    theirs = _round_costs(run, scenario, other, unit)
-    ratios = sorted(a / b for a, b in zip(mine, theirs, strict=False) if a is not None and b is not None)
+    ratios = sorted(_round_ratios(run, scenario, other, unit))
     if not ratios:
         return None
     middle = len(ratios) // 2
     return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+
+
+def _round_ratios(run: Run, scenario: str, other: str, unit: float = 1.0) -> list[float]:
+    """The balancer's CPU per unit over `other`'s, round by round (those both counted)."""
+    mine = _round_costs(run, scenario, BALANCER, unit)
+    theirs = _round_costs(run, scenario, other, unit)
+    return [a / b for a, b in zip(mine, theirs, strict=False) if a is not None and b is not None]
 
 
 def _round_costs(run: Run, scenario: str, target: str, unit: float) -> list[float | None]:
@@ -731,6 +736,15 @@ def _explain(run: Run, haproxy: bool, workers: bool) -> None:
                      "each cell is a target's round of median CPU per unit, and lb/haproxy and lb/floor on the CPU "
                      "rows are the median of the per-round ratios (each pair ran in the same round), not the ratio "
                      "of two cells")
+    rounds = [
+        f"{scenario} lb/{other} " + " ".join(f"{ratio:.2f}" for ratio in ratios)
+        for scenario in ("echo", "stream", "handshake_issue", "handshake_check")
+        for other in (HAPROXY, FLOOR)
+        if len(ratios := _round_ratios(run, scenario, other)) > 1
+    ]
+    if rounds:
+        notes.append("the CPU rows' ratios round by round, in the order the rounds ran (the row shows their "
+                     "median): " + "; ".join(rounds))
     if workers:
         notes.append("workers rows: balancer with `workers: 1` / `workers: 2`, nothing pinned; "
                      "the ratio on the workers 2 row is workers 2 / workers 1")

@@ -328,3 +328,18 @@ def test_a_window_in_turns_is_kept_under_each_proxy_and_a_failed_one_as_none_for
     assert run.raw["handshake_check"]["balancer"]["rounds"][0] is None
     assert run.raw["handshake_check"]["floor"]["rounds"][0] is None
     assert _paired(run, "handshake_check", "floor") == 1.5
+
+
+def test_the_notes_give_each_cpu_ratio_round_by_round_in_the_order_they_ran() -> None:
+    """The row shows the median; the notes show how far the rounds were from it (a round that failed in
+    either column is left out, a single round needs no note)."""
+    run = Run(Plan.make(quick=False), Pinning(None, None, "none"), Path("."))
+    for balancer, haproxy in ((4.0, 2.0), (None, 1.0), (1.0, 2.0), (3.0, 3.0)):
+        _keep(run, "echo", "balancer", None if balancer is None else {"proxy_cpu": balancer, "count": 1})
+        _keep(run, "echo", "haproxy", {"proxy_cpu": haproxy, "count": 1})
+    _keep(run, "stream", "balancer", {"proxy_cpu": 1.0, "count": 1})
+    _keep(run, "stream", "floor", {"proxy_cpu": 1.0, "count": 1})
+    runner._explain(run, haproxy=True, workers=False)
+    [note] = [note for note in run.notes if note.startswith("the CPU rows' ratios round by round")]
+    assert note.endswith("(the row shows their median): echo lb/haproxy 2.00 0.50 1.00")
+    assert _paired(run, "echo", "haproxy") == 1.0
