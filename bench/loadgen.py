@@ -441,7 +441,13 @@ async def in_turns(
 
 
 def _turns(spec: Spec) -> tuple[Turn, ...]:
-    """The spec's turns, or its targets as the one turn of a window without turns."""
+    """The spec's turns, or its targets as the one turn of a window without turns.
+
+    Raises:
+        ValueError: two turns of one name (their results would be one).
+    """
+    if len({turn.name for turn in spec.turns}) < len(spec.turns):
+        raise ValueError(f"turns need names of their own: {[turn.name for turn in spec.turns]}")
     return spec.turns or (Turn("", spec.targets, spec.proxy_pids),)
 
 

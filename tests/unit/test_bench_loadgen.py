@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench import loadgen
 
 
@@ -58,3 +60,13 @@ async def test_a_turn_wakes_its_own_connections_and_rests_every_other_turns() ->
     assert [[client.resting for client in turn] for turn in clients] == [[True, True], [False, False], [True, True]]
     loadgen.give_turn(clients, 0)
     assert [[client.resting for client in turn] for turn in clients] == [[False, False], [True, True], [True, True]]
+
+
+async def test_two_turns_of_one_name_are_refused_before_any_connection() -> None:
+    """Their results would be kept under one name, one of them lost without a word."""
+    twice = (loadgen.Turn("balancer", (("127.0.0.1", 9),)), loadgen.Turn("balancer", (("127.0.0.1", 9),)))
+    spec = loadgen.Spec("handshake", (), connections=1, turns=twice)
+    with pytest.raises(ValueError, match="names of their own"):
+        await loadgen.run_handshakes(spec)
+    with pytest.raises(ValueError, match="names of their own"):
+        await loadgen.run_echo(loadgen.Spec("echo", (), connections=1, turns=twice))
