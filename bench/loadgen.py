@@ -421,7 +421,7 @@ async def in_turns(
     cpu_before, counts_before = proxy_cpu(), [replace(tally) for tally in counts]
     await take_turns(spec.window, measured)
     cpu_after, counts_after = proxy_cpu(), [replace(tally) for tally in counts]
-    results = []
+    results: list[dict[str, Any]] = []
     for k, turn in enumerate(turns):
         phases, before, after = measured[k], counts_before[k], counts_after[k]
         count = after.count - before.count
@@ -434,9 +434,10 @@ async def in_turns(
             "proxy_cpu_by_pid": {str(pid): round(b - a, 3)
                                  for pid, a, b in zip(turn.proxy_pids, cpu_before[k], cpu_after[k], strict=True)},
             "cpu_busy": cpu_busy(dict.fromkeys(phases.jiffies, (0, 0)), phases.jiffies),
-            "cookies_issued": after.cookies_issued - before.cookies_issued,
-            "server_changes": after.server_changes - before.server_changes,
         })
+        if spec.scenario == "handshake":
+            results[-1].update(cookies_issued=after.cookies_issued - before.cookies_issued,
+                               server_changes=after.server_changes - before.server_changes)
     return results
 
 
@@ -486,8 +487,6 @@ async def run_echo(spec: Spec) -> dict[str, Any]:
         else:
             results = await in_turns(spec, turns, counts, functools.partial(give_turn, clients))
             for opened, result in zip(clients, results, strict=True):
-                result.pop("cookies_issued")
-                result.pop("server_changes")
                 result["opened"] = len(opened)
                 result["bytes"] = result["count"] * payload
     finally:

@@ -253,7 +253,7 @@ def _run_all(run: Run, haproxy_path: str | None, *, floor: bool = True) -> list[
                 spec = Spec(scenario, direct.addresses, connections, payload, plan.warmup, plan.window,
                             load_pids=load_pids)
                 _scenario(run, scenario, [direct], spec)
-                _scenario(run, scenario, in_turn, in_turns(spec, in_turn, plan.phase))
+                _scenario(run, scenario, in_turn, taking_turns(spec, in_turn, plan.phase))
         for round_index in range(plan.handshake_rounds):
             in_turn = proxies if round_index % 2 == 0 else proxies[::-1]
             for check in (False, True):
@@ -384,11 +384,11 @@ def handshake_spec(
 
 
 def turns_spec(plan: Plan, proxies: Sequence[Target], check: bool, load_pids: tuple[int, ...] = ()) -> Spec:
-    """The handshake scenario through `proxies` taking turns (`in_turns`)."""
-    return in_turns(handshake_spec(plan, proxies[0], plan.window, check, load_pids), proxies, plan.phase)
+    """The handshake scenario through `proxies` taking turns (`taking_turns`)."""
+    return taking_turns(handshake_spec(plan, proxies[0], plan.window, check, load_pids), proxies, plan.phase)
 
 
-def in_turns(spec: Spec, proxies: Sequence[Target], phase: float) -> Spec:
+def taking_turns(spec: Spec, proxies: Sequence[Target], phase: float) -> Spec:
     """`spec` through `proxies` taking turns, `phase` seconds at a time, `spec.window` seconds each
     (`bench.loadgen.in_turns` says why)."""
     return replace(spec, targets=(), proxy_pids=(), turns=tuple(Turn(t.name, t.addresses, t.proxy_pids())
