@@ -1,10 +1,12 @@
 /* lb.affinity._aead: the affinity token's AES-256-GCM, through the OpenSSL the interpreter has loaded.
  *
- * `AesGcm(key)` holds a 32-byte key; `encrypt(nonce, data, aad)` returns the ciphertext followed by
- * its 16-byte tag, as cryptography's AESGCM.encrypt does, and `decrypt(nonce, data, aad)` the
- * plaintext, or None where AESGCM.decrypt raises InvalidTag (a tag that does not match, or data
- * shorter than a tag).  Nonces are 12 bytes (the token's).  tests/unit/test_aead.py holds both to
- * cryptography's AESGCM, which lb.affinity.codec uses when this module is not built or not loaded.
+ * `AesGcm(key)` holds a 32-byte key; `seal(nonce, aad, *data)` returns `aad`, `nonce`, then the
+ * ciphertext of the `data` pieces joined, followed by its 16-byte tag, as cryptography's
+ * AESGCM.encrypt returns those two (an affinity token's bytes, its header the aad); and
+ * `decrypt(nonce, data, aad)` the plaintext, or None where AESGCM.decrypt raises InvalidTag (a tag
+ * that does not match, or data shorter than a tag).  Nonces are 12 bytes (the token's).
+ * tests/unit/test_aead.py holds both to cryptography's AESGCM, which lb.affinity.codec uses when this
+ * module is not built or not loaded.
  *
  * Why C, by hand: each handshake seals one token (a new client) or opens one (a returning client),
  * and cryptography's AESGCM made a cipher context for every call (a new one, a copy of the key's,
@@ -123,7 +125,7 @@ aead_dealloc(AesGcm *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* The three arguments of either call, as bytes: 0, or -1 with an exception set. */
+/* decrypt's three arguments, as bytes: 0, or -1 with an exception set. */
 static int
 read_arguments(AesGcm *self, PyObject *const *args, Py_ssize_t nargs, const char *name)
 {
@@ -150,27 +152,64 @@ read_arguments(AesGcm *self, PyObject *const *args, Py_ssize_t nargs, const char
     return 0;
 }
 
+/* seal(nonce, aad, *data): a token's bytes, `aad | nonce | ciphertext | tag`, the plaintext being the
+ * `data` pieces one after another.  One allocation: the pieces are copied where their ciphertext goes
+ * and encrypted in place (EVP_EncryptUpdate allows it), where encrypt(nonce, data, aad) and the
+ * codec's `+` made the plaintext, the ciphertext and the token each a bytes of its own (five
+ * concatenations and a call: about 700 instructions a new client's handshake). */
 static PyObject *
-aead_encrypt(AesGcm *self, PyObject *const *args, Py_ssize_t nargs)
+aead_seal(AesGcm *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (read_arguments(self, args, nargs, "encrypt") < 0) {
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "seal(nonce, aad, *data) takes at least 2 arguments");
+        return NULL;
+    }
+    Py_ssize_t length = 0;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        if (!PyBytes_Check(args[i])) {
+            PyErr_SetString(PyExc_TypeError, "seal() takes bytes");
+            return NULL;
+        }
+        if (i >= 2) {
+            if (PyBytes_GET_SIZE(args[i]) > INT_MAX - TAG_BYTES - length) {
+                PyErr_SetString(PyExc_OverflowError, "seal(): data too long");
+                return NULL;
+            }
+            length += PyBytes_GET_SIZE(args[i]);
+        }
+    }
+    if (PyBytes_GET_SIZE(args[0]) != NONCE_BYTES) {
+        PyErr_SetString(PyExc_ValueError, "seal() takes a 12-byte nonce");
+        return NULL;
+    }
+    Py_ssize_t aad_length = PyBytes_GET_SIZE(args[1]);
+    if (aad_length > INT_MAX - NONCE_BYTES - TAG_BYTES - length) { /* the whole token's length fits an int */
+        PyErr_SetString(PyExc_OverflowError, "seal(): aad too long");
+        return NULL;
+    }
+    if (self->seal == NULL) {
+        PyErr_SetString(PyExc_TypeError, "AesGcm() was not given its key");
         return NULL;
     }
     const unsigned char *nonce = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[1]);
-    const unsigned char *aad = (const unsigned char *)PyBytes_AS_STRING(args[2]);
-    int length = (int)PyBytes_GET_SIZE(args[1]), aad_length = (int)PyBytes_GET_SIZE(args[2]);
-    PyObject *sealed = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)length + TAG_BYTES);
+    PyObject *sealed = PyBytes_FromStringAndSize(NULL, aad_length + NONCE_BYTES + length + TAG_BYTES);
     if (sealed == NULL) {
         return NULL;
     }
     unsigned char *out = (unsigned char *)PyBytes_AS_STRING(sealed);
+    memcpy(out, PyBytes_AS_STRING(args[1]), (size_t)aad_length);
+    memcpy(out + aad_length, nonce, NONCE_BYTES);
+    unsigned char *cipher = out + aad_length + NONCE_BYTES, *at = cipher;
+    for (Py_ssize_t i = 2; i < nargs; i++) {
+        memcpy(at, PyBytes_AS_STRING(args[i]), (size_t)PyBytes_GET_SIZE(args[i]));
+        at += PyBytes_GET_SIZE(args[i]);
+    }
     int written = 0, last = 0;
     if (encrypt_init(self->seal, NULL, NULL, NULL, nonce) != 1
-        || (aad_length > 0 && encrypt_update(self->seal, NULL, &last, aad, aad_length) != 1)
-        || (length > 0 && encrypt_update(self->seal, out, &written, data, length) != 1)
-        || encrypt_final(self->seal, out + written, &last) != 1 || written + last != length
-        || ctx_ctrl(self->seal, EVP_CTRL_GCM_GET_TAG, TAG_BYTES, out + length) != 1) {
+        || (aad_length > 0 && encrypt_update(self->seal, NULL, &last, out, (int)aad_length) != 1)
+        || (length > 0 && encrypt_update(self->seal, cipher, &written, cipher, (int)length) != 1)
+        || encrypt_final(self->seal, cipher + written, &last) != 1 || written + last != length
+        || ctx_ctrl(self->seal, EVP_CTRL_GCM_GET_TAG, TAG_BYTES, cipher + length) != 1) {
         Py_DECREF(sealed);
         return openssl_failed("AES-GCM encryption");
     }
@@ -213,8 +252,8 @@ aead_decrypt(AesGcm *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyMethodDef aead_methods[] = {
-    {"encrypt", (PyCFunction)(void (*)(void))aead_encrypt, METH_FASTCALL,
-     "encrypt(nonce, data, aad) -> bytes: the ciphertext and its 16-byte tag (cryptography's AESGCM.encrypt)."},
+    {"seal", (PyCFunction)(void (*)(void))aead_seal, METH_FASTCALL,
+     "seal(nonce, aad, *data) -> bytes: aad, nonce, then cryptography's AESGCM.encrypt(nonce, b''.join(data), aad)."},
     {"decrypt", (PyCFunction)(void (*)(void))aead_decrypt, METH_FASTCALL,
      "decrypt(nonce, data, aad) -> bytes | None: the plaintext, or None where AESGCM.decrypt raises InvalidTag."},
     {NULL, NULL, 0, NULL},

@@ -41,7 +41,7 @@ import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -111,27 +111,33 @@ class Claim:
         return self.pool is None or self.pool == pool
 
 
+class _Seal(Protocol):
+    def __call__(self, nonce: bytes, aad: bytes, /, *data: bytes) -> bytes: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Key:
     key_id: int
-    # AES-256-GCM with this key: (nonce, data, aad) -> the ciphertext and its tag; -> the plaintext, or None
-    # when the tag does not match.  Bound methods of lb.affinity._aead.AesGcm, or of `_CryptographyAead`.
-    encrypt: Callable[[bytes, bytes, bytes], bytes]
+    # AES-256-GCM with this key: seal(nonce, aad, *data) -> aad | nonce | the ciphertext of the data joined |
+    # its tag (a token's bytes, the header as aad); decrypt(nonce, data, aad) -> the plaintext, or None when
+    # the tag does not match.  Bound methods of lb.affinity._aead.AesGcm, or of `_CryptographyAead`.
+    seal: _Seal
     decrypt: Callable[[bytes, bytes, bytes], bytes | None]
     header: bytes  # version and key id, as every token this key seals begins (and authenticates)
 
 
 class _CryptographyAead:
-    """cryptography's AESGCM, its decrypt answering as lb.affinity._aead's: None, not InvalidTag, for a tag
-    that does not match.  Where that module is not built, or finds no OpenSSL loaded (LB_PURE_PYTHON=1)."""
+    """cryptography's AESGCM, answering as lb.affinity._aead's AesGcm: `seal` gives a token's bytes, and
+    `decrypt` None, not InvalidTag, for a tag that does not match.  Where that module is not built, or finds
+    no OpenSSL loaded (LB_PURE_PYTHON=1)."""
 
     __slots__ = ("_aead",)
 
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
 
-    def encrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
-        return self._aead.encrypt(nonce, data, aad)
+    def seal(self, nonce: bytes, aad: bytes, /, *data: bytes) -> bytes:
+        return aad + nonce + self._aead.encrypt(nonce, b"".join(data), aad)
 
     def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes | None:
         try:
@@ -162,7 +168,7 @@ def _derive(secret: str, version: int) -> _Key:
     ).derive(secret.encode("utf-8"))
     key_id = int.from_bytes(hashlib.sha256(b"key id" + material).digest()[:2], "big")
     aead = _AES_GCM(material) if _AES_GCM is not None else _CryptographyAead(material)
-    return _Key(key_id=key_id, encrypt=aead.encrypt, decrypt=aead.decrypt, header=_HEADER.pack(version, key_id))
+    return _Key(key_id=key_id, seal=aead.seal, decrypt=aead.decrypt, header=_HEADER.pack(version, key_id))
 
 
 class TokenCodec:
@@ -192,26 +198,33 @@ class TokenCodec:
             ValueError: backend id or pool longer than 255 bytes, bad session or nonce length.
             TokenTooLarge: the sealed token would exceed MAX_TOKEN_CHARS (a huge app value).
         """
-        backend, names = _sealed_names(claim.backend_id, claim.pool or "")
+        return self.seal_fields(claim.backend_id, claim.issued_at, claim.session, claim.app_value, claim.pool, nonce)
+
+    def seal_fields(
+        self, backend_id: str, issued_at: float, session: bytes, app_value: str | None, pool: str | None, nonce: bytes
+    ) -> str:
+        """`seal` of the Claim these fields make, without making it (the connection core seals a new
+        client's token from its decision's fields: a Claim made and freed for it cost about 350
+        instructions a handshake).  Raises as `seal`."""
+        backend, names = _sealed_names(backend_id, pool or "")
         if len(backend) > 255 or len(names) - len(backend) > 257:
             raise ValueError("claim does not fit the token layout")
-        if len(claim.session) != SESSION_BYTES or len(nonce) != NONCE_BYTES:
+        if len(session) != SESSION_BYTES or len(nonce) != NONCE_BYTES:
             raise ValueError("claim does not fit the token layout")
-        app_value = claim.app_value.encode("utf-8") if claim.app_value is not None else b""
+        app_bytes = app_value.encode("utf-8") if app_value is not None else b""
         claim_size = _SECONDS_CLAIM_SIZE if self._seconds else _CLAIM_SIZE
         fixed = _HEADER_SIZE + NONCE_BYTES + claim_size - 1 + len(names) + _TAG_BYTES  # names has the id length
-        if base64_chars(fixed + len(app_value)) > MAX_TOKEN_CHARS:
-            raise TokenTooLarge(len(app_value))
+        if base64_chars(fixed + len(app_bytes)) > MAX_TOKEN_CHARS:
+            raise TokenTooLarge(len(app_bytes))
         key = self._keys[0]
         # _CLAIM's issued_at (rounded: an opened claim's is milliseconds / 1000, which a float may hold
         # a hair under the millisecond) and session; its id length begins `names`.
         if self._seconds:  # version 2: whole seconds, rounded up, so as never to expire early
-            issued = math.ceil(round_half_even(claim.issued_at * 1000) / 1000).to_bytes(4, "big")
+            issued = math.ceil(round_half_even(issued_at * 1000) / 1000).to_bytes(4, "big")
         else:
-            issued = round_half_even(claim.issued_at * 1000).to_bytes(6, "big")
-        plaintext = issued + claim.session + names + app_value
-        sealed = key.header + nonce + key.encrypt(nonce, plaintext, key.header)
-        return _to_text(sealed)
+            issued = round_half_even(issued_at * 1000).to_bytes(6, "big")
+        # The token's bytes, header | nonce | AES-GCM(issued | session | names | app value), in one piece.
+        return _to_text(key.seal(nonce, key.header, issued, session, names, app_bytes))
 
     def open(self, token: str, now: float) -> Claim:
         """Decrypt and check a token.

@@ -279,11 +279,7 @@ class _Sealer:
             nonce = self._random(NONCE_BYTES)
         else:
             self._nonce = None
-        claim = Claim(
-            backend_id=self._backend_id, issued_at=self._issued_at, session=self._session, app_value=app_value,
-            pool=self._pool,
-        )
-        return self._codec.seal(claim, nonce)
+        return self._codec.seal_fields(self._backend_id, self._issued_at, self._session, app_value, self._pool, nonce)
 
 
 # -- the state machine ---------------------------------------------------------------

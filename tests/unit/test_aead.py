@@ -34,15 +34,18 @@ def _opened(key: bytes, nonce: bytes, data: bytes, aad: bytes) -> bytes | None:
 
 
 @settings(max_examples=400, deadline=None)
-@given(key=_keys, nonce=_nonces, data=st.binary(max_size=300), aad=st.binary(max_size=20))
+@given(key=_keys, nonce=_nonces, pieces=st.lists(st.binary(max_size=120), max_size=5), aad=st.binary(max_size=20))
 def test_it_seals_as_cryptography_does_and_opens_what_it_sealed(
-    key: bytes, nonce: bytes, data: bytes, aad: bytes
+    key: bytes, nonce: bytes, pieces: list[bytes], aad: bytes
 ) -> None:
+    """seal's bytes are the aad, the nonce, then what AESGCM.encrypt makes of the pieces joined."""
+    data = b"".join(pieces)
     ours, theirs = aead.AesGcm(key), codec._CryptographyAead(key)
-    sealed = ours.encrypt(nonce, data, aad)
-    assert sealed == AESGCM(key).encrypt(nonce, data, aad) == theirs.encrypt(nonce, data, aad)
-    assert ours.decrypt(nonce, sealed, aad) == data == theirs.decrypt(nonce, sealed, aad)
-    assert ours.encrypt(nonce, data, aad) == sealed, "the kept context is set afresh by each call"
+    sealed = ours.seal(nonce, aad, *pieces)
+    assert sealed == aad + nonce + AESGCM(key).encrypt(nonce, data, aad) == theirs.seal(nonce, aad, *pieces)
+    encrypted = sealed[len(aad) + len(nonce):]
+    assert ours.decrypt(nonce, encrypted, aad) == data == theirs.decrypt(nonce, encrypted, aad)
+    assert ours.seal(nonce, aad, *pieces) == sealed, "the kept context is set afresh by each call"
 
 
 @settings(max_examples=400, deadline=None)
@@ -82,10 +85,11 @@ def test_data_no_longer_than_a_tag(length: int) -> None:
     [
         (lambda: aead.AesGcm(bytes(16)), ValueError),  # AES-256 only: the token's
         (lambda: aead.AesGcm("k" * 32), TypeError),
-        (lambda: aead.AesGcm(bytes(32)).encrypt(bytes(8), b"", b""), ValueError),  # the token's nonce is 12 bytes
+        (lambda: aead.AesGcm(bytes(32)).seal(bytes(8), b"", b""), ValueError),  # the token's nonce is 12 bytes
         (lambda: aead.AesGcm(bytes(32)).decrypt(bytes(12), "x" * 20, b""), TypeError),
-        (lambda: aead.AesGcm(bytes(32)).encrypt(bytes(12), b""), TypeError),
-        (lambda: aead.AesGcm.__new__(aead.AesGcm).encrypt(bytes(12), b"", b""), TypeError),  # never given its key
+        (lambda: aead.AesGcm(bytes(32)).seal(bytes(12)), TypeError),
+        (lambda: aead.AesGcm(bytes(32)).seal(bytes(12), b"", "x"), TypeError),
+        (lambda: aead.AesGcm.__new__(aead.AesGcm).seal(bytes(12), b"", b""), TypeError),  # never given its key
     ],
 )
 def test_wrong_arguments_raise(call: object, error: type[Exception]) -> None:
@@ -97,9 +101,9 @@ def test_the_codec_uses_it_when_built_and_cryptography_under_lb_pure_python() ->
     if pure_python_requested():
         pytest.skip("LB_PURE_PYTHON=1: the codec uses cryptography")
     assert codec._AES_GCM is aead.AesGcm
-    assert type(codec._derive("secret", 3).encrypt.__self__) is aead.AesGcm  # type: ignore[attr-defined]
+    assert type(codec._derive("secret", 3).seal.__self__) is aead.AesGcm  # type: ignore[attr-defined]
     probe = ("import lb.affinity.codec as c; "
-             "print(c._AES_GCM is None, type(c._derive('s', 3).encrypt.__self__).__name__)")
+             "print(c._AES_GCM is None, type(c._derive('s', 3).seal.__self__).__name__)")
     env = {**os.environ, "LB_PURE_PYTHON": "1"}
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["True", "_CryptographyAead"], done.stderr

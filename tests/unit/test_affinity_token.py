@@ -199,7 +199,7 @@ def _sealed_as(version: int, claim: Claim, secret: str = "current-secret") -> by
     if version >= 2:
         plaintext += bytes([len(pool)]) + pool
     plaintext += (claim.app_value or "").encode()
-    return header + NONCE + key.encrypt(NONCE, plaintext, header)
+    return key.seal(NONCE, header, plaintext)
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -570,7 +570,7 @@ def test_version_1_tokens_still_open_for_any_pool() -> None:
     plaintext = struct.pack(">I8sB", int(NOW), SESSION, 4) + b"gw-2" + b"app"
     from base64 import urlsafe_b64encode
 
-    token = urlsafe_b64encode(header + nonce + key.encrypt(nonce, plaintext, header)).rstrip(b"=").decode()
+    token = urlsafe_b64encode(key.seal(nonce, header, plaintext)).rstrip(b"=").decode()
     claim = CODEC.open(token, NOW)
     assert (claim.backend_id, claim.pool, claim.app_value) == ("gw-2", None, "app")
     lookup = find_token(request("/ws", ("Cookie", f"LB_AFFINITY={token}")), INSERT, CODEC, NOW, pool="game")
