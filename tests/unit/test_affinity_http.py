@@ -294,6 +294,26 @@ def test_a_query_with_a_percent_but_no_parameter_of_ours_is_not_rewritten() -> N
     assert plan_forward(req, INSERT, find_token(req, INSERT, CODEC, NOW), True).target is None
 
 
+def test_insert_mode_plans_once_per_configuration_and_strips_under_each_its_own_cookie() -> None:
+    """Insert mode's plan is one object for every request under a configuration; a reload's configuration,
+    with another cookie name, gets its own, which strips that name; a target with our parameter gets a
+    plan of its own with the target stripped, stripping cookies as the shared one does."""
+    plain = request("/ws", ("Cookie", f"a=1; LB_AFFINITY={GW1}"))
+    first = plan_forward(plain, INSERT, find_token(plain, INSERT, CODEC, NOW), True)
+    assert plan_forward(request("/other"), INSERT, find_token(plain, INSERT, CODEC, NOW), False) is first
+    assert first.rewrite_cookie(f"a=1; LB_AFFINITY={GW1}") == "a=1"
+    reloaded = AffinityConfig(secret_keys=KEYS, cookie="GAME_PIN")
+    second = plan_forward(plain, reloaded, find_token(plain, reloaded, CODEC, NOW), True)
+    assert second is not first
+    assert second.rewrite_cookie(f"a=1; GAME_PIN={GW1}; LB_AFFINITY=x") == "a=1; LB_AFFINITY=x"
+    assert second.drop == frozenset() and first.drop == frozenset({HEADER.lower()})
+    queried = request(f"/ws?lb_affinity={GW1}&room=7")
+    own = plan_forward(queried, reloaded, find_token(queried, reloaded, CODEC, NOW), True)
+    assert own is not second and own.target == "/ws?room=7"
+    assert own.rewrite_cookie(f"GAME_PIN={GW1}") is None
+    assert plan_forward(plain, reloaded, find_token(plain, reloaded, CODEC, NOW), True) is second
+
+
 # -- plan_forward, rewrite mode ----------------------------------------------------------------
 
 
