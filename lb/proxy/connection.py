@@ -860,9 +860,10 @@ class Connection:
         lookup = find_token(request, affinity, self._codec, now, pool=pool.name)
         self._balance_key = balance_key(request, pool.config, self._client_ip)
         stats = self._ctx.stats
-        for token, reason in lookup.rejected.items():
-            add_one(stats.invalid_tokens, reason)
-            log.debug("ignoring affinity token %s from %s: %s", token_digest(token), self._client_ip, reason)
+        if lookup.rejected:  # rarely: its items' view and their iterator cost every handshake otherwise
+            for token, reason in lookup.rejected.items():
+                add_one(stats.invalid_tokens, reason)
+                log.debug("ignoring affinity token %s from %s: %s", token_digest(token), self._client_ip, reason)
         claim = lookup.claim
         decision = decide(
             claim.backend_id if claim else None,

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from lb.affinity.carriers import (
     MAX_COOKIE_PAIR,
     MAX_SEALS,
+    NO_TOKEN,
     TokenLookup,
     find_token,
     fitting_value,
@@ -90,6 +91,21 @@ GW3 = seal("gw-3", nonce=3)
 def test_no_token_anywhere() -> None:
     lookup = find_token(request("/ws?a=1", ("Cookie", "a=1")), INSERT, CODEC, NOW)
     assert lookup.claim is None and lookup.token is None and lookup.rejected == {}
+
+
+def test_every_request_without_a_token_gets_one_answer_that_nothing_changes() -> None:
+    """A new client's lookup is one object for all (`NO_TOKEN`), so nothing may change it: requests with
+    rejected, valid and other pools' tokens in between each get their own, and it stays empty."""
+    first = find_token(request("/ws"), INSERT, CODEC, NOW, pool="game")
+    assert first is NO_TOKEN
+    for bad in (tamper(GW1), f"{tamper(GW1)}.{tamper(GW2)}"):  # one token alone, and a search among several
+        assert find_token(request("/ws", ("Cookie", f"LB_AFFINITY={bad}")), INSERT, CODEC, NOW).rejected
+    assert find_token(request("/ws", ("Cookie", f"LB_AFFINITY={GW1}.{GW1}")), INSERT, CODEC, NOW).claim is not None
+    game_pin = CODEC.seal(Claim(backend_id="gw-1", issued_at=NOW, session=SESSION, pool="game"), bytes(NONCE_BYTES))
+    assert find_token(request("/ws", ("Cookie", f"LB_AFFINITY={game_pin}")), INSERT, CODEC, NOW, pool="chat").others
+    assert find_token(request("/other", ("Cookie", "a=1")), INSERT, CODEC, NOW) is NO_TOKEN
+    assert (NO_TOKEN.claim, NO_TOKEN.token, NO_TOKEN.from_cookie, NO_TOKEN.rejected, NO_TOKEN.others,
+            NO_TOKEN.cookie_sent) == (None, None, False, {}, (), False)
 
 
 def test_a_query_parameter_without_a_value_is_no_token() -> None:
