@@ -96,6 +96,19 @@ def test_headers_listed_in_connection_are_removed() -> None:
     assert out.head.get("x-kept") == "2"
 
 
+@pytest.mark.parametrize("lines", [
+    ("Connection: Upgrade", "Connection: X-Secret"),  # each line alone lists something: two lines are read
+    ("Connection: keep-alive, Upgrade", "Connection: x-secret"),
+    ("Connection: Upgrade, X-Secret",),
+    ("Connection: upgrade,X-SECRET",),
+])
+def test_headers_listed_in_any_connection_line_are_removed(lines: tuple[str, ...]) -> None:
+    """A Connection value a browser sends, with a name of the client's beside it or on a line of its own."""
+    out = forwarded(request("Host: a", "Upgrade: websocket", *lines, "X-Secret: 1", "X-Kept: 2"))
+    assert "x-secret" not in names(out)
+    assert out.head.get("x-kept") == "2"
+
+
 def test_transfer_encoding_travels_with_the_body() -> None:
     """Transfer-Encoding is kept: the body is relayed as it came."""
     out = forwarded(request("Host: a", "Transfer-Encoding: chunked", start="POST /up HTTP/1.1"))
@@ -536,16 +549,16 @@ def test_a_query_key_is_the_name_exactly_when_it_decodes_to_it(key_and_name: tup
     assert is_form_name(key, name) == (unquote_plus(key, errors="surrogateescape") == name)
 
 
-@pytest.mark.parametrize("connection", [["Upgrade"], ["upgrade"], ["keep-alive, Upgrade"]])
+@pytest.mark.parametrize("connection", ["Upgrade", "upgrade", "keep-alive, Upgrade"])
 @pytest.mark.parametrize("trusted_peer", [False, True])
 @pytest.mark.parametrize("extra", [frozenset(), frozenset({"x-lb-affinity"})])
 def test_the_connection_values_taken_as_read_list_only_what_is_dropped_anyway(
-    connection: list[str], trusted_peer: bool, extra: frozenset[str]
+    connection: str, trusted_peer: bool, extra: frozenset[str]
 ) -> None:
-    """render_forwarded_request skips reading these Connection values: what they list must be dropped anyway."""
+    """render_forwarded_request skips reading these Connection values (a field line alone): what they list
+    must be dropped anyway."""
     assert connection in forwarding._ONLY_HOP_BY_HOP_LISTED
-    raw = ("GET / HTTP/1.1\r\nHost: a\r\n" + "".join(f"Connection: {value}\r\n" for value in connection)
-           + "\r\n").encode()
+    raw = f"GET / HTTP/1.1\r\nHost: a\r\nConnection: {connection}\r\n\r\n".encode()
     listed = forwarding._connection_listed(parse_request_head(raw).head)
     assert listed and listed <= forwarding._request_drop(extra, trusted_peer)
     assert forwarding._request_drop(extra, trusted_peer) is forwarding._request_drop(extra, trusted_peer)  # made once

@@ -141,12 +141,12 @@ def test_the_c_forwarded_request_is_the_python_one(
 
     rewrite_cookie = _rewrites(rewrite)
     tail = forwarding._UPGRADE_FIELDS if websocket else forwarding._CLOSE_FIELDS
-    headers = tuple(fields)
+    headers, added_pairs = tuple(fields), tuple(added)
     fast = render.forward_request(method, target, version, headers, dropped, current.KNOWN_LOWERED, rewrite_cookie,
-                                  added, tail)
+                                  added_pairs, tail)
     try:
         expected: bytes | type[Exception] = forwarding.forwarded_in_python(
-            method, target, version, headers, dropped, rewrite_cookie, None, added, tail)  # type: ignore[arg-type]
+            method, target, version, headers, dropped, rewrite_cookie, None, added_pairs, tail)
     except UnicodeEncodeError:
         expected = UnicodeEncodeError
     assert fast is None or fast == expected
