@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import re
+from base64 import urlsafe_b64decode
 from pathlib import Path
 
 import pytest
@@ -1156,6 +1157,38 @@ def test_a_plain_101_reaches_the_client_as_render_head_writes_it_with_our_fields
     theirs = [(name, value) for name, _, value in (field.partition(": ") for field in fields)]
     assert sent == render_head(status_line, theirs + ours)
     assert sent.startswith(SWITCH[:-2])
+
+
+def _pin(play: Play) -> str:
+    """The token of the LB cookie the client was given."""
+    _, headers, _ = play.answer()
+    return headers["set-cookie"].split(";", 1)[0].removeprefix("LB=")
+
+
+def test_a_plain_101_seals_a_new_clients_pin_and_reissues_a_returning_ones_with_its_session() -> None:
+    """Through the plain 101: a new client's token names its backend and pool, is dated at the handshake's
+    wall clock floored to the millisecond, and carries the session drawn with its nonce; a token past half
+    its life is sealed again with the client's own session, a fresh nonce and the new date."""
+    first = Play(now=T0 + 0.0017)
+    first.client(upgrade())
+    first.connected()
+    first.backend(SWITCH)
+    token = _pin(first)
+    claim = first.ctx.codec.open(token, T0 + 1)
+    assert (claim.backend_id, claim.pool, claim.session, claim.issued_at) == ("a1", "a", b"\x01" * 8, T0 + 0.001)
+    assert urlsafe_b64decode(token + "==")[3:15] == b"\x01" * 12  # the nonce drawn with the session
+
+    half_life = first.ctx.config.affinity.max_age / 2
+    later = Play(now=T0 + half_life + 1.0042)
+    later.conn._random = lambda n: b"\x02" * n  # type: ignore[attr-defined]  # another draw than the first's
+    later.client(upgrade().replace(b"\r\n\r\n", f"\r\nCookie: LB={token}\r\n\r\n".encode()))
+    later.connected()
+    later.backend(SWITCH)
+    again = _pin(later)
+    reissued = later.ctx.codec.open(again, later.now)
+    assert (reissued.backend_id, reissued.pool, reissued.session) == ("a1", "a", b"\x01" * 8)
+    assert reissued.issued_at == T0 + half_life + 1.004
+    assert urlsafe_b64decode(again + "==")[3:15] == b"\x02" * 12
 
 
 BACKENDS_OWN = b"X-Aff: backend-said\r\nSet-Cookie: SID=abc\r\n"  # SID: rewrite mode's cookie, so a token is sealed
