@@ -3,8 +3,8 @@
  * `AesGcm(key)` holds a 32-byte key; `seal(nonce, aad, *data)` returns `aad`, `nonce`, then the
  * ciphertext of the `data` pieces joined, followed by its 16-byte tag, as cryptography's
  * AESGCM.encrypt returns those two (an affinity token's bytes, its header the aad); and
- * `decrypt(nonce, data, aad)` the plaintext, or None where AESGCM.decrypt raises InvalidTag (a tag
- * that does not match, or data shorter than a tag).  Nonces are 12 bytes (the token's).
+ * `open(sealed, aad_length)` the data of such bytes, or None where AESGCM.decrypt raises InvalidTag (a
+ * tag that does not match, or too few bytes for a nonce and a tag).  Nonces are 12 bytes (the token's).
  * tests/unit/test_aead.py holds both to cryptography's AESGCM, which lb.affinity.codec uses when this
  * module is not built or not loaded.
  *
@@ -98,7 +98,7 @@ aead_init(AesGcm *self, PyObject *args, PyObject *kwargs)
         else {
             result = 0;
         }
-        if (result < 0) { /* made halfway: no context is kept half keyed (read_arguments asks for both) */
+        if (result < 0) { /* made halfway: no context is kept half keyed (seal and open each ask for theirs) */
             if (self->seal != NULL) {
                 ctx_free(self->seal);
                 self->seal = NULL;
@@ -125,38 +125,6 @@ aead_dealloc(AesGcm *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* decrypt's three arguments, as bytes: 0, or -1 with an exception set. */
-static int
-read_arguments(AesGcm *self, PyObject *const *args, Py_ssize_t nargs, const char *name)
-{
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "%s(nonce, data, aad) takes 3 arguments", name);
-        return -1;
-    }
-    if (!PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) || !PyBytes_Check(args[2])) {
-        PyErr_Format(PyExc_TypeError, "%s() takes bytes", name);
-        return -1;
-    }
-    if (PyBytes_GET_SIZE(args[0]) != NONCE_BYTES) {
-        PyErr_Format(PyExc_ValueError, "%s() takes a 12-byte nonce", name);
-        return -1;
-    }
-    if (PyBytes_GET_SIZE(args[1]) > INT_MAX - TAG_BYTES || PyBytes_GET_SIZE(args[2]) > INT_MAX) {
-        PyErr_Format(PyExc_OverflowError, "%s(): data too long", name);
-        return -1;
-    }
-    if (self->seal == NULL || self->open == NULL) {
-        PyErr_SetString(PyExc_TypeError, "AesGcm() was not given its key");
-        return -1;
-    }
-    return 0;
-}
-
-/* seal(nonce, aad, *data): a token's bytes, `aad | nonce | ciphertext | tag`, the plaintext being the
- * `data` pieces one after another.  One allocation: the pieces are copied where their ciphertext goes
- * and encrypted in place (EVP_EncryptUpdate allows it), where encrypt(nonce, data, aad) and the
- * codec's `+` made the plaintext, the ciphertext and the token each a bytes of its own (five
- * concatenations and a call: about 700 instructions a new client's handshake). */
 static PyObject *
 aead_seal(AesGcm *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -216,19 +184,44 @@ aead_seal(AesGcm *self, PyObject *const *args, Py_ssize_t nargs)
     return sealed;
 }
 
+/* open(sealed, aad_length): what seal(nonce, aad, *data) sealed, from its bytes: `data` joined, or None where
+ * AESGCM.decrypt raises InvalidTag (a tag that does not match, or bytes too short to hold a nonce and a
+ * tag after the aad).  The aad, the nonce and the ciphertext are read where they lie, where the codec's
+ * slices made a bytes of each. */
 static PyObject *
-aead_decrypt(AesGcm *self, PyObject *const *args, Py_ssize_t nargs)
+aead_open(AesGcm *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (read_arguments(self, args, nargs, "decrypt") < 0) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "open(sealed, aad_length) takes 2 arguments");
         return NULL;
     }
-    if (PyBytes_GET_SIZE(args[1]) < TAG_BYTES) {
+    if (!PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "open() takes bytes");
+        return NULL;
+    }
+    Py_ssize_t aad_length = PyLong_AsSsize_t(args[1]);
+    if (aad_length == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    if (aad_length < 0 || aad_length > size) {
+        PyErr_SetString(PyExc_ValueError, "open(): aad_length outside the sealed bytes");
+        return NULL;
+    }
+    if (size > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "open(): sealed bytes too long");
+        return NULL;
+    }
+    if (self->open == NULL) {
+        PyErr_SetString(PyExc_TypeError, "AesGcm() was not given its key");
+        return NULL;
+    }
+    if (size - aad_length < NONCE_BYTES + TAG_BYTES) {
         Py_RETURN_NONE;
     }
-    const unsigned char *nonce = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[1]);
-    const unsigned char *aad = (const unsigned char *)PyBytes_AS_STRING(args[2]);
-    int length = (int)PyBytes_GET_SIZE(args[1]) - TAG_BYTES, aad_length = (int)PyBytes_GET_SIZE(args[2]);
+    const unsigned char *aad = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    const unsigned char *nonce = aad + aad_length, *data = nonce + NONCE_BYTES;
+    int length = (int)(size - aad_length - NONCE_BYTES - TAG_BYTES);
     unsigned char tag[TAG_BYTES]; /* SET_TAG takes a pointer it does not write through, typed writable */
     memcpy(tag, data + length, TAG_BYTES);
     PyObject *plain = PyBytes_FromStringAndSize(NULL, length);
@@ -238,7 +231,7 @@ aead_decrypt(AesGcm *self, PyObject *const *args, Py_ssize_t nargs)
     unsigned char *out = (unsigned char *)PyBytes_AS_STRING(plain);
     int written = 0, last = 0;
     if (decrypt_init(self->open, NULL, NULL, NULL, nonce) != 1
-        || (aad_length > 0 && decrypt_update(self->open, NULL, &last, aad, aad_length) != 1)
+        || (aad_length > 0 && decrypt_update(self->open, NULL, &last, aad, (int)aad_length) != 1)
         || (length > 0 && decrypt_update(self->open, out, &written, data, length) != 1) || written != length
         || ctx_ctrl(self->open, EVP_CTRL_GCM_SET_TAG, TAG_BYTES, tag) != 1) {
         Py_DECREF(plain);
@@ -254,8 +247,9 @@ aead_decrypt(AesGcm *self, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef aead_methods[] = {
     {"seal", (PyCFunction)(void (*)(void))aead_seal, METH_FASTCALL,
      "seal(nonce, aad, *data) -> bytes: aad, nonce, then cryptography's AESGCM.encrypt(nonce, b''.join(data), aad)."},
-    {"decrypt", (PyCFunction)(void (*)(void))aead_decrypt, METH_FASTCALL,
-     "decrypt(nonce, data, aad) -> bytes | None: the plaintext, or None where AESGCM.decrypt raises InvalidTag."},
+    {"open", (PyCFunction)(void (*)(void))aead_open, METH_FASTCALL,
+     "open(sealed, aad_length) -> bytes | None: what seal sealed in `sealed` (its aad the first aad_length bytes), "
+     "or None where AESGCM.decrypt raises InvalidTag."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -119,17 +119,17 @@ class _Seal(Protocol):
 class _Key:
     key_id: int
     # AES-256-GCM with this key: seal(nonce, aad, *data) -> aad | nonce | the ciphertext of the data joined |
-    # its tag (a token's bytes, the header as aad); decrypt(nonce, data, aad) -> the plaintext, or None when
-    # the tag does not match.  Bound methods of lb.affinity._aead.AesGcm, or of `_CryptographyAead`.
+    # its tag (a token's bytes, the header as aad); open(sealed, aad_length) -> the data of such bytes, or
+    # None when the tag does not match.  Bound methods of lb.affinity._aead.AesGcm, or of `_CryptographyAead`.
     seal: _Seal
-    decrypt: Callable[[bytes, bytes, bytes], bytes | None]
+    open: Callable[[bytes, int], bytes | None]
     header: bytes  # version and key id, as every token this key seals begins (and authenticates)
 
 
 class _CryptographyAead:
     """cryptography's AESGCM, answering as lb.affinity._aead's AesGcm: `seal` gives a token's bytes, and
-    `decrypt` None, not InvalidTag, for a tag that does not match.  Where that module is not built, or finds
-    no OpenSSL loaded (LB_PURE_PYTHON=1)."""
+    `open` takes them, answering None, not InvalidTag, for a tag that does not match.  Where that module
+    is not built, or finds no OpenSSL loaded (LB_PURE_PYTHON=1)."""
 
     __slots__ = ("_aead",)
 
@@ -139,9 +139,14 @@ class _CryptographyAead:
     def seal(self, nonce: bytes, aad: bytes, /, *data: bytes) -> bytes:
         return aad + nonce + self._aead.encrypt(nonce, b"".join(data), aad)
 
-    def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes | None:
+    def open(self, sealed: bytes, aad_length: int) -> bytes | None:
+        if not 0 <= aad_length <= len(sealed):
+            raise ValueError("open(): aad_length outside the sealed bytes")
+        if len(sealed) - aad_length < NONCE_BYTES + _TAG_BYTES:
+            return None  # too short for a nonce and a tag: no tag can match
+        nonce_end = aad_length + NONCE_BYTES
         try:
-            return self._aead.decrypt(nonce, data, aad)
+            return self._aead.decrypt(sealed[aad_length:nonce_end], sealed[nonce_end:], sealed[:aad_length])
         except InvalidTag:
             return None
 
@@ -168,7 +173,7 @@ def _derive(secret: str, version: int) -> _Key:
     ).derive(secret.encode("utf-8"))
     key_id = int.from_bytes(hashlib.sha256(b"key id" + material).digest()[:2], "big")
     aead = _AES_GCM(material) if _AES_GCM is not None else _CryptographyAead(material)
-    return _Key(key_id=key_id, seal=aead.seal, decrypt=aead.decrypt, header=_HEADER.pack(version, key_id))
+    return _Key(key_id=key_id, seal=aead.seal, open=aead.open, header=_HEADER.pack(version, key_id))
 
 
 class TokenCodec:
@@ -237,17 +242,18 @@ class TokenCodec:
         version, key_id = raw[0], raw[1] << 8 | raw[2]  # _HEADER
         if version not in _VERSIONS:
             raise InvalidToken("malformed")
-        header, nonce, ciphertext = raw[:3], raw[3 : 3 + NONCE_BYTES], raw[3 + NONCE_BYTES :]
-        candidates = [key for key in self._keys if key.key_id == key_id]
-        if not candidates:
-            raise InvalidToken("unknown_key")
-        for key in candidates:
-            opened = key.decrypt(nonce, ciphertext, header)
-            if opened is not None:
-                plaintext = opened
-                break
-        else:
-            raise InvalidToken("bad_mac")
+        # Each key of this id (two secrets may share one) tries the token's bytes where they lie: the header
+        # its aad, then the nonce, the ciphertext and the tag (`_Key.open`).
+        plaintext: bytes | None = None
+        tried = False
+        for key in self._keys:
+            if key.key_id == key_id:
+                tried = True
+                plaintext = key.open(raw, _HEADER_SIZE)
+                if plaintext is not None:
+                    break
+        if plaintext is None:
+            raise InvalidToken("bad_mac" if tried else "unknown_key")
         claim = _parse_claim(plaintext, version, older_key=key is not self._keys[0])
         age = now - claim.issued_at
         if age > self._max_age:

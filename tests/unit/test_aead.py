@@ -1,7 +1,7 @@
 """lb.affinity._aead (C, OpenSSL's EVP with contexts kept per key) seals and opens as cryptography's AESGCM does.
 
 The codec uses it when it is built and finds the OpenSSL Python's `_hashlib` loaded; else cryptography's
-AESGCM, whose InvalidTag its decrypt answers as None.  Both ways are held to AESGCM itself here.
+AESGCM, whose InvalidTag its open answers as None.  Both ways are held to AESGCM itself here.
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ def test_it_seals_as_cryptography_does_and_opens_what_it_sealed(
     ours, theirs = aead.AesGcm(key), codec._CryptographyAead(key)
     sealed = ours.seal(nonce, aad, *pieces)
     assert sealed == aad + nonce + AESGCM(key).encrypt(nonce, data, aad) == theirs.seal(nonce, aad, *pieces)
-    encrypted = sealed[len(aad) + len(nonce):]
-    assert ours.decrypt(nonce, encrypted, aad) == data == theirs.decrypt(nonce, encrypted, aad)
+    assert ours.open(sealed, len(aad)) == data == theirs.open(sealed, len(aad))
     assert ours.seal(nonce, aad, *pieces) == sealed, "the kept context is set afresh by each call"
 
 
@@ -63,21 +62,29 @@ def test_anything_changed_does_not_open(key: bytes, nonce: bytes, data: bytes, a
     changed[flip % len(changed)] ^= 1 << (flip % 8)
     parts[where] = bytes(changed)
     ours = aead.AesGcm(parts["key"])
-    assert ours.decrypt(parts["nonce"], parts["data"], parts["aad"]) is None
+    tampered = parts["aad"] + parts["nonce"] + parts["data"]
+    assert ours.open(tampered, len(aad)) is None
     assert _opened(parts["key"], parts["nonce"], parts["data"], parts["aad"]) is None
-    assert codec._CryptographyAead(parts["key"]).decrypt(parts["nonce"], parts["data"], parts["aad"]) is None
+    assert codec._CryptographyAead(parts["key"]).open(tampered, len(aad)) is None
     if where != "key":
-        assert ours.decrypt(nonce, sealed, aad) == data, "a failed open leaves the context to open the next"
+        assert ours.open(aad + nonce + sealed, len(aad)) == data, "a failed open leaves the context to open the next"
 
 
 @pytest.mark.parametrize("length", range(17))
-def test_data_no_longer_than_a_tag(length: int) -> None:
+@pytest.mark.parametrize("aad", [b"", b"\x03\x12\x34"])
+def test_data_no_longer_than_a_tag(length: int, aad: bytes) -> None:
+    """Bytes too short to hold a tag after the nonce open to None, as AESGCM refuses them; so do bytes too
+    short to hold the nonce itself, where AESGCM is not asked (it refuses a nonce under 8 bytes otherwise)."""
     key, nonce = bytes(range(32)), bytes(12)
-    sealed = AESGCM(key).encrypt(nonce, b"", b"")
+    sealed = AESGCM(key).encrypt(nonce, b"", aad)
     data = sealed[:length] if length <= 16 else sealed
-    expected = _opened(key, nonce, data, b"")
-    assert aead.AesGcm(key).decrypt(nonce, data, b"") == expected
+    expected = _opened(key, nonce, data, aad)
+    assert aead.AesGcm(key).open(aad + nonce + data, len(aad)) == expected
+    assert codec._CryptographyAead(key).open(aad + nonce + data, len(aad)) == expected
     assert (expected == b"") is (length == 16)
+    for short in range(len(aad) + len(nonce)):
+        assert aead.AesGcm(key).open((aad + nonce)[:short], min(short, len(aad))) is None
+        assert codec._CryptographyAead(key).open((aad + nonce)[:short], min(short, len(aad))) is None
 
 
 @pytest.mark.parametrize(
@@ -86,7 +93,11 @@ def test_data_no_longer_than_a_tag(length: int) -> None:
         (lambda: aead.AesGcm(bytes(16)), ValueError),  # AES-256 only: the token's
         (lambda: aead.AesGcm("k" * 32), TypeError),
         (lambda: aead.AesGcm(bytes(32)).seal(bytes(8), b"", b""), ValueError),  # the token's nonce is 12 bytes
-        (lambda: aead.AesGcm(bytes(32)).decrypt(bytes(12), "x" * 20, b""), TypeError),
+        (lambda: aead.AesGcm(bytes(32)).open("x" * 40, 3), TypeError),
+        (lambda: aead.AesGcm(bytes(32)).open(bytes(40), 41), ValueError),  # an aad longer than the bytes
+        (lambda: aead.AesGcm(bytes(32)).open(bytes(40), -1), ValueError),
+        (lambda: aead.AesGcm(bytes(32)).open(bytes(40)), TypeError),
+        (lambda: aead.AesGcm.__new__(aead.AesGcm).open(bytes(40), 3), TypeError),  # never given its key
         (lambda: aead.AesGcm(bytes(32)).seal(bytes(12)), TypeError),
         (lambda: aead.AesGcm(bytes(32)).seal(bytes(12), b"", "x"), TypeError),
         (lambda: aead.AesGcm.__new__(aead.AesGcm).seal(bytes(12), b"", b""), TypeError),  # never given its key

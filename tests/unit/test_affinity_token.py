@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from base64 import urlsafe_b64decode, urlsafe_b64encode
@@ -153,7 +154,7 @@ def test_tokens_are_sealed_as_version_3_with_the_issue_time_in_milliseconds() ->
     raw = unb64(MS_TOKEN)
     assert raw[0] == VERSION == 3
     key = codec._derive("current-secret", 3)
-    plaintext = key.decrypt(raw[3:15], raw[15:], raw[:3])
+    plaintext = key.open(raw, 3)
     assert plaintext is not None and plaintext[:6] == (1_700_000_000_123).to_bytes(6, "big")
     assert plaintext[6:] == SESSION + b"\x04gw-1" + b"\x08gateways"
     assert len(raw) == len(_sealed_as(2, MS_CLAIM)) + 2
@@ -260,6 +261,32 @@ def test_retired_key_no_longer_opens() -> None:
     """A token sealed with a key no longer listed is treated as absent."""
     old_token = TokenCodec(["old"], MAX_AGE).seal(CLAIM, NONCE)
     assert reason_of(TokenCodec(["new"], MAX_AGE), old_token) in {"unknown_key", "bad_mac"}
+
+
+def _sharing_a_key_id() -> tuple[str, str]:
+    """Two secrets whose keys have one key id (16 bits: a few hundred secrets hold such a pair)."""
+    seen: dict[int, str] = {}
+    for number in itertools.count():
+        secret = f"secret-{number}"
+        key_id = codec._derive(secret, 3).key_id
+        if key_id in seen:
+            return seen[key_id], secret
+        seen[key_id] = secret
+    raise AssertionError("unreachable")
+
+
+def test_a_token_is_tried_with_every_key_of_its_key_id_and_told_apart_from_an_unknown_one() -> None:
+    """`unknown_key` when no configured key has the token's id; `bad_mac` when one has and it does not open;
+    two secrets that share an id both open theirs (the first key seals, the other's opens as older)."""
+    first, second = _sharing_a_key_id()
+    both = TokenCodec([first, second], MAX_AGE)
+    assert not both.open(TokenCodec([first], MAX_AGE).seal(CLAIM, NONCE), ISSUED).older_key
+    assert both.open(TokenCodec([second], MAX_AGE).seal(CLAIM, NONCE), ISSUED).older_key
+    raw = bytearray(unb64(TokenCodec([second], MAX_AGE).seal(CLAIM, NONCE)))
+    raw[-1] ^= 1  # the tag
+    assert reason_of(both, b64(bytes(raw))) == "bad_mac"
+    raw[1:3] = ((int.from_bytes(raw[1:3], "big") + 1) % 65536).to_bytes(2, "big")  # an id neither key has
+    assert reason_of(both, b64(bytes(raw))) == "unknown_key"
 
 
 @pytest.mark.parametrize("secret", ["attacker", "current-secret ", "Current-secret", "current-secre"])
