@@ -247,7 +247,7 @@ def _attempt_outcome(failure: _Failure, late: bool) -> str:
     return "bad_answer" if failure.kind == "bad_answer" else "connect_failed"
 
 
-def issued_at(wall: float) -> float:
+def _token_time(wall: float) -> float:
     """A token's issue time for the wall clock `wall`: floored to the millisecond, the token's precision,
     so never dated after it was issued, and it opens until exactly max_age after, to the millisecond
     (whole seconds, rounded up, let it open up to 1 s past max_age; rounded down, it died up to 1 s
@@ -273,7 +273,7 @@ class _Sealer:
         self._codec = codec
         self._backend_id = backend_id
         self._pool = pool
-        self._issued_at = issued_at(wall)
+        self._issued_at = _token_time(wall)
         self._session = session
         self._random = random
         self._nonce = nonce  # drawn with the session (a new client's first token), used once
@@ -1531,7 +1531,7 @@ class Connection:
         assert decision is not None and pool is not None
         session, nonce = self._session()
         return self._codec.seal_fields(
-            decision.backend.id, issued_at(self._wall), session, None, pool.name,
+            decision.backend.id, _token_time(self._wall), session, None, pool.name,
             nonce if nonce is not None else self._random(NONCE_BYTES),
         )
 
