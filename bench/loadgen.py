@@ -69,8 +69,8 @@ class Spec:
     batch: int = 16                         # stream: frames per write
     concurrency: int = 200                  # idle: connections being opened at once
     settle: float = 1.0                     # idle: wait before the second RSS sample
-    turns: tuple[Turn, ...] = ()            # handshake: proxies taken in turn (then `targets` is unused)
-    phase: float = 0.5                      # handshake with turns: seconds of one turn at a time
+    turns: tuple[Turn, ...] = ()            # echo, stream, handshake: proxies taken in turn (`targets` unused)
+    phase: float = 0.5                      # with turns: seconds of one turn at a time (more than 0)
 
     @classmethod
     def from_json(cls, text: str) -> Spec:
@@ -445,10 +445,12 @@ def _turns(spec: Spec) -> tuple[Turn, ...]:
     """The spec's turns, or its targets as the one turn of a window without turns.
 
     Raises:
-        ValueError: two turns of one name (their results would be one).
+        ValueError: two turns of one name (their results would be one), or a phase not above 0.
     """
     if len({turn.name for turn in spec.turns}) < len(spec.turns):
         raise ValueError(f"turns need names of their own: {[turn.name for turn in spec.turns]}")
+    if spec.turns and not spec.phase > 0:  # `in_turns` divides the window by it (NaN is refused too)
+        raise ValueError(f"a turn's phase must be more than 0 s, not {spec.phase}")
     return spec.turns or (Turn("", spec.targets, spec.proxy_pids),)
 
 

@@ -1406,11 +1406,13 @@ class Connection:
         decision, claim, lookup, pool = self._decision, self._claim, self._lookup, self._pool
         assert decision is not None and lookup is not None and pool is not None
         wall = self._wall
-        sealer = self._sealer()
         unsealed: list[int] = []  # sizes of the backend's values passed unsealed, logged once below
         secure = self._secure_cookie()
 
         if affinity.mode is AffinityMode.REWRITE and pool.config.pins:
+            # Rewrite mode may seal several values of one answer, all with one session: a sealer for them.
+            # Made only here, where something may be sealed: for a new client it draws the session.
+            sealer = self._sealer()
             rewrite, token = rewrite_response_cookies(
                 response, affinity, sealer.seal, secure=secure, others=lookup.others,
                 on_unsealed=lambda app_value: unsealed.append(len(app_value)), now=wall,
@@ -1480,7 +1482,7 @@ class Connection:
                 response, switching=switching, set_cookies=[], extra=[], keep_alive=keep_alive, drop_cookie=drop,
                 drop_header=affinity.header,
             )
-        set_cookie, extra = self._inserted(sealer.seal(None), secure)
+        set_cookie, extra = self._inserted(self._seal_one(), secure)
         return render_client_response(
             response, switching=switching, set_cookies=[set_cookie], extra=extra, keep_alive=keep_alive,
             drop_cookie=drop, drop_header=affinity.header,

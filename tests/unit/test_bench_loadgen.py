@@ -70,3 +70,13 @@ async def test_two_turns_of_one_name_are_refused_before_any_connection() -> None
         await loadgen.run_handshakes(spec)
     with pytest.raises(ValueError, match="names of their own"):
         await loadgen.run_echo(loadgen.Spec("echo", (), connections=1, turns=twice))
+
+
+@pytest.mark.parametrize("phase", [0.0, -0.5, float("nan")])
+async def test_a_phase_not_above_zero_is_refused_before_any_connection(phase: float) -> None:
+    """`in_turns` divides the window by the phase: 0 would divide by zero, and less (or NaN) is no phase."""
+    turns = (loadgen.Turn("balancer", (("127.0.0.1", 9),)), loadgen.Turn("floor", (("127.0.0.1", 9),)))
+    with pytest.raises(ValueError, match="phase must be more than 0"):
+        await loadgen.run_handshakes(loadgen.Spec("handshake", (), connections=1, turns=turns, phase=phase))
+    with pytest.raises(ValueError, match="phase must be more than 0"):
+        await loadgen.run_echo(loadgen.Spec("echo", (), connections=1, turns=turns, phase=phase))

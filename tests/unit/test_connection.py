@@ -1191,6 +1191,28 @@ def test_a_plain_101_seals_a_new_clients_pin_and_reissues_a_returning_ones_with_
     assert urlsafe_b64decode(again + "==")[3:15] == b"\x02" * 12
 
 
+UNPINNED_CONFIG = CONFIG.replace(
+    "    balance: round_robin\n    backends: [{id: a1,",
+    "    balance: source\n    sticky: false\n    backends: [{id: a1,",
+)
+
+
+@pytest.mark.parametrize("request_bytes", [upgrade(), get("/a/x")], ids=["101", "200"])
+def test_an_answer_that_seals_nothing_draws_no_randomness(request_bytes: bytes) -> None:
+    """A new client of a pool without pins (`sticky: false`) is issued no token: its answer, a 101 or an
+    ordinary one, is sent without a session or a nonce drawn for it."""
+    assert UNPINNED_CONFIG != CONFIG
+    drawn: list[int] = []
+    play = Play(UNPINNED_CONFIG)
+    play.conn._random = lambda n: drawn.append(n) or b"\x02" * n  # type: ignore[attr-defined]
+    play.client(request_bytes)
+    play.connected()
+    play.backend(SWITCH if request_bytes == upgrade() else ok())
+    status, headers, _ = play.answer()
+    assert status in (101, 200) and "set-cookie" not in headers
+    assert drawn == []
+
+
 BACKENDS_OWN = b"X-Aff: backend-said\r\nSet-Cookie: SID=abc\r\n"  # SID: rewrite mode's cookie, so a token is sealed
 OK_WITH_OWN = ok()[:17] + BACKENDS_OWN + ok()[17:]
 OWN_HEADER_ANSWERS = [
